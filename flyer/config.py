@@ -1,0 +1,380 @@
+"""Model configuration: one dataclass, named presets, DeepSeek / Hugging Face JSON loading.
+
+Field names follow DeepSeek-V3's `inference/model.py` ModelArgs (``dim``, ``inter_dim``,
+``moe_inter_dim``, ``n_dense_layers``, ...). ``ModelConfig.from_json`` also accepts the keys of a
+Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 (and Llama / Qwen2 for the GQA presets).
+Every constructed config is validated; an impossible value raises ``ConfigError`` with one line
+naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; the message is one line naming the field."""
+
+
+@dataclass
+class ModelConfig:
+    # vocabulary and trunk
+    vocab_size: int = 129280
+    dim: int = 7168
+    n_layers: int = 61
+    n_dense_layers: int = 3
+    inter_dim: int = 18432
+    norm_eps: float = 1e-6
+    # attention: "mla" (Multi-head Latent Attention) or "gqa" (grouped-query / multi-head)
+    attn: str = "mla"
+    n_heads: int = 128
+    q_lora_rank: int = 1536  # 0 = no query compression (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_kv_heads: int = 0  # gqa only
+    head_dim: int = 0  # gqa only
+    attn_bias: bool = False  # gqa only: bias on q/k/v projections (Qwen2)
+    # DeepSeekMoE
+    moe_inter_dim: int = 2048
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 8
+    n_expert_groups: int = 8
+    n_limited_groups: int = 4
+    score_func: str = "sigmoid"  # or "softmax"
+    route_scale: float = 2.5
+    norm_topk_prob: bool = True
+    router_bias: bool = True  # aux-loss-free balancing bias (selection only)
+    bias_update_speed: float = 0.001  # gamma
+    seq_aux_alpha: float = 0.0001  # complementary sequence-wise balance loss weight
+    # positions: RoPE with optional YaRN
+    max_seq_len: int = 4096 * 40
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0  # 1.0 = no YaRN
+    original_seq_len: int = 4096
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    # multi-token prediction
+    mtp_depth: int = 1
+    mtp_loss_weight: float = 0.3
+    # initialisation
+    init_std: float = 0.006
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0 and self.n_layers > self.n_dense_layers
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers if self.n_routed_experts > 0 else 0
+
+    @property
+    def softmax_scale(self) -> float:
+        """Attention softmax scale, with YaRN's mscale^2 correction when extended."""
+        d = self.qk_head_dim if self.attn == "mla" else self.head_dim
+        scale = d ** -0.5
+        if self.rope_factor > 1.0 and self.max_seq_len > self.original_seq_len:
+            m = yarn_mscale(self.rope_factor, self.mscale)
+            scale = scale * m * m
+        return scale
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"config field '{name}': {msg} (got {getattr(self, name)!r})")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            need(int(getattr(self, name)) > 0, name, "must be a positive integer")
+        need(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers", f"must be in [0, n_layers={self.n_layers}]")
+        need(self.attn in ("mla", "gqa"), "attn", "must be 'mla' or 'gqa'")
+        need(self.norm_eps > 0, "norm_eps", "must be > 0")
+        need(self.init_std > 0, "init_std", "must be > 0")
+        if self.n_dense_layers > 0 or self.n_routed_experts == 0:
+            need(self.inter_dim > 0, "inter_dim", "must be > 0 when dense FFN layers exist")
+        if self.attn == "mla":
+            need(self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 = no query compression)")
+            need(self.kv_lora_rank > 0, "kv_lora_rank", "must be > 0 for MLA")
+            need(self.qk_nope_head_dim > 0, "qk_nope_head_dim", "must be > 0 for MLA")
+            need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be a positive even number")
+            need(self.v_head_dim > 0, "v_head_dim", "must be > 0 for MLA")
+        else:
+            need(self.n_kv_heads > 0, "n_kv_heads", "must be > 0 for gqa attention")
+            need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
+            need(self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim", "must be a positive even number for gqa")
+        need(self.n_routed_experts >= 0, "n_routed_experts", "must be >= 0")
+        if self.n_routed_experts > 0:
+            need(self.moe_inter_dim > 0, "moe_inter_dim", "must be > 0 with routed experts")
+            need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+            need(self.score_func in ("sigmoid", "softmax"), "score_func", "must be 'sigmoid' or 'softmax'")
+            need(self.n_expert_groups >= 1, "n_expert_groups", "must be >= 1")
+            need(self.n_routed_experts % self.n_expert_groups == 0, "n_routed_experts",
+                 f"must be divisible by n_expert_groups={self.n_expert_groups}")
+            need(1 <= self.n_limited_groups <= self.n_expert_groups, "n_limited_groups",
+                 f"must be in [1, n_expert_groups={self.n_expert_groups}]")
+            per_group = self.n_routed_experts // self.n_expert_groups
+            allowed = per_group * self.n_limited_groups
+            need(1 <= self.n_activated_experts <= allowed, "n_activated_experts",
+                 f"must be in [1, {allowed}] (experts in the {self.n_limited_groups} allowed groups of {per_group})")
+            if self.n_expert_groups > 1 and self.router_bias:
+                need(per_group >= 2, "n_expert_groups", "leaves fewer than 2 experts per group (group score sums the top 2)")
+            need(self.route_scale > 0, "route_scale", "must be > 0")
+            need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
+            need(self.seq_aux_alpha >= 0, "seq_aux_alpha", "must be >= 0")
+        need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        need(self.rope_factor >= 1.0, "rope_factor", "must be >= 1 (1 = no YaRN)")
+        need(self.original_seq_len > 0, "original_seq_len", "must be > 0")
+        need(self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
+        need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
+
+    # ---- construction helpers -----------------------------------------------------------
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        known = {f.name for f in fields(self)}
+        for k in overrides:
+            if k not in known:
+                raise ConfigError(f"unknown config field '{k}' (known: {', '.join(sorted(known))})")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from flyer's own keys, DeepSeek's config_*.json keys, or HF config.json keys."""
+        if any(k in d for k in _HF_KEYS):
+            d = _from_hf(d)
+        known = {f.name: f for f in fields(cls)}
+        kw: dict[str, Any] = {}
+        for k, v in d.items():
+            if k in _IGNORED_KEYS:
+                continue
+            if k not in known:
+                raise ConfigError(f"unknown config field '{k}'")
+            kw[k] = _coerce(k, v, known[k].type)
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        """Load DeepSeek's config_*.json, a Hugging Face config.json, or flyer's own JSON."""
+        return cls.from_dict(read_config_file(path))
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when not extended)."""
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+# Keys that only exist in Hugging Face configs (their presence switches the parser).
+_HF_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"}
+# Keys DeepSeek's / HF's files carry that do not describe the architecture.
+_IGNORED_KEYS = {"dtype", "max_batch_size", "scale_fmt", "architectures", "model_type", "torch_dtype",
+                 "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
+                 "attention_dropout", "auto_map", "quantization_config", "pretraining_tp", "ep_size",
+                 "moe_layer_freq", "topk_method", "aux_loss_alpha", "seq_aux", "hidden_act",
+                 "attention_bias", "rope_scaling", "sliding_window", "use_sliding_window",
+                 "max_window_layers", "_name_or_path", "tie_word_embeddings", "mlp_bias"}
+
+
+def _coerce(name: str, v: Any, typ: Any) -> Any:
+    t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if t == "int":
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise TypeError
+            return int(v)
+        if t == "float":
+            if isinstance(v, bool):
+                raise TypeError
+            return float(v)
+        if t == "bool":
+            if not isinstance(v, bool):
+                raise TypeError
+            return v
+        if t == "str":
+            if not isinstance(v, str):
+                raise TypeError
+            return v
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field '{name}': expected {t}, got {v!r}") from None
+    return v
+
+
+def _from_hf(d: dict[str, Any]) -> dict[str, Any]:
+    """Translate a Hugging Face config.json (DeepseekV2/V3, Llama, Qwen2) into flyer keys."""
+    mt = str(d.get("model_type", "")).lower()
+    out: dict[str, Any] = {
+        "vocab_size": d["vocab_size"],
+        "dim": d["hidden_size"],
+        "n_layers": d["num_hidden_layers"],
+        "n_heads": d["num_attention_heads"],
+        "inter_dim": d.get("intermediate_size", 0),
+        "norm_eps": d.get("rms_norm_eps", 1e-6),
+        "rope_theta": d.get("rope_theta", 10000.0),
+        "max_seq_len": d.get("max_position_embeddings", 4096),
+        "init_std": d.get("initializer_range", 0.02),
+        "tie_embeddings": bool(d.get("tie_word_embeddings", False)),
+    }
+    if "kv_lora_rank" in d:  # DeepseekV2 / V3: MLA + MoE
+        topk = d.get("topk_method", "greedy")
+        out.update(
+            attn="mla",
+            q_lora_rank=d.get("q_lora_rank") or 0,
+            kv_lora_rank=d["kv_lora_rank"],
+            qk_nope_head_dim=d["qk_nope_head_dim"],
+            qk_rope_head_dim=d["qk_rope_head_dim"],
+            v_head_dim=d["v_head_dim"],
+            n_dense_layers=d.get("first_k_dense_replace", 0),
+            moe_inter_dim=d.get("moe_intermediate_size", 0),
+            n_routed_experts=d.get("n_routed_experts") or 0,
+            n_shared_experts=d.get("n_shared_experts") or 0,
+            n_activated_experts=d.get("num_experts_per_tok") or 1,
+            n_expert_groups=(d.get("n_group") or 1) if topk != "greedy" else 1,
+            n_limited_groups=(d.get("topk_group") or 1) if topk != "greedy" else 1,
+            score_func=d.get("scoring_func", "softmax"),
+            route_scale=d.get("routed_scaling_factor", 1.0),
+            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            router_bias=topk == "noaux_tc",
+            mtp_depth=d.get("num_nextn_predict_layers", 0),
+        )
+        if "aux_loss_alpha" in d and topk == "noaux_tc":
+            out["seq_aux_alpha"] = 0.0001
+        elif "aux_loss_alpha" in d:
+            out["seq_aux_alpha"] = d["aux_loss_alpha"]
+    else:  # Llama / Qwen2: dense GQA
+        n_kv = d.get("num_key_value_heads", d["num_attention_heads"])
+        out.update(
+            attn="gqa", n_kv_heads=n_kv, head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            attn_bias=bool(d.get("attention_bias", mt == "qwen2")), n_routed_experts=0, n_shared_experts=0,
+            n_dense_layers=d["num_hidden_layers"], mtp_depth=0, q_lora_rank=0,
+        )
+    rs = d.get("rope_scaling") or {}
+    if rs.get("type", rs.get("rope_type")) == "yarn":
+        out.update(
+            rope_factor=rs.get("factor", 1.0),
+            original_seq_len=rs.get("original_max_position_embeddings", 4096),
+            beta_fast=rs.get("beta_fast", 32),
+            beta_slow=rs.get("beta_slow", 1),
+            mscale=rs.get("mscale_all_dim") or rs.get("mscale", 1.0),  # scales the softmax
+        )
+    else:
+        out.update(rope_factor=1.0, original_seq_len=out["max_seq_len"])
+    return out
+
+
+# ---- presets ------------------------------------------------------------------------------
+_NO_YARN = dict(rope_factor=1.0)
+_DENSE = dict(n_routed_experts=0, n_shared_experts=0, mtp_depth=0, q_lora_rank=0)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a few M parameters; trains on a CPU in seconds
+    "tiny": dict(
+        vocab_size=2048, dim=128, n_layers=4, n_dense_layers=1, inter_dim=384, n_heads=4,
+        q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        moe_inter_dim=64, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4,
+        n_expert_groups=4, n_limited_groups=2, route_scale=2.5, max_seq_len=1024, original_seq_len=1024,
+        mtp_depth=1, init_std=0.02, **_NO_YARN,
+    ),
+    # ~100M total parameters, 32 routed experts; the default CPU training model
+    "small": dict(
+        vocab_size=8192, dim=384, n_layers=6, n_dense_layers=1, inter_dim=1152, n_heads=6,
+        q_lora_rank=192, kv_lora_rank=96, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=48,
+        moe_inter_dim=256, n_routed_experts=32, n_shared_experts=1, n_activated_experts=4,
+        n_expert_groups=4, n_limited_groups=2, route_scale=2.5, max_seq_len=2048, original_seq_len=2048,
+        mtp_depth=1, init_std=0.02, **_NO_YARN,
+    ),
+    # official DeepSeek-V2-Lite (15.7B total, 2.4B activated)
+    "dsv2-lite": dict(
+        vocab_size=102400, dim=2048, n_layers=27, n_dense_layers=1, inter_dim=10944, n_heads=16,
+        q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        moe_inter_dim=1408, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6,
+        n_expert_groups=1, n_limited_groups=1, score_func="softmax", route_scale=1.0, norm_topk_prob=False,
+        router_bias=False, seq_aux_alpha=0.001, max_seq_len=163840, rope_factor=40.0, original_seq_len=4096,
+        beta_fast=32, beta_slow=1, mscale=0.707, mtp_depth=0, init_std=0.02,
+    ),
+    # official DeepSeek-V2 (236B total, 21B activated)
+    "dsv2": dict(
+        vocab_size=102400, dim=5120, n_layers=60, n_dense_layers=1, inter_dim=12288, n_heads=128,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        moe_inter_dim=1536, n_routed_experts=160, n_shared_experts=2, n_activated_experts=6,
+        n_expert_groups=8, n_limited_groups=3, score_func="softmax", route_scale=16.0, norm_topk_prob=False,
+        router_bias=False, seq_aux_alpha=0.003, max_seq_len=163840, rope_factor=40.0, original_seq_len=4096,
+        beta_fast=32, beta_slow=1, mscale=0.707, mtp_depth=0, init_std=0.006,
+    ),
+    # official DeepSeek-V3 (671B total, 37B activated; MTP module adds ~14B)
+    "dsv3": dict(),
+    # dense GQA references
+    "qwen2.5-72b": dict(
+        vocab_size=152064, dim=8192, n_layers=80, n_dense_layers=80, inter_dim=29568, attn="gqa", n_heads=64,
+        n_kv_heads=8, head_dim=128, attn_bias=True, rope_theta=1e6, max_seq_len=32768, original_seq_len=32768,
+        norm_eps=1e-5, init_std=0.02, **_DENSE, **_NO_YARN,
+    ),
+    "llama3.1-405b": dict(
+        vocab_size=128256, dim=16384, n_layers=126, n_dense_layers=126, inter_dim=53248, attn="gqa", n_heads=128,
+        n_kv_heads=8, head_dim=128, rope_theta=5e5, max_seq_len=131072, original_seq_len=131072, norm_eps=1e-5,
+        init_std=0.02, **_DENSE, **_NO_YARN,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset, optionally with fields overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Field overrides from a file: flyer/DeepSeek/HF JSON, or TOML (flat, or a [model] table)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    if p.suffix == ".json":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    else:
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+        d = d.get("model", d)
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {p} must hold a table/object of fields")
+    return _from_hf(d) if any(k in d for k in _HF_KEYS) else d
+
+
+def resolve_config(preset_name: str | None = None, config_path: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """A preset (None = the dataclass defaults, i.e. DeepSeek-V3) with file and keyword overrides."""
+    if preset_name is not None and preset_name not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset_name}' (choose from: {', '.join(PRESETS)})")
+    d: dict[str, Any] = dict(PRESETS[preset_name]) if preset_name else {}
+    if config_path is not None:
+        d.update(read_config_file(config_path))
+    d.update(overrides or {})
+    return ModelConfig.from_dict(d)
+
+
+__all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "resolve_config", "read_config_file",
+           "yarn_mscale"]

@@ -1,0 +1,106 @@
+"""Attention: Multi-head Latent Attention (MLA) and grouped-query attention (GQA/MHA).
+
+MLA (DeepSeek-V2/V3) compresses keys and values into one latent per token,
+``c_KV = RMSNorm(W_DKV x)`` of ``kv_lora_rank`` channels, plus one rope key of
+``qk_rope_head_dim`` channels shared by all heads (decoupled RoPE). Per-head keys/values are
+up-projected from the latent by ``wkv_b``. Queries are optionally low-rank (``q_lora_rank``).
+At decode time only (c_KV, k_rope) is cached; see ``flyer.infer.cache`` for the absorbed path.
+
+Shapes: B batch, T query tokens, S key tokens, H heads, D model dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flyer.config import ModelConfig
+from flyer.model.rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.n_heads
+        self.n_heads = H
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        if cfg.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, H * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
+
+    def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_nope (B,T,H,nope), q_rope (B,T,H,rope)) with RoPE applied to the rope part."""
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x_BTD)))
+        q = q.view(B, T, self.n_heads, self.qk_head_dim)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def latents(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What MLA caches: (normalised latent c_KV (B,T,kv_lora_rank), rope key (B,T,rope))."""
+        kv = self.wkv_a(x_BTD)
+        c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        return self.kv_norm(c_kv), k_rope
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Training / prefill path (causal): per-head keys and values up-projected from the latent."""
+        B, T, _ = x_BTD.shape
+        q_nope, q_rope = self.queries(x_BTD, cos, sin)
+        c_kv, k_rope = self.latents(x_BTD, cos, sin)
+        kv = self.wkv_b(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)], dim=-1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=self.softmax_scale)
+        return self.wo(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))
+
+
+class GQA(nn.Module):
+    """Grouped-query attention (multi-head when n_kv_heads == n_heads), RoPE on the whole head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.softmax_scale = cfg.softmax_scale
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def keys_values(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What GQA caches: k, v of shape (B, T, n_kv_heads, head_dim)."""
+        B, T, _ = x_BTD.shape
+        k = apply_rope(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        return k, self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = apply_rope(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k, v = self.keys_values(x_BTD, cos, sin)
+        rep = self.n_heads // self.n_kv_heads
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1),
+                                           v.transpose(1, 2).repeat_interleave(rep, 1), is_causal=True,
+                                           scale=self.softmax_scale)
+        return self.wo(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return MLA(cfg) if cfg.attn == "mla" else GQA(cfg)

@@ -1,0 +1,126 @@
+"""Closed-form parameter counts, KV cache sizes and FLOPs per token for a ``ModelConfig``.
+
+These are the numbers ``flyer info`` and ``flyer plan`` report. ``meta_counts`` counts the same
+things from a model built on the meta device; a test holds the two together for every preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from flyer.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int  # main model (embedding, blocks, final norm, head); MTP excluded
+    activated: int  # main-model parameters one token touches (K routed + shared experts)
+    mtp: int  # the MTP modules' own parameters (embedding and head are shared)
+    embedding: int
+    head: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    D, H = cfg.dim, cfg.n_heads
+    if cfg.attn == "gqa":
+        q, kv = H * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        bias = (q + 2 * kv) if cfg.attn_bias else 0
+        return D * q + 2 * D * kv + bias + q * D
+    if cfg.q_lora_rank == 0:
+        q = D * H * cfg.qk_head_dim
+    else:
+        q = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim
+    kv = D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+    kv += cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return q + kv + H * cfg.v_head_dim * D
+
+
+def _moe_params(cfg: ModelConfig, activated: bool) -> int:
+    expert = 3 * cfg.dim * cfg.moe_inter_dim
+    routed = cfg.n_activated_experts if activated else cfg.n_routed_experts
+    return cfg.n_routed_experts * cfg.dim + (routed + cfg.n_shared_experts) * expert
+
+
+def block_params(cfg: ModelConfig, layer_id: int, activated: bool = False) -> int:
+    norms = 2 * cfg.dim
+    if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0:
+        ffn = 3 * cfg.dim * cfg.inter_dim
+    else:
+        ffn = _moe_params(cfg, activated)
+    return norms + attention_params(cfg) + ffn
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    emb = cfg.vocab_size * cfg.dim
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
+    total = emb + head + cfg.dim + sum(block_params(cfg, i) for i in range(cfg.n_layers))
+    act = emb + head + cfg.dim + sum(block_params(cfg, i, activated=True) for i in range(cfg.n_layers))
+    mtp = cfg.mtp_depth * (3 * cfg.dim + 2 * cfg.dim * cfg.dim + block_params(cfg, cfg.n_layers))
+    return ParamCounts(total=total, activated=act, mtp=mtp, embedding=emb, head=head)
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absorbed: bool = True) -> int:
+    """Bytes cached per token over all layers.
+
+    MLA (absorbed decode) caches the latent c_KV and the shared rope key; the naive MLA path
+    (``absorbed=False``) caches full per-head keys and values; GQA caches K and V per KV head.
+    """
+    if cfg.attn == "gqa":
+        per_layer = 2 * cfg.n_kv_heads * cfg.head_dim
+    elif absorbed:
+        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    else:
+        per_layer = cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    return cfg.n_layers * per_layer * bytes_per_element
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), MTP excluded.
+
+    3 x [2 x activated matmul parameters (head included, embedding excluded)
+         + layers x 2 x H x (qk_head_dim + v_head_dim) x seq (halved when causal)].
+    """
+    pc = param_counts(cfg)
+    matmul = pc.activated - pc.embedding - _non_matmul_params(cfg)
+    if cfg.attn == "mla":
+        qk, v = cfg.qk_head_dim, cfg.v_head_dim
+    else:
+        qk = v = cfg.head_dim
+    attn = cfg.n_layers * 2 * cfg.n_heads * (qk + v) * seq_len
+    if causal:
+        attn /= 2
+    return 3.0 * (2.0 * matmul + attn)
+
+
+def _non_matmul_params(cfg: ModelConfig) -> int:
+    """Norm weights and attention biases (parameters that are not GEMM operands)."""
+    norms = cfg.dim + cfg.n_layers * 2 * cfg.dim
+    if cfg.attn == "mla":
+        norms += cfg.n_layers * (cfg.kv_lora_rank + (cfg.q_lora_rank if cfg.q_lora_rank else 0))
+    elif cfg.attn_bias:
+        norms += cfg.n_layers * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    return norms
+
+
+def meta_counts(cfg: ModelConfig) -> ParamCounts:
+    """The same counts, from a ``Transformer`` built on the meta device (no memory used)."""
+    import torch
+
+    from flyer.model.moe import Experts
+    from flyer.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    main = [p for n, p in model.named_parameters() if not n.startswith("mtp.")]
+    total = sum(p.numel() for p in main)
+    inactive = 0
+    for name, m in model.named_modules():
+        if isinstance(m, Experts) and not name.startswith("mtp."):
+            per_expert = sum(w[0].numel() for w in (m.w1, m.w2, m.w3))
+            inactive += (m.n_local - cfg.n_activated_experts) * per_expert
+    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
+    head = 0 if cfg.tie_embeddings else model.head.weight.numel()
+    return ParamCounts(total=total, activated=total - inactive, mtp=mtp, embedding=model.embed.weight.numel(), head=head)

@@ -1,0 +1,54 @@
+"""Rotary position embedding with YaRN frequency scaling (DeepSeek-V2/V3 style).
+
+Pairs are interleaved (channels 2i, 2i+1 rotate together), as in DeepSeek's reference code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flyer.config import ModelConfig
+
+
+def _correction_dim(n_rot: float, dim: int, base: float, max_seq_len: int) -> float:
+    return dim * math.log(max_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+
+def rope_frequencies(rope_dim: int, cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (rope_dim/2,) in FP32, YaRN-interpolated when the context is extended.
+
+    YaRN keeps high frequencies (wavelength < original context / beta_fast) as they are, divides
+    low frequencies (wavelength > original / beta_slow) by ``rope_factor``, and ramps linearly in
+    between.
+    """
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
+    if cfg.rope_factor > 1.0 and cfg.max_seq_len > cfg.original_seq_len:
+        low = max(math.floor(_correction_dim(cfg.beta_fast, rope_dim, cfg.rope_theta, cfg.original_seq_len)), 0)
+        high = min(math.ceil(_correction_dim(cfg.beta_slow, rope_dim, cfg.rope_theta, cfg.original_seq_len)), rope_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        keep = 1.0 - ramp  # 1 for high-frequency dims (kept), 0 for low-frequency dims (interpolated)
+        freqs = freqs / cfg.rope_factor * (1 - keep) + freqs * keep
+    return freqs.float()
+
+
+def rope_cos_sin(rope_dim: int, seq_len: int, cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (seq_len, rope_dim/2), FP32."""
+    inv = rope_frequencies(rope_dim, cfg).to(device)
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    ang = torch.outer(t, inv)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs. x: (B, T, H, d); cos/sin: (T, d/2) (or broadcastable (B, T, d/2))."""
+    dtype = x.dtype
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c = cos.unsqueeze(-2)  # broadcast over heads
+    s = sin.unsqueeze(-2)
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.to(dtype)

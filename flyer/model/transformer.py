@@ -1,0 +1,125 @@
+"""The DeepSeek-V3-style decoder: embedding, blocks (MLA/GQA + dense FFN or DeepSeekMoE),
+final norm, output head, and D multi-token-prediction modules.
+
+Shapes: B batch, T tokens, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flyer.config import ModelConfig
+from flyer.model.attention import build_attention
+from flyer.model.moe import MLP, Experts, Gate, MoE
+from flyer.model.mtp import MTPModule
+from flyer.model.rope import rope_cos_sin
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, make_dispatcher: Callable[[int], object] | None = None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0:
+            self.ffn = MLP(cfg.dim, cfg.inter_dim)
+        else:
+            self.ffn = MoE(cfg, make_dispatcher(layer_id) if make_dispatcher else None)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # what to backpropagate: main + mtp_weight * mean(mtp) + balance loss
+    main_loss: torch.Tensor
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    aux_loss: torch.Tensor | None = None
+
+
+class Transformer(nn.Module):
+    """``make_dispatcher(layer_id)`` supplies each MoE layer's dispatcher (default: local)."""
+
+    def __init__(self, cfg: ModelConfig, make_dispatcher: Callable[[int], object] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i, make_dispatcher) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        # MTP blocks use the layer type of the model's last layer (MoE for V3).
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, Block(cfg, cfg.n_layers + k, make_dispatcher)) for k in range(cfg.mtp_depth))
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, Gate)):
+                m.weight.normal_(0.0, std, generator=generator)
+                if getattr(m, "bias", None) is not None and isinstance(m.bias, nn.Parameter):
+                    m.bias.zero_()
+            elif isinstance(m, Experts):
+                for w in (m.w1, m.w2, m.w3):
+                    w.normal_(0.0, std, generator=generator)
+            elif isinstance(m, nn.RMSNorm):
+                m.weight.fill_(1.0)
+
+    def rope_tables(self, T: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rope_dim = self.cfg.qk_rope_head_dim if self.cfg.attn == "mla" else self.cfg.head_dim
+        cos, sin = rope_cos_sin(rope_dim, start + T, self.cfg, device)
+        return cos[start:], sin[start:]
+
+    def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Final hidden states before the last norm (B, T, D)."""
+        cos, sin = self.rope_tables(tokens_BT.shape[1], tokens_BT.device)
+        h = self.embed(tokens_BT)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return h
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Main-model logits (B, T, V), FP32."""
+        return self.head(self.norm(self.hidden(tokens_BT))).float()
+
+    def mtp_hidden(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> list[torch.Tensor]:
+        """h^1..h^D; h^k has T-k positions and (after norm and head) predicts token t_{i+k+1}."""
+        out, h = [], h_BTD
+        for k, mod in enumerate(self.mtp, start=1):
+            T_k = tokens_BT.shape[1] - k
+            cos, sin = self.rope_tables(T_k, tokens_BT.device)
+            h = mod(h[:, :T_k], self.embed(tokens_BT[:, k:]), cos, sin)
+            out.append(h)
+        return out
+
+    def compute_loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor) -> LossOutput:
+        """Cross-entropy of next-token prediction, MTP losses and the sequence balance loss.
+
+        targets_BT[:, i] is the token after tokens_BT[:, i] (i.e. t_{i+1}).
+        """
+        h = self.hidden(tokens_BT)
+        main = F.cross_entropy(self.head(self.norm(h)).float().flatten(0, 1), targets_BT.flatten())
+        mtp_losses = []
+        for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h, tokens_BT)), start=1):
+            logits = self.head(mod.norm(h_k)).float()
+            mtp_losses.append(F.cross_entropy(logits.flatten(0, 1), targets_BT[:, k:].flatten()))
+        loss = main
+        if mtp_losses:
+            loss = loss + self.cfg.mtp_loss_weight * torch.stack(mtp_losses).mean()
+        aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        aux_loss = torch.stack(aux).sum() if aux and self.training else None
+        if aux_loss is not None:
+            loss = loss + aux_loss
+        return LossOutput(loss, main, mtp_losses, aux_loss)
