@@ -1,0 +1,5 @@
+import sys
+
+from flyer.cli import main
+
+sys.exit(main())

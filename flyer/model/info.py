@@ -1,0 +1,59 @@
+"""``flyer info PRESET``: parameter counts and KV cache size, from a model built on the meta device."""
+
+from __future__ import annotations
+
+import json
+
+from flyer.config import PRESETS, resolve_config
+from flyer.model.counts import kv_cache_bytes_per_token, meta_counts, param_counts
+
+
+def info(preset: str | None, config: str | None = None) -> dict:
+    cfg = resolve_config(preset, config)
+    counts = meta_counts(cfg)  # built on the meta device: no memory, any size
+    closed = param_counts(cfg)
+    if counts != closed:  # the closed form and the real module tree must agree
+        raise AssertionError(f"closed-form counts {closed} differ from the model's {counts}")
+    return {
+        "preset": preset,
+        "total_params": counts.total,
+        "activated_params": counts.activated,
+        "mtp_params": counts.mtp,
+        "embedding_params": counts.embedding,
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
+        "kv_cache_bytes_per_token_naive": kv_cache_bytes_per_token(cfg, absorbed=False),
+        "attention": cfg.attn,
+        "layers": cfg.n_layers,
+        "routed_experts": cfg.n_routed_experts,
+        "activated_experts": cfg.n_activated_experts if cfg.n_routed_experts else 0,
+    }
+
+
+def _human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _run(args) -> int:
+    out = info(args.preset, args.config)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{out['preset'] or args.config}: {out['attention'].upper()}, {out['layers']} layers, "
+          f"{out['routed_experts']} routed experts (top-{out['activated_experts']})")
+    print(f"  total params       {_human(out['total_params'])} ({out['total_params']:,})")
+    print(f"  activated / token  {_human(out['activated_params'])} ({out['activated_params']:,})")
+    print(f"  MTP params         {_human(out['mtp_params'])} ({out['mtp_params']:,})")
+    print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="parameter counts and KV cache bytes per token of a preset or config")
+    p.add_argument("preset", nargs="?", choices=list(PRESETS), metavar="PRESET",
+                   help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--config", help="a DeepSeek config_*.json, HF config.json, or TOML file (overrides the preset)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run)
