@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flyer.config import ModelConfig
+from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
 
 
@@ -36,10 +37,10 @@ class MLA(nn.Module):
             self.wq = nn.Linear(cfg.dim, H * self.qk_head_dim, bias=False)
         else:
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
             self.wq_b = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
 

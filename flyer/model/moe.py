@@ -69,16 +69,16 @@ class Gate(nn.Module):
 
 def expert_ffn_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
                     w3_EFD: torch.Tensor) -> torch.Tensor:
-    """Reference grouped SwiGLU: each expert on its contiguous slice of the expert-sorted tokens."""
-    out = x_ND.new_empty(x_ND.shape[0], w2_EDF.shape[1])
-    start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n == 0:
-            continue
-        xs = x_ND[start:start + n]
-        out[start:start + n] = F.linear(F.silu(F.linear(xs, w1_EFD[e])) * F.linear(xs, w3_EFD[e]), w2_EDF[e])
-        start += n
-    return out
+    """Reference grouped SwiGLU: each expert on its contiguous slice of the expert-sorted tokens.
+
+    ``unbind`` (not ``w[e]`` indexing) so that backward stacks the expert gradients once instead
+    of materialising a full (E, F, D) gradient per expert.
+    """
+    counts = counts_E.tolist()
+    outs = [F.linear(F.silu(F.linear(xs, w1)) * F.linear(xs, w3), w2)
+            for xs, n, w1, w2, w3 in zip(x_ND.split(counts), counts, w1_EFD.unbind(0), w2_EDF.unbind(0),
+                                         w3_EFD.unbind(0)) if n > 0]
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
 
 
 def expert_ffn_grouped_mm(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,

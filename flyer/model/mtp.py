@@ -13,16 +13,17 @@ import torch
 from torch import nn
 
 from flyer.config import ModelConfig
+from flyer.model.norm import RMSNorm
 
 
 class MTPModule(nn.Module):
     def __init__(self, cfg: ModelConfig, block: nn.Module):
         super().__init__()
-        self.hnorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.enorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.enorm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.block = block
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)  # before the shared head
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)  # before the shared head
 
     def forward(self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flyer.config import ModelConfig
+from flyer.model.norm import RMSNorm
 from flyer.model.attention import build_attention
 from flyer.model.moe import MLP, Experts, Gate, MoE
 from flyer.model.mtp import MTPModule
@@ -24,9 +25,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, make_dispatcher: Callable[[int], object] | None = None):
         super().__init__()
         self.layer_id = layer_id
-        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = build_attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0:
             self.ffn = MLP(cfg.dim, cfg.inter_dim)
         else:
@@ -53,7 +54,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i, make_dispatcher) for i in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight

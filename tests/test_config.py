@@ -1,0 +1,134 @@
+"""Config validation, DeepSeek/HF JSON loading, presets and their counts."""
+
+import json
+
+import pytest
+
+from flyer.cli import main
+from flyer.config import PRESETS, ConfigError, ModelConfig, preset, resolve_config
+from flyer.model.counts import kv_cache_bytes_per_token, meta_counts, param_counts, training_flops_per_token
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("n_limited_groups", 9, "n_limited_groups"),
+    ("n_routed_experts", 250, "divisible by n_expert_groups"),
+    ("n_activated_experts", 129, "n_activated_experts"),
+    ("score_func", "relu", "score_func"),
+    ("attn", "linear", "attn"),
+    ("dim", 0, "dim"),
+    ("qk_rope_head_dim", 63, "qk_rope_head_dim"),
+])
+def test_validation_names_the_field(field, value, words):
+    with pytest.raises(ConfigError) as e:
+        preset("dsv3", **{field: value})
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_topk_larger_than_allowed_groups():
+    with pytest.raises(ConfigError, match="allowed groups"):
+        preset("tiny", n_routed_experts=16, n_expert_groups=4, n_limited_groups=1, n_activated_experts=5)
+
+
+def test_unknown_field_and_bad_type():
+    with pytest.raises(ConfigError, match="unknown config field 'bogus'"):
+        ModelConfig.from_dict({"bogus": 1})
+    with pytest.raises(ConfigError, match="'dim': expected int"):
+        ModelConfig.from_dict({"dim": "big"})
+
+
+DSV3_OFFICIAL = {  # DeepSeek-V3 inference/configs/config_671B.json
+    "vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+    "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+    "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,
+    "score_func": "sigmoid", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8"}
+
+DSV3_HF = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+    "num_nextn_predict_layers": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "scoring_func": "sigmoid", "hidden_act": "silu",
+    "max_position_embeddings": 163840, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "aux_loss_alpha": 0.001}
+
+DSV2_LITE_HF = {
+    "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+    "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+    "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 1.0, "kv_lora_rank": 512,
+    "q_lora_rank": None, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "greedy", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+    "norm_topk_prob": False, "scoring_func": "softmax", "aux_loss_alpha": 0.001, "max_position_embeddings": 163840,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"}}
+
+
+def _arch(cfg):
+    d = cfg.to_dict()
+    for k in ("init_std", "seq_aux_alpha", "mtp_loss_weight", "bias_update_speed", "max_seq_len"):
+        d.pop(k)
+    return d
+
+
+def test_official_and_hf_configs_load_to_the_preset(tmp_path):
+    (tmp_path / "config_671B.json").write_text(json.dumps(DSV3_OFFICIAL))
+    (tmp_path / "config.json").write_text(json.dumps(DSV3_HF))
+    official = ModelConfig.from_json(tmp_path / "config_671B.json")
+    hf = ModelConfig.from_json(tmp_path / "config.json")
+    assert _arch(official) == _arch(preset("dsv3"))
+    assert _arch(hf) == _arch(preset("dsv3"))
+    (tmp_path / "lite.json").write_text(json.dumps(DSV2_LITE_HF))
+    lite = ModelConfig.from_json(tmp_path / "lite.json")
+    assert _arch(lite) == _arch(preset("dsv2-lite"))
+    assert param_counts(lite).total == param_counts(preset("dsv2-lite")).total
+
+
+def test_toml_overrides_and_errors(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[model]\ndim = 96\nn_heads = 3\n")
+    cfg = resolve_config("tiny", p)
+    assert cfg.dim == 96 and cfg.n_heads == 3 and cfg.n_layers == preset("tiny").n_layers
+    p.write_text("dim = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve_config("tiny", p)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        resolve_config("tiny", tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        resolve_config("huge")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_closed_form_counts_match_meta_model(name):
+    cfg = preset(name)
+    assert param_counts(cfg) == meta_counts(cfg)
+
+
+def test_published_figures():
+    v3 = preset("dsv3")
+    pc = param_counts(v3)
+    assert abs(pc.total / 1e9 - 671) < 1.0
+    assert abs(pc.activated / 1e9 - 37) < 1.0
+    assert 11e9 < pc.mtp < 14e9  # ~14B with the shared embedding and head counted
+    assert kv_cache_bytes_per_token(v3) == 61 * (512 + 64) * 2 == 70272
+    assert abs(training_flops_per_token(v3, 4096) / 1e9 - 250) < 2.5
+    assert abs(training_flops_per_token(v3, 4096, causal=False) / 1e9 - 281) < 3
+    assert kv_cache_bytes_per_token(preset("qwen2.5-72b")) == 327680
+    assert kv_cache_bytes_per_token(preset("llama3.1-405b")) == 516096
+    assert abs(param_counts(preset("dsv2")).total / 1e9 - 236) < 1
+    assert abs(param_counts(preset("dsv2-lite")).total / 1e9 - 15.7) < 0.1
+    assert abs(param_counts(preset("qwen2.5-72b")).total / 1e9 - 72.7) < 0.1
+    assert abs(param_counts(preset("llama3.1-405b")).total / 1e9 - 405.9) < 0.1
+    tiny, small = param_counts(preset("tiny")), param_counts(preset("small"))
+    assert 1e6 < tiny.total < 10e6
+    assert 50e6 < small.total + small.mtp < 200e6 and 32 <= preset("small").n_routed_experts <= 64
+
+
+def test_info_cli_json(capsys):
+    assert main(["info", "dsv3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kv_cache_bytes_per_token"] == 70272
+    assert {"total_params", "activated_params", "mtp_params"} <= out.keys()

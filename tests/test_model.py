@@ -1,0 +1,213 @@
+"""Model core: causality, router invariants, grouped MoE vs a per-token loop, bias balancing,
+MTP alignment, RoPE/YaRN, both attention kinds."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flyer.config import preset
+from flyer.model.moe import MoE, expert_ffn_grouped_mm, expert_ffn_loop, update_router_bias
+from flyer.model.rope import rope_frequencies
+from flyer.model.transformer import Transformer
+
+
+def small_cfg(**kw):
+    base = dict(vocab_size=97, dim=64, n_layers=3, n_dense_layers=1, inter_dim=96, n_heads=4, q_lora_rank=32,
+                kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, moe_inter_dim=32,
+                n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4,
+                n_limited_groups=2, max_seq_len=64, original_seq_len=64, mtp_depth=2, init_std=0.05)
+    base.update(kw)
+    return preset("tiny", **base)
+
+
+@pytest.mark.parametrize("attn", ["mla", "mla_noq", "gqa"])
+def test_causality(attn):
+    kw = {"mla": {}, "mla_noq": {"q_lora_rank": 0}, "gqa": {"attn": "gqa", "n_kv_heads": 2, "head_dim": 16}}[attn]
+    model = Transformer(small_cfg(**kw)).eval()
+    x = torch.randint(0, 97, (2, 12))
+    y = x.clone()
+    y[:, 7:] = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-5)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_router_invariants_and_bias_selects_only():
+    cfg = small_cfg(n_routed_experts=32, n_expert_groups=8, n_limited_groups=3, n_activated_experts=6)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    x = torch.randn(200, cfg.dim)
+    w, ids, scores = moe.gate(x)
+    assert ids.shape == (200, 6)
+    assert all(len(set(r)) == 6 for r in ids.tolist())
+    groups = ids // (32 // 8)
+    assert max(len(set(r)) for r in groups.tolist()) <= 3
+    # weights are the normalised unbiased scores times route_scale
+    g = scores.gather(1, ids)
+    assert torch.allclose(w, g / g.sum(-1, keepdim=True) * cfg.route_scale)
+    # a bias changes which experts are chosen but gate values stay the unbiased scores
+    moe.gate.bias.copy_(torch.linspace(-1, 1, 32))
+    w2, ids2, scores2 = moe.gate(x)
+    assert not torch.equal(ids, ids2)
+    assert torch.equal(scores, scores2)
+    g2 = scores2.gather(1, ids2)
+    assert torch.allclose(w2, g2 / g2.sum(-1, keepdim=True) * cfg.route_scale)
+
+
+def test_group_limited_matches_bruteforce():
+    """Group score = sum of the top-2 biased scores; keep the best groups; top-k among them."""
+    cfg = small_cfg(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=3)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=1.0)
+    moe.gate.bias.normal_(0, 0.3)
+    x = torch.randn(50, cfg.dim)
+    _, ids, scores = moe.gate(x)
+    for t in range(50):
+        biased = (scores[t] + moe.gate.bias).tolist()
+        gs = [sum(sorted(biased[g * 4:(g + 1) * 4])[-2:]) for g in range(4)]
+        keep = sorted(range(4), key=lambda g: -gs[g])[:2]
+        cand = [e for e in range(16) if e // 4 in keep]
+        want = sorted(sorted(cand, key=lambda e: -biased[e])[:3])
+        assert sorted(ids[t].tolist()) == want
+
+
+def test_softmax_router_without_norm():
+    cfg = small_cfg(score_func="softmax", norm_topk_prob=False, router_bias=False, route_scale=16.0,
+                    n_expert_groups=4, n_limited_groups=2)
+    moe = MoE(cfg)
+    x = torch.randn(10, cfg.dim)
+    w, ids, scores = moe.gate(x)
+    assert torch.allclose(scores.sum(-1), torch.ones(10))
+    assert torch.allclose(w, scores.gather(1, ids) * 16.0)
+
+
+def test_grouped_moe_equals_per_token_loop():
+    cfg = small_cfg()
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(3, 10, cfg.dim, requires_grad=True)
+    y = moe(x)
+    # naive: for every token, sum over its chosen experts, each a separate SwiGLU
+    xt = x.reshape(-1, cfg.dim)
+    w, ids, _ = moe.gate(xt)
+    e = moe.experts
+    ref = []
+    for t in range(xt.shape[0]):
+        acc = moe.shared(xt[t])
+        for k in range(cfg.n_activated_experts):
+            i = ids[t, k]
+            h = F.silu(e.w1[i] @ xt[t]) * (e.w3[i] @ xt[t])
+            acc = acc + w[t, k] * (e.w2[i] @ h)
+        ref.append(acc)
+    ref = torch.stack(ref).view_as(y)
+    assert torch.allclose(y, ref, atol=1e-5)
+    (gy,) = torch.autograd.grad(y.square().sum(), x)
+    (gr,) = torch.autograd.grad(ref.square().sum(), x)
+    assert torch.allclose(gy, gr, atol=1e-4)
+    assert moe.last_counts.sum() == 30 * cfg.n_activated_experts
+
+
+def test_grouped_mm_path_agrees_with_loop():
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not available")
+    E, Fd, D = 4, 32, 16
+    counts = torch.tensor([5, 0, 7, 3])
+    x = torch.randn(15, D)
+    w1, w3, w2 = torch.randn(E, Fd, D) * 0.2, torch.randn(E, Fd, D) * 0.2, torch.randn(E, D, Fd) * 0.2
+    try:
+        fast = expert_ffn_grouped_mm(x, counts, w1, w2, w3).float()
+    except RuntimeError as err:  # some CPU builds lack the bf16 grouped GEMM
+        pytest.skip(f"grouped_mm unsupported here: {err}")
+    ref = expert_ffn_loop(x, counts, w1, w2, w3)
+    assert torch.allclose(fast, ref, atol=0.05, rtol=0.05)
+
+
+def test_bias_update_drives_skewed_load_to_balance():
+    cfg = small_cfg(n_routed_experts=16, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2,
+                    bias_update_speed=0.01)
+    moe = MoE(cfg).train()
+    torch.nn.init.normal_(moe.gate.weight, std=0.1)
+    skew = torch.randn(cfg.dim)
+    skew /= skew.norm()
+    moe.gate.weight.data[:3] += 0.5 * skew  # three experts favoured by a shared input direction
+    x = torch.randn(1024, cfg.dim) + 2 * skew
+    imbalance = []
+    with torch.no_grad():
+        for _ in range(120):
+            moe(x.unsqueeze(0))
+            imbalance.append(update_router_bias(moe)["load_imbalance"])
+    assert imbalance[0] > 2.0
+    assert max(imbalance[-20:]) < 1.25
+    assert moe.tokens_per_expert.sum() == 0  # reset after each update
+
+
+def test_mtp_depth_k_sees_token_i_plus_k_and_predicts_i_plus_k_plus_1():
+    cfg = small_cfg(mtp_depth=2)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, 97, (1, 16))
+    with torch.no_grad():
+        h = model.hidden(x)
+        hs = model.mtp_hidden(h, x)
+    assert [t.shape[1] for t in hs] == [15, 14]
+    i = 5
+    for k in (1, 2):
+        y = x.clone()
+        y[0, i + k] = (y[0, i + k] + 1) % 97  # the token module k embeds at position i
+        z = x.clone()
+        z[0, i + k + 1] = (z[0, i + k + 1] + 1) % 97  # the token it predicts: must not be seen
+        with torch.no_grad():
+            hy = model.mtp_hidden(model.hidden(y), y)[k - 1]
+            hz = model.mtp_hidden(model.hidden(z), z)[k - 1]
+        assert not torch.allclose(hy[0, i], hs[k - 1][0, i])
+        assert torch.allclose(hz[0, : i + 1], hs[k - 1][0, : i + 1], atol=1e-5)
+    # the loss pairs depth k's output at position i with target t_{i+k+1}
+    tokens, targets = x[:, :-1], x[:, 1:]
+    out = model.compute_loss(tokens, targets)
+    with torch.no_grad():
+        h = model.hidden(tokens)
+        for k, (mod, hk) in enumerate(zip(model.mtp, model.mtp_hidden(h, tokens)), start=1):
+            logits = model.head(mod.norm(hk))
+            want = F.cross_entropy(logits[0], x[0, k + 1:])
+            assert torch.allclose(out.mtp_losses[k - 1], want, atol=1e-5)
+    expected = out.main_loss + cfg.mtp_loss_weight * torch.stack(out.mtp_losses).mean()
+    assert torch.allclose(out.loss, expected)
+
+
+def test_sequence_balance_loss_in_training_only():
+    cfg = small_cfg(seq_aux_alpha=0.01)
+    model = Transformer(cfg).train()
+    x = torch.randint(0, 97, (2, 9))
+    out = model.compute_loss(x[:, :-1], x[:, 1:])
+    assert out.aux_loss is not None and out.aux_loss > 0
+    out.loss.backward()
+    assert model.layers[1].ffn.gate.weight.grad.abs().sum() > 0
+    model.eval()
+    assert model.compute_loss(x[:, :-1], x[:, 1:]).aux_loss is None
+
+
+def test_yarn_frequencies():
+    cfg = preset("dsv3")
+    plain = rope_frequencies(64, cfg.replace(rope_factor=1.0))
+    yarn = rope_frequencies(64, cfg)
+    assert torch.allclose(yarn[:4], plain[:4])  # highest frequencies kept
+    assert torch.allclose(yarn[-4:], plain[-4:] / 40)  # lowest interpolated by the factor
+    assert math.isclose(cfg.softmax_scale, 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+
+
+def test_bf16_autocast_trains():
+    model = Transformer(small_cfg())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 97, (4, 17))
+    losses = []
+    for _ in range(8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.compute_loss(x[:, :-1], x[:, 1:])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.main_loss.item())
+    assert losses[-1] < losses[0] - 0.5
