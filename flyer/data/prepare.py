@@ -1,0 +1,198 @@
+"""``prepare_data``: corpus -> tokenizer -> token shards -> unigram baseline, cached on disk.
+
+Everything lands in ``{cache_dir}/data-{key}/``::
+
+    tokenizer.json          the tokenizer the shards were built with
+    train-00000.bin ...     training shards (see flyer.data.shards for the format)
+    val-00000.bin ...       held-out validation shards
+    meta.json               written last; its presence marks a complete build
+
+``key`` hashes the format versions, every source file's resolved path, size and mtime, the
+vocab size, the validation fraction, and the bytes of a given ``tokenizer.json``; any change
+builds a fresh directory. Builds take an exclusive ``flock`` so concurrent ranks build once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+
+from flyer.data.corpus import CLEAN_VERSION, Document, find_documents, split_documents
+from flyer.data.errors import DataError
+from flyer.data.shards import VERSION as SHARD_VERSION
+from flyer.data.shards import ShardWriter, TokenShards, atomic_write
+from flyer.data.tokenizer import check_vocab_size, ensure_eos, load_tokenizer, train_bpe
+
+PIPELINE_VERSION = 1
+SHARD_TOKENS = 1 << 20  # 2 MiB uint16 shards: the default corpus spans a few files
+_ENCODE_DOCS = 16  # documents per encode_batch call
+
+
+@dataclass
+class PreparedData:
+    tokenizer: tokenizers.Tokenizer
+    tokenizer_path: Path
+    train: TokenShards  # concatenation of the train shards
+    val: TokenShards
+    vocab_size: int  # tokenizer.get_vocab_size()
+    eos_id: int
+    unigram_val_loss: float  # nats/token
+    cache_dir: Path  # the data-{key} directory holding the files above
+
+
+def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_size: int = 8192,
+                 tokenizer: str | Path | None = None, val_fraction: float = 0.05) -> PreparedData:
+    """Build (or reuse from ``cache_dir``) the tokenizer, train / val shards and unigram baseline.
+
+    ``data``: ``None`` for the installed Shakespeare plays, else file(s) / directories of
+    ``.txt`` / ``.md`` text. ``vocab_size``: size of the byte-level BPE trained on the train
+    split (ignored when ``tokenizer`` names a ``tokenizer.json`` to use instead).
+    ``val_fraction``: share of the corpus (by bytes, whole documents) held out for validation.
+    User errors raise ``DataError`` with a one-line message.
+    """
+    if tokenizer is None:
+        check_vocab_size(vocab_size)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction <= 0.5:
+        raise DataError(f"val_fraction must be in (0, 0.5] (got {val_fraction!r})")
+    docs = find_documents(data)
+    tok_bytes = None
+    if tokenizer is not None:
+        load_tokenizer(tokenizer)  # fail early on a bad file
+        tok_bytes = Path(tokenizer).expanduser().read_bytes()
+
+    key_src = {
+        "pipeline": PIPELINE_VERSION, "shard_format": SHARD_VERSION, "clean": CLEAN_VERSION,
+        "files": [[str(d.path), d.size, d.path.stat().st_mtime_ns] for d in docs],
+        "vocab_size": None if tok_bytes else vocab_size,
+        "tokenizer": hashlib.blake2b(tok_bytes, digest_size=16).hexdigest() if tok_bytes else None,
+        "val_fraction": float(val_fraction), "shard_tokens": SHARD_TOKENS,
+    }
+    key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=8).hexdigest()
+    root = Path(cache_dir).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cache_dir '{root}' cannot be created: {e.strerror or e}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise DataError(f"cache_dir '{root}' is not writable")
+    out = root / f"data-{key}"
+    out.mkdir(exist_ok=True)
+
+    with _build_lock(out):
+        if (out / "meta.json").exists():
+            try:
+                return _load(out)
+            except DataError as e:
+                print(f"flyer: rebuilding data cache {out}: {e}", file=sys.stderr)
+        return _build(out, docs, vocab_size, tokenizer, val_fraction, key_src)
+
+
+@contextmanager
+def _build_lock(out: Path):
+    """Exclusive advisory lock (flock) so concurrent ranks build once; a file system without
+    locks (some network mounts) degrades to unlocked, still safe thanks to atomic writes."""
+    try:
+        f = open(out / ".lock", "a+")
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def _load(out: Path) -> PreparedData:
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    except Exception as e:
+        raise DataError(f"cached metadata in {out} is unreadable ({type(e).__name__})") from None
+    return PreparedData(
+        tokenizer=tok,
+        tokenizer_path=out / "tokenizer.json",
+        train=TokenShards([out / p for p in meta["train_shards"]]),
+        val=TokenShards([out / p for p in meta["val_shards"]]),
+        vocab_size=tok.get_vocab_size(),
+        eos_id=int(meta["eos_id"]),
+        unigram_val_loss=float(meta["unigram_val_loss"]),
+        cache_dir=out,
+    )
+
+
+def _build(out: Path, docs: list[Document], vocab_size: int, tokenizer: str | Path | None,
+           val_fraction: float, key_src: dict) -> PreparedData:
+    t0 = time.perf_counter()
+    train_docs, val_docs = split_documents(docs, val_fraction)
+    if tokenizer is None:
+        tok = train_bpe((d.text() for d in train_docs), vocab_size)
+    else:
+        tok = load_tokenizer(tokenizer)
+    eos_id = ensure_eos(tok)
+    tok_path = out / "tokenizer.json"
+    atomic_write(tok_path, [tok.to_str().encode()])
+    n_vocab = tok.get_vocab_size()
+
+    split_paths = {}
+    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+        writer = ShardWriter(out, split, n_vocab, SHARD_TOKENS)
+        n_tokens = 0
+        for i in range(0, len(split_docs), _ENCODE_DOCS):
+            texts = [d.text() for d in split_docs[i:i + _ENCODE_DOCS]]
+            for enc in tok.encode_batch(texts, add_special_tokens=False):
+                ids = np.asarray(enc.ids, dtype=np.int64)
+                if len(ids):
+                    writer.add(np.append(ids, eos_id))
+                    n_tokens += len(ids) + 1
+        if n_tokens == 0:
+            raise DataError(f"data: the {split} split has no text after cleaning ({len(split_docs)} document(s))")
+        split_paths[split] = writer.close()
+
+    train = TokenShards(split_paths["train"], verify=False)  # just written; checksums are fresh
+    val = TokenShards(split_paths["val"], verify=False)
+    unigram = unigram_cross_entropy(train, val, n_vocab)
+    meta = {
+        "key": key_src,
+        "tokenizer": "tokenizer.json",
+        "eos_token": tok.id_to_token(eos_id),
+        "eos_id": eos_id,
+        "vocab_size": n_vocab,
+        "train_shards": [p.name for p in split_paths["train"]],
+        "val_shards": [p.name for p in split_paths["val"]],
+        "train_documents": [d.name for d in train_docs],
+        "val_documents": [d.name for d in val_docs],
+        "train_tokens": len(train),
+        "val_tokens": len(val),
+        "unigram_val_loss": unigram,
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    atomic_write(out / "meta.json", [json.dumps(meta, indent=1).encode()])
+    return PreparedData(tok, tok_path, train, val, n_vocab, eos_id, unigram, out)
+
+
+def unigram_cross_entropy(train: TokenShards, val: TokenShards, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) on ``val`` of a unigram model fitted on ``train`` with add-one
+    smoothing: the loss a model reaches by learning token frequencies alone."""
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for chunk in train.iter_chunks():
+        counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
+    log_p = np.log(counts + 1.0) - math.log(counts.sum() + vocab_size)
+    val_counts = np.zeros(vocab_size, dtype=np.float64)
+    for chunk in val.iter_chunks():
+        val_counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
+    return float(-(val_counts * log_p).sum() / val_counts.sum())
