@@ -1,0 +1,200 @@
+"""Training plan: FLOPs per token, GPU-hours, days, cost, MFU and per-GPU memory for a layout.
+
+Throughput comes either from a measurement (tokens per day on the whole cluster, as the V3
+report gives it) or from an assumed MFU against the dense BF16 peak:
+
+    tokens/s/GPU = tokens_per_day / 86400 / gpus            (measured)
+    tokens/s/GPU = mfu x peak / flops_per_token_causal      (assumed MFU)
+    gpu_hours    = tokens / (tokens/s/GPU) / 3600
+    mfu          = flops_per_token x tokens/s/GPU / peak    (causal and non-causal)
+
+Memory per GPU for a PP x EP x DP layout with ZeRO-1 (DeepSeek-V3's recipe: BF16 weights, FP32
+gradients, FP32 master weights plus BF16 AdamW moments, optimizer states sharded over data
+parallel ranks). Expert weights are split over EP ranks; everything else is replicated over the
+``gpus / pp`` ranks of a stage. The heaviest stage holds ``ceil(layers / pp)`` MoE layers and the
+larger of embedding and output head (both when ``pp == 1``); the MTP module is not counted.
+Activations are an estimate (see ``activation_bytes_per_token_layer``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from flyer.cli import UserError
+from flyer.cluster.hardware import GIB, GPUSpec
+from flyer.cluster.pipeline import schedule_cost
+from flyer.config import ModelConfig
+from flyer.model.counts import block_params, kv_cache_bytes_per_token, param_counts, training_flops_per_token
+
+SECONDS_PER_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    pp: int = 1
+    ep: int = 1
+    micro_batch: int = 1  # sequences per micro-batch
+    schedule: str = "1f1b"
+    weight_bytes: int = 2  # BF16 working weights
+    grad_bytes: int = 4  # FP32 gradient accumulation
+    optimizer_bytes: int = 8  # FP32 master (4) + BF16 first and second moments (2 + 2)
+    activation_bytes: int = 2  # BF16 saved activations
+    recompute: bool = True  # DeepSeek-V3's recomputation and FP8 activation caching
+
+    @property
+    def dp(self) -> int:
+        """Replicas of a non-expert weight: all ranks of one pipeline stage."""
+        return self.gpus // self.pp
+
+    @property
+    def expert_dp(self) -> int:
+        """Replicas of an expert weight: the stage's ranks divided over EP."""
+        return self.dp // self.ep
+
+
+def validate_layout(cfg: ModelConfig, lay: Layout) -> None:
+    if lay.gpus < 1:
+        raise UserError(f"--gpus must be >= 1 (got {lay.gpus})")
+    if lay.pp < 1 or lay.gpus % lay.pp:
+        raise UserError(f"--pp must divide --gpus={lay.gpus} (got {lay.pp})")
+    if lay.pp > cfg.n_layers:
+        raise UserError(f"--pp must be <= the model's {cfg.n_layers} layers (got {lay.pp})")
+    if lay.ep < 1 or lay.dp % lay.ep:
+        raise UserError(f"--ep must divide the {lay.dp} GPUs of a pipeline stage (got {lay.ep})")
+    if lay.ep > 1 and (cfg.n_routed_experts == 0 or cfg.n_routed_experts % lay.ep):
+        raise UserError(f"--ep must divide the model's {cfg.n_routed_experts} routed experts (got {lay.ep})")
+    if lay.micro_batch < 1:
+        raise UserError(f"--micro-batch must be >= 1 (got {lay.micro_batch})")
+
+
+def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: bool = True,
+                                     bytes_per_element: int = 2) -> float:
+    """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).
+
+    Without recomputation, attention saves its input and normed input, the q latent, the kv
+    latent + rope key, q, k, v, the attention output and the softmax log-sum-exp (one per head);
+    the FFN saves its normed input and, per activated expert (routed + shared), the expert input,
+    the gate/up outputs and the SwiGLU product, plus the router scores.
+
+    ``recompute=True`` is DeepSeek-V3's recipe: RMSNorm outputs and the MLA up-projections (q, k,
+    v) are recomputed from the saved latents, the SwiGLU product from its saved inputs, and expert
+    inputs are cached in FP8 (half a BF16 element).
+    """
+    d, h = cfg.dim, cfg.n_heads
+    if cfg.attn == "mla":
+        qk, v = cfg.qk_head_dim, cfg.v_head_dim
+        latents = cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        qkv = h * (2 * qk + v)
+    else:
+        qk = v = cfg.head_dim
+        latents = 0
+        qkv = h * qk + 2 * cfg.n_kv_heads * qk
+    experts = cfg.n_activated_experts + cfg.n_shared_experts if moe else 1
+    inter = cfg.moe_inter_dim if moe else cfg.inter_dim
+    router = cfg.n_routed_experts if moe else 0
+    if recompute:
+        attn = d + latents + h * v + h
+        ffn = experts * (0.5 * d + 2 * inter) + router
+    else:
+        attn = 2 * d + latents + qkv + h * v + h
+        ffn = d + experts * (d + 3 * inter) + router
+    return (attn + ffn) * bytes_per_element
+
+
+def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) -> dict:
+    """Bytes per GPU on the heaviest pipeline stage, split by kind (see module docstring)."""
+    validate_layout(cfg, lay)
+    moe = cfg.n_routed_experts > 0 and cfg.n_layers > cfg.n_dense_layers
+    layers = math.ceil(cfg.n_layers / lay.pp)
+    heavy_layer = cfg.n_dense_layers if moe else 0  # id of a layer of the heaviest kind
+    layer_total = block_params(cfg, heavy_layer)
+    routed = cfg.n_routed_experts * 3 * cfg.dim * cfg.moe_inter_dim if moe else 0
+    pc = param_counts(cfg)
+    ends = pc.embedding + pc.head if lay.pp == 1 else max(pc.embedding, pc.head)
+    dense_params = layers * (layer_total - routed) + ends + cfg.dim
+    expert_params = layers * routed // lay.ep
+    cost = schedule_cost(lay.schedule, lay.pp) if lay.pp > 1 else schedule_cost("1f1b", 1)
+    copies = cost.param_copies
+    params = copies * (dense_params + expert_params)
+    weights = params * lay.weight_bytes
+    grads = params * lay.grad_bytes
+    optimizer = copies * (dense_params / lay.dp + expert_params / lay.expert_dp) * lay.optimizer_bytes
+    per_token = activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes)
+    activations = cost.activation_microbatches * lay.micro_batch * seq_len * layers * per_token
+    total = weights + grads + optimizer + activations
+    return {
+        "pp": lay.pp, "ep": lay.ep, "dp": lay.dp, "expert_dp": lay.expert_dp, "schedule": lay.schedule,
+        "micro_batch": lay.micro_batch, "recompute": lay.recompute, "layers_per_stage": layers, "params_per_gpu": int(params),
+        "weights_gib": weights / GIB, "gradients_gib": grads / GIB, "optimizer_gib": optimizer / GIB,
+        "activations_gib": activations / GIB, "total_gib": total / GIB, "hbm_gib": hbm_gib,
+        "fits": total / GIB <= hbm_gib,
+    }
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Either a measured cluster throughput (tokens per day) or an assumed MFU."""
+
+    tokens_per_day: float | None = None
+    mfu: float | None = None
+
+    def tokens_per_s_per_gpu(self, gpus: int, flops_per_token: float, peak_flops: float) -> float:
+        if self.tokens_per_day is not None:
+            if self.tokens_per_day <= 0:
+                raise UserError(f"--tokens-per-day must be > 0 (got {self.tokens_per_day})")
+            return self.tokens_per_day / SECONDS_PER_DAY / gpus
+        mfu = 0.4 if self.mfu is None else self.mfu
+        if not 0 < mfu <= 1:
+            raise UserError(f"--mfu must be in (0, 1] (got {mfu})")
+        return mfu * peak_flops / flops_per_token
+
+
+def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: int, throughput: Throughput,
+         price_per_gpu_hour: float = 2.0, extra_gpu_hours: float = 0.0) -> dict:
+    """Everything ``flyer plan`` prints, as one flat dict (memory nested under ``memory``)."""
+    if tokens <= 0:
+        raise UserError(f"--tokens must be > 0 (got {tokens})")
+    if seq_len < 1:
+        raise UserError(f"--seq-len must be >= 1 (got {seq_len})")
+    if price_per_gpu_hour < 0 or extra_gpu_hours < 0:
+        raise UserError("--price-per-gpu-hour and --extra-gpu-hours must be >= 0")
+    validate_layout(cfg, lay)
+    pc = param_counts(cfg)
+    causal = training_flops_per_token(cfg, seq_len, causal=True)
+    noncausal = training_flops_per_token(cfg, seq_len, causal=False)
+    peak = gpu.bf16_tflops * 1e12
+    tps = throughput.tokens_per_s_per_gpu(lay.gpus, causal, peak)
+    train_hours = tokens / tps / 3600.0  # tokens / (tokens per GPU-second) = GPU-seconds
+    gpu_hours = train_hours + extra_gpu_hours
+    wall_s = tokens / (tps * lay.gpus)
+    return {
+        "gpu": gpu.name,
+        "gpus": lay.gpus,
+        "gpus_per_node": gpu.gpus_per_node,
+        "tokens": tokens,
+        "seq_len": seq_len,
+        "throughput_source": "tokens_per_day" if throughput.tokens_per_day is not None else "mfu",
+        "total_params": pc.total,
+        "activated_params": pc.activated,
+        "mtp_params": pc.mtp,
+        "flops_per_token_causal": causal,
+        "flops_per_token_noncausal": noncausal,
+        "tokens_per_s_per_gpu": tps,
+        "tokens_per_day": tps * lay.gpus * SECONDS_PER_DAY,
+        "tflops_per_gpu_causal": causal * tps / 1e12,
+        "tflops_per_gpu_noncausal": noncausal * tps / 1e12,
+        "mfu_causal": causal * tps / peak,
+        "mfu_noncausal": noncausal * tps / peak,
+        "peak_bf16_tflops": gpu.bf16_tflops,
+        "training_gpu_hours": train_hours,
+        "extra_gpu_hours": extra_gpu_hours,
+        "gpu_hours": gpu_hours,
+        "gpu_hours_per_trillion_tokens": train_hours / (tokens / 1e12),
+        "days": wall_s / SECONDS_PER_DAY,
+        "price_per_gpu_hour": price_per_gpu_hour,
+        "cost_usd": gpu_hours * price_per_gpu_hour,
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
+        "memory": memory_per_gpu(cfg, lay, seq_len, gpu.hbm_gib),
+    }
