@@ -1,0 +1,277 @@
+"""FP8 training: the linear autograd function, FP8 modules, and ``convert_to_fp8``.
+
+The three GEMMs of a linear layer ``y = x W^T`` (x (M, K), W (N, K)), all E4M3 by default
+(DeepSeek-V3 report, figure 6):
+
+* forward  ``y  = x  . W^T``:  x in 1x128 tiles, W in 128x128 blocks.
+* dgrad    ``dx = dy . W``:    dy in 1x128 tiles (never 128x128: block-wise activation
+  gradients made a 16B MoE diverge), W^T in 128x128 blocks (the forward's blocks, transposed).
+* wgrad    ``dW = dy^T . x``:  both re-tiled 128x1, i.e. 1x128 tiles along the token dimension
+  M, which is this GEMM's reduction dimension.
+
+The master weight stays FP32 (it is the same ``nn.Parameter``), and so does its gradient. The
+layer input is saved in its own precision and re-quantised 128x1 in backward. Outputs are in the
+autocast dtype when autocast is on, else in the input's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flyer.fp8.gemm import BACKENDS, fp8_gemm_nt
+from flyer.fp8.quant import FP8_DTYPES, TILE, quantize_blocks, quantize_blocks_batched, quantize_tiles
+from flyer.model.moe import Experts
+
+
+@dataclass(frozen=True)
+class FP8Recipe:
+    """fmt: operands of the forward GEMM and the weights; grad_fmt: activation gradients (E4M3 in
+    DeepSeek-V3; 'e5m2' for the comparison). pow2_scales: round scales up to powers of two
+    (UE8M0). backend: 'auto' | 'emulate' | 'cuda' (see ``flyer.fp8.gemm``)."""
+
+    fmt: str = "e4m3"
+    grad_fmt: str = "e4m3"
+    pow2_scales: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("fmt", "grad_fmt"):
+            if getattr(self, name) not in FP8_DTYPES:
+                raise ValueError(f"FP8Recipe.{name} '{getattr(self, name)}' not supported "
+                                 f"(choose from: {', '.join(FP8_DTYPES)})")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"FP8Recipe.backend '{self.backend}' not supported (choose from: {', '.join(BACKENDS)})")
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a high-precision linear would return here: autocast's, else the input's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _transpose_blocks(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (N, Kp) in 128x128 blocks -> W^T (Kp, Np) in 128x128 blocks: the same FP8 values and
+    scales (a block's amax does not depend on orientation); N is zero-padded to a multiple of 128."""
+    data_t = data.t()
+    pad = -data_t.shape[1] % TILE
+    if pad:
+        data_t = F.pad(data_t.view(torch.uint8), (0, pad)).view(data.dtype)  # 0x00 is +0 in FP8
+    return data_t.contiguous(), scale.t().contiguous()
+
+
+def _wgrad(dy_MN: torch.Tensor, x_MK: torch.Tensor, r: FP8Recipe) -> torch.Tensor:
+    """dW (N, K) float32 = dy^T . x with both operands in 128x1 tiles (1x128 along tokens)."""
+    qdy_t = quantize_tiles(dy_MN.t(), r.grad_fmt, r.pow2_scales)  # (N, Mp)
+    qx_t = quantize_tiles(x_MK.t(), r.fmt, r.pow2_scales)  # (K, Mp)
+    return fp8_gemm_nt(qdy_t.data, qdy_t.scale, qx_t.data, qx_t.scale, torch.float32, r.backend)
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    """``y = x W^T`` with FP8 forward, dgrad and wgrad GEMMs. x (..., K), weight (N, K)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe, out_dtype: torch.dtype):
+        r = recipe
+        N, K = weight.shape
+        with torch.autocast(x.device.type, enabled=False):
+            x_MK = x.reshape(-1, K)
+            qx = quantize_tiles(x_MK, r.fmt, r.pow2_scales)
+            qw = quantize_blocks(weight, r.fmt, r.pow2_scales)
+            y = fp8_gemm_nt(qx.data, qx.scale, qw.data, qw.scale, out_dtype, r.backend)
+        ctx.save_for_backward(x_MK, qw.data, qw.scale)
+        ctx.recipe, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = r, x.shape, x.dtype, weight.dtype
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x_MK, w_data, w_scale = ctx.saved_tensors
+        r = ctx.recipe
+        N, K = w_data.shape[0], x_MK.shape[1]
+        dx = dw = None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy_MN = dy.reshape(-1, N)
+            if ctx.needs_input_grad[0]:
+                qdy = quantize_tiles(dy_MN, r.grad_fmt, r.pow2_scales)  # (M, Np)
+                wt_data, wt_scale = _transpose_blocks(w_data, w_scale)  # (Kp, Np)
+                dx = fp8_gemm_nt(qdy.data, qdy.scale, wt_data, wt_scale, ctx.x_dtype, r.backend)
+                dx = dx[:, :K].reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1]:
+                dw = _wgrad(dy_MN, x_MK, r).to(ctx.w_dtype)
+        return dx, dw, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               recipe: FP8Recipe = FP8Recipe()) -> torch.Tensor:
+    """Drop-in for ``F.linear`` with the FP8 recipe. x (..., K), weight (N, K), bias (N,) added in
+    high precision. Returns (..., N) in the autocast dtype (autocast on) or x's dtype."""
+    out_dtype = output_dtype(x)
+    y = FP8LinearFunction.apply(x, weight, recipe, out_dtype)
+    return y if bias is None else y + bias.to(out_dtype)
+
+
+class FP8Linear(nn.Linear):
+    """``nn.Linear`` whose GEMMs run in FP8; parameters, state-dict keys and init are unchanged."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe: FP8Recipe = FP8Recipe(),
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.recipe = recipe
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: FP8Recipe = FP8Recipe()) -> "FP8Linear":
+        """Wrap an existing layer's parameters (the same Parameter objects, no copy)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, recipe=recipe, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias, self.recipe)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8={self.recipe.fmt}/{self.recipe.grad_fmt}"
+
+
+# ---- grouped expert GEMMs ---------------------------------------------------------------------
+
+class FP8GroupedLinearFunction(torch.autograd.Function):
+    """Per-expert ``y_e = x_e W_e^T`` over expert-sorted tokens, in FP8.
+
+    x (N_tok, K) sorted by expert, weight (E, F, K), counts: python list of E token counts.
+    Activations are tiled once for all experts (1x128 tiles never cross tokens); the weights are
+    block-quantised in one batched pass. The wgrad's 128x1 tiles are formed inside each expert's
+    token segment (DeepGEMM's contiguous layout aligns segments to 128 for the same reason).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: list[int], recipe: FP8Recipe,
+                out_dtype: torch.dtype):
+        r = recipe
+        E, Fo, K = weight.shape
+        with torch.autocast(x.device.type, enabled=False):
+            qx = quantize_tiles(x, r.fmt, r.pow2_scales)
+            w_data, w_scale = quantize_blocks_batched(weight, r.fmt, r.pow2_scales)
+            outs = [fp8_gemm_nt(xd, xs, w_data[e], w_scale[e], out_dtype, r.backend)
+                    for e, (xd, xs) in enumerate(zip(qx.data.split(counts), qx.scale.split(counts))) if counts[e]]
+            y = torch.cat(outs) if outs else x.new_zeros(0, Fo, dtype=out_dtype)
+        ctx.save_for_backward(x, w_data, w_scale)
+        ctx.counts, ctx.recipe, ctx.w_dtype = counts, r, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w_data, w_scale = ctx.saved_tensors
+        r, counts = ctx.recipe, ctx.counts
+        E, Fo, K = w_data.shape[0], w_data.shape[1], x.shape[1]
+        dx = dw = None
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                qdy = quantize_tiles(dy, r.grad_fmt, r.pow2_scales)
+                parts = []
+                for e, (dd, ds) in enumerate(zip(qdy.data.split(counts), qdy.scale.split(counts))):
+                    if counts[e]:
+                        wt_data, wt_scale = _transpose_blocks(w_data[e], w_scale[e])
+                        parts.append(fp8_gemm_nt(dd, ds, wt_data, wt_scale, x.dtype, r.backend)[:, :K])
+                dx = torch.cat(parts) if parts else torch.zeros_like(x)
+            if ctx.needs_input_grad[1]:
+                zeros = torch.zeros(Fo, K, dtype=torch.float32, device=x.device)
+                dw = torch.stack([_wgrad(dys, xs, r) if n else zeros
+                                  for dys, xs, n in zip(dy.split(counts), x.split(counts), counts)]).to(ctx.w_dtype)
+        return dx, dw, None, None, None
+
+
+def fp8_grouped_linear(x_NK: torch.Tensor, w_EFK: torch.Tensor, counts_E: torch.Tensor | list[int],
+                       recipe: FP8Recipe = FP8Recipe()) -> torch.Tensor:
+    """Grouped FP8 GEMM over expert-sorted tokens: rows of expert e times ``w_EFK[e]^T``.
+
+    x (N, K) sorted by expert, w (E, F, K), counts (E,) tokens per expert (sum N).
+    Returns (N, F) in the autocast dtype (autocast on) or x's dtype.
+    """
+    counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else list(counts_E)
+    counts = [int(c) for c in counts]
+    return FP8GroupedLinearFunction.apply(x_NK, w_EFK, counts, recipe, output_dtype(x_NK))
+
+
+class FP8Experts(Experts):
+    """Routed experts whose three GEMMs (w1, w3, w2 per expert) run as FP8 grouped GEMMs.
+    The SwiGLU itself stays in the working precision."""
+
+    def __init__(self, *args, recipe: FP8Recipe = FP8Recipe(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+
+    @classmethod
+    def from_experts(cls, experts: Experts, recipe: FP8Recipe = FP8Recipe()) -> "FP8Experts":
+        """Wrap existing experts' parameters (the same Parameter objects, no copy)."""
+        E, Fo, D = experts.w1.shape
+        with torch.device("meta"):
+            new = cls(E, D, Fo, first=experts.first, use_grouped_mm=experts.use_grouped_mm, recipe=recipe)
+        new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3
+        new.train(experts.training)
+        return new
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        counts = [int(c) for c in counts_E.tolist()]
+        dtype = output_dtype(x_ND)
+        x = x_ND.to(dtype)
+        r = self.recipe
+        h1 = FP8GroupedLinearFunction.apply(x, self.w1, counts, r, dtype)
+        h3 = FP8GroupedLinearFunction.apply(x, self.w3, counts, r, dtype)
+        return FP8GroupedLinearFunction.apply(F.silu(h1) * h3, self.w2, counts, r, dtype)
+
+    def extra_repr(self) -> str:
+        return f"n_local={self.n_local}, fp8={self.recipe.fmt}/{self.recipe.grad_fmt}"
+
+
+# ---- model conversion -------------------------------------------------------------------------
+
+HIGH_PRECISION_NAMES = ("head",)  # output head; the embedding, router, norms are not nn.Linear
+
+
+def default_module_filter(name: str, module: nn.Module) -> bool:
+    """The DeepSeek-V3 recipe: every linear projection (attention wq/wq_a/wq_b/wkv_a/wkv_b/wo or
+    wq/wk/wv/wo, dense FFN and shared experts w1/w2/w3, MTP eh_proj) and the routed experts go to
+    FP8; the output head stays high precision (as do the embedding, the router ``Gate``, the
+    norms and the attention core, which are not linear layers)."""
+    if isinstance(module, Experts):
+        return True
+    return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in HIGH_PRECISION_NAMES
+
+
+def convert_to_fp8(model: nn.Module, module_filter: Callable[[str, nn.Module], bool] | None = None,
+                   recipe: FP8Recipe | None = None) -> nn.Module:
+    """Swap, in place, every ``nn.Linear`` / ``Experts`` submodule that ``module_filter(name,
+    module)`` accepts for its FP8 twin (default: ``default_module_filter``). The twins hold the
+    same Parameter objects, so call this before creating the optimizer or after: either way the
+    optimizer, the FP32 master weights and the state-dict keys are unchanged. Returns ``model``.
+    """
+    module_filter = module_filter or default_module_filter
+    recipe = recipe or FP8Recipe()
+    swaps = []
+    for name, module in model.named_modules():
+        if isinstance(module, (FP8Linear, FP8Experts)) or not module_filter(name, module):
+            continue
+        if isinstance(module, Experts):
+            swaps.append((name, FP8Experts.from_experts(module, recipe)))
+        elif isinstance(module, nn.Linear):
+            swaps.append((name, FP8Linear.from_linear(module, recipe)))
+    for name, new in swaps:
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    return model
+
+
+def fp8_modules(model: nn.Module) -> list[str]:
+    """Names of the submodules that run in FP8."""
+    return [n for n, m in model.named_modules() if isinstance(m, (FP8Linear, FP8Experts))]
+
+
+__all__ = ["FP8Recipe", "FP8LinearFunction", "fp8_linear", "FP8Linear", "FP8GroupedLinearFunction",
+           "fp8_grouped_linear", "FP8Experts", "default_module_filter", "convert_to_fp8", "fp8_modules",
+           "output_dtype"]
