@@ -1,0 +1,21 @@
+"""Inference: absorbed-MLA decoding against a latent KV cache, MTP speculative decoding and an
+on-disk prefix cache.
+
+    cache.py         preallocated per-layer caches: MLA latents + rope keys (absorbed), per-head
+                     K/V (naive MLA, GQA) for comparison
+    attention.py     cached attention: absorbed MLA, naive MLA, GQA (the training path is the oracle)
+    decoder.py       the model run incrementally against a cache, per-row positions
+    sampling.py      greedy, temperature, top-p
+    generate.py      prefill + decode loop, batched prompts, EOS, prefix-cache glue
+    speculative.py   MTP draft + one-pass verify (greedy-identical; rejection sampling otherwise)
+    prefix_cache.py  on-disk block cache keyed by token-prefix hashes (LRU, locked, checksummed)
+    cli.py           ``flyer generate``
+"""
+
+from flyer.infer.cache import KVCache, LatentCache, make_cache
+from flyer.infer.decoder import Decoder
+from flyer.infer.generate import GenerationConfig, GenerationResult, generate
+from flyer.infer.prefix_cache import PrefixCache
+
+__all__ = ["Decoder", "GenerationConfig", "GenerationResult", "KVCache", "LatentCache", "PrefixCache",
+           "generate", "make_cache"]

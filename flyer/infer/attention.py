@@ -1,0 +1,98 @@
+"""Attention against a decode cache: absorbed MLA, naive MLA and GQA.
+
+All three take the normed block input ``x`` (B, T, D) of T new tokens per row, whose positions
+are ``pos_BT`` (row b: ``start_b .. start_b + T - 1``), write what they cache at those slots, and
+attend causally over slots ``[0, pos]``. The training path (``MLA.forward`` / ``GQA.forward``,
+full causal attention without a cache) is the oracle they are tested against.
+
+Absorbed MLA (DeepSeek-V2 section 2.1.3): with ``wkv_b`` viewed as (H, nope + v, C),
+    score_hts = (q_nope_h W_UK_h) . c_s + q_rope_h . k_rope_s
+    out_h     = W_UV_h^T (sum_s p_hts c_s)
+so keys and values are never up-projected: the query absorbs W_UK, the output W_UV, and the
+only per-token state is (c_s, k_rope_s), shared by every head.
+
+Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flyer.infer.cache import KVCache, LatentCache
+from flyer.model.rope import apply_rope
+
+
+def causal_slot_mask(pos_BT: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """(B, 1, T, S) bool: slot s is visible to the query at position p iff s <= p."""
+    slots = torch.arange(n_slots, device=pos_BT.device)
+    return (slots.view(1, 1, -1) <= pos_BT.unsqueeze(-1)).unsqueeze(1)
+
+
+def _softmax(scores_BHTS: torch.Tensor, mask_B1TS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return scores_BHTS.float().masked_fill(~mask_B1TS, float("-inf")).softmax(dim=-1).to(dtype)
+
+
+def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 cache: LatentCache, layer: int, pos_BT: torch.Tensor) -> torch.Tensor:
+    """MLA with W_UK absorbed into the query and W_UV into the output, against latents.
+
+    ``cos``/``sin``: (B, T, R/2) rope tables at ``pos_BT``. Returns (B, T, D).
+    """
+    B, T, _ = x_BTD.shape
+    H, nope, v = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim
+    q_nope, q_rope = attn.queries(x_BTD, cos, sin)  # (B,T,H,nope), (B,T,H,R)
+    c_kv, k_rope = attn.latents(x_BTD, cos, sin)  # (B,T,C), (B,T,R)
+    cache.write(layer, pos_BT, latent=c_kv, rope_key=k_rope)
+    S = int(pos_BT.max()) + 1
+    c_BSC = cache.read(layer, "latent", S, x_BTD.dtype)
+    r_BSR = cache.read(layer, "rope_key", S, x_BTD.dtype)
+    w_HXC = attn.wkv_b.weight.view(H, nope + v, attn.kv_lora_rank)
+    q_abs = torch.einsum("bthd,hdc->bhtc", q_nope, w_HXC[:, :nope])  # W_UK absorbed
+    scores = torch.einsum("bhtc,bsc->bhts", q_abs, c_BSC)
+    scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, r_BSR)
+    p = _softmax(scores * attn.softmax_scale, causal_slot_mask(pos_BT, S), x_BTD.dtype)
+    o_lat = torch.einsum("bhts,bsc->bthc", p, c_BSC)  # attention in latent space
+    o = torch.einsum("bthc,hdc->bthd", o_lat, w_HXC[:, nope:])  # W_UV absorbed into the output
+    return attn.wo(o.reshape(B, T, H * v))
+
+
+def mla_naive(attn: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              cache: KVCache, layer: int, pos_BT: torch.Tensor) -> torch.Tensor:
+    """MLA as a plain multi-head attention: per-head keys/values up-projected and cached."""
+    B, T, _ = x_BTD.shape
+    H, nope, v = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim
+    q_nope, q_rope = attn.queries(x_BTD, cos, sin)
+    c_kv, k_rope = attn.latents(x_BTD, cos, sin)
+    k_nope, val = attn.wkv_b(c_kv).view(B, T, H, nope + v).split([nope, v], dim=-1)
+    key = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, attn.qk_rope_head_dim)], dim=-1)
+    cache.write(layer, pos_BT, key=key, value=val)
+    return _per_head_attention(torch.cat([q_nope, q_rope], dim=-1), cache, layer, pos_BT, attn.softmax_scale, 1,
+                               wo=attn.wo)
+
+
+def gqa_cached(attn: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: KVCache, layer: int, pos_BT: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention against a per-KV-head cache."""
+    B, T, _ = x_BTD.shape
+    q = apply_rope(attn.wq(x_BTD).view(B, T, attn.n_heads, attn.head_dim), cos, sin)
+    key, val = attn.keys_values(x_BTD, cos, sin)
+    cache.write(layer, pos_BT, key=key, value=val)
+    return _per_head_attention(q, cache, layer, pos_BT, attn.softmax_scale, attn.n_heads // attn.n_kv_heads,
+                               wo=attn.wo)
+
+
+def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, pos_BT: torch.Tensor, scale: float,
+                        group: int, wo: nn.Module | None = None) -> torch.Tensor:
+    B, T, H, _ = q_BTHK.shape
+    S = int(pos_BT.max()) + 1
+    k = cache.read(layer, "key", S, q_BTHK.dtype)  # (B, S, Hkv, dk)
+    v = cache.read(layer, "value", S, q_BTHK.dtype)
+    # queries of one KV group share its key: (B, Hkv, group*T, dk) against (B, Hkv, S, dk)
+    Hkv = H // group
+    q = q_BTHK.view(B, T, Hkv, group, -1).permute(0, 2, 3, 1, 4).reshape(B, Hkv, group * T, -1)
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).view(B, Hkv * group, T, S)
+    p = _softmax(scores * scale, causal_slot_mask(pos_BT, S), q_BTHK.dtype)
+    o = torch.matmul(p.view(B, Hkv, group * T, S), v.transpose(1, 2))  # (B, Hkv, group*T, dv)
+    o = o.view(B, Hkv, group, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
+    return o if wo is None else wo(o)

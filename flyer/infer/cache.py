@@ -1,0 +1,98 @@
+"""Preallocated per-layer decode caches.
+
+``LatentCache`` is what MLA needs with absorbed decoding: per token and layer, the normalised
+latent c_KV (``kv_lora_rank``) and the rope key shared by all heads (``qk_rope_head_dim``).
+``KVCache`` holds per-head keys and values: the naive MLA path (keys up-projected from the latent,
+H x (qk_head_dim + v_head_dim) per token) and GQA (n_kv_heads x 2 x head_dim). Both exist so the
+memory and speed of the absorbed path can be measured against a peer.
+
+Every cache stores its tensors as ``(L, B, S, ...)``: L layers, B rows (sequences), S slots.
+Row b's token at position p lives in slot p. Slots at or beyond a row's valid length may hold
+stale values (right padding of a batched prefill, rejected speculative drafts); attention masks
+them by position, so rolling back is just lowering the length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flyer.config import ModelConfig
+
+
+class _SlotCache:
+    """Named tensors of shape (L, B, S, ...) written at per-row slot positions."""
+
+    kind = "slots"
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        first = next(iter(tensors.values()))
+        self.n_layers, self.batch, self.max_len = first.shape[:3]
+        self.lengths = torch.zeros(self.batch, dtype=torch.long, device=first.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.tensors.values())).dtype
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies over all layers, from the allocated tensors themselves."""
+        return sum(t[:, 0, 0].numel() * t.element_size() for t in self.tensors.values())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def write(self, layer: int, pos_BT: torch.Tensor, **values: torch.Tensor) -> None:
+        """Store ``values[name]`` (B, T, ...) of layer ``layer`` at slots ``pos_BT`` (B, T)."""
+        if int(pos_BT.max()) >= self.max_len:
+            raise ValueError(f"cache overflow: position {int(pos_BT.max())} >= max_len {self.max_len}")
+        rows = torch.arange(pos_BT.shape[0], device=pos_BT.device).unsqueeze(1)
+        for name, v in values.items():
+            self.tensors[name][layer][rows, pos_BT] = v.to(self.dtype)
+
+    def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
+        """Slots [0, n_slots) of every row: (B, n_slots, ...) in the compute dtype."""
+        return self.tensors[name][layer, :, :n_slots].to(dtype)
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+
+class LatentCache(_SlotCache):
+    """MLA latent cache: ``latent`` (L, B, S, kv_lora_rank), ``rope_key`` (L, B, S, qk_rope_head_dim)."""
+
+    kind = "latent"
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__({
+            "latent": torch.zeros(n_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device),
+            "rope_key": torch.zeros(n_layers, batch, max_len, rope_dim, dtype=dtype, device=device),
+        })
+
+
+class KVCache(_SlotCache):
+    """Per-head cache: ``key`` (L, B, S, H_kv, d_k), ``value`` (L, B, S, H_kv, d_v)."""
+
+    kind = "kv"
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, key_dim: int, value_dim: int,
+                 dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__({
+            "key": torch.zeros(n_layers, batch, max_len, n_kv_heads, key_dim, dtype=dtype, device=device),
+            "value": torch.zeros(n_layers, batch, max_len, n_kv_heads, value_dim, dtype=dtype, device=device),
+        })
+
+
+ATTENTION_MODES = ("absorbed", "naive")
+
+
+def make_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, mode: str = "absorbed",
+               dtype: torch.dtype = torch.bfloat16, device=None) -> _SlotCache:
+    """The cache a model with ``cfg`` needs for ``mode`` ("absorbed" or "naive"; GQA ignores it)."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode must be one of {ATTENTION_MODES} (got {mode!r})")
+    if cfg.attn == "gqa":
+        return KVCache(n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim, dtype, device)
+    if mode == "absorbed":
+        return LatentCache(n_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+    return KVCache(n_layers, batch, max_len, cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, dtype, device)

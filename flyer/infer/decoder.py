@@ -1,0 +1,87 @@
+"""The model run incrementally against a cache.
+
+``Decoder.forward(tokens_BT, start_B)`` feeds T new tokens per row at positions
+``start_b .. start_b + T - 1`` (each row has its own position, so prompts of different lengths
+batch together without left padding), writes their cache entries and returns the hidden states
+before the final norm. It reuses the model's own modules (norms, projections, MoE) and only
+replaces the attention core, so the training path ``Transformer.forward`` is its oracle.
+
+The first MTP module gets its own one-layer cache (its block attends over earlier positions too):
+``mtp_forward(h_BTD, next_tokens_BT, start_B)`` computes h^1_i from the main model's h_i and the
+token t_{i+1}, as in training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flyer.infer.attention import gqa_cached, mla_absorbed, mla_naive
+from flyer.infer.cache import make_cache
+from flyer.model.transformer import Block, Transformer
+
+
+class Decoder:
+    """``model`` in eval mode; ``mode``: "absorbed" (latent cache) or "naive" (per-head K/V; GQA
+    models always use their per-KV-head cache). ``with_mtp`` also allocates the MTP module's cache."""
+
+    def __init__(self, model: Transformer, batch: int, max_len: int, mode: str = "absorbed",
+                 cache_dtype: torch.dtype = torch.bfloat16, with_mtp: bool = False):
+        self.model, self.cfg = model, model.cfg
+        device = model.embed.weight.device
+        self.cache = make_cache(self.cfg, self.cfg.n_layers, batch, max_len, mode, cache_dtype, device)
+        if with_mtp and len(model.mtp) == 0:
+            raise ValueError("speculative decoding with MTP needs a model with mtp_depth >= 1")
+        self.mtp_cache = make_cache(self.cfg, 1, batch, max_len, mode, cache_dtype, device) if with_mtp else None
+        if self.cfg.attn == "gqa":
+            self._attend = gqa_cached
+        else:
+            self._attend = mla_absorbed if mode == "absorbed" else mla_naive
+        self.mode = "gqa" if self.cfg.attn == "gqa" else mode
+        self.cos, self.sin = model.rope_tables(max_len, device)  # (max_len, rope/2)
+        self.max_len = max_len
+
+    def bytes_per_token(self) -> int:
+        """Main-model cache bytes per token (what ``flyer info`` reports for a BF16 cache)."""
+        return self.cache.bytes_per_token()
+
+    def _positions(self, start_B: torch.Tensor, T: int) -> torch.Tensor:
+        pos = start_B.view(-1, 1) + torch.arange(T, device=start_B.device)
+        if int(pos.max()) >= self.max_len:
+            raise ValueError(f"position {int(pos.max())} exceeds the decoder's max_len {self.max_len}")
+        return pos
+
+    def _block(self, block: Block, x: torch.Tensor, cache, layer: int, pos: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos[pos], self.sin[pos]  # (B, T, rope/2): per-row positions
+        x = x + self._attend(block.attn, block.attn_norm(x), cos, sin, cache, layer, pos)
+        return x + block.ffn(block.ffn_norm(x))
+
+    @torch.inference_mode()
+    def forward(self, tokens_BT: torch.Tensor, start_B: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T, D) before the final norm; writes the cache at the T positions."""
+        pos = self._positions(start_B, tokens_BT.shape[1])
+        h = self.model.embed(tokens_BT)
+        for i, layer in enumerate(self.model.layers):
+            h = self._block(layer, h, self.cache, i, pos)
+        return h
+
+    @torch.inference_mode()
+    def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.norm(h_BTD)).float()
+
+    @torch.inference_mode()
+    def mtp_forward(self, h_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, start_B: torch.Tensor) -> torch.Tensor:
+        """h^1 (B, T, D) at positions start_b + t from h_{i} and the token t_{i+1} (MTP module 1)."""
+        mod = self.model.mtp[0]
+        pos = self._positions(start_B, h_BTD.shape[1])
+        x = mod.eh_proj(torch.cat([mod.hnorm(h_BTD), mod.enorm(self.model.embed(next_tokens_BT))], dim=-1))
+        return self._block(mod.block, x, self.mtp_cache, 0, pos)
+
+    @torch.inference_mode()
+    def mtp_logits(self, h1_BTD: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.mtp[0].norm(h1_BTD)).float()
+
+
+def gather_rows(x_BT: torch.Tensor, idx_B: torch.Tensor) -> torch.Tensor:
+    """x[b, idx_b] for every row: (B, T, ...) -> (B, ...)."""
+    return x_BT[torch.arange(x_BT.shape[0], device=x_BT.device), idx_B]

@@ -1,0 +1,254 @@
+"""Generation: prefill (with the on-disk prefix cache), then plain or MTP-speculative decoding.
+
+Prompts of different lengths batch together: each row keeps its own position, the prefill chunk
+is right-padded, and padded slots are never attended (``flyer.infer.attention``). Decoding stops
+per row at ``eos_id`` or after ``max_new_tokens``; finished rows stop advancing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from flyer.infer.decoder import Decoder, gather_rows
+from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
+from flyer.infer.sampling import SamplingParams, sample
+from flyer.model.transformer import Transformer
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    eos_id: int | None = None
+    seed: int | None = None
+    attention: str = "absorbed"  # or "naive" (per-head K/V cache; MLA only)
+    cache_dtype: torch.dtype = torch.bfloat16
+    speculative: str | None = None  # None or "mtp"
+    draft_tokens: int = 1  # MTP drafts per step (module 1, reapplied for more than one)
+    prefix_cache: PrefixCache | None = None  # from ``open_prefix_cache``
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.speculative not in (None, "mtp"):
+            raise ValueError(f"speculative must be None or 'mtp' (got {self.speculative!r})")
+        if self.draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be >= 1 (got {self.draft_tokens})")
+        SamplingParams(self.temperature, self.top_p)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt (ends with EOS when one was produced)
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    cache_bytes_per_token: int  # main-model cache, from the allocated tensors
+    drafted: int = 0
+    accepted: int = 0
+    prefix: dict | None = None  # prefix-cache statistics of this call
+    first_logits: torch.Tensor | None = field(default=None, repr=False)  # (B, V) after prefill
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second of generation (prefill + decode)."""
+        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced by the decode loop (all but the first per row) per decode second."""
+        return (self.new_tokens - len(self.tokens)) / max(self.decode_s, 1e-9)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    def as_dict(self) -> dict:
+        d = {"new_tokens": self.new_tokens, "prompt_tokens": self.prompt_tokens,
+             "tokens_per_s": round(self.tokens_per_s, 2), "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+             "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
+             "cache_bytes_per_token": self.cache_bytes_per_token}
+        if self.drafted:
+            d.update(acceptance_rate=round(self.acceptance_rate, 4), drafted=self.drafted, accepted=self.accepted)
+        if self.prefix is not None:
+            d["prefix_cache"] = self.prefix
+        return d
+
+
+def open_prefix_cache(model: Transformer, root: str | Path, *, attention: str = "absorbed",
+                      cache_dtype: torch.dtype = torch.bfloat16, block_size: int = 64,
+                      max_bytes: int = 1 << 30) -> PrefixCache:
+    """A prefix cache whose entries are keyed to this model, cache layout, dtype and block size."""
+    layout = "gqa" if model.cfg.attn == "gqa" else attention
+    fp = model_fingerprint(model, layout=layout, dtype=str(cache_dtype), block_size=block_size,
+                           mtp=len(model.mtp) > 0)
+    return PrefixCache(root, fp, block_size=block_size, max_bytes=max_bytes)
+
+
+@dataclass
+class PrefillState:
+    hidden: torch.Tensor  # (B, T, D) main hidden states of the prefill chunk (before the final norm)
+    start: torch.Tensor  # (B,) position of hidden[:, 0]
+    logits: torch.Tensor  # (B, V) at each prompt's last token
+    hit_tokens: list[int]  # tokens loaded from the prefix cache, per row
+
+
+def _pad(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
+    T = max(1, max(len(r) for r in rows))
+    out = torch.zeros(len(rows), T, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        if r:
+            out[b, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return out
+
+
+def _mtp_span(i: int, n: int) -> tuple[int, int]:
+    """MTP cache positions stored with block i: entry j needs token t_{j+1}, so block i (tokens
+    [i*n, (i+1)*n)) carries entries [max(i*n - 1, 0), (i+1)*n - 1)."""
+    return max(i * n - 1, 0), (i + 1) * n - 1
+
+
+def _load_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int]) -> int:
+    """Copy row b's leading cached blocks into the decoder's caches; returns tokens loaded."""
+    n, hit = pc.block_size, 0
+    for i, key in enumerate(pc.block_keys(prompt)):
+        expect = {k: ((t.shape[0], n, *t.shape[3:]), t.dtype) for k, t in dec.cache.tensors.items()}
+        lo, hi = _mtp_span(i, n)
+        if dec.mtp_cache is not None:
+            expect.update({f"mtp.{k}": ((1, hi - lo, *t.shape[3:]), t.dtype) for k, t in dec.mtp_cache.tensors.items()})
+        blk = pc.load(key, prompt[i * n:(i + 1) * n], expect)
+        if blk is None:
+            break
+        for k, t in dec.cache.tensors.items():
+            t[:, b, i * n:(i + 1) * n] = blk[k]
+        if dec.mtp_cache is not None:
+            for k, t in dec.mtp_cache.tensors.items():
+                t[:, b, lo:hi] = blk[f"mtp.{k}"]
+        hit = (i + 1) * n
+    return hit
+
+
+def _store_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int], first_block: int) -> None:
+    n = pc.block_size
+    for i, key in enumerate(pc.block_keys(prompt)):
+        if i < first_block:
+            continue
+        blk = {k: t[:, b, i * n:(i + 1) * n] for k, t in dec.cache.tensors.items()}
+        if dec.mtp_cache is not None:
+            lo, hi = _mtp_span(i, n)
+            blk.update({f"mtp.{k}": t[:, b, lo:hi] for k, t in dec.mtp_cache.tensors.items()})
+        pc.store(key, prompt[i * n:(i + 1) * n], blk)
+
+
+@torch.inference_mode()
+def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: PrefixCache | None = None) -> PrefillState:
+    """Fill the caches with every prompt (loading what the prefix cache has) and return the
+    logits at each prompt's last token. With an MTP cache, its entries for positions
+    [0, len - 1) are filled too (entry j needs token t_{j+1})."""
+    device = dec.model.embed.weight.device
+    B = len(prompts)
+    hits = [_load_prefix(dec, prefix_cache, b, p) if prefix_cache else 0 for b, p in enumerate(prompts)]
+    # recompute the last loaded position: its hidden state feeds the MTP module and the logits
+    start = torch.tensor([max(h - 1, 0) for h in hits], dtype=torch.long, device=device)
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    chunk = _pad([p[int(s):] for p, s in zip(prompts, start)], device)
+    h = dec.forward(chunk, start)
+    if dec.mtp_cache is not None:
+        nxt = [p[int(s) + 1:] for p, s in zip(prompts, start)]  # t_{j+1} for j in [start, len-1)
+        if max(len(r) for r in nxt) > 0:
+            dec.mtp_forward(h[:, :_pad(nxt, device).shape[1]], _pad(nxt, device), start)
+        dec.mtp_cache.lengths.copy_(lens - 1)
+    dec.cache.lengths.copy_(lens)
+    logits = dec.logits(gather_rows(h, lens - 1 - start))
+    if prefix_cache is not None:
+        for b, p in enumerate(prompts):
+            _store_prefix(dec, prefix_cache, b, p, hits[b] // prefix_cache.block_size)
+        prefix_cache.evict()
+    return PrefillState(h, start, logits, hits)
+
+
+def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    V = model.cfg.vocab_size
+    for p in prompts:
+        if min(p) < 0 or max(p) >= V:
+            raise ValueError(f"prompt token ids must be in [0, {V}) (vocab_size)")
+    need = max(len(p) for p in prompts) + gen.max_new_tokens
+    if need > model.cfg.max_seq_len:
+        raise ValueError(f"prompt + max_new_tokens = {need} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None) -> GenerationResult:
+    """Generate up to ``gen.max_new_tokens`` tokens after each prompt (lists of token ids)."""
+    gen = gen or GenerationConfig()
+    gen.validate()
+    _check_prompts(model, prompts, gen)
+    model.eval()
+    params = SamplingParams(gen.temperature, gen.top_p)
+    spec = gen.speculative == "mtp"
+    K = gen.draft_tokens if spec else 0
+    with_mtp = spec or (gen.prefix_cache is not None and len(model.mtp) > 0)
+    max_len = max(len(p) for p in prompts) + gen.max_new_tokens + 2 * K + 2
+    dec = Decoder(model, len(prompts), max_len, gen.attention, gen.cache_dtype, with_mtp=with_mtp)
+    generator = None
+    if gen.seed is not None:
+        generator = torch.Generator(device=model.embed.weight.device).manual_seed(gen.seed)
+    stats_before = dict(gen.prefix_cache.stats.as_dict()) if gen.prefix_cache else None
+
+    t0 = time.perf_counter()
+    state = prefill(dec, prompts, gen.prefix_cache)
+    first = sample(state.logits, params, generator)
+    t1 = time.perf_counter()
+    if spec:
+        from flyer.infer.speculative import mtp_decode
+
+        out, drafted, accepted = mtp_decode(dec, prompts, first, state, params, gen.max_new_tokens, gen.eos_id,
+                                            K, generator)
+    else:
+        out, drafted, accepted = _plain_decode(dec, prompts, first, params, gen.max_new_tokens, gen.eos_id,
+                                               generator), 0, 0
+    t2 = time.perf_counter()
+    prefix = None
+    if gen.prefix_cache is not None:
+        now = gen.prefix_cache.stats.as_dict()
+        prefix = {k: (v - stats_before[k] if k != "hit_rate" else None) for k, v in now.items()}
+        prefix["hit_rate"] = round(prefix["hits"] / prefix["lookups"], 4) if prefix["lookups"] else 0.0
+    return GenerationResult(out, sum(len(p) for p in prompts), t1 - t0, t2 - t1, dec.bytes_per_token(),
+                            drafted, accepted, prefix, state.logits)
+
+
+def finished(tokens: list[int], max_new: int, eos_id: int | None) -> tuple[list[int], bool]:
+    """Cut ``tokens`` at the first EOS (kept) or at ``max_new``; True when the row is done."""
+    if eos_id is not None and eos_id in tokens:
+        return tokens[:tokens.index(eos_id) + 1], True
+    return tokens[:max_new], len(tokens) >= max_new
+
+
+def _plain_decode(dec: Decoder, prompts, first: torch.Tensor, params: SamplingParams, max_new: int,
+                  eos_id: int | None, generator) -> list[list[int]]:
+    B = len(prompts)
+    out = [[int(t)] for t in first]
+    done = [finished(o, max_new, eos_id)[1] for o in out]
+    n = dec.cache.lengths.clone()  # valid cache length = position of the pending token
+    cur = first.clone()
+    while not all(done):
+        nxt = sample(dec.logits(dec.forward(cur.view(B, 1), n))[:, 0], params, generator)
+        for b in range(B):
+            if done[b]:
+                continue
+            n[b] += 1
+            out[b], done[b] = finished(out[b] + [int(nxt[b])], max_new, eos_id)
+        cur = nxt
+    dec.cache.lengths.copy_(n)
+    return out

@@ -1,0 +1,277 @@
+"""On-disk prefix cache: the role 3FS plays for DeepSeek's API (KV cache on disk).
+
+A prompt is cut into blocks of ``block_size`` tokens. Block i of a prompt is stored in one file
+keyed by a chain hash of every token up to the block's end and of the model fingerprint:
+
+    key_0 = sha256(fingerprint, tokens[0:n]),  key_i = sha256(key_{i-1}, tokens[i*n:(i+1)*n])
+
+so a file is only ever found by a prompt that shares the whole prefix, under the same model,
+config, cache layout and dtype. A later prompt loads its leading blocks until the first miss and
+recomputes the rest.
+
+File: ``ROOT/ab/abcdef....blk`` = magic ``FLYERPC1``, u32 header length, JSON header (format
+version, fingerprint, key, the block's tokens, tensor table, sha256 of the payload), payload.
+Any mismatch (magic, version, fingerprint, key, tokens, checksum, shapes, dtype) makes the entry
+count as corrupt or mismatched and be ignored; the recomputed block then overwrites it.
+
+Concurrency: writes go to a temporary file in the same directory and are renamed into place
+(atomic on POSIX), so a reader sees a whole file or none. Eviction and the shared statistics file
+run under an exclusive ``fcntl`` lock on ``ROOT/.lock``. A hit touches the file's mtime; when the
+directory exceeds ``max_bytes``, files are deleted oldest-mtime first (least recently used).
+A file evicted between listing and opening is simply a miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+MAGIC = b"FLYERPC1"
+FORMAT_VERSION = 1
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+
+
+@dataclass
+class PrefixCacheStats:
+    lookups: int = 0  # blocks looked up
+    hits: int = 0
+    misses: int = 0  # no file
+    corrupt: int = 0  # unreadable, bad checksum or truncated: ignored
+    mismatched: int = 0  # another model/config/layout (or a hash collision): ignored
+    stored: int = 0
+    evicted: int = 0
+    tokens_loaded: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": round(self.hit_rate, 4)}
+
+
+def model_fingerprint(model: torch.nn.Module, **extra) -> str:
+    """Digest of the config, every state tensor's name/shape/dtype and a strided sample of its
+    values (up to 4096 per tensor: cheap even for large models, and any retraining changes it),
+    plus ``extra`` (cache layout, dtype, block size)."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "cfg", None)
+    h.update(json.dumps(cfg.to_dict() if cfg is not None else {}, sort_keys=True).encode())
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class PrefixCache:
+    def __init__(self, root: str | Path, fingerprint: str, block_size: int = 64, max_bytes: int = 1 << 30):
+        if block_size < 1:
+            raise ValueError(f"prefix cache block_size must be >= 1 (got {block_size})")
+        if max_bytes < 1:
+            raise ValueError(f"prefix cache max_bytes must be >= 1 (got {max_bytes})")
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fingerprint, self.block_size, self.max_bytes = fingerprint, block_size, max_bytes
+        self.stats = PrefixCacheStats()
+
+    # ---- keys ----------------------------------------------------------------------------
+    def block_keys(self, tokens: Sequence[int]) -> list[str]:
+        """Chain-hash keys of every full block of ``tokens``."""
+        keys, prev = [], self.fingerprint.encode()
+        n = self.block_size
+        for i in range(len(tokens) // n):
+            h = hashlib.sha256(prev)
+            h.update(struct.pack(f"<{n}q", *tokens[i * n:(i + 1) * n]))
+            prev = h.hexdigest().encode()
+            keys.append(prev.decode())
+        return keys
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.blk"
+
+    # ---- read ----------------------------------------------------------------------------
+    def load(self, key: str, tokens: Sequence[int],
+             expect: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor] | None:
+        """The block's tensors, or None (miss / corrupt / mismatched; counted in ``stats``).
+
+        ``tokens``: the block's own tokens; ``expect``: name -> (shape, dtype) the caller needs."""
+        self.stats.lookups += 1
+        p = self.path(key)
+        try:
+            data = p.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            self.stats.misses += 1
+            return None
+        except OSError:
+            self.stats.corrupt += 1
+            return None
+        try:
+            header, payload = _split(data)
+        except ValueError:
+            self.stats.corrupt += 1
+            return None
+        if (header.get("version") != FORMAT_VERSION or header.get("fingerprint") != self.fingerprint
+                or header.get("key") != key or header.get("tokens") != list(tokens)):
+            self.stats.mismatched += 1
+            return None
+        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            self.stats.corrupt += 1
+            return None
+        try:
+            tensors = _decode(header["tensors"], payload)
+        except (KeyError, ValueError, TypeError, RuntimeError):
+            self.stats.corrupt += 1
+            return None
+        if set(tensors) != set(expect) or any(
+                tuple(tensors[k].shape) != tuple(s) or tensors[k].dtype != d for k, (s, d) in expect.items()):
+            self.stats.mismatched += 1
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(p)  # least-recently-used order follows mtime
+        self.stats.hits += 1
+        self.stats.tokens_loaded += len(tokens)
+        return tensors
+
+    # ---- write ---------------------------------------------------------------------------
+    def store(self, key: str, tokens: Sequence[int], tensors: dict[str, torch.Tensor]) -> bool:
+        """Write one block atomically (temp file + rename). Returns False if it can never fit."""
+        table, chunks, off = [], [], 0
+        for name, t in tensors.items():
+            b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+            table.append({"name": name, "dtype": str(t.dtype), "shape": list(t.shape), "offset": off, "nbytes": len(b)})
+            chunks.append(b)
+            off += len(b)
+        payload = b"".join(chunks)
+        header = json.dumps({"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "key": key,
+                             "tokens": list(tokens), "tensors": table,
+                             "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+        blob = MAGIC + struct.pack("<I", len(header)) + header + payload
+        if len(blob) > self.max_bytes:
+            return False
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self.stats.stored += 1
+        return True
+
+    # ---- bound and bookkeeping -----------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive lock shared by every process using this directory."""
+        with open(self.root / ".lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def evict(self) -> int:
+        """Delete least-recently-used blocks until the directory holds at most ``max_bytes``."""
+        removed = 0
+        with self.locked():
+            entries, total, now = [], 0, time.time()
+            for sub in self.root.iterdir():
+                if not sub.is_dir():
+                    continue
+                for e in os.scandir(sub):
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:
+                        continue
+                    if e.name.endswith(".tmp"):  # left by a killed writer
+                        if now - st.st_mtime > 600:
+                            with contextlib.suppress(OSError):
+                                os.unlink(e.path)
+                        continue
+                    if e.name.endswith(".blk"):
+                        entries.append((st.st_mtime, st.st_size, e.path))
+                        total += st.st_size
+            for _, size, path in sorted(entries):
+                if total <= self.max_bytes:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed += 1
+                total -= size
+        self.stats.evicted += removed
+        return removed
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.glob("*/*.blk"))
+
+    def record_stats(self) -> dict:
+        """Add this process's counters to ``ROOT/stats.json`` (under the lock); returns the totals."""
+        with self.locked():
+            path = self.root / "stats.json"
+            try:
+                total = json.loads(path.read_text())
+                if not isinstance(total, dict):
+                    total = {}
+            except (OSError, ValueError):
+                total = {}
+            for k, v in asdict(self.stats).items():
+                total[k] = int(total.get(k, 0)) + v
+            total["hit_rate"] = round(total["hits"] / total["lookups"], 4) if total.get("lookups") else 0.0
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(total))
+            os.replace(tmp, path)
+        return total
+
+    def summary(self) -> str:
+        s = self.stats
+        return (f"prefix cache: {s.hits}/{s.lookups} blocks hit ({100 * s.hit_rate:.1f}%), "
+                f"{s.tokens_loaded} tokens loaded, {s.stored} stored, {s.evicted} evicted, "
+                f"{s.corrupt} corrupt and {s.mismatched} mismatched ignored")
+
+
+def _split(data: bytes) -> tuple[dict, bytes]:
+    if len(data) < len(MAGIC) + 4 or not data.startswith(MAGIC):
+        raise ValueError("bad magic")
+    (n,) = struct.unpack_from("<I", data, len(MAGIC))
+    start = len(MAGIC) + 4
+    if start + n > len(data):
+        raise ValueError("truncated header")
+    try:
+        header = json.loads(data[start:start + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError("bad header") from e
+    if not isinstance(header, dict):
+        raise ValueError("bad header")
+    return header, data[start + n:]
+
+
+def _decode(table: list[dict], payload: bytes) -> dict[str, torch.Tensor]:
+    out, end = {}, 0
+    for e in table:
+        dtype = _DTYPES[e["dtype"]]
+        off, n = int(e["offset"]), int(e["nbytes"])
+        if off < 0 or off + n > len(payload):
+            raise ValueError("tensor outside payload")
+        raw = torch.frombuffer(bytearray(payload[off:off + n]), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+        out[e["name"]] = raw.view(dtype).reshape(e["shape"])
+        end = max(end, off + n)
+    if end != len(payload):
+        raise ValueError("payload length mismatch")
+    return out

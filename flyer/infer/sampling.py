@@ -1,0 +1,50 @@
+"""Next-token selection: greedy (temperature 0), temperature and nucleus (top-p) sampling.
+
+``probabilities`` is the distribution ``sample`` draws from; speculative sampling needs it for
+both the draft and the target, so it is a function of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def probabilities(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(B, V) FP32 distribution after temperature and top-p (greedy: one-hot on the argmax)."""
+    logits = logits_BV.float()
+    if params.greedy:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    probs = (logits / params.temperature).softmax(-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) int64 next tokens."""
+    if params.greedy:
+        return logits_BV.argmax(-1)
+    return torch.multinomial(probabilities(logits_BV, params), 1, generator=generator).squeeze(-1)

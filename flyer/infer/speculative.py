@@ -1,0 +1,113 @@
+"""MTP speculative decoding (DeepSeek-V3 report, section 5.4.3).
+
+Each step, for every row whose cache holds positions [0, n) and whose next token t_n (the
+"pending" token) is already chosen:
+
+1. draft: MTP module 1 catches up on the positions it has not seen (h_j of the main model with
+   token t_{j+1}), and its output at position n-1 predicts d_1 ~ t_{n+1}. For more than one draft
+   the module is reapplied to its own output with the drafted token (d_2, d_3, ...).
+2. verify: one main-model forward over [t_n, d_1, ..., d_K] at positions n..n+K gives the target
+   distribution at every drafted position.
+3. accept: greedy keeps the longest prefix of drafts equal to the target argmax, then appends
+   the target's own token, so the output is exactly plain greedy decoding. With sampling, draft
+   d_i is kept with probability min(1, p(d_i) / q(d_i)) and the first rejection is replaced by a
+   sample from max(p - q, 0) (Leviathan et al. 2023), which leaves the output distribution that
+   of the main model.
+
+Rejected drafts are rolled back by position alone: their cache slots lie beyond the new length
+and are overwritten later (``flyer.infer.cache``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from flyer.infer.decoder import Decoder, gather_rows
+from flyer.infer.sampling import SamplingParams, probabilities
+
+
+def _accept(p_KV1: torch.Tensor, q_KV: torch.Tensor, drafts: list[int], params: SamplingParams,
+            generator: torch.Generator | None) -> list[int]:
+    """Accepted drafts plus one token from the target. p: (K+1, V) target probabilities,
+    q: (K, V) draft probabilities, drafts: K token ids."""
+    if params.greedy:
+        g = p_KV1.argmax(-1).tolist()
+        a = 0
+        while a < len(drafts) and drafts[a] == g[a]:
+            a += 1
+        return drafts[:a] + [g[a]]
+    out = []
+    for i, d in enumerate(drafts):
+        u = torch.rand((), generator=generator, device=p_KV1.device)
+        if u * q_KV[i, d] <= p_KV1[i, d]:  # accept with probability min(1, p/q)
+            out.append(d)
+            continue
+        residual = (p_KV1[i] - q_KV[i]).clamp_min(0)
+        residual = residual / residual.sum() if residual.sum() > 0 else p_KV1[i]
+        return out + [int(torch.multinomial(residual, 1, generator=generator))]
+    return out + [int(torch.multinomial(p_KV1[len(drafts)], 1, generator=generator))]
+
+
+@torch.inference_mode()
+def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tensor, state, params: SamplingParams,
+               max_new: int, eos_id: int | None, n_draft: int = 1,
+               generator: torch.Generator | None = None) -> tuple[list[list[int]], int, int]:
+    """Decode after ``prefill`` (which filled the MTP cache up to len - 1). ``first``: (B,) the
+    token chosen from the prefill logits. Returns (new tokens per row, drafted, accepted)."""
+    from flyer.infer.generate import finished
+
+    device = first.device
+    B, K = len(prompts), n_draft
+    seq = [list(p) + [int(t)] for p, t in zip(prompts, first)]  # seq[b][j] = t_j; last = pending
+    out = [[int(t)] for t in first]
+    done = [finished(o, max_new, eos_id)[1] for o in out]
+    n = dec.cache.lengths.clone()  # main cache valid length (position of the pending token)
+    mtp_len = dec.mtp_cache.lengths.clone()  # MTP cache valid length
+    h_prev, h_start = state.hidden, state.start.clone()  # main hidden states at h_start + t
+    drafted = accepted = 0
+    arangeK = torch.arange(K + 1, device=device)
+    while not all(done):
+        # 1. MTP catch-up over positions [mtp_len, n): inputs h_j and t_{j+1}
+        c = (n - mtp_len).clamp_min(1)
+        C = int(c.max())
+        idx = (mtp_len.view(-1, 1) + arangeK[:C].clamp_max(C - 1) - h_start.view(-1, 1)).clamp(0, h_prev.shape[1] - 1)
+        h_in = h_prev.gather(1, idx.unsqueeze(-1).expand(-1, -1, h_prev.shape[-1]))
+        nxt = torch.zeros(B, C, dtype=torch.long, device=device)
+        for b in range(B):
+            if not done[b]:
+                m = int(mtp_len[b])
+                nxt[b, :int(c[b])] = torch.tensor(seq[b][m + 1:m + 1 + int(c[b])], device=device)
+        h1 = gather_rows(dec.mtp_forward(h_in, nxt, mtp_len), c - 1)  # (B, D) at position n-1
+        drafts, q = [], []
+        for k in range(K):
+            qk = probabilities(dec.mtp_logits(h1), params)
+            d = qk.argmax(-1) if params.greedy else torch.multinomial(qk, 1, generator=generator).squeeze(-1)
+            drafts.append(d)
+            q.append(qk)
+            if k + 1 < K:  # reapply the module on its own output and the drafted token
+                h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + k)[:, 0]
+        # 2. verify every draft in one main-model pass
+        pending = torch.tensor([s[-1] for s in seq], device=device)
+        tokens = torch.cat([pending.view(B, 1), torch.stack(drafts, 1)], 1)  # (B, K+1)
+        hv = dec.forward(tokens, n)
+        p = probabilities(dec.logits(hv).flatten(0, 1), params).view(B, K + 1, -1)
+        q_BKV = torch.stack(q, 1)
+        drafts_BK = torch.stack(drafts, 1).tolist()
+        # 3. accept
+        n_old = n.clone()
+        for b in range(B):
+            if done[b]:
+                continue
+            new = _accept(p[b], q_BKV[b], drafts_BK[b], params, generator)
+            drafted += K
+            accepted += len(new) - 1
+            n[b] += len(new)
+            mtp_len[b] = n_old[b]
+            seq[b] += new
+            out[b], done[b] = finished(out[b] + new, max_new, eos_id)
+        h_prev, h_start = hv, n_old
+    dec.cache.lengths.copy_(n)
+    dec.mtp_cache.lengths.copy_(mtp_len)
+    return out, drafted, accepted
