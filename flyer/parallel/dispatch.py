@@ -7,17 +7,60 @@ The seam every MoE layer calls (torchtitan-style):
     y_TD = dispatcher.combine(y_sorted_ND, weights_TK, ctx)
 
 ``local_experts()`` returns (first expert id, number of experts) held by this process.
-Both directions are differentiable (autograd through the index ops, or custom functions for the
-collective versions).
+
+Three implementations:
+
+- ``LocalDispatcher``: one process holds every expert; a stable sort of copies by expert. The
+  oracle for the other two.
+- ``AllToAllDispatcher``: one ``all_to_all_single`` over the EP group; every copy travels from its
+  token's rank straight to its expert's rank.
+- ``HierarchicalDispatcher`` (DeepEP's normal kernels, node-aware): stage 1 sends each token once
+  per destination node, to the rank with the same local index there (inter-node); stage 2 forwards
+  it inside the node to the ranks holding its experts (intra-node). Combine runs the reverse path;
+  the forwarding rank sums the weighted expert outputs of a (token, node) pair before the one
+  inter-node return.
+
+Both directions are differentiable: the backward of dispatch is a combine (a sum) of gradients,
+the backward of combine a dispatch of gradients, and router weights receive their gradient.
+
+Wire formats: dispatch moves rows in the input dtype, or FP8 (E4M3, FP32 scale per 128 channels,
+moved as bytes) with ``fp8=True``. Combine moves rows in ``combine_dtype`` (BF16 by default when
+``fp8=True``, else the expert output dtype) and sums in FP32; gradients travel in the same dtype.
+
+Counters (``comm_stats``): rows and bytes this rank sends per layer, split by whether the
+destination is another rank on the same node (intra) or on another node (inter); rows a rank
+keeps are not counted, nor are the split-size exchanges. Routing metadata sent with hierarchical
+stage 1 (node-local expert ids in dispatch, gate weights in combine) is counted apart as
+``*_meta_bytes``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
+import torch.distributed as dist
+
+from flyer.config import ConfigError, ModelConfig
+from flyer.parallel.wire import FakeFp8Rows, RoundGrad, fp8_decode_rows, fp8_encode_rows
+
+DISPATCHER_KINDS = ("local", "flat", "hierarchical")
 
 
+class Dispatcher(Protocol):
+    def local_experts(self) -> tuple[int, int]: ...
+
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: Any) -> torch.Tensor: ...
+
+
+def _combine_dtype(fp8: bool, combine_dtype: torch.dtype | None) -> torch.dtype | None:
+    return combine_dtype if combine_dtype is not None else (torch.bfloat16 if fp8 else None)
+
+
+# ---- one process ----------------------------------------------------------------------------
 @dataclass
 class LocalContext:
     token_idx_N: torch.Tensor  # source token of each sorted copy
@@ -26,10 +69,17 @@ class LocalContext:
 
 
 class LocalDispatcher:
-    """One process holds every expert: a stable sort of token copies by expert id."""
+    """One process holds every expert: a stable sort of token copies by expert id.
 
-    def __init__(self, n_experts: int):
+    ``fp8`` / ``combine_dtype`` apply the same wire roundings as the multi-process dispatchers
+    (FP8 round trip of each token, combine rows and gradients rounded per copy), so that the
+    single-process model is the oracle for those too.
+    """
+
+    def __init__(self, n_experts: int, fp8: bool = False, combine_dtype: torch.dtype | None = None):
         self.n_experts = n_experts
+        self.fp8 = fp8
+        self.combine_dtype = _combine_dtype(fp8, combine_dtype)
 
     def local_experts(self) -> tuple[int, int]:
         return 0, self.n_experts
@@ -40,9 +90,334 @@ class LocalDispatcher:
         order = torch.argsort(flat, stable=True)
         token_idx = order // K
         counts = torch.bincount(flat, minlength=self.n_experts)
-        return x_TD[token_idx], counts, LocalContext(token_idx, order, x_TD.shape[0])
+        if self.fp8:
+            x_TD = FakeFp8Rows.apply(x_TD)
+        x_sorted = x_TD[token_idx]
+        if self.combine_dtype is not None and self.combine_dtype != x_sorted.dtype:
+            x_sorted = RoundGrad.apply(x_sorted, self.combine_dtype)  # gradients return in the combine dtype
+        return x_sorted, counts, LocalContext(token_idx, order, x_TD.shape[0])
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
+        if self.combine_dtype is not None:
+            y_ND = y_ND.to(self.combine_dtype)
         w = weights_TK.flatten()[ctx.order_N].unsqueeze(1)
         out = y_ND.new_zeros(ctx.n_tokens, y_ND.shape[1], dtype=torch.float32)
         return out.index_add(0, ctx.token_idx_N, (y_ND.float() * w))
+
+
+# ---- counters ---------------------------------------------------------------------------------
+_COUNTER_KEYS = ("intra_node_tokens", "inter_node_tokens", "intra_node_bytes", "inter_node_bytes")
+
+
+class CommCounter:
+    """Rows and bytes one dispatcher (one layer) sent from this rank, per phase.
+
+    Phases: ``dispatch``, ``combine`` (forward), ``dispatch_grad``, ``combine_grad`` (backward), and
+    ``*_meta`` for routing metadata.
+    """
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, int]] = {}
+
+    def reset(self) -> None:
+        self.phases = {}
+
+    def add(self, phase: str, send: list[int], kinds: list[str], rows: torch.Tensor) -> None:
+        row_bytes = rows[0].numel() * rows.element_size() if rows.dim() > 1 else rows.element_size()
+        c = self.phases.setdefault(phase, dict.fromkeys(_COUNTER_KEYS, 0))
+        for n, kind in zip(send, kinds):
+            if kind != "self":
+                c[f"{kind}_node_tokens"] += n
+                c[f"{kind}_node_bytes"] += n * row_bytes
+
+    def summary(self) -> dict[str, Any]:
+        """Tokens: rows sent by forward dispatch. Bytes: every payload exchange (forward and
+        backward); metadata bytes apart."""
+        out = dict.fromkeys(_COUNTER_KEYS + ("intra_node_meta_bytes", "inter_node_meta_bytes"), 0)
+        for phase, c in self.phases.items():
+            if phase == "dispatch":
+                out["intra_node_tokens"] += c["intra_node_tokens"]
+                out["inter_node_tokens"] += c["inter_node_tokens"]
+            meta = "_meta" if "meta" in phase else ""
+            out[f"intra_node{meta}_bytes"] += c["intra_node_bytes"]
+            out[f"inter_node{meta}_bytes"] += c["inter_node_bytes"]
+        out["phases"] = {k: dict(v) for k, v in self.phases.items()}
+        return out
+
+
+def comm_stats(model: torch.nn.Module, reset: bool = True) -> dict[str, Any]:
+    """Totals over the model's MoE layers since the last reset (this rank's sends), plus a
+    per-layer list. Keys: intra_node_tokens, inter_node_tokens, intra_node_bytes, inter_node_bytes,
+    intra_node_meta_bytes, inter_node_meta_bytes, layers=[{layer, module, same keys, phases}]."""
+    from flyer.model.moe import MoE
+
+    total: dict[str, Any] = dict.fromkeys(_COUNTER_KEYS + ("intra_node_meta_bytes", "inter_node_meta_bytes"), 0)
+    layers = []
+    for name, m in model.named_modules():
+        counter = getattr(getattr(m, "dispatcher", None), "counter", None) if isinstance(m, MoE) else None
+        if counter is None:
+            continue
+        s = counter.summary()
+        for k in total:
+            total[k] += s[k]
+        layers.append({"layer": m.dispatcher.layer_id, "module": name, **s})
+        if reset:
+            counter.reset()
+    total["layers"] = layers
+    return total
+
+
+# ---- exchange primitives ------------------------------------------------------------------------
+@dataclass
+class Stage:
+    """Gather rows ``index`` of the previous buffer (``n_in`` rows), then, when ``group`` is set,
+    exchange them: ``send[j]`` rows to group member j, ``recv[j]`` rows from it.
+
+    ``slot`` marks the fan-out stage, where a token row becomes one row per expert: the flat
+    (row * K + k) index of each outgoing copy, used to apply gate weights in combine.
+    """
+
+    index: torch.Tensor
+    n_in: int
+    group: Any = None
+    send: list[int] = field(default_factory=list)
+    recv: list[int] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # per member: "self", "intra" or "inter" (node)
+    slot: torch.Tensor | None = None
+
+
+@dataclass
+class Plan:
+    """The route of one dispatch (the ``ctx`` returned by ``dispatch``)."""
+
+    stages: list[Stage]
+    counts_local: torch.Tensor  # (n_local,) rows per local expert after dispatch
+    n_tokens: int
+    pair_t: torch.Tensor | None = None  # hierarchical: token of each (token, node) row, by node
+    pair_mask_PK: torch.Tensor | None = None  # hierarchical: which of the K experts are on that node
+
+
+def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    """``all_to_all_single`` of rows with uneven splits (works on gloo and NCCL)."""
+    out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """Exchange rows along a stage (``reverse``: the way back); backward is the opposite exchange."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stage: Stage, reverse: bool, counter: CommCounter, phase: str):
+        ctx.stage, ctx.reverse, ctx.counter, ctx.phase = stage, reverse, counter, phase
+        send, recv = (stage.recv, stage.send) if reverse else (stage.send, stage.recv)
+        counter.add(phase, send, stage.kinds, x)
+        return all_to_all_rows(x, send, recv, stage.group)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        st = ctx.stage
+        send, recv = (st.send, st.recv) if ctx.reverse else (st.recv, st.send)
+        ctx.counter.add(ctx.phase + "_grad", send, st.kinds, g)
+        return all_to_all_rows(g, send, recv, st.group), None, None, None, None
+
+
+class _Dispatch(torch.autograd.Function):
+    """Route token rows along ``plan`` (FP8 bytes or the input dtype); backward sums gradients
+    back along the reverse route, moving them in ``grad_dtype``."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, plan: Plan, fp8: bool, grad_dtype: torch.dtype | None,
+                counter: CommCounter) -> torch.Tensor:
+        ctx.plan, ctx.grad_dtype, ctx.counter, ctx.dtype = plan, grad_dtype, counter, x_TD.dtype
+        buf = fp8_encode_rows(x_TD) if fp8 else x_TD
+        for st in plan.stages:
+            buf = buf.index_select(0, st.index)
+            if st.group is not None:
+                counter.add("dispatch", st.send, st.kinds, buf)
+                buf = all_to_all_rows(buf, st.send, st.recv, st.group)
+        return fp8_decode_rows(buf, x_TD.shape[1], x_TD.dtype) if fp8 else buf
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        buf = g
+        for st in reversed(ctx.plan.stages):
+            if st.group is not None:
+                wire = buf.to(ctx.grad_dtype or g.dtype)
+                ctx.counter.add("dispatch_grad", st.recv, st.kinds, wire)
+                buf = all_to_all_rows(wire, st.recv, st.send, st.group)
+            buf = buf.new_zeros(st.n_in, g.shape[1], dtype=torch.float32).index_add_(0, st.index, buf.float())
+        return buf.to(ctx.dtype), None, None, None, None
+
+
+def _exchange_counts(counts: torch.Tensor, n_members: int, group) -> torch.Tensor:
+    """counts (n_members * n,) to send -> (n_members, n) received: row j came from member j."""
+    if group is None:
+        return counts.view(1, -1)
+    out = torch.empty_like(counts)
+    dist.all_to_all_single(out, counts, group=group)
+    return out.view(n_members, -1)
+
+
+def _fan_out(keys_N: torch.Tensor, n_members: int, n_local: int, group):
+    """Copies with destination key ``member * n_local + local expert``: the order that sorts them
+    by key, send and recv splits, the permutation of received rows from (source, expert) order
+    to (expert, source) order, and the rows per local expert."""
+    order = torch.argsort(keys_N, stable=True)
+    counts = torch.bincount(keys_N, minlength=n_members * n_local)
+    recv_SE = _exchange_counts(counts, n_members, group)  # recv_SE[s, e]: rows from member s for expert e
+    send = counts.view(n_members, n_local).sum(1).tolist()
+    recv = recv_SE.sum(1).tolist()
+    expert_of_row = torch.arange(n_local, device=keys_N.device).repeat(n_members).repeat_interleave(recv_SE.flatten())
+    perm = torch.argsort(expert_of_row, stable=True)
+    return order, send, recv, perm, recv_SE.sum(0)
+
+
+def _kinds(mesh, members: list[int]) -> list[str]:
+    return ["self" if r == mesh.rank else "intra" if mesh.node_of(r) == mesh.node else "inter" for r in members]
+
+
+# ---- multi-process dispatchers ----------------------------------------------------------------
+class _ExchangeDispatcher:
+    """Shared part of the all-to-all and hierarchical dispatchers: a routing ``plan`` (index
+    arithmetic and split-size exchanges, no gradients), the routed dispatch, and a combine made of
+    differentiable exchanges, weighting and FP32 index sums."""
+
+    def __init__(self, n_experts: int, mesh, layer_id: int = 0, fp8: bool = False,
+                 combine_dtype: torch.dtype | None = None):
+        if n_experts % mesh.ep:
+            raise ConfigError(f"n_routed_experts={n_experts} is not divisible by --ep {mesh.ep}")
+        self.n_experts, self.mesh, self.layer_id = n_experts, mesh, layer_id
+        self.n_local = n_experts // mesh.ep
+        self.first = mesh.ep_rank * self.n_local
+        self.fp8 = fp8
+        self.combine_dtype = _combine_dtype(fp8, combine_dtype)
+        self.counter = CommCounter()
+
+    def local_experts(self) -> tuple[int, int]:
+        return self.first, self.n_local
+
+    def plan(self, topk_ids_TK: torch.Tensor) -> Plan:
+        raise NotImplementedError
+
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
+        """x_TD (T, D) float, topk_ids_TK (T, K) int64 global expert ids -> (x_sorted (N, D) rows
+        for this rank's experts sorted by local expert, counts (n_local,), ctx)."""
+        with torch.no_grad():
+            plan = self.plan(topk_ids_TK)
+        x_sorted = _Dispatch.apply(x_TD, plan, self.fp8, self.combine_dtype, self.counter)
+        return x_sorted, plan.counts_local, plan
+
+    def _level_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Gate weights where the fan-out stage runs, flattened (rows * K)."""
+        return weights_TK.flatten()
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """y_ND (N, D) expert outputs in dispatch order, weights_TK (T, K) -> y_TD (T, D) FP32:
+        sum over k of weights_TK[t, k] * expert_k(x_t)."""
+        w = self._level_weights(weights_TK.float(), plan)
+        buf, D = y_ND, y_ND.shape[1]
+        for st in reversed(plan.stages):
+            if st.group is not None:
+                buf = AllToAll.apply(buf.to(self.combine_dtype or buf.dtype), st, True, self.counter, "combine")
+            buf = buf.float()
+            if st.slot is not None:
+                buf = buf * w[st.slot].unsqueeze(1)
+            buf = buf.new_zeros(st.n_in, D).index_add(0, st.index, buf)
+        return buf
+
+
+class AllToAllDispatcher(_ExchangeDispatcher):
+    """Flat: every copy goes straight to its expert's rank in one all-to-all over the EP group."""
+
+    def __init__(self, n_experts: int, mesh, layer_id: int = 0, fp8: bool = False,
+                 combine_dtype: torch.dtype | None = None):
+        super().__init__(n_experts, mesh, layer_id, fp8, combine_dtype)
+        self.kinds = _kinds(mesh, mesh.ep_ranks)
+
+    def plan(self, topk_ids_TK: torch.Tensor) -> Plan:
+        T, K = topk_ids_TK.shape
+        order, send, recv, perm, counts_local = _fan_out(topk_ids_TK.flatten(), self.mesh.ep, self.n_local,
+                                                         self.mesh.ep_group)
+        stages = [Stage(order // K, T, self.mesh.ep_group, send, recv, self.kinds, slot=order),
+                  Stage(perm, sum(recv))]
+        return Plan(stages, counts_local, T)
+
+
+class HierarchicalDispatcher(_ExchangeDispatcher):
+    """Node-aware: a token crosses to each destination node once (to the rank with the same local
+    index), carrying the node-local ids of its experts there; that rank forwards one copy per
+    expert inside the node. Combine sums the weighted outputs per (token, node) on the forwarding
+    rank before the single return across nodes."""
+
+    def __init__(self, n_experts: int, mesh, layer_id: int = 0, fp8: bool = False,
+                 combine_dtype: torch.dtype | None = None):
+        super().__init__(n_experts, mesh, layer_id, fp8, combine_dtype)
+        self.inter_kinds = _kinds(mesh, mesh.inter_ranks)
+        self.intra_kinds = _kinds(mesh, mesh.intra_ranks)
+
+    def plan(self, topk_ids_TK: torch.Tensor) -> Plan:
+        mesh = self.mesh
+        T, K = topk_ids_TK.shape
+        P, L = mesh.ep_nodes, mesh.ep_ranks_per_node
+        span = L * self.n_local  # experts per node of the EP group
+        dev = topk_ids_TK.device
+        # stage 1: one row per (token, destination node), ordered by node then token
+        node_TK = topk_ids_TK // span
+        hit_PT = torch.zeros(P, T, dtype=torch.bool, device=dev)
+        hit_PT[node_TK.flatten(), torch.arange(T, device=dev).repeat_interleave(K)] = True
+        pair_q, pair_t = hit_PT.nonzero(as_tuple=True)
+        on_node_PK = node_TK[pair_t] == pair_q.unsqueeze(1)
+        node_ids_PK = torch.where(on_node_PK, topk_ids_TK[pair_t] - pair_q.unsqueeze(1) * span, -1).to(torch.int32)
+        send1_counts = torch.bincount(pair_q, minlength=P)
+        if mesh.inter_group is not None:
+            send1 = send1_counts.tolist()
+            recv1 = _exchange_counts(send1_counts, P, mesh.inter_group).flatten().tolist()
+            self.counter.add("dispatch_meta", send1, self.inter_kinds, node_ids_PK)
+            ids1_RK = all_to_all_rows(node_ids_PK, send1, recv1, mesh.inter_group)
+            s1 = Stage(pair_t, T, mesh.inter_group, send1, recv1, self.inter_kinds)
+        else:
+            ids1_RK = node_ids_PK
+            s1 = Stage(pair_t, T)
+        # stage 2: the forwarding rank sends one copy per expert inside the node
+        flat = ids1_RK.flatten().long()
+        slots = (flat >= 0).nonzero().squeeze(1)
+        order, send2, recv2, perm, counts_local = _fan_out(flat[slots], L, self.n_local, mesh.intra_group)
+        slot2 = slots[order]
+        s2 = Stage(slot2 // K, ids1_RK.shape[0], mesh.intra_group, send2, recv2, self.intra_kinds, slot=slot2)
+        return Plan([s1, s2, Stage(perm, sum(recv2))], counts_local, T, pair_t, on_node_PK)
+
+    def _level_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Gate weights travel with stage 1 (zero for experts on other nodes), to the forwarders."""
+        w_PK = weights_TK[plan.pair_t] * plan.pair_mask_PK
+        s1 = plan.stages[0]
+        if s1.group is not None:
+            w_PK = AllToAll.apply(w_PK, s1, False, self.counter, "combine_meta")
+        return w_PK.flatten()
+
+
+def make_dispatcher(kind: str, n_experts: int, mesh=None, layer_id: int = 0, fp8: bool = False,
+                    combine_dtype: torch.dtype | None = None) -> Dispatcher:
+    """One dispatcher of ``kind`` ('local', 'flat', 'hierarchical'); local when ep == 1."""
+    if kind not in DISPATCHER_KINDS:
+        raise ConfigError(f"dispatcher '{kind}' is unknown (choose from: {', '.join(DISPATCHER_KINDS)})")
+    if mesh is None or mesh.ep == 1:
+        return LocalDispatcher(n_experts, fp8, combine_dtype)
+    if kind == "local":
+        raise ConfigError(f"dispatcher 'local' holds every expert in one process; it needs --ep 1, got --ep {mesh.ep}")
+    cls = AllToAllDispatcher if kind == "flat" else HierarchicalDispatcher
+    return cls(n_experts, mesh, layer_id, fp8, combine_dtype)
+
+
+def dispatcher_factory(cfg: ModelConfig, mesh=None, kind: str = "hierarchical", fp8: bool = False,
+                       combine_dtype: torch.dtype | None = None) -> Callable[[int], Dispatcher] | None:
+    """``make_dispatcher(layer_id)`` for ``Transformer``; None (the model's default local
+    dispatcher) when there is nothing to distribute and no wire rounding to emulate."""
+    make_dispatcher(kind, cfg.n_routed_experts, mesh, fp8=fp8, combine_dtype=combine_dtype)  # validate now
+    if (mesh is None or mesh.ep == 1) and not fp8 and combine_dtype is None:
+        return None
+    return lambda layer_id: make_dispatcher(kind, cfg.n_routed_experts, mesh, layer_id, fp8, combine_dtype)
+
+
+__all__ = ["Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "HierarchicalDispatcher", "CommCounter",
+           "comm_stats", "make_dispatcher", "dispatcher_factory", "all_to_all_rows", "DISPATCHER_KINDS"]

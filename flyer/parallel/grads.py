@@ -1,0 +1,165 @@
+"""Data parallelism around expert parallelism: replicas, gradient sums, full-layout weights.
+
+Every parameter is either an expert stack (``Experts.w1/w2/w3``, sharded over the EP group,
+replicated over ``expert_dp_group``) or a dense parameter (replicated over every rank). Gradients
+are summed explicitly after backward (DDP's arithmetic without its wrapper), so the two kinds can
+be reduced over different groups, in a few flat buckets:
+
+    dense:  g <- sum over all ranks / world
+    expert: g <- sum over expert_dp_group / world
+
+Each rank's loss is the mean over its own batch; the expert owner already received, through the
+backward of combine and dispatch, the gradient of every EP-group rank's loss. So after the sums
+every gradient equals that of one process on the concatenation of all batches with
+loss = mean of the per-rank losses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+BUCKET_BYTES = 64 << 20
+
+
+def expert_param_names(model: nn.Module) -> set[str]:
+    """State-dict names of the routed-expert stacks (``...ffn.experts.w1`` etc.)."""
+    from flyer.model.moe import Experts
+
+    return {f"{name}.{w}" for name, m in model.named_modules() if isinstance(m, Experts) for w in ("w1", "w2", "w3")}
+
+
+def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    experts = expert_param_names(model)
+    dense, expert = [], []
+    for name, p in model.named_parameters():  # deduplicates tied weights
+        (expert if name in experts else dense).append(p)
+    return dense, expert
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive runs of one dtype and device, each up to BUCKET_BYTES."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if not out or out[-1][0].dtype != t.dtype or out[-1][0].device != t.device or size + nbytes > BUCKET_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += nbytes
+    return out
+
+
+def _coalesced(tensors: list[torch.Tensor], op) -> None:
+    """Apply the in-place collective ``op(flat)`` to the tensors, a bucket at a time."""
+    for bucket in _buckets(tensors):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        op(flat)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+@torch.no_grad()
+def broadcast_parameters(model: nn.Module, mesh) -> None:
+    """Make replicas identical: dense parameters and buffers from rank 0, expert stacks from the
+    first rank of each expert-DP group (the rank with the same EP rank in EP group 0).
+
+    Note: a model built with the same seed on every rank holds *the same values* in every EP
+    rank's expert shard; ``init_like_single_process`` gives each shard its own slice of the
+    single-process initialisation instead.
+    """
+    if mesh is None or mesh.world == 1:
+        return
+    experts = expert_param_names(model)
+    dense = [t for n, t in model.state_dict(keep_vars=True).items() if n not in experts]
+    dense = list({id(t): t for t in dense}.values())  # tied weights once
+    _coalesced([t.data for t in dense], lambda f: dist.broadcast(f, src=0))
+    if mesh.expert_dp_group is not None:
+        _, expert = _split_params(model)
+        src = mesh.ep_rank  # global rank of this EP rank in EP group 0
+        _coalesced([p.data for p in expert], lambda f: dist.broadcast(f, src=src, group=mesh.expert_dp_group))
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, mesh) -> None:
+    """After backward on each rank's own batch: gradients of the single-process model on all
+    batches with loss = mean of per-rank losses (see the module docstring). Parameters without a
+    gradient get zeros, so every rank runs the same collectives."""
+    if mesh is None or mesh.world == 1:
+        return
+    dense, expert = _split_params(model)
+    for p in dense + expert:
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    world = mesh.world
+
+    def allreduce(group):
+        def op(flat):
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+        return op
+
+    _coalesced([p.grad for p in dense if p.requires_grad], allreduce(dist.group.WORLD))
+    expert_grads = [p.grad for p in expert if p.requires_grad]
+    if mesh.expert_dp_group is not None:
+        _coalesced(expert_grads, allreduce(mesh.expert_dp_group))
+    else:
+        for g in expert_grads:
+            g.div_(world)
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, mesh) -> dict[str, torch.Tensor]:
+    """The single-process state dict on CPU: expert stacks gathered over the EP group to their
+    full (E, ...) first dimension, names as in a model without EP. Collective: all ranks call."""
+    sd = model.state_dict()
+    experts = expert_param_names(model) if mesh is not None and mesh.ep > 1 else set()
+    out = {}
+    for name, t in sd.items():
+        if name in experts:
+            parts = [torch.empty_like(t) for _ in range(mesh.ep)]
+            dist.all_gather(parts, t.contiguous(), group=mesh.ep_group)
+            t = torch.cat(parts, 0)
+        out[name] = t.detach().cpu()
+    return out
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mesh) -> None:
+    """Load a single-process state dict, keeping this rank's slice of each expert stack."""
+    from flyer.model.moe import Experts
+
+    sd = dict(full_sd)
+    for name, m in model.named_modules():
+        if isinstance(m, Experts):
+            for w in ("w1", "w2", "w3"):
+                key = f"{name}.{w}"
+                if key not in sd:
+                    continue
+                full = sd[key]
+                n_full = m.n_local * (mesh.ep if mesh is not None else 1)
+                if full.shape[0] != n_full:
+                    raise ValueError(f"{key}: checkpoint has {full.shape[0]} experts, the model {n_full}")
+                sd[key] = full[m.first:m.first + m.n_local]
+    model.load_state_dict(sd)
+
+
+@torch.no_grad()
+def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
+    """Initialise ``model`` (any EP layout) exactly as ``torch.manual_seed(seed);
+    Transformer(model.cfg)`` would in one process: every rank builds that model (CPU) and keeps
+    its slice. Deterministic on every rank, so no broadcast is needed afterwards."""
+    from flyer.model.transformer import Transformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ref = Transformer(model.cfg)
+    load_full_state_dict(model, ref.state_dict(), mesh)
+
+
+__all__ = ["broadcast_parameters", "sync_gradients", "full_state_dict", "load_full_state_dict",
+           "init_like_single_process", "expert_param_names"]

@@ -1,0 +1,45 @@
+"""Run a function on N local processes with a torchrun-like environment (tests, benchmarks).
+
+``run_ranks(fn, world, *args)`` spawns ``world`` processes, sets RANK / WORLD_SIZE / LOCAL_RANK /
+LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT (loopback, a free port) as torchrun does, limits each
+to one intra-op thread, calls ``fn(rank, *args)`` and returns every rank's return value. ``fn``
+must be importable (module level). The callee joins the job with ``init_distributed`` exactly as
+under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, fn: Callable, world: int, port: int, out_dir: str, threads: int, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    result = fn(rank, *args)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1) -> list[Any]:
+    """``[fn(0, *args), ..., fn(world - 1, *args)]``, each in its own process; a failing rank
+    raises here with its traceback."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_worker, args=(fn, world, free_port(), d, threads, args), nprocs=world, join=True,
+                           start_method="spawn")
+        return [torch.load(Path(d) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+__all__ = ["run_ranks", "free_port"]

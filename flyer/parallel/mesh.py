@@ -1,0 +1,174 @@
+"""Process layout for expert parallelism, built once from the torchrun environment.
+
+Ranks are numbered node-major: rank r lives on node ``r // ranks_per_node`` at local index
+``r % ranks_per_node``. ``ranks_per_node`` comes from ``LOCAL_WORLD_SIZE`` or is given explicitly
+to simulate several nodes on one machine (4 processes as 2 nodes x 2).
+
+Routed experts are sharded over EP groups of ``ep`` consecutive ranks: EP group g is ranks
+``[g*ep, (g+1)*ep)``, and EP rank e holds experts ``[e*E/ep, (e+1)*E/ep)``. An EP group is either
+a set of whole nodes (``ep`` a multiple of ``ranks_per_node``) or lies inside one node (``ep`` a
+divisor of it), so expert groups map to nodes. Everything else is data parallel over the world.
+
+Process groups (every rank creates every group, in the same order, as torch.distributed needs):
+
+- ``ep_group``: the EP group (flat all-to-all dispatch); None when ep == 1.
+- ``expert_dp_group``: the ranks holding the same experts (same EP rank in every EP group), over
+  which expert gradients are summed; None when ep == world.
+- ``inter_group``: EP-group ranks with this rank's local index, one per node of the EP group
+  (stage 1 of hierarchical dispatch); None when the EP group spans one node.
+- ``intra_group``: EP-group ranks on this node (stage 2); None when that is this rank alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flyer.config import ConfigError, ModelConfig
+
+
+@dataclass
+class Mesh:
+    rank: int
+    world: int
+    local_rank: int  # index inside the (possibly simulated) node
+    ranks_per_node: int
+    n_nodes: int
+    node: int
+    ep: int
+    ep_rank: int  # index inside the EP group; this rank holds experts [ep_rank*E/ep, (ep_rank+1)*E/ep)
+    ep_group: Any  # ProcessGroup or None
+    expert_dp_group: Any  # ProcessGroup or None
+    device: torch.device
+    backend: str
+    ep_nodes: int = 1  # nodes spanned by one EP group
+    ep_ranks_per_node: int = 1  # ranks of one EP group on one node
+    ep_node: int = 0  # this rank's node index inside its EP group
+    inter_group: Any = None
+    intra_group: Any = None
+    ep_ranks: list[int] = field(default_factory=list)  # global ranks of this EP group, by EP rank
+
+    @property
+    def dp_group(self):
+        """Non-expert parameters are replicated over every rank."""
+        return dist.group.WORLD
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    @property
+    def inter_ranks(self) -> list[int]:
+        """Global ranks of ``inter_group`` by group index (= node index inside the EP group)."""
+        base = self.ep_ranks[0]
+        L = self.ep_ranks_per_node
+        return [base + q * L + self.ep_rank % L for q in range(self.ep_nodes)]
+
+    @property
+    def intra_ranks(self) -> list[int]:
+        """Global ranks of ``intra_group`` by group index (= local index inside the node's share)."""
+        L = self.ep_ranks_per_node
+        base = self.ep_ranks[0] + self.ep_node * L
+        return [base + i for i in range(L)]
+
+
+def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int) -> None:
+    """Raise ``ConfigError`` (one line) when experts cannot be sharded this way."""
+    if world < 1:
+        raise ConfigError(f"world size must be >= 1, got {world}")
+    if ranks_per_node < 1 or world % ranks_per_node:
+        raise ConfigError(f"--ranks-per-node {ranks_per_node} must divide the world size {world}")
+    if ep < 1 or world % ep:
+        raise ConfigError(f"--ep {ep} must divide the world size {world}")
+    if ep == 1:
+        return
+    E = cfg.n_routed_experts
+    if E == 0 or not cfg.is_moe:
+        raise ConfigError(f"--ep {ep} needs routed experts, but the model has none (n_routed_experts={E})")
+    if E % ep:
+        raise ConfigError(f"n_routed_experts={E} is not divisible by --ep {ep}")
+    if ep % ranks_per_node and ranks_per_node % ep:
+        raise ConfigError(f"--ep {ep} must be a multiple or a divisor of --ranks-per-node {ranks_per_node}, "
+                          "so that expert groups map to whole nodes")
+    nodes = max(1, ep // ranks_per_node)
+    G, M = cfg.n_expert_groups, cfg.n_limited_groups
+    if nodes > 1 and G > 1 and M < G and G % nodes:
+        raise ConfigError(f"node-limited routing (n_limited_groups={M}) needs n_expert_groups={G} to be a "
+                          f"multiple of the {nodes} nodes of an EP group (--ep {ep}, --ranks-per-node "
+                          f"{ranks_per_node}), so that every expert group lies on one node")
+
+
+def build_mesh(cfg: ModelConfig, rank: int, world: int, ep: int, ranks_per_node: int, device: torch.device,
+               backend: str, timeout_s: float = 300) -> Mesh:
+    """Create the process groups on an initialised default group (all ranks must call this)."""
+    validate_layout(cfg, world, ep, ranks_per_node)
+    timeout = timedelta(seconds=timeout_s)
+    R = ranks_per_node
+    P = max(1, ep // R)  # nodes per EP group
+    L = ep // P  # EP ranks per node
+    ep_rank, first = rank % ep, rank - rank % ep
+
+    def groups(rank_lists: list[list[int]]):
+        """new_group for every list (all ranks, same order); return the one holding this rank."""
+        mine = None
+        for ranks in rank_lists:
+            if len(ranks) < 2:
+                continue
+            g = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                mine = g
+        return mine
+
+    ep_groups = [list(range(g, g + ep)) for g in range(0, world, ep)]
+    ep_group = groups(ep_groups) if ep > 1 else None
+    expert_dp_group = None
+    if ep < world:
+        expert_dp_group = groups([list(range(e, world, ep)) for e in range(ep)]) if ep > 1 else dist.group.WORLD
+    inter_group = groups([[g[0] + q * L + i for q in range(P)] for g in ep_groups for i in range(L)]) if ep > 1 else None
+    intra_group = groups([[g[0] + q * L + i for i in range(L)] for g in ep_groups for q in range(P)]) if ep > 1 else None
+    return Mesh(rank=rank, world=world, local_rank=rank % R, ranks_per_node=R, n_nodes=world // R, node=rank // R,
+                ep=ep, ep_rank=ep_rank, ep_group=ep_group, expert_dp_group=expert_dp_group, device=device,
+                backend=backend, ep_nodes=P, ep_ranks_per_node=L, ep_node=ep_rank // L, inter_group=inter_group,
+                intra_group=intra_group, ep_ranks=list(range(first, first + ep)))
+
+
+def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None = None,
+                     timeout_s: float = 300) -> Mesh | None:
+    """Join the torchrun job (env: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT).
+
+    Returns None when not launched by torchrun (WORLD_SIZE unset) and ep <= 1: a plain
+    single-process run. Backend: NCCL with one CUDA device per process when CUDA is available,
+    gloo on CPU otherwise. ``timeout_s`` bounds every collective, so a mismatch fails, not hangs.
+    """
+    ep = ep or 1
+    if "WORLD_SIZE" not in os.environ:
+        if ep <= 1:
+            return None
+        raise ConfigError(f"--ep {ep} needs a multi-process launch, e.g. torchrun --nproc-per-node {ep} -m flyer ...")
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ.get("RANK", "0"))
+    rpn = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    validate_layout(cfg, world, ep, rpn)  # fail before any rendezvous
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        kw = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kw)
+    return build_mesh(cfg, rank, world, ep, rpn, device, backend, timeout_s)
+
+
+def destroy(mesh: Mesh | None) -> None:
+    """Tear down every process group (the default one included)."""
+    if mesh is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["Mesh", "validate_layout", "build_mesh", "init_distributed", "destroy"]
