@@ -1,0 +1,175 @@
+"""``flyer generate``: text generation from a trained checkpoint with the absorbed-MLA latent cache,
+optional MTP speculative decoding and an on-disk prefix cache."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import torch
+
+from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
+
+_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512M', '64k' or a plain byte count -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m:
+        from flyer.cli import UserError
+
+        raise UserError(f"--prefix-cache-size: expected a size like 512M or 2G (got {text!r})")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (for ``--preset``: a randomly initialised model has no tokenizer)."""
+
+    def encode_ids(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def eos_id(self) -> int | None:
+        return None
+
+
+class HFTokenizer:
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode_ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def eos_id(self) -> int | None:
+        for name in _EOS_NAMES:
+            i = self.tok.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+
+
+def _load(args):
+    from flyer.cli import UserError
+
+    if args.ckpt:
+        try:
+            from flyer.train.checkpoint import load_for_inference
+        except ImportError:
+            raise UserError("--ckpt needs flyer.train.checkpoint, which this installation lacks") from None
+        try:
+            model, cfg, tok = load_for_inference(args.ckpt, device="cpu")
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"cannot load checkpoint '{args.ckpt}': {msg}") from None
+        return model, HFTokenizer(tok)
+    from flyer.config import resolve_config
+    from flyer.model.transformer import Transformer
+
+    cfg = resolve_config(args.preset)
+    if cfg.vocab_size < 256:
+        raise UserError(f"--preset {args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
+    torch.manual_seed(args.seed or 0)
+    return Transformer(cfg), ByteTokenizer()
+
+
+def _run(args) -> int:
+    from flyer.cli import UserError
+
+    if bool(args.ckpt) == bool(args.preset):
+        raise UserError("give exactly one of --ckpt DIR (a trained run) or --preset NAME (random weights)")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (got {args.temperature})")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.draft_tokens < 1:
+        raise UserError(f"--draft-tokens must be >= 1 (got {args.draft_tokens})")
+    if args.prefix_block < 1:
+        raise UserError(f"--prefix-block must be >= 1 (got {args.prefix_block})")
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1 (got {args.threads})")
+    torch.set_num_threads(args.threads)
+    model, tok = _load(args)
+    model.eval()
+    cfg = model.cfg
+    if args.speculative == "mtp" and len(model.mtp) == 0:
+        raise UserError("--speculative mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
+    if args.attention == "naive" and cfg.attn != "mla":
+        raise UserError("--attention naive applies to MLA models only (this model uses GQA)")
+    prompts = [tok.encode_ids(p) for p in args.prompt]
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("--prompt: every prompt must encode to at least one token")
+    need = max(len(p) for p in prompts) + args.max_new_tokens
+    if need > cfg.max_seq_len:
+        raise UserError(f"prompt tokens + --max-new-tokens = {need} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    dtype = _DTYPES[args.cache_dtype]
+    pc = None
+    if args.prefix_cache:
+        pc = open_prefix_cache(model, args.prefix_cache, attention=args.attention, cache_dtype=dtype,
+                               block_size=args.prefix_block, max_bytes=parse_size(args.prefix_cache_size))
+    eos = args.eos_id if args.eos_id is not None else tok.eos_id()
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           eos_id=eos, seed=args.seed, attention=args.attention, cache_dtype=dtype,
+                           speculative=args.speculative, draft_tokens=args.draft_tokens, prefix_cache=pc)
+    res = generate(model, prompts, gen)
+    texts = [tok.decode([t for t in toks if t != eos]) for toks in res.tokens]
+    totals = pc.record_stats() if pc is not None else None
+    if args.json:
+        out = {"text": texts[0], **({"texts": texts} if len(texts) > 1 else {}), **res.as_dict(),
+               "attention": "gqa" if cfg.attn == "gqa" else args.attention, "cache_dtype": args.cache_dtype}
+        if args.speculative:
+            out["speculative"] = args.speculative
+        if totals is not None:
+            out["prefix_cache_total"] = totals
+        print(json.dumps(out))
+        return 0
+    for t in texts:
+        print(t)
+    d = res.as_dict()
+    line = (f"{d['new_tokens']} tokens, {d['tokens_per_s']:.1f} tokens/s ({d['decode_tokens_per_s']:.1f} decode), "
+            f"prefill {d['prefill_s']:.3f}s, cache {d['cache_bytes_per_token']:,} bytes/token ({args.cache_dtype})")
+    if res.acceptance_rate is not None:
+        line += f", MTP acceptance {res.acceptance_rate:.1%}"
+    print(line, file=sys.stderr)
+    if pc is not None:
+        print(pc.summary(), file=sys.stderr)
+        print(f"prefix cache (all runs): hit rate {totals['hit_rate']:.1%} over {totals['lookups']} lookups",
+              file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with the latent KV cache (MTP speculation, prefix cache)")
+    src = p.add_argument_group("model")
+    src.add_argument("--ckpt", help="a training run directory (newest valid checkpoint) or a step directory")
+    src.add_argument("--preset", help="random weights of a preset, with UTF-8 byte tokens (no checkpoint needed)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text; repeat for a batch of prompts (of any lengths)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--eos-id", type=int, default=None, help="stop token (default: the tokenizer's end-of-text)")
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="draft with the MTP module and verify with the main model in one pass")
+    p.add_argument("--draft-tokens", type=int, default=1, help="MTP drafts per step (default 1)")
+    p.add_argument("--prefix-cache", metavar="DIR", help="on-disk prefix cache directory (shared between runs)")
+    p.add_argument("--prefix-cache-size", default="1G", help="size bound of the prefix cache (LRU), e.g. 512M")
+    p.add_argument("--prefix-block", type=int, default=64, help="prefix cache block size in tokens")
+    p.add_argument("--attention", choices=["absorbed", "naive"], default="absorbed",
+                   help="absorbed = latent cache (default); naive = per-head K/V cache, for comparison")
+    p.add_argument("--cache-dtype", choices=list(_DTYPES), default="bf16")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: decoding a small model is latency-bound)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run)

@@ -1,0 +1,181 @@
+"""Decode path: absorbed MLA == training path, cache sizes == ``flyer info``, batched prompts,
+sampling, and MTP speculative decoding == plain greedy."""
+
+import pytest
+import torch
+
+from flyer.config import preset
+from flyer.infer import Decoder, GenerationConfig, generate, make_cache
+from flyer.infer.sampling import SamplingParams, probabilities
+from flyer.infer.speculative import _accept
+from flyer.model.counts import kv_cache_bytes_per_token
+from flyer.model.transformer import Transformer
+
+GQA = dict(attn="gqa", n_kv_heads=2, head_dim=32)
+# Tolerances against the training path (FP32 weights and compute): an FP32 cache matches to
+# float rounding; a BF16 cache rounds each latent to 8 mantissa bits.
+ATOL_FP32, ATOL_BF16 = 1e-4, 5e-2
+
+
+def _model(**over) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", **over)).eval()
+
+
+def _incremental_logits(model, tokens, mode, dtype, n_prefill):
+    B, T = tokens.shape
+    dec = Decoder(model, B, T, mode, dtype)
+    out = [dec.logits(dec.forward(tokens[:, :n_prefill], torch.zeros(B, dtype=torch.long)))]
+    for t in range(n_prefill, T):
+        out.append(dec.logits(dec.forward(tokens[:, t:t + 1], torch.full((B,), t))))
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("over,mode", [({}, "absorbed"), ({}, "naive"), (GQA, "absorbed")])
+def test_cached_logits_equal_training_path(over, mode):
+    model = _model(**over)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = model(tokens)
+    got = _incremental_logits(model, tokens, mode, torch.float32, n_prefill=10)
+    torch.testing.assert_close(got, ref, atol=ATOL_FP32, rtol=0)
+    got_bf16 = _incremental_logits(model, tokens, mode, torch.bfloat16, n_prefill=10)
+    assert (got_bf16 - ref).abs().max() < ATOL_BF16
+
+
+def test_absorbed_equals_naive_with_yarn_and_no_query_compression():
+    # V2-Lite style: q_lora_rank 0, YaRN scaling (softmax mscale) active
+    model = _model(q_lora_rank=0, rope_factor=4.0, original_seq_len=16, max_seq_len=64)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 40))
+    with torch.no_grad():
+        ref = model(tokens)
+    for mode in ("absorbed", "naive"):
+        torch.testing.assert_close(_incremental_logits(model, tokens, mode, torch.float32, 33), ref,
+                                   atol=ATOL_FP32, rtol=0)
+
+
+def test_absorbed_cache_holds_only_latents_and_rope_keys():
+    dec = Decoder(_model(), batch=2, max_len=8)
+    assert set(dec.cache.tensors) == {"latent", "rope_key"}
+    assert dec.cache.tensors["latent"].shape == (4, 2, 8, 32)
+    assert dec.cache.tensors["rope_key"].shape == (4, 2, 8, 16)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "dsv2-lite", "dsv3", "qwen2.5-72b"])
+def test_cache_bytes_per_token_equal_info(name):
+    cfg = preset(name)
+    for mode, absorbed in (("absorbed", True), ("naive", False)):
+        cache = make_cache(cfg, cfg.n_layers, batch=1, max_len=1, mode=mode, device="meta")
+        assert cache.bytes_per_token() == kv_cache_bytes_per_token(cfg, absorbed=absorbed)
+    if name == "dsv3":
+        assert make_cache(cfg, cfg.n_layers, 1, 1, device="meta").bytes_per_token() == 70_272
+
+
+def test_generate_reports_cache_bytes_of_flyer_info():
+    model = _model()
+    res = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=2))
+    assert res.cache_bytes_per_token == kv_cache_bytes_per_token(model.cfg) == 384
+    res = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=2, attention="naive"))
+    assert res.cache_bytes_per_token == kv_cache_bytes_per_token(model.cfg, absorbed=False)
+
+
+def test_batched_prompts_of_different_lengths_match_single():
+    model = _model()
+    prompts = [torch.randint(0, 2048, (n,)).tolist() for n in (3, 11, 7)]
+    gen = GenerationConfig(max_new_tokens=12, cache_dtype=torch.float32)
+    batched = generate(model, prompts, gen)
+    for i, p in enumerate(prompts):
+        single = generate(model, [p], gen)
+        assert single.tokens[0] == batched.tokens[i]
+        torch.testing.assert_close(single.first_logits[0], batched.first_logits[i], atol=1e-5, rtol=0)
+    # and the greedy tokens are the training path's argmax, one step at a time
+    seq = list(prompts[1])
+    for tok in batched.tokens[1][:4]:
+        with torch.no_grad():
+            assert int(model(torch.tensor([seq]))[0, -1].argmax()) == tok
+        seq.append(tok)
+
+
+def test_eos_stops_a_row_and_is_kept():
+    model = _model()
+    prompts = [[5, 6, 7], [9]]
+    free = generate(model, prompts, GenerationConfig(max_new_tokens=10, cache_dtype=torch.float32))
+    eos = free.tokens[0][3]
+    res = generate(model, prompts, GenerationConfig(max_new_tokens=10, cache_dtype=torch.float32, eos_id=eos))
+    assert res.tokens[0] == free.tokens[0][:free.tokens[0].index(eos) + 1]
+    assert all(len(t) <= 10 for t in res.tokens)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.8))
+    torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert probabilities(logits, SamplingParams(temperature=1.0, top_p=0.5))[0, 0] == 1.0
+    assert probabilities(logits, SamplingParams()).argmax() == 0  # greedy: one-hot
+
+
+def test_sampling_is_seeded():
+    model = _model()
+    gen = GenerationConfig(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3)
+    assert generate(model, [[1, 2]], gen).tokens == generate(model, [[1, 2]], gen).tokens
+
+
+def test_speculative_acceptance_rule_preserves_the_target_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.7, 0.1, 0.1, 0.1]])
+    counts = torch.zeros(4)
+    n = 4000
+    for _ in range(n):
+        d = int(torch.multinomial(q[0], 1, generator=g))
+        counts[_accept(p, q, [d], SamplingParams(temperature=1.0), g)[0]] += 1
+    assert (counts / n - p[0]).abs().max() < 0.03
+
+
+# ---- MTP speculative decoding ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def counting_model():
+    """A tiny model trained for a few seconds on arithmetic progressions mod 64: its main head
+    and MTP module both learn the pattern, so drafts are mostly accepted."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        seq = (torch.randint(0, 64, (16, 1)) + torch.randint(1, 4, (16, 1)) * torch.arange(25)) % 64
+        loss = model.compute_loss(seq[:, :-1], seq[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_speculative_greedy_identical_on_untrained_model():
+    model = _model()  # drafts almost always rejected: exercises the rollback path
+    prompts = [torch.randint(0, 2048, (n,)).tolist() for n in (4, 13)]
+    plain = generate(model, prompts, GenerationConfig(max_new_tokens=16, cache_dtype=torch.float32))
+    for k in (1, 2):
+        spec = generate(model, prompts, GenerationConfig(max_new_tokens=16, cache_dtype=torch.float32,
+                                                         speculative="mtp", draft_tokens=k))
+        assert spec.tokens == plain.tokens
+        assert spec.drafted > 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_identical_on_trained_model(counting_model, k):
+    prompts = [[5, 7, 9, 11], [1, 2, 3, 4, 5, 6, 7], [60, 61]]
+    plain = generate(counting_model, prompts, GenerationConfig(max_new_tokens=30, cache_dtype=torch.float32))
+    spec = generate(counting_model, prompts, GenerationConfig(max_new_tokens=30, cache_dtype=torch.float32,
+                                                              speculative="mtp", draft_tokens=k))
+    assert spec.tokens == plain.tokens
+    assert all(len(t) == 30 for t in spec.tokens)
+    assert spec.acceptance_rate > (0.8 if k == 1 else 0.4)  # reapplied module drafts are weaker
+    # EOS inside an accepted run of drafts still stops the row there
+    eos = plain.tokens[1][9]
+    gen = dict(max_new_tokens=30, cache_dtype=torch.float32, eos_id=eos)
+    assert (generate(counting_model, prompts, GenerationConfig(**gen, speculative="mtp", draft_tokens=k)).tokens
+            == generate(counting_model, prompts, GenerationConfig(**gen)).tokens)
+
+
+def test_speculative_needs_mtp():
+    with pytest.raises(ValueError, match="mtp_depth"):
+        generate(_model(mtp_depth=0), [[1]], GenerationConfig(max_new_tokens=2, speculative="mtp"))
