@@ -15,6 +15,7 @@ from flyer.config import ConfigError
 
 COMMAND_MODULES = [
     "flyer.model.info",
+    "flyer.train.cli",
     "flyer.infer.cli",
 ]
 

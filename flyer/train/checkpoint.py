@@ -1,0 +1,204 @@
+"""Atomic, verified checkpoints.
+
+Layout of ``RUN/checkpoints/step_00000100/``:
+
+- ``model.safetensors``  weights and persistent buffers (router biases), full single-process layout
+- ``optimizer*.pt``      optimizer state (tensors only; loaded with ``weights_only=True``), one per rank
+- ``state*.json``        step, sampler position, counters, train config (one per rank)
+- ``rng*.safetensors``   RNG state
+- ``config.json``        the model config
+- ``manifest.json``      size and SHA-256 of every file above; written last
+
+A checkpoint is written into a temporary directory, every file fsynced, then renamed into place
+(and the parent directory fsynced), so a crash leaves either a complete checkpoint or a temporary
+directory that is ignored and cleaned. On load every checksum is verified; a corrupt newest
+checkpoint is reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flyer.config import ModelConfig
+
+FORMAT_VERSION = 1
+_PREFIX = "step_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def step_dir_name(step: int) -> str:
+    return f"{_PREFIX}{step:08d}"
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete-looking checkpoint directories (with a manifest), newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    dirs = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, Any], keep: int | None = None) -> Path:
+    """Write ``files`` (name -> tensor dict for .safetensors, state dict for .pt, object for .json)
+    as checkpoint ``step`` atomically; keep only the newest ``keep`` checkpoints."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / step_dir_name(step)
+    tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    entries = {}
+    for name, obj in files.items():
+        path = tmp / name
+        if name.endswith(".safetensors"):
+            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, str(path))
+        elif name.endswith(".pt"):
+            torch.save(obj, path)
+        elif name.endswith(".json"):
+            write_json(path, obj)
+        else:
+            raise ValueError(f"unsupported checkpoint file type: {name}")
+        _fsync_file(path)
+        entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": entries})
+    _fsync_file(tmp / "manifest.json")
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    if keep:
+        for old in list_checkpoints(ckpt_root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Return the manifest if every listed file exists with the recorded size and checksum."""
+    mpath = path / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: unreadable manifest ({e})") from None
+    for name, meta in files.items():
+        p = path / name
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {path}: missing file {name}")
+        if p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: checksum mismatch in {name}")
+    return manifest
+
+
+def find_valid_checkpoint(ckpt_root: Path, log=print) -> Path | None:
+    """Newest checkpoint whose checksums verify; corrupt ones are reported and skipped."""
+    for path in list_checkpoints(ckpt_root):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            log(f"warning: {e}; falling back to the previous checkpoint")
+    return None
+
+
+def clean_temporaries(ckpt_root: Path) -> None:
+    """Remove half-written checkpoint directories left by a crash."""
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def read_torch(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Load weights strictly; shape or name mismatches become one-line errors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{where} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{where} does not match the model: {k} has shape {tuple(v.shape)}, "
+                                  f"the model expects {tuple(own[k].shape)} (a checkpoint from a different config?)")
+    model.load_state_dict(weights, strict=True)
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A step directory, or a run directory / its checkpoints folder (newest valid checkpoint)."""
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        verify_checkpoint(p)
+        return p
+    for root in (p / "checkpoints", p):
+        found = find_valid_checkpoint(root, log=lambda m: warnings.warn(m, stacklevel=3))
+        if found is not None:
+            return found
+    raise CheckpointError(f"no valid checkpoint under {p}")
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, cfg, tokenizer) from a run directory or a step directory, weights verified."""
+    from tokenizers import Tokenizer
+
+    from flyer.model.transformer import Transformer
+
+    ckpt = resolve_checkpoint_path(path)
+    try:
+        cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: bad config.json ({e})") from None
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    for b in model.buffers():  # non-persistent buffers (load counters) are not in the file
+        b.zero_()
+    load_model_weights(model, read_tensors(ckpt / "model.safetensors"), f"checkpoint {ckpt}")
+    tok_path = ckpt / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt}: no tokenizer.json")
+    return model.eval(), cfg, Tokenizer.from_file(str(tok_path))

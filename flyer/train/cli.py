@@ -1,0 +1,99 @@
+"""``flyer train``: the main job. Flags map onto ``TrainConfig`` fields; ``--config FILE`` (TOML)
+may set model fields (top level or ``[model]``) and train fields (``[train]``); flags win."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from flyer.config import PRESETS, ConfigError
+
+_FLAGS = [  # (flag, field, type, help)
+    ("--preset", "preset", str, f"model preset ({', '.join(PRESETS)})"),
+    ("--config", "config", str, "TOML file overriding model fields ([model]) and train fields ([train])"),
+    ("--steps", "steps", int, "optimizer steps"),
+    ("--batch-size", "batch_size", int, "sequences per micro-batch (per rank)"),
+    ("--seq-len", "seq_len", int, "tokens per sequence"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--warmup", "warmup", int, "linear warmup steps"),
+    ("--schedule", "schedule", str, "cosine or constant after warmup"),
+    ("--precision", "precision", str, "fp32, bf16 or fp8"),
+    ("--out", "out", str, "run directory (metrics, plots, checkpoints)"),
+    ("--seed", "seed", int, "random seed (model init and data order)"),
+    ("--eval-every", "eval_every", int, "validate every N steps"),
+    ("--eval-batches", "eval_batches", int, "validation batches"),
+    ("--ckpt-every", "ckpt_every", int, "checkpoint every N steps"),
+    ("--keep", "keep", int, "checkpoints to keep"),
+    ("--data", "data", str, "text file or directory (default: the installed Shakespeare corpus)"),
+    ("--data-cache", "data_cache", str, "tokenizer and shard cache directory"),
+    ("--tokenizer", "tokenizer", str, "a tokenizer.json to use instead of training one"),
+    ("--vocab-size", "vocab_size", int, "BPE vocabulary size to train"),
+    ("--threads", "threads", int, "CPU threads"),
+    ("--ep", "ep", int, "expert-parallel degree (under torchrun)"),
+    ("--ranks-per-node", "ranks_per_node", int, "ranks per node, to simulate several nodes on one machine"),
+    ("--dispatcher", "dispatcher", str, "local, flat or hierarchical (expert parallelism)"),
+]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a DeepSeek-V3-style model (default: small preset on Shakespeare)",
+                       description="Train a DeepSeek-V3-style model. Flags override --config, which overrides defaults.")
+    for flag, field, typ, help_ in _FLAGS:
+        p.add_argument(flag, dest=field, type=typ, default=None, help=help_)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--fp8-dispatch", dest="fp8_dispatch", action="store_true", default=None,
+                   help="send the EP dispatch payload in FP8 (E4M3, per-128-channel scales)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def build_train_config(args: argparse.Namespace):
+    from flyer.train.trainer import TrainConfig
+
+    values: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if path.suffix == ".toml":
+            import tomllib
+
+            try:
+                train = tomllib.loads(path.read_text()).get("train", {})
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+            unknown = set(train) - TrainConfig.field_names()
+            if unknown:
+                raise ConfigError(f"unknown [train] field '{sorted(unknown)[0]}' in {path}")
+            values.update(train)
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    if values.get("preset") is not None and values["preset"] not in PRESETS:
+        raise ConfigError(f"unknown preset '{values['preset']}' (choose from: {', '.join(PRESETS)})")
+    try:
+        tc = TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+    tc.validate()
+    return tc
+
+
+def run(args: argparse.Namespace) -> int:
+    from flyer.train.trainer import Trainer, TrainingError
+
+    tc = build_train_config(args)
+    try:
+        summary = Trainer(tc, log=lambda m: print(m, file=sys.stderr, flush=True)).run()
+    except TrainingError as e:
+        print(f"flyer: error: {e}", file=sys.stderr)
+        return 1
+    if summary.get("val_loss") is not None:
+        print(json.dumps(summary))
+    return 0

@@ -1,0 +1,83 @@
+"""Metrics: a JSON-lines log, the GEMM peak of this machine, and MFU estimates."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path`` (flushed each write)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self._f = open(path, "a") if enabled else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut short by a crash
+            continue
+    return out
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records after ``last_step`` (written by a run that died after its last checkpoint)."""
+    records = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", n: int = 1024,
+                      seconds: float = 0.3) -> float:
+    """Achieved FLOP/s of an n x n x n GEMM in ``dtype`` on this device (the MFU denominator)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm up (kernel selection, AMX tile config)
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        el = time.perf_counter() - t0
+        if el >= seconds and iters >= 3:
+            return 2.0 * n ** 3 * iters / el
+
+
+def model_flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token of the main model plus its MTP modules (causal attention)."""
+    from flyer.model.counts import block_params, training_flops_per_token
+
+    main = training_flops_per_token(cfg, seq_len, causal=True)
+    if cfg.mtp_depth:
+        mtp_block = block_params(cfg, cfg.n_layers, activated=True) - 2 * cfg.dim
+        proj = 2 * cfg.dim * cfg.dim
+        head = cfg.vocab_size * cfg.dim
+        attn = 2 * cfg.n_heads * ((cfg.qk_head_dim + cfg.v_head_dim) if cfg.attn == "mla" else 2 * cfg.head_dim) * seq_len / 2
+        main += cfg.mtp_depth * 3.0 * (2.0 * (mtp_block + proj + head) + attn)
+    return main

@@ -1,0 +1,54 @@
+"""Training plots: loss curves and tokens per expert over time (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_loss(records: list[dict], path: Path, unigram: float | None = None) -> None:
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and r["val_loss"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        s, l = zip(*train)
+        ax.plot(s, l, lw=1, alpha=0.8, label="train loss")
+    if val:
+        s, l = zip(*val)
+        ax.plot(s, l, "o-", lw=1.5, label="validation loss")
+    if unigram is not None:
+        ax.axhline(unigram, ls="--", c="gray", label=f"unigram baseline ({unigram:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_load(records: list[dict], path: Path) -> None:
+    """Heat map of each MoE layer's share of routed tokens per expert, step by step."""
+    rows = [(r["step"], r["expert_load"]) for r in records if r.get("expert_load")]
+    if not rows:
+        return
+    steps = [s for s, _ in rows]
+    loads = np.array([l for _, l in rows], dtype=float)  # (steps, layers, experts)
+    n_layers = loads.shape[1]
+    fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers + 1, 3.8), squeeze=False)
+    for li, ax in enumerate(axes[0]):
+        share = loads[:, li, :] / np.maximum(loads[:, li, :].mean(axis=1, keepdims=True), 1e-9)
+        im = ax.imshow(share.T, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=max(2.0, share.max()),
+                       extent=[steps[0], steps[-1], -0.5, share.shape[1] - 0.5])
+        ax.set_title(f"MoE layer {li}")
+        ax.set_xlabel("step")
+        if li == 0:
+            ax.set_ylabel("expert")
+    fig.colorbar(im, ax=axes[0].tolist(), label="tokens / mean tokens per expert")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
