@@ -1,0 +1,79 @@
+"""``flyer generate``: JSON interface, speculative and prefix-cache reporting, user errors."""
+
+import json
+
+import pytest
+import torch
+
+from flyer.cli import main
+from flyer.config import preset
+from flyer.model.counts import kv_cache_bytes_per_token
+
+
+def _json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_json_reports_cache_bytes_of_info(capsys):
+    out = _json(capsys, ["generate", "--preset", "tiny", "--prompt", "hello", "--prompt", "a longer prompt",
+                         "--max-new-tokens", "4", "--json"])
+    assert {"text", "texts", "tokens_per_s", "cache_bytes_per_token"} <= set(out)
+    assert out["new_tokens"] == 8 and out["tokens_per_s"] > 0
+    assert main(["info", "tiny", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert out["cache_bytes_per_token"] == info["kv_cache_bytes_per_token"] == kv_cache_bytes_per_token(preset("tiny"))
+
+
+def test_generate_speculative_and_prefix_cache(capsys, tmp_path):
+    base = ["generate", "--preset", "tiny", "--prompt", "x" * 40, "--max-new-tokens", "6", "--json",
+            "--prefix-cache", str(tmp_path), "--prefix-block", "16"]
+    plain = _json(capsys, base)
+    spec = _json(capsys, base + ["--speculative", "mtp", "--draft-tokens", "2"])
+    assert spec["text"] == plain["text"]
+    assert 0.0 <= spec["acceptance_rate"] <= 1.0 and "acceptance_rate" not in plain
+    assert plain["prefix_cache"]["hits"] == 0 and plain["prefix_cache"]["stored"] == 2
+    assert spec["prefix_cache"]["hits"] == 2 and spec["prefix_cache"]["hit_rate"] == 1.0
+    assert spec["prefix_cache_total"]["lookups"] == 3
+    # human-readable mode prints the statistics
+    assert main(base[:-5] + ["--prefix-cache", str(tmp_path), "--prefix-block", "16"]) == 0
+    assert "2/2 blocks hit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-new-tokens", "5000"], "max_seq_len"),
+    (["--prefix-cache", "/tmp/x", "--prefix-cache-size", "lots"], "--prefix-cache-size"),
+])
+def test_user_errors_are_one_line(capsys, argv, msg):
+    assert main(["generate", "--preset", "tiny", "--prompt", "hi"] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flyer: error:") and msg in err and "\n" not in err
+
+
+def test_needs_exactly_one_model_source(capsys, tmp_path):
+    assert main(["generate", "--prompt", "hi"]) == 2
+    assert main(["generate", "--ckpt", str(tmp_path), "--preset", "tiny", "--prompt", "hi"]) == 2
+    assert "exactly one" in capsys.readouterr().err
+
+
+def test_generate_from_checkpoint(capsys, tmp_path):
+    ckpt = pytest.importorskip("flyer.train.checkpoint")
+    from flyer.data.tokenizer import train_bpe
+    from flyer.model.transformer import Transformer
+
+    cfg = preset("tiny", vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
+    ckpt.save_checkpoint(tmp_path / "checkpoints", 5, {
+        "model.safetensors": model.state_dict(), "config.json": cfg.to_dict(),
+        "tokenizer.json": json.loads(tok.to_str())})
+    out = _json(capsys, ["generate", "--ckpt", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "5",
+                         "--temperature", "0", "--speculative", "mtp", "--json"])
+    assert out["cache_bytes_per_token"] == kv_cache_bytes_per_token(cfg)
+    assert isinstance(out["text"], str) and "acceptance_rate" in out
+    assert main(["generate", "--ckpt", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
+    assert "checkpoint" in capsys.readouterr().err
