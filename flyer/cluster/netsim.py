@@ -1,0 +1,227 @@
+"""Flow-level simulation of an EP all-to-all on small fat trees, with max-min fair sharing.
+
+Every GPU sends one message of ``message_bytes`` to every GPU on another node (intra-node
+traffic stays on NVLink and is not simulated). Links are full duplex: each direction is its own
+capacity. Rates are max-min fair (progressive filling); when flows finish, rates are recomputed
+(event-driven), so the all-to-all's completion time includes stragglers. The reported bandwidth
+per GPU is the bytes a GPU sends over the network divided by that completion time.
+
+Topologies (``nodes`` x ``gpus_per_node`` GPUs, GPU i of a node owns NIC i):
+
+- ``mpft``: one two-tier plane per local GPU index; NIC i of every node sits on plane i.
+- ``mrft``: one two-tier tree whose leaves are split into rails; NIC i on the rail-i leaves.
+- ``ft3``: a three-tier fat tree; a node's NICs on consecutive ports of one edge switch.
+
+Forwarding: ``pxn`` first moves data over NVLink to the source node's GPU with the destination's
+local index, so traffic stays in one plane/rail (required for ``mpft``); ``direct`` sends from
+the source NIC. Routing picks one path per flow among the equal-cost ones:
+
+- ``ecmp``: a hash of the flow (seeded random choice): collisions leave links unevenly loaded.
+- ``static``: destination-based (D-mod-k): the up-port at each tier is a digit of the
+  destination's index, which is conflict-free for an all-to-all on a full fat tree.
+- ``adaptive``: each flow in turn takes the least-loaded path (what per-packet adaptive routing
+  approaches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flyer.cli import UserError
+
+TOPOLOGIES = ("mpft", "mrft", "ft3")
+ROUTINGS = ("ecmp", "static", "adaptive")
+
+
+@dataclass(frozen=True)
+class SimFabric:
+    """A cluster wired onto a fat tree: link capacities and equal-cost paths between GPUs."""
+
+    name: str
+    radix: int
+    nodes: int
+    gpus_per_node: int
+    nic_gb_s: float
+    nvlink_gb_s: float
+
+    # endpoint id of GPU (n, i) in its tree, and the tree it belongs to (its plane, or 0)
+    def endpoint(self, n: int, i: int) -> tuple[int, int]:
+        G, k = self.gpus_per_node, self.radix
+        if self.name == "mpft":
+            return i, n
+        if self.name == "mrft":
+            return 0, i * (k * k // 2 // G) + n
+        return 0, n * G + i
+
+    def switch_paths(self, tree: int, src: int, dst: int) -> list[tuple]:
+        """Switch sequences from endpoint ``src`` to ``dst``, in D-mod-k order: the static
+        choice for destination ``dst`` is ``static_index(dst)``."""
+        half = self.radix // 2
+        if self.name in ("mpft", "mrft"):
+            la, lb = src // half, dst // half
+            if la == lb:
+                return [(("leaf", tree, la),)]
+            return [(("leaf", tree, la), ("spine", tree, s), ("leaf", tree, lb)) for s in range(half)]
+        (pa, ea), (pb, eb) = divmod(src // half, half), divmod(dst // half, half)
+        if (pa, ea) == (pb, eb):
+            return [(("edge", pa, ea),)]
+        if pa == pb:
+            return [(("edge", pa, ea), ("agg", pa, a), ("edge", pb, eb)) for a in range(half)]
+        return [(("edge", pa, ea), ("agg", pa, a), ("core", a * half + c), ("agg", pb, a), ("edge", pb, eb))
+                for a in range(half) for c in range(half)]
+
+    def static_index(self, dst: int, npaths: int) -> int:
+        half = self.radix // 2
+        if npaths == half * half:
+            return (dst % half) * half + (dst // half) % half
+        return dst % npaths
+
+
+def build_fabric(name: str, nodes: int, gpus_per_node: int, radix: int | None = None,
+                 nic_gb_s: float = 50.0, nvlink_gb_s: float = 200.0) -> SimFabric:
+    """The smallest fat tree of kind ``name`` that holds the cluster (or one of ``radix``)."""
+    if name not in TOPOLOGIES:
+        raise UserError(f"--topology: unknown topology '{name}' (choose from: {', '.join(TOPOLOGIES)}, all)")
+    if nodes < 2 or gpus_per_node < 1:
+        raise UserError(f"--nodes must be >= 2 and --gpus-per-node >= 1 (got {nodes}, {gpus_per_node})")
+
+    def fits(k: int, default: bool = False) -> bool:
+        if name == "mrft" or (name == "mpft" and default):  # mpft defaults to mrft's radix: same planes/rails
+            return k % gpus_per_node == 0 and k * k // 2 // gpus_per_node >= nodes
+        if name == "mpft":
+            return k * k // 2 >= nodes
+        return k**3 // 4 >= nodes * gpus_per_node
+
+    if radix is None:
+        radix = next(k for k in range(4, 4097, 2) if fits(k, default=True))
+    elif radix < 4 or radix % 2 or not fits(radix):
+        raise UserError(f"--radix {radix} is odd, too small, or (mrft) not a multiple of --gpus-per-node for {name}")
+    return SimFabric(name, radix, nodes, gpus_per_node, nic_gb_s, nvlink_gb_s)
+
+
+def _flows(fab: SimFabric, routing: str, forwarding: str, rng: np.random.Generator):
+    """Per flow: the list of directed links it crosses, and link capacities (GB/s)."""
+    if forwarding not in ("pxn", "direct"):
+        raise UserError(f"--forwarding must be 'pxn' or 'direct' (got {forwarding!r})")
+    if fab.name == "mpft" and forwarding == "direct":
+        raise UserError("--forwarding direct is impossible on mpft: planes are not connected to each other")
+    if routing not in ROUTINGS:
+        raise UserError(f"--routing: unknown routing '{routing}' (choose from: {', '.join(ROUTINGS)}, all)")
+    link_id: dict[tuple, int] = {}
+    caps: list[float] = []
+
+    def link(u, v, cap: float) -> int:
+        if (u, v) not in link_id:
+            link_id[(u, v)] = len(caps)
+            caps.append(cap)
+        return link_id[(u, v)]
+
+    G = fab.gpus_per_node
+    choices = []  # per flow: candidate paths (each a list of link ids)
+    for n in range(fab.nodes):
+        for i in range(G):
+            for m in range(fab.nodes):
+                if m == n:
+                    continue
+                for j in range(G):
+                    via = j if forwarding == "pxn" else i
+                    prefix = []
+                    if via != i:  # NVLink hop to the forwarding GPU of the source node
+                        prefix = [link(("gpu", n, i), ("nvs", n), fab.nvlink_gb_s),
+                                  link(("nvs", n), ("gpu", n, via), fab.nvlink_gb_s)]
+                    tree, src = fab.endpoint(n, via)
+                    _, dst = fab.endpoint(m, j)
+                    sa, sb = ("ep", tree, src), ("ep", tree, dst)
+                    cands = []
+                    for sw in fab.switch_paths(tree, src, dst):
+                        hops = [sa, *sw, sb]
+                        cands.append(prefix + [link(hops[h], hops[h + 1], fab.nic_gb_s) for h in range(len(hops) - 1)])
+                    choices.append((cands, dst))
+    caps_arr = np.asarray(caps)
+    if routing == "ecmp":
+        paths = [c[int(rng.integers(len(c)))] for c, _ in choices]
+    elif routing == "static":
+        paths = [c[fab.static_index(d, len(c))] for c, d in choices]
+    else:
+        load = np.zeros(len(caps))
+        paths = [None] * len(choices)
+        for f in rng.permutation(len(choices)):
+            cands = choices[f][0]
+            best = min(cands, key=lambda p: (max(load[p] / caps_arr[p]), sum(load[p])))
+            load[best] += 1
+            paths[f] = best
+    return paths, caps_arr
+
+
+def max_min_rates(f_idx: np.ndarray, l_idx: np.ndarray, caps: np.ndarray, n_flows: int) -> np.ndarray:
+    """Max-min fair rate of every flow by progressive filling.
+
+    ``f_idx[e], l_idx[e]`` list the (flow, link) incidences of the flows to share ``caps``
+    (link capacities); flows are numbered ``0 .. n_flows-1``. Each round raises every unfrozen
+    flow by the smallest fair share left on any link, then freezes the flows crossing the links
+    that round saturated; the incidence arrays shrink as flows freeze.
+    """
+    rates = np.zeros(n_flows)
+    rem = caps.astype(float).copy()
+    level = 0.0
+    while f_idx.size:
+        count = np.bincount(l_idx, minlength=caps.shape[0])
+        used = count > 0
+        share = np.full(caps.shape[0], np.inf)
+        share[used] = rem[used] / count[used]
+        inc = share.min()
+        level += inc
+        rem -= inc * count
+        saturated = used & (share <= inc * (1 + 1e-9) + 1e-12)
+        frozen = np.zeros(n_flows, dtype=bool)
+        frozen[f_idx[saturated[l_idx]]] = True
+        rates[np.unique(f_idx[frozen[f_idx]])] = level
+        keep = ~frozen[f_idx]
+        f_idx, l_idx = f_idx[keep], l_idx[keep]
+    return rates
+
+
+def simulate(name: str, routing: str, nodes: int = 16, gpus_per_node: int = 4, radix: int | None = None,
+             forwarding: str | None = None, message_bytes: float = 1e6, seed: int = 0,
+             nic_gb_s: float = 50.0, nvlink_gb_s: float = 200.0) -> dict:
+    """All-to-all completion time and achieved bandwidth per GPU (GB/s and fraction of the NIC)."""
+    fab = build_fabric(name, nodes, gpus_per_node, radix, nic_gb_s, nvlink_gb_s)
+    forwarding = forwarding or ("direct" if name == "ft3" else "pxn")
+    paths, caps = _flows(fab, routing, forwarding, np.random.default_rng(seed))
+    f_idx = np.repeat(np.arange(len(paths)), [len(p) for p in paths])
+    l_idx = np.concatenate([np.asarray(p) for p in paths])
+    remaining = np.full(len(paths), float(message_bytes))
+    t = 0.0  # seconds
+    first_rates = None
+    events = 0
+    alive = np.arange(len(paths))  # flows still sending; incidences compacted to them
+    while alive.size:
+        rates = max_min_rates(f_idx, l_idx, caps, alive.size) * 1e9  # bytes/s, indexed like alive
+        if first_rates is None:
+            first_rates = rates / 1e9
+        dt = np.min(remaining[alive] / rates)
+        t += dt
+        remaining[alive] -= rates * dt
+        done = remaining[alive] <= message_bytes * 1e-9
+        renumber = np.cumsum(~done) - 1
+        keep = ~done[f_idx]
+        f_idx, l_idx = renumber[f_idx[keep]], l_idx[keep]
+        alive = alive[~done]
+        events += 1
+    per_gpu_bytes = (nodes - 1) * gpus_per_node * message_bytes
+    bw = per_gpu_bytes / t / 1e9
+    gpus = nodes * gpus_per_node
+    start_bw = first_rates.reshape(gpus, -1).sum(axis=1)  # flows are generated source-major
+    return {
+        "topology": name, "routing": routing, "forwarding": forwarding, "radix": fab.radix,
+        "nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": gpus, "flows": len(paths),
+        "message_bytes": message_bytes, "completion_us": float(t * 1e6), "events": events,
+        "bandwidth_per_gpu_gb_s": float(bw), "fraction_of_nic": float(bw / nic_gb_s),
+        "initial_min_gpu_gb_s": float(start_bw.min()), "initial_mean_gpu_gb_s": float(start_bw.mean()),
+    }
+
+
+def simulate_all(topologies=TOPOLOGIES, routings=ROUTINGS, **kw) -> list[dict]:
+    return [simulate(t, r, **kw) for t in topologies for r in routings]

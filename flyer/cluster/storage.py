@@ -1,0 +1,84 @@
+"""A 3FS-style storage cluster: aggregate read/write bounds and recovery traffic after a loss.
+
+Storage nodes each carry ``nics`` NICs and ``ssds`` NVMe drives; files are striped in chunks over
+replication chains of ``replicas`` targets on distinct nodes (CRAQ chain replication):
+
+- read: any replica serves, so every node's NICs and SSDs work for readers;
+  read  <= min(nodes x NIC, nodes x SSD read, clients x client NIC) x efficiency
+- write: the client sends to the chain head, each target forwards to the next: every byte enters
+  ``replicas`` nodes, leaves ``replicas - 1`` of them, and is written on ``replicas`` SSDs;
+  write <= min(nodes x NIC / replicas, nodes x SSD write / replicas, clients x client NIC) x eff
+- recovery: the lost node's data (``fill`` of its raw capacity) is re-replicated from survivors;
+  chains spread over all nodes, so the survivors share it: each sends and receives about
+  ``lost / (nodes - 1)``, bounded by ``recovery_share`` of their NIC and SSD write bandwidth.
+
+``efficiency`` is the achievable fraction of line rate; its default 0.8 is the ratio of the
+~40 GB/s effective to the 50 GB/s nominal that the V3 report gives for a 400 Gb/s NIC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from flyer.cli import UserError
+
+TIB = 1024**4
+
+
+@dataclass(frozen=True)
+class StorageCluster:
+    nodes: int = 180
+    nics_per_node: int = 2
+    nic_gbit_s: float = 200.0
+    ssds_per_node: int = 16
+    ssd_tib: float = 14.0
+    ssd_read_gb_s: float = 6.0  # a PCIe 4 enterprise NVMe drive (assumption)
+    ssd_write_gb_s: float = 3.0
+    replicas: int = 3
+    clients: int = 500
+    client_nic_gbit_s: float = 200.0
+    efficiency: float = 0.8
+    fill: float = 0.5  # used fraction of raw capacity
+    recovery_share: float = 0.5  # fraction of bandwidth recovery may take from foreground I/O
+
+    def validate(self) -> None:
+        for name in ("nodes", "nics_per_node", "ssds_per_node", "replicas", "clients"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.replicas > self.nodes:
+            raise UserError(f"--replicas must be <= --nodes={self.nodes} (got {self.replicas})")
+        for name in ("nic_gbit_s", "ssd_tib", "ssd_read_gb_s", "ssd_write_gb_s", "client_nic_gbit_s"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        for name in ("efficiency", "fill", "recovery_share"):
+            if not 0 < getattr(self, name) <= 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in (0, 1] (got {getattr(self, name)})")
+
+
+def storage_model(c: StorageCluster) -> dict:
+    """Throughput bounds (GB/s and TiB/s), capacity and single-node-loss recovery."""
+    c.validate()
+    nic = c.nics_per_node * c.nic_gbit_s / 8  # GB/s per node, each direction
+    ssd_read, ssd_write = c.ssds_per_node * c.ssd_read_gb_s, c.ssds_per_node * c.ssd_write_gb_s
+    clients = c.clients * c.client_nic_gbit_s / 8
+    read_limits = {"storage_nics": c.nodes * nic, "ssds": c.nodes * ssd_read, "clients": clients}
+    write_limits = {"storage_nics": c.nodes * nic / c.replicas, "ssds": c.nodes * ssd_write / c.replicas,
+                    "clients": clients}
+    read_by = min(read_limits, key=read_limits.get)
+    write_by = min(write_limits, key=write_limits.get)
+    read = read_limits[read_by] * c.efficiency
+    write = write_limits[write_by] * c.efficiency
+    raw = c.nodes * c.ssds_per_node * c.ssd_tib * TIB
+    lost = c.ssds_per_node * c.ssd_tib * TIB * c.fill
+    per_survivor = min(nic * c.efficiency, ssd_write) * c.recovery_share  # GB/s
+    recovery_s = lost / 1e9 / ((c.nodes - 1) * per_survivor) if c.nodes > 1 else float("inf")
+    return {
+        **asdict(c),
+        "read_gb_s": read, "read_tib_s": read * 1e9 / TIB, "read_bound": read_by,
+        "write_gb_s": write, "write_tib_s": write * 1e9 / TIB, "write_bound": write_by,
+        "read_gb_s_per_node": read / c.nodes,
+        "raw_capacity_pib": raw / 1024**5, "usable_capacity_pib": raw / c.replicas / 1024**5,
+        "recovery_bytes": lost, "recovery_tib": lost / TIB,
+        "recovery_network_bytes": 2 * lost,  # each byte is read from one node and sent to another
+        "recovery_s": recovery_s, "recovery_min": recovery_s / 60,
+    }
