@@ -31,7 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from flyer.fp8.quant import TILE, block_rows, expand_scale
+from flyer.fp8.quant import TILE, block_rows, dequantize, expand_scale, fp8_to_float
 
 BACKENDS = ("auto", "emulate", "cuda")
 
@@ -46,12 +46,12 @@ def _check_pair(name: str, data: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> torch.Tensor:
+                out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto", emulation: str = "blocks") -> torch.Tensor:
     """``out (M, N) = (a * a_scale) @ (b * b_scale)^T`` with promotion to FP32 every 128 along K.
 
     a: (M, Kp) float8, a_scale: (M, Kp/128) float32 (1x128 tiles).
     b: (N, Kp) float8, b_scale: (ceil(N/128), Kp/128) (128x128 blocks) or (N, Kp/128) (1x128 tiles).
-    out_dtype: float32 or bfloat16. backend: one of ``BACKENDS``.
+    out_dtype: float32 or bfloat16. backend: one of ``BACKENDS``. emulation: see ``emulated_gemm_nt``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' not supported (choose from: {', '.join(BACKENDS)})")
@@ -65,27 +65,40 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         backend = "cuda" if a.is_cuda and cuda_fp8_supported(a.device) else "emulate"
     if backend == "cuda":
         return _cuda_gemm(a, a_scale, b, b_scale, out_dtype)
-    return emulated_gemm_nt(a, a_scale, b, b_scale, out_dtype)
+    return emulated_gemm_nt(a, a_scale, b, b_scale, out_dtype, emulation)
+
+
+EMULATIONS = ("blocks", "dequant")
 
 
 def emulated_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                     out_dtype: torch.dtype = torch.float32, kb_chunk: int = 16) -> torch.Tensor:
-    """Exact CPU emulation of ``fp8_gemm_nt`` (same arguments). FP8 operands, FP32 arithmetic.
+                     out_dtype: torch.dtype = torch.float32, emulation: str = "blocks",
+                     kb_chunk: int = 16) -> torch.Tensor:
+    """CPU emulation of ``fp8_gemm_nt`` (same arguments): FP8 operands, FP32 arithmetic.
 
-    One batched matmul over the K-blocks gives the (Kb, M, N) unscaled block partial sums;
-    they are scaled by ``sa (M) x sb (N)`` per block and summed in FP32 (the promotion).
-    ``kb_chunk`` bounds the memory of the partial sums to kb_chunk * M * N floats.
+    emulation='blocks' (the oracle): one batched matmul over the K-blocks gives the (Kb, M, N)
+    unscaled block sums of exact FP8 x FP8 products; each is scaled by ``sa (M) x sb (N)`` and
+    summed in FP32, exactly the promote-every-128 data flow. ``kb_chunk`` bounds its memory to
+    kb_chunk * M * N floats.
+    emulation='dequant' (training on CPU): both operands dequantised tile-wise to FP32 and one
+    FP32 GEMM over the whole K. Same values; differs from 'blocks' only by FP32 rounding (the
+    scale is applied before rather than after the 128-wide sums), and is a single BLAS call.
     """
+    if emulation not in EMULATIONS:
+        raise ValueError(f"emulation '{emulation}' not supported (choose from: {', '.join(EMULATIONS)})")
     M, Kp = a.shape
     N = b.shape[0]
     Kb = Kp // TILE
-    sa = a_scale.float()  # (M, Kb)
-    sb = expand_scale(b, b_scale).float()  # (N, Kb)
     with torch.autocast(a.device.type, enabled=False):
-        if Kb == 1:  # one block: the promotion is just the final scaling
-            return ((a.float() @ b.float().t()) * (sa * sb.t())).to(out_dtype)
-        a_kMc = a.float().view(M, Kb, TILE).transpose(0, 1)  # (Kb, M, 128)
-        b_kcN = b.float().view(N, Kb, TILE).permute(1, 2, 0)  # (Kb, 128, N)
+        if Kb == 1:  # one block: the promotion is just the final scaling, products stay exact
+            sb = expand_scale(b, b_scale).float()
+            return ((fp8_to_float(a) @ fp8_to_float(b).t()) * (a_scale.float() * sb.t())).to(out_dtype)
+        if emulation == "dequant":
+            return (dequantize(a, a_scale) @ dequantize(b, b_scale).t()).to(out_dtype)
+        sa = a_scale.float()  # (M, Kb)
+        sb = expand_scale(b, b_scale).float()  # (N, Kb)
+        a_kMc = fp8_to_float(a).view(M, Kb, TILE).transpose(0, 1)  # (Kb, M, 128)
+        b_kcN = fp8_to_float(b).view(N, Kb, TILE).permute(1, 2, 0)  # (Kb, 128, N)
         out = torch.zeros(M, N, dtype=torch.float32, device=a.device)
         for k0 in range(0, Kb, kb_chunk):
             k1 = min(Kb, k0 + kb_chunk)
@@ -233,7 +246,7 @@ def limited_accumulator_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Te
     N = b.shape[0]
     sa = a_scale.float()
     sb = expand_scale(b, b_scale).float()
-    af, bf = a.float(), b.float()
+    af, bf = fp8_to_float(a), fp8_to_float(b)
     if promote_every is None:
         if not (torch.all(sa == sa[:, :1]) and torch.all(sb == sb[:, :1])):
             raise ValueError("promote_every=None needs the same scale for every K-block (per-row scales)")
@@ -284,5 +297,5 @@ def accumulation_experiment(K: int = 4096, M: int = 32, N: int = 32, mantissa_bi
             "accum_err_fp32": rel(exact)}
 
 
-__all__ = ["BACKENDS", "fp8_gemm_nt", "emulated_gemm_nt", "cuda_fp8_supported", "cuda_gemm_path",
+__all__ = ["BACKENDS", "EMULATIONS", "fp8_gemm_nt", "emulated_gemm_nt", "cuda_fp8_supported", "cuda_gemm_path",
            "round_mantissa", "limited_accumulator_gemm", "accumulation_experiment"]

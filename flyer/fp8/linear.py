@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flyer.fp8.gemm import BACKENDS, fp8_gemm_nt
-from flyer.fp8.quant import FP8_DTYPES, TILE, quantize_blocks, quantize_blocks_batched, quantize_tiles
+from flyer.fp8.gemm import BACKENDS, EMULATIONS, fp8_gemm_nt
+from flyer.fp8.quant import FP8_DTYPES, TILE, Quantized, quantize_blocks, quantize_blocks_batched, quantize_tiles
 from flyer.model.moe import Experts
 
 
@@ -32,12 +32,14 @@ from flyer.model.moe import Experts
 class FP8Recipe:
     """fmt: operands of the forward GEMM and the weights; grad_fmt: activation gradients (E4M3 in
     DeepSeek-V3; 'e5m2' for the comparison). pow2_scales: round scales up to powers of two
-    (UE8M0). backend: 'auto' | 'emulate' | 'cuda' (see ``flyer.fp8.gemm``)."""
+    (UE8M0). backend: 'auto' | 'emulate' | 'cuda'; emulation: 'dequant' (fast) | 'blocks'
+    (the per-128-block oracle), see ``flyer.fp8.gemm``."""
 
     fmt: str = "e4m3"
     grad_fmt: str = "e4m3"
     pow2_scales: bool = False
     backend: str = "auto"
+    emulation: str = "dequant"
 
     def __post_init__(self) -> None:
         for name in ("fmt", "grad_fmt"):
@@ -46,6 +48,13 @@ class FP8Recipe:
                                  f"(choose from: {', '.join(FP8_DTYPES)})")
         if self.backend not in BACKENDS:
             raise ValueError(f"FP8Recipe.backend '{self.backend}' not supported (choose from: {', '.join(BACKENDS)})")
+        if self.emulation not in EMULATIONS:
+            raise ValueError(f"FP8Recipe.emulation '{self.emulation}' not supported "
+                             f"(choose from: {', '.join(EMULATIONS)})")
+
+    def gemm(self, a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+             out_dtype: torch.dtype) -> torch.Tensor:
+        return fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype, self.backend, self.emulation)
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -68,7 +77,7 @@ def _wgrad(dy_MN: torch.Tensor, x_MK: torch.Tensor, r: FP8Recipe) -> torch.Tenso
     """dW (N, K) float32 = dy^T . x with both operands in 128x1 tiles (1x128 along tokens)."""
     qdy_t = quantize_tiles(dy_MN.t(), r.grad_fmt, r.pow2_scales)  # (N, Mp)
     qx_t = quantize_tiles(x_MK.t(), r.fmt, r.pow2_scales)  # (K, Mp)
-    return fp8_gemm_nt(qdy_t.data, qdy_t.scale, qx_t.data, qx_t.scale, torch.float32, r.backend)
+    return r.gemm(qdy_t.data, qdy_t.scale, qx_t.data, qx_t.scale, torch.float32)
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -82,7 +91,7 @@ class FP8LinearFunction(torch.autograd.Function):
             x_MK = x.reshape(-1, K)
             qx = quantize_tiles(x_MK, r.fmt, r.pow2_scales)
             qw = quantize_blocks(weight, r.fmt, r.pow2_scales)
-            y = fp8_gemm_nt(qx.data, qx.scale, qw.data, qw.scale, out_dtype, r.backend)
+            y = r.gemm(qx.data, qx.scale, qw.data, qw.scale, out_dtype)
         ctx.save_for_backward(x_MK, qw.data, qw.scale)
         ctx.recipe, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = r, x.shape, x.dtype, weight.dtype
         return y.view(*x.shape[:-1], N)
@@ -98,7 +107,7 @@ class FP8LinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 qdy = quantize_tiles(dy_MN, r.grad_fmt, r.pow2_scales)  # (M, Np)
                 wt_data, wt_scale = _transpose_blocks(w_data, w_scale)  # (Kp, Np)
-                dx = fp8_gemm_nt(qdy.data, qdy.scale, wt_data, wt_scale, ctx.x_dtype, r.backend)
+                dx = r.gemm(qdy.data, qdy.scale, wt_data, wt_scale, ctx.x_dtype)
                 dx = dx[:, :K].reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
                 dw = _wgrad(dy_MN, x_MK, r).to(ctx.w_dtype)
@@ -140,13 +149,33 @@ class FP8Linear(nn.Linear):
 
 # ---- grouped expert GEMMs ---------------------------------------------------------------------
 
+def _segment_aligned_rows(counts: list[int], device) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Destination rows that place each expert's token segment at a multiple of 128 (zero rows
+    between segments), the padded segment lengths and their starts."""
+    padded = [-(-c // TILE) * TILE for c in counts]
+    starts = [0]
+    for p in padded[:-1]:
+        starts.append(starts[-1] + p)
+    dest = torch.cat([torch.arange(s, s + c, device=device) for s, c in zip(starts, counts)]) if counts else \
+        torch.zeros(0, dtype=torch.long, device=device)
+    return dest, padded, starts
+
+
+def _retile_segments(t_NC: torch.Tensor, dest: torch.Tensor, n_rows: int, fmt: str, pow2: bool) -> Quantized:
+    """``t`` re-tiled 128x1 inside each expert segment: the transpose (C, n_rows) of the
+    segment-aligned layout in 1x128 tiles, so that no tile mixes two experts' tokens."""
+    aligned = t_NC.new_zeros(n_rows, t_NC.shape[1]).index_copy_(0, dest, t_NC)
+    return quantize_tiles(aligned.t(), fmt, pow2)
+
+
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Per-expert ``y_e = x_e W_e^T`` over expert-sorted tokens, in FP8.
 
     x (N_tok, K) sorted by expert, weight (E, F, K), counts: python list of E token counts.
     Activations are tiled once for all experts (1x128 tiles never cross tokens); the weights are
-    block-quantised in one batched pass. The wgrad's 128x1 tiles are formed inside each expert's
-    token segment (DeepGEMM's contiguous layout aligns segments to 128 for the same reason).
+    block-quantised in one batched pass. For the wgrad, the tokens are laid out with every
+    expert segment starting at a multiple of 128 (DeepGEMM's contiguous layout), so the 128x1
+    tiles of one quantisation pass never straddle two experts.
     """
 
     @staticmethod
@@ -157,7 +186,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             qx = quantize_tiles(x, r.fmt, r.pow2_scales)
             w_data, w_scale = quantize_blocks_batched(weight, r.fmt, r.pow2_scales)
-            outs = [fp8_gemm_nt(xd, xs, w_data[e], w_scale[e], out_dtype, r.backend)
+            outs = [r.gemm(xd, xs, w_data[e], w_scale[e], out_dtype)
                     for e, (xd, xs) in enumerate(zip(qx.data.split(counts), qx.scale.split(counts))) if counts[e]]
             y = torch.cat(outs) if outs else x.new_zeros(0, Fo, dtype=out_dtype)
         ctx.save_for_backward(x, w_data, w_scale)
@@ -173,16 +202,29 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 qdy = quantize_tiles(dy, r.grad_fmt, r.pow2_scales)
-                parts = []
-                for e, (dd, ds) in enumerate(zip(qdy.data.split(counts), qdy.scale.split(counts))):
-                    if counts[e]:
-                        wt_data, wt_scale = _transpose_blocks(w_data[e], w_scale[e])
-                        parts.append(fp8_gemm_nt(dd, ds, wt_data, wt_scale, x.dtype, r.backend)[:, :K])
+                # W_e^T (Kp, Fp) in 128x128 blocks for every expert at once
+                pad = -Fo % TILE
+                wt_data = w_data.transpose(1, 2)
+                if pad:
+                    wt_data = F.pad(wt_data.view(torch.uint8), (0, pad)).view(w_data.dtype)
+                wt_data, wt_scale = wt_data.contiguous(), w_scale.transpose(1, 2).contiguous()
+                parts = [r.gemm(dd, ds, wt_data[e], wt_scale[e], x.dtype)[:, :K]
+                         for e, (dd, ds) in enumerate(zip(qdy.data.split(counts), qdy.scale.split(counts))) if counts[e]]
                 dx = torch.cat(parts) if parts else torch.zeros_like(x)
             if ctx.needs_input_grad[1]:
-                zeros = torch.zeros(Fo, K, dtype=torch.float32, device=x.device)
-                dw = torch.stack([_wgrad(dys, xs, r) if n else zeros
-                                  for dys, xs, n in zip(dy.split(counts), x.split(counts), counts)]).to(ctx.w_dtype)
+                dest, padded, starts = _segment_aligned_rows(counts, x.device)
+                n_rows = sum(padded)
+                qdy_t = _retile_segments(dy, dest, n_rows, r.grad_fmt, r.pow2_scales)  # (F, n_rows)
+                qx_t = _retile_segments(x, dest, n_rows, r.fmt, r.pow2_scales)  # (K, n_rows)
+                dws = []
+                for s, p in zip(starts, padded):
+                    if p == 0:
+                        dws.append(torch.zeros(Fo, K, dtype=torch.float32, device=x.device))
+                        continue
+                    cols, tiles = slice(s, s + p), slice(s // TILE, (s + p) // TILE)
+                    dws.append(r.gemm(qdy_t.data[:, cols], qdy_t.scale[:, tiles], qx_t.data[:, cols],
+                                      qx_t.scale[:, tiles], torch.float32))
+                dw = torch.stack(dws).to(ctx.w_dtype)
         return dx, dw, None, None, None
 
 
