@@ -38,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from flyer.train.checkpoint import CheckpointError
+
     try:
         rc = args.func(args)
-    except (ConfigError, UserError, FileNotFoundError) as e:
+    except (ConfigError, UserError, CheckpointError, FileNotFoundError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"flyer: error: {msg}", file=sys.stderr)
         return 2

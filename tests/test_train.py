@@ -1,0 +1,203 @@
+"""Trainer: exact resume (also after kill -9), checkpoint verification and fallback, NaN-step
+skipping, CLI errors, and a short end-to-end run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flyer.cli import main
+from flyer.train import checkpoint as ckpt
+from flyer.train.metrics import read_metrics
+from flyer.train.trainer import Trainer, TrainConfig, TrainingError
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def tc_for(out, data_cache, **kw):
+    base = dict(preset="tiny", steps=6, batch_size=2, seq_len=32, eval_every=3, eval_batches=2, ckpt_every=2,
+                out=str(out), data_cache=data_cache, seed=3, progress=False, plots=False, warmup=2, lr=3e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r}
+
+
+def quiet(_msg):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path, data_cache):
+    full = Trainer(tc_for(tmp_path / "full", data_cache), log=quiet).run()
+    # interrupted: 3 steps, a checkpoint, then a fresh process-like Trainer resumes
+    t = Trainer(tc_for(tmp_path / "cut", data_cache), log=quiet)
+    from flyer.train.metrics import MetricsLog
+
+    log = MetricsLog(Path(t.out) / "metrics.jsonl")
+    for _ in range(3):
+        log.write(t.train_step())
+    log.close()
+    t.save()
+    resumed = Trainer(tc_for(tmp_path / "cut", data_cache, resume=True), log=quiet)
+    assert resumed.step == 3
+    resumed.run()
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical on CPU
+    assert full["val_loss"] is not None
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9(tmp_path, data_cache):
+    args = [sys.executable, "-m", "flyer", "train", "--preset", "tiny", "--steps", "14", "--batch-size", "2",
+            "--seq-len", "32", "--eval-every", "7", "--eval-batches", "2", "--ckpt-every", "4", "--seed", "5",
+            "--data-cache", data_cache, "--no-plots", "--no-progress", "--threads", "1"]
+    ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / ckpt.step_dir_name(8)).exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    res = subprocess.run(args + ["--out", str(run), "--resume"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stderr
+    a, b = losses(tmp_path / "ref"), losses(run)
+    assert sorted(b) == list(range(1, 15))
+    assert all(a[s] == b[s] for s in a)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, data_cache, capsys):
+    Trainer(tc_for(tmp_path, data_cache, steps=4), log=quiet).run()
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == [ckpt.step_dir_name(4), ckpt.step_dir_name(2)]
+    weights = root / ckpt.step_dir_name(4) / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    messages = []
+    t = Trainer(tc_for(tmp_path, data_cache, steps=6, resume=True), log=messages.append)
+    assert t.step == 2
+    assert any("checksum mismatch" in m and "falling back" in m for m in messages)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    good = ckpt.save_checkpoint(root, 1, {"config.json": {"a": 1}})
+    (root / ".tmp-step_00000002-123").mkdir()  # a crash mid-write
+    (root / ckpt.step_dir_name(3)).mkdir()  # no manifest: never renamed into place by flyer
+    assert ckpt.find_valid_checkpoint(root, log=quiet) == good
+    ckpt.clean_temporaries(root)
+    assert not (root / ".tmp-step_00000002-123").exists()
+    with pytest.raises(ckpt.CheckpointError, match="no valid checkpoint"):
+        ckpt.resolve_checkpoint_path(tmp_path / "elsewhere")
+
+
+def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, data_cache):
+    t = Trainer(tc_for(tmp_path / "a", data_cache, steps=5, ckpt_every=1), log=quiet)
+    real = t.model.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(x, y):
+        calls["n"] += 1
+        out = real(x, y)
+        if calls["n"] == 3:  # the third training step
+            out.loss = out.loss * float("nan")
+        return out
+
+    t.model.compute_loss = poisoned
+    t.run()
+    recs = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs if r.get("skipped")] == [3]
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert recs[-1]["skipped_total"] == 1
+
+    t = Trainer(tc_for(tmp_path / "b", data_cache, steps=5, ckpt_every=1, max_bad_steps=2), log=quiet)
+    real_b = t.model.compute_loss
+
+    def always_nan(x, y):
+        out = real_b(x, y)
+        out.loss = out.loss * float("nan")
+        return out
+
+    t.model.compute_loss = always_nan
+    with pytest.raises(TrainingError, match="2 consecutive steps"):
+        t.run()
+    assert ckpt.list_checkpoints(tmp_path / "b" / "checkpoints") == []
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flyer: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--steps", "0"], "'steps': must be a positive integer"),
+    (["--batch-size", "-2"], "'batch_size'"),
+    (["--precision", "fp4"], "'precision'"),
+    (["--data", "/nonexistent/corpus"], "/nonexistent/corpus"),
+])
+def test_cli_errors_are_one_line(tmp_path, data_cache, capsys, argv, words):
+    rc = main(["train", "--out", str(tmp_path), "--data-cache", data_cache, "--no-progress"] + argv)
+    assert rc == 2
+    assert words in _err(capsys)
+
+
+def test_cli_bad_toml_field_and_config_mismatch(tmp_path, data_cache, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nn_limited_groups = 99\n")
+    assert main(["train", "--preset", "tiny", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "n_limited_groups" in _err(capsys)
+    bad.write_text("[train]\nstepz = 3\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "stepz" in _err(capsys)
+    common = ["train", "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "16",
+              "--eval-batches", "1", "--data-cache", data_cache, "--out", str(tmp_path / "run"), "--no-progress",
+              "--no-plots"]
+    assert main(common) == 0
+    capsys.readouterr()
+    assert main(common) == 2  # checkpoints exist and --resume not given
+    assert "--resume" in _err(capsys)
+    other = tmp_path / "other.toml"
+    other.write_text("[model]\ndim = 96\nn_heads = 3\n")
+    assert main(common + ["--resume", "--config", str(other)]) == 2
+    assert "different config" in _err(capsys)
+
+
+def test_smoke_run_outputs(tmp_path, data_cache, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+               "--eval-every", "2", "--eval-batches", "2", "--ckpt-every", "2", "--keep", "1",
+               "--data-cache", data_cache, "--out", str(out), "--no-progress", "--grad-accum", "2"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 4
+    recs = read_metrics(out / "metrics.jsonl")
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "load_imbalance", "bias_min", "bias_max",
+                "mtp_loss", "expert_load"):
+        assert key in train[0]
+    assert [r["step"] for r in recs if "val_loss" in r] == [2, 4]
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "expert_load.png").stat().st_size > 1000
+    assert len(ckpt.list_checkpoints(out / "checkpoints")) == 1  # --keep 1
+    model, cfg, tok = ckpt.load_for_inference(out)
+    assert cfg.vocab_size == tok.get_vocab_size()
+    x = torch.tensor([tok.encode("To be, or not to be").ids])
+    assert model(x).shape == (1, x.shape[1], cfg.vocab_size)
