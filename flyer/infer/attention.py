@@ -86,13 +86,13 @@ def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, pos_BT
                         group: int, wo: nn.Module | None = None) -> torch.Tensor:
     B, T, H, _ = q_BTHK.shape
     S = int(pos_BT.max()) + 1
-    k = cache.read(layer, "key", S, q_BTHK.dtype)  # (B, S, Hkv, dk)
-    v = cache.read(layer, "value", S, q_BTHK.dtype)
-    # queries of one KV group share its key: (B, Hkv, group*T, dk) against (B, Hkv, S, dk)
+    k = cache.read(layer, "key", S, q_BTHK.dtype, heads_first=True)  # (B, Hkv, S, dk)
+    v = cache.read(layer, "value", S, q_BTHK.dtype, heads_first=True)  # (B, Hkv, S, dv)
+    # queries of one KV group share its keys: (B, Hkv, group*T, dk) against (B, Hkv, S, dk)
     Hkv = H // group
     q = q_BTHK.view(B, T, Hkv, group, -1).permute(0, 2, 3, 1, 4).reshape(B, Hkv, group * T, -1)
-    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).view(B, Hkv * group, T, S)
+    scores = torch.matmul(q, k.transpose(-1, -2)).view(B, Hkv * group, T, S)
     p = _softmax(scores * scale, causal_slot_mask(pos_BT, S), q_BTHK.dtype)
-    o = torch.matmul(p.view(B, Hkv, group * T, S), v.transpose(1, 2))  # (B, Hkv, group*T, dv)
+    o = torch.matmul(p.view(B, Hkv, group * T, S), v)  # (B, Hkv, group*T, dv)
     o = o.view(B, Hkv, group, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
     return o if wo is None else wo(o)

@@ -49,9 +49,15 @@ class _SlotCache:
         for name, v in values.items():
             self.tensors[name][layer][rows, pos_BT] = v.to(self.dtype)
 
-    def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
-        """Slots [0, n_slots) of every row: (B, n_slots, ...) in the compute dtype."""
-        return self.tensors[name][layer, :, :n_slots].to(dtype)
+    def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype, heads_first: bool = False) -> torch.Tensor:
+        """Slots [0, n_slots) of every row in the compute dtype: (B, n_slots, ...), or for a
+        per-head cache with ``heads_first`` (B, H, n_slots, d). One contiguous copy either way."""
+        t = self.tensors[name][layer, :, :n_slots]
+        if heads_first:
+            t = t.transpose(1, 2)
+        elif t.dtype == dtype:
+            return t  # a strided view is fine for batched matmul
+        return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
     def reset(self) -> None:
         self.lengths.zero_()

@@ -1,0 +1,191 @@
+"""Decode benchmark: the absorbed-MLA latent cache against its peers, MTP speculation, prefix cache.
+
+1. Decode tokens/s and cache bytes per token at 512 and 2048 tokens of context for
+   - absorbed MLA (latent + rope key cache),
+   - naive MLA (the same model, full per-head K/V cache),
+   - GQA: a model of similar size built from the same code (attn="gqa", 4 KV heads).
+   The caches are filled with random entries up to the context length (decode cost does not
+   depend on their values), then ``--steps`` decode steps are timed for a batch of ``--batch``.
+2. MTP speculative decoding on a trained checkpoint: ``flyer train --preset tiny`` for
+   ``--train-steps`` steps (or ``--ckpt`` of an existing run), greedy with and without
+   ``--speculative mtp``: identical tokens, acceptance rate, tokens/s ratio.
+3. Prefix cache: prefill of a long prompt cold versus loaded from the on-disk cache.
+
+All times are compared with a peer measured in the same run. Prints one JSON object.
+    python bench/decode.py [--threads 1] [--ckpt RUN_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from flyer.config import preset
+from flyer.infer import Decoder, GenerationConfig, generate
+from flyer.infer.generate import open_prefix_cache
+from flyer.model.counts import kv_cache_bytes_per_token, param_counts
+from flyer.model.transformer import Transformer
+
+# "small" with V3-shaped attention: many heads over one small latent (V3: 128 heads, latent 512)
+MLA_BENCH = dict(n_heads=16, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, kv_lora_rank=64,
+                 max_seq_len=4096, original_seq_len=4096)
+GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32, max_seq_len=4096, original_seq_len=4096)
+
+
+@torch.inference_mode()
+def decode_speed(model: Transformer, mode: str, ctx: int, batch: int, steps: int) -> tuple[float, int]:
+    """(tokens/s, cache bytes per token) of ``steps`` decode steps after ``ctx`` cached tokens."""
+    warm = 2
+    dec = Decoder(model, batch, ctx + warm + steps + 1, mode, torch.bfloat16)
+    for t in dec.cache.tensors.values():
+        t[:, :, :ctx].normal_()
+    n = torch.full((batch,), ctx)
+    tok = torch.randint(0, model.cfg.vocab_size, (batch, 1))
+    for i in range(warm + steps):
+        if i == warm:
+            t0 = time.perf_counter()
+        tok = dec.logits(dec.forward(tok, n)).argmax(-1)
+        n += 1
+    return batch * steps / (time.perf_counter() - t0), dec.bytes_per_token()
+
+
+def bench_attention(contexts: list[int], batch: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    mla = Transformer(preset("small", **MLA_BENCH)).eval()
+    gqa = Transformer(preset("small", **GQA_BENCH)).eval()
+    out: dict = {"model": {"mla": {"params": param_counts(mla.cfg).total, **MLA_BENCH},
+                           "gqa": {"params": param_counts(gqa.cfg).total, **GQA_BENCH},
+                           "base_preset": "small", "batch": batch, "steps": steps, "cache_dtype": "bf16"}}
+    for ctx in contexts:
+        for name, model, mode in (("absorbed", mla, "absorbed"), ("naive", mla, "naive"), ("gqa", gqa, "absorbed")):
+            tps, bpt = decode_speed(model, mode, ctx, batch, steps)
+            assert bpt == kv_cache_bytes_per_token(model.cfg, absorbed=name != "naive")  # == flyer info
+            out[f"tokens_per_s_{name}_ctx{ctx}"] = round(tps, 1)
+            out[f"cache_bytes_per_token_{name}"] = bpt
+            out[f"cache_mib_{name}_ctx{ctx}"] = round(bpt * ctx * batch / 2**20, 2)
+        out[f"speedup_absorbed_vs_naive_ctx{ctx}"] = round(out[f"tokens_per_s_absorbed_ctx{ctx}"]
+                                                            / out[f"tokens_per_s_naive_ctx{ctx}"], 3)
+        out[f"speedup_absorbed_vs_gqa_ctx{ctx}"] = round(out[f"tokens_per_s_absorbed_ctx{ctx}"]
+                                                          / out[f"tokens_per_s_gqa_ctx{ctx}"], 3)
+    top = max(contexts)  # the headline keys: the longest context
+    for name in ("absorbed", "naive", "gqa"):
+        out[f"tokens_per_s_{name}"] = out[f"tokens_per_s_{name}_ctx{top}"]
+    out["headline_context"] = top
+    out["cache_ratio_naive_vs_absorbed"] = round(out["cache_bytes_per_token_naive"] / out["cache_bytes_per_token_absorbed"], 2)
+    out["cache_ratio_gqa_vs_absorbed"] = round(out["cache_bytes_per_token_gqa"] / out["cache_bytes_per_token_absorbed"], 2)
+    out["cache_bytes_per_token_dsv3"] = kv_cache_bytes_per_token(preset("dsv3"))
+    return out
+
+
+def train_checkpoint(run: Path, steps: int, threads: int) -> None:
+    cmd = [sys.executable, "-m", "flyer", "train", "--preset", "tiny", "--steps", str(steps), "--out", str(run),
+           "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup", "10", "--precision", "fp32",
+           "--eval-every", str(steps), "--ckpt-every", str(steps), "--threads", str(threads),
+           "--no-plots", "--no-progress"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def bench_mtp(ckpt: Path, new_tokens: int, draft_tokens: int) -> dict:
+    from flyer.train.checkpoint import load_for_inference
+
+    model, cfg, tok = load_for_inference(ckpt)
+    texts = ["ROMEO:\nWhat light", "First Citizen:\nBefore we proceed any further, hear me",
+             "KING HENRY:\nOnce more unto", "To be, or not to be"]
+    prompts = [tok.encode(t, add_special_tokens=False).ids or [0] for t in texts]
+    out: dict = {"mtp_checkpoint": str(ckpt), "mtp_new_tokens": new_tokens}
+    plain_s = spec_s = 0.0
+    total = 0
+    res = {}
+    for k in [1] + ([draft_tokens] if draft_tokens > 1 else []):
+        drafted = accepted = 0
+        spec_s = plain_s = 0.0
+        total = 0
+        for p in prompts:  # one prompt at a time: speculation helps latency-bound decoding
+            g = dict(max_new_tokens=new_tokens, cache_dtype=torch.bfloat16)
+            plain = generate(model, [p], GenerationConfig(**g))
+            spec = generate(model, [p], GenerationConfig(**g, speculative="mtp", draft_tokens=k))
+            if spec.tokens != plain.tokens:
+                raise AssertionError("speculative greedy output differs from plain greedy")
+            plain_s += plain.decode_s
+            spec_s += spec.decode_s
+            drafted += spec.drafted
+            accepted += spec.accepted
+            total += plain.new_tokens - 1
+        sfx = "" if k == 1 else f"_k{k}"
+        res[f"mtp_acceptance_rate{sfx}"] = round(accepted / drafted, 4)
+        res[f"tokens_per_s_plain{sfx}"] = round(total / plain_s, 1)
+        res[f"tokens_per_s_mtp{sfx}"] = round(total / spec_s, 1)
+        res[f"mtp_speedup{sfx}"] = round(plain_s / spec_s, 3)
+    out.update(res)
+    out["mtp_greedy_identical"] = True
+    return out
+
+
+def bench_prefix(ckpt: Path | None, prompt_len: int, block: int) -> dict:
+    if ckpt is not None:
+        from flyer.train.checkpoint import load_for_inference
+
+        model = load_for_inference(ckpt)[0]
+    else:
+        torch.manual_seed(0)
+        model = Transformer(preset("tiny", max_seq_len=4096, original_seq_len=4096)).eval()
+    torch.manual_seed(1)
+    prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,)).tolist()
+    g = dict(max_new_tokens=1, cache_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as d:
+        pc = open_prefix_cache(model, d, block_size=block)
+        cold = min(generate(model, [prompt], GenerationConfig(**g)).prefill_s for _ in range(3))
+        store = generate(model, [prompt], GenerationConfig(**g, prefix_cache=pc))
+        hits = [generate(model, [prompt], GenerationConfig(**g, prefix_cache=pc)) for _ in range(3)]
+        hit = min(h.prefill_s for h in hits)
+        same = all(h.tokens == store.tokens for h in hits)
+        disk = pc.disk_bytes()
+    return {"prefix_prompt_tokens": prompt_len, "prefix_block": block,
+            "prefill_s_cold": round(cold, 4), "prefill_s_cold_and_store": round(store.prefill_s, 4),
+            "prefill_s_prefix_hit": round(hit, 4), "prefix_hit_speedup": round(cold / hit, 2),
+            "prefix_hit_rate": hits[-1].prefix["hit_rate"], "prefix_hit_same_tokens": same,
+            "prefix_disk_bytes_per_token": round(disk / (prompt_len // block * block), 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="512,2048")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ckpt", help="a trained run/step directory for the MTP part (default: train tiny now)")
+    ap.add_argument("--train-steps", type=int, default=150)
+    ap.add_argument("--mtp-tokens", type=int, default=96)
+    ap.add_argument("--draft-tokens", type=int, default=2, help="also measure this many drafts per step")
+    ap.add_argument("--prefix-tokens", type=int, default=1024)
+    ap.add_argument("--skip-mtp", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    out: dict = {"threads": args.threads}
+    out.update(bench_attention([int(c) for c in args.contexts.split(",")], args.batch, args.steps))
+    ckpt = Path(args.ckpt) if args.ckpt else None
+    with tempfile.TemporaryDirectory() as d:
+        if not args.skip_mtp:
+            if ckpt is None:
+                t1 = time.perf_counter()
+                ckpt = Path(d) / "run"
+                train_checkpoint(ckpt, args.train_steps, args.threads)
+                out["mtp_train_steps"] = args.train_steps
+                out["mtp_train_s"] = round(time.perf_counter() - t1, 1)
+            out.update(bench_mtp(ckpt, args.mtp_tokens, args.draft_tokens))
+        out.update(bench_prefix(ckpt, args.prefix_tokens, 64))
+    out["bench_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
