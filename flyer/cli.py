@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "flyer.model.info",
     "flyer.train.cli",
     "flyer.infer.cli",
+    "flyer.cluster.cli",
 ]
 
 

@@ -69,6 +69,15 @@ def validate_layout(cfg: ModelConfig, lay: Layout) -> None:
         raise UserError(f"--micro-batch must be >= 1 (got {lay.micro_batch})")
 
 
+def auto_layout(cfg: ModelConfig, gpus: int) -> tuple[int, int, str]:
+    """DeepSeek-V3's layout (PP 16, EP 64, DualPipe) where it is valid, else PP 1, EP 1, 1F1B."""
+    try:
+        validate_layout(cfg, Layout(gpus, 16, 64, schedule="dualpipe"))
+        return 16, 64, "dualpipe"
+    except UserError:
+        return 1, 1, "1f1b"
+
+
 def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: bool = True,
                                      bytes_per_element: int = 2) -> float:
     """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).

@@ -79,6 +79,6 @@ def storage_model(c: StorageCluster) -> dict:
         "read_gb_s_per_node": read / c.nodes,
         "raw_capacity_pib": raw / 1024**5, "usable_capacity_pib": raw / c.replicas / 1024**5,
         "recovery_bytes": lost, "recovery_tib": lost / TIB,
-        "recovery_network_bytes": 2 * lost,  # each byte is read from one node and sent to another
+        "recovery_nic_bytes": 2 * lost,  # each byte leaves one survivor's NIC and enters another's
         "recovery_s": recovery_s, "recovery_min": recovery_s / 60,
     }

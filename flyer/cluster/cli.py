@@ -1,0 +1,392 @@
+"""``flyer plan`` (training cost and memory) and ``flyer net`` (topology, ep, latency, simulate,
+storage, pipeline). Every subcommand prints a readable table, or JSON with ``--json``."""
+
+from __future__ import annotations
+
+import json
+
+from flyer.cli import UserError
+from flyer.config import PRESETS, resolve_config
+
+
+def _emit(args, obj, table) -> int:
+    if args.json:
+        print(json.dumps(obj))
+    else:
+        table(obj)
+    return 0
+
+
+def _num(x: float, digits: int = 2) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.{digits}f}{unit}"
+    return f"{x:.{digits}f}"
+
+
+def _rows(rows: list[tuple[str, str]]) -> None:
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+
+
+def _grid(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` as columns; ``cols`` = (header, key, format spec)."""
+    cells = [[h for h, _, _ in cols]] + [[format(r[k], f) if r.get(k) is not None else "-" for _, k, f in cols]
+                                         for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for c in cells:
+        print("  " + "  ".join(x.rjust(wd) for x, wd in zip(c, widths)))
+
+
+def _positive_int(flag: str, v: int) -> int:
+    if v < 1:
+        raise UserError(f"{flag} must be >= 1 (got {v})")
+    return v
+
+
+# ---- flyer plan ---------------------------------------------------------------------------------
+def _plan(args) -> int:
+    from flyer.cluster.costs import Layout, Throughput, auto_layout, plan
+    from flyer.cluster.hardware import gpu_spec
+
+    overrides = {}
+    for item in args.hw or []:
+        if "=" not in item:
+            raise UserError(f"--hw expects FIELD=VALUE (got {item!r})")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v.strip()
+    if args.gpus_per_node is not None:
+        overrides["gpus_per_node"] = str(_positive_int("--gpus-per-node", args.gpus_per_node))
+    gpu = gpu_spec(args.gpu, overrides)
+    cfg = resolve_config(args.preset, args.config)
+    pp, ep, schedule = args.pp, args.ep, args.schedule
+    if pp is None and ep is None and schedule is None:  # auto: DeepSeek-V3's layout when it applies
+        pp, ep, schedule = auto_layout(cfg, args.gpus)
+    lay = Layout(gpus=args.gpus, pp=pp or 1, ep=ep or 1, micro_batch=args.micro_batch, schedule=schedule or "1f1b",
+                 recompute=not args.no_recompute)
+    out = plan(cfg, gpu, lay, args.tokens, args.seq_len, Throughput(args.tokens_per_day, args.mfu),
+               args.price_per_gpu_hour, args.extra_gpu_hours)
+    out = {"preset": args.preset, "config": args.config, **out}
+
+    def table(o):
+        m = o["memory"]
+        print(f"{o['preset'] or o['config']} on {o['gpus']:,} x {o['gpu']}, {_num(o['tokens'])} tokens at sequence {o['seq_len']}")
+        _rows([
+            ("total / activated params", f"{_num(o['total_params'])} / {_num(o['activated_params'])} (MTP +{_num(o['mtp_params'])})"),
+            ("FLOPs / token causal", f"{o['flops_per_token_causal'] / 1e9:.2f} GFLOPs"),
+            ("FLOPs / token non-causal", f"{o['flops_per_token_noncausal'] / 1e9:.2f} GFLOPs"),
+            ("throughput", f"{_num(o['tokens_per_day'])} tokens/day, {o['tokens_per_s_per_gpu']:.0f} tokens/s/GPU ({o['throughput_source']})"),
+            ("TFLOPS / GPU causal | non-causal", f"{o['tflops_per_gpu_causal']:.1f} | {o['tflops_per_gpu_noncausal']:.1f}"),
+            ("MFU causal | non-causal", f"{o['mfu_causal']:.2%} | {o['mfu_noncausal']:.2%} of {o['peak_bf16_tflops']:.0f} TFLOPS BF16"),
+            ("GPU-hours", f"{o['gpu_hours']:,.0f} ({o['gpu_hours_per_trillion_tokens']:,.0f} per trillion tokens"
+                          + (f", +{o['extra_gpu_hours']:,.0f} extra)" if o['extra_gpu_hours'] else ")")),
+            ("days", f"{o['days']:.2f}"),
+            ("cost", f"${o['cost_usd']:,.0f} at ${o['price_per_gpu_hour']}/GPU-hour"),
+            ("KV cache / token", f"{o['kv_cache_bytes_per_token']:,} bytes"),
+        ])
+        print(f"memory per GPU: PP {m['pp']} x EP {m['ep']} x DP {m['dp']} (ZeRO-1), {m['schedule']}, "
+              f"{m['layers_per_stage']} layers/stage, micro-batch {m['micro_batch']}")
+        _rows([
+            ("weights (BF16)", f"{m['weights_gib']:.2f} GiB"),
+            ("gradients (FP32)", f"{m['gradients_gib']:.2f} GiB"),
+            ("optimizer (ZeRO-1)", f"{m['optimizer_gib']:.2f} GiB"),
+            ("activations (estimate)", f"{m['activations_gib']:.2f} GiB"),
+            ("total", f"{m['total_gib']:.2f} GiB of {m['hbm_gib']:.0f} GiB HBM ({'fits' if m['fits'] else 'does NOT fit'})"),
+        ])
+
+    return _emit(args, out, table)
+
+
+# ---- flyer net ----------------------------------------------------------------------------------
+def _topology(args) -> int:
+    from flyer.cluster import topology as T
+
+    prices = T.Prices(args.switch_price_per_port, args.switch_price_base, args.endpoint_link_usd,
+                      args.switch_link_usd)
+    df = None
+    if any(v is not None for v in (args.df_a, args.df_p, args.df_h, args.df_g)):
+        a0, p0, h0, g0 = T.dragonfly_for_radix(args.radix)
+        df = (args.df_a or a0, args.df_p or p0, args.df_h or h0, args.df_g or g0)
+    names = tuple(n.strip() for n in args.topologies.split(",") if n.strip())
+    topos = T.compare(args.radix, args.planes, args.sf_q, df, names, args.rails)
+    rows = [t.as_dict(prices) for t in topos]
+    for r in rows:
+        if r["name"] == "sf":
+            r["params"]["buildable_q"] = T.slim_fly_q_for_radix(args.radix, prime_power=True)
+    if args.plot:
+        from flyer.cluster.plots import topology_chart
+
+        topology_chart(rows, args.plot)
+
+    def table(rs):
+        print(f"topologies from {args.radix}-port switches (switch {prices.switch(args.radix):,.0f} USD, "
+              f"endpoint link {prices.endpoint_link:,.0f}, switch link {prices.switch_link:,.0f})")
+        _grid(rs, [("name", "name", ""), ("endpoints", "endpoints", ","), ("switches", "switches", ","),
+                   ("links", "links", ","), ("diameter", "diameter", "d"), ("cost USD", "cost_usd", ",.0f"),
+                   ("USD/endpoint", "cost_per_endpoint_usd", ",.0f")])
+        for r in rs:
+            if r["note"]:
+                print(f"  note ({r['name']}): {r['note']}")
+        if args.plot:
+            print(f"  chart: {args.plot}")
+
+    return _emit(args, rows, table)
+
+
+def _ep(args) -> int:
+    from flyer.cluster.comm import EPScenario, ep_decode
+    from flyer.cluster.hardware import fabric
+
+    kw = {}
+    if args.preset:  # take the model's own sizes instead of the ISCA paper's rounded scenario
+        cfg = resolve_config(args.preset)
+        kw = dict(hidden=cfg.dim, layers=cfg.n_layers, experts_per_token=cfg.n_activated_experts + cfg.n_shared_experts)
+    else:
+        cfg = resolve_config("dsv3")
+        kw = dict(layers=cfg.n_layers, experts_per_token=cfg.n_activated_experts + cfg.n_shared_experts)
+    for name in ("hidden", "layers", "experts_per_token"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    scen = EPScenario(tokens_per_device=args.tokens_per_device, dispatch_bytes=args.dispatch_bytes,
+                      combine_bytes=args.combine_bytes, micro_batches=args.micro_batches,
+                      node_limit=args.node_limit, dispatch_scale_bytes=4 / 128 if args.fp8_scales else 0.0, **kw)
+    out = ep_decode(scen, fabric(args.fabric, args.bandwidth_gb_s, args.latency_us),
+                    fabric("nvlink", args.nvlink_gb_s) if args.node_limit else None)
+
+    def table(o):
+        print(f"EP decode on {o['fabric']} at {o['bandwidth_gb_s']:g} GB/s: {o['tokens_per_device']} tokens/device x "
+              f"{o['experts_per_token']} experts x hidden {o['hidden']}, {o['layers']} layers, "
+              f"{o['micro_batches']} micro-batches")
+        _rows([
+            ("bytes per EP step", f"{o['bytes_per_step']:,.0f}"),
+            ("dispatch | combine", f"{o['dispatch_us']:.2f} | {o['combine_us']:.2f} us"),
+            ("EP step (bandwidth bound)", f"{o['step_us']:.2f} us"),
+            ("layer", f"{o['layer_us']:.2f} us"),
+            ("time per output token", f"{o['tpot_ms']:.2f} ms"),
+            ("tokens/s", f"{o['tokens_per_s']:.1f}"),
+            ("with latency (alpha-beta)", f"step {o['step_us_alpha_beta']:.2f} us, TPOT {o['tpot_ms_alpha_beta']:.2f} ms, "
+                                          f"{o['tokens_per_s_alpha_beta']:.1f} tokens/s"),
+        ])
+
+    return _emit(args, out, table)
+
+
+def _latency(args) -> int:
+    from flyer.cluster.comm import RDMAIssue, ibgda_sweep, latency_table
+    from flyer.cluster.hardware import fabric
+
+    try:
+        sizes = [int(float(s)) for s in args.sizes.split(",")]
+    except ValueError:
+        raise UserError(f"--sizes must be comma-separated byte counts (got {args.sizes!r})") from None
+    out = {
+        "latency": latency_table(args.bytes),
+        "ibgda": ibgda_sweep(sizes, args.messages, fabric(args.fabric), args.nic_msg_rate,
+                             RDMAIssue("cpu_proxy", args.proxy_overhead_us, args.proxy_threads, args.proxy_latency_us),
+                             RDMAIssue("ibgda", args.gpu_overhead_us, args.gpu_issuers, 0.0)),
+    }
+
+    def table(o):
+        print(f"{args.bytes}-byte end-to-end latency")
+        _grid(o["latency"], [("fabric", "fabric", ""), ("path", "path", ""), ("switches", "switches", "d"),
+                             ("latency us", "latency_us", ".2f")])
+        g = o["ibgda"]
+        print(f"{g['messages']} RDMA writes on {g['link']}: CPU proxy {_num(g['proxy_msg_rate'])} msg/s, "
+              f"IBGDA {_num(g['ibgda_msg_rate'])} msg/s; the proxy caps messages below "
+              f"{g['proxy_bandwidth_bound_from_bytes']:,} bytes")
+        _grid(g["rows"], [("bytes", "bytes", ","), ("proxy us", "proxy_us", ".1f"), ("IBGDA us", "ibgda_us", ".1f"),
+                          ("speedup", "speedup", ".2f"), ("proxy GB/s", "proxy_gb_s", ".1f"),
+                          ("IBGDA GB/s", "ibgda_gb_s", ".1f")])
+
+    return _emit(args, out, table)
+
+
+def _simulate(args) -> int:
+    from flyer.cluster.netsim import ROUTINGS, TOPOLOGIES, simulate
+
+    topos = TOPOLOGIES if args.topology == "all" else (args.topology,)
+    routings = ROUTINGS if args.routing == "all" else (args.routing,)
+    rows = [simulate(t, r, nodes=args.nodes, gpus_per_node=args.gpus_per_node, radix=args.radix,
+                     forwarding=args.forwarding, message_bytes=args.message_bytes, seed=args.seed,
+                     nic_gb_s=args.nic_gb_s) for t in topos for r in routings]
+    if args.plot:
+        from flyer.cluster.plots import simulate_chart
+
+        simulate_chart(rows, args.plot)
+
+    def table(rs):
+        print(f"all-to-all of {args.nodes} nodes x {args.gpus_per_node} GPUs, {_num(args.message_bytes)}B per pair, "
+              f"{args.nic_gb_s:g} GB/s NICs (max-min fair, event-driven)")
+        _grid(rs, [("topology", "topology", ""), ("routing", "routing", ""), ("forwarding", "forwarding", ""),
+                   ("radix", "radix", "d"), ("flows", "flows", ","), ("GB/s per GPU", "bandwidth_per_gpu_gb_s", ".1f"),
+                   ("of NIC", "fraction_of_nic", ".1%"), ("time us", "completion_us", ",.0f")])
+        if args.plot:
+            print(f"  chart: {args.plot}")
+
+    return _emit(args, rows, table)
+
+
+def _storage(args) -> int:
+    from flyer.cluster.storage import StorageCluster, storage_model
+
+    c = StorageCluster(args.nodes, args.nics_per_node, args.nic_gbit_s, args.ssds_per_node, args.ssd_tib,
+                       args.ssd_read_gb_s, args.ssd_write_gb_s, args.replicas, args.clients,
+                       args.client_nic_gbit_s, args.efficiency, args.fill, args.recovery_share)
+    out = storage_model(c)
+
+    def table(o):
+        print(f"3FS-style cluster: {o['nodes']} nodes x {o['nics_per_node']} x {o['nic_gbit_s']:g} Gb/s, "
+              f"{o['ssds_per_node']} x {o['ssd_tib']:g} TiB SSDs, {o['replicas']} replicas, {o['clients']} clients")
+        _rows([
+            ("aggregate read", f"{o['read_tib_s']:.2f} TiB/s ({o['read_gb_s']:,.0f} GB/s, bound by {o['read_bound']})"),
+            ("aggregate write", f"{o['write_tib_s']:.2f} TiB/s ({o['write_gb_s']:,.0f} GB/s, bound by {o['write_bound']})"),
+            ("capacity raw | usable", f"{o['raw_capacity_pib']:.2f} | {o['usable_capacity_pib']:.2f} PiB"),
+            ("recovery after a node loss", f"{o['recovery_tib']:.1f} TiB re-replicated in {o['recovery_min']:.1f} min"),
+        ])
+
+    return _emit(args, out, table)
+
+
+def _pipeline(args) -> int:
+    from flyer.cluster.pipeline import compare, pipeline_report
+
+    if args.schedule == "all":
+        rows = compare(args.pp, args.f, args.b, args.w, args.fb, args.stage_param_gib, args.microbatch_activation_gib)
+    else:
+        rows = [pipeline_report(args.schedule, args.pp, args.f, args.b, args.w, args.fb, args.stage_param_gib,
+                                args.microbatch_activation_gib)]
+
+    def table(rs):
+        print(f"PP {args.pp}, F={args.f:g} B={args.b:g} W={args.w:g} F&B={rs[0]['fb']:g}")
+        _grid(rs, [("schedule", "schedule", ""), ("bubble", "bubble", ".2f"), ("params", "param_copies", "d"),
+                   ("activations", "activation_microbatches", "d"), ("param GiB", "param_memory_gib", ".2f"),
+                   ("activation GiB", "activation_memory_gib", ".2f")])
+
+    return _emit(args, rows, table)
+
+
+def register(sub) -> None:
+    from flyer.cluster.hardware import FABRICS, GPUS
+    from flyer.cluster.pipeline import SCHEDULES
+
+    p = sub.add_parser("plan", help="training FLOPs, GPU-hours, cost and per-GPU memory on a cluster")
+    p.add_argument("--preset", default="dsv3", choices=list(PRESETS), metavar="PRESET", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--config", help="a config file overriding the preset's fields")
+    p.add_argument("--gpu", default="h800", help=f"one of: {', '.join(GPUS)}")
+    p.add_argument("--hw", action="append", metavar="FIELD=VALUE", help="override a hardware field (repeatable)")
+    p.add_argument("--gpus", type=int, default=2048)
+    p.add_argument("--gpus-per-node", type=int, help="default: the GPU's NVLink domain")
+    p.add_argument("--tokens", type=float, default=14.8e12, help="token budget")
+    p.add_argument("--seq-len", type=int, default=4096)
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--tokens-per-day", type=float, help="measured cluster throughput")
+    t.add_argument("--mfu", type=float, help="assumed MFU against the BF16 dense peak (default 0.4)")
+    p.add_argument("--price-per-gpu-hour", type=float, default=2.0)
+    p.add_argument("--extra-gpu-hours", type=float, default=0.0, help="GPU-hours of other stages added to the total")
+    p.add_argument("--pp", type=int, help="pipeline stages (default: see --schedule)")
+    p.add_argument("--ep", type=int, help="expert-parallel ranks")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="pipeline schedule; with none of --pp/--ep/--schedule given, DeepSeek-V3's PP 16 x EP 64 "
+                        "DualPipe when the model and GPU count allow it, else PP 1 x EP 1 1F1B")
+    p.add_argument("--no-recompute", action="store_true", help="save every activation (no V3-style recomputation)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_plan)
+
+    net = sub.add_parser("net", help="network topology, EP communication, latency, simulation, storage, pipeline")
+    ns = net.add_subparsers(dest="net_command", metavar="SUBCOMMAND", required=True)
+
+    q = ns.add_parser("topology", help="endpoints, switches, links and cost of FT2/MPFT/FT3/SF/DF at one radix")
+    q.add_argument("--radix", type=int, default=64)
+    q.add_argument("--topologies", default="ft2,mpft,ft3,sf,df", help="comma list of ft2, mpft, mrft, ft3, sf, df")
+    q.add_argument("--planes", type=int, default=8)
+    q.add_argument("--rails", type=int, default=8)
+    q.add_argument("--sf-q", type=int, help="Slim Fly q (default: the largest that fits the radix, 28 at 64)")
+    q.add_argument("--df-a", type=int)
+    q.add_argument("--df-p", type=int)
+    q.add_argument("--df-h", type=int)
+    q.add_argument("--df-g", type=int, help="Dragonfly groups (default a*h-1, the paper's 511 at radix 64)")
+    q.add_argument("--switch-price-per-port", type=float, default=350.4)
+    q.add_argument("--switch-price-base", type=float, default=-892.3)
+    q.add_argument("--endpoint-link-usd", type=float, default=981.0)
+    q.add_argument("--switch-link-usd", type=float, default=2405.0)
+    q.add_argument("--plot", metavar="PNG", help="write a cost/endpoint chart")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_topology)
+
+    q = ns.add_parser("ep", help="EP dispatch/combine time per layer and decode tokens/s (alpha-beta)")
+    q.add_argument("--preset", choices=list(PRESETS), metavar="PRESET",
+                   help="take hidden/layers/experts from a preset (default: the ISCA paper's scenario, hidden 7000)")
+    q.add_argument("--tokens-per-device", type=int, default=32)
+    q.add_argument("--hidden", type=int)
+    q.add_argument("--layers", type=int)
+    q.add_argument("--experts-per-token", type=int, help="routed + shared experts each token reaches")
+    q.add_argument("--dispatch-bytes", type=float, default=1.0, help="bytes per element on dispatch (FP8 = 1)")
+    q.add_argument("--combine-bytes", type=float, default=2.0, help="bytes per element on combine (BF16 = 2)")
+    q.add_argument("--fp8-scales", action="store_true", help="add one FP32 scale per 128 dispatched elements")
+    q.add_argument("--micro-batches", type=int, default=2)
+    q.add_argument("--node-limit", type=int, default=0, help="M nodes per token (hierarchical over NVLink); 0 = the paper's bound")
+    q.add_argument("--fabric", default="ib", help=f"one of: {', '.join(FABRICS)}")
+    q.add_argument("--bandwidth-gb-s", type=float, help="override the fabric's bandwidth (GB/s)")
+    q.add_argument("--latency-us", type=float, help="override the fabric's latency")
+    q.add_argument("--nvlink-gb-s", type=float, help="NVLink bandwidth for --node-limit (default H800's 200)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_ep)
+
+    q = ns.add_parser("latency", help="small-message latency per fabric and CPU proxy vs IBGDA")
+    q.add_argument("--bytes", type=int, default=64)
+    q.add_argument("--sizes", default="64,512,4096,7168,32768,262144,1048576", help="message sizes for the IBGDA sweep")
+    q.add_argument("--messages", type=int, default=256, help="messages sent back to back per sweep point")
+    q.add_argument("--fabric", default="ib", help=f"one of: {', '.join(FABRICS)}")
+    q.add_argument("--nic-msg-rate", type=float, default=200e6, help="NIC message rate cap (messages/s)")
+    q.add_argument("--proxy-overhead-us", type=float, default=0.5)
+    q.add_argument("--proxy-threads", type=int, default=1)
+    q.add_argument("--proxy-latency-us", type=float, default=2.0)
+    q.add_argument("--gpu-overhead-us", type=float, default=0.2)
+    q.add_argument("--gpu-issuers", type=int, default=128)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_latency)
+
+    q = ns.add_parser("simulate", help="flow-level all-to-all on small MPFT/MRFT/FT3 with ECMP/static/adaptive routing")
+    q.add_argument("--topology", default="all", help="mpft, mrft, ft3 or all")
+    q.add_argument("--routing", default="all", help="ecmp, static, adaptive or all")
+    q.add_argument("--nodes", type=int, default=16)
+    q.add_argument("--gpus-per-node", type=int, default=4)
+    q.add_argument("--radix", type=int, help="switch radix (default: the smallest that holds the cluster)")
+    q.add_argument("--forwarding", choices=("pxn", "direct"), help="default: pxn on mpft/mrft, direct on ft3")
+    q.add_argument("--message-bytes", type=float, default=1e6)
+    q.add_argument("--nic-gb-s", type=float, default=50.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--plot", metavar="PNG")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_simulate)
+
+    q = ns.add_parser("storage", help="3FS-style aggregate read/write bounds and recovery")
+    q.add_argument("--nodes", type=int, default=180)
+    q.add_argument("--nics-per-node", type=int, default=2)
+    q.add_argument("--nic-gbit-s", type=float, default=200.0)
+    q.add_argument("--ssds-per-node", type=int, default=16)
+    q.add_argument("--ssd-tib", type=float, default=14.0)
+    q.add_argument("--ssd-read-gb-s", type=float, default=6.0)
+    q.add_argument("--ssd-write-gb-s", type=float, default=3.0)
+    q.add_argument("--replicas", type=int, default=3)
+    q.add_argument("--clients", type=int, default=500)
+    q.add_argument("--client-nic-gbit-s", type=float, default=200.0)
+    q.add_argument("--efficiency", type=float, default=0.8)
+    q.add_argument("--fill", type=float, default=0.5)
+    q.add_argument("--recovery-share", type=float, default=0.5)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_storage)
+
+    q = ns.add_parser("pipeline", help="bubble and memory per device for 1F1B, ZB1P and DualPipe")
+    q.add_argument("--pp", type=int, default=16)
+    q.add_argument("--f", type=float, default=1.0, help="forward chunk time")
+    q.add_argument("--b", type=float, default=2.0, help="full backward chunk time")
+    q.add_argument("--w", type=float, default=1.0, help="weight-gradient part of B")
+    q.add_argument("--fb", type=float, help="overlapped forward+backward pair (default F+B)")
+    q.add_argument("--schedule", default="all", choices=("all", *SCHEDULES))
+    q.add_argument("--stage-param-gib", type=float, default=0.0, help="parameter memory of one stage")
+    q.add_argument("--microbatch-activation-gib", type=float, default=0.0, help="activations of one micro-batch on a stage")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_pipeline)
