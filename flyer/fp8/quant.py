@@ -10,7 +10,8 @@ Two granularities, both along the GEMM reduction dimension K (the last dimension
 ``Cp`` is C rounded up to a multiple of 128; the padding is zeros, which add nothing to a GEMM
 along K, so any C is accepted. Rows are not padded (a block scale covers the last, partial
 block of rows). The online scale of a tile is ``amax / fp8_max`` (448 for E4M3, 57344 for
-E5M2), optionally rounded up to a power of two (UE8M0, what Blackwell's MX formats store);
+E5M2), optionally rounded up to a power of two (UE8M0, what Blackwell's MX formats store), and
+capped so that ``fp8_max * scale`` stays finite in FP32;
 ``x ~= data.float() * scale``. The cast saturates: values are clamped to +-fp8_max before
 conversion, all-zero tiles get scale 1, so no finite input yields NaN or Inf.
 """
@@ -18,6 +19,7 @@ conversion, all-zero tiles get scale 1, so no finite input yields NaN or Inf.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -78,7 +80,17 @@ def amax_to_scale(amax: torch.Tensor, fp8_dtype: torch.dtype, pow2: bool) -> tor
     """scale = amax / fp8_max (float32); all-zero (or underflowing) tiles get scale 1."""
     scale = amax.float() / FP8_MAX[fp8_dtype]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return ceil_pow2(scale) if pow2 else scale
+    if pow2:
+        scale = ceil_pow2(scale)
+    # near float32's max, fp8_max * scale would overflow on dequantisation: cap the scale (the
+    # top values of such a tile saturate instead)
+    return scale.clamp(max=_max_scale(fp8_dtype, pow2))
+
+
+@functools.lru_cache(maxsize=None)
+def _max_scale(fp8_dtype: torch.dtype, pow2: bool) -> float:
+    cap = torch.finfo(torch.float32).max / FP8_MAX[fp8_dtype]
+    return 2.0 ** math.floor(math.log2(cap)) if pow2 else float(torch.nextafter(torch.tensor(cap), torch.tensor(0.0)))
 
 
 def _cast(x_scaled: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
