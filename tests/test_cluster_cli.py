@@ -1,0 +1,75 @@
+"""The CLI interface acceptance checks use: every subcommand prints JSON with --json."""
+
+import json
+
+import pytest
+
+from flyer.cli import main
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_plan_json(capsys):
+    rc, out, _ = run(capsys, "plan", "--preset", "dsv3", "--gpu", "h800", "--gpus", "2048", "--tokens", "14.8e12",
+                     "--seq-len", "4096", "--tokens-per-day", "272.8e9", "--json")
+    assert rc == 0
+    o = json.loads(out)
+    assert o["flops_per_token_causal"] == pytest.approx(250e9, rel=0.005)
+    assert o["flops_per_token_noncausal"] == pytest.approx(281e9, rel=0.005)
+    assert o["gpu_hours"] == pytest.approx(2.664e6, rel=0.005)
+    assert o["days"] == pytest.approx(54.25, abs=0.01)
+    assert o["cost_usd"] == pytest.approx(2 * o["gpu_hours"])
+    assert o["mfu_causal"] == pytest.approx(0.3894, rel=0.005)
+
+
+def test_topology_json_and_plot(capsys, tmp_path):
+    png = tmp_path / "topo.png"
+    rc, out, _ = run(capsys, "net", "topology", "--radix", "64", "--json", "--plot", str(png))
+    rows = json.loads(out)
+    assert rc == 0 and [r["name"] for r in rows] == ["ft2", "mpft", "ft3", "sf", "df"]
+    for r in rows:
+        assert {"endpoints", "switches", "links", "cost_usd", "cost_per_endpoint_usd"} <= set(r)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ep_json(capsys):
+    rc, out, _ = run(capsys, "net", "ep", "--json")
+    o = json.loads(out)
+    assert o["step_us"] == pytest.approx(120.96) and o["tpot_ms"] == pytest.approx(14.757, abs=0.001)
+    assert {"layer_us", "tokens_per_s"} <= set(o)
+    _, out, _ = run(capsys, "net", "ep", "--bandwidth-gb-s", "900", "--json")
+    assert json.loads(out)["step_us"] == pytest.approx(6.72)
+    _, out, _ = run(capsys, "net", "ep", "--preset", "dsv3", "--json")
+    assert json.loads(out)["hidden"] == 7168
+
+
+@pytest.mark.parametrize("argv", [
+    ("net", "latency"), ("net", "storage"), ("net", "pipeline"),
+    ("net", "simulate", "--nodes", "4", "--gpus-per-node", "2", "--topology", "mpft"),
+])
+def test_every_subcommand_json_and_table(capsys, argv):
+    rc, out, _ = run(capsys, *argv, "--json")
+    assert rc == 0 and json.loads(out)
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and out.strip() and not out.lstrip().startswith(("{", "["))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (("plan", "--pp", "3"), "--pp"),
+    (("plan", "--gpu", "a100"), "--gpu"),
+    (("plan", "--hw", "nope=1"), "--hw"),
+    (("plan", "--mfu", "1.5"), "--mfu"),
+    (("net", "topology", "--radix", "63"), "--radix"),
+    (("net", "ep", "--fabric", "ethernet"), "--fabric"),
+    (("net", "ep", "--bandwidth-gb-s", "0"), "--bandwidth-gb-s"),
+    (("net", "storage", "--replicas", "0"), "--replicas"),
+    (("net", "pipeline", "--pp", "15", "--schedule", "dualpipe"), "--pp"),
+])
+def test_user_errors_are_one_line(capsys, argv, flag):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2
+    assert err.startswith("flyer: error:") and flag in err and err.count("\n") == 1

@@ -1,0 +1,102 @@
+"""flyer plan: FLOPs, GPU-hours, cost, MFU and memory against DeepSeek-V3's published figures."""
+
+import pytest
+
+from flyer.cli import UserError
+from flyer.cluster.costs import Layout, Throughput, activation_bytes_per_token_layer, auto_layout, memory_per_gpu, plan
+from flyer.cluster.hardware import GPUS, gpu_spec
+from flyer.cluster.pipeline import schedule_cost, simulate_1f1b
+from flyer.config import preset
+
+
+@pytest.fixture(scope="module")
+def v3_plan():
+    # the V3 report's inputs: 14.8T tokens, 2,048 H800, 272.8B tokens/day measured, sequence 4096
+    return plan(preset("dsv3"), gpu_spec("h800"), Layout(2048, 16, 64, schedule="dualpipe"), 14.8e12, 4096,
+                Throughput(tokens_per_day=272.8e9))
+
+
+def test_flops_per_token(v3_plan):
+    assert v3_plan["flops_per_token_causal"] == pytest.approx(250e9, rel=0.005)  # paper: 250 GFLOPs
+    assert v3_plan["flops_per_token_noncausal"] == pytest.approx(281e9, rel=0.005)  # derived: ~281
+
+
+def test_gpu_hours_and_cost(v3_plan):
+    assert v3_plan["gpu_hours"] == pytest.approx(2.664e6, rel=0.005)  # paper: 2,664K pre-training
+    assert v3_plan["gpu_hours_per_trillion_tokens"] == pytest.approx(180e3, rel=0.005)  # paper: 180K
+    assert v3_plan["days"] == pytest.approx(14.8e12 / 272.8e9)
+    assert v3_plan["cost_usd"] == pytest.approx(2 * v3_plan["gpu_hours"])
+    # the V3 report's 2,788K total adds context extension (119K) and post-training (5K): $5.576M
+    total = plan(preset("dsv3"), gpu_spec("h800"), Layout(2048), 14.8e12, 4096, Throughput(tokens_per_day=272.8e9),
+                 extra_gpu_hours=124e3)
+    assert total["cost_usd"] == pytest.approx(5.576e6, rel=0.005)
+
+
+def test_mfu_and_tflops(v3_plan):
+    assert v3_plan["tflops_per_gpu_causal"] == pytest.approx(385, rel=0.005)
+    assert v3_plan["tflops_per_gpu_noncausal"] == pytest.approx(432, rel=0.005)
+    assert v3_plan["mfu_causal"] == pytest.approx(0.3894, rel=0.005)
+    assert v3_plan["mfu_noncausal"] == pytest.approx(0.4373, rel=0.005)
+
+
+def test_mfu_input_roundtrips():
+    out = plan(preset("dsv3"), gpu_spec("h800"), Layout(2048), 1e12, 4096, Throughput(mfu=0.3894))
+    assert out["mfu_causal"] == pytest.approx(0.3894)
+    assert out["gpu_hours"] == pytest.approx(1e12 * out["flops_per_token_causal"] / (0.3894 * 989.4e12) / 3600)
+
+
+def test_params_and_kv(v3_plan):
+    assert v3_plan["total_params"] == pytest.approx(671e9, rel=0.002)
+    assert v3_plan["activated_params"] == pytest.approx(37e9, rel=0.02)
+    assert v3_plan["kv_cache_bytes_per_token"] == 70272
+
+
+def test_memory_layout(v3_plan):
+    m = v3_plan["memory"]
+    assert (m["pp"], m["ep"], m["dp"], m["expert_dp"], m["layers_per_stage"]) == (16, 64, 128, 2, 4)
+    cfg = preset("dsv3")
+    # DualPipe doubles parameters against 1F1B; ZeRO-1 divides optimizer states by the DP degree
+    one = memory_per_gpu(cfg, Layout(2048, 16, 64, schedule="1f1b"), 4096, 80)
+    assert m["params_per_gpu"] == 2 * one["params_per_gpu"]
+    assert m["weights_gib"] * 2 == pytest.approx(m["gradients_gib"])  # BF16 weights, FP32 grads
+    assert one["optimizer_gib"] < one["weights_gib"]  # sharded 8 bytes < replicated 2 bytes
+    assert m["activations_gib"] == pytest.approx(one["activations_gib"] * 17 / 16)  # PP+1 vs PP
+    full = activation_bytes_per_token_layer(cfg, moe=True, recompute=False)
+    assert activation_bytes_per_token_layer(cfg, moe=True, recompute=True) < full / 2
+    assert auto_layout(cfg, 2048) == (16, 64, "dualpipe")
+    assert auto_layout(preset("tiny"), 8) == (1, 1, "1f1b")
+
+
+@pytest.mark.parametrize("kw, flag", [(dict(pp=3), "--pp"), (dict(pp=16, ep=3), "--ep"), (dict(pp=128), "--pp")])
+def test_bad_layout(kw, flag):
+    with pytest.raises(UserError, match=flag):
+        memory_per_gpu(preset("dsv3"), Layout(2048, **kw), 4096, 80)
+
+
+def test_hardware_table():
+    assert set(GPUS) == {"h800", "h100", "h200", "b200", "gb200"}
+    assert gpu_spec("h800").nic_gb_s == 50.0
+    assert gpu_spec("h800", {"bf16_tflops": "900"}).bf16_tflops == 900
+    assert gpu_spec("gb200", {"gpus_per_node": "36"}).gpus_per_node == 36
+    with pytest.raises(UserError, match="--hw"):
+        gpu_spec("h800", {"bogus": "1"})
+    with pytest.raises(UserError, match="--gpu"):
+        gpu_spec("a100")
+
+
+def test_pipeline_bubbles():
+    F, B, W, PP = 1.0, 2.0, 1.0, 16
+    assert schedule_cost("1f1b", PP, F, B, W).bubble == (PP - 1) * (F + B)
+    assert schedule_cost("zb1p", PP, F, B, W).bubble == (PP - 1) * (F + B - 2 * W)
+    dp = schedule_cost("dualpipe", PP, F, B, W, fb=2.5)
+    assert dp.bubble == (PP / 2 - 1) * (2.5 + B - 3 * W)
+    assert (dp.param_copies, dp.activation_microbatches) == (2, PP + 1)
+    with pytest.raises(UserError, match="even"):
+        schedule_cost("dualpipe", 15)
+
+
+@pytest.mark.parametrize("pp, m, f, b", [(4, 8, 1.0, 2.0), (8, 8, 1.5, 2.5), (3, 7, 1.0, 1.0)])
+def test_1f1b_replay_matches_formula(pp, m, f, b):
+    makespan, idle = simulate_1f1b(pp, m, f, b)
+    assert makespan == pytest.approx(m * (f + b) + schedule_cost("1f1b", pp, f, b, 0).bubble)
+    assert idle[0] == pytest.approx(schedule_cost("1f1b", pp, f, b, 0).bubble)

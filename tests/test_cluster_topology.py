@@ -1,0 +1,87 @@
+"""Topology closed forms: the ISCA paper's table, and graphs built with networkx."""
+
+import pytest
+
+from flyer.cli import UserError
+from flyer.cluster import topology as T
+
+
+@pytest.fixture(scope="module")
+def table():
+    return {t.name: t.as_dict(T.Prices()) for t in T.compare(64)}
+
+
+def test_isca_table_counts(table):
+    want = {  # ISCA paper, 64-port switches: endpoints, switches, switch-to-switch links
+        "ft2": (2048, 96, 2048), "mpft": (16384, 768, 16384), "ft3": (65536, 5120, 131072),
+        "sf": (32928, 1568, 32928), "df": (261632, 16352, 384272),
+    }
+    for name, (e, s, l) in want.items():
+        assert (table[name]["endpoints"], table[name]["switches"], table[name]["links"]) == (e, s, l), name
+
+
+def test_isca_table_costs(table):
+    want = {"ft2": 4.39e3, "mpft": 4.39e3, "ft3": 7.5e3, "sf": 4.4e3, "df": 5.8e3}  # USD per endpoint
+    for name, c in want.items():
+        assert table[name]["cost_per_endpoint_usd"] == pytest.approx(c, rel=0.011), name
+    saving = 1 - table["mpft"]["cost_per_endpoint_usd"] / table["ft3"]["cost_per_endpoint_usd"]
+    assert saving == pytest.approx(0.41, abs=0.01)  # "about 41% cheaper per endpoint"
+
+
+def test_paper_instances_and_notes(table):
+    assert table["sf"]["params"]["q"] == 28 and "not a prime power" in table["sf"]["note"]
+    assert T.slim_fly_q_for_radix(64, prime_power=True) == 27
+    assert table["df"]["params"] == {"a": 32, "p": 16, "h": 16, "g": 511}
+    assert table["mpft"]["params"]["planes"] == 8
+    assert all(t["radix"] <= 64 for t in table.values())
+
+
+@pytest.mark.parametrize("k", [4, 8, 12])
+def test_fat_trees_graph_vs_closed_form(k):
+    for closed, G in ((T.fat_tree2(k), T.fat_tree2_graph(k)), (T.multi_plane(k, 3), T.multi_plane_graph(k, 3)),
+                      (T.fat_tree3(k), T.fat_tree3_graph(k))):
+        got = T.graph_counts(G)
+        assert (got["endpoints"], got["switches"], got["links"], got["diameter"]) == \
+               (closed.endpoints, closed.switches, closed.links, closed.diameter), closed.name
+        assert got["max_radix"] == k
+
+
+@pytest.mark.parametrize("q", [5, 7, 11, 13])
+def test_slim_fly_graph_vs_closed_form(q):
+    closed, G = T.slim_fly(q), T.slim_fly_graph(q)
+    got = T.graph_counts(G)
+    assert (got["endpoints"], got["switches"], got["links"], got["diameter"]) == \
+           (closed.endpoints, closed.switches, closed.links, 2)
+    net = closed.params["network_radix"]
+    assert all(sum(1 for v in G[n] if v[0] != "ep") == net for n in G if n[0] != "ep")  # k'-regular
+
+
+@pytest.mark.parametrize("a, p, h, g", [(4, 2, 2, 9), (4, 2, 2, 5), (2, 1, 1, 3), (6, 3, 3, 19), (4, 2, 3, 7)])
+def test_dragonfly_graph_vs_closed_form(a, p, h, g):
+    closed, G = T.dragonfly(a, p, h, g), T.dragonfly_graph(a, p, h, g)
+    got = T.graph_counts(G)
+    assert (got["endpoints"], got["switches"], got["links"], got["max_radix"]) == \
+           (closed.endpoints, closed.switches, closed.links, closed.radix)
+    assert got["diameter"] == closed.diameter == 3  # local, global, local
+
+
+def test_bisection_by_max_flow():
+    for closed, G in ((T.fat_tree2(8), T.fat_tree2_graph(8)), (T.fat_tree3(8), T.fat_tree3_graph(8)),
+                      (T.multi_plane(4, 2), T.multi_plane_graph(4, 2))):
+        eps = sorted(n for n in G if n[0] == "ep")  # the first half of the leaves / pods per plane
+        side = [e for e in eps if e[-1] < closed.endpoints // closed.params.get("planes", 1) // 2]
+        assert T.cut_links(G, side) == T.bisection_links(closed)
+    closed, G = T.dragonfly(4, 2, 2, 9), T.dragonfly_graph(4, 2, 2, 9)
+    side = [e for e in G if e[0] == "ep" and e[1] < 4 * 4 * 2]  # groups 0-3 against 4-8
+    assert T.cut_links(G, side) == T.bisection_links(closed) == 20
+
+
+def test_topology_errors():
+    with pytest.raises(UserError, match="--radix"):
+        T.fat_tree2(7)
+    with pytest.raises(UserError, match="--sf-q"):
+        T.slim_fly(6)
+    with pytest.raises(UserError, match="--df-g"):
+        T.dragonfly(4, 2, 2, 10)
+    with pytest.raises(UserError, match="--topologies"):
+        T.compare(64, names=("torus",))
