@@ -113,6 +113,29 @@ def sync_gradients(model: nn.Module, mesh) -> None:
 
 
 @torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, mesh) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for an EP model, after ``sync_gradients``: the norm of
+    the full single-process gradient (each expert shard counted once, summed over the EP group),
+    identical on every rank so replicas stay identical. Returns the total norm (FP32)."""
+    dense, expert = _split_params(model)
+    dense_g = [p.grad for p in dense if p.grad is not None]
+    expert_g = [p.grad for p in expert if p.grad is not None]
+    device = next(model.parameters()).device
+    d, e = torch.zeros((), device=device), torch.zeros((), device=device)
+    for g in dense_g:
+        d += g.float().pow(2).sum()
+    for g in expert_g:
+        e += g.float().pow(2).sum()
+    if mesh is not None and mesh.ep > 1:
+        dist.all_reduce(e, group=mesh.ep_group)
+    total = (d + e).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in dense_g + expert_g:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
+@torch.no_grad()
 def full_state_dict(model: nn.Module, mesh) -> dict[str, torch.Tensor]:
     """The single-process state dict on CPU: expert stacks gathered over the EP group to their
     full (E, ...) first dimension, names as in a model without EP. Collective: all ranks call."""
@@ -161,5 +184,5 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
     load_full_state_dict(model, ref.state_dict(), mesh)
 
 
-__all__ = ["broadcast_parameters", "sync_gradients", "full_state_dict", "load_full_state_dict",
+__all__ = ["broadcast_parameters", "sync_gradients", "clip_grad_norm_", "full_state_dict", "load_full_state_dict",
            "init_like_single_process", "expert_param_names"]
