@@ -78,8 +78,9 @@ def bench_attention(contexts: list[int], batch: int, steps: int) -> dict:
     for name in ("absorbed", "naive", "gqa"):
         out[f"tokens_per_s_{name}"] = out[f"tokens_per_s_{name}_ctx{top}"]
     out["headline_context"] = top
-    out["cache_ratio_naive_vs_absorbed"] = round(out["cache_bytes_per_token_naive"] / out["cache_bytes_per_token_absorbed"], 2)
-    out["cache_ratio_gqa_vs_absorbed"] = round(out["cache_bytes_per_token_gqa"] / out["cache_bytes_per_token_absorbed"], 2)
+    for peer in ("naive", "gqa"):
+        out[f"cache_ratio_{peer}_vs_absorbed"] = round(out[f"cache_bytes_per_token_{peer}"]
+                                                       / out["cache_bytes_per_token_absorbed"], 2)
     out["cache_bytes_per_token_dsv3"] = kv_cache_bytes_per_token(preset("dsv3"))
     return out
 
@@ -137,6 +138,7 @@ def bench_prefix(ckpt: Path | None, prompt_len: int, block: int) -> dict:
         torch.manual_seed(0)
         model = Transformer(preset("tiny", max_seq_len=4096, original_seq_len=4096)).eval()
     torch.manual_seed(1)
+    prompt_len = min(prompt_len, model.cfg.max_seq_len - 1)
     prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,)).tolist()
     g = dict(max_new_tokens=1, cache_dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as d:

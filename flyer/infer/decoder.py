@@ -14,7 +14,6 @@ token t_{i+1}, as in training.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from flyer.infer.attention import gqa_cached, mla_absorbed, mla_naive
 from flyer.infer.cache import make_cache

@@ -166,7 +166,8 @@ def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: Prefix
     if dec.mtp_cache is not None:
         nxt = [p[int(s) + 1:] for p, s in zip(prompts, start)]  # t_{j+1} for j in [start, len-1)
         if max(len(r) for r in nxt) > 0:
-            dec.mtp_forward(h[:, :_pad(nxt, device).shape[1]], _pad(nxt, device), start)
+            nxt_BT = _pad(nxt, device)
+            dec.mtp_forward(h[:, :nxt_BT.shape[1]], nxt_BT, start)
         dec.mtp_cache.lengths.copy_(lens - 1)
     dec.cache.lengths.copy_(lens)
     logits = dec.logits(gather_rows(h, lens - 1 - start))
@@ -189,7 +190,8 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
         raise ValueError(f"prompt + max_new_tokens = {need} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
 
 
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None) -> GenerationResult:
+def generate(model: Transformer, prompts: Sequence[Sequence[int]],
+             gen: GenerationConfig | None = None) -> GenerationResult:
     """Generate up to ``gen.max_new_tokens`` tokens after each prompt (lists of token ids)."""
     gen = gen or GenerationConfig()
     gen.validate()

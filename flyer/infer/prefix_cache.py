@@ -269,7 +269,9 @@ def _decode(table: list[dict], payload: bytes) -> dict[str, torch.Tensor]:
         off, n = int(e["offset"]), int(e["nbytes"])
         if off < 0 or off + n > len(payload):
             raise ValueError("tensor outside payload")
-        raw = torch.frombuffer(bytearray(payload[off:off + n]), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+        raw = torch.empty(0, dtype=torch.uint8)
+        if n:
+            raw = torch.frombuffer(bytearray(payload[off:off + n]), dtype=torch.uint8)
         out[e["name"]] = raw.view(dtype).reshape(e["shape"])
         end = max(end, off + n)
     if end != len(payload):
