@@ -123,7 +123,7 @@ class CommCounter:
         self.phases = {}
 
     def add(self, phase: str, send: list[int], kinds: list[str], rows: torch.Tensor) -> None:
-        row_bytes = rows[0].numel() * rows.element_size() if rows.dim() > 1 else rows.element_size()
+        row_bytes = rows.shape[1:].numel() * rows.element_size()
         c = self.phases.setdefault(phase, dict.fromkeys(_COUNTER_KEYS, 0))
         for n, kind in zip(send, kinds):
             if kind != "self":
