@@ -28,10 +28,11 @@ from flyer.infer.decoder import Decoder, gather_rows
 from flyer.infer.sampling import SamplingParams, probabilities
 
 
-def _accept(p_KV1: torch.Tensor, q_KV: torch.Tensor, drafts: list[int], params: SamplingParams,
+def _accept(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[int], params: SamplingParams,
             generator: torch.Generator | None) -> list[int]:
-    """Accepted drafts plus one token from the target. p: (K+1, V) target probabilities,
-    q: (K, V) draft probabilities, drafts: K token ids."""
+    """Accepted drafts plus one token from the target. p: (K+1, V) target probabilities (greedy:
+    any scores, only their argmax is used), q: (K, V) draft probabilities (unused when greedy),
+    drafts: K token ids."""
     if params.greedy:
         g = p_KV1.argmax(-1).tolist()
         a = 0
@@ -82,19 +83,25 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         h1 = gather_rows(dec.mtp_forward(h_in, nxt, mtp_len), c - 1)  # (B, D) at position n-1
         drafts, q = [], []
         for k in range(K):
-            qk = probabilities(dec.mtp_logits(h1), params)
-            d = qk.argmax(-1) if params.greedy else torch.multinomial(qk, 1, generator=generator).squeeze(-1)
+            q_logits = dec.mtp_logits(h1)
+            if params.greedy:  # no distributions needed: drafts and targets are argmaxes
+                d = q_logits.argmax(-1)
+            else:
+                q.append(probabilities(q_logits, params))
+                d = torch.multinomial(q[-1], 1, generator=generator).squeeze(-1)
             drafts.append(d)
-            q.append(qk)
             if k + 1 < K:  # reapply the module on its own output and the drafted token
                 h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + k)[:, 0]
         # 2. verify every draft in one main-model pass
         pending = torch.tensor([s[-1] for s in seq], device=device)
         tokens = torch.cat([pending.view(B, 1), torch.stack(drafts, 1)], 1)  # (B, K+1)
         hv = dec.forward(tokens, n)
-        p = probabilities(dec.logits(hv).flatten(0, 1), params).view(B, K + 1, -1)
-        q_BKV = torch.stack(q, 1)
-        drafts_BK = torch.stack(drafts, 1).tolist()
+        logits = dec.logits(hv)  # (B, K+1, V)
+        if params.greedy:
+            p, q_BKV = logits, [None] * B
+        else:
+            p, q_BKV = probabilities(logits.flatten(0, 1), params).view(B, K + 1, -1), torch.stack(q, 1)
+        drafts_BK = tokens[:, 1:].tolist()
         # 3. accept
         n_old = n.clone()
         for b in range(B):
