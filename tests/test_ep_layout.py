@@ -1,0 +1,99 @@
+"""Expert-parallel layout checks, wire formats and node-limited routing, in one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flyer.config import ConfigError, preset
+from flyer.model.moe import Gate
+from flyer.model.transformer import Transformer
+from flyer.parallel.dispatch import LocalDispatcher, dispatcher_factory
+from flyer.parallel.mesh import init_distributed, validate_layout
+from flyer.parallel.wire import fp8_decode_rows, fp8_encode_rows, fp8_row_bytes
+
+
+@pytest.mark.parametrize("world,ep,rpn,msg", [
+    (4, 3, 2, "--ep 3 must divide the world size 4"),
+    (4, 2, 3, "--ranks-per-node 3 must divide the world size 4"),
+    (6, 6, 6, "n_routed_experts=16 is not divisible by --ep 6"),
+    (8, 4, 8, None),  # EP group inside one node
+    (8, 8, 2, None),  # 4 expert groups over 4 nodes
+    (12, 4, 3, "--ep 4 must be a multiple or a divisor of --ranks-per-node 3"),
+    (16, 16, 2, "n_expert_groups=4 to be a multiple of the 8 nodes"),  # a group would span 2 nodes
+    (16, 16, 4, None),
+])
+def test_validate_layout(world, ep, rpn, msg):
+    cfg = preset("tiny")  # 16 experts in 4 groups, 2 groups per token
+    if msg is None:
+        validate_layout(cfg, world, ep, rpn)
+        return
+    with pytest.raises(ConfigError, match=msg) as e:
+        validate_layout(cfg, world, ep, rpn)
+    assert "\n" not in str(e.value)
+
+
+def test_layout_without_node_limit_or_experts():
+    validate_layout(preset("tiny", n_limited_groups=4), 16, 16, 2)  # no node limit: any group count
+    with pytest.raises(ConfigError, match="needs routed experts"):
+        validate_layout(preset("qwen2.5-72b"), 2, 2, 2)
+
+
+def test_init_distributed_outside_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed(preset("tiny"), ep=1) is None
+    with pytest.raises(ConfigError, match="torchrun"):
+        init_distributed(preset("tiny"), ep=2)
+
+
+def test_dispatcher_factory_choices():
+    cfg = preset("tiny")
+    assert dispatcher_factory(cfg, None) is None  # the model's default local dispatcher
+    assert isinstance(dispatcher_factory(cfg, None, fp8=True)(1), LocalDispatcher)
+    with pytest.raises(ConfigError, match="dispatcher 'ring' is unknown"):
+        dispatcher_factory(cfg, None, "ring")
+
+
+def test_fp8_rows_round_trip():
+    x = torch.randn(7, 300) * torch.logspace(-3, 3, 300)  # channel blocks of very different ranges
+    b = fp8_encode_rows(x)
+    assert b.dtype == torch.uint8 and b.shape == (7, fp8_row_bytes(300)) == (7, 300 + 3 * 4)
+    y = fp8_decode_rows(b, 300)
+    # E4M3 keeps 3 mantissa bits: relative error <= 2^-4 for values near their block's amax
+    blocks = torch.nn.functional.pad(x, (0, 84)).view(7, 3, 128).abs().amax(-1)
+    bound = blocks.repeat_interleave(128, 1)[:, :300] * 2 ** -4 + 1e-30
+    assert ((y - x).abs() <= bound).all()
+    assert fp8_decode_rows(fp8_encode_rows(torch.zeros(2, 128)), 128).eq(0).all()
+
+
+def test_fp8_dispatch_model_is_within_fp8_error():
+    """The single-process model with FP8 dispatch / BF16 combine stays close to the FP32 one."""
+    cfg = preset("tiny", vocab_size=256, n_layers=3)
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    fp8 = Transformer(cfg, dispatcher_factory(cfg, None, "local", fp8=True))
+    fp8.load_state_dict(ref.state_dict())
+    x = torch.randint(0, 256, (2, 16))
+    l_ref, l_fp8 = ref.compute_loss(x, x).loss, fp8.compute_loss(x, x).loss
+    assert abs(float(l_ref.detach() - l_fp8.detach())) < 1e-3 * float(l_ref.detach())
+    l_ref.backward()
+    l_fp8.backward()
+    for (n, a), b in zip(ref.named_parameters(), fp8.parameters()):
+        err = float((a.grad - b.grad).norm() / a.grad.norm().clamp(min=1e-12))
+        assert err < 0.05, (n, err)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 4])
+def test_node_limited_routing_reaches_at_most_m_nodes(limit):
+    """Expert groups aligned to nodes (4 groups on 2 nodes, 4 on 4): a token's experts lie in at
+    most n_limited_groups groups, hence on at most that many nodes."""
+    cfg = preset("tiny", n_routed_experts=32, n_activated_experts=8, n_expert_groups=4, n_limited_groups=limit)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight)
+    gate.bias.normal_()
+    _, ids, _ = gate(torch.randn(256, cfg.dim))
+    for nodes in (2, 4):
+        per_node = cfg.n_routed_experts // nodes
+        nodes_hit = torch.zeros(256, nodes, dtype=torch.bool).scatter_(1, ids // per_node, True).sum(1)
+        assert nodes_hit.max() <= min(limit, nodes)
+    assert (torch.zeros(256, 4, dtype=torch.bool).scatter_(1, ids // 8, True).sum(1) == min(limit, 4)).any()
