@@ -20,6 +20,22 @@ from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
 
 
+def causal_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, causal) v, returned as (B, T, H, V).
+
+    When the value head dim differs from the query/key head dim (MLA: 192 vs 128 in V3), values
+    are zero-padded to the same width so SDPA can take its fused (flash) kernel instead of the
+    math path that materialises T x T scores; the padding columns are sliced off the output.
+    """
+    dk, dv = q_BTHK.shape[-1], v_BTHV.shape[-1]
+    v = F.pad(v_BTHV, (0, dk - dv)) if dv < dk else v_BTHV
+    if dv > dk:  # zero columns leave q.k unchanged
+        q_BTHK, k_BTHK = F.pad(q_BTHK, (0, dv - dk)), F.pad(k_BTHK, (0, dv - dk))
+    o = F.scaled_dot_product_attention(q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, scale=scale)
+    return o.transpose(1, 2)[..., :dv]
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -68,9 +84,8 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)], dim=-1)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, scale=self.softmax_scale)
-        return self.wo(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))
+        o = causal_attention(q, k, v, self.softmax_scale)
+        return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
 
 
 class GQA(nn.Module):
@@ -97,10 +112,8 @@ class GQA(nn.Module):
         q = apply_rope(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k, v = self.keys_values(x_BTD, cos, sin)
         rep = self.n_heads // self.n_kv_heads
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1),
-                                           v.transpose(1, 2).repeat_interleave(rep, 1), is_causal=True,
-                                           scale=self.softmax_scale)
-        return self.wo(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        o = causal_attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), self.softmax_scale)
+        return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:
