@@ -239,21 +239,25 @@ def test_recipe_validation():
 
 # ---- grouped experts ---------------------------------------------------------------------------
 
-def test_grouped_linear_equals_per_expert_linear():
+@pytest.mark.parametrize("emulation", ["dequant", "blocks"])
+def test_grouped_linear_equals_per_expert_linear(emulation):
+    """The grouped path (operands quantised once for all experts, wgrad re-tiled inside each
+    expert's 128-aligned segment) equals one FP8 linear per expert."""
+    recipe = FP8Recipe(emulation=emulation)
     counts = [0, 5, 130, 0, 260, 1]
     E, Fo, K = len(counts), 72, 96
     x = torch.randn(sum(counts), K)
     w = torch.randn(E, Fo, K) * 0.1
     dy = torch.randn(sum(counts), Fo)
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-    yg = fp8_grouped_linear(xg, wg, torch.tensor(counts))
+    yg = fp8_grouped_linear(xg, wg, torch.tensor(counts), recipe)
     yg.backward(dy)
     start = 0
     for e, n in enumerate(counts):
         xe = x[start:start + n].clone().requires_grad_()
         we = w[e].clone().requires_grad_()
         if n:
-            ye = fp8_linear(xe, we)
+            ye = fp8_linear(xe, we, recipe=recipe)
             ye.backward(dy[start:start + n])
             torch.testing.assert_close(yg[start:start + n], ye, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(xg.grad[start:start + n], xe.grad, rtol=1e-5, atol=1e-5)

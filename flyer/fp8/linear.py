@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flyer.fp8.gemm import BACKENDS, EMULATIONS, fp8_gemm_nt
-from flyer.fp8.quant import FP8_DTYPES, TILE, Quantized, quantize_blocks, quantize_blocks_batched, quantize_tiles
+from flyer.fp8.gemm import BACKENDS, EMULATIONS, cuda_fp8_supported, fp8_gemm_nt
+from flyer.fp8.quant import (FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched, quantize_blocks, quantize_blocks_batched, quantize_tiles)
 from flyer.model.moe import Experts
 
 
@@ -55,6 +55,13 @@ class FP8Recipe:
     def gemm(self, a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
              out_dtype: torch.dtype) -> torch.Tensor:
         return fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype, self.backend, self.emulation)
+
+    def dequant_emulation(self, device: torch.device) -> bool:
+        """True when GEMMs on ``device`` are emulated in 'dequant' mode: grouped GEMMs may then
+        dequantise each operand once for all experts instead of once per expert (same values)."""
+        cuda = self.backend == "cuda" or (self.backend == "auto" and device.type == "cuda"
+                                          and cuda_fp8_supported(device))
+        return not cuda and self.emulation == "dequant"
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -186,8 +193,13 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             qx = quantize_tiles(x, r.fmt, r.pow2_scales)
             w_data, w_scale = quantize_blocks_batched(weight, r.fmt, r.pow2_scales)
-            outs = [r.gemm(xd, xs, w_data[e], w_scale[e], out_dtype)
-                    for e, (xd, xs) in enumerate(zip(qx.data.split(counts), qx.scale.split(counts))) if counts[e]]
+            if r.dequant_emulation(x.device):
+                xq, wq = dequantize(qx.data, qx.scale), dequantize_blocks_batched(w_data, w_scale)
+                outs = [xs @ we.t() for xs, we, n in zip(xq.split(counts), wq.unbind(0), counts) if n]
+                outs = [o.to(out_dtype) for o in outs]
+            else:
+                outs = [r.gemm(xd, xs, w_data[e], w_scale[e], out_dtype)
+                        for e, (xd, xs) in enumerate(zip(qx.data.split(counts), qx.scale.split(counts))) if counts[e]]
             y = torch.cat(outs) if outs else x.new_zeros(0, Fo, dtype=out_dtype)
         ctx.save_for_backward(x, w_data, w_scale)
         ctx.counts, ctx.recipe, ctx.w_dtype = counts, r, weight.dtype
@@ -202,6 +214,11 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 qdy = quantize_tiles(dy, r.grad_fmt, r.pow2_scales)
+            if ctx.needs_input_grad[0] and r.dequant_emulation(x.device):
+                dyq, wq = dequantize(qdy.data, qdy.scale)[:, :Fo], dequantize_blocks_batched(w_data, w_scale)[:, :, :K]
+                parts = [(ds @ we).to(x.dtype) for ds, we, n in zip(dyq.split(counts), wq.unbind(0), counts) if n]
+                dx = torch.cat(parts) if parts else torch.zeros_like(x)
+            elif ctx.needs_input_grad[0]:
                 # W_e^T (Kp, Fp) in 128x128 blocks for every expert at once
                 pad = -Fo % TILE
                 wt_data = w_data.transpose(1, 2)
@@ -216,14 +233,19 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                 n_rows = sum(padded)
                 qdy_t = _retile_segments(dy, dest, n_rows, r.grad_fmt, r.pow2_scales)  # (F, n_rows)
                 qx_t = _retile_segments(x, dest, n_rows, r.fmt, r.pow2_scales)  # (K, n_rows)
+                fast = r.dequant_emulation(x.device)
+                if fast:
+                    dyq_t, xq_t = dequantize(qdy_t.data, qdy_t.scale), dequantize(qx_t.data, qx_t.scale)[:K]
                 dws = []
                 for s, p in zip(starts, padded):
+                    cols, tiles = slice(s, s + p), slice(s // TILE, (s + p) // TILE)
                     if p == 0:
                         dws.append(torch.zeros(Fo, K, dtype=torch.float32, device=x.device))
-                        continue
-                    cols, tiles = slice(s, s + p), slice(s // TILE, (s + p) // TILE)
-                    dws.append(r.gemm(qdy_t.data[:, cols], qdy_t.scale[:, tiles], qx_t.data[:, cols],
-                                      qx_t.scale[:, tiles], torch.float32))
+                    elif fast:
+                        dws.append(dyq_t[:Fo, cols] @ xq_t[:, cols].t())
+                    else:
+                        dws.append(r.gemm(qdy_t.data[:, cols], qdy_t.scale[:, tiles], qx_t.data[:, cols],
+                                          qx_t.scale[:, tiles], torch.float32))
                 dw = torch.stack(dws).to(ctx.w_dtype)
         return dx, dw, None, None, None
 

@@ -93,6 +93,11 @@ def _max_scale(fp8_dtype: torch.dtype, pow2: bool) -> float:
     return 2.0 ** math.floor(math.log2(cap)) if pow2 else float(torch.nextafter(torch.tensor(cap), torch.tensor(0.0)))
 
 
+def _absmax(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """max |t| over ``dims`` as max(max t, -min t): two reductions, no |t| temporary (faster on CPU)."""
+    return torch.maximum(t.amax(dim=dims), -t.amin(dim=dims))
+
+
 def _cast(x_scaled: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     fmax = FP8_MAX[fp8_dtype]
     return x_scaled.clamp_(-fmax, fmax).to(fp8_dtype)  # saturate: E4M3 has no Inf, E5M2 would overflow
@@ -105,7 +110,7 @@ def quantize_tiles(x: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8_
     R, C = x.shape
     xp = pad_cols(x.float()).contiguous()  # tiles of a transposed input: reduce over contiguous memory
     tiles = xp.view(R, -1, TILE)
-    scale = amax_to_scale(torch.linalg.vector_norm(tiles, float("inf"), dim=-1), fp8_dtype, pow2_scales)  # (R, Cp/128)
+    scale = amax_to_scale(_absmax(tiles, (-1,)), fp8_dtype, pow2_scales)  # (R, Cp/128)
     data = _cast(tiles / scale.unsqueeze(-1), fp8_dtype).view(R, -1)
     return Quantized(data, scale, C)
 
@@ -119,7 +124,7 @@ def quantize_blocks(w: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8
     rpad = -R % TILE
     wb = F.pad(wp, (0, 0, 0, rpad)) if rpad else wp
     blocks = wb.view(wb.shape[0] // TILE, TILE, -1, TILE)  # (Rb, 128, Cb, 128)
-    scale = amax_to_scale(blocks.abs().amax(dim=(1, 3)), fp8_dtype, pow2_scales)  # (Rb, Cb)
+    scale = amax_to_scale(_absmax(blocks, (1, 3)), fp8_dtype, pow2_scales)  # (Rb, Cb)
     data = _cast(blocks / scale[:, None, :, None], fp8_dtype).view(wb.shape)[:R]
     return Quantized(data, scale, C)
 
@@ -137,7 +142,7 @@ def quantize_blocks_batched(w_ERC: torch.Tensor, fp8_dtype: torch.dtype | str = 
     rpad = -R % TILE
     wb = F.pad(wp, (0, 0, 0, rpad)) if rpad else wp
     blocks = wb.view(E, wb.shape[1] // TILE, TILE, -1, TILE)
-    scale = amax_to_scale(blocks.abs().amax(dim=(2, 4)), fp8_dtype, pow2_scales)
+    scale = amax_to_scale(_absmax(blocks, (2, 4)), fp8_dtype, pow2_scales)
     data = _cast(blocks / scale[:, :, None, :, None], fp8_dtype).view(wb.shape)[:, :R]
     return data, scale
 
@@ -176,6 +181,13 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (fp8_to_float(data).view(R, -1, TILE) * s.unsqueeze(-1)).view(R, Cp)
 
 
+def dequantize_blocks_batched(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(E, R, Cp) float32 from ``quantize_blocks_batched``'s (data, scale)."""
+    E, R, Cp = data.shape
+    s = scale.repeat_interleave(TILE, dim=1)[:, :R]  # (E, R, Cp/128)
+    return (fp8_to_float(data).view(E, R, -1, TILE) * s.unsqueeze(-1)).view(E, R, Cp)
+
+
 def fake_quantize(x: torch.Tensor, granularity: str = "tile", fp8_dtype: torch.dtype | str = torch.float8_e4m3fn,
                   pow2_scales: bool = False) -> torch.Tensor:
     """Quantise and dequantise a 2-D tensor (float32, same shape): what the GEMM sees."""
@@ -187,4 +199,4 @@ def fake_quantize(x: torch.Tensor, granularity: str = "tile", fp8_dtype: torch.d
 
 __all__ = ["TILE", "FP8_DTYPES", "FP8_MAX", "Quantized", "resolve_fp8_dtype", "pad_cols", "ceil_pow2",
            "amax_to_scale", "quantize_tiles", "quantize_blocks", "quantize_blocks_batched", "block_rows",
-           "expand_scale", "fp8_to_float", "dequantize", "fake_quantize"]
+           "expand_scale", "fp8_to_float", "dequantize", "dequantize_blocks_batched", "fake_quantize"]
