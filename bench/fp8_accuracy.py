@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary built for the bench corpus")
     p.add_argument("--seed", type=int, default=0)
-XX
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0 = torch's default); 1 keeps timings stable on shared cores")
     p.add_argument("--accum-k", type=int, default=4096)
     p.add_argument("--out", default="runs/bench_fp8", help="cache directory for the tokenizer and shards")
     return p.parse_args(argv)

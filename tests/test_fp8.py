@@ -357,7 +357,7 @@ def test_fp8_training_tracks_bf16():
             loss.loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss.main_loss))
+            losses.append(float(loss.main_loss.detach()))
         curves[name] = losses
     assert curves["bf16"][-1] < curves["bf16"][0] - 1.0  # it learned
     last_bf16 = sum(curves["bf16"][-5:]) / 5
