@@ -45,15 +45,15 @@ def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: t
     c_kv, k_rope = attn.latents(x_BTD, cos, sin)  # (B,T,C), (B,T,R)
     cache.write(layer, pos_BT, latent=c_kv, rope_key=k_rope)
     S = int(pos_BT.max()) + 1
-    c_BSC = cache.read(layer, "latent", S, x_BTD.dtype)
-    r_BSR = cache.read(layer, "rope_key", S, x_BTD.dtype)
-    w_HXC = attn.wkv_b.weight.view(H, nope + v, attn.kv_lora_rank)
-    q_abs = torch.einsum("bthd,hdc->bhtc", q_nope, w_HXC[:, :nope])  # W_UK absorbed
-    scores = torch.einsum("bhtc,bsc->bhts", q_abs, c_BSC)
-    scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, r_BSR)
+    kv_BSK = cache.read_packed(layer, S, x_BTD.dtype)  # [c | k_rope], K = C + R
+    C = attn.kv_lora_rank
+    w_HXC = attn.wkv_b.weight.view(H, nope + v, C)
+    q_abs = torch.einsum("bthd,hdc->bhtc", q_nope, w_HXC[:, :nope])  # W_UK absorbed into the query
+    q_BMK = torch.cat([q_abs, q_rope.transpose(1, 2)], dim=-1).reshape(B, H * T, -1)  # M = H*T
+    scores = torch.bmm(q_BMK, kv_BSK.transpose(1, 2)).view(B, H, T, S)  # q_abs.c + q_rope.k_rope
     p = _softmax(scores * attn.softmax_scale, causal_slot_mask(pos_BT, S), x_BTD.dtype)
-    o_lat = torch.einsum("bhts,bsc->bthc", p, c_BSC)  # attention in latent space
-    o = torch.einsum("bthc,hdc->bthd", o_lat, w_HXC[:, nope:])  # W_UV absorbed into the output
+    o_lat = torch.bmm(p.view(B, H * T, S), kv_BSK[..., :C]).view(B, H, T, C)  # attention in latent space
+    o = torch.einsum("bhtc,hdc->bthd", o_lat, w_HXC[:, nope:])  # W_UV absorbed into the output
     return attn.wo(o.reshape(B, T, H * v))
 
 

@@ -38,9 +38,6 @@ class _SlotCache:
         """Bytes one token occupies over all layers, from the allocated tensors themselves."""
         return sum(t[:, 0, 0].numel() * t.element_size() for t in self.tensors.values())
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
     def write(self, layer: int, pos_BT: torch.Tensor, **values: torch.Tensor) -> None:
         """Store ``values[name]`` (B, T, ...) of layer ``layer`` at slots ``pos_BT`` (B, T)."""
         if int(pos_BT.max()) >= self.max_len:
@@ -64,16 +61,23 @@ class _SlotCache:
 
 
 class LatentCache(_SlotCache):
-    """MLA latent cache: ``latent`` (L, B, S, kv_lora_rank), ``rope_key`` (L, B, S, qk_rope_head_dim)."""
+    """MLA latent cache: ``latent`` (L, B, S, kv_lora_rank), ``rope_key`` (L, B, S, qk_rope_head_dim).
+
+    Both are views of one packed (L, B, S, kv_lora_rank + rope) tensor (V3: 512 + 64 = 576
+    channels per token and layer), so attention reads a token's whole key with one copy and
+    scores it with one matmul (``read_packed``)."""
 
     kind = "latent"
 
     def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype = torch.bfloat16, device=None):
-        super().__init__({
-            "latent": torch.zeros(n_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device),
-            "rope_key": torch.zeros(n_layers, batch, max_len, rope_dim, dtype=dtype, device=device),
-        })
+        self.packed = torch.zeros(n_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        super().__init__({"latent": self.packed[..., :kv_lora_rank], "rope_key": self.packed[..., kv_lora_rank:]})
+
+    def read_packed(self, layer: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, n_slots, kv_lora_rank + rope): [latent | rope key] of slots [0, n_slots)."""
+        t = self.packed[layer, :, :n_slots]
+        return t if t.dtype == dtype else t.to(dtype)
 
 
 class KVCache(_SlotCache):

@@ -135,6 +135,7 @@ def _run(args) -> int:
         return 0
     for t in texts:
         print(t)
+    sys.stdout.flush()  # the text first, then the statistics on stderr
     d = res.as_dict()
     line = (f"{d['new_tokens']} tokens, {d['tokens_per_s']:.1f} tokens/s ({d['decode_tokens_per_s']:.1f} decode), "
             f"prefill {d['prefill_s']:.3f}s, cache {d['cache_bytes_per_token']:,} bytes/token ({args.cache_dtype})")

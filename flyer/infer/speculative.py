@@ -20,12 +20,15 @@ and are overwritten later (``flyer.infer.cache``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from flyer.infer.decoder import Decoder, gather_rows
 from flyer.infer.sampling import SamplingParams, probabilities
+
+if TYPE_CHECKING:
+    from flyer.infer.generate import PrefillState
 
 
 def _accept(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[int], params: SamplingParams,
@@ -52,11 +55,16 @@ def _accept(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[int], p
 
 
 @torch.inference_mode()
-def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tensor, state, params: SamplingParams,
-               max_new: int, eos_id: int | None, n_draft: int = 1,
+def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tensor, state: PrefillState,
+               params: SamplingParams, max_new: int, eos_id: int | None, n_draft: int = 1,
                generator: torch.Generator | None = None) -> tuple[list[list[int]], int, int]:
     """Decode after ``prefill`` (which filled the MTP cache up to len - 1). ``first``: (B,) the
-    token chosen from the prefill logits. Returns (new tokens per row, drafted, accepted)."""
+    token chosen from the prefill logits; ``state``: the prefill's hidden states. Rows advance
+    independently (per-row positions). Returns (new tokens per row, drafts proposed, accepted).
+
+    Invariant at the top of each step, per row: the main cache holds [0, n), the MTP cache
+    [0, mtp_len) with mtp_len < n, and ``h_prev`` holds the main hidden states of [mtp_len, n).
+    """
     from flyer.infer.generate import finished
 
     device = first.device
@@ -73,7 +81,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         # 1. MTP catch-up over positions [mtp_len, n): inputs h_j and t_{j+1}
         c = (n - mtp_len).clamp_min(1)
         C = int(c.max())
-        idx = (mtp_len.view(-1, 1) + arangeK[:C].clamp_max(C - 1) - h_start.view(-1, 1)).clamp(0, h_prev.shape[1] - 1)
+        idx = (mtp_len.view(-1, 1) + arangeK[:C] - h_start.view(-1, 1)).clamp(0, h_prev.shape[1] - 1)
         h_in = h_prev.gather(1, idx.unsqueeze(-1).expand(-1, -1, h_prev.shape[-1]))
         nxt = torch.zeros(B, C, dtype=torch.long, device=device)
         for b in range(B):
