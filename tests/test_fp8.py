@@ -415,7 +415,7 @@ def test_cuda_gemm_matches_emulation(b_gran, M, N, K):
     want = emulated_gemm_nt(qa.data.cpu(), qa.scale.cpu(), qb.data.cpu(), qb.scale.cpu(), torch.float32, "blocks")
     got = fp8_gemm_nt(qa.data, qa.scale, qb.data, qb.scale, torch.float32, backend="cuda")
     assert got.shape == (M, N)
-    assert rel(got.cpu(), want) < 1e-4, cuda_gemm_path(a.device, b_gran == "tile")
+    assert rel(got.cpu(), want) < 4e-3, cuda_gemm_path(a.device, b_gran == "tile")  # layout bugs give O(1)
 
 
 @pytest.mark.cuda
@@ -426,7 +426,7 @@ def test_cuda_rowwise_fallback_matches_emulation():
     qa, qb = quantize_tiles(wide_range(48, 384).cuda()), quantize_blocks(torch.randn(160, 384, device="cuda"))
     want = emulated_gemm_nt(qa.data.cpu(), qa.scale.cpu(), qb.data.cpu(), qb.scale.cpu(), torch.float32, "blocks")
     got = _scaled_mm_rowwise_promoted(qa.data, qa.scale, qb.data, qb.scale, torch.float32)
-    assert rel(got.cpu(), want) < 1e-4
+    assert rel(got.cpu(), want) < 4e-3  # BF16 block results on some builds
 
 
 @pytest.mark.cuda
@@ -437,7 +437,7 @@ def test_cuda_fp8_linear_matches_cpu_emulation():
     gpu = _grads(lambda a, b: fp8_linear(a, b, recipe=FP8Recipe(backend="cuda")), x.cuda(), w.cuda(), dy.cuda(),
                  torch.float32)
     for c, g in zip(cpu, gpu):
-        assert rel(g.cpu(), c) < 1e-4
+        assert rel(g.cpu(), c) < 4e-3
 
 
 def test_cuda_backend_refuses_cpu_tensors():

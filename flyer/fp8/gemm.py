@@ -142,16 +142,25 @@ def _scaled_mm_blockwise(a, a_scale, b, b_scale, out_dtype):
 
 
 def _scaled_mm_rowwise_promoted(a, a_scale, b, b_scale, out_dtype):
-    """Row-wise scaled ``_scaled_mm`` per 128-wide K-block, promoted and summed here in FP32."""
+    """Row-wise scaled ``_scaled_mm`` per 128-wide K-block, promoted and summed here in FP32.
+    (Where the installed torch only returns BF16 for row-wise scales, each block result is
+    rounded to BF16 before the FP32 sum.)"""
     Kb = a.shape[1] // TILE
     sb = expand_scale(b, b_scale).float()
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    part_dtype = torch.float32
     for k in range(Kb):
         cols = slice(k * TILE, (k + 1) * TILE)
-        part = torch._scaled_mm(a[:, cols].contiguous(), b[:, cols].contiguous().t(),
-                                scale_a=a_scale[:, k:k + 1].float().contiguous(),
-                                scale_b=sb[:, k].reshape(1, -1).contiguous(), out_dtype=torch.float32)
-        out += part
+        args = (a[:, cols].contiguous(), b[:, cols].contiguous().t())
+        kw = dict(scale_a=a_scale[:, k:k + 1].float().contiguous(), scale_b=sb[:, k].reshape(1, -1).contiguous())
+        try:
+            part = torch._scaled_mm(*args, **kw, out_dtype=part_dtype)
+        except RuntimeError:
+            if part_dtype == torch.bfloat16:
+                raise
+            part_dtype = torch.bfloat16  # some torch builds only emit BF16 with row-wise scales
+            part = torch._scaled_mm(*args, **kw, out_dtype=part_dtype)
+        out += part.float()
     return out.to(out_dtype)
 
 
