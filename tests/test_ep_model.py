@@ -92,8 +92,10 @@ def _equivalence(rank: int, world: int, rpn: int, name: str) -> dict:
     sync_gradients(model, mesh)
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    stats = comm_stats(model)
-    return dict(logits=logits.detach(), loss=float(mean_loss) / world, ep_rank=mesh.ep_rank,
+    stats = comm_stats(model, reset=False)
+    job = comm_stats(model, group=dist.group.WORLD)  # summed over ranks
+    return dict(job_bytes=job["inter_node_bytes"] + job["intra_node_bytes"],
+                rank_bytes=stats["inter_node_bytes"] + stats["intra_node_bytes"], logits=logits.detach(), loss=float(mean_loss) / world, ep_rank=mesh.ep_rank,
                 grads={n: p.grad for n, p in model.named_parameters()}, experts=expert_param_names(model),
                 inter_node_bytes=stats["inter_node_bytes"], n_layers_counted=len(stats["layers"]))
 
@@ -146,7 +148,7 @@ def _oracle(world: int, fp8: bool, cdt) -> dict:
     logits = ref(x).detach()
     loss = ref.compute_loss(x, y).loss
     loss.backward()
-    return dict(logits=logits, loss=float(loss), grads={n: p.grad for n, p in ref.named_parameters()})
+    return dict(logits=logits, loss=loss.item(), grads={n: p.grad for n, p in ref.named_parameters()})
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,6 +202,7 @@ def test_outputs_losses_and_gradients_match_single_process(layout):
                 assert r["n_layers_counted"] == 3
                 crosses_nodes = world // rpn > 1 and not name.endswith("ep2")
                 assert (r["inter_node_bytes"] > 0) == crosses_nodes, (name_l, name, r["inter_node_bytes"])
+                assert r["job_bytes"] == sum(q[name]["rank_bytes"] for q in results)  # comm_stats(group=)
     assert not failures, "\n".join(failures)
 
 

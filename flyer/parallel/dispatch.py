@@ -46,6 +46,7 @@ from flyer.config import ConfigError, ModelConfig
 from flyer.parallel.wire import FakeFp8Rows, RoundGrad, fp8_decode_rows, fp8_encode_rows
 
 DISPATCHER_KINDS = ("local", "flat", "hierarchical")
+_ALIASES = {"all_to_all": "flat", "alltoall": "flat", "a2a": "flat", "hier": "hierarchical"}
 
 
 class Dispatcher(Protocol):
@@ -145,24 +146,34 @@ class CommCounter:
         return out
 
 
-def comm_stats(model: torch.nn.Module, reset: bool = True) -> dict[str, Any]:
-    """Totals over the model's MoE layers since the last reset (this rank's sends), plus a
-    per-layer list. Keys: intra_node_tokens, inter_node_tokens, intra_node_bytes, inter_node_bytes,
-    intra_node_meta_bytes, inter_node_meta_bytes, layers=[{layer, module, same keys, phases}]."""
+def comm_stats(model: torch.nn.Module, reset: bool = True, group=None) -> dict[str, Any]:
+    """Traffic of the model's MoE layers since the last reset: this rank's sends, or the sum over
+    ``group`` when given (a collective: every rank of the group calls it).
+
+    Keys: intra_node_tokens, inter_node_tokens, intra_node_bytes, inter_node_bytes,
+    intra_node_meta_bytes, inter_node_meta_bytes, and ``layers``: one dict per MoE layer with
+    ``layer`` (the id given to ``make_dispatcher``), ``module``, the same keys and (this rank's)
+    ``phases``. Local dispatchers move nothing and are not listed.
+    """
     from flyer.model.moe import MoE
 
-    total: dict[str, Any] = dict.fromkeys(_COUNTER_KEYS + ("intra_node_meta_bytes", "inter_node_meta_bytes"), 0)
+    keys = _COUNTER_KEYS + ("intra_node_meta_bytes", "inter_node_meta_bytes")
     layers = []
     for name, m in model.named_modules():
         counter = getattr(getattr(m, "dispatcher", None), "counter", None) if isinstance(m, MoE) else None
         if counter is None:
             continue
-        s = counter.summary()
-        for k in total:
-            total[k] += s[k]
-        layers.append({"layer": m.dispatcher.layer_id, "module": name, **s})
+        layers.append({"layer": m.dispatcher.layer_id, "module": name, **counter.summary()})
         if reset:
             counter.reset()
+    if group is not None and layers:
+        device = next(model.parameters()).device
+        flat = torch.tensor([float(layer[k]) for layer in layers for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(flat, group=group)
+        values = iter(flat.tolist())
+        for layer in layers:
+            layer.update({k: int(next(values)) for k in keys})
+    total: dict[str, Any] = {k: sum(layer[k] for layer in layers) for k in keys}
     total["layers"] = layers
     return total
 
@@ -398,7 +409,9 @@ class HierarchicalDispatcher(_ExchangeDispatcher):
 
 def make_dispatcher(kind: str, n_experts: int, mesh=None, layer_id: int = 0, fp8: bool = False,
                     combine_dtype: torch.dtype | None = None) -> Dispatcher:
-    """One dispatcher of ``kind`` ('local', 'flat', 'hierarchical'); local when ep == 1."""
+    """One dispatcher of ``kind`` ('local', 'flat' (alias 'all_to_all'), 'hierarchical'); the
+    local one whenever ep == 1."""
+    kind = _ALIASES.get(kind, kind)
     if kind not in DISPATCHER_KINDS:
         raise ConfigError(f"dispatcher '{kind}' is unknown (choose from: {', '.join(DISPATCHER_KINDS)})")
     if mesh is None or mesh.ep == 1:
