@@ -54,9 +54,12 @@ class Mesh:
     ep_ranks: list[int] = field(default_factory=list)  # global ranks of this EP group, by EP rank
 
     @property
-    def dp_group(self):
-        """Non-expert parameters are replicated over every rank."""
+    def world_group(self):
+        """Every rank: non-expert parameters are replicated over it (data parallel), router loads
+        are summed over it."""
         return dist.group.WORLD
+
+    dp_group = world_group
 
     def node_of(self, rank: int) -> int:
         return rank // self.ranks_per_node
