@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from flyer.config import ConfigError, ModelConfig, resolve_config
-from flyer.model.moe import Experts, moe_layers, update_router_bias
+from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import MetricsLog, measure_gemm_peak, model_flops_per_token, read_metrics, truncate_metrics
@@ -108,10 +108,6 @@ def lr_at(tc: TrainConfig, step: int) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _expert_params(model: torch.nn.Module) -> set[int]:
-    return {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
-
-
 class Trainer:
     def __init__(self, tc: TrainConfig, log=print):
         tc.validate()
@@ -158,9 +154,11 @@ class Trainer:
             make_dispatcher = dispatcher_factory(self.cfg, self.mesh, kind=tc.dispatcher, fp8=tc.fp8_dispatch)
         self.model = Transformer(self.cfg, make_dispatcher=make_dispatcher).to(self._device())
         if self.mesh is not None:
-            from flyer.parallel.grads import broadcast_parameters
+            from flyer.parallel.grads import init_like_single_process
 
-            broadcast_parameters(self.model, self.mesh)
+            # every rank keeps its slice of exactly the single-process initialisation (a plain
+            # seeded build would give every EP rank the same expert weights)
+            init_like_single_process(self.model, self.mesh, tc.seed)
         if tc.precision == "fp8":
             from flyer.fp8 import convert_to_fp8
 
@@ -290,22 +288,13 @@ class Trainer:
         return nullcontext()
 
     def _clip_grad_norm(self) -> torch.Tensor:
-        """Global gradient norm (expert shards summed over the EP group), then clip."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        """Global gradient norm (expert shards counted once over the EP group), then clip."""
         if self.mesh is None:
-            return torch.nn.utils.clip_grad_norm_(params, self.tc.clip)
-        import torch.distributed as dist
+            return torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                                  self.tc.clip)
+        from flyer.parallel.grads import clip_grad_norm_
 
-        experts = _expert_params(self.model)
-        dense_sq = sum((p.grad.float().square().sum() for p in params if id(p) not in experts), torch.zeros(()))
-        expert_sq = sum((p.grad.float().square().sum() for p in params if id(p) in experts), torch.zeros(()))
-        expert_sq = expert_sq.to(self._device())
-        dist.all_reduce(expert_sq, group=self.mesh.ep_group)
-        norm = (dense_sq.to(self._device()) + expert_sq).sqrt()
-        coef = (self.tc.clip / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.device))
-        return norm
+        return clip_grad_norm_(self.model, self.tc.clip, self.mesh)
 
     def train_step(self) -> dict[str, Any]:
         tc = self.tc
@@ -363,7 +352,8 @@ class Trainer:
         if self.mesh is not None:
             from flyer.parallel.dispatch import comm_stats
 
-            record.update({k: v for k, v in comm_stats(self.model, reset=True).items() if not isinstance(v, list)})
+            stats = comm_stats(self.model, reset=True, group=self.mesh.world_group)  # job totals
+            record.update({k: v for k, v in stats.items() if not isinstance(v, list)})
         return record
 
     def _mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
@@ -383,6 +373,9 @@ class Trainer:
         self.model.train()
         loss = total / len(self.eval_data)
         if self.mesh is not None:
+            from flyer.parallel.dispatch import comm_stats
+
+            comm_stats(self.model, reset=True)  # evaluation traffic is not training traffic
             loss = self._mean_over_ranks({"v": loss})["v"]
         return loss
 

@@ -1,0 +1,42 @@
+"""`flyer train` under torchrun with expert parallelism: 4 gloo ranks as 2 nodes x 2, checkpoint,
+resume with the same layout, and the checkpoint loads in one process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flyer.train import checkpoint as ckpt
+from flyer.train.metrics import read_metrics
+
+
+@pytest.mark.slow
+def test_torchrun_ep4_two_nodes_trains_checkpoints_and_resumes(tmp_path):
+    cache = tmp_path / "data"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "flyer",
+            "train", "--preset", "tiny", "--ep", "4", "--ranks-per-node", "2", "--batch-size", "2", "--seq-len", "32",
+            "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2", "--threads", "1", "--no-progress",
+            "--no-plots", "--data-cache", str(cache), "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(base + ["--steps", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(base + ["--steps", "4", "--resume"], capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr
+    recs = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert recs[-1]["inter_node_bytes"] > 0 and recs[-1]["intra_node_bytes"] > 0
+    path = ckpt.resolve_checkpoint_path(tmp_path / "run")
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith("optimizer")) == [
+        f"optimizer-rank{r}.pt" for r in range(4)]
+    model, cfg, _ = ckpt.load_for_inference(tmp_path / "run")  # full single-process layout
+    assert model.layers[1].ffn.experts.w1.shape[0] == cfg.n_routed_experts
+
+
+def test_bad_ep_layout_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "flyer", "train", "--preset", "tiny", "--ep", "3", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--ep 3" in lines[0], out.stderr
