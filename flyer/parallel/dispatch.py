@@ -93,7 +93,7 @@ class LocalDispatcher:
         counts = torch.bincount(flat, minlength=self.n_experts)
         if self.fp8:
             x_TD = FakeFp8Rows.apply(x_TD)
-        x_sorted = x_TD[token_idx]
+        x_sorted = x_TD.index_select(0, token_idx)  # backward is an index_add, not a sorting index_put
         if self.combine_dtype is not None and self.combine_dtype != x_sorted.dtype:
             x_sorted = RoundGrad.apply(x_sorted, self.combine_dtype)  # gradients return in the combine dtype
         return x_sorted, counts, LocalContext(token_idx, order, x_TD.shape[0])
@@ -101,9 +101,9 @@ class LocalDispatcher:
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
         if self.combine_dtype is not None:
             y_ND = y_ND.to(self.combine_dtype)
-        w = weights_TK.flatten()[ctx.order_N].unsqueeze(1)
+        w = weights_TK.flatten().index_select(0, ctx.order_N).unsqueeze(1)
         out = y_ND.new_zeros(ctx.n_tokens, y_ND.shape[1], dtype=torch.float32)
-        return out.index_add(0, ctx.token_idx_N, (y_ND.float() * w))
+        return out.index_add(0, ctx.token_idx_N, y_ND.float().mul_(w))  # FP32 sum of the K weighted copies
 
 
 # ---- counters ---------------------------------------------------------------------------------
