@@ -445,3 +445,12 @@ def test_cuda_backend_refuses_cpu_tensors():
     with pytest.raises(RuntimeError, match="CUDA"):
         fp8_gemm_nt(qa.data, qa.scale, qa.data, qa.scale, backend="cuda")
     assert math.isfinite(float(dequantize(qa.data, qa.scale).sum()))
+
+
+def test_zero_row_tiles_round_trip():
+    """A rank that receives no tokens quantises and dequantises an empty (0, D) tensor."""
+    from flyer.fp8.quant import dequantize, quantize_tiles
+
+    q = quantize_tiles(torch.zeros(0, 200))
+    assert q.data.shape == (0, 256) and q.scale.shape == (0, 2)
+    assert dequantize(q.data, q.scale).shape == (0, 256)

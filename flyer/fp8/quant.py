@@ -109,9 +109,9 @@ def quantize_tiles(x: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8_
     fp8_dtype = resolve_fp8_dtype(fp8_dtype)
     R, C = x.shape
     xp = pad_cols(x.float()).contiguous()  # tiles of a transposed input: reduce over contiguous memory
-    tiles = xp.view(R, -1, TILE)
+    tiles = xp.view(R, xp.shape[1] // TILE, TILE)  # explicit sizes: R may be 0
     scale = amax_to_scale(_absmax(tiles, (-1,)), fp8_dtype, pow2_scales)  # (R, Cp/128)
-    data = _cast(tiles / scale.unsqueeze(-1), fp8_dtype).view(R, -1)
+    data = _cast(tiles / scale.unsqueeze(-1), fp8_dtype).view(R, xp.shape[1])
     return Quantized(data, scale, C)
 
 
@@ -178,14 +178,14 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(R, Cp) float32 from a (tensor, scales) pair of either granularity."""
     R, Cp = data.shape
     s = expand_scale(data, scale)
-    return (fp8_to_float(data).view(R, -1, TILE) * s.unsqueeze(-1)).view(R, Cp)
+    return (fp8_to_float(data).view(R, Cp // TILE, TILE) * s.unsqueeze(-1)).view(R, Cp)
 
 
 def dequantize_blocks_batched(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(E, R, Cp) float32 from ``quantize_blocks_batched``'s (data, scale)."""
     E, R, Cp = data.shape
     s = scale.repeat_interleave(TILE, dim=1)[:, :R]  # (E, R, Cp/128)
-    return (fp8_to_float(data).view(E, R, -1, TILE) * s.unsqueeze(-1)).view(E, R, Cp)
+    return (fp8_to_float(data).view(E, R, Cp // TILE, TILE) * s.unsqueeze(-1)).view(E, R, Cp)
 
 
 def fake_quantize(x: torch.Tensor, granularity: str = "tile", fp8_dtype: torch.dtype | str = torch.float8_e4m3fn,

@@ -9,39 +9,29 @@ from __future__ import annotations
 
 import torch
 
+from flyer.fp8.quant import TILE, dequantize, pad_cols, quantize_tiles
+
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-CHANNEL_BLOCK = 128
 
 
 def fp8_row_bytes(dim: int) -> int:
     """Bytes of one packed FP8 row: 1 per element plus a 4-byte scale per 128 channels."""
-    return dim + 4 * -(-dim // CHANNEL_BLOCK)
+    return dim + 4 * -(-dim // TILE)
 
 
 def fp8_encode_rows(x_ND: torch.Tensor) -> torch.Tensor:
-    """(N, D) float -> (N, fp8_row_bytes(D)) uint8: E4M3 payload, then the FP32 block scales."""
-    N, D = x_ND.shape
-    nb = -(-D // CHANNEL_BLOCK)
-    x = x_ND.float()
-    if D % CHANNEL_BLOCK:
-        x = torch.nn.functional.pad(x, (0, nb * CHANNEL_BLOCK - D))
-    xb = x.view(N, nb, CHANNEL_BLOCK)
-    scale_NB = xb.abs().amax(-1).clamp(min=1e-12) / FP8_MAX
-    q = (xb / scale_NB.unsqueeze(-1)).to(FP8_DTYPE).view(N, nb * CHANNEL_BLOCK)[:, :D]
-    return torch.cat([q.view(torch.uint8), scale_NB.contiguous().view(torch.uint8)], dim=1)
+    """(N, D) float -> (N, fp8_row_bytes(D)) uint8: E4M3 payload (1x128 tiles, as the FP8 recipe
+    quantises activations), then the FP32 tile scales."""
+    D = x_ND.shape[1]
+    q = quantize_tiles(x_ND, FP8_DTYPE)
+    return torch.cat([q.data[:, :D].view(torch.uint8), q.scale.contiguous().view(torch.uint8)], dim=1)
 
 
 def fp8_decode_rows(b_NB: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of ``fp8_encode_rows``: (N, bytes) uint8 -> (N, dim) ``dtype``."""
-    N = b_NB.shape[0]
-    nb = -(-dim // CHANNEL_BLOCK)
-    q = b_NB[:, :dim].contiguous().view(FP8_DTYPE).float()
-    scale_NB = b_NB[:, dim:].contiguous().view(torch.float32)
-    if dim % CHANNEL_BLOCK:
-        q = torch.nn.functional.pad(q, (0, nb * CHANNEL_BLOCK - dim))
-    x = (q.view(N, nb, CHANNEL_BLOCK) * scale_NB.view(N, nb, 1)).view(N, nb * CHANNEL_BLOCK)[:, :dim]
-    return x.to(dtype)
+    data = pad_cols(b_NB[:, :dim].contiguous().view(FP8_DTYPE).view(torch.uint8)).view(FP8_DTYPE)
+    scale = b_NB[:, dim:].contiguous().view(torch.float32)
+    return dequantize(data, scale)[:, :dim].to(dtype)
 
 
 def fp8_round_trip(x_ND: torch.Tensor) -> torch.Tensor:
