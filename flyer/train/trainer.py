@@ -167,7 +167,7 @@ class Trainer:
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
+            lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8, fused=self._device().type in ("cpu", "cuda"))
         self.flops_per_token = model_flops_per_token(self.cfg, tc.seq_len)
         peak_dtype = torch.float32 if tc.precision == "fp32" else torch.bfloat16
         self.peak_flops = measure_gemm_peak(peak_dtype, self._device())
