@@ -14,6 +14,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write the PNG (creating its folder) and free the figure."""
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    _pyplot().close(fig)
+    return out
+
+
 def topology_chart(rows: list[dict], path: str | Path) -> Path:
     """Two panels: cost per endpoint (bars) and endpoints reached (log bars), one bar per topology."""
     plt = _pyplot()
@@ -28,12 +38,7 @@ def topology_chart(rows: list[dict], path: str | Path) -> Path:
     ax2.set_yscale("log")
     ax2.set_ylabel("endpoints")
     ax2.set_title("endpoints reached")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def simulate_chart(rows: list[dict], path: str | Path) -> Path:
@@ -51,9 +56,4 @@ def simulate_chart(rows: list[dict], path: str | Path) -> Path:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(topos))], [t.upper() for t in topos])
     ax.set_ylabel("all-to-all bandwidth per GPU (GB/s)")
     ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
