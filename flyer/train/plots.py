@@ -12,12 +12,14 @@ import numpy as np  # noqa: E402
 
 
 def plot_loss(records: list[dict], path: Path, unigram: float | None = None) -> None:
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] is not None]
+    # the main next-token loss, comparable with validation (the total adds the weighted MTP loss)
+    train = [(r["step"], r.get("main_loss", r["loss"])) for r in records
+             if r.get("loss") is not None and not r.get("skipped")]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and r["val_loss"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if train:
         s, l = zip(*train)
-        ax.plot(s, l, lw=1, alpha=0.8, label="train loss")
+        ax.plot(s, l, lw=1, alpha=0.8, label="train loss (next token)")
     if val:
         s, l = zip(*val)
         ax.plot(s, l, "o-", lw=1.5, label="validation loss")
@@ -32,7 +34,7 @@ def plot_loss(records: list[dict], path: Path, unigram: float | None = None) -> 
     plt.close(fig)
 
 
-def plot_expert_load(records: list[dict], path: Path) -> None:
+def plot_expert_load(records: list[dict], path: Path, n_mtp: int = 0) -> None:
     """Heat map of each MoE layer's share of routed tokens per expert, step by step."""
     rows = [(r["step"], r["expert_load"]) for r in records if r.get("expert_load")]
     if not rows:
@@ -40,12 +42,12 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
     steps = [s for s, _ in rows]
     loads = np.array([l for _, l in rows], dtype=float)  # (steps, layers, experts)
     n_layers = loads.shape[1]
-    fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers + 1, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, n_layers, figsize=(2.6 * n_layers + 1.5, 3.6), squeeze=False, layout="constrained")
     for li, ax in enumerate(axes[0]):
         share = loads[:, li, :] / np.maximum(loads[:, li, :].mean(axis=1, keepdims=True), 1e-9)
         im = ax.imshow(share.T, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=max(2.0, share.max()),
                        extent=[steps[0], steps[-1], -0.5, share.shape[1] - 0.5])
-        ax.set_title(f"MoE layer {li}")
+        ax.set_title(f"MoE layer {li}" if li < n_layers - n_mtp else f"MTP MoE {li - (n_layers - n_mtp) + 1}")
         ax.set_xlabel("step")
         if li == 0:
             ax.set_ylabel("expert")

@@ -423,7 +423,7 @@ class Trainer:
             from flyer.train.plots import plot_expert_load, plot_loss
 
             plot_loss(records, self.out / "loss.png", self.data.unigram_val_loss)
-            plot_expert_load(records, self.out / "expert_load.png")
+            plot_expert_load(records, self.out / "expert_load.png", n_mtp=self.cfg.mtp_depth)
         train_losses = [r["loss"] for r in records if r.get("loss") is not None and not r.get("skipped")]
         summary = {"steps": self.step, "final_loss": train_losses[-1] if train_losses else None,
                    "val_loss": val_loss, "unigram_val_loss": self.data.unigram_val_loss,
