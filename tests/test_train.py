@@ -167,6 +167,11 @@ def test_cli_bad_toml_field_and_config_mismatch(tmp_path, data_cache, capsys):
     bad.write_text("[train]\nstepz = 3\n")
     assert main(["train", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "stepz" in _err(capsys)
+    good = tmp_path / "good.toml"
+    good.write_text("[model]\nn_layers = 3\n[train]\nsteps = 1\nbatch_size = 2\nseq_len = 16\neval_batches = 1\n")
+    assert main(["train", "--preset", "tiny", "--config", str(good), "--data-cache", data_cache, "--out",
+                 str(tmp_path / "toml-run"), "--no-progress", "--no-plots"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 1
     common = ["train", "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "16",
               "--eval-batches", "1", "--data-cache", data_cache, "--out", str(tmp_path / "run"), "--no-progress",
               "--no-plots"]

@@ -125,9 +125,7 @@ class Trainer:
         tc = self.tc
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        model_over, train_over = self._file_overrides()
-        if train_over:
-            raise ConfigError("train fields in --config are applied by the CLI; pass them in TrainConfig")
+        model_over, _ = self._file_overrides()  # a [train] table is merged into TrainConfig by the CLI
         base = resolve_config(tc.preset, None, model_over)
         self.mesh = self._init_distributed(base)
         self.rank0 = self.mesh is None or self.mesh.rank == 0
