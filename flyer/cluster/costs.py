@@ -87,9 +87,10 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     the FFN saves its normed input and, per activated expert (routed + shared), the expert input,
     the gate/up outputs and the SwiGLU product, plus the router scores.
 
-    ``recompute=True`` is DeepSeek-V3's recipe: RMSNorm outputs and the MLA up-projections (q, k,
-    v) are recomputed from the saved latents, the SwiGLU product from its saved inputs, and expert
-    inputs are cached in FP8 (half a BF16 element).
+    ``recompute=True`` is DeepSeek-V3's recipe (report, sections 3.3.2-3.3.3): RMSNorm outputs and
+    the MLA up-projections (q, k, v) are recomputed from the saved latents, the SwiGLU output from
+    its saved inputs, and both the expert inputs and the SwiGLU inputs are cached in FP8 with the
+    fine-grained tiles (half a BF16 element each).
     """
     d, h = cfg.dim, cfg.n_heads
     if cfg.attn == "mla":
@@ -105,7 +106,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     router = cfg.n_routed_experts if moe else 0
     if recompute:
         attn = d + latents + h * v + h
-        ffn = experts * (0.5 * d + 2 * inter) + router
+        ffn = experts * 0.5 * (d + 2 * inter) + router  # FP8-cached expert and SwiGLU inputs
     else:
         attn = 2 * d + latents + qkv + h * v + h
         ffn = d + experts * (d + 3 * inter) + router
