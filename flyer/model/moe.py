@@ -78,14 +78,17 @@ def expert_ffn_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Te
     JIT (oneDNN's bf16 GEMMs on CPU: ~2.7 ms per new shape against ~0.15 ms for a cached one).
     """
     counts = counts_E.tolist()
+    F_ = w1_EFD.shape[1]
+    w13_E2FD = torch.cat([w1_EFD, w3_EFD], dim=1)  # one up-projection GEMM per expert instead of two
     outs = []
-    for xs, n, w1, w2, w3 in zip(x_ND.split(counts), counts, w1_EFD.unbind(0), w2_EDF.unbind(0), w3_EFD.unbind(0)):
+    for xs, n, w13, w2 in zip(x_ND.split(counts), counts, w13_E2FD.unbind(0), w2_EDF.unbind(0)):
         if n == 0:
             continue
         pad = -n % row_multiple
         if pad:
             xs = F.pad(xs, (0, 0, 0, pad))
-        y = F.linear(F.silu(F.linear(xs, w1)) * F.linear(xs, w3), w2)
+        h1, h3 = F.linear(xs, w13).split(F_, dim=-1)
+        y = F.linear(F.silu(h1) * h3, w2)
         outs.append(y[:n] if pad else y)
     return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
 
