@@ -17,21 +17,11 @@ import torch
 
 from flyer.config import preset
 from flyer.model.transformer import Transformer
-from flyer.train.metrics import model_flops_per_token
+from flyer.train.metrics import measure_gemm_peak, model_flops_per_token
 
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm",
             "aten::_scaled_mm", "aten::_scaled_dot_product_flash_attention_for_cpu",
             "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_weight_int8pack_mm")
-
-
-def gemm_flops_per_s(m: int, k: int, n: int, dtype=torch.bfloat16, seconds: float = 1.0) -> float:
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    a @ b
-    it, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or it < 3:
-        a @ b
-        it += 1
-    return 2.0 * m * k * n * it / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -66,7 +56,7 @@ def main() -> None:
     tokens_per_s = B * T / dt
     flops = model_flops_per_token(cfg, T) * tokens_per_s
     # the peer: the model's dense-FFN-shaped GEMM (tokens x dim x inter_dim) in bf16, same process
-    peer = gemm_flops_per_s(B * T, cfg.dim, max(cfg.inter_dim, cfg.dim))
+    peer = measure_gemm_peak(torch.bfloat16, shape=(B * T, cfg.dim, max(cfg.inter_dim, cfg.dim)), seconds=1.0)
 
     from torch.profiler import ProfilerActivity, profile
 

@@ -344,13 +344,18 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig.from_dict({**PRESETS[name], **overrides})
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Field overrides from a file: flyer/DeepSeek/HF JSON, or TOML (flat, or a [model] table)."""
+def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model fields, train fields) from a config file.
+
+    JSON: flyer's, DeepSeek's config_*.json or an HF config.json (model fields only). TOML: model
+    fields at the top level and/or in a [model] table, trainer options in a [train] table.
+    """
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    train: Any = {}
     if p.suffix == ".json":
         try:
             d = json.loads(text)
@@ -361,10 +366,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             d = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
-        d = d.get("model", d)
-    if not isinstance(d, dict):
+        train = d.pop("train", {})
+        d = {**d.pop("model", {}), **d}
+    if not isinstance(d, dict) or not isinstance(train, dict):
         raise ConfigError(f"config file {p} must hold a table/object of fields")
-    return _from_hf(d) if any(k in d for k in _HF_KEYS) else d
+    return (_from_hf(d) if any(k in d for k in _HF_KEYS) else d), train
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Model field overrides from a config file (see ``read_config_sections``)."""
+    return read_config_sections(path)[0]
 
 
 def resolve_config(preset_name: str | None = None, config_path: str | Path | None = None,
@@ -379,5 +390,5 @@ def resolve_config(preset_name: str | None = None, config_path: str | Path | Non
     return ModelConfig.from_dict(d)
 
 
-__all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "resolve_config", "read_config_file",
+__all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "resolve_config", "read_config_file", "read_config_sections",
            "yarn_mscale"]

@@ -108,7 +108,7 @@ def test_v3_training_layout_fits_an_h800(v3_plan):
     m = v3_plan["memory"]
     assert m["fits"] and m["total_gib"] < m["hbm_gib"] == 80
     cfg = preset("dsv3")
-    d, f, k = cfg.dim, cfg.moe_inter_dim, cfg.n_activated_experts + cfg.n_shared_experts
+    f, k = cfg.moe_inter_dim, cfg.n_activated_experts + cfg.n_shared_experts
     fp8_cached = activation_bytes_per_token_layer(cfg, moe=True, recompute=True)
     bf16_swiglu_inputs = fp8_cached + k * 0.5 * 2 * f * 2  # the same with SwiGLU inputs in BF16
     assert fp8_cached < bf16_swiglu_inputs

@@ -132,3 +132,13 @@ def test_info_cli_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["kv_cache_bytes_per_token"] == 70272
     assert {"total_params", "activated_params", "mtp_params"} <= out.keys()
+
+
+def test_toml_top_level_model_fields_beside_a_train_table(tmp_path):
+    from flyer.config import read_config_sections
+
+    p = tmp_path / "run.toml"
+    p.write_text("dim = 96\nn_heads = 3\n[train]\nsteps = 7\n")
+    model, train = read_config_sections(p)
+    assert model == {"dim": 96, "n_heads": 3} and train == {"steps": 7}
+    assert resolve_config("tiny", p).dim == 96  # the [train] table is not taken for a model field

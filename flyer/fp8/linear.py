@@ -209,7 +209,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, w_data, w_scale = ctx.saved_tensors
         r, counts = ctx.recipe, ctx.counts
-        E, Fo, K = w_data.shape[0], w_data.shape[1], x.shape[1]
+        Fo, K = w_data.shape[1], x.shape[1]
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:

@@ -156,7 +156,6 @@ def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: Prefix
     logits at each prompt's last token. With an MTP cache, its entries for positions
     [0, len - 1) are filled too (entry j needs token t_{j+1})."""
     device = dec.model.embed.weight.device
-    B = len(prompts)
     hits = [_load_prefix(dec, prefix_cache, b, p) if prefix_cache else 0 for b, p in enumerate(prompts)]
     # recompute the last loaded position: its hidden state feeds the MTP module and the logits
     start = torch.tensor([max(h - 1, 0) for h in hits], dtype=torch.long, device=device)

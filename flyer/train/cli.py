@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 from flyer.config import PRESETS, ConfigError
 
@@ -57,20 +56,13 @@ def build_train_config(args: argparse.Namespace):
 
     values: dict = {}
     if args.config:
-        path = Path(args.config)
-        if path.suffix == ".toml":
-            import tomllib
+        from flyer.config import read_config_sections
 
-            try:
-                train = tomllib.loads(path.read_text()).get("train", {})
-            except OSError as e:
-                raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-            unknown = set(train) - TrainConfig.field_names()
-            if unknown:
-                raise ConfigError(f"unknown [train] field '{sorted(unknown)[0]}' in {path}")
-            values.update(train)
+        _, train = read_config_sections(args.config)
+        unknown = set(train) - TrainConfig.field_names()
+        if unknown:
+            raise ConfigError(f"unknown [train] field '{sorted(unknown)[0]}' in {args.config}")
+        values.update(train)
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:

@@ -53,10 +53,12 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", n: int = 1024,
-                      seconds: float = 0.3) -> float:
-    """Achieved FLOP/s of an n x n x n GEMM in ``dtype`` on this device (the MFU denominator)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+                      seconds: float = 0.3, shape: tuple[int, int, int] | None = None) -> float:
+    """Achieved FLOP/s of an (m x k) @ (k x n) GEMM in ``dtype`` on this device (the MFU denominator);
+    square n x n x n unless ``shape`` = (m, k, n) is given."""
+    m, k, n = shape or (n, n, n)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
     a @ b  # warm up (kernel selection, AMX tile config)
     iters, t0 = 0, time.perf_counter()
     while True:
@@ -66,7 +68,7 @@ def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.d
             torch.cuda.synchronize()
         el = time.perf_counter() - t0
         if el >= seconds and iters >= 3:
-            return 2.0 * n ** 3 * iters / el
+            return 2.0 * m * k * n * iters / el
 
 
 def model_flops_per_token(cfg, seq_len: int) -> float:

@@ -179,26 +179,12 @@ class Trainer:
         return self.mesh.device if self.mesh is not None else torch.device("cpu")
 
     def _file_overrides(self) -> tuple[dict, dict]:
-        """Model and train overrides from --config (TOML [model]/[train] tables or flat model keys)."""
+        """Model and train overrides from --config (see ``read_config_sections``)."""
         if not self.tc.config:
             return {}, {}
-        from flyer.config import read_config_file
+        from flyer.config import read_config_sections
 
-        path = Path(self.tc.config)
-        if path.suffix == ".toml":
-            import tomllib
-
-            try:
-                raw = tomllib.loads(path.read_text())
-            except OSError as e:
-                raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-            train = raw.pop("train", {})
-            model = raw.pop("model", {})
-            model.update(raw)
-            return model, train
-        return read_config_file(path), {}
+        return read_config_sections(self.tc.config)
 
     def _init_distributed(self, cfg: ModelConfig):
         if self.tc.ep <= 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
