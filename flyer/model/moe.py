@@ -68,28 +68,12 @@ class Gate(nn.Module):
 
 
 def expert_ffn_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
-                    w3_EFD: torch.Tensor, row_multiple: int = 1) -> torch.Tensor:
-    """Reference grouped SwiGLU: each expert on its contiguous slice of the expert-sorted tokens.
-
-    ``unbind`` (not ``w[e]`` indexing) so that backward stacks the expert gradients once instead
-    of materialising a full (E, F, D) gradient per expert. ``row_multiple`` > 1 zero-pads each
-    slice to a multiple of that many rows: the result is the same (padded rows are sliced off),
-    but GEMM shapes repeat from step to step, which matters where every new shape costs a kernel
-    JIT (oneDNN's bf16 GEMMs on CPU: ~2.7 ms per new shape against ~0.15 ms for a cached one).
-    """
-    counts = counts_E.tolist()
-    F_ = w1_EFD.shape[1]
-    w13_E2FD = torch.cat([w1_EFD, w3_EFD], dim=1)  # one up-projection GEMM per expert instead of two
-    outs = []
-    for xs, n, w13, w2 in zip(x_ND.split(counts), counts, w13_E2FD.unbind(0), w2_EDF.unbind(0)):
-        if n == 0:
-            continue
-        pad = -n % row_multiple
-        if pad:
-            xs = F.pad(xs, (0, 0, 0, pad))
-        h1, h3 = F.linear(xs, w13).split(F_, dim=-1)
-        y = F.linear(F.silu(h1) * h3, w2)
-        outs.append(y[:n] if pad else y)
+                    w3_EFD: torch.Tensor) -> torch.Tensor:
+    """Reference grouped SwiGLU: each expert on its contiguous slice of the expert-sorted tokens,
+    differentiated by autograd. The oracle for the fast paths below."""
+    outs = [F.linear(F.silu(F.linear(xs, w1)) * F.linear(xs, w3), w2)
+            for xs, n, w1, w2, w3 in zip(x_ND.split(counts_E.tolist()), counts_E.tolist(), w1_EFD, w2_EDF, w3_EFD)
+            if n]
     return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
 
 
@@ -103,14 +87,91 @@ def expert_ffn_grouped_mm(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: to
     return torch._grouped_mm(F.silu(h1) * h3, w2_EDF.to(torch.bfloat16).transpose(-2, -1), offs=offs)
 
 
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Grouped SwiGLU experts with a hand-written backward (the CPU fast path).
+
+    Same maths as ``expert_ffn_loop``, but each expert's GEMMs write into slices of one buffer
+    (``torch.mm(..., out=)``) and the activation runs once over all experts: no per-expert pads,
+    splits, cats or autograd nodes. ``row_multiple`` > 1 lays each expert's slice out padded with
+    zero rows (which add nothing to any gradient) to a multiple of that many rows, so GEMM shapes
+    repeat from step to step. That matters where every new shape costs a kernel JIT: oneDNN's bf16
+    GEMMs on CPU take ~2.7 ms for a new shape against ~0.15 ms for a cached one.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w1_EFD, w2_EDF, w3_EFD, counts: list[int], row_multiple: int):
+        N, D = x_ND.shape
+        F_ = w1_EFD.shape[1]
+        padded = [n + (-n % row_multiple) for n in counts]
+        starts = [0]
+        for p in padded[:-1]:
+            starts.append(starts[-1] + p)
+        n_pad = starts[-1] + padded[-1] if padded else 0
+        pos = None
+        x = x_ND.contiguous()
+        if n_pad != N:  # destination row of each expert-sorted copy in the padded layout
+            firsts = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
+            shift = torch.tensor(starts) - firsts
+            pos = (torch.arange(N) + shift.repeat_interleave(torch.tensor(counts), output_size=N)).to(x.device)
+            x = x.new_zeros(n_pad, D).index_copy_(0, pos, x)
+        w13 = torch.cat([w1_EFD, w3_EFD], dim=1)  # (E, 2F, D): one up-projection GEMM per expert
+        h13 = x.new_empty(n_pad, 2 * F_)
+        y = x.new_empty(n_pad, D)
+        spans = [(e, s, p) for e, (s, p) in enumerate(zip(starts, padded)) if p]
+        for e, s, p in spans:
+            torch.mm(x[s:s + p], w13[e].t(), out=h13[s:s + p])
+        a = F.silu(h13[:, :F_]) * h13[:, F_:]
+        for e, s, p in spans:
+            torch.mm(a[s:s + p], w2_EDF[e].t(), out=y[s:s + p])
+        ctx.save_for_backward(x, w13, w2_EDF, h13, a, pos)
+        ctx.spans, ctx.F = spans, F_
+        return y if pos is None else y.index_select(0, pos)
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        x, w13, w2, h13, a, pos = ctx.saved_tensors
+        spans, F_ = ctx.spans, ctx.F
+        dy = dy_ND.to(x.dtype).contiguous()
+        if pos is not None:
+            dy = dy.new_zeros(x.shape).index_copy_(0, pos, dy)
+        h1, h3 = h13[:, :F_], h13[:, F_:]
+        da = x.new_empty(a.shape)
+        need_w = any(ctx.needs_input_grad[1:4])
+        dw2 = w2.new_zeros(w2.shape) if need_w else None
+        for e, s, p in spans:
+            torch.mm(dy[s:s + p], w2[e], out=da[s:s + p])
+            if need_w:
+                torch.mm(dy[s:s + p].t(), a[s:s + p], out=dw2[e])
+        # the same element-wise ops autograd would run for silu(h1) * h3
+        dh13 = torch.cat([torch.ops.aten.silu_backward(da * h3, h1), da * F.silu(h1)], dim=1)
+        dx = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        dw13 = w13.new_zeros(w13.shape) if need_w else None
+        for e, s, p in spans:
+            if dx is not None:
+                torch.mm(dh13[s:s + p], w13[e], out=dx[s:s + p])
+            if need_w:
+                torch.mm(dh13[s:s + p].t(), x[s:s + p], out=dw13[e])
+        if dx is not None and pos is not None:
+            dx = dx.index_select(0, pos)
+        dw1, dw3 = (dw13[:, :F_], dw13[:, F_:]) if need_w else (None, None)
+        return dx, dw1, dw2, dw3, None, None
+
+
+def expert_ffn_fused(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                     w3_EFD: torch.Tensor, row_multiple: int = 1) -> torch.Tensor:
+    """Same as ``expert_ffn_loop`` through ``_GroupedSwiGLU`` (all inputs in one dtype)."""
+    return _GroupedSwiGLU.apply(x_ND, w1_EFD, w2_EDF, w3_EFD, counts_E.tolist(), row_multiple)
+
+
 CPU_LOWP_ROW_MULTIPLE = 64
 
 
 class Experts(nn.Module):
     """Routed experts ``[first, first + n_local)`` stored stacked: w1/w3 (E, F, D), w2 (E, D, F).
 
-    ``use_grouped_mm`` selects ``torch._grouped_mm`` on CUDA (None = automatic); the per-expert
-    loop is the oracle and the CPU path (it is faster than the CPU grouped_mm fallback).
+    ``use_grouped_mm`` selects ``torch._grouped_mm`` on CUDA (None = automatic); elsewhere
+    ``expert_ffn_fused`` runs (faster than the CPU grouped_mm fallback); ``expert_ffn_loop`` is the
+    oracle for both.
     """
 
     def __init__(self, n_local: int, dim: int, inter_dim: int, first: int = 0, use_grouped_mm: bool | None = None):
@@ -131,7 +192,7 @@ class Experts(nn.Module):
         w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))  # cast each stack once, not per expert
         # bf16/fp16 CPU GEMMs JIT a kernel per new shape: bucket the per-expert row counts
         rows = CPU_LOWP_ROW_MULTIPLE if (x_ND.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)) else 1
-        return expert_ffn_loop(x_ND.to(dtype), counts_E, w1, w2, w3, row_multiple=rows)
+        return expert_ffn_fused(x_ND.to(dtype), counts_E, w1, w2, w3, row_multiple=rows)
 
 
 class MoE(nn.Module):
