@@ -4,13 +4,16 @@ Prints one JSON object: tokens/s, achieved model FLOP/s, the FLOP/s of a bf16 GE
 measured in the same run (the peer), their ratio ``mfu_vs_bf16_gemm``, and the share of step time
 spent in GEMM kernels (torch.profiler).
 
-    python bench/model_step.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 5]
+    python bench/model_step.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 5] [--device cuda]
+
+On CUDA the GEMM share is the share of GPU kernel time in GEMM and fused-attention kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
@@ -22,6 +25,7 @@ from flyer.train.metrics import measure_gemm_peak, model_flops_per_token
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm",
             "aten::_scaled_mm", "aten::_scaled_dot_product_flash_attention_for_cpu",
             "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_weight_int8pack_mm")
+GEMM_KERNELS = re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|flash|fmha|cublas", re.IGNORECASE)
 
 
 def main() -> None:
@@ -31,48 +35,65 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = preset(args.preset)
-    model = Transformer(cfg)
+    model = Transformer(cfg).to(device)
     B, T = args.batch_size, args.seq_len
-    x = torch.randint(0, cfg.vocab_size, (B, T + 1))
+    x = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model.compute_loss(x[:, :-1], x[:, 1:])
         out.loss.backward()
         model.zero_grad(set_to_none=True)
 
     step()
+    step()
     times = []
     for _ in range(args.steps):
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     dt = sorted(times)[len(times) // 2]
     tokens_per_s = B * T / dt
     flops = model_flops_per_token(cfg, T) * tokens_per_s
     # the peer: the model's dense-FFN-shaped GEMM (tokens x dim x inter_dim) in bf16, same process
-    peer = measure_gemm_peak(torch.bfloat16, shape=(B * T, cfg.dim, max(cfg.inter_dim, cfg.dim)), seconds=1.0)
+    peer = measure_gemm_peak(torch.bfloat16, device, shape=(B * T, cfg.dim, max(cfg.inter_dim, cfg.dim)), seconds=1.0)
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         step()
-    ev = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in ev)
-    gemm = sum(e.self_cpu_time_total for e in ev if e.key in GEMM_OPS)
-    top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:6]
+        sync()
+    if cuda:  # GPU kernels only
+        ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        cost = {e.key: e.self_device_time_total for e in ev}
+        gemm = sum(v for k, v in cost.items() if GEMM_KERNELS.search(k))
+    else:
+        cost = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+        gemm = sum(v for k, v in cost.items() if k in GEMM_OPS)
+    total = sum(cost.values())
+    top = sorted(cost, key=lambda k: -cost[k])[:6]
     print(json.dumps({
-        "preset": args.preset, "batch_size": B, "seq_len": T, "threads": torch.get_num_threads(),
+        "preset": args.preset, "device": str(device), "batch_size": B, "seq_len": T, "threads": torch.get_num_threads(),
         "step_time_s": dt, "tokens_per_s": tokens_per_s,
         "model_flops_per_token": model_flops_per_token(cfg, T), "achieved_flops_per_s": flops,
         "bf16_gemm_flops_per_s": peer, "mfu_vs_bf16_gemm": flops / peer,
         "gemm_time_fraction": gemm / total if total else 0.0,
-        "top_ops": {e.key: round(e.self_cpu_time_total / total, 3) for e in top},
+        "top_ops": {k[:80]: round(cost[k] / total, 3) for k in top},
     }))
 
 

@@ -1,13 +1,13 @@
 """Training-step throughput of flyer versus Hugging Face transformers' DeepseekV3ForCausalLM.
 
 Both run the same architecture (the `small` preset by default, MTP off for the comparison since
-transformers does not train MTP) with the same batch, bf16 autocast on CPU, forward + backward +
-AdamW step. transformers' expert implementations (eager, batched_mm, grouped_mm) are each
+transformers does not train MTP) with the same batch and the same step: bf16 autocast, forward,
+backward, clip, fused AdamW (CPU by default; ``--device cuda``). transformers' expert implementations (eager, batched_mm, grouped_mm) are each
 measured and the fastest is the peer. Steps of the two are interleaved so that load on the
 machine affects both alike. The bf16 GEMM rate of this machine, measured in the same run, is the
 MFU denominator. Prints one JSON object.
 
-    python bench/train_throughput.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 4]
+    python bench/train_throughput.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 4] [--device cuda]
 """
 
 from __future__ import annotations
@@ -41,16 +41,18 @@ def hf_model(cfg, experts_impl: str):
 
 
 def make_step(model, x, loss_fn):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    """One training step, the same for flyer and the peer: bf16 autocast, clip, fused AdamW."""
+    model = model.to(x.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             loss = loss_fn(model, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item()  # .item() waits for the device
 
     return step
 
@@ -68,11 +70,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--max-gib", type=float, default=4.0, help="skip peers that would need more memory")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
     cfg = preset(args.preset, mtp_depth=0)
     B, T = args.batch_size, args.seq_len
-    x = torch.randint(0, cfg.vocab_size, (B, T + 1))
+    x = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
     flyer_loss = lambda m, x: m.compute_loss(x[:, :-1], x[:, 1:]).loss  # noqa: E731
     hf_loss = lambda m, x: m(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # noqa: E731
 
@@ -105,10 +109,10 @@ def main() -> None:
     tok = B * T
     hf_impls = {k: tok / v for k, v in med.items() if k in peers}
     best = max(hf_impls, key=hf_impls.get) if hf_impls else None
-    peak = measure_gemm_peak(torch.bfloat16)
+    peak = measure_gemm_peak(torch.bfloat16, device)
     tokens_per_s = tok / med["flyer"]
     print(json.dumps({
-        "preset": args.preset, "batch_size": B, "seq_len": T, "threads": torch.get_num_threads(),
+        "preset": args.preset, "device": str(device), "batch_size": B, "seq_len": T, "threads": torch.get_num_threads(),
         "tokens_per_s": tokens_per_s,
         "mfu": model_flops_per_token(cfg, T) * tokens_per_s / peak,
         "tokens_per_s_with_mtp": tok / med["flyer_mtp"],

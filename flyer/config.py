@@ -392,3 +392,25 @@ def resolve_config(preset_name: str | None = None, config_path: str | Path | Non
 
 __all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "resolve_config", "read_config_file", "read_config_sections",
            "yarn_mscale"]
+
+
+def resolve_device(name: str, what: str = "device"):
+    """``auto`` is CUDA when available, else CPU; a CUDA device that is not there is a ConfigError
+    whose message starts with ``what``."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{what}: unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what}: {name} asked for, but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{what}: {name} asked for, but this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"{what}: unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
+    return device

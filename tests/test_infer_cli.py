@@ -46,6 +46,9 @@ def test_generate_speculative_and_prefix_cache(capsys, tmp_path):
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--max-new-tokens", "5000"], "max_seq_len"),
     (["--prefix-cache", "/tmp/x", "--prefix-cache-size", "lots"], "--prefix-cache-size"),
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["--device", "mps"], "--device: unsupported device 'mps'"),
+    (["--device", "cuda:99"], "--device: cuda:99 asked for"),
 ])
 def test_user_errors_are_one_line(capsys, argv, msg):
     assert main(["generate", "--preset", "tiny", "--prompt", "hi"] + argv) == 2

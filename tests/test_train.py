@@ -2,6 +2,7 @@
 skipping, CLI errors, and a short end-to-end run."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -25,7 +26,8 @@ def data_cache(tmp_path_factory):
 
 def tc_for(out, data_cache, **kw):
     base = dict(preset="tiny", steps=6, batch_size=2, seq_len=32, eval_every=3, eval_batches=2, ckpt_every=2,
-                out=str(out), data_cache=data_cache, seed=3, progress=False, plots=False, warmup=2, lr=3e-3)
+                out=str(out), data_cache=data_cache, seed=3, progress=False, plots=False, warmup=2, lr=3e-3,
+                device="cpu")  # the exactness tests are CPU properties
     base.update(kw)
     return TrainConfig(**base)
 
@@ -62,7 +64,7 @@ def test_resume_equals_uninterrupted(tmp_path, data_cache):
 def test_resume_after_kill_9(tmp_path, data_cache):
     args = [sys.executable, "-m", "flyer", "train", "--preset", "tiny", "--steps", "14", "--batch-size", "2",
             "--seq-len", "32", "--eval-every", "7", "--eval-batches", "2", "--ckpt-every", "4", "--seed", "5",
-            "--data-cache", data_cache, "--no-plots", "--no-progress", "--threads", "1"]
+            "--data-cache", data_cache, "--no-plots", "--no-progress", "--threads", "1", "--device", "cpu"]
     ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "killed"
@@ -152,6 +154,8 @@ def _err(capsys):
     (["--batch-size", "-2"], "'batch_size'"),
     (["--precision", "fp4"], "'precision'"),
     (["--data", "/nonexistent/corpus"], "/nonexistent/corpus"),
+    (["--device", "tpu"], "'device': must be auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "'device': cuda:99 asked for"),
 ])
 def test_cli_errors_are_one_line(tmp_path, data_cache, capsys, argv, words):
     rc = main(["train", "--out", str(tmp_path), "--data-cache", data_cache, "--no-progress"] + argv)
@@ -206,3 +210,18 @@ def test_smoke_run_outputs(tmp_path, data_cache, capsys):
     assert cfg.vocab_size == tok.get_vocab_size()
     x = torch.tensor([tok.encode("To be, or not to be").ids])
     assert model(x).shape == (1, x.shape[1], cfg.vocab_size)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_checkpoints_resume_and_load_on_cpu(tmp_path, data_cache, capsys):
+    common = ["train", "--preset", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-every", "4",
+              "--eval-batches", "2", "--ckpt-every", "2", "--data-cache", data_cache, "--out", str(tmp_path / "gpu"),
+              "--no-progress", "--no-plots", "--device", "cuda"]
+    assert main(common + ["--steps", "4"]) == 0
+    assert main(common + ["--steps", "6", "--resume"]) == 0
+    recs = read_metrics(tmp_path / "gpu" / "metrics.jsonl")
+    loss = [r["loss"] for r in recs if "loss" in r]
+    assert len(loss) == 6 and all(math.isfinite(v) for v in loss) and loss[-1] < loss[0]
+    model, cfg, tok = ckpt.load_for_inference(tmp_path / "gpu", device="cpu")
+    assert next(model.parameters()).device.type == "cpu"

@@ -17,7 +17,7 @@ def test_torchrun_ep4_two_nodes_trains_checkpoints_and_resumes(tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "flyer",
             "train", "--preset", "tiny", "--ep", "4", "--ranks-per-node", "2", "--batch-size", "2", "--seq-len", "32",
             "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2", "--threads", "1", "--no-progress",
-            "--no-plots", "--data-cache", str(cache), "--out", str(tmp_path / "run")]
+            "--no-plots", "--data-cache", str(cache), "--out", str(tmp_path / "run"), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(base + ["--steps", "2"], capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stderr[-3000:]

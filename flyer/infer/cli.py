@@ -59,14 +59,16 @@ class HFTokenizer:
 
 def _load(args):
     from flyer.cli import UserError
+    from flyer.config import resolve_device
 
+    device = resolve_device(args.device, "--device")
     if args.ckpt:
         try:
             from flyer.train.checkpoint import load_for_inference
         except ImportError:
             raise UserError("--ckpt needs flyer.train.checkpoint, which this installation lacks") from None
         try:
-            model, cfg, tok = load_for_inference(args.ckpt, device="cpu")
+            model, cfg, tok = load_for_inference(args.ckpt, device=device)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"cannot load checkpoint '{args.ckpt}': {msg}") from None
@@ -78,7 +80,7 @@ def _load(args):
     if cfg.vocab_size < 256:
         raise UserError(f"--preset {args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
     torch.manual_seed(args.seed or 0)
-    return Transformer(cfg), ByteTokenizer()
+    return Transformer(cfg).to(device), ByteTokenizer()
 
 
 def _run(args) -> int:
@@ -170,6 +172,7 @@ def register(sub) -> None:
     p.add_argument("--attention", choices=["absorbed", "naive"], default="absorbed",
                    help="absorbed = latent cache (default); naive = per-head K/V cache, for comparison")
     p.add_argument("--cache-dtype", choices=list(_DTYPES), default="bf16")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: decoding a small model is latency-bound)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

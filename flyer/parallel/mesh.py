@@ -140,12 +140,14 @@ def build_mesh(cfg: ModelConfig, rank: int, world: int, ep: int, ranks_per_node:
 
 
 def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None = None,
-                     timeout_s: float = 300) -> Mesh | None:
+                     timeout_s: float = 300, device: str = "auto") -> Mesh | None:
     """Join the torchrun job (env: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT).
 
     Returns None when not launched by torchrun (WORLD_SIZE unset) and ep <= 1: a plain
-    single-process run. Backend: NCCL with one CUDA device per process when CUDA is available,
-    gloo on CPU otherwise. ``timeout_s`` bounds every collective, so a mismatch fails, not hangs.
+    single-process run. ``device``: ``cuda`` is NCCL with one GPU per local rank (an error when
+    the machine has fewer GPUs than local ranks), ``cpu`` is gloo on CPU, and ``auto`` is ``cuda``
+    when there is a GPU for every local rank, else ``cpu``. ``timeout_s`` bounds every
+    collective, so a mismatch fails, not hangs.
     """
     ep = ep or 1
     if "WORLD_SIZE" not in os.environ:
@@ -156,7 +158,15 @@ def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None =
     rank = int(os.environ.get("RANK", "0"))
     rpn = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     validate_layout(cfg, world, ep, rpn)  # fail before any rendezvous
-    if torch.cuda.is_available():
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: under torchrun each rank uses its local GPU; give auto, cpu or cuda "
+                          f"(got {device!r})")
+    if device == "cuda" and gpus < local_world:
+        raise ConfigError(f"device: cuda needs a GPU per local rank: {local_world} ranks on this machine, "
+                          f"{gpus} CUDA device(s); pass --device cpu to run over gloo on the CPU")
+    if device == "cuda" or (device == "auto" and gpus >= local_world):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -32,6 +32,7 @@ _FLAGS = [  # (flag, field, type, help)
     ("--tokenizer", "tokenizer", str, "a tokenizer.json to use instead of training one"),
     ("--vocab-size", "vocab_size", int, "BPE vocabulary size to train"),
     ("--threads", "threads", int, "CPU threads"),
+    ("--device", "device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),
     ("--ep", "ep", int, "expert-parallel degree (under torchrun)"),
     ("--ranks-per-node", "ranks_per_node", int, "ranks per node, to simulate several nodes on one machine"),
     ("--dispatcher", "dispatcher", str, "local, flat or hierarchical (expert parallelism)"),

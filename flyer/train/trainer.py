@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from flyer.config import ConfigError, ModelConfig, resolve_config
+from flyer.config import ConfigError, ModelConfig, resolve_config, resolve_device
 from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.train import checkpoint as ckpt
@@ -63,6 +64,7 @@ class TrainConfig:
     vocab_size: int | None = None  # default: the preset's vocab, capped at 8192 for the built-in corpus
     max_bad_steps: int = 10
     threads: int | None = None
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N; under torchrun: auto, cpu or cuda
     ep: int = 1
     ranks_per_node: int | None = None
     dispatcher: str = "hierarchical"
@@ -92,6 +94,8 @@ class TrainConfig:
         need(self.vocab_size is None or self.vocab_size >= 256, "vocab_size", "must be >= 256 (byte-level BPE)")
         need(self.threads is None or self.threads > 0, "threads", "must be a positive integer")
         need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be a positive integer")
+        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",
+             "must be auto, cpu, cuda or cuda:N")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -128,6 +132,7 @@ class Trainer:
         model_over, _ = self._file_overrides()  # a [train] table is merged into TrainConfig by the CLI
         base = resolve_config(tc.preset, None, model_over)
         self.mesh = self._init_distributed(base)
+        self.device = self.mesh.device if self.mesh is not None else resolve_device(tc.device, "train option 'device'")
         self.rank0 = self.mesh is None or self.mesh.rank == 0
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +155,7 @@ class Trainer:
             from flyer.parallel.dispatch import dispatcher_factory
 
             make_dispatcher = dispatcher_factory(self.cfg, self.mesh, kind=tc.dispatcher, fp8=tc.fp8_dispatch)
-        self.model = Transformer(self.cfg, make_dispatcher=make_dispatcher).to(self._device())
+        self.model = Transformer(self.cfg, make_dispatcher=make_dispatcher).to(self.device)
         if self.mesh is not None:
             from flyer.parallel.grads import init_like_single_process
 
@@ -165,18 +170,15 @@ class Trainer:
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8, fused=self._device().type in ("cpu", "cuda"))
+            lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8, fused=self.device.type in ("cpu", "cuda"))
         self.flops_per_token = model_flops_per_token(self.cfg, tc.seq_len)
         peak_dtype = torch.float32 if tc.precision == "fp32" else torch.bfloat16
-        self.peak_flops = measure_gemm_peak(peak_dtype, self._device())
+        self.peak_flops = measure_gemm_peak(peak_dtype, self.device)
         if tc.resume:
             self._resume()
         elif self.rank0 and ckpt.list_checkpoints(self.ckpt_root):
             raise ConfigError(f"{self.ckpt_root} already holds checkpoints: pass --resume to continue, "
                               f"or choose another --out")
-
-    def _device(self) -> torch.device:
-        return self.mesh.device if self.mesh is not None else torch.device("cpu")
 
     def _file_overrides(self) -> tuple[dict, dict]:
         """Model and train overrides from --config (see ``read_config_sections``)."""
@@ -191,7 +193,7 @@ class Trainer:
             return None
         from flyer.parallel.mesh import init_distributed
 
-        return init_distributed(cfg, self.tc.ep, self.tc.ranks_per_node)
+        return init_distributed(cfg, self.tc.ep, self.tc.ranks_per_node, device=self.tc.device)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _resume(self) -> None:
@@ -221,10 +223,19 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
-        torch.set_rng_state(ckpt.read_tensors(path / f"rng{suffix}.safetensors")["torch_cpu"])
+        rng = ckpt.read_tensors(path / f"rng{suffix}.safetensors")
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
         if self.rank0:
             truncate_metrics(self.out / "metrics.jsonl", self.step)
             self.log(f"resumed from {path} at step {self.step}")
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
 
     def _rank_suffix(self) -> str:
         return "" if self.mesh is None else f"-rank{self.mesh.rank}"
@@ -236,7 +247,7 @@ class Trainer:
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "bad_steps": self.bad_steps,
                  "train_config": asdict(self.tc)}
         per_rank = {"optimizer": self.optimizer.state_dict(), "state": state,
-                    "rng": {"torch_cpu": torch.get_rng_state()}}
+                    "rng": self._rng_state()}
         if self.mesh is not None:
             import torch.distributed as dist
 
@@ -268,7 +279,7 @@ class Trainer:
     # ---- one optimizer step ---------------------------------------------------------------
     def _autocast(self):
         if self.tc.precision in ("bf16", "fp8"):
-            return torch.autocast(self._device().type, dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def _clip_grad_norm(self) -> torch.Tensor:
@@ -290,7 +301,7 @@ class Trainer:
         sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         for _ in range(tc.grad_accum):
             x, y = self.sampler.next_batch()
-            x, y = x.to(self._device()), y.to(self._device())
+            x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 out = self.model.compute_loss(x, y)
             (out.loss / tc.grad_accum).backward()
@@ -343,7 +354,7 @@ class Trainer:
     def _mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
         import torch.distributed as dist
 
-        t = torch.tensor(list(sums.values()), dtype=torch.float64, device=self._device())
+        t = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return dict(zip(sums, (t / self.mesh.world).tolist()))
 
@@ -353,7 +364,7 @@ class Trainer:
         total = 0.0
         for x, y in self.eval_data:
             with self._autocast():
-                total += self.model.compute_loss(x.to(self._device()), y.to(self._device())).main_loss.item()
+                total += self.model.compute_loss(x.to(self.device), y.to(self.device)).main_loss.item()
         self.model.train()
         loss = total / len(self.eval_data)
         if self.mesh is not None:
