@@ -454,3 +454,20 @@ def test_zero_row_tiles_round_trip():
     q = quantize_tiles(torch.zeros(0, 200))
     assert q.data.shape == (0, 256) and q.scale.shape == (0, 2)
     assert dequantize(q.data, q.scale).shape == (0, 256)
+
+
+@pytest.mark.cuda
+@needs_fp8_cuda
+@pytest.mark.parametrize("M", [150, 7])
+def test_cuda_gemm_rows_not_multiple_of_16(M):
+    """cuBLAS has no block-scaled kernel for M % 16 != 0 (CUBLAS_STATUS_NOT_SUPPORTED on an H200,
+    torch 2.11): the rows are padded, the result sliced; it used to raise in wgrad."""
+    a = wide_range(M, 384).cuda()
+    b = torch.randn(200, 384, device="cuda")
+    for qb in (quantize_tiles(b), quantize_blocks(b)):
+        qa = quantize_tiles(a)
+        got = fp8_gemm_nt(qa.data, qa.scale, qb.data, qb.scale, torch.float32, backend="cuda")
+        want = fp8_gemm_nt(qa.data.cpu(), qa.scale.cpu(), qb.data.cpu(), qb.scale.cpu(), torch.float32,
+                           backend="emulate")
+        assert got.shape == (M, 200)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))

@@ -298,6 +298,6 @@ def test_cuda_grouped_mm_experts_forward_and_backward():
     g_fast = torch.autograd.grad(fast, [x, *ws], dy)
     ref = expert_ffn_loop(x, counts, *ws)
     g_ref = torch.autograd.grad(ref, [x, *ws], dy)
-    torch.testing.assert_close(fast, ref, atol=3e-2, rtol=3e-2)
-    for u, v in zip(g_fast, g_ref):
-        torch.testing.assert_close(u.float(), v, atol=5e-2, rtol=5e-2)
+    rel = lambda u, v: float((u.float() - v).detach().norm() / v.detach().norm())  # noqa: E731  (bf16 vs fp32)
+    assert rel(fast, ref) < 1e-2
+    assert all(rel(u, v) < 2e-2 for u, v in zip(g_fast, g_ref)), [rel(u, v) for u, v in zip(g_fast, g_ref)]

@@ -27,6 +27,7 @@ the paper's accumulation experiment (slow; not used in training).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +166,7 @@ def _scaled_mm_rowwise_promoted(a, a_scale, b, b_scale, out_dtype):
 
 
 def _pad_rows16(t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_scaled_mm`` wants the N dimension a multiple of 16; zero rows (scale 1) are harmless."""
+    """``_scaled_mm`` wants M and N multiples of 16; zero rows (scale 1) are harmless."""
     pad = -t.shape[0] % 16
     if not pad:
         return t, s
@@ -204,17 +205,26 @@ def cuda_gemm_path(device: torch.device, b_tiles: bool = False) -> str:
     return _cuda_path(torch.device(device), b_tiles)
 
 
+_BLOCKWISE_REFUSED: set[tuple] = set()  # (M, N, K, b_tiles, out_dtype) cuBLAS had no blockwise kernel for
+
+
 def _cuda_gemm(a, a_scale, b, b_scale, out_dtype):
     if not cuda_fp8_supported(a.device):
         raise RuntimeError(f"backend 'cuda' needs a CUDA device with FP8 support (SM 8.9+), got {a.device}")
-    N = b.shape[0]
+    M, N = a.shape[0], b.shape[0]
     b_tiles = block_rows(b, b_scale) == 1
+    a, a_scale = _pad_rows16(a, a_scale)
     b, b_scale = _pad_rows16(b, b_scale)
-    if _cuda_path(a.device, b_tiles) == "blockwise":
-        out = _scaled_mm_blockwise(a, a_scale, b, b_scale, out_dtype)
-    else:
-        out = _scaled_mm_rowwise_promoted(a, a_scale, b, b_scale, out_dtype)
-    return out[:, :N]
+    key = (a.shape[0], b.shape[0], a.shape[1], b_tiles, out_dtype)
+    if _cuda_path(a.device, b_tiles) == "blockwise" and key not in _BLOCKWISE_REFUSED:
+        try:
+            return _scaled_mm_blockwise(a, a_scale, b, b_scale, out_dtype)[:M, :N]
+        except RuntimeError as e:  # e.g. CUBLAS_STATUS_NOT_SUPPORTED for this shape/scale layout
+            _BLOCKWISE_REFUSED.add(key)
+            warnings.warn(f"FP8 blockwise scaled_mm refused (M, N, K) = {key[:3]} "
+                          f"({'1x128' if b_tiles else '128x128'} scales of b): {str(e).splitlines()[0][:160]}; "
+                          f"using row-wise calls promoted per 128-block for this shape", stacklevel=3)
+    return _scaled_mm_rowwise_promoted(a, a_scale, b, b_scale, out_dtype)[:M, :N]
 
 
 # ---- limited-precision accumulation (the ISCA paper's experiment) --------------------------------

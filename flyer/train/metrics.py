@@ -52,10 +52,13 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
-def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", n: int = 1024,
+def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", n: int | None = None,
                       seconds: float = 0.3, shape: tuple[int, int, int] | None = None) -> float:
     """Achieved FLOP/s of an (m x k) @ (k x n) GEMM in ``dtype`` on this device (the MFU denominator);
-    square n x n x n unless ``shape`` = (m, k, n) is given."""
+    square n x n x n unless ``shape`` = (m, k, n) is given. Default n: 1024 on CPU, 8192 on CUDA
+    (a GPU needs a large GEMM to reach its peak: 1024 gives an H200 less than a tenth of it)."""
+    if n is None:
+        n = 8192 if torch.device(device).type == "cuda" else 1024
     m, k, n = shape or (n, n, n)
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
