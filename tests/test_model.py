@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from flyer.config import preset
 from flyer.model.moe import MoE, expert_ffn_fused, expert_ffn_grouped_mm, expert_ffn_loop, update_router_bias
+from flyer.model.norm import rms_norm
 from flyer.model.rope import rope_frequencies
 from flyer.model.transformer import Transformer
 
@@ -301,3 +302,21 @@ def test_cuda_grouped_mm_experts_forward_and_backward():
     rel = lambda u, v: float((u.float() - v).detach().norm() / v.detach().norm())  # noqa: E731  (bf16 vs fp32)
     assert rel(fast, ref) < 1e-2
     assert all(rel(u, v) < 2e-2 for u, v in zip(g_fast, g_ref)), [rel(u, v) for u, v in zip(g_fast, g_ref)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rms_norm_matches_torch(dtype, tol):
+    """The hand-written RMSNorm equals torch's rms_norm: values, input and weight gradients."""
+    x = (torch.randn(3, 40, 96) * 3).to(dtype).requires_grad_()
+    w = (torch.rand(96) + 0.5).requires_grad_()
+    g = torch.randn(3, 40, 96).to(dtype)
+    want = F.rms_norm(x, (96,), w.to(dtype), 1e-6)
+    got = rms_norm(x, w, 1e-6)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    for u, v in zip(torch.autograd.grad(got, [x, w], g), torch.autograd.grad(want, [x, w], g)):
+        assert u.dtype == v.dtype
+        torch.testing.assert_close(u.float(), v.float(), atol=tol * float(v.abs().max()), rtol=tol)
+    x64 = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w64 = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-6), (x64, w64))
