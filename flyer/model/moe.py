@@ -228,7 +228,10 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
                                                   self.cfg) if self.cfg.seq_aux_alpha > 0 else None
-        x_sorted, local_counts, ctx = self.dispatcher.dispatch(x_TD, topk_ids_TK)
+        x_in = x_TD
+        if torch.is_autocast_enabled(x_TD.device.type):  # gather/send the rows in the compute dtype
+            x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        x_sorted, local_counts, ctx = self.dispatcher.dispatch(x_in, topk_ids_TK)
         y_sorted = self.experts(x_sorted, local_counts)
         y_TD = self.dispatcher.combine(y_sorted, weights_TK, ctx).to(x_BTD.dtype)
         if self.shared is not None:
