@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.model.norm import RMSNorm
 from flyer.model.attention import build_attention
+from flyer.model.loss import linear_cross_entropy
 from flyer.model.moe import MLP, Experts, Gate, MoE
 from flyer.model.mtp import MTPModule
 from flyer.model.rope import rope_cos_sin
@@ -105,17 +105,21 @@ class Transformer(nn.Module):
             out.append(h)
         return out
 
+    def head_loss(self, x_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the output head on normed hidden states x_BTD; FP32 scalar."""
+        return linear_cross_entropy(x_BTD.flatten(0, 1), self.head.weight, targets_BT.flatten())
+
     def compute_loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor) -> LossOutput:
         """Cross-entropy of next-token prediction, MTP losses and the sequence balance loss.
 
-        targets_BT[:, i] is the token after tokens_BT[:, i] (i.e. t_{i+1}).
+        targets_BT[:, i] is the token after tokens_BT[:, i] (i.e. t_{i+1}). The head and the
+        cross-entropy are fused (``linear_cross_entropy``): same values as
+        ``F.cross_entropy(self.head(...).float(), ...)`` without materialising the logits.
         """
         h = self.hidden(tokens_BT)
-        main = F.cross_entropy(self.head(self.norm(h)).float().flatten(0, 1), targets_BT.flatten())
-        mtp_losses = []
-        for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h, tokens_BT)), start=1):
-            logits = self.head(mod.norm(h_k)).float()
-            mtp_losses.append(F.cross_entropy(logits.flatten(0, 1), targets_BT[:, k:].flatten()))
+        main = self.head_loss(self.norm(h), targets_BT)
+        mtp_losses = [self.head_loss(mod.norm(h_k), targets_BT[:, k:])
+                      for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h, tokens_BT)), start=1)]
         loss = main
         if mtp_losses:
             loss = loss + self.cfg.mtp_loss_weight * torch.stack(mtp_losses).mean()
