@@ -46,6 +46,18 @@ def test_init_distributed_outside_torchrun(monkeypatch):
         init_distributed(preset("tiny"), ep=2)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs a machine with fewer than 2 GPUs")
+def test_init_distributed_device_choice_fails_before_rendezvous(monkeypatch):
+    """--device cuda with fewer GPUs than local ranks, or a device index, is a one-line error
+    raised before any process group is formed."""
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match="cuda needs a GPU per local rank: 2 ranks"):
+        init_distributed(preset("tiny"), ep=2, device="cuda")
+    with pytest.raises(ConfigError, match="give auto, cpu or cuda"):
+        init_distributed(preset("tiny"), ep=2, device="cuda:1")
+
+
 def test_dispatcher_factory_choices():
     cfg = preset("tiny")
     assert dispatcher_factory(cfg, None) is None  # the model's default local dispatcher
