@@ -237,6 +237,26 @@ def test_fused_experts_match_loop(row_multiple):
                                     (x.detach()[:5].clone().requires_grad_(), *small))
 
 
+def test_fused_experts_cast_fp32_weights_like_autocast():
+    """FP32 master weights with bf16 compute: the same output as casting first (bitwise), and the
+    gradients come back in FP32, equal to autograd through the casts."""
+    torch.manual_seed(0)
+    E, Fd, D = 3, 64, 32
+    counts = torch.tensor([9, 0, 30])
+    x = torch.randn(int(counts.sum()), D, requires_grad=True)
+    ws = [(torch.randn(E, Fd, D) / 4).requires_grad_(), (torch.randn(E, D, Fd) / 8).requires_grad_(),
+          (torch.randn(E, Fd, D) / 4).requires_grad_()]
+    dy = torch.randn(x.shape[0], D, dtype=torch.bfloat16)
+    got = expert_ffn_fused(x, counts, *ws, row_multiple=16, dtype=torch.bfloat16)
+    g_got = torch.autograd.grad(got, [x, *ws], dy)
+    want = expert_ffn_fused(x.bfloat16(), counts, *(w.bfloat16() for w in ws), row_multiple=16)
+    g_want = torch.autograd.grad(want, [x, *ws], dy)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    for u, v in zip(g_got, g_want):
+        assert u.dtype == torch.float32
+        torch.testing.assert_close(u, v, atol=0, rtol=0)
+
+
 def test_fused_experts_bf16_close_to_loop():
     """In bf16 the fused path runs the same ops as autograd would: agreement to bf16 rounding."""
     torch.manual_seed(0)

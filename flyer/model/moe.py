@@ -7,11 +7,19 @@ K activated experts per token, G expert groups, N = T*K routed token copies.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flyer.config import ModelConfig
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype GEMMs on ``x`` run in: autocast's when it is on for x's device, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 class MLP(nn.Module):
@@ -24,6 +32,7 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(compute_dtype(x))  # once, not once per up-projection (autocast casts per call)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -92,29 +101,33 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     Same maths as ``expert_ffn_loop``, but each expert's GEMMs write into slices of one buffer
     (``torch.mm(..., out=)``) and the activation runs once over all experts: no per-expert pads,
-    splits, cats or autograd nodes. ``row_multiple`` > 1 lays each expert's slice out padded with
+    splits, cats or autograd nodes. The weights come in their storage dtype and are cast to the
+    compute ``dtype`` while being packed (w1|w3 into one stack: one pass, not a cast and then a
+    cat); their gradients go back in the storage dtype. ``row_multiple`` > 1 lays each expert's
+    slice out padded with
     zero rows (which add nothing to any gradient) to a multiple of that many rows, so GEMM shapes
     repeat from step to step. That matters where every new shape costs a kernel JIT: oneDNN's bf16
     GEMMs on CPU take ~2.7 ms for a new shape against ~0.15 ms for a cached one.
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w1_EFD, w2_EDF, w3_EFD, counts: list[int], row_multiple: int):
+    def forward(ctx, x_ND, w1_EFD, w2_EDF, w3_EFD, counts: list[int], row_multiple: int, dtype: torch.dtype):
         N, D = x_ND.shape
-        F_ = w1_EFD.shape[1]
+        E, F_, _ = w1_EFD.shape
         padded = [n + (-n % row_multiple) for n in counts]
-        starts = [0]
-        for p in padded[:-1]:
-            starts.append(starts[-1] + p)
-        n_pad = starts[-1] + padded[-1] if padded else 0
+        starts = [0, *accumulate(padded)]
+        n_pad = starts.pop()
         pos = None
-        x = x_ND.contiguous()
+        x = x_ND.to(dtype).contiguous()
         if n_pad != N:  # destination row of each expert-sorted copy in the padded layout
-            firsts = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
-            shift = torch.tensor(starts) - firsts
-            pos = (torch.arange(N) + shift.repeat_interleave(torch.tensor(counts), output_size=N)).to(x.device)
+            shift = [s - f for s, f in zip(starts, [0, *accumulate(counts)])]
+            pos = torch.arange(N) + torch.tensor(shift).repeat_interleave(torch.tensor(counts), output_size=N)
+            pos = pos.to(x.device)
             x = x.new_zeros(n_pad, D).index_copy_(0, pos, x)
-        w13 = torch.cat([w1_EFD, w3_EFD], dim=1)  # (E, 2F, D): one up-projection GEMM per expert
+        w13 = w1_EFD.new_empty((E, 2 * F_, D), dtype=dtype)  # one up-projection GEMM per expert
+        w13[:, :F_].copy_(w1_EFD)
+        w13[:, F_:].copy_(w3_EFD)
+        w2_EDF = w2_EDF.to(dtype)
         h13 = x.new_empty(n_pad, 2 * F_)
         y = x.new_empty(n_pad, D)
         spans = [(e, s, p) for e, (s, p) in enumerate(zip(starts, padded)) if p]
@@ -124,7 +137,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         for e, s, p in spans:
             torch.mm(a[s:s + p], w2_EDF[e].t(), out=y[s:s + p])
         ctx.save_for_backward(x, w13, w2_EDF, h13, a, pos)
-        ctx.spans, ctx.F = spans, F_
+        ctx.spans, ctx.F, ctx.x_dtype, ctx.w_dtype = spans, F_, x_ND.dtype, w1_EFD.dtype
         return y if pos is None else y.index_select(0, pos)
 
     @staticmethod
@@ -151,16 +164,19 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 torch.mm(dh13[s:s + p], w13[e], out=dx[s:s + p])
             if need_w:
                 torch.mm(dh13[s:s + p].t(), x[s:s + p], out=dw13[e])
-        if dx is not None and pos is not None:
-            dx = dx.index_select(0, pos)
-        dw1, dw3 = (dw13[:, :F_], dw13[:, F_:]) if need_w else (None, None)
-        return dx, dw1, dw2, dw3, None, None
+        if dx is not None:
+            dx = (dx if pos is None else dx.index_select(0, pos)).to(ctx.x_dtype)
+        dw1 = dw2_ = dw3 = None
+        if need_w:  # back to the storage dtype (w1/w3 slices become contiguous in the same pass)
+            dw1, dw2_, dw3 = (t.to(ctx.w_dtype) for t in (dw13[:, :F_], dw2, dw13[:, F_:]))
+        return dx, dw1, dw2_, dw3, None, None, None
 
 
 def expert_ffn_fused(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
-                     w3_EFD: torch.Tensor, row_multiple: int = 1) -> torch.Tensor:
-    """Same as ``expert_ffn_loop`` through ``_GroupedSwiGLU`` (all inputs in one dtype)."""
-    return _GroupedSwiGLU.apply(x_ND, w1_EFD, w2_EDF, w3_EFD, counts_E.tolist(), row_multiple)
+                     w3_EFD: torch.Tensor, row_multiple: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Same as ``expert_ffn_loop`` through ``_GroupedSwiGLU``, computed in ``dtype`` (default: x's);
+    the output is in ``dtype``, each gradient in its input's dtype."""
+    return _GroupedSwiGLU.apply(x_ND, w1_EFD, w2_EDF, w3_EFD, counts_E.tolist(), row_multiple, dtype or x_ND.dtype)
 
 
 CPU_LOWP_ROW_MULTIPLE = 64
@@ -188,11 +204,10 @@ class Experts(nn.Module):
             grouped = x_ND.is_cuda and hasattr(torch, "_grouped_mm")
         if grouped:
             return expert_ffn_grouped_mm(x_ND, counts_E, self.w1, self.w2, self.w3).to(x_ND.dtype)
-        dtype = torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type) else x_ND.dtype
-        w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))  # cast each stack once, not per expert
+        dtype = compute_dtype(x_ND)
         # bf16/fp16 CPU GEMMs JIT a kernel per new shape: bucket the per-expert row counts
         rows = CPU_LOWP_ROW_MULTIPLE if (x_ND.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)) else 1
-        return expert_ffn_fused(x_ND.to(dtype), counts_E, w1, w2, w3, row_multiple=rows)
+        return expert_ffn_fused(x_ND, counts_E, self.w1, self.w2, self.w3, row_multiple=rows, dtype=dtype)
 
 
 class MoE(nn.Module):
@@ -228,14 +243,12 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
                                                   self.cfg) if self.cfg.seq_aux_alpha > 0 else None
-        x_in = x_TD
-        if torch.is_autocast_enabled(x_TD.device.type):  # gather/send the rows in the compute dtype
-            x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        x_in = x_TD.to(compute_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
         x_sorted, local_counts, ctx = self.dispatcher.dispatch(x_in, topk_ids_TK)
         y_sorted = self.experts(x_sorted, local_counts)
         y_TD = self.dispatcher.combine(y_sorted, weights_TK, ctx).to(x_BTD.dtype)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            y_TD = y_TD + self.shared(x_in)
         return y_TD.view(B, T, D)
 
 
