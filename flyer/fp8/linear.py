@@ -25,7 +25,7 @@ from torch import nn
 
 from flyer.fp8.gemm import BACKENDS, EMULATIONS, cuda_fp8_supported, fp8_gemm_nt
 from flyer.fp8.quant import (FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched, quantize_blocks, quantize_blocks_batched, quantize_tiles)
-from flyer.model.moe import Experts
+from flyer.model.moe import Experts, compute_dtype
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,7 @@ class FP8Recipe:
         return not cuda and self.emulation == "dequant"
 
 
-def output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a high-precision linear would return here: autocast's, else the input's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+output_dtype = compute_dtype  # the dtype a high-precision linear would return here
 
 
 def _transpose_blocks(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
