@@ -33,6 +33,7 @@ from flyer.infer import Decoder, GenerationConfig, generate
 from flyer.infer.generate import open_prefix_cache
 from flyer.model.counts import kv_cache_bytes_per_token, param_counts
 from flyer.model.transformer import Transformer
+from flyer.runtime import tune_malloc
 
 # "small" with V3-shaped attention: many heads over one small latent (V3: 128 heads, latent 512)
 MLA_BENCH = dict(n_heads=16, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, kv_lora_rank=64,
@@ -183,6 +184,7 @@ def main() -> int:
     ap.add_argument("--prefix-tokens", type=int, default=1024)
     ap.add_argument("--skip-mtp", action="store_true")
     args = ap.parse_args()
+    tune_malloc()  # as flyer's CLI and Trainer do
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     out: dict = {"threads": args.threads}

@@ -20,6 +20,7 @@ import torch
 
 from flyer.config import preset
 from flyer.model.transformer import Transformer
+from flyer.runtime import tune_malloc
 from flyer.train.metrics import measure_gemm_peak, model_flops_per_token
 
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm",
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    tune_malloc()  # as flyer's CLI and Trainer do
     device = torch.device(args.device)
     cuda = device.type == "cuda"
 

@@ -21,6 +21,7 @@ import torch
 
 from flyer.config import preset
 from flyer.model.transformer import Transformer
+from flyer.runtime import tune_malloc
 from flyer.train.metrics import measure_gemm_peak, model_flops_per_token
 
 
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--max-gib", type=float, default=4.0, help="skip peers that would need more memory")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    tune_malloc()  # as flyer's CLI and Trainer do
     device = torch.device(args.device)
     torch.manual_seed(0)
     cfg = preset(args.preset, mtp_depth=0)

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flyer.runtime import tune_malloc
+
+    tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -22,6 +22,7 @@ import torch
 from flyer.config import ConfigError, ModelConfig, resolve_config, resolve_device
 from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
+from flyer.runtime import tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import MetricsLog, measure_gemm_peak, model_flops_per_token, read_metrics, truncate_metrics
 
@@ -127,6 +128,7 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------
     def _setup(self) -> None:
         tc = self.tc
+        tune_malloc()  # process-wide: reuse freed activation blocks instead of faulting them in again
         if tc.threads:
             torch.set_num_threads(tc.threads)
         model_over, _ = self._file_overrides()  # a [train] table is merged into TrainConfig by the CLI
