@@ -112,6 +112,54 @@ def test_grouped_moe_equals_per_token_loop():
     assert moe.last_counts.sum() == 30 * cfg.n_activated_experts
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_local_moe_equals_composed_dispatch(autocast):
+    """``_LocalRoutedExperts`` (gather into the padded layout, experts, FP32 weighted sum) gives the
+    composed LocalDispatcher -> experts -> combine path's output and every gradient (input, gate,
+    experts, shared expert) bitwise, in FP32 and under bf16 autocast (64-row padding), with some
+    experts receiving no token."""
+    cfg = small_cfg(n_expert_groups=1, n_limited_groups=1)
+    torch.manual_seed(0)
+    fused = MoE(cfg)
+    for p in fused.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    fused.gate.bias[:5] = -10.0  # the selection bias: experts 0-4 are never chosen
+    composed = MoE(cfg)
+    composed.load_state_dict(fused.state_dict())
+    composed.fused_local = False
+    x = torch.randn(3, 37, cfg.dim)
+    g = torch.randn(3, 37, cfg.dim)
+    results = []
+    for moe in (fused, composed):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = moe(xi)
+        params = [xi, moe.gate.weight, moe.experts.w1, moe.experts.w2, moe.experts.w3, moe.shared.w1.weight]
+        results.append((y, torch.autograd.grad(y, params, g)))
+    assert (fused.last_counts[:5] == 0).all() and fused.last_counts.sum() == 3 * 37 * cfg.n_activated_experts
+    (y_f, g_f), (y_c, g_c) = results
+    assert y_f.dtype == y_c.dtype == torch.float32 and torch.equal(y_f, y_c)
+    for a, b in zip(g_f, g_c):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_fused_local_moe_gradcheck():
+    """FP64 gradcheck of the fused path (input and gate weight), 4-row padding."""
+    from flyer.model.moe import _LocalRoutedExperts
+
+    torch.manual_seed(0)
+    T, D, Fd, E, K = 6, 5, 4, 3, 2
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(E, Fd, D, dtype=torch.float64, requires_grad=True),
+          torch.randn(E, D, Fd, dtype=torch.float64, requires_grad=True),
+          torch.randn(E, Fd, D, dtype=torch.float64, requires_grad=True)]
+    ids = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 0], [0, 2], [0, 2]])  # expert 1 empty
+    counts = torch.bincount(ids.flatten(), minlength=E).tolist()
+    f = lambda x_, w_, *ws_: _LocalRoutedExperts.apply(x_, w_, *ws_, ids, counts, 4, torch.float64)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, *ws))
+
+
 def test_grouped_mm_path_agrees_with_loop():
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")

@@ -96,6 +96,68 @@ def expert_ffn_grouped_mm(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: to
     return torch._grouped_mm(F.silu(h1) * h3, w2_EDF.to(torch.bfloat16).transpose(-2, -1), offs=offs)
 
 
+def _padded_layout(counts: list[int], row_multiple: int) -> tuple[list[int], list[int], int]:
+    """Each expert's rows padded to a multiple of ``row_multiple``: (padded counts, starts, total)."""
+    padded = [n + (-n % row_multiple) for n in counts]
+    starts = [0, *accumulate(padded)]
+    return padded, starts[:-1], starts[-1]
+
+
+def _padded_rows(counts: list[int], padded: list[int], starts: list[int], device) -> torch.Tensor:
+    """Row of each expert-sorted copy in the padded layout (N,)."""
+    N = sum(counts)
+    shift = torch.tensor([s - f for s, f in zip(starts, [0, *accumulate(counts)])])
+    return (torch.arange(N) + shift.repeat_interleave(torch.tensor(counts), output_size=N)).to(device)
+
+
+def _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype):
+    """w1|w3 stacked as (E, 2F, D) and w2 (E, D, F), cast to ``dtype`` in the same pass."""
+    E, F_, D = w1_EFD.shape
+    w13 = w1_EFD.new_empty((E, 2 * F_, D), dtype=dtype)  # one up-projection GEMM per expert
+    w13[:, :F_].copy_(w1_EFD)
+    w13[:, F_:].copy_(w3_EFD)
+    return w13, w2_EDF.to(dtype)
+
+
+def _swiglu_forward(x, w13, w2, spans, F_):
+    """Experts on their row spans of x (padded layout): returns (y, h13, a)."""
+    h13 = x.new_empty(x.shape[0], 2 * F_)
+    y = x.new_empty(x.shape[0], w2.shape[1])
+    for e, s, p in spans:
+        torch.mm(x[s:s + p], w13[e].t(), out=h13[s:s + p])
+    a = F.silu(h13[:, :F_]) * h13[:, F_:]
+    for e, s, p in spans:
+        torch.mm(a[s:s + p], w2[e].t(), out=y[s:s + p])
+    return y, h13, a
+
+
+def _swiglu_backward(dy, x, w13, w2, h13, a, spans, F_, need_x: bool, need_w: bool):
+    """Gradients of ``_swiglu_forward``: (dx or None, dw13 or None, dw2 or None), compute dtype."""
+    h1, h3 = h13[:, :F_], h13[:, F_:]
+    da = x.new_empty(a.shape)
+    dw2 = w2.new_empty(w2.shape) if need_w else None
+    dw13 = w13.new_empty(w13.shape) if need_w else None
+    if need_w:  # experts with no rows get no GEMM: their gradient is zero
+        for e in set(range(w2.shape[0])) - {e for e, _, _ in spans}:
+            dw2[e].zero_()
+            dw13[e].zero_()
+    for e, s, p in spans:
+        torch.mm(dy[s:s + p], w2[e], out=da[s:s + p])
+        if need_w:
+            torch.mm(dy[s:s + p].t(), a[s:s + p], out=dw2[e])
+    # the same element-wise ops autograd would run for silu(h1) * h3, written into one buffer
+    dh13 = x.new_empty(h13.shape)
+    torch.ops.aten.silu_backward.grad_input(da * h3, h1, grad_input=dh13[:, :F_])
+    torch.mul(da, F.silu(h1), out=dh13[:, F_:])
+    dx = x.new_empty(x.shape) if need_x else None
+    for e, s, p in spans:
+        if need_x:
+            torch.mm(dh13[s:s + p], w13[e], out=dx[s:s + p])
+        if need_w:
+            torch.mm(dh13[s:s + p].t(), x[s:s + p], out=dw13[e])
+    return dx, dw13, dw2
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
     """Grouped SwiGLU experts with a hand-written backward (the CPU fast path).
 
@@ -104,72 +166,104 @@ class _GroupedSwiGLU(torch.autograd.Function):
     splits, cats or autograd nodes. The weights come in their storage dtype and are cast to the
     compute ``dtype`` while being packed (w1|w3 into one stack: one pass, not a cast and then a
     cat); their gradients go back in the storage dtype. ``row_multiple`` > 1 lays each expert's
-    slice out padded with
-    zero rows (which add nothing to any gradient) to a multiple of that many rows, so GEMM shapes
-    repeat from step to step. That matters where every new shape costs a kernel JIT: oneDNN's bf16
-    GEMMs on CPU take ~2.7 ms for a new shape against ~0.15 ms for a cached one.
+    slice out padded with zero rows (which add nothing to any gradient) to a multiple of that many
+    rows, so GEMM shapes repeat from step to step. That matters where every new shape costs a
+    kernel JIT: oneDNN's bf16 GEMMs on CPU take ~2.7 ms for a new shape against ~0.15 ms for a
+    cached one.
     """
 
     @staticmethod
     def forward(ctx, x_ND, w1_EFD, w2_EDF, w3_EFD, counts: list[int], row_multiple: int, dtype: torch.dtype):
         N, D = x_ND.shape
-        E, F_, _ = w1_EFD.shape
-        padded = [n + (-n % row_multiple) for n in counts]
-        starts = [0, *accumulate(padded)]
-        n_pad = starts.pop()
+        F_ = w1_EFD.shape[1]
+        padded, starts, n_pad = _padded_layout(counts, row_multiple)
         pos = None
         x = x_ND.to(dtype).contiguous()
         if n_pad != N:  # destination row of each expert-sorted copy in the padded layout
-            shift = [s - f for s, f in zip(starts, [0, *accumulate(counts)])]
-            pos = torch.arange(N) + torch.tensor(shift).repeat_interleave(torch.tensor(counts), output_size=N)
-            pos = pos.to(x.device)
+            pos = _padded_rows(counts, padded, starts, x.device)
             x = x.new_zeros(n_pad, D).index_copy_(0, pos, x)
-        w13 = w1_EFD.new_empty((E, 2 * F_, D), dtype=dtype)  # one up-projection GEMM per expert
-        w13[:, :F_].copy_(w1_EFD)
-        w13[:, F_:].copy_(w3_EFD)
-        w2_EDF = w2_EDF.to(dtype)
-        h13 = x.new_empty(n_pad, 2 * F_)
-        y = x.new_empty(n_pad, D)
+        w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
         spans = [(e, s, p) for e, (s, p) in enumerate(zip(starts, padded)) if p]
-        for e, s, p in spans:
-            torch.mm(x[s:s + p], w13[e].t(), out=h13[s:s + p])
-        a = F.silu(h13[:, :F_]) * h13[:, F_:]
-        for e, s, p in spans:
-            torch.mm(a[s:s + p], w2_EDF[e].t(), out=y[s:s + p])
-        ctx.save_for_backward(x, w13, w2_EDF, h13, a, pos)
+        y, h13, a = _swiglu_forward(x, w13, w2, spans, F_)
+        ctx.save_for_backward(x, w13, w2, h13, a, pos)
         ctx.spans, ctx.F, ctx.x_dtype, ctx.w_dtype = spans, F_, x_ND.dtype, w1_EFD.dtype
         return y if pos is None else y.index_select(0, pos)
 
     @staticmethod
     def backward(ctx, dy_ND):
         x, w13, w2, h13, a, pos = ctx.saved_tensors
-        spans, F_ = ctx.spans, ctx.F
+        F_ = ctx.F
         dy = dy_ND.to(x.dtype).contiguous()
         if pos is not None:
             dy = dy.new_zeros(x.shape).index_copy_(0, pos, dy)
-        h1, h3 = h13[:, :F_], h13[:, F_:]
-        da = x.new_empty(a.shape)
         need_w = any(ctx.needs_input_grad[1:4])
-        dw2 = w2.new_zeros(w2.shape) if need_w else None
-        for e, s, p in spans:
-            torch.mm(dy[s:s + p], w2[e], out=da[s:s + p])
-            if need_w:
-                torch.mm(dy[s:s + p].t(), a[s:s + p], out=dw2[e])
-        # the same element-wise ops autograd would run for silu(h1) * h3
-        dh13 = torch.cat([torch.ops.aten.silu_backward(da * h3, h1), da * F.silu(h1)], dim=1)
-        dx = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        dw13 = w13.new_zeros(w13.shape) if need_w else None
-        for e, s, p in spans:
-            if dx is not None:
-                torch.mm(dh13[s:s + p], w13[e], out=dx[s:s + p])
-            if need_w:
-                torch.mm(dh13[s:s + p].t(), x[s:s + p], out=dw13[e])
+        dx, dw13, dw2 = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.spans, F_, ctx.needs_input_grad[0], need_w)
         if dx is not None:
             dx = (dx if pos is None else dx.index_select(0, pos)).to(ctx.x_dtype)
-        dw1 = dw2_ = dw3 = None
-        if need_w:  # back to the storage dtype (w1/w3 slices become contiguous in the same pass)
-            dw1, dw2_, dw3 = (t.to(ctx.w_dtype) for t in (dw13[:, :F_], dw2, dw13[:, F_:]))
-        return dx, dw1, dw2_, dw3, None, None, None
+        return (dx, *_unpack_weight_grads(dw13, dw2, F_, ctx.w_dtype), None, None, None)
+
+
+def _unpack_weight_grads(dw13, dw2, F_, dtype):
+    """(dw1, dw2, dw3) in the storage dtype (the w1/w3 slices become contiguous in the same pass)."""
+    if dw13 is None:
+        return None, None, None
+    # into a new contiguous tensor: ``.to`` keeps a strided slice's layout and is ~2x slower at it
+    return tuple(torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t) if t.dtype != dtype or not t.is_contiguous()
+                 else t for t in (dw13[:, :F_], dw2, dw13[:, F_:]))
+
+
+class _LocalRoutedExperts(torch.autograd.Function):
+    """Dispatch, grouped SwiGLU experts and weighted combine in one function (one process holds
+    every expert): what ``LocalDispatcher.dispatch`` + ``_GroupedSwiGLU`` + ``LocalDispatcher.combine``
+    compute, without the expert-sorted copy in between.
+
+    The token rows are gathered once, straight into the padded per-expert layout (pad rows are
+    zero), and the weighted outputs are summed from that layout into the tokens in FP32, pad rows
+    going to a discarded extra row. The composed path gathers, pads, unpads and combines: three
+    more passes over the N x D copies each way. Rounding is the composed path's (the tests check
+    bitwise equality): outputs in the compute dtype, weighted and summed in FP32 (FP64 for FP64);
+    gradients of a token's copies summed in the compute dtype, in the same (expert) order.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w1_EFD, w2_EDF, w3_EFD, topk_ids_TK, counts: list[int],
+                row_multiple: int, dtype: torch.dtype):
+        T, D = x_TD.shape
+        K, F_ = topk_ids_TK.shape[1], w1_EFD.shape[1]
+        order = torch.argsort(topk_ids_TK.flatten(), stable=True)
+        padded, starts, n_pad = _padded_layout(counts, row_multiple)
+        pos = _padded_rows(counts, padded, starts, x_TD.device)
+        src = torch.full((n_pad,), T, dtype=torch.long, device=x_TD.device)  # T: pad row
+        src[pos] = order // K  # the token each padded row holds
+        pad_rows = (src == T).nonzero().squeeze(1)
+        x = x_TD.to(dtype).index_select(0, src.clamp(max=T - 1)).index_fill_(0, pad_rows, 0)
+        red = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
+        w_pad = weights_TK.new_zeros(n_pad, dtype=red)
+        w_pad[pos] = weights_TK.flatten()[order].to(red)
+        w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
+        spans = [(e, s, p) for e, (s, p) in enumerate(zip(starts, padded)) if p]
+        y, h13, a = _swiglu_forward(x, w13, w2, spans, F_)
+        out = y.new_zeros(T + 1, D, dtype=red).index_add_(0, src, torch.mul(y, w_pad[:, None]))
+        ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, src, pos, order, pad_rows)
+        ctx.spans, ctx.F, ctx.x_dtype, ctx.w_dtype, ctx.w_gate_dtype = spans, F_, x_TD.dtype, w1_EFD.dtype, weights_TK.dtype
+        return out[:T]
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        x, w13, w2, h13, a, y, w_pad, src, pos, order, pad_rows = ctx.saved_tensors
+        T = g_TD.shape[0]
+        g = g_TD.to(w_pad.dtype).index_select(0, src.clamp(max=T - 1))  # each padded row's token gradient
+        d_weights = None
+        if ctx.needs_input_grad[1]:
+            d_pad = torch.mul(g, y).sum(1)  # d out / d weight of each copy: <g_token, y_copy>
+            d_weights = torch.empty_like(d_pad[:order.numel()]).index_copy_(0, order, d_pad[pos])
+            d_weights = d_weights.view(T, -1).to(ctx.w_gate_dtype)
+        dy = g.mul_(w_pad[:, None]).to(x.dtype).index_fill_(0, pad_rows, 0)  # exact zeros, even for inf/nan g
+        need_w = any(ctx.needs_input_grad[2:5])
+        dx, dw13, dw2 = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.spans, ctx.F, ctx.needs_input_grad[0], need_w)
+        if dx is not None:  # each token's copies summed in the compute dtype, pads into the extra row
+            dx = dx.new_zeros(T + 1, dx.shape[1]).index_add_(0, src, dx)[:T].to(ctx.x_dtype)
+        return (dx, d_weights, *_unpack_weight_grads(dw13, dw2, ctx.F, ctx.w_dtype), None, None, None, None)
 
 
 def expert_ffn_fused(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
@@ -198,16 +292,31 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
         self.use_grouped_mm = use_grouped_mm
 
+    def grouped_mm(self, x_ND: torch.Tensor) -> bool:
+        """Whether ``forward`` takes the ``torch._grouped_mm`` path for input like x_ND."""
+        if self.use_grouped_mm is None:
+            return x_ND.is_cuda and hasattr(torch, "_grouped_mm")
+        return self.use_grouped_mm
+
+    @staticmethod
+    def row_multiple(x_ND: torch.Tensor, dtype: torch.dtype) -> int:
+        """bf16/fp16 CPU GEMMs JIT a kernel per new shape: bucket the per-expert row counts."""
+        return CPU_LOWP_ROW_MULTIPLE if (x_ND.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)) else 1
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        grouped = self.use_grouped_mm
-        if grouped is None:
-            grouped = x_ND.is_cuda and hasattr(torch, "_grouped_mm")
-        if grouped:
+        if self.grouped_mm(x_ND):
             return expert_ffn_grouped_mm(x_ND, counts_E, self.w1, self.w2, self.w3).to(x_ND.dtype)
         dtype = compute_dtype(x_ND)
-        # bf16/fp16 CPU GEMMs JIT a kernel per new shape: bucket the per-expert row counts
-        rows = CPU_LOWP_ROW_MULTIPLE if (x_ND.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)) else 1
-        return expert_ffn_fused(x_ND, counts_E, self.w1, self.w2, self.w3, row_multiple=rows, dtype=dtype)
+        return expert_ffn_fused(x_ND, counts_E, self.w1, self.w2, self.w3, row_multiple=self.row_multiple(x_ND, dtype),
+                                dtype=dtype)
+
+    def routed_local(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                     counts_E: torch.Tensor) -> torch.Tensor:
+        """Dispatch, experts and combine in one pass when this process holds every expert (see
+        ``_LocalRoutedExperts``); the same values as ``LocalDispatcher`` around ``forward``. FP32 (T, D)."""
+        dtype = compute_dtype(x_TD)
+        return _LocalRoutedExperts.apply(x_TD, weights_TK, self.w1, self.w2, self.w3, topk_ids_TK, counts_E.tolist(),
+                                         self.row_multiple(x_TD, dtype), dtype)
 
 
 class MoE(nn.Module):
@@ -226,6 +335,9 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.gate = Gate(cfg)
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.n_routed_experts)
+        # one process, no wire roundings: dispatch + experts + combine as one function (False: the
+        # composed seam, the oracle)
+        self.fused_local = isinstance(self.dispatcher, LocalDispatcher)
         first, n_local = self.dispatcher.local_experts()
         self.experts = Experts(n_local, cfg.dim, cfg.moe_inter_dim, first=first)
         self.shared = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts > 0 else None
@@ -237,16 +349,19 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         weights_TK, topk_ids_TK, scores_TE = self.gate(x_TD)
-        counts = torch.bincount(topk_ids_TK.flatten(), minlength=self.cfg.n_routed_experts).float()
+        counts = torch.bincount(topk_ids_TK.flatten(), minlength=self.cfg.n_routed_experts)
         self.last_counts.copy_(counts)
         if self.training:
             self.tokens_per_expert += counts
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
                                                   self.cfg) if self.cfg.seq_aux_alpha > 0 else None
         x_in = x_TD.to(compute_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
-        x_sorted, local_counts, ctx = self.dispatcher.dispatch(x_in, topk_ids_TK)
-        y_sorted = self.experts(x_sorted, local_counts)
-        y_TD = self.dispatcher.combine(y_sorted, weights_TK, ctx).to(x_BTD.dtype)
+        if self.fused_local and self.dispatcher.plain and not self.experts.grouped_mm(x_in):
+            y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts).to(x_BTD.dtype)
+        else:
+            x_sorted, local_counts, ctx = self.dispatcher.dispatch(x_in, topk_ids_TK)
+            y_sorted = self.experts(x_sorted, local_counts)
+            y_TD = self.dispatcher.combine(y_sorted, weights_TK, ctx).to(x_BTD.dtype)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_in)
         return y_TD.view(B, T, D)

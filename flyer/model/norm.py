@@ -21,17 +21,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(_compute_dtype(x), copy=True)  # one vectorised upcast: mixed-dtype ops take a slow CPU path
+        xf = x.to(_compute_dtype(x))  # one vectorised upcast (mixed-dtype ops take a slow CPU path); none for FP32
         norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
         r = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))  # (..., 1)
-        y = xf.mul_(r).mul_(weight.to(xf.dtype))
+        y = (xf * r if xf is x else xf.mul_(r)).mul_(weight.to(xf.dtype))  # never written: the caller's x
         ctx.save_for_backward(x, weight, r)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight, r = ctx.saved_tensors
-        xhat = x.to(r.dtype, copy=True).mul_(r)
+        xhat = x * r if x.dtype == r.dtype else x.to(r.dtype).mul_(r)
         gf = g.to(r.dtype)
         gw = gf * weight.to(r.dtype)
         dx = dw = None

@@ -85,6 +85,11 @@ class LocalDispatcher:
     def local_experts(self) -> tuple[int, int]:
         return 0, self.n_experts
 
+    @property
+    def plain(self) -> bool:
+        """No wire roundings: dispatch is a gather and combine a weighted FP32 sum."""
+        return not self.fp8 and self.combine_dtype is None
+
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
         K = topk_ids_TK.shape[1]
         flat = topk_ids_TK.flatten()
