@@ -20,13 +20,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
         xf = x.to(_compute_dtype(x))  # one vectorised upcast (mixed-dtype ops take a slow CPU path); none for FP32
         norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
         r = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))  # (..., 1)
         y = (xf * r if xf is x else xf.mul_(r)).mul_(weight.to(xf.dtype))  # never written: the caller's x
         ctx.save_for_backward(x, weight, r)
-        return y.to(x.dtype)
+        return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -40,18 +40,31 @@ class _RMSNormFunction(torch.autograd.Function):
             dx = torch.addcmul(gw, xhat, c, value=-1).mul_(r).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dw = xhat.mul_(gf).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS norm over the last dim times ``weight``; output in ``x``'s dtype."""
-    return _RMSNormFunction.apply(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMS norm over the last dim times ``weight``; output in ``out_dtype`` (default: ``x``'s),
+    rounded once from the FP32 result; the gradient comes back in ``x``'s dtype."""
+    return _RMSNormFunction.apply(x, weight, eps, out_dtype or x.dtype)
 
 
 class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` (same parameters and state dict) over the last dim, through ``rms_norm``."""
+    """``nn.RMSNorm`` (same parameters and state dict) over the last dim, through ``rms_norm``.
+
+    ``autocast_output=True``: under autocast the output is rounded to the autocast dtype here, in
+    the same pass, for a norm that only feeds GEMMs (the attention input): autocast would round it
+    to the same values, once per consuming GEMM, each a separate pass with its own cast back in
+    backward.
+    """
+
+    def __init__(self, *args, autocast_output: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.autocast_output = autocast_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None or len(self.normalized_shape) != 1:
             return super().forward(x)
-        return rms_norm(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if self.autocast_output and torch.is_autocast_enabled(dev) else None
+        return rms_norm(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps, out_dtype)

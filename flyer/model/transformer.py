@@ -25,7 +25,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, make_dispatcher: Callable[[int], object] | None = None):
         super().__init__()
         self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, autocast_output=True)  # feeds only GEMMs
         self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0:
