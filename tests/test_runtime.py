@@ -39,10 +39,12 @@ def _run(mode: str, env_extra: dict | None = None) -> dict:
 def test_tune_malloc_removes_page_faults_of_repeated_large_temporaries():
     plain, tuned = _run("plain"), _run("tuned")
     assert tuned["applied"] is True
-    # untuned: the freed top of the heap goes back to the kernel and each temporary faults its
-    # ~4096 pages in again; tuned: the heap keeps them
-    assert plain["faults"] > 20 * 4096, plain
-    assert tuned["faults"] < plain["faults"] / 20, (plain, tuned)
+    # tuned: 20 rounds of four 16 MiB temporaries (4096 pages each) reuse the same heap blocks, so
+    # at most a few blocks' worth of pages fault in. Untuned, glibc hands the freed top of the heap
+    # back to the kernel and the pages fault in again (up to ~80 blocks' worth when run alone; its
+    # dynamic thresholds make the untuned count depend on what ran before, so it is only a bound)
+    assert tuned["faults"] < 3 * 4096, tuned
+    assert plain["faults"] >= tuned["faults"], (plain, tuned)
 
 
 def test_tune_malloc_opt_out():
