@@ -306,6 +306,25 @@ def test_convert_swaps_recipe_modules_and_keeps_parameters():
     assert fp8_modules(model) == names
 
 
+def test_converted_moe_runs_its_fp8_experts():
+    """A MoE whose experts were converted to FP8 must run FP8Experts.forward, not the bf16 fused
+    single-process path that plain Experts take: same output as the dispatcher seam around the
+    FP8 experts, and different from the unconverted bf16 experts."""
+    cfg = _tiny()
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    f8 = convert_to_fp8(copy.deepcopy(ref))
+    x = torch.randn(2, 24, cfg.dim)
+    moe_ref, moe_f8 = ref.layers[1].ffn, f8.layers[1].ffn
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_f8 = moe_f8(x)
+        moe_f8.fused_local = False  # the seam: dispatcher -> FP8Experts.forward -> combine
+        y_seam = moe_f8(x)
+        y_bf16 = moe_ref(x)
+    assert torch.equal(y_f8, y_seam)
+    assert not torch.equal(y_f8, y_bf16)
+
+
 def test_convert_module_filter_and_gqa():
     cfg = _tiny(attn="gqa", n_kv_heads=2, head_dim=32, q_lora_rank=0)
     model = Transformer(cfg)

@@ -323,6 +323,11 @@ class Experts(nn.Module):
         return expert_ffn_fused(x_ND, counts_E, self.w1, self.w2, self.w3, row_multiple=self.row_multiple(x_ND, dtype),
                                 dtype=dtype)
 
+    def fuses_local(self, x_ND: torch.Tensor) -> bool:
+        """Whether ``routed_local`` computes what ``forward`` does for input like x_ND: not where
+        ``forward`` takes ``torch._grouped_mm``, nor in a subclass that replaces ``forward`` (FP8Experts)."""
+        return type(self).forward is Experts.forward and not self.grouped_mm(x_ND)
+
     def routed_local(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
                      counts_E: torch.Tensor) -> torch.Tensor:
         """Dispatch, experts and combine in one pass when this process holds every expert (see
@@ -369,7 +374,7 @@ class MoE(nn.Module):
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
                                                   self.cfg) if self.cfg.seq_aux_alpha > 0 else None
         x_in = x_TD.to(compute_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
-        if self.fused_local and self.dispatcher.plain and not self.experts.grouped_mm(x_in):
+        if self.fused_local and self.dispatcher.plain and self.experts.fuses_local(x_in):
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts).to(x_BTD.dtype)
         else:
             x_sorted, local_counts, ctx = self.dispatcher.dispatch(x_in, topk_ids_TK)
