@@ -80,9 +80,12 @@ def expert_ffn_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Te
                     w3_EFD: torch.Tensor) -> torch.Tensor:
     """Reference grouped SwiGLU: each expert on its contiguous slice of the expert-sorted tokens,
     differentiated by autograd. The oracle for the fast paths below."""
+    counts = counts_E.tolist()
+    # unbind, not w[e]: backward stacks the expert gradients once instead of materialising a full
+    # (E, F, D) gradient per expert
+    ws = zip(w1_EFD.unbind(0), w2_EDF.unbind(0), w3_EFD.unbind(0))
     outs = [F.linear(F.silu(F.linear(xs, w1)) * F.linear(xs, w3), w2)
-            for xs, n, w1, w2, w3 in zip(x_ND.split(counts_E.tolist()), counts_E.tolist(), w1_EFD, w2_EDF, w3_EFD)
-            if n]
+            for xs, n, (w1, w2, w3) in zip(x_ND.split(counts), counts, ws) if n]
     return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
 
 
@@ -248,7 +251,8 @@ class _LocalRoutedExperts(torch.autograd.Function):
         src = torch.full((n_pad,), T, dtype=torch.long, device=x_TD.device)  # T: pad row
         src[pos] = order // K  # the token each padded row holds
         pad_rows = (src == T).nonzero().squeeze(1)
-        x = x_TD.to(dtype).index_select(0, src.clamp(max=T - 1)).index_fill_(0, pad_rows, 0)
+        gather = src.clamp(max=T - 1)  # pad rows read any token, then are zeroed
+        x = x_TD.to(dtype).index_select(0, gather).index_fill_(0, pad_rows, 0)
         red = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
         w_pad = weights_TK.new_zeros(n_pad, dtype=red)
         w_pad[pos] = weights_TK.flatten()[order].to(red)
@@ -257,19 +261,19 @@ class _LocalRoutedExperts(torch.autograd.Function):
         # cast, then scale in place: a mixed-dtype broadcast multiply is ~1.5x slower on CPU
         yw = torch.mul(y, w_pad[:, None]) if y.dtype == red else y.to(red).mul_(w_pad[:, None])
         out = y.new_zeros(T + 1, D, dtype=red).index_add_(0, src, yw)
-        ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, src, pos, order, pad_rows)
+        ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, src, gather, pos, order, pad_rows)
         ctx.rows, ctx.F, ctx.x_dtype, ctx.w_dtype, ctx.w_gate_dtype = padded, F_, x_TD.dtype, w1_EFD.dtype, weights_TK.dtype
         return out[:T]
 
     @staticmethod
     def backward(ctx, g_TD):
-        x, w13, w2, h13, a, y, w_pad, src, pos, order, pad_rows = ctx.saved_tensors
+        x, w13, w2, h13, a, y, w_pad, src, gather, pos, order, pad_rows = ctx.saved_tensors
         T = g_TD.shape[0]
-        g = g_TD.to(w_pad.dtype).index_select(0, src.clamp(max=T - 1))  # each padded row's token gradient
+        g = g_TD.to(w_pad.dtype).index_select(0, gather)  # each padded row's token gradient
         d_weights = None
         if ctx.needs_input_grad[1]:
             d_pad = g.mul(y.to(g.dtype)).sum(1)  # d out / d weight of each copy: <g_token, y_copy>
-            d_weights = torch.empty_like(d_pad[:order.numel()]).index_copy_(0, order, d_pad[pos])
+            d_weights = d_pad.new_empty(order.shape).index_copy_(0, order, d_pad[pos])
             d_weights = d_weights.view(T, -1).to(ctx.w_gate_dtype)
         dy = g.mul_(w_pad[:, None]).to(x.dtype).index_fill_(0, pad_rows, 0)  # exact zeros, even for inf/nan g
         need_w = any(ctx.needs_input_grad[2:5])
@@ -355,7 +359,7 @@ class MoE(nn.Module):
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.n_routed_experts)
         # one process, no wire roundings: dispatch + experts + combine as one function (False: the
         # composed seam, the oracle)
-        self.fused_local = isinstance(self.dispatcher, LocalDispatcher)
+        self.fused_local = isinstance(self.dispatcher, LocalDispatcher) and self.dispatcher.plain
         first, n_local = self.dispatcher.local_experts()
         self.experts = Experts(n_local, cfg.dim, cfg.moe_inter_dim, first=first)
         self.shared = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts > 0 else None
@@ -374,7 +378,7 @@ class MoE(nn.Module):
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
                                                   self.cfg) if self.cfg.seq_aux_alpha > 0 else None
         x_in = x_TD.to(compute_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
-        if self.fused_local and self.dispatcher.plain and self.experts.fuses_local(x_in):
+        if self.fused_local and self.experts.fuses_local(x_in):
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts).to(x_BTD.dtype)
         else:
             x_sorted, local_counts, ctx = self.dispatcher.dispatch(x_in, topk_ids_TK)
