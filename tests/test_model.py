@@ -75,6 +75,19 @@ def test_group_limited_matches_bruteforce():
         assert sorted(ids[t].tolist()) == want
 
 
+def test_standalone_moe_parameters_are_initialised():
+    """A MoE built outside a Transformer is usable: router and expert weights are N(0, init_std),
+    not whatever torch.empty left (CI once drew NaNs there)."""
+    cfg = small_cfg(init_std=0.05)
+    for _ in range(3):  # reuse freed memory: garbage from a previous module must not survive
+        moe = MoE(cfg)
+        for name, p in [("gate", moe.gate.weight), ("w1", moe.experts.w1), ("w2", moe.experts.w2),
+                        ("w3", moe.experts.w3)]:
+            assert torch.isfinite(p).all(), name
+            assert abs(p.std().item() - 0.05) < 0.01 and abs(p.mean().item()) < 0.01, name
+        del moe
+
+
 def test_softmax_router_without_norm():
     cfg = small_cfg(score_func="softmax", norm_topk_prob=False, router_bias=False, route_scale=16.0,
                     n_expert_groups=4, n_limited_groups=2)

@@ -272,7 +272,8 @@ class FP8Experts(Experts):
         """Wrap existing experts' parameters (the same Parameter objects, no copy)."""
         E, Fo, D = experts.w1.shape
         with torch.device("meta"):
-            new = cls(E, D, Fo, first=experts.first, use_grouped_mm=experts.use_grouped_mm, recipe=recipe)
+            new = cls(E, D, Fo, first=experts.first, use_grouped_mm=experts.use_grouped_mm, init_std=experts.init_std,
+                      recipe=recipe)
         new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3
         new.train(experts.training)
         return new

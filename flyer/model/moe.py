@@ -7,6 +7,8 @@ K activated experts per token, G expert groups, N = T*K routed token copies.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from itertools import accumulate
 
 import torch
@@ -20,6 +22,21 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype GEMMs on ``x`` run in: autocast's when it is on for x's device, else x's own."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+_DEFER_INIT = contextvars.ContextVar("flyer_defer_init", default=False)
+
+
+@contextlib.contextmanager
+def deferred_init():
+    """Gate and Experts built inside leave their weights as allocated, for an owner that initialises
+    every parameter right afterwards (``Transformer.init_weights``): building then draws nothing
+    from the RNG, so a seed gives the same model with or without their own initialisation."""
+    token = _DEFER_INIT.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_INIT.reset(token)
 
 
 class MLP(nn.Module):
@@ -53,6 +70,13 @@ class Gate(nn.Module):
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         else:
             self.bias = None
+        if not _DEFER_INIT.get():
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """N(0, init_std) router weights; the balancing bias (a buffer) is left alone."""
+        self.weight.normal_(0.0, self.cfg.init_std, generator=generator)
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (weights_TK fp32, topk_ids_TK int64, scores_TE fp32)."""
@@ -301,13 +325,22 @@ class Experts(nn.Module):
     oracle for both.
     """
 
-    def __init__(self, n_local: int, dim: int, inter_dim: int, first: int = 0, use_grouped_mm: bool | None = None):
+    def __init__(self, n_local: int, dim: int, inter_dim: int, first: int = 0, use_grouped_mm: bool | None = None,
+                 init_std: float = 0.02):
         super().__init__()
-        self.first, self.n_local = first, n_local
+        self.first, self.n_local, self.init_std = first, n_local, init_std
         self.w1 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_local, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
         self.use_grouped_mm = use_grouped_mm
+        if not _DEFER_INIT.get():
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """N(0, init_std) for w1, w2, w3, in that order."""
+        for w in (self.w1, self.w2, self.w3):
+            w.normal_(0.0, self.init_std, generator=generator)
 
     def grouped_mm(self, x_ND: torch.Tensor) -> bool:
         """Whether ``forward`` takes the ``torch._grouped_mm`` path for input like x_ND."""
@@ -361,7 +394,7 @@ class MoE(nn.Module):
         # composed seam, the oracle)
         self.fused_local = isinstance(self.dispatcher, LocalDispatcher) and self.dispatcher.plain
         first, n_local = self.dispatcher.local_experts()
-        self.experts = Experts(n_local, cfg.dim, cfg.moe_inter_dim, first=first)
+        self.experts = Experts(n_local, cfg.dim, cfg.moe_inter_dim, first=first, init_std=cfg.init_std)
         self.shared = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts > 0 else None
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("last_counts", torch.zeros(cfg.n_routed_experts), persistent=False)

@@ -16,7 +16,7 @@ from flyer.config import ModelConfig
 from flyer.model.norm import RMSNorm
 from flyer.model.attention import build_attention
 from flyer.model.loss import linear_cross_entropy
-from flyer.model.moe import MLP, Experts, Gate, MoE
+from flyer.model.moe import MLP, Experts, Gate, MoE, deferred_init
 from flyer.model.mtp import MTPModule
 from flyer.model.rope import rope_cos_sin
 
@@ -52,15 +52,16 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, make_dispatcher: Callable[[int], object] | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i, make_dispatcher) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.embed.weight
-        # MTP blocks use the layer type of the model's last layer (MoE for V3).
-        self.mtp = nn.ModuleList(
-            MTPModule(cfg, Block(cfg, cfg.n_layers + k, make_dispatcher)) for k in range(cfg.mtp_depth))
+        with deferred_init():  # init_weights below sets every weight
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.layers = nn.ModuleList(Block(cfg, i, make_dispatcher) for i in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+            self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.head.weight = self.embed.weight
+            # MTP blocks use the layer type of the model's last layer (MoE for V3).
+            self.mtp = nn.ModuleList(
+                MTPModule(cfg, Block(cfg, cfg.n_layers + k, make_dispatcher)) for k in range(cfg.mtp_depth))
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
@@ -68,13 +69,12 @@ class Transformer(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         std = self.cfg.init_std
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, Gate)):
+            if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, std, generator=generator)
-                if getattr(m, "bias", None) is not None and isinstance(m.bias, nn.Parameter):
+                if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
-            elif isinstance(m, Experts):
-                for w in (m.w1, m.w2, m.w3):
-                    w.normal_(0.0, std, generator=generator)
+            elif isinstance(m, (Gate, Experts)):
+                m.reset_parameters(generator)
             elif isinstance(m, nn.RMSNorm):
                 m.weight.fill_(1.0)
 
