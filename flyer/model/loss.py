@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flyer import kernels
+
 # Rows per chunk, by device. CPU: measured on the small preset (N = 2048, V = 8192, BF16 autocast,
 # 2-core CPU), loss fwd+bwd in-process against the unfused loss: 512 rows 0.63-0.68x, 1024 rows
 # 0.66-0.74x, 256 slower again (smaller GEMMs, more kernels). At 1024 rows the FP32 log-probs are
@@ -57,16 +59,25 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 # scale is applied to the (N, D) sides of the GEMMs, not to the (N, V) dlogits.
                 scale_N1 = (valid_N.to(red) / n_valid.clamp(min=1).to(red))[:, None]
                 x_scaled = (h_ND * scale_N1).to(dtype) if need_w else None
+            fused = red == torch.float32 and kernels.usable(x, w)  # one pass per chunk, not five
             for s in range(0, N, chunk_rows):
                 e = min(s + chunk_rows, N)
-                logp = torch.log_softmax(x[s:e] @ w.t(), dim=-1, dtype=red)  # (n, V)
-                logp_t = torch.gather(logp, 1, safe_N1[s:e], out=logp_t_N1[s:e])
+                logits = x[s:e] @ w.t()  # (n, V)
+                if fused:
+                    logp_t, dlogits = kernels.cpu_ops().xent_chunk(logits, safe_N1[s:e, 0], need_h or need_w)
+                    logp_t_N1[s:e, 0] = logp_t
+                else:
+                    logp = torch.log_softmax(logits, dim=-1, dtype=red)
+                    logp_t = torch.gather(logp, 1, safe_N1[s:e], out=logp_t_N1[s:e])
+                del logits
                 if not (need_h or need_w):
                     continue
-                # softmax - onehot, in the reduction dtype; expm1 gives p_t - 1 without cancellation.
-                # Then one rounding to the GEMM dtype, as the reference's cast of its FP32 dlogits.
-                dlogits = logp.exp_().scatter_(1, safe_N1[s:e], torch.expm1(logp_t)).to(dtype)
-                del logp
+                if not fused:
+                    # softmax - onehot, in the reduction dtype; expm1 gives p_t - 1 without
+                    # cancellation. Then one rounding to the GEMM dtype, as the reference's cast of
+                    # its FP32 dlogits. (The kernel computes the same in one pass over the logits.)
+                    dlogits = logp.exp_().scatter_(1, safe_N1[s:e], torch.expm1(logp_t)).to(dtype)
+                    del logp
                 if need_h:
                     torch.mul(dlogits @ w, scale_N1[s:e], out=grad_h[s:e])
                 if need_w:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flyer import kernels
 from flyer.config import ModelConfig
 
 
@@ -155,7 +156,7 @@ def _swiglu_forward(x, w13, w2, rows: list[int], F_):
     xs, hs, w13t = x.split(rows), h13.split(rows), w13.transpose(1, 2).unbind(0)
     for e in live:
         torch.mm(xs[e], w13t[e], out=hs[e])
-    a = F.silu(h13[:, :F_]) * h13[:, F_:]
+    a = kernels.cpu_ops().swiglu(h13) if kernels.usable(h13) else F.silu(h13[:, :F_]) * h13[:, F_:]
     as_, ys, w2t = a.split(rows), y.split(rows), w2.transpose(1, 2).unbind(0)
     for e in live:
         torch.mm(as_[e], w2t[e], out=ys[e])
@@ -164,7 +165,6 @@ def _swiglu_forward(x, w13, w2, rows: list[int], F_):
 
 def _swiglu_backward(dy, x, w13, w2, h13, a, rows: list[int], F_, need_x: bool, need_w: bool):
     """Gradients of ``_swiglu_forward``: (dx or None, dw13 or None, dw2 or None), compute dtype."""
-    h1, h3 = h13[:, :F_], h13[:, F_:]
     live = [e for e, p in enumerate(rows) if p]
     da = x.new_empty(a.shape)
     dw2 = w2.new_empty(w2.shape) if need_w else None
@@ -180,10 +180,13 @@ def _swiglu_backward(dy, x, w13, w2, h13, a, rows: list[int], F_, need_x: bool, 
         torch.mm(dys[e], w2s[e], out=das[e])
         if need_w:
             torch.mm(dys[e].t(), as_[e], out=dw2s[e])
-    # the same element-wise ops autograd would run for silu(h1) * h3, written into one buffer
-    dh13 = x.new_empty(h13.shape)
-    torch.ops.aten.silu_backward.grad_input(da * h3, h1, grad_input=dh13[:, :F_])
-    torch.mul(da, F.silu(h1), out=dh13[:, F_:])
+    if kernels.usable(h13):
+        dh13 = kernels.cpu_ops().swiglu_backward(da, h13)
+    else:  # the same element-wise ops autograd would run for silu(h1) * h3, written into one buffer
+        h1, h3 = h13[:, :F_], h13[:, F_:]
+        dh13 = x.new_empty(h13.shape)
+        torch.ops.aten.silu_backward.grad_input(da * h3, h1, grad_input=dh13[:, :F_])
+        torch.mul(da, F.silu(h1), out=dh13[:, F_:])
     dx = x.new_empty(x.shape) if need_x else None
     dhs = dh13.split(rows)
     if need_x:
@@ -261,7 +264,10 @@ class _LocalRoutedExperts(torch.autograd.Function):
     going to a discarded extra row. The composed path gathers, pads, unpads and combines: three
     more passes over the N x D copies each way. Rounding is the composed path's (the tests check
     bitwise equality): outputs in the compute dtype, weighted and summed in FP32 (FP64 for FP64);
-    gradients of a token's copies summed in the compute dtype, in the same (expert) order.
+    gradients of a token's copies summed in FP32 in the same (expert) order and rounded once to the
+    compute dtype. On the CPU the combine and its gradients run as fused kernels
+    (``flyer.kernels``: the same sums, bit for bit, except the gate weights' gradient dot
+    products, whose FP32 terms are added in another order).
     """
 
     @staticmethod
@@ -282,28 +288,48 @@ class _LocalRoutedExperts(torch.autograd.Function):
         w_pad[pos] = weights_TK.flatten()[order].to(red)
         w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
         y, h13, a = _swiglu_forward(x, w13, w2, padded, F_)
-        # cast, then scale in place: a mixed-dtype broadcast multiply is ~1.5x slower on CPU
-        yw = torch.mul(y, w_pad[:, None]) if y.dtype == red else y.to(red).mul_(w_pad[:, None])
-        out = y.new_zeros(T + 1, D, dtype=red).index_add_(0, src, yw)
-        ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, src, gather, pos, order, pad_rows)
+        fused = kernels.usable(y, w_pad)
+        if fused:  # each token's K rows, ascending (index_add_'s order): the kernels sum them per token
+            inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            rows = pos[inv].view(T, K).sort(dim=1).values.flatten()
+            offsets = torch.arange(0, T * K + 1, K, device=rows.device)
+            out = kernels.cpu_ops().combine(y, w_pad, offsets, rows)
+        else:
+            rows = offsets = None
+            # cast, then scale in place: a mixed-dtype broadcast multiply is ~1.5x slower on CPU
+            yw = torch.mul(y, w_pad[:, None]) if y.dtype == red else y.to(red).mul_(w_pad[:, None])
+            out = y.new_zeros(T + 1, D, dtype=red).index_add_(0, src, yw)[:T]
+        ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, src, gather, pos, order, pad_rows, rows, offsets)
         ctx.rows, ctx.F, ctx.x_dtype, ctx.w_dtype, ctx.w_gate_dtype = padded, F_, x_TD.dtype, w1_EFD.dtype, weights_TK.dtype
-        return out[:T]
+        ctx.fused = fused
+        return out
 
     @staticmethod
     def backward(ctx, g_TD):
-        x, w13, w2, h13, a, y, w_pad, src, gather, pos, order, pad_rows = ctx.saved_tensors
+        x, w13, w2, h13, a, y, w_pad, src, gather, pos, order, pad_rows, rows, offsets = ctx.saved_tensors
         T = g_TD.shape[0]
-        g = g_TD.to(w_pad.dtype).index_select(0, gather)  # each padded row's token gradient
+        need_dw = ctx.needs_input_grad[1]
+        if ctx.fused and g_TD.dtype == w_pad.dtype:
+            # dy = g_token * w per row (pad rows zero), d_pad = <g_token, y_row>; the 384-term FP32
+            # dot products sum in another order than the eager code's, so d_weights may differ in
+            # the last bit
+            dy, d_pad = kernels.cpu_ops().combine_backward(g_TD.contiguous(), y, w_pad, src, need_dw)
+        else:
+            g = g_TD.to(w_pad.dtype).index_select(0, gather)  # each padded row's token gradient
+            d_pad = g.mul(y.to(g.dtype)).sum(1) if need_dw else None  # d out / d weight: <g_token, y_copy>
+            dy = g.mul_(w_pad[:, None]).to(x.dtype).index_fill_(0, pad_rows, 0)  # exact zeros, even for inf/nan g
         d_weights = None
-        if ctx.needs_input_grad[1]:
-            d_pad = g.mul(y.to(g.dtype)).sum(1)  # d out / d weight of each copy: <g_token, y_copy>
+        if need_dw:
             d_weights = d_pad.new_empty(order.shape).index_copy_(0, order, d_pad[pos])
             d_weights = d_weights.view(T, -1).to(ctx.w_gate_dtype)
-        dy = g.mul_(w_pad[:, None]).to(x.dtype).index_fill_(0, pad_rows, 0)  # exact zeros, even for inf/nan g
         need_w = any(ctx.needs_input_grad[2:5])
         dx, dw13, dw2 = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows, ctx.F, ctx.needs_input_grad[0], need_w)
-        if dx is not None:  # each token's copies summed in the compute dtype, pads into the extra row
-            dx = dx.new_zeros(T + 1, dx.shape[1]).index_add_(0, src, dx)[:T].to(ctx.x_dtype)
+        if dx is not None:  # each token's copies summed (in FP32, rounded once, as index_add_)
+            if ctx.fused:
+                dx = kernels.cpu_ops().segment_sum(dx, offsets, rows)
+            else:  # pads into the extra row
+                dx = dx.new_zeros(T + 1, dx.shape[1]).index_add_(0, src, dx)[:T]
+            dx = dx.to(ctx.x_dtype)
         return (dx, d_weights, *_unpack_weight_grads(dw13, dw2, ctx.F, ctx.w_dtype), None, None, None, None)
 
 

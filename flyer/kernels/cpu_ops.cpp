@@ -1,0 +1,343 @@
+// Fused CPU kernels for flyer's hot element-wise passes (see flyer/kernels/__init__.py).
+//
+// Each kernel reads its inputs once and writes its outputs once, working row by row in FP32
+// scratch that stays in cache; the eager PyTorch code they replace makes one memory pass per
+// operation. Inputs are float32, bfloat16 or float16 (the "T" below), computed in FP32 and
+// rounded once to T on output. Rows are split across ATen's intra-op thread pool.
+//
+// Built with -ffp-contract=off: a * b + c stays two roundings, as in the eager ops, so that the
+// combine kernels reproduce index_add_'s sums bit for bit.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+// float32, bfloat16 and float16 only (the FP64 oracle runs in eager PyTorch)
+#define FLYER_DISPATCH(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                            \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kGrainElements = 32768;  // elements per task: below this, threads cost more than they save
+
+int64_t grain(int64_t row_elements) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements)); }
+
+// ---- row conversion between T and FP32 scratch --------------------------------------------------
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  using BVec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + BVec::size() <= n; i += BVec::size()) {
+    auto [a, b] = at::vec::convert_to_float<T>(BVec::loadu(src + i));
+    a.store(dst + i);
+    b.store(dst + i + Vec::size());
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void to_float<float>(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n) {
+  at::vec::convert(src, dst, n);  // round to nearest even, vectorised for bfloat16 and float16
+}
+
+template <>
+inline void from_float<float>(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
+}
+
+// ---- cross-entropy chunk ------------------------------------------------------------------------
+// logits (n, V) -> log p(target) (n,) in FP32 and, with grad, softmax - onehot (n, V) in T.
+std::vector<at::Tensor> xent_chunk(const at::Tensor& logits, const at::Tensor& target, bool grad) {
+  check_cpu(logits, "xent_chunk logits");
+  check_cpu(target, "xent_chunk target");
+  TORCH_CHECK(logits.dim() == 2, "xent_chunk: logits (n, V) expected");
+  check_dtype(target, at::kLong, "xent_chunk target");
+  const int64_t n = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(target.numel() == n, "xent_chunk: ", n, " targets expected, got ", target.numel());
+  TORCH_CHECK(V > 0, "xent_chunk: no classes");
+  auto logp_t = at::empty({n}, logits.options().dtype(at::kFloat));
+  auto dlogits = grad ? at::empty_like(logits) : at::Tensor();
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)  // before any work: an out-of-range target is an error, as in gather
+    TORCH_CHECK(tgt[i] >= 0 && tgt[i] < V, "xent_chunk: target ", tgt[i], " out of range for ", V, " classes");
+  FLYER_DISPATCH(logits.scalar_type(), "xent_chunk", [&] {
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    scalar_t* dx = grad ? dlogits.data_ptr<scalar_t>() : nullptr;
+    float* lp = logp_t.data_ptr<float>();
+    at::parallel_for(0, n, grain(V), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(V);
+      float* b = buf.data();
+      for (int64_t r = begin; r < end; ++r) {
+        to_float(x + r * V, b, V);
+        const float mx = at::vec::reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, b, V);
+        const float x_t = b[tgt[r]];
+        Vec vsum(0.f), vmx(mx);
+        int64_t i = 0;
+        for (; i + Vec::size() <= V; i += Vec::size()) {
+          Vec e = (Vec::loadu(b + i) - vmx).exp_u20();
+          e.store(b + i);
+          vsum = vsum + e;
+        }
+        float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
+        for (; i < V; ++i) {
+          b[i] = std::exp(b[i] - mx);
+          sum += b[i];
+        }
+        const float lp_t = x_t - mx - std::log(sum);
+        lp[r] = lp_t;
+        if (grad) {
+          const Vec vinv(1.f / sum);
+          int64_t j = 0;
+          for (; j + Vec::size() <= V; j += Vec::size()) (Vec::loadu(b + j) * vinv).store(b + j);
+          for (; j < V; ++j) b[j] *= 1.f / sum;
+          b[tgt[r]] = std::expm1(lp_t);  // p_t - 1 without cancellation
+          from_float(b, dx + r * V, V);
+        }
+      }
+    });
+  });
+  return {logp_t, dlogits};
+}
+
+// ---- SwiGLU -------------------------------------------------------------------------------------
+// h13 (N, 2F) = [h1 | h3] -> silu(h1) * h3 (N, F)
+at::Tensor swiglu(const at::Tensor& h13) {
+  check_cpu(h13, "swiglu h13");
+  TORCH_CHECK(h13.dim() == 2 && h13.size(1) % 2 == 0, "swiglu: h13 (N, 2F) expected");
+  const int64_t N = h13.size(0), F = h13.size(1) / 2;
+  auto a = at::empty({N, F}, h13.options());
+  FLYER_DISPATCH(h13.scalar_type(), "swiglu", [&] {
+    const scalar_t* h = h13.data_ptr<scalar_t>();
+    scalar_t* out = a.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain(3 * F), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(2 * F);
+      float* h1 = buf.data();
+      float* h3 = h1 + F;
+      for (int64_t r = begin; r < end; ++r) {
+        to_float(h + r * 2 * F, h1, 2 * F);
+        int64_t i = 0;
+        const Vec one(1.f);
+        for (; i + Vec::size() <= F; i += Vec::size()) {
+          Vec v1 = Vec::loadu(h1 + i);
+          (v1 / (one + v1.neg().exp_u20()) * Vec::loadu(h3 + i)).store(h1 + i);
+        }
+        for (; i < F; ++i) h1[i] = h1[i] / (1.f + std::exp(-h1[i])) * h3[i];
+        from_float(h1, out + r * F, F);
+      }
+    });
+  });
+  return a;
+}
+
+// da (N, F), h13 (N, 2F) -> d h13 (N, 2F): [da * h3 * silu'(h1) | da * silu(h1)]
+at::Tensor swiglu_backward(const at::Tensor& da, const at::Tensor& h13) {
+  check_cpu(da, "swiglu_backward da");
+  check_cpu(h13, "swiglu_backward h13");
+  TORCH_CHECK(h13.dim() == 2 && da.dim() == 2 && h13.size(0) == da.size(0) && h13.size(1) == 2 * da.size(1),
+              "swiglu_backward: da (N, F) and h13 (N, 2F) expected");
+  TORCH_CHECK(da.scalar_type() == h13.scalar_type(), "swiglu_backward: da and h13 dtypes differ");
+  const int64_t N = da.size(0), F = da.size(1);
+  auto dh13 = at::empty_like(h13);
+  FLYER_DISPATCH(h13.scalar_type(), "swiglu_backward", [&] {
+    const scalar_t* h = h13.data_ptr<scalar_t>();
+    const scalar_t* g = da.data_ptr<scalar_t>();
+    scalar_t* out = dh13.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain(5 * F), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(3 * F);
+      float* h1 = buf.data();
+      float* h3 = h1 + F;
+      float* d = h3 + F;
+      for (int64_t r = begin; r < end; ++r) {
+        to_float(h + r * 2 * F, h1, 2 * F);
+        to_float(g + r * F, d, F);
+        int64_t i = 0;
+        const Vec one(1.f);
+        for (; i + Vec::size() <= F; i += Vec::size()) {
+          Vec v1 = Vec::loadu(h1 + i), v3 = Vec::loadu(h3 + i), vd = Vec::loadu(d + i);
+          Vec s = one / (one + v1.neg().exp_u20());
+          (vd * v3 * s * (one + v1 * (one - s))).store(h1 + i);  // d h1
+          (vd * (v1 * s)).store(h3 + i);                          // d h3
+        }
+        for (; i < F; ++i) {
+          const float s = 1.f / (1.f + std::exp(-h1[i]));
+          const float d1 = d[i] * h3[i] * s * (1.f + h1[i] * (1.f - s));
+          h3[i] = d[i] * (h1[i] * s);
+          h1[i] = d1;
+        }
+        from_float(h1, out + r * 2 * F, 2 * F);
+      }
+    });
+  });
+  return dh13;
+}
+
+// ---- MoE combine --------------------------------------------------------------------------------
+// Rows of token t: rows[offsets[t] : offsets[t + 1]], ascending (index_add_'s order).
+
+void check_csr(const at::Tensor& offsets, const at::Tensor& rows, int64_t n_rows) {
+  check_cpu(offsets, "offsets");
+  check_cpu(rows, "rows");
+  check_dtype(offsets, at::kLong, "offsets");
+  check_dtype(rows, at::kLong, "rows");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  const int64_t T = offsets.numel() - 1;
+  TORCH_CHECK(T >= 0 && off[0] == 0 && off[T] <= rows.numel(), "combine: bad row offsets");
+  for (int64_t i = 0; i < off[T]; ++i)
+    TORCH_CHECK(rw[i] >= 0 && rw[i] < n_rows, "combine: row ", rw[i], " out of range for ", n_rows, " rows");
+}
+
+// out (T, D) FP32: out[t] = sum over t's rows r of float(y[r]) * w[r], in row order
+at::Tensor combine(const at::Tensor& y, const at::Tensor& w, const at::Tensor& offsets, const at::Tensor& rows) {
+  check_cpu(y, "combine y");
+  check_cpu(w, "combine w");
+  check_dtype(w, at::kFloat, "combine w");
+  TORCH_CHECK(y.dim() == 2 && w.numel() == y.size(0), "combine: y (n, D) and w (n,) expected");
+  check_csr(offsets, rows, y.size(0));
+  const int64_t T = offsets.numel() - 1, D = y.size(1);
+  auto out = at::empty({T, D}, y.options().dtype(at::kFloat));
+  FLYER_DISPATCH(y.scalar_type(), "combine", [&] {
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const float* wp = w.data_ptr<float>();
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    const int64_t* rw = rows.data_ptr<int64_t>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, T, grain(4 * D), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(D);
+      float* yr = buf.data();
+      for (int64_t t = begin; t < end; ++t) {
+        float* acc = op + t * D;
+        std::fill(acc, acc + D, 0.f);
+        for (int64_t k = off[t]; k < off[t + 1]; ++k) {
+          const int64_t r = rw[k];
+          to_float(yp + r * D, yr, D);
+          const Vec vw(wp[r]);
+          int64_t i = 0;
+          for (; i + Vec::size() <= D; i += Vec::size()) (Vec::loadu(acc + i) + Vec::loadu(yr + i) * vw).store(acc + i);
+          for (; i < D; ++i) acc[i] = acc[i] + yr[i] * wp[r];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Backward of combine, per row r of token src[r] (src[r] == T: a pad row, all zeros):
+// dy[r] = T(g[src[r]] * w[r]) and, with need_dw, dw[r] = <g[src[r]], float(y[r])>.
+std::vector<at::Tensor> combine_backward(const at::Tensor& g, const at::Tensor& y, const at::Tensor& w,
+                                         const at::Tensor& src, bool need_dw) {
+  check_cpu(g, "combine_backward g");
+  check_cpu(y, "combine_backward y");
+  check_cpu(w, "combine_backward w");
+  check_cpu(src, "combine_backward src");
+  check_dtype(g, at::kFloat, "combine_backward g");
+  check_dtype(w, at::kFloat, "combine_backward w");
+  check_dtype(src, at::kLong, "combine_backward src");
+  TORCH_CHECK(g.dim() == 2 && y.dim() == 2 && g.size(1) == y.size(1) && w.numel() == y.size(0) &&
+                  src.numel() == y.size(0),
+              "combine_backward: g (T, D), y (n, D), w (n,), src (n,) expected");
+  const int64_t T = g.size(0), n = y.size(0), D = y.size(1);
+  const int64_t* sp = src.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r)
+    TORCH_CHECK(sp[r] >= 0 && sp[r] <= T, "combine_backward: token ", sp[r], " out of range for ", T, " tokens");
+  auto dy = at::empty_like(y);
+  auto dw = need_dw ? at::empty({n}, w.options()) : at::Tensor();
+  FLYER_DISPATCH(y.scalar_type(), "combine_backward", [&] {
+    const float* gp = g.data_ptr<float>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const float* wp = w.data_ptr<float>();
+    scalar_t* dyp = dy.data_ptr<scalar_t>();
+    float* dwp = need_dw ? dw.data_ptr<float>() : nullptr;
+    at::parallel_for(0, n, grain(4 * D), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(2 * D);
+      float* yr = buf.data();
+      float* out = yr + D;
+      for (int64_t r = begin; r < end; ++r) {
+        if (sp[r] == T) {
+          std::memset(static_cast<void*>(dyp + r * D), 0, D * sizeof(scalar_t));
+          if (need_dw) dwp[r] = 0.f;
+          continue;
+        }
+        const float* gr = gp + sp[r] * D;
+        const Vec vw(wp[r]);
+        int64_t i = 0;
+        for (; i + Vec::size() <= D; i += Vec::size()) (Vec::loadu(gr + i) * vw).store(out + i);
+        for (; i < D; ++i) out[i] = gr[i] * wp[r];
+        from_float(out, dyp + r * D, D);
+        if (need_dw) {
+          to_float(yp + r * D, yr, D);
+          dwp[r] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
+                                                   [](Vec a, Vec b) { return a + b; }, gr, yr, D);
+        }
+      }
+    });
+  });
+  return {dy, dw};
+}
+
+// out (T, D) in x's dtype: out[t] = sum over t's rows r of x[r] in FP32, rounded once (what
+// index_add_ into a zero tensor of x's dtype computes: it accumulates reduced precision in FP32)
+at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& rows) {
+  check_cpu(x, "segment_sum x");
+  TORCH_CHECK(x.dim() == 2, "segment_sum: x (n, D) expected");
+  check_csr(offsets, rows, x.size(0));
+  const int64_t T = offsets.numel() - 1, D = x.size(1);
+  auto out = at::empty({T, D}, x.options());
+  FLYER_DISPATCH(x.scalar_type(), "segment_sum", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    const int64_t* rw = rows.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain(4 * D), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(2 * D);
+      float* acc = buf.data();
+      float* xr = acc + D;
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(acc, acc + D, 0.f);
+        for (int64_t k = off[t]; k < off[t + 1]; ++k) {
+          to_float(xp + rw[k] * D, xr, D);
+          int64_t i = 0;
+          for (; i + Vec::size() <= D; i += Vec::size()) (Vec::loadu(acc + i) + Vec::loadu(xr + i)).store(acc + i);
+          for (; i < D; ++i) acc[i] = acc[i] + xr[i];
+        }
+        from_float(acc, op + t * D, D);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("xent_chunk", &xent_chunk, "log p(target) and softmax - onehot of a chunk of logits");
+  m.def("swiglu", &swiglu, "silu(h1) * h3 of h13 = [h1 | h3]");
+  m.def("swiglu_backward", &swiglu_backward, "gradient of swiglu with respect to h13");
+  m.def("combine", &combine, "FP32 weighted sum of each token's rows");
+  m.def("combine_backward", &combine_backward, "gradients of combine: rows and weights");
+  m.def("segment_sum", &segment_sum, "sum of each token's rows, rounded as index_add_");
+}
