@@ -7,6 +7,29 @@ import torch
 torch.set_num_threads(int(os.environ.get("FLYER_TEST_THREADS", "1")))
 
 
+def pytest_sessionstart(session):
+    """Build (or load) the fused CPU kernels once, up front: the spawned ranks of the distributed
+    tests then load them from the cache instead of building them inside a collective's timeout."""
+    from flyer import kernels
+
+    kernels.cpu_ops()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["kernels", "eager"])
+def cpu_kernels(request):
+    """Run a test with flyer's fused CPU kernels (skipped where they could not be built) and with
+    the eager PyTorch code they replace. The value says which."""
+    from flyer import kernels
+
+    if request.param == "kernels":
+        if not kernels.usable(torch.zeros(1)):
+            pytest.skip("flyer's fused CPU kernels are not built here (no C++ compiler?)")
+        yield True
+    else:
+        with kernels.disabled():
+            yield False

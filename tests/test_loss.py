@@ -26,7 +26,7 @@ def _loss_and_grads(fn, h, w, t, autocast=False, scale=0.7):
 
 
 @pytest.mark.parametrize("ignored", [0, 7])
-def test_matches_cross_entropy_fp32(ignored):
+def test_matches_cross_entropy_fp32(ignored, cpu_kernels):
     h, w, t = _case(ignored=ignored)  # 300 rows: not a multiple of the chunk
     ref = _loss_and_grads(reference_cross_entropy, h, w, t)
     got = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=64), h, w, t)
@@ -36,7 +36,7 @@ def test_matches_cross_entropy_fp32(ignored):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
 
-def test_matches_cross_entropy_bf16_autocast():
+def test_matches_cross_entropy_bf16_autocast(cpu_kernels):
     h, w, t = _case()
     ref = _loss_and_grads(reference_cross_entropy, h, w, t, autocast=True)
     got = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=64), h, w, t, autocast=True)
@@ -46,7 +46,7 @@ def test_matches_cross_entropy_bf16_autocast():
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item())
 
 
-def test_matches_cross_entropy_bf16_params():
+def test_matches_cross_entropy_bf16_params(cpu_kernels):
     h, w, t = _case(dtype=torch.bfloat16)
     ref = _loss_and_grads(reference_cross_entropy, h, w, t)
     got = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=64), h, w, t)
@@ -64,7 +64,7 @@ def test_all_rows_ignored_is_nan_with_zero_grads():
     assert not gh.any() and not gw.any()
 
 
-def test_no_grad_matches_and_skips_gradients():
+def test_no_grad_matches_and_skips_gradients(cpu_kernels):
     h, w, t = _case()
     with torch.no_grad():
         got = linear_cross_entropy(h, w, t, chunk_rows=64)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def cpu_ops():
         _state["tried"] = True
         try:
             from torch.utils.cpp_extension import load
+
+            if shutil.which("ninja") is None:  # the ninja wheel's binary, when its bin/ is not on PATH
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
             _state["module"] = load(name="flyer_cpu_ops", sources=[str(_SOURCE)],
                                     extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_capability_flags()],

@@ -1,0 +1,139 @@
+"""Fused CPU kernels (flyer/kernels) against the eager PyTorch code they replace, and the fallback.
+
+Each kernel rounds once where the eager code rounds per op, so against eager it agrees to the
+output dtype's rounding (the combine kernels: bitwise), and against FP64 it is at least as close.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flyer import kernels
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def ops():
+    if kernels.cpu_ops() is None:
+        pytest.skip("flyer's fused CPU kernels are not built here (no C++ compiler?)")
+    return kernels.cpu_ops()
+
+
+def _nerr(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Normwise error against an FP64 reference."""
+    return float((got.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [37, 4096])  # a vector tail; many full vectors
+def test_xent_chunk_matches_log_softmax(ops, dtype, V):
+    logits = (3 * torch.randn(70, V)).to(dtype)
+    tgt = torch.randint(0, V, (70,))
+    tgt[:2] = torch.tensor([0, V - 1])
+    logp_t, dlogits = ops.xent_chunk(logits, tgt, True)
+    ref = torch.log_softmax(logits.double(), -1)
+    ref_d = ref.exp().scatter_(1, tgt[:, None], torch.expm1(ref.gather(1, tgt[:, None])))
+    assert logp_t.dtype == torch.float32 and dlogits.dtype == dtype
+    torch.testing.assert_close(logp_t.double(), ref.gather(1, tgt[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
+    eager = torch.log_softmax(logits, -1, dtype=torch.float32)
+    eager_t = eager.gather(1, tgt[:, None])
+    eager_d = eager.exp_().scatter_(1, tgt[:, None], torch.expm1(eager_t)).to(dtype)
+    assert _nerr(dlogits, ref_d) <= 1.05 * _nerr(eager_d, ref_d) + 1e-6
+    ulp = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(dlogits.float(), eager_d.float(), rtol=ulp, atol=1e-6)
+    lp2, none = ops.xent_chunk(logits, tgt, False)  # no gradient wanted: nothing written
+    assert none is None and torch.equal(lp2, logp_t)
+
+
+def test_xent_chunk_rejects_bad_targets(ops):
+    with pytest.raises(RuntimeError, match="target 5 out of range for 5 classes"):
+        ops.xent_chunk(torch.randn(3, 5), torch.tensor([0, 5, 1]), True)
+    with pytest.raises(RuntimeError, match="expected a contiguous tensor"):
+        ops.xent_chunk(torch.randn(5, 3).t(), torch.tensor([0, 1, 2]), True)
+
+
+def _swiglu_ref(h13: torch.Tensor) -> torch.Tensor:
+    F_ = h13.shape[1] // 2
+    return F.silu(h13[:, :F_]) * h13[:, F_:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("F_", [5, 64])
+def test_swiglu_forward_and_backward(ops, dtype, F_):
+    h13 = (2 * torch.randn(300, 2 * F_)).to(dtype)
+    if F_ >= 8:  # h1 where exp(-h1) under- and overflows
+        h13[0, :8] = torch.tensor([-200.0, -88.0, -20.0, 0.0, 20.0, 88.0, 200.0, -1e-3]).to(dtype)
+    da = torch.randn(300, F_).to(dtype)
+    h64 = h13.double().requires_grad_()
+    ref = _swiglu_ref(h64)
+    (ref_g,) = torch.autograd.grad(ref, h64, da.double())
+    a, dh13 = ops.swiglu(h13), ops.swiglu_backward(da, h13)
+    assert a.dtype == dh13.dtype == dtype and torch.isfinite(a).all() and torch.isfinite(dh13).all()
+    eager = _swiglu_ref(h13)
+    hh = h13.clone().requires_grad_()
+    (eager_g,) = torch.autograd.grad(_swiglu_ref(hh), hh, da)
+    if dtype == torch.float32:
+        torch.testing.assert_close(a.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dh13.double(), ref_g, rtol=1e-5, atol=1e-6)
+    else:  # one rounding instead of one per op: at least as close to FP64 as eager
+        assert _nerr(a, ref.detach()) <= 1.05 * _nerr(eager, ref.detach())
+        assert _nerr(dh13, ref_g) <= 1.05 * _nerr(eager_g, ref_g)
+
+
+def _csr_case(T=60, D=40, n=300, dtype=torch.bfloat16):
+    src = torch.randint(0, T + 1, (n,))  # T: pad rows; some tokens get no row
+    src[:5] = T
+    y = torch.randn(n, D).to(dtype)
+    y[src == T] = 0
+    return src, y, torch.rand(n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_is_index_add_bitwise(ops, dtype):
+    T = 60
+    src, y, w = _csr_case(T=T, dtype=dtype)
+    offsets, rows = kernels.token_rows(src, T)
+    eager = y.new_zeros(T + 1, y.shape[1], dtype=torch.float32).index_add_(0, src, y.float() * w[:, None])[:T]
+    assert torch.equal(ops.combine(y, w, offsets, rows), eager)
+    x = torch.randn(y.shape).to(dtype)
+    assert torch.equal(ops.segment_sum(x, offsets, rows), x.new_zeros(T + 1, x.shape[1]).index_add_(0, src, x)[:T])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_backward(ops, dtype):
+    T = 60
+    src, y, w = _csr_case(T=T, dtype=dtype)
+    g = torch.randn(T, y.shape[1])
+    dy, dw = ops.combine_backward(g, y, w, src, True)
+    gg = torch.cat([g, torch.zeros(1, g.shape[1])]).index_select(0, src)
+    assert torch.equal(dy, (gg * w[:, None]).to(dtype))  # pad rows: zeros
+    torch.testing.assert_close(dw, (gg * y.float()).sum(1), rtol=1e-5, atol=1e-6)
+    dy2, none = ops.combine_backward(g, y, w, src, False)
+    assert none is None and torch.equal(dy2, dy)
+
+
+def test_combine_rejects_bad_rows(ops):
+    with pytest.raises(RuntimeError, match="row 9 out of range for 4 rows"):
+        ops.combine(torch.randn(4, 3), torch.rand(4), torch.tensor([0, 1]), torch.tensor([9]))
+    with pytest.raises(RuntimeError, match="token 7 out of range for 2 tokens"):
+        ops.combine_backward(torch.randn(2, 3), torch.randn(1, 3), torch.rand(1), torch.tensor([7]), True)
+
+
+def test_disabled_and_unsupported_inputs_take_the_eager_path():
+    x = torch.zeros(2, 2)
+    with kernels.disabled():
+        assert not kernels.usable(x)
+    assert not kernels.usable(x.double())  # FP64 (gradcheck, oracles) always runs eagerly
+    assert not kernels.usable(torch.zeros(2, device="meta"))
+
+
+def test_env_switch_turns_the_kernels_off():
+    code = "import torch; from flyer import kernels; print(kernels.cpu_ops() is None, kernels.usable(torch.zeros(1)))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FLYER_CPU_KERNELS": "0"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
