@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--profile-steps", type=int, default=3, help="steps the GEMM share is taken over")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -78,7 +79,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        step()
+        for _ in range(args.profile_steps):
+            step()
         sync()
     if cuda:  # GPU kernels only
         ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]

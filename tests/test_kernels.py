@@ -26,7 +26,8 @@ def ops():
 
 def _nerr(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Normwise error against an FP64 reference."""
-    return float((got.double() - ref).norm() / ref.norm())
+    got, ref = got.detach().double(), ref.detach().double()
+    return float((got - ref).norm() / ref.norm())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -137,3 +138,33 @@ def test_env_switch_turns_the_kernels_off():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FLYER_CPU_KERNELS": "0"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False"]
+
+
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                               (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("D", [7, 384])
+def test_rms_norm_forward_and_backward(ops, x_dtype, out_dtype, D):
+    """Against FP64: the kernels' normwise errors are within the output dtype's rounding, and no
+    worse than eager ``F.rms_norm``'s."""
+    x = (3 * torch.randn(50, D)).to(x_dtype)
+    w = torch.rand(D) + 0.5
+    g = torch.randn(50, D).to(out_dtype)
+    y, r = ops.rms_norm(x, w, 1e-6, out_dtype)
+    assert y.dtype == out_dtype and r.shape == (50,) and r.dtype == torch.float32
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.rms_norm(x64, (D,), w64, 1e-6)
+    ref_dx, ref_dw = torch.autograd.grad(ref, (x64, w64), g.double())
+    torch.testing.assert_close(r.double(), x64.detach().pow(2).mean(1).add(1e-6).rsqrt(), rtol=1e-6, atol=0)
+    for need_dx, need_dw in [(True, True), (True, False), (False, True)]:
+        dx, dw = ops.rms_norm_backward(g, x, w, r, need_dx, need_dw)
+        assert (dx is None) != need_dx and (dw is None) != need_dw
+        if need_dx:
+            assert dx.dtype == x_dtype
+    dx, dw = ops.rms_norm_backward(g, x, w, r, True, True)
+    xe = x.clone().requires_grad_()
+    we = w.to(x_dtype).requires_grad_()
+    eager = F.rms_norm(xe, (D,), we, 1e-6)
+    e_dx, e_dw = torch.autograd.grad(eager, (xe, we), g.to(x_dtype))
+    eps = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+    for got, eag, want in [(y, eager.to(out_dtype), ref.detach()), (dx, e_dx, ref_dx), (dw, e_dw, ref_dw)]:
+        assert _nerr(got, want) <= max(1.05 * _nerr(eag, want), eps[got.dtype]), (_nerr(got, want), _nerr(eag, want))

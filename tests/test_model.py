@@ -401,7 +401,7 @@ def test_cuda_grouped_mm_experts_forward_and_backward():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_rms_norm_matches_torch(dtype, tol):
+def test_rms_norm_matches_torch(dtype, tol, cpu_kernels):
     """The hand-written RMSNorm equals torch's rms_norm: values, input and weight gradients."""
     x = (torch.randn(3, 40, 96) * 3).to(dtype).requires_grad_()
     w = (torch.rand(96) + 0.5).requires_grad_()

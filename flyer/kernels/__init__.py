@@ -18,6 +18,7 @@ When the build fails (no compiler), flyer warns once and runs the eager code.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import warnings
@@ -55,7 +56,10 @@ def cpu_ops():
 
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
-            _state["module"] = load(name="flyer_cpu_ops", sources=[str(_SOURCE)],
+            # the source's hash in the name: builds of different flyer versions live side by side
+            # in the cache instead of rebuilding each other
+            digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+            _state["module"] = load(name=f"flyer_cpu_ops_{digest}", sources=[str(_SOURCE)],
                                     extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_capability_flags()],
                                     extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, ...: the eager code is correct, only slower

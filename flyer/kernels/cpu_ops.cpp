@@ -331,6 +331,113 @@ at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& offsets, const at:
   return out;
 }
 
+// ---- RMSNorm ------------------------------------------------------------------------------------
+// x (M, D) -> y = x * r * weight in out_dtype, r = 1 / sqrt(mean(x^2) + eps) (M,) in FP32
+std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::ScalarType out_dtype) {
+  check_cpu(x, "rms_norm x");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "rms_norm: x (M, D), weight (D,) expected");
+  const int64_t M = x.size(0), D = x.size(1);
+  auto wf = weight.to(at::kFloat).contiguous();
+  auto y = at::empty({M, D}, x.options().dtype(out_dtype));
+  auto r = at::empty({M}, x.options().dtype(at::kFloat));
+  FLYER_DISPATCH(x.scalar_type(), "rms_norm", [&] {
+    using in_t = scalar_t;
+    FLYER_DISPATCH(out_dtype, "rms_norm_out", [&] {
+      const in_t* xp = x.data_ptr<in_t>();
+      const float* wp = wf.data_ptr<float>();
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      float* rp = r.data_ptr<float>();
+      at::parallel_for(0, M, grain(3 * D), [&](int64_t begin, int64_t end) {
+        std::vector<float> buf(D);
+        float* b = buf.data();
+        for (int64_t m = begin; m < end; ++m) {
+          to_float(xp + m * D, b, D);
+          const float ss = at::vec::map_reduce_all<float>([](Vec a) { return a * a; },
+                                                           [](Vec a, Vec c) { return a + c; }, b, D);
+          const float rm = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+          rp[m] = rm;
+          const Vec vr(rm);
+          int64_t i = 0;
+          for (; i + Vec::size() <= D; i += Vec::size()) (Vec::loadu(b + i) * vr * Vec::loadu(wp + i)).store(b + i);
+          for (; i < D; ++i) b[i] = b[i] * rm * wp[i];
+          from_float(b, yp + m * D, D);
+        }
+      });
+    });
+  });
+  return {y, r};
+}
+
+// Gradients of rms_norm: with xhat = x * r and g' = g * weight,
+// dx = r * (g' - xhat * mean(g' * xhat)) in x's dtype, dweight = sum over rows of g * xhat (FP32).
+std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
+                                          const at::Tensor& r, bool need_dx, bool need_dw) {
+  check_cpu(g, "rms_norm_backward g");
+  check_cpu(x, "rms_norm_backward x");
+  check_cpu(r, "rms_norm_backward r");
+  check_dtype(r, at::kFloat, "rms_norm_backward r");
+  TORCH_CHECK(x.dim() == 2 && g.sizes() == x.sizes() && weight.numel() == x.size(1) && r.numel() == x.size(0),
+              "rms_norm_backward: g, x (M, D), weight (D,), r (M,) expected");
+  const int64_t M = x.size(0), D = x.size(1);
+  auto wf = weight.to(at::kFloat).contiguous();
+  auto dx = need_dx ? at::empty_like(x) : at::Tensor();
+  // rows split into one block per thread; each block sums its own dweight part (no races, and
+  // the same result whichever thread runs which block)
+  const int64_t n_blocks = std::max<int64_t>(1, std::min<int64_t>(M, at::get_num_threads()));
+  auto dw_parts = need_dw ? at::zeros({n_blocks, D}, x.options().dtype(at::kFloat)) : at::Tensor();
+  FLYER_DISPATCH(x.scalar_type(), "rms_norm_backward", [&] {
+    using in_t = scalar_t;
+    FLYER_DISPATCH(g.scalar_type(), "rms_norm_backward_g", [&] {
+      const in_t* xp = x.data_ptr<in_t>();
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      const float* wp = wf.data_ptr<float>();
+      const float* rp = r.data_ptr<float>();
+      in_t* dxp = need_dx ? dx.data_ptr<in_t>() : nullptr;
+      float* parts = need_dw ? dw_parts.data_ptr<float>() : nullptr;
+      at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<float> buf(3 * D);
+        float* xh = buf.data();
+        float* gf = xh + D;
+        float* gw = gf + D;
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          float* dwp = need_dw ? parts + blk * D : nullptr;
+          for (int64_t m = blk * M / n_blocks; m < (blk + 1) * M / n_blocks; ++m) {
+            to_float(xp + m * D, xh, D);
+            to_float(gp + m * D, gf, D);
+            const Vec vr(rp[m]);
+            Vec vdot(0.f);
+            int64_t i = 0;
+            for (; i + Vec::size() <= D; i += Vec::size()) {
+              Vec xv = Vec::loadu(xh + i) * vr, gv = Vec::loadu(gf + i);
+              xv.store(xh + i);
+              Vec gwv = gv * Vec::loadu(wp + i);
+              gwv.store(gw + i);
+              vdot = vdot + gwv * xv;
+              if (dwp) (Vec::loadu(dwp + i) + gv * xv).store(dwp + i);
+            }
+            float dot = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vdot);
+            for (; i < D; ++i) {
+              xh[i] = xh[i] * rp[m];
+              gw[i] = gf[i] * wp[i];
+              dot += gw[i] * xh[i];
+              if (dwp) dwp[i] = dwp[i] + gf[i] * xh[i];
+            }
+            if (!need_dx) continue;
+            const float c = dot / static_cast<float>(D);
+            const Vec vc(c);
+            i = 0;
+            for (; i + Vec::size() <= D; i += Vec::size())
+              ((Vec::loadu(gw + i) - Vec::loadu(xh + i) * vc) * vr).store(gw + i);
+            for (; i < D; ++i) gw[i] = (gw[i] - xh[i] * c) * rp[m];
+            from_float(gw, dxp + m * D, D);
+          }
+        }
+      });
+    });
+  });
+  return {dx, need_dw ? dw_parts.sum(0) : at::Tensor()};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -340,4 +447,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("combine", &combine, "FP32 weighted sum of each token's rows");
   m.def("combine_backward", &combine_backward, "gradients of combine: rows and weights");
   m.def("segment_sum", &segment_sum, "sum of each token's rows, rounded as index_add_");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row times weight, and the rows' 1/rms");
+  m.def("rms_norm_backward", &rms_norm_backward, "gradients of rms_norm: input and weight");
 }

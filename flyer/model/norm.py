@@ -13,6 +13,8 @@ Same values as ``torch.nn.functional.rms_norm`` (FP32 arithmetic, one rounding t
 import torch
 from torch import nn
 
+from flyer import kernels
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # FP32, or FP64 for FP64 inputs
@@ -21,6 +23,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.fused = kernels.usable(x, weight) and out_dtype in kernels.KERNEL_DTYPES
+        if ctx.fused:  # one pass in, one out (flyer.kernels); FP32 arithmetic as below
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+            y, r = kernels.cpu_ops().rms_norm(x2, weight, eps, out_dtype)
+            ctx.save_for_backward(x2, weight, r)
+            ctx.x_shape = x.shape
+            return y.view(x.shape)
         xf = x.to(_compute_dtype(x))  # one vectorised upcast (mixed-dtype ops take a slow CPU path); none for FP32
         norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
         r = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))  # (..., 1)
@@ -31,6 +40,13 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight, r = ctx.saved_tensors
+        if ctx.fused and kernels.usable(g):
+            dx, dw = kernels.cpu_ops().rms_norm_backward(g.reshape(x.shape).contiguous(), x, weight, r,
+                                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            return (None if dx is None else dx.view(ctx.x_shape),
+                    None if dw is None else dw.to(weight.dtype), None, None)
+        if ctx.fused:  # a gradient the kernels cannot take: the eager formulas on the saved rows
+            x, r = x.view(ctx.x_shape), r.view(*ctx.x_shape[:-1], 1)
         xhat = x * r if x.dtype == r.dtype else x.to(r.dtype).mul_(r)
         gf = g.to(r.dtype)
         gw = gf * weight.to(r.dtype)
