@@ -56,9 +56,9 @@ def cpu_ops():
 
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
-            # the source's hash in the name: builds of different flyer versions live side by side
-            # in the cache instead of rebuilding each other
-            digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+            # the source's path and contents in the name: builds of different flyer versions or
+            # checkouts live side by side in the cache instead of rebuilding each other
+            digest = hashlib.sha256(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]
             _state["module"] = load(name=f"flyer_cpu_ops_{digest}", sources=[str(_SOURCE)],
                                     extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_capability_flags()],
                                     extra_ldflags=["-fopenmp"], verbose=False)

@@ -163,23 +163,33 @@ def _swiglu_forward(x, w13, w2, rows: list[int], F_):
     return y, h13, a
 
 
-def _swiglu_backward(dy, x, w13, w2, h13, a, rows: list[int], F_, need_x: bool, need_w: bool):
-    """Gradients of ``_swiglu_forward``: (dx or None, dw13 or None, dw2 or None), compute dtype."""
+def _swiglu_backward(dy, x, w13, w2, h13, a, rows: list[int], F_, need_x: bool, need_w: bool, w_dtype):
+    """Gradients of ``_swiglu_forward``: (dx or None, (dw1, dw2, dw3) or Nones). dx is in the compute
+    dtype, the weight gradients in ``w_dtype`` (the weights' storage dtype).
+
+    Each expert's weight-gradient GEMM writes into one small scratch buffer that is converted into
+    the expert's slice of dw1/dw3 (dw2) straight away, while it is still in cache: a packed
+    (E, 2F, D) gradient in the compute dtype, converted afterwards, would cross memory twice more.
+    """
     live = [e for e, p in enumerate(rows) if p]
+    E, D = w2.shape[0], w2.shape[1]
     da = x.new_empty(a.shape)
-    dw2 = w2.new_empty(w2.shape) if need_w else None
-    dw13 = w13.new_empty(w13.shape) if need_w else None
-    if need_w:  # experts with no rows get no GEMM: their gradient is zero
-        for e in (e for e, p in enumerate(rows) if not p):
-            dw2[e].zero_()
-            dw13[e].zero_()
+    dw1 = dw2 = dw3 = None
+    if need_w:
+        dw1, dw3 = (w13.new_empty((E, F_, D), dtype=w_dtype) for _ in range(2))
+        dw2 = w2.new_empty(w2.shape, dtype=w_dtype)
+        for e in (e for e, p in enumerate(rows) if not p):  # no rows, no GEMM: a zero gradient
+            for t in (dw1, dw2, dw3):
+                t[e].zero_()
+        s13, s2 = x.new_empty((2 * F_, D)), x.new_empty((D, F_))
+        s1, s3 = s13[:F_], s13[F_:]
     dys, das, w2s = dy.split(rows), da.split(rows), w2.unbind(0)
     if need_w:
-        as_, dw2s = a.split(rows), dw2.unbind(0)
+        as_ = a.split(rows)
     for e in live:
         torch.mm(dys[e], w2s[e], out=das[e])
         if need_w:
-            torch.mm(dys[e].t(), as_[e], out=dw2s[e])
+            dw2[e].copy_(torch.mm(dys[e].t(), as_[e], out=s2))
     if kernels.usable(h13):
         dh13 = kernels.cpu_ops().swiglu_backward(da, h13)
     else:  # the same element-wise ops autograd would run for silu(h1) * h3, written into one buffer
@@ -192,13 +202,15 @@ def _swiglu_backward(dy, x, w13, w2, h13, a, rows: list[int], F_, need_x: bool, 
     if need_x:
         dxs, w13s = dx.split(rows), w13.unbind(0)
     if need_w:
-        xs, dw13s = x.split(rows), dw13.unbind(0)
+        xs = x.split(rows)
     for e in live:
         if need_x:
             torch.mm(dhs[e], w13s[e], out=dxs[e])
         if need_w:
-            torch.mm(dhs[e].t(), xs[e], out=dw13s[e])
-    return dx, dw13, dw2
+            torch.mm(dhs[e].t(), xs[e], out=s13)
+            dw1[e].copy_(s1)
+            dw3[e].copy_(s3)
+    return dx, (dw1, dw2, dw3)
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
@@ -239,19 +251,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
         if pos is not None:
             dy = dy.new_zeros(x.shape).index_copy_(0, pos, dy)
         need_w = any(ctx.needs_input_grad[1:4])
-        dx, dw13, dw2 = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows, F_, ctx.needs_input_grad[0], need_w)
+        dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows, F_, ctx.needs_input_grad[0], need_w, ctx.w_dtype)
         if dx is not None:
             dx = (dx if pos is None else dx.index_select(0, pos)).to(ctx.x_dtype)
-        return (dx, *_unpack_weight_grads(dw13, dw2, F_, ctx.w_dtype), None, None, None)
-
-
-def _unpack_weight_grads(dw13, dw2, F_, dtype):
-    """(dw1, dw2, dw3) in the storage dtype (the w1/w3 slices become contiguous in the same pass)."""
-    if dw13 is None:
-        return None, None, None
-    # into a new contiguous tensor: ``.to`` keeps a strided slice's layout and is ~2x slower at it
-    return tuple(torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t) if t.dtype != dtype or not t.is_contiguous()
-                 else t for t in (dw13[:, :F_], dw2, dw13[:, F_:]))
+        return (dx, *dws, None, None, None)
 
 
 class _LocalRoutedExperts(torch.autograd.Function):
@@ -323,14 +326,14 @@ class _LocalRoutedExperts(torch.autograd.Function):
             d_weights = d_pad.new_empty(order.shape).index_copy_(0, order, d_pad[pos])
             d_weights = d_weights.view(T, -1).to(ctx.w_gate_dtype)
         need_w = any(ctx.needs_input_grad[2:5])
-        dx, dw13, dw2 = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows, ctx.F, ctx.needs_input_grad[0], need_w)
+        dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows, ctx.F, ctx.needs_input_grad[0], need_w, ctx.w_dtype)
         if dx is not None:  # each token's copies summed (in FP32, rounded once, as index_add_)
             if ctx.fused:
                 dx = kernels.cpu_ops().segment_sum(dx, offsets, rows)
             else:  # pads into the extra row
                 dx = dx.new_zeros(T + 1, dx.shape[1]).index_add_(0, src, dx)[:T]
             dx = dx.to(ctx.x_dtype)
-        return (dx, d_weights, *_unpack_weight_grads(dw13, dw2, ctx.F, ctx.w_dtype), None, None, None, None)
+        return (dx, d_weights, *dws, None, None, None, None)
 
 
 def expert_ffn_fused(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
