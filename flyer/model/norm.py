@@ -8,6 +8,8 @@ backward is the closed form (xhat = x * r, g' = g * w):
     dx = r * (g' - xhat * mean(g' * xhat)),    dw = sum over rows of g * xhat.
 
 Same values as ``torch.nn.functional.rms_norm`` (FP32 arithmetic, one rounding to the input dtype).
+On the CPU both passes run as fused kernels (``flyer.kernels``: one read and one write per row);
+the eager code below is their fallback and oracle.
 """
 
 import torch
