@@ -8,6 +8,7 @@ ninja are needed; the build, ~1 minute, is cached under ``TORCH_EXTENSIONS_DIR``
 - ``swiglu`` / ``swiglu_backward``: the routed experts' activation and its gradient;
 - ``combine`` / ``combine_backward`` / ``segment_sum``: the MoE's weighted FP32 sum of each
   token's expert outputs, and its gradients.
+- ``rms_norm`` / ``rms_norm_backward``: RMSNorm of each row and its gradients.
 
 The eager code stays as the fallback and the oracle: the callers use a kernel only where
 ``usable(...)`` says so (CPU tensors of float32/bfloat16/float16, the extension built), and tests

@@ -292,10 +292,8 @@ class _LocalRoutedExperts(torch.autograd.Function):
         w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
         y, h13, a = _swiglu_forward(x, w13, w2, padded, F_)
         fused = kernels.usable(y, w_pad)
-        if fused:  # each token's K rows, ascending (index_add_'s order): the kernels sum them per token
-            inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-            rows = pos[inv].view(T, K).sort(dim=1).values.flatten()
-            offsets = torch.arange(0, T * K + 1, K, device=rows.device)
+        if fused:  # each token's rows, ascending (index_add_'s order): the kernels sum them per token
+            offsets, rows = kernels.token_rows(src, T)
             out = kernels.cpu_ops().combine(y, w_pad, offsets, rows)
         else:
             rows = offsets = None
