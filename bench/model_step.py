@@ -5,6 +5,13 @@ measured in the same run (the peer), their ratio ``mfu_vs_bf16_gemm``, and the s
 spent in GEMM kernels (torch.profiler).
 
     python bench/model_step.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 5] [--device cuda]
+                               [--precision bf16|fp32|auto]
+
+``--precision`` (default bf16) is the step's compute precision; ``auto`` takes bf16 where the device
+has native BF16 GEMMs and fp32 elsewhere, as ``flyer train`` does. ``bf16_gemm_native`` says which
+case this machine is: without native kernels (an AVX2-only x86 CPU) flyer runs its BF16 GEMMs
+through the FP32 kernel (``flyer.model.lowp``), and so does the peer GEMM here. The peer runs in the
+step's precision (``mfu_vs_peer_gemm``); ``mfu_vs_bf16_gemm`` is always against the BF16 one.
 
 On CUDA the GEMM share is the share of GPU kernel time in GEMM and fused-attention kernels.
 """
@@ -20,7 +27,7 @@ import torch
 
 from flyer.config import preset
 from flyer.model.transformer import Transformer
-from flyer.runtime import tune_malloc
+from flyer.runtime import autocast, native_gemm, resolve_precision, tune_malloc
 from flyer.train.metrics import measure_gemm_peak, model_flops_per_token
 
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm",
@@ -38,10 +45,13 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=3, help="steps the GEMM share is taken over")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "auto"))
     args = ap.parse_args()
     tune_malloc()  # as flyer's CLI and Trainer do
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    precision = resolve_precision(args.precision, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def sync():
         if cuda:
@@ -56,7 +66,7 @@ def main() -> None:
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(precision, device):
             out = model.compute_loss(x[:, :-1], x[:, 1:])
         out.loss.backward()
         model.zero_grad(set_to_none=True)
@@ -74,7 +84,9 @@ def main() -> None:
     tokens_per_s = B * T / dt
     flops = model_flops_per_token(cfg, T) * tokens_per_s
     # the peer: the model's dense-FFN-shaped GEMM (tokens x dim x inter_dim) in bf16, same process
-    peer = measure_gemm_peak(torch.bfloat16, device, shape=(B * T, cfg.dim, max(cfg.inter_dim, cfg.dim)), seconds=1.0)
+    shape = (B * T, cfg.dim, max(cfg.inter_dim, cfg.dim))
+    bf16_peer = measure_gemm_peak(torch.bfloat16, device, shape=shape, seconds=1.0)
+    peer = bf16_peer if dtype == torch.bfloat16 else measure_gemm_peak(dtype, device, shape=shape, seconds=1.0)
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -92,10 +104,12 @@ def main() -> None:
     total = sum(cost.values())
     top = sorted(cost, key=lambda k: -cost[k])[:6]
     print(json.dumps({
-        "preset": args.preset, "device": str(device), "batch_size": B, "seq_len": T, "threads": torch.get_num_threads(),
+        "preset": args.preset, "device": str(device), "precision": precision,
+        "bf16_gemm_native": native_gemm(device, torch.bfloat16), "batch_size": B, "seq_len": T, "threads": torch.get_num_threads(),
         "step_time_s": dt, "tokens_per_s": tokens_per_s,
         "model_flops_per_token": model_flops_per_token(cfg, T), "achieved_flops_per_s": flops,
-        "bf16_gemm_flops_per_s": peer, "mfu_vs_bf16_gemm": flops / peer,
+        "peer_gemm_flops_per_s": peer, "mfu_vs_peer_gemm": flops / peer,
+        "bf16_gemm_flops_per_s": bf16_peer, "mfu_vs_bf16_gemm": flops / bf16_peer,
         "gemm_time_fraction": gemm / total if total else 0.0,
         "top_ops": {k[:80]: round(cost[k] / total, 3) for k in top},
     }))

@@ -189,6 +189,25 @@ def test_cli_bad_toml_field_and_config_mismatch(tmp_path, data_cache, capsys):
     assert "different config" in _err(capsys)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_native_bf16_gemms(tmp_path, data_cache, monkeypatch, native):
+    """--precision auto (the default): bf16 where BF16 GEMMs are native, else fp32, said in the run's
+    first line; an explicit bf16 where they are not is warned about."""
+    from flyer import runtime
+
+    monkeypatch.setattr(runtime, "native_gemm", lambda device, dtype: native)
+    lines = []
+    t = Trainer(tc_for(tmp_path / "auto", data_cache, steps=1, ckpt_every=5, eval_every=5), log=lines.append)
+    assert t.precision == ("bf16" if native else "fp32") and not lines
+    t.run()
+    want = "bf16 (auto: native BF16 GEMMs)" if native else "fp32 (auto: no native BF16 GEMMs on this device)"
+    assert want in lines[0]
+    lines.clear()
+    t = Trainer(tc_for(tmp_path / "bf16", data_cache, precision="bf16", steps=1), log=lines.append)
+    assert t.precision == "bf16"
+    assert any("no native BF16 GEMMs" in line for line in lines) is (not native)
+
+
 def test_smoke_run_outputs(tmp_path, data_cache, capsys):
     out = tmp_path / "run"
     rc = main(["train", "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32",

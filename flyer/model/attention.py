@@ -17,6 +17,7 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.model.norm import RMSNorm
+from flyer.model.lowp import Linear, scaled_dot_product_attention
 from flyer.model.rope import apply_rope
 
 
@@ -31,7 +32,7 @@ def causal_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.T
     v = F.pad(v_BTHV, (0, dk - dv)) if dv < dk else v_BTHV
     if dv > dk:  # zero columns leave q.k unchanged
         q_BTHK, k_BTHK = F.pad(q_BTHK, (0, dv - dk)), F.pad(k_BTHK, (0, dv - dk))
-    o = F.scaled_dot_product_attention(q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v.transpose(1, 2),
+    o = scaled_dot_product_attention(q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, scale=scale)
     return o.transpose(1, 2)[..., :dv]
 
@@ -50,15 +51,15 @@ class MLA(nn.Module):
         self.v_head_dim = cfg.v_head_dim
         self.softmax_scale = cfg.softmax_scale
         if cfg.q_lora_rank == 0:
-            self.wq = nn.Linear(cfg.dim, H * self.qk_head_dim, bias=False)
+            self.wq = Linear(cfg.dim, H * self.qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+            self.wq_b = Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.wkv_a = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
-        self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
+        self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
 
     def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_nope (B,T,H,nope), q_rope (B,T,H,rope)) with RoPE applied to the rope part."""
@@ -96,10 +97,10 @@ class GQA(nn.Module):
         self.cfg = cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.softmax_scale = cfg.softmax_scale
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def keys_values(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What GQA caches: k, v of shape (B, T, n_kv_heads, head_dim)."""

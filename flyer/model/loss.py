@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from flyer import kernels
+from flyer.model import lowp
+from flyer.model.lowp import mm
 
 # Rows per chunk, by device. CPU: measured on the small preset (N = 2048, V = 8192, BF16 autocast,
 # 2-core CPU), loss fwd+bwd in-process against the unfused loss: 512 rows 0.63-0.68x, 1024 rows
@@ -51,7 +53,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_h = torch.empty(h_ND.shape, dtype=h_ND.dtype, device=h_ND.device) if need_h else None
         grad_w = None
         with torch.autocast(h_ND.device.type, enabled=False):
-            w = weight_VD.to(dtype)
+            w = lowp.operand(weight_VD, dtype)  # used by two GEMMs per chunk
             x = h_ND.to(dtype)
             if need_h or need_w:
                 # d(mean loss)/dlogits = (softmax - onehot) * scale, scale = 1/n on valid rows and 0
@@ -62,7 +64,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             fused = red == torch.float32 and kernels.usable(x, w)  # one pass per chunk, not five
             for s in range(0, N, chunk_rows):
                 e = min(s + chunk_rows, N)
-                logits = x[s:e] @ w.t()  # (n, V)
+                logits = mm(x[s:e], w.t())  # (n, V)
                 if fused:
                     logp_t, dlogits = kernels.cpu_ops().xent_chunk(logits, safe_N1[s:e, 0], need_h or need_w)
                     logp_t_N1[s:e, 0] = logp_t
@@ -79,7 +81,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     dlogits = logp.exp_().scatter_(1, safe_N1[s:e], torch.expm1(logp_t)).to(dtype)
                     del logp
                 if need_h:
-                    torch.mul(dlogits @ w, scale_N1[s:e], out=grad_h[s:e])
+                    torch.mul(mm(dlogits, w), scale_N1[s:e], out=grad_h[s:e])
                 if need_w:
                     # dW accumulates across chunks in the reduction dtype (FP32): each chunk's GEMM
                     # rounds once to the compute dtype, as the single unchunked GEMM does, and the
@@ -87,11 +89,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     # every chunk, an error that grows with the number of chunks (measured on the
                     # small preset, 8 chunks: 1.5x the reference's error vs FP64; FP32: 0.9x).
                     if grad_w is None:
-                        grad_w = (dlogits.t() @ x_scaled[s:e]).to(red)
+                        grad_w = mm(dlogits.t(), x_scaled[s:e]).to(red)
                     elif dtype == red:
                         grad_w.addmm_(dlogits.t(), x_scaled[s:e])
                     else:
-                        grad_w += dlogits.t() @ x_scaled[s:e]
+                        grad_w += mm(dlogits.t(), x_scaled[s:e])
         if need_w and grad_w is None:  # N == 0
             grad_w = torch.zeros(weight_VD.shape, dtype=red, device=weight_VD.device)
         loss_sum = -torch.where(valid_N[:, None], logp_t_N1, 0).sum()

@@ -17,6 +17,8 @@ from torch import nn
 
 from flyer import kernels
 from flyer.config import ModelConfig
+from flyer.model import lowp
+from flyer.model.lowp import Linear, mm
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -45,9 +47,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.w1 = Linear(dim, inter_dim, bias=False)
+        self.w2 = Linear(inter_dim, dim, bias=False)
+        self.w3 = Linear(dim, inter_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(compute_dtype(x))  # once, not once per up-projection (autocast casts per call)
@@ -139,12 +141,13 @@ def _padded_rows(counts: list[int], padded: list[int], starts: list[int], device
 
 
 def _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype):
-    """w1|w3 stacked as (E, 2F, D) and w2 (E, D, F), cast to ``dtype`` in the same pass."""
+    """w1|w3 stacked as (E, 2F, D) and w2 (E, D, F), cast to ``dtype`` in the same pass (then
+    widened to FP32 where ``dtype`` GEMMs are emulated: see ``lowp.operand``)."""
     E, F_, D = w1_EFD.shape
     w13 = w1_EFD.new_empty((E, 2 * F_, D), dtype=dtype)  # one up-projection GEMM per expert
     w13[:, :F_].copy_(w1_EFD)
     w13[:, F_:].copy_(w3_EFD)
-    return w13, w2_EDF.to(dtype)
+    return lowp.operand(w13, dtype), lowp.operand(w2_EDF, dtype)
 
 
 def _swiglu_forward(x, w13, w2, rows: list[int], F_):
@@ -155,11 +158,11 @@ def _swiglu_forward(x, w13, w2, rows: list[int], F_):
     live = [e for e, p in enumerate(rows) if p]
     xs, hs, w13t = x.split(rows), h13.split(rows), w13.transpose(1, 2).unbind(0)
     for e in live:
-        torch.mm(xs[e], w13t[e], out=hs[e])
+        mm(xs[e], w13t[e], out=hs[e])
     a = kernels.cpu_ops().swiglu(h13) if kernels.usable(h13) else F.silu(h13[:, :F_]) * h13[:, F_:]
     as_, ys, w2t = a.split(rows), y.split(rows), w2.transpose(1, 2).unbind(0)
     for e in live:
-        torch.mm(as_[e], w2t[e], out=ys[e])
+        mm(as_[e], w2t[e], out=ys[e])
     return y, h13, a
 
 
@@ -187,9 +190,9 @@ def _swiglu_backward(dy, x, w13, w2, h13, a, rows: list[int], F_, need_x: bool, 
     if need_w:
         as_ = a.split(rows)
     for e in live:
-        torch.mm(dys[e], w2s[e], out=das[e])
+        mm(dys[e], w2s[e], out=das[e])
         if need_w:
-            dw2[e].copy_(torch.mm(dys[e].t(), as_[e], out=s2))
+            dw2[e].copy_(mm(dys[e].t(), as_[e], out=s2))
     if kernels.usable(h13):
         dh13 = kernels.cpu_ops().swiglu_backward(da, h13)
     else:  # the same element-wise ops autograd would run for silu(h1) * h3, written into one buffer
@@ -205,9 +208,9 @@ def _swiglu_backward(dy, x, w13, w2, h13, a, rows: list[int], F_, need_x: bool, 
         xs = x.split(rows)
     for e in live:
         if need_x:
-            torch.mm(dhs[e], w13s[e], out=dxs[e])
+            mm(dhs[e], w13s[e], out=dxs[e])
         if need_w:
-            torch.mm(dhs[e].t(), xs[e], out=s13)
+            mm(dhs[e].t(), xs[e], out=s13)
             dw1[e].copy_(s1)
             dw3[e].copy_(s3)
     return dx, (dw1, dw2, dw3)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from flyer.config import ModelConfig
+from flyer.model.lowp import Linear
 from flyer.model.norm import RMSNorm
 
 
@@ -21,7 +22,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.hnorm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.enorm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.eh_proj = Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.block = block
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)  # before the shared head
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from flyer.config import ModelConfig
+from flyer.model.lowp import Linear
 from flyer.model.norm import RMSNorm
 from flyer.model.attention import build_attention
 from flyer.model.loss import linear_cross_entropy
@@ -56,7 +57,7 @@ class Transformer(nn.Module):
             self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.layers = nn.ModuleList(Block(cfg, i, make_dispatcher) for i in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-            self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:
                 self.head.weight = self.embed.weight
             # MTP blocks use the layer type of the model's last layer (MoE for V3).

@@ -56,16 +56,20 @@ def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.d
                       seconds: float = 0.3, shape: tuple[int, int, int] | None = None) -> float:
     """Achieved FLOP/s of an (m x k) @ (k x n) GEMM in ``dtype`` on this device (the MFU denominator);
     square n x n x n unless ``shape`` = (m, k, n) is given. Default n: 1024 on CPU, 8192 on CUDA
-    (a GPU needs a large GEMM to reach its peak: 1024 gives an H200 less than a tenth of it)."""
+    (a GPU needs a large GEMM to reach its peak: 1024 gives an H200 less than a tenth of it).
+    Runs the GEMM as flyer's model does (``lowp.mm``): on a CPU without native BF16 GEMMs, a BF16
+    GEMM is measured through the FP32 kernel, as the model computes it there."""
+    from flyer.model.lowp import mm
+
     if n is None:
         n = 8192 if torch.device(device).type == "cuda" else 1024
     m, k, n = shape or (n, n, n)
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    a @ b  # warm up (kernel selection, AMX tile config)
+    mm(a, b)  # warm up (kernel selection, AMX tile config)
     iters, t0 = 0, time.perf_counter()
     while True:
-        a @ b
+        mm(a, b)
         iters += 1
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()

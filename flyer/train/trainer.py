@@ -12,7 +12,6 @@ import math
 import os
 import re
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,10 @@ import torch
 from flyer.config import ConfigError, ModelConfig, resolve_config, resolve_device
 from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
-from flyer.runtime import tune_malloc
+from flyer.runtime import PRECISIONS, autocast, precision_note, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import MetricsLog, measure_gemm_peak, model_flops_per_token, read_metrics, truncate_metrics
 
-PRECISIONS = ("fp32", "bf16", "fp8")
 SCHEDULES = ("cosine", "constant")
 DISPATCHERS = ("local", "flat", "hierarchical")
 
@@ -51,7 +49,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     clip: float = 1.0
-    precision: str = "bf16"
+    precision: str = "auto"  # auto: bf16 where the device has native BF16 GEMMs, else fp32
     out: str = "runs/flyer"
     resume: bool = False
     seed: int = 0
@@ -136,6 +134,10 @@ class Trainer:
         self.mesh = self._init_distributed(base)
         self.device = self.mesh.device if self.mesh is not None else resolve_device(tc.device, "train option 'device'")
         self.rank0 = self.mesh is None or self.mesh.rank == 0
+        self.precision = resolve_precision(tc.precision, self.device)
+        note = precision_note(self.precision, self.device)
+        if note and self.rank0:
+            self.log(note)
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
         from flyer.data import BatchSampler, eval_batches, prepare_data
@@ -164,7 +166,7 @@ class Trainer:
             # every rank keeps its slice of exactly the single-process initialisation (a plain
             # seeded build would give every EP rank the same expert weights)
             init_like_single_process(self.model, self.mesh, tc.seed)
-        if tc.precision == "fp8":
+        if self.precision == "fp8":
             from flyer.fp8 import convert_to_fp8
 
             convert_to_fp8(self.model)
@@ -174,7 +176,7 @@ class Trainer:
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8, fused=self.device.type in ("cpu", "cuda"))
         self.flops_per_token = model_flops_per_token(self.cfg, tc.seq_len)
-        peak_dtype = torch.float32 if tc.precision == "fp32" else torch.bfloat16
+        peak_dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
         self.peak_flops = measure_gemm_peak(peak_dtype, self.device)
         if tc.resume:
             self._resume()
@@ -280,9 +282,13 @@ class Trainer:
 
     # ---- one optimizer step ---------------------------------------------------------------
     def _autocast(self):
-        if self.tc.precision in ("bf16", "fp8"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.precision, self.device)
+
+    def _precision_label(self) -> str:
+        if self.tc.precision != "auto":
+            return self.precision
+        why = "native BF16 GEMMs" if self.precision == "bf16" else "no native BF16 GEMMs on this device"
+        return f"{self.precision} (auto: {why})"
 
     def _clip_grad_norm(self) -> torch.Tensor:
         """Global gradient norm (expert shards counted once over the EP group), then clip."""
@@ -386,7 +392,7 @@ class Trainer:
 
             pc = param_counts(self.cfg)
             self.log(f"flyer train: preset {tc.preset}, {pc.total / 1e6:.1f}M params ({pc.activated / 1e6:.1f}M "
-                     f"activated, MTP {pc.mtp / 1e6:.1f}M), {tc.precision}, batch {tc.batch_size}x{tc.seq_len}"
+                     f"activated, MTP {pc.mtp / 1e6:.1f}M), {self._precision_label()}, batch {tc.batch_size}x{tc.seq_len}"
                      f"x{tc.grad_accum}, {len(self.data.train):,} train tokens, vocab {self.cfg.vocab_size}")
             self.log(f"unigram baseline (validation): {self.data.unigram_val_loss:.3f} nats/token")
         bar = None
