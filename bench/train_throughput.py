@@ -1,13 +1,19 @@
 """Training-step throughput of flyer versus Hugging Face transformers' DeepseekV3ForCausalLM.
 
 Both run the same architecture (the `small` preset by default, MTP off for the comparison since
-transformers does not train MTP) with the same batch and the same step: bf16 autocast, forward,
-backward, clip, fused AdamW (CPU by default; ``--device cuda``). transformers' expert implementations (eager, batched_mm, grouped_mm) are each
+transformers does not train MTP) with the same batch and the same step: autocast in the chosen
+precision, forward, backward, clip, fused AdamW (CPU by default; ``--device cuda``). transformers' expert implementations (eager, batched_mm, grouped_mm) are each
 measured and the fastest is the peer. Steps of the two are interleaved so that load on the
-machine affects both alike. The bf16 GEMM rate of this machine, measured in the same run, is the
-MFU denominator. Prints one JSON object.
+machine affects both alike. The GEMM rate of this machine in the step's precision, measured in the
+same run, is the MFU denominator. Prints one JSON object.
+
+``--precision auto`` (the default) is ``flyer train``'s: bf16 where the device has native BF16
+GEMMs, else fp32. Both sides always run the same precision: on a CPU without native BF16 GEMMs a
+bf16 comparison would pit flyer's FP32-kernel BF16 GEMMs (``flyer.model.lowp``) against ATen's
+reference kernel, which is not what this bench is for.
 
     python bench/train_throughput.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 4] [--device cuda]
+                                     [--precision auto|bf16|fp32]
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 
 from flyer.config import preset
 from flyer.model.transformer import Transformer
-from flyer.runtime import tune_malloc
+from flyer.runtime import autocast, resolve_precision, tune_malloc
 from flyer.train.metrics import measure_gemm_peak, model_flops_per_token
 
 
@@ -41,13 +47,13 @@ def hf_model(cfg, experts_impl: str):
     return DeepseekV3ForCausalLM(hcfg)
 
 
-def make_step(model, x, loss_fn):
-    """One training step, the same for flyer and the peer: bf16 autocast, clip, fused AdamW."""
+def make_step(model, x, loss_fn, precision):
+    """One training step, the same for flyer and the peer: autocast, clip, fused AdamW."""
     model = model.to(x.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step():
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        with autocast(precision, x.device):
             loss = loss_fn(model, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -72,9 +78,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--max-gib", type=float, default=4.0, help="skip peers that would need more memory")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     args = ap.parse_args()
     tune_malloc()  # as flyer's CLI and Trainer do
     device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)
     cfg = preset(args.preset, mtp_depth=0)
     B, T = args.batch_size, args.seq_len
@@ -82,9 +90,9 @@ def main() -> None:
     flyer_loss = lambda m, x: m.compute_loss(x[:, :-1], x[:, 1:]).loss  # noqa: E731
     hf_loss = lambda m, x: m(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # noqa: E731
 
-    flyer_step = make_step(Transformer(cfg), x, flyer_loss)
+    flyer_step = make_step(Transformer(cfg), x, flyer_loss, precision)
     mtp_cfg = preset(args.preset)
-    flyer_mtp_step = make_step(Transformer(mtp_cfg), x, flyer_loss)
+    flyer_mtp_step = make_step(Transformer(mtp_cfg), x, flyer_loss, precision)
     peers: dict[str, object] = {}
     # batched_mm gathers one weight copy per routed token: (B*T*K) x 3 x F x D floats
     batched_bytes = B * T * cfg.n_activated_experts * 3 * cfg.moe_inter_dim * cfg.dim * 4
@@ -93,7 +101,7 @@ def main() -> None:
             peers[impl] = f"skipped: gathers ~{batched_bytes / 2**30:.0f} GiB of per-token expert weights"
             continue
         try:
-            s = make_step(hf_model(cfg, impl), x, hf_loss)
+            s = make_step(hf_model(cfg, impl), x, hf_loss, precision)
             s()  # warm-up; also proves the implementation runs here
             peers[impl] = s
         except Exception as e:  # an implementation this torch/CPU cannot run
@@ -111,14 +119,14 @@ def main() -> None:
     tok = B * T
     hf_impls = {k: tok / v for k, v in med.items() if k in peers}
     best = max(hf_impls, key=hf_impls.get) if hf_impls else None
-    peak = measure_gemm_peak(torch.bfloat16, device)
+    peak = measure_gemm_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device)
     tokens_per_s = tok / med["flyer"]
     print(json.dumps({
-        "preset": args.preset, "device": str(device), "batch_size": B, "seq_len": T, "threads": torch.get_num_threads(),
+        "preset": args.preset, "device": str(device), "precision": precision, "batch_size": B, "seq_len": T, "threads": torch.get_num_threads(),
         "tokens_per_s": tokens_per_s,
         "mfu": model_flops_per_token(cfg, T) * tokens_per_s / peak,
         "tokens_per_s_with_mtp": tok / med["flyer_mtp"],
-        "bf16_gemm_peak_flops": peak,
+        "gemm_peak_flops": peak,
         "hf_tokens_per_s": hf_impls.get(best) if best else None,
         "hf_experts_implementation": best,
         "hf_tokens_per_s_by_impl": hf_impls,

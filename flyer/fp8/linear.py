@@ -25,7 +25,8 @@ from torch import nn
 
 from flyer.fp8.gemm import BACKENDS, EMULATIONS, cuda_fp8_supported, fp8_gemm_nt
 from flyer.fp8.quant import (FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched, quantize_blocks, quantize_blocks_batched, quantize_tiles)
-from flyer.model.moe import Experts, compute_dtype
+from flyer.model.lowp import compute_dtype
+from flyer.model.moe import Experts
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,9 @@ def emulated(device_type: str, dtype: torch.dtype) -> bool:
     return not _native(dtype, torch.backends.mkldnn.enabled)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype GEMMs on ``x`` run in: autocast's when it is on for x's device (autocast leaves FP64
+    alone), else x's own."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
@@ -93,7 +95,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     The gradients round as the native GEMMs' do: dx and dW come out of their GEMMs in the compute
     dtype, then go back to x's and the weight's dtypes."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if not emulated(x.device.type, dtype):
         return F.linear(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
@@ -104,7 +106,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; where emulated, computed in FP32 on the rounded inputs and
     rounded back (the fused kernel's own intermediate roundings are not reproduced)."""
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     if not emulated(q.device.type, dtype):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     with torch.autocast(q.device.type, enabled=False):

@@ -18,13 +18,7 @@ from torch import nn
 from flyer import kernels
 from flyer.config import ModelConfig
 from flyer.model import lowp
-from flyer.model.lowp import Linear, mm
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype GEMMs on ``x`` run in: autocast's when it is on for x's device, else x's own."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+from flyer.model.lowp import Linear, compute_dtype, mm
 
 
 _DEFER_INIT = contextvars.ContextVar("flyer_defer_init", default=False)
@@ -380,8 +374,10 @@ class Experts(nn.Module):
 
     @staticmethod
     def row_multiple(x_ND: torch.Tensor, dtype: torch.dtype) -> int:
-        """bf16/fp16 CPU GEMMs JIT a kernel per new shape: bucket the per-expert row counts."""
-        return CPU_LOWP_ROW_MULTIPLE if (x_ND.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)) else 1
+        """bf16/fp16 CPU GEMMs on oneDNN JIT a kernel per new shape: bucket the per-expert row counts
+        (not where they run through the FP32 kernel, ``lowp.emulated``: padding would only add work)."""
+        oneDNN = x_ND.device.type == "cpu" and dtype in lowp.LOWP and not lowp.emulated("cpu", dtype)
+        return CPU_LOWP_ROW_MULTIPLE if oneDNN else 1
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if self.grouped_mm(x_ND):
