@@ -30,7 +30,7 @@ from flyer.model.transformer import Transformer
 from flyer.runtime import autocast, native_gemm, resolve_precision, tune_malloc
 from flyer.train.metrics import measure_gemm_peak, model_flops_per_token
 
-GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm",
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm", "aten::baddbmm",
             "aten::_scaled_mm", "aten::_scaled_dot_product_flash_attention_for_cpu",
             "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_weight_int8pack_mm")
 GEMM_KERNELS = re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|flash|fmha|cublas", re.IGNORECASE)
