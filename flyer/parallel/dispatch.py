@@ -209,8 +209,9 @@ class Plan:
     stages: list[Stage]
     counts_local: torch.Tensor  # (n_local,) rows per local expert after dispatch
     n_tokens: int
-    pair_t: torch.Tensor | None = None  # hierarchical: token of each (token, node) row, by node
-    pair_mask_PK: torch.Tensor | None = None  # hierarchical: which of the K experts are on that node
+    # hierarchical, per once-per-destination stage: the source row of each outgoing row, and which
+    # of that row's K experts are at its destination (the gate weights travel along these)
+    routes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
@@ -289,6 +290,41 @@ def _fan_out(keys_N: torch.Tensor, n_members: int, n_local: int, group):
     return order, send, recv, perm, recv_SE.sum(0)
 
 
+def _once_per_destination(ids_RK: torch.Tensor, span: int, n_dest: int, group, kinds: list[str],
+                          counter: CommCounter) -> tuple[Stage, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One row per (row, destination) for rows whose experts ``ids_RK`` (R, K; -1: none) lie on
+    destinations of ``span`` consecutive experts each: however many of a row's experts a
+    destination holds, the row goes there once, carrying their ids relative to it (-1 for the
+    others). Returns the stage (rows ordered by destination, then row), the ids each received row
+    carries, and the route (source row, on-destination mask) of the outgoing rows."""
+    R, K = ids_RK.shape
+    valid = ids_RK >= 0
+    dest_RK = torch.where(valid, ids_RK.long() // span, -1)
+    hit_DR = torch.zeros(n_dest, R, dtype=torch.bool, device=ids_RK.device)
+    rows_RK = torch.arange(R, device=ids_RK.device).unsqueeze(1).expand(R, K)
+    hit_DR[dest_RK[valid], rows_RK[valid]] = True
+    pair_d, pair_r = hit_DR.nonzero(as_tuple=True)
+    mask_PK = dest_RK[pair_r] == pair_d.unsqueeze(1)
+    ids_PK = torch.where(mask_PK, ids_RK[pair_r].long() - pair_d.unsqueeze(1) * span, -1).to(torch.int32)
+    if group is None:
+        return Stage(pair_r, R), ids_PK, (pair_r, mask_PK)
+    counts = torch.bincount(pair_d, minlength=n_dest)
+    send = counts.tolist()
+    recv = _exchange_counts(counts, n_dest, group).flatten().tolist()
+    counter.add("dispatch_meta", send, kinds, ids_PK)
+    return Stage(pair_r, R, group, send, recv, kinds), all_to_all_rows(ids_PK, send, recv, group), (pair_r, mask_PK)
+
+
+def _fan_out_local(ids_RK: torch.Tensor, n_local: int) -> tuple[Stage, torch.Tensor]:
+    """One copy per (row, local expert) of rows carrying local expert ids (-1: none), ordered by
+    expert then row, with the flat (row * K + k) slot of each copy; and the rows per expert."""
+    K = ids_RK.shape[1]
+    flat = ids_RK.flatten().long()
+    slots = (flat >= 0).nonzero().squeeze(1)
+    slot = slots[torch.argsort(flat[slots], stable=True)]
+    return Stage(slot // K, ids_RK.shape[0], slot=slot), torch.bincount(flat[slots], minlength=n_local)
+
+
 def _kinds(mesh, members: list[int]) -> list[str]:
     return ["self" if r == mesh.rank else "intra" if mesh.node_of(r) == mesh.node else "inter" for r in members]
 
@@ -361,10 +397,12 @@ class AllToAllDispatcher(_ExchangeDispatcher):
 
 
 class HierarchicalDispatcher(_ExchangeDispatcher):
-    """Node-aware: a token crosses to each destination node once (to the rank with the same local
-    index), carrying the node-local ids of its experts there; that rank forwards one copy per
-    expert inside the node. Combine sums the weighted outputs per (token, node) on the forwarding
-    rank before the single return across nodes."""
+    """Node-aware, as DeepEP's normal kernels: a token crosses to each destination node once (to the
+    rank with the same local index), carrying the node-local ids of its experts there; that rank
+    forwards it once to each rank of the node holding any of them, carrying their rank-local ids;
+    the expert rank fans it out to its experts. Combine retraces the route: the weighted outputs
+    are summed per (token, rank) on the expert rank and per (token, node) on the forwarding rank,
+    so each return crosses NVLink and the network once."""
 
     def __init__(self, n_experts: int, mesh, layer_id: int = 0, fp8: bool = False,
                  combine_dtype: torch.dtype | None = None):
@@ -374,42 +412,22 @@ class HierarchicalDispatcher(_ExchangeDispatcher):
 
     def plan(self, topk_ids_TK: torch.Tensor) -> Plan:
         mesh = self.mesh
-        T, K = topk_ids_TK.shape
         P, L = mesh.ep_nodes, mesh.ep_ranks_per_node
-        span = L * self.n_local  # experts per node of the EP group
-        dev = topk_ids_TK.device
-        # stage 1: one row per (token, destination node), ordered by node then token
-        node_TK = topk_ids_TK // span
-        hit_PT = torch.zeros(P, T, dtype=torch.bool, device=dev)
-        hit_PT[node_TK.flatten(), torch.arange(T, device=dev).repeat_interleave(K)] = True
-        pair_q, pair_t = hit_PT.nonzero(as_tuple=True)
-        on_node_PK = node_TK[pair_t] == pair_q.unsqueeze(1)
-        node_ids_PK = torch.where(on_node_PK, topk_ids_TK[pair_t] - pair_q.unsqueeze(1) * span, -1).to(torch.int32)
-        send1_counts = torch.bincount(pair_q, minlength=P)
-        if mesh.inter_group is not None:
-            send1 = send1_counts.tolist()
-            recv1 = _exchange_counts(send1_counts, P, mesh.inter_group).flatten().tolist()
-            self.counter.add("dispatch_meta", send1, self.inter_kinds, node_ids_PK)
-            ids1_RK = all_to_all_rows(node_ids_PK, send1, recv1, mesh.inter_group)
-            s1 = Stage(pair_t, T, mesh.inter_group, send1, recv1, self.inter_kinds)
-        else:
-            ids1_RK = node_ids_PK
-            s1 = Stage(pair_t, T)
-        # stage 2: the forwarding rank sends one copy per expert inside the node
-        flat = ids1_RK.flatten().long()
-        slots = (flat >= 0).nonzero().squeeze(1)
-        order, send2, recv2, perm, counts_local = _fan_out(flat[slots], L, self.n_local, mesh.intra_group)
-        slot2 = slots[order]
-        s2 = Stage(slot2 // K, ids1_RK.shape[0], mesh.intra_group, send2, recv2, self.intra_kinds, slot=slot2)
-        return Plan([s1, s2, Stage(perm, sum(recv2))], counts_local, T, pair_t, on_node_PK)
+        s1, ids1, route1 = _once_per_destination(topk_ids_TK, L * self.n_local, P, mesh.inter_group,
+                                                 self.inter_kinds, self.counter)
+        s2, ids2, route2 = _once_per_destination(ids1, self.n_local, L, mesh.intra_group, self.intra_kinds,
+                                                 self.counter)
+        s3, counts_local = _fan_out_local(ids2, self.n_local)
+        return Plan([s1, s2, s3], counts_local, topk_ids_TK.shape[0], [route1, route2])
 
     def _level_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """Gate weights travel with stage 1 (zero for experts on other nodes), to the forwarders."""
-        w_PK = weights_TK[plan.pair_t] * plan.pair_mask_PK
-        s1 = plan.stages[0]
-        if s1.group is not None:
-            w_PK = AllToAll.apply(w_PK, s1, False, self.counter, "combine_meta")
-        return w_PK.flatten()
+        """Gate weights travel with the token (zero for experts elsewhere) to the expert rank."""
+        w = weights_TK
+        for st, (rows, on_dest_PK) in zip(plan.stages, plan.routes):
+            w = w[rows] * on_dest_PK
+            if st.group is not None:
+                w = AllToAll.apply(w, st, False, self.counter, "combine_meta")
+        return w.flatten()
 
 
 def make_dispatcher(kind: str, n_experts: int, mesh=None, layer_id: int = 0, fp8: bool = False,
