@@ -2,7 +2,8 @@
 
 Prints one JSON object: per kernel, the eager and kernel times (ms, median of interleaved rounds)
 and ``speedup`` = eager / kernel, on the small preset's shapes (2048 tokens, dim 384, 32 experts
-of width 256 with top-4 routing padded to 64 rows, a 512 x 8192 logits chunk).
+of width 256 with top-4 routing padded to 64 rows, a 512 x 8192 logits chunk, a 2048 x 1152 FP8
+activation in 1x128 tiles).
 
     python bench/cpu_kernels.py [--rounds 7] [--threads N]
 """
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from flyer import kernels
+from flyer.fp8.quant import dequantize, quantize_tiles
 from flyer.model.norm import rms_norm
 from flyer.runtime import tune_malloc
 
@@ -74,6 +76,8 @@ def cases(ops) -> dict:
         out = rms_norm(x, nw, 1e-6)
         return torch.autograd.grad(out, (x, nw), gn)
 
+    q = quantize_tiles(torch.randn(T, 1152, generator=g))  # an FP8 activation: 2048 x 1152 in 1x128 tiles
+
     return {
         "xent_chunk": (xent_eager, lambda: ops.xent_chunk(logits, tgt, True)),
         "swiglu": (lambda: F.silu(h13[:, :Fd]) * h13[:, Fd:], lambda: ops.swiglu(h13)),
@@ -83,6 +87,7 @@ def cases(ops) -> dict:
         "combine_backward": (combine_bwd_eager, lambda: ops.combine_backward(gT, y, w, src, True)),
         "segment_sum": (lambda: y.new_zeros(T + 1, D).index_add_(0, src, y), lambda: ops.segment_sum(y, offsets, rows)),
         "rms_norm_fwd_bwd": ("disabled", norm_fwd_bwd),  # the same call with the kernels off and on
+        "fp8_dequantize": ("disabled", lambda: dequantize(q.data, q.scale)),
     }
 
 

@@ -171,3 +171,64 @@ def test_rms_norm_forward_and_backward(ops, x_dtype, out_dtype, D):
     eps = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
     for got, eag, want in [(y, eager.to(out_dtype), ref.detach()), (dx, e_dx, ref_dx), (dw, e_dw, ref_dw)]:
         assert _nerr(got, want) <= max(1.05 * _nerr(eag, want), eps[got.dtype]), (_nerr(got, want), _nerr(eag, want))
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("granularity", ["tile", "block"])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 130), (257, 300)])  # partial tiles and row blocks
+def test_fp8_dequantize_equals_eager_bitwise(ops, fmt, granularity, shape):
+    """The fused FP8 dequantisation (code -> float times its tile's scale) gives the eager table
+    lookup's values bit for bit, NaN codes and saturated values included."""
+    from flyer.fp8.quant import dequantize, quantize_blocks, quantize_tiles
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g) * torch.logspace(-30, 30, shape[1])  # every scale range
+    x.view(-1)[0] = float("nan")
+    q = (quantize_tiles if granularity == "tile" else quantize_blocks)(x, fmt)
+    got = dequantize(q.data, q.scale)
+    with kernels.disabled():
+        want = dequantize(q.data, q.scale)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_fp8_dequantize_batched_and_bad_input(ops):
+    from flyer.fp8.quant import dequantize_blocks_batched, quantize_blocks_batched
+
+    data, scale = quantize_blocks_batched(torch.randn(3, 256, 200))
+    got = dequantize_blocks_batched(data, scale)
+    with kernels.disabled():
+        assert torch.equal(got, dequantize_blocks_batched(data, scale))
+    bits = data[0].view(torch.uint8)
+    with pytest.raises(RuntimeError, match="scale has the wrong shape"):
+        ops.fp8_dequantize(bits, scale[0][:1], 128, False)
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        ops.fp8_dequantize(bits[:, :100].contiguous(), scale[0], 128, False)
+    with pytest.raises(RuntimeError, match="block_rows must be 1 or 128"):
+        ops.fp8_dequantize(bits, scale[0], 64, False)
+
+
+def test_fp8_training_step_unchanged_by_the_kernel(ops, monkeypatch):
+    """Dequantisation is exact either way, so an FP8 step's loss and gradients are bitwise the same
+    with the fused dequantisation and with the eager one (the other kernels on in both)."""
+    import types
+
+    from flyer.config import preset
+    from flyer.fp8 import convert_to_fp8, quant
+    from flyer.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = convert_to_fp8(Transformer(cfg))
+    x = torch.randint(0, cfg.vocab_size, (2, 33))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model.compute_loss(x[:, :-1], x[:, 1:]).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    l1, g1 = run()
+    monkeypatch.setattr(quant, "kernels", types.SimpleNamespace(cpu_ops=lambda: None))
+    l0, g0 = run()
+    assert torch.equal(l1, l0) and all(torch.equal(a, b) for a, b in zip(g1, g0))

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from flyer import kernels
+
 TILE = 128  # N_C: tile width, block size and promotion interval along K
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -174,9 +176,16 @@ def expand_scale(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return scale.repeat_interleave(TILE, dim=0)[: data.shape[0]]
 
 
+def _dequantize_fused(ops, data: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
+    return ops.fp8_dequantize(data.contiguous().view(torch.uint8), scale.float().contiguous(), rows,
+                              data.dtype == torch.float8_e5m2)
+
+
 def dequantize(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(R, Cp) float32 from a (tensor, scales) pair of either granularity."""
     R, Cp = data.shape
+    if data.device.type == "cpu" and (ops := kernels.cpu_ops()) is not None:
+        return _dequantize_fused(ops, data, scale, block_rows(data, scale))
     s = expand_scale(data, scale)
     return (fp8_to_float(data).view(R, Cp // TILE, TILE) * s.unsqueeze(-1)).view(R, Cp)
 
@@ -184,6 +193,8 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def dequantize_blocks_batched(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(E, R, Cp) float32 from ``quantize_blocks_batched``'s (data, scale)."""
     E, R, Cp = data.shape
+    if R % TILE == 0 and data.device.type == "cpu" and (ops := kernels.cpu_ops()) is not None:
+        return _dequantize_fused(ops, data.reshape(E * R, Cp), scale.reshape(-1, scale.shape[-1]), TILE).view(E, R, Cp)
     s = scale.repeat_interleave(TILE, dim=1)[:, :R]  # (E, R, Cp/128)
     return (fp8_to_float(data).view(E, R, Cp // TILE, TILE) * s.unsqueeze(-1)).view(E, R, Cp)
 

@@ -8,7 +8,9 @@ ninja are needed; the build, ~1 minute, is cached under ``TORCH_EXTENSIONS_DIR``
 - ``swiglu`` / ``swiglu_backward``: the routed experts' activation and its gradient;
 - ``combine`` / ``combine_backward`` / ``segment_sum``: the MoE's weighted FP32 sum of each
   token's expert outputs, and its gradients.
-- ``rms_norm`` / ``rms_norm_backward``: RMSNorm of each row and its gradients.
+- ``rms_norm`` / ``rms_norm_backward``: RMSNorm of each row and its gradients;
+- ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
+  operands of the CPU FP8 GEMM emulation), bit for bit the eager table lookup and multiply.
 
 The eager code stays as the fallback and the oracle: the callers use a kernel only where
 ``usable(...)`` says so (CPU tensors of float32/bfloat16/float16, the extension built), and tests

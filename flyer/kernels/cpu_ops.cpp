@@ -438,6 +438,48 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor&
   return {dx, need_dw ? dw_parts.sum(0) : at::Tensor()};
 }
 
+
+// ---- FP8 dequantisation: 1x128 tiles (block_rows 1) and 128x128 blocks (block_rows 128) ---------
+// (Quantisation stays eager: ATen's amax/amin, division and FP8 conversion are already single
+// vectorised passes, and a fused kernel built on the scalar FP8 conversion measured slower.)
+constexpr int64_t kTile = 128;
+
+void check_fp8_layout(const at::Tensor& x, int64_t block_rows, const char* name) {
+  check_cpu(x, name);
+  TORCH_CHECK(x.dim() == 2, name, ": a 2-D tensor expected");
+  TORCH_CHECK(block_rows == 1 || block_rows == kTile, name, ": block_rows must be 1 or 128");
+}
+
+// out (R, Cp) FP32: each FP8 code (uint8 bits, E4M3 or E5M2) as a float times its tile's scale
+at::Tensor fp8_dequantize(const at::Tensor& data, const at::Tensor& scale, int64_t block_rows, bool e5m2) {
+  check_fp8_layout(data, block_rows, "fp8_dequantize data");
+  check_dtype(data, at::kByte, "fp8_dequantize data");
+  check_cpu(scale, "fp8_dequantize scale");
+  check_dtype(scale, at::kFloat, "fp8_dequantize scale");
+  const int64_t R = data.size(0), Cp = data.size(1), Cb = Cp / kTile;
+  TORCH_CHECK(Cp % kTile == 0, "fp8_dequantize: columns must be a multiple of 128");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == (R + block_rows - 1) / block_rows && scale.size(1) == Cb,
+              "fp8_dequantize: scale has the wrong shape");
+  float lut[256];
+  for (int i = 0; i < 256; ++i) {
+    lut[i] = e5m2 ? static_cast<float>(c10::Float8_e5m2(static_cast<uint8_t>(i), c10::Float8_e5m2::from_bits()))
+                  : static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
+  }
+  auto out = at::empty({R, Cp}, data.options().dtype(at::kFloat));
+  const uint8_t* dp = data.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, R, grain(Cp), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* s = sp + (r / block_rows) * Cb;
+      const uint8_t* d = dp + r * Cp;
+      float* o = op + r * Cp;
+      for (int64_t c = 0; c < Cp; ++c) o[c] = lut[d[c]] * s[c / kTile];
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -449,4 +491,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_sum", &segment_sum, "sum of each token's rows, rounded as index_add_");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row times weight, and the rows' 1/rms");
   m.def("rms_norm_backward", &rms_norm_backward, "gradients of rms_norm: input and weight");
+  m.def("fp8_dequantize", &fp8_dequantize, "FP8 codes times their tile scales, as FP32");
 }
