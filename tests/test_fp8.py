@@ -18,7 +18,7 @@ from flyer.fp8 import (FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8, emulate
                        fp8_grouped_linear, fp8_linear, fp8_modules, quantize_blocks, quantize_tiles)
 from flyer.fp8.gemm import accumulation_experiment, cuda_fp8_supported, cuda_gemm_path, round_mantissa
 from flyer.fp8.logfmt import logfmt_decode, logfmt_encode, logfmt_roundtrip
-from flyer.fp8.quant import FP8_MAX, TILE, dequantize, fp8_to_float, quantize_blocks_batched
+from flyer.fp8.quant import FP8_MAX, TILE, dequantize, fp8_to_float, quantize_blocks_batched, quantize_tiles_t
 from flyer.model.lowp import Linear
 from flyer.model.moe import Experts, Gate
 from flyer.model.transformer import Transformer
@@ -64,6 +64,22 @@ def test_tile_roundtrip_error_bound(shape, fmt, pow2):
     else:
         torch.testing.assert_close(amax / q.scale, torch.full_like(amax, FP8_MAX[fmt]))
     assert torch.all(q.data[:, shape[1]:].float() == 0)  # padding is zeros
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("shape", [(0, 7), (1, 1), (200, 96), (257, 300)])
+def test_transposed_tiles_equal_tiles_of_the_transpose(fmt, shape):
+    """quantize_tiles_t(x) (the wgrad operands, tiled without an FP32 transpose) is
+    quantize_tiles(x.t()) bit for bit, NaN and Inf included, for both scale kinds."""
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(*shape, generator=g) * torch.logspace(-20, 20, shape[1])).to(dtype)
+        if x.numel() > 2:
+            x.view(-1)[:2] = torch.tensor([float("inf"), float("nan")])
+        for pow2 in (False, True):
+            a, b = quantize_tiles_t(x, fmt, pow2), quantize_tiles(x.t(), fmt, pow2)
+            assert a.cols == b.cols and torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+            assert torch.equal(a.scale.isnan(), b.scale.isnan()) and torch.equal(a.scale.nan_to_num(), b.scale.nan_to_num())
 
 
 def test_block_quantisation_shapes_and_bound():

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flyer.fp8.gemm import BACKENDS, EMULATIONS, cuda_fp8_supported, fp8_gemm_nt
-from flyer.fp8.quant import (FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched, quantize_blocks, quantize_blocks_batched, quantize_tiles)
+from flyer.fp8.quant import (FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched, quantize_blocks,
+                             quantize_blocks_batched, quantize_tiles, quantize_tiles_t)
 from flyer.model.lowp import compute_dtype
 from flyer.model.moe import Experts
 
@@ -80,8 +81,8 @@ def _transpose_blocks(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Te
 
 def _wgrad(dy_MN: torch.Tensor, x_MK: torch.Tensor, r: FP8Recipe) -> torch.Tensor:
     """dW (N, K) float32 = dy^T . x with both operands in 128x1 tiles (1x128 along tokens)."""
-    qdy_t = quantize_tiles(dy_MN.t(), r.grad_fmt, r.pow2_scales)  # (N, Mp)
-    qx_t = quantize_tiles(x_MK.t(), r.fmt, r.pow2_scales)  # (K, Mp)
+    qdy_t = quantize_tiles_t(dy_MN, r.grad_fmt, r.pow2_scales)  # (N, Mp)
+    qx_t = quantize_tiles_t(x_MK, r.fmt, r.pow2_scales)  # (K, Mp)
     return r.gemm(qdy_t.data, qdy_t.scale, qx_t.data, qx_t.scale, torch.float32)
 
 
@@ -170,7 +171,7 @@ def _retile_segments(t_NC: torch.Tensor, dest: torch.Tensor, n_rows: int, fmt: s
     """``t`` re-tiled 128x1 inside each expert segment: the transpose (C, n_rows) of the
     segment-aligned layout in 1x128 tiles, so that no tile mixes two experts' tokens."""
     aligned = t_NC.new_zeros(n_rows, t_NC.shape[1]).index_copy_(0, dest, t_NC)
-    return quantize_tiles(aligned.t(), fmt, pow2)
+    return quantize_tiles_t(aligned, fmt, pow2)
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):

@@ -117,6 +117,21 @@ def quantize_tiles(x: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8_
     return Quantized(data, scale, C)
 
 
+def quantize_tiles_t(x: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8_e4m3fn,
+                     pow2_scales: bool = False) -> Quantized:
+    """``quantize_tiles(x.t())`` bit for bit (1x128 tiles of x's transpose: 128x1 tiles of x, the
+    wgrad operands), without transposing x in FP32: each column's 128-row blocks are reduced and
+    cast in place and only the one-byte codes are transposed, a quarter of the traffic."""
+    fp8_dtype = resolve_fp8_dtype(fp8_dtype)
+    R, C = x.shape
+    xf = x.float()
+    rpad = -R % TILE
+    blocks = (F.pad(xf, (0, 0, 0, rpad)) if rpad else xf).view(-1, TILE, C)  # (Rb, 128, C)
+    scale = amax_to_scale(_absmax(blocks, (1,)), fp8_dtype, pow2_scales)  # (Rb, C)
+    data = _cast(blocks / scale.unsqueeze(1), fp8_dtype).view(-1, C)  # (Rp, C)
+    return Quantized(data.view(torch.uint8).t().contiguous().view(fp8_dtype), scale.t().contiguous(), R)
+
+
 def quantize_blocks(w: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8_e4m3fn,
                     pow2_scales: bool = False) -> Quantized:
     """128x128 blocks of a 2-D tensor ``w (R, C)``; a partial last block of rows is allowed."""
@@ -208,6 +223,6 @@ def fake_quantize(x: torch.Tensor, granularity: str = "tile", fp8_dtype: torch.d
     return q.dequantize()
 
 
-__all__ = ["TILE", "FP8_DTYPES", "FP8_MAX", "Quantized", "resolve_fp8_dtype", "pad_cols", "ceil_pow2",
+__all__ = ["TILE", "FP8_DTYPES", "FP8_MAX", "Quantized", "quantize_tiles_t", "resolve_fp8_dtype", "pad_cols", "ceil_pow2",
            "amax_to_scale", "quantize_tiles", "quantize_blocks", "quantize_blocks_batched", "block_rows",
            "expand_scale", "fp8_to_float", "dequantize", "dequantize_blocks_batched", "fake_quantize"]
