@@ -106,6 +106,25 @@ def test_eos_stops_a_row_and_is_kept():
     assert all(len(t) <= 10 for t in res.tokens)
 
 
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_finished_rows_leave_the_batch(monkeypatch, speculative):
+    """A row that reaches EOS stops being computed (the decode batch shrinks, its caches with it),
+    and every row's tokens stay those it gets on its own."""
+    model = _model()
+    prompts = [[5, 6, 7], [9], [40, 41, 42, 43]]
+    gen = dict(max_new_tokens=10, cache_dtype=torch.float32, speculative=speculative)
+    eos = generate(model, prompts[:1], GenerationConfig(**gen)).tokens[0][2]  # row 0 stops at its 3rd token
+    sizes = []
+    forward = Decoder.forward
+    monkeypatch.setattr(Decoder, "forward", lambda self, t, s: sizes.append(t.shape[0]) or forward(self, t, s))
+    res = generate(model, prompts, GenerationConfig(**gen, eos_id=eos))
+    monkeypatch.undo()
+    assert sizes[0] == 3 and sizes[-1] < 3 and sizes == sorted(sizes, reverse=True), sizes
+    for p, toks in zip(prompts, res.tokens):
+        assert toks == generate(model, [p], GenerationConfig(**gen, eos_id=eos)).tokens[0]
+    assert res.tokens[0][-1] == eos and res.cache_bytes_per_token > 0
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     p = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.8))

@@ -36,7 +36,17 @@ class _SlotCache:
 
     def bytes_per_token(self) -> int:
         """Bytes one token occupies over all layers, from the allocated tensors themselves."""
-        return sum(t[:, 0, 0].numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.shape[0] * t.shape[3:].numel() * t.element_size() for t in self.tensors.values())  # (L, B, S, ...)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (int64, in that order) and drop the rest: finished rows leave
+        the decode batch instead of being computed until the last row is done."""
+        self.tensors = self._kept(rows)
+        self.batch = int(rows.numel())
+        self.lengths = self.lengths.index_select(0, rows)
+
+    def _kept(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: t.index_select(1, rows) for k, t in self.tensors.items()}
 
     def write(self, layer: int, pos_BT: torch.Tensor, **values: torch.Tensor) -> None:
         """Store ``values[name]`` (B, T, ...) of layer ``layer`` at slots ``pos_BT`` (B, T)."""
@@ -73,6 +83,11 @@ class LatentCache(_SlotCache):
                  dtype: torch.dtype = torch.bfloat16, device=None):
         self.packed = torch.zeros(n_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
         super().__init__({"latent": self.packed[..., :kv_lora_rank], "rope_key": self.packed[..., kv_lora_rank:]})
+
+    def _kept(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        C = self.tensors["latent"].shape[-1]
+        self.packed = self.packed.index_select(1, rows)  # the two stay views of one packed tensor
+        return {"latent": self.packed[..., :C], "rope_key": self.packed[..., C:]}
 
     def read_packed(self, layer: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
         """(B, n_slots, kv_lora_rank + rope): [latent | rope key] of slots [0, n_slots)."""

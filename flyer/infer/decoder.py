@@ -40,6 +40,12 @@ class Decoder:
         self.cos, self.sin = model.rope_tables(max_len, device)  # (max_len, rope/2)
         self.max_len = max_len
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` of every cache (finished rows leave the batch)."""
+        self.cache.keep_rows(rows)
+        if self.mtp_cache is not None:
+            self.mtp_cache.keep_rows(rows)
+
     def bytes_per_token(self) -> int:
         """Main-model cache bytes per token (what ``flyer info`` reports for a BF16 cache)."""
         return self.cache.bytes_per_token()

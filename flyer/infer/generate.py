@@ -238,18 +238,32 @@ def finished(tokens: list[int], max_new: int, eos_id: int | None) -> tuple[list[
 
 def _plain_decode(dec: Decoder, prompts, first: torch.Tensor, params: SamplingParams, max_new: int,
                   eos_id: int | None, generator) -> list[list[int]]:
-    B = len(prompts)
+    """One token per live row per step; a row that finishes leaves the batch (``keep_rows``)."""
     out = [[int(t)] for t in first]
-    done = [finished(o, max_new, eos_id)[1] for o in out]
+    live = [b for b, o in enumerate(out) if not finished(o, max_new, eos_id)[1]]  # batch rows still decoding
     n = dec.cache.lengths.clone()  # valid cache length = position of the pending token
     cur = first.clone()
-    while not all(done):
-        nxt = sample(dec.logits(dec.forward(cur.view(B, 1), n))[:, 0], params, generator)
-        for b in range(B):
-            if done[b]:
-                continue
-            n[b] += 1
-            out[b], done[b] = finished(out[b] + [int(nxt[b])], max_new, eos_id)
-        cur = nxt
-    dec.cache.lengths.copy_(n)
+    n, cur = shrink_batch(dec, live, range(len(out)), n, cur)
+    while live:
+        nxt = sample(dec.logits(dec.forward(cur.view(-1, 1), n))[:, 0], params, generator)
+        n += 1
+        still = []
+        for b, t in zip(live, nxt.tolist()):
+            out[b], done = finished(out[b] + [t], max_new, eos_id)
+            if not done:
+                still.append(b)
+        n, cur = shrink_batch(dec, still, live, n, nxt)
+        live = still
     return out
+
+
+def shrink_batch(dec: Decoder, keep: list[int], live, *per_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the rows of ``live`` (the batch's rows, by original index) not in ``keep`` from the
+    decoder's caches and from each (B, ...) tensor of ``per_row``; unchanged when all stay."""
+    live = list(live)
+    if len(keep) == len(live):
+        return per_row
+    pos = {b: i for i, b in enumerate(live)}
+    rows = torch.tensor([pos[b] for b in keep], dtype=torch.long, device=per_row[0].device)
+    dec.keep_rows(rows)
+    return tuple(t.index_select(0, rows) for t in per_row)

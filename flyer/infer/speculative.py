@@ -60,34 +60,36 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
                generator: torch.Generator | None = None) -> tuple[list[list[int]], int, int]:
     """Decode after ``prefill`` (which filled the MTP cache up to len - 1). ``first``: (B,) the
     token chosen from the prefill logits; ``state``: the prefill's hidden states. Rows advance
-    independently (per-row positions). Returns (new tokens per row, drafts proposed, accepted).
+    independently (per-row positions); a finished row leaves the batch. Returns (new tokens per
+    row, drafts proposed, accepted).
 
     Invariant at the top of each step, per row: the main cache holds [0, n), the MTP cache
     [0, mtp_len) with mtp_len < n, and ``h_prev`` holds the main hidden states of [mtp_len, n).
     """
-    from flyer.infer.generate import finished
+    from flyer.infer.generate import finished, shrink_batch
 
     device = first.device
-    B, K = len(prompts), n_draft
+    K = n_draft
     seq = [list(p) + [int(t)] for p, t in zip(prompts, first)]  # seq[b][j] = t_j; last = pending
     out = [[int(t)] for t in first]
-    done = [finished(o, max_new, eos_id)[1] for o in out]
+    live = [b for b, o in enumerate(out) if not finished(o, max_new, eos_id)[1]]  # batch rows still decoding
     n = dec.cache.lengths.clone()  # main cache valid length (position of the pending token)
     mtp_len = dec.mtp_cache.lengths.clone()  # MTP cache valid length
     h_prev, h_start = state.hidden, state.start.clone()  # main hidden states at h_start + t
+    n, mtp_len, h_prev, h_start = shrink_batch(dec, live, range(len(out)), n, mtp_len, h_prev, h_start)
     drafted = accepted = 0
     arangeK = torch.arange(K + 1, device=device)
-    while not all(done):
+    while live:
+        B = len(live)
         # 1. MTP catch-up over positions [mtp_len, n): inputs h_j and t_{j+1}
         c = (n - mtp_len).clamp_min(1)
         C = int(c.max())
         idx = (mtp_len.view(-1, 1) + arangeK[:C] - h_start.view(-1, 1)).clamp(0, h_prev.shape[1] - 1)
         h_in = h_prev.gather(1, idx.unsqueeze(-1).expand(-1, -1, h_prev.shape[-1]))
         nxt = torch.zeros(B, C, dtype=torch.long, device=device)
-        for b in range(B):
-            if not done[b]:
-                m = int(mtp_len[b])
-                nxt[b, :int(c[b])] = torch.tensor(seq[b][m + 1:m + 1 + int(c[b])], device=device)
+        for i, b in enumerate(live):
+            m, ci = int(mtp_len[i]), int(c[i])
+            nxt[i, :ci] = torch.tensor(seq[b][m + 1:m + 1 + ci], device=device)
         h1 = gather_rows(dec.mtp_forward(h_in, nxt, mtp_len), c - 1)  # (B, D) at position n-1
         drafts, q = [], []
         for k in range(K):
@@ -101,7 +103,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
             if k + 1 < K:  # reapply the module on its own output and the drafted token
                 h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + k)[:, 0]
         # 2. verify every draft in one main-model pass
-        pending = torch.tensor([s[-1] for s in seq], device=device)
+        pending = torch.tensor([seq[b][-1] for b in live], device=device)
         tokens = torch.cat([pending.view(B, 1), torch.stack(drafts, 1)], 1)  # (B, K+1)
         hv = dec.forward(tokens, n)
         logits = dec.logits(hv)  # (B, K+1, V)
@@ -110,19 +112,19 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         else:
             p, q_BKV = probabilities(logits.flatten(0, 1), params).view(B, K + 1, -1), torch.stack(q, 1)
         drafts_BK = tokens[:, 1:].tolist()
-        # 3. accept
+        # 3. accept; a row that finishes leaves the batch
         n_old = n.clone()
-        for b in range(B):
-            if done[b]:
-                continue
-            new = _accept(p[b], q_BKV[b], drafts_BK[b], params, generator)
+        still = []
+        for i, b in enumerate(live):
+            new = _accept(p[i], q_BKV[i], drafts_BK[i], params, generator)
             drafted += K
             accepted += len(new) - 1
-            n[b] += len(new)
-            mtp_len[b] = n_old[b]
+            n[i] += len(new)
+            mtp_len[i] = n_old[i]
             seq[b] += new
-            out[b], done[b] = finished(out[b] + new, max_new, eos_id)
-        h_prev, h_start = hv, n_old
-    dec.cache.lengths.copy_(n)
-    dec.mtp_cache.lengths.copy_(mtp_len)
+            out[b], done = finished(out[b] + new, max_new, eos_id)
+            if not done:
+                still.append(b)
+        n, mtp_len, h_prev, h_start = shrink_batch(dec, still, live, n, mtp_len, hv, n_old)
+        live = still
     return out, drafted, accepted
