@@ -87,13 +87,20 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 
 
 def precision_note(precision: str, device: str | torch.device) -> str | None:
-    """A one-line warning when ``precision`` makes ``device`` run BF16 GEMMs without native kernels."""
+    """A one-line note when ``precision`` asks ``device`` for BF16 GEMMs it has no native kernels for."""
     device = torch.device(device)
-    if precision in ("bf16", "fp8") and not native_gemm(device, torch.bfloat16):
-        return (f"warning: {device.type} has no native BF16 GEMMs here (oneDNN needs AVX-512, AMX or Arm BF16): "
-                f"{precision} runs them on ATen's reference kernels, tens of times slower than FP32; "
-                f"--precision auto picks fp32 on this machine")
-    return None
+    if precision not in ("bf16", "fp8") or native_gemm(device, torch.bfloat16):
+        return None
+    from flyer.model.lowp import emulated
+
+    if device.type != "cpu":
+        how = "are emulated"
+    elif emulated("cpu", torch.bfloat16):
+        how = "run through the FP32 kernel on BF16-rounded operands (flyer.model.lowp), slower than fp32"
+    else:
+        how = "run on ATen's scalar reference kernel (FLYER_LOWP_EMULATION=0), tens of times slower than fp32"
+    return (f"note: {device.type} has no native BF16 GEMMs here (on a CPU oneDNN needs AVX-512, AMX or Arm BF16): "
+            f"{precision}'s BF16 GEMMs {how}; --precision auto picks fp32 here")
 
 
 def autocast(precision: str, device: str | torch.device):
