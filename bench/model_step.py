@@ -8,7 +8,7 @@ spent in GEMM kernels (torch.profiler).
                                [--precision bf16|fp32|auto]
 
 ``--precision`` (default bf16) is the step's compute precision; ``auto`` takes bf16 where the device
-has native BF16 GEMMs and fp32 elsewhere, as ``flyer train`` does. ``bf16_gemm_native`` says which
+multiplies BF16 in hardware and fp32 elsewhere, as ``flyer train`` does. ``bf16_gemm_native`` says which
 case this machine is: without native kernels (an AVX2-only x86 CPU) flyer runs its BF16 GEMMs
 through the FP32 kernel (``flyer.model.lowp``), and so does the peer GEMM here. The peer runs in the
 step's precision (``mfu_vs_peer_gemm``); ``mfu_vs_bf16_gemm`` is always against the BF16 one.

@@ -7,8 +7,8 @@ measured and the fastest is the peer. Steps of the two are interleaved so that l
 machine affects both alike. The GEMM rate of this machine in the step's precision, measured in the
 same run, is the MFU denominator. Prints one JSON object.
 
-``--precision auto`` (the default) is ``flyer train``'s: bf16 where the device has native BF16
-GEMMs, else fp32. Both sides always run the same precision: on a CPU without native BF16 GEMMs a
+``--precision auto`` (the default) is ``flyer train``'s: bf16 where the device multiplies BF16 in
+hardware, else fp32. Both sides always run the same precision: on a CPU without native BF16 GEMMs a
 bf16 comparison would pit flyer's FP32-kernel BF16 GEMMs (``flyer.model.lowp``) against ATen's
 reference kernel, which is not what this bench is for.
 

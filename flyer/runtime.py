@@ -77,13 +77,27 @@ def native_gemm(device: str | torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def bf16_hardware(device: str | torch.device) -> bool:
+    """Whether ``device`` multiplies BF16 in hardware, so BF16 GEMMs beat FP32 ones: a CUDA GPU
+    with BF16, an x86 CPU with AVX512-BF16 or AMX, an Arm CPU whose BF16 instructions oneDNN uses.
+    An AVX-512 CPU without them has oneDNN BF16 GEMMs (``native_gemm``), but they widen to FP32
+    inside and run slower than FP32 ones (oneDNN's and OpenVINO's notes on BF16 "simulation")."""
+    device = torch.device(device)
+    if not native_gemm(device, torch.bfloat16):
+        return False
+    if device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return True
+
+
 def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """``auto``: BF16 where the device has native BF16 GEMMs, else FP32; any other choice as given."""
+    """``auto``: BF16 where the device multiplies BF16 in hardware (``bf16_hardware``), else FP32;
+    any other choice as given."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     if precision != "auto":
         return precision
-    return "bf16" if native_gemm(device, torch.bfloat16) else "fp32"
+    return "bf16" if bf16_hardware(device) else "fp32"
 
 
 def precision_note(precision: str, device: str | torch.device) -> str | None:

@@ -160,6 +160,20 @@ def test_emulated_step_runs_no_bf16_gemm(fp8):
 
 
 def test_auto_precision(monkeypatch):
+    assert runtime.resolve_precision("auto", "cpu") == ("bf16" if runtime.bf16_hardware("cpu") else "fp32")
+    if runtime.bf16_hardware("cpu"):  # BF16 in hardware implies native BF16 GEMMs
+        assert runtime.native_gemm("cpu", torch.bfloat16)
+    # an AVX-512 CPU without BF16 instructions: oneDNN BF16 GEMMs, but auto keeps fp32
+    monkeypatch.setattr(runtime, "native_gemm", lambda device, dtype: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    assert runtime.resolve_precision("auto", "cpu") == "fp32" and runtime.precision_note("bf16", "cpu") is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert runtime.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")  # Arm: oneDNN's check decides
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert runtime.resolve_precision("auto", "cpu") == "bf16"
     monkeypatch.setattr(runtime, "native_gemm", lambda device, dtype: False)
     assert runtime.resolve_precision("auto", "cpu") == "fp32"
     assert runtime.resolve_precision("bf16", "cpu") == "bf16"

@@ -20,7 +20,7 @@ _FLAGS = [  # (flag, field, type, help)
     ("--lr", "lr", float, "peak learning rate"),
     ("--warmup", "warmup", int, "linear warmup steps"),
     ("--schedule", "schedule", str, "cosine or constant after warmup"),
-    ("--precision", "precision", str, "auto (bf16 where BF16 GEMMs are native, else fp32), fp32, bf16 or fp8"),
+    ("--precision", "precision", str, "auto (bf16 where the device multiplies BF16 in hardware, else fp32), fp32, bf16 or fp8"),
     ("--out", "out", str, "run directory (metrics, plots, checkpoints)"),
     ("--seed", "seed", int, "random seed (model init and data order)"),
     ("--eval-every", "eval_every", int, "validate every N steps"),

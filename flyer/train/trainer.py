@@ -49,7 +49,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     clip: float = 1.0
-    precision: str = "auto"  # auto: bf16 where the device has native BF16 GEMMs, else fp32
+    precision: str = "auto"  # auto: bf16 where the device multiplies BF16 in hardware, else fp32
     out: str = "runs/flyer"
     resume: bool = False
     seed: int = 0
@@ -287,7 +287,7 @@ class Trainer:
     def _precision_label(self) -> str:
         if self.tc.precision != "auto":
             return self.precision
-        why = "native BF16 GEMMs" if self.precision == "bf16" else "no native BF16 GEMMs on this device"
+        why = "BF16 in hardware" if self.precision == "bf16" else "no BF16 matrix hardware on this device"
         return f"{self.precision} (auto: {why})"
 
     def _clip_grad_norm(self) -> torch.Tensor:
