@@ -105,7 +105,8 @@ def main() -> None:
     top = sorted(cost, key=lambda k: -cost[k])[:6]
     print(json.dumps({
         "preset": args.preset, "device": str(device), "precision": precision,
-        "bf16_gemm_native": native_gemm(device, torch.bfloat16), "batch_size": B, "seq_len": T, "threads": torch.get_num_threads(),
+        "bf16_gemm_native": native_gemm(device, torch.bfloat16), "batch_size": B, "seq_len": T,
+        "threads": torch.get_num_threads(),
         "step_time_s": dt, "tokens_per_s": tokens_per_s,
         "model_flops_per_token": model_flops_per_token(cfg, T), "achieved_flops_per_s": flops,
         "peer_gemm_flops_per_s": peer, "mfu_vs_peer_gemm": flops / peer,

@@ -2,9 +2,9 @@
 
 Both run the same architecture (the `small` preset by default, MTP off for the comparison since
 transformers does not train MTP) with the same batch and the same step: autocast in the chosen
-precision, forward, backward, clip, fused AdamW (CPU by default; ``--device cuda``). transformers' expert implementations (eager, batched_mm, grouped_mm) are each
-measured and the fastest is the peer. Steps of the two are interleaved so that load on the
-machine affects both alike. The GEMM rate of this machine in the step's precision, measured in the
+precision, forward, backward, clip, fused AdamW (CPU by default; ``--device cuda``). transformers'
+expert implementations (eager, batched_mm, grouped_mm) are each measured and the fastest is the
+peer. Steps of the two are interleaved so that load on the machine affects both alike. The GEMM rate of this machine in the step's precision, measured in the
 same run, is the MFU denominator. Prints one JSON object.
 
 ``--precision auto`` (the default) is ``flyer train``'s: bf16 where the device multiplies BF16 in
@@ -122,7 +122,8 @@ def main() -> None:
     peak = measure_gemm_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device)
     tokens_per_s = tok / med["flyer"]
     print(json.dumps({
-        "preset": args.preset, "device": str(device), "precision": precision, "batch_size": B, "seq_len": T, "threads": torch.get_num_threads(),
+        "preset": args.preset, "device": str(device), "precision": precision, "batch_size": B, "seq_len": T,
+        "threads": torch.get_num_threads(),
         "tokens_per_s": tokens_per_s,
         "mfu": model_flops_per_token(cfg, T) * tokens_per_s / peak,
         "tokens_per_s_with_mtp": tok / med["flyer_mtp"],

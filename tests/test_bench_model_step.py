@@ -20,7 +20,8 @@ def test_model_step_bench_json():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     r = json.loads(out)
     assert r["precision"] == "bf16"
-    for key in ("tokens_per_s", "mfu_vs_bf16_gemm", "mfu_vs_peer_gemm", "bf16_gemm_flops_per_s", "peer_gemm_flops_per_s"):
+    for key in ("tokens_per_s", "mfu_vs_bf16_gemm", "mfu_vs_peer_gemm", "bf16_gemm_flops_per_s",
+                "peer_gemm_flops_per_s"):
         assert r[key] > 0, key
     assert 0 < r["gemm_time_fraction"] <= 1 and isinstance(r["bf16_gemm_native"], bool)
     assert r["mfu_vs_peer_gemm"] == r["mfu_vs_bf16_gemm"]

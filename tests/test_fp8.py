@@ -79,7 +79,8 @@ def test_transposed_tiles_equal_tiles_of_the_transpose(fmt, shape):
         for pow2 in (False, True):
             a, b = quantize_tiles_t(x, fmt, pow2), quantize_tiles(x.t(), fmt, pow2)
             assert a.cols == b.cols and torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
-            assert torch.equal(a.scale.isnan(), b.scale.isnan()) and torch.equal(a.scale.nan_to_num(), b.scale.nan_to_num())
+            assert torch.equal(a.scale.isnan(), b.scale.isnan())
+            assert torch.equal(a.scale.nan_to_num(), b.scale.nan_to_num())
 
 
 def test_block_quantisation_shapes_and_bound():

@@ -209,7 +209,8 @@ def dequantize_blocks_batched(data: torch.Tensor, scale: torch.Tensor) -> torch.
     """(E, R, Cp) float32 from ``quantize_blocks_batched``'s (data, scale)."""
     E, R, Cp = data.shape
     if R % TILE == 0 and data.device.type == "cpu" and (ops := kernels.cpu_ops()) is not None:
-        return _dequantize_fused(ops, data.reshape(E * R, Cp), scale.reshape(-1, scale.shape[-1]), TILE).view(E, R, Cp)
+        flat = _dequantize_fused(ops, data.reshape(E * R, Cp), scale.reshape(-1, scale.shape[-1]), TILE)
+        return flat.view(E, R, Cp)
     s = scale.repeat_interleave(TILE, dim=1)[:, :R]  # (E, R, Cp/128)
     return (fp8_to_float(data).view(E, R, Cp // TILE, TILE) * s.unsqueeze(-1)).view(E, R, Cp)
 
@@ -223,6 +224,6 @@ def fake_quantize(x: torch.Tensor, granularity: str = "tile", fp8_dtype: torch.d
     return q.dequantize()
 
 
-__all__ = ["TILE", "FP8_DTYPES", "FP8_MAX", "Quantized", "quantize_tiles_t", "resolve_fp8_dtype", "pad_cols", "ceil_pow2",
-           "amax_to_scale", "quantize_tiles", "quantize_blocks", "quantize_blocks_batched", "block_rows",
+__all__ = ["TILE", "FP8_DTYPES", "FP8_MAX", "Quantized", "resolve_fp8_dtype", "pad_cols", "ceil_pow2",
+           "amax_to_scale", "quantize_tiles", "quantize_tiles_t", "quantize_blocks", "quantize_blocks_batched", "block_rows",
            "expand_scale", "fp8_to_float", "dequantize", "dequantize_blocks_batched", "fake_quantize"]

@@ -217,8 +217,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
         out, drafted, accepted = mtp_decode(dec, prompts, first, state, params, gen.max_new_tokens, gen.eos_id,
                                             K, generator)
     else:
-        out, drafted, accepted = _plain_decode(dec, prompts, first, params, gen.max_new_tokens, gen.eos_id,
-                                               generator), 0, 0
+        out, drafted, accepted = _plain_decode(dec, first, params, gen.max_new_tokens, gen.eos_id, generator), 0, 0
     t2 = time.perf_counter()
     prefix = None
     if gen.prefix_cache is not None:
@@ -236,8 +235,8 @@ def finished(tokens: list[int], max_new: int, eos_id: int | None) -> tuple[list[
     return tokens[:max_new], len(tokens) >= max_new
 
 
-def _plain_decode(dec: Decoder, prompts, first: torch.Tensor, params: SamplingParams, max_new: int,
-                  eos_id: int | None, generator) -> list[list[int]]:
+def _plain_decode(dec: Decoder, first: torch.Tensor, params: SamplingParams, max_new: int, eos_id: int | None,
+                  generator) -> list[list[int]]:
     """One token per live row per step; a row that finishes leaves the batch (``keep_rows``)."""
     out = [[int(t)] for t in first]
     live = [b for b, o in enumerate(out) if not finished(o, max_new, eos_id)[1]]  # batch rows still decoding
