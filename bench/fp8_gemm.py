@@ -15,33 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
 from flyer.fp8 import FP8Recipe, fp8_gemm_nt, fp8_linear, quantize_blocks, quantize_tiles
 from flyer.fp8.gemm import cuda_fp8_supported, cuda_gemm_path
+from flyer.model.lowp import linear, mm
+from flyer.train.metrics import median_seconds
 
 # (M, K, N): V3's attention output projection, a dense FFN up-projection, a routed expert's
 # down-projection (K = moe_inter_dim) and the MLA query up-projection
 V3_SHAPES = ((4096, 16384, 7168), (4096, 7168, 18432), (4096, 2048, 7168), (4096, 1536, 24576))
-
-
-def timer(fn, device: torch.device, seconds: float) -> float:
-    """Median seconds per call of ``fn`` over about ``seconds`` of calls (after two warm-ups)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    fn()
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 3:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -56,19 +41,21 @@ def measure(M: int, K: int, N: int, device: torch.device, seconds: float) -> dic
     xb, wb = x.bfloat16(), w.bfloat16()
     qx, qw = quantize_tiles(x), quantize_blocks(w)
     flops = 2.0 * M * K * N
-    t_bf16 = timer(lambda: xb @ wb.t(), device, seconds)
-    t_fp8 = timer(lambda: fp8_gemm_nt(qx.data, qx.scale, qw.data, qw.scale, torch.bfloat16), device, seconds)
+    # the bf16 peer as flyer's model runs it (lowp: through the FP32 kernel on a CPU without native
+    # BF16 GEMMs, where ATen's own BF16 GEMM is a scalar reference kernel)
+    t_bf16 = median_seconds(lambda: mm(xb, wb.t()), device, seconds)
+    t_fp8 = median_seconds(lambda: fp8_gemm_nt(qx.data, qx.scale, qw.data, qw.scale, torch.bfloat16), device, seconds)
 
     def quantised_gemm():
         a, b = quantize_tiles(xb), quantize_blocks(wb)
         return fp8_gemm_nt(a.data, a.scale, b.data, b.scale, torch.bfloat16)
 
-    t_fp8_q = timer(quantised_gemm, device, seconds)
+    t_fp8_q = median_seconds(quantised_gemm, device, seconds)
     out_fp8 = fp8_gemm_nt(qx.data, qx.scale, qw.data, qw.scale, torch.bfloat16)
     row = {"M": M, "K": K, "N": N,
            "bf16_tflops": flops / t_bf16 / 1e12, "fp8_tflops": flops / t_fp8 / 1e12,
            "fp8_speedup": t_bf16 / t_fp8, "fp8_with_quant_speedup": t_bf16 / t_fp8_q,
-           "bf16_rel_err": rel_err(xb @ wb.t(), ref), "fp8_rel_err": rel_err(out_fp8, ref)}
+           "bf16_rel_err": rel_err(mm(xb, wb.t()), ref), "fp8_rel_err": rel_err(out_fp8, ref)}
     if device.type == "cuda":
         row["fp8_path"] = cuda_gemm_path(device)
 
@@ -84,8 +71,8 @@ def measure(M: int, K: int, N: int, device: torch.device, seconds: float) -> dic
             fn(xr, wr).backward(dy)
         return run
 
-    t_lin_bf16 = timer(layer(lambda a, b: F.linear(a, b)), device, seconds)
-    t_lin_fp8 = timer(layer(lambda a, b: fp8_linear(a, b, recipe=recipe)), device, seconds)
+    t_lin_bf16 = median_seconds(layer(linear), device, seconds)
+    t_lin_fp8 = median_seconds(layer(lambda a, b: fp8_linear(a, b, recipe=recipe)), device, seconds)
     row.update(linear_fwd_bwd_bf16_tflops=3 * flops / t_lin_bf16 / 1e12,
                linear_fwd_bwd_fp8_tflops=3 * flops / t_lin_fp8 / 1e12,
                linear_fwd_bwd_fp8_speedup=t_lin_bf16 / t_lin_fp8)

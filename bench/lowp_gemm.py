@@ -14,27 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from flyer.model import lowp
 from flyer.runtime import native_gemm
+from flyer.train.metrics import median_seconds
 
 SHAPES = {  # name: (M, K, N)
     "expert_up (320x384x512)": (320, 384, 512),
     "dense_ffn (2048x384x1152)": (2048, 384, 1152),
     "logits_chunk (512x384x8192)": (512, 384, 8192),
 }
-
-
-def _ms(fn, seconds: float = 0.2) -> float:
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while (el := time.perf_counter() - t0) < seconds or n < 2:
-        fn()
-        n += 1
-    return el / n * 1e3
 
 
 def main() -> None:
@@ -55,7 +46,7 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.rounds):  # interleaved: machine load hits all three alike
             for k, fn in runs.items():
-                times[k].append(_ms(fn))
+                times[k].append(median_seconds(fn) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
         exact = a.double() @ b.double()
         err = {k: ((runs[k]().double() - exact).norm() / exact.norm()).item() for k in ("aten_bf16", "flyer_bf16")}

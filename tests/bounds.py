@@ -7,6 +7,12 @@ import torch
 FP32_U = 2.0**-24  # unit roundoff of FP32
 
 
+def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Normwise relative error ||got - ref|| / ||ref|| in FP64 (an all-zero reference: the plain norm)."""
+    got, ref = got.detach().double(), ref.detach().double()
+    return float((got - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
 def assert_fp32_sums(actual: torch.Tensor, exact: torch.Tensor, abs_sum: torch.Tensor, n: int) -> None:
     """``actual`` is, element by element, a sum of ``n`` terms whose exact value is ``exact`` and
     whose absolute values sum to ``abs_sum``, computed in FP32 in any order (the order is the

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bounds import assert_fp32_gemm
+from bounds import rel_error as rel
 
 from flyer.config import preset
 from flyer.fp8 import (FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8, emulated_gemm_nt, fake_quantize, fp8_gemm_nt,
@@ -28,11 +29,6 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 HALF_ULP = {E4M3: 2.0 ** -4, E5M2: 2.0 ** -3}
 # smallest subnormal spacing (in units of the scale): 2^-9 for E4M3, 2^-16 for E5M2
 SUB_ULP = {E4M3: 2.0 ** -9, E5M2: 2.0 ** -16}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
 
 
 def wide_range(R: int, C: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bounds import assert_fp32_sums
+from bounds import rel_error as _nerr
 
 from flyer import kernels
 
@@ -24,12 +25,6 @@ def ops():
     if kernels.cpu_ops() is None:
         pytest.skip("flyer's fused CPU kernels are not built here (no C++ compiler?)")
     return kernels.cpu_ops()
-
-
-def _nerr(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """Normwise error against an FP64 reference."""
-    got, ref = got.detach().double(), ref.detach().double()
-    return float((got - ref).norm() / ref.norm().clamp(min=1e-30))  # an all-zero reference: the plain norm
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bounds import rel_error as rel
 from flyer import runtime
 from flyer.config import preset
 from flyer.model import lowp
@@ -20,10 +21,6 @@ bf16 = torch.bfloat16
 def ulp(t: torch.Tensor) -> torch.Tensor:
     """BF16 spacing at |t| (8 significant bits)."""
     return torch.ldexp(torch.ones_like(t, dtype=torch.float32), torch.frexp(t.float().abs()).exponent - 8)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_switch_and_env(monkeypatch):

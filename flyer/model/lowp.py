@@ -74,10 +74,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> 
     (not differentiable: for the hand-written forwards and backwards)."""
     if not emulated(a.device.type, a.dtype):
         return torch.mm(a, b, out=out)
-    if torch.is_autocast_enabled("cpu"):  # inside an autograd.Function's forward: it would cast back
-        with torch.autocast("cpu", enabled=False):
-            r = torch.mm(a.float(), b.float())
-    else:
+    with torch.autocast("cpu", enabled=False):  # in an autograd.Function's forward it would cast back
         r = torch.mm(a.float(), b.float())
     return r.to(a.dtype) if out is None else out.copy_(r)
 

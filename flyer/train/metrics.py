@@ -52,6 +52,23 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
+def median_seconds(fn, device: str | torch.device = "cpu", seconds: float = 0.2) -> float:
+    """Median seconds per call of ``fn`` over about ``seconds`` of calls (at least 3), after two
+    warm-up calls; the device is synchronised around each call."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    fn()
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", n: int | None = None,
                       seconds: float = 0.3, shape: tuple[int, int, int] | None = None) -> float:
     """Achieved FLOP/s of an (m x k) @ (k x n) GEMM in ``dtype`` on this device (the MFU denominator);
