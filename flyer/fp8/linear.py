@@ -26,7 +26,7 @@ from torch import nn
 from flyer.fp8.gemm import BACKENDS, EMULATIONS, cuda_fp8_supported, fp8_gemm_nt
 from flyer.fp8.quant import (FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched, quantize_blocks,
                              quantize_blocks_batched, quantize_tiles, quantize_tiles_t)
-from flyer.model.lowp import compute_dtype
+from flyer.model.lowp import gemm_dtype
 from flyer.model.moe import Experts
 
 
@@ -66,7 +66,7 @@ class FP8Recipe:
         return not cuda and self.emulation == "dequant"
 
 
-output_dtype = compute_dtype  # the dtype a high-precision linear would return here
+output_dtype = gemm_dtype  # the dtype a high-precision linear would return here
 
 
 def _transpose_blocks(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

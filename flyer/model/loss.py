@@ -28,14 +28,6 @@ CPU_CHUNK_ROWS = 512
 ACCELERATOR_CHUNK_ROWS = 2048
 
 
-def compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype ``F.linear(h, weight)`` would run its GEMM in: autocast's, else the inputs'."""
-    dev = h.device.type
-    if torch.is_autocast_enabled(dev) and torch.float64 not in (h.dtype, weight.dtype):
-        return torch.get_autocast_dtype(dev)
-    return torch.promote_types(h.dtype, weight.dtype)
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Mean cross-entropy of ``h_ND @ weight_VD^T`` against ``targets_N``; see ``linear_cross_entropy``."""
 
@@ -44,12 +36,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 dtype: torch.dtype, grad_enabled: bool):
         need_h = grad_enabled and ctx.needs_input_grad[0]
         need_w = grad_enabled and ctx.needs_input_grad[1]
-        red = torch.promote_types(dtype, torch.float32)  # log-sum-exp and sums: at least FP32
+        acc_dtype = torch.promote_types(dtype, torch.float32)  # log-sum-exp and sums: at least FP32
         N = h_ND.shape[0]
         valid_N = targets_N != ignore_index
         n_valid = valid_N.sum()  # a tensor: no host sync on accelerators
         safe_N1 = torch.where(valid_N, targets_N, 0)[:, None]
-        logp_t_N1 = torch.empty((N, 1), dtype=red, device=h_ND.device)  # log p(target) per row
+        logp_t_N1 = torch.empty((N, 1), dtype=acc_dtype, device=h_ND.device)  # log p(target) per row
         grad_h = torch.empty(h_ND.shape, dtype=h_ND.dtype, device=h_ND.device) if need_h else None
         grad_w = None
         with torch.autocast(h_ND.device.type, enabled=False):
@@ -59,9 +51,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 # d(mean loss)/dlogits = (softmax - onehot) * scale, scale = 1/n on valid rows and 0
                 # on ignored ones (also when all are: zero gradients, as F.cross_entropy). The row
                 # scale is applied to the (N, D) sides of the GEMMs, not to the (N, V) dlogits.
-                scale_N1 = (valid_N.to(red) / n_valid.clamp(min=1).to(red))[:, None]
+                scale_N1 = (valid_N.to(acc_dtype) / n_valid.clamp(min=1).to(acc_dtype))[:, None]
                 x_scaled = (h_ND * scale_N1).to(dtype) if need_w else None
-            fused = red == torch.float32 and kernels.usable(x, w)  # one pass per chunk, not five
+            fused = acc_dtype == torch.float32 and kernels.usable(x, w)  # one pass per chunk, not five
             for s in range(0, N, chunk_rows):
                 e = min(s + chunk_rows, N)
                 logits = mm(x[s:e], w.t())  # (n, V)
@@ -69,7 +61,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     logp_t, dlogits = kernels.cpu_ops().xent_chunk(logits, safe_N1[s:e, 0], need_h or need_w)
                     logp_t_N1[s:e, 0] = logp_t
                 else:
-                    logp = torch.log_softmax(logits, dim=-1, dtype=red)
+                    logp = torch.log_softmax(logits, dim=-1, dtype=acc_dtype)
                     logp_t = torch.gather(logp, 1, safe_N1[s:e], out=logp_t_N1[s:e])
                 del logits
                 if not (need_h or need_w):
@@ -89,15 +81,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     # every chunk, an error that grows with the number of chunks (measured on the
                     # small preset, 8 chunks: 1.5x the reference's error vs FP64; FP32: 0.9x).
                     if grad_w is None:
-                        grad_w = mm(dlogits.t(), x_scaled[s:e]).to(red)
-                    elif dtype == red:
+                        grad_w = mm(dlogits.t(), x_scaled[s:e]).to(acc_dtype)
+                    elif dtype == acc_dtype:
                         grad_w.addmm_(dlogits.t(), x_scaled[s:e])
                     else:
                         grad_w += mm(dlogits.t(), x_scaled[s:e])
         if need_w and grad_w is None:  # N == 0
-            grad_w = torch.zeros(weight_VD.shape, dtype=red, device=weight_VD.device)
+            grad_w = torch.zeros(weight_VD.shape, dtype=acc_dtype, device=weight_VD.device)
         loss_sum = -torch.where(valid_N[:, None], logp_t_N1, 0).sum()
-        loss = loss_sum / n_valid.to(red)  # nan when every row is ignored, as F.cross_entropy
+        loss = loss_sum / n_valid.to(acc_dtype)  # nan when every row is ignored, as F.cross_entropy
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight_VD.dtype))
         return loss
 
@@ -134,7 +126,7 @@ def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N:
         chunk_rows = CPU_CHUNK_ROWS if h_ND.device.type == "cpu" else ACCELERATOR_CHUNK_ROWS
     if chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
-    dtype = compute_dtype(h_ND, weight_VD)
+    dtype = lowp.gemm_dtype(h_ND, weight_VD)
     return LinearCrossEntropyFunction.apply(h_ND, weight_VD, targets_N, chunk_rows, ignore_index, dtype,
                                             torch.is_grad_enabled())
 

@@ -60,13 +60,16 @@ def emulated(device_type: str, dtype: torch.dtype) -> bool:
     return not _native(dtype, torch.backends.mkldnn.enabled)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype GEMMs on ``x`` run in: autocast's when it is on for x's device (autocast leaves FP64
-    alone), else x's own."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
+def gemm_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on ``tensors`` runs in: autocast's when it is on for their device (autocast
+    leaves FP64 alone), else their promoted dtype."""
+    dev = tensors[0].device.type
+    if torch.is_autocast_enabled(dev) and all(t.dtype != torch.float64 for t in tensors):
         return torch.get_autocast_dtype(dev)
-    return x.dtype
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,7 +95,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     The gradients round as the native GEMMs' do: dx and dW come out of their GEMMs in the compute
     dtype, then go back to x's and the weight's dtypes."""
-    dtype = compute_dtype(x)
+    dtype = gemm_dtype(x)
     if not emulated(x.device.type, dtype):
         return F.linear(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
@@ -103,7 +106,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; where emulated, computed in FP32 on the rounded inputs and
     rounded back (the fused kernel's own intermediate roundings are not reproduced)."""
-    dtype = compute_dtype(q)
+    dtype = gemm_dtype(q)
     if not emulated(q.device.type, dtype):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     with torch.autocast(q.device.type, enabled=False):

@@ -18,7 +18,7 @@ from torch import nn
 from flyer import kernels
 from flyer.config import ModelConfig
 from flyer.model import lowp
-from flyer.model.lowp import Linear, compute_dtype, mm
+from flyer.model.lowp import Linear, gemm_dtype, mm
 
 
 _DEFER_INIT = contextvars.ContextVar("flyer_defer_init", default=False)
@@ -46,7 +46,7 @@ class MLP(nn.Module):
         self.w3 = Linear(dim, inter_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(compute_dtype(x))  # once, not once per up-projection (autocast casts per call)
+        x = x.to(gemm_dtype(x))  # once, not once per up-projection (autocast casts per call)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -283,9 +283,9 @@ class _LocalRoutedExperts(torch.autograd.Function):
         pad_rows = (src == T).nonzero().squeeze(1)
         gather = src.clamp(max=T - 1)  # pad rows read any token, then are zeroed
         x = x_TD.to(dtype).index_select(0, gather).index_fill_(0, pad_rows, 0)
-        red = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
-        w_pad = weights_TK.new_zeros(n_pad, dtype=red)
-        w_pad[pos] = weights_TK.flatten()[order].to(red)
+        acc_dtype = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
+        w_pad = weights_TK.new_zeros(n_pad, dtype=acc_dtype)
+        w_pad[pos] = weights_TK.flatten()[order].to(acc_dtype)
         w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
         y, h13, a = _swiglu_forward(x, w13, w2, padded, F_)
         fused = kernels.usable(y, w_pad)
@@ -295,8 +295,8 @@ class _LocalRoutedExperts(torch.autograd.Function):
         else:
             rows = offsets = None
             # cast, then scale in place: a mixed-dtype broadcast multiply is ~1.5x slower on CPU
-            yw = torch.mul(y, w_pad[:, None]) if y.dtype == red else y.to(red).mul_(w_pad[:, None])
-            out = y.new_zeros(T + 1, D, dtype=red).index_add_(0, src, yw)[:T]
+            yw = torch.mul(y, w_pad[:, None]) if y.dtype == acc_dtype else y.to(acc_dtype).mul_(w_pad[:, None])
+            out = y.new_zeros(T + 1, D, dtype=acc_dtype).index_add_(0, src, yw)[:T]
         ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, src, gather, pos, order, pad_rows, rows, offsets)
         ctx.rows, ctx.F, ctx.x_dtype, ctx.w_dtype, ctx.w_gate_dtype = padded, F_, x_TD.dtype, w1_EFD.dtype, weights_TK.dtype
         ctx.fused = fused
@@ -382,7 +382,7 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if self.grouped_mm(x_ND):
             return expert_ffn_grouped_mm(x_ND, counts_E, self.w1, self.w2, self.w3).to(x_ND.dtype)
-        dtype = compute_dtype(x_ND)
+        dtype = gemm_dtype(x_ND)
         return expert_ffn_fused(x_ND, counts_E, self.w1, self.w2, self.w3, row_multiple=self.row_multiple(x_ND, dtype),
                                 dtype=dtype)
 
@@ -395,7 +395,7 @@ class Experts(nn.Module):
                      counts_E: torch.Tensor) -> torch.Tensor:
         """Dispatch, experts and combine in one pass when this process holds every expert (see
         ``_LocalRoutedExperts``); the same values as ``LocalDispatcher`` around ``forward``. FP32 (T, D)."""
-        dtype = compute_dtype(x_TD)
+        dtype = gemm_dtype(x_TD)
         return _LocalRoutedExperts.apply(x_TD, weights_TK, self.w1, self.w2, self.w3, topk_ids_TK, counts_E.tolist(),
                                          self.row_multiple(x_TD, dtype), dtype)
 
@@ -436,7 +436,7 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
                                                   self.cfg) if self.cfg.seq_aux_alpha > 0 else None
-        x_in = x_TD.to(compute_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
+        x_in = x_TD.to(gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
         if self.fused_local and self.experts.fuses_local(x_in):
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts).to(x_BTD.dtype)
         else:

@@ -18,7 +18,7 @@ from torch import nn
 from flyer import kernels
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # FP32, or FP64 for FP64 inputs
 
 
@@ -32,7 +32,7 @@ class _RMSNormFunction(torch.autograd.Function):
             ctx.save_for_backward(x2, weight, r)
             ctx.x_shape = x.shape
             return y.view(x.shape)
-        xf = x.to(_compute_dtype(x))  # one vectorised upcast (mixed-dtype ops take a slow CPU path); none for FP32
+        xf = x.to(_acc_dtype(x))  # one vectorised upcast (mixed-dtype ops take a slow CPU path); none for FP32
         norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
         r = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))  # (..., 1)
         y = (xf * r if xf is x else xf.mul_(r)).mul_(weight.to(xf.dtype))  # never written: the caller's x
