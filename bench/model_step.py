@@ -1,19 +1,18 @@
-"""Forward+backward step of a preset (default: small) in bf16 on this machine.
+"""Forward+backward step of a preset (default: small) on this machine, in bf16 by default.
 
-Prints one JSON object: tokens/s, achieved model FLOP/s, the FLOP/s of a bf16 GEMM of similar size
-measured in the same run (the peer), their ratio ``mfu_vs_bf16_gemm``, and the share of step time
-spent in GEMM kernels (torch.profiler).
+Prints one JSON object: tokens/s, achieved model FLOP/s, and MFU against the fastest GEMM this
+machine offers at the step's precision, measured in the same run (the peer; ``peer_gemm`` names
+it): on a CPU a BF16 GEMM can run on oneDNN's kernels or through the FP32 kernel on BF16-rounded
+operands (``flyer.model.lowp``), and which is faster depends on the CPU (``bf16_gemm``: "hardware"
+with AVX512-BF16/AMX, "widened" on AVX-512 without BF16, "reference" on AVX2). ``mfu_vs_bf16_gemm``
+is always against the fastest BF16 GEMM. Also the share of step time spent in GEMM kernels
+(torch.profiler; on CUDA the share of GPU kernel time in GEMM and fused-attention kernels).
 
     python bench/model_step.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 5] [--device cuda]
                                [--precision bf16|fp32|auto]
 
-``--precision`` (default bf16) is the step's compute precision; ``auto`` takes bf16 where the device
-multiplies BF16 in hardware and fp32 elsewhere, as ``flyer train`` does. ``bf16_gemm_native`` says which
-case this machine is: without native kernels (an AVX2-only x86 CPU) flyer runs its BF16 GEMMs
-through the FP32 kernel (``flyer.model.lowp``), and so does the peer GEMM here. The peer runs in the
-step's precision (``mfu_vs_peer_gemm``); ``mfu_vs_bf16_gemm`` is always against the BF16 one.
-
-On CUDA the GEMM share is the share of GPU kernel time in GEMM and fused-attention kernels.
+``--precision auto`` takes bf16 where the device multiplies BF16 in hardware and fp32 elsewhere,
+as ``flyer train`` does.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ import torch
 
 from flyer.config import preset
 from flyer.model.transformer import Transformer
-from flyer.runtime import autocast, native_gemm, resolve_precision, tune_malloc
-from flyer.train.metrics import measure_gemm_peak, model_flops_per_token
+from flyer.runtime import autocast, bf16_gemm_kind, resolve_precision, tune_malloc
+from flyer.train.metrics import fastest_gemm, model_flops_per_token
 
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm", "aten::baddbmm",
             "aten::_scaled_mm", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -83,10 +82,12 @@ def main() -> None:
     dt = sorted(times)[len(times) // 2]
     tokens_per_s = B * T / dt
     flops = model_flops_per_token(cfg, T) * tokens_per_s
-    # the peer: the model's dense-FFN-shaped GEMM (tokens x dim x inter_dim) in bf16, same process
+    # the peer: the model's dense-FFN-shaped GEMM (tokens x dim x inter_dim), same process, the
+    # fastest way this machine runs it in the step's precision
     shape = (B * T, cfg.dim, max(cfg.inter_dim, cfg.dim))
-    bf16_peer = measure_gemm_peak(torch.bfloat16, device, shape=shape, seconds=1.0)
-    peer = bf16_peer if dtype == torch.bfloat16 else measure_gemm_peak(dtype, device, shape=shape, seconds=1.0)
+    bf16_peer, bf16_name = fastest_gemm(torch.bfloat16, device, shape=shape, seconds=1.0)
+    peer, peer_name = ((bf16_peer, bf16_name) if dtype == torch.bfloat16
+                       else fastest_gemm(dtype, device, shape=shape, seconds=1.0))
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -105,12 +106,12 @@ def main() -> None:
     top = sorted(cost, key=lambda k: -cost[k])[:6]
     print(json.dumps({
         "preset": args.preset, "device": str(device), "precision": precision,
-        "bf16_gemm_native": native_gemm(device, torch.bfloat16), "batch_size": B, "seq_len": T,
+        "bf16_gemm": bf16_gemm_kind(device), "batch_size": B, "seq_len": T,
         "threads": torch.get_num_threads(),
         "step_time_s": dt, "tokens_per_s": tokens_per_s,
         "model_flops_per_token": model_flops_per_token(cfg, T), "achieved_flops_per_s": flops,
-        "peer_gemm_flops_per_s": peer, "mfu_vs_peer_gemm": flops / peer,
-        "bf16_gemm_flops_per_s": bf16_peer, "mfu_vs_bf16_gemm": flops / bf16_peer,
+        "peer_gemm": peer_name, "peer_gemm_flops_per_s": peer, "mfu_vs_peer_gemm": flops / peer,
+        "bf16_peer_gemm": bf16_name, "bf16_gemm_flops_per_s": bf16_peer, "mfu_vs_bf16_gemm": flops / bf16_peer,
         "gemm_time_fraction": gemm / total if total else 0.0,
         "top_ops": {k[:80]: round(cost[k] / total, 3) for k in top},
     }))

@@ -12,8 +12,10 @@ with nothing to install).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -52,42 +54,81 @@ def tune_malloc() -> bool:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
+# What a CPU's BF16 GEMMs run on, by the kind of CPU (measured on 2 cores; docs/performance.md):
+# - "hardware": BF16 dot products in hardware (AVX512-BF16, AMX, Arm BF16): faster than FP32;
+# - "widened": oneDNN kernels that widen BF16 to FP32 inside (AVX-512 without BF16): ~0.2x FP32;
+# - "reference": ATen's scalar reference GEMM (AVX2 only, no oneDNN BF16 kernels): ~0.02x FP32.
+BF16_GEMM_KINDS = ("hardware", "widened", "reference")
+CPU_KINDS = {"amx": "hardware", "avx512_bf16": "hardware", "arm_bf16": "hardware", "avx512": "widened",
+             "avx2": "reference", "arm": "reference"}
+_assumed_cpu: contextvars.ContextVar[str | None] = contextvars.ContextVar("flyer_assumed_cpu", default=None)
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+@functools.cache
+def _detect_cpu_kind(mkldnn_enabled: bool) -> str:
+    onednn_bf16 = (mkldnn_enabled and torch.backends.mkldnn.is_available()
+                   and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    if not _x86():
+        return "arm_bf16" if onednn_bf16 else "arm"
+    if not onednn_bf16:
+        return "avx2"
+    if torch.cpu._is_amx_tile_supported():
+        return "amx"
+    return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
+
+
+def cpu_kind() -> str:
+    """This CPU's kind as far as BF16 GEMMs go (a key of ``CPU_KINDS``): the one ``assume_cpu``
+    set, else detected (oneDNN's BF16 support, then AMX / AVX512-BF16 on x86)."""
+    return _assumed_cpu.get() or _detect_cpu_kind(torch.backends.mkldnn.enabled)
+
+
+@contextlib.contextmanager
+def assume_cpu(kind: str):
+    """Take every CPU-dependent decision as on a CPU of ``kind`` inside the block (tests force each
+    kind this way, whatever machine they run on). The arithmetic still runs on this CPU."""
+    if kind not in CPU_KINDS:
+        raise ValueError(f"cpu kind must be one of {', '.join(CPU_KINDS)} (got {kind!r})")
+    token = _assumed_cpu.set(kind)
+    try:
+        yield
+    finally:
+        _assumed_cpu.reset(token)
+
+
+def bf16_gemm_kind(device: str | torch.device) -> str:
+    """What ``device``'s BF16 GEMMs run on (``BF16_GEMM_KINDS``). CUDA: "hardware" where the GPU
+    has BF16 tensor cores (Ampere and newer), else "reference" (PyTorch emulates them)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return CPU_KINDS[cpu_kind()]
+    if device.type == "cuda":
+        return "hardware" if torch.cuda.is_bf16_supported(including_emulation=False) else "reference"
+    return "hardware"
+
 
 def native_gemm(device: str | torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``device`` runs ``dtype`` GEMMs on native kernels.
-
-    On the CPU, ATen sends BF16/FP16 GEMMs to oneDNN only where oneDNN has kernels for them (x86
-    with AVX-512 or AMX, Arm with BF16 instructions). Elsewhere, an AVX2-only x86 CPU for one, it
-    falls back to a scalar reference GEMM: 1.9 GFLOP/s in BF16 against 100 GFLOP/s in FP32,
-    measured on 2 cores of an AMD EPYC (Zen 3). FP32 and FP64 are always native.
-    """
+    """Whether ``device`` has kernels of its own for ``dtype`` GEMMs (not ATen's scalar reference
+    GEMM). FP32 and FP64 always; BF16 unless ``bf16_gemm_kind`` is "reference"; CPU FP16 where
+    oneDNN has FP16 kernels."""
     device = torch.device(device)
     if dtype in (torch.float32, torch.float64):
         return True
-    if device.type == "cpu":
-        if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-            return False
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if dtype == torch.float16:
-            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-        return False
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return True
+    if dtype == torch.bfloat16:
+        return bf16_gemm_kind(device) != "reference"
+    if device.type == "cpu" and dtype == torch.float16:
+        return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()))
+    return device.type != "cpu"
 
 
 def bf16_hardware(device: str | torch.device) -> bool:
-    """Whether ``device`` multiplies BF16 in hardware, so BF16 GEMMs beat FP32 ones: a CUDA GPU
-    with BF16, an x86 CPU with AVX512-BF16 or AMX, an Arm CPU whose BF16 instructions oneDNN uses.
-    An AVX-512 CPU without them has oneDNN BF16 GEMMs (``native_gemm``), but they widen to FP32
-    inside and run slower than FP32 ones (oneDNN's and OpenVINO's notes on BF16 "simulation")."""
-    device = torch.device(device)
-    if not native_gemm(device, torch.bfloat16):
-        return False
-    if device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return True
+    """Whether ``device`` multiplies BF16 in hardware, so BF16 GEMMs beat FP32 ones."""
+    return bf16_gemm_kind(device) == "hardware"
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
@@ -98,23 +139,6 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     if precision != "auto":
         return precision
     return "bf16" if bf16_hardware(device) else "fp32"
-
-
-def precision_note(precision: str, device: str | torch.device) -> str | None:
-    """A one-line note when ``precision`` asks ``device`` for BF16 GEMMs it has no native kernels for."""
-    device = torch.device(device)
-    if precision not in ("bf16", "fp8") or native_gemm(device, torch.bfloat16):
-        return None
-    from flyer.model.lowp import emulated
-
-    if device.type != "cpu":
-        how = "are emulated"
-    elif emulated("cpu", torch.bfloat16):
-        how = "run through the FP32 kernel on BF16-rounded operands (flyer.model.lowp), slower than fp32"
-    else:
-        how = "run on ATen's scalar reference kernel (FLYER_LOWP_EMULATION=0), tens of times slower than fp32"
-    return (f"note: {device.type} has no native BF16 GEMMs here (on a CPU oneDNN needs AVX-512, AMX or Arm BF16): "
-            f"{precision}'s BF16 GEMMs {how}; --precision auto picks fp32 here")
 
 
 def autocast(precision: str, device: str | torch.device):

@@ -23,5 +23,6 @@ def test_model_step_bench_json():
     for key in ("tokens_per_s", "mfu_vs_bf16_gemm", "mfu_vs_peer_gemm", "bf16_gemm_flops_per_s",
                 "peer_gemm_flops_per_s"):
         assert r[key] > 0, key
-    assert 0 < r["gemm_time_fraction"] <= 1 and isinstance(r["bf16_gemm_native"], bool)
+    assert 0 < r["gemm_time_fraction"] <= 1 and r["bf16_gemm"] in ("hardware", "widened", "reference")
+    assert r["peer_gemm"].startswith("bfloat16") and r["peer_gemm"] == r["bf16_peer_gemm"]
     assert r["mfu_vs_peer_gemm"] == r["mfu_vs_bf16_gemm"]

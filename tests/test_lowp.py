@@ -25,8 +25,7 @@ def ulp(t: torch.Tensor) -> torch.Tensor:
 
 def test_switch_and_env(monkeypatch):
     monkeypatch.delenv("FLYER_LOWP_EMULATION", raising=False)
-    native = runtime.native_gemm("cpu", bf16)
-    assert lowp.emulated("cpu", bf16) is (not native)
+    assert lowp.emulated("cpu", bf16) is (not runtime.bf16_hardware("cpu"))
     with lowp.emulation(True):
         assert lowp.emulated("cpu", bf16) and lowp.emulated("cpu", torch.float16)
         assert not lowp.emulated("cpu", torch.float32) and not lowp.emulated("cuda", bf16)
@@ -100,10 +99,12 @@ def test_attention_emulated_matches_aten():
 
 
 def _step(model, x, emulate, autocast=True):
+    """One forward and backward, both under ``emulation(emulate)``."""
     model.zero_grad(set_to_none=True)
-    with lowp.emulation(emulate), torch.autocast("cpu", dtype=bf16, enabled=autocast):
-        out = model.compute_loss(x[:, :-1], x[:, 1:])
-    out.loss.backward()
+    with lowp.emulation(emulate):
+        with torch.autocast("cpu", dtype=bf16, enabled=autocast):
+            out = model.compute_loss(x[:, :-1], x[:, 1:])
+        out.loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return out.loss.double(), grads
 
@@ -156,28 +157,111 @@ def test_emulated_step_runs_no_bf16_gemm(fp8):
     assert mode.seen and {d for _, d in mode.seen} <= {torch.float32, torch.float64}, sorted(mode.seen, key=str)
 
 
-def test_auto_precision(monkeypatch):
-    assert runtime.resolve_precision("auto", "cpu") == ("bf16" if runtime.bf16_hardware("cpu") else "fp32")
-    if runtime.bf16_hardware("cpu"):  # BF16 in hardware implies native BF16 GEMMs
-        assert runtime.native_gemm("cpu", torch.bfloat16)
-    # an AVX-512 CPU without BF16 instructions: oneDNN BF16 GEMMs, but auto keeps fp32
-    monkeypatch.setattr(runtime, "native_gemm", lambda device, dtype: True)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
-    assert runtime.resolve_precision("auto", "cpu") == "fp32" and runtime.precision_note("bf16", "cpu") is None
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert runtime.resolve_precision("auto", "cpu") == "bf16"
-    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")  # Arm: oneDNN's check decides
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert runtime.resolve_precision("auto", "cpu") == "bf16"
-    monkeypatch.setattr(runtime, "native_gemm", lambda device, dtype: False)
-    assert runtime.resolve_precision("auto", "cpu") == "fp32"
-    assert runtime.resolve_precision("bf16", "cpu") == "bf16"
-    assert "no native BF16 GEMMs" in runtime.precision_note("bf16", "cpu")
-    assert runtime.precision_note("fp32", "cpu") is None
-    monkeypatch.setattr(runtime, "native_gemm", lambda device, dtype: True)
-    assert runtime.resolve_precision("auto", "cpu") == "bf16"
-    assert runtime.precision_note("bf16", "cpu") is None
+def test_backward_follows_the_forwards_emulation_choice():
+    """A weight widened by ``operand`` in an emulated forward carries that choice into a backward
+    run under another setting (here: emulation off, as on a CPU with BF16 hardware) instead of
+    mixing BF16 and FP32 operands in one GEMM (a RuntimeError before)."""
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = Transformer(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 33))
+    with lowp.emulation(True), torch.autocast("cpu", dtype=bf16):
+        out = model.compute_loss(x[:, :-1], x[:, 1:])
+    with lowp.emulation(False):
+        out.loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    _, emulated = _step(model, x, True)
+    # only the roundings of the activation-by-activation (weight-gradient) GEMMs differ
+    assert torch.isfinite(grads).all() and rel(grads, emulated) < 1e-2
+    a, w = torch.randn(4, 8).to(bf16), lowp.operand(torch.randn(8, 3), bf16)
+    with lowp.emulation(False):
+        assert lowp.mm(a, w).dtype == bf16  # the widened operand decides: through FP32
+
+
+# What each kind of CPU flyer tells apart decides, forced with runtime.assume_cpu whatever this
+# machine is: (BF16 GEMM kind, auto precision, BF16 emulated through FP32, oneDNN in gemm_ways)
+CPU_DECISIONS = {
+    "avx2": ("reference", "fp32", True, False),
+    "avx512": ("widened", "fp32", True, True),
+    "avx512_bf16": ("hardware", "bf16", False, True),
+    "amx": ("hardware", "bf16", False, True),
+    "arm": ("reference", "fp32", True, False),
+    "arm_bf16": ("hardware", "bf16", False, True),
+}
+
+
+def test_every_cpu_kind_is_covered():
+    assert set(CPU_DECISIONS) == set(runtime.CPU_KINDS)
+
+
+@pytest.mark.parametrize("kind", list(CPU_DECISIONS))
+def test_cpu_kind_decisions(kind, monkeypatch):
+    from flyer.model.moe import CPU_LOWP_ROW_MULTIPLE, Experts
+    from flyer.train.metrics import gemm_ways
+
+    monkeypatch.delenv("FLYER_LOWP_EMULATION", raising=False)
+    gemm, auto, emulate, onednn = CPU_DECISIONS[kind]
+    with runtime.assume_cpu(kind):
+        assert runtime.cpu_kind() == kind and runtime.bf16_gemm_kind("cpu") == gemm
+        assert runtime.bf16_hardware("cpu") is (gemm == "hardware")
+        assert runtime.native_gemm("cpu", bf16) is (gemm != "reference")
+        assert runtime.resolve_precision("auto", "cpu") == auto
+        assert runtime.resolve_precision("bf16", "cpu") == "bf16"
+        assert lowp.emulated("cpu", bf16) is emulate
+        assert not lowp.emulated("cpu", torch.float32)
+        # oneDNN JITs a kernel per GEMM shape: expert rows are padded only where it runs them
+        x = torch.zeros(3, 4)
+        assert Experts.row_multiple(x, bf16) == (1 if emulate else CPU_LOWP_ROW_MULTIPLE)
+        assert Experts.row_multiple(x, torch.float32) == 1
+        note = lowp.precision_note("bf16", "cpu")
+        assert (note is None) is (gemm == "hardware")
+        if note:
+            assert "through the FP32 kernel" in note and "auto picks fp32" in note
+        with lowp.emulation(False):
+            note = lowp.precision_note("fp8", "cpu")
+            assert (note is None) is (gemm == "hardware")
+            if note:
+                assert {"widened": "widen to FP32", "reference": "reference kernel"}[gemm] in note
+        assert lowp.precision_note("fp32", "cpu") is None
+        ways = gemm_ways(bf16, "cpu")
+        assert any("oneDNN" in w for w in ways) is onednn and True in ways.values()
+        assert list(gemm_ways(torch.float32, "cpu").values()) == [None]
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False])
+def test_cuda_decisions(tensor_cores, monkeypatch):
+    """CUDA, forced: BF16 in hardware from Ampere on; never emulated through FP32 by flyer."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: tensor_cores)
+    assert runtime.bf16_gemm_kind("cuda") == ("hardware" if tensor_cores else "reference")
+    assert runtime.resolve_precision("auto", "cuda") == ("bf16" if tensor_cores else "fp32")
+    assert not lowp.emulated("cuda", bf16)
+    note = lowp.precision_note("bf16", "cuda")
+    assert (note is None) is tensor_cores and (tensor_cores or "are emulated" in note)
+
+
+@pytest.mark.parametrize("kind", ["avx2", "avx512", "amx"])
+def test_tiny_step_on_each_cpu_kind(kind):
+    """The whole BF16 step with each kind's decisions (here on whatever CPU runs the tests): as
+    close to the FP32 step as ATen's BF16 step is (the bound of the emulated step above)."""
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = Transformer(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 33))
+    l32, g32 = _step(model, x, None, autocast=False)
+    la, ga = _step(model, x, False)
+    with runtime.assume_cpu(kind):
+        lk, gk = _step(model, x, None)
+    assert torch.isfinite(gk).all()
+    assert abs(lk - l32) <= 2 * abs(la - l32) + 2e-3
+    assert rel(gk, g32) <= 1.5 * rel(ga, g32) + 1e-3, (rel(gk, g32), rel(ga, g32))
+
+
+def test_assume_cpu_rejects_unknown_kinds():
+    with pytest.raises(ValueError, match="cpu kind must be one of"):
+        with runtime.assume_cpu("avx1024"):
+            pass
+
+
+def test_precision_choice():
     with pytest.raises(ValueError, match="precision must be one of"):
         runtime.resolve_precision("fp4", "cpu")

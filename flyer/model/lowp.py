@@ -1,63 +1,76 @@
-"""BF16/FP16 GEMMs on CPUs that have no native kernels for them.
+"""BF16/FP16 GEMMs through the FP32 kernel on CPUs without BF16 hardware.
 
-ATen sends a CPU BF16/FP16 GEMM to oneDNN where the CPU has kernels for it (x86 with AVX-512 or
-AMX, Arm with BF16 instructions). Elsewhere, an AVX2-only x86 CPU for one, it runs a scalar
-reference kernel: 1.9 GFLOP/s in BF16 against 100 GFLOP/s in FP32 on 2 cores of an AMD EPYC
-(Zen 3), so a BF16 (or FP8-recipe) training step spends nearly all its time there.
+Where a CPU has no BF16 dot-product instructions (``runtime.bf16_gemm_kind``), ATen's BF16 GEMMs
+are slow: oneDNN widens them to FP32 inside (AVX-512 without BF16), or ATen runs a scalar
+reference kernel (AVX2 only). There flyer runs the same GEMMs through the FP32 kernel: the inputs
+rounded to the low-precision dtype, widened (exactly) to FP32, multiplied and summed in FP32, and
+the result rounded to the low-precision dtype. A native BF16 GEMM computes the same thing (it
+accumulates in FP32 too), up to the order of the sum. Every GEMM in flyer's model goes through
+``linear``, ``mm`` or ``scaled_dot_product_attention`` here; on any other device or dtype they are
+the torch calls.
 
-On such a CPU flyer runs the same GEMMs through the FP32 kernel: the inputs rounded to the low
-precision dtype, widened (exactly) to FP32, multiplied and summed in FP32, and the result rounded to
-the low precision dtype. A native BF16 GEMM computes the same thing (it accumulates in FP32 too), up
-to the order of the sum. Every GEMM in flyer's model goes through ``linear``, ``mm`` or
-``scaled_dot_product_attention`` here; on any other device or dtype they are the torch calls.
-
-``emulation(True)`` forces this path (the tests run it on every machine), ``emulation(False)``
-turns it off, ``FLYER_LOWP_EMULATION=0/1`` does the same for a process.
+``emulation(True)`` forces this path, ``emulation(False)`` turns it off (tests run both on every
+machine); ``FLYER_LOWP_EMULATION=0/1`` does the same for a process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import contextvars
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flyer.runtime import native_gemm
+from flyer.runtime import bf16_gemm_kind, native_gemm
 
 LOWP = (torch.bfloat16, torch.float16)
-_forced: bool | None = None
+_forced: contextvars.ContextVar[bool | None] = contextvars.ContextVar("flyer_lowp_emulation", default=None)
 
 
 @contextlib.contextmanager
 def emulation(enabled: bool | None):
-    """True: emulate every CPU BF16/FP16 GEMM through FP32; False: never; None: where not native."""
-    global _forced
-    before, _forced = _forced, enabled
+    """True: emulate every CPU BF16/FP16 GEMM through FP32; False: never; None: where not in hardware."""
+    token = _forced.set(enabled)
     try:
         yield
     finally:
-        _forced = before
-
-
-@functools.cache
-def _native(dtype: torch.dtype, mkldnn_enabled: bool) -> bool:
-    return native_gemm("cpu", dtype)
+        _forced.reset(token)
 
 
 def emulated(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether a ``dtype`` GEMM on ``device_type`` runs through FP32 here."""
+    """Whether a ``dtype`` GEMM on ``device_type`` runs through FP32 here: forced by ``emulation``
+    or the environment, else on a CPU without BF16 hardware (FP16: without oneDNN FP16 kernels)."""
     if device_type != "cpu" or dtype not in LOWP:
         return False
-    forced = _forced
+    forced = _forced.get()
     if forced is None:
         env = os.environ.get("FLYER_LOWP_EMULATION")
         forced = None if env is None else env != "0"
     if forced is not None:
         return forced
-    return not _native(dtype, torch.backends.mkldnn.enabled)
+    if dtype == torch.bfloat16:
+        return bf16_gemm_kind("cpu") != "hardware"
+    return not native_gemm("cpu", dtype)
+
+
+def precision_note(precision: str, device: str | torch.device) -> str | None:
+    """A one-line note when ``precision`` asks ``device`` for BF16 GEMMs it has no BF16 hardware for."""
+    device = torch.device(device)
+    kind = bf16_gemm_kind(device)
+    if precision not in ("bf16", "fp8") or kind == "hardware":
+        return None
+    if device.type != "cpu":
+        how = "are emulated"
+    elif emulated("cpu", torch.bfloat16):
+        how = "run through the FP32 kernel on BF16-rounded operands (flyer.model.lowp), slower than fp32"
+    elif kind == "widened":
+        how = "run on oneDNN's kernels that widen to FP32 inside (FLYER_LOWP_EMULATION=0), slower than fp32"
+    else:
+        how = "run on ATen's scalar reference kernel (FLYER_LOWP_EMULATION=0), tens of times slower than fp32"
+    return (f"note: {device.type} has no BF16 matrix hardware (on a CPU: AVX512-BF16, AMX or Arm BF16): "
+            f"{precision}'s BF16 GEMMs {how}; --precision auto picks fp32 here")
 
 
 def gemm_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -73,9 +86,11 @@ def gemm_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``torch.mm(a, b, out=out)`` on operands in one dtype, ``b`` possibly from ``operand``
-    (not differentiable: for the hand-written forwards and backwards)."""
-    if not emulated(a.device.type, a.dtype):
+    """``torch.mm(a, b, out=out)`` in ``a``'s dtype (not differentiable: for the hand-written
+    forwards and backwards). ``b`` may come from ``operand``: widened there, it carries the decision
+    to emulate made when it was widened (a forward's), so a backward run after the ``emulation``
+    block, or under another setting, takes the same path instead of mixing dtypes."""
+    if not (emulated(a.device.type, a.dtype) or (a.dtype in LOWP and b.dtype == torch.float32)):
         return torch.mm(a, b, out=out)
     with torch.autocast("cpu", enabled=False):  # in an autograd.Function's forward it would cast back
         r = torch.mm(a.float(), b.float())

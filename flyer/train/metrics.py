@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+from flyer.model import lowp
+from flyer.runtime import bf16_gemm_kind, native_gemm
+
 
 class MetricsLog:
     """Appends one JSON object per line to ``path`` (flushed each write)."""
@@ -70,32 +73,57 @@ def median_seconds(fn, device: str | torch.device = "cpu", seconds: float = 0.2)
 
 
 def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", n: int | None = None,
-                      seconds: float = 0.3, shape: tuple[int, int, int] | None = None) -> float:
-    """Achieved FLOP/s of an (m x k) @ (k x n) GEMM in ``dtype`` on this device (the MFU denominator);
-    square n x n x n unless ``shape`` = (m, k, n) is given. Default n: 1024 on CPU, 8192 on CUDA
-    (a GPU needs a large GEMM to reach its peak: 1024 gives an H200 less than a tenth of it).
-    The rate of the fastest of the calls made in ``seconds`` (at least 3). Runs the GEMM as flyer's
-    model does (``lowp.mm``): on a CPU without native BF16 GEMMs, a BF16 GEMM is measured through
-    the FP32 kernel, as the model computes it there."""
-    from flyer.model.lowp import mm
-
+                      seconds: float = 0.3, shape: tuple[int, int, int] | None = None,
+                      emulate: bool | None = None) -> float:
+    """Achieved FLOP/s of an (m x k) @ (k x n) GEMM in ``dtype`` on this device; square n x n x n
+    unless ``shape`` = (m, k, n) is given. Default n: 1024 on CPU, 8192 on CUDA (a GPU needs a
+    large GEMM to reach its peak: 1024 gives an H200 less than a tenth of it). The rate of the
+    fastest of the calls made in ``seconds`` (at least 3). Runs the GEMM as flyer's model does
+    (``lowp.mm``, BF16 through the FP32 kernel where ``lowp.emulated``); ``emulate`` forces that
+    choice either way (``lowp.emulation``)."""
     if n is None:
         n = 8192 if torch.device(device).type == "cuda" else 1024
     m, k, n = shape or (n, n, n)
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    mm(a, b)  # warm up (kernel selection, AMX tile config)
     cuda = torch.device(device).type == "cuda"
     best, spent, calls = math.inf, 0.0, 0
-    while spent < seconds or calls < 3:
-        t0 = time.perf_counter()
-        mm(a, b)
-        if cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        best, spent, calls = min(best, dt), spent + dt, calls + 1
+    with lowp.emulation(emulate):
+        lowp.mm(a, b)  # warm up (kernel selection, AMX tile config)
+        while spent < seconds or calls < 3:
+            t0 = time.perf_counter()
+            lowp.mm(a, b)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            best, spent, calls = min(best, dt), spent + dt, calls + 1
     # the fastest call: a peak, not an average over whatever else the (shared) machine was doing
     return 2.0 * m * k * n / best
+
+
+def gemm_ways(dtype: torch.dtype, device: str | torch.device) -> dict[str, bool | None]:
+    """Each way ``device`` offers ``dtype`` GEMMs, named, with the ``emulate`` choice that runs it:
+    the device's own kernels (unless only ATen's scalar reference GEMM), and on a CPU the FP32
+    kernel on low-precision-rounded operands (``flyer.model.lowp``)."""
+    device = torch.device(device)
+    if dtype not in lowp.LOWP or device.type != "cpu":
+        return {f"{str(dtype).removeprefix('torch.')} ({device.type})": None}
+    name = str(dtype).removeprefix("torch.")
+    ways: dict[str, bool | None] = {}
+    if native_gemm(device, dtype):
+        kind = f", {bf16_gemm_kind(device)}" if dtype == torch.bfloat16 else ""
+        ways[f"{name} oneDNN kernel (cpu{kind})"] = False
+    ways[f"{name} through the fp32 kernel (cpu, flyer.model.lowp)"] = True
+    return ways
+
+
+def fastest_gemm(dtype: torch.dtype, device: str | torch.device = "cpu", **kwargs) -> tuple[float, str]:
+    """(FLOP/s, name) of the fastest way ``device`` offers ``dtype`` GEMMs (``gemm_ways``): the MFU
+    denominator at a step's precision. ``kwargs`` go to ``measure_gemm_peak``."""
+    rates = {name: measure_gemm_peak(dtype, device, emulate=emulate, **kwargs)
+             for name, emulate in gemm_ways(dtype, device).items()}
+    best = max(rates, key=rates.get)
+    return rates[best], best
 
 
 def model_flops_per_token(cfg, seq_len: int) -> float:

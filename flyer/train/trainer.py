@@ -21,7 +21,8 @@ import torch
 from flyer.config import ConfigError, ModelConfig, resolve_config, resolve_device
 from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
-from flyer.runtime import PRECISIONS, autocast, precision_note, resolve_precision, tune_malloc
+from flyer.model.lowp import precision_note
+from flyer.runtime import PRECISIONS, autocast, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import MetricsLog, measure_gemm_peak, model_flops_per_token, read_metrics, truncate_metrics
 
