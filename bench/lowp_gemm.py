@@ -1,7 +1,8 @@
 """BF16 GEMMs as flyer runs them (``flyer.model.lowp``) against ATen's BF16 and FP32 GEMMs, same run.
 
-On a CPU without native BF16 GEMMs (AVX2-only x86) flyer widens the BF16 operands to FP32, runs the
-FP32 kernel and rounds the result to BF16; elsewhere ``lowp.mm`` is ATen's BF16 GEMM itself. For the
+On a CPU without BF16 hardware (AVX2, or AVX-512 without BF16: ``bf16_gemm`` "reference" or
+"widened") flyer widens the BF16 operands to FP32, runs the FP32 kernel and rounds the result to
+BF16; with BF16 hardware ``lowp.mm`` is ATen's BF16 GEMM itself. For the
 small preset's GEMM shapes (an expert's up-projection, a dense FFN layer, a logits chunk) this
 prints one JSON object: per shape the median time (ms) of ATen's BF16 GEMM, flyer's BF16 GEMM and
 ATen's FP32 GEMM, interleaved, and ``speedup_vs_aten_bf16`` = ATen BF16 / flyer BF16.
@@ -18,7 +19,7 @@ import statistics
 import torch
 
 from flyer.model import lowp
-from flyer.runtime import native_gemm
+from flyer.runtime import bf16_gemm_kind
 from flyer.train.metrics import median_seconds
 
 SHAPES = {  # name: (M, K, N)
@@ -36,7 +37,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    out = {"bf16_gemm_native": native_gemm("cpu", torch.bfloat16), "emulated": lowp.emulated("cpu", torch.bfloat16),
+    out = {"bf16_gemm": bf16_gemm_kind("cpu"), "emulated": lowp.emulated("cpu", torch.bfloat16),
            "threads": torch.get_num_threads(), "shapes": {}}
     for name, (M, K, N) in SHAPES.items():
         a32, b32 = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)

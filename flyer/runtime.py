@@ -1,12 +1,10 @@
-"""Process-level settings for CPU training speed, and which low-precision GEMMs a device runs natively.
+"""What the process runs on and how: the CPU's kind and what its BF16 GEMMs run on, the
+``--precision auto`` choice, and glibc malloc tuning.
 
-glibc's malloc serves every allocation above its mmap threshold (dynamic, 128 KiB to 32 MiB) with a
-fresh ``mmap`` and unmaps it on free, and it returns heap memory above its trim threshold to the
-kernel. A training step allocates and frees the same multi-MiB activations every layer, so each one
-comes back as new zero pages and pays a page fault per 4 KiB: on the small preset that was 1.4-1.6
-million faults in 8 steps and about 10% of step time (measured with ``getrusage``). ``tune_malloc``
-keeps those blocks in the heap instead (what jemalloc or tcmalloc under ``LD_PRELOAD`` would give,
-with nothing to install).
+``tune_malloc``: a training step allocates and frees the same multi-MiB activations every layer,
+and glibc returns such blocks to the kernel, so each comes back as fresh zero pages (a page fault
+per 4 KiB, about 10% of a small-preset CPU step). Keeping them in the heap is what jemalloc or
+tcmalloc under ``LD_PRELOAD`` would give, with nothing to install.
 """
 
 from __future__ import annotations
