@@ -16,7 +16,9 @@ import torch
 from flyer.cli import main
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
-from flyer.train.trainer import Trainer, TrainConfig, TrainingError
+from flyer.model.transformer import Transformer
+from flyer.parallel.mesh import LocalMesh
+from flyer.train.trainer import Trainer, TrainConfig, TrainingError, build_model, build_optimizer
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +142,40 @@ def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, data_cache):
     with pytest.raises(TrainingError, match="2 consecutive steps"):
         t.run()
     assert ckpt.list_checkpoints(tmp_path / "b" / "checkpoints") == []
+
+
+def test_train_step_without_run_counts_consecutive_bad_steps(tmp_path, data_cache):
+    """train_step() on its own (no run()) skips non-finite steps and stops after max_bad_steps."""
+    t = Trainer(tc_for(tmp_path, data_cache, max_bad_steps=2), log=quiet)
+    real = t.model.compute_loss
+
+    def always_nan(x, y):
+        out = real(x, y)
+        out.loss = out.loss * float("nan")
+        return out
+
+    t.model.compute_loss = always_nan
+    assert t.train_step()["skipped"] is True
+    with pytest.raises(TrainingError, match="2 consecutive steps"):
+        t.train_step()
+
+
+def test_local_mesh_and_builders_outside_the_trainer(tmp_path, data_cache):
+    """The one-process mesh's collectives are identities; build_model initialises as a seeded
+    Transformer(cfg) does; build_optimizer decays matrices only."""
+    mesh = LocalMesh(torch.device("cpu"))
+    assert (mesh.rank, mesh.world, mesh.ep, mesh.world_group) == (0, 1, 1, None)
+    assert mesh.mean({"a": 1.5}) == {"a": 1.5} and mesh.gather_object(7) == [7]
+    t = Trainer(tc_for(tmp_path, data_cache), log=quiet)
+    model = build_model(t.cfg, mesh, "fp32", seed=3)
+    torch.manual_seed(3)
+    ref = Transformer(t.cfg)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert mesh.full_state_dict(model).keys() == ref.state_dict().keys()
+    opt = build_optimizer(model, t.tc)
+    assert [g["weight_decay"] for g in opt.param_groups] == [t.tc.weight_decay, 0.0]
+    assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
 
 
 def _err(capsys):

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import sys
 
-from flyer.config import PRESETS, ConfigError
+from flyer.config import PRESETS, ConfigError, read_config_sections
 
 _FLAGS = [  # (flag, field, type, help)
     ("--preset", "preset", str, f"model preset ({', '.join(PRESETS)})"),
@@ -54,12 +54,11 @@ def register(sub) -> None:
 
 
 def build_train_config(args: argparse.Namespace):
-    from flyer.train.trainer import TrainConfig
+    """The ``TrainConfig`` of ``flyer train`` args: defaults < --config's [train] table < flags."""
+    from flyer.train.trainer import TrainConfig  # the model stack: loaded for training, not for every command
 
     values: dict = {}
     if args.config:
-        from flyer.config import read_config_sections
-
         _, train = read_config_sections(args.config)
         unknown = set(train) - TrainConfig.field_names()
         if unknown:
@@ -72,15 +71,13 @@ def build_train_config(args: argparse.Namespace):
     if values.get("preset") is not None and values["preset"] not in PRESETS:
         raise ConfigError(f"unknown preset '{values['preset']}' (choose from: {', '.join(PRESETS)})")
     try:
-        tc = TrainConfig(**values)
+        return TrainConfig(**values)  # validated once, by the Trainer that takes it
     except TypeError as e:
         raise ConfigError(str(e)) from None
-    tc.validate()
-    return tc
 
 
 def run(args: argparse.Namespace) -> int:
-    from flyer.train.trainer import Trainer, TrainingError
+    from flyer.train.trainer import Trainer, TrainingError  # as in build_train_config
 
     tc = build_train_config(args)
     try:

@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+from flyer.model.counts import block_params, training_flops_per_token
+from flyer.model.lowp import mm
+
 
 class MetricsLog:
     """Appends one JSON object per line to ``path`` (flushed each write)."""
@@ -77,8 +80,6 @@ def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.d
     The rate of the fastest of the calls made in ``seconds`` (at least 3). Runs the GEMM as flyer's
     model does (``lowp.mm``): on a CPU without native BF16 GEMMs, a BF16 GEMM is measured through
     the FP32 kernel, as the model computes it there."""
-    from flyer.model.lowp import mm
-
     if n is None:
         n = 8192 if torch.device(device).type == "cuda" else 1024
     m, k, n = shape or (n, n, n)
@@ -100,8 +101,6 @@ def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.d
 
 def model_flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token of the main model plus its MTP modules (causal attention)."""
-    from flyer.model.counts import block_params, training_flops_per_token
-
     main = training_flops_per_token(cfg, seq_len, causal=True)
     if cfg.mtp_depth:
         mtp_block = block_params(cfg, cfg.n_layers, activated=True) - 2 * cfg.dim
