@@ -18,7 +18,7 @@ from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import LocalMesh
-from flyer.train.trainer import Trainer, TrainConfig, TrainingError, build_model, build_optimizer
+from flyer.train.trainer import Trainer, TrainConfig, TrainingError, build_model, build_optimizer, progress_postfix
 
 
 @pytest.fixture(scope="session")
@@ -176,6 +176,16 @@ def test_local_mesh_and_builders_outside_the_trainer(tmp_path, data_cache):
     opt = build_optimizer(model, t.tc)
     assert [g["weight_decay"] for g in opt.param_groups] == [t.tc.weight_decay, 0.0]
     assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
+
+
+def test_progress_bar_shows_next_token_loss_beside_mtp(tmp_path, data_cache, capsys):
+    rec = {"loss": 6.95, "main_loss": 5.47, "mtp_loss": 6.12, "tokens_per_s": 1234.4}
+    assert progress_postfix(rec, 5.5) == {"loss": "5.470", "mtp": "6.120", "val": "5.500", "tok/s": "1234"}
+    assert progress_postfix({**rec, "mtp_loss": 0.0}, None) == {"loss": "5.470", "tok/s": "1234"}  # no MTP
+    Trainer(tc_for(tmp_path, data_cache, steps=2, eval_every=2, progress=True), log=quiet).run()
+    last = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r][-1]
+    err = capsys.readouterr().err
+    assert f"loss={last['main_loss']:.3f}, mtp={last['mtp_loss']:.3f}, val={last['val_loss']:.3f}" in err
 
 
 def _err(capsys):

@@ -145,6 +145,18 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Adam
         lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8, fused=params[0].device.type in ("cpu", "cuda"))
 
 
+def progress_postfix(rec: dict[str, Any], val_loss: float | None) -> dict[str, str]:
+    """The progress bar's fields: the next-token loss (comparable with validation), the MTP loss
+    beside it when the model has MTP modules, the last validation loss and tokens/s."""
+    post = {"loss": f"{rec['main_loss']:.3f}"}
+    if rec.get("mtp_loss"):
+        post["mtp"] = f"{rec['mtp_loss']:.3f}"
+    if val_loss is not None:
+        post["val"] = f"{val_loss:.3f}"
+    post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
+    return post
+
+
 def _silent(_msg: str) -> None:
     pass
 
@@ -322,10 +334,7 @@ class Trainer:
                 metrics.write(rec)
                 if bar is not None:
                     bar.update(1)
-                    post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-                    if val_loss is not None:
-                        post["val"] = f"{val_loss:.3f}"
-                    bar.set_postfix(post)
+                    bar.set_postfix(progress_postfix(rec, val_loss))
                 if self.step % tc.ckpt_every == 0 or self.step == tc.steps:
                     if self.consecutive_bad == 0:
                         self.save()
