@@ -18,6 +18,7 @@ from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import LocalMesh
+from flyer.train.metrics import TENSORBOARD_TAGS
 from flyer.train.trainer import Trainer, TrainConfig, TrainingError, build_model, build_optimizer, progress_postfix
 
 
@@ -186,6 +187,38 @@ def test_progress_bar_shows_next_token_loss_beside_mtp(tmp_path, data_cache, cap
     last = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r][-1]
     err = capsys.readouterr().err
     assert f"loss={last['main_loss']:.3f}, mtp={last['mtp_loss']:.3f}, val={last['val_loss']:.3f}" in err
+
+
+def test_tensorboard_scalars_equal_metrics(tmp_path, data_cache, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2",
+            "--eval-batches", "1", "--ckpt-every", "4", "--data-cache", data_cache, "--out", str(out),
+            "--no-progress", "--no-plots", "--device", "cpu", "--tensorboard"]
+    assert main(argv) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/main", "loss/mtp", "loss/val", "optim/lr", "optim/grad_norm", "speed/tokens_per_s",
+            "speed/mfu", "moe/load_imbalance"} <= tags
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    for field, tag in TENSORBOARD_TAGS.items():
+        want = {r["step"]: r[field] for r in recs if r.get(field) is not None}
+        got = {e.step: e.value for e in events.Scalars(tag)} if tag in tags else {}
+        assert got == pytest.approx(want, rel=1e-6), field
+    assert sorted(e.step for e in events.Scalars("loss/val")) == [2, 4]
+    assert main(argv[:-1] + ["--out", str(tmp_path / "other"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_flag_without_the_package_is_one_line(tmp_path, data_cache, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when not installed
+    rc = main(["train", "--preset", "tiny", "--out", str(tmp_path), "--data-cache", data_cache, "--tensorboard"])
+    assert rc == 2
+    assert "'tensorboard': needs the tensorboard package" in _err(capsys)
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def _err(capsys):

@@ -50,6 +50,9 @@ def register(sub) -> None:
                    help="send the EP dispatch payload in FP8 (E4M3, per-128-channel scales)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
+                   help="write per-step metrics as TensorBoard scalars to DIR (default: OUT/tensorboard); "
+                        "needs the tensorboard package")
     p.set_defaults(func=run)
 
 

@@ -29,7 +29,8 @@ from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
 from flyer.runtime import PRECISIONS, autocast, precision_note, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
-from flyer.train.metrics import MetricsLog, measure_gemm_peak, model_flops_per_token, read_metrics, truncate_metrics
+from flyer.train.metrics import (MetricsLog, TensorBoardLog, measure_gemm_peak, model_flops_per_token, read_metrics,
+                                 require_tensorboard, truncate_metrics)
 
 SCHEDULES = ("cosine", "constant")
 DISPATCHERS = ("local", "flat", "hierarchical")
@@ -76,6 +77,7 @@ class TrainConfig:
     fp8_dispatch: bool = False
     plots: bool = True
     progress: bool = True
+    tensorboard: bool | str = False  # True: scalars in OUT/tensorboard; a str: that directory
 
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -101,6 +103,8 @@ class TrainConfig:
         need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be a positive integer")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",
              "must be auto, cpu, cuda or cuda:N")
+        need(isinstance(self.tensorboard, bool) or (isinstance(self.tensorboard, str) and self.tensorboard != ""),
+             "tensorboard", "must be true, false or a directory")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -170,9 +174,13 @@ class Trainer:
         self.tc = tc
         self.out = Path(tc.out)
         self.ckpt_root = self.out / "checkpoints"
+        self.tensorboard_dir = (self.out / "tensorboard" if tc.tensorboard is True
+                                else Path(tc.tensorboard) if tc.tensorboard else None)
         self.step = 0
         self.bad_steps = 0  # skipped (non-finite) steps in the whole run
         self.consecutive_bad = 0  # skipped steps since the last good one; max_bad_steps of them end the run
+        if self.tensorboard_dir is not None:
+            require_tensorboard()  # before any work, on every rank
         tune_malloc()  # process-wide: reuse freed activation blocks instead of faulting them in again
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -320,7 +328,9 @@ class Trainer:
                  f"activated, MTP {pc.mtp / 1e6:.1f}M), {self._precision_label()}, batch {tc.batch_size}x{tc.seq_len}"
                  f"x{tc.grad_accum}, {len(self.data.train):,} train tokens, vocab {self.cfg.vocab_size}")
         self.log(f"unigram baseline (validation): {self.data.unigram_val_loss:.3f} nats/token")
-        metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.rank0)
+        logs = [MetricsLog(self.out / "metrics.jsonl", enabled=self.rank0)]
+        if self.tensorboard_dir is not None:
+            logs.append(TensorBoardLog(self.tensorboard_dir, enabled=self.rank0, purge_step=self.step + 1))
         bar = None
         if self.rank0 and tc.progress:
             bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
@@ -331,7 +341,8 @@ class Trainer:
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
                     val_loss = self.evaluate()
                     rec["val_loss"] = val_loss
-                metrics.write(rec)
+                for log in logs:
+                    log.write(rec)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(progress_postfix(rec, val_loss))
@@ -341,7 +352,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            metrics.close()
+            for log in logs:
+                log.close()
         records = read_metrics(self.out / "metrics.jsonl") if self.rank0 else []
         if self.rank0 and tc.plots:
             from flyer.train.plots import plot_expert_load, plot_loss  # matplotlib: heavy, only when plotting
