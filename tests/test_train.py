@@ -112,19 +112,24 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
         ckpt.resolve_checkpoint_path(tmp_path / "elsewhere")
 
 
-def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, data_cache):
-    t = Trainer(tc_for(tmp_path / "a", data_cache, steps=5, ckpt_every=1), log=quiet)
+def poison_loss(t, calls=None):
+    """Make ``t``'s training loss NaN on the given 1-based ``compute_loss`` calls (every call when None)."""
     real = t.model.compute_loss
-    calls = {"n": 0}
+    seen = {"n": 0}
 
     def poisoned(x, y):
-        calls["n"] += 1
+        seen["n"] += 1
         out = real(x, y)
-        if calls["n"] == 3:  # the third training step
+        if calls is None or seen["n"] in calls:
             out.loss = out.loss * float("nan")
         return out
 
     t.model.compute_loss = poisoned
+
+
+def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, data_cache):
+    t = Trainer(tc_for(tmp_path / "a", data_cache, steps=5, ckpt_every=1), log=quiet)
+    poison_loss(t, calls={3})  # the third training step
     t.run()
     recs = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in recs if r.get("skipped")] == [3]
@@ -132,14 +137,7 @@ def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, data_cache):
     assert recs[-1]["skipped_total"] == 1
 
     t = Trainer(tc_for(tmp_path / "b", data_cache, steps=5, ckpt_every=1, max_bad_steps=2), log=quiet)
-    real_b = t.model.compute_loss
-
-    def always_nan(x, y):
-        out = real_b(x, y)
-        out.loss = out.loss * float("nan")
-        return out
-
-    t.model.compute_loss = always_nan
+    poison_loss(t)
     with pytest.raises(TrainingError, match="2 consecutive steps"):
         t.run()
     assert ckpt.list_checkpoints(tmp_path / "b" / "checkpoints") == []
@@ -148,14 +146,7 @@ def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, data_cache):
 def test_train_step_without_run_counts_consecutive_bad_steps(tmp_path, data_cache):
     """train_step() on its own (no run()) skips non-finite steps and stops after max_bad_steps."""
     t = Trainer(tc_for(tmp_path, data_cache, max_bad_steps=2), log=quiet)
-    real = t.model.compute_loss
-
-    def always_nan(x, y):
-        out = real(x, y)
-        out.loss = out.loss * float("nan")
-        return out
-
-    t.model.compute_loss = always_nan
+    poison_loss(t)
     assert t.train_step()["skipped"] is True
     with pytest.raises(TrainingError, match="2 consecutive steps"):
         t.train_step()
