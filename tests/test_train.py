@@ -16,7 +16,10 @@ import torch
 from flyer.cli import main
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
-from flyer.train.trainer import Trainer, TrainConfig, TrainingError
+from flyer.model.transformer import Transformer
+from flyer.parallel.mesh import LocalMesh
+from flyer.train.metrics import TENSORBOARD_TAGS
+from flyer.train.trainer import Trainer, TrainConfig, TrainingError, build_model, build_optimizer, progress_postfix
 
 
 @pytest.fixture(scope="session")
@@ -109,19 +112,24 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
         ckpt.resolve_checkpoint_path(tmp_path / "elsewhere")
 
 
-def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, data_cache):
-    t = Trainer(tc_for(tmp_path / "a", data_cache, steps=5, ckpt_every=1), log=quiet)
+def poison_loss(t, calls=None):
+    """Make ``t``'s training loss NaN on the given 1-based ``compute_loss`` calls (every call when None)."""
     real = t.model.compute_loss
-    calls = {"n": 0}
+    seen = {"n": 0}
 
     def poisoned(x, y):
-        calls["n"] += 1
+        seen["n"] += 1
         out = real(x, y)
-        if calls["n"] == 3:  # the third training step
+        if calls is None or seen["n"] in calls:
             out.loss = out.loss * float("nan")
         return out
 
     t.model.compute_loss = poisoned
+
+
+def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, data_cache):
+    t = Trainer(tc_for(tmp_path / "a", data_cache, steps=5, ckpt_every=1), log=quiet)
+    poison_loss(t, calls={3})  # the third training step
     t.run()
     recs = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in recs if r.get("skipped")] == [3]
@@ -129,17 +137,79 @@ def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, data_cache):
     assert recs[-1]["skipped_total"] == 1
 
     t = Trainer(tc_for(tmp_path / "b", data_cache, steps=5, ckpt_every=1, max_bad_steps=2), log=quiet)
-    real_b = t.model.compute_loss
-
-    def always_nan(x, y):
-        out = real_b(x, y)
-        out.loss = out.loss * float("nan")
-        return out
-
-    t.model.compute_loss = always_nan
+    poison_loss(t)
     with pytest.raises(TrainingError, match="2 consecutive steps"):
         t.run()
     assert ckpt.list_checkpoints(tmp_path / "b" / "checkpoints") == []
+
+
+def test_train_step_without_run_counts_consecutive_bad_steps(tmp_path, data_cache):
+    """train_step() on its own (no run()) skips non-finite steps and stops after max_bad_steps."""
+    t = Trainer(tc_for(tmp_path, data_cache, max_bad_steps=2), log=quiet)
+    poison_loss(t)
+    assert t.train_step()["skipped"] is True
+    with pytest.raises(TrainingError, match="2 consecutive steps"):
+        t.train_step()
+
+
+def test_local_mesh_and_builders_outside_the_trainer(tmp_path, data_cache):
+    """The one-process mesh's collectives are identities; build_model initialises as a seeded
+    Transformer(cfg) does; build_optimizer decays matrices only."""
+    mesh = LocalMesh(torch.device("cpu"))
+    assert (mesh.rank, mesh.world, mesh.ep, mesh.world_group) == (0, 1, 1, None)
+    assert mesh.mean({"a": 1.5}) == {"a": 1.5} and mesh.gather_object(7) == [7]
+    t = Trainer(tc_for(tmp_path, data_cache), log=quiet)
+    model = build_model(t.cfg, mesh, "fp32", seed=3)
+    torch.manual_seed(3)
+    ref = Transformer(t.cfg)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert mesh.full_state_dict(model).keys() == ref.state_dict().keys()
+    opt = build_optimizer(model, t.tc)
+    assert [g["weight_decay"] for g in opt.param_groups] == [t.tc.weight_decay, 0.0]
+    assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
+
+
+def test_progress_bar_shows_next_token_loss_beside_mtp(tmp_path, data_cache, capsys):
+    rec = {"loss": 6.95, "main_loss": 5.47, "mtp_loss": 6.12, "tokens_per_s": 1234.4}
+    assert progress_postfix(rec, 5.5) == {"loss": "5.470", "mtp": "6.120", "val": "5.500", "tok/s": "1234"}
+    assert progress_postfix({**rec, "mtp_loss": 0.0}, None) == {"loss": "5.470", "tok/s": "1234"}  # no MTP
+    Trainer(tc_for(tmp_path, data_cache, steps=2, eval_every=2, progress=True), log=quiet).run()
+    last = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r][-1]
+    err = capsys.readouterr().err
+    assert f"loss={last['main_loss']:.3f}, mtp={last['mtp_loss']:.3f}, val={last['val_loss']:.3f}" in err
+
+
+def test_tensorboard_scalars_equal_metrics(tmp_path, data_cache, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2",
+            "--eval-batches", "1", "--ckpt-every", "4", "--data-cache", data_cache, "--out", str(out),
+            "--no-progress", "--no-plots", "--device", "cpu", "--tensorboard"]
+    assert main(argv) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/main", "loss/mtp", "loss/val", "optim/lr", "optim/grad_norm", "speed/tokens_per_s",
+            "speed/mfu", "moe/load_imbalance"} <= tags
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    for field, tag in TENSORBOARD_TAGS.items():
+        want = {r["step"]: r[field] for r in recs if r.get(field) is not None}
+        got = {e.step: e.value for e in events.Scalars(tag)} if tag in tags else {}
+        assert got == pytest.approx(want, rel=1e-6), field
+    assert sorted(e.step for e in events.Scalars("loss/val")) == [2, 4]
+    assert main(argv[:-1] + ["--out", str(tmp_path / "other"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_flag_without_the_package_is_one_line(tmp_path, data_cache, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when not installed
+    rc = main(["train", "--preset", "tiny", "--out", str(tmp_path), "--data-cache", data_cache, "--tensorboard"])
+    assert rc == 2
+    assert "'tensorboard': needs the tensorboard package" in _err(capsys)
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def _err(capsys):

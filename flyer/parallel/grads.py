@@ -20,13 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flyer.model.moe import Experts
+from flyer.model.transformer import Transformer
+
 BUCKET_BYTES = 64 << 20
 
 
 def expert_param_names(model: nn.Module) -> set[str]:
     """State-dict names of the routed-expert stacks (``...ffn.experts.w1`` etc.)."""
-    from flyer.model.moe import Experts
-
     return {f"{name}.{w}" for name, m in model.named_modules() if isinstance(m, Experts) for w in ("w1", "w2", "w3")}
 
 
@@ -154,8 +155,6 @@ def full_state_dict(model: nn.Module, mesh) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mesh) -> None:
     """Load a single-process state dict, keeping this rank's slice of each expert stack."""
-    from flyer.model.moe import Experts
-
     sd = dict(full_sd)
     for name, m in model.named_modules():
         if isinstance(m, Experts):
@@ -176,8 +175,6 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
     """Initialise ``model`` (any EP layout) exactly as ``torch.manual_seed(seed);
     Transformer(model.cfg)`` would in one process: every rank builds that model (CPU) and keeps
     its slice. Deterministic on every rank, so no broadcast is needed afterwards."""
-    from flyer.model.transformer import Transformer
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         ref = Transformer(model.cfg)

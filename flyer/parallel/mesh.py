@@ -17,6 +17,9 @@ Process groups (every rank creates every group, in the same order, as torch.dist
 - ``inter_group``: EP-group ranks with this rank's local index, one per node of the EP group
   (stage 1 of hierarchical dispatch); None when the EP group spans one node.
 - ``intra_group``: EP-group ranks on this node (stage 2); None when that is this rank alone.
+
+A single-process run gets a ``LocalMesh``: the same interface (rank 0, world 1, ep 1) whose
+collectives are identities, so a trainer has one code path for both.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flyer.config import ConfigError, ModelConfig
+from flyer.config import ConfigError, ModelConfig, resolve_device
+from flyer.parallel import grads
 
 
 @dataclass
@@ -77,6 +81,92 @@ class Mesh:
         L = self.ep_ranks_per_node
         base = self.ep_ranks[0] + self.ep_node * L
         return [base + i for i in range(L)]
+
+    # ---- the collectives a trainer needs (``LocalMesh`` has the same, as identities) ----------
+    def init_like_single_process(self, model: torch.nn.Module, seed: int) -> None:
+        """Give every rank its slice of the one-process initialisation with ``seed`` (a plain seeded
+        build would give every EP rank the same expert weights)."""
+        grads.init_like_single_process(model, self, seed)
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        """Sum gradients over replicas: those of one process on every rank's batch (``grads``)."""
+        grads.sync_gradients(model, self)
+
+    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip to the global norm (expert shards counted once); returns the norm before clipping."""
+        return grads.clip_grad_norm_(model, max_norm, self)
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """``values`` (name -> float, same names on every rank) averaged over all ranks."""
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world).tolist()))
+
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's picklable ``obj``, by rank, on rank 0; None on the other ranks."""
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The single-process state dict (expert stacks gathered over the EP group); all ranks call."""
+        return grads.full_state_dict(model, self)
+
+    def load_full_state_dict(self, model: torch.nn.Module, full_sd: dict[str, torch.Tensor]) -> None:
+        """Load a single-process state dict, keeping this rank's slice of each expert stack."""
+        grads.load_full_state_dict(model, full_sd, self)
+
+    def destroy(self) -> None:
+        destroy(self)
+
+
+@dataclass
+class LocalMesh:
+    """One process on ``device``: the ``Mesh`` interface with nothing to communicate."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    ranks_per_node: int = 1
+    n_nodes: int = 1
+    node: int = 0
+    ep: int = 1
+    ep_rank: int = 0
+    ep_group: Any = None
+    expert_dp_group: Any = None
+    world_group: Any = None  # None: router loads and traffic are this process's own
+
+    def init_like_single_process(self, model: torch.nn.Module, seed: int) -> None:
+        pass  # a model seeded and built in one process is that initialisation
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        pass
+
+    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the parameters that have a gradient."""
+        return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        return values
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def load_full_state_dict(self, model: torch.nn.Module, full_sd: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(full_sd)
+
+    def destroy(self) -> None:
+        pass
 
 
 def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int) -> None:
@@ -178,10 +268,19 @@ def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None =
     return build_mesh(cfg, rank, world, ep, rpn, device, backend, timeout_s)
 
 
+def init_mesh(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None = None, device: str = "auto",
+              what: str = "device") -> Mesh | LocalMesh:
+    """The job's mesh: ``init_distributed`` under a multi-rank launch or when ``ep`` > 1, else a
+    ``LocalMesh`` on ``device`` (auto, cpu, cuda, cuda:N; errors start with ``what``)."""
+    if ep <= 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return LocalMesh(resolve_device(device, what))
+    return init_distributed(cfg, ep, ranks_per_node, device=device)
+
+
 def destroy(mesh: Mesh | None) -> None:
     """Tear down every process group (the default one included)."""
     if mesh is not None and dist.is_initialized():
         dist.destroy_process_group()
 
 
-__all__ = ["Mesh", "validate_layout", "build_mesh", "init_distributed", "destroy"]
+__all__ = ["Mesh", "LocalMesh", "validate_layout", "build_mesh", "init_distributed", "init_mesh", "destroy"]

@@ -13,6 +13,9 @@ A checkpoint is written into a temporary directory, every file fsynced, then ren
 (and the parent directory fsynced), so a crash leaves either a complete checkpoint or a temporary
 directory that is ignored and cleaned. On load every checksum is verified; a corrupt newest
 checkpoint is reported and the previous one is used.
+
+``save_training`` / ``load_training`` write and restore a whole training run (model, optimizer,
+sampler, RNG, counters) on any mesh; the files above are their format.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from flyer.config import ModelConfig
+from flyer.model.transformer import Transformer
 
 FORMAT_VERSION = 1
 _PREFIX = "step_"
@@ -183,10 +188,6 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     """(model, cfg, tokenizer) from a run directory or a step directory, weights verified."""
-    from tokenizers import Tokenizer
-
-    from flyer.model.transformer import Transformer
-
     ckpt = resolve_checkpoint_path(path)
     try:
         cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
@@ -202,3 +203,78 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     if not tok_path.is_file():
         raise CheckpointError(f"checkpoint {ckpt}: no tokenizer.json")
     return model.eval(), cfg, Tokenizer.from_file(str(tok_path))
+
+
+# ---- a training run: model, optimizer, sampler, RNG and counters on any mesh ----------------------
+def rank_suffix(rank: int, world: int) -> str:
+    """Suffix of a rank's optimizer/state/rng file names: none in a one-process run."""
+    return "" if world == 1 else f"-rank{rank}"
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (CPU, and ``device``'s when it is CUDA)."""
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  sampler, mesh, cfg: ModelConfig, tokenizer: Tokenizer, bad_steps: int, train_config: dict,
+                  keep: int | None) -> Path | None:
+    """Checkpoint a training run at ``step`` (a collective: every rank of ``mesh`` calls it).
+
+    model: this rank's model (its expert slice under EP); saved in the full single-process layout.
+    optimizer, sampler (``state_dict()``), RNG: saved per rank. bad_steps and train_config (a
+    JSON-able dict) go into each rank's state file. Rank 0 writes; ``keep``: checkpoints kept.
+    Returns the checkpoint directory on rank 0, None elsewhere.
+    """
+    weights = mesh.full_state_dict(model)
+    state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "train_config": train_config}
+    ranks = mesh.gather_object({"optimizer": optimizer.state_dict(), "state": state, "rng": rng_state(mesh.device)})
+    path = None
+    if ranks is not None:
+        files: dict[str, Any] = {"model.safetensors": weights, "config.json": cfg.to_dict(),
+                                 "tokenizer.json": json.loads(tokenizer.to_str())}
+        for r, per_rank in enumerate(ranks):
+            sfx = rank_suffix(r, mesh.world)
+            files[f"optimizer{sfx}.pt"] = per_rank["optimizer"]
+            files[f"state{sfx}.json"] = per_rank["state"]
+            files[f"rng{sfx}.safetensors"] = per_rank["rng"]
+        path = save_checkpoint(ckpt_root, step, files, keep=keep)
+    mesh.barrier()
+    return path
+
+
+def load_training(ckpt_root: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler, mesh,
+                  cfg: ModelConfig, log=print) -> tuple[Path, dict] | None:
+    """Restore the newest valid checkpoint under ``ckpt_root`` into model (this rank's slice),
+    optimizer, sampler and the RNG; every rank calls it. ``cfg`` must equal the saved config.
+    Returns (checkpoint directory, this rank's state: step, bad_steps, sampler, train_config), or
+    None when there is no valid checkpoint. Raises ``CheckpointError`` for one that does not fit."""
+    if mesh.rank == 0:
+        clean_temporaries(ckpt_root)
+    path = find_valid_checkpoint(ckpt_root, log=log)
+    if path is None:
+        return None
+    saved = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+    if saved != cfg:
+        diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
+        raise CheckpointError(f"checkpoint {path} is from a different config (fields differ: {', '.join(diff)})")
+    weights = read_tensors(path / "model.safetensors")
+    if mesh.ep == 1:  # every expert is here: check names and shapes for a one-line error
+        load_model_weights(model, weights, f"checkpoint {path}")
+    else:
+        mesh.load_full_state_dict(model, weights)
+    sfx = rank_suffix(mesh.rank, mesh.world)
+    state_path = path / f"state{sfx}.json"
+    if not state_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {state_path.name}: saved with another process layout")
+    optimizer.load_state_dict(read_torch(path / f"optimizer{sfx}.pt"))
+    state = json.loads(state_path.read_text())
+    sampler.load_state_dict(state["sampler"])
+    rng = read_tensors(path / f"rng{sfx}.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and mesh.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["torch_cuda"], mesh.device)
+    return path, state

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import sys
 
-from flyer.config import PRESETS, ConfigError
+from flyer.config import PRESETS, ConfigError, read_config_sections
 
 _FLAGS = [  # (flag, field, type, help)
     ("--preset", "preset", str, f"model preset ({', '.join(PRESETS)})"),
@@ -50,16 +50,18 @@ def register(sub) -> None:
                    help="send the EP dispatch payload in FP8 (E4M3, per-128-channel scales)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
+                   help="write per-step metrics as TensorBoard scalars to DIR (default: OUT/tensorboard); "
+                        "needs the tensorboard package")
     p.set_defaults(func=run)
 
 
 def build_train_config(args: argparse.Namespace):
-    from flyer.train.trainer import TrainConfig
+    """The ``TrainConfig`` of ``flyer train`` args: defaults < --config's [train] table < flags."""
+    from flyer.train.trainer import TrainConfig  # the model stack: loaded for training, not for every command
 
     values: dict = {}
     if args.config:
-        from flyer.config import read_config_sections
-
         _, train = read_config_sections(args.config)
         unknown = set(train) - TrainConfig.field_names()
         if unknown:
@@ -72,15 +74,13 @@ def build_train_config(args: argparse.Namespace):
     if values.get("preset") is not None and values["preset"] not in PRESETS:
         raise ConfigError(f"unknown preset '{values['preset']}' (choose from: {', '.join(PRESETS)})")
     try:
-        tc = TrainConfig(**values)
+        return TrainConfig(**values)  # validated once, by the Trainer that takes it
     except TypeError as e:
         raise ConfigError(str(e)) from None
-    tc.validate()
-    return tc
 
 
 def run(args: argparse.Namespace) -> int:
-    from flyer.train.trainer import Trainer, TrainingError
+    from flyer.train.trainer import Trainer, TrainingError  # as in build_train_config
 
     tc = build_train_config(args)
     try:

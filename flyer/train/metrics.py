@@ -1,4 +1,4 @@
-"""Metrics: a JSON-lines log, the GEMM peak of this machine, and MFU estimates."""
+"""Metrics: a JSON-lines log, TensorBoard scalars, the GEMM peak of this machine, and MFU estimates."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from flyer.config import ConfigError
 from flyer.model import lowp
+from flyer.model.counts import block_params, training_flops_per_token
 from flyer.runtime import bf16_gemm_kind, native_gemm
 
 
@@ -33,6 +35,49 @@ class MetricsLog:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+# TensorBoard tag of each metrics.jsonl field; other numeric fields (EP traffic) go under comm/
+TENSORBOARD_TAGS = {
+    "loss": "loss/total", "main_loss": "loss/main", "mtp_loss": "loss/mtp", "aux_loss": "loss/aux",
+    "val_loss": "loss/val", "lr": "optim/lr", "grad_norm": "optim/grad_norm", "skipped_total": "optim/skipped_steps",
+    "tokens_per_s": "speed/tokens_per_s", "step_time_s": "speed/step_time_s", "mfu": "speed/mfu",
+    "load_imbalance": "moe/load_imbalance", "bias_min": "moe/bias_min", "bias_max": "moe/bias_max",
+}
+
+
+def require_tensorboard() -> None:
+    """Raise ``ConfigError`` naming the train option when the optional tensorboard package is missing."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (optional dependency: the 'tensorboard' extra)
+    except ImportError:
+        raise ConfigError("train option 'tensorboard': needs the tensorboard package "
+                          "(pip install tensorboard, or flyer[tensorboard])") from None
+
+
+class TensorBoardLog:
+    """Writes each record's numeric fields as TensorBoard scalars at its ``step`` (tags:
+    ``TENSORBOARD_TAGS``). ``purge_step``: events from that step on, left by an earlier run in
+    ``logdir``, are dropped (a resumed run rewrites them)."""
+
+    def __init__(self, logdir: Path, enabled: bool = True, purge_step: int | None = None):
+        self._w = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency: imported only when asked for
+
+            self._w = SummaryWriter(str(logdir), purge_step=purge_step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._w is None:
+            return
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self._w.add_scalar(TENSORBOARD_TAGS.get(k, f"comm/{k}"), v, record["step"])
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -128,8 +173,6 @@ def fastest_gemm(dtype: torch.dtype, device: str | torch.device = "cpu", **kwarg
 
 def model_flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token of the main model plus its MTP modules (causal attention)."""
-    from flyer.model.counts import block_params, training_flops_per_token
-
     main = training_flops_per_token(cfg, seq_len, causal=True)
     if cfg.mtp_depth:
         mtp_block = block_params(cfg, cfg.n_layers, activated=True) - 2 * cfg.dim

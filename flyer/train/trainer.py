@@ -1,15 +1,15 @@
-"""The trainer: data, model, AdamW, schedule, gradient accumulation, aux-loss-free bias updates,
-MTP loss, evaluation, metrics, atomic checkpoints and exact resume; optional expert parallelism.
+"""The trainer: schedule, gradient accumulation, aux-loss-free bias updates, MTP loss, evaluation,
+metrics and the training loop, on a one-process or expert-parallel mesh (``flyer.parallel.mesh``).
 
 ``Trainer(TrainConfig(...)).run()`` is the API; ``flyer train`` (``flyer.train.cli``) wraps it.
+``build_model`` and ``build_optimizer`` build what the trainer trains; ``flyer.train.checkpoint``
+saves and resumes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -17,14 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from flyer.config import ConfigError, ModelConfig, resolve_config, resolve_device
+from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
+from flyer.data import BatchSampler, eval_batches, prepare_data
+from flyer.fp8 import convert_to_fp8
+from flyer.model.counts import param_counts
 from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.model.lowp import precision_note
+from flyer.parallel.dispatch import comm_stats, dispatcher_factory
+from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
 from flyer.runtime import PRECISIONS, autocast, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
-from flyer.train.metrics import MetricsLog, measure_gemm_peak, model_flops_per_token, read_metrics, truncate_metrics
+from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, read_metrics,
+                                 require_tensorboard, truncate_metrics)
 
 SCHEDULES = ("cosine", "constant")
 DISPATCHERS = ("local", "flat", "hierarchical")
@@ -71,6 +78,7 @@ class TrainConfig:
     fp8_dispatch: bool = False
     plots: bool = True
     progress: bool = True
+    tensorboard: bool | str = False  # True: scalars in OUT/tensorboard; a str: that directory
 
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -96,6 +104,8 @@ class TrainConfig:
         need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be a positive integer")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",
              "must be auto, cpu, cuda or cuda:N")
+        need(isinstance(self.tensorboard, bool) or (isinstance(self.tensorboard, str) and self.tensorboard != ""),
+             "tensorboard", "must be true, false or a directory")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -112,36 +122,81 @@ def lr_at(tc: TrainConfig, step: int) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
+                dispatcher: str = "hierarchical", fp8_dispatch: bool = False) -> Transformer:
+    """The model to train, on ``mesh.device``, initialised exactly as ``torch.manual_seed(seed);
+    Transformer(cfg)`` in one process (each rank keeps its slice of the experts).
+
+    precision: 'fp8' converts the linear layers to FP8 (any other value: left as built; autocast
+    is the caller's). dispatcher: 'local', 'flat' or 'hierarchical', how tokens reach experts on
+    other ranks; fp8_dispatch: FP8 payload on that wire (a one-process run has none, as before).
+    """
+    torch.manual_seed(seed)
+    make_dispatcher = dispatcher_factory(cfg, mesh, kind=dispatcher, fp8=fp8_dispatch and mesh.world > 1)
+    model = Transformer(cfg, make_dispatcher=make_dispatcher).to(mesh.device)
+    mesh.init_like_single_process(model, seed)
+    if precision == "fp8":
+        convert_to_fp8(model)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with ``tc``'s lr, betas and weight decay; matrices decay, vectors (norms, biases) do not."""
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8, fused=params[0].device.type in ("cpu", "cuda"))
+
+
+def progress_postfix(rec: dict[str, Any], val_loss: float | None) -> dict[str, str]:
+    """The progress bar's fields: the next-token loss (comparable with validation), the MTP loss
+    beside it when the model has MTP modules, the last validation loss and tokens/s."""
+    post = {"loss": f"{rec['main_loss']:.3f}"}
+    if rec.get("mtp_loss"):
+        post["mtp"] = f"{rec['mtp_loss']:.3f}"
+    if val_loss is not None:
+        post["val"] = f"{val_loss:.3f}"
+    post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
+    return post
+
+
+def _silent(_msg: str) -> None:
+    pass
+
+
 class Trainer:
+    """Trains ``tc`` (validated here): ``run()`` for the whole loop, or ``train_step()`` /
+    ``evaluate()`` / ``save()`` one at a time. ``log``: one-line messages, called on rank 0 only."""
+
     def __init__(self, tc: TrainConfig, log=print):
         tc.validate()
         self.tc = tc
-        self.log = log
         self.out = Path(tc.out)
         self.ckpt_root = self.out / "checkpoints"
-        self.mesh = None
+        self.tensorboard_dir = (self.out / "tensorboard" if tc.tensorboard is True
+                                else Path(tc.tensorboard) if tc.tensorboard else None)
         self.step = 0
-        self.bad_steps = 0
-        self._setup()
-
-    # ---- set-up -------------------------------------------------------------------------
-    def _setup(self) -> None:
-        tc = self.tc
+        self.bad_steps = 0  # skipped (non-finite) steps in the whole run
+        self.consecutive_bad = 0  # skipped steps since the last good one; max_bad_steps of them end the run
+        if self.tensorboard_dir is not None:
+            require_tensorboard()  # before any work, on every rank
         tune_malloc()  # process-wide: reuse freed activation blocks instead of faulting them in again
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        model_over, _ = self._file_overrides()  # a [train] table is merged into TrainConfig by the CLI
+        model_over = read_config_sections(tc.config)[0] if tc.config else {}  # [train]: merged by the CLI
         base = resolve_config(tc.preset, None, model_over)
-        self.mesh = self._init_distributed(base)
-        self.device = self.mesh.device if self.mesh is not None else resolve_device(tc.device, "train option 'device'")
-        self.rank0 = self.mesh is None or self.mesh.rank == 0
+        self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="train option 'device'")
+        self.device = self.mesh.device
+        self.rank0 = self.mesh.rank == 0
+        self.log = log if self.rank0 else _silent
         self.precision = resolve_precision(tc.precision, self.device)
         note = precision_note(self.precision, self.device)
-        if note and self.rank0:
+        if note:
             self.log(note)
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
-        from flyer.data import BatchSampler, eval_batches, prepare_data
 
         vocab = tc.vocab_size or (min(base.vocab_size, 8192) if tc.tokenizer is None else base.vocab_size)
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
@@ -149,137 +204,44 @@ class Trainer:
         self.cfg: ModelConfig = base.replace(vocab_size=self.data.vocab_size,
                                              max_seq_len=max(base.max_seq_len, tc.seq_len))
         self.cfg.validate()
-        rank = self.mesh.rank if self.mesh else 0
         # Each data-parallel rank draws its own sample stream (seed, rank); deterministic on resume.
-        self.sampler = BatchSampler(self.data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + rank)
+        self.sampler = BatchSampler(self.data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + self.mesh.rank)
         self.eval_data = eval_batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
 
-        torch.manual_seed(tc.seed)
-        make_dispatcher = None
-        if self.mesh is not None:
-            from flyer.parallel.dispatch import dispatcher_factory
-
-            make_dispatcher = dispatcher_factory(self.cfg, self.mesh, kind=tc.dispatcher, fp8=tc.fp8_dispatch)
-        self.model = Transformer(self.cfg, make_dispatcher=make_dispatcher).to(self.device)
-        if self.mesh is not None:
-            from flyer.parallel.grads import init_like_single_process
-
-            # every rank keeps its slice of exactly the single-process initialisation (a plain
-            # seeded build would give every EP rank the same expert weights)
-            init_like_single_process(self.model, self.mesh, tc.seed)
-        if self.precision == "fp8":
-            from flyer.fp8 import convert_to_fp8
-
-            convert_to_fp8(self.model)
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8, fused=self.device.type in ("cpu", "cuda"))
+        self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch)
+        self.optimizer = build_optimizer(self.model, tc)
         self.flops_per_token = model_flops_per_token(self.cfg, tc.seq_len)
         peak_dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
-        self.peak_flops = measure_gemm_peak(peak_dtype, self.device)
+        # MFU against the fastest GEMM the device offers at this precision (``peak_gemm`` names it)
+        self.peak_flops, self.peak_gemm = fastest_gemm(peak_dtype, self.device)
         if tc.resume:
             self._resume()
         elif self.rank0 and ckpt.list_checkpoints(self.ckpt_root):
             raise ConfigError(f"{self.ckpt_root} already holds checkpoints: pass --resume to continue, "
                               f"or choose another --out")
 
-    def _file_overrides(self) -> tuple[dict, dict]:
-        """Model and train overrides from --config (see ``read_config_sections``)."""
-        if not self.tc.config:
-            return {}, {}
-        from flyer.config import read_config_sections
-
-        return read_config_sections(self.tc.config)
-
-    def _init_distributed(self, cfg: ModelConfig):
-        if self.tc.ep <= 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return None
-        from flyer.parallel.mesh import init_distributed
-
-        return init_distributed(cfg, self.tc.ep, self.tc.ranks_per_node, device=self.tc.device)
-
-    # ---- checkpoints ----------------------------------------------------------------------
+    # ---- checkpoints (the format and the work: flyer.train.checkpoint) -------------------------
     def _resume(self) -> None:
-        ckpt.clean_temporaries(self.ckpt_root) if self.rank0 else None
-        path = ckpt.find_valid_checkpoint(self.ckpt_root, log=self.log if self.rank0 else (lambda m: None))
-        if path is None:
-            if self.rank0:
-                self.log(f"no valid checkpoint in {self.ckpt_root}: starting from step 0")
+        found = ckpt.load_training(self.ckpt_root, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
+                                   mesh=self.mesh, cfg=self.cfg, log=self.log)
+        if found is None:
+            self.log(f"no valid checkpoint in {self.ckpt_root}: starting from step 0")
             return
-        saved = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
-        if saved != self.cfg:
-            diff = [k for k, v in saved.to_dict().items() if self.cfg.to_dict()[k] != v]
-            raise ckpt.CheckpointError(f"checkpoint {path} is from a different config (fields differ: {', '.join(diff)})")
-        weights = ckpt.read_tensors(path / "model.safetensors")
-        if self.mesh is not None:
-            from flyer.parallel.grads import load_full_state_dict
-
-            load_full_state_dict(self.model, weights, self.mesh)
-        else:
-            ckpt.load_model_weights(self.model, weights, f"checkpoint {path}")
-        suffix = self._rank_suffix()
-        state_path = path / f"state{suffix}.json"
-        if not state_path.is_file():
-            raise ckpt.CheckpointError(f"checkpoint {path} has no {state_path.name}: saved with another process layout")
-        self.optimizer.load_state_dict(ckpt.read_torch(path / f"optimizer{suffix}.pt"))
-        state = json.loads(state_path.read_text())
-        self.sampler.load_state_dict(state["sampler"])
+        path, state = found
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
-        rng = ckpt.read_tensors(path / f"rng{suffix}.safetensors")
-        torch.set_rng_state(rng["torch_cpu"])
-        if "torch_cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
         if self.rank0:
             truncate_metrics(self.out / "metrics.jsonl", self.step)
-            self.log(f"resumed from {path} at step {self.step}")
-
-    def _rng_state(self) -> dict[str, torch.Tensor]:
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        return rng
-
-    def _rank_suffix(self) -> str:
-        return "" if self.mesh is None else f"-rank{self.mesh.rank}"
+        self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path | None:
+        """Checkpoint this step (every rank calls it); the directory on rank 0, None elsewhere."""
         for p in self.model.parameters():  # a bad state is never checkpointed
             if not torch.isfinite(p).all():
                 raise TrainingError(f"refusing to checkpoint step {self.step}: non-finite parameters")
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "bad_steps": self.bad_steps,
-                 "train_config": asdict(self.tc)}
-        per_rank = {"optimizer": self.optimizer.state_dict(), "state": state,
-                    "rng": self._rng_state()}
-        if self.mesh is not None:
-            import torch.distributed as dist
-
-            from flyer.parallel.grads import full_state_dict
-
-            weights = full_state_dict(self.model, self.mesh)
-            gathered = [None] * self.mesh.world if self.rank0 else None
-            dist.gather_object(per_rank, gathered, dst=0)
-            ranks = list(enumerate(gathered)) if self.rank0 else []
-        else:
-            weights = self.model.state_dict()
-            ranks = [(None, per_rank)]
-        path = None
-        if self.rank0:
-            files: dict[str, Any] = {"model.safetensors": weights, "config.json": self.cfg.to_dict(),
-                                     "tokenizer.json": json.loads(self.data.tokenizer.to_str())}
-            for r, pr in ranks:
-                sfx = "" if r is None else f"-rank{r}"
-                files[f"optimizer{sfx}.pt"] = pr["optimizer"]
-                files[f"state{sfx}.json"] = pr["state"]
-                files[f"rng{sfx}.safetensors"] = pr["rng"]
-            path = ckpt.save_checkpoint(self.ckpt_root, self.step, files, keep=self.tc.keep)
-        if self.mesh is not None:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return path
+        return ckpt.save_training(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
+                                  sampler=self.sampler, mesh=self.mesh, cfg=self.cfg, tokenizer=self.data.tokenizer,
+                                  bad_steps=self.bad_steps, train_config=asdict(self.tc), keep=self.tc.keep)
 
     # ---- one optimizer step ---------------------------------------------------------------
     def _autocast(self):
@@ -291,16 +253,9 @@ class Trainer:
         why = "BF16 in hardware" if self.precision == "bf16" else "no BF16 matrix hardware on this device"
         return f"{self.precision} (auto: {why})"
 
-    def _clip_grad_norm(self) -> torch.Tensor:
-        """Global gradient norm (expert shards counted once over the EP group), then clip."""
-        if self.mesh is None:
-            return torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                                  self.tc.clip)
-        from flyer.parallel.grads import clip_grad_norm_
-
-        return clip_grad_norm_(self.model, self.tc.clip, self.mesh)
-
     def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches (skipped when the loss or gradient
+        norm is not finite); returns its metrics record (``metrics.jsonl`` fields)."""
         tc = self.tc
         self.model.train()
         lr = lr_at(tc, self.step + 1)
@@ -320,12 +275,9 @@ class Trainer:
                 sums["mtp_loss"] += torch.stack(out.mtp_losses).mean().item() / tc.grad_accum
             if out.aux_loss is not None:
                 sums["aux_loss"] += out.aux_loss.item() / tc.grad_accum
-        if self.mesh is not None:
-            from flyer.parallel.grads import sync_gradients
-
-            sync_gradients(self.model, self.mesh)
-            sums = self._mean_over_ranks(sums)
-        grad_norm = float(self._clip_grad_norm())
+        self.mesh.sync_gradients(self.model)
+        sums = self.mesh.mean(sums)
+        grad_norm = float(self.mesh.clip_grad_norm_(self.model, tc.clip))
         loads = [m.tokens_per_expert.tolist() for m in moe_layers(self.model)]
         self.step += 1
         record: dict[str, Any] = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm}
@@ -334,72 +286,56 @@ class Trainer:
             for m in moe_layers(self.model):
                 m.tokens_per_expert.zero_()
             self.bad_steps += 1
-            self._consecutive_bad += 1
+            self.consecutive_bad += 1
             record["skipped"] = True
-            if self.rank0:
-                self.log(f"warning: step {self.step}: non-finite loss or gradient norm; step skipped "
-                         f"({self.bad_steps} skipped so far)")
-            if self._consecutive_bad >= tc.max_bad_steps:
-                raise TrainingError(f"{self._consecutive_bad} consecutive steps with non-finite loss or gradient "
+            self.log(f"warning: step {self.step}: non-finite loss or gradient norm; step skipped "
+                     f"({self.bad_steps} skipped so far)")
+            if self.consecutive_bad >= tc.max_bad_steps:
+                raise TrainingError(f"{self.consecutive_bad} consecutive steps with non-finite loss or gradient "
                                     f"norm (last good checkpoint kept); lower --lr or check the data")
         else:
-            self._consecutive_bad = 0
-            group = None if self.mesh is None else self.mesh.world_group
-            record.update(update_router_bias(self.model, group=group))
+            self.consecutive_bad = 0
+            record.update(update_router_bias(self.model, group=self.mesh.world_group))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        world = 1 if self.mesh is None else self.mesh.world
+        world = self.mesh.world
         tokens = tc.batch_size * tc.seq_len * tc.grad_accum * world
         record.update(tokens_per_s=tokens / dt, step_time_s=dt, skipped_total=self.bad_steps,
                       mfu=self.flops_per_token * tokens / world / dt / self.peak_flops, expert_load=loads)
-        if self.mesh is not None:
-            from flyer.parallel.dispatch import comm_stats
-
-            stats = comm_stats(self.model, reset=True, group=self.mesh.world_group)  # job totals
+        stats = comm_stats(self.model, reset=True, group=self.mesh.world_group)  # job totals
+        if world > 1:  # one process sends nothing: no traffic fields
             record.update({k: v for k, v in stats.items() if not isinstance(v, list)})
         return record
 
-    def _mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
-        import torch.distributed as dist
-
-        t = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return dict(zip(sums, (t / self.mesh.world).tolist()))
-
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean next-token (main) loss over the validation batches, averaged over ranks."""
         self.model.eval()
         total = 0.0
         for x, y in self.eval_data:
             with self._autocast():
                 total += self.model.compute_loss(x.to(self.device), y.to(self.device)).main_loss.item()
         self.model.train()
-        loss = total / len(self.eval_data)
-        if self.mesh is not None:
-            from flyer.parallel.dispatch import comm_stats
-
-            comm_stats(self.model, reset=True)  # evaluation traffic is not training traffic
-            loss = self._mean_over_ranks({"v": loss})["v"]
-        return loss
+        comm_stats(self.model, reset=True)  # evaluation traffic is not training traffic
+        return self.mesh.mean({"v": total / len(self.eval_data)})["v"]
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Train to ``tc.steps`` (validating, logging and checkpointing on the way); returns a
+        summary: steps, final_loss, val_loss, unigram_val_loss, skipped_steps, out."""
         tc = self.tc
-        self._consecutive_bad = 0
-        metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.rank0)
-        if self.rank0:
-            from flyer.model.counts import param_counts
-
-            pc = param_counts(self.cfg)
-            self.log(f"flyer train: preset {tc.preset}, {pc.total / 1e6:.1f}M params ({pc.activated / 1e6:.1f}M "
-                     f"activated, MTP {pc.mtp / 1e6:.1f}M), {self._precision_label()}, batch {tc.batch_size}x{tc.seq_len}"
-                     f"x{tc.grad_accum}, {len(self.data.train):,} train tokens, vocab {self.cfg.vocab_size}")
-            self.log(f"unigram baseline (validation): {self.data.unigram_val_loss:.3f} nats/token")
+        pc = param_counts(self.cfg)
+        self.log(f"flyer train: preset {tc.preset}, {pc.total / 1e6:.1f}M params ({pc.activated / 1e6:.1f}M "
+                 f"activated, MTP {pc.mtp / 1e6:.1f}M), {self._precision_label()}, batch {tc.batch_size}x{tc.seq_len}"
+                 f"x{tc.grad_accum}, {len(self.data.train):,} train tokens, vocab {self.cfg.vocab_size}")
+        self.log(f"unigram baseline (validation): {self.data.unigram_val_loss:.3f} nats/token")
+        self.log(f"mfu: against {self.peak_gemm}, {self.peak_flops / 1e9:,.0f} GFLOP/s here")
+        logs = [MetricsLog(self.out / "metrics.jsonl", enabled=self.rank0)]
+        if self.tensorboard_dir is not None:
+            logs.append(TensorBoardLog(self.tensorboard_dir, enabled=self.rank0, purge_step=self.step + 1))
         bar = None
         if self.rank0 and tc.progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         val_loss = None
         try:
@@ -408,23 +344,22 @@ class Trainer:
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
                     val_loss = self.evaluate()
                     rec["val_loss"] = val_loss
-                metrics.write(rec)
+                for log in logs:
+                    log.write(rec)
                 if bar is not None:
                     bar.update(1)
-                    post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-                    if val_loss is not None:
-                        post["val"] = f"{val_loss:.3f}"
-                    bar.set_postfix(post)
+                    bar.set_postfix(progress_postfix(rec, val_loss))
                 if self.step % tc.ckpt_every == 0 or self.step == tc.steps:
-                    if self._consecutive_bad == 0:
+                    if self.consecutive_bad == 0:
                         self.save()
         finally:
             if bar is not None:
                 bar.close()
-            metrics.close()
+            for log in logs:
+                log.close()
         records = read_metrics(self.out / "metrics.jsonl") if self.rank0 else []
         if self.rank0 and tc.plots:
-            from flyer.train.plots import plot_expert_load, plot_loss
+            from flyer.train.plots import plot_expert_load, plot_loss  # matplotlib: heavy, only when plotting
 
             plot_loss(records, self.out / "loss.png", self.data.unigram_val_loss)
             plot_expert_load(records, self.out / "expert_load.png", n_mtp=self.cfg.mtp_depth)
@@ -432,12 +367,8 @@ class Trainer:
         summary = {"steps": self.step, "final_loss": train_losses[-1] if train_losses else None,
                    "val_loss": val_loss, "unigram_val_loss": self.data.unigram_val_loss,
                    "skipped_steps": self.bad_steps, "out": str(self.out)}
-        if self.rank0:
-            if val_loss is not None:
-                self.log(f"done: step {self.step}, validation loss {val_loss:.3f} vs unigram baseline "
-                         f"{self.data.unigram_val_loss:.3f}; metrics {self.out / 'metrics.jsonl'}")
-        if self.mesh is not None:
-            from flyer.parallel.mesh import destroy
-
-            destroy(self.mesh)
+        if val_loss is not None:
+            self.log(f"done: step {self.step}, validation loss {val_loss:.3f} vs unigram baseline "
+                     f"{self.data.unigram_val_loss:.3f}; metrics {self.out / 'metrics.jsonl'}")
+        self.mesh.destroy()
         return summary
