@@ -17,9 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A user-fixable configuration problem; the message is one line naming the field."""
+from flyer.errors import ConfigError, FieldError
 
 
 @dataclass
@@ -337,11 +335,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_fields(name: str) -> dict[str, Any]:
+    """The fields preset ``name`` sets: the one lookup in ``PRESETS``, and so the one check of a name."""
+    if name not in PRESETS:
+        raise FieldError("preset", f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """The named preset, optionally with fields overridden."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
-    return ModelConfig.from_dict({**PRESETS[name], **overrides})
+    return ModelConfig.from_dict({**preset_fields(name), **overrides})
 
 
 def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -381,36 +384,33 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def resolve_config(preset_name: str | None = None, config_path: str | Path | None = None,
                    overrides: dict[str, Any] | None = None) -> ModelConfig:
     """A preset (None = the dataclass defaults, i.e. DeepSeek-V3) with file and keyword overrides."""
-    if preset_name is not None and preset_name not in PRESETS:
-        raise ConfigError(f"unknown preset '{preset_name}' (choose from: {', '.join(PRESETS)})")
-    d: dict[str, Any] = dict(PRESETS[preset_name]) if preset_name else {}
+    d: dict[str, Any] = dict(preset_fields(preset_name)) if preset_name is not None else {}
     if config_path is not None:
         d.update(read_config_file(config_path))
     d.update(overrides or {})
     return ModelConfig.from_dict(d)
 
 
-__all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "resolve_config", "read_config_file", "read_config_sections",
-           "yarn_mscale"]
-
-
-def resolve_device(name: str, what: str = "device"):
-    """``auto`` is CUDA when available, else CPU; a CUDA device that is not there is a ConfigError
-    whose message starts with ``what``."""
-    import torch
+def resolve_device(name: str, field: str = "device"):
+    """``auto`` is CUDA when available, else CPU; a CUDA device that is not there is a
+    ``FieldError`` naming ``field``."""
+    import torch  # here only: the config and its validation load without torch (flyer plan, flyer net)
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"{what}: unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
+        raise FieldError(field, f"unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{what}: {name} asked for, but CUDA is not available on this machine")
+            raise FieldError(field, f"{name} asked for, but CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"{what}: {name} asked for, but this machine has {torch.cuda.device_count()} "
-                              f"CUDA device(s)")
+            raise FieldError(field, f"{name} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise ConfigError(f"{what}: unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
+        raise FieldError(field, f"unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
     return device
+
+
+__all__ = ["ModelConfig", "ConfigError", "FieldError", "PRESETS", "preset", "preset_fields", "resolve_config",
+           "read_config_file", "read_config_sections", "resolve_device", "yarn_mscale"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flyer.cli import UserError
+from flyer.errors import FieldError
 from flyer.cluster.netsim import build_fabric, max_min_rates, simulate
 
 
@@ -48,9 +48,10 @@ def test_line_rate_time_is_exact():
 
 
 def test_errors():
-    with pytest.raises(UserError, match="--topology"):
+    with pytest.raises(FieldError, match="^topology: unknown topology 'torus'") as e:
         build_fabric("torus", 4, 2)
-    with pytest.raises(UserError, match="--forwarding"):
+    assert e.value.field == "topology"
+    with pytest.raises(FieldError, match="^forwarding: direct is impossible"):
         simulate("mpft", "static", nodes=4, gpus_per_node=2, forwarding="direct")
-    with pytest.raises(UserError, match="--routing"):
+    with pytest.raises(FieldError, match="^routing: unknown routing"):
         simulate("ft3", "random", nodes=4, gpus_per_node=2)

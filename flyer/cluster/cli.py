@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import json
 
-from flyer.cli import UserError
+from flyer.cluster import topology as T
+from flyer.cluster.comm import EPScenario, RDMAIssue, ep_decode, ibgda_sweep, latency_table
+from flyer.cluster.costs import Layout, Throughput, auto_layout, plan
+from flyer.cluster.hardware import FABRICS, GPUS, fabric, gpu_spec
+from flyer.cluster.netsim import ROUTINGS, TOPOLOGIES, simulate
+from flyer.cluster.pipeline import SCHEDULES, compare, pipeline_report
+from flyer.cluster.plots import simulate_chart, topology_chart
+from flyer.cluster.storage import StorageCluster, storage_model
 from flyer.config import PRESETS, resolve_config
+from flyer.errors import FieldError
 
 
 def _emit(args, obj, table) -> int:
@@ -39,25 +47,22 @@ def _grid(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
         print("  " + "  ".join(x.rjust(wd) for x, wd in zip(c, widths)))
 
 
-def _positive_int(flag: str, v: int) -> int:
+def _positive_int(field: str, v: int) -> int:
     if v < 1:
-        raise UserError(f"{flag} must be >= 1 (got {v})")
+        raise FieldError(field, f"must be >= 1 (got {v})")
     return v
 
 
 # ---- flyer plan ---------------------------------------------------------------------------------
 def _plan(args) -> int:
-    from flyer.cluster.costs import Layout, Throughput, auto_layout, plan
-    from flyer.cluster.hardware import gpu_spec
-
     overrides = {}
     for item in args.hw or []:
         if "=" not in item:
-            raise UserError(f"--hw expects FIELD=VALUE (got {item!r})")
+            raise FieldError("hw", f"expects FIELD=VALUE (got {item!r})")
         k, v = item.split("=", 1)
         overrides[k.strip()] = v.strip()
     if args.gpus_per_node is not None:
-        overrides["gpus_per_node"] = str(_positive_int("--gpus-per-node", args.gpus_per_node))
+        overrides["gpus_per_node"] = str(_positive_int("gpus_per_node", args.gpus_per_node))
     gpu = gpu_spec(args.gpu, overrides)
     cfg = resolve_config(args.preset, args.config)
     pp, ep, schedule = args.pp, args.ep, args.schedule
@@ -100,8 +105,6 @@ def _plan(args) -> int:
 
 # ---- flyer net ----------------------------------------------------------------------------------
 def _topology(args) -> int:
-    from flyer.cluster import topology as T
-
     prices = T.Prices(args.switch_price_per_port, args.switch_price_base, args.endpoint_link_usd,
                       args.switch_link_usd)
     df = None
@@ -115,8 +118,6 @@ def _topology(args) -> int:
         if r["name"] == "sf":
             r["params"]["buildable_q"] = T.slim_fly_q_for_radix(args.radix, prime_power=True)
     if args.plot:
-        from flyer.cluster.plots import topology_chart
-
         topology_chart(rows, args.plot)
 
     def table(rs):
@@ -135,9 +136,6 @@ def _topology(args) -> int:
 
 
 def _ep(args) -> int:
-    from flyer.cluster.comm import EPScenario, ep_decode
-    from flyer.cluster.hardware import fabric
-
     kw = {}
     if args.preset:  # take the model's own sizes instead of the ISCA paper's rounded scenario
         cfg = resolve_config(args.preset)
@@ -151,8 +149,13 @@ def _ep(args) -> int:
     scen = EPScenario(tokens_per_device=args.tokens_per_device, dispatch_bytes=args.dispatch_bytes,
                       combine_bytes=args.combine_bytes, micro_batches=args.micro_batches,
                       node_limit=args.node_limit, dispatch_scale_bytes=4 / 128 if args.fp8_scales else 0.0, **kw)
-    out = ep_decode(scen, fabric(args.fabric, args.bandwidth_gb_s, args.latency_us),
-                    fabric("nvlink", args.nvlink_gb_s) if args.node_limit else None)
+    nvlink = None
+    if args.node_limit:
+        try:
+            nvlink = fabric("nvlink", args.nvlink_gb_s)
+        except FieldError as e:  # the bandwidth given is --nvlink-gb-s here, not --bandwidth-gb-s
+            raise FieldError("nvlink_gb_s", e.problem) from None
+    out = ep_decode(scen, fabric(args.fabric, args.bandwidth_gb_s, args.latency_us), nvlink)
 
     def table(o):
         print(f"EP decode on {o['fabric']} at {o['bandwidth_gb_s']:g} GB/s: {o['tokens_per_device']} tokens/device x "
@@ -173,13 +176,10 @@ def _ep(args) -> int:
 
 
 def _latency(args) -> int:
-    from flyer.cluster.comm import RDMAIssue, ibgda_sweep, latency_table
-    from flyer.cluster.hardware import fabric
-
     try:
         sizes = [int(float(s)) for s in args.sizes.split(",")]
     except ValueError:
-        raise UserError(f"--sizes must be comma-separated byte counts (got {args.sizes!r})") from None
+        raise FieldError("sizes", f"must be comma-separated byte counts (got {args.sizes!r})") from None
     out = {
         "latency": latency_table(args.bytes),
         "ibgda": ibgda_sweep(sizes, args.messages, fabric(args.fabric), args.nic_msg_rate,
@@ -203,16 +203,12 @@ def _latency(args) -> int:
 
 
 def _simulate(args) -> int:
-    from flyer.cluster.netsim import ROUTINGS, TOPOLOGIES, simulate
-
     topos = TOPOLOGIES if args.topology == "all" else (args.topology,)
     routings = ROUTINGS if args.routing == "all" else (args.routing,)
     rows = [simulate(t, r, nodes=args.nodes, gpus_per_node=args.gpus_per_node, radix=args.radix,
                      forwarding=args.forwarding, message_bytes=args.message_bytes, seed=args.seed,
                      nic_gb_s=args.nic_gb_s) for t in topos for r in routings]
     if args.plot:
-        from flyer.cluster.plots import simulate_chart
-
         simulate_chart(rows, args.plot)
 
     def table(rs):
@@ -228,8 +224,6 @@ def _simulate(args) -> int:
 
 
 def _storage(args) -> int:
-    from flyer.cluster.storage import StorageCluster, storage_model
-
     c = StorageCluster(args.nodes, args.nics_per_node, args.nic_gbit_s, args.ssds_per_node, args.ssd_tib,
                        args.ssd_read_gb_s, args.ssd_write_gb_s, args.replicas, args.clients,
                        args.client_nic_gbit_s, args.efficiency, args.fill, args.recovery_share)
@@ -249,8 +243,6 @@ def _storage(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from flyer.cluster.pipeline import compare, pipeline_report
-
     if args.schedule == "all":
         rows = compare(args.pp, args.f, args.b, args.w, args.fb, args.stage_param_gib, args.microbatch_activation_gib)
     else:
@@ -267,9 +259,6 @@ def _pipeline(args) -> int:
 
 
 def register(sub) -> None:
-    from flyer.cluster.hardware import FABRICS, GPUS
-    from flyer.cluster.pipeline import SCHEDULES
-
     p = sub.add_parser("plan", help="training FLOPs, GPU-hours, cost and per-GPU memory on a cluster")
     p.add_argument("--preset", default="dsv3", choices=list(PRESETS), metavar="PRESET", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--config", help="a config file overriding the preset's fields")
@@ -349,8 +338,8 @@ def register(sub) -> None:
     q.set_defaults(func=_latency)
 
     q = ns.add_parser("simulate", help="flow-level all-to-all on small MPFT/MRFT/FT3 with ECMP/static/adaptive routing")
-    q.add_argument("--topology", default="all", help="mpft, mrft, ft3 or all")
-    q.add_argument("--routing", default="all", help="ecmp, static, adaptive or all")
+    q.add_argument("--topology", default="all", choices=("all", *TOPOLOGIES))
+    q.add_argument("--routing", default="all", choices=("all", *ROUTINGS))
     q.add_argument("--nodes", type=int, default=16)
     q.add_argument("--gpus-per-node", type=int, default=4)
     q.add_argument("--radix", type=int, help="switch radix (default: the smallest that holds the cluster)")

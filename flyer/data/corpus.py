@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from flyer.data.errors import DataError
+from flyer.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
 # Bumped whenever cleaning changes the text, so cached shards are rebuilt.

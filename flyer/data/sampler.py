@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flyer.data.errors import DataError
+from flyer.errors import DataError
 from flyer.data.shards import TokenShards
 
 STATE_VERSION = 1

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from flyer.data.errors import DataError
+from flyer.errors import DataError
 
 MAGIC = b"FLYERTOK"
 VERSION = 1

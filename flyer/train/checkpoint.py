@@ -29,13 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flyer.config import ModelConfig
+from flyer.errors import CheckpointError
 
 FORMAT_VERSION = 1
 _PREFIX = "step_"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not fit the model."""
 
 
 def _sha256(path: Path) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from flyer.config import ConfigError, ModelConfig, resolve_config, resolve_device
+from flyer.errors import TrainingError
 from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.runtime import PRECISIONS, autocast, precision_note, resolve_precision, tune_malloc
@@ -27,10 +28,6 @@ from flyer.train.metrics import MetricsLog, measure_gemm_peak, model_flops_per_t
 
 SCHEDULES = ("cosine", "constant")
 DISPATCHERS = ("local", "flat", "hierarchical")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
 
 
 @dataclass
