@@ -112,7 +112,8 @@ class ModelConfig:
             need(self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 = no query compression)")
             need(self.kv_lora_rank > 0, "kv_lora_rank", "must be > 0 for MLA")
             need(self.qk_nope_head_dim > 0, "qk_nope_head_dim", "must be > 0 for MLA")
-            need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be a positive even number")
+            need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+                 "must be a positive even number")
             need(self.v_head_dim > 0, "v_head_dim", "must be > 0 for MLA")
         else:
             need(self.n_kv_heads > 0, "n_kv_heads", "must be > 0 for gqa attention")
@@ -133,7 +134,8 @@ class ModelConfig:
             need(1 <= self.n_activated_experts <= allowed, "n_activated_experts",
                  f"must be in [1, {allowed}] (experts in the {self.n_limited_groups} allowed groups of {per_group})")
             if self.n_expert_groups > 1 and self.router_bias:
-                need(per_group >= 2, "n_expert_groups", "leaves fewer than 2 experts per group (group score sums the top 2)")
+                need(per_group >= 2, "n_expert_groups",
+                     "leaves fewer than 2 experts per group (group score sums the top 2)")
             need(self.route_scale > 0, "route_scale", "must be > 0")
             need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
             need(self.seq_aux_alpha >= 0, "seq_aux_alpha", "must be >= 0")
@@ -406,7 +408,8 @@ def resolve_device(name: str, field: str = "device"):
         if not torch.cuda.is_available():
             raise FieldError(field, f"{name} asked for, but CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise FieldError(field, f"{name} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+            n = torch.cuda.device_count()
+            raise FieldError(field, f"{name} asked for, but this machine has {n} CUDA device(s)")
     elif device.type != "cpu":
         raise FieldError(field, f"unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
     return device

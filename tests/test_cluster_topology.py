@@ -2,8 +2,8 @@
 
 import pytest
 
-from flyer.errors import FieldError
 from flyer.cluster import topology as T
+from flyer.errors import FieldError
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +16,8 @@ def test_isca_table_counts(table):
         "ft2": (2048, 96, 2048), "mpft": (16384, 768, 16384), "ft3": (65536, 5120, 131072),
         "sf": (32928, 1568, 32928), "df": (261632, 16352, 384272),
     }
-    for name, (e, s, l) in want.items():
-        assert (table[name]["endpoints"], table[name]["switches"], table[name]["links"]) == (e, s, l), name
+    for name, counts in want.items():
+        assert (table[name]["endpoints"], table[name]["switches"], table[name]["links"]) == counts, name
 
 
 def test_isca_table_costs(table):

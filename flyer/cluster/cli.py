@@ -76,14 +76,19 @@ def _plan(args) -> int:
 
     def table(o):
         m = o["memory"]
-        print(f"{o['preset'] or o['config']} on {o['gpus']:,} x {o['gpu']}, {_num(o['tokens'])} tokens at sequence {o['seq_len']}")
+        print(f"{o['preset'] or o['config']} on {o['gpus']:,} x {o['gpu']}, {_num(o['tokens'])} tokens at sequence "
+              f"{o['seq_len']}")
         _rows([
-            ("total / activated params", f"{_num(o['total_params'])} / {_num(o['activated_params'])} (MTP +{_num(o['mtp_params'])})"),
+            ("total / activated params", f"{_num(o['total_params'])} / {_num(o['activated_params'])} "
+                                         f"(MTP +{_num(o['mtp_params'])})"),
             ("FLOPs / token causal", f"{o['flops_per_token_causal'] / 1e9:.2f} GFLOPs"),
             ("FLOPs / token non-causal", f"{o['flops_per_token_noncausal'] / 1e9:.2f} GFLOPs"),
-            ("throughput", f"{_num(o['tokens_per_day'])} tokens/day, {o['tokens_per_s_per_gpu']:.0f} tokens/s/GPU ({o['throughput_source']})"),
-            ("TFLOPS / GPU causal | non-causal", f"{o['tflops_per_gpu_causal']:.1f} | {o['tflops_per_gpu_noncausal']:.1f}"),
-            ("MFU causal | non-causal", f"{o['mfu_causal']:.2%} | {o['mfu_noncausal']:.2%} of {o['peak_bf16_tflops']:.0f} TFLOPS BF16"),
+            ("throughput", f"{_num(o['tokens_per_day'])} tokens/day, {o['tokens_per_s_per_gpu']:.0f} tokens/s/GPU "
+                           f"({o['throughput_source']})"),
+            ("TFLOPS / GPU causal | non-causal",
+             f"{o['tflops_per_gpu_causal']:.1f} | {o['tflops_per_gpu_noncausal']:.1f}"),
+            ("MFU causal | non-causal",
+             f"{o['mfu_causal']:.2%} | {o['mfu_noncausal']:.2%} of {o['peak_bf16_tflops']:.0f} TFLOPS BF16"),
             ("GPU-hours", f"{o['gpu_hours']:,.0f} ({o['gpu_hours_per_trillion_tokens']:,.0f} per trillion tokens"
                           + (f", +{o['extra_gpu_hours']:,.0f} extra)" if o['extra_gpu_hours'] else ")")),
             ("days", f"{o['days']:.2f}"),
@@ -97,7 +102,8 @@ def _plan(args) -> int:
             ("gradients (FP32)", f"{m['gradients_gib']:.2f} GiB"),
             ("optimizer (ZeRO-1)", f"{m['optimizer_gib']:.2f} GiB"),
             ("activations (estimate)", f"{m['activations_gib']:.2f} GiB"),
-            ("total", f"{m['total_gib']:.2f} GiB of {m['hbm_gib']:.0f} GiB HBM ({'fits' if m['fits'] else 'does NOT fit'})"),
+            ("total", f"{m['total_gib']:.2f} GiB of {m['hbm_gib']:.0f} GiB HBM "
+                      f"({'fits' if m['fits'] else 'does NOT fit'})"),
         ])
 
     return _emit(args, out, table)
@@ -168,7 +174,8 @@ def _ep(args) -> int:
             ("layer", f"{o['layer_us']:.2f} us"),
             ("time per output token", f"{o['tpot_ms']:.2f} ms"),
             ("tokens/s", f"{o['tokens_per_s']:.1f}"),
-            ("with latency (alpha-beta)", f"step {o['step_us_alpha_beta']:.2f} us, TPOT {o['tpot_ms_alpha_beta']:.2f} ms, "
+            ("with latency (alpha-beta)", f"step {o['step_us_alpha_beta']:.2f} us, "
+                                          f"TPOT {o['tpot_ms_alpha_beta']:.2f} ms, "
                                           f"{o['tokens_per_s_alpha_beta']:.1f} tokens/s"),
         ])
 
@@ -234,7 +241,8 @@ def _storage(args) -> int:
               f"{o['ssds_per_node']} x {o['ssd_tib']:g} TiB SSDs, {o['replicas']} replicas, {o['clients']} clients")
         _rows([
             ("aggregate read", f"{o['read_tib_s']:.2f} TiB/s ({o['read_gb_s']:,.0f} GB/s, bound by {o['read_bound']})"),
-            ("aggregate write", f"{o['write_tib_s']:.2f} TiB/s ({o['write_gb_s']:,.0f} GB/s, bound by {o['write_bound']})"),
+            ("aggregate write",
+             f"{o['write_tib_s']:.2f} TiB/s ({o['write_gb_s']:,.0f} GB/s, bound by {o['write_bound']})"),
             ("capacity raw | usable", f"{o['raw_capacity_pib']:.2f} | {o['usable_capacity_pib']:.2f} PiB"),
             ("recovery after a node loss", f"{o['recovery_tib']:.1f} TiB re-replicated in {o['recovery_min']:.1f} min"),
         ])
@@ -260,7 +268,8 @@ def _pipeline(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("plan", help="training FLOPs, GPU-hours, cost and per-GPU memory on a cluster")
-    p.add_argument("--preset", default="dsv3", choices=list(PRESETS), metavar="PRESET", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--preset", default="dsv3", choices=list(PRESETS), metavar="PRESET",
+                   help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--config", help="a config file overriding the preset's fields")
     p.add_argument("--gpu", default="h800", help=f"one of: {', '.join(GPUS)}")
     p.add_argument("--hw", action="append", metavar="FIELD=VALUE", help="override a hardware field (repeatable)")
@@ -315,7 +324,8 @@ def register(sub) -> None:
     q.add_argument("--combine-bytes", type=float, default=2.0, help="bytes per element on combine (BF16 = 2)")
     q.add_argument("--fp8-scales", action="store_true", help="add one FP32 scale per 128 dispatched elements")
     q.add_argument("--micro-batches", type=int, default=2)
-    q.add_argument("--node-limit", type=int, default=0, help="M nodes per token (hierarchical over NVLink); 0 = the paper's bound")
+    q.add_argument("--node-limit", type=int, default=0,
+                   help="M nodes per token (hierarchical over NVLink); 0 = the paper's bound")
     q.add_argument("--fabric", default="ib", help=f"one of: {', '.join(FABRICS)}")
     q.add_argument("--bandwidth-gb-s", type=float, help="override the fabric's bandwidth (GB/s)")
     q.add_argument("--latency-us", type=float, help="override the fabric's latency")
@@ -376,6 +386,7 @@ def register(sub) -> None:
     q.add_argument("--fb", type=float, help="overlapped forward+backward pair (default F+B)")
     q.add_argument("--schedule", default="all", choices=("all", *SCHEDULES))
     q.add_argument("--stage-param-gib", type=float, default=0.0, help="parameter memory of one stage")
-    q.add_argument("--microbatch-activation-gib", type=float, default=0.0, help="activations of one micro-batch on a stage")
+    q.add_argument("--microbatch-activation-gib", type=float, default=0.0,
+                   help="activations of one micro-batch on a stage")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_pipeline)

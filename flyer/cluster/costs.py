@@ -136,7 +136,8 @@ def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) 
     total = weights + grads + optimizer + activations
     return {
         "pp": lay.pp, "ep": lay.ep, "dp": lay.dp, "expert_dp": lay.expert_dp, "schedule": lay.schedule,
-        "micro_batch": lay.micro_batch, "recompute": lay.recompute, "layers_per_stage": layers, "params_per_gpu": int(params),
+        "micro_batch": lay.micro_batch, "recompute": lay.recompute, "layers_per_stage": layers,
+        "params_per_gpu": int(params),
         "weights_gib": weights / GIB, "gradients_gib": grads / GIB, "optimizer_gib": optimizer / GIB,
         "activations_gib": activations / GIB, "total_gib": total / GIB, "hbm_gib": hbm_gib,
         "fits": total / GIB <= hbm_gib,

@@ -147,7 +147,8 @@ def _open_shard(path: Path, verify: bool) -> tuple[np.ndarray, int]:
     dtype = _DTYPES[itemsize]
     expected = HEADER_SIZE + n * itemsize
     if file_size != expected:
-        raise DataError(f"token shard '{path}' is {file_size} bytes but its header says {expected}; file is truncated or corrupt")
+        raise DataError(f"token shard '{path}' is {file_size} bytes but its header says {expected}; "
+                        "file is truncated or corrupt")
     if n == 0:
         tokens = np.empty(0, dtype=dtype)
     else:

@@ -99,8 +99,9 @@ def _run(args) -> int:
         raise FieldError("prompt", "every prompt must encode to at least one token")
     need = max(len(p) for p in prompts) + args.max_new_tokens
     if need > cfg.max_seq_len:
-        raise FieldError("max_new_tokens", f"{args.max_new_tokens} new tokens after a {need - args.max_new_tokens}-token "
-                                           f"prompt exceed the model's max_seq_len {cfg.max_seq_len}")
+        prompt = need - args.max_new_tokens
+        raise FieldError("max_new_tokens", f"{args.max_new_tokens} new tokens after a {prompt}-token prompt exceed "
+                                           f"the model's max_seq_len {cfg.max_seq_len}")
     dtype = _DTYPES[args.cache_dtype]
     pc = None
     if args.prefix_cache:

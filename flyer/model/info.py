@@ -25,7 +25,8 @@ def meta_counts(cfg: ModelConfig) -> ParamCounts:
             inactive += (m.n_local - cfg.n_activated_experts) * per_expert
     mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
     head = 0 if cfg.tie_embeddings else model.head.weight.numel()
-    return ParamCounts(total=total, activated=total - inactive, mtp=mtp, embedding=model.embed.weight.numel(), head=head)
+    return ParamCounts(total=total, activated=total - inactive, mtp=mtp, embedding=model.embed.weight.numel(),
+                       head=head)
 
 
 def info(preset: str | None, config: str | None = None) -> dict:
