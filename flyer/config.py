@@ -81,10 +81,6 @@ class ModelConfig:
         return self.n_routed_experts > 0 and self.n_layers > self.n_dense_layers
 
     @property
-    def n_moe_layers(self) -> int:
-        return self.n_layers - self.n_dense_layers if self.n_routed_experts > 0 else 0
-
-    @property
     def softmax_scale(self) -> float:
         """Attention softmax scale, with YaRN's mscale^2 correction when extended."""
         d = self.qk_head_dim if self.attn == "mla" else self.head_dim
@@ -283,9 +279,7 @@ def _from_hf(d: dict[str, Any]) -> dict[str, Any]:
 _NO_YARN = dict(rope_factor=1.0)
 _DENSE = dict(n_routed_experts=0, n_shared_experts=0, mtp_depth=0, q_lora_rank=0)
 
-# The CPU presets use gamma = 0.01 (V3: 0.001): with few, large AdamW steps the router logits move
-# ~lr * sqrt(dim) per step, and at 0.001 the bias cannot keep up, so routing collapses onto one
-# expert for tens of steps (measured: max/mean load 4.0 on tiny for 50 steps, ~1.5 by step 60 at 0.01).
+# CPU presets: gamma 0.01 (V3: 0.001), or the bias lags few large AdamW steps and routing collapses onto one expert.
 PRESETS: dict[str, dict[str, Any]] = {
     # a few M parameters; trains on a CPU in seconds
     "tiny": dict(

@@ -35,6 +35,16 @@ def test_old_homes_reexport_the_one_class():
     assert CheckpointError is errors.CheckpointError and TrainingError is errors.TrainingError
 
 
+def test_generation_config_names_the_field():
+    from flyer.infer import GenerationConfig
+
+    for kw, field in ((dict(top_p=0), "top_p"), (dict(max_new_tokens=0), "max_new_tokens"),
+                      (dict(attention="flash"), "attention")):
+        with pytest.raises(FieldError) as e:
+            GenerationConfig(**kw).validate()
+        assert e.value.field == field and str(e.value).startswith(f"{field}: ")
+
+
 # library modules whose errors name fields; a flag ("--gpus") belongs to the CLI modules only
 LIBRARY = [p for p in (*(ROOT / "cluster").glob("*.py"), *(ROOT / "infer").glob("*.py"),
                        *(ROOT / "data").glob("*.py"), ROOT / "config.py", ROOT / "model" / "counts.py")

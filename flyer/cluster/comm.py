@@ -100,9 +100,8 @@ class LatencyModel:
         return self.endpoint_us + switches * self.switch_us + nbytes / (self.bandwidth_gb_s * 1e3)
 
 
-# Per-switch and endpoint terms are a fit to the ISCA paper's 64-byte measurements (IB 2.8 /
-# 3.7 us, RoCE 3.6 / 5.6 us for 1 / 3 switches); NVLink's 3.33 us includes its NVSwitch. The
-# model's use is what the measurements do not give: a 5-switch (three-tier) path, other sizes.
+# Fitted to the ISCA paper's 64-byte latencies (IB 2.8 / 3.7 us, RoCE 3.6 / 5.6 us at 1 / 3 switches)
+# to give what they do not: 5-switch (three-tier) paths and other sizes.
 LATENCY_MODELS = {
     "ib": LatencyModel("InfiniBand", 2.35, 0.45, 50.0),
     "roce": LatencyModel("RoCE", 2.6, 1.0, 50.0),

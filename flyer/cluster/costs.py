@@ -116,7 +116,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
 def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) -> dict:
     """Bytes per GPU on the heaviest pipeline stage, split by kind (see module docstring)."""
     validate_layout(cfg, lay)
-    moe = cfg.n_routed_experts > 0 and cfg.n_layers > cfg.n_dense_layers
+    moe = cfg.is_moe
     layers = math.ceil(cfg.n_layers / lay.pp)
     heavy_layer = cfg.n_dense_layers if moe else 0  # id of a layer of the heaviest kind
     layer_total = block_params(cfg, heavy_layer)

@@ -167,8 +167,8 @@ def _open_shard(path: Path, verify: bool) -> tuple[np.ndarray, int]:
 class TokenShards:
     """Read-only view of the concatenation of one or more shard files.
 
-    ``paths``: shard files in order. ``verify``: check every checksum now (blake2b runs at
-    ~1 GB/s, so a few MB cost milliseconds). ``read`` returns int64 copies; the maps stay open.
+    ``paths``: shard files in order. ``verify``: check every checksum now (blake2b: a few MB
+    cost milliseconds). ``read`` returns int64 copies; the maps stay open.
     """
 
     def __init__(self, paths: list[str | Path], verify: bool = True):

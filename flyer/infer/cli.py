@@ -3,6 +3,7 @@ optional MTP speculative decoding and an on-disk prefix cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -79,13 +80,14 @@ def _load(args):
 def _run(args) -> int:
     if bool(args.ckpt) == bool(args.preset):
         raise UserError("give exactly one of --ckpt DIR (a trained run) or --preset NAME (random weights)")
-    for name in ("max_new_tokens", "draft_tokens", "prefix_block", "threads"):
+    for name in ("prefix_block", "threads"):
         if getattr(args, name) < 1:
             raise FieldError(name, f"must be >= 1 (got {getattr(args, name)})")
-    if args.temperature < 0:
-        raise FieldError("temperature", f"must be >= 0 (got {args.temperature})")
-    if not 0 < args.top_p <= 1:
-        raise FieldError("top_p", f"must be in (0, 1] (got {args.top_p})")
+    dtype = _DTYPES[args.cache_dtype]
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           seed=args.seed, attention=args.attention, cache_dtype=dtype,
+                           speculative=args.speculative, draft_tokens=args.draft_tokens)
+    gen.validate()  # before the model loads
     torch.set_num_threads(args.threads)
     model, tok = _load(args)
     model.eval()
@@ -97,21 +99,12 @@ def _run(args) -> int:
     prompts = [tok.encode_ids(p) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):
         raise FieldError("prompt", "every prompt must encode to at least one token")
-    need = max(len(p) for p in prompts) + args.max_new_tokens
-    if need > cfg.max_seq_len:
-        prompt = need - args.max_new_tokens
-        raise FieldError("max_new_tokens", f"{args.max_new_tokens} new tokens after a {prompt}-token prompt exceed "
-                                           f"the model's max_seq_len {cfg.max_seq_len}")
-    dtype = _DTYPES[args.cache_dtype]
     pc = None
     if args.prefix_cache:
         pc = open_prefix_cache(model, args.prefix_cache, attention=args.attention, cache_dtype=dtype,
                                block_size=args.prefix_block, max_bytes=parse_size(args.prefix_cache_size))
     eos = args.eos_id if args.eos_id is not None else tok.eos_id()
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           eos_id=eos, seed=args.seed, attention=args.attention, cache_dtype=dtype,
-                           speculative=args.speculative, draft_tokens=args.draft_tokens, prefix_cache=pc)
-    res = generate(model, prompts, gen)
+    res = generate(model, prompts, dataclasses.replace(gen, eos_id=eos, prefix_cache=pc))
     texts = [tok.decode([t for t in toks if t != eos]) for toks in res.tokens]
     totals = pc.record_stats() if pc is not None else None
     if args.json:

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from flyer.errors import FieldError
+from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
 from flyer.infer.sampling import SamplingParams, sample
@@ -35,12 +37,14 @@ class GenerationConfig:
     prefix_cache: PrefixCache | None = None  # from ``open_prefix_cache``
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        """``FieldError`` naming the first bad field."""
+        for name in ("max_new_tokens", "draft_tokens"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
         if self.speculative not in (None, "mtp"):
-            raise ValueError(f"speculative must be None or 'mtp' (got {self.speculative!r})")
-        if self.draft_tokens < 1:
-            raise ValueError(f"draft_tokens must be >= 1 (got {self.draft_tokens})")
+            raise FieldError("speculative", f"must be None or 'mtp' (got {self.speculative!r})")
+        if self.attention not in ATTENTION_MODES:
+            raise FieldError("attention", f"must be one of {', '.join(ATTENTION_MODES)} (got {self.attention!r})")
         SamplingParams(self.temperature, self.top_p)
 
 
@@ -177,9 +181,10 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
     for p in prompts:
         if min(p) < 0 or max(p) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V}) (vocab_size)")
-    need = max(len(p) for p in prompts) + gen.max_new_tokens
-    if need > model.cfg.max_seq_len:
-        raise ValueError(f"prompt + max_new_tokens = {need} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    longest = max(len(p) for p in prompts)
+    if longest + gen.max_new_tokens > model.cfg.max_seq_len:
+        raise FieldError("max_new_tokens", f"{gen.max_new_tokens} new tokens after a {longest}-token prompt exceed "
+                                           f"the model's max_seq_len {model.cfg.max_seq_len}")
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]],
