@@ -17,9 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A user-fixable configuration problem; the message is one line naming the field."""
+from flyer.errors import ConfigError, FieldError
 
 
 @dataclass
@@ -83,10 +81,6 @@ class ModelConfig:
         return self.n_routed_experts > 0 and self.n_layers > self.n_dense_layers
 
     @property
-    def n_moe_layers(self) -> int:
-        return self.n_layers - self.n_dense_layers if self.n_routed_experts > 0 else 0
-
-    @property
     def softmax_scale(self) -> float:
         """Attention softmax scale, with YaRN's mscale^2 correction when extended."""
         d = self.qk_head_dim if self.attn == "mla" else self.head_dim
@@ -114,7 +108,8 @@ class ModelConfig:
             need(self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 = no query compression)")
             need(self.kv_lora_rank > 0, "kv_lora_rank", "must be > 0 for MLA")
             need(self.qk_nope_head_dim > 0, "qk_nope_head_dim", "must be > 0 for MLA")
-            need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be a positive even number")
+            need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+                 "must be a positive even number")
             need(self.v_head_dim > 0, "v_head_dim", "must be > 0 for MLA")
         else:
             need(self.n_kv_heads > 0, "n_kv_heads", "must be > 0 for gqa attention")
@@ -135,7 +130,8 @@ class ModelConfig:
             need(1 <= self.n_activated_experts <= allowed, "n_activated_experts",
                  f"must be in [1, {allowed}] (experts in the {self.n_limited_groups} allowed groups of {per_group})")
             if self.n_expert_groups > 1 and self.router_bias:
-                need(per_group >= 2, "n_expert_groups", "leaves fewer than 2 experts per group (group score sums the top 2)")
+                need(per_group >= 2, "n_expert_groups",
+                     "leaves fewer than 2 experts per group (group score sums the top 2)")
             need(self.route_scale > 0, "route_scale", "must be > 0")
             need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
             need(self.seq_aux_alpha >= 0, "seq_aux_alpha", "must be >= 0")
@@ -283,9 +279,7 @@ def _from_hf(d: dict[str, Any]) -> dict[str, Any]:
 _NO_YARN = dict(rope_factor=1.0)
 _DENSE = dict(n_routed_experts=0, n_shared_experts=0, mtp_depth=0, q_lora_rank=0)
 
-# The CPU presets use gamma = 0.01 (V3: 0.001): with few, large AdamW steps the router logits move
-# ~lr * sqrt(dim) per step, and at 0.001 the bias cannot keep up, so routing collapses onto one
-# expert for tens of steps (measured: max/mean load 4.0 on tiny for 50 steps, ~1.5 by step 60 at 0.01).
+# CPU presets: gamma 0.01 (V3: 0.001), or the bias lags few large AdamW steps and routing collapses onto one expert.
 PRESETS: dict[str, dict[str, Any]] = {
     # a few M parameters; trains on a CPU in seconds
     "tiny": dict(
@@ -337,11 +331,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_fields(name: str) -> dict[str, Any]:
+    """The fields preset ``name`` sets: the one lookup in ``PRESETS``, and so the one check of a name."""
+    if name not in PRESETS:
+        raise FieldError("preset", f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """The named preset, optionally with fields overridden."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
-    return ModelConfig.from_dict({**PRESETS[name], **overrides})
+    return ModelConfig.from_dict({**preset_fields(name), **overrides})
 
 
 def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -381,36 +380,34 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def resolve_config(preset_name: str | None = None, config_path: str | Path | None = None,
                    overrides: dict[str, Any] | None = None) -> ModelConfig:
     """A preset (None = the dataclass defaults, i.e. DeepSeek-V3) with file and keyword overrides."""
-    if preset_name is not None and preset_name not in PRESETS:
-        raise ConfigError(f"unknown preset '{preset_name}' (choose from: {', '.join(PRESETS)})")
-    d: dict[str, Any] = dict(PRESETS[preset_name]) if preset_name else {}
+    d: dict[str, Any] = dict(preset_fields(preset_name)) if preset_name is not None else {}
     if config_path is not None:
         d.update(read_config_file(config_path))
     d.update(overrides or {})
     return ModelConfig.from_dict(d)
 
 
-__all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "resolve_config", "read_config_file", "read_config_sections",
-           "yarn_mscale"]
-
-
-def resolve_device(name: str, what: str = "device"):
-    """``auto`` is CUDA when available, else CPU; a CUDA device that is not there is a ConfigError
-    whose message starts with ``what``."""
-    import torch
+def resolve_device(name: str, field: str = "device"):
+    """``auto`` is CUDA when available, else CPU; a CUDA device that is not there is a
+    ``FieldError`` naming ``field``."""
+    import torch  # here only: the config and its validation load without torch (flyer plan, flyer net)
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"{what}: unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
+        raise FieldError(field, f"unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{what}: {name} asked for, but CUDA is not available on this machine")
+            raise FieldError(field, f"{name} asked for, but CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"{what}: {name} asked for, but this machine has {torch.cuda.device_count()} "
-                              f"CUDA device(s)")
+            n = torch.cuda.device_count()
+            raise FieldError(field, f"{name} asked for, but this machine has {n} CUDA device(s)")
     elif device.type != "cpu":
-        raise ConfigError(f"{what}: unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
+        raise FieldError(field, f"unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
     return device
+
+
+__all__ = ["ModelConfig", "ConfigError", "FieldError", "PRESETS", "preset", "preset_fields", "resolve_config",
+           "read_config_file", "read_config_sections", "resolve_device", "yarn_mscale"]

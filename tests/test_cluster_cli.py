@@ -73,3 +73,27 @@ def test_user_errors_are_one_line(capsys, argv, flag):
     rc, _, err = run(capsys, *argv)
     assert rc == 2
     assert err.startswith("flyer: error:") and flag in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, line", [
+    (("plan", "--pp", "3"), "--pp: must divide the 2048 GPUs (got 3)"),
+    (("plan", "--gpus-per-node", "0"), "--gpus-per-node: must be >= 1 (got 0)"),
+    (("plan", "--micro-batch", "0"), "--micro-batch: must be >= 1 (got 0)"),
+    (("net", "topology", "--df-g", "600"), "--df-g: must be in [2, a*h+1 = 513] (got 600)"),
+    (("net", "ep", "--node-limit", "4", "--nvlink-gb-s", "0"), "--nvlink-gb-s: must be > 0 (got 0.0)"),
+    (("net", "simulate", "--nodes", "1"), "--nodes: must be >= 2 (got 1)"),
+    (("net", "pipeline", "--w", "3"), "--w: the weight-gradient part must be <= the backward time 2.0 (got 3.0)"),
+])
+def test_cli_words_the_field_as_its_flag(capsys, argv, line):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and err == f"flyer: error: {line}\n"
+
+
+def test_flags_are_those_of_the_chosen_subcommand():
+    from flyer.cli import build_parser, flags
+
+    parser = build_parser()
+    f = flags(parser, parser.parse_args(["net", "simulate"]))
+    assert f["gpus_per_node"] == "--gpus-per-node" and f["topology"] == "--topology" and "hw" not in f
+    f = flags(parser, parser.parse_args(["plan"]))
+    assert f["micro_batch"] == "--micro-batch" and f["hw"] == "--hw" and "topology" not in f

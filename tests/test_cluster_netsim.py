@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 
-from flyer.cli import UserError
 from flyer.cluster.netsim import build_fabric, max_min_rates, simulate
+from flyer.errors import FieldError
 
 
 def test_max_min_textbook():
     # links 0 (cap 1) and 1 (cap 2); flow 0 uses both, flow 1 link 0, flow 2 link 1
     f = np.array([0, 0, 1, 2])
-    l = np.array([0, 1, 0, 1])
-    rates = max_min_rates(f, l, np.array([1.0, 2.0]), 3)
+    links = np.array([0, 1, 0, 1])
+    rates = max_min_rates(f, links, np.array([1.0, 2.0]), 3)
     assert rates == pytest.approx([0.5, 0.5, 1.5])
 
 
@@ -48,9 +48,10 @@ def test_line_rate_time_is_exact():
 
 
 def test_errors():
-    with pytest.raises(UserError, match="--topology"):
+    with pytest.raises(FieldError, match="^topology: unknown topology 'torus'") as e:
         build_fabric("torus", 4, 2)
-    with pytest.raises(UserError, match="--forwarding"):
+    assert e.value.field == "topology"
+    with pytest.raises(FieldError, match="^forwarding: direct is impossible"):
         simulate("mpft", "static", nodes=4, gpus_per_node=2, forwarding="direct")
-    with pytest.raises(UserError, match="--routing"):
+    with pytest.raises(FieldError, match="^routing: unknown routing"):
         simulate("ft3", "random", nodes=4, gpus_per_node=2)

@@ -2,11 +2,11 @@
 
 import pytest
 
-from flyer.cli import UserError
 from flyer.cluster.costs import Layout, Throughput, activation_bytes_per_token_layer, auto_layout, memory_per_gpu, plan
 from flyer.cluster.hardware import GPUS, gpu_spec
 from flyer.cluster.pipeline import schedule_cost, simulate_1f1b
 from flyer.config import preset
+from flyer.errors import FieldError
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +67,11 @@ def test_memory_layout(v3_plan):
     assert auto_layout(preset("tiny"), 8) == (1, 1, "1f1b")
 
 
-@pytest.mark.parametrize("kw, flag", [(dict(pp=3), "--pp"), (dict(pp=16, ep=3), "--ep"), (dict(pp=128), "--pp")])
-def test_bad_layout(kw, flag):
-    with pytest.raises(UserError, match=flag):
+@pytest.mark.parametrize("kw, field", [(dict(pp=3), "pp"), (dict(pp=16, ep=3), "ep"), (dict(pp=128), "pp")])
+def test_bad_layout(kw, field):
+    with pytest.raises(FieldError, match=f"^{field}: must") as e:
         memory_per_gpu(preset("dsv3"), Layout(2048, **kw), 4096, 80)
+    assert e.value.field == field and "--" not in str(e.value)
 
 
 def test_hardware_table():
@@ -78,9 +79,9 @@ def test_hardware_table():
     assert gpu_spec("h800").nic_gb_s == 50.0
     assert gpu_spec("h800", {"bf16_tflops": "900"}).bf16_tflops == 900
     assert gpu_spec("gb200", {"gpus_per_node": "36"}).gpus_per_node == 36
-    with pytest.raises(UserError, match="--hw"):
+    with pytest.raises(FieldError, match="^hw: unknown hardware field 'bogus'"):
         gpu_spec("h800", {"bogus": "1"})
-    with pytest.raises(UserError, match="--gpu"):
+    with pytest.raises(FieldError, match="^gpu: unknown GPU 'a100'"):
         gpu_spec("a100")
 
 
@@ -91,7 +92,7 @@ def test_pipeline_bubbles():
     dp = schedule_cost("dualpipe", PP, F, B, W, fb=2.5)
     assert dp.bubble == (PP / 2 - 1) * (2.5 + B - 3 * W)
     assert (dp.param_copies, dp.activation_microbatches) == (2, PP + 1)
-    with pytest.raises(UserError, match="even"):
+    with pytest.raises(FieldError, match="^pp: must be even"):
         schedule_cost("dualpipe", 15)
 
 

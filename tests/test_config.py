@@ -6,7 +6,9 @@ import pytest
 
 from flyer.cli import main
 from flyer.config import PRESETS, ConfigError, ModelConfig, preset, resolve_config
-from flyer.model.counts import kv_cache_bytes_per_token, meta_counts, param_counts, training_flops_per_token
+from flyer.errors import FieldError
+from flyer.model.counts import kv_cache_bytes_per_token, param_counts, training_flops_per_token
+from flyer.model.info import meta_counts
 
 
 @pytest.mark.parametrize("field,value,words", [
@@ -99,6 +101,14 @@ def test_toml_overrides_and_errors(tmp_path):
         resolve_config("tiny", tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         resolve_config("huge")
+
+
+def test_unknown_preset_is_one_field_error(capsys):
+    with pytest.raises(FieldError, match="^preset: unknown preset 'huge' \\(choose from: tiny, small,") as e:
+        preset("huge")
+    assert e.value.field == "preset"
+    assert main(["generate", "--preset", "huge", "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.startswith("flyer: error: --preset: unknown preset 'huge'")
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

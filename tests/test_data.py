@@ -62,9 +62,11 @@ def test_tokenizer_round_trip():
 
 
 def test_clean_markdown():
-    md = "# Play\n\n### SCENE I. A room.\n\n_Enter IAGO_\n\n**IAGO**  \nI--God bless\\--the mark! __\\[Aside]_  \nsnake_case stays\n\n\n\nEnd"
+    md = ("# Play\n\n### SCENE I. A room.\n\n_Enter IAGO_\n\n**IAGO**  \nI--God bless\\--the mark! __\\[Aside]_  \n"
+          "snake_case stays\n\n\n\nEnd")
     out = clean_markdown(md)
-    assert out == "Play\n\nSCENE I. A room.\n\nEnter IAGO\n\nIAGO\nI--God bless--the mark! [Aside]\nsnake_case stays\n\nEnd\n"
+    assert out == ("Play\n\nSCENE I. A room.\n\nEnter IAGO\n\nIAGO\nI--God bless--the mark! [Aside]\n"
+                   "snake_case stays\n\nEnd\n")
 
 
 # ---- shards -------------------------------------------------------------------------------
@@ -198,7 +200,9 @@ def test_custom_data_dir(tmp_path):
     # a corrupted cached shard is detected and rebuilt
     p = changed.train.paths[0]
     expected = changed.train.read(0, len(changed.train))
-    raw = bytearray(p.read_bytes()); raw[70] ^= 0xFF; p.write_bytes(bytes(raw))
+    raw = bytearray(p.read_bytes())
+    raw[70] ^= 0xFF
+    p.write_bytes(bytes(raw))
     rebuilt = prepare_data(tmp_path / "corpus", tmp_path / "cache", vocab_size=512, val_fraction=0.2)
     assert np.array_equal(rebuilt.train.read(0, len(rebuilt.train)), expected)
     TokenShards(rebuilt.train.paths)  # checksums verify again

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import json
 
-from flyer.cli import UserError
+from flyer.cluster import topology as T
+from flyer.cluster.comm import EPScenario, RDMAIssue, ep_decode, ibgda_sweep, latency_table
+from flyer.cluster.costs import Layout, Throughput, auto_layout, plan
+from flyer.cluster.hardware import FABRICS, GPUS, fabric, gpu_spec
+from flyer.cluster.netsim import ROUTINGS, TOPOLOGIES, simulate
+from flyer.cluster.pipeline import SCHEDULES, compare, pipeline_report
+from flyer.cluster.plots import simulate_chart, topology_chart
+from flyer.cluster.storage import StorageCluster, storage_model
 from flyer.config import PRESETS, resolve_config
+from flyer.errors import FieldError
 
 
 def _emit(args, obj, table) -> int:
@@ -39,25 +47,22 @@ def _grid(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
         print("  " + "  ".join(x.rjust(wd) for x, wd in zip(c, widths)))
 
 
-def _positive_int(flag: str, v: int) -> int:
+def _positive_int(field: str, v: int) -> int:
     if v < 1:
-        raise UserError(f"{flag} must be >= 1 (got {v})")
+        raise FieldError(field, f"must be >= 1 (got {v})")
     return v
 
 
 # ---- flyer plan ---------------------------------------------------------------------------------
 def _plan(args) -> int:
-    from flyer.cluster.costs import Layout, Throughput, auto_layout, plan
-    from flyer.cluster.hardware import gpu_spec
-
     overrides = {}
     for item in args.hw or []:
         if "=" not in item:
-            raise UserError(f"--hw expects FIELD=VALUE (got {item!r})")
+            raise FieldError("hw", f"expects FIELD=VALUE (got {item!r})")
         k, v = item.split("=", 1)
         overrides[k.strip()] = v.strip()
     if args.gpus_per_node is not None:
-        overrides["gpus_per_node"] = str(_positive_int("--gpus-per-node", args.gpus_per_node))
+        overrides["gpus_per_node"] = str(_positive_int("gpus_per_node", args.gpus_per_node))
     gpu = gpu_spec(args.gpu, overrides)
     cfg = resolve_config(args.preset, args.config)
     pp, ep, schedule = args.pp, args.ep, args.schedule
@@ -71,14 +76,19 @@ def _plan(args) -> int:
 
     def table(o):
         m = o["memory"]
-        print(f"{o['preset'] or o['config']} on {o['gpus']:,} x {o['gpu']}, {_num(o['tokens'])} tokens at sequence {o['seq_len']}")
+        print(f"{o['preset'] or o['config']} on {o['gpus']:,} x {o['gpu']}, {_num(o['tokens'])} tokens at sequence "
+              f"{o['seq_len']}")
         _rows([
-            ("total / activated params", f"{_num(o['total_params'])} / {_num(o['activated_params'])} (MTP +{_num(o['mtp_params'])})"),
+            ("total / activated params", f"{_num(o['total_params'])} / {_num(o['activated_params'])} "
+                                         f"(MTP +{_num(o['mtp_params'])})"),
             ("FLOPs / token causal", f"{o['flops_per_token_causal'] / 1e9:.2f} GFLOPs"),
             ("FLOPs / token non-causal", f"{o['flops_per_token_noncausal'] / 1e9:.2f} GFLOPs"),
-            ("throughput", f"{_num(o['tokens_per_day'])} tokens/day, {o['tokens_per_s_per_gpu']:.0f} tokens/s/GPU ({o['throughput_source']})"),
-            ("TFLOPS / GPU causal | non-causal", f"{o['tflops_per_gpu_causal']:.1f} | {o['tflops_per_gpu_noncausal']:.1f}"),
-            ("MFU causal | non-causal", f"{o['mfu_causal']:.2%} | {o['mfu_noncausal']:.2%} of {o['peak_bf16_tflops']:.0f} TFLOPS BF16"),
+            ("throughput", f"{_num(o['tokens_per_day'])} tokens/day, {o['tokens_per_s_per_gpu']:.0f} tokens/s/GPU "
+                           f"({o['throughput_source']})"),
+            ("TFLOPS / GPU causal | non-causal",
+             f"{o['tflops_per_gpu_causal']:.1f} | {o['tflops_per_gpu_noncausal']:.1f}"),
+            ("MFU causal | non-causal",
+             f"{o['mfu_causal']:.2%} | {o['mfu_noncausal']:.2%} of {o['peak_bf16_tflops']:.0f} TFLOPS BF16"),
             ("GPU-hours", f"{o['gpu_hours']:,.0f} ({o['gpu_hours_per_trillion_tokens']:,.0f} per trillion tokens"
                           + (f", +{o['extra_gpu_hours']:,.0f} extra)" if o['extra_gpu_hours'] else ")")),
             ("days", f"{o['days']:.2f}"),
@@ -92,7 +102,8 @@ def _plan(args) -> int:
             ("gradients (FP32)", f"{m['gradients_gib']:.2f} GiB"),
             ("optimizer (ZeRO-1)", f"{m['optimizer_gib']:.2f} GiB"),
             ("activations (estimate)", f"{m['activations_gib']:.2f} GiB"),
-            ("total", f"{m['total_gib']:.2f} GiB of {m['hbm_gib']:.0f} GiB HBM ({'fits' if m['fits'] else 'does NOT fit'})"),
+            ("total", f"{m['total_gib']:.2f} GiB of {m['hbm_gib']:.0f} GiB HBM "
+                      f"({'fits' if m['fits'] else 'does NOT fit'})"),
         ])
 
     return _emit(args, out, table)
@@ -100,8 +111,6 @@ def _plan(args) -> int:
 
 # ---- flyer net ----------------------------------------------------------------------------------
 def _topology(args) -> int:
-    from flyer.cluster import topology as T
-
     prices = T.Prices(args.switch_price_per_port, args.switch_price_base, args.endpoint_link_usd,
                       args.switch_link_usd)
     df = None
@@ -115,8 +124,6 @@ def _topology(args) -> int:
         if r["name"] == "sf":
             r["params"]["buildable_q"] = T.slim_fly_q_for_radix(args.radix, prime_power=True)
     if args.plot:
-        from flyer.cluster.plots import topology_chart
-
         topology_chart(rows, args.plot)
 
     def table(rs):
@@ -135,9 +142,6 @@ def _topology(args) -> int:
 
 
 def _ep(args) -> int:
-    from flyer.cluster.comm import EPScenario, ep_decode
-    from flyer.cluster.hardware import fabric
-
     kw = {}
     if args.preset:  # take the model's own sizes instead of the ISCA paper's rounded scenario
         cfg = resolve_config(args.preset)
@@ -151,8 +155,13 @@ def _ep(args) -> int:
     scen = EPScenario(tokens_per_device=args.tokens_per_device, dispatch_bytes=args.dispatch_bytes,
                       combine_bytes=args.combine_bytes, micro_batches=args.micro_batches,
                       node_limit=args.node_limit, dispatch_scale_bytes=4 / 128 if args.fp8_scales else 0.0, **kw)
-    out = ep_decode(scen, fabric(args.fabric, args.bandwidth_gb_s, args.latency_us),
-                    fabric("nvlink", args.nvlink_gb_s) if args.node_limit else None)
+    nvlink = None
+    if args.node_limit:
+        try:
+            nvlink = fabric("nvlink", args.nvlink_gb_s)
+        except FieldError as e:  # the bandwidth given is --nvlink-gb-s here, not --bandwidth-gb-s
+            raise FieldError("nvlink_gb_s", e.problem) from None
+    out = ep_decode(scen, fabric(args.fabric, args.bandwidth_gb_s, args.latency_us), nvlink)
 
     def table(o):
         print(f"EP decode on {o['fabric']} at {o['bandwidth_gb_s']:g} GB/s: {o['tokens_per_device']} tokens/device x "
@@ -165,7 +174,8 @@ def _ep(args) -> int:
             ("layer", f"{o['layer_us']:.2f} us"),
             ("time per output token", f"{o['tpot_ms']:.2f} ms"),
             ("tokens/s", f"{o['tokens_per_s']:.1f}"),
-            ("with latency (alpha-beta)", f"step {o['step_us_alpha_beta']:.2f} us, TPOT {o['tpot_ms_alpha_beta']:.2f} ms, "
+            ("with latency (alpha-beta)", f"step {o['step_us_alpha_beta']:.2f} us, "
+                                          f"TPOT {o['tpot_ms_alpha_beta']:.2f} ms, "
                                           f"{o['tokens_per_s_alpha_beta']:.1f} tokens/s"),
         ])
 
@@ -173,13 +183,10 @@ def _ep(args) -> int:
 
 
 def _latency(args) -> int:
-    from flyer.cluster.comm import RDMAIssue, ibgda_sweep, latency_table
-    from flyer.cluster.hardware import fabric
-
     try:
         sizes = [int(float(s)) for s in args.sizes.split(",")]
     except ValueError:
-        raise UserError(f"--sizes must be comma-separated byte counts (got {args.sizes!r})") from None
+        raise FieldError("sizes", f"must be comma-separated byte counts (got {args.sizes!r})") from None
     out = {
         "latency": latency_table(args.bytes),
         "ibgda": ibgda_sweep(sizes, args.messages, fabric(args.fabric), args.nic_msg_rate,
@@ -203,16 +210,12 @@ def _latency(args) -> int:
 
 
 def _simulate(args) -> int:
-    from flyer.cluster.netsim import ROUTINGS, TOPOLOGIES, simulate
-
     topos = TOPOLOGIES if args.topology == "all" else (args.topology,)
     routings = ROUTINGS if args.routing == "all" else (args.routing,)
     rows = [simulate(t, r, nodes=args.nodes, gpus_per_node=args.gpus_per_node, radix=args.radix,
                      forwarding=args.forwarding, message_bytes=args.message_bytes, seed=args.seed,
                      nic_gb_s=args.nic_gb_s) for t in topos for r in routings]
     if args.plot:
-        from flyer.cluster.plots import simulate_chart
-
         simulate_chart(rows, args.plot)
 
     def table(rs):
@@ -228,8 +231,6 @@ def _simulate(args) -> int:
 
 
 def _storage(args) -> int:
-    from flyer.cluster.storage import StorageCluster, storage_model
-
     c = StorageCluster(args.nodes, args.nics_per_node, args.nic_gbit_s, args.ssds_per_node, args.ssd_tib,
                        args.ssd_read_gb_s, args.ssd_write_gb_s, args.replicas, args.clients,
                        args.client_nic_gbit_s, args.efficiency, args.fill, args.recovery_share)
@@ -240,7 +241,8 @@ def _storage(args) -> int:
               f"{o['ssds_per_node']} x {o['ssd_tib']:g} TiB SSDs, {o['replicas']} replicas, {o['clients']} clients")
         _rows([
             ("aggregate read", f"{o['read_tib_s']:.2f} TiB/s ({o['read_gb_s']:,.0f} GB/s, bound by {o['read_bound']})"),
-            ("aggregate write", f"{o['write_tib_s']:.2f} TiB/s ({o['write_gb_s']:,.0f} GB/s, bound by {o['write_bound']})"),
+            ("aggregate write",
+             f"{o['write_tib_s']:.2f} TiB/s ({o['write_gb_s']:,.0f} GB/s, bound by {o['write_bound']})"),
             ("capacity raw | usable", f"{o['raw_capacity_pib']:.2f} | {o['usable_capacity_pib']:.2f} PiB"),
             ("recovery after a node loss", f"{o['recovery_tib']:.1f} TiB re-replicated in {o['recovery_min']:.1f} min"),
         ])
@@ -249,8 +251,6 @@ def _storage(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from flyer.cluster.pipeline import compare, pipeline_report
-
     if args.schedule == "all":
         rows = compare(args.pp, args.f, args.b, args.w, args.fb, args.stage_param_gib, args.microbatch_activation_gib)
     else:
@@ -267,11 +267,9 @@ def _pipeline(args) -> int:
 
 
 def register(sub) -> None:
-    from flyer.cluster.hardware import FABRICS, GPUS
-    from flyer.cluster.pipeline import SCHEDULES
-
     p = sub.add_parser("plan", help="training FLOPs, GPU-hours, cost and per-GPU memory on a cluster")
-    p.add_argument("--preset", default="dsv3", choices=list(PRESETS), metavar="PRESET", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--preset", default="dsv3", choices=list(PRESETS), metavar="PRESET",
+                   help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--config", help="a config file overriding the preset's fields")
     p.add_argument("--gpu", default="h800", help=f"one of: {', '.join(GPUS)}")
     p.add_argument("--hw", action="append", metavar="FIELD=VALUE", help="override a hardware field (repeatable)")
@@ -326,7 +324,8 @@ def register(sub) -> None:
     q.add_argument("--combine-bytes", type=float, default=2.0, help="bytes per element on combine (BF16 = 2)")
     q.add_argument("--fp8-scales", action="store_true", help="add one FP32 scale per 128 dispatched elements")
     q.add_argument("--micro-batches", type=int, default=2)
-    q.add_argument("--node-limit", type=int, default=0, help="M nodes per token (hierarchical over NVLink); 0 = the paper's bound")
+    q.add_argument("--node-limit", type=int, default=0,
+                   help="M nodes per token (hierarchical over NVLink); 0 = the paper's bound")
     q.add_argument("--fabric", default="ib", help=f"one of: {', '.join(FABRICS)}")
     q.add_argument("--bandwidth-gb-s", type=float, help="override the fabric's bandwidth (GB/s)")
     q.add_argument("--latency-us", type=float, help="override the fabric's latency")
@@ -349,8 +348,8 @@ def register(sub) -> None:
     q.set_defaults(func=_latency)
 
     q = ns.add_parser("simulate", help="flow-level all-to-all on small MPFT/MRFT/FT3 with ECMP/static/adaptive routing")
-    q.add_argument("--topology", default="all", help="mpft, mrft, ft3 or all")
-    q.add_argument("--routing", default="all", help="ecmp, static, adaptive or all")
+    q.add_argument("--topology", default="all", choices=("all", *TOPOLOGIES))
+    q.add_argument("--routing", default="all", choices=("all", *ROUTINGS))
     q.add_argument("--nodes", type=int, default=16)
     q.add_argument("--gpus-per-node", type=int, default=4)
     q.add_argument("--radix", type=int, help="switch radix (default: the smallest that holds the cluster)")
@@ -387,6 +386,7 @@ def register(sub) -> None:
     q.add_argument("--fb", type=float, help="overlapped forward+backward pair (default F+B)")
     q.add_argument("--schedule", default="all", choices=("all", *SCHEDULES))
     q.add_argument("--stage-param-gib", type=float, default=0.0, help="parameter memory of one stage")
-    q.add_argument("--microbatch-activation-gib", type=float, default=0.0, help="activations of one micro-batch on a stage")
+    q.add_argument("--microbatch-activation-gib", type=float, default=0.0,
+                   help="activations of one micro-batch on a stage")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_pipeline)

@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from flyer.cli import UserError
 from flyer.cluster.hardware import GIB, GPUSpec
 from flyer.cluster.pipeline import schedule_cost
 from flyer.config import ModelConfig
+from flyer.errors import FieldError
 from flyer.model.counts import block_params, kv_cache_bytes_per_token, param_counts, training_flops_per_token
 
 SECONDS_PER_DAY = 86400.0
@@ -56,17 +56,17 @@ class Layout:
 
 def validate_layout(cfg: ModelConfig, lay: Layout) -> None:
     if lay.gpus < 1:
-        raise UserError(f"--gpus must be >= 1 (got {lay.gpus})")
+        raise FieldError("gpus", f"must be >= 1 (got {lay.gpus})")
     if lay.pp < 1 or lay.gpus % lay.pp:
-        raise UserError(f"--pp must divide --gpus={lay.gpus} (got {lay.pp})")
+        raise FieldError("pp", f"must divide the {lay.gpus} GPUs (got {lay.pp})")
     if lay.pp > cfg.n_layers:
-        raise UserError(f"--pp must be <= the model's {cfg.n_layers} layers (got {lay.pp})")
+        raise FieldError("pp", f"must be <= the model's {cfg.n_layers} layers (got {lay.pp})")
     if lay.ep < 1 or lay.dp % lay.ep:
-        raise UserError(f"--ep must divide the {lay.dp} GPUs of a pipeline stage (got {lay.ep})")
+        raise FieldError("ep", f"must divide the {lay.dp} GPUs of a pipeline stage (got {lay.ep})")
     if lay.ep > 1 and (cfg.n_routed_experts == 0 or cfg.n_routed_experts % lay.ep):
-        raise UserError(f"--ep must divide the model's {cfg.n_routed_experts} routed experts (got {lay.ep})")
+        raise FieldError("ep", f"must divide the model's {cfg.n_routed_experts} routed experts (got {lay.ep})")
     if lay.micro_batch < 1:
-        raise UserError(f"--micro-batch must be >= 1 (got {lay.micro_batch})")
+        raise FieldError("micro_batch", f"must be >= 1 (got {lay.micro_batch})")
 
 
 def auto_layout(cfg: ModelConfig, gpus: int) -> tuple[int, int, str]:
@@ -74,7 +74,7 @@ def auto_layout(cfg: ModelConfig, gpus: int) -> tuple[int, int, str]:
     try:
         validate_layout(cfg, Layout(gpus, 16, 64, schedule="dualpipe"))
         return 16, 64, "dualpipe"
-    except UserError:
+    except FieldError:
         return 1, 1, "1f1b"
 
 
@@ -116,7 +116,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
 def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) -> dict:
     """Bytes per GPU on the heaviest pipeline stage, split by kind (see module docstring)."""
     validate_layout(cfg, lay)
-    moe = cfg.n_routed_experts > 0 and cfg.n_layers > cfg.n_dense_layers
+    moe = cfg.is_moe
     layers = math.ceil(cfg.n_layers / lay.pp)
     heavy_layer = cfg.n_dense_layers if moe else 0  # id of a layer of the heaviest kind
     layer_total = block_params(cfg, heavy_layer)
@@ -136,7 +136,8 @@ def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) 
     total = weights + grads + optimizer + activations
     return {
         "pp": lay.pp, "ep": lay.ep, "dp": lay.dp, "expert_dp": lay.expert_dp, "schedule": lay.schedule,
-        "micro_batch": lay.micro_batch, "recompute": lay.recompute, "layers_per_stage": layers, "params_per_gpu": int(params),
+        "micro_batch": lay.micro_batch, "recompute": lay.recompute, "layers_per_stage": layers,
+        "params_per_gpu": int(params),
         "weights_gib": weights / GIB, "gradients_gib": grads / GIB, "optimizer_gib": optimizer / GIB,
         "activations_gib": activations / GIB, "total_gib": total / GIB, "hbm_gib": hbm_gib,
         "fits": total / GIB <= hbm_gib,
@@ -153,11 +154,11 @@ class Throughput:
     def tokens_per_s_per_gpu(self, gpus: int, flops_per_token: float, peak_flops: float) -> float:
         if self.tokens_per_day is not None:
             if self.tokens_per_day <= 0:
-                raise UserError(f"--tokens-per-day must be > 0 (got {self.tokens_per_day})")
+                raise FieldError("tokens_per_day", f"must be > 0 (got {self.tokens_per_day})")
             return self.tokens_per_day / SECONDS_PER_DAY / gpus
         mfu = 0.4 if self.mfu is None else self.mfu
         if not 0 < mfu <= 1:
-            raise UserError(f"--mfu must be in (0, 1] (got {mfu})")
+            raise FieldError("mfu", f"must be in (0, 1] (got {mfu})")
         return mfu * peak_flops / flops_per_token
 
 
@@ -165,11 +166,12 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
          price_per_gpu_hour: float = 2.0, extra_gpu_hours: float = 0.0) -> dict:
     """Everything ``flyer plan`` prints, as one flat dict (memory nested under ``memory``)."""
     if tokens <= 0:
-        raise UserError(f"--tokens must be > 0 (got {tokens})")
+        raise FieldError("tokens", f"must be > 0 (got {tokens})")
     if seq_len < 1:
-        raise UserError(f"--seq-len must be >= 1 (got {seq_len})")
-    if price_per_gpu_hour < 0 or extra_gpu_hours < 0:
-        raise UserError("--price-per-gpu-hour and --extra-gpu-hours must be >= 0")
+        raise FieldError("seq_len", f"must be >= 1 (got {seq_len})")
+    for name, value in (("price_per_gpu_hour", price_per_gpu_hour), ("extra_gpu_hours", extra_gpu_hours)):
+        if value < 0:
+            raise FieldError(name, f"must be >= 0 (got {value})")
     validate_layout(cfg, lay)
     pc = param_counts(cfg)
     causal = training_flops_per_token(cfg, seq_len, causal=True)

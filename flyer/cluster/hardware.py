@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 
-from flyer.cli import UserError
+from flyer.errors import FieldError
 
 GIB = 1024**3
 
@@ -44,25 +44,25 @@ GPUS: dict[str, GPUSpec] = {
 }
 
 
-def gpu_spec(name: str, overrides: dict[str, str] | None = None) -> GPUSpec:
-    """The named GPU, with ``field=value`` overrides applied (values parsed as numbers)."""
-    key = name.lower()
+def gpu_spec(gpu: str, hw: dict[str, str] | None = None) -> GPUSpec:
+    """The named GPU, with ``hw`` (hardware field -> value) overrides applied (values parsed as numbers)."""
+    key = gpu.lower()
     if key not in GPUS:
-        raise UserError(f"--gpu: unknown GPU '{name}' (choose from: {', '.join(GPUS)})")
+        raise FieldError("gpu", f"unknown GPU '{gpu}' (choose from: {', '.join(GPUS)})")
     spec = GPUS[key]
-    if not overrides:
+    if not hw:
         return spec
     known = {f.name: f for f in fields(GPUSpec) if f.name != "name"}
     kw = {}
-    for k, v in overrides.items():
+    for k, v in hw.items():
         if k not in known:
-            raise UserError(f"--hw: unknown hardware field '{k}' (known: {', '.join(known)})")
+            raise FieldError("hw", f"unknown hardware field '{k}' (known: {', '.join(known)})")
         try:
             num = float(v)
         except ValueError:
-            raise UserError(f"--hw: {k} must be a number (got {v!r})") from None
+            raise FieldError("hw", f"{k} must be a number (got {v!r})") from None
         if num <= 0:
-            raise UserError(f"--hw: {k} must be > 0 (got {v})")
+            raise FieldError("hw", f"{k} must be > 0 (got {v})")
         kw[k] = int(num) if known[k].type in (int, "int") else num
     return dataclasses.replace(spec, **kw)
 
@@ -91,14 +91,14 @@ FABRICS: dict[str, LinkClass] = {
 
 def fabric(name: str, bandwidth_gb_s: float | None = None, latency_us: float | None = None) -> LinkClass:
     if name not in FABRICS:
-        raise UserError(f"--fabric: unknown fabric '{name}' (choose from: {', '.join(FABRICS)})")
+        raise FieldError("fabric", f"unknown fabric '{name}' (choose from: {', '.join(FABRICS)})")
     link = FABRICS[name]
     if bandwidth_gb_s is not None:
         if bandwidth_gb_s <= 0:
-            raise UserError(f"--bandwidth-gb-s must be > 0 (got {bandwidth_gb_s})")
+            raise FieldError("bandwidth_gb_s", f"must be > 0 (got {bandwidth_gb_s})")
         link = dataclasses.replace(link, bandwidth_gb_s=bandwidth_gb_s)
     if latency_us is not None:
         if latency_us < 0:
-            raise UserError(f"--latency-us must be >= 0 (got {latency_us})")
+            raise FieldError("latency_us", f"must be >= 0 (got {latency_us})")
         link = dataclasses.replace(link, latency_us=latency_us)
     return link

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flyer.cli import UserError
+from flyer.errors import FieldError
 
 TOPOLOGIES = ("mpft", "mrft", "ft3")
 ROUTINGS = ("ecmp", "static", "adaptive")
@@ -83,9 +83,11 @@ def build_fabric(name: str, nodes: int, gpus_per_node: int, radix: int | None = 
                  nic_gb_s: float = 50.0, nvlink_gb_s: float = 200.0) -> SimFabric:
     """The smallest fat tree of kind ``name`` that holds the cluster (or one of ``radix``)."""
     if name not in TOPOLOGIES:
-        raise UserError(f"--topology: unknown topology '{name}' (choose from: {', '.join(TOPOLOGIES)}, all)")
-    if nodes < 2 or gpus_per_node < 1:
-        raise UserError(f"--nodes must be >= 2 and --gpus-per-node >= 1 (got {nodes}, {gpus_per_node})")
+        raise FieldError("topology", f"unknown topology '{name}' (choose from: {', '.join(TOPOLOGIES)})")
+    if nodes < 2:
+        raise FieldError("nodes", f"must be >= 2 (got {nodes})")
+    if gpus_per_node < 1:
+        raise FieldError("gpus_per_node", f"must be >= 1 (got {gpus_per_node})")
 
     def fits(k: int, default: bool = False) -> bool:
         if name == "mrft" or (name == "mpft" and default):  # mpft defaults to mrft's radix: same planes/rails
@@ -97,18 +99,19 @@ def build_fabric(name: str, nodes: int, gpus_per_node: int, radix: int | None = 
     if radix is None:
         radix = next(k for k in range(4, 4097, 2) if fits(k, default=True))
     elif radix < 4 or radix % 2 or not fits(radix):
-        raise UserError(f"--radix {radix} is odd, too small, or (mrft) not a multiple of --gpus-per-node for {name}")
+        raise FieldError("radix", f"{radix} is odd, too small, or (mrft) not a multiple of the {gpus_per_node} GPUs "
+                                  f"per node for {name}")
     return SimFabric(name, radix, nodes, gpus_per_node, nic_gb_s, nvlink_gb_s)
 
 
 def _flows(fab: SimFabric, routing: str, forwarding: str, rng: np.random.Generator):
     """Per flow: the list of directed links it crosses, and link capacities (GB/s)."""
     if forwarding not in ("pxn", "direct"):
-        raise UserError(f"--forwarding must be 'pxn' or 'direct' (got {forwarding!r})")
+        raise FieldError("forwarding", f"must be 'pxn' or 'direct' (got {forwarding!r})")
     if fab.name == "mpft" and forwarding == "direct":
-        raise UserError("--forwarding direct is impossible on mpft: planes are not connected to each other")
+        raise FieldError("forwarding", "direct is impossible on mpft: planes are not connected to each other")
     if routing not in ROUTINGS:
-        raise UserError(f"--routing: unknown routing '{routing}' (choose from: {', '.join(ROUTINGS)}, all)")
+        raise FieldError("routing", f"unknown routing '{routing}' (choose from: {', '.join(ROUTINGS)})")
     link_id: dict[tuple, int] = {}
     caps: list[float] = []
 
@@ -222,6 +225,3 @@ def simulate(name: str, routing: str, nodes: int = 16, gpus_per_node: int = 4, r
         "initial_min_gpu_gb_s": float(start_bw.min()), "initial_mean_gpu_gb_s": float(start_bw.mean()),
     }
 
-
-def simulate_all(topologies=TOPOLOGIES, routings=ROUTINGS, **kw) -> list[dict]:
-    return [simulate(t, r, **kw) for t in topologies for r in routings]

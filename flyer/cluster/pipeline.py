@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from flyer.cli import UserError
+from flyer.errors import FieldError
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe")
 
@@ -44,18 +44,21 @@ def schedule_cost(schedule: str, pp: int, f: float = 1.0, b: float = 2.0, w: flo
     ``fb`` defaults to ``f + b`` (no gain from overlapping a forward with a backward chunk).
     """
     if schedule not in SCHEDULES:
-        raise UserError(f"--schedule: unknown schedule '{schedule}' (choose from: {', '.join(SCHEDULES)})")
+        raise FieldError("schedule", f"unknown schedule '{schedule}' (choose from: {', '.join(SCHEDULES)})")
     if pp < 1:
-        raise UserError(f"--pp must be >= 1 (got {pp})")
-    if min(f, b, w) < 0 or w > b:
-        raise UserError(f"need F, B, W >= 0 and W <= B (got F={f}, B={b}, W={w})")
+        raise FieldError("pp", f"must be >= 1 (got {pp})")
+    for name, value in (("f", f), ("b", b), ("w", w)):
+        if value < 0:
+            raise FieldError(name, f"must be >= 0 (got {value})")
+    if w > b:
+        raise FieldError("w", f"the weight-gradient part must be <= the backward time {b} (got {w})")
     fb = f + b if fb is None else fb
     if schedule == "1f1b":
         return ScheduleCost("1f1b", pp, (pp - 1) * (f + b), 1, pp)
     if schedule == "zb1p":
         return ScheduleCost("zb1p", pp, (pp - 1) * (f + b - 2 * w), 1, pp)
     if pp % 2:
-        raise UserError(f"--pp must be even for DualPipe (got {pp})")
+        raise FieldError("pp", f"must be even for DualPipe (got {pp})")
     return ScheduleCost("dualpipe", pp, (pp / 2 - 1) * (fb + b - 3 * w), 2, pp + 1)
 
 
@@ -67,7 +70,7 @@ def simulate_1f1b(pp: int, microbatches: int, f: float, b: float) -> tuple[float
     B(s+1, m) and F(s, m). Idle time per stage equals the formula's (PP-1)(F+B).
     """
     if microbatches < pp:
-        raise UserError(f"1F1B needs at least PP={pp} micro-batches (got {microbatches})")
+        raise FieldError("microbatches", f"1F1B needs at least the {pp} stages' worth (got {microbatches})")
     orders = []
     for s in range(pp):
         warm = pp - s - 1

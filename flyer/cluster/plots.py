@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # on the first chart only: matplotlib is slow to import and only charts need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from flyer.cli import UserError
+from flyer.errors import FieldError
 
 TIB = 1024**4
 
@@ -44,15 +44,15 @@ class StorageCluster:
     def validate(self) -> None:
         for name in ("nodes", "nics_per_node", "ssds_per_node", "replicas", "clients"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+                raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
         if self.replicas > self.nodes:
-            raise UserError(f"--replicas must be <= --nodes={self.nodes} (got {self.replicas})")
+            raise FieldError("replicas", f"must be <= the {self.nodes} nodes (got {self.replicas})")
         for name in ("nic_gbit_s", "ssd_tib", "ssd_read_gb_s", "ssd_write_gb_s", "client_nic_gbit_s"):
             if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+                raise FieldError(name, f"must be > 0 (got {getattr(self, name)})")
         for name in ("efficiency", "fill", "recovery_share"):
             if not 0 < getattr(self, name) <= 1:
-                raise UserError(f"--{name.replace('_', '-')} must be in (0, 1] (got {getattr(self, name)})")
+                raise FieldError(name, f"must be in (0, 1] (got {getattr(self, name)})")
 
 
 def storage_model(c: StorageCluster) -> dict:

@@ -23,6 +23,8 @@ Cost = switches x (per_port x k + base) + endpoints x endpoint_link + links x sw
 The default switch price is the router model of the Slim Fly paper (Besta & Hoefler, SC'14:
 350.4 k - 892.3 USD), whose methodology the ISCA paper follows; the two cable prices (981 and
 2,405 USD) are a fit that reproduces the ISCA paper's per-endpoint costs within about 1 %.
+
+Errors name Slim Fly's q ``sf_q`` and Dragonfly's a, p, h, g ``df_a`` .. ``df_g``, as ``compare`` does.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import networkx as nx
 
-from flyer.cli import UserError
+from flyer.errors import FieldError
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Topology:
 
 def _even_radix(k: int) -> None:
     if k < 4 or k % 2:
-        raise UserError(f"--radix must be an even number >= 4 (got {k})")
+        raise FieldError("radix", f"must be an even number >= 4 (got {k})")
 
 
 # ---- closed forms -------------------------------------------------------------------------------
@@ -85,7 +87,7 @@ def fat_tree2(k: int) -> Topology:
 def multi_plane(k: int, planes: int) -> Topology:
     _even_radix(k)
     if planes < 1:
-        raise UserError(f"--planes must be >= 1 (got {planes})")
+        raise FieldError("planes", f"must be >= 1 (got {planes})")
     t = fat_tree2(k)
     return Topology("mpft", f"multi-plane fat tree ({planes} two-tier planes)", k, planes * t.endpoints,
                     planes * t.switches, planes * t.links, 2, {"planes": planes},
@@ -95,7 +97,7 @@ def multi_plane(k: int, planes: int) -> Topology:
 def multi_rail(k: int, rails: int) -> Topology:
     _even_radix(k)
     if rails < 1 or k % rails:
-        raise UserError(f"--rails must divide --radix={k} (got {rails})")
+        raise FieldError("rails", f"must divide the switch radix {k} (got {rails})")
     t = fat_tree2(k)
     return Topology("mrft", f"multi-rail two-tier fat tree ({rails} rails)", k, t.endpoints, t.switches,
                     t.links, 2, {"rails": rails}, "NIC i of every node on the leaves of rail i")
@@ -109,7 +111,7 @@ def fat_tree3(k: int) -> Topology:
 def slim_fly_delta(q: int) -> int:
     r = q % 4
     if r == 2:
-        raise UserError(f"--sf-q must be 4w-1, 4w or 4w+1 (got {q})")
+        raise FieldError("sf_q", f"must be 4w-1, 4w or 4w+1 (got {q})")
     return {0: 0, 1: 1, 3: -1}[r]
 
 
@@ -141,17 +143,18 @@ def slim_fly_q_for_radix(k: int, prime_power: bool = False) -> int:
         if slim_fly(q).radix <= k:
             best = q
     if best is None:
-        raise UserError(f"--radix {k} is too small for a Slim Fly")
+        raise FieldError("radix", f"{k} is too small for a Slim Fly")
     return best
 
 
 def dragonfly(a: int, p: int, h: int, g: int) -> Topology:
-    if min(a, p, h) < 1 or g < 2:
-        raise UserError(f"dragonfly needs a, p, h >= 1 and g >= 2 (got a={a}, p={p}, h={h}, g={g})")
-    if g > a * h + 1:
-        raise UserError(f"--df-g must be <= a*h+1 = {a * h + 1} (got {g})")
+    for name, value in (("df_a", a), ("df_p", p), ("df_h", h)):
+        if value < 1:
+            raise FieldError(name, f"must be >= 1 (got {value})")
+    if not 2 <= g <= a * h + 1:
+        raise FieldError("df_g", f"must be in [2, a*h+1 = {a * h + 1}] (got {g})")
     if (a * h * g) % 2:
-        raise UserError(f"dragonfly needs a*h*g even (got a={a}, h={h}, g={g})")
+        raise FieldError("df_g", f"must make a*h*g even (got a={a}, h={h}, g={g})")
     links = g * a * (a - 1) // 2 + a * h * g // 2
     note = "" if g == a * h + 1 else f"g = {g} < a*h+1 = {a * h + 1}: some group pairs share more than one global link"
     return Topology("df", "canonical Dragonfly", a - 1 + p + h, a * p * g, a * g, links, 3,
@@ -161,7 +164,7 @@ def dragonfly(a: int, p: int, h: int, g: int) -> Topology:
 def dragonfly_for_radix(k: int) -> tuple[int, int, int, int]:
     """The ISCA paper's instance: a = k/2, p = h = k/4, g = a h - 1 (511 groups at k = 64)."""
     if k < 8 or k % 4:
-        raise UserError(f"--radix must be a multiple of 4 >= 8 for the default Dragonfly (got {k})")
+        raise FieldError("radix", f"must be a multiple of 4 >= 8 for the default Dragonfly (got {k})")
     a, p = k // 2, k // 4
     return a, p, p, a * p - 1
 
@@ -180,10 +183,10 @@ def compare(k: int = 64, planes: int = 8, sf_q: int | None = None, df: tuple[int
     out = []
     for n in names:
         if n not in build:
-            raise UserError(f"--topologies: unknown topology '{n}' (choose from: {', '.join(build)})")
+            raise FieldError("topologies", f"unknown topology '{n}' (choose from: {', '.join(build)})")
         t = build[n]()
         if t.radix > k:
-            raise UserError(f"{n} needs {t.radix}-port switches, more than --radix={k}")
+            raise FieldError("radix", f"{n} needs {t.radix}-port switches, more than {k}")
         out.append(dataclasses.replace(t, switch_radix=k))
     return out
 
@@ -250,7 +253,7 @@ def slim_fly_graph(q: int) -> nx.Graph:
     ceil(k'/2) endpoints each. (0,x,y)~(0,x,y') if y-y' in X; (1,m,c)~(1,m,c') if c-c' in X';
     (0,x,y)~(1,m,c) if y = m x + c."""
     if not is_prime_power(q) or any(q % d == 0 for d in range(2, q)):
-        raise UserError(f"slim_fly_graph builds prime q only (got {q})")
+        raise FieldError("sf_q", f"slim_fly_graph builds prime q only (got {q})")
     delta = slim_fly_delta(q)
     xi = _primitive_root(q)
     pw = [pow(xi, e, q) for e in range(q - 1)]
@@ -262,7 +265,7 @@ def slim_fly_graph(q: int) -> nx.Graph:
         X = {pw[e] for e in range(0, 2 * w - 1, 2)} | {pw[e] for e in range(2 * w - 1, 4 * w - 2, 2)}
         Xp = {pw[e] for e in range(1, 2 * w, 2)} | {pw[e % (q - 1)] for e in range(2 * w, 4 * w - 1, 2)}
     else:
-        raise UserError(f"slim_fly_graph needs an odd prime q (got {q})")
+        raise FieldError("sf_q", f"slim_fly_graph needs an odd prime q (got {q})")
     G = nx.Graph()
     for x in range(q):
         for y in range(q):
@@ -287,7 +290,7 @@ def dragonfly_graph(a: int, p: int, h: int, g: int) -> nx.Graph:
     dragonfly(a, p, h, g)  # validates
     ah = a * h
     if ah % (g - 1):
-        raise UserError(f"dragonfly_graph needs g-1 to divide a*h (got a*h={ah}, g={g})")
+        raise FieldError("df_g", f"dragonfly_graph needs g-1 to divide a*h (got a*h={ah}, g={g})")
     G = nx.MultiGraph()
     for grp in range(g):
         for r in range(a):

@@ -5,11 +5,11 @@ are a pure function of (seed, batch number); ``eval_batches`` gives fixed valida
 """
 
 from flyer.data.corpus import Document, clean_markdown, default_corpus_dir, find_documents, split_documents
-from flyer.data.errors import DataError
 from flyer.data.prepare import PreparedData, prepare_data, unigram_cross_entropy
 from flyer.data.sampler import BatchSampler, eval_batches
 from flyer.data.shards import ShardWriter, TokenShards, write_shard
 from flyer.data.tokenizer import EOS_TOKEN, load_tokenizer, train_bpe
+from flyer.errors import DataError
 
 __all__ = [
     "BatchSampler", "DataError", "Document", "EOS_TOKEN", "PreparedData", "ShardWriter", "TokenShards",

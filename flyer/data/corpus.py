@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from flyer.data.errors import DataError
+from flyer.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
 # Bumped whenever cleaning changes the text, so cached shards are rebuilt.
@@ -121,7 +121,8 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"data file '{path}' is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
+        raise DataError(f"data file '{path}' is not UTF-8 text (bad byte at offset {e.start}); "
+                        "convert it to UTF-8") from None
 
 
 _HEADING = re.compile(r"^#{1,6}[ \t]+", re.M)

@@ -29,10 +29,10 @@ import numpy as np
 import tokenizers
 
 from flyer.data.corpus import CLEAN_VERSION, Document, find_documents, split_documents
-from flyer.data.errors import DataError
 from flyer.data.shards import VERSION as SHARD_VERSION
 from flyer.data.shards import ShardWriter, TokenShards, atomic_write
 from flyer.data.tokenizer import check_vocab_size, ensure_eos, load_tokenizer, train_bpe
+from flyer.errors import DataError
 
 PIPELINE_VERSION = 1
 SHARD_TOKENS = 1 << 20  # 2 MiB uint16 shards: the default corpus spans a few files

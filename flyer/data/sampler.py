@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flyer.data.errors import DataError
 from flyer.data.shards import TokenShards
+from flyer.errors import DataError
 
 STATE_VERSION = 1
 
@@ -90,7 +90,8 @@ class BatchSampler:
         self.position = position
 
 
-def eval_batches(tokens: TokenShards, batch_size: int, seq_len: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(tokens: TokenShards, batch_size: int, seq_len: int,
+                 n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n_batches`` fixed batches of (batch_size, seq_len) int64 ``x, y``: the
     ``batch_size * n_batches`` windows are evenly spaced from the start to the end of
     ``tokens`` (overlapping when the split is short), identical on every call."""

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from flyer.data.errors import DataError
+from flyer.errors import DataError
 
 MAGIC = b"FLYERTOK"
 VERSION = 1
@@ -147,7 +147,8 @@ def _open_shard(path: Path, verify: bool) -> tuple[np.ndarray, int]:
     dtype = _DTYPES[itemsize]
     expected = HEADER_SIZE + n * itemsize
     if file_size != expected:
-        raise DataError(f"token shard '{path}' is {file_size} bytes but its header says {expected}; file is truncated or corrupt")
+        raise DataError(f"token shard '{path}' is {file_size} bytes but its header says {expected}; "
+                        "file is truncated or corrupt")
     if n == 0:
         tokens = np.empty(0, dtype=dtype)
     else:
@@ -166,8 +167,8 @@ def _open_shard(path: Path, verify: bool) -> tuple[np.ndarray, int]:
 class TokenShards:
     """Read-only view of the concatenation of one or more shard files.
 
-    ``paths``: shard files in order. ``verify``: check every checksum now (blake2b runs at
-    ~1 GB/s, so a few MB cost milliseconds). ``read`` returns int64 copies; the maps stay open.
+    ``paths``: shard files in order. ``verify``: check every checksum now (blake2b: a few MB
+    cost milliseconds). ``read`` returns int64 copies; the maps stay open.
     """
 
     def __init__(self, paths: list[str | Path], verify: bool = True):

@@ -9,7 +9,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from flyer.data.errors import DataError
+from flyer.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 # End-of-document tokens of common tokenizers, used when a given tokenizer lacks EOS_TOKEN.

@@ -225,5 +225,5 @@ def fake_quantize(x: torch.Tensor, granularity: str = "tile", fp8_dtype: torch.d
 
 
 __all__ = ["TILE", "FP8_DTYPES", "FP8_MAX", "Quantized", "resolve_fp8_dtype", "pad_cols", "ceil_pow2",
-           "amax_to_scale", "quantize_tiles", "quantize_tiles_t", "quantize_blocks", "quantize_blocks_batched", "block_rows",
-           "expand_scale", "fp8_to_float", "dequantize", "dequantize_blocks_batched", "fake_quantize"]
+           "amax_to_scale", "quantize_tiles", "quantize_tiles_t", "quantize_blocks", "quantize_blocks_batched",
+           "block_rows", "expand_scale", "fp8_to_float", "dequantize", "dequantize_blocks_batched", "fake_quantize"]

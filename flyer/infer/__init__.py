@@ -4,12 +4,15 @@ on-disk prefix cache.
     cache.py         preallocated per-layer caches: MLA latents + rope keys (absorbed), per-head
                      K/V (naive MLA, GQA) for comparison
     attention.py     cached attention: absorbed MLA, naive MLA, GQA (the training path is the oracle)
-    decoder.py       the model run incrementally against a cache, per-row positions
+    decoder.py       the model run incrementally against a cache, per-row positions; finished
+                     rows leave the batch
     sampling.py      greedy, temperature, top-p
-    generate.py      prefill + decode loop, batched prompts, EOS, prefix-cache glue
-    speculative.py   MTP draft + one-pass verify (greedy-identical; rejection sampling otherwise)
     prefix_cache.py  on-disk block cache keyed by token-prefix hashes (LRU, locked, checksummed)
+    speculative.py   MTP draft + one-pass verify (greedy-identical; rejection sampling otherwise)
+    generate.py      prefill + decode loop, batched prompts, EOS, prefix-cache glue
     cli.py           ``flyer generate``
+
+Each module imports only those listed above it.
 """
 
 from flyer.infer.cache import KVCache, LatentCache, make_cache

@@ -66,9 +66,6 @@ class _SlotCache:
             return t  # a strided view is fine for batched matmul
         return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
-    def reset(self) -> None:
-        self.lengths.zero_()
-
 
 class LatentCache(_SlotCache):
     """MLA latent cache: ``latent`` (L, B, S, kv_lora_rank), ``rope_key`` (L, B, S, qk_rope_head_dim).

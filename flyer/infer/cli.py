@@ -3,13 +3,19 @@ optional MTP speculative decoding and an on-disk prefix cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
 
 import torch
 
+from flyer.config import resolve_config, resolve_device
+from flyer.errors import FieldError, UserError
+from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
+from flyer.model.transformer import Transformer
+from flyer.train.checkpoint import load_for_inference
 
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -19,9 +25,7 @@ def parse_size(text: str) -> int:
     """'1G', '512M', '64k' or a plain byte count -> bytes (binary units)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
     if not m:
-        from flyer.cli import UserError
-
-        raise UserError(f"--prefix-cache-size: expected a size like 512M or 2G (got {text!r})")
+        raise FieldError("prefix_cache_size", f"expected a size like 512M or 2G (got {text!r})")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
 
@@ -58,72 +62,49 @@ class HFTokenizer:
 
 
 def _load(args):
-    from flyer.cli import UserError
-    from flyer.config import resolve_device
-
-    device = resolve_device(args.device, "--device")
+    device = resolve_device(args.device)
     if args.ckpt:
-        try:
-            from flyer.train.checkpoint import load_for_inference
-        except ImportError:
-            raise UserError("--ckpt needs flyer.train.checkpoint, which this installation lacks") from None
         try:
             model, cfg, tok = load_for_inference(args.ckpt, device=device)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"cannot load checkpoint '{args.ckpt}': {msg}") from None
+            raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {msg}") from None
         return model, HFTokenizer(tok)
-    from flyer.config import resolve_config
-    from flyer.model.transformer import Transformer
-
     cfg = resolve_config(args.preset)
     if cfg.vocab_size < 256:
-        raise UserError(f"--preset {args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
+        raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
     torch.manual_seed(args.seed or 0)
     return Transformer(cfg).to(device), ByteTokenizer()
 
 
 def _run(args) -> int:
-    from flyer.cli import UserError
-
     if bool(args.ckpt) == bool(args.preset):
         raise UserError("give exactly one of --ckpt DIR (a trained run) or --preset NAME (random weights)")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (got {args.temperature})")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
-    if args.draft_tokens < 1:
-        raise UserError(f"--draft-tokens must be >= 1 (got {args.draft_tokens})")
-    if args.prefix_block < 1:
-        raise UserError(f"--prefix-block must be >= 1 (got {args.prefix_block})")
-    if args.threads < 1:
-        raise UserError(f"--threads must be >= 1 (got {args.threads})")
+    for name in ("prefix_block", "threads"):
+        if getattr(args, name) < 1:
+            raise FieldError(name, f"must be >= 1 (got {getattr(args, name)})")
+    dtype = _DTYPES[args.cache_dtype]
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           seed=args.seed, attention=args.attention, cache_dtype=dtype,
+                           speculative=args.speculative, draft_tokens=args.draft_tokens)
+    gen.validate()  # before the model loads
     torch.set_num_threads(args.threads)
     model, tok = _load(args)
     model.eval()
     cfg = model.cfg
     if args.speculative == "mtp" and len(model.mtp) == 0:
-        raise UserError("--speculative mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
+        raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
     if args.attention == "naive" and cfg.attn != "mla":
-        raise UserError("--attention naive applies to MLA models only (this model uses GQA)")
+        raise FieldError("attention", "naive applies to MLA models only (this model uses GQA)")
     prompts = [tok.encode_ids(p) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):
-        raise UserError("--prompt: every prompt must encode to at least one token")
-    need = max(len(p) for p in prompts) + args.max_new_tokens
-    if need > cfg.max_seq_len:
-        raise UserError(f"prompt tokens + --max-new-tokens = {need} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    dtype = _DTYPES[args.cache_dtype]
+        raise FieldError("prompt", "every prompt must encode to at least one token")
     pc = None
     if args.prefix_cache:
         pc = open_prefix_cache(model, args.prefix_cache, attention=args.attention, cache_dtype=dtype,
                                block_size=args.prefix_block, max_bytes=parse_size(args.prefix_cache_size))
     eos = args.eos_id if args.eos_id is not None else tok.eos_id()
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           eos_id=eos, seed=args.seed, attention=args.attention, cache_dtype=dtype,
-                           speculative=args.speculative, draft_tokens=args.draft_tokens, prefix_cache=pc)
-    res = generate(model, prompts, gen)
+    res = generate(model, prompts, dataclasses.replace(gen, eos_id=eos, prefix_cache=pc))
     texts = [tok.decode([t for t in toks if t != eos]) for toks in res.tokens]
     totals = pc.record_stats() if pc is not None else None
     if args.json:
@@ -169,7 +150,7 @@ def register(sub) -> None:
     p.add_argument("--prefix-cache", metavar="DIR", help="on-disk prefix cache directory (shared between runs)")
     p.add_argument("--prefix-cache-size", default="1G", help="size bound of the prefix cache (LRU), e.g. 512M")
     p.add_argument("--prefix-block", type=int, default=64, help="prefix cache block size in tokens")
-    p.add_argument("--attention", choices=["absorbed", "naive"], default="absorbed",
+    p.add_argument("--attention", choices=ATTENTION_MODES, default="absorbed",
                    help="absorbed = latent cache (default); naive = per-head K/V cache, for comparison")
     p.add_argument("--cache-dtype", choices=list(_DTYPES), default="bf16")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")

@@ -13,6 +13,8 @@ token t_{i+1}, as in training.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from flyer.infer.attention import gqa_cached, mla_absorbed, mla_naive
@@ -36,7 +38,6 @@ class Decoder:
             self._attend = gqa_cached
         else:
             self._attend = mla_absorbed if mode == "absorbed" else mla_naive
-        self.mode = "gqa" if self.cfg.attn == "gqa" else mode
         self.cos, self.sin = model.rope_tables(max_len, device)  # (max_len, rope/2)
         self.max_len = max_len
 
@@ -90,3 +91,33 @@ class Decoder:
 def gather_rows(x_BT: torch.Tensor, idx_B: torch.Tensor) -> torch.Tensor:
     """x[b, idx_b] for every row: (B, T, ...) -> (B, ...)."""
     return x_BT[torch.arange(x_BT.shape[0], device=x_BT.device), idx_B]
+
+
+# ---- batch bookkeeping shared by plain and speculative decoding ---------------------------------
+@dataclass
+class PrefillState:
+    """What ``flyer.infer.generate.prefill`` leaves for the decode loop."""
+
+    hidden: torch.Tensor  # (B, T, D) main hidden states of the prefill chunk (before the final norm)
+    start: torch.Tensor  # (B,) position of hidden[:, 0]
+    logits: torch.Tensor  # (B, V) at each prompt's last token
+    hit_tokens: list[int]  # tokens loaded from the prefix cache, per row
+
+
+def finished(tokens: list[int], max_new: int, eos_id: int | None) -> tuple[list[int], bool]:
+    """Cut ``tokens`` at the first EOS (kept) or at ``max_new``; True when the row is done."""
+    if eos_id is not None and eos_id in tokens:
+        return tokens[:tokens.index(eos_id) + 1], True
+    return tokens[:max_new], len(tokens) >= max_new
+
+
+def shrink_batch(dec: Decoder, keep: list[int], live, *per_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the rows of ``live`` (the batch's rows, by original index) not in ``keep`` from the
+    decoder's caches and from each (B, ...) tensor of ``per_row``; unchanged when all stay."""
+    live = list(live)
+    if len(keep) == len(live):
+        return per_row
+    pos = {b: i for i, b in enumerate(live)}
+    rows = torch.tensor([pos[b] for b in keep], dtype=torch.long, device=per_row[0].device)
+    dec.keep_rows(rows)
+    return tuple(t.index_select(0, rows) for t in per_row)

@@ -14,9 +14,12 @@ from typing import Sequence
 
 import torch
 
-from flyer.infer.decoder import Decoder, gather_rows
+from flyer.errors import FieldError
+from flyer.infer.cache import ATTENTION_MODES
+from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
 from flyer.infer.sampling import SamplingParams, sample
+from flyer.infer.speculative import mtp_decode
 from flyer.model.transformer import Transformer
 
 
@@ -34,12 +37,14 @@ class GenerationConfig:
     prefix_cache: PrefixCache | None = None  # from ``open_prefix_cache``
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        """``FieldError`` naming the first bad field."""
+        for name in ("max_new_tokens", "draft_tokens"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
         if self.speculative not in (None, "mtp"):
-            raise ValueError(f"speculative must be None or 'mtp' (got {self.speculative!r})")
-        if self.draft_tokens < 1:
-            raise ValueError(f"draft_tokens must be >= 1 (got {self.draft_tokens})")
+            raise FieldError("speculative", f"must be None or 'mtp' (got {self.speculative!r})")
+        if self.attention not in ATTENTION_MODES:
+            raise FieldError("attention", f"must be one of {', '.join(ATTENTION_MODES)} (got {self.attention!r})")
         SamplingParams(self.temperature, self.top_p)
 
 
@@ -93,14 +98,6 @@ def open_prefix_cache(model: Transformer, root: str | Path, *, attention: str = 
     fp = model_fingerprint(model, layout=layout, dtype=str(cache_dtype), block_size=block_size,
                            mtp=len(model.mtp) > 0)
     return PrefixCache(root, fp, block_size=block_size, max_bytes=max_bytes)
-
-
-@dataclass
-class PrefillState:
-    hidden: torch.Tensor  # (B, T, D) main hidden states of the prefill chunk (before the final norm)
-    start: torch.Tensor  # (B,) position of hidden[:, 0]
-    logits: torch.Tensor  # (B, V) at each prompt's last token
-    hit_tokens: list[int]  # tokens loaded from the prefix cache, per row
 
 
 def _pad(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
@@ -184,9 +181,10 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
     for p in prompts:
         if min(p) < 0 or max(p) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V}) (vocab_size)")
-    need = max(len(p) for p in prompts) + gen.max_new_tokens
-    if need > model.cfg.max_seq_len:
-        raise ValueError(f"prompt + max_new_tokens = {need} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    longest = max(len(p) for p in prompts)
+    if longest + gen.max_new_tokens > model.cfg.max_seq_len:
+        raise FieldError("max_new_tokens", f"{gen.max_new_tokens} new tokens after a {longest}-token prompt exceed "
+                                           f"the model's max_seq_len {model.cfg.max_seq_len}")
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]],
@@ -212,8 +210,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     first = sample(state.logits, params, generator)
     t1 = time.perf_counter()
     if spec:
-        from flyer.infer.speculative import mtp_decode
-
         out, drafted, accepted = mtp_decode(dec, prompts, first, state, params, gen.max_new_tokens, gen.eos_id,
                                             K, generator)
     else:
@@ -226,13 +222,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
         prefix["hit_rate"] = round(prefix["hits"] / prefix["lookups"], 4) if prefix["lookups"] else 0.0
     return GenerationResult(out, sum(len(p) for p in prompts), t1 - t0, t2 - t1, dec.bytes_per_token(),
                             drafted, accepted, prefix, state.logits)
-
-
-def finished(tokens: list[int], max_new: int, eos_id: int | None) -> tuple[list[int], bool]:
-    """Cut ``tokens`` at the first EOS (kept) or at ``max_new``; True when the row is done."""
-    if eos_id is not None and eos_id in tokens:
-        return tokens[:tokens.index(eos_id) + 1], True
-    return tokens[:max_new], len(tokens) >= max_new
 
 
 def _plain_decode(dec: Decoder, first: torch.Tensor, params: SamplingParams, max_new: int, eos_id: int | None,
@@ -254,15 +243,3 @@ def _plain_decode(dec: Decoder, first: torch.Tensor, params: SamplingParams, max
         n, cur = shrink_batch(dec, still, live, n, nxt)
         live = still
     return out
-
-
-def shrink_batch(dec: Decoder, keep: list[int], live, *per_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Drop the rows of ``live`` (the batch's rows, by original index) not in ``keep`` from the
-    decoder's caches and from each (B, ...) tensor of ``per_row``; unchanged when all stay."""
-    live = list(live)
-    if len(keep) == len(live):
-        return per_row
-    pos = {b: i for i, b in enumerate(live)}
-    rows = torch.tensor([pos[b] for b in keep], dtype=torch.long, device=per_row[0].device)
-    dec.keep_rows(rows)
-    return tuple(t.index_select(0, rows) for t in per_row)

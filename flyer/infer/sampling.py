@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flyer.errors import FieldError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -18,9 +20,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+            raise FieldError("temperature", f"must be >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+            raise FieldError("top_p", f"must be in (0, 1] (got {self.top_p})")
 
     @property
     def greedy(self) -> bool:

@@ -20,15 +20,12 @@ and are overwritten later (``flyer.infer.cache``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
-from flyer.infer.decoder import Decoder, gather_rows
+from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.sampling import SamplingParams, probabilities
-
-if TYPE_CHECKING:
-    from flyer.infer.generate import PrefillState
 
 
 def _accept(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[int], params: SamplingParams,
@@ -66,8 +63,6 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
     Invariant at the top of each step, per row: the main cache holds [0, n), the MTP cache
     [0, mtp_len) with mtp_len < n, and ``h_prev`` holds the main hidden states of [mtp_len, n).
     """
-    from flyer.infer.generate import finished, shrink_batch
-
     device = first.device
     K = n_draft
     seq = [list(p) + [int(t)] for p, t in zip(prompts, first)]  # seq[b][j] = t_j; last = pending

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flyer.config import ModelConfig
-from flyer.model.norm import RMSNorm
 from flyer.model.lowp import Linear, scaled_dot_product_attention
+from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
 
 
@@ -102,7 +102,8 @@ class GQA(nn.Module):
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def keys_values(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, x_BTD: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What GQA caches: k, v of shape (B, T, n_kv_heads, head_dim)."""
         B, T, _ = x_BTD.shape
         k = apply_rope(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)

@@ -1,7 +1,8 @@
 """Closed-form parameter counts, KV cache sizes and FLOPs per token for a ``ModelConfig``.
 
-These are the numbers ``flyer info`` and ``flyer plan`` report. ``meta_counts`` counts the same
-things from a model built on the meta device; a test holds the two together for every preset.
+These are the numbers ``flyer info`` and ``flyer plan`` report. ``flyer.model.info.meta_counts``
+counts the same things from a model built on the meta device; a test holds the two together for
+every preset. Pure arithmetic on the config: the cluster models use it without building a model.
 """
 
 from __future__ import annotations
@@ -103,24 +104,3 @@ def _non_matmul_params(cfg: ModelConfig) -> int:
     elif cfg.attn_bias:
         norms += cfg.n_layers * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
     return norms
-
-
-def meta_counts(cfg: ModelConfig) -> ParamCounts:
-    """The same counts, from a ``Transformer`` built on the meta device (no memory used)."""
-    import torch
-
-    from flyer.model.moe import Experts
-    from flyer.model.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    main = [p for n, p in model.named_parameters() if not n.startswith("mtp.")]
-    total = sum(p.numel() for p in main)
-    inactive = 0
-    for name, m in model.named_modules():
-        if isinstance(m, Experts) and not name.startswith("mtp."):
-            per_expert = sum(w[0].numel() for w in (m.w1, m.w2, m.w3))
-            inactive += (m.n_local - cfg.n_activated_experts) * per_expert
-    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
-    head = 0 if cfg.tie_embeddings else model.head.weight.numel()
-    return ParamCounts(total=total, activated=total - inactive, mtp=mtp, embedding=model.embed.weight.numel(), head=head)

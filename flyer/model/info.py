@@ -4,8 +4,29 @@ from __future__ import annotations
 
 import json
 
-from flyer.config import PRESETS, resolve_config
-from flyer.model.counts import kv_cache_bytes_per_token, meta_counts, param_counts
+import torch
+
+from flyer.config import PRESETS, ModelConfig, resolve_config
+from flyer.model.counts import ParamCounts, kv_cache_bytes_per_token, param_counts
+from flyer.model.moe import Experts
+from flyer.model.transformer import Transformer
+
+
+def meta_counts(cfg: ModelConfig) -> ParamCounts:
+    """``param_counts`` counted on a ``Transformer`` built on the meta device (no memory used)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    main = [p for n, p in model.named_parameters() if not n.startswith("mtp.")]
+    total = sum(p.numel() for p in main)
+    inactive = 0
+    for name, m in model.named_modules():
+        if isinstance(m, Experts) and not name.startswith("mtp."):
+            per_expert = sum(w[0].numel() for w in (m.w1, m.w2, m.w3))
+            inactive += (m.n_local - cfg.n_activated_experts) * per_expert
+    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
+    head = 0 if cfg.tie_embeddings else model.head.weight.numel()
+    return ParamCounts(total=total, activated=total - inactive, mtp=mtp, embedding=model.embed.weight.numel(),
+                       head=head)
 
 
 def info(preset: str | None, config: str | None = None) -> dict:

@@ -25,8 +25,9 @@ def rope_frequencies(rope_dim: int, cfg: ModelConfig) -> torch.Tensor:
     """
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
     if cfg.rope_factor > 1.0 and cfg.max_seq_len > cfg.original_seq_len:
-        low = max(math.floor(_correction_dim(cfg.beta_fast, rope_dim, cfg.rope_theta, cfg.original_seq_len)), 0)
-        high = min(math.ceil(_correction_dim(cfg.beta_slow, rope_dim, cfg.rope_theta, cfg.original_seq_len)), rope_dim - 1)
+        fast, slow = (_correction_dim(beta, rope_dim, cfg.rope_theta, cfg.original_seq_len)
+                      for beta in (cfg.beta_fast, cfg.beta_slow))
+        low, high = max(math.floor(fast), 0), min(math.ceil(slow), rope_dim - 1)
         if low == high:
             high += 0.001
         ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)

@@ -33,14 +33,11 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from flyer.config import ModelConfig
+from flyer.errors import CheckpointError
 from flyer.model.transformer import Transformer
 
 FORMAT_VERSION = 1
 _PREFIX = "step_"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not fit the model."""
 
 
 def _sha256(path: Path) -> str:

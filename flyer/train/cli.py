@@ -8,7 +8,7 @@ import dataclasses
 import json
 import sys
 
-from flyer.config import PRESETS, ConfigError, read_config_sections
+from flyer.config import PRESETS, ConfigError, preset_fields, read_config_sections
 
 _FLAGS = [  # (flag, field, type, help)
     ("--preset", "preset", str, f"model preset ({', '.join(PRESETS)})"),
@@ -71,8 +71,8 @@ def build_train_config(args: argparse.Namespace):
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
-    if values.get("preset") is not None and values["preset"] not in PRESETS:
-        raise ConfigError(f"unknown preset '{values['preset']}' (choose from: {', '.join(PRESETS)})")
+    if values.get("preset") is not None:
+        preset_fields(values["preset"])  # an unknown name fails here, before any data is prepared
     try:
         return TrainConfig(**values)  # validated once, by the Trainer that takes it
     except TypeError as e:

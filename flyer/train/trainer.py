@@ -23,6 +23,7 @@ from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve
 from flyer.data import BatchSampler, eval_batches, prepare_data
 from flyer.fp8 import convert_to_fp8
 from flyer.model.counts import param_counts
+from flyer.errors import TrainingError
 from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.model.lowp import precision_note
@@ -35,10 +36,6 @@ from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model
 
 SCHEDULES = ("cosine", "constant")
 DISPATCHERS = ("local", "flat", "hierarchical")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
 
 
 @dataclass

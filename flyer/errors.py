@@ -1,0 +1,57 @@
+"""flyer's error classes, in one place, importing nothing from flyer (every layer may raise them).
+
+    ConfigError(ValueError)    a user-fixable configuration problem; one line naming the field
+      FieldError               one named field has a bad value: ``.field``, ``.problem``
+      DataError                a data problem (missing path, empty corpus, corrupt shard)
+    CheckpointError(ValueError)  a checkpoint is missing, corrupt, or does not fit the model
+    TrainingError(RuntimeError)  training cannot go on (too many non-finite steps)
+    UserError(Exception)       a message already worded for the command line (names flags)
+
+Library code names fields, never flags: ``FieldError("gpus", "must be >= 1 (got 0)")`` reads
+``gpus: must be >= 1 (got 0)``. Only ``flyer.cli`` words a field as the flag that sets it
+(``--gpus: must be >= 1 (got 0)``). ``UserError`` is for command modules, whose messages may
+name flags themselves.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; the message is one line naming the field."""
+
+
+class FieldError(ConfigError):
+    """``field`` has a bad value; ``problem`` says why and what is allowed. Other fields the
+    problem involves are given by their values, so only ``field`` needs wording for a reader."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(field, problem)
+        self.field, self.problem = field, problem
+
+    def __str__(self) -> str:
+        return self.worded(self.field)
+
+    def worded(self, name: str) -> str:
+        """The message with ``field`` called ``name`` (the CLI passes the flag that sets it)."""
+        return f"{name}: {self.problem}"
+
+
+class DataError(ConfigError):
+    """A user-fixable data problem (missing or unreadable path, empty corpus, bad vocab size,
+    corrupt shard). A ``ConfigError`` and so a ``ValueError``: the CLI prints its one-line
+    message and exits 2."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+class UserError(Exception):
+    """An error the user caused and can fix, worded for the command line; one line, exit status 2."""
+
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "FieldError", "TrainingError", "UserError"]
