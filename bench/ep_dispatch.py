@@ -107,7 +107,8 @@ def main() -> None:
         r["bound_inter_node_bytes_hierarchical"] = r["inter_node_bytes_flat"] / ratio if ratio else 0.0
         r["bound_ok"] = r["inter_node_bytes_hierarchical"] <= r["bound_inter_node_bytes_hierarchical"] * (1 + 1e-9)
         r["inter_node_bytes_ratio_flat_over_hierarchical"] = (
-            r["inter_node_bytes_flat"] / r["inter_node_bytes_hierarchical"] if r["inter_node_bytes_hierarchical"] else None)
+            r["inter_node_bytes_flat"] / r["inter_node_bytes_hierarchical"]
+            if r["inter_node_bytes_hierarchical"] else None)
         r["time_ratio_hierarchical_over_flat"] = r["time_s_hierarchical"] / r["time_s_flat"]
     head = next((r for r in rows if r["max_nodes_per_token"] > 1), rows[0])
     print(json.dumps({

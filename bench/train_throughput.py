@@ -4,13 +4,14 @@ Both run the same architecture (the `small` preset by default, MTP off for the c
 transformers does not train MTP) with the same batch and the same step: autocast in the chosen
 precision, forward, backward, clip, fused AdamW (CPU by default; ``--device cuda``). transformers'
 expert implementations (eager, batched_mm, grouped_mm) are each measured and the fastest is the
-peer. Steps of the two are interleaved so that load on the machine affects both alike. The GEMM rate of this machine in the step's precision, measured in the
-same run, is the MFU denominator. Prints one JSON object.
+peer. Steps of the two are interleaved so that load on the machine affects both alike. The rate
+of the fastest GEMM this machine offers in the step's precision, measured in the same run, is the
+MFU denominator. Prints one JSON object.
 
 ``--precision auto`` (the default) is ``flyer train``'s: bf16 where the device multiplies BF16 in
-hardware, else fp32. Both sides always run the same precision: on a CPU without native BF16 GEMMs a
+hardware, else fp32. Both sides always run the same precision: on a CPU without BF16 hardware a
 bf16 comparison would pit flyer's FP32-kernel BF16 GEMMs (``flyer.model.lowp``) against ATen's
-reference kernel, which is not what this bench is for.
+slow ones, which is not what this bench is for.
 
     python bench/train_throughput.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 4] [--device cuda]
                                      [--precision auto|bf16|fp32]
@@ -28,7 +29,7 @@ import torch
 from flyer.config import preset
 from flyer.model.transformer import Transformer
 from flyer.runtime import autocast, resolve_precision, tune_malloc
-from flyer.train.metrics import measure_gemm_peak, model_flops_per_token
+from flyer.train.metrics import fastest_gemm, model_flops_per_token
 
 
 def hf_model(cfg, experts_impl: str):
@@ -119,7 +120,7 @@ def main() -> None:
     tok = B * T
     hf_impls = {k: tok / v for k, v in med.items() if k in peers}
     best = max(hf_impls, key=hf_impls.get) if hf_impls else None
-    peak = measure_gemm_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device)
+    peak, peak_gemm = fastest_gemm(torch.bfloat16 if precision == "bf16" else torch.float32, device)
     tokens_per_s = tok / med["flyer"]
     print(json.dumps({
         "preset": args.preset, "device": str(device), "precision": precision, "batch_size": B, "seq_len": T,
@@ -127,7 +128,7 @@ def main() -> None:
         "tokens_per_s": tokens_per_s,
         "mfu": model_flops_per_token(cfg, T) * tokens_per_s / peak,
         "tokens_per_s_with_mtp": tok / med["flyer_mtp"],
-        "gemm_peak_flops": peak,
+        "gemm_peak_flops": peak, "peak_gemm": peak_gemm,
         "hf_tokens_per_s": hf_impls.get(best) if best else None,
         "hf_experts_implementation": best,
         "hf_tokens_per_s_by_impl": hf_impls,

@@ -120,7 +120,8 @@ def _equivalence(rank: int, world: int, rpn: int, name: str) -> dict:
     stats = comm_stats(model, reset=False)
     job = comm_stats(model, group=dist.group.WORLD)  # summed over ranks
     return dict(job_bytes=job["inter_node_bytes"] + job["intra_node_bytes"],
-                rank_bytes=stats["inter_node_bytes"] + stats["intra_node_bytes"], logits=logits.detach(), loss=float(mean_loss) / world, ep_rank=mesh.ep_rank,
+                rank_bytes=stats["inter_node_bytes"] + stats["intra_node_bytes"], logits=logits.detach(),
+                loss=float(mean_loss) / world, ep_rank=mesh.ep_rank,
                 grads={n: p.grad for n, p in model.named_parameters()}, experts=expert_param_names(model),
                 inter_node_bytes=stats["inter_node_bytes"], n_layers_counted=len(stats["layers"]))
 

@@ -221,8 +221,10 @@ def build_mesh(cfg: ModelConfig, rank: int, world: int, ep: int, ranks_per_node:
     expert_dp_group = None
     if ep < world:
         expert_dp_group = groups([list(range(e, world, ep)) for e in range(ep)]) if ep > 1 else dist.group.WORLD
-    inter_group = groups([[g[0] + q * L + i for q in range(P)] for g in ep_groups for i in range(L)]) if ep > 1 else None
-    intra_group = groups([[g[0] + q * L + i for i in range(L)] for g in ep_groups for q in range(P)]) if ep > 1 else None
+    inter_group = intra_group = None
+    if ep > 1:
+        inter_group = groups([[g[0] + q * L + i for q in range(P)] for g in ep_groups for i in range(L)])
+        intra_group = groups([[g[0] + q * L + i for i in range(L)] for g in ep_groups for q in range(P)])
     return Mesh(rank=rank, world=world, local_rank=rank % R, ranks_per_node=R, n_nodes=world // R, node=rank // R,
                 ep=ep, ep_rank=ep_rank, ep_group=ep_group, expert_dp_group=expert_dp_group, device=device,
                 backend=backend, ep_nodes=P, ep_ranks_per_node=L, ep_node=ep_rank // L, inter_group=inter_group,

@@ -73,7 +73,8 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete-looking checkpoint directories (with a manifest), newest first."""
     if not ckpt_root.is_dir():
         return []
-    dirs = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    dirs = [p for p in ckpt_root.iterdir()
+            if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
     return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
 
 

@@ -42,10 +42,12 @@ _FLAGS = [  # (flag, field, type, help)
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a DeepSeek-V3-style model (default: small preset on Shakespeare)",
-                       description="Train a DeepSeek-V3-style model. Flags override --config, which overrides defaults.")
+                       description="Train a DeepSeek-V3-style model. Flags override --config "
+                                   "(TOML, or a DeepSeek/HF config.json), which overrides defaults.")
     for flag, field, typ, help_ in _FLAGS:
         p.add_argument(flag, dest=field, type=typ, default=None, help=help_)
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the newest valid checkpoint in --out")
     p.add_argument("--fp8-dispatch", dest="fp8_dispatch", action="store_true", default=None,
                    help="send the EP dispatch payload in FP8 (E4M3, per-128-channel scales)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")

@@ -178,6 +178,7 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
         mtp_block = block_params(cfg, cfg.n_layers, activated=True) - 2 * cfg.dim
         proj = 2 * cfg.dim * cfg.dim
         head = cfg.vocab_size * cfg.dim
-        attn = 2 * cfg.n_heads * ((cfg.qk_head_dim + cfg.v_head_dim) if cfg.attn == "mla" else 2 * cfg.head_dim) * seq_len / 2
+        qkv_dim = (cfg.qk_head_dim + cfg.v_head_dim) if cfg.attn == "mla" else 2 * cfg.head_dim
+        attn = 2 * cfg.n_heads * qkv_dim * seq_len / 2
         main += cfg.mtp_depth * 3.0 * (2.0 * (mtp_block + proj + head) + attn)
     return main

@@ -18,11 +18,11 @@ def plot_loss(records: list[dict], path: Path, unigram: float | None = None) -> 
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and r["val_loss"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if train:
-        s, l = zip(*train)
-        ax.plot(s, l, lw=1, alpha=0.8, label="train loss (next token)")
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, lw=1, alpha=0.8, label="train loss (next token)")
     if val:
-        s, l = zip(*val)
-        ax.plot(s, l, "o-", lw=1.5, label="validation loss")
+        steps, losses = zip(*val)
+        ax.plot(steps, losses, "o-", lw=1.5, label="validation loss")
     if unigram is not None:
         ax.axhline(unigram, ls="--", c="gray", label=f"unigram baseline ({unigram:.2f})")
     ax.set_xlabel("step")
@@ -40,7 +40,7 @@ def plot_expert_load(records: list[dict], path: Path, n_mtp: int = 0) -> None:
     if not rows:
         return
     steps = [s for s, _ in rows]
-    loads = np.array([l for _, l in rows], dtype=float)  # (steps, layers, experts)
+    loads = np.array([load for _, load in rows], dtype=float)  # (steps, layers, experts)
     n_layers = loads.shape[1]
     fig, axes = plt.subplots(1, n_layers, figsize=(2.6 * n_layers + 1.5, 3.6), squeeze=False, layout="constrained")
     for li, ax in enumerate(axes[0]):
