@@ -54,6 +54,7 @@ def test_resume_equals_uninterrupted(tmp_path, data_cache):
         log.write(t.train_step())
     log.close()
     t.save()
+    t.close()  # a process that ends releases its run directory
     resumed = Trainer(tc_for(tmp_path / "cut", data_cache, resume=True), log=quiet)
     assert resumed.step == 3
     resumed.run()

@@ -108,6 +108,18 @@ class Mesh:
         dist.gather_object(obj, gathered, dst=0)
         return gathered
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's picklable ``obj`` on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def max_int(self, value: int) -> int:
+        """The largest of every rank's ``value``."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def barrier(self) -> None:
         dist.barrier()
 
@@ -155,6 +167,12 @@ class LocalMesh:
 
     def gather_object(self, obj: Any) -> list[Any]:
         return [obj]
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
+
+    def max_int(self, value: int) -> int:
+        return value
 
     def barrier(self) -> None:
         pass

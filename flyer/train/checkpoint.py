@@ -78,12 +78,29 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, Any], keep: int | None = None) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, Any], keep: int | None = None,
+                    protect: tuple[Path, ...] = ()) -> Path:
     """Write ``files`` (name -> tensor dict for .safetensors, state dict for .pt, object for .json)
-    as checkpoint ``step`` atomically; keep only the newest ``keep`` checkpoints."""
+    as checkpoint ``step`` atomically, then ``prune`` to ``keep`` valid checkpoints (``protect``:
+    directories never removed). A failed write (a full disk) removes its temporary directory and
+    raises ``CheckpointError``; the checkpoints already there are untouched."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    try:
+        _write_files(tmp, step, files)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {final.name} in {ckpt_root}: {e.strerror or e}; "
+                              "the earlier checkpoints are intact") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # renamed into place on success, so gone already
+    if keep:
+        prune(ckpt_root, keep, protect=(final, *protect))
+    return final
+
+
+def _write_files(tmp: Path, step: int, files: dict[str, Any]) -> None:
+    """Write every file and the manifest into ``tmp``, fsync, and rename it to its step directory."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -103,14 +120,32 @@ def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, Any], keep: int
     write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": entries})
     _fsync_file(tmp / "manifest.json")
     _fsync_dir(tmp)
+    final = tmp.parent / step_dir_name(step)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    if keep:
-        for old in list_checkpoints(ckpt_root)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    _fsync_dir(tmp.parent)
+
+
+def prune(ckpt_root: Path, keep: int, protect: tuple[Path, ...] = ()) -> None:
+    """Remove checkpoints older than the newest ``keep`` valid ones, except those in ``protect``
+    (protected ones count as valid). Invalid checkpoints newer than those are left alone: only a
+    valid checkpoint ever makes room for another."""
+    protect = tuple(p.resolve() for p in protect)
+    valid = 0
+    for path in list_checkpoints(ckpt_root):
+        if valid >= keep:
+            if path.resolve() not in protect:
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        if path.resolve() in protect:
+            valid += 1
+            continue
+        try:
+            verify_checkpoint(path)
+            valid += 1
+        except CheckpointError:
+            pass
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -130,15 +165,24 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
-def find_valid_checkpoint(ckpt_root: Path, log=print) -> Path | None:
-    """Newest checkpoint whose checksums verify; corrupt ones are reported and skipped."""
+def newest_valid_checkpoint(ckpt_root: Path) -> tuple[Path | None, list[str]]:
+    """(newest checkpoint whose checksums verify or None, what is wrong with each newer one)."""
+    problems = []
     for path in list_checkpoints(ckpt_root):
         try:
             verify_checkpoint(path)
-            return path
+            return path, problems
         except CheckpointError as e:
-            log(f"warning: {e}; falling back to the previous checkpoint")
-    return None
+            problems.append(str(e))
+    return None, problems
+
+
+def find_valid_checkpoint(ckpt_root: Path, log=print) -> Path | None:
+    """Newest checkpoint whose checksums verify; corrupt ones are reported and skipped."""
+    path, problems = newest_valid_checkpoint(ckpt_root)
+    for p in problems:
+        log(f"warning: {p}; falling back to the previous checkpoint")
+    return path
 
 
 def clean_temporaries(ckpt_root: Path) -> None:
@@ -219,12 +263,13 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   sampler, mesh, cfg: ModelConfig, tokenizer: Tokenizer, bad_steps: int, train_config: dict,
-                  keep: int | None) -> Path | None:
+                  keep: int | None, protect: tuple[Path, ...] = ()) -> Path | None:
     """Checkpoint a training run at ``step`` (a collective: every rank of ``mesh`` calls it).
 
     model: this rank's model (its expert slice under EP); saved in the full single-process layout.
     optimizer, sampler (``state_dict()``), RNG: saved per rank. bad_steps and train_config (a
-    JSON-able dict) go into each rank's state file. Rank 0 writes; ``keep``: checkpoints kept.
+    JSON-able dict) go into each rank's state file. Rank 0 writes; ``keep``: valid checkpoints kept,
+    ``protect``: checkpoints never pruned (the one the run resumed from).
     Returns the checkpoint directory on rank 0, None elsewhere.
     """
     weights = mesh.full_state_dict(model)
@@ -239,22 +284,17 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
             files[f"optimizer{sfx}.pt"] = per_rank["optimizer"]
             files[f"state{sfx}.json"] = per_rank["state"]
             files[f"rng{sfx}.safetensors"] = per_rank["rng"]
-        path = save_checkpoint(ckpt_root, step, files, keep=keep)
+        path = save_checkpoint(ckpt_root, step, files, keep=keep, protect=protect)
     mesh.barrier()
     return path
 
 
-def load_training(ckpt_root: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler, mesh,
-                  cfg: ModelConfig, log=print) -> tuple[Path, dict] | None:
-    """Restore the newest valid checkpoint under ``ckpt_root`` into model (this rank's slice),
+def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler, mesh,
+                  cfg: ModelConfig) -> dict:
+    """Restore checkpoint ``path`` (verified by the caller) into model (this rank's slice),
     optimizer, sampler and the RNG; every rank calls it. ``cfg`` must equal the saved config.
-    Returns (checkpoint directory, this rank's state: step, bad_steps, sampler, train_config), or
-    None when there is no valid checkpoint. Raises ``CheckpointError`` for one that does not fit."""
-    if mesh.rank == 0:
-        clean_temporaries(ckpt_root)
-    path = find_valid_checkpoint(ckpt_root, log=log)
-    if path is None:
-        return None
+    Returns this rank's state (step, bad_steps, sampler, train_config). Raises ``CheckpointError``
+    for one that does not fit."""
     saved = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
     if saved != cfg:
         diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
@@ -275,4 +315,4 @@ def load_training(ckpt_root: Path, *, model: torch.nn.Module, optimizer: torch.o
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and mesh.device.type == "cuda":
         torch.cuda.set_rng_state(rng["torch_cuda"], mesh.device)
-    return path, state
+    return state

@@ -89,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
         summary = Trainer(tc, log=lambda m: print(m, file=sys.stderr, flush=True)).run()
     except TrainingError as e:
         print(f"flyer: error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    if summary.get("signal"):
+        return 128 + summary["signal"]  # the shell's convention for a process ended by that signal
     if summary.get("val_loss") is not None:
         print(json.dumps(summary))
     return 0

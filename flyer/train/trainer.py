@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve
 from flyer.data import BatchSampler, eval_batches, prepare_data
 from flyer.fp8 import convert_to_fp8
 from flyer.model.counts import param_counts
-from flyer.errors import TrainingError
+from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.model.lowp import precision_note
@@ -31,11 +33,13 @@ from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
 from flyer.runtime import PRECISIONS, autocast, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
+from flyer.train.rundir import METRICS_NAME, RunLock, choose_start
 from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, read_metrics,
                                  require_tensorboard, truncate_metrics)
 
 SCHEDULES = ("cosine", "constant")
 DISPATCHERS = ("local", "flat", "hierarchical")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption, Ctrl-C, a closed terminal
 
 
 @dataclass
@@ -163,6 +167,26 @@ def _silent(_msg: str) -> None:
     pass
 
 
+class StopSignals:
+    """While entered, SIGTERM, SIGINT and SIGHUP are noted in ``signum`` (the first one) instead of
+    ending the process, so the loop can checkpoint and stop between steps. Handlers can only be
+    set from the main thread; elsewhere the signals keep their usual effect."""
+
+    def __enter__(self) -> StopSignals:
+        self.signum: int | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._note) for s in STOP_SIGNALS}
+        return self
+
+    def _note(self, signum: int, _frame) -> None:
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
 class Trainer:
     """Trains ``tc`` (validated here): ``run()`` for the whole loop, or ``train_step()`` /
     ``evaluate()`` / ``save()`` one at a time. ``log``: one-line messages, called on rank 0 only."""
@@ -188,12 +212,24 @@ class Trainer:
         self.device = self.mesh.device
         self.rank0 = self.mesh.rank == 0
         self.log = log if self.rank0 else _silent
+        self.lock: RunLock | None = None
+        self.resumed_from: Path | None = None
+        self.stopped_by: int | None = None  # the signal that stopped run()
+        start, err = None, None
+        if self.rank0:  # the run directory: owned by this job, and a fresh run or the continuation of one
+            try:
+                self.lock = RunLock(self.out)
+                start = choose_start(self.out, tc.resume, self.log)
+            except (ConfigError, CheckpointError) as e:
+                err = e
+        err, start = self.mesh.broadcast_object((err, start))
+        if err is not None:
+            self.close()
+            raise err
         self.precision = resolve_precision(tc.precision, self.device)
         note = precision_note(self.precision, self.device)
         if note:
             self.log(note)
-        if self.rank0:
-            self.out.mkdir(parents=True, exist_ok=True)
 
         vocab = tc.vocab_size or (min(base.vocab_size, 8192) if tc.tokenizer is None else base.vocab_size)
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
@@ -211,24 +247,32 @@ class Trainer:
         peak_dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
         # MFU against the fastest GEMM the device offers at this precision (``peak_gemm`` names it)
         self.peak_flops, self.peak_gemm = fastest_gemm(peak_dtype, self.device)
-        if tc.resume:
-            self._resume()
-        elif self.rank0 and ckpt.list_checkpoints(self.ckpt_root):
-            raise ConfigError(f"{self.ckpt_root} already holds checkpoints: pass --resume to continue, "
-                              f"or choose another --out")
+        if start is not None:
+            self._resume(Path(start))
+        elif tc.resume:
+            self.log(f"no checkpoint in {self.ckpt_root}: starting from step 0")
+        if self.rank0:
+            ckpt.clean_temporaries(self.ckpt_root)  # left by a process that died mid-write; we own the directory
+            if (self.out / METRICS_NAME).exists():  # only a resumed run gets here with one (choose_start)
+                truncate_metrics(self.out / METRICS_NAME, self.step)
+
+    def close(self) -> None:
+        """Release the run directory (``run()`` does at its end)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     # ---- checkpoints (the format and the work: flyer.train.checkpoint) -------------------------
-    def _resume(self) -> None:
-        found = ckpt.load_training(self.ckpt_root, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
-                                   mesh=self.mesh, cfg=self.cfg, log=self.log)
-        if found is None:
-            self.log(f"no valid checkpoint in {self.ckpt_root}: starting from step 0")
-            return
-        path, state = found
+    def _resume(self, path: Path) -> None:
+        state = ckpt.load_training(path, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
+                                   mesh=self.mesh, cfg=self.cfg)
+        saved_seed = state.get("train_config", {}).get("seed", self.tc.seed)
+        if saved_seed != self.tc.seed:
+            raise FieldError("seed", f"{self.tc.seed} differs from the run's seed {saved_seed} (checkpoint {path}); "
+                                     "a resumed run keeps its seed")
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
-        if self.rank0:
-            truncate_metrics(self.out / "metrics.jsonl", self.step)
+        self.resumed_from = path
         self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path | None:
@@ -238,7 +282,8 @@ class Trainer:
                 raise TrainingError(f"refusing to checkpoint step {self.step}: non-finite parameters")
         return ckpt.save_training(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                   sampler=self.sampler, mesh=self.mesh, cfg=self.cfg, tokenizer=self.data.tokenizer,
-                                  bad_steps=self.bad_steps, train_config=asdict(self.tc), keep=self.tc.keep)
+                                  bad_steps=self.bad_steps, train_config=asdict(self.tc), keep=self.tc.keep,
+                                  protect=(self.resumed_from,) if self.resumed_from else ())
 
     # ---- one optimizer step ---------------------------------------------------------------
     def _autocast(self):
@@ -288,8 +333,10 @@ class Trainer:
             self.log(f"warning: step {self.step}: non-finite loss or gradient norm; step skipped "
                      f"({self.bad_steps} skipped so far)")
             if self.consecutive_bad >= tc.max_bad_steps:
+                last = ckpt.newest_valid_checkpoint(self.ckpt_root)[0] if self.rank0 else None
+                kept = f"the last checkpoint is {last.name}" if last else "no checkpoint was written"
                 raise TrainingError(f"{self.consecutive_bad} consecutive steps with non-finite loss or gradient "
-                                    f"norm (last good checkpoint kept); lower --lr or check the data")
+                                    f"norm ({kept}); lower the learning rate or check the data")
         else:
             self.consecutive_bad = 0
             record.update(update_router_bias(self.model, group=self.mesh.world_group))
@@ -320,8 +367,14 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Train to ``tc.steps`` (validating, logging and checkpointing on the way); returns a
-        summary: steps, final_loss, val_loss, unigram_val_loss, skipped_steps, out."""
+        summary: steps, final_loss, val_loss, unigram_val_loss, skipped_steps, out, and ``signal``
+        (its number) when SIGTERM, SIGINT or SIGHUP stopped the run after checkpointing its last step."""
         tc = self.tc
+        if self.step >= tc.steps:
+            self.log(f"the run in {self.out} is already at step {self.step} (steps {tc.steps}): nothing to do")
+            self.close()
+            self.mesh.destroy()
+            return {"steps": self.step, "final_loss": None, "val_loss": None, "out": str(self.out)}
         pc = param_counts(self.cfg)
         self.log(f"flyer train: preset {tc.preset}, {pc.total / 1e6:.1f}M params ({pc.activated / 1e6:.1f}M "
                  f"activated, MTP {pc.mtp / 1e6:.1f}M), {self._precision_label()}, batch {tc.batch_size}x{tc.seq_len}"
@@ -336,24 +389,32 @@ class Trainer:
             bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         val_loss = None
         try:
-            while self.step < tc.steps:
-                rec = self.train_step()
-                if self.step % tc.eval_every == 0 or self.step == tc.steps:
-                    val_loss = self.evaluate()
-                    rec["val_loss"] = val_loss
-                for log in logs:
-                    log.write(rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(progress_postfix(rec, val_loss))
-                if self.step % tc.ckpt_every == 0 or self.step == tc.steps:
-                    if self.consecutive_bad == 0:
-                        self.save()
+            with StopSignals() as stop:
+                while self.step < tc.steps and not self.stopped_by:
+                    rec = self.train_step()
+                    if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                        val_loss = self.evaluate()
+                        rec["val_loss"] = val_loss
+                    for log in logs:
+                        log.write(rec)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(progress_postfix(rec, val_loss))
+                    self.stopped_by = self.mesh.max_int(stop.signum or 0) or None  # every rank stops together
+                    due = self.step % tc.ckpt_every == 0 or self.step == tc.steps or self.stopped_by
+                    saved = self.save() if due and self.consecutive_bad == 0 else None
+                    if self.stopped_by:
+                        self._say_stopped(saved)
         finally:
             if bar is not None:
                 bar.close()
             for log in logs:
                 log.close()
+        if self.stopped_by:
+            self.close()
+            self.mesh.destroy()
+            return {"steps": self.step, "final_loss": None, "val_loss": None, "out": str(self.out),
+                    "signal": self.stopped_by}
         records = read_metrics(self.out / "metrics.jsonl") if self.rank0 else []
         if self.rank0 and tc.plots:
             from flyer.train.plots import plot_expert_load, plot_loss  # matplotlib: heavy, only when plotting
@@ -367,5 +428,15 @@ class Trainer:
         if val_loss is not None:
             self.log(f"done: step {self.step}, validation loss {val_loss:.3f} vs unigram baseline "
                      f"{self.data.unigram_val_loss:.3f}; metrics {self.out / 'metrics.jsonl'}")
+        self.close()
         self.mesh.destroy()
         return summary
+
+    def _say_stopped(self, saved: Path | None) -> None:
+        name = signal.Signals(self.stopped_by).name
+        if saved is not None or not self.rank0:
+            self.log(f"{name}: stopped after step {self.step}; checkpoint {saved} saved (continue with resume)")
+            return
+        last = ckpt.newest_valid_checkpoint(self.ckpt_root)[0]
+        self.log(f"{name}: stopped after step {self.step}, which is not saved (non-finite); "
+                 + (f"the last checkpoint is {last}" if last else "no checkpoint was written"))

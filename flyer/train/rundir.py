@@ -1,0 +1,95 @@
+"""A run directory (``TrainConfig.out``): owned by one process at a time, and holding either a
+fresh run or the continuation of the run whose checkpoints it holds, never a mix of two runs.
+
+``RunLock(out)`` takes an advisory ``fcntl.flock`` on ``out/.lock`` (which records the owner's
+PID); the kernel drops it when the process ends, however it ends. ``choose_start`` decides, under
+that lock, where a run starts: nothing (a fresh directory), or the newest valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from flyer.errors import CheckpointError, FieldError
+from flyer.train import checkpoint as ckpt
+
+LOCK_NAME = ".lock"
+METRICS_NAME = "metrics.jsonl"
+
+
+def usable_dir(path: Path, field: str) -> Path:
+    """Create ``path`` (and its parents) as a writable directory, or raise ``FieldError(field)``
+    saying why not (a file is in the way, a parent is a file, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FieldError(field, f"{path} is a file, not a directory") from None
+    except NotADirectoryError:
+        raise FieldError(field, f"{path} lies under a file, not a directory") from None
+    except OSError as e:
+        raise FieldError(field, f"cannot create directory {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FieldError(field, f"{path} is not writable")
+    return path
+
+
+class RunLock:
+    """Exclusive ownership of run directory ``out`` by this process (created when missing).
+    Raises ``FieldError('out')`` naming the holder's PID when another process owns it."""
+
+    def __init__(self, out: Path):
+        usable_dir(out, "out")
+        self._f = open(out / LOCK_NAME, "a+")  # a file object: closed (and unlocked) if garbage-collected
+        try:
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.seek(0)
+            holder = self._f.read().strip() or "unknown"
+            self.close()
+            raise FieldError("out", f"{out} is in use by another run (pid {holder}); wait for it to end "
+                                    "or use another run directory") from None
+        self._f.truncate(0)
+        self._f.write(f"{os.getpid()}\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()  # closing the last descriptor releases the flock
+            self._f = None
+
+
+def describe_run(out: Path, found: list[Path]) -> str | None:
+    """What an earlier run left in ``out`` (its checkpoints, its metrics), or None when nothing."""
+    parts = []
+    if found:
+        parts.append(f"{len(found)} checkpoint(s), newest {found[0].name}")
+    if (out / METRICS_NAME).exists():
+        parts.append(METRICS_NAME)
+    return ", ".join(parts) or None
+
+
+def choose_start(out: Path, resume: bool, log=print) -> Path | None:
+    """The checkpoint a run in ``out`` starts from (None: step 0); nothing is changed on disk.
+
+    Fresh (``resume`` false): ``out`` must hold no earlier run (checkpoints or metrics), else
+    ``FieldError('resume')``. Resuming: the newest valid checkpoint; None when there are no
+    checkpoints at all; ``CheckpointError`` when there are some but none is valid. Invalid newer
+    checkpoints passed over are reported to ``log``.
+    """
+    root = out / "checkpoints"
+    found = ckpt.list_checkpoints(root)
+    if not resume:
+        earlier = describe_run(out, found)
+        if earlier:
+            raise FieldError("resume", f"not set, but {out} already holds a run ({earlier}); set it to continue "
+                                       "that run, or use another run directory")
+        return None
+    valid, problems = ckpt.newest_valid_checkpoint(root)
+    if valid is None and found:
+        raise CheckpointError(f"none of the {len(found)} checkpoint(s) in {root} is valid ({problems[0]}); "
+                              "nothing was changed: repair or move them, or use another run directory")
+    for problem in problems:
+        log(f"warning: {problem}; falling back to the previous checkpoint")
+    return valid

@@ -1,0 +1,206 @@
+"""Nothing lost, nothing mixed: checkpoint retention, one process per run directory, resume that
+finds no valid checkpoint, fresh runs beside old files, and signals that checkpoint and stop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flyer.cli import main
+from flyer.errors import CheckpointError, FieldError
+from flyer.train import checkpoint as ckpt
+from flyer.train.metrics import read_metrics
+from flyer.train.trainer import Trainer, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def tc_for(out, data_cache, **kw):
+    base = dict(preset="tiny", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_batches=1, ckpt_every=2,
+                out=str(out), data_cache=data_cache, seed=3, progress=False, plots=False, warmup=1, lr=3e-3,
+                device="cpu", threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(_msg):
+    pass
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (but the lock, whose content is its owner's PID) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def steps_logged(out) -> list[int]:
+    return [r["step"] for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flyer: error: "), err
+    return err[0]
+
+
+def train_argv(out, data_cache, *extra):
+    return ["train", "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-every",
+            "2", "--eval-batches", "1", "--ckpt-every", "2", "--seed", "3", "--data-cache", data_cache, "--out",
+            str(out), "--no-plots", "--no-progress", "--threads", "1", "--device", "cpu", *extra]
+
+
+# ---- data loss ---------------------------------------------------------------------------------
+def test_keep_never_prunes_the_valid_checkpoints_for_an_invalid_newer_one(tmp_path, data_cache):
+    Trainer(tc_for(tmp_path, data_cache), log=quiet).run()
+    root = tmp_path / "checkpoints"
+    (root / ckpt.step_dir_name(99)).mkdir()  # invalid (no manifest), numbered above everything
+    Trainer(tc_for(tmp_path, data_cache, steps=6, keep=1, resume=True), log=quiet).run()
+    names = [p.name for p in ckpt.list_checkpoints(root)]
+    assert names == [ckpt.step_dir_name(s) for s in (99, 6, 4)]  # 6 just written, 4 resumed from
+    ckpt.verify_checkpoint(root / ckpt.step_dir_name(6))
+    with pytest.warns(UserWarning):  # the invalid step_00000099 is skipped
+        model, cfg, tok = ckpt.load_for_inference(tmp_path)
+
+
+def test_prune_keeps_the_newest_valid_and_protected(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in (1, 2, 3, 4):
+        ckpt.save_checkpoint(root, s, {"config.json": {"s": s}})
+    (root / ckpt.step_dir_name(5) / "manifest.json").parent.mkdir()
+    (root / ckpt.step_dir_name(5) / "manifest.json").write_text("{")  # corrupt
+    ckpt.prune(root, keep=2, protect=(root / ckpt.step_dir_name(1),))
+    assert [p.name for p in ckpt.list_checkpoints(root)] == [ckpt.step_dir_name(s) for s in (5, 4, 3, 1)]
+
+
+def test_two_trainers_never_share_a_run_directory(tmp_path, data_cache, capsys):
+    first = Trainer(tc_for(tmp_path, data_cache), log=quiet)
+    with pytest.raises(FieldError) as e:
+        Trainer(tc_for(tmp_path, data_cache), log=quiet)
+    assert e.value.field == "out" and f"pid {os.getpid()}" in str(e.value)
+    assert main(train_argv(tmp_path, data_cache)) == 2
+    assert f"--out: {tmp_path} is in use by another run (pid {os.getpid()})" in one_line(capsys)
+    first.run()  # the owner is unaffected, and releases the directory at its end
+    assert steps_logged(tmp_path) == [1, 2, 3, 4]
+    Trainer(tc_for(tmp_path, data_cache, steps=5, resume=True), log=quiet).run()
+    assert steps_logged(tmp_path) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_a_second_process_on_the_same_out_is_refused(tmp_path, data_cache):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    owner = Trainer(tc_for(tmp_path, data_cache), log=quiet)
+    res = subprocess.run([sys.executable, "-m", "flyer", *train_argv(tmp_path, data_cache)], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"flyer: error: --out: {tmp_path} is in use by another run "
+                                               f"(pid {os.getpid()}); wait for it to end or use another run directory"]
+    owner.close()
+
+
+def test_resume_with_only_corrupt_checkpoints_stops_and_changes_nothing(tmp_path, data_cache, capsys):
+    Trainer(tc_for(tmp_path, data_cache), log=quiet).run()
+    for d in ckpt.list_checkpoints(tmp_path / "checkpoints"):
+        with open(d / "model.safetensors", "r+b") as f:
+            f.truncate(100)
+    (tmp_path / "checkpoints" / ".tmp-step_00000006-1").mkdir()  # a dead writer's leftovers stay too
+    before = snapshot(tmp_path)
+    assert main(train_argv(tmp_path, data_cache, "--steps", "6", "--resume")) == 2
+    line = one_line(capsys)
+    assert "none of the 2 checkpoint(s)" in line and "is valid" in line and "nothing was changed" in line
+    assert snapshot(tmp_path) == before
+    assert (tmp_path / "checkpoints" / ".tmp-step_00000006-1").is_dir()
+
+
+def test_a_fresh_run_never_appends_to_old_metrics(tmp_path, data_cache, capsys):
+    old = '{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n'
+    (tmp_path / "metrics.jsonl").write_text(old)
+    assert main(train_argv(tmp_path, data_cache)) == 2
+    line = one_line(capsys)
+    assert "--resume: not set, but" in line and "already holds a run (metrics.jsonl)" in line
+    assert (tmp_path / "metrics.jsonl").read_text() == old
+    # resuming a run that died before its first checkpoint starts it over, its old records dropped
+    assert main(train_argv(tmp_path, data_cache, "--resume")) == 0
+    recs = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and 9.0 not in [r["loss"] for r in recs]
+
+
+def test_resume_rules_seed_and_finished_runs(tmp_path, data_cache, capsys):
+    Trainer(tc_for(tmp_path, data_cache), log=quiet).run()
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    assert main(train_argv(tmp_path, data_cache, "--resume", "--seed", "4")) == 2
+    assert "--seed: 4 differs from the run's seed 3" in one_line(capsys)
+    assert snapshot(tmp_path) == before
+    assert main(train_argv(tmp_path, data_cache, "--resume")) == 0  # already at --steps 4
+    err = capsys.readouterr().err
+    assert "already at step 4 (steps 4): nothing to do" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_diverging_run_exits_2_without_claiming_a_checkpoint(tmp_path, data_cache, capsys):
+    assert main(train_argv(tmp_path, data_cache, "--lr", "1e30", "--steps", "30", "--ckpt-every", "20")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's own lines and warnings
+    assert line.startswith("flyer: error: ")
+    assert "consecutive steps with non-finite" in line and "no checkpoint was written" in line
+    assert ckpt.list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_failed_checkpoint_write_leaves_the_previous_one_and_no_temporaries(tmp_path, data_cache, monkeypatch):
+    root = tmp_path / "checkpoints"
+    t = Trainer(tc_for(tmp_path, data_cache), log=quiet)
+    t.train_step()
+    first = t.save()
+
+    def disk_full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    t.train_step()
+    with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are intact"):
+        t.save()
+    assert ckpt.list_checkpoints(root) == [first] and not list(root.glob(".tmp-*"))
+    ckpt.verify_checkpoint(first)
+    monkeypatch.undo()  # space freed: the run resumes from the intact checkpoint
+    t.close()
+    assert Trainer(tc_for(tmp_path, data_cache, resume=True), log=quiet).step == 1
+
+
+# ---- signals ------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "flyer", *train_argv(tmp_path / "x", data_cache, "--steps", "12", "--ckpt-every",
+                                                       "100", "--eval-every", "6")]
+    ref = subprocess.run([a if a != str(tmp_path / "x") else str(tmp_path / "ref") for a in args],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "x"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while len(steps_logged(run)) < 3:
+        assert proc.poll() is None and time.time() < deadline, "run ended before its third step"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, err
+    saved = ckpt.list_checkpoints(run / "checkpoints")
+    assert len(saved) == 1 and not list((run / "checkpoints").glob(".tmp-*"))
+    step = int(saved[0].name.removeprefix("step_"))
+    assert 3 <= step < 12 and f"{sig.name}: stopped after step {step}; checkpoint {saved[0]} saved" in err
+    res = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss" in r}
+    b = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+    assert sorted(b) == list(range(1, 13)) and a == b  # bit-identical to the uninterrupted run
+    assert json.loads(res.stdout)["val_loss"] == json.loads(ref.stdout)["val_loss"]
