@@ -4,12 +4,19 @@
 
 User errors (bad config, flags, files) print one line ``flyer: error: ...`` and exit 2. Library
 code names fields (``FieldError``); here a field is worded as the flag that sets it.
+
+Numeric flags follow one rule before a command runs: finite, and > 0, unless the command module
+lists the flag's dest in ``ZERO_OK`` (>= 0) or ``SIGNED`` (any finite value). Warnings print as
+one line ``flyer: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
+import warnings
 
 from flyer.cluster import cli as cluster_cli
 from flyer.errors import CheckpointError, ConfigError, FieldError, UserError
@@ -23,8 +30,16 @@ COMMAND_MODULES = [info, train_cli, infer_cli, cluster_cli]
 __all__ = ["UserError", "build_parser", "flags", "main"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are flyer's one line (``UserError``), not a usage block; subcommand
+    parsers are of this class too."""
+
+    def error(self, message: str):
+        raise UserError(re.sub(r"^argument ([^:]+): ", r"\1: ", message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flyer", description="DeepSeek-V3 training-efficiency stack.")
+    parser = Parser(prog="flyer", description="DeepSeek-V3 training-efficiency stack.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -45,6 +60,40 @@ def flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str
     return out
 
 
+def numeric_actions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[argparse.Action]:
+    """The int and float options of ``parser`` and of the subcommand parsers that parsed ``args``."""
+    out = []
+    for action in parser._actions:  # as in flags()
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None))
+            if chosen is not None:
+                out += numeric_actions(chosen, args)
+        elif action.option_strings and action.type in (int, float):
+            out.append(action)
+    return out
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Raise ``FieldError`` for a numeric flag that is not finite, or <= 0 where the command
+    module does not allow it (``ZERO_OK``: >= 0, ``SIGNED``: any)."""
+    zero_ok = set().union(*(getattr(m, "ZERO_OK", ()) for m in COMMAND_MODULES))
+    signed = set().union(*(getattr(m, "SIGNED", ()) for m in COMMAND_MODULES))
+    for action in numeric_actions(parser, args):
+        v = getattr(args, action.dest, None)
+        if v is None or action.dest in signed and math.isfinite(v):
+            continue
+        if not math.isfinite(v):
+            raise FieldError(action.dest, f"must be a finite number (got {v})")
+        if v < 0 or (v == 0 and action.dest not in zero_ok):
+            least = ">= 0" if action.dest in zero_ok else ">= 1" if action.type is int else "> 0"
+            raise FieldError(action.dest, f"must be {least} (got {v})")
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: the message alone, no source line."""
+    print(f"flyer: warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
+
+
 def error_line(e: Exception, flag_of: dict[str, str]) -> str:
     """The one line printed for a user error: a ``FieldError``'s field becomes its flag."""
     if isinstance(e, FieldError):
@@ -53,13 +102,24 @@ def error_line(e: Exception, flag_of: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores the process's own warning display afterwards
+        warnings.showwarning = one_line_warning
+        return run(argv)
+
+
+def run(argv: list[str] | None) -> int:
     tune_malloc()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as e:
+        print(f"flyer: error: {e}", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        check_numbers(parser, args)
         rc = args.func(args)
     except (ConfigError, UserError, CheckpointError, FileNotFoundError) as e:
         print(f"flyer: error: {error_line(e, flags(parser, args))}", file=sys.stderr)

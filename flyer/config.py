@@ -96,6 +96,9 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"config field '{name}': {msg} (got {getattr(self, name)!r})")
 
+        for f in fields(self):
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or math.isfinite(v), f.name, "must be a finite number")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             need(int(getattr(self, name)) > 0, name, "must be a positive integer")
         need(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers", f"must be in [0, n_layers={self.n_layers}]")
@@ -187,6 +190,18 @@ _IGNORED_KEYS = {"dtype", "max_batch_size", "scale_fmt", "architectures", "model
                  "moe_layer_freq", "topk_method", "aux_loss_alpha", "seq_aux", "hidden_act",
                  "attention_bias", "rope_scaling", "sliding_window", "use_sliding_window",
                  "max_window_layers", "_name_or_path", "tie_word_embeddings", "mlp_bias"}
+
+
+class RequiredFields(dict):
+    """A config file's object: reading a field it lacks is a ``ConfigError`` naming the field and
+    the file (``.get`` for optional fields is unchanged)."""
+
+    def __init__(self, pairs, where: Path):
+        super().__init__(pairs)
+        self.where = where
+
+    def __missing__(self, key: str):
+        raise ConfigError(f"config file {self.where}: required field '{key}' is missing")
 
 
 def _coerce(name: str, v: Any, typ: Any) -> Any:
@@ -354,10 +369,12 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
     train: Any = {}
     if p.suffix == ".json":
         try:
-            d = json.loads(text)
+            d = json.loads(text, object_pairs_hook=lambda pairs: RequiredFields(pairs, where=p))
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
     else:

@@ -221,8 +221,8 @@ def _err(capsys):
 
 @pytest.mark.parametrize("argv,words", [
     (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--steps", "0"], "'steps': must be a positive integer"),
-    (["--batch-size", "-2"], "'batch_size'"),
+    (["--steps", "0"], "--steps: must be >= 1 (got 0)"),
+    (["--batch-size", "-2"], "--batch-size: must be >= 1 (got -2)"),
     (["--precision", "fp4"], "'precision'"),
     (["--data", "/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--device", "tpu"], "'device': must be auto, cpu, cuda or cuda:N"),

@@ -16,6 +16,12 @@ from flyer.cluster.storage import StorageCluster, storage_model
 from flyer.config import PRESETS, resolve_config
 from flyer.errors import FieldError
 
+# numeric flags that may be 0, or any sign (flyer.cli: the others must be > 0)
+ZERO_OK = {"price_per_gpu_hour", "extra_gpu_hours", "switch_price_per_port", "endpoint_link_usd", "switch_link_usd",
+           "node_limit", "latency_us", "proxy_overhead_us", "proxy_latency_us", "gpu_overhead_us", "seed", "w",
+           "stage_param_gib", "microbatch_activation_gib", "bytes", "dispatch_bytes"}
+SIGNED = {"switch_price_base"}  # the fitted line's intercept
+
 
 def _emit(args, obj, table) -> int:
     if args.json:

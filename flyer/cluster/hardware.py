@@ -9,6 +9,7 @@ the command line (``flyer plan --hw bf16_tflops=900``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 from flyer.errors import FieldError
@@ -61,8 +62,8 @@ def gpu_spec(gpu: str, hw: dict[str, str] | None = None) -> GPUSpec:
             num = float(v)
         except ValueError:
             raise FieldError("hw", f"{k} must be a number (got {v!r})") from None
-        if num <= 0:
-            raise FieldError("hw", f"{k} must be > 0 (got {v})")
+        if not 0 < num < math.inf:
+            raise FieldError("hw", f"{k} must be a finite number > 0 (got {v})")
         kw[k] = int(num) if known[k].type in (int, "int") else num
     return dataclasses.replace(spec, **kw)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flyer.errors import FieldError
+
 
 def _pyplot():
     import matplotlib  # on the first chart only: matplotlib is slow to import and only charts need it
@@ -18,9 +20,15 @@ def _save(fig, path: str | Path) -> Path:
     """Lay out, write the PNG (creating its folder) and free the figure."""
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    _pyplot().close(fig)
+    try:
+        if out.is_dir():
+            raise FieldError("plot", f"{out} is a directory; give a file name such as chart.png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+    except OSError as e:
+        raise FieldError("plot", f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        _pyplot().close(fig)
     return out
 
 

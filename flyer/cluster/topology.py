@@ -115,10 +115,15 @@ def slim_fly_delta(q: int) -> int:
     return {0: 0, 1: 1, 3: -1}[r]
 
 
+def smallest_factor(n: int) -> int:
+    """The smallest prime factor of ``n`` >= 2, by trial division up to sqrt(n)."""
+    return next((d for d in range(2, math.isqrt(n) + 1) if n % d == 0), n)
+
+
 def is_prime_power(n: int) -> bool:
     if n < 2:
         return False
-    p = next(d for d in range(2, n + 1) if n % d == 0)
+    p = smallest_factor(n)
     while n % p == 0:
         n //= p
     return n == 1
@@ -135,16 +140,15 @@ def slim_fly(q: int) -> Topology:
 
 
 def slim_fly_q_for_radix(k: int, prime_power: bool = False) -> int:
-    """The largest admissible q whose routers fit in ``k`` ports (optionally a prime power)."""
-    best = None
-    for q in range(3, 2 * k):
+    """The largest admissible q whose routers fit in ``k`` ports (optionally a prime power).
+    Router radix grows with q and is at least (9q - 3)/4, so the search walks down from
+    q = (4k + 3)/9 and stops at the first fit (a few steps), rather than scanning every q."""
+    for q in range((4 * k + 3) // 9 + 1, 2, -1):
         if q % 4 == 2 or (prime_power and not is_prime_power(q)):
             continue
         if slim_fly(q).radix <= k:
-            best = q
-    if best is None:
-        raise FieldError("radix", f"{k} is too small for a Slim Fly")
-    return best
+            return q
+    raise FieldError("radix", f"{k} is too small for a Slim Fly")
 
 
 def dragonfly(a: int, p: int, h: int, g: int) -> Topology:
@@ -252,7 +256,7 @@ def slim_fly_graph(q: int) -> nx.Graph:
     """MMS Slim Fly for a prime ``q``: routers (0, x, y) and (1, m, c) over GF(q), with
     ceil(k'/2) endpoints each. (0,x,y)~(0,x,y') if y-y' in X; (1,m,c)~(1,m,c') if c-c' in X';
     (0,x,y)~(1,m,c) if y = m x + c."""
-    if not is_prime_power(q) or any(q % d == 0 for d in range(2, q)):
+    if q < 2 or smallest_factor(q) != q:
         raise FieldError("sf_q", f"slim_fly_graph builds prime q only (got {q})")
     delta = slim_fly_delta(q)
     xi = _primitive_root(q)

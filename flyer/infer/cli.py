@@ -19,6 +19,7 @@ from flyer.train.checkpoint import load_for_inference
 
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+ZERO_OK = {"temperature", "seed", "eos_id"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
 
 
 def parse_size(text: str) -> int:
@@ -104,6 +105,8 @@ def _run(args) -> int:
         pc = open_prefix_cache(model, args.prefix_cache, attention=args.attention, cache_dtype=dtype,
                                block_size=args.prefix_block, max_bytes=parse_size(args.prefix_cache_size))
     eos = args.eos_id if args.eos_id is not None else tok.eos_id()
+    if eos is not None and not 0 <= eos < cfg.vocab_size:
+        raise FieldError("eos_id", f"must be a token id in [0, {cfg.vocab_size}) of this model (got {eos})")
     res = generate(model, prompts, dataclasses.replace(gen, eos_id=eos, prefix_cache=pc))
     texts = [tok.decode([t for t in toks if t != eos]) for toks in res.tokens]
     totals = pc.record_stats() if pc is not None else None

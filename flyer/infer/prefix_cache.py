@@ -37,6 +37,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from flyer.errors import FieldError
+
 MAGIC = b"FLYERPC1"
 FORMAT_VERSION = 1
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
@@ -80,11 +82,18 @@ def model_fingerprint(model: torch.nn.Module, **extra) -> str:
 class PrefixCache:
     def __init__(self, root: str | Path, fingerprint: str, block_size: int = 64, max_bytes: int = 1 << 30):
         if block_size < 1:
-            raise ValueError(f"prefix cache block_size must be >= 1 (got {block_size})")
+            raise FieldError("prefix_block", f"must be >= 1 (got {block_size})")
         if max_bytes < 1:
-            raise ValueError(f"prefix cache max_bytes must be >= 1 (got {max_bytes})")
+            raise FieldError("prefix_cache_size", f"must be at least 1 byte (got {max_bytes})")
         self.root = Path(root).expanduser()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise FieldError("prefix_cache", f"{self.root} is a file, not a directory") from None
+        except OSError as e:
+            raise FieldError("prefix_cache", f"cannot create directory {self.root}: {e.strerror or e}") from None
+        # a shared cache this process may not write is used for lookups only
+        self.read_only = not os.access(self.root, os.W_OK | os.X_OK)
         self.fingerprint, self.block_size, self.max_bytes = fingerprint, block_size, max_bytes
         self.stats = PrefixCacheStats()
 
@@ -160,11 +169,15 @@ class PrefixCache:
                              "tokens": list(tokens), "tensors": table,
                              "sha256": hashlib.sha256(payload).hexdigest()}).encode()
         blob = MAGIC + struct.pack("<I", len(header)) + header + payload
-        if len(blob) > self.max_bytes:
+        if len(blob) > self.max_bytes or self.read_only:
             return False
         p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".", suffix=".tmp")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".", suffix=".tmp")
+        except OSError:  # read-only after all (a read-only mount, another owner): lookups only
+            self.read_only = True
+            return False
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
@@ -190,6 +203,8 @@ class PrefixCache:
     def evict(self) -> int:
         """Delete least-recently-used blocks until the directory holds at most ``max_bytes``."""
         removed = 0
+        if self.read_only:
+            return removed
         with self.locked():
             entries, total, now = [], 0, time.time()
             for sub in self.root.iterdir():
@@ -222,8 +237,9 @@ class PrefixCache:
         return sum(f.stat().st_size for f in self.root.glob("*/*.blk"))
 
     def record_stats(self) -> dict:
-        """Add this process's counters to ``ROOT/stats.json`` (under the lock); returns the totals."""
-        with self.locked():
+        """Add this process's counters to ``ROOT/stats.json`` (under the lock); returns the totals
+        (a read-only cache: those of the file plus this process's, the file unchanged)."""
+        with contextlib.nullcontext() if self.read_only else self.locked():
             path = self.root / "stats.json"
             try:
                 total = json.loads(path.read_text())
@@ -234,9 +250,10 @@ class PrefixCache:
             for k, v in asdict(self.stats).items():
                 total[k] = int(total.get(k, 0)) + v
             total["hit_rate"] = round(total["hits"] / total["lookups"], 4) if total.get("lookups") else 0.0
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(total))
-            os.replace(tmp, path)
+            if not self.read_only:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(total))
+                os.replace(tmp, path)
         return total
 
     def summary(self) -> str:

@@ -38,6 +38,7 @@ _FLAGS = [  # (flag, field, type, help)
     ("--ranks-per-node", "ranks_per_node", int, "ranks per node, to simulate several nodes on one machine"),
     ("--dispatcher", "dispatcher", str, "local, flat or hierarchical (expert parallelism)"),
 ]
+ZERO_OK = {"warmup", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
 
 
 def register(sub) -> None:

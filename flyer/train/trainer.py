@@ -33,7 +33,7 @@ from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
 from flyer.runtime import PRECISIONS, autocast, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
-from flyer.train.rundir import METRICS_NAME, RunLock, choose_start
+from flyer.train.rundir import METRICS_NAME, RunLock, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, read_metrics,
                                  require_tensorboard, truncate_metrics)
 
@@ -220,6 +220,8 @@ class Trainer:
             try:
                 self.lock = RunLock(self.out)
                 start = choose_start(self.out, tc.resume, self.log)
+                if self.tensorboard_dir is not None:
+                    usable_dir(self.tensorboard_dir, "tensorboard")
             except (ConfigError, CheckpointError) as e:
                 err = e
         err, start = self.mesh.broadcast_object((err, start))

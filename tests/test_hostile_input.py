@@ -1,0 +1,164 @@
+"""Hostile input, as rules: every numeric flag of every subcommand (read from the argparse parsers)
+fed NaN, +-inf, 0 and a negative value either runs or says one line ``flyer: error: --flag: ...``
+and exits 2; path flags, config files and out-of-range values likewise."""
+
+import argparse
+import json
+import os
+import re
+import time
+
+import pytest
+
+from flyer.cli import build_parser, main
+
+VALUES = ["nan", "inf", "-inf", "0", "-1"]
+
+
+def numeric_flags(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(subcommand path, flag) of every int/float option, over every subcommand parser."""
+    for action in parser._actions:  # argparse has no public way to list a parser's options
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from numeric_flags(sub, (*path, name))
+        elif action.option_strings and action.type in (int, float):
+            yield path, max(action.option_strings, key=len)
+
+
+FLAGS = list(numeric_flags(build_parser()))
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def quick_args(path: tuple[str, ...], tmp_path, data_cache) -> list[str]:
+    """Arguments that make a subcommand fast (a one-step tiny run, two generated tokens)."""
+    return {
+        ("train",): ["--preset", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches",
+                     "1", "--data-cache", data_cache, "--out", str(tmp_path / "run"), "--no-plots", "--no-progress",
+                     "--threads", "1", "--device", "cpu"],
+        ("generate",): ["--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"],
+        ("net", "simulate"): ["--nodes", "4", "--gpus-per-node", "2"],
+    }.get(path, [])
+
+
+def outcome(capsys, argv) -> tuple[int, list[str], str]:
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.err.strip().splitlines(), captured.out
+
+
+def assert_runs_or_one_line(rc, err, out, flag=None):
+    if rc == 0:
+        assert not re.search(r"\b(nan|inf)\b", out, re.I), out  # never a silently non-finite result
+    else:
+        assert rc == 2 and len(err) == 1 and err[0].startswith("flyer: error: "), (rc, err)
+        if flag is not None:
+            assert err[0].startswith(f"flyer: error: {flag}: "), err
+
+
+def test_every_subcommand_has_numeric_flags_in_the_table():
+    commands = {p for p, _ in FLAGS}
+    assert {("train",), ("generate",), ("plan",), ("net", "topology"), ("net", "ep"), ("net", "latency"),
+            ("net", "simulate"), ("net", "storage"), ("net", "pipeline")} <= commands
+    assert len(FLAGS) >= 80
+
+
+@pytest.mark.parametrize("path,flag", FLAGS, ids=lambda x: " ".join(x) if isinstance(x, tuple) else x)
+def test_numeric_flag_rejects_nonfinite_and_nonsense(path, flag, tmp_path, data_cache, capsys):
+    outcomes = {}
+    for value in VALUES:
+        argv = [*path, *quick_args(path, tmp_path / value, data_cache), f"{flag}={value}"]
+        rc, err, out = outcome(capsys, argv)
+        assert_runs_or_one_line(rc, err, out, flag)
+        outcomes[value] = rc
+    assert outcomes["nan"] == outcomes["inf"] == outcomes["-inf"] == 2
+
+
+def test_parse_errors_are_one_line(capsys):
+    for argv in (["train", "--steps", "x"], ["plan", "--gpus"], ["net", "simulate", "--topology", "torus"],
+                 ["net"], ["generate", "--prompt", "hi", "--bogus"]):
+        rc, err, _ = outcome(capsys, argv)
+        assert rc == 2 and len(err) == 1 and err[0].startswith("flyer: error: "), (argv, err)
+
+
+def test_topology_search_is_bounded(capsys):
+    t0 = time.perf_counter()
+    rc, err, out = outcome(capsys, ["net", "topology", "--radix", "100000", "--json"])
+    assert rc == 0 and time.perf_counter() - t0 < 10, err
+    sf = next(r for r in json.loads(out) if r["name"] == "sf")
+    assert sf["params"]["q"] == 44444 and sf["params"]["buildable_q"] == 44417
+
+
+@pytest.fixture
+def files(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "latin1.json").write_bytes('{"dim": "\xe9"}'.encode("latin-1"))
+    (tmp_path / "bad.toml").write_bytes(b"[model]\ndim = \xff\n")
+    (tmp_path / "missing.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    (tmp_path / "nan.toml").write_text("[model]\nrope_theta = inf\n")
+    return tmp_path
+
+
+GEN = ["generate", "--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"]
+PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line must hold)
+    (["train", "--out", "{t}/afile"], "--out: {t}/afile is a file, not a directory"),
+    (["train", "--out", "{t}/afile/run"], "--out: {t}/afile/run lies under a file"),
+    (["train", "--tensorboard", "{t}/afile"], "--tensorboard: {t}/afile is a file"),
+    (["train", "--config", "{t}/adir"], "cannot read config file {t}/adir"),
+    (["train", "--config", "{t}/latin1.json"], "{t}/latin1.json is not UTF-8 text"),
+    (["train", "--config", "{t}/bad.toml"], "{t}/bad.toml is not UTF-8 text"),
+    (["train", "--config", "{t}/missing.json"], "required field 'vocab_size' is missing"),
+    (["train", "--config", "{t}/nan.toml"], "'rope_theta': must be a finite number"),
+    (["info", "--config", "{t}/missing.json"], "required field 'vocab_size' is missing"),
+    (["plan", "--config", "{t}/latin1.json"], "is not UTF-8 text"),
+    (["plan", "--hw", "hbm_gib=nan"], "--hw: hbm_gib must be a finite number > 0"),
+    ([*GEN, "--prefix-cache", "{t}/afile"], "--prefix-cache: {t}/afile is a file, not a directory"),
+    ([*GEN, "--prefix-cache", "{t}/afile/pc"], "--prefix-cache: cannot create directory {t}/afile/pc"),
+    ([*GEN, "--prefix-cache", "{t}/pc", "--prefix-cache-size", "0"], "--prefix-cache-size: must be at least 1"),
+    ([*GEN, "--eos-id", "100000"], "--eos-id: must be a token id in [0, 2048)"),
+    (["net", "topology", "--plot", "{t}/afile/x.png"], "--plot: cannot write {t}/afile/x.png"),
+    (["net", "topology", "--plot", "{t}/adir"], "--plot: {t}/adir is a directory"),
+    (["net", "ep", "--node-limit", "99"], "--node-limit: must be <= experts_per_token = 9"),
+]
+
+
+@pytest.mark.parametrize("argv,words", PATH_CASES, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_paths_configs_and_ranges_are_one_line(argv, words, files, data_cache, capsys):
+    t = str(files)
+    argv = [a.format(t=t) for a in argv]
+    if argv[0] == "train":
+        argv += ["--preset", "tiny", "--data-cache", data_cache, "--no-progress", "--device", "cpu"]
+        argv += [] if "--out" in argv else ["--out", f"{t}/run"]
+    rc, err, _ = outcome(capsys, argv)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("flyer: error: "), err
+    assert words.format(t=t) in err[0]
+
+
+def test_read_only_prefix_cache_is_used_read_only(tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "pc"
+    argv = [*GEN, "--prompt", "x" * 80, "--prefix-block", "16", "--prefix-cache", str(cache), "--json"]
+    rc, err, out = outcome(capsys, argv)
+    assert rc == 0, err
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(cache) else real_access(p, mode))
+    rc, err, out = outcome(capsys, argv)
+    assert rc == 0, err
+    assert json.loads(out)["prefix_cache"]["hits"] > 0
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.suffix != ".blk"} == \
+        {p: t for p, t in before.items() if p.suffix != ".blk"}  # nothing written (LRU touches aside)
+
+
+def test_library_warnings_are_one_line(tmp_path, capsys):
+    from flyer.train import checkpoint as ckpt
+
+    (tmp_path / "checkpoints" / ckpt.step_dir_name(7)).mkdir(parents=True)  # invalid: skipped with a warning
+    rc, err, _ = outcome(capsys, ["generate", "--ckpt", str(tmp_path), "--prompt", "hi"])
+    assert rc == 2
+    assert err[0].startswith("flyer: warning: ") and "UserWarning" not in " ".join(err)
+    assert err[-1].startswith("flyer: error: --ckpt: ")
