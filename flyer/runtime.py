@@ -1,5 +1,5 @@
 """What the process runs on and how: the CPU's kind and what its BF16 GEMMs run on, the
-``--precision auto`` choice, and glibc malloc tuning.
+``--precision auto`` choice, the memory still available, and glibc malloc tuning.
 
 ``tune_malloc``: a training step allocates and frees the same multi-MiB activations every layer,
 and glibc returns such blocks to the kernel, so each comes back as fresh zero pages (a page fault
@@ -18,6 +18,8 @@ import os
 import platform
 
 import torch
+
+from flyer.errors import FieldError
 
 # mallopt parameter numbers (glibc malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -60,6 +62,31 @@ BF16_GEMM_KINDS = ("hardware", "widened", "reference")
 CPU_KINDS = {"amx": "hardware", "avx512_bf16": "hardware", "arm_bf16": "hardware", "avx512": "widened",
              "avx2": "reference", "arm": "reference"}
 _assumed_cpu: contextvars.ContextVar[str | None] = contextvars.ContextVar("flyer_assumed_cpu", default=None)
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes still available on ``device``: a GPU's free memory, or the host's ``MemAvailable``
+    (Linux; else the free physical pages). None when it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024
+    except (OSError, StopIteration, ValueError):
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def require_memory(need: float, device: str | torch.device, field: str, what: str) -> None:
+    """Raise ``FieldError(field)`` when ``need`` bytes (``what`` needs them) exceed what ``device``
+    has available, before anything is allocated, instead of an out-of-memory kill."""
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise FieldError(field, f"{what} needs about {need / 2**30:,.1f} GiB, but {torch.device(device)} has "
+                                f"{have / 2**30:,.1f} GiB available")
 
 
 def _x86() -> bool:

@@ -15,6 +15,12 @@ def pytest_sessionstart(session):
     kernels.cpu_ops()
 
 
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One tokenizer and shard cache for every training test of the session."""
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

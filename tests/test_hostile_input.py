@@ -28,11 +28,6 @@ def numeric_flags(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 FLAGS = list(numeric_flags(build_parser()))
 
 
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
 def quick_args(path: tuple[str, ...], tmp_path, data_cache) -> list[str]:
     """Arguments that make a subcommand fast (a one-step tiny run, two generated tokens)."""
     return {

@@ -20,11 +20,6 @@ from flyer.train.trainer import Trainer, TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
 def tc_for(out, data_cache, **kw):
     base = dict(preset="tiny", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_batches=1, ckpt_every=2,
                 out=str(out), data_cache=data_cache, seed=3, progress=False, plots=False, warmup=1, lr=3e-3,
@@ -204,3 +199,37 @@ def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig)
     b = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
     assert sorted(b) == list(range(1, 13)) and a == b  # bit-identical to the uninterrupted run
     assert json.loads(res.stdout)["val_loss"] == json.loads(ref.stdout)["val_loss"]
+
+
+# ---- resources ----------------------------------------------------------------------------------
+def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, data_cache, capsys):
+    assert main(train_argv(tmp_path, data_cache, "--batch-size", "100000", "--seq-len", "2048")) == 2
+    line = one_line(capsys)
+    assert line.startswith("flyer: error: --batch-size: training ") and "at batch 100000 x 2048 needs about" in line
+    assert "GiB available" in line and not (tmp_path / "metrics.jsonl").exists()
+    assert main(["generate", "--preset", "dsv3", "--prompt", "hi"]) == 2  # 671B parameters: 2.5 TiB in FP32
+    assert "--preset: dsv3 (671.0B parameters in FP32) needs about" in one_line(capsys)
+
+
+def test_training_memory_estimate_is_a_lower_bound_of_the_usual_runs(data_cache):
+    from flyer.config import preset
+    from flyer.train.trainer import training_memory_bytes
+
+    small = training_memory_bytes(preset("small"), TrainConfig(), "bf16")
+    assert 0.5 * 2**30 < small < 4 * 2**30  # the default run: about 1.3 GiB
+    moe = preset("tiny")
+    assert training_memory_bytes(moe, TrainConfig(), "fp32", ep=4) < training_memory_bytes(moe, TrainConfig(), "fp32")
+
+
+def test_collective_timeout_is_a_flag_with_a_default(monkeypatch):
+    from flyer.config import ConfigError
+    from flyer.parallel import mesh
+
+    assert TrainConfig().collective_timeout_s == 300
+    with pytest.raises(ConfigError, match="collective_timeout_s"):
+        TrainConfig(collective_timeout_s=float("nan")).validate()
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(mesh, "init_distributed", lambda *a, **kw: seen.update(kw))
+    mesh.init_mesh(None, timeout_s=7.5)
+    assert seen["timeout_s"] == 7.5

@@ -22,11 +22,6 @@ from flyer.train.metrics import TENSORBOARD_TAGS
 from flyer.train.trainer import Trainer, TrainConfig, TrainingError, build_model, build_optimizer, progress_postfix
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
 def tc_for(out, data_cache, **kw):
     base = dict(preset="tiny", steps=6, batch_size=2, seq_len=32, eval_every=3, eval_batches=2, ckpt_every=2,
                 out=str(out), data_cache=data_cache, seed=3, progress=False, plots=False, warmup=2, lr=3e-3,

@@ -14,7 +14,9 @@ from flyer.config import resolve_config, resolve_device
 from flyer.errors import FieldError, UserError
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
+from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
+from flyer.runtime import require_memory
 from flyer.train.checkpoint import load_for_inference
 
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
@@ -74,6 +76,8 @@ def _load(args):
     cfg = resolve_config(args.preset)
     if cfg.vocab_size < 256:
         raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
+    n = param_counts(cfg).total  # built in FP32 on the CPU, then moved
+    require_memory(4 * n, "cpu", "preset", f"{args.preset} ({n / 1e9:,.1f}B parameters in FP32)")
     torch.manual_seed(args.seed or 0)
     return Transformer(cfg).to(device), ByteTokenizer()
 

@@ -289,12 +289,13 @@ def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None =
 
 
 def init_mesh(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None = None, device: str = "auto",
-              what: str = "device") -> Mesh | LocalMesh:
-    """The job's mesh: ``init_distributed`` under a multi-rank launch or when ``ep`` > 1, else a
-    ``LocalMesh`` on ``device`` (auto, cpu, cuda, cuda:N; errors start with ``what``)."""
+              what: str = "device", timeout_s: float = 300) -> Mesh | LocalMesh:
+    """The job's mesh: ``init_distributed`` under a multi-rank launch or when ``ep`` > 1 (every
+    collective bounded by ``timeout_s``), else a ``LocalMesh`` on ``device`` (auto, cpu, cuda,
+    cuda:N; errors start with ``what``)."""
     if ep <= 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return LocalMesh(resolve_device(device, what))
-    return init_distributed(cfg, ep, ranks_per_node, device=device)
+    return init_distributed(cfg, ep, ranks_per_node, timeout_s=timeout_s, device=device)
 
 
 def destroy(mesh: Mesh | None) -> None:

@@ -37,6 +37,8 @@ _FLAGS = [  # (flag, field, type, help)
     ("--ep", "ep", int, "expert-parallel degree (under torchrun)"),
     ("--ranks-per-node", "ranks_per_node", int, "ranks per node, to simulate several nodes on one machine"),
     ("--dispatcher", "dispatcher", str, "local, flat or hierarchical (expert parallelism)"),
+    ("--collective-timeout", "collective_timeout_s", float,
+     "seconds a collective may wait for a rank that stopped answering before the job fails (default 300)"),
 ]
 ZERO_OK = {"warmup", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
 

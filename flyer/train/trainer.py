@@ -31,7 +31,8 @@ from flyer.model.transformer import Transformer
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
-from flyer.runtime import PRECISIONS, autocast, resolve_precision, tune_malloc
+from flyer.cluster.costs import activation_bytes_per_token_layer
+from flyer.runtime import PRECISIONS, autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train.rundir import METRICS_NAME, RunLock, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, read_metrics,
@@ -77,6 +78,7 @@ class TrainConfig:
     ranks_per_node: int | None = None
     dispatcher: str = "hierarchical"
     fp8_dispatch: bool = False
+    collective_timeout_s: float = 300.0  # a rank that stops answering fails the others after this, not torch's 30 min
     plots: bool = True
     progress: bool = True
     tensorboard: bool | str = False  # True: scalars in OUT/tensorboard; a str: that directory
@@ -92,6 +94,10 @@ class TrainConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
         need(self.seq_len >= 2, "seq_len", "must be >= 2")
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        need(0 < self.collective_timeout_s < math.inf, "collective_timeout_s", "must be a positive number of seconds")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or math.isfinite(v), f.name, "must be a finite number")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(self.warmup >= 0, "warmup", "must be >= 0")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
@@ -121,6 +127,22 @@ def lr_at(tc: TrainConfig, step: int) -> float:
         return tc.lr
     progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1) -> float:
+    """A lower bound on one rank's training memory: FP32 weights, gradients and two AdamW moments
+    (experts split over ``ep``), and what one micro-batch saves for backward (every layer's saved
+    activations, ``flyer.cluster.costs``, and the FP32 logits and their gradient of the main and
+    MTP heads). Attention scores and allocator slack come on top."""
+    pc = param_counts(cfg)
+    expert = pc.total - pc.activated if cfg.is_moe else 0  # the share of the weights EP splits
+    params = pc.total - expert + expert / ep
+    element = 4 if precision == "fp32" else 2
+    tokens = tc.batch_size * tc.seq_len
+    saved = cfg.n_layers * activation_bytes_per_token_layer(cfg, cfg.is_moe, recompute=False,
+                                                            bytes_per_element=element)
+    logits = (1 + cfg.mtp_depth) * cfg.vocab_size * 4 * 2
+    return params * 16 + tokens * (saved + logits)
 
 
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
@@ -208,7 +230,8 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         model_over = read_config_sections(tc.config)[0] if tc.config else {}  # [train]: merged by the CLI
         base = resolve_config(tc.preset, None, model_over)
-        self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="train option 'device'")
+        self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="train option 'device'",
+                              timeout_s=tc.collective_timeout_s)
         self.device = self.mesh.device
         self.rank0 = self.mesh.rank == 0
         self.log = log if self.rank0 else _silent
@@ -239,6 +262,9 @@ class Trainer:
         self.cfg: ModelConfig = base.replace(vocab_size=self.data.vocab_size,
                                              max_seq_len=max(base.max_seq_len, tc.seq_len))
         self.cfg.validate()
+        require_memory(training_memory_bytes(self.cfg, tc, self.precision, self.mesh.ep), self.device, "batch_size",
+                       f"training {param_counts(self.cfg).total / 1e6:,.1f}M parameters at batch "
+                       f"{tc.batch_size} x {tc.seq_len}")
         # Each data-parallel rank draws its own sample stream (seed, rank); deterministic on resume.
         self.sampler = BatchSampler(self.data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + self.mesh.rank)
         self.eval_data = eval_batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
