@@ -119,6 +119,8 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     (["net", "topology", "--plot", "{t}/afile/x.png"], "--plot: cannot write {t}/afile/x.png"),
     (["net", "topology", "--plot", "{t}/adir"], "--plot: {t}/adir is a directory"),
     (["net", "ep", "--node-limit", "99"], "--node-limit: must be <= experts_per_token = 9"),
+    (["net", "ep", "--preset", "qwen2.5-72b"], "--preset: qwen2.5-72b is a dense model"),
+    (["plan", "--preset", "qwen2.5-72b", "--ep", "8"], "--ep: must be 1 for a dense model"),
 ]
 
 
@@ -157,3 +159,24 @@ def test_library_warnings_are_one_line(tmp_path, capsys):
     assert rc == 2
     assert err[0].startswith("flyer: warning: ") and "UserWarning" not in " ".join(err)
     assert err[-1].startswith("flyer: error: --ckpt: ")
+
+
+def test_data_cache_is_checked_and_a_read_only_one_is_used_read_only(tmp_path, monkeypatch, capsys):
+    from flyer.data import prepare_data
+    from flyer.data.shards import write_shard
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i} of a small corpus, with words to merge.\n" for i in range(400)))
+    cache = tmp_path / "cache"
+    built = prepare_data(corpus, cache, vocab_size=300)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(cache) else real_access(p, mode))
+    again = prepare_data(corpus, cache, vocab_size=300)  # read-only: the build is used, nothing written
+    assert again.cache_dir == built.cache_dir and len(again.train) == len(built.train)
+    monkeypatch.undo()
+    shard = built.train.paths[0]  # a shard of another tokenizer (vocab 9000) under this one's name
+    write_shard(shard, built.train.read(0, len(built.train)).clip(max=299), vocab_size=9000)
+    rebuilt = prepare_data(corpus, cache, vocab_size=300)
+    err = capsys.readouterr().err
+    assert "rebuilding data cache" in err and "are for vocab 9000/300, its tokenizer has 300" in err
+    assert rebuilt.train.vocab_size == rebuilt.vocab_size

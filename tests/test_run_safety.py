@@ -170,6 +170,18 @@ def test_failed_checkpoint_write_leaves_the_previous_one_and_no_temporaries(tmp_
     assert Trainer(tc_for(tmp_path, data_cache, resume=True), log=quiet).step == 1
 
 
+def test_interrupted_checkpoint_write_leaves_no_temporaries(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt  # Ctrl-C outside the training loop's own handling
+
+    monkeypatch.setattr(ckpt, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(root, 1, {"config.json": {"a": 1}, "model.safetensors": {}})
+    assert list(root.iterdir()) == []
+
+
 # ---- signals ------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])

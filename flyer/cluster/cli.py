@@ -151,6 +151,8 @@ def _ep(args) -> int:
     kw = {}
     if args.preset:  # take the model's own sizes instead of the ISCA paper's rounded scenario
         cfg = resolve_config(args.preset)
+        if not cfg.is_moe:
+            raise FieldError("preset", f"{args.preset} is a dense model: it has no experts to dispatch tokens to")
         kw = dict(hidden=cfg.dim, layers=cfg.n_layers, experts_per_token=cfg.n_activated_experts + cfg.n_shared_experts)
     else:
         cfg = resolve_config("dsv3")

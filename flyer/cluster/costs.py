@@ -63,7 +63,9 @@ def validate_layout(cfg: ModelConfig, lay: Layout) -> None:
         raise FieldError("pp", f"must be <= the model's {cfg.n_layers} layers (got {lay.pp})")
     if lay.ep < 1 or lay.dp % lay.ep:
         raise FieldError("ep", f"must divide the {lay.dp} GPUs of a pipeline stage (got {lay.ep})")
-    if lay.ep > 1 and (cfg.n_routed_experts == 0 or cfg.n_routed_experts % lay.ep):
+    if lay.ep > 1 and not cfg.is_moe:
+        raise FieldError("ep", f"must be 1 for a dense model (no routed experts to shard; got {lay.ep})")
+    if lay.ep > 1 and cfg.n_routed_experts % lay.ep:
         raise FieldError("ep", f"must divide the model's {cfg.n_routed_experts} routed experts (got {lay.ep})")
     if lay.micro_batch < 1:
         raise FieldError("micro_batch", f"must be >= 1 (got {lay.micro_batch})")

@@ -84,9 +84,11 @@ def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_si
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cache_dir '{root}' cannot be created: {e.strerror or e}") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise DataError(f"cache_dir '{root}' is not writable")
     out = root / f"data-{key}"
+    if not os.access(root, os.W_OK | os.X_OK):
+        if (out / "meta.json").exists():  # a read-only shared cache holding this build: used as it is
+            return _load(out)
+        raise DataError(f"cache_dir '{root}' is not writable, and holds no build of this data")
     out.mkdir(exist_ok=True)
 
     with _build_lock(out):
@@ -123,11 +125,16 @@ def _load(out: Path) -> PreparedData:
         tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
     except Exception as e:
         raise DataError(f"cached metadata in {out} is unreadable ({type(e).__name__})") from None
+    train = TokenShards([out / p for p in meta["train_shards"]])
+    val = TokenShards([out / p for p in meta["val_shards"]])
+    if not train.vocab_size == val.vocab_size == tok.get_vocab_size():  # shards of another tokenizer
+        raise DataError(f"cached shards in {out} are for vocab {train.vocab_size}/{val.vocab_size}, its tokenizer "
+                        f"has {tok.get_vocab_size()}")
     return PreparedData(
         tokenizer=tok,
         tokenizer_path=out / "tokenizer.json",
-        train=TokenShards([out / p for p in meta["train_shards"]]),
-        val=TokenShards([out / p for p in meta["val_shards"]]),
+        train=train,
+        val=val,
         vocab_size=tok.get_vocab_size(),
         eos_id=int(meta["eos_id"]),
         unigram_val_loss=float(meta["unigram_val_loss"]),

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from flyer.cluster.costs import activation_bytes_per_token_layer
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
 from flyer.data import BatchSampler, eval_batches, prepare_data
 from flyer.fp8 import convert_to_fp8
@@ -31,7 +32,6 @@ from flyer.model.transformer import Transformer
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
-from flyer.cluster.costs import activation_bytes_per_token_layer
 from flyer.runtime import PRECISIONS, autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train.rundir import METRICS_NAME, RunLock, choose_start, usable_dir
