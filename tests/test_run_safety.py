@@ -1,6 +1,7 @@
 """Nothing lost, nothing mixed: checkpoint retention, one process per run directory, resume that
 finds no valid checkpoint, fresh runs beside old files, and signals that checkpoint and stop."""
 
+import contextlib
 import json
 import os
 import signal
@@ -245,3 +246,38 @@ def test_collective_timeout_is_a_flag_with_a_default(monkeypatch):
     monkeypatch.setattr(mesh, "init_distributed", lambda *a, **kw: seen.update(kw))
     mesh.init_mesh(None, timeout_s=7.5)
     assert seen["timeout_s"] == 7.5
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_after_the_collective_timeout(tmp_path, data_cache):
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flyer",
+            *train_argv(run, data_cache, "--steps", "400", "--ep", "2", "--collective-timeout", "4",
+                        "--ckpt-every", "1000", "--eval-every", "1000")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(steps_logged(run)) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        rank1 = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_rank(int(pid), 1, run))
+        os.kill(rank1, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the stopped rank, if torchrun left it
+    assert "rank(s) 1 stopped answering" in err, err[-3000:]
+    assert "flyer: error: rank 0: a collective got no answer within 4 s" in err
+
+
+def _is_rank(pid: int, rank: int, run: Path) -> bool:
+    """Whether process ``pid`` is rank ``rank`` of the flyer run writing to ``run``."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return f"RANK={rank}".encode() in environ and str(run).encode() in cmdline and b"torch.distributed.run" \
+        not in cmdline

@@ -25,6 +25,8 @@ collectives are identities, so a trainer has one code path for both.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -34,6 +36,8 @@ import torch.distributed as dist
 
 from flyer.config import ConfigError, ModelConfig, resolve_device
 from flyer.parallel import grads
+
+HEARTBEAT_S = 1.0  # seconds between a rank's heartbeats (start_heartbeat, silent_ranks)
 
 
 @dataclass
@@ -123,6 +127,34 @@ class Mesh:
     def barrier(self) -> None:
         dist.barrier()
 
+    def start_heartbeat(self, every_s: float = HEARTBEAT_S) -> None:
+        """Count, in the job's rendezvous store and from a daemon thread, this rank's heartbeats
+        every ``every_s`` seconds; a stopped or dead rank's count stands still (``silent_ranks``)."""
+        store = _store_client()
+        if store is None:
+            return
+
+        def beat() -> None:
+            try:
+                while True:
+                    store.add(f"flyer/heartbeat/{self.rank}", 1)
+                    time.sleep(every_s)
+            except (RuntimeError, OSError):  # the store is gone: the job is ending
+                return
+
+        threading.Thread(target=beat, name="flyer-heartbeat", daemon=True).start()
+
+    def silent_ranks(self, every_s: float = HEARTBEAT_S) -> list[int]:
+        """The ranks whose heartbeat count stands still over three beats (they stopped answering);
+        empty when the store cannot be reached."""
+        store = _store_client()
+        if store is None:
+            return []
+        keys = [f"flyer/heartbeat/{r}" for r in range(self.world)]
+        before = [store.add(k, 0) for k in keys]
+        time.sleep(3 * every_s)
+        return [r for r, k in enumerate(keys) if store.add(k, 0) == before[r]]
+
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The single-process state dict (expert stacks gathered over the EP group); all ranks call."""
         return grads.full_state_dict(model, self)
@@ -174,6 +206,12 @@ class LocalMesh:
     def max_int(self, value: int) -> int:
         return value
 
+    def start_heartbeat(self, every_s: float = 1.0) -> None:
+        pass
+
+    def silent_ranks(self, every_s: float = 1.0) -> list[int]:
+        return []
+
     def barrier(self) -> None:
         pass
 
@@ -185,6 +223,17 @@ class LocalMesh:
 
     def destroy(self) -> None:
         pass
+
+
+def _store_client():
+    """A client of the job's rendezvous store (MASTER_ADDR:MASTER_PORT), or None."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    try:
+        return dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=10))
+    except (RuntimeError, ValueError):
+        return None
 
 
 def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int) -> None:

@@ -8,6 +8,7 @@ saves and resumes it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -417,7 +418,7 @@ class Trainer:
             bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         val_loss = None
         try:
-            with StopSignals() as stop:
+            with StopSignals() as stop, self._collective_timeouts():
                 while self.step < tc.steps and not self.stopped_by:
                     rec = self.train_step()
                     if self.step % tc.eval_every == 0 or self.step == tc.steps:
@@ -459,6 +460,24 @@ class Trainer:
         self.close()
         self.mesh.destroy()
         return summary
+
+    @contextlib.contextmanager
+    def _collective_timeouts(self):
+        """A collective that timed out becomes a ``TrainingError`` naming the ranks that stopped
+        answering (their heartbeat stands still, ``Mesh.silent_ranks``)."""
+        self.mesh.start_heartbeat()
+        try:
+            yield
+        except TrainingError:
+            raise
+        except RuntimeError as e:
+            if self.mesh.world == 1 or not re.search(r"tim(ed )?out", str(e), re.I):
+                raise
+            silent = self.mesh.silent_ranks()
+            who = f"rank(s) {', '.join(map(str, silent))}" if silent else "another rank"
+            raise TrainingError(f"rank {self.mesh.rank}: a collective got no answer within "
+                                f"{self.tc.collective_timeout_s:g} s (collective_timeout_s) after step {self.step}: "
+                                f"{who} stopped answering") from None
 
     def _say_stopped(self, saved: Path | None) -> None:
         name = signal.Signals(self.stopped_by).name
