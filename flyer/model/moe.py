@@ -153,7 +153,7 @@ def _swiglu_forward(x, w13, w2, rows: list[int], F_):
     xs, hs, w13t = x.split(rows), h13.split(rows), w13.transpose(1, 2).unbind(0)
     for e in live:
         mm(xs[e], w13t[e], out=hs[e])
-    a = kernels.cpu_ops().swiglu(h13) if kernels.usable(h13) else F.silu(h13[:, :F_]) * h13[:, F_:]
+    a = kernels.swiglu(h13)
     as_, ys, w2t = a.split(rows), y.split(rows), w2.transpose(1, 2).unbind(0)
     for e in live:
         mm(as_[e], w2t[e], out=ys[e])
@@ -187,13 +187,7 @@ def _swiglu_backward(dy, x, w13, w2, h13, a, rows: list[int], F_, need_x: bool, 
         mm(dys[e], w2s[e], out=das[e])
         if need_w:
             dw2[e].copy_(mm(dys[e].t(), as_[e], out=s2))
-    if kernels.usable(h13):
-        dh13 = kernels.cpu_ops().swiglu_backward(da, h13)
-    else:  # the same element-wise ops autograd would run for silu(h1) * h3, written into one buffer
-        h1, h3 = h13[:, :F_], h13[:, F_:]
-        dh13 = x.new_empty(h13.shape)
-        torch.ops.aten.silu_backward.grad_input(da * h3, h1, grad_input=dh13[:, :F_])
-        torch.mul(da, F.silu(h1), out=dh13[:, F_:])
+    dh13 = kernels.swiglu_backward(da, h13)
     dx = x.new_empty(x.shape) if need_x else None
     dhs = dh13.split(rows)
     if need_x:
@@ -280,54 +274,33 @@ class _LocalRoutedExperts(torch.autograd.Function):
         pos = _padded_rows(counts, padded, starts, x_TD.device)
         src = torch.full((n_pad,), T, dtype=torch.long, device=x_TD.device)  # T: pad row
         src[pos] = order // K  # the token each padded row holds
-        pad_rows = (src == T).nonzero().squeeze(1)
-        gather = src.clamp(max=T - 1)  # pad rows read any token, then are zeroed
-        x = x_TD.to(dtype).index_select(0, gather).index_fill_(0, pad_rows, 0)
         acc_dtype = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
         w_pad = weights_TK.new_zeros(n_pad, dtype=acc_dtype)
         w_pad[pos] = weights_TK.flatten()[order].to(acc_dtype)
+        x = x_TD.to(dtype)
+        index = kernels.token_index(src, T, x, w_pad)
+        x = x.index_select(0, index.gather).index_fill_(0, index.pad_rows, 0)
         w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
         y, h13, a = _swiglu_forward(x, w13, w2, padded, F_)
-        fused = kernels.usable(y, w_pad)
-        if fused:  # each token's rows, ascending (index_add_'s order): the kernels sum them per token
-            offsets, rows = kernels.token_rows(src, T)
-            out = kernels.cpu_ops().combine(y, w_pad, offsets, rows)
-        else:
-            rows = offsets = None
-            # cast, then scale in place: a mixed-dtype broadcast multiply is ~1.5x slower on CPU
-            yw = torch.mul(y, w_pad[:, None]) if y.dtype == acc_dtype else y.to(acc_dtype).mul_(w_pad[:, None])
-            out = y.new_zeros(T + 1, D, dtype=acc_dtype).index_add_(0, src, yw)[:T]
-        ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, src, gather, pos, order, pad_rows, rows, offsets)
+        ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, pos, order)
         ctx.rows, ctx.F, ctx.x_dtype, ctx.w_dtype, ctx.w_gate_dtype = padded, F_, x_TD.dtype, w1_EFD.dtype, weights_TK.dtype
-        ctx.fused = fused
-        return out
+        ctx.index = index
+        return kernels.combine(y, w_pad, index)
 
     @staticmethod
     def backward(ctx, g_TD):
-        x, w13, w2, h13, a, y, w_pad, src, gather, pos, order, pad_rows, rows, offsets = ctx.saved_tensors
+        x, w13, w2, h13, a, y, w_pad, pos, order = ctx.saved_tensors
         T = g_TD.shape[0]
         need_dw = ctx.needs_input_grad[1]
-        if ctx.fused and g_TD.dtype == w_pad.dtype:
-            # dy = g_token * w per row (pad rows zero), d_pad = <g_token, y_row>; the 384-term FP32
-            # dot products sum in another order than the eager code's, so d_weights may differ in
-            # the last bit
-            dy, d_pad = kernels.cpu_ops().combine_backward(g_TD.contiguous(), y, w_pad, src, need_dw)
-        else:
-            g = g_TD.to(w_pad.dtype).index_select(0, gather)  # each padded row's token gradient
-            d_pad = g.mul(y.to(g.dtype)).sum(1) if need_dw else None  # d out / d weight: <g_token, y_copy>
-            dy = g.mul_(w_pad[:, None]).to(x.dtype).index_fill_(0, pad_rows, 0)  # exact zeros, even for inf/nan g
+        dy, d_pad = kernels.combine_backward(g_TD, y, w_pad, ctx.index, need_dw)
         d_weights = None
         if need_dw:
             d_weights = d_pad.new_empty(order.shape).index_copy_(0, order, d_pad[pos])
             d_weights = d_weights.view(T, -1).to(ctx.w_gate_dtype)
         need_w = any(ctx.needs_input_grad[2:5])
         dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows, ctx.F, ctx.needs_input_grad[0], need_w, ctx.w_dtype)
-        if dx is not None:  # each token's copies summed (in FP32, rounded once, as index_add_)
-            if ctx.fused:
-                dx = kernels.cpu_ops().segment_sum(dx, offsets, rows)
-            else:  # pads into the extra row
-                dx = dx.new_zeros(T + 1, dx.shape[1]).index_add_(0, src, dx)[:T]
-            dx = dx.to(ctx.x_dtype)
+        if dx is not None:  # each token's copies summed
+            dx = kernels.segment_sum(dx, ctx.index).to(ctx.x_dtype)
         return (dx, d_weights, *dws, None, None, None, None)
 
 
