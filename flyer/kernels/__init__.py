@@ -252,7 +252,7 @@ def xent_chunk(logits_nV: torch.Tensor, targets_n: torch.Tensor, need_grad: bool
 
 # ---- FP8 ---------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _decode_table(fp8_dtype: torch.dtype) -> torch.Tensor:
     """The 256 values of an FP8 format as float32, indexed by bit pattern (NaN codes included)."""
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_dtype).float()
@@ -278,6 +278,6 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
     return (fp8_to_float(data_RC).view(R, C // _TILE, _TILE) * s.unsqueeze(-1)).view(R, C)
 
 
-__all__ = ["cpu_ops", "usable", "disabled", "KERNEL_DTYPES", "swiglu", "swiglu_backward", "TokenIndex", "token_rows",
-           "token_index", "combine", "combine_backward", "segment_sum", "rms_norm", "rms_norm_backward", "xent_chunk",
-           "fp8_to_float", "fp8_dequantize"]
+__all__ = ["KERNEL_DTYPES", "TokenIndex", "combine", "combine_backward", "cpu_ops", "disabled", "fp8_dequantize",
+           "fp8_to_float", "rms_norm", "rms_norm_backward", "segment_sum", "swiglu", "swiglu_backward", "token_index",
+           "token_rows", "usable", "xent_chunk"]

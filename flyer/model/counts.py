@@ -109,7 +109,7 @@ def meta_counts(cfg: ModelConfig) -> ParamCounts:
     """The same counts, from a ``Transformer`` built on the meta device (no memory used)."""
     import torch
 
-    from flyer.model.moe import Experts
+    from flyer.model.experts import Experts
     from flyer.model.transformer import Transformer
 
     with torch.device("meta"):

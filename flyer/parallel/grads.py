@@ -25,7 +25,7 @@ BUCKET_BYTES = 64 << 20
 
 def expert_param_names(model: nn.Module) -> set[str]:
     """State-dict names of the routed-expert stacks (``...ffn.experts.w1`` etc.)."""
-    from flyer.model.moe import Experts
+    from flyer.model.experts import Experts
 
     return {f"{name}.{w}" for name, m in model.named_modules() if isinstance(m, Experts) for w in ("w1", "w2", "w3")}
 
@@ -154,7 +154,7 @@ def full_state_dict(model: nn.Module, mesh) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mesh) -> None:
     """Load a single-process state dict, keeping this rank's slice of each expert stack."""
-    from flyer.model.moe import Experts
+    from flyer.model.experts import Experts
 
     sd = dict(full_sd)
     for name, m in model.named_modules():
