@@ -217,7 +217,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                 dx = torch.cat(parts) if parts else torch.zeros_like(x)
             if ctx.needs_input_grad[1]:
                 layout = padded_layout(counts, TILE)  # every expert's segment starts at a multiple of 128
-                dest, n_rows = layout.rows(x.device), layout.total
+                dest, n_rows = layout.positions(x.device), layout.total
                 qdy_t = _retile_segments(dy, dest, n_rows, r.grad_fmt, r.pow2_scales)  # (F, n_rows)
                 qx_t = _retile_segments(x, dest, n_rows, r.fmt, r.pow2_scales)  # (K, n_rows)
                 fast = r.dequant_emulation(x.device)

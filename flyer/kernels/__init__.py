@@ -91,8 +91,6 @@ def disabled():
         _state["off"] -= 1
 
 
-
-
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # FP32, or FP64 for FP64 inputs
 

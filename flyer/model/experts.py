@@ -75,7 +75,7 @@ class PaddedLayout(NamedTuple):
     starts: list[int]
     total: int
 
-    def rows(self, device) -> torch.Tensor:
+    def positions(self, device) -> torch.Tensor:
         """(N,) int64: the padded row of each expert-sorted row."""
         N = sum(self.counts)
         shift = torch.tensor([s - f for s, f in zip(self.starts, [0, *accumulate(self.counts)])], dtype=torch.long)
@@ -100,23 +100,23 @@ def _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype):
     return lowp.operand(w13, dtype), lowp.operand(w2_EDF, dtype)
 
 
-def _swiglu_forward(x, w13, w2, rows: list[int], F_):
-    """Expert e on the next ``rows[e]`` rows of x (padded layout): returns (y, h13, a). Per-expert
+def _swiglu_forward(x, w13, w2, rows_E: list[int], F_):
+    """Expert e on the next ``rows_E[e]`` rows of x (padded layout): returns (y, h13, a). Per-expert
     views come from one ``split``/``unbind`` each rather than a Python slice per GEMM operand."""
     h13 = x.new_empty(x.shape[0], 2 * F_)
     y = x.new_empty(x.shape[0], w2.shape[1])
-    live = [e for e, p in enumerate(rows) if p]
-    xs, hs, w13t = x.split(rows), h13.split(rows), w13.transpose(1, 2).unbind(0)
+    live = [e for e, p in enumerate(rows_E) if p]
+    xs, hs, w13t = x.split(rows_E), h13.split(rows_E), w13.transpose(1, 2).unbind(0)
     for e in live:
         mm(xs[e], w13t[e], out=hs[e])
     a = kernels.swiglu(h13)
-    as_, ys, w2t = a.split(rows), y.split(rows), w2.transpose(1, 2).unbind(0)
+    as_, ys, w2t = a.split(rows_E), y.split(rows_E), w2.transpose(1, 2).unbind(0)
     for e in live:
         mm(as_[e], w2t[e], out=ys[e])
     return y, h13, a
 
 
-def _swiglu_backward(dy, x, w13, w2, h13, a, rows: list[int], F_, need_x: bool, need_w: bool, w_dtype):
+def _swiglu_backward(dy, x, w13, w2, h13, a, rows_E: list[int], F_, need_x: bool, need_w: bool, w_dtype):
     """Gradients of ``_swiglu_forward``: (dx or None, (dw1, dw2, dw3) or Nones). dx is in the compute
     dtype, the weight gradients in ``w_dtype`` (the weights' storage dtype).
 
@@ -124,32 +124,32 @@ def _swiglu_backward(dy, x, w13, w2, h13, a, rows: list[int], F_, need_x: bool, 
     the expert's slice of dw1/dw3 (dw2) straight away, while it is still in cache: a packed
     (E, 2F, D) gradient in the compute dtype, converted afterwards, would cross memory twice more.
     """
-    live = [e for e, p in enumerate(rows) if p]
+    live = [e for e, p in enumerate(rows_E) if p]
     E, D = w2.shape[0], w2.shape[1]
     da = x.new_empty(a.shape)
     dw1 = dw2 = dw3 = None
     if need_w:
         dw1, dw3 = (w13.new_empty((E, F_, D), dtype=w_dtype) for _ in range(2))
         dw2 = w2.new_empty(w2.shape, dtype=w_dtype)
-        for e in (e for e, p in enumerate(rows) if not p):  # no rows, no GEMM: a zero gradient
+        for e in (e for e, p in enumerate(rows_E) if not p):  # no rows, no GEMM: a zero gradient
             for t in (dw1, dw2, dw3):
                 t[e].zero_()
         s13, s2 = x.new_empty((2 * F_, D)), x.new_empty((D, F_))
         s1, s3 = s13[:F_], s13[F_:]
-    dys, das, w2s = dy.split(rows), da.split(rows), w2.unbind(0)
+    dys, das, w2s = dy.split(rows_E), da.split(rows_E), w2.unbind(0)
     if need_w:
-        as_ = a.split(rows)
+        as_ = a.split(rows_E)
     for e in live:
         mm(dys[e], w2s[e], out=das[e])
         if need_w:
             dw2[e].copy_(mm(dys[e].t(), as_[e], out=s2))
     dh13 = kernels.swiglu_backward(da, h13)
     dx = x.new_empty(x.shape) if need_x else None
-    dhs = dh13.split(rows)
+    dhs = dh13.split(rows_E)
     if need_x:
-        dxs, w13s = dx.split(rows), w13.unbind(0)
+        dxs, w13s = dx.split(rows_E), w13.unbind(0)
     if need_w:
-        xs = x.split(rows)
+        xs = x.split(rows_E)
     for e in live:
         if need_x:
             mm(dhs[e], w13s[e], out=dxs[e])
@@ -181,12 +181,12 @@ class _GroupedSwiGLU(torch.autograd.Function):
         pos = None
         x = x_ND.to(dtype).contiguous()
         if layout.total != N:  # destination row of each expert-sorted copy in the padded layout
-            pos = layout.rows(x.device)
+            pos = layout.positions(x.device)
             x = x.new_zeros(layout.total, D).index_copy_(0, pos, x)
         w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
         y, h13, a = _swiglu_forward(x, w13, w2, layout.padded, F_)
         ctx.save_for_backward(x, w13, w2, h13, a, pos)
-        ctx.rows, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_ND.dtype, w1_EFD.dtype
+        ctx.rows_E, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_ND.dtype, w1_EFD.dtype
         return y if pos is None else y.index_select(0, pos)
 
     @staticmethod
@@ -197,7 +197,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         if pos is not None:
             dy = dy.new_zeros(x.shape).index_copy_(0, pos, dy)
         need_w = any(ctx.needs_input_grad[1:4])
-        dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows, F_, ctx.needs_input_grad[0], need_w, ctx.w_dtype)
+        dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows_E, F_, ctx.needs_input_grad[0], need_w, ctx.w_dtype)
         if dx is not None:
             dx = (dx if pos is None else dx.index_select(0, pos)).to(ctx.x_dtype)
         return (dx, *dws, None, None, None)
@@ -226,7 +226,7 @@ class _LocalRoutedExperts(torch.autograd.Function):
         K, F_ = topk_ids_TK.shape[1], w1_EFD.shape[1]
         order = torch.argsort(topk_ids_TK.flatten(), stable=True)
         layout = padded_layout(counts, row_multiple)
-        pos = layout.rows(x_TD.device)
+        pos = layout.positions(x_TD.device)
         src = torch.full((layout.total,), T, dtype=torch.long, device=x_TD.device)  # T: pad row
         src[pos] = order // K  # the token each padded row holds
         acc_dtype = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
@@ -238,7 +238,7 @@ class _LocalRoutedExperts(torch.autograd.Function):
         w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
         y, h13, a = _swiglu_forward(x, w13, w2, layout.padded, F_)
         ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, pos, order)
-        ctx.rows, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_TD.dtype, w1_EFD.dtype
+        ctx.rows_E, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_TD.dtype, w1_EFD.dtype
         ctx.w_gate_dtype = weights_TK.dtype
         ctx.index = index
         return kernels.combine(y, w_pad, index)
@@ -254,7 +254,8 @@ class _LocalRoutedExperts(torch.autograd.Function):
             d_weights = d_pad.new_empty(order.shape).index_copy_(0, order, d_pad[pos])
             d_weights = d_weights.view(T, -1).to(ctx.w_gate_dtype)
         need_w = any(ctx.needs_input_grad[2:5])
-        dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows, ctx.F, ctx.needs_input_grad[0], need_w, ctx.w_dtype)
+        dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows_E, ctx.F, ctx.needs_input_grad[0], need_w,
+                                   ctx.w_dtype)
         if dx is not None:  # each token's copies summed
             dx = kernels.segment_sum(dx, ctx.index).to(ctx.x_dtype)
         return (dx, d_weights, *dws, None, None, None, None)

@@ -288,14 +288,14 @@ class _ExchangeDispatcher:
         x_sorted = _Dispatch.apply(x_TD, plan, self.fp8, self.combine_dtype, self.counter)
         return x_sorted, plan.counts_local, plan
 
-    def _level_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _fan_out_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Gate weights where the fan-out stage runs, flattened (rows * K)."""
         return weights_TK.flatten()
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
         """y_ND (N, D) expert outputs in dispatch order, weights_TK (T, K) -> y_TD (T, D) FP32:
         sum over k of weights_TK[t, k] * expert_k(x_t)."""
-        w = self._level_weights(weights_TK.float(), plan)
+        w = self._fan_out_weights(weights_TK.float(), plan)
         buf, D = y_ND, y_ND.shape[1]
         for st in reversed(plan.stages):
             if st.group is not None:
@@ -348,7 +348,7 @@ class HierarchicalDispatcher(_ExchangeDispatcher):
         s3, counts_local = _fan_out_local(ids2, self.n_local)
         return Plan([s1, s2, s3], counts_local, topk_ids_TK.shape[0], [route1, route2])
 
-    def _level_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _fan_out_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Gate weights travel with the token (zero for experts elsewhere) to the expert rank."""
         w = weights_TK
         for st, (rows, on_dest_PK) in zip(plan.stages, plan.routes):
