@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from flyer.config import ConfigError, preset
+from flyer.model.dispatch import DISPATCHER_KINDS, LocalDispatcher, dispatcher_kind
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
-from flyer.parallel.dispatch import LocalDispatcher, dispatcher_factory
+from flyer.model.wire import fp8_decode_rows, fp8_encode_rows, fp8_row_bytes
+from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.mesh import init_distributed, validate_layout
-from flyer.parallel.wire import fp8_decode_rows, fp8_encode_rows, fp8_row_bytes
 
 
 @pytest.mark.parametrize("world,ep,rpn,msg", [
@@ -64,6 +65,8 @@ def test_dispatcher_factory_choices():
     assert isinstance(dispatcher_factory(cfg, None, fp8=True)(1), LocalDispatcher)
     with pytest.raises(ConfigError, match="dispatcher 'ring' is unknown"):
         dispatcher_factory(cfg, None, "ring")
+    assert [dispatcher_kind(k) for k in ("a2a", "hier", *DISPATCHER_KINDS)] == ["flat", "hierarchical",
+                                                                                *DISPATCHER_KINDS]
 
 
 def test_fp8_rows_round_trip():

@@ -196,7 +196,7 @@ def test_every_cpu_kind_is_covered():
 
 @pytest.mark.parametrize("kind", list(CPU_DECISIONS))
 def test_cpu_kind_decisions(kind, monkeypatch):
-    from flyer.model.moe import CPU_LOWP_ROW_MULTIPLE, Experts
+    from flyer.model.experts import CPU_LOWP_ROW_MULTIPLE, Experts
     from flyer.train.metrics import gemm_ways
 
     monkeypatch.delenv("FLYER_LOWP_EMULATION", raising=False)

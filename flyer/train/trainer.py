@@ -26,6 +26,7 @@ from flyer.model.counts import param_counts
 from flyer.errors import TrainingError
 from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
+from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
@@ -35,7 +36,6 @@ from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model
                                  require_tensorboard, truncate_metrics)
 
 SCHEDULES = ("cosine", "constant")
-DISPATCHERS = ("local", "flat", "hierarchical")
 
 
 @dataclass
@@ -92,7 +92,7 @@ class TrainConfig:
         need(self.warmup >= 0, "warmup", "must be >= 0")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
         need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
-        need(self.dispatcher in DISPATCHERS, "dispatcher", f"must be one of {', '.join(DISPATCHERS)}")
+        need(self.dispatcher in DISPATCHER_KINDS, "dispatcher", f"must be one of {', '.join(DISPATCHER_KINDS)}")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
         need(self.clip > 0, "clip", "must be > 0")
