@@ -99,7 +99,9 @@ def test_dispatch_combine_and_gradients_match_local(scenario, kind, fp8):
 def _expected_rows(ids_per_rank: list[torch.Tensor]) -> dict[str, dict[str, int]]:
     """Rows crossing nodes / staying inside a node for flat and hierarchical dispatch, counted
     from the routing alone (ranks node-major, 2 per node, 4 experts per rank)."""
-    node = lambda r: r // RPN
+    def node(r):
+        return r // RPN
+
     exp = {"flat": {"intra": 0, "inter": 0}, "hierarchical": {"intra": 0, "inter": 0}}
     for src, ids in enumerate(ids_per_rank):
         for row in ids.tolist():

@@ -342,7 +342,8 @@ def test_converted_moe_runs_its_fp8_experts():
         x_TD = x.view(-1, cfg.dim)  # the seam by hand: dispatcher -> FP8Experts.forward -> combine
         weights, ids, _ = moe_f8.gate(x_TD)
         x_sorted, counts, ctx = moe_f8.dispatcher.dispatch(x_TD.bfloat16(), ids)
-        y_seam = moe_f8.dispatcher.combine(moe_f8.experts(x_sorted, counts), weights, ctx) + moe_f8.shared(x_TD.bfloat16())
+        y_seam = (moe_f8.dispatcher.combine(moe_f8.experts(x_sorted, counts), weights, ctx)
+                  + moe_f8.shared(x_TD.bfloat16()))
         y_bf16 = moe_ref(x)
     assert torch.equal(y_f8, y_seam.view_as(y_f8))
     assert not torch.equal(y_f8, y_bf16)
@@ -368,7 +369,8 @@ def test_fp8_model_loss_and_grads_close_to_bf16():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = m.compute_loss(tok[:, :-1], tok[:, 1:])
         loss.loss.backward()
-        out[name] = (float(loss.main_loss.detach()), torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+        grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+        out[name] = (float(loss.main_loss.detach()), grads)
     assert out["fp8"][0] == pytest.approx(out["bf16"][0], rel=2e-3)
     # whole model: FP8 errors compound over ~40 GEMMs and can flip a few top-k routing choices
     g8, gb = out["fp8"][1], out["bf16"][1]

@@ -359,7 +359,8 @@ def test_fused_experts_bf16_close_to_loop(cpu_kernels):
     E, Fd, D = 4, 64, 32
     counts = torch.tensor([40, 7, 0, 81])
     x = torch.randn(int(counts.sum()), D, dtype=torch.bfloat16, requires_grad=True)
-    ws = [(torch.randn(E, Fd, D) / 4).bfloat16().requires_grad_(), (torch.randn(E, D, Fd) / 8).bfloat16().requires_grad_(),
+    ws = [(torch.randn(E, Fd, D) / 4).bfloat16().requires_grad_(),
+          (torch.randn(E, D, Fd) / 8).bfloat16().requires_grad_(),
           (torch.randn(E, Fd, D) / 4).bfloat16().requires_grad_()]
     dy = torch.randn(x.shape[0], D, dtype=torch.bfloat16)
     a = expert_ffn_loop(x, counts, *ws)

@@ -213,7 +213,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                     wt_data = F.pad(wt_data.view(torch.uint8), (0, pad)).view(w_data.dtype)
                 wt_data, wt_scale = wt_data.contiguous(), w_scale.transpose(1, 2).contiguous()
                 parts = [r.gemm(dd, ds, wt_data[e], wt_scale[e], x.dtype)[:, :K]
-                         for e, (dd, ds) in enumerate(zip(qdy.data.split(counts), qdy.scale.split(counts))) if counts[e]]
+                         for e, (dd, ds) in enumerate(zip(qdy.data.split(counts), qdy.scale.split(counts)))
+                         if counts[e]]
                 dx = torch.cat(parts) if parts else torch.zeros_like(x)
             if ctx.needs_input_grad[1]:
                 layout = padded_layout(counts, TILE)  # every expert's segment starts at a multiple of 128
