@@ -250,3 +250,13 @@ def test_fp8_training_step_unchanged_by_the_kernel(ops, monkeypatch):
     monkeypatch.setattr(kernels, "fp8_dequantize", eager)
     l0, g0 = run()
     assert torch.equal(l1, l0) and all(torch.equal(a, b) for a, b in zip(g1, g0))
+
+
+@pytest.mark.parametrize("capability,flags", [("AVX512", {"-mavx512f", "-mavx512bw", "-mfma"}),
+                                              ("AVX2", {"-mavx2", "-mfma", "-mf16c"}), ("DEFAULT", set())])
+def test_kernels_build_for_the_isa_aten_dispatches_to(capability, flags, monkeypatch):
+    """The C++ kernels are compiled for the vector ISA ATen itself uses on this CPU (forced here for
+    each one): AVX-512 code on an AVX2-only CPU would die on an illegal instruction."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    got = set(kernels._capability_flags())
+    assert flags <= got and (capability == "AVX512" or not any("avx512" in f for f in got))
