@@ -15,9 +15,9 @@ from flyer.errors import FieldError, UserError
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import load_for_inference
+from flyer.interop.hf import is_hf_model_dir
+from flyer.interop.load import load_pretrained
 
-_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -43,33 +43,15 @@ class ByteTokenizer:
         return None
 
 
-class HFTokenizer:
-    def __init__(self, tok):
-        self.tok = tok
-
-    def encode_ids(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def eos_id(self) -> int | None:
-        for name in _EOS_NAMES:
-            i = self.tok.token_to_id(name)
-            if i is not None:
-                return i
-        return None
-
-
 def _load(args):
     device = resolve_device(args.device)
     if args.ckpt:
         try:
-            model, cfg, tok = load_for_inference(args.ckpt, device=device)
+            model, cfg, tok = load_pretrained(args.ckpt, device=device)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {msg}") from None
-        return model, HFTokenizer(tok)
+        return model, tok
     cfg = resolve_config(args.preset)
     if cfg.vocab_size < 256:
         raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
@@ -83,7 +65,7 @@ def _run(args) -> int:
     for name in ("prefix_block", "threads"):
         if getattr(args, name) < 1:
             raise FieldError(name, f"must be >= 1 (got {getattr(args, name)})")
-    dtype = _DTYPES[args.cache_dtype]
+    dtype = _DTYPES.get(args.cache_dtype, torch.bfloat16)  # "auto": settled once the model is loaded
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, attention=args.attention, cache_dtype=dtype,
                            speculative=args.speculative, draft_tokens=args.draft_tokens)
@@ -92,6 +74,10 @@ def _run(args) -> int:
     model, tok = _load(args)
     model.eval()
     cfg = model.cfg
+    if args.cache_dtype == "auto":  # an HF import in FP32 caches in FP32, so greedy tokens match transformers'
+        args.cache_dtype = "fp32" if args.ckpt and is_hf_model_dir(args.ckpt) and \
+            model.embed.weight.dtype == torch.float32 else "bf16"
+        dtype = gen.cache_dtype = _DTYPES[args.cache_dtype]
     if args.speculative == "mtp" and len(model.mtp) == 0:
         raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
     if args.attention == "naive" and cfg.attn != "mla":
@@ -108,7 +94,8 @@ def _run(args) -> int:
     texts = [tok.decode([t for t in toks if t != eos]) for toks in res.tokens]
     totals = pc.record_stats() if pc is not None else None
     if args.json:
-        out = {"text": texts[0], **({"texts": texts} if len(texts) > 1 else {}), **res.as_dict(),
+        out = {"text": texts[0], **({"texts": texts} if len(texts) > 1 else {}), "token_ids": res.tokens,
+               **res.as_dict(),
                "attention": "gqa" if cfg.attn == "gqa" else args.attention, "cache_dtype": args.cache_dtype}
         if args.speculative:
             out["speculative"] = args.speculative
@@ -135,7 +122,8 @@ def _run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the latent KV cache (MTP speculation, prefix cache)")
     src = p.add_argument_group("model")
-    src.add_argument("--ckpt", help="a training run directory (newest valid checkpoint) or a step directory")
+    src.add_argument("--ckpt", help="a training run directory (newest valid checkpoint), a step directory, "
+                                    "or a Hugging Face model directory (config.json, safetensors, tokenizer.json)")
     src.add_argument("--preset", help="random weights of a preset, with UTF-8 byte tokens (no checkpoint needed)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch of prompts (of any lengths)")
@@ -152,7 +140,8 @@ def register(sub) -> None:
     p.add_argument("--prefix-block", type=int, default=64, help="prefix cache block size in tokens")
     p.add_argument("--attention", choices=ATTENTION_MODES, default="absorbed",
                    help="absorbed = latent cache (default); naive = per-head K/V cache, for comparison")
-    p.add_argument("--cache-dtype", choices=list(_DTYPES), default="bf16")
+    p.add_argument("--cache-dtype", choices=["auto", *_DTYPES], default="auto",
+                   help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: decoding a small model is latency-bound)")
