@@ -174,8 +174,9 @@ class TextTokenizer:
     checkpoint: HF directories encode as ``AutoTokenizer`` does (the tokenizer.json's post-processor,
     e.g. a BOS), flyer's own tokenizers without special tokens."""
 
-    def __init__(self, tok: Tokenizer, eos: int | None = None, add_special_tokens: bool = False):
-        self.tok, self.add_special_tokens = tok, add_special_tokens
+    def __init__(self, tok: Tokenizer, eos: int | None = None, add_special_tokens: bool = False,
+                 bos: int | None = None):
+        self.tok, self.add_special_tokens, self.bos = tok, add_special_tokens, bos
         self.eos = eos if eos is not None else next(
             (i for i in map(tok.token_to_id, _EOS_NAMES) if i is not None), None)
 
@@ -187,6 +188,12 @@ class TextTokenizer:
 
     def eos_id(self) -> int | None:
         return self.eos
+
+    def bos_id(self) -> int | None:
+        return self.bos
+
+    def token(self, i: int | None) -> str | None:
+        return None if i is None else self.tok.id_to_token(i)
 
 
 def _read_json(path: Path) -> dict:
@@ -217,18 +224,18 @@ def weight_files(path: Path) -> dict[str, Path]:
     return dict.fromkeys(TensorFile(path / SINGLE).names(), path / SINGLE)
 
 
-def _eos(path: Path, config: dict, tok: Tokenizer) -> int | None:
-    """generation_config.json's eos_token_id, else config.json's, else tokenizer_config's eos_token;
-    of a list, the first (flyer stops at one id)."""
+def _special_id(path: Path, config: dict, tok: Tokenizer, kind: str) -> int | None:
+    """generation_config.json's ``{kind}_token_id``, else config.json's, else tokenizer_config's
+    ``{kind}_token``; of a list, the first (flyer stops at one id)."""
     gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     for d in (gen, config):
-        e = d.get("eos_token_id")
+        e = d.get(f"{kind}_token_id")
         if isinstance(e, list):
             e = e[0] if e else None
         if isinstance(e, int):
             return e
     if (path / "tokenizer_config.json").is_file():
-        e = _read_json(path / "tokenizer_config.json").get("eos_token")
+        e = _read_json(path / "tokenizer_config.json").get(f"{kind}_token")
         e = e.get("content") if isinstance(e, dict) else e
         if isinstance(e, str):
             return tok.token_to_id(e)
@@ -242,7 +249,8 @@ def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenize
         raise CheckpointError(f"{path}: no tokenizer.json")
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     config = config if config is not None else _read_json(path / "config.json")
-    return TextTokenizer(tok, _eos(path, config, tok), add_special_tokens=True)
+    return TextTokenizer(tok, _special_id(path, config, tok, "eos"), add_special_tokens=True,
+                         bos=_special_id(path, config, tok, "bos"))
 
 
 def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[ModelConfig, dict]:

@@ -143,7 +143,8 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
                        n_limited_groups=(d.get("topk_group") or 1) if grouped else 1)
             if "aux_loss_alpha" in d:
                 out["seq_aux_alpha"] = d["aux_loss_alpha"]
-    else:  # Llama / Qwen2: dense GQA
+    else:  # Llama / Qwen2: dense GQA; their softmax scale is head_dim^-0.5 whatever mscale_all_dim says
+        out["mscale"] = 0.0
         if mt == "llama":  # Llama's attention_bias also puts a bias on o_proj, which flyer's GQA has not
             _require(d, where, "attention_bias", (False,), False)
         n_kv = d.get("num_key_value_heads") or d["num_attention_heads"]
