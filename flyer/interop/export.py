@@ -121,7 +121,7 @@ def tensor_items(model: Transformer, dtype: str) -> list[Item]:
         src = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
 
         def get(src=src, slot=slot) -> torch.Tensor:
-            t = src.detach().float().cpu()
+            t = src.detach().cpu()  # no upcast: one converted copy of one tensor at a time
             return t if slot.rope_rows is None else permute_rope(t, slot.rope_rows, inverse=True)
         shape = tuple(src.shape)
         if dtype == "fp8" and len(shape) == 2 and not _NOT_FP8.search(name):
