@@ -9,6 +9,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flyer.cli import main
+from flyer.fp8.linear import convert_to_fp8
+from flyer.fp8.quant import quantize_blocks
+from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export_model, parse_size
 from flyer.interop.hf import load_hf
 from flyer.interop.load import load_pretrained
@@ -129,6 +132,23 @@ def test_fp8_block_format_round_trips_and_matches_transformers(run, tmp_path):
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     with torch.no_grad():
         assert rel(deq(x), ref(x).logits) < 1e-4
+
+
+def test_generate_fp8_uses_the_checkpoint_blocks(run, tmp_path, capsys):
+    model, cfg, tok = load_pretrained(run)
+    export_model(model, tok, tmp_path / "fp8", "fp8")
+    files = tensors(tmp_path / "fp8")
+    deq = convert_to_fp8(load_hf(tmp_path / "fp8", dtype=torch.float32)[0])
+    w = deq.layers[1].attn.wkv_b.weight
+    q = quantize_blocks(w)
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    assert torch.equal(q.data[:, :w.shape[1]].view(torch.uint8), files[name].view(torch.uint8))
+    assert torch.equal(q.scale, files[name + "_scale_inv"])
+    want = generate(deq, [tok.encode_ids("To be")], GenerationConfig(max_new_tokens=6, eos_id=None)).tokens[0]
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(tmp_path / "fp8"), "--prompt", "To be", "--max-new-tokens", "6",
+                 "--precision", "fp8", "--json", "--eos-id", "-1"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == [want]
 
 
 def test_train_init_from_hf_directory(tmp_path):

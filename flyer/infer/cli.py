@@ -12,6 +12,7 @@ import torch
 
 from flyer.config import resolve_config, resolve_device
 from flyer.errors import FieldError, UserError
+from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
 from flyer.model.transformer import Transformer
@@ -47,11 +48,13 @@ def _load(args):
     device = resolve_device(args.device)
     if args.ckpt:
         try:
-            model, cfg, tok = load_pretrained(args.ckpt, device=device)
+            # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks
+            model, cfg, tok = load_pretrained(args.ckpt, device=device,
+                                              dtype=torch.float32 if args.precision == "fp8" else None)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {msg}") from None
-        return model, tok
+        return (convert_to_fp8(model) if args.precision == "fp8" else model), tok
     cfg = resolve_config(args.preset)
     if cfg.vocab_size < 256:
         raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
@@ -140,6 +143,9 @@ def register(sub) -> None:
     p.add_argument("--prefix-block", type=int, default=64, help="prefix cache block size in tokens")
     p.add_argument("--attention", choices=ATTENTION_MODES, default="absorbed",
                    help="absorbed = latent cache (default); naive = per-head K/V cache, for comparison")
+    p.add_argument("--precision", choices=["auto", "fp8"], default="auto",
+                   help="auto: the checkpoint's dtype (an FP8 checkpoint dequantized to bf16); fp8: linear layers "
+                        "in FP8 (DeepSeek's 128x128 weight blocks, as an FP8 checkpoint stores them)")
     p.add_argument("--cache-dtype", choices=["auto", *_DTYPES], default="auto",
                    help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
