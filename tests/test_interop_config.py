@@ -10,6 +10,7 @@ from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
 from flyer.interop.hf_config import yarn_attention_factor
 from flyer.model.attention import MLA
+from tests.test_config import DSV3_HF, _arch
 
 V3_T4 = {  # transformers 4 / DeepSeek hub spelling
     "model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
@@ -86,3 +87,23 @@ def test_unsupported_values_are_one_line_errors(tmp_path, capsys, change, field)
 def test_yarn_applies_whatever_the_context():
     cfg = preset("dsv3", max_seq_len=4096)  # DeepSeek's reference switches YaRN off here; transformers does not
     assert cfg.softmax_scale == preset("dsv3").softmax_scale != 192 ** -0.5
+
+
+DSV2_HUB = {  # deepseek-ai/DeepSeek-V2 config.json
+    "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 5120, "intermediate_size": 12288,
+    "moe_intermediate_size": 1536, "num_hidden_layers": 60, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "n_shared_experts": 2, "n_routed_experts": 160, "routed_scaling_factor": 16.0, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3, "num_experts_per_tok": 6,
+    "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": False, "scoring_func": "softmax",
+    "aux_loss_alpha": 0.003, "seq_aux": True, "hidden_act": "silu", "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-06, "rope_theta": 10000, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"}}
+
+
+def test_deepseek_hub_configs_are_the_presets():
+    assert _arch(ModelConfig.from_dict(DSV2_HUB)) == _arch(preset("dsv2"))
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    v3 = {**DSV3_HF, "quantization_config": fp8}
+    assert _arch(ModelConfig.from_dict(v3)) == _arch(preset("dsv3"))
