@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flyer.cli import main
+from flyer.errors import CheckpointError
 from flyer.fp8.linear import convert_to_fp8
 from flyer.fp8.quant import quantize_blocks
 from flyer.infer.generate import GenerationConfig, generate
@@ -162,6 +164,30 @@ def test_train_init_from_hf_directory(tmp_path):
     got = t.model.state_dict()
     assert t.cfg.vocab_size == 320 and all(torch.equal(got[k], v) for k, v in src.items())
     t.run()
+
+
+def test_train_init_cli_then_export(tmp_path, capsys):
+    build("llama", tmp_path / "src")
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["train", "--init", str(tmp_path / "src"), "--steps", "1", "--batch-size", "2", "--seq-len", "16",
+                 "--data", str(tmp_path / "text.txt"), "--data-cache", str(tmp_path / "cache"), "--out",
+                 str(tmp_path / "run"), "--no-progress", "--no-plots", "--eval-every", "1", "--eval-batches", "1",
+                 "--ckpt-every", "1", "--device", "cpu"]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
+
+
+def test_fp8_scale_of_the_wrong_shape_is_one_line(run, tmp_path):
+    model, cfg, tok = load_pretrained(run)
+    export_model(model, tok, tmp_path / "fp8", "fp8")
+    files = tensors(tmp_path / "fp8")
+    name = "model.layers.1.self_attn.kv_b_proj.weight_scale_inv"
+    files[name] = torch.ones(3, 3)
+    (tmp_path / "fp8" / "model.safetensors").unlink()
+    save_file(files, str(tmp_path / "fp8" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"model.safetensors: tensor {name} has shape \\(3, 3\\)"):
+        load_hf(tmp_path / "fp8")
 
 
 def test_export_errors(run, tmp_path, capsys):

@@ -328,6 +328,10 @@ def _fill(dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot, files: dict
         if scale_name not in files:
             raise CheckpointError(f"{tf.path}: FP8 tensor {name} has no {scale_name}")
         sf = headers.setdefault(files[scale_name], TensorFile(files[scale_name]))
+        blocks = tuple(-(-n // TILE) for n in tf.shape(name))
+        if sf.shape(scale_name) != blocks:
+            raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
+                                  f"128x128 blocks of {name} need {blocks}")
         t = dequantize_fp8_blocks(tf.read(name), sf.read(scale_name))
     elif slot.rope_rows is None and tf.dtype(name) == dest.dtype and dest.is_contiguous() and dest.is_cpu:
         tf.read_into(name, dest)
