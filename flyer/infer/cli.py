@@ -1,5 +1,5 @@
-"""``flyer generate``: text generation from a trained checkpoint with the absorbed-MLA latent cache,
-optional MTP speculative decoding and an on-disk prefix cache."""
+"""``flyer generate``: text generation from a trained checkpoint (or a Hugging Face model directory)
+with the absorbed-MLA latent cache, optional MTP speculative decoding and an on-disk prefix cache."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from flyer.errors import FieldError, UserError
 from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
-from flyer.model.transformer import Transformer
 from flyer.interop.hf import is_hf_model_dir
 from flyer.interop.load import load_pretrained
+from flyer.model.transformer import Transformer
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
