@@ -104,8 +104,10 @@ class Transformer(nn.Module):
         return self.head(self.norm(self.hidden(tokens_BT))).float()
 
     def mtp_hidden(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> list[torch.Tensor]:
-        """h^1..h^D; h^k has T-k positions and (after norm and head) predicts token t_{i+k+1}."""
-        out, h = [], h_BTD
+        """h^1..h^D from the main hidden states h_BTD (before the final norm, as ``hidden`` returns);
+        h^k has T-k positions and (after norm and head) predicts token t_{i+k+1}. The first module
+        sees the main model's normed output (DeepSeek's checkpoints; see ``flyer.model.mtp``)."""
+        out, h = [], self.norm(h_BTD) if len(self.mtp) else h_BTD
         for k, mod in enumerate(self.mtp, start=1):
             T_k = tokens_BT.shape[1] - k
             cos, sin = self.rope_tables(T_k, tokens_BT.device)

@@ -33,6 +33,8 @@ _FLAGS = [  # (flag, field, type, help)
     ("--data", "data", str, "text file or directory (default: the installed Shakespeare corpus)"),
     ("--data-cache", "data_cache", str, "tokenizer and shard cache directory"),
     ("--tokenizer", "tokenizer", str, "a tokenizer.json to use instead of training one"),
+    ("--init", "init", str, "fine-tune from PATH: a flyer run or checkpoint, or a Hugging Face model directory "
+                            "(its model config and tokenizer replace --preset and --tokenizer)"),
     ("--vocab-size", "vocab_size", int, "BPE vocabulary size to train"),
     ("--threads", "threads", int, "CPU threads"),
     ("--device", "device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
+from flyer.interop.load import init_source, load_init_weights
 from flyer.data import BatchSampler, eval_batches, prepare_data
 from flyer.fp8 import convert_to_fp8
 from flyer.model.counts import param_counts
@@ -65,6 +66,7 @@ class TrainConfig:
     data: str | None = None  # None: the installed Shakespeare corpus
     data_cache: str | None = None  # tokenizer/shard cache (default ~/.cache/flyer/data)
     tokenizer: str | None = None
+    init: str | None = None  # fine-tune from a flyer run / checkpoint or an HF model directory (its config, tokenizer)
     vocab_size: int | None = None  # default: the preset's vocab, capped at 8192 for the built-in corpus
     max_bad_steps: int = 10
     threads: int | None = None
@@ -183,7 +185,8 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         model_over = read_config_sections(tc.config)[0] if tc.config else {}  # [train]: merged by the CLI
-        base = resolve_config(tc.preset, None, model_over)
+        init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
+        base = init_cfg or resolve_config(tc.preset, None, model_over)
         self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="train option 'device'")
         self.device = self.mesh.device
         self.rank0 = self.mesh.rank == 0
@@ -197,8 +200,11 @@ class Trainer:
 
         vocab = tc.vocab_size or (min(base.vocab_size, 8192) if tc.tokenizer is None else base.vocab_size)
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
-        self.data = prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=tc.tokenizer)
-        self.cfg: ModelConfig = base.replace(vocab_size=self.data.vocab_size,
+        self.data = prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer)
+        if init_cfg and self.data.vocab_size > init_cfg.vocab_size:
+            raise ConfigError(f"train option 'init': {tc.init}'s tokenizer has {self.data.vocab_size} tokens, "
+                              f"more than its model's vocab_size {init_cfg.vocab_size}")
+        self.cfg: ModelConfig = base.replace(vocab_size=init_cfg.vocab_size if init_cfg else self.data.vocab_size,
                                              max_seq_len=max(base.max_seq_len, tc.seq_len))
         self.cfg.validate()
         # Each data-parallel rank draws its own sample stream (seed, rank); deterministic on resume.
@@ -206,6 +212,8 @@ class Trainer:
         self.eval_data = eval_batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
 
         self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch)
+        if tc.init and not tc.resume:
+            load_init_weights(self.model, tc.init, self.mesh)
         self.optimizer = build_optimizer(self.model, tc)
         self.flops_per_token = model_flops_per_token(self.cfg, tc.seq_len)
         peak_dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
