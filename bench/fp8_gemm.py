@@ -17,7 +17,6 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 from flyer.fp8 import FP8Recipe, fp8_gemm_nt, fp8_linear, quantize_blocks, quantize_tiles
 from flyer.fp8.gemm import cuda_fp8_supported, cuda_gemm_path

@@ -21,11 +21,12 @@ import warnings
 from flyer.cluster import cli as cluster_cli
 from flyer.errors import CheckpointError, ConfigError, FieldError, UserError
 from flyer.infer import cli as infer_cli
+from flyer.interop import export
 from flyer.model import info
 from flyer.runtime import tune_malloc
 from flyer.train import cli as train_cli
 
-COMMAND_MODULES = [info, train_cli, infer_cli, cluster_cli]
+COMMAND_MODULES = [info, train_cli, infer_cli, export, cluster_cli]
 
 __all__ = ["UserError", "build_parser", "flags", "main"]
 

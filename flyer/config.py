@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flyer.errors import ConfigError, FieldError
+from flyer.interop.hf_config import from_hf_config, is_hf_config
 
 
 @dataclass
@@ -60,7 +61,8 @@ class ModelConfig:
     original_seq_len: int = 4096
     beta_fast: int = 32
     beta_slow: int = 1
-    mscale: float = 1.0
+    mscale: float = 1.0  # softmax scale * yarn_mscale(rope_factor, mscale)^2 (HF: mscale_all_dim)
+    rope_attn_factor: float = 1.0  # YaRN factor on cos/sin (HF: attention_factor, m(mscale)/m(mscale_all_dim))
     # multi-token prediction
     mtp_depth: int = 1
     mtp_loss_weight: float = 0.3
@@ -82,10 +84,14 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """Attention softmax scale, with YaRN's mscale^2 correction when extended."""
+        """Attention softmax scale, with YaRN's mscale^2 correction.
+
+        YaRN applies whenever ``rope_factor > 1``, as in transformers; DeepSeek's reference applies it
+        only when ``max_seq_len > original_seq_len``: we follow the checkpoints' transformers semantics,
+        so a model does not change with the context it is run at."""
         d = self.qk_head_dim if self.attn == "mla" else self.head_dim
         scale = d ** -0.5
-        if self.rope_factor > 1.0 and self.max_seq_len > self.original_seq_len:
+        if self.rope_factor > 1.0:
             m = yarn_mscale(self.rope_factor, self.mscale)
             scale = scale * m * m
         return scale
@@ -141,6 +147,7 @@ class ModelConfig:
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
         need(self.rope_factor >= 1.0, "rope_factor", "must be >= 1 (1 = no YaRN)")
         need(self.original_seq_len > 0, "original_seq_len", "must be > 0")
+        need(self.rope_attn_factor > 0, "rope_attn_factor", "must be > 0")
         need(self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
         need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
 
@@ -158,8 +165,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from flyer's own keys, DeepSeek's config_*.json keys, or HF config.json keys."""
-        if any(k in d for k in _HF_KEYS):
-            d = _from_hf(d)
+        if is_hf_config(d):
+            d = from_hf_config(d)
         known = {f.name: f for f in fields(cls)}
         kw: dict[str, Any] = {}
         for k, v in d.items():
@@ -181,8 +188,6 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-# Keys that only exist in Hugging Face configs (their presence switches the parser).
-_HF_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"}
 # Keys DeepSeek's / HF's files carry that do not describe the architecture.
 _IGNORED_KEYS = {"dtype", "max_batch_size", "scale_fmt", "architectures", "model_type", "torch_dtype",
                  "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
@@ -226,68 +231,6 @@ def _coerce(name: str, v: Any, typ: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"config field '{name}': expected {t}, got {v!r}") from None
     return v
-
-
-def _from_hf(d: dict[str, Any]) -> dict[str, Any]:
-    """Translate a Hugging Face config.json (DeepseekV2/V3, Llama, Qwen2) into flyer keys."""
-    mt = str(d.get("model_type", "")).lower()
-    out: dict[str, Any] = {
-        "vocab_size": d["vocab_size"],
-        "dim": d["hidden_size"],
-        "n_layers": d["num_hidden_layers"],
-        "n_heads": d["num_attention_heads"],
-        "inter_dim": d.get("intermediate_size", 0),
-        "norm_eps": d.get("rms_norm_eps", 1e-6),
-        "rope_theta": d.get("rope_theta", 10000.0),
-        "max_seq_len": d.get("max_position_embeddings", 4096),
-        "init_std": d.get("initializer_range", 0.02),
-        "tie_embeddings": bool(d.get("tie_word_embeddings", False)),
-    }
-    if "kv_lora_rank" in d:  # DeepseekV2 / V3: MLA + MoE
-        topk = d.get("topk_method", "greedy")
-        out.update(
-            attn="mla",
-            q_lora_rank=d.get("q_lora_rank") or 0,
-            kv_lora_rank=d["kv_lora_rank"],
-            qk_nope_head_dim=d["qk_nope_head_dim"],
-            qk_rope_head_dim=d["qk_rope_head_dim"],
-            v_head_dim=d["v_head_dim"],
-            n_dense_layers=d.get("first_k_dense_replace", 0),
-            moe_inter_dim=d.get("moe_intermediate_size", 0),
-            n_routed_experts=d.get("n_routed_experts") or 0,
-            n_shared_experts=d.get("n_shared_experts") or 0,
-            n_activated_experts=d.get("num_experts_per_tok") or 1,
-            n_expert_groups=(d.get("n_group") or 1) if topk != "greedy" else 1,
-            n_limited_groups=(d.get("topk_group") or 1) if topk != "greedy" else 1,
-            score_func=d.get("scoring_func", "softmax"),
-            route_scale=d.get("routed_scaling_factor", 1.0),
-            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-            router_bias=topk == "noaux_tc",
-            mtp_depth=d.get("num_nextn_predict_layers", 0),
-        )
-        if "aux_loss_alpha" in d and topk == "noaux_tc":
-            out["seq_aux_alpha"] = 0.0001
-        elif "aux_loss_alpha" in d:
-            out["seq_aux_alpha"] = d["aux_loss_alpha"]
-    else:  # Llama / Qwen2: dense GQA
-        n_kv = d.get("num_key_value_heads", d["num_attention_heads"])
-        out.update(
-            attn="gqa", n_kv_heads=n_kv, head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
-            attn_bias=bool(d.get("attention_bias", mt == "qwen2")), n_routed_experts=0, n_shared_experts=0,
-            n_dense_layers=d["num_hidden_layers"], mtp_depth=0, q_lora_rank=0,
-        )
-    rs = d.get("rope_scaling") or {}
-    if rs.get("type", rs.get("rope_type")) == "yarn":
-        out.update(
-            rope_factor=rs.get("factor", 1.0),
-            original_seq_len=rs.get("original_max_position_embeddings", 4096),
-            beta_fast=rs.get("beta_fast", 32),
-            beta_slow=rs.get("beta_slow", 1),
-            mscale=rs.get("mscale_all_dim") or rs.get("mscale", 1.0),  # scales the softmax
-        )
-    else:
-        out.update(rope_factor=1.0, original_seq_len=out["max_seq_len"])
-    return out
 
 
 # ---- presets ------------------------------------------------------------------------------
@@ -386,7 +329,7 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
         d = {**d.pop("model", {}), **d}
     if not isinstance(d, dict) or not isinstance(train, dict):
         raise ConfigError(f"config file {p} must hold a table/object of fields")
-    return (_from_hf(d) if any(k in d for k in _HF_KEYS) else d), train
+    return (from_hf_config(d, str(p)) if is_hf_config(d) else d), train
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

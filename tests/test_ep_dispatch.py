@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 
 from flyer.config import preset
-from flyer.parallel.dispatch import LocalDispatcher, make_dispatcher
+from flyer.model.dispatch import LocalDispatcher
+from flyer.model.wire import fp8_row_bytes
+from flyer.parallel.dispatch import make_dispatcher
 from flyer.parallel.launch import run_ranks
 from flyer.parallel.mesh import init_distributed
-from flyer.parallel.wire import fp8_row_bytes
 
 WORLD, RPN, E, K, D = 4, 2, 16, 4, 160  # D not a multiple of 128: a partial FP8 scale block
 N_LOCAL = E // WORLD
@@ -98,7 +99,9 @@ def test_dispatch_combine_and_gradients_match_local(scenario, kind, fp8):
 def _expected_rows(ids_per_rank: list[torch.Tensor]) -> dict[str, dict[str, int]]:
     """Rows crossing nodes / staying inside a node for flat and hierarchical dispatch, counted
     from the routing alone (ranks node-major, 2 per node, 4 experts per rank)."""
-    node = lambda r: r // RPN
+    def node(r):
+        return r // RPN
+
     exp = {"flat": {"intra": 0, "inter": 0}, "hierarchical": {"intra": 0, "inter": 0}}
     for src, ids in enumerate(ids_per_rank):
         for row in ids.tolist():

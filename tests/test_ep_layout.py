@@ -6,20 +6,21 @@ import pytest
 import torch
 
 from flyer.config import ConfigError, preset
+from flyer.model.dispatch import DISPATCHER_KINDS, LocalDispatcher, dispatcher_kind
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
-from flyer.parallel.dispatch import LocalDispatcher, dispatcher_factory
+from flyer.model.wire import fp8_decode_rows, fp8_encode_rows, fp8_row_bytes
+from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.mesh import init_distributed, validate_layout
-from flyer.parallel.wire import fp8_decode_rows, fp8_encode_rows, fp8_row_bytes
 
 
 @pytest.mark.parametrize("world,ep,rpn,msg", [
-    (4, 3, 2, "--ep 3 must divide the world size 4"),
-    (4, 2, 3, "--ranks-per-node 3 must divide the world size 4"),
-    (6, 6, 6, "n_routed_experts=16 is not divisible by --ep 6"),
+    (4, 3, 2, r"ep: must divide the world size 4 \(got 3\)"),
+    (4, 2, 3, r"ranks_per_node: must divide the world size 4 \(got 3\)"),
+    (6, 6, 6, r"ep: must divide n_routed_experts=16 \(got 6\)"),
     (8, 4, 8, None),  # EP group inside one node
     (8, 8, 2, None),  # 4 expert groups over 4 nodes
-    (12, 4, 3, "--ep 4 must be a multiple or a divisor of --ranks-per-node 3"),
+    (12, 4, 3, "ep: must be a multiple or a divisor of the 3 ranks per node"),
     (16, 16, 2, "n_expert_groups=4 to be a multiple of the 8 nodes"),  # a group would span 2 nodes
     (16, 16, 4, None),
 ])
@@ -64,6 +65,8 @@ def test_dispatcher_factory_choices():
     assert isinstance(dispatcher_factory(cfg, None, fp8=True)(1), LocalDispatcher)
     with pytest.raises(ConfigError, match="dispatcher 'ring' is unknown"):
         dispatcher_factory(cfg, None, "ring")
+    assert [dispatcher_kind(k) for k in ("a2a", "hier", *DISPATCHER_KINDS)] == ["flat", "hierarchical",
+                                                                                *DISPATCHER_KINDS]
 
 
 def test_fp8_rows_round_trip():

@@ -21,7 +21,8 @@ from flyer.fp8.gemm import accumulation_experiment, cuda_fp8_supported, cuda_gem
 from flyer.fp8.logfmt import logfmt_decode, logfmt_encode, logfmt_roundtrip
 from flyer.fp8.quant import FP8_MAX, TILE, dequantize, fp8_to_float, quantize_blocks_batched, quantize_tiles_t
 from flyer.model.lowp import Linear
-from flyer.model.moe import Experts, Gate
+from flyer.model.experts import Experts
+from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -334,12 +335,17 @@ def test_converted_moe_runs_its_fp8_experts():
     f8 = convert_to_fp8(copy.deepcopy(ref))
     x = torch.randn(2, 24, cfg.dim)
     moe_ref, moe_f8 = ref.layers[1].ffn, f8.layers[1].ffn
+    assert moe_ref.path == "fused_local" and moe_f8.path == "dispatched"  # re-chosen by the conversion
+    assert moe_f8.experts.impl == "fp8" and moe_f8.to("cpu").path == "dispatched"  # a move keeps it
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_f8 = moe_f8(x)
-        moe_f8.fused_local = False  # the seam: dispatcher -> FP8Experts.forward -> combine
-        y_seam = moe_f8(x)
+        x_TD = x.view(-1, cfg.dim)  # the seam by hand: dispatcher -> FP8Experts.forward -> combine
+        weights, ids, _ = moe_f8.gate(x_TD)
+        x_sorted, counts, ctx = moe_f8.dispatcher.dispatch(x_TD.bfloat16(), ids)
+        y_seam = (moe_f8.dispatcher.combine(moe_f8.experts(x_sorted, counts), weights, ctx)
+                  + moe_f8.shared(x_TD.bfloat16()))
         y_bf16 = moe_ref(x)
-    assert torch.equal(y_f8, y_seam)
+    assert torch.equal(y_f8, y_seam.view_as(y_f8))
     assert not torch.equal(y_f8, y_bf16)
 
 
@@ -363,7 +369,8 @@ def test_fp8_model_loss_and_grads_close_to_bf16():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = m.compute_loss(tok[:, :-1], tok[:, 1:])
         loss.loss.backward()
-        out[name] = (float(loss.main_loss.detach()), torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+        grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+        out[name] = (float(loss.main_loss.detach()), grads)
     assert out["fp8"][0] == pytest.approx(out["bf16"][0], rel=2e-3)
     # whole model: FP8 errors compound over ~40 GEMMs and can flip a few top-k routing choices
     g8, gb = out["fp8"][1], out["bf16"][1]

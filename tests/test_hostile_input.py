@@ -116,6 +116,7 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     ([*GEN, "--prefix-cache", "{t}/afile/pc"], "--prefix-cache: cannot create directory {t}/afile/pc"),
     ([*GEN, "--prefix-cache", "{t}/pc", "--prefix-cache-size", "0"], "--prefix-cache-size: must be at least 1"),
     ([*GEN, "--eos-id", "100000"], "--eos-id: must be a token id in [0, 2048)"),
+    ([*GEN, "--eos-id", "-2"], "--eos-id: must be a token id in [0, 2048)"),
     (["net", "topology", "--plot", "{t}/afile/x.png"], "--plot: cannot write {t}/afile/x.png"),
     (["net", "topology", "--plot", "{t}/adir"], "--plot: {t}/adir is a directory"),
     (["net", "ep", "--node-limit", "99"], "--node-limit: must be <= experts_per_token = 9"),

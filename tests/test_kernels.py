@@ -1,4 +1,5 @@
-"""Fused CPU kernels (flyer/kernels) against the eager PyTorch code they replace, and the fallback.
+"""Fused CPU kernels against the eager PyTorch code they replace, both through the facade
+(``flyer.kernels``: the kernel where usable, the eager code under ``kernels.disabled()``).
 
 Each kernel rounds once where the eager code rounds per op, so against eager it agrees to the
 output dtype's rounding (the combine kernels: bitwise), and against FP64 it is at least as close.
@@ -33,19 +34,22 @@ def test_xent_chunk_matches_log_softmax(ops, dtype, V):
     logits = (3 * torch.randn(70, V)).to(dtype)
     tgt = torch.randint(0, V, (70,))
     tgt[:2] = torch.tensor([0, V - 1])
-    logp_t, dlogits = ops.xent_chunk(logits, tgt, True)
+    out, eager_out = torch.empty(70, 1), torch.empty(70, 1)
+    dlogits = kernels.xent_chunk(logits, tgt, True, out)
+    logp_t = out[:, 0]
     ref = torch.log_softmax(logits.double(), -1)
     ref_d = ref.exp().scatter_(1, tgt[:, None], torch.expm1(ref.gather(1, tgt[:, None])))
     assert logp_t.dtype == torch.float32 and dlogits.dtype == dtype
     torch.testing.assert_close(logp_t.double(), ref.gather(1, tgt[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
-    eager = torch.log_softmax(logits, -1, dtype=torch.float32)
-    eager_t = eager.gather(1, tgt[:, None])
-    eager_d = eager.exp_().scatter_(1, tgt[:, None], torch.expm1(eager_t)).to(dtype)
+    with kernels.disabled():
+        eager_d = kernels.xent_chunk(logits, tgt, True, eager_out)
+    torch.testing.assert_close(logp_t, eager_out[:, 0], rtol=2e-6, atol=1e-6)
     assert _nerr(dlogits, ref_d) <= 1.05 * _nerr(eager_d, ref_d) + 1e-6
     ulp = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
     torch.testing.assert_close(dlogits.float(), eager_d.float(), rtol=ulp, atol=1e-6)
-    lp2, none = ops.xent_chunk(logits, tgt, False)  # no gradient wanted: nothing written
-    assert none is None and torch.equal(lp2, logp_t)
+    lp2 = torch.empty(70, 1)
+    assert kernels.xent_chunk(logits, tgt, False, lp2) is None  # no gradient wanted: nothing written
+    assert torch.equal(lp2[:, 0], logp_t)
 
 
 def test_xent_chunk_rejects_bad_targets(ops):
@@ -70,11 +74,13 @@ def test_swiglu_forward_and_backward(ops, dtype, F_):
     h64 = h13.double().requires_grad_()
     ref = _swiglu_ref(h64)
     (ref_g,) = torch.autograd.grad(ref, h64, da.double())
-    a, dh13 = ops.swiglu(h13), ops.swiglu_backward(da, h13)
+    a, dh13 = kernels.swiglu(h13), kernels.swiglu_backward(da, h13)
     assert a.dtype == dh13.dtype == dtype and torch.isfinite(a).all() and torch.isfinite(dh13).all()
-    eager = _swiglu_ref(h13)
+    with kernels.disabled():
+        eager, eager_g = kernels.swiglu(h13), kernels.swiglu_backward(da, h13)
     hh = h13.clone().requires_grad_()
-    (eager_g,) = torch.autograd.grad(_swiglu_ref(hh), hh, da)
+    (autograd_g,) = torch.autograd.grad(_swiglu_ref(hh), hh, da)
+    assert torch.equal(eager, _swiglu_ref(h13)) and torch.equal(eager_g, autograd_g)  # the eager twin is autograd's
     if dtype == torch.float32:
         torch.testing.assert_close(a.double(), ref.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dh13.double(), ref_g, rtol=1e-5, atol=1e-6)
@@ -95,11 +101,15 @@ def _csr_case(T=60, D=40, n=300, dtype=torch.bfloat16):
 def test_combine_is_index_add_bitwise(ops, dtype):
     T = 60
     src, y, w = _csr_case(T=T, dtype=dtype)
-    offsets, rows = kernels.token_rows(src, T)
+    index = kernels.token_index(src, T, y, w)
+    with kernels.disabled():
+        eager_index = kernels.token_index(src, T, y, w)
+    assert index.csr is not None and eager_index.csr is None
     eager = y.new_zeros(T + 1, y.shape[1], dtype=torch.float32).index_add_(0, src, y.float() * w[:, None])[:T]
-    assert torch.equal(ops.combine(y, w, offsets, rows), eager)
+    assert torch.equal(kernels.combine(y, w, eager_index), eager)
+    assert torch.equal(kernels.combine(y, w, index), eager)
     x = torch.randn(y.shape).to(dtype)
-    assert torch.equal(ops.segment_sum(x, offsets, rows), x.new_zeros(T + 1, x.shape[1]).index_add_(0, src, x)[:T])
+    assert torch.equal(kernels.segment_sum(x, index), kernels.segment_sum(x, eager_index))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -107,12 +117,16 @@ def test_combine_backward(ops, dtype):
     T = 60
     src, y, w = _csr_case(T=T, dtype=dtype)
     g = torch.randn(T, y.shape[1])
-    dy, dw = ops.combine_backward(g, y, w, src, True)
+    index = kernels.token_index(src, T, y, w)
+    dy, dw = kernels.combine_backward(g, y, w, index, True)
+    with kernels.disabled():
+        eager_dy, eager_dw = kernels.combine_backward(g, y, w, kernels.token_index(src, T, y, w), True)
     gg = torch.cat([g, torch.zeros(1, g.shape[1])]).index_select(0, src)
-    assert torch.equal(dy, (gg * w[:, None]).to(dtype))  # pad rows: zeros
+    assert torch.equal(dy, (gg * w[:, None]).to(dtype)) and torch.equal(dy, eager_dy)  # pad rows: zeros
     terms = gg.double() * y.double()  # FP32 dot products in the kernel's vector order
     assert_fp32_sums(dw, terms.sum(1), terms.abs().sum(1), y.shape[1])
-    dy2, none = ops.combine_backward(g, y, w, src, False)
+    assert_fp32_sums(eager_dw, terms.sum(1), terms.abs().sum(1), y.shape[1])
+    dy2, none = kernels.combine_backward(g, y, w, index, False)
     assert none is None and torch.equal(dy2, dy)
 
 
@@ -147,24 +161,29 @@ def test_rms_norm_forward_and_backward(ops, x_dtype, out_dtype, D):
     x = (3 * torch.randn(50, D)).to(x_dtype)
     w = torch.rand(D) + 0.5
     g = torch.randn(50, D).to(out_dtype)
-    y, r = ops.rms_norm(x, w, 1e-6, out_dtype)
-    assert y.dtype == out_dtype and r.shape == (50,) and r.dtype == torch.float32
+    y, r = kernels.rms_norm(x, w, 1e-6, out_dtype)
+    assert y.dtype == out_dtype and r.shape == (50, 1) and r.dtype == torch.float32
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
     ref = F.rms_norm(x64, (D,), w64, 1e-6)
     ref_dx, ref_dw = torch.autograd.grad(ref, (x64, w64), g.double())
-    torch.testing.assert_close(r.double(), x64.detach().pow(2).mean(1).add(1e-6).rsqrt(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(r.double(), x64.detach().pow(2).mean(1, keepdim=True).add(1e-6).rsqrt(), rtol=1e-6,
+                               atol=0)
     for need_dx, need_dw in [(True, True), (True, False), (False, True)]:
-        dx, dw = ops.rms_norm_backward(g, x, w, r, need_dx, need_dw)
+        dx, dw = kernels.rms_norm_backward(g, x, w, r, need_dx, need_dw)
         assert (dx is None) != need_dx and (dw is None) != need_dw
         if need_dx:
             assert dx.dtype == x_dtype
-    dx, dw = ops.rms_norm_backward(g, x, w, r, True, True)
+    dx, dw = kernels.rms_norm_backward(g, x, w, r, True, True)
+    with kernels.disabled():  # the facade's eager twin: no further from FP64 than the kernels allow
+        ey, er = kernels.rms_norm(x, w, 1e-6, out_dtype)
+        edx, edw = kernels.rms_norm_backward(g, x, w, er, True, True)
     xe = x.clone().requires_grad_()
     we = w.to(x_dtype).requires_grad_()
     eager = F.rms_norm(xe, (D,), we, 1e-6)
     e_dx, e_dw = torch.autograd.grad(eager, (xe, we), g.to(x_dtype))
     eps = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-    for got, eag, want in [(y, eager.to(out_dtype), ref.detach()), (dx, e_dx, ref_dx), (dw, e_dw, ref_dw)]:
+    for got, eag, want in [(y, eager.to(out_dtype), ref.detach()), (dx, e_dx, ref_dx), (dw, e_dw, ref_dw),
+                           (ey, eager.to(out_dtype), ref.detach()), (edx, e_dx, ref_dx), (edw, e_dw, ref_dw)]:
         assert _nerr(got, want) <= max(1.05 * _nerr(eag, want), eps[got.dtype]), (_nerr(got, want), _nerr(eag, want))
 
 
@@ -206,10 +225,8 @@ def test_fp8_dequantize_batched_and_bad_input(ops):
 def test_fp8_training_step_unchanged_by_the_kernel(ops, monkeypatch):
     """Dequantisation is exact either way, so an FP8 step's loss and gradients are bitwise the same
     with the fused dequantisation and with the eager one (the other kernels on in both)."""
-    import types
-
     from flyer.config import preset
-    from flyer.fp8 import convert_to_fp8, quant
+    from flyer.fp8 import convert_to_fp8
     from flyer.model.transformer import Transformer
 
     torch.manual_seed(0)
@@ -224,6 +241,22 @@ def test_fp8_training_step_unchanged_by_the_kernel(ops, monkeypatch):
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     l1, g1 = run()
-    monkeypatch.setattr(quant, "kernels", types.SimpleNamespace(cpu_ops=lambda: None))
+    fused = kernels.fp8_dequantize
+
+    def eager(*args):
+        with kernels.disabled():
+            return fused(*args)
+
+    monkeypatch.setattr(kernels, "fp8_dequantize", eager)
     l0, g0 = run()
     assert torch.equal(l1, l0) and all(torch.equal(a, b) for a, b in zip(g1, g0))
+
+
+@pytest.mark.parametrize("capability,flags", [("AVX512", {"-mavx512f", "-mavx512bw", "-mfma"}),
+                                              ("AVX2", {"-mavx2", "-mfma", "-mf16c"}), ("DEFAULT", set())])
+def test_kernels_build_for_the_isa_aten_dispatches_to(capability, flags, monkeypatch):
+    """The C++ kernels are compiled for the vector ISA ATen itself uses on this CPU (forced here for
+    each one): AVX-512 code on an AVX2-only CPU would die on an illegal instruction."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    got = set(kernels._capability_flags())
+    assert flags <= got and (capability == "AVX512" or not any("avx512" in f for f in got))

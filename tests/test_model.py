@@ -8,8 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from flyer import kernels
-from flyer.config import preset
-from flyer.model.moe import MoE, expert_ffn_fused, expert_ffn_grouped_mm, expert_ffn_loop, update_router_bias
+from flyer.config import ConfigError, preset
+from flyer.model import experts as experts_module
+from flyer.model.dispatch import LocalDispatcher
+from flyer.model.experts import Experts, expert_ffn_fused, expert_ffn_grouped_mm, expert_ffn_loop
+from flyer.model.moe import MoE, update_router_bias
 from flyer.model.norm import rms_norm
 from flyer.model.rope import rope_frequencies
 from flyer.model.transformer import Transformer
@@ -140,9 +143,9 @@ def test_fused_local_moe_equals_composed_dispatch(autocast, cpu_kernels):
     for p in fused.parameters():
         torch.nn.init.normal_(p, std=0.1)
     fused.gate.bias[:5] = -10.0  # the selection bias: experts 0-4 are never chosen
-    composed = MoE(cfg)
+    composed = MoE(cfg, fuse_local=False)
     composed.load_state_dict(fused.state_dict())
-    composed.fused_local = False
+    assert fused.path == "fused_local" and composed.path == "dispatched"
     x = torch.randn(3, 37, cfg.dim)
     g = torch.randn(3, 37, cfg.dim)
     results = []
@@ -163,9 +166,32 @@ def test_fused_local_moe_equals_composed_dispatch(autocast, cpu_kernels):
             assert torch.equal(a, b), i
 
 
+def test_experts_impl_is_resolved_when_built_and_when_moved(monkeypatch):
+    """'auto' is grouped_mm for weights on CUDA and fused elsewhere, decided when the experts are
+    built and again when they move (not from each forward's input); a named impl stays."""
+    assert Experts(2, 8, 4).impl == "fused" and Experts(2, 8, 4, impl="grouped_mm").impl == "grouped_mm"
+    assert experts_module.resolve_experts_impl("auto", torch.device("cuda")) == (
+        "grouped_mm" if hasattr(torch, "_grouped_mm") else "fused")
+    with pytest.raises(ConfigError, match="experts_impl 'bmm' is unknown"):
+        Experts(2, 8, 4, impl="bmm")
+    ex, named = Experts(2, 8, 4), Experts(2, 8, 4, impl="fused")
+    monkeypatch.setattr(experts_module, "resolve_experts_impl", lambda impl, device: f"{impl}@{device.type}")
+    assert ex.to("meta").impl == "auto@meta" and named.to("meta").impl == "fused@meta"
+
+
+def test_moe_path_is_chosen_from_the_dispatcher_and_the_experts():
+    cfg = small_cfg()
+    E = cfg.n_routed_experts
+    assert MoE(cfg).path == "fused_local"
+    assert MoE(cfg, fuse_local=False).path == "dispatched"  # the oracle
+    assert MoE(cfg, LocalDispatcher(E, fp8=True)).path == "dispatched"  # wire roundings to emulate
+    assert MoE(cfg, LocalDispatcher(E, combine_dtype=torch.bfloat16)).path == "dispatched"
+    assert MoE(cfg, experts_impl="grouped_mm").path == "dispatched"
+
+
 def test_fused_local_moe_gradcheck():
     """FP64 gradcheck of the fused path (input and gate weight), 4-row padding."""
-    from flyer.model.moe import _LocalRoutedExperts
+    from flyer.model.experts import _LocalRoutedExperts
 
     torch.manual_seed(0)
     T, D, Fd, E, K = 6, 5, 4, 3, 2
@@ -333,7 +359,8 @@ def test_fused_experts_bf16_close_to_loop(cpu_kernels):
     E, Fd, D = 4, 64, 32
     counts = torch.tensor([40, 7, 0, 81])
     x = torch.randn(int(counts.sum()), D, dtype=torch.bfloat16, requires_grad=True)
-    ws = [(torch.randn(E, Fd, D) / 4).bfloat16().requires_grad_(), (torch.randn(E, D, Fd) / 8).bfloat16().requires_grad_(),
+    ws = [(torch.randn(E, Fd, D) / 4).bfloat16().requires_grad_(),
+          (torch.randn(E, D, Fd) / 8).bfloat16().requires_grad_(),
           (torch.randn(E, Fd, D) / 4).bfloat16().requires_grad_()]
     dy = torch.randn(x.shape[0], D, dtype=torch.bfloat16)
     a = expert_ffn_loop(x, counts, *ws)
@@ -363,12 +390,9 @@ def test_cuda_model_matches_cpu():
     cfg = preset("tiny")
     torch.manual_seed(0)
     cpu = Transformer(cfg)
-    gpu = Transformer(cfg)
+    gpu = Transformer(cfg, experts_impl="fused")  # fp32 on both sides, for a tight comparison
     gpu.load_state_dict(cpu.state_dict())
     gpu.cuda()
-    for m in gpu.modules():
-        if hasattr(m, "use_grouped_mm"):
-            m.use_grouped_mm = False  # fp32 on both sides: the loop path, for a tight comparison
     x = torch.randint(0, cfg.vocab_size, (2, 33))
     a = cpu.compute_loss(x[:, :-1], x[:, 1:]).loss
     b = gpu.compute_loss(x[:, :-1].cuda(), x[:, 1:].cuda()).loss

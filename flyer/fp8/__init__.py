@@ -5,8 +5,8 @@ LogFMT-nBit."""
 
 from flyer.fp8.gemm import (accumulation_experiment, cuda_fp8_supported, emulated_gemm_nt, fp8_gemm_nt,
                             limited_accumulator_gemm)
-from flyer.fp8.linear import (FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8, default_module_filter, fp8_grouped_linear,
-                              fp8_linear, fp8_modules)
+from flyer.fp8.linear import (FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8, default_module_filter,
+                              fp8_grouped_linear, fp8_linear, fp8_modules)
 from flyer.fp8.quant import Quantized, dequantize, fake_quantize, quantize_blocks, quantize_tiles
 
 __all__ = ["accumulation_experiment", "cuda_fp8_supported", "emulated_gemm_nt", "fp8_gemm_nt",

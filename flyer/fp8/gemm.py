@@ -32,22 +32,25 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from flyer.fp8.quant import TILE, block_rows, dequantize, expand_scale, fp8_to_float
+from flyer.fp8.quant import TILE, block_rows, dequantize, expand_scale, fp8_to_float, quantize_blocks, quantize_tiles
 
 BACKENDS = ("auto", "emulate", "cuda")
 
 
 def _check_pair(name: str, data: torch.Tensor, scale: torch.Tensor) -> None:
     if data.dim() != 2 or data.shape[1] % TILE:
-        raise ValueError(f"{name}: expected (rows, K) with K a multiple of {TILE} (quantize pads), got {tuple(data.shape)}")
+        raise ValueError(f"{name}: expected (rows, K) with K a multiple of {TILE} (quantize pads), "
+                         f"got {tuple(data.shape)}")
     rows_b = -(-data.shape[0] // TILE)
     if scale.shape[1] != data.shape[1] // TILE or scale.shape[0] not in (data.shape[0], rows_b):
         raise ValueError(f"{name}: scale shape {tuple(scale.shape)} fits neither 1x128 tiles "
-                         f"({data.shape[0]}, {data.shape[1] // TILE}) nor 128x128 blocks ({rows_b}, {data.shape[1] // TILE})")
+                         f"({data.shape[0]}, {data.shape[1] // TILE}) "
+                         f"nor 128x128 blocks ({rows_b}, {data.shape[1] // TILE})")
 
 
 def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto", emulation: str = "blocks") -> torch.Tensor:
+                out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+                emulation: str = "blocks") -> torch.Tensor:
     """``out (M, N) = (a * a_scale) @ (b * b_scale)^T`` with promotion to FP32 every 128 along K.
 
     a: (M, Kp) float8, a_scale: (M, Kp/128) float32 (1x128 tiles).
@@ -182,7 +185,6 @@ def _pad_rows16(t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def _cuda_path(device: torch.device, b_tiles: bool) -> str:
     """'blockwise' if one block-scaled ``scaled_mm`` call runs here and matches the emulation on a
     probe (K = 384, non-uniform scales), else 'rowwise' (per-block promotion in this module)."""
-    from flyer.fp8.quant import quantize_blocks, quantize_tiles
 
     if not hasattr(F, "scaled_mm"):
         return "rowwise"
@@ -297,7 +299,6 @@ def accumulation_experiment(K: int = 4096, M: int = 32, N: int = 32, mantissa_bi
     K-block, so the unpromoted GEMM is well defined). The reference is the FP64 product of the
     same FP8 operands, so the errors are accumulation errors only.
     """
-    from flyer.fp8.quant import quantize_tiles
 
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(M, K, generator=g)

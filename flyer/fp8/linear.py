@@ -27,7 +27,7 @@ from flyer.fp8.gemm import BACKENDS, EMULATIONS, cuda_fp8_supported, fp8_gemm_nt
 from flyer.fp8.quant import (FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched, quantize_blocks,
                              quantize_blocks_batched, quantize_tiles, quantize_tiles_t)
 from flyer.model.lowp import gemm_dtype
-from flyer.model.moe import Experts
+from flyer.model.experts import Experts, padded_layout
 
 
 @dataclass(frozen=True)
@@ -155,18 +155,6 @@ class FP8Linear(nn.Linear):
 
 # ---- grouped expert GEMMs ---------------------------------------------------------------------
 
-def _segment_aligned_rows(counts: list[int], device) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Destination rows that place each expert's token segment at a multiple of 128 (zero rows
-    between segments), the padded segment lengths and their starts."""
-    padded = [-(-c // TILE) * TILE for c in counts]
-    starts = [0]
-    for p in padded[:-1]:
-        starts.append(starts[-1] + p)
-    dest = torch.cat([torch.arange(s, s + c, device=device) for s, c in zip(starts, counts)]) if counts else \
-        torch.zeros(0, dtype=torch.long, device=device)
-    return dest, padded, starts
-
-
 def _retile_segments(t_NC: torch.Tensor, dest: torch.Tensor, n_rows: int, fmt: str, pow2: bool) -> Quantized:
     """``t`` re-tiled 128x1 inside each expert segment: the transpose (C, n_rows) of the
     segment-aligned layout in 1x128 tiles, so that no tile mixes two experts' tokens."""
@@ -225,18 +213,19 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                     wt_data = F.pad(wt_data.view(torch.uint8), (0, pad)).view(w_data.dtype)
                 wt_data, wt_scale = wt_data.contiguous(), w_scale.transpose(1, 2).contiguous()
                 parts = [r.gemm(dd, ds, wt_data[e], wt_scale[e], x.dtype)[:, :K]
-                         for e, (dd, ds) in enumerate(zip(qdy.data.split(counts), qdy.scale.split(counts))) if counts[e]]
+                         for e, (dd, ds) in enumerate(zip(qdy.data.split(counts), qdy.scale.split(counts)))
+                         if counts[e]]
                 dx = torch.cat(parts) if parts else torch.zeros_like(x)
             if ctx.needs_input_grad[1]:
-                dest, padded, starts = _segment_aligned_rows(counts, x.device)
-                n_rows = sum(padded)
+                layout = padded_layout(counts, TILE)  # every expert's segment starts at a multiple of 128
+                dest, n_rows = layout.positions(x.device), layout.total
                 qdy_t = _retile_segments(dy, dest, n_rows, r.grad_fmt, r.pow2_scales)  # (F, n_rows)
                 qx_t = _retile_segments(x, dest, n_rows, r.fmt, r.pow2_scales)  # (K, n_rows)
                 fast = r.dequant_emulation(x.device)
                 if fast:
                     dyq_t, xq_t = dequantize(qdy_t.data, qdy_t.scale), dequantize(qx_t.data, qx_t.scale)[:K]
                 dws = []
-                for s, p in zip(starts, padded):
+                for s, p in zip(layout.starts, layout.padded):
                     cols, tiles = slice(s, s + p), slice(s // TILE, (s + p) // TILE)
                     if p == 0:
                         dws.append(torch.zeros(Fo, K, dtype=torch.float32, device=x.device))
@@ -262,20 +251,22 @@ def fp8_grouped_linear(x_NK: torch.Tensor, w_EFK: torch.Tensor, counts_E: torch.
 
 
 class FP8Experts(Experts):
-    """Routed experts whose three GEMMs (w1, w3, w2 per expert) run as FP8 grouped GEMMs.
-    The SwiGLU itself stays in the working precision."""
+    """Routed experts whose three GEMMs (w1, w3, w2 per expert) run as FP8 grouped GEMMs, on every
+    device (implementation 'fp8'). The SwiGLU itself stays in the working precision."""
 
     def __init__(self, *args, recipe: FP8Recipe = FP8Recipe(), **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
+
+    def resolve_impl(self) -> str:
+        return "fp8"  # its own FP8 grouped GEMMs, wherever the weights are
 
     @classmethod
     def from_experts(cls, experts: Experts, recipe: FP8Recipe = FP8Recipe()) -> "FP8Experts":
         """Wrap existing experts' parameters (the same Parameter objects, no copy)."""
         E, Fo, D = experts.w1.shape
         with torch.device("meta"):
-            new = cls(E, D, Fo, first=experts.first, use_grouped_mm=experts.use_grouped_mm, init_std=experts.init_std,
-                      recipe=recipe)
+            new = cls(E, D, Fo, first=experts.first, init_std=experts.init_std, recipe=recipe)
         new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3
         new.train(experts.training)
         return new
@@ -311,9 +302,10 @@ def default_module_filter(name: str, module: nn.Module) -> bool:
 def convert_to_fp8(model: nn.Module, module_filter: Callable[[str, nn.Module], bool] | None = None,
                    recipe: FP8Recipe | None = None) -> nn.Module:
     """Swap, in place, every ``nn.Linear`` / ``Experts`` submodule that ``module_filter(name,
-    module)`` accepts for its FP8 twin (default: ``default_module_filter``). The twins hold the
-    same Parameter objects, so call this before creating the optimizer or after: either way the
-    optimizer, the FP32 master weights and the state-dict keys are unchanged. Returns ``model``.
+    module)`` accepts for its FP8 twin (default: ``default_module_filter``). The twins hold the same
+    Parameter objects, so call this before creating the optimizer or after: either way the
+    optimizer, the FP32 master weights and the state-dict keys are unchanged. FP8 experts declare
+    their implementation ('fp8'), so their MoE layers take the dispatcher seam. Returns ``model``.
     """
     module_filter = module_filter or default_module_filter
     recipe = recipe or FP8Recipe()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from flyer import kernels
+from flyer.kernels import fp8_to_float
 
 TILE = 128  # N_C: tile width, block size and promotion interval along K
 
@@ -164,21 +165,6 @@ def quantize_blocks_batched(w_ERC: torch.Tensor, fp8_dtype: torch.dtype | str = 
     return data, scale
 
 
-@functools.lru_cache(maxsize=None)
-def _decode_table(fp8_dtype: torch.dtype) -> torch.Tensor:
-    """The 256 values of an FP8 format as float32, indexed by bit pattern (NaN codes included)."""
-    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_dtype).float()
-
-
-def fp8_to_float(data: torch.Tensor) -> torch.Tensor:
-    """Exact FP8 -> float32. On CPU a 256-entry table lookup (several times faster than the
-    element-wise conversion kernel); elsewhere ``.float()``."""
-    if data.device.type != "cpu":
-        return data.float()
-    table = _decode_table(data.dtype)
-    return table.index_select(0, data.reshape(-1).view(torch.uint8).int()).view(data.shape)
-
-
 def block_rows(data: torch.Tensor, scale: torch.Tensor) -> int:
     """1 when ``scale`` has one row per data row (tiles), else 128 (blocks)."""
     return 1 if scale.shape[0] == data.shape[0] else TILE
@@ -191,26 +177,16 @@ def expand_scale(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return scale.repeat_interleave(TILE, dim=0)[: data.shape[0]]
 
 
-def _dequantize_fused(ops, data: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
-    return ops.fp8_dequantize(data.contiguous().view(torch.uint8), scale.float().contiguous(), rows,
-                              data.dtype == torch.float8_e5m2)
-
-
 def dequantize(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(R, Cp) float32 from a (tensor, scales) pair of either granularity."""
-    R, Cp = data.shape
-    if data.device.type == "cpu" and (ops := kernels.cpu_ops()) is not None:
-        return _dequantize_fused(ops, data, scale, block_rows(data, scale))
-    s = expand_scale(data, scale)
-    return (fp8_to_float(data).view(R, Cp // TILE, TILE) * s.unsqueeze(-1)).view(R, Cp)
+    return kernels.fp8_dequantize(data, scale, block_rows(data, scale))
 
 
 def dequantize_blocks_batched(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(E, R, Cp) float32 from ``quantize_blocks_batched``'s (data, scale)."""
     E, R, Cp = data.shape
-    if R % TILE == 0 and data.device.type == "cpu" and (ops := kernels.cpu_ops()) is not None:
-        flat = _dequantize_fused(ops, data.reshape(E * R, Cp), scale.reshape(-1, scale.shape[-1]), TILE)
-        return flat.view(E, R, Cp)
+    if R % TILE == 0:  # whole blocks of rows: the stack is one tall matrix of blocks
+        return kernels.fp8_dequantize(data.reshape(E * R, Cp), scale.reshape(-1, scale.shape[-1]), TILE).view(E, R, Cp)
     s = scale.repeat_interleave(TILE, dim=1)[:, :R]  # (E, R, Cp/128)
     return (fp8_to_float(data).view(E, R, Cp // TILE, TILE) * s.unsqueeze(-1)).view(E, R, Cp)
 

@@ -1,5 +1,5 @@
-"""``flyer generate``: text generation from a trained checkpoint with the absorbed-MLA latent cache,
-optional MTP speculative decoding and an on-disk prefix cache."""
+"""``flyer generate``: text generation from a trained checkpoint (or a Hugging Face model directory)
+with the absorbed-MLA latent cache, optional MTP speculative decoding and an on-disk prefix cache."""
 
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ import torch
 
 from flyer.config import resolve_config, resolve_device
 from flyer.errors import FieldError, UserError
+from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
+from flyer.interop.hf import is_hf_model_dir
+from flyer.interop.load import load_pretrained
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.runtime import require_memory
-from flyer.train.checkpoint import load_for_inference
 
-_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-ZERO_OK = {"temperature", "seed", "eos_id"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
+ZERO_OK = {"temperature", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
+SIGNED = {"eos_id"}  # -1: no stop token; checked against the model's vocabulary here
 
 
 def parse_size(text: str) -> int:
@@ -46,33 +48,17 @@ class ByteTokenizer:
         return None
 
 
-class HFTokenizer:
-    def __init__(self, tok):
-        self.tok = tok
-
-    def encode_ids(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def eos_id(self) -> int | None:
-        for name in _EOS_NAMES:
-            i = self.tok.token_to_id(name)
-            if i is not None:
-                return i
-        return None
-
-
 def _load(args):
     device = resolve_device(args.device)
     if args.ckpt:
         try:
-            model, cfg, tok = load_for_inference(args.ckpt, device=device)
+            # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks
+            model, cfg, tok = load_pretrained(args.ckpt, device=device,
+                                              dtype=torch.float32 if args.precision == "fp8" else None)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {msg}") from None
-        return model, HFTokenizer(tok)
+        return (convert_to_fp8(model) if args.precision == "fp8" else model), tok
     cfg = resolve_config(args.preset)
     if cfg.vocab_size < 256:
         raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
@@ -88,7 +74,7 @@ def _run(args) -> int:
     for name in ("prefix_block", "threads"):
         if getattr(args, name) < 1:
             raise FieldError(name, f"must be >= 1 (got {getattr(args, name)})")
-    dtype = _DTYPES[args.cache_dtype]
+    dtype = _DTYPES.get(args.cache_dtype, torch.bfloat16)  # "auto": settled once the model is loaded
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, attention=args.attention, cache_dtype=dtype,
                            speculative=args.speculative, draft_tokens=args.draft_tokens)
@@ -97,6 +83,10 @@ def _run(args) -> int:
     model, tok = _load(args)
     model.eval()
     cfg = model.cfg
+    if args.cache_dtype == "auto":  # an HF import in FP32 caches in FP32, so greedy tokens match transformers'
+        args.cache_dtype = "fp32" if args.ckpt and is_hf_model_dir(args.ckpt) and \
+            model.embed.weight.dtype == torch.float32 else "bf16"
+        dtype = gen.cache_dtype = _DTYPES[args.cache_dtype]
     if args.speculative == "mtp" and len(model.mtp) == 0:
         raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
     if args.attention == "naive" and cfg.attn != "mla":
@@ -104,18 +94,19 @@ def _run(args) -> int:
     prompts = [tok.encode_ids(p) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):
         raise FieldError("prompt", "every prompt must encode to at least one token")
+    eos = None if args.eos_id == -1 else args.eos_id if args.eos_id is not None else tok.eos_id()
+    if eos is not None and not 0 <= eos < cfg.vocab_size:
+        raise FieldError("eos_id", f"must be a token id in [0, {cfg.vocab_size}) of this model (got {eos})")
     pc = None
     if args.prefix_cache:
         pc = open_prefix_cache(model, args.prefix_cache, attention=args.attention, cache_dtype=dtype,
                                block_size=args.prefix_block, max_bytes=parse_size(args.prefix_cache_size))
-    eos = args.eos_id if args.eos_id is not None else tok.eos_id()
-    if eos is not None and not 0 <= eos < cfg.vocab_size:
-        raise FieldError("eos_id", f"must be a token id in [0, {cfg.vocab_size}) of this model (got {eos})")
     res = generate(model, prompts, dataclasses.replace(gen, eos_id=eos, prefix_cache=pc))
     texts = [tok.decode([t for t in toks if t != eos]) for toks in res.tokens]
     totals = pc.record_stats() if pc is not None else None
     if args.json:
-        out = {"text": texts[0], **({"texts": texts} if len(texts) > 1 else {}), **res.as_dict(),
+        out = {"text": texts[0], **({"texts": texts} if len(texts) > 1 else {}), "token_ids": res.tokens,
+               **res.as_dict(),
                "attention": "gqa" if cfg.attn == "gqa" else args.attention, "cache_dtype": args.cache_dtype}
         if args.speculative:
             out["speculative"] = args.speculative
@@ -142,7 +133,8 @@ def _run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the latent KV cache (MTP speculation, prefix cache)")
     src = p.add_argument_group("model")
-    src.add_argument("--ckpt", help="a training run directory (newest valid checkpoint) or a step directory")
+    src.add_argument("--ckpt", help="a training run directory (newest valid checkpoint), a step directory, "
+                                    "or a Hugging Face model directory (config.json, safetensors, tokenizer.json)")
     src.add_argument("--preset", help="random weights of a preset, with UTF-8 byte tokens (no checkpoint needed)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch of prompts (of any lengths)")
@@ -150,7 +142,8 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--eos-id", type=int, default=None, help="stop token (default: the tokenizer's end-of-text)")
+    p.add_argument("--eos-id", type=int, default=None,
+                   help="stop token (default: the tokenizer's end-of-text; -1: none, generate every token)")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the MTP module and verify with the main model in one pass")
     p.add_argument("--draft-tokens", type=int, default=1, help="MTP drafts per step (default 1)")
@@ -159,7 +152,11 @@ def register(sub) -> None:
     p.add_argument("--prefix-block", type=int, default=64, help="prefix cache block size in tokens")
     p.add_argument("--attention", choices=ATTENTION_MODES, default="absorbed",
                    help="absorbed = latent cache (default); naive = per-head K/V cache, for comparison")
-    p.add_argument("--cache-dtype", choices=list(_DTYPES), default="bf16")
+    p.add_argument("--precision", choices=["auto", "fp8"], default="auto",
+                   help="auto: the checkpoint's dtype (an FP8 checkpoint dequantized to bf16); fp8: linear layers "
+                        "in FP8 (DeepSeek's 128x128 weight blocks, as an FP8 checkpoint stores them)")
+    p.add_argument("--cache-dtype", choices=["auto", *_DTYPES], default="auto",
+                   help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: decoding a small model is latency-bound)")

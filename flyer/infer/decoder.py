@@ -76,11 +76,14 @@ class Decoder:
         return self.model.head(self.model.norm(h_BTD)).float()
 
     @torch.inference_mode()
-    def mtp_forward(self, h_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, start_B: torch.Tensor) -> torch.Tensor:
-        """h^1 (B, T, D) at positions start_b + t from h_{i} and the token t_{i+1} (MTP module 1)."""
+    def mtp_forward(self, h_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, start_B: torch.Tensor,
+                    from_main: bool = True) -> torch.Tensor:
+        """h^1 (B, T, D) at positions start_b + t from h_{i} and the token t_{i+1} (MTP module 1).
+        ``from_main``: h is the main model's (before its final norm, which is applied here, as in
+        training); False: h is a previous MTP output (chained drafts), taken as it is."""
         mod = self.model.mtp[0]
         pos = self._positions(start_B, h_BTD.shape[1])
-        x = mod.eh_proj(torch.cat([mod.hnorm(h_BTD), mod.enorm(self.model.embed(next_tokens_BT))], dim=-1))
+        x = mod.project(self.model.norm(h_BTD) if from_main else h_BTD, self.model.embed(next_tokens_BT))
         return self._block(mod.block, x, self.mtp_cache, 0, pos)
 
     @torch.inference_mode()

@@ -96,7 +96,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
                 d = torch.multinomial(q[-1], 1, generator=generator).squeeze(-1)
             drafts.append(d)
             if k + 1 < K:  # reapply the module on its own output and the drafted token
-                h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + k)[:, 0]
+                h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + k, from_main=False)[:, 0]
         # 2. verify every draft in one main-model pass
         pending = torch.tensor([seq[b][-1] for b in live], device=device)
         tokens = torch.cat([pending.view(B, 1), torch.stack(drafts, 1)], 1)  # (B, K+1)

@@ -1,26 +1,28 @@
-"""Fused CPU kernels for the element-wise passes that dominate a CPU training step after the GEMMs.
-
-``cpu_ops.cpp`` is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
-ninja are needed; the build, ~1 minute, is cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). Each kernel replaces several eager passes over memory with one:
+"""One facade for flyer's fused CPU kernels: each function below runs the compiled kernel where it
+can take its tensors and the eager PyTorch code otherwise, so that callers write the maths
+(``kernels.swiglu(h13)``). The eager code sits beside each kernel call: it is the fallback on
+every other device and dtype, and the oracle the tests compare the kernels against.
 
 - ``xent_chunk``: a chunk of logits to log p(target) and softmax - onehot (the fused loss);
 - ``swiglu`` / ``swiglu_backward``: the routed experts' activation and its gradient;
 - ``combine`` / ``combine_backward`` / ``segment_sum``: the MoE's weighted FP32 sum of each
-  token's expert outputs, and its gradients.
+  token's expert outputs, and its gradients (rows indexed by token once, ``token_index``);
 - ``rms_norm`` / ``rms_norm_backward``: RMSNorm of each row and its gradients;
 - ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
   operands of the CPU FP8 GEMM emulation), bit for bit the eager table lookup and multiply.
 
-The eager code stays as the fallback and the oracle: the callers use a kernel only where
-``usable(...)`` says so (CPU tensors of float32/bfloat16/float16, the extension built), and tests
-compare the two. ``FLYER_CPU_KERNELS=0`` turns the kernels off; so does ``disabled()`` in a block.
-When the build fails (no compiler), flyer warns once and runs the eager code.
+``cpu_ops.cpp`` is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
+ninja are needed; the build, ~1 minute, is cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``). A kernel runs where ``usable(...)`` says so (CPU tensors of
+float32/bfloat16/float16, the extension built). ``FLYER_CPU_KERNELS=0`` turns the kernels off; so
+does ``disabled()`` in a block. When the build fails (no compiler), flyer warns once and runs the
+eager code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -28,10 +30,12 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _state: dict = {"module": None, "tried": False, "off": 0}
+_TILE = 128  # FP8 tile width and block size (flyer.fp8.quant.TILE); the kernel takes no other
 
 
 def _capability_flags() -> list[str]:
@@ -87,15 +91,191 @@ def disabled():
         _state["off"] -= 1
 
 
-def token_rows(src_N: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR of rows by token for ``combine``/``segment_sum``: (offsets (T+1,), rows) with token t's
-    rows ``rows[offsets[t]:offsets[t+1]]`` ascending. ``src_N[r]`` is row r's token; values
-    ``>= n_tokens`` (pad rows) belong to no token."""
-    rows = torch.argsort(src_N, stable=True)
-    counts = torch.bincount(src_N, minlength=n_tokens + 1)[:n_tokens]
-    offsets = torch.zeros(n_tokens + 1, dtype=torch.long, device=src_N.device)
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # FP32, or FP64 for FP64 inputs
+
+
+# ---- routed experts: SwiGLU ------------------------------------------------------------------
+
+def swiglu(h13_N2F: torch.Tensor) -> torch.Tensor:
+    """silu(h1) * h3 of ``h13 = [h1 | h3]`` (N, 2F) -> (N, F), in h13's dtype."""
+    if usable(h13_N2F):
+        return cpu_ops().swiglu(h13_N2F)
+    F_ = h13_N2F.shape[1] // 2
+    return F.silu(h13_N2F[:, :F_]) * h13_N2F[:, F_:]
+
+
+def swiglu_backward(da_NF: torch.Tensor, h13_N2F: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``swiglu`` at h13 for the output gradient da (N, F): dh13 (N, 2F), h13's dtype."""
+    if usable(h13_N2F):
+        return cpu_ops().swiglu_backward(da_NF, h13_N2F)
+    # the element-wise ops autograd would run for silu(h1) * h3, written into one buffer
+    F_ = h13_N2F.shape[1] // 2
+    h1, h3 = h13_N2F[:, :F_], h13_N2F[:, F_:]
+    dh13 = h13_N2F.new_empty(h13_N2F.shape)
+    torch.ops.aten.silu_backward.grad_input(da_NF * h3, h1, grad_input=dh13[:, :F_])
+    torch.mul(da_NF, F.silu(h1), out=dh13[:, F_:])
+    return dh13
+
+
+# ---- routed experts: weighted combine ----------------------------------------------------------
+
+class TokenIndex:
+    """Which token each row of an (R, D) buffer of expert outputs belongs to.
+
+    ``src`` (R,) int64: row r's token, ``n_tokens`` for a pad row (no token). ``csr``: the kernels'
+    index (offsets (T+1,), rows), token t's rows ``rows[offsets[t]:offsets[t+1]]`` ascending (the
+    order ``index_add_`` sums them in); None where the eager code runs. Chosen once per forward
+    (``token_index``), so a backward takes the path its forward took.
+    """
+
+    def __init__(self, src_R: torch.Tensor, n_tokens: int, csr: tuple[torch.Tensor, torch.Tensor] | None):
+        self.src, self.n_tokens, self.csr = src_R, n_tokens, csr
+
+    @functools.cached_property
+    def gather(self) -> torch.Tensor:
+        """(R,) a token for every row: pad rows read the last one (and are zeroed by the caller)."""
+        return self.src.clamp(max=self.n_tokens - 1)
+
+    @functools.cached_property
+    def pad_rows(self) -> torch.Tensor:
+        """Indices of the pad rows."""
+        return (self.src == self.n_tokens).nonzero().squeeze(1)
+
+
+def token_rows(src_R: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of rows by token: (offsets (T+1,), rows) with token t's rows ``rows[offsets[t]:offsets[t+1]]``
+    ascending. ``src_R[r]`` is row r's token; values ``>= n_tokens`` (pad rows) belong to no token."""
+    rows = torch.argsort(src_R, stable=True)
+    counts = torch.bincount(src_R, minlength=n_tokens + 1)[:n_tokens]
+    offsets = torch.zeros(n_tokens + 1, dtype=torch.long, device=src_R.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return offsets, rows
 
 
-__all__ = ["cpu_ops", "usable", "disabled", "token_rows", "KERNEL_DTYPES"]
+def token_index(src_R: torch.Tensor, n_tokens: int, *tensors: torch.Tensor) -> TokenIndex:
+    """``src_R`` indexed for ``combine`` and ``segment_sum`` on ``tensors`` (the rows and weights)."""
+    return TokenIndex(src_R, n_tokens, token_rows(src_R, n_tokens) if usable(*tensors) else None)
+
+
+def combine(y_RD: torch.Tensor, w_R: torch.Tensor, index: TokenIndex) -> torch.Tensor:
+    """out (T, D) in w's dtype (FP32, or FP64): each token's rows times their weights, summed in
+    ascending row order; pad rows go nowhere."""
+    if index.csr is not None:
+        return cpu_ops().combine(y_RD, w_R, *index.csr)
+    acc_dtype = w_R.dtype
+    # cast, then scale in place: a mixed-dtype broadcast multiply is slower on CPU
+    yw = torch.mul(y_RD, w_R[:, None]) if y_RD.dtype == acc_dtype else y_RD.to(acc_dtype).mul_(w_R[:, None])
+    return y_RD.new_zeros(index.n_tokens + 1, y_RD.shape[1], dtype=acc_dtype).index_add_(0, index.src, yw)[:-1]
+
+
+def combine_backward(g_TD: torch.Tensor, y_RD: torch.Tensor, w_R: torch.Tensor, index: TokenIndex,
+                     need_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``combine`` for out's gradient g (T, D): dy (R, D) = g[token] * w in y's dtype
+    (pad rows exactly zero), and, if ``need_dw``, dw (R,) = <g[token], y_row> in w's dtype. The
+    kernel's FP32 dot products add their terms in another order than the eager code's."""
+    if index.csr is not None and g_TD.dtype == w_R.dtype:
+        return cpu_ops().combine_backward(g_TD.contiguous(), y_RD, w_R, index.src, need_dw)
+    g = g_TD.to(w_R.dtype).index_select(0, index.gather)  # each row's token gradient
+    dw = g.mul(y_RD.to(g.dtype)).sum(1) if need_dw else None
+    dy = g.mul_(w_R[:, None]).to(y_RD.dtype).index_fill_(0, index.pad_rows, 0)  # zeros, even for inf/nan g
+    return dy, dw
+
+
+def segment_sum(x_RD: torch.Tensor, index: TokenIndex) -> torch.Tensor:
+    """(T, D) in x's dtype: each token's rows summed (rounded once, as ``index_add_``); pad rows go nowhere."""
+    if index.csr is not None:
+        return cpu_ops().segment_sum(x_RD, *index.csr)
+    return x_RD.new_zeros(index.n_tokens + 1, x_RD.shape[1]).index_add_(0, index.src, x_RD)[:-1]
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight_D: torch.Tensor, eps: float,
+             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x (..., D) over its last dim times weight: (y (..., D) in ``out_dtype``, rounded
+    once from the FP32 result; r (..., 1) the reciprocal RMS in FP32 (FP64 for FP64 x))."""
+    if usable(x, weight_D) and out_dtype in KERNEL_DTYPES:  # one pass in, one out
+        y, r = cpu_ops().rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight_D, eps, out_dtype)
+        return y.view(x.shape), r.view(*x.shape[:-1], 1)
+    xf = x.to(_acc_dtype(x))  # one vectorised upcast (mixed-dtype ops take a slow CPU path); none for FP32
+    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+    r = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))  # (..., 1)
+    y = (xf * r if xf is x else xf.mul_(r)).mul_(weight_D.to(xf.dtype))  # never written: the caller's x
+    return y.to(out_dtype), r
+
+
+def rms_norm_backward(g: torch.Tensor, x: torch.Tensor, weight_D: torch.Tensor, r: torch.Tensor, need_dx: bool,
+                      need_dw: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``rms_norm`` for y's gradient g: (dx in x's dtype, dw in weight's dtype), each
+    None when not needed. With xhat = x * r and g' = g * w (the closed form):
+
+        dx = r * (g' - xhat * mean(g' * xhat)),    dw = sum over rows of g * xhat.
+    """
+    D = x.shape[-1]
+    if usable(g, x, weight_D) and r.dtype == torch.float32:
+        dx, dw = cpu_ops().rms_norm_backward(g.reshape(-1, D).contiguous(), x.reshape(-1, D).contiguous(), weight_D,
+                                             r.reshape(-1), need_dx, need_dw)
+        return None if dx is None else dx.view(x.shape), None if dw is None else dw.to(weight_D.dtype)
+    xhat = x * r if x.dtype == r.dtype else x.to(r.dtype).mul_(r)
+    gf = g.to(r.dtype)
+    gw = gf * weight_D.to(r.dtype)
+    dx = dw = None
+    if need_dx:
+        c = torch.linalg.vecdot(gw, xhat).unsqueeze(-1).div_(D)
+        dx = torch.addcmul(gw, xhat, c, value=-1).mul_(r).to(x.dtype)
+    if need_dw:
+        dw = xhat.mul_(gf).reshape(-1, D).sum(0).to(weight_D.dtype)
+    return dx, dw
+
+
+# ---- loss ----------------------------------------------------------------------------------------
+
+def xent_chunk(logits_nV: torch.Tensor, targets_n: torch.Tensor, need_grad: bool,
+               logp_t_n1: torch.Tensor) -> torch.Tensor | None:
+    """Cross-entropy pieces of a chunk of logits: log p(target) written into ``logp_t_n1`` (n, 1)
+    (FP32, or FP64: the log-sum-exp dtype) and, if ``need_grad``, softmax - onehot (n, V) rounded
+    once to the logits' dtype (as the reference's cast of its FP32 dlogits). Targets in [0, V)."""
+    if logp_t_n1.dtype == torch.float32 and usable(logits_nV):  # one pass over the logits, not five
+        logp_t, dlogits = cpu_ops().xent_chunk(logits_nV, targets_n, need_grad)
+        logp_t_n1[:, 0] = logp_t
+        return dlogits
+    logp = torch.log_softmax(logits_nV, dim=-1, dtype=logp_t_n1.dtype)
+    logp_t = torch.gather(logp, 1, targets_n[:, None], out=logp_t_n1)
+    if not need_grad:
+        return None
+    # expm1 gives p_t - 1 without cancellation
+    return logp.exp_().scatter_(1, targets_n[:, None], torch.expm1(logp_t)).to(logits_nV.dtype)
+
+
+# ---- FP8 ---------------------------------------------------------------------------------------
+
+@functools.cache
+def _decode_table(fp8_dtype: torch.dtype) -> torch.Tensor:
+    """The 256 values of an FP8 format as float32, indexed by bit pattern (NaN codes included)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_dtype).float()
+
+
+def fp8_to_float(data: torch.Tensor) -> torch.Tensor:
+    """Exact FP8 -> float32. On CPU a 256-entry table lookup (several times faster than the
+    element-wise conversion kernel); elsewhere ``.float()``."""
+    if data.device.type != "cpu":
+        return data.float()
+    table = _decode_table(data.dtype)
+    return table.index_select(0, data.reshape(-1).view(torch.uint8).int()).view(data.shape)
+
+
+def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """(R, C) float32: FP8 codes data (R, C), C a multiple of 128, times their scales: ``scale``
+    (R / block_rows rounded up, C / 128) for 1x128 tiles (block_rows 1) or 128x128 blocks (128)."""
+    R, C = data_RC.shape
+    if data_RC.device.type == "cpu" and (ops := cpu_ops()) is not None:
+        return ops.fp8_dequantize(data_RC.contiguous().view(torch.uint8), scale.float().contiguous(), block_rows,
+                                  data_RC.dtype == torch.float8_e5m2)
+    s = scale if block_rows == 1 else scale.repeat_interleave(block_rows, dim=0)[:R]
+    return (fp8_to_float(data_RC).view(R, C // _TILE, _TILE) * s.unsqueeze(-1)).view(R, C)
+
+
+__all__ = ["KERNEL_DTYPES", "TokenIndex", "combine", "combine_backward", "cpu_ops", "disabled", "fp8_dequantize",
+           "fp8_to_float", "rms_norm", "rms_norm_backward", "segment_sum", "swiglu", "swiglu_backward", "token_index",
+           "token_rows", "usable", "xent_chunk"]

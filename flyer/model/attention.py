@@ -20,6 +20,9 @@ from flyer.model.lowp import Linear, scaled_dot_product_attention
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
 
+# The latent RMSNorms use 1e-6 whatever rms_norm_eps says: DeepSeek's reference and transformers do.
+LORA_NORM_EPS = 1e-6
+
 
 def causal_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, causal) v, returned as (B, T, H, V).
@@ -54,10 +57,10 @@ class MLA(nn.Module):
             self.wq = Linear(cfg.dim, H * self.qk_head_dim, bias=False)
         else:
             self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=LORA_NORM_EPS)
             self.wq_b = Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
         self.wkv_a = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=LORA_NORM_EPS)
         self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
 

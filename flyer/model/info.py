@@ -8,7 +8,7 @@ import torch
 
 from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.model.counts import ParamCounts, kv_cache_bytes_per_token, param_counts
-from flyer.model.moe import Experts
+from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 
 

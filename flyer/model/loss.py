@@ -16,14 +16,8 @@ from flyer import kernels
 from flyer.model import lowp
 from flyer.model.lowp import mm
 
-# Rows per chunk, by device. CPU: measured on the small preset (N = 2048, V = 8192, BF16 autocast,
-# 2-core CPU), loss fwd+bwd in-process against the unfused loss: 512 rows 0.63-0.68x, 1024 rows
-# 0.66-0.74x, 256 slower again (smaller GEMMs, more kernels). At 1024 rows the FP32 log-probs are
-# 32 MiB, glibc's largest heap-reused size: each chunk's buffer is then a fresh mmap and pays ~8k
-# page faults. When another process keeps a core busy, two threads wait at a barrier per kernel
-# and fewer, larger chunks do better (512: up to 1.2x, 1024: ~1.0x the unfused loss).
-# CUDA (H200, N = 8192, D = 2048, V = 129280): 512 rows 1.47x the unfused time, 2048 rows 1.03x
-# with 4.6 instead of 12.4 GiB peak; smaller chunks leave the GPU launch-bound.
+# Rows per chunk, by device: the fastest measured against the unfused loss (CPU: larger chunks
+# fault fresh pages per chunk; accelerators: smaller ones leave the device launch-bound).
 CPU_CHUNK_ROWS = 512
 ACCELERATOR_CHUNK_ROWS = 2048
 
@@ -40,7 +34,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         N = h_ND.shape[0]
         valid_N = targets_N != ignore_index
         n_valid = valid_N.sum()  # a tensor: no host sync on accelerators
-        safe_N1 = torch.where(valid_N, targets_N, 0)[:, None]
+        safe_N = torch.where(valid_N, targets_N, 0)
         logp_t_N1 = torch.empty((N, 1), dtype=acc_dtype, device=h_ND.device)  # log p(target) per row
         grad_h = torch.empty(h_ND.shape, dtype=h_ND.dtype, device=h_ND.device) if need_h else None
         grad_w = None
@@ -53,33 +47,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 # scale is applied to the (N, D) sides of the GEMMs, not to the (N, V) dlogits.
                 scale_N1 = (valid_N.to(acc_dtype) / n_valid.clamp(min=1).to(acc_dtype))[:, None]
                 x_scaled = (h_ND * scale_N1).to(dtype) if need_w else None
-            fused = acc_dtype == torch.float32 and kernels.usable(x, w)  # one pass per chunk, not five
             for s in range(0, N, chunk_rows):
                 e = min(s + chunk_rows, N)
                 logits = mm(x[s:e], w.t())  # (n, V)
-                if fused:
-                    logp_t, dlogits = kernels.cpu_ops().xent_chunk(logits, safe_N1[s:e, 0], need_h or need_w)
-                    logp_t_N1[s:e, 0] = logp_t
-                else:
-                    logp = torch.log_softmax(logits, dim=-1, dtype=acc_dtype)
-                    logp_t = torch.gather(logp, 1, safe_N1[s:e], out=logp_t_N1[s:e])
+                dlogits = kernels.xent_chunk(logits, safe_N[s:e], need_h or need_w, logp_t_N1[s:e])
                 del logits
-                if not (need_h or need_w):
+                if dlogits is None:
                     continue
-                if not fused:
-                    # softmax - onehot, in the reduction dtype; expm1 gives p_t - 1 without
-                    # cancellation. Then one rounding to the GEMM dtype, as the reference's cast of
-                    # its FP32 dlogits. (The kernel computes the same in one pass over the logits.)
-                    dlogits = logp.exp_().scatter_(1, safe_N1[s:e], torch.expm1(logp_t)).to(dtype)
-                    del logp
                 if need_h:
                     torch.mul(mm(dlogits, w), scale_N1[s:e], out=grad_h[s:e])
                 if need_w:
-                    # dW accumulates across chunks in the reduction dtype (FP32): each chunk's GEMM
-                    # rounds once to the compute dtype, as the single unchunked GEMM does, and the
-                    # partials add without further loss. Summing them in BF16 would round again at
-                    # every chunk, an error that grows with the number of chunks (measured on the
-                    # small preset, 8 chunks: 1.5x the reference's error vs FP64; FP32: 0.9x).
+                    # dW accumulates across chunks in the reduction dtype (FP32): summing the chunks'
+                    # partials in BF16 would round again at every chunk
                     if grad_w is None:
                         grad_w = mm(dlogits.t(), x_scaled[s:e]).to(acc_dtype)
                     elif dtype == acc_dtype:

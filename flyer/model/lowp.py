@@ -70,7 +70,7 @@ def precision_note(precision: str, device: str | torch.device) -> str | None:
     else:
         how = "run on ATen's scalar reference kernel (FLYER_LOWP_EMULATION=0), tens of times slower than fp32"
     return (f"note: {device.type} has no BF16 matrix hardware (on a CPU: AVX512-BF16, AMX or Arm BF16): "
-            f"{precision}'s BF16 GEMMs {how}; --precision auto picks fp32 here")
+            f"{precision}'s BF16 GEMMs {how}; precision auto picks fp32 here")
 
 
 def gemm_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -1,15 +1,9 @@
 """RMSNorm with a hand-written backward.
 
-PyTorch's CPU ``rms_norm`` is a composite of about twenty element-wise passes with FP32 upcasts
-in forward and backward: on a (2048, 384) bf16 activation it cost as much as a 2048x384x1152
-GEMM. ``rms_norm`` here upcasts once, computes in FP32 with in-place ops and rounds once, and its
-backward is the closed form (xhat = x * r, g' = g * w):
-
-    dx = r * (g' - xhat * mean(g' * xhat)),    dw = sum over rows of g * xhat.
-
-Same values as ``torch.nn.functional.rms_norm`` (FP32 arithmetic, one rounding to the input dtype).
-On the CPU both passes run as fused kernels (``flyer.kernels``: one read and one write per row);
-the eager code below is their fallback and oracle.
+PyTorch's CPU ``rms_norm`` is a composite of about twenty element-wise passes with FP32 upcasts in
+forward and backward; ``kernels.rms_norm`` upcasts once, computes in FP32 and rounds once, and its
+backward is the closed form. Same values as ``torch.nn.functional.rms_norm`` (FP32 arithmetic, one
+rounding to the output dtype).
 """
 
 import torch
@@ -18,47 +12,17 @@ from torch import nn
 from flyer import kernels
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)  # FP32, or FP64 for FP64 inputs
-
-
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-        ctx.fused = kernels.usable(x, weight) and out_dtype in kernels.KERNEL_DTYPES
-        if ctx.fused:  # one pass in, one out (flyer.kernels); FP32 arithmetic as below
-            x2 = x.reshape(-1, x.shape[-1]).contiguous()
-            y, r = kernels.cpu_ops().rms_norm(x2, weight, eps, out_dtype)
-            ctx.save_for_backward(x2, weight, r)
-            ctx.x_shape = x.shape
-            return y.view(x.shape)
-        xf = x.to(_acc_dtype(x))  # one vectorised upcast (mixed-dtype ops take a slow CPU path); none for FP32
-        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-        r = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))  # (..., 1)
-        y = (xf * r if xf is x else xf.mul_(r)).mul_(weight.to(xf.dtype))  # never written: the caller's x
+        y, r = kernels.rms_norm(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, r)
-        return y.to(out_dtype)
+        return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight, r = ctx.saved_tensors
-        if ctx.fused and kernels.usable(g):
-            dx, dw = kernels.cpu_ops().rms_norm_backward(g.reshape(x.shape).contiguous(), x, weight, r,
-                                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-            return (None if dx is None else dx.view(ctx.x_shape),
-                    None if dw is None else dw.to(weight.dtype), None, None)
-        if ctx.fused:  # a gradient the kernels cannot take: the eager formulas on the saved rows
-            x, r = x.view(ctx.x_shape), r.view(*ctx.x_shape[:-1], 1)
-        xhat = x * r if x.dtype == r.dtype else x.to(r.dtype).mul_(r)
-        gf = g.to(r.dtype)
-        gw = gf * weight.to(r.dtype)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            c = torch.linalg.vecdot(gw, xhat).unsqueeze(-1).div_(x.shape[-1])
-            dx = torch.addcmul(gw, xhat, c, value=-1).mul_(r).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = xhat.mul_(gf).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return dx, dw, None, None
+        return (*kernels.rms_norm_backward(g, x, weight, r, *ctx.needs_input_grad[:2]), None, None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:

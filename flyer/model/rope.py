@@ -1,6 +1,8 @@
 """Rotary position embedding with YaRN frequency scaling (DeepSeek-V2/V3 style).
 
 Pairs are interleaved (channels 2i, 2i+1 rotate together), as in DeepSeek's reference code.
+Checkpoints laid out for rotate-half RoPE (Llama, Qwen2, DeepseekV3 with ``rope_interleave:
+false``) have their rope rows permuted on import (``flyer.interop.hf``).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ def rope_frequencies(rope_dim: int, cfg: ModelConfig) -> torch.Tensor:
 
     YaRN keeps high frequencies (wavelength < original context / beta_fast) as they are, divides
     low frequencies (wavelength > original / beta_slow) by ``rope_factor``, and ramps linearly in
-    between.
+    between. It applies whenever ``rope_factor > 1`` (transformers; DeepSeek's reference only when
+    ``max_seq_len > original_seq_len``: see ``ModelConfig.softmax_scale``).
     """
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
-    if cfg.rope_factor > 1.0 and cfg.max_seq_len > cfg.original_seq_len:
+    if cfg.rope_factor > 1.0:
         fast, slow = (_correction_dim(beta, rope_dim, cfg.rope_theta, cfg.original_seq_len)
                       for beta in (cfg.beta_fast, cfg.beta_slow))
         low, high = max(math.floor(fast), 0), min(math.ceil(slow), rope_dim - 1)
@@ -37,11 +40,14 @@ def rope_frequencies(rope_dim: int, cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(rope_dim: int, seq_len: int, cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (seq_len, rope_dim/2), FP32."""
+    """cos, sin tables of shape (seq_len, rope_dim/2), FP32, times YaRN's ``rope_attn_factor``
+    (transformers scales cos/sin, so the rope part of q.k by its square; 1 in DeepSeek's checkpoints)."""
     inv = rope_frequencies(rope_dim, cfg).to(device)
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     ang = torch.outer(t, inv)
-    return ang.cos(), ang.sin()
+    if cfg.rope_attn_factor == 1.0:
+        return ang.cos(), ang.sin()
+    return ang.cos() * cfg.rope_attn_factor, ang.sin() * cfg.rope_attn_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

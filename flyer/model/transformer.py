@@ -17,13 +17,17 @@ from flyer.model.lowp import Linear
 from flyer.model.norm import RMSNorm
 from flyer.model.attention import build_attention
 from flyer.model.loss import linear_cross_entropy
-from flyer.model.moe import MLP, Experts, Gate, MoE, deferred_init
+from flyer.model.dispatch import Dispatcher
+from flyer.model.experts import Experts
+from flyer.model.init import deferred_init
+from flyer.model.moe import MLP, Gate, MoE
 from flyer.model.mtp import MTPModule
 from flyer.model.rope import rope_cos_sin
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, make_dispatcher: Callable[[int], object] | None = None):
+    def __init__(self, cfg: ModelConfig, layer_id: int, make_dispatcher: Callable[[int], Dispatcher] | None = None,
+                 experts_impl: str = "auto"):
         super().__init__()
         self.layer_id = layer_id
         self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, autocast_output=True)  # feeds only GEMMs
@@ -32,7 +36,7 @@ class Block(nn.Module):
         if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0:
             self.ffn = MLP(cfg.dim, cfg.inter_dim)
         else:
-            self.ffn = MoE(cfg, make_dispatcher(layer_id) if make_dispatcher else None)
+            self.ffn = MoE(cfg, make_dispatcher(layer_id) if make_dispatcher else None, experts_impl)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -48,21 +52,24 @@ class LossOutput:
 
 
 class Transformer(nn.Module):
-    """``make_dispatcher(layer_id)`` supplies each MoE layer's dispatcher (default: local)."""
+    """``make_dispatcher(layer_id)`` supplies each MoE layer's dispatcher (default: local);
+    ``experts_impl`` names the routed experts' implementation (``flyer.model.experts.EXPERT_IMPLS``)."""
 
-    def __init__(self, cfg: ModelConfig, make_dispatcher: Callable[[int], object] | None = None):
+    def __init__(self, cfg: ModelConfig, make_dispatcher: Callable[[int], Dispatcher] | None = None,
+                 experts_impl: str = "auto"):
         super().__init__()
         self.cfg = cfg
         with deferred_init():  # init_weights below sets every weight
             self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-            self.layers = nn.ModuleList(Block(cfg, i, make_dispatcher) for i in range(cfg.n_layers))
+            self.layers = nn.ModuleList(Block(cfg, i, make_dispatcher, experts_impl) for i in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
             self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:
                 self.head.weight = self.embed.weight
             # MTP blocks use the layer type of the model's last layer (MoE for V3).
             self.mtp = nn.ModuleList(
-                MTPModule(cfg, Block(cfg, cfg.n_layers + k, make_dispatcher)) for k in range(cfg.mtp_depth))
+                MTPModule(cfg, Block(cfg, cfg.n_layers + k, make_dispatcher, experts_impl))
+                for k in range(cfg.mtp_depth))
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
@@ -97,8 +104,10 @@ class Transformer(nn.Module):
         return self.head(self.norm(self.hidden(tokens_BT))).float()
 
     def mtp_hidden(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> list[torch.Tensor]:
-        """h^1..h^D; h^k has T-k positions and (after norm and head) predicts token t_{i+k+1}."""
-        out, h = [], h_BTD
+        """h^1..h^D from the main hidden states h_BTD (before the final norm, as ``hidden`` returns);
+        h^k has T-k positions and (after norm and head) predicts token t_{i+k+1}. The first module
+        sees the main model's normed output (DeepSeek's checkpoints; see ``flyer.model.mtp``)."""
+        out, h = [], self.norm(h_BTD) if len(self.mtp) else h_BTD
         for k, mod in enumerate(self.mtp, start=1):
             T_k = tokens_BT.shape[1] - k
             cos, sin = self.rope_tables(T_k, tokens_BT.device)

@@ -1,17 +1,8 @@
-"""Dispatchers: move routed token copies to their experts and combine the outputs back.
+"""The exchanging dispatchers: move routed token copies to the ranks holding their experts and
+combine the outputs back. The seam they implement (``Dispatcher``), the single-process
+``LocalDispatcher`` (their oracle) and the list of kinds live with the model
+(``flyer.model.dispatch``); this module adds:
 
-The seam every MoE layer calls (torchtitan-style):
-
-    x_sorted_ND, counts_local_E, ctx = dispatcher.dispatch(x_TD, topk_ids_TK)
-    y_sorted_ND = experts(x_sorted_ND, counts_local_E)   # tokens sorted by local expert
-    y_TD = dispatcher.combine(y_sorted_ND, weights_TK, ctx)
-
-``local_experts()`` returns (first expert id, number of experts) held by this process.
-
-Three implementations:
-
-- ``LocalDispatcher``: one process holds every expert; a stable sort of copies by expert. The
-  oracle for the other two.
 - ``AllToAllDispatcher``: one ``all_to_all_single`` over the EP group; every copy travels from its
   token's rank straight to its expert's rank.
 - ``HierarchicalDispatcher`` (DeepEP's normal kernels, node-aware): stage 1 sends each token once
@@ -23,9 +14,7 @@ Three implementations:
 Both directions are differentiable: the backward of dispatch is a combine (a sum) of gradients,
 the backward of combine a dispatch of gradients, and router weights receive their gradient.
 
-Wire formats: dispatch moves rows in the input dtype, or FP8 (E4M3, FP32 scale per 128 channels,
-moved as bytes) with ``fp8=True``. Combine moves rows in ``combine_dtype`` (BF16 by default when
-``fp8=True``, else the expert output dtype) and sums in FP32; gradients travel in the same dtype.
+Wire formats and their roundings: ``flyer.model.dispatch``.
 
 Counters (``comm_stats``): rows and bytes this rank sends per layer, split by whether the
 destination is another rank on the same node (intra) or on another node (inter); rows a rank
@@ -37,79 +26,20 @@ stage 1 (node-local expert ids in dispatch, gate weights in combine) is counted 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from flyer.config import ConfigError, ModelConfig
-from flyer.parallel.wire import FakeFp8Rows, RoundGrad, fp8_decode_rows, fp8_encode_rows
-
-DISPATCHER_KINDS = ("local", "flat", "hierarchical")
-_ALIASES = {"all_to_all": "flat", "alltoall": "flat", "a2a": "flat", "hier": "hierarchical"}
-
-
-class Dispatcher(Protocol):
-    def local_experts(self) -> tuple[int, int]: ...
-
-    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
-
-    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: Any) -> torch.Tensor: ...
-
-
-def _combine_dtype(fp8: bool, combine_dtype: torch.dtype | None) -> torch.dtype | None:
-    return combine_dtype if combine_dtype is not None else (torch.bfloat16 if fp8 else None)
-
-
-# ---- one process ----------------------------------------------------------------------------
-@dataclass
-class LocalContext:
-    token_idx_N: torch.Tensor  # source token of each sorted copy
-    order_N: torch.Tensor  # permutation of the flattened (T*K) copies into expert order
-    n_tokens: int
-
-
-class LocalDispatcher:
-    """One process holds every expert: a stable sort of token copies by expert id.
-
-    ``fp8`` / ``combine_dtype`` apply the same wire roundings as the multi-process dispatchers
-    (FP8 round trip of each token, combine rows and gradients rounded per copy), so that the
-    single-process model is the oracle for those too.
-    """
-
-    def __init__(self, n_experts: int, fp8: bool = False, combine_dtype: torch.dtype | None = None):
-        self.n_experts = n_experts
-        self.fp8 = fp8
-        self.combine_dtype = _combine_dtype(fp8, combine_dtype)
-
-    def local_experts(self) -> tuple[int, int]:
-        return 0, self.n_experts
-
-    @property
-    def plain(self) -> bool:
-        """No wire roundings: dispatch is a gather and combine a weighted FP32 sum."""
-        return not self.fp8 and self.combine_dtype is None
-
-    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
-        K = topk_ids_TK.shape[1]
-        flat = topk_ids_TK.flatten()
-        order = torch.argsort(flat, stable=True)
-        token_idx = order // K
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        if self.fp8:
-            x_TD = FakeFp8Rows.apply(x_TD)
-        x_sorted = x_TD.index_select(0, token_idx)  # backward is an index_add, not a sorting index_put
-        if self.combine_dtype is not None and self.combine_dtype != x_sorted.dtype:
-            x_sorted = RoundGrad.apply(x_sorted, self.combine_dtype)  # gradients return in the combine dtype
-        return x_sorted, counts, LocalContext(token_idx, order, x_TD.shape[0])
-
-    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
-        if self.combine_dtype is not None:
-            y_ND = y_ND.to(self.combine_dtype)
-        w = weights_TK.flatten().index_select(0, ctx.order_N).unsqueeze(1)
-        out = y_ND.new_zeros(ctx.n_tokens, y_ND.shape[1], dtype=torch.float32)
-        return out.index_add(0, ctx.token_idx_N, y_ND.float().mul_(w))  # FP32 sum of the K weighted copies
-
+from flyer.model.dispatch import (
+    Dispatcher,
+    LocalDispatcher,
+    combine_wire_dtype,
+    dispatcher_kind,
+)
+from flyer.model.moe import MoE
+from flyer.model.wire import fp8_decode_rows, fp8_encode_rows
 
 # ---- counters ---------------------------------------------------------------------------------
 _COUNTER_KEYS = ("intra_node_tokens", "inter_node_tokens", "intra_node_bytes", "inter_node_bytes")
@@ -160,8 +90,6 @@ def comm_stats(model: torch.nn.Module, reset: bool = True, group=None) -> dict[s
     ``layer`` (the id given to ``make_dispatcher``), ``module``, the same keys and (this rank's)
     ``phases``. Local dispatchers move nothing and are not listed.
     """
-    from flyer.model.moe import MoE
-
     keys = _COUNTER_KEYS + ("intra_node_meta_bytes", "inter_node_meta_bytes")
     layers = []
     for name, m in model.named_modules():
@@ -343,7 +271,7 @@ class _ExchangeDispatcher:
         self.n_local = n_experts // mesh.ep
         self.first = mesh.ep_rank * self.n_local
         self.fp8 = fp8
-        self.combine_dtype = _combine_dtype(fp8, combine_dtype)
+        self.combine_dtype = combine_wire_dtype(fp8, combine_dtype)
         self.counter = CommCounter()
 
     def local_experts(self) -> tuple[int, int]:
@@ -360,14 +288,14 @@ class _ExchangeDispatcher:
         x_sorted = _Dispatch.apply(x_TD, plan, self.fp8, self.combine_dtype, self.counter)
         return x_sorted, plan.counts_local, plan
 
-    def _level_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _fan_out_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Gate weights where the fan-out stage runs, flattened (rows * K)."""
         return weights_TK.flatten()
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
         """y_ND (N, D) expert outputs in dispatch order, weights_TK (T, K) -> y_TD (T, D) FP32:
         sum over k of weights_TK[t, k] * expert_k(x_t)."""
-        w = self._level_weights(weights_TK.float(), plan)
+        w = self._fan_out_weights(weights_TK.float(), plan)
         buf, D = y_ND, y_ND.shape[1]
         for st in reversed(plan.stages):
             if st.group is not None:
@@ -420,7 +348,7 @@ class HierarchicalDispatcher(_ExchangeDispatcher):
         s3, counts_local = _fan_out_local(ids2, self.n_local)
         return Plan([s1, s2, s3], counts_local, topk_ids_TK.shape[0], [route1, route2])
 
-    def _level_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _fan_out_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Gate weights travel with the token (zero for experts elsewhere) to the expert rank."""
         w = weights_TK
         for st, (rows, on_dest_PK) in zip(plan.stages, plan.routes):
@@ -434,9 +362,7 @@ def make_dispatcher(kind: str, n_experts: int, mesh=None, layer_id: int = 0, fp8
                     combine_dtype: torch.dtype | None = None) -> Dispatcher:
     """One dispatcher of ``kind`` ('local', 'flat' (alias 'all_to_all'), 'hierarchical'); the
     local one whenever ep == 1."""
-    kind = _ALIASES.get(kind, kind)
-    if kind not in DISPATCHER_KINDS:
-        raise ConfigError(f"dispatcher '{kind}' is unknown (choose from: {', '.join(DISPATCHER_KINDS)})")
+    kind = dispatcher_kind(kind)
     if mesh is None or mesh.ep == 1:
         return LocalDispatcher(n_experts, fp8, combine_dtype)
     if kind == "local":
@@ -455,5 +381,5 @@ def dispatcher_factory(cfg: ModelConfig, mesh=None, kind: str = "hierarchical", 
     return lambda layer_id: make_dispatcher(kind, cfg.n_routed_experts, mesh, layer_id, fp8, combine_dtype)
 
 
-__all__ = ["Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "HierarchicalDispatcher", "CommCounter",
-           "comm_stats", "make_dispatcher", "dispatcher_factory", "all_to_all_rows", "DISPATCHER_KINDS"]
+__all__ = ["AllToAllDispatcher", "CommCounter", "HierarchicalDispatcher", "all_to_all_rows", "comm_stats",
+           "dispatcher_factory", "make_dispatcher"]

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flyer.model.moe import Experts
+from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 
 BUCKET_BYTES = 64 << 20

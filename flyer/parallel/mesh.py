@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flyer.config import ConfigError, ModelConfig, resolve_device
+from flyer.config import ModelConfig, resolve_device
+from flyer.errors import ConfigError, FieldError
 from flyer.parallel import grads
 
 HEARTBEAT_S = 1.0  # seconds between a rank's heartbeats (start_heartbeat, silent_ranks)
@@ -237,29 +238,30 @@ def _store_client():
 
 
 def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int) -> None:
-    """Raise ``ConfigError`` (one line) when experts cannot be sharded this way."""
+    """Raise ``FieldError`` (one line, naming ``ep`` or ``ranks_per_node``) when experts cannot be
+    sharded this way."""
     if world < 1:
         raise ConfigError(f"world size must be >= 1, got {world}")
     if ranks_per_node < 1 or world % ranks_per_node:
-        raise ConfigError(f"--ranks-per-node {ranks_per_node} must divide the world size {world}")
+        raise FieldError("ranks_per_node", f"must divide the world size {world} (got {ranks_per_node})")
     if ep < 1 or world % ep:
-        raise ConfigError(f"--ep {ep} must divide the world size {world}")
+        raise FieldError("ep", f"must divide the world size {world} (got {ep})")
     if ep == 1:
         return
     E = cfg.n_routed_experts
     if E == 0 or not cfg.is_moe:
-        raise ConfigError(f"--ep {ep} needs routed experts, but the model has none (n_routed_experts={E})")
+        raise FieldError("ep", f"needs routed experts, but the model has none (n_routed_experts={E}; got {ep})")
     if E % ep:
-        raise ConfigError(f"n_routed_experts={E} is not divisible by --ep {ep}")
+        raise FieldError("ep", f"must divide n_routed_experts={E} (got {ep})")
     if ep % ranks_per_node and ranks_per_node % ep:
-        raise ConfigError(f"--ep {ep} must be a multiple or a divisor of --ranks-per-node {ranks_per_node}, "
-                          "so that expert groups map to whole nodes")
+        raise FieldError("ep", f"must be a multiple or a divisor of the {ranks_per_node} ranks per node, so that "
+                               f"expert groups map to whole nodes (got {ep})")
     nodes = max(1, ep // ranks_per_node)
     G, M = cfg.n_expert_groups, cfg.n_limited_groups
     if nodes > 1 and G > 1 and M < G and G % nodes:
-        raise ConfigError(f"node-limited routing (n_limited_groups={M}) needs n_expert_groups={G} to be a "
-                          f"multiple of the {nodes} nodes of an EP group (--ep {ep}, --ranks-per-node "
-                          f"{ranks_per_node}), so that every expert group lies on one node")
+        raise FieldError("ep", f"node-limited routing (n_limited_groups={M}) needs n_expert_groups={G} to be a "
+                               f"multiple of the {nodes} nodes of an EP group ({ranks_per_node} ranks per node), "
+                               f"so that every expert group lies on one node (got {ep})")
 
 
 def build_mesh(cfg: ModelConfig, rank: int, world: int, ep: int, ranks_per_node: int, device: torch.device,
@@ -312,7 +314,7 @@ def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None =
     if "WORLD_SIZE" not in os.environ:
         if ep <= 1:
             return None
-        raise ConfigError(f"--ep {ep} needs a multi-process launch, e.g. torchrun --nproc-per-node {ep} -m flyer ...")
+        raise FieldError("ep", f"{ep} needs a multi-process launch, e.g. torchrun --nproc-per-node {ep} -m flyer ...")
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ.get("RANK", "0"))
     rpn = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -320,11 +322,11 @@ def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None =
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device: under torchrun each rank uses its local GPU; give auto, cpu or cuda "
-                          f"(got {device!r})")
+        raise FieldError("device", f"under torchrun each rank uses its local GPU; give auto, cpu or cuda "
+                                   f"(got {device!r})")
     if device == "cuda" and gpus < local_world:
-        raise ConfigError(f"device: cuda needs a GPU per local rank: {local_world} ranks on this machine, "
-                          f"{gpus} CUDA device(s); pass --device cpu to run over gloo on the CPU")
+        raise FieldError("device", f"cuda needs a GPU per local rank: {local_world} ranks on this machine, "
+                                   f"{gpus} CUDA device(s); cpu runs over gloo on the CPU")
     if device == "cuda" or (device == "auto" and gpus >= local_world):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

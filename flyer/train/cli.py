@@ -9,10 +9,12 @@ import json
 import sys
 
 from flyer.config import PRESETS, ConfigError, preset_fields, read_config_sections
+from flyer.model.dispatch import DISPATCHER_KINDS
 
 _FLAGS = [  # (flag, field, type, help)
     ("--preset", "preset", str, f"model preset ({', '.join(PRESETS)})"),
-    ("--config", "config", str, "TOML file overriding model fields ([model]) and train fields ([train])"),
+    ("--config", "config", str, "TOML file overriding model fields ([model]) and train fields ([train]), "
+                                "or a DeepSeek/HF config.json (model fields)"),
     ("--steps", "steps", int, "optimizer steps"),
     ("--batch-size", "batch_size", int, "sequences per micro-batch (per rank)"),
     ("--seq-len", "seq_len", int, "tokens per sequence"),
@@ -31,12 +33,14 @@ _FLAGS = [  # (flag, field, type, help)
     ("--data", "data", str, "text file or directory (default: the installed Shakespeare corpus)"),
     ("--data-cache", "data_cache", str, "tokenizer and shard cache directory"),
     ("--tokenizer", "tokenizer", str, "a tokenizer.json to use instead of training one"),
+    ("--init", "init", str, "fine-tune from PATH: a flyer run or checkpoint, or a Hugging Face model directory "
+                            "(its model config and tokenizer replace --preset and --tokenizer)"),
     ("--vocab-size", "vocab_size", int, "BPE vocabulary size to train"),
     ("--threads", "threads", int, "CPU threads"),
     ("--device", "device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),
     ("--ep", "ep", int, "expert-parallel degree (under torchrun)"),
     ("--ranks-per-node", "ranks_per_node", int, "ranks per node, to simulate several nodes on one machine"),
-    ("--dispatcher", "dispatcher", str, "local, flat or hierarchical (expert parallelism)"),
+    ("--dispatcher", "dispatcher", str, f"{', '.join(DISPATCHER_KINDS)} (expert parallelism)"),
     ("--collective-timeout", "collective_timeout_s", float,
      "seconds a collective may wait for a rank that stopped answering before the job fails (default 300)"),
 ]

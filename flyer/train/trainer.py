@@ -24,12 +24,14 @@ from tqdm import tqdm
 
 from flyer.cluster.costs import activation_bytes_per_token_layer
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
+from flyer.interop.load import init_source, load_init_weights
 from flyer.data import BatchSampler, eval_batches, prepare_data
 from flyer.fp8 import convert_to_fp8
 from flyer.model.counts import param_counts
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
+from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
@@ -40,7 +42,6 @@ from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model
                                  require_tensorboard, truncate_metrics)
 
 SCHEDULES = ("cosine", "constant")
-DISPATCHERS = ("local", "flat", "hierarchical")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption, Ctrl-C, a closed terminal
 
 
@@ -71,6 +72,7 @@ class TrainConfig:
     data: str | None = None  # None: the installed Shakespeare corpus
     data_cache: str | None = None  # tokenizer/shard cache (default ~/.cache/flyer/data)
     tokenizer: str | None = None
+    init: str | None = None  # fine-tune from a flyer run / checkpoint or an HF model directory (its config, tokenizer)
     vocab_size: int | None = None  # default: the preset's vocab, capped at 8192 for the built-in corpus
     max_bad_steps: int = 10
     threads: int | None = None
@@ -103,7 +105,7 @@ class TrainConfig:
         need(self.warmup >= 0, "warmup", "must be >= 0")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
         need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
-        need(self.dispatcher in DISPATCHERS, "dispatcher", f"must be one of {', '.join(DISPATCHERS)}")
+        need(self.dispatcher in DISPATCHER_KINDS, "dispatcher", f"must be one of {', '.join(DISPATCHER_KINDS)}")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
         need(self.clip > 0, "clip", "must be > 0")
@@ -230,7 +232,8 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         model_over = read_config_sections(tc.config)[0] if tc.config else {}  # [train]: merged by the CLI
-        base = resolve_config(tc.preset, None, model_over)
+        init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
+        base = init_cfg or resolve_config(tc.preset, None, model_over)
         self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="train option 'device'",
                               timeout_s=tc.collective_timeout_s)
         self.device = self.mesh.device
@@ -259,8 +262,11 @@ class Trainer:
 
         vocab = tc.vocab_size or (min(base.vocab_size, 8192) if tc.tokenizer is None else base.vocab_size)
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
-        self.data = prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=tc.tokenizer)
-        self.cfg: ModelConfig = base.replace(vocab_size=self.data.vocab_size,
+        self.data = prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer)
+        if init_cfg and self.data.vocab_size > init_cfg.vocab_size:
+            raise ConfigError(f"train option 'init': {tc.init}'s tokenizer has {self.data.vocab_size} tokens, "
+                              f"more than its model's vocab_size {init_cfg.vocab_size}")
+        self.cfg: ModelConfig = base.replace(vocab_size=init_cfg.vocab_size if init_cfg else self.data.vocab_size,
                                              max_seq_len=max(base.max_seq_len, tc.seq_len))
         self.cfg.validate()
         require_memory(training_memory_bytes(self.cfg, tc, self.precision, self.mesh.ep), self.device, "batch_size",
@@ -271,6 +277,8 @@ class Trainer:
         self.eval_data = eval_batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
 
         self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch)
+        if tc.init and start is None:  # a resumed run has its own weights
+            load_init_weights(self.model, tc.init, self.mesh)
         self.optimizer = build_optimizer(self.model, tc)
         self.flops_per_token = model_flops_per_token(self.cfg, tc.seq_len)
         peak_dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16

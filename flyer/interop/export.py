@@ -1,0 +1,217 @@
+"""Checkpoints out: a Hugging Face model directory transformers loads, from any flyer model.
+
+``flyer export PATH --out DIR [--dtype bf16|fp32|fp8] [--max-shard-size 5GB]`` writes
+``config.json`` (``deepseek_v3`` for MLA with the sigmoid + bias gate, ``deepseek_v2`` for the
+softmax gate, ``llama`` / ``qwen2`` for dense GQA), safetensors (one file, or shards plus
+``model.safetensors.index.json`` past the shard size), ``tokenizer.json`` with its
+``tokenizer_config.json`` and a ``generation_config.json``. MTP modules are written as DeepSeek's
+checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head).
+``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
+``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``). Tensors are converted
+and written one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from flyer.config import ModelConfig
+from flyer.errors import ConfigError, FieldError
+from flyer.fp8.quant import quantize_blocks
+from flyer.interop.hf import INDEX, SCALE_SUFFIX, SINGLE, TextTokenizer, hf_names, permute_rope
+from flyer.interop.load import load_pretrained
+from flyer.interop.tensorfile import write_tensors
+from flyer.model.transformer import Transformer
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+# weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms
+_NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|norm)\.weight$|\.bias$|_bias$")
+
+
+def parse_size(text: str, field: str = "max_shard_size") -> int:
+    """'5GB', '500MB', '2GiB', '1e9' -> bytes (GB = 10^9, GiB = 2^30, as transformers reads them)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise FieldError(field, f"expected a size like 5GB or 500MB (got {text!r})")
+    unit = "_KMGT".index(m.group(2).upper() or "_")
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** unit)
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The transformers architecture that computes what ``cfg`` does, or a ``ConfigError`` saying why none does."""
+    if cfg.attn == "gqa":
+        if cfg.rope_factor > 1 and cfg.mscale:
+            raise ConfigError("config field 'mscale': Llama / Qwen2 do not scale the softmax for YaRN (needs 0)")
+        return "qwen2" if cfg.attn_bias else "llama"
+    if cfg.n_routed_experts == 0:
+        raise ConfigError("config field 'n_routed_experts': an MLA model without experts has no transformers twin")
+    if cfg.score_func == "sigmoid" and cfg.router_bias:
+        return "deepseek_v3"
+    if cfg.score_func == "softmax" and not cfg.router_bias and not cfg.norm_topk_prob:
+        return "deepseek_v2"
+    raise ConfigError(f"config fields 'score_func'/'router_bias'/'norm_topk_prob': no transformers architecture "
+                      f"routes with {cfg.score_func}, bias {cfg.router_bias}, norm_topk_prob {cfg.norm_topk_prob}")
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    if cfg.rope_factor <= 1.0:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rp = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+          "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
+          "beta_slow": cfg.beta_slow, "attention_factor": cfg.rope_attn_factor}
+    if cfg.mscale:
+        rp["mscale_all_dim"] = cfg.mscale
+    return rp
+
+
+def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
+    """transformers' ``config.json`` (transformers-5 spelling) for ``cfg``."""
+    mt = hf_model_type(cfg)
+    arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+            "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[mt]
+    d = {"architectures": [arch], "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+         "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+         "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
+         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "rope_parameters": _rope_parameters(cfg),
+         "bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_id(),
+         "dtype": "bfloat16" if dtype != "fp32" else "float32",
+         "attention_bias": False, "mlp_bias": False}
+    if cfg.attn == "gqa":
+        d.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+        if mt == "qwen2":
+            del d["attention_bias"], d["mlp_bias"]
+        return d
+    d.update(num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
+             qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+             moe_intermediate_size=cfg.moe_inter_dim, n_routed_experts=cfg.n_routed_experts,
+             n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.n_activated_experts,
+             first_k_dense_replace=cfg.n_dense_layers, routed_scaling_factor=cfg.route_scale,
+             norm_topk_prob=cfg.norm_topk_prob, num_nextn_predict_layers=cfg.mtp_depth)
+    grouped = cfg.n_expert_groups > 1 and cfg.n_limited_groups < cfg.n_expert_groups
+    if mt == "deepseek_v3":
+        d.update(n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups, rope_interleave=True,
+                 topk_method="noaux_tc", scoring_func="sigmoid")
+    else:
+        d.update(n_group=cfg.n_expert_groups if grouped else None, scoring_func="softmax",
+                 topk_group=cfg.n_limited_groups if grouped else None,
+                 topk_method="group_limited_greedy" if grouped else "greedy")
+    if dtype == "fp8":
+        d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                    "weight_block_size": [128, 128]}
+    return d
+
+
+Item = tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
+
+
+def tensor_items(model: Transformer, dtype: str) -> list[Item]:
+    """(HF name, shape, dtype, make) of every tensor to write, in the model's order; ``make``
+    converts one tensor when called. FP8: quantizable weights and their ``weight_scale_inv``."""
+    cfg = model.cfg
+    rope_half = hf_model_type(cfg) in ("llama", "qwen2")
+    state = model.state_dict()
+    items: list[Item] = []
+    for name, slot in hf_names(cfg, rope_half).items():
+        src = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
+
+        def get(src=src, slot=slot) -> torch.Tensor:
+            t = src.detach().cpu()  # no upcast: one converted copy of one tensor at a time
+            return t if slot.rope_rows is None else permute_rope(t, slot.rope_rows, inverse=True)
+        shape = tuple(src.shape)
+        if dtype == "fp8" and len(shape) == 2 and not _NOT_FP8.search(name):
+            rows_b, cols_b = -(-shape[0] // 128), -(-shape[1] // 128)
+            items.append((name, shape, torch.float8_e4m3fn,
+                          lambda get=get, c=shape[1]: quantize_blocks(get()).data[:, :c]))
+            items.append((name + SCALE_SUFFIX, (rows_b, cols_b), torch.float32,
+                          lambda get=get: quantize_blocks(get()).scale))
+            continue
+        keep = torch.float32 if name.endswith("e_score_correction_bias") or dtype == "fp32" else torch.bfloat16
+        items.append((name, shape, keep, lambda get=get, keep=keep: get().to(keep)))
+        if slot.key.startswith("mtp.") and slot.key.endswith(".enorm.weight"):
+            pre = name[:-len("enorm.weight")]  # DeepSeek's MTP layers carry the shared embedding and head too
+            for copy_name, key in ((pre + "embed_tokens.weight", "embed.weight"),
+                                   (pre + "shared_head.head.weight", "head.weight")):
+                t = state[key]
+                wdt = torch.float32 if dtype == "fp32" else torch.bfloat16
+                items.append((copy_name, tuple(t.shape), wdt, lambda t=t, wdt=wdt: t.detach().cpu().to(wdt)))
+    return items
+
+
+def write_weights(items: list[Item], out: Path, max_shard_bytes: int) -> list[str]:
+    """Shards of at most ``max_shard_bytes`` (a bigger tensor gets its own), with an index when more
+    than one; returns the file names written."""
+    def nbytes(it: Item) -> int:
+        return torch.Size(it[1]).numel() * it[2].itemsize
+    shards: list[list[Item]] = [[]]
+    size = 0
+    for it in items:
+        if shards[-1] and size + nbytes(it) > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(it)
+        size += nbytes(it)
+    if len(shards) == 1:
+        write_tensors(out / SINGLE, shards[0])
+        return [SINGLE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    total = 0
+    for fname, shard in zip(names, shards):
+        total += write_tensors(out / fname, shard)
+    weight_map = {it[0]: fname for fname, shard in zip(names, shards) for it in shard}
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return names
+
+
+def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype: str = "bf16",
+                 max_shard_size: str | int = "5GB") -> dict:
+    """Write ``model`` with its tokenizer as a Hugging Face directory ``out``; returns a summary."""
+    if dtype not in DTYPES:
+        raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    if limit <= 0:
+        raise FieldError("max_shard_size", f"must be positive (got {max_shard_size!r})")
+    config = hf_config(model.cfg, tok, dtype)  # fails before anything is written
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_weights(tensor_items(model, dtype), out, limit)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    gen = {"bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_id()}
+    (out / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+    (out / "tokenizer.json").write_text(tok.tok.to_str())
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.max_seq_len,
+          "eos_token": tok.token(tok.eos_id()), "bos_token": tok.token(tok.bos_id())}
+    (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tc.items() if v is not None}, indent=2))
+    return {"out": str(out), "model_type": config["model_type"], "dtype": dtype, "files": files}
+
+
+def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_size: str | int = "5GB") -> dict:
+    """``export_model`` of the checkpoint at ``path`` (a flyer run or step directory, or an HF directory)."""
+    if dtype not in DTYPES:
+        raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    model, _, tok = load_pretrained(path, "cpu")
+    return export_model(model, tok, out, dtype, max_shard_size)
+
+
+def _run(args) -> int:
+    print(json.dumps(export(args.path, args.out, args.dtype, args.max_shard_size)))
+    sys.stdout.flush()
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory (transformers loads it)")
+    p.add_argument("path", help="a flyer run or step directory, or a Hugging Face model directory")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                   help="bf16 (default), fp32, or fp8 (DeepSeek's float8_e4m3fn + 128x128 weight_scale_inv)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
+    p.set_defaults(func=_run)
+
+
+__all__ = ["export", "export_model", "hf_config", "hf_model_type", "parse_size", "register", "tensor_items"]

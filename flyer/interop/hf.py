@@ -1,0 +1,383 @@
+"""Hugging Face / DeepSeek checkpoints in: names, RoPE layouts, the FP8 block format, loading.
+
+A Hugging Face model directory holds ``config.json``, ``model.safetensors`` (or shards
+``model-*.safetensors`` with ``model.safetensors.index.json``), ``tokenizer.json`` and optionally
+``tokenizer_config.json`` / ``generation_config.json``. Tensor names follow transformers'
+DeepseekV3 / V2 / Llama / Qwen2 layout (DeepSeek's released checkpoints use the same names):
+
+    flyer                          Hugging Face (layer i; MTP module k is layer n_layers + k)
+    embed / norm / head            model.embed_tokens / model.norm / lm_head
+    layers.i.attn_norm, ffn_norm   model.layers.i.input_layernorm, post_attention_layernorm
+    attn.wq_a, q_norm, wq_b, wq    self_attn.q_a_proj, q_a_layernorm, q_b_proj, q_proj
+    attn.wkv_a, kv_norm, wkv_b     self_attn.kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
+    attn.wk, wv, wo                self_attn.k_proj, v_proj, o_proj
+    ffn.w1 / w2 / w3               mlp.gate_proj / down_proj / up_proj (dense and shared_experts)
+    ffn.gate.weight, .bias         mlp.gate.weight, mlp.gate.e_score_correction_bias
+    ffn.experts.w1[e] (stacked)    mlp.experts.e.gate_proj (one tensor per expert)
+    mtp.k.enorm, hnorm, eh_proj    model.layers.(L+k).enorm, hnorm, eh_proj
+    mtp.k.norm                     model.layers.(L+k).shared_head.norm
+    mtp.k.block.*                  model.layers.(L+k).* (as a decoder layer)
+
+flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2,
+DeepseekV3 with ``rope_interleave: false``) get their rope rows permuted on the way in and out.
+DeepSeek's FP8 format stores a linear weight as ``float8_e4m3fn`` plus ``weight_scale_inv``,
+one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on import.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tokenizers import Tokenizer
+
+from flyer.config import ModelConfig
+from flyer.errors import CheckpointError, ConfigError
+from flyer.fp8.quant import TILE, dequantize
+from flyer.interop.hf_config import from_hf_config, model_type
+from flyer.interop.tensorfile import TensorFile
+from flyer.model.moe import Gate
+from flyer.model.transformer import Transformer
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek FP8: <linear>.weight_scale_inv beside <linear>.weight
+
+_BLOCK = {  # flyer name inside a block -> HF name inside a decoder layer
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight", "attn.wq.bias": "self_attn.q_proj.bias",
+    "attn.wk.weight": "self_attn.k_proj.weight", "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.weight": "self_attn.v_proj.weight", "attn.wv.bias": "self_attn.v_proj.bias",
+    "attn.wq_a.weight": "self_attn.q_a_proj.weight", "attn.q_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn.wq_b.weight": "self_attn.q_b_proj.weight", "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight", "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "ffn.w1.weight": "mlp.gate_proj.weight", "ffn.w2.weight": "mlp.down_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.gate.weight": "mlp.gate.weight", "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
+    "ffn.shared.w1.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn.shared.w2.weight": "mlp.shared_experts.down_proj.weight",
+    "ffn.shared.w3.weight": "mlp.shared_experts.up_proj.weight",
+}
+_EXPERTS = {"ffn.experts.w1": "gate_proj", "ffn.experts.w2": "down_proj", "ffn.experts.w3": "up_proj"}
+_MTP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+        "norm.weight": "shared_head.norm.weight"}
+_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "head.weight": "lm_head.weight"}
+# stored by DeepSeek beside each MTP layer: copies of the shared embedding and head
+_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where an HF tensor goes: flyer state-dict key, expert index (stacked experts) or None,
+    and the rope rows to permute (``rope_rows``: (head size, rope offset, rope dim) or None)."""
+
+    key: str
+    expert: int | None = None
+    rope_rows: tuple[int, int, int] | None = None
+
+
+def is_hf_model_dir(path: str | Path) -> bool:
+    """A directory with a ``config.json`` and safetensors weights (and no flyer manifest)."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "manifest.json").is_file() and (
+        (p / INDEX).is_file() or (p / SINGLE).is_file())
+
+
+def hf_names(cfg: ModelConfig, rope_half: bool) -> dict[str, Slot]:
+    """HF tensor name -> ``Slot`` for every tensor a model of ``cfg`` has. ``rope_half``: the
+    checkpoint's rope rows are in rotate-half layout (else interleaved, as flyer's)."""
+    model = _meta_model(cfg)
+    out: dict[str, Slot] = {}
+    for key, t in model.state_dict().items():
+        if cfg.tie_embeddings and key == "head.weight":
+            continue  # tied: the file holds the embedding only
+        for name, slot in _hf_entries(key, t.shape, cfg, rope_half):
+            out[name] = slot
+    return out
+
+
+def _meta_model(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def _rope_rows(sub: str, cfg: ModelConfig, rope_half: bool) -> tuple[int, int, int] | None:
+    if not rope_half:
+        return None
+    if cfg.attn == "gqa":
+        return (cfg.head_dim, 0, cfg.head_dim) if sub.startswith(("attn.wq.", "attn.wk.")) else None
+    if sub in ("attn.wq.weight", "attn.wq_b.weight"):
+        return cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    if sub == "attn.wkv_a.weight":
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    return None
+
+
+def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool) -> Iterator[tuple[str, Slot]]:
+    if key in _TOP:
+        yield _TOP[key], Slot(key)
+        return
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", key) or re.fullmatch(r"mtp\.(\d+)\.block\.(.+)", key)
+    if m:
+        i = int(m.group(1)) + (cfg.n_layers if key.startswith("mtp.") else 0)
+        sub = m.group(2)
+        if sub in _EXPERTS:
+            for e in range(shape[0]):
+                yield f"model.layers.{i}.mlp.experts.{e}.{_EXPERTS[sub]}.weight", Slot(key, e)
+            return
+        if sub in _BLOCK:
+            yield f"model.layers.{i}.{_BLOCK[sub]}", Slot(key, None, _rope_rows(sub, cfg, rope_half))
+            return
+    m = re.fullmatch(r"mtp\.(\d+)\.(.+)", key)
+    if m and m.group(2) in _MTP:
+        yield f"model.layers.{cfg.n_layers + int(m.group(1))}.{_MTP[m.group(2)]}", Slot(key)
+        return
+    raise ValueError(f"no Hugging Face name for flyer tensor {key}")  # a module this table does not know
+
+
+def rope_permutation(d: int) -> torch.Tensor:
+    """Row order taking a rotate-half rope head (x_0..x_{d/2-1} paired with x_{d/2}..) to
+    interleaved pairs: interleaved[2i] = half[i], interleaved[2i+1] = half[i + d/2]."""
+    return torch.arange(d).view(2, d // 2).t().reshape(-1)
+
+
+def permute_rope(t: torch.Tensor, rows: tuple[int, int, int], inverse: bool = False) -> torch.Tensor:
+    """``t`` (R, ...) seen as heads of ``rows[0]`` rows, whose rows [off, off + d) are rope rows,
+    permuted from rotate-half to interleaved layout (``inverse``: back)."""
+    head, off, d = rows
+    perm = rope_permutation(d)
+    if inverse:
+        perm = torch.argsort(perm)
+    idx = torch.arange(head)
+    idx[off:off + d] = off + perm
+    return t.view(-1, head, *t.shape[1:])[:, idx].reshape(t.shape)
+
+
+def dequantize_fp8_blocks(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """(R, C) float32 from DeepSeek's FP8 weight ``data`` (R, C) and ``weight_scale_inv``
+    (ceil(R/128), ceil(C/128)): each element times its 128x128 block's scale."""
+    R, C = data.shape
+    padded = torch.zeros(R, -(-C // TILE) * TILE, dtype=torch.uint8)
+    padded[:, :C] = data.view(torch.uint8)
+    return dequantize(padded.view(data.dtype), scale_inv.float())[:, :C]
+
+
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` with the end-of-sequence id and special-token policy of its
+    checkpoint: HF directories encode as ``AutoTokenizer`` does (the tokenizer.json's post-processor,
+    e.g. a BOS), flyer's own tokenizers without special tokens."""
+
+    def __init__(self, tok: Tokenizer, eos: int | None = None, add_special_tokens: bool = False,
+                 bos: int | None = None):
+        self.tok, self.add_special_tokens, self.bos = tok, add_special_tokens, bos
+        self.eos = eos if eos is not None else next(
+            (i for i in map(tok.token_to_id, _EOS_NAMES) if i is not None), None)
+
+    def encode_ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=self.add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def eos_id(self) -> int | None:
+        return self.eos
+
+    def bos_id(self) -> int | None:
+        return self.bos
+
+    def token(self, i: int | None) -> str | None:
+        return None if i is None else self.tok.id_to_token(i)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return d
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> file, from the index (every listed shard must exist) or the single file."""
+    if (path / INDEX).is_file():
+        index = _read_json(path / INDEX)
+        wm = index.get("weight_map")
+        if not isinstance(wm, dict):
+            raise CheckpointError(f"{path / INDEX}: no weight_map")
+        for name, f in wm.items():
+            if not (path / f).is_file():
+                raise CheckpointError(f"{path / INDEX}: shard {f} (holding tensor {name}) is missing")
+        return {name: path / f for name, f in wm.items()}
+    if not (path / SINGLE).is_file():
+        raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
+    return dict.fromkeys(TensorFile(path / SINGLE).names(), path / SINGLE)
+
+
+def _special_id(path: Path, config: dict, tok: Tokenizer, kind: str) -> int | None:
+    """generation_config.json's ``{kind}_token_id``, else config.json's, else tokenizer_config's
+    ``{kind}_token``; of a list, the first (flyer stops at one id)."""
+    gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+    for d in (gen, config):
+        e = d.get(f"{kind}_token_id")
+        if isinstance(e, list):
+            e = e[0] if e else None
+        if isinstance(e, int):
+            return e
+    if (path / "tokenizer_config.json").is_file():
+        e = _read_json(path / "tokenizer_config.json").get(f"{kind}_token")
+        e = e.get("content") if isinstance(e, dict) else e
+        if isinstance(e, str):
+            return tok.token_to_id(e)
+    return None
+
+
+def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenizer:
+    """The directory's ``tokenizer.json`` with its EOS (see ``_eos``)."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path}: no tokenizer.json")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    config = config if config is not None else _read_json(path / "config.json")
+    return TextTokenizer(tok, _special_id(path, config, tok, "eos"), add_special_tokens=True,
+                         bos=_special_id(path, config, tok, "bos"))
+
+
+def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[ModelConfig, dict]:
+    """(flyer config, raw config.json) of an HF directory. ``names``: the checkpoint's tensor names;
+    MTP modules the file lacks (transformers' ``save_pretrained`` drops them) are not built."""
+    path = Path(path)
+    raw = _read_json(path / "config.json")
+    fields = from_hf_config(raw, str(path / "config.json"))
+    if names is not None and fields.get("mtp_depth", 0):
+        have = {int(m.group(1)) for n in names if (m := re.fullmatch(r"model\.layers\.(\d+)\.eh_proj\.weight", n))}
+        fields["mtp_depth"] = next(k for k in range(fields["mtp_depth"] + 1) if fields["n_layers"] + k not in have)
+    try:
+        return ModelConfig.from_dict(fields), raw
+    except ConfigError as e:
+        raise ConfigError(f"{path / 'config.json'}: {e}") from None
+
+
+def rope_half_layout(raw: dict) -> bool:
+    """Whether a checkpoint's rope rows are in rotate-half layout."""
+    mt = model_type(raw)
+    if mt == "deepseek_v3":
+        return raw.get("rope_interleave", True) is False
+    return mt in ("llama", "qwen2")  # DeepseekV2 rotates interleaved pairs (complex multiply)
+
+
+def _ignored(name: str, cfg: ModelConfig) -> bool:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if m and int(m.group(1)) >= cfg.n_layers and m.group(2) in _MTP_COPIES:
+        return True
+    if cfg.tie_embeddings and name == "lm_head.weight":
+        return True
+    return name.endswith(("rotary_emb.inv_freq", SCALE_SUFFIX))
+
+
+def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
+                    files: dict[str, Path] | None = None) -> None:
+    """Fill ``model`` (any device; its parameters' dtypes are kept) from the directory's safetensors,
+    one tensor at a time. A missing shard or tensor, a tensor the config does not expect or of the
+    wrong shape: ``CheckpointError`` naming the file and the tensor."""
+    path = Path(path)
+    files = files if files is not None else weight_files(path)
+    slots = hf_names(model.cfg, rope_half)
+    state = model.state_dict()
+    headers: dict[Path, TensorFile] = {}
+    seen: set[str] = set()
+    for name, f in files.items():
+        if _ignored(name, model.cfg):
+            continue
+        tf = headers.setdefault(f, TensorFile(f))
+        if name not in tf.entries:
+            raise CheckpointError(f"{f}: tensor {name} is listed in the index but not in the file")
+        slot = slots.get(name)
+        if slot is None:
+            raise CheckpointError(f"{f}: tensor {name} is not expected by the config "
+                                  f"(a different architecture or size?)")
+        dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
+        if tf.shape(name) != tuple(dest.shape):
+            raise CheckpointError(f"{f}: tensor {name} has shape {tf.shape(name)}, "
+                                  f"the config expects {tuple(dest.shape)}")
+        with torch.no_grad():
+            _fill(dest, tf, name, slot, files, headers)
+        seen.add(name)
+    missing = sorted(set(slots) - seen)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                         if len(missing) > 1 else ""))
+
+
+def _fill(dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot, files: dict[str, Path],
+          headers: dict[Path, TensorFile]) -> None:
+    """Copy tensor ``name`` of ``tf`` into ``dest``: FP8 dequantized with its block scales, rope rows
+    permuted, else read straight into the parameter when the dtypes agree."""
+    if tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in files:
+            raise CheckpointError(f"{tf.path}: FP8 tensor {name} has no {scale_name}")
+        sf = headers.setdefault(files[scale_name], TensorFile(files[scale_name]))
+        blocks = tuple(-(-n // TILE) for n in tf.shape(name))
+        if sf.shape(scale_name) != blocks:
+            raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
+                                  f"128x128 blocks of {name} need {blocks}")
+        t = dequantize_fp8_blocks(tf.read(name), sf.read(scale_name))
+    elif slot.rope_rows is None and tf.dtype(name) == dest.dtype and dest.is_contiguous() and dest.is_cpu:
+        tf.read_into(name, dest)
+        return
+    else:
+        t = tf.read(name)
+    dest.copy_(t if slot.rope_rows is None else permute_rope(t, slot.rope_rows))
+
+
+def build_empty(cfg: ModelConfig, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> Transformer:
+    """An uninitialised model in ``dtype`` on ``device`` (routers and their biases stay FP32)."""
+    model = _meta_model(cfg).to(dtype)
+    for m in model.modules():
+        if isinstance(m, Gate):
+            m.float()
+    model = model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives each name its own storage
+        model.head.weight = model.embed.weight
+    for b in model.buffers():
+        b.zero_()
+    return model
+
+
+def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
+    """The floating dtype the checkpoint stores (FP8 checkpoints: bfloat16, as DeepSeek's)."""
+    for name, f in files.items():
+        if name.endswith("embed_tokens.weight"):
+            dt = TensorFile(f).dtype(name)
+            return torch.bfloat16 if dt.itemsize == 1 else dt
+    return torch.float32
+
+
+def load_hf(path: str | Path, device: str | torch.device = "cpu",
+            dtype: torch.dtype | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
+    """(model in eval mode, config, tokenizer) from a Hugging Face model directory. ``dtype``: the
+    parameters' dtype (default: the checkpoint's; FP8 weights are dequantized to it)."""
+    path = Path(path)
+    files = weight_files(path)
+    cfg, raw = read_hf_config(path, list(files))
+    tok = load_tokenizer(path, raw)
+    model = build_empty(cfg, device, dtype or checkpoint_dtype(files))
+    load_hf_weights(model, path, rope_half_layout(raw), files)
+    return model.eval(), cfg, tok
+
+
+__all__ = ["INDEX", "SINGLE", "Slot", "TextTokenizer", "build_empty", "dequantize_fp8_blocks", "hf_names",
+           "is_hf_model_dir", "load_hf", "load_hf_weights", "load_tokenizer", "permute_rope", "read_hf_config",
+           "rope_half_layout", "rope_permutation", "weight_files"]

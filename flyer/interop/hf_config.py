@@ -1,0 +1,160 @@
+"""Hugging Face / DeepSeek ``config.json`` -> flyer model fields (no torch: ``flyer.config`` uses it).
+
+Reads every spelling the ecosystem writes for the architectures flyer runs:
+
+- transformers 5 (``save_pretrained``): RoPE in ``rope_parameters`` (``rope_theta``, ``rope_type``,
+  YaRN keys); no ``topk_method`` / ``scoring_func`` for DeepseekV3;
+- transformers 4 and DeepSeek's hub files: ``rope_theta`` plus ``rope_scaling`` (``type`` or
+  ``rope_type``), ``topk_method``, ``scoring_func``, ``quantization_config``.
+
+The architecture (``model_type``) decides semantics as transformers implements them: DeepseekV3
+always routes with sigmoid scores, the ``e_score_correction_bias`` and expert groups; DeepseekV2
+with softmax, ``greedy`` or ``group_limited_greedy`` (max score per group). A value flyer cannot
+run is a ``ConfigError`` naming the file and the field, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flyer.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "qwen2")
+# Keys that only exist in Hugging Face configs (their presence switches the parser).
+HF_KEYS = frozenset({"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"})
+
+
+def is_hf_config(d: dict[str, Any]) -> bool:
+    return any(k in d for k in HF_KEYS)
+
+
+def _bad(where: str, field: str, problem: str) -> ConfigError:
+    return ConfigError(f"{where}: field '{field}': {problem}")
+
+
+def model_type(d: dict[str, Any], where: str = "config.json") -> str:
+    """The architecture of an HF config: its ``model_type``, or (files without one) inferred from
+    the MLA keys. Anything but ``SUPPORTED_MODEL_TYPES`` is a ``ConfigError``."""
+    mt = d.get("model_type")
+    if mt is None:
+        if "kv_lora_rank" not in d:
+            mt = "llama"
+        elif d.get("topk_method") == "noaux_tc" or d.get("scoring_func") == "sigmoid":
+            mt = "deepseek_v3"
+        else:
+            mt = "deepseek_v2"
+    if mt not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise _bad(where, "model_type", f"unsupported architecture {mt!r} (supported: {supported})")
+    return mt
+
+
+def yarn_attention_factor(factor: float, mscale: float | None, mscale_all_dim: float | None) -> float:
+    """transformers' YaRN ``attention_factor`` (scales cos and sin, hence the rope part of q.k twice):
+    m(mscale) / m(mscale_all_dim) when both are given, else m(1), with m(s) = 0.1 s ln(factor) + 1."""
+    def m(s: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * s * math.log(factor) + 1.0
+    if mscale and mscale_all_dim:
+        return m(mscale) / m(mscale_all_dim)
+    return m(1.0)
+
+
+def rope_fields(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """flyer's RoPE / YaRN fields from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
+    ``rope_scaling`` (transformers 4, DeepSeek's files)."""
+    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    if not isinstance(rp, dict):
+        raise _bad(where, key, f"expected an object (got {rp!r})")
+    if set(rp) & {"full_attention", "sliding_attention"}:
+        raise _bad(where, key, "per-layer-type RoPE parameters are not supported")
+    theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = rp.get("rope_type", rp.get("type", "default")) or "default"
+    max_pos = d.get("max_position_embeddings", 4096)
+    if rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise _bad(where, "partial_rotary_factor", "only 1.0 (RoPE on the whole rope head) is supported")
+    out: dict[str, Any] = {"rope_theta": theta}
+    if rope_type == "default":
+        return {**out, "rope_factor": 1.0, "original_seq_len": max_pos, "mscale": 1.0, "rope_attn_factor": 1.0}
+    if rope_type != "yarn":
+        raise _bad(where, f"{key}.rope_type", f"unsupported RoPE type {rope_type!r} (supported: default, yarn)")
+    if rp.get("truncate", True) is not True:
+        raise _bad(where, f"{key}.truncate", "only true (integer YaRN correction range) is supported")
+    orig = rp.get("original_max_position_embeddings") or max_pos
+    factor = rp.get("factor") or max_pos / orig
+    mscale, mscale_all_dim = rp.get("mscale"), rp.get("mscale_all_dim")
+    attn_factor = rp.get("attention_factor")
+    return {**out, "rope_factor": factor, "original_seq_len": orig,
+            "beta_fast": rp.get("beta_fast") or 32, "beta_slow": rp.get("beta_slow") or 1,
+            # transformers scales the softmax by m(mscale_all_dim)^2 only when mscale_all_dim is set
+            "mscale": mscale_all_dim or 0.0,
+            "rope_attn_factor": attn_factor if attn_factor is not None
+            else yarn_attention_factor(factor, mscale, mscale_all_dim)}
+
+
+def _require(d: dict[str, Any], where: str, field: str, allowed: tuple, default: Any) -> Any:
+    v = d.get(field, default)
+    if v not in allowed:
+        raise _bad(where, field, f"unsupported value {v!r} (supported: {', '.join(map(repr, allowed))})")
+    return v
+
+
+def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
+    mt = model_type(d, where)
+    _require(d, where, "hidden_act", ("silu",), "silu")
+    _require(d, where, "mlp_bias", (False,), False)
+    if d.get("use_sliding_window"):
+        raise _bad(where, "use_sliding_window", "sliding-window attention is not supported")
+    n_layers = d["num_hidden_layers"]
+    out: dict[str, Any] = {
+        "vocab_size": d["vocab_size"], "dim": d["hidden_size"], "n_layers": n_layers,
+        "n_heads": d["num_attention_heads"], "inter_dim": d.get("intermediate_size", 0),
+        "norm_eps": d.get("rms_norm_eps", 1e-6), "max_seq_len": d.get("max_position_embeddings", 4096),
+        "init_std": d.get("initializer_range", 0.02), "tie_embeddings": bool(d.get("tie_word_embeddings", False)),
+        **rope_fields(d, where),
+    }
+    if mt in ("deepseek_v3", "deepseek_v2"):
+        _require(d, where, "attention_bias", (False,), False)
+        _require(d, where, "moe_layer_freq", (1,), 1)
+        out.update(
+            attn="mla", q_lora_rank=d.get("q_lora_rank") or 0, kv_lora_rank=d["kv_lora_rank"],
+            qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
+            v_head_dim=d["v_head_dim"], n_dense_layers=min(d.get("first_k_dense_replace") or 0, n_layers),
+            moe_inter_dim=d.get("moe_intermediate_size") or 0, n_routed_experts=d.get("n_routed_experts") or 0,
+            n_shared_experts=d.get("n_shared_experts") or 0, n_activated_experts=d.get("num_experts_per_tok") or 1,
+            route_scale=d.get("routed_scaling_factor", 1.0),
+            mtp_depth=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0,
+        )
+        if mt == "deepseek_v3":  # transformers' DeepseekV3 gate: sigmoid + correction bias + groups, always
+            _require(d, where, "scoring_func", ("sigmoid",), "sigmoid")
+            _require(d, where, "topk_method", ("noaux_tc",), "noaux_tc")
+            out.update(score_func="sigmoid", router_bias=True, n_expert_groups=d.get("n_group") or 1,
+                       n_limited_groups=d.get("topk_group") or 1, norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                       seq_aux_alpha=0.0001)
+        else:
+            _require(d, where, "scoring_func", ("softmax",), "softmax")
+            topk = _require(d, where, "topk_method", ("greedy", "group_limited_greedy"), "greedy")
+            grouped = topk == "group_limited_greedy"
+            # transformers' DeepseekV2 router never renormalises the top-k weights (norm_topk_prob is unused)
+            out.update(score_func="softmax", router_bias=False, norm_topk_prob=False,
+                       n_expert_groups=(d.get("n_group") or 1) if grouped else 1,
+                       n_limited_groups=(d.get("topk_group") or 1) if grouped else 1)
+            if "aux_loss_alpha" in d:
+                out["seq_aux_alpha"] = d["aux_loss_alpha"]
+    else:  # Llama / Qwen2: dense GQA; their softmax scale is head_dim^-0.5 whatever mscale_all_dim says
+        out["mscale"] = 0.0
+        if mt == "llama":  # Llama's attention_bias also puts a bias on o_proj, which flyer's GQA has not
+            _require(d, where, "attention_bias", (False,), False)
+        n_kv = d.get("num_key_value_heads") or d["num_attention_heads"]
+        out.update(
+            attn="gqa", n_kv_heads=n_kv, head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            attn_bias=mt == "qwen2", n_routed_experts=0, n_shared_experts=0, n_dense_layers=n_layers,
+            mtp_depth=0, q_lora_rank=0,
+        )
+    return out
+
+
+__all__ = ["HF_KEYS", "SUPPORTED_MODEL_TYPES", "from_hf_config", "is_hf_config", "model_type", "rope_fields",
+           "yarn_attention_factor"]

@@ -1,0 +1,97 @@
+"""Streaming safetensors I/O: one tensor at a time, straight into (or out of) its destination.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header naming each tensor's
+dtype, shape and byte range, then the raw bytes. Reading a tensor here is one ``readinto`` into
+the parameter that will hold it; writing is one ``write`` per tensor after a header computed up
+front. Unlike a memory map (whose touched pages count as resident until it is closed), the
+process then holds one copy of the model plus at most one tensor in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from flyer.errors import CheckpointError
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class TensorFile:
+    """The header of one safetensors file; tensors are read on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, ValueError) as e:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.entries: dict[str, dict] = header
+        for name, e in header.items():
+            if e.get("dtype") not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {e.get('dtype')!r}")
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.entries[name]["dtype"]]
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (contiguous CPU, the stored shape and dtype) with tensor ``name``."""
+        lo, hi = self.entries[name]["data_offsets"]
+        buf = out.detach().reshape(-1).view(torch.uint8)
+        if buf.numel() != hi - lo:
+            raise CheckpointError(f"{self.path}: tensor {name} holds {hi - lo} bytes, expected {buf.numel()}")
+        with open(self.path, "rb") as f:
+            f.seek(self.base + lo)
+            if f.readinto(buf.numpy()) != hi - lo:
+                raise CheckpointError(f"{self.path}: tensor {name} is truncated")
+        return out
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.read_into(name, torch.empty(self.shape(name), dtype=self.dtype(name)))
+
+
+def write_tensors(path: str | Path, items: Iterable[tuple[str, tuple[int, ...], torch.dtype, object]],
+                  metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file from (name, shape, dtype, make) items; ``make()`` returns the tensor
+    only when its bytes are written, so at most one converted tensor exists at a time. Returns
+    the bytes of tensor data written."""
+    items = list(items)
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in items:
+        n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, make in items:
+            t = make()
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{name}: made {tuple(t.shape)} {t.dtype}, announced {tuple(shape)} {dtype}")
+            t = t.detach().cpu().contiguous()
+            if t.numel():
+                f.write(t.view(-1).view(torch.uint8).numpy())
+    return offset
+
+
+__all__ = ["DTYPES", "TensorFile", "write_tensors"]

@@ -1,0 +1,108 @@
+"""The dispatcher seam of a MoE layer, and the dispatcher of one process holding every expert.
+
+Every MoE layer moves its routed token copies through a dispatcher (torchtitan-style):
+
+    x_sorted_ND, counts_local_E, ctx = dispatcher.dispatch(x_TD, topk_ids_TK)
+    y_sorted_ND = experts(x_sorted_ND, counts_local_E)   # tokens sorted by local expert
+    y_TD = dispatcher.combine(y_sorted_ND, weights_TK, ctx)
+
+``local_experts()`` returns (first expert id, number of experts) held by this process.
+``LocalDispatcher`` (here) holds every expert; the exchanging dispatchers, flat all-to-all and
+hierarchical, live in ``flyer.parallel.dispatch``. ``DISPATCHER_KINDS`` names all of them.
+
+Wire formats (``flyer.model.wire``): dispatch moves rows in the input dtype, or FP8 with
+``fp8=True``. Combine moves rows in ``combine_dtype`` (BF16 by default when ``fp8=True``, else the
+expert output dtype) and sums in FP32; gradients travel in the same dtype. ``LocalDispatcher``
+applies the same roundings, so that one process is the oracle for the exchanging dispatchers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from flyer.config import ConfigError
+from flyer.model.wire import FakeFp8Rows, RoundGrad
+
+DISPATCHER_KINDS = ("local", "flat", "hierarchical")  # the one list of dispatcher choices
+_ALIASES = {"all_to_all": "flat", "alltoall": "flat", "a2a": "flat", "hier": "hierarchical"}
+
+
+def dispatcher_kind(kind: str) -> str:
+    """The registered name of dispatcher ``kind`` (aliases: 'all_to_all', 'alltoall', 'a2a' for
+    'flat', 'hier' for 'hierarchical'); ConfigError naming the choices for any other."""
+    kind = _ALIASES.get(kind, kind)
+    if kind not in DISPATCHER_KINDS:
+        raise ConfigError(f"dispatcher '{kind}' is unknown (choose from: {', '.join(DISPATCHER_KINDS)})")
+    return kind
+
+
+class Dispatcher(Protocol):
+    def local_experts(self) -> tuple[int, int]: ...
+
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: Any) -> torch.Tensor: ...
+
+
+def combine_wire_dtype(fp8: bool, combine_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype combine rows travel in: ``combine_dtype``, else BF16 with FP8 dispatch, else None
+    (the expert output dtype)."""
+    return combine_dtype if combine_dtype is not None else (torch.bfloat16 if fp8 else None)
+
+
+@dataclass
+class LocalContext:
+    token_idx_N: torch.Tensor  # source token of each sorted copy
+    order_N: torch.Tensor  # permutation of the flattened (T*K) copies into expert order
+    n_tokens: int
+
+
+class LocalDispatcher:
+    """One process holds every expert: a stable sort of token copies by expert id.
+
+    ``fp8`` / ``combine_dtype`` apply the same wire roundings as the exchanging dispatchers (FP8
+    round trip of each token, combine rows and gradients rounded per copy).
+    """
+
+    def __init__(self, n_experts: int, fp8: bool = False, combine_dtype: torch.dtype | None = None):
+        self.n_experts = n_experts
+        self.fp8 = fp8
+        self.combine_dtype = combine_wire_dtype(fp8, combine_dtype)
+
+    def local_experts(self) -> tuple[int, int]:
+        return 0, self.n_experts
+
+    @property
+    def emulates_wire(self) -> bool:
+        """Whether dispatch or combine round as a wire would (else dispatch is a gather and combine
+        a weighted FP32 sum)."""
+        return self.fp8 or self.combine_dtype is not None
+
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
+        """x_TD (T, D), topk_ids_TK (T, K) -> (x_sorted (T*K, D) sorted by expert, counts (E,), ctx)."""
+        K = topk_ids_TK.shape[1]
+        flat = topk_ids_TK.flatten()
+        order = torch.argsort(flat, stable=True)
+        token_idx = order // K
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        if self.fp8:
+            x_TD = FakeFp8Rows.apply(x_TD)
+        x_sorted = x_TD.index_select(0, token_idx)  # backward is an index_add, not a sorting index_put
+        if self.combine_dtype is not None and self.combine_dtype != x_sorted.dtype:
+            x_sorted = RoundGrad.apply(x_sorted, self.combine_dtype)  # gradients return in the combine dtype
+        return x_sorted, counts, LocalContext(token_idx, order, x_TD.shape[0])
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
+        """y_ND (T*K, D) in dispatch order, weights_TK (T, K) -> (T, D) FP32: the weighted sum of
+        each token's K expert outputs."""
+        if self.combine_dtype is not None:
+            y_ND = y_ND.to(self.combine_dtype)
+        w = weights_TK.flatten().index_select(0, ctx.order_N).unsqueeze(1)
+        out = y_ND.new_zeros(ctx.n_tokens, y_ND.shape[1], dtype=torch.float32)
+        return out.index_add(0, ctx.token_idx_N, y_ND.float().mul_(w))  # FP32 sum of the K weighted copies
+
+
+__all__ = ["DISPATCHER_KINDS", "Dispatcher", "LocalContext", "LocalDispatcher", "combine_wire_dtype", "dispatcher_kind"]

@@ -1,0 +1,341 @@
+"""Routed experts: the module holding them, its implementations, and the one-process fused path.
+
+Shapes: D model dim, F expert hidden dim, E (local) experts, N expert-sorted token copies,
+T tokens, K activated experts per token.
+
+Implementations of the expert SwiGLU FFN over expert-sorted rows, one chosen per ``Experts``
+module when it is built or moved (``EXPERT_IMPLS``, ``resolve_experts_impl``):
+
+- ``expert_ffn_loop``: per-expert ``F.linear``, differentiated by autograd: the oracle;
+- ``expert_ffn_fused`` ('fused'): the hand-written grouped SwiGLU; the CPU fast path and the
+  default off CUDA;
+- ``expert_ffn_grouped_mm`` ('grouped_mm'): ``torch._grouped_mm`` in BF16; the CUDA default.
+
+``Experts.routed_local`` runs dispatch, the fused experts and combine as one function where one
+process holds every expert (``_LocalRoutedExperts``; ``MoE.path`` says when).
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flyer import kernels
+from flyer.config import ConfigError
+from flyer.model import lowp
+from flyer.model.init import init_deferred
+from flyer.model.lowp import gemm_dtype, mm
+
+EXPERT_IMPLS = ("auto", "fused", "grouped_mm")
+
+
+def resolve_experts_impl(impl: str, device: torch.device) -> str:
+    """The implementation experts with weights on ``device`` run: 'auto' is 'grouped_mm' on CUDA
+    (where torch has it) and 'fused' elsewhere; 'fused' and 'grouped_mm' run as named."""
+    if impl not in EXPERT_IMPLS:
+        raise ConfigError(f"experts_impl '{impl}' is unknown (choose from: {', '.join(EXPERT_IMPLS)})")
+    if impl != "auto":
+        return impl
+    return "grouped_mm" if device.type == "cuda" and hasattr(torch, "_grouped_mm") else "fused"
+
+
+def expert_ffn_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                    w3_EFD: torch.Tensor) -> torch.Tensor:
+    """Reference grouped SwiGLU: each expert on its contiguous slice of the expert-sorted tokens,
+    differentiated by autograd. The oracle for the fast paths below."""
+    counts = counts_E.tolist()
+    # unbind, not w[e]: backward stacks the expert gradients once instead of materialising a full
+    # (E, F, D) gradient per expert
+    ws = zip(w1_EFD.unbind(0), w2_EDF.unbind(0), w3_EFD.unbind(0))
+    outs = [F.linear(F.silu(F.linear(xs, w1)) * F.linear(xs, w3), w2)
+            for xs, n, (w1, w2, w3) in zip(x_ND.split(counts), counts, ws) if n]
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
+
+
+def expert_ffn_grouped_mm(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
+                          w2_EDF: torch.Tensor, w3_EFD: torch.Tensor) -> torch.Tensor:
+    """Same as ``expert_ffn_loop`` with ``torch._grouped_mm`` (bf16; the CUDA fast path)."""
+    offs = counts_E.cumsum(0).to(torch.int32)
+    x = x_ND.to(torch.bfloat16)
+    h1 = torch._grouped_mm(x, w1_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
+    h3 = torch._grouped_mm(x, w3_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
+    return torch._grouped_mm(F.silu(h1) * h3, w2_EDF.to(torch.bfloat16).transpose(-2, -1), offs=offs)
+
+
+class PaddedLayout(NamedTuple):
+    """Expert-sorted rows with each expert's slice padded with zero rows to a multiple of
+    ``row_multiple`` rows: per expert, its rows (``counts``), padded rows and first row; the total."""
+
+    counts: list[int]
+    padded: list[int]
+    starts: list[int]
+    total: int
+
+    def positions(self, device) -> torch.Tensor:
+        """(N,) int64: the padded row of each expert-sorted row."""
+        N = sum(self.counts)
+        shift = torch.tensor([s - f for s, f in zip(self.starts, [0, *accumulate(self.counts)])], dtype=torch.long)
+        repeats = torch.tensor(self.counts, dtype=torch.long)
+        return (torch.arange(N) + shift.repeat_interleave(repeats, output_size=N)).to(device)
+
+
+def padded_layout(counts: list[int], row_multiple: int) -> PaddedLayout:
+    """The layout of ``counts`` rows per expert with each slice padded to a multiple of ``row_multiple``."""
+    padded = [n + (-n % row_multiple) for n in counts]
+    starts = [0, *accumulate(padded)]
+    return PaddedLayout(counts, padded, starts[:-1], starts[-1])
+
+
+def _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype):
+    """w1|w3 stacked as (E, 2F, D) and w2 (E, D, F), cast to ``dtype`` in the same pass (then
+    widened to FP32 where ``dtype`` GEMMs are emulated: see ``lowp.operand``)."""
+    E, F_, D = w1_EFD.shape
+    w13 = w1_EFD.new_empty((E, 2 * F_, D), dtype=dtype)  # one up-projection GEMM per expert
+    w13[:, :F_].copy_(w1_EFD)
+    w13[:, F_:].copy_(w3_EFD)
+    return lowp.operand(w13, dtype), lowp.operand(w2_EDF, dtype)
+
+
+def _swiglu_forward(x, w13, w2, rows_E: list[int], F_):
+    """Expert e on the next ``rows_E[e]`` rows of x (padded layout): returns (y, h13, a). Per-expert
+    views come from one ``split``/``unbind`` each rather than a Python slice per GEMM operand."""
+    h13 = x.new_empty(x.shape[0], 2 * F_)
+    y = x.new_empty(x.shape[0], w2.shape[1])
+    live = [e for e, p in enumerate(rows_E) if p]
+    xs, hs, w13t = x.split(rows_E), h13.split(rows_E), w13.transpose(1, 2).unbind(0)
+    for e in live:
+        mm(xs[e], w13t[e], out=hs[e])
+    a = kernels.swiglu(h13)
+    as_, ys, w2t = a.split(rows_E), y.split(rows_E), w2.transpose(1, 2).unbind(0)
+    for e in live:
+        mm(as_[e], w2t[e], out=ys[e])
+    return y, h13, a
+
+
+def _swiglu_backward(dy, x, w13, w2, h13, a, rows_E: list[int], F_, need_x: bool, need_w: bool, w_dtype):
+    """Gradients of ``_swiglu_forward``: (dx or None, (dw1, dw2, dw3) or Nones). dx is in the compute
+    dtype, the weight gradients in ``w_dtype`` (the weights' storage dtype).
+
+    Each expert's weight-gradient GEMM writes into one small scratch buffer that is converted into
+    the expert's slice of dw1/dw3 (dw2) straight away, while it is still in cache: a packed
+    (E, 2F, D) gradient in the compute dtype, converted afterwards, would cross memory twice more.
+    """
+    live = [e for e, p in enumerate(rows_E) if p]
+    E, D = w2.shape[0], w2.shape[1]
+    da = x.new_empty(a.shape)
+    dw1 = dw2 = dw3 = None
+    if need_w:
+        dw1, dw3 = (w13.new_empty((E, F_, D), dtype=w_dtype) for _ in range(2))
+        dw2 = w2.new_empty(w2.shape, dtype=w_dtype)
+        for e in (e for e, p in enumerate(rows_E) if not p):  # no rows, no GEMM: a zero gradient
+            for t in (dw1, dw2, dw3):
+                t[e].zero_()
+        s13, s2 = x.new_empty((2 * F_, D)), x.new_empty((D, F_))
+        s1, s3 = s13[:F_], s13[F_:]
+    dys, das, w2s = dy.split(rows_E), da.split(rows_E), w2.unbind(0)
+    if need_w:
+        as_ = a.split(rows_E)
+    for e in live:
+        mm(dys[e], w2s[e], out=das[e])
+        if need_w:
+            dw2[e].copy_(mm(dys[e].t(), as_[e], out=s2))
+    dh13 = kernels.swiglu_backward(da, h13)
+    dx = x.new_empty(x.shape) if need_x else None
+    dhs = dh13.split(rows_E)
+    if need_x:
+        dxs, w13s = dx.split(rows_E), w13.unbind(0)
+    if need_w:
+        xs = x.split(rows_E)
+    for e in live:
+        if need_x:
+            mm(dhs[e], w13s[e], out=dxs[e])
+        if need_w:
+            mm(dhs[e].t(), xs[e], out=s13)
+            dw1[e].copy_(s1)
+            dw3[e].copy_(s3)
+    return dx, (dw1, dw2, dw3)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Grouped SwiGLU experts with a hand-written backward (the CPU fast path).
+
+    Same maths as ``expert_ffn_loop``, but each expert's GEMMs write into slices of one buffer
+    (``torch.mm(..., out=)``) and the activation runs once over all experts: no per-expert pads,
+    splits, cats or autograd nodes. The weights come in their storage dtype and are cast to the
+    compute ``dtype`` while being packed (w1|w3 into one stack: one pass, not a cast and then a
+    cat); their gradients go back in the storage dtype. ``row_multiple`` > 1 lays each expert's
+    slice out padded with zero rows (which add nothing to any gradient) to a multiple of that many
+    rows, so GEMM shapes repeat from step to step: each new shape costs a kernel JIT where the
+    GEMMs run on oneDNN (bf16 on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w1_EFD, w2_EDF, w3_EFD, counts: list[int], row_multiple: int, dtype: torch.dtype):
+        N, D = x_ND.shape
+        F_ = w1_EFD.shape[1]
+        layout = padded_layout(counts, row_multiple)
+        pos = None
+        x = x_ND.to(dtype).contiguous()
+        if layout.total != N:  # destination row of each expert-sorted copy in the padded layout
+            pos = layout.positions(x.device)
+            x = x.new_zeros(layout.total, D).index_copy_(0, pos, x)
+        w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
+        y, h13, a = _swiglu_forward(x, w13, w2, layout.padded, F_)
+        ctx.save_for_backward(x, w13, w2, h13, a, pos)
+        ctx.rows_E, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_ND.dtype, w1_EFD.dtype
+        return y if pos is None else y.index_select(0, pos)
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        x, w13, w2, h13, a, pos = ctx.saved_tensors
+        F_ = ctx.F
+        dy = dy_ND.to(x.dtype).contiguous()
+        if pos is not None:
+            dy = dy.new_zeros(x.shape).index_copy_(0, pos, dy)
+        need_w = any(ctx.needs_input_grad[1:4])
+        dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows_E, F_, ctx.needs_input_grad[0], need_w, ctx.w_dtype)
+        if dx is not None:
+            dx = (dx if pos is None else dx.index_select(0, pos)).to(ctx.x_dtype)
+        return (dx, *dws, None, None, None)
+
+
+class _LocalRoutedExperts(torch.autograd.Function):
+    """Dispatch, grouped SwiGLU experts and weighted combine in one function (one process holds
+    every expert): what ``LocalDispatcher.dispatch`` + ``_GroupedSwiGLU`` + ``LocalDispatcher.combine``
+    compute, without the expert-sorted copy in between.
+
+    The token rows are gathered once, straight into the padded per-expert layout (pad rows are
+    zero), and the weighted outputs are summed from that layout into the tokens in FP32, pad rows
+    going to a discarded extra row. The composed path gathers, pads, unpads and combines: three
+    more passes over the N x D copies each way. Rounding is the composed path's (the tests check
+    bitwise equality): outputs in the compute dtype, weighted and summed in FP32 (FP64 for FP64);
+    gradients of a token's copies summed in FP32 in the same (expert) order and rounded once to the
+    compute dtype. On the CPU the combine and its gradients run as fused kernels
+    (``flyer.kernels``: the same sums, bit for bit, except the gate weights' gradient dot
+    products, whose FP32 terms are added in another order).
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w1_EFD, w2_EDF, w3_EFD, topk_ids_TK, counts: list[int],
+                row_multiple: int, dtype: torch.dtype):
+        T = x_TD.shape[0]
+        K, F_ = topk_ids_TK.shape[1], w1_EFD.shape[1]
+        order = torch.argsort(topk_ids_TK.flatten(), stable=True)
+        layout = padded_layout(counts, row_multiple)
+        pos = layout.positions(x_TD.device)
+        src = torch.full((layout.total,), T, dtype=torch.long, device=x_TD.device)  # T: pad row
+        src[pos] = order // K  # the token each padded row holds
+        acc_dtype = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
+        w_pad = weights_TK.new_zeros(layout.total, dtype=acc_dtype)
+        w_pad[pos] = weights_TK.flatten()[order].to(acc_dtype)
+        x = x_TD.to(dtype)
+        index = kernels.token_index(src, T, x, w_pad)
+        x = x.index_select(0, index.gather).index_fill_(0, index.pad_rows, 0)
+        w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
+        y, h13, a = _swiglu_forward(x, w13, w2, layout.padded, F_)
+        ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, pos, order)
+        ctx.rows_E, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_TD.dtype, w1_EFD.dtype
+        ctx.w_gate_dtype = weights_TK.dtype
+        ctx.index = index
+        return kernels.combine(y, w_pad, index)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        x, w13, w2, h13, a, y, w_pad, pos, order = ctx.saved_tensors
+        T = g_TD.shape[0]
+        need_dw = ctx.needs_input_grad[1]
+        dy, d_pad = kernels.combine_backward(g_TD, y, w_pad, ctx.index, need_dw)
+        d_weights = None
+        if need_dw:
+            d_weights = d_pad.new_empty(order.shape).index_copy_(0, order, d_pad[pos])
+            d_weights = d_weights.view(T, -1).to(ctx.w_gate_dtype)
+        need_w = any(ctx.needs_input_grad[2:5])
+        dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows_E, ctx.F, ctx.needs_input_grad[0], need_w,
+                                   ctx.w_dtype)
+        if dx is not None:  # each token's copies summed
+            dx = kernels.segment_sum(dx, ctx.index).to(ctx.x_dtype)
+        return (dx, d_weights, *dws, None, None, None, None)
+
+
+def expert_ffn_fused(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                     w3_EFD: torch.Tensor, row_multiple: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Same as ``expert_ffn_loop`` through ``_GroupedSwiGLU``, computed in ``dtype`` (default: x's);
+    the output is in ``dtype``, each gradient in its input's dtype."""
+    return _GroupedSwiGLU.apply(x_ND, w1_EFD, w2_EDF, w3_EFD, counts_E.tolist(), row_multiple, dtype or x_ND.dtype)
+
+
+CPU_LOWP_ROW_MULTIPLE = 64
+
+
+class Experts(nn.Module):
+    """Routed experts ``[first, first + n_local)`` stored stacked: w1/w3 (E, F, D), w2 (E, D, F).
+
+    ``impl`` names the implementation (``EXPERT_IMPLS``); ``self.impl`` is the one ``forward`` runs,
+    resolved against the weights' device when the module is built and again whenever it is moved
+    (``.to``, ``.cuda``): 'auto' follows the weights, so a model built on the CPU and moved to CUDA
+    runs ``torch._grouped_mm`` there.
+    """
+
+    def __init__(self, n_local: int, dim: int, inter_dim: int, first: int = 0, impl: str = "auto",
+                 init_std: float = 0.02):
+        super().__init__()
+        self.first, self.n_local, self.init_std = first, n_local, init_std
+        self.w1 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_local, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
+        self.requested_impl = impl
+        self.impl = self.resolve_impl()
+        if not init_deferred():
+            self.reset_parameters()
+
+    def resolve_impl(self) -> str:
+        """The implementation ``forward`` runs for the weights where they are now."""
+        return resolve_experts_impl(self.requested_impl, self.w1.device)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.impl = self.resolve_impl()  # moved: the weights' device may have changed
+        return self
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """N(0, init_std) for w1, w2, w3, in that order."""
+        for w in (self.w1, self.w2, self.w3):
+            w.normal_(0.0, self.init_std, generator=generator)
+
+    @staticmethod
+    def row_multiple(x_ND: torch.Tensor, dtype: torch.dtype) -> int:
+        """Rows each expert's slice is padded to a multiple of: oneDNN's bf16/fp16 CPU GEMMs build a
+        kernel per new shape, so bucket the shapes (not where they run through the FP32 kernel,
+        ``lowp.emulated``: padding would only add work)."""
+        oneDNN = x_ND.device.type == "cpu" and dtype in lowp.LOWP and not lowp.emulated("cpu", dtype)
+        return CPU_LOWP_ROW_MULTIPLE if oneDNN else 1
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_ND (N, D) rows sorted by local expert, counts_E (E,) rows per expert -> (N, D): in x's
+        dtype for 'grouped_mm', in the GEMM dtype (autocast's or x's) for 'fused'."""
+        if self.impl == "grouped_mm":
+            return expert_ffn_grouped_mm(x_ND, counts_E, self.w1, self.w2, self.w3).to(x_ND.dtype)
+        dtype = gemm_dtype(x_ND)
+        return expert_ffn_fused(x_ND, counts_E, self.w1, self.w2, self.w3, row_multiple=self.row_multiple(x_ND, dtype),
+                                dtype=dtype)
+
+    def routed_local(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                     counts_E: torch.Tensor) -> torch.Tensor:
+        """Dispatch, the 'fused' experts and combine in one pass when this process holds every
+        expert (see ``_LocalRoutedExperts``): the values ``LocalDispatcher`` around ``forward`` gives.
+        x_TD (T, D), weights_TK (T, K), topk_ids_TK (T, K), counts_E (E,) -> (T, D) FP32."""
+        dtype = gemm_dtype(x_TD)
+        return _LocalRoutedExperts.apply(x_TD, weights_TK, self.w1, self.w2, self.w3, topk_ids_TK, counts_E.tolist(),
+                                         self.row_multiple(x_TD, dtype), dtype)
+
+    def extra_repr(self) -> str:
+        return f"n_local={self.n_local}, first={self.first}, impl={self.impl}"
+
+
+__all__ = ["EXPERT_IMPLS", "Experts", "PaddedLayout", "expert_ffn_fused", "expert_ffn_grouped_mm", "expert_ffn_loop",
+           "padded_layout", "resolve_experts_impl"]

@@ -1,0 +1,147 @@
+"""Tiny random Hugging Face checkpoints built locally with transformers (nothing downloaded):
+the families and config spellings flyer imports, a tokenizer, and DeepSeek-layout MTP weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+VOCAB = 320
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               max_position_embeddings=256, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+_MLA = dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
+            kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_shared_experts=1)
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.8,
+         "mscale_all_dim": 0.6, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
+
+# name -> (model class, config class, config kwargs)
+FAMILIES = {
+    "v3": (DeepseekV3ForCausalLM, DeepseekV3Config, dict(
+        **_MLA, q_lora_rank=24, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        rms_norm_eps=1e-5, rope_parameters=_YARN, rope_interleave=True, tie_word_embeddings=False)),
+    "v3-tied-half": (DeepseekV3ForCausalLM, DeepseekV3Config, dict(
+        **_MLA, q_lora_rank=24, n_group=4, topk_group=2, routed_scaling_factor=1.5, norm_topk_prob=False,
+        rms_norm_eps=1e-6, rope_parameters=_YARN, rope_interleave=False, tie_word_embeddings=True)),
+    "v2-lite": (DeepseekV2ForCausalLM, DeepseekV2Config, dict(
+        **_MLA, q_lora_rank=None, topk_method="greedy", routed_scaling_factor=1.0,
+        rope_parameters={**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707})),
+    "v2-grouped": (DeepseekV2ForCausalLM, DeepseekV2Config, dict(
+        **_MLA, q_lora_rank=24, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        routed_scaling_factor=2.0)),
+    "llama": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+}
+
+
+def make_tokenizer(out: Path) -> None:
+    """A byte-level BPE (vocabulary < VOCAB) with a BOS post-processor, saved as transformers does."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, flyer reads checkpoints"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=["<pad>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(out)
+
+
+def to_transformers_4(path: Path) -> None:
+    """Rewrite a saved config.json in the transformers-4 / DeepSeek hub spelling: ``rope_theta`` and
+    ``rope_scaling`` (``type``) instead of ``rope_parameters``; V3's ``topk_method``/``scoring_func``."""
+    p = path / "config.json"
+    d = json.loads(p.read_text())
+    rp = dict(d.pop("rope_parameters"))
+    d["rope_theta"] = rp.pop("rope_theta")
+    kind = rp.pop("rope_type")
+    d["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
+    if d["model_type"] == "deepseek_v3":
+        d.update(topk_method="noaux_tc", scoring_func="sigmoid")
+    p.write_text(json.dumps(d, indent=2))
+
+
+def build(name: str, out: Path, spelling: int = 5, seed: int = 0):
+    """Save a random tiny ``name`` model (FP32) with a tokenizer under ``out``; return the model."""
+    cls, cfg_cls, kw = FAMILIES[name]
+    torch.manual_seed(seed)
+    model = cls(cfg_cls(**_COMMON, **kw)).eval()
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):  # a trained balancing bias, not zeros
+                b.copy_(torch.rand_like(b) * 0.1)
+    model.save_pretrained(out)
+    make_tokenizer(out)
+    if spelling == 4:
+        to_transformers_4(out)
+    return model
+
+
+def add_mtp_layer(model, out: Path, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Append DeepSeek-layout MTP weights (decoder layer ``num_hidden_layers``: enorm, hnorm, eh_proj,
+    shared_head.{norm,head}, embed_tokens and the block) as a second shard with an index; return them."""
+    cfg = model.config
+    L, D = cfg.num_hidden_layers, cfg.hidden_size
+    torch.manual_seed(seed)
+    layer = DeepseekV3DecoderLayer(cfg, L)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.1) if p.ndim > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
+    pre = f"model.layers.{L}."
+    w = {}
+    for k, v in layer.state_dict().items():  # transformers' fused experts -> DeepSeek's one tensor per expert
+        if k == "mlp.experts.gate_up_proj":
+            gates, ups = v.chunk(2, dim=1)
+            for e in range(v.shape[0]):
+                w[f"{pre}mlp.experts.{e}.gate_proj.weight"] = gates[e].clone().contiguous()
+                w[f"{pre}mlp.experts.{e}.up_proj.weight"] = ups[e].clone().contiguous()
+        elif k == "mlp.experts.down_proj":
+            for e, down in enumerate(v):
+                w[f"{pre}mlp.experts.{e}.down_proj.weight"] = down.clone().contiguous()
+        else:
+            w[pre + k] = v.detach().clone().contiguous()
+    w.update({pre + "enorm.weight": torch.rand(D) + 0.5, pre + "hnorm.weight": torch.rand(D) + 0.5,
+              pre + "shared_head.norm.weight": torch.rand(D) + 0.5, pre + "eh_proj.weight": torch.randn(D, 2 * D) * 0.1,
+              pre + "embed_tokens.weight": model.model.embed_tokens.weight.detach().clone(),
+              pre + "shared_head.head.weight": model.lm_head.weight.detach().clone()})
+    save_file(w, str(out / "model-mtp.safetensors"))
+    main = out / "model.safetensors"
+    main.rename(out / "model-main.safetensors")
+    with safe_open(str(out / "model-main.safetensors"), "pt") as f:
+        names = list(f.keys())
+    index = {"metadata": {}, "weight_map": {**dict.fromkeys(names, "model-main.safetensors"),
+                                            **dict.fromkeys(w, "model-mtp.safetensors")}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return w, layer
+
+
+def reference_mtp_logits(model, w: dict[str, torch.Tensor], layer, tokens: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch MTP from DeepSeek's layout on transformers' modules: position i predicts t_{i+2}
+    from the main model's final-normed h_i and Emb(t_{i+1}): head(norm(block(eh_proj([enorm(e); hnorm(h)]))))."""
+    cfg = model.config
+    L, D = cfg.num_hidden_layers, cfg.hidden_size
+    pre = f"model.layers.{L}."
+    with torch.no_grad():
+        h = model.model(tokens).last_hidden_state[:, :-1]
+        e = model.model.embed_tokens(tokens[:, 1:])
+
+        def norm(name):
+            n = DeepseekV3RMSNorm(D, cfg.rms_norm_eps)
+            n.weight.copy_(w[pre + name])
+            return n
+        x = torch.cat([norm("enorm.weight")(e), norm("hnorm.weight")(h)], -1) @ w[pre + "eh_proj.weight"].t()
+        layer.eval()
+        T = x.shape[1]
+        pos = torch.arange(T).unsqueeze(0)
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        y = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
+        y = y[0] if isinstance(y, tuple) else y
+        return norm("shared_head.norm.weight")(y) @ w[pre + "shared_head.head.weight"].t()

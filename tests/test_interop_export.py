@@ -1,0 +1,199 @@
+"""flyer export: transformers loads what flyer writes (same logits and greedy tokens), export then
+import is the identity, DeepSeek's FP8 block format round-trips bit for bit, and train --init."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flyer.cli import main
+from flyer.errors import CheckpointError
+from flyer.fp8.linear import convert_to_fp8
+from flyer.fp8.quant import quantize_blocks
+from flyer.infer.generate import GenerationConfig, generate
+from flyer.interop.export import export_model, parse_size
+from flyer.interop.hf import load_hf
+from flyer.interop.load import load_pretrained
+from flyer.train.trainer import Trainer, TrainConfig
+from tests.hf_models import build
+
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n" * 40
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny flyer run (2 steps) on a small text file."""
+    root = tmp_path_factory.mktemp("run")
+    (root / "text.txt").write_text(TEXT)
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                 "--vocab-size", "300", "--data", str(root / "text.txt"), "--data-cache", str(root / "cache"),
+                 "--out", str(root / "run"), "--no-progress", "--no-plots", "--eval-every", "2",
+                 "--eval-batches", "1", "--ckpt-every", "2", "--device", "cpu"]) == 0
+    return root / "run"
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+def rel(a, b) -> float:
+    return float((a.detach() - b).abs().max() / b.abs().max())
+
+
+def test_train_export_then_transformers_matches_flyer_generate(run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--out", str(out), "--dtype", "fp32", "--max-shard-size", "300KB"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model_type"] == "deepseek_v3" and len(summary["files"]) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(summary["files"])
+    assert all((out / f).stat().st_size <= 300_000 for f in summary["files"] if len(index["weight_map"]) > 1)
+    ref, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    model, cfg, tok = load_pretrained(run)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["mismatched_keys"]
+    # transformers' DeepseekV3ForCausalLM runs no MTP module and ignores only layer 61 (V3's own): the
+    # MTP layer of a 4-layer model is the one unexpected group, as DeepSeek stores it
+    unexpected = set(info["unexpected_keys"])
+    assert all(k.startswith(f"model.layers.{cfg.n_layers}.") for k in unexpected)
+    assert "model.layers.4.eh_proj.weight" in unexpected and "model.layers.4.eh_proj.weight" in index["weight_map"]
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    ids = hf_tok("To be, or not")["input_ids"]
+    assert ids == tok.encode_ids("To be, or not")
+    x = torch.tensor([ids * 3])
+    with torch.no_grad():
+        assert rel(model(x), ref.eval()(x).logits) < 1e-4
+    want = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, pad_token_id=0)[0, len(ids):]
+    assert main(["generate", "--ckpt", str(run), "--prompt", "To be, or not", "--max-new-tokens", "12",
+                 "--temperature", "0", "--json", "--cache-dtype", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == [want.tolist()]
+
+
+def test_export_then_import_is_the_identity(run, tmp_path):
+    model, cfg, tok = load_pretrained(run)
+    export_model(model, tok, tmp_path / "fp32", "fp32")
+    back = load_hf(tmp_path / "fp32")[0].state_dict()
+    for k, v in model.state_dict().items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    export_model(model, tok, tmp_path / "bf16", "bf16")
+    bf16 = load_hf(tmp_path / "bf16")[0]
+    assert bf16.embed.weight.dtype == torch.bfloat16
+    export_model(bf16, tok, tmp_path / "bf16b", "bf16")
+    a, b = tensors(tmp_path / "bf16"), tensors(tmp_path / "bf16b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "v3", "v2-grouped"])
+def test_hf_import_export_round_trip(tmp_path, name):
+    build(name, tmp_path / "src")
+    model, _, tok = load_hf(tmp_path / "src")
+    export_model(model, tok, tmp_path / "out", "fp32")
+    a, b = tensors(tmp_path / "src"), tensors(tmp_path / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # rope rows permuted back
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("hello")["input_ids"] == tok.encode_ids("hello")
+
+
+def test_rotate_half_deepseek_exports_interleaved_and_tied(tmp_path):
+    src = build("v3-tied-half", tmp_path / "src")
+    model, _, tok = load_hf(tmp_path / "src")
+    export_model(model, tok, tmp_path / "out", "fp32")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_interleave"] is True and config["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in tensors(tmp_path / "out")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(3, 320, (2, 20))
+    with torch.no_grad():
+        assert rel(ref(x).logits, src(x).logits) < 1e-4
+
+
+def test_fp8_block_format_round_trips_and_matches_transformers(run, tmp_path):
+    model, cfg, tok = load_pretrained(run)
+    export_model(model, tok, tmp_path / "fp8", "fp8")
+    files = tensors(tmp_path / "fp8")
+    w = files["model.layers.1.self_attn.kv_b_proj.weight"]
+    s = files["model.layers.1.self_attn.kv_b_proj.weight_scale_inv"]
+    assert w.dtype == torch.float8_e4m3fn and s.shape == (-(-w.shape[0] // 128), -(-w.shape[1] // 128))
+    assert files["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert files["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    deq = load_hf(tmp_path / "fp8", dtype=torch.float32)[0]
+    export_model(deq, tok, tmp_path / "fp8b", "fp8")  # flyer's quantizer on the dequantized weights
+    again = tensors(tmp_path / "fp8b")
+    assert files.keys() == again.keys()
+    for k in files:
+        assert torch.equal(files[k].view(torch.uint8) if files[k].dtype.itemsize == 1 else files[k],
+                           again[k].view(torch.uint8) if again[k].dtype.itemsize == 1 else again[k]), k
+    export_model(deq, tok, tmp_path / "deq", "fp32")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "deq").eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert rel(deq(x), ref(x).logits) < 1e-4
+
+
+def test_generate_fp8_uses_the_checkpoint_blocks(run, tmp_path, capsys):
+    model, cfg, tok = load_pretrained(run)
+    export_model(model, tok, tmp_path / "fp8", "fp8")
+    files = tensors(tmp_path / "fp8")
+    deq = convert_to_fp8(load_hf(tmp_path / "fp8", dtype=torch.float32)[0])
+    w = deq.layers[1].attn.wkv_b.weight
+    q = quantize_blocks(w)
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    assert torch.equal(q.data[:, :w.shape[1]].view(torch.uint8), files[name].view(torch.uint8))
+    assert torch.equal(q.scale, files[name + "_scale_inv"])
+    want = generate(deq, [tok.encode_ids("To be")], GenerationConfig(max_new_tokens=6, eos_id=None)).tokens[0]
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(tmp_path / "fp8"), "--prompt", "To be", "--max-new-tokens", "6",
+                 "--precision", "fp8", "--json", "--eos-id", "-1"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == [want]
+
+
+def test_train_init_from_hf_directory(tmp_path):
+    build("v3", tmp_path / "src")
+    (tmp_path / "text.txt").write_text(TEXT)
+    tc = TrainConfig(init=str(tmp_path / "src"), steps=1, batch_size=2, seq_len=16, out=str(tmp_path / "run"),
+                     data=str(tmp_path / "text.txt"), data_cache=str(tmp_path / "cache"), progress=False,
+                     plots=False, eval_every=1, eval_batches=1, device="cpu", precision="fp32")
+    t = Trainer(tc, log=lambda m: None)
+    src = load_hf(tmp_path / "src")[0].state_dict()
+    got = t.model.state_dict()
+    assert t.cfg.vocab_size == 320 and all(torch.equal(got[k], v) for k, v in src.items())
+    t.run()
+
+
+def test_train_init_cli_then_export(tmp_path, capsys):
+    build("llama", tmp_path / "src")
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["train", "--init", str(tmp_path / "src"), "--steps", "1", "--batch-size", "2", "--seq-len", "16",
+                 "--data", str(tmp_path / "text.txt"), "--data-cache", str(tmp_path / "cache"), "--out",
+                 str(tmp_path / "run"), "--no-progress", "--no-plots", "--eval-every", "1", "--eval-batches", "1",
+                 "--ckpt-every", "1", "--device", "cpu"]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
+
+
+def test_fp8_scale_of_the_wrong_shape_is_one_line(run, tmp_path):
+    model, cfg, tok = load_pretrained(run)
+    export_model(model, tok, tmp_path / "fp8", "fp8")
+    files = tensors(tmp_path / "fp8")
+    name = "model.layers.1.self_attn.kv_b_proj.weight_scale_inv"
+    files[name] = torch.ones(3, 3)
+    (tmp_path / "fp8" / "model.safetensors").unlink()
+    save_file(files, str(tmp_path / "fp8" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"model.safetensors: tensor {name} has shape \\(3, 3\\)"):
+        load_hf(tmp_path / "fp8")
+
+
+def test_export_errors(run, tmp_path, capsys):
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 << 30 and parse_size("300KB") == 300_000
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--max-shard-size", "lots"]) == 2
+    assert capsys.readouterr().err.strip() == "flyer: error: --max-shard-size: expected a size like 5GB or 500MB " \
+                                               "(got 'lots')"
+    assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "y")]) == 2
+    assert "no valid checkpoint" in capsys.readouterr().err
