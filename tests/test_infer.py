@@ -1,10 +1,15 @@
 """Decode path: absorbed MLA == training path, cache sizes == ``flyer info``, batched prompts,
 sampling, and MTP speculative decoding == plain greedy."""
 
+import copy
+
 import pytest
 import torch
+from bounds import FP32_U
 
 from flyer.config import preset
+from flyer.infer import attention
+from flyer.infer.attention import causal_slot_mask, dense_prefill_pays, mla_absorbed_core, mla_dense_core
 from flyer.infer import Decoder, GenerationConfig, generate, make_cache
 from flyer.infer.sampling import SamplingParams, probabilities
 from flyer.infer.speculative import _accept
@@ -198,3 +203,65 @@ def test_speculative_greedy_identical_on_trained_model(counting_model, k):
 def test_speculative_needs_mtp():
     with pytest.raises(ValueError, match="mtp_depth"):
         generate(_model(mtp_depth=0), [[1]], GenerationConfig(max_new_tokens=2, speculative="mtp"))
+
+
+# ---- prefill form and subnormal probabilities ---------------------------------------------
+def test_dense_prefill_chunk_equals_training_path():
+    # kv_lora_rank 64: a 90-token chunk takes the compute-bound form (dense_prefill_pays)
+    model = _model(kv_lora_rank=64)
+    assert dense_prefill_pays(model.layers[0].attn, 90) and not dense_prefill_pays(model.layers[0].attn, 2)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 100))
+    with torch.no_grad():
+        ref = model(tokens)
+    torch.testing.assert_close(_incremental_logits(model, tokens, "absorbed", torch.float32, 90), ref,
+                               atol=ATOL_FP32, rtol=0)
+
+
+def _attention_inputs(attn, B=2, T=24, S=40, spread=1.0):
+    H, nope, R, C = attn.n_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
+    q_nope, q_rope = torch.randn(B, T, H, nope) * spread, torch.randn(B, T, H, R) * spread
+    kv = torch.randn(B, S, C + R)
+    pos = torch.arange(S - T, S).expand(B, T).clone()
+    pos[1] -= 5  # rows at different positions: per-row causal masks
+    return q_nope, q_rope, kv, causal_slot_mask(pos, S)
+
+
+def test_dense_and_absorbed_cores_agree_within_fp32_bound():
+    """Both forms against FP64, each within a bound built from the sums they compute: a score is
+    a sum of nope*C + R products (|error| <= (nope + C + R) u A, A the sum of their absolute values),
+    a score error d moves each probability by at most 2 max|d| of itself, and the output sums S
+    probabilities times values that are themselves C-term sums."""
+    attn = _model().layers[0].attn
+    q_nope, q_rope, kv, mask = _attention_inputs(attn)
+    a64 = copy.deepcopy(attn).double()
+    exact = mla_absorbed_core(a64, q_nope.double(), q_rope.double(), kv.double(), mask)
+    H, nope, v, C, R = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank, attn.qk_rope_head_dim
+    w = a64.wkv_b.weight.view(H, nope + v, C).abs()
+    c, kr = kv.double()[..., :C].abs(), kv.double()[..., C:].abs()
+    A = attn.softmax_scale * (torch.einsum("bthd,hdc,bsc->bhts", q_nope.double().abs(), w[:, :nope], c)
+                              + torch.einsum("bthr,bsr->bhts", q_rope.double().abs(), kr))
+    d_max = ((nope + C + R) * FP32_U * A).masked_fill(~mask, 0).amax(-1, keepdim=True)  # (B, H, T, 1)
+    w_uk = a64.wkv_b.weight.view(H, nope + v, C)[:, :nope]
+    scores = torch.einsum("bthd,hdc,bsc->bhts", q_nope.double(), w_uk, kv.double()[..., :C])
+    scores = (scores + torch.einsum("bthr,bsr->bhts", q_rope.double(), kv.double()[..., C:])) * attn.softmax_scale
+    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # exact probabilities
+    val_abs = torch.einsum("bhts,hjc,bsc->bthj", p, w[:, nope:], c)  # sum_s p_s |V_s|
+    bound = (2 * d_max.permute(0, 2, 1, 3) + (attn.v_head_dim + C + mask.shape[-1] + 8) * FP32_U) * val_abs
+    for core in (mla_absorbed_core, mla_dense_core):
+        err = (core(attn, q_nope, q_rope, kv, mask).double() - exact).abs()
+        assert (err <= bound).all(), f"{core.__name__}: max error / bound {(err / bound).max():.3g}"
+
+
+def test_flushing_subnormal_probabilities_changes_nothing(monkeypatch):
+    attn = _model().layers[0].attn
+    q_nope, q_rope, kv, mask = _attention_inputs(attn, S=400, T=4, spread=30.0)  # peaked: many subnormals
+    scores = torch.randn(2, 4, 4, 400) * 60
+    p = attention._softmax(scores, mask, torch.float32)
+    monkeypatch.setattr(attention, "FP32_TINY", 0.0)
+    p_kept = attention._softmax(scores, mask, torch.float32)
+    assert ((p_kept > 0) & (p_kept < torch.finfo(torch.float32).tiny)).any()  # there were subnormals
+    assert (p == 0).sum() > (p_kept == 0).sum()
+    assert torch.equal(p @ kv[:, None, :, :32], p_kept @ kv[:, None, :, :32])
+    out_kept = attention.mla_absorbed_core(attn, q_nope, q_rope, kv, mask)
+    monkeypatch.setattr(attention, "FP32_TINY", torch.finfo(torch.float32).tiny)
+    assert torch.equal(attention.mla_absorbed_core(attn, q_nope, q_rope, kv, mask), out_kept)
