@@ -1,9 +1,12 @@
 """Long-context MLA: subnormal softmax probabilities and the prefill form, as ratios in one run.
 
 1. The decode step's ``p @ latents`` with a peaked softmax at ``--context`` slots, subnormal
-   probabilities kept and flushed; then decode at ``--context`` tokens with an FP32 latent cache (``decode.py``'s MLA_BENCH model):
-   tokens/s with subnormal probabilities flushed (flyer's path) and kept (the old path), and the
-   same at 64 tokens of context, where no probability underflows.
+   probabilities kept and flushed (the ratio: ``p_latents_speedup_flush_C*``); then whole decode
+   steps at ``--context`` tokens with an FP32 latent cache (``decode.py``'s MLA_BENCH model,
+   random weights, cached latents scaled by SPREAD), flushed (flyer's path) and kept (the old
+   path), and at 64 tokens of context. Random weights attend too flatly for many probabilities to
+   underflow, so the whole-step ratio stays near 1 there; the primitive shows what a trained
+   model's peaked attention meets.
 2. Prefill of ``--context`` tokens: the compute-bound form (up-projected K/V, fused SDPA; what
    ``mla_absorbed`` takes for a prefill chunk) against the absorbed form over the same chunk.
 3. The training path (fused SDPA forward + backward at the same length), with FTZ/DAZ on and off:
