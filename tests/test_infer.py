@@ -1,11 +1,9 @@
 """Decode path: absorbed MLA == training path, cache sizes == ``flyer info``, batched prompts,
 sampling, and MTP speculative decoding == plain greedy."""
 
-import copy
-
 import pytest
 import torch
-from bounds import FP32_U
+from bounds import mla_attention_bound
 
 from flyer.config import preset
 from flyer.infer import attention
@@ -227,26 +225,10 @@ def _attention_inputs(attn, B=2, T=24, S=40, spread=1.0):
 
 
 def test_dense_and_absorbed_cores_agree_within_fp32_bound():
-    """Both forms against FP64, each within a bound built from the sums they compute: a score is
-    a sum of nope*C + R products (|error| <= (nope + C + R) u A, A the sum of their absolute values),
-    a score error d moves each probability by at most 2 max|d| of itself, and the output sums S
-    probabilities times values that are themselves C-term sums."""
+    """Both forms against FP64, each within the bound of its sums (``bounds.mla_attention_bound``)."""
     attn = _model().layers[0].attn
     q_nope, q_rope, kv, mask = _attention_inputs(attn)
-    a64 = copy.deepcopy(attn).double()
-    exact = mla_absorbed_core(a64, q_nope.double(), q_rope.double(), kv.double(), mask)
-    H, nope, v, C, R = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank, attn.qk_rope_head_dim
-    w = a64.wkv_b.weight.view(H, nope + v, C).abs()
-    c, kr = kv.double()[..., :C].abs(), kv.double()[..., C:].abs()
-    A = attn.softmax_scale * (torch.einsum("bthd,hdc,bsc->bhts", q_nope.double().abs(), w[:, :nope], c)
-                              + torch.einsum("bthr,bsr->bhts", q_rope.double().abs(), kr))
-    d_max = ((nope + C + R) * FP32_U * A).masked_fill(~mask, 0).amax(-1, keepdim=True)  # (B, H, T, 1)
-    w_uk = a64.wkv_b.weight.view(H, nope + v, C)[:, :nope]
-    scores = torch.einsum("bthd,hdc,bsc->bhts", q_nope.double(), w_uk, kv.double()[..., :C])
-    scores = (scores + torch.einsum("bthr,bsr->bhts", q_rope.double(), kv.double()[..., C:])) * attn.softmax_scale
-    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # exact probabilities
-    val_abs = torch.einsum("bhts,hjc,bsc->bthj", p, w[:, nope:], c)  # sum_s p_s |V_s|
-    bound = (2 * d_max.permute(0, 2, 1, 3) + (attn.v_head_dim + C + mask.shape[-1] + 8) * FP32_U) * val_abs
+    exact, bound = mla_attention_bound(attn, q_nope, q_rope, kv, mask)
     for core in (mla_absorbed_core, mla_dense_core):
         err = (core(attn, q_nope, q_rope, kv, mask).double() - exact).abs()
         assert (err <= bound).all(), f"{core.__name__}: max error / bound {(err / bound).max():.3g}"
