@@ -84,7 +84,8 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
-    prompt_logprobs: list[float | None] | None = None  # with the first token, when asked
+    # with the first token, when asked: per prompt token (logprob, top alternatives); None first
+    prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] | None = None
 
 
 @dataclass(eq=False)
@@ -98,7 +99,7 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)  # chain keys of the leading full blocks (registered)
     generator: torch.Generator | None = None
-    prompt_lp: list[float | None] | None = None
+    prompt_lp: list[tuple[float, dict[int, float] | None] | None] | None = None
     submitted: float = 0.0
     last_token_at: float | None = None
     cancelled: bool = False
@@ -335,7 +336,15 @@ class Engine:
         nxt = r.tokens[lo + 1:lo + 1 + h_TD.shape[0]]
         for j, t in enumerate(nxt):
             if lo + 1 + j == len(r.prompt_lp) < len(r.prompt):  # a recompute after preemption scores nothing twice
-                r.prompt_lp.append(float(logp[j, t]))
+                r.prompt_lp.append(self._logprobs(logp[j], t, r.opts.logprobs))
+
+    @staticmethod
+    def _logprobs(logp_V: torch.Tensor, token: int, top: int | None) -> tuple[float, dict[int, float] | None]:
+        """(logprob of ``token``, the ``top`` most likely tokens' logprobs or None when top is 0/None)."""
+        if not top:
+            return float(logp_V[token]), None
+        vals, ids = logp_V.topk(top)
+        return float(logp_V[token]), dict(zip(ids.tolist(), vals.tolist()))
 
     def _register_full_blocks(self, r: Request) -> None:
         if not self.cfg.prefix_sharing:
@@ -353,11 +362,7 @@ class Engine:
         tok = int(sample(logits_V.unsqueeze(0), SamplingParams(o.temperature, o.top_p), r.generator)[0])
         lp = top = None
         if o.logprobs is not None:
-            logp = logits_V.float().log_softmax(-1)
-            lp = float(logp[tok])
-            if o.logprobs > 0:
-                vals, ids = logp.topk(o.logprobs)
-                top = dict(zip(ids.tolist(), vals.tolist()))
+            lp, top = self._logprobs(logits_V.float().log_softmax(-1), tok, o.logprobs)
         r.tokens.append(tok)
         now = time.perf_counter()
         if r.last_token_at is None:
@@ -368,9 +373,9 @@ class Engine:
         self.metrics.generation_tokens.inc()
         reason = "stop" if tok in o.stop_ids else "length" if r.generated >= o.max_tokens else None
         first = r.generated == 1
-        r.emit(TokenEvent(tok, lp, top, reason, r.prompt_lp if first and r.prompt_lp is not None else None))
-        if reason is not None:
+        if reason is not None:  # blocks freed before the caller hears the request is done
             self._finish(r, reason, emit=False)
+        r.emit(TokenEvent(tok, lp, top, reason, r.prompt_lp if first and r.prompt_lp is not None else None))
 
     def _finish(self, r: Request, reason: str, emit: bool) -> None:
         if r in self.running:
