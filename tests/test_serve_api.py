@@ -19,6 +19,7 @@ import torch
 from hf_models import make_tokenizer
 from transformers import AutoTokenizer
 
+from flyer.cli import main
 from flyer.config import preset
 from flyer.data.tokenizer import train_bpe
 from flyer.infer import GenerationConfig, generate
@@ -295,3 +296,16 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--preset", "tiny", "--kv-cache-memory", "lots"], "--kv-cache-memory: expected a size"),
+    (["--preset", "tiny", "--kv-cache-memory", "1k"], "--kv-cache-memory: 1024 bytes hold 0 blocks"),
+    (["--preset", "tiny", "--max-batch-size", "0"], "--max-batch-size: must be >= 1"),
+    (["--preset", "tiny", "--port", "70000"], "--port: must be in"),
+    (["--preset", "tiny", "--ckpt", "x"], "exactly one"),
+])
+def test_cli_user_errors_are_one_line(capsys, argv, msg):
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1

@@ -13,7 +13,8 @@ from flyer.infer.attention import causal_slot_mask, mla_absorbed_core
 from flyer.infer.cache import LatentCache
 from flyer.infer.prefix_cache import chain_keys
 from flyer.model.transformer import Transformer
-from flyer.serve.engine import Engine, EngineConfig, QueueFull, SamplingOptions
+from flyer.serve.engine import (Engine, EngineConfig, QueueFull, SamplingOptions,
+                                open_disk_prefix_cache)
 from flyer.serve.paged import BlockAllocator, make_paged_cache
 
 V = 64
@@ -200,3 +201,17 @@ def test_block_allocator_shares_and_evicts_least_recently_used():
     assert alloc.allocate() not in a  # the free block first
     assert alloc.allocate() == a[0]  # then the least recently used cached one, dropped from the index
     assert alloc.match([1, 2, 3, 4], 2)[0] == []
+
+
+def test_on_disk_prefix_cache_is_a_second_tier(trained, tmp_path):
+    p = _progression(2, 3, 30)
+    ref = _alone(trained, [p], 8)
+    first = _engine(trained, prefix_cache=open_disk_prefix_cache(trained, tmp_path, torch.float32, 4))
+    assert _run(first, [p], SamplingOptions(max_tokens=8)) == ref
+    assert first.cfg.prefix_cache.stats.hits == 0
+    pc = open_disk_prefix_cache(trained, tmp_path, torch.float32, 4)  # a new server, the same directory
+    second = _engine(trained, prefix_cache=pc)
+    assert _run(second, [p, p[:13] + [1]], SamplingOptions(max_tokens=8)) == ref + _alone(trained, [p[:13] + [1]], 8)
+    # the first prompt's 29 // 4 blocks come from disk; the second's 3 from memory (loaded by the first)
+    assert pc.stats.hits == 7 and second.alloc.hits == 3
+    assert second.alloc.used == 0

@@ -19,7 +19,7 @@ from flyer.errors import FieldError, UserError
 from flyer.infer.cli import DTYPES, auto_cache_dtype, load_model, parse_size
 from flyer.interop.hf import is_hf_model_dir
 from flyer.serve.api import Api, Server
-from flyer.serve.engine import Engine, EngineConfig
+from flyer.serve.engine import Engine, EngineConfig, open_disk_prefix_cache
 
 
 def read_chat_template(ckpt: str | None) -> str | None:
@@ -68,7 +68,13 @@ def _run(args) -> int:
     model, tok = load_model(args)
     cfg.cache_dtype = DTYPES[auto_cache_dtype(args.ckpt, model) if args.cache_dtype == "auto" else args.cache_dtype]
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
-    engine = Engine(model, cfg)
+    if args.prefix_cache:
+        cfg.prefix_cache = open_disk_prefix_cache(model, args.prefix_cache, cfg.cache_dtype, cfg.block_size,
+                                                  parse_size(args.prefix_cache_size))
+    try:
+        engine = Engine(model, cfg)
+    except FieldError as e:  # the pool's size is the flag's
+        raise FieldError("kv_cache_memory" if e.field == "kv_cache_bytes" else e.field, e.problem) from None
     api = Api(engine, tok, name, args.api_key, read_chat_template(args.ckpt))
     server = Server(api)
     sock = bind(args.host, args.port)
@@ -111,6 +117,10 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step")
     p.add_argument("--no-prefix-sharing", action="store_true", help="recompute shared prompt prefixes")
+    p.add_argument("--prefix-cache", metavar="DIR",
+                   help="on-disk prefix cache under the in-memory one (shared with flyer generate --prefix-block "
+                        "BLOCK_SIZE for models without MTP)")
+    p.add_argument("--prefix-cache-size", default="1G", help="size bound of the on-disk prefix cache (LRU)")
     p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")

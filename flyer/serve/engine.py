@@ -38,11 +38,21 @@ import torch
 
 from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder
-from flyer.infer.prefix_cache import chain_keys
+from flyer.infer.prefix_cache import PrefixCache, chain_keys, model_fingerprint
 from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
+
+
+def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, block_size: int,
+                           max_bytes: int = 1 << 30) -> PrefixCache:
+    """The on-disk prefix cache under the paged one: blocks of ``block_size`` tokens keyed to this
+    model, layout and dtype. Its entries hold the main model's cache only, so for models without
+    MTP they are the ones ``flyer generate --prefix-cache`` writes at the same block size."""
+    layout = "gqa" if model.cfg.attn == "gqa" else "absorbed"
+    fp = model_fingerprint(model, layout=layout, dtype=str(cache_dtype), block_size=block_size, mtp=False)
+    return PrefixCache(root, fp, block_size=block_size, max_bytes=max_bytes)
 
 
 class QueueFull(Exception):
@@ -58,6 +68,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per step, over all prefilling requests
     cache_dtype: torch.dtype = torch.bfloat16
     prefix_sharing: bool = True
+    prefix_cache: PrefixCache | None = None  # on-disk second tier (``open_disk_prefix_cache``)
 
     def validate(self) -> None:
         for name in ("kv_cache_bytes", "block_size", "max_batch_size", "max_queue", "prefill_chunk"):
@@ -221,6 +232,14 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One scheduling step (see the module docstring)."""
+        self.admit()
+        self._decode(self._reserve_decode_slots())
+        self._prefill()
+        self._update_gauges()
+
+    def admit(self) -> int:
+        """Take new requests, drop cancelled ones, admit what fits; returns the running count
+        (step 1 and 2 of a step; the benchmark counts sequences held at once with it alone)."""
         with self._cv:
             self.waiting.extend(self._inbox)
             self._inbox.clear()
@@ -230,9 +249,7 @@ class Engine:
         for r in [r for r in self.running if r.cancelled]:
             self._finish(r, "cancelled", emit=True)
         self._admit()
-        self._decode(self._reserve_decode_slots())
-        self._prefill()
-        self._update_gauges()
+        return len(self.running)
 
     def _admit(self) -> None:
         bs = self.cfg.block_size
@@ -243,6 +260,8 @@ class Engine:
                 # the last token is always recomputed (its logits pick the next token), so at
                 # most the full blocks before it are shared
                 blocks, keys = self.alloc.match(r.tokens, (len(r.tokens) - 1) // bs)
+                if self.cfg.prefix_cache is not None:
+                    self._load_from_disk(r, blocks, keys)
             need = math.ceil(len(r.tokens) / bs) - len(blocks)
             if self.alloc.available < need:
                 self.alloc.release(blocks)
@@ -255,6 +274,42 @@ class Engine:
             if r.generated == 0:
                 self.metrics.prompt_tokens.inc(len(r.prompt))
             self.running.append(r)
+
+    def _load_from_disk(self, r: Request, blocks: list[int], keys: list[str]) -> None:
+        """Extend the shared blocks ``blocks`` (with their ``keys``) of r's prompt with blocks the
+        on-disk prefix cache holds, while the pool has room for the rest of the prompt too."""
+        pc, bs = self.cfg.prefix_cache, self.cfg.block_size
+        limit = (len(r.tokens) - 1) // bs
+        if len(blocks) >= limit:
+            return
+        disk_keys = pc.block_keys(r.tokens[:limit * bs])
+        mem_keys = chain_keys(r.tokens, bs, n_blocks=limit)
+        pool = self.cache.pool.tensors
+        expect = {k: ((t.shape[0], bs, *t.shape[3:]), t.dtype) for k, t in pool.items()}
+        for i in range(len(blocks), limit):
+            if self.alloc.available < math.ceil(len(r.tokens) / bs) - len(blocks):
+                return
+            blk = pc.load(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], expect)
+            if blk is None:
+                return
+            b = self.alloc.allocate()
+            for k, t in pool.items():
+                t[:, b] = blk[k].to(t.device)
+            self.alloc.register(b, mem_keys[i])
+            blocks.append(b)
+            keys.append(mem_keys[i])
+
+    def _store_to_disk(self, r: Request, first: int, end: int) -> None:
+        """Write r's full prompt blocks [first, end) to the on-disk prefix cache."""
+        pc, bs = self.cfg.prefix_cache, self.cfg.block_size
+        end = min(end, len(r.prompt) // bs)
+        if first >= end:
+            return
+        disk_keys = pc.block_keys(r.tokens[:end * bs])
+        pool = self.cache.pool.tensors
+        for i in range(first, end):
+            pc.store(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], {k: t[:, r.blocks[i]] for k, t in pool.items()})
+        pc.evict()
 
     def _reserve_decode_slots(self) -> list[Request]:
         """Decoding requests (one pending token), each with a block for that token's slot;
@@ -350,10 +405,13 @@ class Engine:
         if not self.cfg.prefix_sharing:
             return
         bs = self.cfg.block_size
-        for i in range(len(r.keys), r.n_cached // bs):
+        first = len(r.keys)
+        for i in range(first, r.n_cached // bs):
             key = chain_keys(r.tokens[i * bs:(i + 1) * bs], bs, seed=r.keys[-1] if r.keys else "")[0]
             r.keys.append(key)
             self.alloc.register(r.blocks[i], key)
+        if self.cfg.prefix_cache is not None:
+            self._store_to_disk(r, first, len(r.keys))
 
     def _advance(self, r: Request, logits_V: torch.Tensor) -> None:
         """The cache holds all of r's tokens: choose the next one from ``logits_V`` and emit it."""
