@@ -315,7 +315,7 @@ class Api:
                                                      "logprobs": None}]})
             async for i, c, e in gen.events():
                 text = c.delta()
-                if text or c.finish_reason is not None:
+                if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
                     lp = None
                     if body.logprobs is not None and e.token is not None and c.finish_reason != "stop":
                         lp = {"tokens": [self._token_text(e.token)], "token_logprobs": [e.logprob],
@@ -372,7 +372,7 @@ class Api:
                                              "finish_reason": None, "logprobs": None}]})
             async for _, c, e in gen.events():
                 text = c.delta()
-                if text or c.finish_reason is not None:
+                if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
                     lp = content_logprobs([e]) if e.token is not None and c.finish_reason != "stop" else None
                     yield _sse({**head, "choices": [{"index": 0, "delta": {"content": text} if text else {},
                                                      "finish_reason": c.finish_reason, "logprobs": lp}]})
