@@ -4,6 +4,7 @@ sampling, and MTP speculative decoding == plain greedy."""
 import pytest
 import torch
 from bounds import mla_attention_bound
+from trained import counting_model as train_counting_model
 
 from flyer.config import preset
 from flyer.infer import attention
@@ -157,18 +158,7 @@ def test_speculative_acceptance_rule_preserves_the_target_distribution():
 # ---- MTP speculative decoding ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def counting_model():
-    """A tiny model trained for a few seconds on arithmetic progressions mod 64: its main head
-    and MTP module both learn the pattern, so drafts are mostly accepted."""
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=64))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        seq = (torch.randint(0, 64, (16, 1)) + torch.randint(1, 4, (16, 1)) * torch.arange(25)) % 64
-        loss = model.compute_loss(seq[:, :-1], seq[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return train_counting_model()
 
 
 def test_speculative_greedy_identical_on_untrained_model():

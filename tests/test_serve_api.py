@@ -17,6 +17,7 @@ import openai
 import pytest
 import torch
 from hf_models import make_tokenizer
+from trained import counting_model
 from transformers import AutoTokenizer
 
 from flyer.cli import main
@@ -34,18 +35,6 @@ V = 64
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _trained() -> Transformer:
-    """A tiny model trained for a few seconds on arithmetic progressions mod 64 (clear margins)."""
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=V))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        seq = (torch.randint(0, V, (16, 1)) + torch.randint(1, 4, (16, 1)) * torch.arange(25)) % V
-        loss = model.compute_loss(seq[:, :-1], seq[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 class _Running:
@@ -76,7 +65,7 @@ class _Running:
 
 @pytest.fixture(scope="module")
 def model():
-    return _trained()
+    return counting_model(V)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ on its prompt alone; seeded sampling, cancellation, admission limits."""
 import pytest
 import torch
 from bounds import mla_attention_bound
+from trained import counting_model
 
 from flyer.config import preset
 from flyer.errors import FieldError
@@ -22,18 +23,7 @@ V = 64
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny model trained for a few seconds on arithmetic progressions mod 64 (clear argmax
-    margins, so FP32 rounding differences between batch mixes do not flip greedy tokens)."""
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=V))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        seq = (torch.randint(0, V, (16, 1)) + torch.randint(1, 4, (16, 1)) * torch.arange(25)) % V
-        loss = model.compute_loss(seq[:, :-1], seq[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return counting_model(V)
 
 
 def _engine(model, blocks=64, block_size=4, **over) -> Engine:
