@@ -298,3 +298,15 @@ def test_cli_user_errors_are_one_line(capsys, argv, msg):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_without_max_tokens_fits_the_cache():
+    torch.manual_seed(0)
+    s = _Running(Transformer(preset("tiny")).eval(), kv_cache_bytes=12 * 4 * 384 * 2)  # 11 blocks of 4: 44 tokens
+    try:
+        msgs = [{"role": "user", "content": "a"}]  # "<|user|>\na\n<|assistant|>\n": 25 byte tokens
+        r = s.client().chat.completions.create(model="tiny-test", messages=msgs, temperature=0)
+        assert r.usage.prompt_tokens == 25 and r.usage.completion_tokens == 44 - 25
+        assert r.choices[0].finish_reason == "length"
+    finally:
+        s.close()

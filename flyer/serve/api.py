@@ -247,8 +247,9 @@ class Api:
     def _options(self, body: _Body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
                  echo: bool = False) -> SamplingOptions:
         ctx = self.engine.model.cfg.max_seq_len
-        if max_tokens is None:  # chat without a limit: the rest of the context
-            max_tokens = max(ctx - prompt_len, 1)
+        if max_tokens is None:  # chat without a limit: the rest of the context, as far as the cache holds it
+            room = min(ctx, self.engine.alloc.capacity * self.engine.cfg.block_size)
+            max_tokens = max(room - prompt_len, 1)
         eos = self.tok.eos_id()
         return SamplingOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                seed=body.seed, stop_ids=() if eos is None else (eos,), logprobs=logprobs,
