@@ -7,9 +7,11 @@
    new tokens. Per concurrency: output tokens/s (all clients), TTFT and TPOT p50/p99, the
    server's prefix hit rate (from /metrics).
 2. The peer, on the same weights exported with ``flyer export`` (FP32) and the same requests at
-   the highest concurrency: ``transformers serve --continuous-batching`` when it starts here
-   (``--peer-serve``, off by default: see ``peer_note``), else transformers' batched ``generate``
-   (left-padded, greedy, all requests in one batch as static batching does).
+   the highest concurrency: ``transformers serve --continuous-batching`` when it starts here (its
+   completions take text: the prompts' ids decoded by the exported tokenizer), else transformers'
+   batched ``generate`` (left-padded, greedy, one batch as static batching does) with the reason
+   in ``peer_note`` (here: its model manager always passes a ``device_map``, which needs
+   ``accelerate``, not installed).
 3. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
    once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
    against the ratio of their cache bytes per token.
@@ -26,6 +28,7 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from tokenizers import Tokenizer
 
 from flyer.config import preset
 from flyer.data.tokenizer import train_bpe
@@ -69,13 +73,14 @@ def _requests(n: int, args, rng: random.Random, system: list[int]) -> list[tuple
     return out
 
 
-def _one(url: str, model: str, prompt: list[int], n: int) -> dict:
-    """One streaming completion; (ttft, tpot, tokens) from the client's clock and the usage."""
+def _one(url: str, model: str, prompt: list[int] | str, n: int) -> dict:
+    """One streaming completion; (ttft, tpot, tokens) from the client's clock and the usage (else
+    the number of chunks)."""
     body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens = chunks = 0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=3600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -85,9 +90,11 @@ def _one(url: str, model: str, prompt: list[int], n: int) -> dict:
             now = time.perf_counter()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"]:
+            elif chunk.get("choices"):
                 first = first or now
                 last = now
+                chunks += 1
+    tokens = tokens or chunks
     ttft = (first or last) - t0
     return {"ttft": ttft, "tpot": ((last - first) / max(tokens - 1, 1)) if first else 0.0, "tokens": tokens}
 
@@ -152,9 +159,14 @@ def _peer_generate(hf_dir: Path, reqs, threads: int) -> dict:
 def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
     """``transformers serve --continuous-batching`` on the exported weights, same clients."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    port = 18000 + os.getpid() % 1000
+    with socket.socket() as s:  # a free port for it (it takes no port 0)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # its completions take text prompts only: the same token ids, decoded by the exported tokenizer
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    reqs = [(tok.decode(p), n) for p, n in reqs]
     proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", "--continuous-batching",
-                             "--host", "127.0.0.1", "--port", str(port), str(hf_dir)],
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", str(hf_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -199,7 +211,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", default="512M")
     ap.add_argument("--payoff-memory", default="256M", help="cache size of the MLA/GQA sequence count")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--peer-serve", action="store_true", help="try transformers serve --continuous-batching")
+    ap.add_argument("--no-peer-serve", dest="peer_serve", action="store_false",
+                    help="skip transformers serve --continuous-batching (tried first by default)")
     args = ap.parse_args()
     sizes = dict(concurrency=[1, 4, 16, 64], system_prompt=48, prompt_min=64, prompt_max=1024, new_min=64,
                  new_max=256) if args.full else \
@@ -239,12 +252,11 @@ def main() -> None:
                 peer = _peer_serve(hf_dir, peer_reqs, cmax, args.threads)
                 out["peer"] = "transformers serve --continuous-batching"
             except Exception as e:  # the reason goes into the JSON
-                out["peer_note"] = f"transformers serve --continuous-batching failed here: {str(e)[-300:]}"
+                last = [ln for ln in str(e).splitlines() if ln.strip()][-1:] or [type(e).__name__]
+                out["peer_note"] = (f"transformers serve --continuous-batching did not start here ({last[0][:300]}); "
+                                    "the peer is transformers' batched generate on the same requests")
         else:
-            out["peer_note"] = ("transformers serve --continuous-batching not run by default (--peer-serve tries "
-                                "it): it loads models by hub id through its own model manager and its CPU "
-                                "continuous batching path was not verified here; the peer is transformers' "
-                                "batched generate on the same requests (one left-padded greedy batch)")
+            out["peer_note"] = "--no-peer-serve: the peer is transformers' batched generate on the same requests"
         if peer is None:
             peer = _peer_generate(hf_dir, peer_reqs, args.threads)
             out["peer"] = "transformers generate (batched)"
