@@ -11,7 +11,7 @@ from flyer.infer import attention
 from flyer.infer.attention import causal_slot_mask, dense_prefill_pays, mla_absorbed_core, mla_dense_core
 from flyer.infer import Decoder, GenerationConfig, generate, make_cache
 from flyer.infer.sampling import SamplingParams, probabilities
-from flyer.infer.speculative import _accept
+from flyer.infer.speculative import accept_drafts
 from flyer.model.counts import kv_cache_bytes_per_token
 from flyer.model.transformer import Transformer
 
@@ -151,7 +151,7 @@ def test_speculative_acceptance_rule_preserves_the_target_distribution():
     n = 4000
     for _ in range(n):
         d = int(torch.multinomial(q[0], 1, generator=g))
-        counts[_accept(p, q, [d], SamplingParams(temperature=1.0), g)[0]] += 1
+        counts[accept_drafts(p, q, [d], SamplingParams(temperature=1.0), g)[0]] += 1
     assert (counts / n - p[0]).abs().max() < 0.03
 
 

@@ -205,3 +205,23 @@ def test_on_disk_prefix_cache_is_a_second_tier(trained, tmp_path):
     # the first prompt's 29 // 4 blocks come from disk; the second's 3 from memory (loaded by the first)
     assert pc.stats.hits == 7 and second.alloc.hits == 3
     assert second.alloc.used == 0
+
+
+def test_mtp_speculation_in_the_batch_keeps_greedy_tokens(trained):
+    head = _progression(3, 2, 13)
+    prompts = [head + _progression(5, 3, n) for n in (3, 17)] + [_progression(7, 1, n) for n in (1, 30, 6)]
+    ref = _alone(trained, prompts, 12)
+    for blocks, chunk in ((64, 64), (18, 8)):  # the second preempts (18 main-only blocks hold 14 with MTP)
+        eng = _engine(trained, blocks=blocks, prefill_chunk=chunk, speculative="mtp")
+        assert _run(eng, prompts, SamplingOptions(max_tokens=12)) == ref, (blocks, chunk)
+        assert eng.alloc.used == 0 and eng.drafted > 0
+    assert eng.metrics.preemptions._value.get() > 0
+    big = _engine(trained, speculative="mtp")
+    _run(big, prompts, SamplingOptions(max_tokens=12))
+    assert big.accepted / big.drafted > 0.8  # the trained MTP module drafts well
+    # seeded sampling stays reproducible; every token still comes from the target's distribution
+    opts = SamplingOptions(max_tokens=10, temperature=1.0, seed=3)
+    assert _run(_engine(trained, speculative="mtp"), [prompts[0]], opts) == \
+        _run(_engine(trained, speculative="mtp", prefill_chunk=4), [prompts[0]], opts)
+    with pytest.raises(FieldError, match="mtp_depth"):
+        _engine(Transformer(preset("tiny", vocab_size=V, mtp_depth=0)), speculative="mtp")

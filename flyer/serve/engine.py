@@ -17,6 +17,12 @@ wait for the model. Each scheduler step:
 5. samples each request's next token with its own options (greedy, temperature / top-p with its
    own seeded generator) and hands it to the request's ``emit``; finished requests leave.
 
+With ``speculative="mtp"`` the MTP module has a paged one-layer cache on the same block tables;
+each decode step first writes the MTP entries a request can (its main hidden states with the
+next tokens), drafts one token from the last, and verifies [pending, draft] in one main-model
+pass (``flyer.infer.speculative.accept_drafts``: greedy keeps plain greedy's tokens). Prefix sharing is
+off then: a block's MTP entries depend on the next block's first token.
+
 A request's state is its tokens (prompt + generated) and ``n_cached``, how many of them are in
 its blocks. Every forward feeds ``tokens[n_cached:]`` (a chunk of them); when the cache catches
 up with the tokens, the last logits give the next token. Decode and recompute are the same rule.
@@ -39,7 +45,8 @@ import torch
 from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder
 from flyer.infer.prefix_cache import PrefixCache, chain_keys, model_fingerprint
-from flyer.infer.sampling import SamplingParams, sample
+from flyer.infer.sampling import SamplingParams, probabilities, sample
+from flyer.infer.speculative import accept_drafts
 from flyer.model.transformer import Transformer
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
@@ -69,11 +76,14 @@ class EngineConfig:
     cache_dtype: torch.dtype = torch.bfloat16
     prefix_sharing: bool = True
     prefix_cache: PrefixCache | None = None  # on-disk second tier (``open_disk_prefix_cache``)
+    speculative: str | None = None  # "mtp": one MTP draft per decoding request per step, verified in the batch
 
     def validate(self) -> None:
         for name in ("kv_cache_bytes", "block_size", "max_batch_size", "max_queue", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
+        if self.speculative not in (None, "mtp"):
+            raise FieldError("speculative", f"must be None or 'mtp' (got {self.speculative!r})")
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,8 @@ class Request:
     keys: list[str] = field(default_factory=list)  # chain keys of the leading full blocks (registered)
     generator: torch.Generator | None = None
     prompt_lp: list[tuple[float, dict[int, float] | None] | None] | None = None
+    mtp_len: int = 0  # leading positions whose MTP cache entries are written (speculative)
+    h_prev: torch.Tensor | None = None  # main hidden states (C, D) of positions [mtp_len, n_cached)
     submitted: float = 0.0
     last_token_at: float | None = None
     cancelled: bool = False
@@ -131,13 +143,20 @@ class Engine:
         self.metrics = metrics or ServeMetrics()
         mcfg = model.cfg
         device = model.embed.weight.device
-        n_blocks = blocks_for_memory(mcfg, cfg.kv_cache_bytes, cfg.block_size, cfg.cache_dtype)
+        self.spec = cfg.speculative == "mtp"
+        if self.spec and len(model.mtp) == 0:
+            raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
+        n_blocks = blocks_for_memory(mcfg, cfg.kv_cache_bytes, cfg.block_size, cfg.cache_dtype, self.spec)
         if n_blocks < 2:
             raise FieldError("kv_cache_bytes", f"{cfg.kv_cache_bytes} bytes hold {n_blocks} blocks of "
                                                f"{cfg.block_size} tokens; at least 2 are needed")
         self.cache = make_paged_cache(mcfg, mcfg.n_layers, n_blocks, cfg.block_size, cfg.cache_dtype, device)
         self.alloc = BlockAllocator(n_blocks, cfg.block_size)
-        self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache)
+        # MTP entries of a block depend on the next block's first token, so blocks are not shared
+        self.sharing = cfg.prefix_sharing and not self.spec
+        self.mtp_cache = make_paged_cache(mcfg, 1, n_blocks, cfg.block_size, cfg.cache_dtype, device) \
+            if self.spec else None
+        self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
         self.device = device
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -145,6 +164,7 @@ class Engine:
         self._cv = threading.Condition()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self.drafted = self.accepted = 0  # MTP drafts proposed and kept
         self._stop = False
         self._update_gauges()
 
@@ -256,7 +276,7 @@ class Engine:
         while self.waiting and len(self.running) < self.cfg.max_batch_size:
             r = self.waiting[0]
             blocks, keys = [], []
-            if self.cfg.prefix_sharing and r.prompt_lp is None:
+            if self.sharing and r.prompt_lp is None:
                 # the last token is always recomputed (its logits pick the next token), so at
                 # most the full blocks before it are shared
                 blocks, keys = self.alloc.match(r.tokens, (len(r.tokens) - 1) // bs)
@@ -319,7 +339,7 @@ class Engine:
         for r in list(self.running):
             if r not in self.running or len(r.tokens) - r.n_cached != 1:
                 continue
-            while len(r.blocks) * bs <= r.n_cached:
+            while len(r.blocks) * bs <= r.n_cached + int(self.spec):  # speculative: a slot for the draft too
                 b = self.alloc.allocate()
                 if b is not None:
                     r.blocks.append(b)
@@ -335,27 +355,83 @@ class Engine:
     def _preempt(self, r: Request) -> None:
         self.running.remove(r)
         self.alloc.release(r.blocks)
-        r.blocks, r.keys, r.n_cached = [], [], 0
+        r.blocks, r.keys, r.n_cached, r.mtp_len, r.h_prev = [], [], 0, 0, None
         self.waiting.appendleft(r)
         self.metrics.preemptions.inc()
 
-    def _tables(self, rows: list[Request], n_slots: int) -> torch.Tensor:
+    def _set_tables(self, rows: list[Request], n_slots: int) -> None:
+        """Block tables of ``rows`` covering ``n_slots`` positions, for the main and MTP caches."""
         width = math.ceil(n_slots / self.cfg.block_size)
         t = torch.full((len(rows), width), NULL_BLOCK, dtype=torch.long)
         for i, r in enumerate(rows):
             t[i, :min(len(r.blocks), width)] = torch.tensor(r.blocks[:width], dtype=torch.long)
-        return t.to(self.device)
+        self.cache.tables = t.to(self.device)
+        if self.mtp_cache is not None:
+            self.mtp_cache.tables = self.cache.tables
 
     def _decode(self, rows: list[Request]) -> None:
+        if self.spec:  # a one-token prompt has no hidden state to draft from yet: one plain step
+            drafting = [r for r in rows if r.n_cached > 0]
+            if drafting:
+                self._decode_speculative(drafting)
+            rows = [r for r in rows if r.n_cached == 0]
         if not rows:
             return
         tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         start = torch.tensor([r.n_cached for r in rows], device=self.device)
-        self.cache.tables = self._tables(rows, int(start.max()) + 1)
-        logits = self.dec.logits(self.dec.forward(tokens, start))[:, 0]
+        self._set_tables(rows, int(start.max()) + 1)
+        h = self.dec.forward(tokens, start)
+        logits = self.dec.logits(h)[:, 0]
         for i, r in enumerate(rows):
             r.n_cached += 1
+            if self.spec:
+                r.h_prev = h[i]  # (1, D): position 0
             self._advance(r, logits[i])
+
+    def _mtp_catch_up(self, rows: list[Request]) -> torch.Tensor | None:
+        """Write the MTP cache entries each row can: positions [mtp_len, min(n_cached, len - 1))
+        from the main hidden states and the next tokens. Returns (B, D) the MTP output at each
+        row's last such position (None when no row has any)."""
+        c = [max(min(r.n_cached, len(r.tokens) - 1) - r.mtp_len, 0) for r in rows]
+        if max(c) == 0:
+            return None
+        C, D = max(c), self.model.cfg.dim
+        h_in = torch.zeros(len(rows), C, D, dtype=rows[0].h_prev.dtype, device=self.device)
+        nxt = torch.zeros(len(rows), C, dtype=torch.long)
+        for i, (r, ci) in enumerate(zip(rows, c)):
+            h_in[i, :ci] = r.h_prev[:ci]
+            nxt[i, :ci] = torch.tensor(r.tokens[r.mtp_len + 1:r.mtp_len + 1 + ci])
+        start = torch.tensor([r.mtp_len for r in rows], device=self.device)
+        self._set_tables(rows, int(start.max()) + C)
+        h1 = self.dec.mtp_forward(h_in, nxt.to(self.device), start)
+        for r, ci in zip(rows, c):
+            r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
+        return h1[torch.arange(len(rows)), torch.tensor([max(ci - 1, 0) for ci in c])]
+
+    def _decode_speculative(self, rows: list[Request]) -> None:
+        """One MTP draft per row, verified with the pending token in one main-model pass
+        (``flyer.infer.speculative``): greedy keeps exactly plain greedy decoding's tokens."""
+        h1 = self._mtp_catch_up(rows)  # every decoding row has its entry n - 1 to write
+        q_logits = self.dec.mtp_logits(h1)  # (B, V) at position n - 1: predicts t_{n+1}
+        params = [SamplingParams(r.opts.temperature, r.opts.top_p) for r in rows]
+        q = [None if p.greedy else probabilities(q_logits[i:i + 1], p) for i, p in enumerate(params)]
+        drafts = [int(q_logits[i].argmax()) if p.greedy else int(torch.multinomial(q[i][0], 1, generator=r.generator))
+                  for i, (r, p) in enumerate(zip(rows, params))]
+        tokens = torch.tensor([[r.tokens[-1], d] for r, d in zip(rows, drafts)], device=self.device)
+        start = torch.tensor([r.n_cached for r in rows], device=self.device)
+        self._set_tables(rows, int(start.max()) + 2)
+        hv = self.dec.forward(tokens, start)
+        logits = self.dec.logits(hv)  # (B, 2, V)
+        for i, (r, p) in enumerate(zip(rows, params)):
+            target = logits[i] if p.greedy else probabilities(logits[i], p)
+            new = accept_drafts(target, q[i], [drafts[i]], p, r.generator)
+            self.drafted += 1
+            self.accepted += len(new) - 1
+            r.h_prev = hv[i, :len(new)]  # positions n .. n + len(new) - 1
+            r.n_cached += len(new)
+            for j, tok in enumerate(new):
+                if self._emit_token(r, tok, logits[i, j]):
+                    break
 
     def _prefill(self) -> None:
         budget = self.cfg.prefill_chunk
@@ -373,8 +449,15 @@ class Engine:
         for i, (r, n) in enumerate(zip(rows, lens)):
             tokens[i, :n] = torch.tensor(r.tokens[r.n_cached:r.n_cached + n])
         start = torch.tensor([r.n_cached for r in rows], device=self.device)
-        self.cache.tables = self._tables(rows, int(start.max()) + T)
+        self._set_tables(rows, int(start.max()) + T)
         h = self.dec.forward(tokens.to(self.device), start)
+        if self.spec:
+            for i, (r, n) in enumerate(zip(rows, lens)):
+                r.h_prev = h[i, :n] if r.h_prev is None else torch.cat([r.h_prev, h[i, :n]])
+                r.n_cached += n
+            self._mtp_catch_up(rows)
+            for r, n in zip(rows, lens):
+                r.n_cached -= n
         for i, (r, n) in enumerate(zip(rows, lens)):
             if r.prompt_lp is not None and r.n_cached < len(r.prompt):
                 self._score_prompt(r, h[i, :n])
@@ -402,7 +485,7 @@ class Engine:
         return float(logp_V[token]), dict(zip(ids.tolist(), vals.tolist()))
 
     def _register_full_blocks(self, r: Request) -> None:
-        if not self.cfg.prefix_sharing:
+        if not self.sharing:
             return
         bs = self.cfg.block_size
         first = len(r.keys)
@@ -418,6 +501,11 @@ class Engine:
         self._register_full_blocks(r)
         o = r.opts
         tok = int(sample(logits_V.unsqueeze(0), SamplingParams(o.temperature, o.top_p), r.generator)[0])
+        self._emit_token(r, tok, logits_V)
+
+    def _emit_token(self, r: Request, tok: int, logits_V: torch.Tensor) -> bool:
+        """Append ``tok`` (chosen from ``logits_V``) to r, emit it; True when that finished r."""
+        o = r.opts
         lp = top = None
         if o.logprobs is not None:
             lp, top = self._logprobs(logits_V.float().log_softmax(-1), tok, o.logprobs)
@@ -434,6 +522,7 @@ class Engine:
         if reason is not None:  # blocks freed before the caller hears the request is done
             self._finish(r, reason, emit=False)
         r.emit(TokenEvent(tok, lp, top, reason, r.prompt_lp if first and r.prompt_lp is not None else None))
+        return reason is not None
 
     def _finish(self, r: Request, reason: str, emit: bool) -> None:
         if r in self.running:
