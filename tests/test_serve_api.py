@@ -262,7 +262,8 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     ref = json.loads(gen.stdout)
     proc = subprocess.Popen([sys.executable, "-m", "flyer", "serve", "--ckpt", str(tmp_path), "--port", "0",
-                             "--cache-dtype", "fp32", "--kv-cache-memory", "4M", "--threads", "1"],
+                             "--cache-dtype", "fp32", "--kv-cache-memory", "4M", "--threads", "1",
+                             "--speculative", "mtp"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # blocks until the ready line (or exit)
