@@ -205,6 +205,13 @@ class _Generation:
         finally:
             self.cancel()
 
+    async def wait(self) -> None:
+        """Every choice to its end (non-streaming); an engine failure answers 500."""
+        async for _ in self.events():
+            pass
+        if any(c.finish_reason == "error" for c in self.choices):
+            raise ApiError(500, "the engine failed on this request (see the server's log)", "server_error")
+
     def usage(self) -> dict:
         p, c = sum(len(x) for x in self.prompts), sum(len(ch.ids) for ch in self.choices)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -303,8 +310,7 @@ class Api:
             return None if body.logprobs is None else self._completion_logprobs(prompts[i], c, body.echo)
 
         if not body.stream:
-            async for _ in gen.events():
-                pass
+            await gen.wait()
             out = [{"index": i, "text": prefix[i] + c.text, "finish_reason": c.finish_reason,
                     "logprobs": logprobs(i, c)} for i, c in enumerate(gen.choices)]
             return JSONResponse({**head, "choices": out, "usage": gen.usage()})
@@ -359,8 +365,7 @@ class Api:
             return {"content": [self._chat_logprob(e.token, e.logprob, e.top_logprobs) for e in events]}
 
         if not body.stream:
-            async for _ in gen.events():
-                pass
+            await gen.wait()
             c = gen.choices[0]
             return JSONResponse({**head, "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
