@@ -24,9 +24,10 @@ from flyer.infer import cli as infer_cli
 from flyer.interop import export
 from flyer.model import info
 from flyer.runtime import tune_malloc
+from flyer.serve import cli as serve_cli
 from flyer.train import cli as train_cli
 
-COMMAND_MODULES = [info, train_cli, infer_cli, export, cluster_cli]
+COMMAND_MODULES = [info, train_cli, infer_cli, serve_cli, export, cluster_cli]
 
 __all__ = ["UserError", "build_parser", "flags", "main"]
 

@@ -29,3 +29,27 @@ def assert_fp32_gemm(actual: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ext
     rounded up to ``extra_roundings`` more times (scales, promotion)."""
     a, b = a.double(), b.double()
     assert_fp32_sums(actual, a @ b, a.abs() @ b.abs(), a.shape[-1] + extra_roundings)
+
+
+def mla_attention_bound(attn, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact per-head attention output (B, T, H, v) in FP64, bound on the error of any FP32
+    evaluation of it) for MLA with queries q_nope/q_rope, cached [c | k_rope] ``kv`` (B, S, C + R)
+    and visibility ``mask`` (B, 1, T, S). A score is a sum of nope*C + R products, so its error is
+    at most (nope + C + R) u A with A the sum of their absolute values; a score error d moves each
+    probability by at most 2 max|d| of itself; the output sums S probabilities times values that
+    are C-term sums (v + C + S roundings, and a few for exp and the normalisation)."""
+    H, nope, v = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim
+    C, R = attn.kv_lora_rank, attn.qk_rope_head_dim
+    w = attn.wkv_b.weight.detach().double().view(H, nope + v, C)
+    qn, qr, c, kr = q_nope.double(), q_rope.double(), kv.double()[..., :C], kv.double()[..., C:]
+    scores = (torch.einsum("bthd,hdc,bsc->bhts", qn, w[:, :nope], c)
+              + torch.einsum("bthr,bsr->bhts", qr, kr)) * attn.softmax_scale
+    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    exact = torch.einsum("bhts,hjc,bsc->bthj", p, w[:, nope:], c)
+    A = attn.softmax_scale * (torch.einsum("bthd,hdc,bsc->bhts", qn.abs(), w[:, :nope].abs(), c.abs())
+                              + torch.einsum("bthr,bsr->bhts", qr.abs(), kr.abs()))
+    d_max = ((nope + C + R) * FP32_U * A).masked_fill(~mask, 0).amax(-1, keepdim=True)  # (B, H, T, 1)
+    val_abs = torch.einsum("bhts,hjc,bsc->bthj", p, w[:, nope:].abs(), c.abs())  # sum_s p_s |V_s|
+    bound = (2 * d_max.permute(0, 2, 1, 3) + (v + C + mask.shape[-1] + 8) * FP32_U) * val_abs
+    return exact, bound

@@ -3,11 +3,15 @@ sampling, and MTP speculative decoding == plain greedy."""
 
 import pytest
 import torch
+from bounds import mla_attention_bound
+from trained import counting_model as train_counting_model
 
 from flyer.config import preset
+from flyer.infer import attention
+from flyer.infer.attention import causal_slot_mask, dense_prefill_pays, mla_absorbed_core, mla_dense_core
 from flyer.infer import Decoder, GenerationConfig, generate, make_cache
 from flyer.infer.sampling import SamplingParams, probabilities
-from flyer.infer.speculative import _accept
+from flyer.infer.speculative import accept_drafts
 from flyer.model.counts import kv_cache_bytes_per_token
 from flyer.model.transformer import Transformer
 
@@ -147,25 +151,14 @@ def test_speculative_acceptance_rule_preserves_the_target_distribution():
     n = 4000
     for _ in range(n):
         d = int(torch.multinomial(q[0], 1, generator=g))
-        counts[_accept(p, q, [d], SamplingParams(temperature=1.0), g)[0]] += 1
+        counts[accept_drafts(p, q, [d], SamplingParams(temperature=1.0), g)[0]] += 1
     assert (counts / n - p[0]).abs().max() < 0.03
 
 
 # ---- MTP speculative decoding ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def counting_model():
-    """A tiny model trained for a few seconds on arithmetic progressions mod 64: its main head
-    and MTP module both learn the pattern, so drafts are mostly accepted."""
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=64))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        seq = (torch.randint(0, 64, (16, 1)) + torch.randint(1, 4, (16, 1)) * torch.arange(25)) % 64
-        loss = model.compute_loss(seq[:, :-1], seq[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return train_counting_model()
 
 
 def test_speculative_greedy_identical_on_untrained_model():
@@ -198,3 +191,49 @@ def test_speculative_greedy_identical_on_trained_model(counting_model, k):
 def test_speculative_needs_mtp():
     with pytest.raises(ValueError, match="mtp_depth"):
         generate(_model(mtp_depth=0), [[1]], GenerationConfig(max_new_tokens=2, speculative="mtp"))
+
+
+# ---- prefill form and subnormal probabilities ---------------------------------------------
+def test_dense_prefill_chunk_equals_training_path():
+    # kv_lora_rank 64: a 90-token chunk takes the compute-bound form (dense_prefill_pays)
+    model = _model(kv_lora_rank=64)
+    assert dense_prefill_pays(model.layers[0].attn, 90) and not dense_prefill_pays(model.layers[0].attn, 2)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 100))
+    with torch.no_grad():
+        ref = model(tokens)
+    torch.testing.assert_close(_incremental_logits(model, tokens, "absorbed", torch.float32, 90), ref,
+                               atol=ATOL_FP32, rtol=0)
+
+
+def _attention_inputs(attn, B=2, T=24, S=40, spread=1.0):
+    H, nope, R, C = attn.n_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
+    q_nope, q_rope = torch.randn(B, T, H, nope) * spread, torch.randn(B, T, H, R) * spread
+    kv = torch.randn(B, S, C + R)
+    pos = torch.arange(S - T, S).expand(B, T).clone()
+    pos[1] -= 5  # rows at different positions: per-row causal masks
+    return q_nope, q_rope, kv, causal_slot_mask(pos, S)
+
+
+def test_dense_and_absorbed_cores_agree_within_fp32_bound():
+    """Both forms against FP64, each within the bound of its sums (``bounds.mla_attention_bound``)."""
+    attn = _model().layers[0].attn
+    q_nope, q_rope, kv, mask = _attention_inputs(attn)
+    exact, bound = mla_attention_bound(attn, q_nope, q_rope, kv, mask)
+    for core in (mla_absorbed_core, mla_dense_core):
+        err = (core(attn, q_nope, q_rope, kv, mask).double() - exact).abs()
+        assert (err <= bound).all(), f"{core.__name__}: max error / bound {(err / bound).max():.3g}"
+
+
+def test_flushing_subnormal_probabilities_changes_nothing(monkeypatch):
+    attn = _model().layers[0].attn
+    q_nope, q_rope, kv, mask = _attention_inputs(attn, S=400, T=4, spread=30.0)  # peaked: many subnormals
+    scores = torch.randn(2, 4, 4, 400) * 60
+    p = attention._softmax(scores, mask, torch.float32)
+    monkeypatch.setattr(attention, "FP32_TINY", 0.0)
+    p_kept = attention._softmax(scores, mask, torch.float32)
+    assert ((p_kept > 0) & (p_kept < torch.finfo(torch.float32).tiny)).any()  # there were subnormals
+    assert (p == 0).sum() > (p_kept == 0).sum()
+    assert torch.equal(p @ kv[:, None, :, :32], p_kept @ kv[:, None, :, :32])
+    out_kept = attention.mla_absorbed_core(attn, q_nope, q_rope, kv, mask)
+    monkeypatch.setattr(attention, "FP32_TINY", torch.finfo(torch.float32).tiny)
+    assert torch.equal(attention.mla_absorbed_core(attn, q_nope, q_rope, kv, mask), out_kept)

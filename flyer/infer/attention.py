@@ -11,6 +11,16 @@ Absorbed MLA (DeepSeek-V2 section 2.1.3): with ``wkv_b`` viewed as (H, nope + v,
 so keys and values are never up-projected: the query absorbs W_UK, the output W_UV, and the
 only per-token state is (c_s, k_rope_s), shared by every head.
 
+Prefill chunks take the compute-bound form instead (DeepSeek-V3 serves that way): the latents
+of every attended slot are up-projected to per-head keys and values and one fused attention
+(SDPA) runs over them, never materialising (H x T x S) FP32 scores; the latents are cached all
+the same. ``dense_prefill_pays`` picks the form by arithmetic, once per call.
+
+Softmax probabilities below FP32's smallest normal are set to zero: over long contexts many
+underflow into subnormals, and a GEMM with subnormal operands runs tens of times slower on x86
+(``bench/denormals.py``). Each such probability adds less than 2^-126 |c| to a sum of normal
+terms, below their rounding, so the results are unchanged (``tests/test_infer.py``).
+
 Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope dim.
 """
 
@@ -20,7 +30,10 @@ import torch
 from torch import nn
 
 from flyer.infer.cache import KVCache, LatentCache
+from flyer.model.attention import causal_attention
 from flyer.model.rope import apply_rope
+
+FP32_TINY = torch.finfo(torch.float32).tiny  # smallest normal FP32, 2^-126
 
 
 def causal_slot_mask(pos_BT: torch.Tensor, n_slots: int) -> torch.Tensor:
@@ -30,31 +43,63 @@ def causal_slot_mask(pos_BT: torch.Tensor, n_slots: int) -> torch.Tensor:
 
 
 def _softmax(scores_BHTS: torch.Tensor, mask_B1TS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return scores_BHTS.float().masked_fill(~mask_B1TS, float("-inf")).softmax(dim=-1).to(dtype)
+    """Masked FP32 softmax, subnormal probabilities flushed to zero (see the module docstring)."""
+    p = scores_BHTS.float().masked_fill(~mask_B1TS, float("-inf")).softmax(dim=-1)
+    return p.masked_fill_(p < FP32_TINY, 0.0).to(dtype)
+
+
+def dense_prefill_pays(attn: nn.Module, T: int) -> bool:
+    """True when T queries cost fewer multiply-adds in the compute-bound form than absorbed: per
+    attended slot, dense up-projects once (C (nope + v) H) and attends T (nope + R + v) H; absorbed
+    attends T (2C + R) H (scores against [c | k_rope], then p @ c)."""
+    C, nope, v, R = attn.kv_lora_rank, attn.qk_nope_head_dim, attn.v_head_dim, attn.qk_rope_head_dim
+    return T > 1 and C * (nope + v) + T * (nope + R + v) < T * (2 * C + R)
 
 
 def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  cache: LatentCache, layer: int, pos_BT: torch.Tensor) -> torch.Tensor:
-    """MLA with W_UK absorbed into the query and W_UV into the output, against latents.
+    """MLA against latents: absorbed (decode) or compute-bound (prefill chunks, by
+    ``dense_prefill_pays``); either way the new tokens' latents are written to ``cache``.
 
     ``cos``/``sin``: (B, T, R/2) rope tables at ``pos_BT``. Returns (B, T, D).
     """
     B, T, _ = x_BTD.shape
-    H, nope, v = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim
     q_nope, q_rope = attn.queries(x_BTD, cos, sin)  # (B,T,H,nope), (B,T,H,R)
     c_kv, k_rope = attn.latents(x_BTD, cos, sin)  # (B,T,C), (B,T,R)
     cache.write(layer, pos_BT, latent=c_kv, rope_key=k_rope)
     S = int(pos_BT.max()) + 1
     kv_BSK = cache.read_packed(layer, S, x_BTD.dtype)  # [c | k_rope], K = C + R
-    C = attn.kv_lora_rank
-    w_HXC = attn.wkv_b.weight.view(H, nope + v, C)
+    core = mla_dense_core if dense_prefill_pays(attn, T) else mla_absorbed_core
+    o = core(attn, q_nope, q_rope, kv_BSK, causal_slot_mask(pos_BT, S))
+    return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
+
+
+def mla_absorbed_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BSK: torch.Tensor,
+                      mask_B1TS: torch.Tensor) -> torch.Tensor:
+    """Per-head attention outputs (B, T, H, v) with W_UK absorbed into the query and W_UV into the
+    output: scores and weighted sums run in latent space. q_nope (B,T,H,nope), q_rope (B,T,H,R),
+    kv_BSK = [c | k_rope] (B, S, C + R), mask (B, 1, T, S) bool."""
+    B, T, H, nope = q_nope.shape
+    S, C = kv_BSK.shape[1], attn.kv_lora_rank
+    w_HXC = attn.wkv_b.weight.view(H, nope + attn.v_head_dim, C)
     q_abs = torch.einsum("bthd,hdc->bhtc", q_nope, w_HXC[:, :nope])  # W_UK absorbed into the query
     q_BMK = torch.cat([q_abs, q_rope.transpose(1, 2)], dim=-1).reshape(B, H * T, -1)  # M = H*T
     scores = torch.bmm(q_BMK, kv_BSK.transpose(1, 2)).view(B, H, T, S)  # q_abs.c + q_rope.k_rope
-    p = _softmax(scores * attn.softmax_scale, causal_slot_mask(pos_BT, S), x_BTD.dtype)
+    p = _softmax(scores * attn.softmax_scale, mask_B1TS, q_nope.dtype)
     o_lat = torch.bmm(p.view(B, H * T, S), kv_BSK[..., :C]).view(B, H, T, C)  # attention in latent space
-    o = torch.einsum("bhtc,hdc->bthd", o_lat, w_HXC[:, nope:])  # W_UV absorbed into the output
-    return attn.wo(o.reshape(B, T, H * v))
+    return torch.einsum("bhtc,hdc->bthd", o_lat, w_HXC[:, nope:])  # W_UV absorbed into the output
+
+
+def mla_dense_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BSK: torch.Tensor,
+                   mask_B1TS: torch.Tensor) -> torch.Tensor:
+    """``mla_absorbed_core`` in the compute-bound form: the S latents up-projected to per-head
+    keys and values, then one fused attention (the training path's ``causal_attention``)."""
+    B, S, _ = kv_BSK.shape
+    H, nope, v, C = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
+    k_nope, val = attn.wkv_b(kv_BSK[..., :C]).view(B, S, H, nope + v).split([nope, v], dim=-1)
+    k_rope = kv_BSK[..., C:].unsqueeze(2).expand(B, S, H, attn.qk_rope_head_dim)
+    return causal_attention(torch.cat([q_nope, q_rope], dim=-1), torch.cat([k_nope, k_rope], dim=-1), val,
+                            attn.softmax_scale, mask_B1TS)
 
 
 def mla_naive(attn: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -21,16 +21,17 @@ from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.runtime import require_memory
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ZERO_OK = {"temperature", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
 SIGNED = {"eos_id"}  # -1: no stop token; checked against the model's vocabulary here
 
 
-def parse_size(text: str) -> int:
-    """'1G', '512M', '64k' or a plain byte count -> bytes (binary units)."""
+def parse_size(text: str, field: str = "prefix_cache_size") -> int:
+    """'1G', '512M', '64k' or a plain byte count -> bytes (binary units); ``field`` names the
+    setting in the error."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
     if not m:
-        raise FieldError("prefix_cache_size", f"expected a size like 512M or 2G (got {text!r})")
+        raise FieldError(field, f"expected a size like 512M or 2G (got {text!r})")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
 
@@ -48,7 +49,9 @@ class ByteTokenizer:
         return None
 
 
-def _load(args):
+def load_model(args):
+    """(model, tokenizer) from ``args.ckpt`` or ``args.preset`` (random weights, byte tokens), on
+    ``args.device``, FP8 linears with ``args.precision == 'fp8'``."""
     device = resolve_device(args.device)
     if args.ckpt:
         try:
@@ -68,25 +71,29 @@ def _load(args):
     return Transformer(cfg).to(device), ByteTokenizer()
 
 
+def auto_cache_dtype(ckpt: str | None, model: Transformer) -> str:
+    """"fp32" for an HF import held in FP32 (so greedy tokens match transformers'), else "bf16"."""
+    return "fp32" if ckpt and is_hf_model_dir(ckpt) and model.embed.weight.dtype == torch.float32 else "bf16"
+
+
 def _run(args) -> int:
     if bool(args.ckpt) == bool(args.preset):
         raise UserError("give exactly one of --ckpt DIR (a trained run) or --preset NAME (random weights)")
     for name in ("prefix_block", "threads"):
         if getattr(args, name) < 1:
             raise FieldError(name, f"must be >= 1 (got {getattr(args, name)})")
-    dtype = _DTYPES.get(args.cache_dtype, torch.bfloat16)  # "auto": settled once the model is loaded
+    dtype = DTYPES.get(args.cache_dtype, torch.bfloat16)  # "auto": settled once the model is loaded
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, attention=args.attention, cache_dtype=dtype,
                            speculative=args.speculative, draft_tokens=args.draft_tokens)
     gen.validate()  # before the model loads
     torch.set_num_threads(args.threads)
-    model, tok = _load(args)
+    model, tok = load_model(args)
     model.eval()
     cfg = model.cfg
-    if args.cache_dtype == "auto":  # an HF import in FP32 caches in FP32, so greedy tokens match transformers'
-        args.cache_dtype = "fp32" if args.ckpt and is_hf_model_dir(args.ckpt) and \
-            model.embed.weight.dtype == torch.float32 else "bf16"
-        dtype = gen.cache_dtype = _DTYPES[args.cache_dtype]
+    if args.cache_dtype == "auto":
+        args.cache_dtype = auto_cache_dtype(args.ckpt, model)
+        dtype = gen.cache_dtype = DTYPES[args.cache_dtype]
     if args.speculative == "mtp" and len(model.mtp) == 0:
         raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
     if args.attention == "naive" and cfg.attn != "mla":
@@ -155,7 +162,7 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=["auto", "fp8"], default="auto",
                    help="auto: the checkpoint's dtype (an FP8 checkpoint dequantized to bf16); fp8: linear layers "
                         "in FP8 (DeepSeek's 128x128 weight blocks, as an FP8 checkpoint stores them)")
-    p.add_argument("--cache-dtype", choices=["auto", *_DTYPES], default="auto",
+    p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1,

@@ -24,16 +24,20 @@ from flyer.model.transformer import Block, Transformer
 
 class Decoder:
     """``model`` in eval mode; ``mode``: "absorbed" (latent cache) or "naive" (per-head K/V; GQA
-    models always use their per-KV-head cache). ``with_mtp`` also allocates the MTP module's cache."""
+    models always use their per-KV-head cache). ``with_mtp`` also allocates the MTP module's cache.
+    ``cache`` / ``mtp_cache``: caches made elsewhere with the same interface (write / read /
+    read_packed; the server's paged caches), used instead of preallocated ones."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int, mode: str = "absorbed",
-                 cache_dtype: torch.dtype = torch.bfloat16, with_mtp: bool = False):
+                 cache_dtype: torch.dtype = torch.bfloat16, with_mtp: bool = False, cache=None, mtp_cache=None):
         self.model, self.cfg = model, model.cfg
         device = model.embed.weight.device
-        self.cache = make_cache(self.cfg, self.cfg.n_layers, batch, max_len, mode, cache_dtype, device)
+        self.cache = cache or make_cache(self.cfg, self.cfg.n_layers, batch, max_len, mode, cache_dtype, device)
         if with_mtp and len(model.mtp) == 0:
             raise ValueError("speculative decoding with MTP needs a model with mtp_depth >= 1")
-        self.mtp_cache = make_cache(self.cfg, 1, batch, max_len, mode, cache_dtype, device) if with_mtp else None
+        if with_mtp and mtp_cache is None:
+            mtp_cache = make_cache(self.cfg, 1, batch, max_len, mode, cache_dtype, device)
+        self.mtp_cache = mtp_cache
         if self.cfg.attn == "gqa":
             self._attend = gqa_cached
         else:

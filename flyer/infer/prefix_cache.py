@@ -63,6 +63,19 @@ class PrefixCacheStats:
         return {**asdict(self), "hit_rate": round(self.hit_rate, 4)}
 
 
+def chain_keys(tokens: Sequence[int], block_size: int, seed: str = "", n_blocks: int | None = None) -> list[str]:
+    """Key of each full block of ``tokens`` (the first ``n_blocks``): the SHA-256 of the previous
+    block's key (``seed`` for the first) and the block's token ids, so a key names a whole prefix."""
+    keys, prev = [], seed.encode()
+    n = block_size
+    for i in range(len(tokens) // n if n_blocks is None else min(n_blocks, len(tokens) // n)):
+        h = hashlib.sha256(prev)
+        h.update(struct.pack(f"<{n}q", *tokens[i * n:(i + 1) * n]))
+        prev = h.hexdigest().encode()
+        keys.append(prev.decode())
+    return keys
+
+
 def model_fingerprint(model: torch.nn.Module, **extra) -> str:
     """Digest of the config, every state tensor's name/shape/dtype and a strided sample of its
     values (up to 4096 per tensor: cheap even for large models, and any retraining changes it),
@@ -100,14 +113,7 @@ class PrefixCache:
     # ---- keys ----------------------------------------------------------------------------
     def block_keys(self, tokens: Sequence[int]) -> list[str]:
         """Chain-hash keys of every full block of ``tokens``."""
-        keys, prev = [], self.fingerprint.encode()
-        n = self.block_size
-        for i in range(len(tokens) // n):
-            h = hashlib.sha256(prev)
-            h.update(struct.pack(f"<{n}q", *tokens[i * n:(i + 1) * n]))
-            prev = h.hexdigest().encode()
-            keys.append(prev.decode())
-        return keys
+        return chain_keys(tokens, self.block_size, self.fingerprint)
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.blk"

@@ -28,7 +28,7 @@ from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, sh
 from flyer.infer.sampling import SamplingParams, probabilities
 
 
-def _accept(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[int], params: SamplingParams,
+def accept_drafts(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[int], params: SamplingParams,
             generator: torch.Generator | None) -> list[int]:
     """Accepted drafts plus one token from the target. p: (K+1, V) target probabilities (greedy:
     any scores, only their argmax is used), q: (K, V) draft probabilities (unused when greedy),
@@ -111,7 +111,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         n_old = n.clone()
         still = []
         for i, b in enumerate(live):
-            new = _accept(p[i], q_BKV[i], drafts_BK[i], params, generator)
+            new = accept_drafts(p[i], q_BKV[i], drafts_BK[i], params, generator)
             drafted += K
             accepted += len(new) - 1
             n[i] += len(new)

@@ -24,8 +24,11 @@ from flyer.model.rope import apply_rope
 LORA_NORM_EPS = 1e-6
 
 
-def causal_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale, causal) v, returned as (B, T, H, V).
+def causal_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, scale: float,
+                     mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, causal) v, returned as (B, T, H, V). Keys may be S >= T long when
+    ``mask_B1TS`` (bool, True = visible) says which each query sees (a prefill chunk after cached
+    context); without it, query t sees keys [0, t].
 
     When the value head dim differs from the query/key head dim (MLA: 192 vs 128 in V3), values
     are zero-padded to the same width so SDPA can take its fused (flash) kernel instead of the
@@ -35,8 +38,9 @@ def causal_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.T
     v = F.pad(v_BTHV, (0, dk - dv)) if dv < dk else v_BTHV
     if dv > dk:  # zero columns leave q.k unchanged
         q_BTHK, k_BTHK = F.pad(q_BTHK, (0, dv - dk)), F.pad(k_BTHK, (0, dv - dk))
+    how = dict(is_causal=True) if mask_B1TS is None else dict(attn_mask=mask_B1TS)
     o = scaled_dot_product_attention(q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, scale=scale)
+                                       scale=scale, **how)
     return o.transpose(1, 2)[..., :dv]
 
 

@@ -1,0 +1,277 @@
+"""Serving benchmark: ``flyer serve`` under concurrent clients, against transformers in the same run.
+
+1. Saves the ``small`` preset with random weights (seed 0) as a flyer run, starts
+   ``flyer serve --ckpt`` on it (127.0.0.1, a free port) and drives it with N concurrent clients
+   (``--concurrency``), each streaming completions of a realistic mix: a shared system prompt,
+   then a private part (``--prompt-min``..``--prompt-max`` tokens in all), ``--new-min``..``--new-max``
+   new tokens. Per concurrency: output tokens/s (all clients), TTFT and TPOT p50/p99, the
+   server's prefix hit rate (from /metrics).
+2. The peer, on the same weights exported with ``flyer export`` (FP32) and the same requests at
+   the highest concurrency: ``transformers serve --continuous-batching`` when it starts here (its
+   completions take text: the prompts' ids decoded by the exported tokenizer), else transformers'
+   batched ``generate`` (left-padded, greedy, one batch as static batching does) with the reason
+   in ``peer_note`` (here: its model manager always passes a ``device_map``, which needs
+   ``accelerate``, not installed).
+3. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
+   once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
+   against the ratio of their cache bytes per token.
+
+The default run is sized for a 2-core CPU (about 8 minutes); ``--full`` runs the issue's sizes
+(1/4/16/64 clients, prompts of 64-1024 tokens, 64-256 new tokens). Prints one JSON object.
+    python bench/serve.py [--full] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+from tokenizers import Tokenizer
+
+from flyer.config import preset
+from flyer.data.tokenizer import train_bpe
+from flyer.infer.cli import parse_size
+from flyer.interop.export import export
+from flyer.model.counts import kv_cache_bytes_per_token
+from flyer.model.transformer import Transformer
+from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
+from flyer.train.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32)
+TOKEN_RANGE = 256  # prompt token ids: the tokenizer's byte tokens
+
+
+def _save_run(out: Path) -> Path:
+    cfg = preset("small")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog, serving many requests at once"] * 50, 512)
+    save_checkpoint(out / "checkpoints", 1, {"model.safetensors": model.state_dict(), "config.json": cfg.to_dict(),
+                                             "tokenizer.json": json.loads(tok.to_str())})
+    return out
+
+
+def _requests(n: int, args, rng: random.Random, system: list[int]) -> list[tuple[list[int], int]]:
+    out = []
+    for _ in range(n):
+        total = rng.randint(args.prompt_min, args.prompt_max)
+        own = [rng.randrange(TOKEN_RANGE) for _ in range(max(total - len(system), 1))]
+        out.append((system + own, rng.randint(args.new_min, args.new_max)))
+    return out
+
+
+def _one(url: str, model: str, prompt: list[int] | str, n: int) -> dict:
+    """One streaming completion; (ttft, tpot, tokens) from the client's clock and the usage (else
+    the number of chunks)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = chunks = 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=3600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk.get("choices"):
+                first = first or now
+                last = now
+                chunks += 1
+    tokens = tokens or chunks
+    ttft = (first or last) - t0
+    return {"ttft": ttft, "tpot": ((last - first) / max(tokens - 1, 1)) if first else 0.0, "tokens": tokens}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _drive(url: str, model: str, reqs, concurrency: int) -> dict:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        res = list(pool.map(lambda r: _one(url, model, *r), reqs))
+    wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in res)
+    return {"tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * _pct([r["ttft"] for r in res], 0.5),
+            "ttft_p99_ms": 1e3 * _pct([r["ttft"] for r in res], 0.99),
+            "tpot_p50_ms": 1e3 * _pct([r["tpot"] for r in res], 0.5),
+            "tpot_p99_ms": 1e3 * _pct([r["tpot"] for r in res], 0.99), "tokens": tokens, "wall_s": wall}
+
+
+def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "flyer", "serve", "--ckpt", str(run), "--port", "0", "--kv-cache-memory",
+           args.kv_cache_memory, "--threads", str(args.threads), "--cache-dtype", "fp32", "--model-name", "small",
+           "--max-batch-size", "64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    if "ready on" not in line:
+        proc.kill()
+        raise RuntimeError(f"flyer serve did not start: {line}{proc.stderr.read()[-2000:]}")
+    return proc, line.split()[4]
+
+
+def _prefix_hit_rate(url: str) -> float:
+    m = re.search(r"^flyer_prefix_cache_hit_rate ([0-9.e+-]+)$", httpx.get(url + "/metrics").text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _peer_generate(hf_dir: Path, reqs, threads: int) -> dict:
+    """transformers' batched generate on the same requests: one left-padded greedy batch."""
+    from transformers import AutoModelForCausalLM  # noqa: F401 the peer's import, only when it runs
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    T = max(len(p) for p, _ in reqs)
+    ids = torch.zeros(len(reqs), T, dtype=torch.long)
+    mask = torch.zeros(len(reqs), T, dtype=torch.long)
+    for i, (p, _) in enumerate(reqs):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    n = max(k for _, k in reqs)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - t0
+    useful = sum(min(k, out.shape[1] - T) for _, k in reqs)  # tokens past a request's own max are waste
+    return {"tokens_per_s": useful / wall, "wall_s": wall, "tokens": useful}
+
+
+def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
+    """``transformers serve --continuous-batching`` on the exported weights, same clients."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as s:  # a free port for it (it takes no port 0)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # its completions take text prompts only: the same token ids, decoded by the exported tokenizer
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    reqs = [(tok.decode(p), n) for p, n in reqs]
+    proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", "--continuous-batching",
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", str(hf_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stdout.read()[-1500:])
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        return _drive(url, str(hf_dir), reqs, concurrency)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _max_seqs(cfg_over: dict, memory: int, seq_len: int) -> tuple[int, int]:
+    """(2K-token sequences the engine admits at once within ``memory`` bytes, cache bytes per token)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("small", **cfg_over)).eval()
+    eng = Engine(model, EngineConfig(kv_cache_bytes=memory, max_batch_size=1 << 20, max_queue=1 << 20,
+                                     prefix_sharing=False))
+    n = 0
+    while True:
+        eng.submit([n % TOKEN_RANGE] * (seq_len - 1), SamplingOptions(max_tokens=1), lambda e: None)
+        if eng.admit() == n:  # the last one did not fit
+            return n, kv_cache_bytes_per_token(model.cfg)
+        n += 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="the issue's sizes (long on a small CPU)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None)
+    ap.add_argument("--requests-per-client", type=int, default=1)
+    ap.add_argument("--system-prompt", type=int, default=None, help="shared system prompt tokens")
+    ap.add_argument("--prompt-min", type=int, default=None)
+    ap.add_argument("--prompt-max", type=int, default=None)
+    ap.add_argument("--new-min", type=int, default=None)
+    ap.add_argument("--new-max", type=int, default=None)
+    ap.add_argument("--kv-cache-memory", default="512M")
+    ap.add_argument("--payoff-memory", default="256M", help="cache size of the MLA/GQA sequence count")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-peer-serve", dest="peer_serve", action="store_false",
+                    help="skip transformers serve --continuous-batching (tried first by default)")
+    args = ap.parse_args()
+    sizes = dict(concurrency=[1, 4, 16, 64], system_prompt=48, prompt_min=64, prompt_max=1024, new_min=64,
+                 new_max=256) if args.full else \
+        dict(concurrency=[1, 4, 16], system_prompt=32, prompt_min=48, prompt_max=128, new_min=16, new_max=48)
+    for k, v in sizes.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    torch.set_num_threads(args.threads)
+    out: dict = {"preset": "small", "threads": args.threads, "kv_cache_memory": args.kv_cache_memory,
+                 "prompt_tokens": [args.prompt_min, args.prompt_max], "new_tokens": [args.new_min, args.new_max],
+                 "system_prompt_tokens": args.system_prompt}
+    rng = random.Random(0)
+    system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _save_run(Path(tmp) / "run")
+        proc, url = _start_flyer(run, args)
+        try:
+            _one(url, "small", system + [1, 2, 3], 4)  # warm-up
+            for c in args.concurrency:
+                reqs = _requests(c * args.requests_per_client, args, rng, system)
+                res = _drive(url, "small", reqs, c)
+                out[f"tokens_per_s_c{c}"] = res["tokens_per_s"]
+                for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
+                    out[f"{k}_c{c}"] = res[k]
+                out[f"prefix_hit_rate_c{c}"] = _prefix_hit_rate(url)
+                if c == max(args.concurrency):
+                    peer_reqs = reqs
+        finally:
+            proc.terminate()
+            out["flyer_exit_code"] = proc.wait(timeout=120)
+        cmax = max(args.concurrency)
+        hf_dir = Path(tmp) / "hf"
+        export(run, hf_dir, dtype="fp32")
+        peer = None
+        if args.peer_serve:
+            try:
+                peer = _peer_serve(hf_dir, peer_reqs, cmax, args.threads)
+                out["peer"] = "transformers serve --continuous-batching"
+            except Exception as e:  # the reason goes into the JSON
+                last = [ln for ln in str(e).splitlines() if ln.strip()][-1:] or [type(e).__name__]
+                out["peer_note"] = (f"transformers serve --continuous-batching did not start here ({last[0][:300]}); "
+                                    "the peer is transformers' batched generate on the same requests")
+        else:
+            out["peer_note"] = "--no-peer-serve: the peer is transformers' batched generate on the same requests"
+        if peer is None:
+            peer = _peer_generate(hf_dir, peer_reqs, args.threads)
+            out["peer"] = "transformers generate (batched)"
+        out[f"peer_tokens_per_s_c{cmax}"] = peer["tokens_per_s"]
+    if "tokens_per_s_c16" in out and "peer_tokens_per_s_c16" in out:
+        out["ratio_c16_vs_peer"] = out["tokens_per_s_c16"] / out["peer_tokens_per_s_c16"]
+    if "tokens_per_s_c1" in out and "tokens_per_s_c16" in out:
+        out["ratio_c16_vs_c1"] = out["tokens_per_s_c16"] / out["tokens_per_s_c1"]
+    memory = parse_size(args.payoff_memory, "payoff_memory")
+    (mla, mla_bpt), (gqa, gqa_bpt) = (_max_seqs(over, memory, 2048) for over in ({}, GQA_BENCH))
+    out.update(max_seqs_mla=mla, max_seqs_gqa=gqa, payoff_memory=args.payoff_memory,
+               cache_bytes_per_token_mla=mla_bpt, cache_bytes_per_token_gqa=gqa_bpt,
+               seqs_ratio=mla / max(gqa, 1), bytes_ratio=gqa_bpt / mla_bpt)
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
+
+
+if __name__ == "__main__":
+    main()

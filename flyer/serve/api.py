@@ -1,0 +1,500 @@
+"""The OpenAI routes over an ``Engine`` (FastAPI), in the shapes the official ``openai`` client reads.
+
+    GET  /health                200 {"status": "ok"} when serving, 503 while draining
+    GET  /metrics               Prometheus text (``flyer.serve.metrics``)
+    GET  /v1/models             the one served model
+    POST /v1/completions        prompt: text, list of texts, token ids or lists of token ids;
+                                max_tokens, temperature, top_p, stop, seed, stream (+ stream_options),
+                                logprobs (0-20), echo (prompt tokens scored, as evaluation harnesses ask)
+    POST /v1/chat/completions   messages rendered by the tokenizer's chat template (as transformers'
+                                ``apply_chat_template`` renders it), else ``DEFAULT_CHAT_TEMPLATE``;
+                                stream with ``delta`` chunks, ``stream_options.include_usage``
+
+Every response carries ``usage``. Errors use OpenAI's shape ``{"error": {"message", "type",
+"param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too long for the
+context), 401 for a missing or wrong API key, 404 for an unknown model or route, 429 when the
+queue is full, 503 while draining. A bug answers 500 in the same shape, never with a traceback.
+
+Stop strings are matched on the decoded text here (the engine knows token ids only); a match
+cancels the engine request, so its blocks are freed at the next step. A client that disconnects
+cancels its requests the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+import jinja2
+import jinja2.sandbox
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flyer.errors import FieldError
+from flyer.serve.engine import Engine, QueueFull, SamplingOptions, TokenEvent
+
+# The template when the checkpoint has none: one header line per message, then the assistant's.
+DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+MAX_LOGPROBS = 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields clients send that flyer ignores (user, ...)
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(default=1, ge=1, le=1)
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+
+def chat_renderer(template: str | None, bos: str | None = None, eos: str | None = None):
+    """messages -> prompt text with ``template`` (a Hugging Face chat template; None: the default),
+    in a sandboxed Jinja environment set up as transformers sets up its own."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
+    compiled = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
+
+    def render(messages: list[dict]) -> str:
+        return compiled.render(messages=messages, add_generation_prompt=True, bos_token=bos or "",
+                               eos_token=eos or "")
+    return render
+
+
+@dataclass
+class _Choice:
+    """One prompt's generation as text: decoded incrementally, cut at a stop string."""
+
+    tokenizer: Any
+    stops: list[str]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""  # the decoded text so far, up to any stop string
+    sent: int = 0  # characters already streamed
+    finish_reason: str | None = None
+    events: list[TokenEvent] = field(default_factory=list)
+
+    def add(self, e: TokenEvent) -> None:
+        self.events.append(e)
+        if e.token is not None:
+            self.ids.append(e.token)
+            self.text = self.tokenizer.decode(self.ids)
+        for s in self.stops:
+            i = self.text.find(s)
+            if i >= 0:
+                self.text, self.finish_reason = self.text[:i], "stop"
+                return
+        if e.finish_reason is not None:
+            self.finish_reason = e.finish_reason
+
+    def delta(self) -> str:
+        """New text safe to stream: held back while it could still be the start of a stop string
+        or ends in an incomplete UTF-8 sequence."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            if self.text.endswith("\ufffd"):
+                end -= 1
+            for s in self.stops:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        end = max(end, self.sent)
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+
+class _Generation:
+    """Every prompt of one HTTP request submitted to the engine (at construction, so a refusal
+    answers with its status before any response starts); ``events`` yields (choice index, its
+    state, event) as tokens arrive and cancels what is left when its consumer stops early
+    (client gone, stop string, error)."""
+
+    def __init__(self, api: "Api", request: Request, prompts: list[list[int]], opts: SamplingOptions,
+                 stops: list[str]):
+        self.engine, self.request, self.prompts = api.engine, request, prompts
+        for p in prompts:
+            self.engine.check(p, opts)
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.choices = [_Choice(api.tok, stops) for _ in prompts]
+        self.reqs = []
+        try:
+            for i, p in enumerate(prompts):
+                self.reqs.append(self.engine.submit(p, opts, self._emitter(i)))
+        except QueueFull as err:
+            self.cancel()
+            raise ApiError(429, f"too many requests waiting: {err}", "rate_limit_error", code="queue_full") from None
+
+    def _emitter(self, i: int):
+        return lambda e: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, e))
+
+    def cancel(self) -> None:
+        for r in self.reqs:
+            if not r.done:
+                self.engine.cancel(r)
+
+    async def events(self) -> AsyncIterator[tuple[int, _Choice, TokenEvent]]:
+        live = len(self.prompts)
+        try:
+            while live:
+                try:
+                    i, e = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await self.request.is_disconnected():
+                        return
+                    continue
+                c = self.choices[i]
+                if c.finish_reason is not None:
+                    continue  # a token after a stop string, before the cancel landed
+                c.add(e)
+                if c.finish_reason is not None:
+                    live -= 1
+                    if not self.reqs[i].done:
+                        self.engine.cancel(self.reqs[i])
+                yield i, c, e
+        finally:
+            self.cancel()
+
+    async def wait(self) -> None:
+        """Every choice to its end (non-streaming); an engine failure answers 500."""
+        async for _ in self.events():
+            pass
+        if any(c.finish_reason == "error" for c in self.choices):
+            raise ApiError(500, "the engine failed on this request (see the server's log)", "server_error")
+
+    def usage(self) -> dict:
+        p, c = sum(len(x) for x in self.prompts), sum(len(ch.ids) for ch in self.choices)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+class Api:
+    """The routes, over one engine and tokenizer; ``draining`` makes new requests answer 503."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+                 chat_template: str | None = None):
+        self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.render_chat = chat_renderer(chat_template, *self._special_texts())
+        self.draining = False
+        self.created = int(time.time())
+
+    def _special_texts(self) -> tuple[str | None, str | None]:
+        token = getattr(self.tok, "token", None)
+        if token is None:
+            return None, None
+        bos = getattr(self.tok, "bos_id", lambda: None)()
+        return token(bos), token(self.tok.eos_id())
+
+    # ---- request handling ---------------------------------------------------------------
+    def check_access(self, request: Request, model: str | None = None) -> None:
+        if self.api_key is not None:
+            auth = request.headers.get("authorization", "")
+            if auth != f"Bearer {self.api_key}":
+                raise ApiError(401, "Incorrect API key provided" if auth else "Missing API key (Authorization: "
+                               "Bearer KEY)", code="invalid_api_key")
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", "server_error", code="unavailable")
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`)",
+                           param="model", code="model_not_found")
+
+    def _options(self, body: _Body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
+                 echo: bool = False) -> SamplingOptions:
+        ctx = self.engine.model.cfg.max_seq_len
+        if max_tokens is None:  # chat without a limit: the rest of the context, as far as the cache holds it
+            room = min(ctx, self.engine.alloc.capacity * self.engine.cfg.block_size)
+            max_tokens = max(room - prompt_len, 1)
+        eos = self.tok.eos_id()
+        return SamplingOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                               seed=body.seed, stop_ids=() if eos is None else (eos,), logprobs=logprobs,
+                               prompt_logprobs=echo and logprobs is not None)
+
+    def _prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.tok.encode_ids(prompt)]
+        if not prompt:
+            raise FieldError("prompt", "must not be empty")
+        if isinstance(prompt[0], int):
+            return [list(prompt)]
+        if isinstance(prompt[0], str):
+            return [self.tok.encode_ids(p) for p in prompt]
+        return [list(p) for p in prompt]
+
+    def _token_text(self, t: int) -> str:
+        return self.tok.decode([t])
+
+    def _completion_logprobs(self, prompt: list[int], c: _Choice, echo: bool) -> dict:
+        tokens, lps, tops = [], [], []
+        if echo:
+            plp = next((e.prompt_logprobs for e in c.events if e.prompt_logprobs is not None), None) or []
+            for j, t in enumerate(prompt):
+                tokens.append(self._token_text(t))
+                lp = plp[j] if j < len(plp) else None
+                lps.append(None if lp is None else lp[0])
+                tops.append(None if lp is None or lp[1] is None else
+                            {self._token_text(k): v for k, v in lp[1].items()})
+        for e in c.events[:len(c.ids)]:
+            tokens.append(self._token_text(e.token))
+            lps.append(e.logprob)
+            tops.append(None if e.top_logprobs is None else
+                        {self._token_text(k): v for k, v in e.top_logprobs.items()})
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    async def completions(self, request: Request, body: CompletionBody) -> Response:
+        self.check_access(request, body.model)
+        prompts = self._prompts(body.prompt)
+        opts = self._options(body, body.max_tokens, max(len(p) for p in prompts), body.logprobs, body.echo)
+        gen = _Generation(self, request, prompts, opts, _stops(body.stop))
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name}
+        prefix = [self.tok.decode(p) if body.echo else "" for p in prompts]
+
+        def logprobs(i: int, c: _Choice) -> dict | None:
+            return None if body.logprobs is None else self._completion_logprobs(prompts[i], c, body.echo)
+
+        if not body.stream:
+            await gen.wait()
+            out = [{"index": i, "text": prefix[i] + c.text, "finish_reason": c.finish_reason,
+                    "logprobs": logprobs(i, c)} for i, c in enumerate(gen.choices)]
+            return JSONResponse({**head, "choices": out, "usage": gen.usage()})
+
+        async def sse() -> AsyncIterator[bytes]:
+            for i, p in enumerate(prefix):
+                if p:
+                    yield _sse({**head, "choices": [{"index": i, "text": p, "finish_reason": None,
+                                                     "logprobs": None}]})
+            async for i, c, e in gen.events():
+                text = c.delta()
+                if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
+                    lp = None
+                    if body.logprobs is not None and e.token is not None and c.finish_reason != "stop":
+                        lp = {"tokens": [self._token_text(e.token)], "token_logprobs": [e.logprob],
+                              "top_logprobs": [None if e.top_logprobs is None else
+                                               {self._token_text(k): v for k, v in e.top_logprobs.items()}],
+                              "text_offset": [len(c.text) - len(text)]}
+                    yield _sse({**head, "choices": [{"index": i, "text": text, "finish_reason": c.finish_reason,
+                                                     "logprobs": lp}]})
+            if (body.stream_options or {}).get("include_usage"):
+                yield _sse({**head, "choices": [], "usage": gen.usage()})
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    def _chat_prompt(self, body: ChatBody) -> list[int]:
+        messages = []
+        for m in body.messages:
+            content = m.content
+            if isinstance(content, list):  # content parts: the text ones, joined
+                content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
+        try:
+            text = self.render_chat(messages)
+        except jinja2.TemplateError as e:
+            raise FieldError("messages", f"the chat template cannot render them: {e}") from None
+        return self.tok.encode_ids(text)
+
+    async def chat(self, request: Request, body: ChatBody) -> Response:
+        self.check_access(request, body.model)
+        prompt = self._chat_prompt(body)
+        top = body.top_logprobs or 0
+        opts = self._options(body, body.max_completion_tokens or body.max_tokens, len(prompt),
+                             top if body.logprobs else None)
+        gen = _Generation(self, request, [prompt], opts, _stops(body.stop))
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name}
+
+        def content_logprobs(events: list[TokenEvent]) -> dict | None:
+            if not body.logprobs:
+                return None
+            return {"content": [self._chat_logprob(e.token, e.logprob, e.top_logprobs) for e in events]}
+
+        if not body.stream:
+            await gen.wait()
+            c = gen.choices[0]
+            return JSONResponse({**head, "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+                "logprobs": content_logprobs(c.events[:len(c.ids)])}], "usage": gen.usage()})
+
+        head["object"] = "chat.completion.chunk"
+
+        async def sse() -> AsyncIterator[bytes]:
+            yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None, "logprobs": None}]})
+            async for _, c, e in gen.events():
+                text = c.delta()
+                if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
+                    lp = content_logprobs([e]) if e.token is not None and c.finish_reason != "stop" else None
+                    yield _sse({**head, "choices": [{"index": 0, "delta": {"content": text} if text else {},
+                                                     "finish_reason": c.finish_reason, "logprobs": lp}]})
+            if (body.stream_options or {}).get("include_usage"):
+                yield _sse({**head, "choices": [], "usage": gen.usage()})
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    def _chat_logprob(self, token: int, logprob: float, top: dict[int, float] | None) -> dict:
+        def entry(t: int, lp: float) -> dict:
+            s = self._token_text(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in (top or {}).items()]}
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise FieldError("stop", "stop strings must not be empty")
+    return stops
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    first = err.errors()[0] if err.errors() else {}
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    return (f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request body"),
+            param)
+
+
+def build_app(api: Api) -> FastAPI:
+    """The FastAPI application serving ``api``'s routes, with OpenAI-shaped errors."""
+    app = FastAPI(title="flyer serve", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = api.engine.metrics
+
+    def refuse(status: int):
+        metrics.rejected.labels(str(status)).inc()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        refuse(e.status)
+        return e.response()
+
+    @app.exception_handler(FieldError)
+    async def _field_error(request: Request, e: FieldError):
+        refuse(400)
+        return ApiError(400, str(e), param=e.field).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        refuse(400)
+        message, param = _validation_message(e)
+        return ApiError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        refuse(e.status_code)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):
+        refuse(500)
+        return ApiError(500, f"internal error ({type(e).__name__})", "server_error").response()
+
+    @app.get("/health")
+    async def health():
+        if api.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        api.check_access(request)
+        return {"object": "list", "data": [{"id": api.model_name, "object": "model", "created": api.created,
+                                            "owned_by": "flyer"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionBody):
+        return await api.completions(request, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, body: ChatBody):
+        return await api.chat(request, body)
+
+    return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server over ``api``: a signal (or ``stop``) first marks the API draining (new
+    requests answer 503, ``/health`` too), then uvicorn stops accepting and waits for the
+    requests in flight to finish."""
+
+    def __init__(self, api: Api, graceful_s: float = 60.0):
+        super().__init__(uvicorn.Config(build_app(api), log_level="warning", timeout_graceful_shutdown=graceful_s,
+                                        lifespan="off"))
+        self.api = api
+
+    def handle_exit(self, sig, frame) -> None:
+        self.api.draining = True
+        super().handle_exit(sig, frame)
+
+    def stop(self) -> None:
+        self.api.draining = True
+        self.should_exit = True
+
+    def run_in_thread(self, sock) -> threading.Thread:
+        """Serve on the bound socket ``sock`` from a thread (tests, benchmarks); ``stop`` ends it."""
+        t = threading.Thread(target=self.run, kwargs={"sockets": [sock]}, daemon=True, name="flyer-http")
+        t.start()
+        while not self.started and t.is_alive():
+            time.sleep(0.01)
+        return t

@@ -1,0 +1,133 @@
+"""``flyer serve``: load a checkpoint once and serve the OpenAI API until SIGTERM/SIGINT.
+
+Prints one line ``flyer serve: ready on http://HOST:PORT (model NAME)`` when it accepts
+requests (``--port 0`` picks a free port, shown in that line). A signal drains: new requests are
+refused with 503, those in flight finish, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+from pathlib import Path
+
+import torch
+
+from flyer.errors import FieldError, UserError
+from flyer.infer.cli import DTYPES, auto_cache_dtype, load_model, parse_size
+from flyer.interop.hf import is_hf_model_dir
+from flyer.serve.api import Api, Server
+from flyer.serve.engine import Engine, EngineConfig, open_disk_prefix_cache
+
+
+def read_chat_template(ckpt: str | None) -> str | None:
+    """The chat template of a Hugging Face directory (``chat_template.jinja``, else
+    ``tokenizer_config.json``'s ``chat_template``: a string, or a list of named templates of
+    which "default" is taken); None for flyer runs and directories without one."""
+    if not ckpt or not is_hf_model_dir(ckpt):
+        return None
+    root = Path(ckpt)
+    if (root / "chat_template.jinja").is_file():
+        return (root / "chat_template.jinja").read_text()
+    try:
+        t = json.loads((root / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+    return t if isinstance(t, str) else None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port); port 0: a free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise FieldError("port", f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.listen(2048)
+    return sock
+
+
+def _run(args) -> int:
+    if bool(args.ckpt) == bool(args.preset):
+        raise UserError("give exactly one of --ckpt PATH (a trained run or HF directory) or --preset NAME")
+    cfg = EngineConfig(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"),
+                       block_size=args.block_size, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                       prefill_chunk=args.prefill_chunk, prefix_sharing=not args.no_prefix_sharing,
+                       speculative=args.speculative)
+    cfg.validate()
+    if not 0 <= args.port < 65536:
+        raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
+    torch.set_num_threads(args.threads)
+    args.precision, args.seed = "auto", 0
+    model, tok = load_model(args)
+    cfg.cache_dtype = DTYPES[auto_cache_dtype(args.ckpt, model) if args.cache_dtype == "auto" else args.cache_dtype]
+    name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
+    if args.prefix_cache:
+        cfg.prefix_cache = open_disk_prefix_cache(model, args.prefix_cache, cfg.cache_dtype, cfg.block_size,
+                                                  parse_size(args.prefix_cache_size))
+    try:
+        engine = Engine(model, cfg)
+    except FieldError as e:  # the pool's size is the flag's
+        raise FieldError("kv_cache_memory" if e.field == "kv_cache_bytes" else e.field, e.problem) from None
+    api = Api(engine, tok, name, args.api_key, read_chat_template(args.ckpt))
+    server = Server(api)
+    sock = bind(args.host, args.port)
+    # uvicorn re-raises the signal it handled once it is done; a no-op handler makes that exit 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    engine.start()
+    host, port = sock.getsockname()[:2]
+    try:
+        _serve_with_ready_line(server, sock, f"http://{host}:{port}", name)
+    finally:
+        engine.stop()
+        sock.close()
+    print("flyer serve: stopped", flush=True)
+    return 0
+
+
+def _serve_with_ready_line(server: Server, sock: socket.socket, url: str, name: str) -> None:
+    async def main():
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            print(f"flyer serve: ready on {url} (model {name})", flush=True)
+        await serving
+    asyncio.run(main())
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI API with continuous batching over a paged latent KV cache")
+    src = p.add_argument_group("model")
+    src.add_argument("--ckpt", help="a training run directory, a step directory, or a Hugging Face model directory")
+    src.add_argument("--preset", help="random weights of a preset, with UTF-8 byte tokens (benchmarks)")
+    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: a free one, shown in the ready line)")
+    p.add_argument("--kv-cache-memory", default="2G", help="paged KV cache size, e.g. 512M or 2G (all layers)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
+    p.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together at most")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step")
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="one MTP draft per request and step, verified in the batch (greedy output unchanged; "
+                        "turns prefix sharing off)")
+    p.add_argument("--no-prefix-sharing", action="store_true", help="recompute shared prompt prefixes")
+    p.add_argument("--prefix-cache", metavar="DIR",
+                   help="on-disk prefix cache under the in-memory one (shared with flyer generate --prefix-block "
+                        "BLOCK_SIZE for models without MTP)")
+    p.add_argument("--prefix-cache-size", default="1G", help="size bound of the on-disk prefix cache (LRU)")
+    p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()), help="CPU threads")
+    p.set_defaults(func=_run)

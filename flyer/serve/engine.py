@@ -1,0 +1,542 @@
+"""The serving engine: one scheduler thread owns the model and the paged cache.
+
+Callers (the HTTP side) only ``submit`` and ``cancel``; both take a lock for a moment and never
+wait for the model. Each scheduler step:
+
+1. takes new requests into the waiting queue and drops cancelled ones (their blocks freed);
+2. admits waiting requests, oldest first, while the batch has room and the pool has blocks for
+   the whole prompt (after taking its cached prefix blocks): a request joins the running batch
+   at the next step, without waiting for the batch to finish;
+3. gives every decoding request a slot for its next token; when no block is left, the most
+   recently admitted request is preempted: its blocks freed, it goes back to the front of the
+   queue and is recomputed (prompt and tokens so far) when readmitted, so nothing is lost or
+   repeated;
+4. runs one decode forward (one token per decoding request) and one prefill forward over at most
+   ``prefill_chunk`` prompt tokens (chunks of one or more prompts), so a long prompt advances a
+   chunk per step while the others keep decoding;
+5. samples each request's next token with its own options (greedy, temperature / top-p with its
+   own seeded generator) and hands it to the request's ``emit``; finished requests leave.
+
+With ``speculative="mtp"`` the MTP module has a paged one-layer cache on the same block tables;
+each decode step first writes the MTP entries a request can (its main hidden states with the
+next tokens), drafts one token from the last, and verifies [pending, draft] in one main-model
+pass (``flyer.infer.speculative.accept_drafts``: greedy keeps plain greedy's tokens). Prefix sharing is
+off then: a block's MTP entries depend on the next block's first token.
+
+A request's state is its tokens (prompt + generated) and ``n_cached``, how many of them are in
+its blocks. Every forward feeds ``tokens[n_cached:]`` (a chunk of them); when the cache catches
+up with the tokens, the last logits give the next token. Decode and recompute are the same rule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from flyer.errors import FieldError
+from flyer.infer.decoder import Decoder
+from flyer.infer.prefix_cache import PrefixCache, chain_keys, model_fingerprint
+from flyer.infer.sampling import SamplingParams, probabilities, sample
+from flyer.infer.speculative import accept_drafts
+from flyer.model.transformer import Transformer
+from flyer.serve.metrics import ServeMetrics
+from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
+
+
+def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, block_size: int,
+                           max_bytes: int = 1 << 30) -> PrefixCache:
+    """The on-disk prefix cache under the paged one: blocks of ``block_size`` tokens keyed to this
+    model, layout and dtype. Its entries hold the main model's cache only, so for models without
+    MTP they are the ones ``flyer generate --prefix-cache`` writes at the same block size."""
+    layout = "gqa" if model.cfg.attn == "gqa" else "absorbed"
+    fp = model_fingerprint(model, layout=layout, dtype=str(cache_dtype), block_size=block_size, mtp=False)
+    return PrefixCache(root, fp, block_size=block_size, max_bytes=max_bytes)
+
+
+class QueueFull(Exception):
+    """The waiting queue holds ``max_queue`` requests already."""
+
+
+@dataclass
+class EngineConfig:
+    kv_cache_bytes: int = 1 << 30  # the paged pool's size (all layers)
+    block_size: int = 16  # tokens per block
+    max_batch_size: int = 64  # running requests at once
+    max_queue: int = 256  # waiting requests before submit refuses
+    prefill_chunk: int = 256  # prompt tokens per step, over all prefilling requests
+    cache_dtype: torch.dtype = torch.bfloat16
+    prefix_sharing: bool = True
+    prefix_cache: PrefixCache | None = None  # on-disk second tier (``open_disk_prefix_cache``)
+    speculative: str | None = None  # "mtp": one MTP draft per decoding request per step, verified in the batch
+
+    def validate(self) -> None:
+        for name in ("kv_cache_bytes", "block_size", "max_batch_size", "max_queue", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
+        if self.speculative not in (None, "mtp"):
+            raise FieldError("speculative", f"must be None or 'mtp' (got {self.speculative!r})")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()  # tokens that end the request (kept in the output)
+    logprobs: int | None = None  # report the chosen token's logprob and this many alternatives
+    prompt_logprobs: bool = False  # report each prompt token's logprob (echo)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token (``token`` None on a final event without one: cancelled, error)."""
+
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    # with the first token, when asked: per prompt token (logprob, top alternatives); None first
+    prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    opts: SamplingOptions
+    emit: Callable[[TokenEvent], None]
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    n_cached: int = 0  # leading tokens whose cache entries are in ``blocks``
+    blocks: list[int] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # chain keys of the leading full blocks (registered)
+    generator: torch.Generator | None = None
+    prompt_lp: list[tuple[float, dict[int, float] | None] | None] | None = None
+    mtp_len: int = 0  # leading positions whose MTP cache entries are written (speculative)
+    h_prev: torch.Tensor | None = None  # main hidden states (C, D) of positions [mtp_len, n_cached)
+    submitted: float = 0.0
+    last_token_at: float | None = None
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+
+class Engine:
+    """Continuous batching of ``model`` (eval mode) over a paged cache of ``cfg.kv_cache_bytes``."""
+
+    def __init__(self, model: Transformer, cfg: EngineConfig | None = None, metrics: ServeMetrics | None = None):
+        self.cfg = cfg = cfg or EngineConfig()
+        cfg.validate()
+        self.model = model.eval()
+        self.metrics = metrics or ServeMetrics()
+        mcfg = model.cfg
+        device = model.embed.weight.device
+        self.spec = cfg.speculative == "mtp"
+        if self.spec and len(model.mtp) == 0:
+            raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
+        n_blocks = blocks_for_memory(mcfg, cfg.kv_cache_bytes, cfg.block_size, cfg.cache_dtype, self.spec)
+        if n_blocks < 2:
+            raise FieldError("kv_cache_bytes", f"{cfg.kv_cache_bytes} bytes hold {n_blocks} blocks of "
+                                               f"{cfg.block_size} tokens; at least 2 are needed")
+        self.cache = make_paged_cache(mcfg, mcfg.n_layers, n_blocks, cfg.block_size, cfg.cache_dtype, device)
+        self.alloc = BlockAllocator(n_blocks, cfg.block_size)
+        # MTP entries of a block depend on the next block's first token, so blocks are not shared
+        self.sharing = cfg.prefix_sharing and not self.spec
+        self.mtp_cache = make_paged_cache(mcfg, 1, n_blocks, cfg.block_size, cfg.cache_dtype, device) \
+            if self.spec else None
+        self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
+        self.device = device
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._inbox: list[Request] = []
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self.drafted = self.accepted = 0  # MTP drafts proposed and kept
+        self._stop = False
+        self._update_gauges()
+
+    # ---- the caller's side (any thread) -------------------------------------------------
+    def check(self, prompt: Sequence[int], opts: SamplingOptions) -> None:
+        """``FieldError`` when the request can never run: empty prompt, token ids outside the
+        vocabulary, prompt + max_tokens past the context or past the whole cache."""
+        V, ctx = self.model.cfg.vocab_size, self.model.cfg.max_seq_len
+        if len(prompt) == 0:
+            raise FieldError("prompt", "must hold at least one token")
+        if min(prompt) < 0 or max(prompt) >= V:
+            raise FieldError("prompt", f"token ids must be in [0, {V})")
+        if opts.max_tokens < 1:
+            raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
+        SamplingParams(opts.temperature, opts.top_p)
+        if len(prompt) + opts.max_tokens > ctx:
+            raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens exceed "
+                                           f"the model's context of {ctx} tokens")
+        need = math.ceil((len(prompt) + opts.max_tokens) / self.cfg.block_size)
+        if need > self.alloc.capacity:
+            raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens need "
+                                           f"{need} cache blocks; the server's cache holds {self.alloc.capacity}")
+
+    def submit(self, prompt: Sequence[int], opts: SamplingOptions, emit: Callable[[TokenEvent], None]) -> Request:
+        """Queue a request; ``emit`` is called from the scheduler thread with each ``TokenEvent``.
+        Raises ``FieldError`` (see ``check``) or ``QueueFull``."""
+        self.check(prompt, opts)
+        req = Request(next(self._ids), list(prompt), opts, emit, tokens=list(prompt), submitted=time.perf_counter())
+        if opts.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
+        if opts.prompt_logprobs:
+            req.prompt_lp = [None]
+        with self._cv:
+            if len(self.waiting) + len(self._inbox) >= self.cfg.max_queue:
+                raise QueueFull(f"{self.cfg.max_queue} requests are waiting already")
+            self._inbox.append(req)
+            self._cv.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """End ``req`` at the next step and free its blocks (client gone, stop string seen)."""
+        with self._cv:
+            req.cancelled = True
+            self._cv.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="flyer-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting or self._inbox)
+
+    # ---- the scheduler thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.busy:
+                    self._cv.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception:  # a bug must not leave clients waiting forever
+                traceback.print_exc(file=sys.stderr)
+                for r in list(self.running) + list(self.waiting):
+                    self._finish(r, "error", emit=True)
+                self.waiting.clear()
+
+    def run_until_idle(self, max_steps: int = 100_000) -> None:
+        """Step until no request is left (tests and benchmarks without the thread)."""
+        for _ in range(max_steps):
+            if not self.busy:
+                return
+            self.step()
+        raise RuntimeError(f"still busy after {max_steps} steps")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduling step (see the module docstring)."""
+        self.admit()
+        self._decode(self._reserve_decode_slots())
+        self._prefill()
+        self._update_gauges()
+
+    def admit(self) -> int:
+        """Take new requests, drop cancelled ones, admit what fits; returns the running count
+        (step 1 and 2 of a step; the benchmark counts sequences held at once with it alone)."""
+        with self._cv:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+                self._finish(r, "cancelled", emit=True)
+        for r in [r for r in self.running if r.cancelled]:
+            self._finish(r, "cancelled", emit=True)
+        self._admit()
+        return len(self.running)
+
+    def _admit(self) -> None:
+        bs = self.cfg.block_size
+        while self.waiting and len(self.running) < self.cfg.max_batch_size:
+            r = self.waiting[0]
+            blocks, keys = [], []
+            if self.sharing and r.prompt_lp is None:
+                # the last token is always recomputed (its logits pick the next token), so at
+                # most the full blocks before it are shared
+                blocks, keys = self.alloc.match(r.tokens, (len(r.tokens) - 1) // bs)
+                if self.cfg.prefix_cache is not None:
+                    self._load_from_disk(r, blocks, keys)
+            need = math.ceil(len(r.tokens) / bs) - len(blocks)
+            if self.alloc.available < need:
+                self.alloc.release(blocks)
+                if not self.running:  # nothing will free blocks: cannot happen (check bounds the need)
+                    raise RuntimeError(f"request {r.id} needs {need} blocks, {self.alloc.available} available")
+                return
+            self.waiting.popleft()
+            r.blocks = blocks + [self.alloc.allocate() for _ in range(need)]
+            r.keys, r.n_cached = keys, len(blocks) * bs
+            if r.generated == 0:
+                self.metrics.prompt_tokens.inc(len(r.prompt))
+            self.running.append(r)
+
+    def _load_from_disk(self, r: Request, blocks: list[int], keys: list[str]) -> None:
+        """Extend the shared blocks ``blocks`` (with their ``keys``) of r's prompt with blocks the
+        on-disk prefix cache holds, while the pool has room for the rest of the prompt too."""
+        pc, bs = self.cfg.prefix_cache, self.cfg.block_size
+        limit = (len(r.tokens) - 1) // bs
+        if len(blocks) >= limit:
+            return
+        disk_keys = pc.block_keys(r.tokens[:limit * bs])
+        mem_keys = chain_keys(r.tokens, bs, n_blocks=limit)
+        pool = self.cache.pool.tensors
+        expect = {k: ((t.shape[0], bs, *t.shape[3:]), t.dtype) for k, t in pool.items()}
+        for i in range(len(blocks), limit):
+            if self.alloc.available < math.ceil(len(r.tokens) / bs) - len(blocks):
+                return
+            blk = pc.load(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], expect)
+            if blk is None:
+                return
+            b = self.alloc.allocate()
+            for k, t in pool.items():
+                t[:, b] = blk[k].to(t.device)
+            self.alloc.register(b, mem_keys[i])
+            blocks.append(b)
+            keys.append(mem_keys[i])
+
+    def _store_to_disk(self, r: Request, first: int, end: int) -> None:
+        """Write r's full prompt blocks [first, end) to the on-disk prefix cache."""
+        pc, bs = self.cfg.prefix_cache, self.cfg.block_size
+        end = min(end, len(r.prompt) // bs)
+        if first >= end:
+            return
+        disk_keys = pc.block_keys(r.tokens[:end * bs])
+        pool = self.cache.pool.tensors
+        for i in range(first, end):
+            pc.store(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], {k: t[:, r.blocks[i]] for k, t in pool.items()})
+        pc.evict()
+
+    def _reserve_decode_slots(self) -> list[Request]:
+        """Decoding requests (one pending token), each with a block for that token's slot;
+        preempts the most recently admitted requests while blocks are short."""
+        bs = self.cfg.block_size
+        rows = []
+        for r in list(self.running):
+            if r not in self.running or len(r.tokens) - r.n_cached != 1:
+                continue
+            while len(r.blocks) * bs <= r.n_cached + int(self.spec):  # speculative: a slot for the draft too
+                b = self.alloc.allocate()
+                if b is not None:
+                    r.blocks.append(b)
+                    continue
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is r:
+                    break
+            if r in self.running:
+                rows.append(r)
+        return [r for r in rows if r in self.running]
+
+    def _preempt(self, r: Request) -> None:
+        self.running.remove(r)
+        self.alloc.release(r.blocks)
+        r.blocks, r.keys, r.n_cached, r.mtp_len, r.h_prev = [], [], 0, 0, None
+        self.waiting.appendleft(r)
+        self.metrics.preemptions.inc()
+
+    def _set_tables(self, rows: list[Request], n_slots: int) -> None:
+        """Block tables of ``rows`` covering ``n_slots`` positions, for the main and MTP caches."""
+        width = math.ceil(n_slots / self.cfg.block_size)
+        t = torch.full((len(rows), width), NULL_BLOCK, dtype=torch.long)
+        for i, r in enumerate(rows):
+            t[i, :min(len(r.blocks), width)] = torch.tensor(r.blocks[:width], dtype=torch.long)
+        self.cache.tables = t.to(self.device)
+        if self.mtp_cache is not None:
+            self.mtp_cache.tables = self.cache.tables
+
+    def _decode(self, rows: list[Request]) -> None:
+        if self.spec:  # a one-token prompt has no hidden state to draft from yet: one plain step
+            drafting = [r for r in rows if r.n_cached > 0]
+            if drafting:
+                self._decode_speculative(drafting)
+            rows = [r for r in rows if r.n_cached == 0]
+        if not rows:
+            return
+        tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        start = torch.tensor([r.n_cached for r in rows], device=self.device)
+        self._set_tables(rows, int(start.max()) + 1)
+        h = self.dec.forward(tokens, start)
+        logits = self.dec.logits(h)[:, 0]
+        for i, r in enumerate(rows):
+            r.n_cached += 1
+            if self.spec:
+                r.h_prev = h[i]  # (1, D): position 0
+            self._advance(r, logits[i])
+
+    def _mtp_catch_up(self, rows: list[Request]) -> torch.Tensor | None:
+        """Write the MTP cache entries each row can: positions [mtp_len, min(n_cached, len - 1))
+        from the main hidden states and the next tokens. Returns (B, D) the MTP output at each
+        row's last such position (None when no row has any)."""
+        c = [max(min(r.n_cached, len(r.tokens) - 1) - r.mtp_len, 0) for r in rows]
+        if max(c) == 0:
+            return None
+        C, D = max(c), self.model.cfg.dim
+        h_in = torch.zeros(len(rows), C, D, dtype=rows[0].h_prev.dtype, device=self.device)
+        nxt = torch.zeros(len(rows), C, dtype=torch.long)
+        for i, (r, ci) in enumerate(zip(rows, c)):
+            h_in[i, :ci] = r.h_prev[:ci]
+            nxt[i, :ci] = torch.tensor(r.tokens[r.mtp_len + 1:r.mtp_len + 1 + ci])
+        start = torch.tensor([r.mtp_len for r in rows], device=self.device)
+        self._set_tables(rows, int(start.max()) + C)
+        h1 = self.dec.mtp_forward(h_in, nxt.to(self.device), start)
+        for r, ci in zip(rows, c):
+            r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
+        return h1[torch.arange(len(rows)), torch.tensor([max(ci - 1, 0) for ci in c])]
+
+    def _decode_speculative(self, rows: list[Request]) -> None:
+        """One MTP draft per row, verified with the pending token in one main-model pass
+        (``flyer.infer.speculative``): greedy keeps exactly plain greedy decoding's tokens."""
+        h1 = self._mtp_catch_up(rows)  # every decoding row has its entry n - 1 to write
+        q_logits = self.dec.mtp_logits(h1)  # (B, V) at position n - 1: predicts t_{n+1}
+        params = [SamplingParams(r.opts.temperature, r.opts.top_p) for r in rows]
+        q = [None if p.greedy else probabilities(q_logits[i:i + 1], p) for i, p in enumerate(params)]
+        drafts = [int(q_logits[i].argmax()) if p.greedy else int(torch.multinomial(q[i][0], 1, generator=r.generator))
+                  for i, (r, p) in enumerate(zip(rows, params))]
+        tokens = torch.tensor([[r.tokens[-1], d] for r, d in zip(rows, drafts)], device=self.device)
+        start = torch.tensor([r.n_cached for r in rows], device=self.device)
+        self._set_tables(rows, int(start.max()) + 2)
+        hv = self.dec.forward(tokens, start)
+        logits = self.dec.logits(hv)  # (B, 2, V)
+        for i, (r, p) in enumerate(zip(rows, params)):
+            target = logits[i] if p.greedy else probabilities(logits[i], p)
+            new = accept_drafts(target, q[i], [drafts[i]], p, r.generator)
+            self.drafted += 1
+            self.accepted += len(new) - 1
+            r.h_prev = hv[i, :len(new)]  # positions n .. n + len(new) - 1
+            r.n_cached += len(new)
+            for j, tok in enumerate(new):
+                if self._emit_token(r, tok, logits[i, j]):
+                    break
+
+    def _prefill(self) -> None:
+        budget = self.cfg.prefill_chunk
+        rows, lens = [], []
+        for r in self.running:
+            pending = len(r.tokens) - r.n_cached
+            if pending > 1 and budget > 0:
+                rows.append(r)
+                lens.append(min(pending, budget))
+                budget -= lens[-1]
+        if not rows:
+            return
+        T = max(lens)
+        tokens = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, (r, n) in enumerate(zip(rows, lens)):
+            tokens[i, :n] = torch.tensor(r.tokens[r.n_cached:r.n_cached + n])
+        start = torch.tensor([r.n_cached for r in rows], device=self.device)
+        self._set_tables(rows, int(start.max()) + T)
+        h = self.dec.forward(tokens.to(self.device), start)
+        if self.spec:
+            for i, (r, n) in enumerate(zip(rows, lens)):
+                r.h_prev = h[i, :n] if r.h_prev is None else torch.cat([r.h_prev, h[i, :n]])
+                r.n_cached += n
+            self._mtp_catch_up(rows)
+            for r, n in zip(rows, lens):
+                r.n_cached -= n
+        for i, (r, n) in enumerate(zip(rows, lens)):
+            if r.prompt_lp is not None and r.n_cached < len(r.prompt):
+                self._score_prompt(r, h[i, :n])
+            r.n_cached += n
+            if r.n_cached == len(r.tokens):
+                self._advance(r, self.dec.logits(h[i, n - 1]))
+            else:
+                self._register_full_blocks(r)
+
+    def _score_prompt(self, r: Request, h_TD: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens after each fed position (evaluation harnesses)."""
+        logp = self.dec.logits(h_TD).log_softmax(-1)
+        lo = r.n_cached
+        nxt = r.tokens[lo + 1:lo + 1 + h_TD.shape[0]]
+        for j, t in enumerate(nxt):
+            if lo + 1 + j == len(r.prompt_lp) < len(r.prompt):  # a recompute after preemption scores nothing twice
+                r.prompt_lp.append(self._logprobs(logp[j], t, r.opts.logprobs))
+
+    @staticmethod
+    def _logprobs(logp_V: torch.Tensor, token: int, top: int | None) -> tuple[float, dict[int, float] | None]:
+        """(logprob of ``token``, the ``top`` most likely tokens' logprobs or None when top is 0/None)."""
+        if not top:
+            return float(logp_V[token]), None
+        vals, ids = logp_V.topk(top)
+        return float(logp_V[token]), dict(zip(ids.tolist(), vals.tolist()))
+
+    def _register_full_blocks(self, r: Request) -> None:
+        if not self.sharing:
+            return
+        bs = self.cfg.block_size
+        first = len(r.keys)
+        for i in range(first, r.n_cached // bs):
+            key = chain_keys(r.tokens[i * bs:(i + 1) * bs], bs, seed=r.keys[-1] if r.keys else "")[0]
+            r.keys.append(key)
+            self.alloc.register(r.blocks[i], key)
+        if self.cfg.prefix_cache is not None:
+            self._store_to_disk(r, first, len(r.keys))
+
+    def _advance(self, r: Request, logits_V: torch.Tensor) -> None:
+        """The cache holds all of r's tokens: choose the next one from ``logits_V`` and emit it."""
+        self._register_full_blocks(r)
+        o = r.opts
+        tok = int(sample(logits_V.unsqueeze(0), SamplingParams(o.temperature, o.top_p), r.generator)[0])
+        self._emit_token(r, tok, logits_V)
+
+    def _emit_token(self, r: Request, tok: int, logits_V: torch.Tensor) -> bool:
+        """Append ``tok`` (chosen from ``logits_V``) to r, emit it; True when that finished r."""
+        o = r.opts
+        lp = top = None
+        if o.logprobs is not None:
+            lp, top = self._logprobs(logits_V.float().log_softmax(-1), tok, o.logprobs)
+        r.tokens.append(tok)
+        now = time.perf_counter()
+        if r.last_token_at is None:
+            self.metrics.ttft.observe(now - r.submitted)
+        else:
+            self.metrics.tpot.observe(now - r.last_token_at)
+        r.last_token_at = now
+        self.metrics.generation_tokens.inc()
+        reason = "stop" if tok in o.stop_ids else "length" if r.generated >= o.max_tokens else None
+        first = r.generated == 1
+        if reason is not None:  # blocks freed before the caller hears the request is done
+            self._finish(r, reason, emit=False)
+        r.emit(TokenEvent(tok, lp, top, reason, r.prompt_lp if first and r.prompt_lp is not None else None))
+        return reason is not None
+
+    def _finish(self, r: Request, reason: str, emit: bool) -> None:
+        if r in self.running:
+            self.running.remove(r)
+        self.alloc.release(r.blocks)
+        r.blocks, r.done = [], True
+        self.metrics.requests.labels(reason).inc()
+        if emit:
+            r.emit(TokenEvent(None, finish_reason=reason))
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.running.set(len(self.running))
+        m.waiting.set(len(self.waiting) + len(self._inbox))
+        m.blocks_used.set(self.alloc.used)
+        m.blocks_free.set(self.alloc.available)
+        m.prefix_hit_rate.set(self.alloc.hit_rate)

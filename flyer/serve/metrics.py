@@ -1,0 +1,36 @@
+"""Prometheus metrics of one server (its own registry, so servers in one process stay apart)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServeMetrics:
+    """Requests, tokens in and out, time to first token, time per output token, running and
+    waiting requests, cache blocks used and free, prefix hit rate, preemptions."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("flyer_requests", "Requests finished, by finish reason", ["finish_reason"],
+                                registry=r)
+        self.prompt_tokens = Counter("flyer_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("flyer_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("flyer_time_to_first_token_seconds", "Submission to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("flyer_time_per_output_token_seconds", "Time between a request's tokens",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("flyer_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("flyer_requests_waiting", "Requests waiting for admission", registry=r)
+        self.blocks_used = Gauge("flyer_cache_blocks_used", "Paged cache blocks referenced", registry=r)
+        self.blocks_free = Gauge("flyer_cache_blocks_free", "Paged cache blocks free or cached unreferenced",
+                                 registry=r)
+        self.prefix_hit_rate = Gauge("flyer_prefix_cache_hit_rate", "Prompt blocks found in the cache / looked up",
+                                     registry=r)
+        self.preemptions = Counter("flyer_preemptions", "Running requests preempted (recomputed later)", registry=r)
+        self.rejected = Counter("flyer_rejected_requests", "Requests refused, by HTTP status", ["status"], registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,167 @@
+"""The paged decode cache: every sequence's cache lives in fixed-size blocks of one shared pool.
+
+Per layer and block, a block holds ``block_size`` tokens of what the model caches: for MLA the
+latent and rope key ([c | k_rope], kv_lora_rank + rope channels per token), for GQA per-KV-head
+keys and values. A sequence owns a block table (its blocks in position order); position p lives
+in slot ``p % block_size`` of block ``table[p // block_size]``. ``PagedCache`` gives the decoder
+the interface of ``flyer.infer.cache`` (write / read / read_packed) through the tables, so the
+attention code (absorbed MLA, GQA) is the one ``flyer generate`` runs, reading gathered slots.
+
+``BlockAllocator`` keeps the free list and, for prefix sharing, the full blocks keyed by a chain
+hash of their tokens (``flyer.infer.prefix_cache.chain_keys``): a new sequence whose prompt starts
+with cached blocks takes them (reference-counted) instead of recomputing them; blocks nobody
+references stay cached, least recently used first out, until a block is needed.
+
+Block 0 is the null block: table padding points there, so right-padded rows of a batched
+prefill write their padding into it and never into a live block. Attention masks it by position.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from flyer.config import ModelConfig
+from flyer.infer.cache import make_cache
+from flyer.infer.prefix_cache import chain_keys
+
+NULL_BLOCK = 0
+
+
+class PagedCache:
+    """A decode cache over ``pool`` (a ``flyer.infer.cache`` cache shaped (L, n_blocks,
+    block_size, ...)) addressed through ``tables`` (B, n) int64 block ids, set per step."""
+
+    def __init__(self, pool):
+        self.pool, self.kind = pool, pool.kind
+        self.n_blocks, self.block_size = pool.batch, pool.max_len
+        self.tables = torch.zeros(1, 1, dtype=torch.long)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pool.dtype
+
+    def bytes_per_token(self) -> int:
+        return self.pool.bytes_per_token()
+
+    def _slots(self, pos_BT: torch.Tensor) -> torch.Tensor:
+        """Flat slot index (B, T) of each position; positions past a row's table: the null block."""
+        tables = F.pad(self.tables, (0, 1), value=NULL_BLOCK)
+        blk = (pos_BT // self.block_size).clamp(max=tables.shape[1] - 1)
+        return tables.gather(1, blk) * self.block_size + pos_BT % self.block_size
+
+    def write(self, layer: int, pos_BT: torch.Tensor, **values: torch.Tensor) -> None:
+        """Store ``values[name]`` (B, T, ...) of ``layer`` at positions ``pos_BT`` (B, T)."""
+        slots = self._slots(pos_BT).flatten()
+        for name, v in values.items():
+            self.pool.tensors[name][layer].flatten(0, 1)[slots] = v.flatten(0, 1).to(self.dtype)
+
+    def _gather(self, t_NSX: torch.Tensor, n_slots: int) -> torch.Tensor:
+        if self.tables.shape[1] * self.block_size < n_slots:
+            raise ValueError(f"block tables cover {self.tables.shape[1] * self.block_size} slots, need {n_slots}")
+        return t_NSX[self.tables].flatten(1, 2)[:, :n_slots]  # (B, n * block_size, ...) -> (B, n_slots, ...)
+
+    def read_packed(self, layer: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, n_slots, kv_lora_rank + rope) of an MLA pool, in ``dtype``."""
+        return self._gather(self.pool.packed[layer], n_slots).to(dtype)
+
+    def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype, heads_first: bool = False) -> torch.Tensor:
+        t = self._gather(self.pool.tensors[name][layer], n_slots)
+        return (t.transpose(1, 2) if heads_first else t).to(dtype)
+
+
+def make_paged_cache(cfg: ModelConfig, n_layers: int, n_blocks: int, block_size: int, dtype: torch.dtype,
+                     device=None) -> PagedCache:
+    """A pool of ``n_blocks`` blocks (the null block included) in the absorbed (MLA) or GQA layout."""
+    return PagedCache(make_cache(cfg, n_layers, n_blocks, block_size, "absorbed", dtype, device))
+
+
+def blocks_for_memory(cfg: ModelConfig, memory_bytes: int, block_size: int, dtype: torch.dtype,
+                      with_mtp: bool = False) -> int:
+    """How many blocks (the null block included) ``memory_bytes`` holds: the main model's cache
+    (plus the MTP module's one layer) at ``block_size`` tokens each, from the cache's own tensors."""
+    probe = make_cache(cfg, cfg.n_layers + int(with_mtp), 1, 1, "absorbed", dtype, "meta")
+    return memory_bytes // (probe.bytes_per_token() * block_size)
+
+
+class BlockAllocator:
+    """Block ids 1 .. n_blocks - 1: a free list, reference counts, and the prefix index (chain
+    key -> block) with an LRU of cached blocks nobody references."""
+
+    def __init__(self, n_blocks: int, block_size: int):
+        if n_blocks < 2:
+            raise ValueError(f"a paged cache needs at least 2 blocks (the null block and one more), got {n_blocks}")
+        self.n_blocks, self.block_size = n_blocks, block_size
+        self.free: deque[int] = deque(range(1, n_blocks))
+        self.refs = [0] * n_blocks
+        self.key_of: dict[int, str] = {}
+        self.block_of: dict[str, int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
+        self.lookups = self.hits = 0  # prefix blocks looked up / found
+
+    @property
+    def capacity(self) -> int:
+        """Blocks a sequence can ever use (all but the null block)."""
+        return self.n_blocks - 1
+
+    @property
+    def available(self) -> int:
+        """Blocks an allocation can take now: free ones and cached ones nobody references."""
+        return len(self.free) + len(self.lru)
+
+    @property
+    def used(self) -> int:
+        return self.capacity - self.available
+
+    def allocate(self) -> int | None:
+        """A block with reference count 1 (a free one, else the least recently used cached one,
+        dropped from the prefix index); None when every block is referenced."""
+        if self.free:
+            b = self.free.popleft()
+        elif self.lru:
+            b, _ = self.lru.popitem(last=False)
+            del self.block_of[self.key_of.pop(b)]
+        else:
+            return None
+        self.refs[b] = 1
+        return b
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each block; unreferenced blocks stay cached when keyed, else free."""
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                if b in self.key_of:
+                    self.lru[b] = None
+                else:
+                    self.free.append(b)
+
+    def match(self, tokens: Sequence[int], max_blocks: int) -> tuple[list[int], list[str]]:
+        """Cached blocks holding the leading full blocks of ``tokens`` (at most ``max_blocks``),
+        each with one more reference, and their chain keys."""
+        blocks, keys = [], []
+        for key in chain_keys(tokens, self.block_size, n_blocks=max_blocks):
+            self.lookups += 1
+            b = self.block_of.get(key)
+            if b is None:
+                break
+            self.hits += 1
+            if self.refs[b] == 0:
+                del self.lru[b]
+            self.refs[b] += 1
+            blocks.append(b)
+            keys.append(key)
+        return blocks, keys
+
+    def register(self, block: int, key: str) -> None:
+        """Key a full block so later prompts can share it (a key another block already holds
+        stays with that one)."""
+        if key not in self.block_of and block not in self.key_of:
+            self.block_of[key], self.key_of[block] = block, key
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0

@@ -1,0 +1,329 @@
+"""``flyer serve`` over HTTP: the official ``openai`` client against a server on a free loopback
+port started inside the test; greedy text == ``generate`` on each prompt alone under concurrent
+streaming and non-streaming requests; chat templates as transformers renders them; OpenAI-shaped
+errors with their statuses (raw HTTP); cancellation on disconnect; the CLI's ready line and drain."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from hf_models import make_tokenizer
+from trained import counting_model
+from transformers import AutoTokenizer
+
+from flyer.cli import main
+from flyer.config import preset
+from flyer.data.tokenizer import train_bpe
+from flyer.infer import GenerationConfig, generate
+from flyer.infer.cli import ByteTokenizer
+from flyer.model.transformer import Transformer
+from flyer.serve.api import Api, Server, chat_renderer
+from flyer.serve.cli import bind, read_chat_template
+from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
+from flyer.train.checkpoint import save_checkpoint
+
+V = 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+
+
+class _Running:
+    """An engine and HTTP server on 127.0.0.1:<free port>, stopped by ``close``."""
+
+    def __init__(self, model, api_key=None, start_engine=True, **engine_over):
+        cfg = dict(kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8)
+        self.engine = Engine(model, EngineConfig(**{**cfg, **engine_over}))
+        self.api = Api(self.engine, ByteTokenizer(), "tiny-test", api_key)
+        self.server = Server(self.api, graceful_s=5)
+        sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        if start_engine:
+            self.engine.start()
+        self.thread = self.server.run_in_thread(sock)
+        self.sock = sock
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
+                             timeout=60, **kw)
+
+    def close(self):
+        self.server.stop()
+        self.thread.join(timeout=30)
+        self.engine.stop()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return counting_model(V)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    s = _Running(model)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def served_bytes():
+    """Random weights with a vocabulary that holds every byte (text prompts, chat)."""
+    torch.manual_seed(0)
+    s = _Running(Transformer(preset("tiny")).eval(), kv_cache_bytes=64 * 4 * 384 * 2)
+    yield s
+    s.close()
+
+
+def _prog(start, step, n):
+    return [(start + step * i) % V for i in range(n)]
+
+
+def _alone(model, prompt, n):
+    return generate(model, [prompt], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
+
+
+def test_health_and_models(served):
+    assert httpx.get(served.url + "/health").json() == {"status": "ok"}
+    assert [m.id for m in served.client().models.list().data] == ["tiny-test"]
+
+
+def test_concurrent_greedy_completions_equal_generate_alone(served, model):
+    head = _prog(3, 2, 13)
+    prompts = [head + _prog(5, 3, n) for n in (3, 17, 1)] + [_prog(7, 1, n) for n in (1, 30, 6)]
+    tok = ByteTokenizer()
+    client = served.client()
+
+    def ask(i):
+        p = prompts[i]
+        if i % 2:  # streaming
+            chunks = list(client.completions.create(model="tiny-test", prompt=p, max_tokens=10, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}))
+            assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == len(p)
+            return "".join(c.choices[0].text for c in chunks if c.choices)
+        r = client.completions.create(model="tiny-test", prompt=p, max_tokens=10, temperature=0)
+        assert r.usage.prompt_tokens == len(p) and r.usage.completion_tokens == 10
+        assert r.choices[0].finish_reason == "length"
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(ask, range(len(prompts))))
+    assert texts == [tok.decode(_alone(model, p, 10)) for p in prompts]
+    # a list of prompts: one choice each, in order
+    r = client.completions.create(model="tiny-test", prompt=prompts[:2], max_tokens=10, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == texts[:2]
+    assert served.engine.alloc.used == 0
+
+
+def test_seed_stop_echo_and_logprobs(served, model):
+    client = served.client()
+    p = _prog(4, 3, 9)
+    kw = dict(model="tiny-test", prompt=p, max_tokens=12, temperature=1.0, seed=5)
+    a, b = (client.completions.create(**kw).choices[0].text for _ in range(2))
+    assert a == b
+    ref = ByteTokenizer().decode(_alone(model, p, 12))
+    stop = ref[4:6]
+    r = client.completions.create(model="tiny-test", prompt=p, max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].text == ref[:ref.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny-test", prompt=p, max_tokens=12, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == ref[:ref.index(stop)]
+    r = client.completions.create(model="tiny-test", prompt=p, max_tokens=2, temperature=0, echo=True, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(ByteTokenizer().decode(p))
+    assert len(lp.tokens) == len(p) + 2 and lp.token_logprobs[0] is None
+    with torch.no_grad():
+        ref_lp = model(torch.tensor([p])).log_softmax(-1)[0, torch.arange(len(p) - 1), torch.tensor(p[1:])]
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:len(p)]), ref_lp, atol=1e-4, rtol=0)
+    assert all(len(t) <= 3 for t in lp.top_logprobs[1:])
+
+
+def test_chat_default_template_streaming_and_usage(served_bytes):
+    client = served_bytes.client()
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "count"}]
+    r = client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=6, temperature=0)
+    rendered = chat_renderer(None)(msgs)
+    assert rendered == "<|system|>\nbe brief\n<|user|>\ncount\n<|assistant|>\n"
+    assert r.usage.prompt_tokens == len(rendered.encode()) and r.usage.completion_tokens == 6
+    assert r.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens and chunks[-2].choices[0].finish_reason == "length"
+    r = client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=3, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    assert len(r.choices[0].logprobs.content) == 3 and len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+
+
+def test_chat_template_renders_as_transformers(tmp_path):
+    make_tokenizer(tmp_path)
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+                "{% elif m['role'] == 'system' %}{{ m['content'] }}\n\n{% else %}Assistant: {{ m['content'] }}"
+                "{{ eos_token }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert read_chat_template(tmp_path) == template
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"}]
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    expect = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert chat_renderer(template, "<s>", "</s>")(msgs) == expect
+
+
+def _error(resp, status, param=None):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param
+    return err
+
+
+def test_bad_requests_answer_400_never_500(served, model):
+    url = served.url + "/v1/completions"
+    ok = dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)
+    for over, param in ((dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
+                        (dict(top_p=0), "top_p"), (dict(prompt=[1, 64]), "prompt"), (dict(prompt=[]), "prompt"),
+                        (dict(prompt=""), "prompt"), (dict(n=2), "n"), (dict(stop=[""]), "stop"),
+                        (dict(logprobs=99), "logprobs"), (dict(max_tokens=model.cfg.max_seq_len), "max_tokens"),
+                        (dict(temperature="hot"), "temperature"), (dict(prompt={"a": 1}), None)):
+        _error(httpx.post(url, json={**ok, **over}), 400, param)
+    _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
+    _error(httpx.post(url, json={"prompt": "x"}), 400, "model")
+    _error(httpx.post(served.url + "/v1/chat/completions", json={"model": "tiny-test", "messages": []}), 400)
+    _error(httpx.post(served.url + "/v1/chat/completions",
+                      json={"model": "tiny-test", "messages": [{"role": "wizard", "content": "x"}]}), 400)
+    _error(httpx.post(url, json={**ok, "model": "gpt-4"}), 404, "model")
+    _error(httpx.get(served.url + "/v1/nothing"), 404)
+    with pytest.raises(openai.BadRequestError):
+        served.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=0)
+    assert 'flyer_rejected_requests_total{status="400"}' in httpx.get(served.url + "/metrics").text
+
+
+def test_api_key_queue_full_and_draining(model):
+    s = _Running(model, api_key="sekret", start_engine=False, max_queue=1)
+    try:
+        url, ok = s.url + "/v1/completions", dict(model="tiny-test", prompt=[1, 2], max_tokens=2)
+        _error(httpx.post(url, json=ok), 401)
+        _error(httpx.post(url, json=ok, headers={"authorization": "Bearer wrong"}), 401)
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").models.list()
+        assert s.client(api_key="sekret").models.list().data[0].id == "tiny-test"
+        s.engine.submit([1], SamplingOptions(max_tokens=1), lambda e: None)  # the engine is not running: queue full
+        _error(httpx.post(url, json=ok, headers={"authorization": "Bearer sekret"}), 429)
+        s.api.draining = True
+        _error(httpx.post(url, json=ok, headers={"authorization": "Bearer sekret"}), 503)
+        assert httpx.get(s.url + "/health").status_code == 503
+    finally:
+        s.close()
+
+
+def test_disconnect_cancels_and_frees_blocks(served):
+    with httpx.stream("POST", served.url + "/v1/completions", json=dict(
+            model="tiny-test", prompt=_prog(1, 1, 5), max_tokens=200, temperature=0, stream=True), timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+    for _ in range(100):  # bounded: the cancel lands within the engine's next steps
+        if not served.engine.busy and served.engine.alloc.used == 0:
+            break
+        time.sleep(0.05)
+    assert not served.engine.busy and served.engine.alloc.used == 0
+    m = httpx.get(served.url + "/metrics").text
+    assert 'flyer_requests_total{finish_reason="cancelled"}' in m and "flyer_cache_blocks_free" in m
+    for name in ("flyer_time_to_first_token_seconds_bucket", "flyer_time_per_output_token_seconds_bucket",
+                 "flyer_requests_running", "flyer_requests_waiting", "flyer_cache_blocks_used",
+                 "flyer_prefix_cache_hit_rate", "flyer_prompt_tokens_total", "flyer_generation_tokens_total"):
+        assert name in m
+
+
+def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path):
+    cfg = preset("tiny", vocab_size=300)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
+    save_checkpoint(tmp_path / "checkpoints", 5, {"model.safetensors": m.state_dict(), "config.json": cfg.to_dict(),
+                                                  "tokenizer.json": json.loads(tok.to_str())})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    gen = subprocess.run([sys.executable, "-m", "flyer", "generate", "--ckpt", str(tmp_path), "--prompt",
+                          "the quick", "--max-new-tokens", "8", "--cache-dtype", "fp32", "--json"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    ref = json.loads(gen.stdout)
+    proc = subprocess.Popen([sys.executable, "-m", "flyer", "serve", "--ckpt", str(tmp_path), "--port", "0",
+                             "--cache-dtype", "fp32", "--kv-cache-memory", "4M", "--threads", "1",
+                             "--speculative", "mtp"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # blocks until the ready line (or exit)
+        assert line.startswith("flyer serve: ready on http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split()[4]
+        assert httpx.get(url + "/health").status_code == 200
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        r = client.completions.create(model=name, prompt="the quick", max_tokens=8, temperature=0)
+        assert r.choices[0].text == ref["text"]
+        stream = client.completions.create(model=name, prompt="the quick", max_tokens=200, temperature=0,
+                                           stream=True)
+        chunks = [next(iter(stream))]
+        proc.send_signal(signal.SIGTERM)  # drain: the request in flight finishes
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+        assert proc.wait(timeout=60) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--preset", "tiny", "--kv-cache-memory", "lots"], "--kv-cache-memory: expected a size"),
+    (["--preset", "tiny", "--kv-cache-memory", "1k"], "--kv-cache-memory: 1024 bytes hold 0 blocks"),
+    (["--preset", "tiny", "--max-batch-size", "0"], "--max-batch-size: must be >= 1"),
+    (["--preset", "tiny", "--port", "70000"], "--port: must be in"),
+    (["--preset", "tiny", "--ckpt", "x"], "exactly one"),
+])
+def test_cli_user_errors_are_one_line(capsys, argv, msg):
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_without_max_tokens_fits_the_cache():
+    torch.manual_seed(0)
+    s = _Running(Transformer(preset("tiny")).eval(), kv_cache_bytes=12 * 4 * 384 * 2)  # 11 blocks of 4: 44 tokens
+    try:
+        msgs = [{"role": "user", "content": "a"}]  # "<|user|>\na\n<|assistant|>\n": 25 byte tokens
+        r = s.client().chat.completions.create(model="tiny-test", messages=msgs, temperature=0)
+        assert r.usage.prompt_tokens == 25 and r.usage.completion_tokens == 44 - 25
+        assert r.choices[0].finish_reason == "length"
+    finally:
+        s.close()
+
+
+def test_an_engine_failure_answers_500_in_openai_shape_and_the_engine_goes_on(model, monkeypatch, capsys):
+    s = _Running(model)
+    try:
+        real = s.engine.dec.forward
+        monkeypatch.setattr(s.engine.dec, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        err = _error(httpx.post(s.url + "/v1/completions", json=dict(model="tiny-test", prompt=[1, 2], max_tokens=2),
+                                timeout=60), 500)
+        assert err["type"] == "server_error" and "Traceback" not in err["message"]
+        monkeypatch.setattr(s.engine.dec, "forward", real)
+        r = s.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens == 2
+        assert "boom" in capsys.readouterr().err  # the traceback goes to the server's log
+    finally:
+        s.close()

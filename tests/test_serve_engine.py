@@ -1,0 +1,227 @@
+"""Serving engine: paged attention == the contiguous cache (FP32 bound), and each request's greedy
+tokens under continuous batching, chunked prefill, prefix sharing and preemption == ``generate``
+on its prompt alone; seeded sampling, cancellation, admission limits."""
+
+import pytest
+import torch
+from bounds import mla_attention_bound
+from trained import counting_model
+
+from flyer.config import preset
+from flyer.errors import FieldError
+from flyer.infer import GenerationConfig, generate
+from flyer.infer.attention import causal_slot_mask, mla_absorbed_core
+from flyer.infer.cache import LatentCache
+from flyer.infer.prefix_cache import chain_keys
+from flyer.model.transformer import Transformer
+from flyer.serve.engine import (Engine, EngineConfig, QueueFull, SamplingOptions,
+                                open_disk_prefix_cache)
+from flyer.serve.paged import BlockAllocator, make_paged_cache
+
+V = 64
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return counting_model(V)
+
+
+def _engine(model, blocks=64, block_size=4, **over) -> Engine:
+    bpt = LatentCache(model.cfg.n_layers, 1, 1, model.cfg.kv_lora_rank, model.cfg.qk_rope_head_dim,
+                      torch.float32, "meta").bytes_per_token() if model.cfg.attn == "mla" else \
+        2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4
+    cfg = EngineConfig(kv_cache_bytes=blocks * block_size * bpt, block_size=block_size, cache_dtype=torch.float32,
+                       **over)
+    return Engine(model, cfg)
+
+
+def _run(eng: Engine, prompts, opts: SamplingOptions | list[SamplingOptions]) -> list[list[int]]:
+    outs = [[] for _ in prompts]
+    opts = opts if isinstance(opts, list) else [opts] * len(prompts)
+    for i, (p, o) in enumerate(zip(prompts, opts)):
+        eng.submit(p, o, lambda e, i=i: outs[i].append(e.token))
+    eng.run_until_idle()
+    return outs
+
+
+def _alone(model, prompts, max_new):
+    return [generate(model, [p], GenerationConfig(max_new_tokens=max_new, cache_dtype=torch.float32)).tokens[0]
+            for p in prompts]
+
+
+def _progression(start, step, n):
+    return [(start + step * i) % V for i in range(n)]
+
+
+def test_paged_attention_equals_contiguous_cache_within_fp32_bound():
+    """The same latents in a contiguous cache and scattered over shuffled blocks: both reads give
+    attention outputs within the FP32 bound of the exact sums."""
+    model = Transformer(preset("tiny")).eval()
+    attn = model.layers[0].attn
+    B, S, T, bs = 2, 37, 5, 4
+    C, R = attn.kv_lora_rank, attn.qk_rope_head_dim
+    kv = torch.randn(B, S, C + R)
+    contiguous = LatentCache(1, B, S, C, R, torch.float32)
+    paged = make_paged_cache(model.cfg, 1, 1 + 2 * 10, bs, torch.float32)
+    paged.tables = torch.randperm(20).add(1).view(B, 10)  # shuffled blocks, 10 per row
+    pos = torch.arange(S).expand(B, S)
+    for cache in (contiguous, paged):
+        cache.write(0, pos, latent=kv[..., :C], rope_key=kv[..., C:])
+    q_nope, q_rope = torch.randn(B, T, attn.n_heads, attn.qk_nope_head_dim), torch.randn(B, T, attn.n_heads, R)
+    mask = causal_slot_mask(torch.arange(S - T, S).expand(B, T), S)
+    exact, bound = mla_attention_bound(attn, q_nope, q_rope, kv, mask)
+    for cache in (contiguous, paged):
+        got = mla_absorbed_core(attn, q_nope, q_rope, cache.read_packed(0, S, torch.float32), mask)
+        assert ((got.double() - exact).abs() <= bound).all()
+    assert torch.equal(paged.read_packed(0, S, torch.float32), kv)  # the gather itself is exact
+
+
+def test_greedy_equals_generate_alone_under_concurrency(trained):
+    # shared prefixes (prefix sharing), long and short prompts (chunked prefill), a small pool
+    # (preemption) and a small batch (admission waits)
+    head = _progression(3, 2, 13)
+    prompts = [head + _progression(5, 3, n) for n in (3, 17, 1, 9)] + [_progression(7, 1, n) for n in (1, 30, 6)]
+    ref = _alone(trained, prompts, 12)
+    for blocks, batch, chunk in ((64, 8, 64), (14, 5, 8), (64, 2, 3)):
+        eng = _engine(trained, blocks=blocks, max_batch_size=batch, prefill_chunk=chunk)
+        assert _run(eng, prompts, SamplingOptions(max_tokens=12)) == ref, (blocks, batch, chunk)
+        assert eng.alloc.used == 0  # every block released
+    assert eng.metrics.preemptions._value.get() == 0
+    small = _engine(trained, blocks=14, max_batch_size=5, prefill_chunk=8)
+    _run(small, prompts, SamplingOptions(max_tokens=12))
+    assert small.metrics.preemptions._value.get() > 0
+    assert small.alloc.hit_rate > 0
+
+
+def test_gqa_model_pages_its_kv(trained):
+    torch.manual_seed(1)
+    model = Transformer(preset("tiny", vocab_size=V, attn="gqa", n_kv_heads=2, head_dim=32)).eval()
+    prompts = [_progression(1, 1, n) for n in (2, 11, 23)]
+    eng = _engine(model, blocks=20, prefill_chunk=8)
+    assert _run(eng, prompts, SamplingOptions(max_tokens=8)) == _alone(model, prompts, 8)
+
+
+def test_requests_join_at_the_next_step_and_prefill_is_chunked(trained):
+    eng = _engine(trained, prefill_chunk=4)
+    a, b = [], []
+    eng.submit(_progression(1, 1, 3), SamplingOptions(max_tokens=20), lambda e: a.append(e.token))
+    for _ in range(3):
+        eng.step()
+    assert len(a) >= 2
+    eng.submit(_progression(2, 1, 17), SamplingOptions(max_tokens=2), lambda e: b.append(e.token))
+    n = len(a)
+    eng.step()
+    assert len(eng.running) == 2 and len(a) == n + 1  # b joined; a still decoded this step
+    for _ in range(3):  # b's 17-token prompt takes 5 chunks of 4: a gets a token every step meanwhile
+        eng.step()
+        assert not b
+    assert len(a) == n + 4
+    eng.run_until_idle()
+    assert len(b) == 2 and len(a) == 20
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(trained):
+    p = _progression(4, 3, 9)
+    opts = SamplingOptions(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    alone = _run(_engine(trained), [p], opts)[0]
+    mixed = _run(_engine(trained, prefill_chunk=4), [_progression(1, 1, 20), p, p[:3]],
+                 [SamplingOptions(max_tokens=5), opts, SamplingOptions(max_tokens=7, temperature=0.5)])
+    assert mixed[1] == alone
+    assert _run(_engine(trained), [p], SamplingOptions(max_tokens=10, temperature=1.0, seed=8))[0] != alone
+
+
+def test_cancel_frees_blocks_and_stop_tokens_end_a_request(trained):
+    eng = _engine(trained)
+    got = []
+    req = eng.submit(_progression(1, 1, 10), SamplingOptions(max_tokens=50), got.append)
+    eng.step()
+    eng.step()
+    assert eng.alloc.used > 0
+    eng.cancel(req)
+    eng.step()
+    assert eng.alloc.used == 0 and not eng.running and got[-1].finish_reason == "cancelled"
+    ref = _alone(trained, [_progression(1, 1, 10)], 6)[0]
+    out = _run(eng, [_progression(1, 1, 10)], SamplingOptions(max_tokens=50, stop_ids=(ref[5],)))[0]
+    assert out == ref[:ref.index(ref[5]) + 1]
+
+
+def test_logprobs_of_prompt_and_tokens(trained):
+    p = _progression(3, 1, 9)
+    events = []
+    eng = _engine(trained, prefill_chunk=4)
+    eng.submit(p, SamplingOptions(max_tokens=3, logprobs=2, prompt_logprobs=True), events.append)
+    eng.run_until_idle()
+    with torch.no_grad():
+        logp = trained(torch.tensor([p + [e.token for e in events[:2]]])).log_softmax(-1)[0]
+    plp = events[0].prompt_logprobs
+    assert plp[0] is None and len(plp) == len(p)
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in plp[1:]]), logp[torch.arange(8), torch.tensor(p[1:])],
+                               atol=1e-4, rtol=0)
+    assert all(len(top) == 2 for _, top in plp[1:])
+    assert abs(events[1].logprob - float(logp[9, events[1].token])) < 1e-4
+    assert len(events[1].top_logprobs) == 2 and max(events[1].top_logprobs.values()) >= events[1].logprob
+
+
+def test_admission_limits(trained):
+    eng = _engine(trained, blocks=6, max_queue=2)
+    with pytest.raises(FieldError, match="cache blocks"):
+        eng.check(_progression(1, 1, 10), SamplingOptions(max_tokens=20))  # 30 tokens > 5 blocks of 4
+    with pytest.raises(FieldError, match="context"):
+        eng.check([1] * 10, SamplingOptions(max_tokens=trained.cfg.max_seq_len))
+    with pytest.raises(FieldError, match=r"\[0, 64\)"):
+        eng.check([64], SamplingOptions())
+    for _ in range(2):
+        eng.submit([1, 2], SamplingOptions(max_tokens=2), lambda e: None)
+    with pytest.raises(QueueFull):
+        eng.submit([1, 2], SamplingOptions(max_tokens=2), lambda e: None)
+    eng.run_until_idle()
+
+
+def test_block_allocator_shares_and_evicts_least_recently_used():
+    alloc = BlockAllocator(4, 2)  # blocks 1..3
+    a = [alloc.allocate(), alloc.allocate()]
+    keys = chain_keys([1, 2, 3, 4], 2)
+    for b, k in zip(a, keys):
+        alloc.register(b, k)
+    got, _ = alloc.match([1, 2, 3, 4, 5], 2)
+    assert got == a and alloc.refs[a[0]] == 2
+    alloc.release(a)
+    alloc.release(got)
+    assert alloc.available == 3 and len(alloc.lru) == 2
+    assert alloc.allocate() not in a  # the free block first
+    assert alloc.allocate() == a[0]  # then the least recently used cached one, dropped from the index
+    assert alloc.match([1, 2, 3, 4], 2)[0] == []
+
+
+def test_on_disk_prefix_cache_is_a_second_tier(trained, tmp_path):
+    p = _progression(2, 3, 30)
+    ref = _alone(trained, [p], 8)
+    first = _engine(trained, prefix_cache=open_disk_prefix_cache(trained, tmp_path, torch.float32, 4))
+    assert _run(first, [p], SamplingOptions(max_tokens=8)) == ref
+    assert first.cfg.prefix_cache.stats.hits == 0
+    pc = open_disk_prefix_cache(trained, tmp_path, torch.float32, 4)  # a new server, the same directory
+    second = _engine(trained, prefix_cache=pc)
+    assert _run(second, [p, p[:13] + [1]], SamplingOptions(max_tokens=8)) == ref + _alone(trained, [p[:13] + [1]], 8)
+    # the first prompt's 29 // 4 blocks come from disk; the second's 3 from memory (loaded by the first)
+    assert pc.stats.hits == 7 and second.alloc.hits == 3
+    assert second.alloc.used == 0
+
+
+def test_mtp_speculation_in_the_batch_keeps_greedy_tokens(trained):
+    head = _progression(3, 2, 13)
+    prompts = [head + _progression(5, 3, n) for n in (3, 17)] + [_progression(7, 1, n) for n in (1, 30, 6)]
+    ref = _alone(trained, prompts, 12)
+    for blocks, chunk in ((64, 64), (18, 8)):  # the second preempts (18 main-only blocks hold 14 with MTP)
+        eng = _engine(trained, blocks=blocks, prefill_chunk=chunk, speculative="mtp")
+        assert _run(eng, prompts, SamplingOptions(max_tokens=12)) == ref, (blocks, chunk)
+        assert eng.alloc.used == 0 and eng.drafted > 0
+    assert eng.metrics.preemptions._value.get() > 0
+    big = _engine(trained, speculative="mtp")
+    _run(big, prompts, SamplingOptions(max_tokens=12))
+    assert big.accepted / big.drafted > 0.8  # the trained MTP module drafts well
+    # seeded sampling stays reproducible; every token still comes from the target's distribution
+    opts = SamplingOptions(max_tokens=10, temperature=1.0, seed=3)
+    assert _run(_engine(trained, speculative="mtp"), [prompts[0]], opts) == \
+        _run(_engine(trained, speculative="mtp", prefill_chunk=4), [prompts[0]], opts)
+    with pytest.raises(FieldError, match="mtp_depth"):
+        _engine(Transformer(preset("tiny", vocab_size=V, mtp_depth=0)), speculative="mtp")
