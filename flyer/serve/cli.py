@@ -21,6 +21,8 @@ from flyer.interop.hf import is_hf_model_dir
 from flyer.serve.api import Api, Server
 from flyer.serve.engine import Engine, EngineConfig, open_disk_prefix_cache
 
+ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must be > 0)
+
 
 def read_chat_template(ckpt: str | None) -> str | None:
     """The chat template of a Hugging Face directory (``chat_template.jinja``, else
