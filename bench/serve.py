@@ -120,7 +120,7 @@ def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "flyer", "serve", "--ckpt", str(run), "--port", "0", "--kv-cache-memory",
            args.kv_cache_memory, "--threads", str(args.threads), "--cache-dtype", "fp32", "--model-name", "small",
-           "--max-batch-size", "64"]
+           "--max-batch-size", "64", "--prefill-chunk", str(args.prefill_chunk)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if "ready on" not in line:
@@ -211,6 +211,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", default="512M")
     ap.add_argument("--payoff-memory", default="256M", help="cache size of the MLA/GQA sequence count")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill-chunk", type=int, default=256, help="flyer serve's prompt tokens per scheduler step")
     ap.add_argument("--no-peer-serve", dest="peer_serve", action="store_false",
                     help="skip transformers serve --continuous-batching (tried first by default)")
     args = ap.parse_args()
