@@ -116,8 +116,10 @@ def _swiglu_forward(x, w13, w2, rows_E: list[int], F_):
     return y, h13, a
 
 
-def _swiglu_backward(dy, x, w13, w2, h13, a, rows_E: list[int], F_, need_x: bool, need_w: bool, w_dtype):
-    """Gradients of ``_swiglu_forward``: (dx or None, (dw1, dw2, dw3) or Nones). dx is in the compute
+def _swiglu_backward(dy, x, w13, w2, h13, a, rows_E: list[int], F_, need_x: bool, need_w: bool, w_dtype,
+                     emulate: bool | None = None):
+    """Gradients of ``_swiglu_forward``: (dx or None, (dw1, dw2, dw3) or Nones); ``emulate`` is the
+    forward's ``lowp`` choice, so every GEMM of the backward takes the same path. dx is in the compute
     dtype, the weight gradients in ``w_dtype`` (the weights' storage dtype).
 
     Each expert's weight-gradient GEMM writes into one small scratch buffer that is converted into
@@ -140,9 +142,9 @@ def _swiglu_backward(dy, x, w13, w2, h13, a, rows_E: list[int], F_, need_x: bool
     if need_w:
         as_ = a.split(rows_E)
     for e in live:
-        mm(dys[e], w2s[e], out=das[e])
+        mm(dys[e], w2s[e], out=das[e], emulate=emulate)
         if need_w:
-            dw2[e].copy_(mm(dys[e].t(), as_[e], out=s2))
+            dw2[e].copy_(mm(dys[e].t(), as_[e], out=s2, emulate=emulate))
     dh13 = kernels.swiglu_backward(da, h13)
     dx = x.new_empty(x.shape) if need_x else None
     dhs = dh13.split(rows_E)
@@ -152,9 +154,9 @@ def _swiglu_backward(dy, x, w13, w2, h13, a, rows_E: list[int], F_, need_x: bool
         xs = x.split(rows_E)
     for e in live:
         if need_x:
-            mm(dhs[e], w13s[e], out=dxs[e])
+            mm(dhs[e], w13s[e], out=dxs[e], emulate=emulate)
         if need_w:
-            mm(dhs[e].t(), xs[e], out=s13)
+            mm(dhs[e].t(), xs[e], out=s13, emulate=emulate)
             dw1[e].copy_(s1)
             dw3[e].copy_(s3)
     return dx, (dw1, dw2, dw3)
@@ -187,6 +189,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         y, h13, a = _swiglu_forward(x, w13, w2, layout.padded, F_)
         ctx.save_for_backward(x, w13, w2, h13, a, pos)
         ctx.rows_E, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_ND.dtype, w1_EFD.dtype
+        ctx.emulate = lowp.emulated(x.device.type, dtype)  # the backward's GEMMs take the forward's path
         return y if pos is None else y.index_select(0, pos)
 
     @staticmethod
@@ -197,7 +200,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
         if pos is not None:
             dy = dy.new_zeros(x.shape).index_copy_(0, pos, dy)
         need_w = any(ctx.needs_input_grad[1:4])
-        dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows_E, F_, ctx.needs_input_grad[0], need_w, ctx.w_dtype)
+        dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows_E, F_, ctx.needs_input_grad[0], need_w, ctx.w_dtype,
+                                   ctx.emulate)
         if dx is not None:
             dx = (dx if pos is None else dx.index_select(0, pos)).to(ctx.x_dtype)
         return (dx, *dws, None, None, None)
@@ -241,6 +245,7 @@ class _LocalRoutedExperts(torch.autograd.Function):
         ctx.rows_E, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_TD.dtype, w1_EFD.dtype
         ctx.w_gate_dtype = weights_TK.dtype
         ctx.index = index
+        ctx.emulate = lowp.emulated(x.device.type, dtype)  # the backward's GEMMs take the forward's path
         return kernels.combine(y, w_pad, index)
 
     @staticmethod
@@ -255,7 +260,7 @@ class _LocalRoutedExperts(torch.autograd.Function):
             d_weights = d_weights.view(T, -1).to(ctx.w_gate_dtype)
         need_w = any(ctx.needs_input_grad[2:5])
         dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows_E, ctx.F, ctx.needs_input_grad[0], need_w,
-                                   ctx.w_dtype)
+                                   ctx.w_dtype, ctx.emulate)
         if dx is not None:  # each token's copies summed
             dx = kernels.segment_sum(dx, ctx.index).to(ctx.x_dtype)
         return (dx, d_weights, *dws, None, None, None, None)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flyer.runtime import bf16_gemm_kind, native_gemm
+from flyer.runtime import CPU_KINDS, bf16_gemm_kind, cpu_kind, native_gemm
 
 LOWP = (torch.bfloat16, torch.float16)
 _forced: contextvars.ContextVar[bool | None] = contextvars.ContextVar("flyer_lowp_emulation", default=None)
@@ -50,8 +51,14 @@ def emulated(device_type: str, dtype: torch.dtype) -> bool:
         forced = None if env is None else env != "0"
     if forced is not None:
         return forced
+    return _emulated_by_default(dtype, cpu_kind(), torch.backends.mkldnn.enabled)
+
+
+@functools.cache
+def _emulated_by_default(dtype: torch.dtype, kind: str, mkldnn_enabled: bool) -> bool:
+    """Per GEMM call otherwise: the hardware answer depends only on these."""
     if dtype == torch.bfloat16:
-        return bf16_gemm_kind("cpu") != "hardware"
+        return CPU_KINDS[kind] != "hardware"
     return not native_gemm("cpu", dtype)
 
 
@@ -85,12 +92,14 @@ def gemm_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def mm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None,
+       emulate: bool | None = None) -> torch.Tensor:
     """``torch.mm(a, b, out=out)`` in ``a``'s dtype (not differentiable: for the hand-written
-    forwards and backwards). ``b`` may come from ``operand``: widened there, it carries the decision
-    to emulate made when it was widened (a forward's), so a backward run after the ``emulation``
-    block, or under another setting, takes the same path instead of mixing dtypes."""
-    if not (emulated(a.device.type, a.dtype) or (a.dtype in LOWP and b.dtype == torch.float32)):
+    forwards and backwards). ``emulate``: the choice an autograd Function made in its forward
+    (None: ``emulated`` now). A ``b`` widened by ``operand`` carries that choice too, so a GEMM on
+    it never mixes BF16 and FP32 operands."""
+    widened = a.dtype in LOWP and b.dtype == torch.float32
+    if not (widened or (emulated(a.device.type, a.dtype) if emulate is None else emulate)):
         return torch.mm(a, b, out=out)
     with torch.autocast("cpu", enabled=False):  # in an autograd.Function's forward it would cast back
         r = torch.mm(a.float(), b.float())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -133,7 +134,8 @@ def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.d
     b = torch.randn(k, n, device=device).to(dtype)
     cuda = torch.device(device).type == "cuda"
     best, spent, calls = math.inf, 0.0, 0
-    with lowp.emulation(emulate):
+    # None keeps the caller's setting (an outer ``emulation`` block included)
+    with lowp.emulation(emulate) if emulate is not None else contextlib.nullcontext():
         lowp.mm(a, b)  # warm up (kernel selection, AMX tile config)
         while spent < seconds or calls < 3:
             t0 = time.perf_counter()
