@@ -40,9 +40,8 @@ import httpx
 import torch
 from tokenizers import Tokenizer
 
-from flyer.config import preset
+from flyer.config import parse_size, preset
 from flyer.data.tokenizer import train_bpe
-from flyer.infer.cli import parse_size
 from flyer.interop.export import export
 from flyer.model.counts import kv_cache_bytes_per_token
 from flyer.model.transformer import Transformer

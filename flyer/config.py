@@ -12,14 +12,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from flyer.errors import ConfigError, FieldError
-from flyer.interop.hf_config import from_hf_config, is_hf_config
+from flyer.interop.hf_config import from_hf_config, is_hf_config, yarn_mscale
 
+
+
+def parse_size(text: str, field: str = "size") -> int:
+    """'2G', '512M', '64k' (binary: 2^30, 2^20, 2^10), '5GB', '500MB' (decimal, as transformers reads
+    ``max_shard_size``), '2GiB' (binary), '1e9' or a plain byte count -> bytes; ``field`` names the
+    setting in the error."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmgt]?)(i?b?)\s*", text, re.IGNORECASE)
+    if not m or (m.group(3) and not m.group(2)) or m.group(3).lower() == "i":
+        raise FieldError(field, f"expected a size like 5GB or 500MB (got {text!r})")
+    power = "_kmgt".index(m.group(2).lower() or "_")
+    base = 1000 if m.group(3).lower() == "b" else 1024
+    return int(float(m.group(1)) * base**power)
 
 @dataclass
 class ModelConfig:
@@ -181,11 +194,6 @@ class ModelConfig:
     def from_json(cls, path: str | Path) -> "ModelConfig":
         """Load DeepSeek's config_*.json, a Hugging Face config.json, or flyer's own JSON."""
         return cls.from_dict(read_config_file(path))
-
-
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when not extended)."""
-    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 # Keys DeepSeek's / HF's files carry that do not describe the architecture.

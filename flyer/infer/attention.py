@@ -45,7 +45,9 @@ def causal_slot_mask(pos_BT: torch.Tensor, n_slots: int) -> torch.Tensor:
 def _softmax(scores_BHTS: torch.Tensor, mask_B1TS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Masked FP32 softmax, subnormal probabilities flushed to zero (see the module docstring)."""
     p = scores_BHTS.float().masked_fill(~mask_B1TS, float("-inf")).softmax(dim=-1)
-    return p.masked_fill_(p < FP32_TINY, 0.0).to(dtype)
+    if p.device.type == "cpu":  # subnormal arithmetic is slow on CPUs, not on GPUs
+        p.masked_fill_(p < FP32_TINY, 0.0)
+    return p.to(dtype)
 
 
 def dense_prefill_pays(attn: nn.Module, T: int) -> bool:

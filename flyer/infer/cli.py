@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
 
 import torch
 
-from flyer.config import resolve_config, resolve_device
+from flyer.config import parse_size, resolve_config, resolve_device
 from flyer.errors import FieldError, UserError
 from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
@@ -24,16 +23,6 @@ from flyer.runtime import require_memory
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ZERO_OK = {"temperature", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
 SIGNED = {"eos_id"}  # -1: no stop token; checked against the model's vocabulary here
-
-
-def parse_size(text: str, field: str = "prefix_cache_size") -> int:
-    """'1G', '512M', '64k' or a plain byte count -> bytes (binary units); ``field`` names the
-    setting in the error."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise FieldError(field, f"expected a size like 512M or 2G (got {text!r})")
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
 
 
 class ByteTokenizer:
@@ -107,7 +96,8 @@ def _run(args) -> int:
     pc = None
     if args.prefix_cache:
         pc = open_prefix_cache(model, args.prefix_cache, attention=args.attention, cache_dtype=dtype,
-                               block_size=args.prefix_block, max_bytes=parse_size(args.prefix_cache_size))
+                               block_size=args.prefix_block,
+                               max_bytes=parse_size(args.prefix_cache_size, "prefix_cache_size"))
     res = generate(model, prompts, dataclasses.replace(gen, eos_id=eos, prefix_cache=pc))
     texts = [tok.decode([t for t in toks if t != eos]) for toks in res.tokens]
     totals = pc.record_stats() if pc is not None else None

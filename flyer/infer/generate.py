@@ -92,11 +92,12 @@ class GenerationResult:
 
 def open_prefix_cache(model: Transformer, root: str | Path, *, attention: str = "absorbed",
                       cache_dtype: torch.dtype = torch.bfloat16, block_size: int = 64,
-                      max_bytes: int = 1 << 30) -> PrefixCache:
-    """A prefix cache whose entries are keyed to this model, cache layout, dtype and block size."""
+                      max_bytes: int = 1 << 30, mtp: bool | None = None) -> PrefixCache:
+    """A prefix cache whose entries are keyed to this model, cache layout, dtype and block size;
+    ``mtp``: whether entries hold the MTP modules' cache too (None: when the model has them)."""
     layout = "gqa" if model.cfg.attn == "gqa" else attention
     fp = model_fingerprint(model, layout=layout, dtype=str(cache_dtype), block_size=block_size,
-                           mtp=len(model.mtp) > 0)
+                           mtp=len(model.mtp) > 0 if mtp is None else mtp)
     return PrefixCache(root, fp, block_size=block_size, max_bytes=max_bytes)
 
 

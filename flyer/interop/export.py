@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from flyer.config import ModelConfig
+from flyer.config import ModelConfig, parse_size
 from flyer.errors import ConfigError, FieldError
 from flyer.fp8.quant import quantize_blocks
 from flyer.interop.hf import INDEX, SCALE_SUFFIX, SINGLE, TextTokenizer, hf_names, permute_rope
@@ -32,15 +32,6 @@ from flyer.model.transformer import Transformer
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms
 _NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|norm)\.weight$|\.bias$|_bias$")
-
-
-def parse_size(text: str, field: str = "max_shard_size") -> int:
-    """'5GB', '500MB', '2GiB', '1e9' -> bytes (GB = 10^9, GiB = 2^30, as transformers reads them)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise FieldError(field, f"expected a size like 5GB or 500MB (got {text!r})")
-    unit = "_KMGT".index(m.group(2).upper() or "_")
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** unit)
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
@@ -173,7 +164,7 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
     """Write ``model`` with its tokenizer as a Hugging Face directory ``out``; returns a summary."""
     if dtype not in DTYPES:
         raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    limit = parse_size(max_shard_size, "max_shard_size") if isinstance(max_shard_size, str) else int(max_shard_size)
     if limit <= 0:
         raise FieldError("max_shard_size", f"must be positive (got {max_shard_size!r})")
     config = hf_config(model.cfg, tok, dtype)  # fails before anything is written

@@ -53,11 +53,14 @@ def model_type(d: dict[str, Any], where: str = "config.json") -> str:
 def yarn_attention_factor(factor: float, mscale: float | None, mscale_all_dim: float | None) -> float:
     """transformers' YaRN ``attention_factor`` (scales cos and sin, hence the rope part of q.k twice):
     m(mscale) / m(mscale_all_dim) when both are given, else m(1), with m(s) = 0.1 s ln(factor) + 1."""
-    def m(s: float) -> float:
-        return 1.0 if factor <= 1 else 0.1 * s * math.log(factor) + 1.0
     if mscale and mscale_all_dim:
-        return m(mscale) / m(mscale_all_dim)
-    return m(1.0)
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when not extended)."""
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def rope_fields(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from flyer.errors import FieldError, UserError
-from flyer.infer.cli import DTYPES, auto_cache_dtype, load_model, parse_size
+from flyer.config import parse_size
+from flyer.infer.cli import DTYPES, auto_cache_dtype, load_model
 from flyer.interop.hf import is_hf_model_dir
 from flyer.serve.api import Api, Server
 from flyer.serve.engine import Engine, EngineConfig, open_disk_prefix_cache
@@ -73,7 +74,7 @@ def _run(args) -> int:
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
     if args.prefix_cache:
         cfg.prefix_cache = open_disk_prefix_cache(model, args.prefix_cache, cfg.cache_dtype, cfg.block_size,
-                                                  parse_size(args.prefix_cache_size))
+                                                  parse_size(args.prefix_cache_size, "prefix_cache_size"))
     try:
         engine = Engine(model, cfg)
     except FieldError as e:  # the pool's size is the flag's

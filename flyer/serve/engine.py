@@ -44,7 +44,8 @@ import torch
 
 from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder
-from flyer.infer.prefix_cache import PrefixCache, chain_keys, model_fingerprint
+from flyer.infer.generate import open_prefix_cache
+from flyer.infer.prefix_cache import PrefixCache, chain_keys
 from flyer.infer.sampling import SamplingParams, probabilities, sample
 from flyer.infer.speculative import accept_drafts
 from flyer.model.transformer import Transformer
@@ -57,9 +58,8 @@ def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, b
     """The on-disk prefix cache under the paged one: blocks of ``block_size`` tokens keyed to this
     model, layout and dtype. Its entries hold the main model's cache only, so for models without
     MTP they are the ones ``flyer generate --prefix-cache`` writes at the same block size."""
-    layout = "gqa" if model.cfg.attn == "gqa" else "absorbed"
-    fp = model_fingerprint(model, layout=layout, dtype=str(cache_dtype), block_size=block_size, mtp=False)
-    return PrefixCache(root, fp, block_size=block_size, max_bytes=max_bytes)
+    return open_prefix_cache(model, root, cache_dtype=cache_dtype, block_size=block_size, max_bytes=max_bytes,
+                             mtp=False)
 
 
 class QueueFull(Exception):

@@ -384,8 +384,8 @@ class Trainer:
         tokens = tc.batch_size * tc.seq_len * tc.grad_accum * world
         record.update(tokens_per_s=tokens / dt, step_time_s=dt, skipped_total=self.bad_steps,
                       mfu=self.flops_per_token * tokens / world / dt / self.peak_flops, expert_load=loads)
-        stats = comm_stats(self.model, reset=True, group=self.mesh.world_group)  # job totals
         if world > 1:  # one process sends nothing: no traffic fields
+            stats = comm_stats(self.model, reset=True, group=self.mesh.world_group)  # job totals
             record.update({k: v for k, v in stats.items() if not isinstance(v, list)})
         return record
 
