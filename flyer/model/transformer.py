@@ -51,7 +51,43 @@ class LossOutput:
     aux_loss: torch.Tensor | None = None
 
 
-class Transformer(nn.Module):
+class OutputHeads:
+    """Rope tables, the MTP chain and the head losses, for a module holding ``cfg``, ``embed``,
+    ``norm``, ``head`` and ``mtp``: the whole ``Transformer``, or the last pipeline stage
+    (``flyer.parallel.pipeline``), which computes the same losses from the hidden states it receives."""
+
+    def rope_tables(self, T: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rope_dim = self.cfg.qk_rope_head_dim if self.cfg.attn == "mla" else self.cfg.head_dim
+        cos, sin = rope_cos_sin(rope_dim, start + T, self.cfg, device)
+        return cos[start:], sin[start:]
+
+    def mtp_hidden(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> list[torch.Tensor]:
+        """h^1..h^D from the main hidden states h_BTD (before the final norm, as ``hidden`` returns);
+        h^k has T-k positions and (after norm and head) predicts token t_{i+k+1}. The first module
+        sees the main model's normed output (DeepSeek's checkpoints; see ``flyer.model.mtp``)."""
+        out, h = [], self.norm(h_BTD) if len(self.mtp) else h_BTD
+        for k, mod in enumerate(self.mtp, start=1):
+            T_k = tokens_BT.shape[1] - k
+            cos, sin = self.rope_tables(T_k, tokens_BT.device)
+            h = mod(h[:, :T_k], self.embed(tokens_BT[:, k:]), cos, sin)
+            out.append(h)
+        return out
+
+    def head_loss(self, x_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the output head on normed hidden states x_BTD; FP32 scalar."""
+        return linear_cross_entropy(x_BTD.flatten(0, 1), self.head.weight, targets_BT.flatten())
+
+    def output_losses(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor,
+                      targets_BT: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The next-token loss and the MTP losses (module k predicts targets_BT[:, k:]) from the
+        main hidden states before the final norm."""
+        main = self.head_loss(self.norm(h_BTD), targets_BT)
+        mtp_losses = [self.head_loss(mod.norm(h_k), targets_BT[:, k:])
+                      for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h_BTD, tokens_BT)), start=1)]
+        return main, mtp_losses
+
+
+class Transformer(OutputHeads, nn.Module):
     """``make_dispatcher(layer_id)`` supplies each MoE layer's dispatcher (default: local);
     ``experts_impl`` names the routed experts' implementation (``flyer.model.experts.EXPERT_IMPLS``)."""
 
@@ -86,11 +122,6 @@ class Transformer(nn.Module):
             elif isinstance(m, nn.RMSNorm):
                 m.weight.fill_(1.0)
 
-    def rope_tables(self, T: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        rope_dim = self.cfg.qk_rope_head_dim if self.cfg.attn == "mla" else self.cfg.head_dim
-        cos, sin = rope_cos_sin(rope_dim, start + T, self.cfg, device)
-        return cos[start:], sin[start:]
-
     def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Final hidden states before the last norm (B, T, D)."""
         cos, sin = self.rope_tables(tokens_BT.shape[1], tokens_BT.device)
@@ -103,22 +134,6 @@ class Transformer(nn.Module):
         """Main-model logits (B, T, V), FP32."""
         return self.head(self.norm(self.hidden(tokens_BT))).float()
 
-    def mtp_hidden(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> list[torch.Tensor]:
-        """h^1..h^D from the main hidden states h_BTD (before the final norm, as ``hidden`` returns);
-        h^k has T-k positions and (after norm and head) predicts token t_{i+k+1}. The first module
-        sees the main model's normed output (DeepSeek's checkpoints; see ``flyer.model.mtp``)."""
-        out, h = [], self.norm(h_BTD) if len(self.mtp) else h_BTD
-        for k, mod in enumerate(self.mtp, start=1):
-            T_k = tokens_BT.shape[1] - k
-            cos, sin = self.rope_tables(T_k, tokens_BT.device)
-            h = mod(h[:, :T_k], self.embed(tokens_BT[:, k:]), cos, sin)
-            out.append(h)
-        return out
-
-    def head_loss(self, x_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the output head on normed hidden states x_BTD; FP32 scalar."""
-        return linear_cross_entropy(x_BTD.flatten(0, 1), self.head.weight, targets_BT.flatten())
-
     def compute_loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor) -> LossOutput:
         """Cross-entropy of next-token prediction, MTP losses and the sequence balance loss.
 
@@ -126,10 +141,7 @@ class Transformer(nn.Module):
         cross-entropy are fused (``linear_cross_entropy``): same values as
         ``F.cross_entropy(self.head(...).float(), ...)`` without materialising the logits.
         """
-        h = self.hidden(tokens_BT)
-        main = self.head_loss(self.norm(h), targets_BT)
-        mtp_losses = [self.head_loss(mod.norm(h_k), targets_BT[:, k:])
-                      for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h, tokens_BT)), start=1)]
+        main, mtp_losses = self.output_losses(self.hidden(tokens_BT), tokens_BT, targets_BT)
         loss = main
         if mtp_losses:
             loss = loss + self.cfg.mtp_loss_weight * torch.stack(mtp_losses).mean()

@@ -1,12 +1,17 @@
 """Data parallelism around expert parallelism: replicas, gradient sums, full-layout weights.
 
 Every parameter is either an expert stack (``Experts.w1/w2/w3``, sharded over the EP group,
-replicated over ``expert_dp_group``) or a dense parameter (replicated over every rank). Gradients
-are summed explicitly after backward (DDP's arithmetic without its wrapper), so the two kinds can
-be reduced over different groups, in a few flat buckets:
+replicated over ``expert_dp_group``) or a dense parameter (replicated over the ``dp`` ranks of its
+pipeline stage: every rank without pipelining). Gradients are summed explicitly after backward
+(DDP's arithmetic without its wrapper), so the two kinds can be reduced over different groups, in
+a few flat buckets:
 
-    dense:  g <- sum over all ranks / world
-    expert: g <- sum over expert_dp_group / world
+    dense:  g <- sum over dp_group / dp
+    expert: g <- sum over expert_dp_group / dp
+
+A parameter marked as a pipeline mirror (``MIRROR``: the last stage's copy of the embedding, for
+MTP or a tied head) is summed with its original by the pipeline (``flyer.parallel.pipeline``) and
+counted once in the gradient norm.
 
 Each rank's loss is the mean over its own batch; the expert owner already received, through the
 backward of combine and dispatch, the gradient of every EP-group rank's loss. So after the sums
@@ -24,6 +29,7 @@ from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 
 BUCKET_BYTES = 64 << 20
+MIRROR = "_flyer_pipeline_mirror"  # attribute set on a parameter that copies one of another stage
 
 
 def expert_param_names(model: nn.Module) -> set[str]:
@@ -78,10 +84,10 @@ def broadcast_parameters(model: nn.Module, mesh) -> None:
     experts = expert_param_names(model)
     dense = [t for n, t in model.state_dict(keep_vars=True).items() if n not in experts]
     dense = list({id(t): t for t in dense}.values())  # tied weights once
-    _coalesced([t.data for t in dense], lambda f: dist.broadcast(f, src=0))
+    _coalesced([t.data for t in dense], lambda f: dist.broadcast(f, src=mesh.pp_rank * mesh.dp, group=mesh.dp_group))
     if mesh.expert_dp_group is not None:
         _, expert = _split_params(model)
-        src = mesh.ep_rank  # global rank of this EP rank in EP group 0
+        src = mesh.pp_rank * mesh.dp + mesh.ep_rank  # this EP rank in the stage's first EP group
         _coalesced([p.data for p in expert], lambda f: dist.broadcast(f, src=src, group=mesh.expert_dp_group))
 
 
@@ -96,7 +102,7 @@ def sync_gradients(model: nn.Module, mesh) -> None:
     for p in dense + expert:
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
-    world = mesh.world
+    world = mesh.dp
 
     def allreduce(group):
         def op(flat):
@@ -104,7 +110,8 @@ def sync_gradients(model: nn.Module, mesh) -> None:
             flat.div_(world)
         return op
 
-    _coalesced([p.grad for p in dense if p.requires_grad], allreduce(dist.group.WORLD))
+    if world > 1:
+        _coalesced([p.grad for p in dense if p.requires_grad], allreduce(mesh.dp_group))
     expert_grads = [p.grad for p in expert if p.requires_grad]
     if mesh.expert_dp_group is not None:
         _coalesced(expert_grads, allreduce(mesh.expert_dp_group))
@@ -116,10 +123,12 @@ def sync_gradients(model: nn.Module, mesh) -> None:
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, mesh) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for an EP model, after ``sync_gradients``: the norm of
-    the full single-process gradient (each expert shard counted once, summed over the EP group),
-    identical on every rank so replicas stay identical. Returns the total norm (FP32)."""
+    the full single-process gradient (each expert shard counted once, summed over the EP group
+    and the pipeline's stages), identical on every rank so replicas stay identical. Returns the
+    total norm (FP32)."""
     dense, expert = _split_params(model)
-    dense_g = [p.grad for p in dense if p.grad is not None]
+    mirrors = [p.grad for p in dense if p.grad is not None and getattr(p, MIRROR, False)]
+    dense_g = [p.grad for p in dense if p.grad is not None and not getattr(p, MIRROR, False)]
     expert_g = [p.grad for p in expert if p.grad is not None]
     device = next(model.parameters()).device
     d, e = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -129,9 +138,12 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh) -> torch.Tensor:
         e += g.float().pow(2).sum()
     if mesh is not None and mesh.ep > 1:
         dist.all_reduce(e, group=mesh.ep_group)
-    total = (d + e).sqrt()
+    total = d + e
+    if mesh is not None and mesh.pp > 1:
+        dist.all_reduce(total, group=mesh.pp_group)
+    total = total.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in dense_g + expert_g:
+    for g in dense_g + expert_g + mirrors:
         g.mul_(coef.to(g.dtype))
     return total
 
@@ -139,7 +151,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh) -> torch.Tensor:
 @torch.no_grad()
 def full_state_dict(model: nn.Module, mesh) -> dict[str, torch.Tensor]:
     """The single-process state dict on CPU: expert stacks gathered over the EP group to their
-    full (E, ...) first dimension, names as in a model without EP. Collective: all ranks call."""
+    full (E, ...) first dimension, names as in a model without EP; under pipelining, every stage's
+    part gathered on rank 0 (the other ranks get theirs only). Collective: all ranks call."""
     sd = model.state_dict()
     experts = expert_param_names(model) if mesh is not None and mesh.ep > 1 else set()
     out = {}
@@ -149,13 +162,23 @@ def full_state_dict(model: nn.Module, mesh) -> dict[str, torch.Tensor]:
             dist.all_gather(parts, t.contiguous(), group=mesh.ep_group)
             t = torch.cat(parts, 0)
         out[name] = t.detach().cpu()
+    if mesh is not None and mesh.pp > 1:  # one replica's pipeline holds every weight once
+        mirrors = {n for n, p in model.named_parameters() if getattr(p, MIRROR, False)}
+        if mesh.dp_rank == 0:
+            parts = [None] * mesh.pp if mesh.rank == 0 else None
+            mine = {n: t for n, t in out.items() if n not in mirrors}
+            dist.gather_object(mine, parts, dst=0, group=mesh.pp_group)
+        if mesh.rank == 0:
+            out = {n: t for part in parts for n, t in part.items()}
     return out
 
 
 @torch.no_grad()
 def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mesh) -> None:
-    """Load a single-process state dict, keeping this rank's slice of each expert stack."""
-    sd = dict(full_sd)
+    """Load a single-process state dict, keeping this rank's slice of each expert stack (and,
+    under pipelining, only the weights of this rank's stages)."""
+    own = model.state_dict()
+    sd = {n: t for n, t in full_sd.items() if n in own} if mesh is not None and mesh.pp > 1 else dict(full_sd)
     for name, m in model.named_modules():
         if isinstance(m, Experts):
             for w in ("w1", "w2", "w3"):

@@ -1,19 +1,28 @@
-"""Process layout for expert parallelism, built once from the torchrun environment.
+"""Process layout for pipeline, expert and data parallelism, built once from the torchrun environment.
 
 Ranks are numbered node-major: rank r lives on node ``r // ranks_per_node`` at local index
 ``r % ranks_per_node``. ``ranks_per_node`` comes from ``LOCAL_WORLD_SIZE`` or is given explicitly
 to simulate several nodes on one machine (4 processes as 2 nodes x 2).
 
+With pipeline parallelism (``pp`` stages) the world is PP x DP, stage-major: rank r serves
+pipeline stage (rank) ``r // dp`` as data-parallel replica ``r % dp`` (``dp = world / pp``), so a
+stage's replicas are consecutive ranks, on the same nodes, as DeepSeek-V3 lays out PP 16 x DP 128
+with EP 64 inside DP. Everything below applies inside one stage's ``dp`` ranks.
+
 Routed experts are sharded over EP groups of ``ep`` consecutive ranks: EP group g is ranks
 ``[g*ep, (g+1)*ep)``, and EP rank e holds experts ``[e*E/ep, (e+1)*E/ep)``. An EP group is either
 a set of whole nodes (``ep`` a multiple of ``ranks_per_node``) or lies inside one node (``ep`` a
-divisor of it), so expert groups map to nodes. Everything else is data parallel over the world.
+divisor of it), so expert groups map to nodes. Everything else is data parallel over the stage's ranks.
 
 Process groups (every rank creates every group, in the same order, as torch.distributed needs):
 
+- ``dp_group``: this stage's replicas, over which non-expert gradients are averaged and router
+  loads summed (the world when pp == 1).
+- ``pp_group``: this replica's pipeline, one rank per stage (stage-to-stage sends, the global
+  gradient norm); None when pp == 1.
 - ``ep_group``: the EP group (flat all-to-all dispatch); None when ep == 1.
-- ``expert_dp_group``: the ranks holding the same experts (same EP rank in every EP group), over
-  which expert gradients are summed; None when ep == world.
+- ``expert_dp_group``: the ranks of this stage holding the same experts (same EP rank in every EP
+  group), over which expert gradients are summed; None when ep == dp.
 - ``inter_group``: EP-group ranks with this rank's local index, one per node of the EP group
   (stage 1 of hierarchical dispatch); None when the EP group spans one node.
 - ``intra_group``: EP-group ranks on this node (stage 2); None when that is this rank alone.
@@ -61,14 +70,22 @@ class Mesh:
     inter_group: Any = None
     intra_group: Any = None
     ep_ranks: list[int] = field(default_factory=list)  # global ranks of this EP group, by EP rank
+    pp: int = 1
+    pp_rank: int = 0  # the pipeline stage (rank) this process serves
+    dp_rank: int = 0  # the replica index inside the stage
+    dp_group: Any = None  # this stage's replicas (dense gradients, router loads); WORLD when pp == 1
+    pp_group: Any = None  # this replica's pipeline (one rank per stage); None when pp == 1
+    pp_ranks: list[int] = field(default_factory=list)  # global ranks of this pipeline, by stage
 
     @property
     def world_group(self):
-        """Every rank: non-expert parameters are replicated over it (data parallel), router loads
-        are summed over it."""
+        """Every rank (job totals: metrics, traffic)."""
         return dist.group.WORLD
 
-    dp_group = world_group
+    @property
+    def dp(self) -> int:
+        """Replicas of one stage (the data-parallel degree)."""
+        return self.world // self.pp
 
     def node_of(self, rank: int) -> int:
         return rank // self.ranks_per_node
@@ -184,6 +201,12 @@ class LocalMesh:
     ep_group: Any = None
     expert_dp_group: Any = None
     world_group: Any = None  # None: router loads and traffic are this process's own
+    dp_group: Any = None
+    pp: int = 1
+    pp_rank: int = 0
+    dp_rank: int = 0
+    dp: int = 1
+    pp_group: Any = None
 
     def init_like_single_process(self, model: torch.nn.Module, seed: int) -> None:
         pass  # a model seeded and built in one process is that initialisation
@@ -237,15 +260,22 @@ def _store_client():
         return None
 
 
-def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int) -> None:
-    """Raise ``FieldError`` (one line, naming ``ep`` or ``ranks_per_node``) when experts cannot be
-    sharded this way."""
+def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int, pp: int = 1) -> None:
+    """Raise ``FieldError`` (one line, naming ``pp``, ``ep`` or ``ranks_per_node``) when the world
+    cannot be laid out as ``pp`` stages of ``world / pp`` replicas with experts sharded ``ep`` ways."""
     if world < 1:
         raise ConfigError(f"world size must be >= 1, got {world}")
     if ranks_per_node < 1 or world % ranks_per_node:
         raise FieldError("ranks_per_node", f"must divide the world size {world} (got {ranks_per_node})")
-    if ep < 1 or world % ep:
-        raise FieldError("ep", f"must divide the world size {world} (got {ep})")
+    if pp < 1 or world % pp:
+        raise FieldError("pp", f"must divide the world size {world} (PP x DP = world; got {pp})")
+    dp = world // pp
+    if pp > 1 and dp % ranks_per_node and ranks_per_node % dp:
+        raise FieldError("pp", f"each of the {pp} stages has {dp} ranks, which must be whole nodes or lie inside one "
+                               f"node of {ranks_per_node} ranks (got {pp})")
+    if ep < 1 or dp % ep:
+        where = f"world size {world}" if pp == 1 else f"{dp} data-parallel ranks of a stage (world {world} / pp {pp})"
+        raise FieldError("ep", f"must divide the {where} (got {ep})")
     if ep == 1:
         return
     E = cfg.n_routed_experts
@@ -265,14 +295,17 @@ def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int) 
 
 
 def build_mesh(cfg: ModelConfig, rank: int, world: int, ep: int, ranks_per_node: int, device: torch.device,
-               backend: str, timeout_s: float = 300) -> Mesh:
+               backend: str, timeout_s: float = 300, pp: int = 1) -> Mesh:
     """Create the process groups on an initialised default group (all ranks must call this)."""
-    validate_layout(cfg, world, ep, ranks_per_node)
+    validate_layout(cfg, world, ep, ranks_per_node, pp)
     timeout = timedelta(seconds=timeout_s)
     R = ranks_per_node
     P = max(1, ep // R)  # nodes per EP group
     L = ep // P  # EP ranks per node
+    dp = world // pp
+    pp_rank, dp_rank = divmod(rank, dp)
     ep_rank, first = rank % ep, rank - rank % ep
+    stage_bases = range(0, world, dp)
 
     def groups(rank_lists: list[list[int]]):
         """new_group for every list (all ranks, same order); return the one holding this rank."""
@@ -285,11 +318,15 @@ def build_mesh(cfg: ModelConfig, rank: int, world: int, ep: int, ranks_per_node:
                 mine = g
         return mine
 
-    ep_groups = [list(range(g, g + ep)) for g in range(0, world, ep)]
+    dp_group = dist.group.WORLD if pp == 1 else groups([list(range(b, b + dp)) for b in stage_bases])
+    pp_lists = [list(range(d, world, dp)) for d in range(dp)]
+    pp_group = groups(pp_lists) if pp > 1 else None
+    ep_groups = [list(range(g, g + ep)) for b in stage_bases for g in range(b, b + dp, ep)]
     ep_group = groups(ep_groups) if ep > 1 else None
     expert_dp_group = None
-    if ep < world:
-        expert_dp_group = groups([list(range(e, world, ep)) for e in range(ep)]) if ep > 1 else dist.group.WORLD
+    if ep < dp:
+        expert_dp_group = (groups([list(range(b + e, b + dp, ep)) for b in stage_bases for e in range(ep)])
+                           if ep > 1 else dp_group)
     inter_group = intra_group = None
     if ep > 1:
         inter_group = groups([[g[0] + q * L + i for q in range(P)] for g in ep_groups for i in range(L)])
@@ -297,11 +334,12 @@ def build_mesh(cfg: ModelConfig, rank: int, world: int, ep: int, ranks_per_node:
     return Mesh(rank=rank, world=world, local_rank=rank % R, ranks_per_node=R, n_nodes=world // R, node=rank // R,
                 ep=ep, ep_rank=ep_rank, ep_group=ep_group, expert_dp_group=expert_dp_group, device=device,
                 backend=backend, ep_nodes=P, ep_ranks_per_node=L, ep_node=ep_rank // L, inter_group=inter_group,
-                intra_group=intra_group, ep_ranks=list(range(first, first + ep)))
+                intra_group=intra_group, ep_ranks=list(range(first, first + ep)), pp=pp, pp_rank=pp_rank,
+                dp_rank=dp_rank, dp_group=dp_group, pp_group=pp_group, pp_ranks=pp_lists[dp_rank])
 
 
 def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None = None,
-                     timeout_s: float = 300, device: str = "auto") -> Mesh | None:
+                     timeout_s: float = 300, device: str = "auto", pp: int = 1) -> Mesh | None:
     """Join the torchrun job (env: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT).
 
     Returns None when not launched by torchrun (WORLD_SIZE unset) and ep <= 1: a plain
@@ -312,13 +350,15 @@ def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None =
     """
     ep = ep or 1
     if "WORLD_SIZE" not in os.environ:
-        if ep <= 1:
+        if ep <= 1 and pp <= 1:
             return None
-        raise FieldError("ep", f"{ep} needs a multi-process launch, e.g. torchrun --nproc-per-node {ep} -m flyer ...")
+        name, n = ("pp", pp) if pp > 1 else ("ep", ep)
+        raise FieldError(name, f"{n} needs a multi-process launch, e.g. torchrun --nproc-per-node {pp * ep} "
+                               "-m flyer ...")
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ.get("RANK", "0"))
     rpn = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    validate_layout(cfg, world, ep, rpn)  # fail before any rendezvous
+    validate_layout(cfg, world, ep, rpn, pp)  # fail before any rendezvous
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device not in ("auto", "cpu", "cuda"):
@@ -336,17 +376,17 @@ def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None =
     if not dist.is_initialized():
         kw = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kw)
-    return build_mesh(cfg, rank, world, ep, rpn, device, backend, timeout_s)
+    return build_mesh(cfg, rank, world, ep, rpn, device, backend, timeout_s, pp)
 
 
 def init_mesh(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None = None, device: str = "auto",
-              what: str = "device", timeout_s: float = 300) -> Mesh | LocalMesh:
-    """The job's mesh: ``init_distributed`` under a multi-rank launch or when ``ep`` > 1 (every
-    collective bounded by ``timeout_s``), else a ``LocalMesh`` on ``device`` (auto, cpu, cuda,
-    cuda:N; errors start with ``what``)."""
-    if ep <= 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+              what: str = "device", timeout_s: float = 300, pp: int = 1) -> Mesh | LocalMesh:
+    """The job's mesh: ``init_distributed`` under a multi-rank launch or when ``ep`` or ``pp`` > 1
+    (every collective bounded by ``timeout_s``), else a ``LocalMesh`` on ``device`` (auto, cpu,
+    cuda, cuda:N; errors start with ``what``)."""
+    if ep <= 1 and pp <= 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return LocalMesh(resolve_device(device, what))
-    return init_distributed(cfg, ep, ranks_per_node, timeout_s=timeout_s, device=device)
+    return init_distributed(cfg, ep, ranks_per_node, timeout_s=timeout_s, device=device, pp=pp)
 
 
 def destroy(mesh: Mesh | None) -> None:

@@ -300,7 +300,7 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
         diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
         raise CheckpointError(f"checkpoint {path} is from a different config (fields differ: {', '.join(diff)})")
     weights = read_tensors(path / "model.safetensors")
-    if mesh.ep == 1:  # every expert is here: check names and shapes for a one-line error
+    if mesh.ep == 1 and mesh.pp == 1:  # every weight is here: check names and shapes for a one-line error
         load_model_weights(model, weights, f"checkpoint {path}")
     else:
         mesh.load_full_state_dict(model, weights)

@@ -39,12 +39,17 @@ _FLAGS = [  # (flag, field, type, help)
     ("--threads", "threads", int, "CPU threads"),
     ("--device", "device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),
     ("--ep", "ep", int, "expert-parallel degree (under torchrun)"),
+    ("--pp", "pp", int, "pipeline-parallel stages (under torchrun; world = pp x data-parallel ranks)"),
+    ("--pp-schedule", "pp_schedule", str, "1f1b, interleaved, zb (zero-bubble V) or dualpipev"),
+    ("--micro-batches", "micro_batches", int, "micro-batches per step with --pp (default: the fewest the schedule "
+                                              "runs)"),
+    ("--zero", "zero", int, "1: shard the optimizer state over the data-parallel ranks (ZeRO-1)"),
     ("--ranks-per-node", "ranks_per_node", int, "ranks per node, to simulate several nodes on one machine"),
     ("--dispatcher", "dispatcher", str, f"{', '.join(DISPATCHER_KINDS)} (expert parallelism)"),
     ("--collective-timeout", "collective_timeout_s", float,
      "seconds a collective may wait for a rank that stopped answering before the job fails (default 300)"),
 ]
-ZERO_OK = {"warmup", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
+ZERO_OK = {"warmup", "seed", "zero"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
 
 
 def register(sub) -> None:

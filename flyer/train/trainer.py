@@ -29,12 +29,13 @@ from flyer.data import BatchSampler, eval_batches, prepare_data
 from flyer.fp8 import convert_to_fp8
 from flyer.model.counts import param_counts
 from flyer.errors import CheckpointError, FieldError, TrainingError
-from flyer.model.moe import moe_layers, update_router_bias
+from flyer.model.moe import MoE, moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
+from flyer.parallel.pipeline import PP_SCHEDULES, PipelineModel, min_micro_batches, validate_pipeline
 from flyer.runtime import PRECISIONS, autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train.rundir import METRICS_NAME, RunLock, choose_start, usable_dir
@@ -78,6 +79,10 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N; under torchrun: auto, cpu or cuda
     ep: int = 1
+    pp: int = 1  # pipeline stages (ranks); the world is pp x data-parallel ranks
+    pp_schedule: str = "1f1b"  # 1f1b, interleaved, zb (zero-bubble V) or dualpipev
+    micro_batches: int | None = None  # per step with pp > 1 (default: the fewest the schedule runs)
+    zero: int = 0  # 1: optimizer state sharded over the data-parallel ranks (ZeRO-1)
     ranks_per_node: int | None = None
     dispatcher: str = "hierarchical"
     fp8_dispatch: bool = False
@@ -92,7 +97,7 @@ class TrainConfig:
                 raise ConfigError(f"train option '{name}': {msg} (got {getattr(self, name)!r})")
 
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
-                     "keep", "max_bad_steps", "ep"):
+                     "keep", "max_bad_steps", "ep", "pp"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
         need(self.seq_len >= 2, "seq_len", "must be >= 2")
@@ -112,6 +117,11 @@ class TrainConfig:
         need(self.vocab_size is None or self.vocab_size >= 256, "vocab_size", "must be >= 256 (byte-level BPE)")
         need(self.threads is None or self.threads > 0, "threads", "must be a positive integer")
         need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be a positive integer")
+        need(self.micro_batches is None or self.micro_batches > 0, "micro_batches", "must be a positive integer")
+        need(self.micro_batches is None or self.pp > 1, "micro_batches", "needs pipelining (pp > 1); without it "
+                                                                          "use grad_accum")
+        need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")
+        need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1: optimizer state sharded)")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",
              "must be auto, cpu, cuda or cuda:N")
         need(isinstance(self.tensorboard, bool) or (isinstance(self.tensorboard, str) and self.tensorboard != ""),
@@ -132,14 +142,15 @@ def lr_at(tc: TrainConfig, step: int) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1) -> float:
+def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1, pp: int = 1) -> float:
     """A lower bound on one rank's training memory: FP32 weights, gradients and two AdamW moments
-    (experts split over ``ep``), and what one micro-batch saves for backward (every layer's saved
-    activations, ``flyer.cluster.costs``, and the FP32 logits and their gradient of the main and
-    MTP heads). Attention scores and allocator slack come on top."""
+    (experts split over ``ep``, layers over ``pp`` stages), and what one micro-batch saves for
+    backward (every layer's saved activations, ``flyer.cluster.costs``, and the FP32 logits and
+    their gradient of the main and MTP heads; a pipeline holds about ``pp`` micro-batches of its
+    1/pp of the layers). Attention scores and allocator slack come on top."""
     pc = param_counts(cfg)
     expert = pc.total - pc.activated if cfg.is_moe else 0  # the share of the weights EP splits
-    params = pc.total - expert + expert / ep
+    params = (pc.total - expert + expert / ep) / pp
     element = 4 if precision == "fp32" else 2
     tokens = tc.batch_size * tc.seq_len
     saved = cfg.n_layers * activation_bytes_per_token_layer(cfg, cfg.is_moe, recompute=False,
@@ -234,8 +245,10 @@ class Trainer:
         model_over = read_config_sections(tc.config)[0] if tc.config else {}  # [train]: merged by the CLI
         init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
         base = init_cfg or resolve_config(tc.preset, None, model_over)
+        self.micro_batches = tc.micro_batches or min_micro_batches(tc.pp_schedule, tc.pp)
+        validate_pipeline(base, tc.pp, tc.pp_schedule, self.micro_batches, tc.grad_accum)  # before any work
         self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="train option 'device'",
-                              timeout_s=tc.collective_timeout_s)
+                              timeout_s=tc.collective_timeout_s, pp=tc.pp)
         self.device = self.mesh.device
         self.rank0 = self.mesh.rank == 0
         self.log = log if self.rank0 else _silent
@@ -269,14 +282,21 @@ class Trainer:
         self.cfg: ModelConfig = base.replace(vocab_size=init_cfg.vocab_size if init_cfg else self.data.vocab_size,
                                              max_seq_len=max(base.max_seq_len, tc.seq_len))
         self.cfg.validate()
-        require_memory(training_memory_bytes(self.cfg, tc, self.precision, self.mesh.ep), self.device, "batch_size",
+        require_memory(training_memory_bytes(self.cfg, tc, self.precision, self.mesh.ep, self.mesh.pp), self.device,
+                       "batch_size",
                        f"training {param_counts(self.cfg).total / 1e6:,.1f}M parameters at batch "
                        f"{tc.batch_size} x {tc.seq_len}")
-        # Each data-parallel rank draws its own sample stream (seed, rank); deterministic on resume.
-        self.sampler = BatchSampler(self.data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + self.mesh.rank)
+        # Each data-parallel replica draws its own sample stream (seed, replica), every stage of its
+        # pipeline the same one; deterministic on resume.
+        self.sampler = BatchSampler(self.data.train, tc.batch_size, tc.seq_len,
+                                    seed=tc.seed * 1000 + self.mesh.dp_rank)
         self.eval_data = eval_batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
 
         self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch)
+        self.pipeline: PipelineModel | None = None
+        if self.mesh.pp > 1:  # this rank keeps its stages; the rest of the model is freed
+            self.model = self.pipeline = PipelineModel(self.model, self.mesh, tc.pp_schedule, self.micro_batches,
+                                                       tc.batch_size, tc.seq_len)
         if tc.init and start is None:  # a resumed run has its own weights
             load_init_weights(self.model, tc.init, self.mesh)
         self.optimizer = build_optimizer(self.model, tc)
@@ -341,23 +361,9 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
-        for _ in range(tc.grad_accum):
-            x, y = self.sampler.next_batch()
-            x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
-                out = self.model.compute_loss(x, y)
-            (out.loss / tc.grad_accum).backward()
-            sums["loss"] += out.loss.item() / tc.grad_accum
-            sums["main_loss"] += out.main_loss.item() / tc.grad_accum
-            if out.mtp_losses:
-                sums["mtp_loss"] += torch.stack(out.mtp_losses).mean().item() / tc.grad_accum
-            if out.aux_loss is not None:
-                sums["aux_loss"] += out.aux_loss.item() / tc.grad_accum
-        self.mesh.sync_gradients(self.model)
-        sums = self.mesh.mean(sums)
+        sums = self._pipeline_step() if self.pipeline is not None else self._local_step()
         grad_norm = float(self.mesh.clip_grad_norm_(self.model, tc.clip))
-        loads = [m.tokens_per_expert.tolist() for m in moe_layers(self.model)]
+        loads = self._expert_loads()
         self.step += 1
         record: dict[str, Any] = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm}
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
@@ -376,18 +382,69 @@ class Trainer:
                                     f"norm ({kept}); lower the learning rate or check the data")
         else:
             self.consecutive_bad = 0
-            record.update(update_router_bias(self.model, group=self.mesh.world_group))
+            record.update(update_router_bias(self.model, group=self.mesh.dp_group))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         world = self.mesh.world
-        tokens = tc.batch_size * tc.seq_len * tc.grad_accum * world
+        tokens = tc.batch_size * tc.seq_len * tc.grad_accum * self.micro_batches_per_step * self.mesh.dp
         record.update(tokens_per_s=tokens / dt, step_time_s=dt, skipped_total=self.bad_steps,
                       mfu=self.flops_per_token * tokens / world / dt / self.peak_flops, expert_load=loads)
         if world > 1:  # one process sends nothing: no traffic fields
             stats = comm_stats(self.model, reset=True, group=self.mesh.world_group)  # job totals
             record.update({k: v for k, v in stats.items() if not isinstance(v, list)})
         return record
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches a step runs through the pipeline (1 without one; grad_accum counts apart)."""
+        return self.micro_batches if self.pipeline is not None else 1
+
+    def _local_step(self) -> dict[str, float]:
+        """Forward and backward of ``grad_accum`` micro-batches on the whole model, gradients
+        synced; loss terms averaged over the job."""
+        tc = self.tc
+        sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
+        for _ in range(tc.grad_accum):
+            x, y = self.sampler.next_batch()
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                out = self.model.compute_loss(x, y)
+            (out.loss / tc.grad_accum).backward()
+            sums["loss"] += out.loss.item() / tc.grad_accum
+            sums["main_loss"] += out.main_loss.item() / tc.grad_accum
+            if out.mtp_losses:
+                sums["mtp_loss"] += torch.stack(out.mtp_losses).mean().item() / tc.grad_accum
+            if out.aux_loss is not None:
+                sums["aux_loss"] += out.aux_loss.item() / tc.grad_accum
+        self.mesh.sync_gradients(self.model)
+        sums = self.mesh.mean(sums)
+        return sums
+
+    def _pipeline_step(self) -> dict[str, float]:
+        """Forward and backward of ``micro_batches`` micro-batches through the pipeline schedule,
+        gradients synced (replicas, then the embedding's mirror); loss terms of the whole job."""
+        batches = [self.sampler.next_batch() for _ in range(self.micro_batches)]
+        x = torch.cat([b[0] for b in batches]).to(self.device)
+        y = torch.cat([b[1] for b in batches]).to(self.device)
+        with self._autocast():
+            terms = self.pipeline.train_step(x, y)
+        self.mesh.sync_gradients(self.model)
+        self.pipeline.sync_mirrors()
+        # each term lives on the stage computing it (aux: a share on every stage): sum over ranks / replicas
+        terms = {k: v * self.mesh.pp for k, v in self.mesh.mean(terms).items()}
+        loss = terms["main_loss"] + self.cfg.mtp_loss_weight * terms["mtp_loss"] + terms["aux_loss"]
+        return {"loss": loss, **terms}
+
+    def _expert_loads(self) -> list[list[float]]:
+        """Tokens per routed expert of every MoE layer since the last bias update, in layer order
+        (under pipelining gathered from every stage onto rank 0; other ranks get [])."""
+        if self.pipeline is None:
+            return [m.tokens_per_expert.tolist() for m in moe_layers(self.model)]
+        mine = [(blk.layer_id, blk.ffn.tokens_per_expert.tolist()) for blk in self.model.modules()
+                if isinstance(getattr(blk, "ffn", None), MoE)] if self.mesh.dp_rank == 0 else []
+        every = self.mesh.gather_object(mine)
+        return [loads for _, loads in sorted(x for part in every for x in part)] if every is not None else []
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -396,10 +453,13 @@ class Trainer:
         total = 0.0
         for x, y in self.eval_data:
             with self._autocast():
-                total += self.model.compute_loss(x.to(self.device), y.to(self.device)).main_loss.item()
+                if self.pipeline is not None:
+                    total += self.pipeline.forward_loss(x.to(self.device), y.to(self.device))
+                else:
+                    total += self.model.compute_loss(x.to(self.device), y.to(self.device)).main_loss.item()
         self.model.train()
         comm_stats(self.model, reset=True)  # evaluation traffic is not training traffic
-        return self.mesh.mean({"v": total / len(self.eval_data)})["v"]
+        return self.mesh.mean({"v": total / len(self.eval_data)})["v"] * self.mesh.pp  # one stage has it
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -1,0 +1,337 @@
+"""Pipeline parallelism: the model split into stages, run by ``torch.distributed.pipelining``.
+
+Stages. The ``n_layers`` blocks are cut into ``S = pp x chunks`` contiguous stages (one chunk per
+rank for 1F1B, two for the others), each with at least one block, by the split that minimises the
+largest stage's training FLOPs (``split_layers``): the embedding sits on the first stage, the final
+norm, the output head and the MTP modules on the last, whose FLOPs count there. Placement
+(``stage_ranks``): loop style for 1F1B and interleaved 1F1B (stage s on pipeline rank s mod pp);
+V style for zero-bubble (ZBV) and DualPipeV (rank r holds stages r and S-1-r), so the first and the
+last stage share rank 0 and the MTP modules use *the* embedding and output head of the main model,
+as the DeepSeek-V3 report describes. With loop placement the last stage holds a mirror of the
+embedding (MTP's input; the head too when tied), whose gradient is summed with the original's
+(``sync_mirrors``) and counted once in the norm.
+
+Schedules come from PyTorch (``Schedule1F1B``, ``ScheduleInterleaved1F1B``,
+``ScheduleZBVZeroBubble``, ``ScheduleDualPipeV``); flyer adds only what DeepSeek's layout needs:
+the losses on the last stage (next-token, MTP), the MoE sequence-balance loss of every stage
+(``AttachAux``: each stage's aux loss enters backward through the hidden state it sends on, since
+the schedule backpropagates only the last stage's loss), and ``overlap`` (``OVERLAP_F_B``) for
+DualPipeV's overlapped forward and backward chunks.
+
+Gradients: every micro-batch's loss is divided by the number of micro-batches here (the schedules'
+own ``scale_grads`` would divide a parameter shared by two local stages twice), so after a step
+each gradient is that of one process on the concatenation of the micro-batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed import pipelining as pipe
+
+from flyer.config import ModelConfig
+from flyer.errors import FieldError
+from flyer.model.counts import block_params
+from flyer.model.moe import MoE
+from flyer.model.transformer import OutputHeads, Transformer
+from flyer.parallel.grads import MIRROR
+
+PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
+V_SCHEDULES = ("zb", "dualpipev")  # V placement: rank r holds stages r and 2 pp - 1 - r
+
+
+def chunks_per_rank(schedule: str, pp: int) -> int:
+    """Stages each pipeline rank holds (1 without pipelining)."""
+    return 1 if pp == 1 or schedule == "1f1b" else 2
+
+
+def stage_ranks(schedule: str, pp: int) -> list[int]:
+    """The pipeline rank of every stage, by stage index."""
+    n = pp * chunks_per_rank(schedule, pp)
+    if schedule in V_SCHEDULES and pp > 1:
+        return [s if s < pp else n - 1 - s for s in range(n)]
+    return [s % pp for s in range(n)]
+
+
+def min_micro_batches(schedule: str, pp: int) -> int:
+    """The fewest micro-batches ``schedule`` runs on ``pp`` ranks (PyTorch's schedules refuse fewer)."""
+    return pp * chunks_per_rank(schedule, pp)
+
+
+def validate_pipeline(cfg: ModelConfig, pp: int, schedule: str, micro_batches: int, grad_accum: int = 1) -> None:
+    """One-line ``FieldError`` for a pipeline layout that cannot run, before any work."""
+    if schedule not in PP_SCHEDULES:
+        raise FieldError("pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)} (got {schedule!r})")
+    if pp == 1:
+        return
+    n = pp * chunks_per_rank(schedule, pp)
+    if cfg.n_layers < n:
+        raise FieldError("pp", f"{schedule} on {pp} ranks cuts the model into {n} stages of at least one layer; "
+                               f"the model has {cfg.n_layers} layers (got {pp})")
+    need = min_micro_batches(schedule, pp)
+    if micro_batches < need:
+        raise FieldError("micro_batches", f"{schedule} on {pp} ranks needs at least {need} micro-batches "
+                                          f"(got {micro_batches})")
+    if schedule == "interleaved" and micro_batches % pp:
+        raise FieldError("micro_batches", f"interleaved 1F1B needs a multiple of pp={pp} (got {micro_batches})")
+    if grad_accum != 1:
+        raise FieldError("grad_accum", f"must be 1 with pipelining: --micro-batches sets the micro-batches of a "
+                                       f"step (got {grad_accum})")
+
+
+def layer_flops(cfg: ModelConfig, layer_id: int, seq_len: int) -> float:
+    """Training FLOPs per token of block ``layer_id``: 6 per activated weight, plus causal attention
+    (QK^T and PV, forward and backward)."""
+    qk = cfg.qk_head_dim if cfg.attn == "mla" else cfg.head_dim
+    v = cfg.v_head_dim if cfg.attn == "mla" else cfg.head_dim
+    return 6 * block_params(cfg, layer_id, activated=True) + 6 * cfg.n_heads * (qk + v) * seq_len / 2
+
+
+def end_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token the last stage adds: the output head, and per MTP module its
+    projection, block and head call."""
+    head = 6 * cfg.dim * cfg.vocab_size
+    mtp = cfg.mtp_depth * (head + 6 * 2 * cfg.dim * cfg.dim + layer_flops(cfg, cfg.n_layers, seq_len))
+    return head + mtp
+
+
+def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[range]:
+    """The contiguous split of the blocks into ``n_stages`` non-empty stages whose largest training
+    FLOPs (the last stage's head and MTP included) is smallest; ties keep later stages lighter."""
+    L = cfg.n_layers
+    if not 1 <= n_stages <= L:
+        raise FieldError("pp", f"{n_stages} stages of at least one layer need at least {n_stages} layers "
+                               f"(the model has {L})")
+    cost = [layer_flops(cfg, i, seq_len) for i in range(L)]
+    prefix = [0.0]
+    for c in cost:
+        prefix.append(prefix[-1] + c)
+    tail = end_flops(cfg, seq_len)
+
+    @functools.cache
+    def best(s: int, start: int) -> tuple[float, tuple[int, ...]]:
+        """Stages s.. over layers start..L-1: (largest stage cost, the cut points)."""
+        if s == n_stages - 1:
+            return prefix[L] - prefix[start] + tail, ()
+        out = None
+        for end in range(start + 1, L - (n_stages - 1 - s) + 1):
+            rest, cuts = best(s + 1, end)
+            cand = (max(prefix[end] - prefix[start], rest), (end,) + cuts)
+            if out is None or cand[0] <= out[0]:  # <=: the later cut wins a tie
+                out = cand
+        return out
+
+    cuts = (0,) + best(0, 0)[1] + (L,)
+    return [range(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+class AttachAux(torch.autograd.Function):
+    """Identity on the hidden state whose backward also seeds ``aux`` (a scalar loss term) with
+    ``scale``: the stage's balance loss reaches backward through the activation it sends on. A
+    copy, not a view: the schedules detach stage outputs in place."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_shape = aux.shape
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32, device=grad.device), None
+
+
+class Stage(OutputHeads, nn.Module):
+    """Blocks ``layers`` of the model, with the embedding on the first stage and the final norm,
+    head and MTP modules on the last. Its forward takes tokens (first stage) or the hidden states
+    (B, T, D) of the previous stage and returns hidden states; ``loss`` turns the last stage's into
+    the training loss."""
+
+    def __init__(self, model: Transformer, index: int, layers: range, n_stages: int, micro_batches: int):
+        super().__init__()
+        self.cfg = model.cfg
+        self.index, self.first, self.last = index, index == 0, index == n_stages - 1
+        self.scale = 1.0 / micro_batches
+        self.layers = nn.ModuleList(model.layers[i] for i in layers)
+        self.layer_ids = list(layers)
+        if self.first or (self.last and (len(model.mtp) or self.cfg.tie_embeddings)):
+            self.embed = model.embed
+        if self.last:
+            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+        self.totals: dict[str, list[torch.Tensor]] = {"main_loss": [], "mtp_loss": [], "aux_loss": []}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) if self.first else x
+        cos, sin = self.rope_tables(h.shape[1], h.device)
+        aux = []
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+            if self.training and getattr(layer.ffn, "aux_loss", None) is not None:
+                aux.append(layer.ffn.aux_loss)
+        if aux:
+            total = torch.stack(aux).sum()
+            self.totals["aux_loss"].append(total.detach())
+            h = AttachAux.apply(h, total, self.scale)
+        return h
+
+    def loss(self, h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss of one micro-batch over the number of micro-batches: next-token,
+        MTP (its inputs are the targets shifted: token t_{i+1} is target i) and the MTP blocks'
+        balance losses."""
+        tokens = torch.cat([targets_BT[:, :1], targets_BT[:, :-1]], dim=1)  # tokens[:, 1:] = targets[:, :-1]
+        main, mtp_losses = self.output_losses(h_BTD, tokens, targets_BT)
+        loss = main
+        self.totals["main_loss"].append(main.detach())
+        if mtp_losses:
+            mtp = torch.stack(mtp_losses).mean()
+            self.totals["mtp_loss"].append(mtp.detach())
+            loss = loss + self.cfg.mtp_loss_weight * mtp
+        if self.training:
+            for m in self.mtp.modules():
+                if isinstance(m, MoE) and m.aux_loss is not None:
+                    self.totals["aux_loss"].append(m.aux_loss.detach())
+                    loss = loss + m.aux_loss
+        return loss * self.scale
+
+
+def _no_loss(_output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("only the last stage computes the loss")
+
+
+class PipelineModel(nn.Module):
+    """This rank's stages of a ``Transformer``. Its parameters and state-dict names are those of
+    the one-process model restricted to the stages held here (``layers.<id>`` keeps the global
+    layer id), so ``Mesh.full_state_dict`` assembles the single-process checkpoint."""
+
+    def __init__(self, model: Transformer, mesh, schedule: str, micro_batches: int, batch_size: int, seq_len: int):
+        super().__init__()
+        validate_pipeline(model.cfg, mesh.pp, schedule, micro_batches)
+        self.cfg = model.cfg
+        self.schedule_name = schedule
+        self.micro_batches = micro_batches
+        self.mesh = mesh
+        n = mesh.pp * chunks_per_rank(schedule, mesh.pp)
+        self.split = split_layers(model.cfg, n, seq_len)
+        self.placement = stage_ranks(schedule, mesh.pp)
+        local = [s for s in range(n) if self.placement[s] == mesh.pp_rank]
+        stages = [Stage(model, s, self.split[s], n, micro_batches) for s in local]
+        self._stages = stages  # not submodules: the same weights are registered below by their model names
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for st in stages for i in st.layer_ids})
+        holds_first, holds_last = 0 in local, n - 1 in local
+        if any(hasattr(st, "embed") for st in stages):
+            self.embed = model.embed
+        if holds_last:
+            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+        self.mirrors = hasattr(self, "embed") and not holds_first  # the last stage's copy of the embedding
+        if self.mirrors:
+            setattr(self.embed.weight, MIRROR, True)
+        self._mirror_group = None
+        if self.placement[0] != self.placement[-1] and (len(model.mtp) or model.cfg.tie_embeddings):
+            dp = mesh.dp
+            first, last = self.placement[0] * dp, self.placement[-1] * dp
+            for d in range(dp):  # every rank creates every group, in order
+                g = dist.new_group([first + d, last + d])
+                if mesh.dp_rank == d and mesh.pp_rank in (self.placement[0], self.placement[-1]):
+                    self._mirror_group = g
+        # Static shapes: PyTorch's dynamic shape inference would run an extra real forward and
+        # backward (counting expert loads and MoE traffic) on the first step.
+        # requires_grad: a stage's input gradient is what it sends back.
+        hidden = torch.empty(batch_size, seq_len, model.cfg.dim, device="meta", requires_grad=True)
+        tokens = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
+        self.pipe_stages = [pipe.PipelineStage(st, st.index, n, mesh.device, input_args=tokens if st.first else hidden,
+                                               output_args=hidden, group=mesh.pp_group) for st in stages]
+        self.schedule = self._build_schedule()
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self._stages
+
+    def _build_schedule(self):
+        last = next((st for st in self._stages if st.last), None)
+        # every rank passes a loss function: PyTorch's schedules run backward only where one is given
+        loss_fn = last.loss if last is not None else _no_loss
+        kind, M = self.schedule_name, self.micro_batches
+        kw = dict(loss_fn=loss_fn, scale_grads=False)
+        if kind == "1f1b":
+            return pipe.Schedule1F1B(self.pipe_stages[0], M, **kw)
+        cls = {"interleaved": pipe.ScheduleInterleaved1F1B, "zb": pipe.ScheduleZBVZeroBubble,
+               "dualpipev": pipe.ScheduleDualPipeV}[kind]
+        return cls(self.pipe_stages, M, **kw)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Forward and backward of the micro-batches of ``x``/``y`` (M x batch rows) through the
+        schedule; returns this rank's summed loss terms over the micro-batches (0 where a term is
+        computed on another rank): main_loss, mtp_loss, aux_loss, each a mean over micro-batches."""
+        for st in self._stages:
+            st.totals = {k: [] for k in st.totals}
+        first = any(st.first for st in self._stages)
+        last = any(st.last for st in self._stages)
+        args = (x,) if first else ()
+        self.schedule.step(*args, target=y if last else None, return_outputs=False)
+        out = dict.fromkeys(("main_loss", "mtp_loss", "aux_loss"), 0.0)
+        for st in self._stages:
+            for k, v in st.totals.items():
+                out[k] += float(sum(t.float() for t in v)) / self.micro_batches if v else 0.0
+        return out
+
+    @torch.no_grad()
+    def sync_mirrors(self) -> None:
+        """Sum the embedding's gradient with its mirror's (after the data-parallel sums)."""
+        if self._mirror_group is None:
+            return
+        w = self.embed.weight
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        dist.all_reduce(w.grad, group=self._mirror_group)
+
+    @torch.no_grad()
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The main (next-token) loss of one batch, forward only, stage after stage (evaluation);
+        the value on the ranks holding the last stage, 0.0 elsewhere."""
+        mesh, h = self.mesh, x
+        for s, rank in enumerate(self.placement):
+            prev = self.placement[s - 1] if s else rank
+            if rank != mesh.pp_rank:
+                if prev == mesh.pp_rank:  # hand the activations to the stage's rank
+                    dist.send(h.float().contiguous(), dst=mesh.pp_ranks[rank], group=mesh.pp_group)
+                continue
+            st = next(st for st in self._stages if st.index == s)
+            if s and prev != rank:
+                h = torch.empty(*x.shape, self.cfg.dim, device=mesh.device)
+                dist.recv(h, src=mesh.pp_ranks[prev], group=mesh.pp_group)
+            h = st(h)
+        last = next((st for st in self._stages if st.last), None)
+        return float(last.head_loss(last.norm(h), y)) if last is not None else 0.0
+
+    def train(self, mode: bool = True) -> PipelineModel:
+        super().train(mode)
+        for st in self._stages:  # not submodules (see __init__), so set here
+            st.train(mode)
+        return self
+
+
+@dataclass
+class StageInfo:
+    """What one pipeline rank holds: its stages and their layers (for logs and plans)."""
+    stages: list[int]
+    layers: list[int]
+
+
+def rank_stages(cfg: ModelConfig, pp: int, schedule: str, seq_len: int) -> list[StageInfo]:
+    """Per pipeline rank: the stage indices and layer ids it holds."""
+    n = pp * chunks_per_rank(schedule, pp)
+    split, placement = split_layers(cfg, n, seq_len), stage_ranks(schedule, pp)
+    out = [StageInfo([], []) for _ in range(pp)]
+    for s, r in enumerate(placement):
+        out[r].stages.append(s)
+        out[r].layers.extend(split[s])
+    return out
+
+
+__all__ = ["PP_SCHEDULES", "V_SCHEDULES", "AttachAux", "PipelineModel", "Stage", "StageInfo", "chunks_per_rank",
+           "end_flops", "layer_flops", "min_micro_batches", "rank_stages", "split_layers", "stage_ranks",
+           "validate_pipeline"]
