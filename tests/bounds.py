@@ -53,3 +53,13 @@ def mla_attention_bound(attn, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: to
     val_abs = torch.einsum("bhts,hjc,bsc->bthj", p, w[:, nope:].abs(), c.abs())  # sum_s p_s |V_s|
     bound = (2 * d_max.permute(0, 2, 1, 3) + (v + C + mask.shape[-1] + 8) * FP32_U) * val_abs
     return exact, bound
+
+
+def adamw_bound(grad_max: list[float], w_max: float, lr: float, eps: float, grad_tol: float) -> float:
+    """Largest difference of a parameter (largest magnitude ``w_max``) after AdamW steps (rate
+    ``lr``, epsilon ``eps``) whose gradients, of largest magnitude G per step (``grad_max``), differ
+    by at most d = grad_tol * G: each step moves it by lr * m / (sqrt(v) + eps), which changes by at
+    most lr * (|dm| / eps + |m| |d sqrt(v)| / eps^2) <= lr * d * (1/eps + G/eps^2), plus the few FP32
+    roundings of each step's arithmetic."""
+    steps = grad_tol * lr * sum(G / eps + G * G / eps**2 for G in grad_max)
+    return steps + 8 * len(grad_max) * FP32_U * w_max

@@ -1,0 +1,262 @@
+"""Pipeline parallelism against one process: every schedule (1F1B, interleaved 1F1B, ZBV,
+DualPipeV) and the PP x EP x DP layouts that fit 4 gloo ranks, over several AdamW steps.
+
+All 4-rank cases run in one spawn (module fixture; each case builds its own mesh and groups, in
+the same order on every rank); the tests compare its results with single-process oracles computed
+here. A pipeline step runs M micro-batches of B sequences on each data-parallel replica; the
+oracle is the one-process model with gradient accumulation over the dp x M micro-batches in
+replica order (the trainer's claim: PP x DP sees what DP alone sees with grad_accum = M).
+
+Tolerances (FP32 throughout; only the summation order differs):
+
+- Per step, the loss terms (next-token, MTP, balance) and every gradient after the replica and
+  mirror sums equal the one-process values *at the same weights* (the pipeline's weights gathered
+  before the step) within FP32_TOL relative to the oracle tensor's largest magnitude, as in
+  ``test_ep_model``. Comparing at the same weights keeps the bound that of one step; the
+  trajectory is checked apart:
+- After the steps (global-norm clipping, router-bias update, AdamW) every parameter equals the
+  one-process trajectory within ``adamw_bound`` (the gradients' tolerance carried through AdamW),
+  and the router biases (gate.bias buffers, moved in exact steps of bias_update_speed) within FP32_TOL.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from bounds import adamw_bound
+from flyer.config import preset
+from flyer.model.moe import update_router_bias
+from flyer.model.transformer import Transformer
+from flyer.parallel.grads import MIRROR, expert_param_names
+from flyer.parallel.launch import run_ranks
+from flyer.parallel.mesh import init_distributed
+from flyer.parallel.pipeline import (PP_SCHEDULES, chunks_per_rank, end_flops, layer_flops, split_layers,
+                                     stage_ranks)
+from flyer.train.trainer import build_model
+
+B, T, M = 2, 12, 4  # sequences per micro-batch, tokens, micro-batches per step (the fewest V schedules on pp 2 run)
+WORLD = 4
+SEED, STEPS, LR, CLIP = 3, 3, 3e-3, 0.5
+ADAM_EPS = 1e-3  # large enough that AdamW's update is Lipschitz in the gradients (see test_ep_model)
+FP32_TOL = 1e-4
+
+# name: (pp, ep, schedule); dp = WORLD / pp. 4 layers: 4 stages at most (pp 4 runs 1F1B only).
+CASES = {f"pp2-ep2-{s}": (2, 2, s) for s in PP_SCHEDULES}
+CASES.update({"pp2-dp2-1f1b": (2, 1, "1f1b"), "pp2-dp2-dualpipev": (2, 1, "dualpipev"), "pp4-1f1b": (4, 1, "1f1b")})
+
+
+def _cfg():
+    return preset("tiny", vocab_size=256, n_layers=4, max_seq_len=64, original_seq_len=64)
+
+
+def _batch(dp: int, step: int):
+    """The global batch of a step: dp x M micro-batches of B sequences, replica-major."""
+    g = torch.Generator().manual_seed(100 + step)
+    data = torch.randint(0, 256, (dp * M * B, T + 1), generator=g)
+    return data[:, :-1], data[:, 1:]
+
+
+# ---- ranks --------------------------------------------------------------------------------------
+def _case(rank: int, name: str) -> dict:
+    pp, ep, schedule = CASES[name]
+    from flyer.parallel.pipeline import PipelineModel
+
+    cfg = _cfg()
+    mesh = init_distributed(cfg, ep=ep, pp=pp, timeout_s=120)
+    pm = PipelineModel(build_model(cfg, mesh, "fp32", seed=SEED), mesh, schedule, M, B, T)
+    opt = torch.optim.AdamW(pm.parameters(), lr=LR, weight_decay=0.1, eps=ADAM_EPS)
+    rows = slice(mesh.dp_rank * M * B, (mesh.dp_rank + 1) * M * B)
+    steps = []
+    for step in range(STEPS):
+        before = mesh.full_state_dict(pm)  # the whole model on rank 0
+        x, y = _batch(mesh.dp, step)
+        terms = pm.train_step(x[rows], y[rows])
+        mesh.sync_gradients(pm)
+        pm.sync_mirrors()
+        terms = {k: v * pp for k, v in mesh.mean(terms).items()}  # as the trainer: each term lives on one stage
+        grads = {n: p.grad.clone() for n, p in pm.named_parameters()}
+        norm = float(mesh.clip_grad_norm_(pm, CLIP))
+        update_router_bias(pm, group=mesh.dp_group)
+        opt.step()
+        opt.zero_grad()
+        steps.append(dict(state=before if rank == 0 else None, terms=terms, grads=grads, norm=norm))
+    first = next((st for st in pm.stages if st.first), None)
+    last = next((st for st in pm.stages if st.last), None)
+    return dict(steps=steps, final=mesh.full_state_dict(pm), ep_rank=mesh.ep_rank, pp_rank=mesh.pp_rank,
+                experts=expert_param_names(pm), stages=[st.index for st in pm.stages],
+                layers=sorted(int(i) for i in pm.layers),
+                # V placement: MTP's embedding is stage 0's Parameter; loop placement: a marked mirror
+                shared_embed=first is not None and last is not None and last.embed.weight is first.embed.weight,
+                mirror=hasattr(pm, "embed") and getattr(pm.embed.weight, MIRROR, False))
+
+
+def _worker(rank: int) -> dict:
+    out = {name: _case(rank, name) for name in CASES}
+    dist.destroy_process_group()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _results() -> list[dict]:
+    return run_ranks(_worker, WORLD)
+
+
+# ---- single-process oracles -----------------------------------------------------------------------
+def _accumulate(ref: Transformer, dp: int, step: int) -> dict[str, float]:
+    """Forward and backward of the step's dp x M micro-batches, each loss over dp x M; the mean terms."""
+    x, y = _batch(dp, step)
+    n = dp * M
+    terms = dict.fromkeys(("loss", "main_loss", "mtp_loss", "aux_loss"), 0.0)
+    for i in range(n):
+        out = ref.compute_loss(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B])
+        (out.loss / n).backward()
+        terms["loss"] += out.loss.item() / n
+        terms["main_loss"] += out.main_loss.item() / n
+        terms["mtp_loss"] += torch.stack(out.mtp_losses).mean().item() / n
+        terms["aux_loss"] += out.aux_loss.item() / n
+    return terms
+
+
+def _oracle_at(state: dict, dp: int, step: int) -> tuple[dict, dict]:
+    """(loss terms, gradients) of one process at the weights ``state`` on step ``step``'s batch."""
+    ref = Transformer(_cfg())
+    ref.load_state_dict(state)
+    terms = _accumulate(ref, dp, step)
+    return terms, {n: p.grad for n, p in ref.named_parameters()}
+
+
+@functools.lru_cache(maxsize=None)
+def _trajectory(dp: int) -> dict:
+    """The one-process run: STEPS of clipping, router-bias update and AdamW from the trainer's init."""
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        ref = Transformer(_cfg())
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.1, eps=ADAM_EPS)
+    grad_max: dict[str, list[float]] = {n: [] for n, _ in ref.named_parameters()}
+    for step in range(STEPS):
+        _accumulate(ref, dp, step)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
+        for n, p in ref.named_parameters():
+            grad_max[n].append(float(p.grad.abs().max()))
+        update_router_bias(ref)
+        opt.step()
+        opt.zero_grad()
+    return dict(state=ref.state_dict(), grad_max=grad_max)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest elementwise difference relative to the oracle's largest magnitude."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+# ---- stage split and placement (no processes) -----------------------------------------------------
+def _brute_force_best(cfg, n_stages: int, seq_len: int) -> float:
+    """The smallest largest-stage cost over every contiguous split into non-empty stages."""
+    cost = [layer_flops(cfg, i, seq_len) for i in range(cfg.n_layers)]
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, cfg.n_layers), n_stages - 1):
+        bounds = (0, *cuts, cfg.n_layers)
+        stages = [sum(cost[a:b]) for a, b in zip(bounds, bounds[1:])]
+        stages[-1] += end_flops(cfg, seq_len)
+        best = min(best, max(stages))
+    return best
+
+
+@pytest.mark.parametrize("n_layers,n_dense,mtp,vocab", [(4, 1, 1, 256), (7, 1, 1, 8192), (8, 3, 2, 256),
+                                                        (6, 0, 0, 32768)])
+def test_split_layers_is_the_flop_optimal_contiguous_split(n_layers, n_dense, mtp, vocab):
+    cfg = preset("tiny", vocab_size=vocab, n_layers=n_layers, n_dense_layers=n_dense, mtp_depth=mtp)
+    seq = 256
+    cost = [layer_flops(cfg, i, seq) for i in range(n_layers)]
+    assert len(set(cost)) > 1 or n_dense == 0  # dense and MoE blocks differ: the split has something to balance
+    for n in range(1, n_layers + 1):
+        split = split_layers(cfg, n, seq)
+        assert len(split) == n and all(len(r) for r in split)
+        assert [i for r in split for i in r] == list(range(n_layers))  # contiguous, every layer once
+        got = max(sum(cost[i] for i in r) + (end_flops(cfg, seq) if s == n - 1 else 0) for s, r in enumerate(split))
+        assert got == pytest.approx(_brute_force_best(cfg, n, seq), rel=1e-12), (n, split)
+
+
+def test_split_layers_refuses_more_stages_than_layers():
+    from flyer.errors import FieldError
+
+    with pytest.raises(FieldError) as e:
+        split_layers(_cfg(), 5)
+    assert e.value.field == "pp"
+
+
+def test_stage_ranks_loop_and_v_placement():
+    assert stage_ranks("1f1b", 4) == [0, 1, 2, 3]
+    assert stage_ranks("interleaved", 2) == [0, 1, 0, 1]  # loop: stage s on rank s mod pp
+    assert stage_ranks("interleaved", 4) == [0, 1, 2, 3, 0, 1, 2, 3]
+    for s in ("zb", "dualpipev"):  # V: rank r holds stages r and 2 pp - 1 - r; first and last on rank 0
+        assert stage_ranks(s, 2) == [0, 1, 1, 0]
+        assert stage_ranks(s, 4) == [0, 1, 2, 3, 3, 2, 1, 0]
+    for s in PP_SCHEDULES:
+        assert stage_ranks(s, 1) == [0] and chunks_per_rank(s, 1) == 1
+
+
+# ---- the 4-rank runs --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(CASES))
+def test_pipeline_steps_match_single_process(name):
+    """Loss terms and every gradient at each step, then the weights and router biases after the steps."""
+    pp, ep, schedule = CASES[name]
+    dp = WORLD // pp
+    results = [r[name] for r in _results()]
+    failures = []
+    for step in range(STEPS):
+        terms, grads = _oracle_at(results[0]["steps"][step]["state"], dp, step)
+        for rank, res in enumerate(results):
+            got = res["steps"][step]
+            for k in ("main_loss", "mtp_loss", "aux_loss"):
+                if abs(got["terms"][k] - terms[k]) > FP32_TOL * abs(terms[k]):
+                    failures.append(f"step {step} rank {rank} {k}: {got['terms'][k]} vs {terms[k]}")
+            for pname, g in got["grads"].items():
+                want = grads[pname]
+                if pname in res["experts"]:  # this rank's shard of the expert stack
+                    n = g.shape[0]
+                    want = want[res["ep_rank"] * n:(res["ep_rank"] + 1) * n]
+                if not _rel(g, want) <= FP32_TOL:
+                    failures.append(f"step {step} rank {rank} grad {pname}: {_rel(g, want):.2e}")
+    assert not failures, "\n".join(failures[:20])
+    # every parameter's gradient is produced on some rank (the pipeline's ranks hold the whole model)
+    held = set().union(*(r["steps"][0]["grads"] for r in results))
+    assert held == set(grads)
+
+    ref = _trajectory(dp)
+    final = results[0]["final"]
+    assert set(final) == set(ref["state"])
+    biases = [k for k in final if k.endswith("gate.bias")]
+    assert biases and all(final[k].abs().max() > 0 for k in biases)  # router biases moved and are compared
+    errs = {k: (float((final[k] - v).abs().max()),
+                adamw_bound(ref["grad_max"][k], float(v.abs().max()), LR, ADAM_EPS, FP32_TOL)
+                if k in ref["grad_max"] else FP32_TOL)
+            for k, v in ref["state"].items()}
+    worst = max(errs, key=lambda k: errs[k][0] / errs[k][1])
+    assert errs[worst][0] <= errs[worst][1], (name, worst, errs[worst])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_stages_hold_their_split_and_share_the_embedding(name):
+    """Each pipeline rank holds the stages ``stage_ranks`` gives it and exactly their layers; under V
+    placement the last stage (MTP) uses stage 0's embedding Parameter itself on pipeline rank 0, under
+    loop placement the last stage's rank holds a marked mirror."""
+    pp, _, schedule = CASES[name]
+    placement = stage_ranks(schedule, pp)
+    split = split_layers(_cfg(), len(placement), T)
+    for res in (r[name] for r in _results()):
+        mine = [s for s, r in enumerate(placement) if r == res["pp_rank"]]
+        assert sorted(res["stages"]) == mine
+        assert res["layers"] == sorted(i for s in mine for i in split[s])
+        holds_last = len(placement) - 1 in mine
+        if schedule in ("zb", "dualpipev"):
+            assert holds_last == (res["pp_rank"] == 0) and res["shared_embed"] == holds_last
+            assert not res["mirror"]
+        else:
+            assert not res["shared_embed"] and res["mirror"] == (holds_last and pp > 1)
