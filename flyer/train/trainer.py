@@ -94,7 +94,7 @@ class TrainConfig:
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
             if not cond:
-                raise ConfigError(f"train option '{name}': {msg} (got {getattr(self, name)!r})")
+                raise FieldError(name, f"{msg} (got {getattr(self, name)!r})")  # the CLI words it as the flag
 
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
                      "keep", "max_bad_steps", "ep", "pp"):
