@@ -218,9 +218,9 @@ def _err(capsys):
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--steps", "0"], "--steps: must be >= 1 (got 0)"),
     (["--batch-size", "-2"], "--batch-size: must be >= 1 (got -2)"),
-    (["--precision", "fp4"], "'precision'"),
+    (["--precision", "fp4"], "--precision: must be one of"),
     (["--data", "/nonexistent/corpus"], "/nonexistent/corpus"),
-    (["--device", "tpu"], "'device': must be auto, cpu, cuda or cuda:N"),
+    (["--device", "tpu"], "--device: must be auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:99"], "'device': cuda:99 asked for"),
 ])
 def test_cli_errors_are_one_line(tmp_path, data_cache, capsys, argv, words):
