@@ -475,7 +475,13 @@ class Trainer:
         pc = param_counts(self.cfg)
         self.log(f"flyer train: preset {tc.preset}, {pc.total / 1e6:.1f}M params ({pc.activated / 1e6:.1f}M "
                  f"activated, MTP {pc.mtp / 1e6:.1f}M), {self._precision_label()}, batch {tc.batch_size}x{tc.seq_len}"
-                 f"x{tc.grad_accum}, {len(self.data.train):,} train tokens, vocab {self.cfg.vocab_size}")
+                 f"x{tc.grad_accum * self.micro_batches_per_step}, {len(self.data.train):,} train tokens, "
+                 f"vocab {self.cfg.vocab_size}")
+        m = self.mesh
+        if m.world > 1:  # how torchrun's ranks were mapped (nodes from LOCAL_WORLD_SIZE or --ranks-per-node)
+            pipe = f", {tc.pp_schedule} over {self.micro_batches} micro-batches" if self.pipeline is not None else ""
+            self.log(f"layout: {m.world} ranks on {m.n_nodes} node(s) of {m.ranks_per_node}: PP {m.pp} x DP {m.dp}, "
+                     f"EP {m.ep}{pipe}")
         self.log(f"unigram baseline (validation): {self.data.unigram_val_loss:.3f} nats/token")
         self.log(f"mfu: against {self.peak_gemm}, {self.peak_flops / 1e9:,.0f} GFLOP/s here")
         logs = [MetricsLog(self.out / "metrics.jsonl", enabled=self.rank0)]
