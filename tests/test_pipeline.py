@@ -47,7 +47,7 @@ FP32_TOL = 1e-4
 
 # name: (pp, ep, schedule); dp = WORLD / pp. 4 layers: 4 stages at most (pp 4 runs 1F1B only).
 CASES = {f"pp2-ep2-{s}": (2, 2, s) for s in PP_SCHEDULES}
-CASES.update({"pp2-dp2-1f1b": (2, 1, "1f1b"), "pp2-dp2-dualpipev": (2, 1, "dualpipev"), "pp4-1f1b": (4, 1, "1f1b")})
+CASES.update({"pp2-dp2-dualpipev": (2, 1, "dualpipev"), "pp4-1f1b": (4, 1, "1f1b")})
 
 
 def _cfg():
