@@ -190,7 +190,8 @@ def test_two_torchrun_agents_as_two_nodes(pp_run, data_cache, tmp_path):
     assert "layout: 4 ranks on 2 node(s) of 2: PP 2 x DP 2, EP 2" in outs[0][1] + outs[1][1]
     got = _records(out)
     assert sorted(got) == [1, 2]
-    assert json.loads(outs[0][0].strip().splitlines()[-1])["steps"] == 2
+    summaries = [json.loads(line) for o, _ in outs for line in o.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["steps"] == 2, summaries  # rank 0's alone
     for step in got:  # the same layout and ranks as on one node: only the transport differs
         for key in ("loss", "main_loss", "mtp_loss"):
             assert abs(got[step][key] - pp[step][key]) <= FP32_TOL * abs(pp[step][key]), (step, key)
@@ -210,6 +211,11 @@ BAD_LAYOUTS = {  # extra flags (tiny preset: 4 layers), environment (a torchrun 
     "grad-accum with pp": (["--pp", "2", "--grad-accum", "2"], {}, "--grad-accum: must be 1 with pipelining"),
     "unknown schedule": (["--pp", "2", "--pp-schedule", "gpipe"], {}, "--pp-schedule: must be one of 1f1b, "),
     "pp without a launch": (["--pp", "2"], {}, "--pp: 2 needs a multi-process launch"),
+    "stage replicas across nodes": (["--pp", "3"], {"WORLD_SIZE": "6", "RANK": "0", "LOCAL_WORLD_SIZE": "3"},
+                                    "--pp: each of the 3 stages has 2 ranks, which must be whole nodes or lie inside "
+                                    "one node of 3 ranks"),
+    "ep larger than a stage": (["--pp", "2", "--ep", "4"], {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_WORLD_SIZE": "4"},
+                               "--ep: must divide the 2 data-parallel ranks of a stage (world 4 / pp 2)"),
 }
 
 

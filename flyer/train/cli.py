@@ -98,12 +98,13 @@ def run(args: argparse.Namespace) -> int:
 
     tc = build_train_config(args)
     try:
-        summary = Trainer(tc, log=lambda m: print(m, file=sys.stderr, flush=True)).run()
+        trainer = Trainer(tc, log=lambda m: print(m, file=sys.stderr, flush=True))
+        summary = trainer.run()
     except TrainingError as e:
         print(f"flyer: error: {e}", file=sys.stderr)
         return 2
     if summary.get("signal"):
         return 128 + summary["signal"]  # the shell's convention for a process ended by that signal
-    if summary.get("val_loss") is not None:
+    if summary.get("val_loss") is not None and trainer.rank0:  # one summary per job, not one per rank
         print(json.dumps(summary))
     return 0
