@@ -35,8 +35,8 @@ from flyer.model.transformer import Transformer
 from flyer.parallel.grads import MIRROR, expert_param_names
 from flyer.parallel.launch import run_ranks
 from flyer.parallel.mesh import init_distributed
-from flyer.parallel.pipeline import (PP_SCHEDULES, chunks_per_rank, end_flops, layer_flops, split_layers,
-                                     stage_ranks)
+from flyer.parallel.pipeline import (PP_SCHEDULES, PipelineModel, chunks_per_rank, end_flops, layer_flops,
+                                     split_layers, stage_ranks)
 from flyer.train.trainer import build_model
 
 B, T, M = 2, 12, 4  # sequences per micro-batch, tokens, micro-batches per step (the fewest V schedules on pp 2 run)
@@ -64,8 +64,6 @@ def _batch(dp: int, step: int):
 # ---- ranks --------------------------------------------------------------------------------------
 def _case(rank: int, name: str) -> dict:
     pp, ep, schedule = CASES[name]
-    from flyer.parallel.pipeline import PipelineModel
-
     cfg = _cfg()
     mesh = init_distributed(cfg, ep=ep, pp=pp, timeout_s=120)
     pm = PipelineModel(build_model(cfg, mesh, "fp32", seed=SEED), mesh, schedule, M, B, T)
@@ -92,7 +90,8 @@ def _case(rank: int, name: str) -> dict:
                 layers=sorted(int(i) for i in pm.layers),
                 # V placement: MTP's embedding is stage 0's Parameter; loop placement: a marked mirror
                 shared_embed=first is not None and last is not None and last.embed.weight is first.embed.weight,
-                mirror=hasattr(pm, "embed") and getattr(pm.embed.weight, MIRROR, False))
+                mirror=hasattr(pm, "embed") and getattr(pm.embed.weight, MIRROR, False),
+                holds={k: hasattr(pm, k) for k in ("embed", "head", "mtp")})
 
 
 def _worker(rank: int) -> dict:
@@ -255,6 +254,8 @@ def test_stages_hold_their_split_and_share_the_embedding(name):
         assert sorted(res["stages"]) == mine
         assert res["layers"] == sorted(i for s in mine for i in split[s])
         holds_last = len(placement) - 1 in mine
+        # the embedding with the first stage (and MTP's input with the last), head and MTP with the last
+        assert res["holds"] == {"embed": 0 in mine or holds_last, "head": holds_last, "mtp": holds_last}
         if schedule in ("zb", "dualpipev"):
             assert holds_last == (res["pp_rank"] == 0) and res["shared_embed"] == holds_last
             assert not res["mirror"]
