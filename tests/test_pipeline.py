@@ -1,8 +1,9 @@
 """Pipeline parallelism against one process: every schedule (1F1B, interleaved 1F1B, ZBV,
-DualPipeV) and the PP x EP x DP layouts that fit 4 gloo ranks, over several AdamW steps.
+DualPipeV) and PP x EP x DP layouts on 4 gloo ranks (and PP2 x EP2 x DP2 on 8, slow), over several
+AdamW steps.
 
-All 4-rank cases run in one spawn (module fixture; each case builds its own mesh and groups, in
-the same order on every rank); the tests compare its results with single-process oracles computed
+All cases of one world size run in one spawn (cached; each case builds its own mesh and groups,
+in the same order on every rank); the tests compare its results with single-process oracles computed
 here. A pipeline step runs M micro-batches of B sequences on each data-parallel replica; the
 oracle is the one-process model with gradient accumulation over the dp x M micro-batches in
 replica order (the trainer's claim: PP x DP sees what DP alone sees with grad_accum = M).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 
 import pytest
 import torch
@@ -40,14 +42,15 @@ from flyer.parallel.pipeline import (PP_SCHEDULES, PipelineModel, chunks_per_ran
 from flyer.train.trainer import build_model
 
 B, T, M = 2, 12, 4  # sequences per micro-batch, tokens, micro-batches per step (the fewest V schedules on pp 2 run)
-WORLD = 4
 SEED, STEPS, LR, CLIP = 3, 3, 3e-3, 0.5
 ADAM_EPS = 1e-3  # large enough that AdamW's update is Lipschitz in the gradients (see test_ep_model)
 FP32_TOL = 1e-4
 
-# name: (pp, ep, schedule); dp = WORLD / pp. 4 layers: 4 stages at most (pp 4 runs 1F1B only).
-CASES = {f"pp2-ep2-{s}": (2, 2, s) for s in PP_SCHEDULES}
-CASES.update({"pp2-dp2-dualpipev": (2, 1, "dualpipev"), "pp4-1f1b": (4, 1, "1f1b")})
+# name: (world, pp, ep, schedule); dp = world / pp. 4 layers: 4 stages at most (pp 4 runs 1F1B only).
+CASES = {f"pp2-ep2-{s}": (4, 2, 2, s) for s in PP_SCHEDULES}
+CASES.update({"pp2-dp2-dualpipev": (4, 2, 1, "dualpipev"), "pp4-1f1b": (4, 4, 1, "1f1b")})
+# 8 ranks: EP inside a stage's replicas (expert gradients summed over expert_dp_group), one spawn, slow
+CASES["pp2-ep2-dp2-dualpipev"] = (8, 2, 2, "dualpipev")
 
 
 def _cfg():
@@ -63,7 +66,7 @@ def _batch(dp: int, step: int):
 
 # ---- ranks --------------------------------------------------------------------------------------
 def _case(rank: int, name: str) -> dict:
-    pp, ep, schedule = CASES[name]
+    _, pp, ep, schedule = CASES[name]
     cfg = _cfg()
     mesh = init_distributed(cfg, ep=ep, pp=pp, timeout_s=120)
     pm = PipelineModel(build_model(cfg, mesh, "fp32", seed=SEED), mesh, schedule, M, B, T)
@@ -95,14 +98,15 @@ def _case(rank: int, name: str) -> dict:
 
 
 def _worker(rank: int) -> dict:
-    out = {name: _case(rank, name) for name in CASES}
+    world = int(os.environ["WORLD_SIZE"])  # set by run_ranks
+    out = {name: _case(rank, name) for name, case in CASES.items() if case[0] == world}
     dist.destroy_process_group()
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def _results() -> list[dict]:
-    return run_ranks(_worker, WORLD)
+def _results(world: int) -> list[dict]:
+    return run_ranks(_worker, world)
 
 
 # ---- single-process oracles -----------------------------------------------------------------------
@@ -202,12 +206,16 @@ def test_stage_ranks_loop_and_v_placement():
 
 
 # ---- the 4-rank runs --------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(CASES))
+def _params():
+    return [pytest.param(n, marks=pytest.mark.slow) if c[0] > 4 else n for n, c in CASES.items()]
+
+
+@pytest.mark.parametrize("name", _params())
 def test_pipeline_steps_match_single_process(name):
     """Loss terms and every gradient at each step, then the weights and router biases after the steps."""
-    pp, ep, schedule = CASES[name]
-    dp = WORLD // pp
-    results = [r[name] for r in _results()]
+    world, pp, ep, schedule = CASES[name]
+    dp = world // pp
+    results = [r[name] for r in _results(world)]
     failures = []
     for step in range(STEPS):
         terms, grads = _oracle_at(results[0]["steps"][step]["state"], dp, step)
@@ -241,15 +249,15 @@ def test_pipeline_steps_match_single_process(name):
     assert errs[worst][0] <= errs[worst][1], (name, worst, errs[worst])
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", _params())
 def test_stages_hold_their_split_and_share_the_embedding(name):
     """Each pipeline rank holds the stages ``stage_ranks`` gives it and exactly their layers; under V
     placement the last stage (MTP) uses stage 0's embedding Parameter itself on pipeline rank 0, under
     loop placement the last stage's rank holds a marked mirror."""
-    pp, _, schedule = CASES[name]
+    world, pp, _, schedule = CASES[name]
     placement = stage_ranks(schedule, pp)
     split = split_layers(_cfg(), len(placement), T)
-    for res in (r[name] for r in _results()):
+    for res in (r[name] for r in _results(world)):
         mine = [s for s, r in enumerate(placement) if r == res["pp_rank"]]
         assert sorted(res["stages"]) == mine
         assert res["layers"] == sorted(i for s in mine for i in split[s])
