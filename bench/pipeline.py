@@ -1,0 +1,252 @@
+"""Pipeline schedules on 4 gloo ranks: throughput, measured bubble against ``flyer net pipeline``'s
+prediction, and the share of EP communication DualPipeV's overlap hides.
+
+Two layouts of 4 ranks, each training the same model (tiny preset with ``--n-layers`` blocks, so
+that PP 4 DualPipeV has its 8 stages) on the same global batch (``--global-batch`` sequences of
+``--seq-len`` tokens in ``--micro-batches`` micro-batches per pipeline):
+
+- ``pp4``: PP 4 (no EP): 1F1B and DualPipeV.
+- ``pp2_ep2``: PP 2 x DP 2 with EP 2 inside each stage (flat all-to-all dispatch): 1F1B, and
+  DualPipeV with its forward/backward overlap (``flyer.parallel.overlap``) off and on.
+
+Per run, step times are medians over ``--steps`` steps after one warm-up (the job's step: the
+slowest rank's, every step starting at a barrier); the runs of a layout take turns step by step.
+Definitions (also in the JSON's ``notes``):
+
+- bubble of a rank = 1 - busy / step time, busy = the union of the intervals in which the rank
+  computes a stage chunk (``forward_one_chunk`` with the loss, ``backward_one_chunk``,
+  ``backward_weight_one_chunk``; the EP exchanges inside a chunk count as busy); ``bubble_<s>`` is
+  the mean over ranks.
+- predicted bubble = ``flyer.cluster.pipeline.bubble_fraction`` with F and B the measured forward
+  and backward time per micro-batch of a rank (its chunks summed; mean over ranks), W = B / 2 and
+  F&B = F + B (no gain assumed from overlap); DualPipeV's prediction uses the run without overlap.
+- EP comm time = time inside the EP all-to-alls (``dispatch.all_to_all_rows`` and the split-size
+  exchanges), per step, mean over ranks, with overlap off.
+- ``comm_hidden_fraction_dualpipev`` = (step without overlap - step with overlap) / EP comm time,
+  clamped to [0, 1].
+
+Peer: the same model and global batch in one process (one thread, as each rank), micro-batch by
+micro-batch with gradient accumulation; ``tokens_per_s_ratio_*`` divide by its tokens/s.
+
+    python bench/pipeline.py [--steps 3] [--seq-len 32] [--global-batch 16] [--micro-batches 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from flyer.cluster.pipeline import bubble_fraction
+from flyer.config import preset
+from flyer.model.transformer import Transformer
+from flyer.parallel import dispatch
+from flyer.parallel.launch import run_ranks
+from flyer.parallel.mesh import init_distributed
+from flyer.parallel.pipeline import PipelineModel
+from flyer.train.trainer import build_model
+
+WORLD = 4
+LAYOUTS = {"pp4": dict(pp=4, ep=1), "pp2_ep2": dict(pp=2, ep=2)}
+RUNS = {"pp4": [("1f1b", False), ("dualpipev", False)],
+        "pp2_ep2": [("1f1b", False), ("dualpipev", False), ("dualpipev", True)]}
+
+
+def _cfg(args):
+    return preset("tiny", vocab_size=args.vocab, n_layers=args.n_layers, max_seq_len=max(64, args.seq_len),
+                  original_seq_len=max(64, args.seq_len))
+
+
+def _data(args, step: int):
+    g = torch.Generator().manual_seed(step)
+    d = torch.randint(0, args.vocab, (args.global_batch, args.seq_len + 1), generator=g)
+    return d[:, :-1], d[:, 1:]
+
+
+class Recorder:
+    """Compute intervals (kind 'F' or 'B') and EP-exchange time of this rank, from any thread."""
+
+    def __init__(self):
+        self.intervals: list[tuple[float, float, str]] = []
+        self.comm_s = 0.0
+        self.lock = threading.Lock()
+
+    def timed(self, fn, kind: str):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                t1 = time.perf_counter()
+                with self.lock:
+                    if kind == "comm":
+                        self.comm_s += t1 - t0
+                    else:
+                        self.intervals.append((t0, t1, kind))
+        return wrapper
+
+    def reset(self):
+        self.intervals, self.comm_s = [], 0.0
+
+
+def _union(intervals: list[tuple[float, float, str]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b, _ in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _instrument(pm: PipelineModel, rec: Recorder) -> None:
+    for st in pm.pipe_stages:
+        st.forward_one_chunk = rec.timed(st.forward_one_chunk, "F")
+        st.backward_one_chunk = rec.timed(st.backward_one_chunk, "B")
+        st.backward_weight_one_chunk = rec.timed(st.backward_weight_one_chunk, "B")
+    pm.schedule._maybe_compute_loss = rec.timed(pm.schedule._maybe_compute_loss, "F")
+
+
+def _worker(rank: int, args, layout: str) -> list[dict]:
+    cfg = _cfg(args)
+    lay = LAYOUTS[layout]
+    mesh = init_distributed(cfg, ep=lay["ep"], pp=lay["pp"], timeout_s=600)
+    rec = Recorder()
+    # every EP exchange of every run goes through these two (module globals looked up per call)
+    dispatch.all_to_all_rows = rec.timed(dispatch.all_to_all_rows, "comm")
+    dispatch._exchange_counts = rec.timed(dispatch._exchange_counts, "comm")
+    rows = args.global_batch // mesh.dp
+    M = args.micro_batches
+    runs = []
+    for schedule, overlap in RUNS[layout]:
+        model = build_model(cfg, mesh, "fp32", seed=0, dispatcher="flat")
+        pm = PipelineModel(model, mesh, schedule, M, rows // M, args.seq_len, overlap=overlap)
+        _instrument(pm, rec)
+        runs.append((pm, []))
+    # the runs take turns step by step, so that a change of the machine's load falls on all of them
+    for step in range(args.steps + 1):
+        x, y = _data(args, step)
+        x, y = x[mesh.dp_rank * rows:(mesh.dp_rank + 1) * rows], y[mesh.dp_rank * rows:(mesh.dp_rank + 1) * rows]
+        for pm, steps in runs:
+            pm.zero_grad(set_to_none=True)
+            dist.barrier()
+            rec.reset()
+            t0 = time.perf_counter()
+            pm.train_step(x, y)
+            wall = time.perf_counter() - t0
+            busy = _union(rec.intervals)
+            f = sum(b - a for a, b, k in rec.intervals if k == "F")
+            bwd = sum(b - a for a, b, k in rec.intervals if k == "B")
+            if step:  # step 0 warms up (allocations, first sends)
+                steps.append(dict(wall=wall, busy=busy, f=f / M, b=bwd / M, comm=rec.comm_s))
+    out = []
+    for pm, steps in runs:
+        med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+        walls = torch.tensor([s["wall"] for s in steps], dtype=torch.float64)
+        dist.all_reduce(walls, op=dist.ReduceOp.MAX)  # the job's step: its slowest rank's
+        out.append(dict(schedule=pm.schedule_name, overlap=pm.overlap, rank=rank, pp_rank=mesh.pp_rank,
+                        step_s=float(walls.median()), rank_step_s=med["wall"], busy_s=med["busy"],
+                        bubble=1 - med["busy"] / med["wall"], f_s=med["f"], b_s=med["b"], comm_s=med["comm"]))
+    dist.destroy_process_group()
+    return out
+
+
+def _one_process(args) -> float:
+    """Median step time of the peer: one process, the global batch micro-batch by micro-batch."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Transformer(_cfg(args))
+    per = args.global_batch // args.micro_batches
+    times = []
+    for step in range(args.steps + 1):
+        x, y = _data(args, step)
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        for i in range(args.micro_batches):
+            rows = slice(i * per, (i + 1) * per)
+            (model.compute_loss(x[rows], y[rows]).loss / args.micro_batches).backward()
+        if step:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _summarise(ranks: list[list[dict]], pp: int, M: int, tokens: int, peer_tps: float) -> dict:
+    runs = {}
+    for i, first in enumerate(ranks[0]):
+        rs = [r[i] for r in ranks]
+        name = first["schedule"] + ("_overlap" if first["overlap"] else "")
+        F = statistics.mean(r["f_s"] for r in rs)
+        B = statistics.mean(r["b_s"] for r in rs)
+        tps = tokens / first["step_s"]
+        runs[name] = dict(
+            step_s=first["step_s"], tokens_per_s=tps, tokens_per_s_ratio_over_one_process=tps / peer_tps,
+            bubble=statistics.mean(r["bubble"] for r in rs),
+            bubble_predicted=bubble_fraction(first["schedule"], pp, M, F, B, B / 2),
+            f_s_per_microbatch=F, b_s_per_microbatch=B,
+            ep_comm_s=statistics.mean(r["comm_s"] for r in rs),
+            per_rank=[dict(rank=r["rank"], pp_rank=r["pp_rank"], bubble=round(r["bubble"], 4),
+                           step_s=round(r["rank_step_s"], 4), busy_s=round(r["busy_s"], 4),
+                           ep_comm_s=round(r["comm_s"], 4)) for r in rs])
+    off, on = runs.get("dualpipev"), runs.get("dualpipev_overlap")
+    if off and on and off["ep_comm_s"] > 0:
+        runs["comm_hidden_fraction_dualpipev"] = min(1.0, max(0.0, (off["step_s"] - on["step_s"]) / off["ep_comm_s"]))
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3, help="measured steps per run (after one warm-up)")
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--global-batch", type=int, default=16, help="sequences per step, over all replicas")
+    ap.add_argument("--micro-batches", type=int, default=8, help="per pipeline (DualPipeV on PP 4 needs 8)")
+    ap.add_argument("--n-layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    args = ap.parse_args()
+    for name in args.layouts:
+        dp = WORLD // LAYOUTS[name]["pp"]
+        if args.global_batch % (dp * args.micro_batches):
+            ap.error(f"--global-batch must be a multiple of {dp} replicas x --micro-batches {args.micro_batches} "
+                     f"(layout {name}; got {args.global_batch})")
+    tokens = args.global_batch * args.seq_len
+    peer_s = _one_process(args)
+    peer_tps = tokens / peer_s
+    layouts = {}
+    for name in args.layouts:
+        ranks = run_ranks(_worker, WORLD, args, name)
+        layouts[name] = _summarise(ranks, LAYOUTS[name]["pp"], args.micro_batches, tokens, peer_tps)
+    top = layouts.get("pp4") or next(iter(layouts.values()))
+    ep = layouts.get("pp2_ep2", {})
+    print(json.dumps({
+        "ranks": WORLD, "backend": "gloo", "threads_per_rank": 1, "n_layers": args.n_layers, "seq_len": args.seq_len,
+        "global_batch": args.global_batch, "micro_batches": args.micro_batches, "steps": args.steps,
+        "tokens_per_step": tokens,
+        "top_level_layout": "pp4" if "pp4" in layouts else args.layouts[0],
+        "tokens_per_s_one_process": peer_tps,
+        "tokens_per_s_1f1b": top["1f1b"]["tokens_per_s"],
+        "tokens_per_s_dualpipev": top["dualpipev"]["tokens_per_s"],
+        "bubble_1f1b": top["1f1b"]["bubble"],
+        "bubble_dualpipev": top["dualpipev"]["bubble"],
+        "bubble_predicted_1f1b": top["1f1b"]["bubble_predicted"],
+        "bubble_predicted_dualpipev": top["dualpipev"]["bubble_predicted"],
+        "comm_hidden_fraction_dualpipev": ep.get("comm_hidden_fraction_dualpipev"),
+        "layouts": layouts,
+        "notes": {
+            "bubble": "per rank 1 - busy / step time, busy = union of the stage-chunk compute intervals (forward "
+                      "with the loss, backward; EP exchanges inside a chunk count as busy); mean over ranks",
+            "bubble_predicted": "flyer.cluster.pipeline.bubble_fraction: bubble / (bubble + M (F + B)), F and B the "
+                                "measured per-micro-batch times of a rank (mean over ranks), W = B/2, F&B = F + B",
+            "comm_hidden_fraction_dualpipev": "pp2_ep2: (step without overlap - step with overlap) / EP all-to-all "
+                                              "time per step without overlap (mean over ranks), clamped to [0, 1]",
+            "step": "median over steps of the slowest rank's train_step, every step starting at a barrier",
+            "peer": "one process, one thread, the same model and global batch in the same micro-batches",
+        },
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
