@@ -26,7 +26,8 @@ Definitions (also in the JSON's ``notes``):
   clamped to [0, 1].
 
 Peer: the same model and global batch in one process (one thread, as each rank), micro-batch by
-micro-batch with gradient accumulation; ``tokens_per_s_ratio_*`` divide by its tokens/s.
+micro-batch with gradient accumulation, run by rank 0 while the others wait, taking its turn with
+the runs step by step; ``tokens_per_s_ratio_*`` divide by its tokens/s.
 
     python bench/pipeline.py [--steps 3] [--seq-len 32] [--global-batch 16] [--micro-batches 8]
 """
@@ -121,6 +122,7 @@ def _worker(rank: int, args, layout: str) -> list[dict]:
     dispatch._exchange_counts = rec.timed(dispatch._exchange_counts, "comm")
     rows = args.global_batch // mesh.dp
     M = args.micro_batches
+    peer, peer_s = OneProcess(args) if rank == 0 else None, []
     runs = []
     for schedule, overlap in RUNS[layout]:
         model = build_model(cfg, mesh, "fp32", seed=0, dispatcher="flat")
@@ -129,8 +131,14 @@ def _worker(rank: int, args, layout: str) -> list[dict]:
         runs.append((pm, []))
     # the runs take turns step by step, so that a change of the machine's load falls on all of them
     for step in range(args.steps + 1):
-        x, y = _data(args, step)
-        x, y = x[mesh.dp_rank * rows:(mesh.dp_rank + 1) * rows], y[mesh.dp_rank * rows:(mesh.dp_rank + 1) * rows]
+        x_all, y_all = _data(args, step)
+        dist.barrier()
+        if peer is not None:  # the other ranks wait in the barrier (blocked, not spinning)
+            t = peer.step(x_all, y_all)
+            peer_s.extend([t] if step else [])
+        dist.barrier()
+        mine = slice(mesh.dp_rank * rows, (mesh.dp_rank + 1) * rows)
+        x, y = x_all[mine], y_all[mine]
         for pm, steps in runs:
             pm.zero_grad(set_to_none=True)
             dist.barrier()
@@ -150,32 +158,33 @@ def _worker(rank: int, args, layout: str) -> list[dict]:
         dist.all_reduce(walls, op=dist.ReduceOp.MAX)  # the job's step: its slowest rank's
         out.append(dict(schedule=pm.schedule_name, overlap=pm.overlap, rank=rank, pp_rank=mesh.pp_rank,
                         step_s=float(walls.median()), rank_step_s=med["wall"], busy_s=med["busy"],
-                        bubble=1 - med["busy"] / med["wall"], f_s=med["f"], b_s=med["b"], comm_s=med["comm"]))
+                        bubble=1 - med["busy"] / med["wall"], f_s=med["f"], b_s=med["b"], comm_s=med["comm"],
+                        peer_s=statistics.median(peer_s) if peer_s else None))
     dist.destroy_process_group()
     return out
 
 
-def _one_process(args) -> float:
-    """Median step time of the peer: one process, the global batch micro-batch by micro-batch."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = Transformer(_cfg(args))
-    per = args.global_batch // args.micro_batches
-    times = []
-    for step in range(args.steps + 1):
-        x, y = _data(args, step)
-        model.zero_grad(set_to_none=True)
+class OneProcess:
+    """The peer: the same model in one process, the global batch micro-batch by micro-batch."""
+
+    def __init__(self, args):
+        torch.manual_seed(0)
+        self.model, self.args = Transformer(_cfg(args)), args
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        M = self.args.micro_batches
+        per = x.shape[0] // M
+        self.model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        for i in range(args.micro_batches):
+        for i in range(M):
             rows = slice(i * per, (i + 1) * per)
-            (model.compute_loss(x[rows], y[rows]).loss / args.micro_batches).backward()
-        if step:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            (self.model.compute_loss(x[rows], y[rows]).loss / M).backward()
+        return time.perf_counter() - t0
 
 
-def _summarise(ranks: list[list[dict]], pp: int, M: int, tokens: int, peer_tps: float) -> dict:
-    runs = {}
+def _summarise(ranks: list[list[dict]], pp: int, M: int, tokens: int) -> dict:
+    peer_tps = tokens / ranks[0][0]["peer_s"]
+    runs = {"tokens_per_s_one_process": peer_tps}
     for i, first in enumerate(ranks[0]):
         rs = [r[i] for r in ranks]
         name = first["schedule"] + ("_overlap" if first["overlap"] else "")
@@ -213,12 +222,10 @@ def main() -> None:
             ap.error(f"--global-batch must be a multiple of {dp} replicas x --micro-batches {args.micro_batches} "
                      f"(layout {name}; got {args.global_batch})")
     tokens = args.global_batch * args.seq_len
-    peer_s = _one_process(args)
-    peer_tps = tokens / peer_s
     layouts = {}
     for name in args.layouts:
         ranks = run_ranks(_worker, WORLD, args, name)
-        layouts[name] = _summarise(ranks, LAYOUTS[name]["pp"], args.micro_batches, tokens, peer_tps)
+        layouts[name] = _summarise(ranks, LAYOUTS[name]["pp"], args.micro_batches, tokens)
     top = layouts.get("pp4") or next(iter(layouts.values()))
     ep = layouts.get("pp2_ep2", {})
     print(json.dumps({
@@ -226,7 +233,7 @@ def main() -> None:
         "global_batch": args.global_batch, "micro_batches": args.micro_batches, "steps": args.steps,
         "tokens_per_step": tokens,
         "top_level_layout": "pp4" if "pp4" in layouts else args.layouts[0],
-        "tokens_per_s_one_process": peer_tps,
+        "tokens_per_s_one_process": top["tokens_per_s_one_process"],
         "tokens_per_s_1f1b": top["1f1b"]["tokens_per_s"],
         "tokens_per_s_dualpipev": top["dualpipev"]["tokens_per_s"],
         "bubble_1f1b": top["1f1b"]["bubble"],
@@ -243,7 +250,8 @@ def main() -> None:
             "comm_hidden_fraction_dualpipev": "pp2_ep2: (step without overlap - step with overlap) / EP all-to-all "
                                               "time per step without overlap (mean over ranks), clamped to [0, 1]",
             "step": "median over steps of the slowest rank's train_step, every step starting at a barrier",
-            "peer": "one process, one thread, the same model and global batch in the same micro-batches",
+            "peer": "one process, one thread, the same model and global batch in the same micro-batches, on rank "
+                    "0 while the other ranks wait in a barrier, taking its turn beside the runs step by step",
         },
     }, indent=1))
 
