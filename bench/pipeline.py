@@ -156,8 +156,11 @@ def _worker(rank: int, args, layout: str) -> list[dict]:
         med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
         walls = torch.tensor([s["wall"] for s in steps], dtype=torch.float64)
         dist.all_reduce(walls, op=dist.ReduceOp.MAX)  # the job's step: its slowest rank's
+        comm = torch.tensor([s["comm"] for s in steps], dtype=torch.float64)
+        dist.all_reduce(comm)
         out.append(dict(schedule=pm.schedule_name, overlap=pm.overlap, rank=rank, pp_rank=mesh.pp_rank,
-                        step_s=float(walls.median()), rank_step_s=med["wall"], busy_s=med["busy"],
+                        step_s=float(walls.median()), steps_s=walls.tolist(), comm_steps_s=(comm / WORLD).tolist(),
+                        rank_step_s=med["wall"], busy_s=med["busy"],
                         bubble=1 - med["busy"] / med["wall"], f_s=med["f"], b_s=med["b"], comm_s=med["comm"],
                         peer_s=statistics.median(peer_s) if peer_s else None))
     dist.destroy_process_group()
@@ -203,6 +206,13 @@ def _summarise(ranks: list[list[dict]], pp: int, M: int, tokens: int) -> dict:
     off, on = runs.get("dualpipev"), runs.get("dualpipev_overlap")
     if off and on and off["ep_comm_s"] > 0:
         runs["comm_hidden_fraction_dualpipev"] = min(1.0, max(0.0, (off["step_s"] - on["step_s"]) / off["ep_comm_s"]))
+        # the same, step by step (the runs take turns, so step i of both saw about the same load): its spread
+        i_off = next(i for i, r in enumerate(ranks[0]) if r["schedule"] == "dualpipev" and not r["overlap"])
+        i_on = next(i for i, r in enumerate(ranks[0]) if r["schedule"] == "dualpipev" and r["overlap"])
+        a, b, c = ranks[0][i_off]["steps_s"], ranks[0][i_on]["steps_s"], ranks[0][i_off]["comm_steps_s"]
+        per_step = sorted((x - y) / z for x, y, z in zip(a, b, c))
+        runs["comm_hidden_fraction_dualpipev_per_step"] = dict(
+            min=per_step[0], median=statistics.median(per_step), max=per_step[-1])
     return runs
 
 
@@ -248,7 +258,9 @@ def main() -> None:
             "bubble_predicted": "flyer.cluster.pipeline.bubble_fraction: bubble / (bubble + M (F + B)), F and B the "
                                 "measured per-micro-batch times of a rank (mean over ranks), W = B/2, F&B = F + B",
             "comm_hidden_fraction_dualpipev": "pp2_ep2: (step without overlap - step with overlap) / EP all-to-all "
-                                              "time per step without overlap (mean over ranks), clamped to [0, 1]",
+                                              "time per step without overlap (mean over ranks), clamped to [0, 1]; "
+                                              "layouts.pp2_ep2.comm_hidden_fraction_dualpipev_per_step: the same for "
+                                              "each pair of steps taken in turn (min, median, max; not clamped)",
             "step": "median over steps of the slowest rank's train_step, every step starting at a barrier",
             "peer": "one process, one thread, the same model and global batch in the same micro-batches, on rank "
                     "0 while the other ranks wait in a barrier, taking its turn beside the runs step by step",
