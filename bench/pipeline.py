@@ -23,7 +23,10 @@ Definitions (also in the JSON's ``notes``):
 - EP comm time = time inside the EP all-to-alls (``dispatch.all_to_all_rows`` and the split-size
   exchanges), per step, mean over ranks, with overlap off.
 - ``comm_hidden_fraction_dualpipev`` = (step without overlap - step with overlap) / EP comm time,
-  clamped to [0, 1].
+  clamped to [0, 1]: what the overlap saved.
+- ``comm_beside_compute_fraction_dualpipev``: with overlap, the share of the EP comm time during
+  which the rank's other thread computed: how much the two chunks overlapped, whether or not the
+  machine had a free core to turn that into a shorter step.
 
 Peer: the same model and global batch in one process (one thread, as each rank), micro-batch by
 micro-batch with gradient accumulation, run by rank 0 while the others wait, taking its turn with
@@ -70,11 +73,11 @@ def _data(args, step: int):
 
 
 class Recorder:
-    """Compute intervals (kind 'F' or 'B') and EP-exchange time of this rank, from any thread."""
+    """Intervals (start, end, kind, thread) of this rank's stage chunks (kind 'F' or 'B') and EP
+    exchanges ('comm'), from any thread."""
 
     def __init__(self):
-        self.intervals: list[tuple[float, float, str]] = []
-        self.comm_s = 0.0
+        self.intervals: list[tuple[float, float, str, int]] = []
         self.lock = threading.Lock()
 
     def timed(self, fn, kind: str):
@@ -85,23 +88,59 @@ class Recorder:
             finally:
                 t1 = time.perf_counter()
                 with self.lock:
-                    if kind == "comm":
-                        self.comm_s += t1 - t0
-                    else:
-                        self.intervals.append((t0, t1, kind))
+                    self.intervals.append((t0, t1, kind, threading.get_ident()))
         return wrapper
 
     def reset(self):
-        self.intervals, self.comm_s = [], 0.0
+        self.intervals = []
+
+    def spans(self, kinds: tuple[str, ...], thread: int | None = None, other_thread: int | None = None):
+        return _merge([(a, b) for a, b, k, t in self.intervals if k in kinds and (thread is None or t == thread)
+                       and (other_thread is None or t != other_thread)])
+
+    def comm_beside_compute(self) -> float:
+        """Seconds of EP exchanges in one thread while another thread computed (in a chunk, outside
+        its own exchanges): the overlap at work."""
+        total = 0.0
+        for tid in {t for _, _, k, t in self.intervals if k == "comm"}:
+            others = {t for *_, t in self.intervals if t != tid}
+            compute = _merge([iv for o in others for iv in _subtract(self.spans(("F", "B"), thread=o),
+                                                                     self.spans(("comm",), thread=o))])
+            total += _overlap(self.spans(("comm",), thread=tid), compute)
+        return total
 
 
-def _union(intervals: list[tuple[float, float, str]]) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b, _ in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
+def _merge(ivs: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(ivs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _subtract(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Merged intervals ``xs`` minus merged intervals ``ys``."""
+    out = []
+    for a, b in xs:
+        for c, d in ys:
+            if d <= a or c >= b:
+                continue
+            if c > a:
+                out.append((a, c))
+            a = max(a, d)
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def _overlap(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(b, d) - max(a, c)) for a, b in xs for c, d in ys)
+
+
+def _length(ivs: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in ivs)
 
 
 def _instrument(pm: PipelineModel, rec: Recorder) -> None:
@@ -146,11 +185,13 @@ def _worker(rank: int, args, layout: str) -> list[dict]:
             t0 = time.perf_counter()
             pm.train_step(x, y)
             wall = time.perf_counter() - t0
-            busy = _union(rec.intervals)
-            f = sum(b - a for a, b, k in rec.intervals if k == "F")
-            bwd = sum(b - a for a, b, k in rec.intervals if k == "B")
+            busy = _length(rec.spans(("F", "B")))
+            f = sum(b - a for a, b, k, _ in rec.intervals if k == "F")
+            bwd = sum(b - a for a, b, k, _ in rec.intervals if k == "B")
+            comm = sum(b - a for a, b, k, _ in rec.intervals if k == "comm")
             if step:  # step 0 warms up (allocations, first sends)
-                steps.append(dict(wall=wall, busy=busy, f=f / M, b=bwd / M, comm=rec.comm_s))
+                steps.append(dict(wall=wall, busy=busy, f=f / M, b=bwd / M, comm=comm,
+                                  comm_beside=rec.comm_beside_compute()))
     out = []
     for pm, steps in runs:
         med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
@@ -162,6 +203,7 @@ def _worker(rank: int, args, layout: str) -> list[dict]:
                         step_s=float(walls.median()), steps_s=walls.tolist(), comm_steps_s=(comm / WORLD).tolist(),
                         rank_step_s=med["wall"], busy_s=med["busy"],
                         bubble=1 - med["busy"] / med["wall"], f_s=med["f"], b_s=med["b"], comm_s=med["comm"],
+                        comm_beside_compute_s=med["comm_beside"],
                         peer_s=statistics.median(peer_s) if peer_s else None))
     dist.destroy_process_group()
     return out
@@ -200,6 +242,8 @@ def _summarise(ranks: list[list[dict]], pp: int, M: int, tokens: int) -> dict:
             bubble_predicted=bubble_fraction(first["schedule"], pp, M, F, B, B / 2),
             f_s_per_microbatch=F, b_s_per_microbatch=B,
             ep_comm_s=statistics.mean(r["comm_s"] for r in rs),
+            ep_comm_beside_compute_fraction=(sum(r["comm_beside_compute_s"] for r in rs) / sum(r["comm_s"] for r in rs)
+                                             if any(r["comm_s"] for r in rs) else None),
             per_rank=[dict(rank=r["rank"], pp_rank=r["pp_rank"], bubble=round(r["bubble"], 4),
                            step_s=round(r["rank_step_s"], 4), busy_s=round(r["busy_s"], 4),
                            ep_comm_s=round(r["comm_s"], 4)) for r in rs])
@@ -251,6 +295,8 @@ def main() -> None:
         "bubble_predicted_1f1b": top["1f1b"]["bubble_predicted"],
         "bubble_predicted_dualpipev": top["dualpipev"]["bubble_predicted"],
         "comm_hidden_fraction_dualpipev": ep.get("comm_hidden_fraction_dualpipev"),
+        "comm_beside_compute_fraction_dualpipev":
+            ep.get("dualpipev_overlap", {}).get("ep_comm_beside_compute_fraction"),
         "layouts": layouts,
         "notes": {
             "bubble": "per rank 1 - busy / step time, busy = union of the stage-chunk compute intervals (forward "
@@ -261,6 +307,9 @@ def main() -> None:
                                               "time per step without overlap (mean over ranks), clamped to [0, 1]; "
                                               "layouts.pp2_ep2.comm_hidden_fraction_dualpipev_per_step: the same for "
                                               "each pair of steps taken in turn (min, median, max; not clamped)",
+            "comm_beside_compute_fraction_dualpipev": "pp2_ep2 with overlap: the share of the EP all-to-all time in "
+                                                      "which this rank's other thread computed (inside a chunk, "
+                                                      "outside its own exchanges), summed over ranks",
             "step": "median over steps of the slowest rank's train_step, every step starting at a barrier",
             "peer": "one process, one thread, the same model and global batch in the same micro-batches, on rank "
                     "0 while the other ranks wait in a barrier, taking its turn beside the runs step by step",

@@ -22,10 +22,11 @@ def test_pipeline_bench_json():
     for key in ("tokens_per_s_1f1b", "tokens_per_s_dualpipev", "tokens_per_s_one_process"):
         assert r[key] > 0
     for key in ("bubble_1f1b", "bubble_dualpipev", "bubble_predicted_1f1b", "bubble_predicted_dualpipev",
-                "comm_hidden_fraction_dualpipev"):
+                "comm_hidden_fraction_dualpipev", "comm_beside_compute_fraction_dualpipev"):
         assert 0.0 <= r[key] <= 1.0, (key, r[key])
     # 1F1B on 2 ranks with 4 micro-batches: (PP-1) / (PP-1+M) whatever F and B are
     assert r["bubble_predicted_1f1b"] == pytest.approx(1 / 5)
     runs = r["layouts"]["pp2_ep2"]
     assert set(runs) >= {"1f1b", "dualpipev", "dualpipev_overlap"}
     assert runs["dualpipev"]["ep_comm_s"] > 0 and len(runs["dualpipev_overlap"]["per_rank"]) == 4
+    assert r["comm_beside_compute_fraction_dualpipev"] > 0  # the overlapped chunks did exchange beside compute
