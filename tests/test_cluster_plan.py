@@ -4,7 +4,7 @@ import pytest
 
 from flyer.cluster.costs import Layout, Throughput, activation_bytes_per_token_layer, auto_layout, memory_per_gpu, plan
 from flyer.cluster.hardware import GPUS, gpu_spec
-from flyer.cluster.pipeline import schedule_cost, simulate_1f1b
+from flyer.cluster.pipeline import bubble_fraction, schedule_cost, simulate_1f1b
 from flyer.config import preset
 from flyer.errors import FieldError
 
@@ -113,3 +113,12 @@ def test_v3_training_layout_fits_an_h800(v3_plan):
     fp8_cached = activation_bytes_per_token_layer(cfg, moe=True, recompute=True)
     bf16_swiglu_inputs = fp8_cached + k * 0.5 * 2 * f * 2  # the same with SwiGLU inputs in BF16
     assert fp8_cached < bf16_swiglu_inputs
+
+
+def test_dualpipev_is_dualpipe_over_twice_the_stages_in_half_chunks():
+    """DualPipeV on PP devices = DualPipe's row on 2 PP stages with chunk times half a stage's."""
+    F, B, W, FB, PP = 1.0, 2.0, 0.8, 2.5, 4
+    v = schedule_cost("dualpipev", PP, F, B, W, fb=FB)
+    assert v.bubble == pytest.approx(schedule_cost("dualpipe", 2 * PP, F / 2, B / 2, W / 2, fb=FB / 2).bubble)
+    assert (v.param_copies, v.activation_microbatches) == (1, PP + 0.5)
+    assert bubble_fraction("1f1b", PP, 8, F, B, W) == pytest.approx((PP - 1) / (PP - 1 + 8))

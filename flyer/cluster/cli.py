@@ -268,7 +268,7 @@ def _pipeline(args) -> int:
     def table(rs):
         print(f"PP {args.pp}, F={args.f:g} B={args.b:g} W={args.w:g} F&B={rs[0]['fb']:g}")
         _grid(rs, [("schedule", "schedule", ""), ("bubble", "bubble", ".2f"), ("params", "param_copies", "d"),
-                   ("activations", "activation_microbatches", "d"), ("param GiB", "param_memory_gib", ".2f"),
+                   ("activations", "activation_microbatches", "g"), ("param GiB", "param_memory_gib", ".2f"),
                    ("activation GiB", "activation_memory_gib", ".2f")])
 
     return _emit(args, rows, table)
@@ -386,7 +386,7 @@ def register(sub) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_storage)
 
-    q = ns.add_parser("pipeline", help="bubble and memory per device for 1F1B, ZB1P and DualPipe")
+    q = ns.add_parser("pipeline", help="bubble and memory per device for 1F1B, ZB1P, DualPipe and DualPipeV")
     q.add_argument("--pp", type=int, default=16)
     q.add_argument("--f", type=float, default=1.0, help="forward chunk time")
     q.add_argument("--b", type=float, default=2.0, help="full backward chunk time")

@@ -1,4 +1,4 @@
-"""Pipeline-parallel schedules: bubble time and per-device memory for 1F1B, ZB1P and DualPipe.
+"""Pipeline-parallel schedules: bubble time and per-device memory for 1F1B, ZB1P, DualPipe and DualPipeV.
 
 Notation (DualPipe README / DeepSeek-V3 report, Table 2): ``F`` is the time of one forward
 chunk, ``B`` one full backward chunk, ``W`` the weight-gradient part of ``B``, ``FB`` a forward
@@ -10,9 +10,21 @@ schedule              bubble                 parameters   activations
 1F1B                  (PP-1)(F+B)            1x           PP
 ZB1P                  (PP-1)(F+B-2W)         1x           PP
 DualPipe              (PP/2-1)(FB+B-3W)      2x           PP+1
+DualPipeV             (PP-1)(FB+B-3W)/2      1x           PP+1/2
 ====================  =====================  ===========  ===========
 
 Activations count the micro-batches whose activations the busiest (first) stage holds at once.
+
+Every row is in the unit of one device's stage (its share of the layers, as in 1F1B). DualPipeV
+(DualPipe README, "DualPipeV": DualPipe cut in half into a V): ``PP`` devices each hold two
+chunks, stages ``d`` and ``2 PP - 1 - d`` of ``2 PP``, so a device holds the parameters of one
+1F1B stage (1x), and the README's DualPipe row over ``2 PP`` stages, ``(2 PP / 2 - 1)(FB + B -
+3W)`` in one chunk's times, is ``(PP - 1)(FB + B - 3W) / 2`` in a stage's (a chunk is half one).
+Its activations, ``2 PP + 1`` chunk micro-batches, are ``PP + 1/2`` stage micro-batches.
+
+Bubble fraction (``bubble_fraction``): the share of a device's step spent idle, bubble /
+(bubble + M (F + B)), with ``M`` micro-batches per step (every schedule gives each device the
+work of its stage for every micro-batch).
 ``simulate_1f1b`` replays the 1F1B schedule op by op as an independent check of its row.
 """
 
@@ -22,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 from flyer.errors import FieldError
 
-SCHEDULES = ("1f1b", "zb1p", "dualpipe")
+SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,7 @@ class ScheduleCost:
     pp: int
     bubble: float  # idle time per device per iteration, in the unit of F/B/W
     param_copies: int  # parameter (and gradient) copies per device, in units of one stage
-    activation_microbatches: int  # in-flight micro-batches held by the first stage
+    activation_microbatches: float  # in-flight micro-batches held by the first stage
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +65,8 @@ def schedule_cost(schedule: str, pp: int, f: float = 1.0, b: float = 2.0, w: flo
     if w > b:
         raise FieldError("w", f"the weight-gradient part must be <= the backward time {b} (got {w})")
     fb = f + b if fb is None else fb
+    if schedule == "dualpipev":  # a chunk is half a stage
+        return ScheduleCost("dualpipev", pp, (pp - 1) * (fb + b - 3 * w) / 2, 1, pp + 0.5)
     if schedule == "1f1b":
         return ScheduleCost("1f1b", pp, (pp - 1) * (f + b), 1, pp)
     if schedule == "zb1p":
@@ -60,6 +74,15 @@ def schedule_cost(schedule: str, pp: int, f: float = 1.0, b: float = 2.0, w: flo
     if pp % 2:
         raise FieldError("pp", f"must be even for DualPipe (got {pp})")
     return ScheduleCost("dualpipe", pp, (pp / 2 - 1) * (fb + b - 3 * w), 2, pp + 1)
+
+
+def bubble_fraction(schedule: str, pp: int, microbatches: int, f: float = 1.0, b: float = 2.0, w: float = 1.0,
+                    fb: float | None = None) -> float:
+    """Idle share of a device's step: bubble / (bubble + ``microbatches`` (F + B)); F, B, W, FB of
+    one stage (a device's share of the layers)."""
+    cost = schedule_cost(schedule, pp, f, b, w, fb)
+    work = microbatches * (f + b)
+    return cost.bubble / (cost.bubble + work) if cost.bubble + work > 0 else 0.0
 
 
 def simulate_1f1b(pp: int, microbatches: int, f: float, b: float) -> tuple[float, list[float]]:
@@ -124,6 +147,6 @@ def pipeline_report(schedule: str, pp: int, f: float, b: float, w: float, fb: fl
 
 def compare(pp: int, f: float, b: float, w: float, fb: float | None = None,
             stage_param_gib: float = 0.0, microbatch_activation_gib: float = 0.0) -> list[dict]:
-    """All three schedules side by side (DualPipe skipped for odd ``pp``)."""
+    """All the schedules side by side (DualPipe skipped for odd ``pp``)."""
     names = [s for s in SCHEDULES if not (s == "dualpipe" and pp % 2)]
     return [pipeline_report(s, pp, f, b, w, fb, stage_param_gib, microbatch_activation_gib) for s in names]

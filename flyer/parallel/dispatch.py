@@ -119,6 +119,8 @@ class Stage:
 
     ``slot`` marks the fan-out stage, where a token row becomes one row per expert: the flat
     (row * K + k) index of each outgoing copy, used to apply gate weights in combine.
+    ``bwd_group`` (same members as ``group``) carries the backward's exchanges when set, so that a
+    backward chunk can exchange while a forward chunk does (``flyer.parallel.overlap``).
     """
 
     index: torch.Tensor
@@ -128,6 +130,12 @@ class Stage:
     recv: list[int] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)  # per member: "self", "intra" or "inter" (node)
     slot: torch.Tensor | None = None
+    bwd_group: Any = None
+
+    @property
+    def grad_group(self):
+        """The group the backward exchanges over."""
+        return self.group if self.bwd_group is None else self.bwd_group
 
 
 @dataclass
@@ -164,7 +172,7 @@ class AllToAll(torch.autograd.Function):
         st = ctx.stage
         send, recv = (st.send, st.recv) if ctx.reverse else (st.recv, st.send)
         ctx.counter.add(ctx.phase + "_grad", send, st.kinds, g)
-        return all_to_all_rows(g, send, recv, st.group), None, None, None, None
+        return all_to_all_rows(g, send, recv, st.grad_group), None, None, None, None
 
 
 class _Dispatch(torch.autograd.Function):
@@ -190,7 +198,7 @@ class _Dispatch(torch.autograd.Function):
             if st.group is not None:
                 wire = buf.to(ctx.grad_dtype or g.dtype)
                 ctx.counter.add("dispatch_grad", st.recv, st.kinds, wire)
-                buf = all_to_all_rows(wire, st.recv, st.send, st.group)
+                buf = all_to_all_rows(wire, st.recv, st.send, st.grad_group)
             buf = buf.new_zeros(st.n_in, g.shape[1], dtype=torch.float32).index_add_(0, st.index, buf.float())
         return buf.to(ctx.dtype), None, None, None, None
 
@@ -219,7 +227,8 @@ def _fan_out(keys_N: torch.Tensor, n_members: int, n_local: int, group):
 
 
 def _once_per_destination(ids_RK: torch.Tensor, span: int, n_dest: int, group, kinds: list[str],
-                          counter: CommCounter) -> tuple[Stage, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                          counter: CommCounter, bwd_group=None
+                          ) -> tuple[Stage, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """One row per (row, destination) for rows whose experts ``ids_RK`` (R, K; -1: none) lie on
     destinations of ``span`` consecutive experts each: however many of a row's experts a
     destination holds, the row goes there once, carrying their ids relative to it (-1 for the
@@ -240,7 +249,8 @@ def _once_per_destination(ids_RK: torch.Tensor, span: int, n_dest: int, group, k
     send = counts.tolist()
     recv = _exchange_counts(counts, n_dest, group).flatten().tolist()
     counter.add("dispatch_meta", send, kinds, ids_PK)
-    return Stage(pair_r, R, group, send, recv, kinds), all_to_all_rows(ids_PK, send, recv, group), (pair_r, mask_PK)
+    stage = Stage(pair_r, R, group, send, recv, kinds, bwd_group=bwd_group)
+    return stage, all_to_all_rows(ids_PK, send, recv, group), (pair_r, mask_PK)
 
 
 def _fan_out_local(ids_RK: torch.Tensor, n_local: int) -> tuple[Stage, torch.Tensor]:
@@ -319,7 +329,8 @@ class AllToAllDispatcher(_ExchangeDispatcher):
         T, K = topk_ids_TK.shape
         order, send, recv, perm, counts_local = _fan_out(topk_ids_TK.flatten(), self.mesh.ep, self.n_local,
                                                          self.mesh.ep_group)
-        stages = [Stage(order // K, T, self.mesh.ep_group, send, recv, self.kinds, slot=order),
+        stages = [Stage(order // K, T, self.mesh.ep_group, send, recv, self.kinds, slot=order,
+                        bwd_group=self.mesh.ep_group_bwd),
                   Stage(perm, sum(recv))]
         return Plan(stages, counts_local, T)
 
@@ -342,9 +353,9 @@ class HierarchicalDispatcher(_ExchangeDispatcher):
         mesh = self.mesh
         P, L = mesh.ep_nodes, mesh.ep_ranks_per_node
         s1, ids1, route1 = _once_per_destination(topk_ids_TK, L * self.n_local, P, mesh.inter_group,
-                                                 self.inter_kinds, self.counter)
+                                                 self.inter_kinds, self.counter, mesh.inter_group_bwd)
         s2, ids2, route2 = _once_per_destination(ids1, self.n_local, L, mesh.intra_group, self.intra_kinds,
-                                                 self.counter)
+                                                 self.counter, mesh.intra_group_bwd)
         s3, counts_local = _fan_out_local(ids2, self.n_local)
         return Plan([s1, s2, s3], counts_local, topk_ids_TK.shape[0], [route1, route2])
 

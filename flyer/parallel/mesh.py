@@ -26,6 +26,10 @@ Process groups (every rank creates every group, in the same order, as torch.dist
 - ``inter_group``: EP-group ranks with this rank's local index, one per node of the EP group
   (stage 1 of hierarchical dispatch); None when the EP group spans one node.
 - ``intra_group``: EP-group ranks on this node (stage 2); None when that is this rank alone.
+- ``*_group_bwd``: a second copy of the three EP groups (``add_backward_groups``), over which the
+  backward of dispatch and combine exchanges, so that a forward and a backward chunk can exchange
+  at once (DualPipe's overlap: collectives of one group must be issued in one order on every rank);
+  None (use the forward groups) until added.
 
 A single-process run gets a ``LocalMesh``: the same interface (rank 0, world 1, ep 1) whose
 collectives are identities, so a trainer has one code path for both.
@@ -76,6 +80,10 @@ class Mesh:
     dp_group: Any = None  # this stage's replicas (dense gradients, router loads); WORLD when pp == 1
     pp_group: Any = None  # this replica's pipeline (one rank per stage); None when pp == 1
     pp_ranks: list[int] = field(default_factory=list)  # global ranks of this pipeline, by stage
+    timeout_s: float = 300
+    ep_group_bwd: Any = None  # the backward exchanges' copies of ep/inter/intra_group (add_backward_groups)
+    inter_group_bwd: Any = None
+    intra_group_bwd: Any = None
 
     @property
     def world_group(self):
@@ -103,6 +111,15 @@ class Mesh:
         L = self.ep_ranks_per_node
         base = self.ep_ranks[0] + self.ep_node * L
         return [base + i for i in range(L)]
+
+    def add_backward_groups(self) -> None:
+        """Create ``ep_group_bwd``, ``inter_group_bwd`` and ``intra_group_bwd`` (once; every rank
+        calls this at the same point, as ``new_group`` needs)."""
+        if self.ep == 1 or self.ep_group_bwd is not None:
+            return
+        lists = _ep_rank_lists(self.world, self.pp, self.ep, self.ep_nodes, self.ep_ranks_per_node)
+        self.ep_group_bwd, self.inter_group_bwd, self.intra_group_bwd = (
+            _new_groups(ranks, self.rank, timedelta(seconds=self.timeout_s)) for ranks in lists)
 
     # ---- the collectives a trainer needs (``LocalMesh`` has the same, as identities) ----------
     def init_like_single_process(self, model: torch.nn.Module, seed: int) -> None:
@@ -294,6 +311,28 @@ def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int, 
                                f"so that every expert group lies on one node (got {ep})")
 
 
+def _new_groups(rank_lists: list[list[int]], rank: int, timeout: timedelta):
+    """new_group for every list of two or more ranks (all ranks, same order); the one holding ``rank``."""
+    mine = None
+    for ranks in rank_lists:
+        if len(ranks) < 2:
+            continue
+        g = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine = g
+    return mine
+
+
+def _ep_rank_lists(world: int, pp: int, ep: int, P: int, L: int) -> tuple[list[list[int]], ...]:
+    """The ranks of every EP group, every inter-node group and every intra-node group (``P`` nodes of
+    ``L`` ranks per EP group), in creation order."""
+    dp = world // pp
+    ep_lists = [list(range(g, g + ep)) for b in range(0, world, dp) for g in range(b, b + dp, ep)]
+    inter = [[g[0] + q * L + i for q in range(P)] for g in ep_lists for i in range(L)]
+    intra = [[g[0] + q * L + i for i in range(L)] for g in ep_lists for q in range(P)]
+    return ep_lists, inter, intra
+
+
 def build_mesh(cfg: ModelConfig, rank: int, world: int, ep: int, ranks_per_node: int, device: torch.device,
                backend: str, timeout_s: float = 300, pp: int = 1) -> Mesh:
     """Create the process groups on an initialised default group (all ranks must call this)."""
@@ -308,34 +347,26 @@ def build_mesh(cfg: ModelConfig, rank: int, world: int, ep: int, ranks_per_node:
     stage_bases = range(0, world, dp)
 
     def groups(rank_lists: list[list[int]]):
-        """new_group for every list (all ranks, same order); return the one holding this rank."""
-        mine = None
-        for ranks in rank_lists:
-            if len(ranks) < 2:
-                continue
-            g = dist.new_group(ranks, timeout=timeout)
-            if rank in ranks:
-                mine = g
-        return mine
+        return _new_groups(rank_lists, rank, timeout)
 
     dp_group = dist.group.WORLD if pp == 1 else groups([list(range(b, b + dp)) for b in stage_bases])
     pp_lists = [list(range(d, world, dp)) for d in range(dp)]
     pp_group = groups(pp_lists) if pp > 1 else None
-    ep_groups = [list(range(g, g + ep)) for b in stage_bases for g in range(b, b + dp, ep)]
-    ep_group = groups(ep_groups) if ep > 1 else None
+    ep_lists, inter_lists, intra_lists = _ep_rank_lists(world, pp, ep, P, L)
+    ep_group = groups(ep_lists) if ep > 1 else None
     expert_dp_group = None
     if ep < dp:
         expert_dp_group = (groups([list(range(b + e, b + dp, ep)) for b in stage_bases for e in range(ep)])
                            if ep > 1 else dp_group)
     inter_group = intra_group = None
     if ep > 1:
-        inter_group = groups([[g[0] + q * L + i for q in range(P)] for g in ep_groups for i in range(L)])
-        intra_group = groups([[g[0] + q * L + i for i in range(L)] for g in ep_groups for q in range(P)])
+        inter_group, intra_group = groups(inter_lists), groups(intra_lists)
     return Mesh(rank=rank, world=world, local_rank=rank % R, ranks_per_node=R, n_nodes=world // R, node=rank // R,
                 ep=ep, ep_rank=ep_rank, ep_group=ep_group, expert_dp_group=expert_dp_group, device=device,
                 backend=backend, ep_nodes=P, ep_ranks_per_node=L, ep_node=ep_rank // L, inter_group=inter_group,
                 intra_group=intra_group, ep_ranks=list(range(first, first + ep)), pp=pp, pp_rank=pp_rank,
-                dp_rank=dp_rank, dp_group=dp_group, pp_group=pp_group, pp_ranks=pp_lists[dp_rank])
+                dp_rank=dp_rank, dp_group=dp_group, pp_group=pp_group, pp_ranks=pp_lists[dp_rank],
+                timeout_s=timeout_s)
 
 
 def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None = None,

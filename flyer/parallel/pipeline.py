@@ -15,8 +15,9 @@ Schedules come from PyTorch (``Schedule1F1B``, ``ScheduleInterleaved1F1B``,
 ``ScheduleZBVZeroBubble``, ``ScheduleDualPipeV``); flyer adds only what DeepSeek's layout needs:
 the losses on the last stage (next-token, MTP), the MoE sequence-balance loss of every stage
 (``AttachAux``: each stage's aux loss enters backward through the hidden state it sends on, since
-the schedule backpropagates only the last stage's loss), and ``overlap`` (``OVERLAP_F_B``) for
-DualPipeV's overlapped forward and backward chunks.
+the schedule backpropagates only the last stage's loss), and ``overlap``: DualPipeV's paired
+forward and backward chunks (``OVERLAP_F_B``) run concurrently, so one's EP all-to-all hides
+behind the other's compute (``flyer.parallel.overlap``).
 
 Gradients: every micro-batch's loss is divided by the number of micro-batches here (the schedules'
 own ``scale_grads`` would divide a parameter shared by two local stages twice), so after a step
@@ -39,6 +40,7 @@ from flyer.model.counts import block_params
 from flyer.model.moe import MoE
 from flyer.model.transformer import OutputHeads, Transformer
 from flyer.parallel.grads import MIRROR
+from flyer.parallel.overlap import OverlapFB
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
 V_SCHEDULES = ("zb", "dualpipev")  # V placement: rank r holds stages r and 2 pp - 1 - r
@@ -205,10 +207,18 @@ def _no_loss(_output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
 class PipelineModel(nn.Module):
     """This rank's stages of a ``Transformer``. Its parameters and state-dict names are those of
     the one-process model restricted to the stages held here (``layers.<id>`` keeps the global
-    layer id), so ``Mesh.full_state_dict`` assembles the single-process checkpoint."""
+    layer id), so ``Mesh.full_state_dict`` assembles the single-process checkpoint.
 
-    def __init__(self, model: Transformer, mesh, schedule: str, micro_batches: int, batch_size: int, seq_len: int):
+    ``overlap``: run DualPipeV's paired forward and backward chunks concurrently (``OverlapFB``);
+    None: on for DualPipeV with EP > 1 (the exchanges it hides), off otherwise. Every rank must
+    pass the same value (it creates process groups).
+    """
+
+    def __init__(self, model: Transformer, mesh, schedule: str, micro_batches: int, batch_size: int, seq_len: int,
+                 overlap: bool | None = None):
         super().__init__()
+        if overlap and schedule != "dualpipev":
+            raise FieldError("overlap", f"pairs the chunks of DualPipeV only (got schedule {schedule})")
         validate_pipeline(model.cfg, mesh.pp, schedule, micro_batches)
         self.cfg = model.cfg
         self.schedule_name = schedule
@@ -244,7 +254,11 @@ class PipelineModel(nn.Module):
         tokens = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
         self.pipe_stages = [pipe.PipelineStage(st, st.index, n, mesh.device, input_args=tokens if st.first else hidden,
                                                output_args=hidden, group=mesh.pp_group) for st in stages]
+        self.overlap = (schedule == "dualpipev" and mesh.ep > 1) if overlap is None else overlap
         self.schedule = self._build_schedule()
+        if self.overlap and mesh.pp > 1:
+            mesh.add_backward_groups()  # the backward's exchanges get their own groups (see overlap.py)
+            self.schedule.register_custom_function(pipe.schedules.OVERLAP_F_B, OverlapFB())
 
     @property
     def stages(self) -> list[Stage]:

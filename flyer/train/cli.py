@@ -62,6 +62,9 @@ def register(sub) -> None:
                    help="continue from the newest valid checkpoint in --out")
     p.add_argument("--fp8-dispatch", dest="fp8_dispatch", action="store_true", default=None,
                    help="send the EP dispatch payload in FP8 (E4M3, per-128-channel scales)")
+    p.add_argument("--no-pp-overlap", dest="pp_overlap", action="store_false", default=None,
+                   help="run DualPipeV's paired forward and backward chunks one after the other (default with "
+                        "--ep > 1: concurrently, hiding the EP all-to-all)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",

@@ -82,6 +82,7 @@ class TrainConfig:
     pp: int = 1  # pipeline stages (ranks); the world is pp x data-parallel ranks
     pp_schedule: str = "1f1b"  # 1f1b, interleaved, zb (zero-bubble V) or dualpipev
     micro_batches: int | None = None  # per step with pp > 1 (default: the fewest the schedule runs)
+    pp_overlap: bool = True  # dualpipev with ep > 1: paired forward and backward chunks run concurrently
     zero: int = 0  # 1: optimizer state sharded over the data-parallel ranks (ZeRO-1)
     ranks_per_node: int | None = None
     dispatcher: str = "hierarchical"
@@ -295,8 +296,9 @@ class Trainer:
         self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch)
         self.pipeline: PipelineModel | None = None
         if self.mesh.pp > 1:  # this rank keeps its stages; the rest of the model is freed
+            overlap = None if tc.pp_overlap else False  # None: where it applies (dualpipev, ep > 1)
             self.model = self.pipeline = PipelineModel(self.model, self.mesh, tc.pp_schedule, self.micro_batches,
-                                                       tc.batch_size, tc.seq_len)
+                                                       tc.batch_size, tc.seq_len, overlap=overlap)
         if tc.init and start is None:  # a resumed run has its own weights
             load_init_weights(self.model, tc.init, self.mesh)
         self.optimizer = build_optimizer(self.model, tc)
