@@ -4,6 +4,10 @@ metrics and the training loop, on a one-process or expert-parallel mesh (``flyer
 ``Trainer(TrainConfig(...)).run()`` is the API; ``flyer train`` (``flyer.train.cli``) wraps it.
 ``build_model`` and ``build_optimizer`` build what the trainer trains; ``flyer.train.checkpoint``
 saves and resumes it.
+
+Besides ``metrics.jsonl`` and ``checkpoints/``, rank 0 writes ``memory.json`` after the first
+optimizer step: every rank's measured bytes of parameters, gradients and AdamW state (lists by
+global rank, the keys and numbers ``flyer plan --json`` computes for the same layout), and the layout.
 """
 
 from __future__ import annotations
