@@ -16,14 +16,13 @@ from flyer.parallel.launch import run_ranks
 from flyer.parallel.memory import KEYS
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
+from flyer.train.trainer import Trainer, TrainConfig
 
 SEQ = 32
 
 
 def _train(rank: int, out: str, cache: str, pp: int, ep: int, zero: int, schedule: str, steps: int,
            resume: bool = False):
-    from flyer.train.trainer import Trainer, TrainConfig
-
     tc = TrainConfig(preset="tiny", steps=steps, batch_size=2, seq_len=SEQ, warmup=1, eval_every=1000,
                      eval_batches=1, ckpt_every=2, threads=1, progress=False, plots=False, data_cache=cache, out=out,
                      device="cpu", pp=pp, ep=ep, zero=zero, pp_schedule=schedule, resume=resume,
