@@ -15,9 +15,6 @@ from flyer.cluster.plots import simulate_chart, topology_chart
 from flyer.cluster.storage import StorageCluster, storage_model
 from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import FieldError
-from flyer.parallel.memory import plan_state_bytes
-from flyer.parallel.mesh import validate_layout as validate_run_layout
-from flyer.parallel.pipeline import PP_SCHEDULES, min_micro_batches, validate_pipeline
 from flyer.runtime import PRECISIONS
 
 # numeric flags that may be 0, or any sign (flyer.cli: the others must be > 0)
@@ -70,6 +67,11 @@ RUN_FLAGS = ("zero", "dp", "pp_schedule", "precision", "vocab_size")  # any of t
 def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) -> dict:
     """Per-rank bytes of parameters, gradients and AdamW state of ``flyer train`` on this layout
     (``flyer.parallel.memory``: equal to what a run measures), activations estimated beside them."""
+    # here, not at the top: the model and torch.distributed.pipelining add seconds to every flyer start
+    from flyer.parallel.memory import plan_state_bytes  # heavy: see above
+    from flyer.parallel.mesh import validate_layout as validate_run_layout  # heavy: see above
+    from flyer.parallel.pipeline import min_micro_batches, validate_pipeline  # heavy: see above
+
     zero, schedule = args.zero or 0, args.pp_schedule or "1f1b"
     precision = args.precision or "bf16"
     if zero not in (0, 1):
@@ -81,6 +83,7 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     if args.dp is not None and args.dp != dp:
         raise FieldError("dp", f"must be gpus / pp = {args.gpus} / {pp} = {dp} (got {args.dp})")
     rpn = gpus_per_node if args.gpus % gpus_per_node == 0 else args.gpus
+    validate_pipeline(cfg, 1, schedule, 1)  # the schedule's name first
     validate_run_layout(cfg, args.gpus, ep, rpn, pp)
     validate_pipeline(cfg, pp, schedule, min_micro_batches(schedule, pp))
     mem = plan_state_bytes(cfg, pp, dp, ep, zero, schedule, args.seq_len, args.micro_batch, precision)
@@ -339,7 +342,7 @@ def register(sub) -> None:
                         "DualPipe when the model and GPU count allow it, else PP 1 x EP 1 1F1B")
     p.add_argument("--no-recompute", action="store_true", help="save every activation (no V3-style recomputation)")
     r = p.add_argument_group("a flyer train run's per-rank bytes (any of these flags adds them)")
-    r.add_argument("--pp-schedule", choices=PP_SCHEDULES, help="flyer train's --pp-schedule (default 1f1b)")
+    r.add_argument("--pp-schedule", help="flyer train's --pp-schedule: 1f1b (default), interleaved, zb or dualpipev")
     r.add_argument("--dp", type=int, help="data-parallel ranks per stage: must be gpus / pp")
     r.add_argument("--zero", type=int, help="1: optimizer state sharded over data-parallel ranks (ZeRO-1)")
     r.add_argument("--precision", help="fp32, bf16 or fp8 (the activation estimate; weights are FP32)")

@@ -110,15 +110,13 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
 
         kinds = {"all": [p for _, p in named], "dense": [p for n, p in named if n not in experts],
                  "expert": [p for n, p in named if n in experts]}
+        shards = {}  # kind -> optimizer bytes of each of its group's ranks
+        for kind, replicas in (shard_kinds(dp, ep) if zero else [("all", 1)]):
+            groups = [g["params"] for g in adamw_groups(kinds[kind], 0.0) if g["params"]]
+            owned = partition([[numel[id(p)] for p in g] for g in groups], replicas)
+            shards[kind] = [sum(state([g[i] for i in idx]) for g, idx in zip(groups, mine)) for mine in owned]
         for dp_rank in range(dp):
-            opt = 0
-            for kind, replicas in (shard_kinds(dp, ep) if zero else [("all", 1)]):
-                groups = [g["params"] for g in adamw_groups(kinds[kind], 0.0) if g["params"]]
-                if replicas == 1:
-                    opt += sum(state(g) for g in groups)
-                    continue
-                mine = partition([[numel[id(p)] for p in g] for g in groups], replicas)[shard_rank(kind, dp_rank, ep)]
-                opt += sum(state([g[i] for i in idx]) for g, idx in zip(groups, mine))
+            opt = sum(per[shard_rank(kind, dp_rank, ep) if len(per) > 1 else 0] for kind, per in shards.items())
             out["param_bytes_per_rank"].append(params)
             out["grad_bytes_per_rank"].append(params)  # every parameter gets a gradient (zeros where unused)
             out["optimizer_bytes_per_rank"].append(opt)
