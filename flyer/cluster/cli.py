@@ -13,13 +13,14 @@ from flyer.cluster.netsim import ROUTINGS, TOPOLOGIES, simulate
 from flyer.cluster.pipeline import SCHEDULES, compare, pipeline_report
 from flyer.cluster.plots import simulate_chart, topology_chart
 from flyer.cluster.storage import StorageCluster, storage_model
-from flyer.config import PRESETS, resolve_config
+from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import FieldError
+from flyer.runtime import PRECISIONS
 
 # numeric flags that may be 0, or any sign (flyer.cli: the others must be > 0)
 ZERO_OK = {"price_per_gpu_hour", "extra_gpu_hours", "switch_price_per_port", "endpoint_link_usd", "switch_link_usd",
            "node_limit", "latency_us", "proxy_overhead_us", "proxy_latency_us", "gpu_overhead_us", "seed", "w",
-           "stage_param_gib", "microbatch_activation_gib", "bytes", "dispatch_bytes"}
+           "stage_param_gib", "microbatch_activation_gib", "bytes", "dispatch_bytes", "zero"}
 SIGNED = {"switch_price_base"}  # the fitted line's intercept
 
 
@@ -60,6 +61,36 @@ def _positive_int(field: str, v: int) -> int:
 
 
 # ---- flyer plan ---------------------------------------------------------------------------------
+RUN_FLAGS = ("zero", "dp", "pp_schedule", "precision", "vocab_size")  # any of them: a flyer run's per-rank bytes
+
+
+def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) -> dict:
+    """Per-rank bytes of parameters, gradients and AdamW state of ``flyer train`` on this layout
+    (``flyer.parallel.memory``: equal to what a run measures), activations estimated beside them."""
+    # here, not at the top: the model and torch.distributed.pipelining add seconds to every flyer start
+    from flyer.parallel.memory import plan_state_bytes  # heavy: see above
+    from flyer.parallel.mesh import validate_layout as validate_run_layout  # heavy: see above
+    from flyer.parallel.pipeline import min_micro_batches, validate_pipeline  # heavy: see above
+
+    zero, schedule = args.zero or 0, args.pp_schedule or "1f1b"
+    precision = args.precision or "bf16"
+    if zero not in (0, 1):
+        raise FieldError("zero", f"must be 0 or 1 (ZeRO-1: optimizer state sharded; got {zero})")
+    if precision not in PRECISIONS or precision == "auto":
+        raise FieldError("precision", f"must be one of {', '.join(p for p in PRECISIONS if p != 'auto')} "
+                                      f"(got {precision!r})")
+    dp = args.gpus // pp
+    if args.dp is not None and args.dp != dp:
+        raise FieldError("dp", f"must be gpus / pp = {args.gpus} / {pp} = {dp} (got {args.dp})")
+    rpn = gpus_per_node if args.gpus % gpus_per_node == 0 else args.gpus
+    validate_pipeline(cfg, 1, schedule, 1)  # the schedule's name first
+    validate_run_layout(cfg, args.gpus, ep, rpn, pp)
+    validate_pipeline(cfg, pp, schedule, min_micro_batches(schedule, pp))
+    mem = plan_state_bytes(cfg, pp, dp, ep, zero, schedule, args.seq_len, args.micro_batch, precision)
+    return {"run_layout": {"world": args.gpus, "pp": pp, "dp": dp, "ep": ep, "zero": zero,
+                           "pp_schedule": schedule if pp > 1 else None, "precision": precision}, **mem}
+
+
 def _plan(args) -> int:
     overrides = {}
     for item in args.hw or []:
@@ -71,6 +102,8 @@ def _plan(args) -> int:
         overrides["gpus_per_node"] = str(_positive_int("gpus_per_node", args.gpus_per_node))
     gpu = gpu_spec(args.gpu, overrides)
     cfg = resolve_config(args.preset, args.config)
+    if args.vocab_size is not None:
+        cfg = cfg.replace(vocab_size=args.vocab_size)
     pp, ep, schedule = args.pp, args.ep, args.schedule
     if pp is None and ep is None and schedule is None:  # auto: DeepSeek-V3's layout when it applies
         pp, ep, schedule = auto_layout(cfg, args.gpus)
@@ -79,6 +112,8 @@ def _plan(args) -> int:
     out = plan(cfg, gpu, lay, args.tokens, args.seq_len, Throughput(args.tokens_per_day, args.mfu),
                args.price_per_gpu_hour, args.extra_gpu_hours)
     out = {"preset": args.preset, "config": args.config, **out}
+    if any(getattr(args, k) is not None for k in RUN_FLAGS):
+        out.update(_run_memory(args, cfg, pp or 1, ep or 1, gpu.gpus_per_node))
 
     def table(o):
         m = o["memory"]
@@ -111,6 +146,15 @@ def _plan(args) -> int:
             ("total", f"{m['total_gib']:.2f} GiB of {m['hbm_gib']:.0f} GiB HBM "
                       f"({'fits' if m['fits'] else 'does NOT fit'})"),
         ])
+        if "run_layout" in o:
+            lay = o["run_layout"]
+            print(f"flyer train per rank: PP {lay['pp']} x DP {lay['dp']} (EP {lay['ep']}), ZeRO-{lay['zero']}, "
+                  f"{lay['pp_schedule'] or 'no pipeline'}; FP32 weights and AdamW, exact bytes (activations: estimate)")
+            rows = [{"rank": r, "params": o["param_bytes_per_rank"][r], "grads": o["grad_bytes_per_rank"][r],
+                     "optimizer": o["optimizer_bytes_per_rank"][r],
+                     "activations": o["activation_bytes_per_rank_estimate"][r]} for r in range(lay["world"])]
+            _grid(rows, [("rank", "rank", "d"), ("param bytes", "params", ","), ("grad bytes", "grads", ","),
+                         ("optimizer bytes", "optimizer", ","), ("activations (est.)", "activations", ",")])
 
     return _emit(args, out, table)
 
@@ -297,6 +341,12 @@ def register(sub) -> None:
                    help="pipeline schedule; with none of --pp/--ep/--schedule given, DeepSeek-V3's PP 16 x EP 64 "
                         "DualPipe when the model and GPU count allow it, else PP 1 x EP 1 1F1B")
     p.add_argument("--no-recompute", action="store_true", help="save every activation (no V3-style recomputation)")
+    r = p.add_argument_group("a flyer train run's per-rank bytes (any of these flags adds them)")
+    r.add_argument("--pp-schedule", help="flyer train's --pp-schedule: 1f1b (default), interleaved, zb or dualpipev")
+    r.add_argument("--dp", type=int, help="data-parallel ranks per stage: must be gpus / pp")
+    r.add_argument("--zero", type=int, help="1: optimizer state sharded over data-parallel ranks (ZeRO-1)")
+    r.add_argument("--precision", help="fp32, bf16 or fp8 (the activation estimate; weights are FP32)")
+    r.add_argument("--vocab-size", type=int, help="the run's vocabulary (flyer train caps presets at 8192)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_plan)
 

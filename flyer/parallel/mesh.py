@@ -84,6 +84,7 @@ class Mesh:
     ep_group_bwd: Any = None  # the backward exchanges' copies of ep/inter/intra_group (add_backward_groups)
     inter_group_bwd: Any = None
     intra_group_bwd: Any = None
+    heartbeat: Any = field(default=None, repr=False)  # (stop event, thread) once start_heartbeat ran
 
     @property
     def world_group(self):
@@ -168,16 +169,19 @@ class Mesh:
         store = _store_client()
         if store is None:
             return
+        stop = threading.Event()
 
         def beat() -> None:
             try:
-                while True:
+                while not stop.is_set():
                     store.add(f"flyer/heartbeat/{self.rank}", 1)
-                    time.sleep(every_s)
+                    stop.wait(every_s)
             except (RuntimeError, OSError):  # the store is gone: the job is ending
                 return
 
-        threading.Thread(target=beat, name="flyer-heartbeat", daemon=True).start()
+        thread = threading.Thread(target=beat, name="flyer-heartbeat", daemon=True)
+        thread.start()
+        self.heartbeat = (stop, thread)
 
     def silent_ranks(self, every_s: float = HEARTBEAT_S) -> list[int]:
         """The ranks whose heartbeat count stands still over three beats (they stopped answering);
@@ -199,6 +203,12 @@ class Mesh:
         grads.load_full_state_dict(model, full_sd, self)
 
     def destroy(self) -> None:
+        # Stop the heartbeat first: a daemon thread inside the store's C++ call when the
+        # interpreter exits aborts the process ("terminate called without an active exception").
+        if self.heartbeat is not None:
+            stop, thread = self.heartbeat
+            stop.set()
+            thread.join(timeout=15)
         destroy(self)
 
 

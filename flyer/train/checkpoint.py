@@ -263,17 +263,20 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   sampler, mesh, cfg: ModelConfig, tokenizer: Tokenizer, bad_steps: int, train_config: dict,
-                  keep: int | None, protect: tuple[Path, ...] = ()) -> Path | None:
+                  keep: int | None, protect: tuple[Path, ...] = (), layout: dict | None = None) -> Path | None:
     """Checkpoint a training run at ``step`` (a collective: every rank of ``mesh`` calls it).
 
     model: this rank's model (its expert slice under EP); saved in the full single-process layout.
     optimizer, sampler (``state_dict()``), RNG: saved per rank. bad_steps and train_config (a
-    JSON-able dict) go into each rank's state file. Rank 0 writes; ``keep``: valid checkpoints kept,
-    ``protect``: checkpoints never pruned (the one the run resumed from).
+    JSON-able dict) go into each rank's state file, and ``layout`` (the process layout, e.g. world,
+    pp, dp, ep, zero, pp_schedule), which ``load_training`` requires to match. Rank 0 writes;
+    ``keep``: valid checkpoints kept, ``protect``: checkpoints never pruned (the one the run
+    resumed from).
     Returns the checkpoint directory on rank 0, None elsewhere.
     """
     weights = mesh.full_state_dict(model)
-    state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "train_config": train_config}
+    state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "train_config": train_config,
+             "layout": layout}
     ranks = mesh.gather_object({"optimizer": optimizer.state_dict(), "state": state, "rng": rng_state(mesh.device)})
     path = None
     if ranks is not None:
@@ -289,16 +292,39 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     return path
 
 
+def saved_layout(path: Path) -> dict | None:
+    """The process layout checkpoint ``path`` was saved with (None for one saved without it)."""
+    for name in ("state.json", "state-rank0.json"):
+        if (path / name).is_file():
+            return json.loads((path / name).read_text()).get("layout")
+    return None
+
+
+def check_layout(path: Path, layout: dict | None) -> None:
+    """One-line ``CheckpointError`` naming every field of ``layout`` that differs from the saved one
+    (the optimizer shards and per-rank files only fit the layout that wrote them)."""
+    saved = saved_layout(path)
+    if saved is None or layout is None:
+        return
+    diff = [k for k in sorted(set(saved) | set(layout)) if saved.get(k) != layout.get(k)]
+    if diff:
+        was = ", ".join(f"{k}={saved.get(k)}" for k in diff)
+        now = ", ".join(f"{k}={layout.get(k)}" for k in diff)
+        raise CheckpointError(f"checkpoint {path} was saved with {was}; this run has {now} (resume with the same "
+                              "layout, or start a new run from its weights with init)")
+
+
 def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler, mesh,
-                  cfg: ModelConfig) -> dict:
+                  cfg: ModelConfig, layout: dict | None = None) -> dict:
     """Restore checkpoint ``path`` (verified by the caller) into model (this rank's slice),
-    optimizer, sampler and the RNG; every rank calls it. ``cfg`` must equal the saved config.
-    Returns this rank's state (step, bad_steps, sampler, train_config). Raises ``CheckpointError``
-    for one that does not fit."""
+    optimizer, sampler and the RNG; every rank calls it. ``cfg`` must equal the saved config and
+    ``layout`` the saved process layout (``save_training``). Returns this rank's state (step,
+    bad_steps, sampler, train_config). Raises ``CheckpointError`` for one that does not fit."""
     saved = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
     if saved != cfg:
         diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
         raise CheckpointError(f"checkpoint {path} is from a different config (fields differ: {', '.join(diff)})")
+    check_layout(path, layout)
     weights = read_tensors(path / "model.safetensors")
     if mesh.ep == 1 and mesh.pp == 1:  # every weight is here: check names and shapes for a one-line error
         load_model_weights(model, weights, f"checkpoint {path}")

@@ -4,6 +4,10 @@ metrics and the training loop, on a one-process or expert-parallel mesh (``flyer
 ``Trainer(TrainConfig(...)).run()`` is the API; ``flyer train`` (``flyer.train.cli``) wraps it.
 ``build_model`` and ``build_optimizer`` build what the trainer trains; ``flyer.train.checkpoint``
 saves and resumes it.
+
+Besides ``metrics.jsonl`` and ``checkpoints/``, rank 0 writes ``memory.json`` after the first
+optimizer step: every rank's measured bytes of parameters, gradients and AdamW state (lists by
+global rank, the keys and numbers ``flyer plan --json`` computes for the same layout), and the layout.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
+from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
+from flyer.parallel.zero import ShardedAdamW, adamw_groups
 from flyer.parallel.pipeline import PP_SCHEDULES, PipelineModel, min_micro_batches, validate_pipeline
 from flyer.runtime import PRECISIONS, autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
@@ -178,14 +184,15 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
     return model
 
 
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with ``tc``'s lr, betas and weight decay; matrices decay, vectors (norms, biases) do not."""
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, mesh: Mesh | LocalMesh | None = None):
+    """AdamW with ``tc``'s lr, betas and weight decay; matrices decay, vectors (norms, biases) do not.
+    With ``tc.zero == 1`` on a multi-rank ``mesh``, its state is sharded over each parameter's
+    replicas (``flyer.parallel.zero.ShardedAdamW``; the same updates, bit for bit)."""
+    if tc.zero == 1 and mesh is not None and mesh.world > 1:
+        return ShardedAdamW(model, mesh, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
     params = list(model.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8, fused=params[0].device.type in ("cpu", "cuda"))
+    return torch.optim.AdamW(adamw_groups(params, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8,
+                             fused=params[0].device.type in ("cpu", "cuda"))
 
 
 def progress_postfix(rec: dict[str, Any], val_loss: float | None) -> dict[str, str]:
@@ -301,7 +308,8 @@ class Trainer:
                                                        tc.batch_size, tc.seq_len, overlap=overlap)
         if tc.init and start is None:  # a resumed run has its own weights
             load_init_weights(self.model, tc.init, self.mesh)
-        self.optimizer = build_optimizer(self.model, tc)
+        self.optimizer = build_optimizer(self.model, tc, self.mesh)
+        self.memory_written = False  # memory.json: after the first optimizer step
         self.flops_per_token = model_flops_per_token(self.cfg, tc.seq_len)
         peak_dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
         # MFU against the fastest GEMM the device offers at this precision (``peak_gemm`` names it)
@@ -324,7 +332,7 @@ class Trainer:
     # ---- checkpoints (the format and the work: flyer.train.checkpoint) -------------------------
     def _resume(self, path: Path) -> None:
         state = ckpt.load_training(path, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
-                                   mesh=self.mesh, cfg=self.cfg)
+                                   mesh=self.mesh, cfg=self.cfg, layout=self.layout)
         saved_seed = state.get("train_config", {}).get("seed", self.tc.seed)
         if saved_seed != self.tc.seed:
             raise FieldError("seed", f"{self.tc.seed} differs from the run's seed {saved_seed} (checkpoint {path}); "
@@ -341,7 +349,8 @@ class Trainer:
                 raise TrainingError(f"refusing to checkpoint step {self.step}: non-finite parameters")
         return ckpt.save_training(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                   sampler=self.sampler, mesh=self.mesh, cfg=self.cfg, tokenizer=self.data.tokenizer,
-                                  bad_steps=self.bad_steps, train_config=asdict(self.tc), keep=self.tc.keep,
+                                  bad_steps=self.bad_steps, train_config=asdict(self.tc), layout=self.layout,
+                                  keep=self.tc.keep,
                                   protect=(self.resumed_from,) if self.resumed_from else ())
 
     # ---- one optimizer step ---------------------------------------------------------------
@@ -386,6 +395,8 @@ class Trainer:
             self.consecutive_bad = 0
             record.update(update_router_bias(self.model, group=self.mesh.dp_group))
             self.optimizer.step()
+            if not self.memory_written:  # gradients and optimizer state both exist only here
+                self._write_memory()
             self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         world = self.mesh.world
@@ -396,6 +407,27 @@ class Trainer:
             stats = comm_stats(self.model, reset=True, group=self.mesh.world_group)  # job totals
             record.update({k: v for k, v in stats.items() if not isinstance(v, list)})
         return record
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """The process layout a checkpoint's optimizer and state files belong to (a resume needs the same)."""
+        m = self.mesh
+        return {"world": m.world, "pp": m.pp, "dp": m.dp, "ep": m.ep, "zero": self.tc.zero if m.world > 1 else 0,
+                "pp_schedule": self.tc.pp_schedule if m.pp > 1 else None}
+
+    def _write_memory(self) -> None:
+        """Write ``OUT/memory.json`` on rank 0 (a collective): every rank's measured bytes of
+        parameters, gradients and optimizer state (``flyer.parallel.memory``), as lists by global
+        rank under the keys ``flyer plan --json`` prints, with the layout."""
+        self.memory_written = True
+        every = self.mesh.gather_object(measure_state_bytes(self.model, self.optimizer))
+        if every is None:
+            return
+        out: dict[str, Any] = {"layout": self.layout, "step": self.step}
+        for k in MEMORY_KEYS:
+            out[f"{k}_per_rank"] = [r[k] for r in every]
+            out[f"max_{k}_per_rank"] = max(r[k] for r in every)
+        ckpt.write_json(self.out / "memory.json", out)
 
     @property
     def micro_batches_per_step(self) -> int:

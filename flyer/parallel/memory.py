@@ -1,0 +1,131 @@
+"""Per-rank bytes of the training state (parameters, gradients, AdamW state), measured on a
+running rank and planned from the model config, so that the two agree to the byte.
+
+Measured (``measure_state_bytes``): each parameter this rank holds once (a pipeline's mirror of
+the embedding included: it is allocated), its gradient, and every tensor of this rank's AdamW
+state (``exp_avg``, ``exp_avg_sq`` and the ``step`` scalar; under ZeRO-1 only this rank's shard).
+
+Planned (``plan_state_bytes``): the same sums from a ``Transformer`` built on the ``meta``
+device, cut as the run cuts it: the layers and ends of each pipeline rank (``rank_stages``, the
+mirror rule of ``PipelineModel``), the expert stacks sliced ``ep`` ways, and ZeRO-1's partition
+(``flyer.parallel.zero.partition``). Activations are an estimate beside them (``activation_bytes``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from flyer.cluster.costs import activation_bytes_per_token_layer
+from flyer.config import ModelConfig
+from flyer.model.transformer import Transformer
+from flyer.parallel.grads import expert_param_names
+from flyer.parallel.pipeline import chunks_per_rank, split_layers, stage_ranks
+from flyer.parallel.zero import adamw_groups, partition, shard_kinds, shard_rank
+
+STEP_BYTES = 4  # AdamW's per-parameter ``step``: an FP32 scalar tensor (fused and foreach alike)
+KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def measure_state_bytes(model: nn.Module, optimizer) -> dict[str, int]:
+    """This rank's param_bytes, grad_bytes and optimizer_bytes; call after an optimizer step and
+    before ``zero_grad`` (gradients and state both exist then). ``optimizer``: a torch optimizer
+    or ``flyer.parallel.zero.ShardedAdamW`` (its local shards are counted)."""
+    params = [p for _, p in model.named_parameters()]  # each tensor once
+    local = optimizer.local_optimizers() if hasattr(optimizer, "local_optimizers") else [optimizer]
+    state = sum(_nbytes(v) for o in local for s in o.state.values() for v in s.values() if torch.is_tensor(v))
+    return {"param_bytes": sum(_nbytes(p) for p in params),
+            "grad_bytes": sum(_nbytes(p.grad) for p in params if p.grad is not None),
+            "optimizer_bytes": state}
+
+
+def held_modules(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: int) -> nn.Module:
+    """The modules pipeline rank ``pp_rank`` holds, registered in ``PipelineModel``'s order (its
+    layers, then the embedding (the first stage's, or the last stage's mirror for MTP or a tied
+    head), the final norm, head and MTP modules), so ``named_parameters`` lists them as the run
+    does; the whole model without pipelining."""
+    if pp == 1:
+        return model
+    n = pp * chunks_per_rank(schedule, pp)
+    split, placement = split_layers(model.cfg, n, seq_len), stage_ranks(schedule, pp)
+    local = [s for s in range(n) if placement[s] == pp_rank]
+    holder = nn.Module()
+    holder.layers = nn.ModuleDict({str(i): model.layers[i] for s in local for i in split[s]})
+    last = n - 1 in local
+    if 0 in local or (last and (len(model.mtp) or model.cfg.tie_embeddings)):
+        holder.embed = model.embed
+    if last:
+        holder.norm, holder.head, holder.mtp = model.norm, model.head, model.mtp
+    return holder
+
+
+def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq_len: int, micro_batch: int,
+                     precision: str) -> int:
+    """An estimate of what pipeline rank ``pp_rank`` saves for backward at its peak: every layer's
+    saved activations (``activation_bytes_per_token_layer``, no recomputation) for the
+    micro-batches in flight on each of its stages (stage s of n holds up to n - s of them in a
+    1F1B-style schedule; one without pipelining), plus the FP32 logits and their gradient of the
+    main and MTP heads on the last stage."""
+    element = 4 if precision == "fp32" else 2
+    n = pp * chunks_per_rank(schedule, pp)
+    split, placement = split_layers(cfg, n, seq_len), stage_ranks(schedule, pp)
+    tokens = micro_batch * seq_len
+    total = 0.0
+    for s in (s for s in range(n) if placement[s] == pp_rank):
+        per_token = sum(activation_bytes_per_token_layer(cfg, cfg.is_moe and i >= cfg.n_dense_layers,
+                                                         recompute=False, bytes_per_element=element)
+                        for i in split[s])
+        total += (n - s) * tokens * per_token
+        if s == n - 1:
+            total += tokens * (1 + cfg.mtp_depth) * cfg.vocab_size * 4 * 2
+    return int(total)
+
+
+def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, schedule: str = "1f1b",
+                     seq_len: int = 4096, micro_batch: int = 1, precision: str = "bf16") -> dict[str, Any]:
+    """Per global rank (stage-major: rank = pp_rank * dp + dp_rank, as ``flyer.parallel.mesh``):
+    ``param_bytes_per_rank``, ``grad_bytes_per_rank``, ``optimizer_bytes_per_rank`` (exact, for a
+    run of ``cfg`` on that layout with FP32 parameters and AdamW), each with its ``max_...``, and
+    ``activation_bytes_per_rank_estimate``. The layout is assumed valid
+    (``flyer.parallel.mesh.validate_layout``, ``flyer.parallel.pipeline.validate_pipeline``)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    experts = expert_param_names(model)
+    out: dict[str, list[int]] = {f"{k}_per_rank": [] for k in KEYS}
+    acts = []
+    for pp_rank in range(pp):
+        named = list(held_modules(model, pp, pp_rank, schedule, seq_len).named_parameters())
+        numel = {id(p): p.numel() // ep if n in experts else p.numel() for n, p in named}
+        elsize = {id(p): p.element_size() for _, p in named}
+        params = sum(numel[id(p)] * elsize[id(p)] for _, p in named)
+
+        def state(ps: list[nn.Parameter]) -> int:
+            return sum(2 * numel[id(p)] * elsize[id(p)] + STEP_BYTES for p in ps)
+
+        kinds = {"all": [p for _, p in named], "dense": [p for n, p in named if n not in experts],
+                 "expert": [p for n, p in named if n in experts]}
+        shards = {}  # kind -> optimizer bytes of each of its group's ranks
+        for kind, replicas in (shard_kinds(dp, ep) if zero else [("all", 1)]):
+            groups = [g["params"] for g in adamw_groups(kinds[kind], 0.0) if g["params"]]
+            owned = partition([[numel[id(p)] for p in g] for g in groups], replicas)
+            shards[kind] = [sum(state([g[i] for i in idx]) for g, idx in zip(groups, mine)) for mine in owned]
+        for dp_rank in range(dp):
+            opt = sum(per[shard_rank(kind, dp_rank, ep) if len(per) > 1 else 0] for kind, per in shards.items())
+            out["param_bytes_per_rank"].append(params)
+            out["grad_bytes_per_rank"].append(params)  # every parameter gets a gradient (zeros where unused)
+            out["optimizer_bytes_per_rank"].append(opt)
+            acts.append(activation_bytes(cfg, pp, pp_rank, schedule, seq_len, micro_batch, precision))
+    res: dict[str, Any] = dict(out)
+    for k in KEYS:
+        res[f"max_{k}_per_rank"] = max(out[f"{k}_per_rank"])
+    res["activation_bytes_per_rank_estimate"] = acts
+    return res
+
+
+__all__ = ["KEYS", "activation_bytes", "held_modules", "measure_state_bytes", "plan_state_bytes"]

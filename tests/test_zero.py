@@ -1,0 +1,80 @@
+"""ZeRO-1 (``flyer.parallel.zero``): the sharded AdamW updates every parameter exactly as the
+unsharded one, holds only its shard of the state, and ``partition`` is PyTorch's rule."""
+
+import torch
+
+from flyer.config import preset
+from flyer.parallel.launch import run_ranks
+from flyer.parallel.memory import measure_state_bytes, plan_state_bytes
+from flyer.parallel.mesh import init_distributed
+from flyer.train.trainer import TrainConfig, build_model, build_optimizer
+from flyer.parallel.zero import partition
+
+B, T, STEPS = 2, 16, 3
+
+
+def _cfg():
+    return preset("tiny", vocab_size=256, max_seq_len=64, original_seq_len=64)
+
+
+def _zero_vs_adamw(rank: int, ep: int):
+    cfg = _cfg()
+    mesh = init_distributed(cfg, ep=ep, timeout_s=60)
+    tc = TrainConfig(lr=1e-2, weight_decay=0.1)
+    models = [build_model(cfg, mesh, "fp32", seed=0) for _ in range(2)]
+    opts = [build_optimizer(models[0], tc, mesh),
+            build_optimizer(models[1], TrainConfig(lr=1e-2, weight_decay=0.1, zero=1), mesh)]
+    g = torch.Generator().manual_seed(100 + rank)
+    memory = []
+    for step in range(STEPS):
+        d = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+        for model, opt in zip(models, opts):
+            model.compute_loss(d[:, :-1], d[:, 1:]).loss.backward()
+            mesh.sync_gradients(model)
+            mesh.clip_grad_norm_(model, 1.0)
+            opt.step()
+            if step == 0:
+                memory.append(measure_state_bytes(model, opt))
+            opt.zero_grad(set_to_none=True)
+    same = all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+    moved = any(not torch.equal(a, b) for a, b in zip(models[1].parameters(), build_model(cfg, mesh).parameters()))
+    return {"same": same, "moved": moved, "adamw": memory[0], "zero": memory[1]}
+
+
+def test_zero1_equals_adamw_and_the_plan_on_dp4_ep2():
+    """4 ranks, EP 2: dense parameters sharded 4 ways, experts 2 ways (two instances). AdamW is
+    elementwise and the shards are broadcast bit for bit, so the parameters must be *equal*."""
+    ep = 2
+    res = run_ranks(_zero_vs_adamw, 4, ep)
+    assert all(r["same"] and r["moved"] for r in res)
+    plan = plan_state_bytes(_cfg(), pp=1, dp=4, ep=ep, zero=1, seq_len=T)
+    plain = plan_state_bytes(_cfg(), pp=1, dp=4, ep=ep, zero=0, seq_len=T)
+    for k in ("param_bytes", "grad_bytes", "optimizer_bytes"):
+        assert [r["zero"][k] for r in res] == plan[f"{k}_per_rank"], k
+        assert [r["adamw"][k] for r in res] == plain[f"{k}_per_rank"], k
+    # the shards cover the state once: summed over the 4 ranks, dense state once and expert state per EP rank
+    assert sum(plan["optimizer_bytes_per_rank"]) < sum(plain["optimizer_bytes_per_rank"]) / 2
+
+
+def test_partition_is_zero_redundancy_optimizers():
+    """``partition`` against ``ZeroRedundancyOptimizer._partition_parameters`` itself (called
+    unbound on a stand-in: it reads only ``param_groups`` and ``world_size``)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer as Z
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [[int(n) for n in torch.randint(1, 50, (k,), generator=g)] for k in (9, 4, 0, 7)]
+    sizes[1] += [sizes[1][0]] * 3  # ties
+    groups = [{"params": [torch.empty(n) for n in s]} for s in sizes]
+
+    class Stand:
+        param_groups, world_size, _partition_parameters_cache = groups, 3, []
+        _get_min_index = Z._get_min_index
+        _partition_param_group = Z._partition_param_group
+
+    stand = Stand()
+    want = Z._partition_parameters(stand)
+    got = partition(sizes, 3)
+    for r in range(3):
+        for gi, group in enumerate(groups):
+            ids = [id(p) for p in want[r][gi]["params"]]
+            assert [id(group["params"][i]) for i in got[r][gi]] == ids
