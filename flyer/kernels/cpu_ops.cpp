@@ -556,15 +556,27 @@ at::Tensor fp8_dequantize(const at::Tensor& data, const at::Tensor& scale, int64
 
 }  // namespace
 
+// The kernels touch no Python object: each releases the GIL, so that a server's event loop runs
+// while the scheduler thread computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("xent_chunk", &xent_chunk, "log p(target) and softmax - onehot of a chunk of logits");
-  m.def("swiglu", &swiglu, "silu(h1) * h3 of h13 = [h1 | h3]");
-  m.def("swiglu_backward", &swiglu_backward, "gradient of swiglu with respect to h13");
-  m.def("combine", &combine, "FP32 weighted sum of each token's rows");
-  m.def("combine_backward", &combine_backward, "gradients of combine: rows and weights");
-  m.def("segment_sum", &segment_sum, "sum of each token's rows, rounded as index_add_");
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row times weight, and the rows' 1/rms");
-  m.def("rms_norm_backward", &rms_norm_backward, "gradients of rms_norm: input and weight");
-  m.def("grouped_mm_few_rows", &grouped_mm_few_rows, "each group's rows times its weight, transposed (few rows)");
-  m.def("fp8_dequantize", &fp8_dequantize, "FP8 codes times their tile scales, as FP32");
+  m.def("xent_chunk", &xent_chunk, "log p(target) and softmax - onehot of a chunk of logits",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("swiglu", &swiglu, "silu(h1) * h3 of h13 = [h1 | h3]",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("swiglu_backward", &swiglu_backward, "gradient of swiglu with respect to h13",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("combine", &combine, "FP32 weighted sum of each token's rows",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("combine_backward", &combine_backward, "gradients of combine: rows and weights",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("segment_sum", &segment_sum, "sum of each token's rows, rounded as index_add_",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row times weight, and the rows' 1/rms",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm_backward", &rms_norm_backward, "gradients of rms_norm: input and weight",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("grouped_mm_few_rows", &grouped_mm_few_rows, "each group's rows times its weight, transposed (few rows)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("fp8_dequantize", &fp8_dequantize, "FP8 codes times their tile scales, as FP32",
+        py::call_guard<py::gil_scoped_release>());
 }
