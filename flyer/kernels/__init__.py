@@ -298,5 +298,5 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
 
 
 __all__ = ["KERNEL_DTYPES", "TokenIndex", "combine", "combine_backward", "cpu_ops", "disabled", "fp8_dequantize",
-           "fp8_to_float", "grouped_mm", "rms_norm", "rms_norm_backward", "segment_sum", "swiglu", "swiglu_backward", "token_index",
-           "token_rows", "usable", "xent_chunk"]
+           "fp8_to_float", "grouped_mm", "rms_norm", "rms_norm_backward", "segment_sum", "swiglu", "swiglu_backward",
+           "token_index", "token_rows", "usable", "xent_chunk"]
