@@ -11,7 +11,6 @@ import asyncio
 import json
 import signal
 import socket
-import threading
 from pathlib import Path
 
 import torch
@@ -83,30 +82,16 @@ def _run(args) -> int:
     api = Api(engine, tok, name, args.api_key, read_chat_template(args.ckpt))
     server = Server(api)
     sock = bind(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    # HTTP on a thread, the engine on this one (``Engine.run`` says why); a signal drains the server
-    # (uvicorn listens for signals only on the main thread), whose end stops the engine
+    # uvicorn re-raises the signal it handled once it is done; a no-op handler makes that exit 0
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, server.handle_exit)
-    failed: list[BaseException] = []
-
-    def http() -> None:
-        try:
-            _serve_with_ready_line(server, sock, f"http://{host}:{port}", name)
-        except BaseException as e:  # re-raised on the main thread
-            failed.append(e)
-        finally:
-            engine.stop()
-
-    thread = threading.Thread(target=http, name="flyer-http")
-    thread.start()
+        signal.signal(sig, lambda *_: None)
+    engine.start()
+    host, port = sock.getsockname()[:2]
     try:
-        engine.run()
+        _serve_with_ready_line(server, sock, f"http://{host}:{port}", name)
     finally:
-        thread.join()
+        engine.stop()
         sock.close()
-    if failed:
-        raise failed[0]
     print("flyer serve: stopped", flush=True)
     return 0
 

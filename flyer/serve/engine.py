@@ -210,24 +210,21 @@ class Engine:
             req.cancelled = True
             self._cv.notify()
 
-    def run(self) -> None:
-        """The scheduler loop in the calling thread, until ``stop``. ``flyer serve`` runs it on the
-        main thread, which loaded the model: a second thread running torch ops gets an OpenMP team
-        of its own, libgomp then counts more threads than cores and stops spinning between
-        parallel regions, and every op waits for a worker to wake (1.5-2x per decode step here)."""
-        self._loop()
-
     def start(self) -> None:
-        """The scheduler loop on a thread of its own (tests, embedding in another program)."""
+        """The scheduler loop on a thread of its own. (Tried on the main thread, which loaded the
+        model: torch's OpenMP workers then spin between parallel regions, 24 against 32 ms a token
+        at one client once, but on a host loaded by other processes every region waited for a
+        descheduled spinner, 1.7 s a token. From this thread's second team libgomp counts more
+        threads than cores and its workers sleep instead.)"""
         self._thread = threading.Thread(target=self._loop, name="flyer-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """End the loop (``run``'s or ``start``'s) after the step in progress."""
+        """End the loop after the step in progress."""
         with self._cv:
             self._stop = True
             self._cv.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is not None:
             self._thread.join()
 
     @property
