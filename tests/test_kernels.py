@@ -89,6 +89,30 @@ def test_swiglu_forward_and_backward(ops, dtype, F_):
         assert _nerr(dh13, ref_g) <= 1.05 * _nerr(eager_g, ref_g)
 
 
+
+@pytest.mark.parametrize("K", [384, 37])  # full vectors; a vector tail
+def test_grouped_mm_few_rows_is_a_gemm_per_group(ops, K):
+    rows = [0, 3, 1, 5, 2, 0, 8, 4]  # empty groups, 1..8 rows (past the 4 rows sharing a weight load)
+    x, w = torch.randn(sum(rows), K), torch.randn(len(rows), 70, K)  # 70 weight rows: a partial block
+    out = kernels.grouped_mm(x, rows, w)
+    with kernels.disabled():
+        eager = kernels.grouped_mm(x, rows, w)
+    starts = [0, *torch.tensor(rows).cumsum(0).tolist()]
+    for g, n in enumerate(rows):
+        if n:
+            xs = x[starts[g]:starts[g + 1]]
+            assert torch.equal(eager[starts[g]:starts[g + 1]], xs @ w[g].t())  # the eager twin is torch.mm
+            assert_fp32_sums(out[starts[g]:starts[g + 1]], xs.double() @ w[g].double().t(),
+                             xs.double().abs() @ w[g].double().abs().t(), K)
+    many = [kernels.FEW_ROWS + 1, 2]  # past the kernel's rows: the eager loop, bit for bit
+    x2, w2 = torch.randn(sum(many), K), torch.randn(2, 16, K)
+    with kernels.disabled():
+        assert torch.equal(kernels.grouped_mm(x2, many, w2), kernels.grouped_mm(x2, many, w2))
+    assert torch.equal(kernels.grouped_mm(x2, many, w2), torch.cat([x2[:9] @ w2[0].t(), x2[9:] @ w2[1].t()]))
+    with pytest.raises(RuntimeError, match="counts sum"):
+        ops.grouped_mm_few_rows(x, torch.tensor([1, 2]), w[:2])
+
+
 def _csr_case(T=60, D=40, n=300, dtype=torch.bfloat16):
     src = torch.randint(0, T + 1, (n,))  # T: pad rows; some tokens get no row
     src[:5] = T

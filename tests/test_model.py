@@ -440,3 +440,24 @@ def test_rms_norm_matches_torch(dtype, tol, cpu_kernels):
     x64 = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     w64 = torch.rand(8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-6), (x64, w64))
+
+
+def test_experts_packed_in_place_compute_the_same():
+    """``pack_w13_`` re-stores w1|w3 as one tensor (decoding): same parameters, same values, and the
+    fused path reads the stack without copying it, bit for bit as before."""
+    torch.manual_seed(0)
+    ex = Experts(8, 32, 24)
+    x, w = torch.randn(10, 32), torch.rand(10, 2)
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(10)])
+    counts = torch.bincount(ids.flatten(), minlength=8)
+    params = [ex.w1, ex.w3]
+    w1, w3 = ex.w1.detach().clone(), ex.w3.detach().clone()
+    with torch.no_grad():
+        before = ex.routed_local(x, w, ids, counts)
+    assert experts_module.packed_w13(ex.w1, ex.w3) is None
+    ex.pack_w13_()
+    w13 = experts_module.packed_w13(ex.w1, ex.w3)
+    assert w13 is not None and torch.equal(w13, torch.cat([w1, w3], 1))
+    assert ex.w1 is params[0] and ex.w3 is params[1] and torch.equal(ex.w1, w1) and torch.equal(ex.w3, w3)
+    with torch.no_grad():
+        assert torch.equal(ex.routed_local(x, w, ids, counts), before)

@@ -101,6 +101,20 @@ def test_gqa_model_pages_its_kv(trained):
     assert _run(eng, prompts, SamplingOptions(max_tokens=8)) == _alone(model, prompts, 8)
 
 
+def test_a_burst_is_prefilled_in_fewer_steps(trained):
+    eng = _engine(trained, prefill_chunk=4)
+    for n in (9, 9, 9):
+        eng.submit(_progression(1, 1, n), SamplingOptions(max_tokens=2), lambda e: None)
+    eng.admit()
+    assert eng.prefill_budget() == 12  # three prompts wait, none decodes: a chunk for each
+    steps = 0
+    while any(r.generated == 0 for r in eng.running):
+        eng.step()
+        steps += 1
+    assert steps == 4  # budgets 12, 8 (two wait, one decodes), 4, 4: not seven steps of 4 tokens
+    assert eng.prefill_budget() == 4
+
+
 def test_requests_join_at_the_next_step_and_prefill_is_chunked(trained):
     eng = _engine(trained, prefill_chunk=4)
     a, b = [], []
@@ -223,5 +237,9 @@ def test_mtp_speculation_in_the_batch_keeps_greedy_tokens(trained):
     opts = SamplingOptions(max_tokens=10, temperature=1.0, seed=3)
     assert _run(_engine(trained, speculative="mtp"), [prompts[0]], opts) == \
         _run(_engine(trained, speculative="mtp", prefill_chunk=4), [prompts[0]], opts)
+    # a chunk that leaves one prompt token: that row decodes next and drafts from its last entry
+    p9 = _progression(3, 2, 9)
+    assert _run(_engine(trained, speculative="mtp", prefill_chunk=8), [p9], SamplingOptions(max_tokens=6)) == \
+        _alone(trained, [p9], 6)
     with pytest.raises(FieldError, match="mtp_depth"):
         _engine(Transformer(preset("tiny", vocab_size=V, mtp_depth=0)), speculative="mtp")

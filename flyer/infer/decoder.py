@@ -19,6 +19,7 @@ import torch
 
 from flyer.infer.attention import gqa_cached, mla_absorbed, mla_naive
 from flyer.infer.cache import make_cache
+from flyer.model.experts import Experts
 from flyer.model.transformer import Block, Transformer
 
 
@@ -42,6 +43,9 @@ class Decoder:
             self._attend = gqa_cached
         else:
             self._attend = mla_absorbed if mode == "absorbed" else mla_naive
+        for m in model.modules():  # the routed experts' w1|w3 stacked once, not per forward
+            if isinstance(m, Experts):
+                m.pack_w13_()
         self.cos, self.sin = model.rope_tables(max_len, device)  # (max_len, rope/2)
         self.max_len = max_len
 

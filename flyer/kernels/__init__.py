@@ -8,6 +8,7 @@ every other device and dtype, and the oracle the tests compare the kernels again
 - ``combine`` / ``combine_backward`` / ``segment_sum``: the MoE's weighted FP32 sum of each
   token's expert outputs, and its gradients (rows indexed by token once, ``token_index``);
 - ``rms_norm`` / ``rms_norm_backward``: RMSNorm of each row and its gradients;
+- ``grouped_mm``: the routed experts' GEMMs when each has a few rows (decoding), at memory bandwidth;
 - ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
   operands of the CPU FP8 GEMM emulation), bit for bit the eager table lookup and multiply.
 
@@ -189,6 +190,26 @@ def segment_sum(x_RD: torch.Tensor, index: TokenIndex) -> torch.Tensor:
     return x_RD.new_zeros(index.n_tokens + 1, x_RD.shape[1]).index_add_(0, index.src, x_RD)[:-1]
 
 
+# ---- routed experts: few rows per expert -------------------------------------------------------
+
+FEW_ROWS = 8  # rows per group up to which ``grouped_mm`` runs the kernel (decode batches)
+
+
+def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor) -> torch.Tensor:
+    """out (R, N): each group's consecutive rows of x (``rows_G[g]`` of them) times w[g]^T. The
+    kernel (FP32, at most ``FEW_ROWS`` rows per group) reads each weight once for all of its
+    group's rows, over both threads; elsewhere one ``torch.mm`` per group with rows."""
+    if (max(rows_G, default=0) <= FEW_ROWS and x_RK.dtype == w_GNK.dtype == torch.float32
+            and usable(x_RK, w_GNK)):
+        return cpu_ops().grouped_mm_few_rows(x_RK.contiguous(), torch.tensor(rows_G, dtype=torch.long),
+                                             w_GNK.contiguous())
+    out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
+    for xs, os_, w, n in zip(x_RK.split(rows_G), out.split(rows_G), w_GNK.unbind(0), rows_G):
+        if n:
+            torch.mm(xs, w.t(), out=os_)
+    return out
+
+
 # ---- RMSNorm -----------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight_D: torch.Tensor, eps: float,
@@ -277,5 +298,5 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
 
 
 __all__ = ["KERNEL_DTYPES", "TokenIndex", "combine", "combine_backward", "cpu_ops", "disabled", "fp8_dequantize",
-           "fp8_to_float", "rms_norm", "rms_norm_backward", "segment_sum", "swiglu", "swiglu_backward", "token_index",
-           "token_rows", "usable", "xent_chunk"]
+           "fp8_to_float", "grouped_mm", "rms_norm", "rms_norm_backward", "segment_sum", "swiglu", "swiglu_backward",
+           "token_index", "token_rows", "usable", "xent_chunk"]

@@ -439,6 +439,80 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor&
 }
 
 
+// ---- grouped GEMM for few rows per group (routed experts while decoding) ------------------------
+// x (R, K) rows sorted by group, counts (G,) rows per group, w (G, N, K) -> out (R, N) with
+// out[r] = w[g] x[r] for each row r of group g. A decode step gives each expert a few rows: one
+// GEMM-library call per expert then costs more in call overhead and small-M kernels than reading
+// its weights. Here each weight row is streamed once for all of its group's rows (up to kRows at a
+// time, their dot products kept in registers), and (group, block of weight rows) tasks are split
+// across threads, so the pass runs at memory bandwidth. FP32 only; sums in FP32.
+constexpr int64_t kRows = 4;       // rows of one group sharing each weight row load
+constexpr int64_t kWeightRows = 32;  // weight rows per task
+
+template <int M>
+inline void dot_rows(const float* w, const float* x, int64_t K, int64_t N, float* out, int64_t n) {
+  Vec acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = Vec(0.f);
+  int64_t k = 0;
+  for (; k + Vec::size() <= K; k += Vec::size()) {
+    const Vec wv = Vec::loadu(w + k);
+    for (int m = 0; m < M; ++m) acc[m] = at::vec::fmadd(wv, Vec::loadu(x + m * K + k), acc[m]);
+  }
+  for (int m = 0; m < M; ++m) {
+    float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[m]);
+    for (int64_t j = k; j < K; ++j) sum += w[j] * x[m * K + j];
+    out[m * N + n] = sum;
+  }
+}
+
+at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& w) {
+  check_cpu(x, "grouped_mm_few_rows x");
+  check_cpu(counts, "grouped_mm_few_rows counts");
+  check_cpu(w, "grouped_mm_few_rows w");
+  check_dtype(x, at::kFloat, "grouped_mm_few_rows x");
+  check_dtype(w, at::kFloat, "grouped_mm_few_rows w");
+  check_dtype(counts, at::kLong, "grouped_mm_few_rows counts");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == x.size(1) && counts.numel() == w.size(0),
+              "grouped_mm_few_rows: x (R, K), counts (G,), w (G, N, K) expected");
+  const int64_t R = x.size(0), K = x.size(1), G = w.size(0), N = w.size(1);
+  const int64_t* cnt = counts.data_ptr<int64_t>();
+  std::vector<int64_t> first(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(cnt[g] >= 0, "grouped_mm_few_rows: negative count");
+    first[g + 1] = first[g] + cnt[g];
+  }
+  TORCH_CHECK(first[G] == R, "grouped_mm_few_rows: counts sum to ", first[G], ", x has ", R, " rows");
+  auto out = at::empty({R, N}, x.options());
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (group, first weight row)
+  for (int64_t g = 0; g < G; ++g)
+    if (cnt[g] > 0)
+      for (int64_t n = 0; n < N; n += kWeightRows) tasks.emplace_back(g, n);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const auto [g, n0] = tasks[t];
+      const int64_t n1 = std::min(n0 + kWeightRows, N);
+      for (int64_t r = first[g]; r < first[g + 1]; r += kRows) {
+        const int64_t m = std::min(kRows, first[g + 1] - r);
+        const float* xr = xp + r * K;
+        float* o = op + r * N;
+        for (int64_t n = n0; n < n1; ++n) {
+          const float* wr = wp + (g * N + n) * K;
+          switch (m) {
+            case 1: dot_rows<1>(wr, xr, K, N, o, n); break;
+            case 2: dot_rows<2>(wr, xr, K, N, o, n); break;
+            case 3: dot_rows<3>(wr, xr, K, N, o, n); break;
+            default: dot_rows<4>(wr, xr, K, N, o, n); break;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // ---- FP8 dequantisation: 1x128 tiles (block_rows 1) and 128x128 blocks (block_rows 128) ---------
 // (Quantisation stays eager: ATen's amax/amin, division and FP8 conversion are already single
 // vectorised passes, and a fused kernel built on the scalar FP8 conversion measured slower.)
@@ -482,14 +556,27 @@ at::Tensor fp8_dequantize(const at::Tensor& data, const at::Tensor& scale, int64
 
 }  // namespace
 
+// The kernels touch no Python object: each releases the GIL, so that a server's event loop runs
+// while the scheduler thread computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("xent_chunk", &xent_chunk, "log p(target) and softmax - onehot of a chunk of logits");
-  m.def("swiglu", &swiglu, "silu(h1) * h3 of h13 = [h1 | h3]");
-  m.def("swiglu_backward", &swiglu_backward, "gradient of swiglu with respect to h13");
-  m.def("combine", &combine, "FP32 weighted sum of each token's rows");
-  m.def("combine_backward", &combine_backward, "gradients of combine: rows and weights");
-  m.def("segment_sum", &segment_sum, "sum of each token's rows, rounded as index_add_");
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row times weight, and the rows' 1/rms");
-  m.def("rms_norm_backward", &rms_norm_backward, "gradients of rms_norm: input and weight");
-  m.def("fp8_dequantize", &fp8_dequantize, "FP8 codes times their tile scales, as FP32");
+  m.def("xent_chunk", &xent_chunk, "log p(target) and softmax - onehot of a chunk of logits",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("swiglu", &swiglu, "silu(h1) * h3 of h13 = [h1 | h3]",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("swiglu_backward", &swiglu_backward, "gradient of swiglu with respect to h13",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("combine", &combine, "FP32 weighted sum of each token's rows",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("combine_backward", &combine_backward, "gradients of combine: rows and weights",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("segment_sum", &segment_sum, "sum of each token's rows, rounded as index_add_",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row times weight, and the rows' 1/rms",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm_backward", &rms_norm_backward, "gradients of rms_norm: input and weight",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("grouped_mm_few_rows", &grouped_mm_few_rows, "each group's rows times its weight, transposed (few rows)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("fp8_dequantize", &fp8_dequantize, "FP8 codes times their tile scales, as FP32",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -90,9 +90,25 @@ def padded_layout(counts: list[int], row_multiple: int) -> PaddedLayout:
     return PaddedLayout(counts, padded, starts[:-1], starts[-1])
 
 
+def packed_w13(w1_EFD: torch.Tensor, w3_EFD: torch.Tensor) -> torch.Tensor | None:
+    """The (E, 2F, D) stack w1|w3 as a view when w1 and w3 already are its two halves (after
+    ``Experts.pack_w13_``), else None."""
+    E, F_, D = w1_EFD.shape
+    stride = (2 * F_ * D, D, 1)
+    if (w1_EFD.stride() != stride or w3_EFD.stride() != stride or w1_EFD.dtype != w3_EFD.dtype
+            or w1_EFD.untyped_storage().data_ptr() != w3_EFD.untyped_storage().data_ptr()
+            or w3_EFD.storage_offset() != w1_EFD.storage_offset() + F_ * D):
+        return None
+    return w1_EFD.as_strided((E, 2 * F_, D), stride)
+
+
 def _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype):
     """w1|w3 stacked as (E, 2F, D) and w2 (E, D, F), cast to ``dtype`` in the same pass (then
-    widened to FP32 where ``dtype`` GEMMs are emulated: see ``lowp.operand``)."""
+    widened to FP32 where ``dtype`` GEMMs are emulated: see ``lowp.operand``). Weights packed in
+    place (``Experts.pack_w13_``) in ``dtype`` are not copied at all."""
+    w13 = packed_w13(w1_EFD, w3_EFD)
+    if w13 is not None and w13.dtype == dtype:
+        return lowp.operand(w13, dtype), lowp.operand(w2_EDF, dtype)
     E, F_, D = w1_EFD.shape
     w13 = w1_EFD.new_empty((E, 2 * F_, D), dtype=dtype)  # one up-projection GEMM per expert
     w13[:, :F_].copy_(w1_EFD)
@@ -102,7 +118,13 @@ def _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype):
 
 def _swiglu_forward(x, w13, w2, rows_E: list[int], F_):
     """Expert e on the next ``rows_E[e]`` rows of x (padded layout): returns (y, h13, a). Per-expert
-    views come from one ``split``/``unbind`` each rather than a Python slice per GEMM operand."""
+    views come from one ``split``/``unbind`` each rather than a Python slice per GEMM operand.
+    FP32 (nothing emulated) goes through ``kernels.grouped_mm``: one call per projection, the
+    kernel when every expert has a few rows (decoding), else the same per-expert ``torch.mm``."""
+    if x.dtype == w13.dtype == w2.dtype == torch.float32:
+        h13 = kernels.grouped_mm(x, rows_E, w13)
+        a = kernels.swiglu(h13)
+        return kernels.grouped_mm(a, rows_E, w2), h13, a
     h13 = x.new_empty(x.shape[0], 2 * F_)
     y = x.new_empty(x.shape[0], w2.shape[1])
     live = [e for e, p in enumerate(rows_E) if p]
@@ -312,6 +334,18 @@ class Experts(nn.Module):
         for w in (self.w1, self.w2, self.w3):
             w.normal_(0.0, self.init_std, generator=generator)
 
+    @torch.no_grad()
+    def pack_w13_(self) -> None:
+        """Re-store w1 and w3 as the two halves of one (E, 2F, D) tensor (same values, same
+        parameters), so each forward's up-projection GEMMs read them without first stacking a
+        copy (decoding, where the weights do not change and that copy costs as much as the
+        experts' GEMMs). A later ``.to()`` or ``load_state_dict`` into new tensors undoes it."""
+        if packed_w13(self.w1, self.w3) is not None:
+            return
+        F_ = self.w1.shape[1]
+        w13 = torch.cat([self.w1, self.w3], dim=1)
+        self.w1.data, self.w3.data = w13[:, :F_], w13[:, F_:]
+
     @staticmethod
     def row_multiple(x_ND: torch.Tensor, dtype: torch.dtype) -> int:
         """Rows each expert's slice is padded to a multiple of: oneDNN's bf16/fp16 CPU GEMMs build a
@@ -343,4 +377,4 @@ class Experts(nn.Module):
 
 
 __all__ = ["EXPERT_IMPLS", "Experts", "PaddedLayout", "expert_ffn_fused", "expert_ffn_grouped_mm", "expert_ffn_loop",
-           "padded_layout", "resolve_experts_impl"]
+           "packed_w13", "padded_layout", "resolve_experts_impl"]

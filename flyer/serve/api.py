@@ -153,6 +153,30 @@ class _Choice:
         return out
 
 
+class _Outbox:
+    """Events from the scheduler thread to the event loop's queues with one wake-up per burst: a
+    decode step emits its tokens microseconds apart, and a wake-up per token (a self-pipe write,
+    a loop iteration, the GIL taken from the scheduler each time) costs more than handing a
+    step's tokens over together."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock = loop, [], threading.Lock()
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        """From any thread: ``queue.put_nowait(item)`` on the loop, soon."""
+        with self.lock:
+            self.items.append((queue, item))
+            wake = len(self.items) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class _Generation:
     """Every prompt of one HTTP request submitted to the engine (at construction, so a refusal
     answers with its status before any response starts); ``events`` yields (choice index, its
@@ -164,7 +188,7 @@ class _Generation:
         self.engine, self.request, self.prompts = api.engine, request, prompts
         for p in prompts:
             self.engine.check(p, opts)
-        self.loop = asyncio.get_running_loop()
+        self.outbox = api.outbox(asyncio.get_running_loop())
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices = [_Choice(api.tok, stops) for _ in prompts]
         self.reqs = []
@@ -176,7 +200,7 @@ class _Generation:
             raise ApiError(429, f"too many requests waiting: {err}", "rate_limit_error", code="queue_full") from None
 
     def _emitter(self, i: int):
-        return lambda e: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, e))
+        return lambda e: self.outbox.put(self.queue, (i, e))
 
     def cancel(self) -> None:
         for r in self.reqs:
@@ -187,8 +211,9 @@ class _Generation:
         live = len(self.prompts)
         try:
             while live:
-                try:
-                    i, e = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                try:  # wait_for (a task and a timer) only when nothing has arrived yet
+                    i, e = self.queue.get_nowait() if not self.queue.empty() else \
+                        await asyncio.wait_for(self.queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if await self.request.is_disconnected():
                         return
@@ -230,6 +255,13 @@ class Api:
         self.render_chat = chat_renderer(chat_template, *self._special_texts())
         self.draining = False
         self.created = int(time.time())
+        self._outbox: _Outbox | None = None
+
+    def outbox(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
+        """The one outbox of the loop serving requests (tests may run a loop after another)."""
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = _Outbox(loop)
+        return self._outbox
 
     def _special_texts(self) -> tuple[str | None, str | None]:
         token = getattr(self.tok, "token", None)

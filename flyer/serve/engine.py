@@ -13,7 +13,7 @@ wait for the model. Each scheduler step:
    repeated;
 4. runs one decode forward (one token per decoding request) and one prefill forward over at most
    ``prefill_chunk`` prompt tokens (chunks of one or more prompts), so a long prompt advances a
-   chunk per step while the others keep decoding;
+   chunk per step while the others keep decoding (more during a burst: ``prefill_budget``);
 5. samples each request's next token with its own options (greedy, temperature / top-p with its
    own seeded generator) and hands it to the request's ``emit``; finished requests leave.
 
@@ -211,10 +211,16 @@ class Engine:
             self._cv.notify()
 
     def start(self) -> None:
+        """The scheduler loop on a thread of its own. (Tried on the main thread, which loaded the
+        model: torch's OpenMP workers then spin between parallel regions, 24 against 32 ms a token
+        at one client once, but on a host loaded by other processes every region waited for a
+        descheduled spinner, 1.7 s a token. From this thread's second team libgomp counts more
+        threads than cores and its workers sleep instead.)"""
         self._thread = threading.Thread(target=self._loop, name="flyer-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop after the step in progress."""
         with self._cv:
             self._stop = True
             self._cv.notify()
@@ -382,17 +388,21 @@ class Engine:
         self._set_tables(rows, int(start.max()) + 1)
         h = self.dec.forward(tokens, start)
         logits = self.dec.logits(h)[:, 0]
+        greedy = logits.argmax(-1).tolist()  # one argmax for the batch, not one per greedy row
         for i, r in enumerate(rows):
             r.n_cached += 1
             if self.spec:
                 r.h_prev = h[i]  # (1, D): position 0
-            self._advance(r, logits[i])
+            self._advance(r, logits[i], greedy[i])
 
-    def _mtp_catch_up(self, rows: list[Request]) -> torch.Tensor | None:
+    def _mtp_catch_up(self, rows: list[Request], hold_decode_entry: bool = False) -> torch.Tensor | None:
         """Write the MTP cache entries each row can: positions [mtp_len, min(n_cached, len - 1))
         from the main hidden states and the next tokens. Returns (B, D) the MTP output at each
-        row's last such position (None when no row has any)."""
-        c = [max(min(r.n_cached, len(r.tokens) - 1) - r.mtp_len, 0) for r in rows]
+        row's last such position (None when no row has any). ``hold_decode_entry`` (prefill): a
+        row left with one pending token decodes next, and its decode step drafts from the entry
+        at n_cached - 1, so that one is left for it."""
+        c = [max(min(r.n_cached, len(r.tokens) - 1) - r.mtp_len
+                 - int(hold_decode_entry and len(r.tokens) - r.n_cached == 1), 0) for r in rows]
         if max(c) == 0:
             return None
         C, D = max(c), self.model.cfg.dim
@@ -433,8 +443,18 @@ class Engine:
                 if self._emit_token(r, tok, logits[i, j]):
                     break
 
+    def prefill_budget(self) -> int:
+        """Prompt tokens this step may prefill: ``prefill_chunk``, times how many requests wait for
+        their first token per decoding one when they outnumber the decoding ones (a burst). A
+        step's prefill stalls each decoding request as long as it advances each waiting one, and
+        one forward over many prompts' tokens costs less than the same tokens in several steps."""
+        waiting = sum(1 for r in self.running if r.generated == 0 and len(r.tokens) - r.n_cached > 1)
+        decoding = sum(1 for r in self.running if r.generated > 0)
+        return self.cfg.prefill_chunk * max(1, waiting // max(decoding, 1)) if waiting > decoding \
+            else self.cfg.prefill_chunk
+
     def _prefill(self) -> None:
-        budget = self.cfg.prefill_chunk
+        budget = self.prefill_budget()
         rows, lens = [], []
         for r in self.running:
             pending = len(r.tokens) - r.n_cached
@@ -455,7 +475,7 @@ class Engine:
             for i, (r, n) in enumerate(zip(rows, lens)):
                 r.h_prev = h[i, :n] if r.h_prev is None else torch.cat([r.h_prev, h[i, :n]])
                 r.n_cached += n
-            self._mtp_catch_up(rows)
+            self._mtp_catch_up(rows, hold_decode_entry=True)
             for r, n in zip(rows, lens):
                 r.n_cached -= n
         for i, (r, n) in enumerate(zip(rows, lens)):
@@ -496,11 +516,15 @@ class Engine:
         if self.cfg.prefix_cache is not None:
             self._store_to_disk(r, first, len(r.keys))
 
-    def _advance(self, r: Request, logits_V: torch.Tensor) -> None:
-        """The cache holds all of r's tokens: choose the next one from ``logits_V`` and emit it."""
+    def _advance(self, r: Request, logits_V: torch.Tensor, argmax: int | None = None) -> None:
+        """The cache holds all of r's tokens: choose the next one from ``logits_V`` (``argmax``:
+        its argmax, computed with the batch's) and emit it."""
         self._register_full_blocks(r)
         o = r.opts
-        tok = int(sample(logits_V.unsqueeze(0), SamplingParams(o.temperature, o.top_p), r.generator)[0])
+        if o.temperature == 0 and argmax is not None:
+            tok = argmax
+        else:
+            tok = int(sample(logits_V.unsqueeze(0), SamplingParams(o.temperature, o.top_p), r.generator)[0])
         self._emit_token(r, tok, logits_V)
 
     def _emit_token(self, r: Request, tok: int, logits_V: torch.Tensor) -> bool:

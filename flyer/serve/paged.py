@@ -39,6 +39,8 @@ class PagedCache:
         self.pool, self.kind = pool, pool.kind
         self.n_blocks, self.block_size = pool.batch, pool.max_len
         self.tables = torch.zeros(1, 1, dtype=torch.long)
+        self._slot_key: tuple = ()  # (positions, tables) tensors the cached slots were computed for
+        self._slot_cache: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -48,14 +50,18 @@ class PagedCache:
         return self.pool.bytes_per_token()
 
     def _slots(self, pos_BT: torch.Tensor) -> torch.Tensor:
-        """Flat slot index (B, T) of each position; positions past a row's table: the null block."""
-        tables = F.pad(self.tables, (0, 1), value=NULL_BLOCK)
-        blk = (pos_BT // self.block_size).clamp(max=tables.shape[1] - 1)
-        return tables.gather(1, blk) * self.block_size + pos_BT % self.block_size
+        """Flat slot index (B * T,) of each position; positions past a row's table: the null block.
+        Every layer of a forward writes the same positions: computed once per positions tensor."""
+        if not (self._slot_key and self._slot_key[0] is pos_BT and self._slot_key[1] is self.tables):
+            tables = F.pad(self.tables, (0, 1), value=NULL_BLOCK)
+            blk = (pos_BT // self.block_size).clamp(max=tables.shape[1] - 1)
+            self._slot_key = (pos_BT, self.tables)
+            self._slot_cache = (tables.gather(1, blk) * self.block_size + pos_BT % self.block_size).flatten()
+        return self._slot_cache
 
     def write(self, layer: int, pos_BT: torch.Tensor, **values: torch.Tensor) -> None:
         """Store ``values[name]`` (B, T, ...) of ``layer`` at positions ``pos_BT`` (B, T)."""
-        slots = self._slots(pos_BT).flatten()
+        slots = self._slots(pos_BT)
         for name, v in values.items():
             self.pool.tensors[name][layer].flatten(0, 1)[slots] = v.flatten(0, 1).to(self.dtype)
 
