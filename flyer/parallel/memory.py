@@ -6,8 +6,8 @@ the embedding included: it is allocated), its gradient, and every tensor of this
 state (``exp_avg``, ``exp_avg_sq`` and the ``step`` scalar; under ZeRO-1 only this rank's shard).
 
 Planned (``plan_state_bytes``): the same sums from a ``Transformer`` built on the ``meta``
-device, cut as the run cuts it: the layers and ends of each pipeline rank (``rank_stages``, the
-mirror rule of ``PipelineModel``), the expert stacks sliced ``ep`` ways, and ZeRO-1's partition
+device, cut as the run cuts it: the layers and ends of each pipeline rank (``held_modules``, the
+rule ``PipelineModel`` follows), the expert stacks sliced ``ep`` ways, and ZeRO-1's partition
 (``flyer.parallel.zero.partition``). Activations are an estimate beside them (``activation_bytes``).
 """
 
@@ -22,7 +22,7 @@ from flyer.cluster.costs import activation_bytes_per_token_layer
 from flyer.config import ModelConfig
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import expert_param_names
-from flyer.parallel.pipeline import chunks_per_rank, split_layers, stage_ranks
+from flyer.parallel.pipeline import chunks_per_rank, held_modules, split_layers, stage_ranks
 from flyer.parallel.zero import adamw_groups, partition, shard_kinds, shard_rank
 
 STEP_BYTES = 4  # AdamW's per-parameter ``step``: an FP32 scalar tensor (fused and foreach alike)
@@ -45,23 +45,15 @@ def measure_state_bytes(model: nn.Module, optimizer) -> dict[str, int]:
             "optimizer_bytes": state}
 
 
-def held_modules(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: int) -> nn.Module:
-    """The modules pipeline rank ``pp_rank`` holds, registered in ``PipelineModel``'s order (its
-    layers, then the embedding (the first stage's, or the last stage's mirror for MTP or a tied
-    head), the final norm, head and MTP modules), so ``named_parameters`` lists them as the run
-    does; the whole model without pipelining."""
+def _holder(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: int) -> nn.Module:
+    """The modules pipeline rank ``pp_rank`` holds (``pipeline.held_modules``), registered in
+    ``PipelineModel``'s order so ``named_parameters`` lists them as the run does; the whole model
+    without pipelining."""
     if pp == 1:
         return model
-    n = pp * chunks_per_rank(schedule, pp)
-    split, placement = split_layers(model.cfg, n, seq_len), stage_ranks(schedule, pp)
-    local = [s for s in range(n) if placement[s] == pp_rank]
     holder = nn.Module()
-    holder.layers = nn.ModuleDict({str(i): model.layers[i] for s in local for i in split[s]})
-    last = n - 1 in local
-    if 0 in local or (last and (len(model.mtp) or model.cfg.tie_embeddings)):
-        holder.embed = model.embed
-    if last:
-        holder.norm, holder.head, holder.mtp = model.norm, model.head, model.mtp
+    for name, module in held_modules(model, pp, pp_rank, schedule, seq_len).items():
+        setattr(holder, name, module)
     return holder
 
 
@@ -100,7 +92,7 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
     out: dict[str, list[int]] = {f"{k}_per_rank": [] for k in KEYS}
     acts = []
     for pp_rank in range(pp):
-        named = list(held_modules(model, pp, pp_rank, schedule, seq_len).named_parameters())
+        named = list(_holder(model, pp, pp_rank, schedule, seq_len).named_parameters())
         numel = {id(p): p.numel() // ep if n in experts else p.numel() for n, p in named}
         elsize = {id(p): p.element_size() for _, p in named}
         params = sum(numel[id(p)] * elsize[id(p)] for _, p in named)
@@ -128,4 +120,4 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
     return res
 
 
-__all__ = ["KEYS", "activation_bytes", "held_modules", "measure_state_bytes", "plan_state_bytes"]
+__all__ = ["KEYS", "activation_bytes", "measure_state_bytes", "plan_state_bytes"]

@@ -27,7 +27,6 @@ each gradient is that of one process on the concatenation of the micro-batches.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -200,6 +199,23 @@ class Stage(OutputHeads, nn.Module):
         return loss * self.scale
 
 
+def held_modules(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: int) -> dict[str, nn.Module]:
+    """What pipeline rank ``pp_rank`` holds, by the one-process model's attribute names and in
+    the order ``PipelineModel`` registers them: its ``layers`` (keyed by global layer id), the
+    ``embed``ding (the first stage's, or the last stage's mirror for MTP or a tied head), and on
+    the last stage ``norm``, ``head`` and ``mtp``. ``flyer.parallel.memory`` plans from the same."""
+    n = pp * chunks_per_rank(schedule, pp)
+    split, placement = split_layers(model.cfg, n, seq_len), stage_ranks(schedule, pp)
+    local = [s for s in range(n) if placement[s] == pp_rank]
+    out: dict[str, nn.Module] = {"layers": nn.ModuleDict({str(i): model.layers[i] for s in local for i in split[s]})}
+    last = n - 1 in local
+    if 0 in local or (last and (len(model.mtp) or model.cfg.tie_embeddings)):
+        out["embed"] = model.embed
+    if last:
+        out.update(norm=model.norm, head=model.head, mtp=model.mtp)
+    return out
+
+
 def _no_loss(_output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
     raise AssertionError("only the last stage computes the loss")
 
@@ -230,13 +246,9 @@ class PipelineModel(nn.Module):
         local = [s for s in range(n) if self.placement[s] == mesh.pp_rank]
         stages = [Stage(model, s, self.split[s], n, micro_batches) for s in local]
         self._stages = stages  # not submodules: the same weights are registered below by their model names
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for st in stages for i in st.layer_ids})
-        holds_first, holds_last = 0 in local, n - 1 in local
-        if any(hasattr(st, "embed") for st in stages):
-            self.embed = model.embed
-        if holds_last:
-            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
-        self.mirrors = hasattr(self, "embed") and not holds_first  # the last stage's copy of the embedding
+        for name, module in held_modules(model, mesh.pp, mesh.pp_rank, schedule, seq_len).items():
+            setattr(self, name, module)
+        self.mirrors = hasattr(self, "embed") and 0 not in local  # the last stage's copy of the embedding
         if self.mirrors:
             setattr(self.embed.weight, MIRROR, True)
         self._mirror_group = None
@@ -328,24 +340,5 @@ class PipelineModel(nn.Module):
         return self
 
 
-@dataclass
-class StageInfo:
-    """What one pipeline rank holds: its stages and their layers (for logs and plans)."""
-    stages: list[int]
-    layers: list[int]
-
-
-def rank_stages(cfg: ModelConfig, pp: int, schedule: str, seq_len: int) -> list[StageInfo]:
-    """Per pipeline rank: the stage indices and layer ids it holds."""
-    n = pp * chunks_per_rank(schedule, pp)
-    split, placement = split_layers(cfg, n, seq_len), stage_ranks(schedule, pp)
-    out = [StageInfo([], []) for _ in range(pp)]
-    for s, r in enumerate(placement):
-        out[r].stages.append(s)
-        out[r].layers.extend(split[s])
-    return out
-
-
-__all__ = ["PP_SCHEDULES", "V_SCHEDULES", "AttachAux", "PipelineModel", "Stage", "StageInfo", "chunks_per_rank",
-           "end_flops", "layer_flops", "min_micro_batches", "rank_stages", "split_layers", "stage_ranks",
-           "validate_pipeline"]
+__all__ = ["PP_SCHEDULES", "V_SCHEDULES", "AttachAux", "PipelineModel", "Stage", "chunks_per_rank", "end_flops",
+           "held_modules", "layer_flops", "min_micro_batches", "split_layers", "stage_ranks", "validate_pipeline"]
