@@ -214,6 +214,10 @@ BAD_LAYOUTS = {  # extra flags (tiny preset: 4 layers), environment (a torchrun 
     "stage replicas across nodes": (["--pp", "3"], {"WORLD_SIZE": "6", "RANK": "0", "LOCAL_WORLD_SIZE": "3"},
                                     "--pp: each of the 3 stages has 2 ranks, which must be whole nodes or lie inside "
                                     "one node of 3 ranks"),
+    # byte-level BPE needs 257 tokens: said by the config check, not by data preparation after rendezvous
+    "vocab below the tokenizer's": (["--pp", "2", "--vocab-size", "256"],
+                                    {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "2"},
+                                    "--vocab-size: must be >= 257"),
     "ep larger than a stage": (["--pp", "2", "--ep", "4"], {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_WORLD_SIZE": "4"},
                                "--ep: must divide the 2 data-parallel ranks of a stage (world 4 / pp 2)"),
 }

@@ -30,6 +30,7 @@ from flyer.cluster.costs import activation_bytes_per_token_layer
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
 from flyer.interop.load import init_source, load_init_weights
 from flyer.data import BatchSampler, eval_batches, prepare_data
+from flyer.data.tokenizer import MIN_VOCAB
 from flyer.fp8 import convert_to_fp8
 from flyer.model.counts import param_counts
 from flyer.errors import CheckpointError, FieldError, TrainingError
@@ -121,7 +122,8 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
         need(self.clip > 0, "clip", "must be > 0")
-        need(self.vocab_size is None or self.vocab_size >= 256, "vocab_size", "must be >= 256 (byte-level BPE)")
+        need(self.vocab_size is None or self.vocab_size >= MIN_VOCAB, "vocab_size",
+             f"must be >= {MIN_VOCAB} (256 byte symbols and the end-of-text token)")
         need(self.threads is None or self.threads > 0, "threads", "must be a positive integer")
         need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be a positive integer")
         need(self.micro_batches is None or self.micro_batches > 0, "micro_batches", "must be a positive integer")
