@@ -115,6 +115,12 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     return (attn + ffn) * bytes_per_element
 
 
+def logits_bytes_per_token(cfg: ModelConfig) -> int:
+    """Bytes per token of the FP32 logits and their gradient the main and MTP heads keep for
+    backward (on the stage holding the head)."""
+    return (1 + cfg.mtp_depth) * cfg.vocab_size * 4 * 2
+
+
 def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) -> dict:
     """Bytes per GPU on the heaviest pipeline stage, split by kind (see module docstring)."""
     validate_layout(cfg, lay)

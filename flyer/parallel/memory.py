@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flyer.cluster.costs import activation_bytes_per_token_layer
+from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
 from flyer.config import ModelConfig
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import expert_param_names
@@ -75,7 +75,7 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
                         for i in split[s])
         total += (n - s) * tokens * per_token
         if s == n - 1:
-            total += tokens * (1 + cfg.mtp_depth) * cfg.vocab_size * 4 * 2
+            total += tokens * logits_bytes_per_token(cfg)
     return int(total)
 
 

@@ -146,6 +146,11 @@ class AttachAux(torch.autograd.Function):
         return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32, device=grad.device), None
 
 
+def _needs_embedding(model: Transformer, first: bool, last: bool) -> bool:
+    """The first stage looks tokens up; the last one needs the embedding for MTP or a tied head."""
+    return first or (last and (len(model.mtp) > 0 or model.cfg.tie_embeddings))
+
+
 class Stage(OutputHeads, nn.Module):
     """Blocks ``layers`` of the model, with the embedding on the first stage and the final norm,
     head and MTP modules on the last. Its forward takes tokens (first stage) or the hidden states
@@ -159,7 +164,7 @@ class Stage(OutputHeads, nn.Module):
         self.scale = 1.0 / micro_batches
         self.layers = nn.ModuleList(model.layers[i] for i in layers)
         self.layer_ids = list(layers)
-        if self.first or (self.last and (len(model.mtp) or self.cfg.tie_embeddings)):
+        if _needs_embedding(model, self.first, self.last):
             self.embed = model.embed
         if self.last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
@@ -209,7 +214,7 @@ def held_modules(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_l
     local = [s for s in range(n) if placement[s] == pp_rank]
     out: dict[str, nn.Module] = {"layers": nn.ModuleDict({str(i): model.layers[i] for s in local for i in split[s]})}
     last = n - 1 in local
-    if 0 in local or (last and (len(model.mtp) or model.cfg.tie_embeddings)):
+    if _needs_embedding(model, 0 in local, last):
         out["embed"] = model.embed
     if last:
         out.update(norm=model.norm, head=model.head, mtp=model.mtp)

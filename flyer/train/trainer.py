@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from flyer.cluster.costs import activation_bytes_per_token_layer
+from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
 from flyer.interop.load import init_source, load_init_weights
 from flyer.data import BatchSampler, eval_batches, prepare_data
@@ -164,7 +164,7 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
     tokens = tc.batch_size * tc.seq_len
     saved = cfg.n_layers * activation_bytes_per_token_layer(cfg, cfg.is_moe, recompute=False,
                                                             bytes_per_element=element)
-    logits = (1 + cfg.mtp_depth) * cfg.vocab_size * 4 * 2
+    logits = logits_bytes_per_token(cfg)
     return params * 16 + tokens * (saved + logits)
 
 
