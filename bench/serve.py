@@ -133,25 +133,28 @@ def _prefix_hit_rate(url: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def _peer_generate(hf_dir: Path, reqs, threads: int) -> dict:
-    """transformers' batched generate on the same requests: one left-padded greedy batch."""
+def _peer_generate(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
+    """transformers' batched generate on the same requests: left-padded greedy batches of
+    ``concurrency`` requests in arrival order, one after another (static batching)."""
     from transformers import AutoModelForCausalLM  # noqa: F401 the peer's import, only when it runs
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    T = max(len(p) for p, _ in reqs)
-    ids = torch.zeros(len(reqs), T, dtype=torch.long)
-    mask = torch.zeros(len(reqs), T, dtype=torch.long)
-    for i, (p, _) in enumerate(reqs):
-        ids[i, T - len(p):] = torch.tensor(p)
-        mask[i, T - len(p):] = 1
-    n = max(k for _, k in reqs)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
+    useful, t0 = 0, time.perf_counter()
+    for b in range(0, len(reqs), concurrency):
+        batch = reqs[b:b + concurrency]
+        T = max(len(p) for p, _ in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        mask = torch.zeros(len(batch), T, dtype=torch.long)
+        for i, (p, _) in enumerate(batch):
+            ids[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = 1
+        n = max(k for _, k in batch)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        useful += sum(min(k, out.shape[1] - T) for _, k in batch)  # tokens past a request's own max are waste
     wall = time.perf_counter() - t0
-    useful = sum(min(k, out.shape[1] - T) for _, k in reqs)  # tokens past a request's own max are waste
     return {"tokens_per_s": useful / wall, "wall_s": wall, "tokens": useful}
 
 
@@ -201,7 +204,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="the issue's sizes (long on a small CPU)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=None)
-    ap.add_argument("--requests-per-client", type=int, default=1)
+    ap.add_argument("--requests-per-client", type=int, default=4,
+                    help="requests each client sends, one after another (steady load, not one burst)")
     ap.add_argument("--system-prompt", type=int, default=None, help="shared system prompt tokens")
     ap.add_argument("--prompt-min", type=int, default=None)
     ap.add_argument("--prompt-max", type=int, default=None)
@@ -258,7 +262,7 @@ def main() -> None:
         else:
             out["peer_note"] = "--no-peer-serve: the peer is transformers' batched generate on the same requests"
         if peer is None:
-            peer = _peer_generate(hf_dir, peer_reqs, args.threads)
+            peer = _peer_generate(hf_dir, peer_reqs, cmax, args.threads)
             out["peer"] = "transformers generate (batched)"
         out[f"peer_tokens_per_s_c{cmax}"] = peer["tokens_per_s"]
     if "tokens_per_s_c16" in out and "peer_tokens_per_s_c16" in out:

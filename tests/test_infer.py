@@ -10,6 +10,7 @@ from flyer.config import preset
 from flyer.infer import attention
 from flyer.infer.attention import causal_slot_mask, dense_prefill_pays, mla_absorbed_core, mla_dense_core
 from flyer.infer import Decoder, GenerationConfig, generate, make_cache
+from flyer.infer.decoder import Group
 from flyer.infer.sampling import SamplingParams, probabilities
 from flyer.infer.speculative import accept_drafts
 from flyer.model.counts import kv_cache_bytes_per_token
@@ -45,6 +46,36 @@ def test_cached_logits_equal_training_path(over, mode):
     torch.testing.assert_close(got, ref, atol=ATOL_FP32, rtol=0)
     got_bf16 = _incremental_logits(model, tokens, mode, torch.bfloat16, n_prefill=10)
     assert (got_bf16 - ref).abs().max() < ATOL_BF16
+
+
+def test_groups_in_one_pass_equal_their_separate_forwards():
+    """``forward_groups``: a decode batch and a right-padded prefill batch, each with its own
+    cache, through one pass (MoE over the packed real tokens) give what each gives alone."""
+    model = _model()
+    V = model.cfg.vocab_size
+    ctx = torch.randint(0, V, (4, 6))
+
+    def caches():
+        decs = [Decoder(model, 2, 32, "absorbed", torch.float32) for _ in range(2)]
+        for d, rows in zip(decs, (ctx[:2], ctx[2:])):
+            d.forward(rows, torch.zeros(2, dtype=torch.long))
+        return decs
+
+    dec_tok, dec_start = torch.randint(0, V, (2, 1)), torch.tensor([6, 3])
+    pre_tok, pre_start, lengths = torch.randint(0, V, (2, 5)), torch.tensor([2, 6]), [3, 5]
+    a, b = caches()
+    ref = a.forward(dec_tok, dec_start), b.forward(pre_tok, pre_start)
+    a2, b2 = caches()
+    got = a2.forward_groups([Group(dec_tok, dec_start, cache=a2.cache),
+                             Group(pre_tok, pre_start, lengths, cache=b2.cache)])
+    torch.testing.assert_close(got[0], ref[0], atol=ATOL_FP32, rtol=0)
+    for i, n in enumerate(lengths):  # past a row's length: padding, whatever it holds
+        torch.testing.assert_close(got[1][i, :n], ref[1][i, :n], atol=ATOL_FP32, rtol=0)
+    for (d_ref, d_got), start, ns in (((a, a2), dec_start, [1, 1]), ((b, b2), pre_start, lengths)):
+        for i, n in enumerate(ns):
+            end = int(start[i]) + n
+            torch.testing.assert_close(d_got.cache.packed[:, i, :end], d_ref.cache.packed[:, i, :end],
+                                       atol=ATOL_FP32, rtol=0)
 
 
 def test_absorbed_equals_naive_with_yarn_and_no_query_compression():

@@ -316,12 +316,12 @@ def test_chat_without_max_tokens_fits_the_cache():
 def test_an_engine_failure_answers_500_in_openai_shape_and_the_engine_goes_on(model, monkeypatch, capsys):
     s = _Running(model)
     try:
-        real = s.engine.dec.forward
-        monkeypatch.setattr(s.engine.dec, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        real = s.engine.dec.forward_groups
+        monkeypatch.setattr(s.engine.dec, "forward_groups", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
         err = _error(httpx.post(s.url + "/v1/completions", json=dict(model="tiny-test", prompt=[1, 2], max_tokens=2),
                                 timeout=60), 500)
         assert err["type"] == "server_error" and "Traceback" not in err["message"]
-        monkeypatch.setattr(s.engine.dec, "forward", real)
+        monkeypatch.setattr(s.engine.dec, "forward_groups", real)
         r = s.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2
         assert "boom" in capsys.readouterr().err  # the traceback goes to the server's log

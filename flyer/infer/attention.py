@@ -1,8 +1,9 @@
 """Attention against a decode cache: absorbed MLA, naive MLA and GQA.
 
-All three take the normed block input ``x`` (B, T, D) of T new tokens per row, whose positions
-are ``pos_BT`` (row b: ``start_b .. start_b + T - 1``), write what they cache at those slots, and
-attend causally over slots ``[0, pos]``. The training path (``MLA.forward`` / ``GQA.forward``,
+All three take the normed block input ``x`` (B, T, D) of T new tokens per row and their
+``Rows`` (positions ``pos`` (B, T), row b at ``start_b .. start_b + T - 1``, with their rope
+tables and causal mask, made once per forward), write what they cache at those slots, and attend
+causally over slots ``[0, pos]``. The training path (``MLA.forward`` / ``GQA.forward``,
 full causal attention without a cache) is the oracle they are tested against.
 
 Absorbed MLA (DeepSeek-V2 section 2.1.3): with ``wkv_b`` viewed as (H, nope + v, C),
@@ -26,6 +27,8 @@ Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -40,6 +43,25 @@ def causal_slot_mask(pos_BT: torch.Tensor, n_slots: int) -> torch.Tensor:
     """(B, 1, T, S) bool: slot s is visible to the query at position p iff s <= p."""
     slots = torch.arange(n_slots, device=pos_BT.device)
     return (slots.view(1, 1, -1) <= pos_BT.unsqueeze(-1)).unsqueeze(1)
+
+
+@dataclass
+class Rows:
+    """Where a batch's new tokens sit, shared by every layer of one forward: positions (B, T), the
+    rope tables at them (B, T, R/2), the slots attended (``n_slots`` = max position + 1) and the
+    causal mask (B, 1, T, n_slots)."""
+
+    pos: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    n_slots: int
+    mask: torch.Tensor
+
+    @classmethod
+    def at(cls, pos_BT: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor) -> "Rows":
+        """Rows at ``pos_BT`` with rope tables (max_len, R/2) indexed there."""
+        S = int(pos_BT.max()) + 1
+        return cls(pos_BT, cos_table[pos_BT], sin_table[pos_BT], S, causal_slot_mask(pos_BT, S))
 
 
 def _softmax(scores_BHTS: torch.Tensor, mask_B1TS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -58,21 +80,17 @@ def dense_prefill_pays(attn: nn.Module, T: int) -> bool:
     return T > 1 and C * (nope + v) + T * (nope + R + v) < T * (2 * C + R)
 
 
-def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 cache: LatentCache, layer: int, pos_BT: torch.Tensor) -> torch.Tensor:
+def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: LatentCache, layer: int) -> torch.Tensor:
     """MLA against latents: absorbed (decode) or compute-bound (prefill chunks, by
     ``dense_prefill_pays``); either way the new tokens' latents are written to ``cache``.
-
-    ``cos``/``sin``: (B, T, R/2) rope tables at ``pos_BT``. Returns (B, T, D).
-    """
+    Returns (B, T, D)."""
     B, T, _ = x_BTD.shape
-    q_nope, q_rope = attn.queries(x_BTD, cos, sin)  # (B,T,H,nope), (B,T,H,R)
-    c_kv, k_rope = attn.latents(x_BTD, cos, sin)  # (B,T,C), (B,T,R)
-    cache.write(layer, pos_BT, latent=c_kv, rope_key=k_rope)
-    S = int(pos_BT.max()) + 1
-    kv_BSK = cache.read_packed(layer, S, x_BTD.dtype)  # [c | k_rope], K = C + R
+    q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin)  # (B,T,H,nope), (B,T,H,R)
+    c_kv, k_rope = attn.latents(x_BTD, rows.cos, rows.sin)  # (B,T,C), (B,T,R)
+    cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope)
+    kv_BSK = cache.read_packed(layer, rows.n_slots, x_BTD.dtype)  # [c | k_rope], K = C + R
     core = mla_dense_core if dense_prefill_pays(attn, T) else mla_absorbed_core
-    o = core(attn, q_nope, q_rope, kv_BSK, causal_slot_mask(pos_BT, S))
+    o = core(attn, q_nope, q_rope, kv_BSK, rows.mask)
     return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
 
 
@@ -104,42 +122,40 @@ def mla_dense_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, 
                             attn.softmax_scale, mask_B1TS)
 
 
-def mla_naive(attn: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              cache: KVCache, layer: int, pos_BT: torch.Tensor) -> torch.Tensor:
+def mla_naive(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, layer: int) -> torch.Tensor:
     """MLA as a plain multi-head attention: per-head keys/values up-projected and cached."""
     B, T, _ = x_BTD.shape
     H, nope, v = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim
-    q_nope, q_rope = attn.queries(x_BTD, cos, sin)
-    c_kv, k_rope = attn.latents(x_BTD, cos, sin)
+    q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin)
+    c_kv, k_rope = attn.latents(x_BTD, rows.cos, rows.sin)
     k_nope, val = attn.wkv_b(c_kv).view(B, T, H, nope + v).split([nope, v], dim=-1)
     key = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, attn.qk_rope_head_dim)], dim=-1)
-    cache.write(layer, pos_BT, key=key, value=val)
-    return _per_head_attention(torch.cat([q_nope, q_rope], dim=-1), cache, layer, pos_BT, attn.softmax_scale, 1,
+    cache.write(layer, rows.pos, key=key, value=val)
+    return _per_head_attention(torch.cat([q_nope, q_rope], dim=-1), cache, layer, rows, attn.softmax_scale, 1,
                                wo=attn.wo)
 
 
-def gqa_cached(attn: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache: KVCache, layer: int, pos_BT: torch.Tensor) -> torch.Tensor:
+def gqa_cached(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, layer: int) -> torch.Tensor:
     """Grouped-query attention against a per-KV-head cache."""
     B, T, _ = x_BTD.shape
-    q = apply_rope(attn.wq(x_BTD).view(B, T, attn.n_heads, attn.head_dim), cos, sin)
-    key, val = attn.keys_values(x_BTD, cos, sin)
-    cache.write(layer, pos_BT, key=key, value=val)
-    return _per_head_attention(q, cache, layer, pos_BT, attn.softmax_scale, attn.n_heads // attn.n_kv_heads,
+    q = apply_rope(attn.wq(x_BTD).view(B, T, attn.n_heads, attn.head_dim), rows.cos, rows.sin)
+    key, val = attn.keys_values(x_BTD, rows.cos, rows.sin)
+    cache.write(layer, rows.pos, key=key, value=val)
+    return _per_head_attention(q, cache, layer, rows, attn.softmax_scale, attn.n_heads // attn.n_kv_heads,
                                wo=attn.wo)
 
 
-def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, pos_BT: torch.Tensor, scale: float,
+def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, rows: Rows, scale: float,
                         group: int, wo: nn.Module | None = None) -> torch.Tensor:
     B, T, H, _ = q_BTHK.shape
-    S = int(pos_BT.max()) + 1
+    S = rows.n_slots
     k = cache.read(layer, "key", S, q_BTHK.dtype, heads_first=True)  # (B, Hkv, S, dk)
     v = cache.read(layer, "value", S, q_BTHK.dtype, heads_first=True)  # (B, Hkv, S, dv)
     # queries of one KV group share its keys: (B, Hkv, group*T, dk) against (B, Hkv, S, dk)
     Hkv = H // group
     q = q_BTHK.view(B, T, Hkv, group, -1).permute(0, 2, 3, 1, 4).reshape(B, Hkv, group * T, -1)
     scores = torch.matmul(q, k.transpose(-1, -2)).view(B, Hkv * group, T, S)
-    p = _softmax(scores * scale, causal_slot_mask(pos_BT, S), q_BTHK.dtype)
+    p = _softmax(scores * scale, rows.mask, q_BTHK.dtype)
     o = torch.matmul(p.view(B, Hkv, group * T, S), v)  # (B, Hkv, group*T, dv)
     o = o.view(B, Hkv, group, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
     return o if wo is None else wo(o)

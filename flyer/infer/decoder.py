@@ -9,6 +9,10 @@ replaces the attention core, so the training path ``Transformer.forward`` is its
 The first MTP module gets its own one-layer cache (its block attends over earlier positions too):
 ``mtp_forward(h_BTD, next_tokens_BT, start_B)`` computes h^1_i from the main model's h_i and the
 token t_{i+1}, as in training.
+
+``forward_groups`` runs several such batches (``Group``s, e.g. the server's decoding rows and its
+prefill chunks) as one pass: attention per group, everything else (embedding, norms, the MoE with
+its routed experts' weights) once over all groups' real tokens, so a step reads the weights once.
 """
 
 from __future__ import annotations
@@ -17,10 +21,52 @@ from dataclasses import dataclass
 
 import torch
 
-from flyer.infer.attention import gqa_cached, mla_absorbed, mla_naive
+from flyer.infer.attention import Rows, gqa_cached, mla_absorbed, mla_naive
 from flyer.infer.cache import make_cache
 from flyer.model.experts import Experts
 from flyer.model.transformer import Block, Transformer
+
+
+@dataclass
+class Group:
+    """One batch of ``Decoder.forward_groups``: ``tokens`` (B, T) at positions start_b + t;
+    ``lengths``: each row's real tokens (the rest of the row is padding, which attention computes
+    and everything else skips; None: all T); ``cache``: the cache its rows live in (a paged
+    cache's view with their block tables; None: the decoder's own)."""
+
+    tokens: torch.Tensor
+    start: torch.Tensor
+    lengths: list[int] | None = None
+    cache: object = None
+
+
+class _Pack:
+    """A group's place in the packed sequence: its real tokens are rows [off, off + n)."""
+
+    def __init__(self, g: Group, rows: Rows, cache):
+        B, T = g.tokens.shape
+        self.rows, self.cache, self.B, self.T, self.off = rows, cache, B, T, 0
+        flat = g.tokens.reshape(-1)
+        if g.lengths is None or min(g.lengths) == T:
+            self.real = self.src = None
+            self.token_ids, self.n = flat, B * T
+            return
+        dev = g.tokens.device
+        lengths = torch.tensor(g.lengths, device=dev)
+        keep = (torch.arange(T, device=dev) < lengths.view(-1, 1)).reshape(-1)
+        self.real = keep.nonzero().view(-1)  # the padded position of each real token
+        # the packed row of each position; right padding reads its row's last real token
+        self.src = torch.cumsum(keep, 0).sub_(1).clamp_(min=0)
+        self.token_ids, self.n = flat.index_select(0, self.real), int(self.real.numel())
+
+    def unpack(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Packed rows (n, D) -> the group's (B, T, D)."""
+        return (x_ND if self.src is None else x_ND.index_select(0, self.src)).view(self.B, self.T, -1)
+
+    def pack(self, y_BTD: torch.Tensor) -> torch.Tensor:
+        """The group's (B, T, D) -> its real tokens' rows (n, D)."""
+        y = y_BTD.reshape(self.B * self.T, -1)
+        return y if self.real is None else y.index_select(0, self.real)
 
 
 class Decoder:
@@ -59,25 +105,40 @@ class Decoder:
         """Main-model cache bytes per token (what ``flyer info`` reports for a BF16 cache)."""
         return self.cache.bytes_per_token()
 
-    def _positions(self, start_B: torch.Tensor, T: int) -> torch.Tensor:
+    def _rows(self, start_B: torch.Tensor, T: int) -> Rows:
         pos = start_B.view(-1, 1) + torch.arange(T, device=start_B.device)
-        if int(pos.max()) >= self.max_len:
+        rows = Rows.at(pos, self.cos, self.sin) if int(pos.max()) < self.max_len else None
+        if rows is None:
             raise ValueError(f"position {int(pos.max())} exceeds the decoder's max_len {self.max_len}")
-        return pos
+        return rows
 
-    def _block(self, block: Block, x: torch.Tensor, cache, layer: int, pos: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.cos[pos], self.sin[pos]  # (B, T, rope/2): per-row positions
-        x = x + self._attend(block.attn, block.attn_norm(x), cos, sin, cache, layer, pos)
+    def _block(self, block: Block, x: torch.Tensor, cache, layer: int, rows: Rows) -> torch.Tensor:
+        x = x + self._attend(block.attn, block.attn_norm(x), rows, cache, layer)
         return x + block.ffn(block.ffn_norm(x))
 
     @torch.inference_mode()
     def forward(self, tokens_BT: torch.Tensor, start_B: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, T, D) before the final norm; writes the cache at the T positions."""
-        pos = self._positions(start_B, tokens_BT.shape[1])
-        h = self.model.embed(tokens_BT)
+        return self.forward_groups([Group(tokens_BT, start_B)])[0]
+
+    @torch.inference_mode()
+    def forward_groups(self, groups: list[Group]) -> list[torch.Tensor]:
+        """``forward`` of each group (its hidden states (B, T, D); positions past a row's length
+        hold another token's state) in one pass: the groups' real tokens packed into one sequence
+        for everything but attention."""
+        packs = [_Pack(g, self._rows(g.start, g.tokens.shape[1]), g.cache or self.cache) for g in groups]
+        off = 0
+        for p in packs:
+            p.off, off = off, off + p.n
+        x = self.model.embed(torch.cat([p.token_ids for p in packs]) if len(packs) > 1 else packs[0].token_ids)
+        x = x.unsqueeze(0)  # (1, N, D): the MoE and norms take a batch of sequences
         for i, layer in enumerate(self.model.layers):
-            h = self._block(layer, h, self.cache, i, pos)
-        return h
+            a = layer.attn_norm(x)[0]
+            outs = [p.pack(self._attend(layer.attn, p.unpack(a[p.off:p.off + p.n]), p.rows, p.cache, i))
+                    for p in packs]
+            x = x + (torch.cat(outs) if len(outs) > 1 else outs[0])
+            x = x + layer.ffn(layer.ffn_norm(x))
+        return [p.unpack(x[0, p.off:p.off + p.n]) for p in packs]
 
     @torch.inference_mode()
     def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
@@ -90,9 +151,9 @@ class Decoder:
         ``from_main``: h is the main model's (before its final norm, which is applied here, as in
         training); False: h is a previous MTP output (chained drafts), taken as it is."""
         mod = self.model.mtp[0]
-        pos = self._positions(start_B, h_BTD.shape[1])
+        rows = self._rows(start_B, h_BTD.shape[1])
         x = mod.project(self.model.norm(h_BTD) if from_main else h_BTD, self.model.embed(next_tokens_BT))
-        return self._block(mod.block, x, self.mtp_cache, 0, pos)
+        return self._block(mod.block, x, self.mtp_cache, 0, rows)
 
     @torch.inference_mode()
     def mtp_logits(self, h1_BTD: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import signal
 import socket
+import threading
 from pathlib import Path
 
 import torch
@@ -82,16 +83,31 @@ def _run(args) -> int:
     api = Api(engine, tok, name, args.api_key, read_chat_template(args.ckpt))
     server = Server(api)
     sock = bind(args.host, args.port)
-    # uvicorn re-raises the signal it handled once it is done; a no-op handler makes that exit 0
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    engine.start()
     host, port = sock.getsockname()[:2]
+    failed: list[BaseException] = []
+
+    def http() -> None:
+        try:
+            _serve_with_ready_line(server, sock, f"http://{host}:{port}", name)
+        except BaseException as e:  # re-raised on the main thread
+            failed.append(e)
+        finally:
+            engine.stop()
+
+    # the main thread, which loaded the model, steps it (``Engine.run``); HTTP runs on a thread
+    # of its own and drains on SIGTERM/SIGINT while the engine finishes the requests in flight
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    t = threading.Thread(target=http, name="flyer-http")
+    t.start()
     try:
-        _serve_with_ready_line(server, sock, f"http://{host}:{port}", name)
+        engine.run()
     finally:
-        engine.stop()
+        server.stop()
+        t.join()
         sock.close()
+    if failed:
+        raise failed[0]
     print("flyer serve: stopped", flush=True)
     return 0
 
@@ -132,5 +148,6 @@ def register(sub) -> None:
                    help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()), help="CPU threads")
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),
+                   help="torch threads stepping the model (default: all cores but one, which the HTTP side gets)")
     p.set_defaults(func=_run)

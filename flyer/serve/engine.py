@@ -11,9 +11,11 @@ wait for the model. Each scheduler step:
    recently admitted request is preempted: its blocks freed, it goes back to the front of the
    queue and is recomputed (prompt and tokens so far) when readmitted, so nothing is lost or
    repeated;
-4. runs one decode forward (one token per decoding request) and one prefill forward over at most
-   ``prefill_chunk`` prompt tokens (chunks of one or more prompts), so a long prompt advances a
-   chunk per step while the others keep decoding (more during a burst: ``prefill_budget``);
+4. runs one forward over one token per decoding request and at most ``prefill_chunk`` prompt
+   tokens (chunks of one or more prompts), so a long prompt advances a chunk per step while the
+   others keep decoding (more during a burst: ``prefill_budget``). Both kinds of rows go through
+   the model together (``Decoder.forward_groups``): the routed experts' weights, most of the bytes
+   a step reads, are read once for both;
 5. samples each request's next token with its own options (greedy, temperature / top-p with its
    own seeded generator) and hands it to the request's ``emit``; finished requests leave.
 
@@ -43,7 +45,7 @@ from typing import Callable, Sequence
 import torch
 
 from flyer.errors import FieldError
-from flyer.infer.decoder import Decoder
+from flyer.infer.decoder import Decoder, Group
 from flyer.infer.generate import open_prefix_cache
 from flyer.infer.prefix_cache import PrefixCache, chain_keys
 from flyer.infer.sampling import SamplingParams, probabilities, sample
@@ -211,13 +213,18 @@ class Engine:
             self._cv.notify()
 
     def start(self) -> None:
-        """The scheduler loop on a thread of its own. (Tried on the main thread, which loaded the
-        model: torch's OpenMP workers then spin between parallel regions, 24 against 32 ms a token
-        at one client once, but on a host loaded by other processes every region waited for a
-        descheduled spinner, 1.7 s a token. From this thread's second team libgomp counts more
-        threads than cores and its workers sleep instead.)"""
-        self._thread = threading.Thread(target=self._loop, name="flyer-engine", daemon=True)
+        """The scheduler loop (``run``) on a thread of its own (tests, benchmarks). ``flyer serve``
+        runs it on the thread that loaded the model instead: see ``run``."""
+        self._thread = threading.Thread(target=self.run, name="flyer-engine", daemon=True)
         self._thread.start()
+
+    def run(self) -> None:
+        """The scheduler loop on the calling thread, until ``stop``. torch's OpenMP workers belong to
+        the thread that first ran a parallel region; a second thread running the model gets a team
+        of its own, libgomp then counts more threads than cores and its workers sleep between the
+        hundreds of small parallel regions of a step (measured: 41 against 20 ms a token at one
+        client on 2 threads), so the thread that loaded the model should step it."""
+        self._loop()
 
     def stop(self) -> None:
         """End the loop after the step in progress."""
@@ -259,8 +266,8 @@ class Engine:
     def step(self) -> None:
         """One scheduling step (see the module docstring)."""
         self.admit()
-        self._decode(self._reserve_decode_slots())
-        self._prefill()
+        decoding = self._reserve_decode_slots()
+        self._forward(decoding, *self._plan_prefill())
         self._update_gauges()
 
     def admit(self) -> int:
@@ -365,35 +372,71 @@ class Engine:
         self.waiting.appendleft(r)
         self.metrics.preemptions.inc()
 
-    def _set_tables(self, rows: list[Request], n_slots: int) -> None:
-        """Block tables of ``rows`` covering ``n_slots`` positions, for the main and MTP caches."""
+    def _tables(self, rows: list[Request], n_slots: int) -> torch.Tensor:
+        """Block tables (B, n) of ``rows`` covering ``n_slots`` positions (NULL_BLOCK past a row's)."""
         width = math.ceil(n_slots / self.cfg.block_size)
         t = torch.full((len(rows), width), NULL_BLOCK, dtype=torch.long)
         for i, r in enumerate(rows):
             t[i, :min(len(r.blocks), width)] = torch.tensor(r.blocks[:width], dtype=torch.long)
-        self.cache.tables = t.to(self.device)
-        if self.mtp_cache is not None:
-            self.mtp_cache.tables = self.cache.tables
+        return t.to(self.device)
 
-    def _decode(self, rows: list[Request]) -> None:
-        if self.spec:  # a one-token prompt has no hidden state to draft from yet: one plain step
-            drafting = [r for r in rows if r.n_cached > 0]
-            if drafting:
-                self._decode_speculative(drafting)
-            rows = [r for r in rows if r.n_cached == 0]
-        if not rows:
+    def _group(self, rows: list[Request], chunks: list[list[int]]) -> Group:
+        """Rows feeding ``chunks`` (their next tokens, from position n_cached) as one batch."""
+        lengths = [len(c) for c in chunks]
+        T = max(lengths)
+        if min(lengths) == T:
+            tokens = torch.tensor(chunks, dtype=torch.long)
+        else:
+            tokens = torch.zeros(len(rows), T, dtype=torch.long)
+            for i, c in enumerate(chunks):
+                tokens[i, :len(c)] = torch.tensor(c)
+        start = [r.n_cached for r in rows]
+        return Group(tokens.to(self.device), torch.tensor(start, device=self.device),
+                     None if min(lengths) == T else lengths, self.cache.view(self._tables(rows, max(start) + T)))
+
+    def _forward(self, decoding: list[Request], prefilling: list[Request], lens: list[int]) -> None:
+        """One main-model pass over every decoding row's next token(s) and every prefilling row's
+        chunk (``Decoder.forward_groups``: the weights are read once a step), one head GEMM for
+        every row that needs logits, then each row's token(s) chosen and emitted."""
+        plain, drafting = decoding, []
+        if self.spec:  # a one-token prompt has no hidden state to draft from yet: a plain step
+            plain = [r for r in decoding if r.n_cached == 0]
+            drafting = [r for r in decoding if r.n_cached > 0]
+        batches = []
+        if plain:
+            batches.append((plain, [[r.tokens[-1]] for r in plain]))
+        if drafting:
+            q, drafts, params = self._draft(drafting)
+            batches.append((drafting, [[r.tokens[-1], d] for r, d in zip(drafting, drafts)]))
+        if prefilling:
+            batches.append((prefilling, [r.tokens[r.n_cached:r.n_cached + n] for r, n in zip(prefilling, lens)]))
+        if not batches:
             return
-        tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
-        start = torch.tensor([r.n_cached for r in rows], device=self.device)
-        self._set_tables(rows, int(start.max()) + 1)
-        h = self.dec.forward(tokens, start)
-        logits = self.dec.logits(h)[:, 0]
-        greedy = logits.argmax(-1).tolist()  # one argmax for the batch, not one per greedy row
-        for i, r in enumerate(rows):
+        hs = self.dec.forward_groups([self._group(rows, chunks) for rows, chunks in batches])
+        h_plain = hs.pop(0) if plain else None
+        h_draft = hs.pop(0) if drafting else None
+        h_pre = hs.pop(0) if prefilling else None
+        ending = [i for i, (r, n) in enumerate(zip(prefilling, lens)) if r.n_cached + n == len(r.tokens)]
+        need = [h_plain[:, 0]] if plain else []
+        if drafting:
+            need.append(h_draft.flatten(0, 1))
+        if ending:
+            need.append(h_pre[ending, [lens[i] - 1 for i in ending]])
+        logits = self.dec.logits(torch.cat(need) if len(need) > 1 else need[0]) if need else None
+        greedy = logits.argmax(-1).tolist() if need else []  # one argmax for the step, not one per row
+        for i, r in enumerate(plain):
             r.n_cached += 1
             if self.spec:
-                r.h_prev = h[i]  # (1, D): position 0
+                r.h_prev = h_plain[i]  # (1, D): position 0
             self._advance(r, logits[i], greedy[i])
+        done = len(plain)
+        if drafting:
+            self._verify(drafting, h_draft, logits[done:done + 2 * len(drafting)].view(len(drafting), 2, -1),
+                         q, drafts, params)
+            done += 2 * len(drafting)
+        if prefilling:
+            self._after_prefill(prefilling, lens, h_pre, dict(zip(ending, range(done, done + len(ending)))),
+                                logits, greedy)
 
     def _mtp_catch_up(self, rows: list[Request], hold_decode_entry: bool = False) -> torch.Tensor | None:
         """Write the MTP cache entries each row can: positions [mtp_len, min(n_cached, len - 1))
@@ -412,26 +455,27 @@ class Engine:
             h_in[i, :ci] = r.h_prev[:ci]
             nxt[i, :ci] = torch.tensor(r.tokens[r.mtp_len + 1:r.mtp_len + 1 + ci])
         start = torch.tensor([r.mtp_len for r in rows], device=self.device)
-        self._set_tables(rows, int(start.max()) + C)
+        self.mtp_cache.tables = self._tables(rows, int(start.max()) + C)
         h1 = self.dec.mtp_forward(h_in, nxt.to(self.device), start)
         for r, ci in zip(rows, c):
             r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
         return h1[torch.arange(len(rows)), torch.tensor([max(ci - 1, 0) for ci in c])]
 
-    def _decode_speculative(self, rows: list[Request]) -> None:
-        """One MTP draft per row, verified with the pending token in one main-model pass
-        (``flyer.infer.speculative``): greedy keeps exactly plain greedy decoding's tokens."""
+    def _draft(self, rows: list[Request]) -> tuple[list, list[int], list[SamplingParams]]:
+        """One MTP draft per row (``flyer.infer.speculative``): (draft distributions, None for a
+        greedy row; the drafts; each row's sampling parameters)."""
         h1 = self._mtp_catch_up(rows)  # every decoding row has its entry n - 1 to write
         q_logits = self.dec.mtp_logits(h1)  # (B, V) at position n - 1: predicts t_{n+1}
         params = [SamplingParams(r.opts.temperature, r.opts.top_p) for r in rows]
         q = [None if p.greedy else probabilities(q_logits[i:i + 1], p) for i, p in enumerate(params)]
         drafts = [int(q_logits[i].argmax()) if p.greedy else int(torch.multinomial(q[i][0], 1, generator=r.generator))
                   for i, (r, p) in enumerate(zip(rows, params))]
-        tokens = torch.tensor([[r.tokens[-1], d] for r, d in zip(rows, drafts)], device=self.device)
-        start = torch.tensor([r.n_cached for r in rows], device=self.device)
-        self._set_tables(rows, int(start.max()) + 2)
-        hv = self.dec.forward(tokens, start)
-        logits = self.dec.logits(hv)  # (B, 2, V)
+        return q, drafts, params
+
+    def _verify(self, rows: list[Request], hv: torch.Tensor, logits: torch.Tensor, q: list, drafts: list[int],
+                params: list[SamplingParams]) -> None:
+        """Keep each row's accepted tokens of [pending, draft] (``accept_drafts``: greedy keeps
+        exactly plain greedy decoding's tokens) and emit them. hv (B, 2, D), logits (B, 2, V)."""
         for i, (r, p) in enumerate(zip(rows, params)):
             target = logits[i] if p.greedy else probabilities(logits[i], p)
             new = accept_drafts(target, q[i], [drafts[i]], p, r.generator)
@@ -453,7 +497,8 @@ class Engine:
         return self.cfg.prefill_chunk * max(1, waiting // max(decoding, 1)) if waiting > decoding \
             else self.cfg.prefill_chunk
 
-    def _prefill(self) -> None:
+    def _plan_prefill(self) -> tuple[list[Request], list[int]]:
+        """The rows with prompt tokens to feed this step and how many each, within the budget."""
         budget = self.prefill_budget()
         rows, lens = [], []
         for r in self.running:
@@ -462,15 +507,12 @@ class Engine:
                 rows.append(r)
                 lens.append(min(pending, budget))
                 budget -= lens[-1]
-        if not rows:
-            return
-        T = max(lens)
-        tokens = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, (r, n) in enumerate(zip(rows, lens)):
-            tokens[i, :n] = torch.tensor(r.tokens[r.n_cached:r.n_cached + n])
-        start = torch.tensor([r.n_cached for r in rows], device=self.device)
-        self._set_tables(rows, int(start.max()) + T)
-        h = self.dec.forward(tokens.to(self.device), start)
+        return rows, lens
+
+    def _after_prefill(self, rows: list[Request], lens: list[int], h: torch.Tensor, logit_row: dict[int, int],
+                       logits: torch.Tensor | None, greedy: list[int]) -> None:
+        """Prefilled chunks: MTP entries (speculative), prompt scores, then the first token of each
+        row whose prompt is done (its logits are row ``logit_row[i]`` of the step's)."""
         if self.spec:
             for i, (r, n) in enumerate(zip(rows, lens)):
                 r.h_prev = h[i, :n] if r.h_prev is None else torch.cat([r.h_prev, h[i, :n]])
@@ -482,8 +524,8 @@ class Engine:
             if r.prompt_lp is not None and r.n_cached < len(r.prompt):
                 self._score_prompt(r, h[i, :n])
             r.n_cached += n
-            if r.n_cached == len(r.tokens):
-                self._advance(r, self.dec.logits(h[i, n - 1]))
+            if i in logit_row:
+                self._advance(r, logits[logit_row[i]], greedy[logit_row[i]])
             else:
                 self._register_full_blocks(r)
 

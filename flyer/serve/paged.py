@@ -33,14 +33,19 @@ NULL_BLOCK = 0
 
 class PagedCache:
     """A decode cache over ``pool`` (a ``flyer.infer.cache`` cache shaped (L, n_blocks,
-    block_size, ...)) addressed through ``tables`` (B, n) int64 block ids, set per step."""
+    block_size, ...)) addressed through ``tables`` (B, n) int64 block ids, set per step, or
+    fixed in a ``view``."""
 
-    def __init__(self, pool):
+    def __init__(self, pool, tables: torch.Tensor | None = None):
         self.pool, self.kind = pool, pool.kind
         self.n_blocks, self.block_size = pool.batch, pool.max_len
-        self.tables = torch.zeros(1, 1, dtype=torch.long)
+        self.tables = torch.zeros(1, 1, dtype=torch.long) if tables is None else tables
         self._slot_key: tuple = ()  # (positions, tables) tensors the cached slots were computed for
         self._slot_cache: torch.Tensor | None = None
+
+    def view(self, tables: torch.Tensor) -> PagedCache:
+        """The same pool addressed through ``tables`` (one batch of a packed forward)."""
+        return PagedCache(self.pool, tables)
 
     @property
     def dtype(self) -> torch.dtype:
