@@ -92,7 +92,7 @@ def test_swiglu_forward_and_backward(ops, dtype, F_):
 
 @pytest.mark.parametrize("K", [384, 37])  # full vectors; a vector tail
 def test_grouped_mm_few_rows_is_a_gemm_per_group(ops, K):
-    rows = [0, 3, 1, 5, 2, 0, 8, 4]  # empty groups, 1..8 rows (past the 4 rows sharing a weight load)
+    rows = [0, 3, 1, 5, 2, 0, 8, 4, 12]  # empty groups, 1..12 rows (past the 4 rows sharing a weight load)
     x, w = torch.randn(sum(rows), K), torch.randn(len(rows), 70, K)  # 70 weight rows: a partial block
     out = kernels.grouped_mm(x, rows, w)
     with kernels.disabled():
@@ -104,13 +104,14 @@ def test_grouped_mm_few_rows_is_a_gemm_per_group(ops, K):
             assert torch.equal(eager[starts[g]:starts[g + 1]], xs @ w[g].t())  # the eager twin is torch.mm
             assert_fp32_sums(out[starts[g]:starts[g + 1]], xs.double() @ w[g].double().t(),
                              xs.double().abs() @ w[g].double().abs().t(), K)
-    many = [kernels.FEW_ROWS + 1, 2]  # past the kernel's rows: the eager loop, bit for bit
+    big = kernels.FEW_ROWS + 1  # past the kernel's rows: torch.mm, bit for bit; the small group: the kernel
+    many = [big, 2]
     x2, w2 = torch.randn(sum(many), K), torch.randn(2, 16, K)
-    with kernels.disabled():
-        assert torch.equal(kernels.grouped_mm(x2, many, w2), kernels.grouped_mm(x2, many, w2))
-    assert torch.equal(kernels.grouped_mm(x2, many, w2), torch.cat([x2[:9] @ w2[0].t(), x2[9:] @ w2[1].t()]))
+    mixed = kernels.grouped_mm(x2, many, w2)
+    assert torch.equal(mixed[:big], x2[:big] @ w2[0].t())
+    assert torch.equal(mixed[big:], kernels.grouped_mm(x2[big:], [2], w2[1:]))
     with pytest.raises(RuntimeError, match="counts sum"):
-        ops.grouped_mm_few_rows(x, torch.tensor([1, 2]), w[:2])
+        ops.grouped_mm_few_rows(x, torch.tensor([1, 2]), w[:2], kernels.FEW_ROWS)
 
 
 def _csr_case(T=60, D=40, n=300, dtype=torch.bfloat16):

@@ -192,20 +192,23 @@ def segment_sum(x_RD: torch.Tensor, index: TokenIndex) -> torch.Tensor:
 
 # ---- routed experts: few rows per expert -------------------------------------------------------
 
-FEW_ROWS = 8  # rows per group up to which ``grouped_mm`` runs the kernel (decode batches)
+FEW_ROWS = 16  # rows per group up to which ``grouped_mm`` runs the kernel (bench/cpu_kernels.py: torch.mm wins past it)
 
 
 def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor) -> torch.Tensor:
     """out (R, N): each group's consecutive rows of x (``rows_G[g]`` of them) times w[g]^T. The
-    kernel (FP32, at most ``FEW_ROWS`` rows per group) reads each weight once for all of its
-    group's rows, over both threads; elsewhere one ``torch.mm`` per group with rows."""
-    if (max(rows_G, default=0) <= FEW_ROWS and x_RK.dtype == w_GNK.dtype == torch.float32
-            and usable(x_RK, w_GNK)):
-        return cpu_ops().grouped_mm_few_rows(x_RK.contiguous(), torch.tensor(rows_G, dtype=torch.long),
-                                             w_GNK.contiguous())
-    out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
+    kernel (FP32) takes the groups of at most ``FEW_ROWS`` rows, reading each weight once for all
+    of its group's rows; one ``torch.mm`` per larger group (and per group elsewhere)."""
+    kernel = x_RK.dtype == w_GNK.dtype == torch.float32 and usable(x_RK, w_GNK)
+    if kernel:
+        out = cpu_ops().grouped_mm_few_rows(x_RK.contiguous(), torch.tensor(rows_G, dtype=torch.long),
+                                            w_GNK.contiguous(), FEW_ROWS)
+        if max(rows_G, default=0) <= FEW_ROWS:
+            return out
+    else:
+        out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
     for xs, os_, w, n in zip(x_RK.split(rows_G), out.split(rows_G), w_GNK.unbind(0), rows_G):
-        if n:
+        if n and not (kernel and n <= FEW_ROWS):
             torch.mm(xs, w.t(), out=os_)
     return out
 

@@ -443,29 +443,47 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor&
 // x (R, K) rows sorted by group, counts (G,) rows per group, w (G, N, K) -> out (R, N) with
 // out[r] = w[g] x[r] for each row r of group g. A decode step gives each expert a few rows: one
 // GEMM-library call per expert then costs more in call overhead and small-M kernels than reading
-// its weights. Here each weight row is streamed once for all of its group's rows (up to kRows at a
-// time, their dot products kept in registers), and (group, block of weight rows) tasks are split
-// across threads, so the pass runs at memory bandwidth. FP32 only; sums in FP32.
+// its weights. Here each weight row is streamed once for all of its group's rows, in blocks of
+// kRows rows by kWeightBlock weight rows whose dot products stay in registers (one load of each
+// operand vector serves several FMAs), and (group, block of weight rows) tasks are split across
+// threads. Groups with more than max_rows rows are skipped (their output rows are left for the
+// caller's GEMM). FP32 only; each output is summed in the same order whatever the blocking.
 constexpr int64_t kRows = 4;       // rows of one group sharing each weight row load
 constexpr int64_t kWeightRows = 32;  // weight rows per task
+// weight rows per register block: 4 x 4 accumulators fit AVX-512's 32 registers, 2 x 4 AVX2's 16
+constexpr int kWeightBlock = Vec::size() >= 16 ? 4 : 2;
 
-template <int M>
-inline void dot_rows(const float* w, const float* x, int64_t K, int64_t N, float* out, int64_t n) {
-  Vec acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = Vec(0.f);
+template <int M, int NW>
+inline void dot_block(const float* w, const float* x, int64_t K, int64_t N, float* out, int64_t n) {
+  Vec acc[M][NW];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NW; ++j) acc[m][j] = Vec(0.f);
   int64_t k = 0;
   for (; k + Vec::size() <= K; k += Vec::size()) {
-    const Vec wv = Vec::loadu(w + k);
-    for (int m = 0; m < M; ++m) acc[m] = at::vec::fmadd(wv, Vec::loadu(x + m * K + k), acc[m]);
+    Vec wv[NW];
+    for (int j = 0; j < NW; ++j) wv[j] = Vec::loadu(w + j * K + k);
+    for (int m = 0; m < M; ++m) {
+      const Vec xv = Vec::loadu(x + m * K + k);
+      for (int j = 0; j < NW; ++j) acc[m][j] = at::vec::fmadd(wv[j], xv, acc[m][j]);
+    }
   }
   for (int m = 0; m < M; ++m) {
-    float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[m]);
-    for (int64_t j = k; j < K; ++j) sum += w[j] * x[m * K + j];
-    out[m * N + n] = sum;
+    for (int j = 0; j < NW; ++j) {
+      float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[m][j]);
+      for (int64_t i = k; i < K; ++i) sum += w[j * K + i] * x[m * K + i];
+      out[m * N + n + j] = sum;
+    }
   }
 }
 
-at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& w) {
+template <int M>
+inline void dot_rows(const float* w, const float* x, int64_t K, int64_t N, float* out, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kWeightBlock <= n1; n += kWeightBlock) dot_block<M, kWeightBlock>(w + n * K, x, K, N, out, n);
+  for (; n < n1; ++n) dot_block<M, 1>(w + n * K, x, K, N, out, n);
+}
+
+at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& w, int64_t max_rows) {
   check_cpu(x, "grouped_mm_few_rows x");
   check_cpu(counts, "grouped_mm_few_rows counts");
   check_cpu(w, "grouped_mm_few_rows w");
@@ -485,7 +503,7 @@ at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, co
   auto out = at::empty({R, N}, x.options());
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (group, first weight row)
   for (int64_t g = 0; g < G; ++g)
-    if (cnt[g] > 0)
+    if (cnt[g] > 0 && cnt[g] <= max_rows)
       for (int64_t n = 0; n < N; n += kWeightRows) tasks.emplace_back(g, n);
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
@@ -494,18 +512,15 @@ at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, co
     for (int64_t t = begin; t < end; ++t) {
       const auto [g, n0] = tasks[t];
       const int64_t n1 = std::min(n0 + kWeightRows, N);
+      const float* wg = wp + g * N * K;
       for (int64_t r = first[g]; r < first[g + 1]; r += kRows) {
-        const int64_t m = std::min(kRows, first[g + 1] - r);
         const float* xr = xp + r * K;
         float* o = op + r * N;
-        for (int64_t n = n0; n < n1; ++n) {
-          const float* wr = wp + (g * N + n) * K;
-          switch (m) {
-            case 1: dot_rows<1>(wr, xr, K, N, o, n); break;
-            case 2: dot_rows<2>(wr, xr, K, N, o, n); break;
-            case 3: dot_rows<3>(wr, xr, K, N, o, n); break;
-            default: dot_rows<4>(wr, xr, K, N, o, n); break;
-          }
+        switch (std::min(kRows, first[g + 1] - r)) {
+          case 1: dot_rows<1>(wg, xr, K, N, o, n0, n1); break;
+          case 2: dot_rows<2>(wg, xr, K, N, o, n0, n1); break;
+          case 3: dot_rows<3>(wg, xr, K, N, o, n0, n1); break;
+          default: dot_rows<4>(wg, xr, K, N, o, n0, n1); break;
         }
       }
     }
