@@ -4,7 +4,8 @@ facade, with the kernels off and on), same run.
 Prints one JSON object: per kernel, the eager and kernel times (ms, median of interleaved rounds)
 and ``speedup`` = eager / kernel, on the small preset's shapes (2048 tokens, dim 384, 32 experts
 of width 256 with top-4 routing padded to 64 rows, a 512 x 8192 logits chunk, a 2048 x 1152 FP8
-activation in 1x128 tiles).
+activation in 1x128 tiles; the FP32 grouped GEMM of the 32 experts' up-projections at 1 to 24 rows
+each, against one ``torch.mm`` per expert).
 
     python bench/cpu_kernels.py [--rounds 7] [--threads N]
 """
@@ -63,7 +64,14 @@ def cases() -> dict:
     def indexed(fn):
         return lambda: fn(eager_index if kernels.cpu_ops() is None else index)
 
+    w13 = torch.randn(32, 2 * Fd, D, generator=g)  # the experts' up-projections, FP32 (serving)
+    grouped = {}
+    for r in (1, 4, 8, 16, 24):  # rows per expert: decode steps of 8 to 192 tokens; past FEW_ROWS both are torch.mm
+        xr = torch.randn(32 * r, D, generator=g)
+        grouped[f"grouped_mm_{r}_rows"] = lambda xr=xr, r=r: kernels.grouped_mm(xr, [r] * 32, w13)
+
     return {
+        **grouped,
         "xent_chunk": lambda: kernels.xent_chunk(logits, tgt, True, logp_t),
         "swiglu": lambda: kernels.swiglu(h13),
         "swiglu_backward": lambda: kernels.swiglu_backward(da, h13),
