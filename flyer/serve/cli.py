@@ -120,7 +120,9 @@ def _serve_with_ready_line(server: Server, sock: socket.socket, url: str, name: 
         if server.started:
             print(f"flyer serve: ready on {url} (model {name})", flush=True)
         await serving
-    asyncio.run(main())
+    # uvicorn's loop (uvloop where installed, as uvicorn.run picks it): the event loop's share of the CPU is per token
+    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+        runner.run(main())
 
 
 def register(sub) -> None:
