@@ -2,29 +2,32 @@
 
 1. Saves the ``small`` preset with random weights (seed 0) as a flyer run, starts
    ``flyer serve --ckpt`` on it (127.0.0.1, a free port) and drives it with N concurrent clients
-   (``--concurrency``), each streaming completions of a realistic mix: a shared system prompt,
-   then a private part (``--prompt-min``..``--prompt-max`` tokens in all), ``--new-min``..``--new-max``
+   (``--concurrency``), each sending ``--requests-per-client`` streaming completions one after
+   another (a steady load, not one burst) of a realistic mix: a shared system prompt, then a
+   private part (``--prompt-min``..``--prompt-max`` tokens in all), ``--new-min``..``--new-max``
    new tokens. Per concurrency: output tokens/s (all clients), TTFT and TPOT p50/p99, the
-   server's prefix hit rate (from /metrics).
+   server's prefix hit rate (from /metrics). The clients run in a child process at nice 10: they
+   stand in for remote users, so on a host of a few cores they must not preempt the server.
 2. The peer, on the same weights exported with ``flyer export`` (FP32) and the same requests at
    the highest concurrency: ``transformers serve --continuous-batching`` when it starts here (its
    completions take text: the prompts' ids decoded by the exported tokenizer), else transformers'
-   batched ``generate`` (left-padded, greedy, one batch as static batching does) with the reason
-   in ``peer_note`` (here: its model manager always passes a ``device_map``, which needs
-   ``accelerate``, not installed).
+   batched ``generate`` (left-padded, greedy, static batches of the concurrency in arrival order)
+   with the reason in ``peer_note`` (here: its model manager always passes a ``device_map``,
+   which needs ``accelerate``, not installed).
 3. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
    once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
    against the ratio of their cache bytes per token.
 
-The default run is sized for a 2-core CPU (about 8 minutes); ``--full`` runs the issue's sizes
+The default run is sized for a 2-core CPU (about 2 minutes); ``--full`` runs the issue's sizes
 (1/4/16/64 clients, prompts of 64-1024 tokens, 64-256 new tokens). Prints one JSON object.
-    python bench/serve.py [--full] [--threads 2]
+    python bench/serve.py [--full] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -51,6 +54,7 @@ from flyer.train.checkpoint import save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32)
 TOKEN_RANGE = 256  # prompt token ids: the tokenizer's byte tokens
+CLIENT_NICE = 10  # the client processes' niceness (``_drive``)
 
 
 def _save_run(out: Path) -> Path:
@@ -103,7 +107,7 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def _drive(url: str, model: str, reqs, concurrency: int) -> dict:
+def _drive_here(url: str, model: str, reqs, concurrency: int) -> dict:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         res = list(pool.map(lambda r: _one(url, model, *r), reqs))
@@ -115,11 +119,22 @@ def _drive(url: str, model: str, reqs, concurrency: int) -> dict:
             "tpot_p99_ms": 1e3 * _pct([r["tpot"] for r in res], 0.99), "tokens": tokens, "wall_s": wall}
 
 
+def _drive(url: str, model: str, reqs, concurrency: int) -> dict:
+    """``_drive_here`` in a child process at nice ``CLIENT_NICE``: the clients stand in for remote
+    users, so on a host of a few cores they take what the server leaves instead of preempting its
+    model thread (the peer's server gets the same clients)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1, initializer=os.nice, initargs=(CLIENT_NICE,)) as pool:
+        return pool.apply(_drive_here, (url, model, reqs, concurrency))
+
+
 def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "flyer", "serve", "--ckpt", str(run), "--port", "0", "--kv-cache-memory",
-           args.kv_cache_memory, "--threads", str(args.threads), "--cache-dtype", "fp32", "--model-name", "small",
+           args.kv_cache_memory, "--cache-dtype", "fp32", "--model-name", "small",
            "--max-batch-size", "64", "--prefill-chunk", str(args.prefill_chunk)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if "ready on" not in line:
@@ -213,7 +228,9 @@ def main() -> None:
     ap.add_argument("--new-max", type=int, default=None)
     ap.add_argument("--kv-cache-memory", default="512M")
     ap.add_argument("--payoff-memory", default="256M", help="cache size of the MLA/GQA sequence count")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of flyer serve and of the peer (default: each its own: flyer serve all "
+                         "cores but one, left to HTTP; the peer, in-process without HTTP, all cores)")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="flyer serve's prompt tokens per scheduler step")
     ap.add_argument("--no-peer-serve", dest="peer_serve", action="store_false",
                     help="skip transformers serve --continuous-batching (tried first by default)")
@@ -224,8 +241,9 @@ def main() -> None:
     for k, v in sizes.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    torch.set_num_threads(args.threads)
-    out: dict = {"preset": "small", "threads": args.threads, "kv_cache_memory": args.kv_cache_memory,
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out: dict = {"preset": "small", "threads": args.threads or "default", "kv_cache_memory": args.kv_cache_memory,
                  "prompt_tokens": [args.prompt_min, args.prompt_max], "new_tokens": [args.new_min, args.new_max],
                  "system_prompt_tokens": args.system_prompt}
     rng = random.Random(0)
@@ -253,7 +271,7 @@ def main() -> None:
         peer = None
         if args.peer_serve:
             try:
-                peer = _peer_serve(hf_dir, peer_reqs, cmax, args.threads)
+                peer = _peer_serve(hf_dir, peer_reqs, cmax, torch.get_num_threads())
                 out["peer"] = "transformers serve --continuous-batching"
             except Exception as e:  # the reason goes into the JSON
                 last = [ln for ln in str(e).splitlines() if ln.strip()][-1:] or [type(e).__name__]
@@ -262,7 +280,7 @@ def main() -> None:
         else:
             out["peer_note"] = "--no-peer-serve: the peer is transformers' batched generate on the same requests"
         if peer is None:
-            peer = _peer_generate(hf_dir, peer_reqs, cmax, args.threads)
+            peer = _peer_generate(hf_dir, peer_reqs, cmax, torch.get_num_threads())
             out["peer"] = "transformers generate (batched)"
         out[f"peer_tokens_per_s_c{cmax}"] = peer["tokens_per_s"]
     if "tokens_per_s_c16" in out and "peer_tokens_per_s_c16" in out:
