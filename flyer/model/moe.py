@@ -61,7 +61,11 @@ class Gate(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (weights_TK fp32, topk_ids_TK int64, scores_TE fp32)."""
         cfg = self.cfg
-        with torch.autocast(x_TD.device.type, enabled=False):
+        dev = x_TD.device.type
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                logits = F.linear(x_TD.float(), self.weight.float())
+        else:  # the same GEMM without entering a context (a few us a layer when decoding)
             logits = F.linear(x_TD.float(), self.weight.float())
         scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach() if self.bias is None else scores.detach() + self.bias
@@ -72,7 +76,9 @@ class Gate(nn.Module):
             group_scores = grouped.topk(2, dim=-1).values.sum(-1) if self.bias is not None else grouped.amax(-1)
             keep = group_scores.topk(cfg.n_limited_groups, dim=-1).indices
             drop = torch.ones(T, G, dtype=torch.bool, device=x_TD.device).scatter_(1, keep, False)
-            choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(T, E)
+            # in place where choice is a new tensor (scores + bias), not a view of the scores
+            fill = grouped.masked_fill_ if self.bias is not None else grouped.masked_fill
+            choice = fill(drop.unsqueeze(-1), float("-inf")).view(T, E)
         topk_ids = choice.topk(cfg.n_activated_experts, dim=-1).indices
         weights = scores.gather(1, topk_ids)
         if cfg.norm_topk_prob:
