@@ -297,8 +297,10 @@ def _local_routed_no_grad(x_TD, weights_TK, w1_EFD, w2_EDF, w3_EFD, topk_ids_TK,
     T, K = topk_ids_TK.shape
     order = torch.argsort(topk_ids_TK.flatten(), stable=True)
     src = order // K  # the token each expert-sorted row holds
-    w_rows = weights_TK.flatten().index_select(0, order).to(torch.promote_types(dtype, torch.float32))
-    x = x_TD.to(dtype)
+    w_rows = weights_TK.flatten().index_select(0, order)
+    acc_dtype = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
+    w_rows = w_rows if w_rows.dtype == acc_dtype else w_rows.to(acc_dtype)
+    x = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
     index = kernels.token_index(src, T, x, w_rows, per_token=K)
     w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
     y, _, _ = _swiglu_forward(x.index_select(0, src), w13, w2, counts, w1_EFD.shape[1], counts_E)
