@@ -109,6 +109,9 @@ def test_grouped_mm_few_rows_is_a_gemm_per_group(ops, K):
     with kernels.disabled():
         assert torch.equal(kernels.grouped_mm(x2, many, w2), kernels.grouped_mm(x2, many, w2))
     assert torch.equal(kernels.grouped_mm(x2, many, w2), torch.cat([x2[:9] @ w2[0].t(), x2[9:] @ w2[1].t()]))
+    sparse = [0, kernels.FEW_ROWS + 1, 0, 0, 2, 0]  # most groups empty: a loop over the others only
+    w3 = torch.randn(len(sparse), 16, K)
+    assert torch.equal(kernels.grouped_mm(x2, sparse, w3), torch.cat([x2[:9] @ w3[1].t(), x2[9:] @ w3[4].t()]))
     with pytest.raises(RuntimeError, match="counts sum"):
         ops.grouped_mm_few_rows(x, torch.tensor([1, 2]), w[:2])
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import shutil
 import warnings
@@ -210,6 +211,13 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
         rows = torch.tensor(rows_G, dtype=torch.long) if rows_G_tensor is None else rows_G_tensor
         return cpu_ops().grouped_mm_few_rows(x_RK.contiguous(), rows, w_GNK.contiguous())
     out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
+    live = [g for g, n in enumerate(rows_G) if n]
+    if 2 * len(live) < len(rows_G):  # few groups with rows (a decode batch): views of those only
+        starts = [0, *itertools.accumulate(rows_G)]
+        for g in live:
+            rows = slice(starts[g], starts[g + 1])
+            torch.mm(x_RK[rows], w_GNK[g].t(), out=out[rows])
+        return out
     for xs, os_, w, n in zip(x_RK.split(rows_G), out.split(rows_G), w_GNK.unbind(0), rows_G):
         if n:
             torch.mm(xs, w.t(), out=os_)
