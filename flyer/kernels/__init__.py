@@ -215,8 +215,8 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
     if 2 * len(live) < len(rows_G):  # few groups with rows (a decode batch): views of those only
         starts = [0, *itertools.accumulate(rows_G)]
         for g in live:
-            rows = slice(starts[g], starts[g + 1])
-            torch.mm(x_RK[rows], w_GNK[g].t(), out=out[rows])
+            r = slice(starts[g], starts[g + 1])
+            torch.mm(x_RK[r], w_GNK[g].t(), out=out[r])
         return out
     for xs, os_, w, n in zip(x_RK.split(rows_G), out.split(rows_G), w_GNK.unbind(0), rows_G):
         if n:

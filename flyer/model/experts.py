@@ -386,7 +386,8 @@ class Experts(nn.Module):
                      counts_E: torch.Tensor) -> torch.Tensor:
         """Dispatch, the 'fused' experts and combine in one pass when this process holds every
         expert (see ``_LocalRoutedExperts``): the values ``LocalDispatcher`` around ``forward`` gives.
-        x_TD (T, D), weights_TK (T, K), topk_ids_TK (T, K), counts_E (E,) -> (T, D) FP32."""
+        x_TD (T, D), weights_TK (T, K), topk_ids_TK (T, K), counts_E (E,) -> (T, D) FP32. With nothing
+        to differentiate and no pad rows, its forward runs without the Function (``_local_routed_no_grad``)."""
         dtype = gemm_dtype(x_TD)
         counts, row_multiple = counts_E.tolist(), self.row_multiple(x_TD, dtype)
         if row_multiple == 1 and not (torch.is_grad_enabled() and any(
