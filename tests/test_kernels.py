@@ -110,6 +110,11 @@ def test_grouped_mm_few_rows_is_a_gemm_per_group(ops, K):
     mixed = kernels.grouped_mm(x2, many, w2)
     assert torch.equal(mixed[:big], x2[:big] @ w2[0].t())
     assert torch.equal(mixed[big:], kernels.grouped_mm(x2[big:], [2], w2[1:]))
+    sparse = [0, big, 0, 0, 2, 0]  # most groups empty: torch.mm on views of the few others
+    w3 = torch.randn(len(sparse), 16, K)
+    with kernels.disabled():
+        assert torch.equal(kernels.grouped_mm(x2, sparse, w3), torch.cat([x2[:big] @ w3[1].t(), x2[big:] @ w3[4].t()]))
+    assert torch.equal(kernels.grouped_mm(x2, sparse, w3)[:big], x2[:big] @ w3[1].t())
     with pytest.raises(RuntimeError, match="counts sum"):
         ops.grouped_mm_few_rows(x, torch.tensor([1, 2]), w[:2], kernels.FEW_ROWS)
 

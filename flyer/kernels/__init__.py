@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import shutil
 import warnings
@@ -144,19 +145,23 @@ class TokenIndex:
         return (self.src == self.n_tokens).nonzero().squeeze(1)
 
 
-def token_rows(src_R: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_rows(src_R: torch.Tensor, n_tokens: int, per_token: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CSR of rows by token: (offsets (T+1,), rows) with token t's rows ``rows[offsets[t]:offsets[t+1]]``
-    ascending. ``src_R[r]`` is row r's token; values ``>= n_tokens`` (pad rows) belong to no token."""
+    ascending. ``src_R[r]`` is row r's token; values ``>= n_tokens`` (pad rows) belong to no token.
+    ``per_token``: every token has exactly that many rows and there are no pad rows (K routed copies each)."""
     rows = torch.argsort(src_R, stable=True)
+    if per_token is not None:  # the offsets without counting (decoding: a few ops fewer per layer)
+        return torch.arange(0, (n_tokens + 1) * per_token, per_token, device=src_R.device), rows
     counts = torch.bincount(src_R, minlength=n_tokens + 1)[:n_tokens]
     offsets = torch.zeros(n_tokens + 1, dtype=torch.long, device=src_R.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return offsets, rows
 
 
-def token_index(src_R: torch.Tensor, n_tokens: int, *tensors: torch.Tensor) -> TokenIndex:
-    """``src_R`` indexed for ``combine`` and ``segment_sum`` on ``tensors`` (the rows and weights)."""
-    return TokenIndex(src_R, n_tokens, token_rows(src_R, n_tokens) if usable(*tensors) else None)
+def token_index(src_R: torch.Tensor, n_tokens: int, *tensors: torch.Tensor, per_token: int | None = None) -> TokenIndex:
+    """``src_R`` indexed for ``combine`` and ``segment_sum`` on ``tensors`` (the rows and weights);
+    ``per_token`` as in ``token_rows``."""
+    return TokenIndex(src_R, n_tokens, token_rows(src_R, n_tokens, per_token) if usable(*tensors) else None)
 
 
 def combine(y_RD: torch.Tensor, w_R: torch.Tensor, index: TokenIndex) -> torch.Tensor:
@@ -195,18 +200,26 @@ def segment_sum(x_RD: torch.Tensor, index: TokenIndex) -> torch.Tensor:
 FEW_ROWS = 16  # rows per group up to which ``grouped_mm`` runs the kernel (bench/cpu_kernels.py: torch.mm wins past it)
 
 
-def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
+               rows_G_tensor: torch.Tensor | None = None) -> torch.Tensor:
     """out (R, N): each group's consecutive rows of x (``rows_G[g]`` of them) times w[g]^T. The
     kernel (FP32) takes the groups of at most ``FEW_ROWS`` rows, reading each weight once for all
-    of its group's rows; one ``torch.mm`` per larger group (and per group elsewhere)."""
+    of its group's rows; one ``torch.mm`` per larger group (and per group elsewhere).
+    ``rows_G_tensor``: ``rows_G`` as a CPU int64 tensor where the caller has one (not built again)."""
     kernel = x_RK.dtype == w_GNK.dtype == torch.float32 and usable(x_RK, w_GNK)
     if kernel:
-        out = cpu_ops().grouped_mm_few_rows(x_RK.contiguous(), torch.tensor(rows_G, dtype=torch.long),
-                                            w_GNK.contiguous(), FEW_ROWS)
-        if max(rows_G, default=0) <= FEW_ROWS:
-            return out
+        rows = torch.tensor(rows_G, dtype=torch.long) if rows_G_tensor is None else rows_G_tensor
+        out = cpu_ops().grouped_mm_few_rows(x_RK.contiguous(), rows, w_GNK.contiguous(), FEW_ROWS)
+        big = [g for g, n in enumerate(rows_G) if n > FEW_ROWS]
     else:
         out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
+        big = [g for g, n in enumerate(rows_G) if n]
+    if 2 * len(big) < len(rows_G):  # few groups left to torch.mm: views of those only
+        starts = [0, *itertools.accumulate(rows_G)]
+        for g in big:
+            r = slice(starts[g], starts[g + 1])
+            torch.mm(x_RK[r], w_GNK[g].t(), out=out[r])
+        return out
     for xs, os_, w, n in zip(x_RK.split(rows_G), out.split(rows_G), w_GNK.unbind(0), rows_G):
         if n and not (kernel and n <= FEW_ROWS):
             torch.mm(xs, w.t(), out=os_)

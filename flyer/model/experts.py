@@ -116,15 +116,16 @@ def _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype):
     return lowp.operand(w13, dtype), lowp.operand(w2_EDF, dtype)
 
 
-def _swiglu_forward(x, w13, w2, rows_E: list[int], F_):
+def _swiglu_forward(x, w13, w2, rows_E: list[int], F_, rows_E_tensor: torch.Tensor | None = None):
     """Expert e on the next ``rows_E[e]`` rows of x (padded layout): returns (y, h13, a). Per-expert
     views come from one ``split``/``unbind`` each rather than a Python slice per GEMM operand.
     FP32 (nothing emulated) goes through ``kernels.grouped_mm``: one call per projection, the
-    kernel when every expert has a few rows (decoding), else the same per-expert ``torch.mm``."""
+    kernel when every expert has a few rows (decoding), else the same per-expert ``torch.mm``
+    (``rows_E_tensor``: ``rows_E`` as an int64 tensor, where the caller has one)."""
     if x.dtype == w13.dtype == w2.dtype == torch.float32:
-        h13 = kernels.grouped_mm(x, rows_E, w13)
+        h13 = kernels.grouped_mm(x, rows_E, w13, rows_E_tensor)
         a = kernels.swiglu(h13)
-        return kernels.grouped_mm(a, rows_E, w2), h13, a
+        return kernels.grouped_mm(a, rows_E, w2, rows_E_tensor), h13, a
     h13 = x.new_empty(x.shape[0], 2 * F_)
     y = x.new_empty(x.shape[0], w2.shape[1])
     live = [e for e, p in enumerate(rows_E) if p]
@@ -288,6 +289,24 @@ class _LocalRoutedExperts(torch.autograd.Function):
         return (dx, d_weights, *dws, None, None, None, None)
 
 
+def _local_routed_no_grad(x_TD, weights_TK, w1_EFD, w2_EDF, w3_EFD, topk_ids_TK, counts: list[int],
+                          counts_E: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``_LocalRoutedExperts.forward`` without pad rows (``row_multiple`` 1) and with nothing kept
+    for a backward (decoding): the same values from a third of its ops. With no pad rows the
+    padded layout is the expert-sorted order itself and every token has exactly K rows."""
+    T, K = topk_ids_TK.shape
+    order = torch.argsort(topk_ids_TK.flatten(), stable=True)
+    src = order // K  # the token each expert-sorted row holds
+    w_rows = weights_TK.flatten().index_select(0, order)
+    acc_dtype = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
+    w_rows = w_rows if w_rows.dtype == acc_dtype else w_rows.to(acc_dtype)
+    x = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
+    index = kernels.token_index(src, T, x, w_rows, per_token=K)
+    w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
+    y, _, _ = _swiglu_forward(x.index_select(0, src), w13, w2, counts, w1_EFD.shape[1], counts_E)
+    return kernels.combine(y, w_rows, index)
+
+
 def expert_ffn_fused(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
                      w3_EFD: torch.Tensor, row_multiple: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Same as ``expert_ffn_loop`` through ``_GroupedSwiGLU``, computed in ``dtype`` (default: x's);
@@ -367,10 +386,16 @@ class Experts(nn.Module):
                      counts_E: torch.Tensor) -> torch.Tensor:
         """Dispatch, the 'fused' experts and combine in one pass when this process holds every
         expert (see ``_LocalRoutedExperts``): the values ``LocalDispatcher`` around ``forward`` gives.
-        x_TD (T, D), weights_TK (T, K), topk_ids_TK (T, K), counts_E (E,) -> (T, D) FP32."""
+        x_TD (T, D), weights_TK (T, K), topk_ids_TK (T, K), counts_E (E,) -> (T, D) FP32. With nothing
+        to differentiate and no pad rows, its forward runs without the Function (``_local_routed_no_grad``)."""
         dtype = gemm_dtype(x_TD)
-        return _LocalRoutedExperts.apply(x_TD, weights_TK, self.w1, self.w2, self.w3, topk_ids_TK, counts_E.tolist(),
-                                         self.row_multiple(x_TD, dtype), dtype)
+        counts, row_multiple = counts_E.tolist(), self.row_multiple(x_TD, dtype)
+        if row_multiple == 1 and not (torch.is_grad_enabled() and any(
+                t.requires_grad for t in (x_TD, weights_TK, self.w1, self.w2, self.w3))):
+            return _local_routed_no_grad(x_TD, weights_TK, self.w1, self.w2, self.w3, topk_ids_TK, counts, counts_E,
+                                         dtype)
+        return _LocalRoutedExperts.apply(x_TD, weights_TK, self.w1, self.w2, self.w3, topk_ids_TK, counts,
+                                         row_multiple, dtype)
 
     def extra_repr(self) -> str:
         return f"n_local={self.n_local}, first={self.first}, impl={self.impl}"

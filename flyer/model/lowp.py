@@ -110,6 +110,8 @@ def operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` rounded to ``dtype`` as an operand of ``mm``; where emulated also widened to FP32 here,
     once, so that several GEMMs on it (a weight used per chunk or per expert) do not widen it again.
     ``mm`` takes its dtype from its first operand, which stays in ``dtype``."""
+    if t.dtype == dtype and dtype not in LOWP:  # nothing to round or widen (FP32 decoding: per layer)
+        return t
     t = t.to(dtype)
     return t.float() if emulated(t.device.type, dtype) else t
 
@@ -119,6 +121,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     The gradients round as the native GEMMs' do: dx and dW come out of their GEMMs in the compute
     dtype, then go back to x's and the weight's dtypes."""
+    if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)  # never emulated: no lookups (~50 small GEMMs a decode step)
     dtype = gemm_dtype(x)
     if not emulated(x.device.type, dtype):
         return F.linear(x, weight, bias)

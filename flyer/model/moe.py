@@ -7,6 +7,8 @@ K activated experts per token, G expert groups, N = T*K routed token copies.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,8 +31,24 @@ class MLP(nn.Module):
         self.w3 = Linear(dim, inter_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(gemm_dtype(x))  # once, not once per up-projection (autocast casts per call)
+        x = _cast(x, gemm_dtype(x))  # once, not once per up-projection (autocast casts per call)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # not even a no-op cast: an op, a few us when decoding
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return _cast(t, torch.float32)
+
+
+@functools.cache
+def _fp32_scalar(value: float) -> torch.Tensor:
+    """``value`` as a 0-dim FP32 CPU tensor. As an operand of FP32 tensors (any device) it gives what
+    the Python float gives, bit for bit, without the conversion ops a Python float costs per call."""
+    with torch.inference_mode(False):  # also saved for backward: no inference tensor
+        return torch.tensor(value, dtype=torch.float32, device="cpu")
 
 
 class Gate(nn.Module):
@@ -60,24 +78,33 @@ class Gate(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (weights_TK fp32, topk_ids_TK int64, scores_TE fp32)."""
-        cfg = self.cfg
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits = F.linear(x_TD.float(), self.weight.float())
+        cfg, bias = self.cfg, self.bias
+        dev = x_TD.device.type
+        x, w = _fp32(x_TD), _fp32(self.weight)
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                logits = F.linear(x, w)
+        else:  # the same GEMM without entering a context (a few us a layer when decoding)
+            logits = F.linear(x, w)
         scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores.detach() if self.bias is None else scores.detach() + self.bias
+        choice = scores.detach() if torch.is_grad_enabled() else scores  # selection is not differentiated
+        if bias is not None:
+            choice = choice + bias
         T, E = choice.shape
         G = cfg.n_expert_groups
         if G > 1 and cfg.n_limited_groups < G:
             grouped = choice.view(T, G, E // G)
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1) if self.bias is not None else grouped.amax(-1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1) if bias is not None else grouped.amax(-1)
             keep = group_scores.topk(cfg.n_limited_groups, dim=-1).indices
             drop = torch.ones(T, G, dtype=torch.bool, device=x_TD.device).scatter_(1, keep, False)
-            choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(T, E)
+            # in place where choice is a new tensor (scores + bias), not the scores themselves
+            fill = grouped.masked_fill_ if bias is not None else grouped.masked_fill
+            choice = fill(drop.unsqueeze(-1), float("-inf")).view(T, E)
         topk_ids = choice.topk(cfg.n_activated_experts, dim=-1).indices
         weights = scores.gather(1, topk_ids)
         if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * cfg.route_scale, topk_ids, scores
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + _fp32_scalar(1e-20))
+        return weights * _fp32_scalar(cfg.route_scale), topk_ids, scores
 
 
 class MoE(nn.Module):
@@ -131,13 +158,13 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
                                                   self.cfg) if self.cfg.seq_aux_alpha > 0 else None
-        x_in = x_TD.to(gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
+        x_in = _cast(x_TD, gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
         if self.path == "fused_local":
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts)
         else:
             x_sorted, local_counts, ctx = self.dispatcher.dispatch(x_in, topk_ids_TK)
             y_TD = self.dispatcher.combine(self.experts(x_sorted, local_counts), weights_TK, ctx)
-        y_TD = y_TD.to(x_BTD.dtype)
+        y_TD = _cast(y_TD, x_BTD.dtype)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_in)
         return y_TD.view(B, T, D)

@@ -28,6 +28,9 @@ class _RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """RMS norm over the last dim times ``weight``; output in ``out_dtype`` (default: ``x``'s),
     rounded once from the FP32 result; the gradient comes back in ``x``'s dtype."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        # nothing to differentiate (decoding): the Function's own cost is most of a small norm's
+        return kernels.rms_norm(x, weight, eps, out_dtype or x.dtype)[0]
     return _RMSNormFunction.apply(x, weight, eps, out_dtype or x.dtype)
 
 

@@ -53,9 +53,10 @@ def rope_cos_sin(rope_dim: int, seq_len: int, cfg: ModelConfig, device=None) -> 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs. x: (B, T, H, d); cos/sin: (T, d/2) (or broadcastable (B, T, d/2))."""
     dtype = x.dtype
-    xf = x.float().unflatten(-1, (-1, 2))
+    fp32 = dtype == torch.float32  # no casts, not even no-op ones: 12 calls a decode step
+    xf = (x if fp32 else x.float()).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     c = cos.unsqueeze(-2)  # broadcast over heads
     s = sin.unsqueeze(-2)
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
-    return out.to(dtype)
+    return out if fp32 else out.to(dtype)
