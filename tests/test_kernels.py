@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,6 +119,31 @@ def test_grouped_mm_few_rows_is_a_gemm_per_group(ops, K):
     assert torch.equal(kernels.grouped_mm(x2, sparse, w3)[:big], x2[:big] @ w3[1].t())
     with pytest.raises(RuntimeError, match="counts sum"):
         ops.grouped_mm_few_rows(x, torch.tensor([1, 2]), w[:2], kernels.FEW_ROWS)
+
+
+def test_grouped_mm_split_over_expert_threads_is_the_same_sums(ops, monkeypatch):
+    """``set_expert_threads``: the kernel's groups in runs on threads of their own give the same
+    output bit for bit (each output's sum is one thread's either way); large groups stay torch.mm."""
+    rows = [3, 0, 5, kernels.FEW_ROWS + 2, 1, 4, 0, 2, 6]
+    x, w = torch.randn(sum(rows), 64), torch.randn(len(rows), 48, 64)
+    one = kernels.grouped_mm(x, rows, w)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_BYTES", 1)
+    threads, runs = torch.get_num_threads(), []
+    real = kernels.cpu_ops().grouped_mm_few_rows
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: SimpleNamespace(
+        grouped_mm_few_rows=lambda *a: runs.append(a[1].numel()) or real(*a)))
+    torch.set_num_threads(1)  # the split applies where torch's own threads are fewer
+    try:
+        for n in (2, 3):
+            kernels.set_expert_threads(n)
+            runs.clear()
+            assert torch.equal(kernels.grouped_mm(x, rows, w), one)
+            assert len(runs) == n and sum(runs) == len(rows)  # n runs covering every group
+    finally:
+        kernels.set_expert_threads(1)
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="expert threads"):
+        kernels.set_expert_threads(0)
 
 
 def _csr_case(T=60, D=40, n=300, dtype=torch.bfloat16):

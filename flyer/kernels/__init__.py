@@ -29,6 +29,7 @@ import itertools
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -198,6 +199,35 @@ def segment_sum(x_RD: torch.Tensor, index: TokenIndex) -> torch.Tensor:
 # ---- routed experts: few rows per expert -------------------------------------------------------
 
 FEW_ROWS = 16  # rows per group up to which ``grouped_mm`` runs the kernel (bench/cpu_kernels.py: torch.mm wins past it)
+SPLIT_MIN_BYTES = 4 << 20  # weights a kernel call must stream before a second thread pays for its hand-off
+_split: dict = {"threads": 1, "pool": None}
+
+
+def set_expert_threads(n: int) -> None:
+    """Run ``grouped_mm``'s kernel on ``n`` threads (its groups split into ``n`` runs of about equal
+    weight bytes, each in its own thread) when torch's own threads are fewer and a call streams at
+    least ``SPLIT_MIN_BYTES``. ``flyer serve`` runs torch on one thread on a small CPU (its many
+    small ops gain nothing from more), and one core cannot pull the experts' weights at the
+    memory's bandwidth: 6.5 against 11 GB/s with two here (bench/cpu_kernels.py)."""
+    if n < 1:
+        raise ValueError(f"expert threads must be >= 1 (got {n})")
+    if _split["pool"] is not None:
+        _split["pool"].shutdown()
+    _split.update(threads=n, pool=ThreadPoolExecutor(n - 1, thread_name_prefix="flyer-experts") if n > 1 else None)
+
+
+def _kernel_runs(x_RK: torch.Tensor, rows_G: list[int], rows: torch.Tensor, w_GNK: torch.Tensor) -> torch.Tensor:
+    """``grouped_mm_few_rows`` over all groups, split across ``set_expert_threads``' threads when it pays."""
+    ops, n = cpu_ops(), _split["threads"]
+    G, N, K = w_GNK.shape
+    live = [g for g, r in enumerate(rows_G) if 0 < r <= FEW_ROWS]
+    if n <= torch.get_num_threads() or len(live) < n or len(live) * N * K * w_GNK.element_size() < SPLIT_MIN_BYTES:
+        return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, FEW_ROWS)
+    cuts = [0, *(live[len(live) * i // n] for i in range(1, n)), G]  # group ranges with as many live groups
+    starts = [0, *itertools.accumulate(rows_G)]
+    parts = [(x_RK[starts[a]:starts[b]], rows[a:b], w_GNK[a:b]) for a, b in zip(cuts, cuts[1:])]
+    futures = [_split["pool"].submit(ops.grouped_mm_few_rows, *p, FEW_ROWS) for p in parts[1:]]
+    return torch.cat([ops.grouped_mm_few_rows(*parts[0], FEW_ROWS), *(f.result() for f in futures)])
 
 
 def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
@@ -209,7 +239,7 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
     kernel = x_RK.dtype == w_GNK.dtype == torch.float32 and usable(x_RK, w_GNK)
     if kernel:
         rows = torch.tensor(rows_G, dtype=torch.long) if rows_G_tensor is None else rows_G_tensor
-        out = cpu_ops().grouped_mm_few_rows(x_RK.contiguous(), rows, w_GNK.contiguous(), FEW_ROWS)
+        out = _kernel_runs(x_RK.contiguous(), rows_G, rows, w_GNK.contiguous())
         big = [g for g, n in enumerate(rows_G) if n > FEW_ROWS]
     else:
         out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
@@ -314,5 +344,5 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
 
 
 __all__ = ["KERNEL_DTYPES", "TokenIndex", "combine", "combine_backward", "cpu_ops", "disabled", "fp8_dequantize",
-           "fp8_to_float", "grouped_mm", "rms_norm", "rms_norm_backward", "segment_sum", "swiglu", "swiglu_backward",
-           "token_index", "token_rows", "usable", "xent_chunk"]
+           "fp8_to_float", "grouped_mm", "rms_norm", "rms_norm_backward", "segment_sum", "set_expert_threads", "swiglu",
+           "swiglu_backward", "token_index", "token_rows", "usable", "xent_chunk"]

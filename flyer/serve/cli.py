@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from flyer import kernels
 from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
 from flyer.infer.cli import DTYPES, auto_cache_dtype, load_model
@@ -69,6 +70,9 @@ def _run(args) -> int:
     if not 0 <= args.port < 65536:
         raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
     torch.set_num_threads(args.threads)
+    if args.expert_threads < 1:
+        raise FieldError("expert_threads", f"must be >= 1 (got {args.expert_threads})")
+    kernels.set_expert_threads(args.expert_threads)
     args.precision, args.seed = "auto", 0
     model, tok = load_model(args)
     cfg.cache_dtype = DTYPES[auto_cache_dtype(args.ckpt, model) if args.cache_dtype == "auto" else args.cache_dtype]
@@ -152,4 +156,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),
                    help="torch threads stepping the model (default: all cores but one, which the HTTP side gets)")
+    p.add_argument("--expert-threads", type=int, default=torch.get_num_threads(),
+                   help="threads streaming the routed experts' weights in a decode step where --threads is fewer "
+                        "(default: all cores; the one memory-bound part of a step long enough to split)")
     p.set_defaults(func=_run)
