@@ -103,7 +103,24 @@ def main() -> None:
             times["kernel"].append(_time(call, args.reps))
         e, k = statistics.median(times["eager"]), statistics.median(times["kernel"])
         out["kernels"][name] = {"eager_ms": round(e, 3), "kernel_ms": round(k, 3), "speedup": round(e / k, 2)}
+    out["grouped_mm_expert_threads"] = _expert_threads(args.rounds)
     print(json.dumps(out))
+
+
+def _expert_threads(rounds: int) -> dict:
+    """GB/s of the experts' up-projection kernel at 4 rows per expert over 8 layers of weights (200 MB:
+    they stream from memory, as in a decode step), on torch's threads alone and split over two
+    (``kernels.set_expert_threads(2)``, what ``flyer serve`` does where torch runs one thread)."""
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(32, 512, 384, generator=g) for _ in range(8)]
+    x = torch.randn(32 * 4, 384, generator=g)
+    res = {}
+    for n in (1, 2):
+        kernels.set_expert_threads(n)
+        times = [_time(lambda: [kernels.grouped_mm(x, [4] * 32, w) for w in ws], 2) for _ in range(rounds)]
+        res[f"expert_threads_{n}_gb_s"] = round(8 * ws[0].nbytes / statistics.median(times) / 1e6, 1)
+    kernels.set_expert_threads(1)
+    return {"torch_threads": torch.get_num_threads(), **res}
 
 
 if __name__ == "__main__":

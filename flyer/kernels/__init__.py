@@ -208,7 +208,7 @@ def set_expert_threads(n: int) -> None:
     weight bytes, each in its own thread) when torch's own threads are fewer and a call streams at
     least ``SPLIT_MIN_BYTES``. ``flyer serve`` runs torch on one thread on a small CPU (its many
     small ops gain nothing from more), and one core cannot pull the experts' weights at the
-    memory's bandwidth: 6.5 against 11 GB/s with two here (bench/cpu_kernels.py)."""
+    memory's bandwidth: 7 against 10 GB/s with two here (bench/cpu_kernels.py, grouped_mm_expert_threads)."""
     if n < 1:
         raise ValueError(f"expert threads must be >= 1 (got {n})")
     if _split["pool"] is not None:
