@@ -292,6 +292,7 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path):
     (["--preset", "tiny", "--kv-cache-memory", "lots"], "--kv-cache-memory: expected a size"),
     (["--preset", "tiny", "--kv-cache-memory", "1k"], "--kv-cache-memory: 1024 bytes hold 0 blocks"),
     (["--preset", "tiny", "--max-batch-size", "0"], "--max-batch-size: must be >= 1"),
+    (["--preset", "tiny", "--expert-threads", "0"], "--expert-threads: must be >= 1"),
     (["--preset", "tiny", "--port", "70000"], "--port: must be in"),
     (["--preset", "tiny", "--ckpt", "x"], "exactly one"),
 ])

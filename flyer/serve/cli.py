@@ -70,8 +70,6 @@ def _run(args) -> int:
     if not 0 <= args.port < 65536:
         raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
     torch.set_num_threads(args.threads)
-    if args.expert_threads < 1:
-        raise FieldError("expert_threads", f"must be >= 1 (got {args.expert_threads})")
     kernels.set_expert_threads(args.expert_threads)
     args.precision, args.seed = "auto", 0
     model, tok = load_model(args)
