@@ -14,7 +14,10 @@
    batched ``generate`` (left-padded, greedy, static batches of the concurrency in arrival order)
    with the reason in ``peer_note`` (here: its model manager always passes a ``device_map``,
    which needs ``accelerate``, not installed).
-3. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
+3. The weight bytes a decode step reads per token at 1 and 16 rows (dense weights plus the routed
+   experts the tokens choose, expected under uniform routing), and their ratio: where a step is
+   bound by memory traffic, the most 16 clients can gain over 1 (``ratio_c16_vs_c1_memory_bound``).
+4. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
    once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
    against the ratio of their cache bytes per token.
 
@@ -201,6 +204,27 @@ def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
         proc.wait(timeout=60)
 
 
+def _weight_bytes_per_token(rows: int) -> float:
+    """Weight bytes a decode step of ``rows`` tokens reads per token (FP32): every dense weight (the
+    embedding is a gather, MTP does not run) plus, per MoE layer, the routed experts its tokens
+    choose: E (1 - (1 - K/E)^rows) distinct ones expected under uniform routing. Where a step is
+    bound by memory traffic, the ratio for 16 and 1 rows bounds ``ratio_c16_vs_c1``."""
+    cfg = preset("small")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    routed = dense = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp") or name.startswith("embed"):
+            continue
+        if ".experts." in name:
+            routed += p.numel()
+        else:
+            dense += p.numel()
+    E, K = cfg.n_routed_experts, cfg.n_activated_experts
+    chosen = E * (1 - (1 - K / E) ** rows)
+    return 4 * (dense + routed * chosen / E) / rows
+
+
 def _max_seqs(cfg_over: dict, memory: int, seq_len: int) -> tuple[int, int]:
     """(2K-token sequences the engine admits at once within ``memory`` bytes, cache bytes per token)."""
     torch.manual_seed(0)
@@ -287,6 +311,9 @@ def main() -> None:
         out["ratio_c16_vs_peer"] = out["tokens_per_s_c16"] / out["peer_tokens_per_s_c16"]
     if "tokens_per_s_c1" in out and "tokens_per_s_c16" in out:
         out["ratio_c16_vs_c1"] = out["tokens_per_s_c16"] / out["tokens_per_s_c1"]
+        out["weight_mb_per_token_c1"], out["weight_mb_per_token_c16"] = (_weight_bytes_per_token(n) / 1e6
+                                                                          for n in (1, 16))
+        out["ratio_c16_vs_c1_memory_bound"] = out["weight_mb_per_token_c1"] / out["weight_mb_per_token_c16"]
     memory = parse_size(args.payoff_memory, "payoff_memory")
     (mla, mla_bpt), (gqa, gqa_bpt) = (_max_seqs(over, memory, 2048) for over in ({}, GQA_BENCH))
     out.update(max_seqs_mla=mla, max_seqs_gqa=gqa, payoff_memory=args.payoff_memory,

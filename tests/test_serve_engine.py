@@ -124,8 +124,11 @@ def test_requests_join_at_the_next_step_and_prefill_is_chunked(trained):
     assert len(a) >= 2
     eng.submit(_progression(2, 1, 17), SamplingOptions(max_tokens=2), lambda e: b.append(e.token))
     n = len(a)
+    passes, real = [], eng.dec.forward_groups
+    eng.dec.forward_groups = lambda groups: passes.append([g.tokens.shape for g in groups]) or real(groups)
     eng.step()
     assert len(eng.running) == 2 and len(a) == n + 1  # b joined; a still decoded this step
+    assert passes == [[(1, 1), (1, 4)]]  # a's token and b's first chunk in one pass over the model
     for _ in range(3):  # b's 17-token prompt takes 5 chunks of 4: a gets a token every step meanwhile
         eng.step()
         assert not b
