@@ -57,12 +57,6 @@ class Rows:
     n_slots: int
     mask: torch.Tensor
 
-    @classmethod
-    def at(cls, pos_BT: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor) -> "Rows":
-        """Rows at ``pos_BT`` with rope tables (max_len, R/2) indexed there."""
-        S = int(pos_BT.max()) + 1
-        return cls(pos_BT, cos_table[pos_BT], sin_table[pos_BT], S, causal_slot_mask(pos_BT, S))
-
 
 def _softmax(scores_BHTS: torch.Tensor, mask_B1TS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Masked FP32 softmax, subnormal probabilities flushed to zero (see the module docstring)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flyer.infer.attention import Rows, gqa_cached, mla_absorbed, mla_naive
+from flyer.infer.attention import Rows, causal_slot_mask, gqa_cached, mla_absorbed, mla_naive
 from flyer.infer.cache import make_cache
 from flyer.model.experts import Experts
 from flyer.model.transformer import Block, Transformer
@@ -107,10 +107,10 @@ class Decoder:
 
     def _rows(self, start_B: torch.Tensor, T: int) -> Rows:
         pos = start_B.view(-1, 1) + torch.arange(T, device=start_B.device)
-        rows = Rows.at(pos, self.cos, self.sin) if int(pos.max()) < self.max_len else None
-        if rows is None:
-            raise ValueError(f"position {int(pos.max())} exceeds the decoder's max_len {self.max_len}")
-        return rows
+        S = int(pos.max()) + 1
+        if S > self.max_len:
+            raise ValueError(f"position {S - 1} exceeds the decoder's max_len {self.max_len}")
+        return Rows(pos, self.cos[pos], self.sin[pos], S, causal_slot_mask(pos, S))
 
     def _block(self, block: Block, x: torch.Tensor, cache, layer: int, rows: Rows) -> torch.Tensor:
         x = x + self._attend(block.attn, block.attn_norm(x), rows, cache, layer)

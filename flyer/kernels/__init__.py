@@ -244,15 +244,10 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
     else:
         out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
         big = [g for g, n in enumerate(rows_G) if n]
-    if 2 * len(big) < len(rows_G):  # few groups left to torch.mm: views of those only
-        starts = [0, *itertools.accumulate(rows_G)]
-        for g in big:
-            r = slice(starts[g], starts[g + 1])
-            torch.mm(x_RK[r], w_GNK[g].t(), out=out[r])
-        return out
-    for xs, os_, w, n in zip(x_RK.split(rows_G), out.split(rows_G), w_GNK.unbind(0), rows_G):
-        if n and not (kernel and n <= FEW_ROWS):
-            torch.mm(xs, w.t(), out=os_)
+    starts = [0, *itertools.accumulate(rows_G)]
+    for g in big:  # views of the groups left to torch.mm only (a decode batch leaves few)
+        r = slice(starts[g], starts[g + 1])
+        torch.mm(x_RK[r], w_GNK[g].t(), out=out[r])
     return out
 
 

@@ -64,6 +64,11 @@ def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, b
                              mtp=False)
 
 
+def _padded(xs: list[int], n: int, pad: int) -> list[int]:
+    """``xs`` right-padded with ``pad`` to ``n`` items (one tensor built from rows of equal length)."""
+    return xs + [pad] * (n - len(xs))
+
+
 class QueueFull(Exception):
     """The waiting queue holds ``max_queue`` requests already."""
 
@@ -375,24 +380,16 @@ class Engine:
     def _tables(self, rows: list[Request], n_slots: int) -> torch.Tensor:
         """Block tables (B, n) of ``rows`` covering ``n_slots`` positions (NULL_BLOCK past a row's)."""
         width = math.ceil(n_slots / self.cfg.block_size)
-        t = torch.full((len(rows), width), NULL_BLOCK, dtype=torch.long)
-        for i, r in enumerate(rows):
-            t[i, :min(len(r.blocks), width)] = torch.tensor(r.blocks[:width], dtype=torch.long)
-        return t.to(self.device)
+        return torch.tensor([_padded(r.blocks[:width], width, NULL_BLOCK) for r in rows], device=self.device)
 
     def _group(self, rows: list[Request], chunks: list[list[int]]) -> Group:
         """Rows feeding ``chunks`` (their next tokens, from position n_cached) as one batch."""
         lengths = [len(c) for c in chunks]
         T = max(lengths)
-        if min(lengths) == T:
-            tokens = torch.tensor(chunks, dtype=torch.long)
-        else:
-            tokens = torch.zeros(len(rows), T, dtype=torch.long)
-            for i, c in enumerate(chunks):
-                tokens[i, :len(c)] = torch.tensor(c)
+        tokens = torch.tensor([_padded(c, T, 0) for c in chunks], device=self.device)
         start = [r.n_cached for r in rows]
-        return Group(tokens.to(self.device), torch.tensor(start, device=self.device),
-                     None if min(lengths) == T else lengths, self.cache.view(self._tables(rows, max(start) + T)))
+        return Group(tokens, torch.tensor(start, device=self.device), None if min(lengths) == T else lengths,
+                     self.cache.view(self._tables(rows, max(start) + T)))
 
     def _forward(self, decoding: list[Request], prefilling: list[Request], lens: list[int]) -> None:
         """One main-model pass over every decoding row's next token(s) and every prefilling row's
