@@ -21,7 +21,7 @@
    once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
    against the ratio of their cache bytes per token.
 
-The default run is sized for a 2-core CPU (about 2 minutes); ``--full`` runs the issue's sizes
+The default run is sized for a 2-core CPU (about a minute); ``--full`` runs the issue's sizes
 (1/4/16/64 clients, prompts of 64-1024 tokens, 64-256 new tokens). Prints one JSON object.
     python bench/serve.py [--full] [--threads N]
 """
