@@ -1,21 +1,23 @@
 """Serving benchmark: ``flyer serve`` under concurrent clients, against transformers in the same run.
 
-1. Saves the ``small`` preset with random weights (seed 0) as a flyer run, starts
-   ``flyer serve --ckpt`` on it (127.0.0.1, a free port) and drives it with N concurrent clients
-   (``--concurrency``), each sending ``--requests-per-client`` streaming completions one after
-   another (a steady load, not one burst) of a realistic mix: a shared system prompt, then a
+1. Saves the ``small`` preset with random weights (seed 0) as a flyer run (``--weight-dtype bf16``,
+   the default: rounded to BF16 values, as a published checkpoint stores them), starts
+   ``flyer serve --ckpt --weight-dtype`` on it (bf16: the GEMM weights held in BF16, FP32 compute;
+   127.0.0.1, a free port) and drives it with N concurrent clients (``--concurrency``), each
+   sending ``--requests-per-client`` streaming completions one after another (a steady load, not
+   one burst) of a realistic mix: a shared system prompt, then a
    private part (``--prompt-min``..``--prompt-max`` tokens in all), ``--new-min``..``--new-max``
    new tokens. Per concurrency: output tokens/s (all clients), TTFT and TPOT p50/p99, the
    server's prefix hit rate (from /metrics). The clients run in a child process at nice 10: they
    stand in for remote users, so on a host of a few cores they must not preempt the server.
-2. The peer, on the same weights exported with ``flyer export`` (FP32) and the same requests at
+2. The peer, on the same weight values exported with ``flyer export`` (FP32) and the same requests at
    the highest concurrency: ``transformers serve --continuous-batching`` when it starts here (its
    completions take text: the prompts' ids decoded by the exported tokenizer), else transformers'
    batched ``generate`` (left-padded, greedy, static batches of the concurrency in arrival order)
    with the reason in ``peer_note`` (here: its model manager always passes a ``device_map``,
    which needs ``accelerate``, not installed).
-3. The weight bytes a decode step reads per token at 1 and 16 rows (dense weights plus the routed
-   experts the tokens choose, expected under uniform routing), and their ratio: where a step is
+3. The weight bytes a decode step reads per token at 1 and 16 rows, as held (dense weights plus the
+   routed experts the tokens choose, expected under uniform routing), and their ratio: where a step is
    bound by memory traffic, the most 16 clients can gain over 1 (``ratio_c16_vs_c1_memory_bound``).
 4. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
    once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
@@ -49,6 +51,7 @@ from tokenizers import Tokenizer
 from flyer.config import parse_size, preset
 from flyer.data.tokenizer import train_bpe
 from flyer.interop.export import export
+from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
 from flyer.model.counts import kv_cache_bytes_per_token
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
@@ -60,10 +63,16 @@ TOKEN_RANGE = 256  # prompt token ids: the tokenizer's byte tokens
 CLIENT_NICE = 10  # the client processes' niceness (``_drive``)
 
 
-def _save_run(out: Path) -> Path:
+def _save_run(out: Path, weight_dtype: str) -> Path:
+    """The small preset, random weights (seed 0); with BF16-held weights, rounded to BF16 first (a
+    BF16 checkpoint): flyer holds them exactly, and the peer's FP32 export has the same values."""
     cfg = preset("small")
     torch.manual_seed(0)
     model = Transformer(cfg)
+    if weight_dtype != "fp32":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(WEIGHT_DTYPES[weight_dtype]))
     tok = train_bpe(["the quick brown fox jumps over the lazy dog, serving many requests at once"] * 50, 512)
     save_checkpoint(out / "checkpoints", 1, {"model.safetensors": model.state_dict(), "config.json": cfg.to_dict(),
                                              "tokenizer.json": json.loads(tok.to_str())})
@@ -135,7 +144,7 @@ def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "flyer", "serve", "--ckpt", str(run), "--port", "0", "--kv-cache-memory",
            args.kv_cache_memory, "--cache-dtype", "fp32", "--model-name", "small",
-           "--max-batch-size", "64", "--prefill-chunk", str(args.prefill_chunk)]
+           "--max-batch-size", "64", "--prefill-chunk", str(args.prefill_chunk), "--weight-dtype", args.weight_dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -204,25 +213,27 @@ def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
         proc.wait(timeout=60)
 
 
-def _weight_bytes_per_token(rows: int) -> float:
-    """Weight bytes a decode step of ``rows`` tokens reads per token (FP32): every dense weight (the
-    embedding is a gather, MTP does not run) plus, per MoE layer, the routed experts its tokens
-    choose: E (1 - (1 - K/E)^rows) distinct ones expected under uniform routing. Where a step is
-    bound by memory traffic, the ratio for 16 and 1 rows bounds ``ratio_c16_vs_c1``."""
+def _weight_bytes_per_token(rows: int, weight_dtype: str) -> float:
+    """Weight bytes a decode step of ``rows`` tokens reads per token (as ``flyer serve --weight-dtype``
+    holds them): every dense weight (the embedding is a gather, MTP does not run) plus, per MoE
+    layer, the routed experts its tokens choose: E (1 - (1 - K/E)^rows) distinct ones expected under
+    uniform routing. Where a step is bound by memory traffic, the ratio for 16 and 1 rows bounds
+    ``ratio_c16_vs_c1``."""
     cfg = preset("small")
     with torch.device("meta"):
         model = Transformer(cfg)
+    hold_weights(model, WEIGHT_DTYPES[weight_dtype])
     routed = dense = 0
     for name, p in model.named_parameters():
         if name.startswith("mtp") or name.startswith("embed"):
             continue
         if ".experts." in name:
-            routed += p.numel()
+            routed += p.numel() * p.element_size()
         else:
-            dense += p.numel()
+            dense += p.numel() * p.element_size()
     E, K = cfg.n_routed_experts, cfg.n_activated_experts
     chosen = E * (1 - (1 - K / E) ** rows)
-    return 4 * (dense + routed * chosen / E) / rows
+    return (dense + routed * chosen / E) / rows
 
 
 def _max_seqs(cfg_over: dict, memory: int, seq_len: int) -> tuple[int, int]:
@@ -256,6 +267,9 @@ def main() -> None:
                     help="torch threads of flyer serve and of the peer (default: each its own: flyer serve all "
                          "cores but one, left to HTTP; the peer, in-process without HTTP, all cores)")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="flyer serve's prompt tokens per scheduler step")
+    ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="bf16",
+                    help="flyer serve --weight-dtype (bf16: the weights saved as BF16 values, held in BF16 and "
+                         "computed in FP32; the peer computes in FP32 on the same values)")
     ap.add_argument("--no-peer-serve", dest="peer_serve", action="store_false",
                     help="skip transformers serve --continuous-batching (tried first by default)")
     args = ap.parse_args()
@@ -268,12 +282,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out: dict = {"preset": "small", "threads": args.threads or "default", "kv_cache_memory": args.kv_cache_memory,
+                 "weight_dtype": args.weight_dtype,
                  "prompt_tokens": [args.prompt_min, args.prompt_max], "new_tokens": [args.new_min, args.new_max],
                  "system_prompt_tokens": args.system_prompt}
     rng = random.Random(0)
     system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
     with tempfile.TemporaryDirectory() as tmp:
-        run = _save_run(Path(tmp) / "run")
+        run = _save_run(Path(tmp) / "run", args.weight_dtype)
         proc, url = _start_flyer(run, args)
         try:
             _one(url, "small", system + [1, 2, 3], 4)  # warm-up
@@ -311,8 +326,8 @@ def main() -> None:
         out["ratio_c16_vs_peer"] = out["tokens_per_s_c16"] / out["peer_tokens_per_s_c16"]
     if "tokens_per_s_c1" in out and "tokens_per_s_c16" in out:
         out["ratio_c16_vs_c1"] = out["tokens_per_s_c16"] / out["tokens_per_s_c1"]
-        out["weight_mb_per_token_c1"], out["weight_mb_per_token_c16"] = (_weight_bytes_per_token(n) / 1e6
-                                                                          for n in (1, 16))
+        out["weight_mb_per_token_c1"], out["weight_mb_per_token_c16"] = (
+            _weight_bytes_per_token(n, args.weight_dtype) / 1e6 for n in (1, 16))
         out["ratio_c16_vs_c1_memory_bound"] = out["weight_mb_per_token_c1"] / out["weight_mb_per_token_c16"]
     memory = parse_size(args.payoff_memory, "payoff_memory")
     (mla, mla_bpt), (gqa, gqa_bpt) = (_max_seqs(over, memory, 2048) for over in ({}, GQA_BENCH))

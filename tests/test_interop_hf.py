@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flyer.cli import main
 from flyer.errors import CheckpointError
 from flyer.infer.generate import GenerationConfig, generate
+from flyer.infer.weights import hold_weights
 from flyer.interop.hf import load_hf, permute_rope, rope_permutation
 from flyer.interop.load import load_pretrained
 from tests.hf_models import FAMILIES, add_mtp_layer, build, reference_mtp_logits
@@ -39,6 +40,29 @@ def test_logits_and_greedy_tokens_equal_transformers(tmp_path, name, spelling):
     prompt = tokens[0, :7]
     out = ref.generate(prompt[None], do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
     assert greedy(model, prompt.tolist(), 12) == out[0, 7:].tolist()
+
+
+def test_bf16_checkpoint_held_in_bf16_computes_like_transformers_in_fp32(tmp_path, capsys):
+    """A BF16 checkpoint with ``--weight-dtype bf16``: FP32 compute on the file's own values, the GEMM
+    weights held at half the bytes; logits and greedy tokens as transformers' FP32 model on it."""
+    build("v3", tmp_path).to(torch.bfloat16).save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model, cfg, _ = load_pretrained(tmp_path, dtype=torch.float32)
+    hold_weights(model, torch.bfloat16)
+    assert model.layers[-1].ffn.experts.w2.dtype == torch.bfloat16 and model.embed.weight.dtype == torch.float32
+    tokens = torch.randint(3, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel(model(tokens), ref(tokens).logits) < 1e-4
+    prompt = tokens[0, :7]
+    out = ref.generate(prompt[None], do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=0)[0, 7:]
+    assert greedy(model, prompt.tolist(), 12) == out.tolist()
+    ids = AutoTokenizer.from_pretrained(tmp_path)("hello world")["input_ids"]
+    want = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "6",
+                 "--weight-dtype", "bf16", "--eos-id", "-1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["token_ids"] == [want[0, len(ids):].tolist()] and res["cache_dtype"] == "fp32"
 
 
 def test_both_spellings_give_one_config(tmp_path):

@@ -121,6 +121,57 @@ def test_grouped_mm_few_rows_is_a_gemm_per_group(ops, K):
         ops.grouped_mm_few_rows(x, torch.tensor([1, 2]), w[:2], kernels.FEW_ROWS)
 
 
+@pytest.mark.parametrize("K", [384, 37])
+def test_grouped_mm_on_bf16_held_weights_is_the_fp32_kernel_on_them_widened(ops, K):
+    """BF16 weights widen exactly in registers: the kernel's sums are, bit for bit, the FP32
+    kernel's on ``w.float()``; ``grouped_mm`` keeps groups up to HELD_FEW_ROWS in the kernel and
+    runs torch.mm on the widened weight past it (and for every group with the kernels off)."""
+    few = kernels.HELD_FEW_ROWS
+    rows = [0, 1, 3, 4, 9, kernels.FEW_ROWS + 1, few, few + 1]  # past FP32's FEW_ROWS, past the held limit
+    x, w = torch.randn(sum(rows), K), torch.randn(len(rows), 70, K).bfloat16()
+    counts = torch.tensor(rows)
+    kept = sum(rows[:-1])  # the last group's rows are left for torch.mm (not written)
+    assert torch.equal(ops.grouped_mm_few_rows(x, counts, w, few)[:kept],
+                       ops.grouped_mm_few_rows(x, counts, w.float(), few)[:kept])
+    out = kernels.grouped_mm(x, rows, w)
+    with kernels.disabled():
+        eager = kernels.grouped_mm(x, rows, w)
+    starts = [0, *torch.tensor(rows).cumsum(0).tolist()]
+    for g, n in enumerate(rows):
+        r = slice(starts[g], starts[g + 1])
+        if not n:
+            continue
+        wide = w[g].float()
+        assert torch.equal(eager[r], x[r] @ wide.t())
+        if n > few:
+            assert torch.equal(out[r], x[r] @ wide.t())
+        assert_fp32_sums(out[r], x[r].double() @ wide.double().t(), x[r].double().abs() @ wide.double().abs().t(), K)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.grouped_mm_few_rows(x, counts, w.half(), few)
+
+
+def test_linear_held_splits_one_weight_by_columns_over_expert_threads(ops, monkeypatch):
+    """``linear_held``: F.linear of FP32 rows on a BF16 weight, any leading shape, with bias; its
+    output columns split over the expert threads give the same bits as one call."""
+    x, w, b = torch.randn(2, 5, 96), torch.randn(200, 96).bfloat16(), torch.randn(200)
+    one = kernels.linear_held(x, w, b)
+    assert one.shape == (2, 5, 200) and one.dtype == torch.float32
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert_fp32_sums(one, ref, F.linear(x.double().abs(), w.double().abs(), b.double().abs()), 97)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_BYTES", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in (2, 3):
+            kernels.set_expert_threads(n)
+            assert torch.equal(kernels.linear_held(x, w, b), one)
+    finally:
+        kernels.set_expert_threads(1)
+        torch.set_num_threads(threads)
+    many = torch.randn(kernels.HELD_FEW_ROWS + 3, 96)  # a prefill chunk: torch.mm on the widened weight
+    assert torch.equal(kernels.linear_held(many, w), many @ w.float().t())
+
+
 def test_grouped_mm_split_over_expert_threads_is_the_same_sums(ops, monkeypatch):
     """``set_expert_threads``: the kernel's groups in runs on threads of their own give the same
     output bit for bit (each output's sum is one thread's either way); large groups stay torch.mm."""

@@ -13,6 +13,7 @@ from flyer.infer import GenerationConfig, generate
 from flyer.infer.attention import causal_slot_mask, mla_absorbed_core
 from flyer.infer.cache import LatentCache
 from flyer.infer.prefix_cache import chain_keys
+from flyer.infer.weights import hold_weights
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import (Engine, EngineConfig, QueueFull, SamplingOptions,
                                 open_disk_prefix_cache)
@@ -91,6 +92,15 @@ def test_greedy_equals_generate_alone_under_concurrency(trained):
     _run(small, prompts, SamplingOptions(max_tokens=12))
     assert small.metrics.preemptions._value.get() > 0
     assert small.alloc.hit_rate > 0
+
+
+def test_greedy_with_bf16_held_weights_equals_generate_alone(trained):
+    """Weights held in BF16 (flyer.infer.weights), FP32 compute: the same contract."""
+    model = Transformer(trained.cfg).eval()
+    model.load_state_dict(trained.state_dict())
+    hold_weights(model, torch.bfloat16)
+    prompts = [_progression(3, 2, n) for n in (2, 11, 5, 19)]
+    assert _run(_engine(model, prefill_chunk=8), prompts, SamplingOptions(max_tokens=10)) == _alone(model, prompts, 10)
 
 
 def test_gqa_model_pages_its_kv(trained):

@@ -14,6 +14,7 @@ from flyer.errors import FieldError, UserError
 from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
+from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
 from flyer.interop.hf import is_hf_model_dir
 from flyer.interop.load import load_pretrained
 from flyer.model.counts import param_counts
@@ -38,26 +39,45 @@ class ByteTokenizer:
         return None
 
 
+def add_weight_dtype_flag(p) -> None:
+    p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="fp32",
+                   help="dtype the GEMM weights are held in, computing in FP32 (CPU): bf16 halves their memory "
+                        "and the bytes a decode step reads (lossless for a BF16 checkpoint; flyer.infer.weights)")
+
+
 def load_model(args):
     """(model, tokenizer) from ``args.ckpt`` or ``args.preset`` (random weights, byte tokens), on
-    ``args.device``, FP8 linears with ``args.precision == 'fp8'``."""
+    ``args.device``, FP8 linears with ``args.precision == 'fp8'``, GEMM weights held in
+    ``args.weight_dtype`` (an FP32 model on the CPU)."""
     device = resolve_device(args.device)
+    held = WEIGHT_DTYPES[getattr(args, "weight_dtype", "fp32")]
+    if held != torch.float32:
+        if args.precision == "fp8":
+            raise FieldError("weight_dtype", "bf16 holds an FP32 model's weights in BF16; --precision fp8 holds "
+                                             "them in FP8: choose one")
+        if device.type != "cpu":
+            raise FieldError("weight_dtype", f"bf16-held weights run on flyer's CPU kernels (device is {device})")
     if args.ckpt:
         try:
-            # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks
-            model, cfg, tok = load_pretrained(args.ckpt, device=device,
-                                              dtype=torch.float32 if args.precision == "fp8" else None)
+            # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks;
+            # held weights are computed in FP32 (a BF16 checkpoint widened, then held in BF16 again)
+            fp32 = args.precision == "fp8" or held != torch.float32
+            model, cfg, tok = load_pretrained(args.ckpt, device=device, dtype=torch.float32 if fp32 else None)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {msg}") from None
-        return (convert_to_fp8(model) if args.precision == "fp8" else model), tok
-    cfg = resolve_config(args.preset)
-    if cfg.vocab_size < 256:
-        raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
-    n = param_counts(cfg).total  # built in FP32 on the CPU, then moved
-    require_memory(4 * n, "cpu", "preset", f"{args.preset} ({n / 1e9:,.1f}B parameters in FP32)")
-    torch.manual_seed(args.seed or 0)
-    return Transformer(cfg).to(device), ByteTokenizer()
+        if args.precision == "fp8":
+            return convert_to_fp8(model), tok
+    else:
+        cfg = resolve_config(args.preset)
+        if cfg.vocab_size < 256:
+            raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
+        n = param_counts(cfg).total  # built in FP32 on the CPU, then moved
+        require_memory(4 * n, "cpu", "preset", f"{args.preset} ({n / 1e9:,.1f}B parameters in FP32)")
+        torch.manual_seed(args.seed or 0)
+        model, tok = Transformer(cfg).to(device), ByteTokenizer()
+    hold_weights(model, held)
+    return model, tok
 
 
 def auto_cache_dtype(ckpt: str | None, model: Transformer) -> str:
@@ -154,6 +174,7 @@ def register(sub) -> None:
                         "in FP8 (DeepSeek's 128x128 weight blocks, as an FP8 checkpoint stores them)")
     p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
+    add_weight_dtype_flag(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: decoding a small model is latency-bound)")

@@ -199,6 +199,9 @@ def segment_sum(x_RD: torch.Tensor, index: TokenIndex) -> torch.Tensor:
 # ---- routed experts: few rows per expert -------------------------------------------------------
 
 FEW_ROWS = 16  # rows per group up to which ``grouped_mm`` runs the kernel (bench/cpu_kernels.py: torch.mm wins past it)
+# the same for BF16-held weights, where torch.mm first widens the whole weight to FP32 (a copy as
+# slow as the GEMM at 16 rows): the kernel wins up to about 48-64 rows (bench/cpu_kernels.py)
+HELD_FEW_ROWS = 48
 SPLIT_MIN_BYTES = 4 << 20  # weights a kernel call must stream before a second thread pays for its hand-off
 _split: dict = {"threads": 1, "pool": None}
 
@@ -216,39 +219,72 @@ def set_expert_threads(n: int) -> None:
     _split.update(threads=n, pool=ThreadPoolExecutor(n - 1, thread_name_prefix="flyer-experts") if n > 1 else None)
 
 
-def _kernel_runs(x_RK: torch.Tensor, rows_G: list[int], rows: torch.Tensor, w_GNK: torch.Tensor) -> torch.Tensor:
-    """``grouped_mm_few_rows`` over all groups, split across ``set_expert_threads``' threads when it pays."""
+HELD_DTYPES = (torch.float32, torch.bfloat16)  # weight dtypes the kernel reads with FP32 rows
+
+
+def _kernel_runs(x_RK: torch.Tensor, rows_G: list[int], rows: torch.Tensor, w_GNK: torch.Tensor,
+                 few: int) -> torch.Tensor:
+    """``grouped_mm_few_rows`` over all groups of at most ``few`` rows, split across
+    ``set_expert_threads``' threads when it pays: into runs of groups, or a lone group into runs of
+    its weight rows."""
     ops, n = cpu_ops(), _split["threads"]
     G, N, K = w_GNK.shape
-    live = [g for g, r in enumerate(rows_G) if 0 < r <= FEW_ROWS]
-    if n <= torch.get_num_threads() or len(live) < n or len(live) * N * K * w_GNK.element_size() < SPLIT_MIN_BYTES:
-        return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, FEW_ROWS)
-    cuts = [0, *(live[len(live) * i // n] for i in range(1, n)), G]  # group ranges with as many live groups
-    starts = [0, *itertools.accumulate(rows_G)]
-    parts = [(x_RK[starts[a]:starts[b]], rows[a:b], w_GNK[a:b]) for a, b in zip(cuts, cuts[1:])]
-    futures = [_split["pool"].submit(ops.grouped_mm_few_rows, *p, FEW_ROWS) for p in parts[1:]]
-    return torch.cat([ops.grouped_mm_few_rows(*parts[0], FEW_ROWS), *(f.result() for f in futures)])
+    live = [g for g, r in enumerate(rows_G) if 0 < r <= few]
+    if n <= torch.get_num_threads() or len(live) * N * K * w_GNK.element_size() < SPLIT_MIN_BYTES:
+        return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few)
+    if G == 1:  # one weight matrix (a dense layer): each thread its share of the output columns
+        cuts = [N * i // n // 32 * 32 for i in range(n)] + [N]  # whole 32-row tasks of the kernel
+        parts = [(x_RK, rows, w_GNK[:, a:b]) for a, b in zip(cuts, cuts[1:])]
+        dim = 1
+    elif len(live) >= n:
+        cuts = [0, *(live[len(live) * i // n] for i in range(1, n)), G]  # group ranges with as many live groups
+        starts = [0, *itertools.accumulate(rows_G)]
+        parts = [(x_RK[starts[a]:starts[b]], rows[a:b], w_GNK[a:b]) for a, b in zip(cuts, cuts[1:])]
+        dim = 0
+    else:
+        return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few)
+    futures = [_split["pool"].submit(ops.grouped_mm_few_rows, *p, few) for p in parts[1:]]
+    return torch.cat([ops.grouped_mm_few_rows(*parts[0], few), *(f.result() for f in futures)], dim=dim)
 
 
 def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
                rows_G_tensor: torch.Tensor | None = None) -> torch.Tensor:
     """out (R, N): each group's consecutive rows of x (``rows_G[g]`` of them) times w[g]^T. The
-    kernel (FP32) takes the groups of at most ``FEW_ROWS`` rows, reading each weight once for all
-    of its group's rows; one ``torch.mm`` per larger group (and per group elsewhere).
-    ``rows_G_tensor``: ``rows_G`` as a CPU int64 tensor where the caller has one (not built again)."""
-    kernel = x_RK.dtype == w_GNK.dtype == torch.float32 and usable(x_RK, w_GNK)
+    kernel (FP32 x; w FP32 or held in BF16, widened exactly as it is read) takes the groups of at
+    most ``FEW_ROWS`` rows (``HELD_FEW_ROWS`` for BF16 w), reading each weight once for all of its
+    group's rows; one ``torch.mm`` per larger group (and per group elsewhere), on its weight
+    widened to x's dtype. ``rows_G_tensor``: ``rows_G`` as a CPU int64 tensor where the caller has
+    one (not built again)."""
+    kernel = x_RK.dtype == torch.float32 and w_GNK.dtype in HELD_DTYPES and usable(x_RK, w_GNK)
     if kernel:
+        few = FEW_ROWS if w_GNK.dtype == torch.float32 else HELD_FEW_ROWS
         rows = torch.tensor(rows_G, dtype=torch.long) if rows_G_tensor is None else rows_G_tensor
-        out = _kernel_runs(x_RK.contiguous(), rows_G, rows, w_GNK.contiguous())
-        big = [g for g, n in enumerate(rows_G) if n > FEW_ROWS]
+        out = _kernel_runs(x_RK.contiguous(), rows_G, rows, w_GNK.contiguous(), few)
+        big = [g for g, n in enumerate(rows_G) if n > few]
     else:
         out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
         big = [g for g, n in enumerate(rows_G) if n]
     starts = [0, *itertools.accumulate(rows_G)]
     for g in big:  # views of the groups left to torch.mm only (a decode batch leaves few)
         r = slice(starts[g], starts[g + 1])
-        torch.mm(x_RK[r], w_GNK[g].t(), out=out[r])
+        torch.mm(x_RK[r], w_GNK[g].to(x_RK.dtype).t(), out=out[r])
     return out
+
+
+def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` of FP32 x (..., K) on a weight held in BF16 (inference: ``flyer.infer.weights``),
+    computed in FP32: ``grouped_mm`` with one group, so up to ``HELD_FEW_ROWS`` rows (decoding)
+    read the BF16 weight once, split by output columns over the expert threads, and more rows (a
+    prefill chunk, where the GEMM's arithmetic outweighs widening the weight) run ``torch.mm`` on
+    it widened."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("weights held in BF16 are for inference: run the model under torch.no_grad()")
+    x_RK = x.reshape(-1, x.shape[-1])
+    R = x_RK.shape[0]
+    out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0))
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], weight_NK.shape[0])
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------
@@ -338,6 +374,7 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
     return (fp8_to_float(data_RC).view(R, C // _TILE, _TILE) * s.unsqueeze(-1)).view(R, C)
 
 
-__all__ = ["KERNEL_DTYPES", "TokenIndex", "combine", "combine_backward", "cpu_ops", "disabled", "fp8_dequantize",
-           "fp8_to_float", "grouped_mm", "rms_norm", "rms_norm_backward", "segment_sum", "set_expert_threads", "swiglu",
-           "swiglu_backward", "token_index", "token_rows", "usable", "xent_chunk"]
+__all__ = ["HELD_DTYPES", "KERNEL_DTYPES", "TokenIndex", "combine", "combine_backward", "cpu_ops", "disabled",
+           "fp8_dequantize", "fp8_to_float", "grouped_mm", "linear_held", "rms_norm", "rms_norm_backward",
+           "segment_sum", "set_expert_threads", "swiglu", "swiglu_backward", "token_index", "token_rows", "usable",
+           "xent_chunk"]

@@ -109,6 +109,8 @@ def _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype):
     w13 = packed_w13(w1_EFD, w3_EFD)
     if w13 is not None and w13.dtype == dtype:
         return lowp.operand(w13, dtype), lowp.operand(w2_EDF, dtype)
+    if w13 is not None and dtype == torch.float32 and w13.dtype in kernels.HELD_DTYPES and not w13.requires_grad:
+        return w13, w2_EDF  # held in BF16 for inference (flyer.infer.weights): grouped_mm widens as it reads
     E, F_, D = w1_EFD.shape
     w13 = w1_EFD.new_empty((E, 2 * F_, D), dtype=dtype)  # one up-projection GEMM per expert
     w13[:, :F_].copy_(w1_EFD)
@@ -122,7 +124,7 @@ def _swiglu_forward(x, w13, w2, rows_E: list[int], F_, rows_E_tensor: torch.Tens
     FP32 (nothing emulated) goes through ``kernels.grouped_mm``: one call per projection, the
     kernel when every expert has a few rows (decoding), else the same per-expert ``torch.mm``
     (``rows_E_tensor``: ``rows_E`` as an int64 tensor, where the caller has one)."""
-    if x.dtype == w13.dtype == w2.dtype == torch.float32:
+    if x.dtype == torch.float32 and w13.dtype in kernels.HELD_DTYPES and w2.dtype in kernels.HELD_DTYPES:
         h13 = kernels.grouped_mm(x, rows_E, w13, rows_E_tensor)
         a = kernels.swiglu(h13)
         return kernels.grouped_mm(a, rows_E, w2, rows_E_tensor), h13, a

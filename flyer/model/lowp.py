@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flyer import kernels
 from flyer.runtime import CPU_KINDS, bf16_gemm_kind, cpu_kind, native_gemm
 
 LOWP = (torch.bfloat16, torch.float16)
@@ -122,6 +123,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     The gradients round as the native GEMMs' do: dx and dW come out of their GEMMs in the compute
     dtype, then go back to x's and the weight's dtypes."""
     if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+        if weight.dtype != torch.float32:  # held in BF16 for inference (flyer.infer.weights), computed in FP32
+            return kernels.linear_held(x, weight, bias)
         return F.linear(x, weight, bias)  # never emulated: no lookups (~50 small GEMMs a decode step)
     dtype = gemm_dtype(x)
     if not emulated(x.device.type, dtype):

@@ -19,7 +19,7 @@ import torch
 from flyer import kernels
 from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
-from flyer.infer.cli import DTYPES, auto_cache_dtype, load_model
+from flyer.infer.cli import DTYPES, add_weight_dtype_flag, auto_cache_dtype, load_model
 from flyer.interop.hf import is_hf_model_dir
 from flyer.serve.api import Api, Server
 from flyer.serve.engine import Engine, EngineConfig, open_disk_prefix_cache
@@ -150,6 +150,7 @@ def register(sub) -> None:
     p.add_argument("--prefix-cache-size", default="1G", help="size bound of the on-disk prefix cache (LRU)")
     p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
+    add_weight_dtype_flag(p)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),
