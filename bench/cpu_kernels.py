@@ -5,7 +5,9 @@ Prints one JSON object: per kernel, the eager and kernel times (ms, median of in
 and ``speedup`` = eager / kernel, on the small preset's shapes (2048 tokens, dim 384, 32 experts
 of width 256 with top-4 routing padded to 64 rows, a 512 x 8192 logits chunk, a 2048 x 1152 FP8
 activation in 1x128 tiles; the FP32 grouped GEMM of the 32 experts' up-projections at 1 to 24 rows
-each, against one ``torch.mm`` per expert).
+each, against one ``torch.mm`` per expert). Then the grouped GEMM streaming 8 layers' experts from
+memory: on one and two expert threads (``grouped_mm_expert_threads``), and with the weights held
+in BF16 against FP32 (``grouped_mm_held_bf16``).
 
     python bench/cpu_kernels.py [--rounds 7] [--threads N]
 """
@@ -104,23 +106,48 @@ def main() -> None:
         e, k = statistics.median(times["eager"]), statistics.median(times["kernel"])
         out["kernels"][name] = {"eager_ms": round(e, 3), "kernel_ms": round(k, 3), "speedup": round(e / k, 2)}
     out["grouped_mm_expert_threads"] = _expert_threads(args.rounds)
+    out["grouped_mm_held_bf16"] = _held(args.rounds)
     print(json.dumps(out))
 
 
+def _streamed(ws: list[torch.Tensor], rows: int, threads: int, rounds: int) -> float:
+    """ms per layer of the experts' up-projection kernel at ``rows`` rows per expert, over the
+    layers' weights ``ws`` in turn (they stream from memory, as in a decode step)."""
+    x = torch.randn(32 * rows, 384, generator=torch.Generator().manual_seed(2))
+    kernels.set_expert_threads(threads)
+    try:
+        times = [_time(lambda: [kernels.grouped_mm(x, [rows] * 32, w) for w in ws], 2) for _ in range(rounds)]
+    finally:
+        kernels.set_expert_threads(1)
+    return statistics.median(times) / len(ws)
+
+
 def _expert_threads(rounds: int) -> dict:
-    """GB/s of the experts' up-projection kernel at 4 rows per expert over 8 layers of weights (200 MB:
-    they stream from memory, as in a decode step), on torch's threads alone and split over two
-    (``kernels.set_expert_threads(2)``, what ``flyer serve`` does where torch runs one thread)."""
+    """GB/s of the experts' up-projection kernel at 4 rows per expert over 8 layers of weights (200 MB),
+    on torch's threads alone and split over two (``kernels.set_expert_threads(2)``, what
+    ``flyer serve`` does where torch runs one thread)."""
     g = torch.Generator().manual_seed(1)
     ws = [torch.randn(32, 512, 384, generator=g) for _ in range(8)]
-    x = torch.randn(32 * 4, 384, generator=g)
-    res = {}
-    for n in (1, 2):
-        kernels.set_expert_threads(n)
-        times = [_time(lambda: [kernels.grouped_mm(x, [4] * 32, w) for w in ws], 2) for _ in range(rounds)]
-        res[f"expert_threads_{n}_gb_s"] = round(8 * ws[0].nbytes / statistics.median(times) / 1e6, 1)
-    kernels.set_expert_threads(1)
+    res = {f"expert_threads_{n}_gb_s": round(ws[0].nbytes / _streamed(ws, 4, n, rounds) / 1e6, 1) for n in (1, 2)}
     return {"torch_threads": torch.get_num_threads(), **res}
+
+
+def _held(rounds: int) -> dict:
+    """The same streamed up-projections with the weights held in BF16 (``flyer serve --weight-dtype
+    bf16``) against FP32, at 1 and 4 rows per expert on two expert threads: ms per layer and the
+    speedup (FP32 / BF16; the bytes halve, so 2 is the memory-bound ceiling)."""
+    g = torch.Generator().manual_seed(1)
+    fp32 = [torch.randn(32, 512, 384, generator=g) for _ in range(8)]
+    bf16 = [w.bfloat16() for w in fp32]
+    res = {}
+    for rows in (1, 4):
+        ms = {}
+        for _ in range(rounds):  # interleaved, as the kernels above
+            for name, ws in (("fp32", fp32), ("bf16", bf16)):
+                ms.setdefault(name, []).append(_streamed(ws, rows, 2, 1))
+        f, b = statistics.median(ms["fp32"]), statistics.median(ms["bf16"])
+        res[f"{rows}_rows"] = {"fp32_ms": round(f, 3), "bf16_ms": round(b, 3), "speedup": round(f / b, 2)}
+    return res
 
 
 if __name__ == "__main__":

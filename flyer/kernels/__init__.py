@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-_state: dict = {"module": None, "tried": False, "off": 0}
+# FLYER_CPU_KERNELS=0 is read once: ``cpu_ops`` runs a few hundred times a decode step
+_state: dict = {"module": None, "tried": False, "off": int(os.environ.get("FLYER_CPU_KERNELS", "1") == "0")}
 _TILE = 128  # FP8 tile width and block size (flyer.fp8.quant.TILE); the kernel takes no other
 
 
@@ -54,7 +55,7 @@ def _capability_flags() -> list[str]:
 
 def cpu_ops():
     """The compiled extension module, or None when it is turned off or could not be built."""
-    if _state["off"] or os.environ.get("FLYER_CPU_KERNELS", "1") == "0":
+    if _state["off"]:
         return None
     if not _state["tried"]:
         _state["tried"] = True
@@ -271,6 +272,9 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
     return out
 
 
+_ONE_GROUP: dict[int, torch.Tensor] = {}
+
+
 def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` of FP32 x (..., K) on a weight held in BF16 (inference: ``flyer.infer.weights``),
     computed in FP32: ``grouped_mm`` with one group, so up to ``HELD_FEW_ROWS`` rows (decoding)
@@ -281,7 +285,9 @@ def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | N
         raise RuntimeError("weights held in BF16 are for inference: run the model under torch.no_grad()")
     x_RK = x.reshape(-1, x.shape[-1])
     R = x_RK.shape[0]
-    out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0))
+    if R not in _ONE_GROUP:  # the counts tensor of one group of R rows, built once per R
+        _ONE_GROUP[R] = torch.tensor([R])
+    out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0), _ONE_GROUP[R])
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight_NK.shape[0])
