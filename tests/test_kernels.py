@@ -151,7 +151,7 @@ def test_grouped_mm_on_bf16_held_weights_is_the_fp32_kernel_on_them_widened(ops,
 
 
 def test_linear_held_splits_one_weight_by_columns_over_expert_threads(ops, monkeypatch):
-    """``linear_held``: F.linear of FP32 rows on a BF16 weight, any leading shape, with bias; its
+    """``kernels.linear_held``: F.linear of FP32 rows on a BF16 weight, any leading shape, with bias; its
     output columns split over the expert threads give the same bits as one call."""
     x, w, b = torch.randn(2, 5, 96), torch.randn(200, 96).bfloat16(), torch.randn(200)
     one = kernels.linear_held(x, w, b)

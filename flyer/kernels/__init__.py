@@ -207,9 +207,15 @@ SPLIT_MIN_BYTES = 4 << 20  # weights a kernel call must stream before a second t
 _split: dict = {"threads": 1, "pool": None}
 
 
+def _splits() -> bool:
+    """Whether the expert threads run anything: only where torch runs one thread (more torch threads
+    split the same work themselves, and both at once would oversubscribe the cores)."""
+    return _split["threads"] > 1 and torch.get_num_threads() == 1
+
+
 def set_expert_threads(n: int) -> None:
     """Run ``grouped_mm``'s kernel on ``n`` threads (its groups split into ``n`` runs of about equal
-    weight bytes, each in its own thread) when torch's own threads are fewer and a call streams at
+    weight bytes, each in its own thread) when torch runs one thread and a call streams at
     least ``SPLIT_MIN_BYTES``. ``flyer serve`` runs torch on one thread on a small CPU (its many
     small ops gain nothing from more), and one core cannot pull the experts' weights at the
     memory's bandwidth: 7 against 10 GB/s with two here (bench/cpu_kernels.py, grouped_mm_expert_threads)."""
@@ -231,7 +237,7 @@ def _kernel_runs(x_RK: torch.Tensor, rows_G: list[int], rows: torch.Tensor, w_GN
     ops, n = cpu_ops(), _split["threads"]
     G, N, K = w_GNK.shape
     live = [g for g, r in enumerate(rows_G) if 0 < r <= few]
-    if n <= torch.get_num_threads() or len(live) * N * K * w_GNK.element_size() < SPLIT_MIN_BYTES:
+    if not _splits() or len(live) * N * K * w_GNK.element_size() < SPLIT_MIN_BYTES:
         return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few)
     if G == 1:  # one weight matrix (a dense layer): each thread its share of the output columns
         cuts = [N * i // n // 32 * 32 for i in range(n)] + [N]  # whole 32-row tasks of the kernel
@@ -277,10 +283,11 @@ _ONE_GROUP: dict[int, torch.Tensor] = {}
 
 def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` of FP32 x (..., K) on a weight held in BF16 (inference: ``flyer.infer.weights``),
-    computed in FP32: ``grouped_mm`` with one group, so up to ``HELD_FEW_ROWS`` rows (decoding)
-    read the BF16 weight once, split by output columns over the expert threads, and more rows (a
-    prefill chunk, where the GEMM's arithmetic outweighs widening the weight) run ``torch.mm`` on
-    it widened."""
+    computed in FP32: ``grouped_mm`` with one group, so up to ``HELD_FEW_ROWS`` rows (decoding) read
+    the BF16 weight once, split by output columns over the expert threads, and more rows (a prefill
+    chunk, where the GEMM's arithmetic outweighs widening the weight) run ``torch.mm`` on it widened.
+    (Splitting those larger GEMMs over the expert threads too measured slower here: compute-bound,
+    they gain nothing from a second vCPU.)"""
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("weights held in BF16 are for inference: run the model under torch.no_grad()")
     x_RK = x.reshape(-1, x.shape[-1])
@@ -382,5 +389,5 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
 
 __all__ = ["HELD_DTYPES", "KERNEL_DTYPES", "TokenIndex", "combine", "combine_backward", "cpu_ops", "disabled",
            "fp8_dequantize", "fp8_to_float", "grouped_mm", "linear_held", "rms_norm", "rms_norm_backward",
-           "segment_sum", "set_expert_threads", "swiglu", "swiglu_backward", "token_index", "token_rows", "usable",
-           "xent_chunk"]
+           "segment_sum", "set_expert_threads", "swiglu", "swiglu_backward", "token_index", "token_rows",
+           "usable", "xent_chunk"]
