@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from flyer.errors import CheckpointError
-from flyer.parallel.launch import run_ranks
 from flyer.parallel.memory import KEYS
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
 from flyer.train.trainer import Trainer, TrainConfig
+from ranks import run_ranks
 
 SEQ = 32
 
