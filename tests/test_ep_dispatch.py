@@ -17,8 +17,8 @@ from flyer.config import preset
 from flyer.model.dispatch import LocalDispatcher
 from flyer.model.wire import fp8_row_bytes
 from flyer.parallel.dispatch import make_dispatcher
-from flyer.parallel.launch import run_ranks
 from flyer.parallel.mesh import init_distributed
+from ranks import run_ranks
 
 WORLD, RPN, E, K, D = 4, 2, 16, 4, 160  # D not a multiple of 128: a partial FP8 scale block
 N_LOCAL = E // WORLD

@@ -36,8 +36,8 @@ from flyer.model.transformer import Transformer
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.grads import (broadcast_parameters, clip_grad_norm_, expert_param_names, full_state_dict,
                                   init_like_single_process, load_full_state_dict, sync_gradients)
-from flyer.parallel.launch import run_ranks
 from flyer.parallel.mesh import init_distributed
+from ranks import run_ranks
 
 B, T = 2, 12  # sequences and tokens per rank
 SEED, STEPS, LR, CLIP = 3, 3, 3e-3, 0.5

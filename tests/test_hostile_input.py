@@ -30,13 +30,14 @@ ZERO_OK = set().union(*(getattr(m, "ZERO_OK", ()) for m in COMMAND_MODULES))
 
 
 def quick_args(path: tuple[str, ...], tmp_path, data_cache) -> list[str]:
-    """Arguments that make a subcommand fast (a one-step tiny run, two generated tokens)."""
+    """Arguments that make a subcommand fast (a one-step tiny run, two generated tokens, 256 GPUs to plan)."""
     return {
         ("train",): ["--preset", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches",
                      "1", "--data-cache", data_cache, "--out", str(tmp_path / "run"), "--no-plots", "--no-progress",
                      "--threads", "1", "--device", "cpu"],
         ("generate",): ["--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"],
         ("net", "simulate"): ["--nodes", "4", "--gpus-per-node", "2"],
+        ("plan",): ["--gpus", "256"],  # the default 2048 GPUs: 2048 ranks to plan (13 s)
     }.get(path, [])
 
 

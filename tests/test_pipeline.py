@@ -35,11 +35,11 @@ from flyer.config import preset
 from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import MIRROR, expert_param_names
-from flyer.parallel.launch import run_ranks
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import (PP_SCHEDULES, PipelineModel, chunks_per_rank, end_flops, layer_flops,
                                      split_layers, stage_ranks)
 from flyer.train.trainer import build_model
+from ranks import run_ranks
 
 B, T, M = 2, 12, 4  # sequences per micro-batch, tokens, micro-batches per step (the fewest V schedules on pp 2 run)
 SEED, STEPS, LR, CLIP = 3, 3, 3e-3, 0.5

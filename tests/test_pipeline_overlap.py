@@ -17,10 +17,10 @@ import torch
 
 from flyer.config import preset
 from flyer.model.transformer import Transformer
-from flyer.parallel.launch import run_ranks
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import PipelineModel
 from flyer.train.trainer import build_model
+from ranks import run_ranks
 
 B, T, M, PP, EP = 2, 12, 4, 2, 2
 FP32_TOL = 1e-4

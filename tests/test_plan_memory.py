@@ -5,18 +5,17 @@ layout in one line, and loads in one process for inference."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from flyer.cli import main
 from flyer.errors import CheckpointError
-from flyer.parallel.launch import run_ranks
 from flyer.parallel.memory import KEYS
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
 from flyer.train.trainer import Trainer, TrainConfig
+from ranks import run_ranks
 
 SEQ = 32
 
@@ -33,19 +32,21 @@ def _train(rank: int, out: str, cache: str, pp: int, ep: int, zero: int, schedul
         return str(e)
 
 
-def _plan(run, pp: int, ep: int, schedule: str) -> dict:
+def _plan(capsys, run, pp: int, ep: int, schedule: str) -> dict:
     cfg = json.loads((ckpt.resolve_checkpoint_path(run) / "config.json").read_text())
-    cmd = [sys.executable, "-m", "flyer", "plan", "--preset", "tiny", "--gpus", "4", "--pp", str(pp), "--ep", str(ep),
-           "--zero", "1", "--pp-schedule", schedule, "--seq-len", str(SEQ), "--vocab-size", str(cfg["vocab_size"]),
-           "--precision", "fp32", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    argv = ["plan", "--preset", "tiny", "--gpus", "4", "--pp", str(pp), "--ep", str(ep), "--zero", "1",
+            "--pp-schedule", schedule, "--seq-len", str(SEQ), "--vocab-size", str(cfg["vocab_size"]), "--precision",
+            "fp32", "--json"]
+    capsys.readouterr()
+    rc = main(argv)
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return json.loads(out.out)
 
 
-def _assert_plan_equals_run(run, pp: int, ep: int, schedule: str) -> dict:
+def _assert_plan_equals_run(capsys, run, pp: int, ep: int, schedule: str) -> dict:
     measured = json.loads((run / "memory.json").read_text())
-    planned = _plan(run, pp, ep, schedule)
+    planned = _plan(capsys, run, pp, ep, schedule)
     for k in KEYS:
         assert measured[f"{k}_per_rank"] == planned[f"{k}_per_rank"], k
         assert measured[f"max_{k}_per_rank"] == planned[f"max_{k}_per_rank"], k
@@ -54,22 +55,22 @@ def _assert_plan_equals_run(run, pp: int, ep: int, schedule: str) -> dict:
 
 
 @pytest.mark.slow
-def test_pp2_ep2_dualpipev_zero1_memory_is_the_plan(tmp_path, data_cache):
+def test_pp2_ep2_dualpipev_zero1_memory_is_the_plan(tmp_path, data_cache, capsys):
     """PP 2 x EP 2 (DualPipeV: rank 0 holds the first and last stage): dense state sharded over
     the stage's 2 ranks, each EP rank's experts whole (ep == dp: one replica)."""
     run = tmp_path / "run"
     run_ranks(_train, 4, str(run), data_cache, 2, 2, 1, "dualpipev", 1)
-    m = _assert_plan_equals_run(run, 2, 2, "dualpipev")
+    m = _assert_plan_equals_run(capsys, run, 2, 2, "dualpipev")
     assert m["layout"] == {"world": 4, "pp": 2, "dp": 2, "ep": 2, "zero": 1, "pp_schedule": "dualpipev"}
 
 
 @pytest.mark.slow
-def test_pp2_dp2_1f1b_zero1_memory_resume_and_layout(tmp_path, data_cache):
+def test_pp2_dp2_1f1b_zero1_memory_resume_and_layout(tmp_path, data_cache, capsys):
     """PP 2 x DP 2, 1F1B (the last stage holds the embedding's mirror for MTP): the plan equals
     the run; resuming step 2 replays steps 3-4 exactly; another layout is refused."""
     full, part = tmp_path / "full", tmp_path / "part"
     run_ranks(_train, 4, str(full), data_cache, 2, 1, 1, "1f1b", 4)
-    measured = _assert_plan_equals_run(full, 2, 1, "1f1b")
+    measured = _assert_plan_equals_run(capsys, full, 2, 1, "1f1b")
     assert measured["param_bytes_per_rank"][0] != measured["param_bytes_per_rank"][2]  # two different stages
 
     shutil.copytree(full, part)
@@ -89,10 +90,10 @@ def test_pp2_dp2_1f1b_zero1_memory_resume_and_layout(tmp_path, data_cache):
         assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()
 
 
-def test_plan_bad_layouts_are_one_line():
+def test_plan_bad_layouts_are_one_line(capsys):
     for extra, flag in ((["--pp", "3"], "--pp"), (["--zero", "2"], "--zero"), (["--pp", "2", "--dp", "4"], "--dp"),
                         (["--pp", "2", "--pp-schedule", "vee"], "--pp-schedule")):
-        out = subprocess.run([sys.executable, "-m", "flyer", "plan", "--preset", "tiny", "--gpus", "4", *extra],
-                             capture_output=True, text=True, timeout=120)
-        lines = out.stderr.strip().splitlines()
-        assert out.returncode == 2 and len(lines) == 1 and flag in lines[0], (extra, out.stderr)
+        rc = main(["plan", "--preset", "tiny", "--gpus", "4", *extra])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and flag in lines[0], (extra, err)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -184,16 +185,29 @@ def test_interrupted_checkpoint_write_leaves_no_temporaries(tmp_path, monkeypatc
 
 
 # ---- signals ------------------------------------------------------------------------------------
+def _signal_run_argv(out, data_cache) -> list[str]:
+    return [sys.executable, "-m", "flyer", *train_argv(out, data_cache, "--steps", "12", "--ckpt-every", "100",
+                                                       "--eval-every", "6")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_cache):
+    """The uninterrupted run each signal's run must reproduce (one for all the signals): its losses
+    by step and its summary's val_loss."""
+    out = tmp_path_factory.mktemp("signals") / "ref"
+    ref = subprocess.run(_signal_run_argv(out, data_cache), capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert ref.returncode == 0, ref.stderr
+    losses = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+    return losses, json.loads(ref.stdout)["val_loss"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig):
+def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig, uninterrupted):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "flyer", *train_argv(tmp_path / "x", data_cache, "--steps", "12", "--ckpt-every",
-                                                       "100", "--eval-every", "6")]
-    ref = subprocess.run([a if a != str(tmp_path / "x") else str(tmp_path / "ref") for a in args],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert ref.returncode == 0, ref.stderr
     run = tmp_path / "x"
+    args = _signal_run_argv(run, data_cache)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
     while len(steps_logged(run)) < 3:
@@ -208,10 +222,10 @@ def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig)
     assert 3 <= step < 12 and f"{sig.name}: stopped after step {step}; checkpoint {saved[0]} saved" in err
     res = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr
-    a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss" in r}
+    a, val_loss = uninterrupted
     b = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
     assert sorted(b) == list(range(1, 13)) and a == b  # bit-identical to the uninterrupted run
-    assert json.loads(res.stdout)["val_loss"] == json.loads(ref.stdout)["val_loss"]
+    assert json.loads(res.stdout)["val_loss"] == val_loss
 
 
 # ---- resources ----------------------------------------------------------------------------------
@@ -257,6 +271,7 @@ def test_a_stopped_rank_is_named_after_the_collective_timeout(tmp_path, data_cac
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
+    guard = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))  # a hung job ends the test
     try:
         deadline = time.time() + 300
         while len(steps_logged(run)) < 2:
@@ -264,8 +279,19 @@ def test_a_stopped_rank_is_named_after_the_collective_timeout(tmp_path, data_cac
             time.sleep(0.05)
         rank1 = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_rank(int(pid), 1, run))
         os.kill(rank1, signal.SIGSTOP)
-        _, err = proc.communicate(timeout=300)
+        guard.start()
+        err = ""
+        for line in proc.stderr:  # until rank 0 names the silent rank
+            err += line
+            if "flyer: error: rank 0:" in line:
+                break
+        # torchrun then gives the stopped rank 30 s to answer its SIGTERM before a SIGKILL: send it now
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank1, signal.SIGKILL)
+        err += proc.stderr.read()
+        proc.wait(timeout=300)
     finally:
+        guard.cancel()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the stopped rank, if torchrun left it
     assert "rank(s) 1 stopped answering" in err, err[-3000:]

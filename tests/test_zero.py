@@ -4,11 +4,11 @@ unsharded one, holds only its shard of the state, and ``partition`` is PyTorch's
 import torch
 
 from flyer.config import preset
-from flyer.parallel.launch import run_ranks
 from flyer.parallel.memory import measure_state_bytes, plan_state_bytes
 from flyer.parallel.mesh import init_distributed
 from flyer.train.trainer import TrainConfig, build_model, build_optimizer
 from flyer.parallel.zero import partition
+from ranks import run_ranks
 
 B, T, STEPS = 2, 16, 3
 

@@ -33,12 +33,16 @@ def _worker(rank: int, fn: Callable, world: int, port: int, out_dir: str, thread
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,
+              start_method: str = "spawn") -> list[Any]:
     """``[fn(0, *args), ..., fn(world - 1, *args)]``, each in its own process; a failing rank
-    raises here with its traceback."""
+    raises here with its traceback. ``start_method``: ``spawn`` starts a fresh interpreter per rank,
+    as torchrun does; ``forkserver`` forks each rank from one server process that imported the
+    modules ``multiprocessing.set_forkserver_preload`` names once (the tests: a spawned rank spends
+    seconds importing torch)."""
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(_worker, args=(fn, world, free_port(), d, threads, args), nprocs=world, join=True,
-                           start_method="spawn")
+                           start_method=start_method)
         return [torch.load(Path(d) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -1,0 +1,20 @@
+"""``run_ranks`` for the tests: every rank forked from one forkserver that imported torch and flyer
+once per session. A spawned rank spends 3-4 s of CPU importing them: 4 ranks on the 2-core CI
+machine take 14 s to reach their first line, 8 ranks half a minute. The ranks still start from a
+process that has run nothing but imports (no threads, no state), as under torchrun."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any, Callable
+
+from flyer.parallel import launch
+
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.pipelining", "flyer.parallel.pipeline",
+           "flyer.parallel.mesh", "flyer.parallel.dispatch", "flyer.train.trainer", "flyer.model.transformer"]
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+    """``flyer.parallel.launch.run_ranks(fn, world, *args)`` with the ranks forked from the server."""
+    multiprocessing.set_forkserver_preload(PRELOAD)  # read when the server starts (the first call)
+    return launch.run_ranks(fn, world, *args, start_method="forkserver")
