@@ -52,11 +52,13 @@ def test_hold_weights_keeps_gemm_weights_in_bf16_and_the_rest_as_it_was():
 
 
 @pytest.mark.parametrize("kernels_on", [True, False])
-def test_held_model_is_the_fp32_model_on_the_same_weights(kernels_on):
+@pytest.mark.parametrize("over", [{}, dict(attn="gqa", n_kv_heads=2, head_dim=32, attn_bias=True)])
+def test_held_model_is_the_fp32_model_on_the_same_weights(kernels_on, over):
     """The held model computes in FP32 on the BF16 values: as close to the FP64 model as the FP32
     model is (both are FP32 sums of the same products, in different orders), for a prefill chunk
-    (kernel up to HELD_FEW_ROWS rows, torch.mm on widened weights past it) and decode rows."""
-    ref = _rounded()
+    (kernel up to HELD_FEW_ROWS rows, torch.mm on widened weights past it) and decode rows; MLA,
+    and GQA with biases (held weights, FP32 biases)."""
+    ref = _rounded(**over)
     exact = copy.deepcopy(ref).double()
     held = copy.deepcopy(ref)
     hold_weights(held, torch.bfloat16)
