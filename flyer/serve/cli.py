@@ -156,6 +156,6 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),
                    help="torch threads stepping the model (default: all cores but one, which the HTTP side gets)")
     p.add_argument("--expert-threads", type=int, default=torch.get_num_threads(),
-                   help="threads streaming the routed experts' weights in a decode step where --threads is fewer "
+                   help="threads streaming the routed experts' weights in a decode step where --threads is 1 "
                         "(default: all cores; the one memory-bound part of a step long enough to split)")
     p.set_defaults(func=_run)
