@@ -249,7 +249,8 @@ def test_disconnect_cancels_and_frees_blocks(served):
         assert name in m
 
 
-def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path):
+def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, capsys):
+    """Weights held in BF16 on both sides (``--weight-dtype bf16``), MTP speculation in the server."""
     cfg = preset("tiny", vocab_size=300)
     torch.manual_seed(0)
     m = Transformer(cfg)
@@ -257,13 +258,13 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path):
     save_checkpoint(tmp_path / "checkpoints", 5, {"model.safetensors": m.state_dict(), "config.json": cfg.to_dict(),
                                                   "tokenizer.json": json.loads(tok.to_str())})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    gen = subprocess.run([sys.executable, "-m", "flyer", "generate", "--ckpt", str(tmp_path), "--prompt",
-                          "the quick", "--max-new-tokens", "8", "--cache-dtype", "fp32", "--json"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    ref = json.loads(gen.stdout)
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "8",
+                 "--cache-dtype", "fp32", "--weight-dtype", "bf16", "--json"]) == 0
+    ref = json.loads(capsys.readouterr().out)
     proc = subprocess.Popen([sys.executable, "-m", "flyer", "serve", "--ckpt", str(tmp_path), "--port", "0",
                              "--cache-dtype", "fp32", "--kv-cache-memory", "4M", "--threads", "1",
-                             "--speculative", "mtp"],
+                             "--speculative", "mtp", "--weight-dtype", "bf16"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # blocks until the ready line (or exit)
