@@ -105,8 +105,9 @@ def main() -> None:
             times["kernel"].append(_time(call, args.reps))
         e, k = statistics.median(times["eager"]), statistics.median(times["kernel"])
         out["kernels"][name] = {"eager_ms": round(e, 3), "kernel_ms": round(k, 3), "speedup": round(e / k, 2)}
-    out["grouped_mm_expert_threads"] = _expert_threads(args.rounds)
-    out["grouped_mm_held_bf16"] = _held(args.rounds)
+    layers = [torch.randn(32, 512, 384, generator=torch.Generator().manual_seed(1)) for _ in range(8)]
+    out["grouped_mm_expert_threads"] = _expert_threads(layers, args.rounds)
+    out["grouped_mm_held_bf16"] = _held(layers, args.rounds)
     print(json.dumps(out))
 
 
@@ -122,22 +123,18 @@ def _streamed(ws: list[torch.Tensor], rows: int, threads: int, rounds: int) -> f
     return statistics.median(times) / len(ws)
 
 
-def _expert_threads(rounds: int) -> dict:
-    """GB/s of the experts' up-projection kernel at 4 rows per expert over 8 layers of weights (200 MB),
-    on torch's threads alone and split over two (``kernels.set_expert_threads(2)``, what
-    ``flyer serve`` does where torch runs one thread)."""
-    g = torch.Generator().manual_seed(1)
-    ws = [torch.randn(32, 512, 384, generator=g) for _ in range(8)]
+def _expert_threads(ws: list[torch.Tensor], rounds: int) -> dict:
+    """GB/s of the experts' up-projection kernel at 4 rows per expert over 8 layers of FP32 weights
+    ``ws`` (200 MB), on torch's threads alone and split over two (``kernels.set_expert_threads(2)``,
+    what ``flyer serve`` does where torch runs one thread)."""
     res = {f"expert_threads_{n}_gb_s": round(ws[0].nbytes / _streamed(ws, 4, n, rounds) / 1e6, 1) for n in (1, 2)}
     return {"torch_threads": torch.get_num_threads(), **res}
 
 
-def _held(rounds: int) -> dict:
+def _held(fp32: list[torch.Tensor], rounds: int) -> dict:
     """The same streamed up-projections with the weights held in BF16 (``flyer serve --weight-dtype
     bf16``) against FP32, at 1 and 4 rows per expert on two expert threads: ms per layer and the
     speedup (FP32 / BF16; the bytes halve, so 2 is the memory-bound ceiling)."""
-    g = torch.Generator().manual_seed(1)
-    fp32 = [torch.randn(32, 512, 384, generator=g) for _ in range(8)]
     bf16 = [w.bfloat16() for w in fp32]
     res = {}
     for rows in (1, 4):

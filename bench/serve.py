@@ -25,7 +25,7 @@
 
 The default run is sized for a 2-core CPU (about a minute); ``--full`` runs the issue's sizes
 (1/4/16/64 clients, prompts of 64-1024 tokens, 64-256 new tokens). Prints one JSON object.
-    python bench/serve.py [--full] [--threads N]
+    python bench/serve.py [--full] [--threads N] [--weight-dtype bf16|fp32]
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def load_model(args):
     ``args.device``, FP8 linears with ``args.precision == 'fp8'``, GEMM weights held in
     ``args.weight_dtype`` (an FP32 model on the CPU)."""
     device = resolve_device(args.device)
-    held = WEIGHT_DTYPES[getattr(args, "weight_dtype", "fp32")]
+    held = WEIGHT_DTYPES[args.weight_dtype]
     if held != torch.float32:
         if args.precision == "fp8":
             raise FieldError("weight_dtype", "bf16 holds an FP32 model's weights in BF16; --precision fp8 holds "

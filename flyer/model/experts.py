@@ -109,7 +109,7 @@ def _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype):
     w13 = packed_w13(w1_EFD, w3_EFD)
     if w13 is not None and w13.dtype == dtype:
         return lowp.operand(w13, dtype), lowp.operand(w2_EDF, dtype)
-    if w13 is not None and dtype == torch.float32 and w13.dtype in kernels.HELD_DTYPES and not w13.requires_grad:
+    if w13 is not None and dtype == torch.float32 and w13.dtype == torch.bfloat16 and not w13.requires_grad:
         return w13, w2_EDF  # held in BF16 for inference (flyer.infer.weights): grouped_mm widens as it reads
     E, F_, D = w1_EFD.shape
     w13 = w1_EFD.new_empty((E, 2 * F_, D), dtype=dtype)  # one up-projection GEMM per expert
