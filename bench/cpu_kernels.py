@@ -5,9 +5,10 @@ Prints one JSON object: per kernel, the eager and kernel times (ms, median of in
 and ``speedup`` = eager / kernel, on the small preset's shapes (2048 tokens, dim 384, 32 experts
 of width 256 with top-4 routing padded to 64 rows, a 512 x 8192 logits chunk, a 2048 x 1152 FP8
 activation in 1x128 tiles; the FP32 grouped GEMM of the 32 experts' up-projections at 1 to 24 rows
-each, against one ``torch.mm`` per expert). Then the grouped GEMM streaming 8 layers' experts from
-memory: on one and two expert threads (``grouped_mm_expert_threads``), and with the weights held
-in BF16 against FP32 (``grouped_mm_held_bf16``).
+each, against one ``torch.mm`` per expert; ``mla_decode_*``: one layer's absorbed MLA decode
+attention over a paged cache, read in place against gathered, at B rows of S slots). Then the
+grouped GEMM streaming 8 layers' experts from memory: on one and two expert threads
+(``grouped_mm_expert_threads``), and with the weights held in BF16 against FP32 (``grouped_mm_held_bf16``).
 
     python bench/cpu_kernels.py [--rounds 7] [--threads N]
 """
@@ -18,13 +19,17 @@ import argparse
 import json
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
 from flyer import kernels
+from flyer.config import preset
 from flyer.fp8.quant import dequantize, quantize_tiles
+from flyer.infer.attention import Rows, causal_slot_mask, mla_absorbed_cached
 from flyer.model.norm import rms_norm
 from flyer.runtime import tune_malloc
+from flyer.serve.paged import make_paged_cache
 
 
 def _time(fn, reps: int) -> float:
@@ -72,8 +77,12 @@ def cases() -> dict:
         xr = torch.randn(32 * r, D, generator=g)
         grouped[f"grouped_mm_{r}_rows"] = lambda xr=xr, r=r: kernels.grouped_mm(xr, [r] * 32, w13)
 
+    mla = {f"mla_decode_{name}_b{B}_s{S}": _mla_decode_case(name, B, S, g)
+           for name, B, S in (("small", 1, 128), ("small", 16, 128), ("small", 16, 1024), ("small", 16, 4096),
+                              ("dsv3", 4, 1024))}
     return {
         **grouped,
+        **mla,
         "xent_chunk": lambda: kernels.xent_chunk(logits, tgt, True, logp_t),
         "swiglu": lambda: kernels.swiglu(h13),
         "swiglu_backward": lambda: kernels.swiglu_backward(da, h13),
@@ -83,6 +92,25 @@ def cases() -> dict:
         "rms_norm_fwd_bwd": norm_fwd_bwd,
         "fp8_dequantize": lambda: dequantize(q.data, q.scale),
     }
+
+
+def _mla_decode_case(name: str, B: int, S: int, g: torch.Generator):
+    """One layer's absorbed MLA decode attention (one new token per row, ``name`` preset's heads and
+    latent dims) over S cached slots per row in a paged FP32 cache of shuffled 16-slot blocks: the
+    kernel reads the blocks in place, the eager path gathers them, then two matmuls and a softmax."""
+    cfg = preset(name)
+    H, nope, v, C, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    attn = SimpleNamespace(n_heads=H, qk_nope_head_dim=nope, v_head_dim=v, kv_lora_rank=C, qk_rope_head_dim=R,
+                           softmax_scale=(nope + R) ** -0.5,
+                           wkv_b=SimpleNamespace(weight=torch.randn(H * (nope + v), C, generator=g) * C**-0.5))
+    nb = -(-S // 16)
+    cache = make_paged_cache(cfg, 1, B * nb + 1, 16, torch.float32)
+    cache.pool.packed.normal_(generator=g)
+    cache.tables = torch.randperm(B * nb, generator=g).add(1).view(B, nb)
+    pos = torch.full((B, 1), S - 1)
+    rows = Rows(pos, None, None, S, causal_slot_mask(pos, S))
+    q_nope, q_rope = torch.randn(B, 1, H, nope, generator=g), torch.randn(B, 1, H, R, generator=g)
+    return lambda: mla_absorbed_cached(attn, q_nope, q_rope, cache, 0, rows)
 
 
 def main() -> None:

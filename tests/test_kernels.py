@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bounds import assert_fp32_sums
+from bounds import assert_fp32_sums, latent_attention_bound
 from bounds import rel_error as _nerr
 
 from flyer import kernels
@@ -368,3 +368,56 @@ def test_kernels_build_for_the_isa_aten_dispatches_to(capability, flags, monkeyp
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     got = set(kernels._capability_flags())
     assert flags <= got and (capability == "AVX512" or not any("avx512" in f for f in got))
+
+
+# ---- absorbed MLA decode attention over a paged latent cache ---------------------------------------
+
+def _paged_latents(B, T, H, C, R, bs, nb, pool_dtype, spread, seed=0):
+    """Queries (B, H*T, C + R), a pool of shuffled blocks (nb per row, some left unused), the
+    tables, and T consecutive positions per row, each row at its own."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(B * nb + 3, bs, C + R, generator=g).to(pool_dtype)
+    tables = torch.randperm(B * nb + 3, generator=g)[:B * nb].view(B, nb)
+    last = torch.randint(T - 1, nb * bs, (B, 1), generator=g)
+    pos = last - T + 1 + torch.arange(T)
+    return torch.randn(B, H * T, C + R, generator=g) * spread, pool, tables, pos
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,H,C,R,bs,nb,spread", [
+    (3, 1, 4, 37, 8, 5, 20, 0.3),  # vector tails, blocks of 5, contexts up to 100 slots (two tiles)
+    (2, 2, 6, 96, 16, 16, 10, 0.3),  # two new tokens per row (MTP verification): per-token masks
+    (2, 1, 2, 64, 16, 16, 40, 3.0),  # peaked over up to 640 slots: the max moves across tiles, weights flushed
+])
+def test_mla_decode_within_fp32_bound_of_exact(ops, pool_dtype, B, T, H, C, R, bs, nb, spread):
+    q, pool, tables, pos = _paged_latents(B, T, H, C, R, bs, nb, pool_dtype, spread)
+    scale = 0.9
+    got = kernels.mla_decode(q, pool, tables, pos, C, scale)
+    S = int(pos.max()) + 1
+    kv = pool[tables].flatten(1, 2)[:, :S].float()  # the slots each row sees, gathered (exact)
+    exact, bound = latent_attention_bound(q, kv, pos, C, scale)
+    err = (got.double() - exact).abs()
+    assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
+    if spread > 1:  # the case exercises the flush: exact weights below FP32's smallest normal
+        p = ((q.double() @ kv.double().transpose(1, 2)) * scale).softmax(-1)
+        assert ((p > 0) & (p < torch.finfo(torch.float32).tiny)).any()
+
+
+def test_mla_decode_split_over_expert_threads_is_bitwise(ops, monkeypatch):
+    q, pool, tables, pos = _paged_latents(5, 1, 3, 40, 8, 16, 6, torch.float32, 0.5)
+    alone = kernels.mla_decode(q, pool, tables, pos, 40, 0.5)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_BYTES", 0)
+    kernels.set_expert_threads(2)
+    try:
+        assert kernels._splits()
+        assert torch.equal(kernels.mla_decode(q, pool, tables, pos, 40, 0.5), alone)
+    finally:
+        kernels.set_expert_threads(1)
+
+
+def test_mla_decode_bad_tables_are_refused(ops):
+    q, pool, tables, pos = _paged_latents(2, 1, 2, 16, 8, 4, 3, torch.float32, 0.5)
+    with pytest.raises(RuntimeError, match="outside the 12 slots"):
+        kernels.mla_decode(q, pool, tables, pos + 12, 16, 1.0)
+    with pytest.raises(RuntimeError, match="block id 99 outside"):
+        kernels.mla_decode(q, pool, tables.fill_(99), pos, 16, 1.0)

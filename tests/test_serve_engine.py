@@ -2,15 +2,18 @@
 tokens under continuous batching, chunked prefill, prefix sharing and preemption == ``generate``
 on its prompt alone; seeded sampling, cancellation, admission limits."""
 
+import contextlib
+
 import pytest
 import torch
 from bounds import mla_attention_bound
 from trained import counting_model
 
+from flyer import kernels
 from flyer.config import preset
 from flyer.errors import FieldError
 from flyer.infer import GenerationConfig, generate
-from flyer.infer.attention import causal_slot_mask, mla_absorbed_core
+from flyer.infer.attention import Rows, causal_slot_mask, mla_absorbed_cached, mla_absorbed_core
 from flyer.infer.cache import LatentCache
 from flyer.infer.prefix_cache import chain_keys
 from flyer.infer.weights import hold_weights
@@ -71,9 +74,14 @@ def test_paged_attention_equals_contiguous_cache_within_fp32_bound():
     q_nope, q_rope = torch.randn(B, T, attn.n_heads, attn.qk_nope_head_dim), torch.randn(B, T, attn.n_heads, R)
     mask = causal_slot_mask(torch.arange(S - T, S).expand(B, T), S)
     exact, bound = mla_attention_bound(attn, q_nope, q_rope, kv, mask)
+    rows = Rows(torch.arange(S - T, S).expand(B, T), None, None, S, mask)
     for cache in (contiguous, paged):
         got = mla_absorbed_core(attn, q_nope, q_rope, cache.read_packed(0, S, torch.float32), mask)
         assert ((got.double() - exact).abs() <= bound).all()
+        for on in (True, False):  # read in place by the fused kernel; gathered for the eager core
+            with contextlib.nullcontext() if on else kernels.disabled():
+                got = mla_absorbed_cached(attn, q_nope, q_rope, cache, 0, rows)
+            assert ((got.double() - exact).abs() <= bound).all()
     assert torch.equal(paged.read_packed(0, S, torch.float32), kv)  # the gather itself is exact
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flyer import kernels
 from flyer.infer.cache import KVCache, LatentCache
 from flyer.model.attention import causal_attention
 from flyer.model.rope import apply_rope
@@ -82,26 +83,55 @@ def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: Latent
     q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin)  # (B,T,H,nope), (B,T,H,R)
     c_kv, k_rope = attn.latents(x_BTD, rows.cos, rows.sin)  # (B,T,C), (B,T,R)
     cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope)
-    kv_BSK = cache.read_packed(layer, rows.n_slots, x_BTD.dtype)  # [c | k_rope], K = C + R
-    core = mla_dense_core if dense_prefill_pays(attn, T) else mla_absorbed_core
-    o = core(attn, q_nope, q_rope, kv_BSK, rows.mask)
+    if dense_prefill_pays(attn, T):
+        kv_BSK = cache.read_packed(layer, rows.n_slots, x_BTD.dtype)  # [c | k_rope], K = C + R
+        o = mla_dense_core(attn, q_nope, q_rope, kv_BSK, rows.mask)
+    else:
+        o = mla_absorbed_cached(attn, q_nope, q_rope, cache, layer, rows)
     return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
+
+
+def _absorbed_queries(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q (B, H*T, C + R): [q_nope W_UK | q_rope] per head and token, row h*T + t; wkv_b as (H, nope + v, C))."""
+    B, T, H, nope = q_nope.shape
+    w_HXC = attn.wkv_b.weight.view(H, nope + attn.v_head_dim, attn.kv_lora_rank)
+    q_abs = torch.einsum("bthd,hdc->bhtc", q_nope, w_HXC[:, :nope])  # W_UK absorbed into the query
+    return torch.cat([q_abs, q_rope.transpose(1, 2)], dim=-1).reshape(B, H * T, -1), w_HXC
+
+
+def _absorbed_output(attn: nn.Module, o_lat_BMC: torch.Tensor, w_HXC: torch.Tensor, T: int) -> torch.Tensor:
+    """Latent-space outputs (B, H*T, C) to per-head outputs (B, T, H, v): W_UV absorbed into the output."""
+    B, M, C = o_lat_BMC.shape
+    return torch.einsum("bhtc,hdc->bthd", o_lat_BMC.view(B, M // T, T, C), w_HXC[:, attn.qk_nope_head_dim:])
 
 
 def mla_absorbed_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BSK: torch.Tensor,
                       mask_B1TS: torch.Tensor) -> torch.Tensor:
     """Per-head attention outputs (B, T, H, v) with W_UK absorbed into the query and W_UV into the
     output: scores and weighted sums run in latent space. q_nope (B,T,H,nope), q_rope (B,T,H,R),
-    kv_BSK = [c | k_rope] (B, S, C + R), mask (B, 1, T, S) bool."""
-    B, T, H, nope = q_nope.shape
+    kv_BSK = [c | k_rope] (B, S, C + R), mask (B, 1, T, S) bool. The eager path, on gathered slots,
+    and the oracle of the fused kernel (``mla_absorbed_cached``)."""
+    B, T, H, _ = q_nope.shape
     S, C = kv_BSK.shape[1], attn.kv_lora_rank
-    w_HXC = attn.wkv_b.weight.view(H, nope + attn.v_head_dim, C)
-    q_abs = torch.einsum("bthd,hdc->bhtc", q_nope, w_HXC[:, :nope])  # W_UK absorbed into the query
-    q_BMK = torch.cat([q_abs, q_rope.transpose(1, 2)], dim=-1).reshape(B, H * T, -1)  # M = H*T
+    q_BMK, w_HXC = _absorbed_queries(attn, q_nope, q_rope)  # M = H*T
     scores = torch.bmm(q_BMK, kv_BSK.transpose(1, 2)).view(B, H, T, S)  # q_abs.c + q_rope.k_rope
     p = _softmax(scores * attn.softmax_scale, mask_B1TS, q_nope.dtype)
-    o_lat = torch.bmm(p.view(B, H * T, S), kv_BSK[..., :C]).view(B, H, T, C)  # attention in latent space
-    return torch.einsum("bhtc,hdc->bthd", o_lat, w_HXC[:, nope:])  # W_UV absorbed into the output
+    o_lat = torch.bmm(p.view(B, H * T, S), kv_BSK[..., :C])  # attention in latent space
+    return _absorbed_output(attn, o_lat, w_HXC, T)
+
+
+def mla_absorbed_cached(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, cache, layer: int,
+                        rows: Rows) -> torch.Tensor:
+    """``mla_absorbed_core`` over the slots ``rows`` see in ``cache`` (a latent cache, contiguous or
+    paged). Where the fused kernel takes them (FP32 queries, an FP32 or BF16 cache on the CPU),
+    it reads the cache's blocks in place, in one pass (``kernels.mla_decode``); else the slots are
+    gathered into a new tensor and the eager core runs on them."""
+    pool, tables = cache.blocks(layer)
+    if q_nope.dtype == torch.float32 and kernels.mla_decode_usable(pool):
+        q_BMK, w_HXC = _absorbed_queries(attn, q_nope, q_rope)
+        o_lat = kernels.mla_decode(q_BMK, pool, tables, rows.pos, attn.kv_lora_rank, attn.softmax_scale)
+        return _absorbed_output(attn, o_lat, w_HXC, q_nope.shape[1])
+    return mla_absorbed_core(attn, q_nope, q_rope, cache.read_packed(layer, rows.n_slots, q_nope.dtype), rows.mask)
 
 
 def mla_dense_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BSK: torch.Tensor,

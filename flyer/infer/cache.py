@@ -79,12 +79,21 @@ class LatentCache(_SlotCache):
     def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype = torch.bfloat16, device=None):
         self.packed = torch.zeros(n_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        self._tables: torch.Tensor | None = None  # ``blocks``' identity tables, for the current batch size
         super().__init__({"latent": self.packed[..., :kv_lora_rank], "rope_key": self.packed[..., kv_lora_rank:]})
 
     def _kept(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         C = self.tensors["latent"].shape[-1]
         self.packed = self.packed.index_select(1, rows)  # the two stay views of one packed tensor
         return {"latent": self.packed[..., :C], "rope_key": self.packed[..., C:]}
+
+    def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s slots as blocks and block tables (``flyer.serve.paged.PagedCache.blocks``):
+        here each row's whole buffer is one block, (B, max_len, kv_lora_rank + rope), row b's table [b]."""
+        B = self.packed.shape[1]
+        if self._tables is None or self._tables.shape[0] != B:
+            self._tables = torch.arange(B, device=self.packed.device).view(B, 1)
+        return self.packed[layer], self._tables
 
     def read_packed(self, layer: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
         """(B, n_slots, kv_lora_rank + rope): [latent | rope key] of slots [0, n_slots)."""

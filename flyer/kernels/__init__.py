@@ -9,6 +9,7 @@ every other device and dtype, and the oracle the tests compare the kernels again
   token's expert outputs, and its gradients (rows indexed by token once, ``token_index``);
 - ``rms_norm`` / ``rms_norm_backward``: RMSNorm of each row and its gradients;
 - ``grouped_mm``: the routed experts' GEMMs when each has a few rows (decoding), at memory bandwidth;
+- ``mla_decode``: absorbed MLA attention of a few new tokens over a (paged) latent cache, read in place;
 - ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
   operands of the CPU FP8 GEMM emulation), bit for bit the eager table lookup and multiply.
 
@@ -300,6 +301,34 @@ def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | N
     return out.view(*x.shape[:-1], weight_NK.shape[0])
 
 
+# ---- absorbed MLA decode attention -------------------------------------------------------------
+
+def mla_decode_usable(pool: torch.Tensor) -> bool:
+    """Whether ``mla_decode`` takes a latent cache pool: FP32 or BF16 on the CPU, the kernel built."""
+    return pool.dtype in HELD_DTYPES and usable(pool)
+
+
+def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Tensor, pos_BT: torch.Tensor, C: int,
+               scale: float) -> torch.Tensor:
+    """(B, M, C) FP32: absorbed MLA attention of FP32 queries q (B, M, K), row m = h T + t (head h,
+    new token t), over a latent cache read in place: ``pool`` (N, block_size, K) [latent | rope
+    key] of every slot, row b's slot s at ``pool[tables[b, s // block_size], s % block_size]``;
+    query (b, m) attends slots 0 .. pos[b, m % T]: softmax(scale q . kv) kv[:, :C]. One pass over
+    each row's slots (flash decoding), where the eager path (``flyer.infer.attention.
+    mla_absorbed_core``, its oracle) gathers them into a new tensor per layer first. Rows are
+    split over ``set_expert_threads``' threads when the cache they read is large enough to pay."""
+    ops, n = cpu_ops(), _split["threads"]
+    B, T = pos_BT.shape
+    q_BMK, pos_BT, tables_Bn = q_BMK.contiguous(), pos_BT.contiguous(), tables_Bn.contiguous()
+    if not _splits() or B < 2 or int((pos_BT.amax(1) + 1).sum()) * pool_NbK[0, 0].nbytes < SPLIT_MIN_BYTES:
+        return ops.mla_decode(q_BMK, pool_NbK, tables_Bn, pos_BT, C, scale)
+    cuts = [B * i // min(n, B) for i in range(min(n, B))] + [B]
+    futures = [_split["pool"].submit(ops.mla_decode, q_BMK[a:b], pool_NbK, tables_Bn[a:b], pos_BT[a:b], C, scale)
+               for a, b in zip(cuts[1:-1], cuts[2:])]
+    return torch.cat([ops.mla_decode(q_BMK[:cuts[1]], pool_NbK, tables_Bn[:cuts[1]], pos_BT[:cuts[1]], C, scale),
+                      *(f.result() for f in futures)])
+
+
 # ---- RMSNorm -----------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight_D: torch.Tensor, eps: float,
@@ -388,6 +417,6 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
 
 
 __all__ = ["HELD_DTYPES", "KERNEL_DTYPES", "TokenIndex", "combine", "combine_backward", "cpu_ops", "disabled",
-           "fp8_dequantize", "fp8_to_float", "grouped_mm", "linear_held", "rms_norm", "rms_norm_backward",
-           "segment_sum", "set_expert_threads", "swiglu", "swiglu_backward", "token_index", "token_rows",
-           "usable", "xent_chunk"]
+           "fp8_dequantize", "fp8_to_float", "grouped_mm", "linear_held", "mla_decode", "mla_decode_usable",
+           "rms_norm", "rms_norm_backward", "segment_sum", "set_expert_threads", "swiglu", "swiglu_backward",
+           "token_index", "token_rows", "usable", "xent_chunk"]

@@ -11,10 +11,13 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <vector>
 
@@ -567,6 +570,138 @@ at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, co
   return out;
 }
 
+// ---- absorbed MLA decode attention over a paged latent cache -------------------------------------
+// q (B, M, K) FP32: row m = h T + t, the absorbed query [q_nope W_UK | q_rope] of head h and new
+// token t; pool (N, bs, K) FP32 or BF16: [latent | rope key] of every cache slot, in blocks of bs
+// slots; tables (B, nb) int64: row b's slot s lives at pool[tables[b][s / bs]][s % bs]; pos (B, T)
+// int64: query (b, m) attends slots 0 .. pos[b][m % T]. out (B, M, C) FP32 =
+// softmax_s(scale q . kv_s) kv_s[:C], in one pass over each row's slots (flash decoding): the eager
+// path gathers every slot into a new tensor per layer, then runs two matmuls and a masked softmax
+// over the (M x S) scores. Here a tile of slots is read once (widened to FP32 and transposed) for
+// all M rows; each row keeps a running max, sum and (C) output. Weights below FP32's smallest
+// normal are flushed to zero, as the eager path's softmax flushes its probabilities: subnormal
+// arithmetic is slow and each such term is below the sum's rounding.
+constexpr int64_t kSlotTile = 64;
+
+// The BLAS's FP32 GEMM that torch itself links (column-major, Fortran interface), looked up at run
+// time: ATen's own cpublas::gemm is not exported to extensions. nullptr where torch has none.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+SgemmFn blas_sgemm() {
+  static const SgemmFn fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  return fn;
+}
+
+// c (column-major m x n, ld ldc) = alpha op(a) op(b) + beta c
+void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (SgemmFn fn = blas_sgemm()) {
+    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+    fn(ta ? "T" : "N", tb ? "T" : "N", &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < m; ++i) {
+      float sum = 0.f;
+      for (int64_t p = 0; p < k; ++p) sum += (ta ? a[i * lda + p] : a[p * lda + i]) * (tb ? b[p * ldb + j] : b[j * ldb + p]);
+      c[j * ldc + i] = alpha * sum + (beta == 0.f ? 0.f : beta * c[j * ldc + i]);
+    }
+}
+
+template <typename P>
+void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, const int64_t* pos, float* op,
+                     int64_t b0, int64_t b1, int64_t nb, int64_t bs, int64_t T, int64_t M, int64_t K, int64_t C,
+                     float scale) {
+  const float tiny = std::numeric_limits<float>::min();
+  std::vector<float> tile(kSlotTile * K), sc(M * kSlotTile), mx(M), l(M);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t* pb = pos + b * T;
+    const int64_t S = *std::max_element(pb, pb + T) + 1;
+    const float* q = qp + b * M * K;
+    float* o = op + b * M * C;  // the running (unnormalised) outputs, normalised at the end
+    std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+    std::fill(l.begin(), l.end(), 0.f);
+    std::fill(o, o + M * C, 0.f);
+    for (int64_t s0 = 0; s0 < S; s0 += kSlotTile) {
+      const int64_t n = std::min(kSlotTile, S - s0);
+      for (int64_t j = 0; j < n;) {  // the tile's slots, block by block, as FP32
+        const int64_t s = s0 + j, run = std::min(n - j, bs - s % bs);
+        to_float(pool + (tables[b * nb + s / bs] * bs + s % bs) * K, tile.data() + j * K, run * K);
+        j += run;
+      }
+      // scores (M, n) = q (M, K) tile (n, K)^T; the BLAS is column-major: scores^T = tile q^T
+      sgemm(true, false, n, M, K, scale, tile.data(), K, q, K, 0.f, sc.data(), n);
+      for (int64_t m = 0; m < M; ++m) {
+        float* w = sc.data() + m * n;
+        const int64_t nv = std::max<int64_t>(0, std::min(n, pb[m % T] + 1 - s0));  // the slots this query sees
+        const float top = std::max(mx[m], nv ? *std::max_element(w, w + nv) : mx[m]);
+        float alpha = std::exp(mx[m] - top);  // 0 for the first tile (-inf), 1 when the max stays
+        if (alpha < tiny) alpha = 0.f;
+        if (alpha != 1.f) {
+          l[m] *= alpha;
+          float* om = o + m * C;
+          for (int64_t c = 0; c < C; ++c) om[c] *= alpha;
+        }
+        mx[m] = top;
+        int64_t j = 0;
+        for (; j + Vec::size() <= nv; j += Vec::size()) (Vec::loadu(w + j) - Vec(top)).exp().store(w + j);
+        for (; j < nv; ++j) w[j] = std::exp(w[j] - top);
+        for (j = 0; j < nv; ++j) {
+          if (w[j] < tiny) w[j] = 0.f;
+          l[m] += w[j];
+        }
+        std::fill(w + nv, w + n, 0.f);  // slots past this query's position
+      }
+      // o (M, C) += weights (M, n) tile[:, :C] (n, C); column-major: o^T += tile[:, :C]^T weights^T
+      sgemm(false, false, C, M, n, 1.f, tile.data(), K, sc.data(), n, 1.f, o, C);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const float inv = 1.f / l[m];
+      for (int64_t c = 0; c < C; ++c) o[m * C + c] *= inv;
+    }
+  }
+}
+
+at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Tensor& tables, const at::Tensor& pos,
+                      int64_t C, double scale) {
+  check_cpu(q, "mla_decode q");
+  check_cpu(pool, "mla_decode pool");
+  check_cpu(tables, "mla_decode tables");
+  check_cpu(pos, "mla_decode pos");
+  check_dtype(q, at::kFloat, "mla_decode q");
+  check_dtype(tables, at::kLong, "mla_decode tables");
+  check_dtype(pos, at::kLong, "mla_decode pos");
+  TORCH_CHECK(pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kBFloat16,
+              "mla_decode pool: float32 or bfloat16 expected, got ", pool.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && pos.dim() == 2 && pool.size(2) == q.size(2) &&
+              tables.size(0) == q.size(0) && pos.size(0) == q.size(0) && q.size(1) % pos.size(1) == 0,
+              "mla_decode: q (B, M, K), pool (N, bs, K), tables (B, nb), pos (B, T) with T dividing M expected");
+  const int64_t B = q.size(0), M = q.size(1), K = q.size(2), N = pool.size(0), bs = pool.size(1);
+  const int64_t nb = tables.size(1), T = pos.size(1);
+  TORCH_CHECK(0 < C && C <= K, "mla_decode: C must be in [1, K]");
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * T; ++i)
+    TORCH_CHECK(0 <= pp[i] && pp[i] < nb * bs, "mla_decode: position ", pp[i], " outside the ", nb * bs,
+                " slots the block tables cover");
+  for (int64_t b = 0; b < B; ++b) {  // the blocks each row reads
+    const int64_t last = *std::max_element(pp + b * T, pp + (b + 1) * T) / bs;
+    for (int64_t i = 0; i <= last; ++i)
+      TORCH_CHECK(0 <= tp[b * nb + i] && tp[b * nb + i] < N, "mla_decode: block id ", tp[b * nb + i],
+                  " outside the pool's ", N, " blocks");
+  }
+  auto out = at::empty({B, M, C}, q.options());
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    if (pool.scalar_type() == at::kBFloat16)
+      mla_decode_rows(q.data_ptr<float>(), pool.data_ptr<c10::BFloat16>(), tp, pp, out.data_ptr<float>(), b0, b1,
+                      nb, bs, T, M, K, C, static_cast<float>(scale));
+    else
+      mla_decode_rows(q.data_ptr<float>(), pool.data_ptr<float>(), tp, pp, out.data_ptr<float>(), b0, b1, nb, bs,
+                      T, M, K, C, static_cast<float>(scale));
+  });
+  return out;
+}
+
 // ---- FP8 dequantisation: 1x128 tiles (block_rows 1) and 128x128 blocks (block_rows 128) ---------
 // (Quantisation stays eager: ATen's amax/amin, division and FP8 conversion are already single
 // vectorised passes, and a fused kernel built on the scalar FP8 conversion measured slower.)
@@ -632,5 +767,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_mm_few_rows", &grouped_mm_few_rows, "each group's rows times its weight, transposed (few rows)",
         py::call_guard<py::gil_scoped_release>());
   m.def("fp8_dequantize", &fp8_dequantize, "FP8 codes times their tile scales, as FP32",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("mla_decode", &mla_decode, "absorbed MLA attention of a few new tokens over a paged latent cache",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -75,6 +75,11 @@ class PagedCache:
             raise ValueError(f"block tables cover {self.tables.shape[1] * self.block_size} slots, need {n_slots}")
         return t_NSX[self.tables].flatten(1, 2)[:, :n_slots]  # (B, n * block_size, ...) -> (B, n_slots, ...)
 
+    def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``layer``'s pool (n_blocks, block_size, kv_lora_rank + rope) of an MLA pool, the tables
+        (B, n)): what a kernel needs to read each row's slots in place (``kernels.mla_decode``)."""
+        return self.pool.packed[layer], self.tables
+
     def read_packed(self, layer: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
         """(B, n_slots, kv_lora_rank + rope) of an MLA pool, in ``dtype``."""
         return self._gather(self.pool.packed[layer], n_slots).to(dtype)
