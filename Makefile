@@ -27,6 +27,7 @@ test: setup
 	$(PY) -m pytest -q $(ARGS)
 
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:

@@ -14,8 +14,10 @@
    the highest concurrency: ``transformers serve --continuous-batching`` when it starts here (its
    completions take text: the prompts' ids decoded by the exported tokenizer), else transformers'
    batched ``generate`` (left-padded, greedy, static batches of the concurrency in arrival order)
-   with the reason in ``peer_note`` (here: its model manager always passes a ``device_map``,
-   which needs ``accelerate``, not installed).
+   with the reason in ``peer_note``: the server's own error. Here (transformers 5.24, ``accelerate``
+   installed by ``pip install -e '.[bench]'``) it starts, but its continuous-batching cache allots
+   every layer per-head keys and values of one width, and DeepseekV3's MLA (keys of nope + rope
+   dims, values of v dims) fails its first request; without ``accelerate`` it does not start.
 3. The weight bytes a decode step reads per token at 1 and 16 rows, as held (dense weights plus the
    routed experts the tokens choose, expected under uniform routing), and their ratio: where a step is
    bound by memory traffic, the most 16 clients can gain over 1 (``ratio_c16_vs_c1_memory_bound``).
@@ -186,7 +188,8 @@ def _peer_generate(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
 
 
 def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
-    """``transformers serve --continuous-batching`` on the exported weights, same clients."""
+    """``transformers serve --continuous-batching`` on the exported weights, same clients. Raises
+    with the server's own message when it does not start or fails its first request."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     with socket.socket() as s:  # a free port for it (it takes no port 0)
         s.bind(("127.0.0.1", 0))
@@ -207,10 +210,20 @@ def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
+        first = httpx.post(url + "/v1/completions", timeout=600,
+                           json={"model": str(hf_dir), "prompt": reqs[0][0], "max_tokens": 2, "temperature": 0})
+        if first.status_code != 200 or not first.json().get("choices"):
+            raise RuntimeError(f"its first completion answered {first.status_code}: {first.text[:400]}")
         return _drive(url, str(hf_dir), reqs, concurrency)
     finally:
+        # its continuous-batching worker thread can outlive SIGTERM (seen here after a failed
+        # request, the process holding 12 GB): killed after a grace period, never left behind
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _weight_bytes_per_token(rows: int, weight_dtype: str) -> float:
@@ -314,7 +327,7 @@ def main() -> None:
                 out["peer"] = "transformers serve --continuous-batching"
             except Exception as e:  # the reason goes into the JSON
                 last = [ln for ln in str(e).splitlines() if ln.strip()][-1:] or [type(e).__name__]
-                out["peer_note"] = (f"transformers serve --continuous-batching did not start here ({last[0][:300]}); "
+                out["peer_note"] = (f"transformers serve --continuous-batching did not serve here ({last[0][:400]}); "
                                     "the peer is transformers' batched generate on the same requests")
         else:
             out["peer_note"] = "--no-peer-serve: the peer is transformers' batched generate on the same requests"
