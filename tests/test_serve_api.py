@@ -11,6 +11,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -18,6 +19,7 @@ import pytest
 import torch
 from hf_models import make_tokenizer
 from trained import counting_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
 from flyer.cli import main
@@ -26,9 +28,10 @@ from flyer.data.tokenizer import train_bpe
 from flyer.infer import GenerationConfig, generate
 from flyer.infer.cli import ByteTokenizer
 from flyer.model.transformer import Transformer
-from flyer.serve.api import Api, Server, chat_renderer
+from flyer.interop.hf import TextTokenizer
+from flyer.serve.api import Api, Server, _Choice, chat_renderer
 from flyer.serve.cli import bind, read_chat_template
-from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
+from flyer.serve.engine import Engine, EngineConfig, SamplingOptions, TokenEvent
 from flyer.train.checkpoint import save_checkpoint
 
 V = 64
@@ -329,3 +332,48 @@ def test_an_engine_failure_answers_500_in_openai_shape_and_the_engine_goes_on(mo
         assert "boom" in capsys.readouterr().err  # the traceback goes to the server's log
     finally:
         s.close()
+
+
+# ---- streamed text: incremental detokenisation --------------------------------------------------
+
+def _metaspace_tokenizer() -> TextTokenizer:
+    """A SentencePiece-style tokenizer (Metaspace: a token renders its leading space only
+    mid-sequence) with special tokens that decode to nothing."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog déjà vu"] * 20,
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"]))
+    return TextTokenizer(tok)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "metaspace"])
+def test_streamed_text_equals_the_full_decode_at_linear_cost(kind):
+    """Each token's text is decoded with a few tokens of context, not the whole generation again
+    (quadratic: 2M ids decoded for 2,000 tokens); the text equals the decode of all the ids, with
+    UTF-8 characters split across byte tokens and a decoder that renders a leading space only
+    mid-sequence."""
+    if kind == "bytes":
+        tok = ByteTokenizer()
+        ids = list(("héllo wörld 😀 " * 150).encode())[:2000]
+    else:
+        tok = _metaspace_tokenizer()
+        ids = (tok.encode_ids("the quick brown fox déjà vu ") + [tok.tok.token_to_id("</s>")]) * 60
+    decoded = []
+    counting = SimpleNamespace(decode=lambda xs: decoded.append(len(xs)) or tok.decode(xs))
+    choice, deltas = _Choice(counting, stops=[]), []
+    for i, t in enumerate(ids):
+        choice.add(TokenEvent(t, finish_reason="length" if i == len(ids) - 1 else None))
+        deltas.append(choice.delta())
+    assert choice.text == "".join(deltas) == tok.decode(ids)
+    assert sum(decoded) <= 8 * len(ids)
+
+
+def test_stop_string_across_tokens_cuts_the_text():
+    tok = ByteTokenizer()
+    choice = _Choice(tok, stops=["wör", "zz"])
+    for t in "héllo wörld".encode():
+        choice.add(TokenEvent(t))
+        if choice.finish_reason:
+            break
+    assert (choice.text, choice.finish_reason) == ("héllo ", "stop")

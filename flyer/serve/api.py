@@ -122,14 +122,30 @@ class _Choice:
     sent: int = 0  # characters already streamed
     finish_reason: str | None = None
     events: list[TokenEvent] = field(default_factory=list)
+    # ids[prefix:read] decode to the end of ``text``: the context the next tokens are decoded with
+    prefix: int = 0
+    read: int = 0
+
+    def _decode_new(self, final: bool) -> str:
+        """Text of ids[read:], decoded after ids[prefix:read] (a decoder may render a token
+        differently at the start of a sequence, e.g. SentencePiece's leading space): each token
+        costs a decode of a few ids, where decoding every id per token is quadratic in the
+        generation. Held back (until ``final``) while it ends inside a UTF-8 sequence."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
 
     def add(self, e: TokenEvent) -> None:
         self.events.append(e)
         if e.token is not None:
             self.ids.append(e.token)
-            self.text = self.tokenizer.decode(self.ids)
-        for s in self.stops:
-            i = self.text.find(s)
+        start = len(self.text)
+        self.text += self._decode_new(final=e.finish_reason is not None)
+        for s in self.stops:  # only where the new text could complete a stop string
+            i = self.text.find(s, max(0, start - len(s) + 1))
             if i >= 0:
                 self.text, self.finish_reason = self.text[:i], "stop"
                 return
