@@ -39,6 +39,7 @@ import os
 import random
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ import httpx
 import torch
 from tokenizers import Tokenizer
 
+from flyer import kernels
 from flyer.config import parse_size, preset
 from flyer.data.tokenizer import train_bpe
 from flyer.interop.export import export
@@ -65,19 +67,54 @@ TOKEN_RANGE = 256  # prompt token ids: the tokenizer's byte tokens
 CLIENT_NICE = 10  # the client processes' niceness (``_drive``)
 
 
-def _save_run(out: Path, weight_dtype: str) -> Path:
+def _model(weight_dtype: str) -> Transformer:
     """The small preset, random weights (seed 0); with BF16-held weights, rounded to BF16 first (a
     BF16 checkpoint): flyer holds them exactly, and the peer's FP32 export has the same values."""
-    cfg = preset("small")
     torch.manual_seed(0)
-    model = Transformer(cfg)
+    model = Transformer(preset("small"))
     if weight_dtype != "fp32":
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.to(WEIGHT_DTYPES[weight_dtype]))
+    return model
+
+
+def _save_run(out: Path, weight_dtype: str) -> Path:
+    model = _model(weight_dtype)
     tok = train_bpe(["the quick brown fox jumps over the lazy dog, serving many requests at once"] * 50, 512)
-    save_checkpoint(out / "checkpoints", 1, {"model.safetensors": model.state_dict(), "config.json": cfg.to_dict(),
+    save_checkpoint(out / "checkpoints", 1, {"model.safetensors": model.state_dict(),
+                                             "config.json": model.cfg.to_dict(),
                                              "tokenizer.json": json.loads(tok.to_str())})
+    return out
+
+
+def _decode_steps(weight_dtype: str, batches: tuple[int, ...], prompt: int, steps: int = 30) -> dict[int, float]:
+    """ms per decode-only step of the engine alone (in process, no HTTP, no prefill in the step),
+    ``flyer serve``'s threads and weights, B requests of ``prompt`` tokens: the batching gain before
+    prefill steps and HTTP take their share (median of ``steps`` steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))  # flyer serve's defaults
+    kernels.set_expert_threads(threads)
+    model = _model(weight_dtype).eval()
+    hold_weights(model, WEIGHT_DTYPES[weight_dtype])
+    rng, out = random.Random(1), {}
+    try:
+        for B in batches:
+            eng = Engine(model, EngineConfig(kv_cache_bytes=512 << 20, max_batch_size=B, cache_dtype=torch.float32))
+            opts = SamplingOptions(max_tokens=steps + 1)
+            reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(prompt)], opts, lambda e: None)
+                    for _ in range(B)]
+            while any(r.generated == 0 for r in reqs):  # every prompt prefilled
+                eng.step()
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                eng.step()
+                times.append(time.perf_counter() - t0)
+            out[B] = 1e3 * statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+        kernels.set_expert_threads(1)
     return out
 
 
@@ -342,6 +379,9 @@ def main() -> None:
         out["weight_mb_per_token_c1"], out["weight_mb_per_token_c16"] = (
             _weight_bytes_per_token(n, args.weight_dtype) / 1e6 for n in (1, 16))
         out["ratio_c16_vs_c1_memory_bound"] = out["weight_mb_per_token_c1"] / out["weight_mb_per_token_c16"]
+        ms = _decode_steps(args.weight_dtype, (1, 16), (args.prompt_min + args.prompt_max) // 2)
+        out["decode_step_ms_b1"], out["decode_step_ms_b16"] = ms[1], ms[16]
+        out["ratio_decode_b16_vs_b1"] = 16 * ms[1] / ms[16]
     memory = parse_size(args.payoff_memory, "payoff_memory")
     (mla, mla_bpt), (gqa, gqa_bpt) = (_max_seqs(over, memory, 2048) for over in ({}, GQA_BENCH))
     out.update(max_seqs_mla=mla, max_seqs_gqa=gqa, payoff_memory=args.payoff_memory,
