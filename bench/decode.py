@@ -6,7 +6,9 @@
    - GQA: a model of similar size built from the same code (attn="gqa", 4 KV heads).
    The caches are filled with random entries up to the context length (decode cost does not
    depend on their values), then ``--steps`` decode steps are timed for a batch of ``--batch``,
-   the three paths interleaved for ``--rounds`` rounds, best of each kept.
+   the paths interleaved for ``--rounds`` rounds, best of each kept. Also absorbed MLA with its
+   cache gathered per layer instead of read in place by ``kernels.mla_decode``
+   (``speedup_in_place_vs_gathered``).
 2. MTP speculative decoding on a trained checkpoint: ``flyer train --preset tiny`` for
    ``--train-steps`` steps (or ``--ckpt`` of an existing run), greedy with and without
    ``--speculative mtp``: identical tokens, acceptance rate, tokens/s ratio.
@@ -19,6 +21,7 @@ All times are compared with a peer measured in the same run. Prints one JSON obj
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from flyer import kernels
 from flyer.config import preset
 from flyer.infer import Decoder, GenerationConfig, generate
 from flyer.infer.generate import open_prefix_cache
@@ -45,21 +49,36 @@ class DecodeRun:
     """A decoder whose cache is filled with ``ctx`` random entries per row (decode cost does not
     depend on the values), timed over ``steps`` decode steps from position ``ctx``."""
 
-    def __init__(self, model: Transformer, mode: str, ctx: int, batch: int, steps: int):
+    def __init__(self, model: Transformer, mode: str, ctx: int, batch: int, steps: int, gathered: bool = False):
         self.dec = Decoder(model, batch, ctx + steps + 1, mode, torch.bfloat16)
         for t in self.dec.cache.tensors.values():
             t[:, :, :ctx].normal_()
         self.ctx, self.batch, self.steps, self.vocab = ctx, batch, steps, model.cfg.vocab_size
+        self.gathered = gathered
 
     @torch.inference_mode()
     def tokens_per_s(self) -> float:
         n = torch.full((self.batch,), self.ctx)
         tok = torch.randint(0, self.vocab, (self.batch, 1))
-        t0 = time.perf_counter()
-        for _ in range(self.steps):
-            tok = self.dec.logits(self.dec.forward(tok, n)).argmax(-1)
-            n += 1
-        return self.batch * self.steps / (time.perf_counter() - t0)
+        with gathered_attention() if self.gathered else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            for _ in range(self.steps):
+                tok = self.dec.logits(self.dec.forward(tok, n)).argmax(-1)
+                n += 1
+            return self.batch * self.steps / (time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def gathered_attention():
+    """Absorbed attention's eager read of the latent cache (every attended slot gathered into a new
+    tensor per layer, then matmuls) in place of the kernel's one pass over the cache as it lies
+    (``kernels.mla_decode``): the peer of ``absorbed`` in ``speedup_in_place_vs_gathered``."""
+    usable = kernels.mla_decode_usable
+    kernels.mla_decode_usable = lambda pool: False
+    try:
+        yield
+    finally:
+        kernels.mla_decode_usable = usable
 
 
 def bench_attention(contexts: list[int], batch: int, steps: int, rounds: int) -> dict:
@@ -73,11 +92,14 @@ def bench_attention(contexts: list[int], batch: int, steps: int, rounds: int) ->
     peers = (("absorbed", mla, "absorbed"), ("naive", mla, "naive"), ("gqa", gqa, "absorbed"))
     for ctx in contexts:
         runs = {name: DecodeRun(model, mode, ctx, batch, steps) for name, model, mode in peers}
+        if kernels.cpu_ops() is not None:
+            runs["absorbed_gathered"] = DecodeRun(mla, "absorbed", ctx, batch, steps, gathered=True)
         for name, run in runs.items():
             bpt = run.dec.bytes_per_token()
             assert bpt == kv_cache_bytes_per_token(run.dec.cfg, absorbed=name != "naive")  # == flyer info
-            out[f"cache_bytes_per_token_{name}"] = bpt
-            out[f"cache_mib_{name}_ctx{ctx}"] = round(bpt * ctx * batch / 2**20, 2)
+            if name != "absorbed_gathered":
+                out[f"cache_bytes_per_token_{name}"] = bpt
+                out[f"cache_mib_{name}_ctx{ctx}"] = round(bpt * ctx * batch / 2**20, 2)
             run.tokens_per_s()  # warm-up
         best = dict.fromkeys(runs, 0.0)
         for _ in range(rounds):  # interleaved, best of rounds: robust to a shared, loaded machine
@@ -87,6 +109,8 @@ def bench_attention(contexts: list[int], batch: int, steps: int, rounds: int) ->
             out[f"tokens_per_s_{name}_ctx{ctx}"] = round(best[name], 1)
         for peer in ("naive", "gqa"):
             out[f"speedup_absorbed_vs_{peer}_ctx{ctx}"] = round(best["absorbed"] / best[peer], 3)
+        if "absorbed_gathered" in best:
+            out[f"speedup_in_place_vs_gathered_ctx{ctx}"] = round(best["absorbed"] / best["absorbed_gathered"], 3)
         del runs
     top = max(contexts)  # the headline keys: the longest context
     for name in ("absorbed", "naive", "gqa"):

@@ -33,6 +33,7 @@ The default run is sized for a 2-core CPU (about a minute); ``--full`` runs the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -50,6 +51,8 @@ from pathlib import Path
 import httpx
 import torch
 from tokenizers import Tokenizer
+
+from decode import gathered_attention  # bench/decode.py, beside this script
 
 from flyer import kernels
 from flyer.config import parse_size, preset
@@ -88,10 +91,12 @@ def _save_run(out: Path, weight_dtype: str) -> Path:
     return out
 
 
-def _decode_steps(weight_dtype: str, batches: tuple[int, ...], prompt: int, steps: int = 30) -> dict[int, float]:
+def _decode_steps(weight_dtype: str, batches: tuple[int, ...], context: int, steps: int = 30) -> dict[str, float]:
     """ms per decode-only step of the engine alone (in process, no HTTP, no prefill in the step),
-    ``flyer serve``'s threads and weights, B requests of ``prompt`` tokens: the batching gain before
-    prefill steps and HTTP take their share (median of ``steps`` steps)."""
+    ``flyer serve``'s threads and weights, B requests at ``context`` tokens: the batching gain before
+    prefill steps and HTTP take their share (median of ``steps`` steps). At the largest B also
+    with the paged cache gathered per layer instead of read in place (``kernels.mla_decode``),
+    the two interleaved."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))  # flyer serve's defaults
     kernels.set_expert_threads(threads)
@@ -100,18 +105,24 @@ def _decode_steps(weight_dtype: str, batches: tuple[int, ...], prompt: int, step
     rng, out = random.Random(1), {}
     try:
         for B in batches:
-            eng = Engine(model, EngineConfig(kv_cache_bytes=512 << 20, max_batch_size=B, cache_dtype=torch.float32))
-            opts = SamplingOptions(max_tokens=steps + 1)
-            reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(prompt)], opts, lambda e: None)
+            eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 30, max_batch_size=B, cache_dtype=torch.float32))
+            opts = SamplingOptions(max_tokens=3 * steps)
+            reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(context)], opts, lambda e: None)
                     for _ in range(B)]
             while any(r.generated == 0 for r in reqs):  # every prompt prefilled
                 eng.step()
-            times = []
+            paths = {"": contextlib.nullcontext}
+            if B == max(batches) and kernels.cpu_ops() is not None:
+                paths["_gathered"] = gathered_attention
+            times: dict[str, list[float]] = {name: [] for name in paths}
             for _ in range(steps):
-                t0 = time.perf_counter()
-                eng.step()
-                times.append(time.perf_counter() - t0)
-            out[B] = 1e3 * statistics.median(times)
+                for name, path in paths.items():
+                    with path():
+                        t0 = time.perf_counter()
+                        eng.step()
+                        times[name].append(time.perf_counter() - t0)
+            for name, ts in times.items():
+                out[f"decode_step_ms_b{B}{name}"] = 1e3 * statistics.median(ts)
     finally:
         torch.set_num_threads(threads)
         kernels.set_expert_threads(1)
@@ -320,6 +331,8 @@ def main() -> None:
     ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="bf16",
                     help="flyer serve --weight-dtype (bf16: the weights saved as BF16 values, held in BF16 and "
                          "computed in FP32; the peer computes in FP32 on the same values)")
+    ap.add_argument("--decode-context", type=int, default=None,
+                    help="context of the in-process decode-step keys (default: the prompts' mean length)")
     ap.add_argument("--no-peer-serve", dest="peer_serve", action="store_false",
                     help="skip transformers serve --continuous-batching (tried first by default)")
     args = ap.parse_args()
@@ -379,9 +392,12 @@ def main() -> None:
         out["weight_mb_per_token_c1"], out["weight_mb_per_token_c16"] = (
             _weight_bytes_per_token(n, args.weight_dtype) / 1e6 for n in (1, 16))
         out["ratio_c16_vs_c1_memory_bound"] = out["weight_mb_per_token_c1"] / out["weight_mb_per_token_c16"]
-        ms = _decode_steps(args.weight_dtype, (1, 16), (args.prompt_min + args.prompt_max) // 2)
-        out["decode_step_ms_b1"], out["decode_step_ms_b16"] = ms[1], ms[16]
-        out["ratio_decode_b16_vs_b1"] = 16 * ms[1] / ms[16]
+        context = args.decode_context or (args.prompt_min + args.prompt_max) // 2
+        out["decode_context"] = context
+        out.update(_decode_steps(args.weight_dtype, (1, 16), context))
+        out["ratio_decode_b16_vs_b1"] = 16 * out["decode_step_ms_b1"] / out["decode_step_ms_b16"]
+        if "decode_step_ms_b16_gathered" in out:
+            out["speedup_in_place_vs_gathered_b16"] = out["decode_step_ms_b16_gathered"] / out["decode_step_ms_b16"]
     memory = parse_size(args.payoff_memory, "payoff_memory")
     (mla, mla_bpt), (gqa, gqa_bpt) = (_max_seqs(over, memory, 2048) for over in ({}, GQA_BENCH))
     out.update(max_seqs_mla=mla, max_seqs_gqa=gqa, payoff_memory=args.payoff_memory,
