@@ -3,8 +3,9 @@
 1. The decode step's ``p @ latents`` with a peaked softmax at ``--context`` slots, subnormal
    probabilities kept and flushed (the ratio: ``p_latents_speedup_flush_C*``); then whole decode
    steps at ``--context`` tokens with an FP32 latent cache (``decode.py``'s MLA_BENCH model,
-   random weights, cached latents scaled by SPREAD), flushed (flyer's path) and kept (the old
-   path), and at 64 tokens of context. Random weights attend too flatly for many probabilities to
+   random weights, cached latents scaled by SPREAD), flushed (flyer's path: ``kernels.mla_decode``,
+   which flushes as the eager path does) and kept (the old path: the eager read, no flush), and at
+   64 tokens of context. Random weights attend too flatly for many probabilities to
    underflow, so the whole-step ratio stays near 1 there; the primitive shows what a trained
    model's peaked attention meets.
 2. Prefill of ``--context`` tokens: the compute-bound form (up-projected K/V, fused SDPA; what
@@ -24,12 +25,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from decode import MLA_BENCH, gathered_attention  # bench/decode.py, beside this script
+
 from flyer.config import preset
 from flyer.infer import Decoder, attention
 from flyer.model.transformer import Transformer
 
-MLA_BENCH = dict(n_heads=16, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, kv_lora_rank=64,
-                 max_seq_len=4096, original_seq_len=4096)
 SPREAD = 300.0  # cached latents scaled so softmax is as peaked as a trained model's (many tiny probabilities)
 
 
@@ -97,9 +98,10 @@ def main() -> None:
         out["decode_tps_flushed"] = _decode_tps(model, args.context, args.steps)
         out["decode_tps_short_context"] = _decode_tps(model, 64, args.steps)
         saved = attention.FP32_TINY
-        attention.FP32_TINY = 0.0  # keep subnormals: the path before the fix
+        attention.FP32_TINY = 0.0  # keep subnormals: the path before the fix (the eager read; the kernel flushes)
         try:
-            out["decode_tps_subnormals_kept"] = _decode_tps(model, args.context, args.steps)
+            with gathered_attention():
+                out["decode_tps_subnormals_kept"] = _decode_tps(model, args.context, args.steps)
         finally:
             attention.FP32_TINY = saved
         out["prefill_s_dense"] = min(_prefill_s(model, args.context, True) for _ in range(2))
