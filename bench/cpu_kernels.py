@@ -124,7 +124,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if kernels.cpu_ops() is None:
         raise SystemExit("bench/cpu_kernels.py: flyer's CPU kernels are not built here (no C++ compiler?)")
-    out = {"threads": torch.get_num_threads(), "kernels": {}}
+    # mla_decode's tile products run on torch's BLAS where it exports one, else on a plain loop
+    out = {"threads": torch.get_num_threads(), "mla_decode_blas": kernels.cpu_ops().has_blas(), "kernels": {}}
     for name, call in cases().items():
         times = {"eager": [], "kernel": []}
         for _ in range(args.rounds):  # interleaved: drift on a shared host hits both alike

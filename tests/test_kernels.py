@@ -383,13 +383,24 @@ def _paged_latents(B, T, H, C, R, bs, nb, pool_dtype, spread, seed=0):
     return torch.randn(B, H * T, C + R, generator=g) * spread, pool, tables, pos
 
 
+@pytest.fixture(params=["blas", "loop"])
+def blas(ops, request):
+    """mla_decode's tile products on torch's BLAS (where found) and on the plain loop that runs where
+    torch has none, whatever this machine's torch links."""
+    if request.param == "blas" and not ops.has_blas():
+        pytest.skip("this torch exports no sgemm_")
+    ops.set_blas(request.param == "blas")
+    yield request.param
+    ops.set_blas(True)
+
+
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,T,H,C,R,bs,nb,spread", [
     (3, 1, 4, 37, 8, 5, 20, 0.3),  # vector tails, blocks of 5, contexts up to 100 slots (two tiles)
     (2, 2, 6, 96, 16, 16, 10, 0.3),  # two new tokens per row (MTP verification): per-token masks
     (2, 1, 2, 64, 16, 16, 40, 3.0),  # peaked over up to 640 slots: the max moves across tiles, weights flushed
 ])
-def test_mla_decode_within_fp32_bound_of_exact(ops, pool_dtype, B, T, H, C, R, bs, nb, spread):
+def test_mla_decode_within_fp32_bound_of_exact(ops, blas, pool_dtype, B, T, H, C, R, bs, nb, spread):
     q, pool, tables, pos = _paged_latents(B, T, H, C, R, bs, nb, pool_dtype, spread)
     scale = 0.9
     got = kernels.mla_decode(q, pool, tables, pos, C, scale)

@@ -584,13 +584,29 @@ at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, co
 constexpr int64_t kSlotTile = 64;
 
 // The BLAS's FP32 GEMM that torch itself links (column-major, Fortran interface), looked up at run
-// time: ATen's own cpublas::gemm is not exported to extensions. nullptr where torch has none.
+// time: ATen's own cpublas::gemm is not exported to extensions. nullptr where torch has none (a
+// plain loop runs instead); tests turn it off to check that loop (set_blas).
 using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
-SgemmFn blas_sgemm() {
-  static const SgemmFn fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
-  return fn;
+SgemmFn find_sgemm() {
+  if (void* f = dlsym(RTLD_DEFAULT, "sgemm_")) return reinterpret_cast<SgemmFn>(f);
+  if (void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD))  // loaded without RTLD_GLOBAL
+    if (void* f = dlsym(torch_cpu, "sgemm_")) return reinterpret_cast<SgemmFn>(f);
+  return nullptr;
 }
+bool use_blas = true;
+SgemmFn blas_sgemm() {
+  static const SgemmFn fn = find_sgemm();
+  return use_blas ? fn : nullptr;
+}
+
+// Whether torch's BLAS serves mla_decode; ``on``: use it when found (returns whether it was in use).
+bool set_blas(bool on) {
+  const bool was = blas_sgemm() != nullptr;
+  use_blas = on;
+  return was;
+}
+bool has_blas() { return find_sgemm() != nullptr; }
 
 // c (column-major m x n, ld ldc) = alpha op(a) op(b) + beta c
 void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
@@ -770,4 +786,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("mla_decode", &mla_decode, "absorbed MLA attention of a few new tokens over a paged latent cache",
         py::call_guard<py::gil_scoped_release>());
+  m.def("set_blas", &set_blas, "mla_decode on torch's BLAS (true, where found) or on a plain loop");
+  m.def("has_blas", &has_blas, "whether torch's BLAS (sgemm_) was found");
 }
