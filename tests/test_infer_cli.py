@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from flyer import kernels
 from flyer.cli import main
 from flyer.config import preset
 from flyer.model.counts import kv_cache_bytes_per_token
@@ -38,6 +39,22 @@ def test_generate_speculative_and_prefix_cache(capsys, tmp_path):
     # human-readable mode prints the statistics
     assert main(base[:-5] + ["--prefix-cache", str(tmp_path), "--prefix-block", "16"]) == 0
     assert "2/2 blocks hit" in capsys.readouterr().err
+
+
+def test_generate_expert_threads_split_the_stream_and_change_no_token(capsys):
+    """``--expert-threads`` (as ``flyer serve``'s): the small preset's experts (12 MB a layer held in
+    BF16) streamed on two threads where torch runs one; the kernel's split is bitwise, so the
+    tokens are those of one thread."""
+    base = ["generate", "--preset", "small", "--prompt", "hello there", "--max-new-tokens", "5", "--json",
+            "--weight-dtype", "bf16", "--threads", "1", "--device", "cpu"]
+    try:
+        one = _json(capsys, base + ["--expert-threads", "1"])
+        assert not kernels._splits()
+        two = _json(capsys, base + ["--expert-threads", "2"])
+        assert kernels._splits()
+    finally:
+        kernels.set_expert_threads(1)
+    assert two["text"] == one["text"] and two["new_tokens"] == one["new_tokens"] == 5
 
 
 @pytest.mark.parametrize("argv,msg", [

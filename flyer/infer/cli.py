@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from flyer import kernels
 from flyer.config import parse_size, resolve_config, resolve_device
 from flyer.errors import FieldError, UserError
 from flyer.fp8.linear import convert_to_fp8
@@ -37,6 +38,12 @@ class ByteTokenizer:
 
     def eos_id(self) -> int | None:
         return None
+
+
+def add_expert_threads_flag(p) -> None:
+    p.add_argument("--expert-threads", type=int, default=torch.get_num_threads(),
+                   help="threads streaming the routed experts' weights in a decode step where --threads is 1 "
+                        "(default: all cores; the one memory-bound part of a step long enough to split)")
 
 
 def add_weight_dtype_flag(p) -> None:
@@ -88,7 +95,7 @@ def auto_cache_dtype(ckpt: str | None, model: Transformer) -> str:
 def _run(args) -> int:
     if bool(args.ckpt) == bool(args.preset):
         raise UserError("give exactly one of --ckpt DIR (a trained run) or --preset NAME (random weights)")
-    for name in ("prefix_block", "threads"):
+    for name in ("prefix_block", "threads", "expert_threads"):
         if getattr(args, name) < 1:
             raise FieldError(name, f"must be >= 1 (got {getattr(args, name)})")
     dtype = DTYPES.get(args.cache_dtype, torch.bfloat16)  # "auto": settled once the model is loaded
@@ -97,6 +104,7 @@ def _run(args) -> int:
                            speculative=args.speculative, draft_tokens=args.draft_tokens)
     gen.validate()  # before the model loads
     torch.set_num_threads(args.threads)
+    kernels.set_expert_threads(args.expert_threads)
     model, tok = load_model(args)
     model.eval()
     cfg = model.cfg
@@ -178,5 +186,6 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: decoding a small model is latency-bound)")
+    add_expert_threads_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run)

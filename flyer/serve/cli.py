@@ -19,7 +19,7 @@ import torch
 from flyer import kernels
 from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
-from flyer.infer.cli import DTYPES, add_weight_dtype_flag, auto_cache_dtype, load_model
+from flyer.infer.cli import DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype, load_model
 from flyer.interop.hf import is_hf_model_dir
 from flyer.serve.api import Api, Server
 from flyer.serve.engine import Engine, EngineConfig, open_disk_prefix_cache
@@ -155,7 +155,5 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),
                    help="torch threads stepping the model (default: all cores but one, which the HTTP side gets)")
-    p.add_argument("--expert-threads", type=int, default=torch.get_num_threads(),
-                   help="threads streaming the routed experts' weights in a decode step where --threads is 1 "
-                        "(default: all cores; the one memory-bound part of a step long enough to split)")
+    add_expert_threads_flag(p)
     p.set_defaults(func=_run)
