@@ -309,18 +309,20 @@ def mla_decode_usable(pool: torch.Tensor) -> bool:
 
 
 def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Tensor, pos_BT: torch.Tensor, C: int,
-               scale: float) -> torch.Tensor:
+               scale: float, n_slots: int | None = None) -> torch.Tensor:
     """(B, M, C) FP32: absorbed MLA attention of FP32 queries q (B, M, K), row m = h T + t (head h,
     new token t), over a latent cache read in place: ``pool`` (N, block_size, K) [latent | rope
     key] of every slot, row b's slot s at ``pool[tables[b, s // block_size], s % block_size]``;
     query (b, m) attends slots 0 .. pos[b, m % T]: softmax(scale q . kv) kv[:, :C]. One pass over
     each row's slots (flash decoding), where the eager path (``flyer.infer.attention.
     mla_absorbed_core``, its oracle) gathers them into a new tensor per layer first. Rows are
-    split over ``set_expert_threads``' threads when the cache they read is large enough to pay."""
+    split over ``set_expert_threads``' threads when the cache they read (at most B ``n_slots`` slots:
+    the longest row's, the caller's ``Rows.n_slots``, else read from pos) is large enough to pay."""
     ops, n = cpu_ops(), _split["threads"]
-    B, T = pos_BT.shape
+    B = pos_BT.shape[0]
     q_BMK, pos_BT, tables_Bn = q_BMK.contiguous(), pos_BT.contiguous(), tables_Bn.contiguous()
-    if not _splits() or B < 2 or int((pos_BT.amax(1) + 1).sum()) * pool_NbK[0, 0].nbytes < SPLIT_MIN_BYTES:
+    slot_bytes = pool_NbK.shape[2] * pool_NbK.element_size()
+    if not _splits() or B < 2 or B * (n_slots or int(pos_BT.max()) + 1) * slot_bytes < SPLIT_MIN_BYTES:
         return ops.mla_decode(q_BMK, pool_NbK, tables_Bn, pos_BT, C, scale)
     cuts = [B * i // min(n, B) for i in range(min(n, B))] + [B]
     futures = [_split["pool"].submit(ops.mla_decode, q_BMK[a:b], pool_NbK, tables_Bn[a:b], pos_BT[a:b], C, scale)

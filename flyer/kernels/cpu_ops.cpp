@@ -577,10 +577,10 @@ at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, co
 // int64: query (b, m) attends slots 0 .. pos[b][m % T]. out (B, M, C) FP32 =
 // softmax_s(scale q . kv_s) kv_s[:C], in one pass over each row's slots (flash decoding): the eager
 // path gathers every slot into a new tensor per layer, then runs two matmuls and a masked softmax
-// over the (M x S) scores. Here a tile of slots is read once (widened to FP32 and transposed) for
-// all M rows; each row keeps a running max, sum and (C) output. Weights below FP32's smallest
-// normal are flushed to zero, as the eager path's softmax flushes its probabilities: subnormal
-// arithmetic is slow and each such term is below the sum's rounding.
+// over the (M x S) scores. Here a tile of slots is read once (widened to FP32) for all M rows, its
+// two products on torch's BLAS; each row keeps a running max, sum and (C) output. Weights below
+// FP32's smallest normal are flushed to zero, as the eager path's softmax flushes its
+// probabilities: subnormal arithmetic is slow and each such term is below the sum's rounding.
 constexpr int64_t kSlotTile = 64;
 
 // The BLAS's FP32 GEMM that torch itself links (column-major, Fortran interface), looked up at run
@@ -600,12 +600,8 @@ SgemmFn blas_sgemm() {
   return use_blas ? fn : nullptr;
 }
 
-// Whether torch's BLAS serves mla_decode; ``on``: use it when found (returns whether it was in use).
-bool set_blas(bool on) {
-  const bool was = blas_sgemm() != nullptr;
-  use_blas = on;
-  return was;
-}
+// mla_decode on torch's BLAS where found (on), or on the plain loop (off: tests)
+void set_blas(bool on) { use_blas = on; }
 bool has_blas() { return find_sgemm() != nullptr; }
 
 // c (column-major m x n, ld ldc) = alpha op(a) op(b) + beta c
