@@ -21,7 +21,14 @@
 3. The weight bytes a decode step reads per token at 1 and 16 rows, as held (dense weights plus the
    routed experts the tokens choose, expected under uniform routing), and their ratio: where a step is
    bound by memory traffic, the most 16 clients can gain over 1 (``ratio_c16_vs_c1_memory_bound``).
-4. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
+4. The engine alone, in this process (flyer serve's weights, threads and engine settings, no HTTP):
+   the clients' requests at 1 and 16 in the same closed loop (``engine_tokens_per_s_c*``: what
+   HTTP, SSE and the client processes cost end to end; ``engine_prefill_step_share_c*``: the share
+   of its time in steps that carry prompt tokens; ``engine_ms_per_step_c*``, ``_per_decode_row``,
+   ``_per_prompt_token``: a least-squares fit of its step times, and ``engine_prompt_share_c*``:
+   the prompt tokens' share of its time by that fit), and decode-only steps of 1 and 16 requests
+   (``decode_step_ms_b*``: the batching gain before prefill takes its share).
+5. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
    once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
    against the ratio of their cache bytes per token.
 
@@ -49,6 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -91,42 +99,91 @@ def _save_run(out: Path, weight_dtype: str) -> Path:
     return out
 
 
-def _decode_steps(weight_dtype: str, batches: tuple[int, ...], context: int, steps: int = 30) -> dict[str, float]:
-    """ms per decode-only step of the engine alone (in process, no HTTP, no prefill in the step),
-    ``flyer serve``'s threads and weights, B requests at ``context`` tokens: the batching gain before
-    prefill steps and HTTP take their share (median of ``steps`` steps). At the largest B also
-    with the paged cache gathered per layer instead of read in place (``kernels.mla_decode``),
-    the two interleaved."""
+@contextlib.contextmanager
+def _engine_model(weight_dtype: str, serve_threads: int | None, cores: int):
+    """The bench's model as ``flyer serve`` runs it, in this process: weights held as
+    ``--weight-dtype``, torch on ``--threads`` (its default: all ``cores`` but one), the experts
+    on all cores (``--expert-threads``' default)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))  # flyer serve's defaults
-    kernels.set_expert_threads(threads)
+    torch.set_num_threads(serve_threads or max(1, cores - 1))
+    kernels.set_expert_threads(cores)
     model = _model(weight_dtype).eval()
     hold_weights(model, WEIGHT_DTYPES[weight_dtype])
-    rng, out = random.Random(1), {}
     try:
-        for B in batches:
-            eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 30, max_batch_size=B, cache_dtype=torch.float32))
-            opts = SamplingOptions(max_tokens=3 * steps)
-            reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(context)], opts, lambda e: None)
-                    for _ in range(B)]
-            while any(r.generated == 0 for r in reqs):  # every prompt prefilled
-                eng.step()
-            paths = {"": contextlib.nullcontext}
-            if B == max(batches) and kernels.cpu_ops() is not None:
-                paths["_gathered"] = gathered_attention
-            times: dict[str, list[float]] = {name: [] for name in paths}
-            for _ in range(steps):
-                for name, path in paths.items():
-                    with path():
-                        t0 = time.perf_counter()
-                        eng.step()
-                        times[name].append(time.perf_counter() - t0)
-            for name, ts in times.items():
-                out[f"decode_step_ms_b{B}{name}"] = 1e3 * statistics.median(ts)
+        yield model
     finally:
         torch.set_num_threads(threads)
         kernels.set_expert_threads(1)
+
+
+def _decode_steps(model: Transformer, batches: tuple[int, ...], context: int, steps: int = 30) -> dict[str, float]:
+    """ms per decode-only step of the engine alone (``_engine_model``: no HTTP, no prefill in the
+    step), B requests at ``context`` tokens: the batching gain before prefill steps and HTTP take
+    their share (median of ``steps`` steps). At the largest B also with the paged cache gathered
+    per layer instead of read in place (``kernels.mla_decode``), the two interleaved."""
+    rng, out = random.Random(1), {}
+    for B in batches:
+        eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 30, max_batch_size=B, cache_dtype=torch.float32))
+        opts = SamplingOptions(max_tokens=3 * steps)
+        reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(context)], opts, lambda e: None)
+                for _ in range(B)]
+        while any(r.generated == 0 for r in reqs):  # every prompt prefilled
+            eng.step()
+        paths = {"": contextlib.nullcontext}
+        if B == max(batches) and kernels.cpu_ops() is not None:
+            paths["_gathered"] = gathered_attention
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(steps):
+            for name, path in paths.items():
+                with path():
+                    t0 = time.perf_counter()
+                    eng.step()
+                    times[name].append(time.perf_counter() - t0)
+        for name, ts in times.items():
+            out[f"decode_step_ms_b{B}{name}"] = 1e3 * statistics.median(ts)
     return out
+
+
+def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> dict[str, float]:
+    """The HTTP run's requests on the engine alone (``_engine_model``, flyer serve's engine
+    settings): ``concurrency`` clients in a closed loop, each submitting its next request when its
+    last one ends, as the HTTP clients do. Returns output tokens/s without HTTP, SSE and the
+    clients' processes; the share of the engine's time in steps that carry prompt tokens (with
+    the decode rows they also advance); and a least-squares fit of each step's time as
+    ms_per_step + ms_per_decode_row * rows + ms_per_prompt_token * tokens, with the share of the
+    engine's time the prompt tokens take by that fit."""
+    eng = Engine(model, EngineConfig(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"),
+                                     max_batch_size=64, prefill_chunk=args.prefill_chunk, cache_dtype=torch.float32))
+    pending, tokens = iter(reqs), [0]
+
+    def submit() -> None:
+        nxt = next(pending, None)
+        if nxt is not None:
+            eng.submit(nxt[0], SamplingOptions(max_tokens=nxt[1]), on_event)
+
+    def on_event(e) -> None:
+        tokens[0] += e.token is not None
+        if e.finish_reason is not None:
+            submit()
+
+    for _ in range(concurrency):
+        submit()
+    steps = []  # (decode rows, prompt tokens, seconds) per step
+    while eng.busy:
+        t0 = time.perf_counter()
+        eng.admit()  # the step's rows (step admits again: nothing new)
+        before = [(r, r.n_cached, len(r.tokens) - r.n_cached == 1) for r in eng.running]
+        eng.step()
+        dt = time.perf_counter() - t0
+        decode = sum(1 for _, _, dec in before if dec)
+        prompt = sum(max(r.n_cached - n, 0) for r, n, dec in before if not dec)
+        steps.append((decode, prompt, dt))
+    a = np.array(steps)
+    total = a[:, 2].sum()
+    fit = np.linalg.lstsq(np.c_[np.ones(len(a)), a[:, :2]], a[:, 2], rcond=None)[0] if len(a) > 3 else [0.0] * 3
+    return {"tokens_per_s": tokens[0] / total, "prefill_step_share": a[a[:, 1] > 0, 2].sum() / total,
+            "ms_per_step": 1e3 * fit[0], "ms_per_decode_row": 1e3 * fit[1], "ms_per_prompt_token": 1e3 * fit[2],
+            "prompt_share": fit[2] * a[:, 1].sum() / total}
 
 
 def _requests(n: int, args, rng: random.Random, system: list[int]) -> list[tuple[list[int], int]]:
@@ -350,6 +407,7 @@ def main() -> None:
     for k, v in sizes.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    cores = torch.get_num_threads()  # before --threads: flyer serve's own defaults count from it
     if args.threads:
         torch.set_num_threads(args.threads)
     out: dict = {"preset": "small", "threads": args.threads or "default", "kv_cache_memory": args.kv_cache_memory,
@@ -358,6 +416,7 @@ def main() -> None:
                  "system_prompt_tokens": args.system_prompt}
     rng = random.Random(0)
     system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
+    sent: dict[int, list] = {}  # the requests the clients sent, per concurrency
     with tempfile.TemporaryDirectory() as tmp:
         run = _save_run(Path(tmp) / "run", args.weight_dtype)
         proc, url = _start_flyer(run, args)
@@ -371,12 +430,12 @@ def main() -> None:
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
                     out[f"{k}_c{c}"] = res[k]
                 out[f"prefix_hit_rate_c{c}"] = _prefix_hit_rate(url)
-                if c == max(args.concurrency):
-                    peer_reqs = reqs
+                sent[c] = reqs
         finally:
             proc.terminate()
             out["flyer_exit_code"] = proc.wait(timeout=120)
         cmax = max(args.concurrency)
+        peer_reqs = sent[cmax]
         hf_dir = Path(tmp) / "hf"
         export(run, hf_dir, dtype="fp32")
         peer = None
@@ -403,7 +462,12 @@ def main() -> None:
         out["ratio_c16_vs_c1_memory_bound"] = out["weight_mb_per_token_c1"] / out["weight_mb_per_token_c16"]
         context = args.decode_context or (args.prompt_min + args.prompt_max) // 2
         out["decode_context"] = context
-        out.update(_decode_steps(args.weight_dtype, (1, 16), context))
+        with _engine_model(args.weight_dtype, args.threads, cores) as model:
+            for c in (1, 16):
+                for k, v in _engine_replay(model, sent[c], c, args).items():
+                    out[f"engine_{k}_c{c}"] = v
+            out.update(_decode_steps(model, (1, 16), context))
+        out["engine_ratio_c16_vs_c1"] = out["engine_tokens_per_s_c16"] / out["engine_tokens_per_s_c1"]
         out["ratio_decode_b16_vs_b1"] = 16 * out["decode_step_ms_b1"] / out["decode_step_ms_b16"]
         if "decode_step_ms_b16_gathered" in out:
             out["speedup_in_place_vs_gathered_b16"] = out["decode_step_ms_b16_gathered"] / out["decode_step_ms_b16"]

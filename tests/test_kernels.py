@@ -172,6 +172,20 @@ def test_linear_held_splits_one_weight_by_columns_over_expert_threads(ops, monke
     assert torch.equal(kernels.linear_held(many, w), many @ w.float().t())
 
 
+def test_linear_held_builds_no_tensor_per_call(ops, monkeypatch):
+    """The kernel's counts tensor of a row count is built once: a decode step runs ~40 held
+    linears, and a host tensor built for each costs more than a small GEMM's kernel call."""
+    x, w = torch.randn(3, 96), torch.randn(64, 96).bfloat16()
+    kernels.linear_held(x, w)  # the row count's tensor, cached
+    built = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: built.append(a) or real(*a, **k))
+    for rows in (x, torch.randn(kernels.HELD_FEW_ROWS + 3, 96)):  # decode rows; a prefill chunk's
+        for _ in range(3):
+            kernels.linear_held(rows, w)
+    assert built == []
+
+
 def test_grouped_mm_split_over_expert_threads_is_the_same_sums(ops, monkeypatch):
     """``set_expert_threads``: the kernel's groups in runs on threads of their own give the same
     output bit for bit (each output's sum is one thread's either way); large groups stay torch.mm."""

@@ -293,9 +293,15 @@ def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | N
         raise RuntimeError("weights held in BF16 are for inference: run the model under torch.no_grad()")
     x_RK = x.reshape(-1, x.shape[-1])
     R = x_RK.shape[0]
-    # the kernel's counts tensor of one group, built once per row count it takes (a bounded set)
-    rows = _ONE_GROUP.setdefault(R, torch.tensor([R])) if R <= HELD_FEW_ROWS else None
-    out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0), rows)
+    if R > HELD_FEW_ROWS:  # grouped_mm's own path for such a group, without its per-call bookkeeping
+        out = torch.mm(x_RK, weight_NK.to(x_RK.dtype).t())
+    else:
+        # the kernel's counts tensor of one group, built once per row count it takes (a bounded
+        # set; not ``setdefault``, whose default would be built on every call)
+        rows = _ONE_GROUP.get(R)
+        if rows is None:
+            rows = _ONE_GROUP[R] = torch.tensor([R])
+        out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0), rows)
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight_NK.shape[0])
