@@ -24,8 +24,8 @@
 4. The engine alone, in this process (flyer serve's weights, threads and engine settings, no HTTP):
    the clients' requests at 1 and 16 in the same closed loop (``engine_tokens_per_s_c*``: what
    HTTP, SSE and the client processes cost end to end; ``engine_prefill_step_share_c*``: the share
-   of its time in steps that carry prompt tokens; ``engine_ms_per_step_c*``, ``_per_decode_row``,
-   ``_per_prompt_token``: a least-squares fit of its step times, and ``engine_prompt_share_c*``:
+   of its time in steps that carry prompt tokens; ``engine_ms_per_step_c16``, ``_per_decode_row``,
+   ``_per_prompt_token``: a least-squares fit of its step times at 16, and ``engine_prompt_share_c16``:
    the prompt tokens' share of its time by that fit), and decode-only steps of 1 and 16 requests
    (``decode_step_ms_b*``: the batching gain before prefill takes its share).
 5. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
@@ -151,7 +151,7 @@ def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> dict[str
     clients' processes; the share of the engine's time in steps that carry prompt tokens (with
     the decode rows they also advance); and a least-squares fit of each step's time as
     ms_per_step + ms_per_decode_row * rows + ms_per_prompt_token * tokens, with the share of the
-    engine's time the prompt tokens take by that fit."""
+    engine's time the prompt tokens take by that fit (with more than one client)."""
     eng = Engine(model, EngineConfig(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"),
                                      max_batch_size=64, prefill_chunk=args.prefill_chunk, cache_dtype=torch.float32))
     pending, tokens = iter(reqs), [0]
@@ -180,10 +180,12 @@ def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> dict[str
         steps.append((decode, prompt, dt))
     a = np.array(steps)
     total = a[:, 2].sum()
-    fit = np.linalg.lstsq(np.c_[np.ones(len(a)), a[:, :2]], a[:, 2], rcond=None)[0] if len(a) > 3 else [0.0] * 3
-    return {"tokens_per_s": tokens[0] / total, "prefill_step_share": a[a[:, 1] > 0, 2].sum() / total,
-            "ms_per_step": 1e3 * fit[0], "ms_per_decode_row": 1e3 * fit[1], "ms_per_prompt_token": 1e3 * fit[2],
-            "prompt_share": fit[2] * a[:, 1].sum() / total}
+    out = {"tokens_per_s": tokens[0] / total, "prefill_step_share": a[a[:, 1] > 0, 2].sum() / total}
+    if concurrency > 1:  # one client's step decodes its row or prefills, never both: no fit to make
+        fit = np.linalg.lstsq(np.c_[np.ones(len(a)), a[:, :2]], a[:, 2], rcond=None)[0]
+        out.update(ms_per_step=1e3 * fit[0], ms_per_decode_row=1e3 * fit[1], ms_per_prompt_token=1e3 * fit[2],
+                   prompt_share=fit[2] * a[:, 1].sum() / total)
+    return out
 
 
 def _requests(n: int, args, rng: random.Random, system: list[int]) -> list[tuple[list[int], int]]:
