@@ -76,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32)
 TOKEN_RANGE = 256  # prompt token ids: the tokenizer's byte tokens
 CLIENT_NICE = 10  # the client processes' niceness (``_drive``)
+MAX_BATCH = 64  # flyer serve --max-batch-size, and the in-process engine's (``_engine_replay``)
 
 
 def _model(weight_dtype: str) -> Transformer:
@@ -153,7 +154,8 @@ def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> dict[str
     ms_per_step + ms_per_decode_row * rows + ms_per_prompt_token * tokens, with the share of the
     engine's time the prompt tokens take by that fit (with more than one client)."""
     eng = Engine(model, EngineConfig(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"),
-                                     max_batch_size=64, prefill_chunk=args.prefill_chunk, cache_dtype=torch.float32))
+                                     max_batch_size=MAX_BATCH, prefill_chunk=args.prefill_chunk,
+                                     cache_dtype=torch.float32))  # flyer serve --cache-dtype fp32
     pending, tokens = iter(reqs), [0]
 
     def submit() -> None:
@@ -261,7 +263,8 @@ def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "flyer", "serve", "--ckpt", str(run), "--port", "0", "--kv-cache-memory",
            args.kv_cache_memory, "--cache-dtype", "fp32", "--model-name", "small",
-           "--max-batch-size", "64", "--prefill-chunk", str(args.prefill_chunk), "--weight-dtype", args.weight_dtype]
+           "--max-batch-size", str(MAX_BATCH), "--prefill-chunk", str(args.prefill_chunk),
+           "--weight-dtype", args.weight_dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
