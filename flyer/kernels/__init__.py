@@ -279,7 +279,11 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
     return out
 
 
-_ONE_GROUP: dict[int, torch.Tensor] = {}
+@functools.cache
+def _one_group(rows: int) -> torch.Tensor:
+    """The kernel's counts tensor of one group of ``rows`` rows, built once per row count
+    (``linear_held`` asks for at most ``HELD_FEW_ROWS`` of them)."""
+    return torch.tensor([rows])
 
 
 def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -296,12 +300,7 @@ def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | N
     if R > HELD_FEW_ROWS:  # grouped_mm's own path for such a group, without its per-call bookkeeping
         out = torch.mm(x_RK, weight_NK.to(x_RK.dtype).t())
     else:
-        # the kernel's counts tensor of one group, built once per row count it takes (a bounded
-        # set; not ``setdefault``, whose default would be built on every call)
-        rows = _ONE_GROUP.get(R)
-        if rows is None:
-            rows = _ONE_GROUP[R] = torch.tensor([R])
-        out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0), rows)
+        out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0), _one_group(R))
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight_NK.shape[0])

@@ -594,15 +594,16 @@ SgemmFn find_sgemm() {
     if (void* f = dlsym(torch_cpu, "sgemm_")) return reinterpret_cast<SgemmFn>(f);
   return nullptr;
 }
-bool use_blas = true;
-SgemmFn blas_sgemm() {
+SgemmFn found_sgemm() {
   static const SgemmFn fn = find_sgemm();
-  return use_blas ? fn : nullptr;
+  return fn;
 }
+bool use_blas = true;
+SgemmFn blas_sgemm() { return use_blas ? found_sgemm() : nullptr; }
 
 // mla_decode on torch's BLAS where found (on), or on the plain loop (off: tests)
 void set_blas(bool on) { use_blas = on; }
-bool has_blas() { return find_sgemm() != nullptr; }
+bool has_blas() { return found_sgemm() != nullptr; }
 
 // c (column-major m x n, ld ldc) = alpha op(a) op(b) + beta c
 void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
