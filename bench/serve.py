@@ -34,7 +34,7 @@
 
 The default run is sized for a 2-core CPU (about a minute); ``--full`` runs the issue's sizes
 (1/4/16/64 clients, prompts of 64-1024 tokens, 64-256 new tokens). Prints one JSON object.
-    python bench/serve.py [--full] [--threads N] [--weight-dtype bf16|fp32]
+    python bench/serve.py [--full] [--threads N] [--weight-dtype bf16|fp32] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from tokenizers import Tokenizer
 from decode import gathered_attention  # bench/decode.py, beside this script
 
 from flyer import kernels
-from flyer.config import parse_size, preset
+from flyer.config import parse_size, preset, resolve_device
 from flyer.data.tokenizer import train_bpe
 from flyer.interop.export import export
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
@@ -101,15 +101,16 @@ def _save_run(out: Path, weight_dtype: str) -> Path:
 
 
 @contextlib.contextmanager
-def _engine_model(weight_dtype: str, serve_threads: int | None, cores: int):
+def _engine_model(weight_dtype: str, serve_threads: int | None, cores: int, device: torch.device):
     """The bench's model as ``flyer serve`` runs it, in this process: weights held as
     ``--weight-dtype``, torch on ``--threads`` (its default: all ``cores`` but one), the experts
-    on all cores (``--expert-threads``' default)."""
+    on all cores (``--expert-threads``' default), on ``device``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(serve_threads or max(1, cores - 1))
     kernels.set_expert_threads(cores)
     model = _model(weight_dtype).eval()
     hold_weights(model, WEIGHT_DTYPES[weight_dtype])
+    model.to(device)
     try:
         yield model
     finally:
@@ -131,7 +132,7 @@ def _decode_steps(model: Transformer, batches: tuple[int, ...], context: int, st
         while any(r.generated == 0 for r in reqs):  # every prompt prefilled
             eng.step()
         paths = {"": contextlib.nullcontext}
-        if B == max(batches) and kernels.cpu_ops() is not None:
+        if B == max(batches) and kernels.cpu_ops() is not None and model.embed.weight.is_cpu:
             paths["_gathered"] = gathered_attention
         times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(steps):
@@ -264,7 +265,7 @@ def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "flyer", "serve", "--ckpt", str(run), "--port", "0", "--kv-cache-memory",
            args.kv_cache_memory, "--cache-dtype", "fp32", "--model-name", "small",
            "--max-batch-size", str(MAX_BATCH), "--prefill-chunk", str(args.prefill_chunk),
-           "--weight-dtype", args.weight_dtype]
+           "--weight-dtype", args.weight_dtype, "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -280,13 +281,13 @@ def _prefix_hit_rate(url: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def _peer_generate(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
+def _peer_generate(hf_dir: Path, reqs, concurrency: int, threads: int, device: torch.device) -> dict:
     """transformers' batched generate on the same requests: left-padded greedy batches of
     ``concurrency`` requests in arrival order, one after another (static batching)."""
     from transformers import AutoModelForCausalLM  # noqa: F401 the peer's import, only when it runs
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(device)
     useful, t0 = 0, time.perf_counter()
     for b in range(0, len(reqs), concurrency):
         batch = reqs[b:b + concurrency]
@@ -298,14 +299,15 @@ def _peer_generate(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
             mask[i, T - len(p):] = 1
         n = max(k for _, k in batch)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                                 min_new_tokens=n,
                                  do_sample=False, pad_token_id=0)
         useful += sum(min(k, out.shape[1] - T) for _, k in batch)  # tokens past a request's own max are waste
     wall = time.perf_counter() - t0
     return {"tokens_per_s": useful / wall, "wall_s": wall, "tokens": useful}
 
 
-def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
+def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int, device: torch.device) -> dict:
     """``transformers serve --continuous-batching`` on the exported weights, same clients. Raises
     with the server's own message when it does not start or fails its first request."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
@@ -316,7 +318,8 @@ def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int) -> dict:
     tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
     reqs = [(tok.decode(p), n) for p, n in reqs]
     proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", "--continuous-batching",
-                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", str(hf_dir)],
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--device", str(device),
+                             str(hf_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -398,14 +401,18 @@ def main() -> None:
                     help="torch threads of flyer serve and of the peer (default: each its own: flyer serve all "
                          "cores but one, left to HTTP; the peer, in-process without HTTP, all cores)")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="flyer serve's prompt tokens per scheduler step")
-    ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="bf16",
-                    help="flyer serve --weight-dtype (bf16: the weights saved as BF16 values, held in BF16 and "
-                         "computed in FP32; the peer computes in FP32 on the same values)")
+    ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default=None,
+                    help="flyer serve --weight-dtype (bf16, the CPU's default: the weights saved as BF16 values, held "
+                         "in BF16 and computed in FP32; the peer computes in FP32 on the same values; fp32 on CUDA)")
+    ap.add_argument("--device", default="cpu", help="flyer serve --device, the engine's and the peer's (cpu or cuda)")
     ap.add_argument("--decode-context", type=int, default=None,
                     help="context of the in-process decode-step keys (default: the prompts' mean length)")
     ap.add_argument("--no-peer-serve", dest="peer_serve", action="store_false",
                     help="skip transformers serve --continuous-batching (tried first by default)")
     args = ap.parse_args()
+    device = resolve_device(args.device)
+    if args.weight_dtype is None:
+        args.weight_dtype = "bf16" if device.type == "cpu" else "fp32"  # held BF16 weights are a CPU kernel path
     sizes = dict(concurrency=[1, 4, 16, 64], system_prompt=48, prompt_min=64, prompt_max=1024, new_min=64,
                  new_max=256) if args.full else \
         dict(concurrency=[1, 4, 16], system_prompt=32, prompt_min=48, prompt_max=128, new_min=16, new_max=48)
@@ -415,8 +422,8 @@ def main() -> None:
     cores = torch.get_num_threads()  # before --threads: flyer serve's own defaults count from it
     if args.threads:
         torch.set_num_threads(args.threads)
-    out: dict = {"preset": "small", "threads": args.threads or "default", "kv_cache_memory": args.kv_cache_memory,
-                 "weight_dtype": args.weight_dtype,
+    out: dict = {"preset": "small", "device": str(device), "threads": args.threads or "default",
+                 "kv_cache_memory": args.kv_cache_memory, "weight_dtype": args.weight_dtype,
                  "prompt_tokens": [args.prompt_min, args.prompt_max], "new_tokens": [args.new_min, args.new_max],
                  "system_prompt_tokens": args.system_prompt}
     rng = random.Random(0)
@@ -446,7 +453,7 @@ def main() -> None:
         peer = None
         if args.peer_serve:
             try:
-                peer = _peer_serve(hf_dir, peer_reqs, cmax, torch.get_num_threads())
+                peer = _peer_serve(hf_dir, peer_reqs, cmax, torch.get_num_threads(), device)
                 out["peer"] = "transformers serve --continuous-batching"
             except Exception as e:  # the reason goes into the JSON
                 last = [ln for ln in str(e).splitlines() if ln.strip()][-1:] or [type(e).__name__]
@@ -455,7 +462,7 @@ def main() -> None:
         else:
             out["peer_note"] = "--no-peer-serve: the peer is transformers' batched generate on the same requests"
         if peer is None:
-            peer = _peer_generate(hf_dir, peer_reqs, cmax, torch.get_num_threads())
+            peer = _peer_generate(hf_dir, peer_reqs, cmax, torch.get_num_threads(), device)
             out["peer"] = "transformers generate (batched)"
         out[f"peer_tokens_per_s_c{cmax}"] = peer["tokens_per_s"]
     if "tokens_per_s_c16" in out and "peer_tokens_per_s_c16" in out:
@@ -467,7 +474,7 @@ def main() -> None:
         out["ratio_c16_vs_c1_memory_bound"] = out["weight_mb_per_token_c1"] / out["weight_mb_per_token_c16"]
         context = args.decode_context or (args.prompt_min + args.prompt_max) // 2
         out["decode_context"] = context
-        with _engine_model(args.weight_dtype, args.threads, cores) as model:
+        with _engine_model(args.weight_dtype, args.threads, cores, device) as model:
             for c in (1, 16):
                 for k, v in _engine_replay(model, sent[c], c, args).items():
                     out[f"engine_{k}_c{c}"] = v

@@ -3,6 +3,7 @@ tokens under continuous batching, chunked prefill, prefix sharing and preemption
 on its prompt alone; seeded sampling, cancellation, admission limits."""
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -264,3 +265,24 @@ def test_mtp_speculation_in_the_batch_keeps_greedy_tokens(trained):
         _alone(trained, [p9], 6)
     with pytest.raises(FieldError, match="mtp_depth"):
         _engine(Transformer(preset("tiny", vocab_size=V, mtp_depth=0)), speculative="mtp")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_engine_greedy_equals_generate_alone(trained):
+    """The engine on CUDA (paged cache on the GPU, the eager attention over its blocks): each
+    request's greedy tokens under batching, chunked prefill, prefix sharing, preemption and MTP
+    drafts == ``generate`` on CUDA alone == the CPU's tokens (the trained model's clear margins)."""
+    gpu = copy.deepcopy(trained).cuda()
+    head = _progression(3, 2, 13)
+    prompts = [head + _progression(5, 3, n) for n in (3, 17, 1)] + [_progression(7, 1, n) for n in (30, 6)]
+    ref = _alone(gpu, prompts, 12)
+    assert ref == _alone(trained, prompts, 12)
+    for blocks, chunk, spec in ((64, 64, None), (14, 8, None), (64, 8, "mtp"), (18, 8, "mtp")):
+        eng = _engine(gpu, blocks=blocks, max_batch_size=5, prefill_chunk=chunk, speculative=spec)
+        assert eng.cache.pool.lengths.is_cuda  # the pool lives on the GPU
+        assert _run(eng, prompts, SamplingOptions(max_tokens=12)) == ref, (blocks, chunk, spec)
+        assert eng.alloc.used == 0
+    assert eng.metrics.preemptions._value.get() > 0 and eng.accepted > 0
+    opts = SamplingOptions(max_tokens=10, temperature=1.0, seed=8)  # seeded sampling on a CUDA generator
+    assert _run(_engine(gpu), [prompts[0]], opts) == _run(_engine(gpu, prefill_chunk=4), [prompts[0]], opts)
