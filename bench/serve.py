@@ -261,7 +261,7 @@ def _drive(url: str, model: str, reqs, concurrency: int) -> dict:
 
 
 def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "flyer", "serve", "--ckpt", str(run), "--port", "0", "--kv-cache-memory",
            args.kv_cache_memory, "--cache-dtype", "fp32", "--model-name", "small",
            "--max-batch-size", str(MAX_BATCH), "--prefill-chunk", str(args.prefill_chunk),

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from child_env import child_env
 
 from flyer.cli import main
 from flyer.errors import CheckpointError, FieldError
@@ -94,7 +95,7 @@ def test_two_trainers_never_share_a_run_directory(tmp_path, data_cache, capsys):
 
 @pytest.mark.slow
 def test_a_second_process_on_the_same_out_is_refused(tmp_path, data_cache):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     owner = Trainer(tc_for(tmp_path, data_cache), log=quiet)
     res = subprocess.run([sys.executable, "-m", "flyer", *train_argv(tmp_path, data_cache)], capture_output=True,
                          text=True, timeout=300, env=env)
@@ -196,7 +197,7 @@ def uninterrupted(tmp_path_factory, data_cache):
     by step and its summary's val_loss."""
     out = tmp_path_factory.mktemp("signals") / "ref"
     ref = subprocess.run(_signal_run_argv(out, data_cache), capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env=child_env())
     assert ref.returncode == 0, ref.stderr
     losses = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
     return losses, json.loads(ref.stdout)["val_loss"]
@@ -205,7 +206,7 @@ def uninterrupted(tmp_path_factory, data_cache):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig, uninterrupted):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     run = tmp_path / "x"
     args = _signal_run_argv(run, data_cache)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -268,7 +269,7 @@ def test_a_stopped_rank_is_named_after_the_collective_timeout(tmp_path, data_cac
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flyer",
             *train_argv(run, data_cache, "--steps", "400", "--ep", "2", "--collective-timeout", "4",
                         "--ckpt-every", "1000", "--eval-every", "1000")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     guard = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))  # a hung job ends the test

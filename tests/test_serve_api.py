@@ -4,7 +4,6 @@ streaming and non-streaming requests; chat templates as transformers renders the
 errors with their statuses (raw HTTP); cancellation on disconnect; the CLI's ready line and drain."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import httpx
 import openai
 import pytest
 import torch
+from child_env import child_env
 from hf_models import make_tokenizer
 from trained import counting_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -260,7 +260,7 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
     tok = train_bpe(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
     save_checkpoint(tmp_path / "checkpoints", 5, {"model.safetensors": m.state_dict(), "config.json": cfg.to_dict(),
                                                   "tokenizer.json": json.loads(tok.to_str())})
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "8",
                  "--cache-dtype", "fp32", "--weight-dtype", "bf16", "--json"]) == 0

@@ -3,7 +3,6 @@ tokens under continuous batching, chunked prefill, prefix sharing and preemption
 on its prompt alone; seeded sampling, cancellation, admission limits."""
 
 import contextlib
-import copy
 
 import pytest
 import torch
@@ -273,7 +272,9 @@ def test_cuda_engine_greedy_equals_generate_alone(trained):
     """The engine on CUDA (paged cache on the GPU, the eager attention over its blocks): each
     request's greedy tokens under batching, chunked prefill, prefix sharing, preemption and MTP
     drafts == ``generate`` on CUDA alone == the CPU's tokens (the trained model's clear margins)."""
-    gpu = copy.deepcopy(trained).cuda()
+    gpu = Transformer(trained.cfg).eval()
+    gpu.load_state_dict(trained.state_dict())
+    gpu.cuda()
     head = _progression(3, 2, 13)
     prompts = [head + _progression(5, 3, n) for n in (3, 17, 1)] + [_progression(7, 1, n) for n in (30, 6)]
     ref = _alone(gpu, prompts, 12)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from child_env import child_env
 
 from flyer.parallel.launch import free_port
 from flyer.train import checkpoint as ckpt
@@ -35,8 +36,7 @@ from flyer.train.metrics import read_metrics
 
 FP32_TOL = 1e-4
 LR, WD, STEPS, M = 1e-8, 0.1, 4, 4  # WD: the trainer's default weight decay
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+ENV = child_env(OMP_NUM_THREADS="1")
 TIMEOUT_S = 600
 
 
