@@ -60,7 +60,7 @@ def test_bf16_checkpoint_held_in_bf16_computes_like_transformers_in_fp32(tmp_pat
     want = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "6",
-                 "--weight-dtype", "bf16", "--eos-id", "-1", "--json"]) == 0
+                 "--weight-dtype", "bf16", "--device", "cpu", "--eos-id", "-1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["token_ids"] == [want[0, len(ids):].tolist()] and res["cache_dtype"] == "fp32"
 

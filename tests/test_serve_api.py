@@ -263,11 +263,11 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
     env = child_env()
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "8",
-                 "--cache-dtype", "fp32", "--weight-dtype", "bf16", "--json"]) == 0
+                 "--cache-dtype", "fp32", "--weight-dtype", "bf16", "--device", "cpu", "--json"]) == 0
     ref = json.loads(capsys.readouterr().out)
     proc = subprocess.Popen([sys.executable, "-m", "flyer", "serve", "--ckpt", str(tmp_path), "--port", "0",
                              "--cache-dtype", "fp32", "--kv-cache-memory", "4M", "--threads", "1",
-                             "--speculative", "mtp", "--weight-dtype", "bf16"],
+                             "--speculative", "mtp", "--weight-dtype", "bf16", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # blocks until the ready line (or exit)

@@ -63,7 +63,8 @@ def load_model(args):
             raise FieldError("weight_dtype", "bf16 holds an FP32 model's weights in BF16; --precision fp8 holds "
                                              "them in FP8: choose one")
         if device.type != "cpu":
-            raise FieldError("weight_dtype", f"bf16-held weights run on flyer's CPU kernels (device is {device})")
+            raise FieldError("weight_dtype", f"bf16-held weights run on flyer's CPU kernels (device is {device}): "
+                                             "add --device cpu, or hold them in fp32")
     if args.ckpt:
         try:
             # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks;

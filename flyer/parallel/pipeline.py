@@ -301,8 +301,10 @@ class PipelineModel(nn.Module):
             st.totals = {k: [] for k in st.totals}
         first = any(st.first for st in self._stages)
         last = any(st.last for st in self._stages)
-        args = (x,) if first else ()
-        self.schedule.step(*args, target=y if last else None, return_outputs=False)
+        # contiguous: the schedule splits rows into micro-batches, and torch 2.11's stages refuse an
+        # input whose strides differ from the contiguous ones they expect (x = tokens[:, :-1] does)
+        args = (x.contiguous(),) if first else ()
+        self.schedule.step(*args, target=y.contiguous() if last else None, return_outputs=False)
         out = dict.fromkeys(("main_loss", "mtp_loss", "aux_loss"), 0.0)
         for st in self._stages:
             for k, v in st.totals.items():
