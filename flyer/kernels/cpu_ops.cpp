@@ -19,20 +19,11 @@
 #include <cmath>
 #include <limits>
 #include <cstring>
-#include <stdexcept>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
-
-// Argument checks throw std::runtime_error (Python's RuntimeError, the message alone) instead of
-// TORCH_CHECK's c10::Error: torch 2.11+cu130 on Ubuntu's g++ 13.3 (a GPU machine's image) kills the
-// process with SIGSEGV when an extension throws c10::Error, even a one-line load_inline one.
-#define FLYER_CHECK(cond, ...) \
-  do {                         \
-    if (!(cond)) throw std::runtime_error(c10::str(__VA_ARGS__)); \
-  } while (0)
 
 // float32, bfloat16 and float16 only (the FP64 oracle runs in eager PyTorch)
 #define FLYER_DISPATCH(TYPE, NAME, ...)                     \
@@ -77,12 +68,12 @@ inline void from_float<float>(const float* src, float* dst, int64_t n) {
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  FLYER_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor");
-  FLYER_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
 }
 
 void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
-  FLYER_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
 }
 
 // ---- cross-entropy chunk ------------------------------------------------------------------------
@@ -90,16 +81,16 @@ void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
 std::vector<at::Tensor> xent_chunk(const at::Tensor& logits, const at::Tensor& target, bool grad) {
   check_cpu(logits, "xent_chunk logits");
   check_cpu(target, "xent_chunk target");
-  FLYER_CHECK(logits.dim() == 2, "xent_chunk: logits (n, V) expected");
+  TORCH_CHECK(logits.dim() == 2, "xent_chunk: logits (n, V) expected");
   check_dtype(target, at::kLong, "xent_chunk target");
   const int64_t n = logits.size(0), V = logits.size(1);
-  FLYER_CHECK(target.numel() == n, "xent_chunk: ", n, " targets expected, got ", target.numel());
-  FLYER_CHECK(V > 0, "xent_chunk: no classes");
+  TORCH_CHECK(target.numel() == n, "xent_chunk: ", n, " targets expected, got ", target.numel());
+  TORCH_CHECK(V > 0, "xent_chunk: no classes");
   auto logp_t = at::empty({n}, logits.options().dtype(at::kFloat));
   auto dlogits = grad ? at::empty_like(logits) : at::Tensor();
   const int64_t* tgt = target.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)  // before any work: an out-of-range target is an error, as in gather
-    FLYER_CHECK(tgt[i] >= 0 && tgt[i] < V, "xent_chunk: target ", tgt[i], " out of range for ", V, " classes");
+    TORCH_CHECK(tgt[i] >= 0 && tgt[i] < V, "xent_chunk: target ", tgt[i], " out of range for ", V, " classes");
   FLYER_DISPATCH(logits.scalar_type(), "xent_chunk", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();
     scalar_t* dx = grad ? dlogits.data_ptr<scalar_t>() : nullptr;
@@ -143,7 +134,7 @@ std::vector<at::Tensor> xent_chunk(const at::Tensor& logits, const at::Tensor& t
 // h13 (N, 2F) = [h1 | h3] -> silu(h1) * h3 (N, F)
 at::Tensor swiglu(const at::Tensor& h13) {
   check_cpu(h13, "swiglu h13");
-  FLYER_CHECK(h13.dim() == 2 && h13.size(1) % 2 == 0, "swiglu: h13 (N, 2F) expected");
+  TORCH_CHECK(h13.dim() == 2 && h13.size(1) % 2 == 0, "swiglu: h13 (N, 2F) expected");
   const int64_t N = h13.size(0), F = h13.size(1) / 2;
   auto a = at::empty({N, F}, h13.options());
   FLYER_DISPATCH(h13.scalar_type(), "swiglu", [&] {
@@ -173,9 +164,9 @@ at::Tensor swiglu(const at::Tensor& h13) {
 at::Tensor swiglu_backward(const at::Tensor& da, const at::Tensor& h13) {
   check_cpu(da, "swiglu_backward da");
   check_cpu(h13, "swiglu_backward h13");
-  FLYER_CHECK(h13.dim() == 2 && da.dim() == 2 && h13.size(0) == da.size(0) && h13.size(1) == 2 * da.size(1),
+  TORCH_CHECK(h13.dim() == 2 && da.dim() == 2 && h13.size(0) == da.size(0) && h13.size(1) == 2 * da.size(1),
               "swiglu_backward: da (N, F) and h13 (N, 2F) expected");
-  FLYER_CHECK(da.scalar_type() == h13.scalar_type(), "swiglu_backward: da and h13 dtypes differ");
+  TORCH_CHECK(da.scalar_type() == h13.scalar_type(), "swiglu_backward: da and h13 dtypes differ");
   const int64_t N = da.size(0), F = da.size(1);
   auto dh13 = at::empty_like(h13);
   FLYER_DISPATCH(h13.scalar_type(), "swiglu_backward", [&] {
@@ -222,9 +213,9 @@ void check_csr(const at::Tensor& offsets, const at::Tensor& rows, int64_t n_rows
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* rw = rows.data_ptr<int64_t>();
   const int64_t T = offsets.numel() - 1;
-  FLYER_CHECK(T >= 0 && off[0] == 0 && off[T] <= rows.numel(), "combine: bad row offsets");
+  TORCH_CHECK(T >= 0 && off[0] == 0 && off[T] <= rows.numel(), "combine: bad row offsets");
   for (int64_t i = 0; i < off[T]; ++i)
-    FLYER_CHECK(rw[i] >= 0 && rw[i] < n_rows, "combine: row ", rw[i], " out of range for ", n_rows, " rows");
+    TORCH_CHECK(rw[i] >= 0 && rw[i] < n_rows, "combine: row ", rw[i], " out of range for ", n_rows, " rows");
 }
 
 // out (T, D) FP32: out[t] = sum over t's rows r of float(y[r]) * w[r], in row order
@@ -232,7 +223,7 @@ at::Tensor combine(const at::Tensor& y, const at::Tensor& w, const at::Tensor& o
   check_cpu(y, "combine y");
   check_cpu(w, "combine w");
   check_dtype(w, at::kFloat, "combine w");
-  FLYER_CHECK(y.dim() == 2 && w.numel() == y.size(0), "combine: y (n, D) and w (n,) expected");
+  TORCH_CHECK(y.dim() == 2 && w.numel() == y.size(0), "combine: y (n, D) and w (n,) expected");
   check_csr(offsets, rows, y.size(0));
   const int64_t T = offsets.numel() - 1, D = y.size(1);
   auto out = at::empty({T, D}, y.options().dtype(at::kFloat));
@@ -273,13 +264,13 @@ std::vector<at::Tensor> combine_backward(const at::Tensor& g, const at::Tensor& 
   check_dtype(g, at::kFloat, "combine_backward g");
   check_dtype(w, at::kFloat, "combine_backward w");
   check_dtype(src, at::kLong, "combine_backward src");
-  FLYER_CHECK(g.dim() == 2 && y.dim() == 2 && g.size(1) == y.size(1) && w.numel() == y.size(0) &&
+  TORCH_CHECK(g.dim() == 2 && y.dim() == 2 && g.size(1) == y.size(1) && w.numel() == y.size(0) &&
                   src.numel() == y.size(0),
               "combine_backward: g (T, D), y (n, D), w (n,), src (n,) expected");
   const int64_t T = g.size(0), n = y.size(0), D = y.size(1);
   const int64_t* sp = src.data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r)
-    FLYER_CHECK(sp[r] >= 0 && sp[r] <= T, "combine_backward: token ", sp[r], " out of range for ", T, " tokens");
+    TORCH_CHECK(sp[r] >= 0 && sp[r] <= T, "combine_backward: token ", sp[r], " out of range for ", T, " tokens");
   auto dy = at::empty_like(y);
   auto dw = need_dw ? at::empty({n}, w.options()) : at::Tensor();
   FLYER_DISPATCH(y.scalar_type(), "combine_backward", [&] {
@@ -319,7 +310,7 @@ std::vector<at::Tensor> combine_backward(const at::Tensor& g, const at::Tensor& 
 // index_add_ into a zero tensor of x's dtype computes: it accumulates reduced precision in FP32)
 at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& rows) {
   check_cpu(x, "segment_sum x");
-  FLYER_CHECK(x.dim() == 2, "segment_sum: x (n, D) expected");
+  TORCH_CHECK(x.dim() == 2, "segment_sum: x (n, D) expected");
   check_csr(offsets, rows, x.size(0));
   const int64_t T = offsets.numel() - 1, D = x.size(1);
   auto out = at::empty({T, D}, x.options());
@@ -351,7 +342,7 @@ at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& offsets, const at:
 // x (M, D) -> y = x * r * weight in out_dtype, r = 1 / sqrt(mean(x^2) + eps) (M,) in FP32
 std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::ScalarType out_dtype) {
   check_cpu(x, "rms_norm x");
-  FLYER_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "rms_norm: x (M, D), weight (D,) expected");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "rms_norm: x (M, D), weight (D,) expected");
   const int64_t M = x.size(0), D = x.size(1);
   auto wf = weight.to(at::kFloat).contiguous();
   auto y = at::empty({M, D}, x.options().dtype(out_dtype));
@@ -392,7 +383,7 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor&
   check_cpu(x, "rms_norm_backward x");
   check_cpu(r, "rms_norm_backward r");
   check_dtype(r, at::kFloat, "rms_norm_backward r");
-  FLYER_CHECK(x.dim() == 2 && g.sizes() == x.sizes() && weight.numel() == x.size(1) && r.numel() == x.size(0),
+  TORCH_CHECK(x.dim() == 2 && g.sizes() == x.sizes() && weight.numel() == x.size(1) && r.numel() == x.size(0),
               "rms_norm_backward: g, x (M, D), weight (D,), r (M,) expected");
   const int64_t M = x.size(0), D = x.size(1);
   auto wf = weight.to(at::kFloat).contiguous();
@@ -553,20 +544,20 @@ at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, co
   check_cpu(counts, "grouped_mm_few_rows counts");
   check_cpu(w, "grouped_mm_few_rows w");
   check_dtype(x, at::kFloat, "grouped_mm_few_rows x");
-  FLYER_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
               "grouped_mm_few_rows w: float32 or bfloat16 expected, got ", w.scalar_type());
   check_dtype(counts, at::kLong, "grouped_mm_few_rows counts");
-  FLYER_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == x.size(1) && counts.numel() == w.size(0),
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == x.size(1) && counts.numel() == w.size(0),
               "grouped_mm_few_rows: x (R, K), counts (G,), w (G, N, K) expected");
-  FLYER_CHECK(x.is_contiguous() && w.is_contiguous(), "grouped_mm_few_rows: contiguous x and w expected");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "grouped_mm_few_rows: contiguous x and w expected");
   const int64_t R = x.size(0), K = x.size(1), G = w.size(0), N = w.size(1);
   const int64_t* cnt = counts.data_ptr<int64_t>();
   std::vector<int64_t> first(G + 1, 0);
   for (int64_t g = 0; g < G; ++g) {
-    FLYER_CHECK(cnt[g] >= 0, "grouped_mm_few_rows: negative count");
+    TORCH_CHECK(cnt[g] >= 0, "grouped_mm_few_rows: negative count");
     first[g + 1] = first[g] + cnt[g];
   }
-  FLYER_CHECK(first[G] == R, "grouped_mm_few_rows: counts sum to ", first[G], ", x has ", R, " rows");
+  TORCH_CHECK(first[G] == R, "grouped_mm_few_rows: counts sum to ", first[G], ", x has ", R, " rows");
   auto out = at::empty({R, N}, x.options());
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (group, first weight row)
   for (int64_t g = 0; g < G; ++g)
@@ -693,23 +684,23 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
   check_dtype(q, at::kFloat, "mla_decode q");
   check_dtype(tables, at::kLong, "mla_decode tables");
   check_dtype(pos, at::kLong, "mla_decode pos");
-  FLYER_CHECK(pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kBFloat16,
+  TORCH_CHECK(pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kBFloat16,
               "mla_decode pool: float32 or bfloat16 expected, got ", pool.scalar_type());
-  FLYER_CHECK(q.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && pos.dim() == 2 && pool.size(2) == q.size(2) &&
+  TORCH_CHECK(q.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && pos.dim() == 2 && pool.size(2) == q.size(2) &&
               tables.size(0) == q.size(0) && pos.size(0) == q.size(0) && q.size(1) % pos.size(1) == 0,
               "mla_decode: q (B, M, K), pool (N, bs, K), tables (B, nb), pos (B, T) with T dividing M expected");
   const int64_t B = q.size(0), M = q.size(1), K = q.size(2), N = pool.size(0), bs = pool.size(1);
   const int64_t nb = tables.size(1), T = pos.size(1);
-  FLYER_CHECK(0 < C && C <= K, "mla_decode: C must be in [1, K]");
+  TORCH_CHECK(0 < C && C <= K, "mla_decode: C must be in [1, K]");
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i)
-    FLYER_CHECK(0 <= pp[i] && pp[i] < nb * bs, "mla_decode: position ", pp[i], " outside the ", nb * bs,
+    TORCH_CHECK(0 <= pp[i] && pp[i] < nb * bs, "mla_decode: position ", pp[i], " outside the ", nb * bs,
                 " slots the block tables cover");
   for (int64_t b = 0; b < B; ++b) {  // the blocks each row reads
     const int64_t last = *std::max_element(pp + b * T, pp + (b + 1) * T) / bs;
     for (int64_t i = 0; i <= last; ++i)
-      FLYER_CHECK(0 <= tp[b * nb + i] && tp[b * nb + i] < N, "mla_decode: block id ", tp[b * nb + i],
+      TORCH_CHECK(0 <= tp[b * nb + i] && tp[b * nb + i] < N, "mla_decode: block id ", tp[b * nb + i],
                   " outside the pool's ", N, " blocks");
   }
   auto out = at::empty({B, M, C}, q.options());
@@ -731,8 +722,8 @@ constexpr int64_t kTile = 128;
 
 void check_fp8_layout(const at::Tensor& x, int64_t block_rows, const char* name) {
   check_cpu(x, name);
-  FLYER_CHECK(x.dim() == 2, name, ": a 2-D tensor expected");
-  FLYER_CHECK(block_rows == 1 || block_rows == kTile, name, ": block_rows must be 1 or 128");
+  TORCH_CHECK(x.dim() == 2, name, ": a 2-D tensor expected");
+  TORCH_CHECK(block_rows == 1 || block_rows == kTile, name, ": block_rows must be 1 or 128");
 }
 
 // out (R, Cp) FP32: each FP8 code (uint8 bits, E4M3 or E5M2) as a float times its tile's scale
@@ -742,8 +733,8 @@ at::Tensor fp8_dequantize(const at::Tensor& data, const at::Tensor& scale, int64
   check_cpu(scale, "fp8_dequantize scale");
   check_dtype(scale, at::kFloat, "fp8_dequantize scale");
   const int64_t R = data.size(0), Cp = data.size(1), Cb = Cp / kTile;
-  FLYER_CHECK(Cp % kTile == 0, "fp8_dequantize: columns must be a multiple of 128");
-  FLYER_CHECK(scale.dim() == 2 && scale.size(0) == (R + block_rows - 1) / block_rows && scale.size(1) == Cb,
+  TORCH_CHECK(Cp % kTile == 0, "fp8_dequantize: columns must be a multiple of 128");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == (R + block_rows - 1) / block_rows && scale.size(1) == Cb,
               "fp8_dequantize: scale has the wrong shape");
   float lut[256];
   for (int i = 0; i < 256; ++i) {
