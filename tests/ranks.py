@@ -8,10 +8,18 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any, Callable
 
+import pytest
+
 from flyer.parallel import launch
+from flyer.parallel.pipeline import SPLIT_SCHEDULES, SPLIT_TORCH, split_backward_runs
 
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.pipelining", "flyer.parallel.pipeline",
            "flyer.parallel.mesh", "flyer.parallel.dispatch", "flyer.train.trainer", "flyer.model.transformer"]
+
+
+# zb and dualpipev runs: on an older torch (a GPU machine's image) flyer refuses them, tested on its own
+needs_split_backward = pytest.mark.skipif(not split_backward_runs(),
+                                          reason=f"{', '.join(SPLIT_SCHEDULES)} need torch >= {SPLIT_TORCH}")
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from ranks import needs_split_backward
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "pipeline.py"
 
 
 @pytest.mark.slow
+@needs_split_backward
 def test_pipeline_bench_json():
     out = subprocess.run([sys.executable, str(BENCH), "--steps", "1", "--global-batch", "8", "--micro-batches", "4",
                           "--seq-len", "8", "--n-layers", "4", "--layouts", "pp2_ep2"],

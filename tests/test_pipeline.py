@@ -36,10 +36,10 @@ from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import MIRROR, expert_param_names
 from flyer.parallel.mesh import init_distributed
-from flyer.parallel.pipeline import (PP_SCHEDULES, PipelineModel, chunks_per_rank, end_flops, layer_flops,
-                                     split_layers, stage_ranks)
+from flyer.parallel.pipeline import (PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, chunks_per_rank, end_flops,
+                                     layer_flops, split_backward_runs, split_layers, stage_ranks)
 from flyer.train.trainer import build_model
-from ranks import run_ranks
+from ranks import needs_split_backward, run_ranks
 
 B, T, M = 2, 12, 4  # sequences per micro-batch, tokens, micro-batches per step (the fewest V schedules on pp 2 run)
 SEED, STEPS, LR, CLIP = 3, 3, 3e-3, 0.5
@@ -99,7 +99,8 @@ def _case(rank: int, name: str) -> dict:
 
 def _worker(rank: int) -> dict:
     world = int(os.environ["WORLD_SIZE"])  # set by run_ranks
-    out = {name: _case(rank, name) for name, case in CASES.items() if case[0] == world}
+    out = {name: _case(rank, name) for name, case in CASES.items()
+           if case[0] == world and (split_backward_runs() or case[3] not in SPLIT_SCHEDULES)}
     dist.destroy_process_group()
     return out
 
@@ -207,7 +208,9 @@ def test_stage_ranks_loop_and_v_placement():
 
 # ---- the 4-rank runs --------------------------------------------------------------------------------
 def _params():
-    return [pytest.param(n, marks=pytest.mark.slow) if c[0] > 4 else n for n, c in CASES.items()]
+    return [pytest.param(n, marks=[*([pytest.mark.slow] if c[0] > 4 else []),
+                                   *([needs_split_backward] if c[3] in SPLIT_SCHEDULES else [])])
+            for n, c in CASES.items()]
 
 
 @pytest.mark.parametrize("name", _params())

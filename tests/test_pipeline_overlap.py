@@ -20,7 +20,7 @@ from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import PipelineModel
 from flyer.train.trainer import build_model
-from ranks import run_ranks
+from ranks import needs_split_backward, run_ranks
 
 B, T, M, PP, EP = 2, 12, 4, 2, 2
 FP32_TOL = 1e-4
@@ -81,6 +81,7 @@ def _slice(name: str, g: torch.Tensor, want: torch.Tensor, ep_rank: int) -> torc
 
 
 @pytest.mark.slow
+@needs_split_backward
 def test_overlap_matches_one_process_and_no_overlap():
     res, want = _results(), _oracle()
     for r in res:

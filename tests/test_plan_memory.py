@@ -15,7 +15,7 @@ from flyer.parallel.memory import KEYS
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
 from flyer.train.trainer import Trainer, TrainConfig
-from ranks import run_ranks
+from ranks import needs_split_backward, run_ranks
 
 SEQ = 32
 
@@ -55,6 +55,7 @@ def _assert_plan_equals_run(capsys, run, pp: int, ep: int, schedule: str) -> dic
 
 
 @pytest.mark.slow
+@needs_split_backward
 def test_pp2_ep2_dualpipev_zero1_memory_is_the_plan(tmp_path, data_cache, capsys):
     """PP 2 x EP 2 (DualPipeV: rank 0 holds the first and last stage): dense state sharded over
     the stage's 2 ranks, each EP rank's experts whole (ep == dp: one replica)."""

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from child_env import child_env
+from ranks import needs_split_backward
 
 from flyer.parallel.launch import free_port
 from flyer.train import checkpoint as ckpt
@@ -90,6 +91,7 @@ def _loss_bound(a: dict, b: dict, step: int, key: str) -> float:
 
 
 @pytest.mark.slow
+@needs_split_backward
 def test_pp_ep_dualpipev_equals_ep_with_grad_accum(pp_run, data_cache):
     root, pp = pp_run
     ref_out = root / "ep"
@@ -131,6 +133,7 @@ def _rank_pid(agent: int, rank: int) -> int | None:
 
 
 @pytest.mark.slow
+@needs_split_backward
 def test_kill_9_mid_run_and_resume_continues_the_same_trajectory(pp_run, data_cache):
     root, pp = pp_run
     out = root / "killed"
@@ -164,6 +167,7 @@ def test_kill_9_mid_run_and_resume_continues_the_same_trajectory(pp_run, data_ca
 
 
 @pytest.mark.slow
+@needs_split_backward
 def test_two_torchrun_agents_as_two_nodes(pp_run, data_cache, tmp_path):
     """Two agents on loopback, c10d rendezvous, 2 ranks each: each pipeline stage on its own node
     (LOCAL_WORLD_SIZE = 2 ranks per node), EP inside the node; losses equal the one-node run's."""
@@ -238,3 +242,26 @@ def test_bad_layout_is_one_line_before_any_work(case, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"flyer: error: {start}"), err
     assert not out.exists() and not cache.exists()  # no run directory, no data prepared
+
+
+@pytest.mark.parametrize("version,schedule,start", [
+    ("2.12.1", "dualpipev", "--pp-schedule: dualpipev needs torch >= 2.13 (this is 2.12.1, "),
+    ("2.11.0", "zb", "--pp-schedule: zb needs torch >= 2.13 (this is 2.11.0, "),
+    ("2.12.1", "interleaved", "--pp: 2 needs a multi-process launch"),  # runs there: the next check speaks
+    ("2.13.0", "dualpipev", "--pp: 2 needs a multi-process launch")])
+def test_split_backward_schedules_need_torch_2_13(version, schedule, start, tmp_path, monkeypatch, capsys):
+    """zb and dualpipev on an older torch (a GPU machine's image has 2.11): one line, before any work."""
+    import torch
+    from torch.torch_version import TorchVersion
+
+    from flyer.cli import main
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--data-cache", str(cache), "--pp", "2",
+                 "--pp-schedule", schedule]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"flyer: error: {start}"), err
+    assert not out.exists() and not cache.exists()

@@ -31,6 +31,7 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.torch_version import TorchVersion
 from torch.distributed import pipelining as pipe
 
 from flyer.config import ModelConfig
@@ -43,6 +44,8 @@ from flyer.parallel.overlap import OverlapFB
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
 V_SCHEDULES = ("zb", "dualpipev")  # V placement: rank r holds stages r and 2 pp - 1 - r
+SPLIT_SCHEDULES = ("zb", "dualpipev")  # each backward split into its input and weight parts (zero bubble)
+SPLIT_TORCH = "2.13"  # the first torch whose split weight backward runs flyer's model (``split_backward_runs``)
 
 
 def chunks_per_rank(schedule: str, pp: int) -> int:
@@ -82,6 +85,22 @@ def validate_pipeline(cfg: ModelConfig, pp: int, schedule: str, micro_batches: i
     if grad_accum != 1:
         raise FieldError("grad_accum", f"must be 1 with pipelining: --micro-batches sets the micro-batches of a "
                                        f"step (got {grad_accum})")
+
+
+def split_backward_runs() -> bool:
+    """Whether this torch runs ``SPLIT_SCHEDULES``: before 2.13 (seen on 2.11 and 2.12.1) its weight
+    backward (``pipelining._backward.stage_backward_weight``) fails on custom autograd Functions
+    ("Attribute '_input_metadata' is invalid"); 2.11 also sums a multi-output node's gradients into one."""
+    return TorchVersion(torch.__version__) >= SPLIT_TORCH
+
+
+def require_torch_for(schedule: str, pp: int) -> None:
+    """One-line ``FieldError`` where this torch cannot run ``schedule`` (a layout check apart from
+    ``validate_pipeline``: ``flyer plan`` validates layouts for other machines)."""
+    if pp > 1 and schedule in SPLIT_SCHEDULES and not split_backward_runs():
+        raise FieldError("pp_schedule", f"{schedule} needs torch >= {SPLIT_TORCH} (this is {torch.__version__}, whose "
+                                        f"split weight backward fails on custom autograd Functions); 1f1b and "
+                                        f"interleaved run on it")
 
 
 def layer_flops(cfg: ModelConfig, layer_id: int, seq_len: int) -> float:
@@ -241,6 +260,7 @@ class PipelineModel(nn.Module):
         if overlap and schedule != "dualpipev":
             raise FieldError("overlap", f"pairs the chunks of DualPipeV only (got schedule {schedule})")
         validate_pipeline(model.cfg, mesh.pp, schedule, micro_batches)
+        require_torch_for(schedule, mesh.pp)
         self.cfg = model.cfg
         self.schedule_name = schedule
         self.micro_batches = micro_batches
@@ -347,5 +367,6 @@ class PipelineModel(nn.Module):
         return self
 
 
-__all__ = ["PP_SCHEDULES", "V_SCHEDULES", "AttachAux", "PipelineModel", "Stage", "chunks_per_rank", "end_flops",
-           "held_modules", "layer_flops", "min_micro_batches", "split_layers", "stage_ranks", "validate_pipeline"]
+__all__ = ["PP_SCHEDULES", "SPLIT_SCHEDULES", "V_SCHEDULES", "AttachAux", "PipelineModel", "Stage", "chunks_per_rank",
+           "end_flops", "held_modules", "layer_flops", "min_micro_batches", "require_torch_for", "split_backward_runs",
+           "split_layers", "stage_ranks", "validate_pipeline"]

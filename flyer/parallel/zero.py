@@ -15,11 +15,15 @@ parameter ends bit-identical to the unsharded optimizer's.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
+
+with warnings.catch_warnings():  # its functional optimizers call torch.jit.script at import: 66 deprecation notices
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from flyer.parallel.grads import expert_param_names
 

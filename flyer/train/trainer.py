@@ -42,7 +42,8 @@ from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
 from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
 from flyer.parallel.zero import ShardedAdamW, adamw_groups
-from flyer.parallel.pipeline import PP_SCHEDULES, PipelineModel, min_micro_batches, validate_pipeline
+from flyer.parallel.pipeline import (PP_SCHEDULES, PipelineModel, min_micro_batches, require_torch_for,
+                                     validate_pipeline)
 from flyer.runtime import PRECISIONS, autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train.rundir import METRICS_NAME, RunLock, choose_start, usable_dir
@@ -257,6 +258,7 @@ class Trainer:
         base = init_cfg or resolve_config(tc.preset, None, model_over)
         self.micro_batches = tc.micro_batches or min_micro_batches(tc.pp_schedule, tc.pp)
         validate_pipeline(base, tc.pp, tc.pp_schedule, self.micro_batches, tc.grad_accum)  # before any work
+        require_torch_for(tc.pp_schedule, tc.pp)
         self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="train option 'device'",
                               timeout_s=tc.collective_timeout_s, pp=tc.pp)
         self.device = self.mesh.device
