@@ -92,6 +92,26 @@ def test_standalone_moe_parameters_are_initialised():
         del moe
 
 
+@pytest.mark.parametrize("over", [dict(), dict(tie_embeddings=True), dict(mtp_depth=2, n_dense_layers=2),
+                                  dict(attn="gqa", n_heads=4, n_kv_heads=2, head_dim=16)])
+def test_init_like_single_process_replays_the_one_process_build(over):
+    """The init an EP or PP rank runs (``grads.init_like_single_process``: the one-process build's
+    draws replayed module by module on a meta copy, no second model) == seeding and building the
+    model in one process, bit for bit, from a model holding other values."""
+    from flyer.parallel.grads import init_like_single_process
+
+    cfg = preset("tiny", **over)
+    torch.manual_seed(7)
+    ref = Transformer(cfg)
+    torch.manual_seed(8)
+    model = Transformer(cfg)
+    state = torch.random.get_rng_state()
+    init_like_single_process(model, None, 7)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's stream is left alone
+    for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_softmax_router_without_norm():
     cfg = small_cfg(score_func="softmax", norm_topk_prob=False, router_bias=False, route_scale=16.0,
                     n_expert_groups=4, n_limited_groups=2)

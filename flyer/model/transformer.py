@@ -87,6 +87,20 @@ class OutputHeads:
         return main, mtp_losses
 
 
+@torch.no_grad()
+def init_module(m: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """``m``'s own weights as ``Transformer.init_weights`` sets them (which calls this for every
+    module, in order; ``flyer.parallel.grads`` replays it one module at a time)."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        m.weight.normal_(0.0, std, generator=generator)
+        if getattr(m, "bias", None) is not None:
+            m.bias.zero_()
+    elif isinstance(m, (Gate, Experts)):
+        m.reset_parameters(generator)
+    elif isinstance(m, nn.RMSNorm):
+        m.weight.fill_(1.0)
+
+
 class Transformer(OutputHeads, nn.Module):
     """``make_dispatcher(layer_id)`` supplies each MoE layer's dispatcher (default: local);
     ``experts_impl`` names the routed experts' implementation (``flyer.model.experts.EXPERT_IMPLS``)."""
@@ -111,16 +125,8 @@ class Transformer(OutputHeads, nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        std = self.cfg.init_std
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                m.weight.normal_(0.0, std, generator=generator)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-            elif isinstance(m, (Gate, Experts)):
-                m.reset_parameters(generator)
-            elif isinstance(m, nn.RMSNorm):
-                m.weight.fill_(1.0)
+            init_module(m, self.cfg.init_std, generator)
 
     def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Final hidden states before the last norm (B, T, D)."""

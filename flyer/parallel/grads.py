@@ -21,12 +21,14 @@ loss = mean of the per-rank losses.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from flyer.model.experts import Experts
-from flyer.model.transformer import Transformer
+from flyer.model.transformer import Transformer, init_module
 
 BUCKET_BYTES = 64 << 20
 MIRROR = "_flyer_pipeline_mirror"  # attribute set on a parameter that copies one of another stage
@@ -179,6 +181,11 @@ def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mes
     under pipelining, only the weights of this rank's stages)."""
     own = model.state_dict()
     sd = {n: t for n, t in full_sd.items() if n in own} if mesh is not None and mesh.pp > 1 else dict(full_sd)
+    model.load_state_dict(_expert_slices(model, sd, mesh))
+
+
+def _expert_slices(model: nn.Module, sd: dict[str, torch.Tensor], mesh) -> dict[str, torch.Tensor]:
+    """``sd`` (single-process names and shapes) with each expert stack cut to this rank's experts."""
     for name, m in model.named_modules():
         if isinstance(m, Experts):
             for w in ("w1", "w2", "w3"):
@@ -190,18 +197,49 @@ def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mes
                 if full.shape[0] != n_full:
                     raise ValueError(f"{key}: checkpoint has {full.shape[0]} experts, the model {n_full}")
                 sd[key] = full[m.first:m.first + m.n_local]
-    model.load_state_dict(sd)
+    return sd
 
 
 @torch.no_grad()
 def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
-    """Initialise ``model`` (any EP layout) exactly as ``torch.manual_seed(seed);
-    Transformer(model.cfg)`` would in one process: every rank builds that model (CPU) and keeps
-    its slice. Deterministic on every rank, so no broadcast is needed afterwards."""
+    """Initialise ``model`` (any EP or PP layout) exactly as ``torch.manual_seed(seed);
+    Transformer(model.cfg)`` would in one process, deterministically on every rank (no broadcast).
+    Each rank replays that build's random draws, in order, on a copy built on the meta device,
+    one module at a time, and keeps its slice of each: one module's weights beside its own model,
+    not a second whole model (the constructors' draws first: ``nn.Linear`` and ``nn.Embedding``
+    initialise themselves when built, then ``Transformer.init_weights`` draws every weight again)."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    done: set[str] = set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        ref = Transformer(model.cfg)
-    load_full_state_dict(model, ref.state_dict(), mesh)
+        with torch.device("meta"):
+            ref = Transformer(model.cfg)
+        for m in ref.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                with _materialized(m):
+                    m.reset_parameters()
+        for prefix, m in ref.named_modules():
+            if next(m.parameters(recurse=False), None) is None:
+                continue
+            with _materialized(m):
+                init_module(m, ref.cfg.init_std)
+                part = {f"{prefix}.{k}": p for k, p in m.named_parameters(recurse=False)}
+                for name, t in _expert_slices(model, {n: t for n, t in part.items() if n in own}, mesh).items():
+                    own[name].copy_(t)
+                    done.add(name)
+    missed = set(own) - done
+    if missed:
+        raise RuntimeError(f"init_like_single_process: no one-process weights for {sorted(missed)[:5]}")
+
+
+@contextlib.contextmanager
+def _materialized(m: nn.Module):
+    """``m``'s own parameters in (uninitialised) CPU memory inside the block, on meta again after."""
+    m.to_empty(device="cpu", recurse=False)
+    try:
+        yield m
+    finally:
+        m.to_empty(device="meta", recurse=False)
 
 
 __all__ = ["broadcast_parameters", "sync_gradients", "clip_grad_norm_", "full_state_dict", "load_full_state_dict",
