@@ -112,6 +112,15 @@ def test_init_like_single_process_replays_the_one_process_build(over):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_every_buffer_starts_at_zero(name):
+    """A pipeline rank materialises its stages from the meta device and zeroes their buffers
+    (``build_model``): right only while every buffer of a freshly built model is zero."""
+    for over in (dict(), dict(router_bias=False)):
+        model = Transformer(preset(name, **over))
+        assert all(not b.any() for b in model.buffers())
+
+
 def test_softmax_router_without_norm():
     cfg = small_cfg(score_func="softmax", norm_topk_prob=False, router_bias=False, route_scale=16.0,
                     n_expert_groups=4, n_limited_groups=2)

@@ -69,7 +69,10 @@ def _case(rank: int, name: str) -> dict:
     _, pp, ep, schedule = CASES[name]
     cfg = _cfg()
     mesh = init_distributed(cfg, ep=ep, pp=pp, timeout_s=120)
-    pm = PipelineModel(build_model(cfg, mesh, "fp32", seed=SEED), mesh, schedule, M, B, T)
+    base = build_model(cfg, mesh, "fp32", seed=SEED, stages=(schedule, T))  # the other stages on meta
+    pm = PipelineModel(base, mesh, schedule, M, B, T)
+    held = {id(p) for p in pm.parameters()}
+    assert all(p.is_meta for p in base.parameters() if id(p) not in held)  # no memory for other stages
     opt = torch.optim.AdamW(pm.parameters(), lr=LR, weight_decay=0.1, eps=ADAM_EPS)
     rows = slice(mesh.dp_rank * M * B, (mesh.dp_rank + 1) * M * B)
     steps = []

@@ -207,8 +207,10 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
     Each rank replays that build's random draws, in order, on a copy built on the meta device,
     one module at a time, and keeps its slice of each: one module's weights beside its own model,
     not a second whole model (the constructors' draws first: ``nn.Linear`` and ``nn.Embedding``
-    initialise themselves when built, then ``Transformer.init_weights`` draws every weight again)."""
-    own = dict(model.named_parameters(remove_duplicate=False))
+    initialise themselves when built, then ``Transformer.init_weights`` draws every weight again).
+    Parameters on the meta device (other pipeline stages) are skipped."""
+    # a pipeline rank's model holds the other stages on the meta device (build_model): nothing to set
+    own = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not p.is_meta}
     done: set[str] = set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

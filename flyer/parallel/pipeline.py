@@ -272,6 +272,9 @@ class PipelineModel(nn.Module):
         stages = [Stage(model, s, self.split[s], n, micro_batches) for s in local]
         self._stages = stages  # not submodules: the same weights are registered below by their model names
         for name, module in held_modules(model, mesh.pp, mesh.pp_rank, schedule, seq_len).items():
+            if any(p.is_meta for p in module.parameters()):
+                raise ValueError(f"{name}: on the meta device, built for another pipeline layout (build_model's "
+                                 f"stages must be ({schedule!r}, {seq_len}))")
             setattr(self, name, module)
         self.mirrors = hasattr(self, "embed") and 0 not in local  # the last stage's copy of the embedding
         if self.mirrors:

@@ -42,8 +42,8 @@ from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
 from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
 from flyer.parallel.zero import ShardedAdamW, adamw_groups
-from flyer.parallel.pipeline import (PP_SCHEDULES, PipelineModel, min_micro_batches, require_torch_for,
-                                     validate_pipeline)
+from flyer.parallel.pipeline import (PP_SCHEDULES, PipelineModel, held_modules, min_micro_batches,
+                                     require_torch_for, validate_pipeline)
 from flyer.runtime import PRECISIONS, autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train.rundir import METRICS_NAME, RunLock, choose_start, usable_dir
@@ -170,17 +170,28 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
 
 
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
-                dispatcher: str = "hierarchical", fp8_dispatch: bool = False) -> Transformer:
+                dispatcher: str = "hierarchical", fp8_dispatch: bool = False,
+                stages: tuple[str, int] | None = None) -> Transformer:
     """The model to train, on ``mesh.device``, initialised exactly as ``torch.manual_seed(seed);
     Transformer(cfg)`` in one process (each rank keeps its slice of the experts).
 
     precision: 'fp8' converts the linear layers to FP8 (any other value: left as built; autocast
     is the caller's). dispatcher: 'local', 'flat' or 'hierarchical', how tokens reach experts on
     other ranks; fp8_dispatch: FP8 payload on that wire (a one-process run has none, as before).
+    stages: the pipeline's (schedule, seq_len) under pp > 1: only this rank's modules
+    (``held_modules``) get memory, the others stay on the meta device for ``PipelineModel``.
     """
     torch.manual_seed(seed)
     make_dispatcher = dispatcher_factory(cfg, mesh, kind=dispatcher, fp8=fp8_dispatch and mesh.world > 1)
-    model = Transformer(cfg, make_dispatcher=make_dispatcher).to(mesh.device)
+    if stages is not None and mesh.pp > 1:
+        with torch.device("meta"):
+            model = Transformer(cfg, make_dispatcher=make_dispatcher)
+        for module in held_modules(model, mesh.pp, mesh.pp_rank, *stages).values():
+            module.to_empty(device=mesh.device)
+            for b in module.buffers():  # every buffer of the model starts at zero (tests/test_model.py)
+                b.zero_()
+    else:
+        model = Transformer(cfg, make_dispatcher=make_dispatcher).to(mesh.device)
     mesh.init_like_single_process(model, seed)
     if precision == "fp8":
         convert_to_fp8(model)
@@ -304,7 +315,8 @@ class Trainer:
                                     seed=tc.seed * 1000 + self.mesh.dp_rank)
         self.eval_data = eval_batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
 
-        self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch)
+        self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch,
+                                 stages=(tc.pp_schedule, tc.seq_len) if tc.pp > 1 else None)
         self.pipeline: PipelineModel | None = None
         if self.mesh.pp > 1:  # this rank keeps its stages; the rest of the model is freed
             overlap = None if tc.pp_overlap else False  # None: where it applies (dualpipev, ep > 1)
