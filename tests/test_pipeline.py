@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,6 +197,16 @@ def test_split_layers_refuses_more_stages_than_layers():
     with pytest.raises(FieldError) as e:
         split_layers(_cfg(), 5)
     assert e.value.field == "pp"
+
+
+def test_stages_left_on_meta_are_refused():
+    """A model built for another layout (its stages here still on the meta device): one error naming
+    the module, before any process group or P2P."""
+    with torch.device("meta"):
+        model = Transformer(_cfg())
+    mesh = SimpleNamespace(pp=2, pp_rank=0)
+    with pytest.raises(ValueError, match=r"layers: on the meta device, built for another pipeline layout"):
+        PipelineModel(model, mesh, "1f1b", M, B, T)
 
 
 def test_stage_ranks_loop_and_v_placement():
