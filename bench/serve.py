@@ -300,8 +300,7 @@ def _peer_generate(hf_dir: Path, reqs, concurrency: int, threads: int, device: t
         n = max(k for _, k in batch)
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
-                                 min_new_tokens=n,
-                                 do_sample=False, pad_token_id=0)
+                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
         useful += sum(min(k, out.shape[1] - T) for _, k in batch)  # tokens past a request's own max are waste
     wall = time.perf_counter() - t0
     return {"tokens_per_s": useful / wall, "wall_s": wall, "tokens": useful}
