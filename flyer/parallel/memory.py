@@ -107,12 +107,13 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
             groups = [g["params"] for g in adamw_groups(kinds[kind], 0.0) if g["params"]]
             owned = partition([[numel[id(p)] for p in g] for g in groups], replicas)
             shards[kind] = [sum(state([g[i] for i in idx]) for g, idx in zip(groups, mine)) for mine in owned]
+        act = activation_bytes(cfg, pp, pp_rank, schedule, seq_len, micro_batch, precision)  # a stage's replicas alike
         for dp_rank in range(dp):
             opt = sum(per[shard_rank(kind, dp_rank, ep) if len(per) > 1 else 0] for kind, per in shards.items())
             out["param_bytes_per_rank"].append(params)
             out["grad_bytes_per_rank"].append(params)  # every parameter gets a gradient (zeros where unused)
             out["optimizer_bytes_per_rank"].append(opt)
-            acts.append(activation_bytes(cfg, pp, pp_rank, schedule, seq_len, micro_batch, precision))
+            acts.append(act)
     res: dict[str, Any] = dict(out)
     for k in KEYS:
         res[f"max_{k}_per_rank"] = max(out[f"{k}_per_rank"])

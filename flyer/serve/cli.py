@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,8 +22,10 @@ from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
 from flyer.infer.cli import DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype, load_model
 from flyer.interop.hf import is_hf_model_dir
-from flyer.serve.api import Api, Server
 from flyer.serve.engine import Engine, EngineConfig, open_disk_prefix_cache
+
+if TYPE_CHECKING:
+    from flyer.serve.api import Server
 
 ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must be > 0)
 
@@ -82,6 +85,8 @@ def _run(args) -> int:
         engine = Engine(model, cfg)
     except FieldError as e:  # the pool's size is the flag's
         raise FieldError("kv_cache_memory" if e.field == "kv_cache_bytes" else e.field, e.problem) from None
+    from flyer.serve.api import Api, Server  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
+
     api = Api(engine, tok, name, args.api_key, read_chat_template(args.ckpt))
     server = Server(api)
     sock = bind(args.host, args.port)
