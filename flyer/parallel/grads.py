@@ -181,22 +181,23 @@ def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mes
     under pipelining, only the weights of this rank's stages)."""
     own = model.state_dict()
     sd = {n: t for n, t in full_sd.items() if n in own} if mesh is not None and mesh.pp > 1 else dict(full_sd)
-    model.load_state_dict(_expert_slices(model, sd, mesh))
+    model.load_state_dict(_expert_slices(_expert_ranges(model, mesh), sd))
 
 
-def _expert_slices(model: nn.Module, sd: dict[str, torch.Tensor], mesh) -> dict[str, torch.Tensor]:
+def _expert_ranges(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
+    """Each expert stack's name -> (this rank's first expert, its count, the one-process count)."""
+    ep = mesh.ep if mesh is not None else 1
+    return {f"{name}.{w}": (m.first, m.n_local, m.n_local * ep)
+            for name, m in model.named_modules() if isinstance(m, Experts) for w in ("w1", "w2", "w3")}
+
+
+def _expert_slices(ranges: dict[str, tuple[int, int, int]], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``sd`` (single-process names and shapes) with each expert stack cut to this rank's experts."""
-    for name, m in model.named_modules():
-        if isinstance(m, Experts):
-            for w in ("w1", "w2", "w3"):
-                key = f"{name}.{w}"
-                if key not in sd:
-                    continue
-                full = sd[key]
-                n_full = m.n_local * (mesh.ep if mesh is not None else 1)
-                if full.shape[0] != n_full:
-                    raise ValueError(f"{key}: checkpoint has {full.shape[0]} experts, the model {n_full}")
-                sd[key] = full[m.first:m.first + m.n_local]
+    for key in ranges.keys() & sd.keys():
+        first, n_local, n_full = ranges[key]
+        if sd[key].shape[0] != n_full:
+            raise ValueError(f"{key}: checkpoint has {sd[key].shape[0]} experts, the model {n_full}")
+        sd[key] = sd[key][first:first + n_local]
     return sd
 
 
@@ -211,6 +212,7 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
     Parameters on the meta device (other pipeline stages) are skipped."""
     # a pipeline rank's model holds the other stages on the meta device (build_model): nothing to set
     own = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not p.is_meta}
+    ranges = _expert_ranges(model, mesh)  # once: the loop below visits every module
     done: set[str] = set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -226,7 +228,7 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
             with _materialized(m):
                 init_module(m, ref.cfg.init_std)
                 part = {f"{prefix}.{k}": p for k, p in m.named_parameters(recurse=False)}
-                for name, t in _expert_slices(model, {n: t for n, t in part.items() if n in own}, mesh).items():
+                for name, t in _expert_slices(ranges, {n: t for n, t in part.items() if n in own}).items():
                     own[name].copy_(t)
                     done.add(name)
     missed = set(own) - done
