@@ -66,9 +66,9 @@ def adamw_bound(grad_max: list[float], w_max: float, lr: float, eps: float, grad
 
 
 def latent_attention_bound(q_BMK: torch.Tensor, kv_BSK: torch.Tensor, pos_BT: torch.Tensor, C: int,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           scale: float, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(exact softmax(scale q . kv) kv[:, :C] (B, M, C) in FP64, bound on the error of any FP32
-    evaluation) for queries q (B, M, K), row m seeing slots 0 .. pos[b, m % T] of kv (B, S, K). A
+    evaluation) for queries q (B, M, K), row m seeing slots first .. pos[b, m % T] of kv (B, S, K). A
     score is K products and a scaling, so it is off by at most (K + 1) u A (A: its absolute terms);
     that moves each probability by at most 2 max|d| of itself; the output sums S of them times
     values (S roundings, and a few for exp and the normalisation). Weights below FP32's smallest
@@ -76,7 +76,8 @@ def latent_attention_bound(q_BMK: torch.Tensor, kv_BSK: torch.Tensor, pos_BT: to
     B, M, K = q_BMK.shape
     S, T = kv_BSK.shape[1], pos_BT.shape[1]
     q, kv = q_BMK.double(), kv_BSK.double()
-    visible = torch.arange(S).view(1, 1, S) <= pos_BT.repeat(1, M // T).unsqueeze(-1)  # (B, M, S)
+    slots = torch.arange(S).view(1, 1, S)
+    visible = (slots <= pos_BT.repeat(1, M // T).unsqueeze(-1)) & (slots >= first)  # (B, M, S)
     scores = (q @ kv.transpose(1, 2)) * scale
     p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     exact = p @ kv[..., :C]

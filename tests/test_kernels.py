@@ -409,18 +409,22 @@ def blas(ops, request):
 
 
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,T,H,C,R,bs,nb,spread", [
-    (3, 1, 4, 37, 8, 5, 20, 0.3),  # vector tails, blocks of 5, contexts up to 100 slots (two tiles)
-    (2, 2, 6, 96, 16, 16, 10, 0.3),  # two new tokens per row (MTP verification): per-token masks
-    (2, 1, 2, 64, 16, 16, 40, 3.0),  # peaked over up to 640 slots: the max moves across tiles, weights flushed
+@pytest.mark.parametrize("B,T,H,C,R,bs,nb,spread,first", [
+    (3, 1, 4, 37, 8, 5, 20, 0.3, 0),  # vector tails, blocks of 5, contexts up to 100 slots (two tiles)
+    (2, 2, 6, 96, 16, 16, 10, 0.3, 0),  # two new tokens per row (MTP verification): per-token masks
+    (2, 1, 2, 64, 16, 16, 40, 3.0, 0),  # peaked over up to 640 slots: the max moves across tiles, weights flushed
+    (2, 2, 3, 37, 8, 4, 20, 3.0, 1),  # slot 0 not attended (the server's MTP cache), its score the largest
 ])
-def test_mla_decode_within_fp32_bound_of_exact(ops, blas, pool_dtype, B, T, H, C, R, bs, nb, spread):
+def test_mla_decode_within_fp32_bound_of_exact(ops, blas, pool_dtype, B, T, H, C, R, bs, nb, spread, first):
     q, pool, tables, pos = _paged_latents(B, T, H, C, R, bs, nb, pool_dtype, spread)
+    pos = pos.clamp(min=first)
     scale = 0.9
-    got = kernels.mla_decode(q, pool, tables, pos, C, scale)
+    if first:  # slot 0 of each row: the query itself, scaled up, so attending it would dominate the sums
+        pool[tables[:, 0], 0] = (4 * q[:, 0]).to(pool_dtype)
+    got = kernels.mla_decode(q, pool, tables, pos, C, scale, first=first)
     S = int(pos.max()) + 1
     kv = pool[tables].flatten(1, 2)[:, :S].float()  # the slots each row sees, gathered (exact)
-    exact, bound = latent_attention_bound(q, kv, pos, C, scale)
+    exact, bound = latent_attention_bound(q, kv, pos, C, scale, first)
     err = (got.double() - exact).abs()
     assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
     if spread > 1:  # the case exercises the flush: exact weights below FP32's smallest normal
@@ -442,7 +446,9 @@ def test_mla_decode_split_over_expert_threads_is_bitwise(ops, monkeypatch):
 
 def test_mla_decode_bad_tables_are_refused(ops):
     q, pool, tables, pos = _paged_latents(2, 1, 2, 16, 8, 4, 3, torch.float32, 0.5)
-    with pytest.raises(RuntimeError, match="outside the 12 slots"):
+    with pytest.raises(RuntimeError, match=r"outside slots 0 \.\. 11"):
         kernels.mla_decode(q, pool, tables, pos + 12, 16, 1.0)
+    with pytest.raises(RuntimeError, match=r"position 0 outside slots 1 \.\. 11"):
+        kernels.mla_decode(q, pool, tables, pos * 0, 16, 1.0, first=1)
     with pytest.raises(RuntimeError, match="block id 99 outside"):
         kernels.mla_decode(q, pool, tables.fill_(99), pos, 16, 1.0)

@@ -253,7 +253,8 @@ def test_disconnect_cancels_and_frees_blocks(served):
 
 
 def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, capsys):
-    """Weights held in BF16 on both sides (``--weight-dtype bf16``), MTP speculation in the server."""
+    """Weights held in BF16 on both sides (``--weight-dtype bf16``), MTP speculation in the server,
+    whose on-disk prefix cache ``flyer generate --prefix-cache`` then reads (MTP entries included)."""
     cfg = preset("tiny", vocab_size=300)
     torch.manual_seed(0)
     m = Transformer(cfg)
@@ -267,8 +268,10 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
     ref = json.loads(capsys.readouterr().out)
     proc = subprocess.Popen([sys.executable, "-m", "flyer", "serve", "--ckpt", str(tmp_path), "--port", "0",
                              "--cache-dtype", "fp32", "--kv-cache-memory", "4M", "--threads", "1",
-                             "--speculative", "mtp", "--weight-dtype", "bf16", "--device", "cpu"],
+                             "--speculative", "mtp", "--weight-dtype", "bf16", "--device", "cpu",
+                             "--prefix-cache", str(tmp_path / "prefixes"), "--block-size", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    long = "the lazy dog jumps over the quick brown fox " * 2
     try:
         line = proc.stdout.readline()  # blocks until the ready line (or exit)
         assert line.startswith("flyer serve: ready on http://127.0.0.1:"), line + proc.stderr.read()
@@ -278,6 +281,7 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
         name = client.models.list().data[0].id
         r = client.completions.create(model=name, prompt="the quick", max_tokens=8, temperature=0)
         assert r.choices[0].text == ref["text"]
+        served = client.completions.create(model=name, prompt=long, max_tokens=8, temperature=0).choices[0].text
         stream = client.completions.create(model=name, prompt="the quick", max_tokens=200, temperature=0,
                                            stream=True)
         chunks = [next(iter(stream))]
@@ -290,6 +294,11 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert main(["generate", "--ckpt", str(tmp_path), "--prompt", long, "--max-new-tokens", "8", "--cache-dtype",
+                 "fp32", "--weight-dtype", "bf16", "--device", "cpu", "--json", "--prefix-cache",
+                 str(tmp_path / "prefixes"), "--prefix-block", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == served and out["prefix_cache"]["hits"] >= 2
 
 
 @pytest.mark.parametrize("argv,msg", [

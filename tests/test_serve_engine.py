@@ -13,8 +13,10 @@ from flyer import kernels
 from flyer.config import preset
 from flyer.errors import FieldError
 from flyer.infer import GenerationConfig, generate
+from flyer.infer.generate import open_prefix_cache
 from flyer.infer.attention import Rows, causal_slot_mask, mla_absorbed_cached, mla_absorbed_core
 from flyer.infer.cache import LatentCache
+from flyer.infer.decoder import Decoder
 from flyer.infer.prefix_cache import chain_keys
 from flyer.infer.weights import hold_weights
 from flyer.model.transformer import Transformer
@@ -116,7 +118,10 @@ def test_gqa_model_pages_its_kv(trained):
     model = Transformer(preset("tiny", vocab_size=V, attn="gqa", n_kv_heads=2, head_dim=32)).eval()
     prompts = [_progression(1, 1, n) for n in (2, 11, 23)]
     eng = _engine(model, blocks=20, prefill_chunk=8)
-    assert _run(eng, prompts, SamplingOptions(max_tokens=8)) == _alone(model, prompts, 8)
+    ref = _alone(model, prompts, 8)
+    assert _run(eng, prompts, SamplingOptions(max_tokens=8)) == ref
+    spec = _engine(model, blocks=40, prefill_chunk=8, speculative="mtp")  # its MTP cache pages K/V, shifted a slot
+    assert _one_by_one(spec, prompts[::-1], 8)[0] == ref[::-1] and spec.alloc.hits == 2  # the 11-token prompt
 
 
 def test_a_burst_is_prefilled_in_fewer_steps(trained):
@@ -264,6 +269,95 @@ def test_mtp_speculation_in_the_batch_keeps_greedy_tokens(trained):
         _alone(trained, [p9], 6)
     with pytest.raises(FieldError, match="mtp_depth"):
         _engine(Transformer(preset("tiny", vocab_size=V, mtp_depth=0)), speculative="mtp")
+
+
+def _one_by_one(eng: Engine, prompts, n: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Each prompt run alone, in turn (later ones find the earlier ones' blocks): the tokens, and
+    the MTP drafts proposed and kept for each."""
+    outs, counts = [], []
+    for p in prompts:
+        before = eng.drafted, eng.accepted
+        outs += _run(eng, [p], SamplingOptions(max_tokens=n))
+        counts.append((eng.drafted - before[0], eng.accepted - before[1]))
+    return outs, counts
+
+
+def _registered(eng: Engine) -> dict[int, list[torch.Tensor]]:
+    """Each keyed block's main and MTP cache entries, copied."""
+    pools = [*eng.cache.pool.tensors.values(), *eng.mtp_cache.pool.tensors.values()]
+    return {b: [t[:, b].clone() for t in pools] for b in eng.alloc.key_of}
+
+
+@pytest.mark.parametrize("read", ["kernel", "gathered"])
+def test_mtp_speculation_shares_prefix_blocks(trained, tmp_path, monkeypatch, read):
+    """With MTP drafts, prompts share their common head's blocks, the MTP module's entries with
+    them (position p in slot p + 1: a block's entries are set by its own chain key): each
+    request's greedy tokens == generate alone, and each proposes and keeps the same drafts as
+    with nothing shared (wrong MTP entries would keep the tokens but change the drafts).
+    Shared blocks are never written; the on-disk tier stores the MTP entries too. ``read``: decode
+    attention reads the cache in place (``kernels.mla_decode``) or gathers it (the eager path, CUDA's)."""
+    if read == "gathered":
+        monkeypatch.setattr(kernels, "mla_decode_usable", lambda pool: False)
+    head = _progression(3, 2, 13)
+    prompts = [head + _progression(5, 3, n) for n in (3, 17, 6)] + [head[:9]]
+    ref = _alone(trained, prompts, 12)
+    for chunk in (64, 5):
+        apart = _engine(trained, speculative="mtp", prefill_chunk=chunk, prefix_sharing=False)
+        ref_out, ref_counts = _one_by_one(apart, prompts, 12)
+        assert ref_out == ref and apart.alloc.hits == 0
+        eng = _engine(trained, speculative="mtp", prefill_chunk=chunk)
+        out, counts = _one_by_one(eng, prompts[:1], 12)
+        kept = _registered(eng)
+        more, more_counts = _one_by_one(eng, prompts[1:], 12)
+        assert out + more == ref and counts + more_counts == ref_counts, chunk
+        assert eng.alloc.hits >= 3 + 3 + 2  # the head's 3 full blocks before each prompt's last token
+        now = _registered(eng)
+        assert all(all(torch.equal(a, b) for a, b in zip(kept[k], now[k])) for k in kept)  # never written
+    # a new engine on the same directory loads the blocks, MTP entries included, from disk
+    first = _engine(trained, speculative="mtp", prefix_cache=open_disk_prefix_cache(trained, tmp_path, torch.float32,
+                                                                                      4, mtp=True))
+    _one_by_one(first, prompts[:1], 12)
+    pc = open_disk_prefix_cache(trained, tmp_path, torch.float32, 4, mtp=True)
+    second = _engine(trained, speculative="mtp", prefix_cache=pc)
+    assert _one_by_one(second, prompts[1:2], 12) == (ref[1:2], ref_counts[1:2])
+    assert pc.stats.hits == 4  # prompts[0], a prefix of prompts[1], stored its 4 blocks
+    # the same files serve ``flyer generate --prefix-cache`` on this model (its blocks hold MTP entries)
+    gen = open_prefix_cache(trained, tmp_path, cache_dtype=torch.float32, block_size=4)
+    res = generate(trained, [prompts[2]], GenerationConfig(max_new_tokens=12, cache_dtype=torch.float32,
+                                                           prefix_cache=gen, speculative="mtp"))
+    assert res.tokens[0] == ref[2] and gen.stats.hits == 4
+
+
+@pytest.mark.parametrize("read", ["kernel", "gathered"])
+def test_mtp_cache_shifted_by_one_slot_attends_the_same(trained, monkeypatch, read):
+    """The MTP module against a cache that keeps position p in slot p + 1 (the server's; slot 0
+    holds large values, which would swamp any sum that attended it) == against one that keeps it
+    in slot p: a prefill chunk (the dense form), then decode steps (absorbed: in place or gathered)."""
+    if read == "gathered":
+        monkeypatch.setattr(kernels, "mla_decode_usable", lambda pool: False)
+    plain, shifted = (Decoder(trained, 2, 32, cache_dtype=torch.float32, with_mtp=True) for _ in range(2))
+    shifted.mtp_cache.packed[:, :, 0] = 1e3
+    g = torch.Generator().manual_seed(0)
+    D = trained.cfg.dim
+    start = torch.tensor([0, 0])
+    for T in (9, 1, 1):
+        h, nxt = torch.randn(2, T, D, generator=g), torch.randint(0, V, (2, T), generator=g)
+        want = plain.mtp_forward(h, nxt, start)
+        got = shifted.mtp_forward(h, nxt, start, shift=1)
+        assert torch.equal(got, want), (got - want).abs().max()
+        start = start + T
+
+
+def test_writes_below_write_from_go_to_the_null_block():
+    cfg = preset("tiny", vocab_size=V)
+    paged = make_paged_cache(cfg, 1, 4, 2, torch.float32)
+    view = paged.view(torch.tensor([[2, 3]]), write_from=torch.tensor([3]))
+    K = cfg.kv_lora_rank
+    latent = torch.arange(1.0, 5.0).view(1, 4, 1).expand(1, 4, K)
+    view.write(0, torch.arange(4).view(1, 4), latent=latent, rope_key=torch.zeros(1, 4, cfg.qk_rope_head_dim))
+    got = paged.pool.packed[0, :, :, 0]  # (blocks, slots) of the first latent channel
+    assert got[2].tolist() == [0.0, 0.0] and got[3].tolist() == [0.0, 4.0]  # positions 0-2 not written here
+    assert got[0].tolist() == [3.0, 2.0]  # but in the null block (positions 0 and 2 share slot 0; 2 came last)
 
 
 @pytest.mark.cuda

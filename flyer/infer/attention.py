@@ -40,23 +40,27 @@ from flyer.model.rope import apply_rope
 FP32_TINY = torch.finfo(torch.float32).tiny  # smallest normal FP32, 2^-126
 
 
-def causal_slot_mask(pos_BT: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """(B, 1, T, S) bool: slot s is visible to the query at position p iff s <= p."""
+def causal_slot_mask(pos_BT: torch.Tensor, n_slots: int, first: int = 0) -> torch.Tensor:
+    """(B, 1, T, S) bool: slot s is visible to the query in slot p iff first <= s <= p."""
     slots = torch.arange(n_slots, device=pos_BT.device)
-    return (slots.view(1, 1, -1) <= pos_BT.unsqueeze(-1)).unsqueeze(1)
+    visible = slots.view(1, 1, -1) <= pos_BT.unsqueeze(-1)
+    return (visible & (slots >= first) if first else visible).unsqueeze(1)
 
 
 @dataclass
 class Rows:
-    """Where a batch's new tokens sit, shared by every layer of one forward: positions (B, T), the
-    rope tables at them (B, T, R/2), the slots attended (``n_slots`` = max position + 1) and the
-    causal mask (B, 1, T, n_slots)."""
+    """Where a batch's new tokens sit, shared by every layer of one forward: their cache slots
+    ``pos`` (B, T), the rope tables at their positions (B, T, R/2), the slots attended (``n_slots``
+    = max slot + 1) and the causal mask (B, 1, T, n_slots). A slot is the token's position, or the
+    position + ``first`` in a cache whose first ``first`` slots hold nothing (the server's MTP
+    cache: ``flyer.serve.engine``)."""
 
     pos: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     n_slots: int
     mask: torch.Tensor
+    first: int = 0
 
 
 def _softmax(scores_BHTS: torch.Tensor, mask_B1TS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -130,7 +134,7 @@ def mla_absorbed_cached(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Ten
     if q_nope.dtype == torch.float32 and kernels.mla_decode_usable(pool):
         q_BMK, w_HXC = _absorbed_queries(attn, q_nope, q_rope)
         o_lat = kernels.mla_decode(q_BMK, pool, tables, rows.pos, attn.kv_lora_rank, attn.softmax_scale,
-                                   rows.n_slots)
+                                   rows.n_slots, rows.first)
         return _absorbed_output(attn, o_lat, w_HXC, q_nope.shape[1])
     return mla_absorbed_core(attn, q_nope, q_rope, cache.read_packed(layer, rows.n_slots, q_nope.dtype), rows.mask)
 

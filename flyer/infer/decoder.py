@@ -105,12 +105,14 @@ class Decoder:
         """Main-model cache bytes per token (what ``flyer info`` reports for a BF16 cache)."""
         return self.cache.bytes_per_token()
 
-    def _rows(self, start_B: torch.Tensor, T: int) -> Rows:
+    def _rows(self, start_B: torch.Tensor, T: int, shift: int = 0) -> Rows:
+        """Rows of T new tokens per row from ``start_B``, in cache slots ``shift`` past their positions."""
         pos = start_B.view(-1, 1) + torch.arange(T, device=start_B.device)
         S = int(pos.max()) + 1
         if S > self.max_len:
             raise ValueError(f"position {S - 1} exceeds the decoder's max_len {self.max_len}")
-        return Rows(pos, self.cos[pos], self.sin[pos], S, causal_slot_mask(pos, S))
+        slots = pos + shift if shift else pos
+        return Rows(slots, self.cos[pos], self.sin[pos], S + shift, causal_slot_mask(slots, S + shift, shift), shift)
 
     def _block(self, block: Block, x: torch.Tensor, cache, layer: int, rows: Rows) -> torch.Tensor:
         x = x + self._attend(block.attn, block.attn_norm(x), rows, cache, layer)
@@ -146,12 +148,13 @@ class Decoder:
 
     @torch.inference_mode()
     def mtp_forward(self, h_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, start_B: torch.Tensor,
-                    from_main: bool = True) -> torch.Tensor:
+                    from_main: bool = True, shift: int = 0) -> torch.Tensor:
         """h^1 (B, T, D) at positions start_b + t from h_{i} and the token t_{i+1} (MTP module 1).
         ``from_main``: h is the main model's (before its final norm, which is applied here, as in
-        training); False: h is a previous MTP output (chained drafts), taken as it is."""
+        training); False: h is a previous MTP output (chained drafts), taken as it is. ``shift``:
+        the MTP cache keeps position p in slot p + shift (see ``Rows``)."""
         mod = self.model.mtp[0]
-        rows = self._rows(start_B, h_BTD.shape[1])
+        rows = self._rows(start_B, h_BTD.shape[1], shift)
         x = mod.project(self.model.norm(h_BTD) if from_main else h_BTD, self.model.embed(next_tokens_BT))
         return self._block(mod.block, x, self.mtp_cache, 0, rows)
 

@@ -314,11 +314,11 @@ def mla_decode_usable(pool: torch.Tensor) -> bool:
 
 
 def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Tensor, pos_BT: torch.Tensor, C: int,
-               scale: float, n_slots: int | None = None) -> torch.Tensor:
+               scale: float, n_slots: int | None = None, first: int = 0) -> torch.Tensor:
     """(B, M, C) FP32: absorbed MLA attention of FP32 queries q (B, M, K), row m = h T + t (head h,
     new token t), over a latent cache read in place: ``pool`` (N, block_size, K) [latent | rope
     key] of every slot, row b's slot s at ``pool[tables[b, s // block_size], s % block_size]``;
-    query (b, m) attends slots 0 .. pos[b, m % T]: softmax(scale q . kv) kv[:, :C]. One pass over
+    query (b, m) attends slots ``first`` .. pos[b, m % T]: softmax(scale q . kv) kv[:, :C]. One pass over
     each row's slots (flash decoding), where the eager path (``flyer.infer.attention.
     mla_absorbed_core``, its oracle) gathers them into a new tensor per layer first. Rows are
     split over ``set_expert_threads``' threads when the cache they read (at most B ``n_slots`` slots:
@@ -328,11 +328,12 @@ def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Ten
     q_BMK, pos_BT, tables_Bn = q_BMK.contiguous(), pos_BT.contiguous(), tables_Bn.contiguous()
     slot_bytes = pool_NbK.shape[2] * pool_NbK.element_size()
     if not _splits() or B < 2 or B * (n_slots or int(pos_BT.max()) + 1) * slot_bytes < SPLIT_MIN_BYTES:
-        return ops.mla_decode(q_BMK, pool_NbK, tables_Bn, pos_BT, C, scale)
+        return ops.mla_decode(q_BMK, pool_NbK, tables_Bn, pos_BT, C, scale, first)
     cuts = [B * i // min(n, B) for i in range(min(n, B))] + [B]
-    futures = [_split["pool"].submit(ops.mla_decode, q_BMK[a:b], pool_NbK, tables_Bn[a:b], pos_BT[a:b], C, scale)
-               for a, b in zip(cuts[1:-1], cuts[2:])]
-    return torch.cat([ops.mla_decode(q_BMK[:cuts[1]], pool_NbK, tables_Bn[:cuts[1]], pos_BT[:cuts[1]], C, scale),
+    futures = [_split["pool"].submit(ops.mla_decode, q_BMK[a:b], pool_NbK, tables_Bn[a:b], pos_BT[a:b], C, scale,
+                                     first) for a, b in zip(cuts[1:-1], cuts[2:])]
+    return torch.cat([ops.mla_decode(q_BMK[:cuts[1]], pool_NbK, tables_Bn[:cuts[1]], pos_BT[:cuts[1]], C, scale,
+                                     first),
                       *(f.result() for f in futures)])
 
 

@@ -574,7 +574,8 @@ at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, co
 // q (B, M, K) FP32: row m = h T + t, the absorbed query [q_nope W_UK | q_rope] of head h and new
 // token t; pool (N, bs, K) FP32 or BF16: [latent | rope key] of every cache slot, in blocks of bs
 // slots; tables (B, nb) int64: row b's slot s lives at pool[tables[b][s / bs]][s % bs]; pos (B, T)
-// int64: query (b, m) attends slots 0 .. pos[b][m % T]. out (B, M, C) FP32 =
+// int64: query (b, m) attends slots first .. pos[b][m % T] (first > 0 where the leading slots hold
+// nothing: the server's MTP cache keeps position p in slot p + 1). out (B, M, C) FP32 =
 // softmax_s(scale q . kv_s) kv_s[:C], in one pass over each row's slots (flash decoding): the eager
 // path gathers every slot into a new tensor per layer, then runs two matmuls and a masked softmax
 // over the (M x S) scores. Here a tile of slots is read once (widened to FP32) for all M rows, its
@@ -624,7 +625,7 @@ void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const
 template <typename P>
 void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, const int64_t* pos, float* op,
                      int64_t b0, int64_t b1, int64_t nb, int64_t bs, int64_t T, int64_t M, int64_t K, int64_t C,
-                     float scale) {
+                     float scale, int64_t first) {
   const float tiny = std::numeric_limits<float>::min();
   std::vector<float> tile(kSlotTile * K), sc(M * kSlotTile), mx(M), l(M);
   for (int64_t b = b0; b < b1; ++b) {
@@ -647,7 +648,8 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
       for (int64_t m = 0; m < M; ++m) {
         float* w = sc.data() + m * n;
         const int64_t nv = std::max<int64_t>(0, std::min(n, pb[m % T] + 1 - s0));  // the slots this query sees
-        const float top = std::max(mx[m], nv ? *std::max_element(w, w + nv) : mx[m]);
+        const int64_t lo = std::min(nv, std::max<int64_t>(0, first - s0));  // and the leading ones it does not
+        const float top = std::max(mx[m], nv > lo ? *std::max_element(w + lo, w + nv) : mx[m]);
         float alpha = std::exp(mx[m] - top);  // 0 for the first tile (-inf), 1 when the max stays
         if (alpha < tiny) alpha = 0.f;
         if (alpha != 1.f) {
@@ -656,10 +658,11 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
           for (int64_t c = 0; c < C; ++c) om[c] *= alpha;
         }
         mx[m] = top;
-        int64_t j = 0;
+        std::fill(w, w + lo, 0.f);
+        int64_t j = lo;
         for (; j + Vec::size() <= nv; j += Vec::size()) (Vec::loadu(w + j) - Vec(top)).exp().store(w + j);
         for (; j < nv; ++j) w[j] = std::exp(w[j] - top);
-        for (j = 0; j < nv; ++j) {
+        for (j = lo; j < nv; ++j) {
           if (w[j] < tiny) w[j] = 0.f;
           l[m] += w[j];
         }
@@ -676,7 +679,7 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
 }
 
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Tensor& tables, const at::Tensor& pos,
-                      int64_t C, double scale) {
+                      int64_t C, double scale, int64_t first) {
   check_cpu(q, "mla_decode q");
   check_cpu(pool, "mla_decode pool");
   check_cpu(tables, "mla_decode tables");
@@ -694,9 +697,10 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
   TORCH_CHECK(0 < C && C <= K, "mla_decode: C must be in [1, K]");
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
+  TORCH_CHECK(first >= 0, "mla_decode: first must be >= 0");
   for (int64_t i = 0; i < B * T; ++i)
-    TORCH_CHECK(0 <= pp[i] && pp[i] < nb * bs, "mla_decode: position ", pp[i], " outside the ", nb * bs,
-                " slots the block tables cover");
+    TORCH_CHECK(first <= pp[i] && pp[i] < nb * bs, "mla_decode: position ", pp[i], " outside slots ", first,
+                " .. ", nb * bs - 1, " (the first attended to the last the block tables cover)");
   for (int64_t b = 0; b < B; ++b) {  // the blocks each row reads
     const int64_t last = *std::max_element(pp + b * T, pp + (b + 1) * T) / bs;
     for (int64_t i = 0; i <= last; ++i)
@@ -707,10 +711,10 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     if (pool.scalar_type() == at::kBFloat16)
       mla_decode_rows(q.data_ptr<float>(), pool.data_ptr<c10::BFloat16>(), tp, pp, out.data_ptr<float>(), b0, b1,
-                      nb, bs, T, M, K, C, static_cast<float>(scale));
+                      nb, bs, T, M, K, C, static_cast<float>(scale), first);
     else
       mla_decode_rows(q.data_ptr<float>(), pool.data_ptr<float>(), tp, pp, out.data_ptr<float>(), b0, b1, nb, bs,
-                      T, M, K, C, static_cast<float>(scale));
+                      T, M, K, C, static_cast<float>(scale), first);
   });
   return out;
 }

@@ -80,7 +80,8 @@ def _run(args) -> int:
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
     if args.prefix_cache:
         cfg.prefix_cache = open_disk_prefix_cache(model, args.prefix_cache, cfg.cache_dtype, cfg.block_size,
-                                                  parse_size(args.prefix_cache_size, "prefix_cache_size"))
+                                                  parse_size(args.prefix_cache_size, "prefix_cache_size"),
+                                                  mtp=cfg.speculative == "mtp")
     try:
         engine = Engine(model, cfg)
     except FieldError as e:  # the pool's size is the flag's
@@ -146,12 +147,11 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step")
     p.add_argument("--speculative", choices=["mtp"], default=None,
-                   help="one MTP draft per request and step, verified in the batch (greedy output unchanged; "
-                        "turns prefix sharing off)")
+                   help="one MTP draft per request and step, verified in the batch (greedy output unchanged)")
     p.add_argument("--no-prefix-sharing", action="store_true", help="recompute shared prompt prefixes")
     p.add_argument("--prefix-cache", metavar="DIR",
                    help="on-disk prefix cache under the in-memory one (shared with flyer generate --prefix-block "
-                        "BLOCK_SIZE for models without MTP)")
+                        "BLOCK_SIZE; for a model with MTP, under --speculative mtp: its blocks hold the MTP cache too)")
     p.add_argument("--prefix-cache-size", default="1G", help="size bound of the on-disk prefix cache (LRU)")
     p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")

@@ -22,8 +22,13 @@ wait for the model. Each scheduler step:
 With ``speculative="mtp"`` the MTP module has a paged one-layer cache on the same block tables;
 each decode step first writes the MTP entries a request can (its main hidden states with the
 next tokens), drafts one token from the last, and verifies [pending, draft] in one main-model
-pass (``flyer.infer.speculative.accept_drafts``: greedy keeps plain greedy's tokens). Prefix sharing is
-off then: a block's MTP entries depend on the next block's first token.
+pass (``flyer.infer.speculative.accept_drafts``: greedy keeps plain greedy's tokens). The MTP
+entry of position p needs token p + 1, so the MTP cache keeps it in slot p + 1: block i then
+holds the entries of positions [i n - 1, (i + 1) n - 1), all set by the tokens block i's chain
+key covers, and is shared with the main cache's block i (the on-disk prefix cache stores the
+same span with each block). A request that takes k shared blocks recomputes position k n - 1
+(its main hidden state feeds the MTP entry of that position, in the request's own block k)
+without writing it: shared blocks are never written.
 
 A request's state is its tokens (prompt + generated) and ``n_cached``, how many of them are in
 its blocks. Every forward feeds ``tokens[n_cached:]`` (a chunk of them); when the cache catches
@@ -56,12 +61,19 @@ from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, mak
 
 
 def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, block_size: int,
-                           max_bytes: int = 1 << 30) -> PrefixCache:
+                           max_bytes: int = 1 << 30, mtp: bool = False) -> PrefixCache:
     """The on-disk prefix cache under the paged one: blocks of ``block_size`` tokens keyed to this
-    model, layout and dtype. Its entries hold the main model's cache only, so for models without
-    MTP they are the ones ``flyer generate --prefix-cache`` writes at the same block size."""
+    model, layout and dtype. Its entries hold the main model's cache, and with ``mtp`` (an engine
+    with ``speculative="mtp"``) the MTP module's too, so they are the ones ``flyer generate
+    --prefix-cache`` writes at the same block size for a model without MTP, or with it."""
     return open_prefix_cache(model, root, cache_dtype=cache_dtype, block_size=block_size, max_bytes=max_bytes,
-                             mtp=False)
+                             mtp=mtp)
+
+
+def _mtp_slots(i: int) -> slice:
+    """The slots of a block of the engine's MTP cache (position p in slot p + 1) that the on-disk
+    prefix cache stores with block i: all, but slot 0 of block 0 (position -1) holds nothing."""
+    return slice(1, None) if i == 0 else slice(None)
 
 
 def _padded(xs: list[int], n: int, pad: int) -> list[int]:
@@ -128,6 +140,7 @@ class Request:
     keys: list[str] = field(default_factory=list)  # chain keys of the leading full blocks (registered)
     generator: torch.Generator | None = None
     prompt_lp: list[tuple[float, dict[int, float] | None] | None] | None = None
+    n_shared: int = 0  # leading tokens in blocks taken from the prefix index (never written)
     mtp_len: int = 0  # leading positions whose MTP cache entries are written (speculative)
     h_prev: torch.Tensor | None = None  # main hidden states (C, D) of positions [mtp_len, n_cached)
     submitted: float = 0.0
@@ -159,8 +172,7 @@ class Engine:
                                                f"{cfg.block_size} tokens; at least 2 are needed")
         self.cache = make_paged_cache(mcfg, mcfg.n_layers, n_blocks, cfg.block_size, cfg.cache_dtype, device)
         self.alloc = BlockAllocator(n_blocks, cfg.block_size)
-        # MTP entries of a block depend on the next block's first token, so blocks are not shared
-        self.sharing = cfg.prefix_sharing and not self.spec
+        self.sharing = cfg.prefix_sharing
         self.mtp_cache = make_paged_cache(mcfg, 1, n_blocks, cfg.block_size, cfg.cache_dtype, device) \
             if self.spec else None
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
@@ -309,6 +321,10 @@ class Engine:
             self.waiting.popleft()
             r.blocks = blocks + [self.alloc.allocate() for _ in range(need)]
             r.keys, r.n_cached = keys, len(blocks) * bs
+            r.n_shared = r.n_cached
+            if self.spec and r.n_cached:  # the shared blocks' MTP entries are there up to position n_cached - 2
+                r.n_cached -= 1  # recompute the last shared position for its hidden state (not written)
+                r.mtp_len = r.n_cached
             if r.generated == 0:
                 self.metrics.prompt_tokens.inc(len(r.prompt))
             self.running.append(r)
@@ -323,16 +339,20 @@ class Engine:
         disk_keys = pc.block_keys(r.tokens[:limit * bs])
         mem_keys = chain_keys(r.tokens, bs, n_blocks=limit)
         pool = self.cache.pool.tensors
-        expect = {k: ((t.shape[0], bs, *t.shape[3:]), t.dtype) for k, t in pool.items()}
+        mtp = self.mtp_cache.pool.tensors if self.spec else {}
         for i in range(len(blocks), limit):
             if self.alloc.available < math.ceil(len(r.tokens) / bs) - len(blocks):
                 return
+            expect = {k: ((t.shape[0], bs, *t.shape[3:]), t.dtype) for k, t in pool.items()}
+            expect.update({f"mtp.{k}": ((1, bs - (i == 0), *t.shape[3:]), t.dtype) for k, t in mtp.items()})
             blk = pc.load(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], expect)
             if blk is None:
                 return
             b = self.alloc.allocate()
             for k, t in pool.items():
                 t[:, b] = blk[k].to(t.device)
+            for k, t in mtp.items():
+                t[:, b, _mtp_slots(i)] = blk[f"mtp.{k}"].to(t.device)
             self.alloc.register(b, mem_keys[i])
             blocks.append(b)
             keys.append(mem_keys[i])
@@ -345,8 +365,11 @@ class Engine:
             return
         disk_keys = pc.block_keys(r.tokens[:end * bs])
         pool = self.cache.pool.tensors
+        mtp = self.mtp_cache.pool.tensors if self.spec else {}
         for i in range(first, end):
-            pc.store(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], {k: t[:, r.blocks[i]] for k, t in pool.items()})
+            blk = {k: t[:, r.blocks[i]] for k, t in pool.items()}
+            blk.update({f"mtp.{k}": t[:, r.blocks[i], _mtp_slots(i)] for k, t in mtp.items()})
+            pc.store(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], blk)
         pc.evict()
 
     def _reserve_decode_slots(self) -> list[Request]:
@@ -373,7 +396,7 @@ class Engine:
     def _preempt(self, r: Request) -> None:
         self.running.remove(r)
         self.alloc.release(r.blocks)
-        r.blocks, r.keys, r.n_cached, r.mtp_len, r.h_prev = [], [], 0, 0, None
+        r.blocks, r.keys, r.n_cached, r.n_shared, r.mtp_len, r.h_prev = [], [], 0, 0, 0, None
         self.waiting.appendleft(r)
         self.metrics.preemptions.inc()
 
@@ -388,8 +411,10 @@ class Engine:
         T = max(lengths)
         tokens = torch.tensor([_padded(c, T, 0) for c in chunks], device=self.device)
         start = [r.n_cached for r in rows]
+        protect = [r.n_shared for r in rows] if any(r.n_cached < r.n_shared for r in rows) else None
         return Group(tokens, torch.tensor(start, device=self.device), None if min(lengths) == T else lengths,
-                     self.cache.view(self._tables(rows, max(start) + T)))
+                     self.cache.view(self._tables(rows, max(start) + T),
+                                     None if protect is None else torch.tensor(protect, device=self.device)))
 
     def _forward(self, decoding: list[Request], prefilling: list[Request], lens: list[int]) -> None:
         """One main-model pass over every decoding row's next token(s) and every prefilling row's
@@ -452,8 +477,8 @@ class Engine:
             h_in[i, :ci] = r.h_prev[:ci]
             nxt[i, :ci] = torch.tensor(r.tokens[r.mtp_len + 1:r.mtp_len + 1 + ci])
         start = torch.tensor([r.mtp_len for r in rows], device=self.device)
-        self.mtp_cache.tables = self._tables(rows, int(start.max()) + C)
-        h1 = self.dec.mtp_forward(h_in, nxt.to(self.device), start)
+        self.mtp_cache.tables = self._tables(rows, int(start.max()) + C + 1)
+        h1 = self.dec.mtp_forward(h_in, nxt.to(self.device), start, shift=1)  # position p in slot p + 1
         for r, ci in zip(rows, c):
             r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
         return h1[torch.arange(len(rows)), torch.tensor([max(ci - 1, 0) for ci in c])]
@@ -480,6 +505,7 @@ class Engine:
             self.accepted += len(new) - 1
             r.h_prev = hv[i, :len(new)]  # positions n .. n + len(new) - 1
             r.n_cached += len(new)
+            self._register_full_blocks(r)
             for j, tok in enumerate(new):
                 if self._emit_token(r, tok, logits[i, j]):
                     break
@@ -548,7 +574,9 @@ class Engine:
             return
         bs = self.cfg.block_size
         first = len(r.keys)
-        for i in range(first, r.n_cached // bs):
+        # speculative: block i is whole once its MTP entries, positions up to (i + 1) bs - 2, are written too
+        full = min(r.n_cached, r.mtp_len + 1) if self.spec else r.n_cached
+        for i in range(first, full // bs):
             key = chain_keys(r.tokens[i * bs:(i + 1) * bs], bs, seed=r.keys[-1] if r.keys else "")[0]
             r.keys.append(key)
             self.alloc.register(r.blocks[i], key)

@@ -36,16 +36,19 @@ class PagedCache:
     block_size, ...)) addressed through ``tables`` (B, n) int64 block ids, set per step, or
     fixed in a ``view``."""
 
-    def __init__(self, pool, tables: torch.Tensor | None = None):
+    def __init__(self, pool, tables: torch.Tensor | None = None, write_from: torch.Tensor | None = None):
         self.pool, self.kind = pool, pool.kind
         self.n_blocks, self.block_size = pool.batch, pool.max_len
         self.tables = torch.zeros(1, 1, dtype=torch.long) if tables is None else tables
+        self.write_from = write_from
         self._slot_key: tuple = ()  # (positions, tables) tensors the cached slots were computed for
         self._slot_cache: torch.Tensor | None = None
 
-    def view(self, tables: torch.Tensor) -> PagedCache:
-        """The same pool addressed through ``tables`` (one batch of a packed forward)."""
-        return PagedCache(self.pool, tables)
+    def view(self, tables: torch.Tensor, write_from: torch.Tensor | None = None) -> PagedCache:
+        """The same pool addressed through ``tables`` (one batch of a packed forward). ``write_from``
+        (B,): row b's writes at positions below it go to the null block (positions recomputed in
+        a shared block, whose entries are already there: a shared block is never written)."""
+        return PagedCache(self.pool, tables, write_from)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -61,7 +64,11 @@ class PagedCache:
             tables = F.pad(self.tables, (0, 1), value=NULL_BLOCK)
             blk = (pos_BT // self.block_size).clamp(max=tables.shape[1] - 1)
             self._slot_key = (pos_BT, self.tables)
-            self._slot_cache = (tables.gather(1, blk) * self.block_size + pos_BT % self.block_size).flatten()
+            slots = tables.gather(1, blk) * self.block_size + pos_BT % self.block_size
+            if self.write_from is not None:
+                null = NULL_BLOCK * self.block_size + pos_BT % self.block_size
+                slots = torch.where(pos_BT < self.write_from.view(-1, 1), null, slots)
+            self._slot_cache = slots.flatten()
         return self._slot_cache
 
     def write(self, layer: int, pos_BT: torch.Tensor, **values: torch.Tensor) -> None:
