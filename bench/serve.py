@@ -156,7 +156,8 @@ def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> dict[str
     engine's time the prompt tokens take by that fit (with more than one client)."""
     eng = Engine(model, EngineConfig(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"),
                                      max_batch_size=MAX_BATCH, prefill_chunk=args.prefill_chunk,
-                                     cache_dtype=torch.float32))  # flyer serve --cache-dtype fp32
+                                     cache_dtype=torch.float32,  # flyer serve --cache-dtype fp32
+                                     speculative=args.speculative, prefix_sharing=args.prefix_sharing))
     pending, tokens = iter(reqs), [0]
 
     def submit() -> None:
@@ -268,6 +269,10 @@ def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
            "--weight-dtype", args.weight_dtype, "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.speculative:
+        cmd += ["--speculative", args.speculative]
+    if not args.prefix_sharing:
+        cmd += ["--no-prefix-sharing"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if "ready on" not in line:
@@ -406,6 +411,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="flyer serve --device, the engine's and the peer's (cpu or cuda)")
     ap.add_argument("--decode-context", type=int, default=None,
                     help="context of the in-process decode-step keys (default: the prompts' mean length)")
+    ap.add_argument("--speculative", choices=["mtp"], default=None, help="flyer serve --speculative (the engine's too)")
+    ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false",
+                    help="flyer serve --no-prefix-sharing (the engine's too)")
     ap.add_argument("--no-peer-serve", dest="peer_serve", action="store_false",
                     help="skip transformers serve --continuous-batching (tried first by default)")
     args = ap.parse_args()
@@ -424,7 +432,8 @@ def main() -> None:
     out: dict = {"preset": "small", "device": str(device), "threads": args.threads or "default",
                  "kv_cache_memory": args.kv_cache_memory, "weight_dtype": args.weight_dtype,
                  "prompt_tokens": [args.prompt_min, args.prompt_max], "new_tokens": [args.new_min, args.new_max],
-                 "system_prompt_tokens": args.system_prompt}
+                 "system_prompt_tokens": args.system_prompt, "speculative": args.speculative,
+                 "prefix_sharing": args.prefix_sharing}
     rng = random.Random(0)
     system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
     sent: dict[int, list] = {}  # the requests the clients sent, per concurrency

@@ -14,7 +14,7 @@ from flyer.model.dispatch import LocalDispatcher
 from flyer.model.experts import Experts, expert_ffn_fused, expert_ffn_grouped_mm, expert_ffn_loop
 from flyer.model.moe import MoE, update_router_bias
 from flyer.model.norm import rms_norm
-from flyer.model.rope import rope_frequencies
+from flyer.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 from flyer.model.transformer import Transformer
 
 
@@ -490,3 +490,30 @@ def test_experts_packed_in_place_compute_the_same():
     assert ex.w1 is params[0] and ex.w3 is params[1] and torch.equal(ex.w1, w1) and torch.equal(ex.w3, w3)
     with torch.no_grad():
         assert torch.equal(ex.routed_local(x, w, ids, counts), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("attn_factor", [1.0, 1.3])
+def test_rope_rotates_each_interleaved_pair(dtype, attn_factor):
+    """``apply_rope`` (x cos + swap(x) sin on the expanded tables) == the pairwise rotation
+    (x0 c - x1 s, x0 s + x1 c) bit for bit, forward and backward: the same products and sums."""
+    cfg = preset("tiny", rope_attn_factor=attn_factor)
+    R, T = 8, 11
+    cos2, sin2 = rope_cos_sin(R, T, cfg)
+    inv = rope_frequencies(R, cfg)
+    ang = torch.outer(torch.arange(T, dtype=torch.float32), inv)
+    c, s = ang.cos() * attn_factor, ang.sin() * attn_factor
+    x = torch.randn(2, T, 3, R).to(dtype).float().requires_grad_()
+    pairs = x.unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = c.unsqueeze(-2), s.unsqueeze(-2)
+    want = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2)
+    xa = x.detach().clone().requires_grad_()
+    got = apply_rope(xa, cos2, sin2)
+    assert torch.equal(got, want)
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    assert torch.equal(xa.grad, x.grad)
+    xd = x.detach().to(dtype)
+    assert torch.equal(apply_rope(xd, cos2, sin2), want.detach().to(dtype))  # computed in FP32, rounded once

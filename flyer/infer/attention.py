@@ -50,7 +50,7 @@ def causal_slot_mask(pos_BT: torch.Tensor, n_slots: int, first: int = 0) -> torc
 @dataclass
 class Rows:
     """Where a batch's new tokens sit, shared by every layer of one forward: their cache slots
-    ``pos`` (B, T), the rope tables at their positions (B, T, R/2), the slots attended (``n_slots``
+    ``pos`` (B, T), the rope tables at their positions (B, T, 1, R), the slots attended (``n_slots``
     = max slot + 1) and the causal mask (B, 1, T, n_slots). A slot is the token's position, or the
     position + ``first`` in a cache whose first ``first`` slots hold nothing (the server's MTP
     cache: ``flyer.serve.engine``)."""

@@ -92,7 +92,7 @@ class Decoder:
         for m in model.modules():  # the routed experts' w1|w3 stacked once, not per forward
             if isinstance(m, Experts):
                 m.pack_w13_()
-        self.cos, self.sin = model.rope_tables(max_len, device)  # (max_len, rope/2)
+        self.cos, self.sin = model.rope_tables(max_len, device)  # (max_len, 1, rope)
         self.max_len = max_len
 
     def keep_rows(self, rows: torch.Tensor) -> None:

@@ -40,23 +40,27 @@ def rope_frequencies(rope_dim: int, cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(rope_dim: int, seq_len: int, cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (seq_len, rope_dim/2), FP32, times YaRN's ``rope_attn_factor``
-    (transformers scales cos/sin, so the rope part of q.k by its square; 1 in DeepSeek's checkpoints)."""
+    """cos, sin tables (seq_len, 1, rope_dim) in FP32 for ``apply_rope``: each pair's cos in both of
+    its channels, its sin as (-sin, sin); times YaRN's ``rope_attn_factor`` (transformers scales
+    cos/sin, so the rope part of q.k by its square; 1 in DeepSeek's checkpoints). The 1 broadcasts
+    over heads."""
     inv = rope_frequencies(rope_dim, cfg).to(device)
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     ang = torch.outer(t, inv)
-    if cfg.rope_attn_factor == 1.0:
-        return ang.cos(), ang.sin()
-    return ang.cos() * cfg.rope_attn_factor, ang.sin() * cfg.rope_attn_factor
+    cos, sin = ang.cos(), ang.sin()
+    if cfg.rope_attn_factor != 1.0:
+        cos, sin = cos * cfg.rope_attn_factor, sin * cfg.rope_attn_factor
+    return cos.repeat_interleave(2, -1).unsqueeze(1), torch.stack((-sin, sin), -1).flatten(-2).unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs. x: (B, T, H, d); cos/sin: (T, d/2) (or broadcastable (B, T, d/2))."""
+    """Rotate interleaved pairs, (x0, x1) -> (x0 c - x1 s, x1 c + x0 s), as x cos + swap(x) sin with
+    ``rope_cos_sin``'s tables (the same products and sums, so the same bits, in six ops where the
+    pairwise form takes thirteen: it runs twice per layer in every decode step). x: (B, T, H, d);
+    cos/sin: (T, 1, d), or (B, T, 1, d) at each row's own positions."""
     dtype = x.dtype
-    fp32 = dtype == torch.float32  # no casts, not even no-op ones: 12 calls a decode step
-    xf = (x if fp32 else x.float()).unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c = cos.unsqueeze(-2)  # broadcast over heads
-    s = sin.unsqueeze(-2)
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    fp32 = dtype == torch.float32  # no casts, not even no-op ones
+    xf = x if fp32 else x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in each pair
+    out = xf * cos + swapped * sin
     return out if fp32 else out.to(dtype)
