@@ -110,7 +110,7 @@ def _pad(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
     return out
 
 
-def _mtp_span(i: int, n: int) -> tuple[int, int]:
+def mtp_span(i: int, n: int) -> tuple[int, int]:
     """MTP cache positions stored with block i: entry j needs token t_{j+1}, so block i (tokens
     [i*n, (i+1)*n)) carries entries [max(i*n - 1, 0), (i+1)*n - 1)."""
     return max(i * n - 1, 0), (i + 1) * n - 1
@@ -121,7 +121,7 @@ def _load_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int]) -
     n, hit = pc.block_size, 0
     for i, key in enumerate(pc.block_keys(prompt)):
         expect = {k: ((t.shape[0], n, *t.shape[3:]), t.dtype) for k, t in dec.cache.tensors.items()}
-        lo, hi = _mtp_span(i, n)
+        lo, hi = mtp_span(i, n)
         if dec.mtp_cache is not None:
             expect.update({f"mtp.{k}": ((1, hi - lo, *t.shape[3:]), t.dtype) for k, t in dec.mtp_cache.tensors.items()})
         blk = pc.load(key, prompt[i * n:(i + 1) * n], expect)
@@ -143,7 +143,7 @@ def _store_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int], 
             continue
         blk = {k: t[:, b, i * n:(i + 1) * n] for k, t in dec.cache.tensors.items()}
         if dec.mtp_cache is not None:
-            lo, hi = _mtp_span(i, n)
+            lo, hi = mtp_span(i, n)
             blk.update({f"mtp.{k}": t[:, b, lo:hi] for k, t in dec.mtp_cache.tensors.items()})
         pc.store(key, prompt[i * n:(i + 1) * n], blk)
 

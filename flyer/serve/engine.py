@@ -51,7 +51,7 @@ import torch
 
 from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder, Group
-from flyer.infer.generate import open_prefix_cache
+from flyer.infer.generate import mtp_span, open_prefix_cache
 from flyer.infer.prefix_cache import PrefixCache, chain_keys
 from flyer.infer.sampling import SamplingParams, probabilities, sample
 from flyer.infer.speculative import accept_drafts
@@ -70,10 +70,12 @@ def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, b
                              mtp=mtp)
 
 
-def _mtp_slots(i: int) -> slice:
-    """The slots of a block of the engine's MTP cache (position p in slot p + 1) that the on-disk
-    prefix cache stores with block i: all, but slot 0 of block 0 (position -1) holds nothing."""
-    return slice(1, None) if i == 0 else slice(None)
+def _mtp_slots(i: int, n: int) -> slice:
+    """The slots of block i of the engine's MTP cache (position p in slot p + 1) that hold the
+    positions the on-disk prefix cache stores with block i (``mtp_span``): all of them, but slot 0
+    of block 0 (position -1)."""
+    lo, hi = mtp_span(i, n)
+    return slice(lo + 1 - i * n, hi + 1 - i * n)
 
 
 def _padded(xs: list[int], n: int, pad: int) -> list[int]:
@@ -344,7 +346,8 @@ class Engine:
             if self.alloc.available < math.ceil(len(r.tokens) / bs) - len(blocks):
                 return
             expect = {k: ((t.shape[0], bs, *t.shape[3:]), t.dtype) for k, t in pool.items()}
-            expect.update({f"mtp.{k}": ((1, bs - (i == 0), *t.shape[3:]), t.dtype) for k, t in mtp.items()})
+            span = _mtp_slots(i, bs)
+            expect.update({f"mtp.{k}": ((1, span.stop - span.start, *t.shape[3:]), t.dtype) for k, t in mtp.items()})
             blk = pc.load(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], expect)
             if blk is None:
                 return
@@ -352,7 +355,7 @@ class Engine:
             for k, t in pool.items():
                 t[:, b] = blk[k].to(t.device)
             for k, t in mtp.items():
-                t[:, b, _mtp_slots(i)] = blk[f"mtp.{k}"].to(t.device)
+                t[:, b, span] = blk[f"mtp.{k}"].to(t.device)
             self.alloc.register(b, mem_keys[i])
             blocks.append(b)
             keys.append(mem_keys[i])
@@ -368,7 +371,7 @@ class Engine:
         mtp = self.mtp_cache.pool.tensors if self.spec else {}
         for i in range(first, end):
             blk = {k: t[:, r.blocks[i]] for k, t in pool.items()}
-            blk.update({f"mtp.{k}": t[:, r.blocks[i], _mtp_slots(i)] for k, t in mtp.items()})
+            blk.update({f"mtp.{k}": t[:, r.blocks[i], _mtp_slots(i, bs)] for k, t in mtp.items()})
             pc.store(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], blk)
         pc.evict()
 
