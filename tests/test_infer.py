@@ -151,7 +151,7 @@ def test_finished_rows_leave_the_batch(monkeypatch, speculative):
     eos = generate(model, prompts[:1], GenerationConfig(**gen)).tokens[0][2]  # row 0 stops at its 3rd token
     sizes = []
     forward = Decoder.forward
-    monkeypatch.setattr(Decoder, "forward", lambda self, t, s: sizes.append(t.shape[0]) or forward(self, t, s))
+    monkeypatch.setattr(Decoder, "forward", lambda self, t, *a: sizes.append(t.shape[0]) or forward(self, t, *a))
     res = generate(model, prompts, GenerationConfig(**gen, eos_id=eos))
     monkeypatch.undo()
     assert sizes[0] == 3 and sizes[-1] < 3 and sizes == sorted(sizes, reverse=True), sizes

@@ -57,6 +57,21 @@ def test_block_aligned_prompt_and_speculative_hit(tmp_path):
     torch.testing.assert_close(warm.first_logits, plain.first_logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_a_row_that_loads_its_prompt_batches_with_a_cold_one(tmp_path, speculative):
+    """One row loads all but its last token, the other loads nothing: the first row's padding in
+    the shared prefill chunk runs past its cache (a ValueError before positions were clamped);
+    each row's tokens == its prompt alone."""
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    warm, cold = (torch.randint(0, 2048, (40,), generator=g).tolist() for _ in range(2))
+    pc = open_prefix_cache(model, tmp_path, cache_dtype=torch.float32, block_size=BLOCK)
+    _run(model, [warm], pc)
+    both = _run(model, [warm, cold], pc, speculative=speculative)
+    assert both.prefix["tokens_loaded"] == 40
+    assert both.tokens == [_run(model, [p], None).tokens[0] for p in (warm, cold)]
+
+
 def _block_files(root):
     return sorted(p for p in root.glob("*/*.blk"))
 

@@ -160,6 +160,25 @@ def test_requests_join_at_the_next_step_and_prefill_is_chunked(trained):
     assert len(b) == 2 and len(a) == 20
 
 
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_a_prompt_at_the_end_of_the_context_prefills_beside_a_longer_chunk(trained, speculative):
+    """A prompt's last chunk, a few tokens before the end of the context, shares a step with a new
+    prompt's longer chunk: its padding runs past the context (the step raised, and every request
+    ended in an error, before padding positions were clamped). Greedy tokens == alone."""
+    ctx = trained.cfg.max_seq_len
+    long, short = _progression(3, 1, ctx - 2), _progression(5, 3, 40)
+    eng = _engine(trained, blocks=2 * ctx // 16, block_size=16, prefill_chunk=100, speculative=speculative)
+    outs = [[], []]
+    eng.submit(long, SamplingOptions(max_tokens=2), lambda e: outs[0].append(e.token))
+    while not eng.running or len(long) - eng.running[0].n_cached > 30:
+        eng.step()
+    eng.submit(short, SamplingOptions(max_tokens=4), lambda e: outs[1].append(e.token))
+    eng.step()  # the long prompt's last 22 tokens (from position ctx - 24) and the short one's 40
+    assert [r.n_cached for r in eng.running] == [ctx - 2, 40]
+    eng.run_until_idle()
+    assert outs == [_alone(trained, [long], 2)[0], _alone(trained, [short], 4)[0]]
+
+
 def test_seeded_sampling_is_reproducible_in_any_batch(trained):
     p = _progression(4, 3, 9)
     opts = SamplingOptions(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)

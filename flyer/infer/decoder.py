@@ -105,9 +105,19 @@ class Decoder:
         """Main-model cache bytes per token (what ``flyer info`` reports for a BF16 cache)."""
         return self.cache.bytes_per_token()
 
-    def _rows(self, start_B: torch.Tensor, T: int, shift: int = 0) -> Rows:
-        """Rows of T new tokens per row from ``start_B``, in cache slots ``shift`` past their positions."""
+    def _rows(self, start_B: torch.Tensor, T: int, shift: int = 0, lengths: list[int] | None = None) -> Rows:
+        """Rows of T new tokens per row from ``start_B``, in cache slots ``shift`` past their positions.
+        ``lengths``: each row's real tokens; the padding after them may run past ``max_len`` (a row
+        near the end of the context batched with a longer one), so its positions are clamped to the
+        last one: past the row's real tokens either way, where its writes are overwritten later."""
         pos = start_B.view(-1, 1) + torch.arange(T, device=start_B.device)
+        if lengths is not None:
+            ends = [s + n for s, n in zip(start_B.tolist(), lengths)]
+            if max(ends) > self.max_len:
+                raise ValueError(f"position {max(ends) - 1} exceeds the decoder's max_len {self.max_len}")
+            if any(e == self.max_len and n < T for e, n in zip(ends, lengths)):
+                raise ValueError(f"padding after position {self.max_len - 1} would overwrite a real token's slot")
+            pos = pos.clamp(max=self.max_len - 1)
         S = int(pos.max()) + 1
         if S > self.max_len:
             raise ValueError(f"position {S - 1} exceeds the decoder's max_len {self.max_len}")
@@ -119,16 +129,18 @@ class Decoder:
         return x + block.ffn(block.ffn_norm(x))
 
     @torch.inference_mode()
-    def forward(self, tokens_BT: torch.Tensor, start_B: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, T, D) before the final norm; writes the cache at the T positions."""
-        return self.forward_groups([Group(tokens_BT, start_B)])[0]
+    def forward(self, tokens_BT: torch.Tensor, start_B: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+        """Hidden states (B, T, D) before the final norm; writes the cache at the T positions
+        (``lengths``: each row's real tokens, as in ``Group``)."""
+        return self.forward_groups([Group(tokens_BT, start_B, lengths)])[0]
 
     @torch.inference_mode()
     def forward_groups(self, groups: list[Group]) -> list[torch.Tensor]:
         """``forward`` of each group (its hidden states (B, T, D); positions past a row's length
         hold another token's state) in one pass: the groups' real tokens packed into one sequence
         for everything but attention."""
-        packs = [_Pack(g, self._rows(g.start, g.tokens.shape[1]), g.cache or self.cache) for g in groups]
+        packs = [_Pack(g, self._rows(g.start, g.tokens.shape[1], lengths=g.lengths), g.cache or self.cache)
+                 for g in groups]
         off = 0
         for p in packs:
             p.off, off = off, off + p.n
@@ -148,13 +160,13 @@ class Decoder:
 
     @torch.inference_mode()
     def mtp_forward(self, h_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, start_B: torch.Tensor,
-                    from_main: bool = True, shift: int = 0) -> torch.Tensor:
+                    from_main: bool = True, shift: int = 0, lengths: list[int] | None = None) -> torch.Tensor:
         """h^1 (B, T, D) at positions start_b + t from h_{i} and the token t_{i+1} (MTP module 1).
         ``from_main``: h is the main model's (before its final norm, which is applied here, as in
         training); False: h is a previous MTP output (chained drafts), taken as it is. ``shift``:
-        the MTP cache keeps position p in slot p + shift (see ``Rows``)."""
+        the MTP cache keeps position p in slot p + shift (see ``Rows``); ``lengths`` as in ``Group``."""
         mod = self.model.mtp[0]
-        rows = self._rows(start_B, h_BTD.shape[1], shift)
+        rows = self._rows(start_B, h_BTD.shape[1], shift, lengths)
         x = mod.project(self.model.norm(h_BTD) if from_main else h_BTD, self.model.embed(next_tokens_BT))
         return self._block(mod.block, x, self.mtp_cache, 0, rows)
 

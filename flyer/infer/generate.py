@@ -158,13 +158,13 @@ def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: Prefix
     # recompute the last loaded position: its hidden state feeds the MTP module and the logits
     start = torch.tensor([max(h - 1, 0) for h in hits], dtype=torch.long, device=device)
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
-    chunk = _pad([p[int(s):] for p, s in zip(prompts, start)], device)
-    h = dec.forward(chunk, start)
+    rows = [p[int(s):] for p, s in zip(prompts, start)]
+    h = dec.forward(_pad(rows, device), start, [len(r) for r in rows])
     if dec.mtp_cache is not None:
         nxt = [p[int(s) + 1:] for p, s in zip(prompts, start)]  # t_{j+1} for j in [start, len-1)
         if max(len(r) for r in nxt) > 0:
             nxt_BT = _pad(nxt, device)
-            dec.mtp_forward(h[:, :nxt_BT.shape[1]], nxt_BT, start)
+            dec.mtp_forward(h[:, :nxt_BT.shape[1]], nxt_BT, start, lengths=[len(r) for r in nxt])
         dec.mtp_cache.lengths.copy_(lens - 1)
     dec.cache.lengths.copy_(lens)
     logits = dec.logits(gather_rows(h, lens - 1 - start))

@@ -481,7 +481,7 @@ class Engine:
             nxt[i, :ci] = torch.tensor(r.tokens[r.mtp_len + 1:r.mtp_len + 1 + ci])
         start = torch.tensor([r.mtp_len for r in rows], device=self.device)
         self.mtp_cache.tables = self._tables(rows, int(start.max()) + C + 1)
-        h1 = self.dec.mtp_forward(h_in, nxt.to(self.device), start, shift=1)  # position p in slot p + 1
+        h1 = self.dec.mtp_forward(h_in, nxt.to(self.device), start, shift=1, lengths=c)  # position p in slot p + 1
         for r, ci in zip(rows, c):
             r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
         return h1[torch.arange(len(rows)), torch.tensor([max(ci - 1, 0) for ci in c])]
