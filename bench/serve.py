@@ -157,7 +157,8 @@ def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> dict[str
     eng = Engine(model, EngineConfig(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"),
                                      max_batch_size=MAX_BATCH, prefill_chunk=args.prefill_chunk,
                                      cache_dtype=torch.float32,  # flyer serve --cache-dtype fp32
-                                     speculative=args.speculative, prefix_sharing=args.prefix_sharing))
+                                     speculative=args.speculative, draft_tokens=args.draft_tokens,
+                                     prefix_sharing=args.prefix_sharing))
     pending, tokens = iter(reqs), [0]
 
     def submit() -> None:
@@ -270,7 +271,7 @@ def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.speculative:
-        cmd += ["--speculative", args.speculative]
+        cmd += ["--speculative", args.speculative, "--draft-tokens", str(args.draft_tokens)]
     if not args.prefix_sharing:
         cmd += ["--no-prefix-sharing"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -281,9 +282,10 @@ def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
     return proc, line.split()[4]
 
 
-def _prefix_hit_rate(url: str) -> float:
-    m = re.search(r"^flyer_prefix_cache_hit_rate ([0-9.e+-]+)$", httpx.get(url + "/metrics").text, re.M)
-    return float(m.group(1)) if m else 0.0
+def _metrics(url: str, *names: str) -> list[float]:
+    """The server's current value of each Prometheus metric (0 when absent)."""
+    text = httpx.get(url + "/metrics").text
+    return [float(m.group(1)) if (m := re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)) else 0.0 for name in names]
 
 
 def _peer_generate(hf_dir: Path, reqs, concurrency: int, threads: int, device: torch.device) -> dict:
@@ -412,6 +414,7 @@ def main() -> None:
     ap.add_argument("--decode-context", type=int, default=None,
                     help="context of the in-process decode-step keys (default: the prompts' mean length)")
     ap.add_argument("--speculative", choices=["mtp"], default=None, help="flyer serve --speculative (the engine's too)")
+    ap.add_argument("--draft-tokens", type=int, default=1, help="flyer serve --draft-tokens (with --speculative)")
     ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false",
                     help="flyer serve --no-prefix-sharing (the engine's too)")
     ap.add_argument("--no-peer-serve", dest="peer_serve", action="store_false",
@@ -433,6 +436,7 @@ def main() -> None:
                  "kv_cache_memory": args.kv_cache_memory, "weight_dtype": args.weight_dtype,
                  "prompt_tokens": [args.prompt_min, args.prompt_max], "new_tokens": [args.new_min, args.new_max],
                  "system_prompt_tokens": args.system_prompt, "speculative": args.speculative,
+                 "draft_tokens": args.draft_tokens if args.speculative else None,
                  "prefix_sharing": args.prefix_sharing}
     rng = random.Random(0)
     system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
@@ -443,13 +447,18 @@ def main() -> None:
         try:
             with _client(1) as client:
                 _one(client, url, "small", system + [1, 2, 3], 4)  # warm-up
+            spec = ("flyer_spec_draft_tokens_total", "flyer_spec_accepted_tokens_total")
             for c in args.concurrency:
                 reqs = _requests(c * args.requests_per_client, args, rng, system)
+                before = _metrics(url, *spec)
                 res = _drive(url, "small", reqs, c)
                 out[f"tokens_per_s_c{c}"] = res["tokens_per_s"]
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
                     out[f"{k}_c{c}"] = res[k]
-                out[f"prefix_hit_rate_c{c}"] = _prefix_hit_rate(url)
+                hit_rate, drafted, accepted = _metrics(url, "flyer_prefix_cache_hit_rate", *spec)
+                out[f"prefix_hit_rate_c{c}"] = hit_rate
+                if args.speculative:  # this concurrency's drafts: accepted / verified
+                    out[f"draft_acceptance_c{c}"] = round((accepted - before[1]) / max(drafted - before[0], 1), 4)
                 sent[c] = reqs
         finally:
             proc.terminate()

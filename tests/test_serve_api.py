@@ -248,12 +248,13 @@ def test_disconnect_cancels_and_frees_blocks(served):
     assert 'flyer_requests_total{finish_reason="cancelled"}' in m and "flyer_cache_blocks_free" in m
     for name in ("flyer_time_to_first_token_seconds_bucket", "flyer_time_per_output_token_seconds_bucket",
                  "flyer_requests_running", "flyer_requests_waiting", "flyer_cache_blocks_used",
-                 "flyer_prefix_cache_hit_rate", "flyer_prompt_tokens_total", "flyer_generation_tokens_total"):
+                 "flyer_prefix_cache_hit_rate", "flyer_prompt_tokens_total", "flyer_generation_tokens_total",
+                 "flyer_spec_draft_tokens_total", "flyer_spec_accepted_tokens_total"):
         assert name in m
 
 
 def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, capsys):
-    """Weights held in BF16 on both sides (``--weight-dtype bf16``), MTP speculation in the server,
+    """Weights held in BF16 on both sides (``--weight-dtype bf16``), MTP speculation (two drafts a step) in the server,
     whose on-disk prefix cache ``flyer generate --prefix-cache`` then reads (MTP entries included)."""
     cfg = preset("tiny", vocab_size=300)
     torch.manual_seed(0)
@@ -268,7 +269,7 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
     ref = json.loads(capsys.readouterr().out)
     proc = subprocess.Popen([sys.executable, "-m", "flyer", "serve", "--ckpt", str(tmp_path), "--port", "0",
                              "--cache-dtype", "fp32", "--kv-cache-memory", "4M", "--threads", "1",
-                             "--speculative", "mtp", "--weight-dtype", "bf16", "--device", "cpu",
+                             "--speculative", "mtp", "--draft-tokens", "2", "--weight-dtype", "bf16", "--device", "cpu",
                              "--prefix-cache", str(tmp_path / "prefixes"), "--block-size", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     long = "the lazy dog jumps over the quick brown fox " * 2
@@ -306,6 +307,7 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
     (["--preset", "tiny", "--kv-cache-memory", "1k"], "--kv-cache-memory: 1024 bytes hold 0 blocks"),
     (["--preset", "tiny", "--max-batch-size", "0"], "--max-batch-size: must be >= 1"),
     (["--preset", "tiny", "--expert-threads", "0"], "--expert-threads: must be >= 1"),
+    (["--preset", "tiny", "--speculative", "mtp", "--draft-tokens", "0"], "--draft-tokens: must be >= 1"),
     (["--preset", "tiny", "--port", "70000"], "--port: must be in"),
     (["--preset", "tiny", "--ckpt", "x"], "exactly one"),
 ])

@@ -160,23 +160,25 @@ def test_requests_join_at_the_next_step_and_prefill_is_chunked(trained):
     assert len(b) == 2 and len(a) == 20
 
 
-@pytest.mark.parametrize("speculative", [None, "mtp"])
-def test_a_prompt_at_the_end_of_the_context_prefills_beside_a_longer_chunk(trained, speculative):
+@pytest.mark.parametrize("speculative,drafts", [(None, 1), ("mtp", 1), ("mtp", 3)])
+def test_a_prompt_at_the_end_of_the_context_prefills_beside_a_longer_chunk(trained, speculative, drafts):
     """A prompt's last chunk, a few tokens before the end of the context, shares a step with a new
     prompt's longer chunk: its padding runs past the context (the step raised, and every request
-    ended in an error, before padding positions were clamped). Greedy tokens == alone."""
+    ended in an error, before padding positions were clamped). Then it decodes to the last
+    position of the context, drafting no further. Greedy tokens == alone."""
     ctx = trained.cfg.max_seq_len
-    long, short = _progression(3, 1, ctx - 2), _progression(5, 3, 40)
-    eng = _engine(trained, blocks=2 * ctx // 16, block_size=16, prefill_chunk=100, speculative=speculative)
+    long, short = _progression(3, 1, ctx - 6), _progression(5, 3, 40)
+    eng = _engine(trained, blocks=2 * ctx // 16, block_size=16, prefill_chunk=100, speculative=speculative,
+                  draft_tokens=drafts)
     outs = [[], []]
-    eng.submit(long, SamplingOptions(max_tokens=2), lambda e: outs[0].append(e.token))
+    eng.submit(long, SamplingOptions(max_tokens=6), lambda e: outs[0].append(e.token))
     while not eng.running or len(long) - eng.running[0].n_cached > 30:
         eng.step()
     eng.submit(short, SamplingOptions(max_tokens=4), lambda e: outs[1].append(e.token))
-    eng.step()  # the long prompt's last 22 tokens (from position ctx - 24) and the short one's 40
-    assert [r.n_cached for r in eng.running] == [ctx - 2, 40]
+    eng.step()  # the long prompt's last 18 tokens (from position ctx - 24) and the short one's 40
+    assert [r.n_cached for r in eng.running] == [ctx - 6, 40]
     eng.run_until_idle()
-    assert outs == [_alone(trained, [long], 2)[0], _alone(trained, [short], 4)[0]]
+    assert outs == [_alone(trained, [long], 6)[0], _alone(trained, [short], 4)[0]]
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch(trained):
@@ -288,6 +290,62 @@ def test_mtp_speculation_in_the_batch_keeps_greedy_tokens(trained):
         _alone(trained, [p9], 6)
     with pytest.raises(FieldError, match="mtp_depth"):
         _engine(Transformer(preset("tiny", vocab_size=V, mtp_depth=0)), speculative="mtp")
+
+
+def _draft_calls(monkeypatch) -> list[tuple[list[int], torch.Tensor | None]]:
+    """Every ``accept_drafts`` call's drafts and draft distributions, in generate and the engine."""
+    from flyer.infer import speculative
+    from flyer.serve import engine
+    calls = []
+
+    def recording(accept):
+        return lambda p, q, drafts, *a: calls.append((list(drafts), q)) or accept(p, q, drafts, *a)
+
+    monkeypatch.setattr(speculative, "accept_drafts", recording(speculative.accept_drafts))
+    monkeypatch.setattr(engine, "accept_drafts", recording(engine.accept_drafts))
+    return calls
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_several_mtp_drafts_per_step(trained, monkeypatch, k):
+    """``draft_tokens`` k: greedy tokens == generate alone, with and without preemption; each
+    step's drafts, and with sampling their distributions, == ``flyer generate``'s chained drafts
+    for that prompt alone (the engine drafts no more than a request has tokens left, so from its
+    row's last step on they may differ); seeded sampling reproducible in any batch."""
+    head = _progression(3, 2, 13)
+    prompts = [head + _progression(5, 3, n) for n in (3, 17)] + [_progression(7, 1, n) for n in (1, 30, 6)]
+    ref = _alone(trained, prompts, 12)
+    for blocks, chunk in ((64, 64), (18, 8)):
+        eng = _engine(trained, blocks=blocks, prefill_chunk=chunk, speculative="mtp", draft_tokens=k)
+        assert _run(eng, prompts, SamplingOptions(max_tokens=12)) == ref, (blocks, chunk)
+        assert eng.alloc.used == 0
+    assert eng.metrics.preemptions._value.get() > 0
+    assert (eng.metrics.draft_tokens._value.get(), eng.metrics.accepted_tokens._value.get()) == \
+        (eng.drafted, eng.accepted)
+    calls = _draft_calls(monkeypatch)
+    compared = 0
+    for p, temperature in [(p, 0.0) for p in prompts[1:]] + [(prompts[1], 1.0)]:  # not the 1-token prompt:
+        calls.clear()                                    # the engine's first step has nothing to draft from
+        generate(trained, [p], GenerationConfig(max_new_tokens=12, cache_dtype=torch.float32, speculative="mtp",
+                                                draft_tokens=k, temperature=temperature, seed=5))
+        theirs = list(calls)
+        calls.clear()
+        _run(_engine(trained, speculative="mtp", draft_tokens=k), [p],
+             SamplingOptions(max_tokens=12, temperature=temperature, seed=5))
+        assert len(calls[0][0]) == k
+        for (d, q), (d_gen, q_gen) in zip(calls, theirs):
+            assert d == d_gen[:len(d)]
+            if q is not None:  # FP32 sums in another order move these by ~1e-7; a chained step from
+                # the wrong position, or with the main model's final norm on its input, by 1e-4 to 1e-2
+                torch.testing.assert_close(q, q_gen[:len(d)], atol=1e-5, rtol=0)
+            if len(d) < k:
+                break
+            compared += 1
+    assert compared >= 3 * len(prompts)
+    opts = SamplingOptions(max_tokens=10, temperature=1.0, seed=3)
+    alone = _run(_engine(trained, speculative="mtp", draft_tokens=k), [prompts[0]], opts)
+    assert alone == _run(_engine(trained, speculative="mtp", draft_tokens=k, prefill_chunk=4),
+                         [prompts[3], prompts[0]], [SamplingOptions(max_tokens=5), opts])[1:]
 
 
 def _one_by_one(eng: Engine, prompts, n: int) -> tuple[list[list[int]], list[tuple[int, int]]]:

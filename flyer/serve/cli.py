@@ -68,7 +68,7 @@ def _run(args) -> int:
     cfg = EngineConfig(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"),
                        block_size=args.block_size, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                        prefill_chunk=args.prefill_chunk, prefix_sharing=not args.no_prefix_sharing,
-                       speculative=args.speculative)
+                       speculative=args.speculative, draft_tokens=args.draft_tokens)
     cfg.validate()
     if not 0 <= args.port < 65536:
         raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
@@ -147,7 +147,9 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step")
     p.add_argument("--speculative", choices=["mtp"], default=None,
-                   help="one MTP draft per request and step, verified in the batch (greedy output unchanged)")
+                   help="MTP drafts per request and step, verified in the batch (greedy output unchanged)")
+    p.add_argument("--draft-tokens", type=int, default=1,
+                   help="MTP drafts per request and step (default 1; more reapply the MTP module to its own output)")
     p.add_argument("--no-prefix-sharing", action="store_true", help="recompute shared prompt prefixes")
     p.add_argument("--prefix-cache", metavar="DIR",
                    help="on-disk prefix cache under the in-memory one (shared with flyer generate --prefix-block "

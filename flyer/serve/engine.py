@@ -21,8 +21,11 @@ wait for the model. Each scheduler step:
 
 With ``speculative="mtp"`` the MTP module has a paged one-layer cache on the same block tables;
 each decode step first writes the MTP entries a request can (its main hidden states with the
-next tokens), drafts one token from the last, and verifies [pending, draft] in one main-model
-pass (``flyer.infer.speculative.accept_drafts``: greedy keeps plain greedy's tokens). The MTP
+next tokens), drafts a token from the last, reapplies the module to its own output and that
+draft for each further one (``draft_tokens``, as ``flyer generate`` does: those entries are
+scratch, overwritten by the next step's), and verifies [pending, drafts] in one main-model pass
+(``flyer.infer.speculative.accept_drafts``: greedy keeps plain greedy's tokens). A request drafts
+no more tokens than it has left to produce, so its writes stay within its prompt + max_tokens. The MTP
 entry of position p needs token p + 1, so the MTP cache keeps it in slot p + 1: block i then
 holds the entries of positions [i n - 1, (i + 1) n - 1), all set by the tokens block i's chain
 key covers, and is shared with the main cache's block i (the on-disk prefix cache stores the
@@ -97,10 +100,11 @@ class EngineConfig:
     cache_dtype: torch.dtype = torch.bfloat16
     prefix_sharing: bool = True
     prefix_cache: PrefixCache | None = None  # on-disk second tier (``open_disk_prefix_cache``)
-    speculative: str | None = None  # "mtp": one MTP draft per decoding request per step, verified in the batch
+    speculative: str | None = None  # "mtp": MTP drafts per decoding request per step, verified in the batch
+    draft_tokens: int = 1  # drafts per request and step (speculative)
 
     def validate(self) -> None:
-        for name in ("kv_cache_bytes", "block_size", "max_batch_size", "max_queue", "prefill_chunk"):
+        for name in ("kv_cache_bytes", "block_size", "max_batch_size", "max_queue", "prefill_chunk", "draft_tokens"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
         if self.speculative not in (None, "mtp"):
@@ -383,7 +387,7 @@ class Engine:
         for r in list(self.running):
             if r not in self.running or len(r.tokens) - r.n_cached != 1:
                 continue
-            while len(r.blocks) * bs <= r.n_cached + int(self.spec):  # speculative: a slot for the draft too
+            while len(r.blocks) * bs <= r.n_cached + self._n_drafts(r):  # speculative: slots for the drafts too
                 b = self.alloc.allocate()
                 if b is not None:
                     r.blocks.append(b)
@@ -395,6 +399,13 @@ class Engine:
             if r in self.running:
                 rows.append(r)
         return [r for r in rows if r in self.running]
+
+    def _n_drafts(self, r: Request) -> int:
+        """Drafts r verifies this step: none before its first hidden state (a one-token prompt) and
+        none past the tokens it has left (its last step verifies its pending token alone)."""
+        if not self.spec or r.n_cached == 0:
+            return 0
+        return min(self.cfg.draft_tokens, r.opts.max_tokens - r.generated - 1)
 
     def _preempt(self, r: Request) -> None:
         self.running.remove(r)
@@ -423,42 +434,39 @@ class Engine:
         """One main-model pass over every decoding row's next token(s) and every prefilling row's
         chunk (``Decoder.forward_groups``: the weights are read once a step), one head GEMM for
         every row that needs logits, then each row's token(s) chosen and emitted."""
-        plain, drafting = decoding, []
-        if self.spec:  # a one-token prompt has no hidden state to draft from yet: a plain step
-            plain = [r for r in decoding if r.n_cached == 0]
-            drafting = [r for r in decoding if r.n_cached > 0]
+        plain = [r for r in decoding if self._n_drafts(r) == 0]
+        drafting = [r for r in decoding if self._n_drafts(r) > 0]
+        drafted = self._draft(drafting) if drafting else []
         batches = []
         if plain:
             batches.append((plain, [[r.tokens[-1]] for r in plain]))
-        if drafting:
-            q, drafts, params = self._draft(drafting)
-            batches.append((drafting, [[r.tokens[-1], d] for r, d in zip(drafting, drafts)]))
+        for rows, _, drafts, _ in drafted:  # one group per draft count: verified without padding
+            batches.append((rows, [[r.tokens[-1], *d] for r, d in zip(rows, drafts)]))
         if prefilling:
             batches.append((prefilling, [r.tokens[r.n_cached:r.n_cached + n] for r, n in zip(prefilling, lens)]))
         if not batches:
             return
         hs = self.dec.forward_groups([self._group(rows, chunks) for rows, chunks in batches])
         h_plain = hs.pop(0) if plain else None
-        h_draft = hs.pop(0) if drafting else None
+        h_drafts = [hs.pop(0) for _ in drafted]
         h_pre = hs.pop(0) if prefilling else None
         ending = [i for i, (r, n) in enumerate(zip(prefilling, lens)) if r.n_cached + n == len(r.tokens)]
         need = [h_plain[:, 0]] if plain else []
-        if drafting:
-            need.append(h_draft.flatten(0, 1))
+        need += [h.flatten(0, 1) for h in h_drafts]
         if ending:
             need.append(h_pre[ending, [lens[i] - 1 for i in ending]])
         logits = self.dec.logits(torch.cat(need) if len(need) > 1 else need[0]) if need else None
         greedy = logits.argmax(-1).tolist() if need else []  # one argmax for the step, not one per row
         for i, r in enumerate(plain):
             r.n_cached += 1
-            if self.spec:
-                r.h_prev = h_plain[i]  # (1, D): position 0
+            if self.spec:  # (1, D) at the position just fed
+                r.h_prev = h_plain[i] if r.h_prev is None else torch.cat([r.h_prev, h_plain[i]])
             self._advance(r, logits[i], greedy[i])
         done = len(plain)
-        if drafting:
-            self._verify(drafting, h_draft, logits[done:done + 2 * len(drafting)].view(len(drafting), 2, -1),
-                         q, drafts, params)
-            done += 2 * len(drafting)
+        for (rows, q, drafts, params), h in zip(drafted, h_drafts):
+            n = h.shape[0] * h.shape[1]
+            self._verify(rows, h, logits[done:done + n].view(h.shape[0], h.shape[1], -1), q, drafts, params)
+            done += n
         if prefilling:
             self._after_prefill(prefilling, lens, h_pre, dict(zip(ending, range(done, done + len(ending)))),
                                 logits, greedy)
@@ -486,26 +494,54 @@ class Engine:
             r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
         return h1[torch.arange(len(rows)), torch.tensor([max(ci - 1, 0) for ci in c])]
 
-    def _draft(self, rows: list[Request]) -> tuple[list, list[int], list[SamplingParams]]:
-        """One MTP draft per row (``flyer.infer.speculative``): (draft distributions, None for a
-        greedy row; the drafts; each row's sampling parameters)."""
-        h1 = self._mtp_catch_up(rows)  # every decoding row has its entry n - 1 to write
-        q_logits = self.dec.mtp_logits(h1)  # (B, V) at position n - 1: predicts t_{n+1}
+    def _draft(self, rows: list[Request]) -> list[tuple[list[Request], list, list[list[int]], list[SamplingParams]]]:
+        """Each row's MTP drafts (``_n_drafts``; ``flyer.infer.speculative``), the rows grouped by
+        their number of drafts: (rows, draft distributions (k, V) per row, None for a greedy one;
+        the drafts; the rows' sampling parameters) per group."""
+        ks = [self._n_drafts(r) for r in rows]
         params = [SamplingParams(r.opts.temperature, r.opts.top_p) for r in rows]
-        q = [None if p.greedy else probabilities(q_logits[i:i + 1], p) for i, p in enumerate(params)]
-        drafts = [int(q_logits[i].argmax()) if p.greedy else int(torch.multinomial(q[i][0], 1, generator=r.generator))
-                  for i, (r, p) in enumerate(zip(rows, params))]
-        return q, drafts, params
+        q = [[] for _ in rows]
+        drafts = [[] for _ in rows]
+        h1 = self._mtp_catch_up(rows)  # (B, D) at position n - 1, which predicts t_{n+1}: every row has it to write
+        live = list(range(len(rows)))  # the rows still drafting, and h1 for them
+        for k in range(max(ks)):
+            q_logits = self.dec.mtp_logits(h1)
+            argmax = q_logits.argmax(-1).tolist()  # one for the batch, not one per row
+            for j, i in enumerate(live):
+                if params[i].greedy:
+                    drafts[i].append(argmax[j])
+                else:
+                    q[i].append(probabilities(q_logits[j:j + 1], params[i]))
+                    drafts[i].append(int(torch.multinomial(q[i][-1][0], 1, generator=rows[i].generator)))
+            more = [j for j, i in enumerate(live) if ks[i] > k + 1]
+            if not more:
+                break
+            # the module on its own output and its draft, at position n + k (slot n + k + 1): a scratch
+            # entry, overwritten by the next step's catch-up with the main model's state
+            live = [live[j] for j in more]
+            sub = [rows[i] for i in live]
+            start = torch.tensor([r.n_cached + k for r in sub], device=self.device)
+            self.mtp_cache.tables = self._tables(sub, int(start.max()) + 2)
+            d = torch.tensor([drafts[i][-1] for i in live], device=self.device).view(-1, 1)
+            h1 = self.dec.mtp_forward(h1[more].unsqueeze(1), d, start, from_main=False, shift=1)[:, 0]
+        groups = []
+        for n in sorted(set(ks)):
+            idx = [i for i, k in enumerate(ks) if k == n]
+            groups.append(([rows[i] for i in idx], [None if params[i].greedy else torch.cat(q[i]) for i in idx],
+                           [drafts[i] for i in idx], [params[i] for i in idx]))
+        return groups
 
-    def _verify(self, rows: list[Request], hv: torch.Tensor, logits: torch.Tensor, q: list, drafts: list[int],
+    def _verify(self, rows: list[Request], hv: torch.Tensor, logits: torch.Tensor, q: list, drafts: list[list[int]],
                 params: list[SamplingParams]) -> None:
-        """Keep each row's accepted tokens of [pending, draft] (``accept_drafts``: greedy keeps
-        exactly plain greedy decoding's tokens) and emit them. hv (B, 2, D), logits (B, 2, V)."""
+        """Keep each row's accepted tokens of [pending, *drafts] (``accept_drafts``: greedy keeps
+        exactly plain greedy decoding's tokens) and emit them. hv (B, k + 1, D), logits (B, k + 1, V)."""
         for i, (r, p) in enumerate(zip(rows, params)):
             target = logits[i] if p.greedy else probabilities(logits[i], p)
-            new = accept_drafts(target, q[i], [drafts[i]], p, r.generator)
-            self.drafted += 1
+            new = accept_drafts(target, q[i], drafts[i], p, r.generator)
+            self.drafted += len(drafts[i])
             self.accepted += len(new) - 1
+            self.metrics.draft_tokens.inc(len(drafts[i]))
+            self.metrics.accepted_tokens.inc(len(new) - 1)
             r.h_prev = hv[i, :len(new)]  # positions n .. n + len(new) - 1
             r.n_cached += len(new)
             self._register_full_blocks(r)

@@ -9,7 +9,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 class ServeMetrics:
     """Requests, tokens in and out, time to first token, time per output token, running and
-    waiting requests, cache blocks used and free, prefix hit rate, preemptions."""
+    waiting requests, cache blocks used and free, prefix hit rate, preemptions, MTP drafts
+    verified and accepted."""
 
     def __init__(self):
         r = self.registry = CollectorRegistry()
@@ -29,6 +30,10 @@ class ServeMetrics:
         self.prefix_hit_rate = Gauge("flyer_prefix_cache_hit_rate", "Prompt blocks found in the cache / looked up",
                                      registry=r)
         self.preemptions = Counter("flyer_preemptions", "Running requests preempted (recomputed later)", registry=r)
+        self.draft_tokens = Counter("flyer_spec_draft_tokens", "MTP draft tokens verified (--speculative)",
+                                    registry=r)
+        self.accepted_tokens = Counter("flyer_spec_accepted_tokens", "MTP draft tokens accepted (--speculative)",
+                                       registry=r)
         self.rejected = Counter("flyer_rejected_requests", "Requests refused, by HTTP status", ["status"], registry=r)
 
     def render(self) -> bytes:
