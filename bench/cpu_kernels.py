@@ -8,7 +8,8 @@ activation in 1x128 tiles; the FP32 grouped GEMM of the 32 experts' up-projectio
 each, against one ``torch.mm`` per expert; ``mla_decode_*``: one layer's absorbed MLA decode
 attention over a paged cache, read in place against gathered, at B rows of S slots). Then the
 grouped GEMM streaming 8 layers' experts from memory: on one and two expert threads
-(``grouped_mm_expert_threads``), and with the weights held in BF16 against FP32 (``grouped_mm_held_bf16``).
+(``grouped_mm_expert_threads``), and with the weights held in BF16 and in FP8 (E4M3 codes with
+128x128 block scales, DeepSeek's checkpoint format) against FP32 (``grouped_mm_held``).
 
     python bench/cpu_kernels.py [--rounds 7] [--threads N]
 """
@@ -25,7 +26,7 @@ import torch
 
 from flyer import kernels
 from flyer.config import preset
-from flyer.fp8.quant import dequantize, quantize_tiles
+from flyer.fp8.quant import dequantize, quantize_blocks_batched, quantize_tiles
 from flyer.infer.attention import Rows, causal_slot_mask, mla_absorbed_cached
 from flyer.model.norm import rms_norm
 from flyer.runtime import tune_malloc
@@ -136,17 +137,20 @@ def main() -> None:
         out["kernels"][name] = {"eager_ms": round(e, 3), "kernel_ms": round(k, 3), "speedup": round(e / k, 2)}
     layers = [torch.randn(32, 512, 384, generator=torch.Generator().manual_seed(1)) for _ in range(8)]
     out["grouped_mm_expert_threads"] = _expert_threads(layers, args.rounds)
-    out["grouped_mm_held_bf16"] = _held(layers, args.rounds)
+    out["grouped_mm_held"] = _held(layers, args.rounds)
     print(json.dumps(out))
 
 
-def _streamed(ws: list[torch.Tensor], rows: int, threads: int, rounds: int) -> float:
+def _streamed(ws: list, rows: int, threads: int, rounds: int) -> float:
     """ms per layer of the experts' up-projection kernel at ``rows`` rows per expert, over the
-    layers' weights ``ws`` in turn (they stream from memory, as in a decode step)."""
+    layers' weights ``ws`` in turn (they stream from memory, as in a decode step); a weight is a
+    tensor or FP8 (codes, block scales)."""
     x = torch.randn(32 * rows, 384, generator=torch.Generator().manual_seed(2))
     kernels.set_expert_threads(threads)
+    ws = [w if isinstance(w, tuple) else (w, None) for w in ws]
     try:
-        times = [_time(lambda: [kernels.grouped_mm(x, [rows] * 32, w) for w in ws], 2) for _ in range(rounds)]
+        times = [_time(lambda: [kernels.grouped_mm(x, [rows] * 32, w, scale=s) for w, s in ws], 2)
+                 for _ in range(rounds)]
     finally:
         kernels.set_expert_threads(1)
     return statistics.median(times) / len(ws)
@@ -161,18 +165,22 @@ def _expert_threads(ws: list[torch.Tensor], rounds: int) -> dict:
 
 
 def _held(fp32: list[torch.Tensor], rounds: int) -> dict:
-    """The same streamed up-projections with the weights held in BF16 (``flyer serve --weight-dtype
-    bf16``) against FP32, at 1 and 4 rows per expert on two expert threads: ms per layer and the
-    speedup (FP32 / BF16; the bytes halve, so 2 is the memory-bound ceiling)."""
-    bf16 = [w.bfloat16() for w in fp32]
+    """The same streamed up-projections with the weights held in BF16 and in FP8 (``flyer serve
+    --weight-dtype bf16 | fp8``) against FP32, at 1 and 4 rows per expert on two expert threads: ms
+    per layer and the speedups over FP32 (the bytes halve and quarter: 2 and 4 are the memory-bound
+    ceilings)."""
+    held = {"fp32": fp32, "bf16": [w.bfloat16() for w in fp32],
+            "fp8": [(c.contiguous(), s) for c, s in map(quantize_blocks_batched, fp32)]}
     res = {}
     for rows in (1, 4):
         ms = {}
         for _ in range(rounds):  # interleaved, as the kernels above
-            for name, ws in (("fp32", fp32), ("bf16", bf16)):
+            for name, ws in held.items():
                 ms.setdefault(name, []).append(_streamed(ws, rows, 2, 1))
-        f, b = statistics.median(ms["fp32"]), statistics.median(ms["bf16"])
-        res[f"{rows}_rows"] = {"fp32_ms": round(f, 3), "bf16_ms": round(b, 3), "speedup": round(f / b, 2)}
+        med = {name: statistics.median(t) for name, t in ms.items()}
+        res[f"{rows}_rows"] = {**{f"{name}_ms": round(t, 3) for name, t in med.items()},
+                               "speedup_bf16": round(med["fp32"] / med["bf16"], 2),
+                               "speedup_fp8": round(med["fp32"] / med["fp8"], 2)}
     return res
 
 

@@ -3,6 +3,7 @@
 1. Saves the ``small`` preset with random weights (seed 0) as a flyer run (``--weight-dtype bf16``,
    the default: rounded to BF16 values, as a published checkpoint stores them), starts
    ``flyer serve --ckpt --weight-dtype`` on it (bf16: the GEMM weights held in BF16, FP32 compute;
+   fp8: on the run exported in DeepSeek's FP8 format, its codes and block scales held as stored;
    127.0.0.1, a free port) and drives it with N concurrent clients (``--concurrency``), each
    sending ``--requests-per-client`` streaming completions one after another (a steady load, not
    one burst) of a realistic mix: a shared system prompt, then a
@@ -65,7 +66,8 @@ from decode import gathered_attention  # bench/decode.py, beside this script
 from flyer import kernels
 from flyer.config import parse_size, preset, resolve_device
 from flyer.data.tokenizer import train_bpe
-from flyer.interop.export import export
+from flyer.interop.export import export, export_model
+from flyer.interop.hf import load_hf
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
 from flyer.model.counts import kv_cache_bytes_per_token
 from flyer.model.transformer import Transformer
@@ -80,15 +82,25 @@ MAX_BATCH = 64  # flyer serve --max-batch-size, and the in-process engine's (``_
 
 
 def _model(weight_dtype: str) -> Transformer:
-    """The small preset, random weights (seed 0); with BF16-held weights, rounded to BF16 first (a
-    BF16 checkpoint): flyer holds them exactly, and the peer's FP32 export has the same values."""
+    """The small preset, random weights (seed 0); with held weights, rounded to BF16 first (a BF16
+    checkpoint, the source of an FP8 one): flyer holds them exactly, and the peer's FP32 export has
+    the same values."""
     torch.manual_seed(0)
     model = Transformer(preset("small"))
     if weight_dtype != "fp32":
         with torch.no_grad():
             for p in model.parameters():
-                p.copy_(p.to(WEIGHT_DTYPES[weight_dtype]))
+                p.copy_(p.bfloat16())
     return model
+
+
+def _fp8_checkpoint(run: Path, out: Path) -> tuple[Path, tuple[Transformer, dict]]:
+    """``run`` exported in DeepSeek's FP8 format (``flyer export --dtype fp8``), what ``flyer serve
+    --weight-dtype fp8`` serves; and that checkpoint loaded here (FP32 values, and its codes and
+    scales for the engine-alone runs)."""
+    export(run, out, dtype="fp8")
+    source: dict = {}
+    return out, (load_hf(out, dtype=torch.float32, fp8_source=source)[0], source)
 
 
 def _save_run(out: Path, weight_dtype: str) -> Path:
@@ -101,15 +113,18 @@ def _save_run(out: Path, weight_dtype: str) -> Path:
 
 
 @contextlib.contextmanager
-def _engine_model(weight_dtype: str, serve_threads: int | None, cores: int, device: torch.device):
+def _engine_model(weight_dtype: str, serve_threads: int | None, cores: int, device: torch.device,
+                  fp8: tuple[Transformer, dict] | None = None):
     """The bench's model as ``flyer serve`` runs it, in this process: weights held as
     ``--weight-dtype``, torch on ``--threads`` (its default: all ``cores`` but one), the experts
-    on all cores (``--expert-threads``' default), on ``device``."""
+    on all cores (``--expert-threads``' default), on ``device``. ``fp8``: the FP8 checkpoint
+    loaded, with its codes and scales (``_fp8_checkpoint``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(serve_threads or max(1, cores - 1))
     kernels.set_expert_threads(cores)
-    model = _model(weight_dtype).eval()
-    hold_weights(model, WEIGHT_DTYPES[weight_dtype])
+    model, source = fp8 if fp8 is not None else (_model(weight_dtype), None)
+    model.eval()
+    hold_weights(model, WEIGHT_DTYPES[weight_dtype], source)
     model.to(device)
     try:
         yield model
@@ -409,7 +424,8 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int, default=256, help="flyer serve's prompt tokens per scheduler step")
     ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default=None,
                     help="flyer serve --weight-dtype (bf16, the CPU's default: the weights saved as BF16 values, held "
-                         "in BF16 and computed in FP32; the peer computes in FP32 on the same values; fp32 on CUDA)")
+                         "in BF16 and computed in FP32; the peer computes in FP32 on the same values; fp32 on CUDA; "
+                         "fp8: served from the run exported in DeepSeek's FP8 format, the peer on its values in FP32)")
     ap.add_argument("--device", default="cpu", help="flyer serve --device, the engine's and the peer's (cpu or cuda)")
     ap.add_argument("--decode-context", type=int, default=None,
                     help="context of the in-process decode-step keys (default: the prompts' mean length)")
@@ -442,8 +458,11 @@ def main() -> None:
     system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
     sent: dict[int, list] = {}  # the requests the clients sent, per concurrency
     with tempfile.TemporaryDirectory() as tmp:
-        run = _save_run(Path(tmp) / "run", args.weight_dtype)
-        proc, url = _start_flyer(run, args)
+        run = ckpt = _save_run(Path(tmp) / "run", args.weight_dtype)
+        fp8 = None
+        if args.weight_dtype == "fp8":  # served as DeepSeek publishes its checkpoints, FP8 held as stored
+            ckpt, fp8 = _fp8_checkpoint(run, Path(tmp) / "fp8")
+        proc, url = _start_flyer(ckpt, args)
         try:
             with _client(1) as client:
                 _one(client, url, "small", system + [1, 2, 3], 4)  # warm-up
@@ -466,7 +485,10 @@ def main() -> None:
         cmax = max(args.concurrency)
         peer_reqs = sent[cmax]
         hf_dir = Path(tmp) / "hf"
-        export(run, hf_dir, dtype="fp32")
+        if fp8 is not None:  # the FP8 checkpoint's values, in FP32
+            export_model(fp8[0], load_hf(ckpt, dtype=torch.float32)[2], hf_dir, "fp32")
+        else:
+            export(run, hf_dir, dtype="fp32")
         peer = None
         if args.peer_serve:
             try:
@@ -491,7 +513,7 @@ def main() -> None:
         out["ratio_c16_vs_c1_memory_bound"] = out["weight_mb_per_token_c1"] / out["weight_mb_per_token_c16"]
         context = args.decode_context or (args.prompt_min + args.prompt_max) // 2
         out["decode_context"] = context
-        with _engine_model(args.weight_dtype, args.threads, cores, device) as model:
+        with _engine_model(args.weight_dtype, args.threads, cores, device, fp8) as model:
             for c in (1, 16):
                 for k, v in _engine_replay(model, sent[c], c, args).items():
                     out[f"engine_{k}_c{c}"] = v

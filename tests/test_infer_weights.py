@@ -1,21 +1,30 @@
-"""BF16-held weights (``flyer.infer.weights``): which weights are held, the bytes saved, outputs
-equal to the FP32 model on the rounded weights within FP32 rounding, and the CLI's checks (greedy
-serving on held weights: tests/test_serve_engine.py)."""
+"""BF16- and FP8-held weights (``flyer.infer.weights``): which weights are held, the bytes saved,
+outputs equal to the FP32 model on the rounded (dequantized) weights within FP32 rounding, an FP8
+checkpoint's own codes and scales held as they are, and the CLI's checks (greedy serving on held
+weights: tests/test_serve_engine.py)."""
 
 import contextlib
 import copy
+import json
 
 import pytest
 import torch
 from bounds import rel_error
 
+from safetensors.torch import load_file, save_file
+
 from flyer import kernels
 from flyer.cli import main
 from flyer.config import preset
-from flyer.infer.weights import hold_weights
+from flyer.fp8.quant import quantize_blocks
+from flyer.infer import GenerationConfig, generate
+from flyer.infer.weights import FP8, HeldFP8Experts, HeldFP8Linear, hold_weights
+from flyer.interop.export import export_model
+from flyer.interop.hf import load_hf
 from flyer.model.experts import Experts, packed_w13
 from flyer.model.lowp import Linear
 from flyer.model.transformer import Transformer
+from tests.hf_models import build
 
 
 def _rounded(cfg_name: str = "tiny", **over) -> Transformer:
@@ -80,3 +89,94 @@ def test_cli_weight_dtype(capsys):
         if extra[-1] == "cuda" and "cuda" in err and "weight-dtype" not in err:
             continue  # no CUDA here: the device check speaks first
         assert code == 2 and err.startswith("flyer: error: --weight-dtype: ") and problem in err and "\n" not in err
+
+
+def _dequantized(held: Transformer, like: Transformer) -> Transformer:
+    """``like`` with every FP8-held weight of ``held`` dequantized (and its BF16-held head widened)."""
+    ref = copy.deepcopy(like)
+    with torch.no_grad():
+        for name, m in held.named_modules():
+            r = ref.get_submodule(name) if name else ref
+            if isinstance(m, HeldFP8Linear):
+                r.weight.copy_(kernels.dequantize_held(m.weight, m.weight_scale))
+            elif isinstance(m, HeldFP8Experts):
+                for w in ("w1", "w2", "w3"):
+                    codes, scale = getattr(m, w), getattr(m, f"{w}_scale")
+                    getattr(r, w).copy_(torch.stack([kernels.dequantize_held(c, s) for c, s in zip(codes, scale)]))
+            elif isinstance(m, Linear) and m.weight.dtype == torch.bfloat16:
+                r.weight.copy_(m.weight.float())
+    return ref
+
+
+@pytest.mark.parametrize("inter", [64, 128])  # w1|w3 in two scale blocks' tensors, or packed as one
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_fp8_held_model_is_the_fp32_model_on_the_dequantized_weights(inter, kernels_on):
+    """FP8: every linear but wkv_b and the head (BF16) and the routed experts held as E4M3 codes with
+    128x128 block scales (a quarter of their FP32 bytes, plus the scales), computed in FP32: as
+    close to the FP64 model on the dequantized weights as the FP32 model on them is."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", moe_inter_dim=inter)).eval()
+    held = copy.deepcopy(model)
+    saved = hold_weights(held, FP8)
+    fp8 = {n: p for n, p in held.named_parameters() if p.dtype == FP8}
+    expected = [n for n, p in model.named_parameters()
+                if (".experts." in n or n.endswith(".weight") and isinstance(model.get_submodule(n[:-7]), Linear))
+                and "wkv_b" not in n and n != "head.weight"]
+    assert sorted(fp8) == sorted(expected) and held.head.weight.dtype == torch.bfloat16
+    n_fp8 = sum(p.numel() for p in fp8.values())
+    assert 3 * n_fp8 < saved < 3 * n_fp8 + 2 * held.head.weight.numel()  # 3 bytes a weight, less the scales
+    experts = [m for m in held.modules() if isinstance(m, HeldFP8Experts)]
+    assert all((m.w13 is not None) == (inter % 128 == 0) for m in experts)
+    ref = _dequantized(held, model)
+    exact = copy.deepcopy(ref).double()
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), (contextlib.nullcontext() if kernels_on else kernels.disabled()):
+        for t in (tokens, tokens[:, :9], tokens[:1, :5]):  # 63 rows, 27, 5
+            want = exact(t)
+            assert rel_error(held(t), want) <= 2 * rel_error(ref(t), want) + 1e-7, t.shape
+
+
+@pytest.mark.parametrize("family", ["v3", "v3-tied-half"])  # rope rows interleaved, or permuted on load
+def test_fp8_checkpoint_held_with_its_own_codes_and_scales(tmp_path, capsys, family):
+    """A DeepSeek-format FP8 checkpoint with power-of-two block scales (V3.1's UE8M0: a block's
+    largest code is then not 448, so requantizing its values would change them): every FP8 weight
+    is held with the file's codes and scales (rope rows permuted with their codes where the layout
+    needs it), so the held model's weights are the checkpoint's exactly; greedy tokens through
+    ``flyer generate --weight-dtype fp8`` equal the held model's."""
+    build(family, tmp_path / "src")
+    model, _, tok = load_hf(tmp_path / "src", dtype=torch.float32)
+    export_model(model, tok, tmp_path / "fp8", "fp8")
+    files = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    for k in [k for k in files if files[k].dtype == FP8]:  # the same values in UE8M0 blocks
+        q = quantize_blocks(kernels.dequantize_held(files[k], files[k + "_scale_inv"]), pow2_scales=True)
+        files[k], files[k + "_scale_inv"] = q.data[:, :files[k].shape[1]].contiguous(), q.scale
+    save_file(files, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    source = {}
+    deq = load_hf(tmp_path / "fp8", dtype=torch.float32, fp8_source=source)[0]
+    held = copy.deepcopy(deq)
+    hold_weights(held, FP8, source)
+    fp8 = {n for n, p in held.named_parameters() if p.dtype == FP8}
+    assert fp8 <= set(source) and all("wkv_b" in n for n in set(source) - fp8)  # wkv_b: its exact FP32 values
+    requantized = copy.deepcopy(deq)
+    hold_weights(requantized, FP8)
+    changed = 0
+    for name, m in held.named_modules():
+        if isinstance(m, (HeldFP8Linear, HeldFP8Experts)):
+            pairs = [("weight", "weight_scale")] if isinstance(m, HeldFP8Linear) else \
+                [(w, f"{w}_scale") for w in ("w1", "w2", "w3")]
+            for w, sc in pairs:
+                codes, scale = getattr(m, w), getattr(m, sc)
+                assert torch.equal(scale, torch.exp2(torch.log2(scale).round())), (name, w)  # the file's
+                values = torch.stack([kernels.dequantize_held(c, s) for c, s in
+                                      zip(codes.reshape(-1, *codes.shape[-2:]), scale.reshape(-1, *scale.shape[-2:]))])
+                assert torch.equal(values.view(codes.shape), deq.get_submodule(name).get_parameter(w)), (name, w)
+                other = requantized.get_submodule(name)
+                changed += not torch.equal(getattr(other, w).view(torch.uint8), codes.view(torch.uint8))
+    assert changed > 0  # requantized, the same values would not have been held as they are
+    prompt = tok.encode_ids("hello there")
+    want = generate(held, [prompt], GenerationConfig(max_new_tokens=6, cache_dtype=torch.float32, eos_id=None))
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(tmp_path / "fp8"), "--prompt", "hello there", "--max-new-tokens", "6",
+                 "--weight-dtype", "fp8", "--cache-dtype", "fp32", "--device", "cpu", "--json", "--eos-id",
+                 "-1"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == want.tokens

@@ -146,8 +146,86 @@ def test_grouped_mm_on_bf16_held_weights_is_the_fp32_kernel_on_them_widened(ops,
         if n > few:
             assert torch.equal(out[r], x[r] @ wide.t())
         assert_fp32_sums(out[r], x[r].double() @ wide.double().t(), x[r].double().abs() @ wide.double().abs().t(), K)
-    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float8_e4m3fn"):
         ops.grouped_mm_few_rows(x, counts, w.half(), few)
+
+
+def _fp8_weights(G, N, K, seed=0):
+    """FP8 E4M3 codes (G, N, K) holding every code value (NaN's two in group 0's first 256), and random FP32
+    block scales (G, ceil(N / 128), ceil(K / 128)) over several binades (V3.1's are powers of 2)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (G, N, K), dtype=torch.uint8, generator=g)
+    codes[codes & 0x7F == 0x7F] = 0  # NaN only below
+    codes.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    scale = torch.exp2(torch.randn(G, -(-N // 128), -(-K // 128), generator=g) * 4)
+    return codes.view(torch.float8_e4m3fn), scale
+
+
+def test_held_weights_widen_exactly_in_the_avx2_build(ops):
+    """The AVX2 build's own widening of BF16 and FP8 weights (its intrinsics differ from AVX-512's),
+    run here whatever this CPU dispatches to: an AVX-512 CPU runs AVX2 code too."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("AVX2 code needs an x86 CPU with AVX2")
+    avx2 = kernels.build("AVX2")
+    w, scale = _fp8_weights(3, 200, 100, seed=2)
+    w.view(-1).view(torch.uint8)[:256] = 0
+    rows = torch.tensor([1, 4, 7])
+    x = torch.randn(12, 100)
+    deq = torch.stack([kernels.dequantize_held(w[g], scale[g]) for g in range(3)])
+    assert torch.equal(avx2.grouped_mm_few_rows(x, rows, w, 48, scale), avx2.grouped_mm_few_rows(x, rows, deq, 48))
+    wb = torch.randn(3, 70, 100).bfloat16()
+    assert torch.equal(avx2.grouped_mm_few_rows(x, rows, wb, 48), avx2.grouped_mm_few_rows(x, rows, wb.float(), 48))
+    _widens_every_fp8_code(avx2)
+
+
+def _widens_every_fp8_code(ops) -> None:
+    every = torch.zeros(1, 256, 128, dtype=torch.uint8)  # weight row n: code n, then zeros (NaN codes too)
+    every[0, :, 0] = torch.arange(256, dtype=torch.uint8)
+    every = every.view(torch.float8_e4m3fn)
+    out = ops.grouped_mm_few_rows(torch.ones(1, 128), torch.tensor([1]), every, 4, torch.ones(1, 2, 1))
+    torch.testing.assert_close(out[0], every[0, :, 0].float(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("K", [384, 100])
+def test_grouped_mm_on_fp8_weights_is_the_fp32_kernel_on_them_dequantized(ops, K):
+    """FP8 codes with 128x128 block scales widen exactly in registers and multiply by their
+    block's scale there, as dequantisation rounds it: the kernel's sums are, bit for bit, the FP32
+    kernel's on ``dequantize_held(w, scale)``; groups past HELD_FEW_ROWS (and all, with the kernels
+    off) run torch.mm on the dequantized weight. 200 weight rows: a partial block of rows; K 100: of
+    columns, and a vector tail."""
+    few = kernels.HELD_FEW_ROWS
+    rows = [0, 1, 3, 4, 9, few, few + 1]
+    w, scale = _fp8_weights(len(rows), 200, K)
+    x = torch.randn(sum(rows), K)
+    deq = torch.stack([kernels.dequantize_held(w[g], scale[g]) for g in range(len(rows))])
+    assert deq[0].view(-1)[:256].isnan().sum() == 2  # the NaN codes stay NaN
+    per_weight = scale.repeat_interleave(128, 1)[:, :200].repeat_interleave(128, 2)[..., :K]
+    torch.testing.assert_close(deq, w.float() * per_weight, rtol=0, atol=0, equal_nan=True)
+    _widens_every_fp8_code(ops)
+    w, deq = w[1:], deq[1:]  # group 0 holds the NaN codes: its outputs would all be NaN
+    rows, scale = rows[1:], scale[1:]
+    x = x[:sum(rows)]
+    counts = torch.tensor(rows)
+    kept = sum(rows[:-1])
+    assert torch.equal(ops.grouped_mm_few_rows(x, counts, w, few, scale)[:kept],
+                       ops.grouped_mm_few_rows(x, counts, deq, few)[:kept])
+    out = kernels.grouped_mm(x, rows, w, scale=scale)
+    with kernels.disabled():
+        eager = kernels.grouped_mm(x, rows, w, scale=scale)
+    starts = [0, *torch.tensor(rows).cumsum(0).tolist()]
+    for g, n in enumerate(rows):
+        r = slice(starts[g], starts[g + 1])
+        assert torch.equal(eager[r], x[r] @ deq[g].t())
+        if n > few:
+            assert torch.equal(out[r], x[r] @ deq[g].t())
+        assert_fp32_sums(out[r], x[r].double() @ deq[g].double().t(), x[r].double().abs() @ deq[g].double().abs().t(),
+                         K)
+    with pytest.raises(ValueError, match="FP8 weights take their block scales"):
+        kernels.grouped_mm(x, rows, w)
+    with pytest.raises(RuntimeError, match="takes its block scales"):
+        ops.grouped_mm_few_rows(x, counts, deq, few, scale)
+    with pytest.raises(RuntimeError, match="scale: contiguous"):
+        ops.grouped_mm_few_rows(x, counts, w, few, scale[:, :1].contiguous())
 
 
 def test_linear_held_splits_one_weight_by_columns_over_expert_threads(ops, monkeypatch):
@@ -170,6 +248,32 @@ def test_linear_held_splits_one_weight_by_columns_over_expert_threads(ops, monke
         torch.set_num_threads(threads)
     many = torch.randn(kernels.HELD_FEW_ROWS + 3, 96)  # a prefill chunk: torch.mm on the widened weight
     assert torch.equal(kernels.linear_held(many, w), many @ w.float().t())
+
+
+def test_linear_held_on_fp8_weights_split_by_whole_scale_blocks(ops, monkeypatch):
+    """An FP8 weight with its block scales: the FP32 linear on it dequantized, bit for bit
+    the kernel's; split over the expert threads by whole 128-row scale blocks, the same bits."""
+    w, scale = _fp8_weights(1, 300, 96, seed=1)
+    w, scale = w[0], scale[0]
+    w.view(-1).view(torch.uint8)[:256] = 0  # no NaN codes
+    x, b = torch.randn(2, 5, 96), torch.randn(300)
+    deq = kernels.dequantize_held(w, scale)
+    one = kernels.linear_held(x, w, b, scale)
+    assert one.shape == (2, 5, 300)
+    assert torch.equal(one.view(10, 300), ops.grouped_mm_few_rows(x.view(10, 96), torch.tensor([10]),
+                                                                   deq.unsqueeze(0), 48) + b)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_BYTES", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in (2, 3):
+            kernels.set_expert_threads(n)
+            assert torch.equal(kernels.linear_held(x, w, b, scale), one)
+    finally:
+        kernels.set_expert_threads(1)
+        torch.set_num_threads(threads)
+    many = torch.randn(kernels.HELD_FEW_ROWS + 3, 96)
+    assert torch.equal(kernels.linear_held(many, w, scale=scale), many @ deq.t())
 
 
 def test_linear_held_builds_no_tensor_per_call(ops, monkeypatch):

@@ -104,11 +104,12 @@ def test_greedy_equals_generate_alone_under_concurrency(trained):
     assert small.alloc.hit_rate > 0
 
 
-def test_greedy_with_bf16_held_weights_equals_generate_alone(trained):
-    """Weights held in BF16 (flyer.infer.weights), FP32 compute: the same contract."""
+@pytest.mark.parametrize("held", [torch.bfloat16, torch.float8_e4m3fn])
+def test_greedy_with_held_weights_equals_generate_alone(trained, held):
+    """Weights held in BF16 or FP8 (flyer.infer.weights), FP32 compute: the same contract."""
     model = Transformer(trained.cfg).eval()
     model.load_state_dict(trained.state_dict())
-    hold_weights(model, torch.bfloat16)
+    hold_weights(model, held)
     prompts = [_progression(3, 2, n) for n in (2, 11, 5, 19)]
     assert _run(_engine(model, prefill_chunk=8), prompts, SamplingOptions(max_tokens=10)) == _alone(model, prompts, 10)
 

@@ -49,7 +49,9 @@ def add_expert_threads_flag(p) -> None:
 def add_weight_dtype_flag(p) -> None:
     p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="fp32",
                    help="dtype the GEMM weights are held in, computing in FP32 (CPU): bf16 halves their memory "
-                        "and the bytes a decode step reads (lossless for a BF16 checkpoint; flyer.infer.weights)")
+                        "and the bytes a decode step reads (lossless for a BF16 checkpoint); fp8 holds them as "
+                        "DeepSeek's FP8 checkpoints do, E4M3 with 128x128 block scales, a quarter of FP32 "
+                        "(lossless for such a checkpoint: its own codes; others are quantized; flyer.infer.weights)")
 
 
 def load_model(args):
@@ -60,17 +62,19 @@ def load_model(args):
     held = WEIGHT_DTYPES[args.weight_dtype]
     if held != torch.float32:
         if args.precision == "fp8":
-            raise FieldError("weight_dtype", "bf16 holds an FP32 model's weights in BF16; --precision fp8 holds "
-                                             "them in FP8: choose one")
+            raise FieldError("weight_dtype", f"{args.weight_dtype} holds the weights for FP32 compute; --precision "
+                                             "fp8 runs FP8 GEMMs on them: choose one")
         if device.type != "cpu":
-            raise FieldError("weight_dtype", f"bf16-held weights run on flyer's CPU kernels (device is {device}): "
-                                             "add --device cpu, or hold them in fp32")
+            raise FieldError("weight_dtype", f"{args.weight_dtype}-held weights run on flyer's CPU kernels (device "
+                                             f"is {device}): add --device cpu, or hold them in fp32")
+    source = {} if held == WEIGHT_DTYPES["fp8"] else None  # an FP8 checkpoint's codes, held as they are
     if args.ckpt:
         try:
             # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks;
             # held weights are computed in FP32 (a BF16 checkpoint widened, then held in BF16 again)
             fp32 = args.precision == "fp8" or held != torch.float32
-            model, cfg, tok = load_pretrained(args.ckpt, device=device, dtype=torch.float32 if fp32 else None)
+            model, cfg, tok = load_pretrained(args.ckpt, device=device, dtype=torch.float32 if fp32 else None,
+                                              fp8_source=source)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {msg}") from None
@@ -84,7 +88,7 @@ def load_model(args):
         require_memory(4 * n, "cpu", "preset", f"{args.preset} ({n / 1e9:,.1f}B parameters in FP32)")
         torch.manual_seed(args.seed or 0)
         model, tok = Transformer(cfg).to(device), ByteTokenizer()
-    hold_weights(model, held)
+    hold_weights(model, held, source)
     return model, tok
 
 

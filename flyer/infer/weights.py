@@ -11,6 +11,15 @@ BF16-rounded weights up to the order of its sums: lossless for a BF16 checkpoint
 Left in their dtype: the embedding (a gather reads a few rows, not the matrix), the norms and the
 router (small, and the router picks experts), and MLA's ``wkv_b``, which the absorbed attention
 splits into its per-head blocks and multiplies in einsums (0.2 MB a layer in the small preset).
+
+``hold_weights(model, torch.float8_e4m3fn)`` holds them as DeepSeek's FP8 checkpoints store them:
+E4M3 codes with one FP32 scale per 128x128 block (a quarter of FP32's bytes), the output head in
+BF16 (as those checkpoints keep it). From such a checkpoint the codes and scales are the file's
+own (``source``, kept by ``flyer.interop.hf``), so nothing is rounded again: requantizing their
+dequantized values would not give them back wherever a block's scale is not its amax / 448 (V3.1's
+power-of-two scales). Other weights are quantized as DeepSeek's recipe does (amax / 448 per block):
+that rounding is the one loss. The kernels widen each code and multiply it by its block's scale
+in FP32 as they read it, so the model computes in FP32 on the dequantized weights.
 """
 
 from __future__ import annotations
@@ -18,27 +27,77 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flyer.model.experts import Experts, packed_w13
+from flyer import kernels
+from flyer.fp8.quant import TILE, quantize_blocks_batched
+from flyer.model.experts import Experts, local_routed_no_grad, packed_w13
 from flyer.model.lowp import Linear
 from flyer.model.transformer import Transformer
 
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FP8 = torch.float8_e4m3fn
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8}
 KEEP = ("wkv_b",)  # Linear names whose weights stay as they are (see the module docstring)
+Source = dict[str, tuple[torch.Tensor, torch.Tensor]]  # parameter name -> FP8 codes and block scales
+
+
+class HeldFP8Linear(Linear):
+    """A ``Linear`` holding its weight as FP8 codes with 128x128 block scales (``weight_scale``),
+    computed in FP32 (``kernels.linear_held``; inference only)."""
+
+    weight_scale: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_held(x, self.weight, self.bias, self.weight_scale)
+
+
+class HeldFP8Experts(Experts):
+    """Routed experts holding w1, w3 (E, F, D) and w2 (E, D, F) as FP8 codes with 128x128 block
+    scales, computed in FP32 (``kernels.grouped_mm``; inference only). w1|w3 are one (E, 2F, D)
+    tensor with one scale tensor when F is a whole number of blocks (one kernel call), else two."""
+
+    w13: torch.Tensor | None
+    w13_scale: torch.Tensor | None
+    w1_scale: torch.Tensor
+    w2_scale: torch.Tensor
+    w3_scale: torch.Tensor
+
+    def pack_w13_(self) -> None:
+        pass  # packed when held, where the blocks allow
+
+    def ffn(self, x_ND: torch.Tensor, counts: list[int], counts_E: torch.Tensor) -> torch.Tensor:
+        """The experts on x's rows, sorted by expert (``counts`` rows each, also as ``counts_E``)."""
+        if self.w13 is not None:
+            h13 = kernels.grouped_mm(x_ND, counts, self.w13, counts_E, self.w13_scale)
+        else:
+            h13 = torch.cat([kernels.grouped_mm(x_ND, counts, self.w1, counts_E, self.w1_scale),
+                             kernels.grouped_mm(x_ND, counts, self.w3, counts_E, self.w3_scale)], dim=1)
+        return kernels.grouped_mm(kernels.swiglu(h13), counts, self.w2, counts_E, self.w2_scale)
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x_ND.float(), counts_E.tolist(), counts_E.cpu())
+
+    def routed_local(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                     counts_E: torch.Tensor) -> torch.Tensor:
+        return local_routed_no_grad(x_TD, weights_TK, topk_ids_TK, counts_E.tolist(), counts_E, torch.float32,
+                                    self.ffn)
 
 
 @torch.no_grad()
-def hold_weights(model: Transformer, dtype: torch.dtype) -> int:
+def hold_weights(model: Transformer, dtype: torch.dtype, source: Source | None = None) -> int:
     """Store ``model``'s GEMM weights in ``dtype`` in place (inference only: they no longer take
     gradients); the model computes in its own dtype. Returns the bytes it saves (FP32 to BF16: half
-    of those weights'). FP32 is a no-op; BF16 needs an FP32 model on the CPU (the kernels' case; or
-    on the meta device, to count bytes)."""
+    of those weights'). FP32 is a no-op; BF16 and FP8 need an FP32 model on the CPU (the kernels'
+    case; or on the meta device, to count bytes). FP8 (``torch.float8_e4m3fn``): the codes and
+    scales ``source`` has for a parameter (an FP8 checkpoint's), the others quantized in 128x128
+    blocks (see the module docstring)."""
     if dtype == torch.float32:
         return 0
-    if dtype != torch.bfloat16:
-        raise ValueError(f"weights can be held in float32 or bfloat16 (got {dtype})")
+    if dtype not in (torch.bfloat16, FP8):
+        raise ValueError(f"weights can be held in float32, bfloat16 or float8_e4m3fn (got {dtype})")
     if model.embed.weight.dtype != torch.float32 or model.embed.weight.device.type not in ("cpu", "meta"):
         raise ValueError(f"BF16-held weights need an FP32 model on the CPU (this one is "
                          f"{model.embed.weight.dtype} on {model.embed.weight.device.type})")
+    if dtype == FP8:
+        return _hold_fp8(model, source or {})
     saved = 0
     tied = model.head.weight if model.cfg.tie_embeddings else None
     for name, m in model.named_modules():
@@ -56,6 +115,56 @@ def hold_weights(model: Transformer, dtype: torch.dtype) -> int:
     return saved
 
 
+def _fp8_codes(name: str, w: torch.Tensor, source: Source) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (..., R, C) and block scales (..., ceil(R / 128), ceil(C / 128)) of the weight ``name``:
+    the source's, checked against the weight's shape, else ``w`` quantized in 128x128 blocks."""
+    if name in source:
+        codes, scale = source[name]
+        blocks = (*w.shape[:-2], -(-w.shape[-2] // TILE), -(-w.shape[-1] // TILE))
+        if codes.shape != w.shape or codes.dtype != FP8 or tuple(scale.shape) != blocks:
+            raise ValueError(f"{name}: FP8 source {tuple(codes.shape)} {codes.dtype} with scales {tuple(scale.shape)} "
+                             f"does not fit the weight {tuple(w.shape)} ({blocks} blocks of 128x128)")
+        return codes.contiguous(), scale.float().contiguous()
+    codes, scale = quantize_blocks_batched(w.detach().reshape(-1, *w.shape[-2:]))
+    return (codes[..., :w.shape[-1]].reshape(w.shape).contiguous(),
+            scale.reshape(*w.shape[:-2], *scale.shape[-2:]).contiguous())
+
+
+def _hold_fp8(model: Transformer, source: Source) -> int:
+    """``hold_weights`` in FP8: the linears (but ``KEEP``'s and the head, held in BF16) and the
+    routed experts as FP8 codes with their block scales."""
+    saved = 0
+    tied = model.head.weight if model.cfg.tie_embeddings else None
+    for name, m in list(model.named_modules()):
+        if type(m) is Experts:
+            saved += _hold_experts_fp8(m, name, source)
+        elif isinstance(m, Linear) and m.weight is not tied and name.rsplit(".", 1)[-1] not in KEEP:
+            if m is model.head:
+                saved += _hold(m, "weight", torch.bfloat16)
+                continue
+            codes, scale = _fp8_codes(f"{name}.weight", m.weight, source)
+            saved += m.weight.numel() * (m.weight.element_size() - 1) - scale.numel() * 4
+            m.weight = nn.Parameter(codes, requires_grad=False)
+            m.register_buffer("weight_scale", scale, persistent=False)
+            m.__class__ = HeldFP8Linear
+    return saved
+
+
+def _hold_experts_fp8(m: Experts, name: str, source: Source) -> int:
+    F_ = m.w1.shape[1]
+    before = sum(w.numel() * w.element_size() for w in (m.w1, m.w2, m.w3))
+    (c1, s1), (c2, s2), (c3, s3) = (_fp8_codes(f"{name}.{w}", getattr(m, w), source) for w in ("w1", "w2", "w3"))
+    m.w13 = m.w13_scale = None
+    if F_ % TILE == 0:  # w1|w3 one tensor, and their blocks one scale tensor: one kernel call
+        m.w13, m.w13_scale = torch.cat([c1, c3], dim=1), torch.cat([s1, s3], dim=1)
+        c1, c3, s1, s3 = m.w13[:, :F_], m.w13[:, F_:], m.w13_scale[:, :F_ // TILE], m.w13_scale[:, F_ // TILE:]
+    m.w1, m.w2, m.w3 = (nn.Parameter(c, requires_grad=False) for c in (c1, c2, c3))
+    for attr, t in (("w1_scale", s1), ("w2_scale", s2), ("w3_scale", s3)):
+        m.register_buffer(attr, t, persistent=False)
+    m.__class__ = HeldFP8Experts
+    return before - sum(w.numel() + s.numel() * 4 for w, s in ((c1, s1), (c2, s2), (c3, s3)))
+
+
 def _hold(m: nn.Module, attr: str, dtype: torch.dtype) -> int:
     w = getattr(m, attr)
     held = w.detach().to(dtype)
@@ -63,4 +172,4 @@ def _hold(m: nn.Module, attr: str, dtype: torch.dtype) -> int:
     return w.numel() * (w.element_size() - held.element_size())
 
 
-__all__ = ["WEIGHT_DTYPES", "hold_weights"]
+__all__ = ["FP8", "WEIGHT_DTYPES", "HeldFP8Experts", "HeldFP8Linear", "hold_weights"]

@@ -286,16 +286,19 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
 
 
 def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
-                    files: dict[str, Path] | None = None) -> None:
+                    files: dict[str, Path] | None = None, fp8_source: dict | None = None) -> None:
     """Fill ``model`` (any device; its parameters' dtypes are kept) from the directory's safetensors,
     one tensor at a time. A missing shard or tensor, a tensor the config does not expect or of the
-    wrong shape: ``CheckpointError`` naming the file and the tensor."""
+    wrong shape: ``CheckpointError`` naming the file and the tensor. ``fp8_source``: filled with the
+    FP8 weights' own codes and block scales, by parameter name (experts stacked: (E, R, C) and
+    (E, R / 128, C / 128)), for ``flyer.infer.weights.hold_weights`` to hold them as they are."""
     path = Path(path)
     files = files if files is not None else weight_files(path)
     slots = hf_names(model.cfg, rope_half)
     state = model.state_dict()
     headers: dict[Path, TensorFile] = {}
     seen: set[str] = set()
+    parts: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}  # FP8 codes and scales kept
     for name, f in files.items():
         if _ignored(name, model.cfg):
             continue
@@ -311,18 +314,28 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
             raise CheckpointError(f"{f}: tensor {name} has shape {tf.shape(name)}, "
                                   f"the config expects {tuple(dest.shape)}")
         with torch.no_grad():
-            _fill(dest, tf, name, slot, files, headers)
+            kept = _fill(dest, tf, name, slot, files, headers, fp8_source is not None)
+        if kept is not None:
+            parts.setdefault(slot.key, {})[slot.expert] = kept
         seen.add(name)
     missing = sorted(set(slots) - seen)
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                          if len(missing) > 1 else ""))
+    for key, per_expert in parts.items():
+        if None in per_expert:
+            fp8_source[key] = per_expert[None]
+        elif len(per_expert) == state[key].shape[0]:  # every expert in FP8: stacked as the parameter is
+            codes, scales = zip(*(per_expert[e] for e in range(len(per_expert))))
+            fp8_source[key] = (torch.stack(codes), torch.stack(scales))
 
 
 def _fill(dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot, files: dict[str, Path],
-          headers: dict[Path, TensorFile]) -> None:
+          headers: dict[Path, TensorFile], keep_fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Copy tensor ``name`` of ``tf`` into ``dest``: FP8 dequantized with its block scales, rope rows
-    permuted, else read straight into the parameter when the dtypes agree."""
+    permuted, else read straight into the parameter when the dtypes agree. ``keep_fp8``: returns an
+    E4M3 tensor's codes (rope rows permuted as the values are) and block scales, where the
+    permutation keeps every row in its block (else None: the values are requantized if held)."""
     if tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
         scale_name = name + SCALE_SUFFIX
         if scale_name not in files:
@@ -332,13 +345,22 @@ def _fill(dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot, files: dict
         if sf.shape(scale_name) != blocks:
             raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
                                   f"128x128 blocks of {name} need {blocks}")
-        t = dequantize_fp8_blocks(tf.read(name), sf.read(scale_name))
+        codes, scale = tf.read(name), sf.read(scale_name).float()
+        t = dequantize_fp8_blocks(codes, scale)
+        if keep_fp8 and codes.dtype == torch.float8_e4m3fn:
+            if slot.rope_rows is not None:
+                codes = permute_rope(codes.view(torch.uint8), slot.rope_rows).view(codes.dtype)
+                t = permute_rope(t, slot.rope_rows)
+                keep_fp8 = torch.equal(dequantize_fp8_blocks(codes, scale), t)  # no row left its block
+            dest.copy_(t)
+            return (codes, scale) if keep_fp8 else None
     elif slot.rope_rows is None and tf.dtype(name) == dest.dtype and dest.is_contiguous() and dest.is_cpu:
         tf.read_into(name, dest)
-        return
+        return None
     else:
         t = tf.read(name)
     dest.copy_(t if slot.rope_rows is None else permute_rope(t, slot.rope_rows))
+    return None
 
 
 def build_empty(cfg: ModelConfig, device: str | torch.device = "cpu",
@@ -365,16 +387,17 @@ def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
     return torch.float32
 
 
-def load_hf(path: str | Path, device: str | torch.device = "cpu",
-            dtype: torch.dtype | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
+def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+            fp8_source: dict | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
     """(model in eval mode, config, tokenizer) from a Hugging Face model directory. ``dtype``: the
-    parameters' dtype (default: the checkpoint's; FP8 weights are dequantized to it)."""
+    parameters' dtype (default: the checkpoint's; FP8 weights are dequantized to it);
+    ``fp8_source``: see ``load_hf_weights``."""
     path = Path(path)
     files = weight_files(path)
     cfg, raw = read_hf_config(path, list(files))
     tok = load_tokenizer(path, raw)
     model = build_empty(cfg, device, dtype or checkpoint_dtype(files))
-    load_hf_weights(model, path, rope_half_layout(raw), files)
+    load_hf_weights(model, path, rope_half_layout(raw), files, fp8_source)
     return model.eval(), cfg, tok
 
 

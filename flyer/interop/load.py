@@ -15,12 +15,13 @@ from flyer.model.transformer import Transformer
 from flyer.train.checkpoint import load_for_inference, resolve_checkpoint_path
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    fp8_source: dict | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
     """(model in eval mode, config, tokenizer with its EOS) from ``path``. ``dtype``: parameter dtype
-    of an HF import (default: the checkpoint's); flyer checkpoints load as saved."""
+    of an HF import (default: the checkpoint's); flyer checkpoints load as saved. ``fp8_source``:
+    filled with an FP8 HF checkpoint's own codes and scales (``flyer.interop.hf.load_hf_weights``)."""
     if is_hf_model_dir(path):
-        return load_hf(path, device, dtype)
+        return load_hf(path, device, dtype, fp8_source)
     model, cfg, tok = load_for_inference(path, device=device)
     return model, cfg, TextTokenizer(tok)
 

@@ -43,15 +43,33 @@ _state: dict = {"module": None, "tried": False, "off": int(os.environ.get("FLYER
 _TILE = 128  # FP8 tile width and block size (flyer.fp8.quant.TILE); the kernel takes no other
 
 
-def _capability_flags() -> list[str]:
-    """Compile for the vector ISA that ATen itself dispatches to on this CPU."""
-    cap = torch.backends.cpu.get_cpu_capability()
+def _capability_flags(cap: str | None = None) -> list[str]:
+    """Compile for the vector ISA ``cap``, by default the one ATen itself dispatches to on this CPU."""
+    cap = cap or torch.backends.cpu.get_cpu_capability()
     if cap == "AVX512":
         return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
                 "-mavx512dq", "-mfma"]
     if cap == "AVX2":
         return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
     return []
+
+
+def build(capability: str | None = None):
+    """Compile (or load from the cache) the extension for ``capability`` (default: what ATen
+    dispatches to here; tests build the AVX2 variant on an AVX-512 CPU to run its own code)."""
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("ninja") is None:  # the ninja wheel's binary, when its bin/ is not on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    # the source's path and contents in the name: builds of different flyer versions or
+    # checkouts live side by side in the cache instead of rebuilding each other
+    digest = hashlib.sha256(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]
+    suffix = "" if capability is None else f"_{capability.lower()}"
+    return load(name=f"flyer_cpu_ops_{digest}{suffix}", sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_capability_flags(capability)],
+                extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def cpu_ops():
@@ -61,19 +79,7 @@ def cpu_ops():
     if not _state["tried"]:
         _state["tried"] = True
         try:
-            from torch.utils.cpp_extension import load
-
-            if shutil.which("ninja") is None:  # the ninja wheel's binary, when its bin/ is not on PATH
-                import ninja
-
-                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-            # the source's path and contents in the name: builds of different flyer versions or
-            # checkouts live side by side in the cache instead of rebuilding each other
-            digest = hashlib.sha256(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]
-            _state["module"] = load(name=f"flyer_cpu_ops_{digest}", sources=[str(_SOURCE)],
-                                    extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_capability_flags()],
-                                    extra_ldflags=["-fopenmp"], verbose=False)
+            _state["module"] = build()
         except Exception as e:  # no compiler, no ninja, ...: the eager code is correct, only slower
             warnings.warn(f"flyer: fused CPU kernels unavailable, using eager PyTorch ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else e})", stacklevel=2)
@@ -228,10 +234,34 @@ def set_expert_threads(n: int) -> None:
 
 
 HELD_DTYPES = (torch.float32, torch.bfloat16)  # weight dtypes the kernel reads with FP32 rows
+# and FP8 E4M3 codes with one FP32 scale per 128x128 block (``scale``: DeepSeek's checkpoint format)
+HELD_FP8 = torch.float8_e4m3fn
+
+
+def _held_usable(x_RK: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """Whether ``grouped_mm_few_rows`` takes FP32 rows x against w (held, or FP8 with ``scale``)."""
+    if x_RK.dtype != torch.float32 or (w.dtype == HELD_FP8) != (scale is not None):
+        return False
+    return usable(x_RK) and w.device.type == "cpu" and (w.dtype in HELD_DTYPES or w.dtype == HELD_FP8)
+
+
+def dequantize_held(w_NK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(N, K) float32 from FP8 codes and their 128x128 block scales (ceil(N / 128), ceil(K / 128)):
+    each code times its block's scale, the values ``grouped_mm``'s kernel computes with."""
+    K = w_NK.shape[1]
+    if K % _TILE == 0:
+        return fp8_dequantize(w_NK, scale, _TILE)
+    # fp8_dequantize takes whole 128-column tiles: padded with zero codes
+    padded = F.pad(w_NK.view(torch.uint8), (0, -K % _TILE)).view(w_NK.dtype)
+    return fp8_dequantize(padded, scale, _TILE)[:, :K].contiguous()
+
+
+def _widened(w_NK: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    return w_NK.to(dtype) if scale is None else dequantize_held(w_NK, scale).to(dtype)
 
 
 def _kernel_runs(x_RK: torch.Tensor, rows_G: list[int], rows: torch.Tensor, w_GNK: torch.Tensor,
-                 few: int) -> torch.Tensor:
+                 few: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``grouped_mm_few_rows`` over all groups of at most ``few`` rows, split across
     ``set_expert_threads``' threads when it pays: into runs of groups, or a lone group into runs of
     its weight rows."""
@@ -239,35 +269,45 @@ def _kernel_runs(x_RK: torch.Tensor, rows_G: list[int], rows: torch.Tensor, w_GN
     G, N, K = w_GNK.shape
     live = [g for g, r in enumerate(rows_G) if 0 < r <= few]
     if not _splits() or len(live) * N * K * w_GNK.element_size() < SPLIT_MIN_BYTES:
-        return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few)
+        return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few, scale)
     if G == 1:  # one weight matrix (a dense layer): each thread its share of the output columns
-        cuts = [N * i // n // 32 * 32 for i in range(n)] + [N]  # whole 32-row tasks of the kernel
-        parts = [(x_RK, rows, w_GNK[:, a:b]) for a, b in zip(cuts, cuts[1:])]
+        unit = 32 if scale is None else _TILE  # whole 32-row tasks of the kernel; whole scale blocks
+        cuts = sorted({N * i // n // unit * unit for i in range(n)} | {N})
+        parts = [(x_RK, rows, w_GNK[:, a:b], None if scale is None else scale[:, a // _TILE:-(-b // _TILE)])
+                 for a, b in zip(cuts, cuts[1:])]
         dim = 1
     elif len(live) >= n:
         cuts = [0, *(live[len(live) * i // n] for i in range(1, n)), G]  # group ranges with as many live groups
         starts = [0, *itertools.accumulate(rows_G)]
-        parts = [(x_RK[starts[a]:starts[b]], rows[a:b], w_GNK[a:b]) for a, b in zip(cuts, cuts[1:])]
+        parts = [(x_RK[starts[a]:starts[b]], rows[a:b], w_GNK[a:b], None if scale is None else scale[a:b])
+                 for a, b in zip(cuts, cuts[1:])]
         dim = 0
     else:
-        return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few)
-    futures = [_split["pool"].submit(ops.grouped_mm_few_rows, *p, few) for p in parts[1:]]
-    return torch.cat([ops.grouped_mm_few_rows(*parts[0], few), *(f.result() for f in futures)], dim=dim)
+        return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few, scale)
+    if len(parts) == 1:
+        return ops.grouped_mm_few_rows(*parts[0][:3], few, parts[0][3])
+    futures = [_split["pool"].submit(ops.grouped_mm_few_rows, *p[:3], few, p[3]) for p in parts[1:]]
+    return torch.cat([ops.grouped_mm_few_rows(*parts[0][:3], few, parts[0][3]), *(f.result() for f in futures)],
+                     dim=dim)
 
 
 def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
-               rows_G_tensor: torch.Tensor | None = None) -> torch.Tensor:
+               rows_G_tensor: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """out (R, N): each group's consecutive rows of x (``rows_G[g]`` of them) times w[g]^T. The
-    kernel (FP32 x; w FP32 or held in BF16, widened exactly as it is read) takes the groups of at
-    most ``FEW_ROWS`` rows (``HELD_FEW_ROWS`` for BF16 w), reading each weight once for all of its
-    group's rows; one ``torch.mm`` per larger group (and per group elsewhere), on its weight
-    widened to x's dtype. ``rows_G_tensor``: ``rows_G`` as a CPU int64 tensor where the caller has
-    one (not built again)."""
-    kernel = x_RK.dtype == torch.float32 and w_GNK.dtype in HELD_DTYPES and usable(x_RK, w_GNK)
-    if kernel:
+    kernel (FP32 x; w FP32, held in BF16, or FP8 E4M3 codes with their 128x128 block scales
+    ``scale`` (G, ceil(N / 128), ceil(K / 128)), widened exactly as it is read) takes the groups
+    of at most ``FEW_ROWS`` rows (``HELD_FEW_ROWS`` for held w), reading each weight once for all of
+    its group's rows; one ``torch.mm`` per larger group (and per group elsewhere), on its weight
+    widened (dequantized) to x's dtype. ``rows_G_tensor``: ``rows_G`` as a CPU int64 tensor where
+    the caller has one (not built again)."""
+    if (w_GNK.dtype == HELD_FP8) != (scale is not None):
+        raise ValueError(f"grouped_mm: FP8 weights take their block scales, other weights none "
+                         f"(w is {w_GNK.dtype}, scale {'given' if scale is not None else 'None'})")
+    if _held_usable(x_RK, w_GNK, scale):
         few = FEW_ROWS if w_GNK.dtype == torch.float32 else HELD_FEW_ROWS
         rows = torch.tensor(rows_G, dtype=torch.long) if rows_G_tensor is None else rows_G_tensor
-        out = _kernel_runs(x_RK.contiguous(), rows_G, rows, w_GNK.contiguous(), few)
+        out = _kernel_runs(x_RK.contiguous(), rows_G, rows, w_GNK.contiguous(), few,
+                           None if scale is None else scale.contiguous())
         big = [g for g, n in enumerate(rows_G) if n > few]
     else:
         out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
@@ -275,7 +315,7 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
     starts = [0, *itertools.accumulate(rows_G)]
     for g in big:  # views of the groups left to torch.mm only (a decode batch leaves few)
         r = slice(starts[g], starts[g + 1])
-        torch.mm(x_RK[r], w_GNK[g].to(x_RK.dtype).t(), out=out[r])
+        torch.mm(x_RK[r], _widened(w_GNK[g], x_RK.dtype, None if scale is None else scale[g]).t(), out=out[r])
     return out
 
 
@@ -286,11 +326,13 @@ def _one_group(rows: int) -> torch.Tensor:
     return torch.tensor([rows])
 
 
-def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` of FP32 x (..., K) on a weight held in BF16 (inference: ``flyer.infer.weights``),
-    computed in FP32: ``grouped_mm`` with one group, so up to ``HELD_FEW_ROWS`` rows (decoding) read
-    the BF16 weight once, split by output columns over the expert threads, and more rows (a prefill
-    chunk, where the GEMM's arithmetic outweighs widening the weight) run ``torch.mm`` on it widened.
+def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` of FP32 x (..., K) on a weight held in BF16, or in FP8 with its 128x128 block
+    scales ``scale`` (inference: ``flyer.infer.weights``), computed in FP32: ``grouped_mm`` with one
+    group, so up to ``HELD_FEW_ROWS`` rows (decoding) read the held weight once, split by output
+    columns over the expert threads, and more rows (a prefill chunk, where the GEMM's arithmetic
+    outweighs widening the weight) run ``torch.mm`` on it widened.
     (Splitting those larger GEMMs over the expert threads too measured slower here: compute-bound,
     they gain nothing from a second vCPU.)"""
     if x.requires_grad and torch.is_grad_enabled():
@@ -298,9 +340,10 @@ def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | N
     x_RK = x.reshape(-1, x.shape[-1])
     R = x_RK.shape[0]
     if R > HELD_FEW_ROWS:  # grouped_mm's own path for such a group, without its per-call bookkeeping
-        out = torch.mm(x_RK, weight_NK.to(x_RK.dtype).t())
+        out = torch.mm(x_RK, _widened(weight_NK, x_RK.dtype, scale).t())
     else:
-        out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0), _one_group(R))
+        out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0), _one_group(R),
+                         None if scale is None else scale.unsqueeze(0))
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight_NK.shape[0])
@@ -424,7 +467,7 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
     return (fp8_to_float(data_RC).view(R, C // _TILE, _TILE) * s.unsqueeze(-1)).view(R, C)
 
 
-__all__ = ["HELD_DTYPES", "KERNEL_DTYPES", "TokenIndex", "combine", "combine_backward", "cpu_ops", "disabled",
-           "fp8_dequantize", "fp8_to_float", "grouped_mm", "linear_held", "mla_decode", "mla_decode_usable",
-           "rms_norm", "rms_norm_backward", "segment_sum", "set_expert_threads", "swiglu", "swiglu_backward",
-           "token_index", "token_rows", "usable", "xent_chunk"]
+__all__ = ["HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "build", "combine", "combine_backward", "cpu_ops",
+           "dequantize_held", "disabled", "fp8_dequantize", "fp8_to_float", "grouped_mm", "linear_held",
+           "mla_decode", "mla_decode_usable", "rms_norm", "rms_norm_backward", "segment_sum", "set_expert_threads",
+           "swiglu", "swiglu_backward", "token_index", "token_rows", "usable", "xent_chunk"]

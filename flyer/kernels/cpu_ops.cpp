@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <limits>
 #include <cstring>
 #include <vector>
@@ -484,8 +485,54 @@ inline Vec load_weights(const c10::BFloat16* p) {
 #endif
 }
 
-template <int M, int NW, typename W>
-inline void dot_block(const W* w, const float* x, int64_t K, int64_t N, float* out, int64_t n) {
+// FP8 E4M3 codes widened exactly to FP32, each divided by 256: a code sign-extended to 16 bits,
+// shifted left by 7 and with bit 14 (the code's own sign bit, shifted) cleared is the FP16 with the
+// same sign, exponent and mantissa bits, whose value is the
+// code's over 2^8 (FP16's exponent bias is 15, E4M3's 7; subnormal codes are FP16 subnormals), and
+// the hardware widens FP16 exactly. The NaN codes (all ones but the sign) are NaN.
+inline Vec load_fp8_over_256(const c10::Float8_e4m3fn* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16(-0x4001));
+  const __m512 v = _mm512_cvtph_ps(h);
+  const __mmask16 nan = _mm_cmpeq_epi8_mask(_mm_and_si128(b, _mm_set1_epi8(0x7F)), _mm_set1_epi8(0x7F));
+  return Vec(_mm512_mask_blend_ps(nan, v, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16(-0x4001));
+  const __m256 v = _mm256_cvtph_ps(h);
+  const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x3F80)), _mm_set1_epi16(0x3F80));
+  return Vec(_mm256_blendv_ps(v, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()),
+                              _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan))));
+#else
+  float buf[Vec::size()];
+  for (int i = 0; i < Vec::size(); ++i) buf[i] = static_cast<float>(p[i]) / 256.f;
+  return Vec::loadu(buf);
+#endif
+}
+
+// How dot_block reads a weight row: as it is stored (FP32, or BF16 widened), or as FP8 codes
+// times their 128x128 block's FP32 scale (DeepSeek's checkpoint format), multiplied in a register
+// before the FMA: the product the eager dequantisation rounds to, so the sums are the FP32
+// kernel's on the dequantized weights. ``scales`` is the (K / 128) scales of the rows' block.
+struct Unscaled {
+  template <typename W>
+  Vec vec(const W* p, int64_t) const { return load_weights(p); }
+  template <typename W>
+  float one(const W* p, int64_t) const { return static_cast<float>(*p); }
+  Unscaled rows(int64_t) const { return *this; }
+};
+// (code / 256) * (256 scale) is exactly code * scale before its one rounding, so it rounds alike.
+struct BlockScaled {
+  const float* scales;  // (ceil(N / 128), Kb): the weight matrix's block scales
+  int64_t kb;
+  Vec vec(const c10::Float8_e4m3fn* p, int64_t k) const { return load_fp8_over_256(p) * Vec(256.f * scales[k / 128]); }
+  float one(const c10::Float8_e4m3fn* p, int64_t k) const { return static_cast<float>(*p) * scales[k / 128]; }
+  BlockScaled rows(int64_t n) const { return {scales + (n / 128) * kb, kb}; }  // weight row n's block
+};
+
+template <int M, int NW, typename W, typename L>
+inline void dot_block(const W* w, const L& load, const float* x, int64_t K, int64_t N, float* out, int64_t n) {
   Vec acc[M][NW];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NW; ++j) acc[m][j] = Vec(0.f);
@@ -494,7 +541,7 @@ inline void dot_block(const W* w, const float* x, int64_t K, int64_t N, float* o
     Vec wv[NW];
     for (int j = 0; j < NW; ++j) {
       __builtin_prefetch(w + (j + kPrefetchRows) * K + k);
-      wv[j] = load_weights(w + j * K + k);
+      wv[j] = load.vec(w + j * K + k, k);
     }
     for (int m = 0; m < M; ++m) {
       const Vec xv = Vec::loadu(x + m * K + k);
@@ -504,48 +551,108 @@ inline void dot_block(const W* w, const float* x, int64_t K, int64_t N, float* o
   for (int m = 0; m < M; ++m) {
     for (int j = 0; j < NW; ++j) {
       float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[m][j]);
-      for (int64_t i = k; i < K; ++i) sum += static_cast<float>(w[j * K + i]) * x[m * K + i];
+      for (int64_t i = k; i < K; ++i) sum += load.one(w + j * K + i, i) * x[m * K + i];
       out[m * N + n + j] = sum;
     }
   }
 }
 
-template <int M, typename W>
-inline void dot_rows(const W* w, const float* x, int64_t K, int64_t N, float* out, int64_t n0, int64_t n1) {
+// a register block of kWeightBlock rows never straddles two 128-row scale blocks: tasks start
+// at multiples of kWeightRows, and both divide 128
+static_assert(128 % kWeightRows == 0 && kWeightRows % 4 == 0, "weight row tasks must tile 128-row blocks");
+
+template <int M, typename W, typename L>
+inline void dot_rows(const W* w, const L& load, const float* x, int64_t K, int64_t N, float* out, int64_t n0,
+                     int64_t n1) {
   int64_t n = n0;
-  for (; n + kWeightBlock <= n1; n += kWeightBlock) dot_block<M, kWeightBlock>(w + n * K, x, K, N, out, n);
-  for (; n < n1; ++n) dot_block<M, 1>(w + n * K, x, K, N, out, n);
+  for (; n + kWeightBlock <= n1; n += kWeightBlock)
+    dot_block<M, kWeightBlock>(w + n * K, load.rows(n), x, K, N, out, n);
+  for (; n < n1; ++n) dot_block<M, 1>(w + n * K, load.rows(n), x, K, N, out, n);
 }
 
-template <typename W>
-void grouped_mm_tasks(const float* xp, const W* wp, float* op, const std::vector<int64_t>& first, int64_t K,
-                      int64_t N, const std::vector<std::pair<int64_t, int64_t>>& tasks) {
+template <typename W, typename L>
+inline void dot_rows_of_group(const W* w, const L& load, const float* xp, float* op, int64_t r0, int64_t r1,
+                              int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t r = r0; r < r1; r += kRows) {
+    const float* xr = xp + r * K;
+    float* o = op + r * N;
+    switch (std::min(kRows, r1 - r)) {
+      case 1: dot_rows<1>(w, load, xr, K, N, o, n0, n1); break;
+      case 2: dot_rows<2>(w, load, xr, K, N, o, n0, n1); break;
+      case 3: dot_rows<3>(w, load, xr, K, N, o, n0, n1); break;
+      default: dot_rows<4>(w, load, xr, K, N, o, n0, n1); break;
+    }
+  }
+}
+
+// M rows against nb (<= kWeightBlock) widened weight rows, the outputs' columns n .. n + nb
+template <int M>
+inline void dot_widened(const float* wide, int64_t nb, const float* x, int64_t K, int64_t N, float* out, int64_t n) {
+  if (nb == kWeightBlock) {
+    dot_block<M, kWeightBlock>(wide, Unscaled{}, x, K, N, out, n);
+    return;
+  }
+  for (int64_t j = 0; j < nb; ++j) dot_block<M, 1>(wide + j * K, Unscaled{}, x, K, N, out, n + j);
+}
+
+// ``load(g)``: group g's weight loader. A weight row is read once per kRows rows of its group; a
+// group of more rows than that, with weights that cost more to widen than BF16's shift (FP8),
+// widens each register block of weight rows once into FP32 scratch (in L1) and runs the FP32 dot
+// products on it: the same values, so the same sums.
+template <typename W, typename LoadOf>
+void grouped_mm_tasks(const float* xp, const W* wp, const LoadOf& load, float* op, const std::vector<int64_t>& first,
+                      int64_t K, int64_t N, const std::vector<std::pair<int64_t, int64_t>>& tasks) {
+  constexpr bool widen_once = std::is_same_v<W, c10::Float8_e4m3fn>;
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> wide(widen_once ? kWeightBlock * K : 0);
     for (int64_t t = begin; t < end; ++t) {
       const auto [g, n0] = tasks[t];
       const int64_t n1 = std::min(n0 + kWeightRows, N);
       const W* wg = wp + g * N * K;
-      for (int64_t r = first[g]; r < first[g + 1]; r += kRows) {
-        const float* xr = xp + r * K;
-        float* o = op + r * N;
-        switch (std::min(kRows, first[g + 1] - r)) {
-          case 1: dot_rows<1>(wg, xr, K, N, o, n0, n1); break;
-          case 2: dot_rows<2>(wg, xr, K, N, o, n0, n1); break;
-          case 3: dot_rows<3>(wg, xr, K, N, o, n0, n1); break;
-          default: dot_rows<4>(wg, xr, K, N, o, n0, n1); break;
+      const auto lg = load(g);
+      if (!widen_once || first[g + 1] - first[g] <= kRows) {
+        dot_rows_of_group(wg, lg, xp, op, first[g], first[g + 1], K, N, n0, n1);
+        continue;
+      }
+      if constexpr (widen_once) {
+        for (int64_t n = n0; n < n1; n += kWeightBlock) {
+          const int64_t nb = std::min<int64_t>(kWeightBlock, n1 - n);
+          const auto ln = lg.rows(n);
+          for (int64_t j = 0; j < nb; ++j) {
+            const W* wr = wg + (n + j) * K;
+            float* dst = wide.data() + j * K;
+            int64_t k = 0;
+            for (; k + Vec::size() <= K; k += Vec::size()) ln.vec(wr + k, k).store(dst + k);
+            for (; k < K; ++k) dst[k] = ln.one(wr + k, k);
+          }
+          for (int64_t r = first[g]; r < first[g + 1]; r += kRows) {
+            const float* xr = xp + r * K;
+            float* o = op + r * N;
+            switch (std::min(kRows, first[g + 1] - r)) {
+              case 1: dot_widened<1>(wide.data(), nb, xr, K, N, o, n); break;
+              case 2: dot_widened<2>(wide.data(), nb, xr, K, N, o, n); break;
+              case 3: dot_widened<3>(wide.data(), nb, xr, K, N, o, n); break;
+              default: dot_widened<4>(wide.data(), nb, xr, K, N, o, n); break;
+            }
+          }
         }
       }
     }
   });
 }
 
-at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& w, int64_t max_rows) {
+// ``scale``: undefined, or for FP8 w (G, N, K) its block scales (G, ceil(N / 128), ceil(K / 128))
+at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& w, int64_t max_rows,
+                               const c10::optional<at::Tensor>& scale) {
   check_cpu(x, "grouped_mm_few_rows x");
   check_cpu(counts, "grouped_mm_few_rows counts");
   check_cpu(w, "grouped_mm_few_rows w");
   check_dtype(x, at::kFloat, "grouped_mm_few_rows x");
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
-              "grouped_mm_few_rows w: float32 or bfloat16 expected, got ", w.scalar_type());
+  const bool fp8 = w.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || fp8,
+              "grouped_mm_few_rows w: float32, bfloat16 or float8_e4m3fn expected, got ", w.scalar_type());
+  TORCH_CHECK(fp8 == (scale.has_value() && scale->defined()),
+              "grouped_mm_few_rows: float8_e4m3fn w takes its block scales, and no other w does");
   check_dtype(counts, at::kLong, "grouped_mm_few_rows counts");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == x.size(1) && counts.numel() == w.size(0),
               "grouped_mm_few_rows: x (R, K), counts (G,), w (G, N, K) expected");
@@ -563,10 +670,25 @@ at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, co
   for (int64_t g = 0; g < G; ++g)
     if (cnt[g] > 0 && cnt[g] <= max_rows)
       for (int64_t n = 0; n < N; n += kWeightRows) tasks.emplace_back(g, n);
-  if (w.scalar_type() == at::kBFloat16)
-    grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), out.data_ptr<float>(), first, K, N, tasks);
-  else
-    grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), first, K, N, tasks);
+  const auto unscaled = [](int64_t) { return Unscaled{}; };
+  if (fp8) {
+    const at::Tensor& sc = *scale;
+    check_cpu(sc, "grouped_mm_few_rows scale");
+    check_dtype(sc, at::kFloat, "grouped_mm_few_rows scale");
+    const int64_t nb = (N + 127) / 128, kb = (K + 127) / 128;
+    TORCH_CHECK(sc.dim() == 3 && sc.size(0) == G && sc.size(1) == nb && sc.size(2) == kb && sc.is_contiguous(),
+                "grouped_mm_few_rows scale: contiguous (", G, ", ", nb, ", ", kb, ") expected for w (", G, ", ", N,
+                ", ", K, ")");
+    const float* sp = sc.data_ptr<float>();
+    grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<c10::Float8_e4m3fn>(),
+                     [&](int64_t g) { return BlockScaled{sp + g * nb * kb, kb}; }, out.data_ptr<float>(), first, K,
+                     N, tasks);
+  } else if (w.scalar_type() == at::kBFloat16) {
+    grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), unscaled, out.data_ptr<float>(), first, K, N,
+                     tasks);
+  } else {
+    grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<float>(), unscaled, out.data_ptr<float>(), first, K, N, tasks);
+  }
   return out;
 }
 
@@ -782,6 +904,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward, "gradients of rms_norm: input and weight",
         py::call_guard<py::gil_scoped_release>());
   m.def("grouped_mm_few_rows", &grouped_mm_few_rows, "each group's rows times its weight, transposed (few rows)",
+        py::arg("x"), py::arg("counts"), py::arg("w"), py::arg("max_rows"), py::arg("scale") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("fp8_dequantize", &fp8_dequantize, "FP8 codes times their tile scales, as FP32",
         py::call_guard<py::gil_scoped_release>());

@@ -291,11 +291,12 @@ class _LocalRoutedExperts(torch.autograd.Function):
         return (dx, d_weights, *dws, None, None, None, None)
 
 
-def _local_routed_no_grad(x_TD, weights_TK, w1_EFD, w2_EDF, w3_EFD, topk_ids_TK, counts: list[int],
-                          counts_E: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def local_routed_no_grad(x_TD, weights_TK, topk_ids_TK, counts: list[int], counts_E: torch.Tensor,
+                         dtype: torch.dtype, ffn) -> torch.Tensor:
     """``_LocalRoutedExperts.forward`` without pad rows (``row_multiple`` 1) and with nothing kept
     for a backward (decoding): the same values from a third of its ops. With no pad rows the
-    padded layout is the expert-sorted order itself and every token has exactly K rows."""
+    padded layout is the expert-sorted order itself and every token has exactly K rows.
+    ``ffn(x_sorted, counts, counts_E)``: the experts on their rows (held weights bring their own)."""
     T, K = topk_ids_TK.shape
     order = torch.argsort(topk_ids_TK.flatten(), stable=True)
     src = order // K  # the token each expert-sorted row holds
@@ -304,9 +305,7 @@ def _local_routed_no_grad(x_TD, weights_TK, w1_EFD, w2_EDF, w3_EFD, topk_ids_TK,
     w_rows = w_rows if w_rows.dtype == acc_dtype else w_rows.to(acc_dtype)
     x = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
     index = kernels.token_index(src, T, x, w_rows, per_token=K)
-    w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
-    y, _, _ = _swiglu_forward(x.index_select(0, src), w13, w2, counts, w1_EFD.shape[1], counts_E)
-    return kernels.combine(y, w_rows, index)
+    return kernels.combine(ffn(x.index_select(0, src), counts, counts_E), w_rows, index)
 
 
 def expert_ffn_fused(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
@@ -389,13 +388,16 @@ class Experts(nn.Module):
         """Dispatch, the 'fused' experts and combine in one pass when this process holds every
         expert (see ``_LocalRoutedExperts``): the values ``LocalDispatcher`` around ``forward`` gives.
         x_TD (T, D), weights_TK (T, K), topk_ids_TK (T, K), counts_E (E,) -> (T, D) FP32. With nothing
-        to differentiate and no pad rows, its forward runs without the Function (``_local_routed_no_grad``)."""
+        to differentiate and no pad rows, its forward runs without the Function (``local_routed_no_grad``)."""
         dtype = gemm_dtype(x_TD)
         counts, row_multiple = counts_E.tolist(), self.row_multiple(x_TD, dtype)
         if row_multiple == 1 and not (torch.is_grad_enabled() and any(
                 t.requires_grad for t in (x_TD, weights_TK, self.w1, self.w2, self.w3))):
-            return _local_routed_no_grad(x_TD, weights_TK, self.w1, self.w2, self.w3, topk_ids_TK, counts, counts_E,
-                                         dtype)
+            def ffn(x_sorted, counts, counts_E):
+                w13, w2 = _pack_weights(self.w1, self.w2, self.w3, dtype)
+                return _swiglu_forward(x_sorted, w13, w2, counts, self.w1.shape[1], counts_E)[0]
+
+            return local_routed_no_grad(x_TD, weights_TK, topk_ids_TK, counts, counts_E, dtype, ffn)
         return _LocalRoutedExperts.apply(x_TD, weights_TK, self.w1, self.w2, self.w3, topk_ids_TK, counts,
                                          row_multiple, dtype)
 
@@ -404,4 +406,4 @@ class Experts(nn.Module):
 
 
 __all__ = ["EXPERT_IMPLS", "Experts", "PaddedLayout", "expert_ffn_fused", "expert_ffn_grouped_mm", "expert_ffn_loop",
-           "packed_w13", "padded_layout", "resolve_experts_impl"]
+           "local_routed_no_grad", "packed_w13", "padded_layout", "resolve_experts_impl"]
