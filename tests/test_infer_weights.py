@@ -130,10 +130,16 @@ def test_fp8_held_model_is_the_fp32_model_on_the_dequantized_weights(inter, kern
     ref = _dequantized(held, model)
     exact = copy.deepcopy(ref).double()
     tokens = torch.randint(0, model.cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(1))
+    dispatched = copy.deepcopy(held)  # the experts behind the dispatcher (their forward), not fused with it
+    for m in dispatched.modules():
+        if hasattr(m, "fuse_local"):
+            m.fuse_local = False
     with torch.no_grad(), (contextlib.nullcontext() if kernels_on else kernels.disabled()):
         for t in (tokens, tokens[:, :9], tokens[:1, :5]):  # 63 rows, 27, 5
             want = exact(t)
-            assert rel_error(held(t), want) <= 2 * rel_error(ref(t), want) + 1e-7, t.shape
+            for net in (held, dispatched):
+                assert rel_error(net(t), want) <= 2 * rel_error(ref(t), want) + 1e-7, t.shape
+    assert all(m.path == "dispatched" for m in dispatched.modules() if hasattr(m, "fuse_local"))
 
 
 @pytest.mark.parametrize("family", ["v3", "v3-tied-half"])  # rope rows interleaved, or permuted on load

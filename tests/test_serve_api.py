@@ -308,6 +308,7 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
     (["--preset", "tiny", "--max-batch-size", "0"], "--max-batch-size: must be >= 1"),
     (["--preset", "tiny", "--expert-threads", "0"], "--expert-threads: must be >= 1"),
     (["--preset", "tiny", "--speculative", "mtp", "--draft-tokens", "0"], "--draft-tokens: must be >= 1"),
+    (["--preset", "tiny", "--draft-tokens", "3"], "--draft-tokens: 3 drafts need speculative decoding"),
     (["--preset", "tiny", "--port", "70000"], "--port: must be in"),
     (["--preset", "tiny", "--ckpt", "x"], "exactly one"),
 ])

@@ -43,6 +43,9 @@ class GenerationConfig:
                 raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
         if self.speculative not in (None, "mtp"):
             raise FieldError("speculative", f"must be None or 'mtp' (got {self.speculative!r})")
+        if self.draft_tokens > 1 and self.speculative is None:
+            raise FieldError("draft_tokens",
+                             f"{self.draft_tokens} drafts need speculative decoding (--speculative mtp)")
         if self.attention not in ATTENTION_MODES:
             raise FieldError("attention", f"must be one of {', '.join(ATTENTION_MODES)} (got {self.attention!r})")
         SamplingParams(self.temperature, self.top_p)

@@ -109,6 +109,9 @@ class EngineConfig:
                 raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
         if self.speculative not in (None, "mtp"):
             raise FieldError("speculative", f"must be None or 'mtp' (got {self.speculative!r})")
+        if self.draft_tokens > 1 and self.speculative is None:
+            raise FieldError("draft_tokens",
+                             f"{self.draft_tokens} drafts need speculative decoding (--speculative mtp)")
 
 
 @dataclass(frozen=True)
