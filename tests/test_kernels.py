@@ -228,6 +228,20 @@ def test_grouped_mm_on_fp8_weights_is_the_fp32_kernel_on_them_dequantized(ops, K
         ops.grouped_mm_few_rows(x, counts, w, few, scale[:, :1].contiguous())
 
 
+def _same_on_expert_threads(monkeypatch, call, one: torch.Tensor) -> None:
+    """``call()`` split over 2 and 3 expert threads (torch on one thread) gives ``one``, bit for bit."""
+    monkeypatch.setattr(kernels, "SPLIT_MIN_BYTES", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in (2, 3):
+            kernels.set_expert_threads(n)
+            assert torch.equal(call(), one)
+    finally:
+        kernels.set_expert_threads(1)
+        torch.set_num_threads(threads)
+
+
 def test_linear_held_splits_one_weight_by_columns_over_expert_threads(ops, monkeypatch):
     """``kernels.linear_held``: F.linear of FP32 rows on a BF16 weight, any leading shape, with bias; its
     output columns split over the expert threads give the same bits as one call."""
@@ -236,16 +250,7 @@ def test_linear_held_splits_one_weight_by_columns_over_expert_threads(ops, monke
     assert one.shape == (2, 5, 200) and one.dtype == torch.float32
     ref = F.linear(x.double(), w.double(), b.double())
     assert_fp32_sums(one, ref, F.linear(x.double().abs(), w.double().abs(), b.double().abs()), 97)
-    monkeypatch.setattr(kernels, "SPLIT_MIN_BYTES", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for n in (2, 3):
-            kernels.set_expert_threads(n)
-            assert torch.equal(kernels.linear_held(x, w, b), one)
-    finally:
-        kernels.set_expert_threads(1)
-        torch.set_num_threads(threads)
+    _same_on_expert_threads(monkeypatch, lambda: kernels.linear_held(x, w, b), one)
     many = torch.randn(kernels.HELD_FEW_ROWS + 3, 96)  # a prefill chunk: torch.mm on the widened weight
     assert torch.equal(kernels.linear_held(many, w), many @ w.float().t())
 
@@ -262,16 +267,7 @@ def test_linear_held_on_fp8_weights_split_by_whole_scale_blocks(ops, monkeypatch
     assert one.shape == (2, 5, 300)
     assert torch.equal(one.view(10, 300), ops.grouped_mm_few_rows(x.view(10, 96), torch.tensor([10]),
                                                                    deq.unsqueeze(0), 48) + b)
-    monkeypatch.setattr(kernels, "SPLIT_MIN_BYTES", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for n in (2, 3):
-            kernels.set_expert_threads(n)
-            assert torch.equal(kernels.linear_held(x, w, b, scale), one)
-    finally:
-        kernels.set_expert_threads(1)
-        torch.set_num_threads(threads)
+    _same_on_expert_threads(monkeypatch, lambda: kernels.linear_held(x, w, b, scale), one)
     many = torch.randn(kernels.HELD_FEW_ROWS + 3, 96)
     assert torch.equal(kernels.linear_held(many, w, scale=scale), many @ deq.t())
 
