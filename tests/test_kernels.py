@@ -162,8 +162,9 @@ def _fp8_weights(G, N, K, seed=0):
 
 
 def test_held_weights_widen_exactly_in_the_avx2_build(ops):
-    """The AVX2 build's own widening of BF16 and FP8 weights (its intrinsics differ from AVX-512's),
-    run here whatever this CPU dispatches to: an AVX-512 CPU runs AVX2 code too."""
+    """The AVX2 build's own widening of BF16 and FP8 weights and its FP8 dequantisation (their
+    intrinsics differ from AVX-512's), run here whatever this CPU dispatches to: an AVX-512 CPU runs
+    AVX2 code too."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("AVX2 code needs an x86 CPU with AVX2")
     avx2 = kernels.build("AVX2")
@@ -176,6 +177,10 @@ def test_held_weights_widen_exactly_in_the_avx2_build(ops):
     wb = torch.randn(3, 70, 100).bfloat16()
     assert torch.equal(avx2.grouped_mm_few_rows(x, rows, wb, 48), avx2.grouped_mm_few_rows(x, rows, wb.float(), 48))
     _widens_every_fp8_code(avx2)
+    every = torch.arange(256, dtype=torch.uint8).view(2, 128)  # fp8_dequantize widens E4M3 the same way
+    torch.testing.assert_close(avx2.fp8_dequantize(every, torch.tensor([[0.75]]), 128, False),
+                               kernels.fp8_to_float(every.view(torch.float8_e4m3fn)) * 0.75, rtol=0, atol=0,
+                               equal_nan=True)
 
 
 def _widens_every_fp8_code(ops) -> None:

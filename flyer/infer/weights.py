@@ -94,7 +94,7 @@ def hold_weights(model: Transformer, dtype: torch.dtype, source: Source | None =
     if dtype not in (torch.bfloat16, FP8):
         raise ValueError(f"weights can be held in float32, bfloat16 or float8_e4m3fn (got {dtype})")
     if model.embed.weight.dtype != torch.float32 or model.embed.weight.device.type not in ("cpu", "meta"):
-        raise ValueError(f"BF16-held weights need an FP32 model on the CPU (this one is "
+        raise ValueError(f"held weights need an FP32 model on the CPU (this one is "
                          f"{model.embed.weight.dtype} on {model.embed.weight.device.type})")
     if dtype == FP8:
         return _hold_fp8(model, source or {})

@@ -876,6 +876,12 @@ at::Tensor fp8_dequantize(const at::Tensor& data, const at::Tensor& scale, int64
       const float* s = sp + (r / block_rows) * Cb;
       const uint8_t* d = dp + r * Cp;
       float* o = op + r * Cp;
+      if (!e5m2) {  // E4M3 widened in registers, as the held-weight GEMM does (Vec::size() divides 128)
+        const auto* codes = reinterpret_cast<const c10::Float8_e4m3fn*>(d);
+        for (int64_t c = 0; c < Cp; c += Vec::size())
+          (load_fp8_over_256(codes + c) * Vec(256.f * s[c / kTile])).store(o + c);
+        continue;
+      }
       for (int64_t c = 0; c < Cp; ++c) o[c] = lut[d[c]] * s[c / kTile];
     }
   });
