@@ -177,18 +177,26 @@ def test_held_weights_widen_exactly_in_the_avx2_build(ops):
     wb = torch.randn(3, 70, 100).bfloat16()
     assert torch.equal(avx2.grouped_mm_few_rows(x, rows, wb, 48), avx2.grouped_mm_few_rows(x, rows, wb.float(), 48))
     _widens_every_fp8_code(avx2)
-    every = torch.arange(256, dtype=torch.uint8).view(2, 128)  # fp8_dequantize widens E4M3 the same way
-    torch.testing.assert_close(avx2.fp8_dequantize(every, torch.tensor([[0.75]]), 128, False),
-                               kernels.fp8_to_float(every.view(torch.float8_e4m3fn)) * 0.75, rtol=0, atol=0,
-                               equal_nan=True)
 
 
 def _widens_every_fp8_code(ops) -> None:
-    every = torch.zeros(1, 256, 128, dtype=torch.uint8)  # weight row n: code n, then zeros (NaN codes too)
+    """Every E4M3 code, NaN's included, widened exactly by the held-weight GEMM and by
+    fp8_dequantize, also with subnormals flushed (a code of exponent 0 widens through an FP16
+    subnormal, which flushing must not touch)."""
+    every = torch.zeros(1, 256, 128, dtype=torch.uint8)  # weight row n: code n, then zeros
     every[0, :, 0] = torch.arange(256, dtype=torch.uint8)
     every = every.view(torch.float8_e4m3fn)
-    out = ops.grouped_mm_few_rows(torch.ones(1, 128), torch.tensor([1]), every, 4, torch.ones(1, 2, 1))
-    torch.testing.assert_close(out[0], every[0, :, 0].float(), rtol=0, atol=0, equal_nan=True)
+    codes = torch.arange(256, dtype=torch.uint8).view(2, 128)
+    try:
+        for flush in (False, True):
+            torch.set_flush_denormal(flush)
+            out = ops.grouped_mm_few_rows(torch.ones(1, 128), torch.tensor([1]), every, 4, torch.ones(1, 2, 1))
+            torch.testing.assert_close(out[0], every[0, :, 0].float(), rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(ops.fp8_dequantize(codes, torch.tensor([[0.75]]), 128, False),
+                                       kernels.fp8_to_float(codes.view(torch.float8_e4m3fn)) * 0.75, rtol=0, atol=0,
+                                       equal_nan=True)
+    finally:
+        torch.set_flush_denormal(False)  # torch's default, which nothing in flyer changes
 
 
 @pytest.mark.parametrize("K", [384, 100])
