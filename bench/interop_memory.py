@@ -7,7 +7,12 @@ after its imports (``base``) to its high-water mark (``VmHWM``):
 - ``import``: ``flyer.interop.hf.load_hf`` (bf16, tensor by tensor into the parameters);
 - ``export``: ``flyer export`` of that directory (import, then write bf16 shards);
 - peer ``mmap_stream``: the same model filled tensor by tensor through safetensors' memory-mapped
-  reader (``safe_open(...).get_tensor``), whose touched pages stay resident until the file closes.
+  reader (``safe_open(...).get_tensor``), whose touched pages stay resident until the file closes;
+- ``fp8_held``: that checkpoint exported in DeepSeek's FP8 format, loaded as ``--weight-dtype fp8``
+  loads it (``load_hf(..., fp8_source=)``, then ``hold_weights``: the E4M3 weights kept as codes,
+  their FP32 parameters never written), against ``fp8_requantized``: every weight dequantized into
+  the FP32 model first, then held (what the load costs without the codes kept); both as ratios to
+  the FP8 checkpoint's bytes.
 
 Prints one JSON object; ``ratio`` = (VmHWM - base) / bytes on disk.
     python bench/interop_memory.py [--gb 1.0] [--dir DIR]
@@ -29,6 +34,7 @@ from tokenizers import Tokenizer, models
 from flyer.config import preset
 from flyer.interop.export import export, hf_config
 from flyer.interop.hf import INDEX, TextTokenizer, build_empty, hf_names, load_hf, read_hf_config
+from flyer.infer.weights import FP8, hold_weights
 from flyer.interop.tensorfile import write_tensors
 from flyer.model.transformer import Transformer
 
@@ -80,6 +86,11 @@ def measure(what: str, path: Path) -> dict:
     elif what == "export":
         with tempfile.TemporaryDirectory(dir=path.parent) as d:
             export(path, d, "bf16", "500MB")
+    elif what == "fp8_held":
+        source: dict = {}
+        hold_weights(load_hf(path, dtype=torch.float32, fp8_source=source)[0], FP8, source)
+    elif what == "fp8_requantized":
+        hold_weights(load_hf(path, dtype=torch.float32)[0], FP8)
     else:
         cfg, raw = read_hf_config(path)
         model = build_empty(cfg, "cpu", torch.bfloat16)
@@ -97,7 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=1.1, help="checkpoint size to write (GB, 10^9 bytes)")
     ap.add_argument("--dir", help="where to write it (default: a temporary directory)")
-    ap.add_argument("--measure", choices=["import", "export", "mmap_stream"], help=argparse.SUPPRESS)
+    ap.add_argument("--measure", choices=["import", "export", "mmap_stream", "fp8_held", "fp8_requantized"],
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, Path(args.dir))))
@@ -105,12 +117,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         ckpt = Path(tmp) / "hf"
         size = make_checkpoint(ckpt, args.gb)
-        result = {"checkpoint_bytes": size}
-        for what in ("import", "export", "mmap_stream"):
-            r = json.loads(subprocess.run([sys.executable, __file__, "--measure", what, "--dir", str(ckpt)],
+        fp8 = Path(tmp) / "fp8"
+        export(ckpt, fp8, "fp8", "500MB")
+        fp8_size = sum(f.stat().st_size for f in fp8.glob("*.safetensors"))
+        result = {"checkpoint_bytes": size, "fp8_checkpoint_bytes": fp8_size}
+        for what in ("import", "export", "mmap_stream", "fp8_held", "fp8_requantized"):
+            src, n = (fp8, fp8_size) if what.startswith("fp8") else (ckpt, size)
+            r = json.loads(subprocess.run([sys.executable, __file__, "--measure", what, "--dir", str(src)],
                                           check=True, capture_output=True, text=True).stdout)
-            r["ratio"] = round((r["peak_rss"] - r["base_rss"]) / size, 3)
-            r["peak_over_size"] = round(r["peak_rss"] / size, 3)
+            r["ratio"] = round((r["peak_rss"] - r["base_rss"]) / n, 3)
+            r["peak_over_size"] = round(r["peak_rss"] / n, 3)
             result[what] = r
         print(json.dumps(result))
 

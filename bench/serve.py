@@ -96,8 +96,8 @@ def _model(weight_dtype: str) -> Transformer:
 
 def _fp8_checkpoint(run: Path, out: Path) -> tuple[Path, tuple[Transformer, dict]]:
     """``run`` exported in DeepSeek's FP8 format (``flyer export --dtype fp8``), what ``flyer serve
-    --weight-dtype fp8`` serves; and that checkpoint loaded here (FP32 values, and its codes and
-    scales for the engine-alone runs)."""
+    --weight-dtype fp8`` serves; and that checkpoint loaded here as flyer serve loads it (its codes
+    and scales, for ``hold_weights``) for the engine-alone runs."""
     export(run, out, dtype="fp8")
     source: dict = {}
     return out, (load_hf(out, dtype=torch.float32, fp8_source=source)[0], source)
@@ -486,7 +486,9 @@ def main() -> None:
         peer_reqs = sent[cmax]
         hf_dir = Path(tmp) / "hf"
         if fp8 is not None:  # the FP8 checkpoint's values, in FP32
-            export_model(fp8[0], load_hf(ckpt, dtype=torch.float32)[2], hf_dir, "fp32")
+            model, _, tok = load_hf(ckpt, dtype=torch.float32)
+            export_model(model, tok, hf_dir, "fp32")
+            del model
         else:
             export(run, hf_dir, dtype="fp32")
         peer = None

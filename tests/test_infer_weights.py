@@ -157,12 +157,14 @@ def test_fp8_checkpoint_held_with_its_own_codes_and_scales(tmp_path, capsys, fam
         q = quantize_blocks(kernels.dequantize_held(files[k], files[k + "_scale_inv"]), pow2_scales=True)
         files[k], files[k + "_scale_inv"] = q.data[:, :files[k].shape[1]].contiguous(), q.scale
     save_file(files, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    deq = load_hf(tmp_path / "fp8", dtype=torch.float32)[0]  # every weight dequantized
     source = {}
-    deq = load_hf(tmp_path / "fp8", dtype=torch.float32, fp8_source=source)[0]
-    held = copy.deepcopy(deq)
+    held = load_hf(tmp_path / "fp8", dtype=torch.float32, fp8_source=source)[0]  # E4M3 weights left unwritten
+    kept = set(source)
     hold_weights(held, FP8, source)
+    assert source == {}  # consumed
     fp8 = {n for n, p in held.named_parameters() if p.dtype == FP8}
-    assert fp8 <= set(source) and all("wkv_b" in n for n in set(source) - fp8)  # wkv_b: its exact FP32 values
+    assert fp8 <= kept and all("wkv_b" in n for n in kept - fp8)  # wkv_b: its exact FP32 values
     requantized = copy.deepcopy(deq)
     hold_weights(requantized, FP8)
     changed = 0
@@ -179,6 +181,9 @@ def test_fp8_checkpoint_held_with_its_own_codes_and_scales(tmp_path, capsys, fam
                 other = requantized.get_submodule(name)
                 changed += not torch.equal(getattr(other, w).view(torch.uint8), codes.view(torch.uint8))
     assert changed > 0  # requantized, the same values would not have been held as they are
+    for name, p in held.named_parameters():  # the rest, wkv_b's values from its codes included
+        if p.dtype != FP8:
+            assert torch.equal(p, deq.get_parameter(name).to(p.dtype)), name
     prompt = tok.encode_ids("hello there")
     want = generate(held, [prompt], GenerationConfig(max_new_tokens=6, cache_dtype=torch.float32, eos_id=None))
     capsys.readouterr()

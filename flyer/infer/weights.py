@@ -87,8 +87,8 @@ def hold_weights(model: Transformer, dtype: torch.dtype, source: Source | None =
     gradients); the model computes in its own dtype. Returns the bytes it saves (FP32 to BF16: half
     of those weights'). FP32 is a no-op; BF16 and FP8 need an FP32 model on the CPU (the kernels'
     case; or on the meta device, to count bytes). FP8 (``torch.float8_e4m3fn``): the codes and
-    scales ``source`` has for a parameter (an FP8 checkpoint's), the others quantized in 128x128
-    blocks (see the module docstring)."""
+    scales ``source`` has for a parameter (an FP8 checkpoint's; consumed: its entries are removed
+    as they are held), the others quantized in 128x128 blocks (see the module docstring)."""
     if dtype == torch.float32:
         return 0
     if dtype not in (torch.bfloat16, FP8):
@@ -119,7 +119,7 @@ def _fp8_codes(name: str, w: torch.Tensor, source: Source) -> tuple[torch.Tensor
     """Codes (..., R, C) and block scales (..., ceil(R / 128), ceil(C / 128)) of the weight ``name``:
     the source's, checked against the weight's shape, else ``w`` quantized in 128x128 blocks."""
     if name in source:
-        codes, scale = source[name]
+        codes, scale = source.pop(name)  # consumed: its memory goes as the held weights come
         blocks = (*w.shape[:-2], -(-w.shape[-2] // TILE), -(-w.shape[-1] // TILE))
         if codes.shape != w.shape or codes.dtype != FP8 or tuple(scale.shape) != blocks:
             raise ValueError(f"{name}: FP8 source {tuple(codes.shape)} {codes.dtype} with scales {tuple(scale.shape)} "
@@ -132,21 +132,33 @@ def _fp8_codes(name: str, w: torch.Tensor, source: Source) -> tuple[torch.Tensor
 
 def _hold_fp8(model: Transformer, source: Source) -> int:
     """``hold_weights`` in FP8: the linears (but ``KEEP``'s and the head, held in BF16) and the
-    routed experts as FP8 codes with their block scales."""
-    saved = 0
+    routed experts as FP8 codes with their block scales. Source weights held otherwise (wkv_b), whose
+    parameters the loader left unwritten, get their dequantized values first."""
     tied = model.head.weight if model.cfg.tie_embeddings else None
-    for name, m in list(model.named_modules()):
+    experts, linears, held = [], [], set()
+    for name, m in model.named_modules():
         if type(m) is Experts:
-            saved += _hold_experts_fp8(m, name, source)
-        elif isinstance(m, Linear) and m.weight is not tied and name.rsplit(".", 1)[-1] not in KEEP:
-            if m is model.head:
-                saved += _hold(m, "weight", torch.bfloat16)
-                continue
-            codes, scale = _fp8_codes(f"{name}.weight", m.weight, source)
-            saved += m.weight.numel() * (m.weight.element_size() - 1) - scale.numel() * 4
-            m.weight = nn.Parameter(codes, requires_grad=False)
-            m.register_buffer("weight_scale", scale, persistent=False)
-            m.__class__ = HeldFP8Linear
+            experts.append((name, m))
+            held.update(f"{name}.{w}" for w in ("w1", "w2", "w3"))
+        elif (isinstance(m, Linear) and m is not model.head and m.weight is not tied
+              and name.rsplit(".", 1)[-1] not in KEEP):
+            linears.append((name, m))
+            held.add(f"{name}.weight")
+    for name in source.keys() - held:
+        codes, scale = source.pop(name)
+        p = model.get_parameter(name)
+        for dst, c, sc in zip(p.view(-1, *p.shape[-2:]), codes.view(-1, *codes.shape[-2:]),
+                              scale.view(-1, *scale.shape[-2:])):
+            dst.copy_(kernels.dequantize_held(c, sc))
+    saved = 0 if model.head.weight is tied else _hold(model.head, "weight", torch.bfloat16)
+    for name, m in experts:
+        saved += _hold_experts_fp8(m, name, source)
+    for name, m in linears:
+        codes, scale = _fp8_codes(f"{name}.weight", m.weight, source)
+        saved += m.weight.numel() * (m.weight.element_size() - 1) - scale.numel() * 4
+        m.weight = nn.Parameter(codes, requires_grad=False)
+        m.register_buffer("weight_scale", scale, persistent=False)
+        m.__class__ = HeldFP8Linear
     return saved
 
 

@@ -290,15 +290,17 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
     """Fill ``model`` (any device; its parameters' dtypes are kept) from the directory's safetensors,
     one tensor at a time. A missing shard or tensor, a tensor the config does not expect or of the
     wrong shape: ``CheckpointError`` naming the file and the tensor. ``fp8_source``: filled with the
-    FP8 weights' own codes and block scales, by parameter name (experts stacked: (E, R, C) and
-    (E, R / 128, C / 128)), for ``flyer.infer.weights.hold_weights`` to hold them as they are."""
+    E4M3 weights' own codes and block scales, by parameter name (experts stacked: (E, R, C) and
+    (E, R / 128, C / 128)), for ``flyer.infer.weights.hold_weights`` to hold them as they are;
+    their parameters are left unwritten (so their FP32 pages are never touched: loading takes about
+    the codes' memory, not four times it) until ``hold_weights(model, FP8, fp8_source)`` fills them."""
     path = Path(path)
     files = files if files is not None else weight_files(path)
     slots = hf_names(model.cfg, rope_half)
     state = model.state_dict()
     headers: dict[Path, TensorFile] = {}
     seen: set[str] = set()
-    parts: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}  # FP8 codes and scales kept
+    experts: dict[str, tuple[torch.Tensor, torch.Tensor, set]] = {}  # stacked FP8 codes, scales, experts kept
     for name, f in files.items():
         if _ignored(name, model.cfg):
             continue
@@ -315,27 +317,37 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
                                   f"the config expects {tuple(dest.shape)}")
         with torch.no_grad():
             kept = _fill(dest, tf, name, slot, files, headers, fp8_source is not None)
-        if kept is not None:
-            parts.setdefault(slot.key, {})[slot.expert] = kept
+        if kept is not None and slot.expert is None:
+            fp8_source[slot.key] = kept
+        elif kept is not None:  # into the stack of every expert's codes, as the parameter is stacked
+            codes, scale = kept
+            n = state[slot.key].shape[0]
+            if slot.key not in experts:
+                experts[slot.key] = codes.new_empty((n, *codes.shape)), scale.new_empty((n, *scale.shape)), set()
+            stack_codes, stack_scales, have = experts[slot.key]
+            stack_codes[slot.expert], stack_scales[slot.expert] = codes, scale
+            have.add(slot.expert)
         seen.add(name)
     missing = sorted(set(slots) - seen)
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                          if len(missing) > 1 else ""))
-    for key, per_expert in parts.items():
-        if None in per_expert:
-            fp8_source[key] = per_expert[None]
-        elif len(per_expert) == state[key].shape[0]:  # every expert in FP8: stacked as the parameter is
-            codes, scales = zip(*(per_expert[e] for e in range(len(per_expert))))
-            fp8_source[key] = (torch.stack(codes), torch.stack(scales))
+    for key, (codes, scales, kept) in experts.items():
+        if len(kept) == codes.shape[0]:
+            fp8_source[key] = codes, scales
+            continue
+        with torch.no_grad():  # some experts stored otherwise: the FP8 ones' values written too, all held alike
+            for e in kept:
+                state[key][e].copy_(dequantize_fp8_blocks(codes[e], scales[e]))
 
 
 def _fill(dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot, files: dict[str, Path],
           headers: dict[Path, TensorFile], keep_fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Copy tensor ``name`` of ``tf`` into ``dest``: FP8 dequantized with its block scales, rope rows
-    permuted, else read straight into the parameter when the dtypes agree. ``keep_fp8``: returns an
-    E4M3 tensor's codes (rope rows permuted as the values are) and block scales, where the
-    permutation keeps every row in its block (else None: the values are requantized if held)."""
+    permuted, else read straight into the parameter when the dtypes agree. ``keep_fp8``: an E4M3
+    tensor's codes (rope rows permuted as the values are) and block scales are returned instead of
+    written, where the permutation keeps every row in its 128-row block (else the values are written,
+    and requantized if held)."""
     if tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
         scale_name = name + SCALE_SUFFIX
         if scale_name not in files:
@@ -346,14 +358,12 @@ def _fill(dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot, files: dict
             raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
                                   f"128x128 blocks of {name} need {blocks}")
         codes, scale = tf.read(name), sf.read(scale_name).float()
+        rows = torch.arange(codes.shape[0])
+        moved = rows if slot.rope_rows is None else permute_rope(rows, slot.rope_rows)
+        if keep_fp8 and codes.dtype == torch.float8_e4m3fn and torch.equal(moved // TILE, rows // TILE):
+            # every row keeps its block, and so its scales
+            return (codes if slot.rope_rows is None else codes.view(torch.uint8)[moved].view(codes.dtype)), scale
         t = dequantize_fp8_blocks(codes, scale)
-        if keep_fp8 and codes.dtype == torch.float8_e4m3fn:
-            if slot.rope_rows is not None:
-                codes = permute_rope(codes.view(torch.uint8), slot.rope_rows).view(codes.dtype)
-                t = permute_rope(t, slot.rope_rows)
-                keep_fp8 = torch.equal(dequantize_fp8_blocks(codes, scale), t)  # no row left its block
-            dest.copy_(t)
-            return (codes, scale) if keep_fp8 else None
     elif slot.rope_rows is None and tf.dtype(name) == dest.dtype and dest.is_contiguous() and dest.is_cpu:
         tf.read_into(name, dest)
         return None
