@@ -79,12 +79,13 @@ def test_held_model_is_the_fp32_model_on_the_same_weights(kernels_on, over):
             assert eheld <= 2 * e32 + 1e-7, (t.shape, eheld, e32)
 
 
-def test_cli_weight_dtype(capsys):
-    assert main(["generate", "--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "3", "--weight-dtype", "bf16",
+@pytest.mark.parametrize("held", ["bf16", "fp8"])
+def test_cli_weight_dtype(capsys, held):
+    assert main(["generate", "--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "3", "--weight-dtype", held,
                  "--device", "cpu", "--json"]) == 0
     capsys.readouterr()
     for extra, problem in ((["--precision", "fp8"], "choose one"), (["--device", "cuda"], "CPU kernels")):
-        code = main(["generate", "--preset", "tiny", "--prompt", "hi", "--weight-dtype", "bf16", *extra])
+        code = main(["generate", "--preset", "tiny", "--prompt", "hi", "--weight-dtype", held, *extra])
         err = capsys.readouterr().err.strip()
         if extra[-1] == "cuda" and "cuda" in err and "weight-dtype" not in err:
             continue  # no CUDA here: the device check speaks first
