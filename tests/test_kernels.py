@@ -239,6 +239,8 @@ def test_grouped_mm_on_fp8_weights_is_the_fp32_kernel_on_them_dequantized(ops, K
         ops.grouped_mm_few_rows(x, counts, deq, few, scale)
     with pytest.raises(RuntimeError, match="scale: contiguous"):
         ops.grouped_mm_few_rows(x, counts, w, few, scale[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="row_offset must be a multiple of 32"):
+        ops.grouped_mm_few_rows(x, counts, w, few, scale, 16)
 
 
 def _same_on_expert_threads(monkeypatch, call, one: torch.Tensor) -> None:
@@ -268,9 +270,10 @@ def test_linear_held_splits_one_weight_by_columns_over_expert_threads(ops, monke
     assert torch.equal(kernels.linear_held(many, w), many @ w.float().t())
 
 
-def test_linear_held_on_fp8_weights_split_by_whole_scale_blocks(ops, monkeypatch):
+def test_linear_held_on_fp8_weights_split_over_expert_threads(ops, monkeypatch):
     """An FP8 weight with its block scales: the FP32 linear on it dequantized, bit for bit
-    the kernel's; split over the expert threads by whole 128-row scale blocks, the same bits."""
+    the kernel's; split over the expert threads by its output columns (runs of rows starting
+    inside a 128-row scale block: 96 and 192 of 300 for three threads), the same bits."""
     w, scale = _fp8_weights(1, 300, 96, seed=1)
     w, scale = w[0], scale[0]
     w.view(-1).view(torch.uint8)[:256] = 0  # no NaN codes

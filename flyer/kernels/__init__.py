@@ -271,24 +271,24 @@ def _kernel_runs(x_RK: torch.Tensor, rows_G: list[int], rows: torch.Tensor, w_GN
     if not _splits() or len(live) * N * K * w_GNK.element_size() < SPLIT_MIN_BYTES:
         return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few, scale)
     if G == 1:  # one weight matrix (a dense layer): each thread its share of the output columns
-        unit = 32 if scale is None else _TILE  # whole 32-row tasks of the kernel; whole scale blocks
-        cuts = sorted({N * i // n // unit * unit for i in range(n)} | {N})
-        parts = [(x_RK, rows, w_GNK[:, a:b], None if scale is None else scale[:, a // _TILE:-(-b // _TILE)])
-                 for a, b in zip(cuts, cuts[1:])]
+        cuts = [N * i // n // 32 * 32 for i in range(n)] + [N]  # whole 32-row tasks of the kernel
+        parts = [(x_RK, rows, w_GNK[:, a:b], None if scale is None else scale[:, a // _TILE:-(-b // _TILE)],
+                  a % _TILE) for a, b in zip(cuts, cuts[1:])]  # FP8: the scale blocks its rows lie in
         dim = 1
     elif len(live) >= n:
         cuts = [0, *(live[len(live) * i // n] for i in range(1, n)), G]  # group ranges with as many live groups
         starts = [0, *itertools.accumulate(rows_G)]
-        parts = [(x_RK[starts[a]:starts[b]], rows[a:b], w_GNK[a:b], None if scale is None else scale[a:b])
+        parts = [(x_RK[starts[a]:starts[b]], rows[a:b], w_GNK[a:b], None if scale is None else scale[a:b], 0)
                  for a, b in zip(cuts, cuts[1:])]
         dim = 0
     else:
         return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few, scale)
-    if len(parts) == 1:
-        return ops.grouped_mm_few_rows(*parts[0][:3], few, parts[0][3])
-    futures = [_split["pool"].submit(ops.grouped_mm_few_rows, *p[:3], few, p[3]) for p in parts[1:]]
-    return torch.cat([ops.grouped_mm_few_rows(*parts[0][:3], few, parts[0][3]), *(f.result() for f in futures)],
-                     dim=dim)
+
+    def run(x, r, w, s, row_offset):
+        return ops.grouped_mm_few_rows(x, r, w, few, s, row_offset)
+
+    futures = [_split["pool"].submit(run, *p) for p in parts[1:]]
+    return torch.cat([run(*parts[0]), *(f.result() for f in futures)], dim=dim)
 
 
 def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,

@@ -523,12 +523,13 @@ struct Unscaled {
   Unscaled rows(int64_t) const { return *this; }
 };
 // (code / 256) * (256 scale) is exactly code * scale before its one rounding, so it rounds alike.
+// ``off``: the weight's first row's place in its 128-row block (a slice of a larger weight).
 struct BlockScaled {
-  const float* scales;  // (ceil(N / 128), Kb): the weight matrix's block scales
-  int64_t kb;
+  const float* scales;  // (blocks of rows, Kb): the weight's block scales
+  int64_t kb, off;
   Vec vec(const c10::Float8_e4m3fn* p, int64_t k) const { return load_fp8_over_256(p) * Vec(256.f * scales[k / 128]); }
   float one(const c10::Float8_e4m3fn* p, int64_t k) const { return static_cast<float>(*p) * scales[k / 128]; }
-  BlockScaled rows(int64_t n) const { return {scales + (n / 128) * kb, kb}; }  // weight row n's block
+  BlockScaled rows(int64_t n) const { return {scales + ((off + n) / 128) * kb, kb, 0}; }  // weight row n's block
 };
 
 template <int M, int NW, typename W, typename L>
@@ -641,9 +642,11 @@ void grouped_mm_tasks(const float* xp, const W* wp, const LoadOf& load, float* o
   });
 }
 
-// ``scale``: undefined, or for FP8 w (G, N, K) its block scales (G, ceil(N / 128), ceil(K / 128))
+// ``scale``: undefined, or for FP8 w (G, N, K) its block scales (G, ceil((row_offset + N) / 128),
+// ceil(K / 128)); ``row_offset``: where w's first row sits in its block of 128 rows (w a slice of
+// rows of a larger weight, at a multiple of 32 rows, so that no register block straddles two)
 at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& w, int64_t max_rows,
-                               const c10::optional<at::Tensor>& scale) {
+                               const c10::optional<at::Tensor>& scale, int64_t row_offset) {
   check_cpu(x, "grouped_mm_few_rows x");
   check_cpu(counts, "grouped_mm_few_rows counts");
   check_cpu(w, "grouped_mm_few_rows w");
@@ -675,13 +678,15 @@ at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, co
     const at::Tensor& sc = *scale;
     check_cpu(sc, "grouped_mm_few_rows scale");
     check_dtype(sc, at::kFloat, "grouped_mm_few_rows scale");
-    const int64_t nb = (N + 127) / 128, kb = (K + 127) / 128;
+    TORCH_CHECK(row_offset >= 0 && row_offset < 128 && row_offset % kWeightRows == 0,
+                "grouped_mm_few_rows: row_offset must be a multiple of ", kWeightRows, " below 128");
+    const int64_t nb = (row_offset + N + 127) / 128, kb = (K + 127) / 128;
     TORCH_CHECK(sc.dim() == 3 && sc.size(0) == G && sc.size(1) == nb && sc.size(2) == kb && sc.is_contiguous(),
                 "grouped_mm_few_rows scale: contiguous (", G, ", ", nb, ", ", kb, ") expected for w (", G, ", ", N,
                 ", ", K, ")");
     const float* sp = sc.data_ptr<float>();
-    grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<c10::Float8_e4m3fn>(),
-                     [&](int64_t g) { return BlockScaled{sp + g * nb * kb, kb}; }, out.data_ptr<float>(), first, K,
+    const auto scaled = [&](int64_t g) { return BlockScaled{sp + g * nb * kb, kb, row_offset}; };
+    grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<c10::Float8_e4m3fn>(), scaled, out.data_ptr<float>(), first, K,
                      N, tasks);
   } else if (w.scalar_type() == at::kBFloat16) {
     grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), unscaled, out.data_ptr<float>(), first, K, N,
@@ -911,6 +916,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("grouped_mm_few_rows", &grouped_mm_few_rows, "each group's rows times its weight, transposed (few rows)",
         py::arg("x"), py::arg("counts"), py::arg("w"), py::arg("max_rows"), py::arg("scale") = py::none(),
+        py::arg("row_offset") = 0,
         py::call_guard<py::gil_scoped_release>());
   m.def("fp8_dequantize", &fp8_dequantize, "FP8 codes times their tile scales, as FP32",
         py::call_guard<py::gil_scoped_release>());
