@@ -106,12 +106,16 @@ def test_greedy_equals_generate_alone_under_concurrency(trained):
 
 @pytest.mark.parametrize("held", [torch.bfloat16, torch.float8_e4m3fn])
 def test_greedy_with_held_weights_equals_generate_alone(trained, held):
-    """Weights held in BF16 or FP8 (flyer.infer.weights), FP32 compute: the same contract."""
+    """Weights held in BF16 or FP8 (flyer.infer.weights), FP32 compute: the same contract, with MTP
+    drafts too (the MTP module's weights held alike)."""
     model = Transformer(trained.cfg).eval()
     model.load_state_dict(trained.state_dict())
     hold_weights(model, held)
     prompts = [_progression(3, 2, n) for n in (2, 11, 5, 19)]
-    assert _run(_engine(model, prefill_chunk=8), prompts, SamplingOptions(max_tokens=10)) == _alone(model, prompts, 10)
+    ref = _alone(model, prompts, 10)
+    assert _run(_engine(model, prefill_chunk=8), prompts, SamplingOptions(max_tokens=10)) == ref
+    spec = _engine(model, prefill_chunk=8, speculative="mtp", draft_tokens=2)
+    assert _run(spec, prompts, SamplingOptions(max_tokens=10)) == ref and spec.accepted > 0
 
 
 def test_gqa_model_pages_its_kv(trained):
