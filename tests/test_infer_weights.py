@@ -109,14 +109,17 @@ def _dequantized(held: Transformer, like: Transformer) -> Transformer:
     return ref
 
 
-@pytest.mark.parametrize("inter", [64, 128])  # w1|w3 in two scale blocks' tensors, or packed as one
+@pytest.mark.parametrize("over", [dict(moe_inter_dim=64), dict(moe_inter_dim=128),  # w1|w3 apart, or packed
+                                  dict(attn="gqa", n_kv_heads=2, head_dim=32, attn_bias=True)])
 @pytest.mark.parametrize("kernels_on", [True, False])
-def test_fp8_held_model_is_the_fp32_model_on_the_dequantized_weights(inter, kernels_on):
+def test_fp8_held_model_is_the_fp32_model_on_the_dequantized_weights(over, kernels_on):
     """FP8: every linear but wkv_b and the head (BF16) and the routed experts held as E4M3 codes with
     128x128 block scales (a quarter of their FP32 bytes, plus the scales), computed in FP32: as
-    close to the FP64 model on the dequantized weights as the FP32 model on them is."""
+    close to the FP64 model on the dequantized weights as the FP32 model on them is. MLA with the
+    experts' w1|w3 in two tensors or packed as one; GQA with biases (FP32)."""
+    inter = over.get("moe_inter_dim", 64)
     torch.manual_seed(0)
-    model = Transformer(preset("tiny", moe_inter_dim=inter)).eval()
+    model = Transformer(preset("tiny", **over)).eval()
     held = copy.deepcopy(model)
     saved = hold_weights(held, FP8)
     fp8 = {n: p for n, p in held.named_parameters() if p.dtype == FP8}
