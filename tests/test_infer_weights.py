@@ -146,6 +146,21 @@ def test_fp8_held_model_is_the_fp32_model_on_the_dequantized_weights(over, kerne
     assert all(m.path == "dispatched" for m in dispatched.modules() if hasattr(m, "fuse_local"))
 
 
+def test_fp8_hold_refuses_nan_codes():
+    """The held-weight kernel does not look for NaN codes (they would widen to +-1.875): holding
+    refuses them, naming the weight, from a source or from NaN weights alike."""
+    model = Transformer(preset("tiny")).eval()
+    codes = torch.zeros(model.layers[0].attn.wq_a.weight.shape, dtype=torch.uint8)
+    codes[3, 5] = 0xFF
+    source = {"layers.0.attn.wq_a.weight": (codes.view(FP8), torch.ones(1, 1))}
+    with pytest.raises(ValueError, match="layers.0.attn.wq_a.weight: 1 of its FP8 codes are NaN"):
+        hold_weights(copy.deepcopy(model), FP8, source)
+    with torch.no_grad():
+        model.layers[1].ffn.experts.w2[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layers.1.ffn.experts.w2: .* NaN"):
+        hold_weights(model, FP8)
+
+
 @pytest.mark.parametrize("family", ["v3", "v3-tied-half"])  # rope rows interleaved, or permuted on load
 def test_fp8_checkpoint_held_with_its_own_codes_and_scales(tmp_path, capsys, family):
     """A DeepSeek-format FP8 checkpoint with power-of-two block scales (V3.1's UE8M0: a block's

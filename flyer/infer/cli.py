@@ -88,7 +88,10 @@ def load_model(args):
         require_memory(4 * n, "cpu", "preset", f"{args.preset} ({n / 1e9:,.1f}B parameters in FP32)")
         torch.manual_seed(args.seed or 0)
         model, tok = Transformer(cfg).to(device), ByteTokenizer()
-    hold_weights(model, held, source)
+    try:
+        hold_weights(model, held, source)
+    except ValueError as e:  # NaN codes, or FP8 codes that do not fit their weight
+        raise FieldError("ckpt" if args.ckpt else "preset", str(e)) from None
     return model, tok
 
 

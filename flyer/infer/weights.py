@@ -117,17 +117,22 @@ def hold_weights(model: Transformer, dtype: torch.dtype, source: Source | None =
 
 def _fp8_codes(name: str, w: torch.Tensor, source: Source) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (..., R, C) and block scales (..., ceil(R / 128), ceil(C / 128)) of the weight ``name``:
-    the source's, checked against the weight's shape, else ``w`` quantized in 128x128 blocks."""
+    the source's, checked against the weight's shape, else ``w`` quantized in 128x128 blocks. NaN
+    codes are refused (the kernels do not look for them)."""
     if name in source:
         codes, scale = source.pop(name)  # consumed: its memory goes as the held weights come
         blocks = (*w.shape[:-2], -(-w.shape[-2] // TILE), -(-w.shape[-1] // TILE))
         if codes.shape != w.shape or codes.dtype != FP8 or tuple(scale.shape) != blocks:
             raise ValueError(f"{name}: FP8 source {tuple(codes.shape)} {codes.dtype} with scales {tuple(scale.shape)} "
                              f"does not fit the weight {tuple(w.shape)} ({blocks} blocks of 128x128)")
-        return codes.contiguous(), scale.float().contiguous()
-    codes, scale = quantize_blocks_batched(w.detach().reshape(-1, *w.shape[-2:]))
-    return (codes[..., :w.shape[-1]].reshape(w.shape).contiguous(),
-            scale.reshape(*w.shape[:-2], *scale.shape[-2:]).contiguous())
+        codes, scale = codes.contiguous(), scale.float().contiguous()
+    else:
+        codes, scale = quantize_blocks_batched(w.detach().reshape(-1, *w.shape[-2:]))
+        codes = codes[..., :w.shape[-1]].reshape(w.shape).contiguous()
+        scale = scale.reshape(*w.shape[:-2], *scale.shape[-2:]).contiguous()
+    if codes.device.type != "meta" and (nan := int((codes.view(torch.uint8) & 0x7F).eq(0x7F).sum())):
+        raise ValueError(f"{name}: {nan} of its FP8 codes are NaN (a corrupt checkpoint, or NaN weights)")
+    return codes, scale
 
 
 def _hold_fp8(model: Transformer, source: Source) -> int:

@@ -295,7 +295,8 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
                rows_G_tensor: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """out (R, N): each group's consecutive rows of x (``rows_G[g]`` of them) times w[g]^T. The
     kernel (FP32 x; w FP32, held in BF16, or FP8 E4M3 codes with their 128x128 block scales
-    ``scale`` (G, ceil(N / 128), ceil(K / 128)), widened exactly as it is read) takes the groups
+    ``scale`` (G, ceil(N / 128), ceil(K / 128)) and no NaN codes (``flyer.infer.weights`` refuses
+    them; the kernel does not look), widened exactly as it is read) takes the groups
     of at most ``FEW_ROWS`` rows (``HELD_FEW_ROWS`` for held w), reading each weight once for all of
     its group's rows; one ``torch.mm`` per larger group (and per group elsewhere), on its weight
     widened (dequantized) to x's dtype. ``rows_G_tensor``: ``rows_G`` as a CPU int64 tensor where
