@@ -35,9 +35,10 @@ from typing import Iterator
 import torch
 from tokenizers import Tokenizer
 
+from flyer import kernels
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError, ConfigError
-from flyer.fp8.quant import TILE, dequantize
+from flyer.fp8.quant import TILE
 from flyer.interop.hf_config import from_hf_config, model_type
 from flyer.interop.tensorfile import TensorFile
 from flyer.model.moe import Gate
@@ -162,11 +163,9 @@ def permute_rope(t: torch.Tensor, rows: tuple[int, int, int], inverse: bool = Fa
 
 def dequantize_fp8_blocks(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """(R, C) float32 from DeepSeek's FP8 weight ``data`` (R, C) and ``weight_scale_inv``
-    (ceil(R/128), ceil(C/128)): each element times its 128x128 block's scale."""
-    R, C = data.shape
-    padded = torch.zeros(R, -(-C // TILE) * TILE, dtype=torch.uint8)
-    padded[:, :C] = data.view(torch.uint8)
-    return dequantize(padded.view(data.dtype), scale_inv.float())[:, :C]
+    (ceil(R/128), ceil(C/128)): each element times its 128x128 block's scale (the values the held-weight
+    kernels compute with)."""
+    return kernels.dequantize_held(data, scale_inv.float())
 
 
 class TextTokenizer:
@@ -358,11 +357,13 @@ def _fill(dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot, files: dict
             raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
                                   f"128x128 blocks of {name} need {blocks}")
         codes, scale = tf.read(name), sf.read(scale_name).float()
-        rows = torch.arange(codes.shape[0])
-        moved = rows if slot.rope_rows is None else permute_rope(rows, slot.rope_rows)
-        if keep_fp8 and codes.dtype == torch.float8_e4m3fn and torch.equal(moved // TILE, rows // TILE):
-            # every row keeps its block, and so its scales
-            return (codes if slot.rope_rows is None else codes.view(torch.uint8)[moved].view(codes.dtype)), scale
+        if keep_fp8 and codes.dtype == torch.float8_e4m3fn:
+            if slot.rope_rows is None:
+                return codes, scale
+            rows = torch.arange(codes.shape[0])
+            moved = permute_rope(rows, slot.rope_rows)
+            if torch.equal(moved // TILE, rows // TILE):  # every row keeps its block, and so its scales
+                return codes.view(torch.uint8)[moved].view(codes.dtype), scale
         t = dequantize_fp8_blocks(codes, scale)
     elif slot.rope_rows is None and tf.dtype(name) == dest.dtype and dest.is_contiguous() and dest.is_cpu:
         tf.read_into(name, dest)

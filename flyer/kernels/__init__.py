@@ -238,11 +238,10 @@ HELD_DTYPES = (torch.float32, torch.bfloat16)  # weight dtypes the kernel reads 
 HELD_FP8 = torch.float8_e4m3fn
 
 
-def _held_usable(x_RK: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
-    """Whether ``grouped_mm_few_rows`` takes FP32 rows x against w (held, or FP8 with ``scale``)."""
-    if x_RK.dtype != torch.float32 or (w.dtype == HELD_FP8) != (scale is not None):
-        return False
-    return usable(x_RK) and w.device.type == "cpu" and (w.dtype in HELD_DTYPES or w.dtype == HELD_FP8)
+def _held_usable(x_RK: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``grouped_mm_few_rows`` takes FP32 rows x against w (held, or FP8 with its scales)."""
+    return (x_RK.dtype == torch.float32 and usable(x_RK) and w.device.type == "cpu"
+            and (w.dtype in HELD_DTYPES or w.dtype == HELD_FP8))
 
 
 def dequantize_held(w_NK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -304,7 +303,7 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
     if (w_GNK.dtype == HELD_FP8) != (scale is not None):
         raise ValueError(f"grouped_mm: FP8 weights take their block scales, other weights none "
                          f"(w is {w_GNK.dtype}, scale {'given' if scale is not None else 'None'})")
-    if _held_usable(x_RK, w_GNK, scale):
+    if _held_usable(x_RK, w_GNK):
         few = FEW_ROWS if w_GNK.dtype == torch.float32 else HELD_FEW_ROWS
         rows = torch.tensor(rows_G, dtype=torch.long) if rows_G_tensor is None else rows_G_tensor
         out = _kernel_runs(x_RK.contiguous(), rows_G, rows, w_GNK.contiguous(), few,

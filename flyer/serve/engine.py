@@ -437,9 +437,10 @@ class Engine:
         """One main-model pass over every decoding row's next token(s) and every prefilling row's
         chunk (``Decoder.forward_groups``: the weights are read once a step), one head GEMM for
         every row that needs logits, then each row's token(s) chosen and emitted."""
-        plain = [r for r in decoding if self._n_drafts(r) == 0]
-        drafting = [r for r in decoding if self._n_drafts(r) > 0]
-        drafted = self._draft(drafting) if drafting else []
+        ks = [self._n_drafts(r) for r in decoding]
+        plain = [r for r, k in zip(decoding, ks) if k == 0]
+        drafting = [(r, k) for r, k in zip(decoding, ks) if k > 0]
+        drafted = self._draft(*zip(*drafting)) if drafting else []
         batches = []
         if plain:
             batches.append((plain, [[r.tokens[-1]] for r in plain]))
@@ -497,11 +498,12 @@ class Engine:
             r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
         return h1[torch.arange(len(rows)), torch.tensor([max(ci - 1, 0) for ci in c])]
 
-    def _draft(self, rows: list[Request]) -> list[tuple[list[Request], list, list[list[int]], list[SamplingParams]]]:
-        """Each row's MTP drafts (``_n_drafts``; ``flyer.infer.speculative``), the rows grouped by
-        their number of drafts: (rows, draft distributions (k, V) per row, None for a greedy one;
+    def _draft(self, rows: Sequence[Request], ks: Sequence[int]
+               ) -> list[tuple[list[Request], list, list[list[int]], list[SamplingParams]]]:
+        """``ks[i]`` MTP drafts for row i (``_n_drafts``; ``flyer.infer.speculative``), the rows grouped
+        by their number of drafts: (rows, draft distributions (k, V) per row, None for a greedy one;
         the drafts; the rows' sampling parameters) per group."""
-        ks = [self._n_drafts(r) for r in rows]
+        rows = list(rows)
         params = [SamplingParams(r.opts.temperature, r.opts.top_p) for r in rows]
         q = [[] for _ in rows]
         drafts = [[] for _ in rows]
