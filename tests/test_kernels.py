@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from bounds import assert_fp32_sums, latent_attention_bound
 from bounds import rel_error as _nerr
+from child_env import child_env
 
 from flyer import kernels
 
@@ -389,6 +391,24 @@ def test_env_switch_turns_the_kernels_off():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FLYER_CPU_KERNELS": "0"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False"]
+
+
+def test_a_build_killed_midway_does_not_hang_later_loads(ops, tmp_path):
+    """A build killed midway (Ctrl-C on the first run) leaves torch's ``lock`` file in the build
+    directory, and torch's ``load`` waits for it to go, forever: every later flyer command hung
+    without a word. The build is cached, so only the lock stands in the way here."""
+    name = next(m for m in (ops.__name__, ops.__name__.split(".")[-1]) if m.startswith("flyer_cpu_ops"))
+    lock = Path(kernels._build_directory(name)) / "lock"
+    lock.touch()
+    code = "from flyer import kernels; print(kernels.cpu_ops() is not None)"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True,
+                             timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the load waited on the lock file of a build that was killed")
+    finally:
+        lock.unlink(missing_ok=True)
+    assert out.returncode == 0 and out.stdout.split() == ["True"], out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),

@@ -18,12 +18,15 @@ ninja are needed; the build, ~1 minute, is cached under ``TORCH_EXTENSIONS_DIR``
 ``~/.cache/torch_extensions``). A kernel runs where ``usable(...)`` says so (CPU tensors of
 float32/bfloat16/float16, the extension built). ``FLYER_CPU_KERNELS=0`` turns the kernels off; so
 does ``disabled()`` in a block. When the build fails (no compiler), flyer warns once and runs the
-eager code.
+eager code. A build killed midway (Ctrl-C on the first run) leaves torch's lock file behind, on
+which every later load would wait forever: flyer's loads take an OS lock of their own, which
+dies with its process, and clear a lock file left by a dead one (``_build_lock``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -66,10 +69,32 @@ def build(capability: str | None = None):
     # the source's path and contents in the name: builds of different flyer versions or
     # checkouts live side by side in the cache instead of rebuilding each other
     digest = hashlib.sha256(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]
-    suffix = "" if capability is None else f"_{capability.lower()}"
-    return load(name=f"flyer_cpu_ops_{digest}{suffix}", sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_capability_flags(capability)],
-                extra_ldflags=["-fopenmp"], verbose=False)
+    name = f"flyer_cpu_ops_{digest}{'' if capability is None else '_' + capability.lower()}"
+    with _build_lock(Path(_build_directory(name))):
+        return load(name=name, sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_capability_flags(capability)],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _build_directory(name: str) -> str:
+    """Where ``load`` builds extension ``name`` (under ``TORCH_EXTENSIONS_DIR``, by default
+    ``~/.cache/torch_extensions/<python>_<accelerator>``): torch's own rule, which it keeps private."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return _get_build_directory(name, False)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold an exclusive ``flock`` on ``build_dir`` for a load, and clear torch's ``lock`` file
+    there: torch creates it for a build and removes it after, and waits without end while it
+    exists. The kernel drops a ``flock`` when its process dies, so a ``lock`` file found under ours
+    is from a build that was killed, not one in progress."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "flyer.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield
 
 
 def cpu_ops():
