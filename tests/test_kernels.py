@@ -569,6 +569,30 @@ def test_mla_decode_within_fp32_bound_of_exact(ops, blas, pool_dtype, B, T, H, C
         assert ((p > 0) & (p < torch.finfo(torch.float32).tiny)).any()
 
 
+@pytest.mark.parametrize("isa", ["native", "AVX2"])
+def test_mla_decode_of_a_cache_shifted_by_first_slots_is_bitwise_the_unshifted(ops, blas, isa):
+    """The server's MTP cache keeps position p in slot p + 1 (``first`` 1): its sums must be an
+    unshifted cache's bit for bit, so that the server drafts what ``flyer generate`` drafts. With
+    tiles from slot 0, every tile boundary and vector of exponentials sat one slot off."""
+    if isa == "AVX2":
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            pytest.skip("AVX2 code needs an x86 CPU with AVX2")
+        ops = kernels.build("AVX2")
+        ops.set_blas(blas == "blas")
+    B, T, H, C, R, bs, nb = 2, 2, 3, 37, 8, 4, 40  # up to 160 slots: three tiles of 64, vector tails
+    q, pool, tables, pos = _paged_latents(B, T, H, C, R, bs, nb, torch.float32, 1.0)
+    kv = pool[tables].flatten(1, 2)  # (B, nb bs, K): each row's slots in order
+    junk = 4 * q[:, :1]  # slot 0 of the shifted cache: the query scaled up, the largest score if attended
+    shifted = torch.cat([junk, kv, kv[:, :bs - 1]], dim=1)  # (B, (nb + 1) bs, K)
+    tables1 = torch.arange(B * (nb + 1)).view(B, nb + 1)
+    try:
+        want = ops.mla_decode(q, pool, tables, pos, C, 0.9, 0)
+        got = ops.mla_decode(q, shifted.reshape(B * (nb + 1), bs, -1), tables1, pos + 1, C, 0.9, 1)
+    finally:
+        ops.set_blas(True)
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
 def test_mla_decode_split_over_expert_threads_is_bitwise(ops, monkeypatch):
     q, pool, tables, pos = _paged_latents(5, 1, 3, 40, 8, 16, 6, torch.float32, 0.5)
     alone = kernels.mla_decode(q, pool, tables, pos, 40, 0.5)

@@ -3,10 +3,14 @@ tokens under continuous batching, chunked prefill, prefix sharing and preemption
 on its prompt alone; seeded sampling, cancellation, admission limits."""
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from bounds import mla_attention_bound
+from child_env import ROOT, child_env
 from trained import counting_model
 
 from flyer import kernels
@@ -14,7 +18,7 @@ from flyer.config import preset
 from flyer.errors import FieldError
 from flyer.infer import GenerationConfig, generate
 from flyer.infer.generate import open_prefix_cache
-from flyer.infer.attention import Rows, causal_slot_mask, mla_absorbed_cached, mla_absorbed_core
+from flyer.infer.attention import Rows, causal_slot_mask, dense_prefill_pays, mla_absorbed_cached, mla_absorbed_core
 from flyer.infer.cache import LatentCache
 from flyer.infer.decoder import Decoder
 from flyer.infer.prefix_cache import chain_keys
@@ -410,23 +414,38 @@ def test_mtp_speculation_shares_prefix_blocks(trained, tmp_path, monkeypatch, re
     assert res.tokens[0] == ref[2] and gen.stats.hits == 4
 
 
+@pytest.mark.parametrize("aten", ["native", "avx2"])
 @pytest.mark.parametrize("read", ["kernel", "gathered"])
-def test_mtp_cache_shifted_by_one_slot_attends_the_same(trained, monkeypatch, read):
+def test_mtp_cache_shifted_by_one_slot_attends_the_same(monkeypatch, request, read, aten):
     """The MTP module against a cache that keeps position p in slot p + 1 (the server's; slot 0
     holds large values, which would swamp any sum that attended it) == against one that keeps it
-    in slot p: a prefill chunk (the dense form), then decode steps (absorbed: in place or gathered)."""
+    in slot p, bit for bit: a prefill chunk in the dense form, one absorbed, then decode steps
+    (absorbed: in place or gathered). With ATen's vectors 8 wide (AVX2, forced in a process of its
+    own where this CPU has wider ones), a masked slot 0 in the softmax moved the others' bits."""
+    if aten == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            pytest.skip("AVX2 code needs an x86 CPU with AVX2")
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                             cwd=ROOT, env=child_env(ATEN_CPU_CAPABILITY="avx2"), capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+        return
+    if aten == "avx2":
+        assert torch.backends.cpu.get_cpu_capability() == "AVX2"
     if read == "gathered":
         monkeypatch.setattr(kernels, "mla_decode_usable", lambda pool: False)
-    plain, shifted = (Decoder(trained, 2, 32, cache_dtype=torch.float32, with_mtp=True) for _ in range(2))
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=V, kv_lora_rank=64)).eval()  # random weights: bits, not tokens
+    assert dense_prefill_pays(model.mtp[0].block.attn, 70) and not dense_prefill_pays(model.mtp[0].block.attn, 9)
+    plain, shifted = (Decoder(model, 2, 96, cache_dtype=torch.float32, with_mtp=True) for _ in range(2))
     shifted.mtp_cache.packed[:, :, 0] = 1e3
     g = torch.Generator().manual_seed(0)
-    D = trained.cfg.dim
+    D = model.cfg.dim
     start = torch.tensor([0, 0])
-    for T in (9, 1, 1):
+    for T in (70, 9, 1, 1):
         h, nxt = torch.randn(2, T, D, generator=g), torch.randint(0, V, (2, T), generator=g)
         want = plain.mtp_forward(h, nxt, start)
         got = shifted.mtp_forward(h, nxt, start, shift=1)
-        assert torch.equal(got, want), (got - want).abs().max()
+        assert torch.equal(got, want), (T, (got - want).abs().max())
         start = start + T
 
 

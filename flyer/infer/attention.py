@@ -62,6 +62,12 @@ class Rows:
     mask: torch.Tensor
     first: int = 0
 
+    def attended(self, kv: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv`` (slots on ``dim``) and the mask from slot ``first`` on. The slots before hold
+        nothing; leaving them out of the sums, not just masking them, keeps the sums' shapes, so
+        their bits: a masked extra key changes how an SIMD softmax groups the others (AVX2)."""
+        return kv.narrow(dim, self.first, kv.shape[dim] - self.first), self.mask[..., self.first:]
+
 
 def _softmax(scores_BHTS: torch.Tensor, mask_B1TS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Masked FP32 softmax, subnormal probabilities flushed to zero (see the module docstring)."""
@@ -88,8 +94,8 @@ def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: Latent
     c_kv, k_rope = attn.latents(x_BTD, rows.cos, rows.sin)  # (B,T,C), (B,T,R)
     cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope)
     if dense_prefill_pays(attn, T):
-        kv_BSK = cache.read_packed(layer, rows.n_slots, x_BTD.dtype)  # [c | k_rope], K = C + R
-        o = mla_dense_core(attn, q_nope, q_rope, kv_BSK, rows.mask)
+        kv_BSK, mask = rows.attended(cache.read_packed(layer, rows.n_slots, x_BTD.dtype))  # [c | k_rope]
+        o = mla_dense_core(attn, q_nope, q_rope, kv_BSK, mask)
     else:
         o = mla_absorbed_cached(attn, q_nope, q_rope, cache, layer, rows)
     return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
@@ -136,7 +142,7 @@ def mla_absorbed_cached(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Ten
         o_lat = kernels.mla_decode(q_BMK, pool, tables, rows.pos, attn.kv_lora_rank, attn.softmax_scale,
                                    rows.n_slots, rows.first)
         return _absorbed_output(attn, o_lat, w_HXC, q_nope.shape[1])
-    return mla_absorbed_core(attn, q_nope, q_rope, cache.read_packed(layer, rows.n_slots, q_nope.dtype), rows.mask)
+    return mla_absorbed_core(attn, q_nope, q_rope, *rows.attended(cache.read_packed(layer, rows.n_slots, q_nope.dtype)))
 
 
 def mla_dense_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BSK: torch.Tensor,
@@ -178,13 +184,14 @@ def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, rows: 
                         group: int, wo: nn.Module | None = None) -> torch.Tensor:
     B, T, H, _ = q_BTHK.shape
     S = rows.n_slots
-    k = cache.read(layer, "key", S, q_BTHK.dtype, heads_first=True)  # (B, Hkv, S, dk)
-    v = cache.read(layer, "value", S, q_BTHK.dtype, heads_first=True)  # (B, Hkv, S, dv)
+    k, mask = rows.attended(cache.read(layer, "key", S, q_BTHK.dtype, heads_first=True), dim=2)  # (B, Hkv, S', dk)
+    v, _ = rows.attended(cache.read(layer, "value", S, q_BTHK.dtype, heads_first=True), dim=2)  # (B, Hkv, S', dv)
+    S -= rows.first
     # queries of one KV group share its keys: (B, Hkv, group*T, dk) against (B, Hkv, S, dk)
     Hkv = H // group
     q = q_BTHK.view(B, T, Hkv, group, -1).permute(0, 2, 3, 1, 4).reshape(B, Hkv, group * T, -1)
     scores = torch.matmul(q, k.transpose(-1, -2)).view(B, Hkv * group, T, S)
-    p = _softmax(scores * scale, rows.mask, q_BTHK.dtype)
+    p = _softmax(scores * scale, mask, q_BTHK.dtype)
     o = torch.matmul(p.view(B, Hkv, group * T, S), v)  # (B, Hkv, group*T, dv)
     o = o.view(B, Hkv, group, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
     return o if wo is None else wo(o)

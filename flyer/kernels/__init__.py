@@ -66,10 +66,10 @@ def build(capability: str | None = None):
         import ninja
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    # the source's path and contents in the name: builds of different flyer versions or
-    # checkouts live side by side in the cache instead of rebuilding each other
+    # the source's path and contents and the ISA in the name: builds of different flyer versions,
+    # checkouts or ISAs (ATEN_CPU_CAPABILITY=avx2 forced) live side by side instead of rebuilding each other
     digest = hashlib.sha256(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]
-    name = f"flyer_cpu_ops_{digest}{'' if capability is None else '_' + capability.lower()}"
+    name = f"flyer_cpu_ops_{digest}_{(capability or torch.backends.cpu.get_cpu_capability()).lower()}"
     with _build_lock(Path(_build_directory(name))):
         return load(name=name, sources=[str(_SOURCE)],
                     extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_capability_flags(capability)],

@@ -770,7 +770,8 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
     std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
     std::fill(l.begin(), l.end(), 0.f);
     std::fill(o, o + M * C, 0.f);
-    for (int64_t s0 = 0; s0 < S; s0 += kSlotTile) {
+    // tiles from slot ``first``: a cache shifted by ``first`` slots gets the same tiles, so the same bits
+    for (int64_t s0 = first; s0 < S; s0 += kSlotTile) {
       const int64_t n = std::min(kSlotTile, S - s0);
       for (int64_t j = 0; j < n;) {  // the tile's slots, block by block, as FP32
         const int64_t s = s0 + j, run = std::min(n - j, bs - s % bs);
@@ -782,8 +783,7 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
       for (int64_t m = 0; m < M; ++m) {
         float* w = sc.data() + m * n;
         const int64_t nv = std::max<int64_t>(0, std::min(n, pb[m % T] + 1 - s0));  // the slots this query sees
-        const int64_t lo = std::min(nv, std::max<int64_t>(0, first - s0));  // and the leading ones it does not
-        const float top = std::max(mx[m], nv > lo ? *std::max_element(w + lo, w + nv) : mx[m]);
+        const float top = std::max(mx[m], nv > 0 ? *std::max_element(w, w + nv) : mx[m]);
         float alpha = std::exp(mx[m] - top);  // 0 for the first tile (-inf), 1 when the max stays
         if (alpha < tiny) alpha = 0.f;
         if (alpha != 1.f) {
@@ -792,11 +792,10 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
           for (int64_t c = 0; c < C; ++c) om[c] *= alpha;
         }
         mx[m] = top;
-        std::fill(w, w + lo, 0.f);
-        int64_t j = lo;
+        int64_t j = 0;
         for (; j + Vec::size() <= nv; j += Vec::size()) (Vec::loadu(w + j) - Vec(top)).exp().store(w + j);
         for (; j < nv; ++j) w[j] = std::exp(w[j] - top);
-        for (j = lo; j < nv; ++j) {
+        for (j = 0; j < nv; ++j) {
           if (w[j] < tiny) w[j] = 0.f;
           l[m] += w[j];
         }
