@@ -182,19 +182,21 @@ def test_held_weights_widen_exactly_in_the_avx2_build(ops):
 
 
 def _widens_every_fp8_code(ops) -> None:
-    """Every E4M3 code widened exactly, also with subnormals flushed (a code of exponent 0 widens
-    through an FP16 subnormal, which flushing must not touch): by the held-weight GEMM every code
-    but NaN's two (held weights have none: it does not look for them), by fp8_dequantize all."""
+    """Every E4M3 code widened exactly, also with subnormals flushed: by the held-weight GEMM every
+    code but NaN's two (held weights have none: it does not look for them), by fp8_dequantize all.
+    The GEMM's AVX2 route gives a subnormal code an FP32 subnormal, which it must not take where
+    denormals read as zero, nor with a scale of 256 or more (2^120 scale overflows)."""
     every = torch.zeros(1, 256, 128, dtype=torch.uint8)  # weight row n: code n, then zeros
     every[0, :, 0] = torch.arange(256, dtype=torch.uint8)
     every[0, [0x7F, 0xFF], 0] = 0
     every = every.view(torch.float8_e4m3fn)
     codes = torch.arange(256, dtype=torch.uint8).view(2, 128)
     try:
-        for flush in (False, True):
+        for flush, scale in ((False, 1.0), (True, 1.0), (False, 1024.0), (False, 2.0 ** -100)):
             torch.set_flush_denormal(flush)
-            out = ops.grouped_mm_few_rows(torch.ones(1, 128), torch.tensor([1]), every, 4, torch.ones(1, 2, 1))
-            assert torch.equal(out[0], every[0, :, 0].float())
+            out = ops.grouped_mm_few_rows(torch.ones(1, 128), torch.tensor([1]), every, 4,
+                                          torch.full((1, 2, 1), scale))
+            assert torch.equal(out[0], every[0, :, 0].float() * scale), (flush, scale)
             torch.testing.assert_close(ops.fp8_dequantize(codes, torch.tensor([[0.75]]), 128, False),
                                        kernels.fp8_to_float(codes.view(torch.float8_e4m3fn)) * 0.75, rtol=0, atol=0,
                                        equal_nan=True)
