@@ -426,7 +426,8 @@ def test_mtp_cache_shifted_by_one_slot_attends_the_same(monkeypatch, request, re
         if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
             pytest.skip("AVX2 code needs an x86 CPU with AVX2")
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
-                             cwd=ROOT, env=child_env(ATEN_CPU_CAPABILITY="avx2"), capture_output=True, text=True)
+                             cwd=ROOT, env=child_env(ATEN_CPU_CAPABILITY="avx2"), capture_output=True, text=True,
+                             timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
         return
     if aten == "avx2":
