@@ -750,25 +750,24 @@ at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, co
                 "grouped_mm_few_rows scale: contiguous (", G, ", ", nb, ", ", kb, ") expected for w (", G, ", ", N,
                 ", ", K, ")");
     const float* sp = sc.data_ptr<float>();
-    // the scales times each route's factor; the 2^-120 route only where 2^120 scale stays finite
-    std::vector<float> by256(sc.numel()), by2p120(sc.numel());
+    // the 2^-120 route only where 2^120 scale stays finite; each route's scales times its factor, once
     bool raw = kFP8Raw;
-    for (int64_t i = 0; i < sc.numel(); ++i) {
-      by256[i] = 256.f * sp[i];
-      by2p120[i] = kTwoP120 * sp[i];
-      raw = raw && std::abs(sp[i]) < 256.f;
-    }
-    const auto* codes = w.data_ptr<c10::Float8_e4m3fn>();
+    for (int64_t i = 0; i < sc.numel(); ++i) raw = raw && std::abs(sp[i]) < 256.f;
+    std::vector<float> by256(sc.numel()), by2p120(raw ? sc.numel() : 0);
+    for (int64_t i = 0; i < sc.numel(); ++i) by256[i] = 256.f * sp[i];
+    for (size_t i = 0; i < by2p120.size(); ++i) by2p120[i] = kTwoP120 * sp[i];
+    const auto run = [&](auto route, const float* by, int64_t begin, int64_t end) {
+      const auto load = [&](int64_t g) {
+        return BlockScaled<decltype(route)::value>{sp + g * nb * kb, by + g * nb * kb, kb, row_offset};
+      };
+      run_tasks(x.data_ptr<float>(), w.data_ptr<c10::Float8_e4m3fn>(), load, out.data_ptr<float>(), first, K, N,
+                tasks, begin, end);
+    };
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-      if (raw && !denormals_are_zero()) {  // this thread's MXCSR: subnormal codes need it off
-        const auto load = [&](int64_t g) { return BlockScaled<true>{sp + g * nb * kb, by2p120.data() + g * nb * kb,
-                                                                    kb, row_offset}; };
-        run_tasks(x.data_ptr<float>(), codes, load, out.data_ptr<float>(), first, K, N, tasks, begin, end);
-      } else {
-        const auto load = [&](int64_t g) { return BlockScaled<false>{sp + g * nb * kb, by256.data() + g * nb * kb,
-                                                                     kb, row_offset}; };
-        run_tasks(x.data_ptr<float>(), codes, load, out.data_ptr<float>(), first, K, N, tasks, begin, end);
-      }
+      if (raw && !denormals_are_zero())  // this thread's MXCSR: subnormal codes need it off
+        run(std::true_type{}, by2p120.data(), begin, end);
+      else
+        run(std::false_type{}, by256.data(), begin, end);
     });
   } else if (w.scalar_type() == at::kBFloat16) {
     grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), unscaled, out.data_ptr<float>(), first, K, N,
