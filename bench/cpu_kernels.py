@@ -9,7 +9,9 @@ each, against one ``torch.mm`` per expert; ``mla_decode_*``: one layer's absorbe
 attention over a paged cache, read in place against gathered, at B rows of S slots). Then the
 grouped GEMM streaming 8 layers' experts from memory: on one and two expert threads
 (``grouped_mm_expert_threads``), and with the weights held in BF16 and in FP8 (E4M3 codes with
-128x128 block scales, DeepSeek's checkpoint format) against FP32 (``grouped_mm_held``).
+128x128 block scales, DeepSeek's checkpoint format) against FP32 (``grouped_mm_held``). Last, a
+prefill chunk's held-weight GEMM on one and two expert threads against ``torch.mm`` on one and two
+torch threads (``linear_held_prefill``).
 
     python bench/cpu_kernels.py [--rounds 7] [--threads N]
 """
@@ -138,6 +140,7 @@ def main() -> None:
     layers = [torch.randn(32, 512, 384, generator=torch.Generator().manual_seed(1)) for _ in range(8)]
     out["grouped_mm_expert_threads"] = _expert_threads(layers, args.rounds)
     out["grouped_mm_held"] = _held(layers, args.rounds)
+    out["linear_held_prefill"] = _prefill_gemm(args.rounds, args.reps)
     print(json.dumps(out))
 
 
@@ -182,6 +185,41 @@ def _held(fp32: list[torch.Tensor], rounds: int) -> dict:
                                "speedup_bf16": round(med["fp32"] / med["bf16"], 2),
                                "speedup_fp8": round(med["fp32"] / med["fp8"], 2)}
     return res
+
+
+def _prefill_gemm(rounds: int, reps: int) -> dict:
+    """A prefill chunk's dense GEMM as ``flyer serve`` runs it: 256 rows times a 1152 x 384 weight held
+    in BF16 (``kernels.linear_held``: blocks of the weight widened, BLAS GEMMs on them) with torch on one
+    thread and the work on one and two expert threads, against the peer ``torch.mm`` on the weight in
+    FP32 on one and two torch threads. ms, median of interleaved rounds."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(256, 384, generator=g), torch.randn(1152, 384, generator=g).bfloat16()
+    wide = w.float()
+    threads = torch.get_num_threads()
+
+    def held(n):
+        torch.set_num_threads(1)
+        kernels.set_expert_threads(n)
+        return _time(lambda: kernels.linear_held(x, w), reps)
+
+    def peer(n):
+        torch.set_num_threads(n)
+        kernels.set_expert_threads(1)
+        return _time(lambda: torch.mm(x, wide.t()), reps)
+
+    ms: dict = {}
+    try:
+        for _ in range(rounds):
+            for name, f, n in (("held_1", held, 1), ("held_2", held, 2), ("torch_mm_1", peer, 1),
+                               ("torch_mm_2", peer, 2)):
+                ms.setdefault(name, []).append(f(n))
+    finally:
+        torch.set_num_threads(threads)
+        kernels.set_expert_threads(1)
+    med = {name: statistics.median(t) for name, t in ms.items()}
+    return {**{f"{name}_ms": round(t, 3) for name, t in med.items()},
+            "speedup_two_expert_threads": round(med["held_1"] / med["held_2"], 2),
+            "held_2_vs_torch_mm_2": round(med["torch_mm_2"] / med["held_2"], 2)}
 
 
 if __name__ == "__main__":

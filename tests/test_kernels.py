@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -108,11 +107,13 @@ def test_grouped_mm_few_rows_is_a_gemm_per_group(ops, K):
             assert torch.equal(eager[starts[g]:starts[g + 1]], xs @ w[g].t())  # the eager twin is torch.mm
             assert_fp32_sums(out[starts[g]:starts[g + 1]], xs.double() @ w[g].double().t(),
                              xs.double().abs() @ w[g].double().abs().t(), K)
-    big = kernels.FEW_ROWS + 1  # past the kernel's rows: torch.mm, bit for bit; the small group: the kernel
+    big = kernels.FEW_ROWS + 1  # past the kernel's rows: GEMMs on blocks of weight rows; the small group: the kernel
     many = [big, 2]
-    x2, w2 = torch.randn(sum(many), K), torch.randn(2, 16, K)
+    x2, w2 = torch.randn(sum(many), K), torch.randn(2, 300, K)
     mixed = kernels.grouped_mm(x2, many, w2)
-    assert torch.equal(mixed[:big], x2[:big] @ w2[0].t())
+    assert torch.equal(mixed[:big], _gemm_blocks(x2[:big], w2[0]))
+    xd, wd = x2[:big].double(), w2[0].double()
+    assert_fp32_sums(mixed[:big], xd @ wd.t(), xd.abs() @ wd.abs().t(), K)
     assert torch.equal(mixed[big:], kernels.grouped_mm(x2[big:], [2], w2[1:]))
     sparse = [0, big, 0, 0, 2, 0]  # most groups empty: torch.mm on views of the few others
     w3 = torch.randn(len(sparse), 16, K)
@@ -120,21 +121,29 @@ def test_grouped_mm_few_rows_is_a_gemm_per_group(ops, K):
         assert torch.equal(kernels.grouped_mm(x2, sparse, w3), torch.cat([x2[:big] @ w3[1].t(), x2[big:] @ w3[4].t()]))
     assert torch.equal(kernels.grouped_mm(x2, sparse, w3)[:big], x2[:big] @ w3[1].t())
     with pytest.raises(RuntimeError, match="counts sum"):
-        ops.grouped_mm_few_rows(x, torch.tensor([1, 2]), w[:2], kernels.FEW_ROWS)
+        ops.grouped_mm(x, torch.tensor([1, 2]), w[:2], kernels.FEW_ROWS)
+
+
+def _gemm_blocks(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T as the kernel computes a group of more rows than its own: one GEMM per 128 rows of w."""
+    return torch.cat([x @ w[n:n + 128].t() for n in range(0, w.shape[0], 128)], 1)
 
 
 @pytest.mark.parametrize("K", [384, 37])
 def test_grouped_mm_on_bf16_held_weights_is_the_fp32_kernel_on_them_widened(ops, K):
     """BF16 weights widen exactly in registers: the kernel's sums are, bit for bit, the FP32
     kernel's on ``w.float()``; ``grouped_mm`` keeps groups up to HELD_FEW_ROWS in the kernel and
-    runs torch.mm on the widened weight past it (and for every group with the kernels off)."""
+    runs GEMMs on the widened weight past it (and torch.mm for every group with the kernels off)."""
     few = kernels.HELD_FEW_ROWS
     rows = [0, 1, 3, 4, 9, kernels.FEW_ROWS + 1, few, few + 1]  # past FP32's FEW_ROWS, past the held limit
     x, w = torch.randn(sum(rows), K), torch.randn(len(rows), 70, K).bfloat16()
     counts = torch.tensor(rows)
-    kept = sum(rows[:-1])  # the last group's rows are left for torch.mm (not written)
-    assert torch.equal(ops.grouped_mm_few_rows(x, counts, w, few)[:kept],
-                       ops.grouped_mm_few_rows(x, counts, w.float(), few)[:kept])
+    assert torch.equal(ops.grouped_mm(x, counts, w, few), ops.grouped_mm(x, counts, w.float(), few))
+    ops.set_blas(False)  # a torch without a BLAS: larger groups on the kernel's loop over the widened rows
+    try:
+        assert torch.equal(ops.grouped_mm(x, counts, w, few), ops.grouped_mm(x, counts, w, sum(rows)))
+    finally:
+        ops.set_blas(True)
     out = kernels.grouped_mm(x, rows, w)
     with kernels.disabled():
         eager = kernels.grouped_mm(x, rows, w)
@@ -146,10 +155,10 @@ def test_grouped_mm_on_bf16_held_weights_is_the_fp32_kernel_on_them_widened(ops,
         wide = w[g].float()
         assert torch.equal(eager[r], x[r] @ wide.t())
         if n > few:
-            assert torch.equal(out[r], x[r] @ wide.t())
+            assert torch.equal(out[r], _gemm_blocks(x[r], wide))
         assert_fp32_sums(out[r], x[r].double() @ wide.double().t(), x[r].double().abs() @ wide.double().abs().t(), K)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float8_e4m3fn"):
-        ops.grouped_mm_few_rows(x, counts, w.half(), few)
+        ops.grouped_mm(x, counts, w.half(), few)
 
 
 def _fp8_weights(G, N, K, seed=0):
@@ -175,9 +184,9 @@ def test_held_weights_widen_exactly_in_the_avx2_build(ops):
     rows = torch.tensor([1, 4, 7])
     x = torch.randn(12, 100)
     deq = torch.stack([kernels.dequantize_held(w[g], scale[g]) for g in range(3)])
-    assert torch.equal(avx2.grouped_mm_few_rows(x, rows, w, 48, scale), avx2.grouped_mm_few_rows(x, rows, deq, 48))
+    assert torch.equal(avx2.grouped_mm(x, rows, w, 48, scale), avx2.grouped_mm(x, rows, deq, 48))
     wb = torch.randn(3, 70, 100).bfloat16()
-    assert torch.equal(avx2.grouped_mm_few_rows(x, rows, wb, 48), avx2.grouped_mm_few_rows(x, rows, wb.float(), 48))
+    assert torch.equal(avx2.grouped_mm(x, rows, wb, 48), avx2.grouped_mm(x, rows, wb.float(), 48))
     _widens_every_fp8_code(avx2)
 
 
@@ -194,8 +203,7 @@ def _widens_every_fp8_code(ops) -> None:
     try:
         for flush, scale in ((False, 1.0), (True, 1.0), (False, 1024.0), (False, 2.0 ** -100)):
             torch.set_flush_denormal(flush)
-            out = ops.grouped_mm_few_rows(torch.ones(1, 128), torch.tensor([1]), every, 4,
-                                          torch.full((1, 2, 1), scale))
+            out = ops.grouped_mm(torch.ones(1, 128), torch.tensor([1]), every, 4, torch.full((1, 2, 1), scale))
             assert torch.equal(out[0], every[0, :, 0].float() * scale), (flush, scale)
             torch.testing.assert_close(ops.fp8_dequantize(codes, torch.tensor([[0.75]]), 128, False),
                                        kernels.fp8_to_float(codes.view(torch.float8_e4m3fn)) * 0.75, rtol=0, atol=0,
@@ -208,8 +216,8 @@ def _widens_every_fp8_code(ops) -> None:
 def test_grouped_mm_on_fp8_weights_is_the_fp32_kernel_on_them_dequantized(ops, K):
     """FP8 codes with 128x128 block scales widen exactly in registers and multiply by their
     block's scale there, as dequantisation rounds it: the kernel's sums are, bit for bit, the FP32
-    kernel's on ``dequantize_held(w, scale)``; groups past HELD_FEW_ROWS (and all, with the kernels
-    off) run torch.mm on the dequantized weight. 200 weight rows: a partial block of rows; K 100: of
+    kernel's on ``dequantize_held(w, scale)``; groups past HELD_FEW_ROWS run GEMMs on the weight so
+    dequantized (and all groups torch.mm, with the kernels off). 200 weight rows: a partial block of rows; K 100: of
     columns, and a vector tail."""
     few = kernels.HELD_FEW_ROWS
     rows = [0, 1, 3, 4, 9, few, few + 1]
@@ -224,9 +232,7 @@ def test_grouped_mm_on_fp8_weights_is_the_fp32_kernel_on_them_dequantized(ops, K
     rows, scale = rows[1:], scale[1:]
     x = x[:sum(rows)]
     counts = torch.tensor(rows)
-    kept = sum(rows[:-1])
-    assert torch.equal(ops.grouped_mm_few_rows(x, counts, w, few, scale)[:kept],
-                       ops.grouped_mm_few_rows(x, counts, deq, few)[:kept])
+    assert torch.equal(ops.grouped_mm(x, counts, w, few, scale), ops.grouped_mm(x, counts, deq, few))
     out = kernels.grouped_mm(x, rows, w, scale=scale)
     with kernels.disabled():
         eager = kernels.grouped_mm(x, rows, w, scale=scale)
@@ -235,28 +241,34 @@ def test_grouped_mm_on_fp8_weights_is_the_fp32_kernel_on_them_dequantized(ops, K
         r = slice(starts[g], starts[g + 1])
         assert torch.equal(eager[r], x[r] @ deq[g].t())
         if n > few:
-            assert torch.equal(out[r], x[r] @ deq[g].t())
+            assert torch.equal(out[r], _gemm_blocks(x[r], deq[g]))
         assert_fp32_sums(out[r], x[r].double() @ deq[g].double().t(), x[r].double().abs() @ deq[g].double().abs().t(),
                          K)
     with pytest.raises(ValueError, match="FP8 weights take their block scales"):
         kernels.grouped_mm(x, rows, w)
     with pytest.raises(RuntimeError, match="takes its block scales"):
-        ops.grouped_mm_few_rows(x, counts, deq, few, scale)
+        ops.grouped_mm(x, counts, deq, few, scale)
     with pytest.raises(RuntimeError, match="scale: contiguous"):
-        ops.grouped_mm_few_rows(x, counts, w, few, scale[:, :1].contiguous())
-    with pytest.raises(RuntimeError, match="row_offset must be a multiple of 32"):
-        ops.grouped_mm_few_rows(x, counts, w, few, scale, 16)
+        ops.grouped_mm(x, counts, w, few, scale[:, :1].contiguous())
 
 
 def _same_on_expert_threads(monkeypatch, call, one: torch.Tensor) -> None:
-    """``call()`` split over 2 and 3 expert threads (torch on one thread) gives ``one``, bit for bit."""
-    monkeypatch.setattr(kernels, "SPLIT_MIN_BYTES", 1)
+    """``call()`` split over 2 and 3 expert threads (torch on one thread, every call split) gives
+    ``one``, bit for bit, and the workers took part (a worker asleep may miss a short call: a few tries)."""
+    monkeypatch.setattr(kernels, "SPLIT_SECONDS", 0.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    ops = kernels.cpu_ops()
     try:
         for n in (2, 3):
             kernels.set_expert_threads(n)
-            assert torch.equal(call(), one)
+            assert ops.threads() == n
+            before = ops.worker_items()
+            for _ in range(200):
+                assert torch.equal(call(), one)
+                if ops.worker_items() > before:
+                    break
+            assert ops.worker_items() > before
     finally:
         kernels.set_expert_threads(1)
         torch.set_num_threads(threads)
@@ -264,21 +276,23 @@ def _same_on_expert_threads(monkeypatch, call, one: torch.Tensor) -> None:
 
 def test_linear_held_splits_one_weight_by_columns_over_expert_threads(ops, monkeypatch):
     """``kernels.linear_held``: F.linear of FP32 rows on a BF16 weight, any leading shape, with bias; its
-    output columns split over the expert threads give the same bits as one call."""
-    x, w, b = torch.randn(2, 5, 96), torch.randn(200, 96).bfloat16(), torch.randn(200)
+    output columns split over the expert threads give the same bits as one thread, for decode rows
+    (the kernel) and a prefill chunk's (GEMMs on blocks of the widened weight: 300 rows, 3 blocks)."""
+    x, w, b = torch.randn(2, 5, 96), torch.randn(300, 96).bfloat16(), torch.randn(300)
     one = kernels.linear_held(x, w, b)
-    assert one.shape == (2, 5, 200) and one.dtype == torch.float32
+    assert one.shape == (2, 5, 300) and one.dtype == torch.float32
     ref = F.linear(x.double(), w.double(), b.double())
     assert_fp32_sums(one, ref, F.linear(x.double().abs(), w.double().abs(), b.double().abs()), 97)
     _same_on_expert_threads(monkeypatch, lambda: kernels.linear_held(x, w, b), one)
-    many = torch.randn(kernels.HELD_FEW_ROWS + 3, 96)  # a prefill chunk: torch.mm on the widened weight
-    assert torch.equal(kernels.linear_held(many, w), many @ w.float().t())
+    many = torch.randn(kernels.HELD_FEW_ROWS + 3, 96)
+    chunk = kernels.linear_held(many, w)
+    assert torch.equal(chunk, _gemm_blocks(many, w.float()))
+    _same_on_expert_threads(monkeypatch, lambda: kernels.linear_held(many, w), chunk)
 
 
 def test_linear_held_on_fp8_weights_split_over_expert_threads(ops, monkeypatch):
     """An FP8 weight with its block scales: the FP32 linear on it dequantized, bit for bit
-    the kernel's; split over the expert threads by its output columns (runs of rows starting
-    inside a 128-row scale block: 96 and 192 of 300 for three threads), the same bits."""
+    the kernel's; split over the expert threads by its output columns, the same bits."""
     w, scale = _fp8_weights(1, 300, 96, seed=1)
     w, scale = w[0], scale[0]
     w.view(-1).view(torch.uint8)[:256] = 0  # no NaN codes
@@ -286,11 +300,12 @@ def test_linear_held_on_fp8_weights_split_over_expert_threads(ops, monkeypatch):
     deq = kernels.dequantize_held(w, scale)
     one = kernels.linear_held(x, w, b, scale)
     assert one.shape == (2, 5, 300)
-    assert torch.equal(one.view(10, 300), ops.grouped_mm_few_rows(x.view(10, 96), torch.tensor([10]),
-                                                                   deq.unsqueeze(0), 48) + b)
+    assert torch.equal(one.view(10, 300), ops.grouped_mm(x.view(10, 96), torch.tensor([10]), deq.unsqueeze(0), 48) + b)
     _same_on_expert_threads(monkeypatch, lambda: kernels.linear_held(x, w, b, scale), one)
     many = torch.randn(kernels.HELD_FEW_ROWS + 3, 96)
-    assert torch.equal(kernels.linear_held(many, w, scale=scale), many @ deq.t())
+    chunk = kernels.linear_held(many, w, scale=scale)
+    assert torch.equal(chunk, _gemm_blocks(many, deq))
+    _same_on_expert_threads(monkeypatch, lambda: kernels.linear_held(many, w, scale=scale), chunk)
 
 
 def test_linear_held_builds_no_tensor_per_call(ops, monkeypatch):
@@ -308,28 +323,43 @@ def test_linear_held_builds_no_tensor_per_call(ops, monkeypatch):
 
 
 def test_grouped_mm_split_over_expert_threads_is_the_same_sums(ops, monkeypatch):
-    """``set_expert_threads``: the kernel's groups in runs on threads of their own give the same
-    output bit for bit (each output's sum is one thread's either way); large groups stay torch.mm."""
+    """``set_expert_threads``: the kernel's groups and the larger groups' GEMM blocks, claimed by
+    whichever thread is free, give the same output bit for bit (each output is one item's)."""
     rows = [3, 0, 5, kernels.FEW_ROWS + 2, 1, 4, 0, 2, 6]
-    x, w = torch.randn(sum(rows), 64), torch.randn(len(rows), 48, 64)
+    x, w = torch.randn(sum(rows), 64), torch.randn(len(rows), 200, 64)
     one = kernels.grouped_mm(x, rows, w)
-    monkeypatch.setattr(kernels, "SPLIT_MIN_BYTES", 1)
-    threads, runs = torch.get_num_threads(), []
-    real = kernels.cpu_ops().grouped_mm_few_rows
-    monkeypatch.setattr(kernels, "cpu_ops", lambda: SimpleNamespace(
-        grouped_mm_few_rows=lambda *a: runs.append(a[1].numel()) or real(*a)))
-    torch.set_num_threads(1)  # the split applies where torch's own threads are fewer
+    _same_on_expert_threads(monkeypatch, lambda: kernels.grouped_mm(x, rows, w), one)
+    with pytest.raises(ValueError, match="expert threads"):
+        kernels.set_expert_threads(0)
+
+
+def test_expert_threads_survive_a_fork(ops, monkeypatch):
+    """A process forked while the workers run (a DataLoader worker, a multiprocessing pool) has
+    none of them: its calls run on its own thread, and it can start its own."""
+    import multiprocessing
+
+    monkeypatch.setattr(kernels, "SPLIT_SECONDS", 0.0)
+    rows = [3, 40, 1]
+    x, w = torch.randn(sum(rows), 64), torch.randn(len(rows), 200, 64).bfloat16()
+    one = kernels.grouped_mm(x, rows, w)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    kernels.set_expert_threads(2)
     try:
-        for n in (2, 3):
-            kernels.set_expert_threads(n)
-            runs.clear()
-            assert torch.equal(kernels.grouped_mm(x, rows, w), one)
-            assert len(runs) == n and sum(runs) == len(rows)  # n runs covering every group
+        kernels.grouped_mm(x, rows, w)  # the workers awake
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            outs = pool.apply_async(_split_in_child, (x, rows, w)).get(timeout=120)
     finally:
         kernels.set_expert_threads(1)
         torch.set_num_threads(threads)
-    with pytest.raises(ValueError, match="expert threads"):
-        kernels.set_expert_threads(0)
+    assert all(torch.equal(o, one) for o in outs)
+
+
+def _split_in_child(x, rows, w):
+    torch.set_num_threads(1)
+    inherited = kernels.grouped_mm(x, rows, w)
+    kernels.set_expert_threads(2)  # forgets the parent's threads instead of joining them
+    return inherited, kernels.grouped_mm(x, rows, w)
 
 
 def _csr_case(T=60, D=40, n=300, dtype=torch.bfloat16):
@@ -597,13 +627,7 @@ def test_mla_decode_of_a_cache_shifted_by_first_slots_is_bitwise_the_unshifted(o
 def test_mla_decode_split_over_expert_threads_is_bitwise(ops, monkeypatch):
     q, pool, tables, pos = _paged_latents(5, 1, 3, 40, 8, 16, 6, torch.float32, 0.5)
     alone = kernels.mla_decode(q, pool, tables, pos, 40, 0.5)
-    monkeypatch.setattr(kernels, "SPLIT_MIN_BYTES", 0)
-    kernels.set_expert_threads(2)
-    try:
-        assert kernels._splits()
-        assert torch.equal(kernels.mla_decode(q, pool, tables, pos, 40, 0.5), alone)
-    finally:
-        kernels.set_expert_threads(1)
+    _same_on_expert_threads(monkeypatch, lambda: kernels.mla_decode(q, pool, tables, pos, 40, 0.5), alone)
 
 
 def test_mla_decode_bad_tables_are_refused(ops):

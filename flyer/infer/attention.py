@@ -139,8 +139,7 @@ def mla_absorbed_cached(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Ten
     pool, tables = cache.blocks(layer)
     if q_nope.dtype == torch.float32 and kernels.mla_decode_usable(pool):
         q_BMK, w_HXC = _absorbed_queries(attn, q_nope, q_rope)
-        o_lat = kernels.mla_decode(q_BMK, pool, tables, rows.pos, attn.kv_lora_rank, attn.softmax_scale,
-                                   rows.n_slots, rows.first)
+        o_lat = kernels.mla_decode(q_BMK, pool, tables, rows.pos, attn.kv_lora_rank, attn.softmax_scale, rows.first)
         return _absorbed_output(attn, o_lat, w_HXC, q_nope.shape[1])
     return mla_absorbed_core(attn, q_nope, q_rope, *rows.attended(cache.read_packed(layer, rows.n_slots, q_nope.dtype)))
 

@@ -42,8 +42,9 @@ class ByteTokenizer:
 
 def add_expert_threads_flag(p) -> None:
     p.add_argument("--expert-threads", type=int, default=torch.get_num_threads(),
-                   help="threads streaming the routed experts' weights in a decode step where --threads is 1 "
-                        "(default: all cores; the one memory-bound part of a step long enough to split)")
+                   help="threads the larger kernel calls of a step split over where --threads is 1: the routed "
+                        "experts' and held weights' GEMMs, prefill chunks' among them, and attention over the "
+                        "cache (default: all cores)")
 
 
 def add_weight_dtype_flag(p) -> None:

@@ -8,7 +8,8 @@ every other device and dtype, and the oracle the tests compare the kernels again
 - ``combine`` / ``combine_backward`` / ``segment_sum``: the MoE's weighted FP32 sum of each
   token's expert outputs, and its gradients (rows indexed by token once, ``token_index``);
 - ``rms_norm`` / ``rms_norm_backward``: RMSNorm of each row and its gradients;
-- ``grouped_mm``: the routed experts' GEMMs when each has a few rows (decoding), at memory bandwidth;
+- ``grouped_mm`` / ``linear_held``: the routed experts' GEMMs and those of weights held in BF16 or FP8,
+  a few rows (decoding) at memory bandwidth, more (prefill) on BLAS GEMMs over blocks of the weight;
 - ``mla_decode``: absorbed MLA attention of a few new tokens over a (paged) latent cache, read in place;
 - ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
   operands of the CPU FP8 GEMM emulation), bit for bit the eager table lookup and multiply.
@@ -18,7 +19,9 @@ ninja are needed; the build, ~1 minute, is cached under ``TORCH_EXTENSIONS_DIR``
 ``~/.cache/torch_extensions``). A kernel runs where ``usable(...)`` says so (CPU tensors of
 float32/bfloat16/float16, the extension built). ``FLYER_CPU_KERNELS=0`` turns the kernels off; so
 does ``disabled()`` in a block. When the build fails (no compiler), flyer warns once and runs the
-eager code. A build killed midway (Ctrl-C on the first run) leaves torch's lock file behind, on
+eager code. Where torch runs one thread, ``set_expert_threads`` splits the larger calls of
+``grouped_mm``, ``linear_held`` and ``mla_decode`` over threads of the extension's own. A build
+killed midway (Ctrl-C on the first run) leaves torch's lock file behind, on
 which every later load would wait forever: flyer's loads take an OS lock of their own, which
 dies with its process, and clear a lock file left by a dead one (``_build_lock``).
 """
@@ -33,7 +36,6 @@ import itertools
 import os
 import shutil
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -235,8 +237,11 @@ FEW_ROWS = 16  # rows per group up to which ``grouped_mm`` runs the kernel (benc
 # the same for BF16-held weights, where torch.mm first widens the whole weight to FP32 (a copy as
 # slow as the GEMM at 16 rows): the kernel wins up to about 48-64 rows (bench/cpu_kernels.py)
 HELD_FEW_ROWS = 48
-SPLIT_MIN_BYTES = 4 << 20  # weights a kernel call must stream before a second thread pays for its hand-off
-_split: dict = {"threads": 1, "pool": None}
+# One thread's work (seconds: weight bytes at 10 GB/s, FP32 arithmetic at 40 GFLOP/s) from which a
+# kernel call splits over the expert threads: a worker that is spinning joins within a microsecond
+SPLIT_SECONDS = 20e-6
+SPIN_SECONDS = 1e-3  # how long an expert thread waits for the next call (spinning, yielding to others) before it sleeps
+_split: dict = {"threads": 1}
 
 
 def _splits() -> bool:
@@ -246,16 +251,19 @@ def _splits() -> bool:
 
 
 def set_expert_threads(n: int) -> None:
-    """Run ``grouped_mm``'s kernel on ``n`` threads (its groups split into ``n`` runs of about equal
-    weight bytes, each in its own thread) when torch runs one thread and a call streams at
-    least ``SPLIT_MIN_BYTES``. ``flyer serve`` runs torch on one thread on a small CPU (its many
-    small ops gain nothing from more), and one core cannot pull the experts' weights at the
-    memory's bandwidth: 7 against 10 GB/s with two here (bench/cpu_kernels.py, grouped_mm_expert_threads)."""
+    """Split the kernels' larger calls (``grouped_mm``, ``linear_held``, ``mla_decode``) over ``n``
+    threads of the extension's own (the caller's one included) where torch runs one thread: ``flyer
+    serve`` runs torch on one thread on a small CPU (a decode step's hundreds of small ops gain
+    nothing from more), and one core cannot pull the experts' weights at the memory's bandwidth nor
+    run a prefill chunk's GEMMs at two cores' rate. Each call's work is split into items (blocks of
+    weight rows, rows of the batch) claimed by whichever thread is free, so the results are the same
+    on any number of threads."""
     if n < 1:
         raise ValueError(f"expert threads must be >= 1 (got {n})")
-    if _split["pool"] is not None:
-        _split["pool"].shutdown()
-    _split.update(threads=n, pool=ThreadPoolExecutor(n - 1, thread_name_prefix="flyer-experts") if n > 1 else None)
+    _split["threads"] = n
+    ops = cpu_ops()
+    if ops is not None:
+        ops.set_threads(n, SPLIT_SECONDS, SPIN_SECONDS)
 
 
 HELD_DTYPES = (torch.float32, torch.bfloat16)  # weight dtypes the kernel reads with FP32 rows
@@ -264,7 +272,7 @@ HELD_FP8 = torch.float8_e4m3fn
 
 
 def _held_usable(x_RK: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``grouped_mm_few_rows`` takes FP32 rows x against w (held, or FP8 with its scales)."""
+    """Whether the kernel's ``grouped_mm`` takes FP32 rows x against w (FP32, held, or FP8 with its scales)."""
     return (x_RK.dtype == torch.float32 and usable(x_RK) and w.device.type == "cpu"
             and (w.dtype in HELD_DTYPES or w.dtype == HELD_FP8))
 
@@ -280,74 +288,38 @@ def dequantize_held(w_NK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return fp8_dequantize(padded, scale, _TILE)[:, :K].contiguous()
 
 
-def _widened(w_NK: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
-    return w_NK.to(dtype) if scale is None else dequantize_held(w_NK, scale).to(dtype)
-
-
-def _kernel_runs(x_RK: torch.Tensor, rows_G: list[int], rows: torch.Tensor, w_GNK: torch.Tensor,
-                 few: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``grouped_mm_few_rows`` over all groups of at most ``few`` rows, split across
-    ``set_expert_threads``' threads when it pays: into runs of groups, or a lone group into runs of
-    its weight rows."""
-    ops, n = cpu_ops(), _split["threads"]
-    G, N, K = w_GNK.shape
-    live = [g for g, r in enumerate(rows_G) if 0 < r <= few]
-    if not _splits() or len(live) * N * K * w_GNK.element_size() < SPLIT_MIN_BYTES:
-        return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few, scale)
-    if G == 1:  # one weight matrix (a dense layer): each thread its share of the output columns
-        cuts = [N * i // n // 32 * 32 for i in range(n)] + [N]  # whole 32-row tasks of the kernel
-        parts = [(x_RK, rows, w_GNK[:, a:b], None if scale is None else scale[:, a // _TILE:-(-b // _TILE)],
-                  a % _TILE) for a, b in zip(cuts, cuts[1:])]  # FP8: the scale blocks its rows lie in
-        dim = 1
-    elif len(live) >= n:
-        cuts = [0, *(live[len(live) * i // n] for i in range(1, n)), G]  # group ranges with as many live groups
-        starts = [0, *itertools.accumulate(rows_G)]
-        parts = [(x_RK[starts[a]:starts[b]], rows[a:b], w_GNK[a:b], None if scale is None else scale[a:b], 0)
-                 for a, b in zip(cuts, cuts[1:])]
-        dim = 0
-    else:
-        return ops.grouped_mm_few_rows(x_RK, rows, w_GNK, few, scale)
-
-    def run(x, r, w, s, row_offset):
-        return ops.grouped_mm_few_rows(x, r, w, few, s, row_offset)
-
-    futures = [_split["pool"].submit(run, *p) for p in parts[1:]]
-    return torch.cat([run(*parts[0]), *(f.result() for f in futures)], dim=dim)
-
-
 def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
                rows_G_tensor: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """out (R, N): each group's consecutive rows of x (``rows_G[g]`` of them) times w[g]^T. The
     kernel (FP32 x; w FP32, held in BF16, or FP8 E4M3 codes with their 128x128 block scales
     ``scale`` (G, ceil(N / 128), ceil(K / 128)) and no NaN codes (``flyer.infer.weights`` refuses
-    them; the kernel does not look), widened exactly as it is read) takes the groups
-    of at most ``FEW_ROWS`` rows (``HELD_FEW_ROWS`` for held w), reading each weight once for all of
-    its group's rows; one ``torch.mm`` per larger group (and per group elsewhere), on its weight
-    widened (dequantized) to x's dtype. ``rows_G_tensor``: ``rows_G`` as a CPU int64 tensor where
-    the caller has one (not built again)."""
+    them; the kernel does not look), widened exactly as it is read) runs the groups of at most
+    ``FEW_ROWS`` rows (``HELD_FEW_ROWS`` for held w) reading each weight once for all of its
+    group's rows, and larger groups as BLAS GEMMs on blocks of 128 weight rows widened
+    (dequantized) to FP32; split over the expert threads (``set_expert_threads``). Elsewhere one
+    ``torch.mm`` per group on its weight widened to x's dtype. ``rows_G_tensor``: ``rows_G`` as a
+    CPU int64 tensor where the caller has one (not built again)."""
     if (w_GNK.dtype == HELD_FP8) != (scale is not None):
         raise ValueError(f"grouped_mm: FP8 weights take their block scales, other weights none "
                          f"(w is {w_GNK.dtype}, scale {'given' if scale is not None else 'None'})")
     if _held_usable(x_RK, w_GNK):
         few = FEW_ROWS if w_GNK.dtype == torch.float32 else HELD_FEW_ROWS
         rows = torch.tensor(rows_G, dtype=torch.long) if rows_G_tensor is None else rows_G_tensor
-        out = _kernel_runs(x_RK.contiguous(), rows_G, rows, w_GNK.contiguous(), few,
-                           None if scale is None else scale.contiguous())
-        big = [g for g, n in enumerate(rows_G) if n > few]
-    else:
-        out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
-        big = [g for g, n in enumerate(rows_G) if n]
+        return cpu_ops().grouped_mm(x_RK.contiguous(), rows, w_GNK.contiguous(), few,
+                                    None if scale is None else scale.contiguous())
+    out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
     starts = [0, *itertools.accumulate(rows_G)]
-    for g in big:  # views of the groups left to torch.mm only (a decode batch leaves few)
+    for g in (g for g, n in enumerate(rows_G) if n):
         r = slice(starts[g], starts[g + 1])
-        torch.mm(x_RK[r], _widened(w_GNK[g], x_RK.dtype, None if scale is None else scale[g]).t(), out=out[r])
+        w = w_GNK[g] if scale is None else dequantize_held(w_GNK[g], scale[g])
+        torch.mm(x_RK[r], w.to(x_RK.dtype).t(), out=out[r])
     return out
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4096)
 def _one_group(rows: int) -> torch.Tensor:
-    """The kernel's counts tensor of one group of ``rows`` rows, built once per row count
-    (``linear_held`` asks for at most ``HELD_FEW_ROWS`` of them)."""
+    """The kernel's counts tensor of one group of ``rows`` rows, built once per row count (a
+    server's prefill chunks bring up to ``--prefill-chunk`` counts, bounded here all the same)."""
     return torch.tensor([rows])
 
 
@@ -355,20 +327,14 @@ def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | N
                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` of FP32 x (..., K) on a weight held in BF16, or in FP8 with its 128x128 block
     scales ``scale`` (inference: ``flyer.infer.weights``), computed in FP32: ``grouped_mm`` with one
-    group, so up to ``HELD_FEW_ROWS`` rows (decoding) read the held weight once, split by output
-    columns over the expert threads, and more rows (a prefill chunk, where the GEMM's arithmetic
-    outweighs widening the weight) run ``torch.mm`` on it widened.
-    (Splitting those larger GEMMs over the expert threads too measured slower here: compute-bound,
-    they gain nothing from a second vCPU.)"""
+    group, so up to ``HELD_FEW_ROWS`` rows (decoding) read the held weight once, and more rows (a
+    prefill chunk, where the GEMM's arithmetic outweighs widening the weight) run BLAS GEMMs on it
+    widened, both split by output columns over the expert threads."""
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("weights held in BF16 are for inference: run the model under torch.no_grad()")
     x_RK = x.reshape(-1, x.shape[-1])
     R = x_RK.shape[0]
-    if R > HELD_FEW_ROWS:  # grouped_mm's own path for such a group, without its per-call bookkeeping
-        out = torch.mm(x_RK, _widened(weight_NK, x_RK.dtype, scale).t())
-    else:
-        out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0), _one_group(R),
-                         None if scale is None else scale.unsqueeze(0))
+    out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0), _one_group(R), None if scale is None else scale.unsqueeze(0))
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight_NK.shape[0])
@@ -382,27 +348,16 @@ def mla_decode_usable(pool: torch.Tensor) -> bool:
 
 
 def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Tensor, pos_BT: torch.Tensor, C: int,
-               scale: float, n_slots: int | None = None, first: int = 0) -> torch.Tensor:
+               scale: float, first: int = 0) -> torch.Tensor:
     """(B, M, C) FP32: absorbed MLA attention of FP32 queries q (B, M, K), row m = h T + t (head h,
     new token t), over a latent cache read in place: ``pool`` (N, block_size, K) [latent | rope
     key] of every slot, row b's slot s at ``pool[tables[b, s // block_size], s % block_size]``;
     query (b, m) attends slots ``first`` .. pos[b, m % T]: softmax(scale q . kv) kv[:, :C]. One pass over
     each row's slots (flash decoding), where the eager path (``flyer.infer.attention.
     mla_absorbed_core``, its oracle) gathers them into a new tensor per layer first. Rows are
-    split over ``set_expert_threads``' threads when the cache they read (at most B ``n_slots`` slots:
-    the longest row's, the caller's ``Rows.n_slots``, else read from pos) is large enough to pay."""
-    ops, n = cpu_ops(), _split["threads"]
-    B = pos_BT.shape[0]
-    q_BMK, pos_BT, tables_Bn = q_BMK.contiguous(), pos_BT.contiguous(), tables_Bn.contiguous()
-    slot_bytes = pool_NbK.shape[2] * pool_NbK.element_size()
-    if not _splits() or B < 2 or B * (n_slots or int(pos_BT.max()) + 1) * slot_bytes < SPLIT_MIN_BYTES:
-        return ops.mla_decode(q_BMK, pool_NbK, tables_Bn, pos_BT, C, scale, first)
-    cuts = [B * i // min(n, B) for i in range(min(n, B))] + [B]
-    futures = [_split["pool"].submit(ops.mla_decode, q_BMK[a:b], pool_NbK, tables_Bn[a:b], pos_BT[a:b], C, scale,
-                                     first) for a, b in zip(cuts[1:-1], cuts[2:])]
-    return torch.cat([ops.mla_decode(q_BMK[:cuts[1]], pool_NbK, tables_Bn[:cuts[1]], pos_BT[:cuts[1]], C, scale,
-                                     first),
-                      *(f.result() for f in futures)])
+    split over the expert threads (``set_expert_threads``) when the cache they read is large enough to pay."""
+    return cpu_ops().mla_decode(q_BMK.contiguous(), pool_NbK, tables_Bn.contiguous(), pos_BT.contiguous(), C, scale,
+                                first)
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 // Each kernel reads its inputs once and writes its outputs once, working row by row in FP32
 // scratch that stays in cache; the eager PyTorch code they replace makes one memory pass per
 // operation. Inputs are float32, bfloat16 or float16 (the "T" below), computed in FP32 and
-// rounded once to T on output. Rows are split across ATen's intra-op thread pool.
+// rounded once to T on output. Rows are split across ATen's intra-op thread pool, or across flyer's
+// own worker threads where torch runs one (Workers, below).
 //
 // Built with -ffp-contract=off: a * b + c stays two roundings, as in the eager ops, so that the
 // combine kernels reproduce index_add_'s sums bit for bit.
@@ -15,11 +16,20 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
-#include <type_traits>
-#include <limits>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -76,6 +86,165 @@ void check_cpu(const at::Tensor& t, const char* name) {
 void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
 }
+
+// ---- flyer's own worker threads -----------------------------------------------------------------
+// ``flyer serve`` runs torch on one thread on a small CPU (a decode step's hundreds of small ops gain
+// nothing from more) and splits its few large kernels (the experts' weight streams, prefill GEMMs,
+// attention over the cache) over these threads instead. A job is n items claimed one at a time from
+// one counter by the caller and the workers alike, so a worker that is slow to wake (or descheduled
+// by another process) costs only its absence: the caller waits only for items a worker took. A
+// worker spins briefly after each job before sleeping: a step's next kernel call usually comes
+// within that time, and waking a sleeping thread costs ~0.1 ms on a VM (Python's thread pool paid it
+// on every call). Each item runs on one thread, so the results do not depend on how many there are.
+class Workers {
+ public:
+  static Workers& get() {
+    static Workers w;
+    return w;
+  }
+  Workers() {
+    // a forked child has none of the parent's threads: it forgets them (a joinable std::thread
+    // destroyed would abort) and runs every job on its calling thread until resized
+    pthread_atfork([] { get().m_.lock(); }, [] { get().m_.unlock(); }, [] {
+      Workers& w = get();
+      w.m_.unlock();
+      new std::vector<std::thread>(std::move(w.threads_));  // leaked on purpose
+      w.threads_.clear();
+    });
+  }
+  ~Workers() { resize(1); }
+  int size() const { return static_cast<int>(threads_.size()) + 1; }
+  int64_t worker_items() const { return worker_items_.load(std::memory_order_relaxed); }
+
+  // n threads in all (n - 1 workers); a worker spins ``spin`` after a job before it sleeps. Not
+  // while jobs run (flyer sets it up before it computes).
+  void resize(int n, std::chrono::nanoseconds spin = std::chrono::nanoseconds(0)) {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+    stop_ = false;
+    spin_ = spin;
+    for (int i = 1; i < n; ++i) threads_.emplace_back([this] { loop(); });
+  }
+
+  // fn(i, i + 1) for every i in [0, n), on whichever thread claims i
+  void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+    auto job = std::make_shared<Job>(fn, n);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      job_ = job;
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    work(*job);  // the caller's own share
+    for (int64_t spins = 0; job->done.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins < kSpins) pause(); else std::this_thread::yield();  // a worker finishing an item it took
+    }
+    if (job->error) std::rethrow_exception(job->error);
+  }
+
+ private:
+  static constexpr int64_t kSpins = 1 << 12;  // pause loops (about 0.1 ms) before the caller yields its core
+
+  struct Job {
+    Job(const std::function<void(int64_t, int64_t)>& f, int64_t n_) : fn(f), n(n_) {}
+    const std::function<void(int64_t, int64_t)>& fn;  // the caller's: alive until every claimed item is done
+    const int64_t n;
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex error_m;
+    std::exception_ptr error;
+  };
+
+  static void pause() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    _mm_pause();
+#endif
+  }
+
+  // claims and runs items until none is left; returns how many this thread ran
+  static int64_t work(Job& j) {
+    for (int64_t ran = 0;; ++ran) {
+      const int64_t i = j.next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= j.n) return ran;
+      try {
+        j.fn(i, i + 1);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(j.error_m);
+        if (!j.error) j.error = std::current_exception();
+      }
+      j.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      // spin, yielding the core to any other runnable thread (the HTTP side's, a client's) after
+      // the first few hundred checks, then sleep
+      const auto until = std::chrono::steady_clock::now() + spin_;
+      for (int i = 0; gen_.load(std::memory_order_acquire) == seen; ++i) {
+        if (i % 64 == 0 && std::chrono::steady_clock::now() > until) break;
+        if (i < 512) pause(); else std::this_thread::yield();
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return stop_ || gen_.load(std::memory_order_acquire) != seen; });
+        if (stop_) return;
+        seen = gen_.load(std::memory_order_acquire);
+        job = job_;
+      }
+      // jobs run where torch runs one thread: this thread's OpenMP and MKL (a GEMM block's BLAS) too
+      if (at::get_num_threads() != 1) at::init_num_threads();
+      // a job its caller already finished has no item left: nothing of it runs
+      worker_items_.fetch_add(work(*job), std::memory_order_relaxed);
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::shared_ptr<Job> job_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int64_t> worker_items_{0};
+  std::chrono::nanoseconds spin_{0};
+  bool stop_ = false;
+};
+
+// One thread's estimated seconds for a call, from the weight (or cache) bytes it streams and its
+// FP32 arithmetic (rates of the slower CPUs measured: bench/cpu_kernels.py); a call of less than
+// ``g_split_seconds`` runs on its calling thread alone.
+double g_split_seconds = 20e-6;
+double one_thread_seconds(double bytes, double flops) { return bytes / 10e9 + flops / 40e9; }
+
+// fn(begin, end) over [0, n): on flyer's workers where torch runs one thread and the work pays for
+// them (``seconds``: one_thread_seconds), else on ATen's intra-op threads (in chunks of at least ``grain``)
+void parallel_items(int64_t n, int64_t grain, double seconds, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  Workers& w = Workers::get();
+  if (w.size() > 1 && at::get_num_threads() == 1) {
+    if (seconds >= g_split_seconds && n > 1)
+      w.run(n, fn);
+    else
+      fn(0, n);
+    return;
+  }
+  at::parallel_for(0, n, grain, fn);
+}
+
+// flyer's worker threads (the caller's one included) and the least work split over them
+void set_threads(int64_t n, double split_seconds, double spin_seconds) {
+  TORCH_CHECK(n >= 1, "set_threads: n must be >= 1, got ", n);
+  Workers::get().resize(static_cast<int>(n), std::chrono::nanoseconds(static_cast<int64_t>(spin_seconds * 1e9)));
+  g_split_seconds = split_seconds;
+}
+
+int64_t threads() { return Workers::get().size(); }
+int64_t worker_items() { return Workers::get().worker_items(); }
 
 // ---- cross-entropy chunk ------------------------------------------------------------------------
 // logits (n, V) -> log p(target) (n,) in FP32 and, with grad, softmax - onehot (n, V) in T.
@@ -559,19 +728,19 @@ struct Unscaled {
 };
 // (code / 256) * (256 scale), or (code / 2^120) * (2^120 scale) with ``kRaw``, is exactly code *
 // scale before its one rounding, so it rounds alike. ``wide``: the scales times 256 (2^120), made
-// once per call. ``off``: the weight's first row's place in its 128-row block (a slice of a larger weight).
+// once per call.
 template <bool kRaw>
 struct BlockScaled {
   const float* scales;  // (blocks of rows, Kb): the weight's block scales
   const float* wide;  // the same, times the widening's factor
-  int64_t kb, off;
+  int64_t kb;
   Vec vec(const c10::Float8_e4m3fn* p, int64_t k) const {
     return (kRaw ? load_fp8_over_2p120(p) : load_fp8_over_256<false>(p)) * Vec(wide[k / 128]);
   }
   float one(const c10::Float8_e4m3fn* p, int64_t k) const { return static_cast<float>(*p) * scales[k / 128]; }
   BlockScaled rows(int64_t n) const {  // weight row n's block
-    const int64_t b = ((off + n) / 128) * kb;
-    return {scales + b, wide + b, kb, 0};
+    const int64_t b = (n / 128) * kb;
+    return {scales + b, wide + b, kb};
   }
 };
 
@@ -614,7 +783,7 @@ constexpr int row_block() {
 static_assert(128 % kWeightRows == 0 && kWeightRows % 4 == 0 && kWeightRows % kWeightBlock == 0,
               "weight row tasks must tile 128-row blocks");
 
-// not inlined into run_tasks, where GCC kept AVX2's 4 x 2 accumulators on the stack, each FMA a
+// not inlined into run_items, where GCC kept AVX2's 4 x 2 accumulators on the stack, each FMA a
 // store and a reload (FP8 experts of 4 rows, 8 layers streamed on two threads: 1.5 against 0.94 ms a layer)
 template <int M, typename W, typename L>
 __attribute__((noinline)) void dot_rows(const W* w, const L& load, const float* x, int64_t K, int64_t N, float* out,
@@ -652,149 +821,10 @@ __attribute__((noinline)) void dot_widened(const float* wide, int64_t nb, const 
   for (int64_t j = 0; j < nb; ++j) dot_block<M, 1>(wide + j * K, Unscaled{}, x, K, N, out, n + j);
 }
 
-// ``load(g)``: group g's weight loader. A weight row is read once per kRows rows of its group; a
-// group of more rows than that, with weights that cost more to widen than BF16's shift (FP8 through
-// FP16: AVX-512), widens each register block of weight rows once into FP32 scratch (in L1) and runs
-// the FP32 dot products on it: the same values, so the same sums. AVX2's 3-instruction widening
-// does better without (5 to 32 rows per expert, one thread: 1.1-2.0x). Runs tasks [begin, end).
-template <typename W, typename LoadOf>
-void run_tasks(const float* xp, const W* wp, const LoadOf& load, float* op, const std::vector<int64_t>& first,
-               int64_t K, int64_t N, const std::vector<std::pair<int64_t, int64_t>>& tasks, int64_t begin,
-               int64_t end) {
-  constexpr bool widen_once = std::is_same_v<W, c10::Float8_e4m3fn> && !kFP8Raw;
-  std::vector<float> wide(widen_once ? kWeightBlock * K : 0);
-  for (int64_t t = begin; t < end; ++t) {
-    const auto [g, n0] = tasks[t];
-    const int64_t n1 = std::min(n0 + kWeightRows, N);
-    const W* wg = wp + g * N * K;
-    const auto lg = load(g);
-    if (!widen_once || first[g + 1] - first[g] <= kRows) {
-      dot_rows_of_group(wg, lg, xp, op, first[g], first[g + 1], K, N, n0, n1);
-      continue;
-    }
-    if constexpr (widen_once) {
-      for (int64_t n = n0; n < n1; n += kWeightBlock) {
-        const int64_t nb = std::min<int64_t>(kWeightBlock, n1 - n);
-        const auto ln = lg.rows(n);
-        for (int64_t j = 0; j < nb; ++j) {
-          const W* wr = wg + (n + j) * K;
-          float* dst = wide.data() + j * K;
-          int64_t k = 0;
-          for (; k + Vec::size() <= K; k += Vec::size()) ln.vec(wr + k, k).store(dst + k);
-          for (; k < K; ++k) dst[k] = ln.one(wr + k, k);
-        }
-        for (int64_t r = first[g]; r < first[g + 1]; r += kRows) {
-          const float* xr = xp + r * K;
-          float* o = op + r * N;
-          switch (std::min(kRows, first[g + 1] - r)) {
-            case 1: dot_widened<1>(wide.data(), nb, xr, K, N, o, n); break;
-            case 2: dot_widened<2>(wide.data(), nb, xr, K, N, o, n); break;
-            case 3: dot_widened<3>(wide.data(), nb, xr, K, N, o, n); break;
-            default: dot_widened<4>(wide.data(), nb, xr, K, N, o, n); break;
-          }
-        }
-      }
-    }
-  }
-}
-
-// every task, split over torch's threads
-template <typename W, typename LoadOf>
-void grouped_mm_tasks(const float* xp, const W* wp, const LoadOf& load, float* op, const std::vector<int64_t>& first,
-                      int64_t K, int64_t N, const std::vector<std::pair<int64_t, int64_t>>& tasks) {
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    run_tasks(xp, wp, load, op, first, K, N, tasks, begin, end);
-  });
-}
-
-// ``scale``: undefined, or for FP8 w (G, N, K) its block scales (G, ceil((row_offset + N) / 128),
-// ceil(K / 128)); ``row_offset``: where w's first row sits in its block of 128 rows (w a slice of
-// rows of a larger weight, at a multiple of 32 rows, so that no register block straddles two)
-at::Tensor grouped_mm_few_rows(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& w, int64_t max_rows,
-                               const c10::optional<at::Tensor>& scale, int64_t row_offset) {
-  check_cpu(x, "grouped_mm_few_rows x");
-  check_cpu(counts, "grouped_mm_few_rows counts");
-  check_cpu(w, "grouped_mm_few_rows w");
-  check_dtype(x, at::kFloat, "grouped_mm_few_rows x");
-  const bool fp8 = w.scalar_type() == at::kFloat8_e4m3fn;
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || fp8,
-              "grouped_mm_few_rows w: float32, bfloat16 or float8_e4m3fn expected, got ", w.scalar_type());
-  TORCH_CHECK(fp8 == (scale.has_value() && scale->defined()),
-              "grouped_mm_few_rows: float8_e4m3fn w takes its block scales, and no other w does");
-  check_dtype(counts, at::kLong, "grouped_mm_few_rows counts");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == x.size(1) && counts.numel() == w.size(0),
-              "grouped_mm_few_rows: x (R, K), counts (G,), w (G, N, K) expected");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "grouped_mm_few_rows: contiguous x and w expected");
-  const int64_t R = x.size(0), K = x.size(1), G = w.size(0), N = w.size(1);
-  const int64_t* cnt = counts.data_ptr<int64_t>();
-  std::vector<int64_t> first(G + 1, 0);
-  for (int64_t g = 0; g < G; ++g) {
-    TORCH_CHECK(cnt[g] >= 0, "grouped_mm_few_rows: negative count");
-    first[g + 1] = first[g] + cnt[g];
-  }
-  TORCH_CHECK(first[G] == R, "grouped_mm_few_rows: counts sum to ", first[G], ", x has ", R, " rows");
-  auto out = at::empty({R, N}, x.options());
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (group, first weight row)
-  for (int64_t g = 0; g < G; ++g)
-    if (cnt[g] > 0 && cnt[g] <= max_rows)
-      for (int64_t n = 0; n < N; n += kWeightRows) tasks.emplace_back(g, n);
-  const auto unscaled = [](int64_t) { return Unscaled{}; };
-  if (fp8) {
-    const at::Tensor& sc = *scale;
-    check_cpu(sc, "grouped_mm_few_rows scale");
-    check_dtype(sc, at::kFloat, "grouped_mm_few_rows scale");
-    TORCH_CHECK(row_offset >= 0 && row_offset < 128 && row_offset % kWeightRows == 0,
-                "grouped_mm_few_rows: row_offset must be a multiple of ", kWeightRows, " below 128");
-    const int64_t nb = (row_offset + N + 127) / 128, kb = (K + 127) / 128;
-    TORCH_CHECK(sc.dim() == 3 && sc.size(0) == G && sc.size(1) == nb && sc.size(2) == kb && sc.is_contiguous(),
-                "grouped_mm_few_rows scale: contiguous (", G, ", ", nb, ", ", kb, ") expected for w (", G, ", ", N,
-                ", ", K, ")");
-    const float* sp = sc.data_ptr<float>();
-    // the 2^-120 route only where 2^120 scale stays finite; each route's scales times its factor, once
-    bool raw = kFP8Raw;
-    for (int64_t i = 0; i < sc.numel(); ++i) raw = raw && std::abs(sp[i]) < 256.f;
-    std::vector<float> by256(sc.numel()), by2p120(raw ? sc.numel() : 0);
-    for (int64_t i = 0; i < sc.numel(); ++i) by256[i] = 256.f * sp[i];
-    for (size_t i = 0; i < by2p120.size(); ++i) by2p120[i] = kTwoP120 * sp[i];
-    const auto run = [&](auto route, const float* by, int64_t begin, int64_t end) {
-      const auto load = [&](int64_t g) {
-        return BlockScaled<decltype(route)::value>{sp + g * nb * kb, by + g * nb * kb, kb, row_offset};
-      };
-      run_tasks(x.data_ptr<float>(), w.data_ptr<c10::Float8_e4m3fn>(), load, out.data_ptr<float>(), first, K, N,
-                tasks, begin, end);
-    };
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-      if (raw && !denormals_are_zero())  // this thread's MXCSR: subnormal codes need it off
-        run(std::true_type{}, by2p120.data(), begin, end);
-      else
-        run(std::false_type{}, by256.data(), begin, end);
-    });
-  } else if (w.scalar_type() == at::kBFloat16) {
-    grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), unscaled, out.data_ptr<float>(), first, K, N,
-                     tasks);
-  } else {
-    grouped_mm_tasks(x.data_ptr<float>(), w.data_ptr<float>(), unscaled, out.data_ptr<float>(), first, K, N, tasks);
-  }
-  return out;
-}
-
-// ---- absorbed MLA decode attention over a paged latent cache -------------------------------------
-// q (B, M, K) FP32: row m = h T + t, the absorbed query [q_nope W_UK | q_rope] of head h and new
-// token t; pool (N, bs, K) FP32 or BF16: [latent | rope key] of every cache slot, in blocks of bs
-// slots; tables (B, nb) int64: row b's slot s lives at pool[tables[b][s / bs]][s % bs]; pos (B, T)
-// int64: query (b, m) attends slots first .. pos[b][m % T] (first > 0 where the leading slots hold
-// nothing: the server's MTP cache keeps position p in slot p + 1). out (B, M, C) FP32 =
-// softmax_s(scale q . kv_s) kv_s[:C], in one pass over each row's slots (flash decoding): the eager
-// path gathers every slot into a new tensor per layer, then runs two matmuls and a masked softmax
-// over the (M x S) scores. Here a tile of slots is read once (widened to FP32) for all M rows, its
-// two products on torch's BLAS; each row keeps a running max, sum and (C) output. Weights below
-// FP32's smallest normal are flushed to zero, as the eager path's softmax flushes its
-// probabilities: subnormal arithmetic is slow and each such term is below the sum's rounding.
-constexpr int64_t kSlotTile = 64;
-
 // The BLAS's FP32 GEMM that torch itself links (column-major, Fortran interface), looked up at run
-// time: ATen's own cpublas::gemm is not exported to extensions. nullptr where torch has none (a
-// plain loop runs instead); tests turn it off to check that loop (set_blas).
+// time: ATen's own cpublas::gemm is not exported to extensions, and its ops would need the caller's
+// thread-local state (inference mode) on flyer's workers. nullptr where torch has none (a plain loop
+// runs instead); tests turn it off to check that loop (set_blas).
 using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
 SgemmFn find_sgemm() {
@@ -810,7 +840,7 @@ SgemmFn found_sgemm() {
 bool use_blas = true;
 SgemmFn blas_sgemm() { return use_blas ? found_sgemm() : nullptr; }
 
-// mla_decode on torch's BLAS where found (on), or on the plain loop (off: tests)
+// the kernels' GEMMs on torch's BLAS where found (on), or on their plain loops (off: tests)
 void set_blas(bool on) { use_blas = on; }
 bool has_blas() { return found_sgemm() != nullptr; }
 
@@ -829,6 +859,194 @@ void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const
       c[j * ldc + i] = alpha * sum + (beta == 0.f ? 0.f : beta * c[j * ldc + i]);
     }
 }
+
+// a weight row widened (FP8: dequantized) into FP32 by its loader
+template <typename W, typename L>
+inline void widen_row(const W* wr, const L& ln, float* dst, int64_t K) {
+  int64_t k = 0;
+  for (; k + Vec::size() <= K; k += Vec::size()) ln.vec(wr + k, k).store(dst + k);
+  for (; k < K; ++k) dst[k] = ln.one(wr + k, k);
+}
+
+// Groups of more rows than grouped_mm's max_rows: one GEMM on torch's BLAS per block of kGemmRows
+// weight rows, the block widened (dequantized) into FP32 scratch by the kernel's own loader, so on the
+// values of the widened weight. Blocks of a fixed size, whatever the threads: the same sums on any count.
+constexpr int64_t kGemmRows = 128;  // a whole FP8 scale block
+
+// one unit of grouped_mm's work: a task of the kernel (``gemm`` false: kWeightRows weight rows of a
+// group of few rows) or a GEMM block (kGemmRows weight rows of a larger group)
+struct Item {
+  int64_t g, n0;
+  bool gemm;
+};
+
+struct GroupedCall {
+  const at::Tensor &x, &w;
+  at::Tensor& out;
+  const std::vector<int64_t>& first;  // group g's rows: first[g] .. first[g + 1]
+  const std::vector<Item>& items;
+  int64_t K, N;
+};
+
+template <typename W, typename L>
+void gemm_block(const GroupedCall& c, const W* wg, const L& lg, int64_t g, int64_t n0) {
+  const int64_t K = c.K, N = c.N, nb = std::min(kGemmRows, N - n0), r0 = c.first[g], rows = c.first[g + 1] - r0;
+  const float* wb = reinterpret_cast<const float*>(wg) + n0 * K;  // FP32 w: its own rows
+  if constexpr (!std::is_same_v<W, float>) {
+    thread_local std::vector<float> buf;
+    buf.resize(nb * K);
+    const auto ln = lg.rows(n0);  // n0 is a multiple of 128: one scale block for all the rows
+    for (int64_t j = 0; j < nb; ++j) widen_row(wg + (n0 + j) * K, ln, buf.data() + j * K, K);
+    wb = buf.data();
+  }
+  const float* xr = c.x.data_ptr<float>() + r0 * K;
+  float* o = c.out.data_ptr<float>() + r0 * N + n0;
+  if (blas_sgemm())  // out rows (row-major, ld N) = x rows . wb^T: column-major, wb^T x^T
+    sgemm(true, false, nb, rows, K, 1.f, wb, K, xr, K, 0.f, o, N);
+  else  // the kernel's own loop on the widened rows
+    dot_rows_of_group(wb, Unscaled{}, xr, o, 0, rows, K, N, 0, nb);
+}
+
+// ``load(g)``: group g's weight loader. A weight row is read once per kRows rows of its group; a
+// group of more rows than that, with weights that cost more to widen than BF16's shift (FP8 through
+// FP16: AVX-512), widens each register block of weight rows once into FP32 scratch (in L1) and runs
+// the FP32 dot products on it: the same values, so the same sums. AVX2's 3-instruction widening
+// does better without (5 to 32 rows per expert, one thread: 1.1-2.0x). Runs items [begin, end).
+template <typename W, typename LoadOf>
+void run_items(const GroupedCall& c, const W* wp, const LoadOf& load, int64_t begin, int64_t end) {
+  constexpr bool widen_once = std::is_same_v<W, c10::Float8_e4m3fn> && !kFP8Raw;
+  const float* xp = c.x.data_ptr<float>();
+  float* op = c.out.data_ptr<float>();
+  const int64_t K = c.K, N = c.N;
+  std::vector<float> wide(widen_once ? kWeightBlock * K : 0);
+  for (int64_t t = begin; t < end; ++t) {
+    const auto [g, n0, gemm] = c.items[t];
+    const W* wg = wp + g * N * K;
+    const auto lg = load(g);
+    if (gemm) {
+      gemm_block(c, wg, lg, g, n0);
+      continue;
+    }
+    const int64_t n1 = std::min(n0 + kWeightRows, N);
+    if (!widen_once || c.first[g + 1] - c.first[g] <= kRows) {
+      dot_rows_of_group(wg, lg, xp, op, c.first[g], c.first[g + 1], K, N, n0, n1);
+      continue;
+    }
+    if constexpr (widen_once) {
+      for (int64_t n = n0; n < n1; n += kWeightBlock) {
+        const int64_t nb = std::min<int64_t>(kWeightBlock, n1 - n);
+        const auto ln = lg.rows(n);
+        for (int64_t j = 0; j < nb; ++j) widen_row(wg + (n + j) * K, ln, wide.data() + j * K, K);
+        for (int64_t r = c.first[g]; r < c.first[g + 1]; r += kRows) {
+          const float* xr = xp + r * K;
+          float* o = op + r * N;
+          switch (std::min(kRows, c.first[g + 1] - r)) {
+            case 1: dot_widened<1>(wide.data(), nb, xr, K, N, o, n); break;
+            case 2: dot_widened<2>(wide.data(), nb, xr, K, N, o, n); break;
+            case 3: dot_widened<3>(wide.data(), nb, xr, K, N, o, n); break;
+            default: dot_widened<4>(wide.data(), nb, xr, K, N, o, n); break;
+          }
+        }
+      }
+    }
+  }
+}
+
+// out (R, N): each group's consecutive rows of x (counts[g] of them) times w[g]^T; groups of at most
+// max_rows rows on the kernel (a weight row read once per kRows rows), larger ones on the BLAS
+// (gemm_block). ``scale``: undefined, or for FP8 w (G, N, K) its block scales (G, ceil(N / 128),
+// ceil(K / 128)). Items split over flyer's workers (parallel_items).
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& w, int64_t max_rows,
+                      const c10::optional<at::Tensor>& scale) {
+  check_cpu(x, "grouped_mm x");
+  check_cpu(counts, "grouped_mm counts");
+  check_cpu(w, "grouped_mm w");
+  check_dtype(x, at::kFloat, "grouped_mm x");
+  const bool fp8 = w.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || fp8,
+              "grouped_mm w: float32, bfloat16 or float8_e4m3fn expected, got ", w.scalar_type());
+  TORCH_CHECK(fp8 == (scale.has_value() && scale->defined()),
+              "grouped_mm: float8_e4m3fn w takes its block scales, and no other w does");
+  check_dtype(counts, at::kLong, "grouped_mm counts");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == x.size(1) && counts.numel() == w.size(0),
+              "grouped_mm: x (R, K), counts (G,), w (G, N, K) expected");
+  const int64_t R = x.size(0), K = x.size(1), G = w.size(0), N = w.size(1);
+  const int64_t* cnt = counts.data_ptr<int64_t>();
+  std::vector<int64_t> first(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(cnt[g] >= 0, "grouped_mm: negative count");
+    first[g + 1] = first[g] + cnt[g];
+  }
+  TORCH_CHECK(first[G] == R, "grouped_mm: counts sum to ", first[G], ", x has ", R, " rows");
+  auto out = at::empty({R, N}, x.options());
+  std::vector<Item> items;  // the GEMM blocks first: the largest items, so the last ones run short
+  double bytes = 0;
+  for (int64_t g = 0; g < G; ++g)
+    if (cnt[g] > max_rows) {
+      for (int64_t n = 0; n < N; n += kGemmRows) items.push_back({g, n, true});
+      bytes += N * K * 4.;
+    }
+  for (int64_t g = 0; g < G; ++g)
+    if (cnt[g] > 0 && cnt[g] <= max_rows) {
+      for (int64_t n = 0; n < N; n += kWeightRows) items.push_back({g, n, false});
+      bytes += N * K * w.element_size();
+    }
+  const double seconds = one_thread_seconds(bytes, 2. * R * N * K);
+  const GroupedCall call{x, w, out, first, items, K, N};
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const auto unscaled = [](int64_t) { return Unscaled{}; };
+  if (fp8) {
+    const at::Tensor& sc = *scale;
+    check_cpu(sc, "grouped_mm scale");
+    check_dtype(sc, at::kFloat, "grouped_mm scale");
+    const int64_t nb = (N + 127) / 128, kb = (K + 127) / 128;
+    TORCH_CHECK(sc.dim() == 3 && sc.size(0) == G && sc.size(1) == nb && sc.size(2) == kb && sc.is_contiguous(),
+                "grouped_mm scale: contiguous (", G, ", ", nb, ", ", kb, ") expected for w (", G, ", ", N, ", ", K,
+                ")");
+    const float* sp = sc.data_ptr<float>();
+    // the 2^-120 route only where 2^120 scale stays finite; each route's scales times its factor, once
+    bool raw = kFP8Raw;
+    for (int64_t i = 0; i < sc.numel(); ++i) raw = raw && std::abs(sp[i]) < 256.f;
+    std::vector<float> by256(sc.numel()), by2p120(raw ? sc.numel() : 0);
+    for (int64_t i = 0; i < sc.numel(); ++i) by256[i] = 256.f * sp[i];
+    for (size_t i = 0; i < by2p120.size(); ++i) by2p120[i] = kTwoP120 * sp[i];
+    const auto run = [&](auto route, const float* by, int64_t begin, int64_t end) {
+      const auto load = [&](int64_t g) {
+        return BlockScaled<decltype(route)::value>{sp + g * nb * kb, by + g * nb * kb, kb};
+      };
+      run_items(call, w.data_ptr<c10::Float8_e4m3fn>(), load, begin, end);
+    };
+    parallel_items(n_items, 1, seconds, [&](int64_t begin, int64_t end) {
+      if (raw && !denormals_are_zero())  // this thread's MXCSR: subnormal codes need it off
+        run(std::true_type{}, by2p120.data(), begin, end);
+      else
+        run(std::false_type{}, by256.data(), begin, end);
+    });
+  } else if (w.scalar_type() == at::kBFloat16) {
+    parallel_items(n_items, 1, seconds, [&](int64_t begin, int64_t end) {
+      run_items(call, w.data_ptr<c10::BFloat16>(), unscaled, begin, end);
+    });
+  } else {
+    parallel_items(n_items, 1, seconds, [&](int64_t begin, int64_t end) {
+      run_items(call, w.data_ptr<float>(), unscaled, begin, end);
+    });
+  }
+  return out;
+}
+
+// ---- absorbed MLA decode attention over a paged latent cache -------------------------------------
+// q (B, M, K) FP32: row m = h T + t, the absorbed query [q_nope W_UK | q_rope] of head h and new
+// token t; pool (N, bs, K) FP32 or BF16: [latent | rope key] of every cache slot, in blocks of bs
+// slots; tables (B, nb) int64: row b's slot s lives at pool[tables[b][s / bs]][s % bs]; pos (B, T)
+// int64: query (b, m) attends slots first .. pos[b][m % T] (first > 0 where the leading slots hold
+// nothing: the server's MTP cache keeps position p in slot p + 1). out (B, M, C) FP32 =
+// softmax_s(scale q . kv_s) kv_s[:C], in one pass over each row's slots (flash decoding): the eager
+// path gathers every slot into a new tensor per layer, then runs two matmuls and a masked softmax
+// over the (M x S) scores. Here a tile of slots is read once (widened to FP32) for all M rows, its
+// two products on torch's BLAS; each row keeps a running max, sum and (C) output. Weights below
+// FP32's smallest normal are flushed to zero, as the eager path's softmax flushes its
+// probabilities: subnormal arithmetic is slow and each such term is below the sum's rounding.
+constexpr int64_t kSlotTile = 64;
 
 template <typename P>
 void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, const int64_t* pos, float* op,
@@ -915,7 +1133,10 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
                   " outside the pool's ", N, " blocks");
   }
   auto out = at::empty({B, M, C}, q.options());
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  double slots = 0;  // the slots the rows read, for the split's estimate
+  for (int64_t b = 0; b < B; ++b) slots += *std::max_element(pp + b * T, pp + (b + 1) * T) + 1 - first;
+  const double seconds = one_thread_seconds(slots * K * pool.element_size(), 2. * slots * M * (K + C));
+  parallel_items(B, 1, seconds, [&](int64_t b0, int64_t b1) {
     if (pool.scalar_type() == at::kBFloat16)
       mla_decode_rows(q.data_ptr<float>(), pool.data_ptr<c10::BFloat16>(), tp, pp, out.data_ptr<float>(), b0, b1,
                       nb, bs, T, M, K, C, static_cast<float>(scale), first);
@@ -994,10 +1215,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm_backward", &rms_norm_backward, "gradients of rms_norm: input and weight",
         py::call_guard<py::gil_scoped_release>());
-  m.def("grouped_mm_few_rows", &grouped_mm_few_rows, "each group's rows times its weight, transposed (few rows)",
+  m.def("grouped_mm", &grouped_mm, "each group's rows times its weight, transposed",
         py::arg("x"), py::arg("counts"), py::arg("w"), py::arg("max_rows"), py::arg("scale") = py::none(),
-        py::arg("row_offset") = 0,
         py::call_guard<py::gil_scoped_release>());
+  m.def("set_threads", &set_threads, "flyer's worker threads (the caller's included) and the least work split",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("threads", &threads, "flyer's worker threads, the caller's included");
+  m.def("worker_items", &worker_items, "items the worker threads (not the callers) have run");
   m.def("fp8_dequantize", &fp8_dequantize, "FP8 codes times their tile scales, as FP32",
         py::call_guard<py::gil_scoped_release>());
   m.def("mla_decode", &mla_decode, "absorbed MLA attention of a few new tokens over a paged latent cache",
