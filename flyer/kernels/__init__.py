@@ -316,25 +316,21 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
     return out
 
 
-@functools.lru_cache(maxsize=4096)
-def _one_group(rows: int) -> torch.Tensor:
-    """The kernel's counts tensor of one group of ``rows`` rows, built once per row count (a
-    server's prefill chunks bring up to ``--prefill-chunk`` counts, bounded here all the same)."""
-    return torch.tensor([rows])
-
-
 def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None,
                 scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` of FP32 x (..., K) on a weight held in BF16, or in FP8 with its 128x128 block
-    scales ``scale`` (inference: ``flyer.infer.weights``), computed in FP32: ``grouped_mm`` with one
-    group, so up to ``HELD_FEW_ROWS`` rows (decoding) read the held weight once, and more rows (a
-    prefill chunk, where the GEMM's arithmetic outweighs widening the weight) run BLAS GEMMs on it
-    widened, both split by output columns over the expert threads."""
+    """``F.linear`` of FP32 x (..., K) on a weight in FP32, held in BF16, or in FP8 with its 128x128
+    block scales ``scale`` (inference: ``flyer.infer.weights``), computed in FP32: ``grouped_mm``
+    with one group, so up to ``HELD_FEW_ROWS`` rows (decoding; ``FEW_ROWS`` for FP32) read the
+    weight once, and more rows (a prefill chunk) run BLAS GEMMs on blocks of it widened, both split
+    by output columns over the expert threads. One call into the extension: a decode step makes
+    ~40 of these, and Python-side reshapes and checks cost more than a small GEMM."""
     if x.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("weights held in BF16 are for inference: run the model under torch.no_grad()")
+        raise RuntimeError("linear_held is for inference: run the model under torch.no_grad()")
+    ops = cpu_ops()
+    if ops is not None and x.dtype == torch.float32 and x.device.type == "cpu" and weight_NK.device.type == "cpu":
+        return ops.linear(x, weight_NK, bias, scale, FEW_ROWS if weight_NK.dtype == torch.float32 else HELD_FEW_ROWS)
     x_RK = x.reshape(-1, x.shape[-1])
-    R = x_RK.shape[0]
-    out = grouped_mm(x_RK, [R], weight_NK.unsqueeze(0), _one_group(R), None if scale is None else scale.unsqueeze(0))
+    out = grouped_mm(x_RK, [x_RK.shape[0]], weight_NK.unsqueeze(0), scale=None if scale is None else scale.unsqueeze(0))
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight_NK.shape[0])

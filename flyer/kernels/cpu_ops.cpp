@@ -952,14 +952,13 @@ void run_items(const GroupedCall& c, const W* wp, const LoadOf& load, int64_t be
   }
 }
 
-// out (R, N): each group's consecutive rows of x (counts[g] of them) times w[g]^T; groups of at most
+// out (R, N): each group's consecutive rows of x (cnt[g] of them) times w[g]^T; groups of at most
 // max_rows rows on the kernel (a weight row read once per kRows rows), larger ones on the BLAS
 // (gemm_block). ``scale``: undefined, or for FP8 w (G, N, K) its block scales (G, ceil(N / 128),
 // ceil(K / 128)). Items split over flyer's workers (parallel_items).
-at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& w, int64_t max_rows,
-                      const c10::optional<at::Tensor>& scale) {
+at::Tensor grouped_rows(const at::Tensor& x, const int64_t* cnt, const at::Tensor& w, int64_t max_rows,
+                        const c10::optional<at::Tensor>& scale) {
   check_cpu(x, "grouped_mm x");
-  check_cpu(counts, "grouped_mm counts");
   check_cpu(w, "grouped_mm w");
   check_dtype(x, at::kFloat, "grouped_mm x");
   const bool fp8 = w.scalar_type() == at::kFloat8_e4m3fn;
@@ -967,11 +966,8 @@ at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& counts, const at::T
               "grouped_mm w: float32, bfloat16 or float8_e4m3fn expected, got ", w.scalar_type());
   TORCH_CHECK(fp8 == (scale.has_value() && scale->defined()),
               "grouped_mm: float8_e4m3fn w takes its block scales, and no other w does");
-  check_dtype(counts, at::kLong, "grouped_mm counts");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == x.size(1) && counts.numel() == w.size(0),
-              "grouped_mm: x (R, K), counts (G,), w (G, N, K) expected");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == x.size(1), "grouped_mm: x (R, K), w (G, N, K) expected");
   const int64_t R = x.size(0), K = x.size(1), G = w.size(0), N = w.size(1);
-  const int64_t* cnt = counts.data_ptr<int64_t>();
   std::vector<int64_t> first(G + 1, 0);
   for (int64_t g = 0; g < G; ++g) {
     TORCH_CHECK(cnt[g] >= 0, "grouped_mm: negative count");
@@ -1032,6 +1028,33 @@ at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& counts, const at::T
     });
   }
   return out;
+}
+
+// counts (G,) int64: group g's rows of x
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& w, int64_t max_rows,
+                      const c10::optional<at::Tensor>& scale) {
+  check_cpu(counts, "grouped_mm counts");
+  check_dtype(counts, at::kLong, "grouped_mm counts");
+  TORCH_CHECK(w.dim() == 3 && counts.numel() == w.size(0), "grouped_mm: counts (G,) for w (G, N, K) expected");
+  return grouped_rows(x, counts.data_ptr<int64_t>(), w, max_rows, scale);
+}
+
+// F.linear of x (..., K) on w (N, K) (FP32, BF16, or FP8 with its (ceil(N / 128), ceil(K / 128))
+// block scales) computed in FP32 as one group of grouped_mm, plus bias: one call from Python, where a
+// decode step makes ~40 of them and each Python-side reshape and check costs microseconds
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& scale, int64_t max_rows) {
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "linear: x (..., K) and w (N, K) expected, got ",
+              x.sizes(), " and ", w.sizes());
+  const at::Tensor x2 = x.reshape({-1, w.size(1)}).contiguous();
+  const int64_t rows = x2.size(0);
+  c10::optional<at::Tensor> scale3;
+  if (scale.has_value() && scale->defined()) scale3 = scale->contiguous().unsqueeze(0);
+  at::Tensor out = grouped_rows(x2, &rows, w.contiguous().unsqueeze(0), max_rows, scale3);
+  if (bias.has_value() && bias->defined()) out.add_(*bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(w.size(0));
+  return out.view(shape);
 }
 
 // ---- absorbed MLA decode attention over a paged latent cache -------------------------------------
@@ -1217,6 +1240,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("grouped_mm", &grouped_mm, "each group's rows times its weight, transposed",
         py::arg("x"), py::arg("counts"), py::arg("w"), py::arg("max_rows"), py::arg("scale") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear", &linear, "F.linear of FP32 rows on an FP32, BF16 or FP8 weight, computed in FP32",
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("scale") = py::none(), py::arg("max_rows"),
         py::call_guard<py::gil_scoped_release>());
   m.def("set_threads", &set_threads, "flyer's worker threads (the caller's included) and the least work split",
         py::call_guard<py::gil_scoped_release>());
