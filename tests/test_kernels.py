@@ -8,6 +8,7 @@ output dtype's rounding (the combine kernels: bitwise), and against FP64 it is a
 import os
 import subprocess
 import sys
+import time
 
 from pathlib import Path
 
@@ -254,7 +255,8 @@ def test_grouped_mm_on_fp8_weights_is_the_fp32_kernel_on_them_dequantized(ops, K
 
 def _same_on_expert_threads(monkeypatch, call, one: torch.Tensor) -> None:
     """``call()`` split over 2 and 3 expert threads (torch on one thread, every call split) gives
-    ``one``, bit for bit, and the workers took part (a worker asleep may miss a short call: a few tries)."""
+    ``one``, bit for bit, and the workers took part (calls repeated until they do: a worker asleep,
+    or kept off its core by other processes, misses a short call's items)."""
     monkeypatch.setattr(kernels, "SPLIT_SECONDS", 0.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -263,11 +265,9 @@ def _same_on_expert_threads(monkeypatch, call, one: torch.Tensor) -> None:
         for n in (2, 3):
             kernels.set_expert_threads(n)
             assert ops.threads() == n
-            before = ops.worker_items()
-            for _ in range(200):
+            before, until = ops.worker_items(), time.monotonic() + 60
+            while ops.worker_items() == before and time.monotonic() < until:
                 assert torch.equal(call(), one)
-                if ops.worker_items() > before:
-                    break
             assert ops.worker_items() > before
     finally:
         kernels.set_expert_threads(1)
@@ -306,6 +306,23 @@ def test_linear_held_on_fp8_weights_split_over_expert_threads(ops, monkeypatch):
     chunk = kernels.linear_held(many, w, scale=scale)
     assert torch.equal(chunk, _gemm_blocks(many, deq))
     _same_on_expert_threads(monkeypatch, lambda: kernels.linear_held(many, w, scale=scale), chunk)
+
+
+def test_fp32_linears_of_prefill_chunks_run_on_the_kernel_in_inference(ops):
+    """``lowp.linear`` on an FP32 weight: in inference a prefill chunk's rows (more than FEW_ROWS) run
+    the extension's GEMM blocks (so they split over the expert threads), decode rows and anything
+    with gradients stay ``F.linear``."""
+    from flyer.model import lowp
+
+    w, b = torch.randn(300, 96), torch.randn(300)
+    chunk, rows = torch.randn(2, kernels.FEW_ROWS, 96), torch.randn(3, 96)
+    with torch.no_grad():
+        got = lowp.linear(chunk, w, b)
+        assert torch.equal(got.view(-1, 300), _gemm_blocks(chunk.view(-1, 96), w) + b)
+        assert torch.equal(lowp.linear(rows, w, b), F.linear(rows, w, b))
+    assert_fp32_sums(got, F.linear(chunk.double(), w.double(), b.double()),
+                     F.linear(chunk.double().abs(), w.double().abs(), b.double().abs()), 97)
+    assert torch.equal(lowp.linear(chunk, w, b), F.linear(chunk, w, b))  # gradients on: torch's own
 
 
 def test_linear_held_builds_no_tensor_per_call(ops, monkeypatch):

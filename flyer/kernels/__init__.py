@@ -233,9 +233,9 @@ def segment_sum(x_RD: torch.Tensor, index: TokenIndex) -> torch.Tensor:
 
 # ---- routed experts: few rows per expert -------------------------------------------------------
 
-FEW_ROWS = 16  # rows per group up to which ``grouped_mm`` runs the kernel (bench/cpu_kernels.py: torch.mm wins past it)
-# the same for BF16-held weights, where torch.mm first widens the whole weight to FP32 (a copy as
-# slow as the GEMM at 16 rows): the kernel wins up to about 48-64 rows (bench/cpu_kernels.py)
+FEW_ROWS = 16  # rows per group up to which ``grouped_mm`` runs the kernel (bench/cpu_kernels.py: the BLAS wins past it)
+# the same for BF16-held weights, where the BLAS GEMM needs the weight widened to FP32 first (a copy
+# as slow as the GEMM at 16 rows): the kernel wins up to about 48-64 rows (bench/cpu_kernels.py)
 HELD_FEW_ROWS = 48
 # One thread's work (seconds: weight bytes at 10 GB/s, FP32 arithmetic at 40 GFLOP/s) from which a
 # kernel call splits over the expert threads: a worker that is spinning joins within a microsecond
