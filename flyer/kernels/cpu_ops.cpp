@@ -690,7 +690,7 @@ inline Vec load_fp8_over_256(const c10::Float8_e4m3fn* p) {
 // 20 and masked to bit 31 and bits 26..20 is the FP32 with the code's sign, its 4 exponent bits as the low ones of
 // FP32's 8 and its 3 mantissa bits on top: the code's value over 2^120 (FP32's exponent bias is 127, E4M3's 7),
 // exactly. A subnormal code gives an FP32 subnormal, which a CPU with denormals-are-zero on (torch.set_flush_denormal)
-// reads as 0, and 2^120 times a scale of 256 or more overflows: grouped_mm_few_rows takes this route only where neither
+// reads as 0, and 2^120 times a scale of 256 or more overflows: grouped_mm takes this route only where neither
 // happens. NaN codes widen to +-480 / 2^120 (held weights have none).
 #if defined(CPU_CAPABILITY_AVX2)
 constexpr bool kFP8Raw = true;
