@@ -310,8 +310,8 @@ def test_linear_held_on_fp8_weights_split_over_expert_threads(ops, monkeypatch):
 
 def test_fp32_linears_of_prefill_chunks_run_on_the_kernel_in_inference(ops):
     """``lowp.linear`` on an FP32 weight: in inference a prefill chunk's rows (more than FEW_ROWS) run
-    the extension's GEMM blocks (so they split over the expert threads), decode rows and anything
-    with gradients stay ``F.linear``."""
+    the extension's GEMM blocks (so they split over the expert threads), F.linear's bits (the no-grad
+    forward must equal the autograd one); decode rows and anything with gradients stay ``F.linear``."""
     from flyer.model import lowp
 
     w, b = torch.randn(300, 96), torch.randn(300)
@@ -319,6 +319,7 @@ def test_fp32_linears_of_prefill_chunks_run_on_the_kernel_in_inference(ops):
     with torch.no_grad():
         got = lowp.linear(chunk, w, b)
         assert torch.equal(got.view(-1, 300), _gemm_blocks(chunk.view(-1, 96), w) + b)
+        assert torch.equal(got, F.linear(chunk, w, b))  # the BLAS call F.linear makes, a block at a time
         assert torch.equal(lowp.linear(rows, w, b), F.linear(rows, w, b))
     assert_fp32_sums(got, F.linear(chunk.double(), w.double(), b.double()),
                      F.linear(chunk.double().abs(), w.double().abs(), b.double().abs()), 97)
