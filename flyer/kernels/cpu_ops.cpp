@@ -222,8 +222,9 @@ double g_split_seconds = 20e-6;
 double one_thread_seconds(double bytes, double flops) { return bytes / 10e9 + flops / 40e9; }
 
 // fn(begin, end) over [0, n): on flyer's workers where torch runs one thread and the work pays for
-// them (``seconds``: one_thread_seconds), else on ATen's intra-op threads (in chunks of at least ``grain``)
-void parallel_items(int64_t n, int64_t grain, double seconds, const std::function<void(int64_t, int64_t)>& fn) {
+// them (``seconds``: one_thread_seconds), else on ATen's intra-op threads. fn runs once per item on
+// the workers, so its per-call scratch is thread_local rather than allocated each call.
+void parallel_items(int64_t n, double seconds, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   Workers& w = Workers::get();
   if (w.size() > 1 && at::get_num_threads() == 1) {
@@ -233,7 +234,7 @@ void parallel_items(int64_t n, int64_t grain, double seconds, const std::functio
       fn(0, n);
     return;
   }
-  at::parallel_for(0, n, grain, fn);
+  at::parallel_for(0, n, 1, fn);
 }
 
 // flyer's worker threads (the caller's one included) and the least work split over them
@@ -918,7 +919,8 @@ void run_items(const GroupedCall& c, const W* wp, const LoadOf& load, int64_t be
   const float* xp = c.x.data_ptr<float>();
   float* op = c.out.data_ptr<float>();
   const int64_t K = c.K, N = c.N;
-  std::vector<float> wide(widen_once ? kWeightBlock * K : 0);
+  thread_local std::vector<float> wide;
+  if constexpr (widen_once) wide.resize(kWeightBlock * K);
   for (int64_t t = begin; t < end; ++t) {
     const auto [g, n0, gemm] = c.items[t];
     const W* wg = wp + g * N * K;
@@ -1012,18 +1014,18 @@ at::Tensor grouped_rows(const at::Tensor& x, const int64_t* cnt, const at::Tenso
       };
       run_items(call, w.data_ptr<c10::Float8_e4m3fn>(), load, begin, end);
     };
-    parallel_items(n_items, 1, seconds, [&](int64_t begin, int64_t end) {
+    parallel_items(n_items, seconds, [&](int64_t begin, int64_t end) {
       if (raw && !denormals_are_zero())  // this thread's MXCSR: subnormal codes need it off
         run(std::true_type{}, by2p120.data(), begin, end);
       else
         run(std::false_type{}, by256.data(), begin, end);
     });
   } else if (w.scalar_type() == at::kBFloat16) {
-    parallel_items(n_items, 1, seconds, [&](int64_t begin, int64_t end) {
+    parallel_items(n_items, seconds, [&](int64_t begin, int64_t end) {
       run_items(call, w.data_ptr<c10::BFloat16>(), unscaled, begin, end);
     });
   } else {
-    parallel_items(n_items, 1, seconds, [&](int64_t begin, int64_t end) {
+    parallel_items(n_items, seconds, [&](int64_t begin, int64_t end) {
       run_items(call, w.data_ptr<float>(), unscaled, begin, end);
     });
   }
@@ -1076,7 +1078,11 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
                      int64_t b0, int64_t b1, int64_t nb, int64_t bs, int64_t T, int64_t M, int64_t K, int64_t C,
                      float scale, int64_t first) {
   const float tiny = std::numeric_limits<float>::min();
-  std::vector<float> tile(kSlotTile * K), sc(M * kSlotTile), mx(M), l(M);
+  thread_local std::vector<float> tile, sc, mx, l;  // a worker runs this once per row: scratch kept
+  tile.resize(kSlotTile * K);
+  sc.resize(M * kSlotTile);
+  mx.resize(M);
+  l.resize(M);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t* pb = pos + b * T;
     const int64_t S = *std::max_element(pb, pb + T) + 1;
@@ -1159,7 +1165,7 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
   double slots = 0;  // the slots the rows read, for the split's estimate
   for (int64_t b = 0; b < B; ++b) slots += *std::max_element(pp + b * T, pp + (b + 1) * T) + 1 - first;
   const double seconds = one_thread_seconds(slots * K * pool.element_size(), 2. * slots * M * (K + C));
-  parallel_items(B, 1, seconds, [&](int64_t b0, int64_t b1) {
+  parallel_items(B, seconds, [&](int64_t b0, int64_t b1) {
     if (pool.scalar_type() == at::kBFloat16)
       mla_decode_rows(q.data_ptr<float>(), pool.data_ptr<c10::BFloat16>(), tp, pp, out.data_ptr<float>(), b0, b1,
                       nb, bs, T, M, K, C, static_cast<float>(scale), first);
