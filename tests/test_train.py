@@ -59,6 +59,25 @@ def test_resume_equals_uninterrupted(tmp_path, data_cache):
     assert full["val_loss"] is not None
 
 
+def test_tied_embeddings_checkpoint_resume_and_load(tmp_path, data_cache):
+    """A tied head and embedding share one tensor, which safetensors refuses to save twice: the
+    checkpoint stores each name, and resuming and loading give the tied model back (saving used
+    to raise on the first checkpoint)."""
+    (tmp_path / "tied.toml").write_text("[model]\ntie_embeddings = true\n")
+    cfg = dict(config=str(tmp_path / "tied.toml"), steps=4)
+    full = Trainer(tc_for(tmp_path / "full", data_cache, **cfg), log=quiet)
+    assert full.model.head.weight is full.model.embed.weight
+    full.run()
+    cut = Trainer(tc_for(tmp_path / "cut", data_cache, **{**cfg, "steps": 2}), log=quiet)
+    cut.run()
+    resumed = Trainer(tc_for(tmp_path / "cut", data_cache, **cfg, resume=True), log=quiet)
+    assert resumed.step == 2 and resumed.model.head.weight is resumed.model.embed.weight
+    resumed.run()
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+    model = ckpt.load_for_inference(tmp_path / "cut")[0]
+    assert model.cfg.tie_embeddings and torch.equal(model.head.weight, model.embed.weight)
+
+
 @pytest.mark.slow
 def test_resume_after_kill_9(tmp_path, data_cache):
     args = [sys.executable, "-m", "flyer", "train", "--preset", "tiny", "--steps", "14", "--batch-size", "2",

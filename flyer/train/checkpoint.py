@@ -99,6 +99,18 @@ def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, Any], keep: int
     return final
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` on the CPU, contiguous, each with its own memory: safetensors refuses tensors that
+    share it (a tied head and embedding), so a name whose memory an earlier one uses gets a copy."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
 def _write_files(tmp: Path, step: int, files: dict[str, Any]) -> None:
     """Write every file and the manifest into ``tmp``, fsync, and rename it to its step directory."""
     if tmp.exists():
@@ -108,7 +120,7 @@ def _write_files(tmp: Path, step: int, files: dict[str, Any]) -> None:
     for name, obj in files.items():
         path = tmp / name
         if name.endswith(".safetensors"):
-            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, str(path))
+            save_file(_unshared(obj), str(path))
         elif name.endswith(".pt"):
             torch.save(obj, path)
         elif name.endswith(".json"):
