@@ -8,11 +8,13 @@ after its imports (``base``) to its high-water mark (``VmHWM``):
 - ``export``: ``flyer export`` of that directory (import, then write bf16 shards);
 - peer ``mmap_stream``: the same model filled tensor by tensor through safetensors' memory-mapped
   reader (``safe_open(...).get_tensor``), whose touched pages stay resident until the file closes;
+- ``bf16_held``: loaded as ``--weight-dtype bf16`` loads it (``load_hf(..., held=bfloat16)``: the
+  GEMM weights written into BF16 parameters as they are read, the rest in FP32), against
+  ``bf16_widened``: the FP32 model loaded first, then held (``hold_weights``);
 - ``fp8_held``: that checkpoint exported in DeepSeek's FP8 format, loaded as ``--weight-dtype fp8``
-  loads it (``load_hf(..., fp8_source=)``, then ``hold_weights``: the E4M3 weights kept as codes,
-  their FP32 parameters never written), against ``fp8_requantized``: every weight dequantized into
-  the FP32 model first, then held (what the load costs without the codes kept); both as ratios to
-  the FP8 checkpoint's bytes.
+  loads it (``load_hf(..., held=float8_e4m3fn)``: the E4M3 weights' codes and scales written as
+  read), against ``fp8_requantized``: every weight dequantized into the FP32 model first, then
+  held (what the load costs without the codes kept); both as ratios to the FP8 checkpoint's bytes.
 
 Prints one JSON object; ``ratio`` = (VmHWM - base) / bytes on disk.
     python bench/interop_memory.py [--gb 1.0] [--dir DIR]
@@ -43,6 +45,7 @@ BENCH = dict(vocab_size=32000, dim=1024, n_layers=6, n_dense_layers=1, inter_dim
              kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, moe_inter_dim=512,
              n_routed_experts=64, n_activated_experts=6, n_expert_groups=8, n_limited_groups=4, mtp_depth=0,
              max_seq_len=4096, original_seq_len=4096)
+MEASURES = ("import", "export", "mmap_stream", "bf16_held", "bf16_widened", "fp8_held", "fp8_requantized")
 
 
 def _status(key: str) -> int:
@@ -86,11 +89,10 @@ def measure(what: str, path: Path) -> dict:
     elif what == "export":
         with tempfile.TemporaryDirectory(dir=path.parent) as d:
             export(path, d, "bf16", "500MB")
-    elif what == "fp8_held":
-        source: dict = {}
-        hold_weights(load_hf(path, dtype=torch.float32, fp8_source=source)[0], FP8, source)
-    elif what == "fp8_requantized":
-        hold_weights(load_hf(path, dtype=torch.float32)[0], FP8)
+    elif what in ("bf16_held", "fp8_held"):
+        load_hf(path, dtype=torch.float32, held=torch.bfloat16 if what == "bf16_held" else FP8)
+    elif what in ("bf16_widened", "fp8_requantized"):
+        hold_weights(load_hf(path, dtype=torch.float32)[0], torch.bfloat16 if what == "bf16_widened" else FP8)
     else:
         cfg, raw = read_hf_config(path)
         model = build_empty(cfg, "cpu", torch.bfloat16)
@@ -108,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=1.1, help="checkpoint size to write (GB, 10^9 bytes)")
     ap.add_argument("--dir", help="where to write it (default: a temporary directory)")
-    ap.add_argument("--measure", choices=["import", "export", "mmap_stream", "fp8_held", "fp8_requantized"],
+    ap.add_argument("--measure", choices=MEASURES,
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
@@ -121,7 +123,7 @@ def main() -> None:
         export(ckpt, fp8, "fp8", "500MB")
         fp8_size = sum(f.stat().st_size for f in fp8.glob("*.safetensors"))
         result = {"checkpoint_bytes": size, "fp8_checkpoint_bytes": fp8_size}
-        for what in ("import", "export", "mmap_stream", "fp8_held", "fp8_requantized"):
+        for what in MEASURES:
             src, n = (fp8, fp8_size) if what.startswith("fp8") else (ckpt, size)
             r = json.loads(subprocess.run([sys.executable, __file__, "--measure", what, "--dir", str(src)],
                                           check=True, capture_output=True, text=True).stdout)

@@ -94,13 +94,12 @@ def _model(weight_dtype: str) -> Transformer:
     return model
 
 
-def _fp8_checkpoint(run: Path, out: Path) -> tuple[Path, tuple[Transformer, dict]]:
+def _fp8_checkpoint(run: Path, out: Path) -> tuple[Path, Transformer]:
     """``run`` exported in DeepSeek's FP8 format (``flyer export --dtype fp8``), what ``flyer serve
     --weight-dtype fp8`` serves; and that checkpoint loaded here as flyer serve loads it (its codes
-    and scales, for ``hold_weights``) for the engine-alone runs."""
+    and scales held as stored) for the engine-alone runs."""
     export(run, out, dtype="fp8")
-    source: dict = {}
-    return out, (load_hf(out, dtype=torch.float32, fp8_source=source)[0], source)
+    return out, load_hf(out, dtype=torch.float32, held=WEIGHT_DTYPES["fp8"])[0]
 
 
 def _save_run(out: Path, weight_dtype: str) -> Path:
@@ -114,17 +113,19 @@ def _save_run(out: Path, weight_dtype: str) -> Path:
 
 @contextlib.contextmanager
 def _engine_model(weight_dtype: str, serve_threads: int | None, cores: int, device: torch.device,
-                  fp8: tuple[Transformer, dict] | None = None):
+                  fp8: Transformer | None = None):
     """The bench's model as ``flyer serve`` runs it, in this process: weights held as
     ``--weight-dtype``, torch on ``--threads`` (its default: all ``cores`` but one), the experts
     on all cores (``--expert-threads``' default), on ``device``. ``fp8``: the FP8 checkpoint
-    loaded, with its codes and scales (``_fp8_checkpoint``)."""
+    loaded, its codes and scales held (``_fp8_checkpoint``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(serve_threads or max(1, cores - 1))
     kernels.set_expert_threads(cores)
-    model, source = fp8 if fp8 is not None else (_model(weight_dtype), None)
-    model.eval()
-    hold_weights(model, WEIGHT_DTYPES[weight_dtype], source)
+    if fp8 is not None:
+        model = fp8
+    else:
+        model = _model(weight_dtype).eval()
+        hold_weights(model, WEIGHT_DTYPES[weight_dtype])
     model.to(device)
     try:
         yield model

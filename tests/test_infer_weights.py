@@ -6,24 +6,30 @@ weights: tests/test_serve_engine.py)."""
 import contextlib
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from bounds import rel_error
 
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models
 
 from flyer import kernels
 from flyer.cli import main
 from flyer.config import preset
 from flyer.fp8.quant import quantize_blocks
 from flyer.infer import GenerationConfig, generate
+from flyer.errors import CheckpointError
 from flyer.infer.weights import FP8, HeldFP8Experts, HeldFP8Linear, hold_weights
 from flyer.interop.export import export_model
-from flyer.interop.hf import load_hf
+from flyer.interop.hf import TextTokenizer, load_hf
+from flyer.interop.load import load_pretrained, loaded_bytes
 from flyer.model.experts import Experts, packed_w13
 from flyer.model.lowp import Linear
 from flyer.model.transformer import Transformer
+from flyer.train.checkpoint import save_checkpoint
 from tests.hf_models import build
 
 
@@ -146,15 +152,19 @@ def test_fp8_held_model_is_the_fp32_model_on_the_dequantized_weights(over, kerne
     assert all(m.path == "dispatched" for m in dispatched.modules() if hasattr(m, "fuse_local"))
 
 
-def test_fp8_hold_refuses_nan_codes():
+def test_fp8_hold_refuses_nan_codes(tmp_path):
     """The held-weight kernel does not look for NaN codes (they would widen to +-1.875): holding
-    refuses them, naming the weight, from a source or from NaN weights alike."""
+    refuses them, naming the weight, from NaN weights, and loading refuses them from an FP8
+    checkpoint, naming the file's tensor."""
+    torch.manual_seed(0)
     model = Transformer(preset("tiny")).eval()
-    codes = torch.zeros(model.layers[0].attn.wq_a.weight.shape, dtype=torch.uint8)
-    codes[3, 5] = 0xFF
-    source = {"layers.0.attn.wq_a.weight": (codes.view(FP8), torch.ones(1, 1))}
-    with pytest.raises(ValueError, match="layers.0.attn.wq_a.weight: 1 of its FP8 codes are NaN"):
-        hold_weights(copy.deepcopy(model), FP8, source)
+    export_model(model, _word_tokenizer(), tmp_path, "fp8")
+    files = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    files[name].view(torch.uint8)[3, 5] = 0xFF
+    save_file(files, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor {name}: .*1 of its FP8 codes are NaN"):
+        load_hf(tmp_path, dtype=torch.float32, held=FP8)
     with torch.no_grad():
         model.layers[1].ffn.experts.w2[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="layers.1.ffn.experts.w2: .* NaN"):
@@ -177,13 +187,7 @@ def test_fp8_checkpoint_held_with_its_own_codes_and_scales(tmp_path, capsys, fam
         files[k], files[k + "_scale_inv"] = q.data[:, :files[k].shape[1]].contiguous(), q.scale
     save_file(files, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
     deq = load_hf(tmp_path / "fp8", dtype=torch.float32)[0]  # every weight dequantized
-    source = {}
-    held = load_hf(tmp_path / "fp8", dtype=torch.float32, fp8_source=source)[0]  # E4M3 weights left unwritten
-    kept = set(source)
-    hold_weights(held, FP8, source)
-    assert source == {}  # consumed
-    fp8 = {n for n, p in held.named_parameters() if p.dtype == FP8}
-    assert fp8 <= kept and all("wkv_b" in n for n in kept - fp8)  # wkv_b: its exact FP32 values
+    held = load_hf(tmp_path / "fp8", dtype=torch.float32, held=FP8)[0]  # the E4M3 weights' codes as stored
     requantized = copy.deepcopy(deq)
     hold_weights(requantized, FP8)
     changed = 0
@@ -210,3 +214,111 @@ def test_fp8_checkpoint_held_with_its_own_codes_and_scales(tmp_path, capsys, fam
                  "--weight-dtype", "fp8", "--cache-dtype", "fp32", "--device", "cpu", "--json", "--eos-id",
                  "-1"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == want.tokens
+
+
+def _word_tokenizer() -> TextTokenizer:
+    return TextTokenizer(Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>")))
+
+
+def _saved(model: Transformer, path, source: str):
+    """``model`` saved as a flyer run (``source`` "run") or an HF directory in ``source``'s dtype."""
+    if source != "run":
+        export_model(model, _word_tokenizer(), path, source)
+        return path
+    tok = json.loads(_word_tokenizer().tok.to_str())
+    save_checkpoint(path / "checkpoints", 1, {"model.safetensors": model.state_dict(),
+                                              "config.json": model.cfg.to_dict(), "tokenizer.json": tok})
+    return path
+
+
+def _state(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name (the FP8 block scales are buffers), FP8 codes as bytes."""
+    return {n: t.view(torch.uint8) if t.dtype == FP8 else t
+            for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+@pytest.mark.parametrize("held", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("source,over", [
+    ("bf16", {}), ("fp8", dict(moe_inter_dim=128)), ("fp32", {}), ("run", dict(moe_inter_dim=128)),
+    ("run", dict(attn="gqa", n_kv_heads=2, head_dim=32, attn_bias=True, tie_embeddings=True))])
+def test_loading_into_held_weights_is_holding_the_loaded_model(tmp_path, held, source, over):
+    """``load_pretrained(held=)`` writes each tensor into the held weights as it reads it, never
+    into an FP32 copy: the same parameters, FP8 scales and bits as loading the FP32 model and
+    holding it, the experts' w1|w3 one tensor where holding packs them (BF16; FP8 with whole
+    blocks), a tied head still the embedding. HF directories in BF16, DeepSeek's FP8 and FP32, and
+    flyer runs (MLA; GQA with biases and a tied head)."""
+    torch.manual_seed(0)
+    path = _saved(Transformer(preset("tiny", **over)).eval(), tmp_path, source)
+    want = load_pretrained(path, dtype=torch.float32)[0]
+    hold_weights(want, held)
+    got = load_pretrained(path, dtype=torch.float32, held=held)[0]
+    a, b = _state(got), _state(want)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    for m in got.modules():
+        if type(m) is Experts:
+            assert packed_w13(m.w1, m.w3) is not None
+        elif isinstance(m, HeldFP8Experts):
+            assert (m.w13 is not None) == (m.w1.shape[1] % 128 == 0)
+            assert m.w13 is None or m.w1.data_ptr() == m.w13.data_ptr()
+    assert (got.head.weight is got.embed.weight) == got.cfg.tie_embeddings
+    assert not got.training
+
+
+# load_model as flyer generate/serve run it, in a fresh process: its peak resident memory past the imports
+_PEAK = """
+import argparse, sys
+from pathlib import Path
+from flyer.infer.cli import load_model
+
+def status(key):
+    line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+base = status("VmRSS")
+load_model(argparse.Namespace(ckpt=sys.argv[1], weight_dtype=sys.argv[2], device="cpu", precision="auto"))
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_weight_dtype_bf16_loads_a_bf16_checkpoint_in_its_own_memory(tmp_path):
+    """``--weight-dtype bf16`` on a BF16 checkpoint takes about the memory of loading it as stored
+    (``--weight-dtype fp32``: a BF16 model), not the FP32 model's: loading it in FP32 first and
+    then holding it in BF16 peaked at twice its GEMM weights' bytes more."""
+    over = dict(dim=512, n_layers=4, n_dense_layers=1, inter_dim=2048, moe_inter_dim=512, n_routed_experts=16,
+                n_activated_experts=2, n_expert_groups=1, n_limited_groups=1, mtp_depth=0)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **over)).eval()
+    gemm = sum(p.numel() for n, p in model.named_parameters()
+               if (".experts." in n or n.endswith(".weight") and isinstance(model.get_submodule(n[:-7]), Linear))
+               and "wkv_b" not in n)
+    _saved(model, tmp_path, "bf16")
+    del model
+    peak = {}
+    for dtype in ("fp32", "bf16"):
+        run = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path), dtype], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        peak[dtype] = int(run.stdout)
+    # the FP32 copy would add 2 bytes per GEMM weight; the held load adds only the FP32 norms, router
+    # and embedding (2 bytes each more than stored) and what one tensor's read needs
+    assert peak["bf16"] - peak["fp32"] < gemm, (peak, gemm)
+
+
+@pytest.mark.parametrize("source", ["bf16", "run"])
+def test_loaded_bytes_are_what_loading_allocates_and_too_many_are_refused(tmp_path, capsys, monkeypatch, source):
+    """``loaded_bytes`` counts, from the config alone, the bytes the loaded model holds (as stored,
+    in FP32, or held in BF16 or FP8); ``flyer generate --ckpt`` refuses a checkpoint that does not
+    fit the memory available, in one line, before reading it."""
+    torch.manual_seed(0)
+    path = _saved(Transformer(preset("tiny", moe_inter_dim=128)).eval(), tmp_path, source)
+    for dtype, held in ((None, None), (torch.float32, None), (torch.float32, torch.bfloat16), (torch.float32, FP8)):
+        model = load_pretrained(path, dtype=dtype, held=held)[0]
+        unique = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        assert loaded_bytes(path, dtype, held) == sum(t.numel() * t.element_size() for t in unique.values())
+    need = loaded_bytes(path, torch.float32, torch.bfloat16)
+    monkeypatch.setattr("flyer.runtime.available_memory", lambda device: need - 1)
+    assert main(["generate", "--ckpt", str(path), "--prompt", "hi", "--weight-dtype", "bf16", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flyer: error: --ckpt: ") and "needs about" in err and "\n" not in err, err

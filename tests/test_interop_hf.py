@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flyer.cli import main
 from flyer.errors import CheckpointError
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.infer.weights import hold_weights
 from flyer.interop.hf import load_hf, permute_rope, rope_permutation
 from flyer.interop.load import load_pretrained
 from tests.hf_models import FAMILIES, add_mtp_layer, build, reference_mtp_logits
@@ -47,8 +46,7 @@ def test_bf16_checkpoint_held_in_bf16_computes_like_transformers_in_fp32(tmp_pat
     weights held at half the bytes; logits and greedy tokens as transformers' FP32 model on it."""
     build("v3", tmp_path).to(torch.bfloat16).save_pretrained(tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    model, cfg, _ = load_pretrained(tmp_path, dtype=torch.float32)
-    hold_weights(model, torch.bfloat16)
+    model, cfg, _ = load_pretrained(tmp_path, dtype=torch.float32, held=torch.bfloat16)  # held as it loads
     assert model.layers[-1].ffn.experts.w2.dtype == torch.bfloat16 and model.embed.weight.dtype == torch.float32
     tokens = torch.randint(3, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -17,7 +17,7 @@ from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
 from flyer.interop.hf import is_hf_model_dir
-from flyer.interop.load import load_pretrained
+from flyer.interop.load import load_pretrained, loaded_bytes
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.runtime import require_memory
@@ -68,32 +68,38 @@ def load_model(args):
         if device.type != "cpu":
             raise FieldError("weight_dtype", f"{args.weight_dtype}-held weights run on flyer's CPU kernels (device "
                                              f"is {device}): add --device cpu, or hold them in fp32")
-    source = {} if held == WEIGHT_DTYPES["fp8"] else None  # an FP8 checkpoint's codes, held as they are
     if args.ckpt:
+        # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks;
+        # held weights are computed in FP32, and written as held while they load
+        dtype = torch.float32 if args.precision == "fp8" or held != torch.float32 else None
         try:
-            # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks;
-            # held weights are computed in FP32 (a BF16 checkpoint widened, then held in BF16 again)
-            fp32 = args.precision == "fp8" or held != torch.float32
-            model, cfg, tok = load_pretrained(args.ckpt, device=device, dtype=torch.float32 if fp32 else None,
-                                              fp8_source=source)
+            need = loaded_bytes(args.ckpt, dtype, held)
+        except (OSError, ValueError, KeyError) as e:
+            raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
+        require_memory(need, device, "ckpt", f"checkpoint '{args.ckpt}' as loaded (--weight-dtype {args.weight_dtype})")
+        try:
+            model, cfg, tok = load_pretrained(args.ckpt, device=device, dtype=dtype, held=held)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {msg}") from None
+            raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
         if args.precision == "fp8":
             return convert_to_fp8(model), tok
-    else:
-        cfg = resolve_config(args.preset)
-        if cfg.vocab_size < 256:
-            raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
-        n = param_counts(cfg).total  # built in FP32 on the CPU, then moved
-        require_memory(4 * n, "cpu", "preset", f"{args.preset} ({n / 1e9:,.1f}B parameters in FP32)")
-        torch.manual_seed(args.seed or 0)
-        model, tok = Transformer(cfg).to(device), ByteTokenizer()
+        return model, tok
+    cfg = resolve_config(args.preset)
+    if cfg.vocab_size < 256:
+        raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
+    n = param_counts(cfg).total  # built in FP32 on the CPU, then moved
+    require_memory(4 * n, "cpu", "preset", f"{args.preset} ({n / 1e9:,.1f}B parameters in FP32)")
+    torch.manual_seed(args.seed or 0)
+    model, tok = Transformer(cfg).to(device), ByteTokenizer()
     try:
-        hold_weights(model, held, source)
-    except ValueError as e:  # NaN codes, or FP8 codes that do not fit their weight
-        raise FieldError("ckpt" if args.ckpt else "preset", str(e)) from None
+        hold_weights(model, held)
+    except ValueError as e:  # NaN weights
+        raise FieldError("preset", str(e)) from None
     return model, tok
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def auto_cache_dtype(ckpt: str | None, model: Transformer) -> str:

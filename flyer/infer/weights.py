@@ -15,11 +15,16 @@ splits into its per-head blocks and multiplies in einsums (0.2 MB a layer in the
 ``hold_weights(model, torch.float8_e4m3fn)`` holds them as DeepSeek's FP8 checkpoints store them:
 E4M3 codes with one FP32 scale per 128x128 block (a quarter of FP32's bytes), the output head in
 BF16 (as those checkpoints keep it). From such a checkpoint the codes and scales are the file's
-own (``source``, kept by ``flyer.interop.hf``), so nothing is rounded again: requantizing their
-dequantized values would not give them back wherever a block's scale is not its amax / 448 (V3.1's
-power-of-two scales). Other weights are quantized as DeepSeek's recipe does (amax / 448 per block):
-that rounding is the one loss. The kernels widen each code and multiply it by its block's scale
-in FP32 as they read it, so the model computes in FP32 on the dequantized weights.
+own (``write_fp8_codes``), so nothing is rounded again: requantizing their dequantized values would
+not give them back wherever a block's scale is not its amax / 448 (V3.1's power-of-two scales).
+Other weights are quantized as DeepSeek's recipe does (amax / 448 per block): that rounding is the
+one loss. The kernels widen each code and multiply it by its block's scale in FP32 as they read
+it, so the model computes in FP32 on the dequantized weights.
+
+A checkpoint served with held weights is loaded into them: ``empty_held`` allocates the model
+with its GEMM weights already held (never as FP32), and the loaders (``flyer.interop.load``) write
+each tensor into it as they read it (``write_weight``, ``write_fp8_codes``). A BF16 checkpoint of
+N parameters then loads in about 2N bytes, not the FP32 model's 4N.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import torch
 from torch import nn
 
 from flyer import kernels
+from flyer.config import ModelConfig
 from flyer.fp8.quant import TILE, quantize_blocks_batched
+from flyer.model.init import allocate
 from flyer.model.experts import Experts, local_routed_no_grad, packed_w13
 from flyer.model.lowp import Linear
 from flyer.model.transformer import Transformer
@@ -36,7 +43,6 @@ from flyer.model.transformer import Transformer
 FP8 = torch.float8_e4m3fn
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8}
 KEEP = ("wkv_b",)  # Linear names whose weights stay as they are (see the module docstring)
-Source = dict[str, tuple[torch.Tensor, torch.Tensor]]  # parameter name -> FP8 codes and block scales
 
 
 class HeldFP8Linear(Linear):
@@ -82,13 +88,96 @@ class HeldFP8Experts(Experts):
 
 
 @torch.no_grad()
-def hold_weights(model: Transformer, dtype: torch.dtype, source: Source | None = None) -> int:
+def hold_weights(model: Transformer, dtype: torch.dtype) -> int:
     """Store ``model``'s GEMM weights in ``dtype`` in place (inference only: they no longer take
     gradients); the model computes in its own dtype. Returns the bytes it saves (FP32 to BF16: half
     of those weights'). FP32 is a no-op; BF16 and FP8 need an FP32 model on the CPU (the kernels'
-    case; or on the meta device, to count bytes). FP8 (``torch.float8_e4m3fn``): the codes and
-    scales ``source`` has for a parameter (an FP8 checkpoint's; consumed: its entries are removed
-    as they are held), the others quantized in 128x128 blocks (see the module docstring)."""
+    case; or on the meta device, to count bytes). FP8 (``torch.float8_e4m3fn``): the weights
+    quantized in 128x128 blocks (see the module docstring; a checkpoint's own FP8 codes are held as
+    they are by loading it into ``empty_held``'s model instead)."""
+    return _hold_all(model, dtype, None)
+
+
+def empty_held(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
+    """An uninitialised FP32 model (``flyer.model.init.allocate``) whose GEMM weights are
+    already held in ``dtype``, for a checkpoint to be loaded into (``write_weight``,
+    ``write_fp8_codes``): the held weights are allocated as held, so loading never takes the FP32
+    weights' memory (four bytes a parameter, against BF16's two and FP8's one)."""
+    if dtype != torch.float32 and torch.device(device).type != "cpu":
+        raise ValueError(f"held weights run on flyer's CPU kernels (device is {device})")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    _hold_all(model, dtype, torch.device(device))
+    return allocate(model, device).eval()
+
+
+def _target(model: nn.Module, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tensor of state-dict entry ``key`` (a parameter or buffer) and its FP8 block scales, if held so."""
+    path, _, attr = key.rpartition(".")
+    m = model.get_submodule(path)
+    return getattr(m, attr), getattr(m, f"{attr}_scale") if isinstance(m, (HeldFP8Linear, HeldFP8Experts)) else None
+
+
+@torch.no_grad()
+def write_weight(model: nn.Module, key: str, value: torch.Tensor, expert: int | None = None) -> None:
+    """Write a checkpoint's ``value`` of state-dict entry ``key`` (its slice ``expert`` of a stack) into
+    ``model`` as the model holds it: FP8 codes quantized in 128x128 blocks, as ``hold_weights``
+    quantizes; else copied, rounded to the parameter's dtype as ``.to()`` rounds."""
+    dest, scale = _target(model, key)
+    if expert is not None:
+        dest, scale = dest[expert], None if scale is None else scale[expert]
+    if scale is None:
+        dest.copy_(value)
+        return
+    codes, s = _quantize(value.float())
+    _write_codes(key, dest, scale, codes, s)
+
+
+@torch.no_grad()
+def write_fp8_codes(model: nn.Module, key: str, codes: torch.Tensor, scale: torch.Tensor,
+                    expert: int | None = None) -> bool:
+    """Write a checkpoint's own E4M3 ``codes`` and 128x128 block ``scale`` of parameter ``key``
+    (slice ``expert``) where ``model`` holds it as FP8 codes, unchanged: nothing is rounded again
+    (requantizing their values would not give them back wherever a block's scale is not its
+    amax / 448). Returns False, writing nothing, where the model holds it otherwise."""
+    dest, held = _target(model, key)
+    if held is None:
+        return False
+    if expert is not None:
+        dest, held = dest[expert], held[expert]
+    _write_codes(key, dest, held, codes, scale)
+    return True
+
+
+def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (..., R, C) and block scales (..., ceil(R / 128), ceil(C / 128)) of ``w`` quantized in
+    128x128 blocks (DeepSeek's recipe: amax / 448 per block)."""
+    codes, scale = quantize_blocks_batched(w.detach().reshape(-1, *w.shape[-2:]))
+    codes = codes[..., :w.shape[-1]].reshape(w.shape)
+    return codes, scale.reshape(*w.shape[:-2], *scale.shape[-2:])
+
+
+def _write_codes(name: str, dest: torch.Tensor, dest_scale: torch.Tensor, codes: torch.Tensor,
+                 scale: torch.Tensor) -> None:
+    """Codes and scales into held ones, NaN codes refused (the kernels do not look for them)."""
+    if nan := _nan_codes(codes):
+        raise ValueError(f"{name}: {nan} of its FP8 codes are NaN (a corrupt checkpoint, or NaN weights)")
+    dest.copy_(codes)
+    dest_scale.copy_(scale)
+
+
+def _nan_codes(codes: torch.Tensor) -> int:
+    return 0 if codes.is_meta else int((codes.view(torch.uint8) & 0x7F).eq(0x7F).sum())
+
+
+def _held(w: torch.Tensor, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """``w`` in ``dtype``; with a ``device`` (``empty_held``: ``w`` is on the meta device) new,
+    uninitialised memory there instead."""
+    return w.detach().to(dtype) if device is None else torch.empty(w.shape, dtype=dtype, device=device)
+
+
+def _hold_all(model: Transformer, dtype: torch.dtype, device: torch.device | None) -> int:
+    """``hold_weights``; with a ``device``, ``empty_held``'s allocation of the held weights there."""
     if dtype == torch.float32:
         return 0
     if dtype not in (torch.bfloat16, FP8):
@@ -97,80 +186,58 @@ def hold_weights(model: Transformer, dtype: torch.dtype, source: Source | None =
         raise ValueError(f"held weights need an FP32 model on the CPU (this one is "
                          f"{model.embed.weight.dtype} on {model.embed.weight.device.type})")
     if dtype == FP8:
-        return _hold_fp8(model, source or {})
+        return _hold_fp8(model, device)
     saved = 0
     tied = model.head.weight if model.cfg.tie_embeddings else None
     for name, m in model.named_modules():
         if type(m) is Experts:  # not FP8Experts: FP8 weights are held as FP8
             m.pack_w13_()  # w1|w3 as one tensor: held as one too, so the kernel reads them in one call
             w13 = packed_w13(m.w1, m.w3)
-            saved += _hold(m, "w2", dtype)
+            saved += _hold(m, "w2", dtype, device)
             half = m.w1.shape[1]
-            held = w13.to(dtype)
+            held = _held(w13, dtype, device)
             saved += w13.numel() * (w13.element_size() - held.element_size())
             m.w1, m.w3 = (nn.Parameter(held[:, :half], requires_grad=False),
                           nn.Parameter(held[:, half:], requires_grad=False))
         elif isinstance(m, Linear) and m.weight is not tied and name.rsplit(".", 1)[-1] not in KEEP:
-            saved += _hold(m, "weight", dtype)
+            saved += _hold(m, "weight", dtype, device)
     return saved
 
 
-def _fp8_codes(name: str, w: torch.Tensor, source: Source) -> tuple[torch.Tensor, torch.Tensor]:
+def _fp8_codes(name: str, w: torch.Tensor, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (..., R, C) and block scales (..., ceil(R / 128), ceil(C / 128)) of the weight ``name``:
-    the source's, checked against the weight's shape, else ``w`` quantized in 128x128 blocks. NaN
-    codes are refused (the kernels do not look for them)."""
-    if name in source:
-        codes, scale = source.pop(name)  # consumed: its memory goes as the held weights come
+    ``w`` quantized in 128x128 blocks (NaN codes refused), or, with a ``device``, uninitialised there."""
+    if device is not None:
         blocks = (*w.shape[:-2], -(-w.shape[-2] // TILE), -(-w.shape[-1] // TILE))
-        if codes.shape != w.shape or codes.dtype != FP8 or tuple(scale.shape) != blocks:
-            raise ValueError(f"{name}: FP8 source {tuple(codes.shape)} {codes.dtype} with scales {tuple(scale.shape)} "
-                             f"does not fit the weight {tuple(w.shape)} ({blocks} blocks of 128x128)")
-        codes, scale = codes.contiguous(), scale.float().contiguous()
-    else:
-        codes, scale = quantize_blocks_batched(w.detach().reshape(-1, *w.shape[-2:]))
-        codes = codes[..., :w.shape[-1]].reshape(w.shape).contiguous()
-        scale = scale.reshape(*w.shape[:-2], *scale.shape[-2:]).contiguous()
-    if codes.device.type != "meta" and (nan := int((codes.view(torch.uint8) & 0x7F).eq(0x7F).sum())):
+        return torch.empty(w.shape, dtype=FP8, device=device), torch.empty(blocks, device=device)
+    codes, scale = _quantize(w)
+    if nan := _nan_codes(codes):
         raise ValueError(f"{name}: {nan} of its FP8 codes are NaN (a corrupt checkpoint, or NaN weights)")
-    return codes, scale
+    return codes.contiguous(), scale.contiguous()
 
 
-def _hold_fp8(model: Transformer, source: Source) -> int:
+def _hold_fp8(model: Transformer, device: torch.device | None) -> int:
     """``hold_weights`` in FP8: the linears (but ``KEEP``'s and the head, held in BF16) and the
-    routed experts as FP8 codes with their block scales. Source weights held otherwise (wkv_b), whose
-    parameters the loader left unwritten, get their dequantized values first."""
+    routed experts as FP8 codes with their block scales."""
     tied = model.head.weight if model.cfg.tie_embeddings else None
-    experts, linears, held = [], [], set()
+    saved = 0 if model.head.weight is tied else _hold(model.head, "weight", torch.bfloat16, device)
     for name, m in model.named_modules():
         if type(m) is Experts:
-            experts.append((name, m))
-            held.update(f"{name}.{w}" for w in ("w1", "w2", "w3"))
+            saved += _hold_experts_fp8(m, name, device)
         elif (isinstance(m, Linear) and m is not model.head and m.weight is not tied
               and name.rsplit(".", 1)[-1] not in KEEP):
-            linears.append((name, m))
-            held.add(f"{name}.weight")
-    for name in source.keys() - held:
-        codes, scale = source.pop(name)
-        p = model.get_parameter(name)
-        for dst, c, sc in zip(p.view(-1, *p.shape[-2:]), codes.view(-1, *codes.shape[-2:]),
-                              scale.view(-1, *scale.shape[-2:])):
-            dst.copy_(kernels.dequantize_held(c, sc))
-    saved = 0 if model.head.weight is tied else _hold(model.head, "weight", torch.bfloat16)
-    for name, m in experts:
-        saved += _hold_experts_fp8(m, name, source)
-    for name, m in linears:
-        codes, scale = _fp8_codes(f"{name}.weight", m.weight, source)
-        saved += m.weight.numel() * (m.weight.element_size() - 1) - scale.numel() * 4
-        m.weight = nn.Parameter(codes, requires_grad=False)
-        m.register_buffer("weight_scale", scale, persistent=False)
-        m.__class__ = HeldFP8Linear
+            codes, scale = _fp8_codes(f"{name}.weight", m.weight, device)
+            saved += m.weight.numel() * (m.weight.element_size() - 1) - scale.numel() * 4
+            m.weight = nn.Parameter(codes, requires_grad=False)
+            m.register_buffer("weight_scale", scale, persistent=False)
+            m.__class__ = HeldFP8Linear
     return saved
 
 
-def _hold_experts_fp8(m: Experts, name: str, source: Source) -> int:
+def _hold_experts_fp8(m: Experts, name: str, device: torch.device | None) -> int:
     F_ = m.w1.shape[1]
     before = sum(w.numel() * w.element_size() for w in (m.w1, m.w2, m.w3))
-    (c1, s1), (c2, s2), (c3, s3) = (_fp8_codes(f"{name}.{w}", getattr(m, w), source) for w in ("w1", "w2", "w3"))
+    (c1, s1), (c2, s2), (c3, s3) = (_fp8_codes(f"{name}.{w}", getattr(m, w), device) for w in ("w1", "w2", "w3"))
     m.w13 = m.w13_scale = None
     if F_ % TILE == 0:  # w1|w3 one tensor, and their blocks one scale tensor: one kernel call
         m.w13, m.w13_scale = torch.cat([c1, c3], dim=1), torch.cat([s1, s3], dim=1)
@@ -182,11 +249,12 @@ def _hold_experts_fp8(m: Experts, name: str, source: Source) -> int:
     return before - sum(w.numel() + s.numel() * 4 for w, s in ((c1, s1), (c2, s2), (c3, s3)))
 
 
-def _hold(m: nn.Module, attr: str, dtype: torch.dtype) -> int:
+def _hold(m: nn.Module, attr: str, dtype: torch.dtype, device: torch.device | None) -> int:
     w = getattr(m, attr)
-    held = w.detach().to(dtype)
+    held = _held(w, dtype, device)
     setattr(m, attr, nn.Parameter(held, requires_grad=False))
     return w.numel() * (w.element_size() - held.element_size())
 
 
-__all__ = ["FP8", "WEIGHT_DTYPES", "HeldFP8Experts", "HeldFP8Linear", "hold_weights"]
+__all__ = ["FP8", "WEIGHT_DTYPES", "HeldFP8Experts", "HeldFP8Linear", "empty_held", "hold_weights",
+           "write_fp8_codes", "write_weight"]

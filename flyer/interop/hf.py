@@ -39,8 +39,10 @@ from flyer import kernels
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
+from flyer.infer.weights import empty_held, write_fp8_codes, write_weight
 from flyer.interop.hf_config import from_hf_config, model_type
 from flyer.interop.tensorfile import TensorFile
+from flyer.model.init import allocate
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
 
@@ -285,21 +287,18 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
 
 
 def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
-                    files: dict[str, Path] | None = None, fp8_source: dict | None = None) -> None:
+                    files: dict[str, Path] | None = None) -> None:
     """Fill ``model`` (any device; its parameters' dtypes are kept) from the directory's safetensors,
     one tensor at a time. A missing shard or tensor, a tensor the config does not expect or of the
-    wrong shape: ``CheckpointError`` naming the file and the tensor. ``fp8_source``: filled with the
-    E4M3 weights' own codes and block scales, by parameter name (experts stacked: (E, R, C) and
-    (E, R / 128, C / 128)), for ``flyer.infer.weights.hold_weights`` to hold them as they are;
-    their parameters are left unwritten (so their FP32 pages are never touched: loading takes about
-    the codes' memory, not four times it) until ``hold_weights(model, FP8, fp8_source)`` fills them."""
+    wrong shape: ``CheckpointError`` naming the file and the tensor. Into a model holding its weights
+    (``flyer.infer.weights.empty_held``) each tensor is written as held: an E4M3 weight held as FP8
+    keeps the file's own codes and block scales, anything else is rounded (or quantized) as held."""
     path = Path(path)
     files = files if files is not None else weight_files(path)
     slots = hf_names(model.cfg, rope_half)
     state = model.state_dict()
     headers: dict[Path, TensorFile] = {}
     seen: set[str] = set()
-    experts: dict[str, tuple[torch.Tensor, torch.Tensor, set]] = {}  # stacked FP8 codes, scales, experts kept
     for name, f in files.items():
         if _ignored(name, model.cfg):
             continue
@@ -314,64 +313,50 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
         if tf.shape(name) != tuple(dest.shape):
             raise CheckpointError(f"{f}: tensor {name} has shape {tf.shape(name)}, "
                                   f"the config expects {tuple(dest.shape)}")
-        with torch.no_grad():
-            kept = _fill(dest, tf, name, slot, files, headers, fp8_source is not None)
-        if kept is not None and slot.expert is None:
-            fp8_source[slot.key] = kept
-        elif kept is not None:  # into the stack of every expert's codes, as the parameter is stacked
-            codes, scale = kept
-            n = state[slot.key].shape[0]
-            if slot.key not in experts:
-                experts[slot.key] = codes.new_empty((n, *codes.shape)), scale.new_empty((n, *scale.shape)), set()
-            stack_codes, stack_scales, have = experts[slot.key]
-            stack_codes[slot.expert], stack_scales[slot.expert] = codes, scale
-            have.add(slot.expert)
+        fill_tensor(model, dest, tf, name, slot, files, headers)
         seen.add(name)
     missing = sorted(set(slots) - seen)
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                          if len(missing) > 1 else ""))
-    for key, (codes, scales, kept) in experts.items():
-        if len(kept) == codes.shape[0]:
-            fp8_source[key] = codes, scales
-            continue
-        with torch.no_grad():  # some experts stored otherwise: the FP8 ones' values written too, all held alike
-            for e in kept:
-                state[key][e].copy_(dequantize_fp8_blocks(codes[e], scales[e]))
 
 
-def _fill(dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot, files: dict[str, Path],
-          headers: dict[Path, TensorFile], keep_fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Copy tensor ``name`` of ``tf`` into ``dest``: FP8 dequantized with its block scales, rope rows
-    permuted, else read straight into the parameter when the dtypes agree. ``keep_fp8``: an E4M3
-    tensor's codes (rope rows permuted as the values are) and block scales are returned instead of
-    written, where the permutation keeps every row in its 128-row block (else the values are written,
-    and requantized if held)."""
-    if tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
-        scale_name = name + SCALE_SUFFIX
-        if scale_name not in files:
-            raise CheckpointError(f"{tf.path}: FP8 tensor {name} has no {scale_name}")
-        sf = headers.setdefault(files[scale_name], TensorFile(files[scale_name]))
-        blocks = tuple(-(-n // TILE) for n in tf.shape(name))
-        if sf.shape(scale_name) != blocks:
-            raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
-                                  f"128x128 blocks of {name} need {blocks}")
-        codes, scale = tf.read(name), sf.read(scale_name).float()
-        if keep_fp8 and codes.dtype == torch.float8_e4m3fn:
-            if slot.rope_rows is None:
-                return codes, scale
-            rows = torch.arange(codes.shape[0])
-            moved = permute_rope(rows, slot.rope_rows)
-            if torch.equal(moved // TILE, rows // TILE):  # every row keeps its block, and so its scales
-                return codes.view(torch.uint8)[moved].view(codes.dtype), scale
-        t = dequantize_fp8_blocks(codes, scale)
-    elif slot.rope_rows is None and tf.dtype(name) == dest.dtype and dest.is_contiguous() and dest.is_cpu:
-        tf.read_into(name, dest)
-        return None
-    else:
-        t = tf.read(name)
-    dest.copy_(t if slot.rope_rows is None else permute_rope(t, slot.rope_rows))
-    return None
+@torch.no_grad()
+def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot,
+                files: dict[str, Path], headers: dict[Path, TensorFile]) -> None:
+    """Write tensor ``name`` of ``tf`` into ``dest``, the parameter (or expert slice) ``slot`` names:
+    FP8 dequantized with its block scales, or, held as FP8 codes, its codes and scales as they are
+    (rope rows permuted as the values are) where the permutation keeps every row in its 128-row
+    block; rope rows permuted; read straight into the parameter when the dtypes agree; else
+    written as the model holds it (``write_weight``). NaN codes: ``CheckpointError``."""
+    try:
+        if tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name + SCALE_SUFFIX
+            if scale_name not in files:
+                raise CheckpointError(f"{tf.path}: FP8 tensor {name} has no {scale_name}")
+            sf = headers.setdefault(files[scale_name], TensorFile(files[scale_name]))
+            blocks = tuple(-(-n // TILE) for n in tf.shape(name))
+            if sf.shape(scale_name) != blocks:
+                raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
+                                      f"128x128 blocks of {name} need {blocks}")
+            codes, scale = tf.read(name), sf.read(scale_name).float()
+            if codes.dtype == torch.float8_e4m3fn:
+                rows = torch.arange(codes.shape[0])
+                moved = rows if slot.rope_rows is None else permute_rope(rows, slot.rope_rows)
+                if torch.equal(moved // TILE, rows // TILE) and write_fp8_codes(  # each row keeps its block's scale
+                        model, slot.key, codes.view(torch.uint8)[moved].view(codes.dtype), scale, slot.expert):
+                    return
+            t = dequantize_fp8_blocks(codes, scale)
+        elif slot.rope_rows is None and tf.dtype(name) == dest.dtype and dest.is_contiguous() and dest.is_cpu:
+            tf.read_into(name, dest)
+            return
+        else:
+            t = tf.read(name)
+        write_weight(model, slot.key, t if slot.rope_rows is None else permute_rope(t, slot.rope_rows), slot.expert)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # NaN codes, read or quantized
+        raise CheckpointError(f"{tf.path}: tensor {name}: {e}") from None
 
 
 def build_empty(cfg: ModelConfig, device: str | torch.device = "cpu",
@@ -381,12 +366,7 @@ def build_empty(cfg: ModelConfig, device: str | torch.device = "cpu",
     for m in model.modules():
         if isinstance(m, Gate):
             m.float()
-    model = model.to_empty(device=device)
-    if cfg.tie_embeddings:  # to_empty gives each name its own storage
-        model.head.weight = model.embed.weight
-    for b in model.buffers():
-        b.zero_()
-    return model
+    return allocate(model, device)
 
 
 def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
@@ -399,19 +379,23 @@ def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
 
 
 def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-            fp8_source: dict | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
+            held: torch.dtype | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
     """(model in eval mode, config, tokenizer) from a Hugging Face model directory. ``dtype``: the
-    parameters' dtype (default: the checkpoint's; FP8 weights are dequantized to it);
-    ``fp8_source``: see ``load_hf_weights``."""
+    parameters' dtype (default: the checkpoint's; FP8 weights are dequantized to it); ``held``
+    (with an FP32 ``dtype``): the GEMM weights held in BF16 or FP8 as they load
+    (``flyer.infer.weights.empty_held``)."""
     path = Path(path)
     files = weight_files(path)
     cfg, raw = read_hf_config(path, list(files))
     tok = load_tokenizer(path, raw)
-    model = build_empty(cfg, device, dtype or checkpoint_dtype(files))
-    load_hf_weights(model, path, rope_half_layout(raw), files, fp8_source)
+    dtype = dtype or checkpoint_dtype(files)
+    if held not in (None, torch.float32) and dtype != torch.float32:
+        raise ValueError(f"weights held in {held} compute in FP32 (dtype is {dtype})")
+    model = build_empty(cfg, device, dtype) if held in (None, torch.float32) else empty_held(cfg, held, device)
+    load_hf_weights(model, path, rope_half_layout(raw), files)
     return model.eval(), cfg, tok
 
 
-__all__ = ["INDEX", "SINGLE", "Slot", "TextTokenizer", "build_empty", "dequantize_fp8_blocks", "hf_names",
-           "is_hf_model_dir", "load_hf", "load_hf_weights", "load_tokenizer", "permute_rope", "read_hf_config",
-           "rope_half_layout", "rope_permutation", "weight_files"]
+__all__ = ["INDEX", "SINGLE", "Slot", "TextTokenizer", "build_empty", "dequantize_fp8_blocks", "fill_tensor",
+           "hf_names", "is_hf_model_dir", "load_hf", "load_hf_weights", "load_tokenizer", "permute_rope",
+           "read_hf_config", "rope_half_layout", "rope_permutation", "weight_files"]

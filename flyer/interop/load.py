@@ -10,20 +10,45 @@ import torch
 
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError
-from flyer.interop.hf import TextTokenizer, is_hf_model_dir, load_hf, read_hf_config, weight_files
+from flyer.infer.weights import empty_held, hold_weights
+from flyer.interop.hf import (Slot, TextTokenizer, build_empty, checkpoint_dtype, fill_tensor, is_hf_model_dir, load_hf,
+                              read_hf_config, weight_files)
+from flyer.interop.tensorfile import TensorFile
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import load_for_inference, resolve_checkpoint_path
+from flyer.train.checkpoint import check_model_weights, inference_checkpoint, resolve_checkpoint_path
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                    fp8_source: dict | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
+                    held: torch.dtype | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
     """(model in eval mode, config, tokenizer with its EOS) from ``path``. ``dtype``: parameter dtype
-    of an HF import (default: the checkpoint's); flyer checkpoints load as saved. ``fp8_source``:
-    filled with an FP8 HF checkpoint's own codes and scales (``flyer.interop.hf.load_hf_weights``)."""
+    of an HF import (default: the checkpoint's); flyer checkpoints load as saved. ``held``: an FP32
+    model whose GEMM weights are held in BF16 or FP8 (``flyer.infer.weights``), written as held
+    tensor by tensor: the FP32 weights are never in memory."""
     if is_hf_model_dir(path):
-        return load_hf(path, device, dtype, fp8_source)
-    model, cfg, tok = load_for_inference(path, device=device)
+        return load_hf(path, device, dtype, held)
+    ckpt, cfg, tok = inference_checkpoint(path)
+    model = empty_held(cfg, held or torch.float32, device)
+    tf = TensorFile(ckpt / "model.safetensors")
+    check_model_weights(model, {k: tf.shape(k) for k in tf.names()}, f"checkpoint {ckpt}")
+    state, files = model.state_dict(), dict.fromkeys(tf.names(), tf.path)
+    for k in tf.names():  # one tensor at a time: loading takes the model's memory, not twice it
+        fill_tensor(model, state[k], tf, k, Slot(k), files, {tf.path: tf})
     return model, cfg, TextTokenizer(tok)
+
+
+def loaded_bytes(path: str | Path, dtype: torch.dtype | None = None, held: torch.dtype | None = None) -> int:
+    """Bytes of the model ``load_pretrained(path, dtype=dtype, held=held)`` allocates (its parameters
+    and buffers), counted on the meta device from the checkpoint's config before anything is read:
+    what ``require_memory`` checks first."""
+    if is_hf_model_dir(path):
+        files = weight_files(Path(path))
+        cfg, dtype = read_hf_config(path, list(files))[0], dtype or checkpoint_dtype(files)
+    else:
+        cfg, dtype = init_source(path)[0], torch.float32
+    model = build_empty(cfg, "meta", dtype)
+    hold_weights(model, held or torch.float32)
+    unique = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def init_source(path: str | Path) -> tuple[ModelConfig, Path]:
@@ -45,4 +70,4 @@ def load_init_weights(model: Transformer, path: str | Path, mesh) -> None:
     mesh.load_full_state_dict(model, source.state_dict())
 
 
-__all__ = ["init_source", "load_init_weights", "load_pretrained"]
+__all__ = ["init_source", "load_init_weights", "load_pretrained", "loaded_bytes"]

@@ -215,16 +215,21 @@ def read_torch(path: Path) -> Any:
 
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
     """Load weights strictly; shape or name mismatches become one-line errors."""
+    check_model_weights(model, {k: tuple(v.shape) for k, v in weights.items()}, where)
+    model.load_state_dict(weights, strict=True)
+
+
+def check_model_weights(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """``CheckpointError`` unless ``shapes`` names exactly the model's state and each with its shape."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    extra = sorted(set(weights) - set(own))
+    missing = sorted(set(own) - set(shapes))
+    extra = sorted(set(shapes) - set(own))
     if missing or extra:
         raise CheckpointError(f"{where} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(f"{where} does not match the model: {k} has shape {tuple(v.shape)}, "
+    for k, shape in shapes.items():
+        if tuple(shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{where} does not match the model: {k} has shape {tuple(shape)}, "
                                   f"the model expects {tuple(own[k].shape)} (a checkpoint from a different config?)")
-    model.load_state_dict(weights, strict=True)
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -242,21 +247,28 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     """(model, cfg, tokenizer) from a run directory or a step directory, weights verified."""
-    ckpt = resolve_checkpoint_path(path)
-    try:
-        cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt}: bad config.json ({e})") from None
+    ckpt, cfg, tok = inference_checkpoint(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)
     for b in model.buffers():  # non-persistent buffers (load counters) are not in the file
         b.zero_()
     load_model_weights(model, read_tensors(ckpt / "model.safetensors"), f"checkpoint {ckpt}")
+    return model.eval(), cfg, tok
+
+
+def inference_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, Tokenizer]:
+    """(step directory, model config, tokenizer) of a run directory or a step directory, verified;
+    its weights are ``model.safetensors`` there."""
+    ckpt = resolve_checkpoint_path(path)
+    try:
+        cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: bad config.json ({e})") from None
     tok_path = ckpt / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"checkpoint {ckpt}: no tokenizer.json")
-    return model.eval(), cfg, Tokenizer.from_file(str(tok_path))
+    return ckpt, cfg, Tokenizer.from_file(str(tok_path))
 
 
 # ---- a training run: model, optimizer, sampler, RNG and counters on any mesh ----------------------
