@@ -7,16 +7,19 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flyer.cli import main
-from flyer.errors import CheckpointError
+from flyer.config import preset
+from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.linear import convert_to_fp8
 from flyer.fp8.quant import quantize_blocks
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export_model, parse_size
-from flyer.interop.hf import load_hf
+from flyer.interop.hf import TextTokenizer, load_hf
 from flyer.interop.load import load_pretrained
+from flyer.model.transformer import Transformer
 from flyer.train.trainer import Trainer, TrainConfig
 from tests.hf_models import build
 
@@ -201,3 +204,28 @@ def test_export_errors(run, tmp_path, capsys):
                                                "(got 'lots')"
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "y")]) == 2
     assert "no valid checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bias", [False, True])  # Llama, Qwen2
+def test_gqa_model_exports_without_its_mtp_module_and_refuses_experts(tmp_path, bias):
+    """Llama and Qwen2 have no MTP module and no routed experts: a dense GQA model's MTP module is
+    left out (the summary says so), and transformers and flyer load what is written with the same
+    logits; a GQA model with routed experts is refused before anything is written (it used to be
+    written as a Llama directory holding expert tensors that nothing could load)."""
+    torch.manual_seed(0)
+    gqa = dict(attn="gqa", n_kv_heads=2, head_dim=32, attn_bias=bias)
+    model = Transformer(preset("tiny", **gqa, n_dense_layers=4, n_layers=4, mtp_depth=1)).eval()
+    tok = TextTokenizer(Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>")))
+    summary = export_model(model, tok, tmp_path / "out", "fp32")
+    assert summary["model_type"] == ("qwen2" if bias else "llama") and "MTP" in summary["left_out"]
+    back = load_hf(tmp_path / "out")[0]
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)
+        assert back.cfg.mtp_depth == 0 and torch.equal(back(x), want)
+        assert rel(ref(x).logits, want) < 1e-4
+    moe = Transformer(preset("tiny", **gqa)).eval()
+    with pytest.raises(ConfigError, match="n_dense_layers.*no routed experts"):
+        export_model(moe, tok, tmp_path / "moe", "bf16")
+    assert not (tmp_path / "moe").exists()

@@ -5,7 +5,9 @@
 softmax gate, ``llama`` / ``qwen2`` for dense GQA), safetensors (one file, or shards plus
 ``model.safetensors.index.json`` past the shard size), ``tokenizer.json`` with its
 ``tokenizer_config.json`` and a ``generation_config.json``. MTP modules are written as DeepSeek's
-checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head).
+checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head);
+Llama and Qwen2 have no MTP module, so a GQA model's is left out (the summary says so) and a GQA
+model with routed experts is refused: neither architecture routes to experts.
 ``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
 ``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``). Tensors are converted
 and written one at a time.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +42,10 @@ def hf_model_type(cfg: ModelConfig) -> str:
     if cfg.attn == "gqa":
         if cfg.rope_factor > 1 and cfg.mscale:
             raise ConfigError("config field 'mscale': Llama / Qwen2 do not scale the softmax for YaRN (needs 0)")
+        if cfg.n_routed_experts and cfg.n_dense_layers < cfg.n_layers:
+            raise ConfigError(f"config field 'n_dense_layers': Llama / Qwen2 (GQA) have no routed experts, and "
+                              f"{cfg.n_layers - cfg.n_dense_layers} of the {cfg.n_layers} layers have them "
+                              f"(a GQA model exports with n_dense_layers = n_layers)")
         return "qwen2" if cfg.attn_bias else "llama"
     if cfg.n_routed_experts == 0:
         raise ConfigError("config field 'n_routed_experts': an MLA model without experts has no transformers twin")
@@ -59,6 +66,11 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     if cfg.mscale:
         rp["mscale_all_dim"] = cfg.mscale
     return rp
+
+
+def exported(cfg: ModelConfig) -> ModelConfig:
+    """What of ``cfg`` its transformers architecture holds: Llama and Qwen2 (GQA) have no MTP module."""
+    return replace(cfg, mtp_depth=0) if hf_model_type(cfg) in ("llama", "qwen2") else cfg
 
 
 def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
@@ -104,7 +116,7 @@ Item = tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
 def tensor_items(model: Transformer, dtype: str) -> list[Item]:
     """(HF name, shape, dtype, make) of every tensor to write, in the model's order; ``make``
     converts one tensor when called. FP8: quantizable weights and their ``weight_scale_inv``."""
-    cfg = model.cfg
+    cfg = exported(model.cfg)
     rope_half = hf_model_type(cfg) in ("llama", "qwen2")
     state = model.state_dict()
     items: list[Item] = []
@@ -178,7 +190,10 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
     tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.max_seq_len,
           "eos_token": tok.token(tok.eos_id()), "bos_token": tok.token(tok.bos_id())}
     (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tc.items() if v is not None}, indent=2))
-    return {"out": str(out), "model_type": config["model_type"], "dtype": dtype, "files": files}
+    summary = {"out": str(out), "model_type": config["model_type"], "dtype": dtype, "files": files}
+    if exported(model.cfg).mtp_depth < model.cfg.mtp_depth:
+        summary["left_out"] = f"the MTP module ({model.cfg.mtp_depth} deep): {config['model_type']} has none"
+    return summary
 
 
 def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_size: str | int = "5GB") -> dict:
