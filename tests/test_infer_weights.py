@@ -3,6 +3,7 @@ outputs equal to the FP32 model on the rounded (dequantized) weights within FP32
 checkpoint's own codes and scales held as they are, and the CLI's checks (greedy serving on held
 weights: tests/test_serve_engine.py)."""
 
+import argparse
 import contextlib
 import copy
 import json
@@ -22,6 +23,7 @@ from flyer.config import preset
 from flyer.fp8.quant import quantize_blocks
 from flyer.infer import GenerationConfig, generate
 from flyer.errors import CheckpointError
+from flyer.infer.cli import resolve_weight_dtype
 from flyer.infer.weights import FP8, HeldFP8Experts, HeldFP8Linear, hold_weights
 from flyer.interop.export import export_model
 from flyer.interop.hf import TextTokenizer, load_hf
@@ -322,3 +324,23 @@ def test_loaded_bytes_are_what_loading_allocates_and_too_many_are_refused(tmp_pa
     assert main(["generate", "--ckpt", str(path), "--prompt", "hi", "--weight-dtype", "bf16", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flyer: error: --ckpt: ") and "needs about" in err and "\n" not in err, err
+
+
+def test_weight_dtype_auto_holds_weights_as_the_checkpoint_stores_them(tmp_path, capsys):
+    """``--weight-dtype auto`` (the default) on the CPU holds a BF16 checkpoint's weights in BF16 and
+    an FP8 one's as its codes (FP32 compute, lossless: the same tokens as asking for it), and leaves
+    an FP32 flyer run, a preset, other devices and ``--precision fp8`` unheld."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    for source, want in (("bf16", "bf16"), ("fp8", "fp8"), ("run", "fp32")):
+        path = _saved(model, tmp_path / source, source)
+        runs = []
+        for flag in ([], ["--weight-dtype", want]):
+            assert main(["generate", "--ckpt", str(path), "--prompt", "hello", "--max-new-tokens", "4", "--device",
+                         "cpu", "--json", "--eos-id", "-1", *flag]) == 0
+            runs.append(json.loads(capsys.readouterr().out))
+        assert runs[0]["weight_dtype"] == want and runs[0]["token_ids"] == runs[1]["token_ids"], source
+    bf16 = str(tmp_path / "bf16")
+    for device, precision, ckpt in (("cuda", "auto", bf16), ("cpu", "fp8", bf16), ("cpu", "auto", None)):
+        args = argparse.Namespace(weight_dtype="auto", precision=precision, ckpt=ckpt)
+        assert resolve_weight_dtype(args, torch.device(device)) == "fp32", (device, precision, ckpt)

@@ -17,7 +17,7 @@ from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
 from flyer.interop.hf import is_hf_model_dir
-from flyer.interop.load import load_pretrained, loaded_bytes
+from flyer.interop.load import load_pretrained, loaded_bytes, stored_weight_dtype
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.runtime import require_memory
@@ -48,11 +48,26 @@ def add_expert_threads_flag(p) -> None:
 
 
 def add_weight_dtype_flag(p) -> None:
-    p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="fp32",
+    p.add_argument("--weight-dtype", choices=["auto", *WEIGHT_DTYPES], default="auto",
                    help="dtype the GEMM weights are held in, computing in FP32 (CPU): bf16 halves their memory "
                         "and the bytes a decode step reads (lossless for a BF16 checkpoint); fp8 holds them as "
                         "DeepSeek's FP8 checkpoints do, E4M3 with 128x128 block scales, a quarter of FP32 "
-                        "(lossless for such a checkpoint: its own codes; others are quantized; flyer.infer.weights)")
+                        "(lossless for such a checkpoint: its own codes; others are quantized; flyer.infer.weights). "
+                        "auto (default): on the CPU, as the checkpoint stores them (bf16 or fp8: lossless, and "
+                        "faster than computing in BF16); fp32 (not held) on other devices, with --precision fp8 "
+                        "and for --preset")
+
+
+def resolve_weight_dtype(args, device: torch.device) -> str:
+    """``--weight-dtype`` with auto settled (``add_weight_dtype_flag``)."""
+    if args.weight_dtype != "auto":
+        return args.weight_dtype
+    if device.type != "cpu" or args.precision == "fp8" or not args.ckpt:
+        return "fp32"
+    try:
+        return stored_weight_dtype(args.ckpt)
+    except (OSError, ValueError, KeyError) as e:
+        raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
 
 
 def load_model(args):
@@ -60,6 +75,7 @@ def load_model(args):
     ``args.device``, FP8 linears with ``args.precision == 'fp8'``, GEMM weights held in
     ``args.weight_dtype`` (an FP32 model on the CPU)."""
     device = resolve_device(args.device)
+    args.weight_dtype = resolve_weight_dtype(args, device)
     held = WEIGHT_DTYPES[args.weight_dtype]
     if held != torch.float32:
         if args.precision == "fp8":
@@ -147,7 +163,8 @@ def _run(args) -> int:
     if args.json:
         out = {"text": texts[0], **({"texts": texts} if len(texts) > 1 else {}), "token_ids": res.tokens,
                **res.as_dict(),
-               "attention": "gqa" if cfg.attn == "gqa" else args.attention, "cache_dtype": args.cache_dtype}
+               "attention": "gqa" if cfg.attn == "gqa" else args.attention, "cache_dtype": args.cache_dtype,
+               "weight_dtype": args.weight_dtype}
         if args.speculative:
             out["speculative"] = args.speculative
         if totals is not None:

@@ -11,8 +11,8 @@ import torch
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError
 from flyer.infer.weights import empty_held, hold_weights
-from flyer.interop.hf import (Slot, TextTokenizer, build_empty, checkpoint_dtype, fill_tensor, is_hf_model_dir, load_hf,
-                              read_hf_config, weight_files)
+from flyer.interop.hf import (SCALE_SUFFIX, Slot, TextTokenizer, build_empty, checkpoint_dtype, fill_tensor,
+                              is_hf_model_dir, load_hf, read_hf_config, weight_files)
 from flyer.interop.tensorfile import TensorFile
 from flyer.model.transformer import Transformer
 from flyer.train.checkpoint import check_model_weights, inference_checkpoint, resolve_checkpoint_path
@@ -51,6 +51,19 @@ def loaded_bytes(path: str | Path, dtype: torch.dtype | None = None, held: torch
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
+def stored_weight_dtype(path: str | Path) -> str:
+    """How the checkpoint at ``path`` stores its GEMM weights, as a ``--weight-dtype``: "fp8" for
+    DeepSeek's FP8 format (E4M3 with block scales), else "bf16" or "fp32" by its embedding's dtype."""
+    if is_hf_model_dir(path):
+        files = weight_files(Path(path))
+        scaled = [n[:-len(SCALE_SUFFIX)] for n in files if n.endswith(SCALE_SUFFIX)]
+        if scaled and TensorFile(files[scaled[0]]).dtype(scaled[0]) == torch.float8_e4m3fn:
+            return "fp8"
+        return "bf16" if checkpoint_dtype(files) == torch.bfloat16 else "fp32"
+    tf = TensorFile(inference_checkpoint(path)[0] / "model.safetensors")
+    return "bf16" if tf.dtype("embed.weight") == torch.bfloat16 else "fp32"
+
+
 def init_source(path: str | Path) -> tuple[ModelConfig, Path]:
     """(model config, its tokenizer.json) of a checkpoint to fine-tune from (``flyer train --init``)."""
     if is_hf_model_dir(path):
@@ -70,4 +83,4 @@ def load_init_weights(model: Transformer, path: str | Path, mesh) -> None:
     mesh.load_full_state_dict(model, source.state_dict())
 
 
-__all__ = ["init_source", "load_init_weights", "load_pretrained", "loaded_bytes"]
+__all__ = ["init_source", "load_init_weights", "load_pretrained", "loaded_bytes", "stored_weight_dtype"]
