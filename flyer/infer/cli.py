@@ -118,8 +118,13 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+CACHE_DTYPE_HELP = ("auto: fp32 for a Hugging Face directory computed in FP32 (stored in FP32, or its weights held "
+                    "by --weight-dtype, auto's choice on the CPU), so greedy tokens match transformers' FP32 model; "
+                    "else bf16 (half the cache bytes per token)")
+
+
 def auto_cache_dtype(ckpt: str | None, model: Transformer) -> str:
-    """"fp32" for an HF import held in FP32 (so greedy tokens match transformers'), else "bf16"."""
+    """"fp32" for an HF import computed in FP32 (so greedy tokens match transformers'), else "bf16"."""
     return "fp32" if ckpt and is_hf_model_dir(ckpt) and model.embed.weight.dtype == torch.float32 else "bf16"
 
 
@@ -212,8 +217,7 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=["auto", "fp8"], default="auto",
                    help="auto: the checkpoint's dtype (an FP8 checkpoint dequantized to bf16); fp8: linear layers "
                         "in FP8 (DeepSeek's 128x128 weight blocks, as an FP8 checkpoint stores them)")
-    p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
+    p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto", help=CACHE_DTYPE_HELP)
     add_weight_dtype_flag(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1,

@@ -20,7 +20,8 @@ import torch
 from flyer import kernels
 from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
-from flyer.infer.cli import DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype, load_model
+from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
+                             load_model)
 from flyer.interop.hf import is_hf_model_dir
 from flyer.serve.engine import Engine, EngineConfig, open_disk_prefix_cache
 
@@ -155,8 +156,7 @@ def register(sub) -> None:
                    help="on-disk prefix cache under the in-memory one (shared with flyer generate --prefix-block "
                         "BLOCK_SIZE; for a model with MTP, under --speculative mtp: its blocks hold the MTP cache too)")
     p.add_argument("--prefix-cache-size", default="1G", help="size bound of the on-disk prefix cache (LRU)")
-    p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto: fp32 for a Hugging Face directory stored in FP32, else bf16")
+    p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto", help=CACHE_DTYPE_HELP)
     add_weight_dtype_flag(p)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
