@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from flyer.cli import main
+from flyer.config import preset
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
 from flyer.model.transformer import Transformer
@@ -330,3 +331,32 @@ def test_cuda_training_checkpoints_resume_and_load_on_cpu(tmp_path, data_cache, 
     assert len(loss) == 6 and all(math.isfinite(v) for v in loss) and loss[-1] < loss[0]
     model, cfg, tok = ckpt.load_for_inference(tmp_path / "gpu", device="cpu")
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_a_verified_checkpoint_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    """Loading reads a checkpoint several times over (its config, its weights' header, its weights),
+    each verified: files hashed once stay verified while unchanged, so ``flyer generate --ckpt``
+    hashes each once; a file written since (or in the last two seconds, the mtime's granularity) is
+    hashed again, and corruption is still caught."""
+    model = Transformer(preset("tiny"))
+    tok = {"model": {"type": "WordLevel", "vocab": {"<unk>": 0}, "unk_token": "<unk>"}}
+    files = {"model.safetensors": model.state_dict(), "config.json": model.cfg.to_dict(), "tokenizer.json": tok}
+    step = ckpt.save_checkpoint(tmp_path / "checkpoints", 1, files)
+    hashed = []
+    real = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    ckpt.verify_checkpoint(step)
+    ckpt.verify_checkpoint(step)
+    assert hashed.count("model.safetensors") == 2  # just written: not remembered
+    old = time.time() - 60
+    for f in step.iterdir():
+        os.utime(f, (old, old))
+    hashed.clear()
+    assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu",
+                 "--json"]) == 0
+    assert hashed.count("model.safetensors") == 1, hashed
+    data = bytearray((step / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (step / "model.safetensors").write_bytes(bytes(data))  # the same size, a new mtime
+    with pytest.raises(ckpt.CheckpointError, match="checksum mismatch"):
+        ckpt.verify_checkpoint(step)

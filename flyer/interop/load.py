@@ -21,7 +21,7 @@ from flyer.train.checkpoint import check_model_weights, inference_checkpoint, re
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     held: torch.dtype | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
     """(model in eval mode, config, tokenizer with its EOS) from ``path``. ``dtype``: parameter dtype
-    of an HF import (default: the checkpoint's); flyer checkpoints load as saved. ``held``: an FP32
+    of an HF import (default: the checkpoint's); a flyer run loads in FP32, as it trains. ``held``: an FP32
     model whose GEMM weights are held in BF16 or FP8 (``flyer.infer.weights``), written as held
     tensor by tensor: the FP32 weights are never in memory."""
     if is_hf_model_dir(path):
