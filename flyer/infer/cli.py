@@ -215,8 +215,9 @@ def register(sub) -> None:
     p.add_argument("--attention", choices=ATTENTION_MODES, default="absorbed",
                    help="absorbed = latent cache (default); naive = per-head K/V cache, for comparison")
     p.add_argument("--precision", choices=["auto", "fp8"], default="auto",
-                   help="auto: the checkpoint's dtype (an FP8 checkpoint dequantized to bf16); fp8: linear layers "
-                        "in FP8 (DeepSeek's 128x128 weight blocks, as an FP8 checkpoint stores them)")
+                   help="auto: the checkpoint's dtype (an FP8 checkpoint dequantized to bf16), or FP32 with the "
+                        "weights held (--weight-dtype); fp8: linear layers in FP8 (DeepSeek's 128x128 weight "
+                        "blocks, as an FP8 checkpoint stores them)")
     p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto", help=CACHE_DTYPE_HELP)
     add_weight_dtype_flag(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")

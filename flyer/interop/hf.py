@@ -21,7 +21,8 @@ DeepseekV3 / V2 / Llama / Qwen2 layout (DeepSeek's released checkpoints use the 
 flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2,
 DeepseekV3 with ``rope_interleave: false``) get their rope rows permuted on the way in and out.
 DeepSeek's FP8 format stores a linear weight as ``float8_e4m3fn`` plus ``weight_scale_inv``,
-one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on import.
+one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on import, or, into a
+model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as its codes and scales.
 """
 
 from __future__ import annotations
