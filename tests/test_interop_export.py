@@ -18,7 +18,9 @@ from flyer.fp8.quant import quantize_blocks
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export_model, parse_size
 from flyer.interop.hf import TextTokenizer, load_hf
-from flyer.interop.load import load_pretrained
+from flyer.interop.load import load_init_weights, load_pretrained
+from flyer.interop.tensorfile import TensorFile
+from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 from flyer.train.trainer import Trainer, TrainConfig
 from tests.hf_models import build
@@ -229,3 +231,46 @@ def test_gqa_model_exports_without_its_mtp_module_and_refuses_experts(tmp_path, 
     with pytest.raises(ConfigError, match="n_dense_layers.*no routed experts"):
         export_model(moe, tok, tmp_path / "moe", "bf16")
     assert not (tmp_path / "moe").exists()
+
+
+class _RankPart(torch.nn.Module):
+    """What one rank holds of ``model`` (as ``PipelineModel`` registers it: one-process names): the
+    layers ``keep``, the norm and head, and the second half of each expert stack (rank 1 of EP 2)."""
+
+    def __init__(self, model: Transformer, keep: list[int]):
+        super().__init__()
+        self.cfg = model.cfg
+        self.layers = torch.nn.ModuleDict({str(i): model.layers[i] for i in keep})
+        self.norm, self.head = model.norm, model.head
+        for m in self.modules():
+            if isinstance(m, Experts):
+                half = m.n_local // 2
+                for w in ("w1", "w2", "w3"):
+                    setattr(m, w, torch.nn.Parameter(getattr(m, w).data[half:].clone()))
+                m.first, m.n_local = half, m.n_local - half
+
+
+@pytest.mark.parametrize("source", ["hf", "run"])
+def test_train_init_reads_only_what_a_rank_holds(run, tmp_path, monkeypatch, source):
+    """``--init`` fills what one rank holds (its pipeline stages, its experts of each stack) tensor
+    by tensor: the values are the checkpoint's, and the bytes read are those of the part held, not
+    of the whole model (each rank used to load all of it in FP32 first)."""
+    if source == "hf":
+        build("v3", tmp_path / "src")
+        path, whole = tmp_path / "src", load_hf(tmp_path / "src", dtype=torch.float32)[0]
+    else:
+        path, whole = run, load_pretrained(run)[0]
+    torch.manual_seed(1)
+    part = _RankPart(Transformer(whole.cfg), keep=[whole.cfg.n_layers - 1])
+    read = []
+    real = TensorFile.read_into
+    monkeypatch.setattr(TensorFile, "read_into", lambda self, name, out, rows=None: read.append(
+        out.numel() * out.element_size()) or real(self, name, out, rows))
+    load_init_weights(part, path)
+    want = whole.state_dict()
+    for name, t in part.state_dict().items():
+        w = want[name]
+        if ".experts." in name:
+            w = w[w.shape[0] // 2:]
+        assert torch.equal(t, w.to(t.dtype)), name
+    assert sum(read) == sum(t.numel() * t.element_size() for t in part.state_dict().values())  # both FP32

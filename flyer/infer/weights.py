@@ -111,42 +111,39 @@ def empty_held(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device 
     return allocate(model, device).eval()
 
 
-def _target(model: nn.Module, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The tensor of state-dict entry ``key`` (a parameter or buffer) and its FP8 block scales, if held so."""
+def held_scale(model: nn.Module, key: str, expert: int | None = None) -> torch.Tensor | None:
+    """The 128x128 block scales of state-dict entry ``key`` (its slice ``expert`` of a stack) where
+    ``model`` holds it as FP8 codes (``HeldFP8Linear``, ``HeldFP8Experts``), else None."""
     path, _, attr = key.rpartition(".")
     m = model.get_submodule(path)
-    return getattr(m, attr), getattr(m, f"{attr}_scale") if isinstance(m, (HeldFP8Linear, HeldFP8Experts)) else None
+    if not isinstance(m, (HeldFP8Linear, HeldFP8Experts)):
+        return None
+    scale = getattr(m, f"{attr}_scale")
+    return scale if expert is None else scale[expert]
 
 
 @torch.no_grad()
-def write_weight(model: nn.Module, key: str, value: torch.Tensor, expert: int | None = None) -> None:
-    """Write a checkpoint's ``value`` of state-dict entry ``key`` (its slice ``expert`` of a stack) into
-    ``model`` as the model holds it: FP8 codes quantized in 128x128 blocks, as ``hold_weights``
-    quantizes; else copied, rounded to the parameter's dtype as ``.to()`` rounds."""
-    dest, scale = _target(model, key)
-    if expert is not None:
-        dest, scale = dest[expert], None if scale is None else scale[expert]
+def write_weight(dest: torch.Tensor, value: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """Write a checkpoint's ``value`` into the parameter (or slice) ``dest`` as it is held: with
+    its FP8 block ``scale`` (``held_scale``), quantized in 128x128 blocks into codes and scales as
+    ``hold_weights`` quantizes; else copied, rounded to its dtype as ``.to()`` rounds."""
     if scale is None:
         dest.copy_(value)
         return
     codes, s = _quantize(value.float())
-    _write_codes(key, dest, scale, codes, s)
+    write_fp8_codes(dest, scale, codes, s)
 
 
 @torch.no_grad()
-def write_fp8_codes(model: nn.Module, key: str, codes: torch.Tensor, scale: torch.Tensor,
-                    expert: int | None = None) -> bool:
-    """Write a checkpoint's own E4M3 ``codes`` and 128x128 block ``scale`` of parameter ``key``
-    (slice ``expert``) where ``model`` holds it as FP8 codes, unchanged: nothing is rounded again
-    (requantizing their values would not give them back wherever a block's scale is not its
-    amax / 448). Returns False, writing nothing, where the model holds it otherwise."""
-    dest, held = _target(model, key)
-    if held is None:
-        return False
-    if expert is not None:
-        dest, held = dest[expert], held[expert]
-    _write_codes(key, dest, held, codes, scale)
-    return True
+def write_fp8_codes(dest: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor, codes_scale: torch.Tensor) -> None:
+    """E4M3 ``codes`` and their 128x128 block scales into held ones (``dest``, ``scale``) unchanged, so
+    a checkpoint's own are not rounded again (requantizing their values would not give them back
+    wherever a block's scale is not its amax / 448). NaN codes are refused (the kernels do not look
+    for them)."""
+    if nan := _nan_codes(codes):
+        raise ValueError(f"{nan} of its FP8 codes are NaN (a corrupt checkpoint, or NaN weights)")
+    dest.copy_(codes)
+    scale.copy_(codes_scale)
 
 
 def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,15 +152,6 @@ def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes, scale = quantize_blocks_batched(w.detach().reshape(-1, *w.shape[-2:]))
     codes = codes[..., :w.shape[-1]].reshape(w.shape)
     return codes, scale.reshape(*w.shape[:-2], *scale.shape[-2:])
-
-
-def _write_codes(name: str, dest: torch.Tensor, dest_scale: torch.Tensor, codes: torch.Tensor,
-                 scale: torch.Tensor) -> None:
-    """Codes and scales into held ones, NaN codes refused (the kernels do not look for them)."""
-    if nan := _nan_codes(codes):
-        raise ValueError(f"{name}: {nan} of its FP8 codes are NaN (a corrupt checkpoint, or NaN weights)")
-    dest.copy_(codes)
-    dest_scale.copy_(scale)
 
 
 def _nan_codes(codes: torch.Tensor) -> int:
@@ -256,5 +244,5 @@ def _hold(m: nn.Module, attr: str, dtype: torch.dtype, device: torch.device | No
     return w.numel() * (w.element_size() - held.element_size())
 
 
-__all__ = ["FP8", "WEIGHT_DTYPES", "HeldFP8Experts", "HeldFP8Linear", "empty_held", "hold_weights",
+__all__ = ["FP8", "WEIGHT_DTYPES", "HeldFP8Experts", "HeldFP8Linear", "empty_held", "held_scale", "hold_weights",
            "write_fp8_codes", "write_weight"]

@@ -31,7 +31,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tokenizers import Tokenizer
@@ -40,7 +40,7 @@ from flyer import kernels
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
-from flyer.infer.weights import empty_held, write_fp8_codes, write_weight
+from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import from_hf_config, model_type
 from flyer.interop.tensorfile import TensorFile
 from flyer.model.init import allocate
@@ -288,12 +288,15 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
 
 
 def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
-                    files: dict[str, Path] | None = None) -> None:
+                    files: dict[str, Path] | None = None,
+                    place: Callable[[Slot], Slot | None] | None = None) -> None:
     """Fill ``model`` (any device; its parameters' dtypes are kept) from the directory's safetensors,
     one tensor at a time. A missing shard or tensor, a tensor the config does not expect or of the
     wrong shape: ``CheckpointError`` naming the file and the tensor. Into a model holding its weights
     (``flyer.infer.weights.empty_held``) each tensor is written as held: an E4M3 weight held as FP8
-    keeps the file's own codes and block scales, anything else is rounded (or quantized) as held."""
+    keeps the file's own codes and block scales, anything else is rounded (or quantized) as held.
+    ``place``: where a tensor's slot is in ``model`` when that holds part of the model (a rank's
+    experts and stages), None for a tensor it does not hold (not read)."""
     path = Path(path)
     files = files if files is not None else weight_files(path)
     slots = hf_names(model.cfg, rope_half)
@@ -310,12 +313,14 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
         if slot is None:
             raise CheckpointError(f"{f}: tensor {name} is not expected by the config "
                                   f"(a different architecture or size?)")
+        seen.add(name)
+        if place is not None and (slot := place(slot)) is None:
+            continue
         dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
         if tf.shape(name) != tuple(dest.shape):
             raise CheckpointError(f"{f}: tensor {name} has shape {tf.shape(name)}, "
                                   f"the config expects {tuple(dest.shape)}")
         fill_tensor(model, dest, tf, name, slot, files, headers)
-        seen.add(name)
     missing = sorted(set(slots) - seen)
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
@@ -324,15 +329,19 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
 
 @torch.no_grad()
 def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot,
-                files: dict[str, Path], headers: dict[Path, TensorFile]) -> None:
+                files: dict[str, Path], headers: dict[Path, TensorFile], rows: tuple[int, int] | None = None) -> None:
     """Write tensor ``name`` of ``tf`` into ``dest``, the parameter (or expert slice) ``slot`` names:
     FP8 dequantized with its block scales, or, held as FP8 codes, its codes and scales as they are
     (rope rows permuted as the values are) where the permutation keeps every row in its 128-row
     block; rope rows permuted; read straight into the parameter when the dtypes agree; else
-    written as the model holds it (``write_weight``). NaN codes: ``CheckpointError``."""
+    written as the model holds it (``write_weight``). NaN codes: ``CheckpointError``. ``rows``: only
+    those of the tensor's first dimension (a rank's slice of an expert stack; not FP8)."""
+    held = held_scale(model, slot.key, slot.expert) if dest.dtype == FP8 else None  # FP8 codes, held
     try:
         if tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale_name = name + SCALE_SUFFIX
+            if rows is not None:  # DeepSeek's format stores experts one by one; a stack is flyer's, never FP8
+                raise CheckpointError(f"{tf.path}: FP8 tensor {name} is a stack of experts")
             if scale_name not in files:
                 raise CheckpointError(f"{tf.path}: FP8 tensor {name} has no {scale_name}")
             sf = headers.setdefault(files[scale_name], TensorFile(files[scale_name]))
@@ -341,19 +350,19 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
                 raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
                                       f"128x128 blocks of {name} need {blocks}")
             codes, scale = tf.read(name), sf.read(scale_name).float()
-            if codes.dtype == torch.float8_e4m3fn:
-                rows = torch.arange(codes.shape[0])
-                moved = rows if slot.rope_rows is None else permute_rope(rows, slot.rope_rows)
-                if torch.equal(moved // TILE, rows // TILE) and write_fp8_codes(  # each row keeps its block's scale
-                        model, slot.key, codes.view(torch.uint8)[moved].view(codes.dtype), scale, slot.expert):
+            if codes.dtype == torch.float8_e4m3fn and held is not None:
+                order = torch.arange(codes.shape[0])
+                moved = order if slot.rope_rows is None else permute_rope(order, slot.rope_rows)
+                if torch.equal(moved // TILE, order // TILE):  # every row keeps its block, and so its scale
+                    write_fp8_codes(dest, held, codes.view(torch.uint8)[moved].view(codes.dtype), scale)
                     return
             t = dequantize_fp8_blocks(codes, scale)
         elif slot.rope_rows is None and tf.dtype(name) == dest.dtype and dest.is_contiguous() and dest.is_cpu:
-            tf.read_into(name, dest)
+            tf.read_into(name, dest, rows)
             return
         else:
-            t = tf.read(name)
-        write_weight(model, slot.key, t if slot.rope_rows is None else permute_rope(t, slot.rope_rows), slot.expert)
+            t = tf.read(name, rows)
+        write_weight(dest, t if slot.rope_rows is None else permute_rope(t, slot.rope_rows), held)
     except CheckpointError:
         raise
     except ValueError as e:  # NaN codes, read or quantized

@@ -7,13 +7,15 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError
 from flyer.infer.weights import empty_held, hold_weights
 from flyer.interop.hf import (SCALE_SUFFIX, Slot, TextTokenizer, build_empty, checkpoint_dtype, fill_tensor,
-                              is_hf_model_dir, load_hf, read_hf_config, weight_files)
+                              is_hf_model_dir, load_hf, load_hf_weights, read_hf_config, rope_half_layout, weight_files)
 from flyer.interop.tensorfile import TensorFile
+from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 from flyer.train.checkpoint import check_model_weights, inference_checkpoint, resolve_checkpoint_path
 
@@ -28,12 +30,23 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         return load_hf(path, device, dtype, held)
     ckpt, cfg, tok = inference_checkpoint(path)
     model = empty_held(cfg, held or torch.float32, device)
-    tf = TensorFile(ckpt / "model.safetensors")
-    check_model_weights(model, {k: tf.shape(k) for k in tf.names()}, f"checkpoint {ckpt}")
-    state, files = model.state_dict(), dict.fromkeys(tf.names(), tf.path)
-    for k in tf.names():  # one tensor at a time: loading takes the model's memory, not twice it
-        fill_tensor(model, state[k], tf, k, Slot(k), files, {tf.path: tf})
+    _fill_from_run(model, ckpt)
     return model, cfg, TextTokenizer(tok)
+
+
+def _fill_from_run(model: nn.Module, ckpt: Path, stacks: dict[str, tuple[int, int]] | None = None) -> None:
+    """Fill ``model`` from the flyer checkpoint ``ckpt``'s weights one tensor at a time (loading takes
+    the model's memory, not twice it), their names and shapes checked against the whole model's.
+    A model holding part of it (a pipeline rank's stages) skips the rest; ``stacks``: the rows
+    (experts) of each expert stack it holds, read alone."""
+    tf = TensorFile(ckpt / "model.safetensors")
+    with torch.device("meta"):
+        whole = Transformer(model.cfg)
+    check_model_weights(whole, {k: tf.shape(k) for k in tf.names()}, f"checkpoint {ckpt}")
+    state, files, headers = model.state_dict(), dict.fromkeys(tf.names(), tf.path), {tf.path: tf}
+    for k in tf.names():
+        if k in state:
+            fill_tensor(model, state[k], tf, k, Slot(k), files, headers, (stacks or {}).get(k))
 
 
 def loaded_bytes(path: str | Path, dtype: torch.dtype | None = None, held: torch.dtype | None = None) -> int:
@@ -77,10 +90,27 @@ def init_source(path: str | Path) -> tuple[ModelConfig, Path]:
 
 
 @torch.no_grad()
-def load_init_weights(model: Transformer, path: str | Path, mesh) -> None:
-    """Fill ``model`` (this rank's slice under expert parallelism) with the weights of ``path``."""
-    source = load_pretrained(path, "cpu", torch.float32)[0]
-    mesh.load_full_state_dict(model, source.state_dict())
+@torch.no_grad()
+def load_init_weights(model: nn.Module, path: str | Path) -> None:
+    """Fill ``model`` with the weights of ``path``: a ``Transformer``, or what one rank holds of it
+    (its slice of each expert stack under expert parallelism, its stages' modules under
+    pipelining), tensor by tensor. A rank reads only the tensors, and the experts, it holds."""
+    state = model.state_dict()
+    local = {f"{name}.{w}": (m.first, m.first + m.n_local) for name, m in model.named_modules()
+             if isinstance(m, Experts) for w in ("w1", "w2", "w3")}
+    if not is_hf_model_dir(path):
+        _fill_from_run(model, resolve_checkpoint_path(path), local)
+        return
+
+    def place(slot: Slot) -> Slot | None:
+        if slot.key not in state:
+            return None
+        if slot.key not in local:
+            return slot
+        lo, hi = local[slot.key]
+        return Slot(slot.key, slot.expert - lo, slot.rope_rows) if lo <= slot.expert < hi else None
+    files = weight_files(Path(path))
+    load_hf_weights(model, path, rope_half_layout(read_hf_config(path, list(files))[1]), files, place)
 
 
 __all__ = ["init_source", "load_init_weights", "load_pretrained", "loaded_bytes", "stored_weight_dtype"]

@@ -51,9 +51,13 @@ class TensorFile:
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self.entries[name]["dtype"]]
 
-    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (contiguous CPU, the stored shape and dtype) with tensor ``name``."""
+    def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Fill ``out`` (contiguous CPU, the stored shape and dtype) with tensor ``name``; ``rows``
+        (lo, hi): only those of its first dimension (one contiguous range of the file)."""
         lo, hi = self.entries[name]["data_offsets"]
+        if rows is not None:
+            row = (hi - lo) // max(self.shape(name)[0], 1)
+            lo, hi = lo + rows[0] * row, lo + rows[1] * row
         buf = out.detach().reshape(-1).view(torch.uint8)
         if buf.numel() != hi - lo:
             raise CheckpointError(f"{self.path}: tensor {name} holds {hi - lo} bytes, expected {buf.numel()}")
@@ -63,8 +67,11 @@ class TensorFile:
                 raise CheckpointError(f"{self.path}: tensor {name} is truncated")
         return out
 
-    def read(self, name: str) -> torch.Tensor:
-        return self.read_into(name, torch.empty(self.shape(name), dtype=self.dtype(name)))
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        shape = self.shape(name)
+        if rows is not None:
+            shape = (rows[1] - rows[0], *shape[1:])
+        return self.read_into(name, torch.empty(shape, dtype=self.dtype(name)), rows)
 
 
 def write_tensors(path: str | Path, items: Iterable[tuple[str, tuple[int, ...], torch.dtype, object]],

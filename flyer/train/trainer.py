@@ -323,7 +323,7 @@ class Trainer:
             self.model = self.pipeline = PipelineModel(self.model, self.mesh, tc.pp_schedule, self.micro_batches,
                                                        tc.batch_size, tc.seq_len, overlap=overlap)
         if tc.init and start is None:  # a resumed run has its own weights
-            load_init_weights(self.model, tc.init, self.mesh)
+            load_init_weights(self.model, tc.init)
         self.optimizer = build_optimizer(self.model, tc, self.mesh)
         self.memory_written = False  # memory.json: after the first optimizer step
         self.flops_per_token = model_flops_per_token(self.cfg, tc.seq_len)
