@@ -35,6 +35,7 @@ from flyer import kernels
 from flyer.config import preset
 from flyer.infer import Decoder, GenerationConfig, generate
 from flyer.infer.generate import open_prefix_cache
+from flyer.interop.load import load_pretrained
 from flyer.model.counts import kv_cache_bytes_per_token, param_counts
 from flyer.model.transformer import Transformer
 from flyer.runtime import tune_malloc
@@ -132,9 +133,8 @@ def train_checkpoint(run: Path, steps: int, threads: int) -> None:
 
 
 def bench_mtp(ckpt: Path, new_tokens: int, draft_tokens: int) -> dict:
-    from flyer.train.checkpoint import load_for_inference
-
-    model, cfg, tok = load_for_inference(ckpt)
+    model, cfg, text_tok = load_pretrained(ckpt)
+    tok = text_tok.tok
     texts = ["ROMEO:\nWhat light", "First Citizen:\nBefore we proceed any further, hear me",
              "KING HENRY:\nOnce more unto", "To be, or not to be"]
     prompts = [tok.encode(t, add_special_tokens=False).ids or [0] for t in texts]
@@ -169,9 +169,7 @@ def bench_mtp(ckpt: Path, new_tokens: int, draft_tokens: int) -> dict:
 
 def bench_prefix(ckpt: Path | None, prompt_len: int, block: int) -> dict:
     if ckpt is not None:
-        from flyer.train.checkpoint import load_for_inference
-
-        model = load_for_inference(ckpt)[0]
+        model = load_pretrained(ckpt)[0]
     else:
         torch.manual_seed(0)
         model = Transformer(preset("tiny", max_seq_len=4096, original_seq_len=4096)).eval()

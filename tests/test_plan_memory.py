@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from flyer.interop.load import load_pretrained
 from flyer.cli import main
 from flyer.errors import CheckpointError
 from flyer.parallel.memory import KEYS
@@ -85,7 +86,7 @@ def test_pp2_dp2_1f1b_zero1_memory_resume_and_layout(tmp_path, data_cache, capsy
     # the same arithmetic on the same inputs (weights, shards, sampler, RNG restored): equal, not close
     assert got == want
 
-    model, cfg, _ = ckpt.load_for_inference(full)  # one process, single-process layout
+    model, cfg, _ = load_pretrained(full)  # one process, single-process layout
     assert model.layers[cfg.n_layers - 1].ffn.experts.w1.shape[0] == cfg.n_routed_experts
     with torch.no_grad():
         assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from child_env import child_env
 
+from flyer.interop.load import load_pretrained
 from flyer.cli import main
 from flyer.errors import CheckpointError, FieldError
 from flyer.train import checkpoint as ckpt
@@ -67,7 +68,7 @@ def test_keep_never_prunes_the_valid_checkpoints_for_an_invalid_newer_one(tmp_pa
     assert names == [ckpt.step_dir_name(s) for s in (99, 6, 4)]  # 6 just written, 4 resumed from
     ckpt.verify_checkpoint(root / ckpt.step_dir_name(6))
     with pytest.warns(UserWarning):  # the invalid step_00000099 is skipped
-        model, cfg, tok = ckpt.load_for_inference(tmp_path)
+        model, cfg, tok = load_pretrained(tmp_path)
 
 
 def test_prune_keeps_the_newest_valid_and_protected(tmp_path):

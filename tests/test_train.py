@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flyer.interop.load import load_pretrained
 from flyer.cli import main
 from flyer.config import preset
 from flyer.train import checkpoint as ckpt
@@ -75,7 +76,7 @@ def test_tied_embeddings_checkpoint_resume_and_load(tmp_path, data_cache):
     assert resumed.step == 2 and resumed.model.head.weight is resumed.model.embed.weight
     resumed.run()
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
-    model = ckpt.load_for_inference(tmp_path / "cut")[0]
+    model = load_pretrained(tmp_path / "cut")[0]
     assert model.cfg.tie_embeddings and torch.equal(model.head.weight, model.embed.weight)
 
 
@@ -312,7 +313,8 @@ def test_smoke_run_outputs(tmp_path, data_cache, capsys):
     assert [r["step"] for r in recs if "val_loss" in r] == [2, 4]
     assert (out / "loss.png").stat().st_size > 1000 and (out / "expert_load.png").stat().st_size > 1000
     assert len(ckpt.list_checkpoints(out / "checkpoints")) == 1  # --keep 1
-    model, cfg, tok = ckpt.load_for_inference(out)
+    model, cfg, text_tok = load_pretrained(out)
+    tok = text_tok.tok
     assert cfg.vocab_size == tok.get_vocab_size()
     x = torch.tensor([tok.encode("To be, or not to be").ids])
     assert model(x).shape == (1, x.shape[1], cfg.vocab_size)
@@ -329,7 +331,7 @@ def test_cuda_training_checkpoints_resume_and_load_on_cpu(tmp_path, data_cache, 
     recs = read_metrics(tmp_path / "gpu" / "metrics.jsonl")
     loss = [r["loss"] for r in recs if "loss" in r]
     assert len(loss) == 6 and all(math.isfinite(v) for v in loss) and loss[-1] < loss[0]
-    model, cfg, tok = ckpt.load_for_inference(tmp_path / "gpu", device="cpu")
+    model, cfg, tok = load_pretrained(tmp_path / "gpu", device="cpu")
     assert next(model.parameters()).device.type == "cpu"
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from flyer.interop.load import load_pretrained
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
 
@@ -30,7 +31,7 @@ def test_torchrun_ep4_two_nodes_trains_checkpoints_and_resumes(tmp_path):
     path = ckpt.resolve_checkpoint_path(tmp_path / "run")
     assert sorted(p.name for p in path.iterdir() if p.name.startswith("optimizer")) == [
         f"optimizer-rank{r}.pt" for r in range(4)]
-    model, cfg, _ = ckpt.load_for_inference(tmp_path / "run")  # full single-process layout
+    model, cfg, _ = load_pretrained(tmp_path / "run")  # full single-process layout
     assert model.layers[1].ffn.experts.w1.shape[0] == cfg.n_routed_experts
 
 

@@ -31,6 +31,7 @@ import pytest
 from child_env import child_env
 from ranks import needs_split_backward
 
+from flyer.interop.load import load_pretrained
 from flyer.parallel.launch import free_port
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
@@ -161,7 +162,7 @@ def test_kill_9_mid_run_and_resume_continues_the_same_trajectory(pp_run, data_ca
     for step in got:  # same layout, same order of every sum: the same numbers
         for key in ("loss", "main_loss", "mtp_loss", "aux_loss", "grad_norm"):
             assert got[step][key] == pp[step][key], (step, key, got[step][key], pp[step][key])
-    model, cfg, _ = ckpt.load_for_inference(out)  # the one-process layout
+    model, cfg, _ = load_pretrained(out)  # the one-process layout
     assert len(model.layers) == cfg.n_layers and model.layers[1].ffn.experts.w1.shape[0] == cfg.n_routed_experts
     assert len(model.mtp) == cfg.mtp_depth
 

@@ -35,7 +35,6 @@ from tokenizers import Tokenizer
 
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError
-from flyer.model.transformer import Transformer
 
 FORMAT_VERSION = 1
 _PREFIX = "step_"
@@ -258,21 +257,9 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     raise CheckpointError(f"no valid checkpoint under {p}")
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, cfg, tokenizer) from a run directory or a step directory, weights verified."""
-    ckpt, cfg, tok = inference_checkpoint(path)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device)
-    for b in model.buffers():  # non-persistent buffers (load counters) are not in the file
-        b.zero_()
-    load_model_weights(model, read_tensors(ckpt / "model.safetensors"), f"checkpoint {ckpt}")
-    return model.eval(), cfg, tok
-
-
 def inference_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, Tokenizer]:
     """(step directory, model config, tokenizer) of a run directory or a step directory, verified;
-    its weights are ``model.safetensors`` there."""
+    its weights are ``model.safetensors`` there (``flyer.interop.load.load_pretrained`` loads them)."""
     ckpt = resolve_checkpoint_path(path)
     try:
         cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
