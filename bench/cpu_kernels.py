@@ -6,14 +6,16 @@ and ``speedup`` = eager / kernel, on the small preset's shapes (2048 tokens, dim
 of width 256 with top-4 routing padded to 64 rows, a 512 x 8192 logits chunk, a 2048 x 1152 FP8
 activation in 1x128 tiles; the FP32 grouped GEMM of the 32 experts' up-projections at 1 to 24 rows
 each, against one ``torch.mm`` per expert; ``mla_decode_*``: one layer's absorbed MLA decode
-attention over a paged cache, read in place against gathered, at B rows of S slots). Then the
+attention over a paged cache, read in place against gathered, at B rows of S slots; ``grouped_mm_bf16_*``:
+the same up-projections held in BF16 at 2 to 24 rows each, against ``torch.mm`` on each expert's weight
+widened to FP32, what the eager path runs). Then the
 grouped GEMM streaming 8 layers' experts from memory: on one and two expert threads
 (``grouped_mm_expert_threads``), and with the weights held in BF16 and in FP8 (E4M3 codes with
 128x128 block scales, DeepSeek's checkpoint format) against FP32 (``grouped_mm_held``). Last, a
 prefill chunk's held-weight GEMM on one and two expert threads against ``torch.mm`` on one and two
 torch threads (``linear_held_prefill``).
 
-    python bench/cpu_kernels.py [--rounds 7] [--threads N]
+    python bench/cpu_kernels.py [--rounds 7] [--threads N] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -75,10 +77,14 @@ def cases() -> dict:
         return lambda: fn(eager_index if kernels.cpu_ops() is None else index)
 
     w13 = torch.randn(32, 2 * Fd, D, generator=g)  # the experts' up-projections, FP32 (serving)
+    w13_bf16 = w13.bfloat16()
     grouped = {}
     for r in (1, 4, 8, 16, 24):  # rows per expert: decode steps of 8 to 192 tokens; past FEW_ROWS both are torch.mm
         xr = torch.randn(32 * r, D, generator=g)
         grouped[f"grouped_mm_{r}_rows"] = lambda xr=xr, r=r: kernels.grouped_mm(xr, [r] * 32, w13)
+    for r in (2, 6, 12, 24):  # held in BF16 (flyer serve's default), against torch.mm on each expert widened
+        xr = torch.randn(32 * r, D, generator=g)
+        grouped[f"grouped_mm_bf16_{r}_rows"] = lambda xr=xr, r=r: kernels.grouped_mm(xr, [r] * 32, w13_bf16)
 
     mla = {f"mla_decode_{name}_b{B}_s{S}": _mla_decode_case(name, B, S, g)
            for name, B, S in (("small", 1, 128), ("small", 16, 128), ("small", 16, 1024), ("small", 16, 4096),
@@ -121,7 +127,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="only the entries whose names contain one of these (e.g. grouped_mm)")
     args = ap.parse_args()
+    wanted = (lambda name: any(o in name for o in args.only)) if args.only else (lambda name: True)
     tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,6 +139,8 @@ def main() -> None:
     # mla_decode's tile products run on torch's BLAS where it exports one, else on a plain loop
     out = {"threads": torch.get_num_threads(), "mla_decode_blas": kernels.cpu_ops().has_blas(), "kernels": {}}
     for name, call in cases().items():
+        if not wanted(name):
+            continue
         times = {"eager": [], "kernel": []}
         for _ in range(args.rounds):  # interleaved: drift on a shared host hits both alike
             with kernels.disabled():
@@ -138,9 +149,12 @@ def main() -> None:
         e, k = statistics.median(times["eager"]), statistics.median(times["kernel"])
         out["kernels"][name] = {"eager_ms": round(e, 3), "kernel_ms": round(k, 3), "speedup": round(e / k, 2)}
     layers = [torch.randn(32, 512, 384, generator=torch.Generator().manual_seed(1)) for _ in range(8)]
-    out["grouped_mm_expert_threads"] = _expert_threads(layers, args.rounds)
-    out["grouped_mm_held"] = _held(layers, args.rounds)
-    out["linear_held_prefill"] = _prefill_gemm(args.rounds, args.reps)
+    if wanted("grouped_mm_expert_threads"):
+        out["grouped_mm_expert_threads"] = _expert_threads(layers, args.rounds)
+    if wanted("grouped_mm_held"):
+        out["grouped_mm_held"] = _held(layers, args.rounds)
+    if wanted("linear_held_prefill"):
+        out["linear_held_prefill"] = _prefill_gemm(args.rounds, args.reps)
     print(json.dumps(out))
 
 

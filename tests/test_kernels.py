@@ -94,7 +94,8 @@ def test_swiglu_forward_and_backward(ops, dtype, F_):
 
 
 
-@pytest.mark.parametrize("K", [384, 37])  # full vectors; a vector tail
+# whole 64-byte lines of weights; lines, then vectors, then a scalar tail (58); a scalar tail alone after lines
+@pytest.mark.parametrize("K", [384, 58, 37])
 def test_grouped_mm_is_a_gemm_per_group(ops, K):
     rows = [0, 3, 1, 5, 2, 0, 8, 4, 12]  # empty groups, 1..12 rows (past the 4 rows sharing a weight load)
     x, w = torch.randn(sum(rows), K), torch.randn(len(rows), 70, K)  # 70 weight rows: a partial block
@@ -130,7 +131,7 @@ def _gemm_blocks(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.cat([x @ w[n:n + 128].t() for n in range(0, w.shape[0], 128)], 1)
 
 
-@pytest.mark.parametrize("K", [384, 37])
+@pytest.mark.parametrize("K", [384, 58, 37])
 def test_grouped_mm_on_bf16_held_weights_is_the_fp32_kernel_on_them_widened(ops, K):
     """BF16 weights widen exactly in registers: the kernel's sums are, bit for bit, the FP32
     kernel's on ``w.float()``; ``grouped_mm`` keeps groups up to HELD_FEW_ROWS in the kernel and

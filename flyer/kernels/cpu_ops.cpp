@@ -628,9 +628,11 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor&
 // caller's GEMM). x is FP32; w FP32, or BF16 (weights held at half the bytes for serving: each
 // widens exactly to FP32 in a register, so the sums are those of the FP32 kernel on w.float()).
 // Each output is summed in the same order whatever the blocking.
-constexpr int64_t kRows = 4;       // rows of one group sharing each weight row load
+// rows of one group sharing each weight row load, by weight rows per register block: 4 x 4
+// accumulators fit AVX-512's 32 registers, 6 x 2 AVX2's 16 (against 4 x 2: a weight read 3 times
+// for 16 rows, not 4; 1.1-1.4x at 5-24 rows per expert, bench/cpu_kernels.py)
+constexpr int64_t kRows = Vec::size() >= 16 ? 4 : 6;
 constexpr int64_t kWeightRows = 32;  // weight rows per task
-// weight rows per register block: 4 x 4 accumulators fit AVX-512's 32 registers, 2 x 4 AVX2's 16
 constexpr int kWeightBlock = Vec::size() >= 16 ? 4 : 2;
 
 // Weight rows to prefetch ahead (two register blocks): one core streaming weights from memory
@@ -745,23 +747,39 @@ struct BlockScaled {
   }
 };
 
+// Keeps a row's x vector in a register for its NW FMAs: GCC otherwise folds the load into each of
+// them, reading it NW times, and a step of M x NW FMAs then waits on its loads (AVX2, 16 registers)
+inline void in_register(Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256 r = v;
+  asm("" : "+x"(r));
+  v = r;
+#endif
+}
+
 template <int M, int NW, typename W, typename L>
 inline void dot_block(const W* w, const L& load, const float* x, int64_t K, int64_t N, float* out, int64_t n) {
   Vec acc[M][NW];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NW; ++j) acc[m][j] = Vec(0.f);
-  int64_t k = 0;
-  for (; k + Vec::size() <= K; k += Vec::size()) {
+  const auto step = [&](int64_t k) {
     Vec wv[NW];
-    for (int j = 0; j < NW; ++j) {
-      __builtin_prefetch(w + (j + kPrefetchRows) * K + k);
-      wv[j] = load.vec(w + j * K + k, k);
-    }
+    for (int j = 0; j < NW; ++j) wv[j] = load.vec(w + j * K + k, k);
     for (int m = 0; m < M; ++m) {
-      const Vec xv = Vec::loadu(x + m * K + k);
+      Vec xv = Vec::loadu(x + m * K + k);
+      in_register(xv);
       for (int j = 0; j < NW; ++j) acc[m][j] = at::vec::fmadd(wv[j], xv, acc[m][j]);
     }
+  };
+  // one prefetch per 64-byte line of each weight row (a prefetch per vector took load slots the
+  // FMAs' operands needed: 2-4 per line of BF16 or FP8)
+  constexpr int64_t V = Vec::size(), U = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(W)) / V);
+  int64_t k = 0;
+  for (; k + U * V <= K; k += U * V) {
+    for (int j = 0; j < NW; ++j) __builtin_prefetch(w + (j + kPrefetchRows) * K + k);
+    for (int64_t u = 0; u < U; ++u) step(k + u * V);
   }
+  for (; k + V <= K; k += V) step(k);
   for (int m = 0; m < M; ++m) {
     for (int j = 0; j < NW; ++j) {
       float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[m][j]);
@@ -795,18 +813,27 @@ __attribute__((noinline)) void dot_rows(const W* w, const L& load, const float* 
   for (; n < n1; ++n) dot_block<M, 1>(w + n * K, load.rows(n), x, K, N, out, n);
 }
 
+// fn(std::integral_constant<int, m>{}): a group's row count, 1 <= m <= kRows, as a template argument
+template <typename F>
+inline void with_rows(int64_t m, const F& fn) {
+  static_assert(kRows <= 6, "with_rows dispatches up to 6 rows");
+  switch (m) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    default: return fn(std::integral_constant<int, 6>{});
+  }
+}
+
 template <typename W, typename L>
 inline void dot_rows_of_group(const W* w, const L& load, const float* xp, float* op, int64_t r0, int64_t r1,
                               int64_t K, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t r = r0; r < r1; r += kRows) {
     const float* xr = xp + r * K;
     float* o = op + r * N;
-    switch (std::min(kRows, r1 - r)) {
-      case 1: dot_rows<1>(w, load, xr, K, N, o, n0, n1); break;
-      case 2: dot_rows<2>(w, load, xr, K, N, o, n0, n1); break;
-      case 3: dot_rows<3>(w, load, xr, K, N, o, n0, n1); break;
-      default: dot_rows<4>(w, load, xr, K, N, o, n0, n1); break;
-    }
+    with_rows(std::min(kRows, r1 - r), [&](auto M) { dot_rows<decltype(M)::value>(w, load, xr, K, N, o, n0, n1); });
   }
 }
 
@@ -942,12 +969,8 @@ void run_items(const GroupedCall& c, const W* wp, const LoadOf& load, int64_t be
         for (int64_t r = c.first[g]; r < c.first[g + 1]; r += kRows) {
           const float* xr = xp + r * K;
           float* o = op + r * N;
-          switch (std::min(kRows, c.first[g + 1] - r)) {
-            case 1: dot_widened<1>(wide.data(), nb, xr, K, N, o, n); break;
-            case 2: dot_widened<2>(wide.data(), nb, xr, K, N, o, n); break;
-            case 3: dot_widened<3>(wide.data(), nb, xr, K, N, o, n); break;
-            default: dot_widened<4>(wide.data(), nb, xr, K, N, o, n); break;
-          }
+          with_rows(std::min(kRows, c.first[g + 1] - r),
+                    [&](auto M) { dot_widened<decltype(M)::value>(wide.data(), nb, xr, K, N, o, n); });
         }
       }
     }
