@@ -25,8 +25,10 @@ from transformers import AutoTokenizer
 from flyer.cli import main
 from flyer.config import preset
 from flyer.data.tokenizer import train_bpe
+from flyer.errors import FieldError
 from flyer.infer import GenerationConfig, generate
 from flyer.infer.cli import ByteTokenizer
+from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.interop.hf import TextTokenizer
 from flyer.serve.api import Api, Server, _Choice, chat_renderer
@@ -316,6 +318,26 @@ def test_cli_user_errors_are_one_line(capsys, argv, msg):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_cache_larger_than_the_memory_is_refused_in_one_line(capsys, monkeypatch):
+    """``--kv-cache-memory`` is allocated at start: more than the memory has beside the model is refused
+    naming the flag, before the model loads, instead of a traceback from the allocator or an OOM kill."""
+    model = 4 * param_counts(preset("tiny")).total  # built in FP32
+    monkeypatch.setattr("flyer.runtime.available_memory", lambda device: model + (64 << 20))
+
+    def engine(*_):  # past the check: the server would start here
+        raise FieldError("kv_cache_bytes", "checked")
+
+    monkeypatch.setattr("flyer.serve.cli.Engine", engine)
+    assert main(["serve", "--preset", "tiny", "--kv-cache-memory", "64M"]) == 2
+    assert "--kv-cache-memory: checked" in capsys.readouterr().err
+    assert main(["serve", "--preset", "tiny", "--kv-cache-memory", "65M"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flyer: error: --kv-cache-memory: ") and "\n" not in err, err
+    assert "0.1 GiB of cache beside the model's" in err and "needs about" in err, err
+    assert main(["serve", "--preset", "tiny", "--kv-cache-memory", "1000G"]) == 2
+    assert capsys.readouterr().err.startswith("flyer: error: --kv-cache-memory: ")
 
 
 def test_chat_without_max_tokens_fits_the_cache():

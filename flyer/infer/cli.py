@@ -70,10 +70,12 @@ def resolve_weight_dtype(args, device: torch.device) -> str:
         raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
 
 
-def load_model(args):
+def load_model(args, beside: tuple[str, str, int] | None = None):
     """(model, tokenizer) from ``args.ckpt`` or ``args.preset`` (random weights, byte tokens), on
     ``args.device``, FP8 linears with ``args.precision == 'fp8'``, GEMM weights held in
-    ``args.weight_dtype`` (an FP32 model on the CPU)."""
+    ``args.weight_dtype`` (an FP32 model on the CPU). ``beside``: (field, what, bytes) the caller
+    allocates on the device next (flyer serve's cache), refused up front with the model's bytes
+    when both do not fit."""
     device = resolve_device(args.device)
     args.weight_dtype = resolve_weight_dtype(args, device)
     held = WEIGHT_DTYPES[args.weight_dtype]
@@ -93,6 +95,7 @@ def load_model(args):
         except (OSError, ValueError, KeyError) as e:
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
         require_memory(need, device, "ckpt", f"checkpoint '{args.ckpt}' as loaded (--weight-dtype {args.weight_dtype})")
+        _require_beside(need, device, beside)
         try:
             model, cfg, tok = load_pretrained(args.ckpt, device=device, dtype=dtype, held=held)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -105,6 +108,7 @@ def load_model(args):
         raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
     n = param_counts(cfg).total  # built in FP32 on the CPU, then moved
     require_memory(4 * n, "cpu", "preset", f"{args.preset} ({n / 1e9:,.1f}B parameters in FP32)")
+    _require_beside(4 * n, device, beside)
     torch.manual_seed(args.seed or 0)
     model, tok = Transformer(cfg).to(device), ByteTokenizer()
     try:
@@ -112,6 +116,12 @@ def load_model(args):
     except ValueError as e:  # NaN weights
         raise FieldError("preset", str(e)) from None
     return model, tok
+
+
+def _require_beside(model_bytes: int, device: torch.device, beside: tuple[str, str, int] | None) -> None:
+    if beside is not None:
+        field, what, nbytes = beside
+        require_memory(model_bytes + nbytes, device, field, f"{what} beside the model's {model_bytes / 2**30:,.1f} GiB")
 
 
 def _first_line(e: Exception) -> str:

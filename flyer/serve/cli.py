@@ -76,7 +76,9 @@ def _run(args) -> int:
     torch.set_num_threads(args.threads)
     kernels.set_expert_threads(args.expert_threads)
     args.precision, args.seed = "auto", 0
-    model, tok = load_model(args)
+    # the cache is allocated whole at start: checked with the model before either is
+    cache = f"{cfg.kv_cache_bytes / 2**30:,.1f} GiB of cache"
+    model, tok = load_model(args, beside=("kv_cache_memory", cache, cfg.kv_cache_bytes))
     cfg.cache_dtype = DTYPES[auto_cache_dtype(args.ckpt, model) if args.cache_dtype == "auto" else args.cache_dtype]
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
     if args.prefix_cache:
