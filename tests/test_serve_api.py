@@ -31,7 +31,7 @@ from flyer.infer.cli import ByteTokenizer
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.interop.hf import TextTokenizer
-from flyer.serve.api import Api, Server, _Choice, chat_renderer
+from flyer.serve.api import Api, ChatBody, Server, _Choice, chat_renderer
 from flyer.serve.cli import bind, read_chat_template
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions, TokenEvent
 from flyer.train.checkpoint import save_checkpoint
@@ -215,6 +215,27 @@ def test_bad_requests_answer_400_never_500(served, model):
     with pytest.raises(openai.BadRequestError):
         served.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=0)
     assert 'flyer_rejected_requests_total{status="400"}' in httpx.get(served.url + "/metrics").text
+
+
+def test_fields_that_would_change_the_output_are_refused_not_ignored(served):
+    """Penalties, logit_bias, best_of, suffix, tools and JSON response formats are not implemented: any
+    value but their neutral one (which clients may send) answers 400 naming the field."""
+    ok = dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)
+    chat = dict(model="tiny-test", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    refused = [(dict(frequency_penalty=0.5), "frequency_penalty"), (dict(presence_penalty=-1), "presence_penalty"),
+               (dict(logit_bias={"5": 100}), "logit_bias"), (dict(best_of=2), "best_of"), (dict(suffix="x"), "suffix")]
+    for over, param in refused:
+        err = _error(httpx.post(served.url + "/v1/completions", json={**ok, **over}), 400, param)
+        assert "does not implement" in err["message"]
+    for over, param in ((dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+                        (dict(response_format={"type": "json_object"}), "response_format"),
+                        (dict(frequency_penalty=1), "frequency_penalty")):
+        _error(httpx.post(served.url + "/v1/chat/completions", json={**chat, **over}), 400, param)
+    neutral = dict(frequency_penalty=0, presence_penalty=0.0, logit_bias={}, best_of=1, suffix="", user="u")
+    assert httpx.post(served.url + "/v1/completions", json={**ok, **neutral}).status_code == 200
+    ChatBody(**chat, tools=[], logit_bias=None, response_format={"type": "text"}).check_implemented()  # no raise
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        served.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=2, presence_penalty=1.5)
 
 
 def test_api_key_queue_full_and_draining(model):

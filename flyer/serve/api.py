@@ -59,8 +59,22 @@ class ApiError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
+# OpenAI fields that change what is generated and that flyer serve does not implement, with the values
+# that change nothing (a client may send those): any other value is refused, never silently ignored
+NOT_IMPLEMENTED = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1,),
+                   "suffix": ("",), "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},)}
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # fields clients send that flyer ignores (user, ...)
+    model_config = ConfigDict(extra="allow")  # fields clients send that change nothing (user, ...)
+
+    def check_implemented(self) -> None:
+        """``FieldError`` for a ``NOT_IMPLEMENTED`` field at a value that would change the output."""
+        for name, value in (self.model_extra or {}).items():
+            neutral = NOT_IMPLEMENTED.get(name)
+            if neutral is not None and value is not None and value not in neutral:
+                raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out or send "
+                                       f"{neutral[0]!r}")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -347,6 +361,7 @@ class Api:
 
     async def completions(self, request: Request, body: CompletionBody) -> Response:
         self.check_access(request, body.model)
+        body.check_implemented()
         prompts = self._prompts(body.prompt)
         opts = self._options(body, body.max_tokens, max(len(p) for p in prompts), body.logprobs, body.echo)
         gen = _Generation(self, request, prompts, opts, _stops(body.stop))
@@ -399,6 +414,7 @@ class Api:
 
     async def chat(self, request: Request, body: ChatBody) -> Response:
         self.check_access(request, body.model)
+        body.check_implemented()
         prompt = self._chat_prompt(body)
         top = body.top_logprobs or 0
         opts = self._options(body, body.max_completion_tokens or body.max_tokens, len(prompt),
