@@ -218,24 +218,38 @@ def test_bad_requests_answer_400_never_500(served, model):
 
 
 def test_fields_that_would_change_the_output_are_refused_not_ignored(served):
-    """Penalties, logit_bias, best_of, suffix, tools and JSON response formats are not implemented: any
-    value but their neutral one (which clients may send) answers 400 naming the field."""
+    """best_of, suffix, tools and JSON response formats are not implemented: any value but their
+    neutral one (which clients may send) answers 400 naming the field."""
     ok = dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)
     chat = dict(model="tiny-test", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    refused = [(dict(frequency_penalty=0.5), "frequency_penalty"), (dict(presence_penalty=-1), "presence_penalty"),
-               (dict(logit_bias={"5": 100}), "logit_bias"), (dict(best_of=2), "best_of"), (dict(suffix="x"), "suffix")]
-    for over, param in refused:
+    for over, param in ((dict(best_of=2), "best_of"), (dict(suffix="x"), "suffix")):
         err = _error(httpx.post(served.url + "/v1/completions", json={**ok, **over}), 400, param)
         assert "does not implement" in err["message"]
     for over, param in ((dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-                        (dict(response_format={"type": "json_object"}), "response_format"),
-                        (dict(frequency_penalty=1), "frequency_penalty")):
+                        (dict(response_format={"type": "json_object"}), "response_format")):
         _error(httpx.post(served.url + "/v1/chat/completions", json={**chat, **over}), 400, param)
-    neutral = dict(frequency_penalty=0, presence_penalty=0.0, logit_bias={}, best_of=1, suffix="", user="u")
-    assert httpx.post(served.url + "/v1/completions", json={**ok, **neutral}).status_code == 200
-    ChatBody(**chat, tools=[], logit_bias=None, response_format={"type": "text"}).check_implemented()  # no raise
-    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
-        served.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=2, presence_penalty=1.5)
+    assert httpx.post(served.url + "/v1/completions", json={**ok, "best_of": 1, "suffix": "", "user": "u"}
+                      ).status_code == 200
+    ChatBody(**chat, tools=[], response_format={"type": "text"}).check_implemented()  # no raise
+
+
+def test_logit_bias_and_penalties_through_the_openai_client(served):
+    """OpenAI's logit_bias (token ids as JSON keys) and penalties reach the engine (its oracle test:
+    tests/test_serve_engine.py); out-of-range values answer 400."""
+    c = served.client()
+    def text(**kw):
+        return c.completions.create(model="tiny-test", prompt=_prog(7, 1, 6), max_tokens=6, temperature=0,
+                                    **kw).choices[0].text
+
+    assert text(logit_bias={"40": 100}) == chr(40) * 6  # byte tokens
+    repeats = text(logit_bias={"40": 8})
+    assert repeats.count(chr(40)) == 5 and text(logit_bias={"40": 8}, presence_penalty=2.0).count(chr(40)) < 5
+    url, ok = served.url + "/v1/completions", dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)
+    for over, param in ((dict(frequency_penalty=2.5), "frequency_penalty"),
+                        (dict(presence_penalty=-3), "presence_penalty"),
+                        (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"64": 1}), "logit_bias"),
+                        (dict(logit_bias={"1": 101}), "logit_bias")):
+        _error(httpx.post(url, json={**ok, **over}), 400, param)
 
 
 def test_api_key_queue_full_and_draining(model):

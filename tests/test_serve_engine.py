@@ -22,6 +22,7 @@ from flyer.infer.attention import Rows, causal_slot_mask, dense_prefill_pays, ml
 from flyer.infer.cache import LatentCache
 from flyer.infer.decoder import Decoder
 from flyer.infer.prefix_cache import chain_keys
+from flyer.infer.sampling import adjust_logits
 from flyer.infer.weights import hold_weights
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import (Engine, EngineConfig, QueueFull, SamplingOptions,
@@ -198,6 +199,38 @@ def test_seeded_sampling_is_reproducible_in_any_batch(trained):
                  [SamplingOptions(max_tokens=5), opts, SamplingOptions(max_tokens=7, temperature=0.5)])
     assert mixed[1] == alone
     assert _run(_engine(trained), [p], SamplingOptions(max_tokens=10, temperature=1.0, seed=8))[0] != alone
+
+
+def test_adjust_logits_is_openais_definition():
+    logits = torch.zeros(5)
+    adjust_logits(logits, [1, 1, 2], ((0, 1.5), (3, -100.0)), frequency=0.5, presence=0.25)
+    assert logits.tolist() == [1.5, -1.25, -0.75, -100.0, 0.0]  # 1: 2 x 0.5 + 0.25; 2: 0.5 + 0.25
+
+
+def test_logit_bias_and_penalties_in_any_batch_and_with_drafts(trained):
+    """Each request's greedy tokens under logit_bias and frequency / presence penalties are the argmax of
+    its adjusted logits from a full forward over its tokens so far (the oracle), in one batch with
+    requests without them, plain and verifying MTP drafts (the row after drafts d[:j] counts them)."""
+    p = _progression(7, 1, 6)
+    over = [dict(logit_bias=((40, 8.0),)), dict(logit_bias=((40, 8.0),), presence_penalty=2.0),
+            dict(logit_bias=((40, 8.0),), frequency_penalty=1.0), dict(logit_bias=((13, -100.0),)), {}]
+    opts = [SamplingOptions(max_tokens=10, **o) for o in over]
+    outs = _run(_engine(trained), [p] * len(opts), opts)
+    assert len({tuple(o) for o in outs}) == 4 and outs[0][1:] == [40] * 9  # penalties end the repeats
+    with torch.no_grad():
+        for o, out in zip(opts, outs):
+            for k, y in enumerate(out):
+                logits = trained(torch.tensor([p + out[:k]]))[0, -1]
+                adjust_logits(logits, out[:k], o.logit_bias, o.frequency_penalty, o.presence_penalty)
+                assert y == int(logits.argmax()), (o, k)
+    for k in (1, 2):
+        eng = _engine(trained, speculative="mtp", draft_tokens=k)
+        assert _run(eng, [p] * len(opts), opts) == outs and eng.accepted > 0
+    eng = _engine(trained)
+    for o, match in ((dict(frequency_penalty=2.5), "frequency_penalty"), (dict(logit_bias=((V, 1.0),)), "token ids"),
+                     (dict(logit_bias=((0, 101.0),)), "values must be")):
+        with pytest.raises(FieldError, match=match):
+            eng.submit(p, SamplingOptions(**o), lambda e: None)
 
 
 def test_cancel_frees_blocks_and_stop_tokens_end_a_request(trained):

@@ -1,4 +1,5 @@
-"""Next-token selection: greedy (temperature 0), temperature and nucleus (top-p) sampling.
+"""Next-token selection: greedy (temperature 0), temperature and nucleus (top-p) sampling, and
+OpenAI's logit bias and frequency / presence penalties on the logits before either.
 
 ``probabilities`` is the distribution ``sample`` draws from; speculative sampling needs it for
 both the draft and the target, so it is a function of its own.
@@ -6,6 +7,7 @@ both the draft and the target, so it is a function of its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,3 +52,17 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
     if params.greedy:
         return logits_BV.argmax(-1)
     return torch.multinomial(probabilities(logits_BV, params), 1, generator=generator).squeeze(-1)
+
+
+def adjust_logits(logits_V: torch.Tensor, generated: Sequence[int], bias: Sequence[tuple[int, float]] = (),
+                  frequency: float = 0.0, presence: float = 0.0) -> torch.Tensor:
+    """One position's logits (V,) adjusted in place as OpenAI's API defines it (and returned): each
+    ``bias`` (token, value) added, and a token generated c times before this position (``generated``:
+    the output so far, not the prompt) lowered by c * frequency + (c > 0) * presence."""
+    if bias:
+        ids, vals = zip(*bias)
+        logits_V[list(ids)] += torch.tensor(vals, dtype=logits_V.dtype, device=logits_V.device)
+    if generated and (frequency or presence):
+        ids, counts = torch.tensor(list(generated), device=logits_V.device).unique(return_counts=True)
+        logits_V[ids] -= counts.to(logits_V.dtype) * frequency + presence
+    return logits_V

@@ -61,8 +61,8 @@ class ApiError(Exception):
 
 # OpenAI fields that change what is generated and that flyer serve does not implement, with the values
 # that change nothing (a client may send those): any other value is refused, never silently ignored
-NOT_IMPLEMENTED = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1,),
-                   "suffix": ("",), "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},)}
+NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
+                   "response_format": ({"type": "text"},)}
 
 
 class _Body(BaseModel):
@@ -85,6 +85,19 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=1)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> added to its logit, -100..100
+
+    def token_bias(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs; ``FieldError`` for a key that is not a token id."""
+        out = []
+        for k, v in (self.logit_bias or {}).items():
+            try:
+                out.append((int(k), v))
+            except ValueError:
+                raise FieldError("logit_bias", f"keys must be token ids (got {k!r})") from None
+        return tuple(out)
 
 
 class CompletionBody(_Body):
@@ -322,7 +335,8 @@ class Api:
         eos = self.tok.eos_id()
         return SamplingOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                seed=body.seed, stop_ids=() if eos is None else (eos,), logprobs=logprobs,
-                               prompt_logprobs=echo and logprobs is not None)
+                               prompt_logprobs=echo and logprobs is not None, logit_bias=body.token_bias(),
+                               frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
 
     def _prompts(self, prompt) -> list[list[int]]:
         if isinstance(prompt, str):

@@ -56,7 +56,7 @@ from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder, Group
 from flyer.infer.generate import mtp_span, open_prefix_cache
 from flyer.infer.prefix_cache import PrefixCache, chain_keys
-from flyer.infer.sampling import SamplingParams, probabilities, sample
+from flyer.infer.sampling import SamplingParams, adjust_logits, probabilities, sample
 from flyer.infer.speculative import accept_drafts
 from flyer.model.transformer import Transformer
 from flyer.serve.metrics import ServeMetrics
@@ -123,6 +123,14 @@ class SamplingOptions:
     stop_ids: tuple[int, ...] = ()  # tokens that end the request (kept in the output)
     logprobs: int | None = None  # report the chosen token's logprob and this many alternatives
     prompt_logprobs: bool = False  # report each prompt token's logprob (echo)
+    # OpenAI's logit adjustments (``flyer.infer.sampling.adjust_logits``): reported logprobs are the adjusted ones
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    @property
+    def adjusts(self) -> bool:
+        return bool(self.logit_bias or self.frequency_penalty or self.presence_penalty)
 
 
 @dataclass
@@ -208,6 +216,14 @@ class Engine:
         if opts.max_tokens < 1:
             raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
         SamplingParams(opts.temperature, opts.top_p)
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(opts, name) <= 2:
+                raise FieldError(name, f"must be in [-2, 2] (got {getattr(opts, name)})")
+        for t, b in opts.logit_bias:
+            if not 0 <= t < V:
+                raise FieldError("logit_bias", f"token ids must be in [0, {V}) (got {t})")
+            if not -100 <= b <= 100:
+                raise FieldError("logit_bias", f"values must be in [-100, 100] (got {b} for token {t})")
         if len(prompt) + opts.max_tokens > ctx:
             raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens exceed "
                                            f"the model's context of {ctx} tokens")
@@ -460,6 +476,8 @@ class Engine:
         if ending:
             need.append(h_pre[ending, [lens[i] - 1 for i in ending]])
         logits = self.dec.logits(torch.cat(need) if len(need) > 1 else need[0]) if need else None
+        if need:
+            self._adjust(logits, plain, drafted, [prefilling[i] for i in ending])
         greedy = logits.argmax(-1).tolist() if need else []  # one argmax for the step, not one per row
         for i, r in enumerate(plain):
             r.n_cached += 1
@@ -474,6 +492,21 @@ class Engine:
         if prefilling:
             self._after_prefill(prefilling, lens, h_pre, dict(zip(ending, range(done, done + len(ending)))),
                                 logits, greedy)
+
+    @staticmethod
+    def _adjust(logits: torch.Tensor, plain: list[Request], drafted: list, ending: list[Request]) -> None:
+        """Each row's logit bias and penalties on its rows of the step's logits (``_forward``'s order: one
+        per plain row, k + 1 per row verifying k drafts, one per prompt ending). The row verifying
+        after drafts d[:j] counts them as generated: its logits choose a token only when they are."""
+        owners = [(r, ()) for r in plain]
+        for rows, _, drafts, _ in drafted:
+            owners += [(r, tuple(d[:j])) for r, d in zip(rows, drafts) for j in range(len(d) + 1)]
+        owners += [(r, ()) for r in ending]
+        for row, (r, extra) in enumerate(owners):
+            o = r.opts
+            if o.adjusts:
+                adjust_logits(logits[row], [*r.tokens[len(r.prompt):], *extra], o.logit_bias, o.frequency_penalty,
+                              o.presence_penalty)
 
     def _mtp_catch_up(self, rows: list[Request], hold_decode_entry: bool = False) -> torch.Tensor | None:
         """Write the MTP cache entries each row can: positions [mtp_len, min(n_cached, len - 1))
