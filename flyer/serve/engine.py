@@ -476,7 +476,7 @@ class Engine:
         if ending:
             need.append(h_pre[ending, [lens[i] - 1 for i in ending]])
         logits = self.dec.logits(torch.cat(need) if len(need) > 1 else need[0]) if need else None
-        if need:
+        if need and any(r.opts.adjusts for r in self.running):
             self._adjust(logits, plain, drafted, [prefilling[i] for i in ending])
         greedy = logits.argmax(-1).tolist() if need else []  # one argmax for the step, not one per row
         for i, r in enumerate(plain):
