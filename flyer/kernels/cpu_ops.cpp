@@ -630,7 +630,7 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor&
 // Each output is summed in the same order whatever the blocking.
 // rows of one group sharing each weight row load, by weight rows per register block: 4 x 4
 // accumulators fit AVX-512's 32 registers, 6 x 2 AVX2's 16 (against 4 x 2: a weight read 3 times
-// for 16 rows, not 4; 1.1-1.4x at 5-24 rows per expert, bench/cpu_kernels.py)
+// for 16 rows, not 4; 1.1-1.6x at 5-24 rows per expert in cache: docs/performance.md)
 constexpr int64_t kRows = Vec::size() >= 16 ? 4 : 6;
 constexpr int64_t kWeightRows = 32;  // weight rows per task
 constexpr int kWeightBlock = Vec::size() >= 16 ? 4 : 2;
