@@ -68,13 +68,16 @@ NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",), "tools": ([],), "functions"
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # fields clients send that change nothing (user, ...)
 
-    def check_implemented(self) -> None:
-        """``FieldError`` for a ``NOT_IMPLEMENTED`` field at a value that would change the output."""
+    def check_fields(self) -> None:
+        """``FieldError`` for a ``NOT_IMPLEMENTED`` field at a value that would change the output, and for
+        a field that needs another one set (as OpenAI's API refuses them)."""
         for name, value in (self.model_extra or {}).items():
             neutral = NOT_IMPLEMENTED.get(name)
             if neutral is not None and value is not None and value not in neutral:
                 raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out or send "
                                        f"{neutral[0]!r}")
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "only allowed with stream: true")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -118,6 +121,11 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def check_fields(self) -> None:
+        super().check_fields()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", "needs logprobs: true")
 
 
 def chat_renderer(template: str | None, bos: str | None = None, eos: str | None = None):
@@ -375,7 +383,7 @@ class Api:
 
     async def completions(self, request: Request, body: CompletionBody) -> Response:
         self.check_access(request, body.model)
-        body.check_implemented()
+        body.check_fields()
         prompts = self._prompts(body.prompt)
         opts = self._options(body, body.max_tokens, max(len(p) for p in prompts), body.logprobs, body.echo)
         gen = _Generation(self, request, prompts, opts, _stops(body.stop))
@@ -428,7 +436,7 @@ class Api:
 
     async def chat(self, request: Request, body: ChatBody) -> Response:
         self.check_access(request, body.model)
-        body.check_implemented()
+        body.check_fields()
         prompt = self._chat_prompt(body)
         top = body.top_logprobs or 0
         opts = self._options(body, body.max_completion_tokens or body.max_tokens, len(prompt),
