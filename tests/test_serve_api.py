@@ -201,7 +201,7 @@ def test_bad_requests_answer_400_never_500(served, model):
     ok = dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)
     for over, param in ((dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
                         (dict(top_p=0), "top_p"), (dict(prompt=[1, 64]), "prompt"), (dict(prompt=[]), "prompt"),
-                        (dict(prompt=""), "prompt"), (dict(n=2), "n"), (dict(stop=[""]), "stop"),
+                        (dict(prompt=""), "prompt"), (dict(n=129), "n"), (dict(stop=[""]), "stop"),
                         (dict(logprobs=99), "logprobs"), (dict(max_tokens=model.cfg.max_seq_len), "max_tokens"),
                         (dict(temperature="hot"), "temperature"), (dict(prompt={"a": 1}), None)):
         _error(httpx.post(url, json={**ok, **over}), 400, param)
@@ -253,6 +253,32 @@ def test_logit_bias_and_penalties_through_the_openai_client(served):
                         (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"64": 1}), "logit_bias"),
                         (dict(logit_bias={"1": 101}), "logit_bias")):
         _error(httpx.post(url, json={**ok, **over}), 400, param)
+
+
+def test_n_choices_per_prompt(served, served_bytes):
+    """n choices per prompt, numbered i n + j as OpenAI numbers them: greedy ones are the one choice's,
+    seeded ones reproducible, choice j sampled as a request with seed + j alone; the prompt counted
+    once; chat streams each choice's chunks under its index."""
+    c = served.client()
+    prompts = [_prog(1, 1, 5), _prog(3, 2, 5)]
+    one = c.completions.create(model="tiny-test", prompt=prompts, max_tokens=4, temperature=0)
+    two = c.completions.create(model="tiny-test", prompt=prompts, max_tokens=4, temperature=0, n=2)
+    assert [ch.index for ch in two.choices] == [0, 1, 2, 3]
+    assert [ch.text for ch in two.choices] == [one.choices[0].text] * 2 + [one.choices[1].text] * 2
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens == 10
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens
+    kw = dict(model="tiny-test", prompt=prompts[0], max_tokens=6, temperature=1.5, seed=7)
+    three = [ch.text for ch in c.completions.create(n=3, **kw).choices]
+    assert three == [c.completions.create(**{**kw, "seed": 7 + j}).choices[0].text for j in range(3)]
+    assert len(set(three)) > 1
+    chat = dict(model="tiny-test", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=1.0,
+                seed=3, n=2)
+    whole = served_bytes.client().chat.completions.create(**chat)
+    streamed = ["", ""]
+    for chunk in served_bytes.client().chat.completions.create(**chat, stream=True):
+        for ch in chunk.choices:
+            streamed[ch.index] += ch.delta.content or ""
+    assert streamed == [ch.message.content for ch in whole.choices] and len(whole.choices) == 2
 
 
 def test_api_key_queue_full_and_draining(model):

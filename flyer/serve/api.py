@@ -23,6 +23,7 @@ cancels its requests the same way.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -46,6 +47,7 @@ from flyer.serve.engine import Engine, QueueFull, SamplingOptions, TokenEvent
 DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 MAX_LOGPROBS = 20
+MAX_CHOICES = 128  # n, as OpenAI bounds it
 
 
 class ApiError(Exception):
@@ -87,7 +89,7 @@ class _Body(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices per prompt
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> added to its logit, -100..100
@@ -229,26 +231,32 @@ class _Outbox:
 
 
 class _Generation:
-    """Every prompt of one HTTP request submitted to the engine (at construction, so a refusal
-    answers with its status before any response starts); ``events`` yields (choice index, its
-    state, event) as tokens arrive and cancels what is left when its consumer stops early
-    (client gone, stop string, error)."""
+    """Every choice of one HTTP request submitted to the engine (at construction, so a refusal
+    answers with its status before any response starts): ``n`` per prompt, choice k = i n + j the
+    j-th of prompt i (as OpenAI numbers them; with a seed, sampled with seed + j). ``events`` yields
+    (choice index, its state, event) as tokens arrive and cancels what is left when its consumer
+    stops early (client gone, stop string, error)."""
 
     def __init__(self, api: "Api", request: Request, prompts: list[list[int]], opts: SamplingOptions,
-                 stops: list[str]):
-        self.engine, self.request, self.prompts = api.engine, request, prompts
+                 stops: list[str], n: int = 1):
+        self.engine, self.request, self.prompts, self.n = api.engine, request, prompts, n
         for p in prompts:
             self.engine.check(p, opts)
         self.outbox = api.outbox(asyncio.get_running_loop())
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.choices = [_Choice(api.tok, stops) for _ in prompts]
+        self.choices = [_Choice(api.tok, stops) for _ in range(len(prompts) * n)]
         self.reqs = []
         try:
-            for i, p in enumerate(prompts):
-                self.reqs.append(self.engine.submit(p, opts, self._emitter(i)))
+            for k in range(len(self.choices)):
+                seeded = opts if opts.seed is None else dataclasses.replace(opts, seed=opts.seed + k % n)
+                self.reqs.append(self.engine.submit(self.prompt_of(k), seeded, self._emitter(k)))
         except QueueFull as err:
             self.cancel()
             raise ApiError(429, f"too many requests waiting: {err}", "rate_limit_error", code="queue_full") from None
+
+    def prompt_of(self, k: int) -> list[int]:
+        """Choice k's prompt."""
+        return self.prompts[k // self.n]
 
     def _emitter(self, i: int):
         return lambda e: self.outbox.put(self.queue, (i, e))
@@ -259,7 +267,7 @@ class _Generation:
                 self.engine.cancel(r)
 
     async def events(self) -> AsyncIterator[tuple[int, _Choice, TokenEvent]]:
-        live = len(self.prompts)
+        live = len(self.choices)
         try:
             while live:
                 try:  # wait_for (a task and a timer) only when nothing has arrived yet
@@ -386,13 +394,13 @@ class Api:
         body.check_fields()
         prompts = self._prompts(body.prompt)
         opts = self._options(body, body.max_tokens, max(len(p) for p in prompts), body.logprobs, body.echo)
-        gen = _Generation(self, request, prompts, opts, _stops(body.stop))
+        gen = _Generation(self, request, prompts, opts, _stops(body.stop), body.n)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
-        prefix = [self.tok.decode(p) if body.echo else "" for p in prompts]
+        prefix = [self.tok.decode(gen.prompt_of(k)) if body.echo else "" for k in range(len(gen.choices))]
 
         def logprobs(i: int, c: _Choice) -> dict | None:
-            return None if body.logprobs is None else self._completion_logprobs(prompts[i], c, body.echo)
+            return None if body.logprobs is None else self._completion_logprobs(gen.prompt_of(i), c, body.echo)
 
         if not body.stream:
             await gen.wait()
@@ -441,7 +449,7 @@ class Api:
         top = body.top_logprobs or 0
         opts = self._options(body, body.max_completion_tokens or body.max_tokens, len(prompt),
                              top if body.logprobs else None)
-        gen = _Generation(self, request, [prompt], opts, _stops(body.stop))
+        gen = _Generation(self, request, [prompt], opts, _stops(body.stop), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
 
@@ -452,21 +460,22 @@ class Api:
 
         if not body.stream:
             await gen.wait()
-            c = gen.choices[0]
             return JSONResponse({**head, "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                "logprobs": content_logprobs(c.events[:len(c.ids)])}], "usage": gen.usage()})
+                "index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+                "logprobs": content_logprobs(c.events[:len(c.ids)])} for i, c in enumerate(gen.choices)],
+                "usage": gen.usage()})
 
         head["object"] = "chat.completion.chunk"
 
         async def sse() -> AsyncIterator[bytes]:
-            yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None, "logprobs": None}]})
-            async for _, c, e in gen.events():
+            for i in range(len(gen.choices)):
+                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "finish_reason": None, "logprobs": None}]})
+            async for i, c, e in gen.events():
                 text = c.delta()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
                     lp = content_logprobs([e]) if e.token is not None and c.finish_reason != "stop" else None
-                    yield _sse({**head, "choices": [{"index": 0, "delta": {"content": text} if text else {},
+                    yield _sse({**head, "choices": [{"index": i, "delta": {"content": text} if text else {},
                                                      "finish_reason": c.finish_reason, "logprobs": lp}]})
             if (body.stream_options or {}).get("include_usage"):
                 yield _sse({**head, "choices": [], "usage": gen.usage()})
