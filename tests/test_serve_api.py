@@ -245,6 +245,7 @@ def test_logit_bias_and_penalties_through_the_openai_client(served):
                                     **kw).choices[0].text
 
     assert text(logit_bias={"40": 100}) == chr(40) * 6  # byte tokens
+    assert text(logit_bias={"40": 100, "040": -100}) == text()  # one token, one bias: the last
     repeats = text(logit_bias={"40": 8})
     assert repeats.count(chr(40)) == 5 and text(logit_bias={"40": 8}, presence_penalty=2.0).count(chr(40)) < 5
     url, ok = served.url + "/v1/completions", dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)

@@ -95,14 +95,15 @@ class _Body(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> added to its logit, -100..100
 
     def token_bias(self) -> tuple[tuple[int, float], ...]:
-        """``logit_bias`` as (token id, bias) pairs; ``FieldError`` for a key that is not a token id."""
-        out = []
+        """``logit_bias`` as (token id, bias) pairs, one per token ("7" and "07" are one key: the last
+        wins); ``FieldError`` for a key that is not a token id."""
+        out = {}
         for k, v in (self.logit_bias or {}).items():
             try:
-                out.append((int(k), v))
+                out[int(k)] = v
             except ValueError:
                 raise FieldError("logit_bias", f"keys must be token ids (got {k!r})") from None
-        return tuple(out)
+        return tuple(out.items())
 
 
 class CompletionBody(_Body):
