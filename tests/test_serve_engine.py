@@ -134,10 +134,21 @@ def test_gqa_model_pages_its_kv(trained):
     assert _one_by_one(spec, prompts[::-1], 8)[0] == ref[::-1] and spec.alloc.hits == 2  # the 11-token prompt
 
 
+def test_requests_with_a_common_prompt_prefill_it_once(trained):
+    """Copies of a prompt (OpenAI's n) and a burst with a common header, submitted together: the first
+    prefills the blocks they share, the others wait for them and take them from the prefix index
+    rather than computing them again; greedy tokens still equal generate alone."""
+    p = _progression(3, 2, 41)  # 10 blocks of 4 before its last token
+    prompts = [p, p, p, p[:28] + _progression(9, 1, 6)]  # the last shares 7 blocks
+    eng = _engine(trained, prefill_chunk=16)  # the first prompt takes 3 steps
+    assert _run(eng, prompts, SamplingOptions(max_tokens=6)) == _alone(trained, prompts, 6)
+    assert eng.alloc.hits == 10 + 10 + 7 and eng.alloc.used == 0
+
+
 def test_a_burst_is_prefilled_in_fewer_steps(trained):
     eng = _engine(trained, prefill_chunk=4)
-    for n in (9, 9, 9):
-        eng.submit(_progression(1, 1, n), SamplingOptions(max_tokens=2), lambda e: None)
+    for start in (1, 2, 3):  # nothing in common (a common prompt is prefilled once: the test below)
+        eng.submit(_progression(start, 1, 9), SamplingOptions(max_tokens=2), lambda e: None)
     eng.admit()
     assert eng.prefill_budget() == 12  # three prompts wait, none decodes: a chunk for each
     steps = 0

@@ -6,7 +6,9 @@ wait for the model. Each scheduler step:
 1. takes new requests into the waiting queue and drops cancelled ones (their blocks freed);
 2. admits waiting requests, oldest first, while the batch has room and the pool has blocks for
    the whole prompt (after taking its cached prefix blocks): a request joins the running batch
-   at the next step, without waiting for the batch to finish;
+   at the next step, without waiting for the batch to finish; one whose prompt starts with blocks a
+   running request is still prefilling waits for them and shares them (n choices of one prompt, a
+   burst with a common header: computed once);
 3. gives every decoding request a slot for its next token; when no block is left, the most
    recently admitted request is preempted: its blocks freed, it goes back to the front of the
    queue and is recomputed (prompt and tokens so far) when readmitted, so nothing is lost or
@@ -330,6 +332,8 @@ class Engine:
         bs = self.cfg.block_size
         while self.waiting and len(self.running) < self.cfg.max_batch_size:
             r = self.waiting[0]
+            if self.sharing and r.prompt_lp is None and self._sibling_prefilling(r):
+                return  # the queue waits (in order) for blocks it will share, rather than computing them too
             blocks, keys = [], []
             if self.sharing and r.prompt_lp is None:
                 # the last token is always recomputed (its logits pick the next token), so at
@@ -353,6 +357,24 @@ class Engine:
             if r.generated == 0:
                 self.metrics.prompt_tokens.inc(len(r.prompt))
             self.running.append(r)
+
+    def _sibling_prefilling(self, r: Request) -> bool:
+        """Whether a running request is still prefilling full blocks of r's prompt (same tokens from
+        the start) that are not registered yet: r admitted now would compute them again (n choices of
+        one prompt, a burst with a common header), admitted once they are written it shares them."""
+        bs = self.cfg.block_size
+        limit = (len(r.tokens) - 1) // bs  # r's blocks that can be shared (``_admit``)
+        for q in self.running:
+            if len(q.tokens) - q.n_cached <= 1 or len(q.keys) >= limit:
+                continue  # decoding, or its blocks r could share are registered already
+            common = 0  # leading full blocks of equal tokens
+            span = slice(0, bs)
+            while common < limit and r.tokens[span] == q.tokens[span]:
+                common += 1
+                span = slice(common * bs, (common + 1) * bs)
+            if common > len(q.keys):
+                return True
+        return False
 
     def _load_from_disk(self, r: Request, blocks: list[int], keys: list[str]) -> None:
         """Extend the shared blocks ``blocks`` (with their ``keys``) of r's prompt with blocks the
