@@ -147,7 +147,7 @@ def test_requests_with_a_common_prompt_prefill_it_once(trained):
 
 def test_a_burst_is_prefilled_in_fewer_steps(trained):
     eng = _engine(trained, prefill_chunk=4)
-    for start in (1, 2, 3):  # nothing in common (a common prompt is prefilled once: the test below)
+    for start in (1, 2, 3):  # nothing in common (a common prompt is prefilled once: the test above)
         eng.submit(_progression(start, 1, 9), SamplingOptions(max_tokens=2), lambda e: None)
     eng.admit()
     assert eng.prefill_budget() == 12  # three prompts wait, none decodes: a chunk for each
