@@ -90,9 +90,10 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices per prompt
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> added to its logit, -100..100
+    # ranges checked once, by the engine (``Engine.check``), as for its other sampling options
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> added to its logit
 
     def token_bias(self) -> tuple[tuple[int, float], ...]:
         """``logit_bias`` as (token id, bias) pairs, one per token ("7" and "07" are one key: the last
