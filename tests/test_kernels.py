@@ -601,6 +601,8 @@ def blas(ops, request):
     (2, 2, 6, 96, 16, 16, 10, 0.3, 0),  # two new tokens per row (MTP verification): per-token masks
     (2, 1, 2, 64, 16, 16, 40, 3.0, 0),  # peaked over up to 640 slots: the max moves across tiles, weights flushed
     (2, 2, 3, 37, 8, 4, 20, 3.0, 1),  # slot 0 not attended (the server's MTP cache), its score the largest
+    (2, 1, 3, 45, 8, 5, 20, 0.3, 0),  # outputs in blocks of two vectors, then one, then a scalar tail
+    (2, 2, 10, 37, 8, 5, 20, 0.3, 0),  # 20 query rows: past kFewQueryRows, the tile products on the BLAS
 ])
 def test_mla_decode_within_fp32_bound_of_exact(ops, blas, pool_dtype, B, T, H, C, R, bs, nb, spread, first):
     q, pool, tables, pos = _paged_latents(B, T, H, C, R, bs, nb, pool_dtype, spread)

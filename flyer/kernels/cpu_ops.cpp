@@ -90,9 +90,10 @@ void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
 // ---- flyer's own worker threads -----------------------------------------------------------------
 // ``flyer serve`` runs torch on one thread on a small CPU (a decode step's hundreds of small ops gain
 // nothing from more) and splits its few large kernels (the experts' weight streams, prefill GEMMs,
-// attention over the cache) over these threads instead. A job is n items claimed one at a time from
-// one counter by the caller and the workers alike, so a worker that is slow to wake (or descheduled
-// by another process) costs only its absence: the caller waits only for items a worker took. A
+// attention over the cache) over these threads instead. A job is n items claimed one at a time by
+// the caller and the workers alike, each from its own contiguous share first, then from the others'
+// ends, so a worker that is slow to wake (or descheduled by another process) costs only its absence:
+// the caller waits only for items a worker took. A
 // worker spins briefly after each job before sleeping: a step's next kernel call usually comes
 // within that time, and waking a sleeping thread costs ~0.1 ms on a VM (Python's thread pool paid it
 // on every call). Each item runs on one thread, so the results do not depend on how many there are.
@@ -128,19 +129,25 @@ class Workers {
     threads_.clear();
     stop_ = false;
     spin_ = spin;
-    for (int i = 1; i < n; ++i) threads_.emplace_back([this] { loop(); });
+    for (int i = 1; i < n; ++i) threads_.emplace_back([this, i] { loop(i); });
   }
 
-  // fn(i, i + 1) for every i in [0, n), on whichever thread claims i
+  // fn(i, i + 1) for every i in [0, n), on whichever thread claims i. Thread t (the caller is 0)
+  // runs its own share of the items in order, so its weight stream runs on through item boundaries
+  // and its prefetches land on its own next item (items claimed from one counter interleaved the
+  // threads' streams: 5 layers' experts at 1-8 rows each, streamed from memory on two threads, ran
+  // 10-20% slower, two builds in one process); a thread done with its share takes the others'
+  // remaining items from their ends.
   void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-    auto job = std::make_shared<Job>(fn, n);
+    TORCH_CHECK(n < (int64_t{1} << 32), "Workers::run: too many items (", n, ")");
+    auto job = std::make_shared<Job>(fn, n, size());
     {
       std::lock_guard<std::mutex> lk(m_);
       job_ = job;
       gen_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    work(*job);  // the caller's own share
+    work(*job, 0);  // the caller's own share
     for (int64_t spins = 0; job->done.load(std::memory_order_acquire) < n; ++spins) {
       if (spins < kSpins) pause(); else std::this_thread::yield();  // a worker finishing an item it took
     }
@@ -150,11 +157,21 @@ class Workers {
  private:
   static constexpr int64_t kSpins = 1 << 12;  // pause loops (about 0.1 ms) before the caller yields its core
 
+  // a share [begin, end) of the items in one word: claimed from the front by its owner, from the back by others
+  struct Share {
+    std::atomic<uint64_t> span{0};
+    static uint64_t pack(uint64_t b, uint64_t e) { return b | (e << 32); }
+  };
+
   struct Job {
-    Job(const std::function<void(int64_t, int64_t)>& f, int64_t n_) : fn(f), n(n_) {}
+    Job(const std::function<void(int64_t, int64_t)>& f, int64_t n_, int t_) : fn(f), n(n_), t(t_), shares(t_) {
+      for (int i = 0; i < t; ++i) shares[i].span.store(Share::pack(n * i / t, n * (i + 1) / t));
+    }
     const std::function<void(int64_t, int64_t)>& fn;  // the caller's: alive until every claimed item is done
     const int64_t n;
-    std::atomic<int64_t> next{0}, done{0};
+    const int t;
+    std::vector<Share> shares;
+    std::atomic<int64_t> done{0};
     std::mutex error_m;
     std::exception_ptr error;
   };
@@ -165,22 +182,36 @@ class Workers {
 #endif
   }
 
-  // claims and runs items until none is left; returns how many this thread ran
-  static int64_t work(Job& j) {
-    for (int64_t ran = 0;; ++ran) {
-      const int64_t i = j.next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= j.n) return ran;
-      try {
-        j.fn(i, i + 1);
-      } catch (...) {
-        std::lock_guard<std::mutex> lk(j.error_m);
-        if (!j.error) j.error = std::current_exception();
-      }
-      j.done.fetch_add(1, std::memory_order_release);
+  // the next item of share s: its first if front, else its last; -1 when it is empty
+  static int64_t claim(Share& s, bool front) {
+    uint64_t v = s.span.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t b = v & 0xffffffffu, e = v >> 32;
+      if (b >= e) return -1;
+      const uint64_t next = front ? Share::pack(b + 1, e) : Share::pack(b, e - 1);
+      if (s.span.compare_exchange_weak(v, next, std::memory_order_relaxed)) return static_cast<int64_t>(front ? b : e - 1);
     }
   }
 
-  void loop() {
+  // claims and runs items until none is left (its own share first, from thread ``me``); returns how many ran
+  static int64_t work(Job& j, int me) {
+    int64_t ran = 0;
+    for (int k = 0; k < j.t; ++k) {
+      Share& s = j.shares[(me + k) % j.t];
+      for (int64_t i; (i = claim(s, k == 0)) >= 0; ++ran) {
+        try {
+          j.fn(i, i + 1);
+        } catch (...) {
+          std::lock_guard<std::mutex> lk(j.error_m);
+          if (!j.error) j.error = std::current_exception();
+        }
+        j.done.fetch_add(1, std::memory_order_release);
+      }
+    }
+    return ran;
+  }
+
+  void loop(int me) {
     uint64_t seen = gen_.load(std::memory_order_acquire);
     for (;;) {
       // spin, yielding the core to any other runnable thread (the HTTP side's, a client's) after
@@ -201,7 +232,7 @@ class Workers {
       // jobs run where torch runs one thread: this thread's OpenMP and MKL (a GEMM block's BLAS) too
       if (at::get_num_threads() != 1) at::init_num_threads();
       // a job its caller already finished has no item left: nothing of it runs
-      worker_items_.fetch_add(work(*job), std::memory_order_relaxed);
+      worker_items_.fetch_add(job->t > me ? work(*job, me) : 0, std::memory_order_relaxed);
     }
   }
 
@@ -1091,10 +1122,93 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 // softmax_s(scale q . kv_s) kv_s[:C], in one pass over each row's slots (flash decoding): the eager
 // path gathers every slot into a new tensor per layer, then runs two matmuls and a masked softmax
 // over the (M x S) scores. Here a tile of slots is read once (widened to FP32) for all M rows, its
-// two products on torch's BLAS; each row keeps a running max, sum and (C) output. Weights below
-// FP32's smallest normal are flushed to zero, as the eager path's softmax flushes its
-// probabilities: subnormal arithmetic is slow and each such term is below the sum's rounding.
+// two products on the kernel's register blocks (a few rows) or torch's BLAS; each row keeps a running
+// max, sum and (C) output. Weights below FP32's smallest normal are flushed to zero, as the eager
+// path's softmax flushes its probabilities: subnormal arithmetic is slow and each such term is below
+// the sum's rounding.
 constexpr int64_t kSlotTile = 64;
+// Query rows (heads x new tokens) up to which a tile's two products run on the kernel's own register
+// blocks rather than the BLAS: a few rows make each BLAS call cost more than its arithmetic (6 rows
+// 1.3x, 16 rows of V3's 576-wide slots 1.2x; 32 rows 0.85x, measured ad hoc: docs/performance.md)
+constexpr int64_t kFewQueryRows = 16;
+
+// o (rows, C) += wts (rows, n) tile[:, :C] (n slots, ld K), rows <= kRows: each tile vector loaded
+// once for every row, the outputs of 2 vectors per row kept in registers over the tile's slots
+template <int MR>
+__attribute__((noinline)) void accumulate_rows(const float* wts, int64_t n, const float* tile, int64_t K, int64_t C,
+                                               float* o) {
+  constexpr int64_t V = Vec::size();
+  int64_t c = 0;
+  for (; c + 2 * V <= C; c += 2 * V) {
+    Vec acc[MR][2];
+    for (int m = 0; m < MR; ++m) {
+      acc[m][0] = Vec::loadu(o + m * C + c);
+      acc[m][1] = Vec::loadu(o + m * C + c + V);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec t0 = Vec::loadu(tile + j * K + c), t1 = Vec::loadu(tile + j * K + c + V);
+      for (int m = 0; m < MR; ++m) {
+        const Vec wm(wts[m * n + j]);
+        acc[m][0] = at::vec::fmadd(wm, t0, acc[m][0]);
+        acc[m][1] = at::vec::fmadd(wm, t1, acc[m][1]);
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      acc[m][0].store(o + m * C + c);
+      acc[m][1].store(o + m * C + c + V);
+    }
+  }
+  for (; c + V <= C; c += V) {
+    Vec acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = Vec::loadu(o + m * C + c);
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec t = Vec::loadu(tile + j * K + c);
+      for (int m = 0; m < MR; ++m) acc[m] = at::vec::fmadd(Vec(wts[m * n + j]), t, acc[m]);
+    }
+    for (int m = 0; m < MR; ++m) acc[m].store(o + m * C + c);
+  }
+  for (; c < C; ++c)
+    for (int m = 0; m < MR; ++m) {
+      float sum = o[m * C + c];
+      for (int64_t j = 0; j < n; ++j) sum += wts[m * n + j] * tile[j * K + c];
+      o[m * C + c] = sum;
+    }
+}
+
+// the largest of w[0 .. n), n > 0
+inline float max_of(const float* w, int64_t n) {
+  constexpr int64_t V = Vec::size();
+  int64_t j = 0;
+  float top = w[0];
+  if (n >= V) {
+    Vec v = Vec::loadu(w);
+    for (j = V; j + V <= n; j += V) v = at::vec::maximum(v, Vec::loadu(w + j));
+    top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+  }
+  for (; j < n; ++j) top = std::max(top, w[j]);
+  return top;
+}
+
+// w[j] = exp(w[j] - top) for j < n, those below FP32's smallest normal set to 0; returns their sum
+inline float exp_flushed(float* w, int64_t n, float top) {
+  constexpr int64_t V = Vec::size();
+  const float tiny = std::numeric_limits<float>::min();
+  Vec sum(0.f);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    const Vec e = (Vec::loadu(w + j) - Vec(top)).exp();
+    const Vec kept = Vec::blendv(e, Vec(0.f), e < Vec(tiny));
+    kept.store(w + j);
+    sum = sum + kept;
+  }
+  float tail = 0.f;
+  for (; j < n; ++j) {
+    const float e = std::exp(w[j] - top);
+    w[j] = e < tiny ? 0.f : e;
+    tail += w[j];
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum) + tail;
+}
 
 template <typename P>
 void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, const int64_t* pos, float* op,
@@ -1122,12 +1236,16 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
         to_float(pool + (tables[b * nb + s / bs] * bs + s % bs) * K, tile.data() + j * K, run * K);
         j += run;
       }
-      // scores (M, n) = q (M, K) tile (n, K)^T; the BLAS is column-major: scores^T = tile q^T
-      sgemm(true, false, n, M, K, scale, tile.data(), K, q, K, 0.f, sc.data(), n);
+      if (M <= kFewQueryRows) {  // scores (M, n) = q (M, K) tile (n, K)^T, scaled
+        dot_rows_of_group(tile.data(), Unscaled{}, q, sc.data(), 0, M, K, n, 0, n);
+        for (int64_t i = 0; i < M * n; ++i) sc[i] *= scale;
+      } else {  // the BLAS is column-major: scores^T = tile q^T
+        sgemm(true, false, n, M, K, scale, tile.data(), K, q, K, 0.f, sc.data(), n);
+      }
       for (int64_t m = 0; m < M; ++m) {
         float* w = sc.data() + m * n;
         const int64_t nv = std::max<int64_t>(0, std::min(n, pb[m % T] + 1 - s0));  // the slots this query sees
-        const float top = std::max(mx[m], nv > 0 ? *std::max_element(w, w + nv) : mx[m]);
+        const float top = std::max(mx[m], nv > 0 ? max_of(w, nv) : mx[m]);
         float alpha = std::exp(mx[m] - top);  // 0 for the first tile (-inf), 1 when the max stays
         if (alpha < tiny) alpha = 0.f;
         if (alpha != 1.f) {
@@ -1136,17 +1254,16 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
           for (int64_t c = 0; c < C; ++c) om[c] *= alpha;
         }
         mx[m] = top;
-        int64_t j = 0;
-        for (; j + Vec::size() <= nv; j += Vec::size()) (Vec::loadu(w + j) - Vec(top)).exp().store(w + j);
-        for (; j < nv; ++j) w[j] = std::exp(w[j] - top);
-        for (j = 0; j < nv; ++j) {
-          if (w[j] < tiny) w[j] = 0.f;
-          l[m] += w[j];
-        }
+        l[m] += exp_flushed(w, nv, top);
         std::fill(w + nv, w + n, 0.f);  // slots past this query's position
       }
       // o (M, C) += weights (M, n) tile[:, :C] (n, C); column-major: o^T += tile[:, :C]^T weights^T
-      sgemm(false, false, C, M, n, 1.f, tile.data(), K, sc.data(), n, 1.f, o, C);
+      if (M <= kFewQueryRows)
+        for (int64_t m = 0; m < M; m += kRows)
+          with_rows(std::min(kRows, M - m),
+                    [&](auto R) { accumulate_rows<decltype(R)::value>(sc.data() + m * n, n, tile.data(), K, C, o + m * C); });
+      else
+        sgemm(false, false, C, M, n, 1.f, tile.data(), K, sc.data(), n, 1.f, o, C);
     }
     for (int64_t m = 0; m < M; ++m) {
       const float inv = 1.f / l[m];
