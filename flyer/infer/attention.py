@@ -104,15 +104,21 @@ def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: Latent
 def _absorbed_queries(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q (B, H*T, C + R): [q_nope W_UK | q_rope] per head and token, row h*T + t; wkv_b as (H, nope + v, C))."""
     B, T, H, nope = q_nope.shape
-    w_HXC = attn.wkv_b.weight.view(H, nope + attn.v_head_dim, attn.kv_lora_rank)
-    q_abs = torch.einsum("bthd,hdc->bhtc", q_nope, w_HXC[:, :nope])  # W_UK absorbed into the query
-    return torch.cat([q_abs, q_rope.transpose(1, 2)], dim=-1).reshape(B, H * T, -1), w_HXC
+    C = attn.kv_lora_rank
+    w_HXC = attn.wkv_b.weight.view(H, nope + attn.v_head_dim, C)
+    # W_UK absorbed into the query: one GEMM per head, batched (torch.einsum's planning of the same
+    # bmm cost a decode step's 12 calls 30-40 us each on 2 cores)
+    q_abs = torch.bmm(q_nope.reshape(B * T, H, nope).transpose(0, 1), w_HXC[:, :nope]).view(H, B, T, C)
+    return torch.cat([q_abs.transpose(0, 1), q_rope.transpose(1, 2)], dim=-1).reshape(B, H * T, -1), w_HXC
 
 
 def _absorbed_output(attn: nn.Module, o_lat_BMC: torch.Tensor, w_HXC: torch.Tensor, T: int) -> torch.Tensor:
     """Latent-space outputs (B, H*T, C) to per-head outputs (B, T, H, v): W_UV absorbed into the output."""
     B, M, C = o_lat_BMC.shape
-    return torch.einsum("bhtc,hdc->bthd", o_lat_BMC.view(B, M // T, T, C), w_HXC[:, attn.qk_nope_head_dim:])
+    H = M // T
+    o_HRC = o_lat_BMC.view(B, H, T, C).transpose(0, 1).reshape(H, B * T, C)
+    o = torch.bmm(o_HRC, w_HXC[:, attn.qk_nope_head_dim:].transpose(1, 2))  # (H, B*T, v): one GEMM per head
+    return o.view(H, B, T, -1).permute(1, 2, 0, 3)
 
 
 def mla_absorbed_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BSK: torch.Tensor,

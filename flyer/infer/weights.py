@@ -10,7 +10,7 @@ BF16-rounded weights up to the order of its sums: lossless for a BF16 checkpoint
 
 Left in their dtype: the embedding (a gather reads a few rows, not the matrix), the norms and the
 router (small, and the router picks experts), and MLA's ``wkv_b``, which the absorbed attention
-splits into its per-head blocks and multiplies in einsums (0.2 MB a layer in the small preset).
+splits into its per-head blocks and multiplies in batched GEMMs (0.2 MB a layer in the small preset).
 
 ``hold_weights(model, torch.float8_e4m3fn)`` holds them as DeepSeek's FP8 checkpoints store them:
 E4M3 codes with one FP32 scale per 128x128 block (a quarter of FP32's bytes), the output head in
