@@ -4,10 +4,11 @@ facade, with the kernels off and on), same run.
 Prints one JSON object: per kernel, the eager and kernel times (ms, median of interleaved rounds)
 and ``speedup`` = eager / kernel, on the small preset's shapes (2048 tokens, dim 384, 32 experts
 of width 256 with top-4 routing padded to 64 rows, a 512 x 8192 logits chunk, a 2048 x 1152 FP8
-activation in 1x128 tiles; the FP32 grouped GEMM of the 32 experts' up-projections at 1 to 24 rows
-each, against one ``torch.mm`` per expert; ``mla_decode_*``: one layer's absorbed MLA decode
-attention over a paged cache, read in place against gathered, at B rows of S slots; ``grouped_mm_bf16_*``:
-the same up-projections held in BF16 at 2 to 24 rows each, against ``torch.mm`` on each expert's weight
+activation in 1x128 tiles, the argmax of a 16-request decode step's 16 x 8192 logits; the FP32
+grouped GEMM of the 32 experts' up-projections at 1 to 24 rows each, against one ``torch.mm`` per
+expert; ``mla_decode_*``: one layer's absorbed MLA decode attention over a paged cache, read in
+place against gathered, at B rows of S slots; ``grouped_mm_bf16_*``: the same up-projections held
+in BF16 at 2 to 24 rows each, against ``torch.mm`` on each expert's weight
 widened to FP32, what the eager path runs). Then the
 grouped GEMM streaming 8 layers' experts from memory: on one and two expert threads
 (``grouped_mm_expert_threads``), and with the weights held in BF16 and in FP8 (E4M3 codes with
@@ -53,6 +54,7 @@ def cases() -> dict:
     logits = (3 * torch.randn(512, V, generator=g)).to(bf)
     tgt = torch.randint(0, V, (512,), generator=g)
     logp_t = torch.empty(512, 1)
+    step_logits = torch.randn(16, V, generator=g)  # a 16-request decode step's, greedy
     h13 = torch.randn(n_pad, 2 * Fd, generator=g).to(bf)
     da = torch.randn(n_pad, Fd, generator=g).to(bf)
     src = torch.full((n_pad,), T)
@@ -100,6 +102,7 @@ def cases() -> dict:
         "segment_sum": indexed(lambda i: kernels.segment_sum(y, i)),
         "rms_norm_fwd_bwd": norm_fwd_bwd,
         "fp8_dequantize": lambda: dequantize(q.data, q.scale),
+        "argmax_16_rows": lambda: kernels.argmax(step_logits),
     }
 
 

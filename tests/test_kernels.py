@@ -571,6 +571,39 @@ def test_kernels_build_for_the_isa_aten_dispatches_to(capability, flags, monkeyp
     assert flags <= got and (capability == "AVX512" or not any("avx512" in f for f in got))
 
 
+# ---- argmax of each row ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ["native", "AVX2"])
+def test_argmax_is_torchs_on_ties_nans_and_infinities(ops, isa):
+    """``kernels.argmax``: torch.argmax(x, -1) index for index, the first on ties and the first NaN
+    where a row has one; rows whose length is no multiple of the vector width, rows of -inf, +inf
+    and NaN anywhere (the vector pass and the tail, one or several)."""
+    if isa == "AVX2":
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            pytest.skip("AVX2 code needs an x86 CPU with AVX2")
+        ops = kernels.build("AVX2")
+    g = torch.Generator().manual_seed(0)
+    for V in (1, 5, 8, 37, 8191):
+        x = torch.randn(12, V, generator=g).round()  # rounded: many ties among the largest values
+        x[1] = -torch.inf
+        x[2, V // 2] = torch.inf
+        x[3, -1] = torch.nan  # in the tail
+        x[4, 0] = torch.nan
+        x[5, V // 3] = x[5, -1] = torch.nan
+        x[6] = torch.nan
+        x[7] = 0.0
+        x[8, -1] = torch.inf
+        x[8, 0] = torch.inf
+        want = x.argmax(-1)
+        assert torch.equal(ops.argmax_rows(x), want), V
+        assert torch.equal(kernels.argmax(x), want)
+    x = torch.randn(2, 3, 40, generator=g)[..., ::2]  # any shape, strided
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    assert kernels.argmax(torch.zeros(0, 9)).shape == (0,)
+    with kernels.disabled():
+        assert torch.equal(kernels.argmax(x), x.argmax(-1))
+
+
 # ---- absorbed MLA decode attention over a paged latent cache ---------------------------------------
 
 def _paged_latents(B, T, H, C, R, bs, nb, pool_dtype, spread, seed=0):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flyer import kernels
 from flyer.errors import FieldError
 
 
@@ -35,7 +36,7 @@ def probabilities(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tens
     """(B, V) FP32 distribution after temperature and top-p (greedy: one-hot on the argmax)."""
     logits = logits_BV.float()
     if params.greedy:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return torch.zeros_like(logits).scatter_(-1, kernels.argmax(logits).unsqueeze(-1), 1.0)
     probs = (logits / params.temperature).softmax(-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
@@ -50,7 +51,7 @@ def probabilities(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tens
 def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B,) int64 next tokens."""
     if params.greedy:
-        return logits_BV.argmax(-1)
+        return kernels.argmax(logits_BV)
     return torch.multinomial(probabilities(logits_BV, params), 1, generator=generator).squeeze(-1)
 
 

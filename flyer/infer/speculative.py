@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from flyer import kernels
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.sampling import SamplingParams, probabilities
 
@@ -34,7 +35,7 @@ def accept_drafts(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[i
     any scores, only their argmax is used), q: (K, V) draft probabilities (unused when greedy),
     drafts: K token ids."""
     if params.greedy:
-        g = p_KV1.argmax(-1).tolist()
+        g = kernels.argmax(p_KV1).tolist()
         a = 0
         while a < len(drafts) and drafts[a] == g[a]:
             a += 1
@@ -90,7 +91,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         for k in range(K):
             q_logits = dec.mtp_logits(h1)
             if params.greedy:  # no distributions needed: drafts and targets are argmaxes
-                d = q_logits.argmax(-1)
+                d = kernels.argmax(q_logits)
             else:
                 q.append(probabilities(q_logits, params))
                 d = torch.multinomial(q[-1], 1, generator=generator).squeeze(-1)

@@ -356,6 +356,19 @@ def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Ten
                                 first)
 
 
+# ---- argmax of each row --------------------------------------------------------------------------
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` (the first index on ties, the first NaN where there is one), in vectors for
+    FP32 rows on the CPU: torch's compares one value at a time, which costs a 16-request decode step
+    0.3 ms on the logits alone."""
+    if x.dtype == torch.float32 and x.dim() >= 1 and x.shape[-1] > 0 and usable(x):
+        if x.dim() == 2 and x.is_contiguous():  # the logits of a step: no reshapes (each costs more than a row)
+            return cpu_ops().argmax_rows(x)
+        return cpu_ops().argmax_rows(x.reshape(-1, x.shape[-1]).contiguous()).view(x.shape[:-1])
+    return x.argmax(-1)
+
+
 # ---- RMSNorm -----------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight_D: torch.Tensor, eps: float,
@@ -443,7 +456,7 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
     return (fp8_to_float(data_RC).view(R, C // _TILE, _TILE) * s.unsqueeze(-1)).view(R, C)
 
 
-__all__ = ["HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "build", "combine", "combine_backward", "cpu_ops",
-           "dequantize_held", "disabled", "fp8_dequantize", "fp8_to_float", "grouped_mm", "linear_held",
+__all__ = ["HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "argmax", "build", "combine", "combine_backward",
+           "cpu_ops", "dequantize_held", "disabled", "fp8_dequantize", "fp8_to_float", "grouped_mm", "linear_held",
            "mla_decode", "mla_decode_usable", "rms_norm", "rms_norm_backward", "segment_sum", "set_expert_threads",
            "swiglu", "swiglu_backward", "token_index", "token_rows", "usable", "xent_chunk"]

@@ -1113,6 +1113,46 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   return out.view(shape);
 }
 
+// ---- argmax of each row -------------------------------------------------------------------------
+// out (R,) int64: each row of x (R, V) FP32's index of its largest value, the first on ties and
+// the first NaN where the row has one: torch.argmax's answer. torch's CPU argmax compares one value
+// at a time along the row (0.34 ms for a 16-request step's 16 x 8,192 logits on AVX2, against
+// 0.02 ms for amax); here the row's max is found in vectors (NaN propagates), then its first index.
+int64_t row_argmax(const float* x, int64_t V) {
+  constexpr int64_t W = Vec::size();
+  float top = x[0];
+  int64_t j = 0;
+  if (V >= W) {
+    Vec m = Vec::loadu(x);
+    for (j = W; j + W <= V; j += W) m = at::vec::maximum(m, Vec::loadu(x + j));
+    top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+  }
+  for (; j < V; ++j) top = std::isnan(top) || std::isnan(x[j]) ? std::numeric_limits<float>::quiet_NaN()
+                                                                : std::max(top, x[j]);
+  const bool nan = std::isnan(top);
+  const Vec t(top);
+  for (j = 0; j + W <= V; j += W) {  // zero_mask: the lanes whose comparison is false
+    const Vec v = Vec::loadu(x + j);
+    const int miss = (nan ? v.isnan() : v == t).zero_mask();
+    if (miss != (1 << W) - 1) return j + __builtin_ctz(~miss);
+  }
+  for (; j < V; ++j)
+    if (nan ? std::isnan(x[j]) : x[j] == top) return j;
+  return 0;  // not reached: top is one of the row's values
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  check_cpu(x, "argmax_rows x");
+  check_dtype(x, at::kFloat, "argmax_rows x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.is_contiguous(), "argmax_rows: contiguous x (R, V), V > 0 expected");
+  const int64_t R = x.size(0), V = x.size(1);
+  auto out = at::empty({R}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) op[r] = row_argmax(xp + r * V, V);
+  return out;
+}
+
 // ---- absorbed MLA decode attention over a paged latent cache -------------------------------------
 // q (B, M, K) FP32: row m = h T + t, the absorbed query [q_nope W_UK | q_rope] of head h and new
 // token t; pool (N, bs, K) FP32 or BF16: [latent | rope key] of every cache slot, in blocks of bs
@@ -1395,6 +1435,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("threads", &threads, "flyer's worker threads, the caller's included");
   m.def("worker_items", &worker_items, "items the worker threads (not the callers) have run");
   m.def("fp8_dequantize", &fp8_dequantize, "FP8 codes times their tile scales, as FP32",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("argmax_rows", &argmax_rows, "each row's index of its largest value, as torch.argmax(x, -1)",
         py::call_guard<py::gil_scoped_release>());
   m.def("mla_decode", &mla_decode, "absorbed MLA attention of a few new tokens over a paged latent cache",
         py::call_guard<py::gil_scoped_release>());

@@ -54,6 +54,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from flyer import kernels
 from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder, Group
 from flyer.infer.generate import mtp_span, open_prefix_cache
@@ -500,7 +501,7 @@ class Engine:
         logits = self.dec.logits(torch.cat(need) if len(need) > 1 else need[0]) if need else None
         if need and any(r.opts.adjusts for r in self.running):
             self._adjust(logits, plain, drafted, [prefilling[i] for i in ending])
-        greedy = logits.argmax(-1).tolist() if need else []  # one argmax for the step, not one per row
+        greedy = kernels.argmax(logits).tolist() if need else []  # one argmax for the step, not one per row
         for i, r in enumerate(plain):
             r.n_cached += 1
             if self.spec:  # (1, D) at the position just fed
@@ -566,7 +567,7 @@ class Engine:
         live = list(range(len(rows)))  # the rows still drafting, and h1 for them
         for k in range(max(ks)):
             q_logits = self.dec.mtp_logits(h1)
-            argmax = q_logits.argmax(-1).tolist()  # one for the batch, not one per row
+            argmax = kernels.argmax(q_logits).tolist()  # one for the batch, not one per row
             for j, i in enumerate(live):
                 if params[i].greedy:
                     drafts[i].append(argmax[j])
