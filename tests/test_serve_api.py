@@ -99,7 +99,12 @@ def _alone(model, prompt, n):
 
 def test_health_and_models(served):
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}
-    assert [m.id for m in served.client().models.list().data] == ["tiny-test"]
+    client = served.client()
+    assert [m.id for m in client.models.list().data] == ["tiny-test"]
+    assert client.models.retrieve("tiny-test").model_dump() == client.models.list().data[0].model_dump()
+    with pytest.raises(openai.NotFoundError, match="`gpt-4o` does not exist") as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found"
 
 
 def test_concurrent_greedy_completions_equal_generate_alone(served, model):

@@ -2,7 +2,8 @@
 
     GET  /health                200 {"status": "ok"} when serving, 503 while draining
     GET  /metrics               Prometheus text (``flyer.serve.metrics``)
-    GET  /v1/models             the one served model
+    GET  /v1/models             the one served model (a list of one)
+    GET  /v1/models/{model}     that model (404 for any other name)
     POST /v1/completions        prompt: text, list of texts, token ids or lists of token ids;
                                 max_tokens, temperature, top_p, stop, seed, stream (+ stream_options),
                                 logprobs (0-20), echo (prompt tokens scored, as evaluation harnesses ask)
@@ -553,11 +554,18 @@ def build_app(api: Api) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card() -> dict:
+        return {"id": api.model_name, "object": "model", "created": api.created, "owned_by": "flyer"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         api.check_access(request)
-        return {"object": "list", "data": [{"id": api.model_name, "object": "model", "created": api.created,
-                                            "owned_by": "flyer"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")  # a path: served names may hold slashes (org/name)
+    async def retrieve_model(request: Request, model: str):
+        api.check_access(request, model)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionBody):
