@@ -68,11 +68,31 @@ def test_generate_expert_threads_split_the_stream_and_change_no_token(capsys):
     (["--device", "tpu"], "--device: unknown device 'tpu'"),
     (["--device", "mps"], "--device: unsupported device 'mps'"),
     (["--device", "cuda:99"], "--device: cuda:99 asked for"),
+    (["--logit-bias", "65"], "--logit-bias: expected ID=VALUE"),
+    (["--logit-bias", "A=1"], "--logit-bias: expected ID=VALUE"),
+    (["--logit-bias", "65=101"], "--logit-bias: values must be in [-100, 100] (got 101.0 for token 65)"),
+    (["--logit-bias", "9999=1"], "--logit-bias: token ids must be in [0, 2048) (got 9999)"),
+    (["--frequency-penalty", "2.5"], "--frequency-penalty: must be in [-2, 2]"),
+    (["--presence-penalty", "nan"], "--presence-penalty: must be a finite number"),
+    (["--presence-penalty", "-3"], "--presence-penalty: must be in [-2, 2] (got -3.0)"),
 ])
 def test_user_errors_are_one_line(capsys, argv, msg):
     assert main(["generate", "--preset", "tiny", "--prompt", "hi"] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flyer: error:") and msg in err and "\n" not in err
+
+
+def test_generate_logit_bias_and_penalties(capsys):
+    """``--logit-bias``, ``--frequency-penalty``, ``--presence-penalty`` as flyer serve's fields: a
+    bias of 100 makes its token every token; a penalty breaks the run it makes (the engine's own
+    tokens under them: tests/test_serve_engine.py)."""
+    base = ["generate", "--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "6", "--json", "--eos-id", "-1"]
+    assert _json(capsys, base + ["--logit-bias", "65=100"])["text"] == "A" * 6
+    assert _json(capsys, base + ["--logit-bias", "65=5", "--logit-bias", "65=100"])["text"] == "A" * 6  # the last
+    bias = ["--logit-bias", "66=5"]  # random weights: logits far closer together than 5
+    assert _json(capsys, base + bias)["text"] == "B" * 6
+    assert _json(capsys, base + bias + ["--presence-penalty", "2"])["text"] == "B" * 6  # 5 - 2 still leads
+    assert _json(capsys, base + bias + ["--frequency-penalty", "2"])["text"].count("B") == 3  # 5 - 3 x 2 does not
 
 
 def test_needs_exactly_one_model_source(capsys, tmp_path):

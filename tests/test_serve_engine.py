@@ -244,6 +244,23 @@ def test_logit_bias_and_penalties_in_any_batch_and_with_drafts(trained):
             eng.submit(p, SamplingOptions(**o), lambda e: None)
 
 
+def test_generate_applies_logit_bias_and_penalties_as_the_engine_does(trained):
+    """``flyer generate``'s adjustments (``GenerationConfig``'s logit_bias and penalties): the engine's
+    tokens for the same prompt and options, batched with another prompt, plain and with MTP drafts."""
+    p, q = _progression(7, 1, 6), _progression(3, 2, 9)
+    over = [dict(logit_bias=((40, 8.0),), presence_penalty=2.0), dict(logit_bias=((40, 8.0),), frequency_penalty=1.0),
+            dict(logit_bias=((13, -100.0), (40, 3.0)), presence_penalty=-0.5)]
+    for o in over:
+        want = _run(_engine(trained), [p, q], SamplingOptions(max_tokens=10, **o))
+        for spec in ({}, dict(speculative="mtp", draft_tokens=2)):
+            gen = GenerationConfig(max_new_tokens=10, cache_dtype=torch.float32, **o, **spec)
+            assert generate(trained, [p, q], gen).tokens == want, (o, spec)
+    with pytest.raises(FieldError, match="token ids must be in"):
+        generate(trained, [p], GenerationConfig(logit_bias=((V, 1.0),)))
+    with pytest.raises(FieldError, match="presence_penalty: must be in"):
+        GenerationConfig(presence_penalty=-2.5).validate()
+
+
 def test_cancel_frees_blocks_and_stop_tokens_end_a_request(trained):
     eng = _engine(trained)
     got = []

@@ -24,7 +24,7 @@ from flyer.runtime import require_memory
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ZERO_OK = {"temperature", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
-SIGNED = {"eos_id"}  # -1: no stop token; checked against the model's vocabulary here
+SIGNED = {"eos_id", "frequency_penalty", "presence_penalty"}  # eos_id -1: no stop token; penalties in [-2, 2]
 
 
 class ByteTokenizer:
@@ -138,6 +138,21 @@ def auto_cache_dtype(ckpt: str | None, model: Transformer) -> str:
     return "fp32" if ckpt and is_hf_model_dir(ckpt) and model.embed.weight.dtype == torch.float32 else "bf16"
 
 
+def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
+    """``--logit-bias ID=VALUE`` items as (token id, value) pairs; a token given twice keeps its last
+    value, as OpenAI's JSON object would."""
+    bias: dict[int, float] = {}
+    for item in items:
+        tid, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            bias[int(tid)] = float(value)
+        except ValueError:
+            raise FieldError("logit_bias", f"expected ID=VALUE, a token id and a number (got {item!r})") from None
+    return tuple(bias.items())
+
+
 def _run(args) -> int:
     if bool(args.ckpt) == bool(args.preset):
         raise UserError("give exactly one of --ckpt DIR (a trained run) or --preset NAME (random weights)")
@@ -147,7 +162,9 @@ def _run(args) -> int:
     dtype = DTYPES.get(args.cache_dtype, torch.bfloat16)  # "auto": settled once the model is loaded
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, attention=args.attention, cache_dtype=dtype,
-                           speculative=args.speculative, draft_tokens=args.draft_tokens)
+                           speculative=args.speculative, draft_tokens=args.draft_tokens,
+                           logit_bias=parse_logit_bias(args.logit_bias), frequency_penalty=args.frequency_penalty,
+                           presence_penalty=args.presence_penalty)
     gen.validate()  # before the model loads
     torch.set_num_threads(args.threads)
     kernels.set_expert_threads(args.expert_threads)
@@ -213,6 +230,12 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=VALUE",
+                   help="add VALUE (-100 to 100) to token ID's logit before choosing; repeatable (OpenAI's logit_bias)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="lower a token's logit by this (-2 to 2) for each time it was generated (OpenAI's definition)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="lower a token's logit by this (-2 to 2) once it was generated (OpenAI's definition)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--eos-id", type=int, default=None,
                    help="stop token (default: the tokenizer's end-of-text; -1: none, generate every token)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from flyer.errors import FieldError
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
-from flyer.infer.sampling import SamplingParams, sample
+from flyer.infer.sampling import SamplingParams, adjust_logits, check_adjustments, sample
 from flyer.infer.speculative import mtp_decode
 from flyer.model.transformer import Transformer
 
@@ -35,6 +35,10 @@ class GenerationConfig:
     speculative: str | None = None  # None or "mtp"
     draft_tokens: int = 1  # MTP drafts per step (module 1, reapplied for more than one)
     prefix_cache: PrefixCache | None = None  # from ``open_prefix_cache``
+    # OpenAI's logit adjustments before sampling (``flyer.infer.sampling.adjust_logits``), as flyer serve applies them
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def validate(self) -> None:
         """``FieldError`` naming the first bad field."""
@@ -49,6 +53,15 @@ class GenerationConfig:
         if self.attention not in ATTENTION_MODES:
             raise FieldError("attention", f"must be one of {', '.join(ATTENTION_MODES)} (got {self.attention!r})")
         SamplingParams(self.temperature, self.top_p)
+        check_adjustments(self.logit_bias, self.frequency_penalty, self.presence_penalty)
+
+    def adjuster(self) -> Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None:
+        """(logits (V,), the tokens generated before them) -> the logits adjusted in place; None
+        without adjustments."""
+        if not (self.logit_bias or self.frequency_penalty or self.presence_penalty):
+            return None
+        return lambda logits_V, generated: adjust_logits(logits_V, generated, self.logit_bias, self.frequency_penalty,
+                                                         self.presence_penalty)
 
 
 @dataclass
@@ -185,6 +198,7 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
     for p in prompts:
         if min(p) < 0 or max(p) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V}) (vocab_size)")
+    check_adjustments(gen.logit_bias, gen.frequency_penalty, gen.presence_penalty, V)
     longest = max(len(p) for p in prompts)
     if longest + gen.max_new_tokens > model.cfg.max_seq_len:
         raise FieldError("max_new_tokens", f"{gen.max_new_tokens} new tokens after a {longest}-token prompt exceed "
@@ -211,13 +225,20 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
 
     t0 = time.perf_counter()
     state = prefill(dec, prompts, gen.prefix_cache)
-    first = sample(state.logits, params, generator)
+    adjust = gen.adjuster()
+    logits = state.logits  # kept as they are for the result's first_logits
+    if adjust is not None:
+        logits = logits.clone()
+        for row in logits:
+            adjust(row, [])
+    first = sample(logits, params, generator)
     t1 = time.perf_counter()
     if spec:
         out, drafted, accepted = mtp_decode(dec, prompts, first, state, params, gen.max_new_tokens, gen.eos_id,
-                                            K, generator)
+                                            K, generator, adjust)
     else:
-        out, drafted, accepted = _plain_decode(dec, first, params, gen.max_new_tokens, gen.eos_id, generator), 0, 0
+        out = _plain_decode(dec, first, params, gen.max_new_tokens, gen.eos_id, generator, adjust)
+        drafted = accepted = 0
     t2 = time.perf_counter()
     prefix = None
     if gen.prefix_cache is not None:
@@ -228,16 +249,22 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
                             drafted, accepted, prefix, state.logits)
 
 
+@torch.inference_mode()
 def _plain_decode(dec: Decoder, first: torch.Tensor, params: SamplingParams, max_new: int, eos_id: int | None,
-                  generator) -> list[list[int]]:
-    """One token per live row per step; a row that finishes leaves the batch (``keep_rows``)."""
+                  generator, adjust=None) -> list[list[int]]:
+    """One token per live row per step; a row that finishes leaves the batch (``keep_rows``).
+    ``adjust``: ``GenerationConfig.adjuster``'s, applied to each row's logits first."""
     out = [[int(t)] for t in first]
     live = [b for b, o in enumerate(out) if not finished(o, max_new, eos_id)[1]]  # batch rows still decoding
     n = dec.cache.lengths.clone()  # valid cache length = position of the pending token
     cur = first.clone()
     n, cur = shrink_batch(dec, live, range(len(out)), n, cur)
     while live:
-        nxt = sample(dec.logits(dec.forward(cur.view(-1, 1), n))[:, 0], params, generator)
+        logits = dec.logits(dec.forward(cur.view(-1, 1), n))[:, 0]
+        if adjust is not None:
+            for i, b in enumerate(live):
+                adjust(logits[i], out[b])
+        nxt = sample(logits, params, generator)
         n += 1
         still = []
         for b, t in zip(live, nxt.tolist()):

@@ -55,6 +55,20 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
     return torch.multinomial(probabilities(logits_BV, params), 1, generator=generator).squeeze(-1)
 
 
+def check_adjustments(bias: Sequence[tuple[int, float]], frequency: float, presence: float,
+                      vocab_size: int | None = None) -> None:
+    """``FieldError`` naming the first adjustment outside OpenAI's ranges: penalties in [-2, 2], bias
+    values in [-100, 100], biased token ids in [0, ``vocab_size``) (when it is given)."""
+    for name, value in (("frequency_penalty", frequency), ("presence_penalty", presence)):
+        if not -2 <= value <= 2:
+            raise FieldError(name, f"must be in [-2, 2] (got {value})")
+    for t, b in bias:
+        if vocab_size is not None and not 0 <= t < vocab_size:
+            raise FieldError("logit_bias", f"token ids must be in [0, {vocab_size}) (got {t})")
+        if not -100 <= b <= 100:
+            raise FieldError("logit_bias", f"values must be in [-100, 100] (got {b} for token {t})")
+
+
 def adjust_logits(logits_V: torch.Tensor, generated: Sequence[int], bias: Sequence[tuple[int, float]] = (),
                   frequency: float = 0.0, presence: float = 0.0) -> torch.Tensor:
     """One position's logits (V,) adjusted in place as OpenAI's API defines it (and returned): each

@@ -55,11 +55,13 @@ def accept_drafts(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[i
 @torch.inference_mode()
 def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tensor, state: PrefillState,
                params: SamplingParams, max_new: int, eos_id: int | None, n_draft: int = 1,
-               generator: torch.Generator | None = None) -> tuple[list[list[int]], int, int]:
+               generator: torch.Generator | None = None, adjust=None) -> tuple[list[list[int]], int, int]:
     """Decode after ``prefill`` (which filled the MTP cache up to len - 1). ``first``: (B,) the
     token chosen from the prefill logits; ``state``: the prefill's hidden states. Rows advance
-    independently (per-row positions); a finished row leaves the batch. Returns (new tokens per
-    row, drafts proposed, accepted).
+    independently (per-row positions); a finished row leaves the batch. ``adjust``:
+    ``GenerationConfig.adjuster``'s, on the target's logits (the drafts' stay as they are: any
+    draft distribution keeps speculative sampling exact). Returns (new tokens per row, drafts
+    proposed, accepted).
 
     Invariant at the top of each step, per row: the main cache holds [0, n), the MTP cache
     [0, mtp_len) with mtp_len < n, and ``h_prev`` holds the main hidden states of [mtp_len, n).
@@ -103,11 +105,15 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         tokens = torch.cat([pending.view(B, 1), torch.stack(drafts, 1)], 1)  # (B, K+1)
         hv = dec.forward(tokens, n)
         logits = dec.logits(hv)  # (B, K+1, V)
+        drafts_BK = tokens[:, 1:].tolist()
+        if adjust is not None:  # the target row after drafts d[:j] counts them as generated, as flyer serve does
+            for i, b in enumerate(live):
+                for j in range(K + 1):
+                    adjust(logits[i, j], out[b] + drafts_BK[i][:j])
         if params.greedy:
             p, q_BKV = logits, [None] * B
         else:
             p, q_BKV = probabilities(logits.flatten(0, 1), params).view(B, K + 1, -1), torch.stack(q, 1)
-        drafts_BK = tokens[:, 1:].tolist()
         # 3. accept; a row that finishes leaves the batch
         n_old = n.clone()
         still = []

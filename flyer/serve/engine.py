@@ -59,7 +59,7 @@ from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder, Group
 from flyer.infer.generate import mtp_span, open_prefix_cache
 from flyer.infer.prefix_cache import PrefixCache, chain_keys
-from flyer.infer.sampling import SamplingParams, adjust_logits, probabilities, sample
+from flyer.infer.sampling import SamplingParams, adjust_logits, check_adjustments, probabilities, sample
 from flyer.infer.speculative import accept_drafts
 from flyer.model.transformer import Transformer
 from flyer.serve.metrics import ServeMetrics
@@ -219,14 +219,7 @@ class Engine:
         if opts.max_tokens < 1:
             raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
         SamplingParams(opts.temperature, opts.top_p)
-        for name in ("frequency_penalty", "presence_penalty"):
-            if not -2 <= getattr(opts, name) <= 2:
-                raise FieldError(name, f"must be in [-2, 2] (got {getattr(opts, name)})")
-        for t, b in opts.logit_bias:
-            if not 0 <= t < V:
-                raise FieldError("logit_bias", f"token ids must be in [0, {V}) (got {t})")
-            if not -100 <= b <= 100:
-                raise FieldError("logit_bias", f"values must be in [-100, 100] (got {b} for token {t})")
+        check_adjustments(opts.logit_bias, opts.frequency_penalty, opts.presence_penalty, V)
         if len(prompt) + opts.max_tokens > ctx:
             raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens exceed "
                                            f"the model's context of {ctx} tokens")
