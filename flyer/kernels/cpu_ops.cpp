@@ -93,10 +93,10 @@ void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
 // attention over the cache) over these threads instead. A job is n items claimed one at a time by
 // the caller and the workers alike, each from its own contiguous share first, then from the others'
 // ends, so a worker that is slow to wake (or descheduled by another process) costs only its absence:
-// the caller waits only for items a worker took. A
-// worker spins briefly after each job before sleeping: a step's next kernel call usually comes
-// within that time, and waking a sleeping thread costs ~0.1 ms on a VM (Python's thread pool paid it
-// on every call). Each item runs on one thread, so the results do not depend on how many there are.
+// the caller waits only for items a worker took. A worker spins briefly after each job before
+// sleeping: a step's next kernel call usually comes within that time, and waking a sleeping thread
+// costs ~0.1 ms on a VM (Python's thread pool paid it on every call). Each item runs on one thread,
+// so the results do not depend on how many there are.
 class Workers {
  public:
   static Workers& get() {
@@ -189,7 +189,8 @@ class Workers {
       const uint64_t b = v & 0xffffffffu, e = v >> 32;
       if (b >= e) return -1;
       const uint64_t next = front ? Share::pack(b + 1, e) : Share::pack(b, e - 1);
-      if (s.span.compare_exchange_weak(v, next, std::memory_order_relaxed)) return static_cast<int64_t>(front ? b : e - 1);
+      if (s.span.compare_exchange_weak(v, next, std::memory_order_relaxed))
+        return static_cast<int64_t>(front ? b : e - 1);
     }
   }
 
@@ -1118,20 +1119,28 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 // the first NaN where the row has one: torch.argmax's answer. torch's CPU argmax compares one value
 // at a time along the row (0.34 ms for a 16-request step's 16 x 8,192 logits on AVX2, against
 // 0.02 ms for amax); here the row's max is found in vectors (NaN propagates), then its first index.
-int64_t row_argmax(const float* x, int64_t V) {
+// the largest of x[0 .. n), n > 0; NaN where one is NaN
+inline float max_of(const float* x, int64_t n) {
   constexpr int64_t W = Vec::size();
-  float top = x[0];
   int64_t j = 0;
-  if (V >= W) {
+  float top = x[0];
+  if (n >= W) {
     Vec m = Vec::loadu(x);
-    for (j = W; j + W <= V; j += W) m = at::vec::maximum(m, Vec::loadu(x + j));
+    for (j = W; j + W <= n; j += W) m = at::vec::maximum(m, Vec::loadu(x + j));  // maximum propagates NaN
     top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
   }
-  for (; j < V; ++j) top = std::isnan(top) || std::isnan(x[j]) ? std::numeric_limits<float>::quiet_NaN()
+  for (; j < n; ++j) top = std::isnan(top) || std::isnan(x[j]) ? std::numeric_limits<float>::quiet_NaN()
                                                                 : std::max(top, x[j]);
+  return top;
+}
+
+int64_t row_argmax(const float* x, int64_t V) {
+  constexpr int64_t W = Vec::size();
+  const float top = max_of(x, V);
   const bool nan = std::isnan(top);
   const Vec t(top);
-  for (j = 0; j + W <= V; j += W) {  // zero_mask: the lanes whose comparison is false
+  int64_t j = 0;
+  for (; j + W <= V; j += W) {  // zero_mask: the lanes whose comparison is false
     const Vec v = Vec::loadu(x + j);
     const int miss = (nan ? v.isnan() : v == t).zero_mask();
     if (miss != (1 << W) - 1) return j + __builtin_ctz(~miss);
@@ -1215,20 +1224,6 @@ __attribute__((noinline)) void accumulate_rows(const float* wts, int64_t n, cons
     }
 }
 
-// the largest of w[0 .. n), n > 0
-inline float max_of(const float* w, int64_t n) {
-  constexpr int64_t V = Vec::size();
-  int64_t j = 0;
-  float top = w[0];
-  if (n >= V) {
-    Vec v = Vec::loadu(w);
-    for (j = V; j + V <= n; j += V) v = at::vec::maximum(v, Vec::loadu(w + j));
-    top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-  }
-  for (; j < n; ++j) top = std::max(top, w[j]);
-  return top;
-}
-
 // w[j] = exp(w[j] - top) for j < n, those below FP32's smallest normal set to 0; returns their sum
 inline float exp_flushed(float* w, int64_t n, float top) {
   constexpr int64_t V = Vec::size();
@@ -1300,8 +1295,9 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
       // o (M, C) += weights (M, n) tile[:, :C] (n, C); column-major: o^T += tile[:, :C]^T weights^T
       if (M <= kFewQueryRows)
         for (int64_t m = 0; m < M; m += kRows)
-          with_rows(std::min(kRows, M - m),
-                    [&](auto R) { accumulate_rows<decltype(R)::value>(sc.data() + m * n, n, tile.data(), K, C, o + m * C); });
+          with_rows(std::min(kRows, M - m), [&](auto R) {
+            accumulate_rows<decltype(R)::value>(sc.data() + m * n, n, tile.data(), K, C, o + m * C);
+          });
       else
         sgemm(false, false, C, M, n, 1.f, tile.data(), K, sc.data(), n, 1.f, o, C);
     }
