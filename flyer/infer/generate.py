@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -18,13 +18,13 @@ from flyer.errors import FieldError
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
-from flyer.infer.sampling import SamplingParams, adjust_logits, check_adjustments, sample
+from flyer.infer.sampling import LogitAdjustments, SamplingParams, sample
 from flyer.infer.speculative import mtp_decode
 from flyer.model.transformer import Transformer
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(LogitAdjustments):
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -35,7 +35,7 @@ class GenerationConfig:
     speculative: str | None = None  # None or "mtp"
     draft_tokens: int = 1  # MTP drafts per step (module 1, reapplied for more than one)
     prefix_cache: PrefixCache | None = None  # from ``open_prefix_cache``
-    # OpenAI's logit adjustments before sampling (``flyer.infer.sampling.adjust_logits``), as flyer serve applies them
+    # OpenAI's logit adjustments before sampling (``LogitAdjustments``), as flyer serve applies them
     logit_bias: tuple[tuple[int, float], ...] = ()
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -53,15 +53,7 @@ class GenerationConfig:
         if self.attention not in ATTENTION_MODES:
             raise FieldError("attention", f"must be one of {', '.join(ATTENTION_MODES)} (got {self.attention!r})")
         SamplingParams(self.temperature, self.top_p)
-        check_adjustments(self.logit_bias, self.frequency_penalty, self.presence_penalty)
-
-    def adjuster(self) -> Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None:
-        """(logits (V,), the tokens generated before them) -> the logits adjusted in place; None
-        without adjustments."""
-        if not (self.logit_bias or self.frequency_penalty or self.presence_penalty):
-            return None
-        return lambda logits_V, generated: adjust_logits(logits_V, generated, self.logit_bias, self.frequency_penalty,
-                                                         self.presence_penalty)
+        self.check_adjustments()
 
 
 @dataclass
@@ -198,7 +190,7 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
     for p in prompts:
         if min(p) < 0 or max(p) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V}) (vocab_size)")
-    check_adjustments(gen.logit_bias, gen.frequency_penalty, gen.presence_penalty, V)
+    gen.check_adjustments(V)
     longest = max(len(p) for p in prompts)
     if longest + gen.max_new_tokens > model.cfg.max_seq_len:
         raise FieldError("max_new_tokens", f"{gen.max_new_tokens} new tokens after a {longest}-token prompt exceed "
@@ -225,7 +217,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
 
     t0 = time.perf_counter()
     state = prefill(dec, prompts, gen.prefix_cache)
-    adjust = gen.adjuster()
+    adjust = gen.adjust if gen.adjusts else None
     logits = state.logits  # kept as they are for the result's first_logits
     if adjust is not None:
         logits = logits.clone()
@@ -253,7 +245,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
 def _plain_decode(dec: Decoder, first: torch.Tensor, params: SamplingParams, max_new: int, eos_id: int | None,
                   generator, adjust=None) -> list[list[int]]:
     """One token per live row per step; a row that finishes leaves the batch (``keep_rows``).
-    ``adjust``: ``GenerationConfig.adjuster``'s, applied to each row's logits first."""
+    ``adjust``: (logits (V,), tokens generated before them) -> adjusted in place, applied to each row's
+    logits first (``GenerationConfig.adjust``), or None."""
     out = [[int(t)] for t in first]
     live = [b for b, o in enumerate(out) if not finished(o, max_new, eos_id)[1]]  # batch rows still decoding
     n = dec.cache.lengths.clone()  # valid cache length = position of the pending token

@@ -55,20 +55,6 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
     return torch.multinomial(probabilities(logits_BV, params), 1, generator=generator).squeeze(-1)
 
 
-def check_adjustments(bias: Sequence[tuple[int, float]], frequency: float, presence: float,
-                      vocab_size: int | None = None) -> None:
-    """``FieldError`` naming the first adjustment outside OpenAI's ranges: penalties in [-2, 2], bias
-    values in [-100, 100], biased token ids in [0, ``vocab_size``) (when it is given)."""
-    for name, value in (("frequency_penalty", frequency), ("presence_penalty", presence)):
-        if not -2 <= value <= 2:
-            raise FieldError(name, f"must be in [-2, 2] (got {value})")
-    for t, b in bias:
-        if vocab_size is not None and not 0 <= t < vocab_size:
-            raise FieldError("logit_bias", f"token ids must be in [0, {vocab_size}) (got {t})")
-        if not -100 <= b <= 100:
-            raise FieldError("logit_bias", f"values must be in [-100, 100] (got {b} for token {t})")
-
-
 def adjust_logits(logits_V: torch.Tensor, generated: Sequence[int], bias: Sequence[tuple[int, float]] = (),
                   frequency: float = 0.0, presence: float = 0.0) -> torch.Tensor:
     """One position's logits (V,) adjusted in place as OpenAI's API defines it (and returned): each
@@ -81,3 +67,33 @@ def adjust_logits(logits_V: torch.Tensor, generated: Sequence[int], bias: Sequen
         ids, counts = torch.tensor(list(generated), device=logits_V.device).unique(return_counts=True)
         logits_V[ids] -= counts.to(logits_V.dtype) * frequency + presence
     return logits_V
+
+
+class LogitAdjustments:
+    """For options that carry OpenAI's logit adjustments as fields ``logit_bias`` ((token, value)
+    pairs), ``frequency_penalty`` and ``presence_penalty`` (flyer serve's requests, ``flyer
+    generate``'s config): whether there are any, their ranges, and applying them."""
+
+    logit_bias: tuple[tuple[int, float], ...]
+    frequency_penalty: float
+    presence_penalty: float
+
+    @property
+    def adjusts(self) -> bool:
+        return bool(self.logit_bias or self.frequency_penalty or self.presence_penalty)
+
+    def check_adjustments(self, vocab_size: int | None = None) -> None:
+        """``FieldError`` naming the first adjustment outside OpenAI's ranges: penalties in [-2, 2],
+        bias values in [-100, 100], biased token ids in [0, ``vocab_size``) (when it is given)."""
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise FieldError(name, f"must be in [-2, 2] (got {getattr(self, name)})")
+        for t, b in self.logit_bias:
+            if vocab_size is not None and not 0 <= t < vocab_size:
+                raise FieldError("logit_bias", f"token ids must be in [0, {vocab_size}) (got {t})")
+            if not -100 <= b <= 100:
+                raise FieldError("logit_bias", f"values must be in [-100, 100] (got {b} for token {t})")
+
+    def adjust(self, logits_V: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
+        """``adjust_logits`` with these adjustments."""
+        return adjust_logits(logits_V, generated, self.logit_bias, self.frequency_penalty, self.presence_penalty)

@@ -59,7 +59,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
     """Decode after ``prefill`` (which filled the MTP cache up to len - 1). ``first``: (B,) the
     token chosen from the prefill logits; ``state``: the prefill's hidden states. Rows advance
     independently (per-row positions); a finished row leaves the batch. ``adjust``:
-    ``GenerationConfig.adjuster``'s, on the target's logits (the drafts' stay as they are: any
+    ``GenerationConfig.adjust`` or None, on the target's logits (the drafts' stay as they are: any
     draft distribution keeps speculative sampling exact). Returns (new tokens per row, drafts
     proposed, accepted).
 

@@ -59,7 +59,7 @@ from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder, Group
 from flyer.infer.generate import mtp_span, open_prefix_cache
 from flyer.infer.prefix_cache import PrefixCache, chain_keys
-from flyer.infer.sampling import SamplingParams, adjust_logits, check_adjustments, probabilities, sample
+from flyer.infer.sampling import LogitAdjustments, SamplingParams, probabilities, sample
 from flyer.infer.speculative import accept_drafts
 from flyer.model.transformer import Transformer
 from flyer.serve.metrics import ServeMetrics
@@ -118,7 +118,7 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class SamplingOptions:
+class SamplingOptions(LogitAdjustments):
     max_tokens: int = 16
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -126,14 +126,10 @@ class SamplingOptions:
     stop_ids: tuple[int, ...] = ()  # tokens that end the request (kept in the output)
     logprobs: int | None = None  # report the chosen token's logprob and this many alternatives
     prompt_logprobs: bool = False  # report each prompt token's logprob (echo)
-    # OpenAI's logit adjustments (``flyer.infer.sampling.adjust_logits``): reported logprobs are the adjusted ones
+    # OpenAI's logit adjustments (``LogitAdjustments``): reported logprobs are the adjusted ones
     logit_bias: tuple[tuple[int, float], ...] = ()
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-
-    @property
-    def adjusts(self) -> bool:
-        return bool(self.logit_bias or self.frequency_penalty or self.presence_penalty)
 
 
 @dataclass
@@ -219,7 +215,7 @@ class Engine:
         if opts.max_tokens < 1:
             raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
         SamplingParams(opts.temperature, opts.top_p)
-        check_adjustments(opts.logit_bias, opts.frequency_penalty, opts.presence_penalty, V)
+        opts.check_adjustments(V)
         if len(prompt) + opts.max_tokens > ctx:
             raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens exceed "
                                            f"the model's context of {ctx} tokens")
@@ -519,10 +515,8 @@ class Engine:
             owners += [(r, tuple(d[:j])) for r, d in zip(rows, drafts) for j in range(len(d) + 1)]
         owners += [(r, ()) for r in ending]
         for row, (r, extra) in enumerate(owners):
-            o = r.opts
-            if o.adjusts:
-                adjust_logits(logits[row], [*r.tokens[len(r.prompt):], *extra], o.logit_bias, o.frequency_penalty,
-                              o.presence_penalty)
+            if r.opts.adjusts:
+                r.opts.adjust(logits[row], [*r.tokens[len(r.prompt):], *extra])
 
     def _mtp_catch_up(self, rows: list[Request], hold_decode_entry: bool = False) -> torch.Tensor | None:
         """Write the MTP cache entries each row can: positions [mtp_len, min(n_cached, len - 1))
