@@ -309,6 +309,56 @@ def test_linear_held_on_fp8_weights_split_over_expert_threads(ops, monkeypatch):
     _same_on_expert_threads(monkeypatch, lambda: kernels.linear_held(many, w, scale=scale), chunk)
 
 
+def test_held_weights_run_the_kernel_at_any_rows_where_the_blas_is_narrower(ops, monkeypatch):
+    """Where torch's BLAS runs narrower vectors than the kernel (``blas_narrower``: MKL on an AMD CPU
+    with AVX-512), held weights' groups of any size run the kernel, for BF16 and FP8 weights, in
+    ``grouped_mm`` and ``linear_held``; FP32 weights keep the BLAS past FEW_ROWS (F.linear's bits)."""
+    rows = [1, kernels.HELD_FEW_ROWS + 5, 200]
+    x, w = torch.randn(sum(rows), 96), torch.randn(3, 300, 96).bfloat16()
+    w8, scale = _fp8_weights(3, 300, 96, seed=2)
+    w8.view(torch.uint8)[w8.view(torch.uint8) & 0x7F == 0x7F] = 0  # no NaN codes
+    many = torch.randn(300, 96)
+    counts = torch.tensor(rows)
+    calls = {
+        "bf16 grouped": (lambda: kernels.grouped_mm(x, rows, w), ops.grouped_mm(x, counts, w, 200, None)),
+        "fp8 grouped": (lambda: kernels.grouped_mm(x, rows, w8, scale=scale),
+                        ops.grouped_mm(x, counts, w8, 200, scale)),
+        "bf16 linear": (lambda: kernels.linear_held(many, w[0]), ops.linear(many, w[0], None, None, 300)),
+        "fp8 linear": (lambda: kernels.linear_held(many, w8[0], scale=scale[0]),
+                       ops.linear(many, w8[0], None, scale[0], 300)),
+    }
+    monkeypatch.setattr(kernels, "blas_narrower", lambda: True)
+    assert kernels.held_few_rows() == kernels.ANY_ROWS
+    for name, (call, on_the_kernel) in calls.items():
+        assert torch.equal(call(), on_the_kernel), name
+    wide = w.float()
+    assert torch.equal(kernels.grouped_mm(x, rows, wide)[1:], ops.grouped_mm(x, counts, wide, kernels.FEW_ROWS)[1:])
+    monkeypatch.setattr(kernels, "blas_narrower", lambda: False)  # past 48 rows: GEMMs on widened blocks
+    for name, (call, on_the_kernel) in calls.items():
+        assert not torch.equal(call(), on_the_kernel), name
+
+
+def test_blas_narrower_is_mkl_on_a_non_intel_cpu_with_avx512(monkeypatch):
+    """MKL runs its AVX-512 code on Intel CPUs only: the kernel's AVX-512 build outruns its SGEMM
+    on AMD ones; elsewhere the BLAS is as wide; ``FLYER_BLAS_NARROWER`` overrides the detection."""
+    monkeypatch.delenv("FLYER_BLAS_NARROWER")
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    cases = [("AVX512", "AuthenticAMD", True), ("AVX512", "HygonGenuine", True), ("AVX512", "GenuineIntel", False),
+             ("AVX2", "AuthenticAMD", False), ("AVX512", None, False)]
+    try:
+        for capability, vendor, narrower in cases:
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+            monkeypatch.setattr(kernels, "_cpu_vendor", lambda v=vendor: v)
+            kernels.blas_narrower.cache_clear()
+            assert kernels.blas_narrower() is narrower, (capability, vendor)
+        for value, narrower in (("1", True), ("0", False)):
+            monkeypatch.setenv("FLYER_BLAS_NARROWER", value)
+            kernels.blas_narrower.cache_clear()
+            assert kernels.blas_narrower() is narrower
+    finally:
+        kernels.blas_narrower.cache_clear()
+
+
 def test_fp32_linears_of_prefill_chunks_run_on_the_kernel_in_inference(ops):
     """``lowp.linear`` on an FP32 weight: in inference a prefill chunk's rows (more than FEW_ROWS) run
     the extension's GEMM blocks (so they split over the expert threads), F.linear's bits (the no-grad

@@ -237,6 +237,41 @@ FEW_ROWS = 16  # rows per group up to which ``grouped_mm`` runs the kernel (benc
 # the same for BF16-held weights, where the BLAS GEMM needs the weight widened to FP32 first (a copy
 # as slow as the GEMM at 16 rows): the kernel wins up to about 48-64 rows (bench/cpu_kernels.py)
 HELD_FEW_ROWS = 48
+ANY_ROWS = 1 << 62  # a group of any size runs the kernel
+
+
+def held_few_rows() -> int:
+    """Rows per group up to which held (BF16, FP8) weights run the kernel, past which BLAS GEMMs on
+    widened blocks: ``HELD_FEW_ROWS``, or any number where the BLAS runs narrower vectors than the
+    kernel (``blas_narrower``). FP32 weights keep ``FEW_ROWS``: past it their GEMMs are the BLAS
+    calls ``F.linear`` makes, whose bits the autograd forward has."""
+    return ANY_ROWS if blas_narrower() else HELD_FEW_ROWS
+
+
+@functools.cache
+def blas_narrower() -> bool:
+    """Whether torch's BLAS runs narrower vectors than the kernel built for this CPU: MKL takes its
+    AVX-512 code only on Intel CPUs, so on an AMD CPU with AVX-512 its SGEMM runs AVX2 code, and the
+    AVX-512 kernel is faster at every row count (0.5-0.85x the time of widening plus SGEMM on the
+    small preset's layers, 16 to 2,048 rows, two threads; ``bench/cpu_kernels.py``).
+    ``FLYER_BLAS_NARROWER=0`` or ``1`` sets the answer instead (the tests pin it: the same sums on
+    every CPU)."""
+    forced = os.environ.get("FLYER_BLAS_NARROWER")
+    if forced is not None:
+        return forced == "1"
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not torch.backends.mkl.is_available():
+        return False
+    return _cpu_vendor() not in (None, "GenuineIntel")
+
+
+def _cpu_vendor() -> str | None:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...) where Linux tells it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except OSError:
+        return None
+
 # One thread's work (seconds: weight bytes at 10 GB/s, FP32 arithmetic at 40 GFLOP/s) from which a
 # kernel call splits over the expert threads: a worker that is spinning joins within a microsecond
 SPLIT_SECONDS = 20e-6
@@ -294,7 +329,7 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
     kernel (FP32 x; w FP32, held in BF16, or FP8 E4M3 codes with their 128x128 block scales
     ``scale`` (G, ceil(N / 128), ceil(K / 128)) and no NaN codes (``flyer.infer.weights`` refuses
     them; the kernel does not look), widened exactly as it is read) runs the groups of at most
-    ``FEW_ROWS`` rows (``HELD_FEW_ROWS`` for held w) reading each weight once for all of its
+    ``FEW_ROWS`` rows (``held_few_rows()`` for held w) reading each weight once for all of its
     group's rows, and larger groups as BLAS GEMMs on blocks of 128 weight rows widened
     (dequantized) to FP32; split over the expert threads (``set_expert_threads``). Elsewhere one
     ``torch.mm`` per group on its weight widened to x's dtype. ``rows_G_tensor``: ``rows_G`` as a
@@ -303,7 +338,7 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
         raise ValueError(f"grouped_mm: FP8 weights take their block scales, other weights none "
                          f"(w is {w_GNK.dtype}, scale {'given' if scale is not None else 'None'})")
     if _held_usable(x_RK, w_GNK):
-        few = FEW_ROWS if w_GNK.dtype == torch.float32 else HELD_FEW_ROWS
+        few = FEW_ROWS if w_GNK.dtype == torch.float32 else held_few_rows()
         rows = torch.tensor(rows_G, dtype=torch.long) if rows_G_tensor is None else rows_G_tensor
         return cpu_ops().grouped_mm(x_RK.contiguous(), rows, w_GNK.contiguous(), few,
                                     None if scale is None else scale.contiguous())
@@ -320,7 +355,7 @@ def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | N
                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` of FP32 x (..., K) on a weight in FP32, held in BF16, or in FP8 with its 128x128
     block scales ``scale`` (inference: ``flyer.infer.weights``), computed in FP32: ``grouped_mm``
-    with one group, so up to ``HELD_FEW_ROWS`` rows (decoding; ``FEW_ROWS`` for FP32) read the
+    with one group, so up to ``held_few_rows()`` rows (decoding; ``FEW_ROWS`` for FP32) read the
     weight once, and more rows (a prefill chunk) run BLAS GEMMs on blocks of it widened, both split
     by output columns over the expert threads. One call into the extension: a decode step makes
     ~40 of these, and Python-side reshapes and checks cost more than a small GEMM."""
@@ -328,7 +363,7 @@ def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | N
         raise RuntimeError("linear_held is for inference: run the model under torch.no_grad()")
     ops = cpu_ops()
     if ops is not None and x.dtype == torch.float32 and x.device.type == "cpu" and weight_NK.device.type == "cpu":
-        return ops.linear(x, weight_NK, bias, scale, FEW_ROWS if weight_NK.dtype == torch.float32 else HELD_FEW_ROWS)
+        return ops.linear(x, weight_NK, bias, scale, FEW_ROWS if weight_NK.dtype == torch.float32 else held_few_rows())
     x_RK = x.reshape(-1, x.shape[-1])
     out = grouped_mm(x_RK, [x_RK.shape[0]], weight_NK.unsqueeze(0), scale=None if scale is None else scale.unsqueeze(0))
     if bias is not None:
