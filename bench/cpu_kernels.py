@@ -139,8 +139,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if kernels.cpu_ops() is None:
         raise SystemExit("bench/cpu_kernels.py: flyer's CPU kernels are not built here (no C++ compiler?)")
-    # mla_decode's tile products run on torch's BLAS where it exports one, else on a plain loop
-    out = {"threads": torch.get_num_threads(), "mla_decode_blas": kernels.cpu_ops().has_blas(), "kernels": {}}
+    # mla_decode's tile products run on torch's BLAS where it exports one, else on a plain loop;
+    # where that BLAS runs narrower vectors than the kernel, held weights' GEMMs and mla_decode's
+    # tile products stay on the kernel at any row count (kernels.blas_narrower)
+    out = {"threads": torch.get_num_threads(), "mla_decode_blas": kernels.cpu_ops().has_blas(),
+           "blas_narrower": kernels.blas_narrower(), "kernels": {}}
     for name, call in cases().items():
         if not wanted(name):
             continue

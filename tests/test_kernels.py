@@ -312,13 +312,15 @@ def test_linear_held_on_fp8_weights_split_over_expert_threads(ops, monkeypatch):
 def test_held_weights_run_the_kernel_at_any_rows_where_the_blas_is_narrower(ops, monkeypatch):
     """Where torch's BLAS runs narrower vectors than the kernel (``blas_narrower``: MKL on an AMD CPU
     with AVX-512), held weights' groups of any size run the kernel, for BF16 and FP8 weights, in
-    ``grouped_mm`` and ``linear_held``; FP32 weights keep the BLAS past FEW_ROWS (F.linear's bits)."""
+    ``grouped_mm`` and ``linear_held``, and ``mla_decode`` any number of query rows on its register
+    blocks; FP32 weights keep the BLAS past FEW_ROWS (F.linear's bits)."""
     rows = [1, kernels.HELD_FEW_ROWS + 5, 200]
     x, w = torch.randn(sum(rows), 96), torch.randn(3, 300, 96).bfloat16()
     w8, scale = _fp8_weights(3, 300, 96, seed=2)
     w8.view(torch.uint8)[w8.view(torch.uint8) & 0x7F == 0x7F] = 0  # no NaN codes
     many = torch.randn(300, 96)
     counts = torch.tensor(rows)
+    q, pool, tables, pos = _paged_latents(2, 4, 6, 45, 8, 5, 20, torch.float32, 0.3)  # 24 query rows
     calls = {
         "bf16 grouped": (lambda: kernels.grouped_mm(x, rows, w), ops.grouped_mm(x, counts, w, 200, None)),
         "fp8 grouped": (lambda: kernels.grouped_mm(x, rows, w8, scale=scale),
@@ -326,6 +328,8 @@ def test_held_weights_run_the_kernel_at_any_rows_where_the_blas_is_narrower(ops,
         "bf16 linear": (lambda: kernels.linear_held(many, w[0]), ops.linear(many, w[0], None, None, 300)),
         "fp8 linear": (lambda: kernels.linear_held(many, w8[0], scale=scale[0]),
                        ops.linear(many, w8[0], None, scale[0], 300)),
+        "mla_decode": (lambda: kernels.mla_decode(q, pool, tables, pos, 45, 0.9),
+                       ops.mla_decode(q, pool, tables, pos, 45, 0.9, 0, 24)),
     }
     monkeypatch.setattr(kernels, "blas_narrower", lambda: True)
     assert kernels.held_few_rows() == kernels.ANY_ROWS
@@ -335,7 +339,7 @@ def test_held_weights_run_the_kernel_at_any_rows_where_the_blas_is_narrower(ops,
     assert torch.equal(kernels.grouped_mm(x, rows, wide)[1:], ops.grouped_mm(x, counts, wide, kernels.FEW_ROWS)[1:])
     monkeypatch.setattr(kernels, "blas_narrower", lambda: False)  # past 48 rows: GEMMs on widened blocks
     for name, (call, on_the_kernel) in calls.items():
-        assert not torch.equal(call(), on_the_kernel), name
+        assert not torch.equal(call(), on_the_kernel) or not ops.has_blas(), name
 
 
 def test_blas_narrower_is_mkl_on_a_non_intel_cpu_with_avx512(monkeypatch):
@@ -685,9 +689,12 @@ def blas(ops, request):
     (2, 1, 2, 64, 16, 16, 40, 3.0, 0),  # peaked over up to 640 slots: the max moves across tiles, weights flushed
     (2, 2, 3, 37, 8, 4, 20, 3.0, 1),  # slot 0 not attended (the server's MTP cache), its score the largest
     (2, 1, 3, 45, 8, 5, 20, 0.3, 0),  # outputs in blocks of two vectors, then one, then a scalar tail
-    (2, 2, 10, 37, 8, 5, 20, 0.3, 0),  # 20 query rows: past kFewQueryRows, the tile products on the BLAS
+    (2, 2, 10, 37, 8, 5, 20, 0.3, 0),  # 20 query rows: past MLA_FEW_QUERY_ROWS, the tile products on the BLAS
 ])
-def test_mla_decode_within_fp32_bound_of_exact(ops, blas, pool_dtype, B, T, H, C, R, bs, nb, spread, first):
+@pytest.mark.parametrize("narrower", [False, True])  # True: any number of query rows on the register blocks
+def test_mla_decode_within_fp32_bound_of_exact(ops, blas, monkeypatch, narrower, pool_dtype, B, T, H, C, R, bs, nb,
+                                               spread, first):
+    monkeypatch.setattr(kernels, "blas_narrower", lambda: narrower)
     q, pool, tables, pos = _paged_latents(B, T, H, C, R, bs, nb, pool_dtype, spread)
     pos = pos.clamp(min=first)
     scale = 0.9
@@ -721,8 +728,9 @@ def test_mla_decode_of_a_cache_shifted_by_first_slots_is_bitwise_the_unshifted(o
     shifted = torch.cat([junk, kv, kv[:, :bs - 1]], dim=1)  # (B, (nb + 1) bs, K)
     tables1 = torch.arange(B * (nb + 1)).view(B, nb + 1)
     try:
-        want = ops.mla_decode(q, pool, tables, pos, C, 0.9, 0)
-        got = ops.mla_decode(q, shifted.reshape(B * (nb + 1), bs, -1), tables1, pos + 1, C, 0.9, 1)
+        few = kernels.MLA_FEW_QUERY_ROWS
+        want = ops.mla_decode(q, pool, tables, pos, C, 0.9, 0, few)
+        got = ops.mla_decode(q, shifted.reshape(B * (nb + 1), bs, -1), tables1, pos + 1, C, 0.9, 1, few)
     finally:
         ops.set_blas(True)
     assert torch.equal(got, want), (got - want).abs().max()

@@ -378,6 +378,13 @@ def mla_decode_usable(pool: torch.Tensor) -> bool:
     return pool.dtype in HELD_DTYPES and usable(pool)
 
 
+# Query rows (heads x new tokens) up to which ``mla_decode`` runs a tile's two products on the kernel's
+# own register blocks rather than the BLAS (any number where the BLAS is narrower): a few rows make
+# each BLAS call cost more than its arithmetic (6 rows 1.3x, 16 rows of V3's 576-wide slots 1.2x;
+# 32 rows 0.85x on an AMX machine, measured ad hoc: docs/performance.md)
+MLA_FEW_QUERY_ROWS = 16
+
+
 def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Tensor, pos_BT: torch.Tensor, C: int,
                scale: float, first: int = 0) -> torch.Tensor:
     """(B, M, C) FP32: absorbed MLA attention of FP32 queries q (B, M, K), row m = h T + t (head h,
@@ -388,7 +395,7 @@ def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Ten
     mla_absorbed_core``, its oracle) gathers them into a new tensor per layer first. Rows are
     split over the expert threads (``set_expert_threads``) when the cache they read is large enough to pay."""
     return cpu_ops().mla_decode(q_BMK.contiguous(), pool_NbK, tables_Bn.contiguous(), pos_BT.contiguous(), C, scale,
-                                first)
+                                first, ANY_ROWS if blas_narrower() else MLA_FEW_QUERY_ROWS)
 
 
 # ---- argmax of each row --------------------------------------------------------------------------

@@ -1176,10 +1176,6 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 // path's softmax flushes its probabilities: subnormal arithmetic is slow and each such term is below
 // the sum's rounding.
 constexpr int64_t kSlotTile = 64;
-// Query rows (heads x new tokens) up to which a tile's two products run on the kernel's own register
-// blocks rather than the BLAS: a few rows make each BLAS call cost more than its arithmetic (6 rows
-// 1.3x, 16 rows of V3's 576-wide slots 1.2x; 32 rows 0.85x, measured ad hoc: docs/performance.md)
-constexpr int64_t kFewQueryRows = 16;
 
 // o (rows, C) += wts (rows, n) tile[:, :C] (n slots, ld K), rows <= kRows: each tile vector loaded
 // once for every row, the outputs of 2 vectors per row kept in registers over the tile's slots
@@ -1248,7 +1244,7 @@ inline float exp_flushed(float* w, int64_t n, float top) {
 template <typename P>
 void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, const int64_t* pos, float* op,
                      int64_t b0, int64_t b1, int64_t nb, int64_t bs, int64_t T, int64_t M, int64_t K, int64_t C,
-                     float scale, int64_t first) {
+                     float scale, int64_t first, int64_t few_rows) {
   const float tiny = std::numeric_limits<float>::min();
   thread_local std::vector<float> tile, sc, mx, l;  // a worker runs this once per row: scratch kept
   tile.resize(kSlotTile * K);
@@ -1271,7 +1267,7 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
         to_float(pool + (tables[b * nb + s / bs] * bs + s % bs) * K, tile.data() + j * K, run * K);
         j += run;
       }
-      if (M <= kFewQueryRows) {  // scores (M, n) = q (M, K) tile (n, K)^T, scaled
+      if (M <= few_rows) {  // scores (M, n) = q (M, K) tile (n, K)^T, scaled
         dot_rows_of_group(tile.data(), Unscaled{}, q, sc.data(), 0, M, K, n, 0, n);
         for (int64_t i = 0; i < M * n; ++i) sc[i] *= scale;
       } else {  // the BLAS is column-major: scores^T = tile q^T
@@ -1293,7 +1289,7 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
         std::fill(w + nv, w + n, 0.f);  // slots past this query's position
       }
       // o (M, C) += weights (M, n) tile[:, :C] (n, C); column-major: o^T += tile[:, :C]^T weights^T
-      if (M <= kFewQueryRows)
+      if (M <= few_rows)
         for (int64_t m = 0; m < M; m += kRows)
           with_rows(std::min(kRows, M - m), [&](auto R) {
             accumulate_rows<decltype(R)::value>(sc.data() + m * n, n, tile.data(), K, C, o + m * C);
@@ -1308,8 +1304,10 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
   }
 }
 
+// ``few_rows``: query rows (heads x new tokens) up to which a tile's two products run on the kernel's
+// own register blocks rather than the BLAS (flyer.kernels.MLA_FEW_QUERY_ROWS)
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Tensor& tables, const at::Tensor& pos,
-                      int64_t C, double scale, int64_t first) {
+                      int64_t C, double scale, int64_t first, int64_t few_rows) {
   check_cpu(q, "mla_decode q");
   check_cpu(pool, "mla_decode pool");
   check_cpu(tables, "mla_decode tables");
@@ -1344,10 +1342,10 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
   parallel_items(B, seconds, [&](int64_t b0, int64_t b1) {
     if (pool.scalar_type() == at::kBFloat16)
       mla_decode_rows(q.data_ptr<float>(), pool.data_ptr<c10::BFloat16>(), tp, pp, out.data_ptr<float>(), b0, b1,
-                      nb, bs, T, M, K, C, static_cast<float>(scale), first);
+                      nb, bs, T, M, K, C, static_cast<float>(scale), first, few_rows);
     else
       mla_decode_rows(q.data_ptr<float>(), pool.data_ptr<float>(), tp, pp, out.data_ptr<float>(), b0, b1, nb, bs,
-                      T, M, K, C, static_cast<float>(scale), first);
+                      T, M, K, C, static_cast<float>(scale), first, few_rows);
   });
   return out;
 }
