@@ -9,7 +9,8 @@ every other device and dtype, and the oracle the tests compare the kernels again
   token's expert outputs, and its gradients (rows indexed by token once, ``token_index``);
 - ``rms_norm`` / ``rms_norm_backward``: RMSNorm of each row and its gradients;
 - ``grouped_mm`` / ``linear_held``: the routed experts' GEMMs and those of weights held in BF16 or FP8,
-  a few rows (decoding) at memory bandwidth, more (prefill) on BLAS GEMMs over blocks of the weight;
+  a few rows (decoding) at memory bandwidth, more (prefill) on BLAS GEMMs over blocks of the weight,
+  or on the kernel at any count where the BLAS runs narrower vectors (``blas_narrower``);
 - ``mla_decode``: absorbed MLA attention of a few new tokens over a (paged) latent cache, read in place;
 - ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
   operands of the CPU FP8 GEMM emulation), bit for bit the eager table lookup and multiply.
@@ -253,12 +254,12 @@ def blas_narrower() -> bool:
     """Whether torch's BLAS runs narrower vectors than the kernel built for this CPU: MKL takes its
     AVX-512 code only on Intel CPUs, so on an AMD CPU with AVX-512 its SGEMM runs AVX2 code, and the
     AVX-512 kernel is faster at every row count (0.5-0.85x the time of widening plus SGEMM on the
-    small preset's layers, 16 to 2,048 rows, two threads; ``bench/cpu_kernels.py``).
+    small preset's layers, 16 to 2,048 rows, two threads; docs/performance.md).
     ``FLYER_BLAS_NARROWER=0`` or ``1`` sets the answer instead (the tests pin it: the same sums on
     every CPU)."""
     forced = os.environ.get("FLYER_BLAS_NARROWER")
     if forced is not None:
-        return forced == "1"
+        return forced != "0"
     if torch.backends.cpu.get_cpu_capability() != "AVX512" or not torch.backends.mkl.is_available():
         return False
     return _cpu_vendor() not in (None, "GenuineIntel")
