@@ -207,11 +207,16 @@ def test_speculative_greedy_identical_on_untrained_model():
 def test_speculative_greedy_identical_on_trained_model(counting_model, k):
     prompts = [[5, 7, 9, 11], [1, 2, 3, 4, 5, 6, 7], [60, 61]]
     plain = generate(counting_model, prompts, GenerationConfig(max_new_tokens=30, cache_dtype=torch.float32))
-    spec = generate(counting_model, prompts, GenerationConfig(max_new_tokens=30, cache_dtype=torch.float32,
-                                                              speculative="mtp", draft_tokens=k))
+    cfg = GenerationConfig(max_new_tokens=30, cache_dtype=torch.float32, speculative="mtp", draft_tokens=k)
+    spec = generate(counting_model, prompts, cfg)
     assert spec.tokens == plain.tokens
     assert all(len(t) == 30 for t in spec.tokens)
-    assert spec.acceptance_rate > (0.8 if k == 1 else 0.4)  # reapplied module drafts are weaker
+    # a batch proposes and keeps the drafts each prompt alone does; how many the module gets right
+    # depends on the CPU kind it was trained on (0.8-0.9 of single drafts, 0.4-0.6 of reapplied ones
+    # on the kinds seen), far above the 1/64 of drafts blind to the context
+    alone = [generate(counting_model, [p], cfg) for p in prompts]
+    assert (spec.drafted, spec.accepted) == (sum(a.drafted for a in alone), sum(a.accepted for a in alone))
+    assert spec.acceptance_rate > (0.5 if k == 1 else 0.25)
     # EOS inside an accepted run of drafts still stops the row there
     eos = plain.tokens[1][9]
     gen = dict(max_new_tokens=30, cache_dtype=torch.float32, eos_id=eos)
