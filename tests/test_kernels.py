@@ -658,6 +658,39 @@ def test_argmax_is_torchs_on_ties_nans_and_infinities(ops, isa):
         assert torch.equal(kernels.argmax(x), x.argmax(-1))
 
 
+# ---- a prefill chunk's fused attention split by head ----------------------------------------------
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+def test_attention_split_over_expert_threads_is_sdpa_bit_for_bit(ops, monkeypatch, mode):
+    """``kernels.attention``: ATen's fused attention per (row, head) on the expert threads gives the
+    single call's bits: a chunk after cached slots (a mask per row, and one for all rows), causal
+    without a mask, strided (B, H, T, d) views as MLA's dense prefill passes them, value width
+    apart from the key's. Where it does not split (gradients wanted, one expert thread) it is that
+    call."""
+    B, T, S, H = 2, 37, 100, 3
+    q, k = (torch.randn(B, n, H, 24).transpose(1, 2) for n in (T, S))
+    v = torch.randn(B, S, H, 16).transpose(1, 2)
+    pos = torch.tensor([[S - T], [S - T - 5]]) + torch.arange(T)  # row 1 sees fewer slots
+    per_row = (torch.arange(S) <= pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+    cases = [(q, k, v, per_row), (q, k, v, per_row[:1]), (k, k, v, None)]  # None: causal, T == S
+    context = torch.inference_mode if mode == "inference" else torch.no_grad
+    with context():
+        for qi, ki, vi, mask in cases:
+            how = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
+            one = F.scaled_dot_product_attention(qi, ki, vi, scale=0.3, **how)
+            _same_on_expert_threads(monkeypatch, lambda: kernels.attention(qi, ki, vi, 0.3, mask), one)
+    assert not kernels.attention_splits(q, k, v)  # one expert thread: torch's own call
+    wanted = q.detach().requires_grad_()
+    monkeypatch.setattr(kernels, "_splits", lambda: True)
+    assert kernels.attention_splits(q, k, v) and not kernels.attention_splits(wanted, k, v)
+    kernels.attention(wanted, k, v, 0.3, per_row).sum().backward()  # F.scaled_dot_product_attention's autograd
+    assert wanted.grad is not None
+    with pytest.raises(RuntimeError, match="mask"):
+        ops.attention_heads(q, k, v, per_row.float(), 0.3)
+    with pytest.raises(RuntimeError, match="causal"):
+        ops.attention_heads(q, k, v, None, 0.3)
+
+
 # ---- absorbed MLA decode attention over a paged latent cache ---------------------------------------
 
 def _paged_latents(B, T, H, C, R, bs, nb, pool_dtype, spread, seed=0):

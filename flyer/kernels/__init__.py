@@ -12,6 +12,8 @@ every other device and dtype, and the oracle the tests compare the kernels again
   a few rows (decoding) at memory bandwidth, more (prefill) on BLAS GEMMs over blocks of the weight,
   or on the kernel at any count where the BLAS runs narrower vectors (``blas_narrower``);
 - ``mla_decode``: absorbed MLA attention of a few new tokens over a (paged) latent cache, read in place;
+- ``attention``: a prefill chunk's fused attention (ATen's), one call per (row, head) over the
+  expert threads;
 - ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
   operands of the CPU FP8 GEMM emulation), bit for bit the eager table lookup and multiply.
 
@@ -21,7 +23,7 @@ ninja are needed; the build, ~1 minute, is cached under ``TORCH_EXTENSIONS_DIR``
 float32/bfloat16/float16, the extension built). ``FLYER_CPU_KERNELS=0`` turns the kernels off; so
 does ``disabled()`` in a block. When the build fails (no compiler), flyer warns once and runs the
 eager code. Where torch runs one thread, ``set_expert_threads`` splits the larger calls of
-``grouped_mm``, ``linear_held`` and ``mla_decode`` over threads of the extension's own. A build
+``grouped_mm``, ``linear_held``, ``mla_decode`` and ``attention`` over threads of the extension's own. A build
 killed midway (Ctrl-C on the first run) leaves torch's lock file behind, on
 which every later load would wait forever: flyer's loads take an OS lock of their own, which
 dies with its process, and clear a lock file left by a dead one (``_build_lock``).
@@ -287,13 +289,13 @@ def _splits() -> bool:
 
 
 def set_expert_threads(n: int) -> None:
-    """Split the kernels' larger calls (``grouped_mm``, ``linear_held``, ``mla_decode``) over ``n``
+    """Split the kernels' larger calls (``grouped_mm``, ``linear_held``, ``mla_decode``, ``attention``) over ``n``
     threads of the extension's own (the caller's one included) where torch runs one thread: ``flyer
     serve`` runs torch on one thread on a small CPU (a decode step's hundreds of small ops gain
     nothing from more), and one core cannot pull the experts' weights at the memory's bandwidth nor
     run a prefill chunk's GEMMs at two cores' rate. Each call's work is split into items (blocks of
-    weight rows, rows of the batch) claimed by whichever thread is free, so the results are the same
-    on any number of threads."""
+    weight rows, rows of the batch, heads) claimed by whichever thread is free, so the results are
+    the same on any number of threads."""
     if n < 1:
         raise ValueError(f"expert threads must be >= 1 (got {n})")
     _split["threads"] = n
@@ -397,6 +399,28 @@ def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Ten
     split over the expert threads (``set_expert_threads``) when the cache they read is large enough to pay."""
     return cpu_ops().mla_decode(q_BMK.contiguous(), pool_NbK, tables_Bn.contiguous(), pos_BT.contiguous(), C, scale,
                                 first, ANY_ROWS if blas_narrower() else MLA_FEW_QUERY_ROWS)
+
+
+# ---- a prefill chunk's fused attention over the expert threads --------------------------------
+
+def attention_splits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``attention`` splits these: FP32 CPU tensors without gradients, where the expert
+    threads run (``set_expert_threads``: torch on one thread)."""
+    return (_splits() and q.dtype == k.dtype == v.dtype == torch.float32 and usable(q, k, v)
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
+def attention(q_BHTd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSv: torch.Tensor, scale: float,
+              mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)``, causal (T == S)
+    without a mask. Where ``attention_splits``, one call per (batch row, head), split over the
+    expert threads: a prefill chunk's attention (MLA's compute-bound form) otherwise runs on torch's
+    one thread, 20-45% of a long prompt's prefill. Each head runs on its own in ATen's fused kernel
+    either way, so the bits are the single call's."""
+    if attention_splits(q_BHTd, k_BHSd, v_BHSv):
+        return cpu_ops().attention_heads(q_BHTd, k_BHSd, v_BHSv, mask_B1TS, scale)
+    how = dict(is_causal=True) if mask_B1TS is None else dict(attn_mask=mask_B1TS)
+    return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSv, scale=scale, **how)
 
 
 # ---- argmax of each row --------------------------------------------------------------------------

@@ -1397,6 +1397,56 @@ at::Tensor fp8_dequantize(const at::Tensor& data, const at::Tensor& scale, int64
   return out;
 }
 
+// ---- fused attention, one call per (batch row, head) ----------------------------------------------
+// ATen's scaled_dot_product_attention of q (B, H, T, d), k (B, H, S, d), v (B, H, S, dv) with a
+// boolean mask (B or 1, 1, T, S), or causal (T == S) without one, split over flyer's workers by
+// (row, head): a prefill chunk's attention otherwise runs on torch's one thread. Each head's
+// attention is computed on its own in ATen's fused kernel either way, so the bits are one call's.
+at::Tensor attention_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const c10::optional<at::Tensor>& mask, double scale) {
+  for (const auto* t : {&q, &k, &v}) {  // any strides: ATen's kernel reads them
+    TORCH_CHECK(t->device().is_cpu(), "attention q, k, v: expected CPU tensors");
+    check_dtype(*t, at::kFloat, "attention q, k, v");
+  }
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.sizes().slice(0, 2) == q.sizes().slice(0, 2) &&
+                  v.sizes().slice(0, 3) == k.sizes().slice(0, 3) && k.size(3) == q.size(3),
+              "attention: q (B, H, T, d), k (B, H, S, d), v (B, H, S, dv) expected");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2);
+  const bool masked = mask.has_value() && mask->defined();
+  if (masked) {
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool && mask->dim() == 4 && (mask->size(0) == 1 || mask->size(0) == B) &&
+                    mask->size(1) == 1 && mask->size(2) == T && mask->size(3) == S,
+                "attention mask: bool (B or 1, 1, T, S) expected");
+  } else {
+    TORCH_CHECK(T == S, "attention: without a mask (causal) T must equal S");
+  }
+  auto out = at::empty({B, H, T, v.size(3)}, q.options());
+  // the caller's autograd state on every worker (an inference tensor is written only in inference mode)
+  const bool inference = c10::InferenceMode::is_enabled(), grad = at::GradMode::is_enabled();
+  std::mutex failed;
+  std::exception_ptr error;
+  const double flops = 2. * B * H * T * S * (q.size(3) + v.size(3));
+  const double seconds = one_thread_seconds((q.numel() + k.numel() + v.numel()) * 4., flops);
+  parallel_items(B * H, seconds, [&](int64_t i0, int64_t i1) {
+    c10::InferenceMode inference_mode(inference);
+    at::AutoGradMode grad_mode(grad);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      try {
+        const auto head = [&](const at::Tensor& t) { return t.narrow(0, b, 1).narrow(1, h, 1); };
+        c10::optional<at::Tensor> m;
+        if (masked) m = mask->narrow(0, mask->size(0) == 1 ? 0 : b, 1);
+        head(out).copy_(at::scaled_dot_product_attention(head(q), head(k), head(v), m, 0.0, !masked, scale));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(failed);
+        if (!error) error = std::current_exception();
+      }
+    }
+  });
+  if (error) std::rethrow_exception(error);
+  return out;
+}
+
 }  // namespace
 
 // The kernels touch no Python object: each releases the GIL, so that a server's event loop runs
@@ -1433,6 +1483,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "each row's index of its largest value, as torch.argmax(x, -1)",
         py::call_guard<py::gil_scoped_release>());
   m.def("mla_decode", &mla_decode, "absorbed MLA attention of a few new tokens over a paged latent cache",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("attention_heads", &attention_heads, "scaled_dot_product_attention, one call per (batch row, head)",
         py::call_guard<py::gil_scoped_release>());
   m.def("set_blas", &set_blas, "mla_decode on torch's BLAS (true, where found) or on a plain loop");
   m.def("has_blas", &has_blas, "whether torch's BLAS (sgemm_) was found");

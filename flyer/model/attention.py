@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flyer import kernels
 from flyer.config import ModelConfig
 from flyer.model.lowp import Linear, scaled_dot_product_attention
 from flyer.model.norm import RMSNorm
@@ -38,9 +39,12 @@ def causal_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.T
     v = F.pad(v_BTHV, (0, dk - dv)) if dv < dk else v_BTHV
     if dv > dk:  # zero columns leave q.k unchanged
         q_BTHK, k_BTHK = F.pad(q_BTHK, (0, dv - dk)), F.pad(k_BTHK, (0, dv - dk))
-    how = dict(is_causal=True) if mask_B1TS is None else dict(attn_mask=mask_B1TS)
-    o = scaled_dot_product_attention(q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v.transpose(1, 2),
-                                       scale=scale, **how)
+    q, k, v = q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v.transpose(1, 2)
+    if kernels.attention_splits(q, k, v):  # inference on the CPU: heads split over the expert threads
+        o = kernels.attention(q, k, v, scale, mask_B1TS)
+    else:
+        how = dict(is_causal=True) if mask_B1TS is None else dict(attn_mask=mask_B1TS)
+        o = scaled_dot_product_attention(q, k, v, scale=scale, **how)
     return o.transpose(1, 2)[..., :dv]
 
 
