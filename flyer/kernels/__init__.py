@@ -23,9 +23,9 @@ ninja are needed; the build, ~1 minute, is cached under ``TORCH_EXTENSIONS_DIR``
 float32/bfloat16/float16, the extension built). ``FLYER_CPU_KERNELS=0`` turns the kernels off; so
 does ``disabled()`` in a block. When the build fails (no compiler), flyer warns once and runs the
 eager code. Where torch runs one thread, ``set_expert_threads`` splits the larger calls of
-``grouped_mm``, ``linear_held``, ``mla_decode`` and ``attention`` over threads of the extension's own. A build
-killed midway (Ctrl-C on the first run) leaves torch's lock file behind, on
-which every later load would wait forever: flyer's loads take an OS lock of their own, which
+``grouped_mm``, ``linear_held``, ``mla_decode`` and ``attention`` over threads of the extension's
+own. A build killed midway (Ctrl-C on the first run) leaves torch's lock file behind, on which
+every later load would wait forever: flyer's loads take an OS lock of their own, which
 dies with its process, and clear a lock file left by a dead one (``_build_lock``).
 """
 
@@ -289,13 +289,13 @@ def _splits() -> bool:
 
 
 def set_expert_threads(n: int) -> None:
-    """Split the kernels' larger calls (``grouped_mm``, ``linear_held``, ``mla_decode``, ``attention``) over ``n``
-    threads of the extension's own (the caller's one included) where torch runs one thread: ``flyer
-    serve`` runs torch on one thread on a small CPU (a decode step's hundreds of small ops gain
-    nothing from more), and one core cannot pull the experts' weights at the memory's bandwidth nor
-    run a prefill chunk's GEMMs at two cores' rate. Each call's work is split into items (blocks of
-    weight rows, rows of the batch, heads) claimed by whichever thread is free, so the results are
-    the same on any number of threads."""
+    """Split the kernels' larger calls (``grouped_mm``, ``linear_held``, ``mla_decode``,
+    ``attention``) over ``n`` threads of the extension's own (the caller's one included) where torch
+    runs one thread: ``flyer serve`` runs torch on one thread on a small CPU (a decode step's
+    hundreds of small ops gain nothing from more), and one core cannot pull the experts' weights at
+    the memory's bandwidth nor run a prefill chunk's GEMMs at two cores' rate. Each call's work is
+    split into items (blocks of weight rows, rows of the batch, heads) claimed by whichever thread
+    is free, so the results are the same on any number of threads."""
     if n < 1:
         raise ValueError(f"expert threads must be >= 1 (got {n})")
     _split["threads"] = n
@@ -415,8 +415,8 @@ def attention(q_BHTd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSv: torch.Tensor, 
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)``, causal (T == S)
     without a mask. Where ``attention_splits``, one call per (batch row, head), split over the
     expert threads: a prefill chunk's attention (MLA's compute-bound form) otherwise runs on torch's
-    one thread, 20-45% of a long prompt's prefill. Each head runs on its own in ATen's fused kernel
-    either way, so the bits are the single call's."""
+    one thread (18% of a 256-token prompt's prefill on 2 cores, 43% of a 1,024-token one's). Each
+    head runs on its own in ATen's fused kernel either way, so the bits are the single call's."""
     if attention_splits(q_BHTd, k_BHSd, v_BHSv):
         return cpu_ops().attention_heads(q_BHTd, k_BHSd, v_BHSv, mask_B1TS, scale)
     how = dict(is_causal=True) if mask_B1TS is None else dict(attn_mask=mask_B1TS)

@@ -1414,8 +1414,9 @@ at::Tensor attention_heads(const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2);
   const bool masked = mask.has_value() && mask->defined();
   if (masked) {
-    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool && mask->dim() == 4 && (mask->size(0) == 1 || mask->size(0) == B) &&
-                    mask->size(1) == 1 && mask->size(2) == T && mask->size(3) == S,
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool && mask->dim() == 4 &&
+                    (mask->size(0) == 1 || mask->size(0) == B) && mask->size(1) == 1 && mask->size(2) == T &&
+                    mask->size(3) == S,
                 "attention mask: bool (B or 1, 1, T, S) expected");
   } else {
     TORCH_CHECK(T == S, "attention: without a mask (causal) T must equal S");
