@@ -523,7 +523,8 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
     return (fp8_to_float(data_RC).view(R, C // _TILE, _TILE) * s.unsqueeze(-1)).view(R, C)
 
 
-__all__ = ["HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "argmax", "build", "combine", "combine_backward",
-           "cpu_ops", "dequantize_held", "disabled", "fp8_dequantize", "fp8_to_float", "grouped_mm", "linear_held",
-           "mla_decode", "mla_decode_usable", "rms_norm", "rms_norm_backward", "segment_sum", "set_expert_threads",
-           "swiglu", "swiglu_backward", "token_index", "token_rows", "usable", "xent_chunk"]
+__all__ = ["HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "argmax", "attention", "attention_splits",
+           "blas_narrower", "build", "combine", "combine_backward", "cpu_ops", "dequantize_held", "disabled",
+           "fp8_dequantize", "fp8_to_float", "grouped_mm", "held_few_rows", "linear_held", "mla_decode",
+           "mla_decode_usable", "rms_norm", "rms_norm_backward", "segment_sum", "set_expert_threads", "swiglu",
+           "swiglu_backward", "token_index", "token_rows", "usable", "xent_chunk"]
