@@ -6,6 +6,7 @@ import torch
 from bounds import mla_attention_bound
 from trained import counting_model as train_counting_model
 
+from flyer import kernels
 from flyer.config import preset
 from flyer.infer import attention
 from flyer.infer.attention import causal_slot_mask, dense_prefill_pays, mla_absorbed_core, mla_dense_core
@@ -239,6 +240,30 @@ def test_dense_prefill_chunk_equals_training_path():
         ref = model(tokens)
     torch.testing.assert_close(_incremental_logits(model, tokens, "absorbed", torch.float32, 90), ref,
                                atol=ATOL_FP32, rtol=0)
+
+
+def test_a_chunk_from_slot_zero_attends_as_plain_causal_attention(monkeypatch):
+    """Rows whose T tokens all sit in slots 0 .. T - 1 (a prompt's first chunk) take the dense
+    core without a mask: ATen's causal kernel skips the blocks above the diagonal and gives the
+    masked call's bits, on torch's thread and split over the expert threads. Other rows (a start
+    past 0, padding clamped at the context's end, a shifted cache) keep their mask."""
+    attn = _model().layers[0].attn
+    T = 130
+    q_nope, q_rope, kv, _ = _attention_inputs(attn, T=T, S=T)
+    zero = torch.zeros(2, dtype=torch.long)
+    dec = Decoder(_model(), 2, T)
+    rows = dec._rows(zero, T)
+    assert rows.from_slot_zero()
+    mask = rows.attended(kv)[1]
+    masked = mla_dense_core(attn, q_nope, q_rope, kv, mask)
+    assert torch.equal(mla_dense_core(attn, q_nope, q_rope, kv, None), masked)
+    monkeypatch.setattr(kernels, "_splits", lambda: True)
+    with torch.no_grad():
+        assert kernels.attention_splits(q_nope, q_nope, q_nope)
+        assert torch.equal(mla_dense_core(attn, q_nope, q_rope, kv, None), masked)
+    assert not dec._rows(torch.tensor([0, 3]), T - 3).from_slot_zero()  # row 1 from slot 3
+    assert not dec._rows(torch.tensor([0, 2]), T, lengths=[T, T - 3]).from_slot_zero()  # padding clamped
+    assert not dec._rows(zero, T - 1, shift=1).from_slot_zero()  # the MTP cache's shifted slots
 
 
 def _attention_inputs(attn, B=2, T=24, S=40, spread=1.0):

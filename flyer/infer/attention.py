@@ -62,6 +62,13 @@ class Rows:
     mask: torch.Tensor
     first: int = 0
 
+    def from_slot_zero(self) -> bool:
+        """Whether every row's T tokens sit in slots 0 .. T - 1 (a prompt's first chunk, nothing
+        cached before it): the mask is then plain causal attention's, which ATen's fused kernel
+        applies by skipping the blocks above the diagonal, with the same bits."""
+        T = self.pos.shape[1]
+        return self.first == 0 and self.n_slots == T and not bool(self.pos[:, 0].any())
+
     def attended(self, kv: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv`` (slots on ``dim``) and the mask from slot ``first`` on. The slots before hold
         nothing; leaving them out of the sums, not just masking them, keeps the sums' shapes, so
@@ -95,7 +102,7 @@ def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: Latent
     cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope)
     if dense_prefill_pays(attn, T):
         kv_BSK, mask = rows.attended(cache.read_packed(layer, rows.n_slots, x_BTD.dtype))  # [c | k_rope]
-        o = mla_dense_core(attn, q_nope, q_rope, kv_BSK, mask)
+        o = mla_dense_core(attn, q_nope, q_rope, kv_BSK, None if rows.from_slot_zero() else mask)
     else:
         o = mla_absorbed_cached(attn, q_nope, q_rope, cache, layer, rows)
     return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
@@ -151,9 +158,10 @@ def mla_absorbed_cached(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Ten
 
 
 def mla_dense_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BSK: torch.Tensor,
-                   mask_B1TS: torch.Tensor) -> torch.Tensor:
+                   mask_B1TS: torch.Tensor | None) -> torch.Tensor:
     """``mla_absorbed_core`` in the compute-bound form: the S latents up-projected to per-head
-    keys and values, then one fused attention (the training path's ``causal_attention``)."""
+    keys and values, then one fused attention (the training path's ``causal_attention``; no mask:
+    plain causal, T == S)."""
     B, S, _ = kv_BSK.shape
     H, nope, v, C = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
     k_nope, val = attn.wkv_b(kv_BSK[..., :C]).view(B, S, H, nope + v).split([nope, v], dim=-1)
