@@ -352,8 +352,8 @@ def test_mtp_speculation_in_the_batch_keeps_greedy_tokens(trained):
     # drafting in a batch proposes and keeps exactly what each prompt alone does (how well the module
     # drafts depends on the CPU kind it was trained on: 0.76-0.9 kept, against 1/64 for blind drafts)
     alone = [_engine(trained, speculative="mtp") for _ in prompts]
-    for eng, p in zip(alone, prompts):
-        _run(eng, [p], SamplingOptions(max_tokens=12))
+    for one, p in zip(alone, prompts):
+        _run(one, [p], SamplingOptions(max_tokens=12))
     assert (big.drafted, big.accepted) == (sum(e.drafted for e in alone), sum(e.accepted for e in alone))
     assert big.accepted > big.drafted / 2
     # seeded sampling stays reproducible; every token still comes from the target's distribution
