@@ -253,7 +253,7 @@ def test_a_chunk_from_slot_zero_attends_as_plain_causal_attention(monkeypatch):
     zero = torch.zeros(2, dtype=torch.long)
     dec = Decoder(_model(), 2, T)
     rows = dec._rows(zero, T)
-    assert rows.from_slot_zero()
+    assert rows.from_slot_zero
     mask = rows.attended(kv)[1]
     masked = mla_dense_core(attn, q_nope, q_rope, kv, mask)
     assert torch.equal(mla_dense_core(attn, q_nope, q_rope, kv, None), masked)
@@ -261,9 +261,9 @@ def test_a_chunk_from_slot_zero_attends_as_plain_causal_attention(monkeypatch):
     with torch.no_grad():
         assert kernels.attention_splits(q_nope, q_nope, q_nope)
         assert torch.equal(mla_dense_core(attn, q_nope, q_rope, kv, None), masked)
-    assert not dec._rows(torch.tensor([0, 3]), T - 3).from_slot_zero()  # row 1 from slot 3
-    assert not dec._rows(torch.tensor([0, 2]), T, lengths=[T, T - 3]).from_slot_zero()  # padding clamped
-    assert not dec._rows(zero, T - 1, shift=1).from_slot_zero()  # the MTP cache's shifted slots
+    assert not dec._rows(torch.tensor([0, 3]), T - 3).from_slot_zero  # row 1 from slot 3
+    assert not dec._rows(torch.tensor([0, 2]), T, lengths=[T, T - 3]).from_slot_zero  # padding clamped
+    assert not dec._rows(zero, T - 1, shift=1).from_slot_zero  # the MTP cache's shifted slots
 
 
 def _attention_inputs(attn, B=2, T=24, S=40, spread=1.0):

@@ -27,6 +27,7 @@ Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -62,10 +63,12 @@ class Rows:
     mask: torch.Tensor
     first: int = 0
 
+    @functools.cached_property
     def from_slot_zero(self) -> bool:
         """Whether every row's T tokens sit in slots 0 .. T - 1 (a prompt's first chunk, nothing
         cached before it): the mask is then plain causal attention's, which ATen's fused kernel
-        applies by skipping the blocks above the diagonal, with the same bits."""
+        applies by skipping the blocks above the diagonal, with the same bits. Once per forward,
+        not per layer."""
         T = self.pos.shape[1]
         return self.first == 0 and self.n_slots == T and not bool(self.pos[:, 0].any())
 
@@ -102,7 +105,7 @@ def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: Latent
     cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope)
     if dense_prefill_pays(attn, T):
         kv_BSK, mask = rows.attended(cache.read_packed(layer, rows.n_slots, x_BTD.dtype))  # [c | k_rope]
-        o = mla_dense_core(attn, q_nope, q_rope, kv_BSK, None if rows.from_slot_zero() else mask)
+        o = mla_dense_core(attn, q_nope, q_rope, kv_BSK, None if rows.from_slot_zero else mask)
     else:
         o = mla_absorbed_cached(attn, q_nope, q_rope, cache, layer, rows)
     return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
