@@ -1,6 +1,8 @@
 """Decode path: absorbed MLA == training path, cache sizes == ``flyer info``, batched prompts,
 sampling, and MTP speculative decoding == plain greedy."""
 
+import math
+
 import pytest
 import torch
 from bounds import mla_attention_bound
@@ -12,7 +14,8 @@ from flyer.infer import attention
 from flyer.infer.attention import causal_slot_mask, dense_prefill_pays, mla_absorbed_core, mla_dense_core
 from flyer.infer import Decoder, GenerationConfig, generate, make_cache
 from flyer.infer.decoder import Group
-from flyer.infer.sampling import SamplingParams, probabilities
+from flyer.errors import FieldError
+from flyer.infer.sampling import SamplingParams, probabilities, sample
 from flyer.infer.speculative import accept_drafts
 from flyer.model.counts import kv_cache_bytes_per_token
 from flyer.model.transformer import Transformer
@@ -167,6 +170,21 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
     assert probabilities(logits, SamplingParams(temperature=1.0, top_p=0.5))[0, 0] == 1.0
     assert probabilities(logits, SamplingParams()).argmax() == 0  # greedy: one-hot
+
+
+def test_vanishing_temperature_and_top_p_sample_the_top_token():
+    """A temperature or top_p that rounds to 0 in FP32 (1e-300, 1e-320) is the greedy limit, not NaNs
+    (which failed the sampling step, and with it every request of the server's batch)."""
+    logits = torch.tensor([[2.0, 3.0, 3.0, -1.0], [0.5, 0.25, 4.0, 1.0]])
+    for t in (1e-300, 1e-40):  # tied top tokens share the mass
+        p = probabilities(logits, SamplingParams(temperature=t))
+        assert p.tolist() == [[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0]]
+    p = probabilities(logits[1:], SamplingParams(temperature=1.0, top_p=1e-320))
+    assert p.tolist() == [[0.0, 0.0, 1.0, 0.0]]
+    for params in (SamplingParams(temperature=1e-300), SamplingParams(temperature=1.0, top_p=1e-320)):
+        assert sample(logits[1:], params, torch.Generator().manual_seed(0)).tolist() == [2]
+    with pytest.raises(FieldError, match="temperature"):
+        SamplingParams(temperature=math.inf)
 
 
 def test_sampling_is_seeded():

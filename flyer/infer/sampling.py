@@ -7,6 +7,7 @@ both the draft and the target, so it is a function of its own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 
 from flyer import kernels
 from flyer.errors import FieldError
+from flyer.infer.attention import FP32_TINY
 
 
 @dataclass(frozen=True)
@@ -22,8 +24,8 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise FieldError("temperature", f"must be >= 0 (got {self.temperature})")
+        if not 0 <= self.temperature < math.inf:
+            raise FieldError("temperature", f"must be finite and >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise FieldError("top_p", f"must be in (0, 1] (got {self.top_p})")
 
@@ -37,11 +39,16 @@ def probabilities(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tens
     logits = logits_BV.float()
     if params.greedy:
         return torch.zeros_like(logits).scatter_(-1, kernels.argmax(logits).unsqueeze(-1), 1.0)
-    probs = (logits / params.temperature).softmax(-1)
+    # the max subtracted first and the temperature kept at FP32's smallest normal or more: a
+    # temperature that rounds to 0 or overflows the logits in FP32 then gives greedy's limit, not NaNs
+    top = logits.amax(-1, keepdim=True)
+    probs = ((logits - top) / max(params.temperature, FP32_TINY)).softmax(-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        # drop a token when the mass before it already reaches top_p; the top token always stays
+        # (a top_p that rounds to 0 in FP32 would drop it too)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop[..., 0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
