@@ -109,6 +109,17 @@ def test_greedy_equals_generate_alone_under_concurrency(trained):
     assert small.alloc.hit_rate > 0
 
 
+def test_a_request_preempted_while_it_prefills_counts_its_prompt_once(trained):
+    eng = _engine(trained, blocks=12, prefill_chunk=8)  # 11 blocks besides the null block
+    a = eng.submit(_progression(1, 1, 4), SamplingOptions(max_tokens=36), lambda e: None)
+    while len(a.blocks) < 3:
+        eng.step()
+    eng.submit(_progression(2, 3, 32), SamplingOptions(max_tokens=2), lambda e: None)
+    eng.run_until_idle()
+    assert eng.metrics.preemptions._value.get() > 0
+    assert eng.metrics.prompt_tokens._value.get() == 4 + 32
+
+
 @pytest.mark.parametrize("held", [torch.bfloat16, torch.float8_e4m3fn])
 def test_greedy_with_held_weights_equals_generate_alone(trained, held):
     """Weights held in BF16 or FP8 (flyer.infer.weights), FP32 compute: the same contract, with MTP

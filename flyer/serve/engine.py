@@ -162,6 +162,7 @@ class Request:
     submitted: float = 0.0
     last_token_at: float | None = None
     cancelled: bool = False
+    admitted: bool = False  # once admitted (its prompt counted), preempted or not since
     done: bool = False
 
     @property
@@ -215,6 +216,8 @@ class Engine:
         if opts.max_tokens < 1:
             raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
         SamplingParams(opts.temperature, opts.top_p)
+        if opts.seed is not None and not -(1 << 63) <= opts.seed < 1 << 64:
+            raise FieldError("seed", f"must be in [-2**63, 2**64) (got {opts.seed})")
         opts.check_adjustments(V)
         if len(prompt) + opts.max_tokens > ctx:
             raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens exceed "
@@ -344,7 +347,8 @@ class Engine:
             if self.spec and r.n_cached:  # the shared blocks' MTP entries are there up to position n_cached - 2
                 r.n_cached -= 1  # recompute the last shared position for its hidden state (not written)
                 r.mtp_len = r.n_cached
-            if r.generated == 0:
+            if not r.admitted:  # once: a preempted request comes back
+                r.admitted = True
                 self.metrics.prompt_tokens.inc(len(r.prompt))
             self.running.append(r)
 
