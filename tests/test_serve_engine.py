@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -377,6 +378,19 @@ def test_mtp_speculation_in_the_batch_keeps_greedy_tokens(trained):
         _alone(trained, [p9], 6)
     with pytest.raises(FieldError, match="mtp_depth"):
         _engine(Transformer(preset("tiny", vocab_size=V, mtp_depth=0)), speculative="mtp")
+
+
+def test_tokens_kept_from_drafts_share_their_steps_time_per_output_token(trained):
+    """Each step takes >= 20 ms: its kept tokens' times per output token are its time over how
+    many it kept (>= 10 ms here), not one interval of the whole step and ~0 for the others."""
+    eng = _engine(trained, speculative="mtp")
+    step = eng.step
+    eng.step = lambda: (time.sleep(0.02), step())
+    prompts = [_progression(3, 2, 13), _progression(7, 1, 6)]
+    _run(eng, prompts, SamplingOptions(max_tokens=12))
+    assert eng.accepted > 0
+    samples = {s.labels.get("le"): s.value for s in eng.metrics.tpot.collect()[0].samples if s.name.endswith("_bucket")}
+    assert samples["0.005"] == 0 and samples["+Inf"] == len(prompts) * (12 - 1)
 
 
 def _draft_calls(monkeypatch) -> list[tuple[list[int], torch.Tensor | None]]:

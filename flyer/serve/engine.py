@@ -597,8 +597,11 @@ class Engine:
             r.h_prev = hv[i, :len(new)]  # positions n .. n + len(new) - 1
             r.n_cached += len(new)
             self._register_full_blocks(r)
+            # the step's time shared by the tokens it kept: emitted microseconds apart, they would
+            # read as intervals of ~0 after one of the whole step
+            tpot = (time.perf_counter() - r.last_token_at) / len(new)
             for j, tok in enumerate(new):
-                if self._emit_token(r, tok, logits[i, j]):
+                if self._emit_token(r, tok, logits[i, j], tpot):
                     break
 
     def prefill_budget(self) -> int:
@@ -685,8 +688,9 @@ class Engine:
             tok = int(sample(logits_V.unsqueeze(0), SamplingParams(o.temperature, o.top_p), r.generator)[0])
         self._emit_token(r, tok, logits_V)
 
-    def _emit_token(self, r: Request, tok: int, logits_V: torch.Tensor) -> bool:
-        """Append ``tok`` (chosen from ``logits_V``) to r, emit it; True when that finished r."""
+    def _emit_token(self, r: Request, tok: int, logits_V: torch.Tensor, tpot: float | None = None) -> bool:
+        """Append ``tok`` (chosen from ``logits_V``) to r, emit it; True when that finished r.
+        ``tpot``: its time per output token (else the time since r's last token)."""
         o = r.opts
         lp = top = None
         if o.logprobs is not None:
@@ -696,7 +700,7 @@ class Engine:
         if r.last_token_at is None:
             self.metrics.ttft.observe(now - r.submitted)
         else:
-            self.metrics.tpot.observe(now - r.last_token_at)
+            self.metrics.tpot.observe(now - r.last_token_at if tpot is None else tpot)
         r.last_token_at = now
         self.metrics.generation_tokens.inc()
         reason = "stop" if tok in o.stop_ids else "length" if r.generated >= o.max_tokens else None
