@@ -155,6 +155,7 @@ def test_requests_with_a_common_prompt_prefill_it_once(trained):
     eng = _engine(trained, prefill_chunk=16)  # the first prompt takes 3 steps
     assert _run(eng, prompts, SamplingOptions(max_tokens=6)) == _alone(trained, prompts, 6)
     assert eng.alloc.hits == 10 + 10 + 7 and eng.alloc.used == 0
+    assert eng.prefix_hit_rate == (10 + 10 + 7) / (3 * 10 + 8)  # of every prompt's blocks, not up to a miss
 
 
 def test_a_burst_is_prefilled_in_fewer_steps(trained):
@@ -347,6 +348,7 @@ def test_on_disk_prefix_cache_is_a_second_tier(trained, tmp_path):
     assert _run(second, [p, p[:13] + [1]], SamplingOptions(max_tokens=8)) == ref + _alone(trained, [p[:13] + [1]], 8)
     # the first prompt's 29 // 4 blocks come from disk; the second's 3 from memory (loaded by the first)
     assert pc.stats.hits == 7 and second.alloc.hits == 3
+    assert second.prefix_hit_rate == 1.0  # both tiers count
     assert second.alloc.used == 0
 
 

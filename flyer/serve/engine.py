@@ -201,6 +201,9 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self.drafted = self.accepted = 0  # MTP drafts proposed and kept
+        # admitted prompts' full blocks before their last token (what sharing can spare), and those
+        # shared or loaded from the on-disk tier instead of computed
+        self.prefix_blocks = self.prefix_found = 0
         self._stop = False
         self._update_gauges()
 
@@ -341,6 +344,9 @@ class Engine:
                     raise RuntimeError(f"request {r.id} needs {need} blocks, {self.alloc.available} available")
                 return
             self.waiting.popleft()
+            if self.sharing and r.prompt_lp is None:  # counted once admitted (a retry looks them up again)
+                self.prefix_blocks += (len(r.tokens) - 1) // bs
+                self.prefix_found += len(blocks)
             r.blocks = blocks + [self.alloc.allocate() for _ in range(need)]
             r.keys, r.n_cached = keys, len(blocks) * bs
             r.n_shared = r.n_cached
@@ -598,8 +604,9 @@ class Engine:
             r.n_cached += len(new)
             self._register_full_blocks(r)
             # the step's time shared by the tokens it kept: emitted microseconds apart, they would
-            # read as intervals of ~0 after one of the whole step
-            tpot = (time.perf_counter() - r.last_token_at) / len(new)
+            # read as intervals of ~0 after one of the whole step (a row whose first token this is
+            # has no interval to share: its first token's is the time to first token)
+            tpot = None if r.last_token_at is None else (time.perf_counter() - r.last_token_at) / len(new)
             for j, tok in enumerate(new):
                 if self._emit_token(r, tok, logits[i, j], tpot):
                     break
@@ -725,4 +732,9 @@ class Engine:
         m.waiting.set(len(self.waiting) + len(self._inbox))
         m.blocks_used.set(self.alloc.used)
         m.blocks_free.set(self.alloc.available)
-        m.prefix_hit_rate.set(self.alloc.hit_rate)
+        m.prefix_hit_rate.set(self.prefix_hit_rate)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Admitted prompts' blocks shared or loaded instead of computed, of those that could have been."""
+        return self.prefix_found / self.prefix_blocks if self.prefix_blocks else 0.0

@@ -27,7 +27,8 @@ class ServeMetrics:
         self.blocks_used = Gauge("flyer_cache_blocks_used", "Paged cache blocks referenced", registry=r)
         self.blocks_free = Gauge("flyer_cache_blocks_free", "Paged cache blocks free or cached unreferenced",
                                  registry=r)
-        self.prefix_hit_rate = Gauge("flyer_prefix_cache_hit_rate", "Prompt blocks found in the cache / looked up",
+        self.prefix_hit_rate = Gauge("flyer_prefix_cache_hit_rate",
+                                     "Prompt blocks shared or loaded (memory or disk tier) / full prompt blocks",
                                      registry=r)
         self.preemptions = Counter("flyer_preemptions", "Running requests preempted (recomputed later)", registry=r)
         self.draft_tokens = Counter("flyer_spec_draft_tokens", "MTP draft tokens verified (--speculative)",
