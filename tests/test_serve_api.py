@@ -32,7 +32,7 @@ from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.interop.hf import TextTokenizer
 from flyer.serve.api import Api, ChatBody, Server, _Choice, chat_renderer
-from flyer.serve.cli import bind, read_chat_template
+from flyer.serve.cli import bind, http_url, read_chat_template
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions, TokenEvent
 from flyer.train.checkpoint import save_checkpoint
 
@@ -292,6 +292,9 @@ def test_api_key_queue_full_and_draining(model):
     try:
         url, ok = s.url + "/v1/completions", dict(model="tiny-test", prompt=[1, 2], max_tokens=2)
         _error(httpx.post(url, json=ok), 401)
+        _error(httpx.post(url, json={"prompt": 5}), 401)  # the key before the body's validation
+        # more choices than the queue holds can never run: 400, where a 429 would have clients retry
+        _error(httpx.post(url, json={**ok, "n": 2}, headers={"authorization": "Bearer sekret"}), 400, "n")
         _error(httpx.post(url, json=ok, headers={"authorization": "Bearer wrong"}), 401)
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").models.list()
@@ -436,6 +439,56 @@ def test_an_engine_failure_answers_500_in_openai_shape_and_the_engine_goes_on(mo
         assert "boom" in capsys.readouterr().err  # the traceback goes to the server's log
     finally:
         s.close()
+
+
+def test_extreme_sampling_values_are_served_or_refused_and_fail_no_other_request(served):
+    """Temperatures and top_p that round to 0 in FP32 sample the top token (they failed the engine's
+    step, and every request in it); seeds take torch's range, choice j seed + j mod 2**64; out of
+    range answers 400 and leaves nothing running."""
+    c, url = served.client(), served.url + "/v1/completions"
+    body = dict(model="tiny-test", prompt=_prog(3, 1, 4), max_tokens=6)
+    with httpx.stream("POST", url, json={**body, "max_tokens": 40, "temperature": 0, "stream": True},
+                      timeout=60) as bystander:
+        greedy = c.completions.create(**body, temperature=0).choices[0].text
+        assert c.completions.create(**body, temperature=1e-300).choices[0].text == greedy
+        assert c.completions.create(**body, temperature=1.0, top_p=1e-320).choices[0].text == greedy
+        wrapped = c.completions.create(**body, temperature=1.0, seed=(1 << 64) - 1, n=2).choices
+        assert wrapped[1].text == c.completions.create(**body, temperature=1.0, seed=0).choices[0].text
+        for over in (dict(temperature=2.5), dict(seed=1 << 64), dict(seed=-(1 << 63) - 1)):
+            _error(httpx.post(url, json={**body, **over}), 400, next(iter(over)))
+        chunks = [json.loads(ln[6:]) for ln in bystander.iter_lines() if ln.startswith("data: {")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) == 40
+    for _ in range(100):
+        if not served.engine.busy:
+            break
+        time.sleep(0.05)
+    assert not served.engine.busy and served.engine.alloc.used == 0
+
+
+def test_a_client_gone_cancels_a_non_streaming_request(model, monkeypatch):
+    """A non-streaming response writes nothing until its end: the handler polls the connection
+    (it generated every token for a client that had timed out)."""
+    monkeypatch.setattr("flyer.serve.api.DISCONNECT_POLL_S", 0.1)
+    s = _Running(model)
+    try:
+        step = s.engine.step
+        monkeypatch.setattr(s.engine, "step", lambda: (time.sleep(0.01), step()))  # >= 0.6 s for 60 tokens
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json=dict(model="tiny-test", prompt=[1, 2], max_tokens=60,
+                                                             temperature=0), timeout=0.2)
+        for _ in range(100):
+            if not s.engine.busy:
+                break
+            time.sleep(0.05)
+        assert not s.engine.busy and s.engine.alloc.used == 0
+        m = s.engine.metrics
+        assert m.requests.labels("cancelled")._value.get() == 1 and m.generation_tokens._value.get() < 60
+    finally:
+        s.close()
+
+
+def test_an_ipv6_address_is_bracketed_in_urls():
+    assert http_url("::1", 8000) == "http://[::1]:8000" and http_url("127.0.0.1", 80) == "http://127.0.0.1:80"
 
 
 # ---- streamed text: incremental detokenisation --------------------------------------------------

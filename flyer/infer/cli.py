@@ -30,8 +30,8 @@ SIGNED = {"eos_id", "frequency_penalty", "presence_penalty"}  # eos_id -1: no st
 class ByteTokenizer:
     """UTF-8 bytes as token ids (for ``--preset``: a randomly initialised model has no tokenizer)."""
 
-    def encode_ids(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode_ids(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        return list(text.encode("utf-8"))  # bytes have no special tokens to add
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")

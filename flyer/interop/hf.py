@@ -182,8 +182,11 @@ class TextTokenizer:
         self.eos = eos if eos is not None else next(
             (i for i in map(tok.token_to_id, _EOS_NAMES) if i is not None), None)
 
-    def encode_ids(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=self.add_special_tokens).ids
+    def encode_ids(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """``add_special_tokens``: None for the checkpoint's policy; False for text that holds its own
+        (a rendered chat template)."""
+        special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
+        return self.tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)

@@ -24,6 +24,7 @@ cancels its requests the same way.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import json
 import threading
@@ -38,17 +39,19 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flyer.errors import FieldError
 from flyer.serve.engine import Engine, QueueFull, SamplingOptions, TokenEvent
 
-# The template when the checkpoint has none: one header line per message, then the assistant's.
-DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+# The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
+# transformers encodes it), one header line per message, then the assistant's.
+DEFAULT_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 MAX_LOGPROBS = 20
 MAX_CHOICES = 128  # n, as OpenAI bounds it
+DISCONNECT_POLL_S = 1.0  # how often a request's handler asks whether its client is still there
 
 
 class ApiError(Exception):
@@ -84,10 +87,10 @@ class _Body(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's range
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)  # what torch's generators take
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices per prompt
@@ -115,10 +118,37 @@ class CompletionBody(_Body):
     echo: bool = False
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content in OpenAI's list form: the text parts' ``text`` is the prompt's;
+    the other kinds (images, audio) carry nothing a text model reads."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = Field(default=None, validate_default=True)
+
+    @field_validator("text")
+    @classmethod
+    def _text_part_has_text(cls, text: str | None, info: ValidationInfo) -> str | None:
+        if text is None and info.data.get("type") == "text":
+            raise ValueError("a text part's text must be a string")
+        return text
+
+
+_CONTENT_PARTS = TypeAdapter(list[ContentPart])
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _parts_as_a_list(cls, content, handler):
+        # a list is checked as parts only: the union would first report it as "not a string", hiding the part's error
+        if isinstance(content, list):
+            return _CONTENT_PARTS.validate_python(content)
+        return handler(content)
 
 
 class ChatBody(_Body):
@@ -142,6 +172,11 @@ def chat_renderer(template: str | None, bos: str | None = None, eos: str | None 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' filter: Jinja's own escapes <>&' and sorts keys, so a template would render other text
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
     compiled = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
 
@@ -165,6 +200,9 @@ class _Choice:
     # ids[prefix:read] decode to the end of ``text``: the context the next tokens are decoded with
     prefix: int = 0
     read: int = 0
+    starts: list[int] = field(default_factory=list)  # per id: where its text starts in ``text``
+    cut: int | None = None  # where a stop string cut ``text``
+    tokens_sent: int = 0  # ids whose logprobs are already streamed
 
     def _decode_new(self, final: bool) -> str:
         """Text of ids[read:], decoded after ids[prefix:read] (a decoder may render a token
@@ -180,17 +218,31 @@ class _Choice:
 
     def add(self, e: TokenEvent) -> None:
         self.events.append(e)
+        start = len(self.text)
         if e.token is not None:
             self.ids.append(e.token)
-        start = len(self.text)
+            self.starts.append(start)
         self.text += self._decode_new(final=e.finish_reason is not None)
-        for s in self.stops:  # only where the new text could complete a stop string
-            i = self.text.find(s, max(0, start - len(s) + 1))
-            if i >= 0:
-                self.text, self.finish_reason = self.text[:i], "stop"
-                return
+        # only where the new text could complete a stop string; the earliest match of any cuts
+        found = [i for s in self.stops if (i := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
+        if found:
+            self.cut = min(found)
+            self.text, self.finish_reason = self.text[:self.cut], "stop"
+            return
         if e.finish_reason is not None:
             self.finish_reason = e.finish_reason
+
+    def kept(self) -> int:
+        """How many of ``ids`` the text holds: after a stop string's cut, those whose text starts
+        before it (a token partly cut stays); else all."""
+        return len(self.ids) if self.cut is None else bisect.bisect_left(self.starts, self.cut)
+
+    def delta_tokens(self) -> range:
+        """Indices into ``ids`` of the tokens whose text starts in the text ``delta`` streamed since the
+        last call (at the end, every kept one left): the tokens a chunk's logprobs report."""
+        end = self.kept() if self.finish_reason is not None else bisect.bisect_left(self.starts, self.sent)
+        out, self.tokens_sent = range(self.tokens_sent, end), end
+        return out
 
     def delta(self) -> str:
         """New text safe to stream: held back while it could still be the start of a stop string
@@ -245,17 +297,23 @@ class _Generation:
         self.engine, self.request, self.prompts, self.n = api.engine, request, prompts, n
         for p in prompts:
             self.engine.check(p, opts)
+        if len(prompts) * n > self.engine.cfg.max_queue:  # a 429 would have the client retry in vain
+            raise FieldError("n" if n > 1 else "prompt", f"{len(prompts)} prompt(s) x {n} choice(s) exceed the "
+                                                         f"server's queue of {self.engine.cfg.max_queue} requests")
         self.outbox = api.outbox(asyncio.get_running_loop())
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices = [_Choice(api.tok, stops) for _ in range(len(prompts) * n)]
         self.reqs = []
         try:
             for k in range(len(self.choices)):
-                seeded = opts if opts.seed is None else dataclasses.replace(opts, seed=opts.seed + k % n)
+                seeded = opts if opts.seed is None else dataclasses.replace(opts, seed=(opts.seed + k % n) % (1 << 64))
                 self.reqs.append(self.engine.submit(self.prompt_of(k), seeded, self._emitter(k)))
         except QueueFull as err:
             self.cancel()
             raise ApiError(429, f"too many requests waiting: {err}", "rate_limit_error", code="queue_full") from None
+        except BaseException:  # the choices submitted before a refusal must not run on
+            self.cancel()
+            raise
 
     def prompt_of(self, k: int) -> list[int]:
         """Choice k's prompt."""
@@ -271,14 +329,20 @@ class _Generation:
 
     async def events(self) -> AsyncIterator[tuple[int, _Choice, TokenEvent]]:
         live = len(self.choices)
+        loop = asyncio.get_running_loop()
+        polled = loop.time()
         try:
             while live:
-                try:  # wait_for (a task and a timer) only when nothing has arrived yet
-                    i, e = self.queue.get_nowait() if not self.queue.empty() else \
-                        await asyncio.wait_for(self.queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                # a client gone (closed, timed out) is seen within DISCONNECT_POLL_S, tokens flowing or not:
+                # a non-streaming response writes nothing before its end that could fail
+                if loop.time() - polled >= DISCONNECT_POLL_S:
+                    polled = loop.time()
                     if await self.request.is_disconnected():
                         return
+                try:  # wait_for (a task and a timer) only when nothing has arrived yet
+                    i, e = self.queue.get_nowait() if not self.queue.empty() else \
+                        await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
                     continue
                 c = self.choices[i]
                 if c.finish_reason is not None:
@@ -371,26 +435,31 @@ class Api:
     def _token_text(self, t: int) -> str:
         return self.tok.decode([t])
 
-    def _completion_logprobs(self, prompt: list[int], c: _Choice, echo: bool) -> dict:
-        tokens, lps, tops = [], [], []
-        if echo:
+    def _completion_logprobs(self, c: _Choice, tokens: range, prompt: list[int] | None = None, at: int = 0) -> dict:
+        """OpenAI's logprobs of the echoed ``prompt`` (None: not echoed; its first token has none), then of
+        choice ``c``'s tokens ``tokens`` (indices into ``c.ids``). ``text_offset``: where each token's text
+        starts in the returned text, whose generated part starts at ``at``."""
+        def top(d: dict[int, float] | None) -> dict[str, float] | None:
+            return None if d is None else {self._token_text(k): v for k, v in d.items()}
+
+        texts, lps, tops, offsets = [], [], [], []
+        if prompt is not None:
             plp = next((e.prompt_logprobs for e in c.events if e.prompt_logprobs is not None), None) or []
+            decoded = _Choice(self.tok, [])  # the prompt's offsets in its text, decoded as a generation is
             for j, t in enumerate(prompt):
-                tokens.append(self._token_text(t))
+                decoded.add(TokenEvent(t, finish_reason="length" if j == len(prompt) - 1 else None))
                 lp = plp[j] if j < len(plp) else None
+                texts.append(self._token_text(t))
                 lps.append(None if lp is None else lp[0])
-                tops.append(None if lp is None or lp[1] is None else
-                            {self._token_text(k): v for k, v in lp[1].items()})
-        for e in c.events[:len(c.ids)]:
-            tokens.append(self._token_text(e.token))
+                tops.append(None if lp is None else top(lp[1]))
+            offsets += decoded.starts
+        for j in tokens:
+            e = c.events[j]
+            texts.append(self._token_text(e.token))
             lps.append(e.logprob)
-            tops.append(None if e.top_logprobs is None else
-                        {self._token_text(k): v for k, v in e.top_logprobs.items()})
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+            tops.append(top(e.top_logprobs))
+            offsets.append(at + c.starts[j])
+        return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     async def completions(self, request: Request, body: CompletionBody) -> Response:
         self.check_access(request, body.model)
@@ -402,8 +471,13 @@ class Api:
                 "model": self.model_name}
         prefix = [self.tok.decode(gen.prompt_of(k)) if body.echo else "" for k in range(len(gen.choices))]
 
-        def logprobs(i: int, c: _Choice) -> dict | None:
-            return None if body.logprobs is None else self._completion_logprobs(gen.prompt_of(i), c, body.echo)
+        def logprobs(i: int, c: _Choice, tokens: range | None = None, echo: bool = body.echo) -> dict | None:
+            """Choice i's logprobs of ``tokens`` (None: every token its text keeps), after the echoed prompt's;
+            None when not asked for or there are none."""
+            if body.logprobs is None or (tokens is not None and not tokens and not echo):
+                return None
+            tokens = range(c.kept()) if tokens is None else tokens
+            return self._completion_logprobs(c, tokens, gen.prompt_of(i) if echo else None, len(prefix[i]))
 
         if not body.stream:
             await gen.wait()
@@ -412,21 +486,16 @@ class Api:
             return JSONResponse({**head, "choices": out, "usage": gen.usage()})
 
         async def sse() -> AsyncIterator[bytes]:
-            for i, p in enumerate(prefix):
-                if p:
-                    yield _sse({**head, "choices": [{"index": i, "text": p, "finish_reason": None,
-                                                     "logprobs": None}]})
+            echoed = [not body.echo] * len(gen.choices)
             async for i, c, e in gen.events():
-                text = c.delta()
+                if not echoed[i]:  # with the choice's first event: it carries the prompt's logprobs
+                    echoed[i] = True
+                    yield _sse({**head, "choices": [{"index": i, "text": prefix[i], "finish_reason": None,
+                                                     "logprobs": logprobs(i, c, range(0), echo=True)}]})
+                text, tokens = c.delta(), c.delta_tokens()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
-                    lp = None
-                    if body.logprobs is not None and e.token is not None and c.finish_reason != "stop":
-                        lp = {"tokens": [self._token_text(e.token)], "token_logprobs": [e.logprob],
-                              "top_logprobs": [None if e.top_logprobs is None else
-                                               {self._token_text(k): v for k, v in e.top_logprobs.items()}],
-                              "text_offset": [len(c.text) - len(text)]}
                     yield _sse({**head, "choices": [{"index": i, "text": text, "finish_reason": c.finish_reason,
-                                                     "logprobs": lp}]})
+                                                     "logprobs": logprobs(i, c, tokens, echo=False)}]})
             if (body.stream_options or {}).get("include_usage"):
                 yield _sse({**head, "choices": [], "usage": gen.usage()})
             yield b"data: [DONE]\n\n"
@@ -437,13 +506,14 @@ class Api:
         for m in body.messages:
             content = m.content
             if isinstance(content, list):  # content parts: the text ones, joined
-                content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+                content = "".join(p.text for p in content if p.type == "text")
             messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
         try:
             text = self.render_chat(messages)
         except jinja2.TemplateError as e:
             raise FieldError("messages", f"the chat template cannot render them: {e}") from None
-        return self.tok.encode_ids(text)
+        # the template's text is the whole prompt (its own BOS included), as transformers encodes it
+        return self.tok.encode_ids(text, add_special_tokens=False)
 
     async def chat(self, request: Request, body: ChatBody) -> Response:
         self.check_access(request, body.model)
@@ -465,7 +535,7 @@ class Api:
             await gen.wait()
             return JSONResponse({**head, "choices": [{
                 "index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                "logprobs": content_logprobs(c.events[:len(c.ids)])} for i, c in enumerate(gen.choices)],
+                "logprobs": content_logprobs(c.events[:c.kept()])} for i, c in enumerate(gen.choices)],
                 "usage": gen.usage()})
 
         head["object"] = "chat.completion.chunk"
@@ -475,9 +545,9 @@ class Api:
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "finish_reason": None, "logprobs": None}]})
             async for i, c, e in gen.events():
-                text = c.delta()
+                text, tokens = c.delta(), c.delta_tokens()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
-                    lp = content_logprobs([e]) if e.token is not None and c.finish_reason != "stop" else None
+                    lp = content_logprobs([c.events[j] for j in tokens]) if tokens else None
                     yield _sse({**head, "choices": [{"index": i, "delta": {"content": text} if text else {},
                                                      "finish_reason": c.finish_reason, "logprobs": lp}]})
             if (body.stream_options or {}).get("include_usage"):
@@ -529,6 +599,10 @@ def build_app(api: Api) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
+        try:  # FastAPI validates the body before a route runs: a bad key (or draining) answers first
+            api.check_access(request)
+        except ApiError as err:
+            return await _api_error(request, err)
         refuse(400)
         message, param = _validation_message(e)
         return ApiError(400, message, param=param).response()

@@ -49,6 +49,11 @@ def read_chat_template(ckpt: str | None) -> str | None:
     return t if isinstance(t, str) else None
 
 
+def http_url(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 host in brackets (RFC 3986: ``http://[::1]:8000``)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on (host, port); port 0: a free one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -58,7 +63,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise FieldError("port", f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+        raise FieldError("port", f"cannot listen on {http_url(host, port)[7:]} ({e.strerror or e})") from None
     sock.listen(2048)
     return sock
 
@@ -99,7 +104,7 @@ def _run(args) -> int:
 
     def http() -> None:
         try:
-            _serve_with_ready_line(server, sock, f"http://{host}:{port}", name)
+            _serve_with_ready_line(server, sock, http_url(host, port), name)
         except BaseException as e:  # re-raised on the main thread
             failed.append(e)
         finally:

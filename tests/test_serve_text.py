@@ -1,0 +1,200 @@
+"""``flyer serve``'s text layer: chat content parts validated (400 naming the field), chat prompts tokenized
+and rendered as transformers' ``apply_chat_template`` does (one BOS, its ``tojson``), stop strings cut at
+the earliest match, and the logprobs of stopped and echoed completions equal between streaming and not."""
+
+import json
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+from hf_models import make_tokenizer
+from test_serve_api import _Running, _error
+from trained import counting_model
+from transformers import AutoTokenizer
+
+from flyer.interop.hf import load_tokenizer
+from flyer.serve.api import Api, ChatBody, _Choice, chat_renderer
+from flyer.serve.engine import TokenEvent
+
+V = 64
+
+
+@pytest.fixture(scope="module")
+def served():
+    s = _Running(counting_model(V))
+    # chat messages rendered as their bare content: the counting model's 64 byte tokens hold no template's headers
+    s.api.render_chat = chat_renderer("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    yield s
+    s.close()
+
+
+# ---- chat content parts --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", [None, 5, ["a"]])
+def test_a_text_part_without_string_text_answers_400_naming_it(served, text):
+    body = {"model": "tiny-test", "messages": [
+        {"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": text}]}]}
+    err = _error(httpx.post(served.url + "/v1/chat/completions", json=body), 400, "messages.1.content.0.text")
+    assert err["message"].startswith("messages.1.content.0.text: ")
+    _error(httpx.post(served.url + "/v1/chat/completions", json={
+        "model": "tiny-test", "messages": [{"role": "user", "content": [{"type": "text"}]}]}), 400,
+        "messages.0.content.0.text")
+    with pytest.raises(openai.BadRequestError):
+        served.client().chat.completions.create(model="tiny-test", messages=body["messages"], max_tokens=1)
+
+
+def test_content_parts_render_as_their_text_parts_joined(served):
+    parts = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": "b"}]
+    as_parts = ChatBody(model="tiny-test", messages=[{"role": "user", "content": parts}])
+    as_text = ChatBody(model="tiny-test", messages=[{"role": "user", "content": "ab"}])
+    assert served.api._chat_prompt(as_parts) == served.api._chat_prompt(as_text)
+
+
+# ---- chat templates as transformers renders and tokenizes them -------------------------------------
+
+MSGS = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hello world"},
+        {"role": "assistant", "content": "the fox"}, {"role": "user", "content": "again"}]
+
+
+def _hf_dir(tmp_path, template=None):
+    make_tokenizer(tmp_path)
+    if template is not None:
+        cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    (tmp_path / "config.json").write_text("{}")
+    return load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+
+
+def test_a_bos_template_gives_one_bos_as_transformers(tmp_path):
+    """transformers encodes the rendered text without special tokens: the template's own BOS is the one."""
+    template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    tok, hf = _hf_dir(tmp_path, template)
+    api = Api(None, tok, "m", chat_template=template)
+    ids = api._chat_prompt(ChatBody(model="m", messages=MSGS))
+    expect = hf.apply_chat_template(MSGS, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids == list(expect) and ids.count(hf.bos_token_id) == 1
+
+
+def test_the_default_template_keeps_the_tokenizers_bos(tmp_path):
+    """Without a checkpoint template the prompt starts with the BOS a completion prompt gets, once."""
+    tok, hf = _hf_dir(tmp_path)
+    ids = Api(None, tok, "m")._chat_prompt(ChatBody(model="m", messages=MSGS))
+    assert ids == tok.encode_ids(chat_renderer(None)(MSGS)) and ids.count(hf.bos_token_id) == 1
+    assert chat_renderer(None, "<s>")(MSGS).startswith("<s><|system|>\nsys\n")
+
+
+def test_tojson_renders_as_transformers(tmp_path):
+    """transformers' ``tojson``: no HTML escaping, non-ASCII kept, keys in their order, indent/separators honoured."""
+    template = ("{% for m in messages %}{{ m['content']|tojson }}{% endfor %}{{ {'b': 1, 'a': [1, 'é']}|tojson }}"
+                "{{ {'z': {'y': 2}, 'x': 1}|tojson(indent=2) }}{{ [1, 2]|tojson(separators=(',', ':')) }}")
+    _, hf = _hf_dir(tmp_path)
+    msgs = [{"role": "user", "content": "<a & 'é'>"}]
+    expect = hf.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert chat_renderer(template)(msgs) == expect
+    assert "<a & 'é'>" in expect and '{"b": 1, "a"' in expect
+
+
+# ---- stop strings and the tokens a cut text keeps ---------------------------------------------------
+
+def _pieces(*texts):
+    """A tokenizer whose token i decodes to texts[i] (several characters a token)."""
+    return SimpleNamespace(decode=lambda ids: "".join(texts[i] for i in ids))
+
+
+def _run(choice, ids):
+    streamed, tokens = "", []
+    for k, t in enumerate(ids):
+        choice.add(TokenEvent(t, finish_reason="length" if k == len(ids) - 1 else None))
+        streamed += choice.delta()
+        tokens += choice.delta_tokens()
+        if choice.finish_reason:
+            break
+    return streamed, tokens
+
+
+@pytest.mark.parametrize("pieces,stops,text", [
+    (("hell", "o"), ["ll", "he"], ""),  # list order would cut at "ll"
+    (("he", "llo"), ["lo", "el"], "h"),
+    (("ab", "cd", "ef"), ["de", "bcd", "cde"], "a"),
+])
+def test_the_earliest_stop_string_in_the_text_cuts_it(pieces, stops, text):
+    c = _Choice(_pieces(*pieces), stops)
+    streamed, _ = _run(c, range(len(pieces)))
+    assert (c.text, streamed, c.finish_reason) == (text, text, "stop")
+
+
+@pytest.mark.parametrize("stops,text,kept", [
+    (["bc"], "a", 1),  # "ab" partly kept: stays
+    (["cd"], "ab", 1),  # "cd" starts at the cut: gone
+    (["b", "f"], "a", 1),
+    (["zz"], "abcdef", 3),
+])
+def test_a_cut_text_keeps_the_tokens_starting_before_the_cut(stops, text, kept):
+    c = _Choice(_pieces("ab", "cd", "ef"), stops)
+    _, streamed = _run(c, range(3))
+    assert c.text == text and c.kept() == kept and list(streamed) == list(range(kept))
+    assert c.starts[:kept] == [0, 2, 4][:kept]
+
+
+# ---- completions: streaming == non-streaming with stop, logprobs and echo ----------------------------
+
+def _joined(chunks):
+    """The one choice of streamed chunks, concatenated as a client would."""
+    out = {"text": "", "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for ch in chunks:
+        for c in ch.choices:
+            out["text"] += c.text
+            for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                out[k] += getattr(c.logprobs, k) if c.logprobs is not None else []
+    return out
+
+
+def _whole(r):
+    c = r.choices[0]
+    return {"text": c.text, **{k: getattr(c.logprobs, k) for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                                    "text_offset")}}
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_stopped_logprobs_are_the_kept_tokens_streaming_or_not(served, echo):
+    client = served.client()
+    p = [(4 + 3 * i) % V for i in range(9)]
+    kw = dict(model="tiny-test", prompt=p, max_tokens=12, temperature=0, logprobs=2, echo=echo)
+    ref = client.completions.create(**kw).choices[0].text[len(bytes(p).decode()) if echo else 0:]
+    stops = [ref[5:7], ref[3:5]]  # the second comes first in the text
+    whole = _whole(client.completions.create(**kw, stop=stops))
+    streamed = _joined(client.completions.create(**kw, stop=stops, stream=True))
+    assert whole == streamed
+    gen = whole["text"][len(bytes(p).decode()) if echo else 0:]
+    assert gen == ref[:3] and len(whole["tokens"]) == (len(p) if echo else 0) + 3
+    assert "".join(whole["tokens"]) == whole["text"]
+    assert whole["text_offset"] == list(range(len(whole["text"])))  # one byte a token
+
+
+def test_echo_streams_the_prompt_with_its_logprobs(served):
+    client = served.client()
+    p = [(7 + 2 * i) % V for i in range(11)]
+    kw = dict(model="tiny-test", prompt=p, max_tokens=5, temperature=0, logprobs=3, echo=True)
+    whole = _whole(client.completions.create(**kw))
+    chunks = list(client.completions.create(**kw, stream=True))
+    streamed = _joined(chunks)
+    assert whole["token_logprobs"][0] is None and len(whole["tokens"]) == len(p) + 5
+    assert whole == streamed
+    first = chunks[0].choices[0]
+    assert first.text == bytes(p).decode() and first.logprobs.tokens == whole["tokens"][:len(p)]
+
+
+def test_stopped_chat_logprobs_are_the_kept_tokens_streaming_or_not(served):
+    client = served.client()
+    msgs = [{"role": "user", "content": bytes((4 + 3 * i) % V for i in range(9)).decode()}]
+    kw = dict(model="tiny-test", messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    ref = client.chat.completions.create(**kw).choices[0].message.content
+    kw["stop"] = [ref[5:7], ref[3:5]]
+    whole = client.chat.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert whole.message.content == "".join(c.delta.content or "" for c in chunks) == ref[:3]
+    streamed = [t.model_dump() for c in chunks if c.logprobs for t in c.logprobs.content]
+    assert [t.model_dump() for t in whole.logprobs.content] == streamed and len(streamed) == 3
