@@ -8,7 +8,9 @@
    sending ``--requests-per-client`` streaming completions one after another (a steady load, not
    one burst) of a realistic mix: a shared system prompt, then a
    private part (``--prompt-min``..``--prompt-max`` tokens in all), ``--new-min``..``--new-max``
-   new tokens. Per concurrency: output tokens/s (all clients), TTFT and TPOT p50/p99, the
+   new tokens. Fewer than 16 clients send as many requests as 16 do, of the same lengths (fresh
+   tokens after the system prompt), so the rates of 1 and 16 clients are rates of one workload.
+   Per concurrency: output tokens/s (all clients), TTFT and TPOT p50/p99, the
    server's prefix hit rate (from /metrics). The clients run in a child process at nice 10: they
    stand in for remote users, so on a host of a few cores they must not preempt the server.
 2. The peer, on the same weight values exported with ``flyer export`` (FP32) and the same requests at
@@ -33,7 +35,7 @@
    once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
    against the ratio of their cache bytes per token.
 
-The default run is sized for a 2-core CPU (about a minute); ``--full`` runs the issue's sizes
+The default run is sized for a 2-core CPU (about three minutes); ``--full`` runs the issue's sizes
 (1/4/16/64 clients, prompts of 64-1024 tokens, 64-256 new tokens). Prints one JSON object.
     python bench/serve.py [--full] [--threads N] [--weight-dtype bf16|fp32] [--device cpu|cuda]
 """
@@ -79,6 +81,9 @@ GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32)
 TOKEN_RANGE = 256  # prompt token ids: the tokenizer's byte tokens
 CLIENT_NICE = 10  # the client processes' niceness (``_drive``)
 MAX_BATCH = 64  # flyer serve --max-batch-size, and the in-process engine's (``_engine_replay``)
+# up to this many clients, every concurrency sends requests of the same shapes (prompt and output
+# lengths), as many as this many clients send: ``ratio_c16_vs_c1`` compares one workload
+RATIO_CLIENTS = 16
 
 
 def _model(weight_dtype: str) -> Transformer:
@@ -209,13 +214,17 @@ def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> dict[str
     return out
 
 
-def _requests(n: int, args, rng: random.Random, system: list[int]) -> list[tuple[list[int], int]]:
-    out = []
-    for _ in range(n):
-        total = rng.randint(args.prompt_min, args.prompt_max)
-        own = [rng.randrange(TOKEN_RANGE) for _ in range(max(total - len(system), 1))]
-        out.append((system + own, rng.randint(args.new_min, args.new_max)))
-    return out
+def _shapes(n: int, args, rng: random.Random, system: list[int]) -> list[tuple[int, int]]:
+    """(private prompt tokens, new tokens) of n requests: prompts of ``--prompt-min``..``--prompt-max``
+    tokens in all, the shared system prompt included."""
+    return [(max(rng.randint(args.prompt_min, args.prompt_max) - len(system), 1),
+             rng.randint(args.new_min, args.new_max)) for _ in range(n)]
+
+
+def _requests(shapes: list[tuple[int, int]], rng: random.Random, system: list[int]) -> list[tuple[list[int], int]]:
+    """Requests of those shapes: the system prompt, then fresh random tokens (so that a concurrency
+    finds only the system prompt in the prefix cache, not an earlier concurrency's prompts)."""
+    return [(system + [rng.randrange(TOKEN_RANGE) for _ in range(own)], new) for own, new in shapes]
 
 
 def _one(client: httpx.Client, url: str, model: str, prompt: list[int] | str, n: int) -> dict:
@@ -410,8 +419,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="the issue's sizes (long on a small CPU)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=None)
-    ap.add_argument("--requests-per-client", type=int, default=4,
-                    help="requests each client sends, one after another (steady load, not one burst)")
+    ap.add_argument("--requests-per-client", type=int, default=None,
+                    help="requests each client sends, one after another (steady load, not one burst; default 16, "
+                         "--full 4); fewer than 16 clients send as many requests as 16 do, of the same prompt and "
+                         "output lengths")
     ap.add_argument("--system-prompt", type=int, default=None, help="shared system prompt tokens")
     ap.add_argument("--prompt-min", type=int, default=None)
     ap.add_argument("--prompt-max", type=int, default=None)
@@ -440,9 +451,12 @@ def main() -> None:
     device = resolve_device(args.device)
     if args.weight_dtype is None:
         args.weight_dtype = "bf16" if device.type == "cpu" else "fp32"  # held BF16 weights are a CPU kernel path
+    # 16 requests a client: with 4, the batch shrinking from 16 requests to none after the last
+    # submission took 30% of a 16-client run's steps (7% with 16); --full's are longer already
     sizes = dict(concurrency=[1, 4, 16, 64], system_prompt=48, prompt_min=64, prompt_max=1024, new_min=64,
-                 new_max=256) if args.full else \
-        dict(concurrency=[1, 4, 16], system_prompt=32, prompt_min=48, prompt_max=128, new_min=16, new_max=48)
+                 new_max=256, requests_per_client=4) if args.full else \
+        dict(concurrency=[1, 4, 16], system_prompt=32, prompt_min=48, prompt_max=128, new_min=16, new_max=48,
+             requests_per_client=16)
     for k, v in sizes.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -457,6 +471,7 @@ def main() -> None:
                  "prefix_sharing": args.prefix_sharing}
     rng = random.Random(0)
     system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
+    shapes = _shapes(max(max(args.concurrency), RATIO_CLIENTS) * args.requests_per_client, args, rng, system)
     sent: dict[int, list] = {}  # the requests the clients sent, per concurrency
     with tempfile.TemporaryDirectory() as tmp:
         run = ckpt = _save_run(Path(tmp) / "run", args.weight_dtype)
@@ -469,7 +484,7 @@ def main() -> None:
                 _one(client, url, "small", system + [1, 2, 3], 4)  # warm-up
             spec = ("flyer_spec_draft_tokens_total", "flyer_spec_accepted_tokens_total")
             for c in args.concurrency:
-                reqs = _requests(c * args.requests_per_client, args, rng, system)
+                reqs = _requests(shapes[:max(c, RATIO_CLIENTS) * args.requests_per_client], rng, system)
                 before = _metrics(url, *spec)
                 res = _drive(url, "small", reqs, c)
                 out[f"tokens_per_s_c{c}"] = res["tokens_per_s"]
