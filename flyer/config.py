@@ -32,7 +32,10 @@ def parse_size(text: str, field: str = "size") -> int:
         raise FieldError(field, f"expected a size like 5GB or 500MB (got {text!r})")
     power = "_kmgt".index(m.group(2).lower() or "_")
     base = 1000 if m.group(3).lower() == "b" else 1024
-    return int(float(m.group(1)) * base**power)
+    size = float(m.group(1)) * base**power
+    if not math.isfinite(size) or size > 2**60:  # '1e400' is inf; no memory or file is an exbibyte
+        raise FieldError(field, f"must be at most 1 EiB, 2^60 bytes (got {text!r})")
+    return int(size)
 
 @dataclass
 class ModelConfig:

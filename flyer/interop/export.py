@@ -9,14 +9,21 @@ checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedd
 Llama and Qwen2 have no MTP module, so a GQA model's is left out (the summary says so) and a GQA
 model with routed experts is refused: neither architecture routes to experts.
 ``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
-``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``). Tensors are converted
-and written one at a time.
+``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``; an FP8 source keeps its own
+codes and scales). Tensors are converted and written one at a time, into a fresh directory beside
+``--out`` that is renamed to it when complete: ``--out`` must be new or empty, nothing is
+overwritten, and a failure leaves nothing behind. From an HF directory, its tokenizer and
+generation settings (chat template, special tokens, EOS ids, sampling defaults) are carried through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import secrets
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,10 +33,11 @@ import torch
 
 from flyer.config import ModelConfig, parse_size
 from flyer.errors import ConfigError, FieldError
-from flyer.fp8.quant import quantize_blocks
-from flyer.interop.hf import INDEX, SCALE_SUFFIX, SINGLE, TextTokenizer, hf_names, permute_rope
-from flyer.interop.load import load_pretrained
-from flyer.interop.tensorfile import write_tensors
+from flyer.fp8.quant import TILE, quantize_blocks
+from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, TextTokenizer, _read_json, hf_names, is_hf_model_dir,
+                              permute_rope, read_hf_config, rope_half_layout, weight_files)
+from flyer.interop.load import load_pretrained, stored_weight_dtype
+from flyer.interop.tensorfile import TensorFile, write_tensors
 from flyer.model.transformer import Transformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
@@ -111,11 +119,14 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
 
 
 Item = tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
+# HF name -> (make codes, make weight_scale_inv): a source checkpoint's own FP8 blocks
+Codes = dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]
 
 
-def tensor_items(model: Transformer, dtype: str) -> list[Item]:
+def tensor_items(model: Transformer, dtype: str, codes: Codes | None = None) -> list[Item]:
     """(HF name, shape, dtype, make) of every tensor to write, in the model's order; ``make``
-    converts one tensor when called. FP8: quantizable weights and their ``weight_scale_inv``."""
+    converts one tensor when called. FP8: quantizable weights and their ``weight_scale_inv``, taken
+    from ``codes`` where it has them (else quantized)."""
     cfg = exported(model.cfg)
     rope_half = hf_model_type(cfg) in ("llama", "qwen2")
     state = model.state_dict()
@@ -129,10 +140,11 @@ def tensor_items(model: Transformer, dtype: str) -> list[Item]:
         shape = tuple(src.shape)
         if dtype == "fp8" and len(shape) == 2 and not _NOT_FP8.search(name):
             rows_b, cols_b = -(-shape[0] // 128), -(-shape[1] // 128)
+            own = (codes or {}).get(name)
             items.append((name, shape, torch.float8_e4m3fn,
-                          lambda get=get, c=shape[1]: quantize_blocks(get()).data[:, :c]))
+                          own[0] if own else lambda get=get, c=shape[1]: quantize_blocks(get()).data[:, :c]))
             items.append((name + SCALE_SUFFIX, (rows_b, cols_b), torch.float32,
-                          lambda get=get: quantize_blocks(get()).scale))
+                          own[1] if own else lambda get=get: quantize_blocks(get()).scale))
             continue
         keep = torch.float32 if name.endswith("e_score_correction_bias") or dtype == "fp32" else torch.bfloat16
         items.append((name, shape, keep, lambda get=get, keep=keep: get().to(keep)))
@@ -171,37 +183,132 @@ def write_weights(items: list[Item], out: Path, max_shard_bytes: int) -> list[st
     return names
 
 
-def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype: str = "bf16",
-                 max_shard_size: str | int = "5GB") -> dict:
-    """Write ``model`` with its tokenizer as a Hugging Face directory ``out``; returns a summary."""
-    if dtype not in DTYPES:
-        raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
+# tokenizer files transformers may write beside tokenizer.json, carried from a source directory as they are
+_CARRIED = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+
+
+def _shard_limit(max_shard_size: str | int) -> int:
     limit = parse_size(max_shard_size, "max_shard_size") if isinstance(max_shard_size, str) else int(max_shard_size)
     if limit <= 0:
         raise FieldError("max_shard_size", f"must be positive (got {max_shard_size!r})")
+    return limit
+
+
+def _check_out(out: Path) -> None:
+    """``out`` is new or an empty directory: an export never writes over anything (a run, a checkpoint,
+    an older export whose index and shards would outlive the new files)."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise FieldError("out", f"{out} is a file, not a directory")
+        if out.is_dir() and any(out.iterdir()):
+            raise FieldError("out", f"{out} exists and is not empty (export writes a new directory)")
+    except OSError as e:
+        raise FieldError("out", f"{out}: {e.strerror or e}") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_with(source: Path | None, name: str, ours: dict) -> dict:
+    """The source directory's ``name`` with flyer's fields added where it has none (its chat template,
+    special tokens, list of EOS ids and sampling defaults are the model's, not flyer's to change)."""
+    theirs = _read_json(source / name) if source is not None and (source / name).is_file() else {}
+    return {**{k: v for k, v in ours.items() if v is not None}, **theirs}
+
+
+def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype: str = "bf16",
+                 max_shard_size: str | int = "5GB", source: str | Path | None = None,
+                 codes: Codes | None = None) -> dict:
+    """Write ``model`` with its tokenizer as a new Hugging Face directory ``out`` (absent or empty;
+    else ``FieldError``); returns a summary. ``source``: the HF directory ``model`` was read from, whose
+    tokenizer and generation settings are carried through; ``codes``: its FP8 blocks (``tensor_items``).
+    Written into a fresh directory beside ``out`` and renamed to it when complete: an error or an
+    interrupt leaves nothing behind, and a failed write is a ``FieldError`` naming ``out``."""
+    if dtype not in DTYPES:
+        raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    limit = _shard_limit(max_shard_size)
     config = hf_config(model.cfg, tok, dtype)  # fails before anything is written
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = write_weights(tensor_items(model, dtype), out, limit)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    gen = {"bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_id()}
-    (out / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
-    (out / "tokenizer.json").write_text(tok.tok.to_str())
-    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.max_seq_len,
-          "eos_token": tok.token(tok.eos_id()), "bos_token": tok.token(tok.bos_id())}
-    (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tc.items() if v is not None}, indent=2))
+    out, source = Path(out), source and Path(source)
+    _check_out(out)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        files = write_weights(tensor_items(model, dtype, codes), tmp, limit)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        gen = _json_with(source, "generation_config.json", {"bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_id()})
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        (tmp / "tokenizer.json").write_text(tok.tok.to_str())
+        tc = _json_with(source, "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.max_seq_len,
+            "eos_token": tok.token(tok.eos_id()), "bos_token": tok.token(tok.bos_id())})
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+        for name in _CARRIED:
+            if source is not None and (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+        for f in tmp.iterdir():  # on disk before the directory is renamed into place
+            _fsync(f)
+        os.rename(tmp, out)  # onto an empty directory too; one that filled meanwhile fails: ENOTEMPTY
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, no permission, a path through a file
+            raise FieldError("out", f"{out}: cannot write it ({e.strerror or e})") from None
+        raise
+    with contextlib.suppress(OSError):  # the export is complete; this only hurries the rename to disk
+        _fsync(out.parent)
     summary = {"out": str(out), "model_type": config["model_type"], "dtype": dtype, "files": files}
     if exported(model.cfg).mtp_depth < model.cfg.mtp_depth:
         summary["left_out"] = f"the MTP module ({model.cfg.mtp_depth} deep): {config['model_type']} has none"
     return summary
 
 
+def _source_codes(path: Path, cfg: ModelConfig) -> Codes:
+    """The E4M3 weights of the FP8 checkpoint ``path`` with their block scales, read as they are (rope rows
+    moved from its layout to the export's where every row keeps its 128-row block, and so its scale):
+    requantizing their values would not give them back wherever a scale is not amax / 448."""
+    files = weight_files(path)
+    src_half = rope_half_layout(read_hf_config(path, list(files))[1])
+    out_half = hf_model_type(exported(cfg)) in ("llama", "qwen2")
+    half_rows = hf_names(cfg, True)
+    headers: dict[Path, TensorFile] = {}
+    codes: Codes = {}
+    for name, f in files.items():
+        scale = name + SCALE_SUFFIX
+        if scale not in files or name not in half_rows:
+            continue
+        tf = headers.setdefault(f, TensorFile(f))
+        sf = headers.setdefault(files[scale], TensorFile(files[scale]))
+        if tf.dtype(name) != torch.float8_e4m3fn:
+            continue
+        rows = half_rows[name].rope_rows if src_half != out_half else None
+        order = torch.arange(tf.shape(name)[0])
+        moved = order if rows is None else permute_rope(order, rows, inverse=out_half)
+        if not torch.equal(moved // TILE, order // TILE):
+            continue  # quantized again from the exact values
+        codes[name] = (lambda tf=tf, name=name, moved=moved:
+                       tf.read(name).view(torch.uint8)[moved].view(torch.float8_e4m3fn),
+                       lambda sf=sf, scale=scale: sf.read(scale).float())
+    return codes
+
+
 def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_size: str | int = "5GB") -> dict:
-    """``export_model`` of the checkpoint at ``path`` (a flyer run or step directory, or an HF directory)."""
+    """``export_model`` of the checkpoint at ``path`` (a flyer run or step directory, or an HF directory).
+    An FP8 checkpoint loads in FP32 (its exact values: code times block scale), and exports to FP8 with
+    its own codes and scales: export then import is the identity."""
     if dtype not in DTYPES:
         raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    model, _, tok = load_pretrained(path, "cpu")
-    return export_model(model, tok, out, dtype, max_shard_size)
+    _shard_limit(max_shard_size)
+    _check_out(Path(out))  # before a model is loaded for nothing
+    source = Path(path) if is_hf_model_dir(path) else None
+    fp8 = source is not None and stored_weight_dtype(source) == "fp8"
+    model, _, tok = load_pretrained(path, "cpu", torch.float32 if fp8 else None)
+    codes = _source_codes(source, model.cfg) if fp8 and dtype == "fp8" else None
+    return export_model(model, tok, out, dtype, max_shard_size, source, codes)
 
 
 def _run(args) -> int:
@@ -213,7 +320,7 @@ def _run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory (transformers loads it)")
     p.add_argument("path", help="a flyer run or step directory, or a Hugging Face model directory")
-    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--out", required=True, help="the directory to write (new, or empty)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
                    help="bf16 (default), fp32, or fp8 (DeepSeek's float8_e4m3fn + 128x128 weight_scale_inv)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")

@@ -221,6 +221,10 @@ def weight_files(path: Path) -> dict[str, Path]:
         if not isinstance(wm, dict):
             raise CheckpointError(f"{path / INDEX}: no weight_map")
         for name, f in wm.items():
+            # a shard is a file of this directory: never a path out of it (an index may come from anyone)
+            if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts:
+                raise CheckpointError(f"{path / INDEX}: tensor {name}: {f!r:.60} is not a file name inside "
+                                      f"the checkpoint directory")
             if not (path / f).is_file():
                 raise CheckpointError(f"{path / INDEX}: shard {f} (holding tensor {name}) is missing")
         return {name: path / f for name, f in wm.items()}
@@ -252,7 +256,11 @@ def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenize
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json")
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    try:
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception for a file that is not a tokenizer
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path / 'tokenizer.json'}: not a tokenizer ({why:.120})") from None
     config = config if config is not None else _read_json(path / "config.json")
     return TextTokenizer(tok, _special_id(path, config, tok, "eos"), add_special_tokens=True,
                          bos=_special_id(path, config, tok, "bos"))
@@ -337,8 +345,9 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
     FP8 dequantized with its block scales, or, held as FP8 codes, its codes and scales as they are
     (rope rows permuted as the values are) where the permutation keeps every row in its 128-row
     block; rope rows permuted; read straight into the parameter when the dtypes agree; else
-    written as the model holds it (``write_weight``). NaN codes: ``CheckpointError``. ``rows``: only
-    those of the tensor's first dimension (a rank's slice of an expert stack; not FP8)."""
+    written as the model holds it (``write_weight``). NaN or inf (values, codes, scales):
+    ``CheckpointError``. ``rows``: only those of the tensor's first dimension (a rank's slice of an
+    expert stack; not FP8)."""
     held = held_scale(model, slot.key, slot.expert) if dest.dtype == FP8 else None  # FP8 codes, held
     try:
         if tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -353,6 +362,7 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
                 raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
                                       f"128x128 blocks of {name} need {blocks}")
             codes, scale = tf.read(name), sf.read(scale_name).float()
+            _check_finite(scale, sf.path, scale_name)
             if codes.dtype == torch.float8_e4m3fn and held is not None:
                 order = torch.arange(codes.shape[0])
                 moved = order if slot.rope_rows is None else permute_rope(order, slot.rope_rows)
@@ -361,15 +371,27 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
                     return
             t = dequantize_fp8_blocks(codes, scale)
         elif slot.rope_rows is None and tf.dtype(name) == dest.dtype and dest.is_contiguous() and dest.is_cpu:
-            tf.read_into(name, dest, rows)
+            _check_finite(tf.read_into(name, dest, rows), tf.path, name)
             return
         else:
             t = tf.read(name, rows)
+        _check_finite(t, tf.path, name)
         write_weight(dest, t if slot.rope_rows is None else permute_rope(t, slot.rope_rows), held)
     except CheckpointError:
         raise
     except ValueError as e:  # NaN codes, read or quantized
         raise CheckpointError(f"{tf.path}: tensor {name}: {e}") from None
+
+
+def _check_finite(t: torch.Tensor, path: Path, name: str) -> None:
+    """NaN or inf in a weight or scale is a corrupt checkpoint: refused as read, on every load path
+    (the held kernels would compute with it silently)."""
+    if not t.is_floating_point():
+        return
+    flat, step = t.reshape(-1), 1 << 24  # in slices: the check's temporary stays small beside the tensor
+    for i in range(0, flat.numel(), step):
+        if not bool(torch.isfinite(flat[i:i + step]).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds non-finite values (NaN or inf)")
 
 
 def build_empty(cfg: ModelConfig, device: str | torch.device = "cpu",

@@ -103,9 +103,36 @@ def _require(d: dict[str, Any], where: str, field: str, allowed: tuple, default:
     return v
 
 
+_REQUIRED_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+_MLA_INTS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+# read as ``d.get(k) or default``: null means the default
+_OPTIONAL_INTS = ("q_lora_rank", "first_k_dense_replace", "moe_intermediate_size", "n_routed_experts",
+                  "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "num_nextn_predict_layers",
+                  "num_mtp_layers", "num_key_value_heads", "head_dim")
+_INTS = ("intermediate_size", "max_position_embeddings")
+_NUMBERS = ("rms_norm_eps", "initializer_range", "routed_scaling_factor", "rope_theta", "aux_loss_alpha")
+
+
+def _check_types(d: dict[str, Any], where: str, mla: bool) -> None:
+    """Each field flyer reads has its JSON type, so a bad one is named here, not a TypeError later."""
+    for k in _REQUIRED_INTS + (_MLA_INTS if mla else ()):
+        try:
+            d[k]  # a config file's RequiredFields words its own error
+        except KeyError:
+            raise _bad(where, k, "required field is missing") from None
+    for k in _REQUIRED_INTS + (_MLA_INTS if mla else ()) + _OPTIONAL_INTS + _INTS + _NUMBERS:
+        v = d.get(k)
+        if v is None and (k in _OPTIONAL_INTS or k not in d):
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not number or (k not in _NUMBERS and isinstance(v, float) and not v.is_integer()):  # 2.0 reads as 2
+            raise _bad(where, k, f"expected {'an integer' if k not in _NUMBERS else 'a number'} (got {v!r:.40})")
+
+
 def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
     mt = model_type(d, where)
+    _check_types(d, where, mt in ("deepseek_v3", "deepseek_v2"))
     _require(d, where, "hidden_act", ("silu",), "silu")
     _require(d, where, "mlp_bias", (False,), False)
     if d.get("use_sliding_window"):

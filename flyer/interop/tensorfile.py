@@ -10,6 +10,8 @@ process then holds one copy of the model plus at most one tensor in flight.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from pathlib import Path
 from typing import Iterable
@@ -31,16 +33,36 @@ class TensorFile:
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+                # a corrupt length must not become a huge read: the header lies inside the file
+                header = json.loads(f.read(n)) if n <= size - 8 else None
         except (OSError, struct.error, ValueError) as e:
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from None
+        if header is None:
+            raise CheckpointError(f"{self.path}: not a safetensors file (header length {n}, file size {size})")
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+            raise CheckpointError(f"{self.path}: not a safetensors file (its header is not a JSON object of tensors)")
         self.metadata = header.pop("__metadata__", None) or {}
         self.base = 8 + n
         self.entries: dict[str, dict] = header
         for name, e in header.items():
-            if e.get("dtype") not in DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {e.get('dtype')!r}")
+            self._check_entry(name, e)
+
+    def _check_entry(self, name: str, e) -> None:
+        """A header entry is {dtype, shape, data_offsets} whose byte range holds the shape's bytes."""
+        if not isinstance(e, dict):
+            raise CheckpointError(f"{self.path}: tensor {name}: header entry is not an object (got {e!r:.40})")
+        dt, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dt!r:.40}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(f"{self.path}: tensor {name} has a bad shape {shape!r:.40}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]
+                or offsets[1] - offsets[0] != math.prod(shape) * DTYPES[dt].itemsize):
+            raise CheckpointError(f"{self.path}: tensor {name} has data_offsets {offsets!r:.40} that do not hold "
+                                  f"its shape {shape} of {dt}")
 
     def names(self) -> list[str]:
         return list(self.entries)
