@@ -3,15 +3,19 @@ with the absorbed-MLA latent cache, optional MTP speculative decoding and an on-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
+import os
 import sys
+import warnings
 
 import torch
 
 from flyer import kernels
 from flyer.config import parse_size, resolve_config, resolve_device
-from flyer.errors import FieldError, UserError
+from flyer.errors import CheckpointError, FieldError, UserError
 from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
@@ -40,11 +44,23 @@ class ByteTokenizer:
         return None
 
 
+def max_expert_threads() -> int:
+    """``--expert-threads``' bound: 4 a core. The kernels' threads spin while they wait for work,
+    so more than the cores only take turns; 4x still allows a count the machine reports too low."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_expert_threads(n: int) -> None:
+    """``FieldError`` naming ``expert_threads`` unless 1 <= n <= ``max_expert_threads()``."""
+    if not 1 <= n <= max_expert_threads():
+        raise FieldError("expert_threads", f"must be in [1, {max_expert_threads()}] (4 per CPU core; got {n})")
+
+
 def add_expert_threads_flag(p) -> None:
     p.add_argument("--expert-threads", type=int, default=torch.get_num_threads(),
                    help="threads the larger kernel calls of a step split over where --threads is 1: the routed "
                         "experts' and held weights' GEMMs, prefill chunks' among them, and attention over the "
-                        "cache (default: all cores)")
+                        "cache (default: all cores; at most 4 per core)")
 
 
 def add_weight_dtype_flag(p) -> None:
@@ -70,6 +86,33 @@ def resolve_weight_dtype(args, device: torch.device) -> str:
         raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
 
 
+@contextlib.contextmanager
+def _library_warnings():
+    """Re-issue the warnings raised inside once each, without a leading "warning: " of their own
+    (checkpoint loading words them for a log): flyer.cli prints them as ``flyer: warning: ...``,
+    and each loading step resolves the checkpoint, warning again."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:  # an error after a warning (no valid checkpoint left) still shows the warning first
+        seen = set()
+        for w in caught:
+            text = str(w.message).removeprefix("warning: ")
+            if text not in seen:
+                seen.add(text)
+                warnings.warn(text, w.category, stacklevel=3)
+
+
+def _with_library_warnings(f):
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        with _library_warnings():
+            return f(*args, **kwargs)
+    return wrapped
+
+
+@_with_library_warnings
 def load_model(args, beside: tuple[str, str, int] | None = None):
     """(model, tokenizer) from ``args.ckpt`` or ``args.preset`` (random weights, byte tokens), on
     ``args.device``, FP8 linears with ``args.precision == 'fp8'``, GEMM weights held in
@@ -156,9 +199,10 @@ def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
 def _run(args) -> int:
     if bool(args.ckpt) == bool(args.preset):
         raise UserError("give exactly one of --ckpt DIR (a trained run) or --preset NAME (random weights)")
-    for name in ("prefix_block", "threads", "expert_threads"):
+    for name in ("prefix_block", "threads"):
         if getattr(args, name) < 1:
             raise FieldError(name, f"must be >= 1 (got {getattr(args, name)})")
+    check_expert_threads(args.expert_threads)
     dtype = DTYPES.get(args.cache_dtype, torch.bfloat16)  # "auto": settled once the model is loaded
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, attention=args.attention, cache_dtype=dtype,
@@ -181,9 +225,18 @@ def _run(args) -> int:
     prompts = [tok.encode_ids(p) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):
         raise FieldError("prompt", "every prompt must encode to at least one token")
+    V = cfg.vocab_size
+    for i, p in enumerate(prompts):  # a tokenizer larger than the model's embedding
+        if (bad := next((t for t in p if not 0 <= t < V), None)) is not None:
+            raise FieldError("prompt", f"prompt {i + 1} encodes to token id {bad}, outside this model's "
+                                       f"vocabulary [0, {V}): the tokenizer does not fit the model")
     eos = None if args.eos_id == -1 else args.eos_id if args.eos_id is not None else tok.eos_id()
-    if eos is not None and not 0 <= eos < cfg.vocab_size:
-        raise FieldError("eos_id", f"must be a token id in [0, {cfg.vocab_size}) of this model (got {eos})")
+    if eos is not None and not 0 <= eos < V:
+        if args.eos_id is None:  # the checkpoint's, not the user's
+            raise CheckpointError(f"{args.ckpt}: its end-of-text id {eos} (generation_config.json's eos_token_id, "
+                                  f"else config.json's or the tokenizer's) is outside this model's vocabulary "
+                                  f"[0, {V}); pass --eos-id ID, or -1 for none")
+        raise FieldError("eos_id", f"must be a token id in [0, {V}) of this model (got {eos})")
     pc = None
     if args.prefix_cache:
         pc = open_prefix_cache(model, args.prefix_cache, attention=args.attention, cache_dtype=dtype,

@@ -29,11 +29,11 @@ class GenerationConfig(LogitAdjustments):
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     eos_id: int | None = None
-    seed: int | None = None
+    seed: int | None = None  # in [0, 2**64): what torch's generators take, as flyer generate --seed
     attention: str = "absorbed"  # or "naive" (per-head K/V cache; MLA only)
     cache_dtype: torch.dtype = torch.bfloat16
     speculative: str | None = None  # None or "mtp"
-    draft_tokens: int = 1  # MTP drafts per step (module 1, reapplied for more than one)
+    draft_tokens: int = 1  # MTP drafts per step (module 1, reapplied for more than one), <= max_new_tokens
     prefix_cache: PrefixCache | None = None  # from ``open_prefix_cache``
     # OpenAI's logit adjustments before sampling (``LogitAdjustments``), as flyer serve applies them
     logit_bias: tuple[tuple[int, float], ...] = ()
@@ -50,6 +50,12 @@ class GenerationConfig(LogitAdjustments):
         if self.draft_tokens > 1 and self.speculative is None:
             raise FieldError("draft_tokens",
                              f"{self.draft_tokens} drafts need speculative decoding (--speculative mtp)")
+        # a step never keeps more drafts than tokens are left to make (``mtp_decode`` clamps to that)
+        if self.draft_tokens > self.max_new_tokens:
+            raise FieldError("draft_tokens", f"must be <= max_new_tokens = {self.max_new_tokens} "
+                                             f"(got {self.draft_tokens})")
+        if self.seed is not None and not 0 <= self.seed < 1 << 64:
+            raise FieldError("seed", f"must be in [0, 2**64) (got {self.seed})")
         if self.attention not in ATTENTION_MODES:
             raise FieldError("attention", f"must be one of {', '.join(ATTENTION_MODES)} (got {self.attention!r})")
         SamplingParams(self.temperature, self.top_p)
@@ -191,10 +197,16 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
         if min(p) < 0 or max(p) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V}) (vocab_size)")
     gen.check_adjustments(V)
-    longest = max(len(p) for p in prompts)
-    if longest + gen.max_new_tokens > model.cfg.max_seq_len:
+    if cache_length(prompts, gen) > model.cfg.max_seq_len:
+        longest = max(len(p) for p in prompts)
         raise FieldError("max_new_tokens", f"{gen.max_new_tokens} new tokens after a {longest}-token prompt exceed "
                                            f"the model's max_seq_len {model.cfg.max_seq_len}")
+
+
+def cache_length(prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> int:
+    """Positions the decoder's caches hold: the longest prompt and its new tokens. Speculative
+    steps fit in it too: ``mtp_decode`` drafts no further than the last new token's position."""
+    return max(len(p) for p in prompts) + gen.max_new_tokens
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]],
@@ -208,8 +220,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     spec = gen.speculative == "mtp"
     K = gen.draft_tokens if spec else 0
     with_mtp = spec or (gen.prefix_cache is not None and len(model.mtp) > 0)
-    max_len = max(len(p) for p in prompts) + gen.max_new_tokens + 2 * K + 2
-    dec = Decoder(model, len(prompts), max_len, gen.attention, gen.cache_dtype, with_mtp=with_mtp)
+    dec = Decoder(model, len(prompts), cache_length(prompts, gen), gen.attention, gen.cache_dtype, with_mtp=with_mtp)
     generator = None
     if gen.seed is not None:
         generator = torch.Generator(device=model.embed.weight.device).manual_seed(gen.seed)

@@ -14,23 +14,33 @@ version, fingerprint, key, the block's tokens, tensor table, sha256 of the paylo
 Any mismatch (magic, version, fingerprint, key, tokens, checksum, shapes, dtype) makes the entry
 count as corrupt or mismatched and be ignored; the recomputed block then overwrites it.
 
+Ownership: ``ROOT/.flyer-prefix-cache`` marks a directory as a cache. A non-empty directory without
+it (and holding other names than a cache's) is refused, and eviction only ever deletes the cache's
+own names (``ab/`` + 64 hex digits + ``.blk``, its temporary files), never a file a user put there.
+
 Concurrency: writes go to a temporary file in the same directory and are renamed into place
 (atomic on POSIX), so a reader sees a whole file or none. Eviction and the shared statistics file
 run under an exclusive ``fcntl`` lock on ``ROOT/.lock``. A hit touches the file's mtime; when the
 directory exceeds ``max_bytes``, files are deleted oldest-mtime first (least recently used).
 A file evicted between listing and opening is simply a miss.
+
+The cache is best effort: a write that fails (disk full, quota) warns once and the run goes on
+without storing; a corrupt ``stats.json`` counts as absent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -42,6 +52,14 @@ from flyer.errors import FieldError
 MAGIC = b"FLYERPC1"
 FORMAT_VERSION = 1
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+MARKER = ".flyer-prefix-cache"
+_SUBDIR = re.compile(r"[0-9a-f]{2}")
+_BLOCK = re.compile(r"[0-9a-f]{64}\.blk")
+_TMP_PREFIX = ".flyerpc-"
+# mkstemp's 8 random characters; without "flyerpc-": the temporary names of caches written before it
+_TMP = re.compile(r"\.(flyerpc-)?[a-z0-9_]{8}\.tmp")
+_TOP = {MARKER, ".lock", "stats.json", "stats.tmp"}  # the cache's own names at its root, beside _SUBDIR's
+_STATS_MAX_BYTES = 1 << 16  # stats.json is a few hundred bytes: a larger one is not ours to parse
 
 
 @dataclass
@@ -77,18 +95,22 @@ def chain_keys(tokens: Sequence[int], block_size: int, seed: str = "", n_blocks:
 
 
 def model_fingerprint(model: torch.nn.Module, **extra) -> str:
-    """Digest of the config, every state tensor's name/shape/dtype and a strided sample of its
-    values (up to 4096 per tensor: cheap even for large models, and any retraining changes it),
-    plus ``extra`` (cache layout, dtype, block size)."""
+    """Digest of the config, every state tensor's name/shape/dtype and all of its bytes (held FP8
+    weights' block scales included), plus ``extra`` (cache layout, dtype, block size).
+
+    Every value, not a sample: a model changed anywhere must miss, or it would reuse another
+    model's KV and its tokens would differ from a cold run's. One SHA-256 pass over the weights
+    per run (~0.8 GiB/s on one core: 0.013 s for the tiny preset, 0.32 s for small)."""
     h = hashlib.sha256()
     cfg = getattr(model, "cfg", None)
     h.update(json.dumps(cfg.to_dict() if cfg is not None else {}, sort_keys=True).encode())
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
+    tensors = dict(model.state_dict())
+    # held FP8 weights keep their scales in non-persistent buffers; the others are run statistics
+    tensors.update((n, b) for n, b in model.named_buffers() if n.endswith("scale") and n not in tensors)
+    for name, t in sorted(tensors.items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        h.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
     return h.hexdigest()
 
 
@@ -109,6 +131,29 @@ class PrefixCache:
         self.read_only = not os.access(self.root, os.W_OK | os.X_OK)
         self.fingerprint, self.block_size, self.max_bytes = fingerprint, block_size, max_bytes
         self.stats = PrefixCacheStats()
+        self.storing = True  # False after a failed write (disk full): best effort, warned once
+        self._claim()
+
+    def _claim(self) -> None:
+        """Refuse a directory that is neither empty nor a cache: eviction deletes files, so it may
+        only run where every name it deletes is the cache's. Marks an empty one (or one a version
+        before the marker wrote: the cache's names alone) as a cache."""
+        marker = self.root / MARKER
+        if marker.is_file():
+            return
+        try:
+            with os.scandir(self.root) as it:  # stops at the first foreign name
+                foreign = next((e.name for e in it if e.name not in _TOP
+                                and not (_SUBDIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False))), None)
+        except OSError as e:
+            raise FieldError("prefix_cache", f"cannot read directory {self.root}: {e.strerror or e}") from None
+        if foreign is not None:
+            raise FieldError("prefix_cache", f"{self.root} is not empty and is not a prefix cache (it holds "
+                                             f"{foreign!r} and no {MARKER}): give an empty or new directory")
+        if not self.read_only:
+            with contextlib.suppress(OSError):  # FileExistsError: another process marked it first
+                with open(marker, "x") as f:
+                    f.write("flyer prefix cache: blocks of KV cache; files here may be deleted (LRU)\n")
 
     # ---- keys ----------------------------------------------------------------------------
     def block_keys(self, tokens: Sequence[int]) -> list[str]:
@@ -163,7 +208,10 @@ class PrefixCache:
 
     # ---- write ---------------------------------------------------------------------------
     def store(self, key: str, tokens: Sequence[int], tensors: dict[str, torch.Tensor]) -> bool:
-        """Write one block atomically (temp file + rename). Returns False if it can never fit."""
+        """Write one block atomically (temp file + rename). Returns False if it can never fit, or
+        nothing is stored (read-only, or a write failed before: warned once)."""
+        if self.read_only or not self.storing:
+            return False
         table, chunks, off = [], [], 0
         for name, t in tensors.items():
             b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -175,25 +223,39 @@ class PrefixCache:
                              "tokens": list(tokens), "tensors": table,
                              "sha256": hashlib.sha256(payload).hexdigest()}).encode()
         blob = MAGIC + struct.pack("<I", len(header)) + header + payload
-        if len(blob) > self.max_bytes or self.read_only:
+        if len(blob) > self.max_bytes:
             return False
         p = self.path(key)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".", suffix=".tmp")
-        except OSError:  # read-only after all (a read-only mount, another owner): lookups only
-            self.read_only = True
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=_TMP_PREFIX, suffix=".tmp")
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # read-only after all: lookups only
+                self.read_only = True
+            else:  # a full disk, a quota
+                self._write_failed("store a block", e)
             return False
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
             os.replace(tmp, p)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise
+            if not isinstance(e, OSError):
+                raise
+            self._write_failed("store a block", e)
+            return False
         self.stats.stored += 1
         return True
+
+    def _write_failed(self, what: str, e: OSError) -> None:
+        """Stop storing after a failed write (disk full, quota), warning once: the cache is a
+        speed-up, never a reason to lose the run's output."""
+        if self.storing:
+            self.storing = False
+            warnings.warn(f"prefix cache {self.root}: cannot {what} ({e.strerror or e}); storing nothing more "
+                          "this run", stacklevel=3)
 
     # ---- bound and bookkeeping -----------------------------------------------------------
     @contextlib.contextmanager
@@ -211,55 +273,69 @@ class PrefixCache:
         removed = 0
         if self.read_only:
             return removed
-        with self.locked():
-            entries, total, now = [], 0, time.time()
-            for sub in self.root.iterdir():
-                if not sub.is_dir():
-                    continue
-                for e in os.scandir(sub):
-                    try:
-                        st = e.stat()
-                    except FileNotFoundError:
-                        continue
-                    if e.name.endswith(".tmp"):  # left by a killed writer
+        try:
+            with self.locked():
+                entries, total, now = [], 0, time.time()
+                for e, st, temporary in self._own_files():
+                    if temporary:  # left by a killed writer
                         if now - st.st_mtime > 600:
                             with contextlib.suppress(OSError):
                                 os.unlink(e.path)
                         continue
-                    if e.name.endswith(".blk"):
-                        entries.append((st.st_mtime, st.st_size, e.path))
-                        total += st.st_size
-            for _, size, path in sorted(entries):
-                if total <= self.max_bytes:
-                    break
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed += 1
-                total -= size
+                    entries.append((st.st_mtime, st.st_size, e.path))
+                    total += st.st_size
+                for _, size, path in sorted(entries):
+                    if total <= self.max_bytes:
+                        break
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                        removed += 1
+                    total -= size
+        except OSError as e:  # the lock file cannot be made (disk full): evicted next run
+            self._write_failed("evict", e)
         self.stats.evicted += removed
         return removed
 
+    def _own_files(self) -> Iterator[tuple[os.DirEntry, os.stat_result, bool]]:
+        """(entry, stat, is a temporary file) of every file the cache wrote: names it would not
+        write (a user's files, links) are never listed, so never deleted."""
+        with os.scandir(self.root) as top:
+            subs = [e.path for e in top if _SUBDIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+        for sub in subs:
+            try:
+                with os.scandir(sub) as it:
+                    for e in it:
+                        block = _BLOCK.fullmatch(e.name) and e.name[:2] == os.path.basename(sub)
+                        temporary = _TMP.fullmatch(e.name)
+                        if not (block or temporary) or not e.is_file(follow_symlinks=False):
+                            continue
+                        try:
+                            yield e, e.stat(follow_symlinks=False), bool(temporary)
+                        except FileNotFoundError:
+                            continue
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.root.glob("*/*.blk"))
+        return sum(st.st_size for _, st, temporary in self._own_files() if not temporary)
 
     def record_stats(self) -> dict:
         """Add this process's counters to ``ROOT/stats.json`` (under the lock); returns the totals
         (a read-only cache: those of the file plus this process's, the file unchanged)."""
-        with contextlib.nullcontext() if self.read_only else self.locked():
-            path = self.root / "stats.json"
-            try:
-                total = json.loads(path.read_text())
-                if not isinstance(total, dict):
-                    total = {}
-            except (OSError, ValueError):
-                total = {}
-            for k, v in asdict(self.stats).items():
-                total[k] = int(total.get(k, 0)) + v
-            total["hit_rate"] = round(total["hits"] / total["lookups"], 4) if total.get("lookups") else 0.0
-            if not self.read_only:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(total))
-                os.replace(tmp, path)
+        mine = asdict(self.stats)
+        total = dict(mine)  # this process's alone, when the file cannot be reached
+        path = self.root / "stats.json"
+        try:
+            with contextlib.nullcontext() if self.read_only else self.locked():
+                shared = _read_counters(path)
+                total = {k: shared.get(k, 0) + v for k, v in mine.items()}
+                if not self.read_only:
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({**total, "hit_rate": _rate(total)}))
+                    os.replace(tmp, path)
+        except OSError as e:
+            self._write_failed("update stats.json", e)
+        total["hit_rate"] = _rate(total)
         return total
 
     def summary(self) -> str:
@@ -267,6 +343,24 @@ class PrefixCache:
         return (f"prefix cache: {s.hits}/{s.lookups} blocks hit ({100 * s.hit_rate:.1f}%), "
                 f"{s.tokens_loaded} tokens loaded, {s.stored} stored, {s.evicted} evicted, "
                 f"{s.corrupt} corrupt and {s.mismatched} mismatched ignored")
+
+
+def _rate(counts: dict) -> float:
+    return round(counts["hits"] / counts["lookups"], 4) if counts["lookups"] else 0.0
+
+
+def _read_counters(path: Path) -> dict[str, int]:
+    """The counters of a shared ``stats.json``; anything but a non-negative integer (a hand edit,
+    a crashed writer, a corrupt file) counts as absent, as an unreadable file does."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_STATS_MAX_BYTES + 1)
+        raw = json.loads(data) if len(data) <= _STATS_MAX_BYTES else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k in asdict(PrefixCacheStats()) if type(v := raw.get(k)) is int and v >= 0}
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:

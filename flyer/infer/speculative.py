@@ -61,7 +61,10 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
     independently (per-row positions); a finished row leaves the batch. ``adjust``:
     ``GenerationConfig.adjust`` or None, on the target's logits (the drafts' stay as they are: any
     draft distribution keeps speculative sampling exact). Returns (new tokens per row, drafts
-    proposed, accepted).
+    proposed, accepted). A row drafts min(``n_draft``, tokens it has left to make - 1) a step, as
+    flyer serve does (more are never kept), alone or in a batch; a batch drafts the most any row
+    does, the others' extra drafts being padding kept inside their own rows' caches, so no write
+    passes a row's last new token: the caches need prompt + ``max_new`` positions (``cache_length``).
 
     Invariant at the top of each step, per row: the main cache holds [0, n), the MTP cache
     [0, mtp_len) with mtp_len < n, and ``h_prev`` holds the main hidden states of [mtp_len, n).
@@ -76,9 +79,13 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
     h_prev, h_start = state.hidden, state.start.clone()  # main hidden states at h_start + t
     n, mtp_len, h_prev, h_start = shrink_batch(dec, live, range(len(out)), n, mtp_len, h_prev, h_start)
     drafted = accepted = 0
-    arangeK = torch.arange(K + 1, device=device)
+    arangeK = torch.arange(min(K, max_new) + 1, device=device)  # a step's catch-up: at most Ks + 1 <= this
     while live:
         B = len(live)
+        k_B = [min(K, max_new - len(out[b]) - 1) for b in live]  # drafts each row can still keep
+        Ks = max(k_B)
+        # a row past its own drafts re-drafts at one slot past them: beyond its tokens, inside the cache
+        last_B = (torch.tensor(k_B, device=device) - 1).clamp_min(0)
         # 1. MTP catch-up over positions [mtp_len, n): inputs h_j and t_{j+1}
         c = (n - mtp_len).clamp_min(1)
         C = int(c.max())
@@ -88,9 +95,10 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         for i, b in enumerate(live):
             m, ci = int(mtp_len[i]), int(c[i])
             nxt[i, :ci] = torch.tensor(seq[b][m + 1:m + 1 + ci], device=device)
-        h1 = gather_rows(dec.mtp_forward(h_in, nxt, mtp_len), c - 1)  # (B, D) at position n-1
+        # (B, D) at position n-1; a row's padding past its c positions stays inside the cache
+        h1 = gather_rows(dec.mtp_forward(h_in, nxt, mtp_len, lengths=c.tolist()), c - 1)
         drafts, q = [], []
-        for k in range(K):
+        for k in range(Ks):
             q_logits = dec.mtp_logits(h1)
             if params.greedy:  # no distributions needed: drafts and targets are argmaxes
                 d = kernels.argmax(q_logits)
@@ -98,28 +106,31 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
                 q.append(probabilities(q_logits, params))
                 d = torch.multinomial(q[-1], 1, generator=generator).squeeze(-1)
             drafts.append(d)
-            if k + 1 < K:  # reapply the module on its own output and the drafted token
-                h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + k, from_main=False)[:, 0]
+            if k + 1 < Ks:  # reapply the module on its own output and the drafted token
+                h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + last_B.clamp(max=k), from_main=False)[:, 0]
         # 2. verify every draft in one main-model pass
         pending = torch.tensor([seq[b][-1] for b in live], device=device)
-        tokens = torch.cat([pending.view(B, 1), torch.stack(drafts, 1)], 1)  # (B, K+1)
-        hv = dec.forward(tokens, n)
-        logits = dec.logits(hv)  # (B, K+1, V)
+        tokens = torch.cat([pending.view(B, 1), *(d.view(B, 1) for d in drafts)], 1)  # (B, Ks+1)
+        hv = dec.forward(tokens, n, [k + 1 for k in k_B])  # a row's padding goes past its tokens
+        logits = dec.logits(hv)  # (B, Ks+1, V)
         drafts_BK = tokens[:, 1:].tolist()
         if adjust is not None:  # the target row after drafts d[:j] counts them as generated, as flyer serve does
             for i, b in enumerate(live):
-                for j in range(K + 1):
+                for j in range(k_B[i] + 1):
                     adjust(logits[i, j], out[b] + drafts_BK[i][:j])
         if params.greedy:
             p, q_BKV = logits, [None] * B
         else:
-            p, q_BKV = probabilities(logits.flatten(0, 1), params).view(B, K + 1, -1), torch.stack(q, 1)
+            p = probabilities(logits.flatten(0, 1), params).view(B, Ks + 1, -1)
+            q_BKV = torch.stack(q, 1) if q else [None] * B
         # 3. accept; a row that finishes leaves the batch
         n_old = n.clone()
         still = []
         for i, b in enumerate(live):
-            new = accept_drafts(p[i], q_BKV[i], drafts_BK[i], params, generator)
-            drafted += K
+            k = k_B[i]
+            new = accept_drafts(p[i, :k + 1], None if q_BKV[i] is None else q_BKV[i][:k], drafts_BK[i][:k], params,
+                                generator)
+            drafted += k
             accepted += len(new) - 1
             n[i] += len(new)
             mtp_len[i] = n_old[i]

@@ -21,7 +21,7 @@ from flyer import kernels
 from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
 from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
-                             load_model)
+                             check_expert_threads, load_model)
 from flyer.interop.hf import is_hf_model_dir
 from flyer.serve.engine import Engine, EngineConfig, open_disk_prefix_cache
 
@@ -79,6 +79,7 @@ def _run(args) -> int:
     if not 0 <= args.port < 65536:
         raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
     torch.set_num_threads(args.threads)
+    check_expert_threads(args.expert_threads)
     kernels.set_expert_threads(args.expert_threads)
     args.precision, args.seed = "auto", 0
     # the cache is allocated whole at start: checked with the model before either is
