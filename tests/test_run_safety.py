@@ -140,7 +140,8 @@ def test_resume_rules_seed_and_finished_runs(tmp_path, data_cache, capsys):
     assert main(train_argv(tmp_path, data_cache, "--resume", "--seed", "4")) == 2
     assert "--seed: 4 differs from the run's seed 3" in one_line(capsys)
     assert snapshot(tmp_path) == before
-    assert main(train_argv(tmp_path, data_cache, "--resume")) == 0  # already at --steps 4
+    # the run's own settings (tc_for's): a resume refuses changed ones
+    assert main(train_argv(tmp_path, data_cache, "--resume", "--lr", "0.003", "--warmup", "1")) == 0
     err = capsys.readouterr().err
     assert "already at step 4 (steps 4): nothing to do" in err
     assert snapshot(tmp_path) == before

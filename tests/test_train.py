@@ -242,7 +242,7 @@ def _err(capsys):
     (["--precision", "fp4"], "--precision: must be one of"),
     (["--data", "/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--device", "tpu"], "--device: must be auto, cpu, cuda or cuda:N"),
-    (["--device", "cuda:99"], "'device': cuda:99 asked for"),
+    (["--device", "cuda:99"], "--device: cuda:99 asked for"),
 ])
 def test_cli_errors_are_one_line(tmp_path, data_cache, capsys, argv, words):
     rc = main(["train", "--out", str(tmp_path), "--data-cache", data_cache, "--no-progress"] + argv)

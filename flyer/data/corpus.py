@@ -105,7 +105,13 @@ def find_documents(data: str | Path | list | tuple | None) -> list[Document]:
 
 def _walk_text_files(root: Path) -> list[Path]:
     out = []
+    seen = set()  # (st_dev, st_ino) of every directory walked: a symlink back up the tree is a loop
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in sorted(filenames):
             if not fn.startswith(".") and fn.lower().endswith(TEXT_SUFFIXES):

@@ -90,6 +90,11 @@ class BatchSampler:
         self.position = position
 
 
+def eval_batches_bytes(batch_size: int, seq_len: int, n_batches: int) -> int:
+    """Host bytes ``eval_batches`` allocates: int64 ``x, y`` per window and its float and int start."""
+    return batch_size * n_batches * (2 * seq_len * 8 + 16)
+
+
 def eval_batches(tokens: TokenShards, batch_size: int, seq_len: int,
                  n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n_batches`` fixed batches of (batch_size, seq_len) int64 ``x, y``: the

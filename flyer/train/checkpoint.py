@@ -84,13 +84,17 @@ def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, Any], keep: int
     as checkpoint ``step`` atomically, then ``prune`` to ``keep`` valid checkpoints (``protect``:
     directories never removed). A failed write (a full disk) removes its temporary directory and
     raises ``CheckpointError``; the checkpoints already there are untouched."""
+    unsupported = [n for n in files if not n.endswith((".safetensors", ".pt", ".json"))]
+    if unsupported:
+        raise ValueError(f"unsupported checkpoint file type: {unsupported[0]}")
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     try:
         _write_files(tmp, step, files)
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {final.name} in {ckpt_root}: {e.strerror or e}; "
+    except Exception as e:  # a full disk is an OSError from open/write, a RuntimeError from torch.save's short write
+        why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot write checkpoint {final.name} in {ckpt_root}: {why}; "
                               "the earlier checkpoints are intact") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # renamed into place on success, so gone already
@@ -123,10 +127,8 @@ def _write_files(tmp: Path, step: int, files: dict[str, Any]) -> None:
             save_file(_unshared(obj), str(path))
         elif name.endswith(".pt"):
             torch.save(obj, path)
-        elif name.endswith(".json"):
+        else:  # .json (save_checkpoint refused any other kind)
             write_json(path, obj)
-        else:
-            raise ValueError(f"unsupported checkpoint file type: {name}")
         _fsync_file(path)
         entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": entries})
@@ -316,12 +318,17 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     return path
 
 
-def saved_layout(path: Path) -> dict | None:
-    """The process layout checkpoint ``path`` was saved with (None for one saved without it)."""
+def saved_state(path: Path) -> dict:
+    """Rank 0's state file of checkpoint ``path`` (step, sampler, train_config, layout), or {}."""
     for name in ("state.json", "state-rank0.json"):
         if (path / name).is_file():
-            return json.loads((path / name).read_text()).get("layout")
-    return None
+            return json.loads((path / name).read_text())
+    return {}
+
+
+def saved_layout(path: Path) -> dict | None:
+    """The process layout checkpoint ``path`` was saved with (None for one saved without it)."""
+    return saved_state(path).get("layout")
 
 
 def check_layout(path: Path, layout: dict | None) -> None:

@@ -83,6 +83,10 @@ def build_train_config(args: argparse.Namespace):
         unknown = set(train) - TrainConfig.field_names()
         if unknown:
             raise ConfigError(f"unknown [train] field '{sorted(unknown)[0]}' in {args.config}")
+        for name, v in train.items():  # a flag's type is argparse's; a file's is checked here, named as in the file
+            wrong = TrainConfig.type_problem(name, v)
+            if wrong:
+                raise ConfigError(f"config field '{name}': {wrong} (in {args.config})")
         values.update(train)
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)

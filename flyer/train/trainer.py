@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import signal
 import threading
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
 from flyer.interop.load import init_source, load_init_weights
-from flyer.data import BatchSampler, eval_batches, prepare_data
+from flyer.data import BatchSampler, eval_batches, eval_batches_bytes, prepare_data
 from flyer.data.tokenizer import MIN_VOCAB
 from flyer.fp8 import convert_to_fp8
 from flyer.model.counts import param_counts
@@ -51,7 +53,24 @@ from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model
                                  require_tensorboard, truncate_metrics)
 
 SCHEDULES = ("cosine", "constant")
+# What a resumed run keeps (seed first, as the README promises): each changes what the remaining
+# steps compute. Free to change: steps (extending a run; the cosine decay stretches to the new end),
+# evaluation, logging, plots, progress, tensorboard, checkpoint cadence and keep, threads, device,
+# max_bad_steps (when to give up, not what a step does), paths (out, data, cache, tokenizer, config,
+# init: what they hold is checked instead, by the model config and the sampler's token count) and
+# the process layout (``checkpoint.check_layout`` compares it).
+RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_batches", "lr", "min_lr_ratio",
+                "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "precision", "vocab_size",
+                "fp8_dispatch")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption, Ctrl-C, a closed terminal
+
+
+_FIELD_TYPES = {  # a TrainConfig annotation -> (does a value have it, its name in an error)
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, (str, os.PathLike)), "a string"),
+}
 
 
 @dataclass
@@ -105,10 +124,15 @@ class TrainConfig:
             if not cond:
                 raise FieldError(name, f"{msg} (got {getattr(self, name)!r})")  # the CLI words it as the flag
 
+        for f in dataclasses.fields(self):
+            wrong = self.type_problem(f.name, getattr(self, f.name))
+            if wrong:
+                raise FieldError(f.name, wrong)
+        need(0 <= self.seed < 2**64, "seed", "must be an integer in [0, 2**64)")  # torch.manual_seed's range
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
                      "keep", "max_bad_steps", "ep", "pp"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
+            need(v > 0, name, "must be a positive integer")
         need(self.seq_len >= 2, "seq_len", "must be >= 2")
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         need(0 < self.collective_timeout_s < math.inf, "collective_timeout_s", "must be a positive number of seconds")
@@ -140,6 +164,29 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def type_problem(cls, name: str, value: Any) -> str | None:
+        """None when ``value`` has field ``name``'s annotated type, else what was expected and got.
+        bool is only a real boolean (and never an int); an int is a good float; a path may be a str."""
+        hint = typing.get_type_hints(cls)[name]
+        kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+        if value is None and len(kinds) < len(typing.get_args(hint)):
+            return None
+        if any(_FIELD_TYPES[t][0](value) for t in kinds):
+            return None
+        return f"expected {' or '.join(_FIELD_TYPES[t][1] for t in kinds)}, got {type(value).__name__} {value!r}"
+
+
+def check_resume_settings(tc: TrainConfig, path: Path) -> None:
+    """``FieldError`` naming the first of ``RESUME_KEEPS`` that ``tc`` sets otherwise than the run
+    checkpointed at ``path`` did (the others that differ are listed), before any work."""
+    saved = ckpt.saved_state(path).get("train_config") or {}  # older checkpoints may lack it: nothing to compare
+    changed = [k for k in RESUME_KEEPS if k in saved and saved[k] != getattr(tc, k)]
+    if changed:
+        k, also = changed[0], f"; also changed: {', '.join(changed[1:])}" if changed[1:] else ""
+        raise FieldError(k, f"{getattr(tc, k)} differs from the run's {k} {saved[k]}{also} (checkpoint {path}); "
+                            "a resumed run keeps the settings it started with")
 
 
 def lr_at(tc: TrainConfig, step: int) -> float:
@@ -265,12 +312,14 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         model_over = read_config_sections(tc.config)[0] if tc.config else {}  # [train]: merged by the CLI
+        if tc.init and not Path(tc.init).exists():
+            raise FieldError("init", f"{tc.init} does not exist")
         init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
         base = init_cfg or resolve_config(tc.preset, None, model_over)
         self.micro_batches = tc.micro_batches or min_micro_batches(tc.pp_schedule, tc.pp)
         validate_pipeline(base, tc.pp, tc.pp_schedule, self.micro_batches, tc.grad_accum)  # before any work
         require_torch_for(tc.pp_schedule, tc.pp)
-        self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="train option 'device'",
+        self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="device",
                               timeout_s=tc.collective_timeout_s, pp=tc.pp)
         self.device = self.mesh.device
         self.rank0 = self.mesh.rank == 0
@@ -282,7 +331,10 @@ class Trainer:
         if self.rank0:  # the run directory: owned by this job, and a fresh run or the continuation of one
             try:
                 self.lock = RunLock(self.out)
+                usable_dir(self.ckpt_root, "out")  # a file in its place would fail the first save, after training
                 start = choose_start(self.out, tc.resume, self.log)
+                if start is not None:
+                    check_resume_settings(tc, start)
                 if self.tensorboard_dir is not None:
                     usable_dir(self.tensorboard_dir, "tensorboard")
             except (ConfigError, CheckpointError) as e:
@@ -300,15 +352,12 @@ class Trainer:
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
         self.data = prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer)
         if init_cfg and self.data.vocab_size > init_cfg.vocab_size:
-            raise ConfigError(f"train option 'init': {tc.init}'s tokenizer has {self.data.vocab_size} tokens, "
-                              f"more than its model's vocab_size {init_cfg.vocab_size}")
+            raise FieldError("init", f"{tc.init}'s tokenizer has {self.data.vocab_size} tokens, "
+                                     f"more than its model's vocab_size {init_cfg.vocab_size}")
         self.cfg: ModelConfig = base.replace(vocab_size=init_cfg.vocab_size if init_cfg else self.data.vocab_size,
                                              max_seq_len=max(base.max_seq_len, tc.seq_len))
         self.cfg.validate()
-        require_memory(training_memory_bytes(self.cfg, tc, self.precision, self.mesh.ep, self.mesh.pp), self.device,
-                       "batch_size",
-                       f"training {param_counts(self.cfg).total / 1e6:,.1f}M parameters at batch "
-                       f"{tc.batch_size} x {tc.seq_len}")
+        self._require_memory()
         # Each data-parallel replica draws its own sample stream (seed, replica), every stage of its
         # pipeline the same one; deterministic on resume.
         self.sampler = BatchSampler(self.data.train, tc.batch_size, tc.seq_len,
@@ -339,6 +388,20 @@ class Trainer:
             if (self.out / METRICS_NAME).exists():  # only a resumed run gets here with one (choose_start)
                 truncate_metrics(self.out / METRICS_NAME, self.step)
 
+    def _require_memory(self) -> None:
+        """Refuse, before allocating, a run whose training state or validation batches cannot fit,
+        blaming the setting that overflows first: the model alone, one sequence, the batch, then the
+        validation batches (host memory, shared with training on a CPU device)."""
+        tc, ep, pp = self.tc, self.mesh.ep, self.mesh.pp
+        params = f"training {param_counts(self.cfg).total / 1e6:,.1f}M parameters"
+        for field, batch in (("init" if tc.init else "preset", 0), ("seq_len", 1), ("batch_size", tc.batch_size)):
+            need = training_memory_bytes(self.cfg, dataclasses.replace(tc, batch_size=batch), self.precision, ep, pp)
+            require_memory(need, self.device, field, f"{params} at batch {batch} x {tc.seq_len}" if batch else params)
+        evals = f"{tc.eval_batches:,} validation batches of {tc.batch_size} x {tc.seq_len}"
+        on_host = self.device.type == "cpu"
+        require_memory(eval_batches_bytes(tc.batch_size, tc.seq_len, tc.eval_batches) + (need if on_host else 0),
+                       "cpu", "eval_batches", f"{params} and {evals}" if on_host else evals)
+
     def close(self) -> None:
         """Release the run directory (``run()`` does at its end)."""
         if self.lock is not None:
@@ -349,10 +412,6 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         state = ckpt.load_training(path, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
                                    mesh=self.mesh, cfg=self.cfg, layout=self.layout)
-        saved_seed = state.get("train_config", {}).get("seed", self.tc.seed)
-        if saved_seed != self.tc.seed:
-            raise FieldError("seed", f"{self.tc.seed} differs from the run's seed {saved_seed} (checkpoint {path}); "
-                                     "a resumed run keeps its seed")
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.resumed_from = path
