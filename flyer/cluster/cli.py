@@ -62,6 +62,20 @@ def _positive_int(field: str, v: int) -> int:
 
 # ---- flyer plan ---------------------------------------------------------------------------------
 RUN_FLAGS = ("zero", "dp", "pp_schedule", "precision", "vocab_size")  # any of them: a flyer run's per-rank bytes
+# per-rank bytes are lists (and table rows) of world size, built in Python loops; a world beyond the
+# largest cluster the paper's switches wire (three-tier fat tree of 64 ports: 65,536 GPUs) is refused
+MAX_RUN_WORLD = T.fat_tree3(T.PAPER_RADIX).endpoints
+
+
+def _check_run_world(gpus: int, gpus_per_node: int) -> None:
+    """Refuse, before any work, a world ``flyer train``'s per-rank bytes cannot be listed for."""
+    if gpus > MAX_RUN_WORLD:
+        raise FieldError("gpus", f"per-rank bytes are listed for at most {MAX_RUN_WORLD:,} ranks (a three-tier fat "
+                                 f"tree of {T.PAPER_RADIX}-port switches; got {gpus:,}); drop --zero, --dp, "
+                                 f"--pp-schedule, --precision and --vocab-size for the cluster-wide plan")
+    if gpus > gpus_per_node and gpus % gpus_per_node:  # torchrun starts the same number of ranks on every node
+        raise FieldError("gpus", f"a flyer train run needs whole nodes: a multiple of the {gpus_per_node} GPUs per "
+                                 f"node, or at most one node (got {gpus})")
 
 
 def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) -> dict:
@@ -82,7 +96,7 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     dp = args.gpus // pp
     if args.dp is not None and args.dp != dp:
         raise FieldError("dp", f"must be gpus / pp = {args.gpus} / {pp} = {dp} (got {args.dp})")
-    rpn = gpus_per_node if args.gpus % gpus_per_node == 0 else args.gpus
+    rpn = min(gpus_per_node, args.gpus)  # fewer GPUs than a node: one partly used node
     validate_pipeline(cfg, 1, schedule, 1)  # the schedule's name first
     validate_run_layout(cfg, args.gpus, ep, rpn, pp)
     validate_pipeline(cfg, pp, schedule, min_micro_batches(schedule, pp))
@@ -107,12 +121,15 @@ def _plan(args) -> int:
     pp, ep, schedule = args.pp, args.ep, args.schedule
     if pp is None and ep is None and schedule is None:  # auto: DeepSeek-V3's layout when it applies
         pp, ep, schedule = auto_layout(cfg, args.gpus)
+    run = any(getattr(args, k) is not None for k in RUN_FLAGS)
+    if run:
+        _check_run_world(args.gpus, gpu.gpus_per_node)
     lay = Layout(gpus=args.gpus, pp=pp or 1, ep=ep or 1, micro_batch=args.micro_batch, schedule=schedule or "1f1b",
                  recompute=not args.no_recompute)
     out = plan(cfg, gpu, lay, args.tokens, args.seq_len, Throughput(args.tokens_per_day, args.mfu),
                args.price_per_gpu_hour, args.extra_gpu_hours)
     out = {"preset": args.preset, "config": args.config, **out}
-    if any(getattr(args, k) is not None for k in RUN_FLAGS):
+    if run:
         out.update(_run_memory(args, cfg, pp or 1, ep or 1, gpu.gpus_per_node))
 
     def table(o):
@@ -354,7 +371,7 @@ def register(sub) -> None:
     ns = net.add_subparsers(dest="net_command", metavar="SUBCOMMAND", required=True)
 
     q = ns.add_parser("topology", help="endpoints, switches, links and cost of FT2/MPFT/FT3/SF/DF at one radix")
-    q.add_argument("--radix", type=int, default=64)
+    q.add_argument("--radix", type=int, default=T.PAPER_RADIX)
     q.add_argument("--topologies", default="ft2,mpft,ft3,sf,df", help="comma list of ft2, mpft, mrft, ft3, sf, df")
     q.add_argument("--planes", type=int, default=8)
     q.add_argument("--rails", type=int, default=8)

@@ -19,6 +19,7 @@ Activations are an estimate (see ``activation_bytes_per_token_layer``).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from flyer.cluster.hardware import GIB, GPUSpec
@@ -152,6 +153,15 @@ def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) 
     }
 
 
+def require_finite(field: str, **results: float) -> None:
+    """Raise ``FieldError(field)`` when one of ``results`` (name -> a value computed from ``field``)
+    is not finite: the one check that keeps inf and NaN out of ``flyer plan``'s table and JSON."""
+    for name, value in results.items():
+        if not math.isfinite(value):
+            raise FieldError(field, f"makes {name.replace('_', ' ')} non-finite ({value}); "
+                                    f"use a value that keeps it finite")
+
+
 @dataclass(frozen=True)
 class Throughput:
     """Either a measured cluster throughput (tokens per day) or an assumed MFU."""
@@ -181,21 +191,40 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
         if value < 0:
             raise FieldError(name, f"must be >= 0 (got {value})")
     validate_layout(cfg, lay)
+    if lay.gpus > gpu.gpus_per_node and lay.gpus % gpu.gpus_per_node:
+        # nothing below depends on the node size; say so rather than pass the partial node silently
+        full, rest = divmod(lay.gpus, gpu.gpus_per_node)
+        warnings.warn(f"{lay.gpus} GPUs are {full} nodes of {gpu.gpus_per_node} and a partial node of {rest}; "
+                      f"the plan counts GPUs, not nodes", stacklevel=2)
     pc = param_counts(cfg)
     causal = training_flops_per_token(cfg, seq_len, causal=True)
     noncausal = training_flops_per_token(cfg, seq_len, causal=False)
     peak = gpu.bf16_tflops * 1e12
+    require_finite("hw", bf16_peak_flops=peak)
     tps = throughput.tokens_per_s_per_gpu(lay.gpus, causal, peak)
-    train_hours = tokens / tps / 3600.0  # tokens / (tokens per GPU-second) = GPU-seconds
+    source = "tokens_per_day" if throughput.tokens_per_day is not None else "mfu"
+    # causal FLOPs are the ones a run executes (masked attention is skipped), so they bound MFU
+    mfu = causal / peak * tps  # in this order: finite for any finite throughput
+    if source == "tokens_per_day" and mfu > 1:
+        raise FieldError("tokens_per_day", f"{throughput.tokens_per_day:g} tokens/day on {lay.gpus} {gpu.name}s "
+                                           f"implies MFU {100 * mfu:.4g}% of their {gpu.bf16_tflops:g} TFLOPS BF16 "
+                                           f"peak (at most 100%)")
+    # tokens / (tokens per GPU-second) = GPU-seconds; a throughput that underflowed to 0 takes forever
+    train_hours = tokens / (tps * 3600.0) if tps > 0 else math.inf
+    wall_s = tokens / (tps * lay.gpus) if tps > 0 else math.inf
+    # finite inputs overflow in this order: a throughput under ~1 token/s/GPU, then the sums, then the price
+    require_finite(source, training_gpu_hours=train_hours, days=wall_s / SECONDS_PER_DAY,
+                   tokens_per_day=tps * lay.gpus * SECONDS_PER_DAY)
     gpu_hours = train_hours + extra_gpu_hours
-    wall_s = tokens / (tps * lay.gpus)
+    require_finite("extra_gpu_hours", gpu_hours=gpu_hours)
+    require_finite("price_per_gpu_hour", cost_usd=gpu_hours * price_per_gpu_hour)
     return {
         "gpu": gpu.name,
         "gpus": lay.gpus,
         "gpus_per_node": gpu.gpus_per_node,
         "tokens": tokens,
         "seq_len": seq_len,
-        "throughput_source": "tokens_per_day" if throughput.tokens_per_day is not None else "mfu",
+        "throughput_source": source,
         "total_params": pc.total,
         "activated_params": pc.activated,
         "mtp_params": pc.mtp,

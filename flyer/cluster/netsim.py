@@ -29,10 +29,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flyer.cluster.hardware import GIB, GPUS
 from flyer.errors import FieldError
 
 TOPOLOGIES = ("mpft", "mrft", "ft3")
 ROUTINGS = ("ecmp", "static", "adaptive")
+# Cost: ``_flows`` builds every candidate path of every flow in Python, and the event loop runs one
+# max-min pass over the live flows per completion (up to one per flow): O(flows x paths + flows^2).
+# The caps keep the worst case (ft3, ecmp) near a minute on one core (32 nodes x 4 GPUs, half the
+# flow cap, took 16 s); the default 16 x 4 and 32 x 4 fit.
+MAX_FLOWS = 2**15
+MAX_CANDIDATE_PATHS = 2**20  # flows x equal-cost paths per flow
+# a message is whole bytes and fits the largest HBM in the spec table; a NIC cannot outrun the HBM
+# it reads from. Both bounds keep every rate and time step finite and > 0, so the event loop ends.
+MAX_MESSAGE_BYTES = max(g.hbm_gib for g in GPUS.values()) * GIB
+MAX_NIC_GB_S = max(g.hbm_tb_s for g in GPUS.values()) * 1000
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,10 @@ def build_fabric(name: str, nodes: int, gpus_per_node: int, radix: int | None = 
         raise FieldError("nodes", f"must be >= 2 (got {nodes})")
     if gpus_per_node < 1:
         raise FieldError("gpus_per_node", f"must be >= 1 (got {gpus_per_node})")
+    flows = nodes * (nodes - 1) * gpus_per_node**2  # every GPU to every GPU of the other nodes
+    if flows > MAX_FLOWS:
+        raise FieldError("nodes", f"{nodes} nodes x {gpus_per_node} GPUs make {flows:,} flows; the flow simulator "
+                                  f"(O(flows^2) worst case) takes at most {MAX_FLOWS:,}")
 
     def fits(k: int, default: bool = False) -> bool:
         if name == "mrft" or (name == "mpft" and default):  # mpft defaults to mrft's radix: same planes/rails
@@ -96,11 +111,16 @@ def build_fabric(name: str, nodes: int, gpus_per_node: int, radix: int | None = 
             return k * k // 2 >= nodes
         return k**3 // 4 >= nodes * gpus_per_node
 
+    field = "radix" if radix is not None else "nodes"  # what to change when the paths below are too many
     if radix is None:
         radix = next(k for k in range(4, 4097, 2) if fits(k, default=True))
     elif radix < 4 or radix % 2 or not fits(radix):
         raise FieldError("radix", f"{radix} is odd, too small, or (mrft) not a multiple of the {gpus_per_node} GPUs "
                                   f"per node for {name}")
+    paths = (radix // 2) ** (2 if name == "ft3" else 1)  # equal-cost paths between far endpoints
+    if flows * paths > MAX_CANDIDATE_PATHS:
+        raise FieldError(field, f"{name} at radix {radix} gives each of the {flows:,} flows {paths:,} equal-cost "
+                                f"paths; the flow simulator builds at most {MAX_CANDIDATE_PATHS:,} in all")
     return SimFabric(name, radix, nodes, gpus_per_node, nic_gb_s, nvlink_gb_s)
 
 
@@ -190,6 +210,12 @@ def simulate(name: str, routing: str, nodes: int = 16, gpus_per_node: int = 4, r
              forwarding: str | None = None, message_bytes: float = 1e6, seed: int = 0,
              nic_gb_s: float = 50.0, nvlink_gb_s: float = 200.0) -> dict:
     """All-to-all completion time and achieved bandwidth per GPU (GB/s and fraction of the NIC)."""
+    if not 1 <= message_bytes <= MAX_MESSAGE_BYTES:
+        raise FieldError("message_bytes", f"must be in [1, {MAX_MESSAGE_BYTES:,.0f}], up to the largest GPU memory "
+                                          f"in the spec table (got {message_bytes:g})")
+    if not 0 < nic_gb_s <= MAX_NIC_GB_S:
+        raise FieldError("nic_gb_s", f"must be in (0, {MAX_NIC_GB_S:g}], up to the fastest HBM in the spec table "
+                                     f"(got {nic_gb_s:g})")
     fab = build_fabric(name, nodes, gpus_per_node, radix, nic_gb_s, nvlink_gb_s)
     forwarding = forwarding or ("direct" if name == "ft3" else "pxn")
     paths, caps = _flows(fab, routing, forwarding, np.random.default_rng(seed))

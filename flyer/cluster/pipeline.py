@@ -64,16 +64,23 @@ def schedule_cost(schedule: str, pp: int, f: float = 1.0, b: float = 2.0, w: flo
             raise FieldError(name, f"must be >= 0 (got {value})")
     if w > b:
         raise FieldError("w", f"the weight-gradient part must be <= the backward time {b} (got {w})")
+    if fb is not None and fb < max(f, b):  # overlapping F with B cannot beat the longer of the two
+        raise FieldError("fb", f"the overlapped F&B must be >= max(F, B) = {max(f, b):g} (got {fb:g})")
     fb = f + b if fb is None else fb
     if schedule == "dualpipev":  # a chunk is half a stage
-        return ScheduleCost("dualpipev", pp, (pp - 1) * (fb + b - 3 * w) / 2, 1, pp + 0.5)
-    if schedule == "1f1b":
-        return ScheduleCost("1f1b", pp, (pp - 1) * (f + b), 1, pp)
-    if schedule == "zb1p":
-        return ScheduleCost("zb1p", pp, (pp - 1) * (f + b - 2 * w), 1, pp)
-    if pp % 2:
+        cost = ScheduleCost("dualpipev", pp, (pp - 1) * (fb + b - 3 * w) / 2, 1, pp + 0.5)
+    elif schedule == "1f1b":
+        cost = ScheduleCost("1f1b", pp, (pp - 1) * (f + b), 1, pp)
+    elif schedule == "zb1p":
+        cost = ScheduleCost("zb1p", pp, (pp - 1) * (f + b - 2 * w), 1, pp)
+    elif pp % 2:
         raise FieldError("pp", f"must be even for DualPipe (got {pp})")
-    return ScheduleCost("dualpipe", pp, (pp / 2 - 1) * (fb + b - 3 * w), 2, pp + 1)
+    else:
+        cost = ScheduleCost("dualpipe", pp, (pp / 2 - 1) * (fb + b - 3 * w), 2, pp + 1)
+    if cost.bubble < 0:  # the rows assume W small enough that deferring it fills (not overfills) the bubble
+        raise FieldError("w", f"W = {w:g} gives {schedule} a negative bubble {cost.bubble:g} with F = {f:g}, "
+                              f"B = {b:g}, F&B = {fb:g}; use a smaller weight-gradient part")
+    return cost
 
 
 def bubble_fraction(schedule: str, pp: int, microbatches: int, f: float = 1.0, b: float = 2.0, w: float = 1.0,

@@ -38,6 +38,9 @@ import networkx as nx
 from flyer.errors import FieldError
 
 
+PAPER_RADIX = 64  # the ISCA paper's switches (400G, 64 ports): its Table 3 and flyer net topology's default
+
+
 @dataclass(frozen=True)
 class Prices:
     switch_per_port: float = 350.4
@@ -173,7 +176,7 @@ def dragonfly_for_radix(k: int) -> tuple[int, int, int, int]:
     return a, p, p, a * p - 1
 
 
-def compare(k: int = 64, planes: int = 8, sf_q: int | None = None, df: tuple[int, int, int, int] | None = None,
+def compare(k: int = PAPER_RADIX, planes: int = 8, sf_q: int | None = None, df: tuple[int, int, int, int] | None = None,
             names: tuple[str, ...] = ("ft2", "mpft", "ft3", "sf", "df"), rails: int = 8) -> list[Topology]:
     """The ISCA paper's comparison (its Table 3) at radix ``k``."""
     build = {
@@ -184,6 +187,8 @@ def compare(k: int = 64, planes: int = 8, sf_q: int | None = None, df: tuple[int
         "sf": lambda: slim_fly(sf_q if sf_q is not None else slim_fly_q_for_radix(k)),
         "df": lambda: dragonfly(*(df or dragonfly_for_radix(k))),
     }
+    if not names:
+        raise FieldError("topologies", f"must name at least one topology (choose from: {', '.join(build)})")
     out = []
     for n in names:
         if n not in build:

@@ -7,6 +7,7 @@ import json
 import torch
 
 from flyer.config import PRESETS, ModelConfig, resolve_config
+from flyer.errors import UserError
 from flyer.model.counts import ParamCounts, kv_cache_bytes_per_token, param_counts
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
@@ -58,6 +59,8 @@ def _human(n: float) -> str:
 
 
 def _run(args) -> int:
+    if args.preset is None and args.config is None:  # README: `flyer info PRESET`; no unlabeled DeepSeek-V3
+        raise UserError(f"PRESET: required, one of {', '.join(PRESETS)} (or --config FILE)")
     out = info(args.preset, args.config)
     if args.json:
         print(json.dumps(out))
