@@ -39,6 +39,7 @@ from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, TextTokenizer, _read_
 from flyer.interop.load import load_pretrained, stored_weight_dtype
 from flyer.interop.tensorfile import TensorFile, write_tensors
 from flyer.model.transformer import Transformer
+from flyer.train.checkpoint import fsync_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms
@@ -206,14 +207,6 @@ def _check_out(out: Path) -> None:
         raise FieldError("out", f"{out}: {e.strerror or e}") from None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _json_with(source: Path | None, name: str, ours: dict) -> dict:
     """The source directory's ``name`` with flyer's fields added where it has none (its chat template,
     special tokens, list of EOS ids and sampling defaults are the model's, not flyer's to change)."""
@@ -252,7 +245,7 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
             if source is not None and (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)
         for f in tmp.iterdir():  # on disk before the directory is renamed into place
-            _fsync(f)
+            fsync_path(f)
         os.rename(tmp, out)  # onto an empty directory too; one that filled meanwhile fails: ENOTEMPTY
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -260,7 +253,7 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
             raise FieldError("out", f"{out}: cannot write it ({e.strerror or e})") from None
         raise
     with contextlib.suppress(OSError):  # the export is complete; this only hurries the rename to disk
-        _fsync(out.parent)
+        fsync_path(out.parent)
     summary = {"out": str(out), "model_type": config["model_type"], "dtype": dtype, "files": files}
     if exported(model.cfg).mtp_depth < model.cfg.mtp_depth:
         summary["left_out"] = f"the MTP module ({model.cfg.mtp_depth} deep): {config['model_type']} has none"

@@ -53,7 +53,8 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by its path (a directory's makes the renames in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -133,12 +134,12 @@ def _write_files(tmp: Path, step: int, files: dict[str, Any]) -> None:
         entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": entries})
     _fsync_file(tmp / "manifest.json")
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     final = tmp.parent / step_dir_name(step)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(tmp.parent)
+    fsync_path(tmp.parent)
 
 
 def prune(ckpt_root: Path, keep: int, protect: tuple[Path, ...] = ()) -> None:
