@@ -82,6 +82,8 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     signed = set().union(*(getattr(m, "SIGNED", ()) for m in COMMAND_MODULES))
     for action in numeric_actions(parser, args):
         v = getattr(args, action.dest, None)
+        if isinstance(v, int) and not -(1 << 64) < v < 1 << 64:  # math.isfinite cannot even convert 10**400
+            raise FieldError(action.dest, f"must be below 2**64 in magnitude (got a {len(str(abs(v)))}-digit number)")
         if v is None or action.dest in signed and math.isfinite(v):
             continue
         if not math.isfinite(v):

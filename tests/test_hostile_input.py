@@ -15,13 +15,13 @@ from flyer.cli import COMMAND_MODULES, build_parser, main
 VALUES = ["nan", "inf", "-inf", "0", "-1"]
 
 
-def numeric_flags(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
-    """(subcommand path, flag) of every int/float option, over every subcommand parser."""
+def numeric_flags(parser: argparse.ArgumentParser, path: tuple[str, ...] = (), types=(int, float)):
+    """(subcommand path, flag) of every option of ``types``, over every subcommand parser."""
     for action in parser._actions:  # argparse has no public way to list a parser's options
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                yield from numeric_flags(sub, (*path, name))
-        elif action.option_strings and action.type in (int, float):
+                yield from numeric_flags(sub, (*path, name), types)
+        elif action.option_strings and action.type in types:
             yield path, max(action.option_strings, key=len)
 
 
@@ -74,6 +74,15 @@ def test_numeric_flag_rejects_nonfinite_and_nonsense(path, flag, tmp_path, data_
         assert_runs_or_one_line(rc, err, out, None if allowed else flag)
         outcomes[value] = rc
     assert outcomes["nan"] == outcomes["inf"] == outcomes["-inf"] == 2
+
+
+def test_integer_flags_beyond_64_bits_are_one_line(tmp_path, data_cache, capsys):
+    """10**400 is a valid int to argparse and too large for a float: refused before any work (it was
+    an OverflowError traceback from the finiteness check)."""
+    for path, flag in numeric_flags(build_parser(), types=(int,)):
+        rc, err, out = outcome(capsys, [*path, *quick_args(path, tmp_path, data_cache), f"{flag}={10 ** 400}"])
+        assert rc == 2, (path, flag)
+        assert_runs_or_one_line(rc, err, out, flag)
 
 
 def test_parse_errors_are_one_line(capsys):
