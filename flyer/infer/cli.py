@@ -88,9 +88,8 @@ def resolve_weight_dtype(args, device: torch.device) -> str:
 
 @contextlib.contextmanager
 def _library_warnings():
-    """Re-issue the warnings raised inside once each, without a leading "warning: " of their own
-    (checkpoint loading words them for a log): flyer.cli prints them as ``flyer: warning: ...``,
-    and each loading step resolves the checkpoint, warning again."""
+    """Re-issue the warnings raised inside once each: each loading step resolves the checkpoint,
+    warning again about the same corrupt one."""
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -98,7 +97,7 @@ def _library_warnings():
     finally:  # an error after a warning (no valid checkpoint left) still shows the warning first
         seen = set()
         for w in caught:
-            text = str(w.message).removeprefix("warning: ")
+            text = str(w.message)
             if text not in seen:
                 seen.add(text)
                 warnings.warn(text, w.category, stacklevel=3)

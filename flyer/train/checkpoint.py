@@ -254,7 +254,8 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         verify_checkpoint(p)
         return p
     for root in (p / "checkpoints", p):
-        found = find_valid_checkpoint(root, log=lambda m: warnings.warn(m, stacklevel=3))
+        # a warning is printed as "flyer: warning: ...": the log line's own prefix would double it
+        found = find_valid_checkpoint(root, log=lambda m: warnings.warn(m.removeprefix("warning: "), stacklevel=3))
         if found is not None:
             return found
     raise CheckpointError(f"no valid checkpoint under {p}")
