@@ -178,6 +178,8 @@ def test_library_warnings_are_one_line(tmp_path, capsys):
     assert rc == 2
     assert err[0].startswith("flyer: warning: ") and "UserWarning" not in " ".join(err)
     assert err[-1].startswith("flyer: error: --ckpt: ")
+    rc, err, _ = outcome(capsys, ["export", str(tmp_path), "--out", str(tmp_path / "hf")])  # any command
+    assert rc == 2 and err[0].startswith("flyer: warning: checkpoint "), err
 
 
 def test_data_cache_is_checked_and_a_read_only_one_is_used_read_only(tmp_path, monkeypatch, capsys):
