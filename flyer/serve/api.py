@@ -90,7 +90,7 @@ class _Body(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's range
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)  # what torch's generators take
+    seed: int | None = None  # its range checked once, by the engine (``Engine.check``)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices per prompt

@@ -331,7 +331,8 @@ class Engine:
             if self.sharing and r.prompt_lp is None and self._sibling_prefilling(r):
                 return  # the queue waits (in order) for blocks it will share, rather than computing them too
             blocks, keys = [], []
-            if self.sharing and r.prompt_lp is None:
+            shares = self.sharing and r.prompt_lp is None
+            if shares:
                 # the last token is always recomputed (its logits pick the next token), so at
                 # most the full blocks before it are shared
                 blocks, keys = self.alloc.match(r.tokens, (len(r.tokens) - 1) // bs)
@@ -344,7 +345,7 @@ class Engine:
                     raise RuntimeError(f"request {r.id} needs {need} blocks, {self.alloc.available} available")
                 return
             self.waiting.popleft()
-            if self.sharing and r.prompt_lp is None:  # counted once admitted (a retry looks them up again)
+            if shares:  # counted once admitted (a retry looks them up again)
                 self.prefix_blocks += (len(r.tokens) - 1) // bs
                 self.prefix_found += len(blocks)
             r.blocks = blocks + [self.alloc.allocate() for _ in range(need)]
