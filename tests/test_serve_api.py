@@ -5,8 +5,10 @@ errors with their statuses (raw HTTP); cancellation on disconnect; the CLI's rea
 
 import json
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +35,8 @@ from flyer.model.transformer import Transformer
 from flyer.interop.hf import TextTokenizer
 from flyer.serve.api import Api, ChatBody, Server, _Choice, chat_renderer
 from flyer.serve.cli import bind, http_url, read_chat_template
-from flyer.serve.engine import Engine, EngineConfig, SamplingOptions, TokenEvent
+from flyer.serve.engine import Engine, EngineConfig, TokenEvent
+from flyer.serve.link import EngineClient, EngineHost
 from flyer.train.checkpoint import save_checkpoint
 
 V = 64
@@ -43,19 +46,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Running:
-    """An engine and HTTP server on 127.0.0.1:<free port>, stopped by ``close``."""
+    """An engine and HTTP server on 127.0.0.1:<free port>, as ``flyer serve`` joins them (``EngineHost``
+    and ``EngineClient`` over a socket pair) but on two threads of this process; stopped by ``close``.
+    ``start_engine=False``: the engine hears nothing (its queue only fills)."""
 
     def __init__(self, model, api_key=None, start_engine=True, **engine_over):
         cfg = dict(kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8)
         self.engine = Engine(model, EngineConfig(**{**cfg, **engine_over}))
-        self.api = Api(self.engine, ByteTokenizer(), "tiny-test", api_key)
+        engine_end, http_end = socket.socketpair()
+        self.api = Api(EngineClient(http_end, self.engine.limits), ByteTokenizer(), "tiny-test", api_key)
         self.server = Server(self.api, graceful_s=5)
         sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.host = threading.Thread(target=EngineHost(self.engine, engine_end).serve, daemon=True)
         if start_engine:
-            self.engine.start()
+            self.host.start()
         self.thread = self.server.run_in_thread(sock)
-        self.sock = sock
+        self.sock, self.engine_end = sock, engine_end
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
@@ -64,7 +71,9 @@ class _Running:
     def close(self):
         self.server.stop()
         self.thread.join(timeout=30)
-        self.engine.stop()
+        if self.host.is_alive():  # the server closed the link: the host returns
+            self.host.join(timeout=30)
+        self.engine_end.close()
         self.sock.close()
 
 
@@ -299,8 +308,10 @@ def test_api_key_queue_full_and_draining(model):
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").models.list()
         assert s.client(api_key="sekret").models.list().data[0].id == "tiny-test"
-        s.engine.submit([1], SamplingOptions(max_tokens=1), lambda e: None)  # the engine is not running: queue full
-        _error(httpx.post(url, json=ok, headers={"authorization": "Bearer sekret"}), 429)
+        # the engine hears nothing: one request fills the queue of one
+        with httpx.stream("POST", url, json={**ok, "stream": True}, headers={"authorization": "Bearer sekret"}) as r:
+            assert r.status_code == 200
+            _error(httpx.post(url, json=ok, headers={"authorization": "Bearer sekret"}), 429)
         s.api.draining = True
         _error(httpx.post(url, json=ok, headers={"authorization": "Bearer sekret"}), 503)
         assert httpx.get(s.url + "/health").status_code == 503

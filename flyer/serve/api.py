@@ -1,4 +1,4 @@
-"""The OpenAI routes over an ``Engine`` (FastAPI), in the shapes the official ``openai`` client reads.
+"""The OpenAI routes over the engine's link (FastAPI), in the shapes the official ``openai`` client reads.
 
     GET  /health                200 {"status": "ok"} when serving, 503 while draining
     GET  /metrics               Prometheus text (``flyer.serve.metrics``)
@@ -18,7 +18,8 @@ queue is full, 503 while draining. A bug answers 500 in the same shape, never wi
 
 Stop strings are matched on the decoded text here (the engine knows token ids only); a match
 cancels the engine request, so its blocks are freed at the next step. A client that disconnects
-cancels its requests the same way.
+cancels its requests the same way. The engine runs in another process (``flyer.serve.link``): the
+routes speak to it through an ``EngineClient`` and hear its events on the event loop.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flyer.errors import FieldError
-from flyer.serve.engine import Engine, QueueFull, SamplingOptions, TokenEvent
+from flyer.serve.engine import QueueFull, SamplingOptions, TokenEvent
+from flyer.serve.link import EngineClient, EngineGone
+from flyer.serve.metrics import ApiMetrics
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
 # transformers encodes it), one header line per message, then the assistant's.
@@ -261,30 +264,6 @@ class _Choice:
         return out
 
 
-class _Outbox:
-    """Events from the scheduler thread to the event loop's queues with one wake-up per burst: a
-    decode step emits its tokens microseconds apart, and a wake-up per token (a self-pipe write,
-    a loop iteration, the GIL taken from the scheduler each time) costs more than handing a
-    step's tokens over together."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.items, self.lock = loop, [], threading.Lock()
-
-    def put(self, queue: asyncio.Queue, item) -> None:
-        """From any thread: ``queue.put_nowait(item)`` on the loop, soon."""
-        with self.lock:
-            self.items.append((queue, item))
-            wake = len(self.items) == 1
-        if wake:
-            self.loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        with self.lock:
-            items, self.items = self.items, []
-        for queue, item in items:
-            queue.put_nowait(item)
-
-
 class _Generation:
     """Every choice of one HTTP request submitted to the engine (at construction, so a refusal
     answers with its status before any response starts): ``n`` per prompt, choice k = i n + j the
@@ -297,10 +276,10 @@ class _Generation:
         self.engine, self.request, self.prompts, self.n = api.engine, request, prompts, n
         for p in prompts:
             self.engine.check(p, opts)
-        if len(prompts) * n > self.engine.cfg.max_queue:  # a 429 would have the client retry in vain
+        queue = self.engine.limits.max_queue
+        if len(prompts) * n > queue:  # a 429 would have the client retry in vain
             raise FieldError("n" if n > 1 else "prompt", f"{len(prompts)} prompt(s) x {n} choice(s) exceed the "
-                                                         f"server's queue of {self.engine.cfg.max_queue} requests")
-        self.outbox = api.outbox(asyncio.get_running_loop())
+                                                         f"server's queue of {queue} requests")
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices = [_Choice(api.tok, stops) for _ in range(len(prompts) * n)]
         self.reqs = []
@@ -311,6 +290,8 @@ class _Generation:
         except QueueFull as err:
             self.cancel()
             raise ApiError(429, f"too many requests waiting: {err}", "rate_limit_error", code="queue_full") from None
+        except EngineGone as err:
+            raise ApiError(503, f"the server is shutting down ({err})", "server_error", code="unavailable") from None
         except BaseException:  # the choices submitted before a refusal must not run on
             self.cancel()
             raise
@@ -320,7 +301,7 @@ class _Generation:
         return self.prompts[k // self.n]
 
     def _emitter(self, i: int):
-        return lambda e: self.outbox.put(self.queue, (i, e))
+        return lambda e: self.queue.put_nowait((i, e))
 
     def cancel(self) -> None:
         for r in self.reqs:
@@ -375,19 +356,13 @@ def _sse(obj) -> bytes:
 class Api:
     """The routes, over one engine and tokenizer; ``draining`` makes new requests answer 503."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+    def __init__(self, engine: EngineClient, tokenizer, model_name: str, api_key: str | None = None,
                  chat_template: str | None = None):
         self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
         self.render_chat = chat_renderer(chat_template, *self._special_texts())
         self.draining = False
         self.created = int(time.time())
-        self._outbox: _Outbox | None = None
-
-    def outbox(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
-        """The one outbox of the loop serving requests (tests may run a loop after another)."""
-        if self._outbox is None or self._outbox.loop is not loop:
-            self._outbox = _Outbox(loop)
-        return self._outbox
+        self.metrics = ApiMetrics()
 
     def _special_texts(self) -> tuple[str | None, str | None]:
         token = getattr(self.tok, "token", None)
@@ -411,10 +386,8 @@ class Api:
 
     def _options(self, body: _Body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
                  echo: bool = False) -> SamplingOptions:
-        ctx = self.engine.model.cfg.max_seq_len
         if max_tokens is None:  # chat without a limit: the rest of the context, as far as the cache holds it
-            room = min(ctx, self.engine.alloc.capacity * self.engine.cfg.block_size)
-            max_tokens = max(room - prompt_len, 1)
+            max_tokens = max(self.engine.limits.room - prompt_len, 1)
         eos = self.tok.eos_id()
         return SamplingOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                seed=body.seed, stop_ids=() if eos is None else (eos,), logprobs=logprobs,
@@ -582,10 +555,8 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
 def build_app(api: Api) -> FastAPI:
     """The FastAPI application serving ``api``'s routes, with OpenAI-shaped errors."""
     app = FastAPI(title="flyer serve", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = api.engine.metrics
-
     def refuse(status: int):
-        metrics.rejected.labels(str(status)).inc()
+        api.metrics.rejected.labels(str(status)).inc()
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -626,7 +597,8 @@ def build_app(api: Api) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = await api.engine.render_metrics() + api.metrics.render()
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict:
         return {"id": api.model_name, "object": "model", "created": api.created, "owned_by": "flyer"}
@@ -655,12 +627,21 @@ def build_app(api: Api) -> FastAPI:
 class Server(uvicorn.Server):
     """uvicorn's server over ``api``: a signal (or ``stop``) first marks the API draining (new
     requests answer 503, ``/health`` too), then uvicorn stops accepting and waits for the
-    requests in flight to finish."""
+    requests in flight to finish. The engine's link is opened on its event loop before it serves
+    and closed after; the engine gone stops the server."""
 
     def __init__(self, api: Api, graceful_s: float = 60.0):
         super().__init__(uvicorn.Config(build_app(api), log_level="warning", timeout_graceful_shutdown=graceful_s,
                                         lifespan="off"))
         self.api = api
+        api.engine.on_lost = self.stop
+
+    async def serve(self, sockets=None) -> None:
+        await self.api.engine.connect()
+        try:
+            await super().serve(sockets)
+        finally:
+            self.api.engine.close()
 
     def handle_exit(self, sig, frame) -> None:
         self.api.draining = True

@@ -3,18 +3,22 @@
 Prints one line ``flyer serve: ready on http://HOST:PORT (model NAME)`` when it accepts
 requests (``--port 0`` picks a free port, shown in that line). A signal drains: new requests are
 refused with 503, those in flight finish, then the process exits 0.
+
+The process that loads the model steps it (``flyer.serve.link.EngineHost``); HTTP is served by a
+child process it starts (``serve_http``), joined to it by a socket pair, so the two never wait for
+each other's GIL. The child is started after the model loads and ends with the link either way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
 import signal
 import socket
-import threading
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from flyer import kernels
@@ -23,10 +27,8 @@ from flyer.config import parse_size
 from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
                              check_expert_threads, load_model)
 from flyer.interop.hf import is_hf_model_dir
-from flyer.serve.engine import Engine, EngineConfig, open_disk_prefix_cache
-
-if TYPE_CHECKING:
-    from flyer.serve.api import Server
+from flyer.serve.engine import Engine, EngineConfig, Limits, open_disk_prefix_cache
+from flyer.serve.link import EngineHost
 
 ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must be > 0)
 
@@ -95,41 +97,48 @@ def _run(args) -> int:
         engine = Engine(model, cfg)
     except FieldError as e:  # the pool's size is the flag's
         raise FieldError("kv_cache_memory" if e.field == "kv_cache_bytes" else e.field, e.problem) from None
-    from flyer.serve.api import Api, Server  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
-
-    api = Api(engine, tok, name, args.api_key, read_chat_template(args.ckpt))
-    server = Server(api)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    failed: list[BaseException] = []
+    link, their_end = socket.socketpair()
+    http = multiprocessing.get_context("spawn").Process(
+        target=serve_http, name="flyer-http", daemon=True,
+        args=(their_end, sock, engine.limits, tok, name, args.api_key, read_chat_template(args.ckpt),
+              http_url(host, port)))
+    http.start()
+    their_end.close()
+    sock.close()
 
-    def http() -> None:
-        try:
-            _serve_with_ready_line(server, sock, http_url(host, port), name)
-        except BaseException as e:  # re-raised on the main thread
-            failed.append(e)
-        finally:
-            engine.stop()
+    # a signal drains the HTTP side (which stops taking requests, waits for those in flight, then
+    # closes the link) while this process steps the engine until the link closes; Ctrl-C signals both
+    def drain(*_) -> None:
+        if http.is_alive():
+            os.kill(http.pid, signal.SIGTERM)
 
-    # the main thread, which loaded the model, steps it (``Engine.run``); HTTP runs on a thread
-    # of its own and drains on SIGTERM/SIGINT while the engine finishes the requests in flight
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server.stop())
-    t = threading.Thread(target=http, name="flyer-http")
-    t.start()
+        signal.signal(sig, drain)
     try:
-        engine.run()
+        EngineHost(engine, link).serve()
     finally:
-        server.stop()
-        t.join()
-        sock.close()
-    if failed:
-        raise failed[0]
+        link.close()
+        http.join()
+    if http.exitcode != 0:
+        print(f"flyer serve: the HTTP process ended with exit code {http.exitcode}", file=sys.stderr, flush=True)
+        return 1
     print("flyer serve: stopped", flush=True)
     return 0
 
 
-def _serve_with_ready_line(server: Server, sock: socket.socket, url: str, name: str) -> None:
+def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, name: str, api_key: str | None,
+               chat_template: str | None, url: str) -> None:
+    """The HTTP process: the API over the engine's link on ``sock``, with the ready line once it accepts."""
+    from flyer.serve.api import Api, Server  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
+    from flyer.serve.link import EngineClient
+
+    # uvicorn takes SIGINT/SIGTERM while it serves (draining) and raises them again after: to these, once drained
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server = Server(Api(EngineClient(link, limits), tok, name, api_key, chat_template))
+
     async def main():
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not serving.done():
@@ -169,6 +178,6 @@ def register(sub) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),
-                   help="torch threads stepping the model (default: all cores but one, which the HTTP side gets)")
+                   help="torch threads stepping the model (default: all cores but one, which the HTTP process gets)")
     add_expert_threads_flag(p)
     p.set_defaults(func=_run)

@@ -1,9 +1,11 @@
-"""The serving engine: one scheduler thread owns the model and the paged cache.
+"""The serving engine: one scheduler owns the model and the paged cache.
 
-Callers (the HTTP side) only ``submit`` and ``cancel``; both take a lock for a moment and never
-wait for the model. Each scheduler step:
+It is single-threaded: its driver (``flyer.serve.link.EngineHost`` in ``flyer serve``, which
+hears the HTTP process's submissions and cancellations between steps; or a test or benchmark)
+calls ``submit`` and ``cancel`` and then ``step``, and each request's ``emit`` hears its tokens
+during the step. Each scheduler step:
 
-1. takes new requests into the waiting queue and drops cancelled ones (their blocks freed);
+1. drops cancelled requests (their blocks freed);
 2. admits waiting requests, oldest first, while the batch has room and the pool has blocks for
    the whole prompt (after taking its cached prefix blocks): a request joins the running batch
    at the next step, without waiting for the batch to finish; one whose prompt starts with blocks a
@@ -45,7 +47,6 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-import threading
 import time
 import traceback
 from collections import deque
@@ -91,6 +92,45 @@ def _padded(xs: list[int], n: int, pad: int) -> list[int]:
 
 class QueueFull(Exception):
     """The waiting queue holds ``max_queue`` requests already."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What decides whether a request can ever run, known to the HTTP process without the model:
+    the vocabulary, the context, the cache (``capacity`` blocks of ``block_size`` tokens), the queue."""
+
+    vocab_size: int
+    max_seq_len: int
+    block_size: int
+    capacity: int
+    max_queue: int
+
+    @property
+    def room(self) -> int:
+        """The most tokens one request can hold: the context, as far as the whole cache holds it."""
+        return min(self.max_seq_len, self.capacity * self.block_size)
+
+    def check(self, prompt: Sequence[int], opts: "SamplingOptions") -> None:
+        """``FieldError`` when the request can never run: empty prompt, token ids outside the
+        vocabulary, prompt + max_tokens past the context or past the whole cache."""
+        V, ctx = self.vocab_size, self.max_seq_len
+        if len(prompt) == 0:
+            raise FieldError("prompt", "must hold at least one token")
+        if min(prompt) < 0 or max(prompt) >= V:
+            raise FieldError("prompt", f"token ids must be in [0, {V})")
+        if opts.max_tokens < 1:
+            raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
+        SamplingParams(opts.temperature, opts.top_p)
+        if opts.seed is not None and not -(1 << 63) <= opts.seed < 1 << 64:
+            raise FieldError("seed", f"must be in [-2**63, 2**64) (got {opts.seed})")
+        opts.check_adjustments(V)
+        if len(prompt) + opts.max_tokens > ctx:
+            raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens exceed "
+                                           f"the model's context of {ctx} tokens")
+        need = math.ceil((len(prompt) + opts.max_tokens) / self.block_size)
+        if need > self.capacity:
+            raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens need "
+                                           f"{need} cache blocks; the server's cache holds {self.capacity}")
 
 
 @dataclass
@@ -196,103 +236,57 @@ class Engine:
         self.device = device
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._inbox: list[Request] = []
-        self._cv = threading.Condition()
         self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
         self.drafted = self.accepted = 0  # MTP drafts proposed and kept
         # admitted prompts' full blocks before their last token (what sharing can spare), and those
         # shared or loaded from the on-disk tier instead of computed
         self.prefix_blocks = self.prefix_found = 0
-        self._stop = False
         self._update_gauges()
 
-    # ---- the caller's side (any thread) -------------------------------------------------
-    def check(self, prompt: Sequence[int], opts: SamplingOptions) -> None:
-        """``FieldError`` when the request can never run: empty prompt, token ids outside the
-        vocabulary, prompt + max_tokens past the context or past the whole cache."""
-        V, ctx = self.model.cfg.vocab_size, self.model.cfg.max_seq_len
-        if len(prompt) == 0:
-            raise FieldError("prompt", "must hold at least one token")
-        if min(prompt) < 0 or max(prompt) >= V:
-            raise FieldError("prompt", f"token ids must be in [0, {V})")
-        if opts.max_tokens < 1:
-            raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
-        SamplingParams(opts.temperature, opts.top_p)
-        if opts.seed is not None and not -(1 << 63) <= opts.seed < 1 << 64:
-            raise FieldError("seed", f"must be in [-2**63, 2**64) (got {opts.seed})")
-        opts.check_adjustments(V)
-        if len(prompt) + opts.max_tokens > ctx:
-            raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens exceed "
-                                           f"the model's context of {ctx} tokens")
-        need = math.ceil((len(prompt) + opts.max_tokens) / self.cfg.block_size)
-        if need > self.alloc.capacity:
-            raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens need "
-                                           f"{need} cache blocks; the server's cache holds {self.alloc.capacity}")
+    # ---- the driver's side ------------------------------------------------------------------
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.model.cfg.vocab_size, self.model.cfg.max_seq_len, self.cfg.block_size,
+                      self.alloc.capacity, self.cfg.max_queue)
 
-    def submit(self, prompt: Sequence[int], opts: SamplingOptions, emit: Callable[[TokenEvent], None]) -> Request:
-        """Queue a request; ``emit`` is called from the scheduler thread with each ``TokenEvent``.
-        Raises ``FieldError`` (see ``check``) or ``QueueFull``."""
+    def check(self, prompt: Sequence[int], opts: SamplingOptions) -> None:
+        """``FieldError`` when the request can never run (``Limits.check``)."""
+        self.limits.check(prompt, opts)
+
+    def submit(self, prompt: Sequence[int], opts: SamplingOptions, emit: Callable[[TokenEvent], None],
+               bounded: bool = True) -> Request:
+        """Queue a request; ``emit`` hears each of its ``TokenEvent`` during the steps. Raises
+        ``FieldError`` (see ``check``) or, when ``bounded``, ``QueueFull`` (the link's HTTP side
+        bounds the queue itself: ``flyer.serve.link``)."""
         self.check(prompt, opts)
+        if bounded and len(self.waiting) >= self.cfg.max_queue:
+            raise QueueFull(f"{self.cfg.max_queue} requests are waiting already")
         req = Request(next(self._ids), list(prompt), opts, emit, tokens=list(prompt), submitted=time.perf_counter())
         if opts.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         if opts.prompt_logprobs:
             req.prompt_lp = [None]
-        with self._cv:
-            if len(self.waiting) + len(self._inbox) >= self.cfg.max_queue:
-                raise QueueFull(f"{self.cfg.max_queue} requests are waiting already")
-            self._inbox.append(req)
-            self._cv.notify()
+        self.waiting.append(req)
         return req
 
     def cancel(self, req: Request) -> None:
         """End ``req`` at the next step and free its blocks (client gone, stop string seen)."""
-        with self._cv:
-            req.cancelled = True
-            self._cv.notify()
-
-    def start(self) -> None:
-        """The scheduler loop (``run``) on a thread of its own (tests, benchmarks). ``flyer serve``
-        runs it on the thread that loaded the model instead: see ``run``."""
-        self._thread = threading.Thread(target=self.run, name="flyer-engine", daemon=True)
-        self._thread.start()
-
-    def run(self) -> None:
-        """The scheduler loop on the calling thread, until ``stop``. torch's OpenMP workers belong to
-        the thread that first ran a parallel region; a second thread running the model gets a team
-        of its own, libgomp then counts more threads than cores and its workers sleep between the
-        hundreds of small parallel regions of a step (measured: 41 against 20 ms a token at one
-        client on 2 threads), so the thread that loaded the model should step it."""
-        self._loop()
-
-    def stop(self) -> None:
-        """End the loop after the step in progress."""
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join()
+        req.cancelled = True
 
     @property
     def busy(self) -> bool:
-        return bool(self.running or self.waiting or self._inbox)
+        return bool(self.running or self.waiting)
 
-    # ---- the scheduler thread ---------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stop and not self.busy:
-                    self._cv.wait()
-                if self._stop:
-                    return
-            try:
-                self.step()
-            except Exception:  # a bug must not leave clients waiting forever
-                traceback.print_exc(file=sys.stderr)
-                for r in list(self.running) + list(self.waiting):
-                    self._finish(r, "error", emit=True)
-                self.waiting.clear()
+    def safe_step(self) -> None:
+        """``step``; a failure (a bug) is printed and ends every request with "error" instead of
+        leaving clients waiting forever, and the engine goes on with the next requests."""
+        try:
+            self.step()
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            for r in list(self.running) + list(self.waiting):
+                self._finish(r, "error", emit=True)
+            self.waiting.clear()
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Step until no request is left (tests and benchmarks without the thread)."""
@@ -311,14 +305,11 @@ class Engine:
         self._update_gauges()
 
     def admit(self) -> int:
-        """Take new requests, drop cancelled ones, admit what fits; returns the running count
-        (step 1 and 2 of a step; the benchmark counts sequences held at once with it alone)."""
-        with self._cv:
-            self.waiting.extend(self._inbox)
-            self._inbox.clear()
-            for r in [r for r in self.waiting if r.cancelled]:
-                self.waiting.remove(r)
-                self._finish(r, "cancelled", emit=True)
+        """Drop cancelled requests, admit what fits; returns the running count (step 1 and 2 of a
+        step; the benchmark counts sequences held at once with it alone)."""
+        for r in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(r)
+            self._finish(r, "cancelled", emit=True)
         for r in [r for r in self.running if r.cancelled]:
             self._finish(r, "cancelled", emit=True)
         self._admit()
@@ -730,7 +721,7 @@ class Engine:
     def _update_gauges(self) -> None:
         m = self.metrics
         m.running.set(len(self.running))
-        m.waiting.set(len(self.waiting) + len(self._inbox))
+        m.waiting.set(len(self.waiting))
         m.blocks_used.set(self.alloc.used)
         m.blocks_free.set(self.alloc.available)
         m.prefix_hit_rate.set(self.prefix_hit_rate)

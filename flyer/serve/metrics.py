@@ -1,4 +1,6 @@
-"""Prometheus metrics of one server (its own registry, so servers in one process stay apart)."""
+"""Prometheus metrics of one server: the engine's (``ServeMetrics``, in the engine's process) and the
+HTTP side's (``ApiMetrics``), each in a registry of its own (servers in one process stay apart);
+``GET /metrics`` serves both texts."""
 
 from __future__ import annotations
 
@@ -35,8 +37,18 @@ class ServeMetrics:
                                     registry=r)
         self.accepted_tokens = Counter("flyer_spec_accepted_tokens", "MTP draft tokens accepted (--speculative)",
                                        registry=r)
-        self.rejected = Counter("flyer_rejected_requests", "Requests refused, by HTTP status", ["status"], registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class ApiMetrics:
+    """Requests the HTTP side refused, by status."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.rejected = Counter("flyer_rejected_requests", "Requests refused, by HTTP status", ["status"], registry=r)
+
+    def render(self) -> bytes:
         return generate_latest(self.registry)

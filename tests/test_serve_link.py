@@ -1,0 +1,169 @@
+"""``flyer serve``'s two processes (``flyer.serve.link``): messages framed across any split of the
+byte stream; the HTTP side's queue bound from the engine's reports; either side gone ends the
+other (in-flight requests answer an error, the engine's host returns, ``flyer serve`` exits and
+leaves no process behind)."""
+
+import os
+import pickle
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from child_env import child_env
+from trained import counting_model
+
+from flyer.infer.cli import ByteTokenizer
+from flyer.serve.api import Api, Server
+from flyer.serve.cli import bind
+from flyer.serve.engine import Engine, EngineConfig, Limits, QueueFull, SamplingOptions, TokenEvent
+from flyer.serve.link import EngineClient, EngineHost, _frame, _Frames
+
+
+def test_frames_survive_any_split_of_the_stream():
+    msgs = [("submit", i, list(range(i * 997 % 5000)), SamplingOptions(max_tokens=i + 1)) for i in range(40)]
+    msgs.append(("events", [(1, TokenEvent(5, -0.5, {5: -0.5}, "stop"))], 0, 39))
+    stream = b"".join(_frame(m) for m in msgs)
+    rng = random.Random(0)
+    for _ in range(20):
+        frames, got, at = _Frames(), [], 0
+        while at < len(stream):
+            n = rng.choice([1, 2, 3, 7, 4096, 1 << 16])
+            got += frames.feed(stream[at:at + n])
+            at += n
+        assert got == msgs and not frames.buf
+
+
+class _Transport:
+    """What the client writes, as messages."""
+
+    def __init__(self):
+        self.frames, self.sent = _Frames(), []
+
+    def write(self, data: bytes) -> None:
+        self.sent += self.frames.feed(data)
+
+
+def test_the_queue_bound_counts_what_the_engine_has_not_reported():
+    """Waiting = the engine's last count + the submissions sent after the last one it had received:
+    never fewer than wait there (the engine admits them only after it has them)."""
+    client = EngineClient(None, Limits(vocab_size=10, max_seq_len=64, block_size=4, capacity=16, max_queue=2))
+    t = _Transport()
+    client.connection_made(t)
+    heard = []
+    a = client.submit([1, 2], SamplingOptions(max_tokens=3), heard.append)
+    client.submit([3], SamplingOptions(max_tokens=1), heard.append)
+    with pytest.raises(QueueFull):
+        client.submit([4], SamplingOptions(max_tokens=1), heard.append)
+    assert [m[0] for m in t.sent] == ["submit", "submit"] and t.sent[0][2] == [1, 2]
+    # the engine had both and admitted the first: one waits
+    client.data_received(_frame(("events", [(a.id, TokenEvent(7))], 1, 1)))
+    assert heard == [TokenEvent(7)] and not a.done
+    b = client.submit([4], SamplingOptions(max_tokens=1), heard.append)
+    with pytest.raises(QueueFull):
+        client.submit([5], SamplingOptions(max_tokens=1), heard.append)
+    client.cancel(b)
+    assert t.sent[-1] == ("cancel", b.id)
+    client.data_received(_frame(("events", [(a.id, TokenEvent(8, finish_reason="length"))], 0, b.id)))
+    assert a.done and heard[-1].finish_reason == "length"
+    client.cancel(a)  # done: nothing sent
+    assert t.sent[-1] == ("cancel", b.id)
+
+
+def _served(model, **over):
+    cfg = dict(kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8)
+    engine = Engine(model, EngineConfig(**{**cfg, **over}))
+    engine_end, http_end = socket.socketpair()
+    server = Server(Api(EngineClient(http_end, engine.limits), ByteTokenizer(), "tiny-test"), graceful_s=5)
+    sock = bind("127.0.0.1", 0)
+    host = threading.Thread(target=EngineHost(engine, engine_end).serve, daemon=True)
+    host.start()
+    return engine, engine_end, server, server.run_in_thread(sock), host, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_the_engine_gone_ends_requests_in_flight_with_an_error_and_stops_the_server(monkeypatch):
+    engine, engine_end, server, http, host, url = _served(counting_model(64))
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), step()))
+    body = dict(model="tiny-test", prompt=[1, 2], max_tokens=200, temperature=0, stream=True)
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        engine_end.shutdown(socket.SHUT_RDWR)  # as the engine's process dying closes its end
+        rest = [ln for ln in lines if ln.startswith("data: {")]
+    assert '"finish_reason": "error"' in rest[-1]
+    http.join(timeout=30)
+    host.join(timeout=30)
+    assert not http.is_alive() and not host.is_alive() and server.api.draining
+    engine_end.close()
+
+
+def test_the_http_side_gone_returns_the_host_mid_request(monkeypatch):
+    engine, engine_end, server, http, host, url = _served(counting_model(64))
+    with httpx.stream("POST", url + "/v1/completions", json=dict(model="tiny-test", prompt=[1, 2], max_tokens=200,
+                                                                 stream=True), timeout=30) as r:
+        assert next(r.iter_lines()).startswith("data: {")
+        server.api.engine.transport.close()  # as the HTTP process dying closes its end
+        host.join(timeout=30)
+        assert not host.is_alive()
+    server.stop()
+    http.join(timeout=30)
+    engine_end.close()
+
+
+def _start(tmp_path, *extra):
+    proc = subprocess.Popen([sys.executable, "-m", "flyer", "serve", "--preset", "tiny", "--port", "0",
+                             "--kv-cache-memory", "8M", "--threads", "1", "--device", "cpu", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    line = proc.stdout.readline()
+    assert "ready on" in line, line + proc.stderr.read()
+    children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+    http = next(int(c) for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read())
+    return proc, line.split()[4], http
+
+
+def _gone(pid: int, within: float = 30) -> bool:
+    for _ in range(int(within / 0.05)):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) is gone too
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cli_exits_when_its_http_process_dies_and_that_one_when_the_engine_dies(tmp_path):
+    proc, url, http = _start(tmp_path)
+    try:
+        assert httpx.get(url + "/health").status_code == 200
+        os.kill(http, signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1
+        err = proc.stderr.read().strip().splitlines()
+        assert err[-1] == "flyer serve: the HTTP process ended with exit code -9", err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc, url, http = _start(tmp_path)
+    try:
+        proc.kill()  # SIGKILL: nothing of flyer runs to stop the child; the closed link does
+        proc.wait()
+        assert _gone(http)
+    finally:
+        if not _gone(http, 0.1):
+            os.kill(http, signal.SIGKILL)
+
+
+def test_limits_pickle_for_the_http_process():
+    lim = Limits(vocab_size=10, max_seq_len=64, block_size=4, capacity=3, max_queue=2)
+    assert pickle.loads(pickle.dumps(lim)) == lim and lim.room == 12
