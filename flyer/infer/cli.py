@@ -43,6 +43,9 @@ class ByteTokenizer:
     def eos_id(self) -> int | None:
         return None
 
+    def eos_ids(self) -> tuple[int, ...]:
+        return ()
+
 
 def max_expert_threads() -> int:
     """``--expert-threads``' bound: 4 a core. The kernels' threads spin while they wait for work,
@@ -229,8 +232,9 @@ def _run(args) -> int:
         if (bad := next((t for t in p if not 0 <= t < V), None)) is not None:
             raise FieldError("prompt", f"prompt {i + 1} encodes to token id {bad}, outside this model's "
                                        f"vocabulary [0, {V}): the tokenizer does not fit the model")
-    eos = None if args.eos_id == -1 else args.eos_id if args.eos_id is not None else tok.eos_id()
-    if eos is not None and not 0 <= eos < V:
+    # --eos-id replaces the checkpoint's stop ids (all of a list, e.g. Llama 3's two) with one, or none
+    stops = tok.eos_ids() if args.eos_id is None else () if args.eos_id == -1 else (args.eos_id,)
+    if (eos := next((e for e in stops if not 0 <= e < V), None)) is not None:
         if args.eos_id is None:  # the checkpoint's, not the user's
             raise CheckpointError(f"{args.ckpt}: its end-of-text id {eos} (generation_config.json's eos_token_id, "
                                   f"else config.json's or the tokenizer's) is outside this model's vocabulary "
@@ -241,8 +245,9 @@ def _run(args) -> int:
         pc = open_prefix_cache(model, args.prefix_cache, attention=args.attention, cache_dtype=dtype,
                                block_size=args.prefix_block,
                                max_bytes=parse_size(args.prefix_cache_size, "prefix_cache_size"))
-    res = generate(model, prompts, dataclasses.replace(gen, eos_id=eos, prefix_cache=pc))
-    texts = [tok.decode([t for t in toks if t != eos]) for toks in res.tokens]
+    res = generate(model, prompts, dataclasses.replace(gen, eos_id=stops[0] if stops else None, stop_ids=stops[1:],
+                                                       prefix_cache=pc))
+    texts = [tok.decode([t for t in toks if t not in stops]) for toks in res.tokens]
     totals = pc.record_stats() if pc is not None else None
     if args.json:
         out = {"text": texts[0], **({"texts": texts} if len(texts) > 1 else {}), "token_ids": res.tokens,

@@ -18,6 +18,7 @@ its routed experts' weights) once over all groups' real tokens, so a step reads 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 
@@ -191,10 +192,11 @@ class PrefillState:
     hit_tokens: list[int]  # tokens loaded from the prefix cache, per row
 
 
-def finished(tokens: list[int], max_new: int, eos_id: int | None) -> tuple[list[int], bool]:
-    """Cut ``tokens`` at the first EOS (kept) or at ``max_new``; True when the row is done."""
-    if eos_id is not None and eos_id in tokens:
-        return tokens[:tokens.index(eos_id) + 1], True
+def finished(tokens: list[int], max_new: int, stop_ids: Collection[int]) -> tuple[list[int], bool]:
+    """Cut ``tokens`` at the first of any of ``stop_ids`` (kept) or at ``max_new``; True when the row is done."""
+    cut = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+    if cut is not None:
+        return tokens[:cut + 1], True
     return tokens[:max_new], len(tokens) >= max_new
 
 

@@ -2,7 +2,7 @@
 
 Prompts of different lengths batch together: each row keeps its own position, the prefill chunk
 is right-padded, and padded slots are never attended (``flyer.infer.attention``). Decoding stops
-per row at ``eos_id`` or after ``max_new_tokens``; finished rows stop advancing.
+per row at ``eos_id`` (or any of ``stop_ids``) or after ``max_new_tokens``; finished rows stop advancing.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -29,6 +29,7 @@ class GenerationConfig(LogitAdjustments):
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     eos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()  # more ids that end a row as eos_id does (a checkpoint's list of EOS ids)
     seed: int | None = None  # in [0, 2**64): what torch's generators take, as flyer generate --seed
     attention: str = "absorbed"  # or "naive" (per-head K/V cache; MLA only)
     cache_dtype: torch.dtype = torch.bfloat16
@@ -61,10 +62,14 @@ class GenerationConfig(LogitAdjustments):
         SamplingParams(self.temperature, self.top_p)
         self.check_adjustments()
 
+    def stops(self) -> tuple[int, ...]:
+        """The ids that end a row: ``eos_id`` (when set) and ``stop_ids``."""
+        return ((self.eos_id,) if self.eos_id is not None else ()) + tuple(self.stop_ids)
+
 
 @dataclass
 class GenerationResult:
-    tokens: list[list[int]]  # new tokens per prompt (ends with EOS when one was produced)
+    tokens: list[list[int]]  # new tokens per prompt (ends with the stop id when one was produced)
     prompt_tokens: int
     prefill_s: float
     decode_s: float
@@ -237,10 +242,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     first = sample(logits, params, generator)
     t1 = time.perf_counter()
     if spec:
-        out, drafted, accepted = mtp_decode(dec, prompts, first, state, params, gen.max_new_tokens, gen.eos_id,
+        out, drafted, accepted = mtp_decode(dec, prompts, first, state, params, gen.max_new_tokens, gen.stops(),
                                             K, generator, adjust)
     else:
-        out = _plain_decode(dec, first, params, gen.max_new_tokens, gen.eos_id, generator, adjust)
+        out = _plain_decode(dec, first, params, gen.max_new_tokens, gen.stops(), generator, adjust)
         drafted = accepted = 0
     t2 = time.perf_counter()
     prefix = None
@@ -253,13 +258,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
 
 
 @torch.inference_mode()
-def _plain_decode(dec: Decoder, first: torch.Tensor, params: SamplingParams, max_new: int, eos_id: int | None,
-                  generator, adjust=None) -> list[list[int]]:
-    """One token per live row per step; a row that finishes leaves the batch (``keep_rows``).
+def _plain_decode(dec: Decoder, first: torch.Tensor, params: SamplingParams, max_new: int,
+                  stop_ids: Collection[int], generator, adjust=None) -> list[list[int]]:
+    """One token per live row per step; a row that finishes (at any of ``stop_ids``, or ``max_new``
+    tokens) leaves the batch (``keep_rows``).
     ``adjust``: (logits (V,), tokens generated before them) -> adjusted in place, applied to each row's
     logits first (``GenerationConfig.adjust``), or None."""
     out = [[int(t)] for t in first]
-    live = [b for b, o in enumerate(out) if not finished(o, max_new, eos_id)[1]]  # batch rows still decoding
+    live = [b for b, o in enumerate(out) if not finished(o, max_new, stop_ids)[1]]  # batch rows still decoding
     n = dec.cache.lengths.clone()  # valid cache length = position of the pending token
     cur = first.clone()
     n, cur = shrink_batch(dec, live, range(len(out)), n, cur)
@@ -272,7 +278,7 @@ def _plain_decode(dec: Decoder, first: torch.Tensor, params: SamplingParams, max
         n += 1
         still = []
         for b, t in zip(live, nxt.tolist()):
-            out[b], done = finished(out[b] + [t], max_new, eos_id)
+            out[b], done = finished(out[b] + [t], max_new, stop_ids)
             if not done:
                 still.append(b)
         n, cur = shrink_batch(dec, still, live, n, nxt)

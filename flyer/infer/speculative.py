@@ -20,7 +20,7 @@ and are overwritten later (``flyer.infer.cache``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -54,11 +54,11 @@ def accept_drafts(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[i
 
 @torch.inference_mode()
 def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tensor, state: PrefillState,
-               params: SamplingParams, max_new: int, eos_id: int | None, n_draft: int = 1,
+               params: SamplingParams, max_new: int, stop_ids: Collection[int], n_draft: int = 1,
                generator: torch.Generator | None = None, adjust=None) -> tuple[list[list[int]], int, int]:
     """Decode after ``prefill`` (which filled the MTP cache up to len - 1). ``first``: (B,) the
     token chosen from the prefill logits; ``state``: the prefill's hidden states. Rows advance
-    independently (per-row positions); a finished row leaves the batch. ``adjust``:
+    independently (per-row positions); a row ends at any of ``stop_ids`` (kept) and leaves the batch. ``adjust``:
     ``GenerationConfig.adjust`` or None, on the target's logits (the drafts' stay as they are: any
     draft distribution keeps speculative sampling exact). Returns (new tokens per row, drafts
     proposed, accepted). A row drafts min(``n_draft``, tokens it has left to make - 1) a step, as
@@ -73,7 +73,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
     K = n_draft
     seq = [list(p) + [int(t)] for p, t in zip(prompts, first)]  # seq[b][j] = t_j; last = pending
     out = [[int(t)] for t in first]
-    live = [b for b, o in enumerate(out) if not finished(o, max_new, eos_id)[1]]  # batch rows still decoding
+    live = [b for b, o in enumerate(out) if not finished(o, max_new, stop_ids)[1]]  # batch rows still decoding
     n = dec.cache.lengths.clone()  # main cache valid length (position of the pending token)
     mtp_len = dec.mtp_cache.lengths.clone()  # MTP cache valid length
     h_prev, h_start = state.hidden, state.start.clone()  # main hidden states at h_start + t
@@ -135,7 +135,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
             n[i] += len(new)
             mtp_len[i] = n_old[i]
             seq[b] += new
-            out[b], done = finished(out[b] + new, max_new, eos_id)
+            out[b], done = finished(out[b] + new, max_new, stop_ids)
             if not done:
                 still.append(b)
         n, mtp_len, h_prev, h_start = shrink_batch(dec, still, live, n, mtp_len, hv, n_old)

@@ -82,6 +82,12 @@ def exported(cfg: ModelConfig) -> ModelConfig:
     return replace(cfg, mtp_depth=0) if hf_model_type(cfg) in ("llama", "qwen2") else cfg
 
 
+def eos_token_id(tok: TextTokenizer) -> int | list[int] | None:
+    """The ``eos_token_id`` transformers reads: the id, or the list when more than one ends generation."""
+    ids = tok.eos_ids()
+    return list(ids) if len(ids) > 1 else tok.eos_id()
+
+
 def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     """transformers' ``config.json`` (transformers-5 spelling) for ``cfg``."""
     mt = hf_model_type(cfg)
@@ -91,7 +97,7 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
          "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
          "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "rope_parameters": _rope_parameters(cfg),
-         "bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_id(),
+         "bos_token_id": tok.bos_id(), "eos_token_id": eos_token_id(tok),
          "dtype": "bfloat16" if dtype != "fp32" else "float32",
          "attention_bias": False, "mlp_bias": False}
     if cfg.attn == "gqa":
@@ -234,7 +240,8 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
         tmp.mkdir()
         files = write_weights(tensor_items(model, dtype, codes), tmp, limit)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        gen = _json_with(source, "generation_config.json", {"bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_id()})
+        gen = _json_with(source, "generation_config.json",
+                         {"bos_token_id": tok.bos_id(), "eos_token_id": eos_token_id(tok)})
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         (tmp / "tokenizer.json").write_text(tok.tok.to_str())
         tc = _json_with(source, "tokenizer_config.json", {

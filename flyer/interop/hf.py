@@ -31,7 +31,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tokenizers import Tokenizer
@@ -176,11 +176,17 @@ class TextTokenizer:
     checkpoint: HF directories encode as ``AutoTokenizer`` does (the tokenizer.json's post-processor,
     e.g. a BOS), flyer's own tokenizers without special tokens."""
 
-    def __init__(self, tok: Tokenizer, eos: int | None = None, add_special_tokens: bool = False,
+    def __init__(self, tok: Tokenizer, eos: int | Sequence[int] | None = None, add_special_tokens: bool = False,
                  bos: int | None = None):
+        """``eos``: the end-of-sequence id, or the checkpoint's list of them (Llama 3's
+        ``[128001, 128009]``: each ends generation); None or empty: the first of ``_EOS_NAMES`` in the
+        vocabulary."""
         self.tok, self.add_special_tokens, self.bos = tok, add_special_tokens, bos
-        self.eos = eos if eos is not None else next(
-            (i for i in map(tok.token_to_id, _EOS_NAMES) if i is not None), None)
+        ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
+        if not ids:
+            ids = tuple(i for i in map(tok.token_to_id, _EOS_NAMES) if i is not None)[:1]
+        self.eos_all = ids
+        self.eos = ids[0] if ids else None
 
     def encode_ids(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         """``add_special_tokens``: None for the checkpoint's policy; False for text that holds its own
@@ -192,7 +198,12 @@ class TextTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def eos_id(self) -> int | None:
+        """The end-of-sequence id (of a list, the first): the one written, e.g. a chat template's eos_token."""
         return self.eos
+
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation (``eos_id()`` first); () when there is none."""
+        return self.eos_all
 
     def bos_id(self) -> int | None:
         return self.bos
@@ -233,26 +244,25 @@ def weight_files(path: Path) -> dict[str, Path]:
     return dict.fromkeys(TensorFile(path / SINGLE).names(), path / SINGLE)
 
 
-def _special_id(path: Path, config: dict, tok: Tokenizer, kind: str) -> int | None:
-    """generation_config.json's ``{kind}_token_id``, else config.json's, else tokenizer_config's
-    ``{kind}_token``; of a list, the first (flyer stops at one id)."""
+def _special_ids(path: Path, config: dict, tok: Tokenizer, kind: str) -> tuple[int, ...]:
+    """generation_config.json's ``{kind}_token_id`` (an id or a list of ids), else config.json's, else
+    tokenizer_config's ``{kind}_token``; () when none names one. A list keeps its order, less repeats."""
     gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     for d in (gen, config):
         e = d.get(f"{kind}_token_id")
-        if isinstance(e, list):
-            e = e[0] if e else None
-        if isinstance(e, int):
-            return e
+        ids = [i for i in (e if isinstance(e, list) else [e]) if isinstance(i, int) and not isinstance(i, bool)]
+        if ids:
+            return tuple(dict.fromkeys(ids))
     if (path / "tokenizer_config.json").is_file():
         e = _read_json(path / "tokenizer_config.json").get(f"{kind}_token")
         e = e.get("content") if isinstance(e, dict) else e
-        if isinstance(e, str):
-            return tok.token_to_id(e)
-    return None
+        if isinstance(e, str) and (i := tok.token_to_id(e)) is not None:
+            return (i,)
+    return ()
 
 
 def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenizer:
-    """The directory's ``tokenizer.json`` with its EOS (see ``_eos``)."""
+    """The directory's ``tokenizer.json`` with its BOS and EOS ids (``_special_ids``)."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json")
@@ -262,8 +272,9 @@ def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenize
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path / 'tokenizer.json'}: not a tokenizer ({why:.120})") from None
     config = config if config is not None else _read_json(path / "config.json")
-    return TextTokenizer(tok, _special_id(path, config, tok, "eos"), add_special_tokens=True,
-                         bos=_special_id(path, config, tok, "bos"))
+    bos = _special_ids(path, config, tok, "bos")
+    return TextTokenizer(tok, _special_ids(path, config, tok, "eos"), add_special_tokens=True,
+                         bos=bos[0] if bos else None)
 
 
 def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[ModelConfig, dict]:

@@ -388,9 +388,8 @@ class Api:
                  echo: bool = False) -> SamplingOptions:
         if max_tokens is None:  # chat without a limit: the rest of the context, as far as the cache holds it
             max_tokens = max(self.engine.limits.room - prompt_len, 1)
-        eos = self.tok.eos_id()
         return SamplingOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                               seed=body.seed, stop_ids=() if eos is None else (eos,), logprobs=logprobs,
+                               seed=body.seed, stop_ids=self.tok.eos_ids(), logprobs=logprobs,
                                prompt_logprobs=echo and logprobs is not None, logit_bias=body.token_bias(),
                                frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
 
