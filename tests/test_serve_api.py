@@ -448,6 +448,22 @@ def test_an_engine_failure_answers_500_in_openai_shape_and_the_engine_goes_on(mo
         r = s.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2
         assert "boom" in capsys.readouterr().err  # the traceback goes to the server's log
+        # streamed: the status is sent, so the stream ends with OpenAI's error event, which the client raises
+        # (it ended with a chunk of finish_reason "error", not one of OpenAI's, that the client passed on)
+        fail = {"n": 0}
+
+        def second_step_fails(*a):
+            fail["n"] += 1
+            return real(*a) if fail["n"] < 2 else (_ for _ in ()).throw(RuntimeError("boom"))
+
+        monkeypatch.setattr(s.engine.dec, "forward_groups", second_step_fails)
+        stream = s.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=5, temperature=0,
+                                               stream=True)
+        with pytest.raises(openai.APIError, match="the engine failed on this request"):
+            list(stream)
+        monkeypatch.setattr(s.engine.dec, "forward_groups", real)
+        chunks = s.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=2, stream=True)
+        assert [c.choices[0].finish_reason for c in chunks] == [None, "length"]
     finally:
         s.close()
 

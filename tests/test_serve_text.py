@@ -44,12 +44,21 @@ def test_a_text_part_without_string_text_answers_400_naming_it(served, text):
         served.client().chat.completions.create(model="tiny-test", messages=body["messages"], max_tokens=1)
 
 
-def test_content_parts_render_as_their_text_parts_joined(served):
-    parts = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}},
-             {"type": "text", "text": "b"}]
+def test_content_parts_render_as_their_text_joined(served):
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     as_parts = ChatBody(model="tiny-test", messages=[{"role": "user", "content": parts}])
     as_text = ChatBody(model="tiny-test", messages=[{"role": "user", "content": "ab"}])
     assert served.api._chat_prompt(as_parts) == served.api._chat_prompt(as_text)
+
+
+def test_an_image_part_answers_400_instead_of_being_dropped(served):
+    """A text model answered as if the image were not there (its part was dropped)."""
+    parts = [{"type": "text", "text": "1 + 2 = ?"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    body = {"model": "tiny-test", "messages": [{"role": "user", "content": parts}]}
+    err = _error(httpx.post(served.url + "/v1/chat/completions", json=body), 400, "messages.0.content.1.type")
+    assert "'image_url' parts are not supported" in err["message"]
+    with pytest.raises(openai.BadRequestError):
+        served.client().chat.completions.create(model="tiny-test", messages=body["messages"], max_tokens=1)
 
 
 # ---- chat templates as transformers renders and tokenizes them -------------------------------------

@@ -14,7 +14,8 @@
 Every response carries ``usage``. Errors use OpenAI's shape ``{"error": {"message", "type",
 "param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too long for the
 context), 401 for a missing or wrong API key, 404 for an unknown model or route, 429 when the
-queue is full, 503 while draining. A bug answers 500 in the same shape, never with a traceback.
+queue is full, 503 while draining. A bug answers 500 in the same shape, never with a traceback; in a
+stream, whose status is sent, it ends the stream with OpenAI's error event (the ``openai`` client raises it).
 
 Stop strings are matched on the decoded text here (the engine knows token ids only); a match
 cancels the engine request, so its blocks are freed at the next step. A client that disconnects
@@ -32,7 +33,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Iterator, Literal
 
 import jinja2
 import jinja2.sandbox
@@ -63,9 +64,15 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _engine_failed() -> ApiError:
+    return ApiError(500, "the engine failed on this request (see the server's log)", "server_error")
 
 
 # OpenAI fields that change what is generated and that flyer serve does not implement, with the values
@@ -122,12 +129,20 @@ class CompletionBody(_Body):
 
 
 class ContentPart(BaseModel):
-    """One part of a message's content in OpenAI's list form: the text parts' ``text`` is the prompt's;
-    the other kinds (images, audio) carry nothing a text model reads."""
+    """One part of a message's content in OpenAI's list form: a text part, whose ``text`` is the
+    prompt's. Other kinds (images, audio) are refused: a text model would answer as if they were not
+    there."""
 
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = Field(default=None, validate_default=True)
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind: str) -> str:
+        if kind != "text":
+            raise ValueError(f"{kind!r} parts are not supported: this model reads text parts only")
+        return kind
 
     @field_validator("text")
     @classmethod
@@ -281,6 +296,7 @@ class _Generation:
             raise FieldError("n" if n > 1 else "prompt", f"{len(prompts)} prompt(s) x {n} choice(s) exceed the "
                                                          f"server's queue of {queue} requests")
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.failed = False  # the engine failed on one of its choices
         self.choices = [_Choice(api.tok, stops) for _ in range(len(prompts) * n)]
         self.reqs = []
         try:
@@ -329,6 +345,9 @@ class _Generation:
                 if c.finish_reason is not None:
                     continue  # a token after a stop string, before the cancel landed
                 c.add(e)
+                if c.finish_reason == "error":  # the request fails as a whole (``failed``), no choice's chunk
+                    self.failed = True
+                    return
                 if c.finish_reason is not None:
                     live -= 1
                     if not self.reqs[i].done:
@@ -341,8 +360,17 @@ class _Generation:
         """Every choice to its end (non-streaming); an engine failure answers 500."""
         async for _ in self.events():
             pass
-        if any(c.finish_reason == "error" for c in self.choices):
-            raise ApiError(500, "the engine failed on this request (see the server's log)", "server_error")
+        if self.failed:
+            raise _engine_failed()
+
+    def stream_end(self, head: dict, usage: bool) -> Iterator[bytes]:
+        """A stream's last events: OpenAI's error event when the engine failed (the official client raises
+        it), else the usage chunk when asked for; then [DONE]."""
+        if self.failed:
+            yield _sse(_engine_failed().body())
+        elif usage:
+            yield _sse({**head, "choices": [], "usage": self.usage()})
+        yield b"data: [DONE]\n\n"
 
     def usage(self) -> dict:
         p, c = sum(len(x) for x in self.prompts), sum(len(ch.ids) for ch in self.choices)
@@ -468,17 +496,16 @@ class Api:
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
                     yield _sse({**head, "choices": [{"index": i, "text": text, "finish_reason": c.finish_reason,
                                                      "logprobs": logprobs(i, c, tokens, echo=False)}]})
-            if (body.stream_options or {}).get("include_usage"):
-                yield _sse({**head, "choices": [], "usage": gen.usage()})
-            yield b"data: [DONE]\n\n"
+            for end in gen.stream_end(head, (body.stream_options or {}).get("include_usage", False)):
+                yield end
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     def _chat_prompt(self, body: ChatBody) -> list[int]:
         messages = []
         for m in body.messages:
             content = m.content
-            if isinstance(content, list):  # content parts: the text ones, joined
-                content = "".join(p.text for p in content if p.type == "text")
+            if isinstance(content, list):  # text parts (the only kind taken), joined
+                content = "".join(p.text for p in content)
             messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
         try:
             text = self.render_chat(messages)
@@ -522,9 +549,8 @@ class Api:
                     lp = content_logprobs([c.events[j] for j in tokens]) if tokens else None
                     yield _sse({**head, "choices": [{"index": i, "delta": {"content": text} if text else {},
                                                      "finish_reason": c.finish_reason, "logprobs": lp}]})
-            if (body.stream_options or {}).get("include_usage"):
-                yield _sse({**head, "choices": [], "usage": gen.usage()})
-            yield b"data: [DONE]\n\n"
+            for end in gen.stream_end(head, (body.stream_options or {}).get("include_usage", False)):
+                yield end
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     def _chat_logprob(self, token: int, logprob: float, top: dict[int, float] | None) -> dict:
