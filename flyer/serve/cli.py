@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+
 import torch
 
 from flyer import kernels
