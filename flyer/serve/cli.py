@@ -29,7 +29,7 @@ from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, 
                              check_expert_threads, load_model)
 from flyer.interop.hf import is_hf_model_dir
 from flyer.serve.engine import Engine, EngineConfig, Limits, open_disk_prefix_cache
-from flyer.serve.link import EngineHost
+from flyer.serve.link import EngineClient, EngineHost
 
 ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must be > 0)
 
@@ -133,7 +133,6 @@ def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, na
                chat_template: str | None, url: str) -> None:
     """The HTTP process: the API over the engine's link on ``sock``, with the ready line once it accepts."""
     from flyer.serve.api import Api, Server  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
-    from flyer.serve.link import EngineClient
 
     # uvicorn takes SIGINT/SIGTERM while it serves (draining) and raises them again after: to these, once drained
     for sig in (signal.SIGINT, signal.SIGTERM):
