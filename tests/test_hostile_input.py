@@ -182,6 +182,24 @@ def test_library_warnings_are_one_line(tmp_path, capsys):
     assert rc == 2 and err[0].startswith("flyer: warning: checkpoint "), err
 
 
+def test_kernels_unavailable_warns_with_one_prefix(capsys, monkeypatch):
+    """It printed ``flyer: warning: flyer: fused CPU kernels unavailable``."""
+    from flyer import kernels
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(kernels, "build", no_compiler)
+    monkeypatch.setitem(kernels._state, "tried", False)
+    monkeypatch.setitem(kernels._state, "module", None)
+    rc, err, _ = outcome(capsys, ["generate", "--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "1",
+                                  "--device", "cpu"])
+    assert rc == 0
+    assert err[0] == "flyer: warning: fused CPU kernels unavailable, using eager PyTorch (RuntimeError: no C++ " \
+                     "compiler)", err
+    assert sum("warning" in line for line in err) == 1, err
+
+
 def test_data_cache_is_checked_and_a_read_only_one_is_used_read_only(tmp_path, monkeypatch, capsys):
     from flyer.data import prepare_data
     from flyer.data.shards import write_shard

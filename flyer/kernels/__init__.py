@@ -111,7 +111,7 @@ def cpu_ops():
         try:
             _state["module"] = build()
         except Exception as e:  # no compiler, no ninja, ...: the eager code is correct, only slower
-            warnings.warn(f"flyer: fused CPU kernels unavailable, using eager PyTorch ({type(e).__name__}: "
+            warnings.warn(f"fused CPU kernels unavailable, using eager PyTorch ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else e})", stacklevel=2)
     return _state["module"]
 
