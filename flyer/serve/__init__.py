@@ -3,10 +3,11 @@ KV cache.
 
     paged.py    the paged cache (blocks of latent + rope key per layer, block tables, null block)
                 and the block allocator (free list, prefix sharing by chain hash, LRU)
-    metrics.py  Prometheus metrics of one server
-    engine.py   the scheduler thread: continuous batching, chunked prefill, preemption, sampling
-    api.py      the OpenAI routes (FastAPI) over an engine
-    cli.py      ``flyer serve``
+    metrics.py  Prometheus metrics of one server (the engine's and the HTTP side's)
+    engine.py   the scheduler: continuous batching, chunked prefill, preemption, sampling
+    link.py     the engine's process and the HTTP process joined by a socket pair
+    api.py      the OpenAI routes (FastAPI) over the link
+    cli.py      ``flyer serve``: the engine in its own process, HTTP in a child process
 
 Each module imports only those listed above it.
 """
