@@ -8,7 +8,7 @@ import json
 from flyer.cluster import topology as T
 from flyer.cluster.comm import EPScenario, RDMAIssue, ep_decode, ibgda_sweep, latency_table
 from flyer.cluster.costs import Layout, Throughput, auto_layout, plan
-from flyer.cluster.hardware import FABRICS, GPUS, fabric, gpu_spec
+from flyer.cluster.hardware import FABRICS, GPUS, fabric, gpu_spec, hw_problem
 from flyer.cluster.netsim import ROUTINGS, TOPOLOGIES, simulate
 from flyer.cluster.pipeline import SCHEDULES, compare, pipeline_report
 from flyer.cluster.plots import simulate_chart, topology_chart
@@ -52,12 +52,6 @@ def _grid(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     for c in cells:
         print("  " + "  ".join(x.rjust(wd) for x, wd in zip(c, widths)))
-
-
-def _positive_int(field: str, v: int) -> int:
-    if v < 1:
-        raise FieldError(field, f"must be >= 1 (got {v})")
-    return v
 
 
 # ---- flyer plan ---------------------------------------------------------------------------------
@@ -112,8 +106,11 @@ def _plan(args) -> int:
             raise FieldError("hw", f"expects FIELD=VALUE (got {item!r})")
         k, v = item.split("=", 1)
         overrides[k.strip()] = v.strip()
-    if args.gpus_per_node is not None:
-        overrides["gpus_per_node"] = str(_positive_int("gpus_per_node", args.gpus_per_node))
+    if args.gpus_per_node is not None:  # the flag, checked as the --hw field it overrides
+        problem = hw_problem("gpus_per_node", args.gpus_per_node)
+        if problem:
+            raise FieldError("gpus_per_node", problem)
+        overrides["gpus_per_node"] = str(args.gpus_per_node)
     gpu = gpu_spec(args.gpu, overrides)
     cfg = resolve_config(args.preset, args.config)
     if args.vocab_size is not None:

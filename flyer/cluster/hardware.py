@@ -9,8 +9,7 @@ the command line (``flyer plan --hw bf16_tflops=900``).
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from flyer.errors import FieldError
 
@@ -45,26 +44,68 @@ GPUS: dict[str, GPUSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class HWRange:
+    """The values ``--hw`` accepts for one ``GPUSpec`` field: ``least <= value <= most`` in ``unit``
+    (``whole``: an integer count)."""
+
+    least: float
+    most: float
+    unit: str
+    whole: bool = False
+
+
+# Every field divides an estimate or sizes the machine, so each floor is > 0, and far enough below any real part
+# that nothing underflows; each ceiling leaves 100x or more room over the largest GPU announced.
+HW_RANGES: dict[str, HWRange] = {
+    # peaks: 1 GFLOP/s (under one CPU core; tiny peaks underflow throughput) to 1 EFLOP/s (200x GB200's 5 PFLOP/s FP8)
+    "bf16_tflops": HWRange(1e-3, 1e6, "TFLOPS"),
+    "fp8_tflops": HWRange(1e-3, 1e6, "TFLOPS"),
+    # memory: ~1 MiB (less than any accelerator's) to ~1 PiB (3,700x B300's 288 GB of HBM)
+    "hbm_gib": HWRange(1e-3, 1e6, "GiB"),
+    # bandwidths: 1 MB/s (below any GPU link) to 1 PB/s (125x B200's 8 TB/s HBM, the fastest link a GPU has)
+    "hbm_tb_s": HWRange(1e-6, 1e3, "TB/s"),
+    "nvlink_gb_s": HWRange(1e-3, 1e6, "GB/s"),
+    "nic_gbit_s": HWRange(8e-3, 8e6, "Gb/s"),
+    # whole GPUs: 1 to 65,536 in one NVLink domain (a 64-port three-tier fat tree; NVL576 is the largest announced)
+    "gpus_per_node": HWRange(1, 2**16, "GPUs", whole=True),
+}
+
+
+def hw_problem(field: str, value: float, shown: str | None = None) -> str | None:
+    """Why ``value`` cannot be hardware field ``field`` (a ``HW_RANGES`` key), worded to follow the
+    field's name; None when it can. ``shown``: the value as the user wrote it."""
+    r, shown = HW_RANGES[field], value if shown is None else shown
+    if r.whole:
+        if not (r.least <= value <= r.most and float(value).is_integer()):  # range first: nan, inf, 10**400
+            return f"must be a whole number of {r.unit} in [{r.least:,}, {r.most:,}] (got {shown})"
+    elif not r.least <= value <= r.most:  # nan fails both comparisons
+        return (f"must be a finite number > 0 in [{r.least:g}, {r.most:g}] {r.unit}, room for any real GPU (outside "
+                f"it estimates are meaningless or non-finite; got {shown})")
+    return None
+
+
 def gpu_spec(gpu: str, hw: dict[str, str] | None = None) -> GPUSpec:
-    """The named GPU, with ``hw`` (hardware field -> value) overrides applied (values parsed as numbers)."""
+    """The named GPU, with ``hw`` (hardware field -> value) overrides applied: each value parsed as a
+    number and checked against ``HW_RANGES``."""
     key = gpu.lower()
     if key not in GPUS:
         raise FieldError("gpu", f"unknown GPU '{gpu}' (choose from: {', '.join(GPUS)})")
     spec = GPUS[key]
     if not hw:
         return spec
-    known = {f.name: f for f in fields(GPUSpec) if f.name != "name"}
     kw = {}
     for k, v in hw.items():
-        if k not in known:
-            raise FieldError("hw", f"unknown hardware field '{k}' (known: {', '.join(known)})")
+        if k not in HW_RANGES:
+            raise FieldError("hw", f"unknown hardware field '{k}' (known: {', '.join(HW_RANGES)})")
         try:
             num = float(v)
         except ValueError:
             raise FieldError("hw", f"{k} must be a number (got {v!r})") from None
-        if not 0 < num < math.inf:
-            raise FieldError("hw", f"{k} must be a finite number > 0 (got {v})")
-        kw[k] = int(num) if known[k].type in (int, "int") else num
+        problem = hw_problem(k, num, v)
+        if problem:
+            raise FieldError("hw", f"{k} {problem}")
+        kw[k] = int(num) if HW_RANGES[k].whole else num
     return dataclasses.replace(spec, **kw)
 
 
