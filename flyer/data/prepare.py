@@ -122,9 +122,9 @@ def _build_lock(out: Path):
 def _load(out: Path) -> PreparedData:
     try:
         meta = json.loads((out / "meta.json").read_text())
-        tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
     except Exception as e:
         raise DataError(f"cached metadata in {out} is unreadable ({type(e).__name__})") from None
+    tok = load_tokenizer(out / "tokenizer.json")  # a DataError naming the file: the cache is rebuilt
     train = TokenShards([out / p for p in meta["train_shards"]])
     val = TokenShards([out / p for p in meta["val_shards"]])
     if not train.vocab_size == val.vocab_size == tok.get_vocab_size():  # shards of another tokenizer

@@ -44,16 +44,30 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a ``tokenizer.json``; ``DataError`` names the file if it is missing or invalid."""
+def load_tokenizer(path: str | Path, error: type[ValueError] = DataError) -> Tokenizer:
+    """The tokenizer in the ``tokenizer.json`` file ``path``: the one guard every reader of one
+    goes through (``--tokenizer``, the data cache, a flyer checkpoint, a Hugging Face directory).
+    A path that is missing, not a file, unreadable, or does not hold a tokenizer (not JSON, JSON
+    of something else, truncated, empty) raises ``error`` (``DataError``; ``CheckpointError`` for
+    a checkpoint's) with one line naming the file."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"tokenizer file '{path}' does not exist")
+    if path.exists() and not path.is_file():  # a directory; a FIFO would block the read
+        raise error(f"{path}: not a file")
     try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises bare Exception subclasses
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"tokenizer file '{path}' is not a valid tokenizer.json: {msg}") from None
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: does not exist") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a valid tokenizer.json (not UTF-8 text)") from None
+    if not text.strip():
+        raise error(f"{path}: not a valid tokenizer.json (empty file)")
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception for text that is not a tokenizer
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise error(f"{path}: not a valid tokenizer.json ({why:.120})") from None
 
 
 def ensure_eos(tok: Tokenizer) -> int:

@@ -38,6 +38,7 @@ from tokenizers import Tokenizer
 
 from flyer import kernels
 from flyer.config import ModelConfig
+from flyer.data.tokenizer import load_tokenizer as load_tokenizer_file
 from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
@@ -264,13 +265,7 @@ def _special_ids(path: Path, config: dict, tok: Tokenizer, kind: str) -> tuple[i
 def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenizer:
     """The directory's ``tokenizer.json`` with its BOS and EOS ids (``_special_ids``)."""
     path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path}: no tokenizer.json")
-    try:
-        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as e:  # tokenizers raises a bare Exception for a file that is not a tokenizer
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path / 'tokenizer.json'}: not a tokenizer ({why:.120})") from None
+    tok = load_tokenizer_file(path / "tokenizer.json", CheckpointError)
     config = config if config is not None else _read_json(path / "config.json")
     bos = _special_ids(path, config, tok, "bos")
     return TextTokenizer(tok, _special_ids(path, config, tok, "eos"), add_special_tokens=True,

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from flyer.config import ModelConfig
+from flyer.data.tokenizer import load_tokenizer
 from flyer.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -182,7 +183,11 @@ def verify_checkpoint(path: Path) -> dict:
     if stamp in _VERIFIED:
         return manifest
     for name, meta in files.items():
-        if stats[name].st_size != meta["bytes"] or _sha256(path / name) != meta["sha256"]:
+        try:
+            same = stats[name].st_size == meta["bytes"] and _sha256(path / name) == meta["sha256"]
+        except OSError as e:  # a file the manifest lists but this process may not read
+            raise CheckpointError(f"checkpoint {path}: cannot read {name} ({e.strerror or e})") from None
+        if not same:
             raise CheckpointError(f"checkpoint {path}: checksum mismatch in {name}")
     if all(st.st_mtime_ns < time.time_ns() - 2 * 10**9 for st in stats.values()):
         _VERIFIED.add(stamp)
@@ -269,10 +274,9 @@ def inference_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, Tokenizer
         cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: bad config.json ({e})") from None
-    tok_path = ckpt / "tokenizer.json"
-    if not tok_path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt}: no tokenizer.json")
-    return ckpt, cfg, Tokenizer.from_file(str(tok_path))
+    # read through the one guard: the manifest only vouches that the file is the one written (a
+    # bad one written so, or one it does not list, must still fail in one line naming it)
+    return ckpt, cfg, load_tokenizer(ckpt / "tokenizer.json", CheckpointError)
 
 
 # ---- a training run: model, optimizer, sampler, RNG and counters on any mesh ----------------------
