@@ -231,7 +231,7 @@ def test_prompt_token_beyond_the_vocabulary_is_one_line(capsys, monkeypatch):
     _one_line_error(capsys, BASE + ["--prompt", "hi"], "--prompt")
 
 
-def test_eos_from_generation_config_names_that_file(capsys, tmp_path):
+def test_eos_from_generation_config_names_that_file(capsys, tmp_path, monkeypatch):
     from tests.hf_models import build
 
     build("llama", tmp_path)
@@ -243,3 +243,11 @@ def test_eos_from_generation_config_names_that_file(capsys, tmp_path):
     assert "generation_config.json" in err and "--eos-id:" not in err
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "2",
                  "--eos-id", "-1"]) == 0
+    # flyer serve, which has no --eos-id, refuses it the same way before it serves (every stop id of a list)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 99999]}))
+    capsys.readouterr()
+    monkeypatch.setattr("flyer.serve.cli.Engine", lambda *a: pytest.fail("served past a stop id it cannot sample"))
+    assert main(["serve", "--ckpt", str(tmp_path), "--port", "0", "--kv-cache-memory", "8M"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flyer: error:") and "\n" not in err, err
+    assert "end-of-text id 99999" in err and "generation_config.json" in err and "fix its eos_token_id" in err

@@ -47,6 +47,16 @@ class ByteTokenizer:
         return ()
 
 
+def check_checkpoint_eos(tok, ckpt: str | None, vocab_size: int, remedy: str) -> None:
+    """``CheckpointError`` naming the checkpoint when one of its end-of-text ids is outside the model's
+    vocabulary (a stop that could never be sampled: generation would run to its limit); ``remedy``
+    ends the message."""
+    if (eos := next((e for e in tok.eos_ids() if not 0 <= e < vocab_size), None)) is not None:
+        raise CheckpointError(f"{ckpt}: its end-of-text id {eos} (generation_config.json's eos_token_id, else "
+                              f"config.json's or the tokenizer's) is outside this model's vocabulary "
+                              f"[0, {vocab_size}); {remedy}")
+
+
 def max_expert_threads() -> int:
     """``--expert-threads``' bound: 4 a core. The kernels' threads spin while they wait for work,
     so more than the cores only take turns; 4x still allows a count the machine reports too low."""
@@ -234,11 +244,9 @@ def _run(args) -> int:
                                        f"vocabulary [0, {V}): the tokenizer does not fit the model")
     # --eos-id replaces the checkpoint's stop ids (all of a list, e.g. Llama 3's two) with one, or none
     stops = tok.eos_ids() if args.eos_id is None else () if args.eos_id == -1 else (args.eos_id,)
-    if (eos := next((e for e in stops if not 0 <= e < V), None)) is not None:
-        if args.eos_id is None:  # the checkpoint's, not the user's
-            raise CheckpointError(f"{args.ckpt}: its end-of-text id {eos} (generation_config.json's eos_token_id, "
-                                  f"else config.json's or the tokenizer's) is outside this model's vocabulary "
-                                  f"[0, {V}); pass --eos-id ID, or -1 for none")
+    if args.eos_id is None:
+        check_checkpoint_eos(tok, args.ckpt, V, "pass --eos-id ID, or -1 for none")
+    elif (eos := next((e for e in stops if not 0 <= e < V), None)) is not None:
         raise FieldError("eos_id", f"must be a token id in [0, {V}) of this model (got {eos})")
     pc = None
     if args.prefix_cache:

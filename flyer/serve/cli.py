@@ -26,7 +26,7 @@ from flyer import kernels
 from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
 from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
-                             check_expert_threads, load_model)
+                             check_checkpoint_eos, check_expert_threads, load_model)
 from flyer.interop.hf import is_hf_model_dir
 from flyer.serve.engine import Engine, EngineConfig, Limits, open_disk_prefix_cache
 from flyer.serve.link import EngineClient, EngineHost
@@ -88,6 +88,7 @@ def _run(args) -> int:
     # the cache is allocated whole at start: checked with the model before either is
     cache = f"{cfg.kv_cache_bytes / 2**30:,.1f} GiB of cache"
     model, tok = load_model(args, beside=("kv_cache_memory", cache, cfg.kv_cache_bytes))
+    check_checkpoint_eos(tok, args.ckpt, model.cfg.vocab_size, "fix its eos_token_id")
     cfg.cache_dtype = DTYPES[auto_cache_dtype(args.ckpt, model) if args.cache_dtype == "auto" else args.cache_dtype]
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
     if args.prefix_cache:
