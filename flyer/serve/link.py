@@ -174,8 +174,8 @@ class EngineClient(asyncio.Protocol):
         self.limits.check(prompt, opts)
 
     def submit(self, prompt: Sequence[int], opts: SamplingOptions, emit: Callable[[TokenEvent], None]) -> Submitted:
-        """Send a request (``FieldError``, ``QueueFull`` or ``EngineGone`` instead when it cannot run)."""
-        self.check(prompt, opts)
+        """Send a request that passed ``check`` (the API checks every choice before it submits any);
+        ``QueueFull`` or ``EngineGone`` instead when it cannot be sent."""
         if self.lost or self.transport is None:
             raise EngineGone("the engine has stopped")
         if self.waiting + self.last_sent - self.received >= self.limits.max_queue:
