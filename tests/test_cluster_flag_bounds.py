@@ -1,7 +1,7 @@
 """Absurd magnitudes, as rules: every numeric flag of ``flyer plan`` and ``flyer net *`` fed 1e300
 and 1e-300 either runs and prints only finite numbers of sane length, or says one line
 ``flyer: error: --flag: ...`` and exits 2. The float flags' ranges are one table,
-``flyer.cluster.cli.FLAG_RANGES``, checked before the command runs."""
+``flyer.cluster.flags.FLAG_RANGES``, checked before the command runs."""
 
 import re
 
@@ -9,7 +9,7 @@ import pytest
 from test_hostile_input import numeric_flags, outcome, quick_args
 
 from flyer.cli import build_parser
-from flyer.cluster import cli as cluster_cli
+from flyer.cluster import flags as cluster_flags
 
 CLUSTER_FLAGS = [(p, f) for p, f in numeric_flags(build_parser()) if p[0] in ("plan", "net")]
 FLOAT_FLAGS = [(p, f) for p, f in numeric_flags(build_parser(), types=(float,)) if p[0] in ("plan", "net")]
@@ -34,16 +34,16 @@ def test_every_float_flag_has_exactly_one_range():
     assert len(CLUSTER_FLAGS) >= 50 and len(FLOAT_FLAGS) >= 30
     dests = [dest(f) for _, f in FLOAT_FLAGS]
     assert len(dests) == len(set(dests)), "a dest shared by two subcommands: key the table by subcommand"
-    assert set(dests) == set(cluster_cli.FLAG_RANGES)
+    assert set(dests) == set(cluster_flags.FLAG_RANGES)
 
 
 def test_defaults_are_in_range_and_zero_stays_allowed_where_it_was():
     parser = build_parser()
     for path, flag in FLOAT_FLAGS:
         default = parser.parse_args(list(path)).__dict__[dest(flag)]
-        r = cluster_cli.FLAG_RANGES[dest(flag)]
+        r = cluster_flags.FLAG_RANGES[dest(flag)]
         assert default is None or r.problem(default, False) is None, (flag, default)
-        if dest(flag) in cluster_cli.ZERO_OK:
+        if dest(flag) in cluster_flags.ZERO_OK:
             assert r.least == 0, flag
 
 

@@ -4,128 +4,19 @@ storage, pipeline). Every subcommand prints a readable table, or JSON with ``--j
 from __future__ import annotations
 
 import json
-import re
-import sys
-from dataclasses import dataclass
 
 from flyer.cluster import topology as T
 from flyer.cluster.comm import EPScenario, RDMAIssue, ep_decode, ibgda_sweep, latency_table
 from flyer.cluster.costs import Layout, Throughput, auto_layout, plan
-from flyer.cluster.hardware import FABRICS, GPUS, HW_RANGES, fabric, gpu_spec, hw_problem
-from flyer.cluster.netsim import MAX_MESSAGE_BYTES, MAX_NIC_GB_S, ROUTINGS, TOPOLOGIES, simulate
+from flyer.cluster.flags import MAX_RUN_WORLD, SIGNED, ZERO_OK, check_ranges  # noqa: F401 (flyer.cli reads ZERO_OK, SIGNED here)
+from flyer.cluster.hardware import FABRICS, GPUS, fabric, gpu_spec
+from flyer.cluster.netsim import ROUTINGS, TOPOLOGIES, simulate
 from flyer.cluster.pipeline import SCHEDULES, compare, pipeline_report
 from flyer.cluster.plots import simulate_chart, topology_chart
 from flyer.cluster.storage import StorageCluster, storage_model
 from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import FieldError
 from flyer.runtime import PRECISIONS
-
-# numeric flags that may be 0, or any sign (flyer.cli: the others must be > 0)
-ZERO_OK = {"price_per_gpu_hour", "extra_gpu_hours", "switch_price_per_port", "endpoint_link_usd", "switch_link_usd",
-           "node_limit", "latency_us", "proxy_overhead_us", "proxy_latency_us", "gpu_overhead_us", "seed", "w",
-           "stage_param_gib", "microbatch_activation_gib", "bytes", "dispatch_bytes", "zero"}
-SIGNED = {"switch_price_base"}  # the fitted line's intercept
-
-
-@dataclass(frozen=True)
-class FlagRange:
-    """The values a float flag accepts: ``least <= value <= most`` in ``unit``; ``why`` says where
-    the bounds come from, in the one-line error. A ``least`` of 0 on a flag outside ``ZERO_OK`` is
-    exclusive (flyer.cli refuses 0 first)."""
-
-    least: float
-    most: float
-    unit: str
-    why: str
-
-    def problem(self, value: float, zero_ok: bool) -> str | None:
-        """Why ``value`` is out of range, worded to follow the flag; None when it is in range."""
-        if self.least <= value <= self.most:
-            return None
-        low = "(" if self.least == 0 and not zero_ok else "["
-        unit = f" {self.unit}" if self.unit else ""
-        return (f"must be in {low}{_g(self.least)}, {_g(self.most)}]{unit}, {self.why}; outside it results are "
-                f"meaningless or non-finite (got {_g(value)})")
-
-
-def _g(x: float) -> str:
-    """``x`` short: 1e6, 0.001, 1.5e11 (``:g`` without its exponent's plus sign and zero padding)."""
-    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{x:g}")
-
-
-def _like(hw_field: str, why: str, least: float | None = None) -> FlagRange:
-    """The ``--hw`` field's range (``HW_RANGES``) for a flag of the same quantity."""
-    r = HW_RANGES[hw_field]
-    return FlagRange(r.least if least is None else least, r.most, r.unit, why)
-
-
-US_1S = 1e6  # microseconds in a second: a latency or per-message overhead beyond it is an outage, not a delay
-# Every float flag of plan and net, checked before the command runs (``_checked``): bad input is refused
-# by name, and no in-range input prints inf, nan or a number of absurd length. Order is check order.
-FLAG_RANGES: dict[str, FlagRange] = {
-    # plan. GPU-hours: a million GPUs for a century is 8.8e11
-    "extra_gpu_hours": FlagRange(0, 1e12, "GPU-hours", "room for a million GPUs running a century"),
-    # tokens: ~30,000x the largest corpus yet trained on (Qwen3's 36T); GPU-hours and days stay printable
-    "tokens": FlagRange(1, 1e18, "tokens", "up to 30,000x the largest corpus yet trained on"),
-    # a token a day (a stopped cluster) up; the MFU <= 100% check bounds it tighter for the GPUs given
-    "tokens_per_day": FlagRange(1, 1e18, "tokens/day", "as --tokens, per day"),
-    # under 0.1% of peak the GPUs idle, they do not train; over 1 is more than the hardware does
-    "mfu": FlagRange(1e-3, 1, "", "a fraction of the BF16 peak"),
-    # cost only scales with the price and require_finite (costs.py) refuses an overflowing product; a 1e300
-    # price is kept valid (test_plan_json_is_strict_json runs it for a huge but finite cost)
-    "price_per_gpu_hour": FlagRange(0, sys.float_info.max, "USD/GPU-hour", "any finite price"),
-    # net topology: the ISCA paper's fit is 350.4 USD/port - 892.3, cables 981 / 2,405 USD; ~1,000x room
-    "switch_price_per_port": FlagRange(0, 1e6, "USD/port", "up to 3,000x the paper's 350 USD"),
-    "switch_price_base": FlagRange(-1e6, 1e6, "USD", "a fitted intercept within a port price either side"),
-    "endpoint_link_usd": FlagRange(0, 1e6, "USD/link", "up to 1,000x the paper's 981 USD"),
-    "switch_link_usd": FlagRange(0, 1e6, "USD/link", "up to 400x the paper's 2,405 USD"),
-    # net ep: bytes per element, 0 (no dispatch traffic) to FP64's 8 (FP8 1, BF16 2)
-    "dispatch_bytes": FlagRange(0, 8, "bytes/element", "FP8 1, BF16 2, FP64 8"),
-    "combine_bytes": FlagRange(0, 8, "bytes/element", "FP8 1, BF16 2, FP64 8"),
-    # bandwidths: HW_RANGES's 1 MB/s (below any GPU link) to 1 PB/s (125x the fastest link a GPU has)
-    "bandwidth_gb_s": _like("nvlink_gb_s", "1 MB/s to 1 PB/s, room for any real link"),
-    "nvlink_gb_s": _like("nvlink_gb_s", "1 MB/s to 1 PB/s, room for any real link"),
-    "latency_us": FlagRange(0, US_1S, "us", "0 to 1 s"),
-    # net latency: 1K msg/s (200,000x below a ConnectX-7's ~200M) to 1T msg/s (5,000x above it)
-    "nic_msg_rate": FlagRange(1e3, 1e12, "messages/s", "room for any RDMA NIC"),
-    "proxy_overhead_us": FlagRange(0, US_1S, "us", "0 to 1 s"),
-    "proxy_latency_us": FlagRange(0, US_1S, "us", "0 to 1 s"),
-    "gpu_overhead_us": FlagRange(0, US_1S, "us", "0 to 1 s"),
-    # net simulate: netsim's own bounds (a message must fit in a GPU; a NIC no faster than HBM)
-    "message_bytes": FlagRange(1, MAX_MESSAGE_BYTES, "bytes", "up to the largest GPU memory in the spec table"),
-    "nic_gb_s": FlagRange(HW_RANGES["nvlink_gb_s"].least, MAX_NIC_GB_S, "GB/s",
-                          "1 MB/s up to the fastest HBM in the spec table"),
-    # net storage: NICs as --hw nic_gbit_s, SSD bandwidths as the other bandwidths (1 MB/s to 1 PB/s)
-    "nic_gbit_s": _like("nic_gbit_s", "1 MB/s to 1 PB/s, room for any real NIC"),
-    "client_nic_gbit_s": _like("nic_gbit_s", "1 MB/s to 1 PB/s, room for any real NIC"),
-    "ssd_read_gb_s": _like("nvlink_gb_s", "1 MB/s to 1 PB/s, room for any real drive"),
-    "ssd_write_gb_s": _like("nvlink_gb_s", "1 MB/s to 1 PB/s, room for any real drive"),
-    # 1 GiB to 10 PiB per drive: 80x the largest shipping SSD (122.88 TB)
-    "ssd_tib": FlagRange(1e-3, 1e4, "TiB", "1 GiB to 10 PiB, room for any real drive"),
-    # fractions: below 0.1% the cluster is down, not slow (and recovery times run to absurd lengths)
-    "efficiency": FlagRange(1e-3, 1, "", "a fraction of line rate"),
-    "fill": FlagRange(1e-3, 1, "", "a fraction of raw capacity"),
-    "recovery_share": FlagRange(1e-3, 1, "", "a fraction of each survivor's bandwidth"),
-    # net pipeline: chunk times in one unit of the user's choosing, 12 decades (in ms: 1 ns to a 17-minute chunk)
-    "f": FlagRange(1e-6, 1e6, "", "a chunk time in any one unit"),
-    "b": FlagRange(1e-6, 1e6, "", "a chunk time in any one unit"),
-    "w": FlagRange(0, 1e6, "", "a chunk time in any one unit (0: no deferred weight gradient)"),
-    "fb": FlagRange(1e-6, 2e6, "", "at most F + B, each at most 1e6"),
-    # memory: 0 (not counted) to HW_RANGES's 1 PiB (3,700x the largest GPU's HBM)
-    "stage_param_gib": _like("hbm_gib", "up to 1 PiB", least=0),
-    "microbatch_activation_gib": _like("hbm_gib", "up to 1 PiB", least=0),
-}
-
-
-def check_ranges(args) -> None:
-    """Raise ``FieldError`` for the first flag of ``FLAG_RANGES`` set outside its range (the parsed
-    subcommand's flags only: the others are absent from ``args``)."""
-    for dest, r in FLAG_RANGES.items():
-        value = getattr(args, dest, None)
-        problem = None if value is None else r.problem(value, dest in ZERO_OK)
-        if problem:
-            raise FieldError(dest, problem)
-
 
 def _checked(command):
     """``command`` run only after ``check_ranges``: the one place a cluster flag's range is checked."""
@@ -167,9 +58,6 @@ def _grid(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
 
 # ---- flyer plan ---------------------------------------------------------------------------------
 RUN_FLAGS = ("zero", "dp", "pp_schedule", "precision", "vocab_size")  # any of them: a flyer run's per-rank bytes
-# per-rank bytes are lists (and table rows) of world size, built in Python loops; a world beyond the
-# largest cluster the paper's switches wire (three-tier fat tree of 64 ports: 65,536 GPUs) is refused
-MAX_RUN_WORLD = T.fat_tree3(T.PAPER_RADIX).endpoints
 
 
 def _check_run_world(gpus: int, gpus_per_node: int) -> None:
@@ -217,10 +105,7 @@ def _plan(args) -> int:
             raise FieldError("hw", f"expects FIELD=VALUE (got {item!r})")
         k, v = item.split("=", 1)
         overrides[k.strip()] = v.strip()
-    if args.gpus_per_node is not None:  # the flag, checked as the --hw field it overrides
-        problem = hw_problem("gpus_per_node", args.gpus_per_node)
-        if problem:
-            raise FieldError("gpus_per_node", problem)
+    if args.gpus_per_node is not None:  # the flag, checked (check_ranges) as the --hw field it overrides
         overrides["gpus_per_node"] = str(args.gpus_per_node)
     gpu = gpu_spec(args.gpu, overrides)
     cfg = resolve_config(args.preset, args.config)
@@ -421,7 +306,8 @@ def _storage(args) -> int:
             ("aggregate write",
              f"{o['write_tib_s']:.2f} TiB/s ({o['write_gb_s']:,.0f} GB/s, bound by {o['write_bound']})"),
             ("capacity raw | usable", f"{o['raw_capacity_pib']:.2f} | {o['usable_capacity_pib']:.2f} PiB"),
-            ("recovery after a node loss", f"{o['recovery_tib']:.1f} TiB re-replicated in {o['recovery_min']:.1f} min"),
+            ("recovery after a node loss", f"{o['recovery_tib']:.1f} TiB re-replicated in {o['recovery_min']:.1f} min"
+             if o["recovery_min"] is not None else f"{o['recovery_tib']:.1f} TiB lost (no surviving node)"),
         ])
 
     return _emit(args, out, table)

@@ -71,7 +71,8 @@ def storage_model(c: StorageCluster) -> dict:
     raw = c.nodes * c.ssds_per_node * c.ssd_tib * TIB
     lost = c.ssds_per_node * c.ssd_tib * TIB * c.fill
     per_survivor = min(nic * c.efficiency, ssd_write) * c.recovery_share  # GB/s
-    recovery_s = lost / 1e9 / ((c.nodes - 1) * per_survivor) if c.nodes > 1 else float("inf")
+    # one node has no survivor to re-replicate to: None (JSON null, never a non-finite number)
+    recovery_s = lost / 1e9 / ((c.nodes - 1) * per_survivor) if c.nodes > 1 else None
     return {
         **asdict(c),
         "read_gb_s": read, "read_tib_s": read * 1e9 / TIB, "read_bound": read_by,
@@ -80,5 +81,5 @@ def storage_model(c: StorageCluster) -> dict:
         "raw_capacity_pib": raw / 1024**5, "usable_capacity_pib": raw / c.replicas / 1024**5,
         "recovery_bytes": lost, "recovery_tib": lost / TIB,
         "recovery_nic_bytes": 2 * lost,  # each byte leaves one survivor's NIC and enters another's
-        "recovery_s": recovery_s, "recovery_min": recovery_s / 60,
+        "recovery_s": recovery_s, "recovery_min": None if recovery_s is None else recovery_s / 60,
     }
