@@ -12,8 +12,9 @@ model with routed experts is refused: neither architecture routes to experts.
 ``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``; an FP8 source keeps its own
 codes and scales). Tensors are converted and written one at a time, into a fresh directory beside
 ``--out`` that is renamed to it when complete: ``--out`` must be new or empty, nothing is
-overwritten, and a failure leaves nothing behind. From an HF directory, its tokenizer and
-generation settings (chat template, special tokens, EOS ids, sampling defaults) are carried through.
+overwritten, and a failure leaves nothing behind. From an HF directory, or a run fine-tuned from
+one (which carries them), its tokenizer and generation settings (chat template, special tokens,
+EOS ids, sampling defaults) are carried through.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ import torch
 from flyer.config import ModelConfig, parse_size
 from flyer.errors import ConfigError, FieldError
 from flyer.fp8.quant import TILE, quantize_blocks
-from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, TextTokenizer, _read_json, hf_names, is_hf_model_dir,
+from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, TextTokenizer, _read_json, hf_names,
                               permute_rope, read_hf_config, rope_half_layout, weight_files)
-from flyer.interop.load import load_pretrained, stored_weight_dtype
+from flyer.interop.load import load_pretrained, settings_dir, stored_weight_dtype
 from flyer.interop.tensorfile import TensorFile, write_tensors
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import fsync_path
+from flyer.train.checkpoint import SETTINGS_FILES, fsync_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms
@@ -191,7 +192,8 @@ def write_weights(items: list[Item], out: Path, max_shard_bytes: int) -> list[st
 
 
 # tokenizer files transformers may write beside tokenizer.json, carried from a source directory as they are
-_CARRIED = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+# (the two JSON settings files are merged with flyer's fields instead, ``_json_with``)
+_CARRIED = tuple(n for n in SETTINGS_FILES if n not in ("tokenizer_config.json", "generation_config.json"))
 
 
 def _shard_limit(max_shard_size: str | int) -> int:
@@ -224,8 +226,9 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
                  max_shard_size: str | int = "5GB", source: str | Path | None = None,
                  codes: Codes | None = None) -> dict:
     """Write ``model`` with its tokenizer as a new Hugging Face directory ``out`` (absent or empty;
-    else ``FieldError``); returns a summary. ``source``: the HF directory ``model`` was read from, whose
-    tokenizer and generation settings are carried through; ``codes``: its FP8 blocks (``tensor_items``).
+    else ``FieldError``); returns a summary. ``source``: the directory whose tokenizer and generation
+    settings are carried through (``flyer.interop.load.settings_dir``: the HF directory ``model``
+    was read from, or a run's step directory carrying them); ``codes``: its FP8 blocks (``tensor_items``).
     Written into a fresh directory beside ``out`` and renamed to it when complete: an error or an
     interrupt leaves nothing behind, and a failed write is a ``FieldError`` naming ``out``."""
     if dtype not in DTYPES:
@@ -304,7 +307,7 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
         raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
     _shard_limit(max_shard_size)
     _check_out(Path(out))  # before a model is loaded for nothing
-    source = Path(path) if is_hf_model_dir(path) else None
+    source = settings_dir(path)  # an HF directory, or a run fine-tuned from one: its tokenizer settings
     fp8 = source is not None and stored_weight_dtype(source) == "fp8"
     model, _, tok = load_pretrained(path, "cpu", torch.float32 if fp8 else None)
     codes = _source_codes(source, model.cfg) if fp8 and dtype == "fp8" else None

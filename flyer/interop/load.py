@@ -7,17 +7,19 @@ import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError
 from flyer.infer.weights import empty_held, hold_weights
-from flyer.interop.hf import (SCALE_SUFFIX, Slot, TextTokenizer, build_empty, checkpoint_dtype, fill_tensor,
-                              is_hf_model_dir, load_hf, load_hf_weights, read_hf_config, rope_half_layout, weight_files)
+from flyer.interop.hf import (SCALE_SUFFIX, Slot, TextTokenizer, _read_json, build_empty, checkpoint_dtype,
+                              fill_tensor, is_hf_model_dir, load_hf, load_hf_weights, load_tokenizer, read_hf_config,
+                              rope_half_layout, weight_files)
 from flyer.interop.tensorfile import TensorFile
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import check_model_weights, inference_checkpoint, resolve_checkpoint_path
+from flyer.train.checkpoint import SETTINGS_FILES, check_model_weights, inference_checkpoint, resolve_checkpoint_path
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -29,9 +31,54 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     if is_hf_model_dir(path):
         return load_hf(path, device, dtype, held)
     ckpt, cfg, tok = inference_checkpoint(path)
+    text_tok = run_tokenizer(ckpt, tok)  # a bad settings file fails before the weights are read
     model = empty_held(cfg, held or torch.float32, device)
     _fill_from_run(model, ckpt)
-    return model, cfg, TextTokenizer(tok)
+    return model, cfg, text_tok
+
+
+def _carries_settings(ckpt: Path) -> bool:
+    return any((ckpt / name).is_file() for name in SETTINGS_FILES)
+
+
+def settings_dir(path: str | Path) -> Path | None:
+    """The directory whose tokenizer_config.json, generation_config.json and chat template describe the
+    checkpoint at ``path``: an HF directory itself; a flyer run or step directory's (resolved) step
+    directory when it carries them (fine-tuned from an HF directory: ``SETTINGS_FILES``); else None
+    (flyer's own tokenizer: its named EOS, the default chat template). A path holding no valid
+    checkpoint: ``CheckpointError``."""
+    if is_hf_model_dir(path):
+        return Path(path)
+    ckpt = resolve_checkpoint_path(path)
+    return ckpt if _carries_settings(ckpt) else None
+
+
+def read_settings(path: str | Path) -> dict[str, bytes]:
+    """The ``SETTINGS_FILES`` the directory ``path`` (HF, or a flyer step directory) has, name -> its
+    bytes as they are, for a run to carry. A JSON one that is not a JSON object is a one-line
+    ``CheckpointError`` naming it (as a reader of it would give), so a run refuses it when it starts."""
+    found = {}
+    for f in (Path(path) / name for name in SETTINGS_FILES):
+        if not f.is_file():
+            continue
+        if f.suffix == ".json":
+            _read_json(f)
+        try:
+            found[f.name] = f.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{f}: cannot read ({e.strerror or e})") from None
+    return found
+
+
+def run_tokenizer(ckpt: Path, tok: Tokenizer) -> TextTokenizer:
+    """The tokenizer of the flyer step directory ``ckpt``, whose tokenizer.json is ``tok``. One that
+    carries an HF directory's settings reads as that directory does (``flyer.interop.hf.load_tokenizer``:
+    its BOS, its EOS ids from generation_config.json or tokenizer_config.json, special tokens added);
+    flyer's own: the named EOS, no special tokens."""
+    if not _carries_settings(ckpt):
+        return TextTokenizer(tok)
+    read_settings(ckpt)  # each carried JSON file checked, whether or not the tokenizer reads it
+    return load_tokenizer(ckpt, {})  # the step's config.json is flyer's model config, not the HF one
 
 
 def _fill_from_run(model: nn.Module, ckpt: Path, stacks: dict[str, tuple[int, int]] | None = None) -> None:
@@ -90,7 +137,6 @@ def init_source(path: str | Path) -> tuple[ModelConfig, Path]:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def load_init_weights(model: nn.Module, path: str | Path) -> None:
     """Fill ``model`` with the weights of ``path``: a ``Transformer``, or what one rank holds of it
     (its slice of each expert stack under expert parallelism, its stages' modules under
@@ -113,4 +159,5 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     load_hf_weights(model, path, rope_half_layout(read_hf_config(path, list(files))[1]), files, place)
 
 
-__all__ = ["init_source", "load_init_weights", "load_pretrained", "loaded_bytes", "stored_weight_dtype"]
+__all__ = ["init_source", "load_init_weights", "load_pretrained", "loaded_bytes", "read_settings", "run_tokenizer",
+           "settings_dir", "stored_weight_dtype"]

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
 from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
                              check_checkpoint_eos, check_expert_threads, load_model)
-from flyer.interop.hf import is_hf_model_dir
+from flyer.interop.load import settings_dir
 from flyer.serve.engine import Engine, EngineConfig, Limits, open_disk_prefix_cache
 from flyer.serve.link import EngineClient, EngineHost
 
@@ -35,12 +36,13 @@ ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must
 
 
 def read_chat_template(ckpt: str | None) -> str | None:
-    """The chat template of a Hugging Face directory (``chat_template.jinja``, else
-    ``tokenizer_config.json``'s ``chat_template``: a string, or a list of named templates of
-    which "default" is taken); None for flyer runs and directories without one."""
-    if not ckpt or not is_hf_model_dir(ckpt):
+    """The chat template of a Hugging Face directory, or of a flyer run fine-tuned from one (which
+    carries its settings: ``flyer.interop.load.settings_dir``): ``chat_template.jinja``, else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of which
+    "default" is taken); None for flyer's own runs and directories without one."""
+    root = settings_dir(ckpt) if ckpt else None
+    if root is None:
         return None
-    root = Path(ckpt)
     if (root / "chat_template.jinja").is_file():
         return (root / "chat_template.jinja").read_text()
     try:
@@ -89,6 +91,9 @@ def _run(args) -> int:
     cache = f"{cfg.kv_cache_bytes / 2**30:,.1f} GiB of cache"
     model, tok = load_model(args, beside=("kv_cache_memory", cache, cfg.kv_cache_bytes))
     check_checkpoint_eos(tok, args.ckpt, model.cfg.vocab_size, "fix its eos_token_id")
+    with warnings.catch_warnings():  # load_model has reported any corrupt checkpoint passed over, once
+        warnings.simplefilter("ignore")
+        chat_template = read_chat_template(args.ckpt)
     cfg.cache_dtype = DTYPES[auto_cache_dtype(args.ckpt, model) if args.cache_dtype == "auto" else args.cache_dtype]
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
     if args.prefix_cache:
@@ -104,7 +109,7 @@ def _run(args) -> int:
     link, their_end = socket.socketpair()
     http = multiprocessing.get_context("spawn").Process(
         target=serve_http, name="flyer-http", daemon=True,
-        args=(their_end, sock, engine.limits, tok, name, args.api_key, read_chat_template(args.ckpt),
+        args=(their_end, sock, engine.limits, tok, name, args.api_key, chat_template,
               http_url(host, port)))
     http.start()
     their_end.close()

@@ -7,6 +7,10 @@ Layout of ``RUN/checkpoints/step_00000100/``:
 - ``state*.json``        step, sampler position, counters, train config (one per rank)
 - ``rng*.safetensors``   RNG state
 - ``config.json``        the model config
+- ``tokenizer.json``     the tokenizer the run trains with
+- ``SETTINGS_FILES``     a run fine-tuned from a Hugging Face directory (``--init``): that directory's
+                         tokenizer and generation settings (chat template, special tokens, EOS ids,
+                         sampling defaults), byte for byte, whichever it has
 - ``manifest.json``      size and SHA-256 of every file above; written last
 
 A checkpoint is written into a temporary directory, every file fsynced, then renamed into place
@@ -39,6 +43,11 @@ from flyer.errors import CheckpointError
 
 FORMAT_VERSION = 1
 _PREFIX = "step_"
+# A Hugging Face directory's tokenizer and generation settings, beside its tokenizer.json: what
+# transformers reads for the chat template, BOS/EOS and sampling defaults. A run started from one
+# carries them in its checkpoints (``save_training``), so its readers see the model's, not flyer's.
+SETTINGS_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                  "chat_template.jinja", "chat_template.json")
 
 
 def _sha256(path: Path) -> str:
@@ -82,11 +91,13 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, Any], keep: int | None = None,
                     protect: tuple[Path, ...] = ()) -> Path:
-    """Write ``files`` (name -> tensor dict for .safetensors, state dict for .pt, object for .json)
-    as checkpoint ``step`` atomically, then ``prune`` to ``keep`` valid checkpoints (``protect``:
-    directories never removed). A failed write (a full disk) removes its temporary directory and
-    raises ``CheckpointError``; the checkpoints already there are untouched."""
-    unsupported = [n for n in files if not n.endswith((".safetensors", ".pt", ".json"))]
+    """Write ``files`` (name -> tensor dict for .safetensors, state dict for .pt, object for .json,
+    bytes for any name: written as they are) as checkpoint ``step`` atomically, then ``prune`` to
+    ``keep`` valid checkpoints (``protect``: directories never removed). A failed write (a full disk)
+    removes its temporary directory and raises ``CheckpointError``; the checkpoints already there are
+    untouched."""
+    unsupported = [n for n, obj in files.items()
+                   if not isinstance(obj, bytes) and not n.endswith((".safetensors", ".pt", ".json"))]
     if unsupported:
         raise ValueError(f"unsupported checkpoint file type: {unsupported[0]}")
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -125,7 +136,9 @@ def _write_files(tmp: Path, step: int, files: dict[str, Any]) -> None:
     entries = {}
     for name, obj in files.items():
         path = tmp / name
-        if name.endswith(".safetensors"):
+        if isinstance(obj, bytes):
+            path.write_bytes(obj)
+        elif name.endswith(".safetensors"):
             save_file(_unshared(obj), str(path))
         elif name.endswith(".pt"):
             torch.save(obj, path)
@@ -295,7 +308,8 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   sampler, mesh, cfg: ModelConfig, tokenizer: Tokenizer, bad_steps: int, train_config: dict,
-                  keep: int | None, protect: tuple[Path, ...] = (), layout: dict | None = None) -> Path | None:
+                  keep: int | None, protect: tuple[Path, ...] = (), layout: dict | None = None,
+                  settings: dict[str, bytes] | None = None) -> Path | None:
     """Checkpoint a training run at ``step`` (a collective: every rank of ``mesh`` calls it).
 
     model: this rank's model (its expert slice under EP); saved in the full single-process layout.
@@ -303,7 +317,8 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     JSON-able dict) go into each rank's state file, and ``layout`` (the process layout, e.g. world,
     pp, dp, ep, zero, pp_schedule), which ``load_training`` requires to match. Rank 0 writes;
     ``keep``: valid checkpoints kept, ``protect``: checkpoints never pruned (the one the run
-    resumed from).
+    resumed from). ``settings``: the Hugging Face tokenizer and generation settings the run carries
+    (a name of ``SETTINGS_FILES`` -> its bytes), written as they are.
     Returns the checkpoint directory on rank 0, None elsewhere.
     """
     weights = mesh.full_state_dict(model)
@@ -313,7 +328,7 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     path = None
     if ranks is not None:
         files: dict[str, Any] = {"model.safetensors": weights, "config.json": cfg.to_dict(),
-                                 "tokenizer.json": json.loads(tokenizer.to_str())}
+                                 "tokenizer.json": json.loads(tokenizer.to_str()), **(settings or {})}
         for r, per_rank in enumerate(ranks):
             sfx = rank_suffix(r, mesh.world)
             files[f"optimizer{sfx}.pt"] = per_rank["optimizer"]

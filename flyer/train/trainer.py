@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
-from flyer.interop.load import init_source, load_init_weights
+from flyer.interop.load import init_source, load_init_weights, read_settings, settings_dir
 from flyer.data import BatchSampler, eval_batches, eval_batches_bytes, prepare_data
 from flyer.data.tokenizer import MIN_VOCAB
 from flyer.fp8 import convert_to_fp8
@@ -189,6 +189,16 @@ def check_resume_settings(tc: TrainConfig, path: Path) -> None:
                             "a resumed run keeps the settings it started with")
 
 
+def carried_settings(start: Path | None, init: str | None) -> dict[str, bytes]:
+    """The Hugging Face tokenizer and generation settings a run carries in its checkpoints
+    (``checkpoint.SETTINGS_FILES``, name -> bytes): those of the checkpoint it resumes from ``start``,
+    else of its ``init`` (an HF directory, or a run that carries them); none for flyer's own tokenizer."""
+    if start is not None:
+        return read_settings(start)
+    src = settings_dir(init) if init else None
+    return read_settings(src) if src is not None else {}
+
+
 def lr_at(tc: TrainConfig, step: int) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio (or constant). ``step`` is 1-based."""
     if tc.warmup and step <= tc.warmup:
@@ -327,6 +337,7 @@ class Trainer:
         self.lock: RunLock | None = None
         self.resumed_from: Path | None = None
         self.stopped_by: int | None = None  # the signal that stopped run()
+        self.settings: dict[str, bytes] = {}  # carried_settings (rank 0 writes the checkpoints)
         start, err = None, None
         if self.rank0:  # the run directory: owned by this job, and a fresh run or the continuation of one
             try:
@@ -335,6 +346,7 @@ class Trainer:
                 start = choose_start(self.out, tc.resume, self.log)
                 if start is not None:
                     check_resume_settings(tc, start)
+                self.settings = carried_settings(start, tc.init)
                 if self.tensorboard_dir is not None:
                     usable_dir(self.tensorboard_dir, "tensorboard")
             except (ConfigError, CheckpointError) as e:
@@ -425,7 +437,7 @@ class Trainer:
         return ckpt.save_training(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                   sampler=self.sampler, mesh=self.mesh, cfg=self.cfg, tokenizer=self.data.tokenizer,
                                   bad_steps=self.bad_steps, train_config=asdict(self.tc), layout=self.layout,
-                                  keep=self.tc.keep,
+                                  keep=self.tc.keep, settings=self.settings,
                                   protect=(self.resumed_from,) if self.resumed_from else ())
 
     # ---- one optimizer step ---------------------------------------------------------------
