@@ -13,7 +13,7 @@ from flyer.cluster.hardware import HW_RANGES, hw_problem
 from flyer.cluster.netsim import MAX_MESSAGE_BYTES, MAX_NIC_GB_S
 from flyer.errors import FieldError
 
-# numeric flags that may be 0, or any sign (flyer.cli: the others must be > 0)
+# numeric flags that may be 0, or any sign (the command line refuses the others at 0 or below)
 ZERO_OK = {"price_per_gpu_hour", "extra_gpu_hours", "switch_price_per_port", "endpoint_link_usd", "switch_link_usd",
            "node_limit", "latency_us", "proxy_overhead_us", "proxy_latency_us", "gpu_overhead_us", "seed", "w",
            "stage_param_gib", "microbatch_activation_gib", "bytes", "dispatch_bytes", "zero"}
@@ -24,7 +24,7 @@ SIGNED = {"switch_price_base"}  # the fitted line's intercept
 class FlagRange:
     """The values a numeric flag accepts: ``least <= value <= most`` in ``unit``; ``why`` says where
     the bounds come from, in the one-line error. A ``least`` of 0 on a flag outside ``ZERO_OK`` is
-    exclusive (flyer.cli refuses 0 first). ``whole``: an int flag, its numbers printed exactly;
+    exclusive (the command line refuses 0 first). ``whole``: an int flag, its numbers printed exactly;
     ``hw``: the flag sets that ``--hw`` field, so it is checked and worded as ``--hw`` checks it."""
 
     least: float
@@ -121,7 +121,7 @@ FLAG_RANGES: dict[str, FlagRange] = {
 }
 
 
-# Every int flag of plan and net, checked with the float flags: flyer.cli only bounds them below 2**64, and a
+# Every int flag of plan and net, checked with the float flags: the command line only bounds them below 2**64, and a
 # 16-digit --seq-len or --radix printed nonsense (a 19-digit prime --sf-q: ~2 minutes of trial division).
 # A dest two subcommands share names one quantity (pp: stages, radix: ports, nodes: machines), one range.
 # net topology is closed forms plus a walk down from q ~ 4k/9 to a fitting Slim Fly q: at the largest
