@@ -5,9 +5,15 @@ it is never whole in memory), then measures in fresh processes, each from the re
 after its imports (``base``) to its high-water mark (``VmHWM``):
 
 - ``import``: ``flyer.interop.hf.load_hf`` (bf16, tensor by tensor into the parameters);
-- ``export``: ``flyer export`` of that directory (import, then write bf16 shards);
+- ``export``: ``flyer export`` of that directory to bf16 shards (streamed: each tensor read,
+  converted and written before the next, never the model);
+- ``export_fp8``: ``flyer export`` of the FP8 checkpoint below to bf16 (each weight dequantized
+  with its block scales as it is read); as a ratio to the FP8 checkpoint's bytes;
 - peer ``mmap_stream``: the same model filled tensor by tensor through safetensors' memory-mapped
   reader (``safe_open(...).get_tensor``), whose touched pages stay resident until the file closes;
+- peer ``shard_convert`` / ``shard_convert_fp8``: the conversion DeepSeek's ``fp8_cast_bf16.py``
+  makes, a shard at a time with safetensors (``load_file`` a shard, each FP8 weight times its
+  block scales, ``save_file`` it as bf16, fsync it): the peer of ``export`` / ``export_fp8``;
 - ``bf16_held``: loaded as ``--weight-dtype bf16`` loads it (``load_hf(..., held=bfloat16)``: the
   GEMM weights written into BF16 parameters as they are read, the rest in FP32), against
   ``bf16_widened``: the FP32 model loaded first, then held (``hold_weights``);
@@ -16,7 +22,7 @@ after its imports (``base``) to its high-water mark (``VmHWM``):
   read), against ``fp8_requantized``: every weight dequantized into the FP32 model first, then
   held (what the load costs without the codes kept); both as ratios to the FP8 checkpoint's bytes.
 
-Prints one JSON object; ``ratio`` = (VmHWM - base) / bytes on disk.
+Prints one JSON object; ``ratio`` = (VmHWM - base) / bytes on disk; ``seconds``: the step's time.
     python bench/interop_memory.py [--gb 1.0] [--dir DIR]
 """
 
@@ -24,13 +30,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models
 
 from flyer.config import preset
@@ -45,7 +54,8 @@ BENCH = dict(vocab_size=32000, dim=1024, n_layers=6, n_dense_layers=1, inter_dim
              kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, moe_inter_dim=512,
              n_routed_experts=64, n_activated_experts=6, n_expert_groups=8, n_limited_groups=4, mtp_depth=0,
              max_seq_len=4096, original_seq_len=4096)
-MEASURES = ("import", "export", "mmap_stream", "bf16_held", "bf16_widened", "fp8_held", "fp8_requantized")
+MEASURES = ("import", "export", "export_fp8", "mmap_stream", "shard_convert", "shard_convert_fp8", "bf16_held",
+            "bf16_widened", "fp8_held", "fp8_requantized")
 
 
 def _status(key: str) -> int:
@@ -81,14 +91,41 @@ def make_checkpoint(out: Path, gb: float) -> int:
     return total
 
 
+def shard_convert(path: Path, out: Path) -> None:
+    """Every shard of ``path`` read whole with safetensors, its FP8 weights multiplied by their
+    128x128 block scales, and written as bf16 (DeepSeek's ``fp8_cast_bf16.py``, one shard at a time)."""
+    out.mkdir()
+    weight_map = {}
+    for f in sorted(path.glob("*.safetensors")):
+        ts = load_file(f)
+        conv = {}
+        for name, t in ts.items():
+            if name.endswith("_scale_inv"):
+                continue
+            if t.dtype == FP8:
+                s = ts[name + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)
+                t = (t.float() * s[:t.shape[0], :t.shape[1]]).to(torch.bfloat16)
+            conv[name] = t  # the rest as stored
+        save_file(conv, out / f.name, metadata={"format": "pt"})
+        with open(out / f.name, "rb") as h:  # on disk, as flyer export leaves its files: a like-for-like time
+            os.fsync(h.fileno())
+        weight_map.update(dict.fromkeys(conv, f.name))
+        del ts, conv
+    (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def measure(what: str, path: Path) -> dict:
     """Run one measurement in this (fresh) process."""
     base = _status("VmRSS")
+    t0 = time.perf_counter()
     if what == "import":
         load_hf(path)
-    elif what == "export":
+    elif what in ("export", "export_fp8"):
         with tempfile.TemporaryDirectory(dir=path.parent) as d:
-            export(path, d, "bf16", "500MB")
+            export(path, Path(d) / "out", "bf16", "500MB")
+    elif what in ("shard_convert", "shard_convert_fp8"):
+        with tempfile.TemporaryDirectory(dir=path.parent) as d:
+            shard_convert(path, Path(d) / "out")
     elif what in ("bf16_held", "fp8_held"):
         load_hf(path, dtype=torch.float32, held=torch.bfloat16 if what == "bf16_held" else FP8)
     elif what in ("bf16_widened", "fp8_requantized"):
@@ -103,7 +140,7 @@ def measure(what: str, path: Path) -> dict:
                     slot = slots[name]
                     dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
                     dest.copy_(sf.get_tensor(name))
-    return {"base_rss": base, "peak_rss": _status("VmHWM")}
+    return {"base_rss": base, "peak_rss": _status("VmHWM"), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def main() -> None:
@@ -124,7 +161,7 @@ def main() -> None:
         fp8_size = sum(f.stat().st_size for f in fp8.glob("*.safetensors"))
         result = {"checkpoint_bytes": size, "fp8_checkpoint_bytes": fp8_size}
         for what in MEASURES:
-            src, n = (fp8, fp8_size) if what.startswith("fp8") else (ckpt, size)
+            src, n = (fp8, fp8_size) if what.startswith("fp8") or what.endswith("_fp8") else (ckpt, size)
             r = json.loads(subprocess.run([sys.executable, __file__, "--measure", what, "--dir", str(src)],
                                           check=True, capture_output=True, text=True).stdout)
             r["ratio"] = round((r["peak_rss"] - r["base_rss"]) / n, 3)

@@ -10,7 +10,8 @@ Llama and Qwen2 have no MTP module, so a GQA model's is left out (the summary sa
 model with routed experts is refused: neither architecture routes to experts.
 ``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
 ``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``; an FP8 source keeps its own
-codes and scales). Tensors are converted and written one at a time, into a fresh directory beside
+codes and scales). A checkpoint directory is streamed: each tensor is read, converted and written
+before the next (the model is never loaded), into a fresh directory beside
 ``--out`` that is renamed to it when complete: ``--out`` must be new or empty, nothing is
 overwritten, and a failure leaves nothing behind. From an HF directory, or a run fine-tuned from
 one (which carries them), its tokenizer and generation settings (chat template, special tokens,
@@ -35,12 +36,13 @@ import torch
 from flyer.config import ModelConfig, parse_size
 from flyer.errors import ConfigError, FieldError
 from flyer.fp8.quant import TILE, quantize_blocks
-from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, TextTokenizer, _read_json, hf_names,
+from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, TextTokenizer, _read_json, build_empty,
+                              checkpoint_dtype, fill_tensor, hf_names, hf_weight_map, is_hf_model_dir, load_tokenizer,
                               permute_rope, read_hf_config, rope_half_layout, weight_files)
-from flyer.interop.load import load_pretrained, settings_dir, stored_weight_dtype
-from flyer.interop.tensorfile import TensorFile, write_tensors
+from flyer.interop.load import run_tokenizer, settings_dir, stored_weight_dtype
+from flyer.interop.tensorfile import TensorFile, header, write_tensors
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import SETTINGS_FILES, fsync_path
+from flyer.train.checkpoint import SETTINGS_FILES, check_model_weights, fsync_path, inference_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms
@@ -129,23 +131,33 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
 Item = tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
 # HF name -> (make codes, make weight_scale_inv): a source checkpoint's own FP8 blocks
 Codes = dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]
+Read = Callable[[Slot], torch.Tensor]  # a flyer tensor, or one expert of a stack (slot.expert), in flyer's layout
 
 
 def tensor_items(model: Transformer, dtype: str, codes: Codes | None = None) -> list[Item]:
-    """(HF name, shape, dtype, make) of every tensor to write, in the model's order; ``make``
-    converts one tensor when called. FP8: quantizable weights and their ``weight_scale_inv``, taken
-    from ``codes`` where it has them (else quantized)."""
-    cfg = exported(model.cfg)
-    rope_half = hf_model_type(cfg) in ("llama", "qwen2")
+    """(HF name, shape, dtype, make) of every tensor of ``model`` to write, in the model's order;
+    ``make`` converts one tensor when called. FP8: quantizable weights and their
+    ``weight_scale_inv``, taken from ``codes`` where it has them (else quantized)."""
     state = model.state_dict()
+
+    def read(slot: Slot) -> torch.Tensor:
+        return state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
+    return _items(model.cfg, state, read, dtype, codes)
+
+
+def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: str,
+           codes: Codes | None) -> list[Item]:
+    """``tensor_items`` of a model whose state (``state``: its shapes, on any device, meta
+    included) ``read`` gives one tensor at a time."""
+    cfg = exported(cfg)
+    rope_half = hf_model_type(cfg) in ("llama", "qwen2")
     items: list[Item] = []
     for name, slot in hf_names(cfg, rope_half).items():
-        src = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
+        shape = tuple(state[slot.key].shape[1:] if slot.expert is not None else state[slot.key].shape)
 
-        def get(src=src, slot=slot) -> torch.Tensor:
-            t = src.detach().cpu()  # no upcast: one converted copy of one tensor at a time
+        def get(slot=slot) -> torch.Tensor:
+            t = read(Slot(slot.key, slot.expert)).detach().cpu()  # no upcast: one converted copy of one tensor
             return t if slot.rope_rows is None else permute_rope(t, slot.rope_rows, inverse=True)
-        shape = tuple(src.shape)
         if dtype == "fp8" and len(shape) == 2 and not _NOT_FP8.search(name):
             rows_b, cols_b = -(-shape[0] // 128), -(-shape[1] // 128)
             own = (codes or {}).get(name)
@@ -158,12 +170,58 @@ def tensor_items(model: Transformer, dtype: str, codes: Codes | None = None) -> 
         items.append((name, shape, keep, lambda get=get, keep=keep: get().to(keep)))
         if slot.key.startswith("mtp.") and slot.key.endswith(".enorm.weight"):
             pre = name[:-len("enorm.weight")]  # DeepSeek's MTP layers carry the shared embedding and head too
+            wdt = torch.float32 if dtype == "fp32" else torch.bfloat16
             for copy_name, key in ((pre + "embed_tokens.weight", "embed.weight"),
                                    (pre + "shared_head.head.weight", "head.weight")):
-                t = state[key]
-                wdt = torch.float32 if dtype == "fp32" else torch.bfloat16
-                items.append((copy_name, tuple(t.shape), wdt, lambda t=t, wdt=wdt: t.detach().cpu().to(wdt)))
+                items.append((copy_name, tuple(state[key].shape), wdt,
+                              lambda key=key, wdt=wdt: read(Slot(key)).detach().cpu().to(wdt)))
     return items
+
+
+class _Streamed:
+    """The weights of a checkpoint directory (a flyer run or step directory, or an HF directory),
+    read one at a time as ``load_pretrained`` fills its model: flyer's names, dtypes and rope layout,
+    an FP8 checkpoint's weights dequantized to FP32 (its exact values). An export from it holds one
+    tensor at a time, never the model: a 671B checkpoint exports on a machine that could not load it."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.headers: dict[Path, TensorFile] = {}
+        if is_hf_model_dir(path):
+            self.files = weight_files(path)
+            self.cfg, raw = read_hf_config(path, list(self.files))
+            self.tok = load_tokenizer(path, raw)
+            self.fp8 = stored_weight_dtype(path) == "fp8"
+            # checked from the headers before a byte is written
+            names = hf_weight_map(self.cfg, path, rope_half_layout(raw), self.files, self.headers)
+            self.where: dict[tuple[str, int | None], tuple[str, Slot]] | None = {
+                (s.key, s.expert): (n, s) for n, s in names.items()}
+            dtype = torch.float32 if self.fp8 else checkpoint_dtype(self.files)
+        else:
+            ckpt, self.cfg, tok = inference_checkpoint(path)
+            self.tok, self.fp8, self.where = run_tokenizer(ckpt, tok), False, None  # a run from HF: its settings
+            dtype = torch.float32  # a run loads in FP32
+            tf = TensorFile(ckpt / SINGLE)
+            with torch.device("meta"):
+                check_model_weights(Transformer(self.cfg), {k: tf.shape(k) for k in tf.names()}, f"checkpoint {ckpt}")
+            self.files, self.headers[tf.path] = dict.fromkeys(tf.names(), tf.path), tf
+        self.state = build_empty(self.cfg, "meta", dtype).state_dict()
+
+    def read(self, slot: Slot) -> torch.Tensor:
+        """The tensor (or one expert of a stack) ``slot`` names, in flyer's layout."""
+        key = slot.key
+        meta = self.state[key] if slot.expert is None else self.state[key][slot.expert]
+        if self.where is None:  # a flyer run: its own names; an expert is a row of its stack
+            rows = None if slot.expert is None else (slot.expert, slot.expert + 1)
+            dest = torch.empty((1, *meta.shape) if rows else meta.shape, dtype=meta.dtype)
+            fill_tensor(None, dest, self.headers[self.files[key]], key, Slot(key), self.files, self.headers, rows)
+            return dest[0] if rows else dest
+        if key == "head.weight" and self.cfg.tie_embeddings:  # the file holds the embedding only
+            key = "embed.weight"
+        name, src = self.where[(key, slot.expert)]
+        dest = torch.empty(meta.shape, dtype=meta.dtype)
+        fill_tensor(None, dest, header(self.headers, self.files[name]), name, src, self.files, self.headers)
+        return dest
 
 
 def write_weights(items: list[Item], out: Path, max_shard_bytes: int) -> list[str]:
@@ -231,24 +289,29 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
     was read from, or a run's step directory carrying them); ``codes``: its FP8 blocks (``tensor_items``).
     Written into a fresh directory beside ``out`` and renamed to it when complete: an error or an
     interrupt leaves nothing behind, and a failed write is a ``FieldError`` naming ``out``."""
+    return _export(model.cfg, tok, lambda: tensor_items(model, dtype, codes), out, dtype, max_shard_size, source)
+
+
+def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]], out: str | Path, dtype: str,
+            max_shard_size: str | int, source: Path | None) -> dict:
     if dtype not in DTYPES:
         raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
     limit = _shard_limit(max_shard_size)
-    config = hf_config(model.cfg, tok, dtype)  # fails before anything is written
+    config = hf_config(cfg, tok, dtype)  # fails before anything is written
     out, source = Path(out), source and Path(source)
     _check_out(out)
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        files = write_weights(tensor_items(model, dtype, codes), tmp, limit)
+        files = write_weights(items(), tmp, limit)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         gen = _json_with(source, "generation_config.json",
                          {"bos_token_id": tok.bos_id(), "eos_token_id": eos_token_id(tok)})
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         (tmp / "tokenizer.json").write_text(tok.tok.to_str())
         tc = _json_with(source, "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.max_seq_len,
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
             "eos_token": tok.token(tok.eos_id()), "bos_token": tok.token(tok.bos_id())})
         (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
         for name in _CARRIED:
@@ -265,8 +328,8 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
     with contextlib.suppress(OSError):  # the export is complete; this only hurries the rename to disk
         fsync_path(out.parent)
     summary = {"out": str(out), "model_type": config["model_type"], "dtype": dtype, "files": files}
-    if exported(model.cfg).mtp_depth < model.cfg.mtp_depth:
-        summary["left_out"] = f"the MTP module ({model.cfg.mtp_depth} deep): {config['model_type']} has none"
+    if exported(cfg).mtp_depth < cfg.mtp_depth:
+        summary["left_out"] = f"the MTP module ({cfg.mtp_depth} deep): {config['model_type']} has none"
     return summary
 
 
@@ -284,8 +347,8 @@ def _source_codes(path: Path, cfg: ModelConfig) -> Codes:
         scale = name + SCALE_SUFFIX
         if scale not in files or name not in half_rows:
             continue
-        tf = headers.setdefault(f, TensorFile(f))
-        sf = headers.setdefault(files[scale], TensorFile(files[scale]))
+        tf = header(headers, f)
+        sf = header(headers, files[scale])
         if tf.dtype(name) != torch.float8_e4m3fn:
             continue
         rows = half_rows[name].rope_rows if src_half != out_half else None
@@ -300,18 +363,19 @@ def _source_codes(path: Path, cfg: ModelConfig) -> Codes:
 
 
 def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_size: str | int = "5GB") -> dict:
-    """``export_model`` of the checkpoint at ``path`` (a flyer run or step directory, or an HF directory).
-    An FP8 checkpoint loads in FP32 (its exact values: code times block scale), and exports to FP8 with
-    its own codes and scales: export then import is the identity."""
+    """``export_model`` of the checkpoint at ``path`` (a flyer run or step directory, or an HF
+    directory), streamed: each tensor is read, converted and written before the next
+    (``_Streamed``). An FP8 checkpoint's weights are read as their exact values (code times block
+    scale), and export to FP8 with its own codes and scales: export then import is the identity."""
     if dtype not in DTYPES:
         raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
     _shard_limit(max_shard_size)
-    _check_out(Path(out))  # before a model is loaded for nothing
+    _check_out(Path(out))  # before the checkpoint is read for nothing
+    src = _Streamed(path)
     source = settings_dir(path)  # an HF directory, or a run fine-tuned from one: its tokenizer settings
-    fp8 = source is not None and stored_weight_dtype(source) == "fp8"
-    model, _, tok = load_pretrained(path, "cpu", torch.float32 if fp8 else None)
-    codes = _source_codes(source, model.cfg) if fp8 and dtype == "fp8" else None
-    return export_model(model, tok, out, dtype, max_shard_size, source, codes)
+    codes = _source_codes(source, src.cfg) if src.fp8 and dtype == "fp8" else None
+    return _export(src.cfg, src.tok, lambda: _items(src.cfg, src.state, src.read, dtype, codes), out, dtype,
+                   max_shard_size, source)
 
 
 def _run(args) -> int:

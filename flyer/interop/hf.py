@@ -43,7 +43,7 @@ from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import from_hf_config, model_type
-from flyer.interop.tensorfile import TensorFile
+from flyer.interop.tensorfile import TensorFile, header
 from flyer.model.init import allocate
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
@@ -304,44 +304,60 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
     return name.endswith(("rotary_emb.inv_freq", SCALE_SUFFIX))
 
 
-def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
-                    files: dict[str, Path] | None = None,
-                    place: Callable[[Slot], Slot | None] | None = None) -> None:
-    """Fill ``model`` (any device; its parameters' dtypes are kept) from the directory's safetensors,
-    one tensor at a time. A missing shard or tensor, a tensor the config does not expect or of the
-    wrong shape: ``CheckpointError`` naming the file and the tensor. Into a model holding its weights
-    (``flyer.infer.weights.empty_held``) each tensor is written as held: an E4M3 weight held as FP8
-    keeps the file's own codes and block scales, anything else is rounded (or quantized) as held.
-    ``place``: where a tensor's slot is in ``model`` when that holds part of the model (a rank's
-    experts and stages), None for a tensor it does not hold (not read)."""
+def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: dict[str, Path] | None = None,
+                  headers: dict[Path, TensorFile] | None = None) -> dict[str, Slot]:
+    """Every tensor of the directory's safetensors a model of ``cfg`` takes, by HF name, with its
+    ``Slot``, checked from the files' headers alone before anything is read: a missing shard or
+    tensor, a tensor the config does not expect or of the wrong shape is a ``CheckpointError``
+    naming the file and the tensor. (Tensors flyer does not keep, such as DeepSeek's copies of
+    the embedding and head beside each MTP layer, are left out.) ``headers``: the files' parsed
+    headers, kept for reading them next."""
     path = Path(path)
     files = files if files is not None else weight_files(path)
-    slots = hf_names(model.cfg, rope_half)
-    state = model.state_dict()
-    headers: dict[Path, TensorFile] = {}
-    seen: set[str] = set()
+    slots = hf_names(cfg, rope_half)
+    state = _meta_model(cfg).state_dict()
+    headers = {} if headers is None else headers
+    found: dict[str, Slot] = {}
     for name, f in files.items():
-        if _ignored(name, model.cfg):
+        if _ignored(name, cfg):
             continue
-        tf = headers.setdefault(f, TensorFile(f))
+        tf = header(headers, f)
         if name not in tf.entries:
             raise CheckpointError(f"{f}: tensor {name} is listed in the index but not in the file")
         slot = slots.get(name)
         if slot is None:
             raise CheckpointError(f"{f}: tensor {name} is not expected by the config "
                                   f"(a different architecture or size?)")
-        seen.add(name)
-        if place is not None and (slot := place(slot)) is None:
-            continue
         dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
         if tf.shape(name) != tuple(dest.shape):
             raise CheckpointError(f"{f}: tensor {name} has shape {tf.shape(name)}, "
                                   f"the config expects {tuple(dest.shape)}")
-        fill_tensor(model, dest, tf, name, slot, files, headers)
-    missing = sorted(set(slots) - seen)
+        found[name] = slot
+    missing = sorted(set(slots) - set(found))
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                          if len(missing) > 1 else ""))
+    return found
+
+
+def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
+                    files: dict[str, Path] | None = None,
+                    place: Callable[[Slot], Slot | None] | None = None) -> None:
+    """Fill ``model`` (any device; its parameters' dtypes are kept) from the directory's safetensors,
+    one tensor at a time, after ``hf_weight_map`` has checked them. Into a model holding its weights
+    (``flyer.infer.weights.empty_held``) each tensor is written as held: an E4M3 weight held as FP8
+    keeps the file's own codes and block scales, anything else is rounded (or quantized) as held.
+    ``place``: where a tensor's slot is in ``model`` when that holds part of the model (a rank's
+    experts and stages), None for a tensor it does not hold (not read)."""
+    files = files if files is not None else weight_files(Path(path))
+    state = model.state_dict()
+    headers: dict[Path, TensorFile] = {}
+    for name, slot in hf_weight_map(model.cfg, path, rope_half, files, headers).items():
+        if place is not None and (slot := place(slot)) is None:
+            continue
+        tf = header(headers, files[name])
+        dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
+        fill_tensor(model, dest, tf, name, slot, files, headers)
 
 
 @torch.no_grad()
@@ -362,7 +378,7 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
                 raise CheckpointError(f"{tf.path}: FP8 tensor {name} is a stack of experts")
             if scale_name not in files:
                 raise CheckpointError(f"{tf.path}: FP8 tensor {name} has no {scale_name}")
-            sf = headers.setdefault(files[scale_name], TensorFile(files[scale_name]))
+            sf = header(headers, files[scale_name])
             blocks = tuple(-(-n // TILE) for n in tf.shape(name))
             if sf.shape(scale_name) != blocks:
                 raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
@@ -438,5 +454,5 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
 
 
 __all__ = ["INDEX", "SINGLE", "Slot", "TextTokenizer", "build_empty", "dequantize_fp8_blocks", "fill_tensor",
-           "hf_names", "is_hf_model_dir", "load_hf", "load_hf_weights", "load_tokenizer", "permute_rope",
-           "read_hf_config", "rope_half_layout", "rope_permutation", "weight_files"]
+           "hf_names", "hf_weight_map", "is_hf_model_dir", "load_hf", "load_hf_weights", "load_tokenizer",
+           "permute_rope", "read_hf_config", "rope_half_layout", "rope_permutation", "weight_files"]
