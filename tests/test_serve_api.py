@@ -198,7 +198,7 @@ def test_chat_template_renders_as_transformers(tmp_path):
             {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"}]
     hf = AutoTokenizer.from_pretrained(tmp_path)
     expect = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert chat_renderer(template, "<s>", "</s>")(msgs) == expect
+    assert chat_renderer(template, {"bos_token": "<s>", "eos_token": "</s>"})(msgs) == expect
 
 
 def _error(resp, status, param=None):

@@ -92,7 +92,7 @@ def test_the_default_template_keeps_the_tokenizers_bos(tmp_path):
     tok, hf = _hf_dir(tmp_path)
     ids = Api(None, tok, "m")._chat_prompt(ChatBody(model="m", messages=MSGS))
     assert ids == tok.encode_ids(chat_renderer(None)(MSGS)) and ids.count(hf.bos_token_id) == 1
-    assert chat_renderer(None, "<s>")(MSGS).startswith("<s><|system|>\nsys\n")
+    assert chat_renderer(None, {"bos_token": "<s>"})(MSGS).startswith("<s><|system|>\nsys\n")
 
 
 def test_tojson_renders_as_transformers(tmp_path):

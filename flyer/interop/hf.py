@@ -178,11 +178,11 @@ class TextTokenizer:
     e.g. a BOS), flyer's own tokenizers without special tokens."""
 
     def __init__(self, tok: Tokenizer, eos: int | Sequence[int] | None = None, add_special_tokens: bool = False,
-                 bos: int | None = None):
+                 bos: int | None = None, named: dict[str, str] | None = None):
         """``eos``: the end-of-sequence id, or the checkpoint's list of them (Llama 3's
         ``[128001, 128009]``: each ends generation); None or empty: the first of ``_EOS_NAMES`` in the
-        vocabulary."""
-        self.tok, self.add_special_tokens, self.bos = tok, add_special_tokens, bos
+        vocabulary. ``named``: an HF directory's named special tokens (``_named_special_tokens``)."""
+        self.tok, self.add_special_tokens, self.bos, self.named = tok, add_special_tokens, bos, named
         ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
         if not ids:
             ids = tuple(i for i in map(tok.token_to_id, _EOS_NAMES) if i is not None)[:1]
@@ -211,6 +211,15 @@ class TextTokenizer:
 
     def token(self, i: int | None) -> str | None:
         return None if i is None else self.tok.id_to_token(i)
+
+    def special_tokens(self) -> dict[str, str]:
+        """The named special tokens a chat template sees (transformers' ``special_tokens_map``): an HF
+        directory's as its tokenizer files name them, which need not be the first EOS id (Llama 3.1's
+        eos_token is <|eot_id|>, its generation_config's first id <|end_of_text|>); else BOS and EOS."""
+        if self.named is not None:
+            return dict(self.named)
+        pairs = (("bos_token", self.token(self.bos)), ("eos_token", self.token(self.eos)))
+        return {k: t for k, t in pairs if t is not None}
 
 
 def _read_json(path: Path) -> dict:
@@ -245,6 +254,27 @@ def weight_files(path: Path) -> dict[str, Path]:
     return dict.fromkeys(TensorFile(path / SINGLE).names(), path / SINGLE)
 
 
+_SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _content(e) -> str | None:
+    """A special token as tokenizer_config.json writes it: its text, or an AddedToken object's content."""
+    e = e.get("content") if isinstance(e, dict) else e
+    return e if isinstance(e, str) and e else None
+
+
+def _named_special_tokens(path: Path) -> dict[str, str]:
+    """The named special tokens transformers' tokenizer for the directory has (``_SPECIAL_NAMES``):
+    tokenizer_config.json's; one saved without ``added_tokens_decoder`` (older transformers) has
+    special_tokens_map.json's over them, as transformers 5 loads them."""
+    tc = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    named = {k: v for k in _SPECIAL_NAMES if (v := _content(tc.get(k)))}
+    if "added_tokens_decoder" not in tc and (path / "special_tokens_map.json").is_file():
+        legacy = _read_json(path / "special_tokens_map.json")
+        named.update({k: v for k in _SPECIAL_NAMES if (v := _content(legacy.get(k)))})
+    return named
+
+
 def _special_ids(path: Path, config: dict, tok: Tokenizer, kind: str) -> tuple[int, ...]:
     """generation_config.json's ``{kind}_token_id`` (an id or a list of ids), else config.json's, else
     tokenizer_config's ``{kind}_token``; () when none names one. A list keeps its order, less repeats."""
@@ -255,9 +285,8 @@ def _special_ids(path: Path, config: dict, tok: Tokenizer, kind: str) -> tuple[i
         if ids:
             return tuple(dict.fromkeys(ids))
     if (path / "tokenizer_config.json").is_file():
-        e = _read_json(path / "tokenizer_config.json").get(f"{kind}_token")
-        e = e.get("content") if isinstance(e, dict) else e
-        if isinstance(e, str) and (i := tok.token_to_id(e)) is not None:
+        e = _content(_read_json(path / "tokenizer_config.json").get(f"{kind}_token"))
+        if e is not None and (i := tok.token_to_id(e)) is not None:
             return (i,)
     return ()
 
@@ -269,7 +298,7 @@ def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenize
     config = config if config is not None else _read_json(path / "config.json")
     bos = _special_ids(path, config, tok, "bos")
     return TextTokenizer(tok, _special_ids(path, config, tok, "eos"), add_special_tokens=True,
-                         bos=bos[0] if bos else None)
+                         bos=bos[0] if bos else None, named=_named_special_tokens(path))
 
 
 def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[ModelConfig, dict]:

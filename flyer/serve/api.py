@@ -181,9 +181,10 @@ class ChatBody(_Body):
             raise FieldError("top_logprobs", "needs logprobs: true")
 
 
-def chat_renderer(template: str | None, bos: str | None = None, eos: str | None = None):
+def chat_renderer(template: str | None, special: dict[str, str] | None = None):
     """messages -> prompt text with ``template`` (a Hugging Face chat template; None: the default),
-    in a sandboxed Jinja environment set up as transformers sets up its own."""
+    in a sandboxed Jinja environment set up as transformers sets up its own. ``special``: the named
+    special tokens the template sees (``bos_token``, ``eos_token``, ...; ``TextTokenizer.special_tokens``)."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=["jinja2.ext.loopcontrols"])
 
@@ -199,8 +200,8 @@ def chat_renderer(template: str | None, bos: str | None = None, eos: str | None 
     compiled = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
 
     def render(messages: list[dict]) -> str:
-        return compiled.render(messages=messages, add_generation_prompt=True, bos_token=bos or "",
-                               eos_token=eos or "")
+        return compiled.render(messages=messages, add_generation_prompt=True,
+                               **{"bos_token": "", "eos_token": "", **(special or {})})
     return render
 
 
@@ -387,17 +388,14 @@ class Api:
     def __init__(self, engine: EngineClient, tokenizer, model_name: str, api_key: str | None = None,
                  chat_template: str | None = None):
         self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
-        self.render_chat = chat_renderer(chat_template, *self._special_texts())
+        self.render_chat = chat_renderer(chat_template, self._special_tokens())
         self.draining = False
         self.created = int(time.time())
         self.metrics = ApiMetrics()
 
-    def _special_texts(self) -> tuple[str | None, str | None]:
-        token = getattr(self.tok, "token", None)
-        if token is None:
-            return None, None
-        bos = getattr(self.tok, "bos_id", lambda: None)()
-        return token(bos), token(self.tok.eos_id())
+    def _special_tokens(self) -> dict[str, str]:
+        named = getattr(self.tok, "special_tokens", None)  # byte tokens (a --preset) have none
+        return named() if named is not None else {}
 
     # ---- request handling ---------------------------------------------------------------
     def check_access(self, request: Request, model: str | None = None) -> None:
