@@ -18,7 +18,7 @@ from flyer.errors import CheckpointError, ConfigError, FieldError
 from flyer.fp8.quant import TILE
 from flyer.interop import export as export_mod
 from flyer.interop.export import export_model
-from flyer.interop.hf import load_hf
+from flyer.interop.hf import _check_finite, load_hf  # the finiteness check every read path makes
 from flyer.interop.load import load_pretrained
 from tests.hf_models import build
 from tests.test_interop_export import run, tensors  # noqa: F401 (run: the module's tiny-run fixture)
@@ -280,3 +280,18 @@ def test_nan_in_a_bf16_weight_is_refused_on_every_path(src, tmp_path):
                {"dtype": torch.float32, "held": FP8}):
         with pytest.raises(CheckpointError, match=name):
             load_pretrained(tmp_path / "bf16", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_every_non_finite_value_is_found_wherever_it_is(dtype):
+    """The finiteness check (one aminmax pass) finds NaN of either sign and either infinity at the
+    start, the middle, a vector's edge and the end of tensors of any length."""
+    for n in (1, 15, 16, 17, 33, 1000, 4099):
+        clean = torch.randn(n, dtype=torch.float64).to(dtype)
+        _check_finite(clean, "f", "w")
+        for pos in {0, n // 2, 15 % n, 16 % n, n - 1}:
+            for bad in (float("nan"), -float("nan"), float("inf"), float("-inf")):
+                t = clean.clone()
+                t[pos] = bad
+                with pytest.raises(CheckpointError, match="f: tensor w holds non-finite values"):
+                    _check_finite(t.view(1, -1) if n % 2 else t, "f", "w")

@@ -28,6 +28,7 @@ model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as i
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -437,12 +438,18 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
 def _check_finite(t: torch.Tensor, path: Path, name: str) -> None:
     """NaN or inf in a weight or scale is a corrupt checkpoint: refused as read, on every load path
     (the held kernels would compute with it silently)."""
-    if not t.is_floating_point():
+    if not t.is_floating_point() or t.numel() == 0:
         return
-    flat, step = t.reshape(-1), 1 << 24  # in slices: the check's temporary stays small beside the tensor
-    for i in range(0, flat.numel(), step):
-        if not bool(torch.isfinite(flat[i:i + step]).all()):
-            raise CheckpointError(f"{path}: tensor {name} holds non-finite values (NaN or inf)")
+    flat = t.reshape(-1)
+    if flat.element_size() > 1:
+        # one pass and no temporary: aminmax propagates NaN and returns any inf (isfinite().all() took 45x
+        # as long on BF16, half of an export's time)
+        lo, hi = torch.aminmax(flat)
+        finite = math.isfinite(lo.item()) and math.isfinite(hi.item())
+    else:  # FP8 has no aminmax: in slices, so the check's temporary stays small beside the tensor
+        finite = all(bool(torch.isfinite(flat[i:i + (1 << 24)]).all()) for i in range(0, flat.numel(), 1 << 24))
+    if not finite:
+        raise CheckpointError(f"{path}: tensor {name} holds non-finite values (NaN or inf)")
 
 
 def build_empty(cfg: ModelConfig, device: str | torch.device = "cpu",
