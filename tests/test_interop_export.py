@@ -182,6 +182,7 @@ def test_train_init_cli_then_export(tmp_path, capsys):
                  "--data", str(tmp_path / "text.txt"), "--data-cache", str(tmp_path / "cache"), "--out",
                  str(tmp_path / "run"), "--no-progress", "--no-plots", "--eval-every", "1", "--eval-batches", "1",
                  "--ckpt-every", "1", "--device", "cpu"]) == 0
+    assert f"flyer train: init {tmp_path / 'src'}, " in capsys.readouterr().err  # not the unused preset's name
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2

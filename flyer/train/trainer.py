@@ -594,7 +594,8 @@ class Trainer:
             self.mesh.destroy()
             return {"steps": self.step, "final_loss": None, "val_loss": None, "out": str(self.out)}
         pc = param_counts(self.cfg)
-        self.log(f"flyer train: preset {tc.preset}, {pc.total / 1e6:.1f}M params ({pc.activated / 1e6:.1f}M "
+        model = f"init {tc.init}" if tc.init else f"preset {tc.preset}"  # --init's config, not the preset's
+        self.log(f"flyer train: {model}, {pc.total / 1e6:.1f}M params ({pc.activated / 1e6:.1f}M "
                  f"activated, MTP {pc.mtp / 1e6:.1f}M), {self._precision_label()}, batch {tc.batch_size}x{tc.seq_len}"
                  f"x{tc.grad_accum * self.micro_batches_per_step}, {len(self.data.train):,} train tokens, "
                  f"vocab {self.cfg.vocab_size}")
