@@ -2,7 +2,7 @@
 
 Field names follow DeepSeek-V3's `inference/model.py` ModelArgs (``dim``, ``inter_dim``,
 ``moe_inter_dim``, ``n_dense_layers``, ...). ``ModelConfig.from_json`` also accepts the keys of a
-Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 (and Llama / Qwen2 for the GQA presets).
+Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 (and Llama / Mistral / Qwen2 for the GQA presets).
 Every constructed config is validated; an impossible value raises ``ConfigError`` with one line
 naming the field and what is allowed.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flyer.errors import ConfigError, FieldError
-from flyer.interop.hf_config import from_hf_config, is_hf_config, yarn_mscale
+from flyer.interop.hf_config import ROPE_TYPES, from_hf_config, is_hf_config, yarn_mscale
 
 
 
@@ -70,15 +70,18 @@ class ModelConfig:
     router_bias: bool = True  # aux-loss-free balancing bias (selection only)
     bias_update_speed: float = 0.001  # gamma
     seq_aux_alpha: float = 0.0001  # complementary sequence-wise balance loss weight
-    # positions: RoPE with optional YaRN
+    # positions: RoPE, its frequencies scaled for a context rope_factor times original_seq_len
     max_seq_len: int = 4096 * 40
     rope_theta: float = 10000.0
-    rope_factor: float = 40.0  # 1.0 = no YaRN
+    rope_type: str = "yarn"  # the scaling when rope_factor > 1: yarn, llama3 or linear; default = never scaled
+    rope_factor: float = 40.0  # 1.0 = not scaled (whatever rope_type)
     original_seq_len: int = 4096
-    beta_fast: int = 32
-    beta_slow: int = 1
-    mscale: float = 1.0  # softmax scale * yarn_mscale(rope_factor, mscale)^2 (HF: mscale_all_dim)
-    rope_attn_factor: float = 1.0  # YaRN factor on cos/sin (HF: attention_factor, m(mscale)/m(mscale_all_dim))
+    beta_fast: int = 32  # yarn
+    beta_slow: int = 1  # yarn
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original_seq_len / low_freq_factor are interpolated
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original_seq_len / high_freq_factor are kept
+    mscale: float = 1.0  # yarn: softmax scale * yarn_mscale(rope_factor, mscale)^2 (HF: mscale_all_dim)
+    rope_attn_factor: float = 1.0  # factor on cos/sin (YaRN's; HF: attention_factor, m(mscale)/m(mscale_all_dim))
     # multi-token prediction
     mtp_depth: int = 1
     mtp_loss_weight: float = 0.3
@@ -100,14 +103,14 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """Attention softmax scale, with YaRN's mscale^2 correction.
+        """Attention softmax scale, with YaRN's mscale^2 correction (llama3 and linear scaling have none).
 
         YaRN applies whenever ``rope_factor > 1``, as in transformers; DeepSeek's reference applies it
         only when ``max_seq_len > original_seq_len``: we follow the checkpoints' transformers semantics,
         so a model does not change with the context it is run at."""
         d = self.qk_head_dim if self.attn == "mla" else self.head_dim
         scale = d ** -0.5
-        if self.rope_factor > 1.0:
+        if self.rope_type == "yarn" and self.rope_factor > 1.0:
             m = yarn_mscale(self.rope_factor, self.mscale)
             scale = scale * m * m
         return scale
@@ -161,9 +164,18 @@ class ModelConfig:
             need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
             need(self.seq_aux_alpha >= 0, "seq_aux_alpha", "must be >= 0")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
-        need(self.rope_factor >= 1.0, "rope_factor", "must be >= 1 (1 = no YaRN)")
+        need(self.rope_type in ROPE_TYPES, "rope_type", f"must be one of {', '.join(ROPE_TYPES)}")
+        need(self.rope_factor >= 1.0, "rope_factor", "must be >= 1 (1 = not scaled)")
+        if self.rope_type == "default":
+            need(self.rope_factor == 1.0, "rope_factor", "must be 1 with rope_type 'default' (never scaled)")
         need(self.original_seq_len > 0, "original_seq_len", "must be > 0")
         need(self.rope_attn_factor > 0, "rope_attn_factor", "must be > 0")
+        if self.rope_type in ("llama3", "linear"):  # transformers' llama3 / linear RoPE has no cos/sin factor
+            need(self.rope_attn_factor == 1.0, "rope_attn_factor", f"must be 1 with rope_type '{self.rope_type}'")
+        if self.rope_type == "llama3":
+            need(self.low_freq_factor > 0, "low_freq_factor", "must be > 0")
+            need(self.high_freq_factor > self.low_freq_factor, "high_freq_factor",
+                 f"must be > low_freq_factor={self.low_freq_factor}")
         need(self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
         need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
 
@@ -380,5 +392,5 @@ def resolve_device(name: str, field: str = "device"):
     return device
 
 
-__all__ = ["ModelConfig", "ConfigError", "FieldError", "PRESETS", "preset", "preset_fields", "resolve_config",
-           "read_config_file", "read_config_sections", "resolve_device", "yarn_mscale"]
+__all__ = ["ModelConfig", "ConfigError", "FieldError", "PRESETS", "ROPE_TYPES", "preset", "preset_fields",
+           "resolve_config", "read_config_file", "read_config_sections", "resolve_device", "yarn_mscale"]

@@ -52,7 +52,7 @@ _NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|norm)\
 def hf_model_type(cfg: ModelConfig) -> str:
     """The transformers architecture that computes what ``cfg`` does, or a ``ConfigError`` saying why none does."""
     if cfg.attn == "gqa":
-        if cfg.rope_factor > 1 and cfg.mscale:
+        if cfg.rope_type == "yarn" and cfg.rope_factor > 1 and cfg.mscale:
             raise ConfigError("config field 'mscale': Llama / Qwen2 do not scale the softmax for YaRN (needs 0)")
         if cfg.n_routed_experts and cfg.n_dense_layers < cfg.n_layers:
             raise ConfigError(f"config field 'n_dense_layers': Llama / Qwen2 (GQA) have no routed experts, and "
@@ -70,8 +70,15 @@ def hf_model_type(cfg: ModelConfig) -> str:
 
 
 def _rope_parameters(cfg: ModelConfig) -> dict:
-    if cfg.rope_factor <= 1.0:
+    """transformers' ``rope_parameters`` computing ``cfg``'s frequencies (``flyer.model.rope``)."""
+    if cfg.rope_factor <= 1.0:  # rope_type 'default' has 1
         return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_type == "linear":
+        return {"rope_type": "linear", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor}
+    if cfg.rope_type == "llama3":
+        return {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+                "original_max_position_embeddings": cfg.original_seq_len, "low_freq_factor": cfg.low_freq_factor,
+                "high_freq_factor": cfg.high_freq_factor}
     rp = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
           "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
           "beta_slow": cfg.beta_slow, "attention_factor": cfg.rope_attn_factor}

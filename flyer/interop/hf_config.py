@@ -7,10 +7,14 @@ Reads every spelling the ecosystem writes for the architectures flyer runs:
 - transformers 4 and DeepSeek's hub files: ``rope_theta`` plus ``rope_scaling`` (``type`` or
   ``rope_type``), ``topk_method``, ``scoring_func``, ``quantization_config``.
 
+RoPE scaling: ``default``, ``yarn`` (DeepSeek), ``llama3`` (Llama 3.1 / 3.2 / 3.3) and ``linear``;
+``dynamic`` (NTK, recomputed per sequence length) and the others are refused.
+
 The architecture (``model_type``) decides semantics as transformers implements them: DeepseekV3
 always routes with sigmoid scores, the ``e_score_correction_bias`` and expert groups; DeepseekV2
-with softmax, ``greedy`` or ``group_limited_greedy`` (max score per group). A value flyer cannot
-run is a ``ConfigError`` naming the file and the field, never silently ignored.
+with softmax, ``greedy`` or ``group_limited_greedy`` (max score per group). Mistral is Llama with
+an optional sliding window: read as Llama when the window never slides. A value flyer cannot run is
+a ``ConfigError`` naming the file and the field, never silently ignored.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ from typing import Any
 
 from flyer.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "qwen2")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2")
+# model types that compute as another flyer reads (Mistral without its sliding window is Llama)
+_SAME_AS = {"mistral": "llama"}
+# RoPE frequency scalings (transformers' rope_type names; ModelConfig.rope_type): none, YaRN
+# (DeepSeek), Llama 3.1's frequency bands, position interpolation (every frequency / factor).
+ROPE_TYPES = ("default", "yarn", "llama3", "linear")
 # Keys that only exist in Hugging Face configs (their presence switches the parser).
 HF_KEYS = frozenset({"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"})
 
@@ -35,7 +44,8 @@ def _bad(where: str, field: str, problem: str) -> ConfigError:
 
 def model_type(d: dict[str, Any], where: str = "config.json") -> str:
     """The architecture of an HF config: its ``model_type``, or (files without one) inferred from
-    the MLA keys. Anything but ``SUPPORTED_MODEL_TYPES`` is a ``ConfigError``."""
+    the MLA keys; ``mistral`` reads as ``llama`` (``from_hf_config`` refuses a sliding window).
+    Anything but ``SUPPORTED_MODEL_TYPES`` is a ``ConfigError``."""
     mt = d.get("model_type")
     if mt is None:
         if "kv_lora_rank" not in d:
@@ -47,7 +57,7 @@ def model_type(d: dict[str, Any], where: str = "config.json") -> str:
     if mt not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(SUPPORTED_MODEL_TYPES)
         raise _bad(where, "model_type", f"unsupported architecture {mt!r} (supported: {supported})")
-    return mt
+    return _SAME_AS.get(mt, mt)
 
 
 def yarn_attention_factor(factor: float, mscale: float | None, mscale_all_dim: float | None) -> float:
@@ -63,9 +73,20 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def rope_fields(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
-    """flyer's RoPE / YaRN fields from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
-    ``rope_scaling`` (transformers 4, DeepSeek's files)."""
+def _rope_number(rp: dict[str, Any], where: str, key: str, name: str, rope_type: str) -> float:
+    """``rp[name]``, a number transformers requires for ``rope_type`` (it raises a KeyError without one)."""
+    v = rp.get(name)
+    if v is None:
+        raise _bad(where, f"{key}.{name}", f"required with rope_type {rope_type!r}")
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise _bad(where, f"{key}.{name}", f"expected a number (got {v!r:.40})")
+    return v
+
+
+def rope_fields(d: dict[str, Any], where: str = "config.json", mla: bool = False) -> dict[str, Any]:
+    """flyer's RoPE fields from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
+    ``rope_scaling`` (transformers 4, DeepSeek's files). ``mla``: a DeepSeek config, whose
+    transformers attention scales the softmax by ``mscale_all_dim`` for any scaled type."""
     rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
     key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
     if not isinstance(rp, dict):
@@ -77,11 +98,22 @@ def rope_fields(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]
     max_pos = d.get("max_position_embeddings", 4096)
     if rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
         raise _bad(where, "partial_rotary_factor", "only 1.0 (RoPE on the whole rope head) is supported")
-    out: dict[str, Any] = {"rope_theta": theta}
+    if rope_type not in ROPE_TYPES:
+        supported = ", ".join(ROPE_TYPES)
+        raise _bad(where, f"{key}.rope_type", f"unsupported RoPE type {rope_type!r} (supported: {supported})")
+    out: dict[str, Any] = {"rope_theta": theta, "rope_type": rope_type}
     if rope_type == "default":
         return {**out, "rope_factor": 1.0, "original_seq_len": max_pos, "mscale": 1.0, "rope_attn_factor": 1.0}
-    if rope_type != "yarn":
-        raise _bad(where, f"{key}.rope_type", f"unsupported RoPE type {rope_type!r} (supported: default, yarn)")
+    if rope_type in ("llama3", "linear"):
+        if mla and rp.get("mscale_all_dim"):  # flyer's softmax correction is YaRN's alone
+            raise _bad(where, f"{key}.mscale_all_dim", f"only supported with rope_type 'yarn' (not {rope_type!r})")
+        out.update(rope_factor=_rope_number(rp, where, key, "factor", rope_type), original_seq_len=max_pos,
+                   mscale=0.0, rope_attn_factor=1.0)  # transformers' attention factor for both is 1
+        if rope_type == "llama3":
+            out.update(original_seq_len=rp.get("original_max_position_embeddings") or max_pos,
+                       low_freq_factor=_rope_number(rp, where, key, "low_freq_factor", rope_type),
+                       high_freq_factor=_rope_number(rp, where, key, "high_freq_factor", rope_type))
+        return out
     if rp.get("truncate", True) is not True:
         raise _bad(where, f"{key}.truncate", "only true (integer YaRN correction range) is supported")
     orig = rp.get("original_max_position_embeddings") or max_pos
@@ -129,23 +161,39 @@ def _check_types(d: dict[str, Any], where: str, mla: bool) -> None:
             raise _bad(where, k, f"expected {'an integer' if k not in _NUMBERS else 'a number'} (got {v!r:.40})")
 
 
+def _check_window(d: dict[str, Any], where: str) -> None:
+    """Mistral's ``sliding_window``: null, or one no position within ``max_position_embeddings``
+    reaches past (transformers masks keys ``window`` or more positions back), is full causal attention."""
+    window, max_pos = d.get("sliding_window"), d.get("max_position_embeddings", 4096)
+    if window is None:
+        return
+    if not isinstance(window, int) or isinstance(window, bool):
+        raise _bad(where, "sliding_window", f"expected an integer or null (got {window!r:.40})")
+    if window < max_pos:
+        raise _bad(where, "sliding_window", f"sliding-window attention is not supported (window {window} < "
+                                            f"max_position_embeddings {max_pos}; null = full attention)")
+
+
 def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
     mt = model_type(d, where)
-    _check_types(d, where, mt in ("deepseek_v3", "deepseek_v2"))
+    mla = mt in ("deepseek_v3", "deepseek_v2")
+    _check_types(d, where, mla)
     _require(d, where, "hidden_act", ("silu",), "silu")
     _require(d, where, "mlp_bias", (False,), False)
     if d.get("use_sliding_window"):
         raise _bad(where, "use_sliding_window", "sliding-window attention is not supported")
+    if d.get("model_type") == "mistral":
+        _check_window(d, where)
     n_layers = d["num_hidden_layers"]
     out: dict[str, Any] = {
         "vocab_size": d["vocab_size"], "dim": d["hidden_size"], "n_layers": n_layers,
         "n_heads": d["num_attention_heads"], "inter_dim": d.get("intermediate_size", 0),
         "norm_eps": d.get("rms_norm_eps", 1e-6), "max_seq_len": d.get("max_position_embeddings", 4096),
         "init_std": d.get("initializer_range", 0.02), "tie_embeddings": bool(d.get("tie_word_embeddings", False)),
-        **rope_fields(d, where),
+        **rope_fields(d, where, mla),
     }
-    if mt in ("deepseek_v3", "deepseek_v2"):
+    if mla:
         _require(d, where, "attention_bias", (False,), False)
         _require(d, where, "moe_layer_freq", (1,), 1)
         out.update(
@@ -173,7 +221,7 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
                        n_limited_groups=(d.get("topk_group") or 1) if grouped else 1)
             if "aux_loss_alpha" in d:
                 out["seq_aux_alpha"] = d["aux_loss_alpha"]
-    else:  # Llama / Qwen2: dense GQA; their softmax scale is head_dim^-0.5 whatever mscale_all_dim says
+    else:  # Llama / Mistral / Qwen2: dense GQA; their softmax scale is head_dim^-0.5 whatever mscale_all_dim says
         out["mscale"] = 0.0
         if mt == "llama":  # Llama's attention_bias also puts a bias on o_proj, which flyer's GQA has not
             _require(d, where, "attention_bias", (False,), False)
@@ -186,5 +234,5 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     return out
 
 
-__all__ = ["HF_KEYS", "SUPPORTED_MODEL_TYPES", "from_hf_config", "is_hf_config", "model_type", "rope_fields",
-           "yarn_attention_factor"]
+__all__ = ["HF_KEYS", "ROPE_TYPES", "SUPPORTED_MODEL_TYPES", "from_hf_config", "is_hf_config", "model_type",
+           "rope_fields", "yarn_attention_factor"]

@@ -1,4 +1,6 @@
-"""Rotary position embedding with YaRN frequency scaling (DeepSeek-V2/V3 style).
+"""Rotary position embedding, its frequencies scaled for a longer context by YaRN (DeepSeek-V2/V3),
+Llama 3.1's frequency bands (``llama3``) or position interpolation (``linear``), as transformers
+computes each (``modeling_rope_utils``).
 
 Pairs are interleaved (channels 2i, 2i+1 rotate together), as in DeepSeek's reference code.
 Checkpoints laid out for rotate-half RoPE (Llama, Qwen2, DeepseekV3 with ``rope_interleave:
@@ -18,30 +20,52 @@ def _correction_dim(n_rot: float, dim: int, base: float, max_seq_len: int) -> fl
     return dim * math.log(max_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
 
 
-def rope_frequencies(rope_dim: int, cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (rope_dim/2,) in FP32, YaRN-interpolated when the context is extended.
-
-    YaRN keeps high frequencies (wavelength < original context / beta_fast) as they are, divides
+def _yarn(freqs: torch.Tensor, rope_dim: int, cfg: ModelConfig) -> torch.Tensor:
+    """YaRN keeps high frequencies (wavelength < original context / beta_fast) as they are, divides
     low frequencies (wavelength > original / beta_slow) by ``rope_factor``, and ramps linearly in
-    between. It applies whenever ``rope_factor > 1`` (transformers; DeepSeek's reference only when
-    ``max_seq_len > original_seq_len``: see ``ModelConfig.softmax_scale``).
+    between, over dimension indices."""
+    fast, slow = (_correction_dim(beta, rope_dim, cfg.rope_theta, cfg.original_seq_len)
+                  for beta in (cfg.beta_fast, cfg.beta_slow))
+    low, high = max(math.floor(fast), 0), min(math.ceil(slow), rope_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1.0 - ramp  # 1 for high-frequency dims (kept), 0 for low-frequency dims (interpolated)
+    return freqs / cfg.rope_factor * (1 - keep) + freqs * keep
+
+
+def _llama3(freqs: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's bands, by how many turns s_0 = original_seq_len / wavelength a frequency makes
+    over the original context: more than ``high_freq_factor`` (wavelength < original / high) are kept,
+    fewer than ``low_freq_factor`` divided by ``rope_factor``, and between the two mixed,
+    f ((1 - s) / rope_factor + s) with s = (s_0 - low) / (high - low) (s clamped to [0, 1] gives
+    exactly the two outer bands)."""
+    turns = cfg.original_seq_len * freqs / (2 * math.pi)
+    s = ((turns - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)).clamp(0, 1)
+    return freqs / cfg.rope_factor * (1 - s) + freqs * s
+
+
+def rope_frequencies(rope_dim: int, cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (rope_dim/2,) in FP32, computed in FP64, scaled by ``cfg.rope_type`` when
+    ``rope_factor > 1``: ``yarn`` (``_yarn``), ``llama3`` (``_llama3``) or ``linear`` (all divided
+    by ``rope_factor``: positions interpolated). Scaling applies whenever ``rope_factor > 1``
+    (transformers; DeepSeek's reference applies YaRN only when ``max_seq_len > original_seq_len``:
+    see ``ModelConfig.softmax_scale``).
     """
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
     if cfg.rope_factor > 1.0:
-        fast, slow = (_correction_dim(beta, rope_dim, cfg.rope_theta, cfg.original_seq_len)
-                      for beta in (cfg.beta_fast, cfg.beta_slow))
-        low, high = max(math.floor(fast), 0), min(math.ceil(slow), rope_dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-        keep = 1.0 - ramp  # 1 for high-frequency dims (kept), 0 for low-frequency dims (interpolated)
-        freqs = freqs / cfg.rope_factor * (1 - keep) + freqs * keep
+        if cfg.rope_type == "yarn":
+            freqs = _yarn(freqs, rope_dim, cfg)
+        elif cfg.rope_type == "llama3":
+            freqs = _llama3(freqs, cfg)
+        elif cfg.rope_type == "linear":
+            freqs = freqs / cfg.rope_factor
     return freqs.float()
 
 
 def rope_cos_sin(rope_dim: int, seq_len: int, cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables (seq_len, 1, rope_dim) in FP32 for ``apply_rope``: each pair's cos in both of
-    its channels, its sin as (-sin, sin); times YaRN's ``rope_attn_factor`` (transformers scales
+    its channels, its sin as (-sin, sin); times ``rope_attn_factor`` (YaRN's: transformers scales
     cos/sin, so the rope part of q.k by its square; 1 in DeepSeek's checkpoints). The 1 broadcasts
     over heads."""
     inv = rope_frequencies(rope_dim, cfg).to(device)
