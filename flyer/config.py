@@ -2,7 +2,7 @@
 
 Field names follow DeepSeek-V3's `inference/model.py` ModelArgs (``dim``, ``inter_dim``,
 ``moe_inter_dim``, ``n_dense_layers``, ...). ``ModelConfig.from_json`` also accepts the keys of a
-Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 (and Llama / Mistral / Qwen2 for the GQA presets).
+Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 (and Llama / Mistral / Qwen2 / Qwen3 for the GQA presets).
 Every constructed config is validated; an impossible value raises ``ConfigError`` with one line
 naming the field and what is allowed.
 """
@@ -57,6 +57,7 @@ class ModelConfig:
     n_kv_heads: int = 0  # gqa only
     head_dim: int = 0  # gqa only
     attn_bias: bool = False  # gqa only: bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # gqa only: RMSNorm over each head's query and key before RoPE (Qwen3)
     # DeepSeekMoE
     moe_inter_dim: int = 2048
     n_routed_experts: int = 256
@@ -139,6 +140,7 @@ class ModelConfig:
             need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
                  "must be a positive even number")
             need(self.v_head_dim > 0, "v_head_dim", "must be > 0 for MLA")
+            need(not self.qk_norm, "qk_norm", "applies to gqa attention only (MLA normalises its latents)")
         else:
             need(self.n_kv_heads > 0, "n_kv_heads", "must be > 0 for gqa attention")
             need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")

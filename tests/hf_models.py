@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
 
 VOCAB = 320
@@ -39,6 +40,9 @@ FAMILIES = {
     "llama": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=2, rope_parameters={
         "rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # head_dim 24, not hidden_size / heads = 16 (as Qwen3-0.6B: 128, not 64); q_norm / k_norm random (``build``)
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
                                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 
@@ -79,6 +83,9 @@ def build(name: str, out: Path, spelling: int = 5, seed: int = 0):
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):  # a trained balancing bias, not zeros
                 b.copy_(torch.rand_like(b) * 0.1)
+        for n, p in model.named_parameters():
+            if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):  # Qwen3's per-head norms:
+                p.uniform_(0.25, 2.0)  # a different weight per channel, or a wrong channel order would pass
     model.save_pretrained(out)
     make_tokenizer(out)
     if spelling == 4:

@@ -36,7 +36,6 @@ from torch import nn
 from flyer import kernels
 from flyer.infer.cache import KVCache, LatentCache
 from flyer.model.attention import causal_attention
-from flyer.model.rope import apply_rope
 
 FP32_TINY = torch.finfo(torch.float32).tiny  # smallest normal FP32, 2^-126
 
@@ -187,9 +186,9 @@ def mla_naive(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, 
 
 
 def gqa_cached(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, layer: int) -> torch.Tensor:
-    """Grouped-query attention against a per-KV-head cache."""
-    B, T, _ = x_BTD.shape
-    q = apply_rope(attn.wq(x_BTD).view(B, T, attn.n_heads, attn.head_dim), rows.cos, rows.sin)
+    """Grouped-query attention against a per-KV-head cache (queries and keys as the training path
+    makes them: ``GQA.queries`` / ``GQA.keys_values``, head norms included)."""
+    q = attn.queries(x_BTD, rows.cos, rows.sin)
     key, val = attn.keys_values(x_BTD, rows.cos, rows.sin)
     cache.write(layer, rows.pos, key=key, value=val)
     return _per_head_attention(q, cache, layer, rows, attn.softmax_scale, attn.n_heads // attn.n_kv_heads,

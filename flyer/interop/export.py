@@ -2,12 +2,12 @@
 
 ``flyer export PATH --out DIR [--dtype bf16|fp32|fp8] [--max-shard-size 5GB]`` writes
 ``config.json`` (``deepseek_v3`` for MLA with the sigmoid + bias gate, ``deepseek_v2`` for the
-softmax gate, ``llama`` / ``qwen2`` for dense GQA), safetensors (one file, or shards plus
+softmax gate, ``llama`` / ``qwen2`` / ``qwen3`` for dense GQA), safetensors (one file, or shards plus
 ``model.safetensors.index.json`` past the shard size), ``tokenizer.json`` with its
 ``tokenizer_config.json`` and a ``generation_config.json``. MTP modules are written as DeepSeek's
 checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head);
-Llama and Qwen2 have no MTP module, so a GQA model's is left out (the summary says so) and a GQA
-model with routed experts is refused: neither architecture routes to experts.
+Llama, Qwen2 and Qwen3 have no MTP module, so a GQA model's is left out (the summary says so) and a
+GQA model with routed experts is refused: none of them routes to experts.
 ``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
 ``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``; an FP8 source keeps its own
 codes and scales). A checkpoint directory is streamed: each tensor is read, converted and written
@@ -39,6 +39,7 @@ from flyer.fp8.quant import TILE, quantize_blocks
 from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, TextTokenizer, _read_json, build_empty,
                               checkpoint_dtype, fill_tensor, hf_names, hf_weight_map, is_hf_model_dir, load_tokenizer,
                               permute_rope, read_hf_config, rope_half_layout, weight_files)
+from flyer.interop.hf_config import GQA_MODEL_TYPES
 from flyer.interop.load import run_tokenizer, settings_dir, stored_weight_dtype
 from flyer.interop.tensorfile import TensorFile, header, write_tensors
 from flyer.model.transformer import Transformer
@@ -53,12 +54,16 @@ def hf_model_type(cfg: ModelConfig) -> str:
     """The transformers architecture that computes what ``cfg`` does, or a ``ConfigError`` saying why none does."""
     if cfg.attn == "gqa":
         if cfg.rope_type == "yarn" and cfg.rope_factor > 1 and cfg.mscale:
-            raise ConfigError("config field 'mscale': Llama / Qwen2 do not scale the softmax for YaRN (needs 0)")
+            raise ConfigError("config field 'mscale': Llama / Qwen2 / Qwen3 do not scale the softmax for YaRN "
+                              "(needs 0)")
         if cfg.n_routed_experts and cfg.n_dense_layers < cfg.n_layers:
-            raise ConfigError(f"config field 'n_dense_layers': Llama / Qwen2 (GQA) have no routed experts, and "
-                              f"{cfg.n_layers - cfg.n_dense_layers} of the {cfg.n_layers} layers have them "
+            raise ConfigError(f"config field 'n_dense_layers': Llama / Qwen2 / Qwen3 (GQA) have no routed experts, "
+                              f"and {cfg.n_layers - cfg.n_dense_layers} of the {cfg.n_layers} layers have them "
                               f"(a GQA model exports with n_dense_layers = n_layers)")
-        return "qwen2" if cfg.attn_bias else "llama"
+        if cfg.qk_norm and cfg.attn_bias:  # Qwen3's attention_bias would put one on o_proj too
+            raise ConfigError("config fields 'qk_norm'/'attn_bias': no transformers architecture has head norms "
+                              "(Qwen3) and a bias on q/k/v alone (Qwen2)")
+        return "qwen3" if cfg.qk_norm else "qwen2" if cfg.attn_bias else "llama"
     if cfg.n_routed_experts == 0:
         raise ConfigError("config field 'n_routed_experts': an MLA model without experts has no transformers twin")
     if cfg.score_func == "sigmoid" and cfg.router_bias:
@@ -88,8 +93,8 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
 
 
 def exported(cfg: ModelConfig) -> ModelConfig:
-    """What of ``cfg`` its transformers architecture holds: Llama and Qwen2 (GQA) have no MTP module."""
-    return replace(cfg, mtp_depth=0) if hf_model_type(cfg) in ("llama", "qwen2") else cfg
+    """What of ``cfg`` its transformers architecture holds: Llama, Qwen2 and Qwen3 (GQA) have no MTP module."""
+    return replace(cfg, mtp_depth=0) if hf_model_type(cfg) in GQA_MODEL_TYPES else cfg
 
 
 def eos_token_id(tok: TextTokenizer) -> int | list[int] | None:
@@ -102,7 +107,7 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     """transformers' ``config.json`` (transformers-5 spelling) for ``cfg``."""
     mt = hf_model_type(cfg)
     arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-            "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[mt]
+            "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[mt]
     d = {"architectures": [arch], "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
          "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
@@ -114,6 +119,8 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
         d.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
         if mt == "qwen2":
             del d["attention_bias"], d["mlp_bias"]
+        if mt == "qwen3":
+            del d["mlp_bias"]  # Qwen3's attention_bias (False) stays: it would bias q/k/v and o
         return d
     d.update(num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
              qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
@@ -157,7 +164,7 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
     """``tensor_items`` of a model whose state (``state``: its shapes, on any device, meta
     included) ``read`` gives one tensor at a time."""
     cfg = exported(cfg)
-    rope_half = hf_model_type(cfg) in ("llama", "qwen2")
+    rope_half = hf_model_type(cfg) in GQA_MODEL_TYPES
     items: list[Item] = []
     for name, slot in hf_names(cfg, rope_half).items():
         shape = tuple(state[slot.key].shape[1:] if slot.expert is not None else state[slot.key].shape)
@@ -346,7 +353,7 @@ def _source_codes(path: Path, cfg: ModelConfig) -> Codes:
     requantizing their values would not give them back wherever a scale is not amax / 448."""
     files = weight_files(path)
     src_half = rope_half_layout(read_hf_config(path, list(files))[1])
-    out_half = hf_model_type(exported(cfg)) in ("llama", "qwen2")
+    out_half = hf_model_type(exported(cfg)) in GQA_MODEL_TYPES
     half_rows = hf_names(cfg, True)
     headers: dict[Path, TensorFile] = {}
     codes: Codes = {}

@@ -3,7 +3,7 @@
 A Hugging Face model directory holds ``config.json``, ``model.safetensors`` (or shards
 ``model-*.safetensors`` with ``model.safetensors.index.json``), ``tokenizer.json`` and optionally
 ``tokenizer_config.json`` / ``generation_config.json``. Tensor names follow transformers'
-DeepseekV3 / V2 / Llama / Qwen2 layout (DeepSeek's released checkpoints use the same names):
+DeepseekV3 / V2 / Llama / Qwen2 / Qwen3 layout (DeepSeek's released checkpoints use the same names):
 
     flyer                          Hugging Face (layer i; MTP module k is layer n_layers + k)
     embed / norm / head            model.embed_tokens / model.norm / lm_head
@@ -11,6 +11,7 @@ DeepseekV3 / V2 / Llama / Qwen2 layout (DeepSeek's released checkpoints use the 
     attn.wq_a, q_norm, wq_b, wq    self_attn.q_a_proj, q_a_layernorm, q_b_proj, q_proj
     attn.wkv_a, kv_norm, wkv_b     self_attn.kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
     attn.wk, wv, wo                self_attn.k_proj, v_proj, o_proj
+    attn.q_head_norm, k_head_norm  self_attn.q_norm, k_norm (Qwen3's per-head RMSNorms; MLA's are above)
     ffn.w1 / w2 / w3               mlp.gate_proj / down_proj / up_proj (dense and shared_experts)
     ffn.gate.weight, .bias         mlp.gate.weight, mlp.gate.e_score_correction_bias
     ffn.experts.w1[e] (stacked)    mlp.experts.e.gate_proj (one tensor per expert)
@@ -18,8 +19,9 @@ DeepseekV3 / V2 / Llama / Qwen2 layout (DeepSeek's released checkpoints use the 
     mtp.k.norm                     model.layers.(L+k).shared_head.norm
     mtp.k.block.*                  model.layers.(L+k).* (as a decoder layer)
 
-flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2,
-DeepseekV3 with ``rope_interleave: false``) get their rope rows permuted on the way in and out.
+flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2, Qwen3,
+DeepseekV3 with ``rope_interleave: false``) get their rope rows permuted on the way in and out, and
+so do Qwen3's per-head norm weights: one per head channel, they follow the channels they scale.
 DeepSeek's FP8 format stores a linear weight as ``float8_e4m3fn`` plus ``weight_scale_inv``,
 one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on import, or, into a
 model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as its codes and scales.
@@ -43,7 +45,7 @@ from flyer.data.tokenizer import load_tokenizer as load_tokenizer_file
 from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
-from flyer.interop.hf_config import from_hf_config, model_type
+from flyer.interop.hf_config import GQA_MODEL_TYPES, from_hf_config, model_type
 from flyer.interop.tensorfile import TensorFile, header
 from flyer.model.init import allocate
 from flyer.model.moe import Gate
@@ -62,6 +64,7 @@ _BLOCK = {  # flyer name inside a block -> HF name inside a decoder layer
     "attn.wq_b.weight": "self_attn.q_b_proj.weight", "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
     "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight", "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
     "attn.wo.weight": "self_attn.o_proj.weight",
+    "attn.q_head_norm.weight": "self_attn.q_norm.weight", "attn.k_head_norm.weight": "self_attn.k_norm.weight",
     "ffn.w1.weight": "mlp.gate_proj.weight", "ffn.w2.weight": "mlp.down_proj.weight",
     "ffn.w3.weight": "mlp.up_proj.weight",
     "ffn.gate.weight": "mlp.gate.weight", "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
@@ -117,8 +120,9 @@ def _meta_model(cfg: ModelConfig) -> Transformer:
 def _rope_rows(sub: str, cfg: ModelConfig, rope_half: bool) -> tuple[int, int, int] | None:
     if not rope_half:
         return None
-    if cfg.attn == "gqa":
-        return (cfg.head_dim, 0, cfg.head_dim) if sub.startswith(("attn.wq.", "attn.wk.")) else None
+    if cfg.attn == "gqa":  # q and k rows (weight and bias) per head, and the head norms' channels alike
+        heads = ("attn.wq.", "attn.wk.", "attn.q_head_norm.", "attn.k_head_norm.")
+        return (cfg.head_dim, 0, cfg.head_dim) if sub.startswith(heads) else None
     if sub in ("attn.wq.weight", "attn.wq_b.weight"):
         return cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     if sub == "attn.wkv_a.weight":
@@ -322,7 +326,7 @@ def rope_half_layout(raw: dict) -> bool:
     mt = model_type(raw)
     if mt == "deepseek_v3":
         return raw.get("rope_interleave", True) is False
-    return mt in ("llama", "qwen2")  # DeepseekV2 rotates interleaved pairs (complex multiply)
+    return mt in GQA_MODEL_TYPES  # DeepseekV2 rotates interleaved pairs (complex multiply)
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:

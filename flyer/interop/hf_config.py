@@ -13,8 +13,11 @@ RoPE scaling: ``default``, ``yarn`` (DeepSeek), ``llama3`` (Llama 3.1 / 3.2 / 3.
 The architecture (``model_type``) decides semantics as transformers implements them: DeepseekV3
 always routes with sigmoid scores, the ``e_score_correction_bias`` and expert groups; DeepseekV2
 with softmax, ``greedy`` or ``group_limited_greedy`` (max score per group). Mistral is Llama with
-an optional sliding window: read as Llama when the window never slides. A value flyer cannot run is
-a ``ConfigError`` naming the file and the field, never silently ignored.
+an optional sliding window: read as Llama when the window never slides. Qwen2 has a bias on q, k
+and v; Qwen3 none, but an RMSNorm over each head's query and key (``qk_norm``) and a ``head_dim``
+of its own (transformers' default 128, not hidden_size / heads); both read only when no layer
+slides (``use_sliding_window``, ``max_window_layers``, ``layer_types``). A value flyer cannot run
+is a ``ConfigError`` naming the file and the field, never silently ignored.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any
 
 from flyer.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3")
+# the dense GQA architectures flyer reads and writes, all laid out for rotate-half RoPE (as read, after _SAME_AS)
+GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # model types that compute as another flyer reads (Mistral without its sliding window is Llama)
 _SAME_AS = {"mistral": "llama"}
 # RoPE frequency scalings (transformers' rope_type names; ModelConfig.rope_type): none, YaRN
@@ -174,6 +179,28 @@ def _check_window(d: dict[str, Any], where: str) -> None:
                                             f"max_position_embeddings {max_pos}; null = full attention)")
 
 
+def _check_sliding_layers(d: dict[str, Any], where: str) -> None:
+    """Qwen2 / Qwen3: refused unless every layer attends fully. transformers slides layers
+    ``max_window_layers`` and up when ``use_sliding_window`` is set with a ``sliding_window``; versions
+    with ``layer_types`` read those instead where the file lists them: refused if either reading slides."""
+    n_layers, types = d["num_hidden_layers"], d.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise _bad(where, "layer_types", f"expected a list of {n_layers} layer types (got {types!r:.60})")
+        sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+        if sliding:
+            i = sliding[0]
+            raise _bad(where, "layer_types", f"layer {i} is {types[i]!r:.40}: only 'full_attention' is supported "
+                                             f"(sliding-window attention is not)")
+    if d.get("use_sliding_window") and d.get("sliding_window") is not None:
+        first = d.get("max_window_layers", 28)  # transformers' default
+        if not isinstance(first, int) or isinstance(first, bool):
+            raise _bad(where, "max_window_layers", f"expected an integer (got {first!r:.40})")
+        if first < n_layers:
+            raise _bad(where, "use_sliding_window", f"sliding-window attention is not supported (layers {first} to "
+                                                    f"{n_layers - 1} slide: max_window_layers {first})")
+
+
 def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
     mt = model_type(d, where)
@@ -181,7 +208,9 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     _check_types(d, where, mla)
     _require(d, where, "hidden_act", ("silu",), "silu")
     _require(d, where, "mlp_bias", (False,), False)
-    if d.get("use_sliding_window"):
+    if mt in ("qwen2", "qwen3"):
+        _check_sliding_layers(d, where)
+    elif d.get("use_sliding_window"):
         raise _bad(where, "use_sliding_window", "sliding-window attention is not supported")
     if d.get("model_type") == "mistral":
         _check_window(d, where)
@@ -221,18 +250,19 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
                        n_limited_groups=(d.get("topk_group") or 1) if grouped else 1)
             if "aux_loss_alpha" in d:
                 out["seq_aux_alpha"] = d["aux_loss_alpha"]
-    else:  # Llama / Mistral / Qwen2: dense GQA; their softmax scale is head_dim^-0.5 whatever mscale_all_dim says
+    else:  # Llama / Mistral / Qwen2 / Qwen3: dense GQA; softmax scale head_dim^-0.5 whatever mscale_all_dim says
         out["mscale"] = 0.0
-        if mt == "llama":  # Llama's attention_bias also puts a bias on o_proj, which flyer's GQA has not
+        if mt in ("llama", "qwen3"):  # their attention_bias also puts a bias on o_proj, which flyer's GQA has not
             _require(d, where, "attention_bias", (False,), False)
         n_kv = d.get("num_key_value_heads") or d["num_attention_heads"]
+        # Qwen3Config's head_dim defaults to 128; the others' to hidden_size / num_attention_heads
+        head_dim = d.get("head_dim") or (128 if mt == "qwen3" else d["hidden_size"] // d["num_attention_heads"])
         out.update(
-            attn="gqa", n_kv_heads=n_kv, head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
-            attn_bias=mt == "qwen2", n_routed_experts=0, n_shared_experts=0, n_dense_layers=n_layers,
-            mtp_depth=0, q_lora_rank=0,
+            attn="gqa", n_kv_heads=n_kv, head_dim=head_dim, attn_bias=mt == "qwen2", qk_norm=mt == "qwen3",
+            n_routed_experts=0, n_shared_experts=0, n_dense_layers=n_layers, mtp_depth=0, q_lora_rank=0,
         )
     return out
 
 
-__all__ = ["HF_KEYS", "ROPE_TYPES", "SUPPORTED_MODEL_TYPES", "from_hf_config", "is_hf_config", "model_type",
-           "rope_fields", "yarn_attention_factor"]
+__all__ = ["GQA_MODEL_TYPES", "HF_KEYS", "ROPE_TYPES", "SUPPORTED_MODEL_TYPES", "from_hf_config", "is_hf_config",
+           "model_type", "rope_fields", "yarn_attention_factor"]

@@ -101,7 +101,11 @@ class MLA(nn.Module):
 
 
 class GQA(nn.Module):
-    """Grouped-query attention (multi-head when n_kv_heads == n_heads), RoPE on the whole head."""
+    """Grouped-query attention (multi-head when n_kv_heads == n_heads), RoPE on the whole head.
+
+    ``qk_norm`` (Qwen3): each head's query and key are RMS-normalised over its head_dim channels
+    (``q_head_norm`` / ``k_head_norm``, one weight per channel shared by the heads) before RoPE.
+    Without it the two are identities, and the state dict has no such weights."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -112,17 +116,27 @@ class GQA(nn.Module):
         self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_head_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_head_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        else:  # chosen once: the same ops, and the same state dict, as before the option existed
+            self.q_head_norm = self.k_head_norm = nn.Identity()
+
+    def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries (B, T, n_heads, head_dim), head-normed (``qk_norm``), with RoPE applied."""
+        B, T, _ = x_BTD.shape
+        return apply_rope(self.q_head_norm(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)), cos, sin)
 
     def keys_values(self, x_BTD: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What GQA caches: k, v of shape (B, T, n_kv_heads, head_dim)."""
+        """What GQA caches: k (head-normed, rotated), v, each of shape (B, T, n_kv_heads, head_dim)."""
         B, T, _ = x_BTD.shape
-        k = apply_rope(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_head_norm(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin)
         return k, self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = apply_rope(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        q = self.queries(x_BTD, cos, sin)
         k, v = self.keys_values(x_BTD, cos, sin)
         rep = self.n_heads // self.n_kv_heads
         o = causal_attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), self.softmax_scale)

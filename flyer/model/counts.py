@@ -29,7 +29,8 @@ def attention_params(cfg: ModelConfig) -> int:
     if cfg.attn == "gqa":
         q, kv = H * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         bias = (q + 2 * kv) if cfg.attn_bias else 0
-        return D * q + 2 * D * kv + bias + q * D
+        head_norms = 2 * cfg.head_dim if cfg.qk_norm else 0  # one weight per head channel, for q and for k
+        return D * q + 2 * D * kv + bias + head_norms + q * D
     if cfg.q_lora_rank == 0:
         q = D * H * cfg.qk_head_dim
     else:
@@ -101,6 +102,9 @@ def _non_matmul_params(cfg: ModelConfig) -> int:
     norms = cfg.dim + cfg.n_layers * 2 * cfg.dim
     if cfg.attn == "mla":
         norms += cfg.n_layers * (cfg.kv_lora_rank + (cfg.q_lora_rank if cfg.q_lora_rank else 0))
-    elif cfg.attn_bias:
-        norms += cfg.n_layers * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    else:
+        if cfg.attn_bias:
+            norms += cfg.n_layers * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        if cfg.qk_norm:
+            norms += cfg.n_layers * 2 * cfg.head_dim
     return norms

@@ -1,0 +1,263 @@
+"""Qwen3 dense checkpoints (GQA with an RMSNorm over each head's query and key before RoPE, a
+head_dim of its own, tied embeddings): flyer's logits, ``flyer generate``'s and the serving engine's
+greedy tokens equal transformers' Qwen3ForCausalLM; import -> export -> transformers gives the same
+tensors and logits; ``train --init`` from a Qwen3 directory; what flyer cannot run (a sliding layer,
+head norms on MLA) is one line naming the field. Tiny random models, FP32, CPU."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from flyer.cli import main
+from flyer.config import ModelConfig, preset
+from flyer.errors import ConfigError
+from flyer.infer.decoder import Decoder
+from flyer.infer.generate import GenerationConfig, generate
+from flyer.interop.export import export_model, hf_model_type
+from flyer.interop.hf import load_hf
+from flyer.interop.load import load_pretrained
+from flyer.model.transformer import Transformer
+from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
+from tests.bounds import FP32_U
+from tests.hf_models import VOCAB, build
+from tests.test_interop_export import TEXT, tensors
+
+PROMPTS = ["the quick brown fox jumps over the lazy dog, hello world", "hello"]  # 2 lengths, one batch
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """A tiny random Qwen3 directory (head_dim 24 != 64 / 4 heads, tied, random q_norm / k_norm) and
+    transformers' model of it."""
+    path = tmp_path_factory.mktemp("qwen3")
+    build("qwen3", path)
+    return path, AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def logit_tolerance(cfg: ModelConfig, T: int) -> float:
+    """``tests.test_rope_scaling.logit_tolerance`` with the head norms: each of the L layers sums
+    dim, inter_dim, T and (the two head norms' mean squares) head_dim terms in two different orders,
+    n u each; transformers' FP32 frequencies move an angle by up to T (ln theta + 8) u."""
+    L = cfg.n_layers
+    return (L * (cfg.dim + cfg.inter_dim + T + 2 * cfg.head_dim) + T * (math.log(cfg.rope_theta) + 8)) * FP32_U
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach() - b).abs().max() / b.abs().max())
+
+
+def test_logits_equal_transformers_and_need_the_head_norms_in_rope_order(src):
+    """Within ``logit_tolerance`` of transformers, from the training path and from the decode cache
+    (a prefill chunk, then a token at a time); the same weights with the head norms' channels left
+    in the file's rotate-half order, or without the head norms, are far outside it."""
+    path, ref = src
+    model, cfg, _ = load_hf(path)
+    assert (cfg.attn, cfg.qk_norm, cfg.head_dim, cfg.attn_bias, cfg.tie_embeddings) == ("gqa", True, 24, False, True)
+    assert cfg.head_dim != cfg.dim // cfg.n_heads
+    T = 64
+    tokens = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(tokens).logits
+        err, tol = rel(model(tokens), want), logit_tolerance(cfg, T)
+        assert err <= tol, f"{err:.3g} > {tol:.3g}"
+        dec = Decoder(model, 2, T, cache_dtype=torch.float32)
+        cached = [dec.logits(dec.forward(tokens[:, :20], torch.zeros(2, dtype=torch.long)))]
+        cached += [dec.logits(dec.forward(tokens[:, t:t + 1], torch.full((2,), t))) for t in range(20, T)]
+        assert rel(torch.cat(cached, 1), want) <= tol
+        unpermuted = Transformer(cfg).eval()
+        unpermuted.load_state_dict(model.state_dict())
+        for mine, theirs in zip(unpermuted.layers, ref.model.layers):
+            mine.attn.q_head_norm.weight.copy_(theirs.self_attn.q_norm.weight)
+            mine.attn.k_head_norm.weight.copy_(theirs.self_attn.k_norm.weight)
+        assert rel(unpermuted(tokens), want) > 100 * tol
+        plain = Transformer(cfg.replace(qk_norm=False)).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if "head_norm" not in k})
+        assert rel(plain(tokens), want) > 100 * tol
+
+
+def _hf_greedy(ref, path, prompt: str, n: int) -> list[int]:
+    ids = AutoTokenizer.from_pretrained(path)(prompt)["input_ids"]
+    out = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "batch-of-two"])
+def test_cli_greedy_tokens_equal_transformers(src, capsys, prompts):
+    """``flyer generate`` (FP32 cache; two prompts of different lengths batched, each at its own
+    positions) gives each prompt transformers' greedy tokens for it alone."""
+    path, ref = src
+    want = [_hf_greedy(ref, path, p, 16) for p in prompts]
+    capsys.readouterr()
+    argv = ["generate", "--ckpt", str(path), "--max-new-tokens", "16", "--cache-dtype", "fp32", "--eos-id", "-1",
+            "--device", "cpu", "--json"]
+    assert main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["token_ids"] == want and res["attention"] == "gqa" and res["cache_dtype"] == "fp32"
+
+
+def test_serving_engine_greedy_equals_flyer_generate(src):
+    """The engine's paged K/V (chunked prefill, prefix sharing, continuous batching) gives each
+    request the greedy tokens ``generate`` gives the prompts as one batch, and transformers' alone."""
+    path, ref = src
+    model, cfg, tok = load_hf(path)
+    prompts = [tok.encode_ids(p) for p in PROMPTS] + [tok.encode_ids(PROMPTS[0] + " over the lazy dog")]
+    want = generate(model, prompts, GenerationConfig(max_new_tokens=10, cache_dtype=torch.float32,
+                                                     eos_id=None)).tokens
+    for p, w in zip(prompts, want):
+        out = ref.generate(torch.tensor([p]), do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
+        assert out[0, len(p):].tolist() == w
+    block = 4
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+    eng = Engine(model, EngineConfig(kv_cache_bytes=64 * block * per_token, block_size=block, prefill_chunk=8,
+                                     cache_dtype=torch.float32))
+    outs: list[list[int]] = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        eng.submit(p, SamplingOptions(max_tokens=10), lambda e, i=i: outs[i].append(e.token))
+    eng.run_until_idle()
+    assert outs == want and eng.alloc.hits > 0  # the third prompt took the first one's blocks
+
+
+def test_import_export_round_trip_loads_in_transformers(src, tmp_path, capsys):
+    """``export_model`` of the import and ``flyer export`` of the directory (streamed) write the source's
+    tensors (rope rows and head-norm channels permuted back) and a Qwen3 config transformers loads:
+    the same logits, bit for bit; flyer reads the export as the same config."""
+    path, ref = src
+    model, cfg, tok = load_hf(path)
+    assert hf_model_type(cfg) == "qwen3"
+    export_model(model, tok, tmp_path / "out", "fp32")
+    capsys.readouterr()
+    assert main(["export", str(path), "--out", str(tmp_path / "streamed"), "--dtype", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_type"] == "qwen3"
+    a = tensors(path)
+    assert "model.layers.0.self_attn.q_norm.weight" in a and "lm_head.weight" not in a  # tied
+    x = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(x).logits
+    for out in (tmp_path / "out", tmp_path / "streamed"):
+        b = tensors(out)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        written = json.loads((out / "config.json").read_text())
+        assert (written["model_type"], written["architectures"], written["head_dim"], written["attention_bias"],
+                written["tie_word_embeddings"]) == ("qwen3", ["Qwen3ForCausalLM"], 24, False, True)
+        back = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert isinstance(back, Qwen3ForCausalLM)
+        with torch.no_grad():
+            assert torch.equal(back(x).logits, want)
+        assert load_hf(out)[1] == cfg
+
+
+def test_train_init_from_qwen3_then_export(src, tmp_path, capsys):
+    """A step of ``flyer train --init QWEN3_DIR``, exported: a Qwen3 directory whose logits are the
+    run's own (within the tolerance), in transformers."""
+    path, _ = src
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["train", "--init", str(path), "--steps", "1", "--batch-size", "2", "--seq-len", "16",
+                 "--data", str(tmp_path / "text.txt"), "--data-cache", str(tmp_path / "cache"), "--out",
+                 str(tmp_path / "run"), "--no-progress", "--no-plots", "--eval-every", "1", "--eval-batches", "1",
+                 "--ckpt-every", "1", "--device", "cpu", "--precision", "fp32"]) == 0
+    model, cfg, _ = load_pretrained(tmp_path / "run")
+    assert cfg.qk_norm and cfg.head_dim == 24
+    src_norm = load_hf(path)[0].layers[0].attn.q_head_norm.weight
+    assert not torch.equal(model.layers[0].attn.q_head_norm.weight, src_norm)  # trained: the norms learn too
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_type"] == "qwen3"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel(model(x), back(x).logits) <= logit_tolerance(cfg, 24)
+
+
+def _config_error(tmp_path, capsys, d: dict, field: str) -> None:
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=f"field '{field}'"):
+        ModelConfig.from_json(p)
+    assert main(["info", "--config", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flyer: error: ") and f"'{field}'" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1), "use_sliding_window"),
+    (dict(use_sliding_window=True, sliding_window=16), None),  # max_window_layers 28 > 3 layers: none slides
+    (dict(use_sliding_window=True, sliding_window=16, max_window_layers=3), None),
+    (dict(use_sliding_window=True, sliding_window=None, max_window_layers=0), None),
+    (dict(use_sliding_window=False, sliding_window=16, max_window_layers=0), None),
+    (dict(layer_types=["full_attention", "sliding_attention", "full_attention"], use_sliding_window=True,
+          sliding_window=16), "layer_types"),
+    (dict(layer_types=["full_attention"] * 3), None),
+], ids=["top-layers-slide", "window-layers-above", "max-window-layers-all", "no-window", "window-off",
+        "layer-types-slide", "layer-types-full"])
+def test_sliding_layers_are_refused_as_transformers_slides_them(src, tmp_path, capsys, change, field):
+    """A Qwen3 config is read exactly where transformers slides none of its layers (its
+    ``layer_types``, from the file's or from use_sliding_window / sliding_window / max_window_layers);
+    else one line naming the field that makes a layer slide."""
+    path, _ = src
+    d = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "layer_types"}
+    d.update(change)
+    slides = "sliding_attention" in Qwen3Config.from_dict(d).layer_types
+    assert slides == (field is not None)
+    if field is None:
+        assert ModelConfig.from_dict(d) == load_hf(path)[1]
+    else:
+        _config_error(tmp_path, capsys, d, field)
+
+
+def test_what_flyer_cannot_run_is_one_line(src, tmp_path, capsys):
+    """One line naming the field: layer types of the wrong length; full-attention layer types beside
+    a window that transformers without layer_types applies from max_window_layers on; a
+    bias (Qwen3's would go on o_proj too); head norms on MLA; head norms with Qwen2's q/k/v bias."""
+    path, _ = src
+    d = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "layer_types"}
+    full = ["full_attention"] * 3
+    for change, field in ((dict(layer_types=full[:2]), "layer_types"),
+                          (dict(layer_types=full, use_sliding_window=True, sliding_window=16, max_window_layers=1),
+                           "use_sliding_window"),
+                          (dict(attention_bias=True), "attention_bias")):
+        _config_error(tmp_path, capsys, {**d, **change}, field)
+    with pytest.raises(ConfigError) as e:
+        preset("tiny", qk_norm=True)
+    assert str(e.value).startswith("config field 'qk_norm': applies to gqa attention only") and "\n" not in str(e.value)
+    (tmp_path / "mla.toml").write_text("qk_norm = true\n")
+    assert main(["info", "tiny", "--config", str(tmp_path / "mla.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flyer: error: config field 'qk_norm'") and "\n" not in err
+    gqa = preset("tiny", attn="gqa", n_kv_heads=2, head_dim=32, n_dense_layers=4, attn_bias=True, qk_norm=True)
+    with pytest.raises(ConfigError, match="'qk_norm'/'attn_bias'"):
+        hf_model_type(gqa)
+    # without qk_norm a GQA model is what it was: no head-norm weights
+    assert not any("head_norm" in k for k in Transformer(gqa.replace(qk_norm=False)).state_dict())
+
+
+QWEN3_0_6B = {  # Qwen/Qwen3-0.6B config.json (transformers 4 spelling; head_dim 128 != 1024 / 16)
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02,
+    "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936}
+QWEN3_8B = {**QWEN3_0_6B, "hidden_size": 4096, "intermediate_size": 12288, "max_window_layers": 36,
+            "num_attention_heads": 32, "num_hidden_layers": 36, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("d", [QWEN3_0_6B, QWEN3_8B], ids=["0.6B", "8B"])
+def test_hub_configs_count_as_transformers_builds_them(tmp_path, capsys, d):
+    """``flyer info --config`` of Qwen3's hub files: the parameters transformers' Qwen3ForCausalLM
+    has (built on the meta device), head norms included; a file without head_dim takes Qwen3Config's
+    default (128), not hidden_size / heads."""
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(d))
+    capsys.readouterr()
+    assert main(["info", "--config", str(p), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    with torch.device("meta"):
+        hf = Qwen3ForCausalLM(Qwen3Config.from_dict(d))
+    assert got["total_params"] == sum(t.numel() for t in hf.parameters())
+    assert got["kv_cache_bytes_per_token"] == d["num_hidden_layers"] * 2 * 8 * 128 * 2
+    no_head_dim = {k: v for k, v in d.items() if k != "head_dim"}
+    assert ModelConfig.from_dict(no_head_dim).head_dim == Qwen3Config.from_dict(no_head_dim).head_dim == 128
