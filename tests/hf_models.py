@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
                           LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
 
 VOCAB = 320
@@ -44,6 +44,10 @@ FAMILIES = {
     # head_dim 24, not hidden_size / heads = 16 (as Qwen3-0.6B: 128, not 64); q_norm / k_norm random (``build``)
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
                                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # layer 0 dense (mlp_only_layers), then 8 experts top-2 renormalised, no shared expert; head_dim 24 != 16
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(
+        num_key_value_heads=2, head_dim=24, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[0], rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 
 

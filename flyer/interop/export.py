@@ -2,12 +2,13 @@
 
 ``flyer export PATH --out DIR [--dtype bf16|fp32|fp8] [--max-shard-size 5GB]`` writes
 ``config.json`` (``deepseek_v3`` for MLA with the sigmoid + bias gate, ``deepseek_v2`` for the
-softmax gate, ``llama`` / ``qwen2`` / ``qwen3`` for dense GQA), safetensors (one file, or shards plus
+softmax gate, ``llama`` / ``qwen2`` / ``qwen3`` for dense GQA, ``qwen3_moe`` for GQA with head norms and
+softmax-routed experts), safetensors (one file, or shards plus
 ``model.safetensors.index.json`` past the shard size), ``tokenizer.json`` with its
 ``tokenizer_config.json`` and a ``generation_config.json``. MTP modules are written as DeepSeek's
 checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head);
-Llama, Qwen2 and Qwen3 have no MTP module, so a GQA model's is left out (the summary says so) and a
-GQA model with routed experts is refused: none of them routes to experts.
+Llama, Qwen2 and Qwen3(-MoE) have no MTP module, so a GQA model's is left out (the summary says so); a
+GQA model with routed experts exports as Qwen3-MoE where that computes it, else is refused.
 ``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
 ``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``; an FP8 source keeps its own
 codes and scales). A checkpoint directory is streamed: each tensor is read, converted and written
@@ -56,13 +57,12 @@ def hf_model_type(cfg: ModelConfig) -> str:
         if cfg.rope_type == "yarn" and cfg.rope_factor > 1 and cfg.mscale:
             raise ConfigError("config field 'mscale': Llama / Qwen2 / Qwen3 do not scale the softmax for YaRN "
                               "(needs 0)")
-        if cfg.n_routed_experts and cfg.n_dense_layers < cfg.n_layers:
-            raise ConfigError(f"config field 'n_dense_layers': Llama / Qwen2 / Qwen3 (GQA) have no routed experts, "
-                              f"and {cfg.n_layers - cfg.n_dense_layers} of the {cfg.n_layers} layers have them "
-                              f"(a GQA model exports with n_dense_layers = n_layers)")
         if cfg.qk_norm and cfg.attn_bias:  # Qwen3's attention_bias would put one on o_proj too
             raise ConfigError("config fields 'qk_norm'/'attn_bias': no transformers architecture has head norms "
                               "(Qwen3) and a bias on q/k/v alone (Qwen2)")
+        if cfg.is_moe:
+            _check_qwen3_moe(cfg)
+            return "qwen3_moe"
         return "qwen3" if cfg.qk_norm else "qwen2" if cfg.attn_bias else "llama"
     if cfg.n_routed_experts == 0:
         raise ConfigError("config field 'n_routed_experts': an MLA model without experts has no transformers twin")
@@ -72,6 +72,20 @@ def hf_model_type(cfg: ModelConfig) -> str:
         return "deepseek_v2"
     raise ConfigError(f"config fields 'score_func'/'router_bias'/'norm_topk_prob': no transformers architecture "
                       f"routes with {cfg.score_func}, bias {cfg.router_bias}, norm_topk_prob {cfg.norm_topk_prob}")
+
+
+def _check_qwen3_moe(cfg: ModelConfig) -> None:
+    """A GQA model with routed experts computes as Qwen3-MoE only with its head norms and its router: softmax
+    over every expert, no bias, no groups, no scaling, no shared expert (the one GQA architecture with experts)."""
+    grouped = cfg.n_expert_groups > 1 and cfg.n_limited_groups < cfg.n_expert_groups
+    checks = (("qk_norm", cfg.qk_norm, "true"), ("score_func", cfg.score_func == "softmax", "'softmax'"),
+              ("router_bias", not cfg.router_bias, "false"),
+              ("n_limited_groups", not grouped, "n_expert_groups (no group limit)"),
+              ("route_scale", cfg.route_scale == 1.0, "1"), ("n_shared_experts", cfg.n_shared_experts == 0, "0"))
+    for field, ok, need in checks:
+        if not ok:
+            raise ConfigError(f"config field '{field}': a GQA model with routed experts exports as Qwen3-MoE, "
+                              f"which needs {need} (got {getattr(cfg, field)!r})")
 
 
 def _rope_parameters(cfg: ModelConfig) -> dict:
@@ -93,7 +107,7 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
 
 
 def exported(cfg: ModelConfig) -> ModelConfig:
-    """What of ``cfg`` its transformers architecture holds: Llama, Qwen2 and Qwen3 (GQA) have no MTP module."""
+    """What of ``cfg`` its transformers architecture holds: Llama, Qwen2, Qwen3(-MoE) (GQA) have no MTP module."""
     return replace(cfg, mtp_depth=0) if hf_model_type(cfg) in GQA_MODEL_TYPES else cfg
 
 
@@ -107,7 +121,8 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     """transformers' ``config.json`` (transformers-5 spelling) for ``cfg``."""
     mt = hf_model_type(cfg)
     arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-            "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[mt]
+            "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM"}[mt]
     d = {"architectures": [arch], "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
          "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
@@ -119,8 +134,14 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
         d.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
         if mt == "qwen2":
             del d["attention_bias"], d["mlp_bias"]
-        if mt == "qwen3":
+        if mt in ("qwen3", "qwen3_moe"):
             del d["mlp_bias"]  # Qwen3's attention_bias (False) stays: it would bias q/k/v and o
+        if mt == "qwen3_moe":  # dense layers first (mlp_only_layers), then a sparse block in every layer
+            d.update(num_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.n_activated_experts,
+                     moe_intermediate_size=cfg.moe_inter_dim, norm_topk_prob=cfg.norm_topk_prob,
+                     decoder_sparse_step=1, mlp_only_layers=list(range(cfg.n_dense_layers)),
+                     router_aux_loss_coef=cfg.seq_aux_alpha, output_router_logits=False,
+                     use_sliding_window=False, sliding_window=None)
         return d
     d.update(num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
              qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,

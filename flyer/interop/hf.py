@@ -3,7 +3,8 @@
 A Hugging Face model directory holds ``config.json``, ``model.safetensors`` (or shards
 ``model-*.safetensors`` with ``model.safetensors.index.json``), ``tokenizer.json`` and optionally
 ``tokenizer_config.json`` / ``generation_config.json``. Tensor names follow transformers'
-DeepseekV3 / V2 / Llama / Qwen2 / Qwen3 layout (DeepSeek's released checkpoints use the same names):
+DeepseekV3 / V2 / Llama / Qwen2 / Qwen3 / Qwen3-MoE layout (DeepSeek's released checkpoints use the same
+names):
 
     flyer                          Hugging Face (layer i; MTP module k is layer n_layers + k)
     embed / norm / head            model.embed_tokens / model.norm / lm_head
@@ -14,12 +15,12 @@ DeepseekV3 / V2 / Llama / Qwen2 / Qwen3 layout (DeepSeek's released checkpoints 
     attn.q_head_norm, k_head_norm  self_attn.q_norm, k_norm (Qwen3's per-head RMSNorms; MLA's are above)
     ffn.w1 / w2 / w3               mlp.gate_proj / down_proj / up_proj (dense and shared_experts)
     ffn.gate.weight, .bias         mlp.gate.weight, mlp.gate.e_score_correction_bias
-    ffn.experts.w1[e] (stacked)    mlp.experts.e.gate_proj (one tensor per expert)
+    ffn.experts.w1[e] (stacked)    mlp.experts.e.gate_proj (one tensor per expert, as save_pretrained writes)
     mtp.k.enorm, hnorm, eh_proj    model.layers.(L+k).enorm, hnorm, eh_proj
     mtp.k.norm                     model.layers.(L+k).shared_head.norm
     mtp.k.block.*                  model.layers.(L+k).* (as a decoder layer)
 
-flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2, Qwen3,
+flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2, Qwen3(-MoE),
 DeepseekV3 with ``rope_interleave: false``) get their rope rows permuted on the way in and out, and
 so do Qwen3's per-head norm weights: one per head channel, they follow the channels they scale.
 DeepSeek's FP8 format stores a linear weight as ``float8_e4m3fn`` plus ``weight_scale_inv``,

@@ -16,8 +16,12 @@ with softmax, ``greedy`` or ``group_limited_greedy`` (max score per group). Mist
 an optional sliding window: read as Llama when the window never slides. Qwen2 has a bias on q, k
 and v; Qwen3 none, but an RMSNorm over each head's query and key (``qk_norm``) and a ``head_dim``
 of its own (transformers' default 128, not hidden_size / heads); both read only when no layer
-slides (``use_sliding_window``, ``max_window_layers``, ``layer_types``). A value flyer cannot run
-is a ``ConfigError`` naming the file and the field, never silently ignored.
+slides (``use_sliding_window``, ``max_window_layers``, ``layer_types``). Qwen3-MoE is Qwen3's
+attention (its ``head_dim`` defaulting to hidden_size / heads) with a sparse MoE block in each layer
+that ``mlp_only_layers`` does not list and ``decoder_sparse_step`` does not skip: softmax over every
+expert in FP32, top-k, renormalised when ``norm_topk_prob``; no shared expert, no scaling. flyer
+runs its dense layers first, so only configs whose dense layers are layers 0..k-1 are read. A value
+flyer cannot run is a ``ConfigError`` naming the file and the field, never silently ignored.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from typing import Any
 
 from flyer.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3")
-# the dense GQA architectures flyer reads and writes, all laid out for rotate-half RoPE (as read, after _SAME_AS)
-GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+# the GQA architectures flyer reads and writes (dense, and Qwen3-MoE), all laid out for rotate-half RoPE and
+# without an MTP module (as read, after _SAME_AS)
+GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 # model types that compute as another flyer reads (Mistral without its sliding window is Llama)
 _SAME_AS = {"mistral": "llama"}
 # RoPE frequency scalings (transformers' rope_type names; ModelConfig.rope_type): none, YaRN
@@ -145,9 +150,11 @@ _MLA_INTS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim
 # read as ``d.get(k) or default``: null means the default
 _OPTIONAL_INTS = ("q_lora_rank", "first_k_dense_replace", "moe_intermediate_size", "n_routed_experts",
                   "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "num_nextn_predict_layers",
-                  "num_mtp_layers", "num_key_value_heads", "head_dim")
+                  "num_mtp_layers", "num_key_value_heads", "head_dim", "num_experts", "num_local_experts",
+                  "decoder_sparse_step")
 _INTS = ("intermediate_size", "max_position_embeddings")
-_NUMBERS = ("rms_norm_eps", "initializer_range", "routed_scaling_factor", "rope_theta", "aux_loss_alpha")
+_NUMBERS = ("rms_norm_eps", "initializer_range", "routed_scaling_factor", "rope_theta", "aux_loss_alpha",
+            "router_aux_loss_coef")
 
 
 def _check_types(d: dict[str, Any], where: str, mla: bool) -> None:
@@ -201,6 +208,37 @@ def _check_sliding_layers(d: dict[str, Any], where: str) -> None:
                                                     f"{n_layers - 1} slide: max_window_layers {first})")
 
 
+def _qwen3_moe_fields(d: dict[str, Any], where: str, n_layers: int) -> dict[str, Any]:
+    """Qwen3-MoE's FFN fields. transformers gives layer i the sparse block unless ``mlp_only_layers``
+    lists it or ``(i + 1) % decoder_sparse_step != 0``; flyer's dense layers are its first
+    ``n_dense_layers``, so any other pattern is refused naming the field that makes it. Missing
+    fields take Qwen3MoeConfig's defaults (128 experts, top-8, 768, norm_topk_prob false)."""
+    n_experts = next((d[k] for k in ("num_experts", "num_local_experts") if d.get(k) is not None), 128)
+    if n_experts == 0:  # transformers: every layer is the dense MLP, whatever the pattern fields say
+        return dict(n_routed_experts=0, n_shared_experts=0, n_dense_layers=n_layers)
+    step = d.get("decoder_sparse_step") or 1
+    if step < 1:
+        raise _bad(where, "decoder_sparse_step", f"must be >= 1 (got {step})")
+    only = d.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise _bad(where, "mlp_only_layers", f"expected a list of layer indices (got {only!r:.60})")
+    by_step = [i for i in range(n_layers) if (i + 1) % step]
+    dense = sorted(set(by_step) | {i for i in only if 0 <= i < n_layers})  # a listed index past the end: none
+    if dense != list(range(len(dense))):
+        field = "decoder_sparse_step" if by_step != list(range(len(by_step))) else "mlp_only_layers"
+        raise _bad(where, field, f"dense layers {dense[:8]}{'...' if len(dense) > 8 else ''} are not the first "
+                                 f"layers: flyer runs its dense (MLP) layers first, then the MoE layers")
+    aux = d.get("router_aux_loss_coef")
+    return dict(n_routed_experts=n_experts, n_shared_experts=0, n_dense_layers=len(dense),
+                moe_inter_dim=d.get("moe_intermediate_size") or 768,
+                n_activated_experts=d.get("num_experts_per_tok") or 8,
+                score_func="softmax", router_bias=False, norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                route_scale=1.0, n_expert_groups=1, n_limited_groups=1,
+                # transformers adds its batch-wise balance loss only with output_router_logits; flyer's
+                # sequence-wise loss (same f_i * P_i scale) trains with its coefficient
+                seq_aux_alpha=0.001 if aux is None else aux)
+
+
 def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
     mt = model_type(d, where)
@@ -210,6 +248,8 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     _require(d, where, "mlp_bias", (False,), False)
     if mt in ("qwen2", "qwen3"):
         _check_sliding_layers(d, where)
+    elif mt == "qwen3_moe" and d.get("use_sliding_window"):  # every layer slides (window default 4096)
+        _check_window({**d, "sliding_window": d.get("sliding_window", 4096)}, where)
     elif d.get("use_sliding_window"):
         raise _bad(where, "use_sliding_window", "sliding-window attention is not supported")
     if d.get("model_type") == "mistral":
@@ -250,16 +290,18 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
                        n_limited_groups=(d.get("topk_group") or 1) if grouped else 1)
             if "aux_loss_alpha" in d:
                 out["seq_aux_alpha"] = d["aux_loss_alpha"]
-    else:  # Llama / Mistral / Qwen2 / Qwen3: dense GQA; softmax scale head_dim^-0.5 whatever mscale_all_dim says
+    else:  # Llama / Mistral / Qwen2 / Qwen3(-MoE): GQA; softmax scale head_dim^-0.5 whatever mscale_all_dim says
         out["mscale"] = 0.0
-        if mt in ("llama", "qwen3"):  # their attention_bias also puts a bias on o_proj, which flyer's GQA has not
+        if mt in ("llama", "qwen3", "qwen3_moe"):  # their attention_bias also biases o_proj, which flyer's GQA has not
             _require(d, where, "attention_bias", (False,), False)
         n_kv = d.get("num_key_value_heads") or d["num_attention_heads"]
-        # Qwen3Config's head_dim defaults to 128; the others' to hidden_size / num_attention_heads
+        # Qwen3Config's head_dim defaults to 128; the others' (Qwen3MoeConfig's too) to hidden_size / heads
         head_dim = d.get("head_dim") or (128 if mt == "qwen3" else d["hidden_size"] // d["num_attention_heads"])
         out.update(
-            attn="gqa", n_kv_heads=n_kv, head_dim=head_dim, attn_bias=mt == "qwen2", qk_norm=mt == "qwen3",
-            n_routed_experts=0, n_shared_experts=0, n_dense_layers=n_layers, mtp_depth=0, q_lora_rank=0,
+            attn="gqa", n_kv_heads=n_kv, head_dim=head_dim, attn_bias=mt == "qwen2",
+            qk_norm=mt in ("qwen3", "qwen3_moe"), mtp_depth=0, q_lora_rank=0,
+            **(_qwen3_moe_fields(d, where, n_layers) if mt == "qwen3_moe"
+               else dict(n_routed_experts=0, n_shared_experts=0, n_dense_layers=n_layers)),
         )
     return out
 

@@ -1,0 +1,297 @@
+"""Qwen3-MoE checkpoints (Qwen3's GQA attention with per-head q/k norms, then dense layers first and a
+sparse MoE block: softmax over every expert in FP32, top-k, renormalised, no shared expert): flyer's
+logits and routing, ``flyer generate``'s and the serving engine's greedy tokens equal transformers'
+Qwen3MoeForCausalLM; import -> export -> transformers gives the same tensors and logits; a native
+flyer GQA + MoE model (no dense layer) and a ``train --init`` step export as Qwen3-MoE; dense-layer
+patterns flyer cannot express are one line naming the field. Tiny random models, FP32, CPU."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from flyer.cli import main
+from flyer.config import ModelConfig, preset
+from flyer.errors import ConfigError
+from flyer.infer.decoder import Decoder
+from flyer.infer.generate import GenerationConfig, generate
+from flyer.interop.export import export_model, hf_model_type
+from flyer.interop.hf import load_hf
+from flyer.interop.load import load_pretrained
+from flyer.model.transformer import Transformer
+from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
+from tests.bounds import FP32_U
+from tests.hf_models import VOCAB, build
+from tests.test_interop_export import TEXT, tensors
+from tests.test_qwen3 import PROMPTS, _config_error, _hf_greedy, rel
+from tests.test_qwen3 import logit_tolerance as attention_tolerance
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """A tiny random Qwen3-MoE directory (layer 0 dense, then 8 experts top-2 renormalised; head_dim 24 !=
+    64 / 4 heads; random q_norm / k_norm) and transformers' model of it."""
+    path = tmp_path_factory.mktemp("qwen3_moe")
+    build("qwen3_moe", path)
+    return path, AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def logit_tolerance(cfg: ModelConfig, T: int) -> float:
+    """``tests.test_qwen3.logit_tolerance`` (its per-layer dim + inter_dim covers the shorter expert sums)
+    plus, per layer, the softmax's sum over the E experts and the K weighted expert outputs, n u each."""
+    return attention_tolerance(cfg, T) + cfg.n_layers * (cfg.n_routed_experts + cfg.n_activated_experts) * FP32_U
+
+
+def _routes(layers, gate_of, pick) -> list[list]:
+    """Per MoE layer, what ``pick`` takes from its gate's output in the next forward (hooks removed after)."""
+    got: list[list] = [[] for _ in layers]
+    hooks = [gate_of(m).register_forward_hook(lambda _m, _i, out, i=i: got[i].append(pick(out)))
+             for i, m in enumerate(layers)]
+    return got, hooks
+
+
+def test_logits_and_routing_equal_transformers(src):
+    """Within ``logit_tolerance`` of transformers, from the training path and the decode cache; each MoE
+    layer picks the same experts with the same weights; the same weights routed without renormalising,
+    with sigmoid scores, or without head norms are far outside the tolerance."""
+    path, ref = src
+    model, cfg, _ = load_hf(path)
+    assert (cfg.attn, cfg.qk_norm, cfg.head_dim, cfg.n_dense_layers, cfg.n_routed_experts, cfg.n_shared_experts,
+            cfg.score_func, cfg.router_bias, cfg.norm_topk_prob, cfg.route_scale) == (
+        "gqa", True, 24, 1, 8, 0, "softmax", False, True, 1.0)
+    T = 64
+    tokens = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
+    moe = range(cfg.n_dense_layers, cfg.n_layers)
+    theirs, h1 = _routes([ref.model.layers[i] for i in moe], lambda m: m.mlp.gate, lambda out: (out[2], out[1]))
+    mine, h2 = _routes([model.layers[i] for i in moe], lambda m: m.ffn.gate, lambda out: (out[1], out[0]))
+    with torch.no_grad():
+        want = ref(tokens).logits
+        err, tol = rel(model(tokens), want), logit_tolerance(cfg, T)
+    for h in h1 + h2:
+        h.remove()
+    assert err <= tol, f"{err:.3g} > {tol:.3g}"
+    for (ids_a, w_a), (ids_b, w_b) in zip((t[0] for t in theirs), (m[0] for m in mine)):
+        order_a, order_b = ids_a.sort(-1), ids_b.sort(-1)
+        assert torch.equal(order_a.values, order_b.values)  # the same experts for every token
+        assert torch.allclose(w_a.gather(1, order_a.indices), w_b.gather(1, order_b.indices), rtol=0, atol=1e-6)
+        assert torch.allclose(w_b.sum(-1), torch.ones(len(w_b)))  # renormalised top-k
+    with torch.no_grad():
+        dec = Decoder(model, 2, T, cache_dtype=torch.float32)
+        cached = [dec.logits(dec.forward(tokens[:, :20], torch.zeros(2, dtype=torch.long)))]
+        cached += [dec.logits(dec.forward(tokens[:, t:t + 1], torch.full((2,), t))) for t in range(20, T)]
+        assert rel(torch.cat(cached, 1), want) <= tol
+        for wrong in (dict(norm_topk_prob=False), dict(score_func="sigmoid")):
+            other = Transformer(cfg.replace(**wrong)).eval()
+            other.load_state_dict(model.state_dict())
+            assert rel(other(tokens), want) > 100 * tol, wrong
+        plain = Transformer(cfg.replace(qk_norm=False)).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if "head_norm" not in k})
+        assert rel(plain(tokens), want) > 100 * tol
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "batch-of-two"])
+def test_cli_greedy_tokens_equal_transformers(src, capsys, prompts):
+    """``flyer generate`` (FP32 cache; two prompts of different lengths batched) gives each prompt
+    transformers' greedy tokens for it alone."""
+    path, ref = src
+    want = [_hf_greedy(ref, path, p, 16) for p in prompts]
+    capsys.readouterr()
+    argv = ["generate", "--ckpt", str(path), "--max-new-tokens", "16", "--cache-dtype", "fp32", "--eos-id", "-1",
+            "--device", "cpu", "--json"]
+    assert main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["token_ids"] == want and res["attention"] == "gqa" and res["cache_dtype"] == "fp32"
+
+
+def test_serving_engine_greedy_equals_flyer_generate(src):
+    """The engine's paged K/V (chunked prefill, prefix sharing, continuous batching) gives each request
+    the greedy tokens ``generate`` gives the prompts as one batch, and transformers' alone."""
+    path, ref = src
+    model, cfg, tok = load_hf(path)
+    prompts = [tok.encode_ids(p) for p in PROMPTS] + [tok.encode_ids(PROMPTS[0] + " over the lazy dog")]
+    want = generate(model, prompts, GenerationConfig(max_new_tokens=10, cache_dtype=torch.float32,
+                                                     eos_id=None)).tokens
+    for p, w in zip(prompts, want):
+        out = ref.generate(torch.tensor([p]), do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
+        assert out[0, len(p):].tolist() == w
+    block = 4
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+    eng = Engine(model, EngineConfig(kv_cache_bytes=64 * block * per_token, block_size=block, prefill_chunk=8,
+                                     cache_dtype=torch.float32))
+    outs: list[list[int]] = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        eng.submit(p, SamplingOptions(max_tokens=10), lambda e, i=i: outs[i].append(e.token))
+    eng.run_until_idle()
+    assert outs == want and eng.alloc.hits > 0
+
+
+def test_import_export_round_trip_loads_in_transformers(src, tmp_path, capsys):
+    """``export_model`` of the import and ``flyer export`` of the directory (streamed) write the source's
+    tensors (one per expert) and a Qwen3-MoE config transformers loads: the same logits, bit for bit;
+    flyer reads the export as the same config."""
+    path, ref = src
+    model, cfg, tok = load_hf(path)
+    assert hf_model_type(cfg) == "qwen3_moe"
+    export_model(model, tok, tmp_path / "out", "fp32")
+    capsys.readouterr()
+    assert main(["export", str(path), "--out", str(tmp_path / "streamed"), "--dtype", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_type"] == "qwen3_moe"
+    a = tensors(path)
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in a and "model.layers.0.mlp.gate_proj.weight" in a
+    x = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(x).logits
+    for out in (tmp_path / "out", tmp_path / "streamed"):
+        b = tensors(out)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        written = json.loads((out / "config.json").read_text())
+        assert (written["model_type"], written["architectures"], written["mlp_only_layers"], written["num_experts"],
+                written["norm_topk_prob"]) == ("qwen3_moe", ["Qwen3MoeForCausalLM"], [0], 8, True)
+        back = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert isinstance(back, Qwen3MoeForCausalLM)
+        with torch.no_grad():
+            assert torch.equal(back(x).logits, want)
+        assert load_hf(out)[1] == cfg
+
+
+def test_native_gqa_moe_without_dense_layers_exports_as_qwen3_moe(src, tmp_path):
+    """A flyer GQA + MoE model with no dense layer and no shared expert (head norms, softmax router,
+    plain top-k) trains a step and exports as a Qwen3-MoE transformers computes within the tolerance."""
+    _, _, tok = load_hf(src[0])
+    cfg = preset("tiny", vocab_size=VOCAB, attn="gqa", n_kv_heads=2, head_dim=16, qk_norm=True, n_dense_layers=0,
+                 n_shared_experts=0, n_routed_experts=8, n_activated_experts=2, n_expert_groups=1,
+                 n_limited_groups=1, score_func="softmax", router_bias=False, norm_topk_prob=False, route_scale=1.0,
+                 mtp_depth=0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).logsumexp(-1).mean().backward()  # a training step moves every weight the tokens reach
+    opt.step()
+    assert hf_model_type(cfg) == "qwen3_moe"
+    export_model(model.eval(), tok, tmp_path / "out", "fp32")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["mlp_only_layers"], written["norm_topk_prob"], written["head_dim"]) == ([], False, 16)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert all(hasattr(layer.mlp, "experts") for layer in back.model.layers)
+    with torch.no_grad():
+        assert rel(model(x), back(x).logits) <= logit_tolerance(cfg, 24)
+    keys = ("n_layers", "n_dense_layers", "n_routed_experts", "n_activated_experts", "moe_inter_dim",
+            "n_shared_experts", "score_func", "router_bias", "norm_topk_prob", "route_scale", "n_kv_heads",
+            "head_dim", "qk_norm", "seq_aux_alpha")
+    back_cfg = load_hf(tmp_path / "out")[1]
+    assert [getattr(back_cfg, k) for k in keys] == [getattr(cfg, k) for k in keys]
+
+
+def test_train_init_from_qwen3_moe_then_export(src, tmp_path, capsys):
+    """A step of ``flyer train --init QWEN3_MOE_DIR``, exported: a Qwen3-MoE directory whose logits are the
+    run's own (within the tolerance), in transformers."""
+    path, _ = src
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["train", "--init", str(path), "--steps", "1", "--batch-size", "2", "--seq-len", "16",
+                 "--data", str(tmp_path / "text.txt"), "--data-cache", str(tmp_path / "cache"), "--out",
+                 str(tmp_path / "run"), "--no-progress", "--no-plots", "--eval-every", "1", "--eval-batches", "1",
+                 "--ckpt-every", "1", "--device", "cpu", "--precision", "fp32"]) == 0
+    model, cfg, _ = load_pretrained(tmp_path / "run")
+    assert cfg.is_moe and cfg.qk_norm and cfg.n_shared_experts == 0
+    src_gate = load_hf(path)[0].layers[1].ffn.gate.weight
+    assert not torch.equal(model.layers[1].ffn.gate.weight, src_gate)  # trained: the router learns too
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_type"] == "qwen3_moe"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel(model(x), back(x).logits) <= logit_tolerance(cfg, 24)
+
+
+def _sparse_layers(d: dict) -> list[int]:
+    """The layers transformers' Qwen3MoeForCausalLM gives a sparse MoE block (built on the meta device)."""
+    with torch.device("meta"):
+        hf = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_dict(d))
+    return [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(mlp_only_layers=[]), None),
+    (dict(mlp_only_layers=[0, 1]), None),
+    (dict(mlp_only_layers=[0, 7]), None),  # past the last layer: transformers ignores it
+    (dict(mlp_only_layers=[1]), "mlp_only_layers"),
+    (dict(mlp_only_layers=[0, 2]), "mlp_only_layers"),
+    (dict(mlp_only_layers=[], decoder_sparse_step=2), "decoder_sparse_step"),
+    (dict(num_hidden_layers=2, mlp_only_layers=[], decoder_sparse_step=2), None),  # layer 0 dense, layer 1 MoE
+    (dict(decoder_sparse_step=3), None),  # layers 0 and 1 dense, layer 2 MoE
+    (dict(num_hidden_layers=4, decoder_sparse_step=3), "decoder_sparse_step"),  # layer 3 dense again
+    (dict(num_local_experts=0), None),  # every layer dense
+], ids=["no-dense", "two-dense", "index-past-end", "dense-second", "dense-gap", "every-other", "step-2-of-2",
+        "step-3", "step-3-of-4", "no-experts"])
+def test_dense_layer_patterns_read_as_transformers_builds_them(src, tmp_path, capsys, change, field):
+    """flyer reads a Qwen3-MoE config exactly where transformers' dense layers are its first ones (then
+    ``n_dense_layers`` counts them); any other pattern is one line naming the field that makes it."""
+    path, _ = src
+    d = {**json.loads((path / "config.json").read_text()), **change}
+    sparse = _sparse_layers(d)
+    if field is None:
+        cfg = ModelConfig.from_dict(d)
+        assert sparse == (list(range(cfg.n_dense_layers, cfg.n_layers)) if cfg.n_routed_experts else [])
+    else:
+        assert sparse != list(range(d["num_hidden_layers"] - len(sparse), d["num_hidden_layers"]))
+        _config_error(tmp_path, capsys, d, field)
+
+
+def test_what_flyer_cannot_run_or_export_is_one_line(src, tmp_path, capsys):
+    """Reading: a sliding window (every Qwen3-MoE layer slides), an attention bias (o_proj's too), a
+    sparse step below 1, a malformed layer list. Exporting a GQA model with experts: only with Qwen3-MoE's
+    router and head norms."""
+    path, _ = src
+    d = json.loads((path / "config.json").read_text())
+    no_window = {k: v for k, v in d.items() if k != "sliding_window"}  # transformers' default: 4096
+    _config_error(tmp_path, capsys, {**no_window, "use_sliding_window": True, "max_position_embeddings": 8192},
+                  "sliding_window")
+    for change, field in ((dict(use_sliding_window=True, sliding_window=64), "sliding_window"),
+                          (dict(attention_bias=True), "attention_bias"),
+                          (dict(decoder_sparse_step=-1), "decoder_sparse_step"),
+                          (dict(mlp_only_layers="0"), "mlp_only_layers")):
+        _config_error(tmp_path, capsys, {**d, **change}, field)
+    for window in (1 << 20, None):  # past every position, or none: full attention, as transformers reads it
+        assert ModelConfig.from_dict({**d, "use_sliding_window": True, "sliding_window": window}) == load_hf(path)[1]
+    cfg = load_hf(path)[1]
+    for change, field in ((dict(n_shared_experts=1), "n_shared_experts"), (dict(score_func="sigmoid"), "score_func"),
+                          (dict(router_bias=True), "router_bias"), (dict(qk_norm=False), "qk_norm"),
+                          (dict(route_scale=2.5), "route_scale"),
+                          (dict(n_expert_groups=4, n_limited_groups=2), "n_limited_groups")):
+        with pytest.raises(ConfigError) as e:
+            hf_model_type(cfg.replace(**change))
+        assert str(e.value).startswith(f"config field '{field}'") and "\n" not in str(e.value)
+    assert hf_model_type(cfg.replace(n_expert_groups=4, n_limited_groups=4)) == "qwen3_moe"  # no group limit
+
+
+QWEN3_30B_A3B = {  # Qwen/Qwen3-30B-A3B config.json (transformers 4 spelling)
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960,
+    "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936}
+
+
+def test_hub_config_counts_as_transformers_builds_it(tmp_path, capsys):
+    """``flyer info --config`` of Qwen3-30B-A3B's hub file: the parameters transformers'
+    Qwen3MoeForCausalLM has (meta device); a file without head_dim takes hidden_size / heads, as
+    Qwen3MoeConfig does (not Qwen3Config's 128)."""
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(QWEN3_30B_A3B))
+    capsys.readouterr()
+    assert main(["info", "--config", str(p), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    with torch.device("meta"):
+        hf = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_dict(QWEN3_30B_A3B))
+    assert got["total_params"] == sum(t.numel() for t in hf.parameters())
+    no_head_dim = {k: v for k, v in QWEN3_30B_A3B.items() if k != "head_dim"}
+    with torch.device("meta"):
+        attn = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_dict({**no_head_dim, "num_hidden_layers": 1})).model.layers[0]
+    assert ModelConfig.from_dict(no_head_dim).head_dim == attn.self_attn.head_dim == 64
