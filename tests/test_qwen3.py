@@ -120,38 +120,36 @@ def test_serving_engine_greedy_equals_flyer_generate(src):
     assert outs == want and eng.alloc.hits > 0  # the third prompt took the first one's blocks
 
 
-def test_import_export_round_trip_loads_in_transformers(src, tmp_path, capsys):
+def check_round_trip(src, tmp_path, capsys, model_type: str, arch: type, written: dict) -> None:
     """``export_model`` of the import and ``flyer export`` of the directory (streamed) write the source's
-    tensors (rope rows and head-norm channels permuted back) and a Qwen3 config transformers loads:
-    the same logits, bit for bit; flyer reads the export as the same config."""
+    tensors (rope rows and head-norm channels permuted back) and a config (with ``written``'s fields)
+    transformers loads as ``arch``: the same logits, bit for bit; flyer reads the export as the same config."""
     path, ref = src
     model, cfg, tok = load_hf(path)
-    assert hf_model_type(cfg) == "qwen3"
+    assert hf_model_type(cfg) == model_type
     export_model(model, tok, tmp_path / "out", "fp32")
     capsys.readouterr()
     assert main(["export", str(path), "--out", str(tmp_path / "streamed"), "--dtype", "fp32"]) == 0
-    assert json.loads(capsys.readouterr().out)["model_type"] == "qwen3"
+    assert json.loads(capsys.readouterr().out)["model_type"] == model_type
     a = tensors(path)
-    assert "model.layers.0.self_attn.q_norm.weight" in a and "lm_head.weight" not in a  # tied
     x = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(x).logits
     for out in (tmp_path / "out", tmp_path / "streamed"):
         b = tensors(out)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        written = json.loads((out / "config.json").read_text())
-        assert (written["model_type"], written["architectures"], written["head_dim"], written["attention_bias"],
-                written["tie_word_embeddings"]) == ("qwen3", ["Qwen3ForCausalLM"], 24, False, True)
+        config = json.loads((out / "config.json").read_text())
+        assert {k: config[k] for k in (*written, "model_type")} == {**written, "model_type": model_type}
         back = AutoModelForCausalLM.from_pretrained(out).eval()
-        assert isinstance(back, Qwen3ForCausalLM)
+        assert isinstance(back, arch)
         with torch.no_grad():
             assert torch.equal(back(x).logits, want)
         assert load_hf(out)[1] == cfg
 
 
-def test_train_init_from_qwen3_then_export(src, tmp_path, capsys):
-    """A step of ``flyer train --init QWEN3_DIR``, exported: a Qwen3 directory whose logits are the
-    run's own (within the tolerance), in transformers."""
+def train_init_then_export(src, tmp_path, capsys, model_type: str):
+    """A step of ``flyer train --init DIR``, exported as ``model_type``: (the run's model, its config,
+    transformers' model of the export)."""
     path, _ = src
     (tmp_path / "text.txt").write_text(TEXT)
     assert main(["train", "--init", str(path), "--steps", "1", "--batch-size", "2", "--seq-len", "16",
@@ -159,13 +157,26 @@ def test_train_init_from_qwen3_then_export(src, tmp_path, capsys):
                  str(tmp_path / "run"), "--no-progress", "--no-plots", "--eval-every", "1", "--eval-batches", "1",
                  "--ckpt-every", "1", "--device", "cpu", "--precision", "fp32"]) == 0
     model, cfg, _ = load_pretrained(tmp_path / "run")
-    assert cfg.qk_norm and cfg.head_dim == 24
-    src_norm = load_hf(path)[0].layers[0].attn.q_head_norm.weight
-    assert not torch.equal(model.layers[0].attn.q_head_norm.weight, src_norm)  # trained: the norms learn too
     capsys.readouterr()
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
-    assert json.loads(capsys.readouterr().out)["model_type"] == "qwen3"
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert json.loads(capsys.readouterr().out)["model_type"] == model_type
+    return model, cfg, AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+
+
+def test_import_export_round_trip_loads_in_transformers(src, tmp_path, capsys):
+    a = tensors(src[0])
+    assert "model.layers.0.self_attn.q_norm.weight" in a and "lm_head.weight" not in a  # tied
+    check_round_trip(src, tmp_path, capsys, "qwen3", Qwen3ForCausalLM,
+                     {"architectures": ["Qwen3ForCausalLM"], "head_dim": 24, "attention_bias": False,
+                      "tie_word_embeddings": True})
+
+
+def test_train_init_from_qwen3_then_export(src, tmp_path, capsys):
+    """The run's logits are the export's in transformers (within the tolerance); the norms learn too."""
+    model, cfg, back = train_init_then_export(src, tmp_path, capsys, "qwen3")
+    assert cfg.qk_norm and cfg.head_dim == 24
+    before = load_hf(src[0])[0].layers[0].attn.q_head_norm.weight
+    assert not torch.equal(model.layers[0].attn.q_head_norm.weight, before)
     x = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert rel(model(x), back(x).logits) <= logit_tolerance(cfg, 24)
@@ -245,16 +256,21 @@ QWEN3_8B = {**QWEN3_0_6B, "hidden_size": 4096, "intermediate_size": 12288, "max_
             "num_attention_heads": 32, "num_hidden_layers": 36, "tie_word_embeddings": False}
 
 
+def info_json(tmp_path, capsys, d: dict) -> dict:
+    """``flyer info --config --json`` of the config.json ``d``."""
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(d))
+    capsys.readouterr()
+    assert main(["info", "--config", str(p), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("d", [QWEN3_0_6B, QWEN3_8B], ids=["0.6B", "8B"])
 def test_hub_configs_count_as_transformers_builds_them(tmp_path, capsys, d):
     """``flyer info --config`` of Qwen3's hub files: the parameters transformers' Qwen3ForCausalLM
     has (built on the meta device), head norms included; a file without head_dim takes Qwen3Config's
     default (128), not hidden_size / heads."""
-    p = tmp_path / "config.json"
-    p.write_text(json.dumps(d))
-    capsys.readouterr()
-    assert main(["info", "--config", str(p), "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)
+    got = info_json(tmp_path, capsys, d)
     with torch.device("meta"):
         hf = Qwen3ForCausalLM(Qwen3Config.from_dict(d))
     assert got["total_params"] == sum(t.numel() for t in hf.parameters())

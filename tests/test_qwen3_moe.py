@@ -11,20 +11,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from flyer.cli import main
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
 from flyer.infer.decoder import Decoder
-from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export_model, hf_model_type
 from flyer.interop.hf import load_hf
-from flyer.interop.load import load_pretrained
 from flyer.model.transformer import Transformer
-from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from tests.bounds import FP32_U
 from tests.hf_models import VOCAB, build
-from tests.test_interop_export import TEXT, tensors
-from tests.test_qwen3 import PROMPTS, _config_error, _hf_greedy, rel
+from tests.test_interop_export import tensors
+from tests.test_qwen3 import _config_error, check_round_trip, info_json, rel, train_init_then_export
+# Qwen3's end-to-end tests, collected here too: run on this module's ``src`` (the Qwen3-MoE directory)
+from tests.test_qwen3 import test_cli_greedy_tokens_equal_transformers  # noqa: F401
+from tests.test_qwen3 import test_serving_engine_greedy_equals_flyer_generate  # noqa: F401
 from tests.test_qwen3 import logit_tolerance as attention_tolerance
 
 
@@ -90,69 +89,12 @@ def test_logits_and_routing_equal_transformers(src):
         assert rel(plain(tokens), want) > 100 * tol
 
 
-@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "batch-of-two"])
-def test_cli_greedy_tokens_equal_transformers(src, capsys, prompts):
-    """``flyer generate`` (FP32 cache; two prompts of different lengths batched) gives each prompt
-    transformers' greedy tokens for it alone."""
-    path, ref = src
-    want = [_hf_greedy(ref, path, p, 16) for p in prompts]
-    capsys.readouterr()
-    argv = ["generate", "--ckpt", str(path), "--max-new-tokens", "16", "--cache-dtype", "fp32", "--eos-id", "-1",
-            "--device", "cpu", "--json"]
-    assert main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert res["token_ids"] == want and res["attention"] == "gqa" and res["cache_dtype"] == "fp32"
-
-
-def test_serving_engine_greedy_equals_flyer_generate(src):
-    """The engine's paged K/V (chunked prefill, prefix sharing, continuous batching) gives each request
-    the greedy tokens ``generate`` gives the prompts as one batch, and transformers' alone."""
-    path, ref = src
-    model, cfg, tok = load_hf(path)
-    prompts = [tok.encode_ids(p) for p in PROMPTS] + [tok.encode_ids(PROMPTS[0] + " over the lazy dog")]
-    want = generate(model, prompts, GenerationConfig(max_new_tokens=10, cache_dtype=torch.float32,
-                                                     eos_id=None)).tokens
-    for p, w in zip(prompts, want):
-        out = ref.generate(torch.tensor([p]), do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
-        assert out[0, len(p):].tolist() == w
-    block = 4
-    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
-    eng = Engine(model, EngineConfig(kv_cache_bytes=64 * block * per_token, block_size=block, prefill_chunk=8,
-                                     cache_dtype=torch.float32))
-    outs: list[list[int]] = [[] for _ in prompts]
-    for i, p in enumerate(prompts):
-        eng.submit(p, SamplingOptions(max_tokens=10), lambda e, i=i: outs[i].append(e.token))
-    eng.run_until_idle()
-    assert outs == want and eng.alloc.hits > 0
-
-
 def test_import_export_round_trip_loads_in_transformers(src, tmp_path, capsys):
-    """``export_model`` of the import and ``flyer export`` of the directory (streamed) write the source's
-    tensors (one per expert) and a Qwen3-MoE config transformers loads: the same logits, bit for bit;
-    flyer reads the export as the same config."""
-    path, ref = src
-    model, cfg, tok = load_hf(path)
-    assert hf_model_type(cfg) == "qwen3_moe"
-    export_model(model, tok, tmp_path / "out", "fp32")
-    capsys.readouterr()
-    assert main(["export", str(path), "--out", str(tmp_path / "streamed"), "--dtype", "fp32"]) == 0
-    assert json.loads(capsys.readouterr().out)["model_type"] == "qwen3_moe"
-    a = tensors(path)
+    a = tensors(src[0])  # one tensor per expert, and layer 0's dense MLP
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in a and "model.layers.0.mlp.gate_proj.weight" in a
-    x = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = ref(x).logits
-    for out in (tmp_path / "out", tmp_path / "streamed"):
-        b = tensors(out)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        written = json.loads((out / "config.json").read_text())
-        assert (written["model_type"], written["architectures"], written["mlp_only_layers"], written["num_experts"],
-                written["norm_topk_prob"]) == ("qwen3_moe", ["Qwen3MoeForCausalLM"], [0], 8, True)
-        back = AutoModelForCausalLM.from_pretrained(out).eval()
-        assert isinstance(back, Qwen3MoeForCausalLM)
-        with torch.no_grad():
-            assert torch.equal(back(x).logits, want)
-        assert load_hf(out)[1] == cfg
+    check_round_trip(src, tmp_path, capsys, "qwen3_moe", Qwen3MoeForCausalLM,
+                     {"architectures": ["Qwen3MoeForCausalLM"], "mlp_only_layers": [0], "num_experts": 8,
+                      "norm_topk_prob": True})
 
 
 def test_native_gqa_moe_without_dense_layers_exports_as_qwen3_moe(src, tmp_path):
@@ -185,22 +127,10 @@ def test_native_gqa_moe_without_dense_layers_exports_as_qwen3_moe(src, tmp_path)
 
 
 def test_train_init_from_qwen3_moe_then_export(src, tmp_path, capsys):
-    """A step of ``flyer train --init QWEN3_MOE_DIR``, exported: a Qwen3-MoE directory whose logits are the
-    run's own (within the tolerance), in transformers."""
-    path, _ = src
-    (tmp_path / "text.txt").write_text(TEXT)
-    assert main(["train", "--init", str(path), "--steps", "1", "--batch-size", "2", "--seq-len", "16",
-                 "--data", str(tmp_path / "text.txt"), "--data-cache", str(tmp_path / "cache"), "--out",
-                 str(tmp_path / "run"), "--no-progress", "--no-plots", "--eval-every", "1", "--eval-batches", "1",
-                 "--ckpt-every", "1", "--device", "cpu", "--precision", "fp32"]) == 0
-    model, cfg, _ = load_pretrained(tmp_path / "run")
+    """The run's logits are the export's in transformers (within the tolerance); the router learns too."""
+    model, cfg, back = train_init_then_export(src, tmp_path, capsys, "qwen3_moe")
     assert cfg.is_moe and cfg.qk_norm and cfg.n_shared_experts == 0
-    src_gate = load_hf(path)[0].layers[1].ffn.gate.weight
-    assert not torch.equal(model.layers[1].ffn.gate.weight, src_gate)  # trained: the router learns too
-    capsys.readouterr()
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
-    assert json.loads(capsys.readouterr().out)["model_type"] == "qwen3_moe"
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert not torch.equal(model.layers[1].ffn.gate.weight, load_hf(src[0])[0].layers[1].ffn.gate.weight)
     x = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert rel(model(x), back(x).logits) <= logit_tolerance(cfg, 24)
@@ -283,11 +213,7 @@ def test_hub_config_counts_as_transformers_builds_it(tmp_path, capsys):
     """``flyer info --config`` of Qwen3-30B-A3B's hub file: the parameters transformers'
     Qwen3MoeForCausalLM has (meta device); a file without head_dim takes hidden_size / heads, as
     Qwen3MoeConfig does (not Qwen3Config's 128)."""
-    p = tmp_path / "config.json"
-    p.write_text(json.dumps(QWEN3_30B_A3B))
-    capsys.readouterr()
-    assert main(["info", "--config", str(p), "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)
+    got = info_json(tmp_path, capsys, QWEN3_30B_A3B)
     with torch.device("meta"):
         hf = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_dict(QWEN3_30B_A3B))
     assert got["total_params"] == sum(t.numel() for t in hf.parameters())
