@@ -151,3 +151,19 @@ def test_each_header_is_parsed_once(tmp_path, monkeypatch):
         parsed.clear()
         export(tmp_path / "fp8", tmp_path / f"out-{dtype}", dtype)
         assert len(parsed) <= 6, (dtype, len(parsed))  # a few for the directory (dtype, FP8 codes), none a tensor
+
+
+@pytest.mark.parametrize("held", [torch.bfloat16, torch.float8_e4m3fn])
+def test_a_model_holding_its_weights_exports_their_values(tmp_path, held):
+    """``export_model`` of a model loaded as ``--weight-dtype bf16|fp8`` holds it (BF16 weights, or
+    FP8 codes with their block scales) writes what the streamed export of its checkpoint writes:
+    the weights' values (FP8: each code times its scale; the codes alone were written as values)."""
+    build("v3", tmp_path / "src")
+    model, _, tok = load_hf(tmp_path / "src")
+    export_model(model, tok, tmp_path / "fp8", "fp8")  # DeepSeek's format: held FP8 keeps its own codes
+    src = tmp_path / ("fp8" if held == torch.float8_e4m3fn else "src")
+    export(src, tmp_path / "streamed", "bf16")
+    model, _, tok = load_pretrained(src, dtype=torch.float32, held=held)
+    export_model(model, tok, tmp_path / "held", "bf16", source=src)
+    a, b = tensors(tmp_path / "streamed"), tensors(tmp_path / "held")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -34,9 +34,11 @@ from typing import Callable
 
 import torch
 
+from flyer import kernels
 from flyer.config import ModelConfig, parse_size
 from flyer.errors import ConfigError, FieldError
 from flyer.fp8.quant import TILE, quantize_blocks
+from flyer.infer.weights import FP8, held_scale
 from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, TextTokenizer, _read_json, build_empty,
                               checkpoint_dtype, fill_tensor, hf_names, hf_weight_map, is_hf_model_dir, load_tokenizer,
                               permute_rope, read_hf_config, rope_half_layout, weight_files)
@@ -176,7 +178,10 @@ def tensor_items(model: Transformer, dtype: str, codes: Codes | None = None) -> 
     state = model.state_dict()
 
     def read(slot: Slot) -> torch.Tensor:
-        return state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
+        t = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
+        scale = held_scale(model, slot.key, slot.expert) if t.dtype == FP8 else None
+        # a weight held as FP8 codes (flyer.infer.weights): its values, each code times its block's scale
+        return t if scale is None else kernels.dequantize_held(t, scale)
     return _items(model.cfg, state, read, dtype, codes)
 
 
