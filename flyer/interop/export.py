@@ -373,7 +373,7 @@ def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]
     return summary
 
 
-def _source_codes(path: Path, cfg: ModelConfig) -> Codes:
+def _source_codes(path: Path, cfg: ModelConfig, headers: dict[Path, TensorFile]) -> Codes:
     """The E4M3 weights of the FP8 checkpoint ``path`` with their block scales, read as they are (rope rows
     moved from its layout to the export's where every row keeps its 128-row block, and so its scale):
     requantizing their values would not give them back wherever a scale is not amax / 448."""
@@ -381,7 +381,6 @@ def _source_codes(path: Path, cfg: ModelConfig) -> Codes:
     src_half = rope_half_layout(read_hf_config(path, list(files))[1])
     out_half = hf_model_type(exported(cfg)) in GQA_MODEL_TYPES
     half_rows = hf_names(cfg, True)
-    headers: dict[Path, TensorFile] = {}
     codes: Codes = {}
     for name, f in files.items():
         scale = name + SCALE_SUFFIX
@@ -413,7 +412,7 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
     _check_out(Path(out))  # before the checkpoint is read for nothing
     src = _Streamed(path)
     source = settings_dir(path)  # an HF directory, or a run fine-tuned from one: its tokenizer settings
-    codes = _source_codes(source, src.cfg) if src.fp8 and dtype == "fp8" else None
+    codes = _source_codes(source, src.cfg, src.headers) if src.fp8 and dtype == "fp8" else None
     return _export(src.cfg, src.tok, lambda: _items(src.cfg, src.state, src.read, dtype, codes), out, dtype,
                    max_shard_size, source)
 

@@ -281,30 +281,30 @@ def _named_special_tokens(path: Path) -> dict[str, str]:
     return named
 
 
-def _special_ids(path: Path, config: dict, tok: Tokenizer, kind: str) -> tuple[int, ...]:
-    """generation_config.json's ``{kind}_token_id`` (an id or a list of ids), else config.json's, else
-    tokenizer_config's ``{kind}_token``; () when none names one. A list keeps its order, less repeats."""
-    gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+def _special_ids(gen: dict, config: dict, named: dict[str, str], tok: Tokenizer, kind: str) -> tuple[int, ...]:
+    """generation_config.json's ``{kind}_token_id`` (``gen``: an id or a list of ids), else config.json's,
+    else the tokenizer's named ``{kind}_token`` (``named``: ``_named_special_tokens``); () when none
+    names one. A list keeps its order, less repeats."""
     for d in (gen, config):
         e = d.get(f"{kind}_token_id")
         ids = [i for i in (e if isinstance(e, list) else [e]) if isinstance(i, int) and not isinstance(i, bool)]
         if ids:
             return tuple(dict.fromkeys(ids))
-    if (path / "tokenizer_config.json").is_file():
-        e = _content(_read_json(path / "tokenizer_config.json").get(f"{kind}_token"))
-        if e is not None and (i := tok.token_to_id(e)) is not None:
-            return (i,)
-    return ()
+    i = tok.token_to_id(named[f"{kind}_token"]) if f"{kind}_token" in named else None
+    return () if i is None else (i,)
 
 
 def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenizer:
-    """The directory's ``tokenizer.json`` with its BOS and EOS ids (``_special_ids``)."""
+    """The directory's ``tokenizer.json`` with its BOS and EOS ids (``_special_ids``) and named special
+    tokens, each settings file read once."""
     path = Path(path)
     tok = load_tokenizer_file(path / "tokenizer.json", CheckpointError)
     config = config if config is not None else _read_json(path / "config.json")
-    bos = _special_ids(path, config, tok, "bos")
-    return TextTokenizer(tok, _special_ids(path, config, tok, "eos"), add_special_tokens=True,
-                         bos=bos[0] if bos else None, named=_named_special_tokens(path))
+    gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+    named = _named_special_tokens(path)
+    bos = _special_ids(gen, config, named, tok, "bos")
+    return TextTokenizer(tok, _special_ids(gen, config, named, tok, "eos"), add_special_tokens=True,
+                         bos=bos[0] if bos else None, named=named)
 
 
 def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[ModelConfig, dict]:
