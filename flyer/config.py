@@ -308,8 +308,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "llama3.1-405b": dict(
         vocab_size=128256, dim=16384, n_layers=126, n_dense_layers=126, inter_dim=53248, attn="gqa", n_heads=128,
-        n_kv_heads=8, head_dim=128, rope_theta=5e5, max_seq_len=131072, original_seq_len=131072, norm_eps=1e-5,
-        init_std=0.02, **_DENSE, **_NO_YARN,
+        n_kv_heads=8, head_dim=128, rope_theta=5e5, max_seq_len=131072, norm_eps=1e-5, init_std=0.02, **_DENSE,
+        # Llama 3.1's published config: 8K positions trained, stretched 8x by its llama3 RoPE scaling
+        rope_type="llama3", rope_factor=8.0, original_seq_len=8192, low_freq_factor=1.0, high_freq_factor=4.0,
+        mscale=0.0,  # as imported GQA models: softmax scale head_dim^-0.5, no YaRN factor
     ),
 }
 

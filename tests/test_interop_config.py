@@ -109,3 +109,19 @@ def test_deepseek_hub_configs_are_the_presets():
     fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     v3 = {**DSV3_HF, "quantization_config": fp8}
     assert _arch(ModelConfig.from_dict(v3)) == _arch(preset("dsv3"))
+
+
+# meta-llama/Llama-3.1-405B's config.json as published
+LLAMA31_405B_HUB = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 16384, "initializer_range": 0.02,
+    "intermediate_size": 53248, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 128, "num_hidden_layers": 126, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "vocab_size": 128256, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+
+
+def test_llama_hub_config_is_the_preset():
+    """The preset is Llama 3.1 405B as published, its llama3 RoPE scaling included."""
+    assert _arch(ModelConfig.from_dict(LLAMA31_405B_HUB)) == _arch(preset("llama3.1-405b"))
