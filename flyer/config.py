@@ -2,7 +2,8 @@
 
 Field names follow DeepSeek-V3's `inference/model.py` ModelArgs (``dim``, ``inter_dim``,
 ``moe_inter_dim``, ``n_dense_layers``, ...). ``ModelConfig.from_json`` also accepts the keys of a
-Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 (and Llama / Mistral / Qwen2 / Qwen3 for the GQA presets).
+Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 (and Llama / Mistral / Qwen2 / Qwen3 / GLM-4.5 for the GQA
+presets).
 Every constructed config is validated; an impossible value raises ``ConfigError`` with one line
 naming the field and what is allowed.
 """
@@ -58,6 +59,7 @@ class ModelConfig:
     head_dim: int = 0  # gqa only
     attn_bias: bool = False  # gqa only: bias on q/k/v projections (Qwen2)
     qk_norm: bool = False  # gqa only: RMSNorm over each head's query and key before RoPE (Qwen3)
+    rotary_dim: int = 0  # gqa only: RoPE rotates each head's first rotary_dim channels (GLM-4.5: half); 0 = all
     # DeepSeekMoE
     moe_inter_dim: int = 2048
     n_routed_experts: int = 256
@@ -103,6 +105,11 @@ class ModelConfig:
         return self.n_routed_experts > 0 and self.n_layers > self.n_dense_layers
 
     @property
+    def rope_dim(self) -> int:
+        """Channels RoPE rotates per head: MLA's rope head; GQA's first ``rotary_dim`` (0: the whole head)."""
+        return self.qk_rope_head_dim if self.attn == "mla" else self.rotary_dim or self.head_dim
+
+    @property
     def softmax_scale(self) -> float:
         """Attention softmax scale, with YaRN's mscale^2 correction (llama3 and linear scaling have none).
 
@@ -141,10 +148,13 @@ class ModelConfig:
                  "must be a positive even number")
             need(self.v_head_dim > 0, "v_head_dim", "must be > 0 for MLA")
             need(not self.qk_norm, "qk_norm", "applies to gqa attention only (MLA normalises its latents)")
+            need(self.rotary_dim == 0, "rotary_dim", "applies to gqa attention only (MLA has qk_rope_head_dim)")
         else:
             need(self.n_kv_heads > 0, "n_kv_heads", "must be > 0 for gqa attention")
             need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
             need(self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim", "must be a positive even number for gqa")
+            need(0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
+                 f"must be an even number in [0, head_dim={self.head_dim}] (0 = the whole head)")
         need(self.n_routed_experts >= 0, "n_routed_experts", "must be >= 0")
         if self.n_routed_experts > 0:
             need(self.moe_inter_dim > 0, "moe_inter_dim", "must be > 0 with routed experts")

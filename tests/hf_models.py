@@ -11,9 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+                          Glm4MoeConfig, Glm4MoeForCausalLM,
+                          LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
 VOCAB = 320
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -48,6 +50,23 @@ FAMILIES = {
     "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(
         num_key_value_heads=2, head_dim=24, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
         norm_topk_prob=True, mlp_only_layers=[0], rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # every layer 8 experts (intermediate_size 96 each) top-2, renormalised; no head norms; head_dim 24 != 16
+    "mixtral": (MixtralForCausalLM, MixtralConfig, dict(
+        num_key_value_heads=2, head_dim=24, num_local_experts=8, num_experts_per_tok=2, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # GLM-4.5: q/k/v biases (random, ``build``), head norms, half of each head rotating (12 of head_dim 24 != 16);
+    # layer 0 dense, then 8 experts top-2 from 1 of 2 groups (sigmoid + correction bias), one shared expert
+    "glm4_moe": (Glm4MoeForCausalLM, Glm4MoeConfig, dict(
+        num_key_value_heads=2, head_dim=24, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, attention_bias=True, use_qk_norm=True, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5})),
+    # GLM-4.5-Air's kind (no head norms), a quarter of each head rotating (8 of 32), not renormalised, tied
+    "glm4_moe-air": (Glm4MoeForCausalLM, Glm4MoeConfig, dict(
+        num_key_value_heads=2, head_dim=32, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
+        norm_topk_prob=False, attention_bias=True, use_qk_norm=False, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25})),
 }
 
 
@@ -66,11 +85,14 @@ def make_tokenizer(out: Path) -> None:
 
 def to_transformers_4(path: Path) -> None:
     """Rewrite a saved config.json in the transformers-4 / DeepSeek hub spelling: ``rope_theta`` and
-    ``rope_scaling`` (``type``) instead of ``rope_parameters``; V3's ``topk_method``/``scoring_func``."""
+    ``rope_scaling`` (``type``) instead of ``rope_parameters``, ``partial_rotary_factor`` beside them; V3's
+    ``topk_method``/``scoring_func``."""
     p = path / "config.json"
     d = json.loads(p.read_text())
     rp = dict(d.pop("rope_parameters"))
     d["rope_theta"] = rp.pop("rope_theta")
+    if "partial_rotary_factor" in rp:  # GLM-4.5's hub files keep it beside rope_theta
+        d["partial_rotary_factor"] = rp.pop("partial_rotary_factor")
     kind = rp.pop("rope_type")
     d["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
     if d["model_type"] == "deepseek_v3":
@@ -90,6 +112,8 @@ def build(name: str, out: Path, spelling: int = 5, seed: int = 0):
         for n, p in model.named_parameters():
             if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):  # Qwen3's per-head norms:
                 p.uniform_(0.25, 2.0)  # a different weight per channel, or a wrong channel order would pass
+            if name.startswith("glm4_moe") and n.endswith("_proj.bias"):  # GLM's q/k/v biases: not zeros
+                p.normal_(0.0, 0.5)
     model.save_pretrained(out)
     make_tokenizer(out)
     if spelling == 4:
@@ -103,7 +127,7 @@ def add_mtp_layer(model, out: Path, seed: int = 1) -> dict[str, torch.Tensor]:
     cfg = model.config
     L, D = cfg.num_hidden_layers, cfg.hidden_size
     torch.manual_seed(seed)
-    layer = DeepseekV3DecoderLayer(cfg, L)
+    layer = type(model.model.layers[-1])(cfg, L)  # the model's own (MoE) decoder layer: DeepseekV3's, GLM-4.5's
     for p in layer.parameters():
         torch.nn.init.normal_(p, 0.0, 0.1) if p.ndim > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
     pre = f"model.layers.{L}."

@@ -68,7 +68,7 @@ def test_llama_and_qwen2():
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"model_type": "mixtral"}, "model_type"),
+    ({"model_type": "gemma"}, "model_type"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"attention_bias": True}, "attention_bias"),

@@ -213,9 +213,9 @@ def test_export_errors(run, tmp_path, capsys):
 def test_gqa_model_exports_without_its_mtp_module_and_refuses_experts(tmp_path, bias):
     """Llama and Qwen2 have no MTP module and no routed experts: a dense GQA model's MTP module is
     left out (the summary says so), and transformers and flyer load what is written with the same
-    logits; a GQA model with routed experts but without Qwen3-MoE's head norms and router is refused
+    logits; a GQA model with softmax-routed experts but without Qwen3-MoE's head norms is refused
     before anything is written (it used to be written as a Llama directory holding expert tensors that
-    nothing could load)."""
+    nothing could load; with DeepSeek's sigmoid router it exports as GLM-4.5: tests/test_glm4_moe.py)."""
     torch.manual_seed(0)
     gqa = dict(attn="gqa", n_kv_heads=2, head_dim=32, attn_bias=bias)
     model = Transformer(preset("tiny", **gqa, n_dense_layers=4, n_layers=4, mtp_depth=1)).eval()
@@ -229,7 +229,7 @@ def test_gqa_model_exports_without_its_mtp_module_and_refuses_experts(tmp_path, 
         want = model(x)
         assert back.cfg.mtp_depth == 0 and torch.equal(back(x), want)
         assert rel(ref(x).logits, want) < 1e-4
-    moe = Transformer(preset("tiny", **gqa)).eval()
+    moe = Transformer(preset("tiny", **gqa, score_func="softmax", router_bias=False)).eval()
     with pytest.raises(ConfigError, match="'qk_norm': a GQA model with routed experts exports as Qwen3-MoE"):
         export_model(moe, tok, tmp_path / "moe", "bf16")
     assert not (tmp_path / "moe").exists()

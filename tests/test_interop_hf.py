@@ -140,7 +140,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     err = _cli_error(capsys, tmp_path)
     assert "tensor model.layers.2." in err and "not expected by the config" in err
 
-    for change, field in (({"model_type": "mixtral"}, "model_type"), ({"hidden_act": "gelu"}, "hidden_act")):
+    for change, field in (({"model_type": "gemma"}, "model_type"), ({"hidden_act": "gelu"}, "hidden_act")):
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
         err = _cli_error(capsys, tmp_path)
         assert f"config.json: field '{field}'" in err

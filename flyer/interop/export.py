@@ -3,12 +3,13 @@
 ``flyer export PATH --out DIR [--dtype bf16|fp32|fp8] [--max-shard-size 5GB]`` writes
 ``config.json`` (``deepseek_v3`` for MLA with the sigmoid + bias gate, ``deepseek_v2`` for the
 softmax gate, ``llama`` / ``qwen2`` / ``qwen3`` for dense GQA, ``qwen3_moe`` for GQA with head norms and
-softmax-routed experts), safetensors (one file, or shards plus
-``model.safetensors.index.json`` past the shard size), ``tokenizer.json`` with its
+softmax-routed experts, ``mixtral`` for GQA with them in every layer and no head norms, ``glm4_moe`` for
+GQA with partial rotary or DeepseekV3's sigmoid router, its MTP modules kept), safetensors (one
+file, or shards plus ``model.safetensors.index.json`` past the shard size), ``tokenizer.json`` with its
 ``tokenizer_config.json`` and a ``generation_config.json``. MTP modules are written as DeepSeek's
 checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head);
-Llama, Qwen2 and Qwen3(-MoE) have no MTP module, so a GQA model's is left out (the summary says so); a
-GQA model with routed experts exports as Qwen3-MoE where that computes it, else is refused.
+Llama, Qwen2, Qwen3(-MoE) and Mixtral have no MTP module, so a GQA model's is left out (the summary says so); a
+GQA model with routed experts exports as Mixtral or Qwen3-MoE where that computes it, else is refused.
 ``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
 ``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``; an FP8 source keeps its own
 codes and scales). A checkpoint directory is streamed: each tensor is read, converted and written
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -41,8 +43,8 @@ from flyer.fp8.quant import TILE, quantize_blocks
 from flyer.infer.weights import FP8, held_scale
 from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, TextTokenizer, _read_json, build_empty,
                               checkpoint_dtype, fill_tensor, hf_names, hf_weight_map, is_hf_model_dir, load_tokenizer,
-                              permute_rope, read_hf_config, rope_half_layout, weight_files)
-from flyer.interop.hf_config import GQA_MODEL_TYPES
+                              is_mixtral, permute_rope, read_hf_config, rope_half_layout, weight_files)
+from flyer.interop.hf_config import GQA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES
 from flyer.interop.load import run_tokenizer, settings_dir, stored_weight_dtype
 from flyer.interop.tensorfile import TensorFile, header, write_tensors
 from flyer.model.transformer import Transformer
@@ -50,7 +52,8 @@ from flyer.train.checkpoint import SETTINGS_FILES, check_model_weights, fsync_pa
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms
-_NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|norm)\.weight$|\.bias$|_bias$")
+_NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|block_sparse_moe\.gate|norm)\.weight$"
+                      r"|\.bias$|_bias$")
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
@@ -59,12 +62,16 @@ def hf_model_type(cfg: ModelConfig) -> str:
         if cfg.rope_type == "yarn" and cfg.rope_factor > 1 and cfg.mscale:
             raise ConfigError("config field 'mscale': Llama / Qwen2 / Qwen3 do not scale the softmax for YaRN "
                               "(needs 0)")
+        # GLM-4.5 (glm4_moe): the one with partial rotary, and the one routing GQA experts as DeepseekV3 does
+        if cfg.rope_dim < cfg.head_dim or (cfg.is_moe and cfg.score_func == "sigmoid" and cfg.router_bias):
+            _check_glm4_moe(cfg)
+            return "glm4_moe"
         if cfg.qk_norm and cfg.attn_bias:  # Qwen3's attention_bias would put one on o_proj too
             raise ConfigError("config fields 'qk_norm'/'attn_bias': no transformers architecture has head norms "
                               "(Qwen3) and a bias on q/k/v alone (Qwen2)")
-        if cfg.is_moe:
-            _check_qwen3_moe(cfg)
-            return "qwen3_moe"
+        if cfg.is_moe:  # no head norms and no dense layer: Mixtral; else Qwen3-MoE, the one that has either
+            _check_gqa_moe(cfg, is_mixtral(cfg))
+            return "mixtral" if is_mixtral(cfg) else "qwen3_moe"
         return "qwen3" if cfg.qk_norm else "qwen2" if cfg.attn_bias else "llama"
     if cfg.n_routed_experts == 0:
         raise ConfigError("config field 'n_routed_experts': an MLA model without experts has no transformers twin")
@@ -76,17 +83,39 @@ def hf_model_type(cfg: ModelConfig) -> str:
                       f"routes with {cfg.score_func}, bias {cfg.router_bias}, norm_topk_prob {cfg.norm_topk_prob}")
 
 
-def _check_qwen3_moe(cfg: ModelConfig) -> None:
-    """A GQA model with routed experts computes as Qwen3-MoE only with its head norms and its router: softmax
-    over every expert, no bias, no groups, no scaling, no shared expert (the one GQA architecture with experts)."""
-    grouped = cfg.n_expert_groups > 1 and cfg.n_limited_groups < cfg.n_expert_groups
-    checks = (("qk_norm", cfg.qk_norm, "true"), ("score_func", cfg.score_func == "softmax", "'softmax'"),
-              ("router_bias", not cfg.router_bias, "false"),
-              ("n_limited_groups", not grouped, "n_expert_groups (no group limit)"),
-              ("route_scale", cfg.route_scale == 1.0, "1"), ("n_shared_experts", cfg.n_shared_experts == 0, "0"))
+def _check_glm4_moe(cfg: ModelConfig) -> None:
+    """A GQA model with partial rotary (or DeepseekV3's router) computes as GLM-4.5 only with its MoE: routed
+    experts past the dense layers, DeepseekV3's router (sigmoid, correction bias) and a shared expert."""
+    checks = (("n_routed_experts", cfg.is_moe, "routed experts past the n_dense_layers dense layers"),
+              ("score_func", cfg.score_func == "sigmoid", "'sigmoid'"), ("router_bias", cfg.router_bias, "true"),
+              ("n_shared_experts", cfg.n_shared_experts >= 1, ">= 1"))
     for field, ok, need in checks:
         if not ok:
-            raise ConfigError(f"config field '{field}': a GQA model with routed experts exports as Qwen3-MoE, "
+            raise ConfigError(f"config field '{field}': a GQA model with partial rotary or sigmoid-routed experts "
+                              f"exports as GLM-4.5 (glm4_moe), which needs {need} (got {getattr(cfg, field)!r})")
+
+
+def _partial_rotary_factor(cfg: ModelConfig) -> float:
+    """The ``partial_rotary_factor`` transformers reads back as ``cfg.rope_dim`` (it truncates head_dim * factor)."""
+    factor = cfg.rope_dim / cfg.head_dim
+    return factor if int(cfg.head_dim * factor) == cfg.rope_dim else math.nextafter(factor, 1.0)
+
+
+def _check_gqa_moe(cfg: ModelConfig, mixtral: bool) -> None:
+    """A GQA model with routed experts computes as Qwen3-MoE only with its head norms and its router: softmax
+    over every expert, no bias, no groups, no scaling, no shared expert; as Mixtral (``mixtral``: no head norm,
+    no dense layer) only with that router renormalised and no attention bias."""
+    grouped = cfg.n_expert_groups > 1 and cfg.n_limited_groups < cfg.n_expert_groups
+    checks = (("qk_norm", cfg.qk_norm or mixtral, "true"), ("score_func", cfg.score_func == "softmax", "'softmax'"),
+              ("router_bias", not cfg.router_bias, "false"),
+              ("n_limited_groups", not grouped, "n_expert_groups (no group limit)"),
+              ("route_scale", cfg.route_scale == 1.0, "1"), ("n_shared_experts", cfg.n_shared_experts == 0, "0"),
+              ("norm_topk_prob", cfg.norm_topk_prob or not mixtral, "true"),
+              ("attn_bias", not cfg.attn_bias or not mixtral, "false"))
+    name = "Mixtral (no head norms, no dense layer)" if mixtral else "Qwen3-MoE"
+    for field, ok, need in checks:
+        if not ok:
+            raise ConfigError(f"config field '{field}': a GQA model with routed experts exports as {name}, "
                               f"which needs {need} (got {getattr(cfg, field)!r})")
 
 
@@ -109,7 +138,7 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
 
 
 def exported(cfg: ModelConfig) -> ModelConfig:
-    """What of ``cfg`` its transformers architecture holds: Llama, Qwen2, Qwen3(-MoE) (GQA) have no MTP module."""
+    """What of ``cfg`` its transformers architecture holds: the GQA ones (Llama ... Mixtral) have no MTP module."""
     return replace(cfg, mtp_depth=0) if hf_model_type(cfg) in GQA_MODEL_TYPES else cfg
 
 
@@ -124,7 +153,8 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     mt = hf_model_type(cfg)
     arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
             "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "qwen3_moe": "Qwen3MoeForCausalLM"}[mt]
+            "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+            "glm4_moe": "Glm4MoeForCausalLM"}[mt]
     d = {"architectures": [arch], "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
          "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
@@ -144,6 +174,20 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
                      decoder_sparse_step=1, mlp_only_layers=list(range(cfg.n_dense_layers)),
                      router_aux_loss_coef=cfg.seq_aux_alpha, output_router_logits=False,
                      use_sliding_window=False, sliding_window=None)
+        if mt == "mixtral":  # a sparse block in every layer, its experts intermediate_size wide; no bias fields
+            del d["attention_bias"], d["mlp_bias"]
+            d.update(intermediate_size=cfg.moe_inter_dim, num_local_experts=cfg.n_routed_experts,
+                     num_experts_per_tok=cfg.n_activated_experts, router_aux_loss_coef=cfg.seq_aux_alpha,
+                     router_jitter_noise=0.0, output_router_logits=False, sliding_window=None)
+        if mt == "glm4_moe":  # attention_bias: q/k/v only; DeepseekV3's router; MTP layers as DeepSeek's
+            del d["mlp_bias"]
+            d["rope_parameters"]["partial_rotary_factor"] = _partial_rotary_factor(cfg)
+            d.update(attention_bias=cfg.attn_bias, use_qk_norm=cfg.qk_norm, n_routed_experts=cfg.n_routed_experts,
+                     num_experts_per_tok=cfg.n_activated_experts, moe_intermediate_size=cfg.moe_inter_dim,
+                     n_shared_experts=cfg.n_shared_experts, first_k_dense_replace=cfg.n_dense_layers,
+                     routed_scaling_factor=cfg.route_scale, n_group=cfg.n_expert_groups,
+                     topk_group=cfg.n_limited_groups, norm_topk_prob=cfg.norm_topk_prob,
+                     num_nextn_predict_layers=cfg.mtp_depth, output_router_logits=False)
         return d
     d.update(num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
              qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
@@ -190,7 +234,7 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
     """``tensor_items`` of a model whose state (``state``: its shapes, on any device, meta
     included) ``read`` gives one tensor at a time."""
     cfg = exported(cfg)
-    rope_half = hf_model_type(cfg) in GQA_MODEL_TYPES
+    rope_half = hf_model_type(cfg) in HALF_ROPE_MODEL_TYPES
     items: list[Item] = []
     for name, slot in hf_names(cfg, rope_half).items():
         shape = tuple(state[slot.key].shape[1:] if slot.expert is not None else state[slot.key].shape)
@@ -379,7 +423,7 @@ def _source_codes(path: Path, cfg: ModelConfig, headers: dict[Path, TensorFile])
     requantizing their values would not give them back wherever a scale is not amax / 448."""
     files = weight_files(path)
     src_half = rope_half_layout(read_hf_config(path, list(files))[1])
-    out_half = hf_model_type(exported(cfg)) in GQA_MODEL_TYPES
+    out_half = hf_model_type(exported(cfg)) in HALF_ROPE_MODEL_TYPES
     half_rows = hf_names(cfg, True)
     codes: Codes = {}
     for name, f in files.items():

@@ -3,8 +3,8 @@
 A Hugging Face model directory holds ``config.json``, ``model.safetensors`` (or shards
 ``model-*.safetensors`` with ``model.safetensors.index.json``), ``tokenizer.json`` and optionally
 ``tokenizer_config.json`` / ``generation_config.json``. Tensor names follow transformers'
-DeepseekV3 / V2 / Llama / Qwen2 / Qwen3 / Qwen3-MoE layout (DeepSeek's released checkpoints use the same
-names):
+DeepseekV3 / V2 / Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral layout (DeepSeek's released checkpoints use the
+same names):
 
     flyer                          Hugging Face (layer i; MTP module k is layer n_layers + k)
     embed / norm / head            model.embed_tokens / model.norm / lm_head
@@ -16,13 +16,16 @@ names):
     ffn.w1 / w2 / w3               mlp.gate_proj / down_proj / up_proj (dense and shared_experts)
     ffn.gate.weight, .bias         mlp.gate.weight, mlp.gate.e_score_correction_bias
     ffn.experts.w1[e] (stacked)    mlp.experts.e.gate_proj (one tensor per expert, as save_pretrained writes)
+    ffn.gate, ffn.experts.w1[e]    Mixtral: block_sparse_moe.gate, block_sparse_moe.experts.e.w1 (w2, w3 alike)
     mtp.k.enorm, hnorm, eh_proj    model.layers.(L+k).enorm, hnorm, eh_proj
     mtp.k.norm                     model.layers.(L+k).shared_head.norm
     mtp.k.block.*                  model.layers.(L+k).* (as a decoder layer)
 
-flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2, Qwen3(-MoE),
+flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2, Qwen3(-MoE), Mixtral,
 DeepseekV3 with ``rope_interleave: false``) get their rope rows permuted on the way in and out, and
 so do Qwen3's per-head norm weights: one per head channel, they follow the channels they scale.
+GLM-4.5 (``glm4_moe``) has the GQA names, DeepseekV3's router and MTP layers, and rotates only each
+head's first ``rotary_dim`` rows: only those are permuted.
 DeepSeek's FP8 format stores a linear weight as ``float8_e4m3fn`` plus ``weight_scale_inv``,
 one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on import, or, into a
 model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as its codes and scales.
@@ -46,7 +49,7 @@ from flyer.data.tokenizer import load_tokenizer as load_tokenizer_file
 from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
-from flyer.interop.hf_config import GQA_MODEL_TYPES, from_hf_config, model_type
+from flyer.interop.hf_config import HALF_ROPE_MODEL_TYPES, from_hf_config, model_type
 from flyer.interop.tensorfile import TensorFile, header
 from flyer.model.init import allocate
 from flyer.model.moe import Gate
@@ -74,6 +77,9 @@ _BLOCK = {  # flyer name inside a block -> HF name inside a decoder layer
     "ffn.shared.w3.weight": "mlp.shared_experts.up_proj.weight",
 }
 _EXPERTS = {"ffn.experts.w1": "gate_proj", "ffn.experts.w2": "down_proj", "ffn.experts.w3": "up_proj"}
+# Mixtral's sparse block (transformers' save_pretrained writes these names, as the published checkpoints have them)
+_MIXTRAL_EXPERTS = {"ffn.experts.w1": "w1", "ffn.experts.w2": "w2", "ffn.experts.w3": "w3"}
+_MIXTRAL_GATE = {"ffn.gate.weight": "block_sparse_moe.gate.weight"}
 _MTP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
         "norm.weight": "shared_head.norm.weight"}
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -113,6 +119,13 @@ def hf_names(cfg: ModelConfig, rope_half: bool) -> dict[str, Slot]:
     return out
 
 
+def is_mixtral(cfg: ModelConfig) -> bool:
+    """GQA with routed experts in every layer and no head norms: what Mixtral computes (Qwen3-MoE, the
+    other GQA architecture with experts, has head norms), so its tensors take Mixtral's names."""
+    return (cfg.attn == "gqa" and cfg.is_moe and cfg.n_dense_layers == 0 and not cfg.qk_norm
+            and cfg.score_func == "softmax" and cfg.rope_dim == cfg.head_dim)  # else GLM-4.5's (mlp.*) names
+
+
 def _meta_model(cfg: ModelConfig) -> Transformer:
     with torch.device("meta"):
         return Transformer(cfg)
@@ -123,7 +136,7 @@ def _rope_rows(sub: str, cfg: ModelConfig, rope_half: bool) -> tuple[int, int, i
         return None
     if cfg.attn == "gqa":  # q and k rows (weight and bias) per head, and the head norms' channels alike
         heads = ("attn.wq.", "attn.wk.", "attn.q_head_norm.", "attn.k_head_norm.")
-        return (cfg.head_dim, 0, cfg.head_dim) if sub.startswith(heads) else None
+        return (cfg.head_dim, 0, cfg.rope_dim) if sub.startswith(heads) else None  # GLM-4.5: rotary_dim rows
     if sub in ("attn.wq.weight", "attn.wq_b.weight"):
         return cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     if sub == "attn.wkv_a.weight":
@@ -139,9 +152,14 @@ def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool) -> Iterator[
     if m:
         i = int(m.group(1)) + (cfg.n_layers if key.startswith("mtp.") else 0)
         sub = m.group(2)
+        mixtral = is_mixtral(cfg)
         if sub in _EXPERTS:
+            moe, names = ("block_sparse_moe", _MIXTRAL_EXPERTS) if mixtral else ("mlp", _EXPERTS)
             for e in range(shape[0]):
-                yield f"model.layers.{i}.mlp.experts.{e}.{_EXPERTS[sub]}.weight", Slot(key, e)
+                yield f"model.layers.{i}.{moe}.experts.{e}.{names[sub]}.weight", Slot(key, e)
+            return
+        if mixtral and sub in _MIXTRAL_GATE:
+            yield f"model.layers.{i}.{_MIXTRAL_GATE[sub]}", Slot(key)
             return
         if sub in _BLOCK:
             yield f"model.layers.{i}.{_BLOCK[sub]}", Slot(key, None, _rope_rows(sub, cfg, rope_half))
@@ -327,7 +345,7 @@ def rope_half_layout(raw: dict) -> bool:
     mt = model_type(raw)
     if mt == "deepseek_v3":
         return raw.get("rope_interleave", True) is False
-    return mt in GQA_MODEL_TYPES  # DeepseekV2 rotates interleaved pairs (complex multiply)
+    return mt in HALF_ROPE_MODEL_TYPES  # DeepseekV2 rotates interleaved pairs (complex multiply)
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
@@ -495,5 +513,5 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
 
 
 __all__ = ["INDEX", "SINGLE", "Slot", "TextTokenizer", "build_empty", "dequantize_fp8_blocks", "fill_tensor",
-           "hf_names", "hf_weight_map", "is_hf_model_dir", "load_hf", "load_hf_weights", "load_tokenizer",
+           "hf_names", "hf_weight_map", "is_hf_model_dir", "is_mixtral", "load_hf", "load_hf_weights", "load_tokenizer",
            "permute_rope", "read_hf_config", "rope_half_layout", "rope_permutation", "weight_files"]

@@ -20,8 +20,15 @@ slides (``use_sliding_window``, ``max_window_layers``, ``layer_types``). Qwen3-M
 attention (its ``head_dim`` defaulting to hidden_size / heads) with a sparse MoE block in each layer
 that ``mlp_only_layers`` does not list and ``decoder_sparse_step`` does not skip: softmax over every
 expert in FP32, top-k, renormalised when ``norm_topk_prob``; no shared expert, no scaling. flyer
-runs its dense layers first, so only configs whose dense layers are layers 0..k-1 are read. A value
-flyer cannot run is a ``ConfigError`` naming the file and the field, never silently ignored.
+runs its dense layers first, so only configs whose dense layers are layers 0..k-1 are read. Mixtral
+is Mistral's attention (read only when its ``sliding_window`` never slides) with the sparse block in
+every layer, its experts ``intermediate_size`` wide: softmax over every expert in FP32, top-k, always
+renormalised; no shared expert, no dense layer, no head norms. GLM-4.5 / 4.6 (``glm4_moe``) is GQA
+with q/k/v biases (``attention_bias``: o_proj has none), optional head norms (``use_qk_norm``) and
+partial rotary (``partial_rotary_factor``, 0.5 when missing: each head's first channels rotate, in
+rotate-half layout) with DeepseekV3's router and MTP layers (sigmoid, correction bias, groups, a
+shared expert, ``first_k_dense_replace`` dense layers first). A value flyer cannot run is a
+``ConfigError`` naming the file and the field, never silently ignored.
 """
 
 from __future__ import annotations
@@ -31,10 +38,13 @@ from typing import Any
 
 from flyer.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
-# the GQA architectures flyer reads and writes (dense, and Qwen3-MoE), all laid out for rotate-half RoPE and
-# without an MTP module (as read, after _SAME_AS)
-GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
+                         "glm4_moe")
+# the GQA architectures flyer reads and writes (dense, and Qwen3-MoE / Mixtral), all laid out for rotate-half
+# RoPE and without an MTP module (as read, after _SAME_AS)
+GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+# GQA laid out for rotate-half RoPE too, but with DeepSeek's MTP layers (GLM-4.5)
+HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("glm4_moe",)
 # model types that compute as another flyer reads (Mistral without its sliding window is Llama)
 _SAME_AS = {"mistral": "llama"}
 # RoPE frequency scalings (transformers' rope_type names; ModelConfig.rope_type): none, YaRN
@@ -93,10 +103,12 @@ def _rope_number(rp: dict[str, Any], where: str, key: str, name: str, rope_type:
     return v
 
 
-def rope_fields(d: dict[str, Any], where: str = "config.json", mla: bool = False) -> dict[str, Any]:
+def rope_fields(d: dict[str, Any], where: str = "config.json", mla: bool = False,
+                partial: bool = False) -> dict[str, Any]:
     """flyer's RoPE fields from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
     ``rope_scaling`` (transformers 4, DeepSeek's files). ``mla``: a DeepSeek config, whose
-    transformers attention scales the softmax by ``mscale_all_dim`` for any scaled type."""
+    transformers attention scales the softmax by ``mscale_all_dim`` for any scaled type. ``partial``:
+    the architecture rotates part of each head (GLM-4.5; ``partial_rotary_factor``, read by the caller)."""
     rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
     key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
     if not isinstance(rp, dict):
@@ -106,7 +118,7 @@ def rope_fields(d: dict[str, Any], where: str = "config.json", mla: bool = False
     theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
     rope_type = rp.get("rope_type", rp.get("type", "default")) or "default"
     max_pos = d.get("max_position_embeddings", 4096)
-    if rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+    if not partial and rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
         raise _bad(where, "partial_rotary_factor", "only 1.0 (RoPE on the whole rope head) is supported")
     if rope_type not in ROPE_TYPES:
         supported = ", ".join(ROPE_TYPES)
@@ -154,7 +166,7 @@ _OPTIONAL_INTS = ("q_lora_rank", "first_k_dense_replace", "moe_intermediate_size
                   "decoder_sparse_step")
 _INTS = ("intermediate_size", "max_position_embeddings")
 _NUMBERS = ("rms_norm_eps", "initializer_range", "routed_scaling_factor", "rope_theta", "aux_loss_alpha",
-            "router_aux_loss_coef")
+            "router_aux_loss_coef", "router_jitter_noise")
 
 
 def _check_types(d: dict[str, Any], where: str, mla: bool) -> None:
@@ -239,9 +251,65 @@ def _qwen3_moe_fields(d: dict[str, Any], where: str, n_layers: int) -> dict[str,
                 seq_aux_alpha=0.001 if aux is None else aux)
 
 
+# MixtralConfig's defaults where they differ from those flyer reads a missing field as
+_MIXTRAL_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 4096 * 32}
+
+
+def _mixtral_fields(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """Mixtral's FFN fields: a sparse block in every layer (no dense layer, no shared expert), its
+    experts ``intermediate_size`` wide; missing fields take MixtralConfig's defaults (8 experts, top-2).
+    transformers' router jitter multiplies the input by noise in training, which flyer does not."""
+    n_experts = next((d[k] for k in ("num_local_experts", "num_experts") if d.get(k) is not None), 8)
+    if n_experts < 1:
+        raise _bad(where, "num_local_experts", f"must be >= 1: Mixtral routes every layer (got {n_experts})")
+    if d.get("router_jitter_noise"):
+        raise _bad(where, "router_jitter_noise", f"only 0 is supported (got {d['router_jitter_noise']!r})")
+    aux = d.get("router_aux_loss_coef")
+    inter = d.get("intermediate_size", 14336)
+    return dict(n_routed_experts=n_experts, n_shared_experts=0, n_dense_layers=0, inter_dim=inter,
+                moe_inter_dim=inter, n_activated_experts=d.get("num_experts_per_tok") or 2,
+                score_func="softmax", router_bias=False, norm_topk_prob=True, route_scale=1.0, n_expert_groups=1,
+                n_limited_groups=1, seq_aux_alpha=0.001 if aux is None else aux)
+
+
+def _glm4_moe_fields(d: dict[str, Any], where: str, n_layers: int, head_dim: int) -> dict[str, Any]:
+    """GLM-4.5's attention and FFN fields. transformers rotates each head's first
+    int(head_dim * partial_rotary_factor) channels (rotate-half pairs within them) and passes the rest;
+    its router is DeepseekV3's. Missing fields take Glm4MoeConfig's defaults (0.5 rotary, 128 experts
+    top-8, 1408 wide, one shared expert, one dense layer, norm_topk_prob true, scaling 1, no head norms)."""
+    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    factor = rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
+        raise _bad(where, "partial_rotary_factor", f"expected a number in (0, 1] (got {factor!r:.40})")
+    rotary = int(head_dim * factor)  # transformers' rotary width
+    if rotary == 0 or rotary % 2:
+        raise _bad(where, "partial_rotary_factor", f"{factor} of head_dim {head_dim} rotates {rotary} channels: "
+                                                   f"only an even number > 0 is supported")
+    n_experts = next((d[k] for k in ("n_routed_experts", "num_local_experts") if d.get(k) is not None), 128)
+    if n_experts < 1:
+        raise _bad(where, "n_routed_experts", f"must be >= 1: GLM-4.5 routes every layer past the dense ones "
+                                              f"(got {n_experts})")
+    shared, dense = (1 if d.get(k) is None else d[k] for k in ("n_shared_experts", "first_k_dense_replace"))
+    if shared < 1:  # transformers would build a zero-width shared expert
+        raise _bad(where, "n_shared_experts", f"only >= 1 is supported (got {shared!r})")
+    for k in ("attention_bias", "use_qk_norm", "norm_topk_prob"):
+        if not isinstance(d.get(k, False), bool):
+            raise _bad(where, k, f"expected true or false (got {d[k]!r:.40})")
+    return dict(rotary_dim=0 if rotary == head_dim else rotary, attn_bias=d.get("attention_bias", False),
+                qk_norm=d.get("use_qk_norm", False), n_routed_experts=n_experts, n_shared_experts=shared,
+                n_dense_layers=min(dense, n_layers),
+                moe_inter_dim=d.get("moe_intermediate_size") or 1408,
+                n_activated_experts=d.get("num_experts_per_tok") or 8, score_func="sigmoid", router_bias=True,
+                n_expert_groups=d.get("n_group") or 1, n_limited_groups=d.get("topk_group") or 1,
+                norm_topk_prob=d.get("norm_topk_prob", True), route_scale=d.get("routed_scaling_factor", 1.0),
+                mtp_depth=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 1)) or 0, seq_aux_alpha=0.0001)
+
+
 def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
     mt = model_type(d, where)
+    if mt == "mixtral":
+        d = {**_MIXTRAL_DEFAULTS, **d}
     mla = mt in ("deepseek_v3", "deepseek_v2")
     _check_types(d, where, mla)
     _require(d, where, "hidden_act", ("silu",), "silu")
@@ -252,7 +320,7 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
         _check_window({**d, "sliding_window": d.get("sliding_window", 4096)}, where)
     elif d.get("use_sliding_window"):
         raise _bad(where, "use_sliding_window", "sliding-window attention is not supported")
-    if d.get("model_type") == "mistral":
+    if d.get("model_type") in ("mistral", "mixtral"):
         _check_window(d, where)
     n_layers = d["num_hidden_layers"]
     out: dict[str, Any] = {
@@ -260,7 +328,7 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
         "n_heads": d["num_attention_heads"], "inter_dim": d.get("intermediate_size", 0),
         "norm_eps": d.get("rms_norm_eps", 1e-6), "max_seq_len": d.get("max_position_embeddings", 4096),
         "init_std": d.get("initializer_range", 0.02), "tie_embeddings": bool(d.get("tie_word_embeddings", False)),
-        **rope_fields(d, where, mla),
+        **rope_fields(d, where, mla, partial=mt == "glm4_moe"),
     }
     if mla:
         _require(d, where, "attention_bias", (False,), False)
@@ -290,21 +358,24 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
                        n_limited_groups=(d.get("topk_group") or 1) if grouped else 1)
             if "aux_loss_alpha" in d:
                 out["seq_aux_alpha"] = d["aux_loss_alpha"]
-    else:  # Llama / Mistral / Qwen2 / Qwen3(-MoE): GQA; softmax scale head_dim^-0.5 whatever mscale_all_dim says
+    else:  # GQA (Llama, Mistral, Qwen2, Qwen3(-MoE), Mixtral): softmax scale head_dim^-0.5 whatever mscale_all_dim says
         out["mscale"] = 0.0
-        if mt in ("llama", "qwen3", "qwen3_moe"):  # their attention_bias also biases o_proj, which flyer's GQA has not
+        # their attention_bias also biases o_proj, which flyer's GQA has not (Mixtral's attention reads none)
+        if mt in ("llama", "qwen3", "qwen3_moe"):
             _require(d, where, "attention_bias", (False,), False)
         n_kv = d.get("num_key_value_heads") or d["num_attention_heads"]
-        # Qwen3Config's head_dim defaults to 128; the others' (Qwen3MoeConfig's too) to hidden_size / heads
+        # Qwen3Config's head_dim defaults to 128; the others' (Qwen3MoeConfig's, MixtralConfig's) to hidden_size / heads
         head_dim = d.get("head_dim") or (128 if mt == "qwen3" else d["hidden_size"] // d["num_attention_heads"])
         out.update(
             attn="gqa", n_kv_heads=n_kv, head_dim=head_dim, attn_bias=mt == "qwen2",
             qk_norm=mt in ("qwen3", "qwen3_moe"), mtp_depth=0, q_lora_rank=0,
-            **(_qwen3_moe_fields(d, where, n_layers) if mt == "qwen3_moe"
-               else dict(n_routed_experts=0, n_shared_experts=0, n_dense_layers=n_layers)),
+            **(_qwen3_moe_fields(d, where, n_layers) if mt == "qwen3_moe" else _mixtral_fields(d, where)
+               if mt == "mixtral" else dict(n_routed_experts=0, n_shared_experts=0, n_dense_layers=n_layers)),
         )
+        if mt == "glm4_moe":
+            out.update(_glm4_moe_fields(d, where, n_layers, head_dim))
     return out
 
 
-__all__ = ["GQA_MODEL_TYPES", "HF_KEYS", "ROPE_TYPES", "SUPPORTED_MODEL_TYPES", "from_hf_config", "is_hf_config",
-           "model_type", "rope_fields", "yarn_attention_factor"]
+__all__ = ["GQA_MODEL_TYPES", "HALF_ROPE_MODEL_TYPES", "HF_KEYS", "ROPE_TYPES", "SUPPORTED_MODEL_TYPES",
+           "from_hf_config", "is_hf_config", "model_type", "rope_fields", "yarn_attention_factor"]

@@ -11,6 +11,8 @@ Shapes: B batch, T query tokens, S key tokens, H heads, D model dim.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,8 +102,17 @@ class MLA(nn.Module):
         return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
 
 
+def _apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """``apply_rope`` on the first ``rotary_dim`` channels of each head of x (B, T, H, d), the rest as they are;
+    cos/sin: ``rope_cos_sin``'s tables of ``rotary_dim`` channels."""
+    rot, rest = x.split([rotary_dim, x.shape[-1] - rotary_dim], dim=-1)
+    return torch.cat([apply_rope(rot, cos, sin), rest], dim=-1)
+
+
 class GQA(nn.Module):
-    """Grouped-query attention (multi-head when n_kv_heads == n_heads), RoPE on the whole head.
+    """Grouped-query attention (multi-head when n_kv_heads == n_heads), RoPE on the whole head or,
+    with ``rotary_dim`` (GLM-4.5's partial rotary), on each head's first ``rotary_dim`` channels only:
+    the others pass through unrotated. ``attn_bias`` (Qwen2, GLM-4.5): biases on q, k and v.
 
     ``qk_norm`` (Qwen3): each head's query and key are RMS-normalised over its head_dim channels
     (``q_head_norm`` / ``k_head_norm``, one weight per channel shared by the heads) before RoPE.
@@ -121,17 +132,20 @@ class GQA(nn.Module):
             self.k_head_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         else:  # chosen once: the same ops, and the same state dict, as before the option existed
             self.q_head_norm = self.k_head_norm = nn.Identity()
+        # chosen once: a model rotating whole heads runs the one apply_rope op
+        full = cfg.rope_dim == cfg.head_dim
+        self.rope = apply_rope if full else partial(_apply_partial_rope, rotary_dim=cfg.rope_dim)
 
     def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Queries (B, T, n_heads, head_dim), head-normed (``qk_norm``), with RoPE applied."""
         B, T, _ = x_BTD.shape
-        return apply_rope(self.q_head_norm(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)), cos, sin)
+        return self.rope(self.q_head_norm(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)), cos, sin)
 
     def keys_values(self, x_BTD: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What GQA caches: k (head-normed, rotated), v, each of shape (B, T, n_kv_heads, head_dim)."""
         B, T, _ = x_BTD.shape
-        k = apply_rope(self.k_head_norm(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin)
+        k = self.rope(self.k_head_norm(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin)
         return k, self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,7 @@ class OutputHeads:
     (``flyer.parallel.pipeline``), which computes the same losses from the hidden states it receives."""
 
     def rope_tables(self, T: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        rope_dim = self.cfg.qk_rope_head_dim if self.cfg.attn == "mla" else self.cfg.head_dim
-        cos, sin = rope_cos_sin(rope_dim, start + T, self.cfg, device)
+        cos, sin = rope_cos_sin(self.cfg.rope_dim, start + T, self.cfg, device)
         return cos[start:], sin[start:]
 
     def mtp_hidden(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> list[torch.Tensor]:
