@@ -162,6 +162,9 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
          "bos_token_id": tok.bos_id(), "eos_token_id": eos_token_id(tok),
          "dtype": "bfloat16" if dtype != "fp32" else "float32",
          "attention_bias": False, "mlp_bias": False}
+    if dtype == "fp8":  # every architecture: without it transformers reads the codes as values, the scales as unused
+        d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                    "weight_block_size": [128, 128]}
     if cfg.attn == "gqa":
         d.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
         if mt == "qwen2":
@@ -203,9 +206,6 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
         d.update(n_group=cfg.n_expert_groups if grouped else None, scoring_func="softmax",
                  topk_group=cfg.n_limited_groups if grouped else None,
                  topk_method="group_limited_greedy" if grouped else "greedy")
-    if dtype == "fp8":
-        d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                    "weight_block_size": [128, 128]}
     return d
 
 
