@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-                          Glm4MoeConfig, Glm4MoeForCausalLM,
+                          Glm4MoeConfig, Glm4MoeForCausalLM, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM,
                           LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM)
@@ -61,6 +61,12 @@ FAMILIES = {
         n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
         norm_topk_prob=True, attention_bias=True, use_qk_norm=True, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5})),
+    # GLM-4.7-Flash: DeepseekV3's MLA, router (1 of 2 groups) and scaling, its dense layer from mlp_layer_types;
+    # its config names one MTP layer, as the hub's does (loaded where the weights hold it)
+    "glm4_moe_lite": (Glm4MoeLiteForCausalLM, Glm4MoeLiteConfig, dict(
+        **{k: v for k, v in _MLA.items() if k != "first_k_dense_replace"}, q_lora_rank=24, n_group=2, topk_group=1,
+        routed_scaling_factor=1.8, norm_topk_prob=True, rms_norm_eps=1e-5, rope_interleave=True,
+        num_nextn_predict_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     # GLM-4.5-Air's kind (no head norms), a quarter of each head rotating (8 of 32), not renormalised, tied
     "glm4_moe-air": (Glm4MoeForCausalLM, Glm4MoeConfig, dict(
         num_key_value_heads=2, head_dim=32, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
@@ -127,7 +133,9 @@ def add_mtp_layer(model, out: Path, seed: int = 1) -> dict[str, torch.Tensor]:
     cfg = model.config
     L, D = cfg.num_hidden_layers, cfg.hidden_size
     torch.manual_seed(seed)
-    layer = type(model.model.layers[-1])(cfg, L)  # the model's own (MoE) decoder layer: DeepseekV3's, GLM-4.5's
+    # the model's own (MoE) decoder layer, DeepseekV3's or GLM's, built as the last layer is (Glm4MoeLite's
+    # mlp_layer_types has no entry past it)
+    layer = type(model.model.layers[-1])(cfg, L - 1)
     for p in layer.parameters():
         torch.nn.init.normal_(p, 0.0, 0.1) if p.ndim > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
     pre = f"model.layers.{L}."

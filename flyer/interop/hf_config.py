@@ -27,7 +27,8 @@ renormalised; no shared expert, no dense layer, no head norms. GLM-4.5 / 4.6 (``
 with q/k/v biases (``attention_bias``: o_proj has none), optional head norms (``use_qk_norm``) and
 partial rotary (``partial_rotary_factor``, 0.5 when missing: each head's first channels rotate, in
 rotate-half layout) with DeepseekV3's router and MTP layers (sigmoid, correction bias, groups, a
-shared expert, ``first_k_dense_replace`` dense layers first). A value flyer cannot run is a
+shared expert, ``first_k_dense_replace`` dense layers first). GLM-4.7-Flash (``glm4_moe_lite``) is
+DeepseekV3 whose dense layers ``mlp_layer_types`` names. A value flyer cannot run is a
 ``ConfigError`` naming the file and the field, never silently ignored.
 """
 
@@ -39,14 +40,15 @@ from typing import Any
 from flyer.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
-                         "glm4_moe")
+                         "glm4_moe", "glm4_moe_lite")
 # the GQA architectures flyer reads and writes (dense, and Qwen3-MoE / Mixtral), all laid out for rotate-half
 # RoPE and without an MTP module (as read, after _SAME_AS)
 GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 # GQA laid out for rotate-half RoPE too, but with DeepSeek's MTP layers (GLM-4.5)
 HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("glm4_moe",)
-# model types that compute as another flyer reads (Mistral without its sliding window is Llama)
-_SAME_AS = {"mistral": "llama"}
+# model types that compute as another flyer reads: Mistral without its sliding window is Llama; GLM-4.7-Flash
+# (glm4_moe_lite) is DeepseekV3's MLA, router and MTP layer, its dense layers named by mlp_layer_types
+_SAME_AS = {"mistral": "llama", "glm4_moe_lite": "deepseek_v3"}
 # RoPE frequency scalings (transformers' rope_type names; ModelConfig.rope_type): none, YaRN
 # (DeepSeek), Llama 3.1's frequency bands, position interpolation (every frequency / factor).
 ROPE_TYPES = ("default", "yarn", "llama3", "linear")
@@ -305,6 +307,28 @@ def _glm4_moe_fields(d: dict[str, Any], where: str, n_layers: int, head_dim: int
                 mtp_depth=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 1)) or 0, seq_aux_alpha=0.0001)
 
 
+def _mla_dense_layers(d: dict[str, Any], where: str, n_layers: int) -> int:
+    """The leading dense layers of a DeepSeek config: ``first_k_dense_replace``. transformers' Glm4MoeLite
+    reads ``mlp_layer_types`` instead (default: layer 0 dense, the rest sparse) and ignores that key,
+    so there a disagreeing one is refused rather than read one way by flyer and another by transformers."""
+    first_k = min(d.get("first_k_dense_replace") or 0, n_layers)
+    if d.get("model_type") != "glm4_moe_lite":
+        return first_k
+    kinds = d.get("mlp_layer_types")
+    if kinds is None:
+        kinds = ["dense"] + ["sparse"] * (n_layers - 1)
+    elif not isinstance(kinds, list) or len(kinds) != n_layers or not set(kinds) <= {"dense", "sparse"}:
+        raise _bad(where, "mlp_layer_types", f"expected {n_layers} entries of 'dense' or 'sparse' (got {kinds!r:.60})")
+    dense = kinds.count("dense")
+    if kinds[:dense] != ["dense"] * dense:
+        raise _bad(where, "mlp_layer_types", "dense layers after sparse ones: flyer runs its dense (MLP) layers "
+                                             "first, then the MoE layers")
+    if "first_k_dense_replace" in d and first_k != dense:
+        raise _bad(where, "first_k_dense_replace", f"{d['first_k_dense_replace']} disagrees with mlp_layer_types' "
+                                                   f"{dense} dense layers, which transformers' Glm4MoeLite follows")
+    return dense
+
+
 def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
     mt = model_type(d, where)
@@ -336,7 +360,7 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
         out.update(
             attn="mla", q_lora_rank=d.get("q_lora_rank") or 0, kv_lora_rank=d["kv_lora_rank"],
             qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
-            v_head_dim=d["v_head_dim"], n_dense_layers=min(d.get("first_k_dense_replace") or 0, n_layers),
+            v_head_dim=d["v_head_dim"], n_dense_layers=_mla_dense_layers(d, where, n_layers),
             moe_inter_dim=d.get("moe_intermediate_size") or 0, n_routed_experts=d.get("n_routed_experts") or 0,
             n_shared_experts=d.get("n_shared_experts") or 0, n_activated_experts=d.get("num_experts_per_tok") or 1,
             route_scale=d.get("routed_scaling_factor", 1.0),
