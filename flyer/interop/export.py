@@ -60,8 +60,8 @@ def hf_model_type(cfg: ModelConfig) -> str:
     """The transformers architecture that computes what ``cfg`` does, or a ``ConfigError`` saying why none does."""
     if cfg.attn == "gqa":
         if cfg.rope_type == "yarn" and cfg.rope_factor > 1 and cfg.mscale:
-            raise ConfigError("config field 'mscale': Llama / Qwen2 / Qwen3 do not scale the softmax for YaRN "
-                              "(needs 0)")
+            raise ConfigError("config field 'mscale': transformers' GQA architectures do not scale the softmax for "
+                              "YaRN (needs 0)")
         # GLM-4.5 (glm4_moe): the one with partial rotary, and the one routing GQA experts as DeepseekV3 does
         if cfg.rope_dim < cfg.head_dim or (cfg.is_moe and cfg.score_func == "sigmoid" and cfg.router_bias):
             _check_glm4_moe(cfg)
