@@ -109,9 +109,9 @@ def files(tmp_path):
     (tmp_path / "bad.toml").write_bytes(b"[model]\ndim = \xff\n")
     (tmp_path / "missing.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
     (tmp_path / "nan.toml").write_text("[model]\nrope_theta = inf\n")
-    (tmp_path / "mixtral.json").write_text(json.dumps({  # an MoE flyer does not implement, not a dense Llama
-        "model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "vocab_size": 300, "intermediate_size": 128, "num_local_experts": 8, "num_experts_per_tok": 2}))
+    (tmp_path / "gemma2.json").write_text(json.dumps({  # an architecture flyer does not implement, not a dense Llama
+        "model_type": "gemma2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vocab_size": 300, "intermediate_size": 128, "sliding_window": 16, "final_logit_softcapping": 30.0}))
     return tmp_path
 
 
@@ -126,8 +126,8 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     (["train", "--config", "{t}/missing.json"], "required field 'vocab_size' is missing"),
     (["train", "--config", "{t}/nan.toml"], "'rope_theta': must be a finite number"),
     (["info", "--config", "{t}/missing.json"], "required field 'vocab_size' is missing"),
-    (["train", "--config", "{t}/mixtral.json"], "unsupported architecture 'mixtral'"),
-    (["plan", "--config", "{t}/mixtral.json"], "unsupported architecture 'mixtral'"),
+    (["train", "--config", "{t}/gemma2.json"], "unsupported architecture 'gemma2'"),
+    (["plan", "--config", "{t}/gemma2.json"], "unsupported architecture 'gemma2'"),
     (["plan", "--config", "{t}/latin1.json"], "is not UTF-8 text"),
     (["plan", "--hw", "hbm_gib=nan"], "--hw: hbm_gib must be a finite number > 0"),
     ([*GEN, "--prefix-cache", "{t}/afile"], "--prefix-cache: {t}/afile is a file, not a directory"),
