@@ -2,8 +2,8 @@
 
 Field names follow DeepSeek-V3's `inference/model.py` ModelArgs (``dim``, ``inter_dim``,
 ``moe_inter_dim``, ``n_dense_layers``, ...). ``ModelConfig.from_json`` also accepts the keys of a
-Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 (and Llama / Mistral / Qwen2 / Qwen3 / GLM-4.5 for the GQA
-presets).
+Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 / DeepseekV3.2 (and Llama / Mistral / Qwen2 / Qwen3 /
+GLM-4.5 for the GQA presets).
 Every constructed config is validated; an impossible value raises ``ConfigError`` with one line
 naming the field and what is allowed.
 """
@@ -55,6 +55,10 @@ class ModelConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    # DeepSeek Sparse Attention (V3.2): a lightning indexer picks each query's index_topk keys (mla only)
+    index_topk: int = 0  # 0 = no indexer: dense MLA
+    index_n_heads: int = 64
+    index_head_dim: int = 128  # its first qk_rope_head_dim channels rotate
     n_kv_heads: int = 0  # gqa only
     head_dim: int = 0  # gqa only
     attn_bias: bool = False  # gqa only: bias on q/k/v projections (Qwen2)
@@ -155,6 +159,14 @@ class ModelConfig:
             need(self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim", "must be a positive even number for gqa")
             need(0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
                  f"must be an even number in [0, head_dim={self.head_dim}] (0 = the whole head)")
+        need(self.index_topk >= 0, "index_topk", "must be >= 0 (0 = no DSA indexer: dense attention)")
+        if self.index_topk > 0:
+            need(self.attn == "mla", "index_topk", "the DSA indexer applies to mla attention only (0 = none)")
+            need(self.q_lora_rank > 0, "q_lora_rank", "must be > 0 with the DSA indexer (index_topk > 0): its "
+                                                      "queries are projected from MLA's query latent")
+            need(self.index_n_heads > 0, "index_n_heads", "must be > 0")
+            need(self.index_head_dim >= self.qk_rope_head_dim and self.index_head_dim % 2 == 0, "index_head_dim",
+                 f"must be an even number >= qk_rope_head_dim={self.qk_rope_head_dim} (its rope channels)")
         need(self.n_routed_experts >= 0, "n_routed_experts", "must be >= 0")
         if self.n_routed_experts > 0:
             need(self.moe_inter_dim > 0, "moe_inter_dim", "must be > 0 with routed experts")
@@ -310,6 +322,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # official DeepSeek-V3 (671B total, 37B activated; MTP module adds ~14B)
     "dsv3": dict(),
+    # official DeepSeek-V3.2-Exp: V3 with DeepSeek Sparse Attention (a lightning indexer keeping 2048 keys per query)
+    "dsv32": dict(index_topk=2048, index_n_heads=64, index_head_dim=128),
     # dense GQA references
     "qwen2.5-72b": dict(
         vocab_size=152064, dim=8192, n_layers=80, n_dense_layers=80, inter_dim=29568, attn="gqa", n_heads=64,

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+                          DeepseekV32Config, DeepseekV32ForCausalLM,
                           Glm4MoeConfig, Glm4MoeForCausalLM, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM,
                           LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
@@ -67,6 +68,14 @@ FAMILIES = {
         **{k: v for k, v in _MLA.items() if k != "first_k_dense_replace"}, q_lora_rank=24, n_group=2, topk_group=1,
         routed_scaling_factor=1.8, norm_topk_prob=True, rms_norm_eps=1e-5, rope_interleave=True,
         num_nextn_predict_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # DeepSeek-V3.2: V3 with DSA's indexer keeping 8 keys per query (sequences of 24+ tokens drop some); 8 indexer
+    # heads of 32 channels (8 rotating, first, rotate-half), so exact-zero ReLU ties between keys are rare;
+    # k_norm's weight and bias random (``build``); layer 0 dense (first_k_dense_replace); one MTP layer named, as
+    # the hub's config does (loaded where the weights hold it)
+    "v32": (DeepseekV32ForCausalLM, DeepseekV32Config, dict(
+        **_MLA, q_lora_rank=24, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        rms_norm_eps=1e-5, rope_parameters=_YARN, index_topk=8, index_n_heads=8, index_head_dim=32,
+        num_nextn_predict_layers=1)),
     # GLM-4.5-Air's kind (no head norms), a quarter of each head rotating (8 of 32), not renormalised, tied
     "glm4_moe-air": (Glm4MoeForCausalLM, Glm4MoeConfig, dict(
         num_key_value_heads=2, head_dim=32, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
@@ -120,6 +129,10 @@ def build(name: str, out: Path, spelling: int = 5, seed: int = 0):
                 p.uniform_(0.25, 2.0)  # a different weight per channel, or a wrong channel order would pass
             if name.startswith("glm4_moe") and n.endswith("_proj.bias"):  # GLM's q/k/v biases: not zeros
                 p.normal_(0.0, 0.5)
+            if n.endswith("indexer.k_norm.weight"):  # DSA's key LayerNorm: per channel, or a wrong order passes
+                p.uniform_(0.25, 2.0)
+            if n.endswith("indexer.k_norm.bias"):
+                p.uniform_(-0.5, 0.5)
     model.save_pretrained(out)
     make_tokenizer(out)
     if spelling == 4:

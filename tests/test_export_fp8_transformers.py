@@ -14,7 +14,7 @@ from flyer.interop.export import export
 from tests.hf_models import build
 from tests.test_interop_export import tensors
 
-FAMILIES = ["v3", "v2-lite", "llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe"]
+FAMILIES = ["v3", "v2-lite", "llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe", "v32"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -22,6 +22,7 @@ from typing import Collection
 
 import torch
 
+from flyer.errors import ConfigError
 from flyer.infer.attention import Rows, causal_slot_mask, gqa_cached, mla_absorbed, mla_naive
 from flyer.infer.cache import make_cache
 from flyer.model.experts import Experts
@@ -79,6 +80,10 @@ class Decoder:
     def __init__(self, model: Transformer, batch: int, max_len: int, mode: str = "absorbed",
                  cache_dtype: torch.dtype = torch.bfloat16, with_mtp: bool = False, cache=None, mtp_cache=None):
         self.model, self.cfg = model, model.cfg
+        if 0 < self.cfg.index_topk < max_len:  # up to index_topk positions DSA selects every key: dense MLA
+            raise ConfigError(f"config field 'index_topk': decoding past index_topk tokens with DSA is not supported "
+                              f"yet (the caches hold no indexer keys; {max_len} positions asked for, index_topk is "
+                              f"{self.cfg.index_topk})")
         device = model.embed.weight.device
         self.cache = cache or make_cache(self.cfg, self.cfg.n_layers, batch, max_len, mode, cache_dtype, device)
         if with_mtp and len(model.mtp) == 0:

@@ -10,7 +10,8 @@ BF16-rounded weights up to the order of its sums: lossless for a BF16 checkpoint
 
 Left in their dtype: the embedding (a gather reads a few rows, not the matrix), the norms and the
 router (small, and the router picks experts), and MLA's ``wkv_b``, which the absorbed attention
-splits into its per-head blocks and multiplies in batched GEMMs (0.2 MB a layer in the small preset).
+splits into its per-head blocks and multiplies in batched GEMMs (0.2 MB a layer in the small preset),
+and the DSA indexer's ``weights_proj`` (its per-head score weights, which transformers keeps in FP32).
 
 ``hold_weights(model, torch.float8_e4m3fn)`` holds them as DeepSeek's FP8 checkpoints store them:
 E4M3 codes with one FP32 scale per 128x128 block (a quarter of FP32's bytes), the output head in
@@ -42,7 +43,7 @@ from flyer.model.transformer import Transformer
 
 FP8 = torch.float8_e4m3fn
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8}
-KEEP = ("wkv_b",)  # Linear names whose weights stay as they are (see the module docstring)
+KEEP = ("wkv_b", "weights_proj")  # Linear names whose weights stay as they are (see the module docstring)
 
 
 class HeldFP8Linear(Linear):

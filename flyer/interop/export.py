@@ -1,10 +1,11 @@
 """Checkpoints out: a Hugging Face model directory transformers loads, from any flyer model.
 
 ``flyer export PATH --out DIR [--dtype bf16|fp32|fp8] [--max-shard-size 5GB]`` writes
-``config.json`` (``deepseek_v3`` for MLA with the sigmoid + bias gate, ``deepseek_v2`` for the
-softmax gate, ``llama`` / ``qwen2`` / ``qwen3`` for dense GQA, ``qwen3_moe`` for GQA with head norms and
-softmax-routed experts, ``mixtral`` for GQA with them in every layer and no head norms, ``glm4_moe`` for
-GQA with partial rotary or DeepseekV3's sigmoid router, its MTP modules kept), safetensors (one
+``config.json`` (``deepseek_v3`` for MLA with the sigmoid + bias gate, ``deepseek_v32`` for that with
+DeepSeek Sparse Attention's indexer, ``deepseek_v2`` for the softmax gate, ``llama`` / ``qwen2`` /
+``qwen3`` for dense GQA, ``qwen3_moe`` for GQA with head norms and softmax-routed experts, ``mixtral``
+for GQA with them in every layer and no head norms, ``glm4_moe`` for GQA with partial rotary or
+DeepseekV3's sigmoid router, its MTP modules kept), safetensors (one
 file, or shards plus ``model.safetensors.index.json`` past the shard size), ``tokenizer.json`` with its
 ``tokenizer_config.json`` and a ``generation_config.json``. MTP modules are written as DeepSeek's
 checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head);
@@ -51,9 +52,10 @@ from flyer.model.transformer import Transformer
 from flyer.train.checkpoint import SETTINGS_FILES, check_model_weights, fsync_path, inference_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
-# weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms
-_NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|block_sparse_moe\.gate|norm)\.weight$"
-                      r"|\.bias$|_bias$")
+# weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms, and the DSA
+# indexer's head weights (transformers computes them in FP32)
+_NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|block_sparse_moe\.gate|norm|weights_proj)"
+                      r"\.weight$|\.bias$|_bias$")
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
@@ -76,7 +78,10 @@ def hf_model_type(cfg: ModelConfig) -> str:
     if cfg.n_routed_experts == 0:
         raise ConfigError("config field 'n_routed_experts': an MLA model without experts has no transformers twin")
     if cfg.score_func == "sigmoid" and cfg.router_bias:
-        return "deepseek_v3"
+        return "deepseek_v32" if cfg.index_topk else "deepseek_v3"
+    if cfg.index_topk:
+        raise ConfigError("config field 'index_topk': transformers' one architecture with the DSA indexer "
+                          "(deepseek_v32) routes with sigmoid scores and a correction bias")
     if cfg.score_func == "softmax" and not cfg.router_bias and not cfg.norm_topk_prob:
         return "deepseek_v2"
     raise ConfigError(f"config fields 'score_func'/'router_bias'/'norm_topk_prob': no transformers architecture "
@@ -154,7 +159,7 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
             "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-            "glm4_moe": "Glm4MoeForCausalLM"}[mt]
+            "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}[mt]
     d = {"architectures": [arch], "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
          "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
@@ -202,6 +207,9 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     if mt == "deepseek_v3":
         d.update(n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups, rope_interleave=True,
                  topk_method="noaux_tc", scoring_func="sigmoid")
+    elif mt == "deepseek_v32":  # no rope_interleave: its MLA always rotates interleaved pairs, its indexer rotate-half
+        d.update(n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups, index_topk=cfg.index_topk,
+                 index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim)
     else:
         d.update(n_group=cfg.n_expert_groups if grouped else None, scoring_func="softmax",
                  topk_group=cfg.n_limited_groups if grouped else None,

@@ -13,6 +13,7 @@ same names):
     attn.wkv_a, kv_norm, wkv_b     self_attn.kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
     attn.wk, wv, wo                self_attn.k_proj, v_proj, o_proj
     attn.q_head_norm, k_head_norm  self_attn.q_norm, k_norm (Qwen3's per-head RMSNorms; MLA's are above)
+    attn.indexer.*                 self_attn.indexer.{wq_b,wk,weights_proj}, k_norm.{weight,bias} (DeepSeek-V3.2)
     ffn.w1 / w2 / w3               mlp.gate_proj / down_proj / up_proj (dense and shared_experts)
     ffn.gate.weight, .bias         mlp.gate.weight, mlp.gate.e_score_correction_bias
     ffn.experts.w1[e] (stacked)    mlp.experts.e.gate_proj (one tensor per expert, as save_pretrained writes)
@@ -25,7 +26,10 @@ flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE 
 DeepseekV3 with ``rope_interleave: false``) get their rope rows permuted on the way in and out, and
 so do Qwen3's per-head norm weights: one per head channel, they follow the channels they scale.
 GLM-4.5 (``glm4_moe``) has the GQA names, DeepseekV3's router and MTP layers, and rotates only each
-head's first ``rotary_dim`` rows: only those are permuted.
+head's first ``rotary_dim`` rows: only those are permuted. DeepSeek-V3.2's MLA rotates interleaved pairs,
+its DSA indexer rotate-half: the indexer's rope rows (the first ``qk_rope_head_dim`` of each head of
+``wq_b``, of ``wk``, and of ``k_norm``'s weight and bias, which follow the channels they scale) are
+always permuted.
 DeepSeek's FP8 format stores a linear weight as ``float8_e4m3fn`` plus ``weight_scale_inv``,
 one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on import, or, into a
 model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as its codes and scales.
@@ -51,6 +55,7 @@ from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import HALF_ROPE_MODEL_TYPES, from_hf_config, model_type
 from flyer.interop.tensorfile import TensorFile, header
+from flyer.model.attention import Indexer
 from flyer.model.init import allocate
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
@@ -69,6 +74,8 @@ _BLOCK = {  # flyer name inside a block -> HF name inside a decoder layer
     "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight", "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
     "attn.wo.weight": "self_attn.o_proj.weight",
     "attn.q_head_norm.weight": "self_attn.q_norm.weight", "attn.k_head_norm.weight": "self_attn.k_norm.weight",
+    **{f"attn.indexer.{n}": f"self_attn.indexer.{n}" for n in (
+        "wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")},
     "ffn.w1.weight": "mlp.gate_proj.weight", "ffn.w2.weight": "mlp.down_proj.weight",
     "ffn.w3.weight": "mlp.up_proj.weight",
     "ffn.gate.weight": "mlp.gate.weight", "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
@@ -131,7 +138,14 @@ def _meta_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
+# the DSA indexer's tensors whose rows (or channels) are its keys' and queries': rotate-half in every checkpoint
+_INDEXER_ROPE = ("attn.indexer.wq_b.weight", "attn.indexer.wk.weight", "attn.indexer.k_norm.weight",
+                 "attn.indexer.k_norm.bias")
+
+
 def _rope_rows(sub: str, cfg: ModelConfig, rope_half: bool) -> tuple[int, int, int] | None:
+    if sub in _INDEXER_ROPE:  # whatever MLA's layout: its rope channels come first in each head
+        return cfg.index_head_dim, 0, cfg.qk_rope_head_dim
     if not rope_half:
         return None
     if cfg.attn == "gqa":  # q and k rows (weight and bias) per head, and the head norms' channels alike
@@ -343,6 +357,8 @@ def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[Mo
 def rope_half_layout(raw: dict) -> bool:
     """Whether a checkpoint's rope rows are in rotate-half layout."""
     mt = model_type(raw)
+    if raw.get("model_type") == "deepseek_v32":  # transformers' DeepseekV32 MLA always rotates interleaved pairs
+        return False
     if mt == "deepseek_v3":
         return raw.get("rope_interleave", True) is False
     return mt in HALF_ROPE_MODEL_TYPES  # DeepseekV2 rotates interleaved pairs (complex multiply)
@@ -477,11 +493,14 @@ def _check_finite(t: torch.Tensor, path: Path, name: str) -> None:
 
 def build_empty(cfg: ModelConfig, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> Transformer:
-    """An uninitialised model in ``dtype`` on ``device`` (routers and their biases stay FP32)."""
+    """An uninitialised model in ``dtype`` on ``device`` (routers and their biases stay FP32, and the DSA
+    indexer's head weights, as transformers keeps them)."""
     model = _meta_model(cfg).to(dtype)
     for m in model.modules():
         if isinstance(m, Gate):
             m.float()
+        if isinstance(m, Indexer):
+            m.weights_proj.float()
     return allocate(model, device)
 
 

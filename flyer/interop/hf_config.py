@@ -28,8 +28,11 @@ with q/k/v biases (``attention_bias``: o_proj has none), optional head norms (``
 partial rotary (``partial_rotary_factor``, 0.5 when missing: each head's first channels rotate, in
 rotate-half layout) with DeepseekV3's router and MTP layers (sigmoid, correction bias, groups, a
 shared expert, ``first_k_dense_replace`` dense layers first). GLM-4.7-Flash (``glm4_moe_lite``) is
-DeepseekV3 whose dense layers ``mlp_layer_types`` names. A value flyer cannot run is a
-``ConfigError`` naming the file and the field, never silently ignored.
+DeepseekV3 whose dense layers ``mlp_layer_types`` names. DeepSeek-V3.2 (``deepseek_v32``) is DeepseekV3
+(its MLA always interleaved: it has no ``rope_interleave``) with DeepSeek Sparse Attention
+(``index_topk``, ``index_n_heads``, ``index_head_dim``), its dense layers ``mlp_layer_types``' or else
+``first_k_dense_replace``'s, and DeepseekV32Config's defaults for missing fields (those of V3.2-Exp).
+A value flyer cannot run is a ``ConfigError`` naming the file and the field, never silently ignored.
 """
 
 from __future__ import annotations
@@ -40,15 +43,16 @@ from typing import Any
 from flyer.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
-                         "glm4_moe", "glm4_moe_lite")
+                         "glm4_moe", "glm4_moe_lite", "deepseek_v32")
 # the GQA architectures flyer reads and writes (dense, and Qwen3-MoE / Mixtral), all laid out for rotate-half
 # RoPE and without an MTP module (as read, after _SAME_AS)
 GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 # GQA laid out for rotate-half RoPE too, but with DeepSeek's MTP layers (GLM-4.5)
 HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("glm4_moe",)
 # model types that compute as another flyer reads: Mistral without its sliding window is Llama; GLM-4.7-Flash
-# (glm4_moe_lite) is DeepseekV3's MLA, router and MTP layer, its dense layers named by mlp_layer_types
-_SAME_AS = {"mistral": "llama", "glm4_moe_lite": "deepseek_v3"}
+# (glm4_moe_lite) is DeepseekV3's MLA, router and MTP layer, its dense layers named by mlp_layer_types;
+# DeepSeek-V3.2 is DeepseekV3 with the DSA indexer (read from its own keys)
+_SAME_AS = {"mistral": "llama", "glm4_moe_lite": "deepseek_v3", "deepseek_v32": "deepseek_v3"}
 # RoPE frequency scalings (transformers' rope_type names; ModelConfig.rope_type): none, YaRN
 # (DeepSeek), Llama 3.1's frequency bands, position interpolation (every frequency / factor).
 ROPE_TYPES = ("default", "yarn", "llama3", "linear")
@@ -166,7 +170,7 @@ _OPTIONAL_INTS = ("q_lora_rank", "first_k_dense_replace", "moe_intermediate_size
                   "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "num_nextn_predict_layers",
                   "num_mtp_layers", "num_key_value_heads", "head_dim", "num_experts", "num_local_experts",
                   "decoder_sparse_step")
-_INTS = ("intermediate_size", "max_position_embeddings")
+_INTS = ("intermediate_size", "max_position_embeddings", "index_topk", "index_n_heads", "index_head_dim")
 _NUMBERS = ("rms_norm_eps", "initializer_range", "routed_scaling_factor", "rope_theta", "aux_loss_alpha",
             "router_aux_loss_coef", "router_jitter_noise")
 
@@ -307,14 +311,29 @@ def _glm4_moe_fields(d: dict[str, Any], where: str, n_layers: int, head_dim: int
                 mtp_depth=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 1)) or 0, seq_aux_alpha=0.0001)
 
 
+# DeepseekV32Config's defaults (DeepSeek-V3.2-Exp's values) where they differ from what flyer reads a missing
+# field as; first_k_dense_replace (3) is _mla_dense_layers', as mlp_layer_types overrides it
+_DEEPSEEK_V32_DEFAULTS = {
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "num_attention_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "max_position_embeddings": 163840, "index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128}
+
+
 def _mla_dense_layers(d: dict[str, Any], where: str, n_layers: int) -> int:
     """The leading dense layers of a DeepSeek config: ``first_k_dense_replace``. transformers' Glm4MoeLite
-    reads ``mlp_layer_types`` instead (default: layer 0 dense, the rest sparse) and ignores that key,
-    so there a disagreeing one is refused rather than read one way by flyer and another by transformers."""
+    reads ``mlp_layer_types`` instead (default: layer 0 dense, the rest sparse) and ignores that key;
+    DeepseekV32 reads ``mlp_layer_types`` too, and derives it from ``first_k_dense_replace`` (default 3)
+    only when it is missing. Where both are given, a disagreeing ``first_k_dense_replace`` is refused
+    rather than read one way by flyer and another by transformers."""
+    mt = d.get("model_type")
     first_k = min(d.get("first_k_dense_replace") or 0, n_layers)
-    if d.get("model_type") != "glm4_moe_lite":
+    if mt not in ("glm4_moe_lite", "deepseek_v32"):
         return first_k
     kinds = d.get("mlp_layer_types")
+    if kinds is None and mt == "deepseek_v32":
+        return min(d.get("first_k_dense_replace", 3) or 0, n_layers)
     if kinds is None:
         kinds = ["dense"] + ["sparse"] * (n_layers - 1)
     elif not isinstance(kinds, list) or len(kinds) != n_layers or not set(kinds) <= {"dense", "sparse"}:
@@ -325,7 +344,7 @@ def _mla_dense_layers(d: dict[str, Any], where: str, n_layers: int) -> int:
                                              "first, then the MoE layers")
     if "first_k_dense_replace" in d and first_k != dense:
         raise _bad(where, "first_k_dense_replace", f"{d['first_k_dense_replace']} disagrees with mlp_layer_types' "
-                                                   f"{dense} dense layers, which transformers' Glm4MoeLite follows")
+                                                   f"{dense} dense layers, which transformers follows")
     return dense
 
 
@@ -334,6 +353,9 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     mt = model_type(d, where)
     if mt == "mixtral":
         d = {**_MIXTRAL_DEFAULTS, **d}
+    dsa = d.get("model_type") == "deepseek_v32"
+    if dsa:
+        d = {**_DEEPSEEK_V32_DEFAULTS, **d}
     mla = mt in ("deepseek_v3", "deepseek_v2")
     _check_types(d, where, mla)
     _require(d, where, "hidden_act", ("silu",), "silu")
@@ -366,6 +388,10 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
             route_scale=d.get("routed_scaling_factor", 1.0),
             mtp_depth=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0,
         )
+        if dsa:
+            if d["index_topk"] < 1:  # transformers would select no key at all
+                raise _bad(where, "index_topk", f"must be >= 1 (got {d['index_topk']})")
+            out.update(index_topk=d["index_topk"], index_n_heads=d["index_n_heads"], index_head_dim=d["index_head_dim"])
         if mt == "deepseek_v3":  # transformers' DeepseekV3 gate: sigmoid + correction bias + groups, always
             _require(d, where, "scoring_func", ("sigmoid",), "sigmoid")
             _require(d, where, "topk_method", ("noaux_tc",), "noaux_tc")

@@ -6,6 +6,9 @@ MLA (DeepSeek-V2/V3) compresses keys and values into one latent per token,
 up-projected from the latent by ``wkv_b``. Queries are optionally low-rank (``q_lora_rank``).
 At decode time only (c_KV, k_rope) is cached; see ``flyer.infer.cache`` for the absorbed path.
 
+DeepSeek Sparse Attention (V3.2, ``index_topk > 0``): a lightning ``Indexer`` scores the causal
+keys of each query and MLA attends to its ``index_topk`` best only.
+
 Shapes: B batch, T query tokens, S key tokens, H heads, D model dim.
 """
 
@@ -50,6 +53,55 @@ def causal_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.T
     return o.transpose(1, 2)[..., :dv]
 
 
+class Indexer(nn.Module):
+    """DSA's lightning indexer, as transformers' DeepseekV32 computes it (it differs from DeepSeek's
+    reference, which Hadamard-rotates q and k and scores in FP8: orthogonal, and a precision choice).
+
+    Per token one key k = LayerNorm(wk x) of ``index_head_dim`` channels; per query ``index_n_heads``
+    heads q_h = wq_b(q_latent) (MLA's normalised query latent) and weights w = weights_proj(x) / sqrt(H).
+    The first ``qk_rope_head_dim`` channels of q and k rotate with MLA's cos/sin (laid out in
+    interleaved pairs here; the checkpoints' rotate-half rows are permuted on import). The score of key
+    t for query s is sum_h w_h relu(q_h . k_t) / sqrt(index_head_dim), in FP32.
+
+    Not trained: transformers runs it without gradient (DeepSeek trains it by a KL loss against dense
+    attention, which flyer has not), so its parameters are frozen (``requires_grad`` False): the
+    optimizer, weight decay and gradient sync leave them as loaded."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=LORA_NORM_EPS)  # with a bias, unlike MLA's norms
+        self.weights_proj = Linear(cfg.dim, self.n_heads, bias=False)
+        self.requires_grad_(False)
+
+    def keys(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The indexer keys of tokens x (B, T, D) at cos/sin's positions: (B, T, index_head_dim)."""
+        k = self.k_norm(self.wk(x_BTD)).unsqueeze(2)
+        return _apply_partial_rope(k, cos, sin, self.rope_dim).squeeze(2)
+
+    def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, k_BSK: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        """Index scores (B, T, S) in FP32 of T queries (tokens x, MLA query latents q_latent, at cos/sin's
+        positions) against S keys (``keys``), unmasked."""
+        B, T, _ = x_BTD.shape
+        q = self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim)
+        q = _apply_partial_rope(q, cos, sin, self.rope_dim)
+        # (B, T, H, K) @ (B, 1, K, S): each head's dot products, scaled, then ReLU (scale > 0: either order)
+        s = torch.relu(torch.matmul(q.float(), k_BSK.float().transpose(-1, -2).unsqueeze(1)) * self.head_dim ** -0.5)
+        w = F.linear(x_BTD.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # (B, T, H)
+        return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)
+
+    def select(self, scores_BTS: torch.Tensor, visible_BTS: torch.Tensor) -> torch.Tensor:
+        """Bool (B, T, S): the ``index_topk`` visible keys of highest score per query (all of them when
+        fewer are visible), and only visible ones."""
+        scores = scores_BTS.masked_fill(~visible_BTS, float("-inf"))
+        top = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        return torch.zeros_like(visible_BTS).scatter_(-1, top, True) & visible_BTS
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,11 +125,23 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=LORA_NORM_EPS)
         self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
+        if cfg.index_topk > 0:  # chosen once: without it the same modules, and state dict, as dense MLA
+            self.indexer = Indexer(cfg)
+        self.index_topk = cfg.index_topk
 
-    def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_nope (B,T,H,nope), q_rope (B,T,H,rope)) with RoPE applied to the rope part."""
+    def query_latent(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The normalised query latent (B, T, q_lora_rank) that ``wq_b`` (and the DSA indexer) project."""
+        return self.q_norm(self.wq_a(x_BTD))
+
+    def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                q_latent_BTR: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_nope (B,T,H,nope), q_rope (B,T,H,rope)) with RoPE applied to the rope part; ``q_latent``:
+        ``query_latent(x)`` when the caller has it already."""
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x_BTD)))
+        if self.q_lora_rank == 0:
+            q = self.wq(x_BTD)
+        else:
+            q = self.wq_b(self.query_latent(x_BTD) if q_latent_BTR is None else q_latent_BTR)
         q = q.view(B, T, self.n_heads, self.qk_head_dim)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos, sin)
@@ -90,16 +154,29 @@ class MLA(nn.Module):
         return self.kv_norm(c_kv), k_rope
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Training / prefill path (causal): per-head keys and values up-projected from the latent."""
+        """Training / prefill path (causal): per-head keys and values up-projected from the latent; with
+        the DSA indexer each query sees its selected keys only (``sparse_mask``)."""
         B, T, _ = x_BTD.shape
-        q_nope, q_rope = self.queries(x_BTD, cos, sin)
+        q_latent = self.query_latent(x_BTD) if self.q_lora_rank else None
+        q_nope, q_rope = self.queries(x_BTD, cos, sin, q_latent)
         c_kv, k_rope = self.latents(x_BTD, cos, sin)
         kv = self.wkv_b(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)], dim=-1)
-        o = causal_attention(q, k, v, self.softmax_scale)
+        # a query with at most index_topk causal keys keeps them all: up to that length DSA is dense MLA
+        mask = self.sparse_mask(x_BTD, q_latent, cos, sin) if T > self.index_topk > 0 else None
+        o = causal_attention(q, k, v, self.softmax_scale, mask)
         return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
+
+    @torch.no_grad()  # as transformers: the indexer gets no gradient (see ``Indexer``)
+    def sparse_mask(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+        """Bool (B, 1, T, T), True = visible: causal and among the query's ``index_topk`` selected keys."""
+        B, T, _ = x_BTD.shape
+        causal = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril().expand(B, T, T)
+        k = self.indexer.keys(x_BTD, cos, sin)
+        return self.indexer.select(self.indexer.scores(x_BTD, q_latent_BTR, k, cos, sin), causal).unsqueeze(1)
 
 
 def _apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:

@@ -37,7 +37,16 @@ def attention_params(cfg: ModelConfig) -> int:
         q = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim
     kv = D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
     kv += cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return q + kv + H * cfg.v_head_dim * D
+    return q + kv + H * cfg.v_head_dim * D + indexer_params(cfg)
+
+
+def indexer_params(cfg: ModelConfig) -> int:
+    """The DSA indexer's (``index_topk > 0``): wq_b from the query latent, wk, k_norm (weight and bias)
+    and weights_proj; 0 without one."""
+    if cfg.index_topk == 0:
+        return 0
+    Hi, d = cfg.index_n_heads, cfg.index_head_dim
+    return cfg.q_lora_rank * Hi * d + cfg.dim * d + 2 * d + cfg.dim * Hi
 
 
 def _moe_params(cfg: ModelConfig, activated: bool) -> int:
@@ -68,7 +77,9 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absor
     """Bytes cached per token over all layers.
 
     MLA (absorbed decode) caches the latent c_KV and the shared rope key; the naive MLA path
-    (``absorbed=False``) caches full per-head keys and values; GQA caches K and V per KV head.
+    (``absorbed=False``) caches full per-head keys and values; GQA caches K and V per KV head. With
+    DeepSeek Sparse Attention each layer also caches the token's indexer key (``index_head_dim``), in
+    either MLA path: the indexer scores every earlier key at each step.
     """
     if cfg.attn == "gqa":
         per_layer = 2 * cfg.n_kv_heads * cfg.head_dim
@@ -76,6 +87,8 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absor
         per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     else:
         per_layer = cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    if cfg.index_topk:
+        per_layer += cfg.index_head_dim
     return cfg.n_layers * per_layer * bytes_per_element
 
 
@@ -102,6 +115,8 @@ def _non_matmul_params(cfg: ModelConfig) -> int:
     norms = cfg.dim + cfg.n_layers * 2 * cfg.dim
     if cfg.attn == "mla":
         norms += cfg.n_layers * (cfg.kv_lora_rank + (cfg.q_lora_rank if cfg.q_lora_rank else 0))
+        if cfg.index_topk:  # the indexer's key LayerNorm, weight and bias
+            norms += cfg.n_layers * 2 * cfg.index_head_dim
     else:
         if cfg.attn_bias:
             norms += cfg.n_layers * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim

@@ -48,6 +48,7 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "layers": cfg.n_layers,
         "routed_experts": cfg.n_routed_experts,
         "activated_experts": cfg.n_activated_experts if cfg.n_routed_experts else 0,
+        "index_topk": cfg.index_topk,  # DeepSeek Sparse Attention: keys each query keeps (0: dense)
     }
 
 
@@ -70,7 +71,8 @@ def _run(args) -> int:
     print(f"  total params       {_human(out['total_params'])} ({out['total_params']:,})")
     print(f"  activated / token  {_human(out['activated_params'])} ({out['activated_params']:,})")
     print(f"  MTP params         {_human(out['mtp_params'])} ({out['mtp_params']:,})")
-    print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16)")
+    dsa = f", indexer keys included (DSA: top-{out['index_topk']} keys per query)" if out["index_topk"] else ""
+    print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16){dsa}")
     return 0
 
 

@@ -98,6 +98,9 @@ def init_module(m: nn.Module, std: float, generator: torch.Generator | None = No
         m.reset_parameters(generator)
     elif isinstance(m, nn.RMSNorm):
         m.weight.fill_(1.0)
+    elif isinstance(m, nn.LayerNorm):  # the DSA indexer's key norm
+        m.weight.fill_(1.0)
+        m.bias.zero_()
 
 
 class Transformer(OutputHeads, nn.Module):
