@@ -2,8 +2,8 @@
 indexer per MLA layer, its MTP layer's included, keeping each query's ``index_topk`` best keys): flyer's
 training-path logits and every layer's selected keys equal transformers' DeepseekV32ForCausalLM; import ->
 export -> transformers gives the same tensors and logits (FP8 too); ``train --init`` from a V3.2 directory
-runs with the indexer frozen; decoding is refused past ``index_topk`` positions (part 2 adds the indexer's
-cache) and equals transformers' greedy tokens up to it; what flyer cannot run is one line naming the field.
+runs with the indexer frozen; decoding up to ``index_topk`` positions is dense MLA, transformers' greedy
+tokens (past it: ``test_deepseek_v32_decode``); what flyer cannot run is one line naming the field.
 Tiny random models (index_topk 8 on 24 to 64 tokens), FP32, CPU."""
 
 import json
@@ -15,12 +15,10 @@ from transformers import AutoModelForCausalLM, DeepseekV32Config, DeepseekV32For
 from flyer.cli import main
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
-from flyer.infer.decoder import Decoder
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export, hf_model_type
 from flyer.interop.hf import load_hf, permute_rope
 from flyer.model.transformer import Transformer
-from flyer.serve.engine import Engine, EngineConfig
 from tests.hf_models import VOCAB, add_mtp_layer, build, reference_mtp_logits
 from tests.test_config import DSV3_HF, _arch
 from tests.test_interop_export import tensors
@@ -203,28 +201,24 @@ def test_train_init_from_v32_then_export(src, tmp_path, capsys):
         assert rel(model(x), back(x).logits) <= logit_tolerance(cfg, 24)
 
 
-def test_decoding_is_refused_past_index_topk_and_greedy_up_to_it(src, capsys):
-    """The decode caches hold no indexer keys yet: a decoder of more than index_topk positions (a
-    generation, the serving engine) is one line naming index_topk; up to it DSA is dense MLA and the
-    greedy tokens are transformers'."""
+def test_greedy_up_to_index_topk_is_dense_mla_and_flyer_generate_decodes_past_it(src, capsys, monkeypatch):
+    """Up to index_topk positions DSA is dense MLA (the indexer would select every key: the decoder does
+    not score them) and the greedy tokens are transformers'; ``flyer generate`` decodes past index_topk
+    with the indexer keys cached (``tests/test_deepseek_v32_decode.py`` holds it to the training path)."""
     path, ref = src
     model, cfg, _ = load_hf(path)
     prompt = _tokens(3, 3)[0]
     out = ref.generate(prompt[None], do_sample=False, max_new_tokens=5, eos_token_id=None, pad_token_id=0)
     gen = GenerationConfig(max_new_tokens=5, cache_dtype=torch.float32, eos_id=None)
+
+    def unused(*args):
+        raise AssertionError("the indexer scored the keys of queries that see at most index_topk of them")
+    for layer in model.layers:
+        monkeypatch.setattr(layer.attn.indexer, "scores", unused)
     assert generate(model, [prompt.tolist()], gen).tokens[0] == out[0, 3:].tolist()
-    for make in (lambda: Decoder(model, 1, 9, cache_dtype=torch.float32),
-                 lambda: generate(model, [prompt.tolist()], GenerationConfig(max_new_tokens=6, eos_id=None)),
-                 lambda: Engine(model, EngineConfig(cache_dtype=torch.float32))):
-        with pytest.raises(ConfigError, match="field 'index_topk': decoding past index_topk tokens with DSA is not "
-                                              "supported yet") as e:
-            make()
-        assert "\n" not in str(e.value)
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(path), "--prompt", "hello world", "--max-new-tokens", "16",
-                 "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("flyer: error: ") and "index_topk" in err and "\n" not in err
+                 "--device", "cpu"]) == 0
 
 
 DSV32_HUB = {  # deepseek-ai/DeepSeek-V3.2-Exp config.json: V3's with the indexer's three fields
@@ -299,3 +293,25 @@ def test_what_flyer_cannot_read_or_write_is_one_line(src, tmp_path, capsys):
     # without an indexer an MLA model is what it was: no indexer tensors
     assert not any(".indexer." in k for k in Transformer(preset("tiny")).state_dict())
     assert permute_rope(torch.arange(32.0), (32, 0, 8))[:8].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_selection_breaks_ties_at_the_cut_by_slot_whatever_the_shape():
+    """Keys tied at the index_topk-th score (every indexer head's ReLU 0: exactly 0) go to the earliest
+    slots, the same for a query scored alone or among others; no more than index_topk, only visible."""
+    from flyer.config import preset
+    from flyer.model.attention import Indexer
+
+    idx = Indexer(preset("tiny", index_topk=3, index_n_heads=2, index_head_dim=32))
+    row = torch.tensor([0.0, 2.0, 0.0, 0.0, 1.0, 0.0])
+    visible = torch.ones(6, dtype=torch.bool)
+    alone = idx.select(row.view(1, 1, 6), visible.view(1, 1, 6))[0, 0]
+    assert alone.tolist() == [True, True, False, False, True, False]
+    batch = torch.stack([row.flip(0), row, torch.zeros(6)]).view(3, 1, 6).expand(3, 5, 6).contiguous()
+    many = idx.select(batch, visible.expand(3, 5, 6))
+    assert torch.equal(many[1], alone.expand(5, 6)) and many[2, 0].tolist() == [True] * 3 + [False] * 3
+    hidden = visible.clone()
+    hidden[1] = False  # an invisible key is never selected, whatever its score
+    assert idx.select(row.view(1, 1, 6), hidden.view(1, 1, 6))[0, 0].tolist() == [True, False, True, False, True,
+                                                                                   False]
+    few = torch.tensor([True, True, False, False, False, False])
+    assert idx.select(row.view(1, 1, 6), few.view(1, 1, 6))[0, 0].tolist() == few.tolist()

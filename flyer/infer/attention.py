@@ -22,6 +22,12 @@ underflow into subnormals, and a GEMM with subnormal operands runs tens of times
 (``bench/denormals.py``). Each such probability adds less than 2^-126 |c| to a sum of normal
 terms, below their rounding, so the results are unchanged (``tests/test_infer.py``).
 
+DeepSeek Sparse Attention (V3.2, ``dsa_absorbed`` / ``dsa_naive``): each token's indexer key is
+cached with its latent (or keys and values); once some query of a call sees more than
+``index_topk`` slots, the indexer scores the attended slots' cached keys for the new tokens and each
+query attends to its ``index_topk`` best only, as ``MLA.forward`` does on the whole sequence. Below
+that every query keeps all its slots, and the call runs as dense MLA's.
+
 Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope dim.
 """
 
@@ -102,12 +108,51 @@ def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: Latent
     q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin)  # (B,T,H,nope), (B,T,H,R)
     c_kv, k_rope = attn.latents(x_BTD, rows.cos, rows.sin)  # (B,T,C), (B,T,R)
     cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope)
-    if dense_prefill_pays(attn, T):
-        kv_BSK, mask = rows.attended(cache.read_packed(layer, rows.n_slots, x_BTD.dtype))  # [c | k_rope]
-        o = mla_dense_core(attn, q_nope, q_rope, kv_BSK, None if rows.from_slot_zero else mask)
-    else:
-        o = mla_absorbed_cached(attn, q_nope, q_rope, cache, layer, rows)
+    o = _latent_attention(attn, q_nope, q_rope, rows, cache, layer)
     return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
+
+
+def _latent_attention(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, rows: Rows, cache,
+                      layer: int) -> torch.Tensor:
+    """Causal attention (B, T, H, v) of the queries over the latents ``rows`` see in ``cache``, in
+    the form ``dense_prefill_pays`` picks."""
+    if dense_prefill_pays(attn, q_nope.shape[1]):
+        kv_BSK, mask = rows.attended(cache.read_packed(layer, rows.n_slots, q_nope.dtype))  # [c | k_rope]
+        return mla_dense_core(attn, q_nope, q_rope, kv_BSK, None if rows.from_slot_zero else mask)
+    return mla_absorbed_cached(attn, q_nope, q_rope, cache, layer, rows)
+
+
+def dsa_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: LatentCache, layer: int) -> torch.Tensor:
+    """``mla_absorbed`` with DeepSeek Sparse Attention (``attn.indexer``): the new tokens' indexer keys
+    are cached with their latents, and where some query sees more than ``index_topk`` slots each
+    query attends to its selected ones only (``dsa_selection``), in the compute-bound form or the
+    eager absorbed core on gathered slots (the fused kernel takes no mask). Returns (B, T, D)."""
+    B, T, _ = x_BTD.shape
+    q_latent = attn.query_latent(x_BTD)  # (B, T, q_lora_rank): MLA's queries and the indexer's
+    q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin, q_latent)
+    c_kv, k_rope = attn.latents(x_BTD, rows.cos, rows.sin)
+    cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope, index_key=attn.indexer.keys(x_BTD, rows.cos, rows.sin))
+    selected = dsa_selection(attn, x_BTD, q_latent, rows, cache, layer)
+    if selected is None:
+        o = _latent_attention(attn, q_nope, q_rope, rows, cache, layer)
+    else:  # the selection is a mask, which the fused kernel (``mla_absorbed_cached``) does not take
+        kv_BSK = rows.attended(cache.read_packed(layer, rows.n_slots, x_BTD.dtype))[0]
+        core = mla_dense_core if dense_prefill_pays(attn, T) else mla_absorbed_core
+        o = core(attn, q_nope, q_rope, kv_BSK, selected)
+    return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
+
+
+def dsa_selection(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, rows: Rows, cache,
+                  layer: int) -> torch.Tensor | None:
+    """DeepSeek Sparse Attention's mask over the attended slots (``Rows.attended``): (B, 1, T, S) bool,
+    causal and among each query's ``index_topk`` slots of highest index score, scored against the
+    indexer keys in ``cache`` (written for the new tokens already) as ``MLA.sparse_mask`` scores them.
+    None when no query sees more than ``index_topk`` slots: each keeps all of them, the causal mask."""
+    if rows.n_slots - rows.first <= attn.index_topk:
+        return None
+    keys_BSK, causal_B1TS = rows.attended(cache.read(layer, "index_key", rows.n_slots, torch.float32))
+    scores_BTS = attn.indexer.scores(x_BTD, q_latent_BTR, keys_BSK, rows.cos, rows.sin)
+    return attn.indexer.select(scores_BTS, causal_B1TS.squeeze(1)).unsqueeze(1)
 
 
 def _absorbed_queries(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,15 +219,32 @@ def mla_dense_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, 
 
 def mla_naive(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, layer: int) -> torch.Tensor:
     """MLA as a plain multi-head attention: per-head keys/values up-projected and cached."""
-    B, T, _ = x_BTD.shape
-    H, nope, v = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim
     q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin)
-    c_kv, k_rope = attn.latents(x_BTD, rows.cos, rows.sin)
-    k_nope, val = attn.wkv_b(c_kv).view(B, T, H, nope + v).split([nope, v], dim=-1)
-    key = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, attn.qk_rope_head_dim)], dim=-1)
+    key, val = _naive_keys_values(attn, x_BTD, rows)
     cache.write(layer, rows.pos, key=key, value=val)
     return _per_head_attention(torch.cat([q_nope, q_rope], dim=-1), cache, layer, rows, attn.softmax_scale, 1,
                                wo=attn.wo)
+
+
+def dsa_naive(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, layer: int) -> torch.Tensor:
+    """``mla_naive`` with DeepSeek Sparse Attention: the indexer keys cached beside the per-head keys
+    and values, the causal mask narrowed to each query's selected slots (``dsa_selection``)."""
+    q_latent = attn.query_latent(x_BTD)
+    q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin, q_latent)
+    key, val = _naive_keys_values(attn, x_BTD, rows)
+    cache.write(layer, rows.pos, key=key, value=val, index_key=attn.indexer.keys(x_BTD, rows.cos, rows.sin))
+    selected = dsa_selection(attn, x_BTD, q_latent, rows, cache, layer)
+    return _per_head_attention(torch.cat([q_nope, q_rope], dim=-1), cache, layer, rows, attn.softmax_scale, 1,
+                               wo=attn.wo, mask_B1TS=selected)
+
+
+def _naive_keys_values(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head keys (B, T, H, nope + R) and values (B, T, H, v) up-projected from the new tokens' latents."""
+    B, T, _ = x_BTD.shape
+    H, nope, v = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim
+    c_kv, k_rope = attn.latents(x_BTD, rows.cos, rows.sin)
+    k_nope, val = attn.wkv_b(c_kv).view(B, T, H, nope + v).split([nope, v], dim=-1)
+    return torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, attn.qk_rope_head_dim)], dim=-1), val
 
 
 def gqa_cached(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, layer: int) -> torch.Tensor:
@@ -196,10 +258,13 @@ def gqa_cached(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache,
 
 
 def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, rows: Rows, scale: float,
-                        group: int, wo: nn.Module | None = None) -> torch.Tensor:
+                        group: int, wo: nn.Module | None = None, mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
+    """``mask_B1TS``: the attended slots' mask when not the causal one (DSA's selection)."""
     B, T, H, _ = q_BTHK.shape
     S = rows.n_slots
     k, mask = rows.attended(cache.read(layer, "key", S, q_BTHK.dtype, heads_first=True), dim=2)  # (B, Hkv, S', dk)
+    if mask_B1TS is not None:
+        mask = mask_B1TS
     v, _ = rows.attended(cache.read(layer, "value", S, q_BTHK.dtype, heads_first=True), dim=2)  # (B, Hkv, S', dv)
     S -= rows.first
     # queries of one KV group share its keys: (B, Hkv, group*T, dk) against (B, Hkv, S, dk)

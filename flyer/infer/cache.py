@@ -4,7 +4,9 @@
 latent c_KV (``kv_lora_rank``) and the rope key shared by all heads (``qk_rope_head_dim``).
 ``KVCache`` holds per-head keys and values: the naive MLA path (keys up-projected from the latent,
 H x (qk_head_dim + v_head_dim) per token) and GQA (n_kv_heads x 2 x head_dim). Both exist so the
-memory and speed of the absorbed path can be measured against a peer.
+memory and speed of the absorbed path can be measured against a peer. A model with DeepSeek Sparse
+Attention (V3.2) caches in either MLA layout one more tensor, ``index_key`` (L, B, S, index_head_dim):
+each token's indexer key, which the indexer scores against every later query.
 
 Every cache stores its tensors as ``(L, B, S, ...)``: L layers, B rows (sequences), S slots.
 Row b's token at position p lives in slot p. Slots at or beyond a row's valid length may hold
@@ -67,25 +69,37 @@ class _SlotCache:
         return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
-class LatentCache(_SlotCache):
-    """MLA latent cache: ``latent`` (L, B, S, kv_lora_rank), ``rope_key`` (L, B, S, qk_rope_head_dim).
+def _index_keys(n_layers: int, batch: int, max_len: int, index_dim: int, dtype: torch.dtype,
+                device) -> dict[str, torch.Tensor]:
+    """``{"index_key": (L, B, S, index_dim)}`` for a model with the DSA indexer (``index_dim`` > 0), else {}."""
+    if not index_dim:
+        return {}
+    return {"index_key": torch.zeros(n_layers, batch, max_len, index_dim, dtype=dtype, device=device)}
 
-    Both are views of one packed (L, B, S, kv_lora_rank + rope) tensor (V3: 512 + 64 = 576
+
+class LatentCache(_SlotCache):
+    """MLA latent cache: ``latent`` (L, B, S, kv_lora_rank), ``rope_key`` (L, B, S, qk_rope_head_dim),
+    and with ``index_dim`` (DSA) ``index_key`` (L, B, S, index_dim).
+
+    The first two are views of one packed (L, B, S, kv_lora_rank + rope) tensor (V3: 512 + 64 = 576
     channels per token and layer), so attention reads a token's whole key with one copy and
-    scores it with one matmul (``read_packed``)."""
+    scores it with one matmul (``read_packed``); the index keys live apart, as the fused kernel
+    (``kernels.mla_decode``) reads the packed tensor alone."""
 
     kind = "latent"
 
     def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
-                 dtype: torch.dtype = torch.bfloat16, device=None):
+                 dtype: torch.dtype = torch.bfloat16, device=None, index_dim: int = 0):
         self.packed = torch.zeros(n_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
         self._tables: torch.Tensor | None = None  # ``blocks``' identity tables, for the current batch size
-        super().__init__({"latent": self.packed[..., :kv_lora_rank], "rope_key": self.packed[..., kv_lora_rank:]})
+        super().__init__({"latent": self.packed[..., :kv_lora_rank], "rope_key": self.packed[..., kv_lora_rank:],
+                          **_index_keys(n_layers, batch, max_len, index_dim, dtype, device)})
 
     def _kept(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         C = self.tensors["latent"].shape[-1]
         self.packed = self.packed.index_select(1, rows)  # the two stay views of one packed tensor
-        return {"latent": self.packed[..., :C], "rope_key": self.packed[..., C:]}
+        rest = {k: t.index_select(1, rows) for k, t in self.tensors.items() if k not in ("latent", "rope_key")}
+        return {"latent": self.packed[..., :C], "rope_key": self.packed[..., C:], **rest}
 
     def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer``'s slots as blocks and block tables (``flyer.serve.paged.PagedCache.blocks``):
@@ -102,15 +116,17 @@ class LatentCache(_SlotCache):
 
 
 class KVCache(_SlotCache):
-    """Per-head cache: ``key`` (L, B, S, H_kv, d_k), ``value`` (L, B, S, H_kv, d_v)."""
+    """Per-head cache: ``key`` (L, B, S, H_kv, d_k), ``value`` (L, B, S, H_kv, d_v), and with
+    ``index_dim`` (naive MLA with DSA) ``index_key`` (L, B, S, index_dim)."""
 
     kind = "kv"
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, key_dim: int, value_dim: int,
-                 dtype: torch.dtype = torch.bfloat16, device=None):
+                 dtype: torch.dtype = torch.bfloat16, device=None, index_dim: int = 0):
         super().__init__({
             "key": torch.zeros(n_layers, batch, max_len, n_kv_heads, key_dim, dtype=dtype, device=device),
             "value": torch.zeros(n_layers, batch, max_len, n_kv_heads, value_dim, dtype=dtype, device=device),
+            **_index_keys(n_layers, batch, max_len, index_dim, dtype, device),
         })
 
 
@@ -119,11 +135,13 @@ ATTENTION_MODES = ("absorbed", "naive")
 
 def make_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, mode: str = "absorbed",
                dtype: torch.dtype = torch.bfloat16, device=None) -> _SlotCache:
-    """The cache a model with ``cfg`` needs for ``mode`` ("absorbed" or "naive"; GQA ignores it)."""
+    """The cache a model with ``cfg`` needs for ``mode`` ("absorbed" or "naive"; GQA ignores it);
+    with the DSA indexer (``index_topk`` > 0) it holds the indexer keys too."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES} (got {mode!r})")
     if cfg.attn == "gqa":
         return KVCache(n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim, dtype, device)
+    index_dim = cfg.index_head_dim if cfg.index_topk else 0
     if mode == "absorbed":
-        return LatentCache(n_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
-    return KVCache(n_layers, batch, max_len, cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, dtype, device)
+        return LatentCache(n_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device, index_dim)
+    return KVCache(n_layers, batch, max_len, cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, dtype, device, index_dim)

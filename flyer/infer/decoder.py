@@ -22,8 +22,8 @@ from typing import Collection
 
 import torch
 
-from flyer.errors import ConfigError
-from flyer.infer.attention import Rows, causal_slot_mask, gqa_cached, mla_absorbed, mla_naive
+from flyer.infer.attention import (Rows, causal_slot_mask, dsa_absorbed, dsa_naive, gqa_cached, mla_absorbed,
+                                   mla_naive)
 from flyer.infer.cache import make_cache
 from flyer.model.experts import Experts
 from flyer.model.transformer import Block, Transformer
@@ -73,17 +73,14 @@ class _Pack:
 
 class Decoder:
     """``model`` in eval mode; ``mode``: "absorbed" (latent cache) or "naive" (per-head K/V; GQA
-    models always use their per-KV-head cache). ``with_mtp`` also allocates the MTP module's cache.
+    models always use their per-KV-head cache); a model with DSA's indexer (V3.2) caches its keys in
+    either. ``with_mtp`` also allocates the MTP module's cache.
     ``cache`` / ``mtp_cache``: caches made elsewhere with the same interface (write / read /
     read_packed; the server's paged caches), used instead of preallocated ones."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int, mode: str = "absorbed",
                  cache_dtype: torch.dtype = torch.bfloat16, with_mtp: bool = False, cache=None, mtp_cache=None):
         self.model, self.cfg = model, model.cfg
-        if 0 < self.cfg.index_topk < max_len:  # up to index_topk positions DSA selects every key: dense MLA
-            raise ConfigError(f"config field 'index_topk': decoding past index_topk tokens with DSA is not supported "
-                              f"yet (the caches hold no indexer keys; {max_len} positions asked for, index_topk is "
-                              f"{self.cfg.index_topk})")
         device = model.embed.weight.device
         self.cache = cache or make_cache(self.cfg, self.cfg.n_layers, batch, max_len, mode, cache_dtype, device)
         if with_mtp and len(model.mtp) == 0:
@@ -93,6 +90,8 @@ class Decoder:
         self.mtp_cache = mtp_cache
         if self.cfg.attn == "gqa":
             self._attend = gqa_cached
+        elif self.cfg.index_topk:  # DSA (V3.2): the indexer keys cached and scored too, the MTP block's as well
+            self._attend = dsa_absorbed if mode == "absorbed" else dsa_naive
         else:
             self._attend = mla_absorbed if mode == "absorbed" else mla_naive
         for m in model.modules():  # the routed experts' w1|w3 stacked once, not per forward

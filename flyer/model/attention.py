@@ -4,7 +4,8 @@ MLA (DeepSeek-V2/V3) compresses keys and values into one latent per token,
 ``c_KV = RMSNorm(W_DKV x)`` of ``kv_lora_rank`` channels, plus one rope key of
 ``qk_rope_head_dim`` channels shared by all heads (decoupled RoPE). Per-head keys/values are
 up-projected from the latent by ``wkv_b``. Queries are optionally low-rank (``q_lora_rank``).
-At decode time only (c_KV, k_rope) is cached; see ``flyer.infer.cache`` for the absorbed path.
+At decode time only (c_KV, k_rope) is cached (with DSA, each token's indexer key too); see
+``flyer.infer.cache`` for the absorbed path.
 
 DeepSeek Sparse Attention (V3.2, ``index_topk > 0``): a lightning ``Indexer`` scores the causal
 keys of each query and MLA attends to its ``index_topk`` best only.
@@ -96,10 +97,14 @@ class Indexer(nn.Module):
 
     def select(self, scores_BTS: torch.Tensor, visible_BTS: torch.Tensor) -> torch.Tensor:
         """Bool (B, T, S): the ``index_topk`` visible keys of highest score per query (all of them when
-        fewer are visible), and only visible ones."""
+        fewer are visible), and only visible ones. Keys tied at the cut go to the earliest slots: a key
+        every head's ReLU zeroes scores exactly 0, and which of such keys top-k returns depends on the
+        tensor's shape, so a request would select otherwise batched than alone."""
         scores = scores_BTS.masked_fill(~visible_BTS, float("-inf"))
-        top = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
-        return torch.zeros_like(visible_BTS).scatter_(-1, top, True) & visible_BTS
+        kth = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).values[..., -1:]
+        above, tied = scores > kth, scores == kth
+        room = min(self.topk, scores.shape[-1]) - above.sum(-1, keepdim=True)
+        return (above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))) & visible_BTS
 
 
 class MLA(nn.Module):

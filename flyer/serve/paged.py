@@ -1,10 +1,11 @@
 """The paged decode cache: every sequence's cache lives in fixed-size blocks of one shared pool.
 
 Per layer and block, a block holds ``block_size`` tokens of what the model caches: for MLA the
-latent and rope key ([c | k_rope], kv_lora_rank + rope channels per token), for GQA per-KV-head
-keys and values. A sequence owns a block table (its blocks in position order); position p lives
-in slot ``p % block_size`` of block ``table[p // block_size]``. ``PagedCache`` gives the decoder
-the interface of ``flyer.infer.cache`` (write / read / read_packed) through the tables, so the
+latent and rope key ([c | k_rope], kv_lora_rank + rope channels per token) and, with DSA (V3.2),
+the indexer key (``index_head_dim``) under the same block ids, for GQA per-KV-head keys and values.
+A sequence owns a block table (its blocks in position order); position p lives in slot
+``p % block_size`` of block ``table[p // block_size]``. ``PagedCache`` gives the decoder the
+interface of ``flyer.infer.cache`` (write / read / read_packed) through the tables, so the
 attention code (absorbed MLA, GQA) is the one ``flyer generate`` runs, reading gathered slots.
 
 ``BlockAllocator`` keeps the free list and, for prefix sharing, the full blocks keyed by a chain
