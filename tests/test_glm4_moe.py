@@ -14,9 +14,8 @@ from transformers import AutoModelForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM
 
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
-from flyer.infer.decoder import Decoder
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.interop.export import export_model, hf_model_type
+from flyer.interop.export import hf_model_type
 from flyer.interop.hf import load_hf
 from flyer.model.transformer import Transformer
 from tests.bounds import FP32_U
@@ -26,6 +25,7 @@ from tests.test_qwen3 import _config_error, check_round_trip, info_json, rel, tr
 # Qwen3's end-to-end tests, collected here too: run on this module's ``src`` (the GLM-4.5 directory, MTP included)
 from tests.test_qwen3 import test_cli_greedy_tokens_equal_transformers  # noqa: F401
 from tests.test_qwen3 import test_serving_engine_greedy_equals_flyer_generate  # noqa: F401
+from tests.test_qwen3_moe import check_logits_and_routes, trained_step_exports
 from tests.test_qwen3_moe import logit_tolerance as moe_tolerance
 
 
@@ -60,14 +60,6 @@ def logit_tolerance(cfg: ModelConfig, T: int) -> float:
     return moe_tolerance(cfg, T) + cfg.n_layers * (cfg.n_shared_experts * cfg.moe_inter_dim + 1) * FP32_U
 
 
-def _routes(layers, gate_of, pick) -> tuple[list[list], list]:
-    """Per MoE layer, what ``pick`` takes from its gate's output in the next forward (remove the hooks after)."""
-    got: list[list] = [[] for _ in layers]
-    hooks = [gate_of(m).register_forward_hook(lambda _m, _i, out, i=i: got[i].append(pick(out)))
-             for i, m in enumerate(layers)]
-    return got, hooks
-
-
 def _mutant(model, cfg: ModelConfig, drop=lambda name: False, **change) -> Transformer:
     """``model``'s weights (less those whose names ``drop``) in a model of ``cfg`` changed by ``change``."""
     other = Transformer(cfg.replace(**change)).eval()
@@ -89,32 +81,15 @@ def test_logits_and_routing_equal_transformers(glm, air, which):
     assert (cfg.qk_norm, cfg.rotary_dim, cfg.head_dim, cfg.n_dense_layers, cfg.n_routed_experts, cfg.n_shared_experts,
             cfg.n_expert_groups, cfg.n_limited_groups, cfg.route_scale, cfg.norm_topk_prob) == want_cfg
     assert cfg.head_dim != cfg.dim // cfg.n_heads
-    T = 64
-    tokens = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
-    moe = range(cfg.n_dense_layers, cfg.n_layers)
-    theirs, h1 = _routes([ref.model.layers[i] for i in moe], lambda m: m.mlp.gate, lambda out: (out[2], out[1]))
-    mine, h2 = _routes([model.layers[i] for i in moe], lambda m: m.ffn.gate, lambda out: (out[1], out[0]))
-    with torch.no_grad():
-        want = ref(tokens).logits
-        err, tol = rel(model(tokens), want), logit_tolerance(cfg, T)
-    for h in h1 + h2:
-        h.remove()
-    assert err <= tol, f"{err:.3g} > {tol:.3g}"
-    for (ids_a, w_a), (ids_b, w_b) in zip((t[0] for t in theirs), (m[0] for m in mine)):
-        order_a, order_b = ids_a.sort(-1), ids_b.sort(-1)
-        assert torch.equal(order_a.values, order_b.values)  # the same experts for every token
-        # the router's dim-term logit sums, through the sigmoid (relative slope <= 1), renormalised and scaled
-        assert torch.allclose(w_a.gather(1, order_a.indices), w_b.gather(1, order_b.indices),
-                              rtol=4 * cfg.dim * FP32_U, atol=0)
+    # the router's dim-term logit sums, through the sigmoid (relative slope <= 1), renormalised and scaled
+    tokens, want, tol, routes = check_logits_and_routes(model, cfg, ref, logit_tolerance,
+                                                        dict(rtol=4 * cfg.dim * FP32_U, atol=0))
+    for ids, w in routes:
         if cfg.norm_topk_prob:  # renormalised top-k, then scaled
-            assert torch.allclose(w_b.sum(-1), torch.full((len(w_b),), cfg.route_scale))
-        groups = ids_b // (cfg.n_routed_experts // cfg.n_expert_groups)
+            assert torch.allclose(w.sum(-1), torch.full((len(w),), cfg.route_scale))
+        groups = ids // (cfg.n_routed_experts // cfg.n_expert_groups)
         assert max(len(set(g.tolist())) for g in groups) <= cfg.n_limited_groups
     with torch.no_grad():
-        dec = Decoder(model, 2, T, cache_dtype=torch.float32)
-        cached = [dec.logits(dec.forward(tokens[:, :20], torch.zeros(2, dtype=torch.long)))]
-        cached += [dec.logits(dec.forward(tokens[:, t:t + 1], torch.full((2,), t))) for t in range(20, T)]
-        assert rel(torch.cat(cached, 1), want) <= tol
         mutants = {"whole head rotating": _mutant(model, cfg, rotary_dim=0),
                    "no q/k/v bias": _mutant(model, cfg, lambda k: ".attn.w" in k and k.endswith(".bias"),
                                             attn_bias=False),
@@ -174,31 +149,16 @@ def test_native_gqa_sigmoid_moe_exports_as_glm4_moe(src, tmp_path):
     _, _, tok = load_hf(src[0])
     cfg = preset("tiny", vocab_size=VOCAB, attn="gqa", n_kv_heads=2, head_dim=44, rotary_dim=30, attn_bias=True,
                  n_dense_layers=0, n_routed_experts=8, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    x = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(x).logsumexp(-1).mean().backward()  # a training step moves every weight the tokens reach, biases too
-    opt.step()
-    with torch.no_grad():
+
+    def trained_bias(model):  # a trained balancing bias, not zeros
         for layer in model.layers:
-            layer.ffn.gate.bias.uniform_(0.0, 0.1)  # a trained balancing bias, not zeros
-    assert hf_model_type(cfg) == "glm4_moe"
-    export_model(model.eval(), tok, tmp_path / "out", "fp32")
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
+            layer.ffn.gate.bias.uniform_(0.0, 0.1)
+
+    written = trained_step_exports(cfg, tok, tmp_path / "out", logit_tolerance, "glm4_moe", trained_bias)
     factor = written["rope_parameters"]["partial_rotary_factor"]
     assert (written["first_k_dense_replace"], written["use_qk_norm"], written["num_nextn_predict_layers"]) == (
         0, False, 1)
     assert int(44 * factor) == 30 and factor != 30 / 44
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert all(hasattr(layer.mlp, "experts") for layer in back.model.layers)
-    with torch.no_grad():
-        assert rel(model(x), back(x).logits) <= logit_tolerance(cfg, 24)
-    keys = ("n_layers", "n_dense_layers", "n_routed_experts", "n_activated_experts", "moe_inter_dim",
-            "n_shared_experts", "score_func", "router_bias", "norm_topk_prob", "route_scale", "n_expert_groups",
-            "n_limited_groups", "n_kv_heads", "head_dim", "rotary_dim", "attn_bias", "qk_norm", "mtp_depth")
-    back_cfg = load_hf(tmp_path / "out")[1]
-    assert [getattr(back_cfg, k) for k in keys] == [getattr(cfg, k) for k in keys]
 
 
 def test_train_init_from_glm4_moe_then_export(src, tmp_path, capsys):

@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
-from flyer.infer.decoder import Decoder
-from flyer.interop.export import export_model, hf_model_type
+from flyer.interop.export import hf_model_type
 from flyer.interop.hf import load_hf
 from flyer.model.transformer import Transformer
 from tests.bounds import FP32_U
@@ -24,7 +23,7 @@ from tests.test_qwen3 import _config_error, check_round_trip, info_json, rel, tr
 # Qwen3's end-to-end tests, collected here too: run on this module's ``src`` (the Mixtral directory)
 from tests.test_qwen3 import test_cli_greedy_tokens_equal_transformers  # noqa: F401
 from tests.test_qwen3 import test_serving_engine_greedy_equals_flyer_generate  # noqa: F401
-from tests.test_qwen3_moe import _routes
+from tests.test_qwen3_moe import check_logits_and_routes, check_softmax_router, trained_step_exports
 from tests.test_rope_scaling import logit_tolerance as attention_tolerance
 
 
@@ -54,31 +53,9 @@ def test_logits_and_routing_equal_transformers(src):
             cfg.n_activated_experts, cfg.moe_inter_dim, cfg.n_shared_experts, cfg.score_func, cfg.router_bias,
             cfg.norm_topk_prob, cfg.route_scale, cfg.norm_eps) == (
         "gqa", False, 24, 2, 0, 8, 2, 96, 0, "softmax", False, True, 1.0, 1e-5)
-    T = 64
-    tokens = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
-    theirs, h1 = _routes(ref.model.layers, lambda m: m.mlp.gate, lambda out: (out[2], out[1]))
-    mine, h2 = _routes(model.layers, lambda m: m.ffn.gate, lambda out: (out[1], out[0]))
+    tokens, want, tol, routes = check_logits_and_routes(model, cfg, ref, logit_tolerance, dict(rtol=0, atol=1e-6))
+    check_softmax_router(model, cfg, tokens, want, tol, routes)
     with torch.no_grad():
-        want = ref(tokens).logits
-        err, tol = rel(model(tokens), want), logit_tolerance(cfg, T)
-    for h in h1 + h2:
-        h.remove()
-    assert err <= tol, f"{err:.3g} > {tol:.3g}"
-    assert len(theirs) == len(mine) == cfg.n_layers
-    for (ids_a, w_a), (ids_b, w_b) in zip((t[0] for t in theirs), (m[0] for m in mine)):
-        order_a, order_b = ids_a.sort(-1), ids_b.sort(-1)
-        assert torch.equal(order_a.values, order_b.values)  # the same experts for every token
-        assert torch.allclose(w_a.gather(1, order_a.indices), w_b.gather(1, order_b.indices), rtol=0, atol=1e-6)
-        assert torch.allclose(w_b.sum(-1), torch.ones(len(w_b)))  # renormalised top-k
-    with torch.no_grad():
-        dec = Decoder(model, 2, T, cache_dtype=torch.float32)
-        cached = [dec.logits(dec.forward(tokens[:, :20], torch.zeros(2, dtype=torch.long)))]
-        cached += [dec.logits(dec.forward(tokens[:, t:t + 1], torch.full((2,), t))) for t in range(20, T)]
-        assert rel(torch.cat(cached, 1), want) <= tol
-        for wrong in (dict(norm_topk_prob=False), dict(score_func="sigmoid")):
-            other = Transformer(cfg.replace(**wrong)).eval()
-            other.load_state_dict(model.state_dict())
-            assert rel(other(tokens), want) > 100 * tol, wrong
         normed = Transformer(cfg.replace(qk_norm=True)).eval()  # unit head-norm weights: still a normalisation
         assert normed.load_state_dict(model.state_dict(), strict=False).unexpected_keys == []
         assert rel(normed(tokens), want) > 100 * tol
@@ -105,25 +82,9 @@ def test_native_gqa_moe_without_head_norms_or_dense_layers_exports_as_mixtral(sr
     trains a step and exports as a Mixtral transformers computes within the tolerance."""
     _, _, tok = load_hf(src[0])
     cfg = preset("tiny", **NATIVE)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    x = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(x).logsumexp(-1).mean().backward()  # a training step moves every weight the tokens reach
-    opt.step()
-    assert hf_model_type(cfg) == "mixtral"
-    export_model(model.eval(), tok, tmp_path / "out", "fp32")
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    written = trained_step_exports(cfg, tok, tmp_path / "out", logit_tolerance, "mixtral")
     assert (written["intermediate_size"], written["num_local_experts"], written["head_dim"]) == (64, 8, 16)
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert isinstance(back, MixtralForCausalLM)
-    with torch.no_grad():
-        assert rel(model(x), back(x).logits) <= logit_tolerance(cfg, 24)
-    keys = ("n_layers", "n_dense_layers", "n_routed_experts", "n_activated_experts", "moe_inter_dim",
-            "n_shared_experts", "score_func", "router_bias", "norm_topk_prob", "route_scale", "n_kv_heads",
-            "head_dim", "qk_norm", "seq_aux_alpha")
-    back_cfg = load_hf(tmp_path / "out")[1]
-    assert [getattr(back_cfg, k) for k in keys] == [getattr(cfg, k) for k in keys]
+    assert written["architectures"] == ["MixtralForCausalLM"]
 
 
 def test_export_rule_mixtral_or_qwen3_moe():

@@ -115,19 +115,24 @@ def _results(world: int) -> list[dict]:
 
 
 # ---- single-process oracles -----------------------------------------------------------------------
-def _accumulate(ref: Transformer, dp: int, step: int) -> dict[str, float]:
-    """Forward and backward of the step's dp x M micro-batches, each loss over dp x M; the mean terms."""
-    x, y = _batch(dp, step)
-    n = dp * M
+def accumulate(ref: Transformer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Forward and backward of the micro-batches of B sequences in (x, y), each loss over their count;
+    the mean terms (an MTP loss of 0 without an MTP module)."""
+    n = x.shape[0] // B
     terms = dict.fromkeys(("loss", "main_loss", "mtp_loss", "aux_loss"), 0.0)
     for i in range(n):
         out = ref.compute_loss(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B])
         (out.loss / n).backward()
         terms["loss"] += out.loss.item() / n
         terms["main_loss"] += out.main_loss.item() / n
-        terms["mtp_loss"] += torch.stack(out.mtp_losses).mean().item() / n
+        terms["mtp_loss"] += torch.stack(out.mtp_losses).mean().item() / n if out.mtp_losses else 0.0
         terms["aux_loss"] += out.aux_loss.item() / n
     return terms
+
+
+def _accumulate(ref: Transformer, dp: int, step: int) -> dict[str, float]:
+    """``accumulate`` over the step's dp x M micro-batches."""
+    return accumulate(ref, *_batch(dp, step))
 
 
 def _oracle_at(state: dict, dp: int, step: int) -> tuple[dict, dict]:
@@ -138,16 +143,16 @@ def _oracle_at(state: dict, dp: int, step: int) -> tuple[dict, dict]:
     return terms, {n: p.grad for n, p in ref.named_parameters()}
 
 
-@functools.lru_cache(maxsize=None)
-def _trajectory(dp: int) -> dict:
-    """The one-process run: STEPS of clipping, router-bias update and AdamW from the trainer's init."""
+def adamw_trajectory(cfg, accumulate_step) -> dict:
+    """The one-process run of ``cfg`` from the trainer's init (SEED): STEPS of ``accumulate_step(ref, step)``,
+    clipping, router-bias update and AdamW; its final state and each parameter's largest gradient per step."""
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
-        ref = Transformer(_cfg())
+        ref = Transformer(cfg)
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.1, eps=ADAM_EPS)
     grad_max: dict[str, list[float]] = {n: [] for n, _ in ref.named_parameters()}
     for step in range(STEPS):
-        _accumulate(ref, dp, step)
+        accumulate_step(ref, step)
         torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
         for n, p in ref.named_parameters():
             grad_max[n].append(float(p.grad.abs().max()))
@@ -155,6 +160,28 @@ def _trajectory(dp: int) -> dict:
         opt.step()
         opt.zero_grad()
     return dict(state=ref.state_dict(), grad_max=grad_max)
+
+
+@functools.lru_cache(maxsize=None)
+def _trajectory(dp: int) -> dict:
+    return adamw_trajectory(_cfg(), lambda ref, step: _accumulate(ref, dp, step))
+
+
+def check_trajectory(final: dict, ref: dict, name: str) -> None:
+    """Every parameter after the steps within ``adamw_bound`` of the one-process trajectory ``ref``
+    (``adamw_trajectory``), the router biases (no gradient) within FP32_TOL."""
+    errs = {k: (float((final[k] - v).abs().max()),
+                adamw_bound(ref["grad_max"][k], float(v.abs().max()), LR, ADAM_EPS, FP32_TOL)
+                if k in ref["grad_max"] else FP32_TOL)
+            for k, v in ref["state"].items()}
+    worst = max(errs, key=lambda k: errs[k][0] / errs[k][1])
+    assert errs[worst][0] <= errs[worst][1], (name, worst, errs[worst])
+
+
+def term_failures(got: dict[str, float], want: dict[str, float], where: str) -> list[str]:
+    """The loss terms (next-token, MTP, balance) of ``got`` off the one-process ``want`` by more than FP32_TOL."""
+    return [f"{where} {k}: {got[k]} vs {want[k]}" for k in ("main_loss", "mtp_loss", "aux_loss")
+            if abs(got[k] - want[k]) > FP32_TOL * abs(want[k])]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -238,9 +265,7 @@ def test_pipeline_steps_match_single_process(name):
         terms, grads = _oracle_at(results[0]["steps"][step]["state"], dp, step)
         for rank, res in enumerate(results):
             got = res["steps"][step]
-            for k in ("main_loss", "mtp_loss", "aux_loss"):
-                if abs(got["terms"][k] - terms[k]) > FP32_TOL * abs(terms[k]):
-                    failures.append(f"step {step} rank {rank} {k}: {got['terms'][k]} vs {terms[k]}")
+            failures += term_failures(got["terms"], terms, f"step {step} rank {rank}")
             for pname, g in got["grads"].items():
                 want = grads[pname]
                 if pname in res["experts"]:  # this rank's shard of the expert stack
@@ -258,12 +283,7 @@ def test_pipeline_steps_match_single_process(name):
     assert set(final) == set(ref["state"])
     biases = [k for k in final if k.endswith("gate.bias")]
     assert biases and all(final[k].abs().max() > 0 for k in biases)  # router biases moved and are compared
-    errs = {k: (float((final[k] - v).abs().max()),
-                adamw_bound(ref["grad_max"][k], float(v.abs().max()), LR, ADAM_EPS, FP32_TOL)
-                if k in ref["grad_max"] else FP32_TOL)
-            for k, v in ref["state"].items()}
-    worst = max(errs, key=lambda k: errs[k][0] / errs[k][1])
-    assert errs[worst][0] <= errs[worst][1], (name, worst, errs[worst])
+    check_trajectory(final, ref, name)
 
 
 @pytest.mark.parametrize("name", _params())

@@ -31,7 +31,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bounds import adamw_bound
 from flyer.config import preset
 from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
@@ -39,11 +38,11 @@ from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import SPLIT_SCHEDULES, PipelineModel, split_backward_runs
 from flyer.train.trainer import build_model
 from ranks import needs_split_backward, run_ranks
+from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, M, T, _rel, accumulate,
+                           adamw_trajectory, check_trajectory, term_failures)
 
-B, T, M = 2, 12, 4  # sequences per micro-batch, tokens, micro-batches per step (the fewest DualPipeV on pp 2 runs)
-SEED, STEPS, LR, CLIP = 3, 3, 3e-3, 0.5
-ADAM_EPS = 1e-3  # large enough that AdamW's update is Lipschitz in the gradients (see test_ep_model)
-FP32_TOL = 1e-4
+# test_pipeline's sizes: B sequences per micro-batch of T tokens, M micro-batches per step (the fewest DualPipeV
+# on pp 2 runs), its STEPS of AdamW (LR, CLIP, ADAM_EPS) and tolerance
 WORLD = PP = 2
 
 _GQA = dict(vocab_size=256, n_layers=4, max_seq_len=64, original_seq_len=64, attn="gqa", n_kv_heads=2, head_dim=32,
@@ -113,17 +112,8 @@ def _results() -> list[dict]:
 
 # ---- single-process oracles -----------------------------------------------------------------------
 def _accumulate(ref: Transformer, step: int) -> dict[str, float]:
-    """Forward and backward of the step's M micro-batches, each loss over M; the mean terms."""
-    x, y = _batch(step)
-    terms = dict.fromkeys(("loss", "main_loss", "mtp_loss", "aux_loss"), 0.0)
-    for i in range(M):
-        out = ref.compute_loss(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B])
-        (out.loss / M).backward()
-        terms["loss"] += out.loss.item() / M
-        terms["main_loss"] += out.main_loss.item() / M
-        terms["mtp_loss"] += torch.stack(out.mtp_losses).mean().item() / M if out.mtp_losses else 0.0
-        terms["aux_loss"] += out.aux_loss.item() / M
-    return terms
+    """``accumulate`` over the step's M micro-batches."""
+    return accumulate(ref, *_batch(step))
 
 
 def _oracle_at(cfg, state: dict, step: int) -> tuple[dict, dict]:
@@ -136,27 +126,7 @@ def _oracle_at(cfg, state: dict, step: int) -> tuple[dict, dict]:
 
 @functools.cache
 def _trajectory(model: str) -> dict:
-    """The one-process run: STEPS of clipping, router-bias update and AdamW from the trainer's init."""
-    with torch.random.fork_rng():
-        torch.manual_seed(SEED)
-        ref = Transformer(_cfg(model))
-    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.1, eps=ADAM_EPS)
-    grad_max: dict[str, list[float]] = {n: [] for n, _ in ref.named_parameters()}
-    for step in range(STEPS):
-        _accumulate(ref, step)
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
-        for n, p in ref.named_parameters():
-            grad_max[n].append(float(p.grad.abs().max()))
-        update_router_bias(ref)
-        opt.step()
-        opt.zero_grad()
-    return dict(state=ref.state_dict(), grad_max=grad_max)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest elementwise difference relative to the oracle's largest magnitude."""
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+    return adamw_trajectory(_cfg(model), _accumulate)
 
 
 def _step_failures(cfg, results: list[dict], step: int) -> list[str]:
@@ -165,9 +135,7 @@ def _step_failures(cfg, results: list[dict], step: int) -> list[str]:
     failures = []
     for rank, res in enumerate(results):
         got = res["steps"][step]
-        for k in ("main_loss", "mtp_loss", "aux_loss"):
-            if abs(got["terms"][k] - terms[k]) > FP32_TOL * abs(terms[k]):
-                failures.append(f"step {step} rank {rank} {k}: {got['terms'][k]} vs {terms[k]}")
+        failures += term_failures(got["terms"], terms, f"step {step} rank {rank}")
         for pname, g in got["grads"].items():
             if not _rel(g, grads[pname]) <= FP32_TOL:
                 failures.append(f"step {step} rank {rank} grad {pname}: {_rel(g, grads[pname]):.2e}")
@@ -204,12 +172,7 @@ def test_pipeline_steps_match_single_process(name):
     assert set(final) == set(ref["state"])
     biases = [k for k in final if k.endswith("gate.bias")]
     assert bool(biases) == cfg.router_bias and all(final[k].abs().max() > 0 for k in biases)  # moved, compared
-    errs = {k: (float((final[k] - v).abs().max()),
-                adamw_bound(ref["grad_max"][k], float(v.abs().max()), LR, ADAM_EPS, FP32_TOL)
-                if k in ref["grad_max"] else FP32_TOL)
-            for k, v in ref["state"].items()}
-    worst = max(errs, key=lambda k: errs[k][0] / errs[k][1])
-    assert errs[worst][0] <= errs[worst][1], (name, worst, errs[worst])
+    check_trajectory(final, ref, name)
 
 
 @pytest.mark.parametrize("model", list(MODELS))

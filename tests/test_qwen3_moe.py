@@ -42,12 +42,84 @@ def logit_tolerance(cfg: ModelConfig, T: int) -> float:
     return attention_tolerance(cfg, T) + cfg.n_layers * (cfg.n_routed_experts + cfg.n_activated_experts) * FP32_U
 
 
-def _routes(layers, gate_of, pick) -> list[list]:
-    """Per MoE layer, what ``pick`` takes from its gate's output in the next forward (hooks removed after)."""
+def _routes(layers, gate_of, pick) -> tuple[list[list], list]:
+    """Per MoE layer, what ``pick`` takes from its gate's output in the next forward (remove the hooks after)."""
     got: list[list] = [[] for _ in layers]
     hooks = [gate_of(m).register_forward_hook(lambda _m, _i, out, i=i: got[i].append(pick(out)))
              for i, m in enumerate(layers)]
     return got, hooks
+
+
+def check_logits_and_routes(model, cfg: ModelConfig, ref, tolerance, weight_tol: dict) -> tuple:
+    """flyer's logits on 64 tokens within ``tolerance(cfg, T)`` of transformers' ``ref``, from the training
+    path and from the decode cache (a 20-token chunk, then a token at a time); every MoE layer picks the
+    same experts for every token, their weights ``torch.allclose`` under ``weight_tol``. Returns (tokens,
+    transformers' logits, the tolerance, flyer's (expert ids, weights) per MoE layer) for further checks."""
+    T = 64
+    tokens = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
+    moe = range(cfg.n_dense_layers, cfg.n_layers)
+    theirs, h1 = _routes([ref.model.layers[i] for i in moe], lambda m: m.mlp.gate, lambda out: (out[2], out[1]))
+    mine, h2 = _routes([model.layers[i] for i in moe], lambda m: m.ffn.gate, lambda out: (out[1], out[0]))
+    with torch.no_grad():
+        want = ref(tokens).logits
+        err, tol = rel(model(tokens), want), tolerance(cfg, T)
+    for h in h1 + h2:
+        h.remove()
+    assert err <= tol, f"{err:.3g} > {tol:.3g}"
+    assert len(theirs) == len(mine) == len(moe)
+    routes = [m[0] for m in mine]
+    for (ids_a, w_a), (ids_b, w_b) in zip((t[0] for t in theirs), routes):
+        order_a, order_b = ids_a.sort(-1), ids_b.sort(-1)
+        assert torch.equal(order_a.values, order_b.values)  # the same experts for every token
+        assert torch.allclose(w_a.gather(1, order_a.indices), w_b.gather(1, order_b.indices), **weight_tol)
+    with torch.no_grad():
+        dec = Decoder(model, 2, T, cache_dtype=torch.float32)
+        cached = [dec.logits(dec.forward(tokens[:, :20], torch.zeros(2, dtype=torch.long)))]
+        cached += [dec.logits(dec.forward(tokens[:, t:t + 1], torch.full((2,), t))) for t in range(20, T)]
+        assert rel(torch.cat(cached, 1), want) <= tol
+    return tokens, want, tol, routes
+
+
+def check_softmax_router(model, cfg: ModelConfig, tokens, want, tol: float, routes) -> None:
+    """The renormalised top-k weights of every token sum to 1, and the same weights routed without
+    renormalising or with sigmoid scores are far outside the tolerance."""
+    for _, w in routes:
+        assert torch.allclose(w.sum(-1), torch.ones(len(w)))
+    with torch.no_grad():
+        for wrong in (dict(norm_topk_prob=False), dict(score_func="sigmoid")):
+            other = Transformer(cfg.replace(**wrong)).eval()
+            other.load_state_dict(model.state_dict())
+            assert rel(other(tokens), want) > 100 * tol, wrong
+
+
+# the fields an export of a GQA model with routed experts reads back as
+ROUTED_GQA_KEYS = ("n_layers", "n_dense_layers", "n_routed_experts", "n_activated_experts", "moe_inter_dim",
+                   "n_shared_experts", "score_func", "router_bias", "norm_topk_prob", "route_scale", "n_expert_groups",
+                   "n_limited_groups", "n_kv_heads", "head_dim", "rotary_dim", "attn_bias", "qk_norm", "mtp_depth")
+
+
+def trained_step_exports(cfg: ModelConfig, tok, out, tolerance, arch: str, prepare=lambda model: None) -> dict:
+    """A flyer model of ``cfg`` trains a step (every weight the tokens reach moves; ``prepare`` may set more),
+    exports in FP32 as ``arch``: transformers' model of the export computes it within ``tolerance(cfg, 24)``,
+    every layer past the dense ones has experts, and it reads back to the same ``ROUTED_GQA_KEYS``.
+    Returns the written config.json."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).logsumexp(-1).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        prepare(model)
+    assert hf_model_type(cfg) == arch
+    export_model(model.eval(), tok, out, "fp32")
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert all(hasattr(layer.mlp, "experts") for layer in back.model.layers[cfg.n_dense_layers:])
+    with torch.no_grad():
+        assert rel(model(x), back(x).logits) <= tolerance(cfg, 24)
+    back_cfg = load_hf(out)[1]
+    assert [getattr(back_cfg, k) for k in ROUTED_GQA_KEYS] == [getattr(cfg, k) for k in ROUTED_GQA_KEYS]
+    return json.loads((out / "config.json").read_text())
 
 
 def test_logits_and_routing_equal_transformers(src):
@@ -59,31 +131,9 @@ def test_logits_and_routing_equal_transformers(src):
     assert (cfg.attn, cfg.qk_norm, cfg.head_dim, cfg.n_dense_layers, cfg.n_routed_experts, cfg.n_shared_experts,
             cfg.score_func, cfg.router_bias, cfg.norm_topk_prob, cfg.route_scale) == (
         "gqa", True, 24, 1, 8, 0, "softmax", False, True, 1.0)
-    T = 64
-    tokens = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
-    moe = range(cfg.n_dense_layers, cfg.n_layers)
-    theirs, h1 = _routes([ref.model.layers[i] for i in moe], lambda m: m.mlp.gate, lambda out: (out[2], out[1]))
-    mine, h2 = _routes([model.layers[i] for i in moe], lambda m: m.ffn.gate, lambda out: (out[1], out[0]))
+    tokens, want, tol, routes = check_logits_and_routes(model, cfg, ref, logit_tolerance, dict(rtol=0, atol=1e-6))
+    check_softmax_router(model, cfg, tokens, want, tol, routes)
     with torch.no_grad():
-        want = ref(tokens).logits
-        err, tol = rel(model(tokens), want), logit_tolerance(cfg, T)
-    for h in h1 + h2:
-        h.remove()
-    assert err <= tol, f"{err:.3g} > {tol:.3g}"
-    for (ids_a, w_a), (ids_b, w_b) in zip((t[0] for t in theirs), (m[0] for m in mine)):
-        order_a, order_b = ids_a.sort(-1), ids_b.sort(-1)
-        assert torch.equal(order_a.values, order_b.values)  # the same experts for every token
-        assert torch.allclose(w_a.gather(1, order_a.indices), w_b.gather(1, order_b.indices), rtol=0, atol=1e-6)
-        assert torch.allclose(w_b.sum(-1), torch.ones(len(w_b)))  # renormalised top-k
-    with torch.no_grad():
-        dec = Decoder(model, 2, T, cache_dtype=torch.float32)
-        cached = [dec.logits(dec.forward(tokens[:, :20], torch.zeros(2, dtype=torch.long)))]
-        cached += [dec.logits(dec.forward(tokens[:, t:t + 1], torch.full((2,), t))) for t in range(20, T)]
-        assert rel(torch.cat(cached, 1), want) <= tol
-        for wrong in (dict(norm_topk_prob=False), dict(score_func="sigmoid")):
-            other = Transformer(cfg.replace(**wrong)).eval()
-            other.load_state_dict(model.state_dict())
-            assert rel(other(tokens), want) > 100 * tol, wrong
         plain = Transformer(cfg.replace(qk_norm=False)).eval()
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if "head_norm" not in k})
         assert rel(plain(tokens), want) > 100 * tol
@@ -105,25 +155,8 @@ def test_native_gqa_moe_without_dense_layers_exports_as_qwen3_moe(src, tmp_path)
                  n_shared_experts=0, n_routed_experts=8, n_activated_experts=2, n_expert_groups=1,
                  n_limited_groups=1, score_func="softmax", router_bias=False, norm_topk_prob=False, route_scale=1.0,
                  mtp_depth=0)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    x = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(x).logsumexp(-1).mean().backward()  # a training step moves every weight the tokens reach
-    opt.step()
-    assert hf_model_type(cfg) == "qwen3_moe"
-    export_model(model.eval(), tok, tmp_path / "out", "fp32")
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    written = trained_step_exports(cfg, tok, tmp_path / "out", logit_tolerance, "qwen3_moe")
     assert (written["mlp_only_layers"], written["norm_topk_prob"], written["head_dim"]) == ([], False, 16)
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert all(hasattr(layer.mlp, "experts") for layer in back.model.layers)
-    with torch.no_grad():
-        assert rel(model(x), back(x).logits) <= logit_tolerance(cfg, 24)
-    keys = ("n_layers", "n_dense_layers", "n_routed_experts", "n_activated_experts", "moe_inter_dim",
-            "n_shared_experts", "score_func", "router_bias", "norm_topk_prob", "route_scale", "n_kv_heads",
-            "head_dim", "qk_norm", "seq_aux_alpha")
-    back_cfg = load_hf(tmp_path / "out")[1]
-    assert [getattr(back_cfg, k) for k in keys] == [getattr(cfg, k) for k in keys]
 
 
 def test_train_init_from_qwen3_moe_then_export(src, tmp_path, capsys):
