@@ -315,3 +315,26 @@ def test_selection_breaks_ties_at_the_cut_by_slot_whatever_the_shape():
                                                                                    False]
     few = torch.tensor([True, True, False, False, False, False])
     assert idx.select(row.view(1, 1, 6), few.view(1, 1, 6))[0, 0].tolist() == few.tolist()
+
+
+def test_training_flops_count_the_selected_keys_and_the_indexer():
+    """Per layer and token, attention costs 2 H (qk + v) per attended key: a query at position t attends
+    to min(t, index_topk) keys (the mean over positions taken by the midpoint rule on a fine grid, the
+    continuous form of the dense count seq_len / 2), and the indexer scores all t: 2 H_idx (d + 1) each.
+    So V3.2 costs more than V3 at 4K tokens (the indexer) and less at 128K (the selection)."""
+    import numpy as np
+
+    from flyer.config import preset
+    from flyer.model.counts import attention_flops_per_token, training_flops_per_token
+
+    v3, v32 = preset("dsv3"), preset("dsv32")
+    per_key, per_index_key = 2 * v32.n_heads * (v32.qk_head_dim + v32.v_head_dim), 2 * 64 * (128 + 1)
+    for S in (1024, 2048, 4096, 131072):
+        t = (np.arange(1 << 20) + 0.5) / (1 << 20) * S
+        want = per_key * np.minimum(t, 2048).mean() + per_index_key * t.mean()
+        assert attention_flops_per_token(v32, S) == pytest.approx(want, rel=1e-9)
+        assert attention_flops_per_token(v32, S, causal=False) == pytest.approx(
+            per_key * min(S, 2048) + per_index_key * S, rel=1e-12)
+    assert attention_flops_per_token(v32, 2048) - attention_flops_per_token(v3, 2048) == per_index_key * 1024
+    assert training_flops_per_token(v32, 4096) > training_flops_per_token(v3, 4096)
+    assert training_flops_per_token(v32, 131072) < 0.5 * training_flops_per_token(v3, 131072)

@@ -92,22 +92,30 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absor
     return cfg.n_layers * per_layer * bytes_per_element
 
 
-def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward), MTP excluded.
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """Forward FLOPs per token of one layer's attention core (the projections are matmul parameters):
+    2 H (qk_head_dim + v_head_dim) per attended key, a query seeing seq_len / 2 keys on average when
+    causal. With DeepSeek Sparse Attention a query attends to its index_topk selected keys at most
+    (causal: k - k^2 / (2 seq_len) on average past seq_len = k), while the indexer scores every key it
+    sees: 2 H_index (index_head_dim + 1) each (the heads' dot products, then their weighted sum)."""
+    qk, v = (cfg.qk_head_dim, cfg.v_head_dim) if cfg.attn == "mla" else (cfg.head_dim, cfg.head_dim)
+    seen = seq_len / 2 if causal else seq_len
+    attended, k = seen, cfg.index_topk
+    if k and k < seq_len:
+        attended = k - k * k / (2 * seq_len) if causal else k
+    flops = 2 * cfg.n_heads * (qk + v) * attended
+    if k:
+        flops += 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * seen
+    return flops
 
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), MTP excluded:
     3 x [2 x activated matmul parameters (head included, embedding excluded)
-         + layers x 2 x H x (qk_head_dim + v_head_dim) x seq (halved when causal)].
-    """
+         + layers x ``attention_flops_per_token``]."""
     pc = param_counts(cfg)
     matmul = pc.activated - pc.embedding - _non_matmul_params(cfg)
-    if cfg.attn == "mla":
-        qk, v = cfg.qk_head_dim, cfg.v_head_dim
-    else:
-        qk = v = cfg.head_dim
-    attn = cfg.n_layers * 2 * cfg.n_heads * (qk + v) * seq_len
-    if causal:
-        attn /= 2
-    return 3.0 * (2.0 * matmul + attn)
+    return 3.0 * (2.0 * matmul + cfg.n_layers * attention_flops_per_token(cfg, seq_len, causal))
 
 
 def _non_matmul_params(cfg: ModelConfig) -> int:

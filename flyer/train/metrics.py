@@ -13,7 +13,7 @@ import torch
 
 from flyer.config import ConfigError
 from flyer.model import lowp
-from flyer.model.counts import block_params, training_flops_per_token
+from flyer.model.counts import attention_flops_per_token, block_params, training_flops_per_token
 from flyer.runtime import bf16_gemm_kind, native_gemm
 
 
@@ -180,7 +180,6 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
         mtp_block = block_params(cfg, cfg.n_layers, activated=True) - 2 * cfg.dim
         proj = 2 * cfg.dim * cfg.dim
         head = cfg.vocab_size * cfg.dim
-        qkv_dim = (cfg.qk_head_dim + cfg.v_head_dim) if cfg.attn == "mla" else 2 * cfg.head_dim
-        attn = 2 * cfg.n_heads * qkv_dim * seq_len / 2
+        attn = attention_flops_per_token(cfg, seq_len, causal=True)
         main += cfg.mtp_depth * 3.0 * (2.0 * (mtp_block + proj + head) + attn)
     return main
