@@ -72,8 +72,9 @@ def hf_model_type(cfg: ModelConfig) -> str:
             raise ConfigError("config fields 'qk_norm'/'attn_bias': no transformers architecture has head norms "
                               "(Qwen3) and a bias on q/k/v alone (Qwen2)")
         if cfg.is_moe:  # no head norms and no dense layer: Mixtral; else Qwen3-MoE, the one that has either
-            _check_gqa_moe(cfg, is_mixtral(cfg))
-            return "mixtral" if is_mixtral(cfg) else "qwen3_moe"
+            mixtral = is_mixtral(cfg)
+            _check_gqa_moe(cfg, mixtral)
+            return "mixtral" if mixtral else "qwen3_moe"
         return "qwen3" if cfg.qk_norm else "qwen2" if cfg.attn_bias else "llama"
     if cfg.n_routed_experts == 0:
         raise ConfigError("config field 'n_routed_experts': an MLA model without experts has no transformers twin")

@@ -118,17 +118,19 @@ def hf_names(cfg: ModelConfig, rope_half: bool) -> dict[str, Slot]:
     checkpoint's rope rows are in rotate-half layout (else interleaved, as flyer's)."""
     model = _meta_model(cfg)
     out: dict[str, Slot] = {}
+    mixtral = is_mixtral(cfg)  # the model's MoE names, once
     for key, t in model.state_dict().items():
         if cfg.tie_embeddings and key == "head.weight":
             continue  # tied: the file holds the embedding only
-        for name, slot in _hf_entries(key, t.shape, cfg, rope_half):
+        for name, slot in _hf_entries(key, t.shape, cfg, rope_half, mixtral):
             out[name] = slot
     return out
 
 
 def is_mixtral(cfg: ModelConfig) -> bool:
-    """GQA with routed experts in every layer and no head norms: what Mixtral computes (Qwen3-MoE, the
-    other GQA architecture with experts, has head norms), so its tensors take Mixtral's names."""
+    """GQA with softmax-routed experts in every layer, no head norms and whole heads rotating: what Mixtral
+    computes (Qwen3-MoE has head norms, GLM-4.5 routes by sigmoid or rotates part of each head), so its
+    tensors take Mixtral's names."""
     return (cfg.attn == "gqa" and cfg.is_moe and cfg.n_dense_layers == 0 and not cfg.qk_norm
             and cfg.score_func == "softmax" and cfg.rope_dim == cfg.head_dim)  # else GLM-4.5's (mlp.*) names
 
@@ -158,7 +160,7 @@ def _rope_rows(sub: str, cfg: ModelConfig, rope_half: bool) -> tuple[int, int, i
     return None
 
 
-def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool) -> Iterator[tuple[str, Slot]]:
+def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool, mixtral: bool) -> Iterator[tuple[str, Slot]]:
     if key in _TOP:
         yield _TOP[key], Slot(key)
         return
@@ -166,7 +168,6 @@ def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool) -> Iterator[
     if m:
         i = int(m.group(1)) + (cfg.n_layers if key.startswith("mtp.") else 0)
         sub = m.group(2)
-        mixtral = is_mixtral(cfg)
         if sub in _EXPERTS:
             moe, names = ("block_sparse_moe", _MIXTRAL_EXPERTS) if mixtral else ("mlp", _EXPERTS)
             for e in range(shape[0]):
