@@ -47,7 +47,8 @@ class ModelConfig:
     n_dense_layers: int = 3
     inter_dim: int = 18432
     norm_eps: float = 1e-6
-    # attention: "mla" (Multi-head Latent Attention) or "gqa" (grouped-query / multi-head)
+    # attention: "mla" (Multi-head Latent Attention), "gqa" (grouped-query / multi-head) or "hybrid"
+    # (DeepSeek-V4: one shared key/value head over a sliding window plus compressed entries, see below)
     attn: str = "mla"
     n_heads: int = 128
     q_lora_rank: int = 1536  # 0 = no query compression (DeepSeek-V2-Lite)
@@ -60,10 +61,24 @@ class ModelConfig:
     index_n_heads: int = 64
     index_head_dim: int = 128  # its first qk_rope_head_dim channels rotate
     n_kv_heads: int = 0  # gqa only
-    head_dim: int = 0  # gqa only
+    head_dim: int = 0  # gqa and hybrid (hybrid: its last qk_rope_head_dim channels rotate)
     attn_bias: bool = False  # gqa only: bias on q/k/v projections (Qwen2)
     qk_norm: bool = False  # gqa only: RMSNorm over each head's query and key before RoPE (Qwen3)
     rotary_dim: int = 0  # gqa only: RoPE rotates each head's first rotary_dim channels (GLM-4.5: half); 0 = all
+    # DeepSeek-V4's hybrid attention (attn "hybrid"): every layer attends to the last window_size tokens; a layer
+    # with compress_ratios[i] = r > 0 also to one compressed entry per r tokens: CSA (r = csa_ratio: overlapping
+    # windows, the indexer keeps index_topk entries per query) or HCA (any other r: every entry)
+    window_size: int = 0
+    compress_ratios: tuple[int, ...] = ()  # one per layer; 0 = the sliding window only
+    csa_ratio: int = 4
+    compress_rope_theta: float = 160000.0  # compressed layers' RoPE base (with the rope scaling); others: rope_theta
+    o_groups: int = 0  # grouped output projection: head groups, each projected to o_lora_rank channels
+    o_lora_rank: int = 0
+    # Manifold-constrained hyper-connections (DeepSeek-V4): hc_mult residual streams mixed around each
+    # attention and FFN block by a Sinkhorn-normalised matrix; 1 = the plain residual
+    hc_mult: int = 1
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
     # DeepSeekMoE
     moe_inter_dim: int = 2048
     n_routed_experts: int = 256
@@ -71,12 +86,14 @@ class ModelConfig:
     n_activated_experts: int = 8
     n_expert_groups: int = 8
     n_limited_groups: int = 4
-    score_func: str = "sigmoid"  # or "softmax"
+    score_func: str = "sigmoid"  # or "softmax", or "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus(logit)))
     route_scale: float = 2.5
     norm_topk_prob: bool = True
     router_bias: bool = True  # aux-loss-free balancing bias (selection only)
     bias_update_speed: float = 0.001  # gamma
     seq_aux_alpha: float = 0.0001  # complementary sequence-wise balance loss weight
+    n_hash_layers: int = 0  # DeepSeek-V4: the first n MoE layers route each token by a fixed token-id table
+    swiglu_limit: float = 0.0  # DeepSeek-V4: SwiGLU's gate clamped above, its up-projection to +-limit; 0 = none
     # positions: RoPE, its frequencies scaled for a context rope_factor times original_seq_len
     max_seq_len: int = 4096 * 40
     rope_theta: float = 10000.0
@@ -110,8 +127,13 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """Channels RoPE rotates per head: MLA's rope head; GQA's first ``rotary_dim`` (0: the whole head)."""
-        return self.qk_rope_head_dim if self.attn == "mla" else self.rotary_dim or self.head_dim
+        """Channels RoPE rotates per head: MLA's rope head, hybrid's last ``qk_rope_head_dim``; GQA's first
+        ``rotary_dim`` (0: the whole head)."""
+        return self.qk_rope_head_dim if self.attn in ("mla", "hybrid") else self.rotary_dim or self.head_dim
+
+    def is_csa(self, layer: int) -> bool:
+        """Whether hybrid layer ``layer`` is CSA (overlapping compressed windows and the indexer)."""
+        return self.attn == "hybrid" and self.compress_ratios[layer] == self.csa_ratio
 
     @property
     def softmax_scale(self) -> float:
@@ -122,6 +144,8 @@ class ModelConfig:
         so a model does not change with the context it is run at."""
         d = self.qk_head_dim if self.attn == "mla" else self.head_dim
         scale = d ** -0.5
+        if self.attn == "hybrid":  # DeepSeek-V4's checkpoints: YaRN stretches the frequencies only
+            return scale
         if self.rope_type == "yarn" and self.rope_factor > 1.0:
             m = yarn_mscale(self.rope_factor, self.mscale)
             scale = scale * m * m
@@ -139,7 +163,7 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             need(int(getattr(self, name)) > 0, name, "must be a positive integer")
         need(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers", f"must be in [0, n_layers={self.n_layers}]")
-        need(self.attn in ("mla", "gqa"), "attn", "must be 'mla' or 'gqa'")
+        need(self.attn in ("mla", "gqa", "hybrid"), "attn", "must be 'mla', 'gqa' or 'hybrid'")
         need(self.norm_eps > 0, "norm_eps", "must be > 0")
         need(self.init_std > 0, "init_std", "must be > 0")
         if self.n_dense_layers > 0 or self.n_routed_experts == 0:
@@ -153,6 +177,8 @@ class ModelConfig:
             need(self.v_head_dim > 0, "v_head_dim", "must be > 0 for MLA")
             need(not self.qk_norm, "qk_norm", "applies to gqa attention only (MLA normalises its latents)")
             need(self.rotary_dim == 0, "rotary_dim", "applies to gqa attention only (MLA has qk_rope_head_dim)")
+        elif self.attn == "hybrid":
+            self._validate_hybrid(need)
         else:
             need(self.n_kv_heads > 0, "n_kv_heads", "must be > 0 for gqa attention")
             need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
@@ -161,7 +187,8 @@ class ModelConfig:
                  f"must be an even number in [0, head_dim={self.head_dim}] (0 = the whole head)")
         need(self.index_topk >= 0, "index_topk", "must be >= 0 (0 = no DSA indexer: dense attention)")
         if self.index_topk > 0:
-            need(self.attn == "mla", "index_topk", "the DSA indexer applies to mla attention only (0 = none)")
+            need(self.attn in ("mla", "hybrid"), "index_topk", "the indexer applies to mla and hybrid attention only "
+                                                              "(0 = none)")
             need(self.q_lora_rank > 0, "q_lora_rank", "must be > 0 with the DSA indexer (index_topk > 0): its "
                                                       "queries are projected from MLA's query latent")
             need(self.index_n_heads > 0, "index_n_heads", "must be > 0")
@@ -171,7 +198,7 @@ class ModelConfig:
         if self.n_routed_experts > 0:
             need(self.moe_inter_dim > 0, "moe_inter_dim", "must be > 0 with routed experts")
             need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
-            need(self.score_func in ("sigmoid", "softmax"), "score_func", "must be 'sigmoid' or 'softmax'")
+            need(self.score_func in SCORE_FUNCS, "score_func", f"must be one of {', '.join(SCORE_FUNCS)}")
             need(self.n_expert_groups >= 1, "n_expert_groups", "must be >= 1")
             need(self.n_routed_experts % self.n_expert_groups == 0, "n_routed_experts",
                  f"must be divisible by n_expert_groups={self.n_expert_groups}")
@@ -187,6 +214,15 @@ class ModelConfig:
             need(self.route_scale > 0, "route_scale", "must be > 0")
             need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
             need(self.seq_aux_alpha >= 0, "seq_aux_alpha", "must be >= 0")
+        need(0 <= self.n_hash_layers <= self.n_layers - self.n_dense_layers, "n_hash_layers",
+             f"must be in [0, {self.n_layers - self.n_dense_layers}] (the MoE layers)")
+        if self.n_hash_layers:
+            need(self.n_routed_experts > 0, "n_hash_layers", "needs routed experts (n_routed_experts > 0)")
+        need(self.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 = no clamp)")
+        need(self.hc_mult >= 1, "hc_mult", "must be >= 1 (1 = the plain residual)")
+        if self.hc_mult > 1:
+            need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
+            need(self.hc_eps > 0, "hc_eps", "must be > 0")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
         need(self.rope_type in ROPE_TYPES, "rope_type", f"must be one of {', '.join(ROPE_TYPES)}")
         need(self.rope_factor >= 1.0, "rope_factor", "must be >= 1 (1 = not scaled)")
@@ -202,6 +238,29 @@ class ModelConfig:
                  f"must be > low_freq_factor={self.low_freq_factor}")
         need(self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
         need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
+
+    def _validate_hybrid(self, need) -> None:
+        need(self.head_dim > self.qk_rope_head_dim, "head_dim", f"must exceed qk_rope_head_dim={self.qk_rope_head_dim}"
+                                                               " for hybrid attention")
+        need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+             "must be a positive even number")
+        need(self.q_lora_rank > 0, "q_lora_rank", "must be > 0 for hybrid attention (its queries are low-rank)")
+        need(self.window_size > 0, "window_size", "must be > 0 for hybrid attention")
+        need(len(self.compress_ratios) == self.n_layers, "compress_ratios", f"must have one entry per layer "
+                                                                            f"(n_layers={self.n_layers})")
+        need(all(r >= 0 for r in self.compress_ratios), "compress_ratios", "must be >= 0 (0 = no compression)")
+        need(self.csa_ratio > 0, "csa_ratio", "must be > 0")
+        need(self.o_groups > 0 and self.n_heads % self.o_groups == 0, "o_groups", f"must divide n_heads={self.n_heads}")
+        need(self.o_lora_rank > 0, "o_lora_rank", "must be > 0 for hybrid attention")
+        need(self.compress_rope_theta > 0, "compress_rope_theta", "must be > 0")
+        if self.csa_ratio in self.compress_ratios:
+            need(self.index_topk > 0, "index_topk", f"must be > 0: layers with compress ratio {self.csa_ratio} "
+                                                    "(csa_ratio) select entries by the indexer")
+        need(self.mtp_depth == 0, "mtp_depth", "must be 0 for hybrid attention (DeepSeek-V4's MTP module is "
+                                               "not supported yet)")
+        for name in ("qk_norm", "attn_bias"):
+            need(not getattr(self, name), name, "applies to gqa attention only")
+        need(self.rotary_dim == 0, "rotary_dim", "applies to gqa attention only (hybrid has qk_rope_head_dim)")
 
     # ---- construction helpers -----------------------------------------------------------
     def replace(self, **overrides: Any) -> "ModelConfig":
@@ -258,6 +317,10 @@ class RequiredFields(dict):
 
 def _coerce(name: str, v: Any, typ: Any) -> Any:
     t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    if t == "tuple[int, ...]":
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"config field '{name}': expected a list of integers, got {v!r}")
+        return tuple(_coerce(name, x, "int") for x in v)
     try:
         if t == "int":
             if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
@@ -279,6 +342,8 @@ def _coerce(name: str, v: Any, typ: Any) -> Any:
         raise ConfigError(f"config field '{name}': expected {t}, got {v!r}") from None
     return v
 
+
+SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
 
 # ---- presets ------------------------------------------------------------------------------
 _NO_YARN = dict(rope_factor=1.0)
@@ -324,6 +389,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dsv3": dict(),
     # official DeepSeek-V3.2-Exp: V3 with DeepSeek Sparse Attention (a lightning indexer keeping 2048 keys per query)
     "dsv32": dict(index_topk=2048, index_n_heads=64, index_head_dim=128),
+    # official DeepSeek-V4-Flash (284B total, 13B activated): hybrid attention, hyper-connections, hash-routed layers
+    "dsv4-flash": dict(
+        vocab_size=129280, dim=4096, n_layers=43, n_dense_layers=0, attn="hybrid", n_heads=64, head_dim=512,
+        q_lora_rank=1024, qk_rope_head_dim=64, window_size=128, compress_ratios=(0, 0) + (4, 128) * 20 + (4,),
+        o_groups=8, o_lora_rank=1024, index_topk=512, index_n_heads=64, index_head_dim=128, hc_mult=4,
+        moe_inter_dim=2048, n_routed_experts=256, n_shared_experts=1, n_activated_experts=6, n_expert_groups=1,
+        n_limited_groups=1, score_func="sqrtsoftplus", route_scale=1.5, n_hash_layers=3, swiglu_limit=10.0,
+        max_seq_len=1048576, rope_factor=16.0, original_seq_len=65536, mscale=0.0, mtp_depth=0, init_std=0.02,
+    ),
+    # official DeepSeek-V4-Pro (1.6T total, 49B activated)
+    "dsv4-pro": dict(
+        vocab_size=129280, dim=7168, n_layers=61, n_dense_layers=0, attn="hybrid", n_heads=128, head_dim=512,
+        q_lora_rank=1536, qk_rope_head_dim=64, window_size=128, compress_ratios=(128, 128) + (4, 128) * 29 + (4,),
+        o_groups=16, o_lora_rank=1024, index_topk=1024, index_n_heads=64, index_head_dim=128, hc_mult=4,
+        moe_inter_dim=3072, n_routed_experts=384, n_shared_experts=1, n_activated_experts=6, n_expert_groups=1,
+        n_limited_groups=1, score_func="sqrtsoftplus", route_scale=2.5, n_hash_layers=3, swiglu_limit=10.0,
+        max_seq_len=1048576, rope_factor=16.0, original_seq_len=65536, mscale=0.0, mtp_depth=0, init_std=0.02,
+    ),
     # dense GQA references
     "qwen2.5-72b": dict(
         vocab_size=152064, dim=8192, n_layers=80, n_dense_layers=80, inter_dim=29568, attn="gqa", n_heads=64,

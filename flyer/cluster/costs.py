@@ -26,7 +26,8 @@ from flyer.cluster.hardware import GIB, GPUSpec
 from flyer.cluster.pipeline import schedule_cost
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
-from flyer.model.counts import block_params, kv_cache_bytes_per_token, param_counts, training_flops_per_token
+from flyer.model.counts import (block_params, compress_ratio, hyper_head_params, kv_cache_bytes_per_token,
+                                kv_window_bytes, param_counts, training_flops_per_token)
 
 SECONDS_PER_DAY = 86400.0
 
@@ -82,7 +83,7 @@ def auto_layout(cfg: ModelConfig, gpus: int) -> tuple[int, int, str]:
 
 
 def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: bool = True,
-                                     bytes_per_element: int = 2) -> float:
+                                     bytes_per_element: int = 2, layer_id: int | None = None) -> float:
     """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).
 
     Without recomputation, attention saves its input and normed input, the q latent, the kv
@@ -94,9 +95,17 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     the MLA up-projections (q, k, v) are recomputed from the saved latents, the SwiGLU output from
     its saved inputs, and both the expert inputs and the SwiGLU inputs are cached in FP8 with the
     fine-grained tiles (half a BF16 element each).
+
+    Hybrid attention (DeepSeek-V4) saves the q latent, the one shared key/value head, the grouped
+    output projection's latent and its compressors' projections: those of layer ``layer_id``, or of a
+    CSA layer (the heaviest kind) without one. Hyper-connections add each block's m input streams.
     """
     d, h = cfg.dim, cfg.n_heads
-    if cfg.attn == "mla":
+    if cfg.attn == "hybrid":
+        qk = v = cfg.head_dim
+        latents = cfg.q_lora_rank + cfg.head_dim + cfg.o_groups * cfg.o_lora_rank + _compressor_saved(cfg, layer_id)
+        qkv = h * qk + cfg.head_dim
+    elif cfg.attn == "mla":
         qk, v = cfg.qk_head_dim, cfg.v_head_dim
         latents = cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim
         qkv = h * (2 * qk + v)
@@ -107,13 +116,26 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     experts = cfg.n_activated_experts + cfg.n_shared_experts if moe else 1
     inter = cfg.moe_inter_dim if moe else cfg.inter_dim
     router = cfg.n_routed_experts if moe else 0
+    streams = 2 * cfg.hc_mult * d if cfg.hc_mult > 1 else 0  # both blocks' input streams, for their hc fn and mix
     if recompute:
         attn = d + latents + h * v + h
         ffn = experts * 0.5 * (d + 2 * inter) + router  # FP8-cached expert and SwiGLU inputs
     else:
         attn = 2 * d + latents + qkv + h * v + h
         ffn = d + experts * (d + 3 * inter) + router
-    return (attn + ffn) * bytes_per_element
+    return (attn + ffn + streams) * bytes_per_element
+
+
+def _compressor_saved(cfg: ModelConfig, layer_id: int | None) -> int:
+    """Per token, a hybrid layer's compressor kv and gate projections (c head_dim each) and, for CSA, the
+    indexer's query heads, weights and key compressor's projections."""
+    r = cfg.csa_ratio if layer_id is None else compress_ratio(cfg, layer_id)
+    if not r:
+        return 0
+    if r != cfg.csa_ratio:
+        return 2 * cfg.head_dim
+    Hi, di = cfg.index_n_heads, cfg.index_head_dim
+    return 4 * cfg.head_dim + Hi * di + Hi + 4 * di
 
 
 def logits_bytes_per_token(cfg: ModelConfig) -> int:
@@ -127,12 +149,13 @@ def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) 
     validate_layout(cfg, lay)
     moe = cfg.is_moe
     layers = math.ceil(cfg.n_layers / lay.pp)
-    heavy_layer = cfg.n_dense_layers if moe else 0  # id of a layer of the heaviest kind
+    # a layer of the heaviest kind: an MoE layer, and with hybrid attention the largest compressor
+    heavy_layer = max(range(cfg.n_dense_layers if moe else 0, cfg.n_layers), key=lambda i: block_params(cfg, i))
     layer_total = block_params(cfg, heavy_layer)
     routed = cfg.n_routed_experts * 3 * cfg.dim * cfg.moe_inter_dim if moe else 0
     pc = param_counts(cfg)
     ends = pc.embedding + pc.head if lay.pp == 1 else max(pc.embedding, pc.head)
-    dense_params = layers * (layer_total - routed) + ends + cfg.dim
+    dense_params = layers * (layer_total - routed) + ends + cfg.dim + hyper_head_params(cfg)
     expert_params = layers * routed // lay.ep
     cost = schedule_cost(lay.schedule, lay.pp) if lay.pp > 1 else schedule_cost("1f1b", 1)
     copies = cost.param_copies
@@ -140,7 +163,7 @@ def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) 
     weights = params * lay.weight_bytes
     grads = params * lay.grad_bytes
     optimizer = copies * (dense_params / lay.dp + expert_params / lay.expert_dp) * lay.optimizer_bytes
-    per_token = activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes)
+    per_token = activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes, heavy_layer)
     activations = cost.activation_microbatches * lay.micro_batch * seq_len * layers * per_token
     total = weights + grads + optimizer + activations
     return {
@@ -245,5 +268,6 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
         "price_per_gpu_hour": price_per_gpu_hour,
         "cost_usd": gpu_hours * price_per_gpu_hour,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
+        "kv_cache_window_bytes": kv_window_bytes(cfg),  # per sequence, beside the per-token bytes (hybrid)
         "memory": memory_per_gpu(cfg, lay, seq_len, gpu.hbm_gib),
     }

@@ -27,7 +27,7 @@ from flyer.fp8.gemm import BACKENDS, EMULATIONS, cuda_fp8_supported, fp8_gemm_nt
 from flyer.fp8.quant import (FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched, quantize_blocks,
                              quantize_blocks_batched, quantize_tiles, quantize_tiles_t)
 from flyer.model.lowp import gemm_dtype
-from flyer.model.experts import Experts, padded_layout
+from flyer.model.experts import Experts, padded_layout, swiglu
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,8 @@ class FP8Experts(Experts):
         """Wrap existing experts' parameters (the same Parameter objects, no copy)."""
         E, Fo, D = experts.w1.shape
         with torch.device("meta"):
-            new = cls(E, D, Fo, first=experts.first, init_std=experts.init_std, recipe=recipe)
+            new = cls(E, D, Fo, first=experts.first, init_std=experts.init_std, recipe=recipe,
+                      swiglu_limit=experts.swiglu_limit)
         new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3
         new.train(experts.training)
         return new
@@ -278,7 +279,7 @@ class FP8Experts(Experts):
         r = self.recipe
         h1 = FP8GroupedLinearFunction.apply(x, self.w1, counts, r, dtype)
         h3 = FP8GroupedLinearFunction.apply(x, self.w3, counts, r, dtype)
-        return FP8GroupedLinearFunction.apply(F.silu(h1) * h3, self.w2, counts, r, dtype)
+        return FP8GroupedLinearFunction.apply(swiglu(h1, h3, self.swiglu_limit), self.w2, counts, r, dtype)
 
     def extra_repr(self) -> str:
         return f"n_local={self.n_local}, fp8={self.recipe.fmt}/{self.recipe.grad_fmt}"

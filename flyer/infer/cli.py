@@ -20,7 +20,7 @@ from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
-from flyer.interop.hf import is_hf_model_dir
+from flyer.interop.hf import is_hf_model_dir, read_hf_config
 from flyer.interop.load import load_pretrained, loaded_bytes, stored_weight_dtype
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
@@ -124,6 +124,13 @@ def _with_library_warnings(f):
     return wrapped
 
 
+def decodable(cfg, field: str) -> None:
+    """Refuses, naming ``field``, a model flyer cannot decode yet: DeepSeek-V4's hybrid attention has no cache."""
+    if cfg.attn == "hybrid":
+        raise FieldError(field, "DeepSeek-V4's hybrid attention has no decode cache in flyer yet: generate and serve "
+                                "cannot run it (train, export, info and plan can)")
+
+
 @_with_library_warnings
 def load_model(args, beside: tuple[str, str, int] | None = None):
     """(model, tokenizer) from ``args.ckpt`` or ``args.preset`` (random weights, byte tokens), on
@@ -142,6 +149,12 @@ def load_model(args, beside: tuple[str, str, int] | None = None):
             raise FieldError("weight_dtype", f"{args.weight_dtype}-held weights run on flyer's CPU kernels (device "
                                              f"is {device}): add --device cpu, or hold them in fp32")
     if args.ckpt:
+        if is_hf_model_dir(args.ckpt):  # refused before the weights load (a run's config: as it loads)
+            try:
+                source = read_hf_config(args.ckpt)[0]
+            except (OSError, ValueError, KeyError) as e:
+                raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
+            decodable(source, "ckpt")
         # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks;
         # held weights are computed in FP32, and written as held while they load
         dtype = torch.float32 if args.precision == "fp8" or held != torch.float32 else None
@@ -155,10 +168,12 @@ def load_model(args, beside: tuple[str, str, int] | None = None):
             model, cfg, tok = load_pretrained(args.ckpt, device=device, dtype=dtype, held=held)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
+        decodable(cfg, "ckpt")
         if args.precision == "fp8":
             return convert_to_fp8(model), tok
         return model, tok
     cfg = resolve_config(args.preset)
+    decodable(cfg, "preset")
     if cfg.vocab_size < 256:
         raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
     n = param_counts(cfg).total  # built in FP32 on the CPU, then moved

@@ -77,7 +77,7 @@ class HeldFP8Experts(Experts):
         else:
             h13 = torch.cat([kernels.grouped_mm(x_ND, counts, self.w1, counts_E, self.w1_scale),
                              kernels.grouped_mm(x_ND, counts, self.w3, counts_E, self.w3_scale)], dim=1)
-        return kernels.grouped_mm(kernels.swiglu(h13), counts, self.w2, counts_E, self.w2_scale)
+        return kernels.grouped_mm(kernels.swiglu(h13, self.swiglu_limit), counts, self.w2, counts_E, self.w2_scale)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return self.ffn(x_ND.float(), counts_E.tolist(), counts_E.cpu())

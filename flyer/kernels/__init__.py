@@ -4,7 +4,8 @@ can take its tensors and the eager PyTorch code otherwise, so that callers write
 every other device and dtype, and the oracle the tests compare the kernels against.
 
 - ``xent_chunk``: a chunk of logits to log p(target) and softmax - onehot (the fused loss);
-- ``swiglu`` / ``swiglu_backward``: the routed experts' activation and its gradient;
+- ``swiglu`` / ``swiglu_backward``: the routed experts' activation and its gradient (with
+  DeepSeek-V4's clamp, ``clamp_gate_up``, where a limit is given);
 - ``combine`` / ``combine_backward`` / ``segment_sum``: the MoE's weighted FP32 sum of each
   token's expert outputs, and its gradients (rows indexed by token once, ``token_index``);
 - ``rms_norm`` / ``rms_norm_backward``: RMSNorm of each row and its gradients;
@@ -138,16 +139,24 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 # ---- routed experts: SwiGLU ------------------------------------------------------------------
 
-def swiglu(h13_N2F: torch.Tensor) -> torch.Tensor:
-    """silu(h1) * h3 of ``h13 = [h1 | h3]`` (N, 2F) -> (N, F), in h13's dtype."""
+def swiglu(h13_N2F: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
+    """silu(h1) * h3 of ``h13 = [h1 | h3]`` (N, 2F) -> (N, F), in h13's dtype. ``limit`` > 0 (DeepSeek-V4's
+    ``swiglu_limit``): silu(min(h1, limit)) * clamp(h3, -limit, limit) (``clamp_gate_up``)."""
+    if limit > 0:
+        h13_N2F = clamp_gate_up(h13_N2F, limit)
     if usable(h13_N2F):
         return cpu_ops().swiglu(h13_N2F)
     F_ = h13_N2F.shape[1] // 2
     return F.silu(h13_N2F[:, :F_]) * h13_N2F[:, F_:]
 
 
-def swiglu_backward(da_NF: torch.Tensor, h13_N2F: torch.Tensor) -> torch.Tensor:
-    """Gradient of ``swiglu`` at h13 for the output gradient da (N, F): dh13 (N, 2F), h13's dtype."""
+def swiglu_backward(da_NF: torch.Tensor, h13_N2F: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
+    """Gradient of ``swiglu`` at h13 (the unclamped projections) for the output gradient da (N, F):
+    dh13 (N, 2F), h13's dtype. With ``limit`` > 0, zero where a clamp is active (what ``torch.clamp``'s
+    autograd gives: the gradient passes where the value is inside the bounds, boundary included)."""
+    if limit > 0:
+        clamped = clamp_gate_up(h13_N2F, limit)
+        return swiglu_backward(da_NF, clamped).masked_fill_(clamped != h13_N2F, 0)
     if usable(h13_N2F):
         return cpu_ops().swiglu_backward(da_NF, h13_N2F)
     # the element-wise ops autograd would run for silu(h1) * h3, written into one buffer
@@ -157,6 +166,16 @@ def swiglu_backward(da_NF: torch.Tensor, h13_N2F: torch.Tensor) -> torch.Tensor:
     torch.ops.aten.silu_backward.grad_input(da_NF * h3, h1, grad_input=dh13[:, :F_])
     torch.mul(da_NF, F.silu(h1), out=dh13[:, F_:])
     return dh13
+
+
+def clamp_gate_up(h13_N2F: torch.Tensor, limit: float) -> torch.Tensor:
+    """A new contiguous (N, 2F) ``[min(h1, limit) | clamp(h3, -limit, limit)]``: DeepSeek-V4's SwiGLU
+    clamp, the gate bounded above only, the up-projection both ways."""
+    F_ = h13_N2F.shape[1] // 2
+    out = torch.empty(h13_N2F.shape, dtype=h13_N2F.dtype, device=h13_N2F.device)
+    torch.clamp(h13_N2F[:, :F_], max=limit, out=out[:, :F_])
+    torch.clamp(h13_N2F[:, F_:], min=-limit, max=limit, out=out[:, F_:])
+    return out
 
 
 # ---- routed experts: weighted combine ----------------------------------------------------------
@@ -524,7 +543,7 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
 
 
 __all__ = ["HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "argmax", "attention", "attention_splits",
-           "blas_narrower", "build", "combine", "combine_backward", "cpu_ops", "dequantize_held", "disabled",
-           "fp8_dequantize", "fp8_to_float", "grouped_mm", "held_few_rows", "linear_held", "mla_decode",
+           "blas_narrower", "build", "clamp_gate_up", "combine", "combine_backward", "cpu_ops", "dequantize_held",
+           "disabled", "fp8_dequantize", "fp8_to_float", "grouped_mm", "held_few_rows", "linear_held", "mla_decode",
            "mla_decode_usable", "rms_norm", "rms_norm_backward", "segment_sum", "set_expert_threads", "swiglu",
            "swiglu_backward", "token_index", "token_rows", "usable", "xent_chunk"]

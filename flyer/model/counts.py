@@ -8,6 +8,7 @@ every preset. Pure arithmetic on the config: the cluster models use it without b
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 from flyer.config import ModelConfig
 
@@ -15,7 +16,10 @@ from flyer.config import ModelConfig
 @dataclass(frozen=True)
 class ParamCounts:
     total: int  # main model (embedding, blocks, final norm, head); MTP excluded
-    activated: int  # main-model parameters one token touches (K routed + shared experts)
+    # main-model parameters one token touches (K routed + shared experts), embedding and head included.
+    # DeepSeek's published "activated" figures leave the embedding table (a lookup) out: V3 37B (36.6B here
+    # without it, 37.6B with it), V4-Flash 13B (13.27B without, 13.80B with), V4-Pro 49B (48.85B / 49.78B)
+    activated: int
     mtp: int  # the MTP modules' own parameters (embedding and head are shared)
     embedding: int
     head: int
@@ -24,8 +28,19 @@ class ParamCounts:
         return asdict(self)
 
 
-def attention_params(cfg: ModelConfig) -> int:
+def compress_ratio(cfg: ModelConfig, layer_id: int) -> int:
+    """Hybrid layer ``layer_id``'s compress ratio r (0: the sliding window only); an id past the main layers
+    is an MTP block, whose attention DeepSeek-V4 does not compress. 0 for other attention kinds."""
+    if cfg.attn != "hybrid" or layer_id >= cfg.n_layers:
+        return 0
+    return cfg.compress_ratios[layer_id]
+
+
+def attention_params(cfg: ModelConfig, layer_id: int = 0) -> int:
+    """One block's attention parameters; ``layer_id`` matters for hybrid attention only (its compressor)."""
     D, H = cfg.dim, cfg.n_heads
+    if cfg.attn == "hybrid":
+        return _hybrid_attention_params(cfg, layer_id)
     if cfg.attn == "gqa":
         q, kv = H * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         bias = (q + 2 * kv) if cfg.attn_bias else 0
@@ -40,47 +55,105 @@ def attention_params(cfg: ModelConfig) -> int:
     return q + kv + H * cfg.v_head_dim * D + indexer_params(cfg)
 
 
+def _hybrid_attention_params(cfg: ModelConfig, layer_id: int) -> int:
+    """wq_a (R, D), q_norm (R), wq_b (H hd, R), wkv (hd, D), kv_norm (hd), wo_a (G L, H hd / G), wo_b (D, G L),
+    attn_sink (H); with r > 0 the compressor: wkv and wgate (c hd, D), ape (r, c hd), norm (hd), c = 2 for CSA
+    (two overlapping series) else 1; CSA adds the indexer (``indexer_params``)."""
+    D, H, hd, R = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.q_lora_rank
+    q = D * R + R + R * H * hd
+    kv = D * hd + hd
+    out = H * hd * cfg.o_lora_rank + cfg.o_groups * cfg.o_lora_rank * D  # wo_a is block-diagonal over G groups
+    total = q + kv + out + H
+    r = compress_ratio(cfg, layer_id)
+    if r:
+        c = 2 if r == cfg.csa_ratio else 1
+        total += 2 * c * hd * D + r * c * hd + hd
+        if r == cfg.csa_ratio:
+            total += indexer_params(cfg)
+    return total
+
+
 def indexer_params(cfg: ModelConfig) -> int:
-    """The DSA indexer's (``index_topk > 0``): wq_b from the query latent, wk, k_norm (weight and bias)
-    and weights_proj; 0 without one."""
+    """The lightning indexer's, per layer that has one; 0 without one. DSA (MLA, ``index_topk > 0``): wq_b from
+    the query latent, wk, k_norm (weight and bias) and weights_proj. Hybrid (CSA layers): wq_b (Hi di, R),
+    weights_proj (Hi, D) and its own compressor of keys: wkv and wgate (2 di, D), ape (csa_ratio, 2 di), norm (di)."""
     if cfg.index_topk == 0:
         return 0
     Hi, d = cfg.index_n_heads, cfg.index_head_dim
+    if cfg.attn == "hybrid":
+        return cfg.q_lora_rank * Hi * d + cfg.dim * Hi + 2 * 2 * d * cfg.dim + cfg.csa_ratio * 2 * d + d
     return cfg.q_lora_rank * Hi * d + cfg.dim * d + 2 * d + cfg.dim * Hi
 
 
+def hyper_params(cfg: ModelConfig) -> int:
+    """One hyper-connection's (two per block, around attention and FFN, when hc_mult = m > 1): fn (m(m+2), m D)
+    giving each token's m pre, m post and m x m comb weights, base (m(m+2)), scale (3)."""
+    m = cfg.hc_mult
+    return 0 if m == 1 else m * (m + 2) * (m * cfg.dim + 1) + 3
+
+
+def hyper_head_params(cfg: ModelConfig) -> int:
+    """The final collapse of the m streams (hc_head): fn (m, m D), base (m), scale (1); 0 when hc_mult = 1."""
+    m = cfg.hc_mult
+    return 0 if m == 1 else m * (m * cfg.dim + 1) + 1
+
+
 def _moe_params(cfg: ModelConfig, activated: bool) -> int:
+    """Gate weight (E, D) and the experts; hash-routed layers' token table is a buffer, not a parameter."""
     expert = 3 * cfg.dim * cfg.moe_inter_dim
     routed = cfg.n_activated_experts if activated else cfg.n_routed_experts
     return cfg.n_routed_experts * cfg.dim + (routed + cfg.n_shared_experts) * expert
 
 
 def block_params(cfg: ModelConfig, layer_id: int, activated: bool = False) -> int:
+    """Block ``layer_id``'s parameters (``n_layers`` onward: an MTP module's block): its two norms, two
+    hyper-connections, attention and FFN."""
     norms = 2 * cfg.dim
     if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0:
         ffn = 3 * cfg.dim * cfg.inter_dim
     else:
         ffn = _moe_params(cfg, activated)
-    return norms + attention_params(cfg) + ffn
+    return norms + 2 * hyper_params(cfg) + attention_params(cfg, layer_id) + ffn
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     emb = cfg.vocab_size * cfg.dim
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
-    total = emb + head + cfg.dim + sum(block_params(cfg, i) for i in range(cfg.n_layers))
-    act = emb + head + cfg.dim + sum(block_params(cfg, i, activated=True) for i in range(cfg.n_layers))
-    mtp = cfg.mtp_depth * (3 * cfg.dim + 2 * cfg.dim * cfg.dim + block_params(cfg, cfg.n_layers))
-    return ParamCounts(total=total, activated=act, mtp=mtp, embedding=emb, head=head)
+    top = emb + head + cfg.dim + hyper_head_params(cfg)  # embedding, head, final norm, stream collapse
+    total = top + sum(block_params(cfg, i) for i in range(cfg.n_layers))
+    act = top + sum(block_params(cfg, i, activated=True) for i in range(cfg.n_layers))
+    return ParamCounts(total=total, activated=act, mtp=cfg.mtp_depth * mtp_module_params(cfg), embedding=emb,
+                       head=head)
 
 
-def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absorbed: bool = True) -> int:
-    """Bytes cached per token over all layers.
+def mtp_module_params(cfg: ModelConfig) -> int:
+    """One MTP module's own parameters: enorm, hnorm, norm, the (D, 2D) projection of [embedding; hidden]
+    (DeepSeek-V4: e_proj and h_proj, (D, D) each), a block (``block_params(cfg, n_layers)``: DeepSeek-V4's
+    attention uncompressed) and, with hyper-connections, its own hc_head (as DeepSeek-V4-Flash's mtp.0)."""
+    return 3 * cfg.dim + 2 * cfg.dim * cfg.dim + hyper_head_params(cfg) + block_params(cfg, cfg.n_layers)
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absorbed: bool = True) -> float:
+    """Bytes cached per token over all layers (an int, except a hybrid cache's fractional per-token share).
 
     MLA (absorbed decode) caches the latent c_KV and the shared rope key; the naive MLA path
     (``absorbed=False``) caches full per-head keys and values; GQA caches K and V per KV head. With
     DeepSeek Sparse Attention each layer also caches the token's indexer key (``index_head_dim``), in
     either MLA path: the indexer scores every earlier key at each step.
+
+    Hybrid attention (``absorbed`` ignored) grows by one ``head_dim`` entry (its shared key and value) per r
+    tokens in each layer of compress ratio r > 0, and a CSA layer also by one ``index_head_dim`` indexer key per
+    r tokens: this is the long-context rate. Its sliding window is a constant per sequence on top of it,
+    ``kv_window_bytes``.
     """
+    if cfg.attn == "hybrid":
+        values = Fraction(0)
+        for i in range(cfg.n_layers):
+            r = compress_ratio(cfg, i)
+            if r:
+                values += Fraction(cfg.head_dim + (cfg.index_head_dim if r == cfg.csa_ratio else 0), r)
+        total = values * bytes_per_element
+        return int(total) if total.denominator == 1 else float(total)
     if cfg.attn == "gqa":
         per_layer = 2 * cfg.n_kv_heads * cfg.head_dim
     elif absorbed:
@@ -92,12 +165,29 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absor
     return cfg.n_layers * per_layer * bytes_per_element
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+def kv_window_bytes(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
+    """Bytes a decode cache holds per sequence whatever its length, beside ``kv_cache_bytes_per_token``: each
+    hybrid layer's last ``window_size`` keys (``head_dim`` values each, one head read as key and value); 0 for
+    MLA and GQA. Not counted: the compressors' not-yet-complete window (under r raw projections per layer,
+    their layout a choice of the implementation)."""
+    if cfg.attn != "hybrid":
+        return 0
+    return cfg.n_layers * cfg.window_size * cfg.head_dim * bytes_per_element
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
+                              layer_id: int | None = None) -> float:
     """Forward FLOPs per token of one layer's attention core (the projections are matmul parameters):
     2 H (qk_head_dim + v_head_dim) per attended key, a query seeing seq_len / 2 keys on average when
     causal. With DeepSeek Sparse Attention a query attends to its index_topk selected keys at most
     (causal: k - k^2 / (2 seq_len) on average past seq_len = k), while the indexer scores every key it
-    sees: 2 H_index (index_head_dim + 1) each (the heads' dot products, then their weighted sum)."""
+    sees: 2 H_index (index_head_dim + 1) each (the heads' dot products, then their weighted sum).
+
+    Hybrid attention differs per layer: ``layer_id`` is required (see ``_hybrid_attention_flops``)."""
+    if cfg.attn == "hybrid":
+        if layer_id is None:
+            raise ValueError("attention_flops_per_token: hybrid attention differs per layer; pass layer_id")
+        return _hybrid_attention_flops(cfg, seq_len, causal, layer_id)
     qk, v = (cfg.qk_head_dim, cfg.v_head_dim) if cfg.attn == "mla" else (cfg.head_dim, cfg.head_dim)
     seen = seq_len / 2 if causal else seq_len
     attended, k = seen, cfg.index_topk
@@ -109,18 +199,62 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = Tru
     return flops
 
 
+def _floor_sum(n: int, r: int) -> int:
+    """sum_{u=1..n} floor(u / r) for n >= 0: q full steps of r below q r, then q for each u in [q r, n]."""
+    q = n // r
+    return r * q * (q - 1) // 2 + q * (n - q * r + 1) if n > 0 else 0
+
+
+def _hybrid_attention_flops(cfg: ModelConfig, seq_len: int, causal: bool, layer_id: int) -> float:
+    """The position at index t (0-based) attends to min(window_size, t + 1) window keys and to the
+    floor((t + 1) / r) compressed entries complete by then (HCA: all of them; CSA: the indexer's best
+    index_topk, the indexer scoring every one at 2 H_index (index_head_dim + 1)). Every key costs
+    2 H (head_dim + head_dim): scores and values share the head. Causal: the exact mean over t = 0 ..
+    seq_len - 1; non-causal: every query counted as the last one (t = seq_len - 1). The pooling of each
+    window into its entry (~2 c head_dim per token) is left out, as small as a norm."""
+    S, W, r, k = seq_len, cfg.window_size, compress_ratio(cfg, layer_id), cfg.index_topk
+    csa = r == cfg.csa_ratio
+    if causal:  # sums over u = t + 1 = 1 .. S, divided by S below
+        past = max(0, S - W)
+        window = S * (S + 1) // 2 - past * (past + 1) // 2
+        entries = _floor_sum(S, r) if r else 0
+        # sum of min(k, n_u) = sum of n_u - sum of max(0, n_u - k), and n_u - k = floor((u - k r) / r)
+        attended = entries - _floor_sum(S - k * r, r) if csa else entries
+    else:
+        window = min(W, S) * S
+        entries = (S // r) * S if r else 0
+        attended = min(k, S // r) * S if csa else entries
+    flops = 2 * cfg.n_heads * 2 * cfg.head_dim * (window + attended)
+    if csa:
+        flops += 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * entries
+    return flops / S
+
+
+def _attention_flops_all_layers(cfg: ModelConfig, seq_len: int, causal: bool) -> float:
+    if cfg.attn == "hybrid":
+        return sum(attention_flops_per_token(cfg, seq_len, causal, i) for i in range(cfg.n_layers))
+    return cfg.n_layers * attention_flops_per_token(cfg, seq_len, causal)
+
+
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward), MTP excluded:
     3 x [2 x activated matmul parameters (head included, embedding excluded)
-         + layers x ``attention_flops_per_token``]."""
+         + every layer's ``attention_flops_per_token``].
+    Hyper-connections count by their fn projections (matmuls); mixing the m streams (~2 m (m + 2) D per block
+    and token, under 0.1% for DeepSeek-V4) is left out."""
     pc = param_counts(cfg)
     matmul = pc.activated - pc.embedding - _non_matmul_params(cfg)
-    return 3.0 * (2.0 * matmul + cfg.n_layers * attention_flops_per_token(cfg, seq_len, causal))
+    return 3.0 * (2.0 * matmul + _attention_flops_all_layers(cfg, seq_len, causal))
 
 
 def _non_matmul_params(cfg: ModelConfig) -> int:
-    """Norm weights and attention biases (parameters that are not GEMM operands)."""
+    """Norm weights, attention biases and the other parameters that are not GEMM operands."""
     norms = cfg.dim + cfg.n_layers * 2 * cfg.dim
+    m = cfg.hc_mult
+    if m > 1:  # the hyper-connections' base and scale (two per block) and hc_head's; their fn are GEMMs
+        norms += cfg.n_layers * 2 * (m * (m + 2) + 3) + m + 1
+    if cfg.attn == "hybrid":
+        return norms + sum(_hybrid_non_matmul(cfg, i) for i in range(cfg.n_layers))
     if cfg.attn == "mla":
         norms += cfg.n_layers * (cfg.kv_lora_rank + (cfg.q_lora_rank if cfg.q_lora_rank else 0))
         if cfg.index_topk:  # the indexer's key LayerNorm, weight and bias
@@ -131,3 +265,15 @@ def _non_matmul_params(cfg: ModelConfig) -> int:
         if cfg.qk_norm:
             norms += cfg.n_layers * 2 * cfg.head_dim
     return norms
+
+
+def _hybrid_non_matmul(cfg: ModelConfig, layer_id: int) -> int:
+    """Hybrid attention ``layer_id``'s: q_norm, kv_norm, attn_sink, and the compressors' ape and norm."""
+    out = cfg.q_lora_rank + cfg.head_dim + cfg.n_heads
+    r = compress_ratio(cfg, layer_id)
+    if r:
+        c = 2 if r == cfg.csa_ratio else 1
+        out += r * c * cfg.head_dim + cfg.head_dim
+        if r == cfg.csa_ratio:
+            out += r * 2 * cfg.index_head_dim + cfg.index_head_dim
+    return out

@@ -13,6 +13,10 @@ module when it is built or moved (``EXPERT_IMPLS``, ``resolve_experts_impl``):
 
 ``Experts.routed_local`` runs dispatch, the fused experts and combine as one function where one
 process holds every expert (``_LocalRoutedExperts``; ``MoE.path`` says when).
+
+Every implementation takes ``swiglu_limit`` (DeepSeek-V4): > 0 clamps the gate projection above and
+the up-projection both ways before the activation (``swiglu``, ``kernels.clamp_gate_up``); 0 runs
+the unclamped ops, unchanged.
 """
 
 from __future__ import annotations
@@ -43,27 +47,36 @@ def resolve_experts_impl(impl: str, device: torch.device) -> str:
     return "grouped_mm" if device.type == "cuda" and hasattr(torch, "_grouped_mm") else "fused"
 
 
+def swiglu(h1_NF: torch.Tensor, h3_NF: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
+    """silu(h1) * h3 (N, F); ``limit`` > 0: silu(min(h1, limit)) * clamp(h3, -limit, limit), as
+    DeepSeek-V4's checkpoints and transformers' DeepseekV4 clamp. Differentiated by autograd: the
+    oracle of the packed ``kernels.swiglu`` / ``kernels.swiglu_backward``."""
+    if limit > 0:
+        h1_NF, h3_NF = h1_NF.clamp(max=limit), h3_NF.clamp(min=-limit, max=limit)
+    return F.silu(h1_NF) * h3_NF
+
+
 def expert_ffn_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
-                    w3_EFD: torch.Tensor) -> torch.Tensor:
+                    w3_EFD: torch.Tensor, swiglu_limit: float = 0.0) -> torch.Tensor:
     """Reference grouped SwiGLU: each expert on its contiguous slice of the expert-sorted tokens,
     differentiated by autograd. The oracle for the fast paths below."""
     counts = counts_E.tolist()
     # unbind, not w[e]: backward stacks the expert gradients once instead of materialising a full
     # (E, F, D) gradient per expert
     ws = zip(w1_EFD.unbind(0), w2_EDF.unbind(0), w3_EFD.unbind(0))
-    outs = [F.linear(F.silu(F.linear(xs, w1)) * F.linear(xs, w3), w2)
+    outs = [F.linear(swiglu(F.linear(xs, w1), F.linear(xs, w3), swiglu_limit), w2)
             for xs, n, (w1, w2, w3) in zip(x_ND.split(counts), counts, ws) if n]
     return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
 
 
 def expert_ffn_grouped_mm(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
-                          w2_EDF: torch.Tensor, w3_EFD: torch.Tensor) -> torch.Tensor:
+                          w2_EDF: torch.Tensor, w3_EFD: torch.Tensor, swiglu_limit: float = 0.0) -> torch.Tensor:
     """Same as ``expert_ffn_loop`` with ``torch._grouped_mm`` (bf16; the CUDA fast path)."""
     offs = counts_E.cumsum(0).to(torch.int32)
     x = x_ND.to(torch.bfloat16)
     h1 = torch._grouped_mm(x, w1_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
     h3 = torch._grouped_mm(x, w3_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
-    return torch._grouped_mm(F.silu(h1) * h3, w2_EDF.to(torch.bfloat16).transpose(-2, -1), offs=offs)
+    return torch._grouped_mm(swiglu(h1, h3, swiglu_limit), w2_EDF.to(torch.bfloat16).transpose(-2, -1), offs=offs)
 
 
 class PaddedLayout(NamedTuple):
@@ -118,15 +131,17 @@ def _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype):
     return lowp.operand(w13, dtype), lowp.operand(w2_EDF, dtype)
 
 
-def _swiglu_forward(x, w13, w2, rows_E: list[int], F_, rows_E_tensor: torch.Tensor | None = None):
-    """Expert e on the next ``rows_E[e]`` rows of x (padded layout): returns (y, h13, a). Per-expert
+def _swiglu_forward(x, w13, w2, rows_E: list[int], F_, rows_E_tensor: torch.Tensor | None = None,
+                    limit: float = 0.0):
+    """Expert e on the next ``rows_E[e]`` rows of x (padded layout): returns (y, h13, a), h13 the
+    projections before ``limit``'s clamp (the backward's mask is where they were clamped). Per-expert
     views come from one ``split``/``unbind`` each rather than a Python slice per GEMM operand.
     FP32 (nothing emulated) goes through ``kernels.grouped_mm``: one call per projection, the
     kernel when every expert has a few rows (decoding), else the same per-expert ``torch.mm``
     (``rows_E_tensor``: ``rows_E`` as an int64 tensor, where the caller has one)."""
     if x.dtype == torch.float32 and w13.dtype in kernels.HELD_DTYPES and w2.dtype in kernels.HELD_DTYPES:
         h13 = kernels.grouped_mm(x, rows_E, w13, rows_E_tensor)
-        a = kernels.swiglu(h13)
+        a = kernels.swiglu(h13, limit)
         return kernels.grouped_mm(a, rows_E, w2, rows_E_tensor), h13, a
     h13 = x.new_empty(x.shape[0], 2 * F_)
     y = x.new_empty(x.shape[0], w2.shape[1])
@@ -134,7 +149,7 @@ def _swiglu_forward(x, w13, w2, rows_E: list[int], F_, rows_E_tensor: torch.Tens
     xs, hs, w13t = x.split(rows_E), h13.split(rows_E), w13.transpose(1, 2).unbind(0)
     for e in live:
         mm(xs[e], w13t[e], out=hs[e])
-    a = kernels.swiglu(h13)
+    a = kernels.swiglu(h13, limit)
     as_, ys, w2t = a.split(rows_E), y.split(rows_E), w2.transpose(1, 2).unbind(0)
     for e in live:
         mm(as_[e], w2t[e], out=ys[e])
@@ -142,10 +157,10 @@ def _swiglu_forward(x, w13, w2, rows_E: list[int], F_, rows_E_tensor: torch.Tens
 
 
 def _swiglu_backward(dy, x, w13, w2, h13, a, rows_E: list[int], F_, need_x: bool, need_w: bool, w_dtype,
-                     emulate: bool | None = None):
-    """Gradients of ``_swiglu_forward``: (dx or None, (dw1, dw2, dw3) or Nones); ``emulate`` is the
-    forward's ``lowp`` choice, so every GEMM of the backward takes the same path. dx is in the compute
-    dtype, the weight gradients in ``w_dtype`` (the weights' storage dtype).
+                     emulate: bool | None = None, limit: float = 0.0):
+    """Gradients of ``_swiglu_forward`` (with its ``limit``): (dx or None, (dw1, dw2, dw3) or Nones);
+    ``emulate`` is the forward's ``lowp`` choice, so every GEMM of the backward takes the same path.
+    dx is in the compute dtype, the weight gradients in ``w_dtype`` (the weights' storage dtype).
 
     Each expert's weight-gradient GEMM writes into one small scratch buffer that is converted into
     the expert's slice of dw1/dw3 (dw2) straight away, while it is still in cache: a packed
@@ -170,7 +185,7 @@ def _swiglu_backward(dy, x, w13, w2, h13, a, rows_E: list[int], F_, need_x: bool
         mm(dys[e], w2s[e], out=das[e], emulate=emulate)
         if need_w:
             dw2[e].copy_(mm(dys[e].t(), as_[e], out=s2, emulate=emulate))
-    dh13 = kernels.swiglu_backward(da, h13)
+    dh13 = kernels.swiglu_backward(da, h13, limit)
     dx = x.new_empty(x.shape) if need_x else None
     dhs = dh13.split(rows_E)
     if need_x:
@@ -201,7 +216,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w1_EFD, w2_EDF, w3_EFD, counts: list[int], row_multiple: int, dtype: torch.dtype):
+    def forward(ctx, x_ND, w1_EFD, w2_EDF, w3_EFD, counts: list[int], row_multiple: int, dtype: torch.dtype,
+                limit: float = 0.0):
         N, D = x_ND.shape
         F_ = w1_EFD.shape[1]
         layout = padded_layout(counts, row_multiple)
@@ -211,9 +227,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
             pos = layout.positions(x.device)
             x = x.new_zeros(layout.total, D).index_copy_(0, pos, x)
         w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
-        y, h13, a = _swiglu_forward(x, w13, w2, layout.padded, F_)
+        y, h13, a = _swiglu_forward(x, w13, w2, layout.padded, F_, limit=limit)
         ctx.save_for_backward(x, w13, w2, h13, a, pos)
         ctx.rows_E, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_ND.dtype, w1_EFD.dtype
+        ctx.limit = limit
         ctx.emulate = lowp.emulated(x.device.type, dtype)  # the backward's GEMMs take the forward's path
         return y if pos is None else y.index_select(0, pos)
 
@@ -226,10 +243,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
             dy = dy.new_zeros(x.shape).index_copy_(0, pos, dy)
         need_w = any(ctx.needs_input_grad[1:4])
         dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows_E, F_, ctx.needs_input_grad[0], need_w, ctx.w_dtype,
-                                   ctx.emulate)
+                                   ctx.emulate, ctx.limit)
         if dx is not None:
             dx = (dx if pos is None else dx.index_select(0, pos)).to(ctx.x_dtype)
-        return (dx, *dws, None, None, None)
+        return (dx, *dws, None, None, None, None)
 
 
 class _LocalRoutedExperts(torch.autograd.Function):
@@ -250,7 +267,7 @@ class _LocalRoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, weights_TK, w1_EFD, w2_EDF, w3_EFD, topk_ids_TK, counts: list[int],
-                row_multiple: int, dtype: torch.dtype):
+                row_multiple: int, dtype: torch.dtype, limit: float = 0.0):
         T = x_TD.shape[0]
         K, F_ = topk_ids_TK.shape[1], w1_EFD.shape[1]
         order = torch.argsort(topk_ids_TK.flatten(), stable=True)
@@ -265,9 +282,10 @@ class _LocalRoutedExperts(torch.autograd.Function):
         index = kernels.token_index(src, T, x, w_pad)
         x = x.index_select(0, index.gather).index_fill_(0, index.pad_rows, 0)
         w13, w2 = _pack_weights(w1_EFD, w2_EDF, w3_EFD, dtype)
-        y, h13, a = _swiglu_forward(x, w13, w2, layout.padded, F_)
+        y, h13, a = _swiglu_forward(x, w13, w2, layout.padded, F_, limit=limit)
         ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, pos, order)
         ctx.rows_E, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_TD.dtype, w1_EFD.dtype
+        ctx.limit = limit
         ctx.w_gate_dtype = weights_TK.dtype
         ctx.index = index
         ctx.emulate = lowp.emulated(x.device.type, dtype)  # the backward's GEMMs take the forward's path
@@ -285,10 +303,10 @@ class _LocalRoutedExperts(torch.autograd.Function):
             d_weights = d_weights.view(T, -1).to(ctx.w_gate_dtype)
         need_w = any(ctx.needs_input_grad[2:5])
         dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows_E, ctx.F, ctx.needs_input_grad[0], need_w,
-                                   ctx.w_dtype, ctx.emulate)
+                                   ctx.w_dtype, ctx.emulate, ctx.limit)
         if dx is not None:  # each token's copies summed
             dx = kernels.segment_sum(dx, ctx.index).to(ctx.x_dtype)
-        return (dx, d_weights, *dws, None, None, None, None)
+        return (dx, d_weights, *dws, None, None, None, None, None)
 
 
 def local_routed_no_grad(x_TD, weights_TK, topk_ids_TK, counts: list[int], counts_E: torch.Tensor,
@@ -309,10 +327,12 @@ def local_routed_no_grad(x_TD, weights_TK, topk_ids_TK, counts: list[int], count
 
 
 def expert_ffn_fused(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
-                     w3_EFD: torch.Tensor, row_multiple: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+                     w3_EFD: torch.Tensor, row_multiple: int = 1, dtype: torch.dtype | None = None,
+                     swiglu_limit: float = 0.0) -> torch.Tensor:
     """Same as ``expert_ffn_loop`` through ``_GroupedSwiGLU``, computed in ``dtype`` (default: x's);
     the output is in ``dtype``, each gradient in its input's dtype."""
-    return _GroupedSwiGLU.apply(x_ND, w1_EFD, w2_EDF, w3_EFD, counts_E.tolist(), row_multiple, dtype or x_ND.dtype)
+    return _GroupedSwiGLU.apply(x_ND, w1_EFD, w2_EDF, w3_EFD, counts_E.tolist(), row_multiple, dtype or x_ND.dtype,
+                                swiglu_limit)
 
 
 CPU_LOWP_ROW_MULTIPLE = 64
@@ -324,13 +344,15 @@ class Experts(nn.Module):
     ``impl`` names the implementation (``EXPERT_IMPLS``); ``self.impl`` is the one ``forward`` runs,
     resolved against the weights' device when the module is built and again whenever it is moved
     (``.to``, ``.cuda``): 'auto' follows the weights, so a model built on the CPU and moved to CUDA
-    runs ``torch._grouped_mm`` there.
+    runs ``torch._grouped_mm`` there. ``swiglu_limit`` > 0: every implementation clamps the SwiGLU's
+    inputs (``swiglu``; DeepSeek-V4).
     """
 
     def __init__(self, n_local: int, dim: int, inter_dim: int, first: int = 0, impl: str = "auto",
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, swiglu_limit: float = 0.0):
         super().__init__()
         self.first, self.n_local, self.init_std = first, n_local, init_std
+        self.swiglu_limit = swiglu_limit
         self.w1 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_local, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
@@ -378,10 +400,10 @@ class Experts(nn.Module):
         """x_ND (N, D) rows sorted by local expert, counts_E (E,) rows per expert -> (N, D): in x's
         dtype for 'grouped_mm', in the GEMM dtype (autocast's or x's) for 'fused'."""
         if self.impl == "grouped_mm":
-            return expert_ffn_grouped_mm(x_ND, counts_E, self.w1, self.w2, self.w3).to(x_ND.dtype)
+            return expert_ffn_grouped_mm(x_ND, counts_E, self.w1, self.w2, self.w3, self.swiglu_limit).to(x_ND.dtype)
         dtype = gemm_dtype(x_ND)
         return expert_ffn_fused(x_ND, counts_E, self.w1, self.w2, self.w3, row_multiple=self.row_multiple(x_ND, dtype),
-                                dtype=dtype)
+                                dtype=dtype, swiglu_limit=self.swiglu_limit)
 
     def routed_local(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
                      counts_E: torch.Tensor) -> torch.Tensor:
@@ -395,15 +417,16 @@ class Experts(nn.Module):
                 t.requires_grad for t in (x_TD, weights_TK, self.w1, self.w2, self.w3))):
             def ffn(x_sorted, counts, counts_E):
                 w13, w2 = _pack_weights(self.w1, self.w2, self.w3, dtype)
-                return _swiglu_forward(x_sorted, w13, w2, counts, self.w1.shape[1], counts_E)[0]
+                return _swiglu_forward(x_sorted, w13, w2, counts, self.w1.shape[1], counts_E, self.swiglu_limit)[0]
 
             return local_routed_no_grad(x_TD, weights_TK, topk_ids_TK, counts, counts_E, dtype, ffn)
         return _LocalRoutedExperts.apply(x_TD, weights_TK, self.w1, self.w2, self.w3, topk_ids_TK, counts,
-                                         row_multiple, dtype)
+                                         row_multiple, dtype, self.swiglu_limit)
 
     def extra_repr(self) -> str:
-        return f"n_local={self.n_local}, first={self.first}, impl={self.impl}"
+        limit = f", swiglu_limit={self.swiglu_limit}" if self.swiglu_limit > 0 else ""
+        return f"n_local={self.n_local}, first={self.first}, impl={self.impl}{limit}"
 
 
 __all__ = ["EXPERT_IMPLS", "Experts", "PaddedLayout", "expert_ffn_fused", "expert_ffn_grouped_mm", "expert_ffn_loop",
-           "local_routed_no_grad", "packed_w13", "padded_layout", "resolve_experts_impl"]
+           "local_routed_no_grad", "packed_w13", "padded_layout", "resolve_experts_impl", "swiglu"]

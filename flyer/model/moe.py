@@ -1,5 +1,7 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts, sigmoid gate, group-limited
-routing, aux-loss-free bias balancing and the complementary sequence-wise balance loss.
+routing, aux-loss-free bias balancing and the complementary sequence-wise balance loss; and
+DeepSeek-V4's additions: sqrt(softplus) scores, hash-routed layers (experts fixed per token id) and
+the clamped SwiGLU (``swiglu_limit``).
 
 Shapes: T tokens (batch flattened), D model dim, F expert hidden dim, E routed experts,
 K activated experts per token, G expert groups, N = T*K routed token copies.
@@ -14,25 +16,32 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from flyer.config import ModelConfig
+from flyer.config import ConfigError, ModelConfig
 from flyer.model.dispatch import Dispatcher, LocalDispatcher
-from flyer.model.experts import Experts
+from flyer.model.experts import Experts, swiglu
 from flyer.model.init import init_deferred
 from flyer.model.lowp import Linear, gemm_dtype
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense FFN layers and shared experts."""
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense FFN layers and shared experts. ``limit`` > 0
+    (DeepSeek-V4's ``swiglu_limit``): w1 x clamped above and w3 x to +-limit first."""
 
-    def __init__(self, dim: int, inter_dim: int):
+    def __init__(self, dim: int, inter_dim: int, limit: float = 0.0):
         super().__init__()
         self.w1 = Linear(dim, inter_dim, bias=False)
         self.w2 = Linear(inter_dim, dim, bias=False)
         self.w3 = Linear(dim, inter_dim, bias=False)
+        self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _cast(x, gemm_dtype(x))  # once, not once per up-projection (autocast casts per call)
+        if self.limit > 0:
+            return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def extra_repr(self) -> str:
+        return f"limit={self.limit}" if self.limit > 0 else ""
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -51,20 +60,49 @@ def _fp32_scalar(value: float) -> torch.Tensor:
         return torch.tensor(value, dtype=torch.float32, device="cpu")
 
 
+def _sigmoid(logits_TE: torch.Tensor) -> torch.Tensor:
+    return logits_TE.sigmoid()
+
+
+def _softmax(logits_TE: torch.Tensor) -> torch.Tensor:
+    return logits_TE.softmax(dim=-1)
+
+
+def _sqrtsoftplus(logits_TE: torch.Tensor) -> torch.Tensor:
+    # softplus at torch's defaults (beta 1, threshold 20): transformers' ACT2FN["sqrtsoftplus"], DeepSeek-V4's code
+    return F.softplus(logits_TE).sqrt()
+
+
+SCORE_FUNCS = {"sigmoid": _sigmoid, "softmax": _softmax, "sqrtsoftplus": _sqrtsoftplus}  # Gate's scores by score_func
+
+
 class Gate(nn.Module):
-    """Router. Scores are computed in FP32 (the FP8 recipe keeps the router in high precision).
+    """Router. Scores (``score_func`` of the logits: sigmoid, softmax or sqrt(softplus)) are computed
+    in FP32 (the FP8 recipe keeps the router in high precision).
 
     Selection uses ``scores + bias`` (the aux-loss-free balancing bias); the gate values use the
     unbiased scores. With G > 1 groups, a group's score is the sum of its top-2 biased scores
     (max score when there is no bias, as in DeepSeek-V2), only the best ``n_limited_groups``
     groups stay eligible, and the top-K experts are chosen among them.
+
+    ``hash_routed`` (DeepSeek-V4's first ``n_hash_layers`` MoE layers): the experts of token id t are
+    the fixed ``tid2eid[t]`` (a persistent int64 (vocab_size, K) buffer, zeros until a checkpoint
+    fills it; no bias), weighted by the unbiased scores gathered there, normalised and scaled as above.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hash_routed: bool = False):
         super().__init__()
         self.cfg = cfg
+        if cfg.score_func not in SCORE_FUNCS:
+            raise ConfigError(f"config field 'score_func' is '{cfg.score_func}' "
+                              f"(choose from: {', '.join(SCORE_FUNCS)})")
+        self.score_fn = SCORE_FUNCS[cfg.score_func]
+        self.hash_routed = hash_routed
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
-        if cfg.router_bias:
+        if hash_routed:  # the checkpoints' hash layers carry ffn.gate.tid2eid and no gate.bias
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.n_activated_experts, dtype=torch.int64))
+            self.bias = None
+        elif cfg.router_bias:
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         else:
             self.bias = None
@@ -73,12 +111,14 @@ class Gate(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """N(0, init_std) router weights; the balancing bias (a buffer) is left alone."""
+        """N(0, init_std) router weights; the balancing bias and the hash table (buffers) are left alone."""
         self.weight.normal_(0.0, self.cfg.init_std, generator=generator)
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (weights_TK fp32, topk_ids_TK int64, scores_TE fp32)."""
-        cfg, bias = self.cfg, self.bias
+    def forward(self, x_TD: torch.Tensor, tokens_T: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_TD (T, D), tokens_T (T,) token ids (hash-routed gates only) -> (weights_TK fp32,
+        topk_ids_TK int64, scores_TE fp32)."""
+        cfg = self.cfg
         dev = x_TD.device.type
         x, w = _fp32(x_TD), _fp32(self.weight)
         if torch.is_autocast_enabled(dev):
@@ -86,7 +126,21 @@ class Gate(nn.Module):
                 logits = F.linear(x, w)
         else:  # the same GEMM without entering a context (a few us a layer when decoding)
             logits = F.linear(x, w)
-        scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
+        scores = self.score_fn(logits)
+        if self.hash_routed:
+            if tokens_T is None:
+                raise ValueError("Gate.forward: a hash-routed gate needs the token ids (argument 'tokens_T')")
+            topk_ids = self.tid2eid[tokens_T.reshape(-1)]
+        else:
+            topk_ids = self._select(scores)
+        weights = scores.gather(1, topk_ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + _fp32_scalar(1e-20))
+        return weights * _fp32_scalar(cfg.route_scale), topk_ids, scores
+
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        """topk_ids_TK: the top-K experts by biased score among each token's allowed groups."""
+        cfg, bias = self.cfg, self.bias
         choice = scores.detach() if torch.is_grad_enabled() else scores  # selection is not differentiated
         if bias is not None:
             choice = choice + bias
@@ -96,15 +150,11 @@ class Gate(nn.Module):
             grouped = choice.view(T, G, E // G)
             group_scores = grouped.topk(2, dim=-1).values.sum(-1) if bias is not None else grouped.amax(-1)
             keep = group_scores.topk(cfg.n_limited_groups, dim=-1).indices
-            drop = torch.ones(T, G, dtype=torch.bool, device=x_TD.device).scatter_(1, keep, False)
+            drop = torch.ones(T, G, dtype=torch.bool, device=scores.device).scatter_(1, keep, False)
             # in place where choice is a new tensor (scores + bias), not the scores themselves
             fill = grouped.masked_fill_ if bias is not None else grouped.masked_fill
             choice = fill(drop.unsqueeze(-1), float("-inf")).view(T, E)
-        topk_ids = choice.topk(cfg.n_activated_experts, dim=-1).indices
-        weights = scores.gather(1, topk_ids)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + _fp32_scalar(1e-20))
-        return weights * _fp32_scalar(cfg.route_scale), topk_ids, scores
+        return choice.topk(cfg.n_activated_experts, dim=-1).indices
 
 
 class MoE(nn.Module):
@@ -120,19 +170,23 @@ class MoE(nn.Module):
 
     State read by the trainer: ``tokens_per_expert`` (E,) accumulated since the last bias update,
     ``last_counts`` (E,) of the last forward, ``aux_loss`` (scalar, sequence-wise balance loss of
-    the last training forward, already times alpha).
+    the last training forward, already times alpha; None for hash-routed layers, whose routing is fixed).
+
+    ``hash_routed``: the gate routes by token id (``Gate``), so ``forward`` needs the token ids.
     """
 
     def __init__(self, cfg: ModelConfig, dispatcher: Dispatcher | None = None, experts_impl: str = "auto",
-                 fuse_local: bool = True):
+                 fuse_local: bool = True, hash_routed: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.gate = Gate(cfg)
+        self.hash_routed = hash_routed
+        self.gate = Gate(cfg, hash_routed=hash_routed)
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.n_routed_experts)
         first, n_local = self.dispatcher.local_experts()
         self.experts = Experts(n_local, cfg.dim, cfg.moe_inter_dim, first=first, impl=experts_impl,
-                               init_std=cfg.init_std)
-        self.shared = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts > 0 else None
+                               init_std=cfg.init_std, swiglu_limit=cfg.swiglu_limit)
+        self.shared = (MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, limit=cfg.swiglu_limit)
+                       if cfg.n_shared_experts > 0 else None)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("last_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
@@ -148,16 +202,20 @@ class MoE(nn.Module):
         experts are replaced."""
         return "fused_local" if self.fuse_local and self.experts.impl == "fused" else "dispatched"
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """x_BTD (B, T, D) -> (B, T, D); tokens_BT (B, T) the token ids, needed by hash-routed layers."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        weights_TK, topk_ids_TK, scores_TE = self.gate(x_TD)
+        if self.hash_routed and tokens_BT is None:
+            raise ValueError("MoE.forward: a hash-routed MoE layer needs the token ids (argument 'tokens_BT')")
+        weights_TK, topk_ids_TK, scores_TE = self.gate(x_TD, tokens_BT)
         counts = torch.bincount(topk_ids_TK.flatten(), minlength=self.cfg.n_routed_experts)
         self.last_counts.copy_(counts)
         if self.training:
             self.tokens_per_expert += counts
+            balance = self.cfg.seq_aux_alpha > 0 and not self.hash_routed  # fixed routing: nothing to balance
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
-                                                  self.cfg) if self.cfg.seq_aux_alpha > 0 else None
+                                                  self.cfg) if balance else None
         x_in = _cast(x_TD, gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
         if self.path == "fused_local":
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts)
@@ -173,7 +231,8 @@ class MoE(nn.Module):
 def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Complementary sequence-wise balance loss (V3 report eq. 17-20), times alpha.
 
-    f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean_t of normalised scores.
+    f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean_t of normalised scores (each
+    token's scores divided by their sum: every score function gives positive scores).
     """
     B, T, E = scores_BTE.shape
     K = topk_ids_BTK.shape[-1]
@@ -196,9 +255,15 @@ def update_router_bias(model: nn.Module, group=None) -> dict[str, float]:
     For each MoE layer: bias_i += gamma * sign(mean_load - load_i) over the tokens counted since
     the last update (all micro-batches; summed over ``group`` when given, so every data-parallel
     replica applies the same update). Returns load statistics (max/mean load, bias range).
+    Hash-routed layers (no bias, routing fixed by token id) are skipped: their counts are only reset.
     """
     stats = {"load_imbalance": 0.0, "bias_min": 0.0, "bias_max": 0.0}
-    layers = moe_layers(model)
+    layers = []
+    for moe in moe_layers(model):
+        if moe.hash_routed:
+            moe.tokens_per_expert.zero_()
+        else:
+            layers.append(moe)
     imbalance = []
     for moe in layers:
         counts = moe.tokens_per_expert

@@ -7,6 +7,7 @@ Shapes: B batch, T tokens, D model dim, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -19,6 +20,8 @@ from flyer.model.attention import build_attention
 from flyer.model.loss import linear_cross_entropy
 from flyer.model.dispatch import Dispatcher
 from flyer.model.experts import Experts
+from flyer.model.hybrid import HybridAttention, hybrid_rope_config
+from flyer.model.hyper import HyperConnection, HyperHead, init_hyper
 from flyer.model.init import deferred_init
 from flyer.model.moe import MLP, Gate, MoE
 from flyer.model.mtp import MTPModule
@@ -26,21 +29,38 @@ from flyer.model.rope import rope_cos_sin
 
 
 class Block(nn.Module):
+    """Attention then FFN, each pre-normed, around the residual: one stream x (B, T, D), or with
+    hyper-connections (``hc_mult`` > 1, DeepSeek-V4) ``hc_mult`` streams (B, T, N, D) that ``hc_attn`` /
+    ``hc_ffn`` collapse into each block's input and mix with its output (``flyer.model.hyper``)."""
+
     def __init__(self, cfg: ModelConfig, layer_id: int, make_dispatcher: Callable[[int], Dispatcher] | None = None,
                  experts_impl: str = "auto"):
         super().__init__()
         self.layer_id = layer_id
         self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, autocast_output=True)  # feeds only GEMMs
-        self.attn = build_attention(cfg)
+        self.attn = HybridAttention(cfg, layer_id) if cfg.attn == "hybrid" else build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.hash_routed = layer_id < cfg.n_hash_layers  # its MoE routes by token id (DeepSeek-V4)
         if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0:
             self.ffn = MLP(cfg.dim, cfg.inter_dim)
         else:
-            self.ffn = MoE(cfg, make_dispatcher(layer_id) if make_dispatcher else None, experts_impl)
+            self.ffn = MoE(cfg, make_dispatcher(layer_id) if make_dispatcher else None, experts_impl,
+                           hash_routed=self.hash_routed)
+        if cfg.hc_mult > 1:
+            self.hc_attn, self.hc_ffn = HyperConnection(cfg), HyperConnection(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D), or (B, T, N, D) streams with hyper-connections; ``tokens_BT``: the token ids, which a
+        hash-routed MoE needs."""
+        ffn = partial(self.ffn, tokens_BT=tokens_BT) if self.hash_routed else self.ffn
+        if x.dim() == 4:
+            post, comb, a = self.hc_attn(x)
+            x = HyperConnection.expand(x, self.attn(self.attn_norm(a), cos, sin), post, comb)
+            post, comb, f = self.hc_ffn(x)
+            return HyperConnection.expand(x, ffn(self.ffn_norm(f)), post, comb)
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        return x + ffn(self.ffn_norm(x))
 
 
 @dataclass
@@ -101,6 +121,10 @@ def init_module(m: nn.Module, std: float, generator: torch.Generator | None = No
     elif isinstance(m, nn.LayerNorm):  # the DSA indexer's key norm
         m.weight.fill_(1.0)
         m.bias.zero_()
+    elif isinstance(m, (HyperConnection, HyperHead)):
+        init_hyper(m, std, generator)
+    elif isinstance(m, HybridAttention):  # its own parameters; its linears and norms come as modules
+        m.reset_parameters()
 
 
 class Transformer(OutputHeads, nn.Module):
@@ -118,6 +142,8 @@ class Transformer(OutputHeads, nn.Module):
             self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:
                 self.head.weight = self.embed.weight
+            if cfg.hc_mult > 1:
+                self.hc_head = HyperHead(cfg)
             # MTP blocks use the layer type of the model's last layer (MoE for V3).
             self.mtp = nn.ModuleList(
                 MTPModule(cfg, Block(cfg, cfg.n_layers + k, make_dispatcher, experts_impl))
@@ -132,11 +158,25 @@ class Transformer(OutputHeads, nn.Module):
 
     def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Final hidden states before the last norm (B, T, D)."""
-        cos, sin = self.rope_tables(tokens_BT.shape[1], tokens_BT.device)
+        T = tokens_BT.shape[1]
         h = self.embed(tokens_BT)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
-        return h
+        if self.cfg.hc_mult > 1:  # every stream starts as the embedding
+            h = h.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
+        if self.cfg.attn != "hybrid":
+            cos, sin = self.rope_tables(T, tokens_BT.device)
+            tables = [(cos, sin)] * len(self.layers)
+        else:  # compressed and window-only layers rotate at other bases
+            by_kind: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+            tables = []
+            for layer in self.layers:
+                kind = self.cfg.compress_ratios[layer.layer_id] > 0
+                if kind not in by_kind:
+                    by_kind[kind] = rope_cos_sin(self.cfg.rope_dim, T, hybrid_rope_config(self.cfg, layer.layer_id),
+                                                 tokens_BT.device)
+                tables.append(by_kind[kind])
+        for layer, (cos, sin) in zip(self.layers, tables):
+            h = layer(h, cos, sin, tokens_BT)
+        return self.hc_head(h) if self.cfg.hc_mult > 1 else h
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Main-model logits (B, T, V), FP32."""

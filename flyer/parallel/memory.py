@@ -71,7 +71,7 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
     total = 0.0
     for s in (s for s in range(n) if placement[s] == pp_rank):
         per_token = sum(activation_bytes_per_token_layer(cfg, cfg.is_moe and i >= cfg.n_dense_layers,
-                                                         recompute=False, bytes_per_element=element)
+                                                         recompute=False, bytes_per_element=element, layer_id=i)
                         for i in split[s])
         total += (n - s) * tokens * per_token
         if s == n - 1:

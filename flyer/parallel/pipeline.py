@@ -72,6 +72,9 @@ def validate_pipeline(cfg: ModelConfig, pp: int, schedule: str, micro_batches: i
         raise FieldError("pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)} (got {schedule!r})")
     if pp == 1:
         return
+    if cfg.hc_mult > 1 or cfg.n_hash_layers:  # stages pass one (B, T, D) stream and no token ids
+        raise FieldError("pp", f"DeepSeek-V4's hyper-connections and hash routing do not pipeline in flyer yet "
+                               f"(got {pp}; 1 runs)")
     n = pp * chunks_per_rank(schedule, pp)
     if cfg.n_layers < n:
         raise FieldError("pp", f"{schedule} on {pp} ranks cuts the model into {n} stages of at least one layer; "

@@ -1,0 +1,213 @@
+"""DeepSeek-V4's hybrid attention (attn "hybrid"): full-sequence path (training / prefill, no decode cache).
+
+Every layer is multi-query attention with ONE shared key/value head (k = v) of ``head_dim`` channels, the last
+``qk_rope_head_dim`` of each head rotating (layout [nope | rope]). Each query sees:
+
+- the last ``window_size`` tokens, itself included (the sliding window);
+- with ``compress_ratios[layer] = r > 0``, compressed entries: entry i pools the tokens of window i (i r ..
+  i r + r - 1) by a softmax gate per channel (``Compressor``), and query t sees it once the window is complete
+  (i < (t + 1) // r). HCA (r != ``csa_ratio``) sees every such entry; CSA (r = ``csa_ratio``) pools
+  overlapping windows (entry i also takes window i - 1, through a second series of channels) and sees only
+  the ``index_topk`` entries a lightning indexer (``Indexer``) scores highest.
+
+Scores are softmaxed with a learned per-head sink logit (a column dropped after the softmax), so a head can
+attend to nothing. Since values carry RoPE too (k = v), the output's rope channels are rotated back by the
+query's position before the grouped low-rank output projection (``wo_a`` per head group, then ``wo_b``).
+
+Numerics follow transformers' ``DeepseekV4Attention`` (no cache, eager attention); names and shapes are
+DeepSeek's checkpoint's (``attn.wq_a``, ``attn.compressor.ape``, ``attn.indexer.compressor.wkv``, ...).
+This first version forms the scores eagerly: (B, H, T, T + T / r) in memory, O(T (T + T / r)) per head,
+although a query sees at most ``window_size`` + its compressed entries.
+
+Shapes: B batch, T tokens, D model dim, H heads, d head_dim, N compressed entries (T // r), R q_lora_rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flyer.config import ModelConfig
+from flyer.model.lowp import Linear
+from flyer.model.norm import RMSNorm
+from flyer.model.rope import apply_rope
+
+
+def hybrid_rope_config(cfg: ModelConfig, layer_id: int) -> ModelConfig:
+    """The config whose ``rope_cos_sin`` tables layer ``layer_id`` rotates with: window-only layers at
+    ``rope_theta`` unscaled, compressed layers at ``compress_rope_theta`` with the config's scaling (YaRN).
+    No cos/sin factor either way: V4's checkpoints do not scale them (transformers forces attention_factor 1)."""
+    if cfg.compress_ratios[layer_id] == 0:
+        return cfg.replace(rope_factor=1.0, rope_attn_factor=1.0)
+    return cfg.replace(rope_theta=cfg.compress_rope_theta, rope_attn_factor=1.0)
+
+
+def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` on the last cos.shape[-1] channels of each head of x (B, T, H, d), the others as they are."""
+    rd = cos.shape[-1]
+    return torch.cat([x[..., :-rd], apply_rope(x[..., -rd:], cos, sin)], dim=-1)
+
+
+def select_topk(scores_BTN: torch.Tensor, visible_BTN: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool (B, T, N): per query the ``k`` visible entries of highest score (all when fewer are visible).
+    Entries tied at the cut go to the earliest slots, as flyer's V3.2 ``Indexer.select`` (transformers'
+    top-k leaves such ties to its kernel's order)."""
+    scores = scores_BTN.masked_fill(~visible_BTN, float("-inf"))
+    k = min(k, scores.shape[-1])
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    above, tied = scores > kth, scores == kth
+    room = k - above.sum(-1, keepdim=True)
+    return (above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))) & visible_BTN
+
+
+class Compressor(nn.Module):
+    """One entry of ``head_dim`` channels per ``ratio`` tokens: entry i = norm(sum_j softmax_j(gate_j + ape_j) kv_j)
+    over the window's tokens j (softmax per channel, in FP32), then RoPE at position i * ratio.
+
+    ``overlap`` (CSA): ``wkv`` / ``wgate`` / ``ape`` have 2 head_dim channels, two series a | b per token;
+    entry i pools series b of window i with series a of window i - 1 (2 ratio slots; window 0 has no
+    predecessor: those slots weigh 0)."""
+
+    def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, eps: float):
+        super().__init__()
+        self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
+        c = 2 if overlap else 1
+        self.wkv = Linear(dim, c * head_dim, bias=False)
+        self.wgate = Linear(dim, c * head_dim, bias=False)
+        self.ape = nn.Parameter(torch.zeros(ratio, c * head_dim, dtype=torch.float32))  # per-slot gate bias
+        self.norm = RMSNorm(head_dim, eps=eps)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Entries (B, N, head_dim) of the N = T // ratio complete windows of x; cos/sin: tables at the tokens'
+        positions 0..T-1 (the entries take rows 0, ratio, 2 ratio, ...)."""
+        B, T, _ = x_BTD.shape
+        r, d = self.ratio, self.head_dim
+        N = T // r
+        x = x_BTD[:, : N * r]  # an incomplete last window makes no entry
+        kv = self.wkv(x).view(B, N, r, -1)
+        gate = self.wgate(x).view(B, N, r, -1) + self.ape
+        if self.overlap:  # slots [a of window i - 1 | b of window i]; window 0's a slots: kv 0, gate -inf
+            kv = torch.cat([F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0)), kv[..., d:]], dim=2)
+            gate = torch.cat([F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf")), gate[..., d:]],
+                             dim=2)
+        w = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
+        entries = self.norm((kv * w).sum(dim=2))
+        return rope_tail(entries.unsqueeze(2), cos[: N * r : r], sin[: N * r : r]).squeeze(2)
+
+
+class Indexer(nn.Module):
+    """CSA's lightning indexer: its own overlapping ``Compressor`` at ``index_head_dim`` gives the keys K_i;
+    ``index_n_heads`` queries per token q_h = wq_b(q_latent) (the attention's normalised query latent), RoPE
+    on their last ``qk_rope_head_dim`` channels; weights w_h = weights_proj(x) / sqrt(heads). Entry i scores
+    sum_h w_h relu(q_h . K_i) / sqrt(index_head_dim) (FP32), and each query keeps its ``index_topk`` best.
+
+    It only chooses entries (a discrete top-k), so no gradient reaches it: frozen, run without autograd, as
+    flyer's V3.2 ``Indexer`` (DeepSeek's reference Hadamard-rotates q and K and scores in FP8; transformers,
+    followed here, does neither: the rotation is orthogonal, the FP8 a precision choice)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = Linear(cfg.dim, self.n_heads, bias=False)
+        self.compressor = Compressor(cfg.dim, self.head_dim, cfg.csa_ratio, overlap=True, eps=cfg.norm_eps)
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        """Index scores (B, T, N) in FP32 of every query against every entry, unmasked."""
+        B, T, _ = x_BTD.shape
+        keys = self.compressor(x_BTD, cos, sin)  # (B, N, di)
+        q = rope_tail(self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 even under autocast: BF16 scores would tie
+            s = torch.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1)))  # (B, T, heads, N)
+            w = F.linear(x_BTD.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # (B, T, heads)
+            return (s * self.head_dim ** -0.5 * w.unsqueeze(-1)).sum(dim=2)
+
+    def select(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               visible_TN: torch.Tensor) -> torch.Tensor:
+        """Bool (B, T, N): the ``index_topk`` best of the entries ``visible_TN`` lets each query see."""
+        scores = self.scores(x_BTD, q_latent_BTR, cos, sin)
+        return select_topk(scores, visible_TN.expand_as(scores), self.topk)
+
+
+class HybridAttention(nn.Module):
+    """DeepSeek-V4 attention of layer ``layer_id``, by ``cfg.compress_ratios[layer_id]``: 0 = sliding window
+    only, ``csa_ratio`` = CSA, any other r > 0 = HCA (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        H, d, D, R = cfg.n_heads, cfg.head_dim, cfg.dim, cfg.q_lora_rank
+        self.n_heads, self.head_dim, self.o_groups = H, d, cfg.o_groups
+        self.window, self.ratio, self.eps = cfg.window_size, cfg.compress_ratios[layer_id], cfg.norm_eps
+        self.softmax_scale = cfg.softmax_scale
+        self.wq_a = Linear(D, R, bias=False)
+        self.q_norm = RMSNorm(R, eps=cfg.norm_eps)
+        self.wq_b = Linear(R, H * d, bias=False)
+        self.wkv = Linear(D, d, bias=False)
+        self.kv_norm = RMSNorm(d, eps=cfg.norm_eps)
+        self.wo_a = Linear(H * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)  # per group: see output
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, D, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(H, dtype=torch.float32))
+        # chosen once: a window-only layer has neither submodule, so its state dict is the checkpoint's
+        self.compressor = (Compressor(D, d, self.ratio, overlap=cfg.is_csa(layer_id), eps=cfg.norm_eps)
+                           if self.ratio > 0 else None)
+        self.indexer = Indexer(cfg) if cfg.is_csa(layer_id) else None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """This module's own parameters as initialised: sinks 0 (their softmax column starts at logit 0) and
+        the compressors' gate biases 0; the linears and norms are initialised as modules of their own."""
+        self.attn_sink.zero_()
+        for m in self.modules():
+            if isinstance(m, Compressor):
+                m.ape.zero_()
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) at positions 0..T-1 -> (B, T, D); cos/sin: ``rope_cos_sin`` tables (T, 1, qk_rope_head_dim)
+        of ``hybrid_rope_config(cfg, layer_id)``."""
+        B, T, _ = x_BTD.shape
+        H, d = self.n_heads, self.head_dim
+        q_latent = self.q_norm(self.wq_a(x_BTD))
+        q = self.wq_b(q_latent).view(B, T, H, d)
+        # each head RMS-normalised without a weight, the scale in FP32 (transformers' q_b_norm)
+        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q = rope_tail(q, cos, sin)
+        kv = rope_tail(self.kv_norm(self.wkv(x_BTD)).unsqueeze(2), cos, sin)  # (B, T, 1, d): k = v
+
+        t = torch.arange(T, device=x_BTD.device)
+        visible = (t.view(1, T) <= t.view(T, 1)) & (t.view(1, T) > t.view(T, 1) - self.window)  # (T, T)
+        visible = visible.expand(B, T, T)
+        N = T // self.ratio if self.ratio else 0
+        if N > 0:
+            entries = self.compressor(x_BTD, cos, sin)  # (B, N, d)
+            # entry i is complete, so visible, from its window's last token (i + 1) ratio - 1 on
+            complete = torch.arange(N, device=x_BTD.device).view(1, N) < ((t + 1) // self.ratio).view(T, 1)
+            if self.indexer is not None and N > self.indexer.topk:  # else every complete entry is kept
+                complete = self.indexer.select(x_BTD, q_latent, cos, sin, complete)
+            kv = torch.cat([kv, entries.unsqueeze(2)], dim=1)
+            visible = torch.cat([visible, complete.expand(B, T, N)], dim=-1)
+        return self.output(self.attend(q, kv, visible), cos, sin)
+
+    def attend(self, q_BTHd: torch.Tensor, kv_BS1d: torch.Tensor, visible_BTS: torch.Tensor) -> torch.Tensor:
+        """softmax([q k^T * scale | sink_h]) without the sink's column, times v = k: (B, T, H, d), for queries q,
+        the shared keys kv (the window's tokens then the compressed entries) and what each query sees
+        (bool, True = visible). Softmax in FP32; a query always sees itself, so no row is empty."""
+        q, kv = q_BTHd.transpose(1, 2), kv_BS1d.transpose(1, 2)  # (B, H, T, d), (B, 1, S, d)
+        scores = (torch.matmul(q, kv.transpose(-1, -2)) * self.softmax_scale).float()
+        scores = scores.masked_fill(~visible_BTS.unsqueeze(1), float("-inf"))
+        B, H, T, _ = scores.shape
+        sink = self.attn_sink.float().view(1, H, 1, 1).expand(B, H, T, 1)
+        p = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+        return torch.matmul(p.to(kv.dtype), kv).transpose(1, 2)
+
+    def output(self, o_BTHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) from the heads' outputs: their rope channels rotated back by the query's position (values
+        carried RoPE: k = v), then head group g through its o_lora_rank rows of ``wo_a``, then ``wo_b``."""
+        B, T, H, d = o_BTHd.shape
+        G = self.o_groups
+        o = rope_tail(o_BTHd, cos, -sin).reshape(B, T, G, H * d // G)
+        w_GLI = self.wo_a.weight.view(G, -1, H * d // G)
+        return self.wo_b(torch.einsum("btgi,gli->btgl", o, w_GLI).flatten(2))

@@ -1,0 +1,90 @@
+"""Manifold-constrained hyper-connections (mHC; DeepSeek-V4), as transformers' DeepseekV4 computes them.
+
+The residual is ``hc_mult`` = N streams, h (B, T, N, D). Around each attention and FFN block a
+``HyperConnection`` reads all streams (RMS-normalised, flattened) and produces three maps: ``pre`` (N)
+collapses the streams into the block's input, ``post`` (N) spreads the block's output back over the
+streams, and ``comb`` (N, N) mixes the streams themselves, projected towards a doubly stochastic matrix
+by Sinkhorn-Knopp iterations so that stacking layers cannot blow the residual up:
+
+    h' = post * block(sum_j pre_j h_j) + comb^T h
+
+``HyperHead`` collapses the streams once more before the final norm. Both compute in FP32 (their
+parameters stay FP32: DeepSeek's checkpoints store them so).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flyer.config import ModelConfig
+
+
+def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, with no weight (FP32 in, FP32 out)."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+class HyperConnection(nn.Module):
+    """The maps around one block: ``fn`` (N (N + 2), N D), ``base`` (N (N + 2)), ``scale`` (3), the
+    names of DeepSeek's checkpoint (``hc_attn_fn`` / ``hc_ffn_fn`` ...)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        N = cfg.hc_mult
+        self.n, self.iters, self.eps, self.norm_eps = N, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps
+        self.fn = nn.Parameter(torch.empty(N * (N + 2), N * cfg.dim, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(N * (N + 2), dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
+
+    def forward(self, h_BTND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(post (B, T, N) FP32, comb (B, T, N, N) FP32, the block's input (B, T, D) in h's dtype)."""
+        B, T, N, D = h_BTND.shape
+        mix = F.linear(_unit_rms(h_BTND.reshape(B, T, N * D).float(), self.norm_eps), self.fn.float())
+        pre_w, post_w, comb_w = mix.split([N, N, N * N], dim=-1)
+        pre_b, post_b, comb_b = self.base.split([N, N, N * N])
+        pre = torch.sigmoid(pre_w * self.scale[0] + pre_b) + self.eps
+        post = 2 * torch.sigmoid(post_w * self.scale[1] + post_b)
+        comb = torch.softmax(comb_w.view(B, T, N, N) * self.scale[2] + comb_b.view(N, N), dim=-1) + self.eps
+        comb = comb / (comb.sum(-2, keepdim=True) + self.eps)  # columns first, then rows and columns in turn
+        for _ in range(self.iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + self.eps)
+            comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
+        collapsed = (pre.unsqueeze(-1) * h_BTND).sum(dim=2).to(h_BTND.dtype)
+        return post, comb, collapsed
+
+    @staticmethod
+    def expand(h_BTND: torch.Tensor, out_BTD: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """The streams after a block: post * out + comb^T h (comb is not symmetric: stream j feeds stream k
+        by comb[j, k]), in h's dtype."""
+        dtype = h_BTND.dtype
+        return post.to(dtype).unsqueeze(-1) * out_BTD.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2),
+                                                                                   h_BTND)
+
+
+class HyperHead(nn.Module):
+    """The last collapse of the streams, before the final norm: ``fn`` (N, N D), ``base`` (N), ``scale`` (1)
+    (DeepSeek's ``hc_head_fn`` / ``hc_head_base`` / ``hc_head_scale``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        N = cfg.hc_mult
+        self.eps, self.norm_eps = cfg.hc_eps, cfg.norm_eps
+        self.fn = nn.Parameter(torch.empty(N, N * cfg.dim, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(N, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+
+    def forward(self, h_BTND: torch.Tensor) -> torch.Tensor:
+        B, T, N, D = h_BTND.shape
+        mix = F.linear(_unit_rms(h_BTND.reshape(B, T, N * D).float(), self.norm_eps), self.fn.float())
+        pre = torch.sigmoid(mix * self.scale + self.base) + self.eps
+        return (pre.unsqueeze(-1) * h_BTND).sum(dim=2).to(h_BTND.dtype)
+
+
+@torch.no_grad()
+def init_hyper(m: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """transformers' init: N(0, std) projections, zero biases, unit scales."""
+    m.fn.normal_(0.0, std, generator=generator)
+    m.base.zero_()
+    m.scale.fill_(1.0)
