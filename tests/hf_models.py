@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-                          DeepseekV32Config, DeepseekV32ForCausalLM,
+                          DeepseekV32Config, DeepseekV32ForCausalLM, DeepseekV4Config, DeepseekV4ForCausalLM,
                           Glm4MoeConfig, Glm4MoeForCausalLM, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM,
                           LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
@@ -76,6 +76,20 @@ FAMILIES = {
         **_MLA, q_lora_rank=24, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
         rms_norm_eps=1e-5, rope_parameters=_YARN, index_topk=8, index_n_heads=8, index_head_dim=32,
         num_nextn_predict_layers=1)),
+    # DeepSeek-V4: hybrid attention (a window of 8 keys in every layer; CSA every 4 tokens keeping 4 entries, HCA
+    # every 16), 4 hyper-connection streams, 2 hash-routed layers then top-2 of 8 sqrtsoftplus experts, one shared;
+    # a quarter of each 32-channel head rotating (last), YaRN on the compressed layers; SwiGLU clamped at 1 (random
+    # weights reach it); sinks, compressor position biases and hyper-connection biases and scales random (``build``)
+    "v4": (DeepseekV4ForCausalLM, DeepseekV4Config, dict(
+        num_hidden_layers=4, moe_intermediate_size=32, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32, o_groups=2,
+        o_lora_rank=16, sliding_window=8, compress_rates={"compressed_sparse_attention": 4,
+                                                          "heavily_compressed_attention": 16},
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=1.5, index_topk=4,
+        index_n_heads=8, index_head_dim=16, hc_mult=4, swiglu_limit=1.0, rms_norm_eps=1e-6, rope_theta=10000.0,
+        compress_rope_theta=160000.0, rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32,
+                                                       "beta_slow": 1, "original_max_position_embeddings": 64})),
     # GLM-4.5-Air's kind (no head norms), a quarter of each head rotating (8 of 32), not renormalised, tied
     "glm4_moe-air": (Glm4MoeForCausalLM, Glm4MoeConfig, dict(
         num_key_value_heads=2, head_dim=32, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
@@ -119,7 +133,8 @@ def build(name: str, out: Path, spelling: int = 5, seed: int = 0):
     """Save a random tiny ``name`` model (FP32) with a tokenizer under ``out``; return the model."""
     cls, cfg_cls, kw = FAMILIES[name]
     torch.manual_seed(seed)
-    model = cls(cfg_cls(**_COMMON, **kw)).eval()
+    common = {k: v for k, v in _COMMON.items() if not (name == "v4" and k == "intermediate_size")}  # V4: an alias
+    model = cls(cfg_cls(**{**common, **kw})).eval()
     with torch.no_grad():
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):  # a trained balancing bias, not zeros
@@ -133,6 +148,14 @@ def build(name: str, out: Path, spelling: int = 5, seed: int = 0):
                 p.uniform_(0.25, 2.0)
             if n.endswith("indexer.k_norm.bias"):
                 p.uniform_(-0.5, 0.5)
+            if n.endswith(("sinks", "position_bias", "hc.base", "hc_head.hc_base")):  # V4's zero-initialised ones
+                p.normal_(0.0, 0.5)
+            if n.endswith(("hc.scale", "hc_head.hc_scale")):
+                p.uniform_(0.5, 1.5)
+        for n, b in model.named_buffers():
+            if n.endswith("tid2eid"):  # V4's hash table: K distinct experts per token id
+                E, K = model.config.n_routed_experts, b.shape[1]
+                b.copy_(torch.stack([torch.randperm(E)[:K] for _ in range(b.shape[0])]))
     model.save_pretrained(out)
     make_tokenizer(out)
     if spelling == 4:

@@ -46,6 +46,7 @@ from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, TextTokenizer, 
                               checkpoint_dtype, fill_tensor, hf_names, hf_weight_map, is_hf_model_dir, load_tokenizer,
                               is_mixtral, permute_rope, read_hf_config, rope_half_layout, weight_files)
 from flyer.interop.hf_config import GQA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES
+from flyer.interop.hf_config_v4 import to_v4_config
 from flyer.interop.load import run_tokenizer, settings_dir, stored_weight_dtype
 from flyer.interop.tensorfile import TensorFile, header, write_tensors
 from flyer.model.transformer import Transformer
@@ -58,8 +59,16 @@ _NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|block_
                       r"\.weight$|\.bias$|_bias$")
 
 
+# what DeepSeek's checkpoints store in FP32 whatever the rest: the routers' correction biases, and DeepSeek-V4's
+# attention sinks, compressor position biases and hyper-connection maps
+_KEEP_FP32 = re.compile(r"e_score_correction_bias$|ffn\.gate\.bias$|attn_sink$|\.ape$|hc_(attn|ffn|head)_\w+$")
+
+
 def hf_model_type(cfg: ModelConfig) -> str:
     """The transformers architecture that computes what ``cfg`` does, or a ``ConfigError`` saying why none does."""
+    if cfg.attn == "hybrid":
+        _check_v4(cfg)
+        return "deepseek_v4"
     if cfg.attn == "gqa":
         if cfg.rope_type == "yarn" and cfg.rope_factor > 1 and cfg.mscale:
             raise ConfigError("config field 'mscale': transformers' GQA architectures do not scale the softmax for "
@@ -99,6 +108,21 @@ def _check_glm4_moe(cfg: ModelConfig) -> None:
         if not ok:
             raise ConfigError(f"config field '{field}': a GQA model with partial rotary or sigmoid-routed experts "
                               f"exports as GLM-4.5 (glm4_moe), which needs {need} (got {getattr(cfg, field)!r})")
+
+
+def _check_v4(cfg: ModelConfig) -> None:
+    """Hybrid attention computes as transformers' DeepseekV4 only with the rest of V4: hyper-connections, routed
+    experts in every layer with one shared expert, its router (a correction bias, no group limit, renormalised)."""
+    checks = (("hc_mult", cfg.hc_mult > 1, "> 1"), ("n_dense_layers", cfg.n_dense_layers == 0, "0"),
+              ("n_routed_experts", cfg.n_routed_experts > 0, "> 0"),
+              ("n_shared_experts", cfg.n_shared_experts == 1, "1"),
+              ("router_bias", cfg.router_bias, "true"), ("norm_topk_prob", cfg.norm_topk_prob, "true"),
+              ("n_limited_groups", cfg.n_limited_groups == cfg.n_expert_groups, "n_expert_groups (no group limit)"),
+              ("swiglu_limit", cfg.swiglu_limit > 0, "> 0"))
+    for field, ok, need in checks:
+        if not ok:
+            raise ConfigError(f"config field '{field}': hybrid attention exports as DeepSeek-V4 (deepseek_v4), "
+                              f"which needs {need} (got {getattr(cfg, field)!r})")
 
 
 def _partial_rotary_factor(cfg: ModelConfig) -> float:
@@ -160,7 +184,8 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
             "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-            "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}[mt]
+            "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
+            "deepseek_v4": "DeepseekV4ForCausalLM"}[mt]
     d = {"architectures": [arch], "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
          "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
@@ -171,6 +196,13 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     if dtype == "fp8":  # every architecture: without it transformers reads the codes as values, the scales as unused
         d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                     "weight_block_size": [128, 128]}
+    if mt == "deepseek_v4":  # its intermediate_size would alias moe_intermediate_size
+        if dtype == "fp8":
+            raise ConfigError("config field 'attn': DeepSeek-V4 checkpoints export as bf16 or fp32 (its FP8/FP4 "
+                              "format is read, not yet written)")
+        del d["intermediate_size"]
+        d.update(to_v4_config(cfg))
+        return d
     if cfg.attn == "gqa":
         d.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
         if mt == "qwen2":
@@ -259,7 +291,9 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
             items.append((name + SCALE_SUFFIX, (rows_b, cols_b), torch.float32,
                           own[1] if own else lambda get=get: quantize_blocks(get()).scale))
             continue
-        keep = torch.float32 if name.endswith("e_score_correction_bias") or dtype == "fp32" else torch.bfloat16
+        stored = state[slot.key].dtype
+        keep = (stored if not stored.is_floating_point  # DeepSeek-V4's hash table: int64
+                else torch.float32 if _KEEP_FP32.search(name) or dtype == "fp32" else torch.bfloat16)
         items.append((name, shape, keep, lambda get=get, keep=keep: get().to(keep)))
         if slot.key.startswith("mtp.") and slot.key.endswith(".enorm.weight"):
             pre = name[:-len("enorm.weight")]  # DeepSeek's MTP layers carry the shared embedding and head too

@@ -55,6 +55,7 @@ from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import HALF_ROPE_MODEL_TYPES, from_hf_config, model_type
 from flyer.interop.tensorfile import TensorFile, header
+from flyer.interop.v4_quant import dequantize_fp4_e2m1, dequantize_ue8m0_blocks, stored_format
 from flyer.model.attention import Indexer
 from flyer.model.init import allocate
 from flyer.model.moe import Gate
@@ -160,7 +161,38 @@ def _rope_rows(sub: str, cfg: ModelConfig, rope_half: bool) -> tuple[int, int, i
     return None
 
 
+def _v4_entries(key: str, shape) -> Iterator[tuple[str, Slot]]:
+    """DeepSeek-V4's names, as its hub checkpoints spell them (``v4_name`` reads transformers' too): flyer's
+    own but for the hyper-connections' (``hc_attn.fn`` -> ``hc_attn_fn``), the shared experts' and one tensor
+    per routed expert. Every V4 RoPE rotates interleaved pairs: nothing is permuted."""
+    m = re.fullmatch(r"(layers\.\d+\.)?(hc_head|hc_attn|hc_ffn)\.(fn|base|scale)", key)
+    if m:
+        yield f"{m.group(1) or ''}{m.group(2)}_{m.group(3)}", Slot(key)
+        return
+    m = re.fullmatch(r"(layers\.\d+\.ffn\.)experts\.(w[123])", key)
+    if m:
+        for e in range(shape[0]):
+            yield f"{m.group(1)}experts.{e}.{m.group(2)}.weight", Slot(key, e)
+        return
+    yield key.replace(".ffn.shared.", ".ffn.shared_experts."), Slot(key)
+
+
+# transformers' save_pretrained of a DeepseekV4 model prefixes "model." and renames a few of DeepSeek's names (its
+# reverse renaming also turns the attention's kv_norm into "norm", the compressors' name)
+_V4_SAVED = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base",
+             "hc_head.hc_scale": "hc_head_scale"}
+
+
+def v4_name(name: str) -> str:
+    """A DeepSeek-V4 checkpoint tensor's name as DeepSeek's hub files spell it (``_v4_entries``)."""
+    name = name.removeprefix("model.")
+    return _V4_SAVED.get(name) or re.sub(r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.", name)
+
+
 def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool, mixtral: bool) -> Iterator[tuple[str, Slot]]:
+    if cfg.attn == "hybrid":
+        yield from _v4_entries(key, shape)
+        return
     if key in _TOP:
         yield _TOP[key], Slot(key)
         return
@@ -366,6 +398,8 @@ def rope_half_layout(raw: dict) -> bool:
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
+    if cfg.attn == "hybrid":  # V4's MTP layer is not modelled (transformers skips it too); scales go with weights
+        return name.startswith("mtp.") or name.endswith(".scale")
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
     if m and int(m.group(1)) >= cfg.n_layers and m.group(2) in _MTP_COPIES:
         return True
@@ -388,22 +422,26 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
     state = _meta_model(cfg).state_dict()
     headers = {} if headers is None else headers
     found: dict[str, Slot] = {}
+    canonical = v4_name if cfg.attn == "hybrid" else str
     for name, f in files.items():
-        if _ignored(name, cfg):
+        if _ignored(canonical(name), cfg):
             continue
         tf = header(headers, f)
         if name not in tf.entries:
             raise CheckpointError(f"{f}: tensor {name} is listed in the index but not in the file")
-        slot = slots.get(name)
+        slot = slots.get(canonical(name))
         if slot is None:
             raise CheckpointError(f"{f}: tensor {name} is not expected by the config "
                                   f"(a different architecture or size?)")
         dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
-        if tf.shape(name) != tuple(dest.shape):
+        shape = tf.shape(name)
+        if stored_format(name, files, tf.dtype(name)) == "fp4":  # DeepSeek-V4's experts: two values a byte
+            shape = (*shape[:-1], 2 * shape[-1])
+        if shape != tuple(dest.shape):
             raise CheckpointError(f"{f}: tensor {name} has shape {tf.shape(name)}, "
                                   f"the config expects {tuple(dest.shape)}")
         found[name] = slot
-    missing = sorted(set(slots) - set(found))
+    missing = sorted(set(slots) - {canonical(n) for n in found})
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                          if len(missing) > 1 else ""))
@@ -442,7 +480,13 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
     expert stack; not FP8)."""
     held = held_scale(model, slot.key, slot.expert) if dest.dtype == FP8 else None  # FP8 codes, held
     try:
-        if tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
+        kind = stored_format(name, files, tf.dtype(name))  # "<name>.scale" beside it: DeepSeek-V4's only
+        if kind != "plain":  # DeepSeek-V4's FP8 (UE8M0 block scales) and FP4 (experts) weights
+            scale_name = name.removesuffix(".weight") + ".scale"
+            sf = header(headers, files[scale_name])
+            decode = dequantize_ue8m0_blocks if kind == "fp8_ue8m0" else dequantize_fp4_e2m1
+            t = decode(tf.read(name), sf.read(scale_name), name=name)
+        elif tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale_name = name + SCALE_SUFFIX
             if rows is not None:  # DeepSeek's format stores experts one by one; a stack is flyer's, never FP8
                 raise CheckpointError(f"{tf.path}: FP8 tensor {name} is a stack of experts")
@@ -502,13 +546,16 @@ def build_empty(cfg: ModelConfig, device: str | torch.device = "cpu",
             m.float()
         if isinstance(m, Indexer):
             m.weights_proj.float()
+    for name, p in model.named_parameters():  # DeepSeek-V4 stores and computes these in FP32
+        if re.search(r"attn_sink$|\.ape$|(^|\.)hc_(attn|ffn|head)\.", name):
+            p.data = p.data.float()
     return allocate(model, device)
 
 
 def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
     """The floating dtype the checkpoint stores (FP8 checkpoints: bfloat16, as DeepSeek's)."""
     for name, f in files.items():
-        if name.endswith("embed_tokens.weight"):
+        if name.endswith("embed_tokens.weight") or name == "embed.weight":  # DeepSeek-V4's hub name
             dt = TensorFile(f).dtype(name)
             return torch.bfloat16 if dt.itemsize == 1 else dt
     return torch.float32

@@ -37,13 +37,14 @@ A value flyer cannot run is a ``ConfigError`` naming the file and the field, nev
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from flyer.errors import ConfigError
+from flyer.interop.hf_config_v4 import from_v4_config
+from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor, yarn_mscale
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
-                         "glm4_moe", "glm4_moe_lite", "deepseek_v32")
+                         "glm4_moe", "glm4_moe_lite", "deepseek_v32", "deepseek_v4")
 # the GQA architectures flyer reads and writes (dense, and Qwen3-MoE / Mixtral), all laid out for rotate-half
 # RoPE and without an MTP module (as read, after _SAME_AS)
 GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
@@ -53,9 +54,6 @@ HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("glm4_moe",)
 # (glm4_moe_lite) is DeepseekV3's MLA, router and MTP layer, its dense layers named by mlp_layer_types;
 # DeepSeek-V3.2 is DeepseekV3 with the DSA indexer (read from its own keys)
 _SAME_AS = {"mistral": "llama", "glm4_moe_lite": "deepseek_v3", "deepseek_v32": "deepseek_v3"}
-# RoPE frequency scalings (transformers' rope_type names; ModelConfig.rope_type): none, YaRN
-# (DeepSeek), Llama 3.1's frequency bands, position interpolation (every frequency / factor).
-ROPE_TYPES = ("default", "yarn", "llama3", "linear")
 # Keys that only exist in Hugging Face configs (their presence switches the parser).
 HF_KEYS = frozenset({"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"})
 
@@ -84,76 +82,6 @@ def model_type(d: dict[str, Any], where: str = "config.json") -> str:
         supported = ", ".join(SUPPORTED_MODEL_TYPES)
         raise _bad(where, "model_type", f"unsupported architecture {mt!r} (supported: {supported})")
     return _SAME_AS.get(mt, mt)
-
-
-def yarn_attention_factor(factor: float, mscale: float | None, mscale_all_dim: float | None) -> float:
-    """transformers' YaRN ``attention_factor`` (scales cos and sin, hence the rope part of q.k twice):
-    m(mscale) / m(mscale_all_dim) when both are given, else m(1), with m(s) = 0.1 s ln(factor) + 1."""
-    if mscale and mscale_all_dim:
-        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-    return yarn_mscale(factor)
-
-
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when not extended)."""
-    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def _rope_number(rp: dict[str, Any], where: str, key: str, name: str, rope_type: str) -> float:
-    """``rp[name]``, a number transformers requires for ``rope_type`` (it raises a KeyError without one)."""
-    v = rp.get(name)
-    if v is None:
-        raise _bad(where, f"{key}.{name}", f"required with rope_type {rope_type!r}")
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise _bad(where, f"{key}.{name}", f"expected a number (got {v!r:.40})")
-    return v
-
-
-def rope_fields(d: dict[str, Any], where: str = "config.json", mla: bool = False,
-                partial: bool = False) -> dict[str, Any]:
-    """flyer's RoPE fields from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
-    ``rope_scaling`` (transformers 4, DeepSeek's files). ``mla``: a DeepSeek config, whose
-    transformers attention scales the softmax by ``mscale_all_dim`` for any scaled type. ``partial``:
-    the architecture rotates part of each head (GLM-4.5; ``partial_rotary_factor``, read by the caller)."""
-    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
-    if not isinstance(rp, dict):
-        raise _bad(where, key, f"expected an object (got {rp!r})")
-    if set(rp) & {"full_attention", "sliding_attention"}:
-        raise _bad(where, key, "per-layer-type RoPE parameters are not supported")
-    theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
-    rope_type = rp.get("rope_type", rp.get("type", "default")) or "default"
-    max_pos = d.get("max_position_embeddings", 4096)
-    if not partial and rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise _bad(where, "partial_rotary_factor", "only 1.0 (RoPE on the whole rope head) is supported")
-    if rope_type not in ROPE_TYPES:
-        supported = ", ".join(ROPE_TYPES)
-        raise _bad(where, f"{key}.rope_type", f"unsupported RoPE type {rope_type!r} (supported: {supported})")
-    out: dict[str, Any] = {"rope_theta": theta, "rope_type": rope_type}
-    if rope_type == "default":
-        return {**out, "rope_factor": 1.0, "original_seq_len": max_pos, "mscale": 1.0, "rope_attn_factor": 1.0}
-    if rope_type in ("llama3", "linear"):
-        if mla and rp.get("mscale_all_dim"):  # flyer's softmax correction is YaRN's alone
-            raise _bad(where, f"{key}.mscale_all_dim", f"only supported with rope_type 'yarn' (not {rope_type!r})")
-        out.update(rope_factor=_rope_number(rp, where, key, "factor", rope_type), original_seq_len=max_pos,
-                   mscale=0.0, rope_attn_factor=1.0)  # transformers' attention factor for both is 1
-        if rope_type == "llama3":
-            out.update(original_seq_len=rp.get("original_max_position_embeddings") or max_pos,
-                       low_freq_factor=_rope_number(rp, where, key, "low_freq_factor", rope_type),
-                       high_freq_factor=_rope_number(rp, where, key, "high_freq_factor", rope_type))
-        return out
-    if rp.get("truncate", True) is not True:
-        raise _bad(where, f"{key}.truncate", "only true (integer YaRN correction range) is supported")
-    orig = rp.get("original_max_position_embeddings") or max_pos
-    factor = rp.get("factor") or max_pos / orig
-    mscale, mscale_all_dim = rp.get("mscale"), rp.get("mscale_all_dim")
-    attn_factor = rp.get("attention_factor")
-    return {**out, "rope_factor": factor, "original_seq_len": orig,
-            "beta_fast": rp.get("beta_fast") or 32, "beta_slow": rp.get("beta_slow") or 1,
-            # transformers scales the softmax by m(mscale_all_dim)^2 only when mscale_all_dim is set
-            "mscale": mscale_all_dim or 0.0,
-            "rope_attn_factor": attn_factor if attn_factor is not None
-            else yarn_attention_factor(factor, mscale, mscale_all_dim)}
 
 
 def _require(d: dict[str, Any], where: str, field: str, allowed: tuple, default: Any) -> Any:
@@ -351,6 +279,8 @@ def _mla_dense_layers(d: dict[str, Any], where: str, n_layers: int) -> int:
 def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
     mt = model_type(d, where)
+    if mt == "deepseek_v4":  # its own spellings (flyer.interop.hf_config_v4)
+        return from_v4_config(d, where)
     if mt == "mixtral":
         d = {**_MIXTRAL_DEFAULTS, **d}
     dsa = d.get("model_type") == "deepseek_v32"
@@ -428,4 +358,4 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
 
 
 __all__ = ["GQA_MODEL_TYPES", "HALF_ROPE_MODEL_TYPES", "HF_KEYS", "ROPE_TYPES", "SUPPORTED_MODEL_TYPES",
-           "from_hf_config", "is_hf_config", "model_type", "rope_fields", "yarn_attention_factor"]
+           "from_hf_config", "is_hf_config", "model_type", "rope_fields", "yarn_attention_factor", "yarn_mscale"]
