@@ -389,6 +389,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dsv3": dict(),
     # official DeepSeek-V3.2-Exp: V3 with DeepSeek Sparse Attention (a lightning indexer keeping 2048 keys per query)
     "dsv32": dict(index_topk=2048, index_n_heads=64, index_head_dim=128),
+    # DeepSeek-V4's architecture at "tiny"'s size: window-only, CSA and HCA layers, 4 hyper-connection streams,
+    # a hash-routed first layer; trains on a CPU in seconds
+    "tiny-v4": dict(
+        vocab_size=2048, dim=128, n_layers=4, n_dense_layers=0, attn="hybrid", n_heads=4, head_dim=64,
+        q_lora_rank=64, qk_rope_head_dim=16, window_size=32, compress_ratios=(0, 4, 16, 4), o_groups=2,
+        o_lora_rank=64, index_topk=16, index_n_heads=8, index_head_dim=32, hc_mult=4, moe_inter_dim=64,
+        n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=1, n_limited_groups=1,
+        score_func="sqrtsoftplus", route_scale=1.5, n_hash_layers=1, swiglu_limit=10.0, max_seq_len=1024,
+        original_seq_len=1024, mscale=0.0, mtp_depth=0, init_std=0.02, bias_update_speed=0.01, **_NO_YARN,
+    ),
     # official DeepSeek-V4-Flash (284B total, 13B activated): hybrid attention, hyper-connections, hash-routed layers
     "dsv4-flash": dict(
         vocab_size=129280, dim=4096, n_layers=43, n_dense_layers=0, attn="hybrid", n_heads=64, head_dim=512,

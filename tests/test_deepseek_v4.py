@@ -18,11 +18,12 @@ from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
 from flyer.interop.export import export_model, hf_model_type
 from flyer.interop.hf import load_hf, v4_name
+from flyer.interop.load import load_pretrained
 from flyer.interop.v4_quant import (dequantize_fp4_e2m1, dequantize_ue8m0_blocks, quantize_fp4_e2m1,
                                     quantize_ue8m0_blocks)
 from tests.hf_models import FAMILIES, VOCAB, build
 from tests.test_interop_export import tensors
-from tests.test_qwen3 import rel, train_init_then_export
+from tests.test_qwen3 import TEXT, rel, train_init_then_export
 from tests.test_rope_scaling import FP32_U
 
 # DeepSeek's hub config.json of DeepSeek-V4-Flash and -Pro, verbatim but for the Pro's list of ratios written
@@ -259,3 +260,22 @@ def test_export_refuses_what_transformers_v4_does_not_compute():
                           (dict(router_bias=False), "router_bias")):
         with pytest.raises(ConfigError, match=field):
             hf_model_type(cfg.replace(**change))
+
+
+def test_tiny_v4_trains_from_scratch_then_exports(tmp_path, capsys):
+    """``flyer train --preset tiny-v4`` (random hash tables: distinct experts per token id), two steps; the run
+    reloads with its hash tables and exports as DeepSeek-V4, which transformers computes as the run does."""
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["train", "--preset", "tiny-v4", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--data",
+                 str(tmp_path / "text.txt"), "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+                 "--no-progress", "--no-plots", "--ckpt-every", "1", "--device", "cpu", "--precision", "fp32"]) == 0
+    model, cfg, _ = load_pretrained(tmp_path / "run")
+    table = model.layers[0].ffn.gate.tid2eid
+    assert cfg == preset("tiny-v4", vocab_size=cfg.vocab_size) and (table[:, 0] != table[:, 1]).all()  # its BPE
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        err, tol = rel(model(x), back(x).logits), v4_tolerance(cfg, 48)
+    assert err <= tol, f"{err:.3g} > {tol:.3g}"

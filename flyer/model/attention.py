@@ -96,15 +96,21 @@ class Indexer(nn.Module):
         return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)
 
     def select(self, scores_BTS: torch.Tensor, visible_BTS: torch.Tensor) -> torch.Tensor:
-        """Bool (B, T, S): the ``index_topk`` visible keys of highest score per query (all of them when
-        fewer are visible), and only visible ones. Keys tied at the cut go to the earliest slots: a key
-        every head's ReLU zeroes scores exactly 0, and which of such keys top-k returns depends on the
-        tensor's shape, so a request would select otherwise batched than alone."""
-        scores = scores_BTS.masked_fill(~visible_BTS, float("-inf"))
-        kth = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).values[..., -1:]
-        above, tied = scores > kth, scores == kth
-        room = min(self.topk, scores.shape[-1]) - above.sum(-1, keepdim=True)
-        return (above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))) & visible_BTS
+        """Bool (B, T, S): ``select_topk`` of ``index_topk`` keys."""
+        return select_topk(scores_BTS, visible_BTS, self.topk)
+
+
+def select_topk(scores_BTS: torch.Tensor, visible_BTS: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool (B, T, S): per query the ``k`` visible keys of highest score (all of them when fewer are
+    visible), and only visible ones: DSA's selection (V3.2's keys, V4's compressed entries). Keys tied at
+    the cut go to the earliest slots: a key every head's ReLU zeroes scores exactly 0, and which of such
+    keys top-k returns depends on the tensor's shape, so a request would select otherwise batched than alone."""
+    scores = scores_BTS.masked_fill(~visible_BTS, float("-inf"))
+    k = min(k, scores.shape[-1])
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    above, tied = scores > kth, scores == kth
+    room = k - above.sum(-1, keepdim=True)
+    return (above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))) & visible_BTS
 
 
 class MLA(nn.Module):

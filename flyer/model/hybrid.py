@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flyer.config import ModelConfig
+from flyer.model.attention import select_topk
 from flyer.model.lowp import Linear
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
@@ -47,18 +48,6 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     """``apply_rope`` on the last cos.shape[-1] channels of each head of x (B, T, H, d), the others as they are."""
     rd = cos.shape[-1]
     return torch.cat([x[..., :-rd], apply_rope(x[..., -rd:], cos, sin)], dim=-1)
-
-
-def select_topk(scores_BTN: torch.Tensor, visible_BTN: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool (B, T, N): per query the ``k`` visible entries of highest score (all when fewer are visible).
-    Entries tied at the cut go to the earliest slots, as flyer's V3.2 ``Indexer.select`` (transformers'
-    top-k leaves such ties to its kernel's order)."""
-    scores = scores_BTN.masked_fill(~visible_BTN, float("-inf"))
-    k = min(k, scores.shape[-1])
-    kth = scores.topk(k, dim=-1).values[..., -1:]
-    above, tied = scores > kth, scores == kth
-    room = k - above.sum(-1, keepdim=True)
-    return (above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))) & visible_BTN
 
 
 class Compressor(nn.Module):

@@ -8,7 +8,7 @@ import torch
 
 from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import UserError
-from flyer.model.counts import ParamCounts, kv_cache_bytes_per_token, param_counts
+from flyer.model.counts import ParamCounts, kv_cache_bytes_per_token, kv_window_bytes, param_counts
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 
@@ -44,6 +44,7 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "embedding_params": counts.embedding,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
         "kv_cache_bytes_per_token_naive": kv_cache_bytes_per_token(cfg, absorbed=False),
+        "kv_window_bytes": kv_window_bytes(cfg),  # hybrid attention's window, per sequence whatever its length
         "attention": cfg.attn,
         "layers": cfg.n_layers,
         "routed_experts": cfg.n_routed_experts,
@@ -71,6 +72,11 @@ def _run(args) -> int:
     print(f"  total params       {_human(out['total_params'])} ({out['total_params']:,})")
     print(f"  activated / token  {_human(out['activated_params'])} ({out['activated_params']:,})")
     print(f"  MTP params         {_human(out['mtp_params'])} ({out['mtp_params']:,})")
+    if out["attention"] == "hybrid":  # DeepSeek-V4: compressed entries per token, the window per sequence
+        print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16): compressed entries and CSA "
+              f"indexer keys (top-{out['index_topk']} entries per query), plus {out['kv_window_bytes']:,} bytes per "
+              f"sequence for the sliding windows")
+        return 0
     dsa = f", indexer keys included (DSA: top-{out['index_topk']} keys per query)" if out["index_topk"] else ""
     print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16){dsa}")
     return 0

@@ -86,8 +86,8 @@ class Gate(nn.Module):
     groups stay eligible, and the top-K experts are chosen among them.
 
     ``hash_routed`` (DeepSeek-V4's first ``n_hash_layers`` MoE layers): the experts of token id t are
-    the fixed ``tid2eid[t]`` (a persistent int64 (vocab_size, K) buffer, zeros until a checkpoint
-    fills it; no bias), weighted by the unbiased scores gathered there, normalised and scaled as above.
+    the fixed ``tid2eid[t]`` (a persistent int64 (vocab_size, K) buffer, random distinct experts until a
+    checkpoint fills it; no bias), weighted by the unbiased scores gathered there, normalised and scaled as above.
     """
 
     def __init__(self, cfg: ModelConfig, hash_routed: bool = False):
@@ -111,8 +111,14 @@ class Gate(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """N(0, init_std) router weights; the balancing bias and the hash table (buffers) are left alone."""
+        """N(0, init_std) router weights; the balancing bias is left alone. A hash table gets K distinct random
+        experts per token id (a fresh model's; a checkpoint brings its own): zeros would send every token's K
+        copies to expert 0."""
         self.weight.normal_(0.0, self.cfg.init_std, generator=generator)
+        if self.hash_routed and self.tid2eid.device.type != "meta":
+            V, E = self.tid2eid.shape[0], self.cfg.n_routed_experts
+            r = torch.rand(V, E, generator=generator, device=generator.device if generator else "cpu")
+            self.tid2eid.copy_(r.topk(self.cfg.n_activated_experts, dim=-1).indices)
 
     def forward(self, x_TD: torch.Tensor, tokens_T: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
