@@ -239,8 +239,9 @@ def test_train_init_from_v4_then_export(src, tmp_path, capsys):
     assert err <= tol, f"{err:.3g} > {tol:.3g}"
 
 
-def test_generate_refuses_v4_in_one_line(src, capsys):
-    assert main(["generate", "--ckpt", str(src[0]), "--prompt", "hello", "--max-new-tokens", "2"]) == 2
+def test_serve_refuses_v4_in_one_line(src, capsys):
+    """flyer generate decodes V4 (``tests/test_deepseek_v4_decode.py``); serve's paged cache has no hybrid layout."""
+    assert main(["serve", "--ckpt", str(src[0])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "hybrid attention" in err[0] and "ckpt" in err[0]
 

@@ -18,7 +18,7 @@ from flyer.config import parse_size, resolve_config, resolve_device
 from flyer.errors import CheckpointError, FieldError, UserError
 from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
-from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
+from flyer.infer.generate import GenerationConfig, check_hybrid_flags, generate, open_prefix_cache
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
 from flyer.interop.hf import is_hf_model_dir, read_hf_config
 from flyer.interop.load import load_pretrained, loaded_bytes, stored_weight_dtype
@@ -124,20 +124,27 @@ def _with_library_warnings(f):
     return wrapped
 
 
-def decodable(cfg, field: str) -> None:
-    """Refuses, naming ``field``, a model flyer cannot decode yet: DeepSeek-V4's hybrid attention has no cache."""
-    if cfg.attn == "hybrid":
-        raise FieldError(field, "DeepSeek-V4's hybrid attention has no decode cache in flyer yet: generate and serve "
-                                "cannot run it (train, export, info and plan can)")
+def decodable(cfg, field: str, generate_args=None) -> None:
+    """Refuses, naming a field, a model flyer cannot decode yet. DeepSeek-V4's hybrid attention: for ``flyer serve``
+    (``generate_args`` None; ``field``: its paged cache has no hybrid layout), and for ``flyer generate`` (its
+    parsed ``generate_args``) with --speculative mtp or --prefix-cache (``check_hybrid_flags``)."""
+    if cfg.attn != "hybrid":
+        return
+    if generate_args is None:
+        raise FieldError(field, "DeepSeek-V4's hybrid attention has no paged cache in flyer yet: serve cannot run "
+                                "it (generate, train, export, info and plan can)")
+    check_hybrid_flags(cfg, generate_args.speculative, generate_args.prefix_cache)
 
 
 @_with_library_warnings
-def load_model(args, beside: tuple[str, str, int] | None = None):
+def load_model(args, beside: tuple[str, str, int] | None = None, generating: bool = False):
     """(model, tokenizer) from ``args.ckpt`` or ``args.preset`` (random weights, byte tokens), on
     ``args.device``, FP8 linears with ``args.precision == 'fp8'``, GEMM weights held in
     ``args.weight_dtype`` (an FP32 model on the CPU). ``beside``: (field, what, bytes) the caller
     allocates on the device next (flyer serve's cache), refused up front with the model's bytes
-    when both do not fit."""
+    when both do not fit. ``generating``: for ``flyer generate``, which decodes hybrid models too
+    (``decodable``)."""
+    decode_args = args if generating else None
     device = resolve_device(args.device)
     args.weight_dtype = resolve_weight_dtype(args, device)
     held = WEIGHT_DTYPES[args.weight_dtype]
@@ -154,7 +161,7 @@ def load_model(args, beside: tuple[str, str, int] | None = None):
                 source = read_hf_config(args.ckpt)[0]
             except (OSError, ValueError, KeyError) as e:
                 raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
-            decodable(source, "ckpt")
+            decodable(source, "ckpt", decode_args)
         # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks;
         # held weights are computed in FP32, and written as held while they load
         dtype = torch.float32 if args.precision == "fp8" or held != torch.float32 else None
@@ -168,12 +175,12 @@ def load_model(args, beside: tuple[str, str, int] | None = None):
             model, cfg, tok = load_pretrained(args.ckpt, device=device, dtype=dtype, held=held)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
-        decodable(cfg, "ckpt")
+        decodable(cfg, "ckpt", decode_args)
         if args.precision == "fp8":
             return convert_to_fp8(model), tok
         return model, tok
     cfg = resolve_config(args.preset)
-    decodable(cfg, "preset")
+    decodable(cfg, "preset", decode_args)
     if cfg.vocab_size < 256:
         raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
     n = param_counts(cfg).total  # built in FP32 on the CPU, then moved
@@ -239,7 +246,7 @@ def _run(args) -> int:
     gen.validate()  # before the model loads
     torch.set_num_threads(args.threads)
     kernels.set_expert_threads(args.expert_threads)
-    model, tok = load_model(args)
+    model, tok = load_model(args, generating=True)
     model.eval()
     cfg = model.cfg
     if args.cache_dtype == "auto":
@@ -248,7 +255,7 @@ def _run(args) -> int:
     if args.speculative == "mtp" and len(model.mtp) == 0:
         raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
     if args.attention == "naive" and cfg.attn != "mla":
-        raise FieldError("attention", "naive applies to MLA models only (this model uses GQA)")
+        raise FieldError("attention", f"naive applies to MLA models only (this model uses {cfg.attn.upper()})")
     prompts = [tok.encode_ids(p) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):
         raise FieldError("prompt", "every prompt must encode to at least one token")
@@ -275,7 +282,7 @@ def _run(args) -> int:
     if args.json:
         out = {"text": texts[0], **({"texts": texts} if len(texts) > 1 else {}), "token_ids": res.tokens,
                **res.as_dict(),
-               "attention": "gqa" if cfg.attn == "gqa" else args.attention, "cache_dtype": args.cache_dtype,
+               "attention": args.attention if cfg.attn == "mla" else cfg.attn, "cache_dtype": args.cache_dtype,
                "weight_dtype": args.weight_dtype}
         if args.speculative:
             out["speculative"] = args.speculative

@@ -13,10 +13,15 @@ token t_{i+1}, as in training.
 ``forward_groups`` runs several such batches (``Group``s, e.g. the server's decoding rows and its
 prefill chunks) as one pass: attention per group, everything else (embedding, norms, the MoE with
 its routed experts' weights) once over all groups' real tokens, so a step reads the weights once.
+
+DeepSeek-V4 (attn "hybrid") decodes against ``flyer.infer.hybrid_cache.HybridCache`` (windows and
+compressed entries), its layers run as ``Block.forward`` runs them: hyper-connection streams around
+each sub-block, hash-routed MoE layers given the token ids. It has no MTP cache yet.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Collection
 
@@ -25,7 +30,9 @@ import torch
 from flyer.infer.attention import (Rows, causal_slot_mask, dsa_absorbed, dsa_naive, gqa_cached, mla_absorbed,
                                    mla_naive)
 from flyer.infer.cache import make_cache
+from flyer.infer.hybrid_cache import HybridCache, hybrid_attention, hybrid_rows, hybrid_tables
 from flyer.model.experts import Experts
+from flyer.model.hyper import HyperConnection
 from flyer.model.transformer import Block, Transformer
 
 
@@ -76,19 +83,26 @@ class Decoder:
     models always use their per-KV-head cache); a model with DSA's indexer (V3.2) caches its keys in
     either. ``with_mtp`` also allocates the MTP module's cache.
     ``cache`` / ``mtp_cache``: caches made elsewhere with the same interface (write / read /
-    read_packed; the server's paged caches), used instead of preallocated ones."""
+    read_packed; the server's paged caches), used instead of preallocated ones. A hybrid model
+    (``mode`` ignored) takes a ``HybridCache`` and no MTP cache."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int, mode: str = "absorbed",
                  cache_dtype: torch.dtype = torch.bfloat16, with_mtp: bool = False, cache=None, mtp_cache=None):
         self.model, self.cfg = model, model.cfg
         device = model.embed.weight.device
-        self.cache = cache or make_cache(self.cfg, self.cfg.n_layers, batch, max_len, mode, cache_dtype, device)
+        if self.cfg.attn == "hybrid":
+            self._init_hybrid(batch, max_len, cache_dtype, with_mtp or mtp_cache is not None, cache, device)
+        else:
+            self.cache = cache or make_cache(self.cfg, self.cfg.n_layers, batch, max_len, mode, cache_dtype, device)
+            self._new_rows, self._layers = self._rows, self._plain_layers
         if with_mtp and len(model.mtp) == 0:
             raise ValueError("speculative decoding with MTP needs a model with mtp_depth >= 1")
         if with_mtp and mtp_cache is None:
             mtp_cache = make_cache(self.cfg, 1, batch, max_len, mode, cache_dtype, device)
         self.mtp_cache = mtp_cache
-        if self.cfg.attn == "gqa":
+        if self.cfg.attn == "hybrid":
+            self._attend = hybrid_attention
+        elif self.cfg.attn == "gqa":
             self._attend = gqa_cached
         elif self.cfg.index_topk:  # DSA (V3.2): the indexer keys cached and scored too, the MTP block's as well
             self._attend = dsa_absorbed if mode == "absorbed" else dsa_naive
@@ -99,6 +113,14 @@ class Decoder:
                 m.pack_w13_()
         self.cos, self.sin = model.rope_tables(max_len, device)  # (max_len, 1, rope)
         self.max_len = max_len
+
+    def _init_hybrid(self, batch: int, max_len: int, cache_dtype: torch.dtype, with_mtp: bool, cache,
+                     device) -> None:
+        if with_mtp:
+            raise ValueError("speculative decoding with MTP has no DeepSeek-V4 (hybrid attention) cache yet")
+        self.cache = cache or HybridCache(self.cfg, batch, max_len, cache_dtype, device)
+        self._new_rows = functools.partial(hybrid_rows, hybrid_tables(self.cfg, max_len, device), max_len)
+        self._layers = self._hybrid_layers
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep batch rows ``rows`` of every cache (finished rows leave the batch)."""
@@ -144,13 +166,17 @@ class Decoder:
         """``forward`` of each group (its hidden states (B, T, D); positions past a row's length
         hold another token's state) in one pass: the groups' real tokens packed into one sequence
         for everything but attention."""
-        packs = [_Pack(g, self._rows(g.start, g.tokens.shape[1], lengths=g.lengths), g.cache or self.cache)
+        packs = [_Pack(g, self._new_rows(g.start, g.tokens.shape[1], lengths=g.lengths), g.cache or self.cache)
                  for g in groups]
         off = 0
         for p in packs:
             p.off, off = off, off + p.n
         x = self.model.embed(torch.cat([p.token_ids for p in packs]) if len(packs) > 1 else packs[0].token_ids)
         x = x.unsqueeze(0)  # (1, N, D): the MoE and norms take a batch of sequences
+        return self._layers(packs, x)
+
+    def _plain_layers(self, packs: list[_Pack], x: torch.Tensor) -> list[torch.Tensor]:
+        """MLA / GQA blocks over the packed embeddings x (1, N, D); each group's hidden states."""
         for i, layer in enumerate(self.model.layers):
             a = layer.attn_norm(x)[0]
             outs = [p.pack(self._attend(layer.attn, p.unpack(a[p.off:p.off + p.n]), p.rows, p.cache, i))
@@ -158,6 +184,34 @@ class Decoder:
             x = x + (torch.cat(outs) if len(outs) > 1 else outs[0])
             x = x + layer.ffn(layer.ffn_norm(x))
         return [p.unpack(x[0, p.off:p.off + p.n]) for p in packs]
+
+    def _hybrid_layers(self, packs: list[_Pack], x: torch.Tensor) -> list[torch.Tensor]:
+        """``_plain_layers`` for DeepSeek-V4, each layer as ``Block.forward``: with ``hc_mult`` > 1 the
+        streams (1, N, hc_mult, D) around attention and FFN (``hc_attn`` / ``hc_ffn``), a hash-routed MoE
+        given the token ids, and ``hc_head``'s collapse after the last layer."""
+        tokens = torch.cat([p.token_ids for p in packs]).unsqueeze(0)  # (1, N), as x
+        streams = self.cfg.hc_mult > 1
+        h = x.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous() if streams else x
+
+        def around(hc, h, block):  # Block.forward's residual: streams mixed by hc, or one stream
+            if not streams:
+                return h + block(h)
+            post, comb, a = hc(h)
+            return HyperConnection.expand(h, block(a), post, comb)
+
+        for i, layer in enumerate(self.model.layers):
+            def attend(a, layer=layer, i=i):
+                a = layer.attn_norm(a)[0]
+                outs = [p.pack(self._attend(layer.attn, p.unpack(a[p.off:p.off + p.n]), p.rows, p.cache, i))
+                        for p in packs]
+                return (torch.cat(outs) if len(outs) > 1 else outs[0]).unsqueeze(0)
+
+            ffn = functools.partial(layer.ffn, tokens_BT=tokens) if layer.hash_routed else layer.ffn
+            h = around(getattr(layer, "hc_attn", None), h, attend)
+            h = around(getattr(layer, "hc_ffn", None), h, lambda f, ffn=ffn, layer=layer: ffn(layer.ffn_norm(f)))
+        if streams:
+            h = self.model.hc_head(h)
+        return [p.unpack(h[0, p.off:p.off + p.n]) for p in packs]
 
     @torch.inference_mode()
     def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:

@@ -208,6 +208,18 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
                                            f"the model's max_seq_len {model.cfg.max_seq_len}")
 
 
+def check_hybrid_flags(cfg, speculative: str | None, prefix_cache: object) -> None:
+    """``FieldError`` naming ``speculative`` / ``prefix_cache`` when set for a DeepSeek-V4 model (attn "hybrid"):
+    its cache (``flyer.infer.hybrid_cache``) keeps windows and compressed entries, not the per-token slots that
+    rolling back rejected drafts and loading a prompt's cached blocks need."""
+    if cfg.attn != "hybrid":
+        return
+    for name, value in (("speculative", speculative), ("prefix_cache", prefix_cache)):
+        if value is not None:  # a PrefixCache may be empty (falsy), still refused
+            raise FieldError(name, "not available for DeepSeek-V4's hybrid attention yet (its decode cache keeps "
+                                   "windows and compressed entries, not per-token slots)")
+
+
 def cache_length(prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> int:
     """Positions the decoder's caches hold: the longest prompt and its new tokens. Speculative
     steps fit in it too: ``mtp_decode`` drafts no further than the last new token's position."""
@@ -220,6 +232,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     gen = gen or GenerationConfig()
     gen.validate()
     _check_prompts(model, prompts, gen)
+    check_hybrid_flags(model.cfg, gen.speculative, gen.prefix_cache)
     model.eval()
     params = SamplingParams(gen.temperature, gen.top_p)
     spec = gen.speculative == "mtp"

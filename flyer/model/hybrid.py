@@ -105,10 +105,11 @@ class Indexer(nn.Module):
 
     @torch.no_grad()
     def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> torch.Tensor:
-        """Index scores (B, T, N) in FP32 of every query against every entry, unmasked."""
+               sin: torch.Tensor, keys_BNK: torch.Tensor | None = None) -> torch.Tensor:
+        """Index scores (B, T, N) in FP32 of every query against every entry, unmasked; ``keys``: the
+        entries' keys (a decode cache's), else compressed from x."""
         B, T, _ = x_BTD.shape
-        keys = self.compressor(x_BTD, cos, sin)  # (B, N, di)
+        keys = self.compressor(x_BTD, cos, sin) if keys_BNK is None else keys_BNK  # (B, N, di)
         q = rope_tail(self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim), cos, sin)
         with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 even under autocast: BF16 scores would tie
             s = torch.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1)))  # (B, T, heads, N)
@@ -158,13 +159,8 @@ class HybridAttention(nn.Module):
         """x (B, T, D) at positions 0..T-1 -> (B, T, D); cos/sin: ``rope_cos_sin`` tables (T, 1, qk_rope_head_dim)
         of ``hybrid_rope_config(cfg, layer_id)``."""
         B, T, _ = x_BTD.shape
-        H, d = self.n_heads, self.head_dim
-        q_latent = self.q_norm(self.wq_a(x_BTD))
-        q = self.wq_b(q_latent).view(B, T, H, d)
-        # each head RMS-normalised without a weight, the scale in FP32 (transformers' q_b_norm)
-        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
-        q = rope_tail(q, cos, sin)
-        kv = rope_tail(self.kv_norm(self.wkv(x_BTD)).unsqueeze(2), cos, sin)  # (B, T, 1, d): k = v
+        q_latent, q = self.queries(x_BTD, cos, sin)
+        kv = self.shared_kv(x_BTD, cos, sin)
 
         t = torch.arange(T, device=x_BTD.device)
         visible = (t.view(1, T) <= t.view(T, 1)) & (t.view(1, T) > t.view(T, 1) - self.window)  # (T, T)
@@ -179,6 +175,19 @@ class HybridAttention(nn.Module):
             kv = torch.cat([kv, entries.unsqueeze(2)], dim=1)
             visible = torch.cat([visible, complete.expand(B, T, N)], dim=-1)
         return self.output(self.attend(q, kv, visible), cos, sin)
+
+    def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the normalised query latent (B, T, R), which the indexer projects too; the queries (B, T, H, d): each
+        head RMS-normalised without a weight, the scale in FP32 (transformers' q_b_norm), then RoPE)."""
+        B, T, _ = x_BTD.shape
+        q_latent = self.q_norm(self.wq_a(x_BTD))
+        q = self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim)
+        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        return q_latent, rope_tail(q, cos, sin)
+
+    def shared_kv(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The one key/value head (B, T, 1, d) of tokens x: k = v, normalised, RoPE on its last channels."""
+        return rope_tail(self.kv_norm(self.wkv(x_BTD)).unsqueeze(2), cos, sin)
 
     def attend(self, q_BTHd: torch.Tensor, kv_BS1d: torch.Tensor, visible_BTS: torch.Tensor) -> torch.Tensor:
         """softmax([q k^T * scale | sink_h]) without the sink's column, times v = k: (B, T, H, d), for queries q,
