@@ -349,6 +349,15 @@ SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
 _NO_YARN = dict(rope_factor=1.0)
 _DENSE = dict(n_routed_experts=0, n_shared_experts=0, mtp_depth=0, q_lora_rank=0)
 
+_DSV4_FLASH = dict(
+    vocab_size=129280, dim=4096, n_layers=43, n_dense_layers=0, attn="hybrid", n_heads=64, head_dim=512,
+    q_lora_rank=1024, qk_rope_head_dim=64, window_size=128, compress_ratios=(0, 0) + (4, 128) * 20 + (4,),
+    o_groups=8, o_lora_rank=1024, index_topk=512, index_n_heads=64, index_head_dim=128, hc_mult=4,
+    moe_inter_dim=2048, n_routed_experts=256, n_shared_experts=1, n_activated_experts=6, n_expert_groups=1,
+    n_limited_groups=1, score_func="sqrtsoftplus", route_scale=1.5, n_hash_layers=3, swiglu_limit=10.0,
+    max_seq_len=1048576, rope_factor=16.0, original_seq_len=65536, mscale=0.0, mtp_depth=0, init_std=0.02,
+)
+
 # CPU presets: gamma 0.01 (V3: 0.001), or the bias lags few large AdamW steps and routing collapses onto one expert.
 PRESETS: dict[str, dict[str, Any]] = {
     # a few M parameters; trains on a CPU in seconds
@@ -400,22 +409,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         original_seq_len=1024, mscale=0.0, mtp_depth=0, init_std=0.02, bias_update_speed=0.01, **_NO_YARN,
     ),
     # official DeepSeek-V4-Flash (284B total, 13B activated): hybrid attention, hyper-connections, hash-routed layers
-    "dsv4-flash": dict(
-        vocab_size=129280, dim=4096, n_layers=43, n_dense_layers=0, attn="hybrid", n_heads=64, head_dim=512,
-        q_lora_rank=1024, qk_rope_head_dim=64, window_size=128, compress_ratios=(0, 0) + (4, 128) * 20 + (4,),
-        o_groups=8, o_lora_rank=1024, index_topk=512, index_n_heads=64, index_head_dim=128, hc_mult=4,
-        moe_inter_dim=2048, n_routed_experts=256, n_shared_experts=1, n_activated_experts=6, n_expert_groups=1,
-        n_limited_groups=1, score_func="sqrtsoftplus", route_scale=1.5, n_hash_layers=3, swiglu_limit=10.0,
-        max_seq_len=1048576, rope_factor=16.0, original_seq_len=65536, mscale=0.0, mtp_depth=0, init_std=0.02,
-    ),
-    # official DeepSeek-V4-Pro (1.6T total, 49B activated)
+    "dsv4-flash": _DSV4_FLASH,
+    # official DeepSeek-V4-Pro (1.6T total, 49B activated): V4-Flash's design, wider and deeper
     "dsv4-pro": dict(
-        vocab_size=129280, dim=7168, n_layers=61, n_dense_layers=0, attn="hybrid", n_heads=128, head_dim=512,
-        q_lora_rank=1536, qk_rope_head_dim=64, window_size=128, compress_ratios=(128, 128) + (4, 128) * 29 + (4,),
-        o_groups=16, o_lora_rank=1024, index_topk=1024, index_n_heads=64, index_head_dim=128, hc_mult=4,
-        moe_inter_dim=3072, n_routed_experts=384, n_shared_experts=1, n_activated_experts=6, n_expert_groups=1,
-        n_limited_groups=1, score_func="sqrtsoftplus", route_scale=2.5, n_hash_layers=3, swiglu_limit=10.0,
-        max_seq_len=1048576, rope_factor=16.0, original_seq_len=65536, mscale=0.0, mtp_depth=0, init_std=0.02,
+        _DSV4_FLASH, dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536,
+        compress_ratios=(128, 128) + (4, 128) * 29 + (4,), o_groups=16, index_topk=1024, moe_inter_dim=3072,
+        n_routed_experts=384, route_scale=2.5,
     ),
     # dense GQA references
     "qwen2.5-72b": dict(
