@@ -280,3 +280,11 @@ def test_tiny_v4_trains_from_scratch_then_exports(tmp_path, capsys):
     with torch.no_grad():
         err, tol = rel(model(x), back(x).logits), v4_tolerance(cfg, 48)
     assert err <= tol, f"{err:.3g} > {tol:.3g}"
+
+
+def test_fp8_export_of_v4_is_refused_in_one_line(src, tmp_path, capsys):
+    """DeepSeek-V4's FP8/FP4 format is read, not written: ``--dtype fp8`` is one line, and nothing is written."""
+    assert main(["export", str(src[0]), "--out", str(tmp_path / "out"), "--dtype", "fp8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DeepSeek-V4" in err[0] and "fp8" in err[0].lower()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
