@@ -30,6 +30,9 @@ head's first ``rotary_dim`` rows: only those are permuted. DeepSeek-V3.2's MLA r
 its DSA indexer rotate-half: the indexer's rope rows (the first ``qk_rope_head_dim`` of each head of
 ``wq_b``, of ``wk``, and of ``k_norm``'s weight and bias, which follow the channels they scale) are
 always permuted.
+DeepSeek-V4 (hybrid attention) keeps DeepSeek's own names (``layers.i.attn.wq_a``, ``ffn.experts.e.w1``,
+``hc_attn_fn``, ``embed``, ``head``: ``_v4_entries``; transformers' saved spelling read through ``v4_name``),
+and its FP8 weights carry UE8M0 block scales as ``<name>.scale``, its routed experts FP4 (``v4_quant``).
 DeepSeek's FP8 format stores a linear weight as ``float8_e4m3fn`` plus ``weight_scale_inv``,
 one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on import, or, into a
 model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as its codes and scales.
