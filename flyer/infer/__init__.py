@@ -4,6 +4,7 @@ on-disk prefix cache.
     cache.py         preallocated per-layer caches: MLA latents + rope keys (absorbed), per-head
                      K/V (naive MLA, GQA) for comparison
     attention.py     cached attention: absorbed MLA, naive MLA, GQA (the training path is the oracle)
+    hybrid_cache.py  DeepSeek-V4's cache (window rings, compressor states, entries) and its attention
     decoder.py       the model run incrementally against a cache, per-row positions; finished
                      rows leave the batch
     sampling.py      greedy, temperature, top-p
