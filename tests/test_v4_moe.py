@@ -501,12 +501,14 @@ def _bad_score_cfg(cfg):
 
 
 def test_hash_gate_state_and_errors():
-    """A hash-routed gate: a persistent int64 (vocab, K) ``tid2eid`` (zeros at init) and no bias;
-    token ids are required; no balance loss and no bias update for it."""
+    """A hash-routed gate: a persistent int64 (vocab, K) ``tid2eid`` (at init, K distinct experts per token id)
+    and no bias; token ids are required; no balance loss and no bias update for it."""
     cfg = v4_cfg(seq_aux_alpha=0.01)
     moe = MoE(cfg, hash_routed=True)
-    assert moe.gate.bias is None and moe.gate.tid2eid.dtype == torch.int64
-    assert moe.gate.tid2eid.shape == (V, K) and not moe.gate.tid2eid.any()
+    table = moe.gate.tid2eid
+    assert moe.gate.bias is None and table.dtype == torch.int64 and table.shape == (V, K)
+    assert all(len(set(row)) == K for row in table.tolist()) and 0 <= int(table.min()) and int(table.max()) < E
+    assert len(set(table[:, 0].tolist())) > 1  # not one expert for every token
     keys = set(moe.state_dict())
     assert "gate.tid2eid" in keys and "gate.bias" not in keys
     x, tokens = _inputs()
