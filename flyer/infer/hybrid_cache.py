@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from flyer.config import ModelConfig
-from flyer.model.hybrid import hybrid_rope_config, rope_tail, select_topk
+from flyer.model.hybrid import hybrid_rope_config, select_topk
 from flyer.model.rope import rope_cos_sin
 
 Tables = dict[bool, tuple[torch.Tensor, torch.Tensor]]  # compressed layer? -> cos, sin (max_len, 1, R)
@@ -169,11 +169,9 @@ def _complete_entries(comp: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, kv
             gate_w = torch.cat([gate_w[:, :, :r, :d], gate_w[:, :, r:, d:]], dim=2)
             before = (p < 0).unsqueeze(-1)
             kv_w, gate_w = kv_w.masked_fill(before, 0.0), gate_w.masked_fill(before, float("-inf"))
-        w = gate_w.softmax(dim=2, dtype=torch.float32).to(kv_w.dtype)
-        entries = comp.norm((kv_w * w).sum(dim=2))  # (B, M, d)
         cos, sin = rows.tables[True]
         at_entry = (i * r).clamp(max=cos.shape[0] - 1)
-        entries = rope_tail(entries.unsqueeze(2), cos[at_entry], sin[at_entry]).squeeze(2)
+        entries = comp.pool(kv_w, gate_w, cos[at_entry], sin[at_entry])  # (B, M, d)
         b, m = (torch.arange(M, device=x_BTD.device) < (done - first).view(-1, 1)).nonzero(as_tuple=True)
         store_BND[b, i[b, m]] = entries[b, m].to(store_BND.dtype)
     _write_ring(kv_state, kv, rows)

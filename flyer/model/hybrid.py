@@ -80,9 +80,16 @@ class Compressor(nn.Module):
             kv = torch.cat([F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0)), kv[..., d:]], dim=2)
             gate = torch.cat([F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf")), gate[..., d:]],
                              dim=2)
-        w = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
-        entries = self.norm((kv * w).sum(dim=2))
-        return rope_tail(entries.unsqueeze(2), cos[: N * r : r], sin[: N * r : r]).squeeze(2)
+        return self.pool(kv, gate, cos[: N * r : r], sin[: N * r : r])
+
+    def pool(self, kv_BNSd: torch.Tensor, gate_BNSd: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> torch.Tensor:
+        """Entries (B, N, head_dim) from each window's slots (kv and gate, ``ape`` added, overlap laid out): the
+        per-channel softmax over slots (FP32) weighting kv, normalised, RoPE at the entries' cos/sin rows. The
+        training path and the decode cache (``flyer.infer.hybrid_cache``) both pool here."""
+        w = gate_BNSd.softmax(dim=2, dtype=torch.float32).to(kv_BNSd.dtype)
+        entries = self.norm((kv_BNSd * w).sum(dim=2))
+        return rope_tail(entries.unsqueeze(2), cos, sin).squeeze(2)
 
 
 class Indexer(nn.Module):
