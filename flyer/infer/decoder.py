@@ -32,7 +32,6 @@ from flyer.infer.attention import (Rows, causal_slot_mask, dsa_absorbed, dsa_nai
 from flyer.infer.cache import make_cache
 from flyer.infer.hybrid_cache import HybridCache, hybrid_attention, hybrid_rows, hybrid_tables
 from flyer.model.experts import Experts
-from flyer.model.hyper import HyperConnection
 from flyer.model.transformer import Block, Transformer
 
 
@@ -186,31 +185,17 @@ class Decoder:
         return [p.unpack(x[0, p.off:p.off + p.n]) for p in packs]
 
     def _hybrid_layers(self, packs: list[_Pack], x: torch.Tensor) -> list[torch.Tensor]:
-        """``_plain_layers`` for DeepSeek-V4, each layer as ``Block.forward``: with ``hc_mult`` > 1 the
-        streams (1, N, hc_mult, D) around attention and FFN (``hc_attn`` / ``hc_ffn``), a hash-routed MoE
-        given the token ids, and ``hc_head``'s collapse after the last layer."""
+        """``_plain_layers`` for DeepSeek-V4: each layer's ``Block.residual`` (the training path's streams and
+        hash-routed MoE) around the cached attention, between ``Transformer.streams`` and ``collapse``."""
         tokens = torch.cat([p.token_ids for p in packs]).unsqueeze(0)  # (1, N), as x
-        streams = self.cfg.hc_mult > 1
-        h = x.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous() if streams else x
-
-        def around(hc, h, block):  # Block.forward's residual: streams mixed by hc, or one stream
-            if not streams:
-                return h + block(h)
-            post, comb, a = hc(h)
-            return HyperConnection.expand(h, block(a), post, comb)
-
+        h = self.model.streams(x)
         for i, layer in enumerate(self.model.layers):
-            def attend(a, layer=layer, i=i):
-                a = layer.attn_norm(a)[0]
-                outs = [p.pack(self._attend(layer.attn, p.unpack(a[p.off:p.off + p.n]), p.rows, p.cache, i))
+            def attend(a, layer=layer, i=i):  # a: the normed block input (1, N, D)
+                outs = [p.pack(self._attend(layer.attn, p.unpack(a[0, p.off:p.off + p.n]), p.rows, p.cache, i))
                         for p in packs]
                 return (torch.cat(outs) if len(outs) > 1 else outs[0]).unsqueeze(0)
-
-            ffn = functools.partial(layer.ffn, tokens_BT=tokens) if layer.hash_routed else layer.ffn
-            h = around(getattr(layer, "hc_attn", None), h, attend)
-            h = around(getattr(layer, "hc_ffn", None), h, lambda f, ffn=ffn, layer=layer: ffn(layer.ffn_norm(f)))
-        if streams:
-            h = self.model.hc_head(h)
+            h = layer.residual(h, attend, tokens)
+        h = self.model.collapse(h)
         return [p.unpack(h[0, p.off:p.off + p.n]) for p in packs]
 
     @torch.inference_mode()

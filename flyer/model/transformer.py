@@ -53,13 +53,18 @@ class Block(nn.Module):
                 tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D), or (B, T, N, D) streams with hyper-connections; ``tokens_BT``: the token ids, which a
         hash-routed MoE needs."""
+        return self.residual(x, lambda a: self.attn(a, cos, sin), tokens_BT)
+
+    def residual(self, x: torch.Tensor, attend, tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """The block around ``attend`` (normed input -> attention output; the decode cache's, or the training
+        path's): the residual, or the streams mixed by ``hc_attn`` / ``hc_ffn``, and the FFN."""
         ffn = partial(self.ffn, tokens_BT=tokens_BT) if self.hash_routed else self.ffn
         if x.dim() == 4:
             post, comb, a = self.hc_attn(x)
-            x = HyperConnection.expand(x, self.attn(self.attn_norm(a), cos, sin), post, comb)
+            x = HyperConnection.expand(x, attend(self.attn_norm(a)), post, comb)
             post, comb, f = self.hc_ffn(x)
             return HyperConnection.expand(x, ffn(self.ffn_norm(f)), post, comb)
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + attend(self.attn_norm(x))
         return x + ffn(self.ffn_norm(x))
 
 
@@ -159,9 +164,7 @@ class Transformer(OutputHeads, nn.Module):
     def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Final hidden states before the last norm (B, T, D)."""
         T = tokens_BT.shape[1]
-        h = self.embed(tokens_BT)
-        if self.cfg.hc_mult > 1:  # every stream starts as the embedding
-            h = h.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
+        h = self.streams(self.embed(tokens_BT))
         if self.cfg.attn != "hybrid":
             cos, sin = self.rope_tables(T, tokens_BT.device)
             tables = [(cos, sin)] * len(self.layers)
@@ -176,6 +179,15 @@ class Transformer(OutputHeads, nn.Module):
                 tables.append(by_kind[kind])
         for layer, (cos, sin) in zip(self.layers, tables):
             h = layer(h, cos, sin, tokens_BT)
+        return self.collapse(h)
+
+    def streams(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The residual the blocks take: the embeddings x, or with hyper-connections hc_mult streams (B, T, N, D),
+        each starting as x."""
+        return x_BTD.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous() if self.cfg.hc_mult > 1 else x_BTD
+
+    def collapse(self, h: torch.Tensor) -> torch.Tensor:
+        """The last block's residual as hidden states (B, T, D): ``hc_head``'s collapse of the streams."""
         return self.hc_head(h) if self.cfg.hc_mult > 1 else h
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
