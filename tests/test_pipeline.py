@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from bounds import adamw_bound
 from flyer.config import preset
+from flyer.model.counts import attention_flops_per_token, block_params
 from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import MIRROR, expert_param_names
@@ -216,6 +217,33 @@ def test_split_layers_is_the_flop_optimal_contiguous_split(n_layers, n_dense, mt
         assert [i for r in split for i in r] == list(range(n_layers))  # contiguous, every layer once
         got = max(sum(cost[i] for i in r) + (end_flops(cfg, seq) if s == n - 1 else 0) for s, r in enumerate(split))
         assert got == pytest.approx(_brute_force_best(cfg, n, seq), rel=1e-12), (n, split)
+
+
+def test_layer_flops_count_the_keys_each_layer_attends():
+    """A layer's attention term is what its queries see: dense MLA every earlier token, DSA its top-k,
+    DeepSeek-V4's window-only, CSA and HCA layers their window and entries (``counts``' exact means). Before,
+    every layer was charged dense causal attention: the V4 split balanced layers that cost alike as if they
+    did not, and the other way round."""
+    seq = 65536
+    dense, sparse = preset("dsv3"), preset("dsv32")  # V3.2 attends 2048 of 65536 keys
+    dense_attention = 6 * dense.n_heads * (dense.qk_head_dim + dense.v_head_dim) * seq / 2
+    params = 6 * block_params(dense, 5, activated=True)
+    assert layer_flops(dense, 5, seq) == pytest.approx(params + dense_attention, rel=1e-12)
+    sparse_attention = layer_flops(sparse, 5, seq) - 6 * block_params(sparse, 5, activated=True)  # + its indexer
+    assert sparse_attention == pytest.approx(3 * attention_flops_per_token(sparse, seq), rel=1e-12)
+    assert sparse_attention < 0.3 * dense_attention  # the indexer's scores over every key are most of it
+    v4 = preset("dsv4-flash")
+    kinds = {}
+    for i in range(v4.n_layers):
+        flops = layer_flops(v4, i, seq)
+        assert flops == pytest.approx(6 * block_params(v4, i, activated=True)
+                                      + 3 * attention_flops_per_token(v4, seq, True, i), rel=1e-12)
+        kinds.setdefault(v4.compress_ratios[i], set()).add(round(flops - 6 * block_params(v4, i, activated=True)))
+    assert len(kinds) == 3 and all(len(v) == 1 for v in kinds.values())  # window only, CSA, HCA: one cost each
+    window, csa, hca = (kinds[r].pop() for r in (0, v4.csa_ratio, 128))
+    assert window < hca < csa
+    # the dense causal attention the split charged before: about 20x even a CSA layer's at 64K tokens
+    assert 6 * v4.n_heads * 2 * v4.head_dim * seq / 2 > 15 * csa
 
 
 def test_split_layers_refuses_more_stages_than_layers():

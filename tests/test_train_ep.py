@@ -13,8 +13,8 @@ from flyer.train.metrics import read_metrics
 
 
 @pytest.mark.slow
-def test_torchrun_ep4_two_nodes_trains_checkpoints_and_resumes(tmp_path):
-    cache = tmp_path / "data"
+def test_torchrun_ep4_two_nodes_trains_checkpoints_and_resumes(tmp_path, data_cache):
+    cache = data_cache  # the session's tokenizer and shards: the default corpus is prepared once
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "flyer",
             "train", "--preset", "tiny", "--ep", "4", "--ranks-per-node", "2", "--batch-size", "2", "--seq-len", "32",
             "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2", "--threads", "1", "--no-progress",

@@ -32,15 +32,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.torch_version import TorchVersion
-from torch.distributed import pipelining as pipe
 
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
-from flyer.model.counts import block_params
+from flyer.model.counts import attention_flops_per_token, block_params
 from flyer.model.moe import MoE
 from flyer.model.transformer import OutputHeads, Transformer
 from flyer.parallel.grads import MIRROR
-from flyer.parallel.overlap import OverlapFB
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
 V_SCHEDULES = ("zb", "dualpipev")  # V placement: rank r holds stages r and 2 pp - 1 - r
@@ -107,11 +105,13 @@ def require_torch_for(schedule: str, pp: int) -> None:
 
 
 def layer_flops(cfg: ModelConfig, layer_id: int, seq_len: int) -> float:
-    """Training FLOPs per token of block ``layer_id``: 6 per activated weight, plus causal attention
-    (QK^T and PV, forward and backward)."""
-    qk = cfg.qk_head_dim if cfg.attn == "mla" else cfg.head_dim
-    v = cfg.v_head_dim if cfg.attn == "mla" else cfg.head_dim
-    return 6 * block_params(cfg, layer_id, activated=True) + 6 * cfg.n_heads * (qk + v) * seq_len / 2
+    """Training FLOPs per token of block ``layer_id``: 6 per activated weight, plus 3 x its causal attention
+    core's forward (``attention_flops_per_token``: the keys its queries see, so DSA's top-k and each hybrid
+    layer's window and entries, not every earlier token)."""
+    # an MTP block (layer_id n_layers) attends as the main layers do; a hybrid model has none (mtp_depth 0)
+    per_layer = layer_id if cfg.attn == "hybrid" else None
+    attention = attention_flops_per_token(cfg, seq_len, True, per_layer)
+    return 6 * block_params(cfg, layer_id, activated=True) + 3 * attention
 
 
 def end_flops(cfg: ModelConfig, seq_len: int) -> float:
@@ -247,6 +247,14 @@ def _no_loss(_output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
     raise AssertionError("only the last stage computes the loss")
 
 
+def _pipelining():
+    """``torch.distributed.pipelining``, imported when a pipeline is built: importing it (with dynamo and
+    DTensor) takes seconds, which every ``flyer train`` start would pay, pipelined or not."""
+    from torch.distributed import pipelining
+
+    return pipelining
+
+
 class PipelineModel(nn.Module):
     """This rank's stages of a ``Transformer``. Its parameters and state-dict names are those of
     the one-process model restricted to the stages held here (``layers.<id>`` keeps the global
@@ -293,6 +301,7 @@ class PipelineModel(nn.Module):
         # Static shapes: PyTorch's dynamic shape inference would run an extra real forward and
         # backward (counting expert loads and MoE traffic) on the first step.
         # requires_grad: a stage's input gradient is what it sends back.
+        pipe = _pipelining()
         hidden = torch.empty(batch_size, seq_len, model.cfg.dim, device="meta", requires_grad=True)
         tokens = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
         self.pipe_stages = [pipe.PipelineStage(st, st.index, n, mesh.device, input_args=tokens if st.first else hidden,
@@ -301,6 +310,8 @@ class PipelineModel(nn.Module):
         self.schedule = self._build_schedule()
         if self.overlap and mesh.pp > 1:
             mesh.add_backward_groups()  # the backward's exchanges get their own groups (see overlap.py)
+            from flyer.parallel.overlap import OverlapFB  # heavy: imports torch.distributed.pipelining
+
             self.schedule.register_custom_function(pipe.schedules.OVERLAP_F_B, OverlapFB())
 
     @property
@@ -312,6 +323,7 @@ class PipelineModel(nn.Module):
         # every rank passes a loss function: PyTorch's schedules run backward only where one is given
         loss_fn = last.loss if last is not None else _no_loss
         kind, M = self.schedule_name, self.micro_batches
+        pipe = _pipelining()
         kw = dict(loss_fn=loss_fn, scale_grads=False)
         if kind == "1f1b":
             return pipe.Schedule1F1B(self.pipe_stages[0], M, **kw)

@@ -21,11 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-with warnings.catch_warnings():  # its functional optimizers call torch.jit.script at import: 66 deprecation notices
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
 from flyer.parallel.grads import expert_param_names
+
+
+def zero_redundancy_optimizer() -> type:
+    """``torch.distributed.optim.ZeroRedundancyOptimizer``, imported when a sharded optimizer is built:
+    that package (FSDP, DTensor) takes seconds to import, which every ``flyer train`` start would pay."""
+    with warnings.catch_warnings():  # its functional optimizers call torch.jit.script at import: 66 deprecation notices
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    return ZeroRedundancyOptimizer
 
 
 def adamw_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
@@ -91,7 +96,8 @@ class ShardedAdamW:
             if replicas == 1:
                 self.parts.append(torch.optim.AdamW(groups, **hyper))
             else:
-                self.parts.append(ZeroRedundancyOptimizer(groups, torch.optim.AdamW, process_group=group, **hyper))
+                sharded = zero_redundancy_optimizer()
+                self.parts.append(sharded(groups, torch.optim.AdamW, process_group=group, **hyper))
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -108,7 +114,7 @@ class ShardedAdamW:
 
     def local_optimizers(self) -> list[torch.optim.Optimizer]:
         """The AdamW instances stepping this rank's parameters (its shards)."""
-        return [p.optim if isinstance(p, ZeroRedundancyOptimizer) else p for p in self.parts]
+        return [p if isinstance(p, torch.optim.AdamW) else p.optim for p in self.parts]
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard: one AdamW state dict per part."""
@@ -124,4 +130,4 @@ class ShardedAdamW:
             o.load_state_dict(s)
 
 
-__all__ = ["ShardedAdamW", "adamw_groups", "partition", "shard_kinds", "shard_rank"]
+__all__ = ["ShardedAdamW", "adamw_groups", "partition", "shard_kinds", "shard_rank", "zero_redundancy_optimizer"]
