@@ -13,7 +13,9 @@ Llama, Qwen2, Qwen3(-MoE) and Mixtral have no MTP module, so a GQA model's is le
 GQA model with routed experts exports as Mixtral or Qwen3-MoE where that computes it, else is refused.
 ``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
 ``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``; an FP8 source keeps its own
-codes and scales). A checkpoint directory is streamed: each tensor is read, converted and written
+codes and scales); DeepSeek-V4 its published one (``v4_quant``: E4M3 with UE8M0 ``.scale`` blocks, routed
+experts FP4, the rest BF16/FP32), a source in that format keeping its own. A checkpoint directory is
+streamed: each tensor is read, converted and written
 before the next (the model is never loaded), into a fresh directory beside
 ``--out`` that is renamed to it when complete: ``--out`` must be new or empty, nothing is
 overwritten, and a failure leaves nothing behind. From an HF directory, or a run fine-tuned from
@@ -39,16 +41,18 @@ import torch
 
 from flyer import kernels
 from flyer.config import ModelConfig, parse_size
-from flyer.errors import ConfigError, FieldError
+from flyer.errors import CheckpointError, ConfigError, FieldError
 from flyer.fp8.quant import TILE, quantize_blocks
 from flyer.infer.weights import FP8, held_scale
 from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, TextTokenizer, _read_json, build_empty,
                               checkpoint_dtype, fill_tensor, hf_names, hf_weight_map, is_hf_model_dir, load_tokenizer,
-                              is_mixtral, permute_rope, read_hf_config, rope_half_layout, weight_files)
+                              is_mixtral, permute_rope, read_hf_config, rope_half_layout, v4_name, weight_files)
 from flyer.interop.hf_config import GQA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES
 from flyer.interop.hf_config_v4 import to_v4_config
 from flyer.interop.load import run_tokenizer, settings_dir, stored_weight_dtype
 from flyer.interop.tensorfile import TensorFile, header, write_tensors
+from flyer.interop.v4_quant import (FP4_GROUP, dequantize_fp4_e2m1, dequantize_ue8m0_blocks, published_format,
+                                    quantized_items, stored_format)
 from flyer.model.transformer import Transformer
 from flyer.train.checkpoint import SETTINGS_FILES, check_model_weights, fsync_path, inference_checkpoint
 
@@ -125,6 +129,15 @@ def _check_v4(cfg: ModelConfig) -> None:
                               f"which needs {need} (got {getattr(cfg, field)!r})")
 
 
+def _check_v4_fp4(cfg: ModelConfig) -> None:
+    """DeepSeek-V4's FP4 experts hold one scale per 32 inputs of a row: w1 / w3 have dim inputs, w2 moe_inter_dim."""
+    for field in ("dim", "moe_inter_dim"):
+        if getattr(cfg, field) % FP4_GROUP:
+            raise ConfigError(f"config field '{field}': DeepSeek-V4's FP8 format stores routed experts in FP4 with "
+                              f"one scale per {FP4_GROUP} inputs, so it needs a multiple of {FP4_GROUP} "
+                              f"(got {getattr(cfg, field)})")
+
+
 def _partial_rotary_factor(cfg: ModelConfig) -> float:
     """The ``partial_rotary_factor`` transformers reads back as ``cfg.rope_dim`` (it truncates head_dim * factor)."""
     factor = cfg.rope_dim / cfg.head_dim
@@ -197,9 +210,10 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
         d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                     "weight_block_size": [128, 128]}
     if mt == "deepseek_v4":  # its intermediate_size would alias moe_intermediate_size
-        if dtype == "fp8":
-            raise ConfigError("config field 'attn': DeepSeek-V4 checkpoints export as bf16 or fp32 (its FP8/FP4 "
-                              "format is read, not yet written)")
+        if dtype == "fp8":  # as DeepSeek's V4 config.json: UE8M0 scales, FP4 experts
+            _check_v4_fp4(cfg)
+            d["quantization_config"]["scale_fmt"] = "ue8m0"
+            d["expert_dtype"] = "fp4"
         del d["intermediate_size"]
         d.update(to_v4_config(cfg))
         return d
@@ -259,7 +273,8 @@ Read = Callable[[Slot], torch.Tensor]  # a flyer tensor, or one expert of a stac
 def tensor_items(model: Transformer, dtype: str, codes: Codes | None = None) -> list[Item]:
     """(HF name, shape, dtype, make) of every tensor of ``model`` to write, in the model's order;
     ``make`` converts one tensor when called. FP8: quantizable weights and their
-    ``weight_scale_inv``, taken from ``codes`` where it has them (else quantized)."""
+    ``weight_scale_inv`` (DeepSeek-V4: ``.scale``, ``v4_quant.quantized_items``), taken from ``codes``
+    where it has them (else quantized)."""
     state = model.state_dict()
 
     def read(slot: Slot) -> torch.Tensor:
@@ -283,7 +298,11 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
         def get(slot=slot) -> torch.Tensor:
             t = read(Slot(slot.key, slot.expert)).detach().cpu()  # no upcast: one converted copy of one tensor
             return t if slot.rope_rows is None else permute_rope(t, slot.rope_rows, inverse=True)
-        if dtype == "fp8" and len(shape) == 2 and not _NOT_FP8.search(name):
+        v4 = published_format(name) if dtype == "fp8" and cfg.attn == "hybrid" else "plain"
+        if v4 != "plain":  # DeepSeek-V4's format: E4M3 or FP4 codes with UE8M0 scales
+            items += quantized_items(name, shape, v4, get, (codes or {}).get(name))
+            continue
+        if dtype == "fp8" and cfg.attn != "hybrid" and len(shape) == 2 and not _NOT_FP8.search(name):
             rows_b, cols_b = -(-shape[0] // 128), -(-shape[1] // 128)
             own = (codes or {}).get(name)
             items.append((name, shape, torch.float8_e4m3fn,
@@ -488,6 +507,33 @@ def _source_codes(path: Path, cfg: ModelConfig, headers: dict[Path, TensorFile])
     return codes
 
 
+def _v4_source_codes(files: dict[str, Path], headers: dict[Path, TensorFile]) -> Codes:
+    """The weights of the DeepSeek-V4 checkpoint ``files`` stored as the export stores them (``published_format``)
+    with their UE8M0 scales, read as they are; each checked as the loader checks it (its scale's shape, NaN
+    scale bytes or codes: a ``CheckpointError`` naming the file and the tensor) as it is written."""
+    codes: Codes = {}
+    for name, f in files.items():
+        kind = stored_format(name, files, header(headers, f).dtype(name))
+        if kind == "plain" or published_format(v4_name(name)) != kind:
+            continue  # another format: quantized again from its exact values
+        scale_name = name.removesuffix(".weight") + ".scale"
+        tf, sf = header(headers, f), header(headers, files[scale_name])
+        fp8 = kind == "fp8_ue8m0"
+
+        def scale(sf=sf, scale_name=scale_name) -> torch.Tensor:  # UE8M0, or its bytes
+            return sf.read(scale_name).view(torch.float8_e8m0fnu)
+
+        def data(tf=tf, name=name, fp8=fp8, scale=scale) -> torch.Tensor:  # FP4: int8, uint8 or float4_e2m1fn_x2
+            t = tf.read(name).view(torch.float8_e4m3fn if fp8 else torch.int8)
+            try:
+                (dequantize_ue8m0_blocks if fp8 else dequantize_fp4_e2m1)(t, scale(), name=name)
+            except ValueError as e:
+                raise CheckpointError(f"{tf.path}: tensor {name}: {e}") from None
+            return t
+        codes[v4_name(name)] = (data, scale)
+    return codes
+
+
 def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_size: str | int = "5GB") -> dict:
     """``export_model`` of the checkpoint at ``path`` (a flyer run or step directory, or an HF
     directory), streamed: each tensor is read, converted and written before the next
@@ -499,7 +545,11 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
     _check_out(Path(out))  # before the checkpoint is read for nothing
     src = _Streamed(path)
     source = settings_dir(path)  # an HF directory, or a run fine-tuned from one: its tokenizer settings
-    codes = _source_codes(source, src.cfg, src.headers) if src.fp8 and dtype == "fp8" else None
+    codes = None
+    if dtype == "fp8" and src.where is not None and src.cfg.attn == "hybrid":  # an HF directory: V4's own format
+        codes = _v4_source_codes(src.files, src.headers)
+    elif dtype == "fp8" and src.fp8:
+        codes = _source_codes(source, src.cfg, src.headers)
     return _export(src.cfg, src.tok, lambda: _items(src.cfg, src.state, src.read, dtype, codes), out, dtype,
                    max_shard_size, source)
 
@@ -515,7 +565,8 @@ def register(sub) -> None:
     p.add_argument("path", help="a flyer run or step directory, or a Hugging Face model directory")
     p.add_argument("--out", required=True, help="the directory to write (new, or empty)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
-                   help="bf16 (default), fp32, or fp8 (DeepSeek's float8_e4m3fn + 128x128 weight_scale_inv)")
+                   help="bf16 (default), fp32, or fp8 (DeepSeek's float8_e4m3fn + 128x128 weight_scale_inv; for "
+                        "DeepSeek-V4 its published format: UE8M0 .scale blocks, FP4 routed experts)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
     p.set_defaults(func=_run)
 

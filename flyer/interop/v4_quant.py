@@ -25,11 +25,17 @@ quarter of FP4 groups of random weights): they hold the same values as max code 
 half the scale, which the ceil rule picks, so the bytes differ (codes doubled, scale byte one
 less) though the values do not. Pass the checkpoint's ``scale`` to the encoders to reproduce
 every byte.
+
+Which tensors a V4 checkpoint stores in which format is DeepSeek's choice, by name
+(``published_format``; tests/test_v4_counts.py reproduces V4-Flash's published index by it), and
+``quantized_items`` writes one that way (``flyer export --dtype fp8``).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -209,5 +215,53 @@ def quantize_fp4_e2m1(w: torch.Tensor, scale: torch.Tensor | None = None,
     return packed.view(torch.int8), _e8m0_bytes(exponents)
 
 
+# what DeepSeek's V4 checkpoints store as FP8 (attention projections, the indexer's queries, the shared expert and the
+# MTP layer's e_proj / h_proj; not the compressors, the indexer's weights_proj or the router) and as FP4 (routed
+# experts); everything else is plain: BF16, or FP32 (sinks, ape, hyper-connections, router bias), int64 hash tables
+_FP8_NAMES = re.compile(r"(^|\.)attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)\.weight$"
+                        r"|\.shared_experts\.w[123]\.weight$|(^|\.)(e_proj|h_proj)\.weight$")
+_FP4_NAMES = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
+
+
+def published_format(name: str) -> str:
+    """How DeepSeek's published V4 checkpoints store the tensor ``name`` (hub spelling): "fp8_ue8m0", "fp4"
+    or "plain" (``stored_format``'s kinds)."""
+    return "fp8_ue8m0" if _FP8_NAMES.search(name) else "fp4" if _FP4_NAMES.search(name) else "plain"
+
+
+def quantized_shapes(kind: str, shape: tuple[int, int]) -> tuple[tuple[tuple[int, int], torch.dtype], ...]:
+    """((data shape, dtype), (scale shape, dtype)) a (N, K) weight is stored as in format ``kind``."""
+    N, K = shape
+    if kind == "fp8_ue8m0":
+        return ((N, K), torch.float8_e4m3fn), ((-(-N // FP8_BLOCK), -(-K // FP8_BLOCK)), torch.float8_e8m0fnu)
+    return ((N, K // 2), torch.int8), ((N, K // FP4_GROUP), torch.float8_e8m0fnu)
+
+
+Make = Callable[[], torch.Tensor]
+
+
+def quantized_items(name: str, shape: tuple[int, int], kind: str, get: Make,
+                    own: tuple[Make, Make] | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype, Make]]:
+    """The (name, shape, dtype, make) items of the weight ``name`` (``get``: its (N, K) values) stored in format
+    ``kind`` ("fp8_ue8m0" or "fp4"): ``<stem>.weight`` and ``<stem>.scale``. ``own``: makers of a source
+    checkpoint's codes and scale in that format, written as they are (nothing is rounded twice). Each is made
+    once when written, the weight before its scale: the scale the weight's encoding gave is kept until then."""
+    (data_shape, data_dtype), (scale_shape, scale_dtype) = quantized_shapes(kind, shape)
+    encode = quantize_ue8m0_blocks if kind == "fp8_ue8m0" else quantize_fp4_e2m1
+    pair: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def make(i: int) -> torch.Tensor:
+        if own is not None:
+            return own[i]()
+        if not pair:
+            pair.append(encode(get(), name=name))
+        return pair.pop()[1] if i == 1 else pair[0][0]
+
+    stem = name.removesuffix(".weight")
+    return [(name, data_shape, data_dtype, lambda: make(0)),
+            (stem + ".scale", scale_shape, scale_dtype, lambda: make(1))]
+
+
 __all__ = ["FP8_BLOCK", "FP4_GROUP", "E4M3_MAX", "E2M1_MAX", "FP4_DTYPES", "stored_format",
-           "dequantize_ue8m0_blocks", "dequantize_fp4_e2m1", "quantize_ue8m0_blocks", "quantize_fp4_e2m1"]
+           "dequantize_ue8m0_blocks", "dequantize_fp4_e2m1", "quantize_ue8m0_blocks", "quantize_fp4_e2m1",
+           "published_format", "quantized_items", "quantized_shapes"]
