@@ -124,27 +124,21 @@ def _with_library_warnings(f):
     return wrapped
 
 
-def decodable(cfg, field: str, generate_args=None) -> None:
-    """Refuses, naming a field, a model flyer cannot decode yet. DeepSeek-V4's hybrid attention: for ``flyer serve``
-    (``generate_args`` None; ``field``: its paged cache has no hybrid layout), and for ``flyer generate`` (its
-    parsed ``generate_args``) with --speculative mtp or --prefix-cache (``check_hybrid_flags``)."""
-    if cfg.attn != "hybrid":
-        return
-    if generate_args is None:
-        raise FieldError(field, "DeepSeek-V4's hybrid attention has no paged cache in flyer yet: serve cannot run "
-                                "it (generate, train, export, info and plan can)")
-    check_hybrid_flags(cfg, generate_args.speculative, generate_args.prefix_cache)
+def decodable(cfg, args) -> None:
+    """Refuses, naming the flag's field, what flyer cannot decode yet: DeepSeek-V4's hybrid attention under
+    --speculative mtp or --prefix-cache (``check_hybrid_flags``), in ``flyer generate`` and ``flyer serve`` alike
+    (``args``: either's parsed flags)."""
+    if cfg.attn == "hybrid":
+        check_hybrid_flags(cfg, args.speculative, args.prefix_cache)
 
 
 @_with_library_warnings
-def load_model(args, beside: tuple[str, str, int] | None = None, generating: bool = False):
+def load_model(args, beside: tuple[str, str, int] | None = None):
     """(model, tokenizer) from ``args.ckpt`` or ``args.preset`` (random weights, byte tokens), on
     ``args.device``, FP8 linears with ``args.precision == 'fp8'``, GEMM weights held in
     ``args.weight_dtype`` (an FP32 model on the CPU). ``beside``: (field, what, bytes) the caller
     allocates on the device next (flyer serve's cache), refused up front with the model's bytes
-    when both do not fit. ``generating``: for ``flyer generate``, which decodes hybrid models too
-    (``decodable``)."""
-    decode_args = args if generating else None
+    when both do not fit. A hybrid model under flags it cannot take is refused (``decodable``)."""
     device = resolve_device(args.device)
     args.weight_dtype = resolve_weight_dtype(args, device)
     held = WEIGHT_DTYPES[args.weight_dtype]
@@ -161,7 +155,7 @@ def load_model(args, beside: tuple[str, str, int] | None = None, generating: boo
                 source = read_hf_config(args.ckpt)[0]
             except (OSError, ValueError, KeyError) as e:
                 raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
-            decodable(source, "ckpt", decode_args)
+            decodable(source, args)
         # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks;
         # held weights are computed in FP32, and written as held while they load
         dtype = torch.float32 if args.precision == "fp8" or held != torch.float32 else None
@@ -175,12 +169,12 @@ def load_model(args, beside: tuple[str, str, int] | None = None, generating: boo
             model, cfg, tok = load_pretrained(args.ckpt, device=device, dtype=dtype, held=held)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
-        decodable(cfg, "ckpt", decode_args)
+        decodable(cfg, args)
         if args.precision == "fp8":
             return convert_to_fp8(model), tok
         return model, tok
     cfg = resolve_config(args.preset)
-    decodable(cfg, "preset", decode_args)
+    decodable(cfg, args)
     if cfg.vocab_size < 256:
         raise FieldError("preset", f"{args.preset}: byte tokens need vocab_size >= 256 (got {cfg.vocab_size})")
     n = param_counts(cfg).total  # built in FP32 on the CPU, then moved
@@ -246,7 +240,7 @@ def _run(args) -> int:
     gen.validate()  # before the model loads
     torch.set_num_threads(args.threads)
     kernels.set_expert_threads(args.expert_threads)
-    model, tok = load_model(args, generating=True)
+    model, tok = load_model(args)
     model.eval()
     cfg = model.cfg
     if args.cache_dtype == "auto":

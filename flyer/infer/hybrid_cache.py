@@ -15,6 +15,12 @@ An entry is computed once, when a row's token completes its window, with ``flyer
 ops in its slot order (so the same numbers but for the projections' GEMM blocking). Only a row's real tokens
 (``lengths``) write state: a padded write into a ring would overwrite a token the row still needs.
 
+Storage (``HybridCache``): the fixed-size state (window, the four rings) of a row sits in a slot, its entries and
+index keys in blocks of ``block_size`` tokens (``block_size // r`` entries each) through a block table, as the
+paged MLA cache addresses tokens. ``flyer generate`` gives each row one slot and one block of ``max_len`` tokens
+(no indirection: the shapes above); ``flyer serve`` a pool of both, addressed per batch (``HybridCache.view``).
+The attention reads and writes through ``ring`` / ``write_ring`` / ``read_entries`` / ``write_entries`` only.
+
 Queries see the window's keys (positions in (p - W, p]) and the complete entries (index < (p + 1) // r;
 CSA: the indexer's ``index_topk`` of them, ``select_topk``), with sinks and the output un-rotation of
 ``HybridAttention.attend`` / ``output``. ``HybridAttention.forward`` on the whole sequence is the oracle.
@@ -24,6 +30,7 @@ Shapes: B rows, T new tokens, W window, d head_dim, r ratio, M entries completed
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -76,16 +83,26 @@ def hybrid_rows(tables: Tables, max_len: int, start_B: torch.Tensor, T: int,
 
 
 class HybridCache:
-    """Per hybrid layer, the named tensors of the module docstring, batch rows first; ``lengths`` (B,): each
-    row's tokens so far, as the slot caches' (``flyer.infer.cache``)."""
+    """Per hybrid layer, the named tensors of the module docstring, in two kinds of storage: a row's fixed-size
+    state (the window and the compressors' rings, (n_slots, S, C)) in its slot, its growing entries (``entries``,
+    ``index_keys``: (n_blocks, block_size // r, C)) in blocks, entry i in block ``tables[b, i // (block_size //
+    r)]`` at ``i % (block_size // r)``. ``HybridCache(cfg, batch, max_len)`` (``flyer generate``): one slot and one
+    block of ``max_len`` tokens per row, row b's at b (``slots`` / ``tables`` None: no indirection);
+    ``HybridCache.paged`` (``flyer serve``): a pool of slots and blocks, which ``view`` addresses per batch
+    (``flyer.serve.paged_hybrid``). ``lengths`` (B,): each row's tokens so far, as the slot caches'
+    (``flyer.infer.cache``)."""
 
     kind = "hybrid"
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16, device=None):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16, device=None,
+                 n_blocks: int | None = None, block_size: int | None = None):
         self.batch, self.max_len, self.dtype = batch, max_len, dtype
         self.ratios = cfg.compress_ratios[:cfg.n_layers]
+        self.block_size = max_len if block_size is None else block_size
+        self.slots: torch.Tensor | None = None  # (B,) each row's slot; None: row b in slot b
+        self.tables: torch.Tensor | None = None  # (B, n) each row's blocks; None: row b in block b
         d, W = cfg.head_dim, cfg.window_size
-        zeros = _zeros_of(batch, device)
+        zeros, blocks = _zeros_of(batch, device), _zeros_of(batch if n_blocks is None else n_blocks, device)
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(cfg.n_layers):
             r = cfg.compress_ratios[i]
@@ -94,13 +111,56 @@ class HybridCache:
                 csa = cfg.is_csa(i)
                 c, S = (2, 2 * r) if csa else (1, r)
                 state.update(kv_state=zeros(S, c * d), gate_state=zeros(S, c * d),
-                             entries=zeros(max_len // r, d, dtype=dtype))
+                             entries=blocks(self.block_size // r, d, dtype=dtype))
                 if csa:
                     di = cfg.index_head_dim
                     state.update(index_kv_state=zeros(S, 2 * di), index_gate_state=zeros(S, 2 * di),
-                                 index_keys=zeros(max_len // r, di, dtype=dtype))
+                                 index_keys=blocks(self.block_size // r, di, dtype=dtype))
             self.layers.append(state)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @classmethod
+    def paged(cls, cfg: ModelConfig, n_slots: int, n_blocks: int, block_size: int,
+              dtype: torch.dtype = torch.bfloat16, device=None) -> HybridCache:
+        """A pool of ``n_slots`` rows' fixed state and ``n_blocks`` blocks of ``block_size`` tokens' entries
+        (``block_size`` a multiple of every ratio), addressed through ``view``."""
+        return cls(cfg, n_slots, block_size, dtype, device, n_blocks=n_blocks, block_size=block_size)
+
+    def view(self, tables: torch.Tensor, slots: torch.Tensor) -> HybridCache:
+        """The same storage for one batch: row b's state in slot ``slots[b]`` (B,), its entries in the blocks
+        ``tables[b]`` (B, n) (padding: any block; only entries a row completed are read unmasked or written)."""
+        v = copy.copy(self)
+        v.tables, v.slots, v.batch = tables, slots, int(slots.numel())
+        return v
+
+    def ring(self, layer: int, name: str) -> torch.Tensor:
+        """The rows' ring ``name`` (B, S, C) of ``layer`` (a copy when paged)."""
+        t = self.layers[layer][name]
+        return t if self.slots is None else t[self.slots]
+
+    def write_ring(self, layer: int, name: str, new_BTC: torch.Tensor, rows: HybridRows) -> None:
+        """Each row's real new tokens into its ring ``name`` (``_write_ring``)."""
+        _write_ring(self.layers[layer][name], new_BTC, rows, self.slots)
+
+    def read_entries(self, layer: int, name: str, N: int) -> torch.Tensor:
+        """The rows' first N entries ``name`` (B, N, C) of ``layer`` (past a row's completed ones: any values)."""
+        t = self.layers[layer][name]
+        if self.tables is None:
+            return t[:, :N]
+        per = t.shape[1]
+        n = -(-N // per)
+        if n > self.tables.shape[1]:
+            raise ValueError(f"block tables cover {self.tables.shape[1] * per} entries, need {N}")
+        return t[self.tables[:, :n]].flatten(1, 2)[:, :N]
+
+    def write_entries(self, layer: int, name: str, b: torch.Tensor, i: torch.Tensor, values: torch.Tensor) -> None:
+        """Entry ``i[k]`` of row ``b[k]`` := ``values[k]`` (K, C)."""
+        t = self.layers[layer][name]
+        if self.tables is None:
+            t[b, i] = values.to(t.dtype)
+        else:
+            per = t.shape[1]
+            t[self.tables[b, i // per], i % per] = values.to(t.dtype)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep batch rows ``rows`` (int64, in that order), drop the rest (finished rows leave the batch)."""
@@ -115,16 +175,24 @@ class HybridCache:
         divide the bytes); the rest is a constant per row, ``window_bytes``."""
         total = Fraction(0)
         for state, r in zip(self.layers, self.ratios):
-            for name in ("entries", "index_keys"):
+            for name in _ENTRIES:
                 if name in state:
                     total += Fraction(state[name].shape[-1] * state[name].element_size(), r)
         return int(total) if total.denominator == 1 else float(total)
 
     def window_bytes(self) -> int:
         """Bytes per row whatever its length: the windows' keys (``flyer.model.counts.kv_window_bytes`` counts
-        these) plus the compressors' states of not-yet-complete windows (which it leaves out)."""
+        these) plus the compressors' states of not-yet-complete windows (which it leaves out): a slot's bytes."""
         return sum(t[0].numel() * t.element_size() for state in self.layers for k, t in state.items()
-                   if k not in ("entries", "index_keys"))
+                   if k not in _ENTRIES)
+
+    def block_bytes(self) -> int:
+        """Bytes of one block: every compressed layer's ``block_size // r`` entries (and index keys)."""
+        return sum(t[0].numel() * t.element_size() for state in self.layers for k, t in state.items()
+                   if k in _ENTRIES)
+
+
+_ENTRIES = ("entries", "index_keys")  # the growing tensors (blocks); the rest are a row's fixed state (slots)
 
 
 def _zeros_of(batch: int, device):
@@ -134,20 +202,23 @@ def _zeros_of(batch: int, device):
     return zeros
 
 
-def _write_ring(ring_BSC: torch.Tensor, new_BTC: torch.Tensor, rows: HybridRows) -> None:
-    """Each row's real new tokens into ``ring`` at slot position % S: only the last S of them (earlier ones
-    would be overwritten in the same call, an order index_put does not promise), never the padding."""
-    S, T = ring_BSC.shape[1], new_BTC.shape[1]
+def _write_ring(ring_NSC: torch.Tensor, new_BTC: torch.Tensor, rows: HybridRows, slots: torch.Tensor | None) -> None:
+    """Each row's real new tokens into its ring (row b's: ``ring[slots[b]]``, slots None: ``ring[b]``) at slot
+    position % S: only the last S of them (earlier ones would be overwritten in the same call, an order
+    index_put does not promise), never the padding."""
+    S, T = ring_NSC.shape[1], new_BTC.shape[1]
     t = torch.arange(T, device=new_BTC.device)
     b, t = (rows.real & (t >= (rows.lengths - S).view(-1, 1))).nonzero(as_tuple=True)
-    ring_BSC[b, (rows.start[b] + t) % S] = new_BTC[b, t].to(ring_BSC.dtype)
+    ring_NSC[b if slots is None else slots[b], (rows.start[b] + t) % S] = new_BTC[b, t].to(ring_NSC.dtype)
 
 
-def _complete_entries(comp: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, kv_state: torch.Tensor,
-                      gate_state: torch.Tensor, store_BND: torch.Tensor) -> None:
-    """The entries of ``comp`` (a ``Compressor``) that the rows' real new tokens complete, written to
-    ``store``; then the new tokens' projections into the states (B, S, c d), token p in slot p % S."""
+def _complete_entries(comp: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cache: HybridCache, layer: int,
+                      names: tuple[str, str, str]) -> None:
+    """The entries of ``comp`` (a ``Compressor``) that the rows' real new tokens complete, written to the
+    cache's ``names[2]`` (entries or index keys); then the new tokens' projections into the states ``names[:2]``
+    (kv, gate: (B, S, c d)), token p in slot p % S."""
     B, T, _ = x_BTD.shape
+    kv_state, gate_state = cache.ring(layer, names[0]), cache.ring(layer, names[1])
     r, d, S = comp.ratio, comp.head_dim, kv_state.shape[1]
     pos = rows.start.view(-1, 1) + torch.arange(T, device=x_BTD.device)
     kv = comp.wkv(x_BTD)
@@ -173,9 +244,9 @@ def _complete_entries(comp: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, kv
         at_entry = (i * r).clamp(max=cos.shape[0] - 1)
         entries = comp.pool(kv_w, gate_w, cos[at_entry], sin[at_entry])  # (B, M, d)
         b, m = (torch.arange(M, device=x_BTD.device) < (done - first).view(-1, 1)).nonzero(as_tuple=True)
-        store_BND[b, i[b, m]] = entries[b, m].to(store_BND.dtype)
-    _write_ring(kv_state, kv, rows)
-    _write_ring(gate_state, gate, rows)
+        cache.write_entries(layer, names[2], b, i[b, m], entries[b, m])
+    cache.write_ring(layer, names[0], kv, rows)
+    cache.write_ring(layer, names[1], gate, rows)
 
 
 def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cache: HybridCache,
@@ -184,7 +255,6 @@ def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cac
     which their real tokens then join (see the module docstring)."""
     B, T, _ = x_BTD.shape
     W, r = attn.window, attn.ratio
-    state = cache.layers[layer]
     cos, sin = rows.cos[r > 0], rows.sin[r > 0]
     q_latent, q = attn.queries(x_BTD, cos, sin)
     kv = attn.shared_kv(x_BTD, cos, sin)  # (B, T, 1, d)
@@ -197,21 +267,22 @@ def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cac
     held = s - 1 - (s - 1 - torch.arange(W, device=dev)) % W  # (B, W) ring slots' positions (< 0: none)
     visible = torch.cat([(held >= 0).unsqueeze(1) & (held.unsqueeze(1) > (p - W).unsqueeze(-1)),
                          ((t.view(1, T) <= t.view(T, 1)) & (t.view(1, T) > t.view(T, 1) - W)).expand(B, T, T)], -1)
-    keys = torch.cat([state["window"].to(kv.dtype).unsqueeze(2), kv], dim=1)  # (B, W + T, 1, d)
+    keys = torch.cat([cache.ring(layer, "window").to(kv.dtype).unsqueeze(2), kv], dim=1)  # (B, W + T, 1, d)
 
     if r > 0:
-        _complete_entries(attn.compressor, x_BTD, rows, state["kv_state"], state["gate_state"], state["entries"])
+        _complete_entries(attn.compressor, x_BTD, rows, cache, layer, ("kv_state", "gate_state", "entries"))
         idx = attn.indexer
         if idx is not None:
-            _complete_entries(idx.compressor, x_BTD, rows, state["index_kv_state"], state["index_gate_state"],
-                              state["index_keys"])
+            _complete_entries(idx.compressor, x_BTD, rows, cache, layer,
+                              ("index_kv_state", "index_gate_state", "index_keys"))
         N = int(((rows.start + rows.lengths) // r).max())
         if N > 0:
             seen = torch.arange(N, device=dev).view(1, 1, N) < ((p + 1) // r).unsqueeze(-1)  # (B, T, N) complete
             if idx is not None and N > idx.topk:  # else every complete entry is kept
-                seen = select_topk(idx.scores(x_BTD, q_latent, cos, sin, state["index_keys"][:, :N]), seen, idx.topk)
-            keys = torch.cat([keys, state["entries"][:, :N].to(kv.dtype).unsqueeze(2)], dim=1)
+                seen = select_topk(idx.scores(x_BTD, q_latent, cos, sin, cache.read_entries(layer, "index_keys", N)),
+                                   seen, idx.topk)
+            keys = torch.cat([keys, cache.read_entries(layer, "entries", N).to(kv.dtype).unsqueeze(2)], dim=1)
             visible = torch.cat([visible, seen], dim=-1)
     out = attn.output(attn.attend(q, keys, visible), cos, sin)
-    _write_ring(state["window"], kv[:, :, 0], rows)
+    cache.write_ring(layer, "window", kv[:, :, 0], rows)
     return out

@@ -3,6 +3,7 @@ KV cache.
 
     paged.py    the paged cache (blocks of latent + rope key per layer, block tables, null block)
                 and the block allocator (free list, prefix sharing by chain hash, LRU)
+    paged_hybrid.py  DeepSeek-V4's pool: per-request slots (windows, compressor states), entries in blocks
     metrics.py  Prometheus metrics of one server (the engine's and the HTTP side's)
     engine.py   the scheduler: continuous batching, chunked prefill, preemption, sampling
     link.py     the engine's process and the HTTP process joined by a socket pair

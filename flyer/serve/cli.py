@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -33,6 +34,15 @@ from flyer.serve.engine import Engine, EngineConfig, Limits, open_disk_prefix_ca
 from flyer.serve.link import EngineClient, EngineHost
 
 ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must be > 0)
+DEFAULT_BLOCK_SIZE = 16
+
+
+def default_block_size(cfg) -> int:
+    """16 tokens, or for DeepSeek-V4 the least multiple of 16 that every compression ratio divides (its blocks
+    hold whole compressed entries: ``flyer.serve.paged_hybrid``)."""
+    if cfg.attn != "hybrid":
+        return DEFAULT_BLOCK_SIZE
+    return math.lcm(DEFAULT_BLOCK_SIZE, *(r for r in cfg.compress_ratios[:cfg.n_layers] if r > 0))
 
 
 def read_chat_template(ckpt: str | None) -> str | None:
@@ -77,7 +87,8 @@ def _run(args) -> int:
     if bool(args.ckpt) == bool(args.preset):
         raise UserError("give exactly one of --ckpt PATH (a trained run or HF directory) or --preset NAME")
     cfg = EngineConfig(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"),
-                       block_size=args.block_size, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                       block_size=DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size,
+                       max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                        prefill_chunk=args.prefill_chunk, prefix_sharing=not args.no_prefix_sharing,
                        speculative=args.speculative, draft_tokens=args.draft_tokens)
     cfg.validate()
@@ -94,6 +105,8 @@ def _run(args) -> int:
     with warnings.catch_warnings():  # load_model has reported any corrupt checkpoint passed over, once
         warnings.simplefilter("ignore")
         chat_template = read_chat_template(args.ckpt)
+    if args.block_size is None:
+        cfg.block_size = default_block_size(model.cfg)
     cfg.cache_dtype = DTYPES[auto_cache_dtype(args.ckpt, model) if args.cache_dtype == "auto" else args.cache_dtype]
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
     if args.prefix_cache:
@@ -166,7 +179,9 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: a free one, shown in the ready line)")
     p.add_argument("--kv-cache-memory", default="2G", help="paged KV cache size, e.g. 512M or 2G (all layers)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per cache block (default 16; DeepSeek-V4: a multiple of its compression ratios, "
+                        "default the least multiple of 16, e.g. 128)")
     p.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together at most")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step")
@@ -174,10 +189,12 @@ def register(sub) -> None:
                    help="MTP drafts per request and step, verified in the batch (greedy output unchanged)")
     p.add_argument("--draft-tokens", type=int, default=1,
                    help="MTP drafts per request and step (default 1; more reapply the MTP module to its own output)")
-    p.add_argument("--no-prefix-sharing", action="store_true", help="recompute shared prompt prefixes")
+    p.add_argument("--no-prefix-sharing", action="store_true",
+                   help="recompute shared prompt prefixes (DeepSeek-V4 always does: its blocks are not shared)")
     p.add_argument("--prefix-cache", metavar="DIR",
                    help="on-disk prefix cache under the in-memory one (shared with flyer generate --prefix-block "
-                        "BLOCK_SIZE; for a model with MTP, under --speculative mtp: its blocks hold the MTP cache too)")
+                        "BLOCK_SIZE; for a model with MTP, under --speculative mtp: its blocks hold the MTP cache "
+                        "too; not for DeepSeek-V4)")
     p.add_argument("--prefix-cache-size", default="1G", help="size bound of the on-disk prefix cache (LRU)")
     p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto", help=CACHE_DTYPE_HELP)
     add_weight_dtype_flag(p)

@@ -37,6 +37,11 @@ same span with each block). A request that takes k shared blocks recomputes posi
 (its main hidden state feeds the MTP entry of that position, in the request's own block k)
 without writing it: shared blocks are never written.
 
+DeepSeek-V4 (attn "hybrid", ``flyer.serve.paged_hybrid``): a running request also holds a slot (its windows,
+the compressors' partial states) from admission to its end or preemption; its compressed entries fill its
+blocks. Its blocks are never shared (the window and partial states at a block's boundary are not in it): prefix
+sharing is off; the on-disk prefix cache and MTP speculation are refused.
+
 A request's state is its tokens (prompt + generated) and ``n_cached``, how many of them are in
 its blocks. Every forward feeds ``tokens[n_cached:]`` (a chunk of them); when the cache catches
 up with the tokens, the last logits give the next token. Decode and recompute are the same rule.
@@ -65,6 +70,7 @@ from flyer.infer.speculative import accept_drafts
 from flyer.model.transformer import Transformer
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
+from flyer.serve.paged_hybrid import SlotAllocator, check_hybrid_serving, make_paged_hybrid_cache
 
 
 def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, block_size: int,
@@ -199,6 +205,7 @@ class Request:
     n_shared: int = 0  # leading tokens in blocks taken from the prefix index (never written)
     mtp_len: int = 0  # leading positions whose MTP cache entries are written (speculative)
     h_prev: torch.Tensor | None = None  # main hidden states (C, D) of positions [mtp_len, n_cached)
+    slot: int | None = None  # its hybrid pool slot while running (DeepSeek-V4)
     submitted: float = 0.0
     last_token_at: float | None = None
     cancelled: bool = False
@@ -223,13 +230,20 @@ class Engine:
         self.spec = cfg.speculative == "mtp"
         if self.spec and len(model.mtp) == 0:
             raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
-        n_blocks = blocks_for_memory(mcfg, cfg.kv_cache_bytes, cfg.block_size, cfg.cache_dtype, self.spec)
-        if n_blocks < 2:
-            raise FieldError("kv_cache_bytes", f"{cfg.kv_cache_bytes} bytes hold {n_blocks} blocks of "
-                                               f"{cfg.block_size} tokens; at least 2 are needed")
-        self.cache = make_paged_cache(mcfg, mcfg.n_layers, n_blocks, cfg.block_size, cfg.cache_dtype, device)
+        self.hybrid = mcfg.attn == "hybrid"
+        if self.hybrid:  # slots for max_batch_size requests, then blocks
+            check_hybrid_serving(mcfg, cfg.block_size, cfg.speculative, cfg.prefix_cache)
+            self.cache, n_blocks = make_paged_hybrid_cache(mcfg, cfg.kv_cache_bytes, cfg.block_size,
+                                                           cfg.max_batch_size, cfg.cache_dtype, device)
+            self.slots = SlotAllocator(cfg.max_batch_size)
+        else:
+            n_blocks = blocks_for_memory(mcfg, cfg.kv_cache_bytes, cfg.block_size, cfg.cache_dtype, self.spec)
+            if n_blocks < 2:
+                raise FieldError("kv_cache_bytes", f"{cfg.kv_cache_bytes} bytes hold {n_blocks} blocks of "
+                                                   f"{cfg.block_size} tokens; at least 2 are needed")
+            self.cache = make_paged_cache(mcfg, mcfg.n_layers, n_blocks, cfg.block_size, cfg.cache_dtype, device)
         self.alloc = BlockAllocator(n_blocks, cfg.block_size)
-        self.sharing = cfg.prefix_sharing
+        self.sharing = cfg.prefix_sharing and not self.hybrid
         self.mtp_cache = make_paged_cache(mcfg, 1, n_blocks, cfg.block_size, cfg.cache_dtype, device) \
             if self.spec else None
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
@@ -345,6 +359,8 @@ class Engine:
             if self.spec and r.n_cached:  # the shared blocks' MTP entries are there up to position n_cached - 2
                 r.n_cached -= 1  # recompute the last shared position for its hidden state (not written)
                 r.mtp_len = r.n_cached
+            if self.hybrid:
+                r.slot = self.slots.take()
             if not r.admitted:  # once: a preempted request comes back
                 r.admitted = True
                 self.metrics.prompt_tokens.inc(len(r.prompt))
@@ -443,9 +459,15 @@ class Engine:
     def _preempt(self, r: Request) -> None:
         self.running.remove(r)
         self.alloc.release(r.blocks)
+        self._free_slot(r)
         r.blocks, r.keys, r.n_cached, r.n_shared, r.mtp_len, r.h_prev = [], [], 0, 0, 0, None
         self.waiting.appendleft(r)
         self.metrics.preemptions.inc()
+
+    def _free_slot(self, r: Request) -> None:
+        if r.slot is not None:
+            self.slots.give_back(r.slot)
+            r.slot = None
 
     def _tables(self, rows: list[Request], n_slots: int) -> torch.Tensor:
         """Block tables (B, n) of ``rows`` covering ``n_slots`` positions (NULL_BLOCK past a row's)."""
@@ -458,10 +480,13 @@ class Engine:
         T = max(lengths)
         tokens = torch.tensor([_padded(c, T, 0) for c in chunks], device=self.device)
         start = [r.n_cached for r in rows]
-        protect = [r.n_shared for r in rows] if any(r.n_cached < r.n_shared for r in rows) else None
-        return Group(tokens, torch.tensor(start, device=self.device), None if min(lengths) == T else lengths,
-                     self.cache.view(self._tables(rows, max(start) + T),
-                                     None if protect is None else torch.tensor(protect, device=self.device)))
+        tables = self._tables(rows, max(start) + T)
+        if self.hybrid:  # each row's slot too (its windows and partial states)
+            view = self.cache.view(tables, torch.tensor([r.slot for r in rows], device=self.device))
+        else:
+            protect = [r.n_shared for r in rows] if any(r.n_cached < r.n_shared for r in rows) else None
+            view = self.cache.view(tables, None if protect is None else torch.tensor(protect, device=self.device))
+        return Group(tokens, torch.tensor(start, device=self.device), None if min(lengths) == T else lengths, view)
 
     def _forward(self, decoding: list[Request], prefilling: list[Request], lens: list[int]) -> None:
         """One main-model pass over every decoding row's next token(s) and every prefilling row's
@@ -713,6 +738,7 @@ class Engine:
         if r in self.running:
             self.running.remove(r)
         self.alloc.release(r.blocks)
+        self._free_slot(r)
         r.blocks, r.done = [], True
         self.metrics.requests.labels(reason).inc()
         if emit:
