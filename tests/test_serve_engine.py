@@ -398,14 +398,14 @@ def test_tokens_kept_from_drafts_share_their_steps_time_per_output_token(trained
 def _draft_calls(monkeypatch) -> list[tuple[list[int], torch.Tensor | None]]:
     """Every ``accept_drafts`` call's drafts and draft distributions, in generate and the engine."""
     from flyer.infer import speculative
-    from flyer.serve import engine
+    from flyer.serve import speculation
     calls = []
 
     def recording(accept):
         return lambda p, q, drafts, *a: calls.append((list(drafts), q)) or accept(p, q, drafts, *a)
 
     monkeypatch.setattr(speculative, "accept_drafts", recording(speculative.accept_drafts))
-    monkeypatch.setattr(engine, "accept_drafts", recording(engine.accept_drafts))
+    monkeypatch.setattr(speculation, "accept_drafts", recording(speculation.accept_drafts))
     return calls
 
 

@@ -5,6 +5,7 @@ KV cache.
                 and the block allocator (free list, prefix sharing by chain hash, LRU)
     paged_hybrid.py  DeepSeek-V4's pool: per-request slots (windows, compressor states), entries in blocks
     metrics.py  Prometheus metrics of one server (the engine's and the HTTP side's)
+    speculation.py  MTP speculative decoding: the MTP cache's entries kept in step, drafts, acceptance
     engine.py   the scheduler: continuous batching, chunked prefill, preemption, sampling
     link.py     the engine's process and the HTTP process joined by a socket pair
     api.py      the OpenAI routes (FastAPI) over the link

@@ -23,19 +23,9 @@ during the step. Each scheduler step:
 5. samples each request's next token with its own options (greedy, temperature / top-p with its
    own seeded generator) and hands it to the request's ``emit``; finished requests leave.
 
-With ``speculative="mtp"`` the MTP module has a paged one-layer cache on the same block tables;
-each decode step first writes the MTP entries a request can (its main hidden states with the
-next tokens), drafts a token from the last, reapplies the module to its own output and that
-draft for each further one (``draft_tokens``, as ``flyer generate`` does: those entries are
-scratch, overwritten by the next step's), and verifies [pending, drafts] in one main-model pass
-(``flyer.infer.speculative.accept_drafts``: greedy keeps plain greedy's tokens). A request drafts
-no more tokens than it has left to produce, so its writes stay within its prompt + max_tokens. The MTP
-entry of position p needs token p + 1, so the MTP cache keeps it in slot p + 1: block i then
-holds the entries of positions [i n - 1, (i + 1) n - 1), all set by the tokens block i's chain
-key covers, and is shared with the main cache's block i (the on-disk prefix cache stores the
-same span with each block). A request that takes k shared blocks recomputes position k n - 1
-(its main hidden state feeds the MTP entry of that position, in the request's own block k)
-without writing it: shared blocks are never written.
+With ``speculative="mtp"`` each decode step first drafts tokens with the model's MTP module, which has a
+paged cache of its own on the same block tables, and the forward of step 4 verifies them
+(``flyer.serve.speculation``).
 
 DeepSeek-V4 (attn "hybrid", ``flyer.serve.paged_hybrid``): a running request also holds a slot (its windows,
 the compressors' partial states) from admission to its end or preemption; its compressed entries fill its
@@ -63,14 +53,14 @@ import torch
 from flyer import kernels
 from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder, Group
-from flyer.infer.generate import mtp_span, open_prefix_cache
+from flyer.infer.generate import open_prefix_cache
 from flyer.infer.prefix_cache import PrefixCache, chain_keys
-from flyer.infer.sampling import LogitAdjustments, SamplingParams, probabilities, sample
-from flyer.infer.speculative import accept_drafts
+from flyer.infer.sampling import LogitAdjustments, SamplingParams, sample
 from flyer.model.transformer import Transformer
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
 from flyer.serve.paged_hybrid import SlotAllocator, check_hybrid_serving, make_paged_hybrid_cache
+from flyer.serve.speculation import Drafted, MtpSpeculator, mtp_slots
 
 
 def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, block_size: int,
@@ -81,14 +71,6 @@ def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, b
     --prefix-cache`` writes at the same block size for a model without MTP, or with it."""
     return open_prefix_cache(model, root, cache_dtype=cache_dtype, block_size=block_size, max_bytes=max_bytes,
                              mtp=mtp)
-
-
-def _mtp_slots(i: int, n: int) -> slice:
-    """The slots of block i of the engine's MTP cache (position p in slot p + 1) that hold the
-    positions the on-disk prefix cache stores with block i (``mtp_span``): all of them, but slot 0
-    of block 0 (position -1)."""
-    lo, hi = mtp_span(i, n)
-    return slice(lo + 1 - i * n, hi + 1 - i * n)
 
 
 def _padded(xs: list[int], n: int, pad: int) -> list[int]:
@@ -248,10 +230,11 @@ class Engine:
             if self.spec else None
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
         self.device = device
+        self.speculator = MtpSpeculator(self.dec, self.mtp_cache, cfg.draft_tokens, self._tables, self.metrics,
+                                        device) if self.spec else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
-        self.drafted = self.accepted = 0  # MTP drafts proposed and kept
         # admitted prompts' full blocks before their last token (what sharing can spare), and those
         # shared or loaded from the on-disk tier instead of computed
         self.prefix_blocks = self.prefix_found = 0
@@ -290,6 +273,16 @@ class Engine:
     @property
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
+
+    @property
+    def drafted(self) -> int:
+        """MTP drafts proposed so far (0 without speculation)."""
+        return self.speculator.drafted if self.spec else 0
+
+    @property
+    def accepted(self) -> int:
+        """MTP drafts kept so far."""
+        return self.speculator.accepted if self.spec else 0
 
     def safe_step(self) -> None:
         """``step``; a failure (a bug) is printed and ends every request with "error" instead of
@@ -399,7 +392,7 @@ class Engine:
             if self.alloc.available < math.ceil(len(r.tokens) / bs) - len(blocks):
                 return
             expect = {k: ((t.shape[0], bs, *t.shape[3:]), t.dtype) for k, t in pool.items()}
-            span = _mtp_slots(i, bs)
+            span = mtp_slots(i, bs)
             expect.update({f"mtp.{k}": ((1, span.stop - span.start, *t.shape[3:]), t.dtype) for k, t in mtp.items()})
             blk = pc.load(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], expect)
             if blk is None:
@@ -424,7 +417,7 @@ class Engine:
         mtp = self.mtp_cache.pool.tensors if self.spec else {}
         for i in range(first, end):
             blk = {k: t[:, r.blocks[i]] for k, t in pool.items()}
-            blk.update({f"mtp.{k}": t[:, r.blocks[i], _mtp_slots(i, bs)] for k, t in mtp.items()})
+            blk.update({f"mtp.{k}": t[:, r.blocks[i], mtp_slots(i, bs)] for k, t in mtp.items()})
             pc.store(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], blk)
         pc.evict()
 
@@ -450,11 +443,8 @@ class Engine:
         return [r for r in rows if r in self.running]
 
     def _n_drafts(self, r: Request) -> int:
-        """Drafts r verifies this step: none before its first hidden state (a one-token prompt) and
-        none past the tokens it has left (its last step verifies its pending token alone)."""
-        if not self.spec or r.n_cached == 0:
-            return 0
-        return min(self.cfg.draft_tokens, r.opts.max_tokens - r.generated - 1)
+        """Drafts r verifies this step (``MtpSpeculator.n_drafts``)."""
+        return self.speculator.n_drafts(r) if self.spec else 0
 
     def _preempt(self, r: Request) -> None:
         self.running.remove(r)
@@ -495,7 +485,7 @@ class Engine:
         ks = [self._n_drafts(r) for r in decoding]
         plain = [r for r, k in zip(decoding, ks) if k == 0]
         drafting = [(r, k) for r, k in zip(decoding, ks) if k > 0]
-        drafted = self._draft(*zip(*drafting)) if drafting else []
+        drafted = self.speculator.draft(*zip(*drafting)) if drafting else []
         batches = []
         if plain:
             batches.append((plain, [[r.tokens[-1]] for r in plain]))
@@ -533,7 +523,7 @@ class Engine:
                                 logits, greedy)
 
     @staticmethod
-    def _adjust(logits: torch.Tensor, plain: list[Request], drafted: list, ending: list[Request]) -> None:
+    def _adjust(logits: torch.Tensor, plain: list[Request], drafted: list[Drafted], ending: list[Request]) -> None:
         """Each row's logit bias and penalties on its rows of the step's logits (``_forward``'s order: one
         per plain row, k + 1 per row verifying k drafts, one per prompt ending). The row verifying
         after drafts d[:j] counts them as generated: its logits choose a token only when they are."""
@@ -545,80 +535,12 @@ class Engine:
             if r.opts.adjusts:
                 r.opts.adjust(logits[row], [*r.tokens[len(r.prompt):], *extra])
 
-    def _mtp_catch_up(self, rows: list[Request], hold_decode_entry: bool = False) -> torch.Tensor | None:
-        """Write the MTP cache entries each row can: positions [mtp_len, min(n_cached, len - 1))
-        from the main hidden states and the next tokens. Returns (B, D) the MTP output at each
-        row's last such position (None when no row has any). ``hold_decode_entry`` (prefill): a
-        row left with one pending token decodes next, and its decode step drafts from the entry
-        at n_cached - 1, so that one is left for it."""
-        c = [max(min(r.n_cached, len(r.tokens) - 1) - r.mtp_len
-                 - int(hold_decode_entry and len(r.tokens) - r.n_cached == 1), 0) for r in rows]
-        if max(c) == 0:
-            return None
-        C, D = max(c), self.model.cfg.dim
-        h_in = torch.zeros(len(rows), C, D, dtype=rows[0].h_prev.dtype, device=self.device)
-        nxt = torch.zeros(len(rows), C, dtype=torch.long)
-        for i, (r, ci) in enumerate(zip(rows, c)):
-            h_in[i, :ci] = r.h_prev[:ci]
-            nxt[i, :ci] = torch.tensor(r.tokens[r.mtp_len + 1:r.mtp_len + 1 + ci])
-        start = torch.tensor([r.mtp_len for r in rows], device=self.device)
-        self.mtp_cache.tables = self._tables(rows, int(start.max()) + C + 1)
-        h1 = self.dec.mtp_forward(h_in, nxt.to(self.device), start, shift=1, lengths=c)  # position p in slot p + 1
-        for r, ci in zip(rows, c):
-            r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
-        return h1[torch.arange(len(rows)), torch.tensor([max(ci - 1, 0) for ci in c])]
-
-    def _draft(self, rows: Sequence[Request], ks: Sequence[int]
-               ) -> list[tuple[list[Request], list, list[list[int]], list[SamplingParams]]]:
-        """``ks[i]`` MTP drafts for row i (``_n_drafts``; ``flyer.infer.speculative``), the rows grouped
-        by their number of drafts: (rows, draft distributions (k, V) per row, None for a greedy one;
-        the drafts; the rows' sampling parameters) per group."""
-        rows = list(rows)
-        params = [SamplingParams(r.opts.temperature, r.opts.top_p) for r in rows]
-        q = [[] for _ in rows]
-        drafts = [[] for _ in rows]
-        h1 = self._mtp_catch_up(rows)  # (B, D) at position n - 1, which predicts t_{n+1}: every row has it to write
-        live = list(range(len(rows)))  # the rows still drafting, and h1 for them
-        for k in range(max(ks)):
-            q_logits = self.dec.mtp_logits(h1)
-            argmax = kernels.argmax(q_logits).tolist()  # one for the batch, not one per row
-            for j, i in enumerate(live):
-                if params[i].greedy:
-                    drafts[i].append(argmax[j])
-                else:
-                    q[i].append(probabilities(q_logits[j:j + 1], params[i]))
-                    drafts[i].append(int(torch.multinomial(q[i][-1][0], 1, generator=rows[i].generator)))
-            more = [j for j, i in enumerate(live) if ks[i] > k + 1]
-            if not more:
-                break
-            # the module on its own output and its draft, at position n + k (slot n + k + 1): a scratch
-            # entry, overwritten by the next step's catch-up with the main model's state
-            live = [live[j] for j in more]
-            sub = [rows[i] for i in live]
-            start = torch.tensor([r.n_cached + k for r in sub], device=self.device)
-            self.mtp_cache.tables = self._tables(sub, int(start.max()) + 2)
-            d = torch.tensor([drafts[i][-1] for i in live], device=self.device).view(-1, 1)
-            h1 = self.dec.mtp_forward(h1[more].unsqueeze(1), d, start, from_main=False, shift=1)[:, 0]
-        groups = []
-        for n in sorted(set(ks)):
-            idx = [i for i, k in enumerate(ks) if k == n]
-            groups.append(([rows[i] for i in idx], [None if params[i].greedy else torch.cat(q[i]) for i in idx],
-                           [drafts[i] for i in idx], [params[i] for i in idx]))
-        return groups
-
     def _verify(self, rows: list[Request], hv: torch.Tensor, logits: torch.Tensor, q: list, drafts: list[list[int]],
                 params: list[SamplingParams]) -> None:
-        """Keep each row's accepted tokens of [pending, *drafts] (``accept_drafts``: greedy keeps
-        exactly plain greedy decoding's tokens) and emit them. hv (B, k + 1, D), logits (B, k + 1, V)."""
-        for i, (r, p) in enumerate(zip(rows, params)):
-            target = logits[i] if p.greedy else probabilities(logits[i], p)
-            new = accept_drafts(target, q[i], drafts[i], p, r.generator)
-            self.drafted += len(drafts[i])
-            self.accepted += len(new) - 1
-            self.metrics.draft_tokens.inc(len(drafts[i]))
-            self.metrics.accepted_tokens.inc(len(new) - 1)
-            r.h_prev = hv[i, :len(new)]  # positions n .. n + len(new) - 1
-            r.n_cached += len(new)
+        """Keep each row's accepted tokens of [pending, *drafts] (``MtpSpeculator.accept``) and emit
+        them. hv (B, k + 1, D), logits (B, k + 1, V)."""
+        for i, r in enumerate(rows):
+            new = self.speculator.accept(r, hv[i], logits[i], q[i], drafts[i], params[i])
             self._register_full_blocks(r)
             # the step's time shared by the tokens it kept: emitted microseconds apart, they would
             # read as intervals of ~0 after one of the whole step (a row whose first token this is
@@ -655,12 +577,7 @@ class Engine:
         """Prefilled chunks: MTP entries (speculative), prompt scores, then the first token of each
         row whose prompt is done (its logits are row ``logit_row[i]`` of the step's)."""
         if self.spec:
-            for i, (r, n) in enumerate(zip(rows, lens)):
-                r.h_prev = h[i, :n] if r.h_prev is None else torch.cat([r.h_prev, h[i, :n]])
-                r.n_cached += n
-            self._mtp_catch_up(rows, hold_decode_entry=True)
-            for r, n in zip(rows, lens):
-                r.n_cached -= n
+            self.speculator.after_prefill(rows, lens, h)
         for i, (r, n) in enumerate(zip(rows, lens)):
             if r.prompt_lp is not None and r.n_cached < len(r.prompt):
                 self._score_prompt(r, h[i, :n])
