@@ -1,13 +1,16 @@
 """``flyer serve``: an OpenAI-compatible HTTP server with continuous batching over a paged latent
 KV cache.
 
+    request.py  a request (prompt, sampling options, tokens, cache state), its token events, the
+                limits that decide whether it can run, the engine's config: all the HTTP side needs
     paged.py    the paged cache (blocks of latent + rope key per layer, block tables, null block)
                 and the block allocator (free list, prefix sharing by chain hash, LRU)
     paged_hybrid.py  DeepSeek-V4's pool: per-request slots (windows, compressor states), entries in blocks
     metrics.py  Prometheus metrics of one server (the engine's and the HTTP side's)
     speculation.py  MTP speculative decoding: the MTP cache's entries kept in step, drafts, acceptance
     engine.py   the scheduler: continuous batching, chunked prefill, preemption, sampling
-    link.py     the engine's process and the HTTP process joined by a socket pair
+    link.py     the engine's process and the HTTP process joined by a socket pair (the engine only
+                as a type: importing link and api does not import the engine)
     api.py      the OpenAI routes (FastAPI) over the link
     cli.py      ``flyer serve``: the engine in its own process, HTTP in a child process
 

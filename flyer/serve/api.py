@@ -45,9 +45,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flyer.errors import FieldError
-from flyer.serve.engine import QueueFull, SamplingOptions, TokenEvent
 from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
+from flyer.serve.request import QueueFull, SamplingOptions, TokenEvent
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
 # transformers encodes it), one header line per message, then the assistant's.

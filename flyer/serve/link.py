@@ -30,10 +30,13 @@ import struct
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from flyer.errors import FieldError
-from flyer.serve.engine import Engine, Limits, QueueFull, SamplingOptions, TokenEvent
+from flyer.serve.request import Limits, QueueFull, SamplingOptions, TokenEvent
+
+if TYPE_CHECKING:  # only a type here: the HTTP side (api.py) imports this module without the engine
+    from flyer.serve.engine import Engine
 
 _LENGTH = struct.Struct("!I")
 _READ = 1 << 20

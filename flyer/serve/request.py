@@ -1,0 +1,150 @@
+"""What the engine serves: a request and the limits that decide whether it can ever run.
+
+A ``Request`` is a prompt (token ids) with its ``SamplingOptions`` (max_tokens, greedy or
+temperature / top-p with an optional seed, stop ids, logprobs, OpenAI's logit bias and penalties)
+and an ``emit`` callback that hears one ``TokenEvent`` per generated token. Its state is its tokens
+(prompt + generated) and its cache state: ``n_cached``, how many leading tokens have entries in its
+``blocks`` of the paged cache (``n_shared`` of them taken from the prefix index), the chain keys of
+its full blocks, and with speculation or DeepSeek-V4 the MTP cache's progress and its pool slot.
+
+``Limits`` (vocabulary, context, cache capacity in blocks, queue length) decide whether a request
+can ever run; the HTTP process knows them without the model and refuses with a ``FieldError`` what
+could never run, and a full queue is ``QueueFull``. ``EngineConfig`` sizes the engine (cache bytes,
+block size, batch, queue, prefill chunk, prefix sharing, speculation).
+
+Options, events and limits cross the link between the engine's process and the HTTP process
+(``flyer.serve.link``): the HTTP side imports them from here, not from the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from flyer.errors import FieldError
+from flyer.infer.prefix_cache import PrefixCache
+from flyer.infer.sampling import LogitAdjustments, SamplingParams
+
+
+class QueueFull(Exception):
+    """The waiting queue holds ``max_queue`` requests already."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What decides whether a request can ever run, known to the HTTP process without the model:
+    the vocabulary, the context, the cache (``capacity`` blocks of ``block_size`` tokens), the queue."""
+
+    vocab_size: int
+    max_seq_len: int
+    block_size: int
+    capacity: int
+    max_queue: int
+
+    @property
+    def room(self) -> int:
+        """The most tokens one request can hold: the context, as far as the whole cache holds it."""
+        return min(self.max_seq_len, self.capacity * self.block_size)
+
+    def check(self, prompt: Sequence[int], opts: "SamplingOptions") -> None:
+        """``FieldError`` when the request can never run: empty prompt, token ids outside the
+        vocabulary, prompt + max_tokens past the context or past the whole cache."""
+        V, ctx = self.vocab_size, self.max_seq_len
+        if len(prompt) == 0:
+            raise FieldError("prompt", "must hold at least one token")
+        if min(prompt) < 0 or max(prompt) >= V:
+            raise FieldError("prompt", f"token ids must be in [0, {V})")
+        if opts.max_tokens < 1:
+            raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
+        SamplingParams(opts.temperature, opts.top_p)
+        if opts.seed is not None and not -(1 << 63) <= opts.seed < 1 << 64:
+            raise FieldError("seed", f"must be in [-2**63, 2**64) (got {opts.seed})")
+        opts.check_adjustments(V)
+        if len(prompt) + opts.max_tokens > ctx:
+            raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens exceed "
+                                           f"the model's context of {ctx} tokens")
+        need = math.ceil((len(prompt) + opts.max_tokens) / self.block_size)
+        if need > self.capacity:
+            raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens need "
+                                           f"{need} cache blocks; the server's cache holds {self.capacity}")
+
+
+@dataclass
+class EngineConfig:
+    kv_cache_bytes: int = 1 << 30  # the paged pool's size (all layers)
+    block_size: int = 16  # tokens per block
+    max_batch_size: int = 64  # running requests at once
+    max_queue: int = 256  # waiting requests before submit refuses
+    prefill_chunk: int = 256  # prompt tokens per step, over all prefilling requests
+    cache_dtype: torch.dtype = torch.bfloat16
+    prefix_sharing: bool = True
+    prefix_cache: PrefixCache | None = None  # on-disk second tier (``open_disk_prefix_cache``)
+    speculative: str | None = None  # "mtp": MTP drafts per decoding request per step, verified in the batch
+    draft_tokens: int = 1  # drafts per request and step (speculative)
+
+    def validate(self) -> None:
+        for name in ("kv_cache_bytes", "block_size", "max_batch_size", "max_queue", "prefill_chunk", "draft_tokens"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
+        if self.speculative not in (None, "mtp"):
+            raise FieldError("speculative", f"must be None or 'mtp' (got {self.speculative!r})")
+        if self.draft_tokens > 1 and self.speculative is None:
+            raise FieldError("draft_tokens",
+                             f"{self.draft_tokens} drafts need speculative decoding (--speculative mtp)")
+
+
+@dataclass(frozen=True)
+class SamplingOptions(LogitAdjustments):
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()  # tokens that end the request (kept in the output)
+    logprobs: int | None = None  # report the chosen token's logprob and this many alternatives
+    prompt_logprobs: bool = False  # report each prompt token's logprob (echo)
+    # OpenAI's logit adjustments (``LogitAdjustments``): reported logprobs are the adjusted ones
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+@dataclass
+class TokenEvent:
+    """One generated token (``token`` None on a final event without one: cancelled, error)."""
+
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    # with the first token, when asked: per prompt token (logprob, top alternatives); None first
+    prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    opts: SamplingOptions
+    emit: Callable[[TokenEvent], None]
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    n_cached: int = 0  # leading tokens whose cache entries are in ``blocks``
+    blocks: list[int] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # chain keys of the leading full blocks (registered)
+    generator: torch.Generator | None = None
+    prompt_lp: list[tuple[float, dict[int, float] | None] | None] | None = None
+    n_shared: int = 0  # leading tokens in blocks taken from the prefix index (never written)
+    mtp_len: int = 0  # leading positions whose MTP cache entries are written (speculative)
+    h_prev: torch.Tensor | None = None  # main hidden states (C, D) of positions [mtp_len, n_cached)
+    slot: int | None = None  # its hybrid pool slot while running (DeepSeek-V4)
+    submitted: float = 0.0
+    last_token_at: float | None = None
+    cancelled: bool = False
+    admitted: bool = False  # once admitted (its prompt counted), preempted or not since
+    done: bool = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
