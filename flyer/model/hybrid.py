@@ -16,8 +16,10 @@ query's position before the grouped low-rank output projection (``wo_a`` per hea
 
 Numerics follow transformers' ``DeepseekV4Attention`` (no cache, eager attention); names and shapes are
 DeepSeek's checkpoint's (``attn.wq_a``, ``attn.compressor.ape``, ``attn.indexer.compressor.wkv``, ...).
-This first version forms the scores eagerly: (B, H, T, T + T / r) in memory, O(T (T + T / r)) per head,
-although a query sees at most ``window_size`` + its compressed entries.
+Long sequences run in chunks of queries (``flyer.model.hybrid_chunks``): a chunk scores only the band of tokens
+its window reaches and the entries it may see, and under autograd is recomputed in backward, so neither the
+(B, H, T, T + T / r) scores nor the indexer's (B, T, index heads, T / r) are formed. One chunk is the eager
+whole-sequence computation, the oracle.
 
 Shapes: B batch, T tokens, D model dim, H heads, d head_dim, N compressed entries (T // r), R q_lora_rank.
 """
@@ -30,6 +32,7 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.model.attention import select_topk
+from flyer.model.hybrid_chunks import chunked_attention, query_chunk, span_visible, spans
 from flyer.model.lowp import Linear
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
@@ -111,12 +114,18 @@ class Indexer(nn.Module):
         self.requires_grad_(False)
 
     @torch.no_grad()
+    def keys(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The entries' keys (B, T // ratio, index_head_dim) of tokens x at positions 0..T-1 (cos/sin's)."""
+        return self.compressor(x_BTD, cos, sin)
+
+    @torch.no_grad()
     def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, keys_BNK: torch.Tensor | None = None) -> torch.Tensor:
-        """Index scores (B, T, N) in FP32 of every query against every entry, unmasked; ``keys``: the
-        entries' keys (a decode cache's), else compressed from x."""
+        """Index scores (B, T, N) in FP32 of queries x (tokens at cos/sin's positions) against every entry,
+        unmasked; ``keys``: the entries' keys (``keys``, a decode cache's, or the first N of them for a chunk of
+        queries), else compressed from x (then x must be the whole sequence from position 0)."""
         B, T, _ = x_BTD.shape
-        keys = self.compressor(x_BTD, cos, sin) if keys_BNK is None else keys_BNK  # (B, N, di)
+        keys = self.keys(x_BTD, cos, sin) if keys_BNK is None else keys_BNK  # (B, N, di)
         q = rope_tail(self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim), cos, sin)
         with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 even under autocast: BF16 scores would tie
             s = torch.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1)))  # (B, T, heads, N)
@@ -124,9 +133,11 @@ class Indexer(nn.Module):
             return (s * self.head_dim ** -0.5 * w.unsqueeze(-1)).sum(dim=2)
 
     def select(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               visible_TN: torch.Tensor) -> torch.Tensor:
-        """Bool (B, T, N): the ``index_topk`` best of the entries ``visible_TN`` lets each query see."""
-        scores = self.scores(x_BTD, q_latent_BTR, cos, sin)
+               visible_TN: torch.Tensor, keys_BNK: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool (B, T, N): the ``index_topk`` best of the entries ``visible_TN`` lets each query see (``scores``'
+        arguments). A chunk of queries given the first N keys selects as the whole sequence does: an entry it
+        cannot see is never selected nor counted (``select_topk``)."""
+        scores = self.scores(x_BTD, q_latent_BTR, cos, sin, keys_BNK)
         return select_topk(scores, visible_TN.expand_as(scores), self.topk)
 
 
@@ -162,26 +173,33 @@ class HybridAttention(nn.Module):
             if isinstance(m, Compressor):
                 m.ape.zero_()
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int | None = None
+                ) -> torch.Tensor:
         """x (B, T, D) at positions 0..T-1 -> (B, T, D); cos/sin: ``rope_cos_sin`` tables (T, 1, qk_rope_head_dim)
-        of ``hybrid_rope_config(cfg, layer_id)``."""
+        of ``hybrid_rope_config(cfg, layer_id)``. ``chunk``: queries per chunk (``flyer.model.hybrid_chunks``);
+        None: ``query_chunk``'s rule from the shapes (128 rows, fewer where a memory budget binds); T or more: one
+        chunk, the eager whole-sequence computation."""
         B, T, _ = x_BTD.shape
         q_latent, q = self.queries(x_BTD, cos, sin)
         kv = self.shared_kv(x_BTD, cos, sin)
-
-        t = torch.arange(T, device=x_BTD.device)
-        visible = (t.view(1, T) <= t.view(T, 1)) & (t.view(1, T) > t.view(T, 1) - self.window)  # (T, T)
-        visible = visible.expand(B, T, T)
         N = T // self.ratio if self.ratio else 0
-        if N > 0:
-            entries = self.compressor(x_BTD, cos, sin)  # (B, N, d)
-            # entry i is complete, so visible, from its window's last token (i + 1) ratio - 1 on
-            complete = torch.arange(N, device=x_BTD.device).view(1, N) < ((t + 1) // self.ratio).view(T, 1)
-            if self.indexer is not None and N > self.indexer.topk:  # else every complete entry is kept
-                complete = self.indexer.select(x_BTD, q_latent, cos, sin, complete)
-            kv = torch.cat([kv, entries.unsqueeze(2)], dim=1)
-            visible = torch.cat([visible, complete.expand(B, T, N)], dim=-1)
-        return self.output(self.attend(q, kv, visible), cos, sin)
+        entries = self.compressor(x_BTD, cos, sin) if N > 0 else kv.new_zeros(B, 0, self.head_dim)  # (B, N, d)
+        indexed = self.indexer is not None and N > self.indexer.topk  # else every complete entry is kept
+        index_keys = self.indexer.keys(x_BTD, cos, sin) if indexed else None
+        if chunk is None:
+            chunk = query_chunk(B, T, self.n_heads, self.window, N, self.indexer.n_heads if indexed else 0)
+        plan = spans(T, chunk, self.window, self.ratio)
+        visible = []
+        for s in plan:
+            v = span_visible(s, self.window, self.ratio, x_BTD.device).expand(B, -1, -1)
+            if indexed and s.n_entries > self.indexer.topk:  # a chunk seeing fewer keeps them all, as select would
+                rows = slice(s.start, s.stop)
+                chosen = self.indexer.select(x_BTD[:, rows], q_latent[:, rows], cos[rows], sin[rows],
+                                             v[..., s.n_keys:], index_keys[:, :s.n_entries])
+                v = torch.cat([v[..., :s.n_keys], chosen], dim=-1)
+            visible.append(v)
+        o = chunked_attention(self.attend, plan, q, kv, entries, visible, params=(self.attn_sink,))
+        return self.output(o, cos, sin)
 
     def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the normalised query latent (B, T, R), which the indexer projects too; the queries (B, T, H, d): each
