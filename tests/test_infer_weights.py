@@ -33,6 +33,7 @@ from flyer.model.lowp import Linear
 from flyer.model.transformer import Transformer
 from flyer.train.checkpoint import save_checkpoint
 from tests.hf_models import build
+from tests.test_deepseek_v4 import v4_tolerance
 
 
 def _rounded(cfg_name: str = "tiny", **over) -> Transformer:
@@ -152,6 +153,27 @@ def test_fp8_held_model_is_the_fp32_model_on_the_dequantized_weights(over, kerne
             for net in (held, dispatched):
                 assert rel_error(net(t), want) <= 2 * rel_error(ref(t), want) + 1e-7, t.shape
     assert all(m.path == "dispatched" for m in dispatched.modules() if hasattr(m, "fuse_local"))
+
+
+@pytest.mark.parametrize("held", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("o_lora_rank", [64, 128])  # FP8: a 128-row scale block spans two groups' rows, or one's
+def test_v4_held_model_is_the_fp32_model_on_its_held_values(held, kernels_on, o_lora_rank):
+    """DeepSeek-V4 (``tiny-v4``: hyper-connections, window / CSA / HCA layers, hash routing) held in BF16 or FP8
+    computes as the FP32 model on the held values, within two FP32 evaluations' bound (``v4_tolerance``), for
+    prefill and decode-sized inputs. Its grouped ``wo_a`` (each head group times its own row block) is held as the
+    other linears are; it used to reach the held weight raw, and any held V4 model (``flyer generate``'s default
+    on a BF16 checkpoint) stopped with a dtype error."""
+    model = _rounded("tiny-v4", o_lora_rank=o_lora_rank)
+    h = copy.deepcopy(model)
+    hold_weights(h, held)
+    assert all(layer.attn.wo_a.weight.dtype == held for layer in h.layers)
+    ref = _dequantized(h, model)
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), (contextlib.nullcontext() if kernels_on else kernels.disabled()):
+        for t in (tokens, tokens[:1, :5]):
+            err, tol = rel_error(h(t), ref(t)), v4_tolerance(model.cfg, t.shape[1])
+            assert err <= tol, (t.shape, err, tol)
 
 
 def test_fp8_hold_refuses_nan_codes(tmp_path):

@@ -224,18 +224,18 @@ def test_re_export_keeps_codes_and_scales_byte_for_byte(v4, tmp_path, monkeypatc
 
 def test_flyer_generate_reads_it_as_its_values(v4, tmp_path, capsys):
     """``flyer generate`` of the FP8 directory gives the tokens it gives for its BF16 export (the same values:
-    every code times its scale is exact in BF16). ``--weight-dtype fp32``: with weights held in BF16 (the CPU's
-    default for a BF16 or V4 FP8 checkpoint) the hybrid attention's grouped ``wo_a`` einsum mixes dtypes, for
-    any V4 checkpoint, this format's or not (flyer.model.hybrid ``output``)."""
+    every code times its scale is exact in BF16), with the weights held as the CPU holds them by default (BF16
+    for both, computed in FP32) and not held (``--weight-dtype fp32``: the model in the checkpoint's dtype)."""
     _, _, fp8 = v4
     assert main(["export", str(fp8), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
-    tokens = []
-    for path in (fp8, tmp_path / "bf16"):
-        capsys.readouterr()
-        assert main(["generate", "--ckpt", str(path), "--prompt", "the quick brown fox", "--max-new-tokens", "8",
-                     "--json", "--eos-id", "-1", "--weight-dtype", "fp32"]) == 0
-        tokens.append(json.loads(capsys.readouterr().out)["token_ids"])
-    assert tokens[0] == tokens[1] and len(tokens[0][0]) == 8
+    for held in ("auto", "fp32"):  # auto: BF16 weights computed in FP32; fp32: the checkpoint's dtype, BF16
+        tokens = []
+        for path in (fp8, tmp_path / "bf16"):
+            capsys.readouterr()
+            assert main(["generate", "--ckpt", str(path), "--prompt", "the quick brown fox", "--max-new-tokens", "8",
+                         "--json", "--eos-id", "-1", "--weight-dtype", held]) == 0
+            tokens.append(json.loads(capsys.readouterr().out)["token_ids"])
+        assert tokens[0] == tokens[1] and len(tokens[0][0]) == 8, (held, tokens)
 
 
 # --- 6. errors ---------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 # FLYER_CPU_KERNELS=0 is read once: ``cpu_ops`` runs a few hundred times a decode step
 _state: dict = {"module": None, "tried": False, "off": int(os.environ.get("FLYER_CPU_KERNELS", "1") == "0")}
-_TILE = 128  # FP8 tile width and block size (flyer.fp8.quant.TILE); the kernel takes no other
+TILE = 128  # FP8 tile width and block size (flyer.fp8.quant.TILE); the kernel takes no other
 
 
 def _capability_flags(cap: str | None = None) -> list[str]:
@@ -338,11 +338,11 @@ def dequantize_held(w_NK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(N, K) float32 from FP8 codes and their 128x128 block scales (ceil(N / 128), ceil(K / 128)):
     each code times its block's scale, the values ``grouped_mm``'s kernel computes with."""
     K = w_NK.shape[1]
-    if K % _TILE == 0:
-        return fp8_dequantize(w_NK, scale, _TILE)
+    if K % TILE == 0:
+        return fp8_dequantize(w_NK, scale, TILE)
     # fp8_dequantize takes whole 128-column tiles: padded with zero codes
-    padded = F.pad(w_NK.view(torch.uint8), (0, -K % _TILE)).view(w_NK.dtype)
-    return fp8_dequantize(padded, scale, _TILE)[:, :K].contiguous()
+    padded = F.pad(w_NK.view(torch.uint8), (0, -K % TILE)).view(w_NK.dtype)
+    return fp8_dequantize(padded, scale, TILE)[:, :K].contiguous()
 
 
 def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
@@ -539,7 +539,7 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
         return ops.fp8_dequantize(data_RC.contiguous().view(torch.uint8), scale.float().contiguous(), block_rows,
                                   data_RC.dtype == torch.float8_e5m2)
     s = scale if block_rows == 1 else scale.repeat_interleave(block_rows, dim=0)[:R]
-    return (fp8_to_float(data_RC).view(R, C // _TILE, _TILE) * s.unsqueeze(-1)).view(R, C)
+    return (fp8_to_float(data_RC).view(R, C // TILE, TILE) * s.unsqueeze(-1)).view(R, C)
 
 
 __all__ = ["HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "argmax", "attention", "attention_splits",

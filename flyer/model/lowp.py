@@ -138,6 +138,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x.to(dtype).float(), weight.to(dtype).float(), b).to(dtype)
 
 
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., G, L): group g of x (..., G, K) times its own L = N / G rows of ``weight`` (N, K), a block-diagonal
+    linear (DeepSeek-V4's grouped ``wo_a``). FP32 x on a weight held for inference (``flyer.infer.weights``:
+    BF16, or FP8 codes with their 128x128 block ``scale``) runs ``kernels.grouped_mm``, each group's rows against
+    its row block as held, as ``linear`` runs ``kernels.linear_held``; otherwise one batched product."""
+    G, K = x.shape[-2:]
+    L = weight.shape[0] // G
+    held = x.dtype == torch.float32 and weight.dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type)
+    if not held:
+        return torch.einsum("...gk,glk->...gl", x, weight.view(G, L, K))
+    w = weight.view(G, L, K)
+    if scale is not None and L % kernels.TILE:  # a scale block spans two groups: widened whole instead
+        w, scale = kernels.dequantize_held(weight, scale).view(G, L, K), None
+    elif scale is not None:
+        scale = scale.view(G, L // kernels.TILE, scale.shape[-1])
+    rows = x.reshape(-1, G, K).transpose(0, 1).reshape(-1, K)  # group-major: group g's rows are consecutive
+    out = kernels.grouped_mm(rows, [rows.shape[0] // G] * G, w, scale=scale)  # (G M, L)
+    return out.view(G, -1, L).transpose(0, 1).reshape(*x.shape[:-1], L)
+
+
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; where emulated, computed in FP32 on the rounded inputs and
     rounded back (the fused kernel's own intermediate roundings are not reproduced)."""
