@@ -19,7 +19,7 @@ from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
 from flyer.infer.sampling import LogitAdjustments, SamplingParams, sample
-from flyer.infer.speculative import mtp_decode
+from flyer.infer.speculative import check_speculation, mtp_decode
 from flyer.model.transformer import Transformer
 
 
@@ -43,14 +43,9 @@ class GenerationConfig(LogitAdjustments):
 
     def validate(self) -> None:
         """``FieldError`` naming the first bad field."""
-        for name in ("max_new_tokens", "draft_tokens"):
-            if getattr(self, name) < 1:
-                raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
-        if self.speculative not in (None, "mtp"):
-            raise FieldError("speculative", f"must be None or 'mtp' (got {self.speculative!r})")
-        if self.draft_tokens > 1 and self.speculative is None:
-            raise FieldError("draft_tokens",
-                             f"{self.draft_tokens} drafts need speculative decoding (--speculative mtp)")
+        if self.max_new_tokens < 1:
+            raise FieldError("max_new_tokens", f"must be >= 1 (got {self.max_new_tokens})")
+        check_speculation(self.speculative, self.draft_tokens)
         # a step never keeps more drafts than tokens are left to make (``mtp_decode`` clamps to that)
         if self.draft_tokens > self.max_new_tokens:
             raise FieldError("draft_tokens", f"must be <= max_new_tokens = {self.max_new_tokens} "

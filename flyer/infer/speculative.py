@@ -25,8 +25,20 @@ from typing import Collection, Sequence
 import torch
 
 from flyer import kernels
+from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.sampling import SamplingParams, probabilities
+
+
+def check_speculation(speculative: str | None, draft_tokens: int) -> None:
+    """``FieldError`` for a speculation setting flyer cannot run: ``speculative`` other than None / "mtp", or
+    ``draft_tokens`` below 1, or above 1 without speculation (``flyer generate``'s and ``flyer serve``'s flags)."""
+    if draft_tokens < 1:
+        raise FieldError("draft_tokens", f"must be >= 1 (got {draft_tokens})")
+    if speculative not in (None, "mtp"):
+        raise FieldError("speculative", f"must be None or 'mtp' (got {speculative!r})")
+    if draft_tokens > 1 and speculative is None:
+        raise FieldError("draft_tokens", f"{draft_tokens} drafts need speculative decoding (--speculative mtp)")
 
 
 def accept_drafts(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[int], params: SamplingParams,

@@ -27,6 +27,7 @@ import torch
 from flyer.errors import FieldError
 from flyer.infer.prefix_cache import PrefixCache
 from flyer.infer.sampling import LogitAdjustments, SamplingParams
+from flyer.infer.speculative import check_speculation
 
 
 class QueueFull(Exception):
@@ -86,14 +87,10 @@ class EngineConfig:
     draft_tokens: int = 1  # drafts per request and step (speculative)
 
     def validate(self) -> None:
-        for name in ("kv_cache_bytes", "block_size", "max_batch_size", "max_queue", "prefill_chunk", "draft_tokens"):
+        for name in ("kv_cache_bytes", "block_size", "max_batch_size", "max_queue", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
-        if self.speculative not in (None, "mtp"):
-            raise FieldError("speculative", f"must be None or 'mtp' (got {self.speculative!r})")
-        if self.draft_tokens > 1 and self.speculative is None:
-            raise FieldError("draft_tokens",
-                             f"{self.draft_tokens} drafts need speculative decoding (--speculative mtp)")
+        check_speculation(self.speculative, self.draft_tokens)
 
 
 @dataclass(frozen=True)
