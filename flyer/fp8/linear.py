@@ -26,7 +26,7 @@ from torch import nn
 from flyer.fp8.gemm import BACKENDS, EMULATIONS, cuda_fp8_supported, fp8_gemm_nt
 from flyer.fp8.quant import (FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched, quantize_blocks,
                              quantize_blocks_batched, quantize_tiles, quantize_tiles_t)
-from flyer.model.lowp import gemm_dtype
+from flyer.model.lowp import gemm_dtype, group_rows, ungroup_rows
 from flyer.model.experts import Experts, padded_layout, swiglu
 
 
@@ -148,6 +148,16 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.bias, self.recipe)
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., G, out_features / G): group g of x (..., G, in_features) times its own rows of the weight
+        (``flyer.model.lowp.grouped_linear``, DeepSeek-V4's ``wo_a``), as FP8 grouped GEMMs: each group's row
+        block quantized in 128x128 blocks (the whole weight's blocks where out_features / G is a multiple of
+        128, as in DeepSeek-V4's checkpoints), its rows in 1x128 tiles (``fp8_grouped_linear``)."""
+        G, K = x.shape[-2:]
+        rows = group_rows(x)
+        y = fp8_grouped_linear(rows, self.weight.view(G, -1, K), [rows.shape[0] // G] * G, self.recipe)
+        return ungroup_rows(y, x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8={self.recipe.fmt}/{self.recipe.grad_fmt}"

@@ -38,7 +38,7 @@ from flyer.config import ModelConfig
 from flyer.fp8.quant import TILE, quantize_blocks_batched
 from flyer.model.init import allocate
 from flyer.model.experts import Experts, local_routed_no_grad, packed_w13
-from flyer.model.lowp import Linear
+from flyer.model.lowp import Linear, grouped_linear
 from flyer.model.transformer import Transformer
 
 FP8 = torch.float8_e4m3fn
@@ -54,6 +54,9 @@ class HeldFP8Linear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear_held(x, self.weight, self.bias, self.weight_scale)
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        return grouped_linear(x, self.weight, self.weight_scale)
 
 
 class HeldFP8Experts(Experts):

@@ -33,7 +33,7 @@ from torch import nn
 from flyer.config import ModelConfig
 from flyer.model.attention import select_topk
 from flyer.model.hybrid_chunks import chunked_attention, query_chunk, span_visible, spans
-from flyer.model.lowp import Linear, grouped_linear
+from flyer.model.lowp import Linear
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
 
@@ -232,4 +232,4 @@ class HybridAttention(nn.Module):
         B, T, H, d = o_BTHd.shape
         G = self.o_groups
         o = rope_tail(o_BTHd, cos, -sin).reshape(B, T, G, H * d // G)
-        return self.wo_b(grouped_linear(o, self.wo_a.weight, getattr(self.wo_a, "weight_scale", None)).flatten(2))
+        return self.wo_b(self.wo_a.grouped(o).flatten(2))  # wo_a's module: plain, held or FP8 (``grouped``)

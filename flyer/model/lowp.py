@@ -138,6 +138,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x.to(dtype).float(), weight.to(dtype).float(), b).to(dtype)
 
 
+def group_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., G, K) as (G M, K), group-major: group g's M rows consecutive (the grouped GEMMs' layout)."""
+    G, K = x.shape[-2:]
+    return x.reshape(-1, G, K).transpose(0, 1).reshape(-1, K)
+
+
+def ungroup_rows(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``group_rows``' inverse for a grouped GEMM's output y (G M, L): (..., G, L) with ``like``'s leading dims."""
+    G = like.shape[-2]
+    return y.view(G, -1, y.shape[-1]).transpose(0, 1).reshape(*like.shape[:-1], y.shape[-1])
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """(..., G, L): group g of x (..., G, K) times its own L = N / G rows of ``weight`` (N, K), a block-diagonal
     linear (DeepSeek-V4's grouped ``wo_a``). FP32 x on a weight held for inference (``flyer.infer.weights``:
@@ -153,9 +165,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
         w, scale = kernels.dequantize_held(weight, scale).view(G, L, K), None
     elif scale is not None:
         scale = scale.view(G, L // kernels.TILE, scale.shape[-1])
-    rows = x.reshape(-1, G, K).transpose(0, 1).reshape(-1, K)  # group-major: group g's rows are consecutive
-    out = kernels.grouped_mm(rows, [rows.shape[0] // G] * G, w, scale=scale)  # (G M, L)
-    return out.view(G, -1, L).transpose(0, 1).reshape(*x.shape[:-1], L)
+    rows = group_rows(x)
+    return ungroup_rows(kernels.grouped_mm(rows, [rows.shape[0] // G] * G, w, scale=scale), x)
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -174,3 +185,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., G, out_features / G): ``grouped_linear`` of x (..., G, in_features) on this weight (no bias)."""
+        return grouped_linear(x, self.weight)
