@@ -11,6 +11,7 @@ KV cache.
     engine.py   the scheduler: continuous batching, chunked prefill, preemption, sampling
     link.py     the engine's process and the HTTP process joined by a socket pair (the engine only
                 as a type: importing link and api does not import the engine)
+    schema.py   the OpenAI request bodies (pydantic) and their field checks
     api.py      the OpenAI routes (FastAPI) over the link
     cli.py      ``flyer serve``: the engine in its own process, HTTP in a child process
 

@@ -16,6 +16,7 @@ Every response carries ``usage``. Errors use OpenAI's shape ``{"error": {"messag
 context), 401 for a missing or wrong API key, 404 for an unknown model or route, 429 when the
 queue is full, 503 while draining. A bug answers 500 in the same shape, never with a traceback; in a
 stream, whose status is sent, it ends the stream with OpenAI's error event (the ``openai`` client raises it).
+The request bodies and their field checks are ``flyer.serve.schema``'s.
 
 Stop strings are matched on the decoded text here (the engine knows token ids only); a match
 cancels the engine request, so its blocks are freed at the next step. A client that disconnects
@@ -33,7 +34,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Literal
+from typing import Any, AsyncIterator, Iterator
 
 import jinja2
 import jinja2.sandbox
@@ -41,20 +42,18 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flyer.errors import FieldError
 from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
 from flyer.serve.request import QueueFull, SamplingOptions, TokenEvent
+from flyer.serve.schema import Body, ChatBody, CompletionBody
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
 # transformers encodes it), one header line per message, then the assistant's.
 DEFAULT_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-MAX_LOGPROBS = 20
-MAX_CHOICES = 128  # n, as OpenAI bounds it
 DISCONNECT_POLL_S = 1.0  # how often a request's handler asks whether its client is still there
 
 
@@ -73,112 +72,6 @@ class ApiError(Exception):
 
 def _engine_failed() -> ApiError:
     return ApiError(500, "the engine failed on this request (see the server's log)", "server_error")
-
-
-# OpenAI fields that change what is generated and that flyer serve does not implement, with the values
-# that change nothing (a client may send those): any other value is refused, never silently ignored
-NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
-                   "response_format": ({"type": "text"},)}
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # fields clients send that change nothing (user, ...)
-
-    def check_fields(self) -> None:
-        """``FieldError`` for a ``NOT_IMPLEMENTED`` field at a value that would change the output, and for
-        a field that needs another one set (as OpenAI's API refuses them)."""
-        for name, value in (self.model_extra or {}).items():
-            neutral = NOT_IMPLEMENTED.get(name)
-            if neutral is not None and value is not None and value not in neutral:
-                raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out or send "
-                                       f"{neutral[0]!r}")
-        if self.stream_options is not None and not self.stream:
-            raise FieldError("stream_options", "only allowed with stream: true")
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's range
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None  # its range checked once, by the engine (``Engine.check``)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices per prompt
-    # ranges checked once, by the engine (``Engine.check``), as for its other sampling options
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> added to its logit
-
-    def token_bias(self) -> tuple[tuple[int, float], ...]:
-        """``logit_bias`` as (token id, bias) pairs, one per token ("7" and "07" are one key: the last
-        wins); ``FieldError`` for a key that is not a token id."""
-        out = {}
-        for k, v in (self.logit_bias or {}).items():
-            try:
-                out[int(k)] = v
-            except ValueError:
-                raise FieldError("logit_bias", f"keys must be token ids (got {k!r})") from None
-        return tuple(out.items())
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-
-
-class ContentPart(BaseModel):
-    """One part of a message's content in OpenAI's list form: a text part, whose ``text`` is the
-    prompt's. Other kinds (images, audio) are refused: a text model would answer as if they were not
-    there."""
-
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = Field(default=None, validate_default=True)
-
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, kind: str) -> str:
-        if kind != "text":
-            raise ValueError(f"{kind!r} parts are not supported: this model reads text parts only")
-        return kind
-
-    @field_validator("text")
-    @classmethod
-    def _text_part_has_text(cls, text: str | None, info: ValidationInfo) -> str | None:
-        if text is None and info.data.get("type") == "text":
-            raise ValueError("a text part's text must be a string")
-        return text
-
-
-_CONTENT_PARTS = TypeAdapter(list[ContentPart])
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[ContentPart] | None = None
-
-    @field_validator("content", mode="wrap")
-    @classmethod
-    def _parts_as_a_list(cls, content, handler):
-        # a list is checked as parts only: the union would first report it as "not a string", hiding the part's error
-        if isinstance(content, list):
-            return _CONTENT_PARTS.validate_python(content)
-        return handler(content)
-
-
-class ChatBody(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-
-    def check_fields(self) -> None:
-        super().check_fields()
-        if self.top_logprobs is not None and not self.logprobs:
-            raise FieldError("top_logprobs", "needs logprobs: true")
 
 
 def chat_renderer(template: str | None, special: dict[str, str] | None = None):
@@ -410,7 +303,7 @@ class Api:
             raise ApiError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`)",
                            param="model", code="model_not_found")
 
-    def _options(self, body: _Body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
+    def _options(self, body: Body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
                  echo: bool = False) -> SamplingOptions:
         if max_tokens is None:  # chat without a limit: the rest of the context, as far as the cache holds it
             max_tokens = max(self.engine.limits.room - prompt_len, 1)
@@ -464,7 +357,7 @@ class Api:
         body.check_fields()
         prompts = self._prompts(body.prompt)
         opts = self._options(body, body.max_tokens, max(len(p) for p in prompts), body.logprobs, body.echo)
-        gen = _Generation(self, request, prompts, opts, _stops(body.stop), body.n)
+        gen = _Generation(self, request, prompts, opts, body.stop_strings(), body.n)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         prefix = [self.tok.decode(gen.prompt_of(k)) if body.echo else "" for k in range(len(gen.choices))]
@@ -519,7 +412,7 @@ class Api:
         top = body.top_logprobs or 0
         opts = self._options(body, body.max_completion_tokens or body.max_tokens, len(prompt),
                              top if body.logprobs else None)
-        gen = _Generation(self, request, [prompt], opts, _stops(body.stop), body.n)
+        gen = _Generation(self, request, [prompt], opts, body.stop_strings(), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
 
@@ -556,13 +449,6 @@ class Api:
             s = self._token_text(t)
             return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
         return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in (top or {}).items()]}
-
-
-def _stops(stop: str | list[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not s for s in stops):
-        raise FieldError("stop", "stop strings must not be empty")
-    return stops
 
 
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:

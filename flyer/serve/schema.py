@@ -1,0 +1,133 @@
+"""The request bodies of the OpenAI routes (pydantic), checked as OpenAI's API checks them: a field of
+the wrong type or out of range answers 400 naming it (FastAPI validates the body before a route runs),
+and ``check_fields`` refuses the combinations and the unimplemented fields the types cannot express.
+
+    Body            the fields both routes share: model, sampling options, stop strings, n, stream
+    CompletionBody  POST /v1/completions: prompt (text, texts, token ids, lists of token ids), logprobs, echo
+    ChatBody        POST /v1/chat/completions: messages (text content or text parts), logprobs, top_logprobs
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
+
+from flyer.errors import FieldError
+
+MAX_LOGPROBS = 20
+MAX_CHOICES = 128  # n, as OpenAI bounds it
+
+# OpenAI fields that change what is generated and that flyer serve does not implement, with the values
+# that change nothing (a client may send those): any other value is refused, never silently ignored
+NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
+                   "response_format": ({"type": "text"},)}
+
+
+class Body(BaseModel):
+    """The fields both routes share; a subclass adds its prompt's."""
+
+    model_config = ConfigDict(extra="allow")  # fields clients send that change nothing (user, ...)
+
+    def check_fields(self) -> None:
+        """``FieldError`` for a ``NOT_IMPLEMENTED`` field at a value that would change the output, and for
+        a field that needs another one set (as OpenAI's API refuses them)."""
+        for name, value in (self.model_extra or {}).items():
+            neutral = NOT_IMPLEMENTED.get(name)
+            if neutral is not None and value is not None and value not in neutral:
+                raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out or send "
+                                       f"{neutral[0]!r}")
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "only allowed with stream: true")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's range
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None  # its range checked once, by the engine (``Engine.check``)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices per prompt
+    # ranges checked once, by the engine (``Engine.check``), as for its other sampling options
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> added to its logit
+
+    def token_bias(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs, one per token ("7" and "07" are one key: the last
+        wins); ``FieldError`` for a key that is not a token id."""
+        out = {}
+        for k, v in (self.logit_bias or {}).items():
+            try:
+                out[int(k)] = v
+            except ValueError:
+                raise FieldError("logit_bias", f"keys must be token ids (got {k!r})") from None
+        return tuple(out.items())
+
+    def stop_strings(self) -> list[str]:
+        """``stop`` as a list; ``FieldError`` for an empty one."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stops):
+            raise FieldError("stop", "stop strings must not be empty")
+        return stops
+
+
+class CompletionBody(Body):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content in OpenAI's list form: a text part, whose ``text`` is the
+    prompt's. Other kinds (images, audio) are refused: a text model would answer as if they were not
+    there."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = Field(default=None, validate_default=True)
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind: str) -> str:
+        if kind != "text":
+            raise ValueError(f"{kind!r} parts are not supported: this model reads text parts only")
+        return kind
+
+    @field_validator("text")
+    @classmethod
+    def _text_part_has_text(cls, text: str | None, info: ValidationInfo) -> str | None:
+        if text is None and info.data.get("type") == "text":
+            raise ValueError("a text part's text must be a string")
+        return text
+
+
+_CONTENT_PARTS = TypeAdapter(list[ContentPart])
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[ContentPart] | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _parts_as_a_list(cls, content, handler):
+        # a list is checked as parts only: the union would first report it as "not a string", hiding the part's error
+        if isinstance(content, list):
+            return _CONTENT_PARTS.validate_python(content)
+        return handler(content)
+
+
+class ChatBody(Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def check_fields(self) -> None:
+        super().check_fields()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", "needs logprobs: true")
