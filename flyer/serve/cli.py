@@ -34,7 +34,7 @@ from flyer.serve.engine import Engine, EngineConfig, Limits, open_disk_prefix_ca
 from flyer.serve.link import EngineClient, EngineHost
 
 ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must be > 0)
-DEFAULT_BLOCK_SIZE = 16
+DEFAULT_BLOCK_SIZE = EngineConfig.block_size  # the engine's own default, one home for it
 
 
 def default_block_size(cfg) -> int:
