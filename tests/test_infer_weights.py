@@ -23,7 +23,7 @@ from flyer.config import preset
 from flyer.fp8.quant import quantize_blocks
 from flyer.infer import GenerationConfig, generate
 from flyer.errors import CheckpointError
-from flyer.infer.cli import resolve_weight_dtype
+from flyer.infer.cli import STORED, load_model, resolve_weight_dtype
 from flyer.infer.weights import FP8, HeldFP8Experts, HeldFP8Linear, hold_weights
 from flyer.interop.export import export_model
 from flyer.interop.hf import TextTokenizer, load_hf
@@ -295,13 +295,17 @@ _PEAK = """
 import argparse, sys
 from pathlib import Path
 from flyer.infer.cli import load_model
+from flyer.interop.load import load_pretrained
 
 def status(key):
     line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(key + ":"))
     return int(line.split()[1]) * 1024
 
 base = status("VmRSS")
-load_model(argparse.Namespace(ckpt=sys.argv[1], weight_dtype=sys.argv[2], device="cpu", precision="auto"))
+if sys.argv[2] == "stored":  # as the file stores it, not held: what --weight-dtype auto loads on a GPU
+    load_pretrained(sys.argv[1])
+else:
+    load_model(argparse.Namespace(ckpt=sys.argv[1], weight_dtype=sys.argv[2], device="cpu", precision="auto"))
 print(status("VmHWM") - base)
 """
 
@@ -309,7 +313,7 @@ print(status("VmHWM") - base)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_weight_dtype_bf16_loads_a_bf16_checkpoint_in_its_own_memory(tmp_path):
     """``--weight-dtype bf16`` on a BF16 checkpoint takes about the memory of loading it as stored
-    (``--weight-dtype fp32``: a BF16 model), not the FP32 model's: loading it in FP32 first and
+    (a BF16 model), not the FP32 model's: loading it in FP32 first and
     then holding it in BF16 peaked at twice its GEMM weights' bytes more."""
     over = dict(dim=512, n_layers=4, n_dense_layers=1, inter_dim=2048, moe_inter_dim=512, n_routed_experts=16,
                 n_activated_experts=2, n_expert_groups=1, n_limited_groups=1, mtp_depth=0)
@@ -321,13 +325,13 @@ def test_weight_dtype_bf16_loads_a_bf16_checkpoint_in_its_own_memory(tmp_path):
     _saved(model, tmp_path, "bf16")
     del model
     peak = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("stored", "bf16"):
         run = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path), dtype], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-2000:]
         peak[dtype] = int(run.stdout)
     # the FP32 copy would add 2 bytes per GEMM weight; the held load adds only the FP32 norms, router
     # and embedding (2 bytes each more than stored) and what one tensor's read needs
-    assert peak["bf16"] - peak["fp32"] < gemm, (peak, gemm)
+    assert peak["bf16"] - peak["stored"] < gemm, (peak, gemm)
 
 
 @pytest.mark.parametrize("source", ["bf16", "run"])
@@ -363,6 +367,23 @@ def test_weight_dtype_auto_holds_weights_as_the_checkpoint_stores_them(tmp_path,
             runs.append(json.loads(capsys.readouterr().out))
         assert runs[0]["weight_dtype"] == want and runs[0]["token_ids"] == runs[1]["token_ids"], source
     bf16 = str(tmp_path / "bf16")
-    for device, precision, ckpt in (("cuda", "auto", bf16), ("cpu", "fp8", bf16), ("cpu", "auto", None)):
+    for device, precision, ckpt, want in (("cuda", "auto", bf16, STORED), ("cuda", "auto", None, "fp32"),
+                                          ("cpu", "fp8", bf16, "fp32"), ("cpu", "auto", None, "fp32")):
         args = argparse.Namespace(weight_dtype="auto", precision=precision, ckpt=ckpt)
-        assert resolve_weight_dtype(args, torch.device(device)) == "fp32", (device, precision, ckpt)
+        assert resolve_weight_dtype(args, torch.device(device)) == want, (device, precision, ckpt)
+
+
+@pytest.mark.parametrize("source", ["bf16", "fp8"])
+def test_weight_dtype_fp32_computes_in_fp32(tmp_path, capsys, source):
+    """``--weight-dtype fp32`` on a BF16 or FP8 checkpoint loads an FP32 model (it loaded the checkpoint's
+    BF16 before): every floating parameter FP32, and the tokens of the same checkpoint loaded in FP32."""
+    torch.manual_seed(0)
+    path = _saved(Transformer(preset("tiny", moe_inter_dim=128)).eval(), tmp_path, source)
+    model, _ = load_model(argparse.Namespace(ckpt=str(path), preset=None, weight_dtype="fp32", device="cpu",
+                                             precision="auto", speculative=None, prefix_cache=None))
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+    want = load_pretrained(path, dtype=torch.float32)[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+    assert main(["generate", "--ckpt", str(path), "--prompt", "hello", "--max-new-tokens", "3", "--device", "cpu",
+                 "--json", "--eos-id", "-1", "--weight-dtype", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["weight_dtype"] == "fp32"

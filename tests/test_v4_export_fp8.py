@@ -225,10 +225,10 @@ def test_re_export_keeps_codes_and_scales_byte_for_byte(v4, tmp_path, monkeypatc
 def test_flyer_generate_reads_it_as_its_values(v4, tmp_path, capsys):
     """``flyer generate`` of the FP8 directory gives the tokens it gives for its BF16 export (the same values:
     every code times its scale is exact in BF16), with the weights held as the CPU holds them by default (BF16
-    for both, computed in FP32) and not held (``--weight-dtype fp32``: the model in the checkpoint's dtype)."""
+    for both, computed in FP32) and not held (``--weight-dtype fp32``: an FP32 model)."""
     _, _, fp8 = v4
     assert main(["export", str(fp8), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
-    for held in ("auto", "fp32"):  # auto: BF16 weights computed in FP32; fp32: the checkpoint's dtype, BF16
+    for held in ("auto", "fp32"):  # auto: held as the CPU holds them, computed in FP32; fp32: FP32 weights
         tokens = []
         for path in (fp8, tmp_path / "bf16"):
             capsys.readouterr()

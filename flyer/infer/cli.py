@@ -27,6 +27,7 @@ from flyer.model.transformer import Transformer
 from flyer.runtime import require_memory
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+STORED = "stored"  # --weight-dtype auto off the CPU: the checkpoint's own dtype (BF16 on a GPU), not held
 ZERO_OK = {"temperature", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
 SIGNED = {"eos_id", "frequency_penalty", "presence_penalty"}  # eos_id -1: no stop token; penalties in [-2, 2]
 
@@ -82,17 +83,21 @@ def add_weight_dtype_flag(p) -> None:
                         "and the bytes a decode step reads (lossless for a BF16 checkpoint); fp8 holds them as "
                         "DeepSeek's FP8 checkpoints do, E4M3 with 128x128 block scales, a quarter of FP32 "
                         "(lossless for such a checkpoint: its own codes; others are quantized; flyer.infer.weights). "
-                        "auto (default): on the CPU, as the checkpoint stores them (bf16 or fp8: lossless, and "
-                        "faster than computing in BF16); fp32 (not held) on other devices, with --precision fp8 "
-                        "and for --preset")
+                        "fp32: FP32 weights and compute, on any device. auto (default): on the CPU, as the "
+                        "checkpoint stores them (bf16 or fp8: lossless, and faster than computing in BF16); on "
+                        "other devices the checkpoint's own dtype, not held; fp32 with --precision fp8 and for "
+                        "--preset")
 
 
 def resolve_weight_dtype(args, device: torch.device) -> str:
-    """``--weight-dtype`` with auto settled (``add_weight_dtype_flag``)."""
+    """``--weight-dtype`` with auto settled (``add_weight_dtype_flag``): a key of ``WEIGHT_DTYPES``, or
+    ``STORED`` (auto off the CPU: the checkpoint's own dtype, not held)."""
     if args.weight_dtype != "auto":
         return args.weight_dtype
-    if device.type != "cpu" or args.precision == "fp8" or not args.ckpt:
+    if args.precision == "fp8" or not args.ckpt:
         return "fp32"
+    if device.type != "cpu":
+        return STORED
     try:
         return stored_weight_dtype(args.ckpt)
     except (OSError, ValueError, KeyError) as e:
@@ -141,7 +146,7 @@ def load_model(args, beside: tuple[str, str, int] | None = None):
     when both do not fit. A hybrid model under flags it cannot take is refused (``decodable``)."""
     device = resolve_device(args.device)
     args.weight_dtype = resolve_weight_dtype(args, device)
-    held = WEIGHT_DTYPES[args.weight_dtype]
+    held = WEIGHT_DTYPES.get(args.weight_dtype, torch.float32)
     if held != torch.float32:
         if args.precision == "fp8":
             raise FieldError("weight_dtype", f"{args.weight_dtype} holds the weights for FP32 compute; --precision "
@@ -157,13 +162,13 @@ def load_model(args, beside: tuple[str, str, int] | None = None):
                 raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
             decodable(source, args)
         # FP8 GEMMs requantize the weights in 128x128 blocks: from FP32 they are the file's FP8 blocks;
-        # held weights are computed in FP32, and written as held while they load
-        dtype = torch.float32 if args.precision == "fp8" or held != torch.float32 else None
+        # held weights are computed in FP32, and written as held while they load; only STORED keeps the file's dtype
+        dtype = None if args.weight_dtype == STORED else torch.float32
         try:
             need = loaded_bytes(args.ckpt, dtype, held)
         except (OSError, ValueError, KeyError) as e:
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
-        require_memory(need, device, "ckpt", f"checkpoint '{args.ckpt}' as loaded (--weight-dtype {args.weight_dtype})")
+        require_memory(need, device, "ckpt", f"checkpoint '{args.ckpt}' as loaded (weights {args.weight_dtype})")
         _require_beside(need, device, beside)
         try:
             model, cfg, tok = load_pretrained(args.ckpt, device=device, dtype=dtype, held=held)
@@ -329,9 +334,10 @@ def register(sub) -> None:
     p.add_argument("--attention", choices=ATTENTION_MODES, default="absorbed",
                    help="absorbed = latent cache (default); naive = per-head K/V cache, for comparison")
     p.add_argument("--precision", choices=["auto", "fp8"], default="auto",
-                   help="auto: the checkpoint's dtype (an FP8 checkpoint dequantized to bf16), or FP32 with the "
-                        "weights held (--weight-dtype); fp8: linear layers in FP8 (DeepSeek's 128x128 weight "
-                        "blocks, as an FP8 checkpoint stores them)")
+                   help="auto: FP32 compute on the CPU (weights held as --weight-dtype says) and with "
+                        "--weight-dtype fp32, else the checkpoint's dtype (an FP8 checkpoint dequantized to bf16); "
+                        "fp8: linear layers in FP8 (DeepSeek's 128x128 weight blocks, as an FP8 checkpoint stores "
+                        "them)")
     p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto", help=CACHE_DTYPE_HELP)
     add_weight_dtype_flag(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
