@@ -23,7 +23,9 @@ The attention reads and writes through ``ring`` / ``write_ring`` / ``read_entrie
 
 Queries see the window's keys (positions in (p - W, p]) and the complete entries (index < (p + 1) // r;
 CSA: the indexer's ``index_topk`` of them, ``select_topk``), with sinks and the output un-rotation of
-``HybridAttention.attend`` / ``output``. ``HybridAttention.forward`` on the whole sequence is the oracle.
+``HybridAttention.attend`` / ``output``. ``HybridAttention.forward`` on the whole sequence is the oracle. Past
+``GATHER_OVER`` x index_topk entries a CSA query reads its picks only (``HybridCache.gather_entries``: k entries,
+not N) and scores them instead of every entry masked, as the training path's gathering chunks do.
 
 Shapes: B rows, T new tokens, W window, d head_dim, r ratio, M entries completed in one call, N entries seen.
 """
@@ -39,6 +41,7 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.model.hybrid import hybrid_rope_config, select_topk
+from flyer.model.hybrid_chunks import entry_picks, gathers
 from flyer.model.rope import rope_cos_sin
 
 Tables = dict[bool, tuple[torch.Tensor, torch.Tensor]]  # compressed layer? -> cos, sin (max_len, 1, R)
@@ -153,6 +156,16 @@ class HybridCache:
             raise ValueError(f"block tables cover {self.tables.shape[1] * per} entries, need {N}")
         return t[self.tables[:, :n]].flatten(1, 2)[:, :N]
 
+    def gather_entries(self, layer: int, name: str, picks_BTk: torch.Tensor) -> torch.Tensor:
+        """Each query's picked entries ``name`` (B, T, k, C) of ``layer``: entry ``picks[b, t, j]`` of row b
+        (``entry_picks``; an empty slot, -1, reads entry 0, for the attention to mask)."""
+        t, i = self.layers[layer][name], picks_BTk.clamp(min=0).long()
+        b = torch.arange(i.shape[0], device=i.device).view(-1, 1, 1)
+        if self.tables is None:
+            return t[b, i]
+        per = t.shape[1]
+        return t[self.tables[b, i // per], i % per]
+
     def write_entries(self, layer: int, name: str, b: torch.Tensor, i: torch.Tensor, values: torch.Tensor) -> None:
         """Entry ``i[k]`` of row ``b[k]`` := ``values[k]`` (K, C)."""
         t = self.layers[layer][name]
@@ -250,9 +263,10 @@ def _complete_entries(comp: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, ca
 
 
 def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cache: HybridCache,
-                     layer: int) -> torch.Tensor:
+                     layer: int, gather: bool = True) -> torch.Tensor:
     """``HybridAttention`` (B, T, D) of the new tokens x (normed block inputs) against layer ``layer``'s state,
-    which their real tokens then join (see the module docstring)."""
+    which their real tokens then join (see the module docstring). ``gather``: a CSA query past ``GATHER_OVER`` x
+    index_topk entries attends to its picks gathered; False: to every entry, the unselected masked (the oracle)."""
     B, T, _ = x_BTD.shape
     W, r = attn.window, attn.ratio
     cos, sin = rows.cos[r > 0], rows.sin[r > 0]
@@ -269,6 +283,7 @@ def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cac
                          ((t.view(1, T) <= t.view(T, 1)) & (t.view(1, T) > t.view(T, 1) - W)).expand(B, T, T)], -1)
     keys = torch.cat([cache.ring(layer, "window").to(kv.dtype).unsqueeze(2), kv], dim=1)  # (B, W + T, 1, d)
 
+    picked = ()  # a gathering CSA layer's (entries (B, T, k, d), their slots' validity (B, T, k))
     if r > 0:
         _complete_entries(attn.compressor, x_BTD, rows, cache, layer, ("kv_state", "gate_state", "entries"))
         idx = attn.indexer
@@ -281,8 +296,12 @@ def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cac
             if idx is not None and N > idx.topk:  # else every complete entry is kept
                 seen = select_topk(idx.scores(x_BTD, q_latent, cos, sin, cache.read_entries(layer, "index_keys", N)),
                                    seen, idx.topk)
-            keys = torch.cat([keys, cache.read_entries(layer, "entries", N).to(kv.dtype).unsqueeze(2)], dim=1)
-            visible = torch.cat([visible, seen], dim=-1)
-    out = attn.output(attn.attend(q, keys, visible), cos, sin)
+            if gather and idx is not None and gathers(N, idx.topk):  # k entries read and scored per query, not N
+                picks = entry_picks(seen, idx.topk)  # (B, T, k)
+                picked = (cache.gather_entries(layer, "entries", picks).to(kv.dtype), picks >= 0)
+            else:
+                keys = torch.cat([keys, cache.read_entries(layer, "entries", N).to(kv.dtype).unsqueeze(2)], dim=1)
+                visible = torch.cat([visible, seen], dim=-1)
+    out = attn.output(attn.attend(q, keys, visible, *picked), cos, sin)
     cache.write_ring(layer, "window", kv[:, :, 0], rows)
     return out

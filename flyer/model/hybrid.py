@@ -19,7 +19,9 @@ DeepSeek's checkpoint's (``attn.wq_a``, ``attn.compressor.ape``, ``attn.indexer.
 Long sequences run in chunks of queries (``flyer.model.hybrid_chunks``): a chunk scores only the band of tokens
 its window reaches and the entries it may see, and under autograd is recomputed in backward, so neither the
 (B, H, T, T + T / r) scores nor the indexer's (B, T, index heads, T / r) are formed. One chunk is the eager
-whole-sequence computation, the oracle.
+whole-sequence computation, the oracle. Among several chunks, a CSA chunk past ``GATHER_OVER`` x index_topk
+entries gathers each query's selected entries and scores only those (``Gathered``), rather than scoring all it
+may see and masking the rest (``gather=False``: the same chunks masked, the oracle of that).
 
 Shapes: B batch, T tokens, D model dim, H heads, d head_dim, N compressed entries (T // r), R q_lora_rank.
 """
@@ -32,7 +34,8 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.model.attention import select_topk
-from flyer.model.hybrid_chunks import chunked_attention, query_chunk, span_visible, spans
+from flyer.model.hybrid_chunks import (Gathered, chunked_attention, entry_picks, gathers, query_chunk, span_visible,
+                                      spans)
 from flyer.model.lowp import Linear
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
@@ -173,12 +176,14 @@ class HybridAttention(nn.Module):
             if isinstance(m, Compressor):
                 m.ape.zero_()
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int | None = None
-                ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int | None = None,
+                gather: bool = True) -> torch.Tensor:
         """x (B, T, D) at positions 0..T-1 -> (B, T, D); cos/sin: ``rope_cos_sin`` tables (T, 1, qk_rope_head_dim)
         of ``hybrid_rope_config(cfg, layer_id)``. ``chunk``: queries per chunk (``flyer.model.hybrid_chunks``);
         None: ``query_chunk``'s rule from the shapes (128 rows, fewer where a memory budget binds); T or more: one
-        chunk, the eager whole-sequence computation."""
+        chunk, the eager whole-sequence computation (masked). ``gather``: with several chunks, CSA chunks past
+        ``GATHER_OVER`` x index_topk entries attend to their queries' picks gathered (``Gathered``); False: they
+        score every entry they may see and mask the unselected ones (the same maths, the oracle)."""
         B, T, _ = x_BTD.shape
         q_latent, q = self.queries(x_BTD, cos, sin)
         kv = self.shared_kv(x_BTD, cos, sin)
@@ -186,9 +191,12 @@ class HybridAttention(nn.Module):
         entries = self.compressor(x_BTD, cos, sin) if N > 0 else kv.new_zeros(B, 0, self.head_dim)  # (B, N, d)
         indexed = self.indexer is not None and N > self.indexer.topk  # else every complete entry is kept
         index_keys = self.indexer.keys(x_BTD, cos, sin) if indexed else None
+        topk = self.indexer.topk if indexed and gather and gathers(N, self.indexer.topk) else 0  # 0: none gathers
         if chunk is None:
-            chunk = query_chunk(B, T, self.n_heads, self.window, N, self.indexer.n_heads if indexed else 0)
+            chunk = query_chunk(B, T, self.n_heads, self.window, N, self.indexer.n_heads if indexed else 0,
+                                topk=topk, head_dim=self.head_dim)
         plan = spans(T, chunk, self.window, self.ratio)
+        topk = topk if len(plan) > 1 else 0  # one chunk: the eager whole-sequence computation, masked
         visible = []
         for s in plan:
             v = span_visible(s, self.window, self.ratio, x_BTD.device).expand(B, -1, -1)
@@ -196,6 +204,10 @@ class HybridAttention(nn.Module):
                 rows = slice(s.start, s.stop)
                 chosen = self.indexer.select(x_BTD[:, rows], q_latent[:, rows], cos[rows], sin[rows],
                                              v[..., s.n_keys:], index_keys[:, :s.n_entries])
+                if gathers(s.n_entries, topk):
+                    band = v[0, :, :s.n_keys].clone().expand(B, -1, -1)  # its own storage: saved for backward
+                    visible.append(Gathered(band, entry_picks(chosen, topk)))
+                    continue
                 v = torch.cat([v[..., :s.n_keys], chosen], dim=-1)
             visible.append(v)
         o = chunked_attention(self.attend, plan, q, kv, entries, visible, params=(self.attn_sink,))
@@ -214,17 +226,28 @@ class HybridAttention(nn.Module):
         """The one key/value head (B, T, 1, d) of tokens x: k = v, normalised, RoPE on its last channels."""
         return rope_tail(self.kv_norm(self.wkv(x_BTD)).unsqueeze(2), cos, sin)
 
-    def attend(self, q_BTHd: torch.Tensor, kv_BS1d: torch.Tensor, visible_BTS: torch.Tensor) -> torch.Tensor:
+    def attend(self, q_BTHd: torch.Tensor, kv_BS1d: torch.Tensor, visible_BTS: torch.Tensor,
+               picked_BTkd: torch.Tensor | None = None, picked_BTk: torch.Tensor | None = None) -> torch.Tensor:
         """softmax([q k^T * scale | sink_h]) without the sink's column, times v = k: (B, T, H, d), for queries q,
         the shared keys kv (the window's tokens then the compressed entries) and what each query sees
-        (bool, True = visible). Softmax in FP32; a query always sees itself, so no row is empty."""
+        (bool, True = visible). Softmax in FP32; a query always sees itself, so no row is empty. ``picked``: k
+        keys of each query's own (a CSA chunk's gathered entries, (B, T, k, d)) and which of its slots count
+        (bool (B, T, k)), scored after the shared keys in the same softmax: [shared | picked | sink]."""
         q, kv = q_BTHd.transpose(1, 2), kv_BS1d.transpose(1, 2)  # (B, H, T, d), (B, 1, S, d)
         scores = (torch.matmul(q, kv.transpose(-1, -2)) * self.softmax_scale).float()
         scores = scores.masked_fill(~visible_BTS.unsqueeze(1), float("-inf"))
-        B, H, T, _ = scores.shape
+        B, H, T, S = scores.shape
+        cols = [scores]
+        if picked_BTkd is not None:  # per query (batched over B, T): (H, d) @ (d, k)
+            own = (torch.matmul(q_BTHd, picked_BTkd.transpose(-1, -2)) * self.softmax_scale).float()  # (B, T, H, k)
+            cols.append(own.masked_fill(~picked_BTk.unsqueeze(2), float("-inf")).transpose(1, 2))
         sink = self.attn_sink.float().view(1, H, 1, 1).expand(B, H, T, 1)
-        p = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
-        return torch.matmul(p.to(kv.dtype), kv).transpose(1, 2)
+        p = torch.cat([*cols, sink], dim=-1).softmax(dim=-1)
+        o = torch.matmul(p[..., :S].to(kv.dtype), kv)
+        if picked_BTkd is not None:  # (B, T, H, k) @ (B, T, k, d)
+            p_own = p[..., S:-1].transpose(1, 2).to(picked_BTkd.dtype)
+            o = o + torch.matmul(p_own, picked_BTkd).transpose(1, 2)
+        return o.transpose(1, 2)
 
     def output(self, o_BTHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """(B, T, D) from the heads' outputs: their rope channels rotated back by the query's position (values
