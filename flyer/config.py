@@ -2,7 +2,7 @@
 
 Field names follow DeepSeek-V3's `inference/model.py` ModelArgs (``dim``, ``inter_dim``,
 ``moe_inter_dim``, ``n_dense_layers``, ...). ``ModelConfig.from_json`` also accepts the keys of a
-Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 / DeepseekV3.2 (and Llama / Mistral / Qwen2 / Qwen3 /
+Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 / DeepseekV3.2 / GLM-5 (and Llama / Mistral / Qwen2 / Qwen3 /
 GLM-4.5 for the GQA presets).
 Every constructed config is validated; an impossible value raises ``ConfigError`` with one line
 naming the field and what is allowed.
@@ -60,6 +60,11 @@ class ModelConfig:
     index_topk: int = 0  # 0 = no indexer: dense MLA
     index_n_heads: int = 64
     index_head_dim: int = 128  # its first qk_rope_head_dim channels rotate
+    # GLM-5's cross-layer top-k sharing: one per layer, "full" (the layer's own indexer selects its keys) or
+    # "shared" (no indexer: the layer attends to the keys the nearest full layer before it selected); layer 0 is
+    # full. () = every layer full, DeepSeek-V3.2's indexers; a list (even all "full") is GLM-5's layout, which
+    # exports as glm_moe_dsa (its indexer rotates interleaved pairs, V3.2's rotate-half). MTP blocks are full.
+    indexer_types: tuple[str, ...] = ()
     n_kv_heads: int = 0  # gqa only
     head_dim: int = 0  # gqa and hybrid (hybrid: its last qk_rope_head_dim channels rotate)
     attn_bias: bool = False  # gqa only: bias on q/k/v projections (Qwen2)
@@ -131,6 +136,13 @@ class ModelConfig:
         ``rotary_dim`` (0: the whole head)."""
         return self.qk_rope_head_dim if self.attn in ("mla", "hybrid") else self.rotary_dim or self.head_dim
 
+    def has_indexer(self, layer: int) -> bool:
+        """Whether MLA layer ``layer`` runs its own DSA indexer (``n_layers`` onward: an MTP block, which does);
+        False without DSA, and for a layer ``indexer_types`` marks "shared"."""
+        if self.attn != "mla" or self.index_topk == 0:
+            return False
+        return layer >= len(self.indexer_types) or self.indexer_types[layer] == "full"
+
     def is_csa(self, layer: int) -> bool:
         """Whether hybrid layer ``layer`` is CSA (overlapping compressed windows and the indexer)."""
         return self.attn == "hybrid" and self.compress_ratios[layer] == self.csa_ratio
@@ -194,6 +206,14 @@ class ModelConfig:
             need(self.index_n_heads > 0, "index_n_heads", "must be > 0")
             need(self.index_head_dim >= self.qk_rope_head_dim and self.index_head_dim % 2 == 0, "index_head_dim",
                  f"must be an even number >= qk_rope_head_dim={self.qk_rope_head_dim} (its rope channels)")
+        if self.indexer_types:
+            need(self.attn == "mla" and self.index_topk > 0, "indexer_types", "applies to mla attention with the DSA "
+                                                                             "indexer only (index_topk > 0)")
+            need(len(self.indexer_types) == self.n_layers, "indexer_types", f"must have one entry per layer "
+                                                                           f"(n_layers={self.n_layers})")
+            need(set(self.indexer_types) <= {"full", "shared"}, "indexer_types", "entries must be 'full' or 'shared'")
+            need(self.indexer_types[0] == "full", "indexer_types", "layer 0 must be 'full' (a shared layer reuses "
+                                                                  "the selection of a full layer before it)")
         need(self.n_routed_experts >= 0, "n_routed_experts", "must be >= 0")
         if self.n_routed_experts > 0:
             need(self.moe_inter_dim > 0, "moe_inter_dim", "must be > 0 with routed experts")
@@ -317,10 +337,12 @@ class RequiredFields(dict):
 
 def _coerce(name: str, v: Any, typ: Any) -> Any:
     t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    if t == "tuple[int, ...]":
+    if t in ("tuple[int, ...]", "tuple[str, ...]"):
+        item = t[6:9]
         if not isinstance(v, (list, tuple)):
-            raise ConfigError(f"config field '{name}': expected a list of integers, got {v!r}")
-        return tuple(_coerce(name, x, "int") for x in v)
+            raise ConfigError(f"config field '{name}': expected a list of {'integers' if item == 'int' else 'strings'}"
+                              f", got {v!r}")
+        return tuple(_coerce(name, x, item) for x in v)
     try:
         if t == "int":
             if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):

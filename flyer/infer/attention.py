@@ -26,7 +26,9 @@ DeepSeek Sparse Attention (V3.2, ``dsa_absorbed`` / ``dsa_naive``): each token's
 cached with its latent (or keys and values); once some query of a call sees more than
 ``index_topk`` slots, the indexer scores the attended slots' cached keys for the new tokens and each
 query attends to its ``index_topk`` best only, as ``MLA.forward`` does on the whole sequence. Below
-that every query keeps all its slots, and the call runs as dense MLA's.
+that every query keeps all its slots, and the call runs as dense MLA's. GLM-5's shared layers
+(``MLA.shares_selection``) cache no indexer key and attend to the selection the last full layer of
+the same forward left in ``Rows.selected``.
 
 Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope dim.
 """
@@ -59,7 +61,8 @@ class Rows:
     ``pos`` (B, T), the rope tables at their positions (B, T, 1, R), the slots attended (``n_slots``
     = max slot + 1) and the causal mask (B, 1, T, n_slots). A slot is the token's position, or the
     position + ``first`` in a cache whose first ``first`` slots hold nothing (the server's MTP
-    cache: ``flyer.serve.engine``)."""
+    cache: ``flyer.serve.engine``). ``selected``: DSA's selection (``dsa_selection``) of the last layer
+    with an indexer in this forward, which GLM-5's shared layers after it attend to."""
 
     pos: torch.Tensor
     cos: torch.Tensor
@@ -67,6 +70,7 @@ class Rows:
     n_slots: int
     mask: torch.Tensor
     first: int = 0
+    selected: torch.Tensor | None = None
 
     @functools.cached_property
     def from_slot_zero(self) -> bool:
@@ -131,8 +135,8 @@ def dsa_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: Latent
     q_latent = attn.query_latent(x_BTD)  # (B, T, q_lora_rank): MLA's queries and the indexer's
     q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin, q_latent)
     c_kv, k_rope = attn.latents(x_BTD, rows.cos, rows.sin)
-    cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope, index_key=attn.indexer.keys(x_BTD, rows.cos, rows.sin))
-    selected = dsa_selection(attn, x_BTD, q_latent, rows, cache, layer)
+    cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope)
+    selected = _selected(attn, x_BTD, q_latent, rows, cache)
     if selected is None:
         o = _latent_attention(attn, q_nope, q_rope, rows, cache, layer)
     else:  # the selection is a mask, which the fused kernel (``mla_absorbed_cached``) does not take
@@ -142,15 +146,27 @@ def dsa_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: Latent
     return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
 
 
-def dsa_selection(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, rows: Rows, cache,
-                  layer: int) -> torch.Tensor | None:
+def _selected(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, rows: Rows,
+              cache) -> torch.Tensor | None:
+    """The DSA layer's selection: a shared layer's the one ``rows`` holds; a full layer caches the new tokens'
+    indexer keys (its row ``attn.index_row``), selects (``dsa_selection``) and leaves it in ``rows``."""
+    if attn.shares_selection:
+        return rows.selected
+    cache.write(attn.index_row, rows.pos, index_key=attn.indexer.keys(x_BTD, rows.cos, rows.sin))
+    rows.selected = dsa_selection(attn, x_BTD, q_latent_BTR, rows, cache)
+    return rows.selected
+
+
+def dsa_selection(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, rows: Rows,
+                  cache) -> torch.Tensor | None:
     """DeepSeek Sparse Attention's mask over the attended slots (``Rows.attended``): (B, 1, T, S) bool,
     causal and among each query's ``index_topk`` slots of highest index score, scored against the
-    indexer keys in ``cache`` (written for the new tokens already) as ``MLA.sparse_mask`` scores them.
-    None when no query sees more than ``index_topk`` slots: each keeps all of them, the causal mask."""
+    indexer keys in ``cache`` (row ``attn.index_row``, written for the new tokens already) as
+    ``MLA.sparse_mask`` scores them. None when no query sees more than ``index_topk`` slots: each keeps
+    all of them, the causal mask."""
     if rows.n_slots - rows.first <= attn.index_topk:
         return None
-    keys_BSK, causal_B1TS = rows.attended(cache.read(layer, "index_key", rows.n_slots, torch.float32))
+    keys_BSK, causal_B1TS = rows.attended(cache.read(attn.index_row, "index_key", rows.n_slots, torch.float32))
     scores_BTS = attn.indexer.scores(x_BTD, q_latent_BTR, keys_BSK, rows.cos, rows.sin)
     return attn.indexer.select(scores_BTS, causal_B1TS.squeeze(1)).unsqueeze(1)
 
@@ -232,8 +248,8 @@ def dsa_naive(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, 
     q_latent = attn.query_latent(x_BTD)
     q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin, q_latent)
     key, val = _naive_keys_values(attn, x_BTD, rows)
-    cache.write(layer, rows.pos, key=key, value=val, index_key=attn.indexer.keys(x_BTD, rows.cos, rows.sin))
-    selected = dsa_selection(attn, x_BTD, q_latent, rows, cache, layer)
+    cache.write(layer, rows.pos, key=key, value=val)
+    selected = _selected(attn, x_BTD, q_latent, rows, cache)
     return _per_head_attention(torch.cat([q_nope, q_rope], dim=-1), cache, layer, rows, attn.softmax_scale, 1,
                                wo=attn.wo, mask_B1TS=selected)
 

@@ -5,8 +5,10 @@ latent c_KV (``kv_lora_rank``) and the rope key shared by all heads (``qk_rope_h
 ``KVCache`` holds per-head keys and values: the naive MLA path (keys up-projected from the latent,
 H x (qk_head_dim + v_head_dim) per token) and GQA (n_kv_heads x 2 x head_dim). Both exist so the
 memory and speed of the absorbed path can be measured against a peer. A model with DeepSeek Sparse
-Attention (V3.2) caches in either MLA layout one more tensor, ``index_key`` (L, B, S, index_head_dim):
-each token's indexer key, which the indexer scores against every later query.
+Attention (V3.2) caches in either MLA layout one more tensor, ``index_key`` (L_i, B, S, index_head_dim):
+each token's indexer key, which the indexer scores against every later query, in the L_i layers with an
+indexer of their own (all L, but for GLM-5's shared layers, which keep none: ``MLA.index_row`` is a layer's
+row).
 
 Every cache stores its tensors as ``(L, B, S, ...)``: L layers, B rows (sequences), S slots.
 Row b's token at position p lives in slot p. Slots at or beyond a row's valid length may hold
@@ -71,15 +73,20 @@ class _SlotCache:
 
 def _index_keys(n_layers: int, batch: int, max_len: int, index_dim: int, dtype: torch.dtype,
                 device) -> dict[str, torch.Tensor]:
-    """``{"index_key": (L, B, S, index_dim)}`` for a model with the DSA indexer (``index_dim`` > 0), else {}."""
+    """``{"index_key": (L_i, B, S, index_dim)}`` (``n_layers``: L_i, the layers with an indexer) for a model
+    with the DSA indexer (``index_dim`` > 0), else {}."""
     if not index_dim:
         return {}
     return {"index_key": torch.zeros(n_layers, batch, max_len, index_dim, dtype=dtype, device=device)}
 
 
+def _or(n: int | None, default: int) -> int:
+    return default if n is None else n
+
+
 class LatentCache(_SlotCache):
     """MLA latent cache: ``latent`` (L, B, S, kv_lora_rank), ``rope_key`` (L, B, S, qk_rope_head_dim),
-    and with ``index_dim`` (DSA) ``index_key`` (L, B, S, index_dim).
+    and with ``index_dim`` (DSA) ``index_key`` (L_i, B, S, index_dim), L_i = ``index_layers`` (default L).
 
     The first two are views of one packed (L, B, S, kv_lora_rank + rope) tensor (V3: 512 + 64 = 576
     channels per token and layer), so attention reads a token's whole key with one copy and
@@ -89,11 +96,11 @@ class LatentCache(_SlotCache):
     kind = "latent"
 
     def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
-                 dtype: torch.dtype = torch.bfloat16, device=None, index_dim: int = 0):
+                 dtype: torch.dtype = torch.bfloat16, device=None, index_dim: int = 0, index_layers: int | None = None):
         self.packed = torch.zeros(n_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
         self._tables: torch.Tensor | None = None  # ``blocks``' identity tables, for the current batch size
         super().__init__({"latent": self.packed[..., :kv_lora_rank], "rope_key": self.packed[..., kv_lora_rank:],
-                          **_index_keys(n_layers, batch, max_len, index_dim, dtype, device)})
+                          **_index_keys(_or(index_layers, n_layers), batch, max_len, index_dim, dtype, device)})
 
     def _kept(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         C = self.tensors["latent"].shape[-1]
@@ -117,16 +124,16 @@ class LatentCache(_SlotCache):
 
 class KVCache(_SlotCache):
     """Per-head cache: ``key`` (L, B, S, H_kv, d_k), ``value`` (L, B, S, H_kv, d_v), and with
-    ``index_dim`` (naive MLA with DSA) ``index_key`` (L, B, S, index_dim)."""
+    ``index_dim`` (naive MLA with DSA) ``index_key`` (L_i, B, S, index_dim), L_i = ``index_layers`` (default L)."""
 
     kind = "kv"
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, key_dim: int, value_dim: int,
-                 dtype: torch.dtype = torch.bfloat16, device=None, index_dim: int = 0):
+                 dtype: torch.dtype = torch.bfloat16, device=None, index_dim: int = 0, index_layers: int | None = None):
         super().__init__({
             "key": torch.zeros(n_layers, batch, max_len, n_kv_heads, key_dim, dtype=dtype, device=device),
             "value": torch.zeros(n_layers, batch, max_len, n_kv_heads, value_dim, dtype=dtype, device=device),
-            **_index_keys(n_layers, batch, max_len, index_dim, dtype, device),
+            **_index_keys(_or(index_layers, n_layers), batch, max_len, index_dim, dtype, device),
         })
 
 
@@ -135,13 +142,18 @@ ATTENTION_MODES = ("absorbed", "naive")
 
 def make_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, mode: str = "absorbed",
                dtype: torch.dtype = torch.bfloat16, device=None) -> _SlotCache:
-    """The cache a model with ``cfg`` needs for ``mode`` ("absorbed" or "naive"; GQA ignores it);
-    with the DSA indexer (``index_topk`` > 0) it holds the indexer keys too."""
+    """The cache a model with ``cfg`` needs for ``mode`` ("absorbed" or "naive"; GQA ignores it), of its
+    first ``n_layers`` layers; with the DSA indexer (``index_topk`` > 0) it holds the indexer keys too, of
+    the layers that have their own indexer (``MLA.index_row``)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES} (got {mode!r})")
     if cfg.attn == "gqa":
         return KVCache(n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim, dtype, device)
     index_dim = cfg.index_head_dim if cfg.index_topk else 0
+    # the layers with an indexer of their own keep index keys (GLM-5's shared ones none; MTP blocks have one)
+    indexed = sum(map(cfg.has_indexer, range(n_layers)))
     if mode == "absorbed":
-        return LatentCache(n_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device, index_dim)
-    return KVCache(n_layers, batch, max_len, cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, dtype, device, index_dim)
+        return LatentCache(n_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device, index_dim,
+                           indexed)
+    return KVCache(n_layers, batch, max_len, cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, dtype, device, index_dim,
+                   indexed)

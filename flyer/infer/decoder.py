@@ -103,7 +103,8 @@ class Decoder:
             self._attend = hybrid_attention
         elif self.cfg.attn == "gqa":
             self._attend = gqa_cached
-        elif self.cfg.index_topk:  # DSA (V3.2): the indexer keys cached and scored too, the MTP block's as well
+        elif self.cfg.index_topk:  # DSA (V3.2): the indexer keys cached and scored too, the MTP block's as well;
+            # GLM-5's shared layers attend to the last full layer's selection, which each forward's Rows carries
             self._attend = dsa_absorbed if mode == "absorbed" else dsa_naive
         else:
             self._attend = mla_absorbed if mode == "absorbed" else mla_naive

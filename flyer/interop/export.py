@@ -2,7 +2,8 @@
 
 ``flyer export PATH --out DIR [--dtype bf16|fp32|fp8] [--max-shard-size 5GB]`` writes
 ``config.json`` (``deepseek_v3`` for MLA with the sigmoid + bias gate, ``deepseek_v32`` for that with
-DeepSeek Sparse Attention's indexer, ``deepseek_v2`` for the softmax gate, ``llama`` / ``qwen2`` /
+DeepSeek Sparse Attention's indexer, ``glm_moe_dsa`` (GLM-5) for that with ``indexer_types`` (shared
+selections; a model read from GLM-5 lists them), ``deepseek_v2`` for the softmax gate, ``llama`` / ``qwen2`` /
 ``qwen3`` for dense GQA, ``qwen3_moe`` for GQA with head norms and softmax-routed experts, ``mixtral``
 for GQA with them in every layer and no head norms, ``glm4_moe`` for GQA with partial rotary or
 DeepseekV3's sigmoid router, its MTP modules kept), safetensors (one
@@ -91,11 +92,11 @@ def hf_model_type(cfg: ModelConfig) -> str:
         return "qwen3" if cfg.qk_norm else "qwen2" if cfg.attn_bias else "llama"
     if cfg.n_routed_experts == 0:
         raise ConfigError("config field 'n_routed_experts': an MLA model without experts has no transformers twin")
-    if cfg.score_func == "sigmoid" and cfg.router_bias:
-        return "deepseek_v32" if cfg.index_topk else "deepseek_v3"
+    if cfg.score_func == "sigmoid" and cfg.router_bias:  # GLM-5: the layout indexer_types lists (flyer.config)
+        return ("glm_moe_dsa" if cfg.indexer_types else "deepseek_v32") if cfg.index_topk else "deepseek_v3"
     if cfg.index_topk:
-        raise ConfigError("config field 'index_topk': transformers' one architecture with the DSA indexer "
-                          "(deepseek_v32) routes with sigmoid scores and a correction bias")
+        raise ConfigError("config field 'index_topk': transformers' architectures with the DSA indexer "
+                          "(deepseek_v32, glm_moe_dsa) route with sigmoid scores and a correction bias")
     if cfg.score_func == "softmax" and not cfg.router_bias and not cfg.norm_topk_prob:
         return "deepseek_v2"
     raise ConfigError(f"config fields 'score_func'/'router_bias'/'norm_topk_prob': no transformers architecture "
@@ -198,7 +199,7 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
             "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
             "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
-            "deepseek_v4": "DeepseekV4ForCausalLM"}[mt]
+            "glm_moe_dsa": "GlmMoeDsaForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}[mt]
     d = {"architectures": [arch], "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
          "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
@@ -254,9 +255,12 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     if mt == "deepseek_v3":
         d.update(n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups, rope_interleave=True,
                  topk_method="noaux_tc", scoring_func="sigmoid")
-    elif mt == "deepseek_v32":  # no rope_interleave: its MLA always rotates interleaved pairs, its indexer rotate-half
+    elif mt in ("deepseek_v32", "glm_moe_dsa"):  # no rope_interleave: their MLA always rotates interleaved pairs
         d.update(n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups, index_topk=cfg.index_topk,
                  index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim)
+        if mt == "glm_moe_dsa":  # as save_pretrained writes it: the dense layers and indexers listed per layer
+            d.update(indexer_types=list(cfg.indexer_types),
+                     mlp_layer_types=["dense"] * cfg.n_dense_layers + ["sparse"] * (cfg.n_layers - cfg.n_dense_layers))
     else:
         d.update(n_group=cfg.n_expert_groups if grouped else None, scoring_func="softmax",
                  topk_group=cfg.n_limited_groups if grouped else None,

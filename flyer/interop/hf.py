@@ -13,7 +13,7 @@ same names):
     attn.wkv_a, kv_norm, wkv_b     self_attn.kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
     attn.wk, wv, wo                self_attn.k_proj, v_proj, o_proj
     attn.q_head_norm, k_head_norm  self_attn.q_norm, k_norm (Qwen3's per-head RMSNorms; MLA's are above)
-    attn.indexer.*                 self_attn.indexer.{wq_b,wk,weights_proj}, k_norm.{weight,bias} (DeepSeek-V3.2)
+    attn.indexer.*                 self_attn.indexer.{wq_b,wk,weights_proj}, k_norm.{weight,bias} (V3.2, GLM-5)
     ffn.w1 / w2 / w3               mlp.gate_proj / down_proj / up_proj (dense and shared_experts)
     ffn.gate.weight, .bias         mlp.gate.weight, mlp.gate.e_score_correction_bias
     ffn.experts.w1[e] (stacked)    mlp.experts.e.gate_proj (one tensor per expert, as save_pretrained writes)
@@ -29,7 +29,8 @@ GLM-4.5 (``glm4_moe``) has the GQA names, DeepseekV3's router and MTP layers, an
 head's first ``rotary_dim`` rows: only those are permuted. DeepSeek-V3.2's MLA rotates interleaved pairs,
 its DSA indexer rotate-half: the indexer's rope rows (the first ``qk_rope_head_dim`` of each head of
 ``wq_b``, of ``wk``, and of ``k_norm``'s weight and bias, which follow the channels they scale) are
-always permuted.
+always permuted. GLM-5 (``glm_moe_dsa``, read with ``indexer_types``) has V3.2's names, its indexer
+rotating interleaved pairs (nothing permuted); its shared layers have no indexer tensors.
 DeepSeek-V4 (hybrid attention) keeps DeepSeek's own names (``layers.i.attn.wq_a``, ``ffn.experts.e.w1``,
 ``hc_attn_fn``, ``embed``, ``head``: ``_v4_entries``; transformers' saved spelling read through ``v4_name``),
 and its FP8 weights carry UE8M0 block scales as ``<name>.scale``, its routed experts FP4 (``v4_quant``).
@@ -56,7 +57,7 @@ from flyer.data.tokenizer import load_tokenizer as load_tokenizer_file
 from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
-from flyer.interop.hf_config import HALF_ROPE_MODEL_TYPES, from_hf_config, model_type
+from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type
 from flyer.interop.tensorfile import TensorFile, header
 from flyer.interop.v4_quant import dequantize_fp4_e2m1, dequantize_ue8m0_blocks, stored_format
 from flyer.model.attention import Indexer
@@ -151,7 +152,8 @@ _INDEXER_ROPE = ("attn.indexer.wq_b.weight", "attn.indexer.wk.weight", "attn.ind
 
 def _rope_rows(sub: str, cfg: ModelConfig, rope_half: bool) -> tuple[int, int, int] | None:
     if sub in _INDEXER_ROPE:  # whatever MLA's layout: its rope channels come first in each head
-        return cfg.index_head_dim, 0, cfg.qk_rope_head_dim
+        # V3.2's rotate-half; GLM-5's (the layout indexer_types lists) interleaved, as flyer's
+        return None if cfg.indexer_types else (cfg.index_head_dim, 0, cfg.qk_rope_head_dim)
     if not rope_half:
         return None
     if cfg.attn == "gqa":  # q and k rows (weight and bias) per head, and the head norms' channels alike
@@ -393,7 +395,7 @@ def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[Mo
 def rope_half_layout(raw: dict) -> bool:
     """Whether a checkpoint's rope rows are in rotate-half layout."""
     mt = model_type(raw)
-    if raw.get("model_type") == "deepseek_v32":  # transformers' DeepseekV32 MLA always rotates interleaved pairs
+    if raw.get("model_type") in DSA_MODEL_TYPES:  # transformers' DeepseekV32 / GlmMoeDsa MLA: interleaved pairs
         return False
     if mt == "deepseek_v3":
         return raw.get("rope_interleave", True) is False

@@ -32,6 +32,11 @@ DeepseekV3 whose dense layers ``mlp_layer_types`` names. DeepSeek-V3.2 (``deepse
 (its MLA always interleaved: it has no ``rope_interleave``) with DeepSeek Sparse Attention
 (``index_topk``, ``index_n_heads``, ``index_head_dim``), its dense layers ``mlp_layer_types``' or else
 ``first_k_dense_replace``'s, and DeepseekV32Config's defaults for missing fields (those of V3.2-Exp).
+GLM-5 / GLM-5.1 (``glm_moe_dsa``) is DeepSeek-V3.2 (GlmMoeDsaConfig's defaults: GLM-5's) whose indexer
+rotates interleaved pairs, with cross-layer top-k sharing: ``indexer_types`` marks each layer "full" (its
+own indexer) or "shared" (none: it reuses the selection of the nearest full layer before it); missing, it
+comes from ``index_topk_pattern`` ("F"/"S" per layer, or a list), else ``index_topk_freq`` and
+``index_skip_topk_offset`` (default 1 and 2: every layer full), as GlmMoeDsaConfig derives it.
 A value flyer cannot run is a ``ConfigError`` naming the file and the field, never silently ignored.
 """
 
@@ -44,7 +49,7 @@ from flyer.interop.hf_config_v4 import from_v4_config
 from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor, yarn_mscale
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
-                         "glm4_moe", "glm4_moe_lite", "deepseek_v32", "deepseek_v4")
+                         "glm4_moe", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v4")
 # the GQA architectures flyer reads and writes (dense, and Qwen3-MoE / Mixtral), all laid out for rotate-half
 # RoPE and without an MTP module (as read, after _SAME_AS)
 GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
@@ -52,8 +57,11 @@ GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("glm4_moe",)
 # model types that compute as another flyer reads: Mistral without its sliding window is Llama; GLM-4.7-Flash
 # (glm4_moe_lite) is DeepseekV3's MLA, router and MTP layer, its dense layers named by mlp_layer_types;
-# DeepSeek-V3.2 is DeepseekV3 with the DSA indexer (read from its own keys)
-_SAME_AS = {"mistral": "llama", "glm4_moe_lite": "deepseek_v3", "deepseek_v32": "deepseek_v3"}
+# DeepSeek-V3.2 is DeepseekV3 with the DSA indexer (read from its own keys), GLM-5 V3.2 with shared selections
+_SAME_AS = {"mistral": "llama", "glm4_moe_lite": "deepseek_v3", "deepseek_v32": "deepseek_v3",
+            "glm_moe_dsa": "deepseek_v3"}
+# the architectures with DeepSeek Sparse Attention's indexer (read from index_topk, index_n_heads, index_head_dim)
+DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 # Keys that only exist in Hugging Face configs (their presence switches the parser).
 HF_KEYS = frozenset({"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"})
 
@@ -247,20 +255,57 @@ _DEEPSEEK_V32_DEFAULTS = {
     "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
     "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
     "max_position_embeddings": 163840, "index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128}
+# GlmMoeDsaConfig's defaults (GLM-5's values) likewise; rms_norm_eps 1e-5 and rope_theta 10000 too
+_GLM_MOE_DSA_DEFAULTS = {
+    "vocab_size": 154880, "hidden_size": 6144, "intermediate_size": 12288, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 78, "num_attention_heads": 64, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 2048, "qk_rope_head_dim": 64,
+    "v_head_dim": 256, "qk_nope_head_dim": 192, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 8,
+    "max_position_embeddings": 202752, "rms_norm_eps": 1e-5, "index_topk": 2048, "index_n_heads": 32,
+    "index_head_dim": 128}
+
+
+def _indexer_types(d: dict[str, Any], where: str, n_layers: int) -> tuple[str, ...]:
+    """GLM-5's per-layer indexer types as GlmMoeDsaConfig reads them: ``indexer_types``, else
+    ``index_topk_pattern`` ("F"/"S" per layer, or a list of types), else layer i full when
+    max(i - offset + 1, 0) % freq == 0 (``index_topk_freq``, at least 1, default 1;
+    ``index_skip_topk_offset``, default 2). Each entry "full" or "shared", layer 0 full (a shared layer
+    reuses a selection made before it)."""
+    field, types = "indexer_types", d.get("indexer_types")
+    if types is None and d.get("index_topk_pattern") is not None:
+        field, pattern = "index_topk_pattern", d["index_topk_pattern"]
+        if isinstance(pattern, str):
+            if not set(pattern) <= {"F", "S"}:
+                raise _bad(where, field, f"expected one 'F' (full) or 'S' (shared) per layer (got {pattern!r:.60})")
+            pattern = ["full" if c == "F" else "shared" for c in pattern]
+        types = pattern
+    elif types is None:
+        freq, offset = d.get("index_topk_freq", 1), d.get("index_skip_topk_offset", 2)
+        for k, v in (("index_topk_freq", freq), ("index_skip_topk_offset", offset)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise _bad(where, k, f"expected an integer (got {v!r:.40})")
+        field = "index_skip_topk_offset" if offset < 1 else "index_topk_freq"
+        types = ["full" if max(i - offset + 1, 0) % max(freq, 1) == 0 else "shared" for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers or not set(types) <= {"full", "shared"}:
+        raise _bad(where, field, f"expected {n_layers} entries of 'full' or 'shared' (got {types!r:.60})")
+    if types[0] != "full":
+        raise _bad(where, field, "layer 0 is 'shared': a shared layer reuses the top-k selection of a full layer "
+                                 "before it, and layer 0 has none")
+    return tuple(types)
 
 
 def _mla_dense_layers(d: dict[str, Any], where: str, n_layers: int) -> int:
     """The leading dense layers of a DeepSeek config: ``first_k_dense_replace``. transformers' Glm4MoeLite
     reads ``mlp_layer_types`` instead (default: layer 0 dense, the rest sparse) and ignores that key;
-    DeepseekV32 reads ``mlp_layer_types`` too, and derives it from ``first_k_dense_replace`` (default 3)
-    only when it is missing. Where both are given, a disagreeing ``first_k_dense_replace`` is refused
+    DeepseekV32 and GlmMoeDsa read ``mlp_layer_types`` too, and derive it from ``first_k_dense_replace``
+    (default 3) only when it is missing. Where both are given, a disagreeing ``first_k_dense_replace`` is refused
     rather than read one way by flyer and another by transformers."""
     mt = d.get("model_type")
     first_k = min(d.get("first_k_dense_replace") or 0, n_layers)
-    if mt not in ("glm4_moe_lite", "deepseek_v32"):
+    if mt not in ("glm4_moe_lite",) + DSA_MODEL_TYPES:
         return first_k
     kinds = d.get("mlp_layer_types")
-    if kinds is None and mt == "deepseek_v32":
+    if kinds is None and mt in DSA_MODEL_TYPES:
         return min(d.get("first_k_dense_replace", 3) or 0, n_layers)
     if kinds is None:
         kinds = ["dense"] + ["sparse"] * (n_layers - 1)
@@ -283,9 +328,9 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
         return from_v4_config(d, where)
     if mt == "mixtral":
         d = {**_MIXTRAL_DEFAULTS, **d}
-    dsa = d.get("model_type") == "deepseek_v32"
+    dsa = d.get("model_type") in DSA_MODEL_TYPES
     if dsa:
-        d = {**_DEEPSEEK_V32_DEFAULTS, **d}
+        d = {**(_GLM_MOE_DSA_DEFAULTS if d["model_type"] == "glm_moe_dsa" else _DEEPSEEK_V32_DEFAULTS), **d}
     mla = mt in ("deepseek_v3", "deepseek_v2")
     _check_types(d, where, mla)
     _require(d, where, "hidden_act", ("silu",), "silu")
@@ -322,6 +367,8 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
             if d["index_topk"] < 1:  # transformers would select no key at all
                 raise _bad(where, "index_topk", f"must be >= 1 (got {d['index_topk']})")
             out.update(index_topk=d["index_topk"], index_n_heads=d["index_n_heads"], index_head_dim=d["index_head_dim"])
+            if d["model_type"] == "glm_moe_dsa":  # listed even when all full: GLM-5's layout (flyer.config)
+                out["indexer_types"] = _indexer_types(d, where, n_layers)
         if mt == "deepseek_v3":  # transformers' DeepseekV3 gate: sigmoid + correction bias + groups, always
             _require(d, where, "scoring_func", ("sigmoid",), "sigmoid")
             _require(d, where, "topk_method", ("noaux_tc",), "noaux_tc")
@@ -357,5 +404,6 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     return out
 
 
-__all__ = ["GQA_MODEL_TYPES", "HALF_ROPE_MODEL_TYPES", "HF_KEYS", "ROPE_TYPES", "SUPPORTED_MODEL_TYPES",
-           "from_hf_config", "is_hf_config", "model_type", "rope_fields", "yarn_attention_factor", "yarn_mscale"]
+__all__ = ["DSA_MODEL_TYPES", "GQA_MODEL_TYPES", "HALF_ROPE_MODEL_TYPES", "HF_KEYS", "ROPE_TYPES",
+           "SUPPORTED_MODEL_TYPES", "from_hf_config", "is_hf_config", "model_type", "rope_fields",
+           "yarn_attention_factor", "yarn_mscale"]

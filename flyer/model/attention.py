@@ -8,7 +8,9 @@ At decode time only (c_KV, k_rope) is cached (with DSA, each token's indexer key
 ``flyer.infer.cache`` for the absorbed path.
 
 DeepSeek Sparse Attention (V3.2, ``index_topk > 0``): a lightning ``Indexer`` scores the causal
-keys of each query and MLA attends to its ``index_topk`` best only.
+keys of each query and MLA attends to its ``index_topk`` best only. GLM-5 shares selections across
+layers (``ModelConfig.indexer_types``): a "shared" layer has no indexer and attends to the keys the
+nearest full layer before it selected, handed on in a ``Selection``.
 
 Shapes: B batch, T query tokens, S key tokens, H heads, D model dim.
 """
@@ -113,8 +115,24 @@ def select_topk(scores_BTS: torch.Tensor, visible_BTS: torch.Tensor, k: int) -> 
     return (above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))) & visible_BTS
 
 
+class Selection:
+    """DSA's selection handed from layer to layer within one forward: ``mask``, the keys the last layer with an
+    indexer selected (``MLA.sparse_mask``'s (B, 1, T, S) bool, or None: every causal key), which the shared
+    layers after it attend to (GLM-5). A forward (or a pipeline stage, which starts at a full layer) makes one."""
+
+    __slots__ = ("mask",)
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Multi-head latent attention of block ``layer_id``; with DSA its own ``indexer``, or (``shares_selection``:
+    a GLM-5 "shared" layer) none, attending to the selection a ``Selection`` hands it. ``index_row``: the layer's
+    row among a decode cache's indexer keys (``flyer.infer.cache``: full layers only; an MTP block's own cache
+    has one row)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.cfg = cfg
         H = cfg.n_heads
@@ -136,9 +154,11 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=LORA_NORM_EPS)
         self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
-        if cfg.index_topk > 0:  # chosen once: without it the same modules, and state dict, as dense MLA
+        if cfg.has_indexer(layer_id):  # chosen once: without it the same modules, and state dict, as dense MLA
             self.indexer = Indexer(cfg)
         self.index_topk = cfg.index_topk
+        self.shares_selection = cfg.index_topk > 0 and not cfg.has_indexer(layer_id)
+        self.index_row = sum(map(cfg.has_indexer, range(layer_id))) if layer_id < cfg.n_layers else 0
 
     def query_latent(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The normalised query latent (B, T, q_lora_rank) that ``wq_b`` (and the DSA indexer) project."""
@@ -164,9 +184,11 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
         return self.kv_norm(c_kv), k_rope
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                selection: Selection | None = None) -> torch.Tensor:
         """Training / prefill path (causal): per-head keys and values up-projected from the latent; with
-        the DSA indexer each query sees its selected keys only (``sparse_mask``)."""
+        the DSA indexer each query sees its selected keys only (``sparse_mask``), which ``selection`` takes
+        on; a shared layer attends to the keys ``selection`` holds (required)."""
         B, T, _ = x_BTD.shape
         q_latent = self.query_latent(x_BTD) if self.q_lora_rank else None
         q_nope, q_rope = self.queries(x_BTD, cos, sin, q_latent)
@@ -175,8 +197,15 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)], dim=-1)
-        # a query with at most index_topk causal keys keeps them all: up to that length DSA is dense MLA
-        mask = self.sparse_mask(x_BTD, q_latent, cos, sin) if T > self.index_topk > 0 else None
+        if self.shares_selection:
+            if selection is None:
+                raise ValueError("a shared DSA layer attends to the keys a full layer before it selected: pass the "
+                                 "forward's Selection")
+            mask = selection.mask
+        else:  # a query with at most index_topk causal keys keeps them all: up to that length DSA is dense MLA
+            mask = self.sparse_mask(x_BTD, q_latent, cos, sin) if T > self.index_topk > 0 else None
+            if selection is not None:
+                selection.mask = mask
         o = causal_attention(q, k, v, self.softmax_scale, mask)
         return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
 
@@ -245,5 +274,5 @@ class GQA(nn.Module):
         return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
 
 
-def build_attention(cfg: ModelConfig) -> nn.Module:
-    return MLA(cfg) if cfg.attn == "mla" else GQA(cfg)
+def build_attention(cfg: ModelConfig, layer_id: int = 0) -> nn.Module:
+    return MLA(cfg, layer_id) if cfg.attn == "mla" else GQA(cfg)

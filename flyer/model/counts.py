@@ -37,7 +37,8 @@ def compress_ratio(cfg: ModelConfig, layer_id: int) -> int:
 
 
 def attention_params(cfg: ModelConfig, layer_id: int = 0) -> int:
-    """One block's attention parameters; ``layer_id`` matters for hybrid attention only (its compressor)."""
+    """One block's attention parameters; ``layer_id`` matters for hybrid attention (its compressor) and for DSA
+    layers that share another's selection (GLM-5: no indexer)."""
     D, H = cfg.dim, cfg.n_heads
     if cfg.attn == "hybrid":
         return _hybrid_attention_params(cfg, layer_id)
@@ -52,7 +53,12 @@ def attention_params(cfg: ModelConfig, layer_id: int = 0) -> int:
         q = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim
     kv = D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
     kv += cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return q + kv + H * cfg.v_head_dim * D + indexer_params(cfg)
+    return q + kv + H * cfg.v_head_dim * D + (indexer_params(cfg) if cfg.has_indexer(layer_id) else 0)
+
+
+def indexed_layers(cfg: ModelConfig) -> int:
+    """Main layers with their own DSA indexer (MLA): every one, or GLM-5's "full" ones; 0 without DSA."""
+    return sum(map(cfg.has_indexer, range(cfg.n_layers)))
 
 
 def _hybrid_attention_params(cfg: ModelConfig, layer_id: int) -> int:
@@ -138,8 +144,8 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absor
 
     MLA (absorbed decode) caches the latent c_KV and the shared rope key; the naive MLA path
     (``absorbed=False``) caches full per-head keys and values; GQA caches K and V per KV head. With
-    DeepSeek Sparse Attention each layer also caches the token's indexer key (``index_head_dim``), in
-    either MLA path: the indexer scores every earlier key at each step.
+    DeepSeek Sparse Attention each layer with an indexer also caches the token's indexer key (``index_head_dim``),
+    in either MLA path: the indexer scores every earlier key at each step (GLM-5's shared layers cache none).
 
     Hybrid attention (``absorbed`` ignored) grows by one ``head_dim`` entry (its shared key and value) per r
     tokens in each layer of compress ratio r > 0, and a CSA layer also by one ``index_head_dim`` indexer key per
@@ -160,9 +166,7 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absor
         per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     else:
         per_layer = cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    if cfg.index_topk:
-        per_layer += cfg.index_head_dim
-    return cfg.n_layers * per_layer * bytes_per_element
+    return (cfg.n_layers * per_layer + indexed_layers(cfg) * cfg.index_head_dim) * bytes_per_element
 
 
 def kv_window_bytes(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
@@ -181,7 +185,8 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = Tru
     2 H (qk_head_dim + v_head_dim) per attended key, a query seeing seq_len / 2 keys on average when
     causal. With DeepSeek Sparse Attention a query attends to its index_topk selected keys at most
     (causal: k - k^2 / (2 seq_len) on average past seq_len = k), while the indexer scores every key it
-    sees: 2 H_index (index_head_dim + 1) each (the heads' dot products, then their weighted sum).
+    sees: 2 H_index (index_head_dim + 1) each (the heads' dot products, then their weighted sum), in a layer
+    with its own indexer (``layer_id``: None or an MTP block's, one that has; GLM-5's shared layers have none).
 
     Hybrid attention differs per layer: ``layer_id`` is required (see ``_hybrid_attention_flops``)."""
     if cfg.attn == "hybrid":
@@ -194,7 +199,7 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = Tru
     if k and k < seq_len:
         attended = k - k * k / (2 * seq_len) if causal else k
     flops = 2 * cfg.n_heads * (qk + v) * attended
-    if k:
+    if k and cfg.has_indexer(cfg.n_layers if layer_id is None else layer_id):
         flops += 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * seen
     return flops
 
@@ -231,7 +236,7 @@ def _hybrid_attention_flops(cfg: ModelConfig, seq_len: int, causal: bool, layer_
 
 
 def _attention_flops_all_layers(cfg: ModelConfig, seq_len: int, causal: bool) -> float:
-    if cfg.attn == "hybrid":
+    if cfg.attn == "hybrid" or "shared" in cfg.indexer_types:
         return sum(attention_flops_per_token(cfg, seq_len, causal, i) for i in range(cfg.n_layers))
     return cfg.n_layers * attention_flops_per_token(cfg, seq_len, causal)
 
@@ -257,8 +262,7 @@ def _non_matmul_params(cfg: ModelConfig) -> int:
         return norms + sum(_hybrid_non_matmul(cfg, i) for i in range(cfg.n_layers))
     if cfg.attn == "mla":
         norms += cfg.n_layers * (cfg.kv_lora_rank + (cfg.q_lora_rank if cfg.q_lora_rank else 0))
-        if cfg.index_topk:  # the indexer's key LayerNorm, weight and bias
-            norms += cfg.n_layers * 2 * cfg.index_head_dim
+        norms += indexed_layers(cfg) * 2 * cfg.index_head_dim  # the indexer's key LayerNorm, weight and bias
     else:
         if cfg.attn_bias:
             norms += cfg.n_layers * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim

@@ -8,7 +8,7 @@ import torch
 
 from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import UserError
-from flyer.model.counts import ParamCounts, kv_cache_bytes_per_token, kv_window_bytes, param_counts
+from flyer.model.counts import ParamCounts, indexed_layers, kv_cache_bytes_per_token, kv_window_bytes, param_counts
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 
@@ -50,6 +50,7 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "routed_experts": cfg.n_routed_experts,
         "activated_experts": cfg.n_activated_experts if cfg.n_routed_experts else 0,
         "index_topk": cfg.index_topk,  # DeepSeek Sparse Attention: keys each query keeps (0: dense)
+        "indexer_layers": indexed_layers(cfg),  # layers with their own indexer (GLM-5's shared ones reuse a selection)
     }
 
 
@@ -77,7 +78,9 @@ def _run(args) -> int:
               f"indexer keys (top-{out['index_topk']} entries per query), plus {out['kv_window_bytes']:,} bytes per "
               f"sequence for the sliding windows")
         return 0
-    dsa = f", indexer keys included (DSA: top-{out['index_topk']} keys per query)" if out["index_topk"] else ""
+    shared = (f"; {out['layers'] - out['indexer_layers']} layers reuse another's selection"
+              if out["indexer_layers"] < out["layers"] else "")
+    dsa = f", indexer keys included (DSA: top-{out['index_topk']} keys per query{shared})" if out["index_topk"] else ""
     print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16){dsa}")
     return 0
 

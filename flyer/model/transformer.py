@@ -16,7 +16,7 @@ from torch import nn
 from flyer.config import ModelConfig
 from flyer.model.lowp import Linear
 from flyer.model.norm import RMSNorm
-from flyer.model.attention import build_attention
+from flyer.model.attention import Selection, build_attention
 from flyer.model.loss import linear_cross_entropy
 from flyer.model.dispatch import Dispatcher
 from flyer.model.experts import Experts
@@ -38,7 +38,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, autocast_output=True)  # feeds only GEMMs
-        self.attn = HybridAttention(cfg, layer_id) if cfg.attn == "hybrid" else build_attention(cfg)
+        self.attn = HybridAttention(cfg, layer_id) if cfg.attn == "hybrid" else build_attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.hash_routed = layer_id < cfg.n_hash_layers  # its MoE routes by token id (DeepSeek-V4)
         if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0:
@@ -50,10 +50,12 @@ class Block(nn.Module):
             self.hc_attn, self.hc_ffn = HyperConnection(cfg), HyperConnection(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
+                tokens_BT: torch.Tensor | None = None, selection: Selection | None = None) -> torch.Tensor:
         """x (B, T, D), or (B, T, N, D) streams with hyper-connections; ``tokens_BT``: the token ids, which a
-        hash-routed MoE needs."""
-        return self.residual(x, lambda a: self.attn(a, cos, sin), tokens_BT)
+        hash-routed MoE needs; ``selection``: DSA's selection handed between layers (``shared_selection``)."""
+        if selection is None:
+            return self.residual(x, lambda a: self.attn(a, cos, sin), tokens_BT)
+        return self.residual(x, lambda a: self.attn(a, cos, sin, selection), tokens_BT)
 
     def residual(self, x: torch.Tensor, attend, tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
         """The block around ``attend`` (normed input -> attention output; the decode cache's, or the training
@@ -109,6 +111,12 @@ class OutputHeads:
         mtp_losses = [self.head_loss(mod.norm(h_k), targets_BT[:, k:])
                       for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h_BTD, tokens_BT)), start=1)]
         return main, mtp_losses
+
+
+def shared_selection(cfg: ModelConfig) -> Selection | None:
+    """A fresh ``Selection`` for one forward of a model whose layers share DSA selections (GLM-5's
+    ``indexer_types`` with a "shared" layer), else None: every layer selects alone."""
+    return Selection() if "shared" in cfg.indexer_types else None
 
 
 @torch.no_grad()
@@ -177,8 +185,9 @@ class Transformer(OutputHeads, nn.Module):
                     by_kind[kind] = rope_cos_sin(self.cfg.rope_dim, T, hybrid_rope_config(self.cfg, layer.layer_id),
                                                  tokens_BT.device)
                 tables.append(by_kind[kind])
+        selection = shared_selection(self.cfg)
         for layer, (cos, sin) in zip(self.layers, tables):
-            h = layer(h, cos, sin, tokens_BT)
+            h = layer(h, cos, sin, tokens_BT, selection)
         return self.collapse(h)
 
     def streams(self, x_BTD: torch.Tensor) -> torch.Tensor:

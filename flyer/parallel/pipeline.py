@@ -37,7 +37,7 @@ from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.counts import attention_flops_per_token, block_params
 from flyer.model.moe import MoE
-from flyer.model.transformer import OutputHeads, Transformer
+from flyer.model.transformer import OutputHeads, Transformer, shared_selection
 from flyer.parallel.grads import MIRROR
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
@@ -77,6 +77,10 @@ def validate_pipeline(cfg: ModelConfig, pp: int, schedule: str, micro_batches: i
     if cfg.n_layers < n:
         raise FieldError("pp", f"{schedule} on {pp} ranks cuts the model into {n} stages of at least one layer; "
                                f"the model has {cfg.n_layers} layers (got {pp})")
+    full = sum(map(cfg.has_indexer, range(cfg.n_layers)))
+    if cfg.indexer_types and full < n:  # a stage starts at a full layer (``split_layers``)
+        raise FieldError("pp", f"{schedule} on {pp} ranks cuts the model into {n} stages, each starting at a layer "
+                               f"with its own DSA indexer; indexer_types marks {full} 'full' (got {pp})")
     need = min_micro_batches(schedule, pp)
     if micro_batches < need:
         raise FieldError("micro_batches", f"{schedule} on {pp} ranks needs at least {need} micro-batches "
@@ -108,9 +112,8 @@ def layer_flops(cfg: ModelConfig, layer_id: int, seq_len: int) -> float:
     """Training FLOPs per token of block ``layer_id``: 6 per activated weight, plus 3 x its causal attention
     core's forward (``attention_flops_per_token``: the keys its queries see, so DSA's top-k and each hybrid
     layer's window and entries, not every earlier token)."""
-    # an MTP block (layer_id n_layers) attends as the main layers do; a hybrid model has none (mtp_depth 0)
-    per_layer = layer_id if cfg.attn == "hybrid" else None
-    attention = attention_flops_per_token(cfg, seq_len, True, per_layer)
+    # an MTP block (layer_id n_layers) attends as a full main layer does; a hybrid model has none (mtp_depth 0)
+    attention = attention_flops_per_token(cfg, seq_len, True, layer_id)
     return 6 * block_params(cfg, layer_id, activated=True) + 3 * attention
 
 
@@ -124,11 +127,18 @@ def end_flops(cfg: ModelConfig, seq_len: int) -> float:
 
 def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[range]:
     """The contiguous split of the blocks into ``n_stages`` non-empty stages whose largest training
-    FLOPs (the last stage's head and MTP included) is smallest; ties keep later stages lighter."""
+    FLOPs (the last stage's head and MTP included) is smallest; ties keep later stages lighter. A stage
+    starts at a layer with its own DSA indexer (GLM-5's shared layers stay with the full layer whose
+    selection they reuse: it never crosses stages), so a model with fewer full layers than stages is refused."""
     L = cfg.n_layers
     if not 1 <= n_stages <= L:
         raise FieldError("pp", f"{n_stages} stages of at least one layer need at least {n_stages} layers "
                                f"(the model has {L})")
+    starts = [i for i in range(1, L) if cfg.has_indexer(i) or not cfg.indexer_types]  # where a stage may begin
+    if len(starts) < n_stages - 1:
+        raise FieldError("pp", f"{n_stages} stages each starting at a layer with its own DSA indexer need "
+                               f"{n_stages} such layers (indexer_types marks {len(starts) + 1} 'full')")
+    after = {e: len(starts) - 1 - k for k, e in enumerate(starts)}  # stage starts past each one
     cost = [layer_flops(cfg, i, seq_len) for i in range(L)]
     prefix = [0.0]
     for c in cost:
@@ -141,7 +151,8 @@ def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[r
         if s == n_stages - 1:
             return prefix[L] - prefix[start] + tail, ()
         out = None
-        for end in range(start + 1, L - (n_stages - 1 - s) + 1):
+        later = n_stages - 2 - s  # cuts still to place after this stage's end
+        for end in (e for e in starts if e > start and after[e] >= later):
             rest, cuts = best(s + 1, end)
             cand = (max(prefix[end] - prefix[start], rest), (end,) + cuts)
             if out is None or cand[0] <= out[0]:  # <=: the later cut wins a tie
@@ -196,8 +207,9 @@ class Stage(OutputHeads, nn.Module):
         h = self.embed(x) if self.first else x
         cos, sin = self.rope_tables(h.shape[1], h.device)
         aux = []
+        selection = shared_selection(self.cfg)  # a stage starts at a full layer (``split_layers``)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, None, selection)
             if self.training and getattr(layer.ffn, "aux_loss", None) is not None:
                 aux.append(layer.ffn.aux_loss)
         if aux:
