@@ -45,10 +45,11 @@ from flyer.config import ModelConfig, parse_size
 from flyer.errors import CheckpointError, ConfigError, FieldError
 from flyer.fp8.quant import TILE, quantize_blocks
 from flyer.infer.weights import FP8, held_scale
-from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, TextTokenizer, _read_json, build_empty,
-                              checkpoint_dtype, fill_tensor, hf_names, hf_weight_map, is_hf_model_dir, load_tokenizer,
-                              is_mixtral, permute_rope, read_hf_config, rope_half_layout, v4_name, weight_files)
+from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, build_empty, checkpoint_dtype, fill_tensor, hf_names,
+                              hf_weight_map, is_hf_model_dir, is_mixtral, permute_rope, read_hf_config,
+                              rope_half_layout, v4_name, weight_files)
 from flyer.interop.hf_config import GQA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES
+from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.hf_config_v4 import to_v4_config
 from flyer.interop.load import run_tokenizer, settings_dir, stored_weight_dtype
 from flyer.interop.tensorfile import TensorFile, header, write_tensors

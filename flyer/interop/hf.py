@@ -2,9 +2,9 @@
 
 A Hugging Face model directory holds ``config.json``, ``model.safetensors`` (or shards
 ``model-*.safetensors`` with ``model.safetensors.index.json``), ``tokenizer.json`` and optionally
-``tokenizer_config.json`` / ``generation_config.json``. Tensor names follow transformers'
-DeepseekV3 / V2 / Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral layout (DeepSeek's released checkpoints use the
-same names):
+``tokenizer_config.json`` / ``generation_config.json`` (read by ``flyer.interop.hf_tokenizer``). Tensor names
+follow transformers' DeepseekV3 / V2 / Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral layout (DeepSeek's released
+checkpoints use the same names):
 
     flyer                          Hugging Face (layer i; MTP module k is layer n_layers + k)
     embed / norm / head            model.embed_tokens / model.norm / lm_head
@@ -41,23 +41,21 @@ model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as i
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
-from tokenizers import Tokenizer
 
 from flyer import kernels
 from flyer.config import ModelConfig
-from flyer.data.tokenizer import load_tokenizer as load_tokenizer_file
 from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type
+from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.tensorfile import TensorFile, header
 from flyer.interop.v4_quant import dequantize_fp4_e2m1, dequantize_ue8m0_blocks, stored_format
 from flyer.model.attention import Indexer
@@ -98,7 +96,6 @@ _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.
         "head.weight": "lm_head.weight"}
 # stored by DeepSeek beside each MTP layer: copies of the shared embedding and head
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
-_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
 
 
 @dataclass(frozen=True)
@@ -248,68 +245,6 @@ def dequantize_fp8_blocks(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.
     return kernels.dequantize_held(data, scale_inv.float())
 
 
-class TextTokenizer:
-    """A ``tokenizers.Tokenizer`` with the end-of-sequence id and special-token policy of its
-    checkpoint: HF directories encode as ``AutoTokenizer`` does (the tokenizer.json's post-processor,
-    e.g. a BOS), flyer's own tokenizers without special tokens."""
-
-    def __init__(self, tok: Tokenizer, eos: int | Sequence[int] | None = None, add_special_tokens: bool = False,
-                 bos: int | None = None, named: dict[str, str] | None = None):
-        """``eos``: the end-of-sequence id, or the checkpoint's list of them (Llama 3's
-        ``[128001, 128009]``: each ends generation); None or empty: the first of ``_EOS_NAMES`` in the
-        vocabulary. ``named``: an HF directory's named special tokens (``_named_special_tokens``)."""
-        self.tok, self.add_special_tokens, self.bos, self.named = tok, add_special_tokens, bos, named
-        ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
-        if not ids:
-            ids = tuple(i for i in map(tok.token_to_id, _EOS_NAMES) if i is not None)[:1]
-        self.eos_all = ids
-        self.eos = ids[0] if ids else None
-
-    def encode_ids(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
-        """``add_special_tokens``: None for the checkpoint's policy; False for text that holds its own
-        (a rendered chat template)."""
-        special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
-        return self.tok.encode(text, add_special_tokens=special).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def eos_id(self) -> int | None:
-        """The end-of-sequence id (of a list, the first): the one written, e.g. a chat template's eos_token."""
-        return self.eos
-
-    def eos_ids(self) -> tuple[int, ...]:
-        """Every id that ends generation (``eos_id()`` first); () when there is none."""
-        return self.eos_all
-
-    def bos_id(self) -> int | None:
-        return self.bos
-
-    def token(self, i: int | None) -> str | None:
-        return None if i is None else self.tok.id_to_token(i)
-
-    def special_tokens(self) -> dict[str, str]:
-        """The named special tokens a chat template sees (transformers' ``special_tokens_map``): an HF
-        directory's as its tokenizer files name them, which need not be the first EOS id (Llama 3.1's
-        eos_token is <|eot_id|>, its generation_config's first id <|end_of_text|>); else BOS and EOS."""
-        if self.named is not None:
-            return dict(self.named)
-        pairs = (("bos_token", self.token(self.bos)), ("eos_token", self.token(self.eos)))
-        return {k: t for k, t in pairs if t is not None}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return d
-
-
 def weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> file, from the index (every listed shard must exist) or the single file."""
     if (path / INDEX).is_file():
@@ -328,53 +263,6 @@ def weight_files(path: Path) -> dict[str, Path]:
     if not (path / SINGLE).is_file():
         raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
     return dict.fromkeys(TensorFile(path / SINGLE).names(), path / SINGLE)
-
-
-_SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def _content(e) -> str | None:
-    """A special token as tokenizer_config.json writes it: its text, or an AddedToken object's content."""
-    e = e.get("content") if isinstance(e, dict) else e
-    return e if isinstance(e, str) and e else None
-
-
-def _named_special_tokens(path: Path) -> dict[str, str]:
-    """The named special tokens transformers' tokenizer for the directory has (``_SPECIAL_NAMES``):
-    tokenizer_config.json's; one saved without ``added_tokens_decoder`` (older transformers) has
-    special_tokens_map.json's over them, as transformers 5 loads them."""
-    tc = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-    named = {k: v for k in _SPECIAL_NAMES if (v := _content(tc.get(k)))}
-    if "added_tokens_decoder" not in tc and (path / "special_tokens_map.json").is_file():
-        legacy = _read_json(path / "special_tokens_map.json")
-        named.update({k: v for k in _SPECIAL_NAMES if (v := _content(legacy.get(k)))})
-    return named
-
-
-def _special_ids(gen: dict, config: dict, named: dict[str, str], tok: Tokenizer, kind: str) -> tuple[int, ...]:
-    """generation_config.json's ``{kind}_token_id`` (``gen``: an id or a list of ids), else config.json's,
-    else the tokenizer's named ``{kind}_token`` (``named``: ``_named_special_tokens``); () when none
-    names one. A list keeps its order, less repeats."""
-    for d in (gen, config):
-        e = d.get(f"{kind}_token_id")
-        ids = [i for i in (e if isinstance(e, list) else [e]) if isinstance(i, int) and not isinstance(i, bool)]
-        if ids:
-            return tuple(dict.fromkeys(ids))
-    i = tok.token_to_id(named[f"{kind}_token"]) if f"{kind}_token" in named else None
-    return () if i is None else (i,)
-
-
-def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenizer:
-    """The directory's ``tokenizer.json`` with its BOS and EOS ids (``_special_ids``) and named special
-    tokens, each settings file read once."""
-    path = Path(path)
-    tok = load_tokenizer_file(path / "tokenizer.json", CheckpointError)
-    config = config if config is not None else _read_json(path / "config.json")
-    gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
-    named = _named_special_tokens(path)
-    bos = _special_ids(gen, config, named, tok, "bos")
-    return TextTokenizer(tok, _special_ids(gen, config, named, tok, "eos"), add_special_tokens=True,
-                         bos=bos[0] if bos else None, named=named)
 
 
 def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[ModelConfig, dict]:

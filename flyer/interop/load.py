@@ -13,9 +13,9 @@ from torch import nn
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError
 from flyer.infer.weights import empty_held, hold_weights
-from flyer.interop.hf import (SCALE_SUFFIX, Slot, TextTokenizer, _read_json, build_empty, checkpoint_dtype,
-                              fill_tensor, is_hf_model_dir, load_hf, load_hf_weights, load_tokenizer, read_hf_config,
-                              rope_half_layout, weight_files)
+from flyer.interop.hf import (SCALE_SUFFIX, Slot, build_empty, checkpoint_dtype, fill_tensor, is_hf_model_dir, load_hf,
+                              load_hf_weights, read_hf_config, rope_half_layout, weight_files)
+from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.tensorfile import TensorFile
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
@@ -72,7 +72,7 @@ def read_settings(path: str | Path) -> dict[str, bytes]:
 
 def run_tokenizer(ckpt: Path, tok: Tokenizer) -> TextTokenizer:
     """The tokenizer of the flyer step directory ``ckpt``, whose tokenizer.json is ``tok``. One that
-    carries an HF directory's settings reads as that directory does (``flyer.interop.hf.load_tokenizer``:
+    carries an HF directory's settings reads as that directory does (``flyer.interop.hf_tokenizer.load_tokenizer``:
     its BOS, its EOS ids from generation_config.json or tokenizer_config.json, special tokens added);
     flyer's own: the named EOS, no special tokens."""
     if not _carries_settings(ckpt):
