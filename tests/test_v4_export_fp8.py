@@ -224,11 +224,12 @@ def test_re_export_keeps_codes_and_scales_byte_for_byte(v4, tmp_path, monkeypatc
 
 def test_flyer_generate_reads_it_as_its_values(v4, tmp_path, capsys):
     """``flyer generate`` of the FP8 directory gives the tokens it gives for its BF16 export (the same values:
-    every code times its scale is exact in BF16), with the weights held as the CPU holds them by default (BF16
-    for both, computed in FP32) and not held (``--weight-dtype fp32``: an FP32 model)."""
+    every code times its scale is exact in BF16), with the weights held as the CPU holds them by default (as each
+    stores them: FP8 codes for the FP8 directory, BF16 for its export, computed in FP32) and not held
+    (``--weight-dtype fp32``: an FP32 model)."""
     _, _, fp8 = v4
     assert main(["export", str(fp8), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
-    for held in ("auto", "fp32"):  # auto: held as the CPU holds them, computed in FP32; fp32: FP32 weights
+    for held in ("auto", "fp32"):  # auto: held as stored, computed in FP32; fp32: FP32 weights
         tokens = []
         for path in (fp8, tmp_path / "bf16"):
             capsys.readouterr()

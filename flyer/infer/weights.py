@@ -22,6 +22,12 @@ Other weights are quantized as DeepSeek's recipe does (amax / 448 per block): th
 one loss. The kernels widen each code and multiply it by its block's scale in FP32 as they read
 it, so the model computes in FP32 on the dequantized weights.
 
+DeepSeek-V4's FP8 checkpoints are held exactly too (``flyer.interop.v4_quant.held_e4m3_blocks``): an
+E4M3 weight's UE8M0 block scales are powers of two, held as FP32; its FP4 routed experts become E4M3
+codes under one power-of-two scale per 128x128 block (exact for any block whose group scales span at
+most 15 binades; another is refused, never rounded). The GEMM weights such a checkpoint stores
+unquantized (V4's compressors: BF16) are held as stored (``as_stored``), not quantized.
+
 A checkpoint served with held weights is loaded into them: ``empty_held`` allocates the model
 with its GEMM weights already held (never as FP32), and the loaders (``flyer.interop.load``) write
 each tensor into it as they read it (``write_weight``, ``write_fp8_codes``). A BF16 checkpoint of
@@ -29,6 +35,8 @@ N parameters then loads in about 2N bytes, not the FP32 model's 4N.
 """
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -92,26 +100,29 @@ class HeldFP8Experts(Experts):
 
 
 @torch.no_grad()
-def hold_weights(model: Transformer, dtype: torch.dtype) -> int:
+def hold_weights(model: Transformer, dtype: torch.dtype, as_stored: Mapping[str, torch.dtype] | None = None) -> int:
     """Store ``model``'s GEMM weights in ``dtype`` in place (inference only: they no longer take
     gradients); the model computes in its own dtype. Returns the bytes it saves (FP32 to BF16: half
     of those weights'). FP32 is a no-op; BF16 and FP8 need an FP32 model on the CPU (the kernels'
     case; or on the meta device, to count bytes). FP8 (``torch.float8_e4m3fn``): the weights
     quantized in 128x128 blocks (see the module docstring; a checkpoint's own FP8 codes are held as
-    they are by loading it into ``empty_held``'s model instead)."""
-    return _hold_all(model, dtype, None)
+    they are by loading it into ``empty_held``'s model instead). ``as_stored``: with FP8, weights held
+    in another dtype instead, by state-dict key (an expert stack by any of its w1/w2/w3): bfloat16
+    held in BF16, float32 left as it is (an FP8 checkpoint's unquantized weights, held as it stores them)."""
+    return _hold_all(model, dtype, None, as_stored or {})
 
 
-def empty_held(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
+def empty_held(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
+               as_stored: Mapping[str, torch.dtype] | None = None) -> Transformer:
     """An uninitialised FP32 model (``flyer.model.init.allocate``) whose GEMM weights are
-    already held in ``dtype``, for a checkpoint to be loaded into (``write_weight``,
-    ``write_fp8_codes``): the held weights are allocated as held, so loading never takes the FP32
-    weights' memory (four bytes a parameter, against BF16's two and FP8's one)."""
+    already held in ``dtype`` (``as_stored``: as ``hold_weights``), for a checkpoint to be loaded into
+    (``write_weight``, ``write_fp8_codes``): the held weights are allocated as held, so loading never
+    takes the FP32 weights' memory (four bytes a parameter, against BF16's two and FP8's one)."""
     if dtype != torch.float32 and torch.device(device).type != "cpu":
         raise ValueError(f"held weights run on flyer's CPU kernels (device is {device})")
     with torch.device("meta"):
         model = Transformer(cfg)
-    _hold_all(model, dtype, torch.device(device))
+    _hold_all(model, dtype, torch.device(device), as_stored or {})
     return allocate(model, device).eval()
 
 
@@ -168,7 +179,8 @@ def _held(w: torch.Tensor, dtype: torch.dtype, device: torch.device | None) -> t
     return w.detach().to(dtype) if device is None else torch.empty(w.shape, dtype=dtype, device=device)
 
 
-def _hold_all(model: Transformer, dtype: torch.dtype, device: torch.device | None) -> int:
+def _hold_all(model: Transformer, dtype: torch.dtype, device: torch.device | None,
+              as_stored: Mapping[str, torch.dtype]) -> int:
     """``hold_weights``; with a ``device``, ``empty_held``'s allocation of the held weights there."""
     if dtype == torch.float32:
         return 0
@@ -178,22 +190,27 @@ def _hold_all(model: Transformer, dtype: torch.dtype, device: torch.device | Non
         raise ValueError(f"held weights need an FP32 model on the CPU (this one is "
                          f"{model.embed.weight.dtype} on {model.embed.weight.device.type})")
     if dtype == FP8:
-        return _hold_fp8(model, device)
+        return _hold_fp8(model, device, as_stored)
     saved = 0
     tied = model.head.weight if model.cfg.tie_embeddings else None
     for name, m in model.named_modules():
         if type(m) is Experts:  # not FP8Experts: FP8 weights are held as FP8
-            m.pack_w13_()  # w1|w3 as one tensor: held as one too, so the kernel reads them in one call
-            w13 = packed_w13(m.w1, m.w3)
-            saved += _hold(m, "w2", dtype, device)
-            half = m.w1.shape[1]
-            held = _held(w13, dtype, device)
-            saved += w13.numel() * (w13.element_size() - held.element_size())
-            m.w1, m.w3 = (nn.Parameter(held[:, :half], requires_grad=False),
-                          nn.Parameter(held[:, half:], requires_grad=False))
+            saved += _hold_experts(m, dtype, device)
         elif isinstance(m, Linear) and m.weight is not tied and name.rsplit(".", 1)[-1] not in KEEP:
             saved += _hold(m, "weight", dtype, device)
     return saved
+
+
+def _hold_experts(m: Experts, dtype: torch.dtype, device: torch.device | None) -> int:
+    """Routed experts held in BF16, w1|w3 as one tensor so the kernel reads them in one call."""
+    m.pack_w13_()
+    w13 = packed_w13(m.w1, m.w3)
+    saved = _hold(m, "w2", dtype, device)
+    half = m.w1.shape[1]
+    held = _held(w13, dtype, device)
+    m.w1, m.w3 = (nn.Parameter(held[:, :half], requires_grad=False),
+                  nn.Parameter(held[:, half:], requires_grad=False))
+    return saved + w13.numel() * (w13.element_size() - held.element_size())
 
 
 def _fp8_codes(name: str, w: torch.Tensor, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,16 +225,27 @@ def _fp8_codes(name: str, w: torch.Tensor, device: torch.device | None) -> tuple
     return codes.contiguous(), scale.contiguous()
 
 
-def _hold_fp8(model: Transformer, device: torch.device | None) -> int:
+def _hold_fp8(model: Transformer, device: torch.device | None, as_stored: Mapping[str, torch.dtype]) -> int:
     """``hold_weights`` in FP8: the linears (but ``KEEP``'s and the head, held in BF16) and the
-    routed experts as FP8 codes with their block scales."""
+    routed experts as FP8 codes with their block scales; those ``as_stored`` names in BF16 (or left)."""
     tied = model.head.weight if model.cfg.tie_embeddings else None
     saved = 0 if model.head.weight is tied else _hold(model.head, "weight", torch.bfloat16, device)
     for name, m in model.named_modules():
         if type(m) is Experts:
-            saved += _hold_experts_fp8(m, name, device)
+            keys = [f"{name}.{w}" for w in ("w1", "w2", "w3")]
         elif (isinstance(m, Linear) and m is not model.head and m.weight is not tied
               and name.rsplit(".", 1)[-1] not in KEEP):
+            keys = [f"{name}.weight"]
+        else:
+            continue
+        stored = {as_stored[k] for k in keys if k in as_stored}
+        if stored:  # as the checkpoint stores it: BF16, else left in FP32
+            if stored == {torch.bfloat16}:
+                saved += (_hold_experts(m, torch.bfloat16, device) if type(m) is Experts
+                          else _hold(m, "weight", torch.bfloat16, device))
+        elif type(m) is Experts:
+            saved += _hold_experts_fp8(m, name, device)
+        else:
             codes, scale = _fp8_codes(f"{name}.weight", m.weight, device)
             saved += m.weight.numel() * (m.weight.element_size() - 1) - scale.numel() * 4
             m.weight = nn.Parameter(codes, requires_grad=False)

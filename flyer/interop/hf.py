@@ -57,7 +57,7 @@ from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, wr
 from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.tensorfile import TensorFile, header
-from flyer.interop.v4_quant import dequantize_fp4_e2m1, dequantize_ue8m0_blocks, stored_format
+from flyer.interop.v4_quant import dequantize_fp4_e2m1, dequantize_ue8m0_blocks, held_e4m3_blocks, stored_format
 from flyer.model.attention import Indexer
 from flyer.model.init import allocate
 from flyer.model.moe import Gate
@@ -367,7 +367,8 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
     """Write tensor ``name`` of ``tf`` into ``dest``, the parameter (or expert slice) ``slot`` names:
     FP8 dequantized with its block scales, or, held as FP8 codes, its codes and scales as they are
     (rope rows permuted as the values are) where the permutation keeps every row in its 128-row
-    block; rope rows permuted; read straight into the parameter when the dtypes agree; else
+    block (DeepSeek-V4's FP8 and FP4: ``held_e4m3_blocks``, exact or refused); rope rows permuted;
+    read straight into the parameter when the dtypes agree; else
     written as the model holds it (``write_weight``). NaN or inf (values, codes, scales):
     ``CheckpointError``. ``rows``: only those of the tensor's first dimension (a rank's slice of an
     expert stack; not FP8)."""
@@ -377,8 +378,13 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
         if kind != "plain":  # DeepSeek-V4's FP8 (UE8M0 block scales) and FP4 (experts) weights
             scale_name = name.removesuffix(".weight") + ".scale"
             sf = header(headers, files[scale_name])
+            data, scale = tf.read(name), sf.read(scale_name)
+            if held is not None:  # E4M3 codes and power-of-two block scales holding its exact values
+                order = None if slot.rope_rows is None else permute_rope(torch.arange(len(dest)), slot.rope_rows)
+                write_fp8_codes(dest, held, *held_e4m3_blocks(kind, data, scale, name, order))
+                return
             decode = dequantize_ue8m0_blocks if kind == "fp8_ue8m0" else dequantize_fp4_e2m1
-            t = decode(tf.read(name), sf.read(scale_name), name=name)
+            t = decode(data, scale, name=name)
         elif tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale_name = name + SCALE_SUFFIX
             if rows is not None:  # DeepSeek's format stores experts one by one; a stack is flyer's, never FP8
@@ -410,6 +416,23 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
         raise
     except ValueError as e:  # NaN codes, read or quantized
         raise CheckpointError(f"{tf.path}: tensor {name}: {e}") from None
+
+
+def unquantized_weights(cfg: ModelConfig, path: str | Path, rope_half: bool,
+                        files: dict[str, Path]) -> dict[str, torch.dtype]:
+    """{state-dict key: dtype} of the tensors a checkpoint with FP8 (or V4's FP4) weights stores unquantized, for
+    a model holding FP8 to hold them as stored (``empty_held``'s ``as_stored``: V4's BF16 compressors) rather
+    than quantize them; {} for a checkpoint without FP8 weights (held FP8 then quantizes every GEMM weight)."""
+    headers: dict[Path, TensorFile] = {}
+    kinds = {n: (d, stored_format(n, files, d)) for n in files for d in [header(headers, files[n]).dtype(n)]}
+    if all(d != FP8 and kind == "plain" for d, kind in kinds.values()):
+        return {}
+    out: dict[str, torch.dtype] = {}
+    for name, slot in hf_weight_map(cfg, path, rope_half, files, headers).items():
+        d, kind = kinds[name]
+        if d != FP8 and kind == "plain":  # an expert stack stored in two dtypes: the wider
+            out[slot.key] = d if out.get(slot.key, d) == d else torch.float32
+    return out
 
 
 def _check_finite(t: torch.Tensor, path: Path, name: str) -> None:
@@ -467,11 +490,13 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     dtype = dtype or checkpoint_dtype(files)
     if held not in (None, torch.float32) and dtype != torch.float32:
         raise ValueError(f"weights held in {held} compute in FP32 (dtype is {dtype})")
-    model = build_empty(cfg, device, dtype) if held in (None, torch.float32) else empty_held(cfg, held, device)
+    model = build_empty(cfg, device, dtype) if held in (None, torch.float32) else \
+        empty_held(cfg, held, device, unquantized_weights(cfg, path, rope_half_layout(raw), files))
     load_hf_weights(model, path, rope_half_layout(raw), files)
     return model.eval(), cfg, tok
 
 
 __all__ = ["INDEX", "SINGLE", "Slot", "TextTokenizer", "build_empty", "dequantize_fp8_blocks", "fill_tensor",
            "hf_names", "hf_weight_map", "is_hf_model_dir", "is_mixtral", "load_hf", "load_hf_weights", "load_tokenizer",
-           "permute_rope", "read_hf_config", "rope_half_layout", "rope_permutation", "weight_files"]
+           "permute_rope", "read_hf_config", "rope_half_layout", "rope_permutation", "unquantized_weights",
+           "weight_files"]

@@ -12,11 +12,12 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError
-from flyer.infer.weights import empty_held, hold_weights
+from flyer.infer.weights import FP8, empty_held, hold_weights
 from flyer.interop.hf import (SCALE_SUFFIX, Slot, build_empty, checkpoint_dtype, fill_tensor, is_hf_model_dir, load_hf,
-                              load_hf_weights, read_hf_config, rope_half_layout, weight_files)
+                              load_hf_weights, read_hf_config, rope_half_layout, unquantized_weights, weight_files)
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.tensorfile import TensorFile
+from flyer.interop.v4_quant import stored_format
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 from flyer.train.checkpoint import SETTINGS_FILES, check_model_weights, inference_checkpoint, resolve_checkpoint_path
@@ -100,24 +101,33 @@ def loaded_bytes(path: str | Path, dtype: torch.dtype | None = None, held: torch
     """Bytes of the model ``load_pretrained(path, dtype=dtype, held=held)`` allocates (its parameters
     and buffers), counted on the meta device from the checkpoint's config before anything is read:
     what ``require_memory`` checks first."""
+    as_stored = {}
     if is_hf_model_dir(path):
         files = weight_files(Path(path))
-        cfg, dtype = read_hf_config(path, list(files))[0], dtype or checkpoint_dtype(files)
+        (cfg, raw), dtype = read_hf_config(path, list(files)), dtype or checkpoint_dtype(files)
+        if held == FP8:  # what an FP8 checkpoint stores unquantized is held as stored (load_hf)
+            as_stored = unquantized_weights(cfg, path, rope_half_layout(raw), files)
     else:
         cfg, dtype = init_source(path)[0], torch.float32
     model = build_empty(cfg, "meta", dtype)
-    hold_weights(model, held or torch.float32)
+    hold_weights(model, held or torch.float32, as_stored)
     unique = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def stored_weight_dtype(path: str | Path) -> str:
     """How the checkpoint at ``path`` stores its GEMM weights, as a ``--weight-dtype``: "fp8" for
-    DeepSeek's FP8 format (E4M3 with block scales), else "bf16" or "fp32" by its embedding's dtype."""
+    DeepSeek's FP8 formats, V3's (E4M3 with FP32 ``weight_scale_inv`` blocks) and V4's (``<stem>.scale``
+    beside an E4M3 weight, or an FP4 expert's: ``stored_format``), both held exactly as FP8; else "bf16"
+    or "fp32" by its embedding's dtype."""
     if is_hf_model_dir(path):
         files = weight_files(Path(path))
         scaled = [n[:-len(SCALE_SUFFIX)] for n in files if n.endswith(SCALE_SUFFIX)]
         if scaled and TensorFile(files[scaled[0]]).dtype(scaled[0]) == torch.float8_e4m3fn:
+            return "fp8"
+        v4 = next((w for w in (n.removesuffix(".scale") + ".weight" for n in files if n.endswith(".scale"))
+                   if w in files), None)
+        if v4 and stored_format(v4, files, TensorFile(files[v4]).dtype(v4)) != "plain":
             return "fp8"
         return "bf16" if checkpoint_dtype(files) == torch.bfloat16 else "fp32"
     tf = TensorFile(inference_checkpoint(path)[0] / "model.safetensors")

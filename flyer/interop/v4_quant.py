@@ -215,6 +215,44 @@ def quantize_fp4_e2m1(w: torch.Tensor, scale: torch.Tensor | None = None,
     return packed.view(torch.int8), _e8m0_bytes(exponents)
 
 
+def held_e4m3_blocks(kind: str, data: torch.Tensor, scale: torch.Tensor, name: str = "weight",
+                     order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight ``data`` with its UE8M0 ``scale``, stored in format ``kind`` ("fp8_ue8m0" or "fp4"), as E4M3
+    codes (N, K) and FP32 scales (ceil(N/128), ceil(K/128)), one power of two per 128x128 block, whose products
+    (``flyer.kernels.dequantize_held``, what a model holding FP8 computes with) are its values bit for bit.
+    ``order``: (N,) the rows to take, row i being row ``order[i]`` (a rope permutation), else as stored.
+
+    E4M3 with UE8M0 scales: its own codes and scales (2**e in FP32 is exact, even 2**-127), rows permuted with
+    their codes where each keeps its 128-row block (else re-blocked as FP4 is). FP4: each block's scale is
+    2**S, S = ceil(log2(amax / 448)) (the smallest that does not overflow; any larger only coarsens the grid),
+    and a value v is held exactly iff v / 2**S is an E4M3 value: |v| <= 448 * 2**S by the choice of S, and a
+    value of at most 4 significant bits (E2M1's have 2) is one iff it is a multiple of 2**(S - 9), E4M3's
+    smallest subnormal 2**-9 times the scale. A group of scale 2**s holds c * 2**s, c a multiple of 0.5: exact
+    whatever its codes iff s >= S - 8. As amax <= 6 * 2**smax (smax: the block's largest group scale),
+    S <= smax - 6: a block whose nonzero groups' scales span at most 15 binades (each >= 2**(smax - 14); 12
+    without E4M3's subnormals) is always exact, and an all-zero group is whatever its scale. A block not held
+    exactly is a ValueError naming the weight: never rounded."""
+    values = (dequantize_ue8m0_blocks if kind == "fp8_ue8m0" else dequantize_fp4_e2m1)(data, scale, name=name)
+    rows = torch.arange(values.shape[0])
+    if kind == "fp8_ue8m0" and (order is None or torch.equal(order // FP8_BLOCK, rows // FP8_BLOCK)):
+        codes = data if order is None else data.view(torch.uint8)[order].view(data.dtype)
+        return codes, _scale_values(_scale_exponents(scale, tuple(scale.shape), name, ""))
+    if order is not None:
+        values = values[order]
+    codes, ue8m0 = quantize_ue8m0_blocks(values, name=name)
+    N, K = values.shape
+    lost = (dequantize_ue8m0_blocks(codes, ue8m0, name=name) != values).float()
+    lost_blocks = F.pad(lost, (0, -K % FP8_BLOCK, 0, -N % FP8_BLOCK)).unflatten(0, (-1, FP8_BLOCK)).unflatten(
+        2, (-1, FP8_BLOCK)).amax(dim=(1, 3))
+    if bad := int(lost_blocks.sum()):
+        r, c = (int(i) for i in lost_blocks.nonzero()[0])
+        raise ValueError(f"{name}: {bad} of its 128x128 blocks (the first: rows {r * FP8_BLOCK}+, columns "
+                         f"{c * FP8_BLOCK}+) span more binades than E4M3 holds under one power-of-two scale "
+                         f"(FP4 experts: group scales over 2**14 apart), so FP8 cannot hold them exactly: hold the "
+                         f"weights in BF16 (--weight-dtype bf16)")
+    return codes, _scale_values(ue8m0.view(torch.uint8).int() - _BIAS)
+
+
 # what DeepSeek's V4 checkpoints store as FP8 (attention projections, the indexer's queries, the shared expert and the
 # MTP layer's e_proj / h_proj; not the compressors, the indexer's weights_proj or the router) and as FP4 (routed
 # experts); everything else is plain: BF16, or FP32 (sinks, ape, hyper-connections, router bias), int64 hash tables
@@ -264,4 +302,5 @@ def quantized_items(name: str, shape: tuple[int, int], kind: str, get: Make,
 
 __all__ = ["FP8_BLOCK", "FP4_GROUP", "E4M3_MAX", "E2M1_MAX", "FP4_DTYPES", "stored_format",
            "dequantize_ue8m0_blocks", "dequantize_fp4_e2m1", "quantize_ue8m0_blocks", "quantize_fp4_e2m1",
+           "held_e4m3_blocks",
            "published_format", "quantized_items", "quantized_shapes"]
