@@ -45,15 +45,17 @@ def _tokens(T: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _selections(model, ref, tokens):
-    """Per layer, the keys each query attends to, (B, T, T) bool, as flyer selects them and as
-    transformers' indexer does (its top-k indices; those past the query are causally masked anyway)."""
+def selections(model, ref, tokens):
+    """Per layer with an indexer (all of V3.2's; GLM-5's full ones), the keys each query attends to, (B, T, T)
+    bool, as flyer selects them and as transformers' indexer does (its top-k indices; those past the query are
+    causally masked anyway); and the logits of both."""
     T = tokens.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     theirs, mine = [], []
     hooks = [layer.self_attn.indexer.register_forward_hook(lambda m, a, out: theirs.append(out.long()))
-             for layer in ref.model.layers]
-    for layer in model.layers:
+             for layer in ref.model.layers if getattr(layer.self_attn, "indexer", None) is not None]
+    full = [layer for layer in model.layers if hasattr(layer.attn, "indexer")]
+    for layer in full:
         def select(scores, visible, _orig=layer.attn.indexer.select):
             mine.append(_orig(scores, visible))
             return mine[-1]
@@ -64,7 +66,7 @@ def _selections(model, ref, tokens):
     finally:
         for h in hooks:
             h.remove()
-        for layer in model.layers:
+        for layer in full:
             del layer.attn.indexer.select
     theirs = [torch.zeros(*idx.shape[:2], T, dtype=torch.bool).scatter_(-1, idx, True) & causal for idx in theirs]
     return got, want, mine, theirs
@@ -80,7 +82,7 @@ def test_logits_and_selected_keys_equal_transformers(src):
     assert (cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim) == (8, 8, 32, 8)
     assert (cfg.n_dense_layers, cfg.score_func, cfg.router_bias, cfg.n_expert_groups) == (1, "sigmoid", True, 4)
     T = 64
-    got, want, mine, theirs = _selections(model, ref, _tokens(T))
+    got, want, mine, theirs = selections(model, ref, _tokens(T))
     assert len(mine) == len(theirs) == cfg.n_layers
     for layer, (a, b) in enumerate(zip(mine, theirs)):
         assert torch.equal(a.squeeze(1), b), f"layer {layer}: flyer selects other keys than transformers"
@@ -88,7 +90,7 @@ def test_logits_and_selected_keys_equal_transformers(src):
     err, tol = rel(got, want), logit_tolerance(cfg, T)
     assert err <= tol, f"{err:.3g} > {tol:.3g}"
     short = _tokens(8, 1)
-    got, want, mine, _ = _selections(model, ref, short)
+    got, want, mine, _ = selections(model, ref, short)
     assert mine == []  # T <= index_topk: dense MLA, the indexer not run
     assert rel(got, want) <= logit_tolerance(cfg, 8)
 

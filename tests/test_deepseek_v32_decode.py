@@ -56,14 +56,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def _selection_margin(model, seq: list[int]) -> float:
-    """The smallest gap between a query's index_topk-th and next index score over every layer and query
-    of ``seq`` (training path), relative to the query's largest. Two keys tied at the boundary (all
-    indexer heads' ReLUs 0 for both: a score of exactly 0, which the tiny model's 8 heads make common)
-    leave the choice to top-k's order, which a batch's shape changes: the greedy comparisons below use
-    tokens without such ties."""
+def selection_margin(model, seq: list[int]) -> float:
+    """The smallest gap between a query's index_topk-th and next index score over every layer with an indexer
+    (GLM-5: its full ones) and query of ``seq`` (training path), relative to the query's largest. Two keys
+    tied at the boundary (all indexer heads' ReLUs 0 for both: a score of exactly 0, which the tiny model's 8
+    heads make common) leave the choice to top-k's order, which a batch's shape changes: the greedy
+    comparisons below use tokens without such ties."""
     scores = []
-    for layer in model.layers:
+    full = [layer for layer in model.layers if hasattr(layer.attn, "indexer")]
+    for layer in full:
         def record(*args, _orig=layer.attn.indexer.scores):
             scores.append(_orig(*args))
             return scores[-1]
@@ -72,11 +73,12 @@ def _selection_margin(model, seq: list[int]) -> float:
         with torch.no_grad():
             model(torch.tensor([seq]))
     finally:
-        for layer in model.layers:
+        for layer in full:
             del layer.attn.indexer.scores
+    k = model.cfg.index_topk
     causal = torch.ones(len(seq), len(seq), dtype=torch.bool).tril()
-    top = torch.stack(scores)[:, 0].masked_fill(~causal, float("-inf")).topk(TOPK + 1, dim=-1).values[:, TOPK:]
-    return float(((top[..., TOPK - 1] - top[..., TOPK]) / top[..., 0].abs()).min())
+    top = torch.stack(scores)[:, 0].masked_fill(~causal, float("-inf")).topk(k + 1, dim=-1).values[:, k:]
+    return float(((top[..., k - 1] - top[..., k]) / top[..., 0].abs()).min())
 
 
 @contextlib.contextmanager
@@ -176,7 +178,7 @@ def test_greedy_equals_transformers_and_mtp_speculation_keeps_it(v32):
     prompts = [_tokens(13, 5)[0, :5].tolist(), _tokens(13, 5)[1].tolist()]
     want = [ref.generate(torch.tensor([p]), do_sample=False, max_new_tokens=24, eos_token_id=None,
                          pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert min(_selection_margin(model, p + w) for p, w in zip(prompts, want)) > 1e-4
+    assert min(selection_margin(model, p + w) for p, w in zip(prompts, want)) > 1e-4
     gen = dict(max_new_tokens=24, cache_dtype=torch.float32)
     assert generate(model, prompts, GenerationConfig(**gen)).tokens == want
     for k in (1, 2):
@@ -212,7 +214,7 @@ def test_engine_equals_generate_with_shared_prefix_blocks_past_index_topk(v32, s
     head = _tokens(12, 6)[0].tolist()
     prompts = [head + [5, 6, 7], _tokens(9, 7)[0].tolist(), head + [9, 10, 11, 12, 13], [17]]
     want = _alone(model, prompts, 20)
-    assert min(_selection_margin(model, p + w) for p, w in zip(prompts, want)) > 1e-4
+    assert min(selection_margin(model, p + w) for p, w in zip(prompts, want)) > 1e-4
     eng = _engine(model, blocks=64, prefill_chunk=8, speculative=speculative)
     assert "index_key" in eng.cache.pool.tensors
     assert _run(eng, prompts, 20) == want

@@ -30,7 +30,8 @@ from flyer.model.transformer import Transformer
 from flyer.parallel.pipeline import Stage, split_layers, validate_pipeline
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from tests.hf_models import _YARN, VOCAB, add_mtp_layer, make_tokenizer, reference_mtp_logits
-from tests.test_deepseek_v32_decode import decode_tolerance
+from tests.test_deepseek_v32 import selections
+from tests.test_deepseek_v32_decode import decode_tolerance, selection_margin
 from tests.test_interop_export import tensors
 from tests.test_qwen3 import check_round_trip, rel, train_init_then_export
 from tests.test_rope_scaling import logit_tolerance
@@ -91,32 +92,6 @@ def _tokens(T: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _selections(model, ref, tokens):
-    """Per full layer, the keys each query attends to (B, T, T) bool as flyer selects them and as transformers'
-    indexer does; and the logits of both."""
-    T = tokens.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    theirs, mine = [], []
-    hooks = [layer.self_attn.indexer.register_forward_hook(lambda m, a, out: theirs.append(out.long()))
-             for layer in ref.model.layers if layer.self_attn.indexer is not None]
-    full = [layer for layer in model.layers if hasattr(layer.attn, "indexer")]
-    for layer in full:
-        def select(scores, visible, _orig=layer.attn.indexer.select):
-            mine.append(_orig(scores, visible))
-            return mine[-1]
-        layer.attn.indexer.select = select
-    try:
-        with torch.no_grad():
-            want, got = ref(tokens).logits, model(tokens)
-    finally:
-        for h in hooks:
-            h.remove()
-        for layer in full:
-            del layer.attn.indexer.select
-    theirs = [torch.zeros(*idx.shape[:2], T, dtype=torch.bool).scatter_(-1, idx, True) & causal for idx in theirs]
-    return got, want, mine, theirs
-
-
 def test_config_and_tensors_read_as_transformers_builds_them(src):
     """The config reads GLM-5's fields (indexer_types listed); shared layers have no indexer, in the file
     (transformers builds none) and in flyer's model; the indexer's rows are the file's, not permuted."""
@@ -140,13 +115,13 @@ def test_logits_and_selected_keys_equal_transformers(src):
     path, ref = src
     model, cfg, _ = load_hf(path)
     T = 64
-    got, want, mine, theirs = _selections(model, ref, _tokens(T))
+    got, want, mine, theirs = selections(model, ref, _tokens(T))
     assert len(mine) == len(theirs) == len(FULL)
     for layer, a, b in zip(FULL, mine, theirs):
         assert torch.equal(a.squeeze(1), b), f"layer {layer}: flyer selects other keys than transformers"
     err, tol = rel(got, want), logit_tolerance(cfg, T)
     assert err <= tol, f"{err:.3g} > {tol:.3g}"
-    got, want, mine, _ = _selections(model, ref, _tokens(8, 1))
+    got, want, mine, _ = selections(model, ref, _tokens(8, 1))
     assert mine == [] and rel(got, want) <= logit_tolerance(cfg, 8)
 
 
@@ -229,27 +204,6 @@ def test_mtp_layer_has_an_indexer_and_equals_reference(with_mtp):
     assert make_cache(model.cfg, 1, 1, 4, "absorbed", torch.float32, "meta").tensors["index_key"].shape[0] == 1
 
 
-def _selection_margin(model, seq: list[int]) -> float:
-    """The smallest gap between a query's index_topk-th and next index score over every full layer and query
-    of ``seq``, relative to the query's largest (a tie at the cut leaves the choice to top-k's order)."""
-    scores = []
-    full = [layer for layer in model.layers if hasattr(layer.attn, "indexer")]
-    for layer in full:
-        def record(*args, _orig=layer.attn.indexer.scores):
-            scores.append(_orig(*args))
-            return scores[-1]
-        layer.attn.indexer.scores = record
-    try:
-        with torch.no_grad():
-            model(torch.tensor([seq]))
-    finally:
-        for layer in full:
-            del layer.attn.indexer.scores
-    causal = torch.ones(len(seq), len(seq), dtype=torch.bool).tril()
-    top = torch.stack(scores)[:, 0].masked_fill(~causal, float("-inf")).topk(TOPK + 1, dim=-1).values[:, TOPK:]
-    return float(((top[..., TOPK - 1] - top[..., TOPK]) / top[..., 0].abs()).min())
-
-
 def test_greedy_generate_and_the_engine_equal_transformers(with_mtp, src, capsys):
     """Two prompts of 5 and 13 tokens batched, 24 new tokens each (past index_topk): transformers' greedy
     tokens from ``generate``, with MTP drafts too, and from the serving engine (paged cache, chunked
@@ -258,7 +212,7 @@ def test_greedy_generate_and_the_engine_equal_transformers(with_mtp, src, capsys
     prompts = [_tokens(13, 5)[0, :5].tolist(), _tokens(13, 5)[1].tolist()]
     want = [ref.generate(torch.tensor([p]), do_sample=False, max_new_tokens=24, eos_token_id=None,
                          pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert min(_selection_margin(model, p + w) for p, w in zip(prompts, want)) > 1e-4
+    assert min(selection_margin(model, p + w) for p, w in zip(prompts, want)) > 1e-4
     gen = dict(max_new_tokens=24, cache_dtype=torch.float32, eos_id=None)
     assert generate(model, prompts, GenerationConfig(**gen)).tokens == want
     res = generate(model, prompts, GenerationConfig(**gen, speculative="mtp", draft_tokens=2))
@@ -305,7 +259,7 @@ def test_flyer_models_with_shared_layers_export_as_glm_moe_dsa(tmp_path):
     back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert isinstance(back, GlmMoeDsaForCausalLM) and not info["missing_keys"] and not info["unexpected_keys"]
     x = _tokens(24, 4)
-    assert _selection_margin(model, x[0].tolist()) > 1e-4 and _selection_margin(model, x[1].tolist()) > 1e-4
+    assert selection_margin(model, x[0].tolist()) > 1e-4 and selection_margin(model, x[1].tolist()) > 1e-4
     with torch.no_grad():
         assert rel(model(x), back.eval()(x).logits) <= logit_tolerance(cfg, 24)
     assert load_hf(tmp_path / "out")[1].indexer_types == cfg.indexer_types
