@@ -13,9 +13,13 @@
    ``--train-steps`` steps (or ``--ckpt`` of an existing run), greedy with and without
    ``--speculative mtp``: identical tokens, acceptance rate, tokens/s ratio.
 3. Prefix cache: prefill of a long prompt cold versus loaded from the on-disk cache.
+4. DeepSeek Sparse Attention (V3.2: the MLA model above with an indexer keeping ``--dsa-topk`` slots per
+   query): decode tokens/s at ``--dsa-contexts`` with each query's selected latents gathered
+   (``dsa_gathered``) against every slot read with the unselected masked (``dsa_masked``), the two
+   interleaved as in 1 (``speedup_dsa_gathered_vs_masked``). ``--dsa-only`` runs this part alone.
 
 All times are compared with a peer measured in the same run. Prints one JSON object.
-    python bench/decode.py [--threads 1] [--ckpt RUN_DIR]
+    python bench/decode.py [--threads 1] [--ckpt RUN_DIR] [--dsa-only]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 
 from flyer import kernels
 from flyer.config import preset
-from flyer.infer import Decoder, GenerationConfig, generate
+from flyer.infer import Decoder, GenerationConfig, attention, generate
 from flyer.infer.generate import open_prefix_cache
 from flyer.interop.load import load_pretrained
 from flyer.model.counts import kv_cache_bytes_per_token, param_counts
@@ -44,24 +48,27 @@ from flyer.runtime import tune_malloc
 MLA_BENCH = dict(n_heads=16, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, kv_lora_rank=64,
                  max_seq_len=4096, original_seq_len=4096)
 GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32, max_seq_len=4096, original_seq_len=4096)
+# MLA_BENCH with DSA's indexer (V3.2: 64 heads of 128 keeping 2048; here 8 of 64), contexts up to 16K
+DSA_BENCH = dict(MLA_BENCH, index_n_heads=8, index_head_dim=64, max_seq_len=16384, original_seq_len=16384)
 
 
 class DecodeRun:
     """A decoder whose cache is filled with ``ctx`` random entries per row (decode cost does not
     depend on the values), timed over ``steps`` decode steps from position ``ctx``."""
 
-    def __init__(self, model: Transformer, mode: str, ctx: int, batch: int, steps: int, gathered: bool = False):
+    def __init__(self, model: Transformer, mode: str, ctx: int, batch: int, steps: int, gathered: bool = False,
+                 switch: contextlib.AbstractContextManager | None = None):
         self.dec = Decoder(model, batch, ctx + steps + 1, mode, torch.bfloat16)
         for t in self.dec.cache.tensors.values():
             t[:, :, :ctx].normal_()
         self.ctx, self.batch, self.steps, self.vocab = ctx, batch, steps, model.cfg.vocab_size
-        self.gathered = gathered
+        self.switch = gathered_attention if gathered else switch or contextlib.nullcontext
 
     @torch.inference_mode()
     def tokens_per_s(self) -> float:
         n = torch.full((self.batch,), self.ctx)
         tok = torch.randint(0, self.vocab, (self.batch, 1))
-        with gathered_attention() if self.gathered else contextlib.nullcontext():
+        with self.switch():
             t0 = time.perf_counter()
             for _ in range(self.steps):
                 tok = self.dec.logits(self.dec.forward(tok, n)).argmax(-1)
@@ -80,6 +87,43 @@ def gathered_attention():
         yield
     finally:
         kernels.mla_decode_usable = usable
+
+
+@contextlib.contextmanager
+def masked_selection():
+    """DSA's decode over every attended slot, the unselected masked (``dsa_masked``), in place of each query's
+    selected slots gathered (``dsa_gathered``): the peer in ``speedup_dsa_gathered_vs_masked``."""
+    pays = attention.gathered_decode_pays
+    attention.gathered_decode_pays = lambda attn, B, T, S: False
+    try:
+        yield
+    finally:
+        attention.gathered_decode_pays = pays
+
+
+def bench_dsa(contexts: list[int], topk: int, batch: int, steps: int, rounds: int) -> dict:
+    """Decode tokens/s of the DSA model, gathered against masked, per context (interleaved, best of rounds)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("small", **DSA_BENCH, index_topk=topk)).eval()
+    attn = model.layers[0].attn
+    out: dict = {"dsa_model": {"params": param_counts(model.cfg).total, "index_topk": topk, **DSA_BENCH},
+                 "dsa_batch": batch, "dsa_steps": steps, "dsa_rounds": rounds}
+    for ctx in contexts:
+        if not attention.gathered_decode_pays(attn, batch, 1, ctx):
+            raise SystemExit(f"--dsa-contexts: {ctx} slots do not pay for gathering {topk} (gathered_decode_pays)")
+        runs = {"gathered": DecodeRun(model, "absorbed", ctx, batch, steps),
+                "masked": DecodeRun(model, "absorbed", ctx, batch, steps, switch=masked_selection)}
+        for run in runs.values():
+            run.tokens_per_s()  # warm-up
+        best = dict.fromkeys(runs, 0.0)
+        for _ in range(rounds):
+            for name, run in runs.items():
+                best[name] = max(best[name], run.tokens_per_s())
+        for name in runs:
+            out[f"tokens_per_s_dsa_{name}_ctx{ctx}"] = round(best[name], 1)
+        out[f"speedup_dsa_gathered_vs_masked_ctx{ctx}"] = round(best["gathered"] / best["masked"], 3)
+        del runs
+    return out
 
 
 def bench_attention(contexts: list[int], batch: int, steps: int, rounds: int) -> dict:
@@ -205,11 +249,20 @@ def main() -> int:
     ap.add_argument("--draft-tokens", type=int, default=2, help="also measure this many drafts per step")
     ap.add_argument("--prefix-tokens", type=int, default=1024)
     ap.add_argument("--skip-mtp", action="store_true")
+    ap.add_argument("--dsa-contexts", default="2048,8192")
+    ap.add_argument("--dsa-topk", type=int, default=256, help="the DSA model's index_topk")
+    ap.add_argument("--dsa-only", action="store_true", help="run the DSA part (4.) alone")
     args = ap.parse_args()
     tune_malloc()  # as flyer's CLI and Trainer do
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     out: dict = {"threads": args.threads}
+    dsa_contexts = [int(c) for c in args.dsa_contexts.split(",")]
+    if args.dsa_only:
+        out.update(bench_dsa(dsa_contexts, args.dsa_topk, args.batch, args.steps, args.rounds))
+        out["bench_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(out))
+        return 0
     out.update(bench_attention([int(c) for c in args.contexts.split(",")], args.batch, args.steps, args.rounds))
     ckpt = Path(args.ckpt) if args.ckpt else None
     with tempfile.TemporaryDirectory() as d:
@@ -222,6 +275,7 @@ def main() -> int:
                 out["mtp_train_s"] = round(time.perf_counter() - t1, 1)
             out.update(bench_mtp(ckpt, args.mtp_tokens, args.draft_tokens))
         out.update(bench_prefix(ckpt, args.prefix_tokens, 64))
+    out.update(bench_dsa(dsa_contexts, args.dsa_topk, args.batch, args.steps, args.rounds))
     out["bench_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out))
     return 0

@@ -28,7 +28,9 @@ cached with its latent (or keys and values); once some query of a call sees more
 query attends to its ``index_topk`` best only, as ``MLA.forward`` does on the whole sequence. Below
 that every query keeps all its slots, and the call runs as dense MLA's. GLM-5's shared layers
 (``MLA.shares_selection``) cache no indexer key and attend to the selection the last full layer of
-the same forward left in ``Rows.selected``.
+the same forward left in ``Rows.selected``. A decode-shaped call (``gathered_decode_pays``) reads and
+scores each query's k selected latents only, gathered from the cache by slot (``dsa_gathered``: k per
+query, not S); other calls attend over every slot with the unselected masked (``dsa_masked``, the oracle).
 
 Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope dim.
 """
@@ -36,7 +38,7 @@ Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,6 +46,7 @@ from torch import nn
 from flyer import kernels
 from flyer.infer.cache import KVCache, LatentCache
 from flyer.model.attention import causal_attention
+from flyer.model.hybrid_chunks import entry_picks
 
 FP32_TINY = torch.finfo(torch.float32).tiny  # smallest normal FP32, 2^-126
 
@@ -71,6 +74,19 @@ class Rows:
     mask: torch.Tensor
     first: int = 0
     selected: torch.Tensor | None = None
+    _picks: tuple = field(default=(), init=False, repr=False, compare=False)  # (selected, slots, valid)
+
+    def selected_slots(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``selected`` as each query's slots (B, T, k) int64, ascending, and which of them hold a selected
+        one (B, T, k) bool: exactly the mask's set, ties included. A query seeing fewer than k slots leaves
+        the rest empty, naming its own slot (written, so finite) for the attention to mask. Derived once per
+        selection: GLM-5's shared layers reuse their full layer's."""
+        if not self._picks or self._picks[0] is not self.selected:
+            picks = entry_picks(self.selected[:, 0], k)  # from slot ``first`` on; -1: empty
+            valid = picks >= 0
+            slots = torch.where(valid, picks.long() + self.first, self.pos.unsqueeze(-1))
+            self._picks = (self.selected, slots, valid)
+        return self._picks[1], self._picks[2]
 
     @functools.cached_property
     def from_slot_zero(self) -> bool:
@@ -90,7 +106,8 @@ class Rows:
 
 def _softmax(scores_BHTS: torch.Tensor, mask_B1TS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Masked FP32 softmax, subnormal probabilities flushed to zero (see the module docstring)."""
-    p = scores_BHTS.float().masked_fill(~mask_B1TS, float("-inf")).softmax(dim=-1)
+    # where, not masked_fill: the same values, and 1.6-3x faster on CPUs with the mask broadcast over heads
+    p = torch.where(mask_B1TS, scores_BHTS.float(), float("-inf")).softmax(dim=-1)
     if p.device.type == "cpu":  # subnormal arithmetic is slow on CPUs, not on GPUs
         p.masked_fill_(p < FP32_TINY, 0.0)
     return p.to(dtype)
@@ -102,6 +119,23 @@ def dense_prefill_pays(attn: nn.Module, T: int) -> bool:
     attends T (2C + R) H (scores against [c | k_rope], then p @ c)."""
     C, nope, v, R = attn.kv_lora_rank, attn.qk_nope_head_dim, attn.v_head_dim, attn.qk_rope_head_dim
     return T > 1 and C * (nope + v) + T * (nope + R + v) < T * (2 * C + R)
+
+
+# multiply-adds' worth of the dozen small ops that pick and gather the slots (``Rows.selected_slots``, the gather,
+# the per-query layout): a CPU core spends ~110 us more on them than on the masked path's, what it takes for
+# 2M multiply-adds of attention (bench/decode.py --dsa-only; measured crossover S ~ 730 + 1.2 k at B = 1)
+GATHER_FIXED = 2_000_000
+
+
+def gathered_decode_pays(attn: nn.Module, B: int, T: int, S: int) -> bool:
+    """True when B x T queries with a DSA selection over S attended slots cost fewer multiply-adds reading their
+    ``index_topk`` (k) slots gathered than absorbed over all S masked: k ((2C + R) H + C + R) per query (scores,
+    p @ c, the gather's copy) plus ``GATHER_FIXED`` per call, against S (2C + R) H per query. Calls in the
+    compute-bound form (prefill chunks, ``dense_prefill_pays``) keep its fused masked attention: the gathered
+    copy, T k (C + R) per row, grows with T."""
+    C, R, H, k = attn.kv_lora_rank, attn.qk_rope_head_dim, attn.n_heads, attn.index_topk
+    gathered = B * T * k * ((2 * C + R) * H + C + R) + GATHER_FIXED
+    return not dense_prefill_pays(attn, T) and gathered < B * T * S * (2 * C + R) * H
 
 
 def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: LatentCache, layer: int) -> torch.Tensor:
@@ -129,21 +163,55 @@ def _latent_attention(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tenso
 def dsa_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: LatentCache, layer: int) -> torch.Tensor:
     """``mla_absorbed`` with DeepSeek Sparse Attention (``attn.indexer``): the new tokens' indexer keys
     are cached with their latents, and where some query sees more than ``index_topk`` slots each
-    query attends to its selected ones only (``dsa_selection``), in the compute-bound form or the
-    eager absorbed core on gathered slots (the fused kernel takes no mask). Returns (B, T, D)."""
+    query attends to its selected ones only (``dsa_selection``): their latents gathered
+    (``dsa_gathered``) where ``gathered_decode_pays``, else every slot read and the rest masked
+    (``dsa_masked``). Returns (B, T, D)."""
     B, T, _ = x_BTD.shape
     q_latent = attn.query_latent(x_BTD)  # (B, T, q_lora_rank): MLA's queries and the indexer's
     q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin, q_latent)
     c_kv, k_rope = attn.latents(x_BTD, rows.cos, rows.sin)
     cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope)
-    selected = _selected(attn, x_BTD, q_latent, rows, cache)
-    if selected is None:
+    if _selected(attn, x_BTD, q_latent, rows, cache) is None:
         o = _latent_attention(attn, q_nope, q_rope, rows, cache, layer)
-    else:  # the selection is a mask, which the fused kernel (``mla_absorbed_cached``) does not take
-        kv_BSK = rows.attended(cache.read_packed(layer, rows.n_slots, x_BTD.dtype))[0]
-        core = mla_dense_core if dense_prefill_pays(attn, T) else mla_absorbed_core
-        o = core(attn, q_nope, q_rope, kv_BSK, selected)
+    elif gathered_decode_pays(attn, B, T, rows.n_slots - rows.first):
+        o = dsa_gathered(attn, q_nope, q_rope, rows, cache, layer)
+    else:
+        o = dsa_masked(attn, q_nope, q_rope, rows, cache, layer)
     return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
+
+
+def dsa_gathered(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, rows: Rows, cache,
+                 layer: int) -> torch.Tensor:
+    """Attention (B, T, H, v) of each query over the latents of its selected slots only (``rows.selected``):
+    [c | k_rope] (B, T, k, C + R) gathered by slot from ``cache`` (contiguous or paged), then
+    ``dsa_gathered_core``. ``dsa_masked`` is its oracle."""
+    slots_BTk, valid_BTk = rows.selected_slots(attn.index_topk)
+    return dsa_gathered_core(attn, q_nope, q_rope, cache.gather_packed(layer, slots_BTk, q_nope.dtype), valid_BTk)
+
+
+def dsa_masked(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, rows: Rows, cache,
+               layer: int) -> torch.Tensor:
+    """Attention (B, T, H, v) over every attended slot with the unselected masked (``rows.selected``), in the
+    form ``dense_prefill_pays`` picks (the fused kernel ``mla_absorbed_cached`` takes no mask)."""
+    kv_BSK = rows.attended(cache.read_packed(layer, rows.n_slots, q_nope.dtype))[0]
+    core = mla_dense_core if dense_prefill_pays(attn, q_nope.shape[1]) else mla_absorbed_core
+    return core(attn, q_nope, q_rope, kv_BSK, rows.selected)
+
+
+def dsa_gathered_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BTkK: torch.Tensor,
+                      valid_BTk: torch.Tensor) -> torch.Tensor:
+    """``mla_absorbed_core`` with keys per query: q_nope (B,T,H,nope), q_rope (B,T,H,R), each query's own
+    [c | k_rope] (B, T, k, C + R), of which ``valid`` (B, T, k) bool are attended. Scores (B*T, H, k), the
+    FP32 softmax (``_softmax``), p @ c in latent space, then W_UV. Returns (B, T, H, v)."""
+    B, T, H, _ = q_nope.shape
+    k, C = kv_BTkK.shape[2], attn.kv_lora_rank
+    q_BMK, w_HXC = _absorbed_queries(attn, q_nope, q_rope)  # row h*T + t
+    q = q_BMK.view(B, H, T, -1).transpose(1, 2).reshape(B * T, H, -1)  # a query's H heads share its keys
+    kv = kv_BTkK.reshape(B * T, k, -1)
+    scores = torch.bmm(q, kv.transpose(1, 2))  # (B*T, H, k): q_abs.c + q_rope.k_rope
+    p = _softmax(scores * attn.softmax_scale, valid_BTk.reshape(B * T, 1, k), q_nope.dtype)
+    o_lat = torch.bmm(p, kv[..., :C]).view(B, T, H, C).transpose(1, 2).reshape(B, H * T, C)
+    return _absorbed_output(attn, o_lat, w_HXC, T)
 
 
 def _selected(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, rows: Rows,
@@ -244,7 +312,9 @@ def mla_naive(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, 
 
 def dsa_naive(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, layer: int) -> torch.Tensor:
     """``mla_naive`` with DeepSeek Sparse Attention: the indexer keys cached beside the per-head keys
-    and values, the causal mask narrowed to each query's selected slots (``dsa_selection``)."""
+    and values, the causal mask narrowed to each query's selected slots (``dsa_selection``). It stays
+    masked (every slot read and scored, the unselected masked): the naive layout is the peer measured
+    against, not a path to speed up; ``dsa_absorbed`` gathers."""
     q_latent = attn.query_latent(x_BTD)
     q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin, q_latent)
     key, val = _naive_keys_values(attn, x_BTD, rows)

@@ -121,6 +121,14 @@ class LatentCache(_SlotCache):
         t = self.packed[layer, :, :n_slots]
         return t if t.dtype == dtype else t.to(dtype)
 
+    def gather_packed(self, layer: int, slots_BTk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, T, k, kv_lora_rank + rope) in ``dtype``: [latent | rope key] of row b's slot ``slots[b, t, j]``
+        (int64; DSA's selected slots per query, ``Rows.selected_slots``). One gather, k per query."""
+        B, L = self.packed.shape[1:3]
+        flat = slots_BTk + (torch.arange(B, device=slots_BTk.device) * L).view(-1, 1, 1)  # row b's slots at b L
+        t = self.packed[layer].flatten(0, 1).index_select(0, flat.view(-1)).view(*slots_BTk.shape, -1)
+        return t if t.dtype == dtype else t.to(dtype)
+
 
 class KVCache(_SlotCache):
     """Per-head cache: ``key`` (L, B, S, H_kv, d_k), ``value`` (L, B, S, H_kv, d_v), and with

@@ -92,6 +92,14 @@ class PagedCache:
         """(B, n_slots, kv_lora_rank + rope) of an MLA pool, in ``dtype``."""
         return self._gather(self.pool.packed[layer], n_slots).to(dtype)
 
+    def gather_packed(self, layer: int, slots_BTk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, T, k, kv_lora_rank + rope) of an MLA pool in ``dtype``: row b's slot ``slots[b, t, j]`` (int64;
+        DSA's selected slots per query) read through its block table, k per query, not every slot."""
+        bs = self.block_size
+        blk = self.tables.gather(1, (slots_BTk // bs).flatten(1)).view_as(slots_BTk)
+        flat = (blk * bs + slots_BTk % bs).view(-1)
+        return self.pool.packed[layer].flatten(0, 1).index_select(0, flat).view(*slots_BTk.shape, -1).to(dtype)
+
     def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype, heads_first: bool = False) -> torch.Tensor:
         t = self._gather(self.pool.tensors[name][layer], n_slots)
         return (t.transpose(1, 2) if heads_first else t).to(dtype)
