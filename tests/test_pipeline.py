@@ -151,12 +151,14 @@ def adamw_trajectory(cfg, accumulate_step) -> dict:
         torch.manual_seed(SEED)
         ref = Transformer(cfg)
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.1, eps=ADAM_EPS)
-    grad_max: dict[str, list[float]] = {n: [] for n, _ in ref.named_parameters()}
+    # frozen parameters (DeepSeek-V4's indexers) get no gradient and no update: compared as buffers
+    grad_max: dict[str, list[float]] = {n: [] for n, p in ref.named_parameters() if p.requires_grad}
     for step in range(STEPS):
         accumulate_step(ref, step)
         torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
         for n, p in ref.named_parameters():
-            grad_max[n].append(float(p.grad.abs().max()))
+            if n in grad_max:
+                grad_max[n].append(float(p.grad.abs().max()))
         update_router_bias(ref)
         opt.step()
         opt.zero_grad()

@@ -79,13 +79,23 @@ class LossOutput:
 
 
 class OutputHeads:
-    """Rope tables, the MTP chain and the head losses, for a module holding ``cfg``, ``embed``,
-    ``norm``, ``head`` and ``mtp``: the whole ``Transformer``, or the last pipeline stage
-    (``flyer.parallel.pipeline``), which computes the same losses from the hidden states it receives."""
+    """Rope tables, the residual's streams, the MTP chain and the head losses, for a module holding ``cfg``,
+    ``embed``, ``norm``, ``head``, ``mtp`` (and ``hc_head`` with hyper-connections): the whole ``Transformer``,
+    or a pipeline stage (``flyer.parallel.pipeline``: the first expands the streams, the last collapses them
+    and computes the same losses from the hidden states it receives)."""
 
     def rope_tables(self, T: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = rope_cos_sin(self.cfg.rope_dim, start + T, self.cfg, device)
         return cos[start:], sin[start:]
+
+    def streams(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The residual the blocks take: the embeddings x, or with hyper-connections hc_mult streams (B, T, N, D),
+        each starting as x."""
+        return x_BTD.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous() if self.cfg.hc_mult > 1 else x_BTD
+
+    def collapse(self, h: torch.Tensor) -> torch.Tensor:
+        """The last block's residual as hidden states (B, T, D): ``hc_head``'s collapse of the streams."""
+        return self.hc_head(h) if self.cfg.hc_mult > 1 else h
 
     def mtp_hidden(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> list[torch.Tensor]:
         """h^1..h^D from the main hidden states h_BTD (before the final norm, as ``hidden`` returns);
@@ -111,6 +121,22 @@ class OutputHeads:
         mtp_losses = [self.head_loss(mod.norm(h_k), targets_BT[:, k:])
                       for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h_BTD, tokens_BT)), start=1)]
         return main, mtp_losses
+
+
+def layer_rope_tables(cfg: ModelConfig, layer_ids: list[int], T: int,
+                      device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(cos, sin) at positions 0..T-1 for each block in ``layer_ids``: one table for all, or under hybrid
+    attention (DeepSeek-V4) the table of each layer's kind (``hybrid_rope_config``: compressed and window-only
+    layers rotate at other bases), each kind's built once. ``Transformer.hidden`` and every pipeline stage
+    take their layers' tables here."""
+    if cfg.attn != "hybrid":
+        return [rope_cos_sin(cfg.rope_dim, T, cfg, device)] * len(layer_ids)
+    by_kind: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i in layer_ids:
+        kind = cfg.compress_ratios[i] > 0
+        if kind not in by_kind:
+            by_kind[kind] = rope_cos_sin(cfg.rope_dim, T, hybrid_rope_config(cfg, i), device)
+    return [by_kind[cfg.compress_ratios[i] > 0] for i in layer_ids]
 
 
 def shared_selection(cfg: ModelConfig) -> Selection | None:
@@ -171,33 +197,13 @@ class Transformer(OutputHeads, nn.Module):
 
     def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Final hidden states before the last norm (B, T, D)."""
-        T = tokens_BT.shape[1]
         h = self.streams(self.embed(tokens_BT))
-        if self.cfg.attn != "hybrid":
-            cos, sin = self.rope_tables(T, tokens_BT.device)
-            tables = [(cos, sin)] * len(self.layers)
-        else:  # compressed and window-only layers rotate at other bases
-            by_kind: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-            tables = []
-            for layer in self.layers:
-                kind = self.cfg.compress_ratios[layer.layer_id] > 0
-                if kind not in by_kind:
-                    by_kind[kind] = rope_cos_sin(self.cfg.rope_dim, T, hybrid_rope_config(self.cfg, layer.layer_id),
-                                                 tokens_BT.device)
-                tables.append(by_kind[kind])
+        tables = layer_rope_tables(self.cfg, [layer.layer_id for layer in self.layers], tokens_BT.shape[1],
+                                   tokens_BT.device)
         selection = shared_selection(self.cfg)
         for layer, (cos, sin) in zip(self.layers, tables):
             h = layer(h, cos, sin, tokens_BT, selection)
         return self.collapse(h)
-
-    def streams(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """The residual the blocks take: the embeddings x, or with hyper-connections hc_mult streams (B, T, N, D),
-        each starting as x."""
-        return x_BTD.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous() if self.cfg.hc_mult > 1 else x_BTD
-
-    def collapse(self, h: torch.Tensor) -> torch.Tensor:
-        """The last block's residual as hidden states (B, T, D): ``hc_head``'s collapse of the streams."""
-        return self.hc_head(h) if self.cfg.hc_mult > 1 else h
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Main-model logits (B, T, V), FP32."""

@@ -209,9 +209,11 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
     one module at a time, and keeps its slice of each: one module's weights beside its own model,
     not a second whole model (the constructors' draws first: ``nn.Linear`` and ``nn.Embedding``
     initialise themselves when built, then ``Transformer.init_weights`` draws every weight again).
-    Parameters on the meta device (other pipeline stages) are skipped."""
+    Parameters on the meta device (other pipeline stages) are skipped. Buffers are set too, as the
+    build leaves them: zero, or what the init draws (a hash-routed gate's ``tid2eid``, DeepSeek-V4)."""
     # a pipeline rank's model holds the other stages on the meta device (build_model): nothing to set
     own = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not p.is_meta}
+    own_buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False) if not b.is_meta}
     ranges = _expert_ranges(model, mesh)  # once: the loop below visits every module
     done: set[str] = set()
     with torch.random.fork_rng(devices=[]):
@@ -226,11 +228,17 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
             if next(m.parameters(recurse=False), None) is None:
                 continue
             with _materialized(m):
+                # as built: what the init does not draw is zeros (buffers, a hybrid compressor's ape), not garbage
+                for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+                    t.zero_()
                 init_module(m, ref.cfg.init_std)
                 part = {f"{prefix}.{k}": p for k, p in m.named_parameters(recurse=False)}
                 for name, t in _expert_slices(ranges, {n: t for n, t in part.items() if n in own}).items():
                     own[name].copy_(t)
                     done.add(name)
+                for k, b in m.named_buffers(recurse=False):
+                    if f"{prefix}.{k}" in own_buffers:
+                        own_buffers[f"{prefix}.{k}"].copy_(b)
     missed = set(own) - done
     if missed:
         raise RuntimeError(f"init_like_single_process: no one-process weights for {sorted(missed)[:5]}")

@@ -19,6 +19,13 @@ the schedule backpropagates only the last stage's loss), and ``overlap``: DualPi
 forward and backward chunks (``OVERLAP_F_B``) run concurrently, so one's EP all-to-all hides
 behind the other's compute (``flyer.parallel.overlap``).
 
+DeepSeek-V4. Stages pass the whole residual: with hyper-connections its ``hc_mult`` streams
+(B, T, N, D) (the first stage expands the embeddings into them, the last collapses them through
+``hc_head`` before the final norm). Every stage gets the micro-batch's token ids as the schedule's
+keyword argument ``tokens_BT`` (PyTorch splits it by micro-batch and hands it to each stage's
+forward, no transfer): the hash-routed MoE layers route by them, wherever the split puts them.
+Each layer rotates with its own kind's rope table (``layer_rope_tables``).
+
 Gradients: every micro-batch's loss is divided by the number of micro-batches here (the schedules'
 own ``scale_grads`` would divide a parameter shared by two local stages twice), so after a step
 each gradient is that of one process on the concatenation of the micro-batches.
@@ -35,9 +42,9 @@ from torch.torch_version import TorchVersion
 
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
-from flyer.model.counts import attention_flops_per_token, block_params
+from flyer.model.counts import attention_flops_per_token, block_params, hyper_head_params
 from flyer.model.moe import MoE
-from flyer.model.transformer import OutputHeads, Transformer, shared_selection
+from flyer.model.transformer import OutputHeads, Transformer, layer_rope_tables, shared_selection
 from flyer.parallel.grads import MIRROR
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
@@ -70,9 +77,6 @@ def validate_pipeline(cfg: ModelConfig, pp: int, schedule: str, micro_batches: i
         raise FieldError("pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)} (got {schedule!r})")
     if pp == 1:
         return
-    if cfg.hc_mult > 1 or cfg.n_hash_layers:  # stages pass one (B, T, D) stream and no token ids
-        raise FieldError("pp", f"DeepSeek-V4's hyper-connections and hash routing do not pipeline in flyer yet "
-                               f"(got {pp}; 1 runs)")
     n = pp * chunks_per_rank(schedule, pp)
     if cfg.n_layers < n:
         raise FieldError("pp", f"{schedule} on {pp} ranks cuts the model into {n} stages of at least one layer; "
@@ -118,9 +122,9 @@ def layer_flops(cfg: ModelConfig, layer_id: int, seq_len: int) -> float:
 
 
 def end_flops(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token the last stage adds: the output head, and per MTP module its
-    projection, block and head call."""
-    head = 6 * cfg.dim * cfg.vocab_size
+    """Training FLOPs per token the last stage adds: the output head (after ``hc_head``'s collapse of the
+    streams, with hyper-connections), and per MTP module its projection, block and head call."""
+    head = 6 * cfg.dim * cfg.vocab_size + 6 * hyper_head_params(cfg)
     mtp = cfg.mtp_depth * (head + 6 * 2 * cfg.dim * cfg.dim + layer_flops(cfg, cfg.n_layers, seq_len))
     return head + mtp
 
@@ -184,11 +188,17 @@ def _needs_embedding(model: Transformer, first: bool, last: bool) -> bool:
     return first or (last and (len(model.mtp) > 0 or model.cfg.tie_embeddings))
 
 
+def residual_shape(cfg: ModelConfig, B: int, T: int) -> tuple[int, ...]:
+    """The residual one stage hands the next: (B, T, D), or with hyper-connections the streams (B, T, N, D)."""
+    return (B, T, cfg.hc_mult, cfg.dim) if cfg.hc_mult > 1 else (B, T, cfg.dim)
+
+
 class Stage(OutputHeads, nn.Module):
     """Blocks ``layers`` of the model, with the embedding on the first stage and the final norm,
-    head and MTP modules on the last. Its forward takes tokens (first stage) or the hidden states
-    (B, T, D) of the previous stage and returns hidden states; ``loss`` turns the last stage's into
-    the training loss."""
+    head, ``hc_head`` and MTP modules on the last. Its forward takes tokens (first stage) or the
+    residual of the previous stage (``residual_shape``), and the token ids tokens_BT (B, T) for the
+    hash-routed layers; it returns the residual, the last stage the hidden states (B, T, D) after
+    the streams' collapse. ``loss`` turns the last stage's into the training loss."""
 
     def __init__(self, model: Transformer, index: int, layers: range, n_stages: int, micro_batches: int):
         super().__init__()
@@ -201,17 +211,23 @@ class Stage(OutputHeads, nn.Module):
             self.embed = model.embed
         if self.last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+            if self.cfg.hc_mult > 1:
+                self.hc_head = model.hc_head
         self.totals: dict[str, list[torch.Tensor]] = {"main_loss": [], "mtp_loss": [], "aux_loss": []}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x) if self.first else x
-        cos, sin = self.rope_tables(h.shape[1], h.device)
+    def forward(self, x: torch.Tensor, tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
+        if tokens_BT is None and self.first:  # the first stage's input is the token ids
+            tokens_BT = x
+        h = self.streams(self.embed(x)) if self.first else x
+        tables = layer_rope_tables(self.cfg, self.layer_ids, h.shape[1], h.device)
         aux = []
         selection = shared_selection(self.cfg)  # a stage starts at a full layer (``split_layers``)
-        for layer in self.layers:
-            h = layer(h, cos, sin, None, selection)
+        for layer, (cos, sin) in zip(self.layers, tables):
+            h = layer(h, cos, sin, tokens_BT, selection)
             if self.training and getattr(layer.ffn, "aux_loss", None) is not None:
                 aux.append(layer.ffn.aux_loss)
+        if self.last:
+            h = self.collapse(h)
         if aux:
             total = torch.stack(aux).sum()
             self.totals["aux_loss"].append(total.detach())
@@ -242,7 +258,8 @@ def held_modules(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_l
     """What pipeline rank ``pp_rank`` holds, by the one-process model's attribute names and in
     the order ``PipelineModel`` registers them: its ``layers`` (keyed by global layer id), the
     ``embed``ding (the first stage's, or the last stage's mirror for MTP or a tied head), and on
-    the last stage ``norm``, ``head`` and ``mtp``. ``flyer.parallel.memory`` plans from the same."""
+    the last stage ``norm``, ``head``, ``hc_head`` (hyper-connections) and ``mtp``.
+    ``flyer.parallel.memory`` plans from the same."""
     n = pp * chunks_per_rank(schedule, pp)
     split, placement = split_layers(model.cfg, n, seq_len), stage_ranks(schedule, pp)
     local = [s for s in range(n) if placement[s] == pp_rank]
@@ -251,7 +268,10 @@ def held_modules(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_l
     if _needs_embedding(model, 0 in local, last):
         out["embed"] = model.embed
     if last:
-        out.update(norm=model.norm, head=model.head, mtp=model.mtp)
+        out.update(norm=model.norm, head=model.head)
+        if model.cfg.hc_mult > 1:
+            out["hc_head"] = model.hc_head
+        out["mtp"] = model.mtp
     return out
 
 
@@ -314,10 +334,13 @@ class PipelineModel(nn.Module):
         # backward (counting expert loads and MoE traffic) on the first step.
         # requires_grad: a stage's input gradient is what it sends back.
         pipe = _pipelining()
-        hidden = torch.empty(batch_size, seq_len, model.cfg.dim, device="meta", requires_grad=True)
+        residual = torch.empty(residual_shape(model.cfg, batch_size, seq_len), device="meta", requires_grad=True)
+        hidden = torch.empty(batch_size, seq_len, model.cfg.dim, device="meta", requires_grad=True)  # the last's
         tokens = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
-        self.pipe_stages = [pipe.PipelineStage(st, st.index, n, mesh.device, input_args=tokens if st.first else hidden,
-                                               output_args=hidden, group=mesh.pp_group) for st in stages]
+        self.pipe_stages = [pipe.PipelineStage(st, st.index, n, mesh.device,
+                                               input_args=tokens if st.first else residual,
+                                               output_args=hidden if st.last else residual, group=mesh.pp_group)
+                            for st in stages]
         self.overlap = (schedule == "dualpipev" and mesh.ep > 1) if overlap is None else overlap
         self.schedule = self._build_schedule()
         if self.overlap and mesh.pp > 1:
@@ -354,7 +377,9 @@ class PipelineModel(nn.Module):
         # contiguous: the schedule splits rows into micro-batches, and torch 2.11's stages refuse an
         # input whose strides differ from the contiguous ones they expect (x = tokens[:, :-1] does)
         args = (x.contiguous(),) if first else ()
-        self.schedule.step(*args, target=y.contiguous() if last else None, return_outputs=False)
+        # every stage gets the token ids (split by micro-batch like the inputs): the hash-routed layers need them
+        self.schedule.step(*args, target=y.contiguous() if last else None, return_outputs=False,
+                           tokens_BT=x.contiguous())
         out = dict.fromkeys(("main_loss", "mtp_loss", "aux_loss"), 0.0)
         for st in self._stages:
             for k, v in st.totals.items():
@@ -384,9 +409,9 @@ class PipelineModel(nn.Module):
                 continue
             st = next(st for st in self._stages if st.index == s)
             if s and prev != rank:
-                h = torch.empty(*x.shape, self.cfg.dim, device=mesh.device)
+                h = torch.empty(residual_shape(self.cfg, *x.shape), device=mesh.device)
                 dist.recv(h, src=mesh.pp_ranks[prev], group=mesh.pp_group)
-            h = st(h)
+            h = st(h, x)
         last = next((st for st in self._stages if st.last), None)
         return float(last.head_loss(last.norm(h), y)) if last is not None else 0.0
 
@@ -398,5 +423,5 @@ class PipelineModel(nn.Module):
 
 
 __all__ = ["PP_SCHEDULES", "SPLIT_SCHEDULES", "V_SCHEDULES", "AttachAux", "PipelineModel", "Stage", "chunks_per_rank",
-           "end_flops", "held_modules", "layer_flops", "min_micro_batches", "require_torch_for", "split_backward_runs",
-           "split_layers", "stage_ranks", "validate_pipeline"]
+           "end_flops", "held_modules", "layer_flops", "min_micro_batches", "require_torch_for", "residual_shape",
+           "split_backward_runs", "split_layers", "stage_ranks", "validate_pipeline"]
