@@ -35,9 +35,24 @@
    once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
    against the ratio of their cache bytes per token.
 
-The default run is sized for a 2-core CPU (about three minutes); ``--full`` runs the issue's sizes
+``--preset tiny-v4``: DeepSeek-V4's hybrid attention (window, CSA and HCA layers; ``flyer serve`` pages it with
+``flyer.serve.paged_hybrid``), the same clients and keys, with three differences. Its peer is transformers'
+DeepseekV4 ``generate`` one request at a time, without padding: its compressors pool each row's tokens by their
+place in the padded batch, so a left-padded row pools pad tokens into its compressed entries and shifts their
+windows, and its greedy tokens are not those of the request alone. The bench checks that on the first batch
+(``peer_padded_rows_agree`` of ``peer_padded_rows``) and takes batched generate as the peer only where every
+row agrees. V4 shares no prefix blocks, so there is no hit rate; and in place of the MLA/GQA payoff it reports
+its cache bytes per token (``flyer.model.counts``), a slot's fixed bytes, and the sequences of its whole context
+(1024 tokens) the engine admits at once at ``--payoff-memory``. Smaller default sizes (``V4_SIZES``).
+``flyer_peer_outputs_agree`` (both presets): of the highest concurrency's ``flyer_peer_outputs`` requests,
+those whose greedy tokens from the engine alone equal the peer's; V4's can part only where the indexer's
+scores tie exactly (at 0, every head's ReLU zero) at its top-k cut: flyer keeps the earliest entries
+(``flyer.model.attention.select_topk``), transformers' ``topk`` may keep others.
+
+The default run is sized for a 2-core CPU (about three minutes each preset); ``--full`` runs the issue's sizes
 (1/4/16/64 clients, prompts of 64-1024 tokens, 64-256 new tokens). Prints one JSON object.
-    python bench/serve.py [--full] [--threads N] [--weight-dtype bf16|fp32] [--device cpu|cuda]
+    python bench/serve.py [--preset small|tiny-v4] [--full] [--threads N] [--weight-dtype bf16|fp32]
+                          [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -64,6 +79,7 @@ import torch
 from tokenizers import Tokenizer
 
 from decode import gathered_attention  # bench/decode.py, beside this script
+from serve_capacity import TOKEN_RANGE, hybrid_capacity, max_seqs, weight_bytes_per_token  # beside it too
 
 from flyer import kernels
 from flyer.config import parse_size, preset, resolve_device
@@ -71,27 +87,29 @@ from flyer.data.tokenizer import train_bpe
 from flyer.interop.export import export, export_model
 from flyer.interop.hf import load_hf
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
-from flyer.model.counts import kv_cache_bytes_per_token
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from flyer.train.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32)
-TOKEN_RANGE = 256  # prompt token ids: the tokenizer's byte tokens
 CLIENT_NICE = 10  # the client processes' niceness (``_drive``)
 MAX_BATCH = 64  # flyer serve --max-batch-size, and the in-process engine's (``_engine_replay``)
 # up to this many clients, every concurrency sends requests of the same shapes (prompt and output
 # lengths), as many as this many clients send: ``ratio_c16_vs_c1`` compares one workload
 RATIO_CLIENTS = 16
+BENCH_PRESETS = ("small", "tiny-v4")  # --preset: DeepSeek-V3's MLA, DeepSeek-V4's hybrid attention
+# tiny-v4's default run (not --full): 64 requests of up to 32 new tokens a concurrency, since its peer
+# decodes them one at a time (``_peer_hybrid``); about three minutes on 2 cores
+V4_SIZES = dict(requests_per_client=4, new_max=32)
 
 
-def _model(weight_dtype: str) -> Transformer:
-    """The small preset, random weights (seed 0); with held weights, rounded to BF16 first (a BF16
+def _model(name: str, weight_dtype: str) -> Transformer:
+    """Preset ``name``, random weights (seed 0); with held weights, rounded to BF16 first (a BF16
     checkpoint, the source of an FP8 one): flyer holds them exactly, and the peer's FP32 export has
     the same values."""
     torch.manual_seed(0)
-    model = Transformer(preset("small"))
+    model = Transformer(preset(name))
     if weight_dtype != "fp32":
         with torch.no_grad():
             for p in model.parameters():
@@ -107,8 +125,8 @@ def _fp8_checkpoint(run: Path, out: Path) -> tuple[Path, Transformer]:
     return out, load_hf(out, dtype=torch.float32, held=WEIGHT_DTYPES["fp8"])[0]
 
 
-def _save_run(out: Path, weight_dtype: str) -> Path:
-    model = _model(weight_dtype)
+def _save_run(out: Path, name: str, weight_dtype: str) -> Path:
+    model = _model(name, weight_dtype)
     tok = train_bpe(["the quick brown fox jumps over the lazy dog, serving many requests at once"] * 50, 512)
     save_checkpoint(out / "checkpoints", 1, {"model.safetensors": model.state_dict(),
                                              "config.json": model.cfg.to_dict(),
@@ -117,7 +135,7 @@ def _save_run(out: Path, weight_dtype: str) -> Path:
 
 
 @contextlib.contextmanager
-def _engine_model(weight_dtype: str, serve_threads: int | None, cores: int, device: torch.device,
+def _engine_model(name: str, weight_dtype: str, serve_threads: int | None, cores: int, device: torch.device,
                   fp8: Transformer | None = None):
     """The bench's model as ``flyer serve`` runs it, in this process: weights held as
     ``--weight-dtype``, torch on ``--threads`` (its default: all ``cores`` but one), the experts
@@ -129,7 +147,7 @@ def _engine_model(weight_dtype: str, serve_threads: int | None, cores: int, devi
     if fp8 is not None:
         model = fp8
     else:
-        model = _model(weight_dtype).eval()
+        model = _model(name, weight_dtype).eval()
         hold_weights(model, WEIGHT_DTYPES[weight_dtype])
     model.to(device)
     try:
@@ -142,7 +160,7 @@ def _engine_model(weight_dtype: str, serve_threads: int | None, cores: int, devi
 def _decode_steps(model: Transformer, batches: tuple[int, ...], context: int, steps: int = 30) -> dict[str, float]:
     """ms per decode-only step of the engine alone (``_engine_model``: no HTTP, no prefill in the
     step), B requests at ``context`` tokens: the batching gain before prefill steps and HTTP take
-    their share (median of ``steps`` steps). At the largest B also with the paged cache gathered
+    their share (median of ``steps`` steps). At the largest B of MLA also with the paged cache gathered
     per layer instead of read in place (``kernels.mla_decode``), the two interleaved."""
     rng, out = random.Random(1), {}
     for B in batches:
@@ -153,7 +171,8 @@ def _decode_steps(model: Transformer, batches: tuple[int, ...], context: int, st
         while any(r.generated == 0 for r in reqs):  # every prompt prefilled
             eng.step()
         paths = {"": contextlib.nullcontext}
-        if B == max(batches) and kernels.cpu_ops() is not None and model.embed.weight.is_cpu:
+        mla_cpu = model.cfg.attn == "mla" and model.embed.weight.is_cpu
+        if B == max(batches) and kernels.cpu_ops() is not None and mla_cpu:
             paths["_gathered"] = gathered_attention
         times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(steps):
@@ -167,28 +186,32 @@ def _decode_steps(model: Transformer, batches: tuple[int, ...], context: int, st
     return out
 
 
-def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> dict[str, float]:
+def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> tuple[dict[str, float], list[list[int]]]:
     """The HTTP run's requests on the engine alone (``_engine_model``, flyer serve's engine
     settings): ``concurrency`` clients in a closed loop, each submitting its next request when its
     last one ends, as the HTTP clients do. Returns output tokens/s without HTTP, SSE and the
     clients' processes; the share of the engine's time in steps that carry prompt tokens (with
     the decode rows they also advance); and a least-squares fit of each step's time as
     ms_per_step + ms_per_decode_row * rows + ms_per_prompt_token * tokens, with the share of the
-    engine's time the prompt tokens take by that fit (with more than one client)."""
+    engine's time the prompt tokens take by that fit (with more than one client). And each request's
+    greedy tokens, in ``reqs``' order."""
     eng = Engine(model, EngineConfig(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"),
                                      max_batch_size=MAX_BATCH, prefill_chunk=args.prefill_chunk,
                                      cache_dtype=torch.float32,  # flyer serve --cache-dtype fp32
                                      speculative=args.speculative, draft_tokens=args.draft_tokens,
                                      prefix_sharing=args.prefix_sharing))
-    pending, tokens = iter(reqs), [0]
+    pending, tokens = iter(enumerate(reqs)), [0]
+    outputs: list[list[int]] = [[] for _ in reqs]
 
     def submit() -> None:
-        nxt = next(pending, None)
+        i, nxt = next(pending, (None, None))
         if nxt is not None:
-            eng.submit(nxt[0], SamplingOptions(max_tokens=nxt[1]), on_event)
+            eng.submit(nxt[0], SamplingOptions(max_tokens=nxt[1]), lambda e: on_event(i, e))
 
-    def on_event(e) -> None:
-        tokens[0] += e.token is not None
+    def on_event(i: int, e) -> None:
+        if e.token is not None:
+            tokens[0] += 1
+            outputs[i].append(e.token)
         if e.finish_reason is not None:
             submit()
 
@@ -211,7 +234,7 @@ def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> dict[str
         fit = np.linalg.lstsq(np.c_[np.ones(len(a)), a[:, :2]], a[:, 2], rcond=None)[0]
         out.update(ms_per_step=1e3 * fit[0], ms_per_decode_row=1e3 * fit[1], ms_per_prompt_token=1e3 * fit[2],
                    prompt_share=fit[2] * a[:, 1].sum() / total)
-    return out
+    return out, outputs
 
 
 def _shapes(n: int, args, rng: random.Random, system: list[int]) -> list[tuple[int, int]]:
@@ -290,7 +313,7 @@ def _drive(url: str, model: str, reqs, concurrency: int) -> dict:
 def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "flyer", "serve", "--ckpt", str(run), "--port", "0", "--kv-cache-memory",
-           args.kv_cache_memory, "--cache-dtype", "fp32", "--model-name", "small",
+           args.kv_cache_memory, "--cache-dtype", "fp32", "--model-name", args.preset,
            "--max-batch-size", str(MAX_BATCH), "--prefill-chunk", str(args.prefill_chunk),
            "--weight-dtype", args.weight_dtype, "--device", args.device]
     if args.threads:
@@ -313,29 +336,62 @@ def _metrics(url: str, *names: str) -> list[float]:
     return [float(m.group(1)) if (m := re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)) else 0.0 for name in names]
 
 
-def _peer_generate(hf_dir: Path, reqs, concurrency: int, threads: int, device: torch.device) -> dict:
-    """transformers' batched generate on the same requests: left-padded greedy batches of
-    ``concurrency`` requests in arrival order, one after another (static batching)."""
+def _hf_model(hf_dir: Path, threads: int, device: torch.device):
+    """The peer: transformers' model of the export, FP32, on ``threads`` torch threads."""
     from transformers import AutoModelForCausalLM  # noqa: F401 the peer's import, only when it runs
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(device)
-    useful, t0 = 0, time.perf_counter()
-    for b in range(0, len(reqs), concurrency):
-        batch = reqs[b:b + concurrency]
-        T = max(len(p) for p, _ in batch)
-        ids = torch.zeros(len(batch), T, dtype=torch.long)
-        mask = torch.zeros(len(batch), T, dtype=torch.long)
-        for i, (p, _) in enumerate(batch):
-            ids[i, T - len(p):] = torch.tensor(p)
-            mask[i, T - len(p):] = 1
-        n = max(k for _, k in batch)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
-                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
-        useful += sum(min(k, out.shape[1] - T) for _, k in batch)  # tokens past a request's own max are waste
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(device)
+
+
+def _hf_batch(model, batch, device: torch.device) -> list[list[int]]:
+    """Each (prompt, n) of ``batch``'s n greedy tokens from one ``generate``: left-padded to the longest
+    prompt (none with one request), every row run to the batch's largest n."""
+    T = max(len(p) for p, _ in batch)
+    ids = torch.zeros(len(batch), T, dtype=torch.long)
+    mask = torch.zeros(len(batch), T, dtype=torch.long)
+    for i, (p, _) in enumerate(batch):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    n = max(k for _, k in batch)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return [out[i, T:T + k].tolist() for i, (_, k) in enumerate(batch)]  # past a request's own n: waste
+
+
+def _peer_generate(model, reqs, rows: int, device: torch.device) -> dict:
+    """transformers' generate on the same requests: greedy batches of ``rows`` requests in arrival order,
+    one after another (static batching; ``rows`` 1: each request alone, unpadded), after a warm-up request
+    (flyer serve gets one too: the first calls of a fresh model pay one-time setup). Output tokens/s and
+    each request's tokens."""
+    _hf_batch(model, [(reqs[0][0], 2)], device)
+    outputs, t0 = [], time.perf_counter()
+    for b in range(0, len(reqs), rows):
+        outputs += _hf_batch(model, reqs[b:b + rows], device)
     wall = time.perf_counter() - t0
-    return {"tokens_per_s": useful / wall, "wall_s": wall, "tokens": useful}
+    useful = sum(len(o) for o in outputs)
+    return {"tokens_per_s": useful / wall, "wall_s": wall, "tokens": useful, "outputs": outputs}
+
+
+def _peer_hybrid(model, reqs, concurrency: int, device: torch.device, out: dict) -> dict:
+    """The V4 peer: its batched generate where left padding leaves every row of the first batch its
+    unpadded tokens, else each request alone (what is correct), with the reason in ``out["peer_note"]``."""
+    alone = _peer_generate(model, reqs, 1, device)
+    first = reqs[:concurrency]
+    padded = _hf_batch(model, first, device)
+    agree = sum(a == b for a, b in zip(padded, alone["outputs"]))
+    out.update(peer_padded_rows_agree=agree, peer_padded_rows=len(first))
+    if agree == len(first):
+        out["peer"] = "transformers generate (batched)"
+        return _peer_generate(model, reqs, concurrency, device)
+    out["peer"] = "transformers generate (per request, unpadded)"
+    why = (f"batched generate is not V4 with padding: {len(first) - agree} of {len(first)} left-padded rows of the "
+           "first batch gave other greedy tokens than the request alone (DeepseekV4's compressors pool tokens by "
+           "their place in the padded row, pads included, and place their windows from there); the peer is "
+           "generate on each request alone")
+    out["peer_note"] = "; ".join(filter(None, (out.get("peer_note"), why)))
+    return alone
 
 
 def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int, device: torch.device) -> dict:
@@ -378,45 +434,10 @@ def _peer_serve(hf_dir: Path, reqs, concurrency: int, threads: int, device: torc
             proc.wait()
 
 
-def _weight_bytes_per_token(rows: int, weight_dtype: str) -> float:
-    """Weight bytes a decode step of ``rows`` tokens reads per token (as ``flyer serve --weight-dtype``
-    holds them): every dense weight (the embedding is a gather, MTP does not run) plus, per MoE
-    layer, the routed experts its tokens choose: E (1 - (1 - K/E)^rows) distinct ones expected under
-    uniform routing. Where a step is bound by memory traffic, the ratio for 16 and 1 rows bounds
-    ``ratio_c16_vs_c1``."""
-    cfg = preset("small")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    hold_weights(model, WEIGHT_DTYPES[weight_dtype])
-    routed = dense = 0
-    for name, p in model.named_parameters():
-        if name.startswith("mtp") or name.startswith("embed"):
-            continue
-        if ".experts." in name:
-            routed += p.numel() * p.element_size()
-        else:
-            dense += p.numel() * p.element_size()
-    E, K = cfg.n_routed_experts, cfg.n_activated_experts
-    chosen = E * (1 - (1 - K / E) ** rows)
-    return (dense + routed * chosen / E) / rows
-
-
-def _max_seqs(cfg_over: dict, memory: int, seq_len: int) -> tuple[int, int]:
-    """(2K-token sequences the engine admits at once within ``memory`` bytes, cache bytes per token)."""
-    torch.manual_seed(0)
-    model = Transformer(preset("small", **cfg_over)).eval()
-    eng = Engine(model, EngineConfig(kv_cache_bytes=memory, max_batch_size=1 << 20, max_queue=1 << 20,
-                                     prefix_sharing=False))
-    n = 0
-    while True:
-        eng.submit([n % TOKEN_RANGE] * (seq_len - 1), SamplingOptions(max_tokens=1), lambda e: None)
-        if eng.admit() == n:  # the last one did not fit
-            return n, kv_cache_bytes_per_token(model.cfg)
-        n += 1
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=BENCH_PRESETS, default="small",
+                    help="the served model: small (DeepSeek-V3's MLA) or tiny-v4 (DeepSeek-V4's hybrid attention)")
     ap.add_argument("--full", action="store_true", help="the issue's sizes (long on a small CPU)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=None)
     ap.add_argument("--requests-per-client", type=int, default=None,
@@ -449,6 +470,9 @@ def main() -> None:
                     help="skip transformers serve --continuous-batching (tried first by default)")
     args = ap.parse_args()
     device = resolve_device(args.device)
+    hybrid = preset(args.preset).attn == "hybrid"
+    if hybrid and args.speculative:
+        ap.error(f"--speculative: flyer serve has no MTP speculation for --preset {args.preset} (hybrid attention)")
     if args.weight_dtype is None:
         args.weight_dtype = "bf16" if device.type == "cpu" else "fp32"  # held BF16 weights are a CPU kernel path
     # 16 requests a client: with 4, the batch shrinking from 16 requests to none after the last
@@ -457,41 +481,44 @@ def main() -> None:
                  new_max=256, requests_per_client=4) if args.full else \
         dict(concurrency=[1, 4, 16], system_prompt=32, prompt_min=48, prompt_max=128, new_min=16, new_max=48,
              requests_per_client=16)
+    if hybrid and not args.full:
+        sizes.update(V4_SIZES)
     for k, v in sizes.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     cores = torch.get_num_threads()  # before --threads: flyer serve's own defaults count from it
     if args.threads:
         torch.set_num_threads(args.threads)
-    out: dict = {"preset": "small", "device": str(device), "threads": args.threads or "default",
+    out: dict = {"preset": args.preset, "device": str(device), "threads": args.threads or "default",
                  "kv_cache_memory": args.kv_cache_memory, "weight_dtype": args.weight_dtype,
                  "prompt_tokens": [args.prompt_min, args.prompt_max], "new_tokens": [args.new_min, args.new_max],
                  "system_prompt_tokens": args.system_prompt, "speculative": args.speculative,
                  "draft_tokens": args.draft_tokens if args.speculative else None,
-                 "prefix_sharing": args.prefix_sharing}
+                 "prefix_sharing": args.prefix_sharing and not hybrid}  # V4 shares no blocks
     rng = random.Random(0)
     system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
     shapes = _shapes(max(max(args.concurrency), RATIO_CLIENTS) * args.requests_per_client, args, rng, system)
     sent: dict[int, list] = {}  # the requests the clients sent, per concurrency
     with tempfile.TemporaryDirectory() as tmp:
-        run = ckpt = _save_run(Path(tmp) / "run", args.weight_dtype)
+        run = ckpt = _save_run(Path(tmp) / "run", args.preset, args.weight_dtype)
         fp8 = None
         if args.weight_dtype == "fp8":  # served as DeepSeek publishes its checkpoints, FP8 held as stored
             ckpt, fp8 = _fp8_checkpoint(run, Path(tmp) / "fp8")
         proc, url = _start_flyer(ckpt, args)
         try:
             with _client(1) as client:
-                _one(client, url, "small", system + [1, 2, 3], 4)  # warm-up
+                _one(client, url, args.preset, system + [1, 2, 3], 4)  # warm-up
             spec = ("flyer_spec_draft_tokens_total", "flyer_spec_accepted_tokens_total")
             for c in args.concurrency:
                 reqs = _requests(shapes[:max(c, RATIO_CLIENTS) * args.requests_per_client], rng, system)
                 before = _metrics(url, *spec)
-                res = _drive(url, "small", reqs, c)
+                res = _drive(url, args.preset, reqs, c)
                 out[f"tokens_per_s_c{c}"] = res["tokens_per_s"]
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
                     out[f"{k}_c{c}"] = res[k]
                 hit_rate, drafted, accepted = _metrics(url, "flyer_prefix_cache_hit_rate", *spec)
-                out[f"prefix_hit_rate_c{c}"] = hit_rate
+                if not hybrid:
+                    out[f"prefix_hit_rate_c{c}"] = hit_rate
                 if args.speculative:  # this concurrency's drafts: accepted / verified
                     out[f"draft_acceptance_c{c}"] = round((accepted - before[1]) / max(drafted - before[0], 1), 4)
                 sent[c] = reqs
@@ -508,6 +535,8 @@ def main() -> None:
         else:
             export(run, hf_dir, dtype="fp32")
         peer = None
+        fallback = "the peer is transformers' " + ("generate on the same requests, batched where padding allows"
+                                                   if hybrid else "batched generate on the same requests")
         if args.peer_serve:
             try:
                 peer = _peer_serve(hf_dir, peer_reqs, cmax, torch.get_num_threads(), device)
@@ -515,36 +544,48 @@ def main() -> None:
             except Exception as e:  # the reason goes into the JSON
                 last = [ln for ln in str(e).splitlines() if ln.strip()][-1:] or [type(e).__name__]
                 out["peer_note"] = (f"transformers serve --continuous-batching did not serve here ({last[0][:400]}); "
-                                    "the peer is transformers' batched generate on the same requests")
+                                    f"{fallback}")
         else:
-            out["peer_note"] = "--no-peer-serve: the peer is transformers' batched generate on the same requests"
+            out["peer_note"] = f"--no-peer-serve: {fallback}"
         if peer is None:
-            peer = _peer_generate(hf_dir, peer_reqs, cmax, torch.get_num_threads(), device)
-            out["peer"] = "transformers generate (batched)"
+            model = _hf_model(hf_dir, torch.get_num_threads(), device)
+            if hybrid:
+                peer = _peer_hybrid(model, peer_reqs, cmax, device, out)
+            else:
+                peer = _peer_generate(model, peer_reqs, cmax, device)
+                out["peer"] = "transformers generate (batched)"
+            del model
         out[f"peer_tokens_per_s_c{cmax}"] = peer["tokens_per_s"]
     if "tokens_per_s_c16" in out and "peer_tokens_per_s_c16" in out:
         out["ratio_c16_vs_peer"] = out["tokens_per_s_c16"] / out["peer_tokens_per_s_c16"]
     if "tokens_per_s_c1" in out and "tokens_per_s_c16" in out:
         out["ratio_c16_vs_c1"] = out["tokens_per_s_c16"] / out["tokens_per_s_c1"]
         out["weight_mb_per_token_c1"], out["weight_mb_per_token_c16"] = (
-            _weight_bytes_per_token(n, args.weight_dtype) / 1e6 for n in (1, 16))
+            weight_bytes_per_token(args.preset, n, args.weight_dtype) / 1e6 for n in (1, 16))
         out["ratio_c16_vs_c1_memory_bound"] = out["weight_mb_per_token_c1"] / out["weight_mb_per_token_c16"]
         context = args.decode_context or (args.prompt_min + args.prompt_max) // 2
         out["decode_context"] = context
-        with _engine_model(args.weight_dtype, args.threads, cores, device, fp8) as model:
+        with _engine_model(args.preset, args.weight_dtype, args.threads, cores, device, fp8) as model:
             for c in (1, 16):
-                for k, v in _engine_replay(model, sent[c], c, args).items():
+                stats, outputs = _engine_replay(model, sent[c], c, args)
+                for k, v in stats.items():
                     out[f"engine_{k}_c{c}"] = v
+                if c == cmax and "outputs" in peer:  # the same requests' greedy tokens, flyer's and the peer's
+                    out["flyer_peer_outputs_agree"] = sum(a == b for a, b in zip(outputs, peer["outputs"]))
+                    out["flyer_peer_outputs"] = len(outputs)
             out.update(_decode_steps(model, (1, 16), context))
         out["engine_ratio_c16_vs_c1"] = out["engine_tokens_per_s_c16"] / out["engine_tokens_per_s_c1"]
         out["ratio_decode_b16_vs_b1"] = 16 * out["decode_step_ms_b1"] / out["decode_step_ms_b16"]
         if "decode_step_ms_b16_gathered" in out:
             out["speedup_in_place_vs_gathered_b16"] = out["decode_step_ms_b16_gathered"] / out["decode_step_ms_b16"]
     memory = parse_size(args.payoff_memory, "payoff_memory")
-    (mla, mla_bpt), (gqa, gqa_bpt) = (_max_seqs(over, memory, 2048) for over in ({}, GQA_BENCH))
-    out.update(max_seqs_mla=mla, max_seqs_gqa=gqa, payoff_memory=args.payoff_memory,
-               cache_bytes_per_token_mla=mla_bpt, cache_bytes_per_token_gqa=gqa_bpt,
-               seqs_ratio=mla / max(gqa, 1), bytes_ratio=gqa_bpt / mla_bpt)
+    out["payoff_memory"] = args.payoff_memory
+    if hybrid:
+        out.update(hybrid_capacity(memory))
+    else:
+        (mla, mla_bpt), (gqa, gqa_bpt) = (max_seqs(over, memory, 2048) for over in ({}, GQA_BENCH))
+        out.update(max_seqs_mla=mla, max_seqs_gqa=gqa, cache_bytes_per_token_mla=mla_bpt,
+                   cache_bytes_per_token_gqa=gqa_bpt, seqs_ratio=mla / max(gqa, 1), bytes_ratio=gqa_bpt / mla_bpt)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
 
 

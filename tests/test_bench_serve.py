@@ -1,0 +1,51 @@
+"""Smoke test of bench/serve.py's DeepSeek-V4 path (``--preset tiny-v4``) at its smallest: one JSON object with
+the serving keys of the MLA bench, V4's peer (transformers' DeepseekV4 generate) named with the result of its
+padding check, the engine's greedy tokens compared with the peer's, and V4's cache capacity in place of the
+MLA/GQA payoff (``serve_capacity.hybrid_capacity`` checks its count against the engine's own admissions,
+raising otherwise)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+
+
+@pytest.mark.slow
+def test_serve_bench_v4_json():
+    out = subprocess.run([sys.executable, str(BENCH), "--preset", "tiny-v4", "--no-peer-serve", "--concurrency", "1",
+                          "16", "--requests-per-client", "1", "--system-prompt", "8", "--prompt-min", "40",
+                          "--prompt-max", "56", "--new-min", "4", "--new-max", "8", "--payoff-memory", "16M"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    r = json.loads(out)
+    assert r["preset"] == "tiny-v4" and r["prefix_sharing"] is False and r["flyer_exit_code"] == 0
+    for c in (1, 16):
+        for key in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
+                    "engine_tokens_per_s"):
+            assert r[f"{key}_c{c}"] > 0, (key, c)
+        assert f"prefix_hit_rate_c{c}" not in r  # V4 shares no blocks: no hit rate to report
+    for key in ("peer_tokens_per_s_c16", "ratio_c16_vs_peer", "ratio_c16_vs_c1", "ratio_c16_vs_c1_memory_bound",
+                "decode_step_ms_b1", "decode_step_ms_b16"):
+        assert r[key] > 0, key
+    # the peer: batched generate only where every padded row of the first batch gave the request's own tokens
+    assert r["peer_padded_rows"] == 16 and 0 <= r["peer_padded_rows_agree"] <= 16
+    batched = r["peer_padded_rows_agree"] == 16
+    assert r["peer"] == ("transformers generate (batched)" if batched else
+                         "transformers generate (per request, unpadded)")
+    assert batched or "not V4 with padding" in r["peer_note"]
+    # the same weight values, greedy: FP32 sums in another order (logits ~1e-6 apart, no random logits that near
+    # a tie), and at most 56 + 8 tokens, so no CSA query sees more than index_topk 16 entries: no selection, where
+    # exact-zero score ties could part flyer's (earliest entries kept) from transformers' topk. Every request's
+    # tokens agree; a wrong export or cache would part them at once (random weights)
+    assert r["flyer_peer_outputs"] == 16 and r["flyer_peer_outputs_agree"] == 16
+    # V4's capacity instead of MLA's payoff: per token 4 + 1 + 4 compressed entries per 16 tokens of the 4 layers
+    # (ratios 0, 4, 16, 4), 64 channels each, CSA's 32-channel index keys too, BF16
+    assert "max_seqs_mla" not in r and r["payoff_seq_len"] == 1024
+    assert r["cache_bytes_per_token_v4"] == 2 * (2 * (64 + 32) / 4 + 64 / 16)
+    assert r["window_bytes_per_seq_v4"] == 2 * 4 * 32 * 64 and r["slot_bytes_v4"] > r["window_bytes_per_seq_v4"]
+    assert r["max_seqs_v4"] > 0
