@@ -28,7 +28,7 @@ test: setup
 
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

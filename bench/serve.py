@@ -79,7 +79,7 @@ import torch
 from tokenizers import Tokenizer
 
 from decode import gathered_attention  # bench/decode.py, beside this script
-from serve_capacity import TOKEN_RANGE, hybrid_capacity, max_seqs, weight_bytes_per_token  # beside it too
+from _serve_capacity import TOKEN_RANGE, hybrid_capacity, max_seqs, weight_bytes_per_token  # beside it too
 
 from flyer import kernels
 from flyer.config import parse_size, preset, resolve_device

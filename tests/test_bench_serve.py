@@ -1,7 +1,7 @@
 """Smoke test of bench/serve.py's DeepSeek-V4 path (``--preset tiny-v4``) at its smallest: one JSON object with
 the serving keys of the MLA bench, V4's peer (transformers' DeepseekV4 generate) named with the result of its
 padding check, the engine's greedy tokens compared with the peer's, and V4's cache capacity in place of the
-MLA/GQA payoff (``serve_capacity.hybrid_capacity`` checks its count against the engine's own admissions,
+MLA/GQA payoff (``_serve_capacity.hybrid_capacity`` checks its count against the engine's own admissions,
 raising otherwise)."""
 
 from __future__ import annotations
