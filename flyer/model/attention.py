@@ -10,7 +10,9 @@ At decode time only (c_KV, k_rope) is cached (with DSA, each token's indexer key
 DeepSeek Sparse Attention (V3.2, ``index_topk > 0``): a lightning ``Indexer`` scores the causal
 keys of each query and MLA attends to its ``index_topk`` best only. GLM-5 shares selections across
 layers (``ModelConfig.indexer_types``): a "shared" layer has no indexer and attends to the keys the
-nearest full layer before it selected, handed on in a ``Selection``.
+nearest full layer before it selected, handed on in a ``Selection``. Long sequences (``dsa_gathers``) do not
+mask a (B, 1, T, T) selection: queries run in chunks, each attending to its picks gathered
+(``flyer.model.dsa_chunks``); ``gather=False`` keeps the masked form, their oracle.
 
 Shapes: B batch, T query tokens, S key tokens, H heads, D model dim.
 """
@@ -25,6 +27,7 @@ from torch import nn
 
 from flyer import kernels
 from flyer.config import ModelConfig
+from flyer.model.dsa_chunks import SparseChunks, dsa_gathers, select_chunks, sparse_attention
 from flyer.model.lowp import Linear, scaled_dot_product_attention
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
@@ -116,14 +119,17 @@ def select_topk(scores_BTS: torch.Tensor, visible_BTS: torch.Tensor, k: int) -> 
 
 
 class Selection:
-    """DSA's selection handed from layer to layer within one forward: ``mask``, the keys the last layer with an
-    indexer selected (``MLA.sparse_mask``'s (B, 1, T, S) bool, or None: every causal key), which the shared
-    layers after it attend to (GLM-5). A forward (or a pipeline stage, which starts at a full layer) makes one."""
+    """DSA's selection handed from layer to layer within one forward: the keys the last layer with an indexer
+    selected, which the shared layers after it attend to (GLM-5), as ``mask`` (``MLA.sparse_mask``'s (B, 1, T, S)
+    bool; None: every causal key) or, where that layer gathered, ``chunks`` (its chunk plan and picks,
+    ``SparseChunks``; then ``mask`` is None). A forward (or a pipeline stage, which starts at a full layer) makes
+    one."""
 
-    __slots__ = ("mask",)
+    __slots__ = ("mask", "chunks")
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
+        self.chunks: SparseChunks | None = None
 
 
 class MLA(nn.Module):
@@ -184,29 +190,39 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
         return self.kv_norm(c_kv), k_rope
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                selection: Selection | None = None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, selection: Selection | None = None,
+                gather: bool = True, chunk: int | None = None) -> torch.Tensor:
         """Training / prefill path (causal): per-head keys and values up-projected from the latent; with
-        the DSA indexer each query sees its selected keys only (``sparse_mask``), which ``selection`` takes
-        on; a shared layer attends to the keys ``selection`` holds (required)."""
+        the DSA indexer each query sees its selected keys only, which ``selection`` takes on; a shared layer
+        attends to the keys ``selection`` holds (required), in the form its full layer chose. ``gather``: past
+        ``dsa_gathers``' length (longer with autograd recording) a full layer selects and attends in chunks of
+        ``chunk`` queries (None: ``query_chunk``'s rule), each to its picks gathered (``flyer.model.dsa_chunks``);
+        False: the masked form (``sparse_mask``, every causal key scored), the oracle."""
         B, T, _ = x_BTD.shape
         q_latent = self.query_latent(x_BTD) if self.q_lora_rank else None
         q_nope, q_rope = self.queries(x_BTD, cos, sin, q_latent)
         c_kv, k_rope = self.latents(x_BTD, cos, sin)
-        kv = self.wkv_b(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)], dim=-1)
         if self.shares_selection:
             if selection is None:
                 raise ValueError("a shared DSA layer attends to the keys a full layer before it selected: pass the "
                                  "forward's Selection")
-            mask = selection.mask
+            mask, chunks = selection.mask, selection.chunks
         else:  # a query with at most index_topk causal keys keeps them all: up to that length DSA is dense MLA
-            mask = self.sparse_mask(x_BTD, q_latent, cos, sin) if T > self.index_topk > 0 else None
+            mask = chunks = None
+            if T > self.index_topk > 0 and gather and dsa_gathers(self, T, torch.is_grad_enabled()):
+                chunks = select_chunks(self, x_BTD, q_latent, cos, sin, chunk)
+            elif T > self.index_topk > 0:
+                mask = self.sparse_mask(x_BTD, q_latent, cos, sin)
             if selection is not None:
-                selection.mask = mask
-        o = causal_attention(q, k, v, self.softmax_scale, mask)
+                selection.mask, selection.chunks = mask, chunks
+        if chunks is not None:
+            o = sparse_attention(self, q_nope, q_rope, c_kv, k_rope, chunks)
+        else:
+            kv = self.wkv_b(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+            k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            q = torch.cat([q_nope, q_rope], dim=-1)
+            k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)], dim=-1)
+            o = causal_attention(q, k, v, self.softmax_scale, mask)
         return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
 
     @torch.no_grad()  # as transformers: the indexer gets no gradient (see ``Indexer``)
