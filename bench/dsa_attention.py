@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 
 import torch
-from v4_attention import _status_bytes, saved_bytes  # bench/v4_attention.py, beside this script
+from v4_attention import peak_rss, rss_high_water, saved_bytes  # bench/v4_attention.py, beside this script
 from v4_step import timed
 
 import flyer.model.attention as attention
@@ -75,24 +74,7 @@ def _peak_child(args: tuple, which: int, out) -> None:
     layer = build(heads, topk, index_heads, T)
     call = callers(layer, T)[which]
     x = torch.randn(1, T, layer.cfg.dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    before = _status_bytes("VmRSS")
-    call(x).square().mean().backward()
-    out.send(_status_bytes("VmHWM") - before)
-
-
-def peak_rss(args: tuple, which: int) -> int:
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_peak_child, args=(args, which, send))
-    p.start()
-    value = recv.recv()
-    p.join()
-    return value
+    out.send(rss_high_water(lambda: call(x).square().mean().backward()))
 
 
 def per_head_attend(layer: MLA, q_BCHd: torch.Tensor, picked_BCkL: torch.Tensor, valid_BCk: torch.Tensor):
@@ -164,7 +146,7 @@ def main() -> None:
         out |= {"saved_mb": round(s_g / 2**20, 1), "masked_saved_mb": round(s_m / 2**20, 1)}
         if not args.no_rss:
             child = (args.heads, args.index_topk, args.index_heads, T, args.threads)
-            p_g, p_m = peak_rss(child, 0), peak_rss(child, 1)
+            p_g, p_m = peak_rss(child, 0, _peak_child), peak_rss(child, 1, _peak_child)
             out |= {"peak_rss_mb": round(p_g / 2**20, 1), "masked_peak_rss_mb": round(p_m / 2**20, 1)}
         print(json.dumps(out), flush=True)
 

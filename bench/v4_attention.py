@@ -128,20 +128,27 @@ def _peak_child(args: tuple, which: int, out) -> None:
     cfg, mine, ref, hf = build(heads, kind, T, index_topk=index_topk)
     call = callers(cfg, mine, ref, hf, LAYER[kind], T, chunk, peer)[which]
     x = torch.randn(batch, T, cfg.dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out.send(rss_high_water(lambda: call(x).square().mean().backward()))
+
+
+def rss_high_water(run) -> int:
+    """Bytes of resident memory ``run()`` peaks at above the RSS before it (VmHWM, reset first where the kernel
+    allows)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
     before = _status_bytes("VmRSS")
-    call(x).square().mean().backward()
-    out.send(_status_bytes("VmHWM") - before)
+    run()
+    return _status_bytes("VmHWM") - before
 
 
-def peak_rss(args: tuple, which: int) -> int:
+def peak_rss(args: tuple, which: int, child=_peak_child) -> int:
+    """``child(args, which, pipe)``'s measurement (``rss_high_water``), in a fresh spawned process."""
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_peak_child, args=(args, which, send))
+    p = ctx.Process(target=child, args=(args, which, send))
     p.start()
     value = recv.recv()
     p.join()
