@@ -16,7 +16,9 @@
 4. DeepSeek Sparse Attention (V3.2: the MLA model above with an indexer keeping ``--dsa-topk`` slots per
    query): decode tokens/s at ``--dsa-contexts`` with each query's selected latents gathered
    (``dsa_gathered``) against every slot read with the unselected masked (``dsa_masked``), the two
-   interleaved as in 1 (``speedup_dsa_gathered_vs_masked``). ``--dsa-only`` runs this part alone.
+   interleaved as in 1 (``speedup_dsa_gathered_vs_masked``); and gathered with the indexer scoring a new FP32
+   copy of the index keys in place of the BF16 keys where they lie (``speedup_dsa_index_in_place_vs_copy``).
+   ``--dsa-only`` runs this part alone.
 
 All times are compared with a peer measured in the same run. Prints one JSON object.
     python bench/decode.py [--threads 1] [--ckpt RUN_DIR] [--dsa-only]
@@ -101,6 +103,19 @@ def masked_selection():
         attention.gathered_decode_pays = pays
 
 
+@contextlib.contextmanager
+def copied_index_keys():
+    """DSA's indexer scoring a new FP32 copy of every cached index key (``Indexer.scores``, the oracle) in place of
+    the kernel's scoring of the BF16 keys where they lie (``kernels.index_scores``): the peer in
+    ``speedup_dsa_index_in_place_vs_copy``."""
+    usable = kernels.index_scores_usable
+    kernels.index_scores_usable = lambda pool: False
+    try:
+        yield
+    finally:
+        kernels.index_scores_usable = usable
+
+
 def bench_dsa(contexts: list[int], topk: int, batch: int, steps: int, rounds: int) -> dict:
     """Decode tokens/s of the DSA model, gathered against masked, per context (interleaved, best of rounds)."""
     torch.manual_seed(0)
@@ -113,6 +128,8 @@ def bench_dsa(contexts: list[int], topk: int, batch: int, steps: int, rounds: in
             raise SystemExit(f"--dsa-contexts: {ctx} slots do not pay for gathering {topk} (gathered_decode_pays)")
         runs = {"gathered": DecodeRun(model, "absorbed", ctx, batch, steps),
                 "masked": DecodeRun(model, "absorbed", ctx, batch, steps, switch=masked_selection)}
+        if kernels.cpu_ops() is not None:
+            runs["gathered_index_copy"] = DecodeRun(model, "absorbed", ctx, batch, steps, switch=copied_index_keys)
         for run in runs.values():
             run.tokens_per_s()  # warm-up
         best = dict.fromkeys(runs, 0.0)
@@ -122,6 +139,9 @@ def bench_dsa(contexts: list[int], topk: int, batch: int, steps: int, rounds: in
         for name in runs:
             out[f"tokens_per_s_dsa_{name}_ctx{ctx}"] = round(best[name], 1)
         out[f"speedup_dsa_gathered_vs_masked_ctx{ctx}"] = round(best["gathered"] / best["masked"], 3)
+        if "gathered_index_copy" in best:
+            copy = best["gathered_index_copy"]
+            out[f"speedup_dsa_index_in_place_vs_copy_ctx{ctx}"] = round(best["gathered"] / copy, 3)
         del runs
     return out
 

@@ -31,6 +31,8 @@ that every query keeps all its slots, and the call runs as dense MLA's. GLM-5's 
 the same forward left in ``Rows.selected``. A decode-shaped call (``gathered_decode_pays``) reads and
 scores each query's k selected latents only, gathered from the cache by slot (``dsa_gathered``: k per
 query, not S); other calls attend over every slot with the unselected masked (``dsa_masked``, the oracle).
+The indexer of a decode-shaped call on the CPU scores the cached index keys where they lie, BF16 or FP32
+(``dsa_index_scores``), rather than a new FP32 copy of them.
 
 Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope dim.
 """
@@ -234,9 +236,32 @@ def dsa_selection(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tens
     all of them, the causal mask."""
     if rows.n_slots - rows.first <= attn.index_topk:
         return None
-    keys_BSK, causal_B1TS = rows.attended(cache.read(attn.index_row, "index_key", rows.n_slots, torch.float32))
-    scores_BTS = attn.indexer.scores(x_BTD, q_latent_BTR, keys_BSK, rows.cos, rows.sin)
-    return attn.indexer.select(scores_BTS, causal_B1TS.squeeze(1)).unsqueeze(1)
+    scores_BTS = dsa_index_scores(attn, x_BTD, q_latent_BTR, rows, cache)
+    return attn.indexer.select(scores_BTS, rows.mask[:, 0, :, rows.first:]).unsqueeze(1)
+
+
+def dsa_index_scores(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, rows: Rows,
+                     cache) -> torch.Tensor:
+    """The indexer's scores (B, T, S) of the new tokens against the attended slots' cached keys (``Rows.attended``),
+    unmasked. A decode-shaped call (not ``dense_prefill_pays``) on the CPU scores the keys in place, BF16 or FP32,
+    through the cache's blocks (``kernels.index_scores``); else, and as its oracle, every key is copied into a new
+    FP32 tensor and ``Indexer.scores`` runs on it. The two differ only in the order of FP32 sums."""
+    pool, tables = _index_key_blocks(cache, attn.index_row)
+    if dense_prefill_pays(attn, x_BTD.shape[1]) or not kernels.index_scores_usable(pool):
+        keys_BSK = rows.attended(cache.read(attn.index_row, "index_key", rows.n_slots, torch.float32))[0]
+        return attn.indexer.scores(x_BTD, q_latent_BTR, keys_BSK, rows.cos, rows.sin)
+    q, w = attn.indexer.queries(x_BTD, q_latent_BTR, rows.cos, rows.sin)
+    return kernels.index_scores(q, w, pool, tables, rows.first, rows.n_slots, attn.indexer.head_dim ** -0.5)
+
+
+def _index_key_blocks(cache, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexer row ``row``'s keys as blocks and block tables, as ``kernels.index_scores`` reads them: a contiguous
+    cache's (B, max_len, index_dim), each row one block (table [b]), or a paged one's
+    (``PagedCache.index_key_blocks``)."""
+    if isinstance(cache, (LatentCache, KVCache)):
+        keys = cache.tensors["index_key"][row]
+        return keys, torch.arange(keys.shape[0], device=keys.device).view(-1, 1)
+    return cache.index_key_blocks(row)
 
 
 def _absorbed_queries(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

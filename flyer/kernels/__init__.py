@@ -13,6 +13,7 @@ every other device and dtype, and the oracle the tests compare the kernels again
   a few rows (decoding) at memory bandwidth, more (prefill) on BLAS GEMMs over blocks of the weight,
   or on the kernel at any count where the BLAS runs narrower vectors (``blas_narrower``);
 - ``mla_decode``: absorbed MLA attention of a few new tokens over a (paged) latent cache, read in place;
+- ``index_scores``: DSA's indexer scores of a few new tokens over a (paged) index-key cache, read in place;
 - ``attention``: a prefill chunk's fused attention (ATen's), one call per (row, head) over the
   expert threads;
 - ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
@@ -418,6 +419,25 @@ def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Ten
     split over the expert threads (``set_expert_threads``) when the cache they read is large enough to pay."""
     return cpu_ops().mla_decode(q_BMK.contiguous(), pool_NbK, tables_Bn.contiguous(), pos_BT.contiguous(), C, scale,
                                 first, ANY_ROWS if blas_narrower() else MLA_FEW_QUERY_ROWS)
+
+
+# ---- DSA indexer scores over a (paged) index-key cache -------------------------------------------
+
+def index_scores_usable(pool: torch.Tensor) -> bool:
+    """Whether ``index_scores`` takes an index-key cache pool: FP32 or BF16 on the CPU, the kernel built."""
+    return pool.dtype in HELD_DTYPES and usable(pool)
+
+
+def index_scores(q_BTHK: torch.Tensor, w_BTH: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Tensor,
+                 first: int, n_slots: int, scale: float) -> torch.Tensor:
+    """(B, T, n_slots - first) FP32: DSA's index scores sum_h w[b, t, h] relu(scale q[b, t, h] . key_s) of FP32
+    queries q (B, T, H, K) with head weights w (B, T, H) over slots ``first`` .. ``n_slots - 1`` of an index-key
+    cache read in place: ``pool`` (N, block_size, K), row b's slot s at ``pool[tables[b, s // block_size],
+    s % block_size]``. The eager oracle (``Indexer.scores``) scores a new FP32 copy of every key; here the keys
+    are read as they lie, BF16 widened exactly as read. Rows split over the expert threads."""
+    B, T, H, K = q_BTHK.shape
+    return cpu_ops().index_scores(q_BTHK.reshape(B, T * H, K).contiguous(), w_BTH.contiguous(), pool_NbK,
+                                  tables_Bn.contiguous(), first, n_slots, scale)
 
 
 # ---- a prefill chunk's fused attention over the expert threads --------------------------------

@@ -1350,6 +1350,126 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
   return out;
 }
 
+// ---- DSA indexer scores over a paged index-key cache ---------------------------------------------
+// q (B, M, K) FP32: row m = t H + h, new token t's rotated indexer query of head h; w (B, T, H) FP32: each
+// token's head weights; pool (N, bs, K) FP32 or BF16: the indexer key of every cache slot in blocks of bs slots,
+// row b's slot s at pool[tables[b][s / bs]][s % bs]. out (B, T, S), S = n_slots - first:
+// out[b, t, s - first] = sum_h w[b, t, h] relu(scale q[b, t H + h] . key_s), the heads summed in order. A tile of
+// slots at a time is widened into FP32 scratch (in L1) and scored there; the eager path (Indexer.scores, the
+// oracle of flyer.infer.attention.dsa_index_scores) first copies every key into a new FP32 tensor per layer.
+constexpr int64_t kIndexTile = 128;
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kIndex8 = true;
+// the lane sums of a[0 .. 7] as one vector: a key's dot product is one short chain (K / 8 FMAs), so eight keys'
+// partial sums reduce together in 7 additions' worth of shuffles rather than a reduction each
+inline __m256 lane_sums8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// the scores of 8 consecutive FP32 keys (tile, ld K; K a multiple of 8) for one token's H queries q (H, K)
+inline void index_scores8(const float* tile, const float* q, const float* w, int64_t H, int64_t K, float scale,
+                          float* out) {
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t h = 0; h < H; ++h) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + h * K + k);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(tile + j * K + k), qv, acc[j]);
+    }
+    // max(0, x): NaN stays NaN, as torch.relu's
+    const __m256 s = _mm256_max_ps(_mm256_setzero_ps(), _mm256_mul_ps(lane_sums8(acc), _mm256_set1_ps(scale)));
+    sum = _mm256_add_ps(sum, _mm256_mul_ps(_mm256_set1_ps(w[h]), s));
+  }
+  _mm256_storeu_ps(out, sum);
+}
+#else
+constexpr bool kIndex8 = false;
+inline void index_scores8(const float*, const float*, const float*, int64_t, int64_t, float, float*) {}
+#endif
+
+// one key's score, its sums in plain order (the slots past a multiple of 8, or K not one of 8)
+inline float index_score1(const float* key, const float* q, const float* w, int64_t H, int64_t K, float scale) {
+  float sum = 0.f;
+  for (int64_t h = 0; h < H; ++h) {
+    float dot = 0.f;
+    for (int64_t k = 0; k < K; ++k) dot += q[h * K + k] * key[k];
+    const float s = dot * scale;
+    sum += w[h] * (std::isnan(s) ? s : std::max(s, 0.f));
+  }
+  return sum;
+}
+
+template <typename P>
+void index_score_rows(const float* qp, const float* wp, const P* pool, const int64_t* tables, float* op,
+                      int64_t b0, int64_t b1, int64_t nb, int64_t bs, int64_t T, int64_t H, int64_t K,
+                      int64_t first, int64_t n_slots, float scale) {
+  const int64_t S = n_slots - first;
+  const bool by8 = kIndex8 && K % 8 == 0;
+  thread_local std::vector<float> tile;
+  tile.resize(kIndexTile * K);
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t s0 = first; s0 < n_slots; s0 += kIndexTile) {
+      const int64_t n = std::min(kIndexTile, n_slots - s0);
+      for (int64_t j = 0; j < n;) {  // the tile's keys, block run by block run, as FP32
+        const int64_t s = s0 + j, run = std::min(n - j, bs - s % bs);
+        to_float(pool + (tables[b * nb + s / bs] * bs + s % bs) * K, tile.data() + j * K, run * K);
+        j += run;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const float* q = qp + (b * T + t) * H * K;
+        const float* w = wp + (b * T + t) * H;
+        float* o = op + (b * T + t) * S + (s0 - first);
+        int64_t j = 0;
+        if (by8)
+          for (; j + 8 <= n; j += 8) index_scores8(tile.data() + j * K, q, w, H, K, scale, o + j);
+        for (; j < n; ++j) o[j] = index_score1(tile.data() + j * K, q, w, H, K, scale);
+      }
+    }
+  }
+}
+
+at::Tensor index_scores(const at::Tensor& q, const at::Tensor& w, const at::Tensor& pool, const at::Tensor& tables,
+                        int64_t first, int64_t n_slots, double scale) {
+  check_cpu(q, "index_scores q");
+  check_cpu(w, "index_scores w");
+  check_cpu(pool, "index_scores pool");
+  check_cpu(tables, "index_scores tables");
+  check_dtype(q, at::kFloat, "index_scores q");
+  check_dtype(w, at::kFloat, "index_scores w");
+  check_dtype(tables, at::kLong, "index_scores tables");
+  TORCH_CHECK(pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kBFloat16,
+              "index_scores pool: float32 or bfloat16 expected, got ", pool.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && w.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && w.size(0) == q.size(0) &&
+              q.size(1) == w.size(1) * w.size(2) && pool.size(2) == q.size(2) && tables.size(0) == q.size(0),
+              "index_scores: q (B, T H, K), w (B, T, H), pool (N, bs, K), tables (B, nb) expected");
+  const int64_t B = q.size(0), K = q.size(2), T = w.size(1), H = w.size(2), N = pool.size(0), bs = pool.size(1);
+  const int64_t nb = tables.size(1);
+  TORCH_CHECK(0 <= first && first < n_slots && n_slots <= nb * bs, "index_scores: slots ", first, " .. ", n_slots - 1,
+              " outside the ", nb * bs, " the block tables cover");
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)  // the blocks each row reads
+    for (int64_t i = first / bs; i <= (n_slots - 1) / bs; ++i)
+      TORCH_CHECK(0 <= tp[b * nb + i] && tp[b * nb + i] < N, "index_scores: block id ", tp[b * nb + i],
+                  " outside the pool's ", N, " blocks");
+  auto out = at::empty({B, T, n_slots - first}, q.options());
+  const double slots = static_cast<double>(B) * (n_slots - first);
+  const double seconds = one_thread_seconds(slots * K * pool.element_size(), 2. * slots * T * H * (K + 1));
+  parallel_items(B, seconds, [&](int64_t b0, int64_t b1) {
+    if (pool.scalar_type() == at::kBFloat16)
+      index_score_rows(q.data_ptr<float>(), w.data_ptr<float>(), pool.data_ptr<c10::BFloat16>(), tp,
+                       out.data_ptr<float>(), b0, b1, nb, bs, T, H, K, first, n_slots, static_cast<float>(scale));
+    else
+      index_score_rows(q.data_ptr<float>(), w.data_ptr<float>(), pool.data_ptr<float>(), tp, out.data_ptr<float>(),
+                       b0, b1, nb, bs, T, H, K, first, n_slots, static_cast<float>(scale));
+  });
+  return out;
+}
+
 // ---- FP8 dequantisation: 1x128 tiles (block_rows 1) and 128x128 blocks (block_rows 128) ---------
 // (Quantisation stays eager: ATen's amax/amin, division and FP8 conversion are already single
 // vectorised passes, and a fused kernel built on the scalar FP8 conversion measured slower.)
@@ -1484,6 +1604,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "each row's index of its largest value, as torch.argmax(x, -1)",
         py::call_guard<py::gil_scoped_release>());
   m.def("mla_decode", &mla_decode, "absorbed MLA attention of a few new tokens over a paged latent cache",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("index_scores", &index_scores, "DSA indexer scores of a few new tokens over a paged index-key cache",
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_heads", &attention_heads, "scaled_dot_product_attention, one call per (batch row, head)",
         py::call_guard<py::gil_scoped_release>());

@@ -88,16 +88,22 @@ class Indexer(nn.Module):
         k = self.k_norm(self.wk(x_BTD)).unsqueeze(2)
         return _apply_partial_rope(k, cos, sin, self.rope_dim).squeeze(2)
 
-    def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, k_BSK: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> torch.Tensor:
-        """Index scores (B, T, S) in FP32 of T queries (tokens x, MLA query latents q_latent, at cos/sin's
-        positions) against S keys (``keys``), unmasked."""
+    def queries(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FP32 (rotated queries (B, T, H, index_head_dim), head weights (B, T, H)) of T queries (tokens x, MLA
+        query latents q_latent, at cos/sin's positions): what ``scores`` (and the decode kernel,
+        ``flyer.infer.attention.dsa_index_scores``) score keys with."""
         B, T, _ = x_BTD.shape
         q = self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim)
-        q = _apply_partial_rope(q, cos, sin, self.rope_dim)
+        q = _apply_partial_rope(q, cos, sin, self.rope_dim).float()
+        return q, F.linear(x_BTD.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
+
+    def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, k_BSK: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        """Index scores (B, T, S) in FP32 of T queries (``queries``) against S keys (``keys``), unmasked."""
+        q, w = self.queries(x_BTD, q_latent_BTR, cos, sin)
         # (B, T, H, K) @ (B, 1, K, S): each head's dot products, scaled, then ReLU (scale > 0: either order)
-        s = torch.relu(torch.matmul(q.float(), k_BSK.float().transpose(-1, -2).unsqueeze(1)) * self.head_dim ** -0.5)
-        w = F.linear(x_BTD.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # (B, T, H)
+        s = torch.relu(torch.matmul(q, k_BSK.float().transpose(-1, -2).unsqueeze(1)) * self.head_dim ** -0.5)
         return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)
 
     def select(self, scores_BTS: torch.Tensor, visible_BTS: torch.Tensor) -> torch.Tensor:

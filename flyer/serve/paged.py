@@ -88,6 +88,11 @@ class PagedCache:
         (B, n)): what a kernel needs to read each row's slots in place (``kernels.mla_decode``)."""
         return self.pool.packed[layer], self.tables
 
+    def index_key_blocks(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indexer row ``row``'s keys (n_blocks, block_size, index_head_dim) of a DSA pool, the tables (B, n)):
+        what ``kernels.index_scores`` reads each row's slots through, in place."""
+        return self.pool.tensors["index_key"][row], self.tables
+
     def read_packed(self, layer: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
         """(B, n_slots, kv_lora_rank + rope) of an MLA pool, in ``dtype``."""
         return self._gather(self.pool.packed[layer], n_slots).to(dtype)
