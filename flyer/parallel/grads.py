@@ -154,7 +154,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh) -> torch.Tensor:
 def full_state_dict(model: nn.Module, mesh) -> dict[str, torch.Tensor]:
     """The single-process state dict on CPU: expert stacks gathered over the EP group to their
     full (E, ...) first dimension, names as in a model without EP; under pipelining, every stage's
-    part gathered on rank 0 (the other ranks get theirs only). Collective: all ranks call."""
+    part gathered on rank 0 (the other ranks get theirs only). Collective: all ranks call. Tensors not
+    gathered are the model's own on the CPU (no copy: a checkpoint writes them at once), so they change
+    with the next optimizer step; clone what must outlive it."""
     sd = model.state_dict()
     experts = expert_param_names(model) if mesh is not None and mesh.ep > 1 else set()
     out = {}
