@@ -60,9 +60,9 @@ class ModelConfig:
     index_topk: int = 0  # 0 = no indexer: dense MLA
     index_n_heads: int = 64
     index_head_dim: int = 128  # its first qk_rope_head_dim channels rotate
-    # GLM-5's cross-layer top-k sharing: one per layer, "full" (the layer's own indexer selects its keys) or
-    # "shared" (no indexer: the layer attends to the keys the nearest full layer before it selected); layer 0 is
-    # full. () = every layer full, DeepSeek-V3.2's indexers; a list (even all "full") is GLM-5's layout, which
+    # GLM-5.2's cross-layer top-k sharing (IndexShare): one per layer, "full" (the layer's own indexer selects its
+    # keys) or "shared" (no indexer: the layer attends to the keys the nearest full layer before it selected); layer
+    # 0 is full. () = every layer full, DeepSeek-V3.2's indexers; a list (even all "full") is GLM-5's layout, which
     # exports as glm_moe_dsa (its indexer rotates interleaved pairs, V3.2's rotate-half). MTP blocks are full.
     indexer_types: tuple[str, ...] = ()
     n_kv_heads: int = 0  # gqa only

@@ -233,12 +233,13 @@ def test_greedy_generate_and_the_engine_equal_transformers(with_mtp, src, capsys
 
 def test_import_export_round_trip_loads_in_transformers(src, tmp_path, capsys):
     """The export writes the source's tensors bit for bit (no indexer rows permuted, none for shared layers) as
-    glm_moe_dsa with its indexer_types; transformers loads it with nothing missing or unexpected, the same
-    logits."""
+    glm_moe_dsa with its indexer_types and rope layout said (vLLM reads it); transformers loads it with nothing
+    missing or unexpected, the same logits."""
     check_round_trip(src, tmp_path, capsys, "glm_moe_dsa", GlmMoeDsaForCausalLM,
                      {"architectures": ["GlmMoeDsaForCausalLM"], "index_topk": 8, "index_n_heads": 8,
                       "index_head_dim": 32, "indexer_types": TYPES, "first_k_dense_replace": 1,
-                      "mlp_layer_types": ["dense"] + ["sparse"] * 5})
+                      "mlp_layer_types": ["dense"] + ["sparse"] * 5, "rope_interleave": True,
+                      "indexer_rope_interleave": True})
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 
@@ -357,10 +358,13 @@ def test_missing_fields_and_patterns_read_as_transformers_reads_them(change):
     ({"indexer_types": None, "index_topk_pattern": "SFFFFF"}, "index_topk_pattern"),
     ({"indexer_types": None, "index_topk_pattern": "FXFFFF"}, "index_topk_pattern"),
     ({"indexer_types": None, "index_topk_freq": 2, "index_skip_topk_offset": 0}, "index_skip_topk_offset"),
+    ({"indexer_rope_interleave": False}, "indexer_rope_interleave"),
+    ({"rope_interleave": False}, "rope_interleave"),
 ])
 def test_configs_flyer_cannot_run_are_one_line(src, tmp_path, capsys, change, field):
-    """A bad indexer_types entry, a shared first layer (listed or derived), a wrong length: ``flyer info``
-    exits 2 with one line naming the field."""
+    """A bad indexer_types entry, a shared first layer (listed or derived), a wrong length, a rope layout other
+    than interleaved (which transformers would ignore and vLLM follow): ``flyer info`` exits 2 with one line naming
+    the field."""
     d = json.loads((src[0] / "config.json").read_text())
     d = {k: v for k, v in {**d, **change}.items() if v is not None}
     p = tmp_path / "config.json"

@@ -261,7 +261,9 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
                  index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim)
         if mt == "glm_moe_dsa":  # as save_pretrained writes it: the dense layers and indexers listed per layer
             d.update(indexer_types=list(cfg.indexer_types),
-                     mlp_layer_types=["dense"] * cfg.n_dense_layers + ["sparse"] * (cfg.n_layers - cfg.n_dense_layers))
+                     mlp_layer_types=["dense"] * cfg.n_dense_layers + ["sparse"] * (cfg.n_layers - cfg.n_dense_layers),
+                     # said, as GLM-5.2's config does: vLLM reads the indexer's layout from it (default by version)
+                     rope_interleave=True, indexer_rope_interleave=True)
     else:
         d.update(n_group=cfg.n_expert_groups if grouped else None, scoring_func="softmax",
                  topk_group=cfg.n_limited_groups if grouped else None,

@@ -32,8 +32,9 @@ DeepseekV3 whose dense layers ``mlp_layer_types`` names. DeepSeek-V3.2 (``deepse
 (its MLA always interleaved: it has no ``rope_interleave``) with DeepSeek Sparse Attention
 (``index_topk``, ``index_n_heads``, ``index_head_dim``), its dense layers ``mlp_layer_types``' or else
 ``first_k_dense_replace``'s, and DeepseekV32Config's defaults for missing fields (those of V3.2-Exp).
-GLM-5 / GLM-5.1 (``glm_moe_dsa``) is DeepSeek-V3.2 (GlmMoeDsaConfig's defaults: GLM-5's) whose indexer
-rotates interleaved pairs, with cross-layer top-k sharing: ``indexer_types`` marks each layer "full" (its
+GLM-5 / GLM-5.1 / GLM-5.2 (``glm_moe_dsa``) is DeepSeek-V3.2 (GlmMoeDsaConfig's defaults: GLM-5's) whose
+indexer rotates interleaved pairs (``indexer_rope_interleave`` and ``rope_interleave`` true or missing), with
+GLM-5.2's cross-layer top-k sharing (IndexShare): ``indexer_types`` marks each layer "full" (its
 own indexer) or "shared" (none: it reuses the selection of the nearest full layer before it); missing, it
 comes from ``index_topk_pattern`` ("F"/"S" per layer, or a list), else ``index_topk_freq`` and
 ``index_skip_topk_offset`` (default 1 and 2: every layer full), as GlmMoeDsaConfig derives it.
@@ -369,6 +370,11 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
             out.update(index_topk=d["index_topk"], index_n_heads=d["index_n_heads"], index_head_dim=d["index_head_dim"])
             if d["model_type"] == "glm_moe_dsa":  # listed even when all full: GLM-5's layout (flyer.config)
                 out["indexer_types"] = _indexer_types(d, where, n_layers)
+                # GLM-5.2's config says both rotate interleaved pairs, as transformers' GlmMoeDsa always does
+                # (it ignores the keys); vLLM reads indexer_rope_interleave: a checkpoint saying otherwise would
+                # be read one way by each, so it is refused rather than guessed
+                for key in ("rope_interleave", "indexer_rope_interleave"):
+                    _require(d, where, key, (True,), True)
         if mt == "deepseek_v3":  # transformers' DeepseekV3 gate: sigmoid + correction bias + groups, always
             _require(d, where, "scoring_func", ("sigmoid",), "sigmoid")
             _require(d, where, "topk_method", ("noaux_tc",), "noaux_tc")
