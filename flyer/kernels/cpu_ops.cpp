@@ -28,6 +28,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -85,6 +86,24 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
+}
+
+// a paged cache as a kernel reads it in place: ``pool`` (N, bs, K) FP32 or BF16 and the rows' block ``tables``
+// (B, nb) int64, both on the CPU; ``op`` names the kernel in the errors
+void check_paged(const at::Tensor& pool, const at::Tensor& tables, const std::string& op) {
+  check_cpu(pool, (op + " pool").c_str());
+  check_cpu(tables, (op + " tables").c_str());
+  check_dtype(tables, at::kLong, (op + " tables").c_str());
+  TORCH_CHECK(pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kBFloat16,
+              op, " pool: float32 or bfloat16 expected, got ", pool.scalar_type());
+}
+
+// row b's block ids lo .. hi (its table's entries) name blocks of the pool's N
+void check_block_ids(const int64_t* tables, int64_t b, int64_t nb, int64_t lo, int64_t hi, int64_t N,
+                     const std::string& op) {
+  for (int64_t i = lo; i <= hi; ++i)
+    TORCH_CHECK(0 <= tables[b * nb + i] && tables[b * nb + i] < N, op, ": block id ", tables[b * nb + i],
+                " outside the pool's ", N, " blocks");
 }
 
 // ---- flyer's own worker threads -----------------------------------------------------------------
@@ -1309,14 +1328,10 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Tensor& tables, const at::Tensor& pos,
                       int64_t C, double scale, int64_t first, int64_t few_rows) {
   check_cpu(q, "mla_decode q");
-  check_cpu(pool, "mla_decode pool");
-  check_cpu(tables, "mla_decode tables");
   check_cpu(pos, "mla_decode pos");
   check_dtype(q, at::kFloat, "mla_decode q");
-  check_dtype(tables, at::kLong, "mla_decode tables");
   check_dtype(pos, at::kLong, "mla_decode pos");
-  TORCH_CHECK(pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kBFloat16,
-              "mla_decode pool: float32 or bfloat16 expected, got ", pool.scalar_type());
+  check_paged(pool, tables, "mla_decode");
   TORCH_CHECK(q.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && pos.dim() == 2 && pool.size(2) == q.size(2) &&
               tables.size(0) == q.size(0) && pos.size(0) == q.size(0) && q.size(1) % pos.size(1) == 0,
               "mla_decode: q (B, M, K), pool (N, bs, K), tables (B, nb), pos (B, T) with T dividing M expected");
@@ -1329,12 +1344,8 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
   for (int64_t i = 0; i < B * T; ++i)
     TORCH_CHECK(first <= pp[i] && pp[i] < nb * bs, "mla_decode: position ", pp[i], " outside slots ", first,
                 " .. ", nb * bs - 1, " (the first attended to the last the block tables cover)");
-  for (int64_t b = 0; b < B; ++b) {  // the blocks each row reads
-    const int64_t last = *std::max_element(pp + b * T, pp + (b + 1) * T) / bs;
-    for (int64_t i = 0; i <= last; ++i)
-      TORCH_CHECK(0 <= tp[b * nb + i] && tp[b * nb + i] < N, "mla_decode: block id ", tp[b * nb + i],
-                  " outside the pool's ", N, " blocks");
-  }
+  for (int64_t b = 0; b < B; ++b)  // the blocks each row reads
+    check_block_ids(tp, b, nb, 0, *std::max_element(pp + b * T, pp + (b + 1) * T) / bs, N, "mla_decode");
   auto out = at::empty({B, M, C}, q.options());
   double slots = 0;  // the slots the rows read, for the split's estimate
   for (int64_t b = 0; b < B; ++b) slots += *std::max_element(pp + b * T, pp + (b + 1) * T) + 1 - first;
@@ -1437,13 +1448,9 @@ at::Tensor index_scores(const at::Tensor& q, const at::Tensor& w, const at::Tens
                         int64_t first, int64_t n_slots, double scale) {
   check_cpu(q, "index_scores q");
   check_cpu(w, "index_scores w");
-  check_cpu(pool, "index_scores pool");
-  check_cpu(tables, "index_scores tables");
   check_dtype(q, at::kFloat, "index_scores q");
   check_dtype(w, at::kFloat, "index_scores w");
-  check_dtype(tables, at::kLong, "index_scores tables");
-  TORCH_CHECK(pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kBFloat16,
-              "index_scores pool: float32 or bfloat16 expected, got ", pool.scalar_type());
+  check_paged(pool, tables, "index_scores");
   TORCH_CHECK(q.dim() == 3 && w.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && w.size(0) == q.size(0) &&
               q.size(1) == w.size(1) * w.size(2) && pool.size(2) == q.size(2) && tables.size(0) == q.size(0),
               "index_scores: q (B, T H, K), w (B, T, H), pool (N, bs, K), tables (B, nb) expected");
@@ -1453,9 +1460,7 @@ at::Tensor index_scores(const at::Tensor& q, const at::Tensor& w, const at::Tens
               " outside the ", nb * bs, " the block tables cover");
   const int64_t* tp = tables.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)  // the blocks each row reads
-    for (int64_t i = first / bs; i <= (n_slots - 1) / bs; ++i)
-      TORCH_CHECK(0 <= tp[b * nb + i] && tp[b * nb + i] < N, "index_scores: block id ", tp[b * nb + i],
-                  " outside the pool's ", N, " blocks");
+    check_block_ids(tp, b, nb, first / bs, (n_slots - 1) / bs, N, "index_scores");
   auto out = at::empty({B, T, n_slots - first}, q.options());
   const double slots = static_cast<double>(B) * (n_slots - first);
   const double seconds = one_thread_seconds(slots * K * pool.element_size(), 2. * slots * T * H * (K + 1));
