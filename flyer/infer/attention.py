@@ -48,6 +48,7 @@ from torch import nn
 from flyer import kernels
 from flyer.infer.cache import KVCache, LatentCache
 from flyer.model.attention import causal_attention
+from flyer.model.dsa_chunks import absorbed_attend
 from flyer.model.hybrid_chunks import entry_picks
 
 FP32_TINY = torch.finfo(torch.float32).tiny  # smallest normal FP32, 2^-126
@@ -203,17 +204,11 @@ def dsa_masked(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, rows
 def dsa_gathered_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BTkK: torch.Tensor,
                       valid_BTk: torch.Tensor) -> torch.Tensor:
     """``mla_absorbed_core`` with keys per query: q_nope (B,T,H,nope), q_rope (B,T,H,R), each query's own
-    [c | k_rope] (B, T, k, C + R), of which ``valid`` (B, T, k) bool are attended. Scores (B*T, H, k), the
-    FP32 softmax (``_softmax``), p @ c in latent space, then W_UV. Returns (B, T, H, v)."""
-    B, T, H, _ = q_nope.shape
-    k, C = kv_BTkK.shape[2], attn.kv_lora_rank
-    q_BMK, w_HXC = _absorbed_queries(attn, q_nope, q_rope)  # row h*T + t
-    q = q_BMK.view(B, H, T, -1).transpose(1, 2).reshape(B * T, H, -1)  # a query's H heads share its keys
-    kv = kv_BTkK.reshape(B * T, k, -1)
-    scores = torch.bmm(q, kv.transpose(1, 2))  # (B*T, H, k): q_abs.c + q_rope.k_rope
-    p = _softmax(scores * attn.softmax_scale, valid_BTk.reshape(B * T, 1, k), q_nope.dtype)
-    o_lat = torch.bmm(p, kv[..., :C]).view(B, T, H, C).transpose(1, 2).reshape(B, H * T, C)
-    return _absorbed_output(attn, o_lat, w_HXC, T)
+    [c | k_rope] (B, T, k, C + R), of which ``valid`` (B, T, k) bool are attended. Returns (B, T, H, v). The
+    training path's sparse MLA (``flyer.model.dsa_chunks.absorbed_attend``), subnormal probabilities flushed on
+    the CPU as ``_softmax`` does."""
+    return absorbed_attend(attn, torch.cat([q_nope, q_rope], dim=-1), kv_BTkK, valid_BTk,
+                           flush=q_nope.device.type == "cpu")
 
 
 def _selected(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, rows: Rows,

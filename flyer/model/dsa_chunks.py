@@ -1,4 +1,5 @@
-"""DeepSeek Sparse Attention (V3.2 / GLM-5) in query chunks over gathered keys, for training and prefill.
+"""DeepSeek Sparse Attention (V3.2 / GLM-5) in query chunks over gathered keys: training and whole-sequence forwards
+(``MLA.forward``; the decode cache's prefill chunks attend masked, ``flyer.infer.attention.dsa_masked``).
 
 ``MLA.forward``'s masked form scores every causal key of every query and masks all but the indexer's
 ``index_topk`` (k): O(T^2) scores and a (B, 1, T, T) mask per layer, however small k. Past ``dsa_gathers``' length
@@ -102,12 +103,14 @@ def sparse_attention(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor
     return chunked_attention(attend, chunks.plan, q, no_band, latents, chunks.visible, params=(attn.wkv_b.weight,))
 
 
-def absorbed_attend(attn: nn.Module, q_BCHd: torch.Tensor, picked_BCkL: torch.Tensor,
-                    valid_BCk: torch.Tensor) -> torch.Tensor:
+def absorbed_attend(attn: nn.Module, q_BCHd: torch.Tensor, picked_BCkL: torch.Tensor, valid_BCk: torch.Tensor,
+                    flush: bool = False) -> torch.Tensor:
     """softmax(scale q . k) v of queries q = [q_nope | q_rope] (B, C, H, nope + R) over each one's own keys, the
     gathered latents [c | k_rope] (B, C, k, L) of which ``valid`` (B, C, k) count, in the latent space: q_nope
     W_UK (per head, from ``wkv_b``) scores against c, q_rope against k_rope; the FP32 softmax's p @ c, then W_UV.
-    Returns (B, C, H, v). Per query the products are (H, L) @ (L, k): DeepSeek's sparse MLA."""
+    Returns (B, C, H, v). Per query the products are (H, L) @ (L, k): DeepSeek's sparse MLA (decode's too,
+    ``flyer.infer.attention.dsa_gathered_core``). ``flush``: subnormal probabilities to zero (CPU decode: their
+    arithmetic is slow there; 2^-126 of weight each)."""
     H, nope, v, C = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
     w_HXC = attn.wkv_b.weight.view(H, nope + v, C).to(q_BCHd.dtype)  # a weight held in BF16: the queries' dtype
     q_nope, q_rope = q_BCHd.split([nope, q_BCHd.shape[-1] - nope], dim=-1)
@@ -116,5 +119,7 @@ def absorbed_attend(attn: nn.Module, q_BCHd: torch.Tensor, picked_BCkL: torch.Te
     picked = picked_BCkL.to(q_lat.dtype)
     scores = torch.matmul(q_lat, picked.transpose(-1, -2)).float() * attn.softmax_scale  # (B, C, H, k)
     p = torch.where(valid_BCk.unsqueeze(2), scores, float("-inf")).softmax(dim=-1)
+    if flush:
+        p = p.masked_fill(p < torch.finfo(torch.float32).tiny, 0.0)
     o_lat = torch.matmul(p.to(picked.dtype), picked[..., :C])  # (B, C, H, kv_lora_rank)
     return torch.einsum("bchl,hvl->bchv", o_lat, w_HXC[:, nope:])  # W_UV absorbed into the output
