@@ -1,6 +1,8 @@
 """Expert parallelism with a DeepSeek-V4 model (``tiny-v4`` shrunk as in ``tests/test_pipeline_v4.py``: 4 streams of
 hyper-connections, hash-routed MoE in layers 0-2, window-only, CSA and HCA layers, 8 routed experts) against one
-process: EP 2 on 2 gloo ranks (FP32 wire, and FP8 dispatch), and PP 2 x EP 2 (1F1B) on 4.
+process: EP 2 on 2 gloo ranks (FP32 wire, and FP8 dispatch), and PP 2 x EP 2 on 4 under every pipeline schedule
+(1F1B over the steps; interleaved 1F1B, ZBV zero bubble and DualPipeV, its forward and backward chunks overlapped as
+the trainer runs it with EP > 1, one step each: their four stages of one layer each want 4 micro-batches).
 
 Every rank builds its model as the trainer does (``build_model``: the one-process initialisation replayed, each EP
 rank keeping its experts), so the hash tables (``tid2eid``) come from that replay: every rank must hold the one-process
@@ -14,15 +16,16 @@ as the harnesses derive them:
 - FP32 wire (``tests/test_pipeline.py``): per step the loss terms at the same weights within FP32_TOL of one
   process, every gradient within FP32_TOL of the exact (FP64) one, plus the one-process FP32 run's own error there
   (``_step_errors``: the hyper-connection head's gradients cancel), both relative to the tensor's largest magnitude;
-  after the steps every parameter within ``adamw_bound`` of the one-process trajectory, the buffers (router biases,
-  hash tables) within FP32_TOL.
+  after the steps (cases of STEPS steps) every parameter within ``adamw_bound`` of the one-process trajectory, the
+  buffers (router biases, hash tables) within FP32_TOL.
 - FP8 dispatch (flat, BF16 combine; ``tests/test_ep_model.py``): one step against the one-process model with the
   same wire roundings, normwise within ``wire_bound(FLIP_SHARE)`` of the wire's whole effect on that tensor.
 
 That the comparison is tight: a rank whose hash tables are zero (every token's copies to expert 0, as
 ``init_like_single_process`` left them on pipeline ranks before its fix) misses it by orders of magnitude and fails
 the table check. (Before that fix an EP rank kept its constructor's tables, drawn after expert stacks a half the size:
-the check named layers 1 and 2 on both ranks.)
+the check named layers 1 and 2 on both ranks.) Under the overlapped DualPipeV, stages past the first routing their
+hash layers by token id 0 miss it by orders of magnitude too.
 Last, ``flyer train --preset tiny-v4 --ep 2`` under torchrun against the same job with every expert on each rank
 (``--ep 1``, data parallel: the same replicas and sample streams), tests/test_train_pp.py's bound.
 """
@@ -45,30 +48,35 @@ from flyer.model.transformer import Transformer
 from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.grads import expert_param_names
 from flyer.parallel.mesh import init_distributed
-from flyer.parallel.pipeline import PipelineModel
+from flyer.parallel.pipeline import PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, min_micro_batches, split_backward_runs
 from flyer.train.metrics import read_metrics
 from flyer.train.trainer import build_model
-from ranks import run_ranks
+from ranks import needs_split_backward, run_ranks
 from test_ep_model import FLIP_SHARE, _nrel, wire_bound
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, _rel, accumulate, adamw_trajectory,
                            check_trajectory, term_failures)
-from test_pipeline_v4 import CLI_LR, CLI_STEPS, CLI_WD, V4, T, _cfg
+from test_pipeline_v4 import CLI_LR, CLI_STEPS, CLI_WD, MUTANTS, V4, T, _cfg, _mutant
 from test_train_pp import _run, _torchrun
 
 M, DP = 2, 2  # micro-batches per replica and step; replicas (every case: 2 EP ranks, or 2 per pipeline stage)
-# name: (world, pp, ep, dispatcher, fp8 dispatch, steps, mutant)
+# name: (world, pp, ep, dispatcher, fp8 dispatch, steps, mutant, pipeline schedule, micro-batches per replica)
 CASES = {
-    "ep2": (2, 1, 2, "hierarchical", False, STEPS, None),  # the trainer's default dispatcher
-    "ep2-fp8": (2, 1, 2, "flat", True, 1, None),  # FP8 payload, BF16 combine (--fp8-dispatch)
-    "ep2-tid2eid-zero": (2, 1, 2, "flat", False, 1, "tid2eid-zero"),  # rank 1's hash tables zero
-    "pp2-ep2-1f1b": (4, 2, 2, "hierarchical", False, STEPS, None),
+    "ep2": (2, 1, 2, "hierarchical", False, STEPS, None, None, M),  # the trainer's default dispatcher
+    "ep2-fp8": (2, 1, 2, "flat", True, 1, None, None, M),  # FP8 payload, BF16 combine (--fp8-dispatch)
+    "ep2-tid2eid-zero": (2, 1, 2, "flat", False, 1, "tid2eid-zero", None, M),  # rank 1's hash tables zero
+    "pp2-ep2-1f1b": (4, 2, 2, "hierarchical", False, STEPS, None, "1f1b", M),
+    # two stages per rank (4 of one layer each): min_micro_batches' 4 micro-batches; one step (the step's bounds)
+    **{f"pp2-ep2-{s}": (4, 2, 2, "hierarchical", False, 1, None, s, min_micro_batches(s, 2))
+       for s in PP_SCHEDULES if s != "1f1b"},
+    # DualPipeV's stages past the first route their hash layers by token id 0 (``test_pipeline_v4._mutant``)
+    "pp2-ep2-dualpipev-tokens-zero": (4, 2, 2, "hierarchical", False, 1, "tokens-zero", "dualpipev", 4),
 }
 
 
-def _batch(step: int):
-    """The global batch of a step: DP x M micro-batches of B sequences, replica-major."""
+def _batch(step: int, m: int = M):
+    """The global batch of a step: DP x m micro-batches of B sequences, replica-major."""
     g = torch.Generator().manual_seed(100 + step)
-    data = torch.randint(0, V4["vocab_size"], (DP * M * B, T + 1), generator=g)
+    data = torch.randint(0, V4["vocab_size"], (DP * m * B, T + 1), generator=g)
     return data[:, :-1], data[:, 1:]
 
 
@@ -79,26 +87,27 @@ def _tables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ---- ranks --------------------------------------------------------------------------------------
 def _case(rank: int, name: str) -> dict:
-    _, pp, ep, kind, fp8, steps, mutant = CASES[name]
+    _, pp, ep, kind, fp8, steps, mutant, schedule, m = CASES[name]
     cfg = _cfg()
     mesh = init_distributed(cfg, ep=ep, pp=pp, timeout_s=120)
     base = build_model(cfg, mesh, "fp32", seed=SEED, dispatcher=kind, fp8_dispatch=fp8,
-                       stages=("1f1b", T) if pp > 1 else None)
+                       stages=(schedule, T) if pp > 1 else None)
     if mutant == "tid2eid-zero" and rank == 1:
         for n, b in base.named_buffers():
             if n.endswith("tid2eid"):
                 b.zero_()
     tables = _tables(base)
-    model = PipelineModel(base, mesh, "1f1b", M, B, T) if pp > 1 else base
+    model = PipelineModel(base, mesh, schedule, m, B, T) if pp > 1 else base  # DualPipeV with EP: overlapped
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, eps=ADAM_EPS)
-    rows = slice(mesh.dp_rank * M * B, (mesh.dp_rank + 1) * M * B)
+    rows = slice(mesh.dp_rank * m * B, (mesh.dp_rank + 1) * m * B)
     out = []
     for step in range(steps):
         # the whole model (on rank 0 under pipelining); without pipelining its CPU tensors are the live ones
         before = {k: v.clone() for k, v in mesh.full_state_dict(model).items()}
-        x, y = _batch(step)
+        x, y = _batch(step, m)
         if pp > 1:
-            terms = model.train_step(x[rows], y[rows])
+            with _mutant(mutant if mutant in MUTANTS else None):
+                terms = model.train_step(x[rows], y[rows])
             mesh.sync_gradients(model)
             model.sync_mirrors()
             terms = {k: v * pp for k, v in mesh.mean(terms).items()}  # as the trainer: each term on one stage
@@ -112,13 +121,16 @@ def _case(rank: int, name: str) -> dict:
         opt.step()
         opt.zero_grad()
         out.append(dict(state=before if rank == 0 else None, terms=terms, grads=grads))
+    overlapped = sum(getattr(f, "runs", 0) for f in getattr(getattr(model, "schedule", None),
+                                                             "_comp_type_to_function_map", {}).values())
     return dict(steps=out, final=mesh.full_state_dict(model), tables=tables, ep_rank=mesh.ep_rank,
-                experts=expert_param_names(model))
+                experts=expert_param_names(model), micro_batches=m, overlapped=overlapped)
 
 
 def _worker(rank: int) -> dict:
     world = int(os.environ["WORLD_SIZE"])
-    out = {name: _case(rank, name) for name, case in CASES.items() if case[0] == world}
+    out = {name: _case(rank, name) for name, case in CASES.items()
+           if case[0] == world and (split_backward_runs() or case[7] not in SPLIT_SCHEDULES)}
     dist.destroy_process_group()
     return out
 
@@ -141,13 +153,15 @@ def _initial_state() -> dict:
         return Transformer(_cfg()).state_dict()
 
 
-def _oracle_at(state: dict, step: int, fp8: bool = False, dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
-    """(loss terms, gradients) of one process at ``state`` on step ``step``'s batch; ``fp8``: with the FP8 wire's
-    roundings (``LocalDispatcher``'s round trip and BF16 combine); ``dtype`` float64: the exact gradients."""
+def _oracle_at(state: dict, step: int, fp8: bool = False, dtype: torch.dtype = torch.float32,
+               m: int = M) -> tuple[dict, dict]:
+    """(loss terms, gradients) of one process at ``state`` on step ``step``'s batch of ``m`` micro-batches per
+    replica; ``fp8``: with the FP8 wire's roundings (``LocalDispatcher``'s round trip and BF16 combine); ``dtype``
+    float64: the exact gradients."""
     cfg = _cfg()
     ref = Transformer(cfg, dispatcher_factory(cfg, None, "local", fp8, None)).to(dtype)
     ref.load_state_dict(state)
-    terms = accumulate(ref, *_batch(step))
+    terms = accumulate(ref, *_batch(step, m))
     return terms, {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
 
 
@@ -172,9 +186,9 @@ def _step_errors(results: list[dict], step: int) -> tuple[list[str], float]:
     gradient in other orders; where that gradient cancels (the hyper-connection head's ``base``: its FP32 value is
     7e-5 of its largest magnitude off the exact one), FP32_TOL against the other FP32 run would not hold for every
     order, against the exact one it holds for any evaluation as accurate as one process."""
-    state = results[0]["steps"][step]["state"]
-    terms, grads = _oracle_at(state, step)
-    _, exact = _oracle_at(state, step, dtype=torch.float64)
+    state, m = results[0]["steps"][step]["state"], results[0]["micro_batches"]
+    terms, grads = _oracle_at(state, step, m=m)
+    _, exact = _oracle_at(state, step, dtype=torch.float64, m=m)
     failures, worst = [], 0.0
     for rank, res in enumerate(results):
         got = res["steps"][step]
@@ -228,6 +242,31 @@ def test_steps_match_single_process(name):
     final = results[0]["final"]
     assert set(final) == set(ref["state"])
     check_trajectory(final, ref, name)
+
+
+@pytest.mark.parametrize("schedule", [pytest.param(s, marks=needs_split_backward if s in SPLIT_SCHEDULES else ())
+                                      for s in PP_SCHEDULES if s != "1f1b"])
+def test_pp2_ep2_schedules_match_single_process(schedule):
+    """PP 2 x EP 2 under the schedules of two stages per rank (interleaved 1F1B; ZBV and DualPipeV, backward split
+    into its input and weight parts; DualPipeV's paired chunks overlapped, the trainer's default with EP > 1): one
+    step's loss terms and every gradient within the per-step bounds of ``_step_errors``, every rank's hash tables
+    the one-process ones."""
+    results = _case_results(f"pp2-ep2-{schedule}")
+    assert not _table_failures(results), _table_failures(results)
+    failures, _ = _step_errors(results, 0)
+    assert not failures, "\n".join(failures[:20])
+    grads = set().union(*(r["steps"][0]["grads"] for r in results))
+    assert "hc_head.fn" in grads and any(k.endswith("hc_attn.fn") for k in grads)
+    assert all(r["steps"][0]["terms"]["aux_loss"] > 0 for r in results)
+    assert all((r["overlapped"] > 0) == (schedule == "dualpipev") for r in results)  # the chunks' pairs ran
+
+
+@needs_split_backward
+def test_dualpipev_stages_routing_by_token_zero_fail_the_comparison():
+    """Under the overlapped DualPipeV, stages past the first routing their hash layers by token id 0: the first
+    step's gradients miss one process's by more than 100 x the tolerance (the per-step bounds see the schedule)."""
+    failures, worst = _step_errors(_case_results("pp2-ep2-dualpipev-tokens-zero"), 0)
+    assert failures and worst > 100 * FP32_TOL, (failures[:5], worst)
 
 
 def test_fp8_dispatch_matches_single_process_with_the_wire_roundings():

@@ -120,6 +120,21 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, None, None
 
 
+class FP8WeightFunction(torch.autograd.Function):
+    """The weight (N, K) as the forward GEMM sees it: its 128x128 blocks quantized and dequantized (float32); the
+    gradient goes straight through to the master weight, as ``FP8LinearFunction``'s dW does."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
+        ctx.w_dtype = weight.dtype
+        with torch.autocast(weight.device.type, enabled=False):
+            return quantize_blocks(weight, recipe.fmt, recipe.pow2_scales).dequantize()
+
+    @staticmethod
+    def backward(ctx, dw: torch.Tensor):
+        return dw.to(ctx.w_dtype), None
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                recipe: FP8Recipe = FP8Recipe()) -> torch.Tensor:
     """Drop-in for ``F.linear`` with the FP8 recipe. x (..., K), weight (N, K), bias (N,) added in
@@ -148,6 +163,12 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.bias, self.recipe)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(out_features, in_features) float32: the weight as this layer's GEMMs see it (``FP8WeightFunction``:
+        128x128 blocks, gradient straight to the master weight), for a product taken outside the layer (DSA's
+        absorbed W_UK / W_UV, ``flyer.model.dsa_chunks.absorption_weight``)."""
+        return FP8WeightFunction.apply(self.weight, self.recipe)
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """(..., G, out_features / G): group g of x (..., G, in_features) times its own rows of the weight
@@ -339,6 +360,6 @@ def fp8_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (FP8Linear, FP8Experts))]
 
 
-__all__ = ["FP8Recipe", "FP8LinearFunction", "fp8_linear", "FP8Linear", "FP8GroupedLinearFunction",
-           "fp8_grouped_linear", "FP8Experts", "default_module_filter", "convert_to_fp8", "fp8_modules",
-           "output_dtype"]
+__all__ = ["FP8Recipe", "FP8LinearFunction", "FP8WeightFunction", "fp8_linear", "FP8Linear",
+           "FP8GroupedLinearFunction", "fp8_grouped_linear", "FP8Experts", "default_module_filter", "convert_to_fp8",
+           "fp8_modules", "output_dtype"]
