@@ -74,7 +74,7 @@ class ModelConfig:
     # with compress_ratios[i] = r > 0 also to one compressed entry per r tokens: CSA (r = csa_ratio: overlapping
     # windows, the indexer keeps index_topk entries per query) or HCA (any other r: every entry)
     window_size: int = 0
-    compress_ratios: tuple[int, ...] = ()  # one per layer; 0 = the sliding window only
+    compress_ratios: tuple[int, ...] = ()  # one per main layer; 0 = the sliding window only (MTP blocks: always 0)
     csa_ratio: int = 4
     compress_rope_theta: float = 160000.0  # compressed layers' RoPE base (with the rope scaling); others: rope_theta
     o_groups: int = 0  # grouped output projection: head groups, each projected to o_lora_rank channels
@@ -144,8 +144,9 @@ class ModelConfig:
         return layer >= len(self.indexer_types) or self.indexer_types[layer] == "full"
 
     def is_csa(self, layer: int) -> bool:
-        """Whether hybrid layer ``layer`` is CSA (overlapping compressed windows and the indexer)."""
-        return self.attn == "hybrid" and self.compress_ratios[layer] == self.csa_ratio
+        """Whether hybrid layer ``layer`` is CSA (overlapping compressed windows and the indexer); an MTP block
+        (``n_layers`` onward) is not: DeepSeek-V4's attends by the sliding window only."""
+        return self.attn == "hybrid" and layer < self.n_layers and self.compress_ratios[layer] == self.csa_ratio
 
     @property
     def softmax_scale(self) -> float:
@@ -276,8 +277,6 @@ class ModelConfig:
         if self.csa_ratio in self.compress_ratios:
             need(self.index_topk > 0, "index_topk", f"must be > 0: layers with compress ratio {self.csa_ratio} "
                                                     "(csa_ratio) select entries by the indexer")
-        need(self.mtp_depth == 0, "mtp_depth", "must be 0 for hybrid attention (DeepSeek-V4's MTP module is "
-                                               "not supported yet)")
         for name in ("qk_norm", "attn_bias"):
             need(not getattr(self, name), name, "applies to gqa attention only")
         need(self.rotary_dim == 0, "rotary_dim", "applies to gqa attention only (hybrid has qk_rope_head_dim)")
@@ -377,7 +376,7 @@ _DSV4_FLASH = dict(
     o_groups=8, o_lora_rank=1024, index_topk=512, index_n_heads=64, index_head_dim=128, hc_mult=4,
     moe_inter_dim=2048, n_routed_experts=256, n_shared_experts=1, n_activated_experts=6, n_expert_groups=1,
     n_limited_groups=1, score_func="sqrtsoftplus", route_scale=1.5, n_hash_layers=3, swiglu_limit=10.0,
-    max_seq_len=1048576, rope_factor=16.0, original_seq_len=65536, mscale=0.0, mtp_depth=0, init_std=0.02,
+    max_seq_len=1048576, rope_factor=16.0, original_seq_len=65536, mscale=0.0, mtp_depth=1, init_std=0.02,
 )
 
 # CPU presets: gamma 0.01 (V3: 0.001), or the bias lags few large AdamW steps and routing collapses onto one expert.
@@ -428,9 +427,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         o_lora_rank=64, index_topk=16, index_n_heads=8, index_head_dim=32, hc_mult=4, moe_inter_dim=64,
         n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=1, n_limited_groups=1,
         score_func="sqrtsoftplus", route_scale=1.5, n_hash_layers=1, swiglu_limit=10.0, max_seq_len=1024,
-        original_seq_len=1024, mscale=0.0, mtp_depth=0, init_std=0.02, bias_update_speed=0.01, **_NO_YARN,
+        original_seq_len=1024, mscale=0.0, mtp_depth=1, init_std=0.02, bias_update_speed=0.01, **_NO_YARN,
     ),
-    # official DeepSeek-V4-Flash (284B total, 13B activated): hybrid attention, hyper-connections, hash-routed layers
+    # official DeepSeek-V4-Flash (284B total, 13B activated; one MTP module beside them): hybrid attention,
+    # hyper-connections, hash-routed layers
     "dsv4-flash": _DSV4_FLASH,
     # official DeepSeek-V4-Pro (1.6T total, 49B activated): V4-Flash's design, wider and deeper
     "dsv4-pro": dict(

@@ -55,8 +55,18 @@ from ranks import needs_split_backward, run_ranks
 from test_ep_model import FLIP_SHARE, _nrel, wire_bound
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, _rel, accumulate, adamw_trajectory,
                            check_trajectory, term_failures)
-from test_pipeline_v4 import CLI_LR, CLI_STEPS, CLI_WD, MUTANTS, V4, T, _cfg, _mutant
+from test_pipeline_v4 import CLI_LR, CLI_STEPS, CLI_WD, MUTANTS, V4, T, _mutant
+from test_pipeline_v4 import _cfg as _pipeline_cfg
 from test_train_pp import _run, _torchrun
+
+def _cfg():
+    """test_pipeline_v4's model without its MTP module, layers 0-2 hash-routed and 3 by score (with a bias). The
+    MTP module's ``hc_head.scale`` gradient cancels further than the main head's: an EP step's FP32 value lands
+    1.2e-3 off the exact one against one process's 5e-4, so ``_step_errors``' criterion (as accurate as one
+    process) is no bound for it. V4's MTP under EP is held by ``flyer train --ep 2`` against data parallel
+    (the preset has it) and, under pipelining, by test_pipeline_v4's orders."""
+    return _pipeline_cfg().replace(mtp_depth=0, n_hash_layers=3)
+
 
 M, DP = 2, 2  # micro-batches per replica and step; replicas (every case: 2 EP ranks, or 2 per pipeline stage)
 # name: (world, pp, ep, dispatcher, fp8 dispatch, steps, mutant, pipeline schedule, micro-batches per replica)

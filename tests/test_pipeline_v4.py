@@ -3,7 +3,8 @@ hybrid attention with window-only, CSA and HCA layers) against one process, on 2
 (``PP_SCHEDULES``), over several AdamW steps. ``tests/test_pipeline.py`` is the harness (its sizes, oracles and
 tolerances); what V4 adds:
 
-- the stages hand on the ``hc_mult`` streams (B, T, N, D), the first expanding, the last collapsing them;
+- the stages hand on the ``hc_mult`` streams (B, T, N, D), the first expanding them; the last stage's MTP module
+  (V4's: window-only, its own ``hc_head``) reads them before the loss collapses them;
 - the hash-routed layers route by the micro-batch's token ids, which every stage gets (the schedule's keyword
   argument); the splits below put a hash layer on a stage past the first under every schedule (checked);
 - each layer rotates with its kind's rope table (window-only and compressed layers at other bases).
@@ -49,11 +50,12 @@ from test_train_pp import _run, _torchrun  # the torchrun command and its subpro
 
 WORLD = PP = 2
 T = 16  # test_pipeline's 12 would leave the HCA layer (ratio 8) one entry
-# tiny-v4 shrunk: layers 0-2 hash-routed (1 and 2 past the first stage under every split), 3 routed by score with
-# a bias; window 4 < T so the compressed entries matter; top-2 of the CSA layers' entries
+# tiny-v4 shrunk, with its MTP module: layers 0-3 hash-routed (some past the first stage under every split: 1F1B's
+# puts the MTP block's cost beside layer 3), the MTP block routed by score with a bias; window 4 < T so the
+# compressed entries matter; top-2 of the CSA layers' entries
 V4 = dict(vocab_size=256, dim=64, n_heads=2, head_dim=32, q_lora_rank=32, qk_rope_head_dim=8, window_size=4,
           compress_ratios=(0, 4, 8, 4), o_groups=2, o_lora_rank=16, index_topk=2, index_n_heads=2, index_head_dim=16,
-          moe_inter_dim=32, n_routed_experts=8, n_activated_experts=2, n_hash_layers=3, max_seq_len=64,
+          moe_inter_dim=32, n_routed_experts=8, n_activated_experts=2, n_hash_layers=4, max_seq_len=64,
           original_seq_len=64)
 MUTANTS = ("tokens-zero", "stream-0")  # deliberately wrong stages (``_mutant``), run under 1F1B for one step
 CASES = {**{s: (s, None) for s in PP_SCHEDULES}, **{m: ("1f1b", m) for m in MUTANTS}}
@@ -181,7 +183,7 @@ def test_splits_put_a_hash_layer_past_the_first_stage(schedule):
     cfg = _cfg()
     split = split_layers(cfg, PP * chunks_per_rank(schedule, PP), T)
     assert any(i < cfg.n_hash_layers for stage in split[1:] for i in stage), split
-    assert set(cfg.compress_ratios) == {0, cfg.csa_ratio, 8} and cfg.hc_mult == 4
+    assert set(cfg.compress_ratios) == {0, cfg.csa_ratio, 8} and cfg.hc_mult == 4 and cfg.mtp_depth == 1
     assert residual_shape(cfg, B, T) == (B, T, 4, cfg.dim)
 
 
@@ -196,7 +198,7 @@ def test_init_replay_draws_the_hash_tables():
         b.zero_()
     init_like_single_process(model, None, SEED)
     tables = [k for k in ref.state_dict() if k.endswith("tid2eid")]
-    assert len(tables) == 3 and all(ref.state_dict()[k].any() for k in tables)
+    assert len(tables) == _cfg().n_hash_layers and all(ref.state_dict()[k].any() for k in tables)
     for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

@@ -159,7 +159,8 @@ def test_published_totals():
     assert round(flash.total / 1e9) == 284 and round((flash.activated - flash.embedding) / 1e9) == 13
     assert round(pro.total / 1e12, 1) == 1.6 and round((pro.activated - pro.embedding) / 1e9) == 49
     assert round((flash.activated) / 1e9) == 14 and round(pro.activated / 1e9) == 50  # why the embedding is left out
-    assert flash.mtp == pro.mtp == 0  # mtp_depth 0: DeepSeek-V4's MTP module is not modelled yet
+    # one MTP module each (num_nextn_predict_layers 1), outside the totals as V3's 14B are
+    assert flash.mtp == mtp_module_params(preset("dsv4-flash")) > 0 and pro.mtp == mtp_module_params(preset("dsv4-pro"))
 
 
 def test_flash_checkpoint_bytes_from_the_config_alone():

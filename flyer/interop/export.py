@@ -9,7 +9,8 @@ for GQA with them in every layer and no head norms, ``glm4_moe`` for GQA with pa
 DeepseekV3's sigmoid router, its MTP modules kept), safetensors (one
 file, or shards plus ``model.safetensors.index.json`` past the shard size), ``tokenizer.json`` with its
 ``tokenizer_config.json`` and a ``generation_config.json``. MTP modules are written as DeepSeek's
-checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head);
+checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head; DeepSeek-V4's as
+its ``mtp.k.*``, which transformers' DeepseekV4 skips on load: the summary notes it);
 Llama, Qwen2, Qwen3(-MoE) and Mixtral have no MTP module, so a GQA model's is left out (the summary says so); a
 GQA model with routed experts exports as Mixtral or Qwen3-MoE where that computes it, else is refused.
 ``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
@@ -321,8 +322,8 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
         keep = (stored if not stored.is_floating_point  # DeepSeek-V4's hash table: int64
                 else torch.float32 if _KEEP_FP32.search(name) or dtype == "fp32" else torch.bfloat16)
         items.append((name, shape, keep, lambda get=get, keep=keep: get().to(keep)))
-        if slot.key.startswith("mtp.") and slot.key.endswith(".enorm.weight"):
-            pre = name[:-len("enorm.weight")]  # DeepSeek's MTP layers carry the shared embedding and head too
+        if cfg.attn != "hybrid" and slot.key.startswith("mtp.") and slot.key.endswith(".enorm.weight"):
+            pre = name[:-len("enorm.weight")]  # DeepSeek's V3 MTP layers carry the shared embedding and head too
             wdt = torch.float32 if dtype == "fp32" else torch.bfloat16
             for copy_name, key in ((pre + "embed_tokens.weight", "embed.weight"),
                                    (pre + "shared_head.head.weight", "head.weight")):
@@ -483,6 +484,9 @@ def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]
     summary = {"out": str(out), "model_type": config["model_type"], "dtype": dtype, "files": files}
     if exported(cfg).mtp_depth < cfg.mtp_depth:
         summary["left_out"] = f"the MTP module ({cfg.mtp_depth} deep): {config['model_type']} has none"
+    elif config["model_type"] == "deepseek_v4" and cfg.mtp_depth:
+        summary["note"] = (f"the MTP module ({cfg.mtp_depth} deep) is written as DeepSeek's mtp.k.* tensors: "
+                           "transformers' DeepseekV4 skips them (it has no MTP), DeepSeek's inference runs them")
     return summary
 
 

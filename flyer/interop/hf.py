@@ -21,6 +21,7 @@ checkpoints use the same names):
     mtp.k.enorm, hnorm, eh_proj    model.layers.(L+k).enorm, hnorm, eh_proj
     mtp.k.norm                     model.layers.(L+k).shared_head.norm
     mtp.k.block.*                  model.layers.(L+k).* (as a decoder layer)
+    V4: mtp.k.e_proj, h_proj, ...  mtp.k.e_proj, h_proj, enorm, hnorm, norm, hc_head_*; mtp.k.block.* as mtp.k.*
 
 flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2, Qwen3(-MoE), Mixtral,
 DeepseekV3 with ``rope_interleave: false``) get their rope rows permuted on the way in and out, and
@@ -166,18 +167,25 @@ def _rope_rows(sub: str, cfg: ModelConfig, rope_half: bool) -> tuple[int, int, i
 def _v4_entries(key: str, shape) -> Iterator[tuple[str, Slot]]:
     """DeepSeek-V4's names, as its hub checkpoints spell them (``v4_name`` reads transformers' too): flyer's
     own but for the hyper-connections' (``hc_attn.fn`` -> ``hc_attn_fn``), the shared experts' and one tensor
-    per routed expert. Every V4 RoPE rotates interleaved pairs: nothing is permuted."""
-    m = re.fullmatch(r"(layers\.\d+\.)?(hc_head|hc_attn|hc_ffn)\.(fn|base|scale)", key)
+    per routed expert; MTP module k's block is named as a decoder layer under ``mtp.k`` (``mtp.k.attn.wq_a``,
+    ``mtp.k.hc_attn_fn``), beside its own ``e_proj``, ``h_proj``, norms and ``hc_head_*``. Every V4 RoPE
+    rotates interleaved pairs: nothing is permuted."""
+    name = re.sub(r"^(mtp\.\d+\.)block\.", r"\1", key)
+    m = re.fullmatch(r"((?:layers|mtp)\.\d+\.)?(hc_head|hc_attn|hc_ffn)\.(fn|base|scale)", name)
     if m:
         yield f"{m.group(1) or ''}{m.group(2)}_{m.group(3)}", Slot(key)
         return
-    m = re.fullmatch(r"(layers\.\d+\.ffn\.)experts\.(w[123])", key)
+    m = re.fullmatch(r"((?:layers|mtp)\.\d+\.ffn\.)experts\.(w[123])", name)
     if m:
         for e in range(shape[0]):
             yield f"{m.group(1)}experts.{e}.{m.group(2)}.weight", Slot(key, e)
         return
-    yield key.replace(".ffn.shared.", ".ffn.shared_experts."), Slot(key)
+    yield name.replace(".ffn.shared.", ".ffn.shared_experts."), Slot(key)
 
+
+# copies of the shared embedding and head an MTP layer may carry (vLLM's V4 loader maps them; DeepSeek's converter
+# drops them): flyer's MTP modules share the model's
+_V4_MTP_COPIES = ("emb.", "head.weight")
 
 # transformers' save_pretrained of a DeepseekV4 model prefixes "model." and renames a few of DeepSeek's names (its
 # reverse renaming also turns the attention's kv_norm into "norm", the compressors' name)
@@ -271,9 +279,12 @@ def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[Mo
     path = Path(path)
     raw = _read_json(path / "config.json")
     fields = from_hf_config(raw, str(path / "config.json"))
-    if names is not None and fields.get("mtp_depth", 0):
-        have = {int(m.group(1)) for n in names if (m := re.fullmatch(r"model\.layers\.(\d+)\.eh_proj\.weight", n))}
-        fields["mtp_depth"] = next(k for k in range(fields["mtp_depth"] + 1) if fields["n_layers"] + k not in have)
+    if names is not None and fields.get("mtp_depth", 0):  # the MTP layers the files hold: V4's mtp.k.*, V3's
+        v4 = fields.get("attn") == "hybrid"
+        have = {int(m.group(1)) for n in names if (m := re.match(r"mtp\.(\d+)\.", n) if v4 else re.fullmatch(
+            r"model\.layers\.(\d+)\.eh_proj\.weight", n))}
+        first = 0 if v4 else fields["n_layers"]
+        fields["mtp_depth"] = next(k for k in range(fields["mtp_depth"] + 1) if first + k not in have)
     try:
         return ModelConfig.from_dict(fields), raw
     except ConfigError as e:
@@ -291,8 +302,10 @@ def rope_half_layout(raw: dict) -> bool:
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
-    if cfg.attn == "hybrid":  # V4's MTP layer is not modelled (transformers skips it too); scales go with weights
-        return name.startswith("mtp.") or name.endswith(".scale")
+    if cfg.attn == "hybrid":  # scales go with their weights; MTP layers past mtp_depth are not built
+        m = re.match(r"mtp\.(\d+)\.", name)
+        return name.endswith(".scale") or (m is not None and (int(m.group(1)) >= cfg.mtp_depth
+                                                               or name.startswith(_V4_MTP_COPIES, m.end())))
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
     if m and int(m.group(1)) >= cfg.n_layers and m.group(2) in _MTP_COPIES:
         return True

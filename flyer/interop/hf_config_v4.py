@@ -11,8 +11,12 @@ readers of the first).
 As transformers computes V4: window-only layers rotate at ``rope_theta`` unscaled, compressed layers at
 ``compress_rope_theta`` with the scaling and cos/sin unscaled (its ``attention_factor`` 1 unless the
 file sets one); the softmax scale is head_dim^-0.5; the router always renormalises its top-k weights;
-DeepseekV4Config's defaults (V4-Flash's values) fill missing fields. Its MTP layer is not modelled
-(transformers does not run it either): it is read as ``mtp_depth`` 0.
+DeepseekV4Config's defaults (V4-Flash's values) fill missing fields.
+
+The MTP layers (``num_nextn_predict_layers``, DeepseekV4Config's default 1; tensors ``mtp.k.*``) are flyer's
+``mtp_depth`` (``v4_mtp_depth``), as V3's are; a checkpoint read with its tensor names builds the ones its files
+hold (``flyer.interop.hf.read_hf_config``: transformers neither builds nor saves them). Their attention is
+window-only: ``compress_ratios``' extra entries must be 0, and are written so.
 """
 
 from __future__ import annotations
@@ -144,8 +148,22 @@ def from_v4_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
         "n_hash_layers": _hash_layers(d, where, n_layers),
         "swiglu_limit": d["swiglu_limit"], "norm_eps": d["rms_norm_eps"], "max_seq_len": d["max_position_embeddings"],
         "init_std": d["initializer_range"], "tie_embeddings": bool(d.get("tie_word_embeddings", False)),
-        "mtp_depth": 0, **_rope(d, where),
+        "mtp_depth": v4_mtp_depth(d, where), **_rope(d, where),
     }
+
+
+def v4_mtp_depth(d: dict[str, Any], where: str = "config.json") -> int:
+    """The MTP layers a ``deepseek_v4`` config declares (``num_nextn_predict_layers``, DeepseekV4Config's default
+    1), each window-only: an extra ``compress_ratios`` entry for one that is not 0 is a ``ConfigError``."""
+    depth = d.get("num_nextn_predict_layers", 1)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise _bad(where, "num_nextn_predict_layers", f"expected an integer >= 0 (got {depth!r:.40})")
+    n_layers, ratios = d.get("num_hidden_layers", _DEFAULTS["num_hidden_layers"]), d.get("compress_ratios")
+    if isinstance(ratios, list) and any(r != 0 for r in ratios[n_layers:n_layers + depth]):
+        raise _bad(where, "compress_ratios", f"the MTP layers' entries (after the {n_layers} layers') must be 0: "
+                                             f"flyer's MTP attends by the sliding window only (got "
+                                             f"{ratios[n_layers:n_layers + depth]})")
+    return depth
 
 
 def to_v4_config(cfg) -> dict[str, Any]:
@@ -171,7 +189,7 @@ def to_v4_config(cfg) -> dict[str, Any]:
         "qk_rope_head_dim": cfg.rope_dim, "partial_rotary_factor": cfg.rope_dim / cfg.head_dim,
         "sliding_window": cfg.window_size, "layer_types": layer_types,
         "compress_rates": {_CSA: cfg.csa_ratio, _HCA: hca[0] if hca else _COMPRESS_RATES[_HCA]},
-        "compress_ratios": [{0: 0, cfg.csa_ratio: 4}.get(r, 128) for r in cfg.compress_ratios],
+        "compress_ratios": [{0: 0, cfg.csa_ratio: 4}.get(r, 128) for r in cfg.compress_ratios] + [0] * cfg.mtp_depth,
         "compress_rope_theta": cfg.compress_rope_theta, "o_groups": cfg.o_groups, "o_lora_rank": cfg.o_lora_rank,
         "index_topk": max(cfg.index_topk, 1), "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
         "hc_mult": cfg.hc_mult, "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters, "hc_eps": cfg.hc_eps,
@@ -182,8 +200,8 @@ def to_v4_config(cfg) -> dict[str, Any]:
         "swiglu_limit": cfg.swiglu_limit, "rope_theta": cfg.rope_theta,
         "rope_parameters": {"main": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                                      "partial_rotary_factor": cfg.rope_dim / cfg.head_dim}, "compress": compress},
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": cfg.mtp_depth,
     }
 
 
-__all__ = ["from_v4_config", "to_v4_config"]
+__all__ = ["from_v4_config", "to_v4_config", "v4_mtp_depth"]

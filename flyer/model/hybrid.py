@@ -34,6 +34,7 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.model.attention import select_topk
+from flyer.model.counts import compress_ratio
 from flyer.model.hybrid_chunks import (Gathered, chunked_attention, entry_picks, gathers, query_chunk, span_visible,
                                       spans)
 from flyer.model.lowp import Linear
@@ -45,7 +46,7 @@ def hybrid_rope_config(cfg: ModelConfig, layer_id: int) -> ModelConfig:
     """The config whose ``rope_cos_sin`` tables layer ``layer_id`` rotates with: window-only layers at
     ``rope_theta`` unscaled, compressed layers at ``compress_rope_theta`` with the config's scaling (YaRN).
     No cos/sin factor either way: V4's checkpoints do not scale them (transformers forces attention_factor 1)."""
-    if cfg.compress_ratios[layer_id] == 0:
+    if compress_ratio(cfg, layer_id) == 0:
         return cfg.replace(rope_factor=1.0, rope_attn_factor=1.0)
     return cfg.replace(rope_theta=cfg.compress_rope_theta, rope_attn_factor=1.0)
 
@@ -146,13 +147,14 @@ class Indexer(nn.Module):
 
 class HybridAttention(nn.Module):
     """DeepSeek-V4 attention of layer ``layer_id``, by ``cfg.compress_ratios[layer_id]``: 0 = sliding window
-    only, ``csa_ratio`` = CSA, any other r > 0 = HCA (see the module docstring)."""
+    only, ``csa_ratio`` = CSA, any other r > 0 = HCA (see the module docstring); an MTP block's (``n_layers``
+    onward) attends by the window only, as DeepSeek-V4's (``flyer.model.counts.compress_ratio``)."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         H, d, D, R = cfg.n_heads, cfg.head_dim, cfg.dim, cfg.q_lora_rank
         self.n_heads, self.head_dim, self.o_groups = H, d, cfg.o_groups
-        self.window, self.ratio, self.eps = cfg.window_size, cfg.compress_ratios[layer_id], cfg.norm_eps
+        self.window, self.ratio, self.eps = cfg.window_size, compress_ratio(cfg, layer_id), cfg.norm_eps
         self.softmax_scale = cfg.softmax_scale
         self.wq_a = Linear(D, R, bias=False)
         self.q_norm = RMSNorm(R, eps=cfg.norm_eps)

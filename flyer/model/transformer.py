@@ -19,12 +19,13 @@ from flyer.model.norm import RMSNorm
 from flyer.model.attention import Selection, build_attention
 from flyer.model.loss import linear_cross_entropy
 from flyer.model.dispatch import Dispatcher
+from flyer.model.counts import compress_ratio
 from flyer.model.experts import Experts
 from flyer.model.hybrid import HybridAttention, hybrid_rope_config
 from flyer.model.hyper import HyperConnection, HyperHead, init_hyper
 from flyer.model.init import deferred_init
 from flyer.model.moe import MLP, Gate, MoE
-from flyer.model.mtp import MTPModule
+from flyer.model.mtp import HyperMTPModule, MTPModule
 from flyer.model.rope import rope_cos_sin
 
 
@@ -97,14 +98,19 @@ class OutputHeads:
         """The last block's residual as hidden states (B, T, D): ``hc_head``'s collapse of the streams."""
         return self.hc_head(h) if self.cfg.hc_mult > 1 else h
 
-    def mtp_hidden(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> list[torch.Tensor]:
-        """h^1..h^D from the main hidden states h_BTD (before the final norm, as ``hidden`` returns);
-        h^k has T-k positions and (after norm and head) predicts token t_{i+k+1}. The first module
-        sees the main model's normed output (DeepSeek's checkpoints; see ``flyer.model.mtp``)."""
-        out, h = [], self.norm(h_BTD) if len(self.mtp) else h_BTD
+    def mtp_hidden(self, h: torch.Tensor, tokens_BT: torch.Tensor) -> list[torch.Tensor]:
+        """h^1..h^D from the main model's last residual h: its hidden states before the final norm (B, T, D), as
+        ``hidden`` returns, or under DeepSeek-V4 (attn "hybrid") the streams before ``hc_head`` (B, T, N, D), as
+        ``last_residual`` returns. h^k has T-k positions and (after ``head_input`` and the head) predicts token
+        t_{i+k+1}. V3's first module sees the main model's normed output, V4's the streams as they are
+        (DeepSeek's checkpoints; see ``flyer.model.mtp``)."""
+        if not len(self.mtp):
+            return []
+        out = []
+        h = h if self.cfg.attn == "hybrid" else self.norm(h)
         for k, mod in enumerate(self.mtp, start=1):
             T_k = tokens_BT.shape[1] - k
-            cos, sin = self.rope_tables(T_k, tokens_BT.device)
+            (cos, sin), = layer_rope_tables(self.cfg, [mod.block.layer_id], T_k, tokens_BT.device)
             h = mod(h[:, :T_k], self.embed(tokens_BT[:, k:]), cos, sin)
             out.append(h)
         return out
@@ -113,13 +119,13 @@ class OutputHeads:
         """Mean cross-entropy of the output head on normed hidden states x_BTD; FP32 scalar."""
         return linear_cross_entropy(x_BTD.flatten(0, 1), self.head.weight, targets_BT.flatten())
 
-    def output_losses(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor,
+    def output_losses(self, h: torch.Tensor, tokens_BT: torch.Tensor,
                       targets_BT: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The next-token loss and the MTP losses (module k predicts targets_BT[:, k:]) from the
-        main hidden states before the final norm."""
-        main = self.head_loss(self.norm(h_BTD), targets_BT)
-        mtp_losses = [self.head_loss(mod.norm(h_k), targets_BT[:, k:])
-                      for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h_BTD, tokens_BT)), start=1)]
+        """The next-token loss and the MTP losses (module k predicts targets_BT[:, k:]) from the main hidden
+        states before the final norm (B, T, D), or the last residual's streams (B, T, N, D), collapsed here."""
+        main = self.head_loss(self.norm(self.collapse(h) if h.dim() == 4 else h), targets_BT)
+        mtp_losses = [self.head_loss(mod.head_input(h_k), targets_BT[:, k:])
+                      for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h, tokens_BT)), start=1)]
         return main, mtp_losses
 
 
@@ -133,10 +139,10 @@ def layer_rope_tables(cfg: ModelConfig, layer_ids: list[int], T: int,
         return [rope_cos_sin(cfg.rope_dim, T, cfg, device)] * len(layer_ids)
     by_kind: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
     for i in layer_ids:
-        kind = cfg.compress_ratios[i] > 0
+        kind = compress_ratio(cfg, i) > 0  # an MTP block's (n_layers onward): window-only
         if kind not in by_kind:
             by_kind[kind] = rope_cos_sin(cfg.rope_dim, T, hybrid_rope_config(cfg, i), device)
-    return [by_kind[cfg.compress_ratios[i] > 0] for i in layer_ids]
+    return [by_kind[compress_ratio(cfg, i) > 0] for i in layer_ids]
 
 
 def shared_selection(cfg: ModelConfig) -> Selection | None:
@@ -183,9 +189,10 @@ class Transformer(OutputHeads, nn.Module):
                 self.head.weight = self.embed.weight
             if cfg.hc_mult > 1:
                 self.hc_head = HyperHead(cfg)
-            # MTP blocks use the layer type of the model's last layer (MoE for V3).
+            # MTP blocks use the layer type of the model's last layer (MoE for V3; V4: window-only attention)
+            mtp_module = HyperMTPModule if cfg.attn == "hybrid" else MTPModule
             self.mtp = nn.ModuleList(
-                MTPModule(cfg, Block(cfg, cfg.n_layers + k, make_dispatcher, experts_impl))
+                mtp_module(cfg, Block(cfg, cfg.n_layers + k, make_dispatcher, experts_impl))
                 for k in range(cfg.mtp_depth))
         if self.embed.weight.device.type != "meta":
             self.init_weights()
@@ -197,13 +204,18 @@ class Transformer(OutputHeads, nn.Module):
 
     def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Final hidden states before the last norm (B, T, D)."""
+        return self.collapse(self.last_residual(tokens_BT))
+
+    def last_residual(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """The last block's residual: (B, T, D), or with hyper-connections the streams (B, T, N, D) before
+        ``hc_head`` (what DeepSeek-V4's MTP reads)."""
         h = self.streams(self.embed(tokens_BT))
         tables = layer_rope_tables(self.cfg, [layer.layer_id for layer in self.layers], tokens_BT.shape[1],
                                    tokens_BT.device)
         selection = shared_selection(self.cfg)
         for layer, (cos, sin) in zip(self.layers, tables):
             h = layer(h, cos, sin, tokens_BT, selection)
-        return self.collapse(h)
+        return h
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Main-model logits (B, T, V), FP32."""
@@ -216,7 +228,7 @@ class Transformer(OutputHeads, nn.Module):
         cross-entropy are fused (``linear_cross_entropy``): same values as
         ``F.cross_entropy(self.head(...).float(), ...)`` without materialising the logits.
         """
-        main, mtp_losses = self.output_losses(self.hidden(tokens_BT), tokens_BT, targets_BT)
+        main, mtp_losses = self.output_losses(self.last_residual(tokens_BT), tokens_BT, targets_BT)
         loss = main
         if mtp_losses:
             loss = loss + self.cfg.mtp_loss_weight * torch.stack(mtp_losses).mean()

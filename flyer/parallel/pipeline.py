@@ -20,11 +20,11 @@ forward and backward chunks (``OVERLAP_F_B``) run concurrently, so one's EP all-
 behind the other's compute (``flyer.parallel.overlap``).
 
 DeepSeek-V4. Stages pass the whole residual: with hyper-connections its ``hc_mult`` streams
-(B, T, N, D) (the first stage expands the embeddings into them, the last collapses them through
-``hc_head`` before the final norm). Every stage gets the micro-batch's token ids as the schedule's
-keyword argument ``tokens_BT`` (PyTorch splits it by micro-batch and hands it to each stage's
-forward, no transfer): the hash-routed MoE layers route by them, wherever the split puts them.
-Each layer rotates with its own kind's rope table (``layer_rope_tables``).
+(B, T, N, D) (the first stage expands the embeddings into them; the last stage's loss collapses them
+through ``hc_head`` before the final norm, after V4's MTP modules have read them). Every stage gets
+the micro-batch's token ids as the schedule's keyword argument ``tokens_BT`` (PyTorch splits it by
+micro-batch and hands it to each stage's forward, no transfer): the hash-routed MoE layers route by
+them, wherever the split puts them. Each layer rotates with its own kind's rope table (``layer_rope_tables``).
 
 Gradients: every micro-batch's loss is divided by the number of micro-batches here (the schedules'
 own ``scale_grads`` would divide a parameter shared by two local stages twice), so after a step
@@ -197,8 +197,8 @@ class Stage(OutputHeads, nn.Module):
     """Blocks ``layers`` of the model, with the embedding on the first stage and the final norm,
     head, ``hc_head`` and MTP modules on the last. Its forward takes tokens (first stage) or the
     residual of the previous stage (``residual_shape``), and the token ids tokens_BT (B, T) for the
-    hash-routed layers; it returns the residual, the last stage the hidden states (B, T, D) after
-    the streams' collapse. ``loss`` turns the last stage's into the training loss."""
+    hash-routed layers; it returns the residual (``residual_shape``), the last stage's too: ``loss`` turns
+    that into the training loss (collapsing the streams after DeepSeek-V4's MTP modules read them)."""
 
     def __init__(self, model: Transformer, index: int, layers: range, n_stages: int, micro_batches: int):
         super().__init__()
@@ -226,20 +226,18 @@ class Stage(OutputHeads, nn.Module):
             h = layer(h, cos, sin, tokens_BT, selection)
             if self.training and getattr(layer.ffn, "aux_loss", None) is not None:
                 aux.append(layer.ffn.aux_loss)
-        if self.last:
-            h = self.collapse(h)
         if aux:
             total = torch.stack(aux).sum()
             self.totals["aux_loss"].append(total.detach())
             h = AttachAux.apply(h, total, self.scale)
         return h
 
-    def loss(self, h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one micro-batch over the number of micro-batches: next-token,
         MTP (its inputs are the targets shifted: token t_{i+1} is target i) and the MTP blocks'
         balance losses."""
         tokens = torch.cat([targets_BT[:, :1], targets_BT[:, :-1]], dim=1)  # tokens[:, 1:] = targets[:, :-1]
-        main, mtp_losses = self.output_losses(h_BTD, tokens, targets_BT)
+        main, mtp_losses = self.output_losses(h, tokens, targets_BT)
         loss = main
         self.totals["main_loss"].append(main.detach())
         if mtp_losses:
@@ -335,11 +333,10 @@ class PipelineModel(nn.Module):
         # requires_grad: a stage's input gradient is what it sends back.
         pipe = _pipelining()
         residual = torch.empty(residual_shape(model.cfg, batch_size, seq_len), device="meta", requires_grad=True)
-        hidden = torch.empty(batch_size, seq_len, model.cfg.dim, device="meta", requires_grad=True)  # the last's
         tokens = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
         self.pipe_stages = [pipe.PipelineStage(st, st.index, n, mesh.device,
                                                input_args=tokens if st.first else residual,
-                                               output_args=hidden if st.last else residual, group=mesh.pp_group)
+                                               output_args=residual, group=mesh.pp_group)
                             for st in stages]
         self.overlap = (schedule == "dualpipev" and mesh.ep > 1) if overlap is None else overlap
         self.schedule = self._build_schedule()
@@ -413,7 +410,7 @@ class PipelineModel(nn.Module):
                 dist.recv(h, src=mesh.pp_ranks[prev], group=mesh.pp_group)
             h = st(h, x)
         last = next((st for st in self._stages if st.last), None)
-        return float(last.head_loss(last.norm(h), y)) if last is not None else 0.0
+        return float(last.head_loss(last.norm(last.collapse(h)), y)) if last is not None else 0.0
 
     def train(self, mode: bool = True) -> PipelineModel:
         super().train(mode)

@@ -178,8 +178,8 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
     main = training_flops_per_token(cfg, seq_len, causal=True)
     if cfg.mtp_depth:
         mtp_block = block_params(cfg, cfg.n_layers, activated=True) - 2 * cfg.dim
-        proj = 2 * cfg.dim * cfg.dim
+        proj = (1 + max(cfg.hc_mult, 1)) * cfg.dim * cfg.dim  # V3's eh_proj; V4's e_proj, and h_proj per stream
         head = cfg.vocab_size * cfg.dim
-        attn = attention_flops_per_token(cfg, seq_len, causal=True)
+        attn = attention_flops_per_token(cfg, seq_len, causal=True, layer_id=cfg.n_layers)  # V4: window-only
         main += cfg.mtp_depth * 3.0 * (2.0 * (mtp_block + proj + head) + attn)
     return main
