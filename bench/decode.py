@@ -19,9 +19,15 @@
    interleaved as in 1 (``speedup_dsa_gathered_vs_masked``); and gathered with the indexer scoring a new FP32
    copy of the index keys in place of the BF16 keys where they lie (``speedup_dsa_index_in_place_vs_copy``).
    ``--dsa-only`` runs this part alone.
+5. DSA prefill through the decode cache (``--dsa-prefill``, alone): prompts of ``--dsa-prompts`` tokens fed in
+   chunks of ``--dsa-chunk`` (one row, BF16 cache), each chunk's queries attending to their selected latents
+   gathered (``dsa_gathered``, in sub-chunks within ``GATHER_BUDGET``) against every cached slot read and the
+   unselected masked (``dsa_masked``, the compute-bound form), interleaved, best of ``--rounds``
+   (``speedup_dsa_prefill_gathered_vs_masked``); the last chunk's hidden states' relative difference.
 
 All times are compared with a peer measured in the same run. Prints one JSON object.
     python bench/decode.py [--threads 1] [--ckpt RUN_DIR] [--dsa-only]
+    python bench/decode.py --dsa-prefill [--dsa-prompts 4096,8192] [--dsa-chunk 256] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -95,12 +101,12 @@ def gathered_attention():
 def masked_selection():
     """DSA's decode over every attended slot, the unselected masked (``dsa_masked``), in place of each query's
     selected slots gathered (``dsa_gathered``): the peer in ``speedup_dsa_gathered_vs_masked``."""
-    pays = attention.gathered_decode_pays
-    attention.gathered_decode_pays = lambda attn, B, T, S: False
+    pays = attention.dsa_gather_pays
+    attention.dsa_gather_pays = lambda *args: False
     try:
         yield
     finally:
-        attention.gathered_decode_pays = pays
+        attention.dsa_gather_pays = pays
 
 
 @contextlib.contextmanager
@@ -124,8 +130,8 @@ def bench_dsa(contexts: list[int], topk: int, batch: int, steps: int, rounds: in
     out: dict = {"dsa_model": {"params": param_counts(model.cfg).total, "index_topk": topk, **DSA_BENCH},
                  "dsa_batch": batch, "dsa_steps": steps, "dsa_rounds": rounds}
     for ctx in contexts:
-        if not attention.gathered_decode_pays(attn, batch, 1, ctx):
-            raise SystemExit(f"--dsa-contexts: {ctx} slots do not pay for gathering {topk} (gathered_decode_pays)")
+        if not attention.dsa_gather_pays(attn, batch, 1, ctx):
+            raise SystemExit(f"--dsa-contexts: {ctx} slots do not pay for gathering {topk} (dsa_gather_pays)")
         runs = {"gathered": DecodeRun(model, "absorbed", ctx, batch, steps),
                 "masked": DecodeRun(model, "absorbed", ctx, batch, steps, switch=masked_selection)}
         if kernels.cpu_ops() is not None:
@@ -142,6 +148,66 @@ def bench_dsa(contexts: list[int], topk: int, batch: int, steps: int, rounds: in
         if "gathered_index_copy" in best:
             copy = best["gathered_index_copy"]
             out[f"speedup_dsa_index_in_place_vs_copy_ctx{ctx}"] = round(best["gathered"] / copy, 3)
+        del runs
+    return out
+
+
+@contextlib.contextmanager
+def gathered_selection():
+    """Every DSA call with a selection gathered (``dsa_gathered``), whatever ``dsa_gather_pays`` says: the
+    prefill's chunks up to the rule's crossover too."""
+    pays = attention.dsa_gather_pays
+    attention.dsa_gather_pays = lambda *args: True
+    try:
+        yield
+    finally:
+        attention.dsa_gather_pays = pays
+
+
+class PrefillRun:
+    """One row's prompt of ``length`` random tokens prefilled through a decoder's BF16 cache in chunks of
+    ``chunk``, under ``switch``."""
+
+    def __init__(self, model: Transformer, length: int, chunk: int, switch):
+        self.dec = Decoder(model, 1, length, "absorbed", torch.bfloat16)
+        self.tokens = torch.randint(0, model.cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+        self.chunk, self.switch = chunk, switch
+
+    @torch.inference_mode()
+    def run(self) -> tuple[float, torch.Tensor]:
+        """(tokens/s, the last chunk's hidden states)."""
+        L = self.tokens.shape[1]
+        with self.switch():
+            t0 = time.perf_counter()
+            for s in range(0, L, self.chunk):
+                h = self.dec.forward(self.tokens[:, s:s + self.chunk], torch.tensor([s]))
+            return L / (time.perf_counter() - t0), h
+
+
+def bench_dsa_prefill(prompts: list[int], chunk: int, topk: int, rounds: int) -> dict:
+    """Prefill tokens/s of the DSA model through the decode cache, gathered against masked, per prompt length
+    (interleaved, best of rounds); how many of the chunks ``dsa_gather_pays`` would gather."""
+    torch.manual_seed(0)
+    model = Transformer(preset("small", **DSA_BENCH, index_topk=topk)).eval()
+    attn = model.layers[0].attn
+    out: dict = {"dsa_model": {"params": param_counts(model.cfg).total, "index_topk": topk, **DSA_BENCH},
+                 "dsa_prefill_chunk": chunk, "dsa_rounds": rounds}
+    for L in prompts:
+        runs = {"gathered": PrefillRun(model, L, chunk, gathered_selection),
+                "masked": PrefillRun(model, L, chunk, masked_selection)}
+        best, last = dict.fromkeys(runs, 0.0), {}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                tps, last[name] = run.run()
+                best[name] = max(best[name], tps)
+        for name in runs:
+            out[f"prefill_tokens_per_s_dsa_{name}_prompt{L}"] = round(best[name], 1)
+        out[f"speedup_dsa_prefill_gathered_vs_masked_prompt{L}"] = round(best["gathered"] / best["masked"], 3)
+        g, m = last["gathered"].float(), last["masked"].float()
+        out[f"dsa_prefill_rel_diff_prompt{L}"] = float((g - m).norm() / m.norm())
+        ends = range(min(chunk, L), L + chunk, chunk)  # slots each chunk's last query sees
+        out[f"dsa_prefill_chunks_rule_gathers_prompt{L}"] = \
+            f"{sum(e > topk and attention.dsa_gather_pays(attn, 1, chunk, e, 4) for e in ends)}/{len(ends)}"
         del runs
     return out
 
@@ -272,12 +338,21 @@ def main() -> int:
     ap.add_argument("--dsa-contexts", default="2048,8192")
     ap.add_argument("--dsa-topk", type=int, default=256, help="the DSA model's index_topk")
     ap.add_argument("--dsa-only", action="store_true", help="run the DSA part (4.) alone")
+    ap.add_argument("--dsa-prefill", action="store_true", help="run the DSA prefill part (5.) alone")
+    ap.add_argument("--dsa-prompts", default="4096,8192", help="prompt lengths of the DSA prefill part")
+    ap.add_argument("--dsa-chunk", type=int, default=256, help="prefill chunk of the DSA prefill part")
     args = ap.parse_args()
     tune_malloc()  # as flyer's CLI and Trainer do
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     out: dict = {"threads": args.threads}
     dsa_contexts = [int(c) for c in args.dsa_contexts.split(",")]
+    if args.dsa_prefill:
+        prompts = [int(n) for n in args.dsa_prompts.split(",")]
+        out.update(bench_dsa_prefill(prompts, args.dsa_chunk, args.dsa_topk, args.rounds))
+        out["bench_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(out))
+        return 0
     if args.dsa_only:
         out.update(bench_dsa(dsa_contexts, args.dsa_topk, args.batch, args.steps, args.rounds))
         out["bench_s"] = round(time.perf_counter() - t0, 1)

@@ -5,7 +5,7 @@ any order) of the exact attention over the same selection, for rows of different
 index_topk), with ties at the cut, and with the MTP cache's shifted slots; the gathered slots are exactly the
 mask's. The decoder's logits gathered and masked agree within ``decode_tolerance`` on the tiny V3.2 and GLM-5 models
 (shared layers reuse their full layer's slots, derived once per selection); greedy ``generate`` and the serving
-engine give the same tokens. The tiny models' calls never pay for gathering by ``gathered_decode_pays`` (tested on
+engine give the same tokens. The tiny models' calls never pay for gathering by ``dsa_gather_pays`` (tested on
 V3.2's shapes), so these tests switch the path by hand. Mutations (slots shifted by one, the top-k of the negated
 scores) land far outside the bounds. FP32, CPU."""
 
@@ -18,7 +18,7 @@ from bounds import mla_attention_bound
 from flyer.config import preset
 from flyer.infer import attention
 from flyer.infer.attention import (Rows, causal_slot_mask, dsa_gathered, dsa_gathered_core, dsa_masked,
-                                   gathered_decode_pays)
+                                   dsa_gather_pays)
 from flyer.infer.cache import LatentCache
 from flyer.infer.decoder import Decoder
 from flyer.infer.generate import GenerationConfig, generate
@@ -123,31 +123,31 @@ def test_gathered_and_masked_attention_are_within_the_fp32_bound(v32, T, first):
 
 
 def _shape(name: str, **over) -> SimpleNamespace:
-    """What ``gathered_decode_pays`` reads of an MLA layer, of preset ``name`` (no weights built)."""
+    """What ``dsa_gather_pays`` reads of an MLA layer, of preset ``name`` (no weights built)."""
     cfg = preset(name, **over)
     return SimpleNamespace(kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim, n_heads=cfg.n_heads,
                            qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim, index_topk=cfg.index_topk)
 
 
-def test_gathered_decode_pays_by_its_cost_rule(v32, monkeypatch):
-    """``gathered_decode_pays``: V3.2's shape (index_topk 2048) gathers just past index_topk; smaller heads
+def test_dsa_gather_pays_by_its_cost_rule(v32):
+    """``dsa_gather_pays``: V3.2's shape (index_topk 2048) gathers just past index_topk; smaller heads
     need longer contexts or more rows to pay for the gather's fixed cost (the tiny model: never at these
-    lengths, so the tests below force it); calls in the compute-bound form keep their masked attention."""
+    lengths, so the tests below force it)."""
     bench = _shape("small", n_heads=16, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, kv_lora_rank=64,
                    index_topk=256)  # bench/decode.py's DSA model
     v32_shape, tiny = _shape("dsv32"), v32.layers[0].attn
-    assert gathered_decode_pays(v32_shape, 1, 1, 2048 + 64) and not gathered_decode_pays(v32_shape, 1, 1, 2049)
-    assert gathered_decode_pays(bench, 1, 1, 2048) and not gathered_decode_pays(bench, 1, 1, 1024)
-    assert gathered_decode_pays(bench, 4, 1, 1024) and gathered_decode_pays(bench, 4, 2, 512)
-    assert not gathered_decode_pays(tiny, 2, 1, 64) and gathered_decode_pays(tiny, 2, 1, 8192)
-    assert not gathered_decode_pays(v32_shape, 1, 1024, 65536)  # a prefill chunk: dense_prefill_pays
-    monkeypatch.setattr(attention, "dense_prefill_pays", lambda attn, T: T > 1)
-    assert gathered_decode_pays(tiny, 1, 1, 16384) and not gathered_decode_pays(tiny, 1, 4, 16384)
+    assert dsa_gather_pays(v32_shape, 1, 1, 2048 + 64) and not dsa_gather_pays(v32_shape, 1, 1, 2049)
+    assert dsa_gather_pays(bench, 1, 1, 2048) and not dsa_gather_pays(bench, 1, 1, 1024)
+    assert dsa_gather_pays(bench, 4, 1, 1024) and dsa_gather_pays(bench, 4, 2, 512)
+    assert not dsa_gather_pays(tiny, 2, 1, 64) and dsa_gather_pays(tiny, 2, 1, 8192)
+    # a prefill chunk over a short prompt keeps the compute-bound masked form; over a long one it gathers
+    # (tests/test_dsa_gather_prefill.py holds the crossovers)
+    assert not dsa_gather_pays(v32_shape, 1, 1024, 8192) and dsa_gather_pays(v32_shape, 1, 1024, 65536)
 
 
 def _gather(monkeypatch, on: bool) -> None:
     """Every DSA call with a selection gathered (``dsa_gathered``) or masked (``dsa_masked``), whatever its size."""
-    monkeypatch.setattr(attention, "gathered_decode_pays", lambda *args: on)
+    monkeypatch.setattr(attention, "dsa_gather_pays", lambda *args: on)
 
 
 class _Spy:

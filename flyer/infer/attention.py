@@ -28,9 +28,11 @@ cached with its latent (or keys and values); once some query of a call sees more
 query attends to its ``index_topk`` best only, as ``MLA.forward`` does on the whole sequence. Below
 that every query keeps all its slots, and the call runs as dense MLA's. GLM-5's shared layers
 (``MLA.shares_selection``) cache no indexer key and attend to the selection the last full layer of
-the same forward left in ``Rows.selected``. A decode-shaped call (``gathered_decode_pays``) reads and
-scores each query's k selected latents only, gathered from the cache by slot (``dsa_gathered``: k per
-query, not S); other calls attend over every slot with the unselected masked (``dsa_masked``, the oracle).
+the same forward left in ``Rows.selected``. Where it costs less (``dsa_gather_pays``: decode steps past a
+short context, prefill chunks over a long prompt) each query reads and scores its k selected latents only, gathered
+from the cache by slot (``dsa_gathered``: k per query, not S), a prefill chunk's queries in sub-chunks within
+``GATHER_BUDGET`` bytes; other calls attend over every slot with the unselected masked (``dsa_masked``, the oracle,
+in the form ``dense_prefill_pays`` picks).
 The indexer of a decode-shaped call on the CPU scores the cached index keys where they lie, BF16 or FP32
 (``dsa_index_scores``), rather than a new FP32 copy of them.
 
@@ -126,19 +128,43 @@ def dense_prefill_pays(attn: nn.Module, T: int) -> bool:
 
 # multiply-adds' worth of the dozen small ops that pick and gather the slots (``Rows.selected_slots``, the gather,
 # the per-query layout): a CPU core spends ~110 us more on them than on the masked path's, what it takes for
-# 2M multiply-adds of attention (bench/decode.py --dsa-only; measured crossover S ~ 730 + 1.2 k at B = 1)
+# 2M multiply-adds of attention (bench/decode.py --dsa-only; measured crossover S ~ 730 + 1.2 k at B = 1); paid
+# once per sub-chunk of a gathered prefill chunk
 GATHER_FIXED = 2_000_000
+# bytes a gathered sub-chunk's per-query tensors may take (its k latents, k (C + R) in the compute dtype, and FP32
+# scores and probabilities, 2 H k): all 256 queries of a V3.2 prefill chunk at once would take 1.7 GB in FP32, and
+# a sub-chunk that stays in the last-level cache between the gather and the products reading it runs faster: the
+# bench model's 256 queries (28 MiB) 1.25x slower than 32-64 (3.5-7 MiB; 4 queries: 2x slower, GATHER_FIXED each)
+# on a 32 MiB-L3 core (bench/decode.py --dsa-prefill, docs/performance.md)
+GATHER_BUDGET = 8 << 20
+# a multiply-add of the compute-bound form's fused attention (SDPA over up-projected keys) costs about a third of a
+# gathered one's (per-query (H, C + R) @ (C + R, k) products, the picks' layout): one layer's prefill chunk on a CPU
+# core, the bench model's, crossed over at S ~ 1,050 for T = 128 and ~ 1,450 for 256, ratios 3.1 and 3.6
+DENSE_OVER_GATHERED = 3
 
 
-def gathered_decode_pays(attn: nn.Module, B: int, T: int, S: int) -> bool:
-    """True when B x T queries with a DSA selection over S attended slots cost fewer multiply-adds reading their
-    ``index_topk`` (k) slots gathered than absorbed over all S masked: k ((2C + R) H + C + R) per query (scores,
-    p @ c, the gather's copy) plus ``GATHER_FIXED`` per call, against S (2C + R) H per query. Calls in the
-    compute-bound form (prefill chunks, ``dense_prefill_pays``) keep its fused masked attention: the gathered
-    copy, T k (C + R) per row, grows with T."""
+def gather_rows(attn: nn.Module, B: int, itemsize: int) -> int:
+    """Queries per sub-chunk of a gathered call (``dsa_gathered``) of B rows gathering latents of ``itemsize``
+    bytes: as many as ``GATHER_BUDGET`` holds, at least one."""
+    per_query = B * attn.index_topk * ((attn.kv_lora_rank + attn.qk_rope_head_dim) * itemsize + 8 * attn.n_heads)
+    return max(1, GATHER_BUDGET // per_query)
+
+
+def dsa_gather_pays(attn: nn.Module, B: int, T: int, S: int, itemsize: int = 4) -> bool:
+    """True when B x T queries against the decode cache (a decode step or a prefill chunk) with a DSA selection over
+    S attended slots cost fewer multiply-adds reading their ``index_topk`` (k) slots gathered (``dsa_gathered``, in
+    sub-chunks of ``gather_rows`` queries, latents of ``itemsize`` bytes) than what ``dsa_masked`` runs for T:
+    gathered, k ((2C + R) H + C + R) per query (scores, p @ c, the gather's copy) plus ``GATHER_FIXED`` per
+    sub-chunk; masked, in the compute-bound form (``dense_prefill_pays``) S H (C (nope + v) + T (nope + R + v)) per
+    row (the up-projection of every slot, then fused attention over all S) at ``DENSE_OVER_GATHERED`` times the
+    gathered multiply-adds' speed, else absorbed S (2C + R) H per query."""
     C, R, H, k = attn.kv_lora_rank, attn.qk_rope_head_dim, attn.n_heads, attn.index_topk
-    gathered = B * T * k * ((2 * C + R) * H + C + R) + GATHER_FIXED
-    return not dense_prefill_pays(attn, T) and gathered < B * T * S * (2 * C + R) * H
+    sub_chunks = -(-T // gather_rows(attn, B, itemsize))
+    gathered = B * T * k * ((2 * C + R) * H + C + R) + sub_chunks * GATHER_FIXED
+    if dense_prefill_pays(attn, T):
+        nope, v = attn.qk_nope_head_dim, attn.v_head_dim
+        return DENSE_OVER_GATHERED * gathered < B * S * H * (C * (nope + v) + T * (nope + R + v))
+    return gathered < B * T * S * (2 * C + R) * H
 
 
 def mla_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: LatentCache, layer: int) -> torch.Tensor:
@@ -167,8 +193,8 @@ def dsa_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: Latent
     """``mla_absorbed`` with DeepSeek Sparse Attention (``attn.indexer``): the new tokens' indexer keys
     are cached with their latents, and where some query sees more than ``index_topk`` slots each
     query attends to its selected ones only (``dsa_selection``): their latents gathered
-    (``dsa_gathered``) where ``gathered_decode_pays``, else every slot read and the rest masked
-    (``dsa_masked``). Returns (B, T, D)."""
+    (``dsa_gathered``, in sub-chunks of queries) where ``dsa_gather_pays``, decode steps and prefill chunks
+    alike, else every slot read and the rest masked (``dsa_masked``). Returns (B, T, D)."""
     B, T, _ = x_BTD.shape
     q_latent = attn.query_latent(x_BTD)  # (B, T, q_lora_rank): MLA's queries and the indexer's
     q_nope, q_rope = attn.queries(x_BTD, rows.cos, rows.sin, q_latent)
@@ -176,20 +202,26 @@ def dsa_absorbed(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: Latent
     cache.write(layer, rows.pos, latent=c_kv, rope_key=k_rope)
     if _selected(attn, x_BTD, q_latent, rows, cache) is None:
         o = _latent_attention(attn, q_nope, q_rope, rows, cache, layer)
-    elif gathered_decode_pays(attn, B, T, rows.n_slots - rows.first):
+    elif dsa_gather_pays(attn, B, T, rows.n_slots - rows.first, q_nope.element_size()):
         o = dsa_gathered(attn, q_nope, q_rope, rows, cache, layer)
     else:
         o = dsa_masked(attn, q_nope, q_rope, rows, cache, layer)
     return attn.wo(o.reshape(B, T, attn.n_heads * attn.v_head_dim))
 
 
-def dsa_gathered(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, rows: Rows, cache,
-                 layer: int) -> torch.Tensor:
+def dsa_gathered(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, rows: Rows, cache, layer: int,
+                 sub_chunk: int | None = None) -> torch.Tensor:
     """Attention (B, T, H, v) of each query over the latents of its selected slots only (``rows.selected``):
-    [c | k_rope] (B, T, k, C + R) gathered by slot from ``cache`` (contiguous or paged), then
+    [c | k_rope] (B, t, k, C + R) gathered by slot from ``cache`` (contiguous or paged) for ``sub_chunk`` queries
+    at a time (None: ``gather_rows``, within ``GATHER_BUDGET``), each sub-chunk only its own queries' picks, then
     ``dsa_gathered_core``. ``dsa_masked`` is its oracle."""
+    B, T = q_nope.shape[:2]
     slots_BTk, valid_BTk = rows.selected_slots(attn.index_topk)
-    return dsa_gathered_core(attn, q_nope, q_rope, cache.gather_packed(layer, slots_BTk, q_nope.dtype), valid_BTk)
+    n = sub_chunk or gather_rows(attn, B, q_nope.element_size())
+    outs = [dsa_gathered_core(attn, q_nope[:, s:s + n], q_rope[:, s:s + n],
+                              cache.gather_packed(layer, slots_BTk[:, s:s + n], q_nope.dtype), valid_BTk[:, s:s + n])
+            for s in range(0, T, n)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def dsa_masked(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, rows: Rows, cache,

@@ -1,5 +1,5 @@
 """DeepSeek Sparse Attention (V3.2 / GLM-5) in query chunks over gathered keys: training and whole-sequence forwards
-(``MLA.forward``; the decode cache's prefill chunks attend masked, ``flyer.infer.attention.dsa_masked``).
+(``MLA.forward``; the decode cache's prefill chunks and decode steps gather too: ``infer.attention.dsa_gathered``).
 
 ``MLA.forward``'s masked form scores every causal key of every query and masks all but the indexer's
 ``index_topk`` (k): O(T^2) scores and a (B, 1, T, T) mask per layer, however small k. Past ``dsa_gathers``' length
