@@ -69,7 +69,8 @@ def hybrid_capacity(memory: int) -> dict[str, float]:
     B = (memory - block) // (slot + -(-seq_len // ecfg.block_size) * block)
 
     def admitted(slots: int) -> int:
-        eng = Engine(model, EngineConfig(kv_cache_bytes=memory, max_batch_size=slots, max_queue=1 << 20))
+        eng = Engine(model, EngineConfig(kv_cache_bytes=memory, max_batch_size=slots, max_queue=1 << 20,
+                                         prefix_sharing=False))  # sequences held apart, as max_seqs counts them
         for n in range(slots):
             eng.submit([n % TOKEN_RANGE] * (seq_len - 1), SamplingOptions(max_tokens=1), lambda e: None)
         return eng.admit()

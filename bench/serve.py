@@ -36,14 +36,14 @@
    against the ratio of their cache bytes per token.
 
 ``--preset tiny-v4``: DeepSeek-V4's hybrid attention (window, CSA and HCA layers; ``flyer serve`` pages it with
-``flyer.serve.paged_hybrid``), the same clients and keys, with three differences. Its peer is transformers'
+``flyer.serve.paged_hybrid``), the same clients and keys, with two differences. Its peer is transformers'
 DeepseekV4 ``generate`` one request at a time, without padding: its compressors pool each row's tokens by their
 place in the padded batch, so a left-padded row pools pad tokens into its compressed entries and shifts their
 windows, and its greedy tokens are not those of the request alone. The bench checks that on the first batch
 (``peer_padded_rows_agree`` of ``peer_padded_rows``) and takes batched generate as the peer only where every
-row agrees. V4 shares no prefix blocks, so there is no hit rate; and in place of the MLA/GQA payoff it reports
-its cache bytes per token (``flyer.model.counts``), a slot's fixed bytes, and the sequences of its whole context
-(1024 tokens) the engine admits at once at ``--payoff-memory``. Smaller default sizes (``V4_SIZES``).
+row agrees. In place of the MLA/GQA payoff it reports its cache bytes per token (``flyer.model.counts``), a
+slot's fixed bytes, and the sequences of its whole context (1024 tokens) the engine admits at once at
+``--payoff-memory``. Smaller default sizes (``V4_SIZES``).
 ``flyer_peer_outputs_agree`` (both presets): of the highest concurrency's ``flyer_peer_outputs`` requests,
 those whose greedy tokens from the engine alone equal the peer's; V4's can part only where the indexer's
 scores tie exactly (at 0, every head's ReLU zero) at its top-k cut: flyer keeps the earliest entries
@@ -494,7 +494,7 @@ def main() -> None:
                  "prompt_tokens": [args.prompt_min, args.prompt_max], "new_tokens": [args.new_min, args.new_max],
                  "system_prompt_tokens": args.system_prompt, "speculative": args.speculative,
                  "draft_tokens": args.draft_tokens if args.speculative else None,
-                 "prefix_sharing": args.prefix_sharing and not hybrid}  # V4 shares no blocks
+                 "prefix_sharing": args.prefix_sharing}
     rng = random.Random(0)
     system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
     shapes = _shapes(max(max(args.concurrency), RATIO_CLIENTS) * args.requests_per_client, args, rng, system)
@@ -517,8 +517,7 @@ def main() -> None:
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
                     out[f"{k}_c{c}"] = res[k]
                 hit_rate, drafted, accepted = _metrics(url, "flyer_prefix_cache_hit_rate", *spec)
-                if not hybrid:
-                    out[f"prefix_hit_rate_c{c}"] = hit_rate
+                out[f"prefix_hit_rate_c{c}"] = hit_rate
                 if args.speculative:  # this concurrency's drafts: accepted / verified
                     out[f"draft_acceptance_c{c}"] = round((accepted - before[1]) / max(drafted - before[0], 1), 4)
                 sent[c] = reqs

@@ -23,12 +23,12 @@ def test_serve_bench_v4_json():
                           "--prompt-max", "56", "--new-min", "4", "--new-max", "8", "--payoff-memory", "16M"],
                          capture_output=True, text=True, timeout=600, check=True).stdout
     r = json.loads(out)
-    assert r["preset"] == "tiny-v4" and r["prefix_sharing"] is False and r["flyer_exit_code"] == 0
+    assert r["preset"] == "tiny-v4" and r["prefix_sharing"] is True and r["flyer_exit_code"] == 0
     for c in (1, 16):
         for key in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
                     "engine_tokens_per_s"):
             assert r[f"{key}_c{c}"] > 0, (key, c)
-        assert f"prefix_hit_rate_c{c}" not in r  # V4 shares no blocks: no hit rate to report
+        assert 0 <= r[f"prefix_hit_rate_c{c}"] <= 1  # shared with boundary snapshots
     for key in ("peer_tokens_per_s_c16", "ratio_c16_vs_peer", "ratio_c16_vs_c1", "ratio_c16_vs_c1_memory_bound",
                 "decode_step_ms_b1", "decode_step_ms_b16"):
         assert r[key] > 0, key

@@ -181,6 +181,37 @@ class HybridCache:
         self.batch = int(rows.numel())
         self.lengths = self.lengths.index_select(0, rows)
 
+    def save_slot(self, slot: int, blocks_K: torch.Tensor) -> None:
+        """Slot ``slot``'s fixed state (every layer's window and rings, ``window_bytes``), bit for bit, into the
+        entry storage of the K blocks ``blocks_K`` (int64, K * ``block_bytes`` >= ``window_bytes``): a snapshot
+        of a sequence's state kept in blocks (``flyer.serve.paged_hybrid``), which ``load_slot`` reads back."""
+        state = torch.cat([t.reshape(-1).view(torch.uint8) for t in self._slot_state(slot)])
+        stores, K = self._block_bytes_views(), blocks_K.numel()
+        room = K * sum(s.shape[1] for s in stores)
+        if state.numel() > room:
+            raise ValueError(f"{K} blocks hold {room} bytes, a slot's state is {state.numel()}")
+        state, at = torch.cat([state, state.new_zeros(room - state.numel())]), 0
+        for s in stores:  # block storage in order: each entry tensor's K blocks, then the next tensor's
+            s[blocks_K] = state[at:at + K * s.shape[1]].view(K, -1)
+            at += K * s.shape[1]
+
+    def load_slot(self, slot: int, blocks_K: torch.Tensor) -> None:
+        """Slot ``slot``'s fixed state := the one ``save_slot`` kept in ``blocks_K``."""
+        state, at = torch.cat([s[blocks_K].reshape(-1) for s in self._block_bytes_views()]), 0
+        for t in self._slot_state(slot):
+            n = t.numel() * t.element_size()
+            t.view(-1).view(torch.uint8).copy_(state[at:at + n])
+            at += n
+
+    def _slot_state(self, slot: int) -> list[torch.Tensor]:
+        """Slot ``slot``'s fixed-state tensors (views into the pool), layer by layer."""
+        return [t[slot] for state in self.layers for k, t in state.items() if k not in _ENTRIES]
+
+    def _block_bytes_views(self) -> list[torch.Tensor]:
+        """Every entry tensor as bytes per block (n_blocks, bytes of one block's entries), uint8 views."""
+        return [t.view(t.shape[0], -1).view(torch.uint8) for state in self.layers for k, t in state.items()
+                if k in _ENTRIES]
+
     def bytes_per_token(self) -> int | float:
         """Bytes the cache grows by per token over all layers, from the allocated tensors: one ``entries`` row
         (and CSA's ``index_keys`` row) per r tokens. For long contexts this is the whole cache's rate, and it

@@ -29,8 +29,9 @@ paged cache of its own on the same block tables, and the forward of step 4 verif
 
 DeepSeek-V4 (attn "hybrid", ``flyer.serve.paged_hybrid``): a running request also holds a slot (its windows,
 the compressors' partial states) from admission to its end or preemption; its compressed entries fill its
-blocks. Its blocks are never shared (the window and partial states at a block's boundary are not in it): prefix
-sharing is off; the on-disk prefix cache and MTP speculation are refused.
+blocks. A shared prefix needs the slot's state at its end too: requests leave snapshots of their slots at chosen
+block boundaries (their prefill chunks end there) and a match is used up to its deepest snapshot, which the new
+request's slot copies (``BoundarySnapshots``); the on-disk prefix cache and MTP speculation are refused.
 
 A request's state is its tokens (prompt + generated) and ``n_cached``, how many of them are in
 its blocks. Every forward feeds ``tokens[n_cached:]`` (a chunk of them); when the cache catches
@@ -58,7 +59,7 @@ from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
-from flyer.serve.paged_hybrid import SlotAllocator, check_hybrid_serving, make_paged_hybrid_cache
+from flyer.serve.paged_hybrid import BoundarySnapshots, SlotAllocator, check_hybrid_serving, make_paged_hybrid_cache
 # the request-side types, importable from here as well (tests, benchmarks, ``flyer.serve.cli``)
 from flyer.serve.request import EngineConfig, Limits, QueueFull, Request, SamplingOptions, TokenEvent
 from flyer.serve.speculation import Drafted, MtpSpeculator, mtp_slots
@@ -105,7 +106,9 @@ class Engine:
                                                    f"{cfg.block_size} tokens; at least 2 are needed")
             self.cache = make_paged_cache(mcfg, mcfg.n_layers, n_blocks, cfg.block_size, cfg.cache_dtype, device)
         self.alloc = BlockAllocator(n_blocks, cfg.block_size)
-        self.sharing = cfg.prefix_sharing and not self.hybrid
+        self.sharing = cfg.prefix_sharing and not (self.hybrid and self.cache.block_bytes() == 0)
+        # V4: the slots' states at block boundaries, which a shared prefix needs besides its blocks
+        self.snapshots = BoundarySnapshots(self.cache, self.alloc) if self.sharing and self.hybrid else None
         self.mtp_cache = make_paged_cache(mcfg, 1, n_blocks, cfg.block_size, cfg.cache_dtype, device) \
             if self.spec else None
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
@@ -214,6 +217,8 @@ class Engine:
                 # the last token is always recomputed (its logits pick the next token), so at
                 # most the full blocks before it are shared
                 blocks, keys = self.alloc.match(r.tokens, (len(r.tokens) - 1) // bs)
+                if self.snapshots:  # usable up to the deepest snapshot
+                    blocks, keys, plan = self.snapshots.usable(blocks, keys, (len(r.tokens) - 1) // bs)
                 if self.cfg.prefix_cache is not None:
                     self._load_from_disk(r, blocks, keys)
             need = math.ceil(len(r.tokens) / bs) - len(blocks)
@@ -226,14 +231,16 @@ class Engine:
             if shares:  # counted once admitted (a retry looks them up again)
                 self.prefix_blocks += (len(r.tokens) - 1) // bs
                 self.prefix_found += len(blocks)
+            if self.hybrid:
+                r.slot = self.slots.take()
+                if self.snapshots and shares:  # the snapshot is read before allocating, which may evict it
+                    self.snapshots.begin(r.slot, keys, plan)
             r.blocks = blocks + [self.alloc.allocate() for _ in range(need)]
             r.keys, r.n_cached = keys, len(blocks) * bs
             r.n_shared = r.n_cached
             if self.spec and r.n_cached:  # the shared blocks' MTP entries are there up to position n_cached - 2
                 r.n_cached -= 1  # recompute the last shared position for its hidden state (not written)
                 r.mtp_len = r.n_cached
-            if self.hybrid:
-                r.slot = self.slots.take()
             if not r.admitted:  # once: a preempted request comes back
                 r.admitted = True
                 self.metrics.prompt_tokens.inc(len(r.prompt))
@@ -254,6 +261,8 @@ class Engine:
                 common += 1
                 span = slice(common * bs, (common + 1) * bs)
             if common > len(q.keys):
+                if self.snapshots:  # V4: q leaves a snapshot where the common blocks end, for r to resume from
+                    self.snapshots.want(q.slot, common)
                 return True
         return False
 
@@ -336,6 +345,8 @@ class Engine:
 
     def _free_slot(self, r: Request) -> None:
         if r.slot is not None:
+            if self.snapshots:
+                self.snapshots.end(r.slot)
             self.slots.give_back(r.slot)
             r.slot = None
 
@@ -448,7 +459,8 @@ class Engine:
             pending = len(r.tokens) - r.n_cached
             if pending > 1 and budget > 0:
                 rows.append(r)
-                lens.append(min(pending, budget))
+                lens.append(min(pending, budget) if not self.snapshots else
+                            self.snapshots.clip(r.slot, r.n_cached, min(pending, budget)))  # to its boundary
                 budget -= lens[-1]
         return rows, lens
 
@@ -495,6 +507,8 @@ class Engine:
             key = chain_keys(r.tokens[i * bs:(i + 1) * bs], bs, seed=r.keys[-1] if r.keys else "")[0]
             r.keys.append(key)
             self.alloc.register(r.blocks[i], key)
+        if self.snapshots:
+            self.snapshots.reached(r.slot, r.n_cached, r.keys)
         if self.cfg.prefix_cache is not None:
             self._store_to_disk(r, first, len(r.keys))
 

@@ -20,7 +20,7 @@ prefill write their padding into it and never into a live block. Attention masks
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,8 @@ class BlockAllocator:
         self.block_of: dict[str, int] = {}
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
         self.lookups = self.hits = 0  # prefix blocks looked up / found
+        # hears (block, key) when a cached block leaves the index to be reused (DeepSeek-V4's boundary snapshots)
+        self.on_evict: Callable[[int, str], None] | None = None
 
     @property
     def capacity(self) -> int:
@@ -160,11 +162,23 @@ class BlockAllocator:
             b = self.free.popleft()
         elif self.lru:
             b, _ = self.lru.popitem(last=False)
-            del self.block_of[self.key_of.pop(b)]
+            key = self.key_of.pop(b)
+            del self.block_of[key]
+            if self.on_evict is not None:
+                self.on_evict(b, key)
         else:
             return None
         self.refs[b] = 1
         return b
+
+    def forget(self, block: int) -> None:
+        """Drop ``block``'s key from the index; unreferenced, it is free at once (not cached)."""
+        key = self.key_of.pop(block, None)
+        if key is not None:
+            del self.block_of[key]
+            if block in self.lru:  # cached, unreferenced
+                del self.lru[block]
+                self.free.append(block)
 
     def release(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; unreferenced blocks stay cached when keyed, else free."""

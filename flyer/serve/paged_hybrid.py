@@ -1,5 +1,5 @@
 """The paged cache of DeepSeek-V4 (attn "hybrid") for the serving engine: slots for what is fixed per sequence,
-blocks for what grows.
+blocks for what grows, and prefix sharing through snapshots of the slots at block boundaries.
 
 A hybrid layer keeps per sequence (``flyer.infer.hybrid_cache``) the ring of its last ``window_size`` keys and
 its compressors' (and CSA's indexer's) unfinished-window states: a fixed size whatever the length. These live in
@@ -11,10 +11,32 @@ holds, for each compressed layer of ratio r, ``block_size // r`` entries, throug
 ``BlockAllocator`` and preemption as the MLA pool (``flyer.serve.paged``); block 0 stays the null block, read
 by table padding (masked) and never written (only a row's completed entries are).
 
+Prefix sharing (``BoundarySnapshots``), as state-space models are prefix-cached: the full blocks of a prompt are
+keyed and shared as MLA's are, but a block does not hold the window and partial states at its end, so a request
+also keeps a SNAPSHOT of its slot at chosen block boundaries P = j * block_size. The rings index position p at
+p % S and a fresh prefill to P writes exactly positions < P in them (slots before position 0 are masked), and P
+is a multiple of every ratio, so every entry before P is complete and in blocks 0 .. j - 1: the j blocks and the
+snapshot are all the state at P, and a request that takes both and prefills from P computes what one that
+prefilled to P would (bit for bit where its chunks are the same). Design:
+
+- where: a snapshot lives in the pool's own blocks (``HybridCache.save_slot``: the slot's bytes over the entry
+  storage of ceil(window_bytes / block_bytes) blocks), keyed in the allocator's index and unreferenced, so it is
+  counted, cached and evicted, least recently used first, as a cached prefix block is: no bytes of
+  ``kv_cache_bytes`` are set apart, and cache blocks used / free count snapshots as cached blocks;
+- which boundaries: a snapshot at every block would cost ~20 blocks each, so a request leaves one only where a
+  later prompt is likely to resume: at its last full block before its last token (repeats, n choices, a next
+  turn of a conversation), where its prompt's match in the index ended (where it forks from a cached prompt:
+  the common system prompt of the requests after it), and where a waiting request's common blocks with it end
+  (``want``: the first request of a burst leaves the system prompt's snapshot for its siblings). Its prefill
+  chunks end there (``clip``): an extra forward step each, as vLLM's aligned state caching splits its chunks;
+- use: a match is usable up to its deepest block with a snapshot (the rest are released and recomputed); the
+  hit rate counts those blocks only;
+- eviction: when a snapshot block or the prefix block its key names leaves the index, the whole snapshot goes
+  (``BlockAllocator.on_evict``); preemption and cancellation give the slot and its plan back (``end``), a
+  readmitted request matches again (its own snapshots too). Nothing but the index holds a snapshot.
+
 The attention is ``flyer.infer.hybrid_cache.hybrid_attention`` on a ``HybridCache.view`` of the pool per batch.
-A block's entries could be shared, but the window and partial states at its boundary are not in it, so a
-shared prefix would still be computed: the engine does not share hybrid blocks (no prefix sharing, no on-disk
-prefix cache), and MTP speculation has no hybrid cache yet.
+The on-disk prefix cache and MTP speculation have no hybrid cache yet: refused.
 """
 
 from __future__ import annotations
@@ -24,6 +46,7 @@ import torch
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.infer.hybrid_cache import HybridCache
+from flyer.serve.paged import BlockAllocator
 
 
 def check_hybrid_serving(cfg: ModelConfig, block_size: int, speculative: str | None, prefix_cache: object) -> None:
@@ -77,3 +100,82 @@ class SlotAllocator:
     @property
     def available(self) -> int:
         return len(self.free)
+
+
+class BoundarySnapshots:
+    """Slot states at prompts' block boundaries, kept in blocks of ``alloc`` (see the module docstring): a snapshot
+    at P = j * block_size is keyed by the chain key of block j - 1, ``size`` blocks of ``cache`` hold it."""
+
+    def __init__(self, cache: HybridCache, alloc: BlockAllocator):
+        self.cache, self.alloc = cache, alloc
+        self.size = -(-cache.window_bytes() // cache.block_bytes())  # blocks per snapshot
+        self.device = cache.layers[0]["window"].device
+        self.blocks_of: dict[str, list[int]] = {}  # prefix key -> the blocks its snapshot lies in
+        self.key_of: dict[int, str] = {}  # snapshot block -> its prefix key
+        self.plans: dict[int, set[int]] = {}  # slot -> boundaries (in blocks) its request is to leave snapshots at
+        alloc.on_evict = self._evicted
+
+    def usable(self, blocks: list[int], keys: list[str], limit: int) -> tuple[list[int], list[str], set[int]]:
+        """``BlockAllocator.match``'s blocks and keys of a prompt cut to the deepest one with a snapshot (the rest
+        released), and the boundaries its request is to leave snapshots at: where the match ended and ``limit``
+        (its full blocks before its last token), those past the cut."""
+        j = next((i for i in range(len(keys), 0, -1) if keys[i - 1] in self.blocks_of), 0)
+        self.alloc.release(blocks[j:])
+        return blocks[:j], keys[:j], {n for n in (len(blocks), limit) if n > j}
+
+    def begin(self, slot: int, keys: list[str], plan: set[int]) -> None:
+        """A request admitted into ``slot`` with the usable prefix ``keys``: the slot := the snapshot at its end
+        (before any block is allocated: that may evict it); ``plan``: ``usable``'s boundaries."""
+        if keys:
+            held = self.blocks_of[keys[-1]]
+            self.cache.load_slot(slot, torch.tensor(held, device=self.device))
+            for b in held:  # recently used: evicted after older cached blocks
+                self.alloc.lru.move_to_end(b)
+        self.plans[slot] = plan
+
+    def want(self, slot: int, boundary: int) -> None:
+        """The request in ``slot`` is to leave a snapshot at ``boundary`` (blocks) too: a waiting request shares
+        its prompt's blocks up to there (``Engine._sibling_prefilling``: a burst with a common system prompt)."""
+        if slot in self.plans:
+            self.plans[slot].add(boundary)
+
+    def clip(self, slot: int, n_cached: int, n: int) -> int:
+        """Prompt tokens the request in ``slot`` feeds from ``n_cached``: at most n, ending at its next boundary."""
+        bs = self.alloc.block_size
+        return min([n, *(b * bs - n_cached for b in self.plans.get(slot, ()) if b * bs > n_cached)])
+
+    def reached(self, slot: int, n_cached: int, keys: list[str]) -> None:
+        """After a forward (``keys``: the request's full blocks' chain keys): at one of its boundaries, the slot's
+        state is saved under the key of the block before it."""
+        plan, j = self.plans.get(slot), n_cached // self.alloc.block_size
+        if plan and j in plan and n_cached % self.alloc.block_size == 0:
+            plan.discard(j)
+            self.save(keys[j - 1], slot)
+
+    def end(self, slot: int) -> None:
+        """The request in ``slot`` left (finished, cancelled, preempted): no more snapshots from it."""
+        self.plans.pop(slot, None)
+
+    def save(self, key: str, slot: int) -> None:
+        """Slot ``slot``'s state as the snapshot after the block keyed ``key`` (none while the pool has fewer than
+        ``size`` free or cached blocks: a snapshot never preempts a request)."""
+        if key in self.blocks_of or self.alloc.available < self.size:
+            return
+        held = [self.alloc.allocate() for _ in range(self.size)]
+        if key not in self.alloc.block_of:  # its prefix block was evicted for room: the snapshot would be unreachable
+            self.alloc.release(held)
+            return
+        self.cache.save_slot(slot, torch.tensor(held, device=self.device))
+        for i, b in enumerate(held):
+            self.alloc.register(b, f"snapshot {i} after {key}")
+            self.key_of[b] = key
+        self.blocks_of[key] = held
+        self.alloc.release(held)  # unreferenced and keyed: cached in the LRU
+
+    def _evicted(self, block: int, key: str) -> None:
+        """A cached block left the index to be reused: one of a snapshot's (the others are freed) or the prefix
+        block a snapshot follows (which no match reaches now)."""
+        for b in self.blocks_of.pop(self.key_of.get(block, key), ()):
+            del self.key_of[b]
+            if b != block:
+                self.alloc.forget(b)
