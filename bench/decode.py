@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import subprocess
 import sys
@@ -98,15 +99,20 @@ def gathered_attention():
 
 
 @contextlib.contextmanager
-def masked_selection():
-    """DSA's decode over every attended slot, the unselected masked (``dsa_masked``), in place of each query's
-    selected slots gathered (``dsa_gathered``): the peer in ``speedup_dsa_gathered_vs_masked``."""
+def forced_selection(gathered: bool):
+    """Every DSA call with a selection gathered (``dsa_gathered``) or, for False, over every attended slot with the
+    unselected masked (``dsa_masked``), whatever ``dsa_gather_pays`` says: the two sides of
+    ``speedup_dsa_gathered_vs_masked`` and ``speedup_dsa_prefill_gathered_vs_masked``."""
     pays = attention.dsa_gather_pays
-    attention.dsa_gather_pays = lambda *args: False
+    attention.dsa_gather_pays = lambda *args: gathered
     try:
         yield
     finally:
         attention.dsa_gather_pays = pays
+
+
+masked_selection = functools.partial(forced_selection, False)
+gathered_selection = functools.partial(forced_selection, True)
 
 
 @contextlib.contextmanager
@@ -150,18 +156,6 @@ def bench_dsa(contexts: list[int], topk: int, batch: int, steps: int, rounds: in
             out[f"speedup_dsa_index_in_place_vs_copy_ctx{ctx}"] = round(best["gathered"] / copy, 3)
         del runs
     return out
-
-
-@contextlib.contextmanager
-def gathered_selection():
-    """Every DSA call with a selection gathered (``dsa_gathered``), whatever ``dsa_gather_pays`` says: the
-    prefill's chunks up to the rule's crossover too."""
-    pays = attention.dsa_gather_pays
-    attention.dsa_gather_pays = lambda *args: True
-    try:
-        yield
-    finally:
-        attention.dsa_gather_pays = pays
 
 
 class PrefillRun:

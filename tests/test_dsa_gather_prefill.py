@@ -21,32 +21,11 @@ from flyer.infer import attention
 from flyer.infer.attention import Rows, dsa_gathered, dsa_gathered_core, dsa_masked, gather_rows, dsa_gather_pays
 from flyer.infer.decoder import Decoder
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.interop.hf import load_hf
 from flyer.serve.paged import PagedCache
-from tests.hf_models import VOCAB, build
+from tests.hf_models import VOCAB
 from tests.test_deepseek_v32_decode import _alone, _engine, _run, decode_tolerance, selection_margin
-from tests.test_dsa_gather_decode import _caches, _queries, _selection_rows, _shape, _worst
-from tests.test_glm_moe_dsa import FULL, build_glm
-
-TOPK = 8
-
-
-@pytest.fixture(scope="module")
-def v32(tmp_path_factory):
-    path = tmp_path_factory.mktemp("v32-gather-prefill")
-    build("v32", path)
-    model = load_hf(path)[0]
-    assert model.cfg.index_topk == TOPK
-    return model
-
-
-@pytest.fixture(scope="module")
-def glm5(tmp_path_factory):
-    path = tmp_path_factory.mktemp("glm5-gather-prefill")
-    build_glm(path)
-    model = load_hf(path)[0]
-    assert [i for i, layer in enumerate(model.layers) if not layer.attn.shares_selection] == FULL
-    return model
+from tests.test_dsa_gather_decode import TOPK, _caches, _queries, _selection_rows, _shape, _worst
+from tests.test_dsa_gather_decode import glm5, v32  # noqa: F401  the tiny V3.2 and GLM-5 models (fixtures)
 
 
 def _first_picks(attn, q_nope, q_rope, rows: Rows, cache, n: int) -> torch.Tensor:
@@ -62,7 +41,7 @@ def _first_picks(attn, q_nope, q_rope, rows: Rows, cache, n: int) -> torch.Tenso
 
 @pytest.mark.parametrize("first", [0, 1])
 @torch.no_grad()
-def test_prefill_chunk_gathered_in_sub_chunks_is_within_the_fp32_bound(v32, first, monkeypatch):
+def test_prefill_chunk_gathered_in_sub_chunks_is_within_the_fp32_bound(v32, first, monkeypatch):  # noqa: F811
     """A prefill chunk of T = 7 new tokens per row, rows ending at positions 9, 20 and 41 (different starts, as the
     server batches them; the first row's early queries see fewer than index_topk slots), ``first`` empty slots
     before position 0: over the contiguous cache and shuffled paged blocks, gathered in sub-chunks of every size
@@ -99,7 +78,7 @@ def test_prefill_chunk_gathered_in_sub_chunks_is_within_the_fp32_bound(v32, firs
 
 
 @torch.no_grad()
-def test_default_sub_chunks_keep_the_byte_budget(v32, monkeypatch):
+def test_default_sub_chunks_keep_the_byte_budget(v32, monkeypatch):  # noqa: F811
     """``gather_rows``: V3.2's shape (2048 picks of 576 channels, FP32 scores of 128 heads: 6.8 MB FP32, 4.5 MB BF16)
     gathers one query at a time within ``GATHER_BUDGET``, the bench model's 73. With a budget of 3 of the tiny
     model's queries, ``dsa_gathered``'s default sub-chunks of a 7-token chunk gather 3, 3 and 1 queries' picks for
@@ -199,11 +178,11 @@ def _compare_prefill(model, monkeypatch) -> None:
     assert float((wrong - want).abs()[real].max() / want.abs()[real].max()) > 100 * tol
 
 
-def test_v32_chunked_prefill_logits_gathered_equal_masked(v32, monkeypatch):
+def test_v32_chunked_prefill_logits_gathered_equal_masked(v32, monkeypatch):  # noqa: F811
     _compare_prefill(v32, monkeypatch)
 
 
-def test_glm5_chunked_prefill_shared_layers_reuse_the_full_layers_slots(glm5, monkeypatch):
+def test_glm5_chunked_prefill_shared_layers_reuse_the_full_layers_slots(glm5, monkeypatch):  # noqa: F811
     _compare_prefill(glm5, monkeypatch)
 
 
@@ -232,7 +211,7 @@ def test_greedy_generate_gathered_prefill_equals_masked(family, request, monkeyp
     assert generate(model, prompts[:1], GenerationConfig(max_new_tokens=1, cache_dtype=torch.float32)).tokens == short
 
 
-def test_engine_chunked_prefill_gathers_from_paged_blocks_as_generate(v32, monkeypatch):
+def test_engine_chunked_prefill_gathers_from_paged_blocks_as_generate(v32, monkeypatch):  # noqa: F811
     """The serving engine (paged cache of 4-slot blocks, prefill chunks of 8 tokens over all prefilling requests:
     rows of different starts in one chunk, prompts of 1 to 23 tokens) gathers each prefill chunk's picks through
     the block tables, and each request's greedy tokens are ``generate``'s on its prompt alone, gathered and
