@@ -16,7 +16,9 @@ its routed experts' weights) once over all groups' real tokens, so a step reads 
 
 DeepSeek-V4 (attn "hybrid") decodes against ``flyer.infer.hybrid_cache.HybridCache`` (windows and
 compressed entries), its layers run as ``Block.forward`` runs them: hyper-connection streams around
-each sub-block, hash-routed MoE layers given the token ids. It has no MTP cache yet.
+each sub-block, hash-routed MoE layers given the token ids. With MTP its hidden states are the last
+residual's streams (B, T, N, D), before ``hc_head`` (what ``HyperMTPModule`` reads; ``logits`` collapses
+them), and the MTP block's window-only layer gets a one-layer ``HybridCache``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from flyer.infer.attention import (Rows, causal_slot_mask, dsa_absorbed, dsa_nai
 from flyer.infer.cache import make_cache
 from flyer.infer.hybrid_cache import HybridCache, hybrid_attention, hybrid_rows, hybrid_tables
 from flyer.model.experts import Experts
+from flyer.model.hybrid import hybrid_rope_config
+from flyer.model.rope import rope_cos_sin
 from flyer.model.transformer import Block, Transformer
 
 
@@ -83,19 +87,23 @@ class Decoder:
     either. ``with_mtp`` also allocates the MTP module's cache.
     ``cache`` / ``mtp_cache``: caches made elsewhere with the same interface (write / read /
     read_packed; the server's paged caches), used instead of preallocated ones. A hybrid model
-    (``mode`` ignored) takes a ``HybridCache`` and no MTP cache."""
+    (``mode`` ignored) takes ``HybridCache``s (its MTP cache: one window-only layer)."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int, mode: str = "absorbed",
                  cache_dtype: torch.dtype = torch.bfloat16, with_mtp: bool = False, cache=None, mtp_cache=None):
         self.model, self.cfg = model, model.cfg
         device = model.embed.weight.device
+        if with_mtp and len(model.mtp) == 0:
+            raise ValueError("speculative decoding with MTP needs a model with mtp_depth >= 1")
+        self.streams_out = False  # hidden states are the streams (B, T, N, D): a hybrid model with MTP
         if self.cfg.attn == "hybrid":
-            self._init_hybrid(batch, max_len, cache_dtype, with_mtp or mtp_cache is not None, cache, device)
+            with_mtp = with_mtp or mtp_cache is not None
+            self._init_hybrid(batch, max_len, cache_dtype, with_mtp, cache, device)
+            if with_mtp and mtp_cache is None:
+                mtp_cache = HybridCache(self.cfg, batch, max_len, cache_dtype, device, ratios=(0,))
         else:
             self.cache = cache or make_cache(self.cfg, self.cfg.n_layers, batch, max_len, mode, cache_dtype, device)
             self._new_rows, self._layers = self._rows, self._plain_layers
-        if with_mtp and len(model.mtp) == 0:
-            raise ValueError("speculative decoding with MTP needs a model with mtp_depth >= 1")
         if with_mtp and mtp_cache is None:
             mtp_cache = make_cache(self.cfg, 1, batch, max_len, mode, cache_dtype, device)
         self.mtp_cache = mtp_cache
@@ -116,11 +124,14 @@ class Decoder:
 
     def _init_hybrid(self, batch: int, max_len: int, cache_dtype: torch.dtype, with_mtp: bool, cache,
                      device) -> None:
-        if with_mtp:
-            raise ValueError("speculative decoding with MTP has no DeepSeek-V4 (hybrid attention) cache yet")
         self.cache = cache or HybridCache(self.cfg, batch, max_len, cache_dtype, device)
         self._new_rows = functools.partial(hybrid_rows, hybrid_tables(self.cfg, max_len, device), max_len)
         self._layers = self._hybrid_layers
+        if with_mtp:  # the MTP block attends by the window only, rotating as the window-only layers do
+            mtp_rope = hybrid_rope_config(self.cfg, self.cfg.n_layers)
+            self._mtp_rows = functools.partial(
+                hybrid_rows, {False: rope_cos_sin(self.cfg.rope_dim, max_len, mtp_rope, device)}, max_len)
+            self.streams_out = True
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep batch rows ``rows`` of every cache (finished rows leave the batch)."""
@@ -196,11 +207,17 @@ class Decoder:
                         for p in packs]
                 return (torch.cat(outs) if len(outs) > 1 else outs[0]).unsqueeze(0)
             h = layer.residual(h, attend, tokens)
-        h = self.model.collapse(h)
+        if not self.streams_out:
+            h = self.model.collapse(h)
+        if h.dim() == 4:  # streams: each position's N x D unpacked as one row
+            return [p.unpack(h[0, p.off:p.off + p.n].flatten(-2)).unflatten(-1, h.shape[-2:]) for p in packs]
         return [p.unpack(h[0, p.off:p.off + p.n]) for p in packs]
 
     @torch.inference_mode()
     def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """FP32 logits (..., V) of hidden states (..., D) (``streams_out``: streams (..., N, D), collapsed)."""
+        if self.streams_out and self.cfg.hc_mult > 1:
+            h_BTD = _per_position(self.model.collapse, h_BTD)
         return self.model.head(self.model.norm(h_BTD)).float()
 
     @torch.inference_mode()
@@ -209,15 +226,31 @@ class Decoder:
         """h^1 (B, T, D) at positions start_b + t from h_{i} and the token t_{i+1} (MTP module 1).
         ``from_main``: h is the main model's (before its final norm, which is applied here, as in
         training); False: h is a previous MTP output (chained drafts), taken as it is. ``shift``:
-        the MTP cache keeps position p in slot p + shift (see ``Rows``); ``lengths`` as in ``Group``."""
+        the MTP cache keeps position p in slot p + shift (see ``Rows``); ``lengths`` as in ``Group``.
+        DeepSeek-V4: h and the result are streams (B, T, N, D) (the main model's before ``hc_head``, or the
+        module's own), ``from_main`` and ``shift`` unused."""
         mod = self.model.mtp[0]
+        if self.cfg.attn == "hybrid":
+            rows = self._mtp_rows(start_B, h_BTD.shape[1], lengths)
+            x = mod.project(h_BTD, self.model.embed(next_tokens_BT))
+            return mod.block.residual(x, lambda a: hybrid_attention(mod.block.attn, a, rows, self.mtp_cache, 0))
         rows = self._rows(start_B, h_BTD.shape[1], shift, lengths)
         x = mod.project(self.model.norm(h_BTD) if from_main else h_BTD, self.model.embed(next_tokens_BT))
         return self._block(mod.block, x, self.mtp_cache, 0, rows)
 
     @torch.inference_mode()
     def mtp_logits(self, h1_BTD: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.mtp[0].norm(h1_BTD)).float()
+        """FP32 logits (..., V) of MTP outputs (..., D) (``streams_out``: (..., N, D), the module's ``hc_head``'s)."""
+        mod = self.model.mtp[0]
+        if self.streams_out and self.cfg.hc_mult > 1:
+            h1_BTD = _per_position(mod.hc_head, h1_BTD)
+        return self.model.head(mod.norm(h1_BTD)).float()
+
+
+def _per_position(collapse, h: torch.Tensor) -> torch.Tensor:
+    """``collapse`` ((B, T, N, D) -> (B, T, D), e.g. ``hc_head``) of streams of any leading shape (..., N, D)."""
+    N, D = h.shape[-2:]
+    return collapse(h.reshape(-1, 1, N, D)).view(*h.shape[:-2], D)
 
 
 def gather_rows(x_BT: torch.Tensor, idx_B: torch.Tensor) -> torch.Tensor:

@@ -203,13 +203,15 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
                                            f"the model's max_seq_len {model.cfg.max_seq_len}")
 
 
-def check_hybrid_flags(cfg, speculative: str | None, prefix_cache: object) -> None:
-    """``FieldError`` naming ``speculative`` / ``prefix_cache`` when set for a DeepSeek-V4 model (attn "hybrid"):
-    its cache (``flyer.infer.hybrid_cache``) keeps windows and compressed entries, not the per-token slots that
-    rolling back rejected drafts and loading a prompt's cached blocks need."""
+def check_hybrid_flags(cfg, speculative: str | None, prefix_cache: object, serving: bool = False) -> None:
+    """``FieldError`` naming ``prefix_cache`` when set for a DeepSeek-V4 model (attn "hybrid"): its cache
+    (``flyer.infer.hybrid_cache``) keeps windows and compressed entries, not the per-token slots that loading a
+    prompt's cached blocks needs. ``serving``: for ``flyer serve``, whose paged hybrid cache has no rollback of
+    rejected drafts, ``speculative`` too (``flyer generate`` restores a snapshot, ``flyer.infer.speculative``)."""
     if cfg.attn != "hybrid":
         return
-    for name, value in (("speculative", speculative), ("prefix_cache", prefix_cache)):
+    refused = (("speculative", speculative),) if serving else ()
+    for name, value in refused + (("prefix_cache", prefix_cache),):
         if value is not None:  # a PrefixCache may be empty (falsy), still refused
             raise FieldError(name, "not available for DeepSeek-V4's hybrid attention yet (its decode cache keeps "
                                    "windows and compressed entries, not per-token slots)")

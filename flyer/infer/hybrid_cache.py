@@ -98,17 +98,17 @@ class HybridCache:
     kind = "hybrid"
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16, device=None,
-                 n_blocks: int | None = None, block_size: int | None = None):
+                 n_blocks: int | None = None, block_size: int | None = None, ratios: tuple[int, ...] | None = None):
         self.batch, self.max_len, self.dtype = batch, max_len, dtype
-        self.ratios = cfg.compress_ratios[:cfg.n_layers]
+        # ``ratios``: other layers than the main model's (the MTP block's window-only one: (0,))
+        self.ratios = cfg.compress_ratios[:cfg.n_layers] if ratios is None else tuple(ratios)
         self.block_size = max_len if block_size is None else block_size
         self.slots: torch.Tensor | None = None  # (B,) each row's slot; None: row b in slot b
         self.tables: torch.Tensor | None = None  # (B, n) each row's blocks; None: row b in block b
         d, W = cfg.head_dim, cfg.window_size
         zeros, blocks = _zeros_of(batch, device), _zeros_of(batch if n_blocks is None else n_blocks, device)
         self.layers: list[dict[str, torch.Tensor]] = []
-        for i in range(cfg.n_layers):
-            r = cfg.compress_ratios[i]
+        for i, r in enumerate(self.ratios):
             state = {"window": zeros(W, d, dtype=dtype)}
             if r > 0:
                 csa = cfg.is_csa(i)
@@ -180,6 +180,27 @@ class HybridCache:
         self.layers = [{k: t.index_select(0, rows) for k, t in state.items()} for state in self.layers]
         self.batch = int(rows.numel())
         self.lengths = self.lengths.index_select(0, rows)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """A copy of every row's fixed state (windows and rings, layer by layer) of ``flyer generate``'s cache (no
+        slots), for ``restore``: what a speculative verify pass writes and a rejected draft must not leave behind.
+        The entries are not copied: one completed by a rejected token lies past the row's real tokens, unread
+        (masked) until the real token completing it rewrites it."""
+        if self.slots is not None:
+            raise ValueError("snapshot is for a cache without slots (flyer serve keeps save_slot / load_slot)")
+        return [t.clone() for t in self._fixed_state()]
+
+    def restore(self, snap: list[torch.Tensor], rows: torch.Tensor | None = None) -> None:
+        """Rows ``rows`` (int64 (R,); None: all) of the fixed state := ``snap``'s (``snapshot``, same batch)."""
+        for t, s in zip(self._fixed_state(), snap, strict=True):
+            if rows is None:
+                t.copy_(s)
+            else:
+                t[rows] = s[rows]
+
+    def _fixed_state(self) -> list[torch.Tensor]:
+        """Every layer's fixed-state tensors (n_slots, S, C), as ``_slot_state`` orders one slot's."""
+        return [t for state in self.layers for k, t in state.items() if k not in _ENTRIES]
 
     def save_slot(self, slot: int, blocks_K: torch.Tensor) -> None:
         """Slot ``slot``'s fixed state (every layer's window and rings, ``window_bytes``), bit for bit, into the

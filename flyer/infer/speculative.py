@@ -16,6 +16,20 @@ Each step, for every row whose cache holds positions [0, n) and whose next token
 
 Rejected drafts are rolled back by position alone: their cache slots lie beyond the new length
 and are overwritten later (``flyer.infer.cache``).
+
+DeepSeek-V4 (attn "hybrid") keeps no per-token slots: a row's window ring holds the last W keys at p % W
+and its compressors' rings the unfinished windows (``flyer.infer.hybrid_cache``), so a rejected draft's
+write overwrites a key the row still needs. Rollback there is by snapshot and re-feed: before the verify
+pass the main cache's fixed state (windows, rings) is copied (``HybridCache.snapshot``); a row that keeps
+j < K of its drafts gets its copy back and is fed its accepted tokens t_n, d_1 .. d_j again (one more
+forward of j + 1 tokens, for those rows only). Chosen over deferring the ring writes of a multi-token
+call: it reuses the decode path unchanged (the re-feed is an ordinary forward, so the cache ends exactly as
+plain decoding leaves it), costs a copy of the fixed state a step and a short forward only on rejection, and
+touches no attention code. The entries (compressed) need no copy: one completed by a rejected token lies at
+an index the row's real tokens have not completed, masked until the real token completing it rewrites it.
+The MTP block's window (its own one-layer cache) is copied after the catch-up, when it holds exactly the
+positions before the pending token, and put back after chained drafts (K > 1) wrote past them. V4's
+drafter reads and chains the residual streams (B, T, N, D), not the collapsed hidden states.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ import torch
 
 from flyer import kernels
 from flyer.errors import FieldError
-from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
+from flyer.infer.decoder import Decoder, Group, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.sampling import SamplingParams, probabilities
 
 
@@ -82,6 +96,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
     [0, mtp_len) with mtp_len < n, and ``h_prev`` holds the main hidden states of [mtp_len, n).
     """
     device = first.device
+    hybrid = dec.cfg.attn == "hybrid"
     K = n_draft
     seq = [list(p) + [int(t)] for p, t in zip(prompts, first)]  # seq[b][j] = t_j; last = pending
     out = [[int(t)] for t in first]
@@ -102,13 +117,15 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         c = (n - mtp_len).clamp_min(1)
         C = int(c.max())
         idx = (mtp_len.view(-1, 1) + arangeK[:C] - h_start.view(-1, 1)).clamp(0, h_prev.shape[1] - 1)
-        h_in = h_prev.gather(1, idx.unsqueeze(-1).expand(-1, -1, h_prev.shape[-1]))
+        h_in = h_prev[torch.arange(B, device=device).view(-1, 1), idx]  # (B, C, D) or V4's streams (B, C, N, D)
         nxt = torch.zeros(B, C, dtype=torch.long, device=device)
         for i, b in enumerate(live):
             m, ci = int(mtp_len[i]), int(c[i])
             nxt[i, :ci] = torch.tensor(seq[b][m + 1:m + 1 + ci], device=device)
         # (B, D) at position n-1; a row's padding past its c positions stays inside the cache
         h1 = gather_rows(dec.mtp_forward(h_in, nxt, mtp_len, lengths=c.tolist()), c - 1)
+        # V4: the MTP window now holds [0, n) exactly; chained drafts write past it (put back below)
+        mtp_snap = dec.mtp_cache.snapshot() if hybrid and Ks > 1 else None
         drafts, q = [], []
         for k in range(Ks):
             q_logits = dec.mtp_logits(h1)
@@ -120,7 +137,10 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
             drafts.append(d)
             if k + 1 < Ks:  # reapply the module on its own output and the drafted token
                 h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + last_B.clamp(max=k), from_main=False)[:, 0]
+        if mtp_snap is not None:
+            dec.mtp_cache.restore(mtp_snap)
         # 2. verify every draft in one main-model pass
+        snap = dec.cache.snapshot() if hybrid else None  # V4: the rings before the drafts' writes
         pending = torch.tensor([seq[b][-1] for b in live], device=device)
         tokens = torch.cat([pending.view(B, 1), *(d.view(B, 1) for d in drafts)], 1)  # (B, Ks+1)
         hv = dec.forward(tokens, n, [k + 1 for k in k_B])  # a row's padding goes past its tokens
@@ -137,7 +157,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
             q_BKV = torch.stack(q, 1) if q else [None] * B
         # 3. accept; a row that finishes leaves the batch
         n_old = n.clone()
-        still = []
+        still, refeed = [], []  # refeed: (batch index, tokens kept in the cache) of V4 rows that rejected a draft
         for i, b in enumerate(live):
             k = k_B[i]
             new = accept_drafts(p[i, :k + 1], None if q_BKV[i] is None else q_BKV[i][:k], drafts_BK[i][:k], params,
@@ -150,6 +170,23 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
             out[b], done = finished(out[b] + new, max_new, stop_ids)
             if not done:
                 still.append(b)
+                if snap is not None and len(new) - 1 < k:
+                    refeed.append((i, len(new)))
+        if refeed:
+            _refeed(dec, snap, refeed, tokens, n_old)
         n, mtp_len, h_prev, h_start = shrink_batch(dec, still, live, n, mtp_len, hv, n_old)
         live = still
     return out, drafted, accepted
+
+
+def _refeed(dec: Decoder, snap: list[torch.Tensor], refeed: list[tuple[int, int]], tokens_BT: torch.Tensor,
+            start_B: torch.Tensor) -> None:
+    """DeepSeek-V4's rollback: the rows ``refeed`` names (batch index i, kept m) get the fixed state of
+    ``snap`` (taken before the verify pass) back and are fed their first m verified tokens ``tokens_BT[i, :m]``
+    (the pending token and the accepted drafts) at ``start_B[i]`` again, through a view of just those rows."""
+    rows = torch.tensor([i for i, _ in refeed], dtype=torch.long, device=tokens_BT.device)
+    kept = [m for _, m in refeed]
+    dec.cache.restore(snap, rows)
+    view = dec.cache.view(rows.view(-1, 1), rows)  # row b's entries in "block" b: the contiguous cache's own row
+    dec.forward_groups([Group(tokens_BT.index_select(0, rows)[:, :max(kept)], start_B.index_select(0, rows), kept,
+                              view)])
