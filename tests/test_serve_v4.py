@@ -2,8 +2,9 @@
 batching (requests joining mid-run, chunked prefill, prompts crossing window and compression boundaries) and under
 preemption == ``generate`` on its prompt alone (``HybridCache``, no paging); cancellation gives slots and blocks
 back; the pool's blocks and slots are those ``kv_cache_bytes`` holds by ``flyer.model.counts``; ``flyer serve``
-on a V4 run answers the ``openai`` client with generate's text and refuses --prefix-cache / --speculative mtp in
-one line. Tiny random model (``tests/hf_models.py``: window 8, ratios 0 / 4 / 16 / 4, CSA top-4), FP32, CPU.
+on a V4 run answers the ``openai`` client with generate's text and refuses --prefix-cache (and --speculative mtp
+for a model without MTP) in one line. Tiny random model (``tests/hf_models.py``: window 8, ratios 0 / 4 / 16 / 4,
+CSA top-4), FP32, CPU.
 
 Tokens are compared exactly, as ``tests/test_serve_engine.py`` does: the batched paged path and the alone path
 differ only by FP32 summation order (``tests/test_deepseek_v4_decode.py`` bounds that by ``v4_tolerance``), and a
@@ -214,11 +215,12 @@ def test_cli_serves_v4_like_generate(run_dir, capsys):
             proc.wait()
 
 
-@pytest.mark.parametrize("flags, flag", [(["--speculative", "mtp"], "--speculative"),
-                                         (["--prefix-cache", "PC"], "--prefix-cache"),
-                                         (["--block-size", "8"], "--block-size")])
-def test_cli_refuses_what_v4_cannot_serve_in_one_line(run_dir, tmp_path, capsys, flags, flag):
+@pytest.mark.parametrize("flags, flag, why", [(["--prefix-cache", "PC"], "--prefix-cache", "DeepSeek-V4"),
+                                              (["--block-size", "8"], "--block-size", "compression ratio"),
+                                              (["--speculative", "mtp"], "--speculative", "mtp_depth")])
+def test_cli_refuses_what_v4_cannot_serve_in_one_line(run_dir, tmp_path, capsys, flags, flag, why):
+    """--speculative mtp serves V4 (``tests/test_serve_v4_speculative.py``); this model has no MTP module."""
     flags = [str(tmp_path / f) if f == "PC" else f for f in flags]
     assert main(["serve", "--ckpt", str(run_dir), "--device", "cpu", "--port", "0", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and flag in err[0], err
+    assert len(err) == 1 and flag in err[0] and why in err[0], err

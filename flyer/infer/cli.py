@@ -132,10 +132,10 @@ def _with_library_warnings(f):
 
 def decodable(cfg, args) -> None:
     """Refuses, naming the flag's field, what flyer cannot decode yet: DeepSeek-V4's hybrid attention under
-    --prefix-cache, and under --speculative mtp in ``flyer serve`` (``check_hybrid_flags``; ``args``: either
+    --prefix-cache (``check_hybrid_flags``), in ``flyer generate`` and ``flyer serve`` alike (``args``: either
     command's parsed flags)."""
     if cfg.attn == "hybrid":
-        check_hybrid_flags(cfg, args.speculative, args.prefix_cache, serving=getattr(args, "command", None) == "serve")
+        check_hybrid_flags(cfg, args.prefix_cache)
 
 
 @_with_library_warnings

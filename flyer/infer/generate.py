@@ -203,18 +203,15 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
                                            f"the model's max_seq_len {model.cfg.max_seq_len}")
 
 
-def check_hybrid_flags(cfg, speculative: str | None, prefix_cache: object, serving: bool = False) -> None:
+def check_hybrid_flags(cfg, prefix_cache: object) -> None:
     """``FieldError`` naming ``prefix_cache`` when set for a DeepSeek-V4 model (attn "hybrid"): its cache
     (``flyer.infer.hybrid_cache``) keeps windows and compressed entries, not the per-token slots that loading a
-    prompt's cached blocks needs. ``serving``: for ``flyer serve``, whose paged hybrid cache has no rollback of
-    rejected drafts, ``speculative`` too (``flyer generate`` restores a snapshot, ``flyer.infer.speculative``)."""
-    if cfg.attn != "hybrid":
-        return
-    refused = (("speculative", speculative),) if serving else ()
-    for name, value in refused + (("prefix_cache", prefix_cache),):
-        if value is not None:  # a PrefixCache may be empty (falsy), still refused
-            raise FieldError(name, "not available for DeepSeek-V4's hybrid attention yet (its decode cache keeps "
-                                   "windows and compressed entries, not per-token slots)")
+    prompt's cached blocks needs. (``--speculative mtp`` passes: ``flyer generate`` and ``flyer serve`` roll
+    rejected drafts back by a copy of the windows and rings, ``flyer.infer.speculative``,
+    ``flyer.serve.speculation``.)"""
+    if cfg.attn == "hybrid" and prefix_cache is not None:  # a PrefixCache may be empty (falsy), still refused
+        raise FieldError("prefix_cache", "not available for DeepSeek-V4's hybrid attention yet (its decode cache "
+                                         "keeps windows and compressed entries, not per-token slots)")
 
 
 def cache_length(prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> int:
@@ -229,7 +226,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     gen = gen or GenerationConfig()
     gen.validate()
     _check_prompts(model, prompts, gen)
-    check_hybrid_flags(model.cfg, gen.speculative, gen.prefix_cache)
+    check_hybrid_flags(model.cfg, gen.prefix_cache)
     model.eval()
     params = SamplingParams(gen.temperature, gen.top_p)
     spec = gen.speculative == "mtp"

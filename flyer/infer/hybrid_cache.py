@@ -198,6 +198,19 @@ class HybridCache:
             else:
                 t[rows] = s[rows]
 
+    def copy_slots(self, slots_R: torch.Tensor) -> list[torch.Tensor]:
+        """A copy of pool slots ``slots_R``' (int64 (R,)) fixed state (windows and rings, each (R, S, C)), for
+        ``restore_slots``: ``flyer serve``'s rollback of rejected drafts (``snapshot``'s, per slot)."""
+        return [t[slots_R] for t in self._fixed_state()]  # advanced indexing copies
+
+    def restore_slots(self, saved: list[torch.Tensor], slots_R: torch.Tensor, rows_J: torch.Tensor | None = None):
+        """Slots ``slots_R[rows_J]`` (None: all R) := their state in ``saved`` (``copy_slots(slots_R)``)."""
+        for t, c in zip(self._fixed_state(), saved, strict=True):
+            if rows_J is None:
+                t[slots_R] = c
+            else:
+                t[slots_R[rows_J]] = c[rows_J]
+
     def _fixed_state(self) -> list[torch.Tensor]:
         """Every layer's fixed-state tensors (n_slots, S, C), as ``_slot_state`` orders one slot's."""
         return [t for state in self.layers for k, t in state.items() if k not in _ENTRIES]

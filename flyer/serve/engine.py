@@ -31,7 +31,8 @@ DeepSeek-V4 (attn "hybrid", ``flyer.serve.paged_hybrid``): a running request als
 the compressors' partial states) from admission to its end or preemption; its compressed entries fill its
 blocks. A shared prefix needs the slot's state at its end too: requests leave snapshots of their slots at chosen
 block boundaries (their prefill chunks end there) and a match is used up to its deepest snapshot, which the new
-request's slot copies (``BoundarySnapshots``); the on-disk prefix cache and MTP speculation are refused.
+request's slot copies (``BoundarySnapshots``; off with MTP speculation, whose MTP window a snapshot lacks); the
+on-disk prefix cache is refused.
 
 A request's state is its tokens (prompt + generated) and ``n_cached``, how many of them are in
 its blocks. Every forward feeds ``tokens[n_cached:]`` (a chunk of them); when the cache catches
@@ -59,7 +60,8 @@ from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
-from flyer.serve.paged_hybrid import BoundarySnapshots, SlotAllocator, check_hybrid_serving, make_paged_hybrid_cache
+from flyer.serve.paged_hybrid import (BoundarySnapshots, SlotAllocator, check_hybrid_serving, make_mtp_hybrid_cache,
+                                      make_paged_hybrid_cache)
 # the request-side types, importable from here as well (tests, benchmarks, ``flyer.serve.cli``)
 from flyer.serve.request import EngineConfig, Limits, QueueFull, Request, SamplingOptions, TokenEvent
 from flyer.serve.speculation import Drafted, MtpSpeculator, mtp_slots
@@ -95,9 +97,9 @@ class Engine:
             raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
         self.hybrid = mcfg.attn == "hybrid"
         if self.hybrid:  # slots for max_batch_size requests, then blocks
-            check_hybrid_serving(mcfg, cfg.block_size, cfg.speculative, cfg.prefix_cache)
+            check_hybrid_serving(mcfg, cfg.block_size, cfg.prefix_cache)
             self.cache, n_blocks = make_paged_hybrid_cache(mcfg, cfg.kv_cache_bytes, cfg.block_size,
-                                                           cfg.max_batch_size, cfg.cache_dtype, device)
+                                                           cfg.max_batch_size, cfg.cache_dtype, device, self.spec)
             self.slots = SlotAllocator(cfg.max_batch_size)
         else:
             n_blocks = blocks_for_memory(mcfg, cfg.kv_cache_bytes, cfg.block_size, cfg.cache_dtype, self.spec)
@@ -106,15 +108,18 @@ class Engine:
                                                    f"{cfg.block_size} tokens; at least 2 are needed")
             self.cache = make_paged_cache(mcfg, mcfg.n_layers, n_blocks, cfg.block_size, cfg.cache_dtype, device)
         self.alloc = BlockAllocator(n_blocks, cfg.block_size)
-        self.sharing = cfg.prefix_sharing and not (self.hybrid and self.cache.block_bytes() == 0)
+        # V4 with MTP: no sharing (a request resuming from a snapshot has no MTP window of the shared positions)
+        self.sharing = cfg.prefix_sharing and not (self.hybrid and (self.cache.block_bytes() == 0 or self.spec))
         # V4: the slots' states at block boundaries, which a shared prefix needs besides its blocks
         self.snapshots = BoundarySnapshots(self.cache, self.alloc) if self.sharing and self.hybrid else None
-        self.mtp_cache = make_paged_cache(mcfg, 1, n_blocks, cfg.block_size, cfg.cache_dtype, device) \
-            if self.spec else None
+        self.mtp_cache = None
+        if self.spec:  # V4: the MTP block's window in slots at the main slot ids; else entries on the main tables
+            self.mtp_cache = make_mtp_hybrid_cache(mcfg, cfg.max_batch_size, cfg.cache_dtype, device) if self.hybrid \
+                else make_paged_cache(mcfg, 1, n_blocks, cfg.block_size, cfg.cache_dtype, device)
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
         self.device = device
         self.speculator = MtpSpeculator(self.dec, self.mtp_cache, cfg.draft_tokens, self._tables, self.metrics,
-                                        device) if self.spec else None
+                                        device, self.cache if self.hybrid else None) if self.spec else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -429,9 +434,10 @@ class Engine:
     def _verify(self, rows: list[Request], hv: torch.Tensor, logits: torch.Tensor, q: list, drafts: list[list[int]],
                 params: list[SamplingParams]) -> None:
         """Keep each row's accepted tokens of [pending, *drafts] (``MtpSpeculator.accept``) and emit
-        them. hv (B, k + 1, D), logits (B, k + 1, V)."""
-        for i, r in enumerate(rows):
-            new = self.speculator.accept(r, hv[i], logits[i], q[i], drafts[i], params[i])
+        them. hv (B, k + 1, D), logits (B, k + 1, V). DeepSeek-V4's rows that rejected a draft roll back first."""
+        news = [self.speculator.accept(r, hv[i], logits[i], q[i], drafts[i], params[i]) for i, r in enumerate(rows)]
+        self.speculator.roll_back(rows, [len(new) for new in news], drafts)
+        for i, (r, new) in enumerate(zip(rows, news)):
             self._register_full_blocks(r)
             # the step's time shared by the tokens it kept: emitted microseconds apart, they would
             # read as intervals of ~0 after one of the whole step (a row whose first token this is

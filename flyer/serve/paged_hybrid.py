@@ -36,7 +36,12 @@ prefilled to P would (bit for bit where its chunks are the same). Design:
   readmitted request matches again (its own snapshots too). Nothing but the index holds a snapshot.
 
 The attention is ``flyer.infer.hybrid_cache.hybrid_attention`` on a ``HybridCache.view`` of the pool per batch.
-The on-disk prefix cache and MTP speculation have no hybrid cache yet: refused.
+The on-disk prefix cache has no hybrid layout yet: refused.
+
+MTP speculation (``flyer.serve.speculation``): the MTP block's one window-only layer has a pool of its own, slots
+only (``make_mtp_hybrid_cache``: a window-only layer completes no entries), one per running request at the same
+slot id as its main slot, its bytes taken from ``kv_cache_bytes`` beside the main slots'. Prefix sharing is off
+then: a request resuming from a snapshot would lack the MTP window of the shared positions (their hidden states).
 """
 
 from __future__ import annotations
@@ -49,37 +54,44 @@ from flyer.infer.hybrid_cache import HybridCache
 from flyer.serve.paged import BlockAllocator
 
 
-def check_hybrid_serving(cfg: ModelConfig, block_size: int, speculative: str | None, prefix_cache: object) -> None:
+def check_hybrid_serving(cfg: ModelConfig, block_size: int, prefix_cache: object) -> None:
     """``FieldError`` for what the hybrid pool cannot take: a ``block_size`` that some compressed layer's ratio
-    does not divide, ``speculative`` or an on-disk ``prefix_cache``."""
+    does not divide, or an on-disk ``prefix_cache``."""
     ratios = sorted({r for r in cfg.compress_ratios[:cfg.n_layers] if r > 0})
     if any(block_size % r for r in ratios):
         raise FieldError("block_size", f"must be a multiple of every compression ratio {ratios} of DeepSeek-V4's "
                                        f"hybrid attention (got {block_size})")
-    for name, value in (("speculative", speculative), ("prefix_cache", prefix_cache)):
-        if value is not None:
-            raise FieldError(name, "not available for DeepSeek-V4's hybrid attention yet (its cache keeps windows "
-                                   "and compressed entries, not per-token slots)")
+    if prefix_cache is not None:
+        raise FieldError("prefix_cache", "not available for DeepSeek-V4's hybrid attention yet (its cache keeps "
+                                         "windows and compressed entries, not per-token slots)")
 
 
 def hybrid_blocks_for_memory(cfg: ModelConfig, memory_bytes: int, block_size: int, n_slots: int,
-                             dtype: torch.dtype) -> int:
+                             dtype: torch.dtype, mtp: bool = False) -> int:
     """How many blocks (the null block included) ``memory_bytes`` holds once the ``n_slots`` slots' fixed state
-    is taken from it: (memory - n_slots * slot bytes) // block bytes, from the cache's own tensors."""
+    (``mtp``: the MTP pool's slots too) is taken from it: (memory - n_slots * slot bytes) // block bytes, from the
+    caches' own tensors."""
     probe = HybridCache.paged(cfg, 1, 1, block_size, dtype, "meta")
-    return max(memory_bytes - n_slots * probe.window_bytes(), 0) // probe.block_bytes()
+    slot = probe.window_bytes() + (make_mtp_hybrid_cache(cfg, 1, dtype, "meta").window_bytes() if mtp else 0)
+    return max(memory_bytes - n_slots * slot, 0) // probe.block_bytes()
 
 
 def make_paged_hybrid_cache(cfg: ModelConfig, memory_bytes: int, block_size: int, n_slots: int, dtype: torch.dtype,
-                            device=None) -> tuple[HybridCache, int]:
+                            device=None, mtp: bool = False) -> tuple[HybridCache, int]:
     """(the pool, its block count (the null block included)): ``n_slots`` slots, then as many blocks of
-    ``block_size`` tokens as the rest of ``memory_bytes`` holds; ``FieldError`` naming ``kv_cache_bytes`` when
-    that is fewer than 2."""
-    n_blocks = hybrid_blocks_for_memory(cfg, memory_bytes, block_size, n_slots, dtype)
+    ``block_size`` tokens as the rest of ``memory_bytes`` holds (``mtp``: beside ``make_mtp_hybrid_cache``'s
+    slots); ``FieldError`` naming ``kv_cache_bytes`` when that is fewer than 2."""
+    n_blocks = hybrid_blocks_for_memory(cfg, memory_bytes, block_size, n_slots, dtype, mtp)
     if n_blocks < 2:
         raise FieldError("kv_cache_bytes", f"{memory_bytes} bytes hold {n_blocks} blocks of {block_size} tokens "
                                            f"beside {n_slots} requests' windows; at least 2 are needed")
     return HybridCache.paged(cfg, n_slots, n_blocks, block_size, dtype, device), n_blocks
+
+
+def make_mtp_hybrid_cache(cfg: ModelConfig, n_slots: int, dtype: torch.dtype, device=None) -> HybridCache:
+    """The MTP block's pool: ``n_slots`` slots of its one window-only layer (ratio 0: no entries, so no blocks but
+    the one its shapes need), addressed through ``view`` with the main pool's slot ids."""
+    return HybridCache(cfg, n_slots, 1, dtype, device, n_blocks=1, block_size=1, ratios=(0,))
 
 
 class SlotAllocator:

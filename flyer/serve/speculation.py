@@ -14,6 +14,19 @@ same span with each block: ``mtp_slots``). A request that takes k shared blocks 
 position k n - 1 (its main hidden state feeds the MTP entry of that position, in the request's
 own block k) without writing it: shared blocks are never written.
 
+DeepSeek-V4 (attn "hybrid"): the MTP block's one window-only layer keeps a ring of its last W keys in a slot of
+its own pool (``flyer.serve.paged_hybrid.make_mtp_hybrid_cache``) at the request's main slot id, position p at
+p % W (no shift), and the MTP module reads and chains the residual streams (C, N, D). Rings keep no per-token
+history, so rejected drafts are rolled back as ``flyer generate`` rolls them back (``flyer.infer.speculative``):
+``draft`` copies the drafting rows' main slots (windows, compressor rings) before the verify pass, and
+``roll_back`` gives a row that rejected a draft (before its last: the last one's writes are never read) its copy
+back and re-feeds its kept tokens (pending and accepted drafts) in one more forward of those rows only; the MTP
+slots are copied after the catch-up and put back after
+chained drafts, whose scratch keys would overwrite ring slots still in the window. Compressed entries that
+rejected tokens completed stay in the row's own blocks past its real tokens (a block holds only the request's
+positions and is registered for sharing only once full of real ones), masked until the real token completing
+the entry rewrites it.
+
 The engine owns the requests, their blocks and the main-model pass; ``MtpSpeculator`` keeps a
 request's MTP entries in step with its main cache, drafts, and accepts what the pass verified.
 """
@@ -25,7 +38,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from flyer import kernels
-from flyer.infer.decoder import Decoder
+from flyer.infer.decoder import Decoder, Group
+from flyer.infer.hybrid_cache import HybridCache
 from flyer.infer.generate import mtp_span
 from flyer.infer.sampling import SamplingParams, probabilities
 from flyer.infer.speculative import accept_drafts
@@ -49,6 +63,7 @@ class Row(Protocol):
     mtp_len: int  # leading positions whose MTP cache entries are written
     h_prev: torch.Tensor | None  # main hidden states (C, D) of positions [mtp_len, n_cached)
     generator: torch.Generator | None
+    slot: int | None  # its hybrid pools' slot (DeepSeek-V4)
     opts: Any  # its ``SamplingOptions``: temperature, top_p, max_tokens
 
     @property
@@ -62,15 +77,32 @@ Drafted = tuple[list[Row], list, list[list[int]], list[SamplingParams]]
 
 class MtpSpeculator:
     """Drafts for the engine's decoding rows from ``dec``'s MTP module over the paged ``cache``
-    (position p in slot p + 1), and the verified ones accepted. ``tables(rows, n_slots)``: the
-    rows' block tables (B, n) covering ``n_slots`` positions. ``drafted`` / ``accepted``: drafts
-    proposed and kept so far (also counted in ``metrics``)."""
+    (position p in slot p + 1; DeepSeek-V4: the MTP pool of slots), and the verified ones accepted.
+    ``tables(rows, n_slots)``: the rows' block tables (B, n) covering ``n_slots`` positions.
+    ``main``: DeepSeek-V4's main pool (``HybridCache``), rolled back for rows that rejected drafts
+    (``roll_back``); None otherwise. ``drafted`` / ``accepted``: drafts proposed and kept so far
+    (also counted in ``metrics``)."""
 
-    def __init__(self, dec: Decoder, cache: PagedCache, draft_tokens: int,
-                 tables: Callable[[Sequence[Row], int], torch.Tensor], metrics: ServeMetrics, device: torch.device):
+    def __init__(self, dec: Decoder, cache: PagedCache | HybridCache, draft_tokens: int,
+                 tables: Callable[[Sequence[Row], int], torch.Tensor], metrics: ServeMetrics, device: torch.device,
+                 main: HybridCache | None = None):
         self.dec, self.cache, self.draft_tokens = dec, cache, draft_tokens
         self.tables, self.metrics, self.device = tables, metrics, device
+        self.main = main
         self.drafted = self.accepted = 0
+        self._saved: tuple[dict[int, int], torch.Tensor, list[torch.Tensor]] | None = None  # V4: ``draft``'s copy
+
+    def _address(self, rows: Sequence[Row], n_slots: int) -> None:
+        """Point the MTP cache at ``rows``' storage: their block tables over ``n_slots`` positions, or
+        (DeepSeek-V4) their slots, through a view the decoder's MTP forward uses."""
+        if self.main is None:
+            self.cache.tables = self.tables(rows, n_slots)
+        else:
+            slots = self._slots(rows)
+            self.dec.mtp_cache = self.cache.view(slots.view(-1, 1), slots)
+
+    def _slots(self, rows: Sequence[Row]) -> torch.Tensor:
+        return torch.tensor([r.slot for r in rows], device=self.device)
 
     def n_drafts(self, r: Row) -> int:
         """Drafts r verifies this step: none before its first hidden state (a one-token prompt) and
@@ -99,14 +131,14 @@ class MtpSpeculator:
                  - int(hold_decode_entry and len(r.tokens) - r.n_cached == 1), 0) for r in rows]
         if max(c) == 0:
             return None
-        C, D = max(c), self.dec.cfg.dim
-        h_in = torch.zeros(len(rows), C, D, dtype=rows[0].h_prev.dtype, device=self.device)
+        C = max(c)
+        h_in = torch.zeros(len(rows), C, *rows[0].h_prev.shape[1:], dtype=rows[0].h_prev.dtype, device=self.device)
         nxt = torch.zeros(len(rows), C, dtype=torch.long)
         for i, (r, ci) in enumerate(zip(rows, c)):
             h_in[i, :ci] = r.h_prev[:ci]
             nxt[i, :ci] = torch.tensor(r.tokens[r.mtp_len + 1:r.mtp_len + 1 + ci])
         start = torch.tensor([r.mtp_len for r in rows], device=self.device)
-        self.cache.tables = self.tables(rows, int(start.max()) + C + 1)
+        self._address(rows, int(start.max()) + C + 1)
         h1 = self.dec.mtp_forward(h_in, nxt.to(self.device), start, shift=1, lengths=c)  # position p in slot p + 1
         for r, ci in zip(rows, c):
             r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
@@ -120,6 +152,9 @@ class MtpSpeculator:
         q = [[] for _ in rows]
         drafts = [[] for _ in rows]
         h1 = self.catch_up(rows)  # (B, D) at position n - 1, which predicts t_{n+1}: every row has it to write
+        slots = self._slots(rows) if self.main is not None else None
+        # V4: the MTP rings now hold exactly the positions before n; chained drafts write past them (put back below)
+        mtp_saved = self.cache.copy_slots(slots) if slots is not None and max(ks) > 1 else None
         live = list(range(len(rows)))  # the rows still drafting, and h1 for them
         for k in range(max(ks)):
             q_logits = self.dec.mtp_logits(h1)
@@ -138,9 +173,13 @@ class MtpSpeculator:
             live = [live[j] for j in more]
             sub = [rows[i] for i in live]
             start = torch.tensor([r.n_cached + k for r in sub], device=self.device)
-            self.cache.tables = self.tables(sub, int(start.max()) + 2)
+            self._address(sub, int(start.max()) + 2)
             d = torch.tensor([drafts[i][-1] for i in live], device=self.device).view(-1, 1)
             h1 = self.dec.mtp_forward(h1[more].unsqueeze(1), d, start, from_main=False, shift=1)[:, 0]
+        if mtp_saved is not None:
+            self.cache.restore_slots(mtp_saved, slots)
+        if slots is not None:  # V4: the main slots before the verify pass writes the drafts into their rings
+            self._saved = ({r.slot: i for i, r in enumerate(rows)}, slots, self.main.copy_slots(slots))
         groups = []
         for n in sorted(set(ks)):
             idx = [i for i, k in enumerate(ks) if k == n]
@@ -163,3 +202,26 @@ class MtpSpeculator:
         r.h_prev = hv_KD[:len(new)]  # positions n .. n + len(new) - 1
         r.n_cached += len(new)
         return new
+
+    def roll_back(self, rows: Sequence[Row], kept: Sequence[int], drafts: Sequence[Sequence[int]]) -> None:
+        """DeepSeek-V4, after ``accept`` (``kept[i]``: row i's tokens the verify pass wrote and it keeps, the
+        pending one and its accepted drafts; n_cached advanced past them): a row that rejected a draft before its
+        last gets its main slot as ``draft`` copied it and is fed its kept tokens again from where they start, so
+        its windows and rings end as plain decoding leaves them (the hidden states stay the verify pass's). A row
+        that rejected its last draft only (all of K = 1's rejections) needs none: that draft's position n is
+        where the row's next token goes, and what it left in the rings is read by no later query (ring slot
+        n % W holds "position n - W", outside every window from n on; compressor slot n % S a position before
+        every window an entry from n on pools) and overwritten there."""
+        back = [i for i, (m, d) in enumerate(zip(kept, drafts)) if m < len(d)]
+        if self.main is None or not back:
+            return
+        index, slots, saved = self._saved
+        self.main.restore_slots(saved, slots, torch.tensor([index[rows[i].slot] for i in back], device=self.device))
+        sub = [rows[i] for i in back]
+        lengths = [kept[i] for i in back]
+        T = max(lengths)
+        tokens = torch.tensor([([r.tokens[-1], *drafts[i]] + [0] * T)[:T] for r, i in zip(sub, back)],
+                              device=self.device)
+        start = torch.tensor([r.n_cached - m for r, m in zip(sub, lengths)], device=self.device)
+        view = self.main.view(self.tables(sub, int(start.max()) + T), self._slots(sub))
+        self.dec.forward_groups([Group(tokens, start, None if min(lengths) == T else lengths, view)])
