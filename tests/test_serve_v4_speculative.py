@@ -15,31 +15,20 @@ FP32 weights make improbable; the mutation's outputs differ by far more than one
 import pytest
 import torch
 
-from flyer.config import preset
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.infer.hybrid_cache import HybridCache
-from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from flyer.serve.paged_hybrid import make_mtp_hybrid_cache
+from tests.test_v4_speculative import PATTERN, pattern_trained
 
 BS = 16  # the least block size the ratios 4 and 16 divide
-PATTERN = [5, 17, 42, 99, 7, 64, 130, 21, 88, 3, 250]
 
 
 @pytest.fixture(scope="module")
 def trained_v4():
-    """A tiny-v4 trained 4 AdamW steps on a repeating sequence (main and MTP losses, as
-    ``tests/test_v4_speculative.py``'s), so its module drafts the sequence's next tokens some of the time."""
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny-v4", vocab_size=256, window_size=8, index_topk=4)).train()
-    seq = torch.tensor(PATTERN).repeat(5)[:49]
-    x = torch.stack([seq, torch.roll(seq, -3)])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        opt.zero_grad()
-        model.compute_loss(x[:, :-1], x[:, 1:]).loss.backward()
-        opt.step()
-    return model.eval()
+    """A tiny-v4 trained 4 AdamW steps on a repeating sequence (``tests/test_v4_speculative.py``'s), so its module
+    drafts the sequence's next tokens some of the time."""
+    return pattern_trained()
 
 
 def _random(n: int, seed: int) -> list[int]:

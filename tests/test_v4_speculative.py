@@ -46,11 +46,8 @@ def random_v4():
     return model, prompts, _gen(model, prompts).tokens
 
 
-@pytest.fixture(scope="module")
-def trained_v4():
-    """(model, prompts, plain greedy tokens) of a tiny-v4 trained 4 AdamW steps on a repeating sequence (main
-    and MTP losses), so its module drafts the sequence's next tokens some of the time (measured: 30 of 37 drafts
-    kept with K = 1, 45 of 64 with K = 3; by 12 steps every draft is)."""
+def pattern_trained() -> Transformer:
+    """``_config``'s model (seed 0) trained 4 AdamW steps on ``PATTERN`` repeated (main and MTP losses), in eval."""
     torch.manual_seed(0)
     model = Transformer(_config()).train()
     seq = torch.tensor(PATTERN).repeat(5)[:49]
@@ -60,7 +57,15 @@ def trained_v4():
         opt.zero_grad()
         model.compute_loss(x[:, :-1], x[:, 1:]).loss.backward()
         opt.step()
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_v4():
+    """(model, prompts, plain greedy tokens) of a tiny-v4 trained 4 AdamW steps on a repeating sequence (main
+    and MTP losses), so its module drafts the sequence's next tokens some of the time (measured: 30 of 37 drafts
+    kept with K = 1, 45 of 64 with K = 3; by 12 steps every draft is)."""
+    model = pattern_trained()
     prompts = _prompts((PATTERN * 4)[:40])
     return model, prompts, _gen(model, prompts).tokens
 
