@@ -17,19 +17,22 @@ Each step, for every row whose cache holds positions [0, n) and whose next token
 Rejected drafts are rolled back by position alone: their cache slots lie beyond the new length
 and are overwritten later (``flyer.infer.cache``).
 
-DeepSeek-V4 (attn "hybrid") keeps no per-token slots: a row's window ring holds the last W keys at p % W
-and its compressors' rings the unfinished windows (``flyer.infer.hybrid_cache``), so a rejected draft's
-write overwrites a key the row still needs. Rollback there is by snapshot and re-feed: before the verify
-pass the main cache's fixed state (windows, rings) is copied (``HybridCache.snapshot``); a row that keeps
-j < K of its drafts gets its copy back and is fed its accepted tokens t_n, d_1 .. d_j again (one more
-forward of j + 1 tokens, for those rows only). Chosen over deferring the ring writes of a multi-token
+DeepSeek-V4 (attn "hybrid") keeps no per-token slots: a row's window ring holds the last W keys at p % W and
+its compressors' rings the unfinished windows (``flyer.infer.hybrid_cache``), so a rejected draft's write
+overwrites a key the row still needs. Rollback there is by snapshot and re-feed: before the verify pass the
+main cache's fixed state (windows, rings) is copied (``HybridCache.snapshot``); a row that keeps j < K of its
+drafts gets its copy back and is fed its accepted tokens t_n, d_1 .. d_j again (one more forward of j + 1
+tokens, for those rows only). A row whose only rejected draft is its last (every rejection with one draft a
+step) needs neither: what that draft wrote at position n + K is read by no later query (ring slot (n + K) % W
+holds "position n + K - W", outside every window from n + K on; an entry it completed lies past the row's real
+tokens) and the next token, at n + K, overwrites it. Chosen over deferring the ring writes of a multi-token
 call: it reuses the decode path unchanged (the re-feed is an ordinary forward, so the cache ends exactly as
 plain decoding leaves it), costs a copy of the fixed state a step and a short forward only on rejection, and
-touches no attention code. The entries (compressed) need no copy: one completed by a rejected token lies at
-an index the row's real tokens have not completed, masked until the real token completing it rewrites it.
-The MTP block's window (its own one-layer cache) is copied after the catch-up, when it holds exactly the
-positions before the pending token, and put back after chained drafts (K > 1) wrote past them. V4's
-drafter reads and chains the residual streams (B, T, N, D), not the collapsed hidden states.
+touches no attention code. The entries (compressed) need no copy: one completed by a rejected token lies at an
+index the row's real tokens have not completed, masked until the real token completing it rewrites it. The MTP
+block's window (its own one-layer cache) is copied after the catch-up, when it holds exactly the positions
+before the pending token, and put back after chained drafts (K > 1) wrote past them. V4's drafter reads and
+chains the residual streams (B, T, N, D), not the collapsed hidden states.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         if mtp_snap is not None:
             dec.mtp_cache.restore(mtp_snap)
         # 2. verify every draft in one main-model pass
-        snap = dec.cache.snapshot() if hybrid else None  # V4: the rings before the drafts' writes
+        # V4: the rings before the drafts' writes (with one draft a step, no rejection needs them: see the doc)
+        snap = dec.cache.snapshot() if hybrid and Ks > 1 else None
         pending = torch.tensor([seq[b][-1] for b in live], device=device)
         tokens = torch.cat([pending.view(B, 1), *(d.view(B, 1) for d in drafts)], 1)  # (B, Ks+1)
         hv = dec.forward(tokens, n, [k + 1 for k in k_B])  # a row's padding goes past its tokens
@@ -170,7 +174,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
             out[b], done = finished(out[b] + new, max_new, stop_ids)
             if not done:
                 still.append(b)
-                if snap is not None and len(new) - 1 < k:
+                if snap is not None and len(new) < k:  # a draft before the last rejected
                     refeed.append((i, len(new)))
         if refeed:
             _refeed(dec, snap, refeed, tokens, n_old)
