@@ -9,9 +9,10 @@
    the paths interleaved for ``--rounds`` rounds, best of each kept. Also absorbed MLA with its
    cache gathered per layer instead of read in place by ``kernels.mla_decode``
    (``speedup_in_place_vs_gathered``).
-2. MTP speculative decoding on a trained checkpoint: ``flyer train --preset tiny`` for
-   ``--train-steps`` steps (or ``--ckpt`` of an existing run), greedy with and without
-   ``--speculative mtp``: identical tokens, acceptance rate, tokens/s ratio.
+2. MTP speculative decoding on a trained checkpoint: ``flyer train --preset tiny`` (``--mtp-preset
+   tiny-v4``: DeepSeek-V4's MTP module, its hybrid cache rolled back by snapshot) for ``--train-steps``
+   steps (or ``--ckpt`` of an existing run), greedy with and without ``--speculative mtp``: identical
+   tokens, acceptance rate, tokens/s ratio. ``--mtp-only`` runs this part alone.
 3. Prefix cache: prefill of a long prompt cold versus loaded from the on-disk cache.
 4. DeepSeek Sparse Attention (V3.2: the MLA model above with an indexer keeping ``--dsa-topk`` slots per
    query): decode tokens/s at ``--dsa-contexts`` with each query's selected latents gathered
@@ -27,6 +28,7 @@
 
 All times are compared with a peer measured in the same run. Prints one JSON object.
     python bench/decode.py [--threads 1] [--ckpt RUN_DIR] [--dsa-only]
+    python bench/decode.py --mtp-only [--mtp-preset tiny-v4]
     python bench/decode.py --dsa-prefill [--dsa-prompts 4096,8192] [--dsa-chunk 256] [--rounds 2]
 """
 
@@ -248,8 +250,8 @@ def bench_attention(contexts: list[int], batch: int, steps: int, rounds: int) ->
     return out
 
 
-def train_checkpoint(run: Path, steps: int, threads: int) -> None:
-    cmd = [sys.executable, "-m", "flyer", "train", "--preset", "tiny", "--steps", str(steps), "--out", str(run),
+def train_checkpoint(run: Path, steps: int, threads: int, preset_name: str = "tiny") -> None:
+    cmd = [sys.executable, "-m", "flyer", "train", "--preset", preset_name, "--steps", str(steps), "--out", str(run),
            "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup", "10", "--precision", "fp32",
            "--eval-every", str(steps), "--ckpt-every", str(steps), "--threads", str(threads),
            "--no-plots", "--no-progress"]
@@ -329,6 +331,9 @@ def main() -> int:
     ap.add_argument("--draft-tokens", type=int, default=2, help="also measure this many drafts per step")
     ap.add_argument("--prefix-tokens", type=int, default=1024)
     ap.add_argument("--skip-mtp", action="store_true")
+    ap.add_argument("--mtp-only", action="store_true", help="run the MTP part (2.) alone")
+    ap.add_argument("--mtp-preset", default="tiny", choices=("tiny", "tiny-v4"),
+                    help="the preset the MTP part trains (without --ckpt)")
     ap.add_argument("--dsa-contexts", default="2048,8192")
     ap.add_argument("--dsa-topk", type=int, default=256, help="the DSA model's index_topk")
     ap.add_argument("--dsa-only", action="store_true", help="run the DSA part (4.) alone")
@@ -352,17 +357,22 @@ def main() -> int:
         out["bench_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(out))
         return 0
-    out.update(bench_attention([int(c) for c in args.contexts.split(",")], args.batch, args.steps, args.rounds))
+    if not args.mtp_only:
+        out.update(bench_attention([int(c) for c in args.contexts.split(",")], args.batch, args.steps, args.rounds))
     ckpt = Path(args.ckpt) if args.ckpt else None
     with tempfile.TemporaryDirectory() as d:
         if not args.skip_mtp:
             if ckpt is None:
                 t1 = time.perf_counter()
                 ckpt = Path(d) / "run"
-                train_checkpoint(ckpt, args.train_steps, args.threads)
-                out["mtp_train_steps"] = args.train_steps
+                train_checkpoint(ckpt, args.train_steps, args.threads, args.mtp_preset)
+                out["mtp_preset"], out["mtp_train_steps"] = args.mtp_preset, args.train_steps
                 out["mtp_train_s"] = round(time.perf_counter() - t1, 1)
             out.update(bench_mtp(ckpt, args.mtp_tokens, args.draft_tokens))
+        if args.mtp_only:
+            out["bench_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(out))
+            return 0
         out.update(bench_prefix(ckpt, args.prefix_tokens, 64))
     out.update(bench_dsa(dsa_contexts, args.dsa_topk, args.batch, args.steps, args.rounds))
     out["bench_s"] = round(time.perf_counter() - t0, 1)
