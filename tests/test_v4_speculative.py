@@ -2,7 +2,7 @@
 rolled back by snapshot and re-feed, the MTP module drafting from the residual streams): greedy speculation gives
 plain greedy's tokens, token for token, with 1..3 drafts, a batch of prompts of different lengths decoding
 across window (8), CSA (r 4, past index_topk 4 entries) and HCA (r 16) boundaries; with rollback skipped
-(the mutation: ``HybridCache.restore`` a no-op) they differ; seeded sampling repeats; an MTP module trained a
+(the mutation: ``HybridCache.restore_slots`` a no-op) they differ; seeded sampling repeats; an MTP module trained a
 few AdamW steps on a repeating sequence gets drafts accepted (and the output is still plain greedy's); the
 CLI takes ``--speculative mtp`` for V4. Tiny random model, FP32, CPU.
 
@@ -83,7 +83,7 @@ def test_skipping_the_rollback_changes_the_tokens(random_v4, monkeypatch):
     """The mutation: rejected drafts' writes left in the windows and rings (and the MTP window). With K = 1 no
     rejection is rolled back (the last draft's writes are never read), so K = 2 and 3."""
     model, prompts, want = random_v4
-    monkeypatch.setattr(HybridCache, "restore", lambda self, snap, rows=None: None)
+    monkeypatch.setattr(HybridCache, "restore_slots", lambda self, saved, slots, rows=None: None)
     for K in (2, 3):
         got = _gen(model, prompts, speculative="mtp", draft_tokens=K).tokens
         assert got != want

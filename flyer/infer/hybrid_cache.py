@@ -181,26 +181,12 @@ class HybridCache:
         self.batch = int(rows.numel())
         self.lengths = self.lengths.index_select(0, rows)
 
-    def snapshot(self) -> list[torch.Tensor]:
-        """A copy of every row's fixed state (windows and rings, layer by layer) of ``flyer generate``'s cache (no
-        slots), for ``restore``: what a speculative verify pass writes and a rejected draft must not leave behind.
-        The entries are not copied: one completed by a rejected token lies past the row's real tokens, unread
-        (masked) until the real token completing it rewrites it."""
-        if self.slots is not None:
-            raise ValueError("snapshot is for a cache without slots (flyer serve keeps save_slot / load_slot)")
-        return [t.clone() for t in self._fixed_state()]
-
-    def restore(self, snap: list[torch.Tensor], rows: torch.Tensor | None = None) -> None:
-        """Rows ``rows`` (int64 (R,); None: all) of the fixed state := ``snap``'s (``snapshot``, same batch)."""
-        for t, s in zip(self._fixed_state(), snap, strict=True):
-            if rows is None:
-                t.copy_(s)
-            else:
-                t[rows] = s[rows]
-
     def copy_slots(self, slots_R: torch.Tensor) -> list[torch.Tensor]:
-        """A copy of pool slots ``slots_R``' (int64 (R,)) fixed state (windows and rings, each (R, S, C)), for
-        ``restore_slots``: ``flyer serve``'s rollback of rejected drafts (``snapshot``'s, per slot)."""
+        """A copy of slots ``slots_R``' (int64 (R,); ``flyer generate``'s cache: its rows) fixed state (windows and
+        rings, each (R, S, C)), for ``restore_slots``: the rollback of rejected drafts, what a speculative verify
+        pass writes (``flyer.infer.speculative``, ``flyer.serve.speculation``). The entries are not copied: one
+        completed by a rejected token lies past the row's real tokens, unread (masked) until the real token
+        completing it rewrites it."""
         return [t[slots_R] for t in self._fixed_state()]  # advanced indexing copies
 
     def restore_slots(self, saved: list[torch.Tensor], slots_R: torch.Tensor, rows_J: torch.Tensor | None = None):

@@ -20,7 +20,7 @@ and are overwritten later (``flyer.infer.cache``).
 DeepSeek-V4 (attn "hybrid") keeps no per-token slots: a row's window ring holds the last W keys at p % W and
 its compressors' rings the unfinished windows (``flyer.infer.hybrid_cache``), so a rejected draft's write
 overwrites a key the row still needs. Rollback there is by snapshot and re-feed: before the verify pass the
-main cache's fixed state (windows, rings) is copied (``HybridCache.snapshot``); a row that keeps j < K of its
+main cache's fixed state (windows, rings) is copied (``HybridCache.copy_slots``); a row that keeps j < K of its
 drafts gets its copy back and is fed its accepted tokens t_n, d_1 .. d_j again (one more forward of j + 1
 tokens, for those rows only). A row whose only rejected draft is its last (every rejection with one draft a
 step) needs neither: what that draft wrote at position n + K is read by no later query (ring slot (n + K) % W
@@ -128,7 +128,8 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         # (B, D) at position n-1; a row's padding past its c positions stays inside the cache
         h1 = gather_rows(dec.mtp_forward(h_in, nxt, mtp_len, lengths=c.tolist()), c - 1)
         # V4: the MTP window now holds [0, n) exactly; chained drafts write past it (put back below)
-        mtp_snap = dec.mtp_cache.snapshot() if hybrid and Ks > 1 else None
+        every = torch.arange(B, device=device)  # V4: the rows, the slots of generate's caches
+        mtp_snap = dec.mtp_cache.copy_slots(every) if hybrid and Ks > 1 else None
         drafts, q = [], []
         for k in range(Ks):
             q_logits = dec.mtp_logits(h1)
@@ -141,10 +142,10 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
             if k + 1 < Ks:  # reapply the module on its own output and the drafted token
                 h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + last_B.clamp(max=k), from_main=False)[:, 0]
         if mtp_snap is not None:
-            dec.mtp_cache.restore(mtp_snap)
+            dec.mtp_cache.restore_slots(mtp_snap, every)
         # 2. verify every draft in one main-model pass
         # V4: the rings before the drafts' writes (with one draft a step, no rejection needs them: see the doc)
-        snap = dec.cache.snapshot() if hybrid and Ks > 1 else None
+        snap = dec.cache.copy_slots(every) if hybrid and Ks > 1 else None
         pending = torch.tensor([seq[b][-1] for b in live], device=device)
         tokens = torch.cat([pending.view(B, 1), *(d.view(B, 1) for d in drafts)], 1)  # (B, Ks+1)
         hv = dec.forward(tokens, n, [k + 1 for k in k_B])  # a row's padding goes past its tokens
@@ -190,7 +191,7 @@ def _refeed(dec: Decoder, snap: list[torch.Tensor], refeed: list[tuple[int, int]
     (the pending token and the accepted drafts) at ``start_B[i]`` again, through a view of just those rows."""
     rows = torch.tensor([i for i, _ in refeed], dtype=torch.long, device=tokens_BT.device)
     kept = [m for _, m in refeed]
-    dec.cache.restore(snap, rows)
+    dec.cache.restore_slots(snap, torch.arange(len(snap[0]), device=rows.device), rows)
     view = dec.cache.view(rows.view(-1, 1), rows)  # row b's entries in "block" b: the contiguous cache's own row
     dec.forward_groups([Group(tokens_BT.index_select(0, rows)[:, :max(kept)], start_B.index_select(0, rows), kept,
                               view)])
