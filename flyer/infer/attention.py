@@ -50,7 +50,7 @@ from torch import nn
 from flyer import kernels
 from flyer.infer.cache import KVCache, LatentCache
 from flyer.model.attention import causal_attention
-from flyer.model.dsa_chunks import absorbed_attend
+from flyer.model.dsa_chunks import absorbed_attend, absorbed_weight
 from flyer.model.hybrid_chunks import entry_picks
 
 FP32_TINY = torch.finfo(torch.float32).tiny  # smallest normal FP32, 2^-126
@@ -218,8 +218,10 @@ def dsa_gathered(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, ro
     B, T = q_nope.shape[:2]
     slots_BTk, valid_BTk = rows.selected_slots(attn.index_topk)
     n = sub_chunk or gather_rows(attn, B, q_nope.element_size())
+    w_HXC = absorbed_weight(attn, q_nope.dtype)  # once for every sub-chunk
     outs = [dsa_gathered_core(attn, q_nope[:, s:s + n], q_rope[:, s:s + n],
-                              cache.gather_packed(layer, slots_BTk[:, s:s + n], q_nope.dtype), valid_BTk[:, s:s + n])
+                              cache.gather_packed(layer, slots_BTk[:, s:s + n], q_nope.dtype), valid_BTk[:, s:s + n],
+                              w_HXC)
             for s in range(0, T, n)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -234,13 +236,13 @@ def dsa_masked(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, rows
 
 
 def dsa_gathered_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BTkK: torch.Tensor,
-                      valid_BTk: torch.Tensor) -> torch.Tensor:
+                      valid_BTk: torch.Tensor, w_HXC: torch.Tensor | None = None) -> torch.Tensor:
     """``mla_absorbed_core`` with keys per query: q_nope (B,T,H,nope), q_rope (B,T,H,R), each query's own
     [c | k_rope] (B, T, k, C + R), of which ``valid`` (B, T, k) bool are attended. Returns (B, T, H, v). The
     training path's sparse MLA (``flyer.model.dsa_chunks.absorbed_attend``), subnormal probabilities flushed on
-    the CPU as ``_softmax`` does."""
+    the CPU as ``_softmax`` does; ``w_HXC``: its ``absorbed_weight``, cast once by a caller of several calls."""
     return absorbed_attend(attn, torch.cat([q_nope, q_rope], dim=-1), kv_BTkK, valid_BTk,
-                           flush=q_nope.device.type == "cpu")
+                           flush=q_nope.device.type == "cpu", w_HXC=w_HXC)
 
 
 def _selected(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, rows: Rows,

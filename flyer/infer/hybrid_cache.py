@@ -225,7 +225,7 @@ class HybridCache:
 
     def _slot_state(self, slot: int) -> list[torch.Tensor]:
         """Slot ``slot``'s fixed-state tensors (views into the pool), layer by layer."""
-        return [t[slot] for state in self.layers for k, t in state.items() if k not in _ENTRIES]
+        return [t[slot] for t in self._fixed_state()]
 
     def _block_bytes_views(self) -> list[torch.Tensor]:
         """Every entry tensor as bytes per block (n_blocks, bytes of one block's entries), uint8 views."""

@@ -281,8 +281,8 @@ def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[Mo
     fields = from_hf_config(raw, str(path / "config.json"))
     if names is not None and fields.get("mtp_depth", 0):  # the MTP layers the files hold: V4's mtp.k.*, V3's
         v4 = fields.get("attn") == "hybrid"
-        have = {int(m.group(1)) for n in names if (m := re.match(r"mtp\.(\d+)\.", n) if v4 else re.fullmatch(
-            r"model\.layers\.(\d+)\.eh_proj\.weight", n))}
+        pattern = r"mtp\.(\d+)\..+" if v4 else r"model\.layers\.(\d+)\.eh_proj\.weight"
+        have = {int(m.group(1)) for n in names if (m := re.fullmatch(pattern, n))}
         first = 0 if v4 else fields["n_layers"]
         fields["mtp_depth"] = next(k for k in range(fields["mtp_depth"] + 1) if first + k not in have)
     try:

@@ -112,17 +112,25 @@ def absorption_weight(wkv_b: nn.Module) -> torch.Tensor:
     return wkv_b.weight if fp8 is None else fp8()
 
 
+def absorbed_weight(attn: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """W_UK | W_UV (H, nope + v, kv_lora_rank) in ``dtype`` (a weight held in BF16: the queries' dtype), from
+    ``absorption_weight``; the activations stay in their dtype under FP8 too: DeepSeek's absorbed attention is
+    BF16 / FP32, not FP8 GEMMs."""
+    H, nope, v, C = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
+    return absorption_weight(attn.wkv_b).view(H, nope + v, C).to(dtype)
+
+
 def absorbed_attend(attn: nn.Module, q_BCHd: torch.Tensor, picked_BCkL: torch.Tensor, valid_BCk: torch.Tensor,
-                    flush: bool = False) -> torch.Tensor:
+                    flush: bool = False, w_HXC: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(scale q . k) v of queries q = [q_nope | q_rope] (B, C, H, nope + R) over each one's own keys, the
     gathered latents [c | k_rope] (B, C, k, L) of which ``valid`` (B, C, k) count, in the latent space: q_nope
     W_UK (per head, from ``wkv_b``: ``absorption_weight``) scores against c, q_rope against k_rope; the FP32
     softmax's p @ c, then W_UV. Returns (B, C, H, v). Per query the products are (H, L) @ (L, k): DeepSeek's
     sparse MLA (decode's too, ``flyer.infer.attention.dsa_gathered_core``). ``flush``: subnormal probabilities to
-    zero (CPU decode: their arithmetic is slow there; 2^-126 of weight each)."""
-    H, nope, v, C = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
-    # the activations stay in their dtype under FP8 too: DeepSeek's absorbed attention is BF16 / FP32, not FP8 GEMMs
-    w_HXC = absorption_weight(attn.wkv_b).view(H, nope + v, C).to(q_BCHd.dtype)  # held in BF16: the queries' dtype
+    zero (CPU decode: their arithmetic is slow there; 2^-126 of weight each). ``w_HXC``: ``absorbed_weight``,
+    when the caller attends in several calls (one cast, or FP8 quantization, of the weight for all)."""
+    nope, C = attn.qk_nope_head_dim, attn.kv_lora_rank
+    w_HXC = absorbed_weight(attn, q_BCHd.dtype) if w_HXC is None else w_HXC
     q_nope, q_rope = q_BCHd.split([nope, q_BCHd.shape[-1] - nope], dim=-1)
     q_abs = torch.einsum("bchn,hnl->bchl", q_nope, w_HXC[:, :nope])  # W_UK absorbed into the query
     q_lat = torch.cat([q_abs, q_rope.to(q_abs.dtype)], dim=-1)
