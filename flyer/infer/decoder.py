@@ -125,12 +125,13 @@ class Decoder:
     def _init_hybrid(self, batch: int, max_len: int, cache_dtype: torch.dtype, with_mtp: bool, cache,
                      device) -> None:
         self.cache = cache or HybridCache(self.cfg, batch, max_len, cache_dtype, device)
-        self._new_rows = functools.partial(hybrid_rows, hybrid_tables(self.cfg, max_len, device), max_len)
+        tables = hybrid_tables(self.cfg, max_len, device)
+        self._new_rows = functools.partial(hybrid_rows, tables, max_len)
         self._layers = self._hybrid_layers
-        if with_mtp:  # the MTP block attends by the window only, rotating as the window-only layers do
-            mtp_rope = hybrid_rope_config(self.cfg, self.cfg.n_layers)
-            self._mtp_rows = functools.partial(
-                hybrid_rows, {False: rope_cos_sin(self.cfg.rope_dim, max_len, mtp_rope, device)}, max_len)
+        if with_mtp:  # the MTP block attends by the window only, rotating as the window-only layers do (their table)
+            window = tables.get(False) or rope_cos_sin(self.cfg.rope_dim, max_len,
+                                                       hybrid_rope_config(self.cfg, self.cfg.n_layers), device)
+            self._mtp_rows = functools.partial(hybrid_rows, {False: window}, max_len)
             self.streams_out = True
 
     def keep_rows(self, rows: torch.Tensor) -> None:
