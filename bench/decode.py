@@ -13,7 +13,9 @@
    tiny-v4``: DeepSeek-V4's MTP module, its hybrid cache rolled back by snapshot) for ``--train-steps``
    steps (or ``--ckpt`` of an existing run), greedy with and without ``--speculative mtp``: identical
    tokens, acceptance rate, tokens/s ratio. ``--mtp-only`` runs this part alone.
-3. Prefix cache: prefill of a long prompt cold versus loaded from the on-disk cache.
+3. Prefix cache: prefill of a long prompt cold versus loaded from the on-disk cache. ``--prefix-only
+   [--prefix-preset tiny-v4]`` runs this part alone on a random model of the preset (DeepSeek-V4: blocks of
+   compressed entries and the slot snapshot at the last block boundary before the prompt's last token).
 4. DeepSeek Sparse Attention (V3.2: the MLA model above with an indexer keeping ``--dsa-topk`` slots per
    query): decode tokens/s at ``--dsa-contexts`` with each query's selected latents gathered
    (``dsa_gathered``) against every slot read with the unselected masked (``dsa_masked``), the two
@@ -29,6 +31,7 @@
 All times are compared with a peer measured in the same run. Prints one JSON object.
     python bench/decode.py [--threads 1] [--ckpt RUN_DIR] [--dsa-only]
     python bench/decode.py --mtp-only [--mtp-preset tiny-v4]
+    python bench/decode.py --prefix-only [--prefix-preset tiny-v4]
     python bench/decode.py --dsa-prefill [--dsa-prompts 4096,8192] [--dsa-chunk 256] [--rounds 2]
 """
 
@@ -293,12 +296,12 @@ def bench_mtp(ckpt: Path, new_tokens: int, draft_tokens: int) -> dict:
     return out
 
 
-def bench_prefix(ckpt: Path | None, prompt_len: int, block: int) -> dict:
+def bench_prefix(ckpt: Path | None, prompt_len: int, block: int, preset_name: str = "tiny") -> dict:
     if ckpt is not None:
         model = load_pretrained(ckpt)[0]
     else:
         torch.manual_seed(0)
-        model = Transformer(preset("tiny", max_seq_len=4096, original_seq_len=4096)).eval()
+        model = Transformer(preset(preset_name, max_seq_len=4096, original_seq_len=4096)).eval()
     torch.manual_seed(1)
     prompt_len = min(prompt_len, model.cfg.max_seq_len - 1)
     prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,)).tolist()
@@ -311,7 +314,8 @@ def bench_prefix(ckpt: Path | None, prompt_len: int, block: int) -> dict:
         hit = min(h.prefill_s for h in hits)
         same = all(h.tokens == store.tokens for h in hits)
         disk = pc.disk_bytes()
-    return {"prefix_prompt_tokens": prompt_len, "prefix_block": block,
+    return {"prefix_model": model.cfg.attn, "prefix_prompt_tokens": prompt_len, "prefix_block": block,
+            "prefix_tokens_loaded": hits[-1].prefix["tokens_loaded"],
             "prefill_s_cold": round(cold, 4), "prefill_s_cold_and_store": round(store.prefill_s, 4),
             "prefill_s_prefix_hit": round(hit, 4), "prefix_hit_speedup": round(cold / hit, 2),
             "prefix_hit_rate": hits[-1].prefix["hit_rate"], "prefix_hit_same_tokens": same,
@@ -330,6 +334,9 @@ def main() -> int:
     ap.add_argument("--mtp-tokens", type=int, default=96)
     ap.add_argument("--draft-tokens", type=int, default=2, help="also measure this many drafts per step")
     ap.add_argument("--prefix-tokens", type=int, default=1024)
+    ap.add_argument("--prefix-only", action="store_true", help="run the prefix-cache part (3.) alone")
+    ap.add_argument("--prefix-preset", default="tiny", choices=("tiny", "tiny-v4"),
+                    help="the preset of the prefix-cache part's random model (alone, without --ckpt)")
     ap.add_argument("--skip-mtp", action="store_true")
     ap.add_argument("--mtp-only", action="store_true", help="run the MTP part (2.) alone")
     ap.add_argument("--mtp-preset", default="tiny", choices=("tiny", "tiny-v4"),
@@ -346,6 +353,11 @@ def main() -> int:
     t0 = time.perf_counter()
     out: dict = {"threads": args.threads}
     dsa_contexts = [int(c) for c in args.dsa_contexts.split(",")]
+    if args.prefix_only:
+        out.update(bench_prefix(Path(args.ckpt) if args.ckpt else None, args.prefix_tokens, 64, args.prefix_preset))
+        out["bench_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(out))
+        return 0
     if args.dsa_prefill:
         prompts = [int(n) for n in args.dsa_prompts.split(",")]
         out.update(bench_dsa_prefill(prompts, args.dsa_chunk, args.dsa_topk, args.rounds))

@@ -132,9 +132,11 @@ def test_cli_generates_and_names_the_flags_it_cannot_take(v4, capsys, tmp_path):
     assert main(["generate", "--ckpt", path, "--prompt", "hello", "--prompt", "the quick brown fox",
                  "--max-new-tokens", "4", "--json"]) == 0
     assert "token_ids" in capsys.readouterr().out
-    assert main(["generate", "--ckpt", path, "--prompt", "hi", "--prefix-cache", str(tmp_path / "pc")]) == 2
+    # --prefix-cache takes V4 (tests/test_prefix_cache_v4.py) with blocks of whole compressed entries
+    assert main(["generate", "--ckpt", path, "--prompt", "hi", "--prefix-cache", str(tmp_path / "pc"),
+                 "--prefix-block", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "prefix-cache" in err[0] and "hybrid attention" in err[0]
+    assert len(err) == 1 and "--prefix-block" in err[0] and "compression ratio" in err[0], err
     # --speculative mtp drafts with V4's MTP module (tests/test_v4_speculative.py); this checkpoint has none
     assert main(["generate", "--ckpt", path, "--prompt", "hi", "--speculative", "mtp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,6 +9,7 @@ on-disk prefix cache.
                      rows leave the batch
     sampling.py      greedy, temperature, top-p
     prefix_cache.py  on-disk block cache keyed by token-prefix hashes (LRU, locked, checksummed)
+    prefix_cache_hybrid.py  DeepSeek-V4's blocks (compressed entries) and boundary snapshots on that cache
     speculative.py   MTP draft + one-pass verify (greedy-identical; rejection sampling otherwise)
     generate.py      prefill + decode loop, batched prompts, EOS, prefix-cache glue
     cli.py           ``flyer generate``

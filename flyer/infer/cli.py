@@ -132,10 +132,10 @@ def _with_library_warnings(f):
 
 def decodable(cfg, args) -> None:
     """Refuses, naming the flag's field, what flyer cannot decode yet: DeepSeek-V4's hybrid attention under
-    --prefix-cache (``check_hybrid_flags``), in ``flyer generate`` and ``flyer serve`` alike (``args``: either
-    command's parsed flags)."""
+    --prefix-cache in ``flyer serve`` (no --prefix-block), or with a --prefix-block that a compression ratio
+    does not divide (``check_hybrid_flags``; ``args``: either command's parsed flags)."""
     if cfg.attn == "hybrid":
-        check_hybrid_flags(cfg, args.prefix_cache)
+        check_hybrid_flags(cfg, args.prefix_cache, getattr(args, "prefix_block", None))
 
 
 @_with_library_warnings

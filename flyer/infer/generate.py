@@ -1,5 +1,10 @@
 """Generation: prefill (with the on-disk prefix cache), then plain or MTP-speculative decoding.
 
+With the prefix cache a prompt's prefill starts after its cached blocks: MLA-family caches recompute
+the last loaded position (its hidden state feeds the logits and the MTP module); DeepSeek-V4's resumes
+at the deepest block boundary with a snapshot and cuts its forward at the boundaries where it leaves
+one (``flyer.infer.prefix_cache_hybrid``), so a run resuming there repeats its chunks bit for bit.
+
 Prompts of different lengths batch together: each row keeps its own position, the prefill chunk
 is right-padded, and padded slots are never attended (``flyer.infer.attention``). Decoding stops
 per row at ``eos_id`` (or any of ``stop_ids``) or after ``max_new_tokens``; finished rows stop advancing.
@@ -18,6 +23,7 @@ from flyer.errors import FieldError
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
+from flyer.infer.prefix_cache_hybrid import check_prefix_block, hybrid_layout, resume, store_blocks, store_snapshot
 from flyer.infer.sampling import LogitAdjustments, SamplingParams, sample
 from flyer.infer.speculative import check_speculation, mtp_decode
 from flyer.model.transformer import Transformer
@@ -108,9 +114,14 @@ def open_prefix_cache(model: Transformer, root: str | Path, *, attention: str = 
                       cache_dtype: torch.dtype = torch.bfloat16, block_size: int = 64,
                       max_bytes: int = 1 << 30, mtp: bool | None = None) -> PrefixCache:
     """A prefix cache whose entries are keyed to this model, cache layout, dtype and block size;
-    ``mtp``: whether entries hold the MTP modules' cache too (None: when the model has them)."""
-    layout = "gqa" if model.cfg.attn == "gqa" else attention
-    fp = model_fingerprint(model, layout=layout, dtype=str(cache_dtype), block_size=block_size,
+    ``mtp``: whether entries hold the MTP modules' cache too (None: when the model has them).
+    DeepSeek-V4: ``FieldError`` naming ``prefix_block`` unless every compression ratio divides it."""
+    if model.cfg.attn == "hybrid":
+        check_prefix_block(model.cfg, block_size)
+        layout = hybrid_layout(model.cfg)
+    else:
+        layout = {"layout": "gqa" if model.cfg.attn == "gqa" else attention}
+    fp = model_fingerprint(model, **layout, dtype=str(cache_dtype), block_size=block_size,
                            mtp=len(model.mtp) > 0 if mtp is None else mtp)
     return PrefixCache(root, fp, block_size=block_size, max_bytes=max_bytes)
 
@@ -167,6 +178,8 @@ def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: Prefix
     """Fill the caches with every prompt (loading what the prefix cache has) and return the
     logits at each prompt's last token. With an MTP cache, its entries for positions
     [0, len - 1) are filled too (entry j needs token t_{j+1})."""
+    if prefix_cache is not None and dec.cfg.attn == "hybrid":
+        return _prefill_hybrid(dec, prompts, prefix_cache)
     device = dec.model.embed.weight.device
     hits = [_load_prefix(dec, prefix_cache, b, p) if prefix_cache else 0 for b, p in enumerate(prompts)]
     # recompute the last loaded position: its hidden state feeds the MTP module and the logits
@@ -189,6 +202,66 @@ def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: Prefix
     return PrefillState(h, start, logits, hits)
 
 
+@torch.inference_mode()
+def _prefill_hybrid(dec: Decoder, prompts: Sequence[Sequence[int]], pc: PrefixCache) -> PrefillState:
+    """``prefill`` of a DeepSeek-V4 model with the prefix cache (``flyer.infer.prefix_cache_hybrid``): row b
+    resumes at its deepest snapshot and feeds its prompt in passes cut at its ``Resume.cuts``, storing each
+    snapshot as its cut is reached; a row with fewer cuts feeds nothing in the first passes, so every row's last
+    token is in the last pass."""
+    device = dec.model.embed.weight.device
+    mtp = dec.mtp_cache is not None
+    keys = [pc.block_keys(p) for p in prompts]
+    # one position's hidden state (the residual streams, which start as the embeddings): shape and dtype
+    hidden = ((dec.cfg.hc_mult, dec.cfg.dim) if dec.cfg.hc_mult > 1 else (dec.cfg.dim,), dec.model.embed.weight.dtype)
+    found = [resume(pc, k, p, dec.cache, b, dec.mtp_cache, hidden if mtp else None)
+             for b, (k, p) in enumerate(zip(keys, prompts))]
+    bounds = [[r.tokens, *r.cuts, len(p)] for r, p in zip(found, prompts)]
+    S = max(len(x) for x in bounds)
+    bounds = [[x[0]] * (S - len(x)) + x for x in bounds]  # a row's empty passes first
+    carry = [r.hidden for r in found]  # each row's main hidden state before its pass, for the MTP cache
+    for k in range(S - 1):
+        a, e = [x[k] for x in bounds], [x[k + 1] for x in bounds]
+        start = torch.tensor(a, dtype=torch.long, device=device)
+        h = dec.forward(_pad([p[s:t] for p, s, t in zip(prompts, a, e)], device), start,
+                        [t - s for s, t in zip(a, e)])
+        if mtp:
+            _mtp_pass(dec, h, prompts, a, e, carry)
+        for b, r in enumerate(found):
+            if e[b] in r.cuts:
+                store_snapshot(pc, keys[b], prompts[b], e[b], dec.cache, b, dec.mtp_cache, carry[b])
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    if mtp:
+        dec.mtp_cache.lengths.copy_(lens - 1)
+    dec.cache.lengths.copy_(lens)
+    logits = dec.logits(gather_rows(h, lens - 1 - start))
+    for b, (k, p, r) in enumerate(zip(keys, prompts, found)):
+        store_blocks(pc, k, p, dec.cache, b, r.found)
+    pc.evict()
+    return PrefillState(h, start, logits, [r.tokens for r in found])
+
+
+def _mtp_pass(dec: Decoder, h: torch.Tensor, prompts: Sequence[Sequence[int]], a: list[int], e: list[int],
+              carry: list[torch.Tensor | None]) -> None:
+    """The MTP cache over one prefill pass of a V4 model: positions [a - 1, e - 1) of each row (from a = 0: [0,
+    e - 1)) from the pass's hidden states h (B, T, ...) at a .. e - 1 and ``carry`` (each row's at a - 1), which
+    it then advances to e - 1. So the MTP cache stops one position behind the main one at a pass's end, where
+    a snapshot keeps the state of both and the hidden state at the boundary's last position."""
+    B, T = h.shape[:2]
+    c = [int(x is not None) for x in carry]
+    lo = [s - ci for s, ci in zip(a, c)]  # each row's first MTP position
+    m = [max(t - 1 - j, 0) for t, j in zip(e, lo)]
+    if max(m) > 0:
+        before = torch.stack([h.new_zeros(h.shape[2:]) if x is None else x for x in carry]).unsqueeze(1)
+        shift = torch.tensor([1 - ci for ci in c], device=h.device).view(-1, 1)  # no carry: start at h[:, 0]
+        idx = shift + torch.arange(T, device=h.device)
+        h_in = torch.cat([before, h], dim=1)[torch.arange(B, device=h.device).view(-1, 1), idx]
+        nxt = _pad([p[j + 1:j + 1 + mi] for p, j, mi in zip(prompts, lo, m)], h.device)
+        dec.mtp_forward(h_in[:, :nxt.shape[1]], nxt, torch.tensor(lo, device=h.device), lengths=m)
+    for b in range(B):
+        if e[b] > a[b]:
+            carry[b] = h[b, e[b] - a[b] - 1].clone()
+
+
 def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -203,15 +276,18 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
                                            f"the model's max_seq_len {model.cfg.max_seq_len}")
 
 
-def check_hybrid_flags(cfg, prefix_cache: object) -> None:
-    """``FieldError`` naming ``prefix_cache`` when set for a DeepSeek-V4 model (attn "hybrid"): its cache
-    (``flyer.infer.hybrid_cache``) keeps windows and compressed entries, not the per-token slots that loading a
-    prompt's cached blocks needs. (``--speculative mtp`` passes: ``flyer generate`` and ``flyer serve`` roll
-    rejected drafts back by a copy of the windows and rings, ``flyer.infer.speculative``,
-    ``flyer.serve.speculation``.)"""
-    if cfg.attn == "hybrid" and prefix_cache is not None:  # a PrefixCache may be empty (falsy), still refused
-        raise FieldError("prefix_cache", "not available for DeepSeek-V4's hybrid attention yet (its decode cache "
-                                         "keeps windows and compressed entries, not per-token slots)")
+def check_hybrid_flags(cfg, prefix_cache: object, prefix_block: int | None = None) -> None:
+    """For a DeepSeek-V4 model (attn "hybrid") with an on-disk ``prefix_cache``: ``FieldError`` naming
+    ``prefix_block`` unless every compression ratio divides it (``flyer generate``: blocks and boundary snapshots,
+    ``flyer.infer.prefix_cache_hybrid``, with ``--speculative mtp`` too: a snapshot holds the MTP window and the
+    hidden state it resumes from), or naming ``prefix_cache`` when ``prefix_block`` is None (``flyer serve``:
+    its paged pool does not read or write the disk's blocks and snapshots yet)."""
+    if cfg.attn != "hybrid" or prefix_cache is None:  # a PrefixCache may be empty (falsy), still checked
+        return
+    if prefix_block is None:
+        raise FieldError("prefix_cache", "not available for DeepSeek-V4's hybrid attention in flyer serve yet "
+                                         "(flyer generate --prefix-cache takes it)")
+    check_prefix_block(cfg, prefix_block)
 
 
 def cache_length(prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> int:
@@ -226,7 +302,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     gen = gen or GenerationConfig()
     gen.validate()
     _check_prompts(model, prompts, gen)
-    check_hybrid_flags(model.cfg, gen.prefix_cache)
+    check_hybrid_flags(model.cfg, gen.prefix_cache, None if gen.prefix_cache is None else gen.prefix_cache.block_size)
     model.eval()
     params = SamplingParams(gen.temperature, gen.top_p)
     spec = gen.speculative == "mtp"

@@ -7,7 +7,9 @@ keyed by a chain hash of every token up to the block's end and of the model fing
 
 so a file is only ever found by a prompt that shares the whole prefix, under the same model,
 config, cache layout and dtype. A later prompt loads its leading blocks until the first miss and
-recomputes the rest.
+recomputes the rest. DeepSeek-V4's cache (attn "hybrid") keeps a fixed-size state per sequence beside
+its growing entries: its blocks hold the entries, and a SNAPSHOT of that state at a block boundary is
+one more file of this cache, keyed from the block before it (``flyer.infer.prefix_cache_hybrid``).
 
 File: ``ROOT/ab/abcdef....blk`` = magic ``FLYERPC1``, u32 header length, JSON header (format
 version, fingerprint, key, the block's tokens, tensor table, sha256 of the payload), payload.
@@ -164,11 +166,13 @@ class PrefixCache:
         return self.root / key[:2] / f"{key}.blk"
 
     # ---- read ----------------------------------------------------------------------------
-    def load(self, key: str, tokens: Sequence[int],
-             expect: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor] | None:
+    def load(self, key: str, tokens: Sequence[int], expect: dict[str, tuple[tuple[int, ...], torch.dtype]],
+             count_tokens: bool = True) -> dict[str, torch.Tensor] | None:
         """The block's tensors, or None (miss / corrupt / mismatched; counted in ``stats``).
 
-        ``tokens``: the block's own tokens; ``expect``: name -> (shape, dtype) the caller needs."""
+        ``tokens``: the block's own tokens; ``expect``: name -> (shape, dtype) the caller needs;
+        ``count_tokens``: a hit adds ``tokens`` to ``stats.tokens_loaded`` (False: the caller counts
+        the tokens it uses, DeepSeek-V4's snapshots and the blocks before them)."""
         self.stats.lookups += 1
         p = self.path(key)
         try:
@@ -203,7 +207,7 @@ class PrefixCache:
         with contextlib.suppress(OSError):
             os.utime(p)  # least-recently-used order follows mtime
         self.stats.hits += 1
-        self.stats.tokens_loaded += len(tokens)
+        self.stats.tokens_loaded += len(tokens) if count_tokens else 0
         return tensors
 
     # ---- write ---------------------------------------------------------------------------

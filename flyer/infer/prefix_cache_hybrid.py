@@ -1,0 +1,162 @@
+"""The on-disk prefix cache (``flyer.infer.prefix_cache``) for DeepSeek-V4's hybrid cache (attn "hybrid"): what a
+block file and a SNAPSHOT file hold, the lookup that resumes a prompt from them, and where a prompt leaves snapshots.
+
+A hybrid layer keeps per sequence (``flyer.infer.hybrid_cache``) a fixed-size state (its window ring, the
+compressor's and CSA indexer's rings of unfinished windows) and the completed compressed entries (CSA: and index
+keys), ``n // r`` per block of n tokens for a layer of ratio r. On disk, as ``flyer.serve.paged_hybrid`` keeps them
+in memory:
+
+- block i's file (chain key key_i) holds the entries of positions [i n, (i + 1) n) of every compressed layer,
+  "{layer}.entries" (n // r, d) and "{layer}.index_keys" (n // r, index_head_dim); n must be a multiple of every
+  ratio (``check_prefix_block``, a ``FieldError`` naming ``prefix_block``);
+- the fixed state at a boundary P = j n is a SNAPSHOT: one more file of the same cache, keyed
+  ``snapshot_key(key_{j-1})`` (so ownership, atomic writes, checksums and LRU eviction are the blocks'), holding
+  every layer's rings "{layer}.{name}" (each (S, C), the slot's tensors). With the MTP module's cache (``mtp``): its
+  window ring "mtp.0.window" and the main model's hidden state at P - 1, "mtp.hidden" (the residual streams
+  (hc_mult, dim)): the MTP entry of position P - 1 needs token P, which key_{j-1} does not name, so the snapshot
+  holds the MTP cache of positions < P - 1 and the prefill that resumes computes entry P - 1 from that hidden
+  state and its own token P;
+- the rings hold position p in slot p % S and a prefill to P writes exactly the positions < P, and P is a multiple
+  of every ratio, so every entry before P is complete: the j blocks and the snapshot are all the state at P.
+
+Lookup (``resume``): the prompt's leading blocks until the first miss are loaded, then the snapshot at the deepest
+of their boundaries that has one (deepest first; only boundaries before the prompt's last token, which a prefill
+needs to compute); the blocks past it are recomputed. Each file read counts as a lookup in ``PrefixCache.stats``
+(blocks and snapshots alike); ``tokens_loaded`` counts the tokens resumed from, P.
+
+Where a prompt leaves snapshots (``Resume.cuts``), as the serving pool chooses: at its last full block before its
+last token (a repeat, another sample, the next turn of a conversation resumes there), and where its blocks on disk
+ended when no snapshot reached that far (it forks from a cached prompt there: the common system prompt of the
+prompts after it). ``flyer.infer.generate`` cuts the prefill at each (one more forward chunk each) and stores the
+snapshot as the cut is reached, so a prompt resuming at P repeats the storing run's chunks after P and computes
+its outputs bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from flyer.config import ModelConfig
+from flyer.errors import FieldError
+from flyer.infer.hybrid_cache import HybridCache
+from flyer.infer.prefix_cache import PrefixCache
+
+SNAPSHOT_FORMAT = 1  # in the fingerprint: a change of what a snapshot holds makes old files miss
+# HybridCache's growing tensors (its private ``_ENTRIES``): the rest of a layer's state is a slot's fixed state
+ENTRY_NAMES = ("entries", "index_keys")
+Expect = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def check_prefix_block(cfg: ModelConfig, block_size: int) -> None:
+    """``FieldError`` naming ``prefix_block`` unless every compressed layer's ratio divides ``block_size`` (a block
+    holds whole entries)."""
+    ratios = sorted({r for r in cfg.compress_ratios[:cfg.n_layers] if r > 0})
+    if any(block_size % r for r in ratios):
+        raise FieldError("prefix_block", f"must be a multiple of every compression ratio {ratios} of DeepSeek-V4's "
+                                         f"hybrid attention (got {block_size})")
+
+
+def hybrid_layout(cfg: ModelConfig) -> dict:
+    """The cache layout a fingerprint names (``flyer.infer.prefix_cache.model_fingerprint``'s extra): files of
+    another layout (MLA's latents, other ratios or window) never match."""
+    return {"layout": "hybrid", "ratios": list(cfg.compress_ratios[:cfg.n_layers]), "window": cfg.window_size,
+            "index_head_dim": cfg.index_head_dim, "snapshot_format": SNAPSHOT_FORMAT}
+
+
+def snapshot_key(block_key: str) -> str:
+    """The key of the snapshot at the end of the block keyed ``block_key`` (a file name like a block's)."""
+    return hashlib.sha256(block_key.encode() + b"snapshot").hexdigest()
+
+
+def block_entries(cache: HybridCache, block: int, lo: int, n: int) -> dict[str, torch.Tensor]:
+    """Views of the entries (and index keys) of tokens [lo, lo + n) held in entry block ``block`` of ``cache``, per
+    compressed layer: "{layer}.{name}" (n // r, C). ``flyer generate``'s cache: block b is row b's, ``lo`` = i n;
+    a paged pool: its block of ``block_size`` = n tokens, ``lo`` = 0."""
+    return {f"{i}.{name}": state[name][block, lo // r:(lo + n) // r]
+            for i, (state, r) in enumerate(zip(cache.layers, cache.ratios)) for name in ENTRY_NAMES if name in state}
+
+
+def slot_state(cache: HybridCache, slot: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Views of slot ``slot``'s fixed state (every layer's window and rings), "{prefix}{layer}.{name}" (S, C)."""
+    return {f"{prefix}{i}.{name}": t[slot] for i, state in enumerate(cache.layers) for name, t in state.items()
+            if name not in ENTRY_NAMES}
+
+
+def _expect(views: dict[str, torch.Tensor]) -> Expect:
+    return {k: (tuple(v.shape), v.dtype) for k, v in views.items()}
+
+
+def _snapshot_views(cache: HybridCache, slot: int, mtp_cache: HybridCache | None) -> dict[str, torch.Tensor]:
+    views = slot_state(cache, slot)
+    if mtp_cache is not None:
+        views.update(slot_state(mtp_cache, slot, "mtp."))
+    return views
+
+
+@dataclass
+class Resume:
+    """Where a prompt's prefill starts after ``resume``: at ``tokens`` (P, a boundary; 0: nothing used), with the
+    main hidden state at P - 1 for the MTP cache (``hidden``; None without one, or at 0); ``found``: its leading
+    blocks on disk; ``cuts``: the boundaries past P (in tokens) where its prefill is to leave a snapshot."""
+
+    tokens: int = 0
+    found: int = 0
+    hidden: torch.Tensor | None = None
+    cuts: list[int] = field(default_factory=list)
+
+
+def resume(pc: PrefixCache, keys: Sequence[str], prompt: Sequence[int], cache: HybridCache, slot: int,
+           mtp_cache: HybridCache | None = None, hidden: tuple[tuple[int, ...], torch.dtype] | None = None) -> Resume:
+    """Load ``prompt``'s cached state into entry block and slot ``slot`` of ``cache`` (and of ``mtp_cache``, with
+    ``hidden``: the (shape, dtype) of one position's main hidden state): its leading blocks, then the deepest snapshot
+    among their boundaries (module docstring). ``keys``: ``pc.block_keys(prompt)``. Loaded blocks past the
+    snapshot's boundary are left in the cache (the prefill recomputes their positions)."""
+    n = pc.block_size
+    found = 0
+    for i, key in enumerate(keys):
+        views = block_entries(cache, slot, i * n, n)
+        blk = pc.load(key, prompt[i * n:(i + 1) * n], _expect(views), count_tokens=False)
+        if blk is None:
+            break
+        for k, v in views.items():
+            v.copy_(blk[k])
+        found = i + 1
+    last = (len(prompt) - 1) // n  # the deepest boundary with a prompt token after it
+    views = _snapshot_views(cache, slot, mtp_cache)
+    expect = _expect(views) | ({"mtp.hidden": hidden} if mtp_cache is not None else {})
+    j, snap = min(found, last), None
+    while j > 0:
+        snap = pc.load(snapshot_key(keys[j - 1]), prompt[(j - 1) * n:j * n], expect, count_tokens=False)
+        if snap is not None:
+            break
+        j -= 1
+    if snap is not None:
+        for k, v in views.items():
+            v.copy_(snap[k])
+        pc.stats.tokens_loaded += j * n
+    at = {b for b in (found, last) if j < b <= last}  # a prompt ending on a boundary: no snapshot at its end
+    return Resume(j * n, found, None if snap is None else snap.get("mtp.hidden"), sorted(b * n for b in at))
+
+
+def store_snapshot(pc: PrefixCache, keys: Sequence[str], prompt: Sequence[int], at: int, cache: HybridCache,
+                   slot: int, mtp_cache: HybridCache | None = None, hidden: torch.Tensor | None = None) -> bool:
+    """Slot ``slot``'s state, now at boundary ``at`` (tokens) of ``prompt``, as the snapshot after its block
+    (with ``mtp_cache``: its state of the positions < at - 1 and ``hidden``, the main hidden state at at - 1)."""
+    j = at // pc.block_size
+    views = _snapshot_views(cache, slot, mtp_cache)
+    if mtp_cache is not None:
+        views["mtp.hidden"] = hidden
+    return pc.store(snapshot_key(keys[j - 1]), prompt[at - pc.block_size:at], views)
+
+
+def store_blocks(pc: PrefixCache, keys: Sequence[str], prompt: Sequence[int], cache: HybridCache, slot: int,
+                 first: int) -> None:
+    """Blocks ``first`` .. of ``prompt`` (the ones not on disk) from entry block ``slot`` of ``cache``, whose
+    entries cover the whole prompt."""
+    n = pc.block_size
+    for i in range(first, len(keys)):
+        pc.store(keys[i], prompt[i * n:(i + 1) * n], block_entries(cache, slot, i * n, n))
