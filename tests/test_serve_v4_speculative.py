@@ -4,8 +4,8 @@ re-feed of their kept tokens): each request's greedy tokens under continuous bat
 lengths, late joiners, 7-token prefill chunks, 1 and 2 drafts) equal ``generate`` on its prompt alone; a module
 trained a few steps gets drafts accepted, and rejects others (the rollback runs); with the restore skipped (the
 mutation) the tokens differ; slots and blocks all come back; the MTP pool's slots are taken from
-``kv_cache_bytes``; prefix sharing is off. Tiny-v4 (window 8, ratios 0 / 4 / 16 / 4, CSA top-4) with its MTP
-module, FP32, CPU.
+``kv_cache_bytes``; prefix sharing is on (tested in ``tests/test_serve_v4_share_spec.py``). Tiny-v4 (window 8,
+ratios 0 / 4 / 16 / 4, CSA top-4) with its MTP module, FP32, CPU.
 
 Tolerance: exact token equality, as ``tests/test_v4_speculative.py`` and ``tests/test_serve_v4.py`` ask: the
 verify pass and the batched paged path compute the same sums as plain decoding alone in other orders
@@ -78,7 +78,7 @@ def _serve(eng: Engine, late_after: int = 4, late_from: int = 4) -> list[list[in
 def test_concurrent_speculation_equals_generate_alone(trained_v4, alone, K):
     """Three slots for six requests (the rest wait and join as others finish), two submitted after 4 steps."""
     eng = _engine(trained_v4, K, prefill_chunk=7)
-    assert not eng.sharing and eng.snapshots is None  # off with MTP speculation for V4
+    assert eng.sharing and eng.snapshots.mtp is eng.mtp_cache  # snapshots keep the MTP slots too
     rejected, fed = [0], _count_refed(eng)
     accept = eng.speculator.accept
 

@@ -201,11 +201,12 @@ class HybridCache:
         """Every layer's fixed-state tensors (n_slots, S, C), as ``_slot_state`` orders one slot's."""
         return [t for state in self.layers for k, t in state.items() if k not in _ENTRIES]
 
-    def save_slot(self, slot: int, blocks_K: torch.Tensor) -> None:
-        """Slot ``slot``'s fixed state (every layer's window and rings, ``window_bytes``), bit for bit, into the
-        entry storage of the K blocks ``blocks_K`` (int64, K * ``block_bytes`` >= ``window_bytes``): a snapshot
-        of a sequence's state kept in blocks (``flyer.serve.paged_hybrid``), which ``load_slot`` reads back."""
-        state = torch.cat([t.reshape(-1).view(torch.uint8) for t in self._slot_state(slot)])
+    def save_slot(self, slot: int, blocks_K: torch.Tensor, extra: tuple[torch.Tensor, ...] = ()) -> None:
+        """Slot ``slot``'s fixed state (every layer's window and rings, ``window_bytes``), bit for bit, then the
+        uint8 tensors ``extra`` (a snapshot's other parts: ``flyer.serve.paged_hybrid``), into the entry storage of
+        the K blocks ``blocks_K`` (int64, K * ``block_bytes`` >= their bytes): a snapshot of a sequence's state kept
+        in blocks, which ``load_slot`` reads back."""
+        state = torch.cat([self.slot_bytes(slot), *extra])
         stores, K = self._block_bytes_views(), blocks_K.numel()
         room = K * sum(s.shape[1] for s in stores)
         if state.numel() > room:
@@ -215,9 +216,21 @@ class HybridCache:
             s[blocks_K] = state[at:at + K * s.shape[1]].view(K, -1)
             at += K * s.shape[1]
 
-    def load_slot(self, slot: int, blocks_K: torch.Tensor) -> None:
-        """Slot ``slot``'s fixed state := the one ``save_slot`` kept in ``blocks_K``."""
-        state, at = torch.cat([s[blocks_K].reshape(-1) for s in self._block_bytes_views()]), 0
+    def load_slot(self, slot: int, blocks_K: torch.Tensor) -> torch.Tensor:
+        """Slot ``slot``'s fixed state := the one ``save_slot`` kept in ``blocks_K``; returns the bytes after it
+        (uint8, a copy: ``save_slot``'s ``extra`` then zero padding)."""
+        state = torch.cat([s[blocks_K].reshape(-1) for s in self._block_bytes_views()])
+        n = self.window_bytes()
+        self.set_slot_bytes(slot, state[:n])
+        return state[n:]
+
+    def slot_bytes(self, slot: int) -> torch.Tensor:
+        """Slot ``slot``'s fixed state as bytes (uint8 (``window_bytes``,), a copy), layer by layer."""
+        return torch.cat([t.reshape(-1).view(torch.uint8) for t in self._slot_state(slot)])
+
+    def set_slot_bytes(self, slot: int, state: torch.Tensor) -> None:
+        """Slot ``slot``'s fixed state := ``state`` (uint8 (``window_bytes``,), as ``slot_bytes`` gives it)."""
+        at = 0
         for t in self._slot_state(slot):
             n = t.numel() * t.element_size()
             t.view(-1).view(torch.uint8).copy_(state[at:at + n])

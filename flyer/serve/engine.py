@@ -31,8 +31,8 @@ DeepSeek-V4 (attn "hybrid", ``flyer.serve.paged_hybrid``): a running request als
 the compressors' partial states) from admission to its end or preemption; its compressed entries fill its
 blocks. A shared prefix needs the slot's state at its end too: requests leave snapshots of their slots at chosen
 block boundaries (their prefill chunks end there) and a match is used up to its deepest snapshot, which the new
-request's slot copies (``BoundarySnapshots``; off with MTP speculation, whose MTP window a snapshot lacks); the
-on-disk prefix cache is refused.
+request's slot copies (``BoundarySnapshots``; with MTP speculation its MTP slot too, and the hidden streams of the
+boundary's last position that its MTP entry needs); the on-disk prefix cache is refused.
 
 A request's state is its tokens (prompt + generated) and ``n_cached``, how many of them are in
 its blocks. Every forward feeds ``tokens[n_cached:]`` (a chunk of them); when the cache catches
@@ -108,14 +108,17 @@ class Engine:
                                                    f"{cfg.block_size} tokens; at least 2 are needed")
             self.cache = make_paged_cache(mcfg, mcfg.n_layers, n_blocks, cfg.block_size, cfg.cache_dtype, device)
         self.alloc = BlockAllocator(n_blocks, cfg.block_size)
-        # V4 with MTP: no sharing (a request resuming from a snapshot has no MTP window of the shared positions)
-        self.sharing = cfg.prefix_sharing and not (self.hybrid and (self.cache.block_bytes() == 0 or self.spec))
-        # V4: the slots' states at block boundaries, which a shared prefix needs besides its blocks
-        self.snapshots = BoundarySnapshots(self.cache, self.alloc) if self.sharing and self.hybrid else None
         self.mtp_cache = None
         if self.spec:  # V4: the MTP block's window in slots at the main slot ids; else entries on the main tables
             self.mtp_cache = make_mtp_hybrid_cache(mcfg, cfg.max_batch_size, cfg.cache_dtype, device) if self.hybrid \
                 else make_paged_cache(mcfg, 1, n_blocks, cfg.block_size, cfg.cache_dtype, device)
+        self.sharing = cfg.prefix_sharing and not (self.hybrid and self.cache.block_bytes() == 0)
+        # V4: the slots' states at block boundaries, which a shared prefix needs besides its blocks; with MTP the
+        # MTP slot's too and the main hidden streams of the boundary's last position (its MTP entry's input)
+        self.snapshots = None
+        if self.sharing and self.hybrid:
+            hidden = ((mcfg.hc_mult, mcfg.dim) if mcfg.hc_mult > 1 else (mcfg.dim,), model.embed.weight.dtype)
+            self.snapshots = BoundarySnapshots(self.cache, self.alloc, self.mtp_cache, hidden if self.spec else None)
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
         self.device = device
         self.speculator = MtpSpeculator(self.dec, self.mtp_cache, cfg.draft_tokens, self._tables, self.metrics,
@@ -236,16 +239,20 @@ class Engine:
             if shares:  # counted once admitted (a retry looks them up again)
                 self.prefix_blocks += (len(r.tokens) - 1) // bs
                 self.prefix_found += len(blocks)
+            hidden = None
             if self.hybrid:
                 r.slot = self.slots.take()
                 if self.snapshots and shares:  # the snapshot is read before allocating, which may evict it
-                    self.snapshots.begin(r.slot, keys, plan)
+                    hidden = self.snapshots.begin(r.slot, keys, plan)
             r.blocks = blocks + [self.alloc.allocate() for _ in range(need)]
             r.keys, r.n_cached = keys, len(blocks) * bs
             r.n_shared = r.n_cached
-            if self.spec and r.n_cached:  # the shared blocks' MTP entries are there up to position n_cached - 2
-                r.n_cached -= 1  # recompute the last shared position for its hidden state (not written)
-                r.mtp_len = r.n_cached
+            if self.spec and r.n_cached:  # the shared MTP entries (blocks; V4: the snapshot's) reach n_cached - 2
+                r.mtp_len = r.n_cached - 1
+                if self.hybrid:  # the snapshot's hidden streams of n_cached - 1 write its entry with the next token
+                    r.h_prev = hidden.unsqueeze(0)
+                else:  # recompute the last shared position for its hidden state (not written)
+                    r.n_cached -= 1
             if not r.admitted:  # once: a preempted request comes back
                 r.admitted = True
                 self.metrics.prompt_tokens.inc(len(r.prompt))
@@ -480,10 +487,9 @@ class Engine:
             if r.prompt_lp is not None and r.n_cached < len(r.prompt):
                 self._score_prompt(r, h[i, :n])
             r.n_cached += n
+            self._register_full_blocks(r, h[i, n - 1] if self.spec else None)  # (again in ``_advance``: a no-op)
             if i in logit_row:
                 self._advance(r, logits[logit_row[i]], greedy[logit_row[i]])
-            else:
-                self._register_full_blocks(r)
 
     def _score_prompt(self, r: Request, h_TD: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens after each fed position (evaluation harnesses)."""
@@ -502,7 +508,9 @@ class Engine:
         vals, ids = logp_V.topk(top)
         return float(logp_V[token]), dict(zip(ids.tolist(), vals.tolist()))
 
-    def _register_full_blocks(self, r: Request) -> None:
+    def _register_full_blocks(self, r: Request, hidden: torch.Tensor | None = None) -> None:
+        """Index r's newly full blocks (and leave a snapshot at a boundary of its plan: V4; ``hidden``, with MTP,
+        the main hidden streams of its last position, which a snapshot keeps)."""
         if not self.sharing:
             return
         bs = self.cfg.block_size
@@ -514,7 +522,7 @@ class Engine:
             r.keys.append(key)
             self.alloc.register(r.blocks[i], key)
         if self.snapshots:
-            self.snapshots.reached(r.slot, r.n_cached, r.keys)
+            self.snapshots.reached(r.slot, r.n_cached, r.keys, hidden)
         if self.cfg.prefix_cache is not None:
             self._store_to_disk(r, first, len(r.keys))
 

@@ -20,8 +20,9 @@ snapshot are all the state at P, and a request that takes both and prefills from
 prefilled to P would (bit for bit where its chunks are the same). Design:
 
 - where: a snapshot lives in the pool's own blocks (``HybridCache.save_slot``: the slot's bytes over the entry
-  storage of ceil(window_bytes / block_bytes) blocks), keyed in the allocator's index and unreferenced, so it is
-  counted, cached and evicted, least recently used first, as a cached prefix block is: no bytes of
+  storage of ceil(window_bytes / block_bytes) blocks; with MTP speculation its MTP part too: ``size``), keyed in
+  the allocator's index and unreferenced, so it is counted, cached and evicted, least recently used first, as a
+  cached prefix block is: no bytes of
   ``kv_cache_bytes`` are set apart, and cache blocks used / free count snapshots as cached blocks;
 - which boundaries: a snapshot at every block would cost ~20 blocks each, so a request leaves one only where a
   later prompt is likely to resume: at its last full block before its last token (repeats, n choices, a next
@@ -40,11 +41,19 @@ The on-disk prefix cache has no hybrid layout yet: refused.
 
 MTP speculation (``flyer.serve.speculation``): the MTP block's one window-only layer has a pool of its own, slots
 only (``make_mtp_hybrid_cache``: a window-only layer completes no entries), one per running request at the same
-slot id as its main slot, its bytes taken from ``kv_cache_bytes`` beside the main slots'. Prefix sharing is off
-then: a request resuming from a snapshot would lack the MTP window of the shared positions (their hidden states).
+slot id as its main slot, its bytes taken from ``kv_cache_bytes`` beside the main slots'. A snapshot at P then
+holds the request's MTP slot too, and the main model's hidden streams (N, D) of position P - 1: the MTP entry of
+position p takes the hidden streams of p and token p + 1, so at P the MTP ring holds the entries before P - 1, or
+before P when the prompt went on (either way the ring slot of P - 1 is read by no query from P - 1 on but as that
+entry). A request resuming from it takes n_cached = P, the MTP slot, and the hidden streams as the first of its
+``h_prev`` (``mtp_len`` = P - 1): it writes the entry of P - 1 with token P at its first prefill chunk or draft,
+and recomputes nothing (the MLA path re-feeds position P - 1 for its hidden state; here that would rewrite its
+compressed entry in a shared block).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -116,11 +125,18 @@ class SlotAllocator:
 
 class BoundarySnapshots:
     """Slot states at prompts' block boundaries, kept in blocks of ``alloc`` (see the module docstring): a snapshot
-    at P = j * block_size is keyed by the chain key of block j - 1, ``size`` blocks of ``cache`` hold it."""
+    at P = j * block_size is keyed by the chain key of block j - 1, ``size`` blocks of ``cache`` hold it. With MTP
+    speculation (``mtp``: the MTP pool, ``make_mtp_hybrid_cache``) it holds the request's MTP slot too and the main
+    model's hidden streams of position P - 1 (``hidden``: their shape, one position's, and dtype)."""
 
-    def __init__(self, cache: HybridCache, alloc: BlockAllocator):
-        self.cache, self.alloc = cache, alloc
-        self.size = -(-cache.window_bytes() // cache.block_bytes())  # blocks per snapshot
+    def __init__(self, cache: HybridCache, alloc: BlockAllocator, mtp: HybridCache | None = None,
+                 hidden: tuple[tuple[int, ...], torch.dtype] | None = None):
+        self.cache, self.alloc, self.mtp = cache, alloc, mtp
+        if (mtp is None) != (hidden is None):
+            raise ValueError("an MTP pool's snapshots need the hidden streams' shape and dtype, and only they do")
+        self.hidden = hidden
+        self.extra = (mtp.window_bytes() + math.prod(hidden[0]) * hidden[1].itemsize) if mtp is not None else 0
+        self.size = -(-(cache.window_bytes() + self.extra) // cache.block_bytes())  # blocks per snapshot
         self.device = cache.layers[0]["window"].device
         self.blocks_of: dict[str, list[int]] = {}  # prefix key -> the blocks its snapshot lies in
         self.key_of: dict[int, str] = {}  # snapshot block -> its prefix key
@@ -135,15 +151,24 @@ class BoundarySnapshots:
         self.alloc.release(blocks[j:])
         return blocks[:j], keys[:j], {n for n in (len(blocks), limit) if n > j}
 
-    def begin(self, slot: int, keys: list[str], plan: set[int]) -> None:
+    def begin(self, slot: int, keys: list[str], plan: set[int]) -> torch.Tensor | None:
         """A request admitted into ``slot`` with the usable prefix ``keys``: the slot := the snapshot at its end
-        (before any block is allocated: that may evict it); ``plan``: ``usable``'s boundaries."""
+        (before any block is allocated: that may evict it); ``plan``: ``usable``'s boundaries. Returns, with MTP,
+        the hidden streams of the prefix's last position (a copy), which with its next token write that
+        position's MTP entry; else None."""
+        hidden = None
         if keys:
             held = self.blocks_of[keys[-1]]
-            self.cache.load_slot(slot, torch.tensor(held, device=self.device))
+            rest = self.cache.load_slot(slot, torch.tensor(held, device=self.device))
+            if self.mtp is not None:
+                n = self.mtp.window_bytes()
+                self.mtp.set_slot_bytes(slot, rest[:n])
+                shape, dtype = self.hidden
+                hidden = rest[n:self.extra].clone().view(dtype).view(shape)  # aligned for its dtype
             for b in held:  # recently used: evicted after older cached blocks
                 self.alloc.lru.move_to_end(b)
         self.plans[slot] = plan
+        return hidden
 
     def want(self, slot: int, boundary: int) -> None:
         """The request in ``slot`` is to leave a snapshot at ``boundary`` (blocks) too: a waiting request shares
@@ -156,28 +181,32 @@ class BoundarySnapshots:
         bs = self.alloc.block_size
         return min([n, *(b * bs - n_cached for b in self.plans.get(slot, ()) if b * bs > n_cached)])
 
-    def reached(self, slot: int, n_cached: int, keys: list[str]) -> None:
-        """After a forward (``keys``: the request's full blocks' chain keys): at one of its boundaries, the slot's
-        state is saved under the key of the block before it."""
+    def reached(self, slot: int, n_cached: int, keys: list[str], hidden: torch.Tensor | None = None) -> None:
+        """After a forward (``keys``: the request's full blocks' chain keys; ``hidden``: with MTP, the main hidden
+        streams of position n_cached - 1): at one of its boundaries, the slot's state is saved under the key of
+        the block before it."""
         plan, j = self.plans.get(slot), n_cached // self.alloc.block_size
         if plan and j in plan and n_cached % self.alloc.block_size == 0:
             plan.discard(j)
-            self.save(keys[j - 1], slot)
+            self.save(keys[j - 1], slot, hidden)
 
     def end(self, slot: int) -> None:
         """The request in ``slot`` left (finished, cancelled, preempted): no more snapshots from it."""
         self.plans.pop(slot, None)
 
-    def save(self, key: str, slot: int) -> None:
-        """Slot ``slot``'s state as the snapshot after the block keyed ``key`` (none while the pool has fewer than
-        ``size`` free or cached blocks: a snapshot never preempts a request)."""
-        if key in self.blocks_of or self.alloc.available < self.size:
+    def save(self, key: str, slot: int, hidden: torch.Tensor | None = None) -> None:
+        """Slot ``slot``'s state (with MTP: its MTP slot and ``hidden``, the main hidden streams of the boundary's
+        last position) as the snapshot after the block keyed ``key`` (none while the pool has fewer than ``size``
+        free or cached blocks: a snapshot never preempts a request; none with MTP but no ``hidden``)."""
+        if key in self.blocks_of or self.alloc.available < self.size or (self.mtp is not None and hidden is None):
             return
         held = [self.alloc.allocate() for _ in range(self.size)]
         if key not in self.alloc.block_of:  # its prefix block was evicted for room: the snapshot would be unreachable
             self.alloc.release(held)
             return
-        self.cache.save_slot(slot, torch.tensor(held, device=self.device))
+        extra = () if self.mtp is None else \
+            (self.mtp.slot_bytes(slot), hidden.to(self.hidden[1]).reshape(-1).view(torch.uint8))
+        self.cache.save_slot(slot, torch.tensor(held, device=self.device), extra)
         for i, b in enumerate(held):
             self.alloc.register(b, f"snapshot {i} after {key}")
             self.key_of[b] = key
