@@ -57,7 +57,8 @@ def _grid(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
 
 
 # ---- flyer plan ---------------------------------------------------------------------------------
-RUN_FLAGS = ("zero", "dp", "pp_schedule", "precision", "vocab_size")  # any of them: a flyer run's per-rank bytes
+# any of them: a flyer run's per-rank bytes
+RUN_FLAGS = ("zero", "dp", "pp_schedule", "precision", "vocab_size", "optimizer")
 
 
 def _check_run_world(gpus: int, gpus_per_node: int) -> None:
@@ -65,22 +66,26 @@ def _check_run_world(gpus: int, gpus_per_node: int) -> None:
     if gpus > MAX_RUN_WORLD:
         raise FieldError("gpus", f"per-rank bytes are listed for at most {MAX_RUN_WORLD:,} ranks (a three-tier fat "
                                  f"tree of {T.PAPER_RADIX}-port switches; got {gpus:,}); drop --zero, --dp, "
-                                 f"--pp-schedule, --precision and --vocab-size for the cluster-wide plan")
+                                 f"--pp-schedule, --precision, --vocab-size and --optimizer for the cluster-wide "
+                                 f"plan")
     if gpus > gpus_per_node and gpus % gpus_per_node:  # torchrun starts the same number of ranks on every node
         raise FieldError("gpus", f"a flyer train run needs whole nodes: a multiple of the {gpus_per_node} GPUs per "
                                  f"node, or at most one node (got {gpus})")
 
 
 def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) -> dict:
-    """Per-rank bytes of parameters, gradients and AdamW state of ``flyer train`` on this layout
+    """Per-rank bytes of parameters, gradients and optimizer state of ``flyer train`` on this layout
     (``flyer.parallel.memory``: equal to what a run measures), activations estimated beside them."""
     # here, not at the top: the model and torch.distributed.pipelining add seconds to every flyer start
     from flyer.parallel.memory import plan_state_bytes  # heavy: see above
     from flyer.parallel.mesh import validate_layout as validate_run_layout  # heavy: see above
     from flyer.parallel.pipeline import min_micro_batches, validate_pipeline  # heavy: see above
+    from flyer.optim.muon import OPTIMIZERS  # heavy: see above
 
     zero, schedule = args.zero or 0, args.pp_schedule or "1f1b"
-    precision = args.precision or "bf16"
+    precision, optimizer = args.precision or "bf16", args.optimizer or "adamw"
+    if optimizer not in OPTIMIZERS:
+        raise FieldError("optimizer", f"must be one of {', '.join(OPTIMIZERS)} (got {optimizer!r})")
     if zero not in (0, 1):
         raise FieldError("zero", f"must be 0 or 1 (ZeRO-1: optimizer state sharded; got {zero})")
     if precision not in PRECISIONS or precision == "auto":
@@ -93,9 +98,10 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     validate_pipeline(cfg, 1, schedule, 1)  # the schedule's name first
     validate_run_layout(cfg, args.gpus, ep, rpn, pp)
     validate_pipeline(cfg, pp, schedule, min_micro_batches(schedule, pp))
-    mem = plan_state_bytes(cfg, pp, dp, ep, zero, schedule, args.seq_len, args.micro_batch, precision)
+    mem = plan_state_bytes(cfg, pp, dp, ep, zero, schedule, args.seq_len, args.micro_batch, precision, optimizer)
     return {"run_layout": {"world": args.gpus, "pp": pp, "dp": dp, "ep": ep, "zero": zero,
-                           "pp_schedule": schedule if pp > 1 else None, "precision": precision}, **mem}
+                           "pp_schedule": schedule if pp > 1 else None, "precision": precision,
+                           "optimizer": optimizer}, **mem}
 
 
 def _plan(args) -> int:
@@ -158,8 +164,9 @@ def _plan(args) -> int:
         ])
         if "run_layout" in o:
             lay = o["run_layout"]
+            opt = "Muon" if lay["optimizer"] == "muon" else "AdamW"
             print(f"flyer train per rank: PP {lay['pp']} x DP {lay['dp']} (EP {lay['ep']}), ZeRO-{lay['zero']}, "
-                  f"{lay['pp_schedule'] or 'no pipeline'}; FP32 weights and AdamW, exact bytes (activations: estimate)")
+                  f"{lay['pp_schedule'] or 'no pipeline'}; FP32 weights and {opt}, exact bytes (activations: estimate)")
             rows = [{"rank": r, "params": o["param_bytes_per_rank"][r], "grads": o["grad_bytes_per_rank"][r],
                      "optimizer": o["optimizer_bytes_per_rank"][r],
                      "activations": o["activation_bytes_per_rank_estimate"][r]} for r in range(lay["world"])]
@@ -358,6 +365,8 @@ def register(sub) -> None:
     r.add_argument("--zero", type=int, help="1: optimizer state sharded over data-parallel ranks (ZeRO-1)")
     r.add_argument("--precision", help="fp32, bf16 or fp8 (the activation estimate; weights are FP32)")
     r.add_argument("--vocab-size", type=int, help="the run's vocabulary (flyer train caps presets at 8192)")
+    r.add_argument("--optimizer", help="flyer train's --optimizer: adamw (default) or muon (one momentum buffer "
+                                       "for Muon's matrices)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_checked(_plan))
 

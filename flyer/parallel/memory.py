@@ -1,9 +1,10 @@
-"""Per-rank bytes of the training state (parameters, gradients, AdamW state), measured on a
+"""Per-rank bytes of the training state (parameters, gradients, optimizer state), measured on a
 running rank and planned from the model config, so that the two agree to the byte.
 
 Measured (``measure_state_bytes``): each parameter this rank holds once (a pipeline's mirror of
-the embedding included: it is allocated), its gradient, and every tensor of this rank's AdamW
-state (``exp_avg``, ``exp_avg_sq`` and the ``step`` scalar; under ZeRO-1 only this rank's shard).
+the embedding included: it is allocated), its gradient, and every tensor of this rank's optimizer
+state (AdamW: ``exp_avg``, ``exp_avg_sq`` and the ``step`` scalar; Muon: one ``momentum_buffer`` for
+its matrices, AdamW's for the rest; under ZeRO-1 only this rank's shard).
 
 Planned (``plan_state_bytes``): the same sums from a ``Transformer`` built on the ``meta``
 device, cut as the run cuts it: the layers and ends of each pipeline rank (``held_modules``, the
@@ -23,7 +24,8 @@ from flyer.config import ModelConfig
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import expert_param_names
 from flyer.parallel.pipeline import chunks_per_rank, held_modules, split_layers, stage_ranks
-from flyer.parallel.zero import adamw_groups, partition, shard_kinds, shard_rank
+from flyer.parallel.zero import partition, shard_kinds, shard_rank
+from flyer.optim.muon import OPTIMIZERS, muon_param_ids, optimizer_groups, state_bytes
 
 STEP_BYTES = 4  # AdamW's per-parameter ``step``: an FP32 scalar tensor (fused and foreach alike)
 KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes")
@@ -36,7 +38,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def measure_state_bytes(model: nn.Module, optimizer) -> dict[str, int]:
     """This rank's param_bytes, grad_bytes and optimizer_bytes; call after an optimizer step and
     before ``zero_grad`` (gradients and state both exist then). ``optimizer``: a torch optimizer
-    or ``flyer.parallel.zero.ShardedAdamW`` (its local shards are counted)."""
+    or ``flyer.parallel.zero.ShardedOptimizer`` (its local shards are counted)."""
     params = [p for _, p in model.named_parameters()]  # each tensor once
     local = optimizer.local_optimizers() if hasattr(optimizer, "local_optimizers") else [optimizer]
     state = sum(_nbytes(v) for o in local for s in o.state.values() for v in s.values() if torch.is_tensor(v))
@@ -80,14 +82,19 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
 
 
 def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, schedule: str = "1f1b",
-                     seq_len: int = 4096, micro_batch: int = 1, precision: str = "bf16") -> dict[str, Any]:
+                     seq_len: int = 4096, micro_batch: int = 1, precision: str = "bf16",
+                     optimizer: str = "adamw") -> dict[str, Any]:
     """Per global rank (stage-major: rank = pp_rank * dp + dp_rank, as ``flyer.parallel.mesh``):
     ``param_bytes_per_rank``, ``grad_bytes_per_rank``, ``optimizer_bytes_per_rank`` (exact, for a
-    run of ``cfg`` on that layout with FP32 parameters and AdamW), each with its ``max_...``, and
+    run of ``cfg`` on that layout with FP32 parameters and ``optimizer``, 'adamw' or 'muon': the
+    routing of ``flyer.optim.muon``), each with its ``max_...``, and
     ``activation_bytes_per_rank_estimate``. The layout is assumed valid
     (``flyer.parallel.mesh.validate_layout``, ``flyer.parallel.pipeline.validate_pipeline``)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {optimizer!r})")
     with torch.device("meta"):
         model = Transformer(cfg)
+    muon = muon_param_ids(model) if optimizer == "muon" else set()
     experts = expert_param_names(model)
     out: dict[str, list[int]] = {f"{k}_per_rank": [] for k in KEYS}
     acts = []
@@ -98,13 +105,13 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
         params = sum(numel[id(p)] * elsize[id(p)] for _, p in named)
 
         def state(ps: list[nn.Parameter]) -> int:
-            return sum(2 * numel[id(p)] * elsize[id(p)] + STEP_BYTES for p in ps)
+            return sum(state_bytes(optimizer, id(p) in muon, numel[id(p)], elsize[id(p)], STEP_BYTES) for p in ps)
 
         kinds = {"all": [p for _, p in named], "dense": [p for n, p in named if n not in experts],
                  "expert": [p for n, p in named if n in experts]}
         shards = {}  # kind -> optimizer bytes of each of its group's ranks
         for kind, replicas in (shard_kinds(dp, ep) if zero else [("all", 1)]):
-            groups = [g["params"] for g in adamw_groups(kinds[kind], 0.0) if g["params"]]
+            groups = [g["params"] for g in optimizer_groups(optimizer, kinds[kind], muon, 0.0)]
             owned = partition([[numel[id(p)] for p in g] for g in groups], replicas)
             shards[kind] = [sum(state([g[i] for i in idx]) for g, idx in zip(groups, mine)) for mine in owned]
         act = activation_bytes(cfg, pp, pp_rank, schedule, seq_len, micro_batch, precision)  # a stage's replicas alike

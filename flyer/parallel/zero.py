@@ -1,16 +1,18 @@
-"""ZeRO-1: AdamW whose state is sharded over the data-parallel replicas of each parameter.
+"""ZeRO-1: an optimizer (AdamW or Muon) whose state is sharded over the data-parallel replicas of each
+parameter.
 
 A dense parameter is replicated over its stage's ``dp`` ranks (``mesh.dp_group``), an expert
 stack over the ``dp / ep`` ranks holding the same experts (``mesh.expert_dp_group``), so the two
 kinds are sharded by two ``torch.distributed.optim.ZeroRedundancyOptimizer`` instances, one per
 process group (one instance takes a single group). With ``ep == 1`` both groups are the stage's
 replicas and one instance holds every parameter; a kind with a single replica (``ep == dp``, or
-``dp == 1``) keeps a plain AdamW.
+``dp == 1``) keeps a plain optimizer.
 
 Each instance assigns whole parameters to its ranks, largest first, each to the rank with the
 fewest elements so far (``partition``, the same rule, so a plan can count a rank's state without
-running); the owner steps it and broadcasts the new values. AdamW is elementwise, so every
-parameter ends bit-identical to the unsharded optimizer's.
+running); the owner steps it and broadcasts the new values. AdamW is elementwise, and Muon
+orthogonalises each whole parameter on its own (``flyer.optim.muon``), so either way every parameter
+ends bit-identical to the unsharded optimizer's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from flyer.parallel.grads import expert_param_names
+from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 
 
 def zero_redundancy_optimizer() -> type:
@@ -31,12 +34,6 @@ def zero_redundancy_optimizer() -> type:
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.distributed.optim import ZeroRedundancyOptimizer
     return ZeroRedundancyOptimizer
-
-
-def adamw_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW's parameter groups: matrices decay, vectors (norms, biases) do not."""
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def partition(groups: list[list[int]], world: int) -> list[list[list[int]]]:
@@ -64,7 +61,7 @@ def shard_kinds(dp: int, ep: int) -> list[tuple[str, int]]:
     """The parts of the optimizer as (kind, replicas of each of its parameters): ``all`` when one
     group holds every parameter (ep == 1), else ``dense`` (over the stage's ``dp`` ranks) and
     ``expert`` (over the ``dp / ep`` ranks with the same experts). A part with one replica is a
-    plain AdamW."""
+    plain optimizer."""
     return [("all", dp)] if ep == 1 else [("dense", dp), ("expert", dp // ep)]
 
 
@@ -74,30 +71,33 @@ def shard_rank(kind: str, dp_rank: int, ep: int) -> int:
     return dp_rank // ep if kind == "expert" else dp_rank
 
 
-class ShardedAdamW:
-    """AdamW for ``model`` on ``mesh`` with ZeRO-1 state sharding; the optimizer interface the
-    trainer uses: ``param_groups`` (every part's, for the learning-rate schedule), ``step``,
-    ``zero_grad``, and ``state_dict`` / ``load_state_dict`` of this rank's shard only."""
+class ShardedOptimizer:
+    """The optimizer ``kind`` ('adamw' or 'muon', ``flyer.optim.muon.optimizer_groups``) for
+    ``model`` on ``mesh`` with ZeRO-1 state sharding; the optimizer interface the trainer uses:
+    ``param_groups`` (every part's, for the learning-rate schedule), ``step``, ``zero_grad``, and
+    ``state_dict`` / ``load_state_dict`` of this rank's shard only."""
 
     def __init__(self, model: nn.Module, mesh, lr: float, betas: tuple[float, float], weight_decay: float,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, kind: str = "adamw"):
         experts = expert_param_names(model)
         named = list(model.named_parameters())  # deduplicates tied weights
         params = {"all": [p for _, p in named], "dense": [p for n, p in named if n not in experts],
                   "expert": [p for n, p in named if n in experts]}
+        muon = muon_param_ids(model) if kind == "muon" else set()
         fused = named[0][1].device.type in ("cpu", "cuda")
         hyper = dict(lr=lr, betas=betas, eps=eps, fused=fused)
+        cls = optimizer_class(kind)
         self.parts: list[torch.optim.Optimizer] = []
-        for kind, replicas in shard_kinds(mesh.dp, mesh.ep):
-            if not params[kind]:
+        for part, replicas in shard_kinds(mesh.dp, mesh.ep):
+            if not params[part]:
                 continue
-            groups = [g for g in adamw_groups(params[kind], weight_decay) if g["params"]]
-            group = mesh.expert_dp_group if kind == "expert" else mesh.dp_group
+            groups = optimizer_groups(kind, params[part], muon, weight_decay)
+            group = mesh.expert_dp_group if part == "expert" else mesh.dp_group
             if replicas == 1:
-                self.parts.append(torch.optim.AdamW(groups, **hyper))
+                self.parts.append(cls(groups, **hyper))
             else:
                 sharded = zero_redundancy_optimizer()
-                self.parts.append(sharded(groups, torch.optim.AdamW, process_group=group, **hyper))
+                self.parts.append(sharded(groups, cls, process_group=group, **hyper))
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -113,11 +113,11 @@ class ShardedAdamW:
             part.zero_grad(set_to_none=set_to_none)
 
     def local_optimizers(self) -> list[torch.optim.Optimizer]:
-        """The AdamW instances stepping this rank's parameters (its shards)."""
-        return [p if isinstance(p, torch.optim.AdamW) else p.optim for p in self.parts]
+        """The optimizers stepping this rank's parameters (its shards; a ZeroRedundancyOptimizer's ``optim``)."""
+        return [getattr(p, "optim", p) for p in self.parts]
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shard: one AdamW state dict per part."""
+        """This rank's shard: one optimizer state dict per part."""
         return {"parts": [o.state_dict() for o in self.local_optimizers()]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -130,4 +130,4 @@ class ShardedAdamW:
             o.load_state_dict(s)
 
 
-__all__ = ["ShardedAdamW", "adamw_groups", "partition", "shard_kinds", "shard_rank", "zero_redundancy_optimizer"]
+__all__ = ["ShardedOptimizer", "partition", "shard_kinds", "shard_rank", "zero_redundancy_optimizer"]

@@ -22,6 +22,8 @@ _FLAGS = [  # (flag, field, type, help)
     ("--lr", "lr", float, "peak learning rate"),
     ("--warmup", "warmup", int, "linear warmup steps"),
     ("--schedule", "schedule", str, "cosine or constant after warmup"),
+    ("--optimizer", "optimizer", str, "adamw, or muon: DeepSeek-V4's Muon for the matrices (AdamW for the embedding, "
+                                      "head, norms and mHC biases/gates), reusing --lr and the weight decay"),
     ("--precision", "precision", str,
      "auto (bf16 where the device multiplies BF16 in hardware, else fp32), fp32, bf16 or fp8"),
     ("--out", "out", str, "run directory (metrics, plots, checkpoints)"),

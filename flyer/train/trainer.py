@@ -6,7 +6,7 @@ metrics and the training loop, on a one-process or expert-parallel mesh (``flyer
 saves and resumes it.
 
 Besides ``metrics.jsonl`` and ``checkpoints/``, rank 0 writes ``memory.json`` after the first
-optimizer step: every rank's measured bytes of parameters, gradients and AdamW state (lists by
+optimizer step: every rank's measured bytes of parameters, gradients and optimizer state (lists by
 global rank, the keys and numbers ``flyer plan --json`` computes for the same layout), and the layout.
 """
 
@@ -43,11 +43,12 @@ from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
 from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
-from flyer.parallel.zero import ShardedAdamW, adamw_groups
+from flyer.parallel.zero import ShardedOptimizer
 from flyer.parallel.pipeline import (PP_SCHEDULES, PipelineModel, held_modules, min_micro_batches,
                                      require_torch_for, validate_pipeline)
 from flyer.runtime import PRECISIONS, autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
+from flyer.optim.muon import OPTIMIZERS, muon_param_ids, optimizer_class, optimizer_groups
 from flyer.train.rundir import METRICS_NAME, RunLock, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, read_metrics,
                                  require_tensorboard, truncate_metrics)
@@ -61,7 +62,7 @@ SCHEDULES = ("cosine", "constant")
 # the process layout (``checkpoint.check_layout`` compares it).
 RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_batches", "lr", "min_lr_ratio",
                 "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "precision", "vocab_size",
-                "fp8_dispatch")
+                "fp8_dispatch", "optimizer")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption, Ctrl-C, a closed terminal
 
 
@@ -86,6 +87,7 @@ class TrainConfig:
     warmup: int = 15
     schedule: str = "cosine"
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # or muon: DeepSeek-V4's (flyer.optim.muon), AdamW's lr and weight decay reused
     beta1: float = 0.9
     beta2: float = 0.95
     clip: float = 1.0
@@ -145,6 +147,7 @@ class TrainConfig:
         need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         need(self.dispatcher in DISPATCHER_KINDS, "dispatcher", f"must be one of {', '.join(DISPATCHER_KINDS)}")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
         need(self.clip > 0, "clip", "must be > 0")
         need(self.vocab_size is None or self.vocab_size >= MIN_VOCAB, "vocab_size",
@@ -210,8 +213,9 @@ def lr_at(tc: TrainConfig, step: int) -> float:
 
 
 def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1, pp: int = 1) -> float:
-    """A lower bound on one rank's training memory: FP32 weights, gradients and two AdamW moments
-    (experts split over ``ep``, layers over ``pp`` stages), and what one micro-batch saves for
+    """A lower bound on one rank's training memory: FP32 weights, gradients and the optimizer's
+    moments (AdamW two, Muon at least one; experts split over ``ep``, layers over ``pp`` stages),
+    and what one micro-batch saves for
     backward (every layer's saved activations, ``flyer.cluster.costs``, and the FP32 logits and
     their gradient of the main and MTP heads; a pipeline holds about ``pp`` micro-batches of its
     1/pp of the layers). Attention scores and allocator slack come on top."""
@@ -223,7 +227,8 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
     saved = cfg.n_layers * activation_bytes_per_token_layer(cfg, cfg.is_moe, recompute=False,
                                                             bytes_per_element=element)
     logits = logits_bytes_per_token(cfg)
-    return params * 16 + tokens * (saved + logits)
+    per_param = 16 if tc.optimizer == "adamw" else 12
+    return params * per_param + tokens * (saved + logits)
 
 
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
@@ -256,14 +261,17 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
 
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig, mesh: Mesh | LocalMesh | None = None):
-    """AdamW with ``tc``'s lr, betas and weight decay; matrices decay, vectors (norms, biases) do not.
-    With ``tc.zero == 1`` on a multi-rank ``mesh``, its state is sharded over each parameter's
-    replicas (``flyer.parallel.zero.ShardedAdamW``; the same updates, bit for bit)."""
+    """``tc.optimizer`` with ``tc``'s lr, betas and weight decay: AdamW (matrices decay, vectors --
+    norms, biases -- do not) or Muon (``flyer.optim.muon``: Muon for the matrices it routes, AdamW for
+    the rest). With ``tc.zero == 1`` on a multi-rank ``mesh``, its state is sharded over each
+    parameter's replicas (``flyer.parallel.zero.ShardedOptimizer``; the same updates, bit for bit)."""
+    betas = (tc.beta1, tc.beta2)
     if tc.zero == 1 and mesh is not None and mesh.world > 1:
-        return ShardedAdamW(model, mesh, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
-    params = list(model.parameters())
-    return torch.optim.AdamW(adamw_groups(params, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8,
-                             fused=params[0].device.type in ("cpu", "cuda"))
+        return ShardedOptimizer(model, mesh, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay, kind=tc.optimizer)
+    params = [p for _, p in model.named_parameters()]  # deduplicates tied weights
+    muon = muon_param_ids(model) if tc.optimizer == "muon" else set()
+    return optimizer_class(tc.optimizer)(optimizer_groups(tc.optimizer, params, muon, tc.weight_decay), lr=tc.lr,
+                                         betas=betas, eps=1e-8, fused=params[0].device.type in ("cpu", "cuda"))
 
 
 def progress_postfix(rec: dict[str, Any], val_loss: float | None) -> dict[str, str]:
