@@ -239,12 +239,13 @@ def test_train_init_from_v4_then_export(src, tmp_path, capsys):
     assert err <= tol, f"{err:.3g} > {tol:.3g}"
 
 
-def test_serve_refuses_a_v4_prefix_cache_in_one_line(src, capsys, tmp_path):
-    """flyer serve runs V4 (``tests/test_serve_v4.py``) but shares no hybrid blocks: an on-disk prefix cache is
-    refused before the weights load."""
-    assert main(["serve", "--ckpt", str(src[0]), "--prefix-cache", str(tmp_path / "pc")]) == 2
+def test_serve_refuses_a_v4_block_size_in_one_line(src, capsys, tmp_path):
+    """flyer serve runs V4 with its on-disk prefix cache (``tests/test_serve_v4_disk.py``) in blocks of whole
+    compressed entries: a --block-size a ratio does not divide is refused before the weights load."""
+    assert main(["serve", "--ckpt", str(src[0]), "--prefix-cache", str(tmp_path / "pc"), "--block-size", "6"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "hybrid attention" in err[0] and "--prefix-cache" in err[0]
+    assert len(err) == 1 and "hybrid attention" in err[0] and "--block-size" in err[0], err
+    assert not (tmp_path / "pc").exists()
 
 
 @pytest.mark.parametrize("field, value, needs", [

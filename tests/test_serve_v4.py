@@ -2,8 +2,9 @@
 batching (requests joining mid-run, chunked prefill, prompts crossing window and compression boundaries) and under
 preemption == ``generate`` on its prompt alone (``HybridCache``, no paging); cancellation gives slots and blocks
 back; the pool's blocks and slots are those ``kv_cache_bytes`` holds by ``flyer.model.counts``; ``flyer serve``
-on a V4 run answers the ``openai`` client with generate's text and refuses --prefix-cache (and --speculative mtp
-for a model without MTP) in one line. Tiny random model (``tests/hf_models.py``: window 8, ratios 0 / 4 / 16 / 4,
+on a V4 run answers the ``openai`` client with generate's text and refuses a block size a ratio does not divide
+(and --speculative mtp for a model without MTP) in one line (its on-disk prefix cache:
+``tests/test_serve_v4_disk.py``). Tiny random model (``tests/hf_models.py``: window 8, ratios 0 / 4 / 16 / 4,
 CSA top-4), FP32, CPU.
 
 Tokens are compared exactly, as ``tests/test_serve_engine.py`` does: the batched paged path and the alone path
@@ -26,6 +27,7 @@ from flyer.cli import main
 from flyer.errors import FieldError
 from flyer.infer import GenerationConfig, generate
 from flyer.infer.hybrid_cache import HybridCache
+from flyer.infer.prefix_cache import PrefixCache
 from flyer.interop.hf import load_hf
 from flyer.model.counts import kv_cache_bytes_per_token, kv_window_bytes
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
@@ -137,7 +139,7 @@ def test_cancellation_gives_back_slots_and_blocks(v4):
     assert eng.slots.available == 2 and eng.alloc.available == eng.alloc.capacity and not eng.busy
 
 
-def test_blocks_and_slots_from_kv_cache_bytes(v4):
+def test_blocks_and_slots_from_kv_cache_bytes(v4, tmp_path):
     """Slots for max_batch_size requests first (the windows ``kv_window_bytes`` counts and the compressors'
     states), then whole blocks of ``kv_cache_bytes_per_token`` * block_size; one FieldError per bad field."""
     _, model, cfg = v4
@@ -154,7 +156,8 @@ def test_blocks_and_slots_from_kv_cache_bytes(v4):
     bad = [(dict(kv_cache_bytes=_bytes(cfg, 2, 3) - 1), "kv_cache_bytes"),
            (dict(kv_cache_bytes=_bytes(cfg, 9, 3), block_size=8), "block_size"),
            (dict(kv_cache_bytes=_bytes(cfg, 9, 3), block_size=24), "block_size"),
-           (dict(kv_cache_bytes=_bytes(cfg, 9, 3), prefix_cache=object()), "prefix_cache")]
+           (dict(kv_cache_bytes=_bytes(cfg, 9, 3), prefix_cache=PrefixCache(tmp_path, "fp", block_size=32)),
+            "prefix_cache")]  # an on-disk cache of other blocks than the pool's
     for over, field in bad:
         with pytest.raises(FieldError) as e:
             Engine(model, EngineConfig(**{"block_size": BS, "max_batch_size": 3, "cache_dtype": torch.float32,
@@ -215,7 +218,8 @@ def test_cli_serves_v4_like_generate(run_dir, capsys):
             proc.wait()
 
 
-@pytest.mark.parametrize("flags, flag, why", [(["--prefix-cache", "PC"], "--prefix-cache", "DeepSeek-V4"),
+@pytest.mark.parametrize("flags, flag, why", [(["--prefix-cache", "PC", "--block-size", "24"], "--block-size",
+                                               "compression ratio"),
                                               (["--block-size", "8"], "--block-size", "compression ratio"),
                                               (["--speculative", "mtp"], "--speculative", "mtp_depth")])
 def test_cli_refuses_what_v4_cannot_serve_in_one_line(run_dir, tmp_path, capsys, flags, flag, why):

@@ -19,6 +19,7 @@ from flyer.errors import CheckpointError, FieldError, UserError
 from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, check_hybrid_flags, generate, open_prefix_cache
+from flyer.infer.prefix_cache_hybrid import check_block_ratios
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
 from flyer.interop.hf import is_hf_model_dir, read_hf_config
 from flyer.interop.load import load_pretrained, loaded_bytes, stored_weight_dtype
@@ -131,11 +132,16 @@ def _with_library_warnings(f):
 
 
 def decodable(cfg, args) -> None:
-    """Refuses, naming the flag's field, what flyer cannot decode yet: DeepSeek-V4's hybrid attention under
-    --prefix-cache in ``flyer serve`` (no --prefix-block), or with a --prefix-block that a compression ratio
-    does not divide (``check_hybrid_flags``; ``args``: either command's parsed flags)."""
-    if cfg.attn == "hybrid":
-        check_hybrid_flags(cfg, args.prefix_cache, getattr(args, "prefix_block", None))
+    """Refuses, naming the flag's field, block sizes DeepSeek-V4's hybrid attention cannot take: ``flyer
+    generate``'s --prefix-block under --prefix-cache (``check_hybrid_flags``), ``flyer serve``'s --block-size (its
+    pool's blocks and its on-disk prefix cache's; unset: a default every ratio divides), unless every compression
+    ratio divides it (``args``: either command's parsed flags)."""
+    if cfg.attn != "hybrid":
+        return
+    if hasattr(args, "prefix_block"):
+        check_hybrid_flags(cfg, args.prefix_cache, args.prefix_block)
+    elif getattr(args, "block_size", None) is not None:
+        check_block_ratios(cfg, args.block_size, "block_size")
 
 
 @_with_library_warnings

@@ -23,7 +23,7 @@ from flyer.errors import FieldError
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
-from flyer.infer.prefix_cache_hybrid import check_prefix_block, hybrid_layout, resume, store_blocks, store_snapshot
+from flyer.infer.prefix_cache_hybrid import check_block_ratios, hybrid_layout, resume, store_blocks, store_snapshot
 from flyer.infer.sampling import LogitAdjustments, SamplingParams, sample
 from flyer.infer.speculative import check_speculation, mtp_decode
 from flyer.model.transformer import Transformer
@@ -117,7 +117,7 @@ def open_prefix_cache(model: Transformer, root: str | Path, *, attention: str = 
     ``mtp``: whether entries hold the MTP modules' cache too (None: when the model has them).
     DeepSeek-V4: ``FieldError`` naming ``prefix_block`` unless every compression ratio divides it."""
     if model.cfg.attn == "hybrid":
-        check_prefix_block(model.cfg, block_size)
+        check_block_ratios(model.cfg, block_size, "prefix_block")
         layout = hybrid_layout(model.cfg)
     else:
         layout = {"layout": "gqa" if model.cfg.attn == "gqa" else attention}
@@ -276,18 +276,14 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
                                            f"the model's max_seq_len {model.cfg.max_seq_len}")
 
 
-def check_hybrid_flags(cfg, prefix_cache: object, prefix_block: int | None = None) -> None:
+def check_hybrid_flags(cfg, prefix_cache: object, prefix_block: int | None) -> None:
     """For a DeepSeek-V4 model (attn "hybrid") with an on-disk ``prefix_cache``: ``FieldError`` naming
-    ``prefix_block`` unless every compression ratio divides it (``flyer generate``: blocks and boundary snapshots,
-    ``flyer.infer.prefix_cache_hybrid``, with ``--speculative mtp`` too: a snapshot holds the MTP window and the
-    hidden state it resumes from), or naming ``prefix_cache`` when ``prefix_block`` is None (``flyer serve``:
-    its paged pool does not read or write the disk's blocks and snapshots yet)."""
+    ``prefix_block`` unless every compression ratio divides it (``check_block_ratios``: blocks of whole compressed
+    entries and boundary snapshots, ``flyer.infer.prefix_cache_hybrid``; ``flyer serve`` checks its
+    ``block_size``, which is its cache's block size, the same way)."""
     if cfg.attn != "hybrid" or prefix_cache is None:  # a PrefixCache may be empty (falsy), still checked
         return
-    if prefix_block is None:
-        raise FieldError("prefix_cache", "not available for DeepSeek-V4's hybrid attention in flyer serve yet "
-                                         "(flyer generate --prefix-cache takes it)")
-    check_prefix_block(cfg, prefix_block)
+    check_block_ratios(cfg, prefix_block, "prefix_block")
 
 
 def cache_length(prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> int:

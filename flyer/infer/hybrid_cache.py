@@ -45,6 +45,7 @@ from flyer.model.hybrid_chunks import entry_picks, gathers
 from flyer.model.rope import rope_cos_sin
 
 Tables = dict[bool, tuple[torch.Tensor, torch.Tensor]]  # compressed layer? -> cos, sin (max_len, 1, R)
+ENTRY_NAMES = ("entries", "index_keys")  # the growing tensors (blocks); the rest are a row's fixed state (slots)
 
 
 def hybrid_tables(cfg: ModelConfig, max_len: int, device) -> Tables:
@@ -199,7 +200,7 @@ class HybridCache:
 
     def _fixed_state(self) -> list[torch.Tensor]:
         """Every layer's fixed-state tensors (n_slots, S, C), as ``_slot_state`` orders one slot's."""
-        return [t for state in self.layers for k, t in state.items() if k not in _ENTRIES]
+        return [t for state in self.layers for k, t in state.items() if k not in ENTRY_NAMES]
 
     def save_slot(self, slot: int, blocks_K: torch.Tensor, extra: tuple[torch.Tensor, ...] = ()) -> None:
         """Slot ``slot``'s fixed state (every layer's window and rings, ``window_bytes``), bit for bit, then the
@@ -243,7 +244,7 @@ class HybridCache:
     def _block_bytes_views(self) -> list[torch.Tensor]:
         """Every entry tensor as bytes per block (n_blocks, bytes of one block's entries), uint8 views."""
         return [t.view(t.shape[0], -1).view(torch.uint8) for state in self.layers for k, t in state.items()
-                if k in _ENTRIES]
+                if k in ENTRY_NAMES]
 
     def bytes_per_token(self) -> int | float:
         """Bytes the cache grows by per token over all layers, from the allocated tensors: one ``entries`` row
@@ -252,7 +253,7 @@ class HybridCache:
         divide the bytes); the rest is a constant per row, ``window_bytes``."""
         total = Fraction(0)
         for state, r in zip(self.layers, self.ratios):
-            for name in _ENTRIES:
+            for name in ENTRY_NAMES:
                 if name in state:
                     total += Fraction(state[name].shape[-1] * state[name].element_size(), r)
         return int(total) if total.denominator == 1 else float(total)
@@ -261,15 +262,13 @@ class HybridCache:
         """Bytes per row whatever its length: the windows' keys (``flyer.model.counts.kv_window_bytes`` counts
         these) plus the compressors' states of not-yet-complete windows (which it leaves out): a slot's bytes."""
         return sum(t[0].numel() * t.element_size() for state in self.layers for k, t in state.items()
-                   if k not in _ENTRIES)
+                   if k not in ENTRY_NAMES)
 
     def block_bytes(self) -> int:
         """Bytes of one block: every compressed layer's ``block_size // r`` entries (and index keys)."""
         return sum(t[0].numel() * t.element_size() for state in self.layers for k, t in state.items()
-                   if k in _ENTRIES)
+                   if k in ENTRY_NAMES)
 
-
-_ENTRIES = ("entries", "index_keys")  # the growing tensors (blocks); the rest are a row's fixed state (slots)
 
 
 def _zeros_of(batch: int, device):

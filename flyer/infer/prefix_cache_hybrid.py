@@ -8,7 +8,7 @@ in memory:
 
 - block i's file (chain key key_i) holds the entries of positions [i n, (i + 1) n) of every compressed layer,
   "{layer}.entries" (n // r, d) and "{layer}.index_keys" (n // r, index_head_dim); n must be a multiple of every
-  ratio (``check_prefix_block``, a ``FieldError`` naming ``prefix_block``);
+  ratio (``check_block_ratios``, a ``FieldError`` naming the caller's field: ``prefix_block``, ``block_size``);
 - the fixed state at a boundary P = j n is a SNAPSHOT: one more file of the same cache, keyed
   ``snapshot_key(key_{j-1})`` (so ownership, atomic writes, checksums and LRU eviction are the blocks'), holding
   every layer's rings "{layer}.{name}" (each (S, C), the slot's tensors). With the MTP module's cache (``mtp``): its
@@ -30,6 +30,12 @@ ended when no snapshot reached that far (it forks from a cached prompt there: th
 prompts after it). ``flyer.infer.generate`` cuts the prefill at each (one more forward chunk each) and stores the
 snapshot as the cut is reached, so a prompt resuming at P repeats the storing run's chunks after P and computes
 its outputs bit for bit.
+
+``flyer serve`` reads and writes the same files (``flyer.serve.engine``: one format, a directory either command
+wrote serves the other at the same model, dtype, block size and MTP flag): a pool block holds a whole block's
+entries (``block_entries`` at lo 0: ``read_block``, ``put_block``), a request's slot takes a snapshot
+(``load_snapshot``, ``set_snapshot``) and leaves one where ``flyer.serve.paged_hybrid.BoundarySnapshots`` leaves
+its in-memory ones.
 """
 
 from __future__ import annotations
@@ -42,22 +48,20 @@ import torch
 
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
-from flyer.infer.hybrid_cache import HybridCache
+from flyer.infer.hybrid_cache import ENTRY_NAMES, HybridCache
 from flyer.infer.prefix_cache import PrefixCache
 
 SNAPSHOT_FORMAT = 1  # in the fingerprint: a change of what a snapshot holds makes old files miss
-# HybridCache's growing tensors (its private ``_ENTRIES``): the rest of a layer's state is a slot's fixed state
-ENTRY_NAMES = ("entries", "index_keys")
 Expect = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def check_prefix_block(cfg: ModelConfig, block_size: int) -> None:
-    """``FieldError`` naming ``prefix_block`` unless every compressed layer's ratio divides ``block_size`` (a block
-    holds whole entries)."""
+def check_block_ratios(cfg: ModelConfig, block_size: int, field_name: str) -> None:
+    """``FieldError`` naming ``field_name`` (``prefix_block`` in ``flyer generate``, ``block_size`` in ``flyer serve``)
+    unless every compressed layer's ratio divides ``block_size`` (a block holds whole entries)."""
     ratios = sorted({r for r in cfg.compress_ratios[:cfg.n_layers] if r > 0})
     if any(block_size % r for r in ratios):
-        raise FieldError("prefix_block", f"must be a multiple of every compression ratio {ratios} of DeepSeek-V4's "
-                                         f"hybrid attention (got {block_size})")
+        raise FieldError(field_name, f"must be a multiple of every compression ratio {ratios} of DeepSeek-V4's hybrid "
+                                f"attention (got {block_size})")
 
 
 def hybrid_layout(cfg: ModelConfig) -> dict:
@@ -97,6 +101,43 @@ def _snapshot_views(cache: HybridCache, slot: int, mtp_cache: HybridCache | None
     return views
 
 
+def snapshot_expect(cache: HybridCache, mtp_cache: HybridCache | None = None,
+                    hidden: tuple[tuple[int, ...], torch.dtype] | None = None) -> Expect:
+    """What a snapshot file of ``cache`` (and ``mtp_cache``, with ``hidden``: the (shape, dtype) of one position's
+    main hidden state) holds: name -> (shape, dtype), for ``load_snapshot``."""
+    expect = _expect(_snapshot_views(cache, 0, mtp_cache))
+    return expect | ({"mtp.hidden": hidden} if mtp_cache is not None else {})
+
+
+def read_block(pc: PrefixCache, key: str, tokens: Sequence[int], cache: HybridCache) -> dict[str, torch.Tensor] | None:
+    """Block file ``key`` (``tokens``: the block's) as ``block_entries`` names one block of ``cache`` (each
+    (n // r, C)), or None (a miss, corrupt, mismatched: counted); its tokens are not counted as loaded."""
+    return pc.load(key, tokens, _expect(block_entries(cache, 0, 0, pc.block_size)), count_tokens=False)
+
+
+def put_block(cache: HybridCache, block: int, lo: int, n: int, blk: dict[str, torch.Tensor]) -> None:
+    """Tokens [lo, lo + n) of entry block ``block`` of ``cache`` (``block_entries``) := ``read_block``'s ``blk``."""
+    for k, v in block_entries(cache, block, lo, n).items():
+        v.copy_(blk[k])
+
+
+def load_snapshot(pc: PrefixCache, keys: Sequence[str], prompt: Sequence[int], at: int,
+                  expect: Expect) -> dict[str, torch.Tensor] | None:
+    """The snapshot file at boundary ``at`` (tokens) of ``prompt`` (``keys``: its block keys), or None (a miss,
+    corrupt, mismatched: counted); ``expect``: ``snapshot_expect``'s."""
+    n = pc.block_size
+    return pc.load(snapshot_key(keys[at // n - 1]), prompt[at - n:at], expect, count_tokens=False)
+
+
+def set_snapshot(cache: HybridCache, slot: int, snap: dict[str, torch.Tensor],
+                 mtp_cache: HybridCache | None = None) -> torch.Tensor | None:
+    """Slot ``slot`` of ``cache`` (and of ``mtp_cache``) := the snapshot ``snap`` (``load_snapshot``'s); returns
+    its main hidden state at the boundary's last position ("mtp.hidden"; None without an MTP cache)."""
+    for k, v in _snapshot_views(cache, slot, mtp_cache).items():
+        v.copy_(snap[k])
+    return snap.get("mtp.hidden") if mtp_cache is not None else None
+
+
 @dataclass
 class Resume:
     """Where a prompt's prefill starts after ``resume``: at ``tokens`` (P, a boundary; 0: nothing used), with the
@@ -117,29 +158,21 @@ def resume(pc: PrefixCache, keys: Sequence[str], prompt: Sequence[int], cache: H
     snapshot's boundary are left in the cache (the prefill recomputes their positions)."""
     n = pc.block_size
     found = 0
-    for i, key in enumerate(keys):
-        views = block_entries(cache, slot, i * n, n)
-        blk = pc.load(key, prompt[i * n:(i + 1) * n], _expect(views), count_tokens=False)
-        if blk is None:
-            break
-        for k, v in views.items():
-            v.copy_(blk[k])
-        found = i + 1
+    while found < len(keys) and (blk := read_block(pc, keys[found], prompt[found * n:(found + 1) * n],
+                                                   cache)) is not None:
+        put_block(cache, slot, found * n, n, blk)
+        found += 1
     last = (len(prompt) - 1) // n  # the deepest boundary with a prompt token after it
-    views = _snapshot_views(cache, slot, mtp_cache)
-    expect = _expect(views) | ({"mtp.hidden": hidden} if mtp_cache is not None else {})
+    expect = snapshot_expect(cache, mtp_cache, hidden)
     j, snap = min(found, last), None
-    while j > 0:
-        snap = pc.load(snapshot_key(keys[j - 1]), prompt[(j - 1) * n:j * n], expect, count_tokens=False)
-        if snap is not None:
-            break
+    while j > 0 and (snap := load_snapshot(pc, keys, prompt, j * n, expect)) is None:
         j -= 1
+    got = None
     if snap is not None:
-        for k, v in views.items():
-            v.copy_(snap[k])
+        got = set_snapshot(cache, slot, snap, mtp_cache)
         pc.stats.tokens_loaded += j * n
     at = {b for b in (found, last) if j < b <= last}  # a prompt ending on a boundary: no snapshot at its end
-    return Resume(j * n, found, None if snap is None else snap.get("mtp.hidden"), sorted(b * n for b in at))
+    return Resume(j * n, found, got, sorted(b * n for b in at))
 
 
 def store_snapshot(pc: PrefixCache, keys: Sequence[str], prompt: Sequence[int], at: int, cache: HybridCache,

@@ -190,11 +190,11 @@ def register(sub) -> None:
     p.add_argument("--draft-tokens", type=int, default=1,
                    help="MTP drafts per request and step (default 1; more reapply the MTP module to its own output)")
     p.add_argument("--no-prefix-sharing", action="store_true",
-                   help="recompute shared prompt prefixes (DeepSeek-V4 always does: its blocks are not shared)")
+                   help="recompute shared prompt prefixes (DeepSeek-V4: its blocks and slot snapshots too)")
     p.add_argument("--prefix-cache", metavar="DIR",
                    help="on-disk prefix cache under the in-memory one (shared with flyer generate --prefix-block "
                         "BLOCK_SIZE; for a model with MTP, under --speculative mtp: its blocks hold the MTP cache "
-                        "too; not for DeepSeek-V4)")
+                        "too; DeepSeek-V4: with its boundary snapshots)")
     p.add_argument("--prefix-cache-size", default="1G", help="size bound of the on-disk prefix cache (LRU)")
     p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto", help=CACHE_DTYPE_HELP)
     add_weight_dtype_flag(p)

@@ -37,7 +37,11 @@ prefilled to P would (bit for bit where its chunks are the same). Design:
   readmitted request matches again (its own snapshots too). Nothing but the index holds a snapshot.
 
 The attention is ``flyer.infer.hybrid_cache.hybrid_attention`` on a ``HybridCache.view`` of the pool per batch.
-The on-disk prefix cache has no hybrid layout yet: refused.
+
+The on-disk prefix cache under it (``flyer.serve.engine``, in ``flyer.infer.prefix_cache_hybrid``'s files, those of
+``flyer generate --prefix-cache``): a match continues with the blocks on disk (loaded into the request's pool
+blocks and keyed here), ``usable`` then asks the disk for a snapshot at each boundary deeper than the deepest one
+in memory (``on_disk``), and a snapshot taken at a boundary of a plan (``reached``) is written to disk too.
 
 MTP speculation (``flyer.serve.speculation``): the MTP block's one window-only layer has a pool of its own, slots
 only (``make_mtp_hybrid_cache``: a window-only layer completes no entries), one per running request at the same
@@ -54,6 +58,7 @@ compressed entry in a shared block).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -61,18 +66,6 @@ from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.infer.hybrid_cache import HybridCache
 from flyer.serve.paged import BlockAllocator
-
-
-def check_hybrid_serving(cfg: ModelConfig, block_size: int, prefix_cache: object) -> None:
-    """``FieldError`` for what the hybrid pool cannot take: a ``block_size`` that some compressed layer's ratio
-    does not divide, or an on-disk ``prefix_cache``."""
-    ratios = sorted({r for r in cfg.compress_ratios[:cfg.n_layers] if r > 0})
-    if any(block_size % r for r in ratios):
-        raise FieldError("block_size", f"must be a multiple of every compression ratio {ratios} of DeepSeek-V4's "
-                                       f"hybrid attention (got {block_size})")
-    if prefix_cache is not None:
-        raise FieldError("prefix_cache", "not available for DeepSeek-V4's hybrid attention yet (its cache keeps "
-                                         "windows and compressed entries, not per-token slots)")
 
 
 def hybrid_blocks_for_memory(cfg: ModelConfig, memory_bytes: int, block_size: int, n_slots: int,
@@ -143,11 +136,15 @@ class BoundarySnapshots:
         self.plans: dict[int, set[int]] = {}  # slot -> boundaries (in blocks) its request is to leave snapshots at
         alloc.on_evict = self._evicted
 
-    def usable(self, blocks: list[int], keys: list[str], limit: int) -> tuple[list[int], list[str], set[int]]:
-        """``BlockAllocator.match``'s blocks and keys of a prompt cut to the deepest one with a snapshot (the rest
-        released), and the boundaries its request is to leave snapshots at: where the match ended and ``limit``
-        (its full blocks before its last token), those past the cut."""
-        j = next((i for i in range(len(keys), 0, -1) if keys[i - 1] in self.blocks_of), 0)
+    def usable(self, blocks: list[int], keys: list[str], limit: int, on_disk: Callable[[int], bool] | None = None
+               ) -> tuple[list[int], list[str], set[int]]:
+        """``BlockAllocator.match``'s blocks and keys of a prompt (and those the on-disk tier added) cut to the
+        deepest one with a snapshot (the rest released), and the boundaries its request is to leave snapshots at:
+        where the match ended and ``limit`` (its full blocks before its last token), those past the cut.
+        ``on_disk(j)``: whether the on-disk tier holds (and has read) the snapshot at j blocks, asked deepest first
+        at the boundaries deeper than the deepest one here."""
+        j = next((i for i in range(len(keys), 0, -1)
+                  if keys[i - 1] in self.blocks_of or (on_disk is not None and on_disk(i))), 0)
         self.alloc.release(blocks[j:])
         return blocks[:j], keys[:j], {n for n in (len(blocks), limit) if n > j}
 
@@ -155,9 +152,10 @@ class BoundarySnapshots:
         """A request admitted into ``slot`` with the usable prefix ``keys``: the slot := the snapshot at its end
         (before any block is allocated: that may evict it); ``plan``: ``usable``'s boundaries. Returns, with MTP,
         the hidden streams of the prefix's last position (a copy), which with its next token write that
-        position's MTP entry; else None."""
+        position's MTP entry; else None. A prefix whose snapshot ``usable`` took from disk (none here) only sets
+        the plan: the engine sets the slot from the file."""
         hidden = None
-        if keys:
+        if keys and keys[-1] in self.blocks_of:
             held = self.blocks_of[keys[-1]]
             rest = self.cache.load_slot(slot, torch.tensor(held, device=self.device))
             if self.mtp is not None:
@@ -181,14 +179,17 @@ class BoundarySnapshots:
         bs = self.alloc.block_size
         return min([n, *(b * bs - n_cached for b in self.plans.get(slot, ()) if b * bs > n_cached)])
 
-    def reached(self, slot: int, n_cached: int, keys: list[str], hidden: torch.Tensor | None = None) -> None:
+    def reached(self, slot: int, n_cached: int, keys: list[str], hidden: torch.Tensor | None = None) -> int | None:
         """After a forward (``keys``: the request's full blocks' chain keys; ``hidden``: with MTP, the main hidden
         streams of position n_cached - 1): at one of its boundaries, the slot's state is saved under the key of
-        the block before it."""
+        the block before it. Returns that boundary (blocks; the slot holds its whole state: with MTP, ``hidden``
+        given), which the on-disk tier stores too, else None."""
         plan, j = self.plans.get(slot), n_cached // self.alloc.block_size
         if plan and j in plan and n_cached % self.alloc.block_size == 0:
             plan.discard(j)
             self.save(keys[j - 1], slot, hidden)
+            return j if self.mtp is None or hidden is not None else None
+        return None
 
     def end(self, slot: int) -> None:
         """The request in ``slot`` left (finished, cancelled, preempted): no more snapshots from it."""

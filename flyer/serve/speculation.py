@@ -14,7 +14,8 @@ same span with each block: ``mtp_slots``). A request that takes k shared blocks 
 position k n - 1 (its main hidden state feeds the MTP entry of that position, in the request's
 own block k) without writing it: shared blocks are never written. DeepSeek-V4 shares a prefix
 through a snapshot of the slots at its end instead, which keeps that hidden state (the MTP slot
-too: ``flyer.serve.paged_hybrid.BoundarySnapshots``), so nothing is recomputed there.
+too: ``flyer.serve.paged_hybrid.BoundarySnapshots``; on disk, ``flyer.infer.prefix_cache_hybrid``'s
+snapshot files, whose blocks hold no MTP entries), so nothing is recomputed there.
 
 DeepSeek-V4 (attn "hybrid"): the MTP block's one window-only layer keeps a ring of its last W keys in a slot of
 its own pool (``flyer.serve.paged_hybrid.make_mtp_hybrid_cache``) at the request's main slot id, position p at
