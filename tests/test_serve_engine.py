@@ -26,8 +26,8 @@ from flyer.infer.prefix_cache import chain_keys
 from flyer.infer.sampling import adjust_logits
 from flyer.infer.weights import hold_weights
 from flyer.model.transformer import Transformer
-from flyer.serve.engine import (Engine, EngineConfig, QueueFull, SamplingOptions,
-                                open_disk_prefix_cache)
+from flyer.serve.disk_tier import open_disk_prefix_cache
+from flyer.serve.engine import Engine, EngineConfig, QueueFull, SamplingOptions
 from flyer.serve.paged import BlockAllocator, make_paged_cache
 
 V = 64

@@ -26,14 +26,15 @@ import pytest
 import torch
 
 import flyer.serve.cli as serve_cli
-import flyer.serve.engine as engine_mod
+import flyer.serve.disk_tier as disk_tier
 from flyer.cli import main
 from flyer.config import preset
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache
 from flyer.infer.hybrid_cache import HybridCache
 from flyer.infer.prefix_cache_hybrid import snapshot_key
 from flyer.model.transformer import Transformer
-from flyer.serve.engine import Engine, EngineConfig, SamplingOptions, open_disk_prefix_cache
+from flyer.serve.disk_tier import open_disk_prefix_cache
+from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from flyer.serve.paged_hybrid import make_mtp_hybrid_cache
 from tests.test_serve_v4_share_spec import PROMPTS, _logit_errors, _record, _tolerance
 from tests.test_v4_speculative import _config
@@ -137,18 +138,18 @@ def test_a_resumed_request_continues_bit_for_bit(model, tmp_path):
 def _drop_mtp_part(monkeypatch) -> None:
     """Mutation: a snapshot file's main slot and hidden streams set, its MTP window not (the slot keeps zeros or its
     last occupant's ring)."""
-    set_snapshot = engine_mod.set_snapshot
+    set_snapshot = disk_tier.set_snapshot
 
     def main_only(cache, slot, snap, mtp_cache=None):
         set_snapshot(cache, slot, snap)
         return snap["mtp.hidden"]
-    monkeypatch.setattr(engine_mod, "set_snapshot", main_only)
+    monkeypatch.setattr(disk_tier, "set_snapshot", main_only)
 
 
 def _another_boundary(monkeypatch) -> None:
     """Mutation: the snapshot at 48 read from the file at 32 (the same names and shapes)."""
-    load = engine_mod.load_snapshot
-    monkeypatch.setattr(engine_mod, "load_snapshot", lambda pc, keys, prompt, at, expect:
+    load = disk_tier.load_snapshot
+    monkeypatch.setattr(disk_tier, "load_snapshot", lambda pc, keys, prompt, at, expect:
                         load(pc, keys, prompt, 32 if at == 48 else at, expect))
 
 
@@ -250,7 +251,7 @@ def test_cli_takes_a_v4_prefix_cache(tmp_path, monkeypatch, capsys):
     with pytest.raises(_Built):
         main(base + ["--prefix-cache", str(tmp_path / "pc")])
     eng = built[0]
-    assert eng.cfg.block_size == eng.cfg.prefix_cache.block_size == 16 and eng.disk_snapshot is not None
+    assert eng.cfg.block_size == eng.cfg.prefix_cache.block_size == 16 and eng.disk.snapshot is not None
     assert (tmp_path / "pc").is_dir()
     assert main(base + ["--prefix-cache", str(tmp_path / "bad"), "--block-size", "24"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -31,7 +31,7 @@ prompts after it). ``flyer.infer.generate`` cuts the prefill at each (one more f
 snapshot as the cut is reached, so a prompt resuming at P repeats the storing run's chunks after P and computes
 its outputs bit for bit.
 
-``flyer serve`` reads and writes the same files (``flyer.serve.engine``: one format, a directory either command
+``flyer serve`` reads and writes the same files (``flyer.serve.disk_tier``: one format, a directory either command
 wrote serves the other at the same model, dtype, block size and MTP flag): a pool block holds a whole block's
 entries (``block_entries`` at lo 0: ``read_block``, ``put_block``), a request's slot takes a snapshot
 (``load_snapshot``, ``set_snapshot``) and leaves one where ``flyer.serve.paged_hybrid.BoundarySnapshots`` leaves

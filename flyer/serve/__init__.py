@@ -8,6 +8,7 @@ KV cache.
     paged_hybrid.py  DeepSeek-V4's pool: per-request slots (windows, compressor states), entries in blocks
     metrics.py  Prometheus metrics of one server (the engine's and the HTTP side's)
     speculation.py  MTP speculative decoding: the MTP cache's entries kept in step, drafts, acceptance
+    disk_tier.py  the on-disk prefix cache under the pool (flyer generate's files; V4: with boundary snapshots)
     engine.py   the scheduler: continuous batching, chunked prefill, preemption, sampling
     link.py     the engine's process and the HTTP process joined by a socket pair (the engine only
                 as a type: importing link and api does not import the engine)

@@ -30,7 +30,8 @@ from flyer.config import parse_size
 from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
                              check_checkpoint_eos, check_expert_threads, load_model)
 from flyer.interop.load import settings_dir
-from flyer.serve.engine import Engine, EngineConfig, Limits, open_disk_prefix_cache
+from flyer.serve.disk_tier import open_disk_prefix_cache
+from flyer.serve.engine import Engine, EngineConfig, Limits
 from flyer.serve.link import EngineClient, EngineHost
 
 ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must be > 0)

@@ -33,7 +33,7 @@ blocks. A shared prefix needs the slot's state at its end too: requests leave sn
 block boundaries (their prefill chunks end there) and a match is used up to its deepest snapshot, which the new
 request's slot copies (``BoundarySnapshots``; with MTP speculation its MTP slot too, and the hidden streams of the
 boundary's last position that its MTP entry needs). Its on-disk prefix cache holds the blocks' entries and
-the snapshots at those boundaries in ``flyer generate``'s files (``flyer.infer.prefix_cache_hybrid``): a match goes
+the snapshots at those boundaries in ``flyer generate``'s files (``flyer.serve.disk_tier``): a match goes
 on with the blocks on disk and resumes at the deepest snapshot in memory or on disk.
 
 A request's state is its tokens (prompt + generated) and ``n_cached``, how many of them are in
@@ -56,31 +56,17 @@ import torch
 from flyer import kernels
 from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder, Group
-from flyer.infer.generate import open_prefix_cache
-from flyer.infer.prefix_cache import PrefixCache, chain_keys
-from flyer.infer.prefix_cache_hybrid import (block_entries, check_block_ratios, load_snapshot, put_block, read_block,
-                                             set_snapshot, snapshot_expect, store_snapshot)
+from flyer.infer.prefix_cache import chain_keys
+from flyer.infer.prefix_cache_hybrid import check_block_ratios
 from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
+from flyer.serve.disk_tier import DiskTier
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
 from flyer.serve.paged_hybrid import BoundarySnapshots, SlotAllocator, make_mtp_hybrid_cache, make_paged_hybrid_cache
 # the request-side types, importable from here as well (tests, benchmarks, ``flyer.serve.cli``)
 from flyer.serve.request import EngineConfig, Limits, QueueFull, Request, SamplingOptions, TokenEvent
-from flyer.serve.speculation import Drafted, MtpSpeculator, mtp_slots
-
-
-def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, block_size: int,
-                           max_bytes: int = 1 << 30, mtp: bool = False) -> PrefixCache:
-    """The on-disk prefix cache under the paged one: blocks of ``block_size`` tokens keyed to this
-    model, layout and dtype. Its entries hold the main model's cache, and with ``mtp`` (an engine
-    with ``speculative="mtp"``) the MTP module's too, so they are the ones ``flyer generate
-    --prefix-cache`` writes at the same block size for a model without MTP, or with it. DeepSeek-V4:
-    ``FieldError`` naming ``block_size`` unless every compression ratio divides it (the pool's blocks)."""
-    if model.cfg.attn == "hybrid":
-        check_block_ratios(model.cfg, block_size, "block_size")
-    return open_prefix_cache(model, root, cache_dtype=cache_dtype, block_size=block_size, max_bytes=max_bytes,
-                             mtp=mtp)
+from flyer.serve.speculation import Drafted, MtpSpeculator
 
 
 def _padded(xs: list[int], n: int, pad: int) -> list[int]:
@@ -124,12 +110,14 @@ class Engine:
         self.sharing = cfg.prefix_sharing and not (self.hybrid and self.cache.block_bytes() == 0)
         # V4: the slots' states at block boundaries, which a shared prefix needs besides its blocks; with MTP the
         # MTP slot's too and the main hidden streams of the boundary's last position (its MTP entry's input)
-        self.snapshots = self.disk_snapshot = None
+        self.snapshots = None
+        hidden = ((mcfg.hc_mult, mcfg.dim) if mcfg.hc_mult > 1 else (mcfg.dim,), model.embed.weight.dtype) \
+            if self.hybrid and self.spec else None
         if self.sharing and self.hybrid:
-            hidden = ((mcfg.hc_mult, mcfg.dim) if mcfg.hc_mult > 1 else (mcfg.dim,), model.embed.weight.dtype)
-            self.snapshots = BoundarySnapshots(self.cache, self.alloc, self.mtp_cache, hidden if self.spec else None)
-            # what a snapshot file holds (the same names and shapes as ``flyer generate``'s)
-            self.disk_snapshot = snapshot_expect(self.cache, self.mtp_cache, hidden if self.spec else None)
+            self.snapshots = BoundarySnapshots(self.cache, self.alloc, self.mtp_cache, hidden)
+        # the on-disk tier under the pool's sharing (``flyer.serve.disk_tier``)
+        self.disk = DiskTier(cfg.prefix_cache, self.cache, self.alloc, self.mtp_cache, hidden) \
+            if cfg.prefix_cache is not None and self.sharing else None
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
         self.device = device
         self.speculator = MtpSpeculator(self.dec, self.mtp_cache, cfg.draft_tokens, self._tables, self.metrics,
@@ -238,10 +226,11 @@ class Engine:
                 limit = (len(r.tokens) - 1) // bs
                 blocks, keys = self.alloc.match(r.tokens, limit)
                 in_memory = len(blocks)
-                if self.cfg.prefix_cache is not None:
-                    self._load_from_disk(r, blocks, keys)
+                if self.disk:
+                    self.disk.extend(r.tokens, blocks, keys)
                 if self.snapshots:  # usable up to the deepest snapshot (in memory, else on disk: ``on_disk``)
-                    blocks, keys, plan = self.snapshots.usable(blocks, keys, limit, self._snapshot_files(r, on_disk))
+                    files = self.disk.snapshot_files(r.tokens, on_disk) if self.disk else None
+                    blocks, keys, plan = self.snapshots.usable(blocks, keys, limit, files)
             snap = on_disk.get(len(keys))  # V4: the snapshot file the prefix resumes from (None: in memory)
             need = math.ceil(len(r.tokens) / bs) - len(blocks)
             if self.alloc.available < need:
@@ -259,9 +248,7 @@ class Engine:
                 if self.snapshots and shares:  # the snapshot is read before allocating, which may evict it
                     hidden = self.snapshots.begin(r.slot, keys, plan)
                 if snap is not None:  # begin set the plan only
-                    hidden = set_snapshot(self.cache, r.slot, snap, self.mtp_cache)
-                    hidden = None if hidden is None else hidden.to(self.device)
-                    self.cfg.prefix_cache.stats.tokens_loaded += (len(keys) - min(in_memory, len(keys))) * bs
+                    hidden = self.disk.resume(r.slot, snap, (len(keys) - min(in_memory, len(keys))) * bs)
             r.blocks = blocks + [self.alloc.allocate() for _ in range(need)]
             if snap is not None:  # kept in memory for the next requests too, once r's blocks are taken
                 self.snapshots.save(keys[-1], r.slot, hidden)
@@ -297,90 +284,6 @@ class Engine:
                     self.snapshots.want(q.slot, common)
                 return True
         return False
-
-    def _load_from_disk(self, r: Request, blocks: list[int], keys: list[str]) -> None:
-        """Extend the shared blocks ``blocks`` (with their ``keys``) of r's prompt with blocks the
-        on-disk prefix cache holds, while the pool has room for the rest of the prompt too; each is
-        keyed for sharing as a computed one is."""
-        pc, bs = self.cfg.prefix_cache, self.cfg.block_size
-        limit = (len(r.tokens) - 1) // bs
-        if len(blocks) >= limit:
-            return
-        disk_keys = pc.block_keys(r.tokens[:limit * bs])
-        mem_keys = chain_keys(r.tokens, bs, n_blocks=limit)
-        for i in range(len(blocks), limit):
-            if self.alloc.available < math.ceil(len(r.tokens) / bs) - len(blocks):
-                return
-            blk = self._read_block(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], i)
-            if blk is None:
-                return
-            b = self.alloc.allocate()
-            self._put_block(b, i, blk)
-            self.alloc.register(b, mem_keys[i])
-            blocks.append(b)
-            keys.append(mem_keys[i])
-
-    def _read_block(self, key: str, tokens: list[int], i: int) -> dict[str, torch.Tensor] | None:
-        """Block i of a prompt from the on-disk prefix cache (``key``, ``tokens``: its own), or None."""
-        pc, bs = self.cfg.prefix_cache, self.cfg.block_size
-        if self.hybrid:  # the entries of its compressed layers (the MTP block completes none)
-            return read_block(pc, key, tokens, self.cache)
-        pool = self.cache.pool.tensors
-        mtp = self.mtp_cache.pool.tensors if self.spec else {}
-        expect = {k: ((t.shape[0], bs, *t.shape[3:]), t.dtype) for k, t in pool.items()}
-        span = mtp_slots(i, bs)
-        expect.update({f"mtp.{k}": ((1, span.stop - span.start, *t.shape[3:]), t.dtype) for k, t in mtp.items()})
-        return pc.load(key, tokens, expect)
-
-    def _put_block(self, b: int, i: int, blk: dict[str, torch.Tensor]) -> None:
-        """Pool block b := block i of a prompt as ``_read_block`` read it."""
-        if self.hybrid:
-            put_block(self.cache, b, 0, self.cfg.block_size, blk)
-            return
-        for k, t in self.cache.pool.tensors.items():
-            t[:, b] = blk[k].to(t.device)
-        for k, t in (self.mtp_cache.pool.tensors if self.spec else {}).items():
-            t[:, b, mtp_slots(i, self.cfg.block_size)] = blk[f"mtp.{k}"].to(t.device)
-
-    def _block_tensors(self, b: int, i: int) -> dict[str, torch.Tensor]:
-        """Pool block b, block i of a prompt, as the on-disk prefix cache stores it."""
-        if self.hybrid:
-            return block_entries(self.cache, b, 0, self.cfg.block_size)
-        blk = {k: t[:, b] for k, t in self.cache.pool.tensors.items()}
-        blk.update({f"mtp.{k}": t[:, b, mtp_slots(i, self.cfg.block_size)]
-                    for k, t in (self.mtp_cache.pool.tensors if self.spec else {}).items()})
-        return blk
-
-    def _snapshot_files(self, r: Request, found: dict) -> Callable[[int], bool] | None:
-        """DeepSeek-V4 with the on-disk prefix cache: ``BoundarySnapshots.usable``'s ``on_disk`` for r's prompt,
-        which reads the snapshot file at j blocks into ``found[j]``; None without the cache."""
-        pc, bs = self.cfg.prefix_cache, self.cfg.block_size
-        if pc is None:
-            return None
-        disk_keys = pc.block_keys(r.tokens[:(len(r.tokens) - 1) // bs * bs])
-
-        def on_disk(j: int) -> bool:
-            found[j] = load_snapshot(pc, disk_keys, r.tokens, j * bs, self.disk_snapshot)
-            return found[j] is not None
-        return on_disk
-
-    def _store_to_disk(self, r: Request, first: int, end: int, at: int | None = None,
-                       hidden: torch.Tensor | None = None) -> None:
-        """Write r's full prompt blocks [first, end) to the on-disk prefix cache, and (DeepSeek-V4) the
-        snapshot of r's slot at boundary ``at`` (blocks; ``hidden``: with MTP, the main hidden streams of
-        its last position), which ``BoundarySnapshots.reached`` just took in memory."""
-        pc, bs = self.cfg.prefix_cache, self.cfg.block_size
-        end = min(end, len(r.prompt) // bs)
-        at = at if at is not None and at <= len(r.prompt) // bs else None  # as blocks: the prompt's only
-        if first >= end and at is None:
-            return
-        disk_keys = pc.block_keys(r.tokens[:max(end, at or 0) * bs])
-        for i in range(first, end):
-            pc.store(disk_keys[i], r.tokens[i * bs:(i + 1) * bs], self._block_tensors(r.blocks[i], i))
-        if at is not None:
-            store_snapshot(pc, disk_keys, r.tokens, at * bs, self.cache, r.slot, self.mtp_cache,
-                           None if hidden is None else hidden.to(self.disk_snapshot["mtp.hidden"][1]))
-        pc.evict()
 
     def _reserve_decode_slots(self) -> list[Request]:
         """Decoding requests (one pending token), each with a block for that token's slot;
@@ -582,8 +485,8 @@ class Engine:
             r.keys.append(key)
             self.alloc.register(r.blocks[i], key)
         at = self.snapshots.reached(r.slot, r.n_cached, r.keys, hidden) if self.snapshots else None
-        if self.cfg.prefix_cache is not None:
-            self._store_to_disk(r, first, len(r.keys), at, hidden)
+        if self.disk:
+            self.disk.store(r.tokens, len(r.prompt), r.blocks, r.slot, first, len(r.keys), at, hidden)
 
     def _advance(self, r: Request, logits_V: torch.Tensor, argmax: int | None = None) -> None:
         """The cache holds all of r's tokens: choose the next one from ``logits_V`` (``argmax``:

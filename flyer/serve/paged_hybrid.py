@@ -38,7 +38,7 @@ prefilled to P would (bit for bit where its chunks are the same). Design:
 
 The attention is ``flyer.infer.hybrid_cache.hybrid_attention`` on a ``HybridCache.view`` of the pool per batch.
 
-The on-disk prefix cache under it (``flyer.serve.engine``, in ``flyer.infer.prefix_cache_hybrid``'s files, those of
+The on-disk prefix cache under it (``flyer.serve.disk_tier``, in ``flyer.infer.prefix_cache_hybrid``'s files, those of
 ``flyer generate --prefix-cache``): a match continues with the blocks on disk (loaded into the request's pool
 blocks and keyed here), ``usable`` then asks the disk for a snapshot at each boundary deeper than the deepest one
 in memory (``on_disk``), and a snapshot taken at a boundary of a plan (``reached``) is written to disk too.
