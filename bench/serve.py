@@ -30,7 +30,7 @@
    of its time in steps that carry prompt tokens; ``engine_ms_per_step_c16``, ``_per_decode_row``,
    ``_per_prompt_token``: a least-squares fit of its step times at 16, and ``engine_prompt_share_c16``:
    the prompt tokens' share of its time by that fit), and decode-only steps of 1 and 16 requests
-   (``decode_step_ms_b*``: the batching gain before prefill takes its share).
+   (``decode_step_ms_b*``: the batching gain before prefill takes its share); ``engine_prefix_hit_rate_c*``.
 5. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
    once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
    against the ratio of their cache bytes per token.
@@ -49,10 +49,18 @@ those whose greedy tokens from the engine alone equal the peer's; V4's can part 
 scores tie exactly (at 0, every head's ReLU zero) at its top-k cut: flyer keeps the earliest entries
 (``flyer.model.attention.select_topk``), transformers' ``topk`` may keep others.
 
+``--speculative mtp`` (both presets): flyer serve drafts with the model's MTP module (``draft_acceptance_c*``: the
+share of the HTTP run's drafts kept). The engine alone (4.) replays each concurrency's requests also without
+speculation and, with sharing on, with ``--no-prefix-sharing`` (``engine_tokens_per_s_no_spec_c*``,
+``engine_speedup_vs_no_spec_c*``; ``_no_sharing``), and counts the requests whose greedy tokens are the same in
+all three (``engine_variants_agree_c*`` of ``engine_variants_requests_c*``). A random MTP module's drafts are almost
+never kept: ``--train-steps N`` serves the preset after N steps of ``flyer train`` on its default text
+(``bench/decode.py``'s run; ``train_s``), by default ``V4_TRAIN_STEPS`` for tiny-v4 with ``--speculative``.
+
 The default run is sized for a 2-core CPU (about three minutes each preset); ``--full`` runs the issue's sizes
 (1/4/16/64 clients, prompts of 64-1024 tokens, 64-256 new tokens). Prints one JSON object.
     python bench/serve.py [--preset small|tiny-v4] [--full] [--threads N] [--weight-dtype bf16|fp32]
-                          [--device cpu|cuda]
+                          [--device cpu|cuda] [--speculative mtp [--draft-tokens N]] [--train-steps N]
 """
 
 from __future__ import annotations
@@ -65,7 +73,6 @@ import os
 import random
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,27 +81,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from decode import gathered_attention  # bench/decode.py, beside this script
+from decode import train_checkpoint  # bench/decode.py, beside this script
 from _serve_capacity import TOKEN_RANGE, hybrid_capacity, max_seqs, weight_bytes_per_token  # beside it too
+from _serve_engine import MAX_BATCH, decode_steps, engine_replay, speculation_variants
 
 from flyer import kernels
 from flyer.config import parse_size, preset, resolve_device
 from flyer.data.tokenizer import train_bpe
 from flyer.interop.export import export, export_model
 from flyer.interop.hf import load_hf
+from flyer.interop.load import load_pretrained
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
 from flyer.model.transformer import Transformer
-from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from flyer.train.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32)
 CLIENT_NICE = 10  # the client processes' niceness (``_drive``)
-MAX_BATCH = 64  # flyer serve --max-batch-size, and the in-process engine's (``_engine_replay``)
 # up to this many clients, every concurrency sends requests of the same shapes (prompt and output
 # lengths), as many as this many clients send: ``ratio_c16_vs_c1`` compares one workload
 RATIO_CLIENTS = 16
@@ -102,14 +108,31 @@ BENCH_PRESETS = ("small", "tiny-v4")  # --preset: DeepSeek-V3's MLA, DeepSeek-V4
 # tiny-v4's default run (not --full): 64 requests of up to 32 new tokens a concurrency, since its peer
 # decodes them one at a time (``_peer_hybrid``); about three minutes on 2 cores
 V4_SIZES = dict(requests_per_client=4, new_max=32)
+# tiny-v4 with --speculative: its MTP module trained to draft (``_trained``); after 300 steps it keeps ~3/4 of its
+# drafts on this bench's prompts, after 150 a twentieth (about a minute and a half of training on 2 cores)
+V4_TRAIN_STEPS = 300
 
 
-def _model(name: str, weight_dtype: str) -> Transformer:
-    """Preset ``name``, random weights (seed 0); with held weights, rounded to BF16 first (a BF16
-    checkpoint, the source of an FP8 one): flyer holds them exactly, and the peer's FP32 export has
+def _trained(name: str, steps: int, threads: int, run: Path) -> dict[str, torch.Tensor]:
+    """The weights of preset ``name`` after ``steps`` steps of ``flyer train`` on its default text into ``run``
+    (``bench/decode.py``'s ``train_checkpoint``: sequences of 64, FP32, main and MTP losses), so that its MTP module
+    drafts what the model goes on to say (tiny-v4 after 300 steps keeps most of its drafts on this bench's
+    prompts)."""
+    train_checkpoint(run, steps, threads, name)
+    model, cfg, _ = load_pretrained(run)
+    if cfg != preset(name):
+        raise RuntimeError(f"flyer train --preset {name} saved another config than the preset's")
+    return model.state_dict()
+
+
+def _model(name: str, weight_dtype: str, state: dict[str, torch.Tensor] | None = None) -> Transformer:
+    """Preset ``name``, random weights (seed 0) or ``state`` (``_trained``); with held weights, rounded to BF16
+    first (a BF16 checkpoint, the source of an FP8 one): flyer holds them exactly, and the peer's FP32 export has
     the same values."""
     torch.manual_seed(0)
     model = Transformer(preset(name))
+    if state is not None:
+        model.load_state_dict(state)
     if weight_dtype != "fp32":
         with torch.no_grad():
             for p in model.parameters():
@@ -125,8 +148,8 @@ def _fp8_checkpoint(run: Path, out: Path) -> tuple[Path, Transformer]:
     return out, load_hf(out, dtype=torch.float32, held=WEIGHT_DTYPES["fp8"])[0]
 
 
-def _save_run(out: Path, name: str, weight_dtype: str) -> Path:
-    model = _model(name, weight_dtype)
+def _save_run(out: Path, name: str, weight_dtype: str, state: dict[str, torch.Tensor] | None) -> Path:
+    model = _model(name, weight_dtype, state)
     tok = train_bpe(["the quick brown fox jumps over the lazy dog, serving many requests at once"] * 50, 512)
     save_checkpoint(out / "checkpoints", 1, {"model.safetensors": model.state_dict(),
                                              "config.json": model.cfg.to_dict(),
@@ -136,18 +159,18 @@ def _save_run(out: Path, name: str, weight_dtype: str) -> Path:
 
 @contextlib.contextmanager
 def _engine_model(name: str, weight_dtype: str, serve_threads: int | None, cores: int, device: torch.device,
-                  fp8: Transformer | None = None):
-    """The bench's model as ``flyer serve`` runs it, in this process: weights held as
-    ``--weight-dtype``, torch on ``--threads`` (its default: all ``cores`` but one), the experts
-    on all cores (``--expert-threads``' default), on ``device``. ``fp8``: the FP8 checkpoint
-    loaded, its codes and scales held (``_fp8_checkpoint``)."""
+                  fp8: Transformer | None = None, state: dict[str, torch.Tensor] | None = None):
+    """The bench's model (``state``: its trained weights) as ``flyer serve`` runs it, in this process: weights
+    held as ``--weight-dtype``, torch on ``--threads`` (its default: all ``cores`` but one), the experts on all
+    cores (``--expert-threads``' default), on ``device``. ``fp8``: the FP8 checkpoint loaded, its codes and
+    scales held (``_fp8_checkpoint``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(serve_threads or max(1, cores - 1))
     kernels.set_expert_threads(cores)
     if fp8 is not None:
         model = fp8
     else:
-        model = _model(name, weight_dtype).eval()
+        model = _model(name, weight_dtype, state).eval()
         hold_weights(model, WEIGHT_DTYPES[weight_dtype])
     model.to(device)
     try:
@@ -155,86 +178,6 @@ def _engine_model(name: str, weight_dtype: str, serve_threads: int | None, cores
     finally:
         torch.set_num_threads(threads)
         kernels.set_expert_threads(1)
-
-
-def _decode_steps(model: Transformer, batches: tuple[int, ...], context: int, steps: int = 30) -> dict[str, float]:
-    """ms per decode-only step of the engine alone (``_engine_model``: no HTTP, no prefill in the
-    step), B requests at ``context`` tokens: the batching gain before prefill steps and HTTP take
-    their share (median of ``steps`` steps). At the largest B of MLA also with the paged cache gathered
-    per layer instead of read in place (``kernels.mla_decode``), the two interleaved."""
-    rng, out = random.Random(1), {}
-    for B in batches:
-        eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 30, max_batch_size=B, cache_dtype=torch.float32))
-        opts = SamplingOptions(max_tokens=3 * steps)
-        reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(context)], opts, lambda e: None)
-                for _ in range(B)]
-        while any(r.generated == 0 for r in reqs):  # every prompt prefilled
-            eng.step()
-        paths = {"": contextlib.nullcontext}
-        mla_cpu = model.cfg.attn == "mla" and model.embed.weight.is_cpu
-        if B == max(batches) and kernels.cpu_ops() is not None and mla_cpu:
-            paths["_gathered"] = gathered_attention
-        times: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(steps):
-            for name, path in paths.items():
-                with path():
-                    t0 = time.perf_counter()
-                    eng.step()
-                    times[name].append(time.perf_counter() - t0)
-        for name, ts in times.items():
-            out[f"decode_step_ms_b{B}{name}"] = 1e3 * statistics.median(ts)
-    return out
-
-
-def _engine_replay(model: Transformer, reqs, concurrency: int, args) -> tuple[dict[str, float], list[list[int]]]:
-    """The HTTP run's requests on the engine alone (``_engine_model``, flyer serve's engine
-    settings): ``concurrency`` clients in a closed loop, each submitting its next request when its
-    last one ends, as the HTTP clients do. Returns output tokens/s without HTTP, SSE and the
-    clients' processes; the share of the engine's time in steps that carry prompt tokens (with
-    the decode rows they also advance); and a least-squares fit of each step's time as
-    ms_per_step + ms_per_decode_row * rows + ms_per_prompt_token * tokens, with the share of the
-    engine's time the prompt tokens take by that fit (with more than one client). And each request's
-    greedy tokens, in ``reqs``' order."""
-    eng = Engine(model, EngineConfig(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"),
-                                     max_batch_size=MAX_BATCH, prefill_chunk=args.prefill_chunk,
-                                     cache_dtype=torch.float32,  # flyer serve --cache-dtype fp32
-                                     speculative=args.speculative, draft_tokens=args.draft_tokens,
-                                     prefix_sharing=args.prefix_sharing))
-    pending, tokens = iter(enumerate(reqs)), [0]
-    outputs: list[list[int]] = [[] for _ in reqs]
-
-    def submit() -> None:
-        i, nxt = next(pending, (None, None))
-        if nxt is not None:
-            eng.submit(nxt[0], SamplingOptions(max_tokens=nxt[1]), lambda e: on_event(i, e))
-
-    def on_event(i: int, e) -> None:
-        if e.token is not None:
-            tokens[0] += 1
-            outputs[i].append(e.token)
-        if e.finish_reason is not None:
-            submit()
-
-    for _ in range(concurrency):
-        submit()
-    steps = []  # (decode rows, prompt tokens, seconds) per step
-    while eng.busy:
-        t0 = time.perf_counter()
-        eng.admit()  # the step's rows (step admits again: nothing new)
-        before = [(r, r.n_cached, len(r.tokens) - r.n_cached == 1) for r in eng.running]
-        eng.step()
-        dt = time.perf_counter() - t0
-        decode = sum(1 for _, _, dec in before if dec)
-        prompt = sum(max(r.n_cached - n, 0) for r, n, dec in before if not dec)
-        steps.append((decode, prompt, dt))
-    a = np.array(steps)
-    total = a[:, 2].sum()
-    out = {"tokens_per_s": tokens[0] / total, "prefill_step_share": a[a[:, 1] > 0, 2].sum() / total}
-    if concurrency > 1:  # one client's step decodes its row or prefills, never both: no fit to make
-        fit = np.linalg.lstsq(np.c_[np.ones(len(a)), a[:, :2]], a[:, 2], rcond=None)[0]
-        out.update(ms_per_step=1e3 * fit[0], ms_per_decode_row=1e3 * fit[1], ms_per_prompt_token=1e3 * fit[2],
-                   prompt_share=fit[2] * a[:, 1].sum() / total)
-    return out, outputs
 
 
 def _shapes(n: int, args, rng: random.Random, system: list[int]) -> list[tuple[int, int]]:
@@ -464,6 +407,10 @@ def main() -> None:
                     help="context of the in-process decode-step keys (default: the prompts' mean length)")
     ap.add_argument("--speculative", choices=["mtp"], default=None, help="flyer serve --speculative (the engine's too)")
     ap.add_argument("--draft-tokens", type=int, default=1, help="flyer serve --draft-tokens (with --speculative)")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="serve the preset trained this many steps (bench/decode.py's flyer train run; default "
+                         f"{V4_TRAIN_STEPS} for tiny-v4 with --speculative, whose random MTP module drafts nothing it "
+                         "keeps, else 0: random weights)")
     ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false",
                     help="flyer serve --no-prefix-sharing (the engine's too)")
     ap.add_argument("--no-peer-serve", dest="peer_serve", action="store_false",
@@ -471,8 +418,10 @@ def main() -> None:
     args = ap.parse_args()
     device = resolve_device(args.device)
     hybrid = preset(args.preset).attn == "hybrid"
-    if hybrid and args.speculative:
-        ap.error(f"--speculative: flyer serve has no MTP speculation for --preset {args.preset} (hybrid attention)")
+    if args.train_steps is None:
+        args.train_steps = V4_TRAIN_STEPS if hybrid and args.speculative else 0
+    if args.train_steps < 0:
+        ap.error(f"--train-steps: must be >= 0 (0: random weights), got {args.train_steps}")
     if args.weight_dtype is None:
         args.weight_dtype = "bf16" if device.type == "cpu" else "fp32"  # held BF16 weights are a CPU kernel path
     # 16 requests a client: with 4, the batch shrinking from 16 requests to none after the last
@@ -494,13 +443,18 @@ def main() -> None:
                  "prompt_tokens": [args.prompt_min, args.prompt_max], "new_tokens": [args.new_min, args.new_max],
                  "system_prompt_tokens": args.system_prompt, "speculative": args.speculative,
                  "draft_tokens": args.draft_tokens if args.speculative else None,
-                 "prefix_sharing": args.prefix_sharing}
+                 "prefix_sharing": args.prefix_sharing, "train_steps": args.train_steps}
     rng = random.Random(0)
     system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
     shapes = _shapes(max(max(args.concurrency), RATIO_CLIENTS) * args.requests_per_client, args, rng, system)
     sent: dict[int, list] = {}  # the requests the clients sent, per concurrency
     with tempfile.TemporaryDirectory() as tmp:
-        run = ckpt = _save_run(Path(tmp) / "run", args.preset, args.weight_dtype)
+        state = None
+        if args.train_steps:
+            t0 = time.perf_counter()
+            state = _trained(args.preset, args.train_steps, args.threads or cores, Path(tmp) / "trained")
+            out["train_s"] = time.perf_counter() - t0
+        run = ckpt = _save_run(Path(tmp) / "run", args.preset, args.weight_dtype, state)
         fp8 = None
         if args.weight_dtype == "fp8":  # served as DeepSeek publishes its checkpoints, FP8 held as stored
             ckpt, fp8 = _fp8_checkpoint(run, Path(tmp) / "fp8")
@@ -564,15 +518,17 @@ def main() -> None:
         out["ratio_c16_vs_c1_memory_bound"] = out["weight_mb_per_token_c1"] / out["weight_mb_per_token_c16"]
         context = args.decode_context or (args.prompt_min + args.prompt_max) // 2
         out["decode_context"] = context
-        with _engine_model(args.preset, args.weight_dtype, args.threads, cores, device, fp8) as model:
+        with _engine_model(args.preset, args.weight_dtype, args.threads, cores, device, fp8, state) as model:
             for c in (1, 16):
-                stats, outputs = _engine_replay(model, sent[c], c, args)
+                stats, outputs = engine_replay(model, sent[c], c, args)
+                if args.speculative:  # the same requests without speculation, and without sharing
+                    stats.update(speculation_variants(model, sent[c], c, args, stats, outputs))
                 for k, v in stats.items():
                     out[f"engine_{k}_c{c}"] = v
                 if c == cmax and "outputs" in peer:  # the same requests' greedy tokens, flyer's and the peer's
                     out["flyer_peer_outputs_agree"] = sum(a == b for a, b in zip(outputs, peer["outputs"]))
                     out["flyer_peer_outputs"] = len(outputs)
-            out.update(_decode_steps(model, (1, 16), context))
+            out.update(decode_steps(model, (1, 16), context))
         out["engine_ratio_c16_vs_c1"] = out["engine_tokens_per_s_c16"] / out["engine_tokens_per_s_c1"]
         out["ratio_decode_b16_vs_b1"] = 16 * out["decode_step_ms_b1"] / out["decode_step_ms_b16"]
         if "decode_step_ms_b16_gathered" in out:

@@ -2,16 +2,27 @@
 the serving keys of the MLA bench, V4's peer (transformers' DeepseekV4 generate) named with the result of its
 padding check, the engine's greedy tokens compared with the peer's, and V4's cache capacity in place of the
 MLA/GQA payoff (``_serve_capacity.hybrid_capacity`` checks its count against the engine's own admissions,
-raising otherwise)."""
+raising otherwise). And its ``--speculative`` replays on the engine alone (``_serve_engine.speculation_variants``,
+in this process): the keys, shared prefixes found with and without speculation and none without sharing, drafts
+kept by a trained module, and the greedy tokens equal in every variant (exactly, as the engine's speculation tests
+ask: random or trained FP32 weights leave no two logits within the verify pass's reordering error), where a
+speculation that skips its rollback parts them."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+
+from flyer.infer.hybrid_cache import HybridCache
+from flyer.model.transformer import Transformer
+from tests.test_v4_speculative import PATTERN, _config, pattern_trained
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
 
@@ -49,3 +60,38 @@ def test_serve_bench_v4_json():
     assert r["cache_bytes_per_token_v4"] == 2 * (2 * (64 + 32) / 4 + 64 / 16)
     assert r["window_bytes_per_seq_v4"] == 2 * 4 * 32 * 64 and r["slot_bytes_v4"] > r["window_bytes_per_seq_v4"]
     assert r["max_seqs_v4"] > 0
+
+
+def _variants(monkeypatch, model, draft_tokens: int) -> dict:
+    """``speculation_variants`` after ``engine_replay`` as bench/serve.py runs them (``--speculative mtp``, sharing
+    on), two clients, on 4 requests that share 2 blocks (32 tokens) of ``PATTERN`` and go on with more of it."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # bench/'s helpers import each other from beside them
+    bench = importlib.import_module("_serve_engine")
+    args = SimpleNamespace(kv_cache_memory="16M", prefill_chunk=256, speculative="mtp", draft_tokens=draft_tokens,
+                           prefix_sharing=True)
+    reqs = [((PATTERN * 6)[:32 + 5 + 3 * i], 8) for i in range(4)]
+    stats, outputs = bench.engine_replay(model, reqs, 2, args)
+    stats.update(bench.speculation_variants(model, reqs, 2, args, stats, outputs))
+    return stats
+
+
+def test_serve_bench_speculation_variants(monkeypatch):
+    r = _variants(monkeypatch, pattern_trained(), 1)
+    for key in ("tokens_per_s", "tokens_per_s_no_spec", "tokens_per_s_no_sharing", "speedup_vs_no_spec",
+                "speedup_vs_no_sharing"):
+        assert r[key] > 0, key
+    # each prompt has 2 full blocks before its last token, the shared ones: at most the 3 later prompts' 6 of 8 found
+    assert 0 < r["prefix_hit_rate"] <= 0.75 and r["prefix_hit_rate_no_spec"] == r["prefix_hit_rate"]
+    assert r["prefix_hit_rate_no_sharing"] == 0
+    assert r["draft_acceptance"] > 0.5  # the pattern-trained module drafts the pattern
+    assert r["variants_requests"] == 4 and r["variants_agree"] == 4
+
+
+def test_serve_bench_speculation_variants_catch_a_wrong_speculation(monkeypatch):
+    """The mutation: rejected drafts' writes left in the windows and rings (no rollback), K = 2 on a random module
+    (most drafts rejected): the speculative runs' tokens part from the plain run's, and ``variants_agree`` says so."""
+    torch.manual_seed(0)
+    model = Transformer(_config()).eval()
+    assert _variants(monkeypatch, model, 2)["variants_agree"] == 4
+    monkeypatch.setattr(HybridCache, "restore_slots", lambda self, saved, slots, rows=None: None)
+    assert _variants(monkeypatch, model, 2)["variants_agree"] < 4
