@@ -300,6 +300,7 @@ class FP8Experts(Experts):
             new = cls(E, D, Fo, first=experts.first, init_std=experts.init_std, recipe=recipe,
                       swiglu_limit=experts.swiglu_limit)
         new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3
+        new.weight_quant = experts.weight_quant
         new.train(experts.training)
         return new
 
@@ -308,9 +309,10 @@ class FP8Experts(Experts):
         dtype = output_dtype(x_ND)
         x = x_ND.to(dtype)
         r = self.recipe
-        h1 = FP8GroupedLinearFunction.apply(x, self.w1, counts, r, dtype)
-        h3 = FP8GroupedLinearFunction.apply(x, self.w3, counts, r, dtype)
-        return FP8GroupedLinearFunction.apply(swiglu(h1, h3, self.swiglu_limit), self.w2, counts, r, dtype)
+        w1, w2, w3 = self.gemm_weights()  # FP4 QAT: the FP4 values go into the 128x128 blocks (flyer.fp8.fp4)
+        h1 = FP8GroupedLinearFunction.apply(x, w1, counts, r, dtype)
+        h3 = FP8GroupedLinearFunction.apply(x, w3, counts, r, dtype)
+        return FP8GroupedLinearFunction.apply(swiglu(h1, h3, self.swiglu_limit), w2, counts, r, dtype)
 
     def extra_repr(self) -> str:
         return f"n_local={self.n_local}, fp8={self.recipe.fmt}/{self.recipe.grad_fmt}"

@@ -17,7 +17,9 @@ smallest normal 2**-126 (scale bytes under 10, never seen in a checkpoint), whic
 The encoders choose scales as DeepSeek's quantizers (and transformers' for FP8) do:
 2**ceil(log2(amax / max_code)) per block, computed exactly (amax / 448 for E4M3, amax / 6 for
 E2M1), then round to nearest, ties to even, saturating at the largest code. An all-zero block
-gets scale 1, as in transformers (DeepSeek's activation quantizer floors amax at 1e-4 instead).
+gets scale 1, as in transformers (DeepSeek's activation quantizer floors amax at 1e-4 instead). The E2M1
+rounding and the exponent rule are ``flyer.fp8.fp4``'s, the codec FP4 QAT (``flyer train --fp4-experts``)
+trains through, so an export stores the FP4 values its training forward multiplied by.
 
 Re-encoding a decoded checkpoint tensor reproduces its bytes except in blocks whose largest
 |code| is the bottom of the top binade (224 for E4M3, 3 for E2M1; about 5% of FP8 blocks and a
@@ -40,30 +42,18 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from flyer.fp8.fp4 import E2M1_MAX, E2M1_VALUES, FP4_GROUP, UE8M0_BIAS, ceil_log2, e2m1_codes
 from flyer.kernels import fp8_to_float
 
 FP8_BLOCK = 128  # rows and columns of an E4M3 weight's scale block
-FP4_GROUP = 32  # consecutive input channels of an FP4 expert row sharing one scale
 E4M3_MAX = 448.0
-E2M1_MAX = 6.0
 _E8M0_NAN = 0xFF
-_BIAS = 127  # UE8M0 exponent bias
+_BIAS = UE8M0_BIAS
+_ceil_log2 = ceil_log2  # the scale rule, one name to swap for a variant (tests/test_v4_quant.py)
 
 # 2**(b - 127) for every UE8M0 byte b (2**-127 is an FP32 subnormal, still exact); 0xFF is NaN
 _E8M0_VALUES = torch.tensor([math.ldexp(1.0, b - _BIAS) for b in range(255)] + [math.nan], dtype=torch.float32)
 
-
-def _e2m1(code: int) -> float:
-    """The value of a 4-bit E2M1 code: sign bit 3, exponent bits 2-1 (bias 1), mantissa bit 0."""
-    sign = -1.0 if code & 8 else 1.0
-    exponent, mantissa = (code >> 1) & 3, code & 1
-    magnitude = mantissa * 0.5 if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (exponent - 1)
-    return sign * magnitude
-
-
-_E2M1_VALUES = torch.tensor([_e2m1(c) for c in range(16)], dtype=torch.float32)  # -0.0 at code 8
-# midpoints between the 8 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6: rounding thresholds
-_E2M1_MIDPOINTS = (_E2M1_VALUES[1:8] + _E2M1_VALUES[:7]) / 2
 
 FP4_DTYPES = (torch.int8, torch.uint8) + ((torch.float4_e2m1fn_x2,) if hasattr(torch, "float4_e2m1fn_x2") else ())
 
@@ -138,7 +128,7 @@ def dequantize_fp4_e2m1(packed: torch.Tensor, scale: torch.Tensor, out_dtype: to
     if K % FP4_GROUP:
         raise ValueError(f"{name}: FP4 row of {K} values is not a multiple of {FP4_GROUP} (one scale each)")
     s_NG = _scale_values(_scale_exponents(scale, (N, K // FP4_GROUP), name, "N, K/32 for packed (N, K/2)"))
-    values = _E2M1_VALUES.to(packed.device)[_fp4_codes(packed).long()]  # (N, K)
+    values = E2M1_VALUES.to(packed.device)[_fp4_codes(packed).long()]  # (N, K)
     out = values.view(N, K // FP4_GROUP, FP4_GROUP).mul_(s_NG.unsqueeze(-1)).view(N, K)
     _check_finite(out, name)
     return out.to(out_dtype)
@@ -148,13 +138,6 @@ def _fp4_codes(packed: torch.Tensor) -> torch.Tensor:
     """(N, K) uint8 codes 0..15 from (N, K/2) packed bytes: the low nibble holds the even column."""
     u8 = packed.view(torch.uint8)
     return torch.stack((u8 & 0xF, u8 >> 4), dim=-1).flatten(-2)
-
-
-def _ceil_log2(x: torch.Tensor) -> torch.Tensor:
-    """int32 ceil(log2(x)) for x > 0, 0 for x == 0; exact (frexp, not a float log2)."""
-    mantissa, exponent = torch.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
-    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    return torch.where(x > 0, exponent, 0).clamp(-_BIAS, _BIAS).int()
 
 
 def _encode_exponents(amax: torch.Tensor, max_code: float, scale: torch.Tensor | None, name: str,
@@ -203,14 +186,7 @@ def quantize_fp4_e2m1(w: torch.Tensor, scale: torch.Tensor | None = None,
     groups = w.float().view(N, K // FP4_GROUP, FP4_GROUP)
     amax = groups.abs().amax(dim=-1)
     exponents = _encode_exponents(amax, E2M1_MAX, scale, name, "N, K/32")
-    scaled = groups * torch.ldexp(torch.ones_like(amax), -exponents).unsqueeze(-1)
-    magnitude = scaled.abs().clamp_(max=E2M1_MAX)
-    mids = _E2M1_MIDPOINTS.to(w.device)
-    below = torch.bucketize(magnitude, mids, out_int32=True)  # midpoints < |x|
-    at_or_below = torch.bucketize(magnitude, mids, out_int32=True, right=True)  # midpoints <= |x|
-    # a tie sits at midpoint `below`, between codes below and below + 1: take the even one
-    code = torch.where(below % 2 == 1, at_or_below, below) + 8 * torch.signbit(scaled).int()
-    code = code.to(torch.uint8).view(N, K)
+    code = e2m1_codes(groups, exponents).view(N, K)  # the codec FP4 QAT trains through (flyer.fp8.fp4)
     packed = code[:, 0::2] | (code[:, 1::2] << 4)
     return packed.view(torch.int8), _e8m0_bytes(exponents)
 

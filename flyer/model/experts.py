@@ -22,7 +22,7 @@ the unclamped ops, unchanged.
 from __future__ import annotations
 
 from itertools import accumulate
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -345,7 +345,9 @@ class Experts(nn.Module):
     resolved against the weights' device when the module is built and again whenever it is moved
     (``.to``, ``.cuda``): 'auto' follows the weights, so a model built on the CPU and moved to CUDA
     runs ``torch._grouped_mm`` there. ``swiglu_limit`` > 0: every implementation clamps the SwiGLU's
-    inputs (``swiglu``; DeepSeek-V4).
+    inputs (``swiglu``; DeepSeek-V4). ``weight_quant`` (None: off): what every implementation's GEMMs multiply
+    by instead of each stack, e.g. its FP4 values with a straight-through gradient (``flyer.fp8.fp4.fp4_experts``,
+    DeepSeek-V4's FP4 QAT); set once, before training.
     """
 
     def __init__(self, n_local: int, dim: int, inter_dim: int, first: int = 0, impl: str = "auto",
@@ -358,6 +360,7 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
         self.requested_impl = impl
         self.impl = self.resolve_impl()
+        self.weight_quant: Callable[[torch.Tensor], torch.Tensor] | None = None
         if not init_deferred():
             self.reset_parameters()
 
@@ -388,6 +391,13 @@ class Experts(nn.Module):
         w13 = torch.cat([self.w1, self.w3], dim=1)
         self.w1.data, self.w3.data = w13[:, :F_], w13[:, F_:]
 
+    def gemm_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w1 (E, F, D), w2 (E, D, F), w3 (E, F, D) as the GEMMs multiply by them: the parameters, or each
+        through ``weight_quant`` (its gradient reaches the parameter through it)."""
+        if self.weight_quant is None:
+            return self.w1, self.w2, self.w3
+        return self.weight_quant(self.w1), self.weight_quant(self.w2), self.weight_quant(self.w3)
+
     @staticmethod
     def row_multiple(x_ND: torch.Tensor, dtype: torch.dtype) -> int:
         """Rows each expert's slice is padded to a multiple of: oneDNN's bf16/fp16 CPU GEMMs build a
@@ -399,10 +409,11 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND (N, D) rows sorted by local expert, counts_E (E,) rows per expert -> (N, D): in x's
         dtype for 'grouped_mm', in the GEMM dtype (autocast's or x's) for 'fused'."""
+        w1, w2, w3 = self.gemm_weights()
         if self.impl == "grouped_mm":
-            return expert_ffn_grouped_mm(x_ND, counts_E, self.w1, self.w2, self.w3, self.swiglu_limit).to(x_ND.dtype)
+            return expert_ffn_grouped_mm(x_ND, counts_E, w1, w2, w3, self.swiglu_limit).to(x_ND.dtype)
         dtype = gemm_dtype(x_ND)
-        return expert_ffn_fused(x_ND, counts_E, self.w1, self.w2, self.w3, row_multiple=self.row_multiple(x_ND, dtype),
+        return expert_ffn_fused(x_ND, counts_E, w1, w2, w3, row_multiple=self.row_multiple(x_ND, dtype),
                                 dtype=dtype, swiglu_limit=self.swiglu_limit)
 
     def routed_local(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
@@ -413,19 +424,21 @@ class Experts(nn.Module):
         to differentiate and no pad rows, its forward runs without the Function (``local_routed_no_grad``)."""
         dtype = gemm_dtype(x_TD)
         counts, row_multiple = counts_E.tolist(), self.row_multiple(x_TD, dtype)
+        w1, w2, w3 = self.gemm_weights()
         if row_multiple == 1 and not (torch.is_grad_enabled() and any(
-                t.requires_grad for t in (x_TD, weights_TK, self.w1, self.w2, self.w3))):
+                t.requires_grad for t in (x_TD, weights_TK, w1, w2, w3))):
             def ffn(x_sorted, counts, counts_E):
-                w13, w2 = _pack_weights(self.w1, self.w2, self.w3, dtype)
-                return _swiglu_forward(x_sorted, w13, w2, counts, self.w1.shape[1], counts_E, self.swiglu_limit)[0]
+                w13, w2_ = _pack_weights(w1, w2, w3, dtype)
+                return _swiglu_forward(x_sorted, w13, w2_, counts, w1.shape[1], counts_E, self.swiglu_limit)[0]
 
             return local_routed_no_grad(x_TD, weights_TK, topk_ids_TK, counts, counts_E, dtype, ffn)
-        return _LocalRoutedExperts.apply(x_TD, weights_TK, self.w1, self.w2, self.w3, topk_ids_TK, counts,
-                                         row_multiple, dtype, self.swiglu_limit)
+        return _LocalRoutedExperts.apply(x_TD, weights_TK, w1, w2, w3, topk_ids_TK, counts, row_multiple, dtype,
+                                         self.swiglu_limit)
 
     def extra_repr(self) -> str:
         limit = f", swiglu_limit={self.swiglu_limit}" if self.swiglu_limit > 0 else ""
-        return f"n_local={self.n_local}, first={self.first}, impl={self.impl}{limit}"
+        quant = f", weight_quant={getattr(self.weight_quant, '__name__', 'on')}" if self.weight_quant else ""
+        return f"n_local={self.n_local}, first={self.first}, impl={self.impl}{limit}{quant}"
 
 
 __all__ = ["EXPERT_IMPLS", "Experts", "PaddedLayout", "expert_ffn_fused", "expert_ffn_grouped_mm", "expert_ffn_loop",

@@ -64,6 +64,10 @@ def register(sub) -> None:
                    help="continue from the newest valid checkpoint in --out")
     p.add_argument("--fp8-dispatch", dest="fp8_dispatch", action="store_true", default=None,
                    help="send the EP dispatch payload in FP8 (E4M3, per-128-channel scales)")
+    p.add_argument("--fp4-experts", dest="fp4_experts", action="store_true", default=None,
+                   help="DeepSeek-V4's FP4 QAT: routed experts' GEMMs multiply by their FP4 values (E2M1, a power-of-"
+                        "two scale per 32 inputs, from the FP32 master weights each step; gradients straight through), "
+                        "what `flyer export --dtype fp8` stores")
     p.add_argument("--no-pp-overlap", dest="pp_overlap", action="store_false", default=None,
                    help="run DualPipeV's paired forward and backward chunks one after the other (default with "
                         "--ep > 1: concurrently, hiding the EP all-to-all)")

@@ -34,6 +34,7 @@ from flyer.interop.load import init_source, load_init_weights, read_settings, se
 from flyer.data import BatchSampler, eval_batches, eval_batches_bytes, prepare_data
 from flyer.data.tokenizer import MIN_VOCAB
 from flyer.fp8 import convert_to_fp8
+from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
 from flyer.model.counts import param_counts
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import MoE, moe_layers, update_router_bias
@@ -57,9 +58,10 @@ SCHEDULES = ("cosine", "constant")
 # What a resumed run keeps (seed first, as the README promises): each changes what the remaining
 # steps compute. Free to change: steps (extending a run; the cosine decay stretches to the new end),
 # evaluation, logging, plots, progress, tensorboard, checkpoint cadence and keep, threads, device,
-# max_bad_steps (when to give up, not what a step does), paths (out, data, cache, tokenizer, config,
-# init: what they hold is checked instead, by the model config and the sampler's token count) and
-# the process layout (``checkpoint.check_layout`` compares it).
+# max_bad_steps (when to give up, not what a step does), fp4_experts (DeepSeek-V4 switches FP4 QAT on late in
+# training: a resume may turn it on; the FP32 master weights are the state either way), paths (out, data, cache,
+# tokenizer, config, init: what they hold is checked instead, by the model config and the sampler's token count)
+# and the process layout (``checkpoint.check_layout`` compares it).
 RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_batches", "lr", "min_lr_ratio",
                 "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "precision", "vocab_size",
                 "fp8_dispatch", "optimizer")
@@ -116,6 +118,7 @@ class TrainConfig:
     ranks_per_node: int | None = None
     dispatcher: str = "hierarchical"
     fp8_dispatch: bool = False
+    fp4_experts: bool = False  # DeepSeek-V4's FP4 QAT: routed experts multiply by their FP4 values (flyer.fp8.fp4)
     collective_timeout_s: float = 300.0  # a rank that stops answering fails the others after this, not torch's 30 min
     plots: bool = True
     progress: bool = True
@@ -233,7 +236,7 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
 
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
                 dispatcher: str = "hierarchical", fp8_dispatch: bool = False,
-                stages: tuple[str, int] | None = None) -> Transformer:
+                stages: tuple[str, int] | None = None, fp4: bool = False) -> Transformer:
     """The model to train, on ``mesh.device``, initialised exactly as ``torch.manual_seed(seed);
     Transformer(cfg)`` in one process (each rank keeps its slice of the experts).
 
@@ -242,6 +245,7 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
     other ranks; fp8_dispatch: FP8 payload on that wire (a one-process run has none, as before).
     stages: the pipeline's (schedule, seq_len) under pp > 1: only this rank's modules
     (``held_modules``) get memory, the others stay on the meta device for ``PipelineModel``.
+    fp4: DeepSeek-V4's FP4 QAT of the routed experts, in any precision (``flyer.fp8.fp4.fp4_experts``).
     """
     torch.manual_seed(seed)
     make_dispatcher = dispatcher_factory(cfg, mesh, kind=dispatcher, fp8=fp8_dispatch and mesh.world > 1)
@@ -257,6 +261,8 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
     mesh.init_like_single_process(model, seed)
     if precision == "fp8":
         convert_to_fp8(model)
+    if fp4:
+        fp4_experts(model)
     return model
 
 
@@ -334,6 +340,7 @@ class Trainer:
             raise FieldError("init", f"{tc.init} does not exist")
         init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
         base = init_cfg or resolve_config(tc.preset, None, model_over)
+        self._check_fp4(base)  # before any work
         self.micro_batches = tc.micro_batches or min_micro_batches(tc.pp_schedule, tc.pp)
         validate_pipeline(base, tc.pp, tc.pp_schedule, self.micro_batches, tc.grad_accum)  # before any work
         require_torch_for(tc.pp_schedule, tc.pp)
@@ -385,7 +392,7 @@ class Trainer:
         self.eval_data = eval_batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
 
         self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch,
-                                 stages=(tc.pp_schedule, tc.seq_len) if tc.pp > 1 else None)
+                                 stages=(tc.pp_schedule, tc.seq_len) if tc.pp > 1 else None, fp4=tc.fp4_experts)
         self.pipeline: PipelineModel | None = None
         if self.mesh.pp > 1:  # this rank keeps its stages; the rest of the model is freed
             overlap = None if tc.pp_overlap else False  # None: where it applies (dualpipev, ep > 1)
@@ -407,6 +414,18 @@ class Trainer:
             ckpt.clean_temporaries(self.ckpt_root)  # left by a process that died mid-write; we own the directory
             if (self.out / METRICS_NAME).exists():  # only a resumed run gets here with one (choose_start)
                 truncate_metrics(self.out / METRICS_NAME, self.step)
+
+    def _check_fp4(self, cfg: ModelConfig) -> None:
+        """FP4 QAT needs routed experts whose rows are whole groups of 32 inputs (w1 / w3: dim, w2: moe_inter_dim)."""
+        if not self.tc.fp4_experts:
+            return
+        if not cfg.is_moe:
+            raise FieldError("fp4_experts", f"quantizes routed experts, and this model has none "
+                                            f"(n_routed_experts {cfg.n_routed_experts})")
+        for name in ("dim", "moe_inter_dim"):
+            if getattr(cfg, name) % FP4_GROUP:
+                raise FieldError("fp4_experts", f"needs the model's {name} to be a multiple of {FP4_GROUP} (one FP4 "
+                                                f"scale per {FP4_GROUP} inputs), got {getattr(cfg, name)}")
 
     def _require_memory(self) -> None:
         """Refuse, before allocating, a run whose training state or validation batches cannot fit,
