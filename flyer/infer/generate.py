@@ -22,6 +22,7 @@ import torch
 from flyer.errors import FieldError
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
+from flyer.infer.hybrid_cache import mtp_hidden_spec
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
 from flyer.infer.prefix_cache_hybrid import check_block_ratios, hybrid_layout, resume, store_blocks, store_snapshot
 from flyer.infer.sampling import LogitAdjustments, SamplingParams, sample
@@ -211,8 +212,7 @@ def _prefill_hybrid(dec: Decoder, prompts: Sequence[Sequence[int]], pc: PrefixCa
     device = dec.model.embed.weight.device
     mtp = dec.mtp_cache is not None
     keys = [pc.block_keys(p) for p in prompts]
-    # one position's hidden state (the residual streams, which start as the embeddings): shape and dtype
-    hidden = ((dec.cfg.hc_mult, dec.cfg.dim) if dec.cfg.hc_mult > 1 else (dec.cfg.dim,), dec.model.embed.weight.dtype)
+    hidden = mtp_hidden_spec(dec.cfg, dec.model.embed.weight.dtype)
     found = [resume(pc, k, p, dec.cache, b, dec.mtp_cache, hidden if mtp else None)
              for b, (k, p) in enumerate(zip(keys, prompts))]
     bounds = [[r.tokens, *r.cuts, len(p)] for r, p in zip(found, prompts)]

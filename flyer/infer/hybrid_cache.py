@@ -48,6 +48,13 @@ Tables = dict[bool, tuple[torch.Tensor, torch.Tensor]]  # compressed layer? -> c
 ENTRY_NAMES = ("entries", "index_keys")  # the growing tensors (blocks); the rest are a row's fixed state (slots)
 
 
+def mtp_hidden_spec(cfg: ModelConfig, dtype: torch.dtype) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of one position's main hidden state as V4's MTP module reads it: the residual streams
+    (hc_mult, dim) before ``hc_head`` ((dim,) without hyper-connections), in the weights' ``dtype``; what a
+    boundary snapshot keeps for the MTP entry of its last position (serve's pool, the on-disk files)."""
+    return ((cfg.hc_mult, cfg.dim) if cfg.hc_mult > 1 else (cfg.dim,)), dtype
+
+
 def hybrid_tables(cfg: ModelConfig, max_len: int, device) -> Tables:
     """The rope tables of both layer kinds (``hybrid_rope_config``), positions 0 .. max_len - 1."""
     tables = {}

@@ -56,6 +56,7 @@ import torch
 from flyer import kernels
 from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder, Group
+from flyer.infer.hybrid_cache import mtp_hidden_spec
 from flyer.infer.prefix_cache import chain_keys
 from flyer.infer.prefix_cache_hybrid import check_block_ratios
 from flyer.infer.sampling import SamplingParams, sample
@@ -111,8 +112,7 @@ class Engine:
         # V4: the slots' states at block boundaries, which a shared prefix needs besides its blocks; with MTP the
         # MTP slot's too and the main hidden streams of the boundary's last position (its MTP entry's input)
         self.snapshots = None
-        hidden = ((mcfg.hc_mult, mcfg.dim) if mcfg.hc_mult > 1 else (mcfg.dim,), model.embed.weight.dtype) \
-            if self.hybrid and self.spec else None
+        hidden = mtp_hidden_spec(mcfg, model.embed.weight.dtype) if self.hybrid and self.spec else None
         if self.sharing and self.hybrid:
             self.snapshots = BoundarySnapshots(self.cache, self.alloc, self.mtp_cache, hidden)
         # the on-disk tier under the pool's sharing (``flyer.serve.disk_tier``)
