@@ -10,8 +10,10 @@ FP32 (and in BF16: an E2M1 magnitude has 2 significant bits).
 QAT (DeepSeek-V4 report, late-stage training): the FP32 master weights of the routed experts (never the shared
 expert's) are quantized afresh at every forward, scales from the current master weight; the GEMMs multiply by the
 decoded FP4 values and the gradient with respect to them goes straight to the master weight (straight-through
-estimator, ``FP4WeightFunction``). Inference then runs on exactly those FP4 values: ``flyer export --dtype fp8``
-encodes the masters with the same rule, so it stores what the last training forward saw.
+estimator, ``FP4WeightFunction``). Inference then runs on exactly those FP4 values: a QAT run's checkpoint records
+the flag, and ``flyer generate`` / ``serve`` / ``export`` load its routed experts through the round trip
+(``flyer.interop.load``; ``export --dtype fp8`` encodes the masters with the same rule), so they run what the last
+training forward saw.
 
 With the FP8 recipe the FP4 values go into 128x128 E4M3 blocks, as DeepSeek's FP8 GEMMs take them. That is
 lossless under power-of-two (UE8M0) block scales: a block's scale 2**S has S = ceil(log2(amax / 448)) <= smax - 6

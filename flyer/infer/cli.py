@@ -16,13 +16,14 @@ import torch
 from flyer import kernels
 from flyer.config import parse_size, resolve_config, resolve_device
 from flyer.errors import CheckpointError, FieldError, UserError
+from flyer.fp8.fp4 import fp4_experts
 from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.generate import GenerationConfig, check_hybrid_flags, generate, open_prefix_cache
 from flyer.infer.prefix_cache_hybrid import check_block_ratios
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
 from flyer.interop.hf import is_hf_model_dir, read_hf_config
-from flyer.interop.load import load_pretrained, loaded_bytes, stored_weight_dtype
+from flyer.interop.load import fp4_trained, load_pretrained, loaded_bytes, stored_weight_dtype
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.runtime import require_memory
@@ -31,6 +32,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 STORED = "stored"  # --weight-dtype auto off the CPU: the checkpoint's own dtype (BF16 on a GPU), not held
 ZERO_OK = {"temperature", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
 SIGNED = {"eos_id", "frequency_penalty", "presence_penalty"}  # eos_id -1: no stop token; penalties in [-2, 2]
+FP4_NOTE = ("note: {ckpt} was trained with FP4 QAT (--fp4-experts): its routed experts run as their FP4 values, the "
+            "model training optimised and validated (flyer export --masters writes the FP32 masters)")
 
 
 class ByteTokenizer:
@@ -150,7 +153,8 @@ def load_model(args, beside: tuple[str, str, int] | None = None):
     ``args.device``, FP8 linears with ``args.precision == 'fp8'``, GEMM weights held in
     ``args.weight_dtype`` (an FP32 model on the CPU). ``beside``: (field, what, bytes) the caller
     allocates on the device next (flyer serve's cache), refused up front with the model's bytes
-    when both do not fit. A hybrid model under flags it cannot take is refused (``decodable``)."""
+    when both do not fit. A hybrid model under flags it cannot take is refused (``decodable``). A run trained
+    with FP4 QAT loads its routed experts as their FP4 values (``flyer.interop.load``), and says so on stderr."""
     device = resolve_device(args.device)
     args.weight_dtype = resolve_weight_dtype(args, device)
     held = WEIGHT_DTYPES.get(args.weight_dtype, torch.float32)
@@ -182,8 +186,13 @@ def load_model(args, beside: tuple[str, str, int] | None = None):
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise FieldError("ckpt", f"cannot load checkpoint '{args.ckpt}': {_first_line(e)}") from None
         decodable(cfg, args)
+        qat = fp4_trained(args.ckpt)
+        if qat:
+            print(FP4_NOTE.format(ckpt=args.ckpt), file=sys.stderr)
         if args.precision == "fp8":
-            return convert_to_fp8(model), tok
+            model = convert_to_fp8(model)
+            if qat:  # FP8 experts as QAT trained them: power-of-two block scales, which hold the FP4 values exactly
+                fp4_experts(model)
         return model, tok
     cfg = resolve_config(args.preset)
     decodable(cfg, args)

@@ -23,6 +23,12 @@ before the next (the model is never loaded), into a fresh directory beside
 overwritten, and a failure leaves nothing behind. From an HF directory, or a run fine-tuned from
 one (which carries them), its tokenizer and generation settings (chat template, special tokens,
 EOS ids, sampling defaults) are carried through.
+
+A run trained with FP4 QAT (``flyer train --fp4-experts``) exports the model it trained: its routed experts as
+their FP4 values (``flyer.fp8.fp4.fp4_round_trip`` of the FP32 masters), exact in BF16 and FP32; DeepSeek-V4's FP8
+format encodes the masters with the same rule (the same values, its FP4 codes); another FP8 export holds them as
+E4M3 codes under power-of-two block scales (exact, ``held_e4m3_blocks``), not amax / 448 ones. ``--masters`` writes
+the FP32 masters instead (to train on elsewhere), in BF16 or FP32.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import torch
 from flyer import kernels
 from flyer.config import ModelConfig, parse_size
 from flyer.errors import CheckpointError, ConfigError, FieldError
+from flyer.fp8.fp4 import fp4_round_trip
 from flyer.fp8.quant import TILE, quantize_blocks
 from flyer.infer.weights import FP8, held_scale
 from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, build_empty, checkpoint_dtype, fill_tensor, hf_names,
@@ -52,12 +59,13 @@ from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, build_empty, ch
 from flyer.interop.hf_config import GQA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.hf_config_v4 import to_v4_config
-from flyer.interop.load import run_tokenizer, settings_dir, stored_weight_dtype
+from flyer.interop.load import expert_stack_keys, run_tokenizer, settings_dir, stored_weight_dtype
 from flyer.interop.tensorfile import TensorFile, header, write_tensors
-from flyer.interop.v4_quant import (FP4_GROUP, dequantize_fp4_e2m1, dequantize_ue8m0_blocks, published_format,
-                                    quantized_items, stored_format)
+from flyer.interop.v4_quant import (FP4_GROUP, dequantize_fp4_e2m1, dequantize_ue8m0_blocks, held_e4m3_blocks,
+                                    published_format, quantize_fp4_e2m1, quantized_items, stored_format)
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import SETTINGS_FILES, check_model_weights, fsync_path, inference_checkpoint
+from flyer.train.checkpoint import (SETTINGS_FILES, check_model_weights, fsync_path, inference_checkpoint,
+                                    trained_fp4_experts)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms, and the DSA
@@ -336,11 +344,14 @@ class _Streamed:
     """The weights of a checkpoint directory (a flyer run or step directory, or an HF directory),
     read one at a time as ``load_pretrained`` fills its model: flyer's names, dtypes and rope layout,
     an FP8 checkpoint's weights dequantized to FP32 (its exact values). An export from it holds one
-    tensor at a time, never the model: a 671B checkpoint exports on a machine that could not load it."""
+    tensor at a time, never the model: a 671B checkpoint exports on a machine that could not load it.
+    ``qat``: a run trained with FP4 QAT (``trained_fp4_experts``); ``fp4_keys``: the routed expert stacks
+    ``read`` gives as their FP4 values (those of such a run; set it empty to read the masters)."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         self.headers: dict[Path, TensorFile] = {}
+        self.qat, self.fp4_keys = False, set()
         if is_hf_model_dir(path):
             self.files = weight_files(path)
             self.cfg, raw = read_hf_config(path, list(self.files))
@@ -359,7 +370,11 @@ class _Streamed:
             with torch.device("meta"):
                 check_model_weights(Transformer(self.cfg), {k: tf.shape(k) for k in tf.names()}, f"checkpoint {ckpt}")
             self.files, self.headers[tf.path] = dict.fromkeys(tf.names(), tf.path), tf
-        self.state = build_empty(self.cfg, "meta", dtype).state_dict()
+            self.qat = trained_fp4_experts(ckpt)
+        meta = build_empty(self.cfg, "meta", dtype)
+        self.state = meta.state_dict()
+        if self.qat:
+            self.fp4_keys = expert_stack_keys(meta)
 
     def read(self, slot: Slot) -> torch.Tensor:
         """The tensor (or one expert of a stack) ``slot`` names, in flyer's layout."""
@@ -369,7 +384,8 @@ class _Streamed:
             rows = None if slot.expert is None else (slot.expert, slot.expert + 1)
             dest = torch.empty((1, *meta.shape) if rows else meta.shape, dtype=meta.dtype)
             fill_tensor(None, dest, self.headers[self.files[key]], key, Slot(key), self.files, self.headers, rows)
-            return dest[0] if rows else dest
+            dest = dest[0] if rows else dest
+            return fp4_round_trip(dest) if key in self.fp4_keys else dest  # QAT: what training multiplied by
         if key == "head.weight" and self.cfg.tie_embeddings:  # the file holds the embedding only
             key = "embed.weight"
         name, src = self.where[(key, slot.expert)]
@@ -545,28 +561,72 @@ def _v4_source_codes(files: dict[str, Path], headers: dict[Path, TensorFile]) ->
     return codes
 
 
-def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_size: str | int = "5GB") -> dict:
+def _fp4_block_codes(cfg: ModelConfig, read: Read, fp4_keys: set[str]) -> Codes:
+    """The routed experts of ``fp4_keys`` (their FP4 values, as ``read`` gives them) as E4M3 codes with FP32
+    power-of-two 128x128 block scales (``held_e4m3_blocks``): DeepSeek's FP8 format holding the FP4 values exactly
+    (a block it cannot hold is a ``FieldError`` naming the weight: export it in BF16). Each weight is encoded once,
+    when its codes are written, and its scale kept until then."""
+    codes: Codes = {}
+    for name, slot in hf_names(exported(cfg), hf_model_type(exported(cfg)) in HALF_ROPE_MODEL_TYPES).items():
+        if slot.key not in fp4_keys:
+            continue
+        pair: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def make(i: int, name=name, slot=slot, pair=pair) -> torch.Tensor:
+            if not pair:
+                try:
+                    pair.append(held_e4m3_blocks("fp4", *quantize_fp4_e2m1(read(slot), name=name), name))
+                except ValueError as e:
+                    raise FieldError("dtype", f"fp8: {e}") from None
+            return pair.pop()[1] if i == 1 else pair[0][0]
+        codes[name] = (lambda make=make: make(0), lambda make=make: make(1))
+    return codes
+
+
+def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_size: str | int = "5GB",
+           masters: bool = False) -> dict:
     """``export_model`` of the checkpoint at ``path`` (a flyer run or step directory, or an HF
     directory), streamed: each tensor is read, converted and written before the next
     (``_Streamed``). An FP8 checkpoint's weights are read as their exact values (code times block
-    scale), and export to FP8 with its own codes and scales: export then import is the identity."""
+    scale), and export to FP8 with its own codes and scales: export then import is the identity.
+    A run trained with FP4 QAT exports its routed experts as their FP4 values in every dtype (module
+    docstring), or, with ``masters``, as the FP32 masters (BF16 or FP32 only). The summary's
+    ``routed_experts`` says which, for such a run."""
     if dtype not in DTYPES:
         raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
     _shard_limit(max_shard_size)
     _check_out(Path(out))  # before the checkpoint is read for nothing
+    if masters and is_hf_model_dir(path):
+        raise FieldError("masters", f"applies to a flyer run trained with FP4 QAT (--fp4-experts); {path} is a "
+                                    "Hugging Face directory")
     src = _Streamed(path)
     source = settings_dir(path)  # an HF directory, or a run fine-tuned from one: its tokenizer settings
+    hybrid = src.cfg.attn == "hybrid"
     codes = None
-    if dtype == "fp8" and src.where is not None and src.cfg.attn == "hybrid":  # an HF directory: V4's own format
+    if masters and not src.qat:
+        raise FieldError("masters", f"applies to a run trained with FP4 QAT (--fp4-experts); {path} was not: its "
+                                    "weights are its masters already")
+    if masters and dtype == "fp8":
+        raise FieldError("masters", "the FP32 masters need --dtype bf16 or fp32: an FP8 export stores the routed "
+                                    "experts in FP4 (DeepSeek-V4) or E4M3, not the masters")
+    if masters or (dtype == "fp8" and hybrid):  # V4's FP4 encoder applies the rule to the masters: same values
+        src.fp4_keys = set()
+    if dtype == "fp8" and src.where is not None and hybrid:  # an HF directory: V4's own format
         codes = _v4_source_codes(src.files, src.headers)
     elif dtype == "fp8" and src.fp8:
         codes = _source_codes(source, src.cfg, src.headers)
-    return _export(src.cfg, src.tok, lambda: _items(src.cfg, src.state, src.read, dtype, codes), out, dtype,
-                   max_shard_size, source)
+    elif dtype == "fp8" and src.fp4_keys:  # DeepSeek's FP8 format under power-of-two block scales: exact
+        codes = _fp4_block_codes(src.cfg, src.read, src.fp4_keys)
+    summary = _export(src.cfg, src.tok, lambda: _items(src.cfg, src.state, src.read, dtype, codes), out, dtype,
+                      max_shard_size, source)
+    if src.qat:
+        summary["routed_experts"] = ("the FP32 masters (--masters)" if masters else
+                                     "their FP4 values: the model FP4 QAT (--fp4-experts) trained")
+    return summary
 
 
 def _run(args) -> int:
-    print(json.dumps(export(args.path, args.out, args.dtype, args.max_shard_size)))
+    print(json.dumps(export(args.path, args.out, args.dtype, args.max_shard_size, args.masters)))
     sys.stdout.flush()
     return 0
 
@@ -579,6 +639,10 @@ def register(sub) -> None:
                    help="bf16 (default), fp32, or fp8 (DeepSeek's float8_e4m3fn + 128x128 weight_scale_inv; for "
                         "DeepSeek-V4 its published format: UE8M0 .scale blocks, FP4 routed experts)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
+    p.add_argument("--masters", action="store_true",
+                   help="a run trained with FP4 QAT (--fp4-experts) exports the model it trained, its routed experts "
+                        "as their FP4 values (in every dtype); --masters writes their FP32 master weights instead, "
+                        "to train on elsewhere (--dtype bf16 or fp32)")
     p.set_defaults(func=_run)
 
 

@@ -1,5 +1,11 @@
 """One entry point for every checkpoint flyer takes: a flyer run, a flyer step directory, or a
-Hugging Face model directory, told apart by what the directory holds."""
+Hugging Face model directory, told apart by what the directory holds.
+
+A run trained with FP4 QAT (``flyer train --fp4-experts``) checkpoints the FP32 masters of its routed experts, but
+trained and evaluated the model whose experts are their FP4 values (``flyer.fp8.fp4``). Loaded for inference
+(``load_pretrained``) each routed expert stack goes through the FP4 round trip once, as it is read, so inference
+runs that model; held in BF16 or FP8 it stays exact (``fp4_expert_values``). ``--init`` reads the masters: training
+goes on from them."""
 
 from __future__ import annotations
 
@@ -12,15 +18,17 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError
-from flyer.infer.weights import FP8, empty_held, hold_weights
+from flyer.fp8.fp4 import fp4_round_trip
+from flyer.infer.weights import FP8, empty_held, held_scale, hold_weights, write_fp8_codes
 from flyer.interop.hf import (SCALE_SUFFIX, Slot, build_empty, checkpoint_dtype, fill_tensor, is_hf_model_dir, load_hf,
                               load_hf_weights, read_hf_config, rope_half_layout, unquantized_weights, weight_files)
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.tensorfile import TensorFile
-from flyer.interop.v4_quant import stored_format
+from flyer.interop.v4_quant import held_e4m3_blocks, quantize_fp4_e2m1, stored_format
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import SETTINGS_FILES, check_model_weights, inference_checkpoint, resolve_checkpoint_path
+from flyer.train.checkpoint import (SETTINGS_FILES, check_model_weights, inference_checkpoint, resolve_checkpoint_path,
+                                   trained_fp4_experts)
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -28,14 +36,45 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     """(model in eval mode, config, tokenizer with its EOS) from ``path``. ``dtype``: parameter dtype
     of an HF import (default: the checkpoint's); a flyer run loads in FP32, as it trains. ``held``: an FP32
     model whose GEMM weights are held in BF16 or FP8 (``flyer.infer.weights``), written as held
-    tensor by tensor: the FP32 weights are never in memory."""
+    tensor by tensor: the FP32 weights are never in memory. A run trained with FP4 QAT (``fp4_trained``)
+    loads its routed experts as their FP4 values, the model it trained (module docstring)."""
     if is_hf_model_dir(path):
         return load_hf(path, device, dtype, held)
     ckpt, cfg, tok = inference_checkpoint(path)
     text_tok = run_tokenizer(ckpt, tok)  # a bad settings file fails before the weights are read
     model = empty_held(cfg, held or torch.float32, device)
-    _fill_from_run(model, ckpt)
+    _fill_from_run(model, ckpt, fp4=trained_fp4_experts(ckpt))
     return model, cfg, text_tok
+
+
+def fp4_trained(path: str | Path) -> bool:
+    """Whether ``load_pretrained(path)`` loads routed experts as their FP4 values: a flyer run (or step directory)
+    whose checkpoint trained them with FP4 QAT (``flyer.train.checkpoint.trained_fp4_experts``); never an HF
+    directory (DeepSeek-V4's stores the FP4 codes themselves)."""
+    return not is_hf_model_dir(path) and trained_fp4_experts(resolve_checkpoint_path(path))
+
+
+def expert_stack_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of ``model``'s routed expert stacks (``Experts``' w1, w2, w3): what FP4 QAT quantizes."""
+    return {f"{name}.{w}" for name, m in model.named_modules() if isinstance(m, Experts) for w in ("w1", "w2", "w3")}
+
+
+@torch.no_grad()
+def fp4_expert_values(model: nn.Module, key: str, dest: torch.Tensor, master: torch.Tensor) -> None:
+    """Write the FP4 values of the routed expert stack ``master`` (E, N, K) FP32, the values FP4 QAT's forward
+    multiplies by (``fp4_round_trip``), into ``dest``, ``model``'s parameter ``key`` as it is held. FP32 and BF16
+    hold them exactly (a code of E2M1 has 2 significant bits, and its UE8M0 scale's range, 2**-127 to 2**127, is
+    within BF16's, subnormals included). FP8 (``HeldFP8Experts``): E4M3 codes under a power-of-two scale per
+    128x128 block (``held_e4m3_blocks`` of the FP4 encoding, which is the round trip's), exact, or a ValueError
+    naming the weight where a block's group scales span more binades than E4M3 holds; never amax / 448 blocks,
+    which round about half of the FP4 values again (tests/test_fp4_inference.py)."""
+    scale = held_scale(model, key) if dest.dtype == FP8 else None
+    if scale is None:
+        dest.copy_(fp4_round_trip(master))
+        return
+    for e in range(master.shape[0]):
+        name = f"{key}[{e}]"
+        write_fp8_codes(dest[e], scale[e], *held_e4m3_blocks("fp4", *quantize_fp4_e2m1(master[e], name=name), name))
 
 
 def _carries_settings(ckpt: Path) -> bool:
@@ -82,19 +121,32 @@ def run_tokenizer(ckpt: Path, tok: Tokenizer) -> TextTokenizer:
     return load_tokenizer(ckpt, {})  # the step's config.json is flyer's model config, not the HF one
 
 
-def _fill_from_run(model: nn.Module, ckpt: Path, stacks: dict[str, tuple[int, int]] | None = None) -> None:
+def _fill_from_run(model: nn.Module, ckpt: Path, stacks: dict[str, tuple[int, int]] | None = None,
+                   fp4: bool = False) -> None:
     """Fill ``model`` from the flyer checkpoint ``ckpt``'s weights one tensor at a time (loading takes
     the model's memory, not twice it), their names and shapes checked against the whole model's.
     A model holding part of it (a pipeline rank's stages) skips the rest; ``stacks``: the rows
-    (experts) of each expert stack it holds, read alone."""
+    (experts) of each expert stack it holds, read alone. ``fp4``: routed expert stacks as their FP4 values
+    (``fp4_expert_values``), each read in FP32 first (and checked as any tensor is)."""
     tf = TensorFile(ckpt / "model.safetensors")
     with torch.device("meta"):
         whole = Transformer(model.cfg)
     check_model_weights(whole, {k: tf.shape(k) for k in tf.names()}, f"checkpoint {ckpt}")
     state, files, headers = model.state_dict(), dict.fromkeys(tf.names(), tf.path), {tf.path: tf}
+    quantized = expert_stack_keys(whole) if fp4 else set()
     for k in tf.names():
-        if k in state:
-            fill_tensor(model, state[k], tf, k, Slot(k), files, headers, (stacks or {}).get(k))
+        if k not in state:
+            continue
+        rows = (stacks or {}).get(k)
+        if k not in quantized:
+            fill_tensor(model, state[k], tf, k, Slot(k), files, headers, rows)
+            continue
+        master = torch.empty(state[k].shape, dtype=torch.float32, device="cpu")
+        fill_tensor(None, master, tf, k, Slot(k), files, headers, rows)
+        try:
+            fp4_expert_values(model, k, state[k], master)
+        except ValueError as e:  # FP8 cannot hold a block
+            raise CheckpointError(f"{tf.path}: tensor {k}: {e}") from None
 
 
 def loaded_bytes(path: str | Path, dtype: torch.dtype | None = None, held: torch.dtype | None = None) -> int:
@@ -154,7 +206,7 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     state = model.state_dict()
     local = {f"{name}.{w}": (m.first, m.first + m.n_local) for name, m in model.named_modules()
              if isinstance(m, Experts) for w in ("w1", "w2", "w3")}
-    if not is_hf_model_dir(path):
+    if not is_hf_model_dir(path):  # a run trained with FP4 QAT: its masters, which training goes on from
         _fill_from_run(model, resolve_checkpoint_path(path), local)
         return
 
@@ -169,5 +221,5 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     load_hf_weights(model, path, rope_half_layout(read_hf_config(path, list(files))[1]), files, place)
 
 
-__all__ = ["init_source", "load_init_weights", "load_pretrained", "loaded_bytes", "read_settings", "run_tokenizer",
-           "settings_dir", "stored_weight_dtype"]
+__all__ = ["expert_stack_keys", "fp4_expert_values", "fp4_trained", "init_source", "load_init_weights",
+           "load_pretrained", "loaded_bytes", "read_settings", "run_tokenizer", "settings_dir", "stored_weight_dtype"]

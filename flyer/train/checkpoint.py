@@ -347,6 +347,13 @@ def saved_state(path: Path) -> dict:
     return {}
 
 
+def trained_fp4_experts(path: Path) -> bool:
+    """Whether the run saved at checkpoint ``path`` trained its routed experts with FP4 QAT at its last steps
+    (``train_config.fp4_experts``, ``flyer train --fp4-experts``): its FP32 master weights are then not the model it
+    trained and evaluated, their FP4 values are (``flyer.fp8.fp4``). A checkpoint without the field did not."""
+    return (saved_state(path).get("train_config") or {}).get("fp4_experts") is True
+
+
 def saved_layout(path: Path) -> dict | None:
     """The process layout checkpoint ``path`` was saved with (None for one saved without it)."""
     return saved_state(path).get("layout")

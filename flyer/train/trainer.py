@@ -118,7 +118,9 @@ class TrainConfig:
     ranks_per_node: int | None = None
     dispatcher: str = "hierarchical"
     fp8_dispatch: bool = False
-    fp4_experts: bool = False  # DeepSeek-V4's FP4 QAT: routed experts multiply by their FP4 values (flyer.fp8.fp4)
+    # DeepSeek-V4's FP4 QAT: routed experts multiply by their FP4 values (flyer.fp8.fp4), in training and validation;
+    # each checkpoint's train_config records it, and inference loads that FP4 model (flyer.interop.load)
+    fp4_experts: bool = False
     collective_timeout_s: float = 300.0  # a rank that stops answering fails the others after this, not torch's 30 min
     plots: bool = True
     progress: bool = True
