@@ -61,9 +61,10 @@ def test_no_unexplained_function_local_flyer_imports():
 def test_flyer_train_starts_without_the_pipelining_and_sharded_optimizer_packages():
     """``torch.distributed.pipelining`` and ``torch.distributed.optim`` (dynamo, DTensor, FSDP) took about 3 of
     the 5.6 s that importing the trainer took, which every ``flyer train`` process, pipelined or not, paid:
-    they are imported when a pipeline or a sharded optimizer is built."""
-    script = ("import sys, flyer.cli, flyer.train.trainer; "
-              "print([m for m in ('torch.distributed.pipelining', 'torch.distributed.optim') if m in sys.modules])")
+    they are imported when a pipeline or a sharded optimizer is built. Nor does any command load dynamo at start
+    (llguidance's torch helpers ``torch.compile`` a kernel at import: 4 s more for every ``flyer`` process)."""
+    script = ("import sys, flyer.cli, flyer.train.trainer; print([m for m in ('torch.distributed.pipelining', "
+              "'torch.distributed.optim', 'torch._dynamo') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT.parent)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["[]"], out.stdout

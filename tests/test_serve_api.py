@@ -52,7 +52,7 @@ class _Running:
 
     def __init__(self, model, api_key=None, start_engine=True, **engine_over):
         cfg = dict(kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8)
-        self.engine = Engine(model, EngineConfig(**{**cfg, **engine_over}))
+        self.engine = Engine(model, EngineConfig(**{**cfg, **engine_over}), tokenizer=ByteTokenizer())
         engine_end, http_end = socket.socketpair()
         self.api = Api(EngineClient(http_end, self.engine.limits), ByteTokenizer(), "tiny-test", api_key)
         self.server = Server(self.api, graceful_s=5)
@@ -235,15 +235,14 @@ def test_bad_requests_answer_400_never_500(served, model):
 
 
 def test_fields_that_would_change_the_output_are_refused_not_ignored(served):
-    """best_of, suffix, tools and JSON response formats are not implemented: any value but their
-    neutral one (which clients may send) answers 400 naming the field."""
+    """best_of, suffix and tools are not implemented: any value but their neutral one (which clients may
+    send) answers 400 naming the field (response_format: tests/test_serve_structured.py)."""
     ok = dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)
     chat = dict(model="tiny-test", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     for over, param in ((dict(best_of=2), "best_of"), (dict(suffix="x"), "suffix")):
         err = _error(httpx.post(served.url + "/v1/completions", json={**ok, **over}), 400, param)
         assert "does not implement" in err["message"]
-    for over, param in ((dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-                        (dict(response_format={"type": "json_object"}), "response_format")):
+    for over, param in ((dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),):
         _error(httpx.post(served.url + "/v1/chat/completions", json={**chat, **over}), 400, param)
     assert httpx.post(served.url + "/v1/completions", json={**ok, "best_of": 1, "suffix": "", "user": "u"}
                       ).status_code == 200
@@ -349,10 +348,6 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
     save_checkpoint(tmp_path / "checkpoints", 5, {"model.safetensors": m.state_dict(), "config.json": cfg.to_dict(),
                                                   "tokenizer.json": json.loads(tok.to_str())})
     env = child_env()
-    capsys.readouterr()
-    assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "8",
-                 "--cache-dtype", "fp32", "--weight-dtype", "bf16", "--device", "cpu", "--json"]) == 0
-    ref = json.loads(capsys.readouterr().out)
     proc = subprocess.Popen([sys.executable, "-m", "flyer", "serve", "--ckpt", str(tmp_path), "--port", "0",
                              "--cache-dtype", "fp32", "--kv-cache-memory", "4M", "--threads", "1",
                              "--speculative", "mtp", "--draft-tokens", "2", "--weight-dtype", "bf16", "--device", "cpu",
@@ -360,6 +355,11 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     long = "the lazy dog jumps over the quick brown fox " * 2
     try:
+        capsys.readouterr()  # the reference while the server starts (one thread each)
+        assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "8",
+                     "--cache-dtype", "fp32", "--weight-dtype", "bf16", "--device", "cpu", "--json",
+                     "--threads", "1"]) == 0
+        ref = json.loads(capsys.readouterr().out)
         line = proc.stdout.readline()  # blocks until the ready line (or exit)
         assert line.startswith("flyer serve: ready on http://127.0.0.1:"), line + proc.stderr.read()
         url = line.split()[4]
@@ -410,7 +410,7 @@ def test_a_cache_larger_than_the_memory_is_refused_in_one_line(capsys, monkeypat
     model = 4 * param_counts(preset("tiny")).total  # built in FP32
     monkeypatch.setattr("flyer.runtime.available_memory", lambda device: model + (64 << 20))
 
-    def engine(*_):  # past the check: the server would start here
+    def engine(*_, **__):  # past the check: the server would start here
         raise FieldError("kv_cache_bytes", "checked")
 
     monkeypatch.setattr("flyer.serve.cli.Engine", engine)

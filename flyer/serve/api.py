@@ -7,6 +7,7 @@
     POST /v1/completions        prompt: text, list of texts, token ids or lists of token ids;
                                 max_tokens, temperature, top_p, stop, seed, stream (+ stream_options),
                                 logprobs (0-20), echo (prompt tokens scored, as evaluation harnesses ask)
+                                response_format (both routes): text, json_object, json_schema (``flyer.serve.grammar``)
     POST /v1/chat/completions   messages rendered by the tokenizer's chat template (as transformers'
                                 ``apply_chat_template`` renders it), else ``DEFAULT_CHAT_TEMPLATE``;
                                 stream with ``delta`` chunks, ``stream_options.include_usage``
@@ -45,6 +46,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flyer.errors import FieldError
+from flyer.serve.grammar import json_grammar
 from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
 from flyer.serve.request import QueueFull, SamplingOptions, TokenEvent
@@ -307,10 +309,13 @@ class Api:
                  echo: bool = False) -> SamplingOptions:
         if max_tokens is None:  # chat without a limit: the rest of the context, as far as the cache holds it
             max_tokens = max(self.engine.limits.room - prompt_len, 1)
+        fmt = body.response_format  # compiled here, so that a schema llguidance refuses answers 400
+        grammar = None if fmt is None or fmt.type == "text" else json_grammar(fmt.schema_or_object())
         return SamplingOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                seed=body.seed, stop_ids=self.tok.eos_ids(), logprobs=logprobs,
                                prompt_logprobs=echo and logprobs is not None, logit_bias=body.token_bias(),
-                               frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
+                               frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                               grammar=grammar)
 
     def _prompts(self, prompt) -> list[list[int]]:
         if isinstance(prompt, str):

@@ -115,7 +115,7 @@ def _run(args) -> int:
                                                   parse_size(args.prefix_cache_size, "prefix_cache_size"),
                                                   mtp=cfg.speculative == "mtp")
     try:
-        engine = Engine(model, cfg)
+        engine = Engine(model, cfg, tokenizer=tok)  # tok: structured outputs' grammars (flyer.serve.grammar)
     except FieldError as e:  # the pool's size is the flag's
         raise FieldError("kv_cache_memory" if e.field == "kv_cache_bytes" else e.field, e.problem) from None
     sock = bind(args.host, args.port)

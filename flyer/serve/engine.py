@@ -21,7 +21,8 @@ during the step. Each scheduler step:
    the model together (``Decoder.forward_groups``): the routed experts' weights, most of the bytes
    a step reads, are read once for both;
 5. samples each request's next token with its own options (greedy, temperature / top-p with its
-   own seeded generator) and hands it to the request's ``emit``; finished requests leave.
+   own seeded generator; with a grammar, among the tokens it allows: ``flyer.serve.grammar``) and hands it to
+   the request's ``emit``; finished requests leave.
 
 With ``speculative="mtp"`` each decode step first drafts tokens with the model's MTP module, which has a
 paged cache of its own on the same block tables, and the forward of step 4 verifies them
@@ -62,6 +63,7 @@ from flyer.infer.prefix_cache_hybrid import check_block_ratios
 from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
 from flyer.serve.disk_tier import DiskTier
+from flyer.serve.grammar import GrammarMasks
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
 from flyer.serve.paged_hybrid import BoundarySnapshots, SlotAllocator, make_mtp_hybrid_cache, make_paged_hybrid_cache
@@ -78,7 +80,10 @@ def _padded(xs: list[int], n: int, pad: int) -> list[int]:
 class Engine:
     """Continuous batching of ``model`` (eval mode) over a paged cache of ``cfg.kv_cache_bytes``."""
 
-    def __init__(self, model: Transformer, cfg: EngineConfig | None = None, metrics: ServeMetrics | None = None):
+    def __init__(self, model: Transformer, cfg: EngineConfig | None = None, metrics: ServeMetrics | None = None,
+                 tokenizer=None):
+        """``tokenizer``: flyer's (``TextTokenizer``, ``ByteTokenizer``), for requests with a grammar (structured
+        outputs, ``flyer.serve.grammar``); None: those are refused."""
         self.cfg = cfg = cfg or EngineConfig()
         cfg.validate()
         self.model = model.eval()
@@ -125,6 +130,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
+        self.tokenizer, self.grammars = tokenizer, None  # GrammarMasks, built at the first grammar request
         # admitted prompts' full blocks before their last token (what sharing can spare), and those
         # shared or loaded from the on-disk tier instead of computed
         self.prefix_blocks = self.prefix_found = 0
@@ -153,8 +159,19 @@ class Engine:
             req.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         if opts.prompt_logprobs:
             req.prompt_lp = [None]
+        if opts.grammar is not None:
+            req.matcher = self._grammar_masks().matcher(opts.grammar)
         self.waiting.append(req)
         return req
+
+    def _grammar_masks(self) -> GrammarMasks:
+        """The engine's ``GrammarMasks`` (llguidance's tokenizer, built once); ``FieldError`` without a tokenizer."""
+        if self.grammars is None:
+            if self.tokenizer is None:
+                raise FieldError("response_format", "this engine was started without a tokenizer: no structured "
+                                                    "outputs")
+            self.grammars = GrammarMasks(self.tokenizer, self.model.cfg.vocab_size, self.device)
+        return self.grammars
 
     def cancel(self, req: Request) -> None:
         """End ``req`` at the next step and free its blocks (client gone, stop string seen)."""
@@ -308,6 +325,8 @@ class Engine:
 
     def _n_drafts(self, r: Request) -> int:
         """Drafts r verifies this step (``MtpSpeculator.n_drafts``)."""
+        if r.matcher is not None:  # a grammar row drafts none: drafts checked against its grammar are a follow-up
+            return 0
         return self.speculator.n_drafts(r) if self.spec else 0
 
     def _preempt(self, r: Request) -> None:
@@ -373,6 +392,8 @@ class Engine:
         logits = self.dec.logits(torch.cat(need) if len(need) > 1 else need[0]) if need else None
         if need and any(r.opts.adjusts for r in self.running):
             self._adjust(logits, plain, drafted, [prefilling[i] for i in ending])
+        if need and self.grammars is not None:  # grammar rows (plain or ending a prompt: they draft none)
+            self._mask(logits, plain, sum(h.shape[0] * h.shape[1] for h in h_drafts), [prefilling[i] for i in ending])
         greedy = kernels.argmax(logits).tolist() if need else []  # one argmax for the step, not one per row
         for i, r in enumerate(plain):
             r.n_cached += 1
@@ -400,6 +421,16 @@ class Engine:
         for row, (r, extra) in enumerate(owners):
             if r.opts.adjusts:
                 r.opts.adjust(logits[row], [*r.tokens[len(r.prompt):], *extra])
+
+    def _mask(self, logits: torch.Tensor, plain: list[Request], n_drafted: int, ending: list[Request]) -> None:
+        """The tokens each grammar row's grammar forbids set to -inf on its row of the step's logits (after the
+        adjustments: ``_forward``'s order, the drafted rows between the plain and the ending ones), so both
+        its argmax and its sample are allowed; the logprobs reported are this masked distribution's, the one
+        the token was chosen from (as OpenAI reports them)."""
+        rows = [(i, r.matcher) for i, r in enumerate(plain) if r.matcher is not None]
+        rows += [(len(plain) + n_drafted + i, r.matcher) for i, r in enumerate(ending) if r.matcher is not None]
+        if rows:
+            self.grammars.mask(logits, rows)
 
     def _verify(self, rows: list[Request], hv: torch.Tensor, logits: torch.Tensor, q: list, drafts: list[list[int]],
                 params: list[SamplingParams]) -> None:
@@ -468,8 +499,8 @@ class Engine:
         """(logprob of ``token``, the ``top`` most likely tokens' logprobs or None when top is 0/None)."""
         if not top:
             return float(logp_V[token]), None
-        vals, ids = logp_V.topk(top)
-        return float(logp_V[token]), dict(zip(ids.tolist(), vals.tolist()))
+        vals, ids = logp_V.topk(top)  # less the tokens a grammar forbids (-inf: not JSON)
+        return float(logp_V[token]), {i: v for i, v in zip(ids.tolist(), vals.tolist()) if v > -math.inf}
 
     def _register_full_blocks(self, r: Request, hidden: torch.Tensor | None = None) -> None:
         """Index r's newly full blocks (and leave a snapshot at a boundary of its plan: V4; ``hidden``, with MTP,
@@ -514,7 +545,9 @@ class Engine:
             self.metrics.tpot.observe(now - r.last_token_at if tpot is None else tpot)
         r.last_token_at = now
         self.metrics.generation_tokens.inc()
-        reason = "stop" if tok in o.stop_ids else "length" if r.generated >= o.max_tokens else None
+        # a grammar complete ends r as a stop token does (EOS, which it allows only there, is one)
+        reason = "stop" if tok in o.stop_ids else self.grammars.consume(r.matcher, tok) if r.matcher else None
+        reason = reason or ("length" if r.generated >= o.max_tokens else None)
         first = r.generated == 1
         if reason is not None:  # blocks freed before the caller hears the request is done
             self._finish(r, reason, emit=False)

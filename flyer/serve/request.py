@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -106,6 +106,7 @@ class SamplingOptions(LogitAdjustments):
     logit_bias: tuple[tuple[int, float], ...] = ()
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    grammar: str | None = None  # structured outputs: the llguidance grammar the output matches (flyer.serve.grammar)
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Request:
     mtp_len: int = 0  # leading positions whose MTP cache entries are written (speculative)
     h_prev: torch.Tensor | None = None  # main hidden states (C, D) of positions [mtp_len, n_cached)
     slot: int | None = None  # its hybrid pool slot while running (DeepSeek-V4)
+    matcher: Any = None  # its grammar's llguidance matcher, at its tokens so far (``opts.grammar``)
     submitted: float = 0.0
     last_token_at: float | None = None
     cancelled: bool = False

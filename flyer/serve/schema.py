@@ -5,6 +5,7 @@ and ``check_fields`` refuses the combinations and the unimplemented fields the t
     Body            the fields both routes share: model, sampling options, stop strings, n, stream
     CompletionBody  POST /v1/completions: prompt (text, texts, token ids, lists of token ids), logprobs, echo
     ChatBody        POST /v1/chat/completions: messages (text content or text parts), logprobs, top_logprobs
+    ResponseFormat  both routes' ``response_format``: text, json_object, json_schema (``flyer.serve.grammar``)
 """
 
 from __future__ import annotations
@@ -20,8 +21,37 @@ MAX_CHOICES = 128  # n, as OpenAI bounds it
 
 # OpenAI fields that change what is generated and that flyer serve does not implement, with the values
 # that change nothing (a client may send those): any other value is refused, never silently ignored
-NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
-                   "response_format": ({"type": "text"},)}
+NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],)}
+
+
+class JsonSchema(BaseModel):
+    """``response_format.json_schema`` as OpenAI defines it: the output matches ``schema`` (``strict`` or not:
+    flyer always constrains the tokens to it)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")  # pydantic's BaseModel has a ``schema`` of its own
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: "text" (any output), "json_object" (a JSON object), "json_schema" (JSON matching
+    ``json_schema.schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = Field(default=None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_for_its_type(cls, value: JsonSchema | None, info: ValidationInfo) -> JsonSchema | None:
+        if (value is not None) != (info.data.get("type") == "json_schema"):
+            raise ValueError("json_schema is given with type json_schema and only then")
+        return value
+
+    def schema_or_object(self) -> dict[str, Any] | None:
+        """The JSON schema the output matches: json_schema's, or for json_object None (any JSON object)."""
+        return self.json_schema.schema_ if self.json_schema is not None else None
 
 
 class Body(BaseModel):
@@ -53,6 +83,7 @@ class Body(BaseModel):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> added to its logit
+    response_format: ResponseFormat | None = None  # structured outputs (``flyer.serve.grammar``)
 
     def token_bias(self) -> tuple[tuple[int, float], ...]:
         """``logit_bias`` as (token id, bias) pairs, one per token ("7" and "07" are one key: the last

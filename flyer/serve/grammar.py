@@ -1,0 +1,161 @@
+"""Structured outputs (OpenAI's ``response_format``: ``json_object``, ``json_schema``) with llguidance.
+
+A request's JSON schema becomes an llguidance grammar (JSON text) on the HTTP side, checked there so that one
+llguidance cannot compile answers 400 naming ``response_format``; the grammar crosses the link in the request's
+``SamplingOptions`` and the engine gives the request a matcher (``GrammarMasks.matcher``). Each step, before a
+grammar row's token is chosen, the logits of the tokens its grammar forbids are set to -inf (one mask fill per
+row into one bitmask, applied to the step's logits rows at once); the chosen token
+is then consumed, and the request ends ("stop") when its grammar is complete. EOS is a token the grammar allows
+only where the output is complete.
+
+    json_grammar(schema)            schema (None: any JSON object) -> grammar; ``FieldError`` naming response_format
+    llg_tokenizer(tok, vocab_size)  llguidance's view of flyer's tokenizer (``TextTokenizer`` or ``ByteTokenizer``)
+    GrammarMasks                    the engine's side: matchers, the step's masks, tokens consumed
+
+The work a request can cause is bounded: its schema's JSON text (``MAX_SCHEMA_CHARS``), compiling it and each
+step's mask (``LIMITS``: llguidance's fuel and size limits; a grammar over them is refused or ends in error).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import llguidance
+import llguidance.numpy as llg_np
+import torch
+from tokenizers import Tokenizer
+
+from flyer.errors import FieldError
+from flyer.infer.cli import ByteTokenizer
+from flyer.interop.hf_tokenizer import TextTokenizer
+
+MAX_SCHEMA_CHARS = 32_768  # a schema's JSON text; a larger one is refused before llguidance sees it
+# llguidance's resource limits (its defaults, stated here so they are one decision): compiling a grammar
+# (lexer fuel ~50k/ms, grammar symbols) and each step's mask (lexer fuel ~14k/ms, Earley items ~20k/ms)
+LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
+              max_lexer_states=250_000, max_grammar_size=500_000, max_items_in_row=2000)
+# compact JSON (no whitespace between tokens) unless the schema's "x-guidance" says otherwise: a model that
+# wanders in whitespace cannot spend its tokens there
+JSON_DEFAULTS = {"whitespace_flexible": False}
+
+
+def _limits() -> llguidance.LLParserLimits:
+    return llguidance.LLParserLimits(**LIMITS, verbose_errors=False)
+
+
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """The llguidance grammar (JSON text) of output matching the JSON ``schema`` (None: any JSON object, as
+    OpenAI's ``json_object``); ``FieldError`` naming ``response_format`` for a schema too large
+    (``MAX_SCHEMA_CHARS``) or one llguidance cannot compile within ``LIMITS``."""
+    schema = {"type": "object"} if schema is None else schema
+    text = json.dumps(schema)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise FieldError("response_format", f"the schema's JSON text holds {len(text)} characters; at most "
+                                            f"{MAX_SCHEMA_CHARS} are served")
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_DEFAULTS)
+    except ValueError as e:
+        raise FieldError("response_format", f"the schema is not a JSON object ({e})") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar, None, limits=_limits())
+    if error:
+        raise FieldError("response_format", f"the schema cannot be compiled: {error.splitlines()[0]:.300}")
+    return grammar
+
+
+class _ByteWords:
+    """UTF-8 bytes as llguidance's ``TokenizerWrapper`` reads a tokenizer: ids 0-255 the bytes, the ids past
+    them (a preset's vocabulary) words without text, of which ``eos`` ends the output."""
+
+    def __init__(self, n_vocab: int, eos: int):
+        self.tokens = [bytes([i]) for i in range(256)] + [b""] * (n_vocab - 256)
+        self.special_token_ids = list(range(256, n_vocab))
+        self.eos_token_id, self.bos_token_id = eos, None
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
+
+def llg_tokenizer(tok, vocab_size: int) -> llguidance.LLTokenizer:
+    """``_llg_tokenizer``; ``FieldError`` naming ``response_format`` when llguidance cannot read ``tok``."""
+    try:
+        return _llg_tokenizer(tok, vocab_size)
+    except FieldError:
+        raise
+    except (ValueError, RuntimeError) as e:  # llguidance's refusals of a tokenizer it cannot read
+        raise FieldError("response_format", f"llguidance cannot read this server's tokenizer ({e})") from None
+
+
+def _llg_tokenizer(tok, vocab_size: int) -> llguidance.LLTokenizer:
+    """llguidance's tokenizer over ``vocab_size`` ids (the model's) for flyer's ``tok``: a ``TextTokenizer`` (its
+    ``tokenizers`` model, every id of ``eos_ids()`` an end), or the ``ByteTokenizer`` of presets (bytes; id 256,
+    a word without text, the end: presets have no EOS of their own). Built once per engine (~1 s for a 128k
+    vocabulary)."""
+    if isinstance(tok, TextTokenizer):
+        inner = Tokenizer.from_str(tok.tok.to_str())  # without padding or truncation, which would change the words
+        inner.no_padding()
+        inner.no_truncation()
+        n_vocab = max(vocab_size, inner.get_vocab_size(with_added_tokens=True))
+        return llguidance.LLTokenizer(inner.to_str(), n_vocab=n_vocab, eos_token=list(tok.eos_ids()) or None)
+    if isinstance(tok, ByteTokenizer):
+        n_vocab = max(vocab_size, 257)
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteWords(n_vocab, 256)), n_vocab=n_vocab)
+    raise FieldError("response_format", f"structured outputs need a TextTokenizer or ByteTokenizer "
+                                        f"(this server's is a {type(tok).__name__})")
+
+
+class GrammarMasks:
+    """The engine's side of structured outputs over ``vocab_size`` logits on ``device``: ``matcher`` for a
+    request's grammar, ``mask`` on a step's logits, ``consume`` for the token chosen. llguidance's tokenizer is
+    built from flyer's ``tok`` at construction."""
+
+    def __init__(self, tok, vocab_size: int, device: torch.device):
+        self.tokenizer = llg_tokenizer(tok, vocab_size)
+        self.vocab_size, self.device = vocab_size, device
+        self.bitmask = llg_np.allocate_token_bitmask(1, self.tokenizer.vocab_size)
+        self.shifts = torch.arange(32, dtype=torch.int32, device=device)
+        self.last: tuple[str, llguidance.LLMatcher] | None = None  # the last grammar compiled (n choices share it)
+
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """A matcher at the start of ``grammar`` (``json_grammar``'s); ``FieldError`` naming ``response_format``
+        when llguidance cannot compile it with this tokenizer. A copy of the last one when it is the same grammar."""
+        if self.last is None or self.last[0] != grammar:
+            m = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=_limits())
+            if m.is_error():
+                raise FieldError("response_format", f"the schema cannot be compiled: "
+                                                    f"{m.get_error().splitlines()[0]:.300}")
+            self.last = (grammar, m)
+        return self.last[1].deep_copy()
+
+    def mask(self, logits_NV: torch.Tensor, rows: list[tuple[int, llguidance.LLMatcher]]) -> None:
+        """Set to -inf, in place, the logits of the tokens each matcher forbids next: ``rows`` pairs a row of
+        ``logits_NV`` (N, V) with its matcher. llguidance fills each row's bitmask in one (B, ceil(V'/32)) int32
+        tensor, bit t % 32 of word t // 32 set where token t is allowed, unpacked and applied to the B rows at
+        once on the logits' device."""
+        n = len(rows)
+        if self.bitmask.shape[0] < n:
+            self.bitmask = llg_np.allocate_token_bitmask(n, self.tokenizer.vocab_size)
+        bm = self.bitmask[:n]
+        for i, (_, m) in enumerate(rows):  # in this thread: a pool's threads would spin against torch's
+            llg_np.fill_next_token_bitmask(m, bm, i)
+        # llguidance's numpy helpers, not its torch ones: those torch.compile at import (seconds on every flyer command)
+        bits = (torch.from_numpy(bm).to(self.device).unsqueeze(-1) >> self.shifts) & 1  # (B, W, 32)
+        allowed_BV = bits.flatten(1)[:, :self.vocab_size].bool()
+        # a row whose grammar allows none of the model's ids (a tokenizer with words past its vocabulary) keeps its
+        # logits: its token then fails the grammar and ends it (``consume``), where a row of -inf could not sample
+        allowed_BV |= ~allowed_BV.any(-1, keepdim=True)
+        idx = torch.tensor([row for row, _ in rows], device=self.device)
+        logits_NV[idx] = logits_NV[idx].masked_fill(~allowed_BV, -math.inf)
+
+    @staticmethod
+    def consume(m: llguidance.LLMatcher, token: int) -> str | None:
+        """``m`` advanced past ``token``, the one chosen: the request's finish reason, "stop" when its grammar is
+        complete (nothing but EOS may follow), "error" when the grammar refuses the token (``mask`` kept a row
+        that allows none of the model's ids), else None."""
+        if not m.consume_token(token):
+            print(f"flyer serve: a grammar refused token {token}: {m.get_error().splitlines()[0]:.300}",
+                  file=sys.stderr)
+            return "error"
+        return "stop" if m.is_stopped() else None
