@@ -1,6 +1,7 @@
 """``bench/serve.py``'s engine alone, in its process (flyer serve's weights, threads and engine settings, no HTTP):
 the clients' requests replayed in the same closed loop, decode-only steps, and under ``--speculative`` the same
-requests without speculation and without prefix sharing, whose greedy tokens must equal the speculative run's."""
+requests without speculation, without prefix sharing and (``--speculative-max-batch``) without the batch cutoff,
+whose greedy tokens must equal the speculative run's."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def engine_replay(model: Transformer, reqs, concurrency: int, args, **override) 
     order."""
     settings = dict(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"), max_batch_size=MAX_BATCH,
                     prefill_chunk=args.prefill_chunk, cache_dtype=torch.float32,  # flyer serve --cache-dtype fp32
-                    speculative=args.speculative, draft_tokens=args.draft_tokens, prefix_sharing=args.prefix_sharing)
+                    speculative=args.speculative, draft_tokens=args.draft_tokens, prefix_sharing=args.prefix_sharing,
+                    speculative_max_batch=args.speculative_max_batch)
     eng = Engine(model, EngineConfig(**{**settings, **override}))
     pending, tokens = iter(enumerate(reqs)), [0]
     outputs: list[list[int]] = [[] for _ in reqs]
@@ -97,8 +99,9 @@ def engine_replay(model: Transformer, reqs, concurrency: int, args, **override) 
     total = a[:, 2].sum()
     out = {"tokens_per_s": tokens[0] / total, "prefill_step_share": a[a[:, 1] > 0, 2].sum() / total,
            "prefix_hit_rate": eng.prefix_hit_rate}
-    if eng.spec:
+    if eng.spec:  # and the steps the batch cutoff ran without drafts (--speculative-max-batch)
         out["draft_acceptance"] = eng.accepted / max(eng.drafted, 1)
+        out["spec_off_steps"] = eng.speculator.off_steps
     if concurrency > 1:  # one client's step decodes its row or prefills, never both: no fit to make
         fit = np.linalg.lstsq(np.c_[np.ones(len(a)), a[:, :2]], a[:, 2], rcond=None)[0]
         out.update(ms_per_step=1e3 * fit[0], ms_per_decode_row=1e3 * fit[1], ms_per_prompt_token=1e3 * fit[2],
@@ -109,12 +112,14 @@ def engine_replay(model: Transformer, reqs, concurrency: int, args, **override) 
 def speculation_variants(model: Transformer, reqs, concurrency: int, args, stats: dict[str, float],
                          outputs: list[list[int]]) -> dict[str, float]:
     """Under ``--speculative``: ``reqs`` replayed again on the engine alone (``engine_replay``) without speculation
-    (``no_spec``) and, where sharing is on, with speculation and ``--no-prefix-sharing`` (``no_sharing``), after
-    the speculative run that gave ``stats`` and ``outputs``. Each variant's tokens/s and prefix hit rate, the
-    speculative run's speedup over ``no_spec`` and over ``no_sharing``, and ``variants_agree``: of
-    ``variants_requests``, the requests whose greedy tokens are the same in every variant (speculation and
-    sharing change how the tokens are computed, never which)."""
-    variants = {"no_spec": dict(speculative=None, draft_tokens=1)}
+    (``no_spec``), under ``--speculative-max-batch`` with speculation at every batch size too (``no_cutoff``), and
+    where sharing is on with speculation and ``--no-prefix-sharing`` (``no_sharing``), after the speculative run
+    that gave ``stats`` and ``outputs``. Each variant's tokens/s and prefix hit rate, the speculative run's speedup
+    over each, and ``variants_agree``: of ``variants_requests``, the requests whose greedy tokens are the same in
+    every variant (speculation and sharing change how the tokens are computed, never which)."""
+    variants = {"no_spec": dict(speculative=None, draft_tokens=1, speculative_max_batch=None)}
+    if args.speculative_max_batch:
+        variants["no_cutoff"] = dict(speculative_max_batch=None)
     if args.prefix_sharing:
         variants["no_sharing"] = dict(prefix_sharing=False)
     out: dict[str, float] = {}

@@ -56,11 +56,16 @@ speculation and, with sharing on, with ``--no-prefix-sharing`` (``engine_tokens_
 all three (``engine_variants_agree_c*`` of ``engine_variants_requests_c*``). A random MTP module's drafts are almost
 never kept: ``--train-steps N`` serves the preset after N steps of ``flyer train`` on its default text
 (``bench/decode.py``'s run; ``train_s``), by default ``V4_TRAIN_STEPS`` for tiny-v4 with ``--speculative``.
+``--speculative-max-batch N`` serves with that batch cutoff (a step of more than N decoding requests drafts none:
+``spec_off_steps_c*``, such steps of the HTTP run; ``engine_spec_off_steps_c*``, the engine's), and the engine alone
+replays each concurrency without the cutoff too (``engine_tokens_per_s_no_cutoff_c*``,
+``engine_speedup_vs_no_cutoff_c*``).
 
 The default run is sized for a 2-core CPU (about three minutes each preset); ``--full`` runs the issue's sizes
 (1/4/16/64 clients, prompts of 64-1024 tokens, 64-256 new tokens). Prints one JSON object.
     python bench/serve.py [--preset small|tiny-v4] [--full] [--threads N] [--weight-dtype bf16|fp32]
-                          [--device cpu|cuda] [--speculative mtp [--draft-tokens N]] [--train-steps N]
+                          [--device cpu|cuda] [--speculative mtp [--draft-tokens N] [--speculative-max-batch N]]
+                          [--train-steps N]
 """
 
 from __future__ import annotations
@@ -263,6 +268,8 @@ def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
         cmd += ["--threads", str(args.threads)]
     if args.speculative:
         cmd += ["--speculative", args.speculative, "--draft-tokens", str(args.draft_tokens)]
+    if args.speculative_max_batch:
+        cmd += ["--speculative-max-batch", str(args.speculative_max_batch)]
     if not args.prefix_sharing:
         cmd += ["--no-prefix-sharing"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -407,6 +414,9 @@ def main() -> None:
                     help="context of the in-process decode-step keys (default: the prompts' mean length)")
     ap.add_argument("--speculative", choices=["mtp"], default=None, help="flyer serve --speculative (the engine's too)")
     ap.add_argument("--draft-tokens", type=int, default=1, help="flyer serve --draft-tokens (with --speculative)")
+    ap.add_argument("--speculative-max-batch", type=int, default=None, metavar="N",
+                    help="flyer serve --speculative-max-batch (with --speculative; the engine's too, which also "
+                         "replays the requests without it)")
     ap.add_argument("--train-steps", type=int, default=None,
                     help="serve the preset trained this many steps (bench/decode.py's flyer train run; default "
                          f"{V4_TRAIN_STEPS} for tiny-v4 with --speculative, whose random MTP module drafts nothing it "
@@ -420,6 +430,8 @@ def main() -> None:
     hybrid = preset(args.preset).attn == "hybrid"
     if args.train_steps is None:
         args.train_steps = V4_TRAIN_STEPS if hybrid and args.speculative else 0
+    if args.speculative_max_batch is not None and (args.speculative_max_batch < 1 or not args.speculative):
+        ap.error(f"--speculative-max-batch: must be >= 1 and needs --speculative (got {args.speculative_max_batch})")
     if args.train_steps < 0:
         ap.error(f"--train-steps: must be >= 0 (0: random weights), got {args.train_steps}")
     if args.weight_dtype is None:
@@ -443,6 +455,7 @@ def main() -> None:
                  "prompt_tokens": [args.prompt_min, args.prompt_max], "new_tokens": [args.new_min, args.new_max],
                  "system_prompt_tokens": args.system_prompt, "speculative": args.speculative,
                  "draft_tokens": args.draft_tokens if args.speculative else None,
+                 "speculative_max_batch": args.speculative_max_batch,
                  "prefix_sharing": args.prefix_sharing, "train_steps": args.train_steps}
     rng = random.Random(0)
     system = [rng.randrange(TOKEN_RANGE) for _ in range(args.system_prompt)]
@@ -462,7 +475,7 @@ def main() -> None:
         try:
             with _client(1) as client:
                 _one(client, url, args.preset, system + [1, 2, 3], 4)  # warm-up
-            spec = ("flyer_spec_draft_tokens_total", "flyer_spec_accepted_tokens_total")
+            spec = ("flyer_spec_draft_tokens_total", "flyer_spec_accepted_tokens_total", "flyer_spec_off_steps_total")
             for c in args.concurrency:
                 reqs = _requests(shapes[:max(c, RATIO_CLIENTS) * args.requests_per_client], rng, system)
                 before = _metrics(url, *spec)
@@ -470,10 +483,12 @@ def main() -> None:
                 out[f"tokens_per_s_c{c}"] = res["tokens_per_s"]
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
                     out[f"{k}_c{c}"] = res[k]
-                hit_rate, drafted, accepted = _metrics(url, "flyer_prefix_cache_hit_rate", *spec)
+                hit_rate, drafted, accepted, off = _metrics(url, "flyer_prefix_cache_hit_rate", *spec)
                 out[f"prefix_hit_rate_c{c}"] = hit_rate
                 if args.speculative:  # this concurrency's drafts: accepted / verified
                     out[f"draft_acceptance_c{c}"] = round((accepted - before[1]) / max(drafted - before[0], 1), 4)
+                if args.speculative_max_batch:  # its steps over the cutoff
+                    out[f"spec_off_steps_c{c}"] = int(off - before[2])
                 sent[c] = reqs
         finally:
             proc.terminate()

@@ -62,13 +62,14 @@ def test_serve_bench_v4_json():
     assert r["max_seqs_v4"] > 0
 
 
-def _variants(monkeypatch, model, draft_tokens: int) -> dict:
+def _variants(monkeypatch, model, draft_tokens: int, max_batch: int | None = None) -> dict:
     """``speculation_variants`` after ``engine_replay`` as bench/serve.py runs them (``--speculative mtp``, sharing
-    on), two clients, on 4 requests that share 2 blocks (32 tokens) of ``PATTERN`` and go on with more of it."""
+    on, ``--speculative-max-batch max_batch``), two clients, on 4 requests that share 2 blocks (32 tokens) of
+    ``PATTERN`` and go on with more of it."""
     monkeypatch.syspath_prepend(str(BENCH.parent))  # bench/'s helpers import each other from beside them
     bench = importlib.import_module("_serve_engine")
     args = SimpleNamespace(kv_cache_memory="16M", prefill_chunk=256, speculative="mtp", draft_tokens=draft_tokens,
-                           prefix_sharing=True)
+                           prefix_sharing=True, speculative_max_batch=max_batch)
     reqs = [((PATTERN * 6)[:32 + 5 + 3 * i], 8) for i in range(4)]
     stats, outputs = bench.engine_replay(model, reqs, 2, args)
     stats.update(bench.speculation_variants(model, reqs, 2, args, stats, outputs))
@@ -84,6 +85,14 @@ def test_serve_bench_speculation_variants(monkeypatch):
     assert 0 < r["prefix_hit_rate"] <= 0.75 and r["prefix_hit_rate_no_spec"] == r["prefix_hit_rate"]
     assert r["prefix_hit_rate_no_sharing"] == 0
     assert r["draft_acceptance"] > 0.5  # the pattern-trained module drafts the pattern
+    assert r["variants_requests"] == 4 and r["variants_agree"] == 4
+
+
+def test_serve_bench_speculation_variants_with_a_batch_cutoff(monkeypatch):
+    """``--speculative-max-batch 1``: the steps decoding both clients' requests draft none; a variant without the
+    cutoff, and the same tokens in every variant."""
+    r = _variants(monkeypatch, pattern_trained(), 1, max_batch=1)
+    assert r["tokens_per_s_no_cutoff"] > 0 and r["speedup_vs_no_cutoff"] > 0 and r["spec_off_steps"] > 0
     assert r["variants_requests"] == 4 and r["variants_agree"] == 4
 
 

@@ -91,7 +91,8 @@ def _run(args) -> int:
                        block_size=DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size,
                        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                        prefill_chunk=args.prefill_chunk, prefix_sharing=not args.no_prefix_sharing,
-                       speculative=args.speculative, draft_tokens=args.draft_tokens)
+                       speculative=args.speculative, draft_tokens=args.draft_tokens,
+                       speculative_max_batch=args.speculative_max_batch)
     cfg.validate()
     if not 0 <= args.port < 65536:
         raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
@@ -190,6 +191,10 @@ def register(sub) -> None:
                    help="MTP drafts per request and step, verified in the batch (greedy output unchanged)")
     p.add_argument("--draft-tokens", type=int, default=1,
                    help="MTP drafts per request and step (default 1; more reapply the MTP module to its own output)")
+    p.add_argument("--speculative-max-batch", type=int, default=None, metavar="N",
+                   help="with --speculative: a step with more than N decoding requests drafts for none of them "
+                        "(they decode plainly): where a step is bound by compute (a CPU, a GPU at a large batch) "
+                        "verifying the drafts costs more than the kept ones win back (default: always draft)")
     p.add_argument("--no-prefix-sharing", action="store_true",
                    help="recompute shared prompt prefixes (DeepSeek-V4: its blocks and slot snapshots too)")
     p.add_argument("--prefix-cache", metavar="DIR",

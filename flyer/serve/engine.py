@@ -26,7 +26,7 @@ during the step. Each scheduler step:
 
 With ``speculative="mtp"`` each decode step first drafts tokens with the model's MTP module, which has a
 paged cache of its own on the same block tables, and the forward of step 4 verifies them
-(``flyer.serve.speculation``).
+(``flyer.serve.speculation``); a step with more than ``speculative_max_batch`` decoding rows drafts none.
 
 DeepSeek-V4 (attn "hybrid", ``flyer.serve.paged_hybrid``): a running request also holds a slot (its windows,
 the compressors' partial states) from admission to its end or preemption; its compressed entries fill its
@@ -126,7 +126,8 @@ class Engine:
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
         self.device = device
         self.speculator = MtpSpeculator(self.dec, self.mtp_cache, cfg.draft_tokens, self._tables, self.metrics,
-                                        device, self.cache if self.hybrid else None) if self.spec else None
+                                        device, self.cache if self.hybrid else None, cfg.speculative_max_batch,
+                                        cfg.block_size) if self.spec else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -214,6 +215,8 @@ class Engine:
     def step(self) -> None:
         """One scheduling step (see the module docstring)."""
         self.admit()
+        if self.spec:  # drafting or not, decided once: the drafts' slots reserved below and the forward agree
+            self.speculator.begin_step(sum(len(r.tokens) - r.n_cached == 1 for r in self.running))
         decoding = self._reserve_decode_slots()
         self._forward(decoding, *self._plan_prefill())
         self._update_gauges()
@@ -400,6 +403,9 @@ class Engine:
             if self.spec:  # (1, D) at the position just fed
                 r.h_prev = h_plain[i] if r.h_prev is None else torch.cat([r.h_prev, h_plain[i]])
             self._advance(r, logits[i], greedy[i])
+        if self.spec and plain:  # their MTP entries written every block's worth of plain steps (``bound_pending``)
+            for r in self.speculator.bound_pending([r for r in plain if r in self.running]):
+                self._register_full_blocks(r)
         done = len(plain)
         for (rows, q, drafts, params), h in zip(drafted, h_drafts):
             n = h.shape[0] * h.shape[1]

@@ -12,7 +12,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class ServeMetrics:
     """Requests, tokens in and out, time to first token, time per output token, running and
     waiting requests, cache blocks used and free, prefix hit rate, preemptions, MTP drafts
-    verified and accepted."""
+    verified and accepted, steps the batch cutoff ran without drafts."""
 
     def __init__(self):
         r = self.registry = CollectorRegistry()
@@ -37,6 +37,8 @@ class ServeMetrics:
                                     registry=r)
         self.accepted_tokens = Counter("flyer_spec_accepted_tokens", "MTP draft tokens accepted (--speculative)",
                                        registry=r)
+        self.spec_off_steps = Counter("flyer_spec_off_steps", "Steps whose decoding rows outnumbered "
+                                      "--speculative-max-batch: none drafted", registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -85,12 +85,19 @@ class EngineConfig:
     prefix_cache: PrefixCache | None = None  # on-disk second tier (``open_disk_prefix_cache``)
     speculative: str | None = None  # "mtp": MTP drafts per decoding request per step, verified in the batch
     draft_tokens: int = 1  # drafts per request and step (speculative)
+    # speculative: a step with more decoding rows than this drafts for none (verifying costs more than it wins back)
+    speculative_max_batch: int | None = None
 
     def validate(self) -> None:
         for name in ("kv_cache_bytes", "block_size", "max_batch_size", "max_queue", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be >= 1 (got {getattr(self, name)})")
         check_speculation(self.speculative, self.draft_tokens)
+        if self.speculative_max_batch is not None:
+            if self.speculative_max_batch < 1:
+                raise FieldError("speculative_max_batch", f"must be >= 1 (got {self.speculative_max_batch})")
+            if self.speculative is None:
+                raise FieldError("speculative_max_batch", "needs speculative decoding (--speculative mtp)")
 
 
 @dataclass(frozen=True)
