@@ -223,6 +223,8 @@ def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig,
     assert len(saved) == 1 and not list((run / "checkpoints").glob(".tmp-*"))
     step = int(saved[0].name.removeprefix("step_"))
     assert 3 <= step < 12 and f"{sig.name}: stopped after step {step}; checkpoint {saved[0]} saved" in err
+    if sig != signal.SIGTERM:  # one handler for every signal: the checkpoint it saved resumes alike (SIGTERM's)
+        return
     res = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr
     a, val_loss = uninterrupted

@@ -189,16 +189,16 @@ def test_cli_serves_v4_like_generate(run_dir, capsys):
     """``flyer serve`` on a free loopback port: the openai client's completions (whole and streamed, a prompt
     past several windows and entries) are ``flyer generate``'s greedy text."""
     prompts = ["the quick brown fox", "hello world, flyer reads checkpoints " * 3]
-    want = []
-    for p in prompts:
-        assert main(["generate", "--ckpt", str(run_dir), "--prompt", p, "--max-new-tokens", "12", "--cache-dtype",
-                     "fp32", "--device", "cpu", "--json"]) == 0
-        want.append(json.loads(capsys.readouterr().out)["text"])
     proc = subprocess.Popen([sys.executable, "-m", "flyer", "serve", "--ckpt", str(run_dir), "--port", "0",
                              "--cache-dtype", "fp32", "--kv-cache-memory", "4M", "--threads", "1", "--device", "cpu",
                              "--max-batch-size", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
+        want = []  # while the server starts (one thread each)
+        for p in prompts:
+            assert main(["generate", "--ckpt", str(run_dir), "--prompt", p, "--max-new-tokens", "12", "--cache-dtype",
+                         "fp32", "--device", "cpu", "--json", "--threads", "1"]) == 0
+            want.append(json.loads(capsys.readouterr().out)["text"])
         line = proc.stdout.readline()
         assert line.startswith("flyer serve: ready on http://127.0.0.1:"), line + proc.stderr.read()
         url = line.split()[4]

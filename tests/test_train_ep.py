@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from flyer.cli import main
 from flyer.interop.load import load_pretrained
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
@@ -35,9 +36,8 @@ def test_torchrun_ep4_two_nodes_trains_checkpoints_and_resumes(tmp_path, data_ca
     assert model.layers[1].ffn.experts.w1.shape[0] == cfg.n_routed_experts
 
 
-def test_bad_ep_layout_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "flyer", "train", "--preset", "tiny", "--ep", "3", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("flyer: error: --ep: 3 needs a multi-process launch"), out.stderr
+def test_bad_ep_layout_is_one_line(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--ep", "3", "--out", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flyer: error: --ep: 3 needs a multi-process launch"), lines
+    assert not any(tmp_path.iterdir())  # refused before the run directory is taken
