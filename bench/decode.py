@@ -27,12 +27,17 @@
    gathered (``dsa_gathered``, in sub-chunks within ``GATHER_BUDGET``) against every cached slot read and the
    unselected masked (``dsa_masked``, the compute-bound form), interleaved, best of ``--rounds``
    (``speedup_dsa_prefill_gathered_vs_masked``); the last chunk's hidden states' relative difference.
+6. FP8 latent cache (``--fp8-only``, alone): decode tokens/s of the MLA model above at V3's latent widths
+   (512 + 64) with ``--cache-dtype fp8`` (DeepSeek's FP8 rows, dequantized as they are gathered) against BF16
+   read in place by the kernel and BF16 gathered (the eager path the FP8 read takes), interleaved, best of
+   ``--rounds`` (``speedup_fp8_vs_bf16``, ``speedup_fp8_vs_bf16_gathered``), and the bytes per token of each.
 
 All times are compared with a peer measured in the same run. Prints one JSON object.
     python bench/decode.py [--threads 1] [--ckpt RUN_DIR] [--dsa-only]
     python bench/decode.py --mtp-only [--mtp-preset tiny-v4]
     python bench/decode.py --prefix-only [--prefix-preset tiny-v4]
     python bench/decode.py --dsa-prefill [--dsa-prompts 4096,8192] [--dsa-chunk 256] [--rounds 2]
+    python bench/decode.py --fp8-only [--contexts 512,2048]
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ import torch
 from flyer import kernels
 from flyer.config import preset
 from flyer.infer import Decoder, GenerationConfig, attention, generate
+from flyer.infer.cache import make_cache
+from flyer.infer.cache_fp8 import FP8
 from flyer.infer.generate import open_prefix_cache
 from flyer.interop.load import load_pretrained
 from flyer.model.counts import kv_cache_bytes_per_token, param_counts
@@ -64,6 +71,19 @@ MLA_BENCH = dict(n_heads=16, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_di
 GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32, max_seq_len=4096, original_seq_len=4096)
 # MLA_BENCH with DSA's indexer (V3.2: 64 heads of 128 keeping 2048; here 8 of 64), contexts up to 16K
 DSA_BENCH = dict(MLA_BENCH, index_n_heads=8, index_head_dim=64, max_seq_len=16384, original_seq_len=16384)
+FP8_BENCH = dict(MLA_BENCH, kv_lora_rank=512, qk_rope_head_dim=64)  # V3's latent widths: 4 scale tiles a row
+
+
+def best_of(runs: dict[str, DecodeRun], rounds: int) -> dict[str, float]:
+    """Each run's best tokens/s over ``rounds`` rounds of all of them in turn (interleaved, best of rounds: robust
+    to a shared, loaded machine), after one warm-up call each."""
+    for run in runs.values():
+        run.tokens_per_s()
+    best = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            best[name] = max(best[name], run.tokens_per_s())
+    return best
 
 
 class DecodeRun:
@@ -71,10 +91,16 @@ class DecodeRun:
     depend on the values), timed over ``steps`` decode steps from position ``ctx``."""
 
     def __init__(self, model: Transformer, mode: str, ctx: int, batch: int, steps: int, gathered: bool = False,
-                 switch: contextlib.AbstractContextManager | None = None):
-        self.dec = Decoder(model, batch, ctx + steps + 1, mode, torch.bfloat16)
-        for t in self.dec.cache.tensors.values():
-            t[:, :, :ctx].normal_()
+                 switch: contextlib.AbstractContextManager | None = None, cache_dtype: torch.dtype = torch.bfloat16):
+        self.dec = Decoder(model, batch, ctx + steps + 1, mode, cache_dtype)
+        if cache_dtype == FP8:  # rows written as the model writes them: quantized, scales and all
+            cfg, pos = model.cfg, torch.arange(ctx).expand(batch, ctx)
+            for layer in range(cfg.n_layers):
+                self.dec.cache.write(layer, pos, latent=torch.randn(batch, ctx, cfg.kv_lora_rank),
+                                     rope_key=torch.randn(batch, ctx, cfg.qk_rope_head_dim))
+        else:
+            for t in self.dec.cache.tensors.values():
+                t[:, :, :ctx].normal_()
         self.ctx, self.batch, self.steps, self.vocab = ctx, batch, steps, model.cfg.vocab_size
         self.switch = gathered_attention if gathered else switch or contextlib.nullcontext
 
@@ -147,12 +173,7 @@ def bench_dsa(contexts: list[int], topk: int, batch: int, steps: int, rounds: in
                 "masked": DecodeRun(model, "absorbed", ctx, batch, steps, switch=masked_selection)}
         if kernels.cpu_ops() is not None:
             runs["gathered_index_copy"] = DecodeRun(model, "absorbed", ctx, batch, steps, switch=copied_index_keys)
-        for run in runs.values():
-            run.tokens_per_s()  # warm-up
-        best = dict.fromkeys(runs, 0.0)
-        for _ in range(rounds):
-            for name, run in runs.items():
-                best[name] = max(best[name], run.tokens_per_s())
+        best = best_of(runs, rounds)
         for name in runs:
             out[f"tokens_per_s_dsa_{name}_ctx{ctx}"] = round(best[name], 1)
         out[f"speedup_dsa_gathered_vs_masked_ctx{ctx}"] = round(best["gathered"] / best["masked"], 3)
@@ -230,11 +251,7 @@ def bench_attention(contexts: list[int], batch: int, steps: int, rounds: int) ->
             if name != "absorbed_gathered":
                 out[f"cache_bytes_per_token_{name}"] = bpt
                 out[f"cache_mib_{name}_ctx{ctx}"] = round(bpt * ctx * batch / 2**20, 2)
-            run.tokens_per_s()  # warm-up
-        best = dict.fromkeys(runs, 0.0)
-        for _ in range(rounds):  # interleaved, best of rounds: robust to a shared, loaded machine
-            for name, run in runs.items():
-                best[name] = max(best[name], run.tokens_per_s())
+        best = best_of(runs, rounds)
         for name in runs:
             out[f"tokens_per_s_{name}_ctx{ctx}"] = round(best[name], 1)
         for peer in ("naive", "gqa"):
@@ -250,6 +267,30 @@ def bench_attention(contexts: list[int], batch: int, steps: int, rounds: int) ->
         out[f"cache_ratio_{peer}_vs_absorbed"] = round(out[f"cache_bytes_per_token_{peer}"]
                                                        / out["cache_bytes_per_token_absorbed"], 2)
     out["cache_bytes_per_token_dsv3"] = kv_cache_bytes_per_token(preset("dsv3"))
+    return out
+
+
+def bench_fp8_cache(contexts: list[int], batch: int, steps: int, rounds: int) -> dict:
+    """Part 6: the FP8 latent cache against BF16 read in place and BF16 gathered, at V3's latent widths."""
+    torch.manual_seed(0)
+    model = Transformer(preset("small", **FP8_BENCH)).eval()
+    out: dict = {"model": {"params": param_counts(model.cfg).total, **FP8_BENCH, "base_preset": "small",
+                           "batch": batch, "steps": steps, "rounds": rounds}}
+    for name in ("dsv3", "small"):
+        cfg = preset(name)
+        for dt, key in ((torch.bfloat16, "bf16"), (FP8, "fp8")):
+            out[f"cache_bytes_per_token_{name}_{key}"] = make_cache(cfg, cfg.n_layers, 1, 1, "absorbed", dt,
+                                                                    "meta").bytes_per_token()
+    for ctx in contexts:
+        runs = {"bf16": DecodeRun(model, "absorbed", ctx, batch, steps),
+                "bf16_gathered": DecodeRun(model, "absorbed", ctx, batch, steps, gathered=True),
+                "fp8": DecodeRun(model, "absorbed", ctx, batch, steps, cache_dtype=FP8)}
+        best = best_of(runs, rounds)
+        for name in runs:
+            out[f"tokens_per_s_{name}_ctx{ctx}"] = round(best[name], 1)
+        out[f"speedup_fp8_vs_bf16_ctx{ctx}"] = round(best["fp8"] / best["bf16"], 3)
+        out[f"speedup_fp8_vs_bf16_gathered_ctx{ctx}"] = round(best["fp8"] / best["bf16_gathered"], 3)
+        del runs
     return out
 
 
@@ -347,6 +388,7 @@ def main() -> int:
     ap.add_argument("--dsa-prefill", action="store_true", help="run the DSA prefill part (5.) alone")
     ap.add_argument("--dsa-prompts", default="4096,8192", help="prompt lengths of the DSA prefill part")
     ap.add_argument("--dsa-chunk", type=int, default=256, help="prefill chunk of the DSA prefill part")
+    ap.add_argument("--fp8-only", action="store_true", help="run the FP8 cache part (6.) alone")
     args = ap.parse_args()
     tune_malloc()  # as flyer's CLI and Trainer do
     torch.set_num_threads(args.threads)
@@ -361,6 +403,11 @@ def main() -> int:
     if args.dsa_prefill:
         prompts = [int(n) for n in args.dsa_prompts.split(",")]
         out.update(bench_dsa_prefill(prompts, args.dsa_chunk, args.dsa_topk, args.rounds))
+        out["bench_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(out))
+        return 0
+    if args.fp8_only:
+        out.update(bench_fp8_cache([int(c) for c in args.contexts.split(",")], args.batch, args.steps, args.rounds))
         out["bench_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(out))
         return 0

@@ -10,6 +10,9 @@ each token's indexer key, which the indexer scores against every later query, in
 indexer of their own (all L, but for GLM-5's shared layers, which keep none: ``MLA.index_row`` is a layer's
 row).
 
+``Fp8LatentCache`` (``--cache-dtype fp8``) is ``LatentCache`` in DeepSeek's FP8 rows (``flyer.infer.cache_fp8``):
+per token and layer 512 E4M3 latent codes, 4 FP32 scales and 64 BF16 rope values in V3, 656 bytes against 1,152.
+
 Every cache stores its tensors as ``(L, B, S, ...)``: L layers, B rows (sequences), S slots.
 Row b's token at position p lives in slot p. Slots at or beyond a row's valid length may hold
 stale values (right padding of a batched prefill, rejected speculative drafts); attention masks
@@ -21,6 +24,8 @@ from __future__ import annotations
 import torch
 
 from flyer.config import ModelConfig
+from flyer.errors import FieldError
+from flyer.infer.cache_fp8 import FP8, INDEX_KEY_DTYPE, check_fp8_cache, n_tiles, pack_rows, token_bytes, unpack_rows
 
 
 class _SlotCache:
@@ -57,8 +62,17 @@ class _SlotCache:
         if int(pos_BT.max()) >= self.max_len:
             raise ValueError(f"cache overflow: position {int(pos_BT.max())} >= max_len {self.max_len}")
         rows = torch.arange(pos_BT.shape[0], device=pos_BT.device).unsqueeze(1)
-        for name, v in values.items():
-            self.tensors[name][layer][rows, pos_BT] = v.to(self.dtype)
+        for name, v in self.encode(values).items():
+            self.storage(name, layer)[rows, pos_BT] = v
+
+    def encode(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``values`` (name -> (B, T, ...)) as stored: name -> (B, T, ...) in the cache's dtype (an FP8 cache
+        packs a token's latent and rope key into one row), each written to ``storage(name, layer)``."""
+        return {k: v.to(self.dtype) for k, v in values.items()}
+
+    def storage(self, name: str, layer: int) -> torch.Tensor:
+        """(B, S, ...): where ``encode``'s ``name`` entry of layer (or indexer row) ``layer`` is stored."""
+        return self.tensors[name][layer]
 
     def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype, heads_first: bool = False) -> torch.Tensor:
         """Slots [0, n_slots) of every row in the compute dtype: (B, n_slots, ...), or for a
@@ -116,10 +130,13 @@ class LatentCache(_SlotCache):
             self._tables = torch.arange(B, device=self.packed.device).view(B, 1)
         return self.packed[layer], self._tables
 
+    def decode_packed(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(..., kv_lora_rank + rope) in ``dtype``: slots of ``packed`` (..., its last dim) as [latent | rope key]."""
+        return raw if raw.dtype == dtype else raw.to(dtype)
+
     def read_packed(self, layer: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
         """(B, n_slots, kv_lora_rank + rope): [latent | rope key] of slots [0, n_slots)."""
-        t = self.packed[layer, :, :n_slots]
-        return t if t.dtype == dtype else t.to(dtype)
+        return self.decode_packed(self.packed[layer, :, :n_slots], dtype)
 
     def gather_packed(self, layer: int, slots_BTk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, T, k, kv_lora_rank + rope) in ``dtype``: [latent | rope key] of row b's slot ``slots[b, t, j]``
@@ -127,7 +144,52 @@ class LatentCache(_SlotCache):
         B, L = self.packed.shape[1:3]
         flat = slots_BTk + (torch.arange(B, device=slots_BTk.device) * L).view(-1, 1, 1)  # row b's slots at b L
         t = self.packed[layer].flatten(0, 1).index_select(0, flat.view(-1)).view(*slots_BTk.shape, -1)
-        return t if t.dtype == dtype else t.to(dtype)
+        return self.decode_packed(t, dtype)
+
+
+class Fp8LatentCache(LatentCache):
+    """``LatentCache`` with FP8 rows: ``packed`` (L, B, S, token_bytes(C, R)) uint8 in DeepSeek's layout, seen as
+    ``latent`` (L, B, S, C) float8_e4m3fn, ``latent_scale`` (L, B, S, ceil(C/128)) FP32 and ``rope_key``
+    (L, B, S, R) BF16; with ``index_dim`` (DSA) ``index_key`` (L_i, B, S, index_dim) BF16 apart. Writes quantize
+    (``pack_rows``; latent and rope key together), reads dequantize to the compute dtype (``unpack_rows``)."""
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, device=None,
+                 index_dim: int = 0, index_layers: int | None = None):
+        if kv_lora_rank % 4:
+            raise FieldError("cache_dtype", f"fp8 needs kv_lora_rank a multiple of 4 (got {kv_lora_rank})")
+        self.kv_lora_rank = kv_lora_rank
+        self.packed = torch.zeros(n_layers, batch, max_len, token_bytes(kv_lora_rank, rope_dim), dtype=torch.uint8,
+                                  device=device)
+        self._tables = None
+        _SlotCache.__init__(self, {**self._views(self.packed), **_index_keys(
+            _or(index_layers, n_layers), batch, max_len, index_dim, INDEX_KEY_DTYPE, device)})
+
+    def _views(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        C, n = self.kv_lora_rank, n_tiles(self.kv_lora_rank)
+        return {"latent": packed[..., :C].view(FP8), "latent_scale": packed[..., C:C + 4 * n].view(torch.float32),
+                "rope_key": packed[..., C + 4 * n:].view(torch.bfloat16)}
+
+    def _kept(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.packed = self.packed.index_select(1, rows)
+        rest = {k: t.index_select(1, rows) for k, t in self.tensors.items() if k == "index_key"}
+        return {**self._views(self.packed), **rest}
+
+    def encode(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``values`` (latent and rope_key (B, T, ...) together; index_key) as what is stored: {"packed": FP8
+        rows (B, T, token_bytes) uint8, "index_key": BF16}; ``storage`` names where each goes."""
+        values = dict(values)
+        out = {}
+        if "latent" in values or "rope_key" in values:
+            if not ("latent" in values and "rope_key" in values):
+                raise ValueError("an FP8 latent cache writes a token's latent and rope key together")
+            out["packed"] = pack_rows(values.pop("latent"), values.pop("rope_key"))
+        return {**out, **{k: v.to(self.tensors[k].dtype) for k, v in values.items()}}
+
+    def storage(self, name: str, layer: int) -> torch.Tensor:
+        return self.packed[layer] if name == "packed" else self.tensors[name][layer]
+
+    def decode_packed(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return unpack_rows(raw, self.kv_lora_rank, dtype)
 
 
 class KVCache(_SlotCache):
@@ -152,14 +214,20 @@ def make_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, mode: 
                dtype: torch.dtype = torch.bfloat16, device=None) -> _SlotCache:
     """The cache a model with ``cfg`` needs for ``mode`` ("absorbed" or "naive"; GQA ignores it), of its
     first ``n_layers`` layers; with the DSA indexer (``index_topk`` > 0) it holds the indexer keys too, of
-    the layers that have their own indexer (``MLA.index_row``)."""
+    the layers that have their own indexer (``MLA.index_row``). ``dtype`` float8_e4m3fn: MLA's absorbed
+    latent cache in DeepSeek's FP8 rows (``Fp8LatentCache``; anything else a ``FieldError`` naming cache_dtype)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES} (got {mode!r})")
+    if dtype == FP8:
+        check_fp8_cache(cfg, mode)
     if cfg.attn == "gqa":
         return KVCache(n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim, dtype, device)
     index_dim = cfg.index_head_dim if cfg.index_topk else 0
     # the layers with an indexer of their own keep index keys (GLM-5's shared ones none; MTP blocks have one)
     indexed = sum(map(cfg.has_indexer, range(n_layers)))
+    if mode == "absorbed" and dtype == FP8:
+        return Fp8LatentCache(n_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, device, index_dim,
+                              indexed)
     if mode == "absorbed":
         return LatentCache(n_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device, index_dim,
                            indexed)

@@ -19,6 +19,7 @@ from flyer.errors import CheckpointError, FieldError, UserError
 from flyer.fp8.fp4 import fp4_experts
 from flyer.fp8.linear import convert_to_fp8
 from flyer.infer.cache import ATTENTION_MODES
+from flyer.infer.cache_fp8 import FP8, check_fp8_cache_flags
 from flyer.infer.generate import GenerationConfig, check_hybrid_flags, generate, open_prefix_cache
 from flyer.infer.prefix_cache_hybrid import check_block_ratios
 from flyer.infer.weights import WEIGHT_DTYPES, hold_weights
@@ -28,7 +29,7 @@ from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.runtime import require_memory
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": FP8}  # --cache-dtype
 STORED = "stored"  # --weight-dtype auto off the CPU: the checkpoint's own dtype (BF16 on a GPU), not held
 ZERO_OK = {"temperature", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
 SIGNED = {"eos_id", "frequency_penalty", "presence_penalty"}  # eos_id -1: no stop token; penalties in [-2, 2]
@@ -222,7 +223,9 @@ def _first_line(e: Exception) -> str:
 
 CACHE_DTYPE_HELP = ("auto: fp32 for a Hugging Face directory computed in FP32 (stored in FP32, or its weights held "
                     "by --weight-dtype, auto's choice on the CPU), so greedy tokens match transformers' FP32 model; "
-                    "else bf16 (half the cache bytes per token)")
+                    "else bf16 (half the cache bytes per token); fp8: MLA's latent in DeepSeek's FP8 rows (E4M3 with "
+                    "a power-of-two FP32 scale per 128 values, the rope key in BF16: 656 bytes a token and layer in "
+                    "V3, BF16's 1,152)")
 
 
 def auto_cache_dtype(ckpt: str | None, model: Transformer) -> str:
@@ -269,6 +272,7 @@ def _run(args) -> int:
         dtype = gen.cache_dtype = DTYPES[args.cache_dtype]
     if args.speculative == "mtp" and len(model.mtp) == 0:
         raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
+    check_fp8_cache_flags(cfg, dtype, args.attention, args.prefix_cache)
     if args.attention == "naive" and cfg.attn != "mla":
         raise FieldError("attention", f"naive applies to MLA models only (this model uses {cfg.attn.upper()})")
     prompts = [tok.encode_ids(p) for p in args.prompt]

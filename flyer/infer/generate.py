@@ -21,6 +21,7 @@ import torch
 
 from flyer.errors import FieldError
 from flyer.infer.cache import ATTENTION_MODES
+from flyer.infer.cache_fp8 import check_fp8_cache_flags
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.hybrid_cache import mtp_hidden_spec
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
@@ -299,6 +300,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     gen.validate()
     _check_prompts(model, prompts, gen)
     check_hybrid_flags(model.cfg, gen.prefix_cache, None if gen.prefix_cache is None else gen.prefix_cache.block_size)
+    check_fp8_cache_flags(model.cfg, gen.cache_dtype, gen.attention, gen.prefix_cache is not None)
     model.eval()
     params = SamplingParams(gen.temperature, gen.top_p)
     spec = gen.speculative == "mtp"

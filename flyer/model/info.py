@@ -8,7 +8,8 @@ import torch
 
 from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import UserError
-from flyer.model.counts import ParamCounts, indexed_layers, kv_cache_bytes_per_token, kv_window_bytes, param_counts
+from flyer.model.counts import (ParamCounts, indexed_layers, kv_cache_bytes_per_token, kv_cache_bytes_per_token_fp8,
+                                kv_window_bytes, param_counts)
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 
@@ -44,6 +45,7 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "embedding_params": counts.embedding,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
         "kv_cache_bytes_per_token_naive": kv_cache_bytes_per_token(cfg, absorbed=False),
+        "kv_cache_bytes_per_token_fp8": kv_cache_bytes_per_token_fp8(cfg),  # --cache-dtype fp8 (MLA), scales counted
         "kv_window_bytes": kv_window_bytes(cfg),  # hybrid attention's window, per sequence whatever its length
         "attention": cfg.attn,
         "layers": cfg.n_layers,
@@ -82,6 +84,9 @@ def _run(args) -> int:
               if out["indexer_layers"] < out["layers"] else "")
     dsa = f", indexer keys included (DSA: top-{out['index_topk']} keys per query{shared})" if out["index_topk"] else ""
     print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16){dsa}")
+    if out["kv_cache_bytes_per_token_fp8"] is not None:
+        print(f"  KV cache / token   {out['kv_cache_bytes_per_token_fp8']:,} bytes (--cache-dtype fp8: E4M3 latent, a "
+              f"scale per 128 values, BF16 rope key)")
     return 0
 
 

@@ -27,6 +27,7 @@ import torch
 from flyer import kernels
 from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
+from flyer.infer.cache_fp8 import check_fp8_cache_flags
 from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
                              check_checkpoint_eos, check_expert_threads, load_model)
 from flyer.interop.load import settings_dir
@@ -110,6 +111,7 @@ def _run(args) -> int:
     if args.block_size is None:
         cfg.block_size = default_block_size(model.cfg)
     cfg.cache_dtype = DTYPES[auto_cache_dtype(args.ckpt, model) if args.cache_dtype == "auto" else args.cache_dtype]
+    check_fp8_cache_flags(model.cfg, cfg.cache_dtype, "absorbed", args.prefix_cache)
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
     if args.prefix_cache:
         cfg.prefix_cache = open_disk_prefix_cache(model, args.prefix_cache, cfg.cache_dtype, cfg.block_size,

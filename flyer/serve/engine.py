@@ -56,6 +56,7 @@ import torch
 
 from flyer import kernels
 from flyer.errors import FieldError
+from flyer.infer.cache_fp8 import check_fp8_cache_flags
 from flyer.infer.decoder import Decoder, Group
 from flyer.infer.hybrid_cache import mtp_hidden_spec
 from flyer.infer.prefix_cache import chain_keys
@@ -93,6 +94,7 @@ class Engine:
         self.spec = cfg.speculative == "mtp"
         if self.spec and len(model.mtp) == 0:
             raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
+        check_fp8_cache_flags(mcfg, cfg.cache_dtype, "absorbed", cfg.prefix_cache is not None)
         self.hybrid = mcfg.attn == "hybrid"
         if self.hybrid:  # slots for max_batch_size requests, then blocks
             check_block_ratios(mcfg, cfg.block_size, "block_size")

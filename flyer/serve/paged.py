@@ -6,7 +6,9 @@ the indexer key (``index_head_dim``) under the same block ids, for GQA per-KV-he
 A sequence owns a block table (its blocks in position order); position p lives in slot
 ``p % block_size`` of block ``table[p // block_size]``. ``PagedCache`` gives the decoder the
 interface of ``flyer.infer.cache`` (write / read / read_packed) through the tables, so the
-attention code (absorbed MLA, GQA) is the one ``flyer generate`` runs, reading gathered slots.
+attention code (absorbed MLA, GQA) is the one ``flyer generate`` runs, reading gathered slots. An FP8 pool
+(``--cache-dtype fp8``, ``flyer.infer.cache.Fp8LatentCache``) holds DeepSeek's 656-byte FP8 rows (V3) per token
+and layer: the pool quantizes what is written and dequantizes what is gathered.
 
 ``BlockAllocator`` keeps the free list and, for prefix sharing, the full blocks keyed by a chain
 hash of their tokens (``flyer.infer.prefix_cache.chain_keys``): a new sequence whose prompt starts
@@ -75,8 +77,8 @@ class PagedCache:
     def write(self, layer: int, pos_BT: torch.Tensor, **values: torch.Tensor) -> None:
         """Store ``values[name]`` (B, T, ...) of ``layer`` at positions ``pos_BT`` (B, T)."""
         slots = self._slots(pos_BT)
-        for name, v in values.items():
-            self.pool.tensors[name][layer].flatten(0, 1)[slots] = v.flatten(0, 1).to(self.dtype)
+        for name, v in self.pool.encode(values).items():  # an FP8 pool: quantized rows (``Fp8LatentCache``)
+            self.pool.storage(name, layer).flatten(0, 1)[slots] = v.flatten(0, 1)
 
     def _gather(self, t_NSX: torch.Tensor, n_slots: int) -> torch.Tensor:
         if self.tables.shape[1] * self.block_size < n_slots:
@@ -94,8 +96,8 @@ class PagedCache:
         return self.pool.tensors["index_key"][row], self.tables
 
     def read_packed(self, layer: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B, n_slots, kv_lora_rank + rope) of an MLA pool, in ``dtype``."""
-        return self._gather(self.pool.packed[layer], n_slots).to(dtype)
+        """(B, n_slots, kv_lora_rank + rope) of an MLA pool, in ``dtype`` (an FP8 pool's rows dequantized)."""
+        return self.pool.decode_packed(self._gather(self.pool.packed[layer], n_slots), dtype)
 
     def gather_packed(self, layer: int, slots_BTk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, T, k, kv_lora_rank + rope) of an MLA pool in ``dtype``: row b's slot ``slots[b, t, j]`` (int64;
@@ -103,7 +105,8 @@ class PagedCache:
         bs = self.block_size
         blk = self.tables.gather(1, (slots_BTk // bs).flatten(1)).view_as(slots_BTk)
         flat = (blk * bs + slots_BTk % bs).view(-1)
-        return self.pool.packed[layer].flatten(0, 1).index_select(0, flat).view(*slots_BTk.shape, -1).to(dtype)
+        return self.pool.decode_packed(self.pool.packed[layer].flatten(0, 1).index_select(0, flat)
+                                       .view(*slots_BTk.shape, -1), dtype)
 
     def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype, heads_first: bool = False) -> torch.Tensor:
         t = self._gather(self.pool.tensors[name][layer], n_slots)

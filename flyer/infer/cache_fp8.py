@@ -1,0 +1,153 @@
+"""The FP8 latent-cache format of MLA (``--cache-dtype fp8``; ``flyer.infer.cache.Fp8LatentCache`` holds it),
+in DeepSeek's own per-token layout.
+
+Per token and layer a row of ``token_bytes(C, R)`` bytes (V3: C = kv_lora_rank = 512, R = qk_rope_head_dim = 64:
+656 bytes, against BF16's 1,152):
+
+    [ C float8_e4m3fn codes of the latent c_KV | ceil(C/128) FP32 scales, one per 128 codes | R BF16 rope-key values ]
+
+the layout of FlashMLA's FP8 KV cache ("FP8 with scale", vLLM's "fp8_ds_mla"; FlashMLA README "FP8 KV Cache" and
+``flash_mla/flash_mla_interface.py``: first 512 bytes the quantized NoPE part, then 4 float32 scales, the first
+for the first 128 values, then 64 bfloat16 RoPE values, not quantized "for accuracy"). Read at
+github:deepseek-ai/FlashMLA 9241ae3.
+
+The scale rule is DeepSeek's released code's: FlashMLA ``tests/quant.py`` ``quantize_k_cache`` (the cache's
+reference quantizer) takes a tile's scale as amax / 448 (E4M3's largest finite value), clamped below at 1e-4 and
+rounded UP to a power of two (UE8M0: ``2^ceil(log2(.))``), and stores codes = round_to_nearest_even(x / scale).
+DeepSeek-V3.2-Exp's ``inference/kernel.py`` ``act_quant`` with ``scale_fmt: "ue8m0"`` (its released config;
+the indexer's FP8 key cache) rounds its scales the same way; it clamps amax rather than amax / 448 at 1e-4, which
+only changes the scale of an all-but-zero tile (whose codes are 0 either way). Sources that use plain amax / 448
+scales (vLLM's per-tensor FP8 caches) are not followed. A power-of-two scale makes dequantization exact: a code
+times its scale is the stored value with no rounding, so a cached latent is off from the written one only by the
+E4M3 rounding of x / scale: at most 2^-4 of |x| (3 mantissa bits, round to nearest) where x / scale is normal
+(>= 2^-6), at most 2^-10 scale (half the subnormal step) below.
+
+A tile is 128 channels; a latent whose width is not a multiple of 128 (the tiny test presets) has a shorter last
+tile. The FP32 scales sit at byte offset C, so C must be a multiple of 4.
+
+Reading dequantizes the gathered rows to the compute dtype (FP32 on the CPU) before the existing attention math:
+the fused CPU kernel (``kernels.mla_decode``) reads BF16/FP32 pools only, and declines a byte pool, so an FP8
+cache decodes through the eager path. DSA's indexer keys (V3.2) stay in BF16 beside the latent rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flyer.config import ModelConfig
+from flyer.errors import FieldError
+
+FP8 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+TILE = 128  # latent channels per scale
+SCALE_FLOOR = 1e-4  # amax / 448 is clamped below at this (FlashMLA's quantize_k_cache)
+INDEX_KEY_DTYPE = torch.bfloat16  # DSA's indexer keys beside an FP8 latent cache
+
+
+def n_tiles(C: int) -> int:
+    return math.ceil(C / TILE)
+
+
+def token_bytes(C: int, R: int) -> int:
+    """Bytes of one token's latent row per layer: C codes, 4 per scale, 2 per BF16 rope value (V3: 656)."""
+    return C + 4 * n_tiles(C) + 2 * R
+
+
+def latent_scales(c_NC: torch.Tensor) -> torch.Tensor:
+    """(..., ceil(C/128)) FP32: each 128-channel tile's scale, amax / 448 clamped at 1e-4 and rounded up to a
+    power of two. The rounding is exact (frexp), where ``2^ceil(log2(.))`` in FP32 may misround near a power."""
+    C = c_NC.shape[-1]
+    x = torch.nn.functional.pad(c_NC.float(), (0, n_tiles(C) * TILE - C))
+    s = (x.unflatten(-1, (-1, TILE)).abs().amax(-1) / E4M3_MAX).clamp(min=SCALE_FLOOR)
+    m, e = torch.frexp(s)  # s = m 2^e, m in [0.5, 1): a power of two exactly when m == 0.5
+    return torch.ldexp(torch.ones_like(s), e - (m == 0.5).to(e.dtype))
+
+
+def quantize_latent(c_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (..., C) (any float dtype) to (codes (..., C) float8_e4m3fn, scales (..., ceil(C/128)) FP32):
+    codes = round_to_nearest_even(c / scale) of the tile's ``latent_scales``; |c / scale| <= 448."""
+    scales = latent_scales(c_NC)
+    codes = (c_NC.float() / _per_channel(scales, c_NC.shape[-1])).to(FP8)
+    return codes, scales
+
+
+def dequantize_latent(codes_NC: torch.Tensor, scales_Nn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., C) in ``dtype``: codes (float8_e4m3fn) times their tile's scale (exact in FP32: the scales are powers
+    of two)."""
+    C = codes_NC.shape[-1]
+    x = _code_values(codes_NC.view(torch.uint8))
+    if C % TILE == 0:
+        x.unflatten(-1, (-1, TILE)).mul_(scales_Nn.unsqueeze(-1))
+    else:
+        x.mul_(_per_channel(scales_Nn, C))
+    return x.to(dtype)
+
+
+E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(FP8).float()  # every code's value, by its byte
+
+
+def _code_values(codes_u8: torch.Tensor) -> torch.Tensor:
+    """(...) FP32 values of E4M3 codes given as their bytes. On the CPU PyTorch converts float8 one element at a
+    time (17x slower than BF16 to FP32, measured on one thread); a look-up in the 256-entry table is exact and
+    vectorized."""
+    if codes_u8.device.type != "cpu":
+        return codes_u8.view(FP8).float()
+    return E4M3_VALUES.index_select(0, codes_u8.reshape(-1).int()).view(codes_u8.shape)
+
+
+def _per_channel(scales_Nn: torch.Tensor, C: int) -> torch.Tensor:
+    """(..., C): each channel's tile scale."""
+    return scales_Nn.repeat_interleave(TILE, dim=-1)[..., :C]
+
+
+def pack_rows(c_NC: torch.Tensor, k_rope_NR: torch.Tensor) -> torch.Tensor:
+    """(..., token_bytes(C, R)) uint8: latents (..., C) and rope keys (..., R) as DeepSeek's FP8 rows."""
+    codes, scales = quantize_latent(c_NC)
+    return torch.cat([codes.view(torch.uint8), scales.contiguous().view(torch.uint8),
+                      k_rope_NR.to(torch.bfloat16).contiguous().view(torch.uint8)], dim=-1)
+
+
+def unpack_rows(raw_NW: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
+    """(..., C + R) in ``dtype``: [latent | rope key] of FP8 rows (..., token_bytes(C, R)) uint8."""
+    raw = raw_NW if raw_NW.stride(-1) == 1 and raw_NW.storage_offset() % 4 == 0 else raw_NW.contiguous()
+    n = n_tiles(C)
+    R = (raw.shape[-1] - C - 4 * n) // 2
+    out = torch.empty(*raw.shape[:-1], C + R, dtype=dtype, device=raw.device)
+    out[..., :C] = dequantize_latent(raw[..., :C].view(FP8), raw[..., C:C + 4 * n].view(torch.float32), dtype)
+    out[..., C:] = raw[..., C + 4 * n:].view(torch.bfloat16)
+    return out
+
+
+def fp8_cache_problem(cfg: ModelConfig, attention: str = "absorbed") -> str | None:
+    """Why ``cfg`` cannot take an FP8 cache (a one-line problem for the field cache_dtype), or None: the FP8
+    cache is MLA's absorbed latent cache (DeepSeek-V2/V3/V3.2, GLM's MLA presets)."""
+    if cfg.attn == "hybrid":
+        return "fp8 covers MLA latent caches (DeepSeek-V2/V3/V3.2); DeepSeek-V4's hybrid cache takes bf16 or fp32"
+    if cfg.attn != "mla":
+        return f"fp8 covers MLA latent caches only (this model uses {cfg.attn.upper()}): use bf16 or fp32"
+    if attention != "absorbed":
+        return f"fp8 is the absorbed latent cache; attention {attention!r} caches per-head keys: use bf16 or fp32"
+    if cfg.kv_lora_rank % 4:
+        return f"fp8 rows keep FP32 scales after kv_lora_rank={cfg.kv_lora_rank} bytes: it must be a multiple of 4"
+    return None
+
+
+def check_fp8_cache(cfg: ModelConfig, attention: str = "absorbed") -> None:
+    """``FieldError`` naming cache_dtype when ``cfg`` cannot take an FP8 cache (``fp8_cache_problem``)."""
+    if (problem := fp8_cache_problem(cfg, attention)) is not None:
+        raise FieldError("cache_dtype", problem)
+
+
+def check_fp8_cache_flags(cfg: ModelConfig, dtype: torch.dtype, attention: str, prefix_cache) -> None:
+    """``FieldError`` naming cache_dtype where an FP8 cache (``dtype``) does not cover the run: a model or
+    attention path without MLA's latent cache (``check_fp8_cache``), or the on-disk prefix cache (``prefix_cache``
+    not None / empty), whose entries are BF16/FP32 tensors. Both commands' flags and the library's entry points
+    (``generate``, the serving ``Engine``) check it."""
+    if dtype != FP8:
+        return
+    check_fp8_cache(cfg, attention)
+    if prefix_cache:
+        raise FieldError("cache_dtype", "fp8 does not cover the on-disk prefix cache (--prefix-cache): use bf16 "
+                                        "or fp32 with it")
