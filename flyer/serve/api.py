@@ -10,7 +10,8 @@
                                 response_format (both routes): text, json_object, json_schema (``flyer.serve.grammar``)
     POST /v1/chat/completions   messages rendered by the tokenizer's chat template (as transformers'
                                 ``apply_chat_template`` renders it), else ``DEFAULT_CHAT_TEMPLATE``;
-                                stream with ``delta`` chunks, ``stream_options.include_usage``
+                                stream with ``delta`` chunks, ``stream_options.include_usage``;
+                                tools, tool_choice, tool messages: calls in ``flyer.serve.tools``' format
 
 Every response carries ``usage``. Errors use OpenAI's shape ``{"error": {"message", "type",
 "param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too long for the
@@ -51,6 +52,8 @@ from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
 from flyer.serve.request import QueueFull, SamplingOptions, TokenEvent
 from flyer.serve.schema import Body, ChatBody, CompletionBody
+from flyer.serve.tools import (TOOL_FORMAT, ToolCall, content_end, marked_text, marker_ids, parse_tool_calls,
+                               tool_grammar)
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
 # transformers encodes it), one header line per message, then the assistant's.
@@ -94,8 +97,9 @@ def chat_renderer(template: str | None, special: dict[str, str] | None = None):
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
     compiled = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
 
-    def render(messages: list[dict]) -> str:
-        return compiled.render(messages=messages, add_generation_prompt=True,
+    def render(messages: list[dict], tools: list[dict] | None = None) -> str:
+        """``tools``: OpenAI's tool definitions, as transformers' ``apply_chat_template(tools=...)`` passes them."""
+        return compiled.render(messages=messages, tools=tools, add_generation_prompt=True,
                                **{"bos_token": "", "eos_token": "", **(special or {})})
     return render
 
@@ -158,10 +162,10 @@ class _Choice:
         out, self.tokens_sent = range(self.tokens_sent, end), end
         return out
 
-    def delta(self) -> str:
+    def delta(self, upto: int | None = None) -> str:
         """New text safe to stream: held back while it could still be the start of a stop string
-        or ends in an incomplete UTF-8 sequence."""
-        end = len(self.text)
+        or ends in an incomplete UTF-8 sequence; before the end, none past ``upto`` (a tool call's start)."""
+        end = len(self.text) if upto is None or self.finish_reason is not None else min(upto, len(self.text))
         if self.finish_reason is None:
             if self.text.endswith("\ufffd"):
                 end -= 1
@@ -402,9 +406,12 @@ class Api:
             content = m.content
             if isinstance(content, list):  # text parts (the only kind taken), joined
                 content = "".join(p.text for p in content)
-            messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
+            if content is None and not m.tool_calls:  # a message with calls keeps its null, as clients send it
+                content = ""
+            messages.append({**m.model_dump(exclude_none=True), "content": content})
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
         try:
-            text = self.render_chat(messages)
+            text = self.render_chat(messages, tools)
         except jinja2.TemplateError as e:
             raise FieldError("messages", f"the chat template cannot render them: {e}") from None
         # the template's text is the whole prompt (its own BOS included), as transformers encodes it
@@ -417,9 +424,14 @@ class Api:
         top = body.top_logprobs or 0
         opts = self._options(body, body.max_completion_tokens or body.max_tokens, len(prompt),
                              top if body.logprobs else None)
+        mode, name = body.tool_mode()
+        if mode in ("required", "named"):  # the output is a calls block whose arguments match the schemas
+            functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
+            opts = dataclasses.replace(opts, grammar=tool_grammar(functions, self.tok, name, body.parallel_tool_calls))
         gen = _Generation(self, request, [prompt], opts, body.stop_strings(), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
+        parse = mode != "none"
 
         def content_logprobs(events: list[TokenEvent]) -> dict | None:
             if not body.logprobs:
@@ -428,19 +440,41 @@ class Api:
 
         if not body.stream:
             await gen.wait()
-            return JSONResponse({**head, "choices": [{
-                "index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                "logprobs": content_logprobs(c.events[:c.kept()])} for i, c in enumerate(gen.choices)],
-                "usage": gen.usage()})
+            out = []
+            for i, c in enumerate(gen.choices):
+                calls = self._tool_calls(c) if parse else None
+                message = {"role": "assistant", "content": c.text} if calls is None else \
+                    {"role": "assistant", "content": calls[0], "tool_calls": [call.openai() for call in calls[1]]}
+                out.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else c.finish_reason,
+                            "logprobs": content_logprobs(c.events[:c.kept()])})
+            return JSONResponse({**head, "choices": out, "usage": gen.usage()})
 
         head["object"] = "chat.completion.chunk"
+
+        # while tools are parsed, content streams up to the first calls marker, as its token or as text
+        begin, call_at = marker_ids(self.tok).get(TOOL_FORMAT.calls_begin), {}
 
         async def sse() -> AsyncIterator[bytes]:
             for i in range(len(gen.choices)):
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "finish_reason": None, "logprobs": None}]})
             async for i, c, e in gen.events():
-                text, tokens = c.delta(), c.delta_tokens()
+                calls = self._tool_calls(c) if parse and c.finish_reason is not None else None
+                if calls is not None:  # the content before the calls not yet streamed, then the calls at once
+                    content, sent = calls[0] or "", c.text[:c.sent]
+                    rest = content[len(sent):] if content.startswith(sent) else ""
+                    lp = content_logprobs([c.events[j] for j in c.delta_tokens()])
+                    deltas = [{"index": k, **call.openai()} for k, call in enumerate(calls[1])]
+                    if rest or lp:
+                        yield _sse({**head, "choices": [{"index": i, "delta": {"content": rest} if rest else {},
+                                                         "finish_reason": None, "logprobs": lp}]})
+                    yield _sse({**head, "choices": [{"index": i, "delta": {"tool_calls": deltas},
+                                                     "finish_reason": "tool_calls", "logprobs": None}]})
+                    continue
+                if parse and begin is not None and e.token == begin and i not in call_at:  # decoding may skip it
+                    call_at[i] = c.starts[-1]
+                text = c.delta(min(content_end(c.text, c.sent), call_at.get(i, len(c.text))) if parse else None)
+                tokens = c.delta_tokens()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
                     lp = content_logprobs([c.events[j] for j in tokens]) if tokens else None
                     yield _sse({**head, "choices": [{"index": i, "delta": {"content": text} if text else {},
@@ -448,6 +482,11 @@ class Api:
             for end in gen.stream_end(head, (body.stream_options or {}).get("include_usage", False)):
                 yield end
         return StreamingResponse(sse(), media_type="text/event-stream")
+
+    def _tool_calls(self, c: _Choice) -> tuple[str | None, list[ToolCall]] | None:
+        """Choice ``c``'s (content, calls) when its text (markers written out, up to a stop string) holds a
+        well-formed calls block (``parse_tool_calls``); else None: its text is served as content."""
+        return parse_tool_calls(marked_text(self.tok, c.ids[:c.kept()]))
 
     def _chat_logprob(self, token: int, logprob: float, top: dict[int, float] | None) -> dict:
         def entry(t: int, lp: float) -> dict:

@@ -6,6 +6,8 @@ and ``check_fields`` refuses the combinations and the unimplemented fields the t
     CompletionBody  POST /v1/completions: prompt (text, texts, token ids, lists of token ids), logprobs, echo
     ChatBody        POST /v1/chat/completions: messages (text content or text parts), logprobs, top_logprobs
     ResponseFormat  both routes' ``response_format``: text, json_object, json_schema (``flyer.serve.grammar``)
+    Tool, ToolChoice, MessageToolCall   chat's ``tools``, ``tool_choice`` and an assistant message's ``tool_calls``
+                    (``flyer.serve.tools``)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ MAX_CHOICES = 128  # n, as OpenAI bounds it
 
 # OpenAI fields that change what is generated and that flyer serve does not implement, with the values
 # that change nothing (a client may send those): any other value is refused, never silently ignored
-NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],)}
+NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",), "functions": ([],)}
 
 
 class JsonSchema(BaseModel):
@@ -52,6 +54,48 @@ class ResponseFormat(BaseModel):
     def schema_or_object(self) -> dict[str, Any] | None:
         """The JSON schema the output matches: json_schema's, or for json_object None (any JSON object)."""
         return self.json_schema.schema_ if self.json_schema is not None else None
+
+
+class FunctionDefinition(BaseModel):
+    """A tool's function: ``parameters`` a JSON schema of its arguments (an object; absent: none). Other fields
+    reach the chat template as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # as OpenAI bounds it
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming the function the model must call."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class MessageToolCall(BaseModel):
+    """One call of an assistant message's ``tool_calls`` (a conversation going on after the call)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
 
 
 class Body(BaseModel):
@@ -142,6 +186,15 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = Field(default=None, validate_default=True)  # a tool message's: the call it answers
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_answers_a_call(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("role") == "tool":
+            raise ValueError("a tool message names the call it answers (tool_call_id)")
+        return value
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -157,8 +210,30 @@ class ChatBody(Body):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = None  # rendered by the chat template (``flyer.serve.tools``)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def check_fields(self) -> None:
         super().check_fields()
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs", "needs logprobs: true")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise FieldError("tools", f"function names must be distinct (got {names})")
+        mode, name = self.tool_mode()
+        if mode in ("required", "named") and not names:
+            raise FieldError("tool_choice", f"{self.tool_choice!r} needs tools")
+        if name is not None and name not in names:
+            raise FieldError("tool_choice", f"names function {name!r}, which is not one of the tools {names}")
+        if mode in ("required", "named") and self.response_format is not None and self.response_format.type != "text":
+            raise FieldError("response_format", "cannot be combined with tool_choice required or a named function "
+                                                "(the output is a tool call)")
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """("none" | "auto" | "required" | "named", the named function or None). Unset: "auto" with tools,
+        "none" without (as OpenAI); "auto" without tools is "none" (nothing to call)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named", self.tool_choice.function.name
+        mode = self.tool_choice or "auto"
+        return ("none" if mode == "auto" and not self.tools else mode), None

@@ -1,0 +1,283 @@
+"""Tool calling in ``flyer serve`` (``tools``, ``tool_choice``, ``tool_calls``; ``flyer.serve.tools``) in
+DeepSeek-V3.1's format: the parser on hand-written texts; a tiny random DeepSeek-V3 checkpoint whose tokenizer
+holds the tool markers as added special tokens and whose (test-written) chat template renders tools and tool
+messages: the prompt equals transformers' ``apply_chat_template(..., tools=...)``; with tool_choice "required" or
+a named function the random model's calls always parse and their arguments validate against the tool's bounded
+schema (without the grammar they do not), streamed or not; a follow-up conversation is served; bad tool
+definitions and choices answer 400 naming the field; "none" parses nothing."""
+
+import json
+import socket
+import threading
+
+import httpx
+import openai
+import pytest
+import torch
+from hf_models import build
+from test_serve_api import _error, _Running
+from test_serve_structured import _valid
+from tokenizers import AddedToken, Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from flyer.config import preset
+from flyer.interop.hf import load_hf
+from flyer.model.transformer import Transformer
+from flyer.serve.api import Api, Server
+from flyer.serve.cli import bind, read_chat_template
+from flyer.serve.engine import Engine, EngineConfig
+from flyer.serve.link import EngineClient, EngineHost
+from flyer.serve.schema import ChatBody
+from flyer.serve.tools import DEEPSEEK_V31 as F, MAX_TOOL_CALLS, ToolCall, content_end, marked_text, parse_tool_calls
+
+MARKERS = [*F.markers, "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"]
+# a minimal template of this test's own in DeepSeek-V3.1's shape: tools listed in the system part, an assistant's
+# calls written in the calls format, a tool's answer between the output markers
+TEMPLATE = (
+    "{{ bos_token }}{% if tools %}Tools:\n{% for t in tools %}{{ t['function']['name'] }}: "
+    "{{ t['function']['description'] or '' }} {{ t['function']['parameters'] | tojson }}\n{% endfor %}{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<A>{{ m['content'] or '' }}{% if m['tool_calls'] %}"
+    + F.calls_begin + "{% for c in m['tool_calls'] %}" + F.call_begin + "{{ c['function']['name'] }}" + F.sep
+    + "{{ c['function']['arguments'] }}" + F.call_end + "{% endfor %}" + F.calls_end + "{% endif %}{{ eos_token }}"
+    "{% elif m['role'] == 'tool' %}" + MARKERS[5] + "{{ m['content'] }}" + MARKERS[6] +
+    "{% else %}<{{ m['role'] }}>{{ m['content'] }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<A>{% endif %}")
+
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["paris", "oslo"]}, "celsius": {"type": "boolean"},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "celsius", "days"], "additionalProperties": False}
+LIGHT = {"type": "object", "properties": {"on": {"type": "boolean"}, "level": {"type": "integer", "minimum": 0,
+                                                                                "maximum": 9}},
+         "required": ["on", "level"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "forecast", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "set_light", "parameters": LIGHT}}]
+SCHEMA = {"get_weather": WEATHER, "set_light": LIGHT}
+ASK = [{"role": "user", "content": "hello world"}]
+FOLLOW_UP = ASK + [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city":"oslo","celsius":true,"days":2}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+
+# ---- the parser ---------------------------------------------------------------------------------------------
+
+def test_the_parser_on_hand_written_texts():
+    one = F.render([("get_weather", '{"city":"paris"}')])
+    assert parse_tool_calls(one) == (None, [ToolCall("get_weather", '{"city":"paris"}')])
+    two = F.render([("a", "{}"), ("b", '{"x": [1, 2]}')])
+    assert parse_tool_calls(two) == (None, [ToolCall("a", "{}"), ToolCall("b", '{"x": [1, 2]}')])
+    assert parse_tool_calls("Let me look.\n" + one) == ("Let me look.\n", [ToolCall("get_weather", '{"city":"paris"}')])
+    assert parse_tool_calls("  \n" + one + "\n")[0] is None  # blank content is null; whitespace after the block
+    spaced = f"{F.calls_begin}\n{F.call_begin} f {F.sep} {{}} {F.call_end}\n{F.calls_end}"
+    assert parse_tool_calls(spaced) == (None, [ToolCall("f", "{}")])
+    # not a well-formed block: the caller serves the text as content
+    for bad in ("plain text", one[:-len(F.calls_end)], one[:len(one) // 2], F.calls_begin + F.calls_end,
+                F.render([("f", "[1]")]), F.render([("f", "{oops")]), F.render([("", "{}")]), one + "more",
+                F.calls_begin + F.call_begin + "f" + F.call_end + F.calls_end):
+        assert parse_tool_calls(bad) is None, bad
+    # what streams as content: the text before a block, less a tail that may begin one
+    for text, n in (("abc", 3), ("abc" + one, 3), ("ab" + F.calls_begin[:4], 2), ("a<b", 3), ("", 0)):
+        assert content_end(text) == n, text
+    c = ToolCall("f", "{}").openai()
+    assert c["id"].startswith("call_") and c["type"] == "function" and c["function"] == {"name": "f", "arguments": "{}"}
+
+
+# ---- a checkpoint whose tokenizer holds the markers ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random DeepSeek-V3 directory (context raised to 1024: the tools' schemas are in the prompt) whose
+    tokenizer.json holds ``MARKERS`` as added special tokens and whose tokenizer_config.json holds ``TEMPLATE``."""
+    path = tmp_path_factory.mktemp("tools") / "v3"
+    build("v3", path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 1024}))
+    hf = PreTrainedTokenizerFast.from_pretrained(path)
+    hf.add_tokens([AddedToken(m, special=True, normalized=False) for m in MARKERS], special_tokens=True)
+    hf.chat_template = TEMPLATE
+    hf.save_pretrained(path)
+    return path
+
+
+class _Served:
+    """``ckpt`` served on a free loopback port, engine and HTTP server on two threads (as test_serve_api's)."""
+
+    def __init__(self, path):
+        model, _, self.tok = load_hf(path)
+        assert model.cfg.vocab_size > max(self.tok.tok.token_to_id(m) for m in MARKERS)
+        self.engine = Engine(model, EngineConfig(kv_cache_bytes=1 << 24, block_size=16), tokenizer=self.tok)
+        engine_end, http_end = socket.socketpair()
+        self.api = Api(EngineClient(http_end, self.engine.limits), self.tok, "tiny-test",
+                       chat_template=read_chat_template(str(path)))
+        self.server = Server(self.api, graceful_s=5)
+        self.sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.host = threading.Thread(target=EngineHost(self.engine, engine_end).serve, daemon=True)
+        self.host.start()
+        self.thread = self.server.run_in_thread(self.sock)
+        self.engine_end = engine_end
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+    def close(self):
+        self.server.stop()
+        self.thread.join(timeout=30)
+        self.host.join(timeout=30)
+        self.engine_end.close()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def served(ckpt):
+    s = _Served(ckpt)
+    yield s
+    s.close()
+
+
+def test_markers_are_single_tokens_and_decode_kept(ckpt):
+    """The markers encode as one id each (added tokens); ``decode`` skips them (special) where ``marked_text``
+    writes them out; a tokenizer holding them as plain added tokens decodes the same text."""
+    _, _, tok = load_hf(ckpt)
+    text = "hi " + F.render([("f", '{"a":1}')])
+    ids = tok.encode_ids(text, add_special_tokens=False)
+    marker_ids = {tok.tok.token_to_id(m) for m in F.markers}
+    assert sum(i in marker_ids for i in ids) == 5 and None not in marker_ids
+    assert F.calls_begin not in tok.decode(ids)  # what the content would hold: no markers
+    assert marked_text(tok, ids) == text
+    assert parse_tool_calls(marked_text(tok, ids)) == ("hi ", [ToolCall("f", '{"a":1}')])
+    d = json.loads(tok.tok.to_str())
+    for t in d["added_tokens"]:
+        t["special"] = t["special"] and t["content"] not in F.markers
+    tok.tok = Tokenizer.from_str(json.dumps(d))
+    assert tok.decode(ids) == marked_text(tok, ids) == text
+
+
+def _rendered_by_transformers(ckpt, messages, tools) -> str:
+    return AutoTokenizer.from_pretrained(ckpt).apply_chat_template(messages, tools=tools, tokenize=False,
+                                                                   add_generation_prompt=True)
+
+
+def test_the_prompt_with_tools_is_transformers(ckpt, served):
+    for messages in (ASK, FOLLOW_UP):
+        want = _rendered_by_transformers(ckpt, messages, TOOLS)
+        body = ChatBody(model="tiny-test", messages=messages, tools=TOOLS)
+        assert served.api.tok.decode(served.api._chat_prompt(body)) == served.tok.decode(
+            served.tok.encode_ids(want, add_special_tokens=False))
+        assert served.api._chat_prompt(body) == served.tok.encode_ids(want, add_special_tokens=False)
+        assert "get_weather: forecast" in want and json.dumps(LIGHT) in want  # the tools are in it
+        assert want != _rendered_by_transformers(ckpt, messages, None)
+    ids = served.api._chat_prompt(ChatBody(model="tiny-test", messages=FOLLOW_UP, tools=TOOLS))
+    assert {served.tok.tok.token_to_id(m) for m in MARKERS} <= set(ids)  # each marker one token
+
+
+def _check_calls(choice, names: set[str], single: bool = False) -> list[tuple[str, dict]]:
+    assert choice.finish_reason == "tool_calls", choice
+    calls = choice.message.tool_calls
+    assert calls and len(calls) <= (1 if single else MAX_TOOL_CALLS)
+    out = []
+    for c in calls:
+        assert c.type == "function" and c.id.startswith("call_") and c.function.name in names
+        args = json.loads(c.function.arguments)
+        assert _valid(args, SCHEMA[c.function.name]), (c.function.name, args)
+        out.append((c.function.name, args))
+    return out
+
+
+def _stream_calls(client, **kw) -> tuple[list[tuple[str, dict]], str | None, str]:
+    """The calls, finish reason and content of a streamed choice 0, gathered from its deltas."""
+    calls, finish, content = {}, None, ""
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for d in ch.delta.tool_calls or []:
+                assert d.id.startswith("call_") and d.type == "function"
+                calls[d.index] = (d.function.name, json.loads(d.function.arguments))
+            finish = ch.finish_reason or finish
+    return [calls[k] for k in sorted(calls)], finish, content
+
+
+def test_required_and_named_calls_parse_and_validate(served):
+    c = served.client()
+    kw = dict(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=400)
+    names = set(SCHEMA)
+    for choice, allowed in (("required", names), *(({"type": "function", "function": {"name": n}}, {n})
+                                                   for n in sorted(names))):
+        for temperature, n in ((0, 1), (1.0, 3)):
+            r = c.chat.completions.create(tool_choice=choice, temperature=temperature, seed=3, n=n, **kw)
+            assert len(r.choices) == n
+            for ch in r.choices:
+                assert ch.message.content is None
+                _check_calls(ch, allowed, single=choice != "required")
+        # the stream gives the calls the same seeded request gives whole
+        whole = _check_calls(c.chat.completions.create(tool_choice=choice, temperature=1.0, seed=7, **kw).choices[0],
+                             allowed)
+        assert _stream_calls(c, tool_choice=choice, temperature=1.0, seed=7, **kw) == (whole, "tool_calls", "")
+    one = c.chat.completions.create(tool_choice="required", temperature=1.0, seed=1, n=4, parallel_tool_calls=False,
+                                    **kw)
+    for ch in one.choices:
+        _check_calls(ch, names, single=True)
+    # without the grammar ("auto", "none") the random model calls nothing
+    for choice in ("auto", "none"):
+        free = c.chat.completions.create(tool_choice=choice, temperature=0, **{**kw, "max_tokens": 30}).choices[0]
+        assert free.finish_reason == "length" and not free.message.tool_calls and free.message.content
+
+
+def test_none_serves_a_calls_block_as_content(served):
+    """"none": a block the model writes (here a bias forces its first marker) is text, never parsed; "auto"
+    parses what "none" serves as text."""
+    c = served.client()
+    begin = served.tok.tok.token_to_id(F.calls_begin)
+    kw = dict(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=6, temperature=0,
+              logit_bias={str(begin): 100})
+    none = c.chat.completions.create(tool_choice="none", **kw).choices[0]
+    assert none.finish_reason == "length" and not none.message.tool_calls
+    r = httpx.post(served.url + "/v1/chat/completions", json={**kw, "tool_choice": "auto"}, timeout=60).json()
+    assert r["choices"][0]["finish_reason"] == "length" and "tool_calls" not in r["choices"][0]["message"]
+
+
+def test_a_follow_up_conversation_is_served(served):
+    c = served.client()
+    r = c.chat.completions.create(model="tiny-test", messages=FOLLOW_UP, tools=TOOLS, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.prompt_tokens > 100
+    forced = c.chat.completions.create(model="tiny-test", messages=FOLLOW_UP, tools=TOOLS, max_tokens=400, seed=2,
+                                       tool_choice={"type": "function", "function": {"name": "set_light"}})
+    _check_calls(forced.choices[0], {"set_light"}, single=True)
+
+
+def test_bad_tools_and_choices_answer_400_naming_the_field(served):
+    url = served.url + "/v1/chat/completions"
+    ok = dict(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=2)
+    fn = TOOLS[0]["function"]
+    for over, param in (
+            (dict(tools=[{"type": "code", "function": fn}]), "tools.0.type"),
+            (dict(tools=[{"type": "function", "function": {**fn, "name": "no spaces"}}]), "tools.0.function.name"),
+            (dict(tools=[{"type": "function", "function": {**fn, "parameters": [1]}}]), "tools.0.function.parameters"),
+            (dict(tools=[TOOLS[0], TOOLS[0]]), "tools"),
+            (dict(tools=[{"type": "function", "function": {**fn, "parameters": {"type": "nope"}}}],
+                  tool_choice="required"), "tools"),
+            (dict(tool_choice={"type": "function", "function": {"name": "get_time"}}), "tool_choice"),
+            (dict(tool_choice="sometimes"), "tool_choice"),
+            (dict(tools=None, tool_choice="required"), "tool_choice"),
+            (dict(tool_choice="required", response_format={"type": "json_object"}), "response_format"),
+            (dict(messages=[*ASK, {"role": "tool", "content": "x"}]), "messages.1.tool_call_id"),
+            (dict(messages=[*ASK, {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}]),
+             "messages.1.tool_calls.0.function.arguments")):
+        err = _error(httpx.post(url, json={**ok, **over}, timeout=60), 400)
+        assert err["param"] == param or (err["param"] or "").startswith(param), (over, err)
+    assert httpx.post(url, json=ok, timeout=60).status_code == 200
+
+
+def test_byte_tokens_write_the_markers_as_text():
+    """A tokenizer without the markers (a preset's bytes): the grammar writes them as text, which is parsed as
+    well and never streamed as content."""
+    torch.manual_seed(0)
+    s = _Running(Transformer(preset("tiny")).eval(), kv_cache_bytes=64 * 4 * 384 * 4)
+    try:
+        kw = dict(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=400, temperature=1.0, seed=1,
+                  tool_choice={"type": "function", "function": {"name": "set_light"}})
+        whole = _check_calls(s.client().chat.completions.create(**kw).choices[0], {"set_light"}, single=True)
+        assert _stream_calls(s.client(), **kw) == (whole, "tool_calls", "")
+    finally:
+        s.close()
