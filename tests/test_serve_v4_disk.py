@@ -243,8 +243,8 @@ def test_cli_takes_a_v4_prefix_cache(tmp_path, monkeypatch, capsys):
     size (the default, 16 for ratios 4 and 16); --block-size 24 is refused in one line before DIR is made."""
     built = []
 
-    def stand_in(model, cfg):
-        built.append(Engine(model, cfg))
+    def stand_in(model, cfg, **kw):
+        built.append(Engine(model, cfg, **kw))
         raise _Built
     monkeypatch.setattr(serve_cli, "Engine", stand_in)
     base = ["serve", "--preset", "tiny-v4", "--device", "cpu", "--port", "0", "--kv-cache-memory", "16M"]

@@ -50,22 +50,20 @@ import torch
 from flyer import kernels
 from flyer.config import ModelConfig, parse_size
 from flyer.errors import CheckpointError, ConfigError, FieldError
-from flyer.fp8.fp4 import fp4_round_trip
 from flyer.fp8.quant import TILE, quantize_blocks
 from flyer.infer.weights import FP8, held_scale
-from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, build_empty, checkpoint_dtype, fill_tensor, hf_names,
-                              hf_weight_map, is_hf_model_dir, is_mixtral, permute_rope, read_hf_config,
-                              rope_half_layout, v4_name, weight_files)
+from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, hf_names, is_hf_model_dir, is_mixtral, permute_rope,
+                              read_hf_config, rope_half_layout, v4_name, weight_files)
 from flyer.interop.hf_config import GQA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES
-from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
+from flyer.interop.hf_tokenizer import TextTokenizer, read_json as _read_json
 from flyer.interop.hf_config_v4 import to_v4_config
-from flyer.interop.load import expert_stack_keys, run_tokenizer, settings_dir, stored_weight_dtype
+from flyer.interop.load import settings_dir
+from flyer.interop.streamed import StreamedCheckpoint
 from flyer.interop.tensorfile import TensorFile, header, write_tensors
 from flyer.interop.v4_quant import (FP4_GROUP, dequantize_fp4_e2m1, dequantize_ue8m0_blocks, held_e4m3_blocks,
                                     published_format, quantize_fp4_e2m1, quantized_items, stored_format)
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import (SETTINGS_FILES, check_model_weights, fsync_path, inference_checkpoint,
-                                    trained_fp4_experts)
+from flyer.train.checkpoint import SETTINGS_FILES, fsync_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms, and the DSA
@@ -340,60 +338,6 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
     return items
 
 
-class _Streamed:
-    """The weights of a checkpoint directory (a flyer run or step directory, or an HF directory),
-    read one at a time as ``load_pretrained`` fills its model: flyer's names, dtypes and rope layout,
-    an FP8 checkpoint's weights dequantized to FP32 (its exact values). An export from it holds one
-    tensor at a time, never the model: a 671B checkpoint exports on a machine that could not load it.
-    ``qat``: a run trained with FP4 QAT (``trained_fp4_experts``); ``fp4_keys``: the routed expert stacks
-    ``read`` gives as their FP4 values (those of such a run; set it empty to read the masters)."""
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        self.headers: dict[Path, TensorFile] = {}
-        self.qat, self.fp4_keys = False, set()
-        if is_hf_model_dir(path):
-            self.files = weight_files(path)
-            self.cfg, raw = read_hf_config(path, list(self.files))
-            self.tok = load_tokenizer(path, raw)
-            self.fp8 = stored_weight_dtype(path) == "fp8"
-            # checked from the headers before a byte is written
-            names = hf_weight_map(self.cfg, path, rope_half_layout(raw), self.files, self.headers)
-            self.where: dict[tuple[str, int | None], tuple[str, Slot]] | None = {
-                (s.key, s.expert): (n, s) for n, s in names.items()}
-            dtype = torch.float32 if self.fp8 else checkpoint_dtype(self.files)
-        else:
-            ckpt, self.cfg, tok = inference_checkpoint(path)
-            self.tok, self.fp8, self.where = run_tokenizer(ckpt, tok), False, None  # a run from HF: its settings
-            dtype = torch.float32  # a run loads in FP32
-            tf = TensorFile(ckpt / SINGLE)
-            with torch.device("meta"):
-                check_model_weights(Transformer(self.cfg), {k: tf.shape(k) for k in tf.names()}, f"checkpoint {ckpt}")
-            self.files, self.headers[tf.path] = dict.fromkeys(tf.names(), tf.path), tf
-            self.qat = trained_fp4_experts(ckpt)
-        meta = build_empty(self.cfg, "meta", dtype)
-        self.state = meta.state_dict()
-        if self.qat:
-            self.fp4_keys = expert_stack_keys(meta)
-
-    def read(self, slot: Slot) -> torch.Tensor:
-        """The tensor (or one expert of a stack) ``slot`` names, in flyer's layout."""
-        key = slot.key
-        meta = self.state[key] if slot.expert is None else self.state[key][slot.expert]
-        if self.where is None:  # a flyer run: its own names; an expert is a row of its stack
-            rows = None if slot.expert is None else (slot.expert, slot.expert + 1)
-            dest = torch.empty((1, *meta.shape) if rows else meta.shape, dtype=meta.dtype)
-            fill_tensor(None, dest, self.headers[self.files[key]], key, Slot(key), self.files, self.headers, rows)
-            dest = dest[0] if rows else dest
-            return fp4_round_trip(dest) if key in self.fp4_keys else dest  # QAT: what training multiplied by
-        if key == "head.weight" and self.cfg.tie_embeddings:  # the file holds the embedding only
-            key = "embed.weight"
-        name, src = self.where[(key, slot.expert)]
-        dest = torch.empty(meta.shape, dtype=meta.dtype)
-        fill_tensor(None, dest, header(self.headers, self.files[name]), name, src, self.files, self.headers)
-        return dest
-
-
 def write_weights(items: list[Item], out: Path, max_shard_bytes: int) -> list[str]:
     """Shards of at most ``max_shard_bytes`` (a bigger tensor gets its own), with an index when more
     than one; returns the file names written."""
@@ -587,7 +531,7 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
            masters: bool = False) -> dict:
     """``export_model`` of the checkpoint at ``path`` (a flyer run or step directory, or an HF
     directory), streamed: each tensor is read, converted and written before the next
-    (``_Streamed``). An FP8 checkpoint's weights are read as their exact values (code times block
+    (``StreamedCheckpoint``). An FP8 checkpoint's weights are read as their exact values (code times block
     scale), and export to FP8 with its own codes and scales: export then import is the identity.
     A run trained with FP4 QAT exports its routed experts as their FP4 values in every dtype (module
     docstring), or, with ``masters``, as the FP32 masters (BF16 or FP32 only). The summary's
@@ -599,7 +543,7 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
     if masters and is_hf_model_dir(path):
         raise FieldError("masters", f"applies to a flyer run trained with FP4 QAT (--fp4-experts); {path} is a "
                                     "Hugging Face directory")
-    src = _Streamed(path)
+    src = StreamedCheckpoint(path)
     source = settings_dir(path)  # an HF directory, or a run fine-tuned from one: its tokenizer settings
     hybrid = src.cfg.attn == "hybrid"
     codes = None
