@@ -34,6 +34,7 @@ from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.interop.hf import TextTokenizer
 from flyer.serve.api import Api, ChatBody, Server, _Choice, chat_renderer
+from flyer.serve.body_limit import MAX_BODY_BYTES
 from flyer.serve.cli import bind, http_url, read_chat_template
 from flyer.serve.engine import Engine, EngineConfig, TokenEvent
 from flyer.serve.link import EngineClient, EngineHost
@@ -50,12 +51,12 @@ class _Running:
     and ``EngineClient`` over a socket pair) but on two threads of this process; stopped by ``close``.
     ``start_engine=False``: the engine hears nothing (its queue only fills)."""
 
-    def __init__(self, model, api_key=None, start_engine=True, **engine_over):
+    def __init__(self, model, api_key=None, start_engine=True, max_body_bytes=MAX_BODY_BYTES, **engine_over):
         cfg = dict(kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8)
         self.engine = Engine(model, EngineConfig(**{**cfg, **engine_over}), tokenizer=ByteTokenizer())
         engine_end, http_end = socket.socketpair()
         self.api = Api(EngineClient(http_end, self.engine.limits), ByteTokenizer(), "tiny-test", api_key)
-        self.server = Server(self.api, graceful_s=5)
+        self.server = Server(self.api, graceful_s=5, max_body_bytes=max_body_bytes)
         sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.host = threading.Thread(target=EngineHost(self.engine, engine_end).serve, daemon=True)
@@ -562,3 +563,26 @@ def test_stop_string_across_tokens_cuts_the_text():
         if choice.finish_reason:
             break
     assert (choice.text, choice.finish_reason) == ("héllo ", "stop")
+
+
+def test_a_body_past_the_bound_answers_413_before_it_is_parsed(model):
+    """A body over ``max_body_bytes`` answers 413 in OpenAI's shape, whether its Content-Length says so or its
+    chunks (no length) pass the bound as they arrive; one at the bound is served, and so are requests after."""
+    ok = json.dumps(dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)).encode()
+    s = _Running(model, max_body_bytes=len(ok))
+    try:
+        url, headers = s.url + "/v1/completions", {"content-type": "application/json"}
+        assert httpx.post(url, content=ok, headers=headers).status_code == 200
+        big = ok[:-1] + b" " * 64 + b"}"  # the same request, padded past the bound
+        err = _error(httpx.post(url, content=big, headers=headers), 413)
+        assert err["code"] == "request_too_large" and f"more than {len(ok):,} bytes" in err["message"]
+
+        def chunks():  # sent chunked: no Content-Length to refuse it by
+            yield big[:len(ok) // 2]
+            yield big[len(ok) // 2:]
+        err = _error(httpx.post(url, content=chunks(), headers=headers), 413)
+        assert err["code"] == "request_too_large"
+        assert httpx.post(url, content=ok, headers=headers).json()["choices"][0]["finish_reason"] == "length"
+        assert 'flyer_rejected_requests_total{status="413"} 2.0' in httpx.get(s.url + "/metrics").text
+    finally:
+        s.close()

@@ -15,9 +15,10 @@
 
 Every response carries ``usage``. Errors use OpenAI's shape ``{"error": {"message", "type",
 "param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too long for the
-context), 401 for a missing or wrong API key, 404 for an unknown model or route, 429 when the
-queue is full, 503 while draining. A bug answers 500 in the same shape, never with a traceback; in a
-stream, whose status is sent, it ends the stream with OpenAI's error event (the ``openai`` client raises it).
+context), 401 for a missing or wrong API key, 404 for an unknown model or route, 413 for a body past
+``MAX_BODY_BYTES`` (``flyer.serve.body_limit``), 429 when the queue is full, 503 while draining. A bug answers 500
+in the same shape, never with a traceback; in a stream, whose status is sent, it ends the stream with OpenAI's
+error event (the ``openai`` client raises it).
 The request bodies and their field checks are ``flyer.serve.schema``'s.
 
 Stop strings are matched on the decoded text here (the engine knows token ids only); a match
@@ -47,6 +48,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flyer.errors import FieldError
+from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
 from flyer.serve.grammar import json_grammar
 from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
@@ -505,11 +507,18 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
             param)
 
 
-def build_app(api: Api) -> FastAPI:
-    """The FastAPI application serving ``api``'s routes, with OpenAI-shaped errors."""
+def build_app(api: Api, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI application serving ``api``'s routes, with OpenAI-shaped errors; a request body past
+    ``max_body_bytes`` answers 413 before it is parsed (``BodyLimit``)."""
     app = FastAPI(title="flyer serve", docs_url=None, redoc_url=None, openapi_url=None)
     def refuse(status: int):
         api.metrics.rejected.labels(str(status)).inc()
+
+    def too_large(nbytes: int) -> JSONResponse:
+        refuse(413)
+        return ApiError(413, f"the request body holds more than {max_body_bytes:,} bytes (at least {nbytes:,})",
+                        code="request_too_large").response()
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, refused=too_large)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -583,8 +592,9 @@ class Server(uvicorn.Server):
     requests in flight to finish. The engine's link is opened on its event loop before it serves
     and closed after; the engine gone stops the server."""
 
-    def __init__(self, api: Api, graceful_s: float = 60.0):
-        super().__init__(uvicorn.Config(build_app(api), log_level="warning", timeout_graceful_shutdown=graceful_s,
+    def __init__(self, api: Api, graceful_s: float = 60.0, max_body_bytes: int = MAX_BODY_BYTES):
+        super().__init__(uvicorn.Config(build_app(api, max_body_bytes), log_level="warning",
+                                        timeout_graceful_shutdown=graceful_s,
                                         lifespan="off"))
         self.api = api
         api.engine.on_lost = self.stop
