@@ -59,9 +59,15 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_DEFAULTS)
     except ValueError as e:
         raise FieldError("response_format", f"the schema is not a JSON object ({e})") from None
+    return compilable(grammar, "response_format", "the schema")
+
+
+def compilable(grammar: str, field: str, what: str) -> str:
+    """``grammar`` when llguidance compiles it within ``LIMITS``, else ``FieldError`` naming ``field``
+    ("``what`` cannot be compiled: ...")."""
     error = llguidance.LLMatcher.validate_grammar(grammar, None, limits=_limits())
     if error:
-        raise FieldError("response_format", f"the schema cannot be compiled: {error.splitlines()[0]:.300}")
+        raise FieldError(field, f"{what} cannot be compiled: {error.splitlines()[0]:.300}")
     return grammar
 
 

@@ -40,7 +40,7 @@ import llguidance
 
 from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
-from flyer.serve.grammar import JSON_DEFAULTS, LIMITS, MAX_SCHEMA_CHARS
+from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable
 
 
 @dataclass(frozen=True)
@@ -173,11 +173,7 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
         grammar = llguidance.LLMatcher.grammar_from_lark("\n".join(rules))
     except ValueError as e:
         raise FieldError("tools", f"the parameters cannot be compiled ({e})") from None
-    limits = llguidance.LLParserLimits(**LIMITS, verbose_errors=False)
-    error = llguidance.LLMatcher.validate_grammar(grammar, None, limits=limits)
-    if error:
-        raise FieldError("tools", f"the parameters cannot be compiled: {error.splitlines()[0]:.300}")
-    return grammar
+    return compilable(grammar, "tools", "the parameters")
 
 
 def content_end(text: str, start: int = 0, fmt: ToolFormat = TOOL_FORMAT) -> int:
