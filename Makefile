@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.flyer-installed
+# pytest-xdist workers: each test process runs torch on one thread, so two keep both of CI's cores busy;
+# a file's tests stay in one worker (--dist loadfile) so its module fixtures are built once
+TEST_JOBS ?= 2
 
 .PHONY: setup train test bench clean
 
@@ -24,7 +27,7 @@ train: setup
 	$(VENV)/bin/flyer train $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
