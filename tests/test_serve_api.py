@@ -33,7 +33,8 @@ from flyer.infer.cli import ByteTokenizer
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.interop.hf import TextTokenizer
-from flyer.serve.api import Api, ChatBody, Server, _Choice, chat_renderer
+from flyer.data.chat_template import chat_renderer
+from flyer.serve.api import Api, ChatBody, Server, _Choice
 from flyer.serve.body_limit import MAX_BODY_BYTES
 from flyer.serve.cli import bind, http_url, read_chat_template
 from flyer.serve.engine import Engine, EngineConfig, TokenEvent

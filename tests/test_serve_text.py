@@ -14,7 +14,8 @@ from trained import counting_model
 from transformers import AutoTokenizer
 
 from flyer.interop.hf import load_tokenizer
-from flyer.serve.api import Api, ChatBody, _Choice, chat_renderer
+from flyer.data.chat_template import chat_renderer
+from flyer.serve.api import Api, ChatBody, _Choice
 from flyer.serve.engine import TokenEvent
 
 V = 64

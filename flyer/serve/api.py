@@ -9,7 +9,7 @@
                                 logprobs (0-20), echo (prompt tokens scored, as evaluation harnesses ask)
                                 response_format (both routes): text, json_object, json_schema (``flyer.serve.grammar``)
     POST /v1/chat/completions   messages rendered by the tokenizer's chat template (as transformers'
-                                ``apply_chat_template`` renders it), else ``DEFAULT_CHAT_TEMPLATE``;
+                                ``apply_chat_template`` renders it; ``flyer.data.chat_template``), else a default;
                                 stream with ``delta`` chunks, ``stream_options.include_usage``;
                                 tools, tool_choice, tool messages: calls in ``flyer.serve.tools``' format
 
@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 import jinja2
-import jinja2.sandbox
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flyer.data.chat_template import chat_renderer
 from flyer.errors import FieldError
 from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
 from flyer.serve.grammar import json_grammar
@@ -57,10 +57,6 @@ from flyer.serve.schema import Body, ChatBody, CompletionBody
 from flyer.serve.tools import (TOOL_FORMAT, ToolCall, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
 
-# The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
-# transformers encodes it), one header line per message, then the assistant's.
-DEFAULT_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 DISCONNECT_POLL_S = 1.0  # how often a request's handler asks whether its client is still there
 
 
@@ -79,31 +75,6 @@ class ApiError(Exception):
 
 def _engine_failed() -> ApiError:
     return ApiError(500, "the engine failed on this request (see the server's log)", "server_error")
-
-
-def chat_renderer(template: str | None, special: dict[str, str] | None = None):
-    """messages -> prompt text with ``template`` (a Hugging Face chat template; None: the default),
-    in a sandboxed Jinja environment set up as transformers sets up its own. ``special``: the named
-    special tokens the template sees (``bos_token``, ``eos_token``, ...; ``TextTokenizer.special_tokens``)."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=["jinja2.ext.loopcontrols"])
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # transformers' filter: Jinja's own escapes <>&' and sorts keys, so a template would render other text
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
-    compiled = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
-
-    def render(messages: list[dict], tools: list[dict] | None = None) -> str:
-        """``tools``: OpenAI's tool definitions, as transformers' ``apply_chat_template(tools=...)`` passes them."""
-        return compiled.render(messages=messages, tools=tools, add_generation_prompt=True,
-                               **{"bos_token": "", "eos_token": "", **(special or {})})
-    return render
 
 
 @dataclass

@@ -1,0 +1,43 @@
+"""Chat templates: a conversation rendered to text as transformers' ``apply_chat_template`` renders it.
+
+The server renders prompts with it (``flyer.serve.api``), and ``flyer train`` renders chat data with it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jinja2
+import jinja2.sandbox
+
+# The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
+# transformers encodes it), one header line per message, then the assistant's.
+DEFAULT_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def chat_renderer(template: str | None, special: dict[str, str] | None = None):
+    """messages -> prompt text with ``template`` (a Hugging Face chat template; None: the default),
+    in a sandboxed Jinja environment set up as transformers sets up its own. ``special``: the named
+    special tokens the template sees (``bos_token``, ``eos_token``, ...; ``TextTokenizer.special_tokens``)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' filter: Jinja's own escapes <>&' and sorts keys, so a template would render other text
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
+    compiled = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
+
+    def render(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+        """``tools``: OpenAI's tool definitions, as transformers' ``apply_chat_template(tools=...)`` passes them;
+        ``add_generation_prompt``: end with the assistant's header (a prompt) or not (a whole conversation)."""
+        return compiled.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                               **{"bos_token": "", "eos_token": "", **(special or {})})
+    return render
