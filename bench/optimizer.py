@@ -35,7 +35,8 @@ import torch
 from flyer import kernels
 from flyer.config import preset
 from flyer.parallel.mesh import LocalMesh
-from flyer.train.trainer import TrainConfig, build_model, build_optimizer
+from flyer.train.config import TrainConfig
+from flyer.train.trainer import build_model, build_optimizer
 
 PRESETS = ("tiny", "tiny-v4")
 VOCAB = 512

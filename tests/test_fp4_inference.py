@@ -32,7 +32,8 @@ from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 from flyer.train.checkpoint import read_tensors, resolve_checkpoint_path, trained_fp4_experts
 from flyer.train.metrics import read_metrics
-from flyer.train.trainer import Trainer, TrainConfig
+from flyer.train.config import TrainConfig
+from flyer.train.trainer import Trainer
 from tests.test_deepseek_v4 import v4_tolerance
 from tests.test_interop_export import tensors
 from tests.test_qwen3 import TEXT, rel

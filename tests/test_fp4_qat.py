@@ -25,7 +25,8 @@ from flyer.interop.v4_quant import dequantize_fp4_e2m1, quantize_fp4_e2m1
 from flyer.model.experts import Experts
 from flyer.model.moe import moe_layers
 from flyer.model.transformer import Transformer
-from flyer.train.trainer import Trainer, TrainConfig
+from flyer.train.config import TrainConfig
+from flyer.train.trainer import Trainer
 from tests.test_deepseek_v4 import v4_tolerance
 from tests.test_qwen3 import TEXT, rel
 from tests.test_v4_quant import hf_dequantize, weights  # noqa: F401 (a fixture)

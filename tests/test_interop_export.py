@@ -22,7 +22,8 @@ from flyer.interop.load import load_init_weights, load_pretrained
 from flyer.interop.tensorfile import TensorFile
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
-from flyer.train.trainer import Trainer, TrainConfig
+from flyer.train.config import TrainConfig
+from flyer.train.trainer import Trainer
 from tests.hf_models import build
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n" * 40

@@ -49,7 +49,8 @@ from flyer.parallel.mesh import LocalMesh, init_distributed
 from flyer.parallel.pipeline import PipelineModel
 from flyer.train.checkpoint import resolve_checkpoint_path
 from flyer.train.metrics import read_metrics
-from flyer.train.trainer import Trainer, TrainConfig, build_model, build_optimizer
+from flyer.train.config import TrainConfig
+from flyer.train.trainer import Trainer, build_model, build_optimizer
 from ranks import run_ranks
 
 B, T, M = 2, 12, 2  # sequences per micro-batch, tokens, micro-batches per pipeline step

@@ -15,7 +15,8 @@ from flyer.errors import CheckpointError
 from flyer.parallel.memory import KEYS
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
-from flyer.train.trainer import Trainer, TrainConfig
+from flyer.train.config import TrainConfig
+from flyer.train.trainer import Trainer
 from ranks import needs_split_backward, run_ranks
 
 SEQ = 32

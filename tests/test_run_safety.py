@@ -19,7 +19,8 @@ from flyer.cli import main
 from flyer.errors import CheckpointError, FieldError
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
-from flyer.train.trainer import Trainer, TrainConfig
+from flyer.train.config import TrainConfig
+from flyer.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,8 @@ from flyer.train.metrics import read_metrics
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import LocalMesh
 from flyer.train.metrics import TENSORBOARD_TAGS
-from flyer.train.trainer import Trainer, TrainConfig, TrainingError, build_model, build_optimizer, progress_postfix
+from flyer.train.config import TrainConfig
+from flyer.train.trainer import Trainer, TrainingError, build_model, build_optimizer, progress_postfix
 
 
 def tc_for(out, data_cache, **kw):

@@ -81,7 +81,7 @@ def register(sub) -> None:
 
 def build_train_config(args: argparse.Namespace):
     """The ``TrainConfig`` of ``flyer train`` args: defaults < --config's [train] table < flags."""
-    from flyer.train.trainer import TrainConfig  # the model stack: loaded for training, not for every command
+    from flyer.train.config import TrainConfig  # the model stack: loaded for training, not for every command
 
     values: dict = {}
     if args.config:

@@ -1,7 +1,8 @@
 """The trainer: schedule, gradient accumulation, aux-loss-free bias updates, MTP loss, evaluation,
 metrics and the training loop, on a one-process or expert-parallel mesh (``flyer.parallel.mesh``).
 
-``Trainer(TrainConfig(...)).run()`` is the API; ``flyer train`` (``flyer.train.cli``) wraps it.
+``Trainer(TrainConfig(...)).run()`` is the API (``flyer.train.config`` holds ``TrainConfig``); ``flyer train``
+(``flyer.train.cli``) wraps it.
 ``build_model`` and ``build_optimizer`` build what the trainer trains; ``flyer.train.checkpoint``
 saves and resumes it.
 
@@ -15,13 +16,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import re
 import signal
 import threading
 import time
-import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,191 +29,30 @@ from tqdm import tqdm
 
 from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
-from flyer.interop.load import init_source, load_init_weights, read_settings, settings_dir
+from flyer.interop.load import init_source, load_init_weights
 from flyer.data import BatchSampler, eval_batches, eval_batches_bytes, prepare_data
-from flyer.data.tokenizer import MIN_VOCAB
 from flyer.fp8 import convert_to_fp8
 from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
 from flyer.model.counts import param_counts
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import MoE, moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
-from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
 from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
 from flyer.parallel.zero import ShardedOptimizer
-from flyer.parallel.pipeline import (PP_SCHEDULES, PipelineModel, held_modules, min_micro_batches,
+from flyer.parallel.pipeline import (PipelineModel, held_modules, min_micro_batches,
                                      require_torch_for, validate_pipeline)
-from flyer.runtime import PRECISIONS, autocast, require_memory, resolve_precision, tune_malloc
+from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
-from flyer.optim.muon import OPTIMIZERS, muon_param_ids, optimizer_class, optimizer_groups
+from flyer.train.config import TrainConfig, carried_settings, check_resume_settings, lr_at
+from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 from flyer.train.rundir import METRICS_NAME, RunLock, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, read_metrics,
                                  require_tensorboard, truncate_metrics)
 
-SCHEDULES = ("cosine", "constant")
-# What a resumed run keeps (seed first, as the README promises): each changes what the remaining
-# steps compute. Free to change: steps (extending a run; the cosine decay stretches to the new end),
-# evaluation, logging, plots, progress, tensorboard, checkpoint cadence and keep, threads, device,
-# max_bad_steps (when to give up, not what a step does), fp4_experts (DeepSeek-V4 switches FP4 QAT on late in
-# training: a resume may turn it on; the FP32 master weights are the state either way), paths (out, data, cache,
-# tokenizer, config, init: what they hold is checked instead, by the model config and the sampler's token count)
-# and the process layout (``checkpoint.check_layout`` compares it).
-RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_batches", "lr", "min_lr_ratio",
-                "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "precision", "vocab_size",
-                "fp8_dispatch", "optimizer")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption, Ctrl-C, a closed terminal
-
-
-_FIELD_TYPES = {  # a TrainConfig annotation -> (does a value have it, its name in an error)
-    bool: (lambda v: isinstance(v, bool), "true or false"),
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    str: (lambda v: isinstance(v, (str, os.PathLike)), "a string"),
-}
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "small"
-    config: str | None = None  # TOML/JSON overriding model fields ([model]) and train fields ([train])
-    steps: int = 130  # the default run: small preset, about five minutes on 2 cores
-    batch_size: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 15
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    optimizer: str = "adamw"  # or muon: DeepSeek-V4's (flyer.optim.muon), AdamW's lr and weight decay reused
-    beta1: float = 0.9
-    beta2: float = 0.95
-    clip: float = 1.0
-    precision: str = "auto"  # auto: bf16 where the device multiplies BF16 in hardware, else fp32
-    out: str = "runs/flyer"
-    resume: bool = False
-    seed: int = 0
-    eval_every: int = 25
-    eval_batches: int = 8
-    ckpt_every: int = 50
-    keep: int = 3
-    data: str | None = None  # None: the installed Shakespeare corpus
-    data_cache: str | None = None  # tokenizer/shard cache (default ~/.cache/flyer/data)
-    tokenizer: str | None = None
-    init: str | None = None  # fine-tune from a flyer run / checkpoint or an HF model directory (its config, tokenizer)
-    vocab_size: int | None = None  # default: the preset's vocab, capped at 8192 for the built-in corpus
-    max_bad_steps: int = 10
-    threads: int | None = None
-    device: str = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N; under torchrun: auto, cpu or cuda
-    ep: int = 1
-    pp: int = 1  # pipeline stages (ranks); the world is pp x data-parallel ranks
-    pp_schedule: str = "1f1b"  # 1f1b, interleaved, zb (zero-bubble V) or dualpipev
-    micro_batches: int | None = None  # per step with pp > 1 (default: the fewest the schedule runs)
-    pp_overlap: bool = True  # dualpipev with ep > 1: paired forward and backward chunks run concurrently
-    zero: int = 0  # 1: optimizer state sharded over the data-parallel ranks (ZeRO-1)
-    ranks_per_node: int | None = None
-    dispatcher: str = "hierarchical"
-    fp8_dispatch: bool = False
-    # DeepSeek-V4's FP4 QAT: routed experts multiply by their FP4 values (flyer.fp8.fp4), in training and validation;
-    # each checkpoint's train_config records it, and inference loads that FP4 model (flyer.interop.load)
-    fp4_experts: bool = False
-    collective_timeout_s: float = 300.0  # a rank that stops answering fails the others after this, not torch's 30 min
-    plots: bool = True
-    progress: bool = True
-    tensorboard: bool | str = False  # True: scalars in OUT/tensorboard; a str: that directory
-
-    def validate(self) -> None:
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise FieldError(name, f"{msg} (got {getattr(self, name)!r})")  # the CLI words it as the flag
-
-        for f in dataclasses.fields(self):
-            wrong = self.type_problem(f.name, getattr(self, f.name))
-            if wrong:
-                raise FieldError(f.name, wrong)
-        need(0 <= self.seed < 2**64, "seed", "must be an integer in [0, 2**64)")  # torch.manual_seed's range
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
-                     "keep", "max_bad_steps", "ep", "pp"):
-            v = getattr(self, name)
-            need(v > 0, name, "must be a positive integer")
-        need(self.seq_len >= 2, "seq_len", "must be >= 2")
-        need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
-        need(0 < self.collective_timeout_s < math.inf, "collective_timeout_s", "must be a positive number of seconds")
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            need(not isinstance(v, float) or math.isfinite(v), f.name, "must be a finite number")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
-        need(self.warmup >= 0, "warmup", "must be >= 0")
-        need(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
-        need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
-        need(self.dispatcher in DISPATCHER_KINDS, "dispatcher", f"must be one of {', '.join(DISPATCHER_KINDS)}")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
-        need(self.clip > 0, "clip", "must be > 0")
-        need(self.vocab_size is None or self.vocab_size >= MIN_VOCAB, "vocab_size",
-             f"must be >= {MIN_VOCAB} (256 byte symbols and the end-of-text token)")
-        need(self.threads is None or self.threads > 0, "threads", "must be a positive integer")
-        need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be a positive integer")
-        need(self.micro_batches is None or self.micro_batches > 0, "micro_batches", "must be a positive integer")
-        need(self.micro_batches is None or self.pp > 1, "micro_batches", "needs pipelining (pp > 1); without it "
-                                                                          "use grad_accum")
-        need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")
-        need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1: optimizer state sharded)")
-        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",
-             "must be auto, cpu, cuda or cuda:N")
-        need(isinstance(self.tensorboard, bool) or (isinstance(self.tensorboard, str) and self.tensorboard != ""),
-             "tensorboard", "must be true, false or a directory")
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def type_problem(cls, name: str, value: Any) -> str | None:
-        """None when ``value`` has field ``name``'s annotated type, else what was expected and got.
-        bool is only a real boolean (and never an int); an int is a good float; a path may be a str."""
-        hint = typing.get_type_hints(cls)[name]
-        kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
-        if value is None and len(kinds) < len(typing.get_args(hint)):
-            return None
-        if any(_FIELD_TYPES[t][0](value) for t in kinds):
-            return None
-        return f"expected {' or '.join(_FIELD_TYPES[t][1] for t in kinds)}, got {type(value).__name__} {value!r}"
-
-
-def check_resume_settings(tc: TrainConfig, path: Path) -> None:
-    """``FieldError`` naming the first of ``RESUME_KEEPS`` that ``tc`` sets otherwise than the run
-    checkpointed at ``path`` did (the others that differ are listed), before any work."""
-    saved = ckpt.saved_state(path).get("train_config") or {}  # older checkpoints may lack it: nothing to compare
-    changed = [k for k in RESUME_KEEPS if k in saved and saved[k] != getattr(tc, k)]
-    if changed:
-        k, also = changed[0], f"; also changed: {', '.join(changed[1:])}" if changed[1:] else ""
-        raise FieldError(k, f"{getattr(tc, k)} differs from the run's {k} {saved[k]}{also} (checkpoint {path}); "
-                            "a resumed run keeps the settings it started with")
-
-
-def carried_settings(start: Path | None, init: str | None) -> dict[str, bytes]:
-    """The Hugging Face tokenizer and generation settings a run carries in its checkpoints
-    (``checkpoint.SETTINGS_FILES``, name -> bytes): those of the checkpoint it resumes from ``start``,
-    else of its ``init`` (an HF directory, or a run that carries them); none for flyer's own tokenizer."""
-    if start is not None:
-        return read_settings(start)
-    src = settings_dir(init) if init else None
-    return read_settings(src) if src is not None else {}
-
-
-def lr_at(tc: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio (or constant). ``step`` is 1-based."""
-    if tc.warmup and step <= tc.warmup:
-        return tc.lr * step / tc.warmup
-    if tc.schedule == "constant":
-        return tc.lr
-    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
-    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1, pp: int = 1) -> float:
