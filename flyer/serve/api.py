@@ -11,7 +11,8 @@
     POST /v1/chat/completions   messages rendered by the tokenizer's chat template (as transformers'
                                 ``apply_chat_template`` renders it; ``flyer.data.chat_template``), else a default;
                                 stream with ``delta`` chunks, ``stream_options.include_usage``;
-                                tools, tool_choice, tool messages: calls in ``flyer.serve.tools``' format
+                                tools, tool_choice, tool messages: calls in the format the chat template
+                                writes (``flyer.serve.tools``: DeepSeek-V3.1 / V3.2's or V3-0324 / R1's)
 
 Every response carries ``usage``. Errors use OpenAI's shape ``{"error": {"message", "type",
 "param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too long for the
@@ -54,7 +55,7 @@ from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
 from flyer.serve.request import QueueFull, SamplingOptions, TokenEvent
 from flyer.serve.schema import Body, ChatBody, CompletionBody
-from flyer.serve.tools import (TOOL_FORMAT, ToolCall, content_end, marked_text, marker_ids, parse_tool_calls,
+from flyer.serve.tools import (ToolCall, content_end, marked_text, marker_ids, parse_tool_calls, tool_format,
                                tool_grammar)
 
 DISCONNECT_POLL_S = 1.0  # how often a request's handler asks whether its client is still there
@@ -261,6 +262,7 @@ class Api:
                  chat_template: str | None = None):
         self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
         self.render_chat = chat_renderer(chat_template, self._special_tokens())
+        self.tool_format = tool_format(chat_template)  # the format the template writes calls in
         self.draining = False
         self.created = int(time.time())
         self.metrics = ApiMetrics()
@@ -398,13 +400,13 @@ class Api:
         opts = self._options(body, body.max_completion_tokens or body.max_tokens, len(prompt),
                              top if body.logprobs else None)
         mode, name = body.tool_mode()
+        parse, parallel, fmt = mode != "none", body.parallel_tool_calls, self.tool_format
         if mode in ("required", "named"):  # the output is a calls block whose arguments match the schemas
             functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
-            opts = dataclasses.replace(opts, grammar=tool_grammar(functions, self.tok, name, body.parallel_tool_calls))
+            opts = dataclasses.replace(opts, grammar=tool_grammar(functions, self.tok, name, parallel, fmt))
         gen = _Generation(self, request, [prompt], opts, body.stop_strings(), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
-        parse = mode != "none"
 
         def content_logprobs(events: list[TokenEvent]) -> dict | None:
             if not body.logprobs:
@@ -415,7 +417,7 @@ class Api:
             await gen.wait()
             out = []
             for i, c in enumerate(gen.choices):
-                calls = self._tool_calls(c) if parse else None
+                calls = self._tool_calls(c, parallel) if parse else None
                 message = {"role": "assistant", "content": c.text} if calls is None else \
                     {"role": "assistant", "content": calls[0], "tool_calls": [call.openai() for call in calls[1]]}
                 out.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else c.finish_reason,
@@ -425,14 +427,14 @@ class Api:
         head["object"] = "chat.completion.chunk"
 
         # while tools are parsed, content streams up to the first calls marker, as its token or as text
-        begin, call_at = marker_ids(self.tok).get(TOOL_FORMAT.calls_begin), {}
+        begin, call_at = marker_ids(self.tok, fmt).get(fmt.calls_begin), {}
 
         async def sse() -> AsyncIterator[bytes]:
             for i in range(len(gen.choices)):
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "finish_reason": None, "logprobs": None}]})
             async for i, c, e in gen.events():
-                calls = self._tool_calls(c) if parse and c.finish_reason is not None else None
+                calls = self._tool_calls(c, parallel) if parse and c.finish_reason is not None else None
                 if calls is not None:  # the content before the calls not yet streamed, then the calls at once
                     content, sent = calls[0] or "", c.text[:c.sent]
                     rest = content[len(sent):] if content.startswith(sent) else ""
@@ -446,7 +448,7 @@ class Api:
                     continue
                 if parse and begin is not None and e.token == begin and i not in call_at:  # decoding may skip it
                     call_at[i] = c.starts[-1]
-                text = c.delta(min(content_end(c.text, c.sent), call_at.get(i, len(c.text))) if parse else None)
+                text = c.delta(min(content_end(c.text, c.sent, fmt), call_at.get(i, len(c.text))) if parse else None)
                 tokens = c.delta_tokens()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
                     lp = content_logprobs([c.events[j] for j in tokens]) if tokens else None
@@ -456,10 +458,11 @@ class Api:
                 yield end
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    def _tool_calls(self, c: _Choice) -> tuple[str | None, list[ToolCall]] | None:
-        """Choice ``c``'s (content, calls) when its text (markers written out, up to a stop string) holds a
-        well-formed calls block (``parse_tool_calls``); else None: its text is served as content."""
-        return parse_tool_calls(marked_text(self.tok, c.ids[:c.kept()]))
+    def _tool_calls(self, c: _Choice, parallel: bool) -> tuple[str | None, list[ToolCall]] | None:
+        """Choice ``c``'s (content, calls; the first only when not ``parallel``) when its text (markers written out,
+        up to a stop string) holds a well-formed calls block (``parse_tool_calls``); else None: served as content."""
+        fmt = self.tool_format
+        return parse_tool_calls(marked_text(self.tok, c.ids[:c.kept()], fmt), fmt, parallel)
 
     def _chat_logprob(self, token: int, logprob: float, top: dict[int, float] | None) -> dict:
         def entry(t: int, lp: float) -> dict:

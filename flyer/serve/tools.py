@@ -1,28 +1,33 @@
-"""Tool calling (OpenAI's ``tools``, ``tool_choice``, ``tool_calls``) in DeepSeek-V3.1 / V3.2's format.
+"""Tool calling (OpenAI's ``tools``, ``tool_choice``, ``tool_calls``) in the DeepSeek formats: V3.1 / V3.2's and
+V3-0324 / R1 / R1-0528's.
 
 The chat template renders ``tools`` and the tool messages of a conversation (the checkpoint's template decides the
-prompt); this module reads the calls a model writes and, for ``tool_choice`` "required" or a named function, builds
-the llguidance grammar that makes it write one (``flyer.serve.grammar`` masks the logits with it). The format:
+prompt, an assistant's earlier calls included); this module reads the calls a model writes and, for ``tool_choice``
+"required" or a named function, builds the llguidance grammar that makes it write one (``flyer.serve.grammar``
+masks the logits with it). A calls block, in either format:
 
-    <｜tool▁calls▁begin｜>                                     then per call
-    <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS_JSON<｜tool▁call▁end｜>   then
-    <｜tool▁calls▁end｜>
+    <｜tool▁calls▁begin｜>  CALL (BETWEEN CALL)*  <｜tool▁calls▁end｜>
+    DEEPSEEK_V31  CALL = <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS_JSON<｜tool▁call▁end｜>, BETWEEN = ""
+    DEEPSEEK_V3   CALL = <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGUMENTS_JSON\n```
+                         <｜tool▁call▁end｜> (one line), BETWEEN = "\n"
 
-(DeepSeek-V3-0324's format, ``function<｜tool▁sep｜>NAME`` then a fenced JSON block, differs in the call's body:
-it would be a format of its own beside ``DEEPSEEK_V31``, with its parser and grammar.) A checkpoint's tokenizer
-holds the markers as added tokens: one id each, which a decoder that skips special tokens drops, so the text
-parsed is decoded with them written out (``marked_text``).
+A checkpoint's format is chosen once from its chat template (``tool_format``: DEEPSEEK_V3 when the template writes
+a fenced json block in its call rendering; DEEPSEEK_V31 otherwise, the default). A checkpoint's tokenizer holds
+the markers as added tokens: one id each, which a decoder that skips special tokens drops, so the text parsed is
+decoded with them written out (``marked_text``); a tokenizer without them writes and reads them as text.
 
 Modes (``tool_choice``): "none" renders the tools and parses nothing; "auto" (the default with tools) generates
 freely and parses the calls if the model writes the format; "required" and a named function constrain the output
 to a calls block. A choice whose text parses answers ``tool_calls`` with finish_reason "tool_calls" and content the
 text before the block (null when blank); one that does not (no block, one left open) answers its text as content.
+``parallel_tool_calls`` false: the grammar allows one call; under "auto" the parse keeps the first.
 Streaming (``flyer.serve.api``) is the simplest correct one: content deltas up to the block, then, once the whole
 output is parsed at the end, one chunk with every call's ``tool_calls`` delta (index, id, type, name, the whole
 arguments) and finish_reason "tool_calls".
 
-    ToolFormat / DEEPSEEK_V31       the markers; ``TOOL_FORMAT`` the one flyer serve speaks
-    parse_tool_calls(text)          generated text -> (content before the calls, calls), or None: serve it as content
+    ToolFormat, DEEPSEEK_V31, DEEPSEEK_V3   the formats; ``TOOL_FORMAT`` the default
+    tool_format(chat_template)      the format a checkpoint's template writes calls in
+    parse_tool_calls(text, fmt)     generated text -> (content before the calls, calls), or None: serve it as content
     tool_grammar(tools, ...)        "required" / named: an llguidance grammar of a calls block whose arguments match
                                     the tool's ``parameters`` schema; ``FieldError`` naming tools
     marked_text(tok, ids)           ids decoded with the markers kept
@@ -32,6 +37,7 @@ arguments) and finish_reason "tool_calls".
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +51,9 @@ from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """A model family's tool-call markers: a calls block is ``calls_begin`` (``call_begin`` NAME ``sep``
-    ARGUMENTS ``call_end``)+ ``calls_end``."""
+    """A model family's tool-call text: a calls block is ``calls_begin`` CALL (``between`` CALL)* ``calls_end``,
+    a CALL ``call_begin`` NAME ``sep`` ARGUMENTS ``call_end``, or with ``call_type`` (V3-0324)
+    ``call_begin`` TYPE ``sep`` NAME ``args_open`` ARGUMENTS ``args_close`` ``call_end``."""
 
     name: str
     calls_begin: str
@@ -54,20 +61,48 @@ class ToolFormat:
     call_begin: str
     sep: str
     call_end: str
+    call_type: str | None = None  # written before ``sep``, the name after it (then ``args_open`` ends the name)
+    args_open: str = ""  # around the arguments (V3-0324: a fenced json block)
+    args_close: str = ""
+    between: str = ""  # what the chat template writes between two calls
 
     @property
     def markers(self) -> tuple[str, ...]:
         return self.calls_begin, self.calls_end, self.call_begin, self.sep, self.call_end
 
+    def call(self, name: str, arguments: str) -> str:
+        """One call as the model writes it."""
+        head = f"{self.call_type}{self.sep}{name}" if self.call_type is not None else f"{name}{self.sep}"
+        return f"{self.call_begin}{head}{self.args_open}{arguments}{self.args_close}{self.call_end}"
+
     def render(self, calls: list[tuple[str, str]]) -> str:
         """The calls block of (name, arguments JSON text) pairs, as the model writes it."""
-        body = "".join(f"{self.call_begin}{n}{self.sep}{a}{self.call_end}" for n, a in calls)
-        return f"{self.calls_begin}{body}{self.calls_end}"
+        return self.calls_begin + self.between.join(self.call(n, a) for n, a in calls) + self.calls_end
+
+    def split_call(self, body: str) -> tuple[str, str] | None:
+        """A call's text between ``call_begin`` and ``call_end`` -> (name, arguments text), both stripped; None
+        when it is not one (no ``sep``, another type, the fence missing). Whitespace around the parts is allowed."""
+        left, sep, right = body.partition(self.sep)
+        if not sep:
+            return None
+        if self.call_type is None:
+            return left.strip(), right.strip()
+        if left.strip() != self.call_type:
+            return None
+        fence_open, fence_close = self.args_open.strip(), self.args_close.strip()
+        name, found, args = right.partition(fence_open)  # the name ends where the fence opens
+        args = args.rstrip()
+        if not found or not args.endswith(fence_close):
+            return None
+        return name.strip(), args[:len(args) - len(fence_close)].strip()
 
 
-DEEPSEEK_V31 = ToolFormat("deepseek-v3.1", calls_begin="<｜tool▁calls▁begin｜>", calls_end="<｜tool▁calls▁end｜>",
-                          call_begin="<｜tool▁call▁begin｜>", sep="<｜tool▁sep｜>", call_end="<｜tool▁call▁end｜>")
-TOOL_FORMAT = DEEPSEEK_V31  # DeepSeek-V3.1 and V3.2 write it
+_CALLS_BEGIN, _CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+_CALL_BEGIN, _SEP, _CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+DEEPSEEK_V31 = ToolFormat("deepseek-v3.1", _CALLS_BEGIN, _CALLS_END, _CALL_BEGIN, _SEP, _CALL_END)  # and V3.2
+DEEPSEEK_V3 = ToolFormat("deepseek-v3", _CALLS_BEGIN, _CALLS_END, _CALL_BEGIN, _SEP, _CALL_END,  # V3-0324, R1
+                         call_type="function", args_open="\n```json\n", args_close="\n```", between="\n")
+TOOL_FORMAT = DEEPSEEK_V31  # the default: a template that does not show V3-0324's
 # the most calls a constrained output holds ("required" with parallel calls): a model that never chooses to end
 # the block (an untrained one, greedy) still ends within a few hundred tokens
 MAX_TOOL_CALLS = 8
@@ -86,32 +121,46 @@ class ToolCall:
                 "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def parse_tool_calls(text: str, fmt: ToolFormat = TOOL_FORMAT) -> tuple[str | None, list[ToolCall]] | None:
+def tool_format(chat_template: str | None) -> ToolFormat:
+    """The format a checkpoint's chat template writes an assistant's calls in: ``DEEPSEEK_V3`` when a fenced
+    json block follows a ``sep`` before the next ``call_end`` (V3-0324 / R1 / R1-0528's templates), else
+    ``DEEPSEEK_V31`` (V3.1 / V3.2's, and the default without a template)."""
+    t, fmt = chat_template or "", DEEPSEEK_V3
+    for m in re.finditer(re.escape(fmt.sep), t):
+        end = t.find(fmt.call_end, m.end())
+        if fmt.args_open.strip() in t[m.end():end if end >= 0 else len(t)]:
+            return fmt
+    return DEEPSEEK_V31
+
+
+def parse_tool_calls(text: str, fmt: ToolFormat = TOOL_FORMAT,
+                     parallel: bool = True) -> tuple[str | None, list[ToolCall]] | None:
     """``text`` (generated, markers written out) -> (the content before the calls block, None when blank; its
-    calls), or None when it holds no well-formed block: no ``calls_begin``, a block left open (a limit reached),
-    a call without a name or whose arguments are not a JSON object, text after the block. Whitespace between
-    the markers is allowed."""
+    calls), or None when it holds no well-formed block in ``fmt``: no ``calls_begin``, a block left open (a limit
+    reached), a call without a name, not in ``fmt``'s shape or whose arguments are not a JSON object, text after
+    the block. Whitespace between the markers is allowed. Not ``parallel``: only the first call is kept (under
+    "auto" the output is free: a block is parsed whole, so a stream and a whole answer agree, and the calls past
+    the first dropped; stopping at the first ``call_end`` would leave the block open, as a limit does)."""
     start = text.find(fmt.calls_begin)
     if start < 0:
         return None
     rest, calls = text[start + len(fmt.calls_begin):].lstrip(), []
     while rest.startswith(fmt.call_begin):
-        head, sep, tail = rest[len(fmt.call_begin):].partition(fmt.sep)
-        args, end, rest = tail.partition(fmt.call_end)
-        name = head.strip()
-        if not sep or not end or not name or any(m in head or m in args for m in fmt.markers):
+        body, end, rest = rest[len(fmt.call_begin):].partition(fmt.call_end)
+        split = fmt.split_call(body) if end and body.count(fmt.sep) == 1 else None
+        if split is None or not split[0] or any(m in body for m in fmt.markers if m != fmt.sep):
             return None
         try:
-            if not isinstance(json.loads(args), dict):
+            if not isinstance(json.loads(split[1]), dict):
                 return None
         except ValueError:
             return None
-        calls.append(ToolCall(name, args.strip()))
+        calls.append(ToolCall(*split))
         rest = rest.lstrip()
     if not calls or not rest.startswith(fmt.calls_end) or rest[len(fmt.calls_end):].strip():
         return None
     content = text[:start]
-    return (content if content.strip() else None), calls
+    return (content if content.strip() else None), calls if parallel else calls[:1]
 
 
 def marker_ids(tok, fmt: ToolFormat = TOOL_FORMAT) -> dict[str, int]:
@@ -143,7 +192,8 @@ def _lark_string(s: str) -> str:
 
 def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, parallel: bool = True,
                  fmt: ToolFormat = TOOL_FORMAT) -> str:
-    """The llguidance grammar (JSON text) of a calls block in ``fmt``: one call of function ``name`` (a named
+    """The llguidance grammar (JSON text) of a calls block in ``fmt`` (between calls, its ``between``; around
+    the arguments, its fence): one call of function ``name`` (a named
     ``tool_choice``), else 1 to ``MAX_TOOL_CALLS`` calls (one when not ``parallel``) of any of ``tools``
     (OpenAI's function definitions: ``{"name", "description", "parameters"}``), each call's arguments compact
     JSON matching its function's ``parameters`` (absent: any object). Markers are ``tok``'s token ids where it
@@ -162,13 +212,18 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
     if sum(map(len, schemas)) > MAX_SCHEMA_CHARS:
         raise FieldError("tools", f"the parameters schemas hold {sum(map(len, schemas))} characters; at most "
                                   f"{MAX_SCHEMA_CHARS} are served")
-    repeat = f"{{1,{MAX_TOOL_CALLS}}}" if parallel and name is None else ""
-    rules = [f"start: {marker(fmt.calls_begin)} call{repeat} "
-             f"{marker(fmt.calls_end)}",
+    more = f" ({_lark_string(fmt.between)} call)" if fmt.between else " call"
+    repeat = f"{more}{{0,{MAX_TOOL_CALLS - 1}}}" if parallel and name is None else ""
+    rules = [f"start: {marker(fmt.calls_begin)} call{repeat} {marker(fmt.calls_end)}",
              "call: " + " | ".join(f"call_{k}" for k in range(len(chosen)))]
     for k, (f, schema) in enumerate(zip(chosen, schemas)):
-        rules += [f"call_{k}: {marker(fmt.call_begin)} {_lark_string(f['name'])} {marker(fmt.sep)} args_{k} "
-                  f"{marker(fmt.call_end)}", f"args_{k}: %json {schema}"]
+        fn = _lark_string(f["name"])
+        head = f"{fn} {marker(fmt.sep)}" if fmt.call_type is None else \
+            f"{_lark_string(fmt.call_type)} {marker(fmt.sep)} {fn}"
+        args = " ".join([_lark_string(fmt.args_open)] * bool(fmt.args_open) + [f"args_{k}"]
+                        + [_lark_string(fmt.args_close)] * bool(fmt.args_close))
+        rules += [f"call_{k}: {marker(fmt.call_begin)} {head} {args} {marker(fmt.call_end)}",
+                  f"args_{k}: %json {schema}"]
     try:
         grammar = llguidance.LLMatcher.grammar_from_lark("\n".join(rules))
     except ValueError as e:
