@@ -253,8 +253,7 @@ def test_speculation_leaves_a_grammar_row_and_a_plain_row_as_speculation_off(cou
         on, eng = _run(counting, reqs, speculative="mtp", draft_tokens=k)
         assert [_tokens(e) for e in on] == [_tokens(e) for e in off]
         assert [e[-1].finish_reason for e in on] == [e[-1].finish_reason for e in off] == ["length", "stop", "stop"]
-        assert eng.accepted > 0  # the plain row drafted (and kept some); the grammar rows drafted none
-        assert eng.drafted <= 15  # at most one per step of the plain row's 16 tokens; none of theirs
+        assert eng.accepted > 0  # drafts kept (the grammar rows' own: tests/test_serve_grammar_spec.py)
 
 
 def test_deepseek_v4_with_a_hugging_face_tokenizer(tmp_path):

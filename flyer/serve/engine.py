@@ -26,7 +26,8 @@ during the step. Each scheduler step:
 
 With ``speculative="mtp"`` each decode step first drafts tokens with the model's MTP module, which has a
 paged cache of its own on the same block tables, and the forward of step 4 verifies them
-(``flyer.serve.speculation``); a step with more than ``speculative_max_batch`` decoding rows drafts none.
+(``flyer.serve.speculation``; a grammar row's drafts follow its grammar); a step with more than
+``speculative_max_batch`` decoding rows drafts none.
 
 DeepSeek-V4 (attn "hybrid", ``flyer.serve.paged_hybrid``): a running request also holds a slot (its windows,
 the compressors' partial states) from admission to its end or preemption; its compressed entries fill its
@@ -174,6 +175,8 @@ class Engine:
                 raise FieldError("response_format", "this engine was started without a tokenizer: no structured "
                                                     "outputs")
             self.grammars = GrammarMasks(self.tokenizer, self.model.cfg.vocab_size, self.device)
+            if self.spec:  # its rows draft under their grammars
+                self.speculator.grammars = self.grammars
         return self.grammars
 
     def cancel(self, req: Request) -> None:
@@ -330,8 +333,6 @@ class Engine:
 
     def _n_drafts(self, r: Request) -> int:
         """Drafts r verifies this step (``MtpSpeculator.n_drafts``)."""
-        if r.matcher is not None:  # a grammar row drafts none: drafts checked against its grammar are a follow-up
-            return 0
         return self.speculator.n_drafts(r) if self.spec else 0
 
     def _preempt(self, r: Request) -> None:
@@ -379,7 +380,7 @@ class Engine:
         batches = []
         if plain:
             batches.append((plain, [[r.tokens[-1]] for r in plain]))
-        for rows, _, drafts, _ in drafted:  # one group per draft count: verified without padding
+        for rows, _, drafts, *_ in drafted:  # one group per draft count: verified without padding
             batches.append((rows, [[r.tokens[-1], *d] for r, d in zip(rows, drafts)]))
         if prefilling:
             batches.append((prefilling, [r.tokens[r.n_cached:r.n_cached + n] for r, n in zip(prefilling, lens)]))
@@ -397,8 +398,8 @@ class Engine:
         logits = self.dec.logits(torch.cat(need) if len(need) > 1 else need[0]) if need else None
         if need and any(r.opts.adjusts for r in self.running):
             self._adjust(logits, plain, drafted, [prefilling[i] for i in ending])
-        if need and self.grammars is not None:  # grammar rows (plain or ending a prompt: they draft none)
-            self._mask(logits, plain, sum(h.shape[0] * h.shape[1] for h in h_drafts), [prefilling[i] for i in ending])
+        if need and self.grammars is not None:  # grammar rows (plain, verifying drafts, ending a prompt)
+            self._mask(logits, plain, drafted, [prefilling[i] for i in ending])
         greedy = kernels.argmax(logits).tolist() if need else []  # one argmax for the step, not one per row
         for i, r in enumerate(plain):
             r.n_cached += 1
@@ -409,7 +410,7 @@ class Engine:
             for r in self.speculator.bound_pending([r for r in plain if r in self.running]):
                 self._register_full_blocks(r)
         done = len(plain)
-        for (rows, q, drafts, params), h in zip(drafted, h_drafts):
+        for (rows, q, drafts, params, _), h in zip(drafted, h_drafts):
             n = h.shape[0] * h.shape[1]
             self._verify(rows, h, logits[done:done + n].view(h.shape[0], h.shape[1], -1), q, drafts, params)
             done += n
@@ -423,22 +424,24 @@ class Engine:
         per plain row, k + 1 per row verifying k drafts, one per prompt ending). The row verifying
         after drafts d[:j] counts them as generated: its logits choose a token only when they are."""
         owners = [(r, ()) for r in plain]
-        for rows, _, drafts, _ in drafted:
+        for rows, _, drafts, *_ in drafted:
             owners += [(r, tuple(d[:j])) for r, d in zip(rows, drafts) for j in range(len(d) + 1)]
         owners += [(r, ()) for r in ending]
         for row, (r, extra) in enumerate(owners):
             if r.opts.adjusts:
                 r.opts.adjust(logits[row], [*r.tokens[len(r.prompt):], *extra])
 
-    def _mask(self, logits: torch.Tensor, plain: list[Request], n_drafted: int, ending: list[Request]) -> None:
-        """The tokens each grammar row's grammar forbids set to -inf on its row of the step's logits (after the
-        adjustments: ``_forward``'s order, the drafted rows between the plain and the ending ones), so both
+    def _mask(self, logits: torch.Tensor, plain: list[Request], drafted: list[Drafted], ending: list[Request]) -> None:
+        """The tokens each grammar row's grammar forbids set to -inf on its rows of the step's logits (after the
+        adjustments: ``_forward``'s order; a row verifying drafts with the bitmasks its drafting filled), so both
         its argmax and its sample are allowed; the logprobs reported are this masked distribution's, the one
         the token was chosen from (as OpenAI reports them)."""
-        rows = [(i, r.matcher) for i, r in enumerate(plain) if r.matcher is not None]
-        rows += [(len(plain) + n_drafted + i, r.matcher) for i, r in enumerate(ending) if r.matcher is not None]
-        if rows:
-            self.grammars.mask(logits, rows)
+        rows, given, at = [(i, r.matcher) for i, r in enumerate(plain) if r.matcher is not None], [], len(plain)
+        for _, _, drafts, _, allowed in drafted:
+            for d, a in zip(drafts, allowed):
+                given += [] if a is None else [(at, a)]
+                at += len(d) + 1
+        self.grammars.mask(logits, rows + [(at + i, r.matcher) for i, r in enumerate(ending) if r.matcher], given)
 
     def _verify(self, rows: list[Request], hv: torch.Tensor, logits: torch.Tensor, q: list, drafts: list[list[int]],
                 params: list[SamplingParams]) -> None:

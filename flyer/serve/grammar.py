@@ -8,9 +8,19 @@ row into one bitmask, applied to the step's logits rows at once); the chosen tok
 is then consumed, and the request ends ("stop") when its grammar is complete. EOS is a token the grammar allows
 only where the output is complete.
 
+With MTP speculation (``flyer.serve.speculation``) a grammar row's drafts are chosen under its grammar: the MTP
+logits of each draft position are masked with the matcher's state after the drafts before it, and the matcher
+consumes each draft tentatively (``Matcher.held``). Masking rather than cutting the draft at the first token the
+grammar forbids: a mask is needed at each position anyway (the verify pass's), so the drafts cost no extra fill
+and follow the grammar, where unmasked ones from a model that does not know it would mostly be cut. The verify
+pass's logits at each position are masked with those same bitmasks (plus one fill after the last draft), so a row
+costs one fill per verified position; ``settle`` then rolls back the drafts it rejected, and emission takes the
+kept ones without consuming them again. A draft that completes the grammar is the row's last.
+
     json_grammar(schema)            schema (None: any JSON object) -> grammar; ``FieldError`` naming response_format
     llg_tokenizer(tok, vocab_size)  llguidance's view of flyer's tokenizer (``TextTokenizer`` or ``ByteTokenizer``)
-    GrammarMasks                    the engine's side: matchers, the step's masks, tokens consumed
+    GrammarMasks                    the engine's side: matchers, the step's masks, tokens consumed (and drafts)
+    Matcher                         a request's llguidance matcher and the drafts it holds tentatively
 
 The work a request can cause is bounded: its schema's JSON text (``MAX_SCHEMA_CHARS``), compiling it and each
 step's mask (``LIMITS``: llguidance's fuel and size limits; a grammar over them is refused or ends in error).
@@ -112,6 +122,17 @@ def _llg_tokenizer(tok, vocab_size: int) -> llguidance.LLTokenizer:
                                         f"(this server's is a {type(tok).__name__})")
 
 
+class Matcher:
+    """A request's llguidance matcher (``llg``) at its tokens so far, then ``held``: the drafts it consumed
+    tentatively (``GrammarMasks.hold``); after the verify pass, the kept ones, which ``GrammarMasks.consume`` takes
+    without consuming them again."""
+
+    __slots__ = ("llg", "held")
+
+    def __init__(self, llg: llguidance.LLMatcher):
+        self.llg, self.held = llg, []
+
+
 class GrammarMasks:
     """The engine's side of structured outputs over ``vocab_size`` logits on ``device``: ``matcher`` for a
     request's grammar, ``mask`` on a step's logits, ``consume`` for the token chosen. llguidance's tokenizer is
@@ -124,7 +145,7 @@ class GrammarMasks:
         self.shifts = torch.arange(32, dtype=torch.int32, device=device)
         self.last: tuple[str, llguidance.LLMatcher] | None = None  # the last grammar compiled (n choices share it)
 
-    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+    def matcher(self, grammar: str) -> Matcher:
         """A matcher at the start of ``grammar`` (``json_grammar``'s); ``FieldError`` naming ``response_format``
         when llguidance cannot compile it with this tokenizer. A copy of the last one when it is the same grammar."""
         if self.last is None or self.last[0] != grammar:
@@ -133,35 +154,65 @@ class GrammarMasks:
                 raise FieldError("response_format", f"the schema cannot be compiled: "
                                                     f"{m.get_error().splitlines()[0]:.300}")
             self.last = (grammar, m)
-        return self.last[1].deep_copy()
+        return Matcher(self.last[1].deep_copy())
 
-    def mask(self, logits_NV: torch.Tensor, rows: list[tuple[int, llguidance.LLMatcher]]) -> None:
-        """Set to -inf, in place, the logits of the tokens each matcher forbids next: ``rows`` pairs a row of
-        ``logits_NV`` (N, V) with its matcher. llguidance fills each row's bitmask in one (B, ceil(V'/32)) int32
-        tensor, bit t % 32 of word t // 32 set where token t is allowed, unpacked and applied to the B rows at
-        once on the logits' device."""
-        n = len(rows)
+    def allowed(self, matchers: list[Matcher]) -> torch.Tensor:
+        """(B, V) bool on the logits' device: the tokens each of the B matchers allows next. llguidance fills each
+        matcher's bitmask in one (B, ceil(V'/32)) int32 array, bit t % 32 of word t // 32 set where token t is
+        allowed, unpacked for the B rows at once. A row whose grammar allows none of the model's ids (a tokenizer
+        with words past its vocabulary) allows them all: its token then fails the grammar and ends it
+        (``consume``), where a row of -inf could not sample."""
+        n = len(matchers)
         if self.bitmask.shape[0] < n:
             self.bitmask = llg_np.allocate_token_bitmask(n, self.tokenizer.vocab_size)
         bm = self.bitmask[:n]
-        for i, (_, m) in enumerate(rows):  # in this thread: a pool's threads would spin against torch's
-            llg_np.fill_next_token_bitmask(m, bm, i)
+        for i, m in enumerate(matchers):  # in this thread: a pool's threads would spin against torch's
+            llg_np.fill_next_token_bitmask(m.llg, bm, i)
         # llguidance's numpy helpers, not its torch ones: those torch.compile at import (seconds on every flyer command)
         bits = (torch.from_numpy(bm).to(self.device).unsqueeze(-1) >> self.shifts) & 1  # (B, W, 32)
         allowed_BV = bits.flatten(1)[:, :self.vocab_size].bool()
-        # a row whose grammar allows none of the model's ids (a tokenizer with words past its vocabulary) keeps its
-        # logits: its token then fails the grammar and ends it (``consume``), where a row of -inf could not sample
-        allowed_BV |= ~allowed_BV.any(-1, keepdim=True)
-        idx = torch.tensor([row for row, _ in rows], device=self.device)
-        logits_NV[idx] = logits_NV[idx].masked_fill(~allowed_BV, -math.inf)
+        return allowed_BV | ~allowed_BV.any(-1, keepdim=True)
+
+    def mask(self, logits_NV: torch.Tensor, rows: list[tuple[int, Matcher]],
+             given: list[tuple[int, torch.Tensor]] = ()) -> None:
+        """Set to -inf, in place, the logits of the tokens each matcher forbids next: ``rows`` pairs a row of
+        ``logits_NV`` (N, V) with its matcher (``allowed``: one fill each); ``given`` pairs a first row with
+        bitmasks filled already (n, V) for it and the n - 1 rows after it (a verify pass's rows: ``hold``)."""
+        idx = [row for row, _ in rows]
+        masks = [self.allowed([m for _, m in rows])] if rows else []
+        for first, allowed_nV in given:
+            idx += range(first, first + allowed_nV.shape[0])
+            masks.append(allowed_nV)
+        if idx:
+            i = torch.tensor(idx, device=logits_NV.device)
+            logits_NV[i] = logits_NV[i].masked_fill(~torch.cat(masks), -math.inf)
 
     @staticmethod
-    def consume(m: llguidance.LLMatcher, token: int) -> str | None:
-        """``m`` advanced past ``token``, the one chosen: the request's finish reason, "stop" when its grammar is
-        complete (nothing but EOS may follow), "error" when the grammar refuses the token (``mask`` kept a row
-        that allows none of the model's ids), else None."""
-        if not m.consume_token(token):
-            print(f"flyer serve: a grammar refused token {token}: {m.get_error().splitlines()[0]:.300}",
+    def hold(m: Matcher, token: int) -> bool:
+        """``token``, a draft, consumed tentatively (``held``): False, consuming nothing, when the grammar refuses
+        it (``allowed`` kept a row that allows none of the model's ids)."""
+        if m.llg.try_consume_tokens([token]) != 1:
+            return False
+        m.held.append(token)
+        return True
+
+    @staticmethod
+    def settle(m: Matcher, kept: int) -> None:
+        """After the verify pass: the drafts ``m`` holds past its first ``kept`` (those rejected) rolled back."""
+        if len(m.held) > kept:
+            m.llg.rollback(len(m.held) - kept)
+            del m.held[kept:]
+
+    @staticmethod
+    def consume(m: Matcher, token: int) -> str | None:
+        """``m`` advanced past ``token``, the one chosen (the first it holds: taken as it is, consumed already):
+        the request's finish reason, "stop" when its grammar is complete (nothing but EOS may follow), "error" when
+        the grammar refuses the token (``mask`` kept a row that allows none of the model's ids), else None. Only a
+        matcher's last held draft can complete it (``flyer.serve.speculation`` ends a row's drafts there)."""
+        if m.held and m.held[0] == token:  # a kept draft (``settle`` rolled back the rejected ones)
+            m.held.pop(0)
+        elif not m.llg.consume_token(token):
+            print(f"flyer serve: a grammar refused token {token}: {m.llg.get_error().splitlines()[0]:.300}",
                   file=sys.stderr)
             return "error"
-        return "stop" if m.is_stopped() else None
+        return "stop" if not m.held and m.llg.is_stopped() else None

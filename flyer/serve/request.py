@@ -144,7 +144,7 @@ class Request:
     mtp_len: int = 0  # leading positions whose MTP cache entries are written (speculative)
     h_prev: torch.Tensor | None = None  # main hidden states (C, D) of positions [mtp_len, n_cached)
     slot: int | None = None  # its hybrid pool slot while running (DeepSeek-V4)
-    matcher: Any = None  # its grammar's llguidance matcher, at its tokens so far (``opts.grammar``)
+    matcher: Any = None  # its grammar's ``flyer.serve.grammar.Matcher``, at its tokens so far (``opts.grammar``)
     submitted: float = 0.0
     last_token_at: float | None = None
     cancelled: bool = False

@@ -37,6 +37,13 @@ decode plainly and keep their main hidden states for the MTP entries (``h_prev``
 writes them in one batched ``catch_up`` (``bound_pending``), so h_prev stays under a block and its blocks' MTP
 entries, which their sharing waits for, lag its main ones by less than a block.
 
+A row with a grammar (structured outputs, ``flyer.serve.grammar``) drafts under it: each draft position's MTP
+logits are masked with its matcher's state after the drafts before it, which consumes each draft tentatively, and
+a draft that completes the grammar is the row's last (nothing after it could be kept). Those bitmasks, and one
+filled after the last draft, mask the verify pass's logits at the same positions (``Drafted``'s last item), so
+greedy keeps exactly the tokens of plain masked greedy decoding and sampling accepts on the masked
+distributions; ``accept`` rolls back the drafts the row rejected.
+
 The engine owns the requests, their blocks and the main-model pass; ``MtpSpeculator`` keeps a
 request's MTP entries in step with its main cache, drafts, and accepts what the pass verified.
 """
@@ -53,6 +60,7 @@ from flyer.infer.hybrid_cache import HybridCache
 from flyer.infer.generate import mtp_span
 from flyer.infer.sampling import SamplingParams, probabilities
 from flyer.infer.speculative import accept_drafts
+from flyer.serve.grammar import GrammarMasks
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import PagedCache
 
@@ -75,14 +83,16 @@ class Row(Protocol):
     generator: torch.Generator | None
     slot: int | None  # its hybrid pools' slot (DeepSeek-V4)
     opts: Any  # its ``SamplingOptions``: temperature, top_p, max_tokens
+    matcher: Any  # its grammar's ``flyer.serve.grammar.Matcher``, or None
 
     @property
     def generated(self) -> int: ...
 
 
 # rows drafting k tokens each: (rows, draft distributions (k, V) per row, None for a greedy one;
-# the drafts; the rows' sampling parameters)
-Drafted = tuple[list[Row], list, list[list[int]], list[SamplingParams]]
+# the drafts; the rows' sampling parameters; the tokens each row's grammar allows at its k + 1 verified
+# positions (k + 1, V) bool, None for a row without a grammar)
+Drafted = tuple[list[Row], list, list[list[int]], list[SamplingParams], list]
 
 
 class MtpSpeculator:
@@ -93,7 +103,8 @@ class MtpSpeculator:
     (``roll_back``); None otherwise. ``max_batch``: a step with more decoding rows drafts none (None: any
     number drafts). ``pending_limit``: the main hidden states a plain row holds before ``bound_pending`` writes
     their MTP entries (the engine's block size). ``drafted`` / ``accepted``: drafts proposed and kept so far,
-    ``off_steps``: steps ``max_batch`` turned drafting off (also counted in ``metrics``)."""
+    ``off_steps``: steps ``max_batch`` turned drafting off (also counted in ``metrics``). ``grammars``: the engine's
+    ``GrammarMasks`` once a request with a grammar came (its rows draft under their grammars)."""
 
     def __init__(self, dec: Decoder, cache: PagedCache | HybridCache, draft_tokens: int,
                  tables: Callable[[Sequence[Row], int], torch.Tensor], metrics: ServeMetrics, device: torch.device,
@@ -103,6 +114,7 @@ class MtpSpeculator:
         self.main = main
         self.max_batch, self.pending_limit = max_batch, pending_limit
         self.drafting = True  # this step's decision (``begin_step``)
+        self.grammars: GrammarMasks | None = None
         self.drafted = self.accepted = self.off_steps = 0
         self._saved: tuple[dict[int, int], torch.Tensor, list[torch.Tensor]] | None = None  # V4: ``draft``'s copy
 
@@ -180,12 +192,14 @@ class MtpSpeculator:
         return due
 
     def draft(self, rows: Sequence[Row], ks: Sequence[int]) -> list[Drafted]:
-        """``ks[i]`` MTP drafts for row i (``n_drafts``; ``flyer.infer.speculative``), the rows grouped
-        by their number of drafts (``Drafted``), fewest first."""
-        rows = list(rows)
+        """Up to ``ks[i]`` MTP drafts for row i (``n_drafts``; ``flyer.infer.speculative``), the rows grouped
+        by their number of drafts (``Drafted``), fewest first. A row with a grammar drafts under it (the module
+        docstring), fewer when a draft completes it."""
+        rows, ks, grammars = list(rows), list(ks), self.grammars
         params = [SamplingParams(r.opts.temperature, r.opts.top_p) for r in rows]
         q = [[] for _ in rows]
         drafts = [[] for _ in rows]
+        allowed = [[] for _ in rows]  # grammar rows: (V,) bool at each position drafted from
         h1 = self.catch_up(rows)  # (B, D) at position n - 1, which predicts t_{n+1}: every row has it to write
         slots = self._slots(rows) if self.main is not None else None
         # V4: the MTP rings now hold exactly the positions before n; chained drafts write past them (put back below)
@@ -193,13 +207,25 @@ class MtpSpeculator:
         live = list(range(len(rows)))  # the rows still drafting, and h1 for them
         for k in range(max(ks)):
             q_logits = self.dec.mtp_logits(h1)
+            ruled = [j for j, i in enumerate(live) if rows[i].matcher is not None]
+            if ruled:  # one fill per grammar row and position, kept for the verify pass's logits there
+                masks = grammars.allowed([rows[live[j]].matcher for j in ruled])
+                grammars.mask(q_logits, [], [(j, masks[n:n + 1]) for n, j in enumerate(ruled)])
+                for n, j in enumerate(ruled):
+                    allowed[live[j]].append(masks[n])
             argmax = kernels.argmax(q_logits).tolist()  # one for the batch, not one per row
             for j, i in enumerate(live):
-                if params[i].greedy:
-                    drafts[i].append(argmax[j])
-                else:
-                    q[i].append(probabilities(q_logits[j:j + 1], params[i]))
-                    drafts[i].append(int(torch.multinomial(q[i][-1][0], 1, generator=rows[i].generator)))
+                m = rows[i].matcher
+                q_j = None if params[i].greedy else probabilities(q_logits[j:j + 1], params[i])
+                d = argmax[j] if q_j is None else int(torch.multinomial(q_j[0], 1, generator=rows[i].generator))
+                if m is not None and not grammars.hold(m, d):
+                    ks[i] = k  # refused (its grammar allows none of the model's ids): the drafts end before it
+                    continue
+                drafts[i].append(d)
+                if q_j is not None:
+                    q[i].append(q_j)
+                if m is not None and m.llg.is_stopped():
+                    ks[i] = k + 1  # complete: nothing after this draft could be kept
             more = [j for j, i in enumerate(live) if ks[i] > k + 1]
             if not more:
                 break
@@ -215,11 +241,16 @@ class MtpSpeculator:
             self.cache.restore_slots(mtp_saved, slots)
         if slots is not None:  # V4: the main slots before the verify pass writes the drafts into their rings
             self._saved = ({r.slot: i for i, r in enumerate(rows)}, slots, self.main.copy_slots(slots))
+        last = [i for i, r in enumerate(rows) if r.matcher is not None and len(allowed[i]) == len(drafts[i])]
+        if last:  # the position after each grammar row's last draft (a refused one's was filled already)
+            for i, a in zip(last, grammars.allowed([rows[i].matcher for i in last])):
+                allowed[i].append(a)
         groups = []
-        for n in sorted(set(ks)):
-            idx = [i for i, k in enumerate(ks) if k == n]
-            groups.append(([rows[i] for i in idx], [None if params[i].greedy else torch.cat(q[i]) for i in idx],
-                           [drafts[i] for i in idx], [params[i] for i in idx]))
+        for n in sorted({len(d) for d in drafts}):
+            idx = [i for i, d in enumerate(drafts) if len(d) == n]
+            groups.append(([rows[i] for i in idx], [torch.cat(q[i]) if q[i] else None for i in idx],
+                           [drafts[i] for i in idx], [params[i] for i in idx],
+                           [torch.stack(allowed[i]) if allowed[i] else None for i in idx]))
         return groups
 
     def accept(self, r: Row, hv_KD: torch.Tensor, logits_KV: torch.Tensor, q: torch.Tensor | None,
@@ -230,6 +261,8 @@ class MtpSpeculator:
         q: the drafts' distributions (k, V), None for a greedy row."""
         target = logits_KV if p.greedy else probabilities(logits_KV, p)
         new = accept_drafts(target, q, drafts, p, r.generator)
+        if r.matcher is not None:  # it holds the drafts (``draft``): those rejected rolled back
+            GrammarMasks.settle(r.matcher, len(new) - 1)
         self.drafted += len(drafts)
         self.accepted += len(new) - 1
         self.metrics.draft_tokens.inc(len(drafts))
