@@ -5,7 +5,8 @@ names, enum tails, punctuation): the figure is for that share of a JSON output, 
 
     .venv/bin/python bench/grammar_spec.py [--preset tiny] [--requests 4] [--draft-tokens 1 2]
 
-Prints one JSON object: per variant tok/s, drafts proposed and kept, and the ratio to no speculation."""
+Prints one JSON object: per variant its best tok/s over ``--rounds`` interleaved rounds (``bench/decode.py``'s
+``best_of``: robust to a loaded host), drafts proposed and kept in a round, and the ratio to no speculation."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import json
 import time
 
 import torch
+
+from decode import best_of  # bench/decode.py: interleaved rounds, best of each
 
 from flyer.config import preset
 from flyer.infer.cli import ByteTokenizer
@@ -29,23 +32,26 @@ SCHEMA = {"type": "object", "properties": {
                  "assigned_department"], "additionalProperties": False}
 
 
-def run(model, grammar: str | None, prompts: list[list[int]], **spec) -> dict:
-    """The prompts one after another (c1) through a fresh engine; tok/s over the whole run (a warm-up first).
-    ``grammar`` None: plain requests of 150 tokens (speculation's ratio without a grammar, for comparison)."""
-    eng = Engine(model, EngineConfig(kv_cache_bytes=64 << 20, block_size=16, cache_dtype=torch.float32, **spec),
-                 tokenizer=ByteTokenizer())
-    tokens = 0
-    for i, p in enumerate([prompts[0], *prompts]):
-        if i == 1:
-            t0, tokens, base = time.perf_counter(), 0, (eng.drafted, eng.accepted)
-        out = []
-        eng.submit(p, SamplingOptions(max_tokens=200 if grammar else 150, grammar=grammar), out.append)
-        eng.run_until_idle()
-        assert out[-1].finish_reason == ("stop" if grammar else "length"), out[-1]
-        tokens += sum(e.token is not None for e in out)
-    dt = time.perf_counter() - t0
-    return dict(tok_s=round(tokens / dt, 1), tokens=tokens, drafted=eng.drafted - base[0],
-                accepted=eng.accepted - base[1])
+class SpecRun:
+    """The prompts one after another (c1) through a fresh engine of one variant; ``grammar`` None: plain
+    requests of 150 tokens (speculation's ratio without a grammar, for comparison)."""
+
+    def __init__(self, model, grammar: str | None, prompts: list[list[int]], **spec):
+        self.model, self.grammar, self.prompts, self.spec = model, grammar, prompts, spec
+        self.last: dict = {}
+
+    def tokens_per_s(self) -> float:
+        eng = Engine(self.model, EngineConfig(kv_cache_bytes=64 << 20, block_size=16, cache_dtype=torch.float32,
+                                              **self.spec), tokenizer=ByteTokenizer())
+        tokens, t0 = 0, time.perf_counter()
+        for p in self.prompts:
+            out = []
+            eng.submit(p, SamplingOptions(max_tokens=200 if self.grammar else 150, grammar=self.grammar), out.append)
+            eng.run_until_idle()
+            assert out[-1].finish_reason == ("stop" if self.grammar else "length"), out[-1]
+            tokens += sum(e.token is not None for e in out)
+        self.last = dict(tokens=tokens, drafted=eng.drafted, accepted=eng.accepted)
+        return tokens / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -54,6 +60,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every variant; best of them")
     ap.add_argument("--plain", action="store_true", help="requests without a grammar (the same ratio without one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,11 +68,14 @@ def main() -> None:
     model = Transformer(preset(args.preset)).eval()  # the presets have an MTP module (mtp_depth 1)
     grammar = None if args.plain else json_grammar(SCHEMA)
     prompts = [list(f"ticket {i}: summarise as JSON".encode()) for i in range(args.requests)]
+    runs = {"off": SpecRun(model, grammar, prompts)}
+    runs.update({f"mtp_k{k}": SpecRun(model, grammar, prompts, speculative="mtp", draft_tokens=k)
+                 for k in args.draft_tokens})
+    best = best_of(runs, args.rounds)
     res = {"preset": args.preset, "threads": args.threads, "requests": args.requests, "grammar": not args.plain,
-           "off": run(model, grammar, prompts)}
-    for k in args.draft_tokens:
-        r = run(model, grammar, prompts, speculative="mtp", draft_tokens=k)
-        res[f"mtp_k{k}"] = {**r, "ratio": round(r["tok_s"] / res["off"]["tok_s"], 3)}
+           "rounds": args.rounds}
+    for name, run in runs.items():
+        res[name] = {"tok_s": round(best[name], 1), **run.last, "ratio": round(best[name] / best["off"], 3)}
     print(json.dumps(res))
 
 
