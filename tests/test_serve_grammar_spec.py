@@ -21,7 +21,7 @@ import json
 import llguidance.numpy as llg_np
 import pytest
 import torch
-from test_serve_structured import _valid
+from test_serve_structured import _tokens, _valid, run_all
 
 from flyer.infer.cli import ByteTokenizer
 from flyer.infer.hybrid_cache import HybridCache
@@ -60,17 +60,7 @@ def _engine(kind: str, model, **over) -> Engine:
 
 
 def _run(kind: str, model, requests, **over) -> tuple[list[list], Engine]:
-    """Every (prompt, SamplingOptions) of ``requests`` submitted at once to a fresh engine; their events."""
-    eng = _engine(kind, model, **over)
-    out = [[] for _ in requests]
-    for (prompt, opts), events in zip(requests, out):
-        eng.submit(prompt, opts, events.append)
-    eng.run_until_idle()
-    return out, eng
-
-
-def _tokens(events) -> list[int]:
-    return [e.token for e in events if e.token is not None]
+    return run_all(_engine(kind, model, **over), requests)
 
 
 def _requests(kind: str, temperature: float = 0.0, seed: int | None = None) -> list:

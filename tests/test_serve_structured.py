@@ -204,15 +204,19 @@ def test_bad_schemas_and_types_answer_400_naming_response_format(served):
 
 # ---- engine level: batches with and without grammars, speculation, DeepSeek-V4 -------------------------------
 
-def _run(model, requests, tokenizer=ByteTokenizer(), **cfg) -> list[list]:
-    """Every (prompt, SamplingOptions) of ``requests`` submitted at once to a fresh engine; their events."""
-    eng = Engine(model, EngineConfig(**{**dict(kv_cache_bytes=1 << 22, block_size=4, cache_dtype=torch.float32,
-                                               prefill_chunk=8), **cfg}), tokenizer=tokenizer)
+def run_all(eng: Engine, requests) -> tuple[list[list], Engine]:
+    """Every (prompt, SamplingOptions) of ``requests`` submitted at once to ``eng``, run until idle; their events."""
     out = [[] for _ in requests]
     for (prompt, opts), events in zip(requests, out):
         eng.submit(prompt, opts, events.append)
     eng.run_until_idle()
     return out, eng
+
+
+def _run(model, requests, tokenizer=ByteTokenizer(), **cfg) -> tuple[list[list], Engine]:
+    """``run_all`` on a fresh engine of ``model``."""
+    return run_all(Engine(model, EngineConfig(**{**dict(kv_cache_bytes=1 << 22, block_size=4, cache_dtype=torch.float32,
+                                                        prefill_chunk=8), **cfg}), tokenizer=tokenizer), requests)
 
 
 def _tokens(events) -> list[int]:

@@ -85,19 +85,23 @@ def test_the_parser_on_hand_written_texts():
 
 # ---- a checkpoint whose tokenizer holds the markers ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A random DeepSeek-V3 directory (context raised to 1024: the tools' schemas are in the prompt) whose
-    tokenizer.json holds ``MARKERS`` as added special tokens and whose tokenizer_config.json holds ``TEMPLATE``."""
-    path = tmp_path_factory.mktemp("tools") / "v3"
+def tool_checkpoint(path, template: str, context: int):
+    """A random DeepSeek-V3 directory at ``path`` (context raised to ``context``: the tools' schemas are in the
+    prompt) whose tokenizer.json holds ``MARKERS`` as added special tokens and whose tokenizer_config.json holds
+    ``template``."""
     build("v3", path)
     cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 1024}))
+    (path / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": context}))
     hf = PreTrainedTokenizerFast.from_pretrained(path)
     hf.add_tokens([AddedToken(m, special=True, normalized=False) for m in MARKERS], special_tokens=True)
-    hf.chat_template = TEMPLATE
+    hf.chat_template = template
     hf.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tool_checkpoint(tmp_path_factory.mktemp("tools") / "v3", TEMPLATE, 1024)
 
 
 class _Served:

@@ -22,11 +22,9 @@ import httpx
 import llguidance
 import pytest
 import torch
-from hf_models import build
-from test_serve_tools import (ASK, LIGHT, MARKERS, SCHEMA, TEMPLATE as TEMPLATE_V31, TOOLS, _check_calls,
-                              _rendered_by_transformers, _Served, _stream_calls)
-from tokenizers import AddedToken
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from test_serve_tools import (ASK, LIGHT, SCHEMA, TEMPLATE as TEMPLATE_V31, TOOLS, _check_calls,
+                              _rendered_by_transformers, _Served, _stream_calls, tool_checkpoint)
+from transformers import AutoTokenizer
 
 from flyer.config import preset
 from flyer.infer.cli import ByteTokenizer
@@ -104,17 +102,8 @@ def test_the_v3_parser_on_hand_written_texts():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A random DeepSeek-V3 directory (context raised to 2048: the tools' schemas are in the prompt) whose
-    tokenizer.json holds ``MARKERS`` as added special tokens and whose tokenizer_config.json holds ``TEMPLATE_V3``."""
-    path = tmp_path_factory.mktemp("tools_v3") / "v3"
-    build("v3", path)
-    cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 2048}))
-    hf = PreTrainedTokenizerFast.from_pretrained(path)
-    hf.add_tokens([AddedToken(m, special=True, normalized=False) for m in MARKERS], special_tokens=True)
-    hf.chat_template = TEMPLATE_V3
-    hf.save_pretrained(path)
-    return path
+    """``tool_checkpoint`` with ``TEMPLATE_V3``; a context of 2048: "required" may write 8 fenced calls."""
+    return tool_checkpoint(tmp_path_factory.mktemp("tools_v3") / "v3", TEMPLATE_V3, 2048)
 
 
 @pytest.fixture(scope="module")
