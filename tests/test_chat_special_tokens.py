@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from flyer.interop.hf import load_tokenizer
 from flyer.serve.api import Api, ChatBody
-from flyer.serve.cli import read_chat_template
+from flyer.data.chat_template import read_chat_template
 from tests.hf_models import build
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"

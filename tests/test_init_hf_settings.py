@@ -18,7 +18,7 @@ from flyer.cli import main
 from flyer.interop.hf import load_tokenizer
 from flyer.interop.load import load_pretrained, settings_dir
 from flyer.serve.api import Api, ChatBody
-from flyer.serve.cli import read_chat_template
+from flyer.data.chat_template import read_chat_template
 from flyer.train import checkpoint as ckpt
 from tests.hf_models import build
 

@@ -36,7 +36,8 @@ from flyer.interop.hf import TextTokenizer
 from flyer.data.chat_template import chat_renderer
 from flyer.serve.api import Api, ChatBody, Server, _Choice
 from flyer.serve.body_limit import MAX_BODY_BYTES
-from flyer.serve.cli import bind, http_url, read_chat_template
+from flyer.data.chat_template import read_chat_template
+from flyer.serve.cli import bind, http_url
 from flyer.serve.engine import Engine, EngineConfig, TokenEvent
 from flyer.serve.link import EngineClient, EngineHost
 from flyer.train.checkpoint import save_checkpoint

@@ -24,7 +24,8 @@ from flyer.config import preset
 from flyer.interop.hf import load_hf
 from flyer.model.transformer import Transformer
 from flyer.serve.api import Api, Server
-from flyer.serve.cli import bind, read_chat_template
+from flyer.data.chat_template import read_chat_template
+from flyer.serve.cli import bind
 from flyer.serve.engine import Engine, EngineConfig
 from flyer.serve.link import EngineClient, EngineHost
 from flyer.serve.schema import ChatBody

@@ -141,8 +141,8 @@ def poison_loss(t, calls=None):
     def poisoned(x, y):
         seen["n"] += 1
         out = real(x, y)
-        if calls is None or seen["n"] in calls:
-            out.loss = out.loss * float("nan")
+        if calls is None or seen["n"] in calls:  # the terms the trainer weights, and their total
+            out.loss, out.main_loss = out.loss * float("nan"), out.main_loss * float("nan")
         return out
 
     t.model.compute_loss = poisoned

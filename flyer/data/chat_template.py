@@ -1,15 +1,16 @@
 """Chat templates: a conversation rendered to text as transformers' ``apply_chat_template`` renders it.
 
-The server renders prompts with it (``flyer.serve.api``), and ``flyer train`` renders chat data with it.
+The server renders prompts with it (``flyer.serve.api``), and ``flyer train`` renders chat data with it
+(``flyer.data.chat_data``); ``read_chat_template`` finds a checkpoint's.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
-import jinja2
-import jinja2.sandbox
+from flyer.interop.load import settings_dir
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
 # transformers encodes it), one header line per message, then the assistant's.
@@ -21,6 +22,8 @@ def chat_renderer(template: str | None, special: dict[str, str] | None = None):
     """messages -> prompt text with ``template`` (a Hugging Face chat template; None: the default),
     in a sandboxed Jinja environment set up as transformers sets up its own. ``special``: the named
     special tokens the template sees (``bos_token``, ``eos_token``, ...; ``TextTokenizer.special_tokens``)."""
+    import jinja2.sandbox  # here: 40 ms every flyer command would pay at start (train and serve CLIs import us)
+
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=["jinja2.ext.loopcontrols"])
 
@@ -41,3 +44,22 @@ def chat_renderer(template: str | None, special: dict[str, str] | None = None):
         return compiled.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                **{"bos_token": "", "eos_token": "", **(special or {})})
     return render
+
+
+def read_chat_template(ckpt: str | Path | None) -> str | None:
+    """The chat template of a Hugging Face directory, or of a flyer run fine-tuned from one (which
+    carries its settings: ``flyer.interop.load.settings_dir``): ``chat_template.jinja``, else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of which
+    "default" is taken); None for flyer's own runs and directories without one."""
+    root = settings_dir(ckpt) if ckpt else None
+    if root is None:
+        return None
+    if (root / "chat_template.jinja").is_file():
+        return (root / "chat_template.jinja").read_text()
+    try:
+        t = json.loads((root / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        return None
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) else None

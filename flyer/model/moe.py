@@ -9,6 +9,7 @@ K activated experts per token, G expert groups, N = T*K routed token copies.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -196,6 +197,7 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("last_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        self.counted_BT: torch.Tensor | None = None  # the positions the statistics count (``counting_only``)
         # whether dispatch and combine may fuse with the experts: decided by the dispatcher, once
         self.fuse_local = (fuse_local and isinstance(self.dispatcher, LocalDispatcher)
                            and not self.dispatcher.emulates_wire)
@@ -218,10 +220,13 @@ class MoE(nn.Module):
         counts = torch.bincount(topk_ids_TK.flatten(), minlength=self.cfg.n_routed_experts)
         self.last_counts.copy_(counts)
         if self.training:
-            self.tokens_per_expert += counts
+            # an MTP module's T - k positions: position i reads token i + k, the last T - k columns
+            valid_BT = None if self.counted_BT is None else self.counted_BT[:, self.counted_BT.shape[1] - T:]
+            self.tokens_per_expert += counts if valid_BT is None else torch.bincount(
+                topk_ids_TK[valid_BT.reshape(B * T)].flatten(), minlength=self.cfg.n_routed_experts)
             balance = self.cfg.seq_aux_alpha > 0 and not self.hash_routed  # fixed routing: nothing to balance
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
-                                                  self.cfg) if balance else None
+                                                  self.cfg, valid_BT) if balance else None
         x_in = _cast(x_TD, gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
         if self.path == "fused_local":
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts)
@@ -234,15 +239,24 @@ class MoE(nn.Module):
         return y_TD.view(B, T, D)
 
 
-def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, cfg: ModelConfig,
+                          valid_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Complementary sequence-wise balance loss (V3 report eq. 17-20), times alpha.
 
     f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean_t of normalised scores (each
-    token's scores divided by their sum: every score function gives positive scores).
+    token's scores divided by their sum: every score function gives positive scores). ``valid_BT``
+    (B, T) bool: only those positions are the sequence (T: their count; padding takes no part).
     """
     B, T, E = scores_BTE.shape
     K = topk_ids_BTK.shape[-1]
     probs = scores_BTE / scores_BTE.sum(-1, keepdim=True)
+    if valid_BT is not None:
+        w_BT = valid_BT.to(probs.dtype)
+        n_B1 = w_BT.sum(1, keepdim=True).clamp(min=1)
+        hits = torch.zeros(B, E, dtype=probs.dtype, device=probs.device).scatter_add_(
+            1, topk_ids_BTK.reshape(B, T * K), w_BT.repeat_interleave(K, dim=1))
+        P = (probs * w_BT[..., None]).sum(1) / n_B1
+        return cfg.seq_aux_alpha * (hits * (E / K) / n_B1 * P).sum(-1).mean()
     P = probs.mean(dim=1)  # (B, E)
     hits = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
         1, topk_ids_BTK.reshape(B, T * K), torch.ones(B, T * K, device=scores_BTE.device))
@@ -252,6 +266,22 @@ def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@contextlib.contextmanager
+def counting_only(model: nn.Module, valid_BT: torch.Tensor | None):
+    """While entered, ``model``'s MoE layers count routed tokens (``tokens_per_expert``: the bias update's
+    loads) and compute the sequence balance loss over the positions where ``valid_BT`` (B, T) bool, the
+    forward's batch shape, is True: padding is routed and computed as any token but moves no statistic.
+    None: every position counts."""
+    layers = moe_layers(model) if valid_BT is not None else []
+    for m in layers:
+        m.counted_BT = valid_BT
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.counted_BT = None
 
 
 @torch.no_grad()

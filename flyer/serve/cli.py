@@ -12,7 +12,6 @@ each other's GIL. The child is started after the model loads and ends with the l
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import multiprocessing
 import os
@@ -27,10 +26,10 @@ import torch
 from flyer import kernels
 from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
+from flyer.data.chat_template import read_chat_template
 from flyer.infer.cache_fp8 import check_fp8_cache_flags
 from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
                              check_checkpoint_eos, check_expert_threads, load_model)
-from flyer.interop.load import settings_dir
 from flyer.serve.disk_tier import open_disk_prefix_cache
 from flyer.serve.engine import Engine, EngineConfig, Limits
 from flyer.serve.link import EngineClient, EngineHost
@@ -45,25 +44,6 @@ def default_block_size(cfg) -> int:
     if cfg.attn != "hybrid":
         return DEFAULT_BLOCK_SIZE
     return math.lcm(DEFAULT_BLOCK_SIZE, *(r for r in cfg.compress_ratios[:cfg.n_layers] if r > 0))
-
-
-def read_chat_template(ckpt: str | None) -> str | None:
-    """The chat template of a Hugging Face directory, or of a flyer run fine-tuned from one (which
-    carries its settings: ``flyer.interop.load.settings_dir``): ``chat_template.jinja``, else
-    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of which
-    "default" is taken); None for flyer's own runs and directories without one."""
-    root = settings_dir(ckpt) if ckpt else None
-    if root is None:
-        return None
-    if (root / "chat_template.jinja").is_file():
-        return (root / "chat_template.jinja").read_text()
-    try:
-        t = json.loads((root / "tokenizer_config.json").read_text()).get("chat_template")
-    except (OSError, ValueError):
-        return None
-    if isinstance(t, list):
-        t = next((x.get("template") for x in t if x.get("name") == "default"), None)
-    return t if isinstance(t, str) else None
 
 
 def http_url(host: str, port: int) -> str:

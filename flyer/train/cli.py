@@ -32,7 +32,10 @@ _FLAGS = [  # (flag, field, type, help)
     ("--eval-batches", "eval_batches", int, "validation batches"),
     ("--ckpt-every", "ckpt_every", int, "checkpoint every N steps"),
     ("--keep", "keep", int, "checkpoints to keep"),
-    ("--data", "data", str, "text file or directory (default: the installed Shakespeare corpus)"),
+    ("--data", "data", str, "text file or directory (default: the installed Shakespeare corpus), or a .jsonl chat "
+                            "file of {\"messages\": [{\"role\", \"content\"}, ...], \"tools\"} lines: fine-tunes on "
+                            "the assistant turns only, rendered with --init's chat template (else flyer's default); "
+                            "needs --init or --tokenizer"),
     ("--data-cache", "data_cache", str, "tokenizer and shard cache directory"),
     ("--tokenizer", "tokenizer", str, "a tokenizer.json to use instead of training one"),
     ("--init", "init", str, "fine-tune from PATH: a flyer run or checkpoint, or a Hugging Face model directory "

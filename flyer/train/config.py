@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flyer.data.chat_data import is_chat_data
 from flyer.data.tokenizer import MIN_VOCAB
 from flyer.errors import FieldError
 from flyer.interop.load import read_settings, settings_dir
@@ -128,6 +129,11 @@ class TrainConfig:
         need(self.micro_batches is None or self.micro_batches > 0, "micro_batches", "must be a positive integer")
         need(self.micro_batches is None or self.pp > 1, "micro_batches", "needs pipelining (pp > 1); without it "
                                                                           "use grad_accum")
+        if is_chat_data(self.data):  # flyer.data.chat_data
+            need(self.pp == 1, "pp", "must be 1 with chat data (a .jsonl --data): pipelining trains text only")
+            need(bool(self.init or self.tokenizer), "data", "a .jsonl chat file needs init (a Hugging Face directory "
+                 "or flyer run: its tokenizer and chat template) or tokenizer (a tokenizer.json; flyer's default "
+                 "chat template)")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")
         need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1: optimizer state sharded)")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",

@@ -31,11 +31,13 @@ from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_p
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
 from flyer.interop.load import init_source, load_init_weights
 from flyer.data import BatchSampler, eval_batches, eval_batches_bytes, prepare_data
+from flyer.data.chat_data import (IGNORE_INDEX, ChatSampler, chat_eval_batches, chat_tokenizer, is_chat_data,
+                                  prepare_chat)
 from flyer.fp8 import convert_to_fp8
 from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
 from flyer.model.counts import param_counts
 from flyer.errors import CheckpointError, FieldError, TrainingError
-from flyer.model.moe import MoE, moe_layers, update_router_bias
+from flyer.model.moe import MoE, counting_only, moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
@@ -217,7 +219,9 @@ class Trainer:
 
         vocab = tc.vocab_size or (min(base.vocab_size, 8192) if tc.tokenizer is None else base.vocab_size)
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
-        self.data = prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer)
+        chat = is_chat_data(tc.data)  # conversations: the loss on the assistant's tokens (flyer.data.chat_data)
+        self.data = (prepare_chat(tc.data, cache, *chat_tokenizer(tc.init, tc.tokenizer)) if chat else
+                     prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer))
         if init_cfg and self.data.vocab_size > init_cfg.vocab_size:
             raise FieldError("init", f"{tc.init}'s tokenizer has {self.data.vocab_size} tokens, "
                                      f"more than its model's vocab_size {init_cfg.vocab_size}")
@@ -227,9 +231,12 @@ class Trainer:
         self._require_memory()
         # Each data-parallel replica draws its own sample stream (seed, replica), every stage of its
         # pipeline the same one; deterministic on resume.
-        self.sampler = BatchSampler(self.data.train, tc.batch_size, tc.seq_len,
-                                    seed=tc.seed * 1000 + self.mesh.dp_rank)
-        self.eval_data = eval_batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
+        sampler, batches = (ChatSampler, chat_eval_batches) if chat else (BatchSampler, eval_batches)
+        self.sampler = sampler(self.data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + self.mesh.dp_rank)
+        self.eval_data = batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
+        if getattr(self.sampler, "cut", 0):
+            self.log(f"{self.sampler.cut} of {self.data.train.n_conversations} training conversations are longer "
+                     f"than seq_len+1 = {tc.seq_len + 1} tokens: their rows keep the first {tc.seq_len + 1}")
 
         self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch,
                                  stages=(tc.pp_schedule, tc.seq_len) if tc.pp > 1 else None, fp4=tc.fp4_experts)
@@ -389,22 +396,32 @@ class Trainer:
         return self.micro_batches if self.pipeline is not None else 1
 
     def _local_step(self) -> dict[str, float]:
-        """Forward and backward of ``grad_accum`` micro-batches on the whole model, gradients
-        synced; loss terms averaged over the job."""
+        """Forward and backward of ``grad_accum`` micro-batches on the whole model, gradients synced. The
+        next-token loss and each MTP loss are means over the step's trained targets (not ``IGNORE_INDEX``) on
+        every replica: the micro-batches are drawn first, their target counts summed over the job, and each
+        micro-batch's mean weighted by its share; the balance loss is averaged over micro-batches."""
         tc = self.tc
         sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
-        for _ in range(tc.grad_accum):
-            x, y = self.sampler.next_batch()
-            x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
-                out = self.model.compute_loss(x, y)
-            (out.loss / tc.grad_accum).backward()
-            sums["loss"] += out.loss.item() / tc.grad_accum
-            sums["main_loss"] += out.main_loss.item() / tc.grad_accum
-            if out.mtp_losses:
-                sums["mtp_loss"] += torch.stack(out.mtp_losses).mean().item() / tc.grad_accum
+        batches = [self.sampler.next_batch() for _ in range(tc.grad_accum)]
+        depths = range(self.cfg.mtp_depth + 1)  # 0: next-token targets y; k: MTP module k's, y[:, k:]
+        counts = [[int((y[:, k:] != IGNORE_INDEX).sum()) for k in depths] for _, y in batches]
+        # per replica: the job's mean count, as sync_gradients averages the replicas' gradients (dp == world here)
+        totals = self.mesh.mean({str(k): float(sum(c[k] for c in counts)) for k in depths})
+        for (x, y), n in zip(batches, counts):
+            valid = x >= 0  # chat rows pad with PAD_ID (flyer.data.chat_data): token 0, in no routing statistic
+            with self._autocast(), counting_only(self.model, None if bool(valid.all()) else valid.to(self.device)):
+                out = self.model.compute_loss(x.clamp(min=0).to(self.device), y.to(self.device))
+            terms = [loss_k * (n[k] / totals[str(k)]) if n[k] else loss_k.nan_to_num(0.0) * 0.0  # nan: no targets
+                     for k, loss_k in enumerate([out.main_loss, *out.mtp_losses])]
+            loss = terms[0] + (self.cfg.mtp_loss_weight * torch.stack(terms[1:]).mean() if terms[1:] else 0.0)
             if out.aux_loss is not None:
+                loss = loss + out.aux_loss / tc.grad_accum
                 sums["aux_loss"] += out.aux_loss.item() / tc.grad_accum
+            loss.backward()
+            sums["loss"] += loss.item()
+            sums["main_loss"] += terms[0].item()
+            if terms[1:]:
+                sums["mtp_loss"] += torch.stack(terms[1:]).mean().item()
         self.mesh.sync_gradients(self.model)
         sums = self.mesh.mean(sums)
         return sums
@@ -438,16 +455,19 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean next-token (main) loss over the validation batches, averaged over ranks."""
         self.model.eval()
-        total = 0.0
+        total, count = 0.0, 0  # weighted by each batch's trained targets (chat data: assistant tokens)
         for x, y in self.eval_data:
+            n = int((y != IGNORE_INDEX).sum())
             with self._autocast():
                 if self.pipeline is not None:
-                    total += self.pipeline.forward_loss(x.to(self.device), y.to(self.device))
-                else:
-                    total += self.model.compute_loss(x.to(self.device), y.to(self.device)).main_loss.item()
+                    total += n * self.pipeline.forward_loss(x.to(self.device), y.to(self.device))
+                else:  # chat rows' padding (PAD_ID): any token, it has no target
+                    total += n * self.model.compute_loss(x.clamp(min=0).to(self.device),
+                                                         y.to(self.device)).main_loss.item()
+            count += n
         self.model.train()
         comm_stats(self.model, reset=True)  # evaluation traffic is not training traffic
-        return self.mesh.mean({"v": total / len(self.eval_data)})["v"] * self.mesh.pp  # one stage has it
+        return self.mesh.mean({"v": total / count})["v"] * self.mesh.pp  # one stage has it
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -1,0 +1,344 @@
+"""Chat data for supervised fine-tuning: a ``.jsonl`` file of conversations -> token ids with an
+assistant mask -> one conversation per training row, the loss on the assistant's tokens only.
+
+Each line is ``{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]}`` (OpenAI / Hugging Face
+chat format; ``tools`` optional, passed to the template as transformers' ``apply_chat_template(tools=...)``
+does). A conversation is rendered whole with the tokenizer's chat template (``flyer.data.chat_template``;
+the checkpoint's, else flyer's default) and encoded as transformers encodes it: the template's text
+carries its own BOS, no special tokens are added.
+
+The assistant mask: message i (an assistant's) owns the tokens between the conversation up to i rendered
+with the generation prompt and up to and including i rendered without it, i.e. its content and whatever
+the template closes it with (DeepSeek's ``<｜end▁of▁sentence｜>``), not its header. Both prefixes must
+encode to a prefix of the whole conversation's ids, else the line is refused. A template's
+``{% generation %}`` markers (transformers' ``return_assistant_tokens_mask``) render their body as it is.
+
+Validation: conversation i (0-based, in file order, counting conversations not lines) is held out when
+``i % VAL_EVERY == VAL_EVERY - 1``; a file of fewer than ``VAL_EVERY`` holds out its last one.
+
+The tokenized conversations are cached in ``{cache_dir}/chat-{key}/`` (``ids.npy``, ``mask.npy``,
+``offsets.npy``, ``meta.json`` written last), ``key`` hashing the file's bytes, the tokenizer, the template
+and this format's version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+import torch
+
+from flyer.data.chat_template import chat_renderer, read_chat_template
+from flyer.data.prepare import _build_lock
+from flyer.data.shards import atomic_write
+from flyer.data.tokenizer import ensure_eos, load_tokenizer as load_tokenizer_file
+from flyer.errors import DataError, FieldError
+from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer as load_hf_tokenizer
+from flyer.interop.load import init_source, run_tokenizer
+from flyer.interop.hf import is_hf_model_dir
+
+CHAT_VERSION = 1
+MAX_LINE_BYTES = 1 << 22  # 4 MiB: a longer line is refused, not read whole
+VAL_EVERY = 20
+IGNORE_INDEX = -100  # flyer.model.loss's (and torch's) ignore_index
+PAD_ID = -1  # x's padding: no token; the trainer feeds token 0 there and counts it in no routing statistic
+STATE_VERSION = 1
+_GENERATION_TAG = re.compile(r"({%-?\s*)(end)?generation(\s*-?%})")
+
+
+def is_chat_data(data: str | Path | None) -> bool:
+    """A ``--data`` path naming a ``.jsonl`` file: chat data."""
+    return data is not None and str(data).endswith(".jsonl")
+
+
+def chat_tokenizer(init: str | None, tokenizer: str | None) -> tuple[TextTokenizer, str | None]:
+    """(tokenizer, chat template or None) for chat data: ``init``'s (an HF directory, or a flyer run,
+    which carries its HF settings when fine-tuned from one), else the ``tokenizer.json`` file ``tokenizer``
+    with flyer's default template. Neither: ``FieldError`` on ``data`` (a BPE trained here has no chat
+    template and no idea of the conversation's special tokens)."""
+    if init:
+        if is_hf_model_dir(init):
+            return load_hf_tokenizer(Path(init)), read_chat_template(init)
+        _, tok_path = init_source(init)
+        return run_tokenizer(tok_path.parent, load_tokenizer_file(tok_path)), read_chat_template(init)
+    if tokenizer:
+        return TextTokenizer(load_tokenizer_file(tokenizer)), None
+    raise FieldError("data", "a .jsonl chat file needs a tokenizer and its chat template: give init (a Hugging Face "
+                             "directory or flyer run) or tokenizer (a tokenizer.json, with flyer's default template)")
+
+
+def _problem(path: Path, line: int, what: str) -> DataError:
+    return DataError(f"{path}:{line}: {what}")
+
+
+def parse_conversation(raw: bytes, path: Path, line: int) -> tuple[list[dict], list | None]:
+    """(messages, tools) of one line, or a one-line ``DataError`` naming ``path:line`` and the field."""
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _problem(path, line, f"not valid JSON ({str(e).splitlines()[0]:.80})") from None
+    if not isinstance(d, dict):
+        raise _problem(path, line, f"expected a JSON object with 'messages', got {type(d).__name__}")
+    msgs = d.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _problem(path, line, "messages: expected a non-empty list of {role, content} objects")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise _problem(path, line, f"messages[{i}]: expected an object with role and content")
+        calls = m.get("tool_calls")
+        if calls is not None and not (m.get("role") == "assistant" and isinstance(calls, list) and calls
+                                      and all(isinstance(c, dict) for c in calls)):
+            raise _problem(path, line, f"messages[{i}].tool_calls: expected an assistant's non-empty list of objects")
+        # an assistant's message that only calls tools has no content (OpenAI's null)
+        for k in ("role", "content") if calls is None or m.get("content") is not None else ("role",):
+            if not isinstance(m.get(k), str):
+                raise _problem(path, line, f"messages[{i}].{k}: expected a string, got {type(m.get(k)).__name__}")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise _problem(path, line, "messages: no assistant turn (nothing to train on)")
+    tools = d.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise _problem(path, line, "tools: expected a list of objects")
+    return msgs, tools or None
+
+
+def _is_prefix(a: list[int], b: list[int]) -> bool:
+    return len(a) <= len(b) and b[:len(a)] == a
+
+
+def encode_conversation(messages: list[dict], tools: list | None, render, encode) -> tuple[list[int], list[int]]:
+    """(ids, assistant mask) of a whole conversation, both (n,): ``mask[j]`` 1 where token j belongs to an
+    assistant message (module doc). ``render(messages, tools, add_generation_prompt)`` -> text;
+    ``encode(text)`` -> ids. ``ValueError`` when a prefix does not encode to a prefix of the whole."""
+    ids = encode(render(messages, tools, add_generation_prompt=False))
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = encode(render(messages[:i], tools, add_generation_prompt=True))
+        upto = encode(render(messages[:i + 1], tools, add_generation_prompt=False))
+        for name, p in (("with the generation prompt", head), ("through it", upto)):
+            if not _is_prefix(p, ids):
+                raise ValueError(f"messages[{i}]: the conversation rendered {name} does not encode to a prefix "
+                                 "of the whole conversation's tokens (the template or tokenizer merges across turns)")
+        mask[len(head):len(upto)] = [1] * max(0, len(upto) - len(head))
+    return ids, mask
+
+
+def _read_lines(path: Path):
+    """(line number, bytes) of every non-blank line, each at most ``MAX_LINE_BYTES``."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
+        n = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            n += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise _problem(path, n, f"line longer than {MAX_LINE_BYTES} bytes (the limit of a chat line)")
+            if raw.strip():
+                yield n, raw
+
+
+@dataclass
+class ChatSplit:
+    """Tokenized conversations: conversation c is ``ids[offsets[c]:offsets[c + 1]]`` with its assistant
+    mask (uint8, same span). ``len()``: its tokens."""
+    ids: np.ndarray  # (N,) int64
+    mask: np.ndarray  # (N,) uint8
+    offsets: np.ndarray  # (n + 1,) int64
+
+    @property
+    def n_conversations(self) -> int:
+        return len(self.offsets) - 1
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def conversation(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        s, e = int(self.offsets[c]), int(self.offsets[c + 1])
+        return self.ids[s:e], self.mask[s:e]
+
+
+@dataclass
+class ChatData:
+    """What ``prepare_chat`` gives the trainer, the fields of ``PreparedData`` it reads."""
+    tokenizer: tokenizers.Tokenizer
+    train: ChatSplit
+    val: ChatSplit
+    vocab_size: int
+    eos_id: int
+    unigram_val_loss: float  # nats per assistant token of validation, a unigram fitted on training's
+    cache_dir: Path
+
+
+def _split(ids: list[np.ndarray], masks: list[np.ndarray]) -> ChatSplit:
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(i) for i in ids])
+    return ChatSplit(np.concatenate(ids).astype(np.int64), np.concatenate(masks).astype(np.uint8), offsets)
+
+
+def held_out(n: int) -> list[bool]:
+    """Which of ``n`` conversations validation holds out (module doc)."""
+    val = [i % VAL_EVERY == VAL_EVERY - 1 for i in range(n)]
+    if not any(val):
+        val[-1] = True
+    return val
+
+
+def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, template: str | None) -> ChatData:
+    """Read, render, mask and cache the chat file ``path`` (module doc); a cached build is reused."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: not a file" if path.exists() else f"{path}: does not exist")
+    special = tok.special_tokens()
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    key_src = {"version": CHAT_VERSION, "file": h.hexdigest(), "max_line": MAX_LINE_BYTES, "val_every": VAL_EVERY,
+               "tokenizer": hashlib.blake2b(tok.tok.to_str().encode(), digest_size=16).hexdigest(),
+               "template": template, "special": special}
+    key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=8).hexdigest()
+    out = Path(cache_dir).expanduser() / f"chat-{key}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cache_dir '{out.parent}' cannot be created: {e.strerror or e}") from None
+    with _build_lock(out):
+        if not (out / "meta.json").exists():
+            _build(out, path, tok, template, special)
+        meta = json.loads((out / "meta.json").read_text())
+        ids, mask, offsets = (np.load(out / f"{n}.npy") for n in ("ids", "mask", "offsets"))
+    val = held_out(len(offsets) - 1)
+    parts = {flag: ([], []) for flag in (False, True)}
+    for c, v in enumerate(val):
+        s, e = offsets[c], offsets[c + 1]
+        parts[v][0].append(ids[s:e])
+        parts[v][1].append(mask[s:e])
+    train_split, val_split = _split(*parts[False]), _split(*parts[True])
+    vocab = tok.tok.get_vocab_size()
+    return ChatData(tok.tok, train_split, val_split, vocab, meta["eos_id"],
+                    _unigram(train_split, val_split, vocab), out)
+
+
+def _build(out: Path, path: Path, tok: TextTokenizer, template: str | None, special: dict) -> None:
+    # transformers' {% generation %} markers render their body: an always-true block, whitespace control kept
+    plain = _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
+    render = chat_renderer(plain, special)
+
+    def encode(text: str) -> list[int]:
+        return tok.encode_ids(text, add_special_tokens=False)
+
+    ids, masks = [], []
+    for line, raw in _read_lines(path):
+        messages, tools = parse_conversation(raw, path, line)
+        try:
+            i, m = encode_conversation(messages, tools, render, encode)
+        except ValueError as e:  # jinja2's TemplateError is an Exception: named below
+            raise _problem(path, line, str(e)) from None
+        except Exception as e:  # a template's raise_exception, or a render error: the user's line or template
+            raise _problem(path, line, f"messages: the chat template cannot render them ({e})") from None
+        ids.append(np.asarray(i, dtype=np.int64))
+        masks.append(np.asarray(m, dtype=np.uint8))
+    if len(ids) < 2:
+        raise DataError(f"{path}: {len(ids)} conversation(s); at least 2 are needed (one is held out for validation)")
+    split = _split(ids, masks)
+    for name, a in (("ids", split.ids), ("mask", split.mask), ("offsets", split.offsets)):
+        np.save(out / f"{name}.npy", a)
+    eos = tok.eos_id()
+    meta = {"source": str(path), "conversations": len(ids), "tokens": len(split),
+            "eos_id": eos if eos is not None else ensure_eos(tok.tok)}
+    atomic_write(out / "meta.json", [json.dumps(meta, indent=1).encode()])
+
+
+def _unigram(train: ChatSplit, val: ChatSplit, vocab: int) -> float:
+    """Add-one unigram cross-entropy on validation's assistant tokens, fitted on training's."""
+    counts = np.bincount(train.ids[train.mask == 1], minlength=vocab)[:vocab].astype(np.float64)
+    log_p = np.log(counts + 1.0) - math.log(counts.sum() + vocab)
+    v = np.bincount(val.ids[val.mask == 1], minlength=vocab)[:vocab].astype(np.float64)
+    return float(-(v * log_p).sum() / max(v.sum(), 1.0))
+
+
+def chat_rows(split: ChatSplit, convs, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y (len(convs), seq_len) int64: row b is conversation convs[b]'s first seq_len+1 tokens, right-padded
+    (x with ``PAD_ID``, which the model cannot embed: the trainer's business); ``y[b, t]`` is token t+1 where
+    it is an assistant token, else ``IGNORE_INDEX``."""
+    x = np.full((len(convs), seq_len), PAD_ID, dtype=np.int64)
+    y = np.full((len(convs), seq_len), IGNORE_INDEX, dtype=np.int64)
+    for b, c in enumerate(convs):
+        ids, mask = split.conversation(int(c))
+        n = min(len(ids), seq_len + 1)
+        x[b, :min(n, seq_len)] = ids[:min(n, seq_len)]  # a short row's last token too: a real, routed token
+        y[b, :n - 1] = np.where(mask[1:n] == 1, ids[1:n], IGNORE_INDEX)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def trainable(split: ChatSplit, seq_len: int) -> tuple[np.ndarray, int]:
+    """(conversations with an assistant target in their first seq_len+1 tokens, how many are longer than that)."""
+    keep = [c for c in range(split.n_conversations) if split.conversation(c)[1][1:seq_len + 1].any()]
+    cut = int((np.diff(split.offsets) > seq_len + 1).sum())
+    return np.asarray(keep, dtype=np.int64), cut
+
+
+class ChatSampler:
+    """Training batches of whole conversations, ``BatchSampler``'s contract: ``next_batch()`` -> ``x, y``
+    (``chat_rows``); batch n draws ``batch_size`` conversations uniformly (with replacement) from those
+    with a trained token in their first seq_len+1 (``trainable``), by a PCG64 generator seeded with
+    (seed, n): a pure function of (seed, n), so a resumed run draws what an uninterrupted one would."""
+
+    def __init__(self, split: ChatSplit, batch_size: int, seq_len: int, seed: int):
+        self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
+        self.pool, self.cut = trainable(split, seq_len)
+        self.position = 0
+        if not len(self.pool):
+            raise FieldError("seq_len", f"{seq_len}: no training conversation has an assistant token in its first "
+                                        f"seq_len+1 tokens")
+
+    def conversations(self, n: int) -> np.ndarray:
+        """Conversation indices of batch ``n``: (batch_size,) int64."""
+        rng = np.random.Generator(np.random.PCG64([self.seed, n]))
+        return self.pool[rng.integers(0, len(self.pool), size=self.batch_size)]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = chat_rows(self.split, self.conversations(self.position), self.seq_len)
+        self.position += 1
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "kind": "chat", "seed": self.seed, "position": self.position,
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "n_tokens": len(self.split),
+                "n_conversations": len(self.pool)}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Resume from ``state_dict()`` output; another batch shape or data would draw other samples: ``DataError``."""
+        mine = self.state_dict()
+        for key in ("version", "kind", "batch_size", "seq_len", "n_tokens", "n_conversations"):
+            if d.get(key) != mine[key]:
+                raise DataError(f"sampler state was saved with {key}={d.get(key)!r} but this sampler has "
+                                f"{key}={mine[key]!r}; resuming would read different samples")
+        position = d.get("position")
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise DataError(f"sampler state has invalid position {position!r}")
+        self.seed, self.position = int(d["seed"]), position
+
+
+def chat_eval_batches(split: ChatSplit, batch_size: int, seq_len: int,
+                      n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Validation: the held-out conversations with a trained token (``trainable``), in file order, in batches
+    of ``batch_size`` (the last may be smaller), at most ``n_batches`` of them; identical on every call."""
+    pool, _ = trainable(split, seq_len)
+    if not len(pool):
+        raise FieldError("seq_len", f"{seq_len}: no validation conversation has an assistant token in its first "
+                                    f"seq_len+1 tokens")
+    return [chat_rows(split, pool[s:s + batch_size], seq_len)
+            for s in range(0, min(len(pool), batch_size * n_batches), batch_size)]
