@@ -14,7 +14,6 @@ from flyer.cli import main
 from flyer.config import preset
 from flyer.errors import FieldError
 from flyer.infer import GenerationConfig, generate
-from flyer.infer.generate import open_prefix_cache
 from flyer.infer.cache import Fp8LatentCache, LatentCache, make_cache
 from flyer.infer.cache_fp8 import FP8, dequantize_latent, pack_rows, quantize_latent, token_bytes
 from flyer.infer.attention import causal_slot_mask, mla_absorbed_core
@@ -290,14 +289,11 @@ def test_serve_pool_holds_1152_over_656_the_tokens(trained):
 @pytest.mark.parametrize("argv,why", [
     (["generate", "--preset", "tiny-v4"], "hybrid"),
     (["generate", "--preset", "tiny", "--attention", "naive"], "per-head"),
-    (["generate", "--preset", "tiny", "--prefix-cache", "{tmp}"], "prefix cache"),
     (["serve", "--preset", "tiny-v4", "--port", "0", "--kv-cache-memory", "8M"], "hybrid"),
-    (["serve", "--preset", "tiny", "--port", "0", "--kv-cache-memory", "8M", "--prefix-cache", "{tmp}"],
-     "prefix cache"),
 ])
-def test_what_fp8_does_not_cover_is_refused_in_one_line(argv, why, tmp_path, capsys):
+def test_what_fp8_does_not_cover_is_refused_in_one_line(argv, why, capsys):
     extra = ["--prompt", "hi", "--max-new-tokens", "1"] if argv[0] == "generate" else []
-    rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + extra + ["--cache-dtype", "fp8"])
+    rc = main(argv + extra + ["--cache-dtype", "fp8"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("flyer: error: --cache-dtype: fp8") and why in err, err
     assert len(err.strip().splitlines()) == 1
@@ -312,16 +308,13 @@ def test_library_refuses_gqa_and_naive():
     assert type(make_cache(preset("tiny"), 1, 1, 4, "absorbed", torch.bfloat16)) is LatentCache
 
 
-def test_generate_and_the_engine_refuse_what_fp8_does_not_cover(tmp_path):
+def test_generate_and_the_engine_refuse_what_fp8_does_not_cover():
     """The library's entry points check as the commands do: a DeepSeek-V4 engine (its hybrid pools would cast to
-    FP8 without scales) and an on-disk prefix cache (BF16/FP32 entries) under an FP8 cache are FieldErrors."""
+    FP8 without scales) or ``generate`` under an FP8 cache is a FieldError (the on-disk prefix cache is covered:
+    ``tests/test_cache_fp8_prefix.py``)."""
     torch.manual_seed(0)
     v4 = Transformer(preset("tiny-v4")).eval()
     with pytest.raises(FieldError, match="cache_dtype: fp8 covers MLA latent caches"):
         Engine(v4, EngineConfig(kv_cache_bytes=8 << 20, block_size=16, cache_dtype=FP8))
-    mla = Transformer(preset("tiny")).eval()
-    with pytest.raises(FieldError, match="cache_dtype: fp8 does not cover the on-disk prefix cache"):
-        generate(mla, [[1, 2, 3]], GenerationConfig(max_new_tokens=1, cache_dtype=FP8,
-                                                    prefix_cache=open_prefix_cache(mla, str(tmp_path))))
     with pytest.raises(FieldError, match="cache_dtype: fp8"):
         generate(v4, [[1, 2, 3]], GenerationConfig(max_new_tokens=1, cache_dtype=FP8))

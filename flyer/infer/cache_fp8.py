@@ -28,6 +28,13 @@ tile. The FP32 scales sit at byte offset C, so C must be a multiple of 4.
 Reading dequantizes the gathered rows to the compute dtype (FP32 on the CPU) before the existing attention math:
 the fused CPU kernel (``kernels.mla_decode``) reads BF16/FP32 pools only, and declines a byte pool, so an FP8
 cache decodes through the eager path. DSA's indexer keys (V3.2) stay in BF16 beside the latent rows.
+
+The on-disk prefix cache (``flyer.infer.prefix_cache``; ``flyer generate`` and ``flyer serve``'s disk tier) stores
+an FP8 cache's rows as they are, no re-quantization: per token and layer the C codes (float8_e4m3fn), the scales
+(FP32) and the R rope values (BF16), the cache's three views of a row, 656 bytes at V3's dims against 1,152 in
+BF16. Its entries are keyed (``flyer.infer.generate.open_prefix_cache``'s fingerprint) by the cache dtype and by
+``ROWS_LAYOUT``, this module's row layout and scale rule: an FP8 run never finds a BF16 run's entries (a miss, as
+any other model or config's), and a restored row is the written one bit for bit.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 TILE = 128  # latent channels per scale
 SCALE_FLOOR = 1e-4  # amax / 448 is clamped below at this (FlashMLA's quantize_k_cache)
 INDEX_KEY_DTYPE = torch.bfloat16  # DSA's indexer keys beside an FP8 latent cache
+# what an FP8 cache's prefix-cache entries hold: a change to the layout or the scale rule must make them miss
+ROWS_LAYOUT = "fp8_ds_mla: codes e4m3 | fp32 ue8m0 scale per 128 | bf16 rope"
 
 
 def n_tiles(C: int) -> int:
@@ -140,14 +149,9 @@ def check_fp8_cache(cfg: ModelConfig, attention: str = "absorbed") -> None:
         raise FieldError("cache_dtype", problem)
 
 
-def check_fp8_cache_flags(cfg: ModelConfig, dtype: torch.dtype, attention: str, prefix_cache) -> None:
+def check_fp8_cache_flags(cfg: ModelConfig, dtype: torch.dtype, attention: str) -> None:
     """``FieldError`` naming cache_dtype where an FP8 cache (``dtype``) does not cover the run: a model or
-    attention path without MLA's latent cache (``check_fp8_cache``), or the on-disk prefix cache (``prefix_cache``
-    not None / empty), whose entries are BF16/FP32 tensors. Both commands' flags and the library's entry points
-    (``generate``, the serving ``Engine``) check it."""
-    if dtype != FP8:
-        return
-    check_fp8_cache(cfg, attention)
-    if prefix_cache:
-        raise FieldError("cache_dtype", "fp8 does not cover the on-disk prefix cache (--prefix-cache): use bf16 "
-                                        "or fp32 with it")
+    attention path without MLA's latent cache (``check_fp8_cache``). Both commands' flags and the library's entry
+    points (``generate``, the serving ``Engine``) check it."""
+    if dtype == FP8:
+        check_fp8_cache(cfg, attention)

@@ -272,7 +272,7 @@ def _run(args) -> int:
         dtype = gen.cache_dtype = DTYPES[args.cache_dtype]
     if args.speculative == "mtp" and len(model.mtp) == 0:
         raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
-    check_fp8_cache_flags(cfg, dtype, args.attention, args.prefix_cache)
+    check_fp8_cache_flags(cfg, dtype, args.attention)
     if args.attention == "naive" and cfg.attn != "mla":
         raise FieldError("attention", f"naive applies to MLA models only (this model uses {cfg.attn.upper()})")
     prompts = [tok.encode_ids(p) for p in args.prompt]

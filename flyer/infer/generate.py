@@ -21,7 +21,7 @@ import torch
 
 from flyer.errors import FieldError
 from flyer.infer.cache import ATTENTION_MODES
-from flyer.infer.cache_fp8 import check_fp8_cache_flags
+from flyer.infer.cache_fp8 import FP8, ROWS_LAYOUT, check_fp8_cache_flags
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.hybrid_cache import mtp_hidden_spec
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
@@ -123,6 +123,8 @@ def open_prefix_cache(model: Transformer, root: str | Path, *, attention: str = 
         layout = hybrid_layout(model.cfg)
     else:
         layout = {"layout": "gqa" if model.cfg.attn == "gqa" else attention}
+    if cache_dtype == FP8:  # entries hold the FP8 rows as written: keyed by their layout and scale rule too
+        layout["rows"] = ROWS_LAYOUT
     fp = model_fingerprint(model, **layout, dtype=str(cache_dtype), block_size=block_size,
                            mtp=len(model.mtp) > 0 if mtp is None else mtp)
     return PrefixCache(root, fp, block_size=block_size, max_bytes=max_bytes)
@@ -300,7 +302,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     gen.validate()
     _check_prompts(model, prompts, gen)
     check_hybrid_flags(model.cfg, gen.prefix_cache, None if gen.prefix_cache is None else gen.prefix_cache.block_size)
-    check_fp8_cache_flags(model.cfg, gen.cache_dtype, gen.attention, gen.prefix_cache is not None)
+    check_fp8_cache_flags(model.cfg, gen.cache_dtype, gen.attention)
     model.eval()
     params = SamplingParams(gen.temperature, gen.top_p)
     spec = gen.speculative == "mtp"

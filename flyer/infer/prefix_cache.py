@@ -53,7 +53,8 @@ from flyer.errors import FieldError
 
 MAGIC = b"FLYERPC1"
 FORMAT_VERSION = 1
-_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+# float8_e4m3fn: the latent codes of ``--cache-dtype fp8`` (``flyer.infer.cache_fp8``), kept as written
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn)}
 MARKER = ".flyer-prefix-cache"
 _SUBDIR = re.compile(r"[0-9a-f]{2}")
 _BLOCK = re.compile(r"[0-9a-f]{64}\.blk")

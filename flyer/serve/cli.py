@@ -91,7 +91,7 @@ def _run(args) -> int:
     if args.block_size is None:
         cfg.block_size = default_block_size(model.cfg)
     cfg.cache_dtype = DTYPES[auto_cache_dtype(args.ckpt, model) if args.cache_dtype == "auto" else args.cache_dtype]
-    check_fp8_cache_flags(model.cfg, cfg.cache_dtype, "absorbed", args.prefix_cache)
+    check_fp8_cache_flags(model.cfg, cfg.cache_dtype, "absorbed")
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
     if args.prefix_cache:
         cfg.prefix_cache = open_disk_prefix_cache(model, args.prefix_cache, cfg.cache_dtype, cfg.block_size,

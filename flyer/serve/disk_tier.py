@@ -3,7 +3,8 @@ of prefix sharing, in ``flyer generate --prefix-cache``'s files (``flyer.infer.p
 either command wrote serves the other at the same model, cache dtype, block size and MTP flag.
 
 - MLA family: a file holds one pool block of every layer's cache, and with MTP speculation the MTP cache's slots
-  of the positions its chain key covers (``flyer.serve.speculation.mtp_slots``);
+  of the positions its chain key covers (``flyer.serve.speculation.mtp_slots``); an FP8 pool's (``--cache-dtype
+  fp8``) as its rows are, codes, scales and rope values copied bit for bit (``flyer.infer.cache_fp8``);
 - DeepSeek-V4 (``flyer.infer.prefix_cache_hybrid``): a file holds one block's compressed entries; the slot state at
   a block boundary is a SNAPSHOT file (with MTP: the MTP slot and the hidden streams of the boundary's last
   position), read where ``flyer.serve.paged_hybrid.BoundarySnapshots.usable`` finds no deeper one in memory and

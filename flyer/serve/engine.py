@@ -95,7 +95,7 @@ class Engine:
         self.spec = cfg.speculative == "mtp"
         if self.spec and len(model.mtp) == 0:
             raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
-        check_fp8_cache_flags(mcfg, cfg.cache_dtype, "absorbed", cfg.prefix_cache is not None)
+        check_fp8_cache_flags(mcfg, cfg.cache_dtype, "absorbed")
         self.hybrid = mcfg.attn == "hybrid"
         if self.hybrid:  # slots for max_batch_size requests, then blocks
             check_block_ratios(mcfg, cfg.block_size, "block_size")
