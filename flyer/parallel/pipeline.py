@@ -29,10 +29,16 @@ them, wherever the split puts them. Each layer rotates with its own kind's rope 
 Gradients: every micro-batch's loss is divided by the number of micro-batches here (the schedules'
 own ``scale_grads`` would divide a parameter shared by two local stages twice), so after a step
 each gradient is that of one process on the concatenation of the micro-batches.
+
+Chat data (``flyer.data.chat_data``; ``train_step``'s ``target_totals``): a micro-batch's next-token and MTP
+means are weighted by its share of the step's trained targets (``_target_weight``), as one process with
+gradient accumulation weights them; its rows pad x with ids < 0, which every stage (each gets the micro-batch's
+ids, ``tokens_BT``) reads as the mask of positions its MoE layers count (``counting_only``), its MTP modules too.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import torch
@@ -43,7 +49,7 @@ from torch.torch_version import TorchVersion
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.counts import attention_flops_per_token, block_params, hyper_head_params
-from flyer.model.moe import MoE
+from flyer.model.moe import MoE, counting_only
 from flyer.model.transformer import OutputHeads, Transformer, layer_rope_tables, shared_selection
 from flyer.parallel.grads import MIRROR
 
@@ -204,7 +210,7 @@ class Stage(OutputHeads, nn.Module):
         super().__init__()
         self.cfg = model.cfg
         self.index, self.first, self.last = index, index == 0, index == n_stages - 1
-        self.scale = 1.0 / micro_batches
+        self.micro_batches, self.scale = micro_batches, 1.0 / micro_batches
         self.layers = nn.ModuleList(model.layers[i] for i in layers)
         self.layer_ids = list(layers)
         if _needs_embedding(model, self.first, self.last):
@@ -214,18 +220,27 @@ class Stage(OutputHeads, nn.Module):
             if self.cfg.hc_mult > 1:
                 self.hc_head = model.hc_head
         self.totals: dict[str, list[torch.Tensor]] = {"main_loss": [], "mtp_loss": [], "aux_loss": []}
+        # chat data, for one step: the step's trained targets per MTP depth (``PipelineModel.train_step``)
+        self.target_totals: list[float] | None = None
+        self.pending: collections.deque = collections.deque()  # the last stage's (ids, valid) for ``loss``
 
     def forward(self, x: torch.Tensor, tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
         if tokens_BT is None and self.first:  # the first stage's input is the token ids
             tokens_BT = x
+        valid_BT = None
+        if self.target_totals is not None:  # chat rows: padding (ids < 0) is fed as token 0 and counted nowhere
+            valid_BT, tokens_BT = tokens_BT >= 0, tokens_BT.clamp(min=0)
+            if self.last:  # the MTP modules read the ids; a micro-batch's loss follows its forward
+                self.pending.append((tokens_BT, valid_BT))
         h = self.streams(self.embed(x)) if self.first else x
         tables = layer_rope_tables(self.cfg, self.layer_ids, h.shape[1], h.device)
         aux = []
         selection = shared_selection(self.cfg)  # a stage starts at a full layer (``split_layers``)
-        for layer, (cos, sin) in zip(self.layers, tables):
-            h = layer(h, cos, sin, tokens_BT, selection)
-            if self.training and getattr(layer.ffn, "aux_loss", None) is not None:
-                aux.append(layer.ffn.aux_loss)
+        with counting_only(self.layers, valid_BT):
+            for layer, (cos, sin) in zip(self.layers, tables):
+                h = layer(h, cos, sin, tokens_BT, selection)
+                if self.training and getattr(layer.ffn, "aux_loss", None) is not None:
+                    aux.append(layer.ffn.aux_loss)
         if aux:
             total = torch.stack(aux).sum()
             self.totals["aux_loss"].append(total.detach())
@@ -234,10 +249,18 @@ class Stage(OutputHeads, nn.Module):
 
     def loss(self, h: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one micro-batch over the number of micro-batches: next-token,
-        MTP (its inputs are the targets shifted: token t_{i+1} is target i) and the MTP blocks'
-        balance losses."""
-        tokens = torch.cat([targets_BT[:, :1], targets_BT[:, :-1]], dim=1)  # tokens[:, 1:] = targets[:, :-1]
-        main, mtp_losses = self.output_losses(h, tokens, targets_BT)
+        MTP (its inputs are the targets shifted: token t_{i+1} is target i; chat data: the ids its forward
+        kept, as targets there are ``IGNORE_INDEX`` off the assistant's) and the MTP blocks' balance losses.
+        Chat data: each mean weighted by the micro-batch's share of the step's targets (``_target_weight``)."""
+        if self.target_totals is None:
+            tokens = torch.cat([targets_BT[:, :1], targets_BT[:, :-1]], dim=1)  # tokens[:, 1:] = targets[:, :-1]
+            main, mtp_losses = self.output_losses(h, tokens, targets_BT)
+        else:
+            tokens, valid_BT = self.pending.popleft()
+            with counting_only(self.mtp, valid_BT):
+                main, mtp_losses = self.output_losses(h, tokens, targets_BT)
+            main, *mtp_losses = [self._target_weight(loss_k, targets_BT[:, k:], k)
+                                 for k, loss_k in enumerate([main, *mtp_losses])]
         loss = main
         self.totals["main_loss"].append(main.detach())
         if mtp_losses:
@@ -250,6 +273,15 @@ class Stage(OutputHeads, nn.Module):
                     self.totals["aux_loss"].append(m.aux_loss.detach())
                     loss = loss + m.aux_loss
         return loss * self.scale
+
+    def _target_weight(self, loss: torch.Tensor, targets_BT: torch.Tensor, k: int) -> torch.Tensor:
+        """``loss``, the mean over this micro-batch's trained targets at MTP depth k (0: next-token), times
+        M x its share of the step's (``target_totals[k]``): ``scale`` (1/M) then leaves the share. Trained
+        targets are token ids; the ignored ones (``IGNORE_INDEX``, -100) are negative. No target here: 0, not nan."""
+        n = (targets_BT >= 0).sum()  # a tensor: no host sync per micro-batch
+        total = self.target_totals[k]
+        share = n * (self.micro_batches / total) if total else n * 0.0
+        return torch.where(n > 0, loss, 0.0) * share
 
 
 def held_modules(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: int) -> dict[str, nn.Module]:
@@ -363,20 +395,36 @@ class PipelineModel(nn.Module):
                "dualpipev": pipe.ScheduleDualPipeV}[kind]
         return cls(self.pipe_stages, M, **kw)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   target_totals: list[float] | None = None) -> dict[str, float]:
         """Forward and backward of the micro-batches of ``x``/``y`` (M x batch rows) through the
         schedule; returns this rank's summed loss terms over the micro-batches (0 where a term is
-        computed on another rank): main_loss, mtp_loss, aux_loss, each a mean over micro-batches."""
+        computed on another rank): main_loss, mtp_loss, aux_loss, each a mean over micro-batches.
+
+        target_totals: chat data (``flyer.data.chat_data``): per MTP depth k (0: next-token) the step's trained
+        targets (y[:, k:] not ``IGNORE_INDEX``) of one data-parallel replica, the mean over replicas (their
+        gradients are averaged). Each micro-batch's means are then weighted by their share of it (main_loss and
+        mtp_loss: means over the step's targets), and x's ids < 0 (padding) count in no routing statistic.
+        None (text): every micro-batch's mean weighs 1/M."""
         for st in self._stages:
             st.totals = {k: [] for k in st.totals}
+            st.target_totals = target_totals
+            st.pending.clear()
         first = any(st.first for st in self._stages)
         last = any(st.last for st in self._stages)
         # contiguous: the schedule splits rows into micro-batches, and torch 2.11's stages refuse an
         # input whose strides differ from the contiguous ones they expect (x = tokens[:, :-1] does)
-        args = (x.contiguous(),) if first else ()
-        # every stage gets the token ids (split by micro-batch like the inputs): the hash-routed layers need them
-        self.schedule.step(*args, target=y.contiguous() if last else None, return_outputs=False,
-                           tokens_BT=x.contiguous())
+        chat = target_totals is not None  # chat rows' padding (ids < 0) enters as token 0
+        args = ((x.clamp(min=0) if chat else x).contiguous(),) if first else ()
+        # every stage gets the token ids (split by micro-batch like the inputs): the hash-routed layers need them,
+        # and under chat data the padding mask is x >= 0
+        try:
+            self.schedule.step(*args, target=y.contiguous() if last else None, return_outputs=False,
+                               tokens_BT=x.contiguous())
+        finally:
+            for st in self._stages:
+                st.target_totals = None
+                st.pending.clear()
         out = dict.fromkeys(("main_loss", "mtp_loss", "aux_loss"), 0.0)
         for st in self._stages:
             for k, v in st.totals.items():

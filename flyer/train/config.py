@@ -130,7 +130,6 @@ class TrainConfig:
         need(self.micro_batches is None or self.pp > 1, "micro_batches", "needs pipelining (pp > 1); without it "
                                                                           "use grad_accum")
         if is_chat_data(self.data):  # flyer.data.chat_data
-            need(self.pp == 1, "pp", "must be 1 with chat data (a .jsonl --data): pipelining trains text only")
             need(bool(self.init or self.tokenizer), "data", "a .jsonl chat file needs init (a Hugging Face directory "
                  "or flyer run: its tokenizer and chat template) or tokenizer (a tokenizer.json; flyer's default "
                  "chat template)")

@@ -428,12 +428,17 @@ class Trainer:
 
     def _pipeline_step(self) -> dict[str, float]:
         """Forward and backward of ``micro_batches`` micro-batches through the pipeline schedule,
-        gradients synced (replicas, then the embedding's mirror); loss terms of the whole job."""
+        gradients synced (replicas, then the embedding's mirror); loss terms of the whole job. Chat data: each
+        micro-batch's means weighted by its share of the step's trained targets, counted as ``_local_step`` does."""
         batches = [self.sampler.next_batch() for _ in range(self.micro_batches)]
-        x = torch.cat([b[0] for b in batches]).to(self.device)
-        y = torch.cat([b[1] for b in batches]).to(self.device)
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        totals = None
+        if is_chat_data(self.tc.data):  # every rank's mean is the replicas': a replica's stages draw one batch
+            depths = range(self.cfg.mtp_depth + 1)
+            mean = self.mesh.mean({str(k): float((y[:, k:] != IGNORE_INDEX).sum()) for k in depths})
+            totals = [mean[str(k)] for k in depths]
         with self._autocast():
-            terms = self.pipeline.train_step(x, y)
+            terms = self.pipeline.train_step(x.to(self.device), y.to(self.device), totals)
         self.mesh.sync_gradients(self.model)
         self.pipeline.sync_mirrors()
         # each term lives on the stage computing it (aux: a share on every stage): sum over ranks / replicas
@@ -458,12 +463,12 @@ class Trainer:
         total, count = 0.0, 0  # weighted by each batch's trained targets (chat data: assistant tokens)
         for x, y in self.eval_data:
             n = int((y != IGNORE_INDEX).sum())
+            x, y = x.clamp(min=0).to(self.device), y.to(self.device)  # chat rows' padding (PAD_ID): no target
             with self._autocast():
                 if self.pipeline is not None:
-                    total += n * self.pipeline.forward_loss(x.to(self.device), y.to(self.device))
-                else:  # chat rows' padding (PAD_ID): any token, it has no target
-                    total += n * self.model.compute_loss(x.clamp(min=0).to(self.device),
-                                                         y.to(self.device)).main_loss.item()
+                    total += n * self.pipeline.forward_loss(x, y)
+                else:
+                    total += n * self.model.compute_loss(x, y).main_loss.item()
             count += n
         self.model.train()
         comm_stats(self.model, reset=True)  # evaluation traffic is not training traffic
