@@ -34,7 +34,8 @@ from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.interop.hf import TextTokenizer
 from flyer.data.chat_template import chat_renderer
-from flyer.serve.api import Api, ChatBody, Server, _Choice
+from flyer.serve.api import Api, ChatBody, Server
+from flyer.serve.choice import Choice
 from flyer.serve.body_limit import MAX_BODY_BYTES
 from flyer.data.chat_template import read_chat_template
 from flyer.serve.cli import bind, http_url
@@ -549,7 +550,7 @@ def test_streamed_text_equals_the_full_decode_at_linear_cost(kind):
         ids = (tok.encode_ids("the quick brown fox déjà vu ") + [tok.tok.token_to_id("</s>")]) * 60
     decoded = []
     counting = SimpleNamespace(decode=lambda xs: decoded.append(len(xs)) or tok.decode(xs))
-    choice, deltas = _Choice(counting, stops=[]), []
+    choice, deltas = Choice(counting, stops=[]), []
     for i, t in enumerate(ids):
         choice.add(TokenEvent(t, finish_reason="length" if i == len(ids) - 1 else None))
         deltas.append(choice.delta())
@@ -559,7 +560,7 @@ def test_streamed_text_equals_the_full_decode_at_linear_cost(kind):
 
 def test_stop_string_across_tokens_cuts_the_text():
     tok = ByteTokenizer()
-    choice = _Choice(tok, stops=["wör", "zz"])
+    choice = Choice(tok, stops=["wör", "zz"])
     for t in "héllo wörld".encode():
         choice.add(TokenEvent(t))
         if choice.finish_reason:

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 
 from flyer.interop.hf import load_tokenizer
 from flyer.data.chat_template import chat_renderer
-from flyer.serve.api import Api, ChatBody, _Choice
+from flyer.serve.api import Api, ChatBody
+from flyer.serve.choice import Choice
 from flyer.serve.engine import TokenEvent
 
 V = 64
@@ -131,7 +132,7 @@ def _run(choice, ids):
     (("ab", "cd", "ef"), ["de", "bcd", "cde"], "a"),
 ])
 def test_the_earliest_stop_string_in_the_text_cuts_it(pieces, stops, text):
-    c = _Choice(_pieces(*pieces), stops)
+    c = Choice(_pieces(*pieces), stops)
     streamed, _ = _run(c, range(len(pieces)))
     assert (c.text, streamed, c.finish_reason) == (text, text, "stop")
 
@@ -143,7 +144,7 @@ def test_the_earliest_stop_string_in_the_text_cuts_it(pieces, stops, text):
     (["zz"], "abcdef", 3),
 ])
 def test_a_cut_text_keeps_the_tokens_starting_before_the_cut(stops, text, kept):
-    c = _Choice(_pieces("ab", "cd", "ef"), stops)
+    c = Choice(_pieces("ab", "cd", "ef"), stops)
     _, streamed = _run(c, range(3))
     assert c.text == text and c.kept() == kept and list(streamed) == list(range(kept))
     assert c.starts[:kept] == [0, 2, 4][:kept]

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+from flyer.errors import FieldError
 from flyer.interop.load import settings_dir
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
@@ -38,11 +39,21 @@ def chat_renderer(template: str | None, special: dict[str, str] | None = None):
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
     compiled = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
 
-    def render(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+    named = {"bos_token": "", "eos_token": "", **(special or {})}
+    taken = {"messages", "tools", "add_generation_prompt", *named, *env.globals}
+
+    def render(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+               extra: dict | None = None) -> str:
         """``tools``: OpenAI's tool definitions, as transformers' ``apply_chat_template(tools=...)`` passes them;
-        ``add_generation_prompt``: end with the assistant's header (a prompt) or not (a whole conversation)."""
+        ``add_generation_prompt``: end with the assistant's header (a prompt) or not (a whole conversation);
+        ``extra``: more variables the template sees (a request's ``chat_template_kwargs``, as transformers'
+        ``apply_chat_template(**kwargs)`` passes them, e.g. V3.1's ``thinking``). ``FieldError`` naming
+        chat_template_kwargs for one that would shadow the messages, the tools, a special token or a function."""
+        shadowed = sorted(taken & set(extra or ()))
+        if shadowed:
+            raise FieldError("chat_template_kwargs", f"{shadowed} are set by the server; other names only")
         return compiled.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                               **{"bos_token": "", "eos_token": "", **(special or {})})
+                               **named, **(extra or {}))
     return render
 
 

@@ -12,7 +12,9 @@
                                 ``apply_chat_template`` renders it; ``flyer.data.chat_template``), else a default;
                                 stream with ``delta`` chunks, ``stream_options.include_usage``;
                                 tools, tool_choice, tool messages: calls in the format the chat template
-                                writes (``flyer.serve.tools``: DeepSeek-V3.1 / V3.2's or V3-0324 / R1's)
+                                writes (``flyer.serve.tools``: DeepSeek-V3.1 / V3.2's or V3-0324 / R1's);
+                                chat_template_kwargs; with a reasoning parser, ``reasoning_content`` apart from
+                                ``content`` (``flyer.serve.reasoning``)
 
 Every response carries ``usage``. Errors use OpenAI's shape ``{"error": {"message", "type",
 "param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too long for the
@@ -31,14 +33,12 @@ routes speak to it through an ``EngineClient`` and hear its events on the event 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import dataclasses
 import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator
+from typing import AsyncIterator, Iterator
 
 import jinja2
 import uvicorn
@@ -50,9 +50,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flyer.data.chat_template import chat_renderer
 from flyer.errors import FieldError
 from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
+from flyer.serve.choice import Choice
 from flyer.serve.grammar import json_grammar
 from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
+from flyer.serve.reasoning import PARSERS, Reasoning, Split
 from flyer.serve.request import QueueFull, SamplingOptions, TokenEvent
 from flyer.serve.schema import Body, ChatBody, CompletionBody
 from flyer.serve.tools import (ToolCall, content_end, marked_text, marker_ids, parse_tool_calls, tool_format,
@@ -78,81 +80,6 @@ def _engine_failed() -> ApiError:
     return ApiError(500, "the engine failed on this request (see the server's log)", "server_error")
 
 
-@dataclass
-class _Choice:
-    """One prompt's generation as text: decoded incrementally, cut at a stop string."""
-
-    tokenizer: Any
-    stops: list[str]
-    ids: list[int] = field(default_factory=list)
-    text: str = ""  # the decoded text so far, up to any stop string
-    sent: int = 0  # characters already streamed
-    finish_reason: str | None = None
-    events: list[TokenEvent] = field(default_factory=list)
-    # ids[prefix:read] decode to the end of ``text``: the context the next tokens are decoded with
-    prefix: int = 0
-    read: int = 0
-    starts: list[int] = field(default_factory=list)  # per id: where its text starts in ``text``
-    cut: int | None = None  # where a stop string cut ``text``
-    tokens_sent: int = 0  # ids whose logprobs are already streamed
-
-    def _decode_new(self, final: bool) -> str:
-        """Text of ids[read:], decoded after ids[prefix:read] (a decoder may render a token
-        differently at the start of a sequence, e.g. SentencePiece's leading space): each token
-        costs a decode of a few ids, where decoding every id per token is quadratic in the
-        generation. Held back (until ``final``) while it ends inside a UTF-8 sequence."""
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        after = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
-
-    def add(self, e: TokenEvent) -> None:
-        self.events.append(e)
-        start = len(self.text)
-        if e.token is not None:
-            self.ids.append(e.token)
-            self.starts.append(start)
-        self.text += self._decode_new(final=e.finish_reason is not None)
-        # only where the new text could complete a stop string; the earliest match of any cuts
-        found = [i for s in self.stops if (i := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
-        if found:
-            self.cut = min(found)
-            self.text, self.finish_reason = self.text[:self.cut], "stop"
-            return
-        if e.finish_reason is not None:
-            self.finish_reason = e.finish_reason
-
-    def kept(self) -> int:
-        """How many of ``ids`` the text holds: after a stop string's cut, those whose text starts
-        before it (a token partly cut stays); else all."""
-        return len(self.ids) if self.cut is None else bisect.bisect_left(self.starts, self.cut)
-
-    def delta_tokens(self) -> range:
-        """Indices into ``ids`` of the tokens whose text starts in the text ``delta`` streamed since the
-        last call (at the end, every kept one left): the tokens a chunk's logprobs report."""
-        end = self.kept() if self.finish_reason is not None else bisect.bisect_left(self.starts, self.sent)
-        out, self.tokens_sent = range(self.tokens_sent, end), end
-        return out
-
-    def delta(self, upto: int | None = None) -> str:
-        """New text safe to stream: held back while it could still be the start of a stop string
-        or ends in an incomplete UTF-8 sequence; before the end, none past ``upto`` (a tool call's start)."""
-        end = len(self.text) if upto is None or self.finish_reason is not None else min(upto, len(self.text))
-        if self.finish_reason is None:
-            if self.text.endswith("\ufffd"):
-                end -= 1
-            for s in self.stops:
-                for k in range(min(len(s) - 1, end), 0, -1):
-                    if self.text[:end].endswith(s[:k]):
-                        end -= k
-                        break
-        end = max(end, self.sent)
-        out, self.sent = self.text[self.sent:end], end
-        return out
-
-
 class _Generation:
     """Every choice of one HTTP request submitted to the engine (at construction, so a refusal
     answers with its status before any response starts): ``n`` per prompt, choice k = i n + j the
@@ -170,8 +97,9 @@ class _Generation:
             raise FieldError("n" if n > 1 else "prompt", f"{len(prompts)} prompt(s) x {n} choice(s) exceed the "
                                                          f"server's queue of {queue} requests")
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.reasoning_tokens = None  # chat with a reasoning parser: choice -> its reasoning tokens (``usage``)
         self.failed = False  # the engine failed on one of its choices
-        self.choices = [_Choice(api.tok, stops) for _ in range(len(prompts) * n)]
+        self.choices = [Choice(api.tok, stops) for _ in range(len(prompts) * n)]
         self.reqs = []
         try:
             for k in range(len(self.choices)):
@@ -198,7 +126,7 @@ class _Generation:
             if not r.done:
                 self.engine.cancel(r)
 
-    async def events(self) -> AsyncIterator[tuple[int, _Choice, TokenEvent]]:
+    async def events(self) -> AsyncIterator[tuple[int, Choice, TokenEvent]]:
         live = len(self.choices)
         loop = asyncio.get_running_loop()
         polled = loop.time()
@@ -248,7 +176,10 @@ class _Generation:
 
     def usage(self) -> dict:
         p, c = sum(len(x) for x in self.prompts), sum(len(ch.ids) for ch in self.choices)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        if self.reasoning_tokens is not None:
+            out["completion_tokens_details"] = {"reasoning_tokens": sum(map(self.reasoning_tokens, self.choices))}
+        return out
 
 
 def _sse(obj) -> bytes:
@@ -259,8 +190,12 @@ class Api:
     """The routes, over one engine and tokenizer; ``draining`` makes new requests answer 503."""
 
     def __init__(self, engine: EngineClient, tokenizer, model_name: str, api_key: str | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, reasoning_parser: str | None = None):
+        """``reasoning_parser``: a ``flyer.serve.reasoning.PARSERS`` name, or None: all output is content."""
         self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        if reasoning_parser is not None and reasoning_parser not in PARSERS:
+            raise FieldError("reasoning_parser", f"must be one of {sorted(PARSERS)} (got {reasoning_parser!r})")
+        self.reasoning = None if reasoning_parser is None else PARSERS[reasoning_parser]
         self.render_chat = chat_renderer(chat_template, self._special_tokens())
         self.tool_format = tool_format(chat_template)  # the format the template writes calls in
         self.draining = False
@@ -310,7 +245,7 @@ class Api:
     def _token_text(self, t: int) -> str:
         return self.tok.decode([t])
 
-    def _completion_logprobs(self, c: _Choice, tokens: range, prompt: list[int] | None = None, at: int = 0) -> dict:
+    def _completion_logprobs(self, c: Choice, tokens: range, prompt: list[int] | None = None, at: int = 0) -> dict:
         """OpenAI's logprobs of the echoed ``prompt`` (None: not echoed; its first token has none), then of
         choice ``c``'s tokens ``tokens`` (indices into ``c.ids``). ``text_offset``: where each token's text
         starts in the returned text, whose generated part starts at ``at``."""
@@ -320,7 +255,7 @@ class Api:
         texts, lps, tops, offsets = [], [], [], []
         if prompt is not None:
             plp = next((e.prompt_logprobs for e in c.events if e.prompt_logprobs is not None), None) or []
-            decoded = _Choice(self.tok, [])  # the prompt's offsets in its text, decoded as a generation is
+            decoded = Choice(self.tok, [])  # the prompt's offsets in its text, decoded as a generation is
             for j, t in enumerate(prompt):
                 decoded.add(TokenEvent(t, finish_reason="length" if j == len(prompt) - 1 else None))
                 lp = plp[j] if j < len(plp) else None
@@ -346,7 +281,7 @@ class Api:
                 "model": self.model_name}
         prefix = [self.tok.decode(gen.prompt_of(k)) if body.echo else "" for k in range(len(gen.choices))]
 
-        def logprobs(i: int, c: _Choice, tokens: range | None = None, echo: bool = body.echo) -> dict | None:
+        def logprobs(i: int, c: Choice, tokens: range | None = None, echo: bool = body.echo) -> dict | None:
             """Choice i's logprobs of ``tokens`` (None: every token its text keeps), after the echoed prompt's;
             None when not asked for or there are none."""
             if body.logprobs is None or (tokens is not None and not tokens and not echo):
@@ -376,6 +311,10 @@ class Api:
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     def _chat_prompt(self, body: ChatBody) -> list[int]:
+        # the template's text is the whole prompt (its own BOS included), as transformers encodes it
+        return self.tok.encode_ids(self._chat_text(body), add_special_tokens=False)
+
+    def _chat_text(self, body: ChatBody) -> str:
         messages = []
         for m in body.messages:
             content = m.content
@@ -386,16 +325,15 @@ class Api:
             messages.append({**m.model_dump(exclude_none=True), "content": content})
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
         try:
-            text = self.render_chat(messages, tools)
+            return self.render_chat(messages, tools, extra=body.chat_template_kwargs)
         except jinja2.TemplateError as e:
             raise FieldError("messages", f"the chat template cannot render them: {e}") from None
-        # the template's text is the whole prompt (its own BOS included), as transformers encodes it
-        return self.tok.encode_ids(text, add_special_tokens=False)
 
     async def chat(self, request: Request, body: ChatBody) -> Response:
         self.check_access(request, body.model)
         body.check_fields()
-        prompt = self._chat_prompt(body)
+        text = self._chat_text(body)
+        prompt = self.tok.encode_ids(text, add_special_tokens=False)  # as ``_chat_prompt``
         top = body.top_logprobs or 0
         opts = self._options(body, body.max_completion_tokens or body.max_tokens, len(prompt),
                              top if body.logprobs else None)
@@ -407,19 +345,29 @@ class Api:
         gen = _Generation(self, request, [prompt], opts, body.stop_strings(), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
+        think = Reasoning(self.reasoning, self.tok, Reasoning.opens(self.reasoning, text))
+
+        def split(c: Choice) -> Split:
+            return think.split(c.text, c.ids, c.kept(), c.starts, c.finish_reason is not None, id(c))
+        if self.reasoning is not None:
+            gen.reasoning_tokens = lambda c: think.reasoning_tokens(split(c), c.kept())
 
         def content_logprobs(events: list[TokenEvent]) -> dict | None:
             if not body.logprobs:
                 return None
             return {"content": [self._chat_logprob(e.token, e.logprob, e.top_logprobs) for e in events]}
 
+        def tool_calls(c: Choice, s: Split) -> tuple[str | None, list[ToolCall]] | None:
+            return self._tool_calls(c, parallel, s.token) if parse and s.content is not None else None
+
         if not body.stream:
             await gen.wait()
             out = []
             for i, c in enumerate(gen.choices):
-                calls = self._tool_calls(c, parallel) if parse else None
-                message = {"role": "assistant", "content": c.text} if calls is None else \
-                    {"role": "assistant", "content": calls[0], "tool_calls": [call.openai() for call in calls[1]]}
+                s = split(c)
+                calls = tool_calls(c, s)
+                message = think.message(c.text, s) if calls is None else \
+                    think.message(c.text, s, calls[0], [call.openai() for call in calls[1]])
                 out.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else c.finish_reason,
                             "logprobs": content_logprobs(c.events[:c.kept()])})
             return JSONResponse({**head, "choices": out, "usage": gen.usage()})
@@ -434,35 +382,42 @@ class Api:
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "finish_reason": None, "logprobs": None}]})
             async for i, c, e in gen.events():
-                calls = self._tool_calls(c, parallel) if parse and c.finish_reason is not None else None
-                if calls is not None:  # the content before the calls not yet streamed, then the calls at once
-                    content, sent = calls[0] or "", c.text[:c.sent]
-                    rest = content[len(sent):] if content.startswith(sent) else ""
+                s, sent = split(c), c.sent
+                calls = tool_calls(c, s) if c.finish_reason is not None else None
+                if calls is not None:  # what is not yet streamed: reasoning, content before the calls; the calls
+                    content, streamed = calls[0] or "", c.text[s.content:max(sent, s.content)]
+                    rest = content[len(streamed):] if content.startswith(streamed) else ""
+                    c.delta()
+                    delta = think.delta(c.text, sent, c.sent, s, rest)
                     lp = content_logprobs([c.events[j] for j in c.delta_tokens()])
                     deltas = [{"index": k, **call.openai()} for k, call in enumerate(calls[1])]
-                    if rest or lp:
-                        yield _sse({**head, "choices": [{"index": i, "delta": {"content": rest} if rest else {},
-                                                         "finish_reason": None, "logprobs": lp}]})
+                    if delta or lp:
+                        yield _sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": None,
+                                                         "logprobs": lp}]})
                     yield _sse({**head, "choices": [{"index": i, "delta": {"tool_calls": deltas},
                                                      "finish_reason": "tool_calls", "logprobs": None}]})
                     continue
-                if parse and begin is not None and e.token == begin and i not in call_at:  # decoding may skip it
+                if parse and s.content is not None and begin is not None and e.token == begin and i not in call_at \
+                        and c.starts[-1] >= s.content:  # decoding may skip the marker's token
                     call_at[i] = c.starts[-1]
-                text = c.delta(min(content_end(c.text, c.sent, fmt), call_at.get(i, len(c.text))) if parse else None)
-                tokens = c.delta_tokens()
+                upto = s.safe if not parse or s.content is None else \
+                    min(content_end(c.text, max(sent, s.content), fmt), call_at.get(i, len(c.text)))
+                c.delta(upto)
+                delta, tokens = think.delta(c.text, sent, c.sent, s), c.delta_tokens()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
                     lp = content_logprobs([c.events[j] for j in tokens]) if tokens else None
-                    yield _sse({**head, "choices": [{"index": i, "delta": {"content": text} if text else {},
+                    yield _sse({**head, "choices": [{"index": i, "delta": delta,
                                                      "finish_reason": c.finish_reason, "logprobs": lp}]})
             for end in gen.stream_end(head, (body.stream_options or {}).get("include_usage", False)):
                 yield end
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    def _tool_calls(self, c: _Choice, parallel: bool) -> tuple[str | None, list[ToolCall]] | None:
-        """Choice ``c``'s (content, calls; the first only when not ``parallel``) when its text (markers written out,
-        up to a stop string) holds a well-formed calls block (``parse_tool_calls``); else None: served as content."""
+    def _tool_calls(self, c: Choice, parallel: bool, start: int = 0) -> tuple[str | None, list[ToolCall]] | None:
+        """Choice ``c``'s (content, calls; the first only when not ``parallel``) when its text from token ``start``
+        on (the content, after any reasoning; markers written out, up to a stop string) holds a well-formed calls
+        block (``parse_tool_calls``); else None: served as content."""
         fmt = self.tool_format
-        return parse_tool_calls(marked_text(self.tok, c.ids[:c.kept()], fmt), fmt, parallel)
+        return parse_tool_calls(marked_text(self.tok, c.ids[start:c.kept()], fmt), fmt, parallel)
 
     def _chat_logprob(self, token: int, logprob: float, top: dict[int, float] | None) -> dict:
         def entry(t: int, lp: float) -> dict:

@@ -33,6 +33,7 @@ from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, 
 from flyer.serve.disk_tier import open_disk_prefix_cache
 from flyer.serve.engine import Engine, EngineConfig, Limits
 from flyer.serve.link import EngineClient, EngineHost
+from flyer.serve.reasoning import PARSERS
 
 ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must be > 0)
 DEFAULT_BLOCK_SIZE = EngineConfig.block_size  # the engine's own default, one home for it
@@ -107,7 +108,7 @@ def _run(args) -> int:
     http = multiprocessing.get_context("spawn").Process(
         target=serve_http, name="flyer-http", daemon=True,
         args=(their_end, sock, engine.limits, tok, name, args.api_key, chat_template,
-              http_url(host, port)))
+              http_url(host, port), args.reasoning_parser))
     http.start()
     their_end.close()
     sock.close()
@@ -133,14 +134,14 @@ def _run(args) -> int:
 
 
 def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, name: str, api_key: str | None,
-               chat_template: str | None, url: str) -> None:
+               chat_template: str | None, url: str, reasoning_parser: str | None = None) -> None:
     """The HTTP process: the API over the engine's link on ``sock``, with the ready line once it accepts."""
     from flyer.serve.api import Api, Server  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
 
     # uvicorn takes SIGINT/SIGTERM while it serves (draining) and raises them again after: to these, once drained
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    server = Server(Api(EngineClient(link, limits), tok, name, api_key, chat_template))
+    server = Server(Api(EngineClient(link, limits), tok, name, api_key, chat_template, reasoning_parser))
 
     async def main():
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -186,6 +187,11 @@ def register(sub) -> None:
     p.add_argument("--prefix-cache-size", default="1G", help="size bound of the on-disk prefix cache (LRU)")
     p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto", help=CACHE_DTYPE_HELP)
     add_weight_dtype_flag(p)
+    # off by default, as vLLM / SGLang: the split changes the answer's shape, a deployment's choice, and a template's
+    # <think> says the model can reason, not that its clients read reasoning_content
+    p.add_argument("--reasoning-parser", choices=sorted(PARSERS), default=None,
+                   help="chat: return the text between <think> and </think> as message.reasoning_content (a "
+                        "stream's delta.reasoning_content), the rest as content (DeepSeek-R1, V3.1 / V3.2 thinking)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),

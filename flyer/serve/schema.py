@@ -4,7 +4,8 @@ and ``check_fields`` refuses the combinations and the unimplemented fields the t
 
     Body            the fields both routes share: model, sampling options, stop strings, n, stream
     CompletionBody  POST /v1/completions: prompt (text, texts, token ids, lists of token ids), logprobs, echo
-    ChatBody        POST /v1/chat/completions: messages (text content or text parts), logprobs, top_logprobs
+    ChatBody        POST /v1/chat/completions: messages (text content or text parts), logprobs, top_logprobs,
+                    chat_template_kwargs (more variables for the chat template, as vLLM takes them)
     ResponseFormat  both routes' ``response_format``: text, json_object, json_schema (``flyer.serve.grammar``)
     Tool, ToolChoice, MessageToolCall   chat's ``tools``, ``tool_choice`` and an assistant message's ``tool_calls``
                     (``flyer.serve.tools``)
@@ -12,6 +13,8 @@ and ``check_fields`` refuses the combinations and the unimplemented fields the t
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
@@ -20,6 +23,7 @@ from flyer.errors import FieldError
 
 MAX_LOGPROBS = 20
 MAX_CHOICES = 128  # n, as OpenAI bounds it
+MAX_TEMPLATE_KWARGS_CHARS = 16384  # chat_template_kwargs as JSON text: template switches, not a second prompt
 
 # OpenAI fields that change what is generated and that flyer serve does not implement, with the values
 # that change nothing (a client may send those): any other value is refused, never silently ignored
@@ -213,9 +217,17 @@ class ChatBody(Body):
     tools: list[Tool] | None = None  # rendered by the chat template (``flyer.serve.tools``)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # variables the chat template sees besides the messages (``flyer.data.chat_template``: V3.1's ``thinking``)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def check_fields(self) -> None:
         super().check_fields()
+        kwargs = self.chat_template_kwargs or {}
+        bad = [k for k in kwargs if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+        if bad:
+            raise FieldError("chat_template_kwargs", f"keys must be template variable names (got {bad[0]!r})")
+        if len(json.dumps(kwargs)) > MAX_TEMPLATE_KWARGS_CHARS:
+            raise FieldError("chat_template_kwargs", f"holds more than {MAX_TEMPLATE_KWARGS_CHARS} characters as JSON")
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs", "needs logprobs: true")
         names = [t.function.name for t in self.tools or []]

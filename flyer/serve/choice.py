@@ -1,0 +1,85 @@
+"""One choice of a completion as text (``flyer.serve.api``): its tokens decoded incrementally, cut at a stop string,
+and what of it may stream yet (not what could still become a stop string, nor an incomplete UTF-8 sequence)."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+from flyer.serve.request import TokenEvent
+
+
+@dataclass
+class Choice:
+    """One prompt's generation as text: decoded incrementally, cut at a stop string."""
+
+    tokenizer: Any
+    stops: list[str]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""  # the decoded text so far, up to any stop string
+    sent: int = 0  # characters already streamed
+    finish_reason: str | None = None
+    events: list[TokenEvent] = field(default_factory=list)
+    # ids[prefix:read] decode to the end of ``text``: the context the next tokens are decoded with
+    prefix: int = 0
+    read: int = 0
+    starts: list[int] = field(default_factory=list)  # per id: where its text starts in ``text``
+    cut: int | None = None  # where a stop string cut ``text``
+    tokens_sent: int = 0  # ids whose logprobs are already streamed
+
+    def _decode_new(self, final: bool) -> str:
+        """Text of ids[read:], decoded after ids[prefix:read] (a decoder may render a token
+        differently at the start of a sequence, e.g. SentencePiece's leading space): each token
+        costs a decode of a few ids, where decoding every id per token is quadratic in the
+        generation. Held back (until ``final``) while it ends inside a UTF-8 sequence."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+    def add(self, e: TokenEvent) -> None:
+        self.events.append(e)
+        start = len(self.text)
+        if e.token is not None:
+            self.ids.append(e.token)
+            self.starts.append(start)
+        self.text += self._decode_new(final=e.finish_reason is not None)
+        # only where the new text could complete a stop string; the earliest match of any cuts
+        found = [i for s in self.stops if (i := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
+        if found:
+            self.cut = min(found)
+            self.text, self.finish_reason = self.text[:self.cut], "stop"
+            return
+        if e.finish_reason is not None:
+            self.finish_reason = e.finish_reason
+
+    def kept(self) -> int:
+        """How many of ``ids`` the text holds: after a stop string's cut, those whose text starts
+        before it (a token partly cut stays); else all."""
+        return len(self.ids) if self.cut is None else bisect.bisect_left(self.starts, self.cut)
+
+    def delta_tokens(self) -> range:
+        """Indices into ``ids`` of the tokens whose text starts in the text ``delta`` streamed since the
+        last call (at the end, every kept one left): the tokens a chunk's logprobs report."""
+        end = self.kept() if self.finish_reason is not None else bisect.bisect_left(self.starts, self.sent)
+        out, self.tokens_sent = range(self.tokens_sent, end), end
+        return out
+
+    def delta(self, upto: int | None = None) -> str:
+        """New text safe to stream: held back while it could still be the start of a stop string
+        or ends in an incomplete UTF-8 sequence; before the end, none past ``upto`` (a tool call's start)."""
+        end = len(self.text) if upto is None or self.finish_reason is not None else min(upto, len(self.text))
+        if self.finish_reason is None:
+            if self.text.endswith("\ufffd"):
+                end -= 1
+            for s in self.stops:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        end = max(end, self.sent)
+        out, self.sent = self.text[self.sent:end], end
+        return out

@@ -1,0 +1,158 @@
+"""Reasoning output (``flyer serve --reasoning-parser deepseek``): a chat answer's text split into
+``reasoning_content`` (what the model writes between ``<think>`` and ``</think>``) and ``content`` (the rest), as
+DeepSeek's API and vLLM / SGLang's "deepseek_r1" / "deepseek_v3" parsers return it.
+
+DeepSeek-R1-0528's template ends the generation prompt with ``<think>\\n``, V3.1 / V3.2's with ``<think>`` in thinking
+mode (``chat_template_kwargs: {"thinking": true}``) and ``</think>`` otherwise; R1 may write ``<think>`` itself. So a
+choice's output is read as:
+
+    the prompt ends with the begin marker (whitespace after it aside)  the output starts in reasoning
+    else the output starts with the begin marker                       reasoning starts after it
+    else                                                               no reasoning: all content
+
+Reasoning runs to the end marker, content from after it (the markers are in neither); without an end marker (the
+output cut by ``max_tokens``) all of it is reasoning and content is null, as vLLM's parser answers. A stream's deltas
+carry ``reasoning_content`` until the end marker, then ``content``; a tail that could still become a marker is held
+back. The markers are found as token ids where the tokenizer holds them as one token (DeepSeek's do), else in the
+text (byte tokens). Tool calls (``flyer.serve.tools``) are parsed from the content's tokens only; logprobs stay per
+token, reasoning's included. ``reasoning_tokens`` counts the output's tokens before the content, markers included.
+
+    ReasoningParser, PARSERS    the markers of a model family; ``PARSERS`` by ``--reasoning-parser`` name
+    Reasoning                   a request's split (per its prompt), or ``NO_REASONING`` (off: all content)
+    Split                       where one choice's text splits (``Reasoning.split``)
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from flyer.interop.hf_tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class ReasoningParser:
+    """A family's reasoning markers: reasoning is written between ``begin`` and ``end``."""
+
+    name: str
+    begin: str
+    end: str
+
+
+DEEPSEEK = ReasoningParser("deepseek", "<think>", "</think>")  # R1, R1-0528, V3.1, V3.2 (thinking)
+PARSERS = {p.name: p for p in (DEEPSEEK,)}
+_SPACE = re.compile(r"\s*")
+
+
+class Split(NamedTuple):
+    """Where a choice's ``text`` splits: reasoning ``text[r0:r1]`` (none when not ``reasoning``), content
+    ``text[content:]`` (None: not begun, i.e. no end marker yet), ``token`` the index of the content's first token;
+    ``safe``: how much of the text may stream now (a possible marker's start held back)."""
+
+    reasoning: bool
+    r0: int
+    r1: int
+    content: int | None
+    token: int
+    safe: int
+
+
+def _marker_id(tok, marker: str) -> int | None:
+    return tok.tok.token_to_id(marker) if isinstance(tok, TextTokenizer) else None
+
+
+def _held(text: str, marker: str) -> int:
+    """How many characters at the end of ``text`` could be the start of ``marker``."""
+    return next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:k])), 0)
+
+
+class Reasoning:
+    """One request's reasoning split with ``parser`` (None: off, every choice all content). ``opened``: the
+    prompt ends inside a think block (``opens``), so the output starts in reasoning."""
+
+    def __init__(self, parser: ReasoningParser | None, tok=None, opened: bool = False):
+        self.parser, self.opened = parser, opened
+        self._scanned: dict[int, tuple[int | None, int]] = {}  # choice -> (its end marker's place or None, searched)
+        self.begin_id = _marker_id(tok, parser.begin) if parser else None
+        self.end_id = _marker_id(tok, parser.end) if parser else None
+
+    @staticmethod
+    def opens(parser: ReasoningParser | None, prompt_text: str) -> bool:
+        """Whether a prompt's text (the rendered chat template) ends inside a think block."""
+        return parser is not None and prompt_text.rstrip().endswith(parser.begin)
+
+    def split(self, text: str, ids: list[int], kept: int, starts: list[int], final: bool, key: int = 0) -> Split:
+        """Where ``text`` splits; ``ids[:kept]`` the tokens it decodes from, ``starts`` where each one's text starts in
+        it; ``final``: the output has ended (nothing held back). ``key``: which choice (the search for the end
+        marker resumes where that choice's last call left it: a stream asks after every token)."""
+        n = len(text)
+        if self.parser is None:
+            return Split(False, 0, 0, 0, 0, n)
+        p = self.parser
+        # where reasoning starts: after a leading begin marker, else at 0 when the prompt opened it
+        if self.begin_id is not None:
+            if not kept and not final:
+                return Split(False, 0, 0, None, 0, 0)  # undecided
+            led = kept > 0 and ids[0] == self.begin_id
+            r0, t0 = (starts[1] if kept > 1 else n, 1) if led else (0, 0)
+        else:
+            ws = _SPACE.match(text).end()  # leading whitespace (not text.lstrip(): a copy per token)
+            head = text[ws:ws + len(p.begin)]
+            if not final and p.begin.startswith(head) and len(head) < len(p.begin):
+                return Split(False, 0, 0, None, 0, 0)  # undecided
+            led = head == p.begin
+            r0 = ws + len(p.begin) if led else 0
+            t0 = bisect.bisect_left(starts, r0) if led else 0
+        if not (led or self.opened):
+            return Split(False, 0, 0, 0, 0, n)
+        # where it ends: the end marker's token or text, searched from where the last call stopped
+        if self.end_id is not None:
+            j, searched = self._scanned.get(key, (None, t0))
+            if j is None:
+                j = next((k for k in range(max(searched, t0), kept) if ids[k] == self.end_id), None)
+                self._scanned[key] = (j, kept)
+            if j is not None and j < kept:
+                at = starts[j + 1] if j + 1 < len(starts) else n
+                return Split(True, r0, max(r0, starts[j]), min(at, n), j + 1, n)
+            return Split(True, r0, n, None, kept, n)
+        at, searched = self._scanned.get(key, (None, r0))
+        if at is None:
+            at = text.find(p.end, max(r0, searched - len(p.end)))
+            at = None if at < 0 else at
+            self._scanned[key] = (at, n)
+        if at is not None and at + len(p.end) <= n:  # (a stop string may have cut the text since)
+            content = at + len(p.end)
+            return Split(True, r0, at, content, bisect.bisect_left(starts, content), n)
+        return Split(True, r0, n, None, kept, n if final else max(r0, n - _held(text, p.end)))
+
+    def message(self, text: str, s: Split, content: str | None = None, calls: list | None = None) -> dict:
+        """A whole answer's message: ``content`` (given: tool calls' content, else the text's) and, with a
+        parser, ``reasoning_content`` (null when the output had none)."""
+        if calls is None:
+            content = None if s.content is None else text[s.content:]
+        out = {"role": "assistant", "content": content}
+        if self.parser is not None:
+            out["reasoning_content"] = text[s.r0:s.r1] if s.reasoning else None
+        if calls:
+            out["tool_calls"] = calls
+        return out
+
+    @staticmethod
+    def delta(text: str, before: int, after: int, s: Split, content: str | None = None) -> dict:
+        """A stream chunk's ``delta`` for ``text[before:after]`` (newly streamed): its reasoning part, then its
+        content part (``content`` given: that instead); the markers between them in neither."""
+        out = {}
+        if s.reasoning and min(after, s.r1) > max(before, s.r0):
+            out["reasoning_content"] = text[max(before, s.r0):min(after, s.r1)]
+        if content is None and s.content is not None and after > max(before, s.content):
+            content = text[max(before, s.content):after]
+        if content:
+            out["content"] = content
+        return out
+
+    @staticmethod
+    def reasoning_tokens(s: Split, kept: int) -> int:
+        """Of a choice's ``kept`` output tokens, those before its content (all when it has none)."""
+        return min(s.token, kept) if s.reasoning else 0
