@@ -28,9 +28,10 @@
    unselected masked (``dsa_masked``, the compute-bound form), interleaved, best of ``--rounds``
    (``speedup_dsa_prefill_gathered_vs_masked``); the last chunk's hidden states' relative difference.
 6. FP8 latent cache (``--fp8-only``, alone): decode tokens/s of the MLA model above at V3's latent widths
-   (512 + 64) with ``--cache-dtype fp8`` (DeepSeek's FP8 rows, dequantized as they are gathered) against BF16
-   read in place by the kernel and BF16 gathered (the eager path the FP8 read takes), interleaved, best of
-   ``--rounds`` (``speedup_fp8_vs_bf16``, ``speedup_fp8_vs_bf16_gathered``), and the bytes per token of each.
+   (512 + 64) with ``--cache-dtype fp8`` (DeepSeek's FP8 rows read in place by the kernel, decoded as read)
+   against BF16 read in place, BF16 gathered and FP8 gathered (dequantized per layer, then the eager path),
+   interleaved, best of ``--rounds`` (``speedup_fp8_vs_bf16``, ``speedup_fp8_vs_bf16_gathered``,
+   ``speedup_fp8_in_place_vs_gathered``), and the bytes per token of each.
 
 All times are compared with a peer measured in the same run. Prints one JSON object.
     python bench/decode.py [--threads 1] [--ckpt RUN_DIR] [--dsa-only]
@@ -271,7 +272,8 @@ def bench_attention(contexts: list[int], batch: int, steps: int, rounds: int) ->
 
 
 def bench_fp8_cache(contexts: list[int], batch: int, steps: int, rounds: int) -> dict:
-    """Part 6: the FP8 latent cache against BF16 read in place and BF16 gathered, at V3's latent widths."""
+    """Part 6: the FP8 latent cache read in place against BF16 read in place, BF16 gathered and FP8 gathered, at
+    V3's latent widths."""
     torch.manual_seed(0)
     model = Transformer(preset("small", **FP8_BENCH)).eval()
     out: dict = {"model": {"params": param_counts(model.cfg).total, **FP8_BENCH, "base_preset": "small",
@@ -284,12 +286,14 @@ def bench_fp8_cache(contexts: list[int], batch: int, steps: int, rounds: int) ->
     for ctx in contexts:
         runs = {"bf16": DecodeRun(model, "absorbed", ctx, batch, steps),
                 "bf16_gathered": DecodeRun(model, "absorbed", ctx, batch, steps, gathered=True),
-                "fp8": DecodeRun(model, "absorbed", ctx, batch, steps, cache_dtype=FP8)}
+                "fp8": DecodeRun(model, "absorbed", ctx, batch, steps, cache_dtype=FP8),
+                "fp8_gathered": DecodeRun(model, "absorbed", ctx, batch, steps, gathered=True, cache_dtype=FP8)}
         best = best_of(runs, rounds)
         for name in runs:
             out[f"tokens_per_s_{name}_ctx{ctx}"] = round(best[name], 1)
         out[f"speedup_fp8_vs_bf16_ctx{ctx}"] = round(best["fp8"] / best["bf16"], 3)
         out[f"speedup_fp8_vs_bf16_gathered_ctx{ctx}"] = round(best["fp8"] / best["bf16_gathered"], 3)
+        out[f"speedup_fp8_in_place_vs_gathered_ctx{ctx}"] = round(best["fp8"] / best["fp8_gathered"], 3)
         del runs
     return out
 

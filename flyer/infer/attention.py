@@ -331,9 +331,9 @@ def mla_absorbed_core(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tenso
 def mla_absorbed_cached(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, cache, layer: int,
                         rows: Rows) -> torch.Tensor:
     """``mla_absorbed_core`` over the slots ``rows`` see in ``cache`` (a latent cache, contiguous or
-    paged). Where the fused kernel takes them (FP32 queries, an FP32 or BF16 cache on the CPU),
-    it reads the cache's blocks in place, in one pass (``kernels.mla_decode``); else the slots are
-    gathered into a new tensor and the eager core runs on them."""
+    paged). Where the fused kernel takes them (FP32 queries, an FP32, BF16 or FP8 cache on the CPU),
+    it reads the cache's blocks in place, in one pass (``kernels.mla_decode``; FP8 rows decoded as read);
+    else the slots are gathered (FP8 rows dequantized) into a new tensor and the eager core runs on them."""
     pool, tables = cache.blocks(layer)
     if q_nope.dtype == torch.float32 and kernels.mla_decode_usable(pool):
         q_BMK, w_HXC = _absorbed_queries(attn, q_nope, q_rope)

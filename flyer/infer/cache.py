@@ -151,7 +151,8 @@ class Fp8LatentCache(LatentCache):
     """``LatentCache`` with FP8 rows: ``packed`` (L, B, S, token_bytes(C, R)) uint8 in DeepSeek's layout, seen as
     ``latent`` (L, B, S, C) float8_e4m3fn, ``latent_scale`` (L, B, S, ceil(C/128)) FP32 and ``rope_key``
     (L, B, S, R) BF16; with ``index_dim`` (DSA) ``index_key`` (L_i, B, S, index_dim) BF16 apart. Writes quantize
-    (``pack_rows``; latent and rope key together), reads dequantize to the compute dtype (``unpack_rows``)."""
+    (``pack_rows``; latent and rope key together), gathered reads dequantize to the compute dtype (``unpack_rows``);
+    the fused CPU kernel (``kernels.mla_decode``) reads ``packed``'s rows in place, decoding them as it reads."""
 
     def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, device=None,
                  index_dim: int = 0, index_layers: int | None = None):

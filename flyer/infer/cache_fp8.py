@@ -25,9 +25,11 @@ E4M3 rounding of x / scale: at most 2^-4 of |x| (3 mantissa bits, round to neare
 A tile is 128 channels; a latent whose width is not a multiple of 128 (the tiny test presets) has a shorter last
 tile. The FP32 scales sit at byte offset C, so C must be a multiple of 4.
 
-Reading dequantizes the gathered rows to the compute dtype (FP32 on the CPU) before the existing attention math:
-the fused CPU kernel (``kernels.mla_decode``) reads BF16/FP32 pools only, and declines a byte pool, so an FP8
-cache decodes through the eager path. DSA's indexer keys (V3.2) stay in BF16 beside the latent rows.
+Absorbed decoding reads the rows in place: the fused CPU kernel (``kernels.mla_decode``) decodes each slot it
+reads into its FP32 tile (a code times its tile's scale, the rope part widened from BF16), the values
+``unpack_rows`` gives, and runs its BF16 cache's maths on them. Elsewhere (kernels off or not built, another
+device, DSA's selected slots) the gathered rows are dequantized to the compute dtype (``unpack_rows``) before the
+eager attention, the kernel's oracle. DSA's indexer keys (V3.2) stay in BF16 beside the latent rows.
 
 The on-disk prefix cache (``flyer.infer.prefix_cache``; ``flyer generate`` and ``flyer serve``'s disk tier) stores
 an FP8 cache's rows as they are, no re-quantization: per token and layer the C codes (float8_e4m3fn), the scales

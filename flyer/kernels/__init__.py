@@ -12,7 +12,8 @@ every other device and dtype, and the oracle the tests compare the kernels again
 - ``grouped_mm`` / ``linear_held``: the routed experts' GEMMs and those of weights held in BF16 or FP8,
   a few rows (decoding) at memory bandwidth, more (prefill) on BLAS GEMMs over blocks of the weight,
   or on the kernel at any count where the BLAS runs narrower vectors (``blas_narrower``);
-- ``mla_decode``: absorbed MLA attention of a few new tokens over a (paged) latent cache, read in place;
+- ``mla_decode``: absorbed MLA attention of a few new tokens over a (paged) latent cache, read in place
+  (FP32, BF16, or DeepSeek's FP8 rows decoded as they are read);
 - ``index_scores``: DSA's indexer scores of a few new tokens over a (paged) index-key cache, read in place;
 - ``attention``: a prefill chunk's fused attention (ATen's), one call per (row, head) over the
   expert threads;
@@ -396,9 +397,14 @@ def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | N
 
 # ---- absorbed MLA decode attention -------------------------------------------------------------
 
+FP8_ROWS = torch.uint8  # a latent pool of DeepSeek's FP8 rows (``flyer.infer.cache_fp8``), seen as their bytes
+
+
 def mla_decode_usable(pool: torch.Tensor) -> bool:
-    """Whether ``mla_decode`` takes a latent cache pool: FP32 or BF16 on the CPU, the kernel built."""
-    return pool.dtype in HELD_DTYPES and usable(pool)
+    """Whether ``mla_decode`` takes a latent cache pool: FP32, BF16 or FP8 rows (``FP8_ROWS``) on the CPU, the
+    kernel built."""
+    return ((pool.dtype in HELD_DTYPES or pool.dtype == FP8_ROWS) and pool.device.type == "cpu"
+            and cpu_ops() is not None)
 
 
 # Query rows (heads x new tokens) up to which ``mla_decode`` runs a tile's two products on the kernel's
@@ -412,7 +418,10 @@ def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Ten
                scale: float, first: int = 0) -> torch.Tensor:
     """(B, M, C) FP32: absorbed MLA attention of FP32 queries q (B, M, K), row m = h T + t (head h,
     new token t), over a latent cache read in place: ``pool`` (N, block_size, K) [latent | rope
-    key] of every slot, row b's slot s at ``pool[tables[b, s // block_size], s % block_size]``;
+    key] of every slot in FP32 or BF16, or (N, block_size, ``cache_fp8.token_bytes(C, K - C)``) uint8 DeepSeek's FP8
+    rows, each decoded into the kernel's FP32 tile as it is read (each code times its tile's power-of-two scale,
+    exact: the eager ``unpack_rows``'s values); row b's slot s at ``pool[tables[b, s // block_size],
+    s % block_size]``;
     query (b, m) attends slots ``first`` .. pos[b, m % T]: softmax(scale q . kv) kv[:, :C]. One pass over
     each row's slots (flash decoding), where the eager path (``flyer.infer.attention.
     mla_absorbed_core``, its oracle) gathers them into a new tensor per layer first. Rows are
@@ -562,8 +571,8 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
     return (fp8_to_float(data_RC).view(R, C // TILE, TILE) * s.unsqueeze(-1)).view(R, C)
 
 
-__all__ = ["HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "argmax", "attention", "attention_splits",
-           "blas_narrower", "build", "clamp_gate_up", "combine", "combine_backward", "cpu_ops", "dequantize_held",
-           "disabled", "fp8_dequantize", "fp8_to_float", "grouped_mm", "held_few_rows", "linear_held", "mla_decode",
-           "mla_decode_usable", "rms_norm", "rms_norm_backward", "segment_sum", "set_expert_threads", "swiglu",
-           "swiglu_backward", "token_index", "token_rows", "usable", "xent_chunk"]
+__all__ = ["FP8_ROWS", "HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "argmax", "attention",
+           "attention_splits", "blas_narrower", "build", "clamp_gate_up", "combine", "combine_backward", "cpu_ops",
+           "dequantize_held", "disabled", "fp8_dequantize", "fp8_to_float", "grouped_mm", "held_few_rows",
+           "linear_held", "mla_decode", "mla_decode_usable", "rms_norm", "rms_norm_backward", "segment_sum",
+           "set_expert_threads", "swiglu", "swiglu_backward", "token_index", "token_rows", "usable", "xent_chunk"]

@@ -88,14 +88,16 @@ void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
 }
 
-// a paged cache as a kernel reads it in place: ``pool`` (N, bs, K) FP32 or BF16 and the rows' block ``tables``
-// (B, nb) int64, both on the CPU; ``op`` names the kernel in the errors
-void check_paged(const at::Tensor& pool, const at::Tensor& tables, const std::string& op) {
+// a paged cache as a kernel reads it in place: ``pool`` (N, bs, K) FP32 or BF16 (or, with ``fp8_rows``, uint8:
+// DeepSeek's FP8 rows) and the rows' block ``tables`` (B, nb) int64, both on the CPU; ``op`` names the kernel
+void check_paged(const at::Tensor& pool, const at::Tensor& tables, const std::string& op, bool fp8_rows = false) {
   check_cpu(pool, (op + " pool").c_str());
   check_cpu(tables, (op + " tables").c_str());
   check_dtype(tables, at::kLong, (op + " tables").c_str());
-  TORCH_CHECK(pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kBFloat16,
-              op, " pool: float32 or bfloat16 expected, got ", pool.scalar_type());
+  TORCH_CHECK(pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kBFloat16 ||
+              (fp8_rows && pool.scalar_type() == at::kByte),
+              op, " pool: float32 or bfloat16", fp8_rows ? " (or uint8 FP8 rows)" : "", " expected, got ",
+              pool.scalar_type());
 }
 
 // row b's block ids lo .. hi (its table's entries) name blocks of the pool's N
@@ -1184,7 +1186,8 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 // ---- absorbed MLA decode attention over a paged latent cache -------------------------------------
 // q (B, M, K) FP32: row m = h T + t, the absorbed query [q_nope W_UK | q_rope] of head h and new
 // token t; pool (N, bs, K) FP32 or BF16: [latent | rope key] of every cache slot, in blocks of bs
-// slots; tables (B, nb) int64: row b's slot s lives at pool[tables[b][s / bs]][s % bs]; pos (B, T)
+// slots, or (N, bs, W) uint8: DeepSeek's FP8 rows of the same (flyer/infer/cache_fp8.py; FP8Rows below);
+// tables (B, nb) int64: row b's slot s lives at pool[tables[b][s / bs]][s % bs]; pos (B, T)
 // int64: query (b, m) attends slots first .. pos[b][m % T] (first > 0 where the leading slots hold
 // nothing: the server's MTP cache keeps position p in slot p + 1). out (B, M, C) FP32 =
 // softmax_s(scale q . kv_s) kv_s[:C], in one pass over each row's slots (flash decoding): the eager
@@ -1260,8 +1263,61 @@ inline float exp_flushed(float* w, int64_t n, float top) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum) + tail;
 }
 
+// How mla_decode_rows reads a run of consecutive slots into its FP32 tile (K floats a slot): a pool of FP32 or
+// BF16 slots widened (PlainRows), or of FP8 rows decoded (FP8Rows); the rest of the kernel is the same for both.
 template <typename P>
-void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, const int64_t* pos, float* op,
+struct PlainRows {
+  const P* pool;
+  int64_t K;
+  void load(int64_t slot, int64_t n, float* dst) const { to_float(pool + slot * K, dst, n * K); }
+};
+
+// DeepSeek's FP8 rows (flyer/infer/cache_fp8.py): per slot W = C + 4 ceil(C / 128) + 2 R bytes, [C E4M3 codes |
+// one FP32 scale per 128 codes | R BF16 rope values]. A code times its tile's scale is the value the eager
+// dequantization computes (a 256-entry table, then the scale), exactly: the scales are powers of two. Whole
+// vectors of a tile widen in registers (load_fp8_over_256, the held-weight GEMM's; scalar code where the build has
+// no AVX2), their scale taken times 256, exact while that is below 2^100; the rest, and a tile whose scale is not
+// (overflow, inf, NaN), go through the table.
+struct FP8Rows {
+  const uint8_t* pool;
+  int64_t W, C, R;
+  const float* table;  // the 256 E4M3 values by code
+  void load(int64_t slot, int64_t n, float* dst) const {
+    constexpr int64_t V = Vec::size();
+    const int64_t K = C + R, tiles = (C + 127) / 128;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint8_t* row = pool + (slot + i) * W;
+      const auto* codes = reinterpret_cast<const c10::Float8_e4m3fn*>(row);
+      float* d = dst + i * K;
+      for (int64_t t = 0; t < tiles; ++t) {
+        float s;
+        std::memcpy(&s, row + C + 4 * t, sizeof(float));  // a row's scales are 4-byte aligned only where W is
+        const int64_t c1 = std::min(C, 128 * t + 128);
+        int64_t c = 128 * t;
+        if (std::abs(s) < 0x1p100f) {
+          const Vec wide(256.f * s);
+          for (; c + V <= c1; c += V) (load_fp8_over_256(codes + c) * wide).store(d + c);
+        }
+        for (; c < c1; ++c) d[c] = table[row[c]] * s;
+      }
+      to_float(reinterpret_cast<const c10::BFloat16*>(row + C + 4 * tiles), d + C, R);
+    }
+  }
+};
+
+// the 256 values of E4M3 codes, by code (NaN codes NaN)
+const float* e4m3_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (int i = 0; i < 256; ++i)
+      t[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
+    return t;
+  }();
+  return table.data();
+}
+
+template <typename Rows>
+void mla_decode_rows(const float* qp, const Rows& rows, const int64_t* tables, const int64_t* pos, float* op,
                      int64_t b0, int64_t b1, int64_t nb, int64_t bs, int64_t T, int64_t M, int64_t K, int64_t C,
                      float scale, int64_t first, int64_t few_rows) {
   const float tiny = std::numeric_limits<float>::min();
@@ -1283,7 +1339,7 @@ void mla_decode_rows(const float* qp, const P* pool, const int64_t* tables, cons
       const int64_t n = std::min(kSlotTile, S - s0);
       for (int64_t j = 0; j < n;) {  // the tile's slots, block by block, as FP32
         const int64_t s = s0 + j, run = std::min(n - j, bs - s % bs);
-        to_float(pool + (tables[b * nb + s / bs] * bs + s % bs) * K, tile.data() + j * K, run * K);
+        rows.load(tables[b * nb + s / bs] * bs + s % bs, run, tile.data() + j * K);
         j += run;
       }
       if (M <= few_rows) {  // scores (M, n) = q (M, K) tile (n, K)^T, scaled
@@ -1331,13 +1387,18 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
   check_cpu(pos, "mla_decode pos");
   check_dtype(q, at::kFloat, "mla_decode q");
   check_dtype(pos, at::kLong, "mla_decode pos");
-  check_paged(pool, tables, "mla_decode");
-  TORCH_CHECK(q.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && pos.dim() == 2 && pool.size(2) == q.size(2) &&
+  check_paged(pool, tables, "mla_decode", true);
+  TORCH_CHECK(q.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && pos.dim() == 2 &&
               tables.size(0) == q.size(0) && pos.size(0) == q.size(0) && q.size(1) % pos.size(1) == 0,
               "mla_decode: q (B, M, K), pool (N, bs, K), tables (B, nb), pos (B, T) with T dividing M expected");
   const int64_t B = q.size(0), M = q.size(1), K = q.size(2), N = pool.size(0), bs = pool.size(1);
   const int64_t nb = tables.size(1), T = pos.size(1);
   TORCH_CHECK(0 < C && C <= K, "mla_decode: C must be in [1, K]");
+  const bool fp8 = pool.scalar_type() == at::kByte;
+  const int64_t W = fp8 ? C + 4 * ((C + 127) / 128) + 2 * (K - C) : K;  // a slot's width in the pool's elements
+  TORCH_CHECK(!fp8 || C % 4 == 0, "mla_decode: FP8 rows need C a multiple of 4 (their FP32 scales follow C bytes)");
+  TORCH_CHECK(pool.size(2) == W, "mla_decode: pool slots of ", W, fp8 ? " bytes (FP8 rows of C " : " values (K ",
+              fp8 ? C : K, fp8 ? " codes and K - C rope values)" : ")", " expected, got ", pool.size(2));
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
   TORCH_CHECK(first >= 0, "mla_decode: first must be >= 0");
@@ -1349,15 +1410,19 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
   auto out = at::empty({B, M, C}, q.options());
   double slots = 0;  // the slots the rows read, for the split's estimate
   for (int64_t b = 0; b < B; ++b) slots += *std::max_element(pp + b * T, pp + (b + 1) * T) + 1 - first;
-  const double seconds = one_thread_seconds(slots * K * pool.element_size(), 2. * slots * M * (K + C));
-  parallel_items(B, seconds, [&](int64_t b0, int64_t b1) {
-    if (pool.scalar_type() == at::kBFloat16)
-      mla_decode_rows(q.data_ptr<float>(), pool.data_ptr<c10::BFloat16>(), tp, pp, out.data_ptr<float>(), b0, b1,
-                      nb, bs, T, M, K, C, static_cast<float>(scale), first, few_rows);
-    else
-      mla_decode_rows(q.data_ptr<float>(), pool.data_ptr<float>(), tp, pp, out.data_ptr<float>(), b0, b1, nb, bs,
-                      T, M, K, C, static_cast<float>(scale), first, few_rows);
-  });
+  const double seconds = one_thread_seconds(slots * W * pool.element_size(), 2. * slots * M * (K + C));
+  const auto run = [&](const auto& rows) {
+    parallel_items(B, seconds, [&](int64_t b0, int64_t b1) {
+      mla_decode_rows(q.data_ptr<float>(), rows, tp, pp, out.data_ptr<float>(), b0, b1, nb, bs, T, M, K, C,
+                      static_cast<float>(scale), first, few_rows);
+    });
+  };
+  if (fp8)
+    run(FP8Rows{pool.data_ptr<uint8_t>(), W, C, K - C, e4m3_table()});
+  else if (pool.scalar_type() == at::kBFloat16)
+    run(PlainRows<c10::BFloat16>{pool.data_ptr<c10::BFloat16>(), K});
+  else
+    run(PlainRows<float>{pool.data_ptr<float>(), K});
   return out;
 }
 
