@@ -8,7 +8,8 @@ A sequence owns a block table (its blocks in position order); position p lives i
 interface of ``flyer.infer.cache`` (write / read / read_packed) through the tables, so the
 attention code (absorbed MLA, GQA) is the one ``flyer generate`` runs, reading gathered slots. An FP8 pool
 (``--cache-dtype fp8``, ``flyer.infer.cache.Fp8LatentCache``) holds DeepSeek's 656-byte FP8 rows (V3) per token
-and layer: the pool quantizes what is written and dequantizes what is gathered.
+and layer: the pool quantizes what is written; the fused CPU kernel reads its rows in place (``kernels.mla_decode``),
+other reads dequantize what they gather.
 
 ``BlockAllocator`` keeps the free list and, for prefix sharing, the full blocks keyed by a chain
 hash of their tokens (``flyer.infer.prefix_cache.chain_keys``): a new sequence whose prompt starts
