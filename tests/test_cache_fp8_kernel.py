@@ -134,6 +134,18 @@ def test_kernel_reads_fp8_rows_in_place_only_where_built(ops):
         kernels.mla_decode(torch.randn(1, 2, 42), pool, tables, pos, 34, 1.0)
 
 
+def _spy(monkeypatch) -> list:
+    """The pool dtypes ``kernels.mla_decode`` is called with from now on (the calls go through)."""
+    calls, real = [], kernels.mla_decode
+
+    def spy(q, pool, *args, **kw):
+        calls.append(pool.dtype)
+        return real(q, pool, *args, **kw)
+
+    monkeypatch.setattr(kernels, "mla_decode", spy)
+    return calls
+
+
 def test_decode_logits_equal_the_eager_fp8_path_within_fp32_bound(ops, monkeypatch):
     """The whole decoder (a prefill of 12 tokens, then 6 single-token steps) over an FP8 cache, kernel against eager:
     the same dequantized values in both, so they differ by FP32 rounding alone, within the FP32 decode tolerance
@@ -142,14 +154,7 @@ def test_decode_logits_equal_the_eager_fp8_path_within_fp32_bound(ops, monkeypat
     cfg = model.cfg
     tol = cfg.n_layers * (cfg.dim + cfg.inter_dim + cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim + 18) \
         * FP32_U
-    calls = []
-    in_place = kernels.mla_decode
-
-    def spy(q, pool, *args, **kw):
-        calls.append(pool.dtype)
-        return in_place(q, pool, *args, **kw)
-
-    monkeypatch.setattr(kernels, "mla_decode", spy)
+    calls = _spy(monkeypatch)
     fused = _decode_logits(model, FP8)
     monkeypatch.undo()
     assert calls and set(calls) == {torch.uint8}
@@ -170,14 +175,7 @@ def test_generate_and_serve_tokens_equal_with_kernels_on_and_off(trained, ops, m
     verified two tokens at a time) over FP8 caches: the kernel reading the rows in place gives the eager path's."""
     prompts = [_progression(3, 2, 9) + _progression(5, 3, n) for n in (3, 14)] + [_progression(7, 1, 22)]
     gen = GenerationConfig(max_new_tokens=10, cache_dtype=FP8, speculative=speculative)
-    in_place = []
-    real = kernels.mla_decode
-
-    def spy(q, pool, *args, **kw):
-        in_place.append(pool.dtype)
-        return real(q, pool, *args, **kw)
-
-    monkeypatch.setattr(kernels, "mla_decode", spy)
+    in_place = _spy(monkeypatch)
     out = {}
     for on in (True, False):
         with contextlib.nullcontext() if on else kernels.disabled():
