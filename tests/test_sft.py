@@ -1,6 +1,7 @@
 """Supervised fine-tuning on chat data (``flyer train --data chats.jsonl``, ``flyer.data.chat_data``): ids and
 assistant mask as transformers' ``apply_chat_template`` gives them, the loss as transformers' DeepseekV3 computes
-it with labels -100 outside the assistant's tokens, token-weighted gradient accumulation, an exactly resumed CLI
+it with labels -100 outside the assistant's tokens, token-weighted gradient accumulation, rows trimmed to their
+batch's longest (not under --pp) with the padded rows' loss and gradients, an exactly resumed CLI
 run whose output ``flyer generate`` loads, and one-line refusals of bad input. Tiny random models, FP32, CPU."""
 
 import json
@@ -8,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,14 +17,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flyer.cli import main
 from flyer.data import chat_data
-from flyer.data.chat_data import (IGNORE_INDEX, MAX_LINE_BYTES, chat_rows, chat_tokenizer, encode_conversation,
-                                  prepare_chat)
+from flyer.data.chat_data import (IGNORE_INDEX, MAX_LINE_BYTES, PAD_ID, chat_eval_batches, chat_rows, chat_tokenizer,
+                                  encode_conversation, prepare_chat, row_width)
 from flyer.config import resolve_config
 from flyer.data.chat_template import chat_renderer
 from flyer.errors import DataError
 from flyer.interop.hf import load_hf
 from flyer.model.moe import moe_layers
 from flyer.train.config import TrainConfig
+from flyer.train.metrics import model_flops_per_token
 from flyer.train.trainer import Trainer
 from tests.bounds import FP32_U
 from tests.hf_models import build
@@ -145,7 +148,7 @@ def _trainer(hf, tmp_path, model="init", **kw) -> Trainer:
     path, _, chats = hf
     src = dict(init=str(path)) if model == "init" else dict(preset="tiny", tokenizer=str(path / "tokenizer.json"))
     tc = TrainConfig(**src, data=str(chats), data_cache=str(tmp_path / "cache"), out=str(tmp_path / "run"),
-                     seq_len=64, precision="fp32", device="cpu", threads=1, plots=False, progress=False, **kw)
+                     **{"seq_len": 64, **kw}, precision="fp32", device="cpu", threads=1, plots=False, progress=False)
     return Trainer(tc, log=lambda m: None)
 
 
@@ -241,21 +244,125 @@ def test_padding_moves_no_routing_statistic(hf, tmp_path):
         assert abs(a - w) <= (64 * K + E + 8) * FP32_U * abs(w)
 
 
+def reorder_bound(cfg, B: int, T: int) -> float:
+    """c of ``test_grad_accum_is_token_weighted`` for a (B, T) batch: per layer the dot products over dim and
+    inter_dim and attention's sums over at most T keys, then the loss's means over at most B T targets, n u each
+    (relative to the loss; a gradient's, to the sum of the rows' own gradient norms)."""
+    return (cfg.n_layers * (cfg.dim + cfg.inter_dim + T) + B * T + 8) * FP32_U
+
+
+def _step(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, dict, list]:
+    """One ``_local_step`` of ``t`` on (x, y): its sums, the gradients and every MoE layer's loads (cleared)."""
+    t.sampler.next_batch = iter([(x, y)]).__next__
+    sums = t._local_step()
+    grads = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+    loads = [m.tokens_per_expert.clone() for m in moe_layers(t.model)]
+    t.model.zero_grad(set_to_none=True)
+    for m in moe_layers(t.model):
+        m.tokens_per_expert.zero_()
+    return sums, grads, loads
+
+
+def test_rows_are_trimmed_to_the_batchs_longest(hf, tmp_path):
+    """Without a pipeline the trainer's sampler and validation batches are as wide as each batch's longest row
+    (min(length, seq_len) tokens: its last real token is routed as in a padded row), rounded up to 16, at most
+    seq_len, and hold the padded rows' first columns (the rest was padding: nothing is lost); a step on them
+    gives the loss, gradients and routing loads of the same batch padded to seq_len, validation its loss
+    (causal attention: padding after a position does not change it, only summation shapes differ:
+    ``reorder_bound``), and tokens/s and MFU count the trimmed positions. Trimmed one token too short (the
+    longest row's last target dropped) is outside the bound: the loss by about 10x, the gradients by over 100x."""
+    T = 128
+    t = _trainer(hf, tmp_path, "tiny", batch_size=3, seq_len=T)
+    split, cfg = t.data.train, t.cfg
+    lengths = np.diff(split.offsets)
+    assert lengths[[0, 3, 1, 4]].tolist() == [53, 61, 80, 81]
+    for convs, seq_len, want in (([0, 3], T, 64), ([0, 3, 1], T, 80), ([4, 0], T, 96), ([1], 64, 64), ([1], 70, 70)):
+        assert row_width(split, convs, seq_len) == want
+    assert t.sampler.trim
+    for n in range(3):  # the sampler's batches: trimmed padded rows
+        x, y = t.sampler.next_batch()
+        xp, yp = chat_rows(split, t.sampler.conversations(n), T)
+        W = row_width(split, t.sampler.conversations(n), T)
+        assert x.shape[1] == W < T and torch.equal(x, xp[:, :W]) and torch.equal(y, yp[:, :W])
+        assert (xp[:, W:] == PAD_ID).all() and (yp[:, W:] == IGNORE_INDEX).all()
+    padded_eval = chat_eval_batches(t.data.val, 3, T, t.tc.eval_batches)
+    assert [x.shape[1] for x, _ in t.eval_data] == [96]  # validation: 83 and 67 tokens
+    assert all(torch.equal(x, xp[:, :x.shape[1]]) for (x, _), (xp, _) in zip(t.eval_data, padded_eval))
+
+    convs = [0, 3, 1]  # 53, 61 and 80 tokens: width 80, the longest row's last target (its EOS) in column 78
+    xt, yt = chat_rows(split, convs, T, trim=True)
+    xp, yp = chat_rows(split, convs, T)
+    assert xt.shape == (3, 80) and int(yt[2, 78]) != IGNORE_INDEX and (yt[:, 79:] == IGNORE_INDEX).all()
+    trimmed, short, padded = _step(t, xt, yt), _step(t, xt[:, :78], yt[:, :78]), _step(t, xp, yp)
+    assert trimmed[0]["tokens"] == 3 * 80 and trimmed[0]["flops"] == 3 * 80 * model_flops_per_token(cfg, 80)
+    rows = []
+    for b in range(3):
+        t.model.zero_grad()
+        t.model.compute_loss(xp[b:b + 1].clamp(min=0), yp[b:b + 1]).loss.backward()
+        rows.append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+    t.model.zero_grad(set_to_none=True)
+    c = reorder_bound(cfg, 3, T)
+    loss = padded[0]["loss"]
+
+    def worst(got: dict) -> float:
+        return max(float((got[n] - g).norm()) / (sum(float(r[n].norm()) for r in rows if n in r) + 1e-30)
+                   for n, g in padded[1].items())
+
+    assert abs(trimmed[0]["loss"] - loss) <= c * loss and worst(trimmed[1]) <= c
+    assert all(torch.equal(a, b) for a, b in zip(trimmed[2], padded[2]))
+    # one of 80 targets dropped moves a near-uniform random model's mean loss little (about 10 c), its gradients much
+    assert abs(short[0]["loss"] - loss) > 5 * c * loss and worst(short[1]) > 100 * c
+    val = t.evaluate()
+    trimmed_eval, t.eval_data = t.eval_data, padded_eval
+    assert abs(val - t.evaluate()) <= c * val
+    t.eval_data = trimmed_eval
+    t.sampler.next_batch = iter([(xt, yt)]).__next__
+    rec = t.train_step()  # the metrics: the trimmed positions and their FLOPs
+    assert rec["tokens_per_s"] * rec["step_time_s"] == pytest.approx(3 * 80, rel=1e-9)
+    assert rec["mfu"] * t.peak_flops * rec["step_time_s"] == pytest.approx(trimmed[0]["flops"], rel=1e-9)
+
+
+def _pp_rows(rank: int, hf_dir: str, chats: str) -> dict:
+    """Rank ``rank`` of a PP2 ``tiny`` run (1F1B) on CHATS at seq_len 128: whether its first batch is the
+    conversations' seq_len-wide rows bit for bit, its validation batches' widths, and its trimmed width."""
+    root = Path(chats).parent / "pp-rows"
+    tc = TrainConfig(preset="tiny", tokenizer=f"{hf_dir}/tokenizer.json", data=chats, data_cache=str(root / "cache"),
+                     out=str(root / f"run{rank}"), seq_len=128, batch_size=2, pp=2, pp_schedule="1f1b",
+                     precision="fp32", device="cpu", threads=1, plots=False, progress=False, collective_timeout_s=120)
+    t = Trainer(tc, log=lambda m: None)
+    convs = t.sampler.conversations(0)
+    x, y = t.sampler.next_batch()
+    want = chat_rows(t.data.train, convs, 128)
+    out = {"same": torch.equal(x, want[0]) and torch.equal(y, want[1]), "widths": [x.shape[1] for x, _ in t.eval_data],
+           "trimmed": row_width(t.data.train, convs, 128)}
+    t.close()
+    t.mesh.destroy()
+    return out
+
+
+def test_pipeline_rows_keep_seq_len(hf):
+    """Under --pp 2 the rows stay seq_len wide (the stages are built for that shape), training's and
+    validation's, though trimming would narrow them."""
+    path, _, chats = hf
+    for r in run_ranks(_pp_rows, 2, str(path), str(chats)):
+        assert r["same"] and r["widths"] == [128] and r["trimmed"] < 128
+
+
 def _rank_step(rank: int, hf_dir: str, chats: str, halves: list[list[int]]) -> dict:
-    """One ``_local_step`` of the ``tiny`` preset (MTP, MoE) on CHATS: rank ``rank`` of 2 expert-parallel ranks
-    (each a data-parallel replica) on conversations ``halves[rank]``, or one process (no torchrun) on both
-    halves, which also gives each row's own gradients (the scale of the terms). The loss and the replicated
-    (non-expert) parameters' gradients."""
+    """One ``_local_step`` of the ``tiny`` preset (MTP, MoE) on CHATS at seq_len 128: rank ``rank`` of 2
+    expert-parallel ranks (each a data-parallel replica) on conversations ``halves[rank]``, or one process (no
+    torchrun) on both halves, which also gives each row's own gradients (the scale of the terms); rows trimmed as
+    the trainer's sampler trims them (``width``). The loss and the replicated (non-expert) parameters' gradients."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rows = halves[rank] if world > 1 else halves[0] + halves[1]
     root = Path(chats).parent / f"ranks{world}"
     tc = TrainConfig(preset="tiny", tokenizer=f"{hf_dir}/tokenizer.json", data=chats, data_cache=str(root / "cache"),
-                     out=str(root / f"run{rank}"), seq_len=64, batch_size=len(rows), precision="fp32", device="cpu",
+                     out=str(root / f"run{rank}"), seq_len=128, batch_size=len(rows), precision="fp32", device="cpu",
                      threads=1, plots=False, progress=False, ep=world, collective_timeout_s=120)
     t = Trainer(tc, log=lambda m: None)
-    x, y = chat_rows(t.data.train, rows, 64)
+    x, y = chat_rows(t.data.train, rows, 128, trim=t.sampler.trim)
     t.sampler.next_batch = iter([(x, y)]).__next__
-    out = {"loss": t._local_step()["loss"], "counts": int((y != IGNORE_INDEX).sum()),
+    out = {"loss": t._local_step()["loss"], "counts": int((y != IGNORE_INDEX).sum()), "width": x.shape[1],
            "grads": {n: p.grad.clone() for n, p in t.model.named_parameters()
                      if p.grad is not None and "experts.w" not in n}}
     if world == 1:
@@ -271,17 +378,18 @@ def _rank_step(rank: int, hf_dir: str, chats: str, halves: list[list[int]]) -> d
 
 @pytest.mark.slow
 def test_data_parallel_ranks_weight_by_the_jobs_tokens(hf, tmp_path):
-    """Two expert-parallel ranks (each a data-parallel replica) with unequal assistant-token counts give the loss
+    """Two expert-parallel ranks (each a data-parallel replica) with unequal assistant-token counts and rows trimmed
+    to unequal widths (64 and 80: the dispatchers exchange token counts, so each rank's T is its own) give the loss
     and replicated gradients of one process holding both batches (the counts are all-reduced first), within the
     reordering bound of ``test_grad_accum_is_token_weighted`` (ranks weighting by their own counts, without the
-    all-reduce, miss it: the embedding's gradient by about 190x the bound)."""
+    all-reduce, miss it: the embedding's gradient by about 190x the bound at seq_len 64)."""
     path, _, chats = hf
     halves = [[0, 3], [1, 6]]
     ranks = run_ranks(_rank_step, 2, str(path), str(chats), halves)
     whole = _rank_step(0, str(path), str(chats), halves)
     assert ranks[0]["counts"] != ranks[1]["counts"] and ranks[0]["loss"] == ranks[1]["loss"]
-    cfg = resolve_config("tiny", None, {})
-    c = (cfg.n_layers * (cfg.dim + cfg.inter_dim + 64) + 4 * 64 + 8) * FP32_U
+    assert (ranks[0]["width"], ranks[1]["width"], whole["width"]) == (64, 80, 80)
+    c = reorder_bound(resolve_config("tiny", None, {}), 4, 128)
     assert abs(ranks[0]["loss"] - whole["loss"]) <= c * whole["loss"]
     for n, g in whole["grads"].items():
         scale = sum(float(r[n].norm()) for r in whole["rows"] if n in r) + 1e-30

@@ -269,12 +269,26 @@ def _unigram(train: ChatSplit, val: ChatSplit, vocab: int) -> float:
     return float(-(v * log_p).sum() / max(v.sum(), 1.0))
 
 
-def chat_rows(split: ChatSplit, convs, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, y (len(convs), seq_len) int64: row b is conversation convs[b]'s first seq_len+1 tokens, right-padded
-    (x with ``PAD_ID``, which the model cannot embed: the trainer's business); ``y[b, t]`` is token t+1 where
-    it is an assistant token, else ``IGNORE_INDEX``."""
-    x = np.full((len(convs), seq_len), PAD_ID, dtype=np.int64)
-    y = np.full((len(convs), seq_len), IGNORE_INDEX, dtype=np.int64)
+ROW_MULTIPLE = 16  # trimmed rows' widths: few distinct shapes, so kernels and the allocator's blocks are reused
+
+
+def row_width(split: ChatSplit, convs, seq_len: int) -> int:
+    """The width trimmed rows of conversations ``convs`` need: the longest row's input, min(length, seq_len) tokens
+    (its last real token too, routed as in a padded row, so padding after it changes nothing), rounded up to a
+    multiple of ``ROW_MULTIPLE``, at most ``seq_len``."""
+    lengths = np.diff(split.offsets)[np.asarray(convs, dtype=np.int64)]
+    longest = int(np.minimum(lengths, seq_len).max())
+    return min(seq_len, -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE)
+
+
+def chat_rows(split: ChatSplit, convs, seq_len: int, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y (len(convs), W) int64, W = seq_len, or with ``trim`` the batch's ``row_width``: row b is conversation
+    convs[b]'s first seq_len+1 tokens, right-padded (x with ``PAD_ID``, which the model cannot embed: the
+    trainer's business); ``y[b, t]`` is token t+1 where it is an assistant token, else ``IGNORE_INDEX``. Causal
+    attention: a trimmed batch gives each kept position what the seq_len-wide one does."""
+    width = row_width(split, convs, seq_len) if trim else seq_len
+    x = np.full((len(convs), width), PAD_ID, dtype=np.int64)
+    y = np.full((len(convs), width), IGNORE_INDEX, dtype=np.int64)
     for b, c in enumerate(convs):
         ids, mask = split.conversation(int(c))
         n = min(len(ids), seq_len + 1)
@@ -292,12 +306,13 @@ def trainable(split: ChatSplit, seq_len: int) -> tuple[np.ndarray, int]:
 
 class ChatSampler:
     """Training batches of whole conversations, ``BatchSampler``'s contract: ``next_batch()`` -> ``x, y``
-    (``chat_rows``); batch n draws ``batch_size`` conversations uniformly (with replacement) from those
-    with a trained token in their first seq_len+1 (``trainable``), by a PCG64 generator seeded with
-    (seed, n): a pure function of (seed, n), so a resumed run draws what an uninterrupted one would."""
+    (``chat_rows``; with ``trim`` as wide as the batch's longest row needs: the trainer's choice, off under a
+    pipeline, whose stages are built for seq_len); batch n draws ``batch_size`` conversations uniformly (with
+    replacement) from those with a trained token in their first seq_len+1 (``trainable``), by a PCG64 generator
+    seeded with (seed, n): a pure function of (seed, n), so a resumed run draws what an uninterrupted one would."""
 
-    def __init__(self, split: ChatSplit, batch_size: int, seq_len: int, seed: int):
-        self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
+    def __init__(self, split: ChatSplit, batch_size: int, seq_len: int, seed: int, trim: bool = False):
+        self.split, self.batch_size, self.seq_len, self.seed, self.trim = split, batch_size, seq_len, seed, trim
         self.pool, self.cut = trainable(split, seq_len)
         self.position = 0
         if not len(self.pool):
@@ -310,7 +325,7 @@ class ChatSampler:
         return self.pool[rng.integers(0, len(self.pool), size=self.batch_size)]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = chat_rows(self.split, self.conversations(self.position), self.seq_len)
+        x, y = chat_rows(self.split, self.conversations(self.position), self.seq_len, self.trim)
         self.position += 1
         return x, y
 
@@ -332,13 +347,14 @@ class ChatSampler:
         self.seed, self.position = int(d["seed"]), position
 
 
-def chat_eval_batches(split: ChatSplit, batch_size: int, seq_len: int,
-                      n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def chat_eval_batches(split: ChatSplit, batch_size: int, seq_len: int, n_batches: int,
+                      trim: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Validation: the held-out conversations with a trained token (``trainable``), in file order, in batches
-    of ``batch_size`` (the last may be smaller), at most ``n_batches`` of them; identical on every call."""
+    of ``batch_size`` (the last may be smaller; each trimmed as ``ChatSampler``'s with ``trim``), at most
+    ``n_batches`` of them; identical on every call."""
     pool, _ = trainable(split, seq_len)
     if not len(pool):
         raise FieldError("seq_len", f"{seq_len}: no validation conversation has an assistant token in its first "
                                     f"seq_len+1 tokens")
-    return [chat_rows(split, pool[s:s + batch_size], seq_len)
+    return [chat_rows(split, pool[s:s + batch_size], seq_len, trim)
             for s in range(0, min(len(pool), batch_size * n_batches), batch_size)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import signal
@@ -232,8 +233,10 @@ class Trainer:
         # Each data-parallel replica draws its own sample stream (seed, replica), every stage of its
         # pipeline the same one; deterministic on resume.
         sampler, batches = (ChatSampler, chat_eval_batches) if chat else (BatchSampler, eval_batches)
-        self.sampler = sampler(self.data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + self.mesh.dp_rank)
-        self.eval_data = batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
+        trim = {"trim": tc.pp == 1} if chat else {}  # chat rows as wide as their batch needs; a pipeline's: seq_len
+        self.sampler = sampler(self.data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + self.mesh.dp_rank,
+                               **trim)
+        self.eval_data = batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches, **trim)
         if getattr(self.sampler, "cut", 0):
             self.log(f"{self.sampler.cut} of {self.data.train.n_conversations} training conversations are longer "
                      f"than seq_len+1 = {tc.seq_len + 1} tokens: their rows keep the first {tc.seq_len + 1}")
@@ -249,7 +252,7 @@ class Trainer:
             load_init_weights(self.model, tc.init)
         self.optimizer = build_optimizer(self.model, tc, self.mesh)
         self.memory_written = False  # memory.json: after the first optimizer step
-        self.flops_per_token = model_flops_per_token(self.cfg, tc.seq_len)
+        self.flops_per_token = functools.cache(functools.partial(model_flops_per_token, self.cfg))  # of a row width
         peak_dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
         # MFU against the fastest GEMM the device offers at this precision (``peak_gemm`` names it)
         self.peak_flops, self.peak_gemm = fastest_gemm(peak_dtype, self.device)
@@ -326,7 +329,9 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches (skipped when the loss or gradient
-        norm is not finite); returns its metrics record (``metrics.jsonl`` fields)."""
+        norm is not finite); returns its metrics record (``metrics.jsonl`` fields). ``tokens_per_s`` and ``mfu``
+        count the row positions the job ran (chat data without a pipeline: each batch's rows trimmed to its longest,
+        ``flyer.data.chat_data.row_width``, so padding up to seq_len is not counted; the padding to that width is)."""
         tc = self.tc
         self.model.train()
         lr = lr_at(tc, self.step + 1)
@@ -334,6 +339,7 @@ class Trainer:
             g["lr"] = lr
         t0 = time.perf_counter()
         sums = self._pipeline_step() if self.pipeline is not None else self._local_step()
+        tokens, flops = sums.pop("tokens"), sums.pop("flops")  # the job's row positions run, and their FLOPs
         grad_norm = float(self.mesh.clip_grad_norm_(self.model, tc.clip))
         loads = self._expert_loads()
         self.step += 1
@@ -361,9 +367,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         world = self.mesh.world
-        tokens = tc.batch_size * tc.seq_len * tc.grad_accum * self.micro_batches_per_step * self.mesh.dp
         record.update(tokens_per_s=tokens / dt, step_time_s=dt, skipped_total=self.bad_steps,
-                      mfu=self.flops_per_token * tokens / world / dt / self.peak_flops, expert_load=loads)
+                      mfu=flops / world / dt / self.peak_flops, expert_load=loads)
         if world > 1:  # one process sends nothing: no traffic fields
             stats = comm_stats(self.model, reset=True, group=self.mesh.world_group)  # job totals
             record.update({k: v for k, v in stats.items() if not isinstance(v, list)})
@@ -399,10 +404,14 @@ class Trainer:
         """Forward and backward of ``grad_accum`` micro-batches on the whole model, gradients synced. The
         next-token loss and each MTP loss are means over the step's trained targets (not ``IGNORE_INDEX``) on
         every replica: the micro-batches are drawn first, their target counts summed over the job, and each
-        micro-batch's mean weighted by its share; the balance loss is averaged over micro-batches."""
+        micro-batch's mean weighted by its share; the balance loss is averaged over micro-batches. Also the job's
+        ``tokens`` (row positions run: a trimmed chat row's width, its padding to the batch's longest row included)
+        and their training ``flops`` (attention's at each micro-batch's width)."""
         tc = self.tc
         sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         batches = [self.sampler.next_batch() for _ in range(tc.grad_accum)]
+        sums["tokens"] = float(sum(x.numel() for x, _ in batches))
+        sums["flops"] = sum(x.numel() * self.flops_per_token(x.shape[1]) for x, _ in batches)
         depths = range(self.cfg.mtp_depth + 1)  # 0: next-token targets y; k: MTP module k's, y[:, k:]
         counts = [[int((y[:, k:] != IGNORE_INDEX).sum()) for k in depths] for _, y in batches]
         # per replica: the job's mean count, as sync_gradients averages the replicas' gradients (dp == world here)
@@ -424,7 +433,7 @@ class Trainer:
                 sums["mtp_loss"] += torch.stack(terms[1:]).mean().item()
         self.mesh.sync_gradients(self.model)
         sums = self.mesh.mean(sums)
-        return sums
+        return {**sums, "tokens": sums["tokens"] * self.mesh.world, "flops": sums["flops"] * self.mesh.world}
 
     def _pipeline_step(self) -> dict[str, float]:
         """Forward and backward of ``micro_batches`` micro-batches through the pipeline schedule,
@@ -444,7 +453,8 @@ class Trainer:
         # each term lives on the stage computing it (aux: a share on every stage): sum over ranks / replicas
         terms = {k: v * self.mesh.pp for k, v in self.mesh.mean(terms).items()}
         loss = terms["main_loss"] + self.cfg.mtp_loss_weight * terms["mtp_loss"] + terms["aux_loss"]
-        return {"loss": loss, **terms}
+        tokens = x.numel() * self.mesh.dp  # seq_len-wide rows: the stages are built for that shape
+        return {"loss": loss, **terms, "tokens": tokens, "flops": tokens * self.flops_per_token(self.tc.seq_len)}
 
     def _expert_loads(self) -> list[list[float]]:
         """Tokens per routed expert of every MoE layer since the last bias update, in layer order
