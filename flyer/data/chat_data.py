@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import tokenizers
 import torch
 
 from flyer.data.chat_template import chat_renderer, read_chat_template
-from flyer.data.prepare import _build_lock
+from flyer.data.prepare import _build_lock, unigram_from_counts
 from flyer.data.shards import atomic_write
 from flyer.data.tokenizer import ensure_eos, load_tokenizer as load_tokenizer_file
 from flyer.errors import DataError, FieldError
@@ -263,10 +262,9 @@ def _build(out: Path, path: Path, tok: TextTokenizer, template: str | None, spec
 
 def _unigram(train: ChatSplit, val: ChatSplit, vocab: int) -> float:
     """Add-one unigram cross-entropy on validation's assistant tokens, fitted on training's."""
-    counts = np.bincount(train.ids[train.mask == 1], minlength=vocab)[:vocab].astype(np.float64)
-    log_p = np.log(counts + 1.0) - math.log(counts.sum() + vocab)
-    v = np.bincount(val.ids[val.mask == 1], minlength=vocab)[:vocab].astype(np.float64)
-    return float(-(v * log_p).sum() / max(v.sum(), 1.0))
+    def counts(split: ChatSplit) -> np.ndarray:
+        return np.bincount(split.ids[split.mask == 1], minlength=vocab)[:vocab].astype(np.float64)
+    return unigram_from_counts(counts(train), counts(val))
 
 
 ROW_MULTIPLE = 16  # trimmed rows' widths: few distinct shapes, so kernels and the allocator's blocks are reused

@@ -198,8 +198,14 @@ def unigram_cross_entropy(train: TokenShards, val: TokenShards, vocab_size: int)
     counts = np.zeros(vocab_size, dtype=np.float64)
     for chunk in train.iter_chunks():
         counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
-    log_p = np.log(counts + 1.0) - math.log(counts.sum() + vocab_size)
     val_counts = np.zeros(vocab_size, dtype=np.float64)
     for chunk in val.iter_chunks():
         val_counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
-    return float(-(val_counts * log_p).sum() / val_counts.sum())
+    return unigram_from_counts(counts, val_counts)
+
+
+def unigram_from_counts(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
+    """``unigram_cross_entropy`` of token counts (V,) float64: add-one smoothing fitted on ``train_counts``,
+    nats per token of ``val_counts`` (0 tokens: 0)."""
+    log_p = np.log(train_counts + 1.0) - math.log(train_counts.sum() + len(train_counts))
+    return float(-(val_counts * log_p).sum() / max(val_counts.sum(), 1.0))

@@ -10,6 +10,13 @@ from typing import Any
 from flyer.serve.request import TokenEvent
 
 
+def held_back(text: str, marker: str, end: int | None = None) -> int:
+    """How many characters before ``end`` (default: the end) of ``text`` could be the start of ``marker``: a stream
+    holds them back until the next token says (a stop string, a tool-call or reasoning marker)."""
+    end = len(text) if end is None else end
+    return next((k for k in range(min(len(marker) - 1, end), 0, -1) if text.endswith(marker[:k], 0, end)), 0)
+
+
 @dataclass
 class Choice:
     """One prompt's generation as text: decoded incrementally, cut at a stop string."""
@@ -76,10 +83,7 @@ class Choice:
             if self.text.endswith("\ufffd"):
                 end -= 1
             for s in self.stops:
-                for k in range(min(len(s) - 1, end), 0, -1):
-                    if self.text[:end].endswith(s[:k]):
-                        end -= k
-                        break
+                end -= held_back(self.text, s, end)
         end = max(end, self.sent)
         out, self.sent = self.text[self.sent:end], end
         return out

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from flyer.interop.hf_tokenizer import TextTokenizer
+from flyer.serve.choice import held_back
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,6 @@ class Split(NamedTuple):
 
 def _marker_id(tok, marker: str) -> int | None:
     return tok.tok.token_to_id(marker) if isinstance(tok, TextTokenizer) else None
-
-
-def _held(text: str, marker: str) -> int:
-    """How many characters at the end of ``text`` could be the start of ``marker``."""
-    return next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:k])), 0)
 
 
 class Reasoning:
@@ -125,7 +121,7 @@ class Reasoning:
         if at is not None and at + len(p.end) <= n:  # (a stop string may have cut the text since)
             content = at + len(p.end)
             return Split(True, r0, at, content, bisect.bisect_left(starts, content), n)
-        return Split(True, r0, n, None, kept, n if final else max(r0, n - _held(text, p.end)))
+        return Split(True, r0, n, None, kept, n if final else max(r0, n - held_back(text, p.end)))
 
     def message(self, text: str, s: Split, content: str | None = None, calls: list | None = None) -> dict:
         """A whole answer's message: ``content`` (given: tool calls' content, else the text's) and, with a

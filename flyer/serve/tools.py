@@ -46,6 +46,7 @@ import llguidance
 
 from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
+from flyer.serve.choice import held_back
 from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable
 
 
@@ -237,7 +238,4 @@ def content_end(text: str, start: int = 0, fmt: ToolFormat = TOOL_FORMAT) -> int
     at = text.find(fmt.calls_begin, max(0, start - len(fmt.calls_begin)))
     if at >= 0:
         return at
-    for k in range(min(len(fmt.calls_begin) - 1, len(text)), 0, -1):
-        if text.endswith(fmt.calls_begin[:k]):
-            return len(text) - k
-    return len(text)
+    return len(text) - held_back(text, fmt.calls_begin)
