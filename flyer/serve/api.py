@@ -12,7 +12,8 @@
                                 ``apply_chat_template`` renders it; ``flyer.data.chat_template``), else a default;
                                 stream with ``delta`` chunks, ``stream_options.include_usage``;
                                 tools, tool_choice, tool messages: calls in the format the chat template
-                                writes (``flyer.serve.tools``: DeepSeek-V3.1 / V3.2's or V3-0324 / R1's);
+                                writes (``flyer.serve.tools``: DeepSeek-V3.1 / V3.2's or V3-0324 / R1's), or
+                                the one ``tool_call_parser`` names;
                                 chat_template_kwargs; with a reasoning parser, ``reasoning_content`` apart from
                                 ``content`` (``flyer.serve.reasoning``)
 
@@ -55,9 +56,9 @@ from flyer.serve.grammar import json_grammar
 from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
 from flyer.serve.reasoning import PARSERS, Reasoning, Split
-from flyer.serve.request import QueueFull, SamplingOptions, TokenEvent
+from flyer.serve.request import NO_GRAMMARS, QueueFull, SamplingOptions, TokenEvent
 from flyer.serve.schema import Body, ChatBody, CompletionBody
-from flyer.serve.tools import (ToolCall, content_end, marked_text, marker_ids, parse_tool_calls, tool_format,
+from flyer.serve.tools import (ToolCall, chosen_format, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
 
 DISCONNECT_POLL_S = 1.0  # how often a request's handler asks whether its client is still there
@@ -190,14 +191,16 @@ class Api:
     """The routes, over one engine and tokenizer; ``draining`` makes new requests answer 503."""
 
     def __init__(self, engine: EngineClient, tokenizer, model_name: str, api_key: str | None = None,
-                 chat_template: str | None = None, reasoning_parser: str | None = None):
-        """``reasoning_parser``: a ``flyer.serve.reasoning.PARSERS`` name, or None: all output is content."""
+                 chat_template: str | None = None, reasoning_parser: str | None = None,
+                 tool_call_parser: str = "auto"):
+        """``reasoning_parser``: a ``flyer.serve.reasoning.PARSERS`` name, or None: all output is content.
+        ``tool_call_parser``: a ``flyer.serve.tools.TOOL_PARSERS`` name, or "auto": the chat template's format."""
         self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
         if reasoning_parser is not None and reasoning_parser not in PARSERS:
             raise FieldError("reasoning_parser", f"must be one of {sorted(PARSERS)} (got {reasoning_parser!r})")
         self.reasoning = None if reasoning_parser is None else PARSERS[reasoning_parser]
         self.render_chat = chat_renderer(chat_template, self._special_tokens())
-        self.tool_format = tool_format(chat_template)  # the format the template writes calls in
+        self.tool_format = chosen_format(tool_call_parser, chat_template)  # the format calls are written and read in
         self.draining = False
         self.created = int(time.time())
         self.metrics = ApiMetrics()
@@ -340,6 +343,9 @@ class Api:
         mode, name = body.tool_mode()
         parse, parallel, fmt = mode != "none", body.parallel_tool_calls, self.tool_format
         if mode in ("required", "named"):  # the output is a calls block whose arguments match the schemas
+            if not self.engine.limits.grammars:
+                raise FieldError("tool_choice", f"{'required' if mode == 'required' else 'a named function'} "
+                                                f"is refused: {NO_GRAMMARS}; use auto or none")
             functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
             opts = dataclasses.replace(opts, grammar=tool_grammar(functions, self.tok, name, parallel, fmt))
         gen = _Generation(self, request, [prompt], opts, body.stop_strings(), body.n)

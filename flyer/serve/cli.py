@@ -34,6 +34,7 @@ from flyer.serve.disk_tier import open_disk_prefix_cache
 from flyer.serve.engine import Engine, EngineConfig, Limits
 from flyer.serve.link import EngineClient, EngineHost
 from flyer.serve.reasoning import PARSERS
+from flyer.serve.tools import TOOL_PARSERS
 
 ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must be > 0)
 DEFAULT_BLOCK_SIZE = EngineConfig.block_size  # the engine's own default, one home for it
@@ -108,7 +109,7 @@ def _run(args) -> int:
     http = multiprocessing.get_context("spawn").Process(
         target=serve_http, name="flyer-http", daemon=True,
         args=(their_end, sock, engine.limits, tok, name, args.api_key, chat_template,
-              http_url(host, port), args.reasoning_parser))
+              http_url(host, port), args.reasoning_parser, args.tool_call_parser))
     http.start()
     their_end.close()
     sock.close()
@@ -134,14 +135,16 @@ def _run(args) -> int:
 
 
 def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, name: str, api_key: str | None,
-               chat_template: str | None, url: str, reasoning_parser: str | None = None) -> None:
+               chat_template: str | None, url: str, reasoning_parser: str | None = None,
+               tool_call_parser: str = "auto") -> None:
     """The HTTP process: the API over the engine's link on ``sock``, with the ready line once it accepts."""
     from flyer.serve.api import Api, Server  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
 
     # uvicorn takes SIGINT/SIGTERM while it serves (draining) and raises them again after: to these, once drained
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    server = Server(Api(EngineClient(link, limits), tok, name, api_key, chat_template, reasoning_parser))
+    server = Server(Api(EngineClient(link, limits), tok, name, api_key, chat_template, reasoning_parser,
+                        tool_call_parser))
 
     async def main():
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -192,6 +195,10 @@ def register(sub) -> None:
     p.add_argument("--reasoning-parser", choices=sorted(PARSERS), default=None,
                    help="chat: return the text between <think> and </think> as message.reasoning_content (a "
                         "stream's delta.reasoning_content), the rest as content (DeepSeek-R1, V3.1 / V3.2 thinking)")
+    p.add_argument("--tool-call-parser", choices=["auto", *TOOL_PARSERS], default="auto",
+                   help="the format tool calls are constrained to and parsed in: auto (default) reads it off the chat "
+                        "template; deepseek_v31 (V3.1 / V3.2's) or deepseek_v3 (V3-0324 / R1's: a fenced json block) "
+                        "forces one, as vLLM's parsers of those names read it")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),

@@ -144,7 +144,7 @@ class Engine:
     @property
     def limits(self) -> Limits:
         return Limits(self.model.cfg.vocab_size, self.model.cfg.max_seq_len, self.cfg.block_size,
-                      self.alloc.capacity, self.cfg.max_queue)
+                      self.alloc.capacity, self.cfg.max_queue, grammars=self.tokenizer is not None)
 
     def check(self, prompt: Sequence[int], opts: SamplingOptions) -> None:
         """``FieldError`` when the request can never run (``Limits.check``)."""
@@ -169,11 +169,9 @@ class Engine:
         return req
 
     def _grammar_masks(self) -> GrammarMasks:
-        """The engine's ``GrammarMasks`` (llguidance's tokenizer, built once); ``FieldError`` without a tokenizer."""
+        """The engine's ``GrammarMasks`` (llguidance's tokenizer, built once); ``check`` has refused a grammar
+        without a tokenizer (``Limits.grammars``)."""
         if self.grammars is None:
-            if self.tokenizer is None:
-                raise FieldError("response_format", "this engine was started without a tokenizer: no structured "
-                                                    "outputs")
             self.grammars = GrammarMasks(self.tokenizer, self.model.cfg.vocab_size, self.device)
             if self.spec:  # its rows draft under their grammars
                 self.speculator.grammars = self.grammars

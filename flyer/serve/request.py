@@ -30,6 +30,10 @@ from flyer.infer.sampling import LogitAdjustments, SamplingParams
 from flyer.infer.speculative import check_speculation
 
 
+# why a grammar request is refused by an engine built without a tokenizer (``Limits.grammars``)
+NO_GRAMMARS = "this server's engine was started without the tokenizer that constraining an output needs"
+
+
 class QueueFull(Exception):
     """The waiting queue holds ``max_queue`` requests already."""
 
@@ -37,13 +41,15 @@ class QueueFull(Exception):
 @dataclass(frozen=True)
 class Limits:
     """What decides whether a request can ever run, known to the HTTP process without the model:
-    the vocabulary, the context, the cache (``capacity`` blocks of ``block_size`` tokens), the queue."""
+    the vocabulary, the context, the cache (``capacity`` blocks of ``block_size`` tokens), the queue,
+    and ``grammars``: whether the engine has a tokenizer to mask logits with (structured outputs)."""
 
     vocab_size: int
     max_seq_len: int
     block_size: int
     capacity: int
     max_queue: int
+    grammars: bool = True
 
     @property
     def room(self) -> int:
@@ -52,7 +58,8 @@ class Limits:
 
     def check(self, prompt: Sequence[int], opts: "SamplingOptions") -> None:
         """``FieldError`` when the request can never run: empty prompt, token ids outside the
-        vocabulary, prompt + max_tokens past the context or past the whole cache."""
+        vocabulary, prompt + max_tokens past the context or past the whole cache, a grammar without ``grammars``
+        (naming ``response_format``: the API refuses a tool grammar itself, naming ``tool_choice``)."""
         V, ctx = self.vocab_size, self.max_seq_len
         if len(prompt) == 0:
             raise FieldError("prompt", "must hold at least one token")
@@ -64,6 +71,8 @@ class Limits:
         if opts.seed is not None and not -(1 << 63) <= opts.seed < 1 << 64:
             raise FieldError("seed", f"must be in [-2**63, 2**64) (got {opts.seed})")
         opts.check_adjustments(V)
+        if opts.grammar is not None and not self.grammars:
+            raise FieldError("response_format", f"json_object and json_schema are refused: {NO_GRAMMARS}; use text")
         if len(prompt) + opts.max_tokens > ctx:
             raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens exceed "
                                            f"the model's context of {ctx} tokens")

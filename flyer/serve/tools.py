@@ -12,7 +12,8 @@ masks the logits with it). A calls block, in either format:
                          <｜tool▁call▁end｜> (one line), BETWEEN = "\n"
 
 A checkpoint's format is chosen once from its chat template (``tool_format``: DEEPSEEK_V3 when the template writes
-a fenced json block in its call rendering; DEEPSEEK_V31 otherwise, the default). A checkpoint's tokenizer holds
+a fenced json block in its call rendering; DEEPSEEK_V31 otherwise, the default), or forced by name (``flyer serve
+--tool-call-parser``, vLLM's names: ``TOOL_PARSERS``) for a template it misreads. A checkpoint's tokenizer holds
 the markers as added tokens: one id each, which a decoder that skips special tokens drops, so the text parsed is
 decoded with them written out (``marked_text``); a tokenizer without them writes and reads them as text.
 
@@ -27,6 +28,7 @@ arguments) and finish_reason "tool_calls".
 
     ToolFormat, DEEPSEEK_V31, DEEPSEEK_V3   the formats; ``TOOL_FORMAT`` the default
     tool_format(chat_template)      the format a checkpoint's template writes calls in
+    chosen_format(parser, template) ``TOOL_PARSERS``' format by name, or "auto": ``tool_format``
     parse_tool_calls(text, fmt)     generated text -> (content before the calls, calls), or None: serve it as content
     tool_grammar(tools, ...)        "required" / named: an llguidance grammar of a calls block whose arguments match
                                     the tool's ``parameters`` schema; ``FieldError`` naming tools
@@ -104,6 +106,8 @@ DEEPSEEK_V31 = ToolFormat("deepseek-v3.1", _CALLS_BEGIN, _CALLS_END, _CALL_BEGIN
 DEEPSEEK_V3 = ToolFormat("deepseek-v3", _CALLS_BEGIN, _CALLS_END, _CALL_BEGIN, _SEP, _CALL_END,  # V3-0324, R1
                          call_type="function", args_open="\n```json\n", args_close="\n```", between="\n")
 TOOL_FORMAT = DEEPSEEK_V31  # the default: a template that does not show V3-0324's
+# the formats by ``--tool-call-parser`` name, vLLM's for the same formats (its "deepseek_v32" reads DSML, another one)
+TOOL_PARSERS = {"deepseek_v3": DEEPSEEK_V3, "deepseek_v31": DEEPSEEK_V31}
 # the most calls a constrained output holds ("required" with parallel calls): a model that never chooses to end
 # the block (an untrained one, greedy) still ends within a few hundred tokens
 MAX_TOOL_CALLS = 8
@@ -132,6 +136,16 @@ def tool_format(chat_template: str | None) -> ToolFormat:
         if fmt.args_open.strip() in t[m.end():end if end >= 0 else len(t)]:
             return fmt
     return DEEPSEEK_V31
+
+
+def chosen_format(parser: str, chat_template: str | None) -> ToolFormat:
+    """The format calls are written and read in: ``TOOL_PARSERS[parser]``, or for "auto" the template's
+    (``tool_format``). ``FieldError`` naming ``tool_call_parser`` for another name."""
+    if parser == "auto":
+        return tool_format(chat_template)
+    if parser not in TOOL_PARSERS:
+        raise FieldError("tool_call_parser", f"must be one of {['auto', *TOOL_PARSERS]} (got {parser!r})")
+    return TOOL_PARSERS[parser]
 
 
 def parse_tool_calls(text: str, fmt: ToolFormat = TOOL_FORMAT,
