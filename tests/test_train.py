@@ -22,7 +22,8 @@ from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import LocalMesh
 from flyer.train.metrics import TENSORBOARD_TAGS
 from flyer.train.config import TrainConfig
-from flyer.train.trainer import Trainer, TrainingError, build_model, build_optimizer, progress_postfix
+from flyer.train.metrics import progress_postfix
+from flyer.train.trainer import Trainer, TrainingError, build_model, build_optimizer
 
 
 def tc_for(out, data_cache, **kw):
@@ -138,9 +139,9 @@ def poison_loss(t, calls=None):
     real = t.model.compute_loss
     seen = {"n": 0}
 
-    def poisoned(x, y):
+    def poisoned(x, y, *documents):
         seen["n"] += 1
-        out = real(x, y)
+        out = real(x, y, *documents)
         if calls is None or seen["n"] in calls:  # the terms the trainer weights, and their total
             out.loss, out.main_loss = out.loss * float("nan"), out.main_loss * float("nan")
         return out

@@ -28,6 +28,7 @@ from torch import nn
 from flyer import kernels
 from flyer.config import ModelConfig
 from flyer.model.dsa_chunks import SparseChunks, dsa_gathers, select_chunks, sparse_attention
+from flyer.model.indexer_loss import indexer_kl
 from flyer.model.lowp import Linear, scaled_dot_product_attention
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
@@ -69,9 +70,10 @@ class Indexer(nn.Module):
     interleaved pairs here; the checkpoints' rotate-half rows are permuted on import). The score of key
     t for query s is sum_h w_h relu(q_h . k_t) / sqrt(index_head_dim), in FP32.
 
-    Not trained: transformers runs it without gradient (DeepSeek trains it by a KL loss against dense
-    attention, which flyer has not), so its parameters are frozen (``requires_grad`` False): the
-    optimizer, weight decay and gradient sync leave them as loaded."""
+    Frozen unless trained: as transformers, it runs without gradient and its parameters are frozen (``requires_grad``
+    False: the optimizer, weight decay and gradient sync leave them as loaded). DeepSeek trains it by a KL loss
+    against the main attention (``flyer.model.indexer_loss``: ``flyer train --indexer-train warmup|sparse``), which
+    unfreezes it and has its ``MLA`` compute that loss each forward with autograd."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -169,6 +171,8 @@ class MLA(nn.Module):
         if cfg.has_indexer(layer_id):  # chosen once: without it the same modules, and state dict, as dense MLA
             self.indexer = Indexer(cfg)
         self.index_topk = cfg.index_topk
+        # L_I (flyer.model.indexer_loss.set_indexer_training): "off", "warmup" (dense attention) or "sparse"
+        self.index_train, self.index_loss = "off", None
         self.shares_selection = cfg.index_topk > 0 and not cfg.has_indexer(layer_id)
         self.index_row = sum(map(cfg.has_indexer, range(layer_id))) if layer_id < cfg.n_layers else 0
 
@@ -197,13 +201,14 @@ class MLA(nn.Module):
         return self.kv_norm(c_kv), k_rope
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, selection: Selection | None = None,
-                gather: bool = True, chunk: int | None = None) -> torch.Tensor:
+                gather: bool = True, chunk: int | None = None, docs=None) -> torch.Tensor:
         """Training / prefill path (causal): per-head keys and values up-projected from the latent; with
         the DSA indexer each query sees its selected keys only, which ``selection`` takes on; a shared layer
         attends to the keys ``selection`` holds (required), in the form its full layer chose. ``gather``: past
         ``dsa_gathers``' length (longer with autograd recording) a full layer selects and attends in chunks of
         ``chunk`` queries (None: ``query_chunk``'s rule), each to its picks gathered (``flyer.model.dsa_chunks``);
-        False: the masked form (``sparse_mask``, every causal key scored), the oracle."""
+        False: the masked form (``sparse_mask``, every causal key scored), the oracle. ``docs``: packed rows'
+        ``flyer.model.documents.Documents``, each attending to itself (dense MLA only: ``Transformer`` refuses DSA)."""
         B, T, _ = x_BTD.shape
         q_latent = self.query_latent(x_BTD) if self.q_lora_rank else None
         q_nope, q_rope = self.queries(x_BTD, cos, sin, q_latent)
@@ -215,12 +220,16 @@ class MLA(nn.Module):
             mask, chunks = selection.mask, selection.chunks
         else:  # a query with at most index_topk causal keys keeps them all: up to that length DSA is dense MLA
             mask = chunks = None
-            if T > self.index_topk > 0 and gather and dsa_gathers(self, T, torch.is_grad_enabled()):
+            selects = T > self.index_topk > 0 and self.index_train != "warmup"  # the indexer's dense warm-up: none
+            if selects and gather and dsa_gathers(self, T, torch.is_grad_enabled()):
                 chunks = select_chunks(self, x_BTD, q_latent, cos, sin, chunk)
-            elif T > self.index_topk > 0:
+            elif selects:
                 mask = self.sparse_mask(x_BTD, q_latent, cos, sin)
             if selection is not None:
                 selection.mask, selection.chunks = mask, chunks
+            if self.index_train != "off":  # evaluation (no autograd) computes none
+                self.index_loss = indexer_kl(self, x_BTD, q_latent, q_nope, q_rope, c_kv, k_rope, cos, sin, mask,
+                                             chunks, chunk) if torch.is_grad_enabled() else None
         if chunks is not None:
             o = sparse_attention(self, q_nope, q_rope, c_kv, k_rope, chunks)
         else:
@@ -228,7 +237,8 @@ class MLA(nn.Module):
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             q = torch.cat([q_nope, q_rope], dim=-1)
             k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)], dim=-1)
-            o = causal_attention(q, k, v, self.softmax_scale, mask)
+            o = (causal_attention(q, k, v, self.softmax_scale, mask) if docs is None else  # packed: per document
+                 docs.attend(lambda *qkv: causal_attention(*qkv, self.softmax_scale), q, k, v))
         return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
 
     @torch.no_grad()  # as transformers: the indexer gets no gradient (see ``Indexer``)
@@ -287,12 +297,16 @@ class GQA(nn.Module):
         k = self.rope(self.k_head_norm(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin)
         return k, self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs=None) -> torch.Tensor:
+        """Causal attention of x (B, T, D); ``docs``: packed rows' ``flyer.model.documents.Documents``, each
+        attending to itself."""
         B, T, _ = x_BTD.shape
         q = self.queries(x_BTD, cos, sin)
         k, v = self.keys_values(x_BTD, cos, sin)
         rep = self.n_heads // self.n_kv_heads
-        o = causal_attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), self.softmax_scale)
+        k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+        o = (causal_attention(q, k, v, self.softmax_scale) if docs is None else  # packed: per document
+             docs.attend(lambda *qkv: causal_attention(*qkv, self.softmax_scale), q, k, v))
         return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -198,6 +198,7 @@ class MoE(nn.Module):
         self.register_buffer("last_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.counted_BT: torch.Tensor | None = None  # the positions the statistics count (``counting_only``)
+        self.documents_BT: torch.Tensor | None = None  # packed rows' document ids (``counting_only``)
         # whether dispatch and combine may fuse with the experts: decided by the dispatcher, once
         self.fuse_local = (fuse_local and isinstance(self.dispatcher, LocalDispatcher)
                            and not self.dispatcher.emulates_wire)
@@ -222,11 +223,16 @@ class MoE(nn.Module):
         if self.training:
             # an MTP module's T - k positions: position i reads token i + k, the last T - k columns
             valid_BT = None if self.counted_BT is None else self.counted_BT[:, self.counted_BT.shape[1] - T:]
+            segments_BT = None
+            if self.documents_BT is not None:  # packed: i counts where token i + k is real and in i's document
+                docs, k = self.documents_BT, self.documents_BT.shape[1] - T
+                segments_BT = docs[:, :T].masked_fill((docs[:, :T] != docs[:, k:]) | (docs[:, k:] < 0), -1)
+                valid_BT = segments_BT >= 0
             self.tokens_per_expert += counts if valid_BT is None else torch.bincount(
                 topk_ids_TK[valid_BT.reshape(B * T)].flatten(), minlength=self.cfg.n_routed_experts)
             balance = self.cfg.seq_aux_alpha > 0 and not self.hash_routed  # fixed routing: nothing to balance
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
-                                                  self.cfg, valid_BT) if balance else None
+                                                  self.cfg, valid_BT, segments_BT) if balance else None
         x_in = _cast(x_TD, gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
         if self.path == "fused_local":
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts)
@@ -240,16 +246,31 @@ class MoE(nn.Module):
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, cfg: ModelConfig,
-                          valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+                          valid_BT: torch.Tensor | None = None,
+                          segments_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Complementary sequence-wise balance loss (V3 report eq. 17-20), times alpha.
 
     f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean_t of normalised scores (each
     token's scores divided by their sum: every score function gives positive scores). ``valid_BT``
     (B, T) bool: only those positions are the sequence (T: their count; padding takes no part).
+    ``segments_BT`` (B, T) int64: packed rows, each document (id >= 0; -1 takes no part) a sequence of its own,
+    the loss their mean: what the documents give in rows of their own.
     """
     B, T, E = scores_BTE.shape
     K = topk_ids_BTK.shape[-1]
     probs = scores_BTE / scores_BTE.sum(-1, keepdim=True)
+    if segments_BT is not None:
+        keep = segments_BT >= 0
+        n_seg = int(segments_BT.max()) + 1 if bool(keep.any()) else 1
+        seg = (torch.arange(B, device=probs.device).unsqueeze(1) * n_seg + segments_BT)[keep]  # (N,) flat ids
+        n_S = torch.bincount(seg, minlength=B * n_seg).to(probs.dtype)
+        P = torch.zeros(B * n_seg, E, dtype=probs.dtype, device=probs.device).index_add_(0, seg, probs[keep])
+        ones = torch.ones(seg.numel() * K, dtype=probs.dtype, device=probs.device)
+        hits = torch.zeros(B * n_seg, E, dtype=probs.dtype, device=probs.device).index_put_(
+            (seg.repeat_interleave(K), topk_ids_BTK[keep].flatten()), ones, accumulate=True)
+        used = n_S > 0
+        n_S1 = n_S[used].unsqueeze(1)
+        return cfg.seq_aux_alpha * (hits[used] * (E / K) / n_S1 * P[used] / n_S1).sum(-1).mean()
     if valid_BT is not None:
         w_BT = valid_BT.to(probs.dtype)
         n_B1 = w_BT.sum(1, keepdim=True).clamp(min=1)
@@ -269,19 +290,21 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 
 @contextlib.contextmanager
-def counting_only(model: nn.Module, valid_BT: torch.Tensor | None):
+def counting_only(model: nn.Module, valid_BT: torch.Tensor | None, documents_BT: torch.Tensor | None = None):
     """While entered, ``model``'s MoE layers count routed tokens (``tokens_per_expert``: the bias update's
     loads) and compute the sequence balance loss over the positions where ``valid_BT`` (B, T) bool, the
     forward's batch shape, is True: padding is routed and computed as any token but moves no statistic.
-    None: every position counts."""
-    layers = moe_layers(model) if valid_BT is not None else []
+    None: every position counts. ``documents_BT`` (B, T) int64: packed rows' document ids (-1: padding;
+    ``flyer.model.documents``), which replace ``valid_BT``: the balance loss is per document (its mean over the
+    documents), so a packed batch's equals the one of the same documents in rows of their own."""
+    layers = moe_layers(model) if valid_BT is not None or documents_BT is not None else []
     for m in layers:
-        m.counted_BT = valid_BT
+        m.counted_BT, m.documents_BT = valid_BT, documents_BT
     try:
         yield
     finally:
         for m in layers:
-            m.counted_BT = None
+            m.counted_BT = m.documents_BT = None
 
 
 @torch.no_grad()

@@ -19,10 +19,12 @@ from flyer.model.norm import RMSNorm
 from flyer.model.attention import Selection, build_attention
 from flyer.model.loss import linear_cross_entropy
 from flyer.model.dispatch import Dispatcher
+from flyer.model.documents import Documents, depth_targets
 from flyer.model.counts import compress_ratio
 from flyer.model.experts import Experts
 from flyer.model.hybrid import HybridAttention, hybrid_rope_config
 from flyer.model.hyper import HyperConnection, HyperHead, init_hyper
+from flyer.model.indexer_loss import indexer_losses
 from flyer.model.init import deferred_init
 from flyer.model.moe import MLP, Gate, MoE
 from flyer.model.mtp import HyperMTPModule, MTPModule
@@ -51,9 +53,13 @@ class Block(nn.Module):
             self.hc_attn, self.hc_ffn = HyperConnection(cfg), HyperConnection(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                tokens_BT: torch.Tensor | None = None, selection: Selection | None = None) -> torch.Tensor:
+                tokens_BT: torch.Tensor | None = None, selection: Selection | None = None,
+                docs: Documents | None = None) -> torch.Tensor:
         """x (B, T, D), or (B, T, N, D) streams with hyper-connections; ``tokens_BT``: the token ids, which a
-        hash-routed MoE needs; ``selection``: DSA's selection handed between layers (``shared_selection``)."""
+        hash-routed MoE needs; ``selection``: DSA's selection handed between layers (``shared_selection``);
+        ``docs``: packed rows' documents, each attending to itself (``flyer.model.documents``; MLA and GQA only)."""
+        if docs is not None:  # packed rows: dense attention, no DSA selection (``packs_documents``)
+            return self.residual(x, lambda a: self.attn(a, cos, sin, docs=docs), tokens_BT)
         if selection is None:
             return self.residual(x, lambda a: self.attn(a, cos, sin), tokens_BT)
         return self.residual(x, lambda a: self.attn(a, cos, sin, selection), tokens_BT)
@@ -77,6 +83,8 @@ class LossOutput:
     main_loss: torch.Tensor
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
     aux_loss: torch.Tensor | None = None
+    # each DSA indexer's L_I when trained (``flyer.model.indexer_loss``); ``loss`` adds their sum
+    indexer_losses: list[torch.Tensor] = field(default_factory=list)
 
 
 class OutputHeads:
@@ -98,12 +106,14 @@ class OutputHeads:
         """The last block's residual as hidden states (B, T, D): ``hc_head``'s collapse of the streams."""
         return self.hc_head(h) if self.cfg.hc_mult > 1 else h
 
-    def mtp_hidden(self, h: torch.Tensor, tokens_BT: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_hidden(self, h: torch.Tensor, tokens_BT: torch.Tensor,
+                   docs: Documents | None = None) -> list[torch.Tensor]:
         """h^1..h^D from the main model's last residual h: its hidden states before the final norm (B, T, D), as
         ``hidden`` returns, or under DeepSeek-V4 (attn "hybrid") the streams before ``hc_head`` (B, T, N, D), as
         ``last_residual`` returns. h^k has T-k positions and (after ``head_input`` and the head) predicts token
         t_{i+k+1}. V3's first module sees the main model's normed output, V4's the streams as they are
-        (DeepSeek's checkpoints; see ``flyer.model.mtp``)."""
+        (DeepSeek's checkpoints; see ``flyer.model.mtp``). ``docs``: a packed batch's documents (position i of
+        h^k sits in i's document: its positions and segments are the first T-k of the main model's)."""
         if not len(self.mtp):
             return []
         out = []
@@ -111,7 +121,12 @@ class OutputHeads:
         for k, mod in enumerate(self.mtp, start=1):
             T_k = tokens_BT.shape[1] - k
             (cos, sin), = layer_rope_tables(self.cfg, [mod.block.layer_id], T_k, tokens_BT.device)
-            h = mod(h[:, :T_k], self.embed(tokens_BT[:, k:]), cos, sin)
+            if docs is None:
+                h = mod(h[:, :T_k], self.embed(tokens_BT[:, k:]), cos, sin)
+            else:
+                cos, sin = docs.rope(cos, sin, T_k)
+                h = mod.block(mod.project(h[:, :T_k], self.embed(tokens_BT[:, k:])), cos, sin,
+                              docs=docs.first(T_k))
             out.append(h)
         return out
 
@@ -119,13 +134,15 @@ class OutputHeads:
         """Mean cross-entropy of the output head on normed hidden states x_BTD; FP32 scalar."""
         return linear_cross_entropy(x_BTD.flatten(0, 1), self.head.weight, targets_BT.flatten())
 
-    def output_losses(self, h: torch.Tensor, tokens_BT: torch.Tensor,
-                      targets_BT: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The next-token loss and the MTP losses (module k predicts targets_BT[:, k:]) from the main hidden
-        states before the final norm (B, T, D), or the last residual's streams (B, T, N, D), collapsed here."""
+    def output_losses(self, h: torch.Tensor, tokens_BT: torch.Tensor, targets_BT: torch.Tensor,
+                      docs: Documents | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The next-token loss and the MTP losses (module k predicts targets_BT[:, k:], within its document when
+        ``docs`` packs the rows: ``depth_targets``) from the main hidden states before the final norm (B, T, D), or
+        the last residual's streams (B, T, N, D), collapsed here."""
         main = self.head_loss(self.norm(self.collapse(h) if h.dim() == 4 else h), targets_BT)
-        mtp_losses = [self.head_loss(mod.head_input(h_k), targets_BT[:, k:])
-                      for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h, tokens_BT)), start=1)]
+        ids = None if docs is None else docs.ids
+        mtp_losses = [self.head_loss(mod.head_input(h_k), depth_targets(targets_BT, ids, k))
+                      for k, (mod, h_k) in enumerate(zip(self.mtp, self.mtp_hidden(h, tokens_BT, docs)), start=1)]
         return main, mtp_losses
 
 
@@ -143,6 +160,12 @@ def layer_rope_tables(cfg: ModelConfig, layer_ids: list[int], T: int,
         if kind not in by_kind:
             by_kind[kind] = rope_cos_sin(cfg.rope_dim, T, hybrid_rope_config(cfg, i), device)
     return [by_kind[compress_ratio(cfg, i) > 0] for i in layer_ids]
+
+
+def packs_documents(cfg: ModelConfig) -> bool:
+    """Whether the model runs packed rows (``documents_BT``): dense MLA or GQA; DSA (``index_topk`` > 0) selects
+    among every causal key and hybrid attention (DeepSeek-V4) compresses across them, so neither keeps to a document."""
+    return cfg.attn in ("mla", "gqa") and cfg.index_topk == 0
 
 
 def shared_selection(cfg: ModelConfig) -> Selection | None:
@@ -202,33 +225,47 @@ class Transformer(OutputHeads, nn.Module):
         for m in self.modules():
             init_module(m, self.cfg.init_std, generator)
 
-    def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens_BT: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
         """Final hidden states before the last norm (B, T, D)."""
-        return self.collapse(self.last_residual(tokens_BT))
+        return self.collapse(self.last_residual(tokens_BT, docs))
 
-    def last_residual(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+    def last_residual(self, tokens_BT: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
         """The last block's residual: (B, T, D), or with hyper-connections the streams (B, T, N, D) before
-        ``hc_head`` (what DeepSeek-V4's MTP reads)."""
+        ``hc_head`` (what DeepSeek-V4's MTP reads). ``docs``: packed rows (``flyer.model.documents``), each
+        document attending to itself at positions from 0 (MLA and GQA only)."""
         h = self.streams(self.embed(tokens_BT))
         tables = layer_rope_tables(self.cfg, [layer.layer_id for layer in self.layers], tokens_BT.shape[1],
                                    tokens_BT.device)
         selection = shared_selection(self.cfg)
-        for layer, (cos, sin) in zip(self.layers, tables):
-            h = layer(h, cos, sin, tokens_BT, selection)
+        if docs is None:
+            for layer, (cos, sin) in zip(self.layers, tables):
+                h = layer(h, cos, sin, tokens_BT, selection)
+            return h
+        if not packs_documents(self.cfg):
+            raise ValueError("packed documents: dense MLA and GQA only (DSA's selection and hybrid attention "
+                             "cross document boundaries)")
+        cos, sin = docs.rope(*tables[0], tokens_BT.shape[1])  # one table: not hybrid
+        for layer in self.layers:
+            h = layer(h, cos, sin, tokens_BT, selection, docs=docs)
         return h
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        """Main-model logits (B, T, V), FP32."""
-        return self.head(self.norm(self.hidden(tokens_BT))).float()
+    def forward(self, tokens_BT: torch.Tensor, documents_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Main-model logits (B, T, V), FP32; ``documents_BT``: packed rows' document ids (``Documents``)."""
+        docs = None if documents_BT is None else Documents(documents_BT)
+        return self.head(self.norm(self.hidden(tokens_BT, docs))).float()
 
-    def compute_loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor) -> LossOutput:
+    def compute_loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor,
+                     documents_BT: torch.Tensor | None = None) -> LossOutput:
         """Cross-entropy of next-token prediction, MTP losses and the sequence balance loss.
 
         targets_BT[:, i] is the token after tokens_BT[:, i] (i.e. t_{i+1}). The head and the
         cross-entropy are fused (``linear_cross_entropy``): same values as
         ``F.cross_entropy(self.head(...).float(), ...)`` without materialising the logits.
+        ``documents_BT`` (B, T) int64: packed rows' document ids (``flyer.model.documents``; the targets across a
+        boundary already ``IGNORE_INDEX``); None: one sequence per row.
         """
-        main, mtp_losses = self.output_losses(self.last_residual(tokens_BT), tokens_BT, targets_BT)
+        docs = None if documents_BT is None else Documents(documents_BT)
+        main, mtp_losses = self.output_losses(self.last_residual(tokens_BT, docs), tokens_BT, targets_BT, docs)
         loss = main
         if mtp_losses:
             loss = loss + self.cfg.mtp_loss_weight * torch.stack(mtp_losses).mean()
@@ -236,4 +273,7 @@ class Transformer(OutputHeads, nn.Module):
         aux_loss = torch.stack(aux).sum() if aux and self.training else None
         if aux_loss is not None:
             loss = loss + aux_loss
-        return LossOutput(loss, main, mtp_losses, aux_loss)
+        kl = indexer_losses(self)
+        if kl:
+            loss = loss + torch.stack(kl).sum()
+        return LossOutput(loss, main, mtp_losses, aux_loss, kl)

@@ -51,6 +51,11 @@ _FLAGS = [  # (flag, field, type, help)
     ("--zero", "zero", int, "1: shard the optimizer state over the data-parallel ranks (ZeRO-1)"),
     ("--ranks-per-node", "ranks_per_node", int, "ranks per node, to simulate several nodes on one machine"),
     ("--dispatcher", "dispatcher", str, f"{', '.join(DISPATCHER_KINDS)} (expert parallelism)"),
+    ("--indexer-train", "indexer_train", str,
+     "train DSA's lightning indexers by their KL loss against the main attention (DeepSeek-V3.2): off (default: "
+     "frozen), warmup (dense attention, every other parameter frozen) or sparse (top-k attention; the indexer "
+     "learns from its loss only, the rest from the LM loss only); the metrics log indexer_loss. A resumed run "
+     "keeps its mode: to go from warmup to sparse, start a new run with --init from the warm-up run"),
     ("--collective-timeout", "collective_timeout_s", float,
      "seconds a collective may wait for a rank that stopped answering before the job fails (default 300)"),
 ]
@@ -74,6 +79,9 @@ def register(sub) -> None:
     p.add_argument("--no-pp-overlap", dest="pp_overlap", action="store_false", default=None,
                    help="run DualPipeV's paired forward and backward chunks one after the other (default with "
                         "--ep > 1: concurrently, hiding the EP all-to-all)")
+    p.add_argument("--pack", dest="pack", action="store_true", default=None,
+                   help="chat data: pack several whole conversations into each --seq-len row, each attending only to "
+                        "itself at positions from 0 (dense MLA and GQA models; not with --pp)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",

@@ -17,6 +17,7 @@ from flyer.data.tokenizer import MIN_VOCAB
 from flyer.errors import FieldError
 from flyer.interop.load import read_settings, settings_dir
 from flyer.model.dispatch import DISPATCHER_KINDS
+from flyer.model.indexer_loss import INDEXER_TRAIN_MODES
 from flyer.optim.muon import OPTIMIZERS
 from flyer.parallel.pipeline import PP_SCHEDULES
 from flyer.runtime import PRECISIONS
@@ -32,7 +33,7 @@ SCHEDULES = ("cosine", "constant")
 # and the process layout (``checkpoint.check_layout`` compares it).
 RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_batches", "lr", "min_lr_ratio",
                 "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "precision", "vocab_size",
-                "fp8_dispatch", "optimizer")
+                "fp8_dispatch", "optimizer", "indexer_train", "pack")
 
 
 _FIELD_TYPES = {  # a TrainConfig annotation -> (does a value have it, its name in an error)
@@ -88,10 +89,15 @@ class TrainConfig:
     # DeepSeek-V4's FP4 QAT: routed experts multiply by their FP4 values (flyer.fp8.fp4), in training and validation;
     # each checkpoint's train_config records it, and inference loads that FP4 model (flyer.interop.load)
     fp4_experts: bool = False
+    # DSA's lightning indexer trained by its KL loss (flyer.model.indexer_loss): off, warmup (dense attention, all
+    # else frozen) or sparse (top-k attention, the indexer's input detached); a resumed run keeps it
+    indexer_train: str = "off"
     collective_timeout_s: float = 300.0  # a rank that stops answering fails the others after this, not torch's 30 min
     plots: bool = True
     progress: bool = True
     tensorboard: bool | str = False  # True: scalars in OUT/tensorboard; a str: that directory
+    # chat data: several whole conversations per seq_len-wide row, each attending to itself (flyer.data.chat_pack)
+    pack: bool = False
 
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -133,6 +139,12 @@ class TrainConfig:
             need(bool(self.init or self.tokenizer), "data", "a .jsonl chat file needs init (a Hugging Face directory "
                  "or flyer run: its tokenizer and chat template) or tokenizer (a tokenizer.json; flyer's default "
                  "chat template)")
+        need(self.indexer_train in INDEXER_TRAIN_MODES, "indexer_train",
+             f"must be one of {', '.join(INDEXER_TRAIN_MODES)}")
+        need(not self.pack or is_chat_data(self.data), "pack", "packs chat data (a .jsonl file); text data is "
+             "already packed documents")
+        need(not self.pack or self.pp == 1, "pack", "does not run under pipeline parallelism (pp > 1): the stages "
+             "pass no document ids")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")
         need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1: optimizer state sharded)")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",

@@ -41,7 +41,9 @@ class MetricsLog:
 # TensorBoard tag of each metrics.jsonl field; other numeric fields (EP traffic) go under comm/
 TENSORBOARD_TAGS = {
     "loss": "loss/total", "main_loss": "loss/main", "mtp_loss": "loss/mtp", "aux_loss": "loss/aux",
+    "indexer_loss": "loss/indexer",
     "val_loss": "loss/val", "lr": "optim/lr", "grad_norm": "optim/grad_norm", "skipped_total": "optim/skipped_steps",
+    "indexer_grad_norm": "optim/indexer_grad_norm",
     "tokens_per_s": "speed/tokens_per_s", "step_time_s": "speed/step_time_s", "mfu": "speed/mfu",
     "load_imbalance": "moe/load_imbalance", "bias_min": "moe/bias_min", "bias_max": "moe/bias_max",
 }
@@ -183,3 +185,17 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
         attn = attention_flops_per_token(cfg, seq_len, causal=True, layer_id=cfg.n_layers)  # V4: window-only
         main += cfg.mtp_depth * 3.0 * (2.0 * (mtp_block + proj + head) + attn)
     return main
+
+
+def progress_postfix(rec: dict[str, Any], val_loss: float | None) -> dict[str, str]:
+    """The progress bar's fields: the next-token loss (comparable with validation), the MTP loss
+    beside it when the model has MTP modules, the last validation loss and tokens/s."""
+    post = {"loss": f"{rec['main_loss']:.3f}"}
+    if rec.get("mtp_loss"):
+        post["mtp"] = f"{rec['mtp_loss']:.3f}"
+    if "indexer_loss" in rec:
+        post["indexer"] = f"{rec['indexer_loss']:.3f}"
+    if val_loss is not None:
+        post["val"] = f"{val_loss:.3f}"
+    post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
+    return post

@@ -4,12 +4,15 @@ fresh run or the continuation of the run whose checkpoints it holds, never a mix
 ``RunLock(out)`` takes an advisory ``fcntl.flock`` on ``out/.lock`` (which records the owner's
 PID); the kernel drops it when the process ends, however it ends. ``choose_start`` decides, under
 that lock, where a run starts: nothing (a fresh directory), or the newest valid checkpoint.
+``StopSignals`` turns a stop signal into a checkpoint at the next step boundary instead of lost progress.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import signal
+import threading
 from pathlib import Path
 
 from flyer.errors import CheckpointError, FieldError
@@ -93,3 +96,26 @@ def choose_start(out: Path, resume: bool, log=print) -> Path | None:
     for problem in problems:
         log(f"warning: {problem}; falling back to the previous checkpoint")
     return valid
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption, Ctrl-C, a closed terminal
+
+
+class StopSignals:
+    """While entered, SIGTERM, SIGINT and SIGHUP are noted in ``signum`` (the first one) instead of
+    ending the process, so the loop can checkpoint and stop between steps. Handlers can only be
+    set from the main thread; elsewhere the signals keep their usual effect."""
+
+    def __enter__(self) -> StopSignals:
+        self.signum: int | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._note) for s in STOP_SIGNALS}
+        return self
+
+    def _note(self, signum: int, _frame) -> None:
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)

@@ -19,7 +19,6 @@ import functools
 import math
 import re
 import signal
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,9 +36,12 @@ from flyer.data.chat_data import (IGNORE_INDEX, ChatSampler, chat_eval_batches, 
 from flyer.fp8 import convert_to_fp8
 from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
 from flyer.model.counts import param_counts
+from flyer.model.indexer_loss import check_indexer_train, clip_apart, set_indexer_training
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import MoE, counting_only, moe_layers, update_router_bias
-from flyer.model.transformer import Transformer
+from flyer.model.transformer import Transformer, packs_documents
+from flyer.model.documents import depth_targets
+from flyer.data.chat_pack import PackedChatSampler, document_lengths, packed_eval_batches
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
@@ -51,12 +53,9 @@ from flyer.runtime import autocast, require_memory, resolve_precision, tune_mall
 from flyer.train import checkpoint as ckpt
 from flyer.train.config import TrainConfig, carried_settings, check_resume_settings, lr_at
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
-from flyer.train.rundir import METRICS_NAME, RunLock, choose_start, usable_dir
-from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, read_metrics,
-                                 require_tensorboard, truncate_metrics)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption, Ctrl-C, a closed terminal
-
+from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
+from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, progress_postfix,
+                                 read_metrics, require_tensorboard, truncate_metrics)
 
 def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1, pp: int = 1) -> float:
     """A lower bound on one rank's training memory: FP32 weights, gradients and the optimizer's
@@ -118,45 +117,15 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, mesh: Mesh | LocalM
     if tc.zero == 1 and mesh is not None and mesh.world > 1:
         return ShardedOptimizer(model, mesh, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay, kind=tc.optimizer)
     params = [p for _, p in model.named_parameters()]  # deduplicates tied weights
+    if tc.indexer_train == "warmup":  # the indexers' dense warm-up: the optimizer sees theirs only
+        params = [p for p in params if p.requires_grad]
     muon = muon_param_ids(model) if tc.optimizer == "muon" else set()
     return optimizer_class(tc.optimizer)(optimizer_groups(tc.optimizer, params, muon, tc.weight_decay), lr=tc.lr,
                                          betas=betas, eps=1e-8, fused=params[0].device.type in ("cpu", "cuda"))
 
 
-def progress_postfix(rec: dict[str, Any], val_loss: float | None) -> dict[str, str]:
-    """The progress bar's fields: the next-token loss (comparable with validation), the MTP loss
-    beside it when the model has MTP modules, the last validation loss and tokens/s."""
-    post = {"loss": f"{rec['main_loss']:.3f}"}
-    if rec.get("mtp_loss"):
-        post["mtp"] = f"{rec['mtp_loss']:.3f}"
-    if val_loss is not None:
-        post["val"] = f"{val_loss:.3f}"
-    post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
-    return post
-
-
 def _silent(_msg: str) -> None:
     pass
-
-
-class StopSignals:
-    """While entered, SIGTERM, SIGINT and SIGHUP are noted in ``signum`` (the first one) instead of
-    ending the process, so the loop can checkpoint and stop between steps. Handlers can only be
-    set from the main thread; elsewhere the signals keep their usual effect."""
-
-    def __enter__(self) -> StopSignals:
-        self.signum: int | None = None
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._note) for s in STOP_SIGNALS}
-        return self
-
-    def _note(self, signum: int, _frame) -> None:
-        self.signum = self.signum or signum
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
 
 
 class Trainer:
@@ -184,6 +153,10 @@ class Trainer:
         init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
         base = init_cfg or resolve_config(tc.preset, None, model_over)
         self._check_fp4(base)  # before any work
+        if tc.pack and not packs_documents(base):
+            raise FieldError("pack", f"packs rows for dense MLA and GQA models only (this one: attn {base.attn!r}, "
+                                     f"index_topk {base.index_topk})")
+        check_indexer_train(tc.indexer_train, base, tc.pp)
         self.micro_batches = tc.micro_batches or min_micro_batches(tc.pp_schedule, tc.pp)
         validate_pipeline(base, tc.pp, tc.pp_schedule, self.micro_batches, tc.grad_accum)  # before any work
         require_torch_for(tc.pp_schedule, tc.pp)
@@ -234,6 +207,8 @@ class Trainer:
         # pipeline the same one; deterministic on resume.
         sampler, batches = (ChatSampler, chat_eval_batches) if chat else (BatchSampler, eval_batches)
         trim = {"trim": tc.pp == 1} if chat else {}  # chat rows as wide as their batch needs; a pipeline's: seq_len
+        if tc.pack:  # several conversations per seq_len-wide row (flyer.data.chat_pack)
+            (sampler, batches), trim = (PackedChatSampler, packed_eval_batches), {}
         self.sampler = sampler(self.data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + self.mesh.dp_rank,
                                **trim)
         self.eval_data = batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches, **trim)
@@ -250,6 +225,7 @@ class Trainer:
                                                        tc.batch_size, tc.seq_len, overlap=overlap)
         if tc.init and start is None:  # a resumed run has its own weights
             load_init_weights(self.model, tc.init)
+        set_indexer_training(self.model, tc.indexer_train)  # before the optimizer: warm-up freezes the rest
         self.optimizer = build_optimizer(self.model, tc, self.mesh)
         self.memory_written = False  # memory.json: after the first optimizer step
         self.flops_per_token = functools.cache(functools.partial(model_flops_per_token, self.cfg))  # of a row width
@@ -340,10 +316,13 @@ class Trainer:
         t0 = time.perf_counter()
         sums = self._pipeline_step() if self.pipeline is not None else self._local_step()
         tokens, flops = sums.pop("tokens"), sums.pop("flops")  # the job's row positions run, and their FLOPs
-        grad_norm = float(self.mesh.clip_grad_norm_(self.model, tc.clip))
+        grad_norm, indexer_norm = self._clip_grad_norm()
         loads = self._expert_loads()
         self.step += 1
         record: dict[str, Any] = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm}
+        if indexer_norm is not None:
+            record["indexer_grad_norm"] = indexer_norm
+            grad_norm = grad_norm if math.isfinite(indexer_norm) else math.nan  # a non-finite one skips the step too
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             for m in moe_layers(self.model):
@@ -360,7 +339,11 @@ class Trainer:
                                     f"norm ({kept}); lower the learning rate or check the data")
         else:
             self.consecutive_bad = 0
-            record.update(update_router_bias(self.model, group=self.mesh.dp_group))
+            if tc.indexer_train == "warmup":  # nothing but the indexers changes, the router biases neither
+                for m in moe_layers(self.model):
+                    m.tokens_per_expert.zero_()
+            else:
+                record.update(update_router_bias(self.model, group=self.mesh.dp_group))
             self.optimizer.step()
             if not self.memory_written:  # gradients and optimizer state both exist only here
                 self._write_memory()
@@ -373,6 +356,13 @@ class Trainer:
             stats = comm_stats(self.model, reset=True, group=self.mesh.world_group)  # job totals
             record.update({k: v for k, v in stats.items() if not isinstance(v, list)})
         return record
+
+    def _clip_grad_norm(self) -> tuple[float, float | None]:
+        """Clip the gradients to ``tc.clip``: (the norm before clipping, None), or in sparse indexer training the main
+        model's and the indexers' apart (``clip_apart``), both norms."""
+        if self.tc.indexer_train != "sparse":
+            return float(self.mesh.clip_grad_norm_(self.model, self.tc.clip)), None
+        return clip_apart(self.model, self.mesh.clip_grad_norm_, self.tc.clip)
 
     @property
     def layout(self) -> dict[str, Any]:
@@ -405,27 +395,39 @@ class Trainer:
         next-token loss and each MTP loss are means over the step's trained targets (not ``IGNORE_INDEX``) on
         every replica: the micro-batches are drawn first, their target counts summed over the job, and each
         micro-batch's mean weighted by its share; the balance loss is averaged over micro-batches. Also the job's
-        ``tokens`` (row positions run: a trimmed chat row's width, its padding to the batch's longest row included)
-        and their training ``flops`` (attention's at each micro-batch's width)."""
+        ``tokens`` (row positions run: a trimmed chat row's width, its padding to the batch's longest row included;
+        packed rows: their conversations' positions) and their training ``flops`` (attention's at each micro-batch's
+        width; packed: at each conversation's length)."""
         tc = self.tc
         sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
-        batches = [self.sampler.next_batch() for _ in range(tc.grad_accum)]
-        sums["tokens"] = float(sum(x.numel() for x, _ in batches))
-        sums["flops"] = sum(x.numel() * self.flops_per_token(x.shape[1]) for x, _ in batches)
+        if tc.indexer_train != "off":
+            sums["indexer_loss"] = 0.0  # the indexers' L_I, their mean (each trains on its own: summed in loss)
+        # x, y and packed rows' document ids (flyer.data.chat_pack; None: a row per sequence)
+        batches = [(b[0], b[1], b[2] if len(b) > 2 else None) for b in
+                   (self.sampler.next_batch() for _ in range(tc.grad_accum))]
+        sums["tokens"] = float(sum(x.numel() if d is None else int((d >= 0).sum()) for x, _, d in batches))
+        sums["flops"] = sum(x.numel() * self.flops_per_token(x.shape[1]) if d is None else  # packed: per document
+                            sum(n * self.flops_per_token(n) for n in document_lengths(d)) for x, _, d in batches)
         depths = range(self.cfg.mtp_depth + 1)  # 0: next-token targets y; k: MTP module k's, y[:, k:]
-        counts = [[int((y[:, k:] != IGNORE_INDEX).sum()) for k in depths] for _, y in batches]
+        counts = [[int((depth_targets(y, d, k) != IGNORE_INDEX).sum()) for k in depths] for _, y, d in batches]
         # per replica: the job's mean count, as sync_gradients averages the replicas' gradients (dp == world here)
         totals = self.mesh.mean({str(k): float(sum(c[k] for c in counts)) for k in depths})
-        for (x, y), n in zip(batches, counts):
+        for (x, y, d), n in zip(batches, counts):
             valid = x >= 0  # chat rows pad with PAD_ID (flyer.data.chat_data): token 0, in no routing statistic
-            with self._autocast(), counting_only(self.model, None if bool(valid.all()) else valid.to(self.device)):
-                out = self.model.compute_loss(x.clamp(min=0).to(self.device), y.to(self.device))
+            d = None if d is None else d.to(self.device)
+            with self._autocast(), counting_only(self.model, None if bool(valid.all()) or d is not None
+                                                 else valid.to(self.device), d):
+                out = self.model.compute_loss(x.clamp(min=0).to(self.device), y.to(self.device), d)
             terms = [loss_k * (n[k] / totals[str(k)]) if n[k] else loss_k.nan_to_num(0.0) * 0.0  # nan: no targets
                      for k, loss_k in enumerate([out.main_loss, *out.mtp_losses])]
             loss = terms[0] + (self.cfg.mtp_loss_weight * torch.stack(terms[1:]).mean() if terms[1:] else 0.0)
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss / tc.grad_accum
                 sums["aux_loss"] += out.aux_loss.item() / tc.grad_accum
+            if out.indexer_losses:  # averaged over micro-batches and replicas as the balance loss is
+                kl = torch.stack(out.indexer_losses)
+                loss = loss + kl.sum() / tc.grad_accum
+                sums["indexer_loss"] += kl.mean().item() / tc.grad_accum
             loss.backward()
             sums["loss"] += loss.item()
             sums["main_loss"] += terms[0].item()
@@ -471,12 +473,14 @@ class Trainer:
         """Mean next-token (main) loss over the validation batches, averaged over ranks."""
         self.model.eval()
         total, count = 0.0, 0  # weighted by each batch's trained targets (chat data: assistant tokens)
-        for x, y in self.eval_data:
+        for x, y, *docs in self.eval_data:  # packed rows: their document ids too
             n = int((y != IGNORE_INDEX).sum())
             x, y = x.clamp(min=0).to(self.device), y.to(self.device)  # chat rows' padding (PAD_ID): no target
             with self._autocast():
                 if self.pipeline is not None:
                     total += n * self.pipeline.forward_loss(x, y)
+                elif docs:
+                    total += n * self.model.compute_loss(x, y, docs[0].to(self.device)).main_loss.item()
                 else:
                     total += n * self.model.compute_loss(x, y).main_loss.item()
             count += n

@@ -1,0 +1,106 @@
+"""Packed documents: several sequences back to back in one row (``flyer train --pack``), each computed as if alone.
+
+A packed batch carries ``documents_BT`` (B, T) int64: the document each position belongs to, numbered from 0 in
+each row in order (contiguous runs), -1 for padding (after the row's last document). From it the model derives
+once per forward (``Documents``):
+
+- attention within each document only: ``attend`` gathers each document's positions into a row of its own (rows
+  grouped by length, each group right-padded to its longest), where causal attention runs as in an unpacked row
+  (its fused kernel, no T x T mask: about each document's own cost), and gathers the outputs back; padding
+  positions attend to nothing (zeros: no real position sees them, and they carry no target);
+- RoPE positions restarting at 0 at each document's first token;
+- MTP depth k's targets: position i predicts token i+k+1, so it keeps its target only where position i+k is in
+  i's document (``depth_targets``; the target of a document's last token is ignored by the data already).
+
+``documents_BT`` None is the unpacked path, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100  # flyer.model.loss's (and torch's) ignore_index
+
+
+def document_positions(documents_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64: each position's offset from its document's first position (documents contiguous)."""
+    T = documents_BT.shape[1]
+    idx = torch.arange(T, device=documents_BT.device).expand_as(documents_BT)
+    starts = torch.ones_like(documents_BT, dtype=torch.bool)
+    starts[:, 1:] = documents_BT[:, 1:] != documents_BT[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # the run's first index
+    return idx - first
+
+
+def document_segments(documents_BT: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(gathers, scatter) int64 for attention per document of ``documents_BT`` (B, T), the documents grouped by
+    length (each group's rows as long as its longest: lengths in (2^(j-1), 2^j] together, so a short document
+    is not padded to the batch's longest). Group g's gather (N_g, L_g): row n's j-th entry the flat position
+    (b * T + t) of its document's j-th token, past the document's end its last (after every real query: causal
+    attention never shows it to them). scatter (B*T,): position p's slot in the groups' outputs flattened and
+    concatenated, padding (id < 0) the one slot past them all (which ``attend`` fills with zeros)."""
+    B, T = documents_BT.shape
+    d = documents_BT.cpu()  # the plan is the host's: a few small index tensors, then one copy each to the device
+    starts = torch.ones(B, T, dtype=torch.bool)
+    starts[:, 1:] = d[:, 1:] != d[:, :-1]
+    starts = starts.flatten()
+    first = starts.nonzero().squeeze(1)  # flat start of every run (every row starts one)
+    lengths = torch.diff(first, append=first.new_tensor([B * T]))
+    real = d.flatten()[first] >= 0  # padding runs attend to nothing
+    first, lengths = first[real], lengths[real]
+    bucket = torch.ceil(torch.log2(lengths.double())).long()
+    slot = torch.full((B * T,), -1, dtype=torch.int64)  # a run's first slot, at its first position
+    gathers, offset = [], 0
+    for b in bucket.unique().tolist():
+        sel = (bucket == b).nonzero().squeeze(1)
+        L = int(lengths[sel].max())
+        j = torch.arange(L)
+        gathers.append((first[sel].unsqueeze(1) + torch.minimum(j, lengths[sel].unsqueeze(1) - 1)).to(
+            documents_BT.device))
+        slot[first[sel]] = offset + torch.arange(len(sel)) * L
+        offset += len(sel) * L
+    run_first = torch.where(starts, torch.arange(B * T), 0).cummax(0).values  # each position's run start
+    base = slot[run_first]
+    scatter = torch.where(base >= 0, base + torch.arange(B * T) - run_first, offset)
+    return gathers, scatter.to(documents_BT.device)
+
+
+def depth_targets(targets_BT: torch.Tensor, documents_BT: torch.Tensor | None, k: int) -> torch.Tensor:
+    """MTP depth k's targets (B, T-k): ``targets_BT[:, k:]`` (position i predicts token i+k+1), with
+    ``IGNORE_INDEX`` where position i+k is in another document than i (packed rows; None: unchanged)."""
+    y = targets_BT[:, k:]
+    if documents_BT is None or k == 0:
+        return y
+    T = targets_BT.shape[1]
+    same = documents_BT[:, :T - k] == documents_BT[:, k:]
+    return y.masked_fill(~same, IGNORE_INDEX)
+
+
+class Documents:
+    """What one forward of a packed batch derives from ``documents_BT`` (module doc): ``positions`` (B, T) and the
+    groups ``attend`` runs (``document_segments``); ``first(T)``: the same for the first T positions (an MTP
+    module's, whose position i sits in i's document)."""
+
+    __slots__ = ("ids", "positions", "gathers", "scatter")
+
+    def __init__(self, documents_BT: torch.Tensor):
+        self.ids = documents_BT
+        self.positions = document_positions(documents_BT)
+        self.gathers, self.scatter = document_segments(documents_BT)
+
+    def first(self, T: int) -> Documents:
+        return Documents(self.ids[:, :T])
+
+    def attend(self, attention, q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, V): ``attention(q, k, v)`` (causal, each (N, L, H, .) -> (N, L, H, V)) run on each group of
+        documents, every document a row of its own from its first token; padding positions get zeros. Gathers
+        both ways, so autograd carries the gradients."""
+        outs = [attention(*(x.flatten(0, 1)[g] for x in (q_BTHK, k_BTHK, v_BTHV))).flatten(0, 1)
+                for g in self.gathers]
+        flat = torch.cat(outs + [outs[0].new_zeros(1, *outs[0].shape[1:])])
+        return flat[self.scatter].view(*self.ids.shape, *flat.shape[1:])
+
+    def rope(self, cos: torch.Tensor, sin: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rope_cos_sin``'s tables (>= max position + 1 rows, 1, d) at the first T positions: (B, T, 1, d)."""
+        pos = self.positions[:, :T]
+        return cos[pos], sin[pos]

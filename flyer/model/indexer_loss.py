@@ -1,0 +1,190 @@
+"""Training DSA's lightning indexer by its KL loss (DeepSeek-V3.2-Exp's continued pre-training, section 2.1).
+
+Two stages (``INDEXER_TRAIN_MODES``, ``set_indexer_training``):
+
+- ``warmup`` (dense warm-up): attention stays dense (no selection), every parameter but the indexers' is frozen,
+  and each indexer learns L_I = mean_t KL(p_t,: || softmax(I_t,:)) over query t's causal keys, p_t,: the main
+  attention's probabilities of query t summed over the heads and L1-normalised over the keys (their mean over
+  heads), with no gradient.
+- ``sparse`` (sparse training): the model attends to each query's top-k selection S_t as without this option, and
+  L_I = mean_t KL(p_t,S_t || softmax(I_t,S_t)): p over S_t is the attention the sparse model computes (each head's
+  softmax over S_t), summed over heads and L1-normalised. The indexer's inputs (the normed hidden states and MLA's
+  query latent) are detached: the indexer learns from L_I alone, the rest of the model from the LM loss alone.
+
+What the report leaves open, followed from Megatron-LM's DSA (``compute_dsa_indexer_loss``): KL per query summed
+over keys, then the mean over the B T queries (the report writes sum_t; the mean keeps the scale independent of
+batch and length, as the LM loss's); each layer's L_I enters the step's loss at weight 1 (the report gives none:
+the indexer's gradient comes from L_I alone, so a weight would only rescale it), summed over the indexer layers
+(each indexer's gradient is its own layer's L_I's). The logged ``indexer_loss`` is the mean over layers. The trainer
+clips sparse training's indexer gradients apart from the model's (``clip_apart``): one global norm would let L_I
+scale the main model's step.
+
+Memory: the target is computed in query chunks (``query_chunk``'s rule, or the gathered path's chunks), each under
+``torch.utils.checkpoint`` so that backward recomputes a chunk's indexer scores rather than keeping the whole
+sequence's (B, T, index heads, T): a dense chunk scores (B, C, H, t) attention and (B, C, index heads, t) indexer
+logits over its t causal keys, a sparse one only its k picks ((B, C, H, k), absorbed as ``absorbed_attend``).
+
+Shapes: B batch, T tokens, H heads, C chunk rows, k index_topk, L = kv_lora_rank + qk_rope_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from flyer.config import ModelConfig
+from flyer.errors import FieldError
+from flyer.model.dsa_chunks import SparseChunks, absorbed_weight
+from flyer.model.hybrid_chunks import entry_picks, gather_entries, query_chunk
+
+INDEXER_TRAIN_MODES = ("off", "warmup", "sparse")
+
+
+def check_indexer_train(mode: str, cfg: ModelConfig, pp: int = 1) -> None:
+    """``FieldError`` naming ``indexer_train`` unless ``mode`` is "off" or the model has V3.2-style indexers (attn
+    "mla", index_topk > 0; DeepSeek-V4's hybrid attention is not supported) and runs unpipelined (``pp`` 1: the
+    pipeline's stages carry no indexer loss)."""
+    if mode == "off":
+        return
+    if cfg.attn != "mla" or cfg.index_topk <= 0:
+        raise FieldError("indexer_train", f"{mode} trains DSA's lightning indexers, and this model has none (attn "
+                                          f"{cfg.attn!r}, index_topk {cfg.index_topk}; DeepSeek-V4's hybrid attention "
+                                          "is not supported)")
+    if pp > 1:
+        raise FieldError("indexer_train", f"{mode} is not supported with pipeline parallelism (pp {pp}): the stages "
+                                          "carry no indexer loss")
+
+
+def clip_apart(model: nn.Module, clip_grad_norm_, max_norm: float) -> tuple[float, float]:
+    """Clip the main model's gradients and the indexers' each to ``max_norm`` apart, as DeepSeek optimizes them apart
+    (one global norm would let L_I scale the main model's step); (main norm, indexers' norm) before clipping.
+    ``clip_grad_norm_(model, max_norm)``: the mesh's, which clips the gradients it finds (a collective on every rank
+    alike), so each part's are set aside while the other's are clipped."""
+    ids = {id(p) for m in indexer_attentions(model) for p in m.indexer.parameters()}
+    main = [p for p in model.parameters() if id(p) not in ids]
+    indexer = [p for p in model.parameters() if id(p) in ids]
+    norms = []
+    for hidden in (indexer, main):
+        kept = [p.grad for p in hidden]
+        for p in hidden:
+            p.grad = None
+        norms.append(float(clip_grad_norm_(model, max_norm)))
+        for p, g in zip(hidden, kept):
+            p.grad = g
+    return norms[0], norms[1]
+
+
+def indexer_attentions(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of ``model`` that own a DSA indexer (MLA's full layers, MTP blocks' included)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "indexer", None), nn.Module)]
+
+
+def set_indexer_training(model: nn.Module, mode: str) -> None:
+    """Switch ``model``'s DSA layers to ``mode`` (``INDEXER_TRAIN_MODES``): "off" leaves the model as built (indexers
+    frozen, no L_I); "warmup" freezes every parameter but the indexers', which train, and attention runs dense;
+    "sparse" unfreezes the indexers and leaves the rest as it is. ValueError naming ``indexer_train`` for a model
+    without DSA indexers."""
+    if mode not in INDEXER_TRAIN_MODES:
+        raise ValueError(f"indexer_train: must be one of {', '.join(INDEXER_TRAIN_MODES)} (got {mode!r})")
+    layers = indexer_attentions(model)
+    if mode == "off":
+        return
+    if not layers:
+        raise ValueError("indexer_train: the model has no DSA indexer (attn 'mla' with index_topk > 0)")
+    if mode == "warmup":
+        model.requires_grad_(False)
+    for attn in layers:
+        attn.indexer.requires_grad_(True)
+        attn.index_train = mode
+
+
+def indexer_losses(model: nn.Module) -> list[torch.Tensor]:
+    """Each indexer layer's L_I from ``model``'s last forward with autograd (FP32 scalars; none when "off")."""
+    return [m.index_loss for m in indexer_attentions(model) if getattr(m, "index_loss", None) is not None]
+
+
+def _target(attn: nn.Module, q_BCHd: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
+            equation: str) -> torch.Tensor:
+    """p: the main attention's probabilities of C queries q = [q_nope | q_rope] over their keys (the latents
+    [c_KV | k_rope] ``keys``, shared (B, t, L) or per query (B, C, k, L), as ``equation`` contracts them), each
+    head's FP32 softmax over its ``visible`` (B, C, t or k) keys, summed over heads and L1-normalised: (B, C, t or k).
+    Scored absorbed (q_nope W_UK against c_KV), as ``absorbed_attend``."""
+    nope, w = attn.qk_nope_head_dim, absorbed_weight(attn, torch.float32)
+    q = q_BCHd.float()
+    q_lat = torch.cat([torch.einsum("bchn,hnl->bchl", q[..., :nope], w[:, :nope]), q[..., nope:]], dim=-1)
+    scores = torch.einsum(equation, q_lat, keys.float()) * attn.softmax_scale  # (B, C, H, t or k)
+    p = scores.masked_fill(~visible.unsqueeze(2), float("-inf")).softmax(-1).sum(2)
+    return p / p.sum(-1, keepdim=True)
+
+
+def _kl(p: torch.Tensor, logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """sum over rows of KL(p || softmax(logits)) over each row's ``visible`` entries (p is 0 elsewhere)."""
+    log_q = logits.masked_fill(~visible, float("-inf")).log_softmax(-1).masked_fill(~visible, 0.0)
+    return (torch.xlogy(p, p) - p * log_q).sum()
+
+
+def _dense_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BCHd, latents_BtL, start: int):
+    """Summed KL of queries [start, start + C) over their causal keys (the first t = start + C)."""
+    B, C, _ = x_BCD.shape
+    t = keys_BtK.shape[1]
+    visible = (torch.arange(t, device=x_BCD.device).view(1, -1)
+               <= torch.arange(start, start + C, device=x_BCD.device).view(-1, 1)).expand(B, C, t)
+    with torch.no_grad():
+        p = _target(attn, q_BCHd, latents_BtL, visible, "bchl,btl->bcht")
+    return _kl(p, attn.indexer.scores(x_BCD, q_latent_BCR, keys_BtK, cos, sin), visible)
+
+
+def _picked_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BCHd, latents_BtL, picks_BCk):
+    """Summed KL of C queries over their k picks (``entry_picks``: -1 for an empty slot)."""
+    ind = attn.indexer
+    with torch.no_grad():
+        picked, valid = gather_entries(latents_BtL, picks_BCk)
+        p = _target(attn, q_BCHd, picked, valid, "bchl,bckl->bchk")
+    keys, _ = gather_entries(keys_BtK, picks_BCk)  # (B, C, k, index_head_dim), with the indexer's gradient
+    q, w = ind.queries(x_BCD, q_latent_BCR, cos, sin)
+    s = torch.relu(torch.einsum("bchd,bckd->bchk", q, keys.float()) * ind.head_dim ** -0.5)
+    return _kl(p, torch.einsum("bch,bchk->bck", w, s), valid)
+
+
+def indexer_kl(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, q_nope: torch.Tensor,
+               q_rope: torch.Tensor, c_kv_BTC: torch.Tensor, k_rope_BTR: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, mask_B1TT: torch.Tensor | None, chunks: SparseChunks | None,
+               chunk: int | None = None) -> torch.Tensor:
+    """L_I of the DSA layer ``attn`` (an ``MLA`` with an indexer) for one forward: FP32 scalar, the mean over the
+    B T queries of KL(p_t || softmax(I_t)) over S_t, which is each query's selection (``mask`` (B, 1, T, T) of the
+    masked form, or the gathered form's ``chunks``) or, with neither (dense attention: the warm-up, or T <=
+    index_topk), every causal key. x and the query latent (the indexer's inputs) are detached, the target (from
+    q_nope (B, T, H, nope), q_rope (B, T, H, R), the latents c_KV (B, T, kv_lora_rank) and rope keys (B, T, R)) has
+    no gradient: the loss's gradient reaches the indexer's parameters only. ``chunk``: query rows per dense or
+    masked chunk (None: ``query_chunk``'s rule)."""
+    with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 throughout: a BF16 softmax's p is no distribution
+        return _indexer_kl(attn, x_BTD.detach().float(), q_latent_BTR.detach().float(),
+                           torch.cat([q_nope, q_rope], dim=-1).detach().float(),
+                           torch.cat([c_kv_BTC, k_rope_BTR], dim=-1).detach().float(), cos.float(), sin.float(),
+                           mask_B1TT, chunks, chunk)
+
+
+def _indexer_kl(attn, x, q_latent, q, latents, cos, sin, mask_B1TT, chunks, chunk) -> torch.Tensor:
+    """``indexer_kl`` on its detached FP32 inputs: q = [q_nope | q_rope], latents = [c_KV | k_rope]."""
+    B, T, _ = x.shape
+    keys = attn.indexer.keys(x, cos, sin)
+    if chunks is not None:
+        spans = [(s.start, s.stop) for s in chunks.plan]
+    else:
+        C = chunk or query_chunk(B, T, attn.n_heads, 0, T, attn.indexer.n_heads)
+        spans = [(s, min(s + C, T)) for s in range(0, T, C)]
+    total = x.new_zeros((), dtype=torch.float32)
+    for i, (s, e) in enumerate(spans):
+        rows = slice(s, e)
+        if chunks is not None:
+            fn, args = _picked_chunk, (chunks.visible[i].picks,)
+        elif mask_B1TT is not None:
+            fn, args = _picked_chunk, (entry_picks(mask_B1TT[:, 0, rows, :e], attn.index_topk),)
+        else:
+            fn, args = _dense_chunk, (s,)
+        inputs = (x[:, rows], q_latent[:, rows], keys[:, :e], cos[rows], sin[rows], q[:, rows], latents[:, :e], *args)
+        # one chunk: as it is; several: each recomputed in backward, so their indexer scores are not all kept
+        part = fn(attn, *inputs) if len(spans) == 1 else checkpoint(fn, attn, *inputs, use_reentrant=False)
+        total = total + part
+    return total / (B * T)

@@ -1,0 +1,331 @@
+"""Packed chat rows (``flyer train --data chats.jsonl --pack``, ``flyer.data.chat_pack``, ``flyer.model.documents``):
+each conversation in a packed row computes what it computes alone (block-diagonal causal mask, RoPE positions from
+0), so a packed step's loss (next-token and MTP), gradients and routing statistics equal the unpacked step's on the
+same conversations, and the loss equals transformers' DeepseekV3 on the conversations one per row; the sampler
+packs the unpacked sampler's stream and resumes exactly; bad combinations are one-line CLI errors. Tiny random
+models, FP32, CPU."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flyer.cli import main
+from flyer.config import resolve_config
+from flyer.data.chat_data import IGNORE_INDEX, ChatSampler, chat_rows
+from flyer.data.chat_pack import PackedChatSampler, first_fit, packed_eval_batches, packed_rows
+from flyer.errors import DataError
+from flyer.interop.hf import load_hf
+from flyer.model import documents
+from flyer.model.moe import moe_layers
+from flyer.model.transformer import Transformer
+from flyer.train.metrics import model_flops_per_token
+from tests import test_sft
+from tests.bounds import FP32_U
+from tests.test_sft import reorder_bound
+
+hf = test_sft.hf  # the same fixture: a tiny DeepSeek-V3 directory with a chat template, and chats.jsonl
+T = 256  # rows of 3-4 of the chats (53 to 91 tokens)
+
+
+def _trainer(hf, tmp_path, model="tiny", **kw):
+    return test_sft._trainer(hf, tmp_path, model, **{"seq_len": T, **kw})
+
+
+_segments = documents.document_segments
+
+
+def _whole_rows(documents_BT):  # mutant: attention over the whole row (no document boundary)
+    return _segments(torch.zeros_like(documents_BT))
+
+
+def _keep_all(targets_BT, documents_BT, k):  # mutant: MTP targets across a boundary kept
+    return targets_BT[:, k:]
+
+
+def test_packed_rows_hold_each_conversations_row(hf, tmp_path):
+    """Row b of ``packed_rows`` holds its conversations back to back, each's x and y those of its own (unpacked)
+    row, its last token's target ignored, document ids 0, 1, ... and -1 on the padding; first-fit fills the first
+    row with room and stops at the first conversation that fits in none."""
+    t = _trainer(hf, tmp_path, batch_size=2)
+    split = t.data.train
+    rows = [[0, 3, 1], [6, 2]]
+    x, y, d = packed_rows(split, rows, T)
+    assert x.shape == y.shape == d.shape == (2, T)
+    for b, convs in enumerate(rows):
+        o = 0
+        for i, c in enumerate(convs):
+            xa, ya = chat_rows(split, [c], T)
+            n = len(split.conversation(c)[0])
+            assert torch.equal(x[b, o:o + n], xa[0, :n]) and torch.equal(y[b, o:o + n - 1], ya[0, :n - 1])
+            assert int(y[b, o + n - 1]) == IGNORE_INDEX and (d[b, o:o + n] == i).all()
+            o += n
+        assert (d[b, o:] == -1).all() and (x[b, o:] < 0).all() and (y[b, o:] == IGNORE_INDEX).all()
+    assert first_fit([5, 4, 3, 2], 2, 7) == ([[0, 3], [1, 2]], 4)
+    assert first_fit([5, 5, 5, 1], 2, 7) == ([[0], [1]], 2)
+    with pytest.raises(ValueError):
+        packed_rows(split, [[0, 1, 2, 3, 4]], T)  # more than seq_len+1 tokens
+
+
+def test_sampler_packs_the_unpacked_stream_and_resumes_exactly(hf, tmp_path):
+    """The packed sampler trains on the unpacked sampler's conversations in its order, each once; a sampler
+    resumed from its state after two batches draws the next two bit for bit; an unpacked sampler's state is
+    refused. Validation: the held-out conversations packed in file order, the same on every call."""
+    t = _trainer(hf, tmp_path, batch_size=2, pack=True)
+    split = t.data.train
+    assert isinstance(t.sampler, PackedChatSampler)
+    s = PackedChatSampler(split, 2, T, seed=7)
+    batches, convs = [], []
+    for _ in range(6):
+        batches.append(s.next_batch())
+        convs += s.last_conversations
+    ref = ChatSampler(split, 2, T, seed=7)
+    stream = np.concatenate([ref.conversations(n) for n in range(len(convs))])
+    assert convs == stream[:len(convs)].tolist() and len(convs) > 6 * 2  # several per row
+    offsets = []
+    for cut in range(1, 6):  # resumed after each batch (a cursor inside a block among them)
+        s2 = PackedChatSampler(split, 2, T, seed=7)
+        for _ in range(cut):
+            s2.next_batch()
+        offsets.append(s2.offset)
+        again = PackedChatSampler(split, 2, T, seed=0)
+        again.load_state_dict(json.loads(json.dumps(s2.state_dict())))
+        for want in batches[cut:]:
+            assert all(torch.equal(a, b) for a, b in zip(again.next_batch(), want))
+    assert any(offsets)
+    with pytest.raises(DataError, match="without pack"):
+        again.load_state_dict(ref.state_dict())
+    val = packed_eval_batches(t.data.val, 2, T, 4)
+    assert len(val) == 1 and int(val[0][2].max()) == 1  # the two held-out conversations, one row
+    assert all(torch.equal(a, b) for a, b in zip(val[0], t.eval_data[0]))
+
+
+def _logit_bound(cfg, T: int) -> float:
+    """max|packed - alone| / max|logit|: per layer the sums over dim, inter_dim and at most T keys (and the router's
+    E + K) in two orders, n u each (``tests.test_rope_scaling.logit_tolerance`` without its RoPE frequency term:
+    both sides rotate by flyer's tables)."""
+    return cfg.n_layers * (cfg.dim + cfg.inter_dim + T + cfg.n_routed_experts + cfg.n_activated_experts) * FP32_U
+
+
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_packed_logits_equal_each_conversation_alone(attn, monkeypatch):
+    """Each conversation's logits in a packed row (and its MTP module's hidden states) equal the conversation's
+    run alone within ``_logit_bound``, its RoPE positions 0, 1, ... as alone; without the document mask a later
+    conversation's are far off (the first's stay: it sees nothing before it). RoPE scores depend on relative
+    positions only, so positions running on across the row change the logits by rounding alone (a shift within
+    the mask); the positions are checked as they are."""
+    over = {} if attn == "mla" else dict(attn="gqa", n_kv_heads=2, head_dim=32, qk_norm=True, rotary_dim=16)
+    cfg = resolve_config("tiny", None, over)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # peaked logits: a cross-entropy depends on its target (a near-uniform model's barely)
+        model.head.weight.mul_(30)
+    lengths = [13, 40, 25, 7]
+    convs = [torch.randint(0, cfg.vocab_size, (n,)) for n in lengths]
+    W = 96
+    x = torch.zeros(1, W, dtype=torch.long)
+    d = torch.full((1, W), -1)
+    starts = np.cumsum([0, *lengths[:-1]])
+    for i, (o, c) in enumerate(zip(starts, convs)):
+        x[0, o:o + len(c)], d[0, o:o + len(c)] = c, i
+    tol = _logit_bound(cfg, W)
+
+    def worst() -> tuple[float, float]:
+        with torch.no_grad():
+            docs = documents.Documents(d)
+            packed = model(x, d)
+            h_mtp = model.mtp_hidden(model.last_residual(x, docs), x, docs)[0]
+            errs, mtp_errs = [], []
+            for o, c in zip(starts, convs):
+                alone = model(c[None])
+                errs.append(float((packed[0, o:o + len(c)] - alone[0]).abs().max() / alone.abs().max()))
+                h = model.mtp_hidden(model.last_residual(c[None]), c[None])[0]  # its first len(c) - 1 positions
+                got = h_mtp[0, o:o + len(c) - 1]
+                mtp_errs.append(float((got - h[0]).abs().max() / h.abs().max()))
+        return errs, mtp_errs
+
+    errs, mtp_errs = worst()
+    assert max(errs) <= tol and max(mtp_errs) <= tol, (errs, mtp_errs, tol)
+    # the losses with every target of each conversation, and with its first two only (position 0's MTP target the
+    # one left, so the 3 targets a boundary-crossing MTP position would add weigh much): the packed losses are the
+    # target-weighted means of the alone ones
+    with torch.no_grad():
+        heads = [F.linear(model.mtp[0].head_input(model.mtp_hidden(model.last_residual(c[None]), c[None])[0]),
+                          model.head.weight) for c in convs]
+        logit_max = max(max(float(model(c[None]).abs().max()) for c in convs), max(float(h.abs().max()) for h in heads))
+        for first in (None, 2):
+            y = torch.full((1, W), IGNORE_INDEX)
+            want_n, want_s = [0, 0], [0.0, 0.0]
+            for o, c in zip(starts, convs):
+                ya = c[None, 1:].clone()
+                if first:
+                    ya[:, first:] = IGNORE_INDEX
+                y[0, o:o + len(c) - 1] = ya[0]
+                out = model.compute_loss(c[None, :-1], ya)
+                for k, loss in enumerate([out.main_loss, out.mtp_losses[0]]):
+                    n = int((ya[:, k:] != IGNORE_INDEX).sum())
+                    want_n[k], want_s[k] = want_n[k] + n, want_s[k] + float(loss) * n
+            want = [s / n for s, n in zip(want_s, want_n)]
+            out = model.compute_loss(x, y, d)
+            got = [float(out.main_loss), float(out.mtp_losses[0])]
+            with monkeypatch.context() as m:
+                m.setattr("flyer.model.transformer.depth_targets", _keep_all)
+                mutant = float(model.compute_loss(x, y, d).mtp_losses[0])
+            # a cross-entropy moves by at most twice its logits' error, the mean adds V + N roundings
+            loss_tol = [2 * tol * logit_max + (cfg.vocab_size + W + 4) * FP32_U * w for w in want]
+            assert all(abs(g - w) <= t for g, w, t in zip(got, want, loss_tol)), (got, want, loss_tol)
+            if first:
+                assert abs(mutant - want[1]) > 10 * loss_tol[1]
+    want = torch.cat([torch.arange(n) for n in lengths] + [torch.arange(W - sum(lengths))])
+    docs = documents.Documents(d)
+    assert torch.equal(docs.positions[0], want)
+    assert [tuple(g.shape) for g in docs.gathers] == [(1, 7), (1, 13), (1, 25), (1, 40)]  # by length: 2^j buckets
+    v = torch.randn(1, W, 1, 3)
+    assert torch.equal(docs.attend(lambda q, k, v: v, v, v, v), v * (d >= 0)[..., None, None])  # padding: zeros
+    with monkeypatch.context() as m:
+        m.setattr(documents, "document_segments", _whole_rows)
+        errs, mtp_errs = worst()
+    assert errs[0] <= tol and min(errs[1:]) > 100 * tol and min(mtp_errs[1:]) > 100 * tol, errs
+
+
+def _step(t, batch):
+    """``_local_step`` of ``t`` on ``batch``: its sums, gradients, MoE loads and balance losses (state cleared)."""
+    t.sampler.next_batch = iter([batch]).__next__
+    sums = t._local_step()
+    grads = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+    layers = moe_layers(t.model)
+    loads = [m.tokens_per_expert.clone() for m in layers]
+    aux = [float(m.aux_loss.detach()) for m in layers if m.aux_loss is not None]
+    t.model.zero_grad(set_to_none=True)
+    for m in layers:
+        m.tokens_per_expert.zero_()
+    return sums, grads, loads, aux
+
+
+def test_packed_step_equals_the_unpacked_step(hf, tmp_path):
+    """A training step on 7 conversations packed into 2 rows (``tiny``: MLA, MoE, MTP) gives the loss, next-token
+    and MTP losses, gradients, routing loads and per-conversation balance losses of the step on the same 7 in
+    trimmed rows of their own (within ``reorder_bound``; the loads exactly), tokens/s and MFU counting real
+    positions and each conversation's own attention. Keeping the targets across the boundaries moves the gradients
+    far outside the bound. (An MTP target across a boundary is a conversation's second token, never the
+    assistant's here: ``test_packed_logits_equal_each_conversation_alone`` checks those.)"""
+    convs = [0, 3, 1, 6, 2, 4, 9]  # 53 to 81 tokens: rows of 255 and 224
+    packed_t = _trainer(hf, tmp_path / "p", batch_size=2, pack=True)
+    plain_t = _trainer(hf, tmp_path / "u", batch_size=len(convs))
+    split, cfg = packed_t.data.train, packed_t.cfg
+    lengths = np.diff(split.offsets)[convs]
+    rows, taken = first_fit(lengths, 2, T + 1)
+    assert taken == len(convs) and len(rows) == 2
+    batch = packed_rows(split, [[convs[i] for i in r] for r in rows], T)
+    assert all(sum(lengths[i] for i in r) <= T for r in rows)  # every last token in x: routed as in its own row
+    xt, yt = chat_rows(split, convs, T, trim=True)
+    packed, plain = _step(packed_t, batch), _step(plain_t, (xt, yt))
+    c = reorder_bound(cfg, len(convs), T)
+    for k in ("loss", "main_loss", "mtp_loss", "aux_loss"):
+        assert abs(packed[0][k] - plain[0][k]) <= c * plain[0][k], k
+    row_grads = []
+    for b in range(len(convs)):  # the scale of the terms each gradient entry sums
+        plain_t.model.zero_grad()
+        n = int((xt[b] >= 0).sum())
+        plain_t.model.compute_loss(xt[b:b + 1, :n], yt[b:b + 1, :n]).loss.backward()
+        row_grads.append({n: p.grad.clone() for n, p in plain_t.model.named_parameters() if p.grad is not None})
+
+    def worst(grads: dict) -> float:  # the largest gradient difference from the unpacked step's, over its scale
+        return max(float((grads[n] - g).norm()) / (sum(float(r[n].norm()) for r in row_grads if n in r) + 1e-30)
+                   for n, g in plain[1].items())
+
+    assert worst(packed[1]) <= c
+    assert all(torch.equal(a, b) for a, b in zip(packed[2], plain[2]))
+    assert packed[3] and all(abs(a - b) <= (T * cfg.n_activated_experts + cfg.n_routed_experts + 8) * FP32_U * b
+                             for a, b in zip(packed[3], plain[3]))
+    assert packed[0]["tokens"] == lengths.sum()
+    assert packed[0]["flops"] == pytest.approx(sum(n * model_flops_per_token(cfg, n) for n in lengths), rel=1e-12)
+
+    x, y, d = batch
+    kept = y.clone()
+    ends = (d[:, :-1] != d[:, 1:]) & (d[:, 1:] >= 0)  # a conversation's last position before the next's first
+    kept[:, :-1][ends] = x[:, 1:][ends]
+    boundary = _step(packed_t, (x, kept, d))
+    assert worst(boundary[1]) > 10 * c  # about 80 c: 5 targets of some 240
+
+
+def test_packed_loss_equals_transformers_one_conversation_per_row(hf):
+    """flyer's packed next-token loss on 6 conversations in 2 rows equals transformers' DeepseekV3ForCausalLM loss
+    on the same conversations one per row (right-padded, labels -100 off the assistant's tokens), within
+    ``test_sft``'s tolerance (twice the logits' error bound, plus the mean's V + N roundings); the packed rows
+    without the document mask are far outside it."""
+    from transformers import AutoModelForCausalLM
+
+    from flyer.data.chat_data import chat_tokenizer, prepare_chat
+    from tests.test_rope_scaling import logit_tolerance
+
+    path, _, chats = hf
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    model, cfg, _ = load_hf(path)
+    model.eval()
+    data = prepare_chat(chats, path.parent / "cache", *chat_tokenizer(str(path), None))
+    convs = [0, 3, 1, 6, 4, 7]  # 49 to 80 tokens (this template's), none cut
+    lengths = np.diff(data.train.offsets)[convs]
+    rows, taken = first_fit(lengths, 2, T + 1)
+    assert taken == len(convs)
+    x, y, d = packed_rows(data.train, [[convs[i] for i in r] for r in rows], T)
+    W = int(lengths.max())
+    ids = torch.zeros(len(convs), W, dtype=torch.long)
+    labels = torch.full((len(convs), W), IGNORE_INDEX)
+    for b, c in enumerate(convs):
+        i, m = (torch.from_numpy(a) for a in data.train.conversation(c))
+        ids[b, :len(i)], labels[b, :len(i)] = i, torch.where(m == 1, i, IGNORE_INDEX)
+    with torch.no_grad():
+        out = ref(ids, labels=labels)
+        got = float(model.compute_loss(x.clamp(min=0), y, d).main_loss)
+        unmasked = float(model.compute_loss(x.clamp(min=0), y).main_loss)
+    n = int((y != IGNORE_INDEX).sum())
+    assert n == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    logit_err = (logit_tolerance(cfg, W) + cfg.n_layers * (cfg.n_routed_experts + cfg.n_activated_experts)
+                 * FP32_U) * float(out.logits.abs().max())
+    tol = 2 * logit_err + (cfg.vocab_size + n + 4) * FP32_U * float(out.loss)
+    assert abs(got - float(out.loss)) <= tol
+    assert abs(unmasked - float(out.loss)) > 10 * tol
+
+
+def _args(hf, tmp_path, *extra):
+    path, _, chats = hf
+    return ["train", "--tokenizer", str(path / "tokenizer.json"), "--data", str(chats), "--steps", "1",
+            "--seq-len", "64", "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--no-plots",
+            "--no-progress", "--threads", "1", "--device", "cpu", "--precision", "fp32", "--pack", *extra]
+
+
+@pytest.mark.parametrize("preset, extra, words", [
+    ("tiny", ("--pp", "2"), "pipeline parallelism"),
+    ("dsv32", (), "dense MLA and GQA models only"),
+    ("tiny-v4", (), "dense MLA and GQA models only"),
+    ("tiny", ("text",), "text data is already packed"),
+])
+def test_pack_refusals_are_one_line_errors(hf, tmp_path, capsys, preset, extra, words):
+    """--pack under a pipeline, with DSA or hybrid attention, or on text data: exit 2, one line naming --pack."""
+    argv = _args(hf, tmp_path, "--preset", preset, *[e for e in extra if e != "text"])
+    if "text" in extra:
+        (tmp_path / "text.txt").write_text("some text\n" * 50)
+        argv[argv.index("--data") + 1] = str(tmp_path / "text.txt")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flyer: error: --pack: ") and words in err[0], err
+
+
+def test_cli_packed_run_resumes_exactly(hf, tmp_path):
+    """``flyer train --pack``: 3 steps straight equal 2 steps then a resumed third (loss and validation loss)."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    base = ["--preset", "tiny", "--batch-size", "2", "--eval-batches", "1", "--eval-every", "1", "--ckpt-every", "1"]
+
+    def run(out, steps, *extra):
+        argv = _args(hf, tmp_path, *base, *extra)
+        argv[argv.index("--out") + 1], argv[argv.index("--steps") + 1] = str(out), str(steps)
+        assert main(argv) == 0
+
+    run(whole, 3)
+    run(cut, 2)
+    run(cut, 3, "--resume")
+    assert test_sft._losses(whole) == test_sft._losses(cut) and len(test_sft._losses(whole)) == 3
