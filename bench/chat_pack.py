@@ -15,14 +15,13 @@ share of positions that are padding in each mode.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
-from chat_rows import write_chats  # beside it (bench/ is the script's directory)
+from chat_rows import chat_bench_args, write_chats  # beside it (bench/ is the script's directory)
 
 from flyer.data.chat_data import IGNORE_INDEX, chat_rows
 from flyer.train.config import TrainConfig
@@ -30,18 +29,7 @@ from flyer.train.trainer import Trainer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=5, help="rounds measured, after one warm-up round")
-    ap.add_argument("--conversations", type=int, default=400)
-    ap.add_argument("--min-tokens", type=int, default=20)
-    ap.add_argument("--max-tokens", type=int, default=500)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
-    a = ap.parse_args()
+    a = chat_bench_args(__doc__, 1024, 4, 5, "rounds measured, after one warm-up round", 400, 20, 500)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         chats, tokenizer = write_chats(root, a.conversations, a.min_tokens, a.max_tokens)

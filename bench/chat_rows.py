@@ -48,19 +48,25 @@ def write_chats(root: Path, n: int, lo: int, hi: int, seed: int = 0) -> tuple[Pa
     return root / "chats.jsonl", root / "tokenizer.json"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def chat_bench_args(doc: str, seq_len: int, batch_size: int, steps: int, steps_help: str, conversations: int,
+                    min_tokens: int, max_tokens: int) -> argparse.Namespace:
+    """The chat benches' flags (this one's and ``chat_pack.py``'s), with their defaults."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6, help="steps of each mode, after one warm-up step of each")
-    ap.add_argument("--conversations", type=int, default=200)
-    ap.add_argument("--min-tokens", type=int, default=60)
-    ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--seq-len", type=int, default=seq_len)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+    ap.add_argument("--conversations", type=int, default=conversations)
+    ap.add_argument("--min-tokens", type=int, default=min_tokens)
+    ap.add_argument("--max-tokens", type=int, default=max_tokens)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--threads", type=int, default=None)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = chat_bench_args(__doc__, 512, 8, 6, "steps of each mode, after one warm-up step of each", 200, 60, 200)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         chats, tokenizer = write_chats(root, a.conversations, a.min_tokens, a.max_tokens)

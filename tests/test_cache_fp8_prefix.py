@@ -210,9 +210,9 @@ class _Built(Exception):
     pass
 
 
-def test_cli_serve_with_fp8_and_a_prefix_cache(tmp_path, monkeypatch):
-    """``flyer serve --cache-dtype fp8 --prefix-cache DIR`` builds an engine whose FP8 pool has the disk tier, its
-    entries keyed as ``flyer generate``'s FP8 ones at the same block size."""
+def serve_engine(monkeypatch, *flags: str) -> Engine:
+    """The engine ``flyer serve --preset tiny --device cpu --port 0 --kv-cache-memory 8M FLAGS`` builds, taken
+    before it serves."""
     built = []
 
     def stand_in(model, cfg, **kw):
@@ -220,9 +220,14 @@ def test_cli_serve_with_fp8_and_a_prefix_cache(tmp_path, monkeypatch):
         raise _Built
     monkeypatch.setattr(serve_cli, "Engine", stand_in)
     with pytest.raises(_Built):
-        main(["serve", "--preset", "tiny", "--device", "cpu", "--port", "0", "--kv-cache-memory", "8M",
-              "--cache-dtype", "fp8", "--prefix-cache", str(tmp_path), "--block-size", "16"])
-    eng = built[0]
+        main(["serve", "--preset", "tiny", "--device", "cpu", "--port", "0", "--kv-cache-memory", "8M", *flags])
+    return built[0]
+
+
+def test_cli_serve_with_fp8_and_a_prefix_cache(tmp_path, monkeypatch):
+    """``flyer serve --cache-dtype fp8 --prefix-cache DIR`` builds an engine whose FP8 pool has the disk tier, its
+    entries keyed as ``flyer generate``'s FP8 ones at the same block size."""
+    eng = serve_engine(monkeypatch, "--cache-dtype", "fp8", "--prefix-cache", str(tmp_path), "--block-size", "16")
     assert isinstance(eng.cache, PagedCache) and eng.cache.pool.packed.dtype == torch.uint8
     assert eng.disk is not None and eng.cfg.cache_dtype == FP8
     same = open_prefix_cache(eng.model, tmp_path, cache_dtype=FP8, block_size=16, mtp=False)

@@ -18,8 +18,8 @@ import json
 import pytest
 import torch
 from test_cache_fp8 import V, _dense_model, _engine
+from test_cache_fp8_prefix import serve_engine
 
-import flyer.serve.cli as serve_cli
 from flyer.cli import main
 from flyer.config import preset
 from flyer.infer import GenerationConfig, generate
@@ -119,24 +119,11 @@ def test_generate_restores_what_serve_wrote(models, tmp_path, which):
         assert torch.equal(got[:, :3 * BLOCK - 1], want[:, :3 * BLOCK - 1])
 
 
-class _Built(Exception):
-    pass
-
-
 def _serve_engine(monkeypatch, root) -> Engine:
     """The engine ``flyer serve --preset tiny --cache-dtype fp8 --prefix-cache ROOT --block-size 16 --speculative
     mtp`` builds (the preset has an MTP module: generate's files hold its rows), taken before it serves."""
-    built = []
-
-    def stand_in(model, cfg, **kw):
-        built.append(Engine(model, cfg, **kw))
-        raise _Built
-    monkeypatch.setattr(serve_cli, "Engine", stand_in)
-    with pytest.raises(_Built):
-        main(["serve", "--preset", "tiny", "--device", "cpu", "--port", "0", "--kv-cache-memory", "8M", "--threads",
-              "1", "--expert-threads", "1", "--cache-dtype", "fp8", "--prefix-cache", str(root), "--block-size", "16",
-              "--speculative", "mtp"])
-    return built[0]
+    return serve_engine(monkeypatch, "--threads", "1", "--expert-threads", "1", "--cache-dtype", "fp8",
+                        "--prefix-cache", str(root), "--block-size", "16", "--speculative", "mtp")
 
 
 def test_the_commands_share_their_files(tmp_path, monkeypatch, capsys):

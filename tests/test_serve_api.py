@@ -5,10 +5,8 @@ errors with their statuses (raw HTTP); cancellation on disconnect; the CLI's rea
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +18,7 @@ import pytest
 import torch
 from child_env import child_env
 from hf_models import make_tokenizer
+from served import EngineServer
 from trained import counting_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
@@ -34,13 +33,12 @@ from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.interop.hf import TextTokenizer
 from flyer.data.chat_template import chat_renderer
-from flyer.serve.api import Api, ChatBody, Server
+from flyer.serve.api import Api, ChatBody
 from flyer.serve.choice import Choice
 from flyer.serve.body_limit import MAX_BODY_BYTES
 from flyer.data.chat_template import read_chat_template
-from flyer.serve.cli import bind, http_url
+from flyer.serve.cli import http_url
 from flyer.serve.engine import Engine, EngineConfig, TokenEvent
-from flyer.serve.link import EngineClient, EngineHost
 from flyer.train.checkpoint import save_checkpoint
 
 V = 64
@@ -49,36 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-class _Running:
-    """An engine and HTTP server on 127.0.0.1:<free port>, as ``flyer serve`` joins them (``EngineHost``
-    and ``EngineClient`` over a socket pair) but on two threads of this process; stopped by ``close``.
-    ``start_engine=False``: the engine hears nothing (its queue only fills)."""
+class _Running(EngineServer):
+    """A tiny engine with byte tokens and its API on 127.0.0.1:<free port> (``served.EngineServer``)."""
 
     def __init__(self, model, api_key=None, start_engine=True, max_body_bytes=MAX_BODY_BYTES, **engine_over):
         cfg = dict(kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8)
-        self.engine = Engine(model, EngineConfig(**{**cfg, **engine_over}), tokenizer=ByteTokenizer())
-        engine_end, http_end = socket.socketpair()
-        self.api = Api(EngineClient(http_end, self.engine.limits), ByteTokenizer(), "tiny-test", api_key)
-        self.server = Server(self.api, graceful_s=5, max_body_bytes=max_body_bytes)
-        sock = bind("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.host = threading.Thread(target=EngineHost(self.engine, engine_end).serve, daemon=True)
-        if start_engine:
-            self.host.start()
-        self.thread = self.server.run_in_thread(sock)
-        self.sock, self.engine_end = sock, engine_end
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
-                             timeout=60, **kw)
-
-    def close(self):
-        self.server.stop()
-        self.thread.join(timeout=30)
-        if self.host.is_alive():  # the server closed the link: the host returns
-            self.host.join(timeout=30)
-        self.engine_end.close()
-        self.sock.close()
+        super().__init__(Engine(model, EngineConfig(**{**cfg, **engine_over}), tokenizer=ByteTokenizer()),
+                         lambda link: Api(link, ByteTokenizer(), "tiny-test", api_key), start_engine,
+                         max_body_bytes=max_body_bytes)
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,17 @@ the engine hears of it; it never answers 500. What the HTTP side does with its o
 engine's and is served (200): ``response_format`` text, tools under "auto" and "none", stop strings,
 ``chat_template_kwargs``, the reasoning parser, logprobs, echo."""
 
-import socket
-import threading
 
 import openai
 import pytest
 import torch
+from served import EngineServer
 
 from flyer.config import preset
 from flyer.infer.cli import ByteTokenizer
 from flyer.model.transformer import Transformer
-from flyer.serve.api import Api, Server
-from flyer.serve.cli import bind
+from flyer.serve.api import Api
 from flyer.serve.engine import Engine, EngineConfig
-from flyer.serve.link import EngineClient, EngineHost
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
     "a": {"type": "integer"}}}}}]
@@ -27,37 +24,15 @@ SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type":
 LETTERS = {str(t): 100 for t in range(ord("a"), ord("z") + 1)}  # a random model's greedy text in letters
 
 
-class _Bare:
-    """A random tiny model's engine without a tokenizer, served by an ``Api`` with byte tokens and the deepseek
-    reasoning parser on a free loopback port (engine and HTTP on two threads, as ``flyer serve`` joins them)."""
-
-    def __init__(self):
-        torch.manual_seed(0)
-        self.engine = Engine(Transformer(preset("tiny")).eval(), EngineConfig(
-            kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8))
-        assert self.engine.tokenizer is None
-        engine_end, http_end = socket.socketpair()
-        self.api = Api(EngineClient(http_end, self.engine.limits), ByteTokenizer(), "tiny-test",
-                       reasoning_parser="deepseek")
-        self.server, self.sock = Server(self.api, graceful_s=5), bind("127.0.0.1", 0)
-        self.host = threading.Thread(target=EngineHost(self.engine, engine_end).serve, daemon=True)
-        self.host.start()
-        self.thread = self.server.run_in_thread(self.sock)
-        self.engine_end = engine_end
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1", api_key="none",
-                                    max_retries=0, timeout=60)
-
-    def close(self):
-        self.server.stop()
-        self.thread.join(timeout=30)
-        self.host.join(timeout=30)
-        self.engine_end.close()
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def bare():
-    s = _Bare()
+    """A random tiny model's engine without a tokenizer, served by an ``Api`` with byte tokens and the deepseek
+    reasoning parser on a free loopback port (``served.EngineServer``)."""
+    torch.manual_seed(0)
+    engine = Engine(Transformer(preset("tiny")).eval(), EngineConfig(
+        kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8))
+    assert engine.tokenizer is None
+    s = EngineServer(engine, lambda link: Api(link, ByteTokenizer(), "tiny-test", reasoning_parser="deepseek"))
     yield s
     s.close()
 
@@ -71,7 +46,7 @@ def _refused(call, field: str) -> None:
 
 
 def test_grammar_requests_answer_400_naming_the_field(bare):
-    c = bare.client
+    c = bare.client()
     for stream in (False, True):
         for fmt in (SCHEMA, {"type": "json_object"}):
             _refused(lambda: c.chat.completions.create(model="tiny-test", messages=MSG, max_tokens=4, stream=stream,
@@ -87,7 +62,7 @@ def test_grammar_requests_answer_400_naming_the_field(bare):
 
 
 def test_what_the_api_does_with_its_own_tokenizer_is_served(bare):
-    c = bare.client
+    c = bare.client()
     kw = dict(model="tiny-test", messages=MSG, max_tokens=4, temperature=0, logit_bias=LETTERS)
     r = c.chat.completions.create(response_format={"type": "text"}, **kw)
     assert r.choices[0].finish_reason == "length"

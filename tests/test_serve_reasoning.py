@@ -14,9 +14,11 @@ the marker. Each for markers as plain added tokens (DeepSeek's), as special toke
 text (bytes). Bad ``chat_template_kwargs`` answer 400 naming the field. Mutations (the split one token off, the
 marker leaking into content) fail the checks."""
 
+import contextlib
+
 import httpx
-import openai
 import pytest
+from served import client, serving
 from test_serve_api import _error
 from test_serve_tools import TOOLS, tool_checkpoint
 from test_serve_tools_v3 import CALLS, _Scripted, _sse_chunks
@@ -25,8 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from flyer.infer.cli import ByteTokenizer
 from flyer.interop.hf_tokenizer import load_tokenizer
-from flyer.serve.api import Api, Server
-from flyer.serve.cli import bind
+from flyer.serve.api import Api
 from flyer.serve.reasoning import DEEPSEEK, Reasoning, Split
 from flyer.serve.request import Limits
 from flyer.serve.schema import ChatBody
@@ -69,24 +70,14 @@ def _ids(tok, *parts: str) -> list[int]:
     return [i for p in parts for i in tok.encode_ids(p, add_special_tokens=False)]
 
 
-class _serving:
+@contextlib.contextmanager
+def _serving(tok, script: list[int], parser: str | None = "deepseek"):
     """``Api`` with the deepseek reasoning parser over ``_Scripted(script)``, on a free loopback port while in the
     block: (the api, its URL, an openai client)."""
-
-    def __init__(self, tok, script: list[int], parser: str | None = "deepseek"):
-        limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
-        self.api = Api(_Scripted(limits, script), tok, "tiny-test", chat_template=TEMPLATE, reasoning_parser=parser)
-        self.server, self.sock = Server(self.api, graceful_s=5), bind("127.0.0.1", 0)
-
-    def __enter__(self):
-        self.thread = self.server.run_in_thread(self.sock)
-        url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        return self.api, url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-    def __exit__(self, *exc):
-        self.server.stop()
-        self.thread.join(timeout=30)
-        self.sock.close()
+    limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
+    api = Api(_Scripted(limits, script), tok, "tiny-test", chat_template=TEMPLATE, reasoning_parser=parser)
+    with serving(api) as url:
+        yield api, url, client(url)
 
 
 def _whole(client, **kw):

@@ -7,12 +7,11 @@ other parses the calls written in the forced format (and serves the template's o
 not; "required" and a named function send the engine the forced format's grammar (``tool_grammar``'s text), which
 with a random model writes calls the forced parser reads. A bad name: exit 2, one line naming the flag."""
 
-import socket
-import threading
+import contextlib
 
-import openai
 import pytest
 import torch
+from served import EngineServer, client, serving
 from test_serve_tools import ASK, TEMPLATE as TEMPLATE_V31, TOOLS
 from test_serve_tools_v3 import CALLS, TEMPLATE_V3, _Scripted
 
@@ -22,10 +21,8 @@ from flyer.config import preset
 from flyer.errors import FieldError
 from flyer.infer.cli import ByteTokenizer
 from flyer.model.transformer import Transformer
-from flyer.serve.api import Api, Server
-from flyer.serve.cli import bind
+from flyer.serve.api import Api
 from flyer.serve.engine import Engine, EngineConfig
-from flyer.serve.link import EngineClient, EngineHost
 from flyer.serve.request import Limits
 from flyer.serve.tools import DEEPSEEK_V3 as F3, DEEPSEEK_V31 as F31, TOOL_PARSERS, tool_grammar
 
@@ -45,23 +42,13 @@ class _Recording(_Scripted):
         return super().submit(prompt, opts, emit)
 
 
-class _Serving:
+@contextlib.contextmanager
+def _Serving(engine, template: str, parser: str):
     """``Api(engine, byte tokens, template, tool_call_parser=parser)`` on a free loopback port while in the block;
     yields (the api, an openai client)."""
-
-    def __init__(self, engine, template: str, parser: str):
-        self.api = Api(engine, ByteTokenizer(), "tiny-test", chat_template=template, tool_call_parser=parser)
-        self.server, self.sock = Server(self.api, graceful_s=5), bind("127.0.0.1", 0)
-
-    def __enter__(self):
-        self.thread = self.server.run_in_thread(self.sock)
-        return self.api, openai.OpenAI(base_url=f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1",
-                                       api_key="none", max_retries=0, timeout=60)
-
-    def __exit__(self, *exc):
-        self.server.stop()
-        self.thread.join(timeout=30)
-        self.sock.close()
+    api = Api(engine, ByteTokenizer(), "tiny-test", chat_template=template, tool_call_parser=parser)
+    with serving(api) as url:
+        yield api, client(url)
 
 
 def _answer(c, stream: bool, **kw) -> tuple[str | None, list[tuple[str, str]], str]:
@@ -125,15 +112,11 @@ def test_a_forced_format_is_written_by_a_random_model_and_read_back():
             emit(e)
         return submit(prompt, opts, heard, bounded)
     engine.submit = tap
-    engine_end, http_end = socket.socketpair()
-    host = threading.Thread(target=EngineHost(engine, engine_end).serve, daemon=True)
-    host.start()
-    with _Serving(EngineClient(http_end, engine.limits), TEMPLATE_V31, "deepseek_v3") as (api, c):
-        r = c.chat.completions.create(model="tiny-test", messages=ASK, tools=TOOLS[1:], max_tokens=300,
-                                      temperature=1.0, seed=1, tool_choice=NAMED)
+    with EngineServer(engine, lambda link: Api(link, ByteTokenizer(), "tiny-test", chat_template=TEMPLATE_V31,
+                                               tool_call_parser="deepseek_v3")) as s:
+        r = s.client().chat.completions.create(model="tiny-test", messages=ASK, tools=TOOLS[1:], max_tokens=300,
+                                               temperature=1.0, seed=1, tool_choice=NAMED)
         ch = r.choices[0]
-    host.join(timeout=30)
-    engine_end.close()
     assert ch.finish_reason == "tool_calls" and [t.function.name for t in ch.message.tool_calls] == ["set_light"]
     head = F3.calls_begin + F3.call_begin + F3.call_type + F3.sep + "set_light" + F3.args_open
     assert bytes(written).decode().startswith(head)

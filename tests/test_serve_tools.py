@@ -7,14 +7,12 @@ schema (without the grammar they do not), streamed or not; a follow-up conversat
 definitions and choices answer 400 naming the field; "none" parses nothing."""
 
 import json
-import socket
-import threading
 
 import httpx
-import openai
 import pytest
 import torch
 from hf_models import build
+from served import EngineServer
 from test_serve_api import _error, _Running
 from test_serve_structured import _valid
 from tokenizers import AddedToken, Tokenizer
@@ -23,11 +21,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from flyer.config import preset
 from flyer.interop.hf import load_hf
 from flyer.model.transformer import Transformer
-from flyer.serve.api import Api, Server
+from flyer.serve.api import Api
 from flyer.data.chat_template import read_chat_template
-from flyer.serve.cli import bind
 from flyer.serve.engine import Engine, EngineConfig
-from flyer.serve.link import EngineClient, EngineHost
 from flyer.serve.schema import ChatBody
 from flyer.serve.tools import DEEPSEEK_V31 as F, MAX_TOOL_CALLS, ToolCall, content_end, marked_text, parse_tool_calls
 
@@ -105,33 +101,14 @@ def ckpt(tmp_path_factory):
     return tool_checkpoint(tmp_path_factory.mktemp("tools") / "v3", TEMPLATE, 1024)
 
 
-class _Served:
-    """``ckpt`` served on a free loopback port, engine and HTTP server on two threads (as test_serve_api's)."""
+class _Served(EngineServer):
+    """``ckpt`` served on a free loopback port (``served.EngineServer``)."""
 
     def __init__(self, path):
         model, _, self.tok = load_hf(path)
         assert model.cfg.vocab_size > max(self.tok.tok.token_to_id(m) for m in MARKERS)
-        self.engine = Engine(model, EngineConfig(kv_cache_bytes=1 << 24, block_size=16), tokenizer=self.tok)
-        engine_end, http_end = socket.socketpair()
-        self.api = Api(EngineClient(http_end, self.engine.limits), self.tok, "tiny-test",
-                       chat_template=read_chat_template(str(path)))
-        self.server = Server(self.api, graceful_s=5)
-        self.sock = bind("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.host = threading.Thread(target=EngineHost(self.engine, engine_end).serve, daemon=True)
-        self.host.start()
-        self.thread = self.server.run_in_thread(self.sock)
-        self.engine_end = engine_end
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-    def close(self):
-        self.server.stop()
-        self.thread.join(timeout=30)
-        self.host.join(timeout=30)
-        self.engine_end.close()
-        self.sock.close()
+        super().__init__(Engine(model, EngineConfig(kv_cache_bytes=1 << 24, block_size=16), tokenizer=self.tok),
+                         lambda link: Api(link, self.tok, "tiny-test", chat_template=read_chat_template(str(path))))
 
 
 @pytest.fixture(scope="module")

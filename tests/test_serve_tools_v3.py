@@ -13,15 +13,15 @@ chunk with the calls and finish_reason "tool_calls", equal to the whole answer; 
 keeps the first call; a tokenizer without the markers as tokens (bytes) parses the same."""
 
 import asyncio
+import contextlib
 import itertools
 import json
-import socket
-import threading
 
 import httpx
 import llguidance
 import pytest
 import torch
+from served import EngineServer, serving
 from test_serve_tools import (ASK, LIGHT, SCHEMA, TEMPLATE as TEMPLATE_V31, TOOLS, _check_calls,
                               _rendered_by_transformers, _Served, _stream_calls, tool_checkpoint)
 from transformers import AutoTokenizer
@@ -30,11 +30,10 @@ from flyer.config import preset
 from flyer.infer.cli import ByteTokenizer
 from flyer.interop.hf_tokenizer import load_tokenizer
 from flyer.model.transformer import Transformer
-from flyer.serve.api import Api, Server
-from flyer.serve.cli import bind
+from flyer.serve.api import Api
 from flyer.serve.engine import Engine, EngineConfig
 from flyer.serve.grammar import llg_tokenizer
-from flyer.serve.link import EngineClient, EngineHost, Submitted
+from flyer.serve.link import Submitted
 from flyer.serve.request import Limits, TokenEvent
 from flyer.serve.schema import ChatBody
 from flyer.serve.tools import (DEEPSEEK_V3 as F3, DEEPSEEK_V31 as F31, ToolCall, marker_ids, parse_tool_calls,
@@ -177,10 +176,8 @@ def test_byte_tokens_write_the_v3_markers_as_text():
     engine = Engine(Transformer(preset("tiny")).eval(), EngineConfig(kv_cache_bytes=64 * 4 * 384 * 8, block_size=4,
                                                                      cache_dtype=torch.float32, prefill_chunk=8),
                     tokenizer=ByteTokenizer())
-    engine_end, http_end = socket.socketpair()
-    host = threading.Thread(target=EngineHost(engine, engine_end).serve, daemon=True)
-    host.start()
-    with _serving(EngineClient(http_end, engine.limits), ByteTokenizer(), TEMPLATE_V3) as (api, url):
+    with EngineServer(engine, lambda link: Api(link, ByteTokenizer(), "tiny-test", chat_template=TEMPLATE_V3)) as s:
+        api, url = s.api, s.url
         assert api.tool_format is F3
         body = dict(model="tiny-test", messages=ASK, tools=TOOLS[1:], max_tokens=300, temperature=1.0, seed=1,
                     tool_choice={"type": "function", "function": {"name": "set_light"}})
@@ -190,8 +187,6 @@ def test_byte_tokens_write_the_v3_markers_as_text():
         [call] = r["message"]["tool_calls"]
         assert call["function"]["name"] == "set_light"
         assert set(json.loads(call["function"]["arguments"])) == set(LIGHT["properties"])
-    host.join(timeout=30)
-    engine_end.close()
 
 
 # ---- "auto" over HTTP: an engine stand-in writes content then calls ---------------------------------------------
@@ -235,22 +230,13 @@ class _Scripted:
         r.done = True
 
 
-class _serving:
+@contextlib.contextmanager
+def _serving(engine, tok, template: str):
     """``Api`` over ``engine`` with ``tok`` and ``template``, served on a free loopback port while in the block:
     (the api, its URL)."""
-
-    def __init__(self, engine, tok, template: str):
-        self.api = Api(engine, tok, "tiny-test", chat_template=template)
-        self.server, self.sock = Server(self.api, graceful_s=5), bind("127.0.0.1", 0)
-
-    def __enter__(self):
-        self.thread = self.server.run_in_thread(self.sock)
-        return self.api, f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def __exit__(self, *exc):
-        self.server.stop()
-        self.thread.join(timeout=30)
-        self.sock.close()
+    api = Api(engine, tok, "tiny-test", chat_template=template)
+    with serving(api) as url:
+        yield api, url
 
 
 def _sse_chunks(url: str, body: dict) -> list[dict]:

@@ -1,0 +1,63 @@
+"""A server inside a test, on 127.0.0.1 at a free port and stopped by the test: ``serving(api)`` runs an ``Api``
+(over whatever engine client it holds: a scripted one, or a link) while in the block; ``EngineServer`` puts an
+``Engine`` behind it as ``flyer serve`` joins them (``EngineHost`` and ``EngineClient`` over a socket pair), the
+engine on a thread of this process."""
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import openai
+
+from flyer.serve.api import Api, Server
+from flyer.serve.cli import bind
+from flyer.serve.link import EngineClient, EngineHost
+
+
+@contextlib.contextmanager
+def serving(api: Api, **server_kw) -> Iterator[str]:
+    """``api`` served while in the block (``Server`` keyword arguments: ``server_kw``); yields its base URL."""
+    server, sock = Server(api, graceful_s=5, **server_kw), bind("127.0.0.1", 0)
+    thread = server.run_in_thread(sock)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.stop()
+        thread.join(timeout=30)
+        sock.close()
+
+
+def client(url: str, api_key: str = "none", **kw) -> openai.OpenAI:
+    """The official client of the server at ``url``: no retries, a minute's timeout."""
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
+
+
+class EngineServer:
+    """``engine`` served behind ``make_api(its EngineClient)`` until ``close`` (or the end of a ``with`` block);
+    ``start_engine=False``: the engine hears nothing (its queue only fills)."""
+
+    def __init__(self, engine, make_api: Callable[[EngineClient], Api], start_engine: bool = True, **server_kw):
+        engine_end, http_end = socket.socketpair()
+        self.engine, self.engine_end = engine, engine_end
+        self.api = make_api(EngineClient(http_end, engine.limits))
+        self.host = threading.Thread(target=EngineHost(engine, engine_end).serve, daemon=True)
+        if start_engine:
+            self.host.start()
+        self._stack = contextlib.ExitStack()
+        self.url = self._stack.enter_context(serving(self.api, **server_kw))
+
+    def client(self, **kw) -> openai.OpenAI:
+        return client(self.url, **kw)
+
+    def close(self) -> None:
+        self._stack.close()
+        if self.host.is_alive():  # the server closed the link: the host returns
+            self.host.join(timeout=30)
+        self.engine_end.close()
+
+    def __enter__(self) -> "EngineServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
