@@ -12,13 +12,16 @@ with the generation prompt and up to and including i rendered without it, i.e. i
 the template closes it with (DeepSeek's ``<｜end▁of▁sentence｜>``), not its header. Both prefixes must
 encode to a prefix of the whole conversation's ids, else the line is refused. A template's
 ``{% generation %}`` markers (transformers' ``return_assistant_tokens_mask``) render their body as it is.
+``encode_conversation`` is the plain path; the build takes ``flyer.data.chat_encode``'s fast twin (the prefixes'
+shared tokens encoded once: the same ids, mask and errors) wherever its tokenizer model holds.
 
 Validation: conversation i (0-based, in file order, counting conversations not lines) is held out when
 ``i % VAL_EVERY == VAL_EVERY - 1``; a file of fewer than ``VAL_EVERY`` holds out its last one.
 
 The tokenized conversations are cached in ``{cache_dir}/chat-{key}/`` (``ids.npy``, ``mask.npy``,
 ``offsets.npy``, ``meta.json`` written last), ``key`` hashing the file's bytes, the tokenizer, the template
-and this format's version.
+and this format's version. The build writes each conversation's ids and mask as it goes (memory: one
+conversation and the offsets).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 import tokenizers
 import torch
 
+from flyer.data.chat_encode import encode_conversation_fast, token_splitter
 from flyer.data.chat_template import chat_renderer, read_chat_template
 from flyer.data.prepare import _build_lock, unigram_from_counts
 from flyer.data.shards import atomic_write
@@ -180,10 +184,23 @@ class ChatData:
     cache_dir: Path
 
 
-def _split(ids: list[np.ndarray], masks: list[np.ndarray]) -> ChatSplit:
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(i) for i in ids])
-    return ChatSplit(np.concatenate(ids).astype(np.int64), np.concatenate(masks).astype(np.uint8), offsets)
+def _select(ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> ChatSplit:
+    """The conversations ``keep`` (a bool per conversation) of the cache's arrays, copied in runs of neighbours."""
+    bounds = np.flatnonzero(np.diff(keep, prepend=~keep[0], append=~keep[-1]))  # where keep flips: runs' edges
+    runs = [(offsets[a], offsets[b]) for a, b in zip(bounds[:-1], bounds[1:]) if keep[a]]
+    lengths = np.diff(offsets)[keep]
+    return ChatSplit(np.concatenate([ids[a:b] for a, b in runs]).astype(np.int64, copy=False),
+                     np.concatenate([mask[a:b] for a, b in runs]).astype(np.uint8, copy=False),
+                     np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
+def read_splits(out: Path) -> tuple[ChatSplit, ChatSplit]:
+    """(training, validation) of the built cache ``out``; its files mapped, the splits copied out of them (the
+    files are never held whole besides)."""
+    ids, mask = (np.load(out / f"{n}.npy", mmap_mode="r") for n in ("ids", "mask"))
+    offsets = np.load(out / "offsets.npy")
+    val = np.asarray(held_out(len(offsets) - 1))
+    return _select(ids, mask, offsets, ~val), _select(ids, mask, offsets, val)
 
 
 def held_out(n: int) -> list[bool]:
@@ -217,14 +234,7 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
         if not (out / "meta.json").exists():
             _build(out, path, tok, template, special)
         meta = json.loads((out / "meta.json").read_text())
-        ids, mask, offsets = (np.load(out / f"{n}.npy") for n in ("ids", "mask", "offsets"))
-    val = held_out(len(offsets) - 1)
-    parts = {flag: ([], []) for flag in (False, True)}
-    for c, v in enumerate(val):
-        s, e = offsets[c], offsets[c + 1]
-        parts[v][0].append(ids[s:e])
-        parts[v][1].append(mask[s:e])
-    train_split, val_split = _split(*parts[False]), _split(*parts[True])
+        train_split, val_split = read_splits(out)
     vocab = tok.tok.get_vocab_size()
     return ChatData(tok.tok, train_split, val_split, vocab, meta["eos_id"],
                     _unigram(train_split, val_split, vocab), out)
@@ -234,30 +244,74 @@ def _build(out: Path, path: Path, tok: TextTokenizer, template: str | None, spec
     # transformers' {% generation %} markers render their body: an always-true block, whitespace control kept
     plain = _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
     render = chat_renderer(plain, special)
+    split = token_splitter(tok.tok)
 
     def encode(text: str) -> list[int]:
         return tok.encode_ids(text, add_special_tokens=False)
 
-    ids, masks = [], []
-    for line, raw in _read_lines(path):
-        messages, tools = parse_conversation(raw, path, line)
-        try:
-            i, m = encode_conversation(messages, tools, render, encode)
-        except ValueError as e:  # jinja2's TemplateError is an Exception: named below
-            raise _problem(path, line, str(e)) from None
-        except Exception as e:  # a template's raise_exception, or a render error: the user's line or template
-            raise _problem(path, line, f"messages: the chat template cannot render them ({e})") from None
-        ids.append(np.asarray(i, dtype=np.int64))
-        masks.append(np.asarray(m, dtype=np.uint8))
-    if len(ids) < 2:
-        raise DataError(f"{path}: {len(ids)} conversation(s); at least 2 are needed (one is held out for validation)")
-    split = _split(ids, masks)
-    for name, a in (("ids", split.ids), ("mask", split.mask), ("offsets", split.offsets)):
-        np.save(out / f"{name}.npy", a)
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in tok.tok.encode_batch(texts, add_special_tokens=False)]
+
+    # ids and mask go to their .npy files as they come: the build holds one conversation and the offsets
+    columns = [_Column(out / "ids.npy", np.int64), _Column(out / "mask.npy", np.uint8)]
+    offsets = [0]
+    try:
+        for line, raw in _read_lines(path):
+            messages, tools = parse_conversation(raw, path, line)
+            try:
+                got = split and encode_conversation_fast(messages, tools, render, split, encode_batch)
+                i, m = got or encode_conversation(messages, tools, render, encode)
+            except ValueError as e:  # jinja2's TemplateError is an Exception: named below
+                raise _problem(path, line, str(e)) from None
+            except Exception as e:  # a template's raise_exception, or a render error: the user's line or template
+                raise _problem(path, line, f"messages: the chat template cannot render them ({e})") from None
+            columns[0].append(i)
+            columns[1].append(m)
+            offsets.append(offsets[-1] + len(i))
+        if len(offsets) < 3:
+            raise DataError(f"{path}: {len(offsets) - 1} conversation(s); at least 2 are needed (one is held out "
+                            "for validation)")
+        for c in columns:
+            c.close()
+    except BaseException:
+        for c in columns:
+            c.discard()
+        raise
+    np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     eos = tok.eos_id()
-    meta = {"source": str(path), "conversations": len(ids), "tokens": len(split),
+    meta = {"source": str(path), "conversations": len(offsets) - 1, "tokens": offsets[-1],
             "eos_id": eos if eos is not None else ensure_eos(tok.tok)}
     atomic_write(out / "meta.json", [json.dumps(meta, indent=1).encode()])
+
+
+class _Column:
+    """A 1-D ``.npy`` file written as it grows, ``np.save``'s bytes once closed: its header is rewritten in place
+    for the final length (numpy pads a header with room for any length: ``GROWTH_AXIS_MAX_DIGITS``)."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype, self.n = path, np.dtype(dtype), 0
+        self.f = open(path, "wb")
+        self.start = self._header()
+
+    def _header(self) -> int:
+        d = np.lib.format.header_data_from_array_1_0(np.empty(0, self.dtype))
+        self.f.seek(0)
+        np.lib.format.write_array_header_1_0(self.f, {**d, "shape": (self.n,)})
+        return self.f.tell()
+
+    def append(self, values) -> None:
+        a = np.asarray(values, dtype=self.dtype)
+        self.f.write(a.tobytes())
+        self.n += len(a)
+
+    def close(self) -> None:
+        if self._header() != self.start:
+            raise RuntimeError(f"{self.path}: the .npy header of {self.n} elements changed length")
+        self.f.close()
+
+    def discard(self) -> None:
+        self.f.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _unigram(train: ChatSplit, val: ChatSplit, vocab: int) -> float:

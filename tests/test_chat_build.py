@@ -1,0 +1,264 @@
+"""The chat cache's fast build (``flyer.data.chat_encode``: each prefix's shared tokens taken from the whole
+conversation's, ids and mask written as they come) against the plain path it replaced (``encode_conversation``
+per conversation, every array saved at the end, the key of commit 8587a0f): the same bytes on test_sft's
+conversations and on many-turn ones, under a template with plain-text turn headers and a DeepSeek-like one whose
+headers are special tokens; transformers' ids and assistant masks on the many-turn ones; the same errors for
+the same line and turn; the plain path wherever the tokenizer model does not hold; the build's memory flat in
+the number of conversations."""
+
+import hashlib
+import json
+import random
+import re
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer
+
+from flyer.data import chat_data
+from flyer.data.chat_data import (_GENERATION_TAG, CHAT_VERSION, MAX_LINE_BYTES, VAL_EVERY, encode_conversation,
+                                  prepare_chat)
+from flyer.data.chat_encode import encode_conversation_fast, token_splitter
+from flyer.data.chat_template import chat_renderer
+from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer
+from tests.hf_models import make_tokenizer
+from tests.test_sft import CHATS, TEMPLATE, TOOLS, WORDS
+
+# DeepSeek-V3's shape: turn headers and the assistant's end are special tokens (here the tokenizer's <s> and </s>
+# and two added ones), so every prefix ends on a special token and encodes no tail.
+DEEPSEEK = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+            "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+            "{% elif m['role'] == 'tool' %}<｜User｜>tool: {{ m['content'] }}"
+            "{% else %}<｜Assistant｜>{% generation %}{{ m['content'] or '' }}"
+            "{% for c in m['tool_calls'] or [] %}call {{ c['function']['name'] }} {{ c['function']['arguments'] }}"
+            "{% endfor %}{{ eos_token }}{% endgeneration %}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+
+
+def many_turns(n: int, seed: int = 0) -> list[dict]:
+    """n conversations of 1-30 user/assistant pairs (a long tail), a system turn in some, tool calls in some."""
+    rng = random.Random(seed)
+    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    out = []
+    for c in range(n):
+        msgs = [{"role": "system", "content": say(rng.randint(1, 6))}] if c % 4 == 0 else []
+        for _ in range(min(30, int(rng.paretovariate(0.8)))):
+            msgs.append({"role": "user", "content": say(rng.randint(1, 12))})
+            if rng.random() < 0.2:
+                call = {"type": "function", "function": {"name": "weather", "arguments": json.dumps({"city": say(1)})}}
+                msgs += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "content": say(2)}]
+            msgs.append({"role": "assistant", "content": say(rng.randint(1, 25))})
+        out.append({"messages": msgs, **({"tools": TOOLS} if c % 3 == 0 else {})})
+    return out
+
+
+MANY = many_turns(60)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A directory with test_sft's byte-level BPE (<s>, </s>: special) plus DeepSeek's two header tokens."""
+    path = tmp_path_factory.mktemp("tok")
+    make_tokenizer(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_special_tokens(["<｜User｜>", "<｜Assistant｜>"])
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def _tok(hf_dir: Path) -> TextTokenizer:
+    return load_tokenizer(hf_dir, config={})
+
+
+def _render(tok: TextTokenizer, template: str):
+    return chat_renderer(_GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template),
+                         tok.special_tokens())
+
+
+def _encoders(tok: TextTokenizer):
+    plain = lambda t: tok.encode_ids(t, add_special_tokens=False)  # noqa: E731
+    batch = lambda ts: [e.ids for e in tok.tok.encode_batch(ts, add_special_tokens=False)]  # noqa: E731
+    return plain, batch
+
+
+def old_cache(chats: Path, root: Path, tok: TextTokenizer, template: str) -> Path:
+    """The cache as commit 8587a0f wrote it (its key, ``encode_conversation`` per line, ``np.save``)."""
+    special = tok.special_tokens()
+    key_src = {"version": CHAT_VERSION, "file": hashlib.blake2b(chats.read_bytes(), digest_size=16).hexdigest(),
+               "max_line": MAX_LINE_BYTES, "val_every": VAL_EVERY,
+               "tokenizer": hashlib.blake2b(tok.tok.to_str().encode(), digest_size=16).hexdigest(),
+               "template": template, "special": special}
+    out = root / f"chat-{hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=8).hexdigest()}"
+    out.mkdir(parents=True)
+    render, (plain, _) = _render(tok, template), _encoders(tok)
+    got = [encode_conversation(c["messages"], c.get("tools"), render, plain) for c in map(json.loads, chats.open())]
+    np.save(out / "ids.npy", np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in got]))
+    np.save(out / "mask.npy", np.concatenate([np.asarray(m, dtype=np.uint8) for _, m in got]))
+    np.save(out / "offsets.npy", np.cumsum([0] + [len(i) for i, _ in got]).astype(np.int64))
+    meta = {"source": str(chats), "conversations": len(got), "tokens": sum(len(i) for i, _ in got),
+            "eos_id": tok.eos_id()}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+FILES = ("ids.npy", "mask.npy", "offsets.npy", "meta.json")
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, DEEPSEEK], ids=["plain-headers", "deepseek"])
+@pytest.mark.parametrize("which", ["test_sft", "many"])
+def test_build_writes_the_old_builds_bytes_under_the_old_key(hf_dir, tmp_path, monkeypatch, template, which):
+    """prepare_chat's files are byte for byte the old build's, in the directory of the old key, and its splits
+    are the old reader's; a cache the old build wrote is reused (nothing rendered)."""
+    tok = _tok(hf_dir)
+    assert token_splitter(tok.tok) is not None  # the fast path is the one measured
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(c) + "\n" for c in (CHATS if which == "test_sft" else MANY)))
+    want = old_cache(chats, tmp_path / "old", tok, template)
+    data = prepare_chat(chats, tmp_path / "new", tok, template)
+    assert data.cache_dir.name == want.name
+    assert all((data.cache_dir / f).read_bytes() == (want / f).read_bytes() for f in FILES)
+    ids, mask, offsets = (np.load(want / f"{n}.npy") for n in ("ids", "mask", "offsets"))
+    for split, v in ((data.train, False), (data.val, True)):  # the splits, gathered as the old reader did
+        convs = [c for c, held in enumerate(chat_data.held_out(len(offsets) - 1)) if held == v]
+        assert np.array_equal(split.ids, np.concatenate([ids[offsets[c]:offsets[c + 1]] for c in convs]))
+        assert np.array_equal(split.mask, np.concatenate([mask[offsets[c]:offsets[c + 1]] for c in convs]))
+        assert np.array_equal(split.offsets, np.cumsum([0] + [offsets[c + 1] - offsets[c] for c in convs]))
+        assert (split.ids.dtype, split.mask.dtype, split.offsets.dtype) == (np.int64, np.uint8, np.int64)
+    monkeypatch.setattr(chat_data, "_build", None)
+    again = prepare_chat(chats, tmp_path / "old", tok, template)
+    assert again.cache_dir == want and np.array_equal(again.train.ids, data.train.ids)
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, DEEPSEEK], ids=["plain-headers", "deepseek"])
+def test_many_turns_equal_transformers(hf_dir, tmp_path, template):
+    """The fast path's ids and assistant mask are transformers' ``apply_chat_template`` ones on many-turn chats."""
+    cfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    for f in ("tokenizer.json", "special_tokens_map.json"):
+        if (hf_dir / f).is_file():
+            (ref_dir / f).write_bytes((hf_dir / f).read_bytes())
+    cfg.pop("added_tokens_decoder", None)
+    (ref_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    ref = AutoTokenizer.from_pretrained(ref_dir)
+    tok = _tok(hf_dir)
+    render, (_, batch) = _render(tok, template), _encoders(tok)
+    for c in MANY[:20]:
+        ids, mask = encode_conversation_fast(c["messages"], c.get("tools"), render, token_splitter(tok.tok), batch)
+        want = ref.apply_chat_template(c["messages"], tools=c.get("tools"), tokenize=True, return_dict=True,
+                                       return_assistant_tokens_mask=True)
+        assert ids == list(want["input_ids"]) and mask == list(want["assistant_masks"])
+
+
+def _outcome(f):
+    try:
+        return f()
+    except Exception as e:
+        return type(e), str(e)
+
+
+LONG = "{% if add_generation_prompt and messages | length > 5 %}{{ raise_exception('long') }}{% endif %}"
+
+
+BOT = ("{% if add_generation_prompt %}<|assistant|>", "{% if add_generation_prompt %}<|bot|>")
+
+
+@pytest.mark.parametrize("base, mutant, words", [
+    # a system turn's text changed (same length) before the prefix's last special token: not a string prefix
+    (DEEPSEEK, [("{{ m['content'] }}{% elif m['role'] == 'user' %}", "{{ m['content'] | upper if "
+                 "add_generation_prompt else m['content'] }}{% elif m['role'] == 'user' %}")],
+     "rendered with the generation prompt"),
+    (TEMPLATE, [BOT], "rendered with the generation prompt"),  # the head's tail is not the whole's
+    # a string prefix whose last " " is a token, where the whole has " the"
+    (TEMPLATE, [("{{ eos_token }}{% endgeneration %}", "{{ eos_token }} {% endgeneration %}"),
+                ("{% else %}<|{{ m['role'] }}|>", "{% else %}the {{ m['role'] }}:")], "rendered through it"),
+    (TEMPLATE, [("{% for m in messages %}", LONG + "{% for m in messages %}")], "long"),  # a later prefix's render
+    # both: an earlier turn's prefix error comes first
+    (TEMPLATE, [("{% for m in messages %}", LONG + "{% for m in messages %}"), BOT], "rendered with the generation"),
+])
+def test_errors_are_the_plain_paths(hf_dir, base, mutant, words):
+    """A template the plain path refuses (a prefix that does not encode to a prefix, a render error) gives the
+    fast path the same error for the same turn: the earliest turn's, prefix checks before a later render."""
+    tok = _tok(hf_dir)
+    template = base
+    for old, new in mutant:
+        assert old in template
+        template = template.replace(old, new)
+    render, (plain, batch) = _render(tok, template), _encoders(tok)
+    split = token_splitter(tok.tok)
+    errors = []
+    for c in CHATS + MANY:
+        args = (c["messages"], c.get("tools"), render)
+        want = _outcome(lambda: encode_conversation(*args, plain))
+        assert _outcome(lambda: encode_conversation_fast(*args, split, batch)) == want
+        errors += [want[1]] if isinstance(want[0], type) else []
+    assert errors and all(words in e for e in errors), errors[:3]
+
+
+def test_plain_path_where_the_model_does_not_hold(hf_dir, tmp_path):
+    """No splitter for a tokenizer with truncation, an added token that strips or matches whole words, or
+    Metaspace's prepend-to-the-first-piece; a splitter that cuts where the tokenizer does not (its pieces' ids
+    are not the whole's) gives None: the build takes the plain path, and its bytes are the old build's."""
+    tok = _tok(hf_dir)
+    for change in (lambda t: t.enable_truncation(8),
+                   lambda t: t.add_tokens([AddedToken("<x>", rstrip=True, normalized=False)]),
+                   lambda t: t.add_tokens([AddedToken("<y>", single_word=True, normalized=False)])):
+        t = Tokenizer.from_str(tok.tok.to_str())
+        change(t)
+        assert token_splitter(t) is None
+    meta = Tokenizer(models.BPE())
+    meta.add_special_tokens(["</s>"])
+    meta.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    assert token_splitter(meta) is None
+    meta.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    assert token_splitter(meta) is not None
+    render, (plain, batch) = _render(tok, TEMPLATE), _encoders(tok)
+    wrong = re.compile("e|</s>")  # cuts inside words: BPE pieces differ
+    c = CHATS[1]
+    assert encode_conversation_fast(c["messages"], None, render, wrong, batch) is None
+    assert encode_conversation_fast(c["messages"], None, render, token_splitter(tok.tok), batch) == \
+        encode_conversation(c["messages"], None, render, plain)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(c) + "\n" for c in CHATS[:6]))
+    tok.tok.add_tokens([AddedToken("<x>", rstrip=True, normalized=False)])  # the plain path, through prepare_chat
+    want = old_cache(chats, tmp_path / "old", tok, TEMPLATE)
+    data = prepare_chat(chats, tmp_path / "new", tok, TEMPLATE)
+    assert all((data.cache_dir / f).read_bytes() == (want / f).read_bytes() for f in FILES)
+
+
+def test_build_memory_is_flat_in_the_conversations(hf_dir, tmp_path):
+    """The build's peak Python/numpy allocation (tracemalloc) grows by less than 100 bytes per extra
+    conversation (its offset: about 44), not with the tokens: the old build, holding every array, grows by 10x
+    that and more (about 9 bytes a token, ~400 tokens a conversation here)."""
+    tok = _tok(hf_dir)
+    peaks = []
+    for n in (80, 320):
+        chats = tmp_path / f"chats{n}.jsonl"
+        chats.write_text("".join(json.dumps(MANY[c % 20]) + "\n" for c in range(n)))
+        out = tmp_path / f"out{n}"
+        out.mkdir()
+        chat_data._build(out, chats, tok, DEEPSEEK, tok.special_tokens())  # warm: the template compiled, caches
+        tracemalloc.start()
+        chat_data._build(out, chats, tok, DEEPSEEK, tok.special_tokens())
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        tokens = json.loads((out / "meta.json").read_text())["tokens"]
+    assert peaks[1] - peaks[0] < 100 * 240, (peaks, tokens)
+    assert tokens * 9 * 240 / 320 > 10 * 100 * 240  # what the old build holds for the 240 more: far more
+
+
+def test_column_writes_np_saves_bytes(tmp_path):
+    """An incrementally written .npy (ids, mask: appended conversation by conversation) is np.save's file."""
+    rng = np.random.default_rng(0)
+    for dtype, n in ((np.int64, 0), (np.int64, 1), (np.uint8, 1000), (np.int64, 12345)):
+        a = rng.integers(0, 200, size=n).astype(dtype)
+        col = chat_data._Column(tmp_path / "a.npy", dtype)
+        for part in np.array_split(a, 7):
+            col.append(part.tolist())
+        col.close()
+        np.save(tmp_path / "b.npy", a)
+        assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
