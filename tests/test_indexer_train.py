@@ -5,9 +5,11 @@ masked and gathered, one chunk and several; in sparse training the main model's 
 without the loss and the indexers' those of L_I alone (V3.2 and GLM-5 layouts), and a Trainer step moves every
 other weight as a step without it does; the warm-up changes nothing but the indexers and lowers L_I while raising
 the attention mass the indexer's top-k holds; "off" is the model as before; a Trainer run logs indexer_loss and
-resumes exactly; bad combinations exit 2 naming --indexer-train. Tiny MLA (4 heads, nope 32,
-rope 16, v 32, latent 32), index_topk 8, FP32, CPU."""
+resumes exactly; two expert-parallel ranks give one process's step (sparse and warm-up); padding queries do not
+count (layer and Trainer); FP8 sparse training runs; bad combinations exit 2 naming --indexer-train. Tiny MLA
+(4 heads, nope 32, rope 16, v 32, latent 32), index_topk 8, FP32 (one test FP8), CPU."""
 
+import contextlib
 import math
 
 import pytest
@@ -15,8 +17,9 @@ import torch
 
 from flyer.cli import main
 from flyer.errors import FieldError
+from flyer.fp8.linear import FP8Linear
 from flyer.model.attention import MLA
-from flyer.model.indexer_loss import indexer_attentions, set_indexer_training
+from flyer.model.indexer_loss import clip_gradients, indexer_attentions, real_queries, set_indexer_training
 from flyer.model.transformer import Transformer
 from flyer.train.config import TrainConfig
 from flyer.train.metrics import read_metrics
@@ -27,7 +30,7 @@ from tests.test_dsa_gather_train import CFG, TOPK, _input, _layer, _tables
 T = 100  # past dsa_gathers' 80 under autograd: gather=True gathers, gather=False masks
 
 
-def reference(layer: MLA, x: torch.Tensor, sparse: bool) -> tuple[float, float]:
+def reference(layer: MLA, x: torch.Tensor, sparse: bool, valid: torch.Tensor | None = None) -> tuple[float, float]:
     """(L_I in FP64 from explicit attention, a bound on |flyer's FP32 L_I - it|). The queries, latents and index
     scores are the layer's own FP32 tensors; keys are up-projected (k_nope = W_UK c), scores, softmax, head sum,
     L1 normalisation, log-softmax and KL are FP64. Bound, per query: flyer scores absorbed ((q_nope W_UK) . c) in
@@ -36,7 +39,7 @@ def reference(layer: MLA, x: torch.Tensor, sparse: bool) -> tuple[float, float]:
     p_s by 2 d p_s and KL by sum_s 2 d p_s (|log p_s / q_s| + 1); an index logit (K_I + H_I + q_lora_rank + 8) u A_I
     (A_I = scale sum_h |w_h| |q_h| . |k|; the chunk's projections may round otherwise), moving log q by twice the
     largest; the KL's own FP32 sums over t keys (t + 8) u sum_s p_s (|log p_s| + |log q_s|); the mean over B T
-    queries B T u of the mean's magnitude."""
+    queries (``valid`` (B, T) bool: over its N real ones) B T (N) u of the mean's magnitude."""
     u = FP32_U
     B, T_, _ = x.shape
     H, nope, R, C = layer.n_heads, layer.qk_nope_head_dim, layer.qk_rope_head_dim, layer.kv_lora_rank
@@ -64,7 +67,8 @@ def reference(layer: MLA, x: torch.Tensor, sparse: bool) -> tuple[float, float]:
         log_q = logits.masked_fill(~visible, -math.inf).log_softmax(-1).masked_fill(~visible, 0.0)
         log_p = p.clamp(min=1e-300).log()
         kl_t = torch.where(visible, p * (log_p - log_q), 0.0).sum(-1)  # (B, T)
-        loss = float(kl_t.mean())
+        real = torch.ones(B, T_, dtype=torch.bool) if valid is None else valid
+        loss = float(kl_t[real].mean())
         n = nope + C + R + 4
         d = (n * u * A).masked_fill(~vis4, 0).amax(dim=(1, 3))  # (B, T): the largest score error per query
         iq, iw = ind.queries(x, q_latent, cos, sin)
@@ -75,7 +79,7 @@ def reference(layer: MLA, x: torch.Tensor, sparse: bool) -> tuple[float, float]:
         per_query = (torch.where(visible, 2 * d.unsqueeze(-1) * p * ((log_p - log_q).abs() + 1), 0.0).sum(-1)
                      + 2 * dI
                      + (t + 8) * u * torch.where(visible, p * (log_p.abs() + log_q.abs()), 0.0).sum(-1) + 8 * u)
-        bound = float(per_query.mean()) + B * T_ * u * float(kl_t.abs().mean())
+        bound = float(per_query[real].mean()) + int(real.sum()) * u * float(kl_t[real].abs().mean())
     return loss, bound
 
 
@@ -272,7 +276,7 @@ def test_trainer_logs_and_resumes(tmp_path, corpus):
 def test_sparse_trainer_step_moves_the_model_as_without(tmp_path, corpus):
     """One Trainer step of sparse training (clipping at 0.01: every step clips) leaves every non-indexer weight as
     the same step without indexer training does, bit for bit: the main model's gradients and their clipping
-    (apart from the indexers', ``_clip_grad_norm``) do not see L_I; the indexers move."""
+    (apart from the indexers', ``clip_gradients``) do not see L_I; the indexers move."""
     (tmp_path / "dsa.toml").write_text(f"[model]\nindex_topk = {TOPK}\nindex_n_heads = 4\nindex_head_dim = 32\n")
     runs = {}
     for mode in ("off", "sparse"):
@@ -307,3 +311,158 @@ def test_cli_refuses(tmp_path, capsys, extra, words):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("flyer: error: --indexer-train") and words in err, err
+
+
+
+def _rank_steps(rank: int, corpus: tuple, config: str, tokens: torch.Tensor) -> dict:
+    """For each mode (sparse, warmup): one ``_local_step`` and ``clip_gradients`` of ``tiny`` with DSA indexers,
+    rank ``rank`` of 2 expert-parallel ranks (each a data-parallel replica) on its half of the rows of ``tokens``
+    (B, T+1), or one process on all of them, which also gives each row's own gradients (the scale of the terms).
+    The sums, the norms, every gradient (an EP rank's expert stacks: its slice) and the rank's EP index."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rows = tokens.chunk(world)[rank]
+    result = {}
+    for mode in ("sparse", "warmup"):
+        root = corpus[0].parent / f"{mode}-ranks{world}"
+        t = Trainer(_tc(root / f"run{rank}", (corpus[0], root / "cache"), config=config, indexer_train=mode,
+                        ep=world, batch_size=rows.shape[0], seq_len=tokens.shape[1] - 1, precision="fp32", threads=1,
+                        collective_timeout_s=120), log=lambda m: None)
+        t.sampler.next_batch = iter([(rows[:, :-1], rows[:, 1:])]).__next__
+        sums = t._local_step()
+        norms = clip_gradients(t.model, t.mesh.clip_grad_norm_, t.tc.clip, mode)
+        out = result[mode] = {"sums": sums, "norms": norms, "experts": t.mesh.ep_rank,
+                              "grads": {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}}
+        if world == 1:
+            out["rows"] = []
+            for b in range(rows.shape[0]):
+                t.model.zero_grad()
+                t.model.compute_loss(rows[b:b + 1, :-1], rows[b:b + 1, 1:]).loss.backward()
+                out["rows"].append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+        t.close()
+        if mode == "warmup":
+            t.mesh.destroy()
+    return result
+
+
+@pytest.mark.slow
+def test_two_expert_parallel_ranks_equal_one_process(tmp_path, corpus):
+    """--indexer-train sparse and warmup with --ep 2: two ranks (gloo, each a data-parallel replica, on 2 rows each)
+    give the loss, L_I, the indexers' and (sparse) the main model's gradients (replicated parameters' and each rank's
+    expert slice) and the clipping norms (sparse: the main model's and the indexers' apart) of one process on all 4
+    rows, within ``tests.test_sft.reorder_bound`` (relative to the loss; a gradient's, to the sum of the rows' own
+    gradient norms; a norm's, to itself), at T 48 (sparse: past index_topk)."""
+    from tests.ranks import run_ranks
+    from tests.test_sft import reorder_bound
+
+    (tmp_path / "dsa.toml").write_text(f"[model]\nindex_topk = {TOPK}\nindex_n_heads = 4\nindex_head_dim = 32\n")
+    cfg = str(tmp_path / "dsa.toml")
+    tokens = torch.randint(0, 300, (4, 49), generator=torch.Generator().manual_seed(11))
+    ranks = run_ranks(_rank_steps, 2, corpus, cfg, tokens)
+    whole = _rank_steps(0, corpus, cfg, tokens)
+    c = reorder_bound(CFG, 4, 48)
+    for mode, want in whole.items():
+        got = [r[mode] for r in ranks]
+        for k in ("loss", "main_loss", "aux_loss", "indexer_loss"):
+            assert got[0]["sums"][k] == got[1]["sums"][k]
+            assert abs(got[0]["sums"][k] - want["sums"][k]) <= c * abs(want["sums"][k]), (mode, k)
+        assert want["sums"]["indexer_loss"] > 0 and (want["norms"][1] is not None) == (mode == "sparse")
+        assert any(".indexer." in n for n in want["grads"])
+        for r in got:
+            assert r["norms"] == got[0]["norms"]
+            assert all(abs(a - b) <= c * b for a, b in zip(r["norms"], want["norms"]) if b is not None)
+            assert r["grads"].keys() == want["grads"].keys()
+            for n, g in want["grads"].items():
+                if ".experts.w" in n:  # this rank's experts: a contiguous slice of the stack
+                    E = r["grads"][n].shape[0]
+                    g = g[r["experts"] * E:(r["experts"] + 1) * E]
+                scale = sum(float(row[n].norm()) for row in want["rows"] if n in row) + 1e-30
+                assert float((r["grads"][n] - g).norm()) <= c * scale, (mode, n)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+def test_padding_queries_do_not_count(mode):
+    """Chat rows' padding is no data: with the real positions known (``real_queries``), L_I is the mean over the
+    real queries only. Two right-padded rows of 70 and 33 real tokens: at width 100 (gathered, past 80) and trimmed
+    to the longest, 70 (masked), each L_I is the FP64 reference's over the real queries within its bound, so the two
+    agree within the sum of the bounds (a real query sees no padding key: causal); the mean over all B T queries
+    (padding's included) is far from both."""
+    layer = _trained_layer(mode)
+    valid = torch.arange(T) < torch.tensor([[70], [33]])
+    x = torch.where(valid.unsqueeze(-1), _input(T), 4 * _input(T, seed=2))  # padding unlike data: peaked attention
+    losses, bounds = [], []
+    for width in (T, 70):
+        xw, vw = x[:, :width].contiguous(), valid[:, :width]
+        with real_queries(layer, vw):
+            layer(xw, *_tables(width))
+        want, bound = reference(layer, xw, sparse=mode == "sparse", valid=vw)
+        got = float(layer.index_loss.detach())
+        assert abs(got - want) <= bound, (width, got, want, bound)
+        losses.append(got)
+        bounds.append(bound)
+    assert abs(losses[0] - losses[1]) <= sum(bounds)
+    layer(x, *_tables(T))  # outside: every query counts
+    assert layer.index_valid_BT is None and abs(float(layer.index_loss.detach()) - losses[0]) > 10 * sum(bounds)
+
+
+def test_trainer_averages_over_real_queries(tmp_path, corpus, monkeypatch):
+    """A Trainer step (sparse) on two right-padded rows (40 and 20 real tokens; padding PAD_ID, no target) at width
+    48 logs the indexer_loss of the same rows trimmed to 40, and of two micro-batches (--grad-accum 2) of a row each
+    trimmed to its own length, within ``tests.test_sft.reorder_bound`` relative to it (each micro-batch weighted by
+    its share of the real queries, the MTP module's its own); without ``real_queries`` (every position a query) it is
+    far off."""
+    from tests.test_sft import reorder_bound
+
+    (tmp_path / "dsa.toml").write_text(f"[model]\nindex_topk = {TOPK}\nindex_n_heads = 4\nindex_head_dim = 32\n")
+    t = Trainer(_tc(tmp_path / "run", corpus, config=str(tmp_path / "dsa.toml"), precision="fp32", threads=1),
+                log=print)
+    tokens = torch.randint(0, 300, (2, 49), generator=torch.Generator().manual_seed(4))
+    x, y = tokens[:, :-1].clone(), tokens[:, 1:].clone()
+    for b, n in enumerate((40, 20)):
+        x[b, n:], y[b, n:] = -1, -100  # PAD_ID, IGNORE_INDEX
+
+    def indexer_loss(batch):
+        t.sampler.next_batch = iter([batch]).__next__
+        out = t._local_step()["indexer_loss"]
+        t.model.zero_grad(set_to_none=True)
+        return out
+
+    padded, trimmed = indexer_loss((x, y)), indexer_loss((x[:, :40], y[:, :40]))
+    with monkeypatch.context() as m:
+        m.setattr("flyer.train.trainer.real_queries", lambda model, valid: contextlib.nullcontext())
+        every = indexer_loss((x, y))
+    t.close()
+    t = Trainer(_tc(tmp_path / "two", corpus, config=str(tmp_path / "dsa.toml"), precision="fp32", threads=1,
+                    batch_size=1, grad_accum=2), log=print)
+    t.sampler.next_batch = iter([(x[:1, :40], y[:1, :40]), (x[1:, :20], y[1:, :20])]).__next__
+    accumulated = t._local_step()["indexer_loss"]
+    t.close()
+    c = reorder_bound(CFG, 2, 48)
+    assert abs(padded - trimmed) <= c * trimmed and abs(every - trimmed) > 100 * c * trimmed, (padded, trimmed, every)
+    assert abs(accumulated - trimmed) <= c * trimmed, (accumulated, trimmed)
+
+
+def test_fp8_sparse_training_runs(tmp_path, corpus):
+    """--precision fp8 --indexer-train sparse (the indexers' projections FP8 as the rest, L_I in FP32): a step leaves
+    every non-indexer weight as the same FP8 step without indexer training does, bit for bit, and moves the
+    indexers; three steps train with finite losses, a positive L_I and both clipping norms. (Past the first step
+    the runs part: the trained indexers select other keys.)"""
+    (tmp_path / "dsa.toml").write_text(f"[model]\nindex_topk = {TOPK}\nindex_n_heads = 4\nindex_head_dim = 32\n")
+    trainers = {mode: Trainer(_tc(tmp_path / mode, corpus, config=str(tmp_path / "dsa.toml"), indexer_train=mode,
+                                  precision="fp8", threads=1, seq_len=48), log=print) for mode in ("off", "sparse")}
+    indexers = indexer_attentions(trainers["sparse"].model)
+    assert indexers and all(isinstance(m.indexer.wk, FP8Linear) for m in indexers)
+    start = {n: p.detach().clone() for n, p in trainers["off"].model.named_parameters()}
+    recs = [t.train_step() for t in trainers.values()][1:]
+    off, sparse = (dict(t.model.named_parameters()) for t in trainers.values())
+    for n in off:
+        if ".indexer." in n:
+            assert not torch.equal(sparse[n], start[n]), n
+        else:
+            assert torch.equal(off[n], sparse[n]), n
+    recs += [trainers["sparse"].train_step() for _ in range(2)]
+    for t in trainers.values():
+        t.close()
+    assert all(not r.get("skipped") and math.isfinite(r["loss"]) and r["indexer_loss"] > 0 and r["grad_norm"] > 0
+               and r["indexer_grad_norm"] > 0 for r in recs)

@@ -2,7 +2,8 @@
 each conversation in a packed row computes what it computes alone (block-diagonal causal mask, RoPE positions from
 0), so a packed step's loss (next-token and MTP), gradients and routing statistics equal the unpacked step's on the
 same conversations, and the loss equals transformers' DeepseekV3 on the conversations one per row; the sampler
-packs the unpacked sampler's stream and resumes exactly; bad combinations are one-line CLI errors. Tiny random
+packs the unpacked sampler's stream and resumes exactly; the trainer's MTP target counts stop at the boundaries
+and two expert-parallel ranks give one process's step; bad combinations are one-line CLI errors. Tiny random
 models, FP32, CPU."""
 
 import json
@@ -298,13 +299,13 @@ def _args(hf, tmp_path, *extra):
 
 
 @pytest.mark.parametrize("preset, extra, words", [
-    ("tiny", ("--pp", "2"), "pipeline parallelism"),
     ("dsv32", (), "dense MLA and GQA models only"),
     ("tiny-v4", (), "dense MLA and GQA models only"),
     ("tiny", ("text",), "text data is already packed"),
 ])
 def test_pack_refusals_are_one_line_errors(hf, tmp_path, capsys, preset, extra, words):
-    """--pack under a pipeline, with DSA or hybrid attention, or on text data: exit 2, one line naming --pack."""
+    """--pack with DSA or hybrid attention, or on text data: exit 2, one line naming --pack (under a pipeline it runs:
+    ``tests/test_sft_pack_pp.py``)."""
     argv = _args(hf, tmp_path, "--preset", preset, *[e for e in extra if e != "text"])
     if "text" in extra:
         (tmp_path / "text.txt").write_text("some text\n" * 50)
@@ -329,3 +330,121 @@ def test_cli_packed_run_resumes_exactly(hf, tmp_path):
     run(cut, 2)
     run(cut, 3, "--resume")
     assert test_sft._losses(whole) == test_sft._losses(cut) and len(test_sft._losses(whole)) == 3
+
+
+def _pack_rank_step(rank: int, hf_dir: str, chats: str, convs: list[list[int]]) -> dict:
+    """One packed ``_local_step`` of ``tiny`` (MLA, MoE, MTP) at seq_len T: rank ``rank`` of 2 expert-parallel ranks
+    (each a data-parallel replica) on conversations ``convs[rank]`` first-fit into up to 2 rows, or one process (no
+    torchrun) on both ranks' rows, which also gives each row's own gradients (the scale of the terms). The sums,
+    every gradient (an EP rank's expert stacks: its slice of the experts) and the experts each rank holds."""
+    import os
+    from pathlib import Path
+
+    from flyer.train.config import TrainConfig
+    from flyer.train.trainer import Trainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    root = Path(chats).parent / f"pack-ranks{world}"
+    tc = TrainConfig(preset="tiny", tokenizer=f"{hf_dir}/tokenizer.json", data=chats, data_cache=str(root / "cache"),
+                     out=str(root / f"run{rank}"), seq_len=T, batch_size=2 * (3 - world), pack=True,
+                     precision="fp32", device="cpu", threads=1, plots=False, progress=False, ep=world,
+                     collective_timeout_s=120)
+    t = Trainer(tc, log=lambda m: None)
+    split = t.data.train
+
+    def rows(cs):
+        picked, taken = first_fit(np.minimum(np.diff(split.offsets), T + 1)[cs], 2, T + 1)
+        assert taken == len(cs)
+        return [[cs[i] for i in r] for r in picked]
+
+    batch = packed_rows(split, rows(convs[rank]) if world > 1 else rows(convs[0]) + rows(convs[1]), T)
+    t.sampler.next_batch = iter([batch]).__next__
+    sums = t._local_step()
+    out = {"sums": sums, "grads": {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None},
+           "experts": t.mesh.ep_rank, "counts": int((batch[1] != IGNORE_INDEX).sum())}
+    if world == 1:
+        out["rows"] = []
+        x, y, d = batch
+        for b in range(x.shape[0]):
+            t.model.zero_grad()
+            t.model.compute_loss(x[b:b + 1].clamp(min=0), y[b:b + 1], d[b:b + 1]).loss.backward()
+            out["rows"].append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+    t.close()
+    t.mesh.destroy()
+    return out
+
+
+@pytest.mark.slow
+def test_two_expert_parallel_ranks_equal_one_process(hf):
+    """--pack --ep 2: two ranks (gloo, each a data-parallel replica) on unequal numbers of trained tokens give the
+    loss terms and gradients (replicated parameters', and each rank's slice of the expert stacks) of one process
+    on both ranks' packed rows, within ``reorder_bound`` (relative to the loss; a gradient's, to the sum of the rows'
+    own gradient norms); the routed-token totals too."""
+    from tests.ranks import run_ranks
+
+    path, _, chats = hf
+    convs = [[0, 3, 9, 6, 1, 2], [4, 5]]  # 6 conversations in 2 rows and 2 in 1: the balance loss's documents
+    ranks = run_ranks(_pack_rank_step, 2, str(path), str(chats), convs)
+    whole = _pack_rank_step(0, str(path), str(chats), convs)
+    assert ranks[0]["counts"] != ranks[1]["counts"]
+    cfg = resolve_config("tiny", None, {})
+    c = reorder_bound(cfg, sum(map(len, convs)), T)
+    for k in ("loss", "main_loss", "mtp_loss", "aux_loss"):
+        assert ranks[0]["sums"][k] == ranks[1]["sums"][k]
+        assert abs(ranks[0]["sums"][k] - whole["sums"][k]) <= c * abs(whole["sums"][k]), k
+    assert ranks[0]["sums"]["tokens"] == whole["sums"]["tokens"]
+    for r in ranks:
+        for n, g in whole["grads"].items():
+            if ".experts.w" in n:  # this rank's experts: a contiguous slice of the stack
+                E = r["grads"][n].shape[0]
+                g = g[r["experts"] * E:(r["experts"] + 1) * E]
+            scale = sum(float(row[n].norm()) for row in whole["rows"] if n in row) + 1e-30
+            assert float((r["grads"][n] - g).norm()) <= c * scale, n
+
+
+def test_mtp_counts_stop_at_document_boundaries(hf, tmp_path, monkeypatch):
+    """The trainer weights each micro-batch's MTP loss by its share of the step's MTP targets, counted within each
+    document (``depth_targets``): two hand-built packed micro-batches (ten 3-token documents, every target trained, so
+    9 MTP targets cross a boundary; one 32-token document) give the gradients of one micro-batch holding both rows,
+    within ``reorder_bound``; counting the boundary-crossing targets (``y[:, k:]``) weights the first by 19/49
+    instead of 10/40, far outside it."""
+    two = _trainer(hf, tmp_path / "two", batch_size=1, grad_accum=2, pack=True)
+    one = _trainer(hf, tmp_path / "one", batch_size=2, pack=True)
+    W, V = 32, two.cfg.vocab_size
+    x = torch.randint(1, V, (2, W), generator=torch.Generator().manual_seed(3))
+    d = torch.full((2, W), -1)
+    d[0, :30], d[1] = torch.arange(10).repeat_interleave(3), 0
+    x[0, 30:] = -1  # PAD_ID
+    y = torch.full((2, W), IGNORE_INDEX)
+    y[:, :-1] = x[:, 1:]
+    y[:, :-1][d[:, :-1] != d[:, 1:]] = IGNORE_INDEX  # a document's last token: no target (``packed_rows``)
+    y[d < 0] = IGNORE_INDEX
+    assert int((documents.depth_targets(y, d, 1) != IGNORE_INDEX).sum()) == 40
+    assert int((y[:1, 1:] != IGNORE_INDEX).sum()) == 19 and int((y[1:, 1:] != IGNORE_INDEX).sum()) == 30
+
+    def grads(t, batches):
+        t.sampler.next_batch = iter(batches).__next__
+        sums = t._local_step()
+        out = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+        t.model.zero_grad(set_to_none=True)
+        return sums, out
+
+    whole = grads(one, [(x, y, d)])
+    halves = [(x[:1], y[:1], d[:1]), (x[1:], y[1:], d[1:])]
+    split = grads(two, halves)
+    with monkeypatch.context() as m:
+        m.setattr("flyer.train.batches.depth_targets", _keep_all)
+        mutant = grads(two, halves)
+    rows = []
+    for b in range(2):
+        one.model.compute_loss(x[b:b + 1].clamp(min=0), y[b:b + 1], d[b:b + 1]).loss.backward()
+        rows.append({n: p.grad.clone() for n, p in one.model.named_parameters() if p.grad is not None})
+        one.model.zero_grad(set_to_none=True)
+
+    def worst(g: dict) -> float:
+        return max(float((g[n] - w).norm()) / (sum(float(r[n].norm()) for r in rows if n in r) + 1e-30)
+                   for n, w in whole[1].items())
+
+    c = reorder_bound(two.cfg, 2, W)
+    assert abs(split[0]["mtp_loss"] - whole[0]["mtp_loss"]) <= c * whole[0]["mtp_loss"]
+    assert worst(split[1]) <= c and worst(mutant[1]) > 100 * c, (worst(split[1]), worst(mutant[1]), c)

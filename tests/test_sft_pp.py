@@ -68,7 +68,7 @@ def _mean_of_means(self, loss, targets_BT, k):
     return torch.where((targets_BT >= 0).sum() > 0, loss, 0.0)
 
 
-def _counting_padding(model, valid_BT):
+def _counting_padding(model, valid_BT, documents_BT=None):
     """The mutant mask: every position counted."""
     return contextlib.nullcontext()
 

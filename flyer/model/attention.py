@@ -173,6 +173,7 @@ class MLA(nn.Module):
         self.index_topk = cfg.index_topk
         # L_I (flyer.model.indexer_loss.set_indexer_training): "off", "warmup" (dense attention) or "sparse"
         self.index_train, self.index_loss = "off", None
+        self.index_valid_BT: torch.Tensor | None = None  # the queries L_I averages over (``real_queries``; None: all)
         self.shares_selection = cfg.index_topk > 0 and not cfg.has_indexer(layer_id)
         self.index_row = sum(map(cfg.has_indexer, range(layer_id))) if layer_id < cfg.n_layers else 0
 
@@ -229,7 +230,7 @@ class MLA(nn.Module):
                 selection.mask, selection.chunks = mask, chunks
             if self.index_train != "off":  # evaluation (no autograd) computes none
                 self.index_loss = indexer_kl(self, x_BTD, q_latent, q_nope, q_rope, c_kv, k_rope, cos, sin, mask,
-                                             chunks, chunk) if torch.is_grad_enabled() else None
+                                             chunks, chunk, self.index_valid_BT) if torch.is_grad_enabled() else None
         if chunks is not None:
             o = sparse_attention(self, q_nope, q_rope, c_kv, k_rope, chunks)
         else:

@@ -13,7 +13,8 @@ Two stages (``INDEXER_TRAIN_MODES``, ``set_indexer_training``):
 
 What the report leaves open, followed from Megatron-LM's DSA (``compute_dsa_indexer_loss``): KL per query summed
 over keys, then the mean over the B T queries (the report writes sum_t; the mean keeps the scale independent of
-batch and length, as the LM loss's); each layer's L_I enters the step's loss at weight 1 (the report gives none:
+batch and length, as the LM loss's), or over the real ones where the trainer knows which (``real_queries``: chat
+rows' padding is no data); each layer's L_I enters the step's loss at weight 1 (the report gives none:
 the indexer's gradient comes from L_I alone, so a weight would only rescale it), summed over the indexer layers
 (each indexer's gradient is its own layer's L_I's). The logged ``indexer_loss`` is the mean over layers. The trainer
 clips sparse training's indexer gradients apart from the model's (``clip_apart``): one global norm would let L_I
@@ -28,6 +29,8 @@ Shapes: B batch, T tokens, H heads, C chunk rows, k index_topk, L = kv_lora_rank
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -75,9 +78,25 @@ def clip_apart(model: nn.Module, clip_grad_norm_, max_norm: float) -> tuple[floa
     return norms[0], norms[1]
 
 
+def clip_gradients(model: nn.Module, clip_grad_norm_, max_norm: float, mode: str) -> tuple[float, float | None]:
+    """Clip ``model``'s gradients to ``max_norm`` with ``clip_grad_norm_(model, max_norm)`` (the mesh's): (the norm
+    before clipping, None), or in ``mode`` "sparse" the main model's and the indexers' apart (``clip_apart``), both
+    norms."""
+    if mode != "sparse":
+        return float(clip_grad_norm_(model, max_norm)), None
+    return clip_apart(model, clip_grad_norm_, max_norm)
+
+
 def indexer_attentions(model: nn.Module) -> list[nn.Module]:
     """The attention modules of ``model`` that own a DSA indexer (MLA's full layers, MTP blocks' included)."""
     return [m for m in model.modules() if isinstance(getattr(m, "indexer", None), nn.Module)]
+
+
+def indexer_depths(model: nn.Module) -> list[int]:
+    """Each indexer layer's depth, in ``indexer_attentions`` order: 0 the main model's, k MTP module k's (its queries
+    the T - k positions reading tokens k..T-1)."""
+    return [int(name.split(".")[1]) + 1 if name.startswith("mtp.") else 0 for name, m in model.named_modules()
+            if isinstance(getattr(m, "indexer", None), nn.Module)]
 
 
 def set_indexer_training(model: nn.Module, mode: str) -> None:
@@ -99,6 +118,21 @@ def set_indexer_training(model: nn.Module, mode: str) -> None:
         attn.index_train = mode
 
 
+@contextlib.contextmanager
+def real_queries(model: nn.Module, valid_BT: torch.Tensor | None):
+    """While entered, ``model``'s indexer layers average L_I over the queries where ``valid_BT`` (B, T) bool, the
+    forward's batch shape, is True (an MTP module's T - k positions: its last T - k columns, the token each reads);
+    None: over every query, as outside."""
+    layers = indexer_attentions(model) if valid_BT is not None else []
+    for m in layers:
+        m.index_valid_BT = valid_BT
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.index_valid_BT = None
+
+
 def indexer_losses(model: nn.Module) -> list[torch.Tensor]:
     """Each indexer layer's L_I from ``model``'s last forward with autograd (FP32 scalars; none when "off")."""
     return [m.index_loss for m in indexer_attentions(model) if getattr(m, "index_loss", None) is not None]
@@ -118,25 +152,31 @@ def _target(attn: nn.Module, q_BCHd: torch.Tensor, keys: torch.Tensor, visible: 
     return p / p.sum(-1, keepdim=True)
 
 
-def _kl(p: torch.Tensor, logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """sum over rows of KL(p || softmax(logits)) over each row's ``visible`` entries (p is 0 elsewhere)."""
+def _kl(p: torch.Tensor, logits: torch.Tensor, visible: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """sum over rows of KL(p || softmax(logits)) over each row's ``visible`` entries (p is 0 elsewhere); ``rows``
+    (B, C) bool: only those rows (None: all)."""
     log_q = logits.masked_fill(~visible, float("-inf")).log_softmax(-1).masked_fill(~visible, 0.0)
-    return (torch.xlogy(p, p) - p * log_q).sum()
+    kl = torch.xlogy(p, p) - p * log_q
+    return kl.sum() if rows is None else kl.sum(-1).masked_fill(~rows, 0.0).sum()
 
 
-def _dense_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BCHd, latents_BtL, start: int):
-    """Summed KL of queries [start, start + C) over their causal keys (the first t = start + C)."""
+def _dense_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BCHd, latents_BtL, rows_BC,
+                 start: int):
+    """Summed KL of queries [start, start + C) (those of ``rows_BC``; None: all) over their causal keys (the first
+    t = start + C)."""
     B, C, _ = x_BCD.shape
     t = keys_BtK.shape[1]
     visible = (torch.arange(t, device=x_BCD.device).view(1, -1)
                <= torch.arange(start, start + C, device=x_BCD.device).view(-1, 1)).expand(B, C, t)
     with torch.no_grad():
         p = _target(attn, q_BCHd, latents_BtL, visible, "bchl,btl->bcht")
-    return _kl(p, attn.indexer.scores(x_BCD, q_latent_BCR, keys_BtK, cos, sin), visible)
+    return _kl(p, attn.indexer.scores(x_BCD, q_latent_BCR, keys_BtK, cos, sin), visible, rows_BC)
 
 
-def _picked_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BCHd, latents_BtL, picks_BCk):
-    """Summed KL of C queries over their k picks (``entry_picks``: -1 for an empty slot)."""
+def _picked_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BCHd, latents_BtL, rows_BC,
+                  picks_BCk):
+    """Summed KL of C queries (those of ``rows_BC``; None: all) over their k picks (``entry_picks``: -1 for an
+    empty slot)."""
     ind = attn.indexer
     with torch.no_grad():
         picked, valid = gather_entries(latents_BtL, picks_BCk)
@@ -144,31 +184,33 @@ def _picked_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BC
     keys, _ = gather_entries(keys_BtK, picks_BCk)  # (B, C, k, index_head_dim), with the indexer's gradient
     q, w = ind.queries(x_BCD, q_latent_BCR, cos, sin)
     s = torch.relu(torch.einsum("bchd,bckd->bchk", q, keys.float()) * ind.head_dim ** -0.5)
-    return _kl(p, torch.einsum("bch,bchk->bck", w, s), valid)
+    return _kl(p, torch.einsum("bch,bchk->bck", w, s), valid, rows_BC)
 
 
 def indexer_kl(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, q_nope: torch.Tensor,
                q_rope: torch.Tensor, c_kv_BTC: torch.Tensor, k_rope_BTR: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, mask_B1TT: torch.Tensor | None, chunks: SparseChunks | None,
-               chunk: int | None = None) -> torch.Tensor:
+               chunk: int | None = None, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
     """L_I of the DSA layer ``attn`` (an ``MLA`` with an indexer) for one forward: FP32 scalar, the mean over the
     B T queries of KL(p_t || softmax(I_t)) over S_t, which is each query's selection (``mask`` (B, 1, T, T) of the
     masked form, or the gathered form's ``chunks``) or, with neither (dense attention: the warm-up, or T <=
     index_topk), every causal key. x and the query latent (the indexer's inputs) are detached, the target (from
     q_nope (B, T, H, nope), q_rope (B, T, H, R), the latents c_KV (B, T, kv_lora_rank) and rope keys (B, T, R)) has
     no gradient: the loss's gradient reaches the indexer's parameters only. ``chunk``: query rows per dense or
-    masked chunk (None: ``query_chunk``'s rule)."""
+    masked chunk (None: ``query_chunk``'s rule). ``valid_BT`` (B, T' >= T) bool: the mean is over the queries
+    where its last T columns are True (``real_queries``); None: over all B T."""
     with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 throughout: a BF16 softmax's p is no distribution
         return _indexer_kl(attn, x_BTD.detach().float(), q_latent_BTR.detach().float(),
                            torch.cat([q_nope, q_rope], dim=-1).detach().float(),
                            torch.cat([c_kv_BTC, k_rope_BTR], dim=-1).detach().float(), cos.float(), sin.float(),
-                           mask_B1TT, chunks, chunk)
+                           mask_B1TT, chunks, chunk, valid_BT)
 
 
-def _indexer_kl(attn, x, q_latent, q, latents, cos, sin, mask_B1TT, chunks, chunk) -> torch.Tensor:
+def _indexer_kl(attn, x, q_latent, q, latents, cos, sin, mask_B1TT, chunks, chunk, valid_BT) -> torch.Tensor:
     """``indexer_kl`` on its detached FP32 inputs: q = [q_nope | q_rope], latents = [c_KV | k_rope]."""
     B, T, _ = x.shape
     keys = attn.indexer.keys(x, cos, sin)
+    valid = None if valid_BT is None else valid_BT[:, valid_BT.shape[1] - T:].to(x.device)
     if chunks is not None:
         spans = [(s.start, s.stop) for s in chunks.plan]
     else:
@@ -183,8 +225,9 @@ def _indexer_kl(attn, x, q_latent, q, latents, cos, sin, mask_B1TT, chunks, chun
             fn, args = _picked_chunk, (entry_picks(mask_B1TT[:, 0, rows, :e], attn.index_topk),)
         else:
             fn, args = _dense_chunk, (s,)
-        inputs = (x[:, rows], q_latent[:, rows], keys[:, :e], cos[rows], sin[rows], q[:, rows], latents[:, :e], *args)
+        inputs = (x[:, rows], q_latent[:, rows], keys[:, :e], cos[rows], sin[rows], q[:, rows], latents[:, :e],
+                  None if valid is None else valid[:, rows], *args)
         # one chunk: as it is; several: each recomputed in backward, so their indexer scores are not all kept
         part = fn(attn, *inputs) if len(spans) == 1 else checkpoint(fn, attn, *inputs, use_reentrant=False)
         total = total + part
-    return total / (B * T)
+    return total / (B * T if valid is None else valid.sum().clamp(min=1))  # no real query: 0

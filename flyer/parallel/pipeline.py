@@ -34,6 +34,11 @@ Chat data (``flyer.data.chat_data``; ``train_step``'s ``target_totals``): a micr
 means are weighted by its share of the step's trained targets (``_target_weight``), as one process with
 gradient accumulation weights them; its rows pad x with ids < 0, which every stage (each gets the micro-batch's
 ids, ``tokens_BT``) reads as the mask of positions its MoE layers count (``counting_only``), its MTP modules too.
+Packed rows (``flyer train --pack``): the micro-batch's document ids reach every stage the same way
+(``documents_BT``), so each stage's blocks attend per document at positions from 0, its MoE layers count and
+balance per document, and the last stage's MTP modules and target shares keep to each document (``depth_targets``);
+a micro-batch's balance loss (a mean over its documents) weighs its share of the step's documents, as
+``Trainer._local_step`` weighs it.
 """
 
 from __future__ import annotations
@@ -49,8 +54,10 @@ from torch.torch_version import TorchVersion
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.counts import attention_flops_per_token, block_params, hyper_head_params
+from flyer.model.documents import Documents, depth_targets
 from flyer.model.moe import MoE, counting_only
-from flyer.model.transformer import OutputHeads, Transformer, layer_rope_tables, shared_selection
+from flyer.model.transformer import (OutputHeads, Transformer, layer_rope_tables, packs_documents,
+                                     shared_selection)
 from flyer.parallel.grads import MIRROR
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
@@ -202,9 +209,10 @@ def residual_shape(cfg: ModelConfig, B: int, T: int) -> tuple[int, ...]:
 class Stage(OutputHeads, nn.Module):
     """Blocks ``layers`` of the model, with the embedding on the first stage and the final norm,
     head, ``hc_head`` and MTP modules on the last. Its forward takes tokens (first stage) or the
-    residual of the previous stage (``residual_shape``), and the token ids tokens_BT (B, T) for the
-    hash-routed layers; it returns the residual (``residual_shape``), the last stage's too: ``loss`` turns
-    that into the training loss (collapsing the streams after DeepSeek-V4's MTP modules read them)."""
+    residual of the previous stage (``residual_shape``), the token ids tokens_BT (B, T) for the
+    hash-routed layers and packed rows' document ids documents_BT (B, T) (``flyer.model.documents``); it
+    returns the residual (``residual_shape``), the last stage's too: ``loss`` turns that into the training
+    loss (collapsing the streams after DeepSeek-V4's MTP modules read them)."""
 
     def __init__(self, model: Transformer, index: int, layers: range, n_stages: int, micro_batches: int):
         super().__init__()
@@ -222,44 +230,61 @@ class Stage(OutputHeads, nn.Module):
         self.totals: dict[str, list[torch.Tensor]] = {"main_loss": [], "mtp_loss": [], "aux_loss": []}
         # chat data, for one step: the step's trained targets per MTP depth (``PipelineModel.train_step``)
         self.target_totals: list[float] | None = None
-        self.pending: collections.deque = collections.deque()  # the last stage's (ids, valid) for ``loss``
+        self.document_total: float | None = None  # packed rows: the step's documents (``PipelineModel.train_step``)
+        # the last stage's (ids, valid, documents, balance weight) for ``loss``
+        self.pending: collections.deque = collections.deque()
 
-    def forward(self, x: torch.Tensor, tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens_BT: torch.Tensor | None = None,
+                documents_BT: torch.Tensor | None = None) -> torch.Tensor:
         if tokens_BT is None and self.first:  # the first stage's input is the token ids
             tokens_BT = x
         valid_BT = None
+        docs = None if documents_BT is None else Documents(documents_BT)
+        weight = self._balance_weight(docs)
         if self.target_totals is not None:  # chat rows: padding (ids < 0) is fed as token 0 and counted nowhere
             valid_BT, tokens_BT = tokens_BT >= 0, tokens_BT.clamp(min=0)
             if self.last:  # the MTP modules read the ids; a micro-batch's loss follows its forward
-                self.pending.append((tokens_BT, valid_BT))
+                self.pending.append((tokens_BT, valid_BT, docs, weight))
         h = self.streams(self.embed(x)) if self.first else x
         tables = layer_rope_tables(self.cfg, self.layer_ids, h.shape[1], h.device)
+        if docs is not None:  # packed rows: one table (dense MLA or GQA), each document's positions from 0
+            tables = [docs.rope(*tables[0], h.shape[1])] * len(self.layers)
         aux = []
         selection = shared_selection(self.cfg)  # a stage starts at a full layer (``split_layers``)
-        with counting_only(self.layers, valid_BT):
+        with counting_only(self.layers, valid_BT, documents_BT):  # packed: the documents replace valid_BT
             for layer, (cos, sin) in zip(self.layers, tables):
-                h = layer(h, cos, sin, tokens_BT, selection)
+                h = layer(h, cos, sin, tokens_BT, selection, docs=docs)
                 if self.training and getattr(layer.ffn, "aux_loss", None) is not None:
                     aux.append(layer.ffn.aux_loss)
         if aux:
             total = torch.stack(aux).sum()
-            self.totals["aux_loss"].append(total.detach())
-            h = AttachAux.apply(h, total, self.scale)
+            self.totals["aux_loss"].append(total.detach() * weight)
+            h = AttachAux.apply(h, total, self.scale * weight)
         return h
+
+    def _balance_weight(self, docs: Documents | None) -> float:
+        """M x this micro-batch's share of the step's documents (packed rows; ``scale`` then leaves the share), the
+        weight of its balance loss (a mean over its documents); 1.0 unpacked (every micro-batch has as many rows)."""
+        if docs is None or not self.document_total:
+            return 1.0
+        return sum(len(g) for g in docs.gathers) * self.micro_batches / self.document_total  # a row per document
 
     def loss(self, h: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one micro-batch over the number of micro-batches: next-token,
         MTP (its inputs are the targets shifted: token t_{i+1} is target i; chat data: the ids its forward
         kept, as targets there are ``IGNORE_INDEX`` off the assistant's) and the MTP blocks' balance losses.
-        Chat data: each mean weighted by the micro-batch's share of the step's targets (``_target_weight``)."""
+        Chat data: each mean weighted by the micro-batch's share of the step's targets (``_target_weight``); packed
+        rows: MTP targets within each document (``depth_targets``), as the forward's documents say."""
+        weight = 1.0  # the MTP blocks' balance loss's (``_balance_weight``)
         if self.target_totals is None:
             tokens = torch.cat([targets_BT[:, :1], targets_BT[:, :-1]], dim=1)  # tokens[:, 1:] = targets[:, :-1]
             main, mtp_losses = self.output_losses(h, tokens, targets_BT)
         else:
-            tokens, valid_BT = self.pending.popleft()
-            with counting_only(self.mtp, valid_BT):
-                main, mtp_losses = self.output_losses(h, tokens, targets_BT)
-            main, *mtp_losses = [self._target_weight(loss_k, targets_BT[:, k:], k)
+            tokens, valid_BT, docs, weight = self.pending.popleft()
+            ids = None if docs is None else docs.ids
+            with counting_only(self.mtp, valid_BT, ids):
+                main, mtp_losses = self.output_losses(h, tokens, targets_BT, docs)
+            main, *mtp_losses = [self._target_weight(loss_k, depth_targets(targets_BT, ids, k), k)
                                  for k, loss_k in enumerate([main, *mtp_losses])]
         loss = main
         self.totals["main_loss"].append(main.detach())
@@ -270,8 +295,8 @@ class Stage(OutputHeads, nn.Module):
         if self.training:
             for m in self.mtp.modules():
                 if isinstance(m, MoE) and m.aux_loss is not None:
-                    self.totals["aux_loss"].append(m.aux_loss.detach())
-                    loss = loss + m.aux_loss
+                    self.totals["aux_loss"].append(m.aux_loss.detach() * weight)
+                    loss = loss + m.aux_loss * weight
         return loss * self.scale
 
     def _target_weight(self, loss: torch.Tensor, targets_BT: torch.Tensor, k: int) -> torch.Tensor:
@@ -395,8 +420,8 @@ class PipelineModel(nn.Module):
                "dualpipev": pipe.ScheduleDualPipeV}[kind]
         return cls(self.pipe_stages, M, **kw)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor,
-                   target_totals: list[float] | None = None) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, target_totals: list[float] | None = None,
+                   documents_BT: torch.Tensor | None = None, document_total: float | None = None) -> dict[str, float]:
         """Forward and backward of the micro-batches of ``x``/``y`` (M x batch rows) through the
         schedule; returns this rank's summed loss terms over the micro-batches (0 where a term is
         computed on another rank): main_loss, mtp_loss, aux_loss, each a mean over micro-batches.
@@ -405,10 +430,18 @@ class PipelineModel(nn.Module):
         targets (y[:, k:] not ``IGNORE_INDEX``) of one data-parallel replica, the mean over replicas (their
         gradients are averaged). Each micro-batch's means are then weighted by their share of it (main_loss and
         mtp_loss: means over the step's targets), and x's ids < 0 (padding) count in no routing statistic.
-        None (text): every micro-batch's mean weighs 1/M."""
+        None (text): every micro-batch's mean weighs 1/M.
+
+        documents_BT: packed rows' document ids (M x batch, T) (``flyer.model.documents``; chat data only, its
+        target_totals counted by ``depth_targets``), handed to every stage as the token ids are; None: unpacked.
+        document_total: then the step's documents of one replica (the mean over replicas), each micro-batch's balance
+        loss weighted by its share of them (``Stage._balance_weight``)."""
+        if documents_BT is not None and not packs_documents(self.cfg):
+            raise ValueError("packed documents: dense MLA and GQA only (DSA's selection and hybrid attention "
+                             "cross document boundaries)")
         for st in self._stages:
             st.totals = {k: [] for k in st.totals}
-            st.target_totals = target_totals
+            st.target_totals, st.document_total = target_totals, document_total
             st.pending.clear()
         first = any(st.first for st in self._stages)
         last = any(st.last for st in self._stages)
@@ -417,13 +450,14 @@ class PipelineModel(nn.Module):
         chat = target_totals is not None  # chat rows' padding (ids < 0) enters as token 0
         args = ((x.clamp(min=0) if chat else x).contiguous(),) if first else ()
         # every stage gets the token ids (split by micro-batch like the inputs): the hash-routed layers need them,
-        # and under chat data the padding mask is x >= 0
+        # and under chat data the padding mask is x >= 0; packed rows' document ids travel alike
+        docs = {} if documents_BT is None else {"documents_BT": documents_BT.contiguous()}
         try:
             self.schedule.step(*args, target=y.contiguous() if last else None, return_outputs=False,
-                               tokens_BT=x.contiguous())
+                               tokens_BT=x.contiguous(), **docs)
         finally:
             for st in self._stages:
-                st.target_totals = None
+                st.target_totals = st.document_total = None
                 st.pending.clear()
         out = dict.fromkeys(("main_loss", "mtp_loss", "aux_loss"), 0.0)
         for st in self._stages:
@@ -442,9 +476,9 @@ class PipelineModel(nn.Module):
         dist.all_reduce(w.grad, group=self._mirror_group)
 
     @torch.no_grad()
-    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor, documents_BT: torch.Tensor | None = None) -> float:
         """The main (next-token) loss of one batch, forward only, stage after stage (evaluation);
-        the value on the ranks holding the last stage, 0.0 elsewhere."""
+        the value on the ranks holding the last stage, 0.0 elsewhere. ``documents_BT``: packed rows' document ids."""
         mesh, h = self.mesh, x
         for s, rank in enumerate(self.placement):
             prev = self.placement[s - 1] if s else rank
@@ -456,7 +490,7 @@ class PipelineModel(nn.Module):
             if s and prev != rank:
                 h = torch.empty(residual_shape(self.cfg, *x.shape), device=mesh.device)
                 dist.recv(h, src=mesh.pp_ranks[prev], group=mesh.pp_group)
-            h = st(h, x)
+            h = st(h, x, documents_BT)
         last = next((st for st in self._stages if st.last), None)
         return float(last.head_loss(last.norm(last.collapse(h)), y)) if last is not None else 0.0
 

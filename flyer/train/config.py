@@ -143,8 +143,6 @@ class TrainConfig:
              f"must be one of {', '.join(INDEXER_TRAIN_MODES)}")
         need(not self.pack or is_chat_data(self.data), "pack", "packs chat data (a .jsonl file); text data is "
              "already packed documents")
-        need(not self.pack or self.pp == 1, "pack", "does not run under pipeline parallelism (pp > 1): the stages "
-             "pass no document ids")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")
         need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1: optimizer state sharded)")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",

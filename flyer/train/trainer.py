@@ -36,12 +36,12 @@ from flyer.data.chat_data import (IGNORE_INDEX, ChatSampler, chat_eval_batches, 
 from flyer.fp8 import convert_to_fp8
 from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
 from flyer.model.counts import param_counts
-from flyer.model.indexer_loss import check_indexer_train, clip_apart, set_indexer_training
+from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, indexer_depths, real_queries,
+                                     set_indexer_training)
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import MoE, counting_only, moe_layers, update_router_bias
 from flyer.model.transformer import Transformer, packs_documents
-from flyer.model.documents import depth_targets
-from flyer.data.chat_pack import PackedChatSampler, document_lengths, packed_eval_batches
+from flyer.data.chat_pack import PackedChatSampler, packed_eval_batches
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
@@ -53,6 +53,7 @@ from flyer.runtime import autocast, require_memory, resolve_precision, tune_mall
 from flyer.train import checkpoint as ckpt
 from flyer.train.config import TrainConfig, carried_settings, check_resume_settings, lr_at
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
+from flyer.train.batches import draw, positions_run, sequences, targets
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, progress_postfix,
                                  read_metrics, require_tensorboard, truncate_metrics)
@@ -316,7 +317,7 @@ class Trainer:
         t0 = time.perf_counter()
         sums = self._pipeline_step() if self.pipeline is not None else self._local_step()
         tokens, flops = sums.pop("tokens"), sums.pop("flops")  # the job's row positions run, and their FLOPs
-        grad_norm, indexer_norm = self._clip_grad_norm()
+        grad_norm, indexer_norm = clip_gradients(self.model, self.mesh.clip_grad_norm_, tc.clip, tc.indexer_train)
         loads = self._expert_loads()
         self.step += 1
         record: dict[str, Any] = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm}
@@ -357,13 +358,6 @@ class Trainer:
             record.update({k: v for k, v in stats.items() if not isinstance(v, list)})
         return record
 
-    def _clip_grad_norm(self) -> tuple[float, float | None]:
-        """Clip the gradients to ``tc.clip``: (the norm before clipping, None), or in sparse indexer training the main
-        model's and the indexers' apart (``clip_apart``), both norms."""
-        if self.tc.indexer_train != "sparse":
-            return float(self.mesh.clip_grad_norm_(self.model, self.tc.clip)), None
-        return clip_apart(self.model, self.mesh.clip_grad_norm_, self.tc.clip)
-
     @property
     def layout(self) -> dict[str, Any]:
         """The process layout a checkpoint's optimizer and state files belong to (a resume needs the same)."""
@@ -394,7 +388,9 @@ class Trainer:
         """Forward and backward of ``grad_accum`` micro-batches on the whole model, gradients synced. The
         next-token loss and each MTP loss are means over the step's trained targets (not ``IGNORE_INDEX``) on
         every replica: the micro-batches are drawn first, their target counts summed over the job, and each
-        micro-batch's mean weighted by its share; the balance loss is averaged over micro-batches. Also the job's
+        micro-batch's mean weighted by its share; the balance loss (a mean over sequences, packed: documents) and the
+        indexers' L_I (over real query positions) by each micro-batch's share of the job's sequences and real
+        positions (equal shares, 1 / grad_accum, bit for bit as a plain average where all are alike). Also the job's
         ``tokens`` (row positions run: a trimmed chat row's width, its padding to the batch's longest row included;
         packed rows: their conversations' positions) and their training ``flops`` (attention's at each micro-batch's
         width; packed: at each conversation's length)."""
@@ -402,30 +398,37 @@ class Trainer:
         sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         if tc.indexer_train != "off":
             sums["indexer_loss"] = 0.0  # the indexers' L_I, their mean (each trains on its own: summed in loss)
-        # x, y and packed rows' document ids (flyer.data.chat_pack; None: a row per sequence)
-        batches = [(b[0], b[1], b[2] if len(b) > 2 else None) for b in
-                   (self.sampler.next_batch() for _ in range(tc.grad_accum))]
-        sums["tokens"] = float(sum(x.numel() if d is None else int((d >= 0).sum()) for x, _, d in batches))
-        sums["flops"] = sum(x.numel() * self.flops_per_token(x.shape[1]) if d is None else  # packed: per document
-                            sum(n * self.flops_per_token(n) for n in document_lengths(d)) for x, _, d in batches)
+        batches = draw(self.sampler, tc.grad_accum)
+        sums["tokens"], sums["flops"] = positions_run(batches, self.flops_per_token)
         depths = range(self.cfg.mtp_depth + 1)  # 0: next-token targets y; k: MTP module k's, y[:, k:]
-        counts = [[int((depth_targets(y, d, k) != IGNORE_INDEX).sum()) for k in depths] for _, y, d in batches]
+        counts = [targets(y, d, self.cfg.mtp_depth) for _, y, d in batches]
+        # the balance loss is a mean over sequences (packed: documents), L_I over real queries (MTP module k's: the
+        # positions reading tokens k..T-1): their counts too
+        seqs = [sequences(b) for b in batches]
+        queries = [[int((x[:, k:] >= 0).sum()) for k in depths] for x, _, _ in batches]
         # per replica: the job's mean count, as sync_gradients averages the replicas' gradients (dp == world here)
-        totals = self.mesh.mean({str(k): float(sum(c[k] for c in counts)) for k in depths})
-        for (x, y, d), n in zip(batches, counts):
+        totals = self.mesh.mean({**{str(k): float(sum(c[k] for c in counts)) for k in depths},
+                                 **{f"q{k}": float(sum(q[k] for q in queries)) for k in depths},
+                                 "seqs": float(sum(seqs))})
+        for (x, y, d), n, s, q in zip(batches, counts, seqs, queries):
             valid = x >= 0  # chat rows pad with PAD_ID (flyer.data.chat_data): token 0, in no routing statistic
             d = None if d is None else d.to(self.device)
-            with self._autocast(), counting_only(self.model, None if bool(valid.all()) or d is not None
-                                                 else valid.to(self.device), d):
+            padded = None if bool(valid.all()) else valid.to(self.device)  # L_I: over real queries only
+            with self._autocast(), counting_only(self.model, None if d is not None else padded, d), \
+                    real_queries(self.model, padded):
                 out = self.model.compute_loss(x.clamp(min=0).to(self.device), y.to(self.device), d)
             terms = [loss_k * (n[k] / totals[str(k)]) if n[k] else loss_k.nan_to_num(0.0) * 0.0  # nan: no targets
                      for k, loss_k in enumerate([out.main_loss, *out.mtp_losses])]
             loss = terms[0] + (self.cfg.mtp_loss_weight * torch.stack(terms[1:]).mean() if terms[1:] else 0.0)
+            # each micro-batch's mean weighted by its share of the job's sequences / queries: grad_accum times
+            # the share is exactly 1.0 where every micro-batch and replica has as many (rows; text data)
             if out.aux_loss is not None:
-                loss = loss + out.aux_loss / tc.grad_accum
-                sums["aux_loss"] += out.aux_loss.item() / tc.grad_accum
-            if out.indexer_losses:  # averaged over micro-batches and replicas as the balance loss is
-                kl = torch.stack(out.indexer_losses)
+                share = s * tc.grad_accum / totals["seqs"]
+                loss = loss + out.aux_loss * share / tc.grad_accum
+                sums["aux_loss"] += out.aux_loss.item() * share / tc.grad_accum
+            if out.indexer_losses:
+                share = [q[k] * tc.grad_accum / totals[f"q{k}"] if q[k] else 0.0 for k in indexer_depths(self.model)]
+                kl = torch.stack(out.indexer_losses) * torch.tensor(share, device=self.device)
                 loss = loss + kl.sum() / tc.grad_accum
                 sums["indexer_loss"] += kl.mean().item() / tc.grad_accum
             loss.backward()
@@ -440,23 +443,31 @@ class Trainer:
     def _pipeline_step(self) -> dict[str, float]:
         """Forward and backward of ``micro_batches`` micro-batches through the pipeline schedule,
         gradients synced (replicas, then the embedding's mirror); loss terms of the whole job. Chat data: each
-        micro-batch's means weighted by its share of the step's trained targets, counted as ``_local_step`` does."""
-        batches = [self.sampler.next_batch() for _ in range(self.micro_batches)]
+        micro-batch's means weighted by its share of the step's trained targets, counted as ``_local_step`` does
+        (packed rows: their document ids to every stage, each micro-batch's balance loss weighted by its share of the
+        step's documents, tokens and FLOPs the conversations')."""
+        batches = draw(self.sampler, self.micro_batches)
         x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-        totals = None
+        d = torch.cat([b[2] for b in batches]) if self.tc.pack else None  # packed rows' document ids
+        totals = documents = None
         if is_chat_data(self.tc.data):  # every rank's mean is the replicas': a replica's stages draw one batch
             depths = range(self.cfg.mtp_depth + 1)
-            mean = self.mesh.mean({str(k): float((y[:, k:] != IGNORE_INDEX).sum()) for k in depths})
-            totals = [mean[str(k)] for k in depths]
+            counts = {str(k): float(n) for k, n in enumerate(targets(y, d, self.cfg.mtp_depth))}
+            if d is not None:  # the balance loss: a mean over the step's documents
+                counts["documents"] = float(sequences((x, y, d)))
+            mean = self.mesh.mean(counts)
+            totals, documents = [mean[str(k)] for k in depths], mean.get("documents")
         with self._autocast():
-            terms = self.pipeline.train_step(x.to(self.device), y.to(self.device), totals)
+            terms = self.pipeline.train_step(x.to(self.device), y.to(self.device), totals,
+                                             None if d is None else d.to(self.device), documents)
         self.mesh.sync_gradients(self.model)
         self.pipeline.sync_mirrors()
+        tokens, flops = positions_run([(x, y, d)], self.flops_per_token, self.tc.seq_len)  # the stages' row width
         # each term lives on the stage computing it (aux: a share on every stage): sum over ranks / replicas
-        terms = {k: v * self.mesh.pp for k, v in self.mesh.mean(terms).items()}
+        mean = self.mesh.mean({**terms, "tokens": float(tokens), "flops": flops})
+        terms = {k: mean[k] * self.mesh.pp for k in terms}
         loss = terms["main_loss"] + self.cfg.mtp_loss_weight * terms["mtp_loss"] + terms["aux_loss"]
-        tokens = x.numel() * self.mesh.dp  # seq_len-wide rows: the stages are built for that shape
-        return {"loss": loss, **terms, "tokens": tokens, "flops": tokens * self.flops_per_token(self.tc.seq_len)}
+        return {"loss": loss, **terms, "tokens": mean["tokens"] * self.mesh.dp, "flops": mean["flops"] * self.mesh.dp}
 
     def _expert_loads(self) -> list[list[float]]:
         """Tokens per routed expert of every MoE layer since the last bias update, in layer order
@@ -476,13 +487,10 @@ class Trainer:
         for x, y, *docs in self.eval_data:  # packed rows: their document ids too
             n = int((y != IGNORE_INDEX).sum())
             x, y = x.clamp(min=0).to(self.device), y.to(self.device)  # chat rows' padding (PAD_ID): no target
+            d = docs[0].to(self.device) if docs else None
             with self._autocast():
-                if self.pipeline is not None:
-                    total += n * self.pipeline.forward_loss(x, y)
-                elif docs:
-                    total += n * self.model.compute_loss(x, y, docs[0].to(self.device)).main_loss.item()
-                else:
-                    total += n * self.model.compute_loss(x, y).main_loss.item()
+                total += n * (self.pipeline.forward_loss(x, y, d) if self.pipeline is not None else
+                              self.model.compute_loss(x, y, d).main_loss.item())
             count += n
         self.model.train()
         comm_stats(self.model, reset=True)  # evaluation traffic is not training traffic

@@ -1,0 +1,49 @@
+"""What a training step counts of its micro-batches: each (x, y, documents) as drawn (``draw``: documents None
+but for packed chat rows, ``flyer.data.chat_pack``), the positions it runs and their training FLOPs
+(``positions_run``), and the targets each depth trains (``targets``: 0 the next token, k MTP module k's, within a
+packed row's documents). The trainer weighs each micro-batch's mean losses by these counts' shares of the job's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from flyer.data.chat_data import IGNORE_INDEX
+from flyer.data.chat_pack import document_lengths
+from flyer.model.documents import depth_targets
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def draw(sampler, n: int) -> list[Batch]:
+    """``n`` micro-batches of ``sampler``: (x, y, packed rows' document ids or None)."""
+    return [(b[0], b[1], b[2] if len(b) > 2 else None) for b in (sampler.next_batch() for _ in range(n))]
+
+
+def positions_run(batches: list[Batch], flops_per_token: Callable[[int], float],
+                  width: int | None = None) -> tuple[float, float]:
+    """(positions run, their training FLOPs) of ``batches``: a row's width each (attention's FLOPs at that width, or
+    at ``width``: a pipeline's rows are its stages' shape), packed rows their conversations' positions (attention at
+    each one's own length)."""
+    tokens = flops = 0.0
+    for x, _, d in batches:
+        if d is None:
+            tokens += x.numel()
+            flops += x.numel() * flops_per_token(width or x.shape[1])
+        else:
+            lengths = document_lengths(d)
+            tokens += sum(lengths)
+            flops += sum(n * flops_per_token(n) for n in lengths)
+    return tokens, flops
+
+
+def targets(y: torch.Tensor, documents: torch.Tensor | None, mtp_depth: int) -> list[int]:
+    """The trained targets (not ``IGNORE_INDEX``) of depth 0 (next token) to ``mtp_depth`` (``depth_targets``)."""
+    return [int((depth_targets(y, documents, k) != IGNORE_INDEX).sum()) for k in range(mtp_depth + 1)]
+
+
+def sequences(batch: Batch) -> int:
+    """The sequences a balance loss averages over: rows, or a packed batch's documents."""
+    x, _, d = batch
+    return x.shape[0] if d is None else len(document_lengths(d))
