@@ -17,21 +17,19 @@ The PP2 steps are within 2e-5 of the tolerance.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from flyer.data.chat_pack import document_lengths, packed_rows
-from flyer.model.moe import MoE, moe_layers
 from flyer.parallel import pipeline
-from flyer.train.config import TrainConfig
 from flyer.train.metrics import model_flops_per_token
 from flyer.train.trainer import Trainer
-from tests.hf_models import build
 from tests.ranks import needs_split_backward, run_ranks
-from tests.test_sft import CHATS, reorder_bound
+from tests.test_sft import reorder_bound
+from tests.test_sft_pp import _state, _worst, write_chats
+from tests.test_sft_pp import _trainer as sft_pp_trainer
 
 T = 192  # up to three of CHATS' conversations (53 to 85 tokens) per row, the rest padding
 B, M = 2, 4  # rows per micro-batch; micro-batches (DualPipeV on 2 ranks runs 4 at least)
@@ -39,21 +37,13 @@ B, M = 2, 4  # rows per micro-batch; micro-batches (DualPipeV on 2 ranks runs 4 
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory) -> Path:
-    """chats.jsonl of ``tests/test_sft.py``'s CHATS, beside a tiny V3 directory's tokenizer.json."""
-    path = tmp_path_factory.mktemp("sft-pack-pp")
-    build("v3", path / "v3")
-    (path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS))
-    return path / "chats.jsonl"
+    return write_chats(tmp_path_factory.mktemp("sft-pack-pp"))
 
 
 def _trainer(chats: str, root: Path, rank: int, **kw) -> Trainer:
-    """The ``tiny`` preset (MLA; MoE layers 1-3, an MTP module, balance loss) on CHATS packed (``--pack``), with the
-    V3 directory's tokenizer and flyer's default chat template."""
-    tokenizer = str(Path(chats).parent / "v3" / "tokenizer.json")
-    tc = TrainConfig(preset="tiny", tokenizer=tokenizer, data=chats, data_cache=str(root / "cache"),
-                     out=str(root / f"run{rank}"), seq_len=T, batch_size=B, eval_batches=1, precision="fp32",
-                     device="cpu", threads=1, plots=False, progress=False, collective_timeout_s=120, pack=True, **kw)
-    return Trainer(tc, log=lambda m: None)
+    """``test_sft_pp``'s trainer (the ``tiny`` preset: MLA; MoE layers 1-3, an MTP module, balance loss) on CHATS
+    packed (``--pack``) into rows of T."""
+    return sft_pp_trainer(chats, root, rank, seq_len=T, batch_size=B, eval_batches=1, pack=True, **kw)
 
 
 # each micro-batch's rows: 6, 2, 4 and 3 conversations (the balance loss weighs each micro-batch's mean by its share)
@@ -70,16 +60,6 @@ def _batches(t: Trainer) -> list[tuple[torch.Tensor, ...]]:
         starts = (d >= 0) & torch.cat([torch.ones_like(d[:, :1], dtype=torch.bool), d[:, 1:] != d[:, :-1]], 1)
         y[:, :-1][starts[:, :-1]] = x[:, 1:][starts[:, :-1]]
         out.append((x, y, d))
-    return out
-
-
-def _state(t: Trainer, sums: dict[str, float]) -> dict:
-    """The step's sums, every gradient held here and every MoE layer's loads (cleared for the next step)."""
-    out = {"sums": sums, "grads": {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None},
-           "counts": {n: m.tokens_per_expert.clone() for n, m in t.model.named_modules() if isinstance(m, MoE)}}
-    t.optimizer.zero_grad(set_to_none=True)
-    for m in moe_layers(t.model):
-        m.tokens_per_expert.zero_()
     return out
 
 
@@ -141,15 +121,6 @@ def reference(chats):
     return out
 
 
-def _worst(got: dict, want: dict, rows: list[dict]) -> float:
-    """The largest gradient difference over its scale (the rows' own gradient norms), over the names in ``got``."""
-    worst = 0.0
-    for n, g in got.items():
-        scale = sum(float(r[n].norm()) for r in rows if n in r) + 1e-30
-        worst = max(worst, float((g - want[n]).norm()) / scale)
-    return worst
-
-
 @pytest.mark.parametrize("schedule", [
     "1f1b", pytest.param("dualpipev", marks=needs_split_backward),
     pytest.param("interleaved", marks=pytest.mark.slow),  # two stages per rank, loop placement
@@ -166,12 +137,12 @@ def test_pp_packed_step_equals_grad_accum(chats, reference, schedule):
     assert set(ranks[0]["step"]["grads"]) | set(ranks[1]["step"]["grads"]) == set(ref["grads"])
     assert {n for r in ranks for n in r["step"]["counts"]} == set(ref["counts"])  # none missed
     for r in ranks:
-        sums = r["step"]["sums"]
+        sums = r["step"]["terms"]
         for k in ("loss", "main_loss", "mtp_loss", "aux_loss"):  # every term, summed over the stages
-            assert abs(sums[k] - ref["sums"][k]) <= c * ref["sums"][k], k
-        assert sums["tokens"] == ref["sums"]["tokens"] == reference["tokens"]
+            assert abs(sums[k] - ref["terms"][k]) <= c * ref["terms"][k], k
+        assert sums["tokens"] == ref["terms"]["tokens"] == reference["tokens"]
         assert sums["flops"] == pytest.approx(reference["flops"], rel=1e-12)
-        assert ref["sums"]["flops"] == pytest.approx(reference["flops"], rel=1e-12)
+        assert ref["terms"]["flops"] == pytest.approx(reference["flops"], rel=1e-12)
         assert abs(r["val"] - reference["val"]) <= c * reference["val"]
         assert _worst(r["step"]["grads"], ref["grads"], reference["rows"]) <= c
         assert all(torch.equal(v, ref["counts"][n]) for n, v in r["step"]["counts"].items())

@@ -33,22 +33,26 @@ T = 64
 ROWS = [[0, 2], [3, 6], [9, 4], [15, 7]]  # 9, 28, 26 and 21 assistant targets; 0, 3, 9, 15 padded
 
 
-@pytest.fixture(scope="module")
-def chats(tmp_path_factory) -> Path:
-    """chats.jsonl of ``tests/test_sft.py``'s CHATS, beside a tiny V3 directory's tokenizer.json."""
-    path = tmp_path_factory.mktemp("sft-pp")
+def write_chats(path: Path) -> Path:
+    """chats.jsonl of ``tests/test_sft.py``'s CHATS in ``path``, beside a tiny V3 directory's tokenizer.json."""
     build("v3", path / "v3")
     (path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS))
     return path / "chats.jsonl"
 
 
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> Path:
+    return write_chats(tmp_path_factory.mktemp("sft-pp"))
+
+
 def _trainer(chats: str, root: Path, rank: int, **kw) -> Trainer:
     """The ``tiny`` preset (MoE layers 1-3, an MTP module, balance loss) on CHATS with the V3 directory's tokenizer
-    and flyer's default chat template."""
+    and flyer's default chat template; ``kw``: TrainConfig fields over these."""
     tokenizer = str(Path(chats).parent / "v3" / "tokenizer.json")
-    tc = TrainConfig(preset="tiny", tokenizer=tokenizer, data=chats, data_cache=str(root / "cache"),
-                     out=str(root / f"run{rank}"), seq_len=T, batch_size=2, eval_batches=2, precision="fp32",
-                     device="cpu", threads=1, plots=False, progress=False, collective_timeout_s=120, **kw)
+    tc = TrainConfig(**{**dict(preset="tiny", tokenizer=tokenizer, data=chats, data_cache=str(root / "cache"),
+                               out=str(root / f"run{rank}"), seq_len=T, batch_size=2, eval_batches=2,
+                               precision="fp32", device="cpu", threads=1, plots=False, progress=False,
+                               collective_timeout_s=120), **kw})
     return Trainer(tc, log=lambda m: None)
 
 
