@@ -41,10 +41,11 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)  # before the shared head
 
     def forward(self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+                sin: torch.Tensor, docs=None) -> torch.Tensor:
         """h_prev: h^{k-1} at positions 0..T-1 (h^0: after the main model's final norm);
-        emb_next: Emb(t_{i+k}) at the same positions. Returns h^k (B, T, D) before the final norm."""
-        return self.block(self.project(h_prev_BTD, emb_next_BTD), cos, sin)
+        emb_next: Emb(t_{i+k}) at the same positions. Returns h^k (B, T, D) before the final norm. ``docs``: packed
+        rows' ``flyer.model.documents.Documents`` of these positions, each attending to itself."""
+        return self.block(self.project(h_prev_BTD, emb_next_BTD), cos, sin, docs=docs)
 
     def project(self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor) -> torch.Tensor:
         """eh_proj([enorm(emb); hnorm(h)]) (B, T, D): the checkpoints' order (module doc)."""

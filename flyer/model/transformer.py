@@ -124,9 +124,7 @@ class OutputHeads:
             if docs is None:
                 h = mod(h[:, :T_k], self.embed(tokens_BT[:, k:]), cos, sin)
             else:
-                cos, sin = docs.rope(cos, sin, T_k)
-                h = mod.block(mod.project(h[:, :T_k], self.embed(tokens_BT[:, k:])), cos, sin,
-                              docs=docs.first(T_k))
+                h = mod(h[:, :T_k], self.embed(tokens_BT[:, k:]), *docs.rope(cos, sin, T_k), docs=docs.first(T_k))
             out.append(h)
         return out
 
