@@ -299,7 +299,8 @@ def test_sparse_trainer_step_moves_the_model_as_without(tmp_path, corpus):
 @pytest.mark.parametrize("extra,words", [
     ([], "has none (attn 'mla', index_topk 0"),  # the tiny preset: dense MLA
     (["--indexer-train", "later"], "must be one of off, warmup, sparse"),
-    (["--pp", "2", "--config", "DSA"], "not supported with pipeline parallelism"),
+    (["--pp", "2", "--config", "DSA", "--data", "chats.jsonl", "--tokenizer", "tokenizer.json"],
+     "with pipeline parallelism (pp 2) trains on text"),
 ])
 def test_cli_refuses(tmp_path, capsys, extra, words):
     (tmp_path / "dsa.toml").write_text(f"[model]\nindex_topk = {TOPK}\n")

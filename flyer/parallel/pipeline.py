@@ -39,6 +39,10 @@ Packed rows (``flyer train --pack``): the micro-batch's document ids reach every
 balance per document, and the last stage's MTP modules and target shares keep to each document (``depth_targets``);
 a micro-batch's balance loss (a mean over its documents) weighs its share of the step's documents, as
 ``Trainer._local_step`` weighs it.
+
+DSA indexer training (``flyer train --indexer-train``, text data): each stage's DSA layers' L_I (the last stage's MTP
+blocks' too) enter backward as the balance losses do, 1/M each as one process with gradient accumulation weighs
+them; their inputs are detached, so the gradient reaches only the indexers.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.counts import attention_flops_per_token, block_params, hyper_head_params
 from flyer.model.documents import Documents, depth_targets
+from flyer.model.indexer_loss import indexer_attentions, indexer_losses
 from flyer.model.moe import MoE, counting_only
 from flyer.model.transformer import (OutputHeads, Transformer, layer_rope_tables, packs_documents,
                                      shared_selection)
@@ -227,7 +232,8 @@ class Stage(OutputHeads, nn.Module):
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
             if self.cfg.hc_mult > 1:
                 self.hc_head = model.hc_head
-        self.totals: dict[str, list[torch.Tensor]] = {"main_loss": [], "mtp_loss": [], "aux_loss": []}
+        self.totals: dict[str, list[torch.Tensor]] = {"main_loss": [], "mtp_loss": [], "aux_loss": [],
+                                                      "indexer_loss": []}  # L_I: summed over the layers
         # chat data, for one step: the step's trained targets per MTP depth (``PipelineModel.train_step``)
         self.target_totals: list[float] | None = None
         self.document_total: float | None = None  # packed rows: the step's documents (``PipelineModel.train_step``)
@@ -260,6 +266,11 @@ class Stage(OutputHeads, nn.Module):
             total = torch.stack(aux).sum()
             self.totals["aux_loss"].append(total.detach() * weight)
             h = AttachAux.apply(h, total, self.scale * weight)
+        kl = indexer_losses(self.layers) if self.training else []
+        if kl:  # the DSA indexers' L_I (``--indexer-train``): their inputs are detached, only the indexers learn
+            total = torch.stack(kl).sum()
+            self.totals["indexer_loss"].append(total.detach())
+            h = AttachAux.apply(h, total, self.scale)
         return h
 
     def _balance_weight(self, docs: Documents | None) -> float:
@@ -297,6 +308,11 @@ class Stage(OutputHeads, nn.Module):
                 if isinstance(m, MoE) and m.aux_loss is not None:
                     self.totals["aux_loss"].append(m.aux_loss.detach() * weight)
                     loss = loss + m.aux_loss * weight
+            kl = indexer_losses(self.mtp)  # the MTP blocks' DSA indexers' L_I (``--indexer-train``)
+            if kl:
+                total = torch.stack(kl).sum()
+                self.totals["indexer_loss"].append(total.detach())
+                loss = loss + total
         return loss * self.scale
 
     def _target_weight(self, loss: torch.Tensor, targets_BT: torch.Tensor, k: int) -> torch.Tensor:
@@ -424,7 +440,9 @@ class PipelineModel(nn.Module):
                    documents_BT: torch.Tensor | None = None, document_total: float | None = None) -> dict[str, float]:
         """Forward and backward of the micro-batches of ``x``/``y`` (M x batch rows) through the
         schedule; returns this rank's summed loss terms over the micro-batches (0 where a term is
-        computed on another rank): main_loss, mtp_loss, aux_loss, each a mean over micro-batches.
+        computed on another rank): main_loss, mtp_loss, aux_loss, each a mean over micro-batches, and indexer_loss,
+        the L_I of the DSA indexers held here summed over them (``--indexer-train``; 0 when off), with
+        indexer_layers, how many they are (so the trainer's sum over ranks gives the mean over layers).
 
         target_totals: chat data (``flyer.data.chat_data``): per MTP depth k (0: next-token) the step's trained
         targets (y[:, k:] not ``IGNORE_INDEX``) of one data-parallel replica, the mean over replicas (their
@@ -439,6 +457,9 @@ class PipelineModel(nn.Module):
         if documents_BT is not None and not packs_documents(self.cfg):
             raise ValueError("packed documents: dense MLA and GQA only (DSA's selection and hybrid attention "
                              "cross document boundaries)")
+        if target_totals is not None and self._trained_indexers():  # L_I weighs 1/M per micro-batch here
+            raise ValueError("indexer_train: text data only under pipelining (chat data's L_I shares are not "
+                             "weighted by the stages)")
         for st in self._stages:
             st.totals = {k: [] for k in st.totals}
             st.target_totals, st.document_total = target_totals, document_total
@@ -459,16 +480,22 @@ class PipelineModel(nn.Module):
             for st in self._stages:
                 st.target_totals = st.document_total = None
                 st.pending.clear()
-        out = dict.fromkeys(("main_loss", "mtp_loss", "aux_loss"), 0.0)
+        out = dict.fromkeys(("main_loss", "mtp_loss", "aux_loss", "indexer_loss"), 0.0)
         for st in self._stages:
             for k, v in st.totals.items():
                 out[k] += float(sum(t.float() for t in v)) / self.micro_batches if v else 0.0
+        out["indexer_layers"] = float(len(self._trained_indexers()))
         return out
+
+    def _trained_indexers(self) -> list[nn.Module]:
+        """The attention modules held here whose DSA indexer trains (``set_indexer_training``)."""
+        return [m for m in indexer_attentions(self) if getattr(m, "index_train", "off") != "off"]  # V4: no L_I
 
     @torch.no_grad()
     def sync_mirrors(self) -> None:
-        """Sum the embedding's gradient with its mirror's (after the data-parallel sums)."""
-        if self._mirror_group is None:
+        """Sum the embedding's gradient with its mirror's (after the data-parallel sums); none where it is frozen
+        (``--indexer-train warmup``: both copies alike)."""
+        if self._mirror_group is None or not self.embed.weight.requires_grad:
             return
         w = self.embed.weight
         if w.grad is None:

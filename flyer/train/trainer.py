@@ -40,8 +40,8 @@ from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, index
                                      set_indexer_training)
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import MoE, counting_only, moe_layers, update_router_bias
-from flyer.model.transformer import Transformer, packs_documents
-from flyer.data.chat_pack import PackedChatSampler, packed_eval_batches
+from flyer.model.transformer import Transformer
+from flyer.data.chat_pack import PackedChatSampler, check_pack, packed_eval_batches
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
@@ -154,10 +154,8 @@ class Trainer:
         init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
         base = init_cfg or resolve_config(tc.preset, None, model_over)
         self._check_fp4(base)  # before any work
-        if tc.pack and not packs_documents(base):
-            raise FieldError("pack", f"packs rows for dense MLA and GQA models only (this one: attn {base.attn!r}, "
-                                     f"index_topk {base.index_topk})")
-        check_indexer_train(tc.indexer_train, base, tc.pp)
+        check_pack(tc.pack, base)
+        check_indexer_train(tc.indexer_train, base, tc.pp, is_chat_data(tc.data))
         self.micro_batches = tc.micro_batches or min_micro_batches(tc.pp_schedule, tc.pp)
         validate_pipeline(base, tc.pp, tc.pp_schedule, self.micro_batches, tc.grad_accum)  # before any work
         require_torch_for(tc.pp_schedule, tc.pp)
@@ -467,6 +465,9 @@ class Trainer:
         mean = self.mesh.mean({**terms, "tokens": float(tokens), "flops": flops})
         terms = {k: mean[k] * self.mesh.pp for k in terms}
         loss = terms["main_loss"] + self.cfg.mtp_loss_weight * terms["mtp_loss"] + terms["aux_loss"]
+        layers, kl = terms.pop("indexer_layers"), terms.pop("indexer_loss")  # the job's trained indexers' L_I
+        if layers:  # their sum joins the loss, their mean is logged (as ``_local_step``'s)
+            loss, terms["indexer_loss"] = loss + kl, kl / layers
         return {"loss": loss, **terms, "tokens": mean["tokens"] * self.mesh.dp, "flops": mean["flops"] * self.mesh.dp}
 
     def _expert_loads(self) -> list[list[float]]:
