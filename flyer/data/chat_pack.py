@@ -20,16 +20,8 @@ import torch
 
 from flyer.data.chat_data import IGNORE_INDEX, PAD_ID, ChatSampler, ChatSplit, trainable
 from flyer.errors import DataError, FieldError
-from flyer.model.transformer import packs_documents
 
 STATE_VERSION = 1
-
-
-def check_pack(pack: bool, cfg) -> None:
-    """``FieldError`` naming ``pack`` for a model whose attention cannot keep to a document (``packs_documents``)."""
-    if pack and not packs_documents(cfg):
-        raise FieldError("pack", f"packs rows for dense MLA and GQA models only (this one: attn {cfg.attn!r}, "
-                                 f"index_topk {cfg.index_topk})")
 
 
 def packed_rows(split: ChatSplit, rows: list[list[int]], seq_len: int

@@ -19,7 +19,23 @@ from __future__ import annotations
 
 import torch
 
+from flyer.errors import FieldError
+
 IGNORE_INDEX = -100  # flyer.model.loss's (and torch's) ignore_index
+
+
+def packs_documents(cfg) -> bool:
+    """Whether the model runs packed rows (``documents_BT``): dense MLA or GQA; DSA (``index_topk`` > 0) selects
+    among every causal key and hybrid attention (DeepSeek-V4) compresses across them, so neither keeps to a document."""
+    return cfg.attn in ("mla", "gqa") and cfg.index_topk == 0
+
+
+def check_pack(pack: bool, cfg) -> None:
+    """``FieldError`` naming ``pack`` when ``pack`` asks a model that cannot keep to a document (``packs_documents``)
+    to run packed rows: the trainer before any work, the model and the pipeline on a packed batch."""
+    if pack and not packs_documents(cfg):
+        raise FieldError("pack", f"packs rows for dense MLA and GQA models only (this one: attn {cfg.attn!r}, "
+                                 f"index_topk {cfg.index_topk})")
 
 
 def document_positions(documents_BT: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from flyer.model.norm import RMSNorm
 from flyer.model.attention import Selection, build_attention
 from flyer.model.loss import linear_cross_entropy
 from flyer.model.dispatch import Dispatcher
-from flyer.model.documents import Documents, depth_targets
+from flyer.model.documents import Documents, check_pack, depth_targets
 from flyer.model.counts import compress_ratio
 from flyer.model.experts import Experts
 from flyer.model.hybrid import HybridAttention, hybrid_rope_config
@@ -160,12 +160,6 @@ def layer_rope_tables(cfg: ModelConfig, layer_ids: list[int], T: int,
     return [by_kind[compress_ratio(cfg, i) > 0] for i in layer_ids]
 
 
-def packs_documents(cfg: ModelConfig) -> bool:
-    """Whether the model runs packed rows (``documents_BT``): dense MLA or GQA; DSA (``index_topk`` > 0) selects
-    among every causal key and hybrid attention (DeepSeek-V4) compresses across them, so neither keeps to a document."""
-    return cfg.attn in ("mla", "gqa") and cfg.index_topk == 0
-
-
 def shared_selection(cfg: ModelConfig) -> Selection | None:
     """A fresh ``Selection`` for one forward of a model whose layers share DSA selections (GLM-5's
     ``indexer_types`` with a "shared" layer), else None: every layer selects alone."""
@@ -239,9 +233,7 @@ class Transformer(OutputHeads, nn.Module):
             for layer, (cos, sin) in zip(self.layers, tables):
                 h = layer(h, cos, sin, tokens_BT, selection)
             return h
-        if not packs_documents(self.cfg):
-            raise ValueError("packed documents: dense MLA and GQA only (DSA's selection and hybrid attention "
-                             "cross document boundaries)")
+        check_pack(True, self.cfg)
         cos, sin = docs.rope(*tables[0], tokens_BT.shape[1])  # one table: not hybrid
         for layer in self.layers:
             h = layer(h, cos, sin, tokens_BT, selection, docs=docs)

@@ -58,11 +58,10 @@ from torch.torch_version import TorchVersion
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.counts import attention_flops_per_token, block_params, hyper_head_params
-from flyer.model.documents import Documents, depth_targets
+from flyer.model.documents import Documents, check_pack, depth_targets
 from flyer.model.indexer_loss import indexer_attentions, indexer_losses
 from flyer.model.moe import MoE, counting_only
-from flyer.model.transformer import (OutputHeads, Transformer, layer_rope_tables, packs_documents,
-                                     shared_selection)
+from flyer.model.transformer import OutputHeads, Transformer, layer_rope_tables, shared_selection
 from flyer.parallel.grads import MIRROR
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
@@ -454,9 +453,7 @@ class PipelineModel(nn.Module):
         target_totals counted by ``depth_targets``), handed to every stage as the token ids are; None: unpacked.
         document_total: then the step's documents of one replica (the mean over replicas), each micro-batch's balance
         loss weighted by its share of them (``Stage._balance_weight``)."""
-        if documents_BT is not None and not packs_documents(self.cfg):
-            raise ValueError("packed documents: dense MLA and GQA only (DSA's selection and hybrid attention "
-                             "cross document boundaries)")
+        check_pack(documents_BT is not None, self.cfg)
         if target_totals is not None and self._trained_indexers():  # L_I weighs 1/M per micro-batch here
             raise ValueError("indexer_train: text data only under pipelining (chat data's L_I shares are not "
                              "weighted by the stages)")

@@ -41,7 +41,8 @@ from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, index
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import MoE, counting_only, moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
-from flyer.data.chat_pack import PackedChatSampler, check_pack, packed_eval_batches
+from flyer.data.chat_pack import PackedChatSampler, packed_eval_batches
+from flyer.model.documents import check_pack
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
