@@ -69,6 +69,7 @@ def write_data(root: Path, n: int, max_pairs: int, seed: int = 0) -> tuple[Path,
 
 def flyer_worker(chats: Path, tokenizer: Path, cache: Path) -> dict:
     """``prepare_chat`` of ``chats`` into a new cache under ``cache``, in this process."""
+    import jinja2.sandbox  # noqa: F401  imported before the timer, as transformers' import does for its worker
     from tokenizers import Tokenizer
 
     from flyer.data import chat_data

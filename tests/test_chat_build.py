@@ -1,10 +1,12 @@
-"""The chat cache's fast build (``flyer.data.chat_encode``: each prefix's shared tokens taken from the whole
-conversation's, ids and mask written as they come) against the plain path it replaced (``encode_conversation``
-per conversation, every array saved at the end, the key of commit 8587a0f): the same bytes on test_sft's
-conversations and on many-turn ones, under a template with plain-text turn headers and a DeepSeek-like one whose
-headers are special tokens; transformers' ids and assistant masks on the many-turn ones; the same errors for
-the same line and turn; the plain path wherever the tokenizer model does not hold; the build's memory flat in
-the number of conversations."""
+"""The chat cache's fast build (``flyer.data.chat_encode``: each token encoded once, a prefix's tokens read off
+the whole conversation's; runs of lines encoded together, ids and mask written as they come) against the plain
+path it replaced (``encode_conversation`` per conversation, every array saved at the end, the key of commit
+8587a0f): the same bytes on test_sft's conversations and on many-turn ones, under a template with plain-text
+turn headers and a DeepSeek-like one whose headers are special tokens; transformers' ids and assistant masks on
+the many-turn ones; the same errors for the same line and turn, the first bad line of a run of lines encoded
+together; the plain path wherever the tokenizer model does not hold, and for the conversations of a run the fast
+path cannot check; the property of tokenizers the fast path rests on; the build's memory flat in the number of
+conversations."""
 
 import hashlib
 import json
@@ -79,10 +81,8 @@ def _render(tok: TextTokenizer, template: str):
                          tok.special_tokens())
 
 
-def _encoders(tok: TextTokenizer):
-    plain = lambda t: tok.encode_ids(t, add_special_tokens=False)  # noqa: E731
-    batch = lambda ts: [e.ids for e in tok.tok.encode_batch(ts, add_special_tokens=False)]  # noqa: E731
-    return plain, batch
+def _plain(tok: TextTokenizer):
+    return lambda t: tok.encode_ids(t, add_special_tokens=False)
 
 
 def old_cache(chats: Path, root: Path, tok: TextTokenizer, template: str) -> Path:
@@ -94,7 +94,7 @@ def old_cache(chats: Path, root: Path, tok: TextTokenizer, template: str) -> Pat
                "template": template, "special": special}
     out = root / f"chat-{hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=8).hexdigest()}"
     out.mkdir(parents=True)
-    render, (plain, _) = _render(tok, template), _encoders(tok)
+    render, plain = _render(tok, template), _plain(tok)
     got = [encode_conversation(c["messages"], c.get("tools"), render, plain) for c in map(json.loads, chats.open())]
     np.save(out / "ids.npy", np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in got]))
     np.save(out / "mask.npy", np.concatenate([np.asarray(m, dtype=np.uint8) for _, m in got]))
@@ -146,9 +146,9 @@ def test_many_turns_equal_transformers(hf_dir, tmp_path, template):
     (ref_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
     ref = AutoTokenizer.from_pretrained(ref_dir)
     tok = _tok(hf_dir)
-    render, (_, batch) = _render(tok, template), _encoders(tok)
+    render = _render(tok, template)
     for c in MANY[:20]:
-        ids, mask = encode_conversation_fast(c["messages"], c.get("tools"), render, token_splitter(tok.tok), batch)
+        ids, mask = encode_conversation_fast(c["messages"], c.get("tools"), render, token_splitter(tok.tok), tok.tok)
         want = ref.apply_chat_template(c["messages"], tools=c.get("tools"), tokenize=True, return_dict=True,
                                        return_assistant_tokens_mask=True)
         assert ids == list(want["input_ids"]) and mask == list(want["assistant_masks"])
@@ -188,25 +188,27 @@ def test_errors_are_the_plain_paths(hf_dir, base, mutant, words):
     for old, new in mutant:
         assert old in template
         template = template.replace(old, new)
-    render, (plain, batch) = _render(tok, template), _encoders(tok)
+    render, plain = _render(tok, template), _plain(tok)
     split = token_splitter(tok.tok)
     errors = []
     for c in CHATS + MANY:
         args = (c["messages"], c.get("tools"), render)
         want = _outcome(lambda: encode_conversation(*args, plain))
-        assert _outcome(lambda: encode_conversation_fast(*args, split, batch)) == want
+        assert _outcome(lambda: encode_conversation_fast(*args, split, tok.tok)) == want
         errors += [want[1]] if isinstance(want[0], type) else []
     assert errors and all(words in e for e in errors), errors[:3]
 
 
 def test_plain_path_where_the_model_does_not_hold(hf_dir, tmp_path):
-    """No splitter for a tokenizer with truncation, an added token that strips or matches whole words, or
-    Metaspace's prepend-to-the-first-piece; a splitter that cuts where the tokenizer does not (its pieces' ids
-    are not the whole's) gives None: the build takes the plain path, and its bytes are the old build's."""
+    """No splitter for a tokenizer with truncation, an added token that strips or matches whole words,
+    ``encode_special_tokens``, BPE dropout or Metaspace's prepend-to-the-first-piece; a splitter that cuts where
+    the tokenizer does not (a match that is not one token of the whole) gives None: the build takes the plain
+    path, and its bytes are the old build's."""
     tok = _tok(hf_dir)
     for change in (lambda t: t.enable_truncation(8),
                    lambda t: t.add_tokens([AddedToken("<x>", rstrip=True, normalized=False)]),
-                   lambda t: t.add_tokens([AddedToken("<y>", single_word=True, normalized=False)])):
+                   lambda t: t.add_tokens([AddedToken("<y>", single_word=True, normalized=False)]),
+                   lambda t: setattr(t, "encode_special_tokens", True), lambda t: setattr(t.model, "dropout", 0.1)):
         t = Tokenizer.from_str(tok.tok.to_str())
         change(t)
         assert token_splitter(t) is None
@@ -216,11 +218,11 @@ def test_plain_path_where_the_model_does_not_hold(hf_dir, tmp_path):
     assert token_splitter(meta) is None
     meta.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
     assert token_splitter(meta) is not None
-    render, (plain, batch) = _render(tok, TEMPLATE), _encoders(tok)
+    render, plain = _render(tok, TEMPLATE), _plain(tok)
     wrong = re.compile("e|</s>")  # cuts inside words: BPE pieces differ
     c = CHATS[1]
-    assert encode_conversation_fast(c["messages"], None, render, wrong, batch) is None
-    assert encode_conversation_fast(c["messages"], None, render, token_splitter(tok.tok), batch) == \
+    assert encode_conversation_fast(c["messages"], None, render, wrong, tok.tok) is None
+    assert encode_conversation_fast(c["messages"], None, render, token_splitter(tok.tok), tok.tok) == \
         encode_conversation(c["messages"], None, render, plain)
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps(c) + "\n" for c in CHATS[:6]))
@@ -230,15 +232,18 @@ def test_plain_path_where_the_model_does_not_hold(hf_dir, tmp_path):
     assert all((data.cache_dir / f).read_bytes() == (want / f).read_bytes() for f in FILES)
 
 
-def test_build_memory_is_flat_in_the_conversations(hf_dir, tmp_path):
+def test_build_memory_is_flat_in_the_conversations(hf_dir, tmp_path, monkeypatch):
     """The build's peak Python/numpy allocation (tracemalloc) grows by less than 100 bytes per extra
     conversation (its offset: about 44), not with the tokens: the old build, holding every array, grows by 10x
-    that and more (about 9 bytes a token, ~400 tokens a conversation here)."""
+    that and more (about 9 bytes a token, ~400 tokens a conversation here). The lines are encoded in runs of
+    ``BATCH_BYTES``, here the bytes of the 20 conversations the file repeats: every run holds the same 20."""
     tok = _tok(hf_dir)
+    lines = [json.dumps(MANY[c % 20]) + "\n" for c in range(320)]
+    monkeypatch.setattr(chat_data, "BATCH_BYTES", len("".join(lines[:20]).encode()))
     peaks = []
     for n in (80, 320):
         chats = tmp_path / f"chats{n}.jsonl"
-        chats.write_text("".join(json.dumps(MANY[c % 20]) + "\n" for c in range(n)))
+        chats.write_text("".join(lines[:n]))
         out = tmp_path / f"out{n}"
         out.mkdir()
         chat_data._build(out, chats, tok, DEEPSEEK, tok.special_tokens())  # warm: the template compiled, caches
@@ -262,3 +267,85 @@ def test_column_writes_np_saves_bytes(tmp_path):
         col.close()
         np.save(tmp_path / "b.npy", a)
         assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+
+
+def _metaspace_tokenizer() -> Tokenizer:
+    """A second model the module doc's argument covers: NFKC, Metaspace prepending to every piece, a BPE trained
+    on WORDS, the same special tokens as hf_dir's."""
+    from tokenizers import normalizers, trainers
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.normalizer = normalizers.NFKC()
+    t.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    t.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<｜User｜>", "<｜Assistant｜>"], show_progress=False))
+    return t
+
+
+@pytest.mark.parametrize("which", ["byte-level", "metaspace"])
+def test_pieces_concatenate_to_the_whole(hf_dir, which):
+    """The property the fast path rests on without re-checking it (chat_encode's module doc), on the tests'
+    tokenizers: a text's ids are its pieces' (cut at the added tokens' matches) concatenated, and every rendered
+    prefix that is a string prefix of the whole encodes to the whole's tokens before its last match plus its tail."""
+    t = _tok(hf_dir).tok if which == "byte-level" else _metaspace_tokenizer()
+    split = token_splitter(t)
+    assert split is not None
+    enc = lambda s: t.encode(s, add_special_tokens=False).ids  # noqa: E731
+    special = {"bos_token": "<s>", "eos_token": "</s>"}
+    checked = 0
+    for template in (TEMPLATE, DEEPSEEK):
+        render = chat_renderer(_GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3],
+                                                   template), special)
+        for c in CHATS[:20] + MANY[:16]:
+            msgs, tools = c["messages"], c.get("tools")
+            whole = render(msgs, tools, add_generation_prompt=False)
+            cuts = sorted({0, len(whole), *(i for m in split.finditer(whole) for i in m.span())})
+            ids = enc(whole)
+            assert [i for a, b in zip(cuts, cuts[1:]) for i in enc(whole[a:b])] == ids
+            ends = [m.end() for m in split.finditer(whole)]
+            for k in range(1, len(msgs) + 1):
+                for gen in (True, False):
+                    h = render(msgs[:k], tools, add_generation_prompt=gen)
+                    if whole.startswith(h):
+                        b = max([e for e in ends if e <= len(h)], default=0)
+                        assert enc(h) == enc(whole[:b]) + enc(h[b:])
+                        assert enc(whole[:b]) == ids[:len(enc(whole[:b]))]
+                        checked += 1
+    assert checked > 500
+
+
+def test_runs_fall_back_conversation_by_conversation(hf_dir, tmp_path):
+    """A run where the fast path gives None for some conversations (a splitter that also cuts at a word, which
+    the tokenizer does not: its token is " checkpoints") writes the plain path's ids and mask for every
+    conversation, in order."""
+    tok = _tok(hf_dir)
+    render, plain = _render(tok, TEMPLATE), _plain(tok)
+    convs = CHATS[:10] + MANY[:10]
+    run = [(n + 1, json.dumps(c).encode()) for n, c in enumerate(convs)]
+    split = re.compile(token_splitter(tok.tok).pattern + "|checkpoints")
+    fast = chat_data.encode_conversations([(c["messages"], c.get("tools")) for c in convs], render, split, tok.tok)
+    assert None in fast and any(f is not None for f in fast)  # both routes in one run
+    ids, mask, lengths = chat_data._encode_run(run, tmp_path / "x.jsonl", render, split, tok.tok, plain)
+    want = [encode_conversation(c["messages"], c.get("tools"), render, plain) for c in convs]
+    assert lengths == [len(i) for i, _ in want]
+    assert ids.tolist() == [x for i, _ in want for x in i] and mask.tolist() == [x for _, m in want for x in m]
+
+
+@pytest.mark.parametrize("lines, bad", [
+    (["ok", "long", "ok", "json"], 2),  # a template error before a bad line in the same run
+    (["ok", "json", "long", "ok"], 2),  # a bad line before a template error
+    (["ok", "ok", "long", "huge"], 3),  # a template error before a line over MAX_LINE_BYTES
+    (["ok", "ok", "ok", "huge"], 4),
+])
+def test_a_runs_first_bad_line_is_named(hf_dir, tmp_path, lines, bad):
+    """Lines are encoded in runs (``BATCH_BYTES``); the error is the first bad line's in file order, as when each
+    line is encoded alone."""
+    tok = _tok(hf_dir)
+    template = LONG + TEMPLATE
+    text = {"ok": json.dumps(CHATS[1]), "long": json.dumps(MANY[2]), "json": "{not json",
+            "huge": "x" * (MAX_LINE_BYTES + 1)}
+    assert len(MANY[2]["messages"]) > 5 >= len(CHATS[1]["messages"])  # LONG raises on "long" only
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(text[k] + "\n" for k in lines))
+    with pytest.raises(chat_data.DataError, match=rf"chats.jsonl:{bad}: "):
+        prepare_chat(chats, tmp_path / "cache", tok, template)

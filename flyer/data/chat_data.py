@@ -12,21 +12,24 @@ with the generation prompt and up to and including i rendered without it, i.e. i
 the template closes it with (DeepSeek's ``<｜end▁of▁sentence｜>``), not its header. Both prefixes must
 encode to a prefix of the whole conversation's ids, else the line is refused. A template's
 ``{% generation %}`` markers (transformers' ``return_assistant_tokens_mask``) render their body as it is.
-``encode_conversation`` is the plain path; the build takes ``flyer.data.chat_encode``'s fast twin (the prefixes'
-shared tokens encoded once: the same ids, mask and errors) wherever its tokenizer model holds.
+``encode_conversation`` is the plain path; the build takes ``flyer.data.chat_encode``'s fast twin (each token
+encoded once, a run of lines in one ``encode_batch``: the same ids, mask and errors) wherever its tokenizer
+model holds, the plain path for a conversation it cannot check.
 
 Validation: conversation i (0-based, in file order, counting conversations not lines) is held out when
 ``i % VAL_EVERY == VAL_EVERY - 1``; a file of fewer than ``VAL_EVERY`` holds out its last one.
 
 The tokenized conversations are cached in ``{cache_dir}/chat-{key}/`` (``ids.npy``, ``mask.npy``,
 ``offsets.npy``, ``meta.json`` written last), ``key`` hashing the file's bytes, the tokenizer, the template
-and this format's version. The build writes each conversation's ids and mask as it goes (memory: one
-conversation and the offsets).
+and this format's version. The build reads the file in runs of about ``BATCH_BYTES`` of lines and writes each
+run's ids and mask before reading on (memory: one run and the offsets); a bad line's error is the first in file
+order, as if each line were encoded alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ import numpy as np
 import tokenizers
 import torch
 
-from flyer.data.chat_encode import encode_conversation_fast, token_splitter
+from flyer.data.chat_encode import encode_conversations, token_splitter
 from flyer.data.chat_template import chat_renderer, read_chat_template
 from flyer.data.prepare import _build_lock, unigram_from_counts
 from flyer.data.shards import atomic_write
@@ -49,6 +52,7 @@ from flyer.interop.hf import is_hf_model_dir
 CHAT_VERSION = 1
 MAX_LINE_BYTES = 1 << 22  # 4 MiB: a longer line is refused, not read whole
 VAL_EVERY = 20
+BATCH_BYTES = 1 << 18  # lines encoded together (one encode_batch, parallel in Rust): the build's memory
 IGNORE_INDEX = -100  # flyer.model.loss's (and torch's) ignore_index
 PAD_ID = -1  # x's padding: no token; the trainer feeds token 0 there and counts it in no routing statistic
 STATE_VERSION = 1
@@ -249,25 +253,33 @@ def _build(out: Path, path: Path, tok: TextTokenizer, template: str | None, spec
     def encode(text: str) -> list[int]:
         return tok.encode_ids(text, add_special_tokens=False)
 
-    def encode_batch(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in tok.tok.encode_batch(texts, add_special_tokens=False)]
+    def batches():
+        """The file's lines in runs of about ``BATCH_BYTES``; a bad line (too long) after those before it."""
+        run, size = [], 0
+        try:
+            for line, raw in _read_lines(path):
+                run.append((line, raw))
+                size += len(raw)
+                if size >= BATCH_BYTES:
+                    yield run
+                    run, size = [], 0
+        except DataError:
+            if run:
+                yield run
+            raise
+        if run:
+            yield run
 
-    # ids and mask go to their .npy files as they come: the build holds one conversation and the offsets
+    # ids and mask go to their .npy files a run of lines at a time: the build holds one run and the offsets
     columns = [_Column(out / "ids.npy", np.int64), _Column(out / "mask.npy", np.uint8)]
     offsets = [0]
     try:
-        for line, raw in _read_lines(path):
-            messages, tools = parse_conversation(raw, path, line)
-            try:
-                got = split and encode_conversation_fast(messages, tools, render, split, encode_batch)
-                i, m = got or encode_conversation(messages, tools, render, encode)
-            except ValueError as e:  # jinja2's TemplateError is an Exception: named below
-                raise _problem(path, line, str(e)) from None
-            except Exception as e:  # a template's raise_exception, or a render error: the user's line or template
-                raise _problem(path, line, f"messages: the chat template cannot render them ({e})") from None
-            columns[0].append(i)
-            columns[1].append(m)
-            offsets.append(offsets[-1] + len(i))
+        for run in batches():
+            ids, mask, lengths = _encode_run(run, path, render, split, tok.tok, encode)
+            columns[0].append(ids)
+            columns[1].append(mask)
+            for n in lengths:
+                offsets.append(offsets[-1] + n)
         if len(offsets) < 3:
             raise DataError(f"{path}: {len(offsets) - 1} conversation(s); at least 2 are needed (one is held out "
                             "for validation)")
@@ -282,6 +294,50 @@ def _build(out: Path, path: Path, tok: TextTokenizer, template: str | None, spec
     meta = {"source": str(path), "conversations": len(offsets) - 1, "tokens": offsets[-1],
             "eos_id": eos if eos is not None else ensure_eos(tok.tok)}
     atomic_write(out / "meta.json", [json.dumps(meta, indent=1).encode()])
+
+
+def _encode_run(run: list[tuple[int, bytes]], path: Path, render, split, tok: tokenizers.Tokenizer,
+                encode) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """ids (N,) int64, mask (N,) uint8 and each conversation's length of the lines ``run`` ((line number, bytes)),
+    the conversations back to back: ``chat_encode``'s batch where ``split`` is not None, else (or where it gives
+    None) ``encode_conversation``. The first bad line's ``DataError``, in file order."""
+    convs, bad = [], None
+    for line, raw in run:
+        try:
+            convs.append(parse_conversation(raw, path, line))
+        except DataError as e:  # raised once the lines before it are through
+            bad = e
+            break
+    fast = encode_conversations(convs, render, split, tok) if split else [None] * len(convs)
+    ids, spans, lengths, total = [], [], [], 0
+    for (line, _), (messages, tools), got in zip(run, convs, fast):
+        if got is None:
+            try:
+                got = encode_conversation(messages, tools, render, encode)
+            except Exception as e:
+                got = e
+            else:  # the plain path's mask as 1-runs: the same bytes below
+                got = got[0], [(a, b) for a, b in _runs(got[1])]
+        if isinstance(got, ValueError):
+            raise _problem(path, line, str(got))
+        if isinstance(got, Exception):  # a template's raise_exception, or a render error: the user's line or template
+            raise _problem(path, line, f"messages: the chat template cannot render them ({got})")
+        spans += [(total + a, total + b) for a, b in got[1]]
+        ids.append(got[0])
+        lengths.append(len(got[0]))
+        total += len(got[0])
+    if bad is not None:
+        raise bad
+    mask = np.zeros(total, dtype=np.uint8)
+    for a, b in spans:
+        mask[a:b] = 1
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total), mask, lengths
+
+
+def _runs(mask: list[int]) -> np.ndarray:
+    """[start, end) of each run of 1s in ``mask``: (runs, 2)."""
+    edges = np.flatnonzero(np.diff(np.asarray(mask, dtype=np.int8), prepend=0, append=0))
+    return edges.reshape(-1, 2)
 
 
 class _Column:

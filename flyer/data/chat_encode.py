@@ -1,27 +1,39 @@
-"""A conversation's ids and assistant mask without re-encoding the text its prefixes share: the fast twin of
+"""Conversations' ids and assistant masks with each token encoded once: the fast twin of
 ``flyer.data.chat_data.encode_conversation`` (same ids, mask and errors; that function is its oracle).
 
-The plain path encodes the conversation up to every assistant turn: O(n^2) tokens for n turns. A Hugging Face
-``tokenizers.Tokenizer`` first cuts the text at its added tokens' matches (the non-normalized ones, found left to
-right, leftmost-longest), then normalizes, pre-tokenizes and encodes each piece on its own, so a text's ids are
-its pieces' ids concatenated. A rendered prefix H of the whole conversation's text F (a string prefix) whose last
-added-token match in F ends at b <= len(H) has F's pieces before b (a leftmost-longest scan of H finds F's
-matches that end by len(H), the same up to b), so ``encode(H) = encode(F)[:k_b] + encode(H[b:])``, k_b the
-tokens of F's pieces before b. Only each prefix's tail H[b:] is encoded: nothing under DeepSeek's template,
-whose turn headers and ends are special tokens; one turn under a template with plain-text headers.
+The plain path encodes the conversation up to every assistant turn: O(n^2) tokens for n turns. Here a batch of
+conversations is rendered (the whole F, and per assistant turn the prefixes H the plain path renders), and one
+``Tokenizer.encode_batch`` call (parallel in Rust) encodes each F whole and, of each H, only the tail after its
+last added-token match: F's ids are exactly the plain path's; only the mask's bounds, len(encode(H)), are derived.
 
-The model holds for tokenizers with neither truncation nor padding whose non-normalized added tokens neither
-strip whitespace nor match whole words only (``lstrip``, ``rstrip``, ``single_word`` look past the match):
-``token_splitter`` gives None otherwise and the caller takes the plain path. Each conversation is checked too:
-F's pieces' ids, concatenated, must be F's ids, else ``encode_conversation_fast`` gives None.
+Why a tail suffices. A Hugging Face ``tokenizers.Tokenizer`` first cuts a text at its added tokens' matches (the
+non-normalized ones, found left to right, leftmost-longest), each match becoming its token, then normalizes,
+pre-tokenizes and encodes every piece between them on its own (``PreTokenizedString`` splits are processed one by
+one), so a text's ids are its pieces' ids concatenated (shown on the tests' tokenizers by
+``test_pieces_concatenate_to_the_whole``). A rendered prefix H of F (a string prefix) whose last match in F ends at
+b <= len(H) has F's pieces before b (a leftmost-longest scan of H finds F's matches that end by len(H), the same up
+to b), so ``encode(H) = encode(F)[:k_b] + encode(H[b:])``, k_b the tokens of F's pieces and matches before b.
+Under DeepSeek's template, whose turn headers and ends are special tokens, the tail is empty; under one with
+plain-text headers, it is one turn.
+
+What is checked, per conversation. k_b is read off F's own encoding: the match ending at b must be one token
+spanning exactly the match (``char_to_token``, ``token_to_chars``), else the tokenizer did not cut F there and
+``encode_conversations`` gives None for the conversation (the caller takes the plain path). Each prefix's tokens,
+``encode(F)[:k_b] + encode(H[b:])``, must be a prefix of F's ids, as the plain path requires (the tail compared
+with F's tokens after k_b), else the plain path's ``ValueError``. What is not re-checked: that a piece encodes
+alone as inside F, the tokenizers pipeline above; it fails for tokenizers with truncation or padding, BPE
+dropout, ``encode_special_tokens`` (no cut at special tokens), added tokens that strip whitespace or match whole
+words only (``lstrip``, ``rstrip``, ``single_word`` look past the match) and Metaspace's ``prepend_scheme="first"``
+(it prepends to the piece at offset 0 only): ``token_splitter`` gives None for those, and the build takes the plain
+path.
 """
 
 from __future__ import annotations
 
 import bisect
-import itertools
 import json
 import re
+from dataclasses import dataclass
 
 import tokenizers
 
@@ -29,8 +41,9 @@ import tokenizers
 def token_splitter(tok: tokenizers.Tokenizer) -> re.Pattern | None:
     """A pattern whose ``finditer`` finds the matches ``tok`` cuts a text at first (module doc), or None when the
     model does not hold for ``tok``."""
-    if tok.truncation is not None or tok.padding is not None or '"prepend_scheme":"first"' in _compact(tok):
-        return None  # Metaspace's "first" prepends to the piece at offset 0 only: a piece alone is not as in F
+    if (tok.truncation is not None or tok.padding is not None or tok.encode_special_tokens
+            or getattr(tok.model, "dropout", None) or '"prepend_scheme":"first"' in _compact(tok)):
+        return None
     added = [t for t in tok.get_added_tokens_decoder().values() if not t.normalized and t.content]
     if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
         return None
@@ -42,52 +55,106 @@ def _compact(tok: tokenizers.Tokenizer) -> str:
     return json.dumps(json.loads(tok.to_str()), separators=(",", ":")).lower()
 
 
-def encode_conversation_fast(messages: list[dict], tools: list | None, render, split: re.Pattern,
-                             encode_batch) -> tuple[list[int], list[int]] | None:
-    """``chat_data.encode_conversation``'s (ids, mask), or its ``ValueError`` or render error for the same turn,
-    with ``split`` (``token_splitter``) and ``encode_batch(texts)`` -> a list of ids per text, one call per
-    conversation; None when the pieces' ids do not concatenate to the whole's (the caller takes the plain path)."""
+@dataclass
+class _Plan:
+    """One conversation rendered: F, its matches' spans, and per assistant turn i the (cut b, text to encode)
+    of its two prefixes (b = -1: not a string prefix of F, the text is the whole prefix); ``failed``: a later
+    turn's render error, raised once the earlier turns pass their checks (the plain path's order)."""
+    whole: str
+    spans: list[tuple[int, int]]
+    turns: list[tuple[int, tuple[int, str], tuple[int, str]]]
+    failed: Exception | None
+
+
+def _plan(messages: list[dict], tools: list | None, render, split: re.Pattern) -> _Plan:
     whole = render(messages, tools, add_generation_prompt=False)
+    spans = [m.span() for m in split.finditer(whole)]
+    ends = [e for _, e in spans]
+
+    def tail(text: str) -> tuple[int, str]:
+        if not whole.startswith(text):
+            return -1, text
+        j = bisect.bisect_right(ends, len(text))
+        return (ends[j - 1], text[ends[j - 1]:]) if j else (0, text)
+
     turns, failed = [], None
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        try:  # the plain path checks every earlier turn before it renders this one: so do we, then raise
-            turns.append((i, render(messages[:i], tools, add_generation_prompt=True),
-                          render(messages[:i + 1], tools, add_generation_prompt=False)))
+        try:  # through the last message is F itself: the same call, not rendered again
+            head = render(messages[:i], tools, add_generation_prompt=True)
+            upto = whole if i == len(messages) - 1 else render(messages[:i + 1], tools, add_generation_prompt=False)
         except Exception as e:
             failed = e
             break
-    matches = list(split.finditer(whole))
-    ends = [m.end() for m in matches]
-    cuts = sorted({0, len(whole), *(i for m in matches for i in m.span())})
-    pieces = [whole[a:b] for a, b in zip(cuts, cuts[1:])]
+        turns.append((i, tail(head), tail(upto)))
+    return _Plan(whole, spans, turns, failed)
 
-    def tail(text: str) -> tuple[int, str]:
-        """(the cut b where the text's own encoding starts, -1 when it is not a prefix of F, the text to encode)."""
-        if not whole.startswith(text):
-            return -1, text
-        b = ends[bisect.bisect_right(ends, len(text)) - 1] if ends and ends[0] <= len(text) else 0
-        return b, text[b:]
 
-    tails = [(tail(h), tail(u)) for _, h, u in turns]
-    jobs = list(dict.fromkeys([whole, *pieces, *(t for pair in tails for _, t in pair)]))
-    enc = dict(zip(jobs, encode_batch(jobs)))
-    ids = enc[whole]
-    if list(itertools.chain.from_iterable(enc[p] for p in pieces)) != ids:
-        return None
-    before = dict(zip(cuts, itertools.accumulate((len(enc[p]) for p in pieces), initial=0)))  # F's tokens by cut
-    mask = [0] * len(ids)
-    for (i, _, _), pair in zip(turns, tails):
+def _finish(plan: _Plan, enc: tokenizers.Encoding, encoded: dict[str, list[int]]):
+    """(ids, [(head, upto) token span per assistant turn]) from F's encoding ``enc`` and the tails' ids, or None
+    when a match is not one token of F (module doc); the plain path's ValueError or render error otherwise."""
+    ids = enc.ids
+    before = {0: 0}  # F's tokens before each match's end
+    for s, e in plan.spans:
+        t = enc.char_to_token(s)
+        if t is None or enc.token_to_chars(t) != (s, e):
+            return None
+        before[e] = t + 1
+    spans = []
+    for i, *pair in plan.turns:
         head_upto = []
         for name, (b, text) in zip(("with the generation prompt", "through it"), pair):
-            k, p = before.get(b, 0), enc[text]
-            if not (k + len(p) <= len(ids) and ids[k:k + len(p)] == p):
+            k, p = before.get(b, 0), encoded[text]
+            if ids[k:k + len(p)] != p:
                 raise ValueError(f"messages[{i}]: the conversation rendered {name} does not encode to a prefix "
                                  "of the whole conversation's tokens (the template or tokenizer merges across turns)")
             head_upto.append(k + len(p))
-        head, upto = head_upto
+        spans.append(tuple(head_upto))
+    if plan.failed is not None:
+        raise plan.failed
+    return ids, spans
+
+
+def encode_conversations(conversations: list[tuple[list[dict], list | None]], render, split: re.Pattern,
+                         tok: tokenizers.Tokenizer) -> list:
+    """Per conversation ``(messages, tools)``, in order: ``(ids, spans)`` (F's ids and each assistant turn's
+    [head, upto) token span, ``chat_data.encode_conversation``'s mask), None (take the plain path: module doc), or
+    the exception the plain path raises for it (its ``ValueError``, a render error). ``render`` as
+    ``encode_conversation``'s, ``split``: ``token_splitter(tok)``; one ``tok.encode_batch`` call for them all."""
+    plans = []
+    for messages, tools in conversations:
+        try:
+            plans.append(_plan(messages, tools, render, split))
+        except Exception as e:  # the whole's render: the plain path's first call
+            plans.append(e)
+    wholes = [p.whole for p in plans if isinstance(p, _Plan)]
+    tails = list(dict.fromkeys(t for p in plans if isinstance(p, _Plan) for _, *pair in p.turns for _, t in pair))
+    encs = tok.encode_batch(wholes + tails, add_special_tokens=False)
+    encoded = {t: e.ids for t, e in zip(tails, encs[len(wholes):])}
+    out, whole_encs = [], iter(encs)
+    for p in plans:
+        if not isinstance(p, _Plan):
+            out.append(p)
+            continue
+        try:
+            out.append(_finish(p, next(whole_encs), encoded))
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+def encode_conversation_fast(messages: list[dict], tools: list | None, render, split: re.Pattern,
+                             tok: tokenizers.Tokenizer) -> tuple[list[int], list[int]] | None:
+    """``encode_conversations`` of one conversation as ``encode_conversation`` gives it: (ids, mask), or its
+    exception raised; None for the plain path."""
+    got = encode_conversations([(messages, tools)], render, split, tok)[0]
+    if isinstance(got, Exception):
+        raise got
+    if got is None:
+        return None
+    ids, spans = got
+    mask = [0] * len(ids)
+    for head, upto in spans:
         mask[head:upto] = [1] * max(0, upto - head)
-    if failed is not None:
-        raise failed
     return ids, mask
