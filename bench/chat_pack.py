@@ -10,7 +10,8 @@ Data: ``--conversations`` synthetic chats of ``--min-tokens`` to ``--max-tokens`
 median seconds per trained target of each, their ratio (trimmed / packed), conversations per packed row, and the
 share of positions that are padding in each mode.
 
-    python bench/chat_pack.py [--preset tiny] [--seq-len 1024] [--batch-size 4] [--steps 5] [--device cpu]
+    python bench/chat_pack.py [--preset tiny] [--config dsa.toml] [--seq-len 1024] [--batch-size 4] [--steps 5]
+        [--device cpu]
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def main() -> None:
         chats, tokenizer = write_chats(root, a.conversations, a.min_tokens, a.max_tokens)
 
         def trainer(name: str, pack: bool) -> Trainer:
-            tc = TrainConfig(preset=a.preset, tokenizer=str(tokenizer), data=str(chats), pack=pack,
-                             data_cache=str(root / "cache"), out=str(root / name), seq_len=a.seq_len,
+            tc = TrainConfig(preset=a.preset, config=a.config, tokenizer=str(tokenizer), data=str(chats),
+                             pack=pack, data_cache=str(root / "cache"), out=str(root / name), seq_len=a.seq_len,
                              batch_size=a.batch_size, steps=10 * (a.steps + 1), device=a.device,
                              precision=a.precision, threads=a.threads, plots=False, progress=False)
             return Trainer(tc, log=lambda m: None)

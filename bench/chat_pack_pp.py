@@ -29,7 +29,8 @@ from flyer.train.trainer import Trainer
 
 def _rank(rank: int, a, chats: str, tokenizer: str, root: str) -> dict:
     """Rank ``rank`` of PP2: ``a.steps`` + 1 rounds (the first a warm-up) of a packed then an unpacked step."""
-    tc = TrainConfig(preset=a.preset, tokenizer=tokenizer, data=chats, pack=True, data_cache=f"{root}/cache",
+    tc = TrainConfig(preset=a.preset, config=a.config, tokenizer=tokenizer, data=chats, pack=True,
+                     data_cache=f"{root}/cache",
                      out=f"{root}/run{rank}", seq_len=a.seq_len, batch_size=a.batch_size, pp=2,
                      micro_batches=a.micro_batches, steps=10 * (a.steps + 1), device="cpu", precision=a.precision,
                      threads=a.threads or 1, plots=False, progress=False, collective_timeout_s=300)

@@ -53,6 +53,7 @@ def chat_bench_args(doc: str, seq_len: int, batch_size: int, steps: int, steps_h
     """The chat benches' flags (this one's and ``chat_pack.py``'s), with their defaults."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--config", default=None, help="TOML overriding model fields ([model]): e.g. a DSA model")
     ap.add_argument("--seq-len", type=int, default=seq_len)
     ap.add_argument("--batch-size", type=int, default=batch_size)
     ap.add_argument("--steps", type=int, default=steps, help=steps_help)
@@ -70,7 +71,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         chats, tokenizer = write_chats(root, a.conversations, a.min_tokens, a.max_tokens)
-        tc = TrainConfig(preset=a.preset, tokenizer=str(tokenizer), data=str(chats), data_cache=str(root / "cache"),
+        tc = TrainConfig(preset=a.preset, config=a.config, tokenizer=str(tokenizer), data=str(chats),
+                         data_cache=str(root / "cache"),
                          out=str(root / "run"), seq_len=a.seq_len, batch_size=a.batch_size, steps=2 * a.steps + 2,
                          device=a.device, precision=a.precision, threads=a.threads, plots=False, progress=False)
         t = Trainer(tc, log=lambda m: None)

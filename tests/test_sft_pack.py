@@ -299,13 +299,11 @@ def _args(hf, tmp_path, *extra):
 
 
 @pytest.mark.parametrize("preset, extra, words", [
-    ("dsv32", (), "dense MLA and GQA models only"),
-    ("tiny-v4", (), "dense MLA and GQA models only"),
     ("tiny", ("text",), "text data is already packed"),
 ])
 def test_pack_refusals_are_one_line_errors(hf, tmp_path, capsys, preset, extra, words):
-    """--pack with DSA or hybrid attention, or on text data: exit 2, one line naming --pack (under a pipeline it runs:
-    ``tests/test_sft_pack_pp.py``)."""
+    """--pack on text data: exit 2, one line naming --pack (every attention packs: DSA and DeepSeek-V4's in
+    ``tests/test_sft_pack_dsa.py``; under a pipeline it runs: ``tests/test_sft_pack_pp.py``)."""
     argv = _args(hf, tmp_path, "--preset", preset, *[e for e in extra if e != "text"])
     if "text" in extra:
         (tmp_path / "text.txt").write_text("some text\n" * 50)

@@ -131,13 +131,19 @@ class Selection:
     selected, which the shared layers after it attend to (GLM-5), as ``mask`` (``MLA.sparse_mask``'s (B, 1, T, S)
     bool; None: every causal key) or, where that layer gathered, ``chunks`` (its chunk plan and picks,
     ``SparseChunks``; then ``mask`` is None). A forward (or a pipeline stage, which starts at a full layer) makes
-    one."""
+    one. Packed rows (``flyer.model.documents.Documents.each``) select per group of documents: ``group(i)``, the
+    selection group i hands between its layers."""
 
-    __slots__ = ("mask", "chunks")
+    __slots__ = ("mask", "chunks", "groups")
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
         self.chunks: SparseChunks | None = None
+        self.groups: dict[int, Selection] = {}
+
+    def group(self, i: int) -> Selection:
+        """Group i's own ``Selection`` (made on first use, then the same for every later layer of the forward)."""
+        return self.groups.setdefault(i, Selection())
 
 
 class MLA(nn.Module):
@@ -209,7 +215,10 @@ class MLA(nn.Module):
         ``dsa_gathers``' length (longer with autograd recording) a full layer selects and attends in chunks of
         ``chunk`` queries (None: ``query_chunk``'s rule), each to its picks gathered (``flyer.model.dsa_chunks``);
         False: the masked form (``sparse_mask``, every causal key scored), the oracle. ``docs``: packed rows'
-        ``flyer.model.documents.Documents``, each attending to itself (dense MLA only: ``Transformer`` refuses DSA)."""
+        ``flyer.model.documents.Documents``, each attending to itself (cos / sin at the packed positions, (B, T, 1, d));
+        with DSA each group of documents runs this forward unpacked (``per_document``)."""
+        if docs is not None and self.index_topk > 0:
+            return self.per_document(x_BTD, cos, sin, selection, gather, chunk, docs)
         B, T, _ = x_BTD.shape
         q_latent = self.query_latent(x_BTD) if self.q_lora_rank else None
         q_nope, q_rope = self.queries(x_BTD, cos, sin, q_latent)
@@ -241,6 +250,34 @@ class MLA(nn.Module):
             o = (causal_attention(q, k, v, self.softmax_scale, mask) if docs is None else  # packed: per document
                  docs.attend(lambda *qkv: causal_attention(*qkv, self.softmax_scale), q, k, v))
         return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
+
+    def per_document(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, selection: Selection | None,
+                     gather: bool, chunk: int | None, docs) -> torch.Tensor:
+        """DSA on packed rows: ``forward`` unpacked on each group of ``docs`` (``Documents.each``: each document a row
+        of its own at positions from 0), so a query selects among its own document's causal keys only; a shared
+        layer takes its group's selection (``Selection.group``). L_I: the mean over the real queries of every group
+        (the slots of ``Documents.each``'s real, within ``index_valid_BT``'s), as the documents alone give."""
+        outer = self.index_valid_BT
+        real = docs.real if outer is None else docs.real & outer[:, outer.shape[1] - x_BTD.shape[1]:].to(docs.real)
+        sums, counts = [], []
+
+        def alone(i, x_NLD, cos_L, sin_L, real_NL):
+            self.index_valid_BT = real_NL
+            try:
+                out = self.forward(x_NLD, cos_L, sin_L, None if selection is None else selection.group(i), gather,
+                                   chunk)
+            finally:
+                self.index_valid_BT = outer
+            if self.index_loss is not None:  # the group's mean over its real queries: back to their sum
+                n = real_NL.sum()
+                sums.append(self.index_loss * n)
+                counts.append(n)
+            return out
+
+        out = docs.each(alone, x_BTD, cos, sin, real)
+        if counts:
+            self.index_loss = torch.stack(sums).sum() / torch.stack(counts).sum().clamp(min=1)
+        return out
 
     @torch.no_grad()  # as transformers: the indexer gets no gradient (see ``Indexer``)
     def sparse_mask(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,

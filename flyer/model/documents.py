@@ -12,6 +12,20 @@ once per forward (``Documents``):
 - MTP depth k's targets: position i predicts token i+k+1, so it keeps its target only where position i+k is in
   i's document (``depth_targets``; the target of a document's last token is ignored by the data already).
 
+DSA (V3.2, GLM-5: ``index_topk`` > 0) and DeepSeek-V4's hybrid attention cannot go through ``attend``: the indexer
+selects among a query's causal keys before attention, so it would select across documents, and V4's compression
+blocks would pool across them (and the DSA indexer's L_I and gathered chunks are the unpacked forward's own).
+``each`` therefore moves the packing one step earlier: it gathers the attention module's *input* x into the same
+length-grouped rows and runs the whole unpacked attention forward on each group (selection, gathered chunks, L_I,
+V4's sliding window and compression blocks as for rows of their own, from position 0), scattering the outputs
+back. That reuses every path as it is, its oracles' tests included, at the price of running the attention
+projections on the groups' padding slots too (a group's rows are at most twice as long as their shortest), where
+gathering per-document tensors after the projections would need a packed-aware indexer, chunk plan and compressor.
+A group's padding slots (past a document's end) come after its real queries, so no real query sees them (nor a V4
+compressed entry a real query sees: an entry is visible once its whole block is); they count in nothing: L_I
+averages over ``real`` slots only, and GLM-5's shared layers take the selection their own group's full layer made
+(``flyer.model.attention.Selection.group``).
+
 ``documents_BT`` None is the unpacked path, unchanged.
 """
 
@@ -19,23 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from flyer.errors import FieldError
-
 IGNORE_INDEX = -100  # flyer.model.loss's (and torch's) ignore_index
-
-
-def packs_documents(cfg) -> bool:
-    """Whether the model runs packed rows (``documents_BT``): dense MLA or GQA; DSA (``index_topk`` > 0) selects
-    among every causal key and hybrid attention (DeepSeek-V4) compresses across them, so neither keeps to a document."""
-    return cfg.attn in ("mla", "gqa") and cfg.index_topk == 0
-
-
-def check_pack(pack: bool, cfg) -> None:
-    """``FieldError`` naming ``pack`` when ``pack`` asks a model that cannot keep to a document (``packs_documents``)
-    to run packed rows: the trainer before any work, the model and the pipeline on a packed batch."""
-    if pack and not packs_documents(cfg):
-        raise FieldError("pack", f"packs rows for dense MLA and GQA models only (this one: attn {cfg.attn!r}, "
-                                 f"index_topk {cfg.index_topk})")
 
 
 def document_positions(documents_BT: torch.Tensor) -> torch.Tensor:
@@ -81,6 +79,20 @@ def document_segments(documents_BT: torch.Tensor) -> tuple[list[torch.Tensor], t
     return gathers, scatter.to(documents_BT.device)
 
 
+def document_slots(gather_NL: torch.Tensor) -> torch.Tensor:
+    """Bool (N, L): the slots of a group's gather (``document_segments``) within their document, not past its end
+    (where the gather repeats the document's last position)."""
+    lengths = gather_NL[:, -1:] - gather_NL[:, :1] + 1  # a document's positions are consecutive
+    return torch.arange(gather_NL.shape[1], device=gather_NL.device) < lengths
+
+
+def depth_queries(documents_BT: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool (B, T-k): the positions i of MTP depth k (position i reads token i+k) that a document alone has too:
+    i and i+k in one document (id >= 0). Depth 0: the real positions."""
+    T = documents_BT.shape[1]
+    return (documents_BT[:, :T - k] >= 0) & (documents_BT[:, :T - k] == documents_BT[:, k:])
+
+
 def depth_targets(targets_BT: torch.Tensor, documents_BT: torch.Tensor | None, k: int) -> torch.Tensor:
     """MTP depth k's targets (B, T-k): ``targets_BT[:, k:]`` (position i predicts token i+k+1), with
     ``IGNORE_INDEX`` where position i+k is in another document than i (packed rows; None: unchanged)."""
@@ -94,18 +106,21 @@ def depth_targets(targets_BT: torch.Tensor, documents_BT: torch.Tensor | None, k
 
 class Documents:
     """What one forward of a packed batch derives from ``documents_BT`` (module doc): ``positions`` (B, T) and the
-    groups ``attend`` runs (``document_segments``); ``first(T)``: the same for the first T positions (an MTP
-    module's, whose position i sits in i's document)."""
+    groups ``attend`` and ``each`` run (``document_segments``); ``real`` (B, T) bool: the positions a document alone
+    has too (``depth_queries``); ``first(T)``: the same for the first T positions (an MTP module's, whose position i
+    sits in i's document and reads token i + k, k = the batch's T minus T)."""
 
-    __slots__ = ("ids", "positions", "gathers", "scatter")
+    __slots__ = ("ids", "positions", "gathers", "scatter", "real", "slots")
 
-    def __init__(self, documents_BT: torch.Tensor):
+    def __init__(self, documents_BT: torch.Tensor, real_BT: torch.Tensor | None = None):
         self.ids = documents_BT
         self.positions = document_positions(documents_BT)
         self.gathers, self.scatter = document_segments(documents_BT)
+        self.real = documents_BT >= 0 if real_BT is None else real_BT
+        self.slots: list[tuple[torch.Tensor, int]] | None = None  # ``each``'s, made once per forward
 
     def first(self, T: int) -> Documents:
-        return Documents(self.ids[:, :T])
+        return Documents(self.ids[:, :T], depth_queries(self.ids, self.ids.shape[1] - T))
 
     def attend(self, attention, q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor) -> torch.Tensor:
         """(B, T, H, V): ``attention(q, k, v)`` (causal, each (N, L, H, .) -> (N, L, H, V)) run on each group of
@@ -113,6 +128,25 @@ class Documents:
         both ways, so autograd carries the gradients."""
         outs = [attention(*(x.flatten(0, 1)[g] for x in (q_BTHK, k_BTHK, v_BTHV))).flatten(0, 1)
                 for g in self.gathers]
+        flat = torch.cat(outs + [outs[0].new_zeros(1, *outs[0].shape[1:])])
+        return flat[self.scatter].view(*self.ids.shape, *flat.shape[1:])
+
+    def each(self, forward, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             real_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D'): ``forward(g, x, cos, sin, real)`` run on each group g of documents (module doc), x (N, L, D)
+        every document a row of its own from its first token (past its end its last token again), cos / sin (L, 1, d)
+        the tables at positions 0..L-1 (the group's longest row's: it runs from 0 to L-1), real (N, L) bool: the
+        slots that are a real position of ``real_BT`` (None: ``self.real``) and not past their document's end; it
+        returns (N, L, D'). Padding positions get zeros. cos / sin: (B, T, 1, d) at the packed positions
+        (``rope``)."""
+        real_BT = self.real if real_BT is None else real_BT
+        if self.slots is None:  # once, not per layer: the longest row's index syncs with the device
+            self.slots = [(document_slots(g), int((g[:, -1] - g[:, 0]).argmax())) for g in self.gathers]
+        outs = []
+        for i, (g, (within, longest)) in enumerate(zip(self.gathers, self.slots)):
+            tables = [t.flatten(0, 1)[g[longest]] for t in (cos, sin)]
+            out = forward(i, x_BTD.flatten(0, 1)[g], *tables, real_BT.flatten()[g] & within)
+            outs.append(out.flatten(0, 1))
         flat = torch.cat(outs + [outs[0].new_zeros(1, *outs[0].shape[1:])])
         return flat[self.scatter].view(*self.ids.shape, *flat.shape[1:])
 

@@ -179,13 +179,18 @@ class HybridAttention(nn.Module):
                 m.ape.zero_()
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int | None = None,
-                gather: bool = True) -> torch.Tensor:
+                gather: bool = True, docs=None) -> torch.Tensor:
         """x (B, T, D) at positions 0..T-1 -> (B, T, D); cos/sin: ``rope_cos_sin`` tables (T, 1, qk_rope_head_dim)
         of ``hybrid_rope_config(cfg, layer_id)``. ``chunk``: queries per chunk (``flyer.model.hybrid_chunks``);
         None: ``query_chunk``'s rule from the shapes (128 rows, fewer where a memory budget binds); T or more: one
         chunk, the eager whole-sequence computation (masked). ``gather``: with several chunks, CSA chunks past
         ``GATHER_OVER`` x index_topk entries attend to their queries' picks gathered (``Gathered``); False: they
-        score every entry they may see and mask the unselected ones (the same maths, the oracle)."""
+        score every entry they may see and mask the unselected ones (the same maths, the oracle). ``docs``: packed
+        rows' ``flyer.model.documents.Documents`` (cos / sin then at the packed positions, (B, T, 1, d)): each group of
+        documents runs this forward as rows of their own, so windows, compression blocks and selection start at
+        each document's first token (``Documents.each``)."""
+        if docs is not None:
+            return docs.each(lambda i, x, c, s, real: self.forward(x, c, s, chunk, gather), x_BTD, cos, sin)
         B, T, _ = x_BTD.shape
         q_latent, q = self.queries(x_BTD, cos, sin)
         kv = self.shared_kv(x_BTD, cos, sin)

@@ -73,10 +73,11 @@ class HyperMTPModule(nn.Module):
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)  # after hc_head, before the shared head
 
     def forward(self, h_prev: torch.Tensor, emb_next_BTD: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+                sin: torch.Tensor, docs=None) -> torch.Tensor:
         """h_prev: h^{k-1} at positions 0..T-1, streams (B, T, N, D) (h^0: the main model's last residual, before
-        ``hc_head``), or (B, T, D) with hc_mult 1; emb_next: Emb(t_{i+k}) (B, T, D). Returns h^k, h_prev's shape."""
-        return self.block(self.project(h_prev, emb_next_BTD), cos, sin)
+        ``hc_head``), or (B, T, D) with hc_mult 1; emb_next: Emb(t_{i+k}) (B, T, D). Returns h^k, h_prev's shape.
+        ``docs``: packed rows' ``flyer.model.documents.Documents`` of these positions, each attending to itself."""
+        return self.block(self.project(h_prev, emb_next_BTD), cos, sin, docs=docs)
 
     def project(self, h_prev: torch.Tensor, emb_next_BTD: torch.Tensor) -> torch.Tensor:
         """h_proj(hnorm(h)) per stream plus e_proj(enorm(emb)) added to every stream: h_prev's shape."""

@@ -19,7 +19,7 @@ from flyer.model.norm import RMSNorm
 from flyer.model.attention import Selection, build_attention
 from flyer.model.loss import linear_cross_entropy
 from flyer.model.dispatch import Dispatcher
-from flyer.model.documents import Documents, check_pack, depth_targets
+from flyer.model.documents import Documents, depth_targets
 from flyer.model.counts import compress_ratio
 from flyer.model.experts import Experts
 from flyer.model.hybrid import HybridAttention, hybrid_rope_config
@@ -57,12 +57,10 @@ class Block(nn.Module):
                 docs: Documents | None = None) -> torch.Tensor:
         """x (B, T, D), or (B, T, N, D) streams with hyper-connections; ``tokens_BT``: the token ids, which a
         hash-routed MoE needs; ``selection``: DSA's selection handed between layers (``shared_selection``);
-        ``docs``: packed rows' documents, each attending to itself (``flyer.model.documents``; MLA and GQA only)."""
-        if docs is not None:  # packed rows: dense attention, no DSA selection (``packs_documents``)
-            return self.residual(x, lambda a: self.attn(a, cos, sin, docs=docs), tokens_BT)
-        if selection is None:
-            return self.residual(x, lambda a: self.attn(a, cos, sin), tokens_BT)
-        return self.residual(x, lambda a: self.attn(a, cos, sin, selection), tokens_BT)
+        ``docs``: packed rows' documents, each attending to itself (``flyer.model.documents``)."""
+        args = () if selection is None else (selection,)  # GQA and hybrid attention take none
+        kw = {} if docs is None else {"docs": docs}
+        return self.residual(x, lambda a: self.attn(a, cos, sin, *args, **kw), tokens_BT)
 
     def residual(self, x: torch.Tensor, attend, tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
         """The block around ``attend`` (normed input -> attention output; the decode cache's, or the training
@@ -224,7 +222,7 @@ class Transformer(OutputHeads, nn.Module):
     def last_residual(self, tokens_BT: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
         """The last block's residual: (B, T, D), or with hyper-connections the streams (B, T, N, D) before
         ``hc_head`` (what DeepSeek-V4's MTP reads). ``docs``: packed rows (``flyer.model.documents``), each
-        document attending to itself at positions from 0 (MLA and GQA only)."""
+        document attending to itself at positions from 0."""
         h = self.streams(self.embed(tokens_BT))
         tables = layer_rope_tables(self.cfg, [layer.layer_id for layer in self.layers], tokens_BT.shape[1],
                                    tokens_BT.device)
@@ -233,10 +231,8 @@ class Transformer(OutputHeads, nn.Module):
             for layer, (cos, sin) in zip(self.layers, tables):
                 h = layer(h, cos, sin, tokens_BT, selection)
             return h
-        check_pack(True, self.cfg)
-        cos, sin = docs.rope(*tables[0], tokens_BT.shape[1])  # one table: not hybrid
-        for layer in self.layers:
-            h = layer(h, cos, sin, tokens_BT, selection, docs=docs)
+        for layer, (cos, sin) in zip(self.layers, tables):  # each document's positions from 0
+            h = layer(h, *docs.rope(cos, sin, tokens_BT.shape[1]), tokens_BT, selection, docs=docs)
         return h
 
     def forward(self, tokens_BT: torch.Tensor, documents_BT: torch.Tensor | None = None) -> torch.Tensor:

@@ -58,7 +58,7 @@ from torch.torch_version import TorchVersion
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.counts import attention_flops_per_token, block_params, hyper_head_params
-from flyer.model.documents import Documents, check_pack, depth_targets
+from flyer.model.documents import Documents, depth_targets
 from flyer.model.indexer_loss import indexer_attentions, indexer_losses
 from flyer.model.moe import MoE, counting_only
 from flyer.model.transformer import OutputHeads, Transformer, layer_rope_tables, shared_selection
@@ -252,8 +252,8 @@ class Stage(OutputHeads, nn.Module):
                 self.pending.append((tokens_BT, valid_BT, docs, weight))
         h = self.streams(self.embed(x)) if self.first else x
         tables = layer_rope_tables(self.cfg, self.layer_ids, h.shape[1], h.device)
-        if docs is not None:  # packed rows: one table (dense MLA or GQA), each document's positions from 0
-            tables = [docs.rope(*tables[0], h.shape[1])] * len(self.layers)
+        if docs is not None:  # packed rows: each document's positions from 0
+            tables = [docs.rope(cos, sin, h.shape[1]) for cos, sin in tables]
         aux = []
         selection = shared_selection(self.cfg)  # a stage starts at a full layer (``split_layers``)
         with counting_only(self.layers, valid_BT, documents_BT):  # packed: the documents replace valid_BT
@@ -453,7 +453,6 @@ class PipelineModel(nn.Module):
         target_totals counted by ``depth_targets``), handed to every stage as the token ids are; None: unpacked.
         document_total: then the step's documents of one replica (the mean over replicas), each micro-batch's balance
         loss weighted by its share of them (``Stage._balance_weight``)."""
-        check_pack(documents_BT is not None, self.cfg)
         if target_totals is not None and self._trained_indexers():  # L_I weighs 1/M per micro-batch here
             raise ValueError("indexer_train: text data only under pipelining (chat data's L_I shares are not "
                              "weighted by the stages)")

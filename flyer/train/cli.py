@@ -81,8 +81,8 @@ def register(sub) -> None:
                         "--ep > 1: concurrently, hiding the EP all-to-all)")
     p.add_argument("--pack", dest="pack", action="store_true", default=None,
                    help="chat data: pack several whole conversations into each --seq-len row, each attending only to "
-                        "itself at positions from 0 (dense MLA and GQA models; under --pp too, where rows are "
-                        "--seq-len wide)")
+                        "itself at positions from 0 (every model, DSA and DeepSeek-V4's too; under --pp too, where "
+                        "rows are --seq-len wide)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",

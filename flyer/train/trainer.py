@@ -2,9 +2,8 @@
 metrics and the training loop, on a one-process or expert-parallel mesh (``flyer.parallel.mesh``).
 
 ``Trainer(TrainConfig(...)).run()`` is the API (``flyer.train.config`` holds ``TrainConfig``); ``flyer train``
-(``flyer.train.cli``) wraps it.
-``build_model`` and ``build_optimizer`` build what the trainer trains; ``flyer.train.checkpoint``
-saves and resumes it.
+(``flyer.train.cli``) wraps it. ``build_model`` and ``build_optimizer`` build what the trainer trains;
+``flyer.train.checkpoint`` saves and resumes it.
 
 Besides ``metrics.jsonl`` and ``checkpoints/``, rank 0 writes ``memory.json`` after the first
 optimizer step: every rank's measured bytes of parameters, gradients and optimizer state (lists by
@@ -42,7 +41,7 @@ from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import MoE, counting_only, moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.data.chat_pack import PackedChatSampler, packed_eval_batches
-from flyer.model.documents import check_pack
+from flyer.model.documents import depth_queries
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
@@ -155,7 +154,6 @@ class Trainer:
         init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
         base = init_cfg or resolve_config(tc.preset, None, model_over)
         self._check_fp4(base)  # before any work
-        check_pack(tc.pack, base)
         check_indexer_train(tc.indexer_train, base, tc.pp, is_chat_data(tc.data))
         self.micro_batches = tc.micro_batches or min_micro_batches(tc.pp_schedule, tc.pp)
         validate_pipeline(base, tc.pp, tc.pp_schedule, self.micro_batches, tc.grad_accum)  # before any work
@@ -402,9 +400,10 @@ class Trainer:
         depths = range(self.cfg.mtp_depth + 1)  # 0: next-token targets y; k: MTP module k's, y[:, k:]
         counts = [targets(y, d, self.cfg.mtp_depth) for _, y, d in batches]
         # the balance loss is a mean over sequences (packed: documents), L_I over real queries (MTP module k's: the
-        # positions reading tokens k..T-1): their counts too
+        # positions reading tokens k..T-1; packed: those i with i + k in i's document, ``depth_queries``): counted
         seqs = [sequences(b) for b in batches]
-        queries = [[int((x[:, k:] >= 0).sum()) for k in depths] for x, _, _ in batches]
+        queries = [[int((x[:, k:] >= 0).sum() if d is None else depth_queries(d, k).sum()) for k in depths]
+                   for x, _, d in batches]
         # per replica: the job's mean count, as sync_gradients averages the replicas' gradients (dp == world here)
         totals = self.mesh.mean({**{str(k): float(sum(c[k] for c in counts)) for k in depths},
                                  **{f"q{k}": float(sum(q[k] for q in queries)) for k in depths},
