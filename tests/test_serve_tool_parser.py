@@ -24,6 +24,7 @@ from flyer.model.transformer import Transformer
 from flyer.serve.api import Api
 from flyer.serve.engine import Engine, EngineConfig
 from flyer.serve.request import Limits
+from flyer.serve.dsml import DSML_V32
 from flyer.serve.tools import DEEPSEEK_V3 as F3, DEEPSEEK_V31 as F31, TOOL_PARSERS, tool_grammar
 
 LIMITS = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
@@ -136,7 +137,7 @@ def test_the_flag_reaches_the_api(monkeypatch):
             handed.append(args)
             raise _Started
     monkeypatch.setattr(serve_cli.multiprocessing, "get_context", lambda method: Context())
-    for parser, fmt in (("deepseek_v3", F3), ("auto", F31)):
+    for parser, fmt in (("deepseek_v3", F3), ("auto", F31), ("deepseek_v32", DSML_V32)):
         with pytest.raises(_Started):
             main(["serve", "--preset", "tiny", "--device", "cpu", "--port", "0", "--kv-cache-memory", "1M",
                   "--threads", "1", "--expert-threads", "1", "--tool-call-parser", parser])
@@ -147,9 +148,9 @@ def test_the_flag_reaches_the_api(monkeypatch):
 
 
 def test_api_and_cli_refuse_another_name(capsys):
-    assert set(TOOL_PARSERS) == {"deepseek_v3", "deepseek_v31"}
+    assert set(TOOL_PARSERS) == {"deepseek_v3", "deepseek_v31", "deepseek_v32", "deepseek_v4"}
     with pytest.raises(FieldError, match="tool_call_parser"):
         Api(_Scripted(LIMITS, []), ByteTokenizer(), "tiny-test", tool_call_parser="hermes")
-    assert main(["serve", "--preset", "tiny", "--tool-call-parser", "deepseek_v32"]) == 2
+    assert main(["serve", "--preset", "tiny", "--tool-call-parser", "hermes"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("flyer: error: --tool-call-parser: invalid choice: 'deepseek_v32'") and err.count("\n") == 1
+    assert err.startswith("flyer: error: --tool-call-parser: invalid choice: 'hermes'") and err.count("\n") == 1

@@ -32,7 +32,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ import torch
 
 from flyer.data.chat_encode import encode_conversations, token_splitter
 from flyer.data.chat_template import chat_renderer, read_chat_template
+from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.data.prepare import _build_lock, unigram_from_counts
 from flyer.data.shards import atomic_write
 from flyer.data.tokenizer import ensure_eos, load_tokenizer as load_tokenizer_file
@@ -64,7 +65,7 @@ def is_chat_data(data: str | Path | None) -> bool:
     return data is not None and str(data).endswith(".jsonl")
 
 
-def chat_tokenizer(init: str | None, tokenizer: str | None) -> tuple[TextTokenizer, str | None]:
+def chat_tokenizer(init: str | None, tokenizer: str | None) -> tuple[TextTokenizer, str | ChatEncoding | None]:
     """(tokenizer, chat template or None) for chat data: ``init``'s (an HF directory, or a flyer run,
     which carries its HF settings when fine-tuned from one), else the ``tokenizer.json`` file ``tokenizer``
     with flyer's default template. Neither: ``FieldError`` on ``data`` (a BPE trained here has no chat
@@ -215,7 +216,8 @@ def held_out(n: int) -> list[bool]:
     return val
 
 
-def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, template: str | None) -> ChatData:
+def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer,
+                 template: str | ChatEncoding | None) -> ChatData:
     """Read, render, mask and cache the chat file ``path`` (module doc); a cached build is reused."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -227,7 +229,8 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
             h.update(block)
     key_src = {"version": CHAT_VERSION, "file": h.hexdigest(), "max_line": MAX_LINE_BYTES, "val_every": VAL_EVERY,
                "tokenizer": hashlib.blake2b(tok.tok.to_str().encode(), digest_size=16).hexdigest(),
-               "template": template, "special": special}
+               "template": template if isinstance(template, str) or template is None else asdict(template),
+               "special": special}
     key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=8).hexdigest()
     out = Path(cache_dir).expanduser() / f"chat-{key}"
     try:
@@ -244,9 +247,10 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
                     _unigram(train_split, val_split, vocab), out)
 
 
-def _build(out: Path, path: Path, tok: TextTokenizer, template: str | None, special: dict) -> None:
+def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncoding | None, special: dict) -> None:
     # transformers' {% generation %} markers render their body: an always-true block, whitespace control kept
-    plain = _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
+    plain = template if isinstance(template, ChatEncoding) else \
+        _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
     render = chat_renderer(plain, special)
     split = token_splitter(tok.tok)
 

@@ -1,7 +1,8 @@
 """Chat templates: a conversation rendered to text as transformers' ``apply_chat_template`` renders it.
 
 The server renders prompts with it (``flyer.serve.api``), and ``flyer train`` renders chat data with it
-(``flyer.data.chat_data``); ``read_chat_template`` finds a checkpoint's.
+(``flyer.data.chat_data``); ``read_chat_template`` finds a checkpoint's, or the ``ChatEncoding`` of a release that
+ships Python code instead (DeepSeek-V3.2 / V4: ``flyer.data.deepseek_encoding``), which renders through the same call.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ import json
 import time
 from pathlib import Path
 
-from flyer.errors import FieldError
+from flyer.data.deepseek_encoding import ENCODINGS, ChatEncoding
+from flyer.config import ModelConfig
+from flyer.errors import ConfigError, FieldError
+from flyer.interop.export import hf_model_type
+from flyer.interop.hf import is_hf_model_dir
 from flyer.interop.load import settings_dir
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
@@ -19,10 +24,13 @@ DEFAULT_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }
                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
-def chat_renderer(template: str | None, special: dict[str, str] | None = None):
+def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] | None = None):
     """messages -> prompt text with ``template`` (a Hugging Face chat template; None: the default),
-    in a sandboxed Jinja environment set up as transformers sets up its own. ``special``: the named
-    special tokens the template sees (``bos_token``, ``eos_token``, ...; ``TextTokenizer.special_tokens``)."""
+    in a sandboxed Jinja environment set up as transformers sets up its own; a ``ChatEncoding`` (a release's
+    Python encoder: ``flyer.data.deepseek_encoding``) renders with its own code, the same call. ``special``:
+    the named special tokens the template sees (``bos_token``, ``eos_token``, ...; ``TextTokenizer.special_tokens``)."""
+    if isinstance(template, ChatEncoding):
+        return template.render
     import jinja2.sandbox  # here: 40 ms every flyer command would pay at start (train and serve CLIs import us)
 
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -57,20 +65,39 @@ def chat_renderer(template: str | None, special: dict[str, str] | None = None):
     return render
 
 
-def read_chat_template(ckpt: str | Path | None) -> str | None:
+def read_chat_template(ckpt: str | Path | None) -> str | ChatEncoding | None:
     """The chat template of a Hugging Face directory, or of a flyer run fine-tuned from one (which
     carries its settings: ``flyer.interop.load.settings_dir``): ``chat_template.jinja``, else
     ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of which
-    "default" is taken); None for flyer's own runs and directories without one."""
+    "default" is taken); without one, the ``ChatEncoding`` of a directory whose config.json ``model_type``
+    has one (``ENCODINGS``: DeepSeek-V3.2 and V4 ship a Python encoder, no template), for a run the model_type its
+    model exports as; None for flyer's own runs and directories with neither."""
     root = settings_dir(ckpt) if ckpt else None
     if root is None:
         return None
     if (root / "chat_template.jinja").is_file():
         return (root / "chat_template.jinja").read_text()
-    try:
-        t = json.loads((root / "tokenizer_config.json").read_text()).get("chat_template")
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
-        return None
+    t = _json_field(root / "tokenizer_config.json", "chat_template")
     if isinstance(t, list):
         t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
-    return t if isinstance(t, str) else None
+    if isinstance(t, str):
+        return t
+    kind = _json_field(root / "config.json", "model_type") if is_hf_model_dir(root) else _run_model_type(root)
+    return ENCODINGS.get(kind) if isinstance(kind, str) else None
+
+
+def _run_model_type(step: Path) -> str | None:
+    """The ``model_type`` a flyer run's model exports as (``flyer.interop.export.hf_model_type``; None when it has
+    none): a run fine-tuned from a V3.2 / V4 directory carries its tokenizer settings, not its config.json."""
+    try:
+        return hf_model_type(ModelConfig.from_dict(json.loads((step / "config.json").read_text())))
+    except (OSError, ValueError, TypeError, ConfigError):
+        return None
+
+
+def _json_field(path: Path, key: str):
+    """``key`` of the JSON object in ``path``; None when unreadable, not JSON or not an object."""
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -49,6 +49,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flyer.data.chat_template import chat_renderer
+from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.errors import FieldError
 from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
 from flyer.serve.choice import Choice
@@ -191,7 +192,7 @@ class Api:
     """The routes, over one engine and tokenizer; ``draining`` makes new requests answer 503."""
 
     def __init__(self, engine: EngineClient, tokenizer, model_name: str, api_key: str | None = None,
-                 chat_template: str | None = None, reasoning_parser: str | None = None,
+                 chat_template: str | ChatEncoding | None = None, reasoning_parser: str | None = None,
                  tool_call_parser: str = "auto"):
         """``reasoning_parser``: a ``flyer.serve.reasoning.PARSERS`` name, or None: all output is content.
         ``tool_call_parser``: a ``flyer.serve.tools.TOOL_PARSERS`` name, or "auto": the chat template's format."""

@@ -27,6 +27,7 @@ from flyer import kernels
 from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
 from flyer.data.chat_template import read_chat_template
+from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.infer.cache_fp8 import check_fp8_cache_flags
 from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
                              check_checkpoint_eos, check_expert_threads, load_model)
@@ -135,7 +136,7 @@ def _run(args) -> int:
 
 
 def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, name: str, api_key: str | None,
-               chat_template: str | None, url: str, reasoning_parser: str | None = None,
+               chat_template: str | ChatEncoding | None, url: str, reasoning_parser: str | None = None,
                tool_call_parser: str = "auto") -> None:
     """The HTTP process: the API over the engine's link on ``sock``, with the ready line once it accepts."""
     from flyer.serve.api import Api, Server  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
@@ -197,7 +198,8 @@ def register(sub) -> None:
                         "stream's delta.reasoning_content), the rest as content (DeepSeek-R1, V3.1 / V3.2 thinking)")
     p.add_argument("--tool-call-parser", choices=["auto", *TOOL_PARSERS], default="auto",
                    help="the format tool calls are constrained to and parsed in: auto (default) reads it off the chat "
-                        "template; deepseek_v31 (V3.1 / V3.2's) or deepseek_v3 (V3-0324 / R1's: a fenced json block) "
+                        "template (DSML for DeepSeek-V3.2's / V4's encodings); deepseek_v31 (V3.1 / V3.2-Exp's), "
+                        "deepseek_v3 (V3-0324 / R1's: a fenced json block), deepseek_v32 or deepseek_v4 (their DSML) "
                         "forces one, as vLLM's parsers of those names read it")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")

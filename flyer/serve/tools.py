@@ -1,5 +1,5 @@
-"""Tool calling (OpenAI's ``tools``, ``tool_choice``, ``tool_calls``) in the DeepSeek formats: V3.1 / V3.2's and
-V3-0324 / R1 / R1-0528's.
+"""Tool calling (OpenAI's ``tools``, ``tool_choice``, ``tool_calls``) in the DeepSeek formats: V3.1 / V3.2-Exp's,
+V3-0324 / R1 / R1-0528's, and V3.2 / V4's DSML (``flyer.serve.dsml``: the functions below hand it a ``DsmlFormat``).
 
 The chat template renders ``tools`` and the tool messages of a conversation (the checkpoint's template decides the
 prompt, an assistant's earlier calls included); this module reads the calls a model writes and, for ``tool_choice``
@@ -12,8 +12,9 @@ masks the logits with it). A calls block, in either format:
                          <｜tool▁call▁end｜> (one line), BETWEEN = "\n"
 
 A checkpoint's format is chosen once from its chat template (``tool_format``: DEEPSEEK_V3 when the template writes
-a fenced json block in its call rendering; DEEPSEEK_V31 otherwise, the default), or forced by name (``flyer serve
---tool-call-parser``, vLLM's names: ``TOOL_PARSERS``) for a template it misreads. A checkpoint's tokenizer holds
+a fenced json block in its call rendering; DSML_V32 / DSML_V4 for DeepSeek-V3.2's / V4's encoding or a template
+writing their DSML; DEEPSEEK_V31 otherwise, the default), or forced by name (``flyer serve --tool-call-parser``,
+vLLM's names: ``TOOL_PARSERS``) for a template it misreads. A checkpoint's tokenizer holds
 the markers as added tokens: one id each, which a decoder that skips special tokens drops, so the text parsed is
 decoded with them written out (``marked_text``); a tokenizer without them writes and reads them as text.
 
@@ -46,9 +47,11 @@ from typing import Any
 
 import llguidance
 
+from flyer.data.deepseek_encoding import DSML, ChatEncoding
 from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
 from flyer.serve.choice import held_back
+from flyer.serve.dsml import DSML_V4, DSML_V32, DsmlFormat, dsml_grammar, parse_dsml_calls
 from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable
 
 
@@ -106,8 +109,11 @@ DEEPSEEK_V31 = ToolFormat("deepseek-v3.1", _CALLS_BEGIN, _CALLS_END, _CALL_BEGIN
 DEEPSEEK_V3 = ToolFormat("deepseek-v3", _CALLS_BEGIN, _CALLS_END, _CALL_BEGIN, _SEP, _CALL_END,  # V3-0324, R1
                          call_type="function", args_open="\n```json\n", args_close="\n```", between="\n")
 TOOL_FORMAT = DEEPSEEK_V31  # the default: a template that does not show V3-0324's
-# the formats by ``--tool-call-parser`` name, vLLM's for the same formats (its "deepseek_v32" reads DSML, another one)
-TOOL_PARSERS = {"deepseek_v3": DEEPSEEK_V3, "deepseek_v31": DEEPSEEK_V31}
+# the formats by ``--tool-call-parser`` name, vLLM's for the same formats
+TOOL_PARSERS = {"deepseek_v3": DEEPSEEK_V3, "deepseek_v31": DEEPSEEK_V31, "deepseek_v32": DSML_V32,
+                "deepseek_v4": DSML_V4}
+# a chat encoding's format (``flyer.data.deepseek_encoding.ENCODINGS``' names)
+ENCODING_FORMATS = {"deepseek_v32": DSML_V32, "deepseek_v4": DSML_V4}
 # the most calls a constrained output holds ("required" with parallel calls): a model that never chooses to end
 # the block (an untrained one, greedy) still ends within a few hundred tokens
 MAX_TOOL_CALLS = 8
@@ -126,10 +132,16 @@ class ToolCall:
                 "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def tool_format(chat_template: str | None) -> ToolFormat:
-    """The format a checkpoint's chat template writes an assistant's calls in: ``DEEPSEEK_V3`` when a fenced
-    json block follows a ``sep`` before the next ``call_end`` (V3-0324 / R1 / R1-0528's templates), else
-    ``DEEPSEEK_V31`` (V3.1 / V3.2's, and the default without a template)."""
+def tool_format(chat_template: str | ChatEncoding | None) -> ToolFormat | DsmlFormat:
+    """The format a checkpoint's chat template writes an assistant's calls in: a chat encoding's own
+    (``ENCODING_FORMATS``); ``DSML_V32`` / ``DSML_V4`` for a template that writes their DSML block;
+    ``DEEPSEEK_V3`` when a fenced json block follows a ``sep`` before the next ``call_end`` (V3-0324 / R1 /
+    R1-0528's templates), else ``DEEPSEEK_V31`` (V3.1 / V3.2-Exp's, and the default without a template)."""
+    if isinstance(chat_template, ChatEncoding):
+        return ENCODING_FORMATS[chat_template.name]
+    for fmt in (DSML_V32, DSML_V4):
+        if f"{DSML}{fmt.block}" in (chat_template or ""):
+            return fmt
     t, fmt = chat_template or "", DEEPSEEK_V3
     for m in re.finditer(re.escape(fmt.sep), t):
         end = t.find(fmt.call_end, m.end())
@@ -138,7 +150,7 @@ def tool_format(chat_template: str | None) -> ToolFormat:
     return DEEPSEEK_V31
 
 
-def chosen_format(parser: str, chat_template: str | None) -> ToolFormat:
+def chosen_format(parser: str, chat_template: str | ChatEncoding | None) -> ToolFormat | DsmlFormat:
     """The format calls are written and read in: ``TOOL_PARSERS[parser]``, or for "auto" the template's
     (``tool_format``). ``FieldError`` naming ``tool_call_parser`` for another name."""
     if parser == "auto":
@@ -148,14 +160,18 @@ def chosen_format(parser: str, chat_template: str | None) -> ToolFormat:
     return TOOL_PARSERS[parser]
 
 
-def parse_tool_calls(text: str, fmt: ToolFormat = TOOL_FORMAT,
+def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat = TOOL_FORMAT,
                      parallel: bool = True) -> tuple[str | None, list[ToolCall]] | None:
     """``text`` (generated, markers written out) -> (the content before the calls block, None when blank; its
     calls), or None when it holds no well-formed block in ``fmt``: no ``calls_begin``, a block left open (a limit
     reached), a call without a name, not in ``fmt``'s shape or whose arguments are not a JSON object, text after
     the block. Whitespace between the markers is allowed. Not ``parallel``: only the first call is kept (under
     "auto" the output is free: a block is parsed whole, so a stream and a whole answer agree, and the calls past
-    the first dropped; stopping at the first ``call_end`` would leave the block open, as a limit does)."""
+    the first dropped; stopping at the first ``call_end`` would leave the block open, as a limit does). DSML:
+    ``flyer.serve.dsml.parse_dsml_calls``."""
+    if isinstance(fmt, DsmlFormat):
+        got = parse_dsml_calls(text, fmt, parallel)
+        return None if got is None else (got[0], [ToolCall(*c) for c in got[1]])
     start = text.find(fmt.calls_begin)
     if start < 0:
         return None
@@ -178,7 +194,7 @@ def parse_tool_calls(text: str, fmt: ToolFormat = TOOL_FORMAT,
     return (content if content.strip() else None), calls if parallel else calls[:1]
 
 
-def marker_ids(tok, fmt: ToolFormat = TOOL_FORMAT) -> dict[str, int]:
+def marker_ids(tok, fmt: ToolFormat | DsmlFormat = TOOL_FORMAT) -> dict[str, int]:
     """marker -> its token id, for the markers ``tok`` holds as one token (a checkpoint's added tokens); {} for
     a tokenizer without (bytes: the markers are then written as text)."""
     if not isinstance(tok, TextTokenizer):
@@ -187,7 +203,7 @@ def marker_ids(tok, fmt: ToolFormat = TOOL_FORMAT) -> dict[str, int]:
     return {m: i for m, i in ids.items() if i is not None}
 
 
-def marked_text(tok, ids: list[int], fmt: ToolFormat = TOOL_FORMAT) -> str:
+def marked_text(tok, ids: list[int], fmt: ToolFormat | DsmlFormat = TOOL_FORMAT) -> str:
     """``ids`` decoded with each marker token written out: ``tok.decode`` skips special tokens, which the
     markers may be. The text between markers decodes as one piece."""
     by_id = {i: m for m, i in marker_ids(tok, fmt).items()}
@@ -206,7 +222,7 @@ def _lark_string(s: str) -> str:
 
 
 def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, parallel: bool = True,
-                 fmt: ToolFormat = TOOL_FORMAT) -> str:
+                 fmt: ToolFormat | DsmlFormat = TOOL_FORMAT) -> str:
     """The llguidance grammar (JSON text) of a calls block in ``fmt`` (between calls, its ``between``; around
     the arguments, its fence): one call of function ``name`` (a named
     ``tool_choice``), else 1 to ``MAX_TOOL_CALLS`` calls (one when not ``parallel``) of any of ``tools``
@@ -214,7 +230,7 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
     JSON matching its function's ``parameters`` (absent: any object). Markers are ``tok``'s token ids where it
     holds them (``marker_ids``), else their text. Nothing may precede the block; the output ends after it.
     ``FieldError`` naming ``tools`` for schemas too large (``MAX_SCHEMA_CHARS`` in all) or that llguidance
-    cannot compile."""
+    cannot compile. DSML: ``flyer.serve.dsml.dsml_grammar``'s block (its markers are text)."""
     ids = marker_ids(tok, fmt)
 
     def marker(m: str) -> str:
@@ -227,6 +243,8 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
     if sum(map(len, schemas)) > MAX_SCHEMA_CHARS:
         raise FieldError("tools", f"the parameters schemas hold {sum(map(len, schemas))} characters; at most "
                                   f"{MAX_SCHEMA_CHARS} are served")
+    if isinstance(fmt, DsmlFormat):
+        return _compiled(dsml_grammar(chosen, name, parallel, MAX_TOOL_CALLS, fmt))
     more = f" ({_lark_string(fmt.between)} call)" if fmt.between else " call"
     repeat = f"{more}{{0,{MAX_TOOL_CALLS - 1}}}" if parallel and name is None else ""
     rules = [f"start: {marker(fmt.calls_begin)} call{repeat} {marker(fmt.calls_end)}",
@@ -239,14 +257,18 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
                         + [_lark_string(fmt.args_close)] * bool(fmt.args_close))
         rules += [f"call_{k}: {marker(fmt.call_begin)} {head} {args} {marker(fmt.call_end)}",
                   f"args_{k}: %json {schema}"]
+    return _compiled("\n".join(rules))
+
+
+def _compiled(lark: str) -> str:
     try:
-        grammar = llguidance.LLMatcher.grammar_from_lark("\n".join(rules))
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     except ValueError as e:
         raise FieldError("tools", f"the parameters cannot be compiled ({e})") from None
     return compilable(grammar, "tools", "the parameters")
 
 
-def content_end(text: str, start: int = 0, fmt: ToolFormat = TOOL_FORMAT) -> int:
+def content_end(text: str, start: int = 0, fmt: ToolFormat | DsmlFormat = TOOL_FORMAT) -> int:
     """How much of ``text`` (generated so far) may stream as content: up to a ``calls_begin`` in it, less a
     tail that could still become one. ``start``: how much already streamed (searched from there on)."""
     at = text.find(fmt.calls_begin, max(0, start - len(fmt.calls_begin)))

@@ -1,0 +1,157 @@
+"""Tool calls in DSML, the markup DeepSeek-V3.2 and V4 write them in (``flyer.serve.tools`` holds the V3 / V3.1
+formats and picks this one for a checkpoint rendered by their encodings, ``flyer.data.deepseek_encoding``; V4's
+block is named ``tool_calls``, V3.2's ``function_calls``):
+
+    \\n\\n<｜DSML｜function_calls>
+    <｜DSML｜invoke name="get_weather">
+    <｜DSML｜parameter name="city" string="true">Seoul</｜DSML｜parameter>
+    <｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>
+    </｜DSML｜invoke>
+    </｜DSML｜function_calls>
+
+A parameter with string="true" holds its string raw (no quotes, no escapes), with string="false" a JSON value;
+OpenAI's ``arguments`` is the JSON object of the parameters in order. The block opens with "\\n\\n" as the release's
+encoder writes it after an assistant's content (and its parser reads it): the content is the text before.
+
+    DsmlFormat, DSML_V32, DSML_V4       the formats (``flyer.serve.tools.TOOL_PARSERS["deepseek_v32"]``, ...)
+    parse_dsml_calls(text, fmt, ...)    generated text -> (content, calls), or None: serve it as content
+    dsml_grammar(tools, name, ...)      "required" / named: the llguidance grammar of a calls block
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from flyer.data.deepseek_encoding import CALLS_BLOCK, CALLS_BLOCK_V4, DSML
+
+
+@dataclass(frozen=True)
+class DsmlFormat:
+    """DSML calls in a block named ``block``; ``calls_begin`` / ``calls_end`` are the block's open (with the
+    blank line before it) and close; ``markers`` what ``flyer.serve.tools.marker_ids`` looks up (none are one
+    token in DeepSeek's tokenizer: they are read as text)."""
+
+    name: str
+    block: str
+
+    @property
+    def calls_begin(self) -> str:
+        return f"\n\n<{DSML}{self.block}>"
+
+    @property
+    def calls_end(self) -> str:
+        return f"</{DSML}{self.block}>"
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return self.calls_begin, self.calls_end
+
+
+DSML_V32 = DsmlFormat("deepseek-v3.2", CALLS_BLOCK)
+DSML_V4 = DsmlFormat("deepseek-v4", CALLS_BLOCK_V4)  # the same calls in a block named "tool_calls"
+_INVOKE = re.compile(rf'\s*<{DSML}invoke name="([^"\n]+)">')
+_PARAM = re.compile(rf'\s*<{DSML}parameter name="([^"\n]+)" string="(true|false)">(.*?)</{DSML}parameter>', re.S)
+_INVOKE_END = re.compile(rf"\s*</{DSML}invoke>")
+PARAM_END = f"</{DSML}parameter>"
+
+
+def parse_dsml_calls(text: str, fmt: DsmlFormat = DSML_V32,
+                     parallel: bool = True) -> tuple[str | None, list[tuple[str, str]]] | None:
+    """``text`` (the content generated, after any reasoning) -> (the content before the block, None when
+    blank; its calls as ``flyer.serve.tools.ToolCall``), or None when it holds no well-formed block: no
+    ``calls_begin``, a block left open, an invoke or parameter not in the shape above, a string="false" value
+    that is not JSON, a parameter named twice, no invoke, text after the block. Whitespace between the tags is
+    allowed. Not ``parallel``: the first call only (as ``flyer.serve.tools.parse_tool_calls``). A call is
+    (name, arguments JSON text)."""
+    start = text.find(fmt.calls_begin)
+    if start < 0:
+        return None
+    pos, calls = start + len(fmt.calls_begin), []
+    while m := _INVOKE.match(text, pos):
+        pos, args = m.end(), {}
+        while p := _PARAM.match(text, pos):
+            pos = p.end()
+            key, raw, value = p[1], p[2] == "true", p[3]
+            if key in args:
+                return None
+            try:
+                args[key] = value if raw else json.loads(value)
+            except ValueError:
+                return None
+        end = _INVOKE_END.match(text, pos)
+        if end is None:
+            return None
+        pos = end.end()
+        calls.append((m[1], json.dumps(args, ensure_ascii=False)))
+    rest = text[pos:].lstrip()
+    if not calls or not rest.startswith(fmt.calls_end) or rest[len(fmt.calls_end):].strip():
+        return None
+    content = text[:start]
+    return (content if content.strip() else None), calls if parallel else calls[:1]
+
+
+def _lark(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # a JSON string is a lark string literal
+
+
+# a string parameter's raw text and its close tag as one lexeme (any text up to the first close tag): a value
+# lexeme apart would be matched greedily past the tag's start, and the tag after it never completes
+_END = re.escape(PARAM_END).replace("/", "\\/")
+STRING_VALUE = f"STRING_VALUE: /(?s:.*){_END}/ & ~/(?s:.*){_END}(?s:.+)/"
+PARAM_NAME = "PARAM_NAME: /[A-Za-z0-9_.-]{1,64}/"  # a schema without properties: names a model may write
+AS_STRING, AS_JSON, NL = '" string="true">', '" string="false">', "\n"
+MAX_ANY_PARAMS = 16
+# a JSON value as the encoder writes one (Python's json.dumps: ", " and ": "), so the model writes what it learnt
+JSON_VALUES = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def dsml_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool, max_calls: int,
+                 fmt: DsmlFormat = DSML_V32) -> str:
+    """The lark grammar text of a calls block in ``fmt``: one invoke of function ``name`` (a named
+    ``tool_choice``), else 1 to ``max_calls`` (one when not ``parallel``) of any of ``tools`` (OpenAI's function
+    definitions). Each invoke writes its ``parameters``' properties in the schema's order, the required ones
+    always: a property whose schema's type is "string" as raw text (string="true"; any text without the close
+    tag; one of its ``enum``), as is a property with an ``enum`` of strings only, any other as compact JSON
+    matching its schema (string="false"). A schema without properties that allows more (absent: OpenAI's "no
+    parameters" taken as any object, as ``flyer.serve.tools.tool_grammar`` takes it) takes up to
+    ``MAX_ANY_PARAMS`` named ones; with ``additionalProperties`` false, none. A string's other constraints
+    (``pattern``, lengths) are not enforced: the raw text has no JSON grammar to hold them."""
+    x = {"x-guidance": JSON_VALUES}
+    chosen = [f for f in tools if name is None or f["name"] == name]
+    rules = []
+    for k, f in enumerate(chosen):
+        schema = f.get("parameters") or {}
+        props, required = schema.get("properties") or {}, set(schema.get("required") or ())
+        params = []
+        for j, (key, sub) in enumerate(props.items()):
+            sub = sub if isinstance(sub, dict) else {}
+            enum = sub.get("enum") if isinstance(sub.get("enum"), list) else None
+            raw = sub.get("type") == "string" or (enum is not None and all(isinstance(v, str) for v in enum))
+            head = f'<{DSML}parameter name="{key}" string="{"true" if raw else "false"}">'
+            if raw and enum is not None:
+                value = "(" + " | ".join(_lark(v) for v in enum) + f") {_lark(PARAM_END)}"
+            elif raw:
+                value = "STRING_VALUE"
+            else:
+                value = f"%json {json.dumps({**sub, **x})} {_lark(PARAM_END)}"
+            rules.append(f"param_{k}_{j}: {_lark(head)} {value} {_lark(NL)}")
+            params.append(f"param_{k}_{j}" + ("" if key in required else "?"))
+        if not props and schema.get("additionalProperties", True) is not False:
+            opened = _lark(f'<{DSML}parameter name="')
+            rules.append(f"any_{k}: {opened} PARAM_NAME {_lark(AS_STRING)} STRING_VALUE {_lark(NL)} | {opened} "
+                         f"PARAM_NAME {_lark(AS_JSON)} %json {json.dumps(x)} {_lark(PARAM_END)} {_lark(NL)}")
+            params = [f"({_lark(NL)} | any_{k}{{1,{MAX_ANY_PARAMS}}})"]
+        elif params and not required & set(props):  # none written: the encoder's empty line (or the optional ones)
+            params = [f"({_lark(NL)} | {' '.join(params)})"]
+        body = " ".join(params) or _lark("\n")  # no parameters: the encoder's empty line
+        invoke = f'<{DSML}invoke name="{f["name"]}">\n'
+        rules.append(f"invoke_{k}: {_lark(invoke)} {body} {_lark(f'</{DSML}invoke>' + NL)}")
+    # each invoke ends with its line's end: a "\n" lexeme apart would be a prefix of the block's close ("\n</...")
+    # and the greedy lexer would take the close's start for it
+    repeat = f"{{1,{max_calls}}}" if parallel and name is None else ""
+    start = [f"start: {_lark(fmt.calls_begin + NL)} invoke{repeat} {_lark(fmt.calls_end)}",
+             "invoke: " + " | ".join(f"invoke_{k}" for k in range(len(chosen)))]
+    return "\n".join(start + rules + [STRING_VALUE, PARAM_NAME])
