@@ -110,6 +110,22 @@ def _logit_bound(cfg, T: int) -> float:
     return cfg.n_layers * (cfg.dim + cfg.inter_dim + T + cfg.n_routed_experts + cfg.n_activated_experts) * FP32_U
 
 
+def packed_errors(model, x, d, starts, convs) -> tuple[list[float], list[float]]:
+    """Per conversation ``convs[i]`` packed at ``starts[i]`` of row 0 of ``x`` (documents ``d``): max|packed - alone|
+    / max|alone| of the logits and of the MTP module's hidden states (its first len - 1 positions)."""
+    with torch.no_grad():
+        docs = documents.Documents(d)
+        packed = model(x, d)
+        h_mtp = model.mtp_hidden(model.last_residual(x, docs), x, docs)[0]
+        errs, mtp_errs = [], []
+        for o, c in zip(starts, convs):
+            alone = model(c[None])
+            errs.append(float((packed[0, o:o + len(c)] - alone[0]).abs().max() / alone.abs().max()))
+            h = model.mtp_hidden(model.last_residual(c[None]), c[None])[0]
+            mtp_errs.append(float((h_mtp[0, o:o + len(c) - 1] - h[0]).abs().max() / h.abs().max()))
+    return errs, mtp_errs
+
+
 @pytest.mark.parametrize("attn", ["mla", "gqa"])
 def test_packed_logits_equal_each_conversation_alone(attn, monkeypatch):
     """Each conversation's logits in a packed row (and its MTP module's hidden states) equal the conversation's
@@ -133,19 +149,8 @@ def test_packed_logits_equal_each_conversation_alone(attn, monkeypatch):
         x[0, o:o + len(c)], d[0, o:o + len(c)] = c, i
     tol = _logit_bound(cfg, W)
 
-    def worst() -> tuple[float, float]:
-        with torch.no_grad():
-            docs = documents.Documents(d)
-            packed = model(x, d)
-            h_mtp = model.mtp_hidden(model.last_residual(x, docs), x, docs)[0]
-            errs, mtp_errs = [], []
-            for o, c in zip(starts, convs):
-                alone = model(c[None])
-                errs.append(float((packed[0, o:o + len(c)] - alone[0]).abs().max() / alone.abs().max()))
-                h = model.mtp_hidden(model.last_residual(c[None]), c[None])[0]  # its first len(c) - 1 positions
-                got = h_mtp[0, o:o + len(c) - 1]
-                mtp_errs.append(float((got - h[0]).abs().max() / h.abs().max()))
-        return errs, mtp_errs
+    def worst() -> tuple[list[float], list[float]]:
+        return packed_errors(model, x, d, starts, convs)
 
     errs, mtp_errs = worst()
     assert max(errs) <= tol and max(mtp_errs) <= tol, (errs, mtp_errs, tol)

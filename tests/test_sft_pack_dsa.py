@@ -31,7 +31,7 @@ from tests.bounds import FP32_U
 from tests.ranks import run_ranks
 from tests.test_sft import reorder_bound
 from tests.test_sft_pp import _state, _worst
-from tests.test_sft_pack import _logit_bound, _step, _whole_rows
+from tests.test_sft_pack import _logit_bound, _step, _whole_rows, packed_errors
 
 hf = test_sft.hf  # a tiny DeepSeek-V3 directory (its tokenizer and chat template) and chats.jsonl
 chats = test_sft_pack_pp.chats  # test_sft_pp's CHATS and tokenizer, for the pipeline
@@ -62,21 +62,6 @@ def _model(layout: str) -> Transformer:
     return model
 
 
-def _errors(model, x, d, starts, convs) -> tuple[list[float], list[float]]:
-    """Per document: max|packed - alone| / max|alone| of the logits and of the MTP module's hidden states."""
-    with torch.no_grad():
-        docs = documents.Documents(d)
-        packed = model(x, d)
-        h_mtp = model.mtp_hidden(model.last_residual(x, docs), x, docs)[0]
-        errs, mtp_errs = [], []
-        for o, c in zip(starts, convs):
-            alone = model(c[None])
-            errs.append(float((packed[0, o:o + len(c)] - alone[0]).abs().max() / alone.abs().max()))
-            h = model.mtp_hidden(model.last_residual(c[None]), c[None])[0]
-            mtp_errs.append(float((h_mtp[0, o:o + len(c) - 1] - h[0]).abs().max() / h.abs().max()))
-    return errs, mtp_errs
-
-
 @pytest.mark.parametrize("layout", ["v32", "glm5"])
 def test_packed_logits_equal_each_document_alone(layout, monkeypatch):
     """Each document's logits and MTP hidden states in a packed row equal the document run alone within
@@ -89,7 +74,7 @@ def test_packed_logits_equal_each_document_alone(layout, monkeypatch):
     cfg = model.cfg
     x, d, starts, convs = _row(cfg)
     tol = _logit_bound(cfg, W)
-    errs, mtp_errs = _errors(model, x, d, starts, convs)
+    errs, mtp_errs = packed_errors(model, x, d, starts, convs)
     assert max(errs) <= tol and max(mtp_errs) <= tol, (errs, mtp_errs, tol)
     with monkeypatch.context() as m:  # selection matters: every layer keeping all its keys
         for layer in [*model.layers, *(mod.block for mod in model.mtp)]:
@@ -101,13 +86,13 @@ def test_packed_logits_equal_each_document_alone(layout, monkeypatch):
     assert float((dense - alone).abs().max() / alone.abs().max()) > 100 * tol
     with monkeypatch.context() as m:
         m.setattr(documents, "document_segments", _whole_rows)
-        errs, _ = _errors(model, x, d, starts, convs)
+        errs, _ = packed_errors(model, x, d, starts, convs)
     assert errs[0] <= tol and min(errs[1:]) > 100 * tol, errs
     if layout == "glm5":
         with monkeypatch.context() as m:
             m.setattr(Selection, "group", lambda self, i: self)
             try:  # the groups' selections differ in shape: indexing one with another's fails, or reads garbage
-                errs, _ = _errors(model, x, d, starts, convs)
+                errs, _ = packed_errors(model, x, d, starts, convs)
             except (RuntimeError, IndexError):
                 errs = [float("inf")]
         assert max(errs) > 100 * tol, errs
@@ -272,11 +257,11 @@ def test_packed_v4_logits_equal_each_document_alone(monkeypatch):
     lengths = [100, 37, 70, 9]  # 100 and 70 in one group: 30 padding slots, 6 HCA and 24 CSA entries
     x, d, starts, convs = _row(cfg, 2, lengths, 224)
     tol = _v4_bound(cfg, 224)
-    errs, mtp_errs = _errors(model, x, d, starts, convs)
+    errs, mtp_errs = packed_errors(model, x, d, starts, convs)
     assert max(errs) <= tol and max(mtp_errs) <= tol, (errs, mtp_errs, tol)
     with monkeypatch.context() as m:
         m.setattr(documents, "document_segments", _whole_rows)
-        errs, _ = _errors(model, x, d, starts, convs)
+        errs, _ = packed_errors(model, x, d, starts, convs)
     assert min(errs[1:]) > 100 * tol, errs
 
 
