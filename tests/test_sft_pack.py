@@ -319,10 +319,12 @@ def test_pack_refusals_are_one_line_errors(hf, tmp_path, capsys, preset, extra, 
     assert len(err) == 1 and err[0].startswith("flyer: error: --pack: ") and words in err[0], err
 
 
-def test_cli_packed_run_resumes_exactly(hf, tmp_path):
-    """``flyer train --pack``: 3 steps straight equal 2 steps then a resumed third (loss and validation loss)."""
+def resumes_exactly(hf, tmp_path, *flags: str) -> None:
+    """``flyer train --pack`` with ``flags``: 3 steps straight equal 2 steps then a resumed third (loss and
+    validation loss)."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    base = ["--preset", "tiny", "--batch-size", "2", "--eval-batches", "1", "--eval-every", "1", "--ckpt-every", "1"]
+    base = ["--preset", "tiny", *flags, "--batch-size", "2", "--eval-batches", "1", "--eval-every", "1",
+            "--ckpt-every", "1"]
 
     def run(out, steps, *extra):
         argv = _args(hf, tmp_path, *base, *extra)
@@ -333,6 +335,10 @@ def test_cli_packed_run_resumes_exactly(hf, tmp_path):
     run(cut, 2)
     run(cut, 3, "--resume")
     assert test_sft._losses(whole) == test_sft._losses(cut) and len(test_sft._losses(whole)) == 3
+
+
+def test_cli_packed_run_resumes_exactly(hf, tmp_path):
+    resumes_exactly(hf, tmp_path)
 
 
 def _pack_rank_step(rank: int, hf_dir: str, chats: str, convs: list[list[int]]) -> dict:

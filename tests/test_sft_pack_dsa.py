@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from flyer.cli import main
 from flyer.config import resolve_config
 from flyer.data.chat_data import IGNORE_INDEX, chat_rows
 from flyer.data.chat_pack import first_fit, packed_rows
@@ -358,19 +357,7 @@ def test_cli_packed_dsa_run_resumes_exactly(hf, tmp_path):
     resumed third (loss and validation loss). (DeepSeek-V4 through the Trainer: ``test_packed_step_equals_the_unpacked
     _step``.)"""
     (tmp_path / "dsa.toml").write_text("[model]\nindex_topk = 8\nindex_n_heads = 4\nindex_head_dim = 32\n")
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    base = ["--preset", "tiny", "--config", str(tmp_path / "dsa.toml"), "--indexer-train", "sparse",
-            "--batch-size", "2", "--eval-batches", "1", "--eval-every", "1", "--ckpt-every", "1"]
-
-    def run(out, steps, *extra):
-        argv = test_sft_pack._args(hf, tmp_path, *base, *extra)
-        argv[argv.index("--out") + 1], argv[argv.index("--steps") + 1] = str(out), str(steps)
-        assert main(argv) == 0
-
-    run(whole, 3)
-    run(cut, 2)
-    run(cut, 3, "--resume")
-    assert test_sft._losses(whole) == test_sft._losses(cut) and len(test_sft._losses(whole)) == 3
+    test_sft_pack.resumes_exactly(hf, tmp_path, "--config", str(tmp_path / "dsa.toml"), "--indexer-train", "sparse")
 
 
 def _glm5_toml(root: Path) -> str:
