@@ -12,7 +12,7 @@
                                 ``apply_chat_template`` renders it; ``flyer.data.chat_template``), else a default;
                                 stream with ``delta`` chunks, ``stream_options.include_usage``;
                                 tools, tool_choice, tool messages: calls in the format the chat template
-                                writes (``flyer.serve.tools``: DeepSeek-V3.1 / V3.2's or V3-0324 / R1's), or
+                                writes (``flyer.serve.tools``: V3.1 / V3.2-Exp's, V3-0324 / R1's, V3.2 / V4's DSML), or
                                 the one ``tool_call_parser`` names;
                                 chat_template_kwargs; with a reasoning parser, ``reasoning_content`` apart from
                                 ``content`` (``flyer.serve.reasoning``)

@@ -105,7 +105,7 @@ class ToolFormat:
 
 _CALLS_BEGIN, _CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 _CALL_BEGIN, _SEP, _CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
-DEEPSEEK_V31 = ToolFormat("deepseek-v3.1", _CALLS_BEGIN, _CALLS_END, _CALL_BEGIN, _SEP, _CALL_END)  # and V3.2
+DEEPSEEK_V31 = ToolFormat("deepseek-v3.1", _CALLS_BEGIN, _CALLS_END, _CALL_BEGIN, _SEP, _CALL_END)  # and V3.2-Exp
 DEEPSEEK_V3 = ToolFormat("deepseek-v3", _CALLS_BEGIN, _CALLS_END, _CALL_BEGIN, _SEP, _CALL_END,  # V3-0324, R1
                          call_type="function", args_open="\n```json\n", args_close="\n```", between="\n")
 TOOL_FORMAT = DEEPSEEK_V31  # the default: a template that does not show V3-0324's
