@@ -150,6 +150,16 @@ class Documents:
         flat = torch.cat(outs + [outs[0].new_zeros(1, *outs[0].shape[1:])])
         return flat[self.scatter].view(*self.ids.shape, *flat.shape[1:])
 
+    def layer_tables(self, tables: list[tuple[torch.Tensor, torch.Tensor]], T: int) -> list[tuple[torch.Tensor,
+                                                                                                  torch.Tensor]]:
+        """``rope`` of each layer's tables (``layer_rope_tables``), each distinct table gathered once (layers share
+        one, or V4's two kinds), not once per layer."""
+        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for cos, sin in tables:
+            if id(cos) not in done:
+                done[id(cos)] = self.rope(cos, sin, T)
+        return [done[id(cos)] for cos, _ in tables]
+
     def rope(self, cos: torch.Tensor, sin: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``rope_cos_sin``'s tables (>= max position + 1 rows, 1, d) at the first T positions: (B, T, 1, d)."""
         pos = self.positions[:, :T]

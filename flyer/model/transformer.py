@@ -231,8 +231,8 @@ class Transformer(OutputHeads, nn.Module):
             for layer, (cos, sin) in zip(self.layers, tables):
                 h = layer(h, cos, sin, tokens_BT, selection)
             return h
-        for layer, (cos, sin) in zip(self.layers, tables):  # each document's positions from 0
-            h = layer(h, *docs.rope(cos, sin, tokens_BT.shape[1]), tokens_BT, selection, docs=docs)
+        for layer, (cos, sin) in zip(self.layers, docs.layer_tables(tables, tokens_BT.shape[1])):  # positions from 0
+            h = layer(h, cos, sin, tokens_BT, selection, docs=docs)
         return h
 
     def forward(self, tokens_BT: torch.Tensor, documents_BT: torch.Tensor | None = None) -> torch.Tensor:

@@ -253,7 +253,7 @@ class Stage(OutputHeads, nn.Module):
         h = self.streams(self.embed(x)) if self.first else x
         tables = layer_rope_tables(self.cfg, self.layer_ids, h.shape[1], h.device)
         if docs is not None:  # packed rows: each document's positions from 0
-            tables = [docs.rope(cos, sin, h.shape[1]) for cos, sin in tables]
+            tables = docs.layer_tables(tables, h.shape[1])
         aux = []
         selection = shared_selection(self.cfg)  # a stage starts at a full layer (``split_layers``)
         with counting_only(self.layers, valid_BT, documents_BT):  # packed: the documents replace valid_BT
