@@ -5,9 +5,10 @@ tools section; earlier calls in DSML; tool results; thinking vs chat mode, earli
 conversation whose prefixes render as its prompts (what the chat data mask relies on); refusals naming the field;
 which checkpoints get the encoding; the DSML parser on hand-written texts (string="true" raw, "false" JSON,
 malformed blocks served as content) and the grammar (it accepts what the encoder writes for calls matching the
-schema, and refuses the others)."""
+schema, and refuses the others; a raw string's pattern and lengths as the JSON path holds them)."""
 
 import json
+import re
 
 import llguidance
 import pytest
@@ -17,7 +18,7 @@ from flyer.data.deepseek_encoding import ENCODINGS, ChatEncoding, encode_v4, enc
 from flyer.errors import FieldError
 from flyer.infer.cli import ByteTokenizer
 from flyer.serve.dsml import DSML_V4, DSML_V32, parse_dsml_calls
-from flyer.serve.grammar import llg_tokenizer
+from flyer.serve.grammar import json_grammar, llg_tokenizer
 from flyer.serve.tools import DEEPSEEK_V31, TOOL_PARSERS, ToolCall, chosen_format, parse_tool_calls, tool_grammar
 
 B, E = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -213,6 +214,40 @@ def test_the_grammar_takes_what_the_encoder_writes_for_the_schema():
     assert _accepts(named, written(("nothing", {}))) and not _accepts(named, written(ok))
     single = tool_grammar(fns, tok, parallel=False, fmt=DSML_V32)
     assert _accepts(single, written(ok)) and not _accepts(single, written(ok, ok))
+
+
+def test_raw_strings_keep_their_pattern_and_lengths_as_the_json_path_does():
+    """A string parameter (string="true", raw) with ``pattern`` (matched anywhere unless anchored, as JSON schema
+    reads it), ``minLength`` / ``maxLength`` (characters): the DSML grammar takes the encoder's call exactly when
+    llguidance's JSON grammar takes the same value as JSON (the JSON path) and Python's ``re.search`` and ``len``
+    agree; ``^a|b$`` is held whole (a subset of what it allows: nothing it refuses is written)."""
+    cases = {"^[a-z]+-[0-9]{2}$": ["ab-12", "abc-12", "a-12", "abcd-12", "AB-12", "ab-123", "ab-1"],
+             "[0-9]{3}": ["x123y", "123", "12", "1a2b3"],
+             "^https?://[a-z]+$": ["https://x", "http://ab", "ftp://x", "https:/x"],
+             "^cost\\$$": ["cost$", "cost", "cost$$"], "cost\\$": ["cost$", "a cost$ b", "cost"]}
+    tok = ByteTokenizer()
+    for schema, values in [({"pattern": p, "minLength": 5, "maxLength": 6} if p.startswith("^[a-z]") else
+                            {"pattern": p}, vs) for p, vs in cases.items()] + \
+            [({"minLength": 2, "maxLength": 3}, ["a", "ab", "é</x>"[:2], "ééé", "éééé", "a\nb"])]:
+        schema = {"type": "string", **schema}
+        grammar = tool_grammar([{"name": "f", "parameters": {"type": "object", "properties": {"s": schema},
+                                                             "required": ["s"]}}], tok, fmt=DSML_V32)
+        json_path = json_grammar(schema)
+        for v in values:
+            text = encode_v32([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [
+                _call(0, "f", json.dumps({"s": v}))]}], [{"type": "function", "function": {"name": "f"}}])
+            block = text[text.index("\n\n<" + D + "function_calls>"):-len(E)]
+            assert 'string="true">' in block
+            valid = (re.search(schema["pattern"], v) is not None if "pattern" in schema else True) and \
+                schema.get("minLength", 0) <= len(v) <= schema.get("maxLength", len(v))
+            as_json = json.dumps(v, ensure_ascii=False)
+            assert _accepts(grammar, block) == _accepts(json_path, as_json) == valid, (schema, v)
+    loose = tool_grammar([{"name": "f", "parameters": {"type": "object", "properties": {
+        "s": {"type": "string", "pattern": "^a|b$"}}}}], tok, fmt=DSML_V32)
+    for v, taken in (("a", True), ("b", True), ("ax", False), ("xb", False), ("xx", False)):
+        block = f'\n\n<{D}function_calls>\n<{D}invoke name="f">\n<{D}parameter name="s" string="true">{v}' \
+                f'</{D}parameter>\n</{D}invoke>\n</{D}function_calls>'
+        assert _accepts(loose, block) == taken and (not taken or re.search("^a|b$", v)), v
 
 
 # ---- DeepSeek-V4 ----------------------------------------------------------------------------------------------

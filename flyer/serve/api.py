@@ -15,7 +15,8 @@
                                 writes (``flyer.serve.tools``: V3.1 / V3.2-Exp's, V3-0324 / R1's, V3.2 / V4's DSML), or
                                 the one ``tool_call_parser`` names;
                                 chat_template_kwargs; with a reasoning parser, ``reasoning_content`` apart from
-                                ``content`` (``flyer.serve.reasoning``)
+                                ``content`` (``flyer.serve.reasoning``), and a prompt that opens reasoning has
+                                its grammar (tool_choice, response_format) hold after the reasoning
 
 Every response carries ``usage``. Errors use OpenAI's shape ``{"error": {"message", "type",
 "param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too long for the
@@ -349,10 +350,12 @@ class Api:
                                                 f"is refused: {NO_GRAMMARS}; use auto or none")
             functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
             opts = dataclasses.replace(opts, grammar=tool_grammar(functions, self.tok, name, parallel, fmt))
+        think = Reasoning(self.reasoning, self.tok, Reasoning.opens(self.reasoning, text))
+        if think.opened and opts.grammar is not None:  # the model reasons first: the grammar holds after the marker
+            opts = dataclasses.replace(opts, grammar_after=think.end_ids(self.tok))
         gen = _Generation(self, request, [prompt], opts, body.stop_strings(), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
-        think = Reasoning(self.reasoning, self.tok, Reasoning.opens(self.reasoning, text))
 
         def split(c: Choice) -> Split:
             return think.split(c.text, c.ids, c.kept(), c.starts, c.finish_reason is not None, id(c))

@@ -108,17 +108,50 @@ MAX_ANY_PARAMS = 16
 JSON_VALUES = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+def _regex(pattern: str) -> str:
+    """A JSON schema ``pattern`` as a lark regex body matching a whole raw string: matched anywhere in it, as JSON
+    schema reads a pattern, unless a leading ``^`` / trailing ``$`` anchors it (stripped: they are no regex of
+    llguidance's; an alternation such as ``^a|b$`` then holds whole, a subset of what it allows, so every value
+    written still matches). Bare slashes escaped for lark; other anchors are refused by llguidance (400)."""
+    body, esc, head, tail = [], False, "(?s:.*)", "(?s:.*)"
+    for ch in pattern:
+        body.append("\\/" if ch == "/" and not esc else ch)
+        esc = ch == "\\" and not esc
+    text = "".join(body)
+    if text.startswith("^"):
+        text, head = text[1:], ""
+    if text.endswith("$") and not _escaped(text, len(text) - 1):
+        text, tail = text[:-1], ""
+    return f"{head}(?:{text}){tail}"
+
+
+def _escaped(text: str, i: int) -> bool:
+    """Whether ``text[i]`` is escaped (an odd number of backslashes before it)."""
+    return (i - len(text[:i].rstrip("\\"))) % 2 == 1
+
+
+def _raw_string(sub: dict[str, Any], name: str) -> str | None:
+    """The lark terminal ``name`` of a string parameter's raw text and close tag under its schema's ``pattern``,
+    ``minLength`` and ``maxLength`` (characters), as ``STRING_VALUE`` (one lexeme, the first close tag its end)
+    intersected with each; None when it has none of them (``STRING_VALUE`` serves)."""
+    parts = [f"/{_regex(sub['pattern'])}{_END}/"] if isinstance(sub.get("pattern"), str) else []
+    lo, hi = sub.get("minLength", 0), sub.get("maxLength")
+    if lo or hi is not None:  # a bad bound (not an integer) leaves a regex llguidance refuses: 400 naming tools
+        parts.append(f"/(?s:.{{{lo},{'' if hi is None else hi}}}){_END}/")
+    return f"{name}: " + " & ".join([*parts, f"~/(?s:.*){_END}(?s:.+)/"]) if parts else None
+
+
 def dsml_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool, max_calls: int,
                  fmt: DsmlFormat = DSML_V32) -> str:
     """The lark grammar text of a calls block in ``fmt``: one invoke of function ``name`` (a named
     ``tool_choice``), else 1 to ``max_calls`` (one when not ``parallel``) of any of ``tools`` (OpenAI's function
     definitions). Each invoke writes its ``parameters``' properties in the schema's order, the required ones
     always: a property whose schema's type is "string" as raw text (string="true"; any text without the close
-    tag; one of its ``enum``), as is a property with an ``enum`` of strings only, any other as compact JSON
-    matching its schema (string="false"). A schema without properties that allows more (absent: OpenAI's "no
-    parameters" taken as any object, as ``flyer.serve.tools.tool_grammar`` takes it) takes up to
-    ``MAX_ANY_PARAMS`` named ones; with ``additionalProperties`` false, none. A string's other constraints
-    (``pattern``, lengths) are not enforced: the raw text has no JSON grammar to hold them."""
+    tag; one of its ``enum``, else matching its ``pattern``, ``minLength`` and ``maxLength``: ``_raw_string``), as
+    is a property with an ``enum`` of strings only, any other as compact JSON matching its schema
+    (string="false"). A schema without properties that allows more (absent: OpenAI's "no parameters" taken as any
+    object, as ``flyer.serve.tools.tool_grammar`` takes it) takes up to ``MAX_ANY_PARAMS`` named ones; with
+    ``additionalProperties`` false, none."""
     x = {"x-guidance": JSON_VALUES}
     chosen = [f for f in tools if name is None or f["name"] == name]
     rules = []
@@ -134,7 +167,9 @@ def dsml_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool, 
             if raw and enum is not None:
                 value = "(" + " | ".join(_lark(v) for v in enum) + f") {_lark(PARAM_END)}"
             elif raw:
-                value = "STRING_VALUE"
+                constrained = _raw_string(sub, f"STRING_{k}_{j}")
+                rules += [constrained] if constrained else []
+                value = f"STRING_{k}_{j}" if constrained else "STRING_VALUE"
             else:
                 value = f"%json {json.dumps({**sub, **x})} {_lark(PARAM_END)}"
             rules.append(f"param_{k}_{j}: {_lark(head)} {value} {_lark(NL)}")

@@ -21,8 +21,9 @@ during the step. Each scheduler step:
    the model together (``Decoder.forward_groups``): the routed experts' weights, most of the bytes
    a step reads, are read once for both;
 5. samples each request's next token with its own options (greedy, temperature / top-p with its
-   own seeded generator; with a grammar, among the tokens it allows: ``flyer.serve.grammar``) and hands it to
-   the request's ``emit``; finished requests leave.
+   own seeded generator; with a grammar, among the tokens it allows: ``flyer.serve.grammar``, after the
+   reasoning end marker for a request that reasons first) and hands it to the request's ``emit``; finished
+   requests leave.
 
 With ``speculative="mtp"`` each decode step first drafts tokens with the model's MTP module, which has a
 paged cache of its own on the same block tables, and the forward of step 4 verifies them
@@ -65,7 +66,7 @@ from flyer.infer.prefix_cache_hybrid import check_block_ratios
 from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
 from flyer.serve.disk_tier import DiskTier
-from flyer.serve.grammar import GrammarMasks
+from flyer.serve.grammar import GrammarMasks, marker_ends
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
 from flyer.serve.paged_hybrid import BoundarySnapshots, SlotAllocator, make_mtp_hybrid_cache, make_paged_hybrid_cache
@@ -163,8 +164,9 @@ class Engine:
             req.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         if opts.prompt_logprobs:
             req.prompt_lp = [None]
-        if opts.grammar is not None:
-            req.matcher = self._grammar_masks().matcher(opts.grammar)
+        if opts.grammar is not None:  # reasoning first: the matcher waits for the end marker (``_emit_token``)
+            m = self._grammar_masks().matcher(opts.grammar)
+            req.matcher, req.deferred = (None, m) if opts.grammar_after else (m, None)
         self.waiting.append(req)
         return req
 
@@ -556,6 +558,8 @@ class Engine:
         self.metrics.generation_tokens.inc()
         # a grammar complete ends r as a stop token does (EOS, which it allows only there, is one)
         reason = "stop" if tok in o.stop_ids else self.grammars.consume(r.matcher, tok) if r.matcher else None
+        if r.deferred is not None and marker_ends(r.tokens, r.generated, o.grammar_after):  # reasoning ended
+            r.matcher, r.deferred = r.deferred, None  # the grammar holds from the next token (the marker is free)
         reason = reason or ("length" if r.generated >= o.max_tokens else None)
         first = r.generated == 1
         if reason is not None:  # blocks freed before the caller hears the request is done

@@ -17,10 +17,18 @@ pass's logits at each position are masked with those same bitmasks (plus one fil
 costs one fill per verified position; ``settle`` then rolls back the drafts it rejected, and emission takes the
 kept ones without consuming them again. A draft that completes the grammar is the row's last.
 
+Reasoning first (``flyer serve --reasoning-parser`` and a prompt that opens reasoning: ``SamplingOptions
+.grammar_after`` holds the end marker's ids): the request's matcher waits (``Request.deferred``) until the output
+ends with the marker (``marker_ends``), so the model reasons unmasked, writes the marker when it chooses, and its
+grammar constrains the tokens after it, as vLLM and SGLang apply a grammar after a reasoning parser's end. A
+waiting row drafts without a grammar too, its drafts cut before one that would write the marker: the marker is
+then the last token a verify pass keeps, and every token after it is chosen under the grammar.
+
     json_grammar(schema)            schema (None: any JSON object) -> grammar; ``FieldError`` naming response_format
     llg_tokenizer(tok, vocab_size)  llguidance's view of flyer's tokenizer (``TextTokenizer`` or ``ByteTokenizer``)
     GrammarMasks                    the engine's side: matchers, the step's masks, tokens consumed (and drafts)
     Matcher                         a request's llguidance matcher and the drafts it holds tentatively
+    marker_ends(out, n, marker)     whether an output ends with the reasoning end marker (its grammar starts after)
 
 The work a request can cause is bounded: its schema's JSON text (``MAX_SCHEMA_CHARS``), compiling it and each
 step's mask (``LIMITS``: llguidance's fuel and size limits; a grammar over them is refused or ends in error).
@@ -31,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import llguidance
 import llguidance.numpy as llg_np
@@ -79,6 +87,14 @@ def compilable(grammar: str, field: str, what: str) -> str:
     if error:
         raise FieldError(field, f"{what} cannot be compiled: {error.splitlines()[0]:.300}")
     return grammar
+
+
+def marker_ends(tail: Sequence[int], generated: int, marker: Sequence[int]) -> bool:
+    """Whether an output of ``generated`` tokens, whose last ones are ``tail`` (at least ``len(marker)`` of them
+    when there are as many), ends with ``marker`` (the reasoning end marker's ids: ``SamplingOptions
+    .grammar_after``). Only the output's tokens count: a prompt's tail is no marker written."""
+    n = len(marker)
+    return 0 < n <= generated and list(tail[len(tail) - n:]) == list(marker)
 
 
 class _ByteWords:

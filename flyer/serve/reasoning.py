@@ -17,6 +17,11 @@ back. The markers are found as token ids where the tokenizer holds them as one t
 text (byte tokens). Tool calls (``flyer.serve.tools``) are parsed from the content's tokens only; logprobs stay per
 token, reasoning's included. ``reasoning_tokens`` counts the output's tokens before the content, markers included.
 
+A grammar (``tool_choice`` "required" / named, ``response_format``) holds after the end marker when the prompt
+opens reasoning (``end_ids``: the engine waits for those tokens, ``flyer.serve.grammar``), so the model reasons
+first; else from the first token, as without a parser: an output that would open reasoning itself (R1 writing
+``<think>``) is constrained from its start, which a grammar of JSON or calls does not let it open.
+
     ReasoningParser, PARSERS    the markers of a model family; ``PARSERS`` by ``--reasoning-parser`` name
     Reasoning                   a request's split (per its prompt), or ``NO_REASONING`` (off: all content)
     Split                       where one choice's text splits (``Reasoning.split``)
@@ -78,6 +83,13 @@ class Reasoning:
     def opens(parser: ReasoningParser | None, prompt_text: str) -> bool:
         """Whether a prompt's text (the rendered chat template) ends inside a think block."""
         return parser is not None and prompt_text.rstrip().endswith(parser.begin)
+
+    def end_ids(self, tok) -> tuple[int, ...]:
+        """The end marker's ids in ``tok``: its one token where the tokenizer holds it (DeepSeek's), else its
+        text's encoding (byte tokens: its bytes; a model writing it in other tokens leaves a grammar waiting)."""
+        if self.end_id is not None:
+            return (self.end_id,)
+        return tuple(tok.encode_ids(self.parser.end, add_special_tokens=False))
 
     def split(self, text: str, ids: list[int], kept: int, starts: list[int], final: bool, key: int = 0) -> Split:
         """Where ``text`` splits; ``ids[:kept]`` the tokens it decodes from, ``starts`` where each one's text starts in

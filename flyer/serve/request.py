@@ -123,6 +123,9 @@ class SamplingOptions(LogitAdjustments):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     grammar: str | None = None  # structured outputs: the llguidance grammar the output matches (flyer.serve.grammar)
+    # the reasoning end marker's ids when the prompt opens reasoning: ``grammar`` then holds for the output after
+    # them, which runs free up to there (``flyer.serve.grammar.marker_ends``); (): it holds from the first token
+    grammar_after: tuple[int, ...] = ()
 
 
 @dataclass
@@ -154,6 +157,7 @@ class Request:
     h_prev: torch.Tensor | None = None  # main hidden states (C, D) of positions [mtp_len, n_cached)
     slot: int | None = None  # its hybrid pool slot while running (DeepSeek-V4)
     matcher: Any = None  # its grammar's ``flyer.serve.grammar.Matcher``, at its tokens so far (``opts.grammar``)
+    deferred: Any = None  # that matcher while the output reasons (``opts.grammar_after`` not written yet)
     submitted: float = 0.0
     last_token_at: float | None = None
     cancelled: bool = False

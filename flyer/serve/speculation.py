@@ -42,7 +42,9 @@ logits are masked with its matcher's state after the drafts before it, which con
 a draft that completes the grammar is the row's last (nothing after it could be kept). Those bitmasks, and one
 filled after the last draft, mask the verify pass's logits at the same positions (``Drafted``'s last item), so
 greedy keeps exactly the tokens of plain masked greedy decoding and sampling accepts on the masked
-distributions; ``accept`` rolls back the drafts the row rejected.
+distributions; ``accept`` rolls back the drafts the row rejected. A row whose grammar waits for the reasoning end
+marker (``Request.deferred``) drafts freely but never the token that would write the marker: the marker is then
+the last token its verify pass keeps (chosen at a free position), and no kept token after it was chosen unmasked.
 
 The engine owns the requests, their blocks and the main-model pass; ``MtpSpeculator`` keeps a
 request's MTP entries in step with its main cache, drafts, and accepts what the pass verified.
@@ -60,7 +62,7 @@ from flyer.infer.hybrid_cache import HybridCache
 from flyer.infer.generate import mtp_span
 from flyer.infer.sampling import SamplingParams, probabilities
 from flyer.infer.speculative import accept_drafts
-from flyer.serve.grammar import GrammarMasks
+from flyer.serve.grammar import GrammarMasks, marker_ends
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import PagedCache
 
@@ -84,6 +86,7 @@ class Row(Protocol):
     slot: int | None  # its hybrid pools' slot (DeepSeek-V4)
     opts: Any  # its ``SamplingOptions``: temperature, top_p, max_tokens
     matcher: Any  # its grammar's ``flyer.serve.grammar.Matcher``, or None
+    deferred: Any  # that matcher while it waits for the reasoning end marker (``opts.grammar_after``), or None
 
     @property
     def generated(self) -> int: ...
@@ -220,6 +223,11 @@ class MtpSpeculator:
                 d = argmax[j] if q_j is None else int(torch.multinomial(q_j[0], 1, generator=rows[i].generator))
                 if m is not None and not grammars.hold(m, d):
                     ks[i] = k  # refused (its grammar allows none of the model's ids): the drafts end before it
+                    continue
+                end = rows[i].opts.grammar_after
+                if rows[i].deferred is not None and \
+                        marker_ends([*rows[i].tokens[-len(end):], *drafts[i], d], rows[i].generated + k + 1, end):
+                    ks[i] = k  # the reasoning end marker: the verify pass chooses it, its grammar what follows
                     continue
                 drafts[i].append(d)
                 if q_j is not None:
