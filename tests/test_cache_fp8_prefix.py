@@ -173,13 +173,13 @@ def test_serve_disk_tier_under_preemption_and_eviction_gives_the_cold_tokens(tra
     prompts = [head + _progression(5, 3, n) for n in (3, 14)] + [_progression(7, 1, 22), head + [9]]
     alone = [generate(trained, [p], GenerationConfig(max_new_tokens=10, cache_dtype=FP8)).tokens[0] for p in prompts]
     mtp = speculative == "mtp"
-    first_pc = open_disk_prefix_cache(trained, tmp_path, FP8, 4, max_bytes=BOUND[mtp], mtp=mtp)
+    first_pc = open_disk_prefix_cache(trained, tmp_path, FP8, 4, max_bytes=BOUND[mtp])
     first = _engine(trained, FP8, speculative=speculative, prefix_cache=first_pc)
     assert _served(first, prompts, 10) == alone
     assert first_pc.stats.stored > 0 and first_pc.stats.evicted > 0
     if mutated:
         _drop_scales(monkeypatch)
-    pc = open_disk_prefix_cache(trained, tmp_path, FP8, 4, max_bytes=BOUND[mtp], mtp=mtp)
+    pc = open_disk_prefix_cache(trained, tmp_path, FP8, 4, max_bytes=BOUND[mtp])
     second = _engine(trained, FP8, blocks=14, prefill_chunk=8, speculative=speculative, prefix_cache=pc)
     got = _served(second, prompts, 10)
     assert pc.stats.hits > 0 and pc.stats.misses > 0
@@ -230,5 +230,5 @@ def test_cli_serve_with_fp8_and_a_prefix_cache(tmp_path, monkeypatch):
     eng = serve_engine(monkeypatch, "--cache-dtype", "fp8", "--prefix-cache", str(tmp_path), "--block-size", "16")
     assert isinstance(eng.cache, PagedCache) and eng.cache.pool.packed.dtype == torch.uint8
     assert eng.disk is not None and eng.cfg.cache_dtype == FP8
-    same = open_prefix_cache(eng.model, tmp_path, cache_dtype=FP8, block_size=16, mtp=False)
+    same = open_prefix_cache(eng.model, tmp_path, cache_dtype=FP8, block_size=16)
     assert eng.cfg.prefix_cache.fingerprint == same.fingerprint

@@ -1,6 +1,7 @@
 """``flyer generate`` and ``flyer serve`` share one on-disk prefix cache under ``--cache-dtype fp8``: FP8 blocks
-``generate`` wrote are restored by ``serve``'s disk tier, and the reverse, at the same block size (and MTP flag:
-a model with MTP under ``--speculative mtp``, whose files hold the MTP cache's rows too).
+``generate`` wrote are restored by ``serve``'s disk tier, and the reverse, at the same block size (a model with MTP
+under ``--speculative mtp``, whose files hold the MTP cache's rows too; across MTP settings:
+``tests/test_prefix_cache_mtp.py``).
 
 Each reader finds every full block the writer stored before the prompt's last token, its restored rows (main and MTP
 caches: codes, scales, rope values as uint8) are the writer's bytes bit for bit, and its greedy tokens are the cold
@@ -36,7 +37,7 @@ BLOCK, NEW = 8, 6
 @pytest.fixture(scope="module")
 def models():
     """(model, speculative): random MLA layers with dense FFNs, without MTP; and with an MTP module, served with its
-    drafts (a model with MTP stores its MTP rows: ``serve`` shares its files under ``--speculative mtp`` only)."""
+    drafts (a model with MTP stores its MTP rows, which ``serve`` restores under ``--speculative mtp``)."""
     torch.manual_seed(0)
     plain = Transformer(preset("tiny", vocab_size=V, n_dense_layers=4, mtp_depth=0)).eval()
     return [(plain, None), (_dense_model(), "mtp")]
@@ -77,7 +78,7 @@ def _served(model, prompt, speculative, pc) -> tuple[list[int], list[torch.Tenso
 def _caches(model, root, speculative):
     """(generate's, serve's) prefix caches of ``root``: the same fingerprint."""
     gen_pc = open_prefix_cache(model, root, cache_dtype=FP8, block_size=BLOCK)
-    serve_pc = open_disk_prefix_cache(model, root, FP8, BLOCK, mtp=speculative == "mtp")
+    serve_pc = open_disk_prefix_cache(model, root, FP8, BLOCK)
     assert gen_pc.fingerprint == serve_pc.fingerprint
     return gen_pc, serve_pc
 

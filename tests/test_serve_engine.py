@@ -495,9 +495,9 @@ def test_mtp_speculation_shares_prefix_blocks(trained, tmp_path, monkeypatch, re
         assert all(all(torch.equal(a, b) for a, b in zip(kept[k], now[k])) for k in kept)  # never written
     # a new engine on the same directory loads the blocks, MTP entries included, from disk
     first = _engine(trained, speculative="mtp", prefix_cache=open_disk_prefix_cache(trained, tmp_path, torch.float32,
-                                                                                      4, mtp=True))
+                                                                                      4))
     _one_by_one(first, prompts[:1], 12)
-    pc = open_disk_prefix_cache(trained, tmp_path, torch.float32, 4, mtp=True)
+    pc = open_disk_prefix_cache(trained, tmp_path, torch.float32, 4)
     second = _engine(trained, speculative="mtp", prefix_cache=pc)
     assert _one_by_one(second, prompts[1:2], 12) == (ref[1:2], ref_counts[1:2])
     assert pc.stats.hits == 4  # prompts[0], a prefix of prompts[1], stored its 4 blocks

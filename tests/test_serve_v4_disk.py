@@ -72,8 +72,8 @@ def _engine(model, pc=None, spec: bool = False, sharing: bool = True, blocks: in
                                       draft_tokens=2 if spec else 1, prefix_cache=pc))
 
 
-def _pc(model, path, spec: bool = False):
-    return open_disk_prefix_cache(model, path, torch.float32, BS, mtp=spec)
+def _pc(model, path):
+    return open_disk_prefix_cache(model, path, torch.float32, BS)
 
 
 def _run(eng: Engine, prompts, logprobs: int | None = None, **opts) -> tuple[list[list], list]:
@@ -104,11 +104,11 @@ def test_a_second_engine_resumes_from_disk(model, tmp_path, sampling, spec):
     if sampling == "greedy":
         assert _tokens(want) == [generate(model, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32))
                                  .tokens[0] for p, n in PROMPTS]
-    first = _engine(model, _pc(model, tmp_path, spec), spec)
+    first = _engine(model, _pc(model, tmp_path), spec)
     got, reqs = _run(first, PROMPTS, **opts)
     assert _tokens(got) == _tokens(want) and reqs[0].n_shared == 0
     assert first.cfg.prefix_cache.stats.stored == 3 + 2  # 3 blocks; snapshots at 32 and 48
-    pc = _pc(model, tmp_path, spec)  # a new server on the same directory
+    pc = _pc(model, tmp_path)  # a new server on the same directory
     second = _engine(model, pc, spec)
     log, first_logits = _record(second) if spec else ({}, {})
     got, reqs = _run(second, PROMPTS, **opts)
@@ -160,11 +160,11 @@ def test_a_snapshot_file_without_its_mtp_part_changes_the_drafts(model, tmp_path
     plain = _engine(model, spec=True, sharing=False)
     log_plain, first_plain = _record(plain)
     want, _ = _run(plain, PROMPTS)
-    _run(_engine(model, _pc(model, tmp_path, True), True), PROMPTS)
+    _run(_engine(model, _pc(model, tmp_path), True), PROMPTS)
     _drop_mtp_part(monkeypatch)
     log, first, got = {}, {}, []
     for i, prompt in enumerate(PROMPTS):
-        eng = _engine(model, _pc(model, tmp_path, True), True)
+        eng = _engine(model, _pc(model, tmp_path), True)
         eng._ids = iter(range(i, i + 1))  # the request ids of the uncached run
         lg, fl = _record(eng)
         out, reqs = _run(eng, [prompt])
@@ -206,12 +206,12 @@ def test_generate_and_serve_read_each_others_files(model, plain_model, tmp_path,
         return generate(m, [prompt], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32, prefix_cache=pc))
     want = gen().tokens[0]
     gen_pc = open_prefix_cache(m, tmp_path / "g", cache_dtype=torch.float32, block_size=BS)
-    assert gen_pc.fingerprint == _pc(m, tmp_path / "g", spec).fingerprint
+    assert gen_pc.fingerprint == _pc(m, tmp_path / "g").fingerprint
     assert gen(gen_pc).prefix["stored"] == 3  # 2 blocks, the snapshot at 32
-    pc = _pc(m, tmp_path / "g", spec)
+    pc = _pc(m, tmp_path / "g")
     got, reqs = _run(_engine(m, pc, spec), [(prompt, n)])
     assert reqs[0].n_shared == 32 and pc.stats.hits == 3 and _tokens(got) == [want]
-    _run(_engine(m, _pc(m, tmp_path / "s", spec), spec), [(prompt, n)])
+    _run(_engine(m, _pc(m, tmp_path / "s"), spec), [(prompt, n)])
     warm = gen(open_prefix_cache(m, tmp_path / "s", cache_dtype=torch.float32, block_size=BS))
     assert warm.prefix["hits"] == 3 and warm.prefix["tokens_loaded"] == 32 and warm.tokens[0] == want
 

@@ -90,9 +90,14 @@ class BatchSampler:
         self.position = position
 
 
-def eval_batches_bytes(batch_size: int, seq_len: int, n_batches: int) -> int:
-    """Host bytes ``eval_batches`` allocates: int64 ``x, y`` per window and its float and int start."""
-    return batch_size * n_batches * (2 * seq_len * 8 + 16)
+TEXT_TENSORS = 2  # an evaluation batch's (B, seq_len) int64 tensors: x, y (chat rows' too)
+
+
+def eval_batches_bytes(batch_size: int, seq_len: int, n_batches: int, tensors: int = TEXT_TENSORS) -> int:
+    """Host bytes the validation batches hold, at most: ``tensors`` int64 tensors (batch_size, seq_len) per batch
+    (``TEXT_TENSORS``: ``eval_batches``' and ``chat_eval_batches``' x, y; packed rows carry their documents too,
+    ``flyer.data.chat_pack.PACKED_TENSORS``), and per window ``eval_batches``' float and int start while it reads."""
+    return batch_size * n_batches * (tensors * seq_len * 8 + 16)
 
 
 def eval_batches(tokens: TokenShards, batch_size: int, seq_len: int,

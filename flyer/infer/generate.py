@@ -114,9 +114,10 @@ class GenerationResult:
 
 def open_prefix_cache(model: Transformer, root: str | Path, *, attention: str = "absorbed",
                       cache_dtype: torch.dtype = torch.bfloat16, block_size: int = 64,
-                      max_bytes: int = 1 << 30, mtp: bool | None = None) -> PrefixCache:
-    """A prefix cache whose entries are keyed to this model, cache layout, dtype and block size;
-    ``mtp``: whether entries hold the MTP modules' cache too (None: when the model has them).
+                      max_bytes: int = 1 << 30) -> PrefixCache:
+    """A prefix cache whose entries are keyed to this model, cache layout, dtype and block size, not
+    to the MTP setting: the main model's rows are the same with or without MTP speculation, and an
+    entry's MTP rows serve the readers that need them (``PrefixCache.load``).
     DeepSeek-V4: ``FieldError`` naming ``prefix_block`` unless every compression ratio divides it."""
     if model.cfg.attn == "hybrid":
         check_block_ratios(model.cfg, block_size, "prefix_block")
@@ -125,8 +126,7 @@ def open_prefix_cache(model: Transformer, root: str | Path, *, attention: str = 
         layout = {"layout": "gqa" if model.cfg.attn == "gqa" else attention}
     if cache_dtype == FP8:  # entries hold the FP8 rows as written: keyed by their layout and scale rule too
         layout["rows"] = ROWS_LAYOUT
-    fp = model_fingerprint(model, **layout, dtype=str(cache_dtype), block_size=block_size,
-                           mtp=len(model.mtp) > 0 if mtp is None else mtp)
+    fp = model_fingerprint(model, **layout, dtype=str(cache_dtype), block_size=block_size)
     return PrefixCache(root, fp, block_size=block_size, max_bytes=max_bytes)
 
 
@@ -145,20 +145,21 @@ def mtp_span(i: int, n: int) -> tuple[int, int]:
     return max(i * n - 1, 0), (i + 1) * n - 1
 
 
-def _load_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int]) -> int:
-    """Copy row b's leading cached blocks into the decoder's caches; returns tokens loaded."""
+def _load_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int], need_mtp: bool) -> int:
+    """Copy row b's leading cached blocks into the decoder's caches (``need_mtp``: the MTP cache's
+    rows too, which entries without them miss); returns tokens loaded."""
     n, hit = pc.block_size, 0
     for i, key in enumerate(pc.block_keys(prompt)):
         expect = {k: ((t.shape[0], n, *t.shape[3:]), t.dtype) for k, t in dec.cache.tensors.items()}
         lo, hi = mtp_span(i, n)
-        if dec.mtp_cache is not None:
+        if need_mtp:
             expect.update({f"mtp.{k}": ((1, hi - lo, *t.shape[3:]), t.dtype) for k, t in dec.mtp_cache.tensors.items()})
         blk = pc.load(key, prompt[i * n:(i + 1) * n], expect)
         if blk is None:
             break
         for k, t in dec.cache.tensors.items():
             t[:, b, i * n:(i + 1) * n] = blk[k]
-        if dec.mtp_cache is not None:
+        if need_mtp:
             for k, t in dec.mtp_cache.tensors.items():
                 t[:, b, lo:hi] = blk[f"mtp.{k}"]
         hit = (i + 1) * n
@@ -178,14 +179,22 @@ def _store_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int], 
 
 
 @torch.inference_mode()
-def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: PrefixCache | None = None) -> PrefillState:
+def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: PrefixCache | None = None,
+            need_mtp: bool | None = None) -> PrefillState:
     """Fill the caches with every prompt (loading what the prefix cache has) and return the
     logits at each prompt's last token. With an MTP cache, its entries for positions
-    [0, len - 1) are filled too (entry j needs token t_{j+1})."""
+    [0, len - 1) are filled too (entry j needs token t_{j+1}).
+
+    ``need_mtp``: whether the MTP cache must be whole (speculation drafts from it; None: when there
+    is one), so the prefix cache's entries without MTP rows miss. False: an MTP cache is filled only
+    to store its rows: loaded where an entry has them (DeepSeek-V4's snapshots) or left out (MLA,
+    GQA: an MTP cache entry is its own position's projection, so the rows the prefill computes past
+    the loaded blocks are stored whole either way)."""
+    need_mtp = dec.mtp_cache is not None and need_mtp is not False
     if prefix_cache is not None and dec.cfg.attn == "hybrid":
-        return _prefill_hybrid(dec, prompts, prefix_cache)
+        return _prefill_hybrid(dec, prompts, prefix_cache, need_mtp)
     device = dec.model.embed.weight.device
-    hits = [_load_prefix(dec, prefix_cache, b, p) if prefix_cache else 0 for b, p in enumerate(prompts)]
+    hits = [_load_prefix(dec, prefix_cache, b, p, need_mtp) if prefix_cache else 0 for b, p in enumerate(prompts)]
     # recompute the last loaded position: its hidden state feeds the MTP module and the logits
     start = torch.tensor([max(h - 1, 0) for h in hits], dtype=torch.long, device=device)
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
@@ -207,16 +216,17 @@ def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: Prefix
 
 
 @torch.inference_mode()
-def _prefill_hybrid(dec: Decoder, prompts: Sequence[Sequence[int]], pc: PrefixCache) -> PrefillState:
+def _prefill_hybrid(dec: Decoder, prompts: Sequence[Sequence[int]], pc: PrefixCache, need_mtp: bool) -> PrefillState:
     """``prefill`` of a DeepSeek-V4 model with the prefix cache (``flyer.infer.prefix_cache_hybrid``): row b
     resumes at its deepest snapshot and feeds its prompt in passes cut at its ``Resume.cuts``, storing each
     snapshot as its cut is reached; a row with fewer cuts feeds nothing in the first passes, so every row's last
-    token is in the last pass."""
+    token is in the last pass. A row resumed from a snapshot without the MTP part (``need_mtp`` False) stores its
+    snapshots without it too: its MTP cache lacks the positions before."""
     device = dec.model.embed.weight.device
     mtp = dec.mtp_cache is not None
     keys = [pc.block_keys(p) for p in prompts]
     hidden = mtp_hidden_spec(dec.cfg, dec.model.embed.weight.dtype)
-    found = [resume(pc, k, p, dec.cache, b, dec.mtp_cache, hidden if mtp else None)
+    found = [resume(pc, k, p, dec.cache, b, dec.mtp_cache, hidden if mtp else None, need_mtp)
              for b, (k, p) in enumerate(zip(keys, prompts))]
     bounds = [[r.tokens, *r.cuts, len(p)] for r, p in zip(found, prompts)]
     S = max(len(x) for x in bounds)
@@ -231,7 +241,7 @@ def _prefill_hybrid(dec: Decoder, prompts: Sequence[Sequence[int]], pc: PrefixCa
             _mtp_pass(dec, h, prompts, a, e, carry)
         for b, r in enumerate(found):
             if e[b] in r.cuts:
-                store_snapshot(pc, keys[b], prompts[b], e[b], dec.cache, b, dec.mtp_cache, carry[b])
+                store_snapshot(pc, keys[b], prompts[b], e[b], dec.cache, b, dec.mtp_cache if r.mtp else None, carry[b])
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
     if mtp:
         dec.mtp_cache.lengths.copy_(lens - 1)
@@ -307,6 +317,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     params = SamplingParams(gen.temperature, gen.top_p)
     spec = gen.speculative == "mtp"
     K = gen.draft_tokens if spec else 0
+    # a model with MTP stores its MTP rows in the prefix cache either way, so a speculating run finds them
     with_mtp = spec or (gen.prefix_cache is not None and len(model.mtp) > 0)
     dec = Decoder(model, len(prompts), cache_length(prompts, gen), gen.attention, gen.cache_dtype, with_mtp=with_mtp)
     generator = None
@@ -315,7 +326,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     stats_before = dict(gen.prefix_cache.stats.as_dict()) if gen.prefix_cache else None
 
     t0 = time.perf_counter()
-    state = prefill(dec, prompts, gen.prefix_cache)
+    state = prefill(dec, prompts, gen.prefix_cache, need_mtp=spec)
     adjust = gen.adjust if gen.adjusts else None
     logits = state.logits  # kept as they are for the result's first_logits
     if adjust is not None:

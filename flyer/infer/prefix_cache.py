@@ -56,6 +56,9 @@ FORMAT_VERSION = 1
 # float8_e4m3fn: the latent codes of ``--cache-dtype fp8`` (``flyer.infer.cache_fp8``), kept as written
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn)}
 MARKER = ".flyer-prefix-cache"
+# an entry's MTP module rows ("mtp.*"): the main model's rows are the same whichever speculation setting wrote
+# them, so a reader without MTP ignores these, and one needing them finds an entry without them a miss (``load``)
+MTP_PREFIX = "mtp."
 _SUBDIR = re.compile(r"[0-9a-f]{2}")
 _BLOCK = re.compile(r"[0-9a-f]{64}\.blk")
 _TMP_PREFIX = ".flyerpc-"
@@ -69,7 +72,7 @@ _STATS_MAX_BYTES = 1 << 16  # stats.json is a few hundred bytes: a larger one is
 class PrefixCacheStats:
     lookups: int = 0  # blocks looked up
     hits: int = 0
-    misses: int = 0  # no file
+    misses: int = 0  # no file, or one without the MTP rows the reader needs
     corrupt: int = 0  # unreadable, bad checksum or truncated: ignored
     mismatched: int = 0  # another model/config/layout (or a hash collision): ignored
     stored: int = 0
@@ -168,12 +171,18 @@ class PrefixCache:
 
     # ---- read ----------------------------------------------------------------------------
     def load(self, key: str, tokens: Sequence[int], expect: dict[str, tuple[tuple[int, ...], torch.dtype]],
-             count_tokens: bool = True) -> dict[str, torch.Tensor] | None:
+             count_tokens: bool = True, optional: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+             ) -> dict[str, torch.Tensor] | None:
         """The block's tensors, or None (miss / corrupt / mismatched; counted in ``stats``).
 
         ``tokens``: the block's own tokens; ``expect``: name -> (shape, dtype) the caller needs;
         ``count_tokens``: a hit adds ``tokens`` to ``stats.tokens_loaded`` (False: the caller counts
-        the tokens it uses, DeepSeek-V4's snapshots and the blocks before them)."""
+        the tokens it uses, DeepSeek-V4's snapshots and the blocks before them); ``optional``: name ->
+        (shape, dtype) the caller takes when the entry holds them (all of them, or none).
+
+        An entry's MTP rows (names under ``MTP_PREFIX``) that the caller neither expects nor takes are
+        left out; an entry without the MTP rows ``expect`` names is a miss (the caller recomputes and
+        overwrites it). Any other difference in names, and any in shape or dtype, is a mismatch."""
         self.stats.lookups += 1
         p = self.path(key)
         try:
@@ -201,10 +210,19 @@ class PrefixCache:
         except (KeyError, ValueError, TypeError, RuntimeError):
             self.stats.corrupt += 1
             return None
-        if set(tensors) != set(expect) or any(
-                tuple(tensors[k].shape) != tuple(s) or tensors[k].dtype != d for k, (s, d) in expect.items()):
+        optional = optional or {}
+        wanted = {**optional, **expect}
+        missing, extra = set(expect) - set(tensors), set(tensors) - set(wanted)
+        got_optional = len(set(optional) & set(tensors))
+        if (any(not k.startswith(MTP_PREFIX) for k in missing | extra) or 0 < got_optional < len(optional)
+                or any(tuple(t.shape) != tuple(wanted[k][0]) or t.dtype != wanted[k][1]
+                       for k, t in tensors.items() if k in wanted)):
             self.stats.mismatched += 1
             return None
+        if missing:  # written without the MTP rows this reader needs
+            self.stats.misses += 1
+            return None
+        tensors = {k: t for k, t in tensors.items() if k in wanted}
         with contextlib.suppress(OSError):
             os.utime(p)  # least-recently-used order follows mtime
         self.stats.hits += 1

@@ -32,10 +32,13 @@ snapshot as the cut is reached, so a prompt resuming at P repeats the storing ru
 its outputs bit for bit.
 
 ``flyer serve`` reads and writes the same files (``flyer.serve.disk_tier``: one format, a directory either command
-wrote serves the other at the same model, dtype, block size and MTP flag): a pool block holds a whole block's
-entries (``block_entries`` at lo 0: ``read_block``, ``put_block``), a request's slot takes a snapshot
-(``load_snapshot``, ``set_snapshot``) and leaves one where ``flyer.serve.paged_hybrid.BoundarySnapshots`` leaves
-its in-memory ones.
+wrote serves the other at the same model, dtype and block size): a pool block holds a whole block's entries
+(``block_entries`` at lo 0: ``read_block``, ``put_block``), a request's slot takes a snapshot (``load_snapshot``,
+``set_snapshot``) and leaves one where ``flyer.serve.paged_hybrid.BoundarySnapshots`` leaves its in-memory ones.
+
+Either MTP setting: blocks hold no MTP part; a reader without MTP leaves a snapshot's MTP part out, and one that
+drafts finds a snapshot without it a miss (its MTP window needs the main hidden states of the positions before, a
+whole prefill) and falls back to an earlier one, then leaves the snapshot again with its MTP part.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import torch
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.infer.hybrid_cache import ENTRY_NAMES, HybridCache
-from flyer.infer.prefix_cache import PrefixCache
+from flyer.infer.prefix_cache import MTP_PREFIX, PrefixCache
 
 SNAPSHOT_FORMAT = 1  # in the fingerprint: a change of what a snapshot holds makes old files miss
 Expect = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -122,17 +125,22 @@ def put_block(cache: HybridCache, block: int, lo: int, n: int, blk: dict[str, to
 
 
 def load_snapshot(pc: PrefixCache, keys: Sequence[str], prompt: Sequence[int], at: int,
-                  expect: Expect) -> dict[str, torch.Tensor] | None:
+                  expect: Expect, need_mtp: bool = True) -> dict[str, torch.Tensor] | None:
     """The snapshot file at boundary ``at`` (tokens) of ``prompt`` (``keys``: its block keys), or None (a miss,
-    corrupt, mismatched: counted); ``expect``: ``snapshot_expect``'s."""
+    corrupt, mismatched: counted); ``expect``: ``snapshot_expect``'s. ``need_mtp`` False: its MTP part is taken
+    where the file has one (a file without is a hit too)."""
     n = pc.block_size
-    return pc.load(snapshot_key(keys[at // n - 1]), prompt[at - n:at], expect, count_tokens=False)
+    optional = {} if need_mtp else {k: v for k, v in expect.items() if k.startswith(MTP_PREFIX)}
+    expect = {k: v for k, v in expect.items() if k not in optional}
+    return pc.load(snapshot_key(keys[at // n - 1]), prompt[at - n:at], expect, count_tokens=False, optional=optional)
 
 
 def set_snapshot(cache: HybridCache, slot: int, snap: dict[str, torch.Tensor],
                  mtp_cache: HybridCache | None = None) -> torch.Tensor | None:
-    """Slot ``slot`` of ``cache`` (and of ``mtp_cache``) := the snapshot ``snap`` (``load_snapshot``'s); returns
-    its main hidden state at the boundary's last position ("mtp.hidden"; None without an MTP cache)."""
+    """Slot ``slot`` of ``cache`` (and of ``mtp_cache``, where ``snap`` has its part) := the snapshot ``snap``
+    (``load_snapshot``'s); returns its main hidden state at the boundary's last position ("mtp.hidden"; None
+    without an MTP cache or part)."""
+    mtp_cache = mtp_cache if "mtp.hidden" in snap else None
     for k, v in _snapshot_views(cache, slot, mtp_cache).items():
         v.copy_(snap[k])
     return snap.get("mtp.hidden") if mtp_cache is not None else None
@@ -142,20 +150,25 @@ def set_snapshot(cache: HybridCache, slot: int, snap: dict[str, torch.Tensor],
 class Resume:
     """Where a prompt's prefill starts after ``resume``: at ``tokens`` (P, a boundary; 0: nothing used), with the
     main hidden state at P - 1 for the MTP cache (``hidden``; None without one, or at 0); ``found``: its leading
-    blocks on disk; ``cuts``: the boundaries past P (in tokens) where its prefill is to leave a snapshot."""
+    blocks on disk; ``cuts``: the boundaries past P (in tokens) where its prefill is to leave a snapshot; ``mtp``:
+    whether the MTP cache holds the state at P (False: resumed from a snapshot without its MTP part, so the
+    snapshots it leaves are to go without theirs)."""
 
     tokens: int = 0
     found: int = 0
     hidden: torch.Tensor | None = None
     cuts: list[int] = field(default_factory=list)
+    mtp: bool = True
 
 
 def resume(pc: PrefixCache, keys: Sequence[str], prompt: Sequence[int], cache: HybridCache, slot: int,
-           mtp_cache: HybridCache | None = None, hidden: tuple[tuple[int, ...], torch.dtype] | None = None) -> Resume:
+           mtp_cache: HybridCache | None = None, hidden: tuple[tuple[int, ...], torch.dtype] | None = None,
+           need_mtp: bool = True) -> Resume:
     """Load ``prompt``'s cached state into entry block and slot ``slot`` of ``cache`` (and of ``mtp_cache``, with
     ``hidden``: the (shape, dtype) of one position's main hidden state): its leading blocks, then the deepest snapshot
-    among their boundaries (module docstring). ``keys``: ``pc.block_keys(prompt)``. Loaded blocks past the
-    snapshot's boundary are left in the cache (the prefill recomputes their positions)."""
+    among their boundaries (module docstring); ``need_mtp`` False: one without the MTP part too. ``keys``:
+    ``pc.block_keys(prompt)``. Loaded blocks past the snapshot's boundary are left in the cache (the prefill
+    recomputes their positions)."""
     n = pc.block_size
     found = 0
     while found < len(keys) and (blk := read_block(pc, keys[found], prompt[found * n:(found + 1) * n],
@@ -165,14 +178,14 @@ def resume(pc: PrefixCache, keys: Sequence[str], prompt: Sequence[int], cache: H
     last = (len(prompt) - 1) // n  # the deepest boundary with a prompt token after it
     expect = snapshot_expect(cache, mtp_cache, hidden)
     j, snap = min(found, last), None
-    while j > 0 and (snap := load_snapshot(pc, keys, prompt, j * n, expect)) is None:
+    while j > 0 and (snap := load_snapshot(pc, keys, prompt, j * n, expect, need_mtp)) is None:
         j -= 1
     got = None
     if snap is not None:
         got = set_snapshot(cache, slot, snap, mtp_cache)
         pc.stats.tokens_loaded += j * n
     at = {b for b in (found, last) if j < b <= last}  # a prompt ending on a boundary: no snapshot at its end
-    return Resume(j * n, found, got, sorted(b * n for b in at))
+    return Resume(j * n, found, got, sorted(b * n for b in at), snap is None or "mtp.hidden" in snap)
 
 
 def store_snapshot(pc: PrefixCache, keys: Sequence[str], prompt: Sequence[int], at: int, cache: HybridCache,

@@ -223,16 +223,19 @@ class MoE(nn.Module):
         if self.training:
             # an MTP module's T - k positions: position i reads token i + k, the last T - k columns
             valid_BT = None if self.counted_BT is None else self.counted_BT[:, self.counted_BT.shape[1] - T:]
-            segments_BT = None
+            segments_BT = n_docs = None
             if self.documents_BT is not None:  # packed: i counts where token i + k is real and in i's document
                 docs, k = self.documents_BT, self.documents_BT.shape[1] - T
                 segments_BT = docs[:, :T].masked_fill((docs[:, :T] != docs[:, k:]) | (docs[:, k:] < 0), -1)
                 valid_BT = segments_BT >= 0
+                # every document of the rows (ids 0, 1, ... per row), those of <= k tokens too: alone, each is a row
+                # whose MTP block k has no position, which adds 0 to that block's mean over the rows
+                n_docs = (docs.amax(1) + 1).clamp(min=0).sum()
             self.tokens_per_expert += counts if valid_BT is None else torch.bincount(
                 topk_ids_TK[valid_BT.reshape(B * T)].flatten(), minlength=self.cfg.n_routed_experts)
             balance = self.cfg.seq_aux_alpha > 0 and not self.hash_routed  # fixed routing: nothing to balance
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
-                                                  self.cfg, valid_BT, segments_BT) if balance else None
+                                                  self.cfg, valid_BT, segments_BT, n_docs) if balance else None
         x_in = _cast(x_TD, gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
         if self.path == "fused_local":
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts)
@@ -246,15 +249,17 @@ class MoE(nn.Module):
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, cfg: ModelConfig,
-                          valid_BT: torch.Tensor | None = None,
-                          segments_BT: torch.Tensor | None = None) -> torch.Tensor:
+                          valid_BT: torch.Tensor | None = None, segments_BT: torch.Tensor | None = None,
+                          n_segments: torch.Tensor | None = None) -> torch.Tensor:
     """Complementary sequence-wise balance loss (V3 report eq. 17-20), times alpha.
 
     f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean_t of normalised scores (each
     token's scores divided by their sum: every score function gives positive scores). ``valid_BT``
     (B, T) bool: only those positions are the sequence (T: their count; padding takes no part).
     ``segments_BT`` (B, T) int64: packed rows, each document (id >= 0; -1 takes no part) a sequence of its own,
-    the loss their mean: what the documents give in rows of their own.
+    the loss their mean: what the documents give in rows of their own. ``n_segments`` (scalar): the mean's count,
+    when documents without a position here count as 0 (an MTP block's, over documents of <= k tokens: as their rows
+    of their own, which the ``valid_BT`` mean counts with 0); None: the documents with a position.
     """
     B, T, E = scores_BTE.shape
     K = topk_ids_BTK.shape[-1]
@@ -270,7 +275,8 @@ def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, 
             (seg.repeat_interleave(K), topk_ids_BTK[keep].flatten()), ones, accumulate=True)
         used = n_S > 0
         n_S1 = n_S[used].unsqueeze(1)
-        return cfg.seq_aux_alpha * (hits[used] * (E / K) / n_S1 * P[used] / n_S1).sum(-1).mean()
+        per_doc = (hits[used] * (E / K) / n_S1 * P[used] / n_S1).sum(-1)
+        return cfg.seq_aux_alpha * (per_doc.mean() if n_segments is None else per_doc.sum() / n_segments)
     if valid_BT is not None:
         w_BT = valid_BT.to(probs.dtype)
         n_B1 = w_BT.sum(1, keepdim=True).clamp(min=1)

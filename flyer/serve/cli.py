@@ -98,8 +98,7 @@ def _run(args) -> int:
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
     if args.prefix_cache:
         cfg.prefix_cache = open_disk_prefix_cache(model, args.prefix_cache, cfg.cache_dtype, cfg.block_size,
-                                                  parse_size(args.prefix_cache_size, "prefix_cache_size"),
-                                                  mtp=cfg.speculative == "mtp")
+                                                  parse_size(args.prefix_cache_size, "prefix_cache_size"))
     try:
         engine = Engine(model, cfg, tokenizer=tok)  # tok: structured outputs' grammars (flyer.serve.grammar)
     except FieldError as e:  # the pool's size is the flag's
@@ -186,8 +185,8 @@ def register(sub) -> None:
                    help="recompute shared prompt prefixes (DeepSeek-V4: its blocks and slot snapshots too)")
     p.add_argument("--prefix-cache", metavar="DIR",
                    help="on-disk prefix cache under the in-memory one (shared with flyer generate --prefix-block "
-                        "BLOCK_SIZE; for a model with MTP, under --speculative mtp: its blocks hold the MTP cache "
-                        "too; DeepSeek-V4: with its boundary snapshots)")
+                        "BLOCK_SIZE, with or without --speculative mtp: under it the blocks hold the MTP cache too, "
+                        "and blocks without it are recomputed once; DeepSeek-V4: with its boundary snapshots)")
     p.add_argument("--prefix-cache-size", default="1G", help="size bound of the on-disk prefix cache (LRU)")
     p.add_argument("--cache-dtype", choices=["auto", *DTYPES], default="auto", help=CACHE_DTYPE_HELP)
     add_weight_dtype_flag(p)

@@ -1,13 +1,17 @@
 """The on-disk prefix cache under the serving engine's paged pool (``EngineConfig.prefix_cache``): the second tier
 of prefix sharing, in ``flyer generate --prefix-cache``'s files (``flyer.infer.prefix_cache``), so a directory
-either command wrote serves the other at the same model, cache dtype, block size and MTP flag.
+either command wrote serves the other at the same model, cache dtype and block size, whichever MTP setting.
 
 - MLA family: a file holds one pool block of every layer's cache, and with MTP speculation the MTP cache's slots
-  of the positions its chain key covers (``flyer.serve.speculation.mtp_slots``); an FP8 pool's (``--cache-dtype
-  fp8``) as its rows are, codes, scales and rope values copied bit for bit (``flyer.infer.cache_fp8``);
+  of the positions its chain key covers (``flyer.serve.speculation.mtp_slots``: an engine without speculation
+  leaves them out of what it reads and writes; one with it finds a file without them a miss, recomputes the block
+  and overwrites the file with them: its MTP entries need the main model's hidden states of every position
+  before, a whole prefill); an FP8 pool's (``--cache-dtype fp8``) as its rows are, codes, scales and rope values
+  copied bit for bit (``flyer.infer.cache_fp8``);
 - DeepSeek-V4 (``flyer.infer.prefix_cache_hybrid``): a file holds one block's compressed entries; the slot state at
   a block boundary is a SNAPSHOT file (with MTP: the MTP slot and the hidden streams of the boundary's last
-  position), read where ``flyer.serve.paged_hybrid.BoundarySnapshots.usable`` finds no deeper one in memory and
+  position, which an engine without speculation leaves out, and one with it needs), read where
+  ``flyer.serve.paged_hybrid.BoundarySnapshots.usable`` finds no deeper one in memory and
   written where it takes one (``reached``).
 
 Admission continues a prompt's in-memory match with its blocks on disk (``extend``: loaded into new pool blocks,
@@ -33,16 +37,15 @@ from flyer.serve.speculation import mtp_slots
 
 
 def open_disk_prefix_cache(model: Transformer, root, cache_dtype: torch.dtype, block_size: int,
-                           max_bytes: int = 1 << 30, mtp: bool = False) -> PrefixCache:
+                           max_bytes: int = 1 << 30) -> PrefixCache:
     """The on-disk prefix cache under the paged one: blocks of ``block_size`` tokens keyed to this
-    model, layout and dtype. Its entries hold the main model's cache, and with ``mtp`` (an engine
-    with ``speculative="mtp"``) the MTP module's too, so they are the ones ``flyer generate
-    --prefix-cache`` writes at the same block size for a model without MTP, or with it. DeepSeek-V4:
+    model, layout and dtype. Its entries hold the main model's cache, and from an engine with
+    ``speculative="mtp"`` the MTP module's too, so they are the ones ``flyer generate
+    --prefix-cache`` writes at the same block size, whichever MTP setting either has. DeepSeek-V4:
     ``FieldError`` naming ``block_size`` unless every compression ratio divides it (the pool's blocks)."""
     if model.cfg.attn == "hybrid":
         check_block_ratios(model.cfg, block_size, "block_size")
-    return open_prefix_cache(model, root, cache_dtype=cache_dtype, block_size=block_size, max_bytes=max_bytes,
-                             mtp=mtp)
+    return open_prefix_cache(model, root, cache_dtype=cache_dtype, block_size=block_size, max_bytes=max_bytes)
 
 
 class DiskTier:
