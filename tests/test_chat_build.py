@@ -325,7 +325,7 @@ def test_runs_fall_back_conversation_by_conversation(hf_dir, tmp_path):
     split = re.compile(token_splitter(tok.tok).pattern + "|checkpoints")
     fast = chat_data.encode_conversations([(c["messages"], c.get("tools")) for c in convs], render, split, tok.tok)
     assert None in fast and any(f is not None for f in fast)  # both routes in one run
-    ids, mask, lengths = chat_data._encode_run(run, tmp_path / "x.jsonl", render, split, tok.tok, plain)
+    ids, mask, lengths, _ = chat_data._encode_run(run, tmp_path / "x.jsonl", render, split, tok.tok, plain)
     want = [encode_conversation(c["messages"], c.get("tools"), render, plain) for c in convs]
     assert lengths == [len(i) for i, _ in want]
     assert ids.tolist() == [x for i, _ in want for x in i] and mask.tolist() == [x for _, m in want for x in m]

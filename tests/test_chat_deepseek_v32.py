@@ -22,7 +22,7 @@ CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arg
 CHATS = [
     {"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the quick fox"}]},
     {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
-                  {"role": "assistant", "content": "world", "reasoning_content": "dropped in chat mode"},
+                  {"role": "assistant", "content": "world", "reasoning_content": ""},  # non-empty: refused
                   {"role": "user", "content": "the lazy dog"}, {"role": "assistant", "content": "jumps over"}]},
     {"tools": TOOLS, "messages": [
         {"role": "user", "content": "weather in oslo"},
@@ -63,7 +63,7 @@ def test_the_mask_is_the_assistant_turns_text(tmp_path):
         spans = _assistant_spans(chat["messages"], whole)
         want = [int(any(a <= s and e <= b for a, b in spans)) for s, e in enc.offsets]
         assert ids.tolist() == enc.ids and mask.tolist() == want
-        assert sum(want) > 0 and "dropped" not in whole
+        assert sum(want) > 0
     # the cache is keyed by the encoding: the default template, or another version of it, builds elsewhere
     default = prepare_chat(chats, tmp_path / "cache", tok, None)
     other = prepare_chat(chats, tmp_path / "cache", tok, ChatEncoding("deepseek_v32", version=0))

@@ -299,12 +299,8 @@ def test_sparse_trainer_step_moves_the_model_as_without(tmp_path, corpus):
 @pytest.mark.parametrize("extra,words", [
     ([], "has none (attn 'mla', index_topk 0"),  # the tiny preset: dense MLA
     (["--indexer-train", "later"], "must be one of off, warmup, sparse"),
-    (["--pp", "2", "--config", "DSA", "--data", "chats.jsonl", "--tokenizer", "tokenizer.json"],
-     "with pipeline parallelism (pp 2) trains on text"),
-])
+])  # chat data under --pp trains too (tests/test_indexer_train_pack_pp.py)
 def test_cli_refuses(tmp_path, capsys, extra, words):
-    (tmp_path / "dsa.toml").write_text(f"[model]\nindex_topk = {TOPK}\n")
-    extra = [str(tmp_path / "dsa.toml") if e == "DSA" else e for e in extra]
     if "--indexer-train" not in extra:
         extra = ["--indexer-train", "warmup", *extra]
     argv = ["train", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress",

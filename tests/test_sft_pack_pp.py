@@ -101,9 +101,13 @@ def _pp_rank(rank: int, chats: str, schedule: str, mutants: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(chats):
-    """One process with --pack, grad_accum M on ``_batches``: the step's state, the validation loss, each packed row's
-    own gradients (the scale of the terms an entry sums) and the tolerance factor c."""
-    t = _trainer(str(chats), chats.parent / "one", 0, grad_accum=M)
+    """``one_process`` of ``tiny`` (MLA, MoE, MTP)."""
+    return one_process(_trainer(str(chats), chats.parent / "one", 0, grad_accum=M))
+
+
+def one_process(t: Trainer) -> dict:
+    """One process (``t``: --pack, grad_accum M) on ``_batches``: the step's state, the validation loss, each packed
+    row's own gradients (the scale of the terms an entry sums) and the tolerance factor c; ``t`` closed."""
     batches = _batches(t)
     assert all(bool((d < 0).any()) for _, _, d in batches)  # padded
     assert [len(document_lengths(d)) for _, _, d in batches] == [6, 2, 4, 3]

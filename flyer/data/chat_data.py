@@ -1,33 +1,49 @@
 """Chat data for supervised fine-tuning: a ``.jsonl`` file of conversations -> token ids with an
-assistant mask -> one conversation per training row, the loss on the assistant's tokens only.
+assistant mask -> one conversation (or piece of one: below) per training row, the loss on the assistant's tokens
+only.
 
 Each line is ``{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]}`` (OpenAI / Hugging Face
 chat format; ``tools`` optional, passed to the template as transformers' ``apply_chat_template(tools=...)``
-does). A conversation is rendered whole with the tokenizer's chat template (``flyer.data.chat_template``;
-the checkpoint's, else flyer's default) and encoded as transformers encodes it: the template's text
-carries its own BOS, no special tokens are added.
+does; an assistant's ``reasoning_content`` a string or null; ``"chat_template_kwargs"`` optional, an object whose
+keys override the build's, ``prepare_chat``'s ``kwargs``, for that line: the renderer's ``extra``, e.g.
+``{"thinking": true}``). A conversation is rendered whole with the tokenizer's chat template
+(``flyer.data.chat_template``; the checkpoint's, else flyer's default) and encoded as transformers encodes it:
+the template's text carries its own BOS, no special tokens are added.
 
 The assistant mask: message i (an assistant's) owns the tokens between the conversation up to i rendered
 with the generation prompt and up to and including i rendered without it, i.e. its content and whatever
 the template closes it with (DeepSeek's ``<｜end▁of▁sentence｜>``), not its header. Both prefixes must
-encode to a prefix of the whole conversation's ids, else the line is refused. A template's
+encode to a prefix of the whole conversation's ids, else the line is refused; so must its non-empty
+reasoning_content appear in its rendered turn (``chat_encode.reasoning_unshown``: a reasoning the template does not
+show, e.g. in chat mode, is refused, never dropped). A template's
 ``{% generation %}`` markers (transformers' ``return_assistant_tokens_mask``) render their body as it is.
 ``encode_conversation`` is the plain path; the build takes ``flyer.data.chat_encode``'s fast twin (each token
 encoded once, a run of lines in one ``encode_batch``: the same ids, mask and errors) wherever its tokenizer
 model holds, the plain path for a conversation it cannot check.
 
+Pieces: each assistant turn is trained once, in the context inference shows it. Templates that drop earlier
+turns' reasoning once a later user turn exists (DeepSeek-V3.2 / V4 thinking mode, Qwen3's) render a turn's prefix
+with its reasoning and the whole without it; so a conversation is cut (``pieces``) just before each user turn that
+follows an assistant turn with non-empty reasoning_content in the current piece. Piece j is the conversation from
+its start through that cut (earlier messages as context, as the template then renders them), trained on the
+assistant turns after its own first user turn only (earlier ones: mask 0, unchecked). Each piece is a sample (a row;
+a document when packed); a conversation without such reasoning is one piece, the whole.
+
 Validation: conversation i (0-based, in file order, counting conversations not lines) is held out when
-``i % VAL_EVERY == VAL_EVERY - 1``; a file of fewer than ``VAL_EVERY`` holds out its last one.
+``i % VAL_EVERY == VAL_EVERY - 1``; a file of fewer than ``VAL_EVERY`` holds out its last one. All of a
+conversation's pieces go where it goes.
 
 The tokenized conversations are cached in ``{cache_dir}/chat-{key}/`` (``ids.npy``, ``mask.npy``,
-``offsets.npy``, ``meta.json`` written last), ``key`` hashing the file's bytes, the tokenizer, the template
-and this format's version. The build reads the file in runs of about ``BATCH_BYTES`` of lines and writes each
-run's ids and mask before reading on (memory: one run and the offsets); a bad line's error is the first in file
-order, as if each line were encoded alone.
+``offsets.npy`` per sample; ``conversation.npy`` each sample's conversation, where some are cut in pieces;
+``meta.json`` written last), ``key`` hashing the file's bytes, the tokenizer, the template, the build's
+chat_template_kwargs and this format's version. The build reads the file in runs of about ``BATCH_BYTES`` of lines
+and writes each run's ids and mask before reading on (memory: one run and the offsets); a bad line's error is the
+first in file order, as if each line were encoded alone.
 """
 
 from __future__ import annotations
 
+import array
 import hashlib
 import itertools
 import json
@@ -39,7 +55,7 @@ import numpy as np
 import tokenizers
 import torch
 
-from flyer.data.chat_encode import encode_conversations, token_splitter
+from flyer.data.chat_encode import encode_conversations, reasoning_unshown, token_splitter
 from flyer.data.chat_template import chat_renderer, read_chat_template
 from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.data.prepare import _build_lock, unigram_from_counts
@@ -50,7 +66,7 @@ from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer as load_hf_
 from flyer.interop.load import init_source, run_tokenizer
 from flyer.interop.hf import is_hf_model_dir
 
-CHAT_VERSION = 1
+CHAT_VERSION = 2  # 2: conversations cut into pieces (module doc)
 MAX_LINE_BYTES = 1 << 22  # 4 MiB: a longer line is refused, not read whole
 VAL_EVERY = 20
 BATCH_BYTES = 1 << 18  # lines encoded together (one encode_batch, parallel in Rust): the build's memory
@@ -85,8 +101,9 @@ def _problem(path: Path, line: int, what: str) -> DataError:
     return DataError(f"{path}:{line}: {what}")
 
 
-def parse_conversation(raw: bytes, path: Path, line: int) -> tuple[list[dict], list | None]:
-    """(messages, tools) of one line, or a one-line ``DataError`` naming ``path:line`` and the field."""
+def parse_conversation(raw: bytes, path: Path, line: int) -> tuple[list[dict], list | None, dict | None]:
+    """(messages, tools, chat_template_kwargs) of one line, or a one-line ``DataError`` naming ``path:line`` and
+    the field."""
     try:
         d = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -107,33 +124,60 @@ def parse_conversation(raw: bytes, path: Path, line: int) -> tuple[list[dict], l
         for k in ("role", "content") if calls is None or m.get("content") is not None else ("role",):
             if not isinstance(m.get(k), str):
                 raise _problem(path, line, f"messages[{i}].{k}: expected a string, got {type(m.get(k)).__name__}")
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None and not (m.get("role") == "assistant" and isinstance(reasoning, str)):
+            raise _problem(path, line, f"messages[{i}].reasoning_content: expected an assistant's string or null, "
+                                       f"got {type(reasoning).__name__}")
     if not any(m["role"] == "assistant" for m in msgs):
         raise _problem(path, line, "messages: no assistant turn (nothing to train on)")
     tools = d.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise _problem(path, line, "tools: expected a list of objects")
-    return msgs, tools or None
+    kwargs = d.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise _problem(path, line, f"chat_template_kwargs: expected an object, got {type(kwargs).__name__}")
+    return msgs, tools or None, kwargs
+
+
+def pieces(messages: list[dict]) -> list[tuple[int, int]]:
+    """(end, first) of each piece of a conversation (module doc): ``messages[:end]`` rendered, its assistant turns
+    from message ``first`` on trained; pieces without such a turn left out. One piece, (len, 0), without reasoning."""
+    out, first, reasoned = [], 0, False
+    for i, m in enumerate(messages):
+        # V3.2 / V4 drop reasoning before a developer turn as before a user's: both end a piece
+        if m["role"] in ("user", "developer") and reasoned:
+            out.append((i, first))
+            first, reasoned = i, False
+        reasoned = reasoned or (m["role"] == "assistant" and bool(m.get("reasoning_content")))
+    out.append((len(messages), first))
+    return [(e, f) for e, f in out if any(m["role"] == "assistant" for m in messages[f:e])]
 
 
 def _is_prefix(a: list[int], b: list[int]) -> bool:
     return len(a) <= len(b) and b[:len(a)] == a
 
 
-def encode_conversation(messages: list[dict], tools: list | None, render, encode) -> tuple[list[int], list[int]]:
-    """(ids, assistant mask) of a whole conversation, both (n,): ``mask[j]`` 1 where token j belongs to an
-    assistant message (module doc). ``render(messages, tools, add_generation_prompt)`` -> text;
-    ``encode(text)`` -> ids. ``ValueError`` when a prefix does not encode to a prefix of the whole."""
-    ids = encode(render(messages, tools, add_generation_prompt=False))
+def encode_conversation(messages: list[dict], tools: list | None, render, encode, first: int = 0,
+                        extra: dict | None = None) -> tuple[list[int], list[int]]:
+    """(ids, assistant mask) of a whole conversation (or a piece), both (n,): ``mask[j]`` 1 where token j belongs
+    to an assistant message from message ``first`` on (module doc). ``render(messages, tools,
+    add_generation_prompt, extra)`` -> text; ``encode(text)`` -> ids. ``ValueError`` when a trained turn's prefix
+    does not encode to a prefix of the whole, or its reasoning is not rendered (``reasoning_unshown``)."""
+    ids = encode(render(messages, tools, add_generation_prompt=False, extra=extra))
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
-        head = encode(render(messages[:i], tools, add_generation_prompt=True))
-        upto = encode(render(messages[:i + 1], tools, add_generation_prompt=False))
+        head_text = render(messages[:i], tools, add_generation_prompt=True, extra=extra)
+        upto_text = render(messages[:i + 1], tools, add_generation_prompt=False, extra=extra)
+        head, upto = encode(head_text), encode(upto_text)
         for name, p in (("with the generation prompt", head), ("through it", upto)):
             if not _is_prefix(p, ids):
                 raise ValueError(f"messages[{i}]: the conversation rendered {name} does not encode to a prefix "
                                  "of the whole conversation's tokens (the template or tokenizer merges across turns)")
+        unshown = reasoning_unshown(messages, i, head_text, upto_text)
+        if unshown is not None:
+            raise ValueError(unshown)
         mask[len(head):len(upto)] = [1] * max(0, len(upto) - len(head))
     return ids, mask
 
@@ -159,8 +203,8 @@ def _read_lines(path: Path):
 
 @dataclass
 class ChatSplit:
-    """Tokenized conversations: conversation c is ``ids[offsets[c]:offsets[c + 1]]`` with its assistant
-    mask (uint8, same span). ``len()``: its tokens."""
+    """Tokenized conversations (samples: a conversation, or a piece of one; module doc): conversation c is
+    ``ids[offsets[c]:offsets[c + 1]]`` with its assistant mask (uint8, same span). ``len()``: its tokens."""
     ids: np.ndarray  # (N,) int64
     mask: np.ndarray  # (N,) uint8
     offsets: np.ndarray  # (n + 1,) int64
@@ -204,7 +248,9 @@ def read_splits(out: Path) -> tuple[ChatSplit, ChatSplit]:
     files are never held whole besides)."""
     ids, mask = (np.load(out / f"{n}.npy", mmap_mode="r") for n in ("ids", "mask"))
     offsets = np.load(out / "offsets.npy")
-    val = np.asarray(held_out(len(offsets) - 1))
+    cut = (out / "conversation.npy").is_file()  # written where a conversation was cut in pieces
+    owner = np.load(out / "conversation.npy") if cut else np.arange(len(offsets) - 1)
+    val = np.asarray(held_out(int(owner[-1]) + 1))[owner]  # a piece goes where its conversation goes
     return _select(ids, mask, offsets, ~val), _select(ids, mask, offsets, val)
 
 
@@ -216,9 +262,11 @@ def held_out(n: int) -> list[bool]:
     return val
 
 
-def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer,
-                 template: str | ChatEncoding | None) -> ChatData:
-    """Read, render, mask and cache the chat file ``path`` (module doc); a cached build is reused."""
+def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, template: str | ChatEncoding | None,
+                 kwargs: dict | None = None) -> ChatData:
+    """Read, render, mask and cache the chat file ``path`` (module doc); a cached build is reused. ``kwargs``: the
+    chat_template_kwargs every line renders with (a line's own keys override them). ``FieldError`` on
+    chat_template_kwargs for ``kwargs`` the renderer refuses."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: not a file" if path.exists() else f"{path}: does not exist")
@@ -230,7 +278,7 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer,
     key_src = {"version": CHAT_VERSION, "file": h.hexdigest(), "max_line": MAX_LINE_BYTES, "val_every": VAL_EVERY,
                "tokenizer": hashlib.blake2b(tok.tok.to_str().encode(), digest_size=16).hexdigest(),
                "template": template if isinstance(template, str) or template is None else asdict(template),
-               "special": special}
+               "special": special, **({"chat_template_kwargs": kwargs} if kwargs else {})}  # none: the key as before
     key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=8).hexdigest()
     out = Path(cache_dir).expanduser() / f"chat-{key}"
     try:
@@ -239,7 +287,7 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer,
         raise DataError(f"cache_dir '{out.parent}' cannot be created: {e.strerror or e}") from None
     with _build_lock(out):
         if not (out / "meta.json").exists():
-            _build(out, path, tok, template, special)
+            _build(out, path, tok, template, special, kwargs or {})
         meta = json.loads((out / "meta.json").read_text())
         train_split, val_split = read_splits(out)
     vocab = tok.tok.get_vocab_size()
@@ -247,7 +295,8 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer,
                     _unigram(train_split, val_split, vocab), out)
 
 
-def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncoding | None, special: dict) -> None:
+def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncoding | None, special: dict,
+           kwargs: dict | None = None) -> None:
     # transformers' {% generation %} markers render their body: an always-true block, whitespace control kept
     plain = template if isinstance(template, ChatEncoding) else \
         _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
@@ -276,17 +325,18 @@ def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncodi
 
     # ids and mask go to their .npy files a run of lines at a time: the build holds one run and the offsets
     columns = [_Column(out / "ids.npy", np.int64), _Column(out / "mask.npy", np.uint8)]
-    offsets = [0]
+    offsets, owner, done = [0], array.array("q"), 0  # owner: each sample's conversation, 8 bytes each
     try:
         for run in batches():
-            ids, mask, lengths = _encode_run(run, path, render, split, tok.tok, encode)
+            ids, mask, lengths, convs = _encode_run(run, path, render, split, tok.tok, encode, kwargs)
             columns[0].append(ids)
             columns[1].append(mask)
-            for n in lengths:
+            for n, c in zip(lengths, convs):
                 offsets.append(offsets[-1] + n)
-        if len(offsets) < 3:
-            raise DataError(f"{path}: {len(offsets) - 1} conversation(s); at least 2 are needed (one is held out "
-                            "for validation)")
+                owner.append(done + c)
+            done += len(run)
+        if done < 2:
+            raise DataError(f"{path}: {done} conversation(s); at least 2 are needed (one is held out for validation)")
         for c in columns:
             c.close()
     except BaseException:
@@ -294,17 +344,21 @@ def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncodi
             c.discard()
         raise
     np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    if len(owner) > done:  # else one sample per conversation: the files as before pieces
+        np.save(out / "conversation.npy", np.asarray(owner, dtype=np.int64))
     eos = tok.eos_id()
-    meta = {"source": str(path), "conversations": len(offsets) - 1, "tokens": offsets[-1],
+    meta = {"source": str(path), "conversations": done, "tokens": offsets[-1],
             "eos_id": eos if eos is not None else ensure_eos(tok.tok)}
     atomic_write(out / "meta.json", [json.dumps(meta, indent=1).encode()])
 
 
-def _encode_run(run: list[tuple[int, bytes]], path: Path, render, split, tok: tokenizers.Tokenizer,
-                encode) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """ids (N,) int64, mask (N,) uint8 and each conversation's length of the lines ``run`` ((line number, bytes)),
-    the conversations back to back: ``chat_encode``'s batch where ``split`` is not None, else (or where it gives
-    None) ``encode_conversation``. The first bad line's ``DataError``, in file order."""
+def _encode_run(run: list[tuple[int, bytes]], path: Path, render, split, tok: tokenizers.Tokenizer, encode,
+                kwargs: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """ids (N,) int64, mask (N,) uint8, each sample's length and its conversation's index in ``run`` of the lines
+    ``run`` ((line number, bytes)), the samples (each conversation's ``pieces``) back to back: ``chat_encode``'s
+    batch where ``split`` is not None, else (or where it gives None) ``encode_conversation``; each line rendered
+    with ``kwargs`` and its own chat_template_kwargs over them. The first bad line's ``DataError``, in file order
+    (``FieldError`` on chat_template_kwargs where the build's ``kwargs`` are refused)."""
     convs, bad = [], None
     for line, raw in run:
         try:
@@ -312,16 +366,21 @@ def _encode_run(run: list[tuple[int, bytes]], path: Path, render, split, tok: to
         except DataError as e:  # raised once the lines before it are through
             bad = e
             break
-    fast = encode_conversations(convs, render, split, tok) if split else [None] * len(convs)
+    samples = [(c, line, (messages[:end], tools, first, {**(kwargs or {}), **(own or {})} or None))
+               for c, ((line, _), (messages, tools, own)) in enumerate(zip(run, convs))
+               for end, first in pieces(messages)]
+    fast = encode_conversations([s for *_, s in samples], render, split, tok) if split else [None] * len(samples)
     ids, spans, lengths, total = [], [], [], 0
-    for (line, _), (messages, tools), got in zip(run, convs, fast):
+    for (c, line, (messages, tools, first, extra)), got in zip(samples, fast):
         if got is None:
             try:
-                got = encode_conversation(messages, tools, render, encode)
+                got = encode_conversation(messages, tools, render, encode, first, extra)
             except Exception as e:
                 got = e
             else:  # the plain path's mask as 1-runs: the same bytes below
                 got = got[0], [(a, b) for a, b in _runs(got[1])]
+        if isinstance(got, FieldError) and got.field == "chat_template_kwargs" and not convs[c][2]:
+            raise FieldError("chat_template_kwargs", got.problem)  # the build's, not the line's: the flag's error
         if isinstance(got, ValueError):
             raise _problem(path, line, str(got))
         if isinstance(got, Exception):  # a template's raise_exception, or a render error: the user's line or template
@@ -335,7 +394,8 @@ def _encode_run(run: list[tuple[int, bytes]], path: Path, render, split, tok: to
     mask = np.zeros(total, dtype=np.uint8)
     for a, b in spans:
         mask[a:b] = 1
-    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total), mask, lengths
+    return (np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total), mask, lengths,
+            [c for c, *_ in samples])
 
 
 def _runs(mask: list[int]) -> np.ndarray:

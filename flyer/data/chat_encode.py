@@ -26,6 +26,9 @@ dropout, ``encode_special_tokens`` (no cut at special tokens), added tokens that
 words only (``lstrip``, ``rstrip``, ``single_word`` look past the match) and Metaspace's ``prepend_scheme="first"``
 (it prepends to the piece at offset 0 only): ``token_splitter`` gives None for those, and the build takes the plain
 path.
+
+A piece of a conversation (``chat_data.pieces``) plans only its trained turns, from message ``first`` on, and each
+is checked as the plain path checks it, its reasoning too (``reasoning_unshown``), in the same order.
 """
 
 from __future__ import annotations
@@ -57,17 +60,31 @@ def _compact(tok: tokenizers.Tokenizer) -> str:
 
 @dataclass
 class _Plan:
-    """One conversation rendered: F, its matches' spans, and per assistant turn i the (cut b, text to encode)
-    of its two prefixes (b = -1: not a string prefix of F, the text is the whole prefix); ``failed``: a later
-    turn's render error, raised once the earlier turns pass their checks (the plain path's order)."""
+    """One conversation rendered: F, its matches' spans, and per trained assistant turn i the (cut b, text to
+    encode) of its two prefixes (b = -1: not a string prefix of F, the text is the whole prefix) and its
+    ``reasoning_unshown`` problem (or None); ``failed``: a later turn's render error, raised once the earlier turns
+    pass their checks (the plain path's order)."""
     whole: str
     spans: list[tuple[int, int]]
-    turns: list[tuple[int, tuple[int, str], tuple[int, str]]]
+    turns: list[tuple[int, tuple[int, str], tuple[int, str], str | None]]
     failed: Exception | None
 
 
-def _plan(messages: list[dict], tools: list | None, render, split: re.Pattern) -> _Plan:
-    whole = render(messages, tools, add_generation_prompt=False)
+def reasoning_unshown(messages: list[dict], i: int, head: str, upto: str) -> str | None:
+    """Why assistant message i's non-empty ``reasoning_content`` is not in its rendered turn (``upto``, the
+    conversation through it, after ``head``, the conversation before it with the generation prompt), or None: a
+    trained reasoning the template drops would train the answer without it, so the line is refused instead."""
+    reasoning = (messages[i].get("reasoning_content") or "").strip()  # templates strip it (Qwen3's)
+    if not reasoning or reasoning in (upto[len(head):] if upto.startswith(head) else upto):
+        return None
+    return (f"messages[{i}].reasoning_content: the chat template does not render it in this turn, so it would not "
+            "be trained (thinking mode off? set the template's switch in chat_template_kwargs, e.g. "
+            "--chat-template-kwargs '{\"thinking\": true}')")
+
+
+def _plan(messages: list[dict], tools: list | None, render, split: re.Pattern, first: int = 0,
+          extra: dict | None = None) -> _Plan:
+    whole = render(messages, tools, add_generation_prompt=False, extra=extra)
     spans = [m.span() for m in split.finditer(whole)]
     ends = [e for _, e in spans]
 
@@ -79,15 +96,16 @@ def _plan(messages: list[dict], tools: list | None, render, split: re.Pattern) -
 
     turns, failed = [], None
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
         try:  # through the last message is F itself: the same call, not rendered again
-            head = render(messages[:i], tools, add_generation_prompt=True)
-            upto = whole if i == len(messages) - 1 else render(messages[:i + 1], tools, add_generation_prompt=False)
+            head = render(messages[:i], tools, add_generation_prompt=True, extra=extra)
+            upto = whole if i == len(messages) - 1 else render(messages[:i + 1], tools, add_generation_prompt=False,
+                                                                extra=extra)
         except Exception as e:
             failed = e
             break
-        turns.append((i, tail(head), tail(upto)))
+        turns.append((i, tail(head), tail(upto), reasoning_unshown(messages, i, head, upto)))
     return _Plan(whole, spans, turns, failed)
 
 
@@ -102,7 +120,7 @@ def _finish(plan: _Plan, enc: tokenizers.Encoding, encoded: dict[str, list[int]]
             return None
         before[e] = t + 1
     spans = []
-    for i, *pair in plan.turns:
+    for i, *pair, unshown in plan.turns:
         head_upto = []
         for name, (b, text) in zip(("with the generation prompt", "through it"), pair):
             k, p = before.get(b, 0), encoded[text]
@@ -110,26 +128,29 @@ def _finish(plan: _Plan, enc: tokenizers.Encoding, encoded: dict[str, list[int]]
                 raise ValueError(f"messages[{i}]: the conversation rendered {name} does not encode to a prefix "
                                  "of the whole conversation's tokens (the template or tokenizer merges across turns)")
             head_upto.append(k + len(p))
+        if unshown is not None:
+            raise ValueError(unshown)
         spans.append(tuple(head_upto))
     if plan.failed is not None:
         raise plan.failed
     return ids, spans
 
 
-def encode_conversations(conversations: list[tuple[list[dict], list | None]], render, split: re.Pattern,
-                         tok: tokenizers.Tokenizer) -> list:
-    """Per conversation ``(messages, tools)``, in order: ``(ids, spans)`` (F's ids and each assistant turn's
-    [head, upto) token span, ``chat_data.encode_conversation``'s mask), None (take the plain path: module doc), or
-    the exception the plain path raises for it (its ``ValueError``, a render error). ``render`` as
+def encode_conversations(conversations: list[tuple], render, split: re.Pattern, tok: tokenizers.Tokenizer) -> list:
+    """Per conversation ``(messages, tools)`` or ``(messages, tools, first, extra)`` (``encode_conversation``'s
+    arguments: the assistant turns from message ``first`` on are trained; ``extra`` the renderer's), in order:
+    ``(ids, spans)`` (F's ids and each trained assistant turn's [head, upto) token span,
+    ``chat_data.encode_conversation``'s mask), None (take the plain path: module doc), or the exception the plain
+    path raises for it (its ``ValueError``, a render error). ``render`` as
     ``encode_conversation``'s, ``split``: ``token_splitter(tok)``; one ``tok.encode_batch`` call for them all."""
     plans = []
-    for messages, tools in conversations:
+    for c in conversations:
         try:
-            plans.append(_plan(messages, tools, render, split))
+            plans.append(_plan(c[0], c[1], render, split, *c[2:4]))
         except Exception as e:  # the whole's render: the plain path's first call
             plans.append(e)
     wholes = [p.whole for p in plans if isinstance(p, _Plan)]
-    tails = list(dict.fromkeys(t for p in plans if isinstance(p, _Plan) for _, *pair in p.turns for _, t in pair))
+    tails = list(dict.fromkeys(t for p in plans if isinstance(p, _Plan) for _, *pair, _ in p.turns for _, t in pair))
     encs = tok.encode_batch(wholes + tails, add_special_tokens=False)
     encoded = {t: e.ids for t, e in zip(tails, encs[len(wholes):])}
     out, whole_encs = [], iter(encs)
@@ -145,10 +166,11 @@ def encode_conversations(conversations: list[tuple[list[dict], list | None]], re
 
 
 def encode_conversation_fast(messages: list[dict], tools: list | None, render, split: re.Pattern,
-                             tok: tokenizers.Tokenizer) -> tuple[list[int], list[int]] | None:
+                             tok: tokenizers.Tokenizer, first: int = 0,
+                             extra: dict | None = None) -> tuple[list[int], list[int]] | None:
     """``encode_conversations`` of one conversation as ``encode_conversation`` gives it: (ids, mask), or its
     exception raised; None for the plain path."""
-    got = encode_conversations([(messages, tools)], render, split, tok)[0]
+    got = encode_conversations([(messages, tools, first, extra)], render, split, tok)[0]
     if isinstance(got, Exception):
         raise got
     if got is None:

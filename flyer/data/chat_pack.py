@@ -22,6 +22,7 @@ from flyer.data.chat_data import IGNORE_INDEX, PAD_ID, ChatSampler, ChatSplit, t
 from flyer.errors import DataError, FieldError
 
 STATE_VERSION = 1
+PACKED_TENSORS = 3  # a packed batch's (B, seq_len) int64 tensors: x, y, documents (``eval_batches_bytes``)
 
 
 def packed_rows(split: ChatSplit, rows: list[list[int]], seq_len: int

@@ -19,9 +19,16 @@ from flyer.interop.hf import is_hf_model_dir
 from flyer.interop.load import settings_dir
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
-# transformers encodes it), one header line per message, then the assistant's.
-DEFAULT_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+# transformers encodes it), one header line per message, then the assistant's. An assistant's reasoning_content is
+# written before its content as DeepSeek-R1 writes it, after the last user turn only (R1's and Qwen3's rule, which
+# chat data's pieces follow: flyer.data.chat_data); a message without one renders as before it was read.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(last=-1) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['role'] == 'assistant' and loop.index0 > ns.last and m['reasoning_content'] %}"
+    "<think>\n{{ m['reasoning_content'] }}\n</think>\n\n{% endif %}{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] | None = None):
@@ -59,7 +66,8 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
         chat_template_kwargs for one that would shadow the messages, the tools, a special token or a function."""
         shadowed = sorted(taken & set(extra or ()))
         if shadowed:
-            raise FieldError("chat_template_kwargs", f"{shadowed} are set by the server; other names only")
+            raise FieldError("chat_template_kwargs", f"{shadowed} are the template's own variables (messages, "
+                                                     "tools, special tokens, functions); other names only")
         return compiled.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                **named, **(extra or {}))
     return render

@@ -44,19 +44,15 @@ from flyer.model.hybrid_chunks import entry_picks, gather_entries, query_chunk
 INDEXER_TRAIN_MODES = ("off", "warmup", "sparse")
 
 
-def check_indexer_train(mode: str, cfg: ModelConfig, pp: int = 1, chat: bool = False) -> None:
+def check_indexer_train(mode: str, cfg: ModelConfig) -> None:
     """``FieldError`` naming ``indexer_train`` unless ``mode`` is "off" or the model has V3.2-style indexers (attn
-    "mla", index_topk > 0; DeepSeek-V4's hybrid attention is not supported) and, pipelined (``pp`` > 1), trains on
-    text data (``chat`` False: the stages weigh each micro-batch's L_I 1/M, not by its share of real queries)."""
+    "mla", index_topk > 0; DeepSeek-V4's hybrid attention is not supported)."""
     if mode == "off":
         return
     if cfg.attn != "mla" or cfg.index_topk <= 0:
         raise FieldError("indexer_train", f"{mode} trains DSA's lightning indexers, and this model has none (attn "
                                           f"{cfg.attn!r}, index_topk {cfg.index_topk}; DeepSeek-V4's hybrid attention "
                                           "is not supported)")
-    if pp > 1 and chat:
-        raise FieldError("indexer_train", f"{mode} with pipeline parallelism (pp {pp}) trains on text data only: the "
-                                          "stages do not weigh chat rows' L_I by their real queries")
 
 
 def clip_apart(model: nn.Module, clip_grad_norm_, max_norm: float) -> tuple[float, float]:

@@ -222,6 +222,12 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
         torch.manual_seed(seed)
         with torch.device("meta"):
             ref = Transformer(model.cfg)
+        # a tied weight (the head's, tie_embeddings) has one value, the last module's draw: a rank holding only one
+        # of its names (the first pipeline stage: the embedding alone) takes it too
+        by_id: dict[int, list[str]] = {}
+        for n, p in ref.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), []).append(n)
+        aliases = {n: names for names in by_id.values() for n in names}
         for m in ref.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 with _materialized(m):
@@ -234,7 +240,7 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
                 for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
                     t.zero_()
                 init_module(m, ref.cfg.init_std)
-                part = {f"{prefix}.{k}": p for k, p in m.named_parameters(recurse=False)}
+                part = {a: p for k, p in m.named_parameters(recurse=False) for a in aliases[f"{prefix}.{k}"]}
                 for name, t in _expert_slices(ranges, {n: t for n, t in part.items() if n in own}).items():
                     own[name].copy_(t)
                     done.add(name)

@@ -40,9 +40,11 @@ balance per document, and the last stage's MTP modules and target shares keep to
 a micro-batch's balance loss (a mean over its documents) weighs its share of the step's documents, as
 ``Trainer._local_step`` weighs it.
 
-DSA indexer training (``flyer train --indexer-train``, text data): each stage's DSA layers' L_I (the last stage's MTP
-blocks' too) enter backward as the balance losses do, 1/M each as one process with gradient accumulation weighs
-them; their inputs are detached, so the gradient reaches only the indexers.
+DSA indexer training (``flyer train --indexer-train``): each stage's DSA layers' L_I (the last stage's MTP blocks' too)
+enter backward as the balance losses do, 1/M each as one process with gradient accumulation weighs them (text data),
+or, chat data, each micro-batch's by its share of the step's real queries at its depth (padding and, packed, an MTP
+query past its document count in none; ``query_totals``); their inputs are detached, so the gradient reaches only
+the indexers.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ from torch.torch_version import TorchVersion
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.counts import attention_flops_per_token, block_params, hyper_head_params
-from flyer.model.documents import Documents, depth_targets
-from flyer.model.indexer_loss import indexer_attentions, indexer_losses
+from flyer.model.documents import Documents, depth_queries, depth_targets
+from flyer.model.indexer_loss import indexer_attentions, indexer_losses, real_queries
 from flyer.model.moe import MoE, counting_only
 from flyer.model.transformer import OutputHeads, Transformer, layer_rope_tables, shared_selection
 from flyer.parallel.grads import MIRROR
@@ -236,6 +238,7 @@ class Stage(OutputHeads, nn.Module):
         # chat data, for one step: the step's trained targets per MTP depth (``PipelineModel.train_step``)
         self.target_totals: list[float] | None = None
         self.document_total: float | None = None  # packed rows: the step's documents (``PipelineModel.train_step``)
+        self.query_totals: list[float] | None = None  # chat data, trained indexers: the step's real queries per depth
         # the last stage's (ids, valid, documents, balance weight) for ``loss``
         self.pending: collections.deque = collections.deque()
 
@@ -256,7 +259,8 @@ class Stage(OutputHeads, nn.Module):
             tables = docs.layer_tables(tables, h.shape[1])
         aux = []
         selection = shared_selection(self.cfg)  # a stage starts at a full layer (``split_layers``)
-        with counting_only(self.layers, valid_BT, documents_BT):  # packed: the documents replace valid_BT
+        # packed: the documents replace valid_BT in the routing statistics; L_I over the real queries either way
+        with counting_only(self.layers, valid_BT, documents_BT), real_queries(self.layers, valid_BT):
             for layer, (cos, sin) in zip(self.layers, tables):
                 h = layer(h, cos, sin, tokens_BT, selection, docs=docs)
                 if self.training and getattr(layer.ffn, "aux_loss", None) is not None:
@@ -267,10 +271,21 @@ class Stage(OutputHeads, nn.Module):
             h = AttachAux.apply(h, total, self.scale * weight)
         kl = indexer_losses(self.layers) if self.training else []
         if kl:  # the DSA indexers' L_I (``--indexer-train``): their inputs are detached, only the indexers learn
+            w = self._query_weight(valid_BT, documents_BT, 0)
             total = torch.stack(kl).sum()
-            self.totals["indexer_loss"].append(total.detach())
-            h = AttachAux.apply(h, total, self.scale)
+            self.totals["indexer_loss"].append(total.detach() * w)
+            h = AttachAux.apply(h, total, self.scale * w)
         return h
+
+    def _query_weight(self, valid_BT: torch.Tensor | None, documents_BT: torch.Tensor | None, k: int) -> float:
+        """M x this micro-batch's share of the step's real queries at MTP depth k (0: the main layers'; chat data,
+        ``query_totals``), the weight of its indexers' L_I (each a mean over its real queries), as
+        ``Trainer._local_step`` weighs it; 1.0 for text (every micro-batch has as many)."""
+        if self.query_totals is None:
+            return 1.0
+        n = int(depth_queries(documents_BT, k).sum() if documents_BT is not None else valid_BT[:, k:].sum())
+        total = self.query_totals[k]
+        return n * self.micro_batches / total if total else 0.0
 
     def _balance_weight(self, docs: Documents | None) -> float:
         """M x this micro-batch's share of the step's documents (packed rows; ``scale`` then leaves the share), the
@@ -285,14 +300,14 @@ class Stage(OutputHeads, nn.Module):
         kept, as targets there are ``IGNORE_INDEX`` off the assistant's) and the MTP blocks' balance losses.
         Chat data: each mean weighted by the micro-batch's share of the step's targets (``_target_weight``); packed
         rows: MTP targets within each document (``depth_targets``), as the forward's documents say."""
-        weight = 1.0  # the MTP blocks' balance loss's (``_balance_weight``)
+        weight, valid_BT, ids = 1.0, None, None  # the MTP blocks' balance loss's (``_balance_weight``); text: no mask
         if self.target_totals is None:
             tokens = torch.cat([targets_BT[:, :1], targets_BT[:, :-1]], dim=1)  # tokens[:, 1:] = targets[:, :-1]
             main, mtp_losses = self.output_losses(h, tokens, targets_BT)
         else:
             tokens, valid_BT, docs, weight = self.pending.popleft()
             ids = None if docs is None else docs.ids
-            with counting_only(self.mtp, valid_BT, ids):
+            with counting_only(self.mtp, valid_BT, ids), real_queries(self.mtp, valid_BT):
                 main, mtp_losses = self.output_losses(h, tokens, targets_BT, docs)
             main, *mtp_losses = [self._target_weight(loss_k, depth_targets(targets_BT, ids, k), k)
                                  for k, loss_k in enumerate([main, *mtp_losses])]
@@ -307,7 +322,9 @@ class Stage(OutputHeads, nn.Module):
                 if isinstance(m, MoE) and m.aux_loss is not None:
                     self.totals["aux_loss"].append(m.aux_loss.detach() * weight)
                     loss = loss + m.aux_loss * weight
-            kl = indexer_losses(self.mtp)  # the MTP blocks' DSA indexers' L_I (``--indexer-train``)
+            # the MTP blocks' DSA indexers' L_I (``--indexer-train``), module k's weighted by its depth's share
+            kl = [loss_k * self._query_weight(valid_BT, ids, k) for k, mod in enumerate(self.mtp, start=1)
+                  for loss_k in indexer_losses(mod)]
             if kl:
                 total = torch.stack(kl).sum()
                 self.totals["indexer_loss"].append(total.detach())
@@ -436,7 +453,8 @@ class PipelineModel(nn.Module):
         return cls(self.pipe_stages, M, **kw)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, target_totals: list[float] | None = None,
-                   documents_BT: torch.Tensor | None = None, document_total: float | None = None) -> dict[str, float]:
+                   documents_BT: torch.Tensor | None = None, document_total: float | None = None,
+                   query_totals: list[float] | None = None) -> dict[str, float]:
         """Forward and backward of the micro-batches of ``x``/``y`` (M x batch rows) through the
         schedule; returns this rank's summed loss terms over the micro-batches (0 where a term is
         computed on another rank): main_loss, mtp_loss, aux_loss, each a mean over micro-batches, and indexer_loss,
@@ -452,13 +470,17 @@ class PipelineModel(nn.Module):
         documents_BT: packed rows' document ids (M x batch, T) (``flyer.model.documents``; chat data only, its
         target_totals counted by ``depth_targets``), handed to every stage as the token ids are; None: unpacked.
         document_total: then the step's documents of one replica (the mean over replicas), each micro-batch's balance
-        loss weighted by its share of them (``Stage._balance_weight``)."""
-        if target_totals is not None and self._trained_indexers():  # L_I weighs 1/M per micro-batch here
-            raise ValueError("indexer_train: text data only under pipelining (chat data's L_I shares are not "
-                             "weighted by the stages)")
+        loss weighted by its share of them (``Stage._balance_weight``).
+        query_totals: chat data with trained DSA indexers (``--indexer-train``): per MTP depth k the step's real
+        queries of one replica (x[:, k:] >= 0; packed: ``depth_queries``), the mean over replicas; each micro-batch's
+        L_I (a mean over its real queries) then weighs its share of them (``Stage._query_weight``)."""
+        if target_totals is not None and self._trained_indexers() and query_totals is None:
+            raise ValueError("indexer_train: chat data under pipelining needs query_totals (each micro-batch's L_I "
+                             "weighs its share of the real queries)")
         for st in self._stages:
             st.totals = {k: [] for k in st.totals}
             st.target_totals, st.document_total = target_totals, document_total
+            st.query_totals = query_totals if target_totals is not None else None
             st.pending.clear()
         first = any(st.first for st in self._stages)
         last = any(st.last for st in self._stages)
@@ -474,7 +496,7 @@ class PipelineModel(nn.Module):
                                tokens_BT=x.contiguous(), **docs)
         finally:
             for st in self._stages:
-                st.target_totals = st.document_total = None
+                st.target_totals = st.document_total = st.query_totals = None
                 st.pending.clear()
         out = dict.fromkeys(("main_loss", "mtp_loss", "aux_loss", "indexer_loss"), 0.0)
         for st in self._stages:

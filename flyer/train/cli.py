@@ -83,12 +83,28 @@ def register(sub) -> None:
                    help="chat data: pack several whole conversations into each --seq-len row, each attending only to "
                         "itself at positions from 0 (every model, DSA and DeepSeek-V4's too; under --pp too, where "
                         "rows are --seq-len wide)")
+    p.add_argument("--chat-template-kwargs", dest="chat_template_kwargs", type=json_object, default=None,
+                   metavar="JSON", help="chat data: an object of variables the chat template sees, e.g. "
+                                        "'{\"thinking\": true}' (DeepSeek-V3.1 / V3.2 / V4's thinking mode) or "
+                                        "'{\"enable_thinking\": false}' (Qwen3's); a line's own "
+                                        "\"chat_template_kwargs\" override them for that line")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
                    help="write per-step metrics as TensorBoard scalars to DIR (default: OUT/tensorboard); "
                         "needs the tensorboard package")
     p.set_defaults(func=run)
+
+
+def json_object(text: str) -> dict:
+    """``--chat-template-kwargs``' value: a JSON object (argparse words an error as one line naming the flag)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({str(e).splitlines()[0]:.80})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def build_train_config(args: argparse.Namespace):

@@ -33,7 +33,7 @@ SCHEDULES = ("cosine", "constant")
 # and the process layout (``checkpoint.check_layout`` compares it).
 RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_batches", "lr", "min_lr_ratio",
                 "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "precision", "vocab_size",
-                "fp8_dispatch", "optimizer", "indexer_train", "pack")
+                "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs")
 
 
 _FIELD_TYPES = {  # a TrainConfig annotation -> (does a value have it, its name in an error)
@@ -41,6 +41,7 @@ _FIELD_TYPES = {  # a TrainConfig annotation -> (does a value have it, its name 
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
     str: (lambda v: isinstance(v, (str, os.PathLike)), "a string"),
+    dict: (lambda v: isinstance(v, dict), "an object"),
 }
 
 
@@ -98,6 +99,8 @@ class TrainConfig:
     tensorboard: bool | str = False  # True: scalars in OUT/tensorboard; a str: that directory
     # chat data: several whole conversations per seq_len-wide row, each attending to itself (flyer.data.chat_pack)
     pack: bool = False
+    # chat data: variables the chat template sees (its extra, e.g. {"thinking": true}); a line's own override them
+    chat_template_kwargs: dict | None = None
 
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -141,6 +144,10 @@ class TrainConfig:
                  "chat template)")
         need(self.indexer_train in INDEXER_TRAIN_MODES, "indexer_train",
              f"must be one of {', '.join(INDEXER_TRAIN_MODES)}")
+        bad = [k for k in self.chat_template_kwargs or {} if not re.fullmatch(r"[A-Za-z_]\w*", str(k))]
+        need(not bad, "chat_template_kwargs", f"keys must be template variable names ({bad[:1]})")
+        need(not self.chat_template_kwargs or is_chat_data(self.data), "chat_template_kwargs",
+             "renders chat data (a .jsonl file)")
         need(not self.pack or is_chat_data(self.data), "pack", "packs chat data (a .jsonl file); text data is "
              "already packed documents")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")

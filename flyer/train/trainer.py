@@ -40,7 +40,8 @@ from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, index
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import MoE, counting_only, moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
-from flyer.data.chat_pack import PackedChatSampler, packed_eval_batches
+from flyer.data.chat_pack import PACKED_TENSORS, PackedChatSampler, packed_eval_batches
+from flyer.data.sampler import TEXT_TENSORS
 from flyer.model.documents import depth_queries
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
@@ -99,6 +100,8 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
             module.to_empty(device=mesh.device)
             for b in module.buffers():  # every buffer of the model starts at zero (tests/test_model.py)
                 b.zero_()
+        if cfg.tie_embeddings and not model.head.weight.is_meta:  # to_empty gave the head a weight of its own
+            model.head.weight = model.embed.weight  # held with the head (``_needs_embedding``)
     else:
         model = Transformer(cfg, make_dispatcher=make_dispatcher).to(mesh.device)
     mesh.init_like_single_process(model, seed)
@@ -154,7 +157,7 @@ class Trainer:
         init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
         base = init_cfg or resolve_config(tc.preset, None, model_over)
         self._check_fp4(base)  # before any work
-        check_indexer_train(tc.indexer_train, base, tc.pp, is_chat_data(tc.data))
+        check_indexer_train(tc.indexer_train, base)
         self.micro_batches = tc.micro_batches or min_micro_batches(tc.pp_schedule, tc.pp)
         validate_pipeline(base, tc.pp, tc.pp_schedule, self.micro_batches, tc.grad_accum)  # before any work
         require_torch_for(tc.pp_schedule, tc.pp)
@@ -192,8 +195,8 @@ class Trainer:
         vocab = tc.vocab_size or (min(base.vocab_size, 8192) if tc.tokenizer is None else base.vocab_size)
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
         chat = is_chat_data(tc.data)  # conversations: the loss on the assistant's tokens (flyer.data.chat_data)
-        self.data = (prepare_chat(tc.data, cache, *chat_tokenizer(tc.init, tc.tokenizer)) if chat else
-                     prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer))
+        self.data = (prepare_chat(tc.data, cache, *chat_tokenizer(tc.init, tc.tokenizer), tc.chat_template_kwargs)
+                     if chat else prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer))
         if init_cfg and self.data.vocab_size > init_cfg.vocab_size:
             raise FieldError("init", f"{tc.init}'s tokenizer has {self.data.vocab_size} tokens, "
                                      f"more than its model's vocab_size {init_cfg.vocab_size}")
@@ -262,7 +265,9 @@ class Trainer:
             require_memory(need, self.device, field, f"{params} at batch {batch} x {tc.seq_len}" if batch else params)
         evals = f"{tc.eval_batches:,} validation batches of {tc.batch_size} x {tc.seq_len}"
         on_host = self.device.type == "cpu"
-        require_memory(eval_batches_bytes(tc.batch_size, tc.seq_len, tc.eval_batches) + (need if on_host else 0),
+        tensors = PACKED_TENSORS if tc.pack else TEXT_TENSORS  # packed rows carry their document ids too
+        held = eval_batches_bytes(tc.batch_size, tc.seq_len, tc.eval_batches, tensors)
+        require_memory(held + (need if on_host else 0),
                        "cpu", "eval_batches", f"{params} and {evals}" if on_host else evals)
 
     def close(self) -> None:
@@ -447,17 +452,21 @@ class Trainer:
         batches = draw(self.sampler, self.micro_batches)
         x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
         d = torch.cat([b[2] for b in batches]) if self.tc.pack else None  # packed rows' document ids
-        totals = documents = None
+        totals = documents = queries = None
         if is_chat_data(self.tc.data):  # every rank's mean is the replicas': a replica's stages draw one batch
             depths = range(self.cfg.mtp_depth + 1)
             counts = {str(k): float(n) for k, n in enumerate(targets(y, d, self.cfg.mtp_depth))}
             if d is not None:  # the balance loss: a mean over the step's documents
                 counts["documents"] = float(sequences((x, y, d)))
+            # the indexers' L_I: a mean over real queries (packed: MTP depth k's within their document), as _local_step
+            counts.update({f"q{k}": float((x[:, k:] >= 0).sum() if d is None else depth_queries(d, k).sum())
+                           for k in depths})
             mean = self.mesh.mean(counts)
             totals, documents = [mean[str(k)] for k in depths], mean.get("documents")
+            queries = [mean[f"q{k}"] for k in depths]
         with self._autocast():
             terms = self.pipeline.train_step(x.to(self.device), y.to(self.device), totals,
-                                             None if d is None else d.to(self.device), documents)
+                                             None if d is None else d.to(self.device), documents, queries)
         self.mesh.sync_gradients(self.model)
         self.pipeline.sync_mirrors()
         tokens, flops = positions_run([(x, y, d)], self.flops_per_token, self.tc.seq_len)  # the stages' row width
