@@ -21,7 +21,7 @@ from flyer.parallel import pipeline
 from tests import test_sft_pack_pp
 from tests.ranks import needs_split_backward, run_ranks
 from tests.test_sft_pack_pp_overlap import MUTANTS as OVERLAP_MUTANTS
-from tests.test_sft_pack_pp_overlap import RopeWatch
+from tests.test_sft_pack_pp_overlap import RopeWatch, mutant_steps
 from tests.test_sft_pp import _state, _worst
 
 chats = test_sft_pack_pp.chats  # the same fixture (module-scoped)
@@ -61,12 +61,7 @@ def _rank(rank: int, chats: str, schedule: str) -> dict:
     t.sampler.next_batch = iter(test_sft_pack_pp._batches(t) * (1 + len(MUTANTS))).__next__
     watch = RopeWatch(t.model, t.cfg)
     out = {"step": _state(t, t._pipeline_step()), "val": t.evaluate(), "rope": watch.pop()}
-    for name, patches in MUTANTS.items():
-        with pytest.MonkeyPatch.context() as mp:
-            for obj, attr, fn in patches:
-                mp.setattr(obj, attr, fn)
-            out[name] = _state(t, t._pipeline_step())
-        out[name]["rope"] = watch.pop()
+    out.update(mutant_steps(t, MUTANTS, watch))
     t.close()
     t.mesh.destroy()
     return out

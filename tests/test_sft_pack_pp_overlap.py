@@ -123,6 +123,19 @@ MUTANTS = {"dropped": [(overlap.OverlapFB, "__call__", _dropped)],
 
 
 # ---- ranks ---------------------------------------------------------------------------------------
+def mutant_steps(t, mutants: dict, watch: RopeWatch) -> dict:
+    """Per mutant name: the pipeline step's state (``test_sft_pp._state``) and RoPE reading with its patches
+    ``(object, attribute, replacement)`` applied."""
+    out = {}
+    for name, patches in mutants.items():
+        with pytest.MonkeyPatch.context() as mp:
+            for obj, attr, fn in patches:
+                mp.setattr(obj, attr, fn)
+            out[name] = _state(t, t._pipeline_step())
+        out[name]["rope"] = watch.pop()
+    return out
+
+
 def _overlap_counters(t) -> tuple[int, int]:
     """(overlapped actions run, most chunks computing at once) of the schedule's ``OverlapFB``."""
     fb = [f for f in t.pipeline.schedule._comp_type_to_function_map.values() if isinstance(f, overlap.OverlapFB)]
@@ -151,12 +164,7 @@ def _rank(rank: int, chats: str) -> dict:
         _state(t, t._pipeline_step())
     out["overlapped"], out["concurrent"] = _overlap_counters(t)
     watch.pop(ran=False)
-    for name, patches in MUTANTS.items():
-        with pytest.MonkeyPatch.context() as mp:
-            for obj, attr, fn in patches:
-                mp.setattr(obj, attr, fn)
-            out[name] = _state(t, t._pipeline_step())
-        out[name]["rope"] = watch.pop()
+    out.update(mutant_steps(t, MUTANTS, watch))
     out["ep_rank"] = t.mesh.ep_rank
     t.close()
     t.mesh.destroy()
