@@ -79,7 +79,7 @@ def reasoning_unshown(messages: list[dict], i: int, head: str, upto: str) -> str
         return None
     return (f"messages[{i}].reasoning_content: the chat template does not render it in this turn, so it would not "
             "be trained (thinking mode off? set the template's switch in chat_template_kwargs, e.g. "
-            "--chat-template-kwargs '{\"thinking\": true}')")
+            "{\"thinking\": true})")
 
 
 def _plan(messages: list[dict], tools: list | None, render, split: re.Pattern, first: int = 0,
