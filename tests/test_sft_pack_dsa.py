@@ -294,7 +294,7 @@ def test_mtp_indexer_counts_stop_at_document_boundaries(hf, tmp_path, monkeypatc
     whole = grads(one, [(x, y, d)])
     halves = [(x[:1], y[:1], d[:1]), (x[1:], y[1:], d[1:])]
     split = grads(two, halves)
-    monkeypatch.setattr("flyer.train.trainer.depth_queries", lambda d, k: d[:, k:] >= 0)
+    monkeypatch.setattr("flyer.train.batches.query_count", lambda valid, d, k: int(valid[:, k:].sum()))
     mutant = grads(two, halves)
     rows = []
     for b in range(2):

@@ -93,6 +93,12 @@ def depth_queries(documents_BT: torch.Tensor, k: int) -> torch.Tensor:
     return (documents_BT[:, :T - k] >= 0) & (documents_BT[:, :T - k] == documents_BT[:, k:])
 
 
+def query_count(valid_BT: torch.Tensor, documents_BT: torch.Tensor | None, k: int) -> int:
+    """The real queries of MTP depth k that an indexer's L_I averages over: positions reading real tokens k..T-1
+    (``valid_BT`` (B, T) bool), packed those with i + k in i's document too (``depth_queries``)."""
+    return int(depth_queries(documents_BT, k).sum() if documents_BT is not None else valid_BT[:, k:].sum())
+
+
 def depth_targets(targets_BT: torch.Tensor, documents_BT: torch.Tensor | None, k: int) -> torch.Tensor:
     """MTP depth k's targets (B, T-k): ``targets_BT[:, k:]`` (position i predicts token i+k+1), with
     ``IGNORE_INDEX`` where position i+k is in another document than i (packed rows; None: unchanged)."""

@@ -60,7 +60,7 @@ from torch.torch_version import TorchVersion
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.counts import attention_flops_per_token, block_params, hyper_head_params
-from flyer.model.documents import Documents, depth_queries, depth_targets
+from flyer.model.documents import Documents, depth_targets, query_count
 from flyer.model.indexer_loss import indexer_attentions, indexer_losses, real_queries
 from flyer.model.moe import MoE, counting_only
 from flyer.model.transformer import OutputHeads, Transformer, layer_rope_tables, shared_selection
@@ -283,7 +283,7 @@ class Stage(OutputHeads, nn.Module):
         ``Trainer._local_step`` weighs it; 1.0 for text (every micro-batch has as many)."""
         if self.query_totals is None:
             return 1.0
-        n = int(depth_queries(documents_BT, k).sum() if documents_BT is not None else valid_BT[:, k:].sum())
+        n = query_count(valid_BT, documents_BT, k)
         total = self.query_totals[k]
         return n * self.micro_batches / total if total else 0.0
 

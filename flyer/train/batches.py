@@ -11,7 +11,7 @@ import torch
 
 from flyer.data.chat_data import IGNORE_INDEX
 from flyer.data.chat_pack import document_lengths
-from flyer.model.documents import depth_targets
+from flyer.model.documents import depth_targets, query_count
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -41,6 +41,12 @@ def positions_run(batches: list[Batch], flops_per_token: Callable[[int], float],
 def targets(y: torch.Tensor, documents: torch.Tensor | None, mtp_depth: int) -> list[int]:
     """The trained targets (not ``IGNORE_INDEX``) of depth 0 (next token) to ``mtp_depth`` (``depth_targets``)."""
     return [int((depth_targets(y, documents, k) != IGNORE_INDEX).sum()) for k in range(mtp_depth + 1)]
+
+
+def queries(x: torch.Tensor, documents: torch.Tensor | None, mtp_depth: int) -> list[int]:
+    """The real queries (``query_count``; padding ids < 0) of depth 0 to ``mtp_depth``: what the DSA indexers' L_I
+    averages over."""
+    return [query_count(x >= 0, documents, k) for k in range(mtp_depth + 1)]
 
 
 def sequences(batch: Batch) -> int:

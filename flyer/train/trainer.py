@@ -42,7 +42,6 @@ from flyer.model.moe import MoE, counting_only, moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.data.chat_pack import PACKED_TENSORS, PackedChatSampler, packed_eval_batches
 from flyer.data.sampler import TEXT_TENSORS
-from flyer.model.documents import depth_queries
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
@@ -54,7 +53,7 @@ from flyer.runtime import autocast, require_memory, resolve_precision, tune_mall
 from flyer.train import checkpoint as ckpt
 from flyer.train.config import TrainConfig, carried_settings, check_resume_settings, lr_at
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
-from flyer.train.batches import draw, positions_run, sequences, targets
+from flyer.train.batches import draw, positions_run, queries, sequences, targets
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, progress_postfix,
                                  read_metrics, require_tensorboard, truncate_metrics)
@@ -407,13 +406,12 @@ class Trainer:
         # the balance loss is a mean over sequences (packed: documents), L_I over real queries (MTP module k's: the
         # positions reading tokens k..T-1; packed: those i with i + k in i's document, ``depth_queries``): counted
         seqs = [sequences(b) for b in batches]
-        queries = [[int((x[:, k:] >= 0).sum() if d is None else depth_queries(d, k).sum()) for k in depths]
-                   for x, _, d in batches]
+        counted = [queries(x, d, self.cfg.mtp_depth) for x, _, d in batches]
         # per replica: the job's mean count, as sync_gradients averages the replicas' gradients (dp == world here)
         totals = self.mesh.mean({**{str(k): float(sum(c[k] for c in counts)) for k in depths},
-                                 **{f"q{k}": float(sum(q[k] for q in queries)) for k in depths},
+                                 **{f"q{k}": float(sum(q[k] for q in counted)) for k in depths},
                                  "seqs": float(sum(seqs))})
-        for (x, y, d), n, s, q in zip(batches, counts, seqs, queries):
+        for (x, y, d), n, s, q in zip(batches, counts, seqs, counted):
             valid = x >= 0  # chat rows pad with PAD_ID (flyer.data.chat_data): token 0, in no routing statistic
             d = None if d is None else d.to(self.device)
             padded = None if bool(valid.all()) else valid.to(self.device)  # L_I: over real queries only
@@ -452,21 +450,20 @@ class Trainer:
         batches = draw(self.sampler, self.micro_batches)
         x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
         d = torch.cat([b[2] for b in batches]) if self.tc.pack else None  # packed rows' document ids
-        totals = documents = queries = None
+        totals = documents = query_totals = None
         if is_chat_data(self.tc.data):  # every rank's mean is the replicas': a replica's stages draw one batch
             depths = range(self.cfg.mtp_depth + 1)
             counts = {str(k): float(n) for k, n in enumerate(targets(y, d, self.cfg.mtp_depth))}
             if d is not None:  # the balance loss: a mean over the step's documents
                 counts["documents"] = float(sequences((x, y, d)))
             # the indexers' L_I: a mean over real queries (packed: MTP depth k's within their document), as _local_step
-            counts.update({f"q{k}": float((x[:, k:] >= 0).sum() if d is None else depth_queries(d, k).sum())
-                           for k in depths})
+            counts.update({f"q{k}": float(n) for k, n in enumerate(queries(x, d, self.cfg.mtp_depth))})
             mean = self.mesh.mean(counts)
             totals, documents = [mean[str(k)] for k in depths], mean.get("documents")
-            queries = [mean[f"q{k}"] for k in depths]
+            query_totals = [mean[f"q{k}"] for k in depths]
         with self._autocast():
             terms = self.pipeline.train_step(x.to(self.device), y.to(self.device), totals,
-                                             None if d is None else d.to(self.device), documents, queries)
+                                             None if d is None else d.to(self.device), documents, query_totals)
         self.mesh.sync_gradients(self.model)
         self.pipeline.sync_mirrors()
         tokens, flops = positions_run([(x, y, d)], self.flops_per_token, self.tc.seq_len)  # the stages' row width
