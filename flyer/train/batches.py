@@ -53,3 +53,13 @@ def sequences(batch: Batch) -> int:
     """The sequences a balance loss averages over: rows, or a packed batch's documents."""
     x, _, d = batch
     return x.shape[0] if d is None else len(document_lengths(d))
+
+
+def counts(batch: Batch, mtp_depth: int) -> dict[str, float]:
+    """What a step weighs ``batch``'s mean losses by: depth k's ``targets`` under "k", its ``queries`` under "qk",
+    its ``sequences`` under "seqs" (floats: the trainer averages them over the replicas)."""
+    x, y, d = batch
+    out = {str(k): float(n) for k, n in enumerate(targets(y, d, mtp_depth))}
+    out.update({f"q{k}": float(n) for k, n in enumerate(queries(x, d, mtp_depth))})
+    out["seqs"] = float(sequences(batch))
+    return out

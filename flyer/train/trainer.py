@@ -53,7 +53,7 @@ from flyer.runtime import autocast, require_memory, resolve_precision, tune_mall
 from flyer.train import checkpoint as ckpt
 from flyer.train.config import TrainConfig, carried_settings, check_resume_settings, lr_at
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
-from flyer.train.batches import draw, positions_run, queries, sequences, targets
+from flyer.train.batches import counts, draw, positions_run
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, progress_postfix,
                                  read_metrics, require_tensorboard, truncate_metrics)
@@ -401,34 +401,31 @@ class Trainer:
             sums["indexer_loss"] = 0.0  # the indexers' L_I, their mean (each trains on its own: summed in loss)
         batches = draw(self.sampler, tc.grad_accum)
         sums["tokens"], sums["flops"] = positions_run(batches, self.flops_per_token)
-        depths = range(self.cfg.mtp_depth + 1)  # 0: next-token targets y; k: MTP module k's, y[:, k:]
-        counts = [targets(y, d, self.cfg.mtp_depth) for _, y, d in batches]
-        # the balance loss is a mean over sequences (packed: documents), L_I over real queries (MTP module k's: the
-        # positions reading tokens k..T-1; packed: those i with i + k in i's document, ``depth_queries``): counted
-        seqs = [sequences(b) for b in batches]
-        counted = [queries(x, d, self.cfg.mtp_depth) for x, _, d in batches]
+        # targets of depth 0 (next token, y) and k (MTP module k's, y[:, k:]); the balance loss is a mean over
+        # sequences (packed: documents), L_I over real queries (MTP module k's: the positions reading tokens k..T-1;
+        # packed: those i with i + k in i's document, ``depth_queries``): counted
+        counted = [counts(b, self.cfg.mtp_depth) for b in batches]
         # per replica: the job's mean count, as sync_gradients averages the replicas' gradients (dp == world here)
-        totals = self.mesh.mean({**{str(k): float(sum(c[k] for c in counts)) for k in depths},
-                                 **{f"q{k}": float(sum(q[k] for q in counted)) for k in depths},
-                                 "seqs": float(sum(seqs))})
-        for (x, y, d), n, s, q in zip(batches, counts, seqs, counted):
+        totals = self.mesh.mean({k: sum(c[k] for c in counted) for k in counted[0]})
+        for (x, y, d), c in zip(batches, counted):
             valid = x >= 0  # chat rows pad with PAD_ID (flyer.data.chat_data): token 0, in no routing statistic
             d = None if d is None else d.to(self.device)
             padded = None if bool(valid.all()) else valid.to(self.device)  # L_I: over real queries only
             with self._autocast(), counting_only(self.model, None if d is not None else padded, d), \
                     real_queries(self.model, padded):
                 out = self.model.compute_loss(x.clamp(min=0).to(self.device), y.to(self.device), d)
-            terms = [loss_k * (n[k] / totals[str(k)]) if n[k] else loss_k.nan_to_num(0.0) * 0.0  # nan: no targets
+            terms = [loss_k * (c[str(k)] / totals[str(k)]) if c[str(k)] else loss_k.nan_to_num(0.0) * 0.0  # nan: none
                      for k, loss_k in enumerate([out.main_loss, *out.mtp_losses])]
             loss = terms[0] + (self.cfg.mtp_loss_weight * torch.stack(terms[1:]).mean() if terms[1:] else 0.0)
             # each micro-batch's mean weighted by its share of the job's sequences / queries: grad_accum times
             # the share is exactly 1.0 where every micro-batch and replica has as many (rows; text data)
             if out.aux_loss is not None:
-                share = s * tc.grad_accum / totals["seqs"]
+                share = c["seqs"] * tc.grad_accum / totals["seqs"]
                 loss = loss + out.aux_loss * share / tc.grad_accum
                 sums["aux_loss"] += out.aux_loss.item() * share / tc.grad_accum
             if out.indexer_losses:
-                share = [q[k] * tc.grad_accum / totals[f"q{k}"] if q[k] else 0.0 for k in indexer_depths(self.model)]
+                share = [c[f"q{k}"] * tc.grad_accum / totals[f"q{k}"] if c[f"q{k}"] else 0.0
+                         for k in indexer_depths(self.model)]
                 kl = torch.stack(out.indexer_losses) * torch.tensor(share, device=self.device)
                 loss = loss + kl.sum() / tc.grad_accum
                 sums["indexer_loss"] += kl.mean().item() / tc.grad_accum
@@ -452,15 +449,11 @@ class Trainer:
         d = torch.cat([b[2] for b in batches]) if self.tc.pack else None  # packed rows' document ids
         totals = documents = query_totals = None
         if is_chat_data(self.tc.data):  # every rank's mean is the replicas': a replica's stages draw one batch
+            # targets, real queries (the indexers' L_I) and packed rows' documents (the balance loss), as _local_step
+            mean = self.mesh.mean(counts((x, y, d), self.cfg.mtp_depth))
             depths = range(self.cfg.mtp_depth + 1)
-            counts = {str(k): float(n) for k, n in enumerate(targets(y, d, self.cfg.mtp_depth))}
-            if d is not None:  # the balance loss: a mean over the step's documents
-                counts["documents"] = float(sequences((x, y, d)))
-            # the indexers' L_I: a mean over real queries (packed: MTP depth k's within their document), as _local_step
-            counts.update({f"q{k}": float(n) for k, n in enumerate(queries(x, d, self.cfg.mtp_depth))})
-            mean = self.mesh.mean(counts)
-            totals, documents = [mean[str(k)] for k in depths], mean.get("documents")
-            query_totals = [mean[f"q{k}"] for k in depths]
+            totals, query_totals = [mean[str(k)] for k in depths], [mean[f"q{k}"] for k in depths]
+            documents = mean["seqs"] if d is not None else None
         with self._autocast():
             terms = self.pipeline.train_step(x.to(self.device), y.to(self.device), totals,
                                              None if d is None else d.to(self.device), documents, query_totals)
