@@ -250,7 +250,8 @@ def _progression(start, step, n):
 
 def _dsa_model():
     """Random tiny MLA with DeepSeek Sparse Attention (V3.2's indexer, top-8 keys): past 8 slots each query reads
-    its selected latents, gathered from the FP8 rows (``gather_packed``); the index keys stay BF16."""
+    its selected latents, gathered from the FP8 rows (``gather_packed``); the index keys are DeepSeek's FP8 ones
+    (``tests/test_dsa_fp8_indexer.py``)."""
     torch.manual_seed(0)
     return Transformer(preset("tiny", vocab_size=V, index_topk=8, index_n_heads=2, index_head_dim=32)).eval()
 

@@ -48,7 +48,9 @@ import torch
 from torch import nn
 
 from flyer import kernels
+from flyer.infer import indexer_fp8
 from flyer.infer.cache import KVCache, LatentCache
+from flyer.infer.cache_fp8 import FP8
 from flyer.model.attention import causal_attention
 from flyer.model.dsa_chunks import absorbed_attend, absorbed_weight
 from flyer.model.hybrid_chunks import entry_picks
@@ -274,7 +276,14 @@ def dsa_index_scores(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.T
     """The indexer's scores (B, T, S) of the new tokens against the attended slots' cached keys (``Rows.attended``),
     unmasked. A decode-shaped call (not ``dense_prefill_pays``) on the CPU scores the keys in place, BF16 or FP32,
     through the cache's blocks (``kernels.index_scores``); else, and as its oracle, every key is copied into a new
-    FP32 tensor and ``Indexer.scores`` runs on it. The two differ only in the order of FP32 sums."""
+    FP32 tensor and ``Indexer.scores`` runs on it. The two differ only in the order of FP32 sums. A cache of FP8
+    index keys (``cache.index_rotation``: ``--cache-dtype fp8``) scores as DeepSeek's released inference code
+    (``flyer.infer.indexer_fp8``): rotated, quantized queries over the keys' codes and scales."""
+    if cache.index_rotation is not None:
+        keys_BSK = rows.attended(cache.read(attn.index_row, "index_key", rows.n_slots, FP8))[0]
+        scales_BS = rows.attended(cache.read(attn.index_row, "index_key_scale", rows.n_slots, torch.float32))[0]
+        q, w = indexer_fp8.index_queries(attn.indexer, x_BTD, q_latent_BTR, rows.cos, rows.sin, cache.index_rotation)
+        return indexer_fp8.index_scores(q, w, keys_BSK, scales_BS.squeeze(-1))
     pool, tables = _index_key_blocks(cache, attn.index_row)
     if dense_prefill_pays(attn, x_BTD.shape[1]) or not kernels.index_scores_usable(pool):
         keys_BSK = rows.attended(cache.read(attn.index_row, "index_key", rows.n_slots, torch.float32))[0]

@@ -11,7 +11,9 @@ indexer of their own (all L, but for GLM-5's shared layers, which keep none: ``M
 row).
 
 ``Fp8LatentCache`` (``--cache-dtype fp8``) is ``LatentCache`` in DeepSeek's FP8 rows (``flyer.infer.cache_fp8``):
-per token and layer 512 E4M3 latent codes, 4 FP32 scales and 64 BF16 rope values in V3, 656 bytes against 1,152.
+per token and layer 512 E4M3 latent codes, 4 FP32 scales and 64 BF16 rope values in V3, 656 bytes against 1,152;
+with DSA its index keys are DeepSeek's FP8 ones (``flyer.infer.indexer_fp8``): ``index_key`` E4M3 codes of the
+Hadamard-rotated keys and ``index_key_scale`` (L_i, B, S, 1) FP32, 132 bytes at index_head_dim 128 against 256.
 
 Every cache stores its tensors as ``(L, B, S, ...)``: L layers, B rows (sequences), S slots.
 Row b's token at position p lives in slot p. Slots at or beyond a row's valid length may hold
@@ -25,13 +27,16 @@ import torch
 
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
-from flyer.infer.cache_fp8 import FP8, INDEX_KEY_DTYPE, check_fp8_cache, n_tiles, pack_rows, token_bytes, unpack_rows
+from flyer.infer.cache_fp8 import FP8, check_fp8_cache, n_tiles, pack_rows, token_bytes, unpack_rows
+from flyer.infer.indexer_fp8 import index_keys, rotation
 
 
 class _SlotCache:
     """Named tensors of shape (L, B, S, ...) written at per-row slot positions."""
 
     kind = "slots"
+    # (index_head_dim,)*2 FP32 where the index keys are DeepSeek's FP8 ones (``Fp8LatentCache``): ``indexer_fp8``
+    index_rotation: torch.Tensor | None = None
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
@@ -150,20 +155,27 @@ class LatentCache(_SlotCache):
 class Fp8LatentCache(LatentCache):
     """``LatentCache`` with FP8 rows: ``packed`` (L, B, S, token_bytes(C, R)) uint8 in DeepSeek's layout, seen as
     ``latent`` (L, B, S, C) float8_e4m3fn, ``latent_scale`` (L, B, S, ceil(C/128)) FP32 and ``rope_key``
-    (L, B, S, R) BF16; with ``index_dim`` (DSA) ``index_key`` (L_i, B, S, index_dim) BF16 apart. Writes quantize
-    (``pack_rows``; latent and rope key together), gathered reads dequantize to the compute dtype (``unpack_rows``);
-    the fused CPU kernel (``kernels.mla_decode``) reads ``packed``'s rows in place, decoding them as it reads."""
+    (L, B, S, R) BF16; with ``index_rotation`` (DSA: ``indexer_fp8.rotation``, (index_dim, index_dim)) apart
+    ``index_key`` (L_i, B, S, index_dim) E4M3 and ``index_key_scale`` (L_i, B, S, 1) FP32, the rotated keys'
+    codes and scales. Writes quantize (``pack_rows``; latent and rope key together; ``indexer_fp8.index_keys``),
+    gathered reads dequantize to the compute dtype (``unpack_rows``); the fused CPU kernel (``kernels.mla_decode``)
+    reads ``packed``'s rows in place, decoding them as it reads."""
 
     def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, device=None,
-                 index_dim: int = 0, index_layers: int | None = None):
+                 index_rotation: torch.Tensor | None = None, index_layers: int | None = None):
         if kv_lora_rank % 4:
             raise FieldError("cache_dtype", f"fp8 needs kv_lora_rank a multiple of 4 (got {kv_lora_rank})")
         self.kv_lora_rank = kv_lora_rank
         self.packed = torch.zeros(n_layers, batch, max_len, token_bytes(kv_lora_rank, rope_dim), dtype=torch.uint8,
                                   device=device)
         self._tables = None
-        _SlotCache.__init__(self, {**self._views(self.packed), **_index_keys(
-            _or(index_layers, n_layers), batch, max_len, index_dim, INDEX_KEY_DTYPE, device)})
+        index = {}
+        if index_rotation is not None:
+            self.index_rotation = index_rotation
+            L_i, d = _or(index_layers, n_layers), index_rotation.shape[0]
+            index = {"index_key": torch.zeros(L_i, batch, max_len, d, dtype=FP8, device=device),
+                     "index_key_scale": torch.zeros(L_i, batch, max_len, 1, device=device)}
+        _SlotCache.__init__(self, {**self._views(self.packed), **index})
 
     def _views(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
         C, n = self.kv_lora_rank, n_tiles(self.kv_lora_rank)
@@ -172,18 +184,21 @@ class Fp8LatentCache(LatentCache):
 
     def _kept(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         self.packed = self.packed.index_select(1, rows)
-        rest = {k: t.index_select(1, rows) for k, t in self.tensors.items() if k == "index_key"}
+        rest = {k: t.index_select(1, rows) for k, t in self.tensors.items() if k.startswith("index_key")}
         return {**self._views(self.packed), **rest}
 
     def encode(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``values`` (latent and rope_key (B, T, ...) together; index_key) as what is stored: {"packed": FP8
-        rows (B, T, token_bytes) uint8, "index_key": BF16}; ``storage`` names where each goes."""
+        rows (B, T, token_bytes) uint8, "index_key": E4M3 codes, "index_key_scale": FP32}; ``storage`` names where
+        each goes."""
         values = dict(values)
         out = {}
         if "latent" in values or "rope_key" in values:
             if not ("latent" in values and "rope_key" in values):
                 raise ValueError("an FP8 latent cache writes a token's latent and rope key together")
             out["packed"] = pack_rows(values.pop("latent"), values.pop("rope_key"))
+        if "index_key" in values:
+            out["index_key"], out["index_key_scale"] = index_keys(values.pop("index_key"), self.index_rotation)
         return {**out, **{k: v.to(self.tensors[k].dtype) for k, v in values.items()}}
 
     def storage(self, name: str, layer: int) -> torch.Tensor:
@@ -216,7 +231,8 @@ def make_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, mode: 
     """The cache a model with ``cfg`` needs for ``mode`` ("absorbed" or "naive"; GQA ignores it), of its
     first ``n_layers`` layers; with the DSA indexer (``index_topk`` > 0) it holds the indexer keys too, of
     the layers that have their own indexer (``MLA.index_row``). ``dtype`` float8_e4m3fn: MLA's absorbed
-    latent cache in DeepSeek's FP8 rows (``Fp8LatentCache``; anything else a ``FieldError`` naming cache_dtype)."""
+    latent cache in DeepSeek's FP8 rows, the index keys DeepSeek's FP8 ones (``Fp8LatentCache``; anything else a
+    ``FieldError`` naming cache_dtype)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES} (got {mode!r})")
     if dtype == FP8:
@@ -227,8 +243,8 @@ def make_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, mode: 
     # the layers with an indexer of their own keep index keys (GLM-5's shared ones none; MTP blocks have one)
     indexed = sum(map(cfg.has_indexer, range(n_layers)))
     if mode == "absorbed" and dtype == FP8:
-        return Fp8LatentCache(n_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, device, index_dim,
-                              indexed)
+        return Fp8LatentCache(n_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, device,
+                              rotation(cfg, device) if index_dim else None, indexed)
     if mode == "absorbed":
         return LatentCache(n_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device, index_dim,
                            indexed)

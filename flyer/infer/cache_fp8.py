@@ -15,8 +15,9 @@ The scale rule is DeepSeek's released code's: FlashMLA ``tests/quant.py`` ``quan
 reference quantizer) takes a tile's scale as amax / 448 (E4M3's largest finite value), clamped below at 1e-4 and
 rounded UP to a power of two (UE8M0: ``2^ceil(log2(.))``), and stores codes = round_to_nearest_even(x / scale).
 DeepSeek-V3.2-Exp's ``inference/kernel.py`` ``act_quant`` with ``scale_fmt: "ue8m0"`` (its released config;
-the indexer's FP8 key cache) rounds its scales the same way; it clamps amax rather than amax / 448 at 1e-4, which
-only changes the scale of an all-but-zero tile (whose codes are 0 either way). Sources that use plain amax / 448
+the indexer's FP8 keys and queries, ``flyer.infer.indexer_fp8``) rounds its scales the same way but clamps amax,
+not amax / 448, at 1e-4 (``floor_on_amax``): a tile of amax below 0.0448 gets a smaller scale there (finer codes);
+its amax * (1/448) in FP32 rounds up to the same power of two as amax / 448 does. Sources that use plain amax / 448
 scales (vLLM's per-tensor FP8 caches) are not followed. A power-of-two scale makes dequantization exact: a code
 times its scale is the stored value with no rounding, so a cached latent is off from the written one only by the
 E4M3 rounding of x / scale: at most 2^-4 of |x| (3 mantissa bits, round to nearest) where x / scale is normal
@@ -29,13 +30,16 @@ Absorbed decoding reads the rows in place: the fused CPU kernel (``kernels.mla_d
 reads into its FP32 tile (a code times its tile's scale, the rope part widened from BF16), the values
 ``unpack_rows`` gives, and runs its BF16 cache's maths on them. Elsewhere (kernels off or not built, another
 device, DSA's selected slots) the gathered rows are dequantized to the compute dtype (``unpack_rows``) before the
-eager attention, the kernel's oracle. DSA's indexer keys (V3.2) stay in BF16 beside the latent rows.
+eager attention, the kernel's oracle. DSA's indexer keys (V3.2, GLM-5) are kept beside the latent rows as DeepSeek's
+released inference code keeps them: Hadamard-rotated, E4M3 codes and one FP32 scale per key (132 bytes at
+index_head_dim 128 against BF16's 256; ``flyer.infer.indexer_fp8``).
 
 The on-disk prefix cache (``flyer.infer.prefix_cache``; ``flyer generate`` and ``flyer serve``'s disk tier) stores
 an FP8 cache's rows as they are, no re-quantization: per token and layer the C codes (float8_e4m3fn), the scales
 (FP32) and the R rope values (BF16), the cache's three views of a row, 656 bytes at V3's dims against 1,152 in
-BF16. Its entries are keyed (``flyer.infer.generate.open_prefix_cache``'s fingerprint) by the cache dtype and by
-``ROWS_LAYOUT``, this module's row layout and scale rule: an FP8 run never finds a BF16 run's entries (a miss, as
+BF16, and with DSA the index keys' codes and scales as they are. Its entries are keyed
+(``flyer.infer.generate.open_prefix_cache``'s fingerprint) by the cache dtype and by ``ROWS_LAYOUT``, this
+module's row layout and scale rule (the index keys' too): an FP8 run never finds a BF16 run's entries (a miss, as
 any other model or config's), and a restored row is the written one bit for bit.
 """
 
@@ -52,9 +56,9 @@ FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 TILE = 128  # latent channels per scale
 SCALE_FLOOR = 1e-4  # amax / 448 is clamped below at this (FlashMLA's quantize_k_cache)
-INDEX_KEY_DTYPE = torch.bfloat16  # DSA's indexer keys beside an FP8 latent cache
 # what an FP8 cache's prefix-cache entries hold: a change to the layout or the scale rule must make them miss
-ROWS_LAYOUT = "fp8_ds_mla: codes e4m3 | fp32 ue8m0 scale per 128 | bf16 rope"
+ROWS_LAYOUT = ("fp8_ds_mla: codes e4m3 | fp32 ue8m0 scale per 128 | bf16 rope; "
+               "dsa index keys: hadamard-rotated e4m3 + fp32 ue8m0 scale per key (act_quant)")
 
 
 def n_tiles(C: int) -> int:
@@ -66,20 +70,22 @@ def token_bytes(C: int, R: int) -> int:
     return C + 4 * n_tiles(C) + 2 * R
 
 
-def latent_scales(c_NC: torch.Tensor) -> torch.Tensor:
-    """(..., ceil(C/128)) FP32: each 128-channel tile's scale, amax / 448 clamped at 1e-4 and rounded up to a
-    power of two. The rounding is exact (frexp), where ``2^ceil(log2(.))`` in FP32 may misround near a power."""
+def latent_scales(c_NC: torch.Tensor, floor_on_amax: bool = False) -> torch.Tensor:
+    """(..., ceil(C/128)) FP32: each 128-channel tile's scale, amax / 448 clamped at 1e-4 (``floor_on_amax``:
+    max(amax, 1e-4) / 448, act_quant's rule) and rounded up to a power of two. The rounding is exact (frexp),
+    where ``2^ceil(log2(.))`` in FP32 may misround near a power."""
     C = c_NC.shape[-1]
     x = torch.nn.functional.pad(c_NC.float(), (0, n_tiles(C) * TILE - C))
-    s = (x.unflatten(-1, (-1, TILE)).abs().amax(-1) / E4M3_MAX).clamp(min=SCALE_FLOOR)
+    amax = x.unflatten(-1, (-1, TILE)).abs().amax(-1)
+    s = amax.clamp(min=SCALE_FLOOR) / E4M3_MAX if floor_on_amax else (amax / E4M3_MAX).clamp(min=SCALE_FLOOR)
     m, e = torch.frexp(s)  # s = m 2^e, m in [0.5, 1): a power of two exactly when m == 0.5
     return torch.ldexp(torch.ones_like(s), e - (m == 0.5).to(e.dtype))
 
 
-def quantize_latent(c_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_latent(c_NC: torch.Tensor, floor_on_amax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (..., C) (any float dtype) to (codes (..., C) float8_e4m3fn, scales (..., ceil(C/128)) FP32):
     codes = round_to_nearest_even(c / scale) of the tile's ``latent_scales``; |c / scale| <= 448."""
-    scales = latent_scales(c_NC)
+    scales = latent_scales(c_NC, floor_on_amax)
     codes = (c_NC.float() / _per_channel(scales, c_NC.shape[-1])).to(FP8)
     return codes, scales
 
@@ -106,6 +112,11 @@ def _code_values(codes_u8: torch.Tensor) -> torch.Tensor:
     if codes_u8.device.type != "cpu":
         return codes_u8.view(FP8).float()
     return E4M3_VALUES.index_select(0, codes_u8.reshape(-1).int()).view(codes_u8.shape)
+
+
+def code_values(codes: torch.Tensor) -> torch.Tensor:
+    """(...) FP32 values of float8_e4m3fn ``codes`` (exact; on the CPU by ``_code_values``' table)."""
+    return _code_values(codes.view(torch.uint8))
 
 
 def _per_channel(scales_Nn: torch.Tensor, C: int) -> torch.Tensor:
@@ -142,6 +153,9 @@ def fp8_cache_problem(cfg: ModelConfig, attention: str = "absorbed") -> str | No
         return f"fp8 is the absorbed latent cache; attention {attention!r} caches per-head keys: use bf16 or fp32"
     if cfg.kv_lora_rank % 4:
         return f"fp8 rows keep FP32 scales after kv_lora_rank={cfg.kv_lora_rank} bytes: it must be a multiple of 4"
+    d = cfg.index_head_dim
+    if cfg.index_topk and (d > TILE or d & (d - 1)):  # DeepSeek's fp8_index: one scale per key, a Hadamard size
+        return f"fp8 index keys take one scale per key: index_head_dim={d} must be a power of two <= {TILE}"
     return None
 
 

@@ -62,7 +62,8 @@ def causal_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.T
 
 class Indexer(nn.Module):
     """DSA's lightning indexer, as transformers' DeepseekV32 computes it (it differs from DeepSeek's
-    reference, which Hadamard-rotates q and k and scores in FP8: orthogonal, and a precision choice).
+    reference, which Hadamard-rotates q and k and scores in FP8: orthogonal, and a precision choice, which
+    ``--cache-dtype fp8`` makes: ``flyer.infer.indexer_fp8``).
 
     Per token one key k = LayerNorm(wk x) of ``index_head_dim`` channels; per query ``index_n_heads``
     heads q_h = wq_b(q_latent) (MLA's normalised query latent) and weights w = weights_proj(x) / sqrt(H).

@@ -173,11 +173,11 @@ def kv_cache_bytes_per_token_fp8(cfg: ModelConfig) -> int | None:
     """Bytes cached per token over all layers with ``--cache-dtype fp8`` (``flyer.infer.cache_fp8``), None
     where it does not apply (not MLA): per layer DeepSeek's FP8 row, kv_lora_rank E4M3 codes, a 4-byte FP32
     scale per 128 of them and qk_rope_head_dim BF16 rope values (V3: 512 + 16 + 128 = 656 bytes); DSA's
-    indexer keys stay BF16."""
+    indexer keys as DeepSeek's FP8 ones, index_head_dim E4M3 codes and one FP32 scale (V3.2: 132 bytes)."""
     if cfg.attn != "mla":
         return None
     row = cfg.kv_lora_rank + 4 * -(-cfg.kv_lora_rank // 128) + 2 * cfg.qk_rope_head_dim
-    return cfg.n_layers * row + indexed_layers(cfg) * cfg.index_head_dim * 2
+    return cfg.n_layers * row + indexed_layers(cfg) * (cfg.index_head_dim + 4)
 
 
 def kv_window_bytes(cfg: ModelConfig, bytes_per_element: int = 2) -> int:

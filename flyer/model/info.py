@@ -86,7 +86,7 @@ def _run(args) -> int:
     print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16){dsa}")
     if out["kv_cache_bytes_per_token_fp8"] is not None:
         print(f"  KV cache / token   {out['kv_cache_bytes_per_token_fp8']:,} bytes (--cache-dtype fp8: E4M3 latent, a "
-              f"scale per 128 values, BF16 rope key)")
+              f"scale per 128 values, BF16 rope key{'; E4M3 index keys, a scale each' if out['index_topk'] else ''})")
     return 0
 
 

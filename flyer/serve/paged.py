@@ -8,7 +8,8 @@ A sequence owns a block table (its blocks in position order); position p lives i
 interface of ``flyer.infer.cache`` (write / read / read_packed) through the tables, so the
 attention code (absorbed MLA, GQA) is the one ``flyer generate`` runs, reading gathered slots. An FP8 pool
 (``--cache-dtype fp8``, ``flyer.infer.cache.Fp8LatentCache``) holds DeepSeek's 656-byte FP8 rows (V3) per token
-and layer: the pool quantizes what is written; the fused CPU kernel reads its rows in place (``kernels.mla_decode``),
+and layer, with DSA its FP8 index keys (132 bytes; ``flyer.infer.indexer_fp8``): the pool quantizes what is
+written; the fused CPU kernel reads its rows in place (``kernels.mla_decode``),
 other reads dequantize what they gather.
 
 ``BlockAllocator`` keeps the free list and, for prefix sharing, the full blocks keyed by a chain
@@ -57,6 +58,11 @@ class PagedCache:
     @property
     def dtype(self) -> torch.dtype:
         return self.pool.dtype
+
+    @property
+    def index_rotation(self) -> torch.Tensor | None:
+        """The pool's (``flyer.infer.cache``): its DSA index keys are DeepSeek's FP8 ones where not None."""
+        return self.pool.index_rotation
 
     def bytes_per_token(self) -> int:
         return self.pool.bytes_per_token()
