@@ -351,8 +351,10 @@ class Api:
             functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
             opts = dataclasses.replace(opts, grammar=tool_grammar(functions, self.tok, name, parallel, fmt))
         think = Reasoning(self.reasoning, self.tok, Reasoning.opens(self.reasoning, text))
-        if think.opened and opts.grammar is not None:  # the model reasons first: the grammar holds after the marker
-            opts = dataclasses.replace(opts, grammar_after=think.end_ids(self.tok))
+        if opts.grammar is not None and not (self.reasoning is None or Reasoning.closes(self.reasoning, text)):
+            # the grammar holds after the reasoning the prompt opens, or the output opens with its first tokens
+            opts = dataclasses.replace(opts, grammar_after=think.end_ids(self.tok),
+                                       grammar_open=() if think.opened else think.begin_ids(self.tok))
         gen = _Generation(self, request, [prompt], opts, body.stop_strings(), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}

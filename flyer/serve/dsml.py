@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flyer.data.deepseek_encoding import CALLS_BLOCK, CALLS_BLOCK_V4, DSML
+from flyer.errors import FieldError
 
 
 @dataclass(frozen=True)
@@ -130,11 +131,71 @@ def _escaped(text: str, i: int) -> bool:
     return (i - len(text[:i].rstrip("\\"))) % 2 == 1
 
 
-def _raw_string(sub: dict[str, Any], name: str) -> str | None:
-    """The lark terminal ``name`` of a string parameter's raw text and close tag under its schema's ``pattern``,
-    ``minLength`` and ``maxLength`` (characters), as ``STRING_VALUE`` (one lexeme, the first close tag its end)
-    intersected with each; None when it has none of them (``STRING_VALUE`` serves)."""
-    parts = [f"/{_regex(sub['pattern'])}{_END}/"] if isinstance(sub.get("pattern"), str) else []
+# JSON schema's string formats that llguidance's JSON path enforces (its 1.9 set less "uri", whose regex is its
+# own choice among RFC 3986's readings), as regexes of a whole value written from their RFCs: 3339 (date, time
+# with its offset, date-time with "T" or "t", its appendix A's duration), 1123 host names (labels of 1 to 63),
+# email as llguidance reads it (RFC 5322's dot-atom local part, a host name of any label length or an [IPv4]),
+# 3986's IPv6 without an embedded IPv4 (as llguidance's), 4122 UUIDs in hex of either case; "unknown" is
+# llguidance's name for any text. Checked against llguidance's JSON grammar value by value
+# (tests/test_serve_dsml_strings.py); Python's ``re`` reads them too (an enum filtered by its format).
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_LABEL = "[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_LONG_LABEL = "[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_ATOM = "[a-zA-Z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322's atext
+_H16 = "[0-9a-fA-F]{1,4}"
+_TAILS = [*(f"(?:{_H16}:){{{n}}}{_H16}:{_H16}" for n in range(5, 1, -1)), f"{_H16}:{_H16}:{_H16}",
+          f"{_H16}:{_H16}", _H16, ""]  # RFC 3986's forms after "::", fewest groups before it first
+_IPV6 = "|".join([f"(?:{_H16}:){{6}}{_H16}:{_H16}", f"::{_TAILS[0]}"] +
+                 [f"(?:(?:{_H16}:){{0,{j - 1}}}{_H16})?::{t}" for j, t in enumerate(_TAILS) if j > 0])
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_DATE = "[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+_DUR_TIME = "T(?:[0-9]+H(?:[0-9]+M(?:[0-9]+S)?)?|[0-9]+M(?:[0-9]+S)?|[0-9]+S)"
+FORMATS = {
+    "date": _DATE, "time": _TIME, "date-time": f"{_DATE}[tT]{_TIME}",
+    "duration": f"P(?:(?:[0-9]+D|[0-9]+M(?:[0-9]+D)?|[0-9]+Y(?:[0-9]+M(?:[0-9]+D)?)?)(?:{_DUR_TIME})?|{_DUR_TIME}"
+                "|[0-9]+W)",
+    "email": rf"{_ATOM}(?:\.{_ATOM})*@(?:{_LONG_LABEL}(?:\.{_LONG_LABEL})*|\[{_IPV4}\])",
+    "hostname": rf"{_LABEL}(?:\.{_LABEL})*", "ipv4": _IPV4, "ipv6": _IPV6,
+    "uuid": "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "unknown": "(?s:.*)",
+}
+
+
+def _string_checks(sub: dict[str, Any], field: str) -> list[str]:
+    """Regexes of a whole value (Python's and llguidance's syntax) a string parameter's schema asks of it: its
+    ``format`` (``FORMATS``; another one is a ``FieldError`` naming ``field``: never ignored) and its ``pattern``
+    (``_regex``); its lengths are apart (``_raw_string``, ``_enum_values``)."""
+    checks = []
+    if "format" in sub:
+        if sub["format"] not in FORMATS:
+            raise FieldError(field, f"format {sub['format']!r} cannot be enforced in a DSML raw string; the formats "
+                                    f"enforced are {', '.join(FORMATS)}")
+        checks.append(f"(?:{FORMATS[sub['format']]})".replace("/", "\\/"))  # (lark's regex delimiter)
+    if isinstance(sub.get("pattern"), str):
+        checks.append(_regex(sub["pattern"]))
+    return checks
+
+
+def _enum_values(sub: dict[str, Any], enum: list[str], field: str) -> list[str]:
+    """The values of a string parameter's ``enum`` that its ``format``, ``pattern`` (JSON schema's reading: found
+    anywhere unless anchored) and lengths allow, as llguidance's JSON path intersects them; ``FieldError`` naming
+    ``field`` when none is left (no call could be written)."""
+    lo, hi = sub.get("minLength", 0), sub.get("maxLength")
+    checks = [re.compile(c.replace("\\/", "/")) for c in _string_checks(sub, field)]
+    kept = [v for v in enum if all(c.fullmatch(v) for c in checks) and lo <= len(v) <= (len(v) if hi is None else hi)]
+    if not kept:
+        raise FieldError(field, "none of its enum values matches its "
+                                + "/".join(k for k in ("format", "pattern", "minLength", "maxLength") if k in sub))
+    return kept
+
+
+def _raw_string(sub: dict[str, Any], name: str, field: str) -> str | None:
+    """The lark terminal ``name`` of a string parameter's raw text and close tag under its schema's ``format``,
+    ``pattern``, ``minLength`` and ``maxLength`` (characters), as ``STRING_VALUE`` (one lexeme, the first close tag
+    its end) intersected with each; None when it has none of them (``STRING_VALUE`` serves). ``FieldError`` naming
+    ``field`` for a format it cannot enforce."""
+    parts = [f"/{c}{_END}/" for c in _string_checks(sub, field)]
     lo, hi = sub.get("minLength", 0), sub.get("maxLength")
     if lo or hi is not None:  # a bad bound (not an integer) leaves a regex llguidance refuses: 400 naming tools
         parts.append(f"/(?s:.{{{lo},{'' if hi is None else hi}}}){_END}/")
@@ -153,9 +214,9 @@ def dsml_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool, 
     object, as ``flyer.serve.tools.tool_grammar`` takes it) takes up to ``MAX_ANY_PARAMS`` named ones; with
     ``additionalProperties`` false, none."""
     x = {"x-guidance": JSON_VALUES}
-    chosen = [f for f in tools if name is None or f["name"] == name]
+    chosen = [(i, f) for i, f in enumerate(tools) if name is None or f["name"] == name]
     rules = []
-    for k, f in enumerate(chosen):
+    for k, (i, f) in enumerate(chosen):
         schema = f.get("parameters") or {}
         props, required = schema.get("properties") or {}, set(schema.get("required") or ())
         params = []
@@ -164,10 +225,11 @@ def dsml_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool, 
             enum = sub.get("enum") if isinstance(sub.get("enum"), list) else None
             raw = sub.get("type") == "string" or (enum is not None and all(isinstance(v, str) for v in enum))
             head = f'<{DSML}parameter name="{key}" string="{"true" if raw else "false"}">'
+            field = f"tools[{i}].function.parameters.properties.{key}"
             if raw and enum is not None:
-                value = "(" + " | ".join(_lark(v) for v in enum) + f") {_lark(PARAM_END)}"
+                value = "(" + " | ".join(_lark(v) for v in _enum_values(sub, enum, field)) + f") {_lark(PARAM_END)}"
             elif raw:
-                constrained = _raw_string(sub, f"STRING_{k}_{j}")
+                constrained = _raw_string(sub, f"STRING_{k}_{j}", field)
                 rules += [constrained] if constrained else []
                 value = f"STRING_{k}_{j}" if constrained else "STRING_VALUE"
             else:

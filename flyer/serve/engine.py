@@ -66,7 +66,7 @@ from flyer.infer.prefix_cache_hybrid import check_block_ratios
 from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
 from flyer.serve.disk_tier import DiskTier
-from flyer.serve.grammar import GrammarMasks, marker_ends
+from flyer.serve.grammar import GrammarMasks
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
 from flyer.serve.paged_hybrid import BoundarySnapshots, SlotAllocator, make_mtp_hybrid_cache, make_paged_hybrid_cache
@@ -164,9 +164,8 @@ class Engine:
             req.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         if opts.prompt_logprobs:
             req.prompt_lp = [None]
-        if opts.grammar is not None:  # reasoning first: the matcher waits for the end marker (``_emit_token``)
-            m = self._grammar_masks().matcher(opts.grammar)
-            req.matcher, req.deferred = (None, m) if opts.grammar_after else (m, None)
+        if opts.grammar is not None:  # reasoning first: the matcher waits for the end marker (``GrammarMasks.follow``)
+            req.matcher, req.deferred = self._grammar_masks().start(opts)
         self.waiting.append(req)
         return req
 
@@ -557,9 +556,7 @@ class Engine:
         r.last_token_at = now
         self.metrics.generation_tokens.inc()
         # a grammar complete ends r as a stop token does (EOS, which it allows only there, is one)
-        reason = "stop" if tok in o.stop_ids else self.grammars.consume(r.matcher, tok) if r.matcher else None
-        if r.deferred is not None and marker_ends(r.tokens, r.generated, o.grammar_after):  # reasoning ended
-            r.matcher, r.deferred = r.deferred, None  # the grammar holds from the next token (the marker is free)
+        reason = "stop" if tok in o.stop_ids else self.grammars.follow(r, tok) if self.grammars else None
         reason = reason or ("length" if r.generated >= o.max_tokens else None)
         first = r.generated == 1
         if reason is not None:  # blocks freed before the caller hears the request is done

@@ -24,11 +24,20 @@ grammar constrains the tokens after it, as vLLM and SGLang apply a grammar after
 waiting row drafts without a grammar too, its drafts cut before one that would write the marker: the marker is
 then the last token a verify pass keeps, and every token after it is chosen under the grammar.
 
+Reasoning the output opens itself (a parser, a prompt that neither opens nor closes reasoning, e.g. R1's original
+template; ``SamplingOptions.grammar_open`` holds the begin marker's ids): the grammar holds from the first token,
+but the output's first tokens may also be the begin marker (``Matcher.opening``: its next id added to the mask);
+an output that writes the whole marker reasons free until the end marker, as one the prompt opened (``follow``).
+vLLM (``StructuredOutputManager.should_fill_bitmask``) instead leaves every output unmasked until the parser's
+``is_reasoning_end`` sees ``</think>`` in the prompt or the output, so a model that never reasons is never
+constrained; flyer constrains it from its first token and lets only an output that opens reasoning run free.
+
     json_grammar(schema)            schema (None: any JSON object) -> grammar; ``FieldError`` naming response_format
     llg_tokenizer(tok, vocab_size)  llguidance's view of flyer's tokenizer (``TextTokenizer`` or ``ByteTokenizer``)
     GrammarMasks                    the engine's side: matchers, the step's masks, tokens consumed (and drafts)
     Matcher                         a request's llguidance matcher and the drafts it holds tentatively
     marker_ends(out, n, marker)     whether an output ends with the reasoning end marker (its grammar starts after)
+    GrammarMasks.start / follow     a request's matchers at its start; after each token (the reasoning markers)
 
 The work a request can cause is bounded: its schema's JSON text (``MAX_SCHEMA_CHARS``), compiling it and each
 step's mask (``LIMITS``: llguidance's fuel and size limits; a grammar over them is refused or ends in error).
@@ -141,12 +150,22 @@ def _llg_tokenizer(tok, vocab_size: int) -> llguidance.LLTokenizer:
 class Matcher:
     """A request's llguidance matcher (``llg``) at its tokens so far, then ``held``: the drafts it consumed
     tentatively (``GrammarMasks.hold``); after the verify pass, the kept ones, which ``GrammarMasks.consume`` takes
-    without consuming them again."""
+    without consuming them again. ``opening``: while the output may still open reasoning itself (its tokens so far
+    the begin marker's first ones), the marker's ids not written yet, the first of which its masks allow besides
+    the grammar's; ``fresh`` the grammar's matcher at its start, for after the reasoning; ``refused``: the grammar
+    refused one of the marker's tokens written, so only the marker may go on."""
 
-    __slots__ = ("llg", "held")
+    __slots__ = ("llg", "held", "opening", "fresh", "refused")
 
-    def __init__(self, llg: llguidance.LLMatcher):
+    def __init__(self, llg: llguidance.LLMatcher, opening: Sequence[int] = (),
+                 fresh: llguidance.LLMatcher | None = None):
         self.llg, self.held = llg, []
+        self.opening, self.fresh, self.refused = tuple(opening), fresh, False
+
+    @property
+    def opened(self) -> bool:
+        """The output has written the whole begin marker: it reasons first (``GrammarMasks.follow``)."""
+        return self.fresh is not None and not self.opening
 
 
 class GrammarMasks:
@@ -172,6 +191,28 @@ class GrammarMasks:
             self.last = (grammar, m)
         return Matcher(self.last[1].deep_copy())
 
+    def start(self, opts) -> tuple[Matcher | None, Matcher | None]:
+        """A request's (matcher, deferred) for its ``SamplingOptions``' grammar: the matcher from the first token;
+        with ``grammar_after`` (the prompt opens reasoning) deferred until the end marker; with ``grammar_open``
+        too (the output may open reasoning) from the first token, the begin marker allowed first."""
+        m = self.matcher(opts.grammar)
+        if not opts.grammar_after:
+            return m, None
+        if not opts.grammar_open:
+            return None, m
+        return Matcher(m.llg, opts.grammar_open, m.llg.deep_copy()), None
+
+    def follow(self, r, token: int) -> str | None:
+        """Request ``r``'s grammar past ``token``, its last one (``r.tokens``' last): ``consume``'s finish reason;
+        the grammar deferred when ``token`` completed a begin marker (reasoning opened by the output), and held
+        from the next token when it completed the end marker (``marker_ends``: reasoning ended)."""
+        reason = self.consume(r.matcher, token) if r.matcher is not None else None
+        if r.matcher is not None and r.matcher.opened:  # as if the prompt had opened it
+            r.matcher, r.deferred = None, Matcher(r.matcher.fresh)
+        elif r.deferred is not None and marker_ends(r.tokens, r.generated, r.opts.grammar_after):
+            r.matcher, r.deferred = r.deferred, None  # the marker itself was free
+        return reason
+
     def allowed(self, matchers: list[Matcher]) -> torch.Tensor:
         """(B, V) bool on the logits' device: the tokens each of the B matchers allows next. llguidance fills each
         matcher's bitmask in one (B, ceil(V'/32)) int32 array, bit t % 32 of word t // 32 set where token t is
@@ -187,6 +228,11 @@ class GrammarMasks:
         # llguidance's numpy helpers, not its torch ones: those torch.compile at import (seconds on every flyer command)
         bits = (torch.from_numpy(bm).to(self.device).unsqueeze(-1) >> self.shifts) & 1  # (B, W, 32)
         allowed_BV = bits.flatten(1)[:, :self.vocab_size].bool()
+        for i, m in enumerate(matchers):  # the begin marker's next token too, while the output may open reasoning
+            if m.opening and m.opening[0] < self.vocab_size:  # (an id past the model's it can never write)
+                if m.refused:
+                    allowed_BV[i] = False
+                allowed_BV[i, m.opening[0]] = True
         return allowed_BV | ~allowed_BV.any(-1, keepdim=True)
 
     def mask(self, logits_NV: torch.Tensor, rows: list[tuple[int, Matcher]],
@@ -206,8 +252,9 @@ class GrammarMasks:
     @staticmethod
     def hold(m: Matcher, token: int) -> bool:
         """``token``, a draft, consumed tentatively (``held``): False, consuming nothing, when the grammar refuses
-        it (``allowed`` kept a row that allows none of the model's ids)."""
-        if m.llg.try_consume_tokens([token]) != 1:
+        it (``allowed`` kept a row that allows none of the model's ids) or the output may still open reasoning (its
+        verify pass chooses that token, under the mask with the marker's)."""
+        if m.opening or m.llg.try_consume_tokens([token]) != 1:
             return False
         m.held.append(token)
         return True
@@ -225,6 +272,14 @@ class GrammarMasks:
         the request's finish reason, "stop" when its grammar is complete (nothing but EOS may follow), "error" when
         the grammar refuses the token (``mask`` kept a row that allows none of the model's ids), else None. Only a
         matcher's last held draft can complete it (``flyer.serve.speculation`` ends a row's drafts there)."""
+        if m.opening and token == m.opening[0]:  # the begin marker goes on: the grammar follows it while it can
+            m.opening = m.opening[1:]
+            m.refused = m.refused or m.llg.try_consume_tokens([token]) != 1
+            return None
+        if m.opening:  # not the marker: the grammar's token from here on, unless it refused the marker's so far
+            m.opening, m.fresh = (), None
+            if m.refused:
+                return "error"
         if m.held and m.held[0] == token:  # a kept draft (``settle`` rolled back the rejected ones)
             m.held.pop(0)
         elif not m.llg.consume_token(token):

@@ -19,8 +19,10 @@ token, reasoning's included. ``reasoning_tokens`` counts the output's tokens bef
 
 A grammar (``tool_choice`` "required" / named, ``response_format``) holds after the end marker when the prompt
 opens reasoning (``end_ids``: the engine waits for those tokens, ``flyer.serve.grammar``), so the model reasons
-first; else from the first token, as without a parser: an output that would open reasoning itself (R1 writing
-``<think>``) is constrained from its start, which a grammar of JSON or calls does not let it open.
+first. When the prompt neither opens nor closes it (R1's original template, whose model writes ``<think>``
+itself) the grammar holds from the first token, but the output may start with the begin marker instead
+(``begin_ids``) and then reasons first as well; when the prompt closes it (chat mode) or without a parser, the
+grammar holds from the first token alone.
 
     ReasoningParser, PARSERS    the markers of a model family; ``PARSERS`` by ``--reasoning-parser`` name
     Reasoning                   a request's split (per its prompt), or ``NO_REASONING`` (off: all content)
@@ -84,12 +86,23 @@ class Reasoning:
         """Whether a prompt's text (the rendered chat template) ends inside a think block."""
         return parser is not None and prompt_text.rstrip().endswith(parser.begin)
 
+    @staticmethod
+    def closes(parser: ReasoningParser | None, prompt_text: str) -> bool:
+        """Whether a prompt's text ends with the end marker (a template's "no reasoning": V3.1's chat mode)."""
+        return parser is not None and prompt_text.rstrip().endswith(parser.end)
+
     def end_ids(self, tok) -> tuple[int, ...]:
         """The end marker's ids in ``tok``: its one token where the tokenizer holds it (DeepSeek's), else its
         text's encoding (byte tokens: its bytes; a model writing it in other tokens leaves a grammar waiting)."""
-        if self.end_id is not None:
-            return (self.end_id,)
-        return tuple(tok.encode_ids(self.parser.end, add_special_tokens=False))
+        return self._ids(tok, self.end_id, self.parser.end)
+
+    def begin_ids(self, tok) -> tuple[int, ...]:
+        """The begin marker's ids in ``tok``, as ``end_ids``."""
+        return self._ids(tok, self.begin_id, self.parser.begin)
+
+    @staticmethod
+    def _ids(tok, one: int | None, text: str) -> tuple[int, ...]:
+        return (one,) if one is not None else tuple(tok.encode_ids(text, add_special_tokens=False))
 
     def split(self, text: str, ids: list[int], kept: int, starts: list[int], final: bool, key: int = 0) -> Split:
         """Where ``text`` splits; ``ids[:kept]`` the tokens it decodes from, ``starts`` where each one's text starts in

@@ -126,6 +126,9 @@ class SamplingOptions(LogitAdjustments):
     # the reasoning end marker's ids when the prompt opens reasoning: ``grammar`` then holds for the output after
     # them, which runs free up to there (``flyer.serve.grammar.marker_ends``); (): it holds from the first token
     grammar_after: tuple[int, ...] = ()
+    # with ``grammar_after``, the begin marker's ids when the prompt neither opens nor closes reasoning: ``grammar``
+    # holds from the first token, but the output may open reasoning with them instead (then as above)
+    grammar_open: tuple[int, ...] = ()
 
 
 @dataclass

@@ -45,6 +45,8 @@ greedy keeps exactly the tokens of plain masked greedy decoding and sampling acc
 distributions; ``accept`` rolls back the drafts the row rejected. A row whose grammar waits for the reasoning end
 marker (``Request.deferred``) drafts freely but never the token that would write the marker: the marker is then
 the last token its verify pass keeps (chosen at a free position), and no kept token after it was chosen unmasked.
+A row whose output may still open reasoning itself (``flyer.serve.grammar.Matcher.opening``) drafts nothing: its
+verify pass chooses the next token under the mask that allows the begin marker's.
 
 The engine owns the requests, their blocks and the main-model pass; ``MtpSpeculator`` keeps a
 request's MTP entries in step with its main cache, drafts, and accepts what the pass verified.

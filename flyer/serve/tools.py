@@ -244,7 +244,7 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
         raise FieldError("tools", f"the parameters schemas hold {sum(map(len, schemas))} characters; at most "
                                   f"{MAX_SCHEMA_CHARS} are served")
     if isinstance(fmt, DsmlFormat):
-        return _compiled(dsml_grammar(chosen, name, parallel, MAX_TOOL_CALLS, fmt))
+        return _compiled(dsml_grammar(tools, name, parallel, MAX_TOOL_CALLS, fmt))  # (its fields named by index)
     more = f" ({_lark_string(fmt.between)} call)" if fmt.between else " call"
     repeat = f"{more}{{0,{MAX_TOOL_CALLS - 1}}}" if parallel and name is None else ""
     rules = [f"start: {marker(fmt.calls_begin)} call{repeat} {marker(fmt.calls_end)}",
