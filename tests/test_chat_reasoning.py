@@ -21,8 +21,9 @@ from transformers import AutoTokenizer
 
 from flyer.cli import build_parser, main
 from flyer.data import chat_data
-from flyer.data.chat_data import encode_conversation, pieces, prepare_chat
+from flyer.data.chat_data import encode_conversation, prepare_chat
 from flyer.data.chat_encode import encode_conversation_fast, token_splitter
+from flyer.data.chat_pieces import pieces
 from flyer.data.chat_template import DEFAULT_CHAT_TEMPLATE, chat_renderer
 from flyer.data.deepseek_encoding import CALLS_BLOCK, CALLS_BLOCK_V4, END_THINK, ENCODINGS, EOS, dsml_calls
 from flyer.errors import DataError, FieldError
@@ -128,9 +129,9 @@ def _zero_runs(mask: list[int], k: int) -> list[int]:
 def test_pieces_equal_transformers(qwen, tmp_path):
     """Each piece's ids and mask (the build's, file order, the last conversation held out) are transformers' on
     the piece's messages, its context turns' mask zeroed; a piece after a cut shows no earlier reasoning."""
-    assert [pieces(c["messages"]) for c in CHATS] == CUTS
     ref = AutoTokenizer.from_pretrained(qwen)
     tok = _tok(qwen)
+    assert [pieces(c["messages"], c.get("tools"), _render(QWEN3, tok)) for c in CHATS] == CUTS
     assert token_splitter(tok.tok) is not None  # the fast path is the one measured
     data = prepare_chat(_write(tmp_path / "c.jsonl", CHATS), tmp_path / "cache", tok, QWEN3)
     got = _samples(data)
@@ -167,14 +168,16 @@ def _deepseek_chats(tools: bool) -> list[dict]:
 def test_deepseek_thinking_mask_is_each_trained_turns_text(v32, tmp_path, name, tools):
     """Thinking mode: each piece's mask is exactly its trained turns' reasoning + </think> + content (+ calls) +
     EOS in the encoder's text, by the tokens' character offsets; an earlier piece's reasoning is not in a later
-    piece (V4 with tools keeps it: the release drops nothing then, but never in the mask)."""
+    piece (V4 with tools drops none: its trace is one piece, every turn trained where inference shows it)."""
     enc = ENCODINGS[name]
     tok = _tok(v32)
     chats = _deepseek_chats(tools)
     data = prepare_chat(_write(tmp_path / "c.jsonl", chats), tmp_path / "cache", tok, enc, {"thinking": True})
     got = _samples(data)
-    want_pieces = [(c, e, f) for c, chat in enumerate(chats) for e, f in pieces(chat["messages"])]
-    assert len(got) == len(want_pieces) == (3 if not tools else 2) + 1
+    want_pieces = [(c, e, f) for c, chat in enumerate(chats)
+                   for e, f in pieces(chat["messages"], chat.get("tools"), enc.render, {"thinking": True})]
+    # V4 with tools drops no reasoning: its trace is one piece
+    assert len(got) == len(want_pieces) == (3 if not tools else 1 if name == "deepseek_v4" else 2) + 1
     block = CALLS_BLOCK_V4 if name == "deepseek_v4" else CALLS_BLOCK
     for (c, end, first), (ids, mask) in zip(want_pieces, got):
         msgs = chats[c]["messages"][:end]
@@ -192,9 +195,9 @@ def test_deepseek_thinking_mask_is_each_trained_turns_text(v32, tmp_path, name, 
         e = tok.tok.encode(whole, add_special_tokens=False)
         assert ids == e.ids
         assert mask == [int(any(a <= s and t <= b for a, b in spans)) for s, t in e.offsets], (name, c, end)
-        for m in msgs[:first]:  # context: reasoning dropped, except V4's with tools
+        for m in msgs[:first]:  # context: reasoning dropped
             if m["role"] == "assistant":
-                assert (m["reasoning_content"] in whole) == (tools and name == "deepseek_v4")
+                assert m["reasoning_content"] not in whole
 
 
 def _render(template, tok):
@@ -225,7 +228,7 @@ def test_plain_and_fast_paths_agree_on_pieces(qwen, v32, which):
     split = token_splitter(tok.tok)
     outcomes = []
     for c in chats:
-        for end, first in pieces(c["messages"]):
+        for end, first in pieces(c["messages"], c.get("tools"), render, extra):
             args = (c["messages"][:end], c.get("tools"), render)
             want = _outcome(lambda: encode_conversation(*args, lambda t: tok.encode_ids(t, add_special_tokens=False),
                                                         first, extra))
@@ -252,7 +255,7 @@ def test_validation_keeps_a_conversations_pieces_together(qwen, tmp_path):
 
     def encoded(chat):
         return [encode_conversation(chat["messages"][:e], chat.get("tools"), render, plain, f)
-                for e, f in pieces(chat["messages"])]
+                for e, f in pieces(chat["messages"], chat.get("tools"), render)]
 
     val = [tuple(a.tolist() for a in data.val.conversation(j)) for j in range(data.val.n_conversations)]
     train = [tuple(a.tolist() for a in data.train.conversation(j)) for j in range(data.train.n_conversations)]
@@ -390,7 +393,7 @@ def test_default_template_writes_reasoning_as_r1(qwen):
     render, plain = chat_renderer(None, tok.special_tokens()), lambda t: tok.encode_ids(t, add_special_tokens=False)
     msgs = CHATS[3]["messages"]
     trained, texts = [], []
-    for end, first in pieces(msgs):
+    for end, first in pieces(msgs, None, render):
         ids, mask = encode_conversation(msgs[:end], None, render, plain, first)
         texts.append(tok.tok.decode(ids, skip_special_tokens=False))
         split = token_splitter(tok.tok)

@@ -63,13 +63,19 @@ def ckpt(tmp_path_factory):
     return v32_checkpoint(tmp_path_factory.mktemp("v32") / "v32")
 
 
-@pytest.fixture(scope="module")
-def served(ckpt):
+def v32_server(ckpt) -> EngineServer:
+    """A server of the V3.2 directory ``ckpt`` (its release's encoding), its tokenizer as ``tok``."""
     model, _, tok = load_hf(ckpt)
     assert model.cfg.vocab_size > max(tok.tok.token_to_id(t) for t in TURN_TOKENS)
     s = EngineServer(Engine(model, EngineConfig(kv_cache_bytes=1 << 25, block_size=16), tokenizer=tok),
                      lambda link: Api(link, tok, "tiny-test", chat_template=read_chat_template(str(ckpt))))
     s.tok = tok
+    return s
+
+
+@pytest.fixture(scope="module")
+def served(ckpt):
+    s = v32_server(ckpt)
     yield s
     s.close()
 

@@ -6,7 +6,9 @@ Each line is ``{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]
 chat format; ``tools`` optional, passed to the template as transformers' ``apply_chat_template(tools=...)``
 does; an assistant's ``reasoning_content`` a string or null; ``"chat_template_kwargs"`` optional, an object whose
 keys override the build's, ``prepare_chat``'s ``kwargs``, for that line: the renderer's ``extra``, e.g.
-``{"thinking": true}``). A conversation is rendered whole with the tokenizer's chat template
+``{"thinking": true}``; ``"response_format"`` optional, a request's as OpenAI's API takes it: json_object or
+json_schema, written into the system prompt by the DeepSeek-V3.2 / V4 encodings as ``flyer serve`` writes a
+request's, nothing for a template, as serve). A conversation is rendered whole with the tokenizer's chat template
 (``flyer.data.chat_template``; the checkpoint's, else flyer's default) and encoded as transformers encodes it:
 the template's text carries its own BOS, no special tokens are added.
 
@@ -22,12 +24,12 @@ encoded once, a run of lines in one ``encode_batch``: the same ids, mask and err
 model holds, the plain path for a conversation it cannot check.
 
 Pieces: each assistant turn is trained once, in the context inference shows it. Templates that drop earlier
-turns' reasoning once a later user turn exists (DeepSeek-V3.2 / V4 thinking mode, Qwen3's) render a turn's prefix
-with its reasoning and the whole without it; so a conversation is cut (``pieces``) just before each user turn that
-follows an assistant turn with non-empty reasoning_content in the current piece. Piece j is the conversation from
-its start through that cut (earlier messages as context, as the template then renders them), trained on the
-assistant turns after its own first user turn only (earlier ones: mask 0, unchecked). Each piece is a sample (a row;
-a document when packed); a conversation without such reasoning is one piece, the whole.
+turns' reasoning once a later user turn exists (DeepSeek-V3.2 / V4 thinking mode, Qwen3's), or render the last turn
+otherwise than the same turn with more after it (Qwen3's empty think block), render a turn's prefix one way and the
+whole another; so a conversation is cut (``flyer.data.chat_pieces.pieces``) where a later turn's render no longer
+extends an earlier turn's. Piece j is the conversation from its start through its cut (earlier messages as context,
+as the template then renders them), trained on its own assistant turns only (earlier ones: mask 0, unchecked). Each
+piece is a sample (a row; a document when packed); a conversation whose turns all extend each other is one piece.
 
 Validation: conversation i (0-based, in file order, counting conversations not lines) is held out when
 ``i % VAL_EVERY == VAL_EVERY - 1``; a file of fewer than ``VAL_EVERY`` holds out its last one. All of a
@@ -44,6 +46,7 @@ first in file order, as if each line were encoded alone.
 from __future__ import annotations
 
 import array
+import functools
 import hashlib
 import itertools
 import json
@@ -55,7 +58,9 @@ import numpy as np
 import tokenizers
 import torch
 
-from flyer.data.chat_encode import encode_conversations, reasoning_unshown, token_splitter
+from flyer.data.chat_encode import (Conversation, encode_conversations, prefix_problem, reasoning_unshown,
+                                    token_splitter)
+from flyer.data.chat_pieces import cut_conversation
 from flyer.data.chat_template import chat_renderer, read_chat_template
 from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.data.prepare import _build_lock, unigram_from_counts
@@ -66,7 +71,7 @@ from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer as load_hf_
 from flyer.interop.load import init_source, run_tokenizer
 from flyer.interop.hf import is_hf_model_dir
 
-CHAT_VERSION = 2  # 2: conversations cut into pieces (module doc)
+CHAT_VERSION = 3  # 2: conversations cut into pieces (module doc); 3: where the render says (chat_pieces)
 MAX_LINE_BYTES = 1 << 22  # 4 MiB: a longer line is refused, not read whole
 VAL_EVERY = 20
 BATCH_BYTES = 1 << 18  # lines encoded together (one encode_batch, parallel in Rust): the build's memory
@@ -101,9 +106,10 @@ def _problem(path: Path, line: int, what: str) -> DataError:
     return DataError(f"{path}:{line}: {what}")
 
 
-def parse_conversation(raw: bytes, path: Path, line: int) -> tuple[list[dict], list | None, dict | None]:
-    """(messages, tools, chat_template_kwargs) of one line, or a one-line ``DataError`` naming ``path:line`` and
-    the field."""
+def parse_conversation(raw: bytes, path: Path,
+                       line: int) -> tuple[list[dict], list | None, dict | None, dict | None]:
+    """(messages, tools, chat_template_kwargs, response_format: None for none or "text") of one line, or a one-line
+    ``DataError`` naming ``path:line`` and the field."""
     try:
         d = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -136,21 +142,25 @@ def parse_conversation(raw: bytes, path: Path, line: int) -> tuple[list[dict], l
     kwargs = d.get("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise _problem(path, line, f"chat_template_kwargs: expected an object, got {type(kwargs).__name__}")
-    return msgs, tools or None, kwargs
+    return msgs, tools or None, kwargs, _response_format(d.get("response_format"), path, line)
 
 
-def pieces(messages: list[dict]) -> list[tuple[int, int]]:
-    """(end, first) of each piece of a conversation (module doc): ``messages[:end]`` rendered, its assistant turns
-    from message ``first`` on trained; pieces without such a turn left out. One piece, (len, 0), without reasoning."""
-    out, first, reasoned = [], 0, False
-    for i, m in enumerate(messages):
-        # V3.2 / V4 drop reasoning before a developer turn as before a user's: both end a piece
-        if m["role"] in ("user", "developer") and reasoned:
-            out.append((i, first))
-            first, reasoned = i, False
-        reasoned = reasoned or (m["role"] == "assistant" and bool(m.get("reasoning_content")))
-    out.append((len(messages), first))
-    return [(e, f) for e, f in out if any(m["role"] == "assistant" for m in messages[f:e])]
+def _response_format(fmt, path: Path, line: int) -> dict | None:
+    """A line's ``response_format`` checked as serve's request body checks it (``flyer.serve.schema``); None for
+    none or "text" (nothing to write)."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _problem(path, line, "response_format: expected an object whose type is text, json_object or json_schema")
+    spec = fmt.get("json_schema")
+    if (spec is not None) != (kind == "json_schema"):
+        raise _problem(path, line, "response_format.json_schema: given with type json_schema and only then")
+    if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+                                 and isinstance(spec.get("schema"), dict)):
+        raise _problem(path, line, "response_format.json_schema: expected an object with a name string and a "
+                                   "schema object")
+    return None if kind == "text" else fmt
 
 
 def _is_prefix(a: list[int], b: list[int]) -> bool:
@@ -163,7 +173,8 @@ def encode_conversation(messages: list[dict], tools: list | None, render, encode
     to an assistant message from message ``first`` on (module doc). ``render(messages, tools,
     add_generation_prompt, extra)`` -> text; ``encode(text)`` -> ids. ``ValueError`` when a trained turn's prefix
     does not encode to a prefix of the whole, or its reasoning is not rendered (``reasoning_unshown``)."""
-    ids = encode(render(messages, tools, add_generation_prompt=False, extra=extra))
+    whole = render(messages, tools, add_generation_prompt=False, extra=extra)
+    ids = encode(whole)
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < first:
@@ -171,11 +182,10 @@ def encode_conversation(messages: list[dict], tools: list | None, render, encode
         head_text = render(messages[:i], tools, add_generation_prompt=True, extra=extra)
         upto_text = render(messages[:i + 1], tools, add_generation_prompt=False, extra=extra)
         head, upto = encode(head_text), encode(upto_text)
-        for name, p in (("with the generation prompt", head), ("through it", upto)):
+        for name, p, text in (("with the generation prompt", head, head_text), ("through it", upto, upto_text)):
             if not _is_prefix(p, ids):
-                raise ValueError(f"messages[{i}]: the conversation rendered {name} does not encode to a prefix "
-                                 "of the whole conversation's tokens (the template or tokenizer merges across turns)")
-        unshown = reasoning_unshown(messages, i, head_text, upto_text)
+                raise ValueError(prefix_problem(i, name, whole.startswith(text)))
+        unshown = reasoning_unshown(messages, i, tools, render, extra, head_text)
         if unshown is not None:
             raise ValueError(unshown)
         mask[len(head):len(upto)] = [1] * max(0, len(upto) - len(head))
@@ -301,6 +311,10 @@ def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncodi
     plain = template if isinstance(template, ChatEncoding) else \
         _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
     render = chat_renderer(plain, special)
+    if not isinstance(template, ChatEncoding):  # a template has no place for a line's response_format (serve: none)
+        def render(messages, tools, add_generation_prompt=True, extra=None, response_format=None,
+                   _template=render):
+            return _template(messages, tools, add_generation_prompt, extra)
     split = token_splitter(tok.tok)
 
     def encode(text: str) -> list[int]:
@@ -366,15 +380,26 @@ def _encode_run(run: list[tuple[int, bytes]], path: Path, render, split, tok: to
         except DataError as e:  # raised once the lines before it are through
             bad = e
             break
-    samples = [(c, line, (messages[:end], tools, first, {**(kwargs or {}), **(own or {})} or None))
-               for c, ((line, _), (messages, tools, own)) in enumerate(zip(run, convs))
-               for end, first in pieces(messages)]
-    fast = encode_conversations([s for *_, s in samples], render, split, tok) if split else [None] * len(samples)
+    # a line's response_format goes to the renderer with its conversation (the encoder writes it; a template not)
+    samples, cut = [], {}  # cut: a conversation whose pieces' renders fail, the error in place of its samples
+    for c, ((line, _), (messages, tools, own, fmt)) in enumerate(zip(run, convs)):
+        extra = {**(kwargs or {}), **(own or {})} or None
+        render_c = render if fmt is None else functools.partial(render, response_format=fmt)
+        try:
+            cuts, lengths, wholes = cut_conversation(messages, tools, render_c, extra)
+            samples += [(c, line, Conversation(messages[:end], tools, first, extra, render_c, lengths, whole))
+                        for (end, first), whole in zip(cuts, wholes)]
+        except Exception as e:
+            cut[c] = e
+            samples.append((c, line, None))
+    fast = iter(encode_conversations([s for *_, s in samples if s], render, split, tok) if split else [])
     ids, spans, lengths, total = [], [], [], 0
-    for (c, line, (messages, tools, first, extra)), got in zip(samples, fast):
+    for c, line, sample in samples:
+        got = cut[c] if sample is None else next(fast, None)
         if got is None:
             try:
-                got = encode_conversation(messages, tools, render, encode, first, extra)
+                got = encode_conversation(sample.messages, sample.tools, sample.render, encode, sample.first,
+                                          sample.extra)
             except Exception as e:
                 got = e
             else:  # the plain path's mask as 1-runs: the same bytes below

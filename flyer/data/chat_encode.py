@@ -27,8 +27,10 @@ words only (``lstrip``, ``rstrip``, ``single_word`` look past the match) and Met
 (it prepends to the piece at offset 0 only): ``token_splitter`` gives None for those, and the build takes the plain
 path.
 
-A piece of a conversation (``chat_data.pieces``) plans only its trained turns, from message ``first`` on, and each
-is checked as the plain path checks it, its reasoning too (``reasoning_unshown``), in the same order.
+A piece of a conversation (``chat_pieces.pieces``) plans only its trained turns, from message ``first`` on, and each
+is checked as the plain path checks it, its reasoning too (``reasoning_unshown``), in the same order; given the
+piece's text and its turns' lengths (``chat_pieces.cut_conversation``), neither it nor a turn's own text is rendered
+again, only the turns' prompts.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import tokenizers
 
@@ -62,29 +66,50 @@ def _compact(tok: tokenizers.Tokenizer) -> str:
 class _Plan:
     """One conversation rendered: F, its matches' spans, and per trained assistant turn i the (cut b, text to
     encode) of its two prefixes (b = -1: not a string prefix of F, the text is the whole prefix) and its
-    ``reasoning_unshown`` problem (or None); ``failed``: a later turn's render error, raised once the earlier turns
-    pass their checks (the plain path's order)."""
+    ``reasoning_unshown`` problem (None, a message, or its render's error); ``failed``: a later turn's render error,
+    raised once the earlier turns pass their checks (the plain path's order)."""
     whole: str
     spans: list[tuple[int, int]]
-    turns: list[tuple[int, tuple[int, str], tuple[int, str], str | None]]
+    turns: list[tuple[int, tuple[int, str], tuple[int, str], str | Exception | None]]
     failed: Exception | None
 
 
-def reasoning_unshown(messages: list[dict], i: int, head: str, upto: str) -> str | None:
-    """Why assistant message i's non-empty ``reasoning_content`` is not in its rendered turn (``upto``, the
-    conversation through it, after ``head``, the conversation before it with the generation prompt), or None: a
-    trained reasoning the template drops would train the answer without it, so the line is refused instead."""
-    reasoning = (messages[i].get("reasoning_content") or "").strip()  # templates strip it (Qwen3's)
-    if not reasoning or reasoning in (upto[len(head):] if upto.startswith(head) else upto):
+# stands for a turn's reasoning in a second render: letters only, so a template's strip or escape keeps it whole
+REASONING_MARK = "FlyerReasoningMark"
+
+
+def reasoning_unshown(messages: list[dict], i: int, tools: list | None, render, extra: dict | None,
+                      head: str) -> str | None:
+    """Why assistant message i's non-empty ``reasoning_content`` is not in its rendered turn, or None: a trained
+    reasoning the template drops would train the answer without it, so the line is refused instead. Exact: the
+    conversation through message i is rendered again with its reasoning replaced by ``REASONING_MARK``, which must
+    appear after ``head`` (the conversation before it with the generation prompt), so a reasoning that is also the
+    turn's content, or part of it, is not taken for shown. ``render``, ``tools``, ``extra``: the caller's."""
+    if not (messages[i].get("reasoning_content") or "").strip():  # templates strip it (Qwen3's): nothing to show
+        return None
+    marked = render(messages[:i] + [{**messages[i], "reasoning_content": REASONING_MARK}], tools,
+                    add_generation_prompt=False, extra=extra)
+    if REASONING_MARK in (marked[len(head):] if marked.startswith(head) else marked):
         return None
     return (f"messages[{i}].reasoning_content: the chat template does not render it in this turn, so it would not "
             "be trained (thinking mode off? set the template's switch in chat_template_kwargs, e.g. "
             "{\"thinking\": true})")
 
 
+def prefix_problem(i: int, name: str, text_prefix: bool) -> str:
+    """The refusal of assistant message i whose prefix rendered ``name`` does not encode to a prefix of the whole
+    conversation's tokens; ``text_prefix``: whether its text is the whole's start (then the tokenizer merged across
+    the cut, else the template writes the turn otherwise after that prompt)."""
+    why = "the tokenizer merges across turns" if text_prefix else \
+        "the template starts the turn otherwise, e.g. Qwen3's enable_thinking false before a turn with reasoning"
+    return f"messages[{i}]: the conversation rendered {name} does not encode to a prefix of the whole conversation's " \
+           f"tokens ({why})"
+
+
 def _plan(messages: list[dict], tools: list | None, render, split: re.Pattern, first: int = 0,
-          extra: dict | None = None) -> _Plan:
-    whole = render(messages, tools, add_generation_prompt=False, extra=extra)
+          extra: dict | None = None, lengths: dict[int, int] | None = None, whole: str | None = None) -> _Plan:
+    if whole is None:
+        whole = render(messages, tools, add_generation_prompt=False, extra=extra)
     spans = [m.span() for m in split.finditer(whole)]
     ends = [e for _, e in spans]
 
@@ -98,14 +123,18 @@ def _plan(messages: list[dict], tools: list | None, render, split: re.Pattern, f
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < first:
             continue
-        try:  # through the last message is F itself: the same call, not rendered again
+        try:  # through the last message is F itself, a turn of known length F's start: not rendered again
             head = render(messages[:i], tools, add_generation_prompt=True, extra=extra)
-            upto = whole if i == len(messages) - 1 else render(messages[:i + 1], tools, add_generation_prompt=False,
-                                                                extra=extra)
+            upto = whole if i == len(messages) - 1 else whole[:lengths[i]] if lengths else \
+                render(messages[:i + 1], tools, add_generation_prompt=False, extra=extra)
         except Exception as e:
             failed = e
             break
-        turns.append((i, tail(head), tail(upto), reasoning_unshown(messages, i, head, upto)))
+        try:  # its render error comes after the turn's prefix checks, as on the plain path
+            unshown = reasoning_unshown(messages, i, tools, render, extra, head)
+        except Exception as e:
+            unshown = e
+        turns.append((i, tail(head), tail(upto), unshown))
     return _Plan(whole, spans, turns, failed)
 
 
@@ -125,20 +154,32 @@ def _finish(plan: _Plan, enc: tokenizers.Encoding, encoded: dict[str, list[int]]
         for name, (b, text) in zip(("with the generation prompt", "through it"), pair):
             k, p = before.get(b, 0), encoded[text]
             if ids[k:k + len(p)] != p:
-                raise ValueError(f"messages[{i}]: the conversation rendered {name} does not encode to a prefix "
-                                 "of the whole conversation's tokens (the template or tokenizer merges across turns)")
+                raise ValueError(prefix_problem(i, name, b >= 0))
             head_upto.append(k + len(p))
         if unshown is not None:
-            raise ValueError(unshown)
+            raise unshown if isinstance(unshown, Exception) else ValueError(unshown)
         spans.append(tuple(head_upto))
     if plan.failed is not None:
         raise plan.failed
     return ids, spans
 
 
+class Conversation(NamedTuple):
+    """What ``encode_conversations`` encodes of one sample: ``encode_conversation``'s arguments (the assistant turns
+    from message ``first`` on are trained; ``extra`` the renderer's), its own ``render`` (None: the call's; a line's
+    response_format, ``chat_data``), and where known its turns' text lengths and F (``chat_pieces.cut_conversation``'s:
+    each turn's own render is F's start, neither rendered again)."""
+    messages: list[dict]
+    tools: list | None
+    first: int = 0
+    extra: dict | None = None
+    render: Callable | None = None
+    lengths: dict[int, int] | None = None
+    whole: str | None = None
+
+
 def encode_conversations(conversations: list[tuple], render, split: re.Pattern, tok: tokenizers.Tokenizer) -> list:
-    """Per conversation ``(messages, tools)`` or ``(messages, tools, first, extra)`` (``encode_conversation``'s
-    arguments: the assistant turns from message ``first`` on are trained; ``extra`` the renderer's), in order:
+    """Per conversation a ``Conversation`` (or a tuple of its first fields), in order:
     ``(ids, spans)`` (F's ids and each trained assistant turn's [head, upto) token span,
     ``chat_data.encode_conversation``'s mask), None (take the plain path: module doc), or the exception the plain
     path raises for it (its ``ValueError``, a render error). ``render`` as
@@ -146,7 +187,8 @@ def encode_conversations(conversations: list[tuple], render, split: re.Pattern, 
     plans = []
     for c in conversations:
         try:
-            plans.append(_plan(c[0], c[1], render, split, *c[2:4]))
+            c = Conversation(*c)
+            plans.append(_plan(c.messages, c.tools, c.render or render, split, c.first, c.extra, c.lengths, c.whole))
         except Exception as e:  # the whole's render: the plain path's first call
             plans.append(e)
     wholes = [p.whole for p in plans if isinstance(p, _Plan)]

@@ -7,9 +7,10 @@ writes tool calls in DSML (``flyer.serve.dsml``). ``ChatEncoding`` stands where 
 (``flyer.data.chat_template.read_chat_template`` gives one for such a checkpoint; ``chat_renderer`` renders with
 it), so ``flyer serve`` and ``flyer train``'s chat data take it as they take a template. The text, BOS first:
 
-    system      CONTENT, then "\\n\\n" + the tools section when the request has tools
+    system      CONTENT, then "\\n\\n" + the tools section when the request has tools, then "\\n\\n" + the
+                response format section when it has a response_format (``RESPONSE_FORMAT`` + its JSON)
     user        <｜User｜>CONTENT<｜Assistant｜> then <think> (the last user turn, thinking mode) or </think>
-    developer   as a user, CONTENT written "\\n\\n# The user's message is: CONTENT"
+    developer   as a user, CONTENT written ["\\n\\n" + response format section] "\\n\\n# The user's message is: CONTENT"
     assistant   [REASONING</think>] CONTENT ["\\n\\n" DSML calls block] <｜end▁of▁sentence｜>
                 (the reasoning only after the last user turn, thinking mode: earlier reasoning is dropped)
     tool        the k-th answer to the assistant's calls: "\\n\\n<function_results>" before the first,
@@ -17,8 +18,13 @@ it), so ``flyer serve`` and ``flyer train``'s chat data take it as they take a t
                 last (<think> in thinking mode when no user turn follows)
 
 Thinking mode is ``extra={"thinking": True}`` (a request's ``chat_template_kwargs``, vLLM's spelling); chat mode
-otherwise. The tools (OpenAI's definitions) are listed in the first system message, one is added first when
-there is none (vLLM adds one always; the release's examples carry them on the conversation's system message).
+otherwise. The tools (OpenAI's definitions) and the request's ``response_format`` (json_object / json_schema as
+OpenAI's API takes it, its fields in that order; "text" writes nothing) go on the first system message, one is
+added first when there is none (vLLM adds one always; the release's examples carry them on the conversation's
+system message); a system or developer message's own ``response_format`` (the release's message field) is written
+too. The releases' encoders read it off a message only (vLLM's server passes a request's tools there, not its
+response_format); flyer puts the request's there as it puts the tools, so the prompt states the format the grammar
+holds the output to.
 A user or tool turn always ends with the assistant's header, so ``add_generation_prompt`` changes nothing: a
 conversation's prefix ending at a user turn renders as its prompt, except that in thinking mode the last user
 turn opens ``<think>`` and earlier ones close it (the chat data build renders in chat mode: ``extra`` is None).
@@ -28,7 +34,16 @@ is another text; calls are a ``tool_calls`` block; tool results are merged into 
 turns too) as ``<tool_result>CONTENT</tool_result>`` parts joined by a blank line, in the calls' order; a user turn
 writes <｜Assistant｜> and the think token only where an assistant's turn follows (or none does); with tools in the
 conversation no reasoning is dropped (every user turn opens ``<think>`` in thinking mode); in thinking mode
-``extra={"reasoning_effort": "high" | "max"}`` puts its prompt first ("low", the default, puts nothing).
+``extra={"reasoning_effort": "high" | "max"}`` puts its prompt first ("low", the default, puts nothing); a developer
+turn writes its response format section after its CONTENT; the ``latest_reminder`` role (date, locale, ...: context,
+never an answer) is ``<｜latest_reminder｜>CONTENT``, and a user turn before it ends with the assistant's header as
+before an assistant turn (the release's transition rule; its test conversation puts the reminder between the
+system message and the first user turn).
+
+Not rendered: V4's task tokens (``<｜action｜>``, ``<｜query｜>``, ``<｜title｜>``, ...), which the release appends for
+a message's ``task`` field: its code calls them tokens "for internal classification tasks" (its README: search
+routing, search queries, conversation titles, which URLs to read, i.e. DeepSeek's own app pipeline, not a chat
+request's), so neither serve nor train offers them.
 """
 
 from __future__ import annotations
@@ -40,10 +55,15 @@ from flyer.errors import FieldError
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+LATEST_REMINDER = "<｜latest_reminder｜>"  # V4's
 THINK, END_THINK = "<think>", "</think>"
 DSML = "｜DSML｜"
 CALLS_BLOCK = "function_calls"  # V3.2's name of the calls block
 CALLS_BLOCK_V4 = "tool_calls"
+# both releases' response format section, before the format's JSON (their ``response_format_template``)
+RESPONSE_FORMAT = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
+ROLES = {"deepseek_v32": ("system", "user", "developer", "assistant", "tool"),
+         "deepseek_v4": ("system", "user", "developer", "assistant", "tool", "latest_reminder")}
 
 # the release's tools section, word for word (the model was trained on it)
 _TOOLS_SECTION = """## Tools
@@ -135,6 +155,18 @@ def tools_section(tools: list[dict], v4: bool = False) -> str:
                                                                  schemas=schemas)
 
 
+def _format_section(m: dict, shown: int) -> str:
+    """"\\n\\n" + the response format section of message ``m``'s ``response_format`` (a JSON object), or "" without
+    one; ``FieldError`` naming it (``shown``: the message's index; -1, the system message put first: the request's)."""
+    fmt = m.get("response_format")
+    if not fmt:  # the release writes none for a missing or empty one
+        return ""
+    if not isinstance(fmt, dict):
+        raise FieldError("response_format" if shown < 0 else f"messages[{shown}].response_format",
+                         f"must be a JSON object (got {type(fmt).__name__})")
+    return "\n\n" + RESPONSE_FORMAT + _json(fmt)
+
+
 def dsml_parameters(arguments: dict) -> str:
     """A call's arguments as DSML parameters, one a line: a string raw (string="true"), any other value as
     its JSON text (string="false")."""
@@ -165,23 +197,27 @@ def _arguments(m: dict, i: int) -> list[tuple[str, dict]]:
     return out
 
 
-def _with_tools(messages: list[dict], tools: list[dict] | None) -> list[tuple[int, dict]]:
-    """(index in ``messages``, message) pairs, the tools on the first system message (one put first when there
-    is none: index -1)."""
+def _with_request(messages: list[dict], tools: list[dict] | None,
+                  response_format: dict | None) -> list[tuple[int, dict]]:
+    """(index in ``messages``, message) pairs, the request's tools and response_format on the first system message
+    (one put first when there is none: index -1; the request's response_format replaces the message's own)."""
     msgs = list(enumerate(messages))  # errors name the caller's index
-    if tools:
+    if tools or response_format:
         if not messages or messages[0].get("role") != "system":
             msgs.insert(0, (-1, {"role": "system", "content": ""}))
-        msgs[0] = (msgs[0][0], {**msgs[0][1], "tools": tools})
+        head = {**msgs[0][1], **({"tools": tools} if tools else {})}
+        msgs[0] = (msgs[0][0], {**head, "response_format": response_format} if response_format else head)
     return msgs
 
 
-def encode_v32(messages: list[dict], tools: list[dict] | None = None, thinking: bool = False) -> str:
+def encode_v32(messages: list[dict], tools: list[dict] | None = None, thinking: bool = False,
+               response_format: dict | None = None) -> str:
     """``messages`` (OpenAI chat messages: role, content, an assistant's ``tool_calls`` and
-    ``reasoning_content``) and ``tools`` -> DeepSeek-V3.2's prompt text (module doc). ``FieldError`` naming
-    messages for a conversation the release refuses (a tool answer without a call to answer, an assistant turn
-    after the last user turn with neither reasoning nor calls in thinking mode)."""
-    msgs = _with_tools(messages, tools)
+    ``reasoning_content``), ``tools`` and the request's ``response_format`` (None: none) -> DeepSeek-V3.2's prompt
+    text (module doc). ``FieldError`` naming messages for a conversation the release refuses (a tool answer without
+    a call to answer, an assistant turn after the last user turn with neither reasoning nor calls in thinking
+    mode)."""
+    msgs = _with_request(messages, tools, response_format)
     # thinking mode drops a developer turn before the last user turn (the release's drop_thinking, which its V3.2
     # encode_messages then indexes past: an error there; V4's renders the kept turns, as flyer does for both)
     if thinking:
@@ -202,11 +238,11 @@ def _render(msgs: list[dict], i: int, last_user: int, thinking: bool, shown: int
     role, content = m.get("role"), m.get("content") or ""
     opens = THINK if thinking and i >= last_user else END_THINK  # the reasoning of the turn that answers
     if role == "system":
-        return content + ("\n\n" + tools_section(m["tools"]) if m.get("tools") else "")
+        return content + ("\n\n" + tools_section(m["tools"]) if m.get("tools") else "") + _format_section(m, shown)
     if role == "user":
         return f"{USER}{content}{ASSISTANT}{opens}"
     if role == "developer":
-        return f"{USER}\n\n# The user's message is: {content}{ASSISTANT}{opens}"
+        return f"{USER}{_format_section(m, shown)}\n\n# The user's message is: {content}{ASSISTANT}{opens}"
     if role == "assistant":
         calls = _arguments(m, shown)
         think = ""
@@ -233,12 +269,13 @@ def _render(msgs: list[dict], i: int, last_user: int, thinking: bool, shown: int
 
 
 def encode_v4(messages: list[dict], tools: list[dict] | None = None, thinking: bool = False,
-              reasoning_effort: str = "low") -> str:
-    """``messages`` and ``tools`` -> DeepSeek-V4's prompt text (module doc); ``reasoning_effort`` one of
-    ``REASONING_EFFORT``. ``FieldError`` naming messages for a tool answer without a call before it."""
+              reasoning_effort: str = "low", response_format: dict | None = None) -> str:
+    """``messages``, ``tools`` and the request's ``response_format`` -> DeepSeek-V4's prompt text (module doc);
+    ``reasoning_effort`` one of ``REASONING_EFFORT``. ``FieldError`` naming messages for a tool answer without a
+    call before it."""
     merged: list[dict] = []  # tool answers and user turns merged into user turns of parts (text or a tool's result)
     order: dict[str, int] | None = None  # the last assistant's call ids, in its order (None: it called nothing)
-    for k, m in _with_tools(messages, tools):
+    for k, m in _with_request(messages, tools, response_format):
         role = m.get("role")
         if role == "tool" and order is None:
             raise FieldError(f"messages[{k}]", "a tool answer follows no assistant call")
@@ -268,9 +305,12 @@ def encode_v4(messages: list[dict], tools: list[dict] | None = None, thinking: b
         role, content = m["role"], m.get("content") or ""
         text = REASONING_EFFORT[reasoning_effort] if i == 0 and thinking else ""
         if role == "system":
-            text += content + ("\n\n" + tools_section(m["tools"], v4=True) if m.get("tools") else "")
+            text += content + ("\n\n" + tools_section(m["tools"], v4=True) if m.get("tools") else "") + \
+                _format_section(m, m["k"])
         elif role == "developer":
-            text += USER + content
+            text += USER + content + _format_section(m, m["k"])
+        elif role == "latest_reminder":
+            text += LATEST_REMINDER + content
         elif role == "user":
             text += USER + "\n\n".join(p[1] if p[0] == "text" else f"<tool_result>{p[1]}</tool_result>"
                                          for p in m["parts"])
@@ -281,9 +321,10 @@ def encode_v4(messages: list[dict], tools: list[dict] | None = None, thinking: b
             text += content + ("\n\n" + dsml_calls(calls, CALLS_BLOCK_V4) if calls else "") + EOS
         else:
             raise FieldError(f"messages[{m['k']}].role", f"DeepSeek-V4's encoding renders system, user, developer, "
-                                                         f"assistant and tool turns (got {role!r})")
+                                                         f"assistant, tool and latest_reminder turns (got {role!r})")
         following = merged[i + 1]["role"] if i + 1 < len(merged) else None
-        if role in ("user", "developer") and following in (None, "assistant"):  # the assistant's turn comes
+        # the assistant's turn comes (the release counts a reminder after the user turn as its start)
+        if role in ("user", "developer") and following in (None, "assistant", "latest_reminder"):
             text += ASSISTANT + (THINK if thinking and (not drop or i >= last) else END_THINK)
         out.append(text)
     return "".join(out)
@@ -295,24 +336,30 @@ class ChatEncoding:
     ``model_type`` it renders for. Stands where a template string stands (``chat_renderer``)."""
 
     name: str
-    version: int = 1  # of flyer's rendering: the chat data cache key holds it (``flyer.data.chat_data``)
+    version: int = 2  # of flyer's rendering: the chat data cache key holds it (``flyer.data.chat_data``)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The message roles it renders."""
+        return ROLES[self.name]
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
-               extra: dict | None = None) -> str:
+               extra: dict | None = None, response_format: dict | None = None) -> str:
         """``chat_renderer``'s contract; ``extra``: {"thinking": bool}, and V4's "reasoning_effort" (others are
-        ignored, as a template ignores variables it does not read). ``FieldError`` naming chat_template_kwargs for
-        a thinking that is no bool or an effort not in ``REASONING_EFFORT``."""
+        ignored, as a template ignores variables it does not read); ``response_format``: the request's, written
+        into the system prompt (module doc). ``FieldError`` naming chat_template_kwargs for a thinking that is no
+        bool or an effort not in ``REASONING_EFFORT``."""
         extra = extra or {}
         thinking = extra.get("thinking", False)
         if not isinstance(thinking, bool):
             raise FieldError("chat_template_kwargs", f"thinking must be true or false (got {thinking!r})")
         if self.name == "deepseek_v32":
-            return encode_v32(messages, tools, thinking)
+            return encode_v32(messages, tools, thinking, response_format)
         effort = extra.get("reasoning_effort") or "low"
         if effort not in REASONING_EFFORT:
             raise FieldError("chat_template_kwargs", f"reasoning_effort must be one of {list(REASONING_EFFORT)} "
                                                      f"(got {effort!r})")
-        return encode_v4(messages, tools, thinking, effort)
+        return encode_v4(messages, tools, thinking, effort, response_format)
 
 
 # model_type -> its encoding, for checkpoints without a chat template

@@ -59,7 +59,7 @@ from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
 from flyer.serve.reasoning import PARSERS, Reasoning, Split
 from flyer.serve.request import NO_GRAMMARS, QueueFull, SamplingOptions, TokenEvent
-from flyer.serve.schema import Body, ChatBody, CompletionBody
+from flyer.serve.schema import JINJA_ROLES, Body, ChatBody, CompletionBody
 from flyer.serve.tools import (ToolCall, chosen_format, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
 
@@ -202,6 +202,8 @@ class Api:
             raise FieldError("reasoning_parser", f"must be one of {sorted(PARSERS)} (got {reasoning_parser!r})")
         self.reasoning = None if reasoning_parser is None else PARSERS[reasoning_parser]
         self.render_chat = chat_renderer(chat_template, self._special_tokens())
+        # a release's encoder (DeepSeek-V3.2 / V4) writes a request's response_format into the prompt; templates do not
+        self.encoding = chat_template if isinstance(chat_template, ChatEncoding) else None
         self.tool_format = chosen_format(tool_call_parser, chat_template)  # the format calls are written and read in
         self.draining = False
         self.created = int(time.time())
@@ -321,7 +323,11 @@ class Api:
 
     def _chat_text(self, body: ChatBody) -> str:
         messages = []
-        for m in body.messages:
+        roles = self.encoding.roles if self.encoding is not None else JINJA_ROLES
+        for i, m in enumerate(body.messages):
+            if m.role not in roles:  # latest_reminder: DeepSeek-V4's role only
+                raise FieldError(f"messages[{i}].role", f"this model's chat format takes {', '.join(roles)} "
+                                                        f"(got {m.role!r})")
             content = m.content
             if isinstance(content, list):  # text parts (the only kind taken), joined
                 content = "".join(p.text for p in content)
@@ -329,8 +335,11 @@ class Api:
                 content = ""
             messages.append({**m.model_dump(exclude_none=True), "content": content})
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
+        fmt = body.response_format
+        written = {} if self.encoding is None or fmt is None or fmt.type == "text" else \
+            {"response_format": fmt.model_dump(by_alias=True, exclude_none=True)}  # the grammar still enforces it
         try:
-            return self.render_chat(messages, tools, extra=body.chat_template_kwargs)
+            return self.render_chat(messages, tools, extra=body.chat_template_kwargs, **written)
         except jinja2.TemplateError as e:
             raise FieldError("messages", f"the chat template cannot render them: {e}") from None
 

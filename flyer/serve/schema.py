@@ -186,9 +186,13 @@ class ContentPart(BaseModel):
 _CONTENT_PARTS = TypeAdapter(list[ContentPart])
 
 
+# the roles a chat template renders; DeepSeek-V4's encoding adds latest_reminder (``ChatEncoding.roles``)
+JINJA_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    role: Literal["system", "user", "assistant", "tool", "developer", "latest_reminder"]
     content: str | list[ContentPart] | None = None
     tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
     tool_call_id: str | None = Field(default=None, validate_default=True)  # a tool message's: the call it answers
