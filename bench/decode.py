@@ -32,6 +32,11 @@
    against BF16 read in place, BF16 gathered and FP8 gathered (dequantized per layer, then the eager path),
    interleaved, best of ``--rounds`` (``speedup_fp8_vs_bf16``, ``speedup_fp8_vs_bf16_gathered``,
    ``speedup_fp8_in_place_vs_gathered``), and the bytes per token of each.
+7. DSA's indexer scores alone (``--dsa-index``): one layer's ``dsa_index_scores`` for a decode step (one new token
+   per row of ``--batch``) over ``--dsa-contexts`` slots at V3.2's indexer size (64 heads of 128), milliseconds a
+   call: the FP8 keys (``--cache-dtype fp8``) read in place by the kernel against the BF16 keys read in place
+   (``speedup_dsa_index_fp8_vs_bf16``) and the FP8 keys gathered into FP32 values, its eager oracle
+   (``speedup_dsa_index_fp8_in_place_vs_gathered``), interleaved, best of ``--rounds``.
 
 All times are compared with a peer measured in the same run. Prints one JSON object.
     python bench/decode.py [--threads 1] [--ckpt RUN_DIR] [--dsa-only]
@@ -39,6 +44,7 @@ All times are compared with a peer measured in the same run. Prints one JSON obj
     python bench/decode.py --prefix-only [--prefix-preset tiny-v4]
     python bench/decode.py --dsa-prefill [--dsa-prompts 4096,8192] [--dsa-chunk 256] [--rounds 2]
     python bench/decode.py --fp8-only [--contexts 512,2048]
+    python bench/decode.py --dsa-index [--dsa-contexts 2048,8192] [--batch 1]
 """
 
 from __future__ import annotations
@@ -58,11 +64,14 @@ import torch
 from flyer import kernels
 from flyer.config import preset
 from flyer.infer import Decoder, GenerationConfig, attention, generate
+from flyer.infer.attention import Rows, causal_slot_mask, dsa_index_scores
 from flyer.infer.cache import make_cache
 from flyer.infer.cache_fp8 import FP8
 from flyer.infer.generate import open_prefix_cache
 from flyer.interop.load import load_pretrained
+from flyer.model.attention import MLA
 from flyer.model.counts import kv_cache_bytes_per_token, param_counts
+from flyer.model.rope import rope_cos_sin
 from flyer.model.transformer import Transformer
 from flyer.runtime import tune_malloc
 
@@ -73,6 +82,7 @@ GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32, max_seq_len=
 # MLA_BENCH with DSA's indexer (V3.2: 64 heads of 128 keeping 2048; here 8 of 64), contexts up to 16K
 DSA_BENCH = dict(MLA_BENCH, index_n_heads=8, index_head_dim=64, max_seq_len=16384, original_seq_len=16384)
 FP8_BENCH = dict(MLA_BENCH, kv_lora_rank=512, qk_rope_head_dim=64)  # V3's latent widths: 4 scale tiles a row
+DSA_INDEX_BENCH = dict(index_n_heads=64, index_head_dim=128, max_seq_len=16384, original_seq_len=16384)  # V3.2's
 
 
 def best_of(runs: dict[str, DecodeRun], rounds: int) -> dict[str, float]:
@@ -298,6 +308,53 @@ def bench_fp8_cache(contexts: list[int], batch: int, steps: int, rounds: int) ->
     return out
 
 
+@torch.inference_mode()
+def index_call_ms(attn: MLA, x: torch.Tensor, q_latent: torch.Tensor, rows: Rows, cache, switch, calls: int) -> float:
+    """Milliseconds a call of ``dsa_index_scores`` under ``switch``, over ``calls`` calls."""
+    with switch():
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            dsa_index_scores(attn, x, q_latent, rows, cache)
+        return (time.perf_counter() - t0) / calls * 1e3
+
+
+def bench_dsa_index(contexts: list[int], batch: int, rounds: int, calls: int = 10) -> dict:
+    """Part 7: one layer's indexer scores of a decode step, FP8 keys in place against BF16 keys in place and FP8 keys
+    gathered (ms a call over ``calls`` calls, interleaved, best of ``rounds``)."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", index_topk=2048, **DSA_INDEX_BENCH)
+    attn = MLA(cfg, layer_id=0).eval()
+    out: dict = {"dsa_index_model": {"base_preset": "tiny", **DSA_INDEX_BENCH}, "dsa_index_batch": batch,
+                 "dsa_index_calls": calls, "dsa_index_rounds": rounds}
+    for ctx in contexts:
+        cos, sin = rope_cos_sin(cfg.qk_rope_head_dim, ctx, cfg)
+        x = torch.randn(batch, ctx, cfg.dim)
+        pos = torch.arange(ctx).expand(batch, ctx)
+        new = pos[:, -1:]
+        rows = Rows(new, cos[new], sin[new], ctx, causal_slot_mask(new, ctx), 0)
+        caches = {}
+        with torch.inference_mode():
+            keys = attn.indexer.keys(x, cos, sin)
+            for dt in (torch.bfloat16, FP8):  # the FP8 cache quantizes the keys as the model writes them
+                caches[dt] = make_cache(cfg, 1, batch, ctx, "absorbed", dt)
+                caches[dt].write(0, pos, index_key=keys)
+            x, q_latent = x[:, -1:], attn.query_latent(x[:, -1:])
+        runs = {"bf16": (caches[torch.bfloat16], contextlib.nullcontext), "fp8": (caches[FP8], contextlib.nullcontext),
+                "fp8_gathered": (caches[FP8], copied_index_keys)}
+        args = (attn, x, q_latent, rows)
+        for cache, switch in runs.values():  # warm-up
+            index_call_ms(*args, cache, switch, 1)
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(rounds):
+            for name, (cache, switch) in runs.items():
+                best[name] = min(best[name], index_call_ms(*args, cache, switch, calls))
+        for name in runs:
+            out[f"ms_dsa_index_{name}_ctx{ctx}"] = round(best[name], 3)
+        out[f"speedup_dsa_index_fp8_vs_bf16_ctx{ctx}"] = round(best["bf16"] / best["fp8"], 3)
+        out[f"speedup_dsa_index_fp8_in_place_vs_gathered_ctx{ctx}"] = round(best["fp8_gathered"] / best["fp8"], 3)
+    return out
+
+
 def train_checkpoint(run: Path, steps: int, threads: int, preset_name: str = "tiny") -> None:
     cmd = [sys.executable, "-m", "flyer", "train", "--preset", preset_name, "--steps", str(steps), "--out", str(run),
            "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup", "10", "--precision", "fp32",
@@ -393,6 +450,7 @@ def main() -> int:
     ap.add_argument("--dsa-prompts", default="4096,8192", help="prompt lengths of the DSA prefill part")
     ap.add_argument("--dsa-chunk", type=int, default=256, help="prefill chunk of the DSA prefill part")
     ap.add_argument("--fp8-only", action="store_true", help="run the FP8 cache part (6.) alone")
+    ap.add_argument("--dsa-index", action="store_true", help="run the DSA indexer-score part (7.) alone")
     args = ap.parse_args()
     tune_malloc()  # as flyer's CLI and Trainer do
     torch.set_num_threads(args.threads)
@@ -412,6 +470,13 @@ def main() -> int:
         return 0
     if args.fp8_only:
         out.update(bench_fp8_cache([int(c) for c in args.contexts.split(",")], args.batch, args.steps, args.rounds))
+        out["bench_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(out))
+        return 0
+    if args.dsa_index:
+        if kernels.cpu_ops() is None:
+            raise SystemExit("--dsa-index: flyer's CPU kernels are not built (the part measures them)")
+        out.update(bench_dsa_index(dsa_contexts, args.batch, args.rounds))
         out["bench_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(out))
         return 0

@@ -9,8 +9,10 @@ sum|x| of the exact one, so each code is act_quant's of some value in that inter
 the E4M3 bound (2^-4 relative per code, 2^-10 scale absolute below the normal range) of the BF16 path's. The
 decoder's cache holds E4M3 keys and one FP32 scale each; ``flyer generate --cache-dtype fp8`` gives the greedy
 tokens of an eager reference selecting with the oracle's scores, the serving pool the same tokens with the
-smaller keys counted, the prefix cache restores the keys bit for bit and keeps the layouts apart. Mutations
-(no rotation, scales not UE8M0, the query scale dropped, the key scale dropped, BF16 keys in the pool) fail."""
+smaller keys counted, the prefix cache restores the keys bit for bit and keeps the layouts apart. Decode-shaped
+calls score the cached codes in place (``kernels.index_scores``), contiguous or paged, within ``fp8_index``'s FP32
+bound of the exact scores as the eager gather is. Mutations (no rotation, scales not UE8M0, the query scale dropped,
+the key scale dropped, in the eager formula or the kernel, BF16 keys in the pool) fail."""
 
 import json
 
@@ -19,6 +21,7 @@ import pytest
 import torch
 from bounds import FP32_U
 
+from flyer import kernels
 from flyer.cli import main
 from flyer.config import preset
 from flyer.errors import FieldError
@@ -34,8 +37,9 @@ from flyer.model.counts import kv_cache_bytes_per_token, kv_cache_bytes_per_toke
 from flyer.model.rope import rope_cos_sin
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
-from flyer.serve.paged import blocks_for_memory
+from flyer.serve.paged import blocks_for_memory, make_paged_cache
 from tests.hf_models import build
+from tests.test_dsa_index_scores import _rows
 
 TOPK = 8
 E4M3_U = 2.0**-4  # E4M3's unit roundoff: 3 mantissa bits, round to nearest
@@ -275,6 +279,95 @@ def test_fp8_scores_within_the_e4m3_bound_of_the_bf16_path():
     assert float((err / bound).max()) > 1e-3  # the bound is not vacuous: FP8 moves the scores
     oracle = _oracle_scores(attn.indexer, cfg, x, q_latent, keys, rows.cos, rows.sin)
     assert ((oracle - exact).abs() <= bound).all()
+
+
+# ---- the in-place kernel ----------------------------------------------------------------------------------------
+
+needs_kernels = pytest.mark.skipif(kernels.cpu_ops() is None, reason="flyer's CPU kernels are not built")
+
+
+def _fp8_caches(attn: MLA, B: int, n_slots: int, bs: int):
+    """A contiguous FP8 cache and a paged one over shuffled blocks of ``bs`` slots, the same key codes and scales in
+    both; the keys' magnitudes spread over 1e-3 .. 1e3, so neighbouring slots' scales differ."""
+    K, n = attn.indexer.head_dim, -(-n_slots // bs)
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(B, n * bs, K, generator=g) * torch.logspace(-3, 3, n * bs)[torch.randperm(n * bs, generator=g)]\
+        .view(1, -1, 1)
+    flat = make_cache(attn.cfg, 1, B, n * bs, "absorbed", FP8)
+    flat.write(0, torch.arange(n * bs).expand(B, -1), index_key=keys)
+    paged = make_paged_cache(attn.cfg, 1, 1 + B * n, bs, FP8)
+    paged.tables = torch.randperm(B * n, generator=torch.Generator().manual_seed(1)).add(1).view(B, n)
+    for name in ("index_key", "index_key_scale"):  # as bytes: index_put has no float8 kernel on the CPU
+        blocks = paged.pool.tensors[name][0].view(torch.uint8)
+        blocks[paged.tables.flatten()] = flat.tensors[name][0].view(torch.uint8).reshape(B * n, bs, -1)
+    return flat, paged
+
+
+def _kernel_bound(attn, x, q_latent, rows, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_fp8_index`` (FP64 scores, bound on any FP32 evaluation) of the queries and the cached codes and scales."""
+    q, w = indexer_fp8.index_queries(attn.indexer, x, q_latent, rows.cos, rows.sin, cache.index_rotation)
+    kc = rows.attended(cache.read(0, "index_key", rows.n_slots, FP8))[0].float()
+    ks = rows.attended(cache.read(0, "index_key_scale", rows.n_slots, torch.float32))[0].squeeze(-1)
+    return _fp8_index(q, w, kc, ks)
+
+
+@needs_kernels
+@pytest.mark.parametrize("K, bs, ends, T, first", [(32, 8, [70, 41, 90], 1, 0), (32, 5, [83, 57], 3, 1),
+                                                   (64, 16, [45, 61], 2, 0), (128, 64, [130, 9], 1, 1)])
+@torch.no_grad()
+def test_fp8_keys_scored_in_place_as_the_gathered_oracle(K, bs, ends, T, first, monkeypatch):
+    """Decode-shaped calls score the FP8 keys where they lie (``kernels.index_scores``: codes decoded as read, times
+    their scales), contiguous or paged; the kernels off, the eager gather (``indexer_fp8.index_scores``). Both are
+    FP32 evaluations of ``fp8_index`` on the same codes: each within ``_fp8_index``'s bound of the exact scores.
+    Mutation: the kernel given unit key scales lands far outside it."""
+    cfg = _cfg(index_head_dim=K)
+    attn = _attn(cfg)
+    rows = _rows(cfg, ends, T, first)
+    x = torch.randn(len(ends), T, cfg.dim, generator=torch.Generator().manual_seed(2))
+    q_latent = attn.query_latent(x)
+    real, calls = kernels.index_scores, []
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    def unit_scales(q, w, pool, tables, first_, n_slots, scale, key_scale):
+        return real(q, w, pool, tables, first_, n_slots, scale, torch.ones_like(key_scale))
+
+    for cache in _fp8_caches(attn, len(ends), rows.n_slots, bs):
+        monkeypatch.setattr(kernels, "index_scores", spy)
+        with kernels.disabled():
+            ref = dsa_index_scores(attn, x, q_latent, rows, cache)
+            ref_exact, ref_bound = _kernel_bound(attn, x, q_latent, rows, cache)
+        assert not calls
+        got = dsa_index_scores(attn, x, q_latent, rows, cache)
+        assert len(calls) == 1 and calls.pop()[2].dtype == FP8  # the kernel, on the cache's own FP8 blocks
+        exact, bound = _kernel_bound(attn, x, q_latent, rows, cache)
+        assert got.shape == ref.shape == (len(ends), T, rows.n_slots - first)
+        assert ((got.double() - exact).abs() <= bound).all(), float(((got.double() - exact).abs() / bound).max())
+        assert ((ref.double() - ref_exact).abs() <= ref_bound).all()
+        assert torch.equal(exact, ref_exact)  # the same queries either way: the two paths score the same formula
+        monkeypatch.setattr(kernels, "index_scores", unit_scales)
+        unscaled = dsa_index_scores(attn, x, q_latent, rows, cache)
+        assert ((unscaled.double() - exact).abs() > 1e3 * bound).any()
+    pool, tables = cache.index_key_blocks(0)
+    with pytest.raises(ValueError, match="FP8 keys take their scales"):
+        real(torch.zeros(1, 1, 1, K), torch.zeros(1, 1, 1), pool, tables[:1], 0, 1, 1.0)
+
+
+@needs_kernels
+def test_fp8_prefill_chunks_keep_the_gather(monkeypatch):
+    """A call in the compute-bound form (``dense_prefill_pays``) scores gathered FP8 values: the kernel is not
+    called."""
+    cfg = _cfg(kv_lora_rank=64)  # dense_prefill_pays from T = 65 on
+    attn = _attn(cfg)
+    T = 80
+    rows = _rows(cfg, [100], T, 0)
+    x = torch.randn(1, T, cfg.dim, generator=torch.Generator().manual_seed(2))
+    cache = _fp8_caches(attn, 1, rows.n_slots, 8)[1]
+    monkeypatch.setattr(kernels, "index_scores", lambda *a: pytest.fail("kernel called for a prefill chunk"))
+    with torch.no_grad():
+        assert dsa_index_scores(attn, x, attn.query_latent(x), rows, cache).shape == (1, T, rows.n_slots)
 
 
 # ---- generate, serve, prefix cache ------------------------------------------------------------------------------

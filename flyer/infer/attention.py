@@ -33,7 +33,7 @@ short context, prefill chunks over a long prompt) each query reads and scores it
 from the cache by slot (``dsa_gathered``: k per query, not S), a prefill chunk's queries in sub-chunks within
 ``GATHER_BUDGET`` bytes; other calls attend over every slot with the unselected masked (``dsa_masked``, the oracle,
 in the form ``dense_prefill_pays`` picks).
-The indexer of a decode-shaped call on the CPU scores the cached index keys where they lie, BF16 or FP32
+The indexer of a decode-shaped call on the CPU scores the cached index keys where they lie, BF16, FP32 or FP8
 (``dsa_index_scores``), rather than a new FP32 copy of them.
 
 Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope dim.
@@ -278,28 +278,35 @@ def dsa_index_scores(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.T
     through the cache's blocks (``kernels.index_scores``); else, and as its oracle, every key is copied into a new
     FP32 tensor and ``Indexer.scores`` runs on it. The two differ only in the order of FP32 sums. A cache of FP8
     index keys (``cache.index_rotation``: ``--cache-dtype fp8``) scores as DeepSeek's released inference code
-    (``flyer.infer.indexer_fp8``): rotated, quantized queries over the keys' codes and scales."""
-    if cache.index_rotation is not None:
-        keys_BSK = rows.attended(cache.read(attn.index_row, "index_key", rows.n_slots, FP8))[0]
-        scales_BS = rows.attended(cache.read(attn.index_row, "index_key_scale", rows.n_slots, torch.float32))[0]
-        q, w = indexer_fp8.index_queries(attn.indexer, x_BTD, q_latent_BTR, rows.cos, rows.sin, cache.index_rotation)
-        return indexer_fp8.index_scores(q, w, keys_BSK, scales_BS.squeeze(-1))
+    (``flyer.infer.indexer_fp8``): rotated, quantized queries over the keys' codes and scales, read in place by the
+    same kernel under the same rule, else (the oracle) gathered into FP32 values."""
+    fp8 = cache.index_rotation is not None
     pool, tables = _index_key_blocks(cache, attn.index_row)
     if dense_prefill_pays(attn, x_BTD.shape[1]) or not kernels.index_scores_usable(pool):
+        if fp8:
+            keys_BSK = rows.attended(cache.read(attn.index_row, "index_key", rows.n_slots, FP8))[0]
+            scales_BS = rows.attended(cache.read(attn.index_row, "index_key_scale", rows.n_slots, torch.float32))[0]
+            q, w = indexer_fp8.index_queries(attn.indexer, x_BTD, q_latent_BTR, rows.cos, rows.sin,
+                                             cache.index_rotation)
+            return indexer_fp8.index_scores(q, w, keys_BSK, scales_BS.squeeze(-1))
         keys_BSK = rows.attended(cache.read(attn.index_row, "index_key", rows.n_slots, torch.float32))[0]
         return attn.indexer.scores(x_BTD, q_latent_BTR, keys_BSK, rows.cos, rows.sin)
+    if fp8:  # index_queries' weights carry d^-0.5: the kernel's scale is 1
+        q, w = indexer_fp8.index_queries(attn.indexer, x_BTD, q_latent_BTR, rows.cos, rows.sin, cache.index_rotation)
+        scales = _index_key_blocks(cache, attn.index_row, "index_key_scale")[0]
+        return kernels.index_scores(q, w, pool, tables, rows.first, rows.n_slots, 1.0, scales)
     q, w = attn.indexer.queries(x_BTD, q_latent_BTR, rows.cos, rows.sin)
     return kernels.index_scores(q, w, pool, tables, rows.first, rows.n_slots, attn.indexer.head_dim ** -0.5)
 
 
-def _index_key_blocks(cache, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indexer row ``row``'s keys as blocks and block tables, as ``kernels.index_scores`` reads them: a contiguous
-    cache's (B, max_len, index_dim), each row one block (table [b]), or a paged one's
-    (``PagedCache.index_key_blocks``)."""
+def _index_key_blocks(cache, row: int, name: str = "index_key") -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexer row ``row``'s keys (``name``: or an FP8 cache's key scales, "index_key_scale") as blocks and block
+    tables, as ``kernels.index_scores`` reads them: a contiguous cache's (B, max_len, ...), each row one block
+    (table [b]), or a paged one's (``PagedCache.index_key_blocks``)."""
     if isinstance(cache, (LatentCache, KVCache)):
-        keys = cache.tensors["index_key"][row]
+        keys = cache.tensors[name][row]
         return keys, torch.arange(keys.shape[0], device=keys.device).view(-1, 1)
-    return cache.index_key_blocks(row)
+    return cache.index_key_blocks(row, name)
 
 
 def _absorbed_queries(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ every other device and dtype, and the oracle the tests compare the kernels again
   or on the kernel at any count where the BLAS runs narrower vectors (``blas_narrower``);
 - ``mla_decode``: absorbed MLA attention of a few new tokens over a (paged) latent cache, read in place
   (FP32, BF16, or DeepSeek's FP8 rows decoded as they are read);
-- ``index_scores``: DSA's indexer scores of a few new tokens over a (paged) index-key cache, read in place;
+- ``index_scores``: DSA's indexer scores of a few new tokens over a (paged) index-key cache, read in place
+  (FP32, BF16, or DeepSeek's FP8 keys decoded as they are read);
 - ``attention``: a prefill chunk's fused attention (ATen's), one call per (row, head) over the
   expert threads;
 - ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
@@ -433,20 +434,31 @@ def mla_decode(q_BMK: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Ten
 # ---- DSA indexer scores over a (paged) index-key cache -------------------------------------------
 
 def index_scores_usable(pool: torch.Tensor) -> bool:
-    """Whether ``index_scores`` takes an index-key cache pool: FP32 or BF16 on the CPU, the kernel built."""
-    return pool.dtype in HELD_DTYPES and usable(pool)
+    """Whether ``index_scores`` takes an index-key cache pool: FP32, BF16 or FP8 E4M3 codes (``HELD_FP8``) on the
+    CPU, the kernel built."""
+    return ((pool.dtype in HELD_DTYPES or pool.dtype == HELD_FP8) and pool.device.type == "cpu"
+            and cpu_ops() is not None)
 
 
 def index_scores(q_BTHK: torch.Tensor, w_BTH: torch.Tensor, pool_NbK: torch.Tensor, tables_Bn: torch.Tensor,
-                 first: int, n_slots: int, scale: float) -> torch.Tensor:
+                 first: int, n_slots: int, scale: float, key_scale_Nb1: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, n_slots - first) FP32: DSA's index scores sum_h w[b, t, h] relu(scale q[b, t, h] . key_s) of FP32
     queries q (B, T, H, K) with head weights w (B, T, H) over slots ``first`` .. ``n_slots - 1`` of an index-key
     cache read in place: ``pool`` (N, block_size, K), row b's slot s at ``pool[tables[b, s // block_size],
     s % block_size]``. The eager oracle (``Indexer.scores``) scores a new FP32 copy of every key; here the keys
-    are read as they lie, BF16 widened exactly as read. Rows split over the expert threads."""
+    are read as they lie, BF16 widened exactly as read. FP8 keys (``flyer.infer.indexer_fp8``: E4M3 codes, their
+    FP32 scales ``key_scale`` (N, block_size, 1) in the same blocks) are read as code times scale, as the latent
+    kernel (``mla_decode``) decodes FP8 rows: key_scale[s] sum_h w relu(scale q . codes_s), DeepSeek's
+    ``fp8_index`` (q the query codes' values, ``scale`` 1: ``index_queries``'s weights carry d^-0.5), whose eager
+    oracle is ``indexer_fp8.index_scores``. Rows split over the expert threads."""
     B, T, H, K = q_BTHK.shape
-    return cpu_ops().index_scores(q_BTHK.reshape(B, T * H, K).contiguous(), w_BTH.contiguous(), pool_NbK,
-                                  tables_Bn.contiguous(), first, n_slots, scale)
+    fp8 = pool_NbK.dtype == HELD_FP8
+    if fp8 != (key_scale_Nb1 is not None):
+        raise ValueError(f"index_scores: FP8 keys take their scales, other keys none (keys {pool_NbK.dtype}, "
+                         f"key_scale {'given' if key_scale_Nb1 is not None else 'None'})")
+    return cpu_ops().index_scores(q_BTHK.reshape(B, T * H, K).contiguous(), w_BTH.contiguous(),
+                                  pool_NbK.view(torch.uint8) if fp8 else pool_NbK, tables_Bn.contiguous(), first,
+                                  n_slots, scale, key_scale_Nb1.contiguous() if fp8 else None)
 
 
 # ---- a prefill chunk's fused attention over the expert threads --------------------------------

@@ -1263,8 +1263,9 @@ inline float exp_flushed(float* w, int64_t n, float top) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum) + tail;
 }
 
-// How mla_decode_rows reads a run of consecutive slots into its FP32 tile (K floats a slot): a pool of FP32 or
-// BF16 slots widened (PlainRows), or of FP8 rows decoded (FP8Rows); the rest of the kernel is the same for both.
+// How mla_decode_rows (and index_score_rows) reads a run of consecutive slots into its FP32 tile (K floats a slot):
+// a pool of FP32 or BF16 slots widened (PlainRows), or of FP8 rows (FP8Rows; FP8Keys) decoded; the rest of the
+// kernel is the same for all.
 template <typename P>
 struct PlainRows {
   const P* pool;
@@ -1272,36 +1273,52 @@ struct PlainRows {
   void load(int64_t slot, int64_t n, float* dst) const { to_float(pool + slot * K, dst, n * K); }
 };
 
+// n E4M3 codes (their bytes) times one FP32 scale s into dst, the value the eager dequantization computes (a
+// 256-entry table, then the scale), exactly where s is a power of two: whole vectors widen in registers
+// (load_fp8_over_256, the held-weight GEMM's; scalar code where the build has no AVX2), s taken times 256, exact
+// while that is below 2^100; the rest, and every code under a scale that is not (overflow, inf, NaN), go through
+// the table
+inline void decode_fp8_scaled(const uint8_t* codes, int64_t n, float s, const float* table, float* dst) {
+  constexpr int64_t V = Vec::size();
+  int64_t c = 0;
+  if (std::abs(s) < 0x1p100f) {
+    const Vec wide(256.f * s);
+    for (; c + V <= n; c += V)
+      (load_fp8_over_256(reinterpret_cast<const c10::Float8_e4m3fn*>(codes + c)) * wide).store(dst + c);
+  }
+  for (; c < n; ++c) dst[c] = table[codes[c]] * s;
+}
+
 // DeepSeek's FP8 rows (flyer/infer/cache_fp8.py): per slot W = C + 4 ceil(C / 128) + 2 R bytes, [C E4M3 codes |
-// one FP32 scale per 128 codes | R BF16 rope values]. A code times its tile's scale is the value the eager
-// dequantization computes (a 256-entry table, then the scale), exactly: the scales are powers of two. Whole
-// vectors of a tile widen in registers (load_fp8_over_256, the held-weight GEMM's; scalar code where the build has
-// no AVX2), their scale taken times 256, exact while that is below 2^100; the rest, and a tile whose scale is not
-// (overflow, inf, NaN), go through the table.
+// one FP32 scale per 128 codes | R BF16 rope values], each tile of codes decoded times its power-of-two scale
 struct FP8Rows {
   const uint8_t* pool;
   int64_t W, C, R;
   const float* table;  // the 256 E4M3 values by code
   void load(int64_t slot, int64_t n, float* dst) const {
-    constexpr int64_t V = Vec::size();
     const int64_t K = C + R, tiles = (C + 127) / 128;
     for (int64_t i = 0; i < n; ++i) {
       const uint8_t* row = pool + (slot + i) * W;
-      const auto* codes = reinterpret_cast<const c10::Float8_e4m3fn*>(row);
       float* d = dst + i * K;
       for (int64_t t = 0; t < tiles; ++t) {
         float s;
         std::memcpy(&s, row + C + 4 * t, sizeof(float));  // a row's scales are 4-byte aligned only where W is
-        const int64_t c1 = std::min(C, 128 * t + 128);
-        int64_t c = 128 * t;
-        if (std::abs(s) < 0x1p100f) {
-          const Vec wide(256.f * s);
-          for (; c + V <= c1; c += V) (load_fp8_over_256(codes + c) * wide).store(d + c);
-        }
-        for (; c < c1; ++c) d[c] = table[row[c]] * s;
+        decode_fp8_scaled(row + 128 * t, std::min<int64_t>(128, C - 128 * t), s, table, d + 128 * t);
       }
       to_float(reinterpret_cast<const c10::BFloat16*>(row + C + 4 * tiles), d + C, R);
     }
+  }
+};
+
+// DeepSeek's FP8 index keys (flyer/infer/indexer_fp8.py): a slot's K E4M3 codes in ``codes`` (N bs, K) and its
+// FP32 scale in ``scales`` (N bs), decoded as FP8Rows decodes a latent tile: code times scale, exactly
+struct FP8Keys {
+  const uint8_t* codes;
+  const float* scales;
+  int64_t K;
+  const float* table;
+  void load(int64_t slot, int64_t n, float* dst) const {
+    for (int64_t i = 0; i < n; ++i) decode_fp8_scaled(codes + (slot + i) * K, K, scales[slot + i], table, dst + i * K);
   }
 };
 
@@ -1429,10 +1446,13 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
 // ---- DSA indexer scores over a paged index-key cache ---------------------------------------------
 // q (B, M, K) FP32: row m = t H + h, new token t's rotated indexer query of head h; w (B, T, H) FP32: each
 // token's head weights; pool (N, bs, K) FP32 or BF16: the indexer key of every cache slot in blocks of bs slots,
-// row b's slot s at pool[tables[b][s / bs]][s % bs]. out (B, T, S), S = n_slots - first:
+// row b's slot s at pool[tables[b][s / bs]][s % bs], or (N, bs, K) uint8: DeepSeek's FP8 keys' E4M3 codes, with
+// key_scale (N, bs, 1) FP32 their scales (FP8Keys). out (B, T, S), S = n_slots - first:
 // out[b, t, s - first] = sum_h w[b, t, h] relu(scale q[b, t H + h] . key_s), the heads summed in order. A tile of
 // slots at a time is widened into FP32 scratch (in L1) and scored there; the eager path (Indexer.scores, the
-// oracle of flyer.infer.attention.dsa_index_scores) first copies every key into a new FP32 tensor per layer.
+// oracle of flyer.infer.attention.dsa_index_scores) first copies every key into a new FP32 tensor per layer. An
+// FP8 key is read as code times its scale: a power of two, it scales each product and sum exactly, so the score is
+// fp8_index's k_scale times the sum over the codes (the eager indexer_fp8.index_scores multiplies after).
 constexpr int64_t kIndexTile = 128;
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -1480,8 +1500,8 @@ inline float index_score1(const float* key, const float* q, const float* w, int6
   return sum;
 }
 
-template <typename P>
-void index_score_rows(const float* qp, const float* wp, const P* pool, const int64_t* tables, float* op,
+template <typename Keys>
+void index_score_rows(const float* qp, const float* wp, const Keys& keys, const int64_t* tables, float* op,
                       int64_t b0, int64_t b1, int64_t nb, int64_t bs, int64_t T, int64_t H, int64_t K,
                       int64_t first, int64_t n_slots, float scale) {
   const int64_t S = n_slots - first;
@@ -1493,7 +1513,7 @@ void index_score_rows(const float* qp, const float* wp, const P* pool, const int
       const int64_t n = std::min(kIndexTile, n_slots - s0);
       for (int64_t j = 0; j < n;) {  // the tile's keys, block run by block run, as FP32
         const int64_t s = s0 + j, run = std::min(n - j, bs - s % bs);
-        to_float(pool + (tables[b * nb + s / bs] * bs + s % bs) * K, tile.data() + j * K, run * K);
+        keys.load(tables[b * nb + s / bs] * bs + s % bs, run, tile.data() + j * K);
         j += run;
       }
       for (int64_t t = 0; t < T; ++t) {
@@ -1510,12 +1530,20 @@ void index_score_rows(const float* qp, const float* wp, const P* pool, const int
 }
 
 at::Tensor index_scores(const at::Tensor& q, const at::Tensor& w, const at::Tensor& pool, const at::Tensor& tables,
-                        int64_t first, int64_t n_slots, double scale) {
+                        int64_t first, int64_t n_slots, double scale, const c10::optional<at::Tensor>& key_scale) {
   check_cpu(q, "index_scores q");
   check_cpu(w, "index_scores w");
   check_dtype(q, at::kFloat, "index_scores q");
   check_dtype(w, at::kFloat, "index_scores w");
-  check_paged(pool, tables, "index_scores");
+  const bool fp8 = key_scale.has_value() && key_scale->defined();
+  check_paged(pool, tables, "index_scores", fp8);
+  TORCH_CHECK(fp8 == (pool.scalar_type() == at::kByte), "index_scores: uint8 (E4M3) keys take their scales, and no "
+              "other keys do");
+  if (fp8) {
+    check_cpu(*key_scale, "index_scores key_scale");
+    check_dtype(*key_scale, at::kFloat, "index_scores key_scale");
+    TORCH_CHECK(key_scale->numel() == pool.size(0) * pool.size(1), "index_scores: key_scale (N, bs, 1) expected");
+  }
   TORCH_CHECK(q.dim() == 3 && w.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && w.size(0) == q.size(0) &&
               q.size(1) == w.size(1) * w.size(2) && pool.size(2) == q.size(2) && tables.size(0) == q.size(0),
               "index_scores: q (B, T H, K), w (B, T, H), pool (N, bs, K), tables (B, nb) expected");
@@ -1528,15 +1556,20 @@ at::Tensor index_scores(const at::Tensor& q, const at::Tensor& w, const at::Tens
     check_block_ids(tp, b, nb, first / bs, (n_slots - 1) / bs, N, "index_scores");
   auto out = at::empty({B, T, n_slots - first}, q.options());
   const double slots = static_cast<double>(B) * (n_slots - first);
-  const double seconds = one_thread_seconds(slots * K * pool.element_size(), 2. * slots * T * H * (K + 1));
-  parallel_items(B, seconds, [&](int64_t b0, int64_t b1) {
-    if (pool.scalar_type() == at::kBFloat16)
-      index_score_rows(q.data_ptr<float>(), w.data_ptr<float>(), pool.data_ptr<c10::BFloat16>(), tp,
-                       out.data_ptr<float>(), b0, b1, nb, bs, T, H, K, first, n_slots, static_cast<float>(scale));
-    else
-      index_score_rows(q.data_ptr<float>(), w.data_ptr<float>(), pool.data_ptr<float>(), tp, out.data_ptr<float>(),
-                       b0, b1, nb, bs, T, H, K, first, n_slots, static_cast<float>(scale));
-  });
+  const double seconds = one_thread_seconds(slots * (K * pool.element_size() + (fp8 ? 4 : 0)),
+                                            2. * slots * T * H * (K + 1));
+  const auto run = [&](const auto& keys) {
+    parallel_items(B, seconds, [&](int64_t b0, int64_t b1) {
+      index_score_rows(q.data_ptr<float>(), w.data_ptr<float>(), keys, tp, out.data_ptr<float>(), b0, b1, nb, bs, T,
+                       H, K, first, n_slots, static_cast<float>(scale));
+    });
+  };
+  if (fp8)
+    run(FP8Keys{pool.data_ptr<uint8_t>(), key_scale->data_ptr<float>(), K, e4m3_table()});
+  else if (pool.scalar_type() == at::kBFloat16)
+    run(PlainRows<c10::BFloat16>{pool.data_ptr<c10::BFloat16>(), K});
+  else
+    run(PlainRows<float>{pool.data_ptr<float>(), K});
   return out;
 }
 
@@ -1676,7 +1709,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_decode", &mla_decode, "absorbed MLA attention of a few new tokens over a paged latent cache",
         py::call_guard<py::gil_scoped_release>());
   m.def("index_scores", &index_scores, "DSA indexer scores of a few new tokens over a paged index-key cache",
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("q"), py::arg("w"), py::arg("pool"), py::arg("tables"), py::arg("first"), py::arg("n_slots"),
+        py::arg("scale"), py::arg("key_scale") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("attention_heads", &attention_heads, "scaled_dot_product_attention, one call per (batch row, head)",
         py::call_guard<py::gil_scoped_release>());
   m.def("set_blas", &set_blas, "mla_decode on torch's BLAS (true, where found) or on a plain loop");

@@ -97,10 +97,11 @@ class PagedCache:
         (B, n)): what a kernel needs to read each row's slots in place (``kernels.mla_decode``)."""
         return self.pool.packed[layer], self.tables
 
-    def index_key_blocks(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indexer row ``row``'s keys (n_blocks, block_size, index_head_dim) of a DSA pool, the tables (B, n)):
-        what ``kernels.index_scores`` reads each row's slots through, in place."""
-        return self.pool.tensors["index_key"][row], self.tables
+    def index_key_blocks(self, row: int, name: str = "index_key") -> tuple[torch.Tensor, torch.Tensor]:
+        """(indexer row ``row``'s keys (n_blocks, block_size, index_head_dim) of a DSA pool, or with ``name``
+        "index_key_scale" an FP8 pool's key scales (n_blocks, block_size, 1), the tables (B, n)): what
+        ``kernels.index_scores`` reads each row's slots through, in place."""
+        return self.pool.tensors[name][row], self.tables
 
     def read_packed(self, layer: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
         """(B, n_slots, kv_lora_rank + rope) of an MLA pool, in ``dtype`` (an FP8 pool's rows dequantized)."""
