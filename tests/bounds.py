@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FP32_U = 2.0**-24  # unit roundoff of FP32
@@ -85,3 +87,12 @@ def latent_attention_bound(q_BMK: torch.Tensor, kv_BSK: torch.Tensor, pos_BT: to
     d_max = ((K + 1) * FP32_U * A).masked_fill(~visible, 0).amax(-1, keepdim=True)
     flushed = S * torch.finfo(torch.float32).tiny * kv[..., :C].abs().amax((1, 2)).view(B, 1, 1)
     return exact, (2 * d_max + (S + 8) * FP32_U) * (p @ kv[..., :C].abs()) + flushed
+
+
+def binomial_halfwidth(n: int, p: float, delta: float = 1e-9) -> float:
+    """t with P(|k - n p| >= t) <= ``delta`` for k ~ Binomial(n, p): Bernstein's inequality,
+    P(|k - np| >= t) <= 2 exp(-t^2 / (2 (n p (1 - p) + t / 3))), solved for t (terms bounded by 1).
+    Holds for every n and p, no normal approximation; a seeded test inside it fails a correct
+    sampler for at most ``delta`` of the seeds."""
+    log_term = math.log(2 / delta)
+    return log_term / 3 + math.sqrt(log_term**2 / 9 + 2 * log_term * n * p * (1 - p))

@@ -8,8 +8,9 @@ Everything lands in ``{cache_dir}/data-{key}/``::
     meta.json               written last; its presence marks a complete build
 
 ``key`` hashes the format versions, every source file's resolved path, size and mtime, the
-vocab size, the validation fraction, and the bytes of a given ``tokenizer.json``; any change
-builds a fresh directory. Builds take an exclusive ``flock`` so concurrent ranks build once.
+vocab size, the validation fraction, the bytes of a given ``tokenizer.json``, and (only when it is
+above 0, so that a build without FIM keeps its key) the FIM rate and seed; any change builds a
+fresh directory. Builds take an exclusive ``flock`` so concurrent ranks build once.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import numpy as np
 import tokenizers
 
 from flyer.data.corpus import CLEAN_VERSION, Document, find_documents, split_documents
+from flyer.data.fim import DEEPSEEK, FimTokens, fim_document, fim_tokens
 from flyer.data.shards import VERSION as SHARD_VERSION
 from flyer.data.shards import ShardWriter, TokenShards, atomic_write
 from flyer.data.tokenizer import check_vocab_size, ensure_eos, load_tokenizer, train_bpe
-from flyer.errors import DataError
+from flyer.errors import DataError, FieldError
 
 PIPELINE_VERSION = 1
 SHARD_TOKENS = 1 << 20  # 2 MiB uint16 shards: the default corpus spans a few files
@@ -52,23 +54,31 @@ class PreparedData:
 
 
 def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_size: int = 8192,
-                 tokenizer: str | Path | None = None, val_fraction: float = 0.05) -> PreparedData:
+                 tokenizer: str | Path | None = None, val_fraction: float = 0.05, fim_rate: float = 0.0,
+                 seed: int = 0) -> PreparedData:
     """Build (or reuse from ``cache_dir``) the tokenizer, train / val shards and unigram baseline.
 
     ``data``: ``None`` for the installed Shakespeare plays, else file(s) / directories of
     ``.txt`` / ``.md`` text. ``vocab_size``: size of the byte-level BPE trained on the train
     split (ignored when ``tokenizer`` names a ``tokenizer.json`` to use instead).
     ``val_fraction``: share of the corpus (by bytes, whole documents) held out for validation.
-    User errors raise ``DataError`` with a one-line message.
+    ``fim_rate``: probability that a train document is rewritten as fill-in-the-middle (PSM, flyer.data.fim)
+    before tokenization, decided per document from ``seed``; the tokenizer must hold FIM markers (flyer's own
+    BPE gets DeepSeek's). Validation documents stay left-to-right, so validation loss compares across rates.
+    User errors raise ``DataError`` (``FieldError`` naming ``fim_rate``) with a one-line message.
     """
     if tokenizer is None:
         check_vocab_size(vocab_size)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction <= 0.5:
         raise DataError(f"val_fraction must be in (0, 0.5] (got {val_fraction!r})")
+    if isinstance(fim_rate, bool) or not isinstance(fim_rate, (int, float)) or not 0.0 <= fim_rate <= 1.0:
+        raise FieldError("fim_rate", f"must be a number in [0, 1] (got {fim_rate!r})")
     docs = find_documents(data)
     tok_bytes = None
     if tokenizer is not None:
-        load_tokenizer(tokenizer)  # fail early on a bad file
+        given = load_tokenizer(tokenizer)  # fail early on a bad file
+        if fim_rate > 0:
+            fim_markers(given, tokenizer)
         tok_bytes = Path(tokenizer).expanduser().read_bytes()
 
     key_src = {
@@ -78,6 +88,8 @@ def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_si
         "tokenizer": hashlib.blake2b(tok_bytes, digest_size=16).hexdigest() if tok_bytes else None,
         "val_fraction": float(val_fraction), "shard_tokens": SHARD_TOKENS,
     }
+    if fim_rate > 0:  # absent at 0: a build without FIM keeps the key (and cache) it always had
+        key_src["fim"] = {"rate": float(fim_rate), "seed": int(seed)}
     key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=8).hexdigest()
     root = Path(cache_dir).expanduser()
     try:
@@ -97,7 +109,18 @@ def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_si
                 return _load(out)
             except DataError as e:
                 print(f"flyer: rebuilding data cache {out}: {e}", file=sys.stderr)
-        return _build(out, docs, vocab_size, tokenizer, val_fraction, key_src)
+        return _build(out, docs, vocab_size, tokenizer, val_fraction, key_src, float(fim_rate), int(seed))
+
+
+def fim_markers(tok: tokenizers.Tokenizer, where: str | Path) -> FimTokens:
+    """The FIM markers of ``tok`` (a family of flyer.data.fim.FAMILIES), each encoding to its one id; else
+    ``FieldError`` naming ``fim_rate``: a marker split into pieces would teach nothing a server can prompt."""
+    markers = fim_tokens(tok)
+    if markers is None or any(tok.encode(m, add_special_tokens=False).ids != [tok.token_to_id(m)]
+                              for m in (markers.begin, markers.hole, markers.end)):
+        raise FieldError("fim_rate", f"needs a tokenizer holding fill-in-the-middle tokens, each one token (e.g. "
+                                     f"{DEEPSEEK.begin}, {DEEPSEEK.hole}, {DEEPSEEK.end}); {where} has none")
+    return markers
 
 
 @contextmanager
@@ -143,24 +166,31 @@ def _load(out: Path) -> PreparedData:
 
 
 def _build(out: Path, docs: list[Document], vocab_size: int, tokenizer: str | Path | None,
-           val_fraction: float, key_src: dict) -> PreparedData:
+           val_fraction: float, key_src: dict, fim_rate: float, seed: int) -> PreparedData:
     t0 = time.perf_counter()
     train_docs, val_docs = split_documents(docs, val_fraction)
-    if tokenizer is None:
-        tok = train_bpe((d.text() for d in train_docs), vocab_size)
+    if tokenizer is None:  # trained on the documents as written; FIM adds DeepSeek's markers as special tokens
+        extra = (DEEPSEEK.begin, DEEPSEEK.hole, DEEPSEEK.end) if fim_rate > 0 else ()
+        tok = train_bpe((d.text() for d in train_docs), vocab_size, extra)
     else:
         tok = load_tokenizer(tokenizer)
+    markers = fim_markers(tok, tokenizer) if fim_rate > 0 else None
     eos_id = ensure_eos(tok)
     tok_path = out / "tokenizer.json"
     atomic_write(tok_path, [tok.to_str().encode()])
     n_vocab = tok.get_vocab_size()
 
     split_paths = {}
+    n_fim = 0
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
         writer = ShardWriter(out, split, n_vocab, SHARD_TOKENS)
         n_tokens = 0
         for i in range(0, len(split_docs), _ENCODE_DOCS):
             texts = [d.text() for d in split_docs[i:i + _ENCODE_DOCS]]
+            if markers is not None and split == "train":  # each document its own stream: (seed, its index)
+                raw, texts = texts, [fim_document(t, np.random.default_rng((seed, i + k)), fim_rate, markers)
+                                     for k, t in enumerate(texts)]
+                n_fim += sum(a != b for a, b in zip(raw, texts))
             for enc in tok.encode_batch(texts, add_special_tokens=False):
                 ids = np.asarray(enc.ids, dtype=np.int64)
                 if len(ids):
@@ -188,6 +218,8 @@ def _build(out: Path, docs: list[Document], vocab_size: int, tokenizer: str | Pa
         "unigram_val_loss": unigram,
         "build_seconds": round(time.perf_counter() - t0, 3),
     }
+    if markers is not None:
+        meta["fim_train_documents"] = n_fim  # of len(train_docs), rewritten as PSM
     atomic_write(out / "meta.json", [json.dumps(meta, indent=1).encode()])
     return PreparedData(tok, tok_path, train, val, n_vocab, eos_id, unigram, out)
 

@@ -5,7 +5,7 @@ token placed after every document in the token shards."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -26,17 +26,19 @@ def check_vocab_size(vocab_size: object) -> int:
     return vocab_size
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, extra_special: Sequence[str] = ()) -> Tokenizer:
     """Train a GPT-2-style byte-level BPE on ``texts``. All 256 bytes are in the alphabet, so
     any string round-trips through encode/decode. The vocabulary may come out smaller than
-    ``vocab_size`` when the text runs out of pairs to merge."""
+    ``vocab_size`` when the text runs out of pairs to merge. ``extra_special``: special tokens
+    (ids 1, 2, ... after ``<|endoftext|>``'s 0) each encoded as one token wherever it appears,
+    e.g. the FIM markers (flyer.data.fim)."""
     check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=[EOS_TOKEN, *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

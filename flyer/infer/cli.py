@@ -15,6 +15,7 @@ import torch
 
 from flyer import kernels
 from flyer.config import parse_size, resolve_config, resolve_device
+from flyer.data.fim import fim_prompt
 from flyer.errors import CheckpointError, FieldError, UserError
 from flyer.fp8.fp4 import fp4_experts
 from flyer.fp8.linear import convert_to_fp8
@@ -51,6 +52,9 @@ class ByteTokenizer:
 
     def eos_ids(self) -> tuple[int, ...]:
         return ()
+
+    def fim_tokens(self) -> None:
+        return None  # bytes have no fill-in-the-middle markers
 
 
 def check_checkpoint_eos(tok, ckpt: str | None, vocab_size: int, remedy: str) -> None:
@@ -275,7 +279,8 @@ def _run(args) -> int:
     check_fp8_cache_flags(cfg, dtype, args.attention)
     if args.attention == "naive" and cfg.attn != "mla":
         raise FieldError("attention", f"naive applies to MLA models only (this model uses {cfg.attn.upper()})")
-    prompts = [tok.encode_ids(p) for p in args.prompt]
+    # --suffix: each prompt's fill-in-the-middle prompt (flyer.data.fim); "" as none, as the API takes it
+    prompts = [fim_prompt(tok, p, args.suffix) if args.suffix else tok.encode_ids(p) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):
         raise FieldError("prompt", "every prompt must encode to at least one token")
     V = cfg.vocab_size
@@ -333,6 +338,9 @@ def register(sub) -> None:
     src.add_argument("--preset", help="random weights of a preset, with UTF-8 byte tokens (no checkpoint needed)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch of prompts (of any lengths)")
+    p.add_argument("--suffix", default=None,
+                   help="fill in the middle: the text after the generated one, for every prompt, in the PSM layout of "
+                        "the tokenizer's FIM tokens (DeepSeek's or Qwen's; the text printed is the middle)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")

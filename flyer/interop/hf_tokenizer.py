@@ -11,6 +11,7 @@ from typing import Sequence
 
 from tokenizers import Tokenizer
 
+from flyer.data.fim import FimTokens, fim_tokens
 from flyer.data.tokenizer import load_tokenizer as load_tokenizer_file
 from flyer.errors import CheckpointError
 
@@ -53,6 +54,10 @@ class TextTokenizer:
 
     def bos_id(self) -> int | None:
         return self.bos
+
+    def fim_tokens(self) -> FimTokens | None:
+        """The fill-in-the-middle markers the vocabulary holds (``flyer.data.fim``), or None."""
+        return fim_tokens(self.tok)
 
     def token(self, i: int | None) -> str | None:
         return None if i is None else self.tok.id_to_token(i)

@@ -6,7 +6,8 @@
     GET  /v1/models/{model}     that model (404 for any other name)
     POST /v1/completions        prompt: text, list of texts, token ids or lists of token ids;
                                 max_tokens, temperature, top_p, stop, seed, stream (+ stream_options),
-                                logprobs (0-20), echo (prompt tokens scored, as evaluation harnesses ask)
+                                logprobs (0-20), echo (prompt tokens scored, as evaluation harnesses ask),
+                                suffix (fill-in-the-middle: the text is the middle; ``flyer.data.fim``)
                                 response_format (both routes): text, json_object, json_schema (``flyer.serve.grammar``)
     POST /v1/chat/completions   messages rendered by the tokenizer's chat template (as transformers'
                                 ``apply_chat_template`` renders it; ``flyer.data.chat_template``), else a default;
@@ -51,6 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flyer.data.chat_template import chat_renderer
 from flyer.data.deepseek_encoding import ChatEncoding
+from flyer.data.fim import fim_prompt
 from flyer.errors import FieldError
 from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
 from flyer.serve.choice import Choice
@@ -238,15 +240,17 @@ class Api:
                                frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                                grammar=grammar)
 
-    def _prompts(self, prompt) -> list[list[int]]:
+    def _prompts(self, prompt, suffix: str | None = None) -> list[list[int]]:
+        """The request's prompts as ids; with a ``suffix`` (text prompts only: ``CompletionBody.check_fields``)
+        each text's fill-in-the-middle prompt (``fim_prompt``), the same suffix after each."""
         if isinstance(prompt, str):
-            return [self.tok.encode_ids(prompt)]
-        if not prompt:
+            prompt = [prompt]
+        elif not prompt:
             raise FieldError("prompt", "must not be empty")
         if isinstance(prompt[0], int):
             return [list(prompt)]
         if isinstance(prompt[0], str):
-            return [self.tok.encode_ids(p) for p in prompt]
+            return [fim_prompt(self.tok, p, suffix) if suffix else self.tok.encode_ids(p) for p in prompt]
         return [list(p) for p in prompt]
 
     def _token_text(self, t: int) -> str:
@@ -281,7 +285,7 @@ class Api:
     async def completions(self, request: Request, body: CompletionBody) -> Response:
         self.check_access(request, body.model)
         body.check_fields()
-        prompts = self._prompts(body.prompt)
+        prompts = self._prompts(body.prompt, body.suffix)
         opts = self._options(body, body.max_tokens, max(len(p) for p in prompts), body.logprobs, body.echo)
         gen = _Generation(self, request, prompts, opts, body.stop_strings(), body.n)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),

@@ -3,7 +3,8 @@ the wrong type or out of range answers 400 naming it (FastAPI validates the body
 and ``check_fields`` refuses the combinations and the unimplemented fields the types cannot express.
 
     Body            the fields both routes share: model, sampling options, stop strings, n, stream
-    CompletionBody  POST /v1/completions: prompt (text, texts, token ids, lists of token ids), logprobs, echo
+    CompletionBody  POST /v1/completions: prompt (text, texts, token ids, lists of token ids), logprobs, echo,
+                    suffix (fill-in-the-middle: ``flyer.data.fim``)
     ChatBody        POST /v1/chat/completions: messages (text content or text parts), logprobs, top_logprobs,
                     chat_template_kwargs (more variables for the chat template, as vLLM takes them)
     ResponseFormat  both routes' ``response_format``: text, json_object, json_schema (``flyer.serve.grammar``)
@@ -27,7 +28,7 @@ MAX_TEMPLATE_KWARGS_CHARS = 16384  # chat_template_kwargs as JSON text: template
 
 # OpenAI fields that change what is generated and that flyer serve does not implement, with the values
 # that change nothing (a client may send those): any other value is refused, never silently ignored
-NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",), "functions": ([],)}
+NOT_IMPLEMENTED = {"best_of": (1,), "functions": ([],)}
 
 
 class JsonSchema(BaseModel):
@@ -157,6 +158,20 @@ class CompletionBody(Body):
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    suffix: str | None = None  # the text after the one generated (FIM); None or "": a plain completion
+
+    def check_fields(self) -> None:
+        """Also refuses a suffix with token-id prompts, whose layout (BOS, markers) is the client's own, and
+        with echo: the model reads prompt and suffix in FIM markers, not the prompt alone, to echo and score."""
+        super().check_fields()
+        if not self.suffix:
+            return
+        if self.echo:
+            raise FieldError("suffix", "cannot be combined with echo (the model reads the prompt and suffix in "
+                                       "fill-in-the-middle markers, not the prompt alone): send echo false")
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], str):
+            raise FieldError("suffix", "needs a text prompt (token ids carry their own layout: send the "
+                                       "fill-in-the-middle prompt's ids, markers included, as the prompt)")
 
 
 class ContentPart(BaseModel):

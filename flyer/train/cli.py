@@ -56,10 +56,14 @@ _FLAGS = [  # (flag, field, type, help)
      "frozen), warmup (dense attention, every other parameter frozen) or sparse (top-k attention; the indexer "
      "learns from its loss only, the rest from the LM loss only); the metrics log indexer_loss. A resumed run "
      "keeps its mode: to go from warmup to sparse, start a new run with --init from the warm-up run"),
+    ("--fim-rate", "fim_rate", float,
+     "share of text documents (each decided by --seed) rewritten as fill-in-the-middle before packing: begin, "
+     "prefix, hole, suffix, end, middle, with the tokenizer's FIM tokens as markers (PSM; DeepSeek-V3 used 0.1; "
+     "default 0); flyer's own BPE gets DeepSeek's, a --tokenizer or --init one must hold them"),
     ("--collective-timeout", "collective_timeout_s", float,
      "seconds a collective may wait for a rank that stopped answering before the job fails (default 300)"),
 ]
-ZERO_OK = {"warmup", "seed", "zero"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
+ZERO_OK = {"warmup", "seed", "zero", "fim_rate"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
 
 
 def register(sub) -> None:

@@ -33,7 +33,7 @@ SCHEDULES = ("cosine", "constant")
 # and the process layout (``checkpoint.check_layout`` compares it).
 RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_batches", "lr", "min_lr_ratio",
                 "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "precision", "vocab_size",
-                "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs")
+                "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs", "fim_rate")
 
 
 _FIELD_TYPES = {  # a TrainConfig annotation -> (does a value have it, its name in an error)
@@ -101,6 +101,9 @@ class TrainConfig:
     pack: bool = False
     # chat data: variables the chat template sees (its extra, e.g. {"thinking": true}); a line's own override them
     chat_template_kwargs: dict | None = None
+    # text data: share of train documents rewritten as fill-in-the-middle (PSM) before packing, each decided from
+    # seed (flyer.data.fim; DeepSeek-V3 used 0.1); part of the data cache's key when above 0
+    fim_rate: float = 0.0
 
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -148,6 +151,9 @@ class TrainConfig:
         need(not bad, "chat_template_kwargs", f"keys must be template variable names ({bad[:1]})")
         need(not self.chat_template_kwargs or is_chat_data(self.data), "chat_template_kwargs",
              "renders chat data (a .jsonl file)")
+        need(0 <= self.fim_rate <= 1, "fim_rate", "must be in [0, 1]")
+        need(self.fim_rate == 0 or not is_chat_data(self.data), "fim_rate", "rewrites text documents as "
+             "fill-in-the-middle; chat data (a .jsonl file) takes none")
         need(not self.pack or is_chat_data(self.data), "pack", "packs chat data (a .jsonl file); text data is "
              "already packed documents")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")

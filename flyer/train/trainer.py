@@ -195,7 +195,8 @@ class Trainer:
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
         chat = is_chat_data(tc.data)  # conversations: the loss on the assistant's tokens (flyer.data.chat_data)
         self.data = (prepare_chat(tc.data, cache, *chat_tokenizer(tc.init, tc.tokenizer), tc.chat_template_kwargs)
-                     if chat else prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer))
+                     if chat else prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer,
+                                               fim_rate=tc.fim_rate, seed=tc.seed))
         if init_cfg and self.data.vocab_size > init_cfg.vocab_size:
             raise FieldError("init", f"{tc.init}'s tokenizer has {self.data.vocab_size} tokens, "
                                      f"more than its model's vocab_size {init_cfg.vocab_size}")

@@ -1,0 +1,88 @@
+"""Fill-in-the-middle (FIM) in the Prefix-Suffix-Middle (PSM) layout: a document split into prefix, middle and
+suffix is written
+
+    BEGIN prefix HOLE suffix END middle
+
+so a left-to-right model learns to write a middle from the text on both sides (DeepSeek-V3 report, section 4.1:
+"Prefix-Suffix-Middle (PSM) framework", applied at the document level before packing at a rate of 0.1, as
+DeepSeek-Coder-V2 did), and serving puts a request's prompt and suffix there and generates the middle (DeepSeek's
+API: FIM completion, ``prompt`` + ``suffix``).
+
+The three markers are the tokenizer's own special tokens, named per model family (``FAMILIES``): DeepSeek's
+(V2, V3, Coder: ``<｜fim▁begin｜>``, ``<｜fim▁hole｜>``, ``<｜fim▁end｜>``, in V3's tokenizer 128801, 128800, 128802)
+and Qwen2.5-Coder's (``<|fim_prefix|>``, ``<|fim_suffix|>``, ``<|fim_middle|>``). ``fim_tokens`` finds the family a
+tokenizer holds; one that holds none cannot do FIM. ``fim_prompt`` is a request's prompt + suffix as ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tokenizers
+
+from flyer.errors import FieldError
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    """One family's markers: ``begin`` before the prefix, ``hole`` before the suffix, ``end`` before the middle."""
+    begin: str
+    hole: str
+    end: str
+
+    def psm(self, prefix: str, suffix: str, middle: str = "") -> str:
+        """The PSM text of a split (without the middle: the prompt a model completes with it)."""
+        return f"{self.begin}{prefix}{self.hole}{suffix}{self.end}{middle}"
+
+
+DEEPSEEK = FimTokens("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
+QWEN = FimTokens("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+FAMILIES = (DEEPSEEK, QWEN)
+
+
+def fim_tokens(tok: tokenizers.Tokenizer) -> FimTokens | None:
+    """The first family of ``FAMILIES`` whose three markers are each one token of ``tok``, or None."""
+    for family in FAMILIES:
+        if all(tok.token_to_id(t) is not None for t in (family.begin, family.hole, family.end)):
+            return family
+    return None
+
+
+def fim_prompt(tok, prefix: str, suffix: str) -> list[int]:
+    """The token ids a model completes with the middle between ``prefix`` and ``suffix``: their PSM text in the
+    markers ``tok`` holds, encoded as its checkpoint encodes any prompt: a BOS first where its tokenizer adds one
+    (DeepSeek's; Qwen's adds none), no chat template. So transformers encodes the PSM text in DeepSeek-Coder's FIM
+    example, and llama.cpp's /infill lays out BOS and markers alike. The middle ends at the checkpoint's EOS as any
+    completion: DeepSeek's and Qwen's END marker opens the middle (it is in the prompt), the model closes the
+    middle with EOS (V3's generation_config: <｜end▁of▁sentence｜>), so no marker is a stop.
+
+    ``tok``: a flyer text tokenizer (``encode_ids``, ``fim_tokens()``: the family its vocabulary holds, or None).
+    ``FieldError`` naming ``suffix`` when it holds none."""
+    markers = tok.fim_tokens()
+    if markers is None:
+        raise FieldError("suffix", "this model's tokenizer has no fill-in-the-middle tokens (DeepSeek's "
+                                   f"{DEEPSEEK.begin} ... or Qwen's {QWEN.begin} ...): send the prompt without it")
+    return tok.encode_ids(markers.psm(prefix, suffix))
+
+
+def draw_split(n_chars: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Split points ``0 <= i <= j <= n_chars`` of a document of ``n_chars`` characters: prefix ``[0, i)``, middle
+    ``[i, j)``, suffix ``[j, n_chars)``. Two positions drawn uniformly and independently from ``{0, ..., n_chars}``,
+    then sorted: the character-level split of Bavarian et al. 2022, which DeepSeek-Coder's document-level FIM
+    follows (any part may be empty)."""
+    i, j = sorted(int(x) for x in rng.integers(0, n_chars + 1, size=2))
+    return i, j
+
+
+def fim_document(text: str, rng: np.random.Generator, rate: float, markers: FimTokens) -> str:
+    """``text`` rewritten, with probability ``rate``, as PSM with ``markers`` at split points ``draw_split`` takes
+    from ``rng`` (else unchanged; an empty text stays empty). The Bernoulli draw comes first, so the same ``rng``
+    state decides both whether and where."""
+    if not (rng.random() < rate and text):
+        return text
+    i, j = draw_split(len(text), rng)
+    return markers.psm(text[:i], text[j:], text[i:j])
+
+
+__all__ = ["DEEPSEEK", "FAMILIES", "FimTokens", "QWEN", "draw_split", "fim_document", "fim_prompt", "fim_tokens"]
