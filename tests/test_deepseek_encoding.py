@@ -14,7 +14,7 @@ import llguidance
 import pytest
 
 from flyer.data.chat_template import chat_renderer, read_chat_template
-from flyer.data.deepseek_encoding import ENCODINGS, ChatEncoding, encode_v4, encode_v32
+from flyer.data.deepseek_encoding import ENCODINGS, RESPONSE_FORMAT, ChatEncoding, encode_v4, encode_v32, tools_section
 from flyer.errors import FieldError
 from flyer.infer.cli import ByteTokenizer
 from flyer.serve.dsml import DSML_V4, DSML_V32, parse_dsml_calls
@@ -305,6 +305,27 @@ def test_v4_tools_calls_and_results():
     with pytest.raises(FieldError) as e:
         render(turns, None, True, {"reasoning_effort": "extreme"})
     assert e.value.field == "chat_template_kwargs"
+
+
+def test_v4_what_the_release_refuses_and_takes():
+    # encoding_dsv4.py's render_message asserts a developer turn's content; its drop (thinking, no tools) runs first,
+    # so a developer turn it drops is never checked
+    for content in ("", None):
+        with pytest.raises(FieldError) as e:
+            encode_v4([{"role": "user", "content": "a"}, {"role": "developer", "content": content}])
+        assert e.value.field == "messages[1].content"
+    assert encode_v4([{"role": "developer", "content": ""}, {"role": "user", "content": "b"}], thinking=True) == \
+        f"{B}{U}b{A}<think>"
+    # a developer turn's own tools and response_format follow its content; tools keep every turn's <think>
+    fmt = {"type": "json_object"}
+    dev = [{"role": "developer", "content": "d", "tools": TOOLS, "response_format": fmt}]
+    body = f"{U}d\n\n{tools_section(TOOLS, v4=True)}\n\n{RESPONSE_FORMAT}{json.dumps(fmt)}{A}"
+    assert encode_v4(dev) == f"{B}{body}</think>"
+    assert encode_v4([*dev, {"role": "assistant", "content": "x"}, {"role": "user", "content": "u"}],
+                     thinking=True) == f"{B}{body}<think></think>x{E}{U}u{A}<think>"
+    # unlike V3.2's, V4's takes an answer after the last user turn with neither reasoning nor calls (thinking mode)
+    assert encode_v4([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], thinking=True) == \
+        f"{B}{U}a{A}<think></think>b{E}"
 
 
 def test_v4_checkpoint_and_calls(tmp_path):

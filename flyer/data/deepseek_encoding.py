@@ -34,8 +34,11 @@ is another text; calls are a ``tool_calls`` block; tool results are merged into 
 turns too) as ``<tool_result>CONTENT</tool_result>`` parts joined by a blank line, in the calls' order; a user turn
 writes <｜Assistant｜> and the think token only where an assistant's turn follows (or none does); with tools in the
 conversation no reasoning is dropped (every user turn opens ``<think>`` in thinking mode); in thinking mode
-``extra={"reasoning_effort": "high" | "max"}`` puts its prompt first ("low", the default, puts nothing); a developer
-turn writes its response format section after its CONTENT; the ``latest_reminder`` role (date, locale, ...: context,
+``extra={"reasoning_effort": "high" | "max"}`` puts its prompt first ("low", the default, puts nothing; the three
+levels of the later encoders, V4-Flash-0731's and Flash-Vision-Exp's: the first V4-Pro / V4-Flash encoder writes its
+one prompt, the "high" text here, for "max" only, and nothing for "high");
+a developer turn (its CONTENT required, as the release asserts) writes its own tools section and response format
+section after its CONTENT; the ``latest_reminder`` role (date, locale, ...: context,
 never an answer) is ``<｜latest_reminder｜>CONTENT``, and a user turn before it ends with the assistant's header as
 before an assistant turn (the release's transition rule; its test conversation puts the reminder between the
 system message and the first user turn).
@@ -272,7 +275,8 @@ def encode_v4(messages: list[dict], tools: list[dict] | None = None, thinking: b
               reasoning_effort: str = "low", response_format: dict | None = None) -> str:
     """``messages``, ``tools`` and the request's ``response_format`` -> DeepSeek-V4's prompt text (module doc);
     ``reasoning_effort`` one of ``REASONING_EFFORT``. ``FieldError`` naming messages for a tool answer without a
-    call before it."""
+    call before it, or a rendered developer turn without content (the release asserts it; unlike V3.2's, it takes
+    an assistant turn after the last user turn with neither reasoning nor calls in thinking mode: ``</think>``)."""
     merged: list[dict] = []  # tool answers and user turns merged into user turns of parts (text or a tool's result)
     order: dict[str, int] | None = None  # the last assistant's call ids, in its order (None: it called nothing)
     for k, m in _with_request(messages, tools, response_format):
@@ -308,7 +312,11 @@ def encode_v4(messages: list[dict], tools: list[dict] | None = None, thinking: b
             text += content + ("\n\n" + tools_section(m["tools"], v4=True) if m.get("tools") else "") + \
                 _format_section(m, m["k"])
         elif role == "developer":
-            text += USER + content + _format_section(m, m["k"])
+            if not content:  # the release asserts a developer turn's content (after its drop: only kept ones)
+                raise FieldError(f"messages[{m['k']}].content", "a developer turn needs content")
+            # its own tools (the release's message field) go after its content, as a system message's do
+            text += USER + content + ("\n\n" + tools_section(m["tools"], v4=True) if m.get("tools") else "") + \
+                _format_section(m, m["k"])
         elif role == "latest_reminder":
             text += LATEST_REMINDER + content
         elif role == "user":
@@ -336,7 +344,7 @@ class ChatEncoding:
     ``model_type`` it renders for. Stands where a template string stands (``chat_renderer``)."""
 
     name: str
-    version: int = 2  # of flyer's rendering: the chat data cache key holds it (``flyer.data.chat_data``)
+    version: int = 3  # of flyer's rendering: the chat data cache key holds it (``flyer.data.chat_data``)
 
     @property
     def roles(self) -> tuple[str, ...]:
