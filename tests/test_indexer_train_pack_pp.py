@@ -27,7 +27,7 @@ import torch
 from flyer.data.chat_data import IGNORE_INDEX, chat_rows
 from flyer.parallel import pipeline
 from tests import test_sft_pack_pp, test_sft_pp
-from tests.test_sft import reorder_bound
+from tests.test_sft import reorder_bound, row_grads
 from tests.ranks import needs_split_backward, run_ranks
 from tests.test_sft_pp import _state, _worst
 
@@ -77,12 +77,9 @@ def _one_process(chats: Path, kind: str) -> dict:
     t = _trainer(str(chats), chats.parent / f"one-dsa-{kind}", 0, packed, grad_accum=M)
     batches = batches_of(t)
     t.sampler.next_batch = iter(batches).__next__
-    out = {"step": _state(t, t._local_step()), "rows": []}
-    for x, y, *d in batches:
-        for b in range(x.shape[0]):
-            t.model.zero_grad()
-            t.model.compute_loss(x[b:b + 1].clamp(min=0), y[b:b + 1], *(e[b:b + 1] for e in d)).loss.backward()
-            out["rows"].append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+    out = {"step": _state(t, t._local_step())}
+    out["rows"] = [g for batch in batches for g in row_grads(t.model, *batch)]
+    x = batches[-1][0]
     out["c"] = reorder_bound(t.cfg, M * x.shape[0], x.shape[1])
     t.close()
     return out

@@ -142,6 +142,17 @@ def test_flyer_loss_equals_transformers_with_masked_labels(hf):
         assert abs(float(mutant) - float(out.loss)) > 10 * tol
 
 
+def row_grads(model, x, y, *extra) -> list[dict]:
+    """Each row's own gradients (its loss alone, ``extra`` sliced alike: packed rows' documents): the scale of the
+    terms a batch's gradient entry sums, which the tolerances multiply."""
+    rows = []
+    for b in range(x.shape[0]):
+        model.zero_grad()
+        model.compute_loss(x[b:b + 1].clamp(min=0), y[b:b + 1], *(e[b:b + 1] for e in extra)).loss.backward()
+        rows.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return rows
+
+
 def _trainer(hf, tmp_path, model="init", **kw) -> Trainer:
     """A Trainer on CHATS: fine-tuning the V3 directory (``model`` "init"), or the ``tiny`` preset (MTP depth 1)
     with the directory's tokenizer.json and flyer's default template ("tiny")."""
@@ -170,11 +181,7 @@ def test_grad_accum_is_token_weighted(hf, tmp_path, model):
     ga = {n: p.grad.clone() for n, p in one.model.named_parameters() if p.grad is not None}
     gb = {n: p.grad.clone() for n, p in two.model.named_parameters() if p.grad is not None}
     # per-row gradients: the scale of the terms each entry sums (rows and their T positions, reordered)
-    rows = []
-    for b in range(4):
-        one.model.zero_grad()
-        one.model.compute_loss(x[b:b + 1].clamp(min=0), y[b:b + 1]).loss.backward()
-        rows.append({n: p.grad.clone() for n, p in one.model.named_parameters() if p.grad is not None})
+    rows = row_grads(one.model, x, y)
     cfg = one.cfg
     c = (cfg.n_layers * (cfg.dim + cfg.inter_dim + 64) + 4 * 64 + 8) * FP32_U
     assert abs(la - lb) <= c * la
@@ -366,11 +373,7 @@ def _rank_step(rank: int, hf_dir: str, chats: str, halves: list[list[int]]) -> d
            "grads": {n: p.grad.clone() for n, p in t.model.named_parameters()
                      if p.grad is not None and "experts.w" not in n}}
     if world == 1:
-        out["rows"] = []
-        for b in range(len(rows)):
-            t.model.zero_grad()
-            t.model.compute_loss(x[b:b + 1].clamp(min=0), y[b:b + 1]).loss.backward()
-            out["rows"].append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+        out["rows"] = row_grads(t.model, x, y)
     t.close()
     t.mesh.destroy()
     return out

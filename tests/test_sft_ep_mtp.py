@@ -45,11 +45,7 @@ def _ep_mtp_step(rank: int, hf_dir: str, chats: str) -> dict:
            "ep_rank": t.mesh.ep_rank, "mtp_targets": [int((y[:, 1:] != IGNORE_INDEX).sum()) for _, y in batches]}
     if world == 1:
         (x, y), = batches
-        out["rows"] = []
-        for b in range(x.shape[0]):
-            t.model.zero_grad()
-            t.model.compute_loss(x[b:b + 1].clamp(min=0), y[b:b + 1]).loss.backward()
-            out["rows"].append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+        out["rows"] = test_sft.row_grads(t.model, x, y)
     t.close()
     t.mesh.destroy()
     return out

@@ -372,12 +372,7 @@ def _pack_rank_step(rank: int, hf_dir: str, chats: str, convs: list[list[int]]) 
     out = {"sums": sums, "grads": {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None},
            "experts": t.mesh.ep_rank, "counts": int((batch[1] != IGNORE_INDEX).sum())}
     if world == 1:
-        out["rows"] = []
-        x, y, d = batch
-        for b in range(x.shape[0]):
-            t.model.zero_grad()
-            t.model.compute_loss(x[b:b + 1].clamp(min=0), y[b:b + 1], d[b:b + 1]).loss.backward()
-            out["rows"].append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+        out["rows"] = test_sft.row_grads(t.model, *batch)
     t.close()
     t.mesh.destroy()
     return out

@@ -27,7 +27,7 @@ from flyer.parallel import pipeline
 from flyer.train.metrics import model_flops_per_token
 from flyer.train.trainer import Trainer
 from tests.ranks import needs_split_backward, run_ranks
-from tests.test_sft import reorder_bound
+from tests.test_sft import reorder_bound, row_grads
 from tests.test_sft_pp import _state, _worst, write_chats
 from tests.test_sft_pp import _trainer as sft_pp_trainer
 
@@ -112,12 +112,8 @@ def one_process(t: Trainer) -> dict:
     assert all(bool((d < 0).any()) for _, _, d in batches)  # padded
     assert [len(document_lengths(d)) for _, _, d in batches] == [6, 2, 4, 3]
     t.sampler.next_batch = iter(batches).__next__
-    out = {"step": _state(t, t._local_step()), "val": t.evaluate(), "rows": []}
-    for x, y, d in batches:
-        for b in range(B):
-            t.model.zero_grad()
-            t.model.compute_loss(x[b:b + 1].clamp(min=0), y[b:b + 1], d[b:b + 1]).loss.backward()
-            out["rows"].append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+    out = {"step": _state(t, t._local_step()), "val": t.evaluate()}
+    out["rows"] = [g for batch in batches for g in row_grads(t.model, *batch)]
     lengths = [n for _, _, d in batches for n in document_lengths(d)]
     out["tokens"], out["flops"] = sum(lengths), sum(n * model_flops_per_token(t.cfg, n) for n in lengths)
     out["c"] = reorder_bound(t.cfg, M * B, T)

@@ -26,7 +26,7 @@ from flyer.train.trainer import Trainer
 from tests.bounds import FP32_U
 from tests.hf_models import build
 from tests.ranks import needs_split_backward, run_ranks
-from tests.test_sft import CHATS
+from tests.test_sft import CHATS, row_grads
 
 T = 64
 # 4 micro-batches of 2 conversations (DualPipeV on 2 ranks runs 4 at least), every one with padding
@@ -105,12 +105,8 @@ def reference(chats):
     counts = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
     assert len(set(counts)) > 1 and all(bool((x < 0).any()) for x, _ in batches)
     t.sampler.next_batch = iter(batches).__next__
-    out = {"step": _state(t, t._local_step()), "val": t.evaluate(), "rows": []}
-    for x, y in batches:
-        for b in range(x.shape[0]):
-            t.model.zero_grad()
-            t.model.compute_loss(x[b:b + 1].clamp(min=0), y[b:b + 1]).loss.backward()
-            out["rows"].append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+    out = {"step": _state(t, t._local_step()), "val": t.evaluate()}
+    out["rows"] = [g for x, y in batches for g in row_grads(t.model, x, y)]
     cfg = t.cfg
     out["c"] = (cfg.n_layers * (cfg.dim + cfg.inter_dim + 64) + 4 * 64 + 8) * FP32_U
     t.close()
