@@ -311,10 +311,6 @@ def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncodi
     plain = template if isinstance(template, ChatEncoding) else \
         _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
     render = chat_renderer(plain, special)
-    if not isinstance(template, ChatEncoding):  # a template has no place for a line's response_format (serve: none)
-        def render(messages, tools, add_generation_prompt=True, extra=None, response_format=None,
-                   _template=render):
-            return _template(messages, tools, add_generation_prompt, extra)
     split = token_splitter(tok.tok)
 
     def encode(text: str) -> list[int]:

@@ -58,8 +58,9 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
     taken = {"messages", "tools", "add_generation_prompt", *named, *env.globals}
 
     def render(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
-               extra: dict | None = None) -> str:
+               extra: dict | None = None, response_format: dict | None = None) -> str:
         """``tools``: OpenAI's tool definitions, as transformers' ``apply_chat_template(tools=...)`` passes them;
+        ``response_format``: ignored, a template has no place for it (``ChatEncoding.render`` writes it);
         ``add_generation_prompt``: end with the assistant's header (a prompt) or not (a whole conversation);
         ``extra``: more variables the template sees (a request's ``chat_template_kwargs``, as transformers'
         ``apply_chat_template(**kwargs)`` passes them, e.g. V3.1's ``thinking``). ``FieldError`` naming

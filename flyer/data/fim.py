@@ -42,9 +42,14 @@ FAMILIES = (DEEPSEEK, QWEN)
 
 
 def fim_tokens(tok: tokenizers.Tokenizer) -> FimTokens | None:
-    """The first family of ``FAMILIES`` whose three markers are each one token of ``tok``, or None."""
+    """The first family of ``FAMILIES`` whose three markers ``tok`` encodes each as its one token (a marker in the
+    vocabulary that text splits would train or prompt nothing a FIM model reads), or None."""
+    def one(t: str) -> bool:
+        i = tok.token_to_id(t)
+        return i is not None and tok.encode(t, add_special_tokens=False).ids == [i]
+
     for family in FAMILIES:
-        if all(tok.token_to_id(t) is not None for t in (family.begin, family.hole, family.end)):
+        if all(map(one, (family.begin, family.hole, family.end))):
             return family
     return None
 

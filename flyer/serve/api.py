@@ -204,8 +204,7 @@ class Api:
             raise FieldError("reasoning_parser", f"must be one of {sorted(PARSERS)} (got {reasoning_parser!r})")
         self.reasoning = None if reasoning_parser is None else PARSERS[reasoning_parser]
         self.render_chat = chat_renderer(chat_template, self._special_tokens())
-        # a release's encoder (DeepSeek-V3.2 / V4) writes a request's response_format into the prompt; templates do not
-        self.encoding = chat_template if isinstance(chat_template, ChatEncoding) else None
+        self.encoding = chat_template if isinstance(chat_template, ChatEncoding) else None  # its roles
         self.tool_format = chosen_format(tool_call_parser, chat_template)  # the format calls are written and read in
         self.draining = False
         self.created = int(time.time())
@@ -339,11 +338,10 @@ class Api:
                 content = ""
             messages.append({**m.model_dump(exclude_none=True), "content": content})
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
-        fmt = body.response_format
-        written = {} if self.encoding is None or fmt is None or fmt.type == "text" else \
-            {"response_format": fmt.model_dump(by_alias=True, exclude_none=True)}  # the grammar still enforces it
+        fmt = body.response_format  # a release's encoder writes it into the prompt, a template not; its grammar holds
+        fmt = None if fmt is None or fmt.type == "text" else fmt.model_dump(by_alias=True, exclude_none=True)
         try:
-            return self.render_chat(messages, tools, extra=body.chat_template_kwargs, **written)
+            return self.render_chat(messages, tools, extra=body.chat_template_kwargs, response_format=fmt)
         except jinja2.TemplateError as e:
             raise FieldError("messages", f"the chat template cannot render them: {e}") from None
 
