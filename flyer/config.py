@@ -2,8 +2,8 @@
 
 Field names follow DeepSeek-V3's `inference/model.py` ModelArgs (``dim``, ``inter_dim``,
 ``moe_inter_dim``, ``n_dense_layers``, ...). ``ModelConfig.from_json`` also accepts the keys of a
-Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 / DeepseekV3.2 / GLM-5 (and Llama / Mistral / Qwen2 / Qwen3 /
-GLM-4.5 for the GQA presets).
+Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 / DeepseekV3.2 / GLM-5 / Mistral 4 / Kimi K2.5's text model
+(and Llama / Mistral / Qwen2 / Qwen3 / GLM-4.5 for the GQA presets).
 Every constructed config is validated; an impossible value raises ``ConfigError`` with one line
 naming the field and what is allowed.
 """
@@ -111,6 +111,9 @@ class ModelConfig:
     high_freq_factor: float = 4.0  # llama3: wavelengths below original_seq_len / high_freq_factor are kept
     mscale: float = 1.0  # yarn: softmax scale * yarn_mscale(rope_factor, mscale)^2 (HF: mscale_all_dim)
     rope_attn_factor: float = 1.0  # factor on cos/sin (YaRN's; HF: attention_factor, m(mscale)/m(mscale_all_dim))
+    # Llama 4's attention temperature (Mistral 4, mla only): each query at position p (nope and rope parts) times
+    # 1 + beta ln(1 + floor(p / original_seq_len)), sharpening attention past the original context; 0 = none
+    llama4_attn_beta: float = 0.0
     # multi-token prediction
     mtp_depth: int = 1
     mtp_loss_weight: float = 0.3
@@ -257,6 +260,10 @@ class ModelConfig:
             need(self.low_freq_factor > 0, "low_freq_factor", "must be > 0")
             need(self.high_freq_factor > self.low_freq_factor, "high_freq_factor",
                  f"must be > low_freq_factor={self.low_freq_factor}")
+        need(self.llama4_attn_beta >= 0, "llama4_attn_beta", "must be >= 0 (0 = no query scaling)")
+        if self.llama4_attn_beta:  # the scale rides in MLA's rope tables (flyer.model.rope.rope_cos_sin)
+            need(self.attn == "mla" and self.index_topk == 0, "llama4_attn_beta",
+                 "applies to mla attention without the DSA indexer only (0 = none)")
         need(self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
         need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
 

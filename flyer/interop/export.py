@@ -4,7 +4,9 @@
 ``config.json`` (``deepseek_v3`` for MLA with the sigmoid + bias gate, ``deepseek_v32`` for that with
 DeepSeek Sparse Attention's indexer, ``glm_moe_dsa`` (GLM-5) for that with ``indexer_types`` (shared
 selections; a model read from GLM-5 lists them), ``deepseek_v2`` for the softmax gate, ``llama`` / ``qwen2`` /
-``qwen3`` for dense GQA, ``qwen3_moe`` for GQA with head norms and softmax-routed experts, ``mixtral``
+``qwen3`` for dense GQA, ``mistral4`` for MLA with the softmax gate renormalised or Llama 4's query temperature
+(its routed experts fused, as transformers writes them), ``qwen3_moe`` for GQA with head norms and softmax-routed
+experts, ``mixtral``
 for GQA with them in every layer and no head norms, ``glm4_moe`` for GQA with partial rotary or
 DeepseekV3's sigmoid router, its MTP modules kept), safetensors (one
 file, or shards plus ``model.safetensors.index.json`` past the shard size), ``tokenizer.json`` with its
@@ -52,10 +54,11 @@ from flyer.config import ModelConfig, parse_size
 from flyer.errors import CheckpointError, ConfigError, FieldError
 from flyer.fp8.quant import TILE, quantize_blocks
 from flyer.infer.weights import FP8, held_scale
-from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, hf_names, is_hf_model_dir, is_mixtral, permute_rope,
-                              read_hf_config, rope_half_layout, v4_name, weight_files)
+from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, hf_names, is_hf_model_dir, is_mixtral, is_wrapped,
+                              permute_rope, read_hf_config, rope_half_layout, v4_name, weight_files)
 from flyer.interop.hf_config import GQA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES
 from flyer.interop.hf_tokenizer import TextTokenizer, read_json as _read_json
+from flyer.interop.hf_config_mistral4 import check_mistral4, to_mistral4_config
 from flyer.interop.hf_config_v4 import to_v4_config
 from flyer.interop.load import settings_dir
 from flyer.interop.streamed import StreamedCheckpoint
@@ -100,11 +103,17 @@ def hf_model_type(cfg: ModelConfig) -> str:
         return "qwen3" if cfg.qk_norm else "qwen2" if cfg.attn_bias else "llama"
     if cfg.n_routed_experts == 0:
         raise ConfigError("config field 'n_routed_experts': an MLA model without experts has no transformers twin")
+    if cfg.llama4_attn_beta:  # Llama 4's query temperature: only Mistral 4 has it (and no DSA indexer)
+        check_mistral4(cfg)
+        return "mistral4"
     if cfg.score_func == "sigmoid" and cfg.router_bias:  # GLM-5: the layout indexer_types lists (flyer.config)
         return ("glm_moe_dsa" if cfg.indexer_types else "deepseek_v32") if cfg.index_topk else "deepseek_v3"
     if cfg.index_topk:
         raise ConfigError("config field 'index_topk': transformers' architectures with the DSA indexer "
                           "(deepseek_v32, glm_moe_dsa) route with sigmoid scores and a correction bias")
+    if cfg.score_func == "softmax" and not cfg.router_bias and cfg.norm_topk_prob:
+        check_mistral4(cfg)  # the softmax router renormalised: Mistral 4's
+        return "mistral4"
     if cfg.score_func == "softmax" and not cfg.router_bias and not cfg.norm_topk_prob:
         return "deepseek_v2"
     raise ConfigError(f"config fields 'score_func'/'router_bias'/'norm_topk_prob': no transformers architecture "
@@ -190,8 +199,9 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
 
 
 def exported(cfg: ModelConfig) -> ModelConfig:
-    """What of ``cfg`` its transformers architecture holds: the GQA ones (Llama ... Mixtral) have no MTP module."""
-    return replace(cfg, mtp_depth=0) if hf_model_type(cfg) in GQA_MODEL_TYPES else cfg
+    """What of ``cfg`` its transformers architecture holds: the GQA ones (Llama ... Mixtral) and Mistral 4 have no
+    MTP module."""
+    return replace(cfg, mtp_depth=0) if hf_model_type(cfg) in GQA_MODEL_TYPES + ("mistral4",) else cfg
 
 
 def eos_token_id(tok: TextTokenizer) -> int | list[int] | None:
@@ -207,7 +217,8 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
             "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
             "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
-            "glm_moe_dsa": "GlmMoeDsaForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}[mt]
+            "glm_moe_dsa": "GlmMoeDsaForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM",
+            "mistral4": "Mistral4ForCausalLM"}[mt]
     d = {"architectures": [arch], "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
          "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
@@ -260,7 +271,10 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
              first_k_dense_replace=cfg.n_dense_layers, routed_scaling_factor=cfg.route_scale,
              norm_topk_prob=cfg.norm_topk_prob, num_nextn_predict_layers=cfg.mtp_depth)
     grouped = cfg.n_expert_groups > 1 and cfg.n_limited_groups < cfg.n_expert_groups
-    if mt == "deepseek_v3":
+    if mt == "mistral4":
+        del d["num_nextn_predict_layers"], d["mlp_bias"]
+        d.update(to_mistral4_config(cfg, _rope_parameters(cfg)))
+    elif mt == "deepseek_v3":
         d.update(n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups, rope_interleave=True,
                  topk_method="noaux_tc", scoring_func="sigmoid")
     elif mt in ("deepseek_v32", "glm_moe_dsa"):  # no rope_interleave: their MLA always rotates interleaved pairs
@@ -306,10 +320,14 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
     cfg = exported(cfg)
     rope_half = hf_model_type(cfg) in HALF_ROPE_MODEL_TYPES
     items: list[Item] = []
-    for name, slot in hf_names(cfg, rope_half).items():
+    for name, slot in hf_names(cfg, rope_half, fused=hf_model_type(cfg) == "mistral4").items():
         shape = tuple(state[slot.key].shape[1:] if slot.expert is not None else state[slot.key].shape)
+        if slot.fused:  # transformers' fused expert stacks: the parts concatenated on dim 1
+            shape = (shape[0], sum(state[k].shape[1] for k in slot.fused), *shape[2:])
 
         def get(slot=slot) -> torch.Tensor:
+            if slot.fused:
+                return torch.cat([read(Slot(k)).detach().cpu() for k in slot.fused], dim=1)
             t = read(Slot(slot.key, slot.expert)).detach().cpu()  # no upcast: one converted copy of one tensor
             return t if slot.rope_rows is None else permute_rope(t, slot.rope_rows, inverse=True)
         v4 = published_format(name) if dtype == "fp8" and cfg.attn == "hybrid" else "plain"
@@ -512,7 +530,7 @@ def _fp4_block_codes(cfg: ModelConfig, read: Read, fp4_keys: set[str]) -> Codes:
     when its codes are written, and its scale kept until then."""
     codes: Codes = {}
     for name, slot in hf_names(exported(cfg), hf_model_type(exported(cfg)) in HALF_ROPE_MODEL_TYPES).items():
-        if slot.key not in fp4_keys:
+        if slot.key not in fp4_keys or hf_model_type(cfg) == "mistral4":  # fused 3-D stacks: never E4M3
             continue
         pair: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -563,6 +581,9 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
         codes = _fp4_block_codes(src.cfg, src.read, src.fp4_keys)
     summary = _export(src.cfg, src.tok, lambda: _items(src.cfg, src.state, src.read, dtype, codes), out, dtype,
                       max_shard_size, source)
+    if src.where is not None and is_wrapped(src.files):  # Kimi K2.5: the text model only, said
+        summary["left_out"] = ("the vision-language wrapper's vision tower and projector: flyer reads and writes its "
+                               "text model")
     if src.qat:
         summary["routed_experts"] = ("the FP32 masters (--masters)" if masters else
                                      "their FP4 values: the model FP4 QAT (--fp4-experts) trained")

@@ -17,11 +17,13 @@ checkpoints use the same names):
     ffn.w1 / w2 / w3               mlp.gate_proj / down_proj / up_proj (dense and shared_experts)
     ffn.gate.weight, .bias         mlp.gate.weight, mlp.gate.e_score_correction_bias
     ffn.experts.w1[e] (stacked)    mlp.experts.e.gate_proj (one tensor per expert, as save_pretrained writes)
+    ffn.experts.w1|w3, w2          fused: mlp.experts.gate_up_proj (E, 2F, D), down_proj (E, D, F) (Mistral 4)
     ffn.gate, ffn.experts.w1[e]    Mixtral: block_sparse_moe.gate, block_sparse_moe.experts.e.w1 (w2, w3 alike)
     mtp.k.enorm, hnorm, eh_proj    model.layers.(L+k).enorm, hnorm, eh_proj
     mtp.k.norm                     model.layers.(L+k).shared_head.norm
     mtp.k.block.*                  model.layers.(L+k).* (as a decoder layer)
     V4: mtp.k.e_proj, h_proj, ...  mtp.k.e_proj, h_proj, enorm, hnorm, norm, hc_head_*; mtp.k.block.* as mtp.k.*
+    (Kimi K2.5: any of these)      language_model.<name> (decoder layers "layers" or "blocks"; ``text_name``)
 
 flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2, Qwen3(-MoE), Mixtral,
 DeepseekV3 with ``rope_interleave: false``) get their rope rows permuted on the way in and out, and
@@ -55,7 +57,7 @@ from flyer.config import ModelConfig
 from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
-from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type
+from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type, text_config
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.tensorfile import TensorFile, header
 from flyer.interop.v4_quant import dequantize_fp4_e2m1, dequantize_ue8m0_blocks, held_e4m3_blocks, stored_format
@@ -102,11 +104,14 @@ _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 @dataclass(frozen=True)
 class Slot:
     """Where an HF tensor goes: flyer state-dict key, expert index (stacked experts) or None,
-    and the rope rows to permute (``rope_rows``: (head size, rope offset, rope dim) or None)."""
+    and the rope rows to permute (``rope_rows``: (head size, rope offset, rope dim) or None).
+    ``fused``: the whole expert stacks an HF tensor concatenates on dim 1, ``key`` first (transformers' fused
+    ``gate_up_proj``: w1 then w3 of each expert; ``down_proj``: w2 alone); () for any other tensor."""
 
     key: str
     expert: int | None = None
     rope_rows: tuple[int, int, int] | None = None
+    fused: tuple[str, ...] = ()
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
@@ -116,18 +121,28 @@ def is_hf_model_dir(path: str | Path) -> bool:
         (p / INDEX).is_file() or (p / SINGLE).is_file())
 
 
-def hf_names(cfg: ModelConfig, rope_half: bool) -> dict[str, Slot]:
+def hf_names(cfg: ModelConfig, rope_half: bool, fused: bool = False) -> dict[str, Slot]:
     """HF tensor name -> ``Slot`` for every tensor a model of ``cfg`` has. ``rope_half``: the
-    checkpoint's rope rows are in rotate-half layout (else interleaved, as flyer's)."""
+    checkpoint's rope rows are in rotate-half layout (else interleaved, as flyer's). ``fused``: routed
+    experts as transformers' fused stacks (``FUSED_EXPERTS``), else one tensor per expert."""
     model = _meta_model(cfg)
     out: dict[str, Slot] = {}
     mixtral = is_mixtral(cfg)  # the model's MoE names, once
     for key, t in model.state_dict().items():
         if cfg.tie_embeddings and key == "head.weight":
             continue  # tied: the file holds the embedding only
-        for name, slot in _hf_entries(key, t.shape, cfg, rope_half, mixtral):
+        for name, slot in _hf_entries(key, t.shape, cfg, rope_half, mixtral, fused):
             out[name] = slot
     return out
+
+
+# transformers' fused expert stacks, as it writes them for architectures without a per-expert conversion (Mistral 4)
+FUSED_EXPERTS = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)")
+
+
+def has_fused_experts(names) -> bool:
+    """Whether a checkpoint's tensor ``names`` hold its routed experts fused (``FUSED_EXPERTS``)."""
+    return any(FUSED_EXPERTS.fullmatch(n) for n in names)
 
 
 def is_mixtral(cfg: ModelConfig) -> bool:
@@ -199,7 +214,8 @@ def v4_name(name: str) -> str:
     return _V4_SAVED.get(name) or re.sub(r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.", name)
 
 
-def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool, mixtral: bool) -> Iterator[tuple[str, Slot]]:
+def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool, mixtral: bool,
+                fused: bool = False) -> Iterator[tuple[str, Slot]]:
     if cfg.attn == "hybrid":
         yield from _v4_entries(key, shape)
         return
@@ -210,6 +226,12 @@ def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool, mixtral: boo
     if m:
         i = int(m.group(1)) + (cfg.n_layers if key.startswith("mtp.") else 0)
         sub = m.group(2)
+        if sub in _EXPERTS and fused:  # w1 and w3 in one stack (under w1's entry), w2 a stack alone
+            if sub == "ffn.experts.w2":
+                yield f"model.layers.{i}.mlp.experts.down_proj", Slot(key, fused=(key,))
+            elif sub == "ffn.experts.w1":
+                yield f"model.layers.{i}.mlp.experts.gate_up_proj", Slot(key, fused=(key, key[:-2] + "w3"))
+            return
         if sub in _EXPERTS:
             moe, names = ("block_sparse_moe", _MIXTRAL_EXPERTS) if mixtral else ("mlp", _EXPERTS)
             for e in range(shape[0]):
@@ -274,14 +296,16 @@ def weight_files(path: Path) -> dict[str, Path]:
 
 
 def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[ModelConfig, dict]:
-    """(flyer config, raw config.json) of an HF directory. ``names``: the checkpoint's tensor names;
-    MTP modules the file lacks (transformers' ``save_pretrained`` drops them) are not built."""
+    """(flyer config, raw config.json) of an HF directory (a wrapper's: its text model's, ``text_config``).
+    ``names``: the checkpoint's tensor names; MTP modules the file lacks (transformers' ``save_pretrained``
+    drops them) are not built."""
     path = Path(path)
-    raw = _read_json(path / "config.json")
+    raw = text_config(_read_json(path / "config.json"), str(path / "config.json"))
     fields = from_hf_config(raw, str(path / "config.json"))
     if names is not None and fields.get("mtp_depth", 0):  # the MTP layers the files hold: V4's mtp.k.*, V3's
         v4 = fields.get("attn") == "hybrid"
         pattern = r"mtp\.(\d+)\..+" if v4 else r"model\.layers\.(\d+)\.eh_proj\.weight"
+        names = [text_name(n) or "" for n in names] if is_wrapped(names) else names
         have = {int(m.group(1)) for n in names if (m := re.fullmatch(pattern, n))}
         first = 0 if v4 else fields["n_layers"]
         fields["mtp_depth"] = next(k for k in range(fields["mtp_depth"] + 1) if first + k not in have)
@@ -291,12 +315,34 @@ def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[Mo
         raise ConfigError(f"{path / 'config.json'}: {e}") from None
 
 
+# a vision-language wrapper's text model (Kimi K2.5): its tensors under "language_model.", the decoder layers as
+# the published files name them ("layers") or as transformers' save_pretrained writes them back ("blocks": it
+# reverses the vision tower's blocks -> layers renaming on every name)
+_WRAPPED = re.compile(r"language_model\.(?:(model\.)(?:blocks|layers)(\..+)|(.+))")
+
+
+def is_wrapped(names) -> bool:
+    """Whether a checkpoint's tensor ``names`` are a vision-language wrapper's (its text model under
+    ``language_model.``)."""
+    return any(n.startswith("language_model.") for n in names)
+
+
+def text_name(name: str) -> str | None:
+    """A wrapper's tensor ``name`` as its text model's own (``model.layers.i...``, ``lm_head.weight``), or None
+    for the rest of the wrapper (vision tower, projector), which flyer does not read: it serves the text model."""
+    m = _WRAPPED.fullmatch(name)
+    if m is None:
+        return None
+    return f"{m.group(1)}layers{m.group(2)}" if m.group(1) else m.group(3)
+
+
 def rope_half_layout(raw: dict) -> bool:
     """Whether a checkpoint's rope rows are in rotate-half layout."""
+    raw = text_config(raw)
     mt = model_type(raw)
     if raw.get("model_type") in DSA_MODEL_TYPES:  # transformers' DeepseekV32 / GlmMoeDsa MLA: interleaved pairs
         return False
-    if mt == "deepseek_v3":
+    if mt in ("deepseek_v3", "mistral4"):  # Mistral4's MLA is DeepseekV3's, rope_interleave included
         return raw.get("rope_interleave", True) is False
     return mt in HALF_ROPE_MODEL_TYPES  # DeepseekV2 rotates interleaved pairs (complex multiply)
 
@@ -324,13 +370,13 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
     headers, kept for reading them next."""
     path = Path(path)
     files = files if files is not None else weight_files(path)
-    slots = hf_names(cfg, rope_half)
+    slots = hf_names(cfg, rope_half, has_fused_experts(files))
     state = _meta_model(cfg).state_dict()
     headers = {} if headers is None else headers
     found: dict[str, Slot] = {}
-    canonical = v4_name if cfg.attn == "hybrid" else str
+    canonical = v4_name if cfg.attn == "hybrid" else text_name if is_wrapped(files) else str
     for name, f in files.items():
-        if _ignored(canonical(name), cfg):
+        if canonical(name) is None or _ignored(canonical(name), cfg):  # None: a wrapper's vision tower, projector
             continue
         tf = header(headers, f)
         if name not in tf.entries:
@@ -340,6 +386,8 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
             raise CheckpointError(f"{f}: tensor {name} is not expected by the config "
                                   f"(a different architecture or size?)")
         dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
+        if slot.fused:
+            dest = torch.cat([state[k] for k in slot.fused], dim=1)  # meta: a shape, no memory
         shape = tf.shape(name)
         if stored_format(name, files, tf.dtype(name)) == "fp4":  # DeepSeek-V4's experts: two values a byte
             shape = (*shape[:-1], 2 * shape[-1])
@@ -370,8 +418,31 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
         if place is not None and (slot := place(slot)) is None:
             continue
         tf = header(headers, files[name])
+        if slot.fused:
+            fill_fused(model, tf, name, slot, files, headers)
+            continue
         dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
         fill_tensor(model, dest, tf, name, slot, files, headers)
+
+
+@torch.no_grad()
+def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files: dict[str, Path],
+               headers: dict[Path, TensorFile]) -> None:
+    """Write the fused tensor ``name`` (``Slot.fused``: the stacks it concatenates on dim 1) into ``model``'s
+    stacks: read once as ``fill_tensor`` reads any tensor, then each part written as its stack is held; a
+    rank holding experts ``first ..`` of the stacks (``Experts.first``, expert parallelism) takes its rows."""
+    state = model.state_dict()
+    parts = [state[k] for k in slot.fused]
+    first = getattr(model.get_submodule(slot.key.rpartition(".")[0]), "first", 0)
+    whole = torch.empty(tf.shape(name), dtype=torch.float32 if parts[0].dtype == FP8 else parts[0].dtype)
+    fill_tensor(None, whole, tf, name, Slot(name), files, headers)
+    whole = whole[first:first + len(parts[0])]
+    for key, dest, value in zip(slot.fused, parts, whole.split([p.shape[1] for p in parts], dim=1)):
+        if dest.dtype == FP8:  # held FP8: each expert with its own block scales
+            for e in range(len(dest)):
+                write_weight(dest[e], value[e], held_scale(model, key, e))
+        else:
+            dest.copy_(value)
 
 
 @torch.no_grad()
@@ -443,8 +514,9 @@ def unquantized_weights(cfg: ModelConfig, path: str | Path, rope_half: bool,
     out: dict[str, torch.dtype] = {}
     for name, slot in hf_weight_map(cfg, path, rope_half, files, headers).items():
         d, kind = kinds[name]
-        if d != FP8 and kind == "plain":  # an expert stack stored in two dtypes: the wider
-            out[slot.key] = d if out.get(slot.key, d) == d else torch.float32
+        for key in slot.fused or (slot.key,):  # an expert stack stored in two dtypes: the wider
+            if d != FP8 and kind == "plain":
+                out[key] = d if out.get(key, d) == d else torch.float32
     return out
 
 
@@ -509,7 +581,8 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     return model.eval(), cfg, tok
 
 
-__all__ = ["INDEX", "SINGLE", "Slot", "TextTokenizer", "build_empty", "dequantize_fp8_blocks", "fill_tensor",
+__all__ = ["FUSED_EXPERTS", "INDEX", "SINGLE", "Slot", "TextTokenizer", "build_empty", "dequantize_fp8_blocks",
+           "fill_fused", "fill_tensor", "has_fused_experts", "is_wrapped", "text_name",
            "hf_names", "hf_weight_map", "is_hf_model_dir", "is_mixtral", "load_hf", "load_hf_weights", "load_tokenizer",
            "permute_rope", "read_hf_config", "rope_half_layout", "rope_permutation", "unquantized_weights",
            "weight_files"]

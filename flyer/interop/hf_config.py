@@ -38,6 +38,12 @@ GLM-5.2's cross-layer top-k sharing (IndexShare): ``indexer_types`` marks each l
 own indexer) or "shared" (none: it reuses the selection of the nearest full layer before it); missing, it
 comes from ``index_topk_pattern`` ("F"/"S" per layer, or a list), else ``index_topk_freq`` and
 ``index_skip_topk_offset`` (default 1 and 2: every layer full), as GlmMoeDsaConfig derives it.
+Mistral 4 (``mistral4``) is DeepseekV3's MLA and MoE with a softmax router and Llama 4's query temperature
+(``flyer.interop.hf_config_mistral4``).
+Kimi K2.5 (``kimi_k25``) is a vision-language wrapper around a DeepseekV3 text model (``text_config``, its
+``model_type`` ``deepseek_v3`` or the hub's ``kimi_k2``): flyer reads that text model (``text_config``), its
+embeddings tied as the wrapper's ``tie_word_embeddings`` says (transformers ties by it, default true, whatever
+the text config says); the vision tower and projector are not read (``flyer.interop.hf``: text in, text out).
 A value flyer cannot run is a ``ConfigError`` naming the file and the field, never silently ignored.
 """
 
@@ -46,11 +52,17 @@ from __future__ import annotations
 from typing import Any
 
 from flyer.errors import ConfigError
+from flyer.interop.hf_config_mistral4 import MISTRAL4_DEFAULTS, MISTRAL4_ROPE, mistral4_fields
 from flyer.interop.hf_config_v4 import from_v4_config
 from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor, yarn_mscale
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
-                         "glm4_moe", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v4")
+                         "glm4_moe", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v4", "mistral4",
+                         "kimi_k25")
+# vision-language wrappers whose text model (``text_config``) flyer reads, and the text model types each holds
+WRAPPER_MODEL_TYPES = {"kimi_k25": ("deepseek_v3", "kimi_k2")}
+# the MLA architectures (as read, after _SAME_AS)
+MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "mistral4")
 # the GQA architectures flyer reads and writes (dense, and Qwen3-MoE / Mixtral), all laid out for rotate-half
 # RoPE and without an MTP module (as read, after _SAME_AS)
 GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
@@ -68,7 +80,27 @@ HF_KEYS = frozenset({"hidden_size", "num_hidden_layers", "num_attention_heads", 
 
 
 def is_hf_config(d: dict[str, Any]) -> bool:
-    return any(k in d for k in HF_KEYS)
+    return any(k in d for k in HF_KEYS) or d.get("model_type") in WRAPPER_MODEL_TYPES
+
+
+def text_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """The config of the text model a wrapper (``WRAPPER_MODEL_TYPES``: Kimi K2.5) holds, as a DeepseekV3 config
+    with the wrapper's ``tie_word_embeddings`` (default true, as Kimi_K25Config's: transformers ties by it); any
+    other config as it is."""
+    kinds = WRAPPER_MODEL_TYPES.get(d.get("model_type"))
+    if kinds is None:
+        return d
+    text = d.get("text_config")
+    if not isinstance(text, dict):
+        raise _bad(where, "text_config", f"expected the text model's config object (got {text!r:.40})")
+    if text.get("model_type", kinds[0]) not in kinds:
+        raise _bad(where, "text_config.model_type", f"unsupported text model {text['model_type']!r:.40} (supported: "
+                                                    f"{', '.join(kinds)})")
+    quant = d.get("quantization_config") or text.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method", "fp8") != "fp8":  # e.g. compressed-tensors INT4
+        raise _bad(where, "quantization_config.quant_method", f"{quant['quant_method']!r:.40} is not supported "
+                                                               f"(DeepSeek's FP8 blocks, or unquantized weights)")
+    return {**text, "model_type": kinds[0], "tie_word_embeddings": d.get("tie_word_embeddings", True)}
 
 
 def _bad(where: str, field: str, problem: str) -> ConfigError:
@@ -78,7 +110,8 @@ def _bad(where: str, field: str, problem: str) -> ConfigError:
 def model_type(d: dict[str, Any], where: str = "config.json") -> str:
     """The architecture of an HF config: its ``model_type``, or (files without one) inferred from
     the MLA keys; ``mistral`` reads as ``llama`` (``from_hf_config`` refuses a sliding window).
-    Anything but ``SUPPORTED_MODEL_TYPES`` is a ``ConfigError``."""
+    Anything but ``SUPPORTED_MODEL_TYPES`` is a ``ConfigError``; a wrapper's is its text model's."""
+    d = text_config(d, where)
     mt = d.get("model_type")
     if mt is None:
         if "kv_lora_rank" not in d:
@@ -324,6 +357,7 @@ def _mla_dense_layers(d: dict[str, Any], where: str, n_layers: int) -> int:
 
 def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
+    d = text_config(d, where)
     mt = model_type(d, where)
     if mt == "deepseek_v4":  # its own spellings (flyer.interop.hf_config_v4)
         return from_v4_config(d, where)
@@ -332,7 +366,13 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     dsa = d.get("model_type") in DSA_MODEL_TYPES
     if dsa:
         d = {**(_GLM_MOE_DSA_DEFAULTS if d["model_type"] == "glm_moe_dsa" else _DEEPSEEK_V32_DEFAULTS), **d}
-    mla = mt in ("deepseek_v3", "deepseek_v2")
+    if mt == "mistral4":
+        d = {**MISTRAL4_DEFAULTS, **d}
+        if not d.get("rope_parameters") and not d.get("rope_scaling"):
+            d["rope_parameters"] = MISTRAL4_ROPE
+        if d.get("n_routed_experts") is None and d.get("num_local_experts") is not None:  # Mistral4Config's alias
+            d["n_routed_experts"] = d["num_local_experts"]
+    mla = mt in MLA_MODEL_TYPES
     _check_types(d, where, mla)
     _require(d, where, "hidden_act", ("silu",), "silu")
     _require(d, where, "mlp_bias", (False,), False)
@@ -350,7 +390,7 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
         "n_heads": d["num_attention_heads"], "inter_dim": d.get("intermediate_size", 0),
         "norm_eps": d.get("rms_norm_eps", 1e-6), "max_seq_len": d.get("max_position_embeddings", 4096),
         "init_std": d.get("initializer_range", 0.02), "tie_embeddings": bool(d.get("tie_word_embeddings", False)),
-        **rope_fields(d, where, mla, partial=mt == "glm4_moe"),
+        **rope_fields(d, where, mla, partial=mt in ("glm4_moe", "mistral4")),
     }
     if mla:
         _require(d, where, "attention_bias", (False,), False)
@@ -375,7 +415,9 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
                 # be read one way by each, so it is refused rather than guessed
                 for key in ("rope_interleave", "indexer_rope_interleave"):
                     _require(d, where, key, (True,), True)
-        if mt == "deepseek_v3":  # transformers' DeepseekV3 gate: sigmoid + correction bias + groups, always
+        if mt == "mistral4":
+            out.update(mistral4_fields(d, where))
+        elif mt == "deepseek_v3":  # transformers' DeepseekV3 gate: sigmoid + correction bias + groups, always
             _require(d, where, "scoring_func", ("sigmoid",), "sigmoid")
             _require(d, where, "topk_method", ("noaux_tc",), "noaux_tc")
             out.update(score_func="sigmoid", router_bias=True, n_expert_groups=d.get("n_group") or 1,
@@ -410,6 +452,7 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     return out
 
 
-__all__ = ["DSA_MODEL_TYPES", "GQA_MODEL_TYPES", "HALF_ROPE_MODEL_TYPES", "HF_KEYS", "ROPE_TYPES",
-           "SUPPORTED_MODEL_TYPES", "from_hf_config", "is_hf_config", "model_type", "rope_fields",
+__all__ = ["DSA_MODEL_TYPES", "GQA_MODEL_TYPES", "HALF_ROPE_MODEL_TYPES", "HF_KEYS", "MLA_MODEL_TYPES", "ROPE_TYPES",
+           "SUPPORTED_MODEL_TYPES", "WRAPPER_MODEL_TYPES", "from_hf_config", "is_hf_config", "model_type",
+           "rope_fields", "text_config",
            "yarn_attention_factor", "yarn_mscale"]

@@ -213,7 +213,7 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     def place(slot: Slot) -> Slot | None:
         if slot.key not in state:
             return None
-        if slot.key not in local:
+        if slot.key not in local or slot.fused:  # a fused stack: its rank's rows taken as it is read (fill_fused)
             return slot
         lo, hi = local[slot.key]
         return Slot(slot.key, slot.expert - lo, slot.rope_rows) if lo <= slot.expert < hi else None

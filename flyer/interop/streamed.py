@@ -37,7 +37,7 @@ class StreamedCheckpoint:
             # checked from the headers before a byte is written
             names = hf_weight_map(self.cfg, path, rope_half_layout(raw), self.files, self.headers)
             self.where: dict[tuple[str, int | None], tuple[str, Slot]] | None = {
-                (s.key, s.expert): (n, s) for n, s in names.items()}
+                (k, s.expert): (n, s) for n, s in names.items() for k in s.fused or (s.key,)}
             dtype = torch.float32 if self.fp8 else checkpoint_dtype(self.files)
         else:
             ckpt, self.cfg, tok = inference_checkpoint(path)
@@ -65,7 +65,15 @@ class StreamedCheckpoint:
             return fp4_round_trip(dest) if key in self.fp4_keys else dest  # QAT: what training multiplied by
         if key == "head.weight" and self.cfg.tie_embeddings:  # the file holds the embedding only
             key = "embed.weight"
+        if (key, slot.expert) not in self.where:  # one expert of a stack the file holds whole (fused)
+            return self.read(Slot(key))[slot.expert]
         name, src = self.where[(key, slot.expert)]
+        if src.fused:  # the whole fused tensor read, this stack's part of it returned
+            tf = header(self.headers, self.files[name])
+            whole = torch.empty(tf.shape(name), dtype=meta.dtype)
+            fill_tensor(None, whole, tf, name, Slot(name), self.files, self.headers)
+            sizes = [self.state[k].shape[1] for k in src.fused]
+            return whole.split(sizes, dim=1)[src.fused.index(key)].contiguous()
         dest = torch.empty(meta.shape, dtype=meta.dtype)
         fill_tensor(None, dest, header(self.headers, self.files[name]), name, src, self.files, self.headers)
         return dest

@@ -165,6 +165,7 @@ class MLA(nn.Module):
         self.qk_head_dim = cfg.qk_head_dim
         self.v_head_dim = cfg.v_head_dim
         self.softmax_scale = cfg.softmax_scale
+        self.query_scaled = cfg.llama4_attn_beta > 0  # the rope tables' cos carries each query's scale, last
         if cfg.q_lora_rank == 0:
             self.wq = Linear(cfg.dim, H * self.qk_head_dim, bias=False)
         else:
@@ -191,7 +192,9 @@ class MLA(nn.Module):
     def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 q_latent_BTR: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_nope (B,T,H,nope), q_rope (B,T,H,rope)) with RoPE applied to the rope part; ``q_latent``:
-        ``query_latent(x)`` when the caller has it already."""
+        ``query_latent(x)`` when the caller has it already. With Llama 4's temperature (``query_scaled``) both
+        parts are then scaled by the position's factor, cos's last channel, rounded to q's dtype as transformers'
+        Mistral4 rounds it."""
         B, T, _ = x_BTD.shape
         if self.q_lora_rank == 0:
             q = self.wq(x_BTD)
@@ -199,12 +202,17 @@ class MLA(nn.Module):
             q = self.wq_b(self.query_latent(x_BTD) if q_latent_BTR is None else q_latent_BTR)
         q = q.view(B, T, self.n_heads, self.qk_head_dim)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        if self.query_scaled:
+            scale = cos[..., -1:].to(q.dtype)  # (T, 1, 1) or (B, T, 1, 1): broadcasts over heads and channels
+            return q_nope * scale, apply_rope(q_rope, cos[..., :-1], sin) * scale
         return q_nope, apply_rope(q_rope, cos, sin)
 
     def latents(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What MLA caches: (normalised latent c_KV (B,T,kv_lora_rank), rope key (B,T,rope))."""
         kv = self.wkv_a(x_BTD)
         c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        if self.query_scaled:  # keys are not scaled: drop the queries' channel
+            cos = cos[..., :-1]
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
         return self.kv_norm(c_kv), k_rope
 

@@ -67,14 +67,27 @@ def rope_cos_sin(rope_dim: int, seq_len: int, cfg: ModelConfig, device=None) -> 
     """cos, sin tables (seq_len, 1, rope_dim) in FP32 for ``apply_rope``: each pair's cos in both of
     its channels, its sin as (-sin, sin); times ``rope_attn_factor`` (YaRN's: transformers scales
     cos/sin, so the rope part of q.k by its square; 1 in DeepSeek's checkpoints). The 1 broadcasts
-    over heads."""
+    over heads.
+
+    With ``llama4_attn_beta`` (Mistral 4's MLA) cos carries one more channel, last: the query scale at each
+    position (``llama4_query_scale``), so that every table indexed by position (a decode row's, a packed
+    document's) carries it too; ``MLA`` splits it off."""
     inv = rope_frequencies(rope_dim, cfg).to(device)
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     ang = torch.outer(t, inv)
     cos, sin = ang.cos(), ang.sin()
     if cfg.rope_attn_factor != 1.0:
         cos, sin = cos * cfg.rope_attn_factor, sin * cfg.rope_attn_factor
-    return cos.repeat_interleave(2, -1).unsqueeze(1), torch.stack((-sin, sin), -1).flatten(-2).unsqueeze(1)
+    cos = cos.repeat_interleave(2, -1)
+    if cfg.llama4_attn_beta:
+        cos = torch.cat([cos, llama4_query_scale(t, cfg).unsqueeze(-1)], dim=-1)
+    return cos.unsqueeze(1), torch.stack((-sin, sin), -1).flatten(-2).unsqueeze(1)
+
+
+def llama4_query_scale(pos: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 4's attention temperature at FP32 positions ``pos``: 1 + beta ln(1 + floor(pos / original_seq_len)),
+    1 within the original context; in FP32 and in transformers' order (``get_llama_4_attn_scale``), so its bits."""
+    return 1 + cfg.llama4_attn_beta * torch.log(1 + torch.floor(pos / cfg.original_seq_len))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
