@@ -6,7 +6,8 @@
   each format's edges (and format with pattern: both);
 - an enum with a pattern, format or lengths: only the values they allow can be written (``re.search`` and ``len``
   say which), as the JSON path; an enum left empty is a ``FieldError`` naming the property (400 through the
-  openai client), as is a format the DSML grammar cannot enforce ("uri", "regex"): never ignored.
+  openai client), as is a format the DSML grammar cannot enforce ("regex", llguidance's "uri-reference"): never
+  ignored.
 """
 
 import json
@@ -47,6 +48,14 @@ VALUES = {
              "1:2:3:4:5:6::7:8", "1:2:3:4:5:6:7:8:9", "1::2::3", "::ffff:1.2.3.4", "12345::1", "1:2:3:4:5:6:7",
              "ABCD:ef01::", "1:2:3:4:5::6:7", "1:2:3:4:5:6::7", "1:2::4:5:6:7:8", "1::3:4:5:6:7:8:9",
              "::2:3:4:5:6:7:8:9", "1:2:3::5:6:7:8:9"],
+    # RFC 3986's URI (llguidance's reading: IP-literals without an embedded IPv4, a fragment allowed, ASCII only)
+    "uri": ["http://example.com", "https://u:p@[::1]:8080/a/b?q=1&r=%2F#frag", "mailto:a@b.c", "urn:isbn:0451450523",
+            "a:", "file:///etc/hosts", "x://", "x:/", "x:/a//b", "x://a:/p", "http://[v1.x:y]/", "http://1.2.3.4:80",
+            "http://[1:2:3:4:5:6:7::]", "http://[::2:3:4:5:6:7:8]", "news:comp.infosystems.www.servers.unix",
+            "h+-.x:y?a/b?c", "http://[::ffff:1.2.3.4]/", "http://[1::2::3]/", "http://[1:2:3:4:5:6:7:8:9]",
+            "http://[v1.]/", "http://[vg.x]/", "1http://x", "//example.com", "/path", "http://exa mple.com",
+            "http://a/%4", "http://a/%zz", "http://a:b:c/", "http://a?b#c#d", "ht_tp://x", "http://ü.de",
+            "a:b[c]", "a:b{c}", "a:b\\c", "a:b|c", "a:^", "a:b\"c", "http://a@b@c", "http://a:8x", ":x", ""],
     "uuid": ["123e4567-e89b-12d3-a456-426614174000", "123E4567-E89B-12D3-A456-426614174000",
              "123e4567e89b12d3a456426614174000", "123e4567-e89b-12d3-a456-42661417400g",
              "{123e4567-e89b-12d3-a456-426614174000}"],
@@ -113,14 +122,15 @@ def test_an_empty_enum_or_a_format_it_cannot_enforce_names_the_field():
     other = _fn({"n": {"type": "integer"}}, "g")
     for sub, why in (({"type": "string", "enum": ["cd", "ef"], "pattern": "^a"}, "pattern"),
                      ({"enum": ["x"], "format": "email"}, "format"), ({"enum": ["abc"], "maxLength": 2}, "maxLength"),
-                     ({"type": "string", "format": "uri"}, "'uri'"), ({"type": "string", "format": "regex"}, "'regex'"),
-                     ({"enum": ["a"], "format": "uri"}, "'uri'")):
+                     ({"type": "string", "format": "uri-reference"}, "'uri-reference'"),
+                     ({"type": "string", "format": "regex"}, "'regex'"),
+                     ({"enum": ["a"], "format": "regex"}, "'regex'")):
         for name in (None, "f"):  # the field is the property's in the request's tools (index 1), named or not
             with pytest.raises(FieldError) as e:
                 tool_grammar([other, _fn({"s": sub})], tok, name, fmt=DSML_V32)
             assert e.value.field == "tools[1].function.parameters.properties.s" and why in e.value.problem, e.value
     # a function not chosen (named tool_choice) is not compiled
-    tool_grammar([other, _fn({"s": {"type": "string", "format": "uri"}})], tok, "g", fmt=DSML_V32)
+    tool_grammar([other, _fn({"s": {"type": "string", "format": "regex"}})], tok, "g", fmt=DSML_V32)
 
 
 def test_over_http_a_refused_schema_is_a_400_naming_the_field(v32_ckpt):  # noqa: F811

@@ -49,7 +49,8 @@ def test_a_text_part_without_string_text_answers_400_naming_it(served, text):
 def test_content_parts_render_as_their_text_joined(served):
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     as_parts = ChatBody(model="tiny-test", messages=[{"role": "user", "content": parts}])
-    as_text = ChatBody(model="tiny-test", messages=[{"role": "user", "content": "ab"}])
+    # a template that reads strings: "\n" between parts, as vLLM joins them (tests/test_chat_content_parts.py)
+    as_text = ChatBody(model="tiny-test", messages=[{"role": "user", "content": "a\nb"}])
     assert served.api._chat_prompt(as_parts) == served.api._chat_prompt(as_text)
 
 

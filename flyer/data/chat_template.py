@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from flyer.data.deepseek_encoding import ENCODINGS, ChatEncoding
+from flyer.data.deepseek_encoding import ENCODINGS, ChatEncoding, joined_parts
 from flyer.config import ModelConfig
 from flyer.errors import ConfigError, FieldError
 from flyer.interop.export import hf_model_type
@@ -35,7 +35,10 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
     """messages -> prompt text with ``template`` (a Hugging Face chat template; None: the default),
     in a sandboxed Jinja environment set up as transformers sets up its own; a ``ChatEncoding`` (a release's
     Python encoder: ``flyer.data.deepseek_encoding``) renders with its own code, the same call. ``special``:
-    the named special tokens the template sees (``bos_token``, ``eos_token``, ...; ``TextTokenizer.special_tokens``)."""
+    the named special tokens the template sees (``bos_token``, ``eos_token``, ...; ``TextTokenizer.special_tokens``).
+    A message's content may be OpenAI's list of text parts: a template that reads parts (``content_format``
+    "openai") sees the list, as transformers' ``apply_chat_template`` passes it; another sees their text joined
+    with "\n", as vLLM's server renders it (a list would render as its Python text)."""
     if isinstance(template, ChatEncoding):
         return template.render
     import jinja2.sandbox  # here: 40 ms every flyer command would pay at start (train and serve CLIs import us)
@@ -53,6 +56,7 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
     compiled = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
+    parts = content_format(template) == "openai"
 
     named = {"bos_token": "", "eos_token": "", **(special or {})}
     taken = {"messages", "tools", "add_generation_prompt", *named, *env.globals}
@@ -69,9 +73,43 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
         if shadowed:
             raise FieldError("chat_template_kwargs", f"{shadowed} are the template's own variables (messages, "
                                                      "tools, special tokens, functions); other names only")
+        if not parts:
+            messages = [joined_parts(m, "\n") for m in messages]
         return compiled.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                **named, **(extra or {}))
     return render
+
+
+def content_format(template: str | None) -> str:
+    """How a Jinja chat ``template`` (None: the default) reads a message's content, as vLLM's
+    ``--chat-template-content-format auto`` reads it: "openai" when it loops over a message's content (``for part
+    in message['content']``, the message a loop's item over ``messages`` or a name set to them, through filters
+    and slices), else "string"."""
+    import jinja2
+    from jinja2 import nodes
+
+    ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template or DEFAULT_CHAT_TEMPLATE)
+
+    def reads(node, names: set[str], key: str | None = None) -> bool:  # node is names[...] / name[key] / name.key
+        while isinstance(node, (nodes.Filter, nodes.Test)) or \
+                (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)):
+            node = node.node
+        if key is not None:
+            if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == key or \
+                    isinstance(node, nodes.Getattr) and node.attr == key:
+                node = node.node
+            else:
+                return False
+        return isinstance(node, nodes.Name) and node.name in names
+
+    lists, more = set(), {"messages"}
+    while more:  # names set to the messages (or a slice of them), and names set to those
+        lists |= more
+        more = {a.target.name for a in ast.find_all(nodes.Assign)
+                if isinstance(a.target, nodes.Name) and reads(a.node, lists)} - lists
+    items = {f.target.name for f in ast.find_all(nodes.For)
+             if isinstance(f.target, nodes.Name) and reads(f.iter, lists)}
+    return "openai" if any(reads(f.iter, items, "content") for f in ast.find_all(nodes.For)) else "string"
 
 
 def read_chat_template(ckpt: str | Path | None) -> str | ChatEncoding | None:

@@ -338,6 +338,15 @@ def encode_v4(messages: list[dict], tools: list[dict] | None = None, thinking: b
     return "".join(out)
 
 
+def joined_parts(message: dict, sep: str) -> dict:
+    """``message`` with a content of OpenAI's text parts (``[{"type": "text", "text": ...}, ...]``) as their text
+    joined with ``sep``; as it is otherwise."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    return {**message, "content": sep.join(p.get("text") or "" for p in content)}
+
+
 @dataclass(frozen=True)
 class ChatEncoding:
     """A chat format rendered by code (a checkpoint's release ships no template): ``name`` the config.json
@@ -356,7 +365,11 @@ class ChatEncoding:
         """``chat_renderer``'s contract; ``extra``: {"thinking": bool}, and V4's "reasoning_effort" (others are
         ignored, as a template ignores variables it does not read); ``response_format``: the request's, written
         into the system prompt (module doc). ``FieldError`` naming chat_template_kwargs for a thinking that is no
-        bool or an effort not in ``REASONING_EFFORT``."""
+        bool or an effort not in ``REASONING_EFFORT``. A content of OpenAI's text parts is their text joined: V4's
+        release joins a tool result's parts with "\n\n" (``merge_tool_messages``' blocks); the releases take a
+        string elsewhere, which vLLM's server makes of the parts with "\n" (its "string" content format)."""
+        v4_tool = "\n\n" if self.name == "deepseek_v4" else "\n"
+        messages = [joined_parts(m, v4_tool if m.get("role") == "tool" else "\n") for m in messages]
         extra = extra or {}
         thinking = extra.get("thinking", False)
         if not isinstance(thinking, bool):

@@ -332,8 +332,8 @@ class Api:
                 raise FieldError(f"messages[{i}].role", f"this model's chat format takes {', '.join(roles)} "
                                                         f"(got {m.role!r})")
             content = m.content
-            if isinstance(content, list):  # text parts (the only kind taken), joined
-                content = "".join(p.text for p in content)
+            if isinstance(content, list):  # text parts (the only kind taken): the renderer joins them or not
+                content = [p.model_dump(exclude_none=True) for p in content]
             if content is None and not m.tool_calls:  # a message with calls keeps its null, as clients send it
                 content = ""
             messages.append({**m.model_dump(exclude_none=True), "content": content})
@@ -362,10 +362,9 @@ class Api:
             functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
             opts = dataclasses.replace(opts, grammar=tool_grammar(functions, self.tok, name, parallel, fmt))
         think = Reasoning(self.reasoning, self.tok, Reasoning.opens(self.reasoning, text))
-        if opts.grammar is not None and not (self.reasoning is None or Reasoning.closes(self.reasoning, text)):
-            # the grammar holds after the reasoning the prompt opens, or the output opens with its first tokens
-            opts = dataclasses.replace(opts, grammar_after=think.end_ids(self.tok),
-                                       grammar_open=() if think.opened else think.begin_ids(self.tok))
+        if opts.grammar is not None:  # held after the reasoning the prompt opens, or the output opens with its tokens
+            after, opening = think.grammar_markers(self.tok, text, self.engine.limits.vocab_size)
+            opts = dataclasses.replace(opts, grammar_after=after, grammar_open=opening)
         gen = _Generation(self, request, [prompt], opts, body.stop_strings(), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
@@ -381,7 +380,9 @@ class Api:
             return {"content": [self._chat_logprob(e.token, e.logprob, e.top_logprobs) for e in events]}
 
         def tool_calls(c: Choice, s: Split) -> tuple[str | None, list[ToolCall]] | None:
-            return self._tool_calls(c, parallel, s.token) if parse and s.content is not None else None
+            if not parse or s.content is None:
+                return None
+            return self._tool_calls(c, parallel, s.token, think.content_head(c.text, c.starts, c.kept(), s))
 
         if not body.stream:
             await gen.wait()
@@ -435,12 +436,13 @@ class Api:
                 yield end
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    def _tool_calls(self, c: Choice, parallel: bool, start: int = 0) -> tuple[str | None, list[ToolCall]] | None:
-        """Choice ``c``'s (content, calls; the first only when not ``parallel``) when its text from token ``start``
-        on (the content, after any reasoning; markers written out, up to a stop string) holds a well-formed calls
-        block (``parse_tool_calls``); else None: served as content."""
+    def _tool_calls(self, c: Choice, parallel: bool, start: int = 0,
+                    head: str = "") -> tuple[str | None, list[ToolCall]] | None:
+        """Choice ``c``'s (content, calls; the first only when not ``parallel``) when ``head`` and its text from token
+        ``start`` on (the content, after any reasoning; markers written out, up to a stop string) hold a well-formed
+        calls block (``parse_tool_calls``); else None: served as content."""
         fmt = self.tool_format
-        return parse_tool_calls(marked_text(self.tok, c.ids[start:c.kept()], fmt), fmt, parallel)
+        return parse_tool_calls(head + marked_text(self.tok, c.ids[start:c.kept()], fmt), fmt, parallel)
 
     def _chat_logprob(self, token: int, logprob: float, top: dict[int, float] | None) -> dict:
         def entry(t: int, lp: float) -> dict:

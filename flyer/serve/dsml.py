@@ -131,13 +131,13 @@ def _escaped(text: str, i: int) -> bool:
     return (i - len(text[:i].rstrip("\\"))) % 2 == 1
 
 
-# JSON schema's string formats that llguidance's JSON path enforces (its 1.9 set less "uri", whose regex is its
-# own choice among RFC 3986's readings), as regexes of a whole value written from their RFCs: 3339 (date, time
-# with its offset, date-time with "T" or "t", its appendix A's duration), 1123 host names (labels of 1 to 63),
-# email as llguidance reads it (RFC 5322's dot-atom local part, a host name of any label length or an [IPv4]),
-# 3986's IPv6 without an embedded IPv4 (as llguidance's), 4122 UUIDs in hex of either case; "unknown" is
-# llguidance's name for any text. Checked against llguidance's JSON grammar value by value
-# (tests/test_serve_dsml_strings.py); Python's ``re`` reads them too (an enum filtered by its format).
+# JSON schema's string formats that llguidance's JSON path enforces (its 1.9 set), as regexes of a whole value
+# written from their RFCs: 3339 (date, time with its offset, date-time with "T" or "t", its appendix A's duration),
+# 1123 host names (labels of 1 to 63), email as llguidance reads it (RFC 5322's dot-atom local part, a host name of
+# any label length or an [IPv4]), 3986's IPv6 without an embedded IPv4 (as llguidance's), 3986's URI (below),
+# 4122 UUIDs in hex of either case; "unknown" is llguidance's name for any text. Checked against llguidance's JSON
+# grammar value by value (tests/test_serve_dsml_strings.py); Python's ``re`` reads them too (an enum filtered by
+# its format).
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _LABEL = "[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
@@ -151,13 +151,24 @@ _IPV6 = "|".join([f"(?:{_H16}:){{6}}{_H16}:{_H16}", f"::{_TAILS[0]}"] +
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 _DATE = "[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
 _DUR_TIME = "T(?:[0-9]+H(?:[0-9]+M(?:[0-9]+S)?)?|[0-9]+M(?:[0-9]+S)?|[0-9]+S)"
+# RFC 3986's URI: scheme ":" hier-part ["?" query] ["#" fragment] (a fragment allowed, as llguidance's "uri"),
+# ASCII only (an IRI's other characters percent-encoded); its IP-literal's IPv6 without an embedded IPv4, as
+# llguidance's; an IPv4address is a reg-name too, so the host is an IP-literal or a reg-name
+_SUB = r"a-zA-Z0-9\-._~!$&'()*+,;="  # unreserved and sub-delims, as a character class's body
+_PCT = "%[0-9a-fA-F]{2}"
+_PCHAR = f"(?:[{_SUB}:@]|{_PCT})"
+_PATH = f"{_PCHAR}+(?:/{_PCHAR}*)*"  # path-rootless: a first segment not empty
+_AUTHORITY = rf"(?:(?:[{_SUB}:]|{_PCT})*@)?(?:\[(?:{_IPV6}|v[0-9a-fA-F]+\.[{_SUB}:]+)\]|(?:[{_SUB}]|{_PCT})*)" \
+             "(?::[0-9]*)?"
+_URI = (rf"[a-zA-Z][a-zA-Z0-9+\-.]*:(?://{_AUTHORITY}(?:/{_PCHAR}*)*|/(?:{_PATH})?|{_PATH}|)"
+        rf"(?:\?(?:[{_SUB}:@/?]|{_PCT})*)?(?:#(?:[{_SUB}:@/?]|{_PCT})*)?")
 FORMATS = {
     "date": _DATE, "time": _TIME, "date-time": f"{_DATE}[tT]{_TIME}",
     "duration": f"P(?:(?:[0-9]+D|[0-9]+M(?:[0-9]+D)?|[0-9]+Y(?:[0-9]+M(?:[0-9]+D)?)?)(?:{_DUR_TIME})?|{_DUR_TIME}"
                 "|[0-9]+W)",
     "email": rf"{_ATOM}(?:\.{_ATOM})*@(?:{_LONG_LABEL}(?:\.{_LONG_LABEL})*|\[{_IPV4}\])",
     "hostname": rf"{_LABEL}(?:\.{_LABEL})*", "ipv4": _IPV4, "ipv6": _IPV6,
-    "uuid": "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "uri": _URI, "uuid": "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "unknown": "(?s:.*)",
 }
 

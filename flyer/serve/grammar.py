@@ -19,10 +19,13 @@ kept ones without consuming them again. A draft that completes the grammar is th
 
 Reasoning first (``flyer serve --reasoning-parser`` and a prompt that opens reasoning: ``SamplingOptions
 .grammar_after`` holds the end marker's ids): the request's matcher waits (``Request.deferred``) until the output
-ends with the marker (``marker_ends``), so the model reasons unmasked, writes the marker when it chooses, and its
-grammar constrains the tokens after it, as vLLM and SGLang apply a grammar after a reasoning parser's end. A
-waiting row drafts without a grammar too, its drafts cut before one that would write the marker: the marker is
-then the last token a verify pass keeps, and every token after it is chosen under the grammar.
+ends with the marker (``marker_ends``; a marker of several ids, text tokens: until the output's text holds it as the
+reasoning parser finds it, whichever tokens the model spells it in, ``flyer.serve.reasoning.EndWatch``, and text its
+last token carries past it is the grammar's first, ``GrammarMasks.begun``), so the model reasons unmasked, writes
+the marker when it chooses, and its grammar constrains the tokens after it, as vLLM and SGLang apply a grammar after
+a reasoning parser's end. A waiting row drafts without a grammar too, its drafts cut before one that would write
+the marker (``ends_reasoning``): the marker is then the last token a verify pass keeps, and every token after it
+is chosen under the grammar.
 
 Reasoning the output opens itself (a parser, a prompt that neither opens nor closes reasoning, e.g. R1's original
 template; ``SamplingOptions.grammar_open`` holds the begin marker's ids): the grammar holds from the first token,
@@ -38,6 +41,7 @@ constrained; flyer constrains it from its first token and lets only an output th
     Matcher                         a request's llguidance matcher and the drafts it holds tentatively
     marker_ends(out, n, marker)     whether an output ends with the reasoning end marker (its grammar starts after)
     GrammarMasks.start / follow     a request's matchers at its start; after each token (the reasoning markers)
+    GrammarMasks.ends_reasoning     whether drafts would complete the end marker (cut before them)
 
 The work a request can cause is bounded: its schema's JSON text (``MAX_SCHEMA_CHARS``), compiling it and each
 step's mask (``LIMITS``: llguidance's fuel and size limits; a grammar over them is refused or ends in error).
@@ -58,6 +62,7 @@ from tokenizers import Tokenizer
 from flyer.errors import FieldError
 from flyer.infer.cli import ByteTokenizer
 from flyer.interop.hf_tokenizer import TextTokenizer
+from flyer.serve.reasoning import EndWatch
 
 MAX_SCHEMA_CHARS = 32_768  # a schema's JSON text; a larger one is refused before llguidance sees it
 # llguidance's resource limits (its defaults, stated here so they are one decision): compiling a grammar
@@ -153,14 +158,15 @@ class Matcher:
     without consuming them again. ``opening``: while the output may still open reasoning itself (its tokens so far
     the begin marker's first ones), the marker's ids not written yet, the first of which its masks allow besides
     the grammar's; ``fresh`` the grammar's matcher at its start, for after the reasoning; ``refused``: the grammar
-    refused one of the marker's tokens written, so only the marker may go on."""
+    refused one of the marker's tokens written, so only the marker may go on. ``watch``: the output's text while
+    the grammar waits for an end marker of several tokens (``EndWatch``), else None."""
 
-    __slots__ = ("llg", "held", "opening", "fresh", "refused")
+    __slots__ = ("llg", "held", "opening", "fresh", "refused", "watch")
 
     def __init__(self, llg: llguidance.LLMatcher, opening: Sequence[int] = (),
-                 fresh: llguidance.LLMatcher | None = None):
+                 fresh: llguidance.LLMatcher | None = None, watch: EndWatch | None = None):
         self.llg, self.held = llg, []
-        self.opening, self.fresh, self.refused = tuple(opening), fresh, False
+        self.opening, self.fresh, self.refused, self.watch = tuple(opening), fresh, False, watch
 
     @property
     def opened(self) -> bool:
@@ -174,7 +180,7 @@ class GrammarMasks:
     built from flyer's ``tok`` at construction."""
 
     def __init__(self, tok, vocab_size: int, device: torch.device):
-        self.tokenizer = llg_tokenizer(tok, vocab_size)
+        self.tokenizer, self.tok = llg_tokenizer(tok, vocab_size), tok
         self.vocab_size, self.device = vocab_size, device
         self.bitmask = llg_np.allocate_token_bitmask(1, self.tokenizer.vocab_size)
         self.shifts = torch.arange(32, dtype=torch.int32, device=device)
@@ -198,20 +204,53 @@ class GrammarMasks:
         m = self.matcher(opts.grammar)
         if not opts.grammar_after:
             return m, None
+        # an end marker of several tokens is found in the output's text (the model may write it in other tokens)
+        end = self.tok.decode(list(opts.grammar_after)) if len(opts.grammar_after) > 1 else ""
+        watch = EndWatch(self.tok, self.tok.decode(list(opts.grammar_open)), end) if end else None
         if not opts.grammar_open:
-            return None, m
-        return Matcher(m.llg, opts.grammar_open, m.llg.deep_copy()), None
+            return None, Matcher(m.llg, watch=watch)
+        return Matcher(m.llg, opts.grammar_open, m.llg.deep_copy(), watch), None
 
     def follow(self, r, token: int) -> str | None:
         """Request ``r``'s grammar past ``token``, its last one (``r.tokens``' last): ``consume``'s finish reason;
         the grammar deferred when ``token`` completed a begin marker (reasoning opened by the output), and held
-        from the next token when it completed the end marker (``marker_ends``: reasoning ended)."""
+        from the next token when it completed the end marker (reasoning ended: ``marker_ends`` for a one-token
+        marker, else where the output's text holds it, ``EndWatch``; text the token carries past the marker is
+        the grammar's, ``begun``)."""
+        m = r.matcher if r.matcher is not None else r.deferred
+        rest = m.watch.add(token) if m is not None and m.watch is not None else None
         reason = self.consume(r.matcher, token) if r.matcher is not None else None
         if r.matcher is not None and r.matcher.opened:  # as if the prompt had opened it
-            r.matcher, r.deferred = None, Matcher(r.matcher.fresh)
-        elif r.deferred is not None and marker_ends(r.tokens, r.generated, r.opts.grammar_after):
+            r.matcher, r.deferred = None, Matcher(r.matcher.fresh, watch=r.matcher.watch)
+        elif r.deferred is not None and (rest is not None if r.deferred.watch is not None else
+                                         marker_ends(r.tokens, r.generated, r.opts.grammar_after)):
             r.matcher, r.deferred = r.deferred, None  # the marker itself was free
+            r.matcher.watch = None
+            reason = self.begun(r.matcher, rest or "")
         return reason
+
+    def ends_reasoning(self, r, more: Sequence[int]) -> bool:
+        """Whether tokens ``more`` (drafts) after request ``r``'s, whose grammar waits for the end marker, would
+        complete it (``follow``'s reading)."""
+        if r.deferred.watch is not None:
+            return r.deferred.watch.would_end(more)
+        end = r.opts.grammar_after
+        return marker_ends([*r.tokens[-len(end):], *more], r.generated + len(more), end)
+
+    def begun(self, m: Matcher, text: str) -> str | None:
+        """``m`` at the start of its grammar past ``text``, the content a token ending the reasoning marker carries
+        after it (``"}`` of ``ink>"}``): the grammar's as if chosen under it, so the content is the grammar's from its
+        first character. Leading whitespace is not (DeepSeek's models write ``</think>\n\n``; JSON and the calls'
+        parser skip it). The finish reason: "error" when the grammar refuses the text, "stop" when it completes it."""
+        text = text.lstrip()
+        if not text:
+            return None
+        ids = self.tok.encode_ids(text, add_special_tokens=False)
+        if m.llg.try_consume_tokens(ids) != len(ids):
+            print(f"flyer serve: a grammar refused the text after the reasoning end marker: {text[:100]!r}",
+                  file=sys.stderr)
+            return "error"
+        return "stop" if m.llg.is_stopped() else None
 
     def allowed(self, matchers: list[Matcher]) -> torch.Tensor:
         """(B, V) bool on the logits' device: the tokens each of the B matchers allows next. llguidance fills each
@@ -229,7 +268,7 @@ class GrammarMasks:
         bits = (torch.from_numpy(bm).to(self.device).unsqueeze(-1) >> self.shifts) & 1  # (B, W, 32)
         allowed_BV = bits.flatten(1)[:, :self.vocab_size].bool()
         for i, m in enumerate(matchers):  # the begin marker's next token too, while the output may open reasoning
-            if m.opening and m.opening[0] < self.vocab_size:  # (an id past the model's it can never write)
+            if m.opening:  # (its ids are the model's: ``Limits.check``)
                 if m.refused:
                     allowed_BV[i] = False
                 allowed_BV[i, m.opening[0]] = True
@@ -277,7 +316,7 @@ class GrammarMasks:
             m.refused = m.refused or m.llg.try_consume_tokens([token]) != 1
             return None
         if m.opening:  # not the marker: the grammar's token from here on, unless it refused the marker's so far
-            m.opening, m.fresh = (), None
+            m.opening, m.fresh, m.watch = (), None, None
             if m.refused:
                 return "error"
         if m.held and m.held[0] == token:  # a kept draft (``settle`` rolled back the rejected ones)

@@ -18,15 +18,17 @@ text (byte tokens). Tool calls (``flyer.serve.tools``) are parsed from the conte
 token, reasoning's included. ``reasoning_tokens`` counts the output's tokens before the content, markers included.
 
 A grammar (``tool_choice`` "required" / named, ``response_format``) holds after the end marker when the prompt
-opens reasoning (``end_ids``: the engine waits for those tokens, ``flyer.serve.grammar``), so the model reasons
-first. When the prompt neither opens nor closes it (R1's original template, whose model writes ``<think>``
-itself) the grammar holds from the first token, but the output may start with the begin marker instead
-(``begin_ids``) and then reasons first as well; when the prompt closes it (chat mode) or without a parser, the
+opens reasoning (``end_ids``: the engine waits for that token, or, a marker in text tokens, for the output's text
+to hold it as ``split`` finds it: ``EndWatch``, ``flyer.serve.grammar``), so the model reasons first. When the
+prompt neither opens nor closes it (R1's original template, whose model writes ``<think>`` itself) the grammar
+holds from the first token, but the output may start with the begin marker instead (``begin_ids``) and then reasons
+first as well; when the prompt closes it (chat mode) or without a parser, the
 grammar holds from the first token alone.
 
     ReasoningParser, PARSERS    the markers of a model family; ``PARSERS`` by ``--reasoning-parser`` name
     Reasoning                   a request's split (per its prompt), or ``NO_REASONING`` (off: all content)
     Split                       where one choice's text splits (``Reasoning.split``)
+    EndWatch                    the engine's reading of where an output's reasoning ends (a marker in text tokens)
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from flyer.interop.hf_tokenizer import TextTokenizer
-from flyer.serve.choice import held_back
+from flyer.serve.choice import Choice, held_back
+from flyer.serve.request import TokenEvent
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,25 @@ class Reasoning:
 
     def end_ids(self, tok) -> tuple[int, ...]:
         """The end marker's ids in ``tok``: its one token where the tokenizer holds it (DeepSeek's), else its
-        text's encoding (byte tokens: its bytes; a model writing it in other tokens leaves a grammar waiting)."""
+        text's encoding (byte tokens: its bytes), which the engine decodes to find the marker in the output's text
+        whatever tokens the model writes it in (``EndWatch``)."""
         return self._ids(tok, self.end_id, self.parser.end)
 
     def begin_ids(self, tok) -> tuple[int, ...]:
         """The begin marker's ids in ``tok``, as ``end_ids``."""
         return self._ids(tok, self.begin_id, self.parser.begin)
+
+    def grammar_markers(self, tok, prompt_text: str, vocab_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``SamplingOptions``' (``grammar_after``, ``grammar_open``) of a request with a grammar and this prompt:
+        none without a parser or when the prompt closes reasoning (the grammar holds from the first token); the end
+        marker's ids when the prompt opens it; both markers' when neither (the output may open it), but none when
+        the model cannot write the begin marker's ids (a tokenizer larger than the model's ``vocab_size``)."""
+        if self.parser is None or self.closes(self.parser, prompt_text):
+            return (), ()
+        if self.opened:
+            return self.end_ids(tok), ()
+        begin = self.begin_ids(tok)
+        return ((), ()) if max(begin) >= vocab_size else (self.end_ids(tok), begin)
 
     @staticmethod
     def _ids(tok, one: int | None, text: str) -> tuple[int, ...]:
@@ -174,6 +190,42 @@ class Reasoning:
         return out
 
     @staticmethod
+    def content_head(text: str, starts: list[int], kept: int, s: Split) -> str:
+        """The content's text inside the token that ends the end marker (a marker in text tokens, one carrying
+        text past it: ``ink>{``), which the content's tokens (from ``s.token``) leave out; "" otherwise."""
+        if s.content is None:
+            return ""
+        return text[s.content:starts[s.token] if s.token < kept else len(text)]
+
+    @staticmethod
     def reasoning_tokens(s: Split, kept: int) -> int:
         """Of a choice's ``kept`` output tokens, those before its content (all when it has none)."""
         return min(s.token, kept) if s.reasoning else 0
+
+
+class EndWatch:
+    """Where an output's reasoning ends, as the engine reads it for a grammar deferred until an end marker of
+    several tokens (``flyer.serve.grammar``): the output decoded as the API decodes it (``Choice``) and split by
+    the parser's text rule (``Reasoning.split``, the output's reasoning opened: by the prompt, or by ``begin`` at
+    its start), so the grammar holds from where ``reasoning_content`` ends, whichever tokens the model writes the
+    marker in (``</`` ``think`` ``>`` or ``</th`` ``ink>``)."""
+
+    def __init__(self, tok, begin: str, end: str):
+        self.tok, self.end = tok, end
+        self.choice = Choice(tok, [])
+        self.reasoning = Reasoning(ReasoningParser("engine", begin, end), None, opened=True)
+
+    def add(self, token: int) -> str | None:
+        """``token`` written: the output's text after the end marker (the content begun: a token may carry text
+        past the marker) once the marker is whole, else None."""
+        c = self.choice
+        c.add(TokenEvent(token))
+        s = self.reasoning.split(c.text, c.ids, len(c.ids), c.starts, False)
+        return None if s.content is None else c.text[s.content:]
+
+    def would_end(self, more: list[int]) -> bool:
+        """Whether tokens ``more`` (drafts) after the output's would complete the end marker (the tail the text so
+        far could begin it with, and their text, decoded after the tokens not yet in it)."""
+        c, n = self.choice, len(self.end) - 1
+        new = self.tok.decode(c.ids[c.prefix:] + list(more))[len(self.tok.decode(c.ids[c.prefix:c.read])):]
+        return self.end in c.text[max(0, len(c.text) - n):] + new

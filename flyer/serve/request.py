@@ -59,7 +59,9 @@ class Limits:
     def check(self, prompt: Sequence[int], opts: "SamplingOptions") -> None:
         """``FieldError`` when the request can never run: empty prompt, token ids outside the
         vocabulary, prompt + max_tokens past the context or past the whole cache, a grammar without ``grammars``
-        (naming ``response_format``: the API refuses a tool grammar itself, naming ``tool_choice``)."""
+        (naming ``response_format``: the API refuses a tool grammar itself, naming ``tool_choice``), ``grammar_open``
+        ids outside the vocabulary (the mask allows them: only a library caller can pass them, the API leaves out a
+        begin marker the model cannot write, ``Reasoning.grammar_markers``), negative ``grammar_after`` ids."""
         V, ctx = self.vocab_size, self.max_seq_len
         if len(prompt) == 0:
             raise FieldError("prompt", "must hold at least one token")
@@ -71,6 +73,10 @@ class Limits:
         if opts.seed is not None and not -(1 << 63) <= opts.seed < 1 << 64:
             raise FieldError("seed", f"must be in [-2**63, 2**64) (got {opts.seed})")
         opts.check_adjustments(V)
+        if opts.grammar_open and (min(opts.grammar_open) < 0 or max(opts.grammar_open) >= V):
+            raise FieldError("grammar_open", f"token ids must be in [0, {V}) (got {list(opts.grammar_open)})")
+        if opts.grammar_after and min(opts.grammar_after) < 0:  # (past the vocabulary: a marker never written)
+            raise FieldError("grammar_after", f"token ids must be >= 0 (got {list(opts.grammar_after)})")
         if opts.grammar is not None and not self.grammars:
             raise FieldError("response_format", f"json_object and json_schema are refused: {NO_GRAMMARS}; use text")
         if len(prompt) + opts.max_tokens > ctx:

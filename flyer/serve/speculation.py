@@ -64,7 +64,7 @@ from flyer.infer.hybrid_cache import HybridCache
 from flyer.infer.generate import mtp_span
 from flyer.infer.sampling import SamplingParams, probabilities
 from flyer.infer.speculative import accept_drafts
-from flyer.serve.grammar import GrammarMasks, marker_ends
+from flyer.serve.grammar import GrammarMasks
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import PagedCache
 
@@ -226,9 +226,7 @@ class MtpSpeculator:
                 if m is not None and not grammars.hold(m, d):
                     ks[i] = k  # refused (its grammar allows none of the model's ids): the drafts end before it
                     continue
-                end = rows[i].opts.grammar_after
-                if rows[i].deferred is not None and \
-                        marker_ends([*rows[i].tokens[-len(end):], *drafts[i], d], rows[i].generated + k + 1, end):
+                if rows[i].deferred is not None and grammars.ends_reasoning(rows[i], [*drafts[i], d]):
                     ks[i] = k  # the reasoning end marker: the verify pass chooses it, its grammar what follows
                     continue
                 drafts[i].append(d)
