@@ -287,10 +287,8 @@ def test_serve_pool_holds_1152_over_656_the_tokens(trained):
     assert n[torch.bfloat16] == 300 and n[FP8] == memory // (4 * 68 * trained.cfg.n_layers)  # tiny: 32 + 4 + 32
 
 
-@pytest.mark.parametrize("argv,why", [
-    (["generate", "--preset", "tiny-v4"], "hybrid"),
+@pytest.mark.parametrize("argv,why", [  # DeepSeek-V4 takes fp8 (tests/test_v4_fp8_cache.py)
     (["generate", "--preset", "tiny", "--attention", "naive"], "per-head"),
-    (["serve", "--preset", "tiny-v4", "--port", "0", "--kv-cache-memory", "8M"], "hybrid"),
 ])
 def test_what_fp8_does_not_cover_is_refused_in_one_line(argv, why, capsys):
     extra = ["--prompt", "hi", "--max-new-tokens", "1"] if argv[0] == "generate" else []
@@ -302,7 +300,7 @@ def test_what_fp8_does_not_cover_is_refused_in_one_line(argv, why, capsys):
 
 def test_library_refuses_gqa_and_naive():
     gqa = preset("tiny", attn="gqa", n_kv_heads=2, head_dim=32)
-    with pytest.raises(FieldError, match="cache_dtype: fp8 covers MLA latent caches only"):
+    with pytest.raises(FieldError, match="cache_dtype: fp8 covers MLA and DeepSeek-V4 caches only"):
         make_cache(gqa, 1, 1, 4, "absorbed", FP8)
     with pytest.raises(FieldError, match="cache_dtype"):
         make_cache(preset("tiny"), 1, 1, 4, "naive", FP8)
@@ -310,12 +308,12 @@ def test_library_refuses_gqa_and_naive():
 
 
 def test_generate_and_the_engine_refuse_what_fp8_does_not_cover():
-    """The library's entry points check as the commands do: a DeepSeek-V4 engine (its hybrid pools would cast to
-    FP8 without scales) or ``generate`` under an FP8 cache is a FieldError (the on-disk prefix cache is covered:
-    ``tests/test_cache_fp8_prefix.py``)."""
+    """The library's entry points check as the commands do: a GQA engine (its pools would cast to FP8 without
+    scales) or ``generate`` under an FP8 cache is a FieldError (the on-disk prefix cache is covered:
+    ``tests/test_cache_fp8_prefix.py``; DeepSeek-V4 takes fp8: ``tests/test_v4_fp8_cache.py``)."""
     torch.manual_seed(0)
-    v4 = Transformer(preset("tiny-v4")).eval()
-    with pytest.raises(FieldError, match="cache_dtype: fp8 covers MLA latent caches"):
-        Engine(v4, EngineConfig(kv_cache_bytes=8 << 20, block_size=16, cache_dtype=FP8))
+    gqa = Transformer(preset("tiny", attn="gqa", n_kv_heads=2, head_dim=32)).eval()
+    with pytest.raises(FieldError, match="cache_dtype: fp8 covers MLA and DeepSeek-V4 caches only"):
+        Engine(gqa, EngineConfig(kv_cache_bytes=8 << 20, block_size=16, cache_dtype=FP8))
     with pytest.raises(FieldError, match="cache_dtype: fp8"):
-        generate(v4, [[1, 2, 3]], GenerationConfig(max_new_tokens=1, cache_dtype=FP8))
+        generate(gqa, [[1, 2, 3]], GenerationConfig(max_new_tokens=1, cache_dtype=FP8))

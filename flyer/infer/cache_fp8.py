@@ -61,8 +61,8 @@ ROWS_LAYOUT = ("fp8_ds_mla: codes e4m3 | fp32 ue8m0 scale per 128 | bf16 rope; "
                "dsa index keys: hadamard-rotated e4m3 + fp32 ue8m0 scale per key (act_quant)")
 
 
-def n_tiles(C: int) -> int:
-    return math.ceil(C / TILE)
+def n_tiles(C: int, tile: int = TILE) -> int:
+    return math.ceil(C / tile)
 
 
 def token_bytes(C: int, R: int) -> int:
@@ -70,35 +70,38 @@ def token_bytes(C: int, R: int) -> int:
     return C + 4 * n_tiles(C) + 2 * R
 
 
-def latent_scales(c_NC: torch.Tensor, floor_on_amax: bool = False) -> torch.Tensor:
-    """(..., ceil(C/128)) FP32: each 128-channel tile's scale, amax / 448 clamped at 1e-4 (``floor_on_amax``:
+def latent_scales(c_NC: torch.Tensor, floor_on_amax: bool = False, tile: int = TILE) -> torch.Tensor:
+    """(..., ceil(C/tile)) FP32: each ``tile``-channel tile's scale, amax / 448 clamped at 1e-4 (``floor_on_amax``:
     max(amax, 1e-4) / 448, act_quant's rule) and rounded up to a power of two. The rounding is exact (frexp),
-    where ``2^ceil(log2(.))`` in FP32 may misround near a power."""
+    where ``2^ceil(log2(.))`` in FP32 may misround near a power. ``tile``: 128 here, 64 in DeepSeek-V4's rows
+    (``flyer.infer.hybrid_fp8``)."""
     C = c_NC.shape[-1]
-    x = torch.nn.functional.pad(c_NC.float(), (0, n_tiles(C) * TILE - C))
-    amax = x.unflatten(-1, (-1, TILE)).abs().amax(-1)
+    x = torch.nn.functional.pad(c_NC.float(), (0, n_tiles(C, tile) * tile - C))
+    amax = x.unflatten(-1, (-1, tile)).abs().amax(-1)
     s = amax.clamp(min=SCALE_FLOOR) / E4M3_MAX if floor_on_amax else (amax / E4M3_MAX).clamp(min=SCALE_FLOOR)
     m, e = torch.frexp(s)  # s = m 2^e, m in [0.5, 1): a power of two exactly when m == 0.5
     return torch.ldexp(torch.ones_like(s), e - (m == 0.5).to(e.dtype))
 
 
-def quantize_latent(c_NC: torch.Tensor, floor_on_amax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (..., C) (any float dtype) to (codes (..., C) float8_e4m3fn, scales (..., ceil(C/128)) FP32):
+def quantize_latent(c_NC: torch.Tensor, floor_on_amax: bool = False,
+                    tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (..., C) (any float dtype) to (codes (..., C) float8_e4m3fn, scales (..., ceil(C/tile)) FP32):
     codes = round_to_nearest_even(c / scale) of the tile's ``latent_scales``; |c / scale| <= 448."""
-    scales = latent_scales(c_NC, floor_on_amax)
-    codes = (c_NC.float() / _per_channel(scales, c_NC.shape[-1])).to(FP8)
+    scales = latent_scales(c_NC, floor_on_amax, tile)
+    codes = (c_NC.float() / _per_channel(scales, c_NC.shape[-1], tile)).to(FP8)
     return codes, scales
 
 
-def dequantize_latent(codes_NC: torch.Tensor, scales_Nn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_latent(codes_NC: torch.Tensor, scales_Nn: torch.Tensor, dtype: torch.dtype,
+                      tile: int = TILE) -> torch.Tensor:
     """(..., C) in ``dtype``: codes (float8_e4m3fn) times their tile's scale (exact in FP32: the scales are powers
     of two)."""
     C = codes_NC.shape[-1]
     x = _code_values(codes_NC.view(torch.uint8))
-    if C % TILE == 0:
-        x.unflatten(-1, (-1, TILE)).mul_(scales_Nn.unsqueeze(-1))
+    if C % tile == 0:
+        x.unflatten(-1, (-1, tile)).mul_(scales_Nn.unsqueeze(-1))
     else:
-        x.mul_(_per_channel(scales_Nn, C))
+        x.mul_(_per_channel(scales_Nn, C, tile))
     return x.to(dtype)
 
 
@@ -119,9 +122,9 @@ def code_values(codes: torch.Tensor) -> torch.Tensor:
     return _code_values(codes.view(torch.uint8))
 
 
-def _per_channel(scales_Nn: torch.Tensor, C: int) -> torch.Tensor:
+def _per_channel(scales_Nn: torch.Tensor, C: int, tile: int = TILE) -> torch.Tensor:
     """(..., C): each channel's tile scale."""
-    return scales_Nn.repeat_interleave(TILE, dim=-1)[..., :C]
+    return scales_Nn.repeat_interleave(tile, dim=-1)[..., :C]
 
 
 def pack_rows(c_NC: torch.Tensor, k_rope_NR: torch.Tensor) -> torch.Tensor:
@@ -144,11 +147,14 @@ def unpack_rows(raw_NW: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tenso
 
 def fp8_cache_problem(cfg: ModelConfig, attention: str = "absorbed") -> str | None:
     """Why ``cfg`` cannot take an FP8 cache (a one-line problem for the field cache_dtype), or None: the FP8
-    cache is MLA's absorbed latent cache (DeepSeek-V2/V3/V3.2, GLM's MLA presets)."""
-    if cfg.attn == "hybrid":
-        return "fp8 covers MLA latent caches (DeepSeek-V2/V3/V3.2); DeepSeek-V4's hybrid cache takes bf16 or fp32"
+    cache is MLA's absorbed latent cache (DeepSeek-V2/V3/V3.2, GLM's MLA presets) or DeepSeek-V4's hybrid cache in
+    its own rows (``flyer.infer.hybrid_fp8``; ``attention`` does not apply to it)."""
+    if cfg.attn == "hybrid":  # V4's rows: [e4m3 nope | bf16 rope | scales]; the rope values need an even offset
+        nope = cfg.head_dim - cfg.rope_dim
+        return None if nope % 2 == 0 else (f"fp8 rows keep BF16 rope values after head_dim - qk_rope_head_dim = "
+                                           f"{nope} codes: it must be even")
     if cfg.attn != "mla":
-        return f"fp8 covers MLA latent caches only (this model uses {cfg.attn.upper()}): use bf16 or fp32"
+        return f"fp8 covers MLA and DeepSeek-V4 caches only (this model uses {cfg.attn.upper()}): use bf16 or fp32"
     if attention != "absorbed":
         return f"fp8 is the absorbed latent cache; attention {attention!r} caches per-head keys: use bf16 or fp32"
     if cfg.kv_lora_rank % 4:

@@ -229,7 +229,8 @@ CACHE_DTYPE_HELP = ("auto: fp32 for a Hugging Face directory computed in FP32 (s
                     "by --weight-dtype, auto's choice on the CPU), so greedy tokens match transformers' FP32 model; "
                     "else bf16 (half the cache bytes per token); fp8: MLA's latent in DeepSeek's FP8 rows (E4M3 with "
                     "a power-of-two FP32 scale per 128 values, the rope key in BF16: 656 bytes a token and layer in "
-                    "V3, BF16's 1,152)")
+                    "V3, BF16's 1,152); DeepSeek-V4's window keys and compressed entries in its own FP8 rows (a "
+                    "UE8M0 scale per 64 values, the rope part BF16: 584 bytes, BF16's 1,024)")
 
 
 def auto_cache_dtype(ckpt: str | None, model: Transformer) -> str:

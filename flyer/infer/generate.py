@@ -24,6 +24,7 @@ from flyer.infer.cache import ATTENTION_MODES
 from flyer.infer.cache_fp8 import FP8, ROWS_LAYOUT, check_fp8_cache_flags
 from flyer.infer.decoder import Decoder, PrefillState, finished, gather_rows, shrink_batch
 from flyer.infer.hybrid_cache import mtp_hidden_spec
+from flyer.infer.hybrid_fp8 import ROWS_LAYOUT as HYBRID_ROWS_LAYOUT
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
 from flyer.infer.prefix_cache_hybrid import check_block_ratios, hybrid_layout, resume, store_blocks, store_snapshot
 from flyer.infer.sampling import LogitAdjustments, SamplingParams, sample
@@ -125,7 +126,7 @@ def open_prefix_cache(model: Transformer, root: str | Path, *, attention: str = 
     else:
         layout = {"layout": "gqa" if model.cfg.attn == "gqa" else attention}
     if cache_dtype == FP8:  # entries hold the FP8 rows as written: keyed by their layout and scale rule too
-        layout["rows"] = ROWS_LAYOUT
+        layout["rows"] = HYBRID_ROWS_LAYOUT if model.cfg.attn == "hybrid" else ROWS_LAYOUT
     fp = model_fingerprint(model, **layout, dtype=str(cache_dtype), block_size=block_size)
     return PrefixCache(root, fp, block_size=block_size, max_bytes=max_bytes)
 

@@ -19,7 +19,9 @@ Storage (``HybridCache``): the fixed-size state (window, the four rings) of a ro
 index keys in blocks of ``block_size`` tokens (``block_size // r`` entries each) through a block table, as the
 paged MLA cache addresses tokens. ``flyer generate`` gives each row one slot and one block of ``max_len`` tokens
 (no indirection: the shapes above); ``flyer serve`` a pool of both, addressed per batch (``HybridCache.view``).
-The attention reads and writes through ``ring`` / ``write_ring`` / ``read_entries`` / ``write_entries`` only.
+The attention reads and writes through ``ring`` / ``write_ring`` / ``read_entries`` / ``write_entries`` only, so an
+FP8 cache (``--cache-dtype fp8``: the window and the entries as DeepSeek-V4's FP8 rows, ``flyer.infer.hybrid_fp8``)
+quantizes there on write and dequantizes on read; the new tokens' keys are attended to as it gives them back.
 
 Queries see the window's keys (positions in (p - W, p]) and the complete entries (index < (p + 1) // r;
 CSA: the indexer's ``index_topk`` of them, ``select_topk``), with sinks and the output un-rotation of
@@ -40,12 +42,14 @@ import torch
 from torch import nn
 
 from flyer.config import ModelConfig
+from flyer.infer import hybrid_fp8
 from flyer.model.hybrid import hybrid_rope_config, select_topk
 from flyer.model.hybrid_chunks import entry_picks, gathers
 from flyer.model.rope import rope_cos_sin
 
 Tables = dict[bool, tuple[torch.Tensor, torch.Tensor]]  # compressed layer? -> cos, sin (max_len, 1, R)
 ENTRY_NAMES = ("entries", "index_keys")  # the growing tensors (blocks); the rest are a row's fixed state (slots)
+FP8_NAMES = ("window", "entries")  # what an FP8 cache holds as V4's FP8 rows (``flyer.infer.hybrid_fp8``)
 
 
 def mtp_hidden_spec(cfg: ModelConfig, dtype: torch.dtype) -> tuple[tuple[int, ...], torch.dtype]:
@@ -101,7 +105,9 @@ class HybridCache:
     block of ``max_len`` tokens per row, row b's at b (``slots`` / ``tables`` None: no indirection);
     ``HybridCache.paged`` (``flyer serve``): a pool of slots and blocks, which ``view`` addresses per batch
     (``flyer.serve.paged_hybrid``). ``lengths`` (B,): each row's tokens so far, as the slot caches'
-    (``flyer.infer.cache``)."""
+    (``flyer.infer.cache``). ``dtype`` float8_e4m3fn (``--cache-dtype fp8``): the windows and entries as V4's FP8
+    rows (uint8 (..., ``hybrid_fp8.row_bytes``)), quantized on write and dequantized on read (to BF16, exact); the
+    index keys BF16; the compressors' rings FP32 as ever."""
 
     kind = "hybrid"
 
@@ -114,19 +120,25 @@ class HybridCache:
         self.slots: torch.Tensor | None = None  # (B,) each row's slot; None: row b in slot b
         self.tables: torch.Tensor | None = None  # (B, n) each row's blocks; None: row b in block b
         d, W = cfg.head_dim, cfg.window_size
+        self.head_dim, self.rope_dim = d, cfg.rope_dim
+        self.fp8 = dtype == hybrid_fp8.FP8
+        # an FP8 cache's keys: rows of bytes; its index keys BF16 (the release's precision is FP4 after a rotation
+        # flyer's indexer does not make: ``flyer.infer.hybrid_fp8``)
+        key, kd = (hybrid_fp8.row_bytes(d, cfg.rope_dim), torch.uint8) if self.fp8 else (d, dtype)
+        index_dtype = torch.bfloat16 if self.fp8 else dtype
         zeros, blocks = _zeros_of(batch, device), _zeros_of(batch if n_blocks is None else n_blocks, device)
         self.layers: list[dict[str, torch.Tensor]] = []
         for i, r in enumerate(self.ratios):
-            state = {"window": zeros(W, d, dtype=dtype)}
+            state = {"window": zeros(W, key, dtype=kd)}
             if r > 0:
                 csa = cfg.is_csa(i)
                 c, S = (2, 2 * r) if csa else (1, r)
                 state.update(kv_state=zeros(S, c * d), gate_state=zeros(S, c * d),
-                             entries=blocks(self.block_size // r, d, dtype=dtype))
+                             entries=blocks(self.block_size // r, key, dtype=kd))
                 if csa:
                     di = cfg.index_head_dim
                     state.update(index_kv_state=zeros(S, 2 * di), index_gate_state=zeros(S, 2 * di),
-                                 index_keys=blocks(self.block_size // r, di, dtype=dtype))
+                                 index_keys=blocks(self.block_size // r, di, dtype=index_dtype))
             self.layers.append(state)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
@@ -144,25 +156,41 @@ class HybridCache:
         v.tables, v.slots, v.batch = tables, slots, int(slots.numel())
         return v
 
+    def _packed(self, name: str) -> bool:
+        return self.fp8 and name in FP8_NAMES
+
+    def _values(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Stored tensor ``t`` of ``name`` as values: an FP8 cache's rows dequantized (BF16, exact)."""
+        return hybrid_fp8.unpack_rows(t, self.head_dim, self.rope_dim, torch.bfloat16) if self._packed(name) else t
+
+    def _stored(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Values ``x`` (..., C) as tensor ``name`` stores them: an FP8 cache's rows quantized."""
+        return hybrid_fp8.pack_rows(x, self.rope_dim) if self._packed(name) else x
+
+    def as_stored(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x (..., C) as ``name`` gives it back once written (an FP8 cache's rows: ``hybrid_fp8.round_trip``), in
+        x's dtype; x itself otherwise (a BF16 cache's rounding is left to the read, as before)."""
+        return hybrid_fp8.round_trip(x, self.rope_dim) if self._packed(name) else x
+
     def ring(self, layer: int, name: str) -> torch.Tensor:
         """The rows' ring ``name`` (B, S, C) of ``layer`` (a copy when paged)."""
         t = self.layers[layer][name]
-        return t if self.slots is None else t[self.slots]
+        return self._values(name, t if self.slots is None else t[self.slots])
 
     def write_ring(self, layer: int, name: str, new_BTC: torch.Tensor, rows: HybridRows) -> None:
         """Each row's real new tokens into its ring ``name`` (``_write_ring``)."""
-        _write_ring(self.layers[layer][name], new_BTC, rows, self.slots)
+        _write_ring(self.layers[layer][name], self._stored(name, new_BTC), rows, self.slots)
 
     def read_entries(self, layer: int, name: str, N: int) -> torch.Tensor:
         """The rows' first N entries ``name`` (B, N, C) of ``layer`` (past a row's completed ones: any values)."""
         t = self.layers[layer][name]
         if self.tables is None:
-            return t[:, :N]
+            return self._values(name, t[:, :N])
         per = t.shape[1]
         n = -(-N // per)
         if n > self.tables.shape[1]:
             raise ValueError(f"block tables cover {self.tables.shape[1] * per} entries, need {N}")
-        return t[self.tables[:, :n]].flatten(1, 2)[:, :N]
+        return self._values(name, t[self.tables[:, :n]].flatten(1, 2)[:, :N])
 
     def gather_entries(self, layer: int, name: str, picks_BTk: torch.Tensor) -> torch.Tensor:
         """Each query's picked entries ``name`` (B, T, k, C) of ``layer``: entry ``picks[b, t, j]`` of row b
@@ -170,13 +198,13 @@ class HybridCache:
         t, i = self.layers[layer][name], picks_BTk.clamp(min=0).long()
         b = torch.arange(i.shape[0], device=i.device).view(-1, 1, 1)
         if self.tables is None:
-            return t[b, i]
+            return self._values(name, t[b, i])
         per = t.shape[1]
-        return t[self.tables[b, i // per], i % per]
+        return self._values(name, t[self.tables[b, i // per], i % per])
 
     def write_entries(self, layer: int, name: str, b: torch.Tensor, i: torch.Tensor, values: torch.Tensor) -> None:
         """Entry ``i[k]`` of row ``b[k]`` := ``values[k]`` (K, C)."""
-        t = self.layers[layer][name]
+        t, values = self.layers[layer][name], self._stored(name, values)
         if self.tables is None:
             t[b, i] = values.to(t.dtype)
         else:
@@ -256,8 +284,9 @@ class HybridCache:
     def bytes_per_token(self) -> int | float:
         """Bytes the cache grows by per token over all layers, from the allocated tensors: one ``entries`` row
         (and CSA's ``index_keys`` row) per r tokens. For long contexts this is the whole cache's rate, and it
-        equals ``flyer.model.counts.kv_cache_bytes_per_token(cfg, element_size)`` (a fraction where r does not
-        divide the bytes); the rest is a constant per row, ``window_bytes``."""
+        equals ``flyer.model.counts.kv_cache_bytes_per_token(cfg, element_size)`` (an FP8 cache's:
+        ``kv_cache_bytes_per_token_fp8(cfg)``; a fraction where r does not divide the bytes); the rest is a constant
+        per row, ``window_bytes``."""
         total = Fraction(0)
         for state, r in zip(self.layers, self.ratios):
             for name in ENTRY_NAMES:
@@ -267,7 +296,8 @@ class HybridCache:
 
     def window_bytes(self) -> int:
         """Bytes per row whatever its length: the windows' keys (``flyer.model.counts.kv_window_bytes`` counts
-        these) plus the compressors' states of not-yet-complete windows (which it leaves out): a slot's bytes."""
+        these; ``kv_window_bytes_fp8`` an FP8 cache's) plus the compressors' states of not-yet-complete windows
+        (which it leaves out): a slot's bytes."""
         return sum(t[0].numel() * t.element_size() for state in self.layers for k, t in state.items()
                    if k not in ENTRY_NAMES)
 
@@ -351,6 +381,7 @@ def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cac
     held = s - 1 - (s - 1 - torch.arange(W, device=dev)) % W  # (B, W) ring slots' positions (< 0: none)
     visible = torch.cat([(held >= 0).unsqueeze(1) & (held.unsqueeze(1) > (p - W).unsqueeze(-1)),
                          ((t.view(1, T) <= t.view(T, 1)) & (t.view(1, T) > t.view(T, 1) - W)).expand(B, T, T)], -1)
+    kv = cache.as_stored("window", kv)  # an FP8 cache: the new keys as it returns them (the release's act_quant)
     keys = torch.cat([cache.ring(layer, "window").to(kv.dtype).unsqueeze(2), kv], dim=1)  # (B, W + T, 1, d)
 
     picked = ()  # a gathering CSA layer's (entries (B, T, k, d), their slots' validity (B, T, k))

@@ -53,8 +53,10 @@ from flyer.errors import FieldError
 
 MAGIC = b"FLYERPC1"
 FORMAT_VERSION = 1
-# float8_e4m3fn: the latent codes of ``--cache-dtype fp8`` (``flyer.infer.cache_fp8``), kept as written
-_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn)}
+# float8_e4m3fn: the latent codes of ``--cache-dtype fp8`` (``flyer.infer.cache_fp8``), kept as written; uint8:
+# DeepSeek-V4's FP8 rows (``flyer.infer.hybrid_fp8``), codes, rope values and scales in one row of bytes
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn,
+                               torch.uint8)}
 MARKER = ".flyer-prefix-cache"
 # an entry's MTP module rows ("mtp.*"): the main model's rows are the same whichever speculation setting wrote
 # them, so a reader without MTP ignores these, and one needing them finds an entry without them a miss (``load``)

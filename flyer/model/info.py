@@ -9,7 +9,7 @@ import torch
 from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import UserError
 from flyer.model.counts import (ParamCounts, indexed_layers, kv_cache_bytes_per_token, kv_cache_bytes_per_token_fp8,
-                                kv_window_bytes, param_counts)
+                                kv_window_bytes, kv_window_bytes_fp8, param_counts)
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 
@@ -45,8 +45,9 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "embedding_params": counts.embedding,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
         "kv_cache_bytes_per_token_naive": kv_cache_bytes_per_token(cfg, absorbed=False),
-        "kv_cache_bytes_per_token_fp8": kv_cache_bytes_per_token_fp8(cfg),  # --cache-dtype fp8 (MLA), scales counted
+        "kv_cache_bytes_per_token_fp8": kv_cache_bytes_per_token_fp8(cfg),  # --cache-dtype fp8, scales counted
         "kv_window_bytes": kv_window_bytes(cfg),  # hybrid attention's window, per sequence whatever its length
+        "kv_window_bytes_fp8": kv_window_bytes_fp8(cfg),  # the same with --cache-dtype fp8
         "attention": cfg.attn,
         "layers": cfg.n_layers,
         "routed_experts": cfg.n_routed_experts,
@@ -79,6 +80,9 @@ def _run(args) -> int:
         print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16): compressed entries and CSA "
               f"indexer keys (top-{out['index_topk']} entries per query), plus {out['kv_window_bytes']:,} bytes per "
               f"sequence for the sliding windows")
+        print(f"  KV cache / token   {out['kv_cache_bytes_per_token_fp8']:,} bytes (--cache-dtype fp8: E4M3 keys, a "
+              f"power-of-two scale per 64 values, BF16 rope and indexer keys), plus {out['kv_window_bytes_fp8']:,} "
+              f"bytes per sequence for the windows")
         return 0
     shared = (f"; {out['layers'] - out['indexer_layers']} layers reuse another's selection"
               if out["indexer_layers"] < out["layers"] else "")
