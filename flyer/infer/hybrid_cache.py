@@ -164,13 +164,17 @@ class HybridCache:
         return hybrid_fp8.unpack_rows(t, self.head_dim, self.rope_dim, torch.bfloat16) if self._packed(name) else t
 
     def _stored(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Values ``x`` (..., C) as tensor ``name`` stores them: an FP8 cache's rows quantized."""
-        return hybrid_fp8.pack_rows(x, self.rope_dim) if self._packed(name) else x
+        """Values ``x`` (..., C) as tensor ``name`` stores them: an FP8 cache's rows quantized (rows already packed,
+        uint8, as they are)."""
+        return hybrid_fp8.pack_rows(x, self.rope_dim) if self._packed(name) and x.dtype != torch.uint8 else x
 
-    def as_stored(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """x (..., C) as ``name`` gives it back once written (an FP8 cache's rows: ``hybrid_fp8.round_trip``), in
-        x's dtype; x itself otherwise (a BF16 cache's rounding is left to the read, as before)."""
-        return hybrid_fp8.round_trip(x, self.rope_dim) if self._packed(name) else x
+    def stored_and_values(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x as ``name`` stores it, x as it gives it back once written, in x's dtype): an FP8 cache's rows packed
+        once and unpacked; (x, x) otherwise (a BF16 cache's rounding is left to the read, as before)."""
+        if not self._packed(name):
+            return x, x
+        rows = hybrid_fp8.pack_rows(x, self.rope_dim)
+        return rows, hybrid_fp8.unpack_rows(rows, self.head_dim, self.rope_dim, x.dtype)
 
     def ring(self, layer: int, name: str) -> torch.Tensor:
         """The rows' ring ``name`` (B, S, C) of ``layer`` (a copy when paged)."""
@@ -381,7 +385,8 @@ def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cac
     held = s - 1 - (s - 1 - torch.arange(W, device=dev)) % W  # (B, W) ring slots' positions (< 0: none)
     visible = torch.cat([(held >= 0).unsqueeze(1) & (held.unsqueeze(1) > (p - W).unsqueeze(-1)),
                          ((t.view(1, T) <= t.view(T, 1)) & (t.view(1, T) > t.view(T, 1) - W)).expand(B, T, T)], -1)
-    kv = cache.as_stored("window", kv)  # an FP8 cache: the new keys as it returns them (the release's act_quant)
+    # an FP8 cache: the new keys attended to as it returns them (the release's act_quant), quantized once
+    kv_stored, kv = cache.stored_and_values("window", kv)
     keys = torch.cat([cache.ring(layer, "window").to(kv.dtype).unsqueeze(2), kv], dim=1)  # (B, W + T, 1, d)
 
     picked = ()  # a gathering CSA layer's (entries (B, T, k, d), their slots' validity (B, T, k))
@@ -404,5 +409,5 @@ def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cac
                 keys = torch.cat([keys, cache.read_entries(layer, "entries", N).to(kv.dtype).unsqueeze(2)], dim=1)
                 visible = torch.cat([visible, seen], dim=-1)
     out = attn.output(attn.attend(q, keys, visible, *picked), cos, sin)
-    cache.write_ring(layer, "window", kv[:, :, 0], rows)
+    cache.write_ring(layer, "window", kv_stored[:, :, 0], rows)
     return out

@@ -28,9 +28,10 @@ FlashMLA's ``quantize_k_cache`` clamps amax / 448 at 1e-4 instead; the two diffe
 two; the value fits BF16 as well), so a cached NoPE value is off from the written one by E4M3's rounding only: at
 most 2^-4 |x| where x / scale is normal (>= 2^-6), 2^-10 scale below; the rope values are the BF16 cache's.
 
-The new tokens' keys are attended to as the cache returns them (``round_trip``), as the release quantizes ``kv``
-in place before its attention: a key reads the same from the current forward as from the cache, so a prompt
-prefilled in chunks decodes as one prefilled whole. The compressors' FP32 partial states are not quantized.
+The new tokens' keys are attended to as the cache returns them (``round_trip``; ``HybridCache.stored_and_values``
+packs them once for both), as the release quantizes ``kv`` in place before its attention: a key reads the same
+from the current forward as from the cache, so a prompt prefilled in chunks decodes as one prefilled whole. The
+compressors' FP32 partial states are not quantized.
 
 The CSA indexer's keys stay BF16. The release Hadamard-rotates them and simulates FP4 on them
 (``fp4_act_quant``, 32-value tiles, UE8M0 scales) inside its BF16 buffer; flyer's indexer follows transformers
@@ -49,24 +50,15 @@ from __future__ import annotations
 import torch
 
 from flyer.infer.cache_fp8 import dequantize_latent, n_tiles, quantize_latent
+from flyer.model.counts import V4_FP8_TILE, v4_fp8_row_bytes, v4_fp8_scale_bytes
 
 FP8 = torch.float8_e4m3fn
-TILE = 64  # NoPE channels per scale (the release's act_quant block size for the KV)
-SCALE_ALIGN = 8  # scale bytes per row padded to 8, as FlashMLA's 7 + 1
+TILE = V4_FP8_TILE  # NoPE channels per scale (the release's act_quant block size for the KV)
 E8M0 = torch.float8_e8m0fnu  # a scale byte e is 2^(e - 127)
 # what an FP8 hybrid cache's prefix-cache entries hold: a change to the layout or the scale rule must make them miss
 ROWS_LAYOUT = ("v4_fp8: e4m3 nope | bf16 rope | ue8m0 scale byte per 64 (act_quant: max(amax,1e-4)/448 up to 2^k), "
                "padded to 8; index keys bf16")
-
-
-def scale_bytes(d: int, R: int) -> int:
-    """Bytes of a row's scale group: one per 64 NoPE channels, padded to 8 (V4: 7 scales, 8 bytes)."""
-    return -(-n_tiles(d - R, TILE) // SCALE_ALIGN) * SCALE_ALIGN
-
-
-def row_bytes(d: int, R: int) -> int:
-    """Bytes of one key / entry row: d - R codes, 2 per BF16 rope value, the scale group (V4: 448 + 128 + 8)."""
-    return d - R + 2 * R + scale_bytes(d, R)
+row_bytes = v4_fp8_row_bytes  # (d, R) -> bytes of one row; the byte counts live with the model's other counts
 
 
 def pack_rows(x_Nd: torch.Tensor, R: int) -> torch.Tensor:
@@ -74,7 +66,7 @@ def pack_rows(x_Nd: torch.Tensor, R: int) -> torch.Tensor:
     d = x_Nd.shape[-1]
     codes, scales = quantize_latent(x_Nd[..., :d - R], floor_on_amax=True, tile=TILE)  # scales: powers of two
     exps = scales.to(E8M0).view(torch.uint8)  # exact: the scales are powers of two
-    pad = exps.new_zeros(*exps.shape[:-1], scale_bytes(d, R) - exps.shape[-1])
+    pad = exps.new_zeros(*exps.shape[:-1], v4_fp8_scale_bytes(d, R) - exps.shape[-1])
     return torch.cat([codes.view(torch.uint8), x_Nd[..., d - R:].to(torch.bfloat16).contiguous().view(torch.uint8),
                       exps, pad], dim=-1)
 

@@ -169,12 +169,19 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absor
     return (cfg.n_layers * per_layer + indexed_layers(cfg) * cfg.index_head_dim) * bytes_per_element
 
 
-def kv_fp8_row_bytes(cfg: ModelConfig) -> int:
-    """Bytes of one DeepSeek-V4 FP8 key / entry row (``flyer.infer.hybrid_fp8``): head_dim - rope E4M3 codes, the
-    rope values in BF16, one UE8M0 scale byte per 64 codes padded to 8 (V4: 448 + 128 + 8 = 584)."""
-    nope = cfg.head_dim - cfg.rope_dim
-    tiles = -(-nope // 64)
-    return nope + 2 * cfg.rope_dim + -(-tiles // 8) * 8
+V4_FP8_TILE = 64  # DeepSeek-V4's FP8 rows (``flyer.infer.hybrid_fp8``): NoPE channels per UE8M0 scale byte
+V4_FP8_SCALE_ALIGN = 8  # a row's scale bytes padded to 8, as FlashMLA's 7 + 1
+
+
+def v4_fp8_scale_bytes(d: int, R: int) -> int:
+    """Bytes of a V4 FP8 row's scale group: one per 64 of its d - R NoPE channels, padded to 8 (V4: 7 scales, 8)."""
+    return -(-(-(-(d - R) // V4_FP8_TILE)) // V4_FP8_SCALE_ALIGN) * V4_FP8_SCALE_ALIGN
+
+
+def v4_fp8_row_bytes(d: int, R: int) -> int:
+    """Bytes of one DeepSeek-V4 FP8 key / entry row (``flyer.infer.hybrid_fp8``): d - R E4M3 codes, the R rope
+    values in BF16, the scale group (V4: 448 + 128 + 8 = 584)."""
+    return d - R + 2 * R + v4_fp8_scale_bytes(d, R)
 
 
 def kv_cache_bytes_per_token_fp8(cfg: ModelConfig) -> int | float | None:
@@ -182,14 +189,14 @@ def kv_cache_bytes_per_token_fp8(cfg: ModelConfig) -> int | float | None:
     where it does not apply (not MLA nor hybrid): per layer DeepSeek's FP8 row, kv_lora_rank E4M3 codes, a 4-byte
     FP32 scale per 128 of them and qk_rope_head_dim BF16 rope values (V3: 512 + 16 + 128 = 656 bytes); DSA's
     indexer keys as DeepSeek's FP8 ones, index_head_dim E4M3 codes and one FP32 scale (V3.2: 132 bytes).
-    Hybrid (DeepSeek-V4): ``kv_cache_bytes_per_token``'s entries as ``kv_fp8_row_bytes`` rows, the CSA indexer
+    Hybrid (DeepSeek-V4): ``kv_cache_bytes_per_token``'s entries as ``v4_fp8_row_bytes`` rows, the CSA indexer
     keys in BF16 (a fraction where r does not divide the bytes)."""
     if cfg.attn == "hybrid":
-        total = Fraction(0)
+        total, row = Fraction(0), v4_fp8_row_bytes(cfg.head_dim, cfg.rope_dim)
         for i in range(cfg.n_layers):
             r = compress_ratio(cfg, i)
             if r:
-                total += Fraction(kv_fp8_row_bytes(cfg) + (2 * cfg.index_head_dim if r == cfg.csa_ratio else 0), r)
+                total += Fraction(row + (2 * cfg.index_head_dim if r == cfg.csa_ratio else 0), r)
         return int(total) if total.denominator == 1 else float(total)
     if cfg.attn != "mla":
         return None
@@ -208,8 +215,8 @@ def kv_window_bytes(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
 
 
 def kv_window_bytes_fp8(cfg: ModelConfig) -> int:
-    """``kv_window_bytes`` with ``--cache-dtype fp8``: each window key a ``kv_fp8_row_bytes`` row; 0 for MLA."""
-    return cfg.n_layers * cfg.window_size * kv_fp8_row_bytes(cfg) if cfg.attn == "hybrid" else 0
+    """``kv_window_bytes`` with ``--cache-dtype fp8``: each window key a ``v4_fp8_row_bytes`` row; 0 for MLA."""
+    return cfg.n_layers * cfg.window_size * v4_fp8_row_bytes(cfg.head_dim, cfg.rope_dim) if cfg.attn == "hybrid" else 0
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
