@@ -454,11 +454,16 @@ def test_serve_pool_holds_fp8_index_keys_and_equals_generate(v32):
     pool = eng.cache.pool
     assert eng.alloc.n_blocks == 40 and pool.tensors["index_key"].dtype == FP8
     assert pool.tensors["index_key_scale"].shape == (cfg.n_layers, 40, 4, 1)
-    prompts = [PROMPT, PROMPT[:9] + [4, 9, 11], [7] * 3]
-    want = [generate(model, [p], GenerationConfig(max_new_tokens=6, cache_dtype=FP8)).tokens[0] for p in prompts]
+    assert_engine_is_generate(eng, model, [PROMPT, PROMPT[:9] + [4, 9, 11], [7] * 3], 6)
+
+
+def assert_engine_is_generate(eng: Engine, model: Transformer, prompts: list[list[int]], n: int) -> None:
+    """``eng``'s greedy tokens for ``prompts``, submitted together, are ``generate``'s for each alone, both with an
+    FP8 cache (also DeepSeek-V4's: tests/test_v4_fp8_cache.py)."""
+    want = [generate(model, [p], GenerationConfig(max_new_tokens=n, cache_dtype=FP8)).tokens[0] for p in prompts]
     outs = [[] for _ in prompts]
     for i, p in enumerate(prompts):
-        eng.submit(p, SamplingOptions(max_tokens=6), lambda e, i=i: outs[i].append(e.token))
+        eng.submit(p, SamplingOptions(max_tokens=n), lambda e, i=i: outs[i].append(e.token))
     eng.run_until_idle()
     assert outs == want
 

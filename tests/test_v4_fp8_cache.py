@@ -39,6 +39,7 @@ from flyer.serve.disk_tier import open_disk_prefix_cache
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from flyer.serve.paged_hybrid import hybrid_blocks_for_memory
 from tests.test_deepseek_v4 import v4_tolerance
+from tests.test_dsa_fp8_indexer import assert_engine_is_generate
 from tests.test_qwen3 import rel
 
 E4M3_U = 2.0**-4  # E4M3's unit roundoff: 3 mantissa bits, round to nearest
@@ -258,13 +259,7 @@ def test_serve_pool_holds_fp8_rows_and_equals_generate(model):
                                      prefill_chunk=8))
     layer = eng.cache.layers[1]  # CSA
     assert eng.alloc.n_blocks == 30 and layer["window"].dtype == layer["entries"].dtype == torch.uint8
-    prompts = [PROMPT, PROMPT[:9] + [4, 9, 11], [7] * 3]
-    want = [generate(model, [p], GenerationConfig(max_new_tokens=8, cache_dtype=FP8)).tokens[0] for p in prompts]
-    outs = [[] for _ in prompts]
-    for i, p in enumerate(prompts):
-        eng.submit(p, SamplingOptions(max_tokens=8), lambda e, i=i: outs[i].append(e.token))
-    eng.run_until_idle()
-    assert outs == want
+    assert_engine_is_generate(eng, model, [PROMPT, PROMPT[:9] + [4, 9, 11], [7] * 3], 8)
 
 
 def test_bytes_per_token_are_the_layouts():
