@@ -18,7 +18,9 @@ from flyer.errors import ConfigError
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export_model, hf_model_type
 from flyer.interop.hf import hf_names, load_hf, permute_rope
-from flyer.interop.load import load_pretrained
+from flyer.interop.load import load_init_weights, load_pretrained
+from flyer.interop.tensorfile import TensorFile
+from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 from tests.bounds import FP32_U
 from tests.hf_models import _COMMON, VOCAB, make_tokenizer
@@ -227,3 +229,23 @@ def test_what_flyer_cannot_run_is_one_line(plain, tmp_path, capsys):
             (dict(attention_bias=True), "attention_bias")):
         _config_error(tmp_path, capsys, {**d, **change}, field)
     assert ModelConfig.from_dict({**d, "n_group": 4, "topk_group": 4}) == load_hf(plain[0])[1]  # no group dropped
+
+
+def test_fused_stacks_are_read_one_expert_at_a_time_and_only_a_ranks(plain, monkeypatch):
+    """A rank holding experts 4..7 (expert parallelism's ``Experts.first``) reads only those rows of the fused
+    stacks, one expert per read (a real Mistral 4 layer's stack is GBs), and gets the whole model's values."""
+    path, _ = plain
+    whole, cfg, _ = load_pretrained(path)
+    rank = Transformer(cfg)
+    for layer in rank.layers[cfg.n_dense_layers:]:
+        layer.ffn.experts = Experts(4, cfg.dim, cfg.moe_inter_dim, first=4)
+    reads, read_into = [], TensorFile.read_into
+    monkeypatch.setattr(TensorFile, "read_into", lambda tf, name, out, rows=None: (
+        reads.append((name, rows)), read_into(tf, name, out, rows))[1])
+    load_init_weights(rank, path)
+    fused = [rows for name, rows in reads if name.endswith(("gate_up_proj", "down_proj"))]
+    assert fused and len(fused) == 2 * 4 * (cfg.n_layers - cfg.n_dense_layers)
+    assert all(rows is not None and rows[1] == rows[0] + 1 and rows[0] >= 4 for rows in fused)
+    for mine, full in zip(rank.layers[cfg.n_dense_layers:], whole.layers[cfg.n_dense_layers:]):
+        for w in ("w1", "w2", "w3"):
+            assert torch.equal(getattr(mine.ffn.experts, w), getattr(full.ffn.experts, w)[4:])

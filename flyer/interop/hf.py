@@ -429,20 +429,20 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
 def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files: dict[str, Path],
                headers: dict[Path, TensorFile]) -> None:
     """Write the fused tensor ``name`` (``Slot.fused``: the stacks it concatenates on dim 1) into ``model``'s
-    stacks: read once as ``fill_tensor`` reads any tensor, then each part written as its stack is held; a
-    rank holding experts ``first ..`` of the stacks (``Experts.first``, expert parallelism) takes its rows."""
+    stacks, one expert at a time as ``fill_tensor`` reads any tensor, each part written as its stack is held: a
+    rank holding experts ``first ..`` of the stacks (``Experts.first``, expert parallelism) reads only its
+    experts, and no more than one expert's rows are in memory (a real Mistral 4 layer's stack is GBs)."""
     state = model.state_dict()
     parts = [state[k] for k in slot.fused]
     first = getattr(model.get_submodule(slot.key.rpartition(".")[0]), "first", 0)
-    whole = torch.empty(tf.shape(name), dtype=torch.float32 if parts[0].dtype == FP8 else parts[0].dtype)
-    fill_tensor(None, whole, tf, name, Slot(name), files, headers)
-    whole = whole[first:first + len(parts[0])]
-    for key, dest, value in zip(slot.fused, parts, whole.split([p.shape[1] for p in parts], dim=1)):
-        if dest.dtype == FP8:  # held FP8: each expert with its own block scales
-            for e in range(len(dest)):
-                write_weight(dest[e], value[e], held_scale(model, key, e))
-        else:
-            dest.copy_(value)
+    one = torch.empty((1, *tf.shape(name)[1:]), dtype=torch.float32 if parts[0].dtype == FP8 else parts[0].dtype)
+    for e in range(len(parts[0])):
+        fill_tensor(None, one, tf, name, Slot(name), files, headers, rows=(first + e, first + e + 1))
+        for key, dest, value in zip(slot.fused, parts, one[0].split([p.shape[1] for p in parts], dim=0)):
+            if dest.dtype == FP8:  # held FP8: each expert with its own block scales
+                write_weight(dest[e], value, held_scale(model, key, e))
+            else:
+                dest[e].copy_(value)
 
 
 @torch.no_grad()
