@@ -8,21 +8,30 @@
   encoders; the releases take strings), but V4's tool results "\\n\\n" (its release's ``merge_tool_messages``
   joins a tool result's text blocks so);
 - ``content_format`` reads templates as vLLM's detection reads them (a loop over ``message['content']`` or
-  ``message.content`` of a loop's item over ``messages``, an alias or slice of them, through filters).
+  ``message.content`` of a loop's item over ``messages``, an alias or slice of them, through filters);
+- chat data caches (``flyer.data.chat_data``) are not stale under the rule: chat data takes string content only, and a
+  build with the rule undone writes the same bytes under the same key.
 
 The server's prompt is ``Api._chat_text`` over a request body as the openai client sends it."""
 
+import json
 from pathlib import Path
 
 import pytest
+from hf_models import make_tokenizer
+from test_chat_build import FILES
 from test_serve_reasoning import TEMPLATE as V31
 from test_serve_tools_v3 import _Scripted
+from test_sft import CHATS, TEMPLATE as SFT_TEMPLATE
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
+from flyer.data import chat_template, deepseek_encoding
+from flyer.data.chat_data import prepare_chat
 from flyer.data.chat_template import content_format
 from flyer.data.deepseek_encoding import ENCODINGS
-from flyer.interop.hf_tokenizer import TextTokenizer
+from flyer.errors import DataError
+from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer
 from flyer.serve.api import Api
 from flyer.serve.request import Limits
 from flyer.serve.schema import ChatBody
@@ -106,3 +115,32 @@ def test_deepseek_encoders_join_as_their_releases_and_vllm():
 ])
 def test_content_format_reads_templates_as_vllm(template, fmt):
     assert content_format(template) == fmt
+
+
+@pytest.mark.parametrize("template", ["jinja", "deepseek_v4", "deepseek_v32"])
+def test_chat_data_caches_are_not_stale_under_the_parts_rule(tmp_path, monkeypatch, template):
+    """The joined-parts rule (above) reaches no chat data cache, so its key needs no change: chat data refuses a
+    message whose content is a list of parts (one line naming file, line and field; a cache holds strings only),
+    and a build with the rule undone (``joined_parts`` passing every message as it is: the renderers before it) writes
+    the same bytes under the same key. A change that lets chat data take parts must put that rule in the key
+    (``flyer.data.chat_data.CHAT_VERSION``)."""
+    make_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok", config={})
+    fmt = SFT_TEMPLATE if template == "jinja" else ENCODINGS[template]
+    chats = [{"messages": c["messages"]} for c in CHATS[:6]]  # (the encoders' tools sections are not this test's)
+    good = tmp_path / "chats.jsonl"
+    good.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    now = prepare_chat(good, tmp_path / "now", tok, fmt)
+    with monkeypatch.context() as m:  # the rule undone
+        for module in (chat_template, deepseek_encoding):
+            m.setattr(module, "joined_parts", lambda message, sep: message)
+        before = prepare_chat(good, tmp_path / "before", tok, fmt)
+    assert before.cache_dir.name == now.cache_dir.name and now.train.ids.size > 0
+    assert all((before.cache_dir / f).read_bytes() == (now.cache_dir / f).read_bytes() for f in FILES)
+    parts = [{**c, "messages": [{**c["messages"][0], "content": _parts(["a", "b"])}, *c["messages"][1:]]}
+             for c in chats[:1]]
+    bad = tmp_path / "parts.jsonl"
+    bad.write_text(json.dumps(chats[1]) + "\n" + json.dumps(parts[0]) + "\n")
+    with pytest.raises(DataError) as e:
+        prepare_chat(bad, tmp_path / "parts", tok, fmt)
+    assert str(e.value).startswith(f"{bad}:2: messages[0].content: expected a string") and "\n" not in str(e.value)

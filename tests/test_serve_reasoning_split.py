@@ -20,10 +20,12 @@ model's own greedy tokens write each script below, and its MTP drafts write the 
   the marker: ``EndWatch.would_end``).
 
 Each answer is also read by the API's parser (``Reasoning.split`` over ``Choice``'s incremental decoding): its
-content is what the grammar produced. Through the openai client (a scripted engine), calls whose block begins in
-the token that ends ``</think>`` parse (``Reasoning.content_head``). ``grammar_open`` ids outside the vocabulary are
-a ``FieldError`` naming it; the API leaves out a begin marker the model cannot write (``grammar_markers``).
-Token comparisons are exact: the counting model's greedy margins are clear (``tests/test_serve_grammar_spec.py``).
+content is what the grammar produced. Through the openai client (a scripted engine), ``reasoning_content`` and
+``content`` split where the text holds the marker, whole and streamed, whichever tokens write it, and calls whose
+block begins in the token that ends ``</think>`` parse (``Reasoning.content_head``). ``grammar_open`` ids outside
+the vocabulary are a ``FieldError`` naming it; the API leaves out a begin marker the model cannot write
+(``grammar_markers``). Token comparisons are exact: the counting model's greedy margins are clear
+(``tests/test_serve_grammar_spec.py``).
 """
 
 import json
@@ -179,3 +181,37 @@ def test_calls_after_a_marker_whose_token_carries_the_calls_begin():
     with _serving(wide, script) as (_, _, c):
         _agree(c, "hm", None, "tool_calls", [("get_weather", args)], tools=TOOLS,
                extra_body={"chat_template_kwargs": THINK})
+
+
+def _byte_level_with(*words: str) -> tuple[TextTokenizer, list[int]]:
+    """(a byte-level BPE of every byte plus ``words`` as tokens of their own (no merges: text encodes byte by byte),
+    ``</s>`` its EOS; the words' ids)."""
+    spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # text -> its byte-level spelling
+    extra = ["".join(p for p, _ in spell.pre_tokenize_str(w)) for w in words]
+    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()) + extra)},
+                             merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens([AddedToken("</s>", special=True)])
+    return TextTokenizer(t, eos=t.token_to_id("</s>")), [t.token_to_id(w) for w in extra]
+
+
+@pytest.mark.parametrize("marker, after, content, reasoning_tokens", [
+    (("</th", "ink>"), "42", "42", 4),  # h m </th ink>
+    (("</thi", "nk>1"), "2", "12", 4),  # the token ending the marker carries content: counted as reasoning's
+    (("</t", "hink>\n\n"), "ok", "\n\nok", 4),
+    (("</", "thi", "nk>"), "", "", 5),  # nothing after the marker: content "" (the marker was written)
+], ids=["split", "carries-content", "carries-whitespace", "three-tokens"])
+def test_the_openai_client_reads_a_marker_split_over_tokens(marker, after, content, reasoning_tokens):
+    """Through the openai client (the API over a scripted engine, ``test_serve_reasoning``'s): a prompt opening
+    reasoning, then ``hm``, ``</think>`` written in tokens that are not its encoding (``</`` ``think`` ``>``: none
+    of them is), then the answer: ``reasoning_content`` is ``hm`` and ``content`` the text after the marker, whole
+    and streamed alike (the stream's reasoning in deltas before the content's, no delta holding a marker);
+    ``reasoning_tokens`` counts the tokens up to the one ending the marker."""
+    wide, ids = _byte_level_with(*marker)
+    assert wide.decode(ids).startswith(DEEPSEEK.end)
+    assert not set(ids) & set(wide.encode_ids(DEEPSEEK.end, add_special_tokens=False))
+    script = wide.encode_ids("hm") + ids + wide.encode_ids(after) + [wide.eos_id()]
+    with _serving(wide, script) as (_, _, c):
+        usage = _agree(c, "hm", content, "stop", extra_body={"chat_template_kwargs": THINK})
+    assert usage.completion_tokens_details.reasoning_tokens == reasoning_tokens

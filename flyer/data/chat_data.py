@@ -72,6 +72,8 @@ from flyer.interop.load import init_source, run_tokenizer
 from flyer.interop.hf import is_hf_model_dir
 
 CHAT_VERSION = 3  # 2: conversations cut into pieces (module doc); 3: where the render says (chat_pieces)
+# (a message's content is a string here, never OpenAI's list of parts, so how renderers join parts is no part of the
+# key: taking parts in chat data must bump CHAT_VERSION; tests/test_chat_content_parts.py holds both)
 MAX_LINE_BYTES = 1 << 22  # 4 MiB: a longer line is refused, not read whole
 VAL_EVERY = 20
 BATCH_BYTES = 1 << 18  # lines encoded together (one encode_batch, parallel in Rust): the build's memory

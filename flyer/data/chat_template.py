@@ -80,6 +80,24 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
     return render
 
 
+def effort_kwargs(encoding: ChatEncoding | None, effort: str | None, extra: dict | None) -> dict | None:
+    """A request's chat_template_kwargs ``extra`` with OpenAI's top-level ``reasoning_effort`` ``effort`` (None: as
+    it is) applied, as vLLM's server applies it: for a Jinja template (``encoding`` None) the variable
+    ``reasoning_effort`` (gpt-oss's templates read it; others ignore it), and ``enable_thinking`` (Qwen3's and
+    Gemma's switch) true unless the effort is "none", where ``extra`` does not set it; a release's encoder maps it its
+    own way (``ChatEncoding.effort_kwargs``). ``FieldError`` naming reasoning_effort where ``extra`` holds another
+    reasoning_effort (vLLM lets the top-level one win: flyer drops neither silently)."""
+    if effort is None:
+        return extra
+    if encoding is not None:
+        return encoding.effort_kwargs(effort, extra)
+    extra = dict(extra or {})
+    if extra.get("reasoning_effort", effort) != effort:
+        raise FieldError("reasoning_effort", f"{effort!r} differs from chat_template_kwargs' reasoning_effort "
+                                             f"{extra['reasoning_effort']!r}: send one of them")
+    return {"enable_thinking": effort != "none", **extra, "reasoning_effort": effort}
+
+
 def content_format(template: str | None) -> str:
     """How a Jinja chat ``template`` (None: the default) reads a message's content, as vLLM's
     ``--chat-template-content-format auto`` reads it: "openai" when it loops over a message's content (``for part

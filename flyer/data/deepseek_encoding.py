@@ -36,7 +36,8 @@ writes <｜Assistant｜> and the think token only where an assistant's turn foll
 conversation no reasoning is dropped (every user turn opens ``<think>`` in thinking mode); in thinking mode
 ``extra={"reasoning_effort": "high" | "max"}`` puts its prompt first ("low", the default, puts nothing; the three
 levels of the later encoders, V4-Flash-0731's and Flash-Vision-Exp's: the first V4-Pro / V4-Flash encoder writes its
-one prompt, the "high" text here, for "max" only, and nothing for "high");
+one prompt, the "high" text here, for "max" only, and nothing for "high"; a request's top-level OpenAI
+``reasoning_effort`` maps onto them: ``ChatEncoding.effort_kwargs``);
 a developer turn (its CONTENT required, as the release asserts) writes its own tools section and response format
 section after its CONTENT; the ``latest_reminder`` role (date, locale, ...: context,
 never an answer) is ``<｜latest_reminder｜>CONTENT``, and a user turn before it ends with the assistant's header as
@@ -144,6 +145,10 @@ REASONING_EFFORT = {
            "rather than any surface symptom.\nDo not stop reasoning until you have independently verified the "
            "solution from multiple angles and are certain that no assumption remains unchecked and no error remains "
            "undiscovered.\n\n"}
+# OpenAI's top-level reasoning_effort on V4 -> (thinking, REASONING_EFFORT level): "none" is chat mode, the release's
+# own level names are thinking mode at that level; minimal / medium / xhigh name no level of the release and are
+# refused (vLLM's V4 tokenizer rounds them to low / low / high: an effort the client did not ask for)
+OPENAI_EFFORT_V4 = {"none": (False, None), "low": (True, "low"), "high": (True, "high"), "max": (True, "max")}
 
 
 def _json(value) -> str:
@@ -381,6 +386,25 @@ class ChatEncoding:
             raise FieldError("chat_template_kwargs", f"reasoning_effort must be one of {list(REASONING_EFFORT)} "
                                                      f"(got {effort!r})")
         return encode_v4(messages, tools, thinking, effort, response_format)
+
+    def effort_kwargs(self, effort: str, extra: dict | None) -> dict:
+        """``extra`` (a request's chat_template_kwargs) with OpenAI's top-level ``reasoning_effort`` ``effort``
+        applied: V4's as ``OPENAI_EFFORT_V4`` maps it (``thinking`` and the release's level), V3.2's added as a
+        variable its encoder does not read (it has no effort control: a template ignores a variable it does not
+        read). ``FieldError`` naming reasoning_effort for a V4 value without a level, or one ``extra`` contradicts
+        (its thinking or reasoning_effort): one of two differing requests would be silently dropped."""
+        extra = dict(extra or {})
+        if self.name != "deepseek_v4":
+            return {**extra, "reasoning_effort": effort}
+        if effort not in OPENAI_EFFORT_V4:
+            raise FieldError("reasoning_effort", f"DeepSeek-V4 takes {list(OPENAI_EFFORT_V4)} (none: chat mode; the "
+                                                 f"others its release's thinking levels); got {effort!r}")
+        thinking, level = OPENAI_EFFORT_V4[effort]
+        for key, want in (("thinking", thinking), ("reasoning_effort", level)):
+            if key in extra and extra[key] != want:
+                raise FieldError("reasoning_effort", f"{effort!r} contradicts chat_template_kwargs' {key} "
+                                                     f"{extra[key]!r}: send one of them")
+        return {**extra, "thinking": thinking, **({"reasoning_effort": level} if level else {})}
 
 
 # model_type -> its encoding, for checkpoints without a chat template

@@ -15,7 +15,9 @@
                                 tools, tool_choice, tool messages: calls in the format the chat template
                                 writes (``flyer.serve.tools``: V3.1 / V3.2-Exp's, V3-0324 / R1's, V3.2 / V4's DSML), or
                                 the one ``tool_call_parser`` names;
-                                chat_template_kwargs; with a reasoning parser, ``reasoning_content`` apart from
+                                chat_template_kwargs, reasoning_effort (OpenAI's: a template variable as vLLM
+                                passes it, V4's levels mapped; ``flyer.data.chat_template.effort_kwargs``);
+                                with a reasoning parser, ``reasoning_content`` apart from
                                 ``content`` (``flyer.serve.reasoning``), and a prompt that opens reasoning has
                                 its grammar (tool_choice, response_format) hold after the reasoning
 
@@ -50,7 +52,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flyer.data.chat_template import chat_renderer
+from flyer.data.chat_template import chat_renderer, effort_kwargs
 from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.data.fim import fim_prompt
 from flyer.errors import FieldError
@@ -341,7 +343,8 @@ class Api:
         fmt = body.response_format  # a release's encoder writes it into the prompt, a template not; its grammar holds
         fmt = None if fmt is None or fmt.type == "text" else fmt.model_dump(by_alias=True, exclude_none=True)
         try:
-            return self.render_chat(messages, tools, extra=body.chat_template_kwargs, response_format=fmt)
+            extra = effort_kwargs(self.encoding, body.reasoning_effort, body.chat_template_kwargs)
+            return self.render_chat(messages, tools, extra=extra, response_format=fmt)
         except jinja2.TemplateError as e:
             raise FieldError("messages", f"the chat template cannot render them: {e}") from None
 

@@ -6,7 +6,8 @@ and ``check_fields`` refuses the combinations and the unimplemented fields the t
     CompletionBody  POST /v1/completions: prompt (text, texts, token ids, lists of token ids), logprobs, echo,
                     suffix (fill-in-the-middle: ``flyer.data.fim``)
     ChatBody        POST /v1/chat/completions: messages (text content or text parts), logprobs, top_logprobs,
-                    chat_template_kwargs (more variables for the chat template, as vLLM takes them)
+                    chat_template_kwargs (more variables for the chat template, as vLLM takes them),
+                    reasoning_effort (OpenAI's; to the template as vLLM passes it, V4's levels mapped)
     ResponseFormat  both routes' ``response_format``: text, json_object, json_schema (``flyer.serve.grammar``)
     Tool, ToolChoice, MessageToolCall   chat's ``tools``, ``tool_choice`` and an assistant message's ``tool_calls``
                     (``flyer.serve.tools``)
@@ -238,6 +239,9 @@ class ChatBody(Body):
     parallel_tool_calls: bool = True
     # variables the chat template sees besides the messages (``flyer.data.chat_template``: V3.1's ``thinking``)
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI's values (the openai client's ``ReasoningEffort``); what each means is the chat format's
+    # (``flyer.data.chat_template.effort_kwargs``): another value answers 400 naming it
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
 
     def check_fields(self) -> None:
         super().check_fields()
