@@ -126,11 +126,11 @@ def test_info_counts_the_text_model(src, tmp_path, capsys):
 
 def test_what_flyer_cannot_read_is_one_line(src, tmp_path, capsys):
     """One line naming the field: no text config, a text model other than DeepseekV3, quantized weights flyer
-    cannot decode (the hub's INT4 compressed-tensors experts)."""
+    cannot decode (AWQ; the hub's INT4 compressed-tensors experts it decodes: tests/test_hf_int4.py)."""
     d = json.loads((src[0] / "config.json").read_text())
     for change, field in ((dict(text_config=None), "text_config"),
                           (dict(text_config={**d["text_config"], "model_type": "qwen3"}), "text_config.model_type"),
-                          (dict(quantization_config={"quant_method": "compressed-tensors"}),
+                          (dict(quantization_config={"quant_method": "awq"}),
                            "quantization_config.quant_method")):
         _config_error(tmp_path, capsys, {**d, **change}, field)
     # the config names DeepseekV3Config's one MTP layer; save_pretrained writes none, and the load builds none

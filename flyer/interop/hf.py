@@ -40,6 +40,8 @@ and its FP8 weights carry UE8M0 block scales as ``<name>.scale``, its routed exp
 DeepSeek's FP8 format stores a linear weight as ``float8_e4m3fn`` plus ``weight_scale_inv``,
 one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on import, or, into a
 model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as its codes and scales.
+compressed-tensors' pack-quantized INT4 (Kimi-K2-Thinking's, K2.5's experts) is read as ``<stem>.weight``
+from ``<stem>.weight_packed``, ``weight_scale`` and ``weight_shape``, dequantized on import (``int4_pack``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type, text_config
+from flyer.interop.hf_config_quant import int4_pack
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
+from flyer.interop.int4_pack import PACKED, packed_shape, packed_stem, read_int4
 from flyer.interop.tensorfile import TensorFile, header
 from flyer.interop.v4_quant import dequantize_fp4_e2m1, dequantize_ue8m0_blocks, held_e4m3_blocks, stored_format
 from flyer.model.attention import Indexer
@@ -375,27 +379,34 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
     headers = {} if headers is None else headers
     found: dict[str, Slot] = {}
     canonical = v4_name if cfg.attn == "hybrid" else text_name if is_wrapped(files) else str
+    int4 = int4_pack(text_config(_read_json(path / "config.json")))  # compressed-tensors INT4 (int4_pack)
     for name, f in files.items():
-        if canonical(name) is None or _ignored(canonical(name), cfg):  # None: a wrapper's vision tower, projector
+        stem = packed_stem(name, files) if int4 else None  # <stem>.weight_packed read as <stem>.weight
+        if stem is not None and not name.endswith(PACKED):
+            continue  # its scale and shape, read with it
+        own = name if stem is None else stem + ".weight"
+        if canonical(own) is None or _ignored(canonical(own), cfg):  # None: a wrapper's vision tower, projector
             continue
         tf = header(headers, f)
         if name not in tf.entries:
             raise CheckpointError(f"{f}: tensor {name} is listed in the index but not in the file")
-        slot = slots.get(canonical(name))
+        slot = slots.get(canonical(own))
         if slot is None:
             raise CheckpointError(f"{f}: tensor {name} is not expected by the config "
                                   f"(a different architecture or size?)")
         dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
         if slot.fused:
             dest = torch.cat([state[k] for k in slot.fused], dim=1)  # meta: a shape, no memory
-        shape = tf.shape(name)
+        shape = tf.shape(name) if stem is None else packed_shape(name, files, headers, int4)
         if stored_format(name, files, tf.dtype(name)) == "fp4":  # DeepSeek-V4's experts: two values a byte
             shape = (*shape[:-1], 2 * shape[-1])
         if shape != tuple(dest.shape):
-            raise CheckpointError(f"{f}: tensor {name} has shape {tf.shape(name)}, "
+            held_as = "" if stem is None else f" (a {shape} weight)"  # packed INT4: the weight it decodes to
+            raise CheckpointError(f"{f}: tensor {name} has shape {tf.shape(name)}{held_as}, "
                                   f"the config expects {tuple(dest.shape)}")
         found[name] = slot
-    missing = sorted(set(slots) - {canonical(n) for n in found})
+    missing = sorted(set(slots) - {canonical(n.removesuffix(PACKED) + ".weight" if n.endswith(PACKED) else n)
+                                   for n in found})
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                          if len(missing) > 1 else ""))
@@ -459,7 +470,12 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
     held = held_scale(model, slot.key, slot.expert) if dest.dtype == FP8 else None  # FP8 codes, held
     try:
         kind = stored_format(name, files, tf.dtype(name))  # "<name>.scale" beside it: DeepSeek-V4's only
-        if kind != "plain":  # DeepSeek-V4's FP8 (UE8M0 block scales) and FP4 (experts) weights
+        if name.endswith(PACKED):  # compressed-tensors INT4 (int4_pack): dequantized, as any plain weight then
+            t = read_int4(tf, name, files, headers, torch.float32 if dest.dtype == FP8 else dest.dtype)
+            if rows is not None or t.shape != dest.shape:
+                raise CheckpointError(f"{tf.path}: INT4 tensor {name} holds a {tuple(t.shape)} weight, "
+                                      f"{tuple(dest.shape)} expected")
+        elif kind != "plain":  # DeepSeek-V4's FP8 (UE8M0 block scales) and FP4 (experts) weights
             scale_name = name.removesuffix(".weight") + ".scale"
             sf = header(headers, files[scale_name])
             data, scale = tf.read(name), sf.read(scale_name)

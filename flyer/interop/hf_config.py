@@ -44,6 +44,9 @@ Kimi K2.5 (``kimi_k25``) is a vision-language wrapper around a DeepseekV3 text m
 ``model_type`` ``deepseek_v3`` or the hub's ``kimi_k2``): flyer reads that text model (``text_config``), its
 embeddings tied as the wrapper's ``tie_word_embeddings`` says (transformers ties by it, default true, whatever
 the text config says); the vision tower and projector are not read (``flyer.interop.hf``: text in, text out).
+Kimi K2 / K2-Thinking (top-level ``model_type`` ``kimi_k2``) is a DeepseekV3 config. Quantized weights: DeepSeek's
+FP8 blocks, or compressed-tensors' pack-quantized INT4 (Kimi-K2-Thinking, K2.5; on the wrapper or its text config),
+``flyer.interop.hf_config_quant``; any other quantization is refused.
 A value flyer cannot run is a ``ConfigError`` naming the file and the field, never silently ignored.
 """
 
@@ -53,12 +56,13 @@ from typing import Any
 
 from flyer.errors import ConfigError
 from flyer.interop.hf_config_mistral4 import MISTRAL4_DEFAULTS, MISTRAL4_ROPE, mistral4_fields
+from flyer.interop.hf_config_quant import int4_pack
 from flyer.interop.hf_config_v4 import from_v4_config
 from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor, yarn_mscale
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
                          "glm4_moe", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v4", "mistral4",
-                         "kimi_k25")
+                         "kimi_k2", "kimi_k25")
 # vision-language wrappers whose text model (``text_config``) flyer reads, and the text model types each holds
 WRAPPER_MODEL_TYPES = {"kimi_k25": ("deepseek_v3", "kimi_k2")}
 # the MLA architectures (as read, after _SAME_AS)
@@ -70,9 +74,10 @@ GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("glm4_moe",)
 # model types that compute as another flyer reads: Mistral without its sliding window is Llama; GLM-4.7-Flash
 # (glm4_moe_lite) is DeepseekV3's MLA, router and MTP layer, its dense layers named by mlp_layer_types;
-# DeepSeek-V3.2 is DeepseekV3 with the DSA indexer (read from its own keys), GLM-5 V3.2 with shared selections
+# DeepSeek-V3.2 is DeepseekV3 with the DSA indexer (read from its own keys), GLM-5 V3.2 with shared selections;
+# Kimi K2 (Moonshot's hub config: model_type kimi_k2, architectures DeepseekV3ForCausalLM) is DeepseekV3
 _SAME_AS = {"mistral": "llama", "glm4_moe_lite": "deepseek_v3", "deepseek_v32": "deepseek_v3",
-            "glm_moe_dsa": "deepseek_v3"}
+            "glm_moe_dsa": "deepseek_v3", "kimi_k2": "deepseek_v3"}
 # the architectures with DeepSeek Sparse Attention's indexer (read from index_topk, index_n_heads, index_head_dim)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 # Keys that only exist in Hugging Face configs (their presence switches the parser).
@@ -96,11 +101,9 @@ def text_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]
     if text.get("model_type", kinds[0]) not in kinds:
         raise _bad(where, "text_config.model_type", f"unsupported text model {text['model_type']!r:.40} (supported: "
                                                     f"{', '.join(kinds)})")
-    quant = d.get("quantization_config") or text.get("quantization_config")
-    if isinstance(quant, dict) and quant.get("quant_method", "fp8") != "fp8":  # e.g. compressed-tensors INT4
-        raise _bad(where, "quantization_config.quant_method", f"{quant['quant_method']!r:.40} is not supported "
-                                                               f"(DeepSeek's FP8 blocks, or unquantized weights)")
-    return {**text, "model_type": kinds[0], "tie_word_embeddings": d.get("tie_word_embeddings", True)}
+    out = {**text, "model_type": kinds[0], "tie_word_embeddings": d.get("tie_word_embeddings", True)}
+    quant = d.get("quantization_config") or text.get("quantization_config")  # Kimi K2.5's: in text_config
+    return out if quant is None else {**out, "quantization_config": quant}
 
 
 def _bad(where: str, field: str, problem: str) -> ConfigError:
@@ -359,6 +362,7 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
     d = text_config(d, where)
     mt = model_type(d, where)
+    int4_pack(d, where)  # a quantization flyer cannot decode is refused here, naming the field
     if mt == "deepseek_v4":  # its own spellings (flyer.interop.hf_config_v4)
         return from_v4_config(d, where)
     if mt == "mixtral":
