@@ -16,7 +16,8 @@ from flyer.cli import main
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.interop.export import export, hf_model_type
+from flyer.interop.export import export
+from flyer.interop.export_config import hf_model_type
 from flyer.interop.hf import load_hf, permute_rope
 from flyer.model.transformer import Transformer
 from tests.hf_models import VOCAB, add_mtp_layer, build, reference_mtp_logits

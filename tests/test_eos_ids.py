@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flyer.cli import main
 from flyer.infer.cli import ByteTokenizer
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.interop.export import eos_token_id
+from flyer.interop.export_config import eos_token_id
 from flyer.interop.hf import TextTokenizer, load_hf, load_tokenizer
 from flyer.serve.api import Api, CompletionBody
 from flyer.serve.engine import Engine, EngineConfig

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.interop.export import hf_model_type
+from flyer.interop.export_config import hf_model_type
 from flyer.interop.hf import load_hf
 from flyer.model.transformer import Transformer
 from tests.bounds import FP32_U

@@ -22,7 +22,8 @@ from flyer.errors import ConfigError, FieldError
 from flyer.infer.cache import make_cache
 from flyer.infer.decoder import Decoder
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.interop.export import export_model, hf_config, hf_model_type
+from flyer.interop.export import export_model
+from flyer.interop.export_config import hf_config, hf_model_type
 from flyer.interop.hf import load_hf, permute_rope
 from flyer.model.counts import attention_flops_per_token, kv_cache_bytes_per_token, param_counts
 from flyer.model.info import meta_counts

@@ -16,7 +16,8 @@ from flyer.cli import main
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.interop.export import export_model, hf_model_type
+from flyer.interop.export import export_model
+from flyer.interop.export_config import hf_model_type
 from flyer.interop.hf import hf_names, load_hf, permute_rope
 from flyer.interop.load import load_init_weights, load_pretrained
 from flyer.interop.tensorfile import TensorFile

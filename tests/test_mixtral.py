@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
-from flyer.interop.export import hf_model_type
+from flyer.interop.export_config import hf_model_type
 from flyer.interop.hf import load_hf
 from flyer.model.transformer import Transformer
 from tests.bounds import FP32_U

@@ -16,7 +16,8 @@ from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
 from flyer.infer.decoder import Decoder
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.interop.export import export_model, hf_model_type
+from flyer.interop.export import export_model
+from flyer.interop.export_config import hf_model_type
 from flyer.interop.hf import load_hf
 from flyer.interop.load import load_pretrained
 from flyer.model.transformer import Transformer

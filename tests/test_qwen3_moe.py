@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausal
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
 from flyer.infer.decoder import Decoder
-from flyer.interop.export import export_model, hf_model_type
+from flyer.interop.export import export_model
+from flyer.interop.export_config import hf_model_type
 from flyer.interop.hf import load_hf
 from flyer.model.transformer import Transformer
 from tests.bounds import FP32_U

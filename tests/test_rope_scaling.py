@@ -16,7 +16,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from flyer.cli import main
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
-from flyer.interop.export import export_model, hf_model_type
+from flyer.interop.export import export_model
+from flyer.interop.export_config import hf_model_type
 from flyer.interop.hf import load_hf
 from flyer.model.rope import rope_frequencies
 from flyer.model.transformer import Transformer

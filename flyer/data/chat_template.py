@@ -14,7 +14,7 @@ from pathlib import Path
 from flyer.data.deepseek_encoding import ENCODINGS, ChatEncoding, joined_parts
 from flyer.config import ModelConfig
 from flyer.errors import ConfigError, FieldError
-from flyer.interop.export import hf_model_type
+from flyer.interop.export_config import hf_model_type
 from flyer.interop.hf import is_hf_model_dir
 from flyer.interop.load import settings_dir
 
@@ -152,8 +152,8 @@ def read_chat_template(ckpt: str | Path | None) -> str | ChatEncoding | None:
 
 
 def _run_model_type(step: Path) -> str | None:
-    """The ``model_type`` a flyer run's model exports as (``flyer.interop.export.hf_model_type``; None when it has
-    none): a run fine-tuned from a V3.2 / V4 directory carries its tokenizer settings, not its config.json."""
+    """The ``model_type`` a flyer run's model exports as (``flyer.interop.export_config.hf_model_type``; None when
+    it has none): a run fine-tuned from a V3.2 / V4 directory carries its tokenizer settings, not its config.json."""
     try:
         return hf_model_type(ModelConfig.from_dict(json.loads((step / "config.json").read_text())))
     except (OSError, ValueError, TypeError, ConfigError):
