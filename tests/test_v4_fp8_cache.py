@@ -6,18 +6,22 @@ FP64, no float log), E4M3 round-to-nearest-even by its own step arithmetic in nu
 The rows hold exactly that (codes, scale bytes, rope bytes at their offsets); the cache reads back within E4M3's
 bound (2^-4 |x| for normal codes, 2^-10 scale below) of what was written, the rope values the BF16 cache's bit for
 bit; ``generate`` with an FP8 cache gives the greedy tokens of the eager whole-sequence model whose window keys and
-compressed entries go through the oracle's quantizer (logit and index-selection margins far above FP32 rounding
-guard the comparison), its first logits within ``v4_tolerance`` of that oracle's and far from the unquantized
-model's, and MTP speculation (rollback of the FP8 slots) the same tokens; the serving pool (uint8 rows, sized by
-their bytes) gives ``generate``'s tokens; the code's bytes per token are the layout's (584-byte rows at V4's dims);
-the on-disk prefix cache restores the rows bit for bit and a BF16 run misses them; serve's disk tier and
+compressed entries go through the oracle's quantizer and whose CSA index keys and queries go through the release's
+rotation and fp4_act_quant (``tests.test_v4_fp4_indexer``'s oracle; logit and index-selection margins far above
+FP32 rounding guard the comparison), its first logits within ``v4_tolerance`` of that oracle's and far from the
+unquantized model's (and, at 33 tokens, from the oracle with BF16 index keys), and MTP speculation (rollback of the
+FP8 slots) the same tokens; the serving pool (uint8 rows, sized by their bytes) gives ``generate``'s tokens; the
+code's bytes per token are the layout's (584-byte rows, 68-byte index rows at V4's dims); the on-disk prefix cache
+restores the rows bit for bit and a BF16 run, or a file of the earlier layout, misses them; serve's disk tier and
 ``generate`` read each other's FP8 files. Tiny random model (window 8, ratios 0 / 4 / 16 / 4, CSA top-4, head_dim
 112: two NoPE tiles, the second partial), FP32, CPU. Mutations (the FlashMLA scale rule, no power-of-two rounding,
 64-channel tiles as 128, the rope part quantized, wrong scale or rope offsets, the new keys unquantized, BF16 left in
-the pool, entries left out of the FP8 rows) fail."""
+the pool, entries left out of the FP8 rows; the index keys unrotated, the queries not FP4, index rows counted as
+BF16) fail."""
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -26,7 +30,7 @@ import torch
 from flyer.cli import main
 from flyer.config import preset
 from flyer.errors import FieldError
-from flyer.infer import hybrid_fp8
+from flyer.infer import hybrid_fp8, hybrid_index_fp4
 from flyer.infer.cache_fp8 import FP8
 from flyer.infer.decoder import Decoder
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache, prefill
@@ -41,6 +45,7 @@ from flyer.serve.paged_hybrid import hybrid_blocks_for_memory
 from tests.test_deepseek_v4 import v4_tolerance
 from tests.test_dsa_fp8_indexer import assert_engine_is_generate
 from tests.test_qwen3 import rel
+from tests.test_v4_fp4_indexer import ref_index_round
 
 E4M3_U = 2.0**-4  # E4M3's unit roundoff: 3 mantissa bits, round to nearest
 E4M3_SUB = 2.0**-10  # half E4M3's subnormal step (2^-9), in units of the scale
@@ -131,11 +136,11 @@ def test_rows_are_the_releases_act_quant_in_v4s_layout(d, R):
 
 def test_cache_reads_back_within_the_e4m3_bound_and_the_rope_values_bit_for_bit():
     """Window ring and entries written through a paged view of an FP8 pool and of a BF16 one: the NoPE values
-    within 2^-4 |x| + 2^-10 scale of the written ones, the rope values the BF16 pool's; the index keys BF16."""
+    within 2^-4 |x| + 2^-10 scale of the written ones, the rope values the BF16 pool's."""
     cfg = _cfg()
     d, R, W = cfg.head_dim, cfg.rope_dim, cfg.window_size
     pools = {dt: HybridCache.paged(cfg, 3, 5, BLOCK, dt) for dt in (FP8, torch.bfloat16)}
-    assert pools[FP8].layers[1]["index_keys"].dtype == torch.bfloat16
+    assert pools[FP8].layers[1]["index_keys"].dtype == torch.uint8  # FP4 rows (tests/test_v4_fp4_indexer.py)
     assert pools[FP8].layers[1]["entries"].dtype == pools[FP8].layers[0]["window"].dtype == torch.uint8
     tables, slots = torch.tensor([[3, 1], [2, 4]]), torch.tensor([2, 0])
     x = _tiles((2, W), d, seed=1)
@@ -181,13 +186,16 @@ def test_first_layers_cached_window_is_within_the_bound_of_the_bf16_caches(model
 
 # ---- generate, serve ------------------------------------------------------------------------------------------
 
-def _eager(model, prompt: list[int], n: int, quantize: bool = True):
+def _eager(model, prompt: list[int], n: int, quantize: bool = True, index_fp4: bool | None = None):
     """(greedy tokens, logits at the prompt's last token, smallest margin) of the whole-sequence model, its window
-    keys and compressed entries (not the indexer's keys) through the oracle's quantizer when ``quantize``. The
-    margin, relative to the largest value: a step's greedy logit against the runner-up, and each query's
-    index_topk-th selection score against the next (exact ties aside)."""
+    keys and compressed entries through the oracle's quantizer when ``quantize``, and (``index_fp4``, default
+    ``quantize``) the indexer's keys and queries through the release's rotation and fp4_act_quant
+    (``tests.test_v4_fp4_indexer.ref_index_round``). The margin, relative to the largest value: a step's greedy
+    logit against the runner-up, and each query's index_topk-th selection score against the next (exact ties
+    aside)."""
     cfg = model.cfg
-    shared_kv, pool, select = HybridAttention.shared_kv, Compressor.pool, Indexer.select
+    index_fp4 = quantize if index_fp4 is None else index_fp4
+    shared_kv, pool, select, scores = HybridAttention.shared_kv, Compressor.pool, Indexer.select, Indexer.scores
     main_compressors = {id(b.attn.compressor) for b in model.layers if b.attn.compressor is not None}
     margins = []
 
@@ -196,7 +204,12 @@ def _eager(model, prompt: list[int], n: int, quantize: bool = True):
 
     def q_pool(self, kv, gate, cos, sin):
         out = pool(self, kv, gate, cos, sin)
-        return _ref_round_trip(out, cfg.rope_dim) if id(self) in main_compressors else out
+        if id(self) in main_compressors:
+            return _ref_round_trip(out, cfg.rope_dim) if quantize else out
+        return ref_index_round(out) if index_fp4 else out  # an indexer's compressor: its keys
+
+    def fp4_scores(self, x, q_latent, cos, sin, keys=None, queries=None):
+        return scores(self, x, q_latent, cos, sin, keys, ref_index_round)
 
     def guarded(self, x, q_latent, cos, sin, visible, keys=None):
         s = self.scores(x, q_latent, cos, sin, keys).masked_fill(~visible.expand(x.shape[0], -1, -1), float("-inf"))
@@ -208,8 +221,10 @@ def _eager(model, prompt: list[int], n: int, quantize: bool = True):
         return select(self, x, q_latent, cos, sin, visible, keys)
 
     if quantize:
-        HybridAttention.shared_kv, Compressor.pool = q_kv, q_pool
-    Indexer.select = guarded
+        HybridAttention.shared_kv = q_kv
+    if index_fp4:
+        Indexer.scores = fp4_scores
+    Compressor.pool, Indexer.select = q_pool, guarded
     try:
         seq, first = list(prompt), None
         with torch.no_grad():
@@ -220,7 +235,7 @@ def _eager(model, prompt: list[int], n: int, quantize: bool = True):
                 margins.append(float((two[0] - two[1]) / logits.abs().max()))
                 seq.append(int(logits.argmax()))
     finally:
-        HybridAttention.shared_kv, Compressor.pool, Indexer.select = shared_kv, pool, select
+        HybridAttention.shared_kv, Compressor.pool, Indexer.select, Indexer.scores = shared_kv, pool, select, scores
     return seq[len(prompt):], first, min(margins)
 
 
@@ -241,14 +256,28 @@ def test_generate_fp8_is_the_eager_oracle(model):
     assert spec.tokens == res.tokens  # MTP drafts verified, rejected ones rolled back in the FP8 slots
 
 
+def test_generate_fp8_selects_entries_by_the_releases_fp4_index(model):
+    """33 prompt tokens: 8 CSA entries at the last one, 4 selected. The release's rotated FP4 index keys and queries
+    pick other entries there than BF16 ones would (the two oracles' first logits differ far beyond the tolerance);
+    ``generate`` gives the FP4 oracle's logits and greedy tokens."""
+    prompt = [(5 + 7 * i) % 200 + 3 for i in range(33)]
+    res = generate(model, [prompt], GenerationConfig(max_new_tokens=4, cache_dtype=FP8))
+    want, first, margin = _eager(model, prompt, 4)
+    tol = v4_tolerance(model.cfg, len(prompt))
+    assert res.tokens[0] == want and margin > 1e-4, margin
+    assert rel(res.first_logits[0], first) <= tol
+    _, bf16_index, _ = _eager(model, prompt, 1, index_fp4=False)
+    assert rel(first, bf16_index) > 10 * tol
+
+
 def test_cli_generates_with_fp8_and_counts_its_bytes(capsys):
     assert main(["generate", "--preset", "tiny-v4", "--prompt", "hello world", "--max-new-tokens", "3",
                  "--cache-dtype", "fp8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["cache_bytes_per_token"] == kv_cache_bytes_per_token_fp8(preset("tiny-v4")) == 81.5
+    assert out["cache_bytes_per_token"] == kv_cache_bytes_per_token_fp8(preset("tiny-v4")) == 58
     assert main(["info", "dsv4-flash", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert (info["kv_cache_bytes_per_token"], info["kv_cache_bytes_per_token_fp8"]) == (6880, 4501.25)
+    assert (info["kv_cache_bytes_per_token"], info["kv_cache_bytes_per_token_fp8"]) == (6880, 3514.25)
 
 
 def test_serve_pool_holds_fp8_rows_and_equals_generate(model):
@@ -259,16 +288,18 @@ def test_serve_pool_holds_fp8_rows_and_equals_generate(model):
                                      prefill_chunk=8))
     layer = eng.cache.layers[1]  # CSA
     assert eng.alloc.n_blocks == 30 and layer["window"].dtype == layer["entries"].dtype == torch.uint8
+    assert layer["index_keys"].dtype == torch.uint8
     assert_engine_is_generate(eng, model, [PROMPT, PROMPT[:9] + [4, 9, 11], [7] * 3], 8)
 
 
 def test_bytes_per_token_are_the_layouts():
     """From the allocated tensors (``HybridCache``), the closed form (``flyer.model.counts``) and the layout:
-    per compressed layer of ratio r one (d - R) + 2 R + 8 byte row per r tokens (CSA: a BF16 index key too)."""
+    per compressed layer of ratio r one (d - R) + 2 R + 8 byte row per r tokens (CSA: an FP4 index key row too,
+    di / 2 code bytes and di / 32 scale bytes)."""
     for cfg in (_cfg(), preset("tiny-v4"), preset("dsv4-flash"), preset("dsv4-pro")):
-        d, R, W = cfg.head_dim, cfg.rope_dim, cfg.window_size
+        d, R, W, di = cfg.head_dim, cfg.rope_dim, cfg.window_size, cfg.index_head_dim
         row = (d - R) + 2 * R + 8 * math.ceil(math.ceil((d - R) / 64) / 8)
-        layout = sum((row + (2 * cfg.index_head_dim if r == cfg.csa_ratio else 0)) / r
+        layout = sum((row + (di // 2 + di // 32 if r == cfg.csa_ratio else 0)) / r
                      for r in cfg.compress_ratios[:cfg.n_layers] if r)
         cache = HybridCache(cfg, 1, 256, FP8, "meta")
         assert cache.bytes_per_token() == kv_cache_bytes_per_token_fp8(cfg) == layout
@@ -277,6 +308,7 @@ def test_bytes_per_token_are_the_layouts():
         assert cache.window_bytes() == kv_window_bytes_fp8(cfg) + rings  # the compressors' FP32 rings unchanged
     flash = preset("dsv4-flash")
     assert hybrid_fp8.row_bytes(flash.head_dim, flash.rope_dim) == 584  # FlashMLA's MODEL1 row: 448 + 128 + 8
+    assert hybrid_index_fp4.row_bytes(flash.index_head_dim) == 68  # 128 E2M1 codes, 4 scale bytes
     big = 64 * 2**30
     n = {dt: hybrid_blocks_for_memory(flash, big, 128, 0, dt) for dt in (FP8, torch.bfloat16)}
     assert abs(n[FP8] / n[torch.bfloat16] - kv_cache_bytes_per_token(flash) / kv_cache_bytes_per_token_fp8(flash)) \
@@ -285,7 +317,7 @@ def test_bytes_per_token_are_the_layouts():
 
 # ---- the prefix cache --------------------------------------------------------------------------------------
 
-def test_prefix_cache_restores_the_rows_bit_for_bit_and_a_bf16_run_misses_them(model, tmp_path):
+def test_prefix_cache_restores_the_rows_bit_for_bit_and_a_bf16_run_misses_them(model, tmp_path, monkeypatch):
     prompt = PROMPT + PROMPT[:19]  # 40 tokens: 2 blocks and the snapshot at 32
 
     def filled(dtype):
@@ -301,10 +333,15 @@ def test_prefix_cache_restores_the_rows_bit_for_bit_and_a_bf16_run_misses_them(m
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(cold_state.logits, hot_state.logits)
     entry = read_block(pc, pc.block_keys(prompt)[1], prompt[16:32], cold.cache)
-    assert entry["1.entries"].dtype == torch.uint8  # the rows as written
+    assert entry["1.entries"].dtype == entry["1.index_keys"].dtype == torch.uint8  # the rows as written
     assert torch.equal(entry["1.entries"], cold.cache.layers[1]["entries"][0, 4:8])
+    assert torch.equal(entry["1.index_keys"], cold.cache.layers[1]["index_keys"][0, 4:8])
     _, _, pc = filled(torch.bfloat16)
     assert pc.stats.hits == 0  # a BF16 run misses the FP8 run's entries
+    assert "e2m1" in hybrid_fp8.ROWS_LAYOUT  # entries written with BF16 index keys (another layout) miss too
+    monkeypatch.setattr(sys.modules["flyer.infer.generate"], "HYBRID_ROWS_LAYOUT", "v4_fp8 ...; index keys bf16")
+    _, _, pc = filled(FP8)
+    assert pc.stats.hits == 0
 
 
 def test_what_fp8_rows_cannot_hold_is_refused_naming_cache_dtype():
@@ -315,6 +352,9 @@ def test_what_fp8_rows_cannot_hold_is_refused_naming_cache_dtype():
         generate(m, [[1, 2, 3]], GenerationConfig(max_new_tokens=1, cache_dtype=FP8))
     with pytest.raises(FieldError, match="cache_dtype"):
         Engine(m, EngineConfig(kv_cache_bytes=8 << 20, block_size=BLOCK, cache_dtype=FP8))
+    m = Transformer(preset("tiny-v4", index_head_dim=48)).eval()  # FP4 tiles of 32 after a Hadamard rotation
+    with pytest.raises(FieldError, match="cache_dtype: fp8 index keys .* index_head_dim=48 must be a power of two"):
+        generate(m, [[1, 2, 3]], GenerationConfig(max_new_tokens=1, cache_dtype=FP8))
 
 
 def test_serve_disk_tier_keeps_fp8_rows_that_generate_reads(model, tmp_path):

@@ -94,6 +94,18 @@ def e2m1_decode(codes: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
     return values.mul_(torch.ldexp(torch.ones_like(values[..., 0]), exponents).unsqueeze(-1))
 
 
+def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """(..., K / 2) uint8: E2M1 codes (..., K) uint8 0..15 two to a byte, channel 2j in the low nibble and 2j + 1
+    in the high one (``float4_e2m1fn_x2``'s order, DeepSeek's checkpoints' and kernels')."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """(..., K) uint8 codes 0..15 of ``pack_e2m1``'s bytes (..., K / 2) (uint8 or int8)."""
+    u8 = packed.view(torch.uint8)
+    return torch.stack((u8 & 0xF, u8 >> 4), dim=-1).flatten(-2)
+
+
 def fp4_round_trip(w: torch.Tensor) -> torch.Tensor:
     """``w`` (..., N, K), K a multiple of 32, as its FP4 values (float32, same shape): every row's groups of 32
     inputs encoded with their own scale and decoded, as ``flyer.interop.v4_quant`` writes and reads them, bit
@@ -149,4 +161,5 @@ def fp4_experts(model: nn.Module) -> list[str]:
 
 
 __all__ = ["FP4_GROUP", "E2M1_MAX", "UE8M0_BIAS", "E2M1_VALUES", "ceil_log2", "fp4_groups", "fp4_exponents",
-           "e2m1_codes", "e2m1_decode", "fp4_round_trip", "FP4WeightFunction", "fp4_weight", "fp4_experts"]
+           "e2m1_codes", "e2m1_decode", "pack_e2m1", "unpack_e2m1", "fp4_round_trip", "FP4WeightFunction", "fp4_weight",
+           "fp4_experts"]

@@ -150,9 +150,13 @@ def fp8_cache_problem(cfg: ModelConfig, attention: str = "absorbed") -> str | No
     cache is MLA's absorbed latent cache (DeepSeek-V2/V3/V3.2, GLM's MLA presets) or DeepSeek-V4's hybrid cache in
     its own rows (``flyer.infer.hybrid_fp8``; ``attention`` does not apply to it)."""
     if cfg.attn == "hybrid":  # V4's rows: [e4m3 nope | bf16 rope | scales]; the rope values need an even offset
-        nope = cfg.head_dim - cfg.rope_dim
-        return None if nope % 2 == 0 else (f"fp8 rows keep BF16 rope values after head_dim - qk_rope_head_dim = "
-                                           f"{nope} codes: it must be even")
+        nope, di = cfg.head_dim - cfg.rope_dim, cfg.index_head_dim
+        if nope % 2:
+            return f"fp8 rows keep BF16 rope values after head_dim - qk_rope_head_dim = {nope} codes: it must be even"
+        if any(map(cfg.is_csa, range(cfg.n_layers))) and (di % 32 or di & (di - 1)):  # ``hybrid_index_fp4``
+            return (f"fp8 index keys are Hadamard-rotated FP4 in tiles of 32: index_head_dim={di} must be a power of "
+                    f"two >= 32")
+        return None
     if cfg.attn != "mla":
         return f"fp8 covers MLA and DeepSeek-V4 caches only (this model uses {cfg.attn.upper()}): use bf16 or fp32"
     if attention != "absorbed":

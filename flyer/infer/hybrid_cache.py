@@ -20,8 +20,10 @@ index keys in blocks of ``block_size`` tokens (``block_size // r`` entries each)
 paged MLA cache addresses tokens. ``flyer generate`` gives each row one slot and one block of ``max_len`` tokens
 (no indirection: the shapes above); ``flyer serve`` a pool of both, addressed per batch (``HybridCache.view``).
 The attention reads and writes through ``ring`` / ``write_ring`` / ``read_entries`` / ``write_entries`` only, so an
-FP8 cache (``--cache-dtype fp8``: the window and the entries as DeepSeek-V4's FP8 rows, ``flyer.infer.hybrid_fp8``)
-quantizes there on write and dequantizes on read; the new tokens' keys are attended to as it gives them back.
+FP8 cache (``--cache-dtype fp8``: the window and the entries as DeepSeek-V4's FP8 rows, ``flyer.infer.hybrid_fp8``;
+the index keys Hadamard-rotated FP4 rows, ``flyer.infer.hybrid_index_fp4``) quantizes there on write and dequantizes
+on read; the new tokens' keys are attended to as it gives them back, the indexer's queries rotated and FP4-rounded
+as its keys are (``HybridCache.index_queries``).
 
 Queries see the window's keys (positions in (p - W, p]) and the complete entries (index < (p + 1) // r;
 CSA: the indexer's ``index_topk`` of them, ``select_topk``), with sinks and the output un-rotation of
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 
 from flyer.config import ModelConfig
-from flyer.infer import hybrid_fp8
+from flyer.infer import hybrid_fp8, hybrid_index_fp4
 from flyer.model.hybrid import hybrid_rope_config, select_topk
 from flyer.model.hybrid_chunks import entry_picks, gathers
 from flyer.model.rope import rope_cos_sin
@@ -106,8 +108,9 @@ class HybridCache:
     ``HybridCache.paged`` (``flyer serve``): a pool of slots and blocks, which ``view`` addresses per batch
     (``flyer.serve.paged_hybrid``). ``lengths`` (B,): each row's tokens so far, as the slot caches'
     (``flyer.infer.cache``). ``dtype`` float8_e4m3fn (``--cache-dtype fp8``): the windows and entries as V4's FP8
-    rows (uint8 (..., ``hybrid_fp8.row_bytes``)), quantized on write and dequantized on read (to BF16, exact); the
-    index keys BF16; the compressors' rings FP32 as ever."""
+    rows (uint8 (..., ``hybrid_fp8.row_bytes``)), the index keys as the release's rotated FP4 rows (uint8 (...,
+    ``hybrid_index_fp4.row_bytes``)), quantized on write and dequantized on read (to BF16, exact); the compressors'
+    rings FP32 as ever."""
 
     kind = "hybrid"
 
@@ -122,10 +125,14 @@ class HybridCache:
         d, W = cfg.head_dim, cfg.window_size
         self.head_dim, self.rope_dim = d, cfg.rope_dim
         self.fp8 = dtype == hybrid_fp8.FP8
-        # an FP8 cache's keys: rows of bytes; its index keys BF16 (the release's precision is FP4 after a rotation
-        # flyer's indexer does not make: ``flyer.infer.hybrid_fp8``)
+        # an FP8 cache's keys and index keys: rows of bytes (``hybrid_fp8``, ``hybrid_index_fp4``)
         key, kd = (hybrid_fp8.row_bytes(d, cfg.rope_dim), torch.uint8) if self.fp8 else (d, dtype)
-        index_dtype = torch.bfloat16 if self.fp8 else dtype
+        di = cfg.index_head_dim
+        index_key, index_dtype = (hybrid_index_fp4.row_bytes(di), torch.uint8) if self.fp8 else (di, dtype)
+        self.index_dim = di
+        # (di, di) FP32: the rotation an FP8 cache's index keys and the queries scored against them take; else None
+        self.index_rotation = (hybrid_index_fp4.rotation(di, device)
+                               if self.fp8 and any(cfg.is_csa(i) for i, r in enumerate(self.ratios) if r) else None)
         zeros, blocks = _zeros_of(batch, device), _zeros_of(batch if n_blocks is None else n_blocks, device)
         self.layers: list[dict[str, torch.Tensor]] = []
         for i, r in enumerate(self.ratios):
@@ -136,9 +143,8 @@ class HybridCache:
                 state.update(kv_state=zeros(S, c * d), gate_state=zeros(S, c * d),
                              entries=blocks(self.block_size // r, key, dtype=kd))
                 if csa:
-                    di = cfg.index_head_dim
                     state.update(index_kv_state=zeros(S, 2 * di), index_gate_state=zeros(S, 2 * di),
-                                 index_keys=blocks(self.block_size // r, di, dtype=index_dtype))
+                                 index_keys=blocks(self.block_size // r, index_key, dtype=index_dtype))
             self.layers.append(state)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
@@ -160,13 +166,25 @@ class HybridCache:
         return self.fp8 and name in FP8_NAMES
 
     def _values(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """Stored tensor ``t`` of ``name`` as values: an FP8 cache's rows dequantized (BF16, exact)."""
+        """Stored tensor ``t`` of ``name`` as values: an FP8 cache's rows dequantized (BF16, exact; the index keys
+        rotated, as the release scores them)."""
+        if self.fp8 and name == "index_keys":
+            return hybrid_index_fp4.unpack_rows(t, self.index_dim, torch.bfloat16)
         return hybrid_fp8.unpack_rows(t, self.head_dim, self.rope_dim, torch.bfloat16) if self._packed(name) else t
 
     def _stored(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Values ``x`` (..., C) as tensor ``name`` stores them: an FP8 cache's rows quantized (rows already packed,
         uint8, as they are)."""
-        return hybrid_fp8.pack_rows(x, self.rope_dim) if self._packed(name) and x.dtype != torch.uint8 else x
+        if not self.fp8 or x.dtype == torch.uint8:
+            return x
+        if name == "index_keys":
+            return hybrid_index_fp4.pack_rows(x, self.index_rotation)
+        return hybrid_fp8.pack_rows(x, self.rope_dim) if name in FP8_NAMES else x
+
+    def index_queries(self, q_BTHK: torch.Tensor) -> torch.Tensor:
+        """The indexer's queries (B, T, heads, di), after RoPE, as they are scored against this cache's index keys:
+        an FP8 cache's rotated and FP4-rounded as the release's (``hybrid_index_fp4.round_trip``), else as given."""
+        return q_BTHK if self.index_rotation is None else hybrid_index_fp4.round_trip(q_BTHK, self.index_rotation)
 
     def stored_and_values(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x as ``name`` stores it, x as it gives it back once written, in x's dtype): an FP8 cache's rows packed
@@ -400,8 +418,9 @@ def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cac
         if N > 0:
             seen = torch.arange(N, device=dev).view(1, 1, N) < ((p + 1) // r).unsqueeze(-1)  # (B, T, N) complete
             if idx is not None and N > idx.topk:  # else every complete entry is kept
-                seen = select_topk(idx.scores(x_BTD, q_latent, cos, sin, cache.read_entries(layer, "index_keys", N)),
-                                   seen, idx.topk)
+                index_keys = cache.read_entries(layer, "index_keys", N)
+                seen = select_topk(idx.scores(x_BTD, q_latent, cos, sin, index_keys, cache.index_queries), seen,
+                                   idx.topk)
             if gather and idx is not None and gathers(N, idx.topk):  # k entries read and scored per query, not N
                 picks = entry_picks(seen, idx.topk)  # (B, T, k)
                 picked = (cache.gather_entries(layer, "entries", picks).to(kv.dtype), picks >= 0)

@@ -33,10 +33,12 @@ packs them once for both), as the release quantizes ``kv`` in place before its a
 from the current forward as from the cache, so a prompt prefilled in chunks decodes as one prefilled whole. The
 compressors' FP32 partial states are not quantized.
 
-The CSA indexer's keys stay BF16. The release Hadamard-rotates them and simulates FP4 on them
-(``fp4_act_quant``, 32-value tiles, UE8M0 scales) inside its BF16 buffer; flyer's indexer follows transformers
-(no rotation, no FP4: ``flyer.model.hybrid.Indexer``), and storing FP4 keys here would change the selection
-without the rotation that makes FP4 accurate. Their bytes are counted as BF16 (``flyer info``).
+The CSA indexer's keys are cached as the release leaves them, Hadamard-rotated and FP4 (``fp4_act_quant``,
+32-value tiles, UE8M0 scales): 68-byte rows at V4's index_head_dim 128, and the indexer's queries rotated and
+FP4-rounded the same way before scoring (``flyer.infer.hybrid_index_fp4``, which lays the rows out). A BF16 cache
+keeps transformers' indexer (no rotation, no FP4: ``flyer.model.hybrid.Indexer``). ``flyer info dsv4-flash``
+prints "KV cache / token   3,514.25 bytes (--cache-dtype fp8: ...)" (``kv_cache_bytes_per_token_fp8``; BF16: 6,880;
+4,501.25 when the index keys stayed BF16).
 
 The on-disk prefix cache (``flyer.infer.prefix_cache_hybrid``) stores the rows as they are (uint8), keyed by the
 cache dtype and ``ROWS_LAYOUT``: a BF16 run never finds FP8 entries, and a restored row is the written one bit for
@@ -57,7 +59,8 @@ TILE = V4_FP8_TILE  # NoPE channels per scale (the release's act_quant block siz
 E8M0 = torch.float8_e8m0fnu  # a scale byte e is 2^(e - 127)
 # what an FP8 hybrid cache's prefix-cache entries hold: a change to the layout or the scale rule must make them miss
 ROWS_LAYOUT = ("v4_fp8: e4m3 nope | bf16 rope | ue8m0 scale byte per 64 (act_quant: max(amax,1e-4)/448 up to 2^k), "
-               "padded to 8; index keys bf16")
+               "padded to 8; index keys hadamard-rotated e2m1 two per byte low nibble first | ue8m0 byte per 32 "
+               "(fp4_act_quant: max(amax,6*2^-126)/6 up to 2^k)")
 row_bytes = v4_fp8_row_bytes  # (d, R) -> bytes of one row; the byte counts live with the model's other counts
 
 

@@ -62,6 +62,12 @@ def rotation(cfg: ModelConfig, device=None) -> torch.Tensor:
     return _rotation(cfg.index_head_dim, cfg.qk_rope_head_dim, not cfg.indexer_types).to(device)
 
 
+def hadamard(d: int, device=None) -> torch.Tensor:
+    """(d, d) FP32, d a power of two: ``x @ hadamard(d)`` is ``rotate_activation`` of x (..., d) whose channels lie
+    in the checkpoint's order (DeepSeek-V4's indexer, its RoPE pairs interleaved as flyer's): the plain transform."""
+    return _rotation(d, 0, False).to(device)
+
+
 def rotate(x: torch.Tensor, rot_KK: torch.Tensor) -> torch.Tensor:
     """x (..., d) rotated (``rotation``), computed in FP32 and returned in x's dtype as fast_hadamard_transform
     returns it."""

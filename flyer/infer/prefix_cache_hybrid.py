@@ -7,7 +7,8 @@ keys), ``n // r`` per block of n tokens for a layer of ratio r. On disk, as ``fl
 in memory:
 
 - block i's file (chain key key_i) holds the entries of positions [i n, (i + 1) n) of every compressed layer,
-  "{layer}.entries" (n // r, d) and "{layer}.index_keys" (n // r, index_head_dim); n must be a multiple of every
+  "{layer}.entries" (n // r, d) and "{layer}.index_keys" (n // r, index_head_dim) (an FP8 cache's: its uint8 rows,
+  ``flyer.infer.hybrid_fp8`` and ``flyer.infer.hybrid_index_fp4``, as they are); n must be a multiple of every
   ratio (``check_block_ratios``, a ``FieldError`` naming the caller's field: ``prefix_block``, ``block_size``);
 - the fixed state at a boundary P = j n is a SNAPSHOT: one more file of the same cache, keyed
   ``snapshot_key(key_{j-1})`` (so ownership, atomic writes, checksums and LRU eviction are the blocks'), holding

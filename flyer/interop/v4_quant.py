@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from flyer.fp8.fp4 import E2M1_MAX, E2M1_VALUES, FP4_GROUP, UE8M0_BIAS, ceil_log2, e2m1_codes
+from flyer.fp8.fp4 import E2M1_MAX, E2M1_VALUES, FP4_GROUP, UE8M0_BIAS, ceil_log2, e2m1_codes, pack_e2m1, unpack_e2m1
 from flyer.kernels import fp8_to_float
 
 FP8_BLOCK = 128  # rows and columns of an E4M3 weight's scale block
@@ -136,8 +136,7 @@ def dequantize_fp4_e2m1(packed: torch.Tensor, scale: torch.Tensor, out_dtype: to
 
 def _fp4_codes(packed: torch.Tensor) -> torch.Tensor:
     """(N, K) uint8 codes 0..15 from (N, K/2) packed bytes: the low nibble holds the even column."""
-    u8 = packed.view(torch.uint8)
-    return torch.stack((u8 & 0xF, u8 >> 4), dim=-1).flatten(-2)
+    return unpack_e2m1(packed)
 
 
 def _encode_exponents(amax: torch.Tensor, max_code: float, scale: torch.Tensor | None, name: str,
@@ -187,7 +186,7 @@ def quantize_fp4_e2m1(w: torch.Tensor, scale: torch.Tensor | None = None,
     amax = groups.abs().amax(dim=-1)
     exponents = _encode_exponents(amax, E2M1_MAX, scale, name, "N, K/32")
     code = e2m1_codes(groups, exponents).view(N, K)  # the codec FP4 QAT trains through (flyer.fp8.fp4)
-    packed = code[:, 0::2] | (code[:, 1::2] << 4)
+    packed = pack_e2m1(code)
     return packed.view(torch.int8), _e8m0_bytes(exponents)
 
 

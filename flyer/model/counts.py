@@ -184,19 +184,29 @@ def v4_fp8_row_bytes(d: int, R: int) -> int:
     return d - R + 2 * R + v4_fp8_scale_bytes(d, R)
 
 
+V4_INDEX_FP4_TILE = 32  # DeepSeek-V4's FP4 index keys (``flyer.infer.hybrid_index_fp4``): channels per UE8M0 scale
+
+
+def v4_index_fp4_row_bytes(di: int) -> int:
+    """Bytes of one DeepSeek-V4 FP4 index key row (``flyer.infer.hybrid_index_fp4``): di E2M1 codes two to a byte,
+    one UE8M0 scale byte per 32 of them (V4: 64 + 4 = 68, against BF16's 256)."""
+    return di // 2 + -(-di // V4_INDEX_FP4_TILE)
+
+
 def kv_cache_bytes_per_token_fp8(cfg: ModelConfig) -> int | float | None:
     """Bytes cached per token over all layers with ``--cache-dtype fp8`` (``flyer.infer.cache_fp8``), None
     where it does not apply (not MLA nor hybrid): per layer DeepSeek's FP8 row, kv_lora_rank E4M3 codes, a 4-byte
     FP32 scale per 128 of them and qk_rope_head_dim BF16 rope values (V3: 512 + 16 + 128 = 656 bytes); DSA's
     indexer keys as DeepSeek's FP8 ones, index_head_dim E4M3 codes and one FP32 scale (V3.2: 132 bytes).
     Hybrid (DeepSeek-V4): ``kv_cache_bytes_per_token``'s entries as ``v4_fp8_row_bytes`` rows, the CSA indexer
-    keys in BF16 (a fraction where r does not divide the bytes)."""
+    keys as ``v4_index_fp4_row_bytes`` rows (a fraction where r does not divide the bytes)."""
     if cfg.attn == "hybrid":
         total, row = Fraction(0), v4_fp8_row_bytes(cfg.head_dim, cfg.rope_dim)
+        index_row = v4_index_fp4_row_bytes(cfg.index_head_dim)
         for i in range(cfg.n_layers):
             r = compress_ratio(cfg, i)
             if r:
-                total += Fraction(row + (2 * cfg.index_head_dim if r == cfg.csa_ratio else 0), r)
+                total += Fraction(row + (index_row if r == cfg.csa_ratio else 0), r)
         return int(total) if total.denominator == 1 else float(total)
     if cfg.attn != "mla":
         return None

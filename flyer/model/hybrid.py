@@ -28,6 +28,8 @@ Shapes: B batch, T tokens, D model dim, H heads, d head_dim, N compressed entrie
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -106,8 +108,9 @@ class Indexer(nn.Module):
     sum_h w_h relu(q_h . K_i) / sqrt(index_head_dim) (FP32), and each query keeps its ``index_topk`` best.
 
     It only chooses entries (a discrete top-k), so no gradient reaches it: frozen, run without autograd, as
-    flyer's V3.2 ``Indexer`` (DeepSeek's reference Hadamard-rotates q and K and scores in FP8; transformers,
-    followed here, does neither: the rotation is orthogonal, the FP8 a precision choice)."""
+    flyer's V3.2 ``Indexer``. DeepSeek's V4 reference Hadamard-rotates q and K and rounds them to FP4, as an FP8
+    decode cache does (``flyer.infer.hybrid_index_fp4``); transformers, followed here, does neither: the rotation
+    is orthogonal, the FP4 a precision choice."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -124,13 +127,17 @@ class Indexer(nn.Module):
 
     @torch.no_grad()
     def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, keys_BNK: torch.Tensor | None = None) -> torch.Tensor:
+               sin: torch.Tensor, keys_BNK: torch.Tensor | None = None,
+               queries: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Index scores (B, T, N) in FP32 of queries x (tokens at cos/sin's positions) against every entry,
         unmasked; ``keys``: the entries' keys (``keys``, a decode cache's, or the first N of them for a chunk of
-        queries), else compressed from x (then x must be the whole sequence from position 0)."""
+        queries), else compressed from x (then x must be the whole sequence from position 0). ``queries``: maps
+        the RoPE'd queries (B, T, heads, di) to the form the keys are in (an FP8 decode cache's rotated FP4 keys:
+        ``HybridCache.index_queries``); None: as they are."""
         B, T, _ = x_BTD.shape
         keys = self.keys(x_BTD, cos, sin) if keys_BNK is None else keys_BNK  # (B, N, di)
         q = rope_tail(self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        q = q if queries is None else queries(q)
         with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 even under autocast: BF16 scores would tie
             s = torch.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1)))  # (B, T, heads, N)
             w = F.linear(x_BTD.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # (B, T, heads)

@@ -81,8 +81,8 @@ def _run(args) -> int:
               f"indexer keys (top-{out['index_topk']} entries per query), plus {out['kv_window_bytes']:,} bytes per "
               f"sequence for the sliding windows")
         print(f"  KV cache / token   {out['kv_cache_bytes_per_token_fp8']:,} bytes (--cache-dtype fp8: E4M3 keys, a "
-              f"power-of-two scale per 64 values, BF16 rope and indexer keys), plus {out['kv_window_bytes_fp8']:,} "
-              f"bytes per sequence for the windows")
+              f"power-of-two scale per 64 values, BF16 rope; rotated FP4 indexer keys, a scale per 32), plus "
+              f"{out['kv_window_bytes_fp8']:,} bytes per sequence for the windows")
         return 0
     shared = (f"; {out['layers'] - out['indexer_layers']} layers reuse another's selection"
               if out["indexer_layers"] < out["layers"] else "")
