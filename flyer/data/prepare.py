@@ -33,7 +33,7 @@ from flyer.data.corpus import CLEAN_VERSION, Document, find_documents, split_doc
 from flyer.data.fim import DEEPSEEK, FimTokens, fim_document, fim_tokens
 from flyer.data.shards import VERSION as SHARD_VERSION
 from flyer.data.shards import ShardWriter, TokenShards, atomic_write
-from flyer.data.tokenizer import check_vocab_size, ensure_eos, load_tokenizer, train_bpe
+from flyer.data.tokenizer import check_vocab_size, ensure_eos, load_tokenizer, tokenizer_bytes, train_bpe
 from flyer.errors import DataError, FieldError
 
 PIPELINE_VERSION = 1
@@ -79,7 +79,7 @@ def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_si
         given = load_tokenizer(tokenizer)  # fail early on a bad file
         if fim_rate > 0:
             fim_markers(given, tokenizer)
-        tok_bytes = Path(tokenizer).expanduser().read_bytes()
+        tok_bytes = tokenizer_bytes(tokenizer, given)
 
     key_src = {
         "pipeline": PIPELINE_VERSION, "shard_format": SHARD_VERSION, "clean": CLEAN_VERSION,

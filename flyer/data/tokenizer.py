@@ -9,11 +9,12 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from flyer.data.tiktoken_file import TIKTOKEN_FILE, read_tiktoken_dir
 from flyer.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 # End-of-document tokens of common tokenizers, used when a given tokenizer lacks EOS_TOKEN.
-_OTHER_EOS = ("<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
+_OTHER_EOS = ("<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>", "[EOS]")  # [EOS]: Kimi K2's
 MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
 
 
@@ -51,10 +52,13 @@ def load_tokenizer(path: str | Path, error: type[ValueError] = DataError) -> Tok
     goes through (``--tokenizer``, the data cache, a flyer checkpoint, a Hugging Face directory).
     A path that is missing, not a file, unreadable, or does not hold a tokenizer (not JSON, JSON
     of something else, truncated, empty) raises ``error`` (``DataError``; ``CheckpointError`` for
-    a checkpoint's) with one line naming the file."""
+    a checkpoint's) with one line naming the file. A ``tiktoken.model`` file is read with its
+    directory's settings (``flyer.data.tiktoken_file``: Kimi K2's format)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_file():  # a directory; a FIFO would block the read
         raise error(f"{path}: not a file")
+    if path.name == TIKTOKEN_FILE and path.is_file():
+        return read_tiktoken_dir(path, error)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -70,6 +74,21 @@ def load_tokenizer(path: str | Path, error: type[ValueError] = DataError) -> Tok
     except Exception as e:  # tokenizers raises a bare Exception for text that is not a tokenizer
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise error(f"{path}: not a valid tokenizer.json ({why:.120})") from None
+
+
+def tokenizer_file(directory: str | Path) -> Path:
+    """The tokenizer file of a model directory: its ``tokenizer.json``, else its ``tiktoken.model`` when it has
+    only that (Kimi K2's); the missing tokenizer.json when it has neither (``load_tokenizer`` says so)."""
+    d = Path(directory)
+    return d / TIKTOKEN_FILE if not (d / "tokenizer.json").exists() and (d / TIKTOKEN_FILE).is_file() else (
+        d / "tokenizer.json")
+
+
+def tokenizer_bytes(path: str | Path, tok: Tokenizer) -> bytes:
+    """What identifies the tokenizer ``tok`` read from ``path`` (a data cache's key): the tokenizer.json's bytes;
+    a tiktoken file's tokenizer as it was built (its directory's settings are part of it)."""
+    path = Path(path).expanduser()
+    return tok.to_str().encode() if path.name == TIKTOKEN_FILE else path.read_bytes()
 
 
 def ensure_eos(tok: Tokenizer) -> int:

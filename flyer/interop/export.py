@@ -231,6 +231,9 @@ def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]
         tc = _json_with(source, "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
             "eos_token": tok.token(tok.eos_id()), "bos_token": tok.token(tok.bos_id())})
+        if isinstance(tc.get("auto_map"), (dict, list)):  # a remote-code tokenizer (Kimi's tiktoken one): the
+            # export's is the tokenizer.json, which transformers reads without running the source's code
+            tc = {k: v for k, v in tc.items() if k != "auto_map"} | {"tokenizer_class": "PreTrainedTokenizerFast"}
         (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
         for name in _CARRIED:
             if source is not None and (source / name).is_file():

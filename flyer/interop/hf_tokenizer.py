@@ -1,21 +1,22 @@
-"""A Hugging Face checkpoint directory's tokenizer: ``tokenizer.json`` with the special-token ids and
-names that transformers' ``AutoTokenizer`` and ``generate`` would take from the directory's settings
-files (``tokenizer_config.json``, ``special_tokens_map.json``, ``generation_config.json``, ``config.json``).
+"""A Hugging Face checkpoint directory's tokenizer: ``tokenizer.json`` (or Kimi's ``tiktoken.model``,
+``flyer.data.tiktoken_file``) with the special-token ids and names that transformers' ``AutoTokenizer`` and
+``generate`` would take from the directory's settings files (``tokenizer_config.json``,
+``special_tokens_map.json``, ``generation_config.json``, ``config.json``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 from tokenizers import Tokenizer
 
 from flyer.data.fim import FimTokens, fim_tokens
-from flyer.data.tokenizer import load_tokenizer as load_tokenizer_file
+from flyer.data.tiktoken_file import read_json_object
+from flyer.data.tokenizer import load_tokenizer as load_tokenizer_file, tokenizer_file
 from flyer.errors import CheckpointError
 
-_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
+_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>", "[EOS]")
 
 
 class TextTokenizer:
@@ -74,15 +75,7 @@ class TextTokenizer:
 
 def read_json(path: Path) -> dict:
     """A checkpoint's settings file: a JSON object, or a one-line ``CheckpointError`` naming the file."""
-    try:
-        d = json.loads(path.read_text())
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return d
+    return read_json_object(path, CheckpointError)
 
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -120,10 +113,11 @@ def _special_ids(gen: dict, config: dict, named: dict[str, str], tok: Tokenizer,
 
 
 def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenizer:
-    """The directory's ``tokenizer.json`` with its BOS and EOS ids (``_special_ids``) and named special
-    tokens, each settings file read once."""
+    """The directory's ``tokenizer.json`` (or its ``tiktoken.model`` when it has only that:
+    ``flyer.data.tiktoken_file``) with its BOS and EOS ids (``_special_ids``) and named special tokens,
+    each settings file read once."""
     path = Path(path)
-    tok = load_tokenizer_file(path / "tokenizer.json", CheckpointError)
+    tok = load_tokenizer_file(tokenizer_file(path), CheckpointError)
     config = config if config is not None else read_json(path / "config.json")
     gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     named = _named_special_tokens(path)

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from flyer.config import ModelConfig
+from flyer.data.tokenizer import tokenizer_file
 from flyer.errors import CheckpointError
 from flyer.fp8.fp4 import fp4_round_trip
 from flyer.infer.weights import FP8, empty_held, held_scale, hold_weights, write_fp8_codes
@@ -187,9 +188,10 @@ def stored_weight_dtype(path: str | Path) -> str:
 
 
 def init_source(path: str | Path) -> tuple[ModelConfig, Path]:
-    """(model config, its tokenizer.json) of a checkpoint to fine-tune from (``flyer train --init``)."""
+    """(model config, its tokenizer file) of a checkpoint to fine-tune from (``flyer train --init``): a
+    tokenizer.json, or an HF directory's tiktoken.model when it has only that (``tokenizer_file``)."""
     if is_hf_model_dir(path):
-        return read_hf_config(path, list(weight_files(Path(path))))[0], Path(path) / "tokenizer.json"
+        return read_hf_config(path, list(weight_files(Path(path))))[0], tokenizer_file(path)
     ckpt = resolve_checkpoint_path(path)
     try:
         cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
