@@ -37,6 +37,12 @@
    call: the FP8 keys (``--cache-dtype fp8``) read in place by the kernel against the BF16 keys read in place
    (``speedup_dsa_index_fp8_vs_bf16``) and the FP8 keys gathered into FP32 values, its eager oracle
    (``speedup_dsa_index_fp8_in_place_vs_gathered``), interleaved, best of ``--rounds``.
+8. DeepSeek-V4's FP8 cache (``--v4-fp8``, alone): decode tokens/s of a ``tiny-v4`` model at dsv4-flash's
+   attention widths (``V4_FP8_BENCH``: head_dim 512 with 64 rope, window 128, CSA / HCA ratios 4 / 128, indexer
+   keys of 128) with ``--cache-dtype fp8`` (the window and entries as 584-byte FP8 rows, the index keys as 68-byte
+   rotated FP4 rows, unpacked as read) against BF16, at ``--v4-contexts`` (the caches filled with random rows),
+   interleaved, best of ``--rounds`` (``speedup_fp8_vs_bf16``): at 2,048 tokens each CSA query scores every entry
+   masked, at 8,192 it gathers its index_topk picks.
 
 All times are compared with a peer measured in the same run. Prints one JSON object.
     python bench/decode.py [--threads 1] [--ckpt RUN_DIR] [--dsa-only]
@@ -45,6 +51,7 @@ All times are compared with a peer measured in the same run. Prints one JSON obj
     python bench/decode.py --dsa-prefill [--dsa-prompts 4096,8192] [--dsa-chunk 256] [--rounds 2]
     python bench/decode.py --fp8-only [--contexts 512,2048]
     python bench/decode.py --dsa-index [--dsa-contexts 2048,8192] [--batch 1]
+    python bench/decode.py --v4-fp8 [--v4-contexts 2048,8192] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from flyer.infer.attention import Rows, causal_slot_mask, dsa_index_scores
 from flyer.infer.cache import make_cache
 from flyer.infer.cache_fp8 import FP8
 from flyer.infer.generate import open_prefix_cache
+from flyer.infer.hybrid_cache import ENTRY_NAMES
 from flyer.interop.load import load_pretrained
 from flyer.model.attention import MLA
 from flyer.model.counts import kv_cache_bytes_per_token, param_counts
@@ -82,6 +90,11 @@ GQA_BENCH = dict(attn="gqa", n_heads=16, n_kv_heads=4, head_dim=32, max_seq_len=
 # MLA_BENCH with DSA's indexer (V3.2: 64 heads of 128 keeping 2048; here 8 of 64), contexts up to 16K
 DSA_BENCH = dict(MLA_BENCH, index_n_heads=8, index_head_dim=64, max_seq_len=16384, original_seq_len=16384)
 FP8_BENCH = dict(MLA_BENCH, kv_lora_rank=512, qk_rope_head_dim=64)  # V3's latent widths: 4 scale tiles a row
+# tiny-v4 at dsv4-flash's attention widths (head_dim 512 / rope 64, window 128, index keys 128, ratios 4 and 128;
+# 16 heads of its 64, index_topk 128 of its 512 so that 8,192 tokens' 2,048 CSA entries take the gathered path)
+V4_FP8_BENCH = dict(head_dim=512, qk_rope_head_dim=64, window_size=128, index_head_dim=128, index_n_heads=16,
+                    index_topk=128, n_heads=16, compress_ratios=(0, 4, 128, 4), max_seq_len=16384,
+                    original_seq_len=16384)
 DSA_INDEX_BENCH = dict(index_n_heads=64, index_head_dim=128, max_seq_len=16384, original_seq_len=16384)  # V3.2's
 
 
@@ -308,6 +321,46 @@ def bench_fp8_cache(contexts: list[int], batch: int, steps: int, rounds: int) ->
     return out
 
 
+class V4DecodeRun(DecodeRun):
+    """``DecodeRun`` of a DeepSeek-V4 model: its ``HybridCache`` filled with ``ctx`` tokens' random state (windows,
+    rings, entries and index keys; an FP8 cache's rows packed as the model writes them)."""
+
+    def __init__(self, model: Transformer, ctx: int, batch: int, steps: int, cache_dtype: torch.dtype):
+        self.dec = Decoder(model, batch, ctx + steps + 1, cache_dtype=cache_dtype)
+        cache = self.dec.cache
+        for layer, (state, r) in enumerate(zip(cache.layers, cache.ratios)):
+            for name, t in state.items():
+                n = ctx // r if name in ENTRY_NAMES else t.shape[1]
+                if t.dtype != torch.uint8:
+                    t[:, :n].normal_()
+                    continue
+                # packed as the model writes them (write_entries quantizes; the window's slots alike, row b at b)
+                width = cache.index_dim if name == "index_keys" else cache.head_dim
+                b, i = torch.arange(batch).repeat_interleave(n), torch.arange(n).repeat(batch)
+                cache.write_entries(layer, name, b, i, torch.randn(batch * n, width))
+        cache.lengths.fill_(ctx)
+        self.ctx, self.batch, self.steps, self.vocab = ctx, batch, steps, model.cfg.vocab_size
+        self.switch = contextlib.nullcontext
+
+
+def bench_v4_fp8(contexts: list[int], batch: int, steps: int, rounds: int) -> dict:
+    """Part 8: DeepSeek-V4's FP8 / FP4 cache against BF16, decode tokens/s at ``V4_FP8_BENCH``'s widths."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-v4", **V4_FP8_BENCH)).eval()
+    out: dict = {"model": {"params": param_counts(model.cfg).total, **V4_FP8_BENCH, "base_preset": "tiny-v4",
+                           "batch": batch, "steps": steps, "rounds": rounds}}
+    for ctx in contexts:
+        runs = {"bf16": V4DecodeRun(model, ctx, batch, steps, torch.bfloat16),
+                "fp8": V4DecodeRun(model, ctx, batch, steps, FP8)}
+        best = best_of(runs, rounds)
+        for name, run in runs.items():
+            out[f"tokens_per_s_{name}_ctx{ctx}"] = round(best[name], 1)
+            out[f"cache_bytes_per_token_{name}"] = run.dec.cache.bytes_per_token()
+        out[f"speedup_fp8_vs_bf16_ctx{ctx}"] = round(best["fp8"] / best["bf16"], 3)
+        del runs
+    return out
+
+
 @torch.inference_mode()
 def index_call_ms(attn: MLA, x: torch.Tensor, q_latent: torch.Tensor, rows: Rows, cache, switch, calls: int) -> float:
     """Milliseconds a call of ``dsa_index_scores`` under ``switch``, over ``calls`` calls."""
@@ -451,6 +504,8 @@ def main() -> int:
     ap.add_argument("--dsa-chunk", type=int, default=256, help="prefill chunk of the DSA prefill part")
     ap.add_argument("--fp8-only", action="store_true", help="run the FP8 cache part (6.) alone")
     ap.add_argument("--dsa-index", action="store_true", help="run the DSA indexer-score part (7.) alone")
+    ap.add_argument("--v4-fp8", action="store_true", help="run DeepSeek-V4's FP8 cache part (8.) alone")
+    ap.add_argument("--v4-contexts", default="2048,8192", help="contexts of the V4 FP8 cache part")
     args = ap.parse_args()
     tune_malloc()  # as flyer's CLI and Trainer do
     torch.set_num_threads(args.threads)
@@ -470,6 +525,11 @@ def main() -> int:
         return 0
     if args.fp8_only:
         out.update(bench_fp8_cache([int(c) for c in args.contexts.split(",")], args.batch, args.steps, args.rounds))
+        out["bench_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(out))
+        return 0
+    if args.v4_fp8:
+        out.update(bench_v4_fp8([int(c) for c in args.v4_contexts.split(",")], args.batch, args.steps, args.rounds))
         out["bench_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(out))
         return 0

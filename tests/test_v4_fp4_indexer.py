@@ -192,3 +192,18 @@ def test_scores_from_the_cached_rows_are_the_oracles():
     unrotated = scores(ref_values(*ref_fp4(q)), ref_values(*ref_fp4(keys)))
     assert ((unrotated - exact).abs() > 100 * bound).any()
     assert torch.equal(HybridCache(cfg, B, S, torch.bfloat16).index_queries(q), q)  # BF16: transformers' indexer
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rows_read_back_every_code_byte_and_scale_byte(dtype):
+    # unpack_rows decodes by byte tables (the indexer reads every key per decode step): each of the 256 code bytes
+    # in every position, each scale byte 0..252 (2^-127 .. 2^125; 6 2^126 would pass FP32's range), against the
+    # oracle's nibbles and 2^e, exactly
+    r = np.arange(255)[:, None]
+    codes = ((np.arange(64) + 64 * r) % 256).astype(np.uint8)
+    scales = ((np.arange(4) + 4 * r) % 253).astype(np.uint8)
+    raw = torch.from_numpy(np.concatenate([codes, scales], -1)).view(5, 51, 68)
+    nibbles = np.stack([codes & 15, codes >> 4], -1).reshape(255, 128)
+    want = ref_values(nibbles, scales.astype(np.int64) - 127).view(5, 51, 128)
+    got = hybrid_index_fp4.unpack_rows(raw, 128, dtype)
+    assert got.dtype == dtype and torch.equal(got.double(), want)

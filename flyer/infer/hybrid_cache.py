@@ -109,8 +109,8 @@ class HybridCache:
     (``flyer.serve.paged_hybrid``). ``lengths`` (B,): each row's tokens so far, as the slot caches'
     (``flyer.infer.cache``). ``dtype`` float8_e4m3fn (``--cache-dtype fp8``): the windows and entries as V4's FP8
     rows (uint8 (..., ``hybrid_fp8.row_bytes``)), the index keys as the release's rotated FP4 rows (uint8 (...,
-    ``hybrid_index_fp4.row_bytes``)), quantized on write and dequantized on read (to BF16, exact); the compressors'
-    rings FP32 as ever."""
+    ``hybrid_index_fp4.row_bytes``)), quantized on write and dequantized on read (to BF16, the index keys to FP32;
+    exact); the compressors' rings FP32 as ever."""
 
     kind = "hybrid"
 
@@ -167,9 +167,9 @@ class HybridCache:
 
     def _values(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """Stored tensor ``t`` of ``name`` as values: an FP8 cache's rows dequantized (BF16, exact; the index keys
-        rotated, as the release scores them)."""
+        rotated, as the release scores them, in FP32, exact: the indexer scores in FP32, so no BF16 copy between)."""
         if self.fp8 and name == "index_keys":
-            return hybrid_index_fp4.unpack_rows(t, self.index_dim, torch.bfloat16)
+            return hybrid_index_fp4.unpack_rows(t, self.index_dim, torch.float32)
         return hybrid_fp8.unpack_rows(t, self.head_dim, self.rope_dim, torch.bfloat16) if self._packed(name) else t
 
     def _stored(self, name: str, x: torch.Tensor) -> torch.Tensor:

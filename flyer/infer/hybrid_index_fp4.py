@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from flyer.fp8.fp4 import E2M1_MAX, UE8M0_BIAS, ceil_log2, e2m1_codes, e2m1_decode, pack_e2m1, unpack_e2m1
+from flyer.fp8.fp4 import E2M1_MAX, E2M1_VALUES, UE8M0_BIAS, ceil_log2, e2m1_codes, e2m1_decode, pack_e2m1
 from flyer.infer.indexer_fp8 import hadamard, rotate
 from flyer.model.counts import V4_INDEX_FP4_TILE, v4_index_fp4_row_bytes
 
@@ -47,6 +47,11 @@ TILE = V4_INDEX_FP4_TILE  # channels per UE8M0 scale: the release's fp4_block_si
 AMAX_FLOOR = 6 * 2.0**-126  # fp4_act_quant's floor on a tile's amax: its smallest scale is 2^-126
 row_bytes = v4_index_fp4_row_bytes  # (di) -> bytes of one row; the byte counts live with the model's other counts
 rotation = hadamard  # (di, device) -> (di, di) FP32: ``x @ rotation(di)`` is the release's rotate_activation
+# FP32 tables for reading rows: a code byte's two values (low nibble first) and a UE8M0 byte's scale 2^(byte - 127)
+# (ldexp, as e2m1_decode scales). One look-up per byte (index_select) instead of splitting nibbles and a long index
+# per code: the indexer reads every key each decode step, and the same products come out bit for bit.
+BYTE_VALUES = torch.stack([E2M1_VALUES[torch.arange(256) & 15], E2M1_VALUES[torch.arange(256) >> 4]], dim=-1)
+SCALES = torch.ldexp(torch.ones(256), torch.arange(256, dtype=torch.int32) - UE8M0_BIAS)
 
 
 def quantize(x_Nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +72,11 @@ def pack_rows(k_Nd: torch.Tensor, rot_dd: torch.Tensor) -> torch.Tensor:
 def unpack_rows(raw_NW: torch.Tensor, di: int, dtype: torch.dtype) -> torch.Tensor:
     """(..., di) in ``dtype``: the values of FP4 index rows (..., row_bytes(di)) uint8, each code times its tile's
     scale (exact in FP32 and BF16): the rotated keys as the release's fp4_act_quant leaves them."""
-    codes = unpack_e2m1(raw_NW[..., :di // 2]).unflatten(-1, (-1, TILE))
-    exps = raw_NW[..., di // 2:di // 2 + di // TILE].int() - UE8M0_BIAS
-    return e2m1_decode(codes, exps).flatten(-2).to(dtype)
+    lead, dev = raw_NW.shape[:-1], raw_NW.device
+    codes, exps = raw_NW[..., :di // 2].reshape(-1), raw_NW[..., di // 2:di // 2 + di // TILE].reshape(-1)
+    values = BYTE_VALUES.to(dev).index_select(0, codes.int()).view(*lead, di // TILE, TILE)
+    scales = SCALES.to(dev).index_select(0, exps.int()).view(*lead, di // TILE, 1)
+    return values.mul_(scales).flatten(-2).to(dtype)
 
 
 def round_trip(x_Nd: torch.Tensor, rot_dd: torch.Tensor) -> torch.Tensor:
