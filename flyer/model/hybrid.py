@@ -247,17 +247,20 @@ class HybridAttention(nn.Module):
         (bool, True = visible). Softmax in FP32; a query always sees itself, so no row is empty. ``picked``: k
         keys of each query's own (a CSA chunk's gathered entries, (B, T, k, d)) and which of its slots count
         (bool (B, T, k)), scored after the shared keys in the same softmax: [shared | picked | sink]."""
-        q, kv = q_BTHd.transpose(1, 2), kv_BS1d.transpose(1, 2)  # (B, H, T, d), (B, 1, S, d)
-        scores = (torch.matmul(q, kv.transpose(-1, -2)) * self.softmax_scale).float()
+        B, T, H, d = q_BTHd.shape
+        S = kv_BS1d.shape[1]
+        # the heads folded into one GEMM's rows against the one shared key head: a (B, H, T, d) @ (B, 1, d, S)
+        # broadcast would copy the keys once per head and run a matrix-vector product per head at decode (T = 1)
+        q, kv = q_BTHd.transpose(1, 2).reshape(B, H * T, d), kv_BS1d.reshape(B, S, d)
+        scores = (torch.matmul(q, kv.transpose(-1, -2)) * self.softmax_scale).float().view(B, H, T, S)
         scores = scores.masked_fill(~visible_BTS.unsqueeze(1), float("-inf"))
-        B, H, T, S = scores.shape
         cols = [scores]
         if picked_BTkd is not None:  # per query (batched over B, T): (H, d) @ (d, k)
             own = (torch.matmul(q_BTHd, picked_BTkd.transpose(-1, -2)) * self.softmax_scale).float()  # (B, T, H, k)
             cols.append(own.masked_fill(~picked_BTk.unsqueeze(2), float("-inf")).transpose(1, 2))
         sink = self.attn_sink.float().view(1, H, 1, 1).expand(B, H, T, 1)
         p = torch.cat([*cols, sink], dim=-1).softmax(dim=-1)
-        o = torch.matmul(p[..., :S].to(kv.dtype), kv)
+        o = torch.matmul(p[..., :S].to(kv.dtype).reshape(B, H * T, S), kv).view(B, H, T, d)
         if picked_BTkd is not None:  # (B, T, H, k) @ (B, T, k, d)
             p_own = p[..., S:-1].transpose(1, 2).to(picked_BTkd.dtype)
             o = o + torch.matmul(p_own, picked_BTkd).transpose(1, 2)
