@@ -43,7 +43,8 @@ def reference_config(dim: int, layers: int) -> DeepseekV4Config:
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
         layer_types=[kinds.get(r, "heavily_compressed_attention") for r in ratios],
         mlp_layer_types=["hash_moe"] * c.n_hash_layers + ["moe"] * (layers - c.n_hash_layers),
-        max_position_embeddings=c.max_seq_len, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+        max_position_embeddings=c.max_seq_len, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        num_nextn_predict_layers=0)  # transformers' DeepseekV4 saves no MTP module: none read, none compared
 
 
 def timed(fn, steps: int) -> float:
