@@ -62,7 +62,7 @@ from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
                          "glm4_moe", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v4", "mistral4",
-                         "kimi_k2", "kimi_k25")
+                         "kimi_k2", "kimi_k25", "solar_open")
 # vision-language wrappers whose text model (``text_config``) flyer reads, and the text model types each holds
 WRAPPER_MODEL_TYPES = {"kimi_k25": ("deepseek_v3", "kimi_k2")}
 # the MLA architectures (as read, after _SAME_AS)
@@ -77,7 +77,17 @@ HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("glm4_moe",)
 # DeepSeek-V3.2 is DeepseekV3 with the DSA indexer (read from its own keys), GLM-5 V3.2 with shared selections;
 # Kimi K2 (Moonshot's hub config: model_type kimi_k2, architectures DeepseekV3ForCausalLM) is DeepseekV3
 _SAME_AS = {"mistral": "llama", "glm4_moe_lite": "deepseek_v3", "deepseek_v32": "deepseek_v3",
-            "glm_moe_dsa": "deepseek_v3", "kimi_k2": "deepseek_v3"}
+            "glm_moe_dsa": "deepseek_v3", "kimi_k2": "deepseek_v3", "solar_open": "glm4_moe"}
+# Upstage's Solar Open (solar_open) is GLM-4.5's MoE on Llama attention: every layer MoE, full rotary, no head
+# norms, no MTP layer; SolarOpenConfig's own defaults (transformers' configuration_solar_open.py)
+_SOLAR_OPEN_DEFAULTS = {
+    "vocab_size": 196608, "hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6, "moe_intermediate_size": 1280, "num_experts_per_tok": 8, "n_shared_experts": 1,
+    "n_routed_experts": 128, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "norm_topk_prob": True}
+# fields Solar Open's modeling does not have (its config deletes them): fixed, whatever a config.json says
+_SOLAR_OPEN_FIXED = {"first_k_dense_replace": 0, "partial_rotary_factor": 1.0, "use_qk_norm": False,
+                     "num_nextn_predict_layers": 0}
 # the architectures with DeepSeek Sparse Attention's indexer (read from index_topk, index_n_heads, index_head_dim)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 # Keys that only exist in Hugging Face configs (their presence switches the parser).
@@ -367,6 +377,8 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
         return from_v4_config(d, where)
     if mt == "mixtral":
         d = {**_MIXTRAL_DEFAULTS, **d}
+    if d.get("model_type") == "solar_open":
+        d = {**_SOLAR_OPEN_DEFAULTS, **d, **_SOLAR_OPEN_FIXED}
     dsa = d.get("model_type") in DSA_MODEL_TYPES
     if dsa:
         d = {**(_GLM_MOE_DSA_DEFAULTS if d["model_type"] == "glm_moe_dsa" else _DEEPSEEK_V32_DEFAULTS), **d}
