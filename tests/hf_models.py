@@ -129,16 +129,23 @@ def to_transformers_4(path: Path) -> None:
     p.write_text(json.dumps(d, indent=2))
 
 
+@torch.no_grad()
+def trained_bias(model) -> None:
+    """Give a transformers model's routers a trained-looking balancing bias (``e_score_correction_bias``), not
+    zeros: a bias read into the wrong place, or not at all, then changes the routes."""
+    for n, b in model.named_buffers():
+        if n.endswith("e_score_correction_bias"):
+            b.copy_(torch.rand_like(b) * 0.1)
+
+
 def build(name: str, out: Path, spelling: int = 5, seed: int = 0):
     """Save a random tiny ``name`` model (FP32) with a tokenizer under ``out``; return the model."""
     cls, cfg_cls, kw = FAMILIES[name]
     torch.manual_seed(seed)
     common = {k: v for k, v in _COMMON.items() if not (name == "v4" and k == "intermediate_size")}  # V4: an alias
     model = cls(cfg_cls(**{**common, **kw})).eval()
+    trained_bias(model)
     with torch.no_grad():
-        for n, b in model.named_buffers():
-            if n.endswith("e_score_correction_bias"):  # a trained balancing bias, not zeros
-                b.copy_(torch.rand_like(b) * 0.1)
         for n, p in model.named_parameters():
             if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):  # Qwen3's per-head norms:
                 p.uniform_(0.25, 2.0)  # a different weight per channel, or a wrong channel order would pass

@@ -30,7 +30,7 @@ from flyer.model.info import meta_counts
 from flyer.model.transformer import Transformer
 from flyer.parallel.pipeline import Stage, split_layers, validate_pipeline
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
-from tests.hf_models import _YARN, VOCAB, add_mtp_layer, make_tokenizer, reference_mtp_logits
+from tests.hf_models import _YARN, VOCAB, add_mtp_layer, make_tokenizer, reference_mtp_logits, trained_bias
 from tests.test_deepseek_v32 import selections
 from tests.test_deepseek_v32_decode import decode_tolerance, selection_margin
 from tests.test_interop_export import tensors
@@ -57,10 +57,8 @@ def build_glm(out, seed: int = 0) -> GlmMoeDsaForCausalLM:
     indexers' key LayerNorms random (per channel: a wrong channel order would pass otherwise)."""
     torch.manual_seed(seed)
     model = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**GLM)).eval()
+    trained_bias(model)
     with torch.no_grad():
-        for n, b in model.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.copy_(torch.rand_like(b) * 0.1)
         for n, p in model.named_parameters():
             if n.endswith("indexer.k_norm.weight"):
                 p.uniform_(0.25, 2.0)

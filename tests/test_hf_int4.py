@@ -19,7 +19,7 @@ from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export
 from flyer.interop.hf import load_hf
 from flyer.interop.int4_pack import dequantize_int4, unpack_int4
-from tests.hf_models import _COMMON, FAMILIES, VOCAB, make_tokenizer
+from tests.hf_models import _COMMON, FAMILIES, VOCAB, make_tokenizer, trained_bias
 from tests.test_config import DSV3_HF
 from tests.test_hf_kimi_k25 import TextModel, build as build_k25
 from tests.test_hf_mistral4 import logit_tolerance
@@ -72,10 +72,7 @@ def build_k2(path) -> dict[str, torch.Tensor]:
     _, config_cls, kw = FAMILIES["v3"]
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(config_cls(**_COMMON, **{**kw, "moe_intermediate_size": 2 * GROUP}))
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.copy_(torch.rand_like(b) * 0.1)
+    trained_bias(model)
     model.to(torch.bfloat16).save_pretrained(path)
     make_tokenizer(path)
     want = pack_experts(path)

@@ -15,7 +15,7 @@ from flyer.config import ModelConfig
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export
 from flyer.interop.hf import load_hf
-from tests.hf_models import _COMMON, VOCAB, make_tokenizer
+from tests.hf_models import _COMMON, VOCAB, make_tokenizer, trained_bias
 from tests.test_hf_mistral4 import logit_tolerance
 from tests.test_qwen3 import _config_error, info_json, rel
 from tests.test_qwen3_moe import check_logits_and_routes
@@ -37,10 +37,7 @@ def build(out, layout: str, tied: bool = False) -> Kimi_K25ForConditionalGenerat
     torch.manual_seed(0)
     model = Kimi_K25ForConditionalGeneration(Kimi_K25Config(text_config=TEXT, vision_config=VISION,
                                                             projection_hidden_size=32, tie_word_embeddings=tied))
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.copy_(torch.rand_like(b) * 0.1)
+    trained_bias(model)
     model.save_pretrained(out)
     make_tokenizer(out)
     if layout == "published":

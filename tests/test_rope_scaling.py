@@ -22,7 +22,7 @@ from flyer.interop.hf import load_hf
 from flyer.model.rope import rope_frequencies
 from flyer.model.transformer import Transformer
 from tests.bounds import FP32_U
-from tests.hf_models import FAMILIES, VOCAB, _COMMON, make_tokenizer, to_transformers_4
+from tests.hf_models import FAMILIES, VOCAB, _COMMON, make_tokenizer, to_transformers_4, trained_bias
 from tests.test_interop_export import tensors
 
 ORIG = 64  # original context: with head_dim 16 and theta 1e4, llama3's three bands all occur (checked)
@@ -49,10 +49,7 @@ def build(name: str, out, spelling: int = 5):
     torch.manual_seed(0)
     if cls is None:
         model = AutoModelForCausalLM.from_config(cfg_cls(**_COMMON, **kw)).eval()
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n.endswith("e_score_correction_bias"):
-                    b.copy_(torch.rand_like(b) * 0.1)
+        trained_bias(model)
     else:
         model = cls(cfg_cls(**_COMMON, **kw)).eval()
     model.save_pretrained(out)
