@@ -37,6 +37,8 @@ Shapes: N keys (any leading dims), di index_head_dim (a power of two, a multiple
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from flyer.fp8.fp4 import E2M1_MAX, E2M1_VALUES, UE8M0_BIAS, ceil_log2, e2m1_codes, e2m1_decode, pack_e2m1
@@ -52,6 +54,12 @@ rotation = hadamard  # (di, device) -> (di, di) FP32: ``x @ rotation(di)`` is th
 # per code: the indexer reads every key each decode step, and the same products come out bit for bit.
 BYTE_VALUES = torch.stack([E2M1_VALUES[torch.arange(256) & 15], E2M1_VALUES[torch.arange(256) >> 4]], dim=-1)
 SCALES = torch.ldexp(torch.ones(256), torch.arange(256, dtype=torch.int32) - UE8M0_BIAS)
+
+
+@lru_cache(maxsize=None)
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BYTE_VALUES`` and ``SCALES`` on ``device``, copied there once (not per decode step)."""
+    return BYTE_VALUES.to(device), SCALES.to(device)
 
 
 def quantize(x_Nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +82,9 @@ def unpack_rows(raw_NW: torch.Tensor, di: int, dtype: torch.dtype) -> torch.Tens
     scale (exact in FP32 and BF16): the rotated keys as the release's fp4_act_quant leaves them."""
     lead, dev = raw_NW.shape[:-1], raw_NW.device
     codes, exps = raw_NW[..., :di // 2].reshape(-1), raw_NW[..., di // 2:di // 2 + di // TILE].reshape(-1)
-    values = BYTE_VALUES.to(dev).index_select(0, codes.int()).view(*lead, di // TILE, TILE)
-    scales = SCALES.to(dev).index_select(0, exps.int()).view(*lead, di // TILE, 1)
+    byte_values, byte_scales = _tables(dev)
+    values = byte_values.index_select(0, codes.int()).view(*lead, di // TILE, TILE)
+    scales = byte_scales.index_select(0, exps.int()).view(*lead, di // TILE, 1)
     return values.mul_(scales).flatten(-2).to(dtype)
 
 

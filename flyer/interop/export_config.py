@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from flyer.config import ModelConfig
@@ -13,6 +12,7 @@ from flyer.interop.hf import is_mixtral
 from flyer.interop.hf_config import GQA_MODEL_TYPES
 from flyer.interop.hf_config_mistral4 import check_mistral4, to_mistral4_config
 from flyer.interop.hf_config_v4 import to_v4_config
+from flyer.interop.hf_rope import partial_rotary_factor
 from flyer.interop.hf_tokenizer import TextTokenizer
 from flyer.interop.v4_quant import FP4_GROUP
 
@@ -91,12 +91,6 @@ def _check_v4_fp4(cfg: ModelConfig) -> None:
             raise ConfigError(f"config field '{field}': DeepSeek-V4's FP8 format stores routed experts in FP4 with "
                               f"one scale per {FP4_GROUP} inputs, so it needs a multiple of {FP4_GROUP} "
                               f"(got {getattr(cfg, field)})")
-
-
-def _partial_rotary_factor(cfg: ModelConfig) -> float:
-    """The ``partial_rotary_factor`` transformers reads back as ``cfg.rope_dim`` (it truncates head_dim * factor)."""
-    factor = cfg.rope_dim / cfg.head_dim
-    return factor if int(cfg.head_dim * factor) == cfg.rope_dim else math.nextafter(factor, 1.0)
 
 
 def _check_gqa_moe(cfg: ModelConfig, mixtral: bool) -> None:
@@ -193,7 +187,7 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
                      router_jitter_noise=0.0, output_router_logits=False, sliding_window=None)
         if mt == "glm4_moe":  # attention_bias: q/k/v only; DeepseekV3's router; MTP layers as DeepSeek's
             del d["mlp_bias"]
-            d["rope_parameters"]["partial_rotary_factor"] = _partial_rotary_factor(cfg)
+            d["rope_parameters"]["partial_rotary_factor"] = partial_rotary_factor(cfg.rope_dim, cfg.head_dim)
             d.update(attention_bias=cfg.attn_bias, use_qk_norm=cfg.qk_norm, n_routed_experts=cfg.n_routed_experts,
                      num_experts_per_tok=cfg.n_activated_experts, moe_intermediate_size=cfg.moe_inter_dim,
                      n_shared_experts=cfg.n_shared_experts, first_k_dense_replace=cfg.n_dense_layers,

@@ -11,10 +11,10 @@ qk_nope + qk_rope; its other RoPE types do not run in transformers). No MTP laye
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from flyer.errors import ConfigError
+from flyer.interop.hf_rope import partial_rotary_factor
 
 
 def _bad(where: str, field: str, problem: str) -> ConfigError:
@@ -85,9 +85,7 @@ def to_mistral4_config(cfg: Any, rope_parameters: dict) -> dict[str, Any]:
     """Mistral 4's own fields for ``cfg`` (a ``ModelConfig`` that ``check_mistral4`` passed), beside DeepseekV3's
     MLA ones: YaRN over the rope head (factor 1: no scaling) with the query temperature; ``rope_parameters``:
     the export's (``flyer.interop.export``) for cfg's frequencies."""
-    head = cfg.qk_head_dim
-    factor = cfg.qk_rope_head_dim / head  # as transformers reads it back: int(head * factor) channels
-    factor = factor if int(head * factor) == cfg.qk_rope_head_dim else math.nextafter(factor, 1)
+    factor = partial_rotary_factor(cfg.qk_rope_head_dim, cfg.qk_head_dim)
     rp = {**rope_parameters, "rope_type": "yarn", "factor": cfg.rope_factor,
           "original_max_position_embeddings": cfg.original_seq_len, "llama_4_scaling_beta": cfg.llama4_attn_beta,
           "partial_rotary_factor": factor}

@@ -88,4 +88,11 @@ def rope_fields(d: dict[str, Any], where: str = "config.json", mla: bool = False
             else yarn_attention_factor(factor, mscale, mscale_all_dim)}
 
 
-__all__ = ["ROPE_TYPES", "rope_fields", "yarn_attention_factor", "yarn_mscale"]
+def partial_rotary_factor(rotated: int, head: int) -> float:
+    """The ``partial_rotary_factor`` transformers reads back as ``rotated`` channels of a ``head``-channel head: it
+    truncates head * factor, so a factor that falls short by rounding is nudged up to the next float."""
+    factor = rotated / head
+    return factor if int(head * factor) == rotated else math.nextafter(factor, 1.0)
+
+
+__all__ = ["ROPE_TYPES", "partial_rotary_factor", "rope_fields", "yarn_attention_factor", "yarn_mscale"]
