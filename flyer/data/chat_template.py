@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from flyer.data import tools_typescript
 from flyer.data.deepseek_encoding import ENCODINGS, ChatEncoding, joined_parts
 from flyer.config import ModelConfig
 from flyer.errors import ConfigError, FieldError
@@ -38,9 +39,12 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
     the named special tokens the template sees (``bos_token``, ``eos_token``, ...; ``TextTokenizer.special_tokens``).
     A message's content may be OpenAI's list of text parts: a template that reads parts (``content_format``
     "openai") sees the list, as transformers' ``apply_chat_template`` passes it; another sees their text joined
-    with "\n", as vLLM's server renders it (a list would render as its Python text)."""
+    with "\n", as vLLM's server renders it (a list would render as its Python text). A template that reads
+    ``tools_ts_str`` (Kimi K2.5 and later) gets the variables Kimi's tokenizer wrapper passes
+    (``flyer.data.tools_typescript.chat_kwargs``: the tools as TypeScript, its thinking defaults)."""
     if isinstance(template, ChatEncoding):
         return template.render
+    import jinja2.meta
     import jinja2.sandbox  # here: 40 ms every flyer command would pay at start (train and serve CLIs import us)
 
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -57,6 +61,7 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
     compiled = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
     parts = content_format(template) == "openai"
+    kimi = "tools_ts_str" in jinja2.meta.find_undeclared_variables(env.parse(template or DEFAULT_CHAT_TEMPLATE))
 
     named = {"bos_token": "", "eos_token": "", **(special or {})}
     taken = {"messages", "tools", "add_generation_prompt", *named, *env.globals}
@@ -75,6 +80,8 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
                                                      "tools, special tokens, functions); other names only")
         if not parts:
             messages = [joined_parts(m, "\n") for m in messages]
+        if kimi:
+            tools, extra = tools_typescript.chat_kwargs(tools, extra)
         return compiled.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                **named, **(extra or {}))
     return render
