@@ -148,7 +148,7 @@ def test_the_flag_reaches_the_api(monkeypatch):
 
 
 def test_api_and_cli_refuse_another_name(capsys):
-    assert set(TOOL_PARSERS) == {"deepseek_v3", "deepseek_v31", "deepseek_v32", "deepseek_v4"}
+    assert set(TOOL_PARSERS) == {"deepseek_v3", "deepseek_v31", "deepseek_v32", "deepseek_v4", "kimi_k2"}
     with pytest.raises(FieldError, match="tool_call_parser"):
         Api(_Scripted(LIMITS, []), ByteTokenizer(), "tiny-test", tool_call_parser="hermes")
     assert main(["serve", "--preset", "tiny", "--tool-call-parser", "hermes"]) == 2

@@ -13,8 +13,8 @@
                                 ``apply_chat_template`` renders it; ``flyer.data.chat_template``), else a default;
                                 stream with ``delta`` chunks, ``stream_options.include_usage``;
                                 tools, tool_choice, tool messages: calls in the format the chat template
-                                writes (``flyer.serve.tools``: V3.1 / V3.2-Exp's, V3-0324 / R1's, V3.2 / V4's DSML), or
-                                the one ``tool_call_parser`` names;
+                                writes (``flyer.serve.tools``: V3.1 / V3.2-Exp's, V3-0324 / R1's, V3.2 / V4's DSML,
+                                Kimi K2's), or the one ``tool_call_parser`` names;
                                 chat_template_kwargs, reasoning_effort (OpenAI's: a template variable as vLLM
                                 passes it, V4's levels mapped; ``flyer.data.chat_template.effort_kwargs``);
                                 with a reasoning parser, ``reasoning_content`` apart from
@@ -66,6 +66,7 @@ from flyer.serve.request import NO_GRAMMARS, QueueFull, SamplingOptions, TokenEv
 from flyer.serve.schema import JINJA_ROLES, Body, ChatBody, CompletionBody
 from flyer.serve.tools import (ToolCall, chosen_format, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
+from flyer.serve.tools_kimi import calls_so_far
 
 DISCONNECT_POLL_S = 1.0  # how often a request's handler asks whether its client is still there
 
@@ -363,7 +364,8 @@ class Api:
                 raise FieldError("tool_choice", f"{'required' if mode == 'required' else 'a named function'} "
                                                 f"is refused: {NO_GRAMMARS}; use auto or none")
             functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
-            opts = dataclasses.replace(opts, grammar=tool_grammar(functions, self.tok, name, parallel, fmt))
+            grammar = tool_grammar(functions, self.tok, name, parallel, fmt, calls_so_far(body.messages))  # Kimi's IDX
+            opts = dataclasses.replace(opts, grammar=grammar)
         think = Reasoning(self.reasoning, self.tok, Reasoning.opens(self.reasoning, text))
         if opts.grammar is not None:  # held after the reasoning the prompt opens, or the output opens with its tokens
             after, opening = think.grammar_markers(self.tok, text, self.engine.limits.vocab_size)

@@ -198,8 +198,8 @@ def register(sub) -> None:
     p.add_argument("--tool-call-parser", choices=["auto", *TOOL_PARSERS], default="auto",
                    help="the format tool calls are constrained to and parsed in: auto (default) reads it off the chat "
                         "template (DSML for DeepSeek-V3.2's / V4's encodings); deepseek_v31 (V3.1 / V3.2-Exp's), "
-                        "deepseek_v3 (V3-0324 / R1's: a fenced json block), deepseek_v32 or deepseek_v4 (their DSML) "
-                        "forces one, as vLLM's parsers of those names read it")
+                        "deepseek_v3 (V3-0324 / R1's: a fenced json block), deepseek_v32 or deepseek_v4 (their DSML), "
+                        "kimi_k2 (Kimi K2 / K2-Thinking / K2.5's) forces one, as vLLM's parsers of those names read it")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),

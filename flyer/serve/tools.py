@@ -1,5 +1,6 @@
 """Tool calling (OpenAI's ``tools``, ``tool_choice``, ``tool_calls``) in the DeepSeek formats: V3.1 / V3.2-Exp's,
-V3-0324 / R1 / R1-0528's, and V3.2 / V4's DSML (``flyer.serve.dsml``: the functions below hand it a ``DsmlFormat``).
+V3-0324 / R1 / R1-0528's, and V3.2 / V4's DSML (``flyer.serve.dsml``: the functions below hand it a ``DsmlFormat``);
+and Kimi K2's (``flyer.serve.tools_kimi``: a ``KimiFormat``, whose calls carry the ids the model writes).
 
 The chat template renders ``tools`` and the tool messages of a conversation (the checkpoint's template decides the
 prompt, an assistant's earlier calls included); this module reads the calls a model writes and, for ``tool_choice``
@@ -11,7 +12,8 @@ masks the logits with it). A calls block, in either format:
     DEEPSEEK_V3   CALL = <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGUMENTS_JSON\n```
                          <｜tool▁call▁end｜> (one line), BETWEEN = "\n"
 
-A checkpoint's format is chosen once from its chat template (``tool_format``: DEEPSEEK_V3 when the template writes
+A checkpoint's format is chosen once from its chat template (``tool_format``: KIMI_K2 when it writes Kimi's
+``<|tool_calls_section_begin|>``; DEEPSEEK_V3 when the template writes
 a fenced json block in its call rendering; DSML_V32 / DSML_V4 for DeepSeek-V3.2's / V4's encoding or a template
 writing their DSML; DEEPSEEK_V31 otherwise, the default), or forced by name (``flyer serve --tool-call-parser``,
 vLLM's names: ``TOOL_PARSERS``) for a template it misreads. A checkpoint's tokenizer holds
@@ -27,7 +29,7 @@ Streaming (``flyer.serve.api``) is the simplest correct one: content deltas up t
 output is parsed at the end, one chunk with every call's ``tool_calls`` delta (index, id, type, name, the whole
 arguments) and finish_reason "tool_calls".
 
-    ToolFormat, DEEPSEEK_V31, DEEPSEEK_V3   the formats; ``TOOL_FORMAT`` the default
+    ToolFormat, DEEPSEEK_V31, DEEPSEEK_V3   the formats; ``TOOL_FORMAT`` the default (``KIMI_K2``: tools_kimi)
     tool_format(chat_template)      the format a checkpoint's template writes calls in
     chosen_format(parser, template) ``TOOL_PARSERS``' format by name, or "auto": ``tool_format``
     parse_tool_calls(text, fmt)     generated text -> (content before the calls, calls), or None: serve it as content
@@ -53,6 +55,7 @@ from flyer.interop.hf_tokenizer import TextTokenizer
 from flyer.serve.choice import held_back
 from flyer.serve.dsml import DSML_V4, DSML_V32, DsmlFormat, dsml_grammar, parse_dsml_calls
 from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable
+from flyer.serve.tools_kimi import KIMI_K2, KimiFormat, kimi_grammar_rules, parse_kimi_calls
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ DEEPSEEK_V3 = ToolFormat("deepseek-v3", _CALLS_BEGIN, _CALLS_END, _CALL_BEGIN, _
 TOOL_FORMAT = DEEPSEEK_V31  # the default: a template that does not show V3-0324's
 # the formats by ``--tool-call-parser`` name, vLLM's for the same formats
 TOOL_PARSERS = {"deepseek_v3": DEEPSEEK_V3, "deepseek_v31": DEEPSEEK_V31, "deepseek_v32": DSML_V32,
-                "deepseek_v4": DSML_V4}
+                "deepseek_v4": DSML_V4, "kimi_k2": KIMI_K2}
 # a chat encoding's format (``flyer.data.deepseek_encoding.ENCODINGS``' names)
 ENCODING_FORMATS = {"deepseek_v32": DSML_V32, "deepseek_v4": DSML_V4}
 # the most calls a constrained output holds ("required" with parallel calls): a model that never chooses to end
@@ -121,24 +124,29 @@ MAX_TOOL_CALLS = 8
 
 @dataclass(frozen=True)
 class ToolCall:
-    """One parsed call: the function's name and its arguments' JSON text (an object), as the model wrote them."""
+    """One parsed call: the function's name and its arguments' JSON text (an object), as the model wrote them; its
+    ``id`` where the format has the model write one (Kimi K2's ``functions.NAME:IDX``)."""
 
     name: str
     arguments: str
+    id: str | None = None
 
     def openai(self) -> dict:
-        """OpenAI's ``tool_calls`` entry, with a fresh id."""
-        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+        """OpenAI's ``tool_calls`` entry: its ``id``, else a fresh one."""
+        return {"id": self.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                 "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def tool_format(chat_template: str | ChatEncoding | None) -> ToolFormat | DsmlFormat:
+def tool_format(chat_template: str | ChatEncoding | None) -> ToolFormat | DsmlFormat | KimiFormat:
     """The format a checkpoint's chat template writes an assistant's calls in: a chat encoding's own
-    (``ENCODING_FORMATS``); ``DSML_V32`` / ``DSML_V4`` for a template that writes their DSML block;
+    (``ENCODING_FORMATS``); ``KIMI_K2`` for a template holding its ``calls_begin`` (Kimi K2 / K2-Thinking / K2.5's);
+    ``DSML_V32`` / ``DSML_V4`` for a template that writes their DSML block;
     ``DEEPSEEK_V3`` when a fenced json block follows a ``sep`` before the next ``call_end`` (V3-0324 / R1 /
     R1-0528's templates), else ``DEEPSEEK_V31`` (V3.1 / V3.2-Exp's, and the default without a template)."""
     if isinstance(chat_template, ChatEncoding):
         return ENCODING_FORMATS[chat_template.name]
+    if KIMI_K2.calls_begin in (chat_template or ""):
+        return KIMI_K2
     for fmt in (DSML_V32, DSML_V4):
         if f"{DSML}{fmt.block}" in (chat_template or ""):
             return fmt
@@ -150,7 +158,7 @@ def tool_format(chat_template: str | ChatEncoding | None) -> ToolFormat | DsmlFo
     return DEEPSEEK_V31
 
 
-def chosen_format(parser: str, chat_template: str | ChatEncoding | None) -> ToolFormat | DsmlFormat:
+def chosen_format(parser: str, chat_template: str | ChatEncoding | None) -> ToolFormat | DsmlFormat | KimiFormat:
     """The format calls are written and read in: ``TOOL_PARSERS[parser]``, or for "auto" the template's
     (``tool_format``). ``FieldError`` naming ``tool_call_parser`` for another name."""
     if parser == "auto":
@@ -160,7 +168,7 @@ def chosen_format(parser: str, chat_template: str | ChatEncoding | None) -> Tool
     return TOOL_PARSERS[parser]
 
 
-def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat = TOOL_FORMAT,
+def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT,
                      parallel: bool = True) -> tuple[str | None, list[ToolCall]] | None:
     """``text`` (generated, markers written out) -> (the content before the calls block, None when blank; its
     calls), or None when it holds no well-formed block in ``fmt``: no ``calls_begin``, a block left open (a limit
@@ -168,10 +176,13 @@ def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat = TOOL_FORMAT,
     the block. Whitespace between the markers is allowed. Not ``parallel``: only the first call is kept (under
     "auto" the output is free: a block is parsed whole, so a stream and a whole answer agree, and the calls past
     the first dropped; stopping at the first ``call_end`` would leave the block open, as a limit does). DSML:
-    ``flyer.serve.dsml.parse_dsml_calls``."""
+    ``flyer.serve.dsml.parse_dsml_calls``; Kimi K2: ``flyer.serve.tools_kimi.parse_kimi_calls`` (ids kept)."""
     if isinstance(fmt, DsmlFormat):
         got = parse_dsml_calls(text, fmt, parallel)
         return None if got is None else (got[0], [ToolCall(*c) for c in got[1]])
+    if isinstance(fmt, KimiFormat):
+        got = parse_kimi_calls(text, fmt, parallel)
+        return None if got is None else (got[0], [ToolCall(name, args, call_id) for call_id, name, args in got[1]])
     start = text.find(fmt.calls_begin)
     if start < 0:
         return None
@@ -194,7 +205,7 @@ def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat = TOOL_FORMAT,
     return (content if content.strip() else None), calls if parallel else calls[:1]
 
 
-def marker_ids(tok, fmt: ToolFormat | DsmlFormat = TOOL_FORMAT) -> dict[str, int]:
+def marker_ids(tok, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT) -> dict[str, int]:
     """marker -> its token id, for the markers ``tok`` holds as one token (a checkpoint's added tokens); {} for
     a tokenizer without (bytes: the markers are then written as text)."""
     if not isinstance(tok, TextTokenizer):
@@ -203,7 +214,7 @@ def marker_ids(tok, fmt: ToolFormat | DsmlFormat = TOOL_FORMAT) -> dict[str, int
     return {m: i for m, i in ids.items() if i is not None}
 
 
-def marked_text(tok, ids: list[int], fmt: ToolFormat | DsmlFormat = TOOL_FORMAT) -> str:
+def marked_text(tok, ids: list[int], fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT) -> str:
     """``ids`` decoded with each marker token written out: ``tok.decode`` skips special tokens, which the
     markers may be. The text between markers decodes as one piece."""
     by_id = {i: m for m, i in marker_ids(tok, fmt).items()}
@@ -222,7 +233,7 @@ def _lark_string(s: str) -> str:
 
 
 def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, parallel: bool = True,
-                 fmt: ToolFormat | DsmlFormat = TOOL_FORMAT) -> str:
+                 fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT, first_index: int = 0) -> str:
     """The llguidance grammar (JSON text) of a calls block in ``fmt`` (between calls, its ``between``; around
     the arguments, its fence): one call of function ``name`` (a named
     ``tool_choice``), else 1 to ``MAX_TOOL_CALLS`` calls (one when not ``parallel``) of any of ``tools``
@@ -230,7 +241,8 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
     JSON matching its function's ``parameters`` (absent: any object). Markers are ``tok``'s token ids where it
     holds them (``marker_ids``), else their text. Nothing may precede the block; the output ends after it.
     ``FieldError`` naming ``tools`` for schemas too large (``MAX_SCHEMA_CHARS`` in all) or that llguidance
-    cannot compile. DSML: ``flyer.serve.dsml.dsml_grammar``'s block (its markers are text)."""
+    cannot compile. DSML: ``flyer.serve.dsml.dsml_grammar``'s block (its markers are text). Kimi K2: the calls'
+    ids ``functions.NAME:IDX`` with IDX from ``first_index`` on (``tools_kimi.calls_so_far`` of the request)."""
     ids = marker_ids(tok, fmt)
 
     def marker(m: str) -> str:
@@ -245,8 +257,12 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
                                   f"{MAX_SCHEMA_CHARS} are served")
     if isinstance(fmt, DsmlFormat):
         return _compiled(dsml_grammar(tools, name, parallel, MAX_TOOL_CALLS, fmt))  # (its fields named by index)
+    n_calls = MAX_TOOL_CALLS if parallel and name is None else 1
+    if isinstance(fmt, KimiFormat):
+        rules = kimi_grammar_rules([f["name"] for f in chosen], marker, n_calls, first_index, fmt)
+        return _compiled("\n".join(rules + [f"args_{k}: %json {schema}" for k, schema in enumerate(schemas)]))
     more = f" ({_lark_string(fmt.between)} call)" if fmt.between else " call"
-    repeat = f"{more}{{0,{MAX_TOOL_CALLS - 1}}}" if parallel and name is None else ""
+    repeat = f"{more}{{0,{n_calls - 1}}}" if n_calls > 1 else ""
     rules = [f"start: {marker(fmt.calls_begin)} call{repeat} {marker(fmt.calls_end)}",
              "call: " + " | ".join(f"call_{k}" for k in range(len(chosen)))]
     for k, (f, schema) in enumerate(zip(chosen, schemas)):
@@ -268,7 +284,7 @@ def _compiled(lark: str) -> str:
     return compilable(grammar, "tools", "the parameters")
 
 
-def content_end(text: str, start: int = 0, fmt: ToolFormat | DsmlFormat = TOOL_FORMAT) -> int:
+def content_end(text: str, start: int = 0, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT) -> int:
     """How much of ``text`` (generated so far) may stream as content: up to a ``calls_begin`` in it, less a
     tail that could still become one. ``start``: how much already streamed (searched from there on)."""
     at = text.find(fmt.calls_begin, max(0, start - len(fmt.calls_begin)))

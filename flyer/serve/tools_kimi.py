@@ -1,0 +1,118 @@
+"""Tool calls in Kimi K2's format (K2, K2-Thinking, K2.5; vLLM's ``kimi_k2`` parser); ``flyer.serve.tools`` picks it
+for a chat template that writes ``<|tool_calls_section_begin|>`` and hands it to the functions below:
+
+    <|tool_calls_section_begin|>  CALL+  <|tool_calls_section_end|>
+    CALL = <|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>ARGUMENTS_JSON<|tool_call_end|>
+
+The text between ``<|tool_call_begin|>`` and ``<|tool_call_argument_begin|>`` is the call's id: Kimi's template
+writes an assistant's ``tool_calls`` back with their ``id`` there, and a tool message as "## Return of
+{tool_call_id}", so the OpenAI ``id`` served is that text as the model wrote it (a fresh one would tell the model
+another story next turn). NAME is what lies between ``functions.`` and the last ``:``; IDX is a running index of the
+tool calls in the conversation, from 0 (vLLM counts an assistant's earlier calls for it, ``get_history_tool_calls_cnt``;
+Moonshot's tool_call_guidance names it a global counter). Each marker is one added token in Kimi's tokenizer.
+
+    KimiFormat, KIMI_K2                   the format (``flyer.serve.tools.TOOL_PARSERS["kimi_k2"]``)
+    parse_kimi_calls(text, fmt, ...)      generated text -> (content, [(id, name, arguments)]), or None: content
+    kimi_grammar_rules(names, ...)        "required" / named: the lark rules of a calls block whose ids continue IDX
+    calls_so_far(messages)                the IDX the next call takes: the assistants' calls in the conversation
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KimiFormat:
+    """Kimi K2's calls block: ``calls_begin`` (``call_begin`` ID ``sep`` ARGUMENTS ``call_end``)+ ``calls_end``,
+    an ID ``id_prefix`` NAME ``:`` IDX, nothing between the markers (as the template writes them)."""
+
+    name: str = "kimi-k2"
+    calls_begin: str = "<|tool_calls_section_begin|>"
+    calls_end: str = "<|tool_calls_section_end|>"
+    call_begin: str = "<|tool_call_begin|>"
+    sep: str = "<|tool_call_argument_begin|>"
+    call_end: str = "<|tool_call_end|>"
+    id_prefix: str = "functions."
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return self.calls_begin, self.calls_end, self.call_begin, self.sep, self.call_end
+
+    def call_id(self, name: str, index: int) -> str:
+        """The id Kimi writes for its ``index``-th call of the conversation, to ``name``."""
+        return f"{self.id_prefix}{name}:{index}"
+
+    def render(self, calls: list[tuple[str, str]], first_index: int = 0) -> str:
+        """The calls block of (name, arguments JSON text) pairs, ids from ``first_index`` on, as the model writes it."""
+        body = "".join(f"{self.call_begin}{self.call_id(n, first_index + k)}{self.sep}{a}{self.call_end}"
+                       for k, (n, a) in enumerate(calls))
+        return self.calls_begin + body + self.calls_end
+
+    def name_of(self, call_id: str) -> str | None:
+        """The function an id names (between ``id_prefix`` and the last ``:``, IDX digits after it); None when the
+        id is not in that shape or the name is empty or holds whitespace."""
+        m = re.fullmatch(rf"{re.escape(self.id_prefix)}(\S+):[0-9]+", call_id)
+        return m[1] if m else None
+
+
+KIMI_K2 = KimiFormat()
+
+
+def parse_kimi_calls(text: str, fmt: KimiFormat = KIMI_K2,
+                     parallel: bool = True) -> tuple[str | None, list[tuple[str, str, str]]] | None:
+    """``text`` (generated, markers written out) -> (the content before the block, None when blank; its calls as
+    (id, name, arguments JSON text)), or None when it holds no well-formed block: no ``calls_begin``, a block left
+    open, a call whose id is not ``fmt.name_of``'s shape or whose arguments are not a JSON object, another marker
+    inside a call, no call, text after the block. Whitespace between the markers and around the id and arguments is
+    allowed (stripped). Not ``parallel``: the first call only, as ``flyer.serve.tools.parse_tool_calls``."""
+    start = text.find(fmt.calls_begin)
+    if start < 0:
+        return None
+    rest, calls = text[start + len(fmt.calls_begin):].lstrip(), []
+    while rest.startswith(fmt.call_begin):
+        body, end, rest = rest[len(fmt.call_begin):].partition(fmt.call_end)
+        call_id, sep, args = body.partition(fmt.sep)
+        call_id, args = call_id.strip(), args.strip()
+        name = fmt.name_of(call_id)
+        if not end or not sep or name is None or any(m in body for m in fmt.markers if m != fmt.sep) \
+                or body.count(fmt.sep) != 1:
+            return None
+        try:
+            if not isinstance(json.loads(args), dict):
+                return None
+        except ValueError:
+            return None
+        calls.append((call_id, name, args))
+        rest = rest.lstrip()
+    if not calls or not rest.startswith(fmt.calls_end) or rest[len(fmt.calls_end):].strip():
+        return None
+    content = text[:start]
+    return (content if content.strip() else None), calls if parallel else calls[:1]
+
+
+def kimi_grammar_rules(names: list[str], marker: Callable[[str], str], n_calls: int, first_index: int,
+                       fmt: KimiFormat = KIMI_K2) -> list[str]:
+    """The lark rules of a calls block of 1 to ``n_calls`` calls, each of one of ``names`` whose arguments are rule
+    ``args_{k}`` (k: the name's position; the caller writes those); the j-th call's id is
+    ``fmt.call_id(name, first_index + j)``, so the ids continue the conversation's count. ``marker(m)``: a marker
+    as a lark term (its token id or its text)."""
+    rules = []
+    for j in range(n_calls):
+        heads = " | ".join(f"{json.dumps(fmt.call_id(n, first_index + j))} {marker(fmt.sep)} args_{k}"
+                           for k, n in enumerate(names))
+        rules.append(f"call_{j}: {marker(fmt.call_begin)} ({heads}) {marker(fmt.call_end)}")
+    # call_1 only after call_0, call_2 after call_1, ...: the ids' indices run in order
+    tail = ""
+    for j in reversed(range(1, n_calls)):
+        tail = f"(call_{j}{' ' + tail if tail else ''})?"
+    return [f"start: {marker(fmt.calls_begin)} call_0{' ' + tail if tail else ''} {marker(fmt.calls_end)}", *rules]
+
+
+def calls_so_far(messages: list) -> int:
+    """How many tool calls the assistant messages of a conversation hold (``flyer.serve.schema.ChatMessage``s): the
+    IDX Kimi's next call takes."""
+    return sum(len(m.tool_calls or []) for m in messages if m.role == "assistant")
