@@ -1,6 +1,6 @@
 """Checkpoints out: a Hugging Face model directory transformers loads, from any flyer model.
 
-``flyer export PATH --out DIR [--dtype bf16|fp32|fp8] [--max-shard-size 5GB]`` writes
+``flyer export PATH --out DIR [--dtype bf16|fp32|fp8|int4] [--max-shard-size 5GB]`` writes
 ``config.json`` (``flyer.interop.export_config``: ``deepseek_v3`` for MLA with the sigmoid + bias gate,
 ``deepseek_v32`` for that with
 DeepSeek Sparse Attention's indexer, ``glm_moe_dsa`` (GLM-5) for that with ``indexer_types`` (shared
@@ -19,7 +19,10 @@ GQA model with routed experts exports as Mixtral or Qwen3-MoE where that compute
 ``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
 ``weight_scale_inv`` 128x128 block scales (flyer's ``quantize_blocks``; an FP8 source keeps its own
 codes and scales); DeepSeek-V4 its published one (``v4_quant``: E4M3 with UE8M0 ``.scale`` blocks, routed
-experts FP4, the rest BF16/FP32), a source in that format keeping its own. A checkpoint directory is
+experts FP4, the rest BF16/FP32), a source in that format keeping its own. ``--dtype int4`` writes a DeepseekV3
+model as Moonshot released Kimi K2-Thinking: its routed experts compressed-tensors' pack-quantized INT4 (groups
+of 32 inputs, BF16 scales: ``int4_pack.quantize_int4``, bit for bit the library's own compression), the rest
+BF16, with Kimi's ``quantization_config`` (``hf_config_quant.kimi_int4_config``). A checkpoint directory is
 streamed: each tensor is read, converted and written
 before the next (the model is never loaded), into a fresh directory beside
 ``--out`` that is renamed to it when complete: ``--out`` must be new or empty, nothing is
@@ -57,7 +60,9 @@ from flyer.interop.export_config import eos_token_id, exported, hf_config, hf_mo
 from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, hf_names, is_hf_model_dir, is_wrapped,
                               permute_rope, read_hf_config, rope_half_layout, v4_name, weight_files)
 from flyer.interop.hf_config import HALF_ROPE_MODEL_TYPES
+from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE
 from flyer.interop.hf_tokenizer import TextTokenizer, read_json as _read_json
+from flyer.interop.int4_pack import PACKED, SCALE, SHAPE, dequantize_int4, packed_items
 from flyer.interop.load import settings_dir
 from flyer.interop.streamed import StreamedCheckpoint
 from flyer.interop.tensorfile import TensorFile, header, write_tensors
@@ -66,7 +71,8 @@ from flyer.interop.v4_quant import (dequantize_fp4_e2m1, dequantize_ue8m0_blocks
 from flyer.model.transformer import Transformer
 from flyer.train.checkpoint import SETTINGS_FILES, fsync_path
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
+          "int4": torch.int32}  # int4: the routed experts' packed codes (the rest BF16)
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms, and the DSA
 # indexer's head weights (transformers computes them in FP32)
 _NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|block_sparse_moe\.gate|norm|weights_proj)"
@@ -79,8 +85,9 @@ _KEEP_FP32 = re.compile(r"e_score_correction_bias$|ffn\.gate\.bias$|attn_sink$|\
 
 
 Item = tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
-# HF name -> (make codes, make weight_scale_inv): a source checkpoint's own FP8 blocks
-Codes = dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]
+# HF name -> a source checkpoint's own quantized weight: (make codes, make weight_scale_inv) for FP8 blocks,
+# (make (weight_packed, weight_scale, weight_shape),) for INT4
+Codes = dict[str, tuple[Callable[[], torch.Tensor], ...]]
 Read = Callable[[Slot], torch.Tensor]  # a flyer tensor, or one expert of a stack (slot.expert), in flyer's layout
 
 
@@ -119,6 +126,10 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
         v4 = published_format(name) if dtype == "fp8" and cfg.attn == "hybrid" else "plain"
         if v4 != "plain":  # DeepSeek-V4's format: E4M3 or FP4 codes with UE8M0 scales
             items += quantized_items(name, shape, v4, get, (codes or {}).get(name))
+            continue
+        if dtype == "int4" and slot.expert is not None:  # a routed expert (hf_config: DeepseekV3's, unfused)
+            own = (codes or {}).get(name)
+            items += packed_items(name, shape, get, KIMI_GROUP_SIZE, own=own and own[0])
             continue
         if dtype == "fp8" and cfg.attn != "hybrid" and len(shape) == 2 and not _NOT_FP8.search(name):
             rows_b, cols_b = -(-shape[0] // 128), -(-shape[1] // 128)
@@ -312,6 +323,36 @@ def _v4_source_codes(files: dict[str, Path], headers: dict[Path, TensorFile]) ->
     return codes
 
 
+def _int4_source_codes(src: StreamedCheckpoint) -> Codes:
+    """The routed experts of the pack-quantized INT4 checkpoint ``src`` (Kimi K2-Thinking's, K2.5's) stored as the
+    export stores them (groups of 32 inputs, BF16 scales), read as they are, each checked as the loader checks it
+    (``dequantize_int4``) when it is written: requantizing their values would not give their codes back wherever a
+    scale is not absmax / 7.5 (Kimi's, from quantization-aware training)."""
+    codes: Codes = {}
+    for name, slot in hf_names(exported(src.cfg), hf_model_type(exported(src.cfg)) in HALF_ROPE_MODEL_TYPES).items():
+        if slot.expert is None or (slot.key, slot.expert) not in (src.where or {}):
+            continue
+        stored = src.where[(slot.key, slot.expert)][0]  # a packed weight: its codes' name
+        if not stored.endswith(PACKED):
+            continue
+        stem = stored.removesuffix(PACKED)
+        cols = src.state[slot.key].shape[-1]
+        tfs = [header(src.headers, src.files[stem + p]) for p in (PACKED, SCALE, SHAPE)]
+        scale = tfs[1].dtype(stem + SCALE), tfs[1].shape(stem + SCALE)[-1:]
+        if scale != (torch.bfloat16, (cols // KIMI_GROUP_SIZE,)):
+            continue  # another group size or scale dtype: quantized again from the exact values
+
+        def make(tfs=tfs, stem=stem) -> tuple[torch.Tensor, ...]:
+            parts = [tf.read(stem + p) for tf, p in zip(tfs, (PACKED, SCALE, SHAPE))]
+            try:
+                dequantize_int4(*parts, name=stem + PACKED)
+            except ValueError as e:
+                raise CheckpointError(f"{tfs[0].path}: {e}") from None
+            return tuple(parts)
+        codes[name] = (make,)
+    return codes
+
+
 def _fp4_block_codes(cfg: ModelConfig, read: Read, fp4_keys: set[str]) -> Codes:
     """The routed experts of ``fp4_keys`` (their FP4 values, as ``read`` gives them) as E4M3 codes with FP32
     power-of-two 128x128 block scales (``held_e4m3_blocks``): DeepSeek's FP8 format holding the FP4 values exactly
@@ -357,15 +398,17 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
     if masters and not src.qat:
         raise FieldError("masters", f"applies to a run trained with FP4 QAT (--fp4-experts); {path} was not: its "
                                     "weights are its masters already")
-    if masters and dtype == "fp8":
-        raise FieldError("masters", "the FP32 masters need --dtype bf16 or fp32: an FP8 export stores the routed "
-                                    "experts in FP4 (DeepSeek-V4) or E4M3, not the masters")
+    if masters and dtype in ("fp8", "int4"):
+        raise FieldError("masters", "the FP32 masters need --dtype bf16 or fp32: an FP8 or INT4 export stores the "
+                                    "routed experts in FP4 (DeepSeek-V4), E4M3 or INT4, not the masters")
     if masters or (dtype == "fp8" and hybrid):  # V4's FP4 encoder applies the rule to the masters: same values
         src.fp4_keys = set()
     if dtype == "fp8" and src.where is not None and hybrid:  # an HF directory: V4's own format
         codes = _v4_source_codes(src.files, src.headers)
     elif dtype == "fp8" and src.fp8:
         codes = _source_codes(source, src.cfg, src.headers)
+    elif dtype == "int4" and src.where is not None:  # a Kimi INT4 source keeps its own codes and scales
+        codes = _int4_source_codes(src)
     elif dtype == "fp8" and src.fp4_keys:  # DeepSeek's FP8 format under power-of-two block scales: exact
         codes = _fp4_block_codes(src.cfg, src.read, src.fp4_keys)
     summary = _export(src.cfg, src.tok, lambda: _items(src.cfg, src.state, src.read, dtype, codes), out, dtype,
@@ -390,8 +433,10 @@ def register(sub) -> None:
     p.add_argument("path", help="a flyer run or step directory, or a Hugging Face model directory")
     p.add_argument("--out", required=True, help="the directory to write (new, or empty)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
-                   help="bf16 (default), fp32, or fp8 (DeepSeek's float8_e4m3fn + 128x128 weight_scale_inv; for "
-                        "DeepSeek-V4 its published format: UE8M0 .scale blocks, FP4 routed experts)")
+                   help="bf16 (default), fp32, fp8 (DeepSeek's float8_e4m3fn + 128x128 weight_scale_inv; for "
+                        "DeepSeek-V4 its published format: UE8M0 .scale blocks, FP4 routed experts), or int4 "
+                        "(Kimi K2-Thinking's: routed experts compressed-tensors pack-quantized INT4 in groups of "
+                        "32, the rest BF16; DeepseekV3 models)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
     p.add_argument("--masters", action="store_true",
                    help="a run trained with FP4 QAT (--fp4-experts) exports the model it trained, its routed experts "

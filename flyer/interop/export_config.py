@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from flyer.config import ModelConfig
-from flyer.errors import ConfigError
+from flyer.errors import ConfigError, FieldError
 from flyer.interop.hf import is_mixtral
 from flyer.interop.hf_config import GQA_MODEL_TYPES
+from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE, kimi_int4_config
 from flyer.interop.hf_config_mistral4 import check_mistral4, to_mistral4_config
 from flyer.interop.hf_config_v4 import to_v4_config
 from flyer.interop.hf_rope import partial_rotary_factor
@@ -93,6 +94,18 @@ def _check_v4_fp4(cfg: ModelConfig) -> None:
                               f"(got {getattr(cfg, field)})")
 
 
+def _check_int4(cfg: ModelConfig, mt: str) -> None:
+    """Kimi K2's INT4 format is a DeepseekV3 checkpoint's; its experts' inputs (dim for w1 / w3, moe_inter_dim for
+    w2) come in whole groups of ``KIMI_GROUP_SIZE``."""
+    if mt != "deepseek_v3":
+        raise FieldError("dtype", f"int4 writes Kimi K2's INT4 routed experts, a DeepseekV3 (deepseek_v3, kimi_k2) "
+                                  f"checkpoint's format; this model exports as {mt} (use bf16, fp32 or fp8)")
+    for field in ("dim", "moe_inter_dim"):
+        if getattr(cfg, field) % KIMI_GROUP_SIZE:
+            raise ConfigError(f"config field '{field}': INT4 experts hold one scale per {KIMI_GROUP_SIZE} inputs, "
+                              f"so it needs a multiple of {KIMI_GROUP_SIZE} (got {getattr(cfg, field)})")
+
+
 def _check_gqa_moe(cfg: ModelConfig, mixtral: bool) -> None:
     """A GQA model with routed experts computes as Qwen3-MoE only with its head norms and its router: softmax
     over every expert, no bias, no groups, no scaling, no shared expert; as Mixtral (``mixtral``: no head norm,
@@ -157,6 +170,9 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
          "bos_token_id": tok.bos_id(), "eos_token_id": eos_token_id(tok),
          "dtype": "bfloat16" if dtype != "fp32" else "float32",
          "attention_bias": False, "mlp_bias": False}
+    if dtype == "int4":  # the rest BF16, as Kimi-K2-Thinking's
+        _check_int4(cfg, mt)
+        d["quantization_config"] = kimi_int4_config()
     if dtype == "fp8":  # every architecture: without it transformers reads the codes as values, the scales as unused
         d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                     "weight_block_size": [128, 128]}

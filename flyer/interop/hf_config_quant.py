@@ -41,6 +41,23 @@ class Int4Pack:
         return any(re.match(p[3:], module) is not None if p.startswith("re:") else p == module for p in self.ignore)
 
 
+KIMI_GROUP_SIZE = 32
+
+
+def kimi_int4_config() -> dict[str, Any]:
+    """Kimi-K2-Thinking's ``quantization_config`` as Moonshot published it (its config.json): the routed experts
+    pack-quantized INT4 in groups of ``KIMI_GROUP_SIZE``, everything ``ignore`` lists BF16 (the head, attention,
+    shared experts and dense MLPs; the embeddings, norms and router are no ``Linear`` the group targets)."""
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": KIMI_GROUP_SIZE,
+               "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax",
+               "observer_kwargs": {}}
+    return {"quant_method": "compressed-tensors", "format": PACK_QUANTIZED, "quantization_status": "compressed",
+            "kv_cache_scheme": None, "config_groups": {"group_0": {
+                "targets": ["Linear"], "input_activations": None, "output_activations": None, "weights": weights}},
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                       r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]}
+
+
 def _bad(where: str, field: str, problem: str) -> ConfigError:
     return ConfigError(f"{where}: field '{field}': {problem}")
 
@@ -120,4 +137,4 @@ def int4_pack(d: dict[str, Any], where: str = "config.json") -> Int4Pack | None:
     return Int4Pack(sizes.pop(), tuple(ignore))
 
 
-__all__ = ["PACK_QUANTIZED", "Int4Pack", "int4_pack"]
+__all__ = ["KIMI_GROUP_SIZE", "PACK_QUANTIZED", "Int4Pack", "int4_pack", "kimi_int4_config"]

@@ -1,4 +1,5 @@
-"""compressed-tensors' pack-quantized INT4 weights (Kimi-K2-Thinking, Kimi-K2.5), decoded as they load.
+"""compressed-tensors' pack-quantized INT4 weights (Kimi-K2-Thinking, Kimi-K2.5), decoded as they load and encoded
+as the export writes them (dtype "int4", ``flyer.interop.export``; ``quantize_int4``: the library's own quantizer).
 
 A quantized linear ``<stem>`` (R output rows, C input columns) is stored as three tensors instead of ``<stem>.weight``
 (compressed-tensors 0.20, ``PackedQuantizationCompressor`` and ``pack_to_int32`` / ``unpack_from_int32``):
@@ -18,6 +19,7 @@ its FP32 product once) and then cast to the model's dtype; FP32 and BF16 models 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,6 +47,62 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     shifts, not a byte view, so the host's byte order does not matter."""
     nibbles = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF  # (R, W, 8), column 8w + j
     return (nibbles.flatten(1)[:, :cols] - 8).to(torch.int8)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(R, ceil(C/8)) int32 words of ``q`` (R, C) signed codes in [-8, 7] (module docstring: ``unpack_int4``'s
+    inverse, compressed-tensors' ``pack_to_int32``); the last word's unused nibbles are zero."""
+    u = (q.to(torch.int64) + 8).flatten(1)
+    u = torch.nn.functional.pad(u, (0, -u.shape[1] % CODES_PER_WORD)).unflatten(1, (-1, CODES_PER_WORD))
+    words = (u << _SHIFTS.to(u.device, torch.int64)).sum(-1)  # disjoint nibbles: the sum is their OR
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # the top nibble's sign bit
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16,
+                  name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight_packed, weight_scale, weight_shape) of ``w`` (R, C) float, C a multiple of ``group_size`` (else
+    ValueError naming ``name``): symmetric round-to-nearest per ``group_size`` consecutive columns of a row, as
+    compressed-tensors 0.20 quantizes the scheme (``calculate_qparams``: scale = absmax / 7.5, its half range
+    (7 - (-8)) / 2, a zero scale replaced by FP32's eps; then ``quantize``: clamp to [-8, 7], round half to
+    even), the scale rounded to ``scale_dtype`` (Kimi's BF16) before the codes are taken against it, so they
+    decode (``dequantize_int4``) against the stored scale. Computed in FP32 on the weight's exact values: the
+    library divides in the weight's dtype, which for a BF16 weight rounds each ratio to BF16 before rounding it
+    to a code. weight_shape is int32, as Kimi's."""
+    if w.dim() != 2 or not w.dtype.is_floating_point or w.shape[1] % group_size:
+        raise ValueError(f"{name}: INT4 groups of {group_size} input columns need a 2-D float weight whose columns "
+                         f"are a multiple of {group_size} (got {w.dtype} {tuple(w.shape)})")
+    groups = w.float().unflatten(1, (-1, group_size))  # (R, C/g, g)
+    scale = groups.abs().amax(-1) / 7.5
+    scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale).to(scale_dtype)
+    # a scale that flushed to zero in scale_dtype would divide by zero: its group is zeros' worth anyway
+    scale = torch.where(scale == 0, torch.finfo(scale_dtype).eps, scale)
+    q = torch.round(torch.clamp(groups / scale.float().unsqueeze(-1), -8, 7)).to(torch.int8).flatten(1)
+    return pack_int4(q), scale, torch.tensor(tuple(w.shape), dtype=torch.int32)
+
+
+def packed_items(name: str, shape: tuple[int, int], get: Callable[[], torch.Tensor], group_size: int,
+                 scale_dtype: torch.dtype = torch.bfloat16, own: Callable[[], tuple] | None = None
+                 ) -> list[tuple[str, tuple[int, ...], torch.dtype, Callable]]:
+    """The (name, shape, dtype, make) items ``flyer.interop.export`` writes for the weight ``name``
+    (``<stem>.weight``; ``get``: its (R, C) values) pack-quantized (``quantize_int4``): ``<stem>.weight_packed``,
+    ``.weight_scale``, ``.weight_shape``; ``own``: the maker of a source checkpoint's three in this format,
+    written as they are. The weight is encoded once, when its codes are written; its scale and shape are kept
+    until they are."""
+    rows, cols = shape
+    made: list[torch.Tensor] = []
+
+    def make(i: int) -> torch.Tensor:
+        if not made:
+            made.extend(own() if own is not None else quantize_int4(get(), group_size, scale_dtype, name))
+        t = made[i] if i < 2 else made[i].to(torch.int32)  # the library writes int64 shapes, Kimi int32
+        if i == 2:
+            made.clear()
+        return t
+
+    stem = name.removesuffix(".weight")
+    return [(stem + PACKED, (rows, -(-cols // CODES_PER_WORD)), torch.int32, lambda: make(0)),
+            (stem + SCALE, (rows, cols // group_size), scale_dtype, lambda: make(1)),
+            (stem + SHAPE, (2,), torch.int32, lambda: make(2))]
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Tensor,
@@ -98,5 +156,5 @@ def read_int4(tf: TensorFile, name: str, files: dict[str, Path], headers: dict[P
     return dequantize_int4(tf.read(name), scale, shape, out_dtype, name)
 
 
-__all__ = ["CODES_PER_WORD", "PACKED", "SCALE", "SHAPE", "dequantize_int4", "packed_shape", "packed_stem",
-           "read_int4", "unpack_int4"]
+__all__ = ["CODES_PER_WORD", "PACKED", "SCALE", "SHAPE", "dequantize_int4", "pack_int4", "packed_items",
+           "packed_shape", "packed_stem", "quantize_int4", "read_int4", "unpack_int4"]
