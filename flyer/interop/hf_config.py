@@ -44,9 +44,10 @@ Kimi K2.5 (``kimi_k25``) is a vision-language wrapper around a DeepseekV3 text m
 ``model_type`` ``deepseek_v3`` or the hub's ``kimi_k2``): flyer reads that text model (``text_config``), its
 embeddings tied as the wrapper's ``tie_word_embeddings`` says (transformers ties by it, default true, whatever
 the text config says); the vision tower and projector are not read (``flyer.interop.hf``: text in, text out).
-Kimi K2 / K2-Thinking (top-level ``model_type`` ``kimi_k2``) is a DeepseekV3 config. Quantized weights: DeepSeek's
-FP8 blocks, or compressed-tensors' pack-quantized INT4 (Kimi-K2-Thinking, K2.5; on the wrapper or its text config),
-``flyer.interop.hf_config_quant``; any other quantization is refused.
+Kimi K2 / K2-Thinking (top-level ``model_type`` ``kimi_k2``) is a DeepseekV3 config. Upstage's Solar Open
+(``solar_open``) and rednote's dots.llm1 (``dots1``) are GLM-4.5 with fixed fields (their notes below).
+Quantized weights: DeepSeek's FP8 blocks, or compressed-tensors' pack-quantized INT4 (Kimi-K2-Thinking, K2.5; on
+the wrapper or its text config), ``flyer.interop.hf_config_quant``; any other quantization is refused.
 A value flyer cannot run is a ``ConfigError`` naming the file and the field, never silently ignored.
 """
 
@@ -62,7 +63,7 @@ from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
                          "glm4_moe", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v4", "mistral4",
-                         "kimi_k2", "kimi_k25", "solar_open")
+                         "kimi_k2", "kimi_k25", "solar_open", "dots1")
 # vision-language wrappers whose text model (``text_config``) flyer reads, and the text model types each holds
 WRAPPER_MODEL_TYPES = {"kimi_k25": ("deepseek_v3", "kimi_k2")}
 # the MLA architectures (as read, after _SAME_AS)
@@ -77,7 +78,7 @@ HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("glm4_moe",)
 # DeepSeek-V3.2 is DeepseekV3 with the DSA indexer (read from its own keys), GLM-5 V3.2 with shared selections;
 # Kimi K2 (Moonshot's hub config: model_type kimi_k2, architectures DeepseekV3ForCausalLM) is DeepseekV3
 _SAME_AS = {"mistral": "llama", "glm4_moe_lite": "deepseek_v3", "deepseek_v32": "deepseek_v3",
-            "glm_moe_dsa": "deepseek_v3", "kimi_k2": "deepseek_v3", "solar_open": "glm4_moe"}
+            "glm_moe_dsa": "deepseek_v3", "kimi_k2": "deepseek_v3", "solar_open": "glm4_moe", "dots1": "glm4_moe"}
 # Upstage's Solar Open (solar_open) is GLM-4.5's MoE on Llama attention: every layer MoE, full rotary, no head
 # norms, no MTP layer; SolarOpenConfig's own defaults (transformers' configuration_solar_open.py)
 _SOLAR_OPEN_DEFAULTS = {
@@ -88,6 +89,16 @@ _SOLAR_OPEN_DEFAULTS = {
 # fields Solar Open's modeling does not have (its config deletes them): fixed, whatever a config.json says
 _SOLAR_OPEN_FIXED = {"first_k_dense_replace": 0, "partial_rotary_factor": 1.0, "use_qk_norm": False,
                      "num_nextn_predict_layers": 0}
+# rednote's dots.llm1 (dots1) is DeepseekV3's MoE on Qwen3 attention (head norms, whole heads rotating, no bias, no
+# MTP layer): GLM-4.5's with these fixed; Dots1Config's own defaults (transformers' configuration_dots1.py), where
+# the expert counts have none (transformers cannot build a model without them: flyer asks for them)
+_DOTS1_DEFAULTS = {
+    "vocab_size": 152064, "hidden_size": 4608, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+    "num_hidden_layers": 62, "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0, "first_k_dense_replace": 0, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+    "n_group": 1, "topk_group": 1, "sliding_window": 4096, "max_window_layers": 62}
+_DOTS1_FIXED = {"partial_rotary_factor": 1.0, "use_qk_norm": True, "num_nextn_predict_layers": 0}
+_DOTS1_REQUIRED = ("n_routed_experts", "n_shared_experts", "num_experts_per_tok")
 # the architectures with DeepSeek Sparse Attention's indexer (read from index_topk, index_n_heads, index_head_dim)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 # Keys that only exist in Hugging Face configs (their presence switches the parser).
@@ -207,6 +218,20 @@ def _check_sliding_layers(d: dict[str, Any], where: str) -> None:
         if first < n_layers:
             raise _bad(where, "use_sliding_window", f"sliding-window attention is not supported (layers {first} to "
                                                     f"{n_layers - 1} slide: max_window_layers {first})")
+
+
+def _check_dots1_sliding(d: dict[str, Any], where: str) -> None:
+    """dots1: refused unless every layer attends fully. Its ``layer_types`` where the file lists them, else
+    Dots1Config's rule: layers ``max_window_layers`` and up slide when ``sliding_window`` is set (no switch)."""
+    if d.get("layer_types") is not None:
+        _check_sliding_layers({**d, "use_sliding_window": False}, where)
+        return
+    first, n_layers = d.get("max_window_layers"), d["num_hidden_layers"]
+    if not isinstance(first, int) or isinstance(first, bool):
+        raise _bad(where, "max_window_layers", f"expected an integer (got {first!r:.40})")
+    if d.get("sliding_window") is not None and first < n_layers:
+        raise _bad(where, "sliding_window", f"sliding-window attention is not supported (layers {first} to "
+                                            f"{n_layers - 1} slide: max_window_layers {first}; null = none slides)")
 
 
 def _qwen3_moe_fields(d: dict[str, Any], where: str, n_layers: int) -> dict[str, Any]:
@@ -379,6 +404,12 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
         d = {**_MIXTRAL_DEFAULTS, **d}
     if d.get("model_type") == "solar_open":
         d = {**_SOLAR_OPEN_DEFAULTS, **d, **_SOLAR_OPEN_FIXED}
+    if d.get("model_type") == "dots1":
+        d = {**_DOTS1_DEFAULTS, **d, **_DOTS1_FIXED}
+        for k in _DOTS1_REQUIRED:
+            if d.get(k) is None:
+                raise _bad(where, k, "missing: Dots1Config has no default for it (transformers cannot build the model)")
+        _require(d, where, "attention_bias", (False,), False)  # Qwen3's bias would cover o_proj, flyer's GQA has none
     dsa = d.get("model_type") in DSA_MODEL_TYPES
     if dsa:
         d = {**(_GLM_MOE_DSA_DEFAULTS if d["model_type"] == "glm_moe_dsa" else _DEEPSEEK_V32_DEFAULTS), **d}
@@ -394,6 +425,8 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     _require(d, where, "mlp_bias", (False,), False)
     if mt in ("qwen2", "qwen3"):
         _check_sliding_layers(d, where)
+    elif d.get("model_type") == "dots1":
+        _check_dots1_sliding(d, where)
     elif mt == "qwen3_moe" and d.get("use_sliding_window"):  # every layer slides (window default 4096)
         _check_window({**d, "sliding_window": d.get("sliding_window", 4096)}, where)
     elif d.get("use_sliding_window"):
