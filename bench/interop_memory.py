@@ -45,7 +45,8 @@ from tokenizers import Tokenizer, models
 from flyer.config import preset
 from flyer.interop.export import export
 from flyer.interop.export_config import hf_config
-from flyer.interop.hf import INDEX, TextTokenizer, build_empty, hf_names, load_hf, read_hf_config
+from flyer.interop.hf import INDEX, TextTokenizer, build_empty, load_hf, read_hf_config
+from flyer.interop.hf_names import hf_names
 from flyer.infer.weights import FP8, hold_weights
 from flyer.interop.tensorfile import write_tensors
 from flyer.model.transformer import Transformer

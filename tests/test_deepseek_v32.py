@@ -18,7 +18,8 @@ from flyer.errors import ConfigError
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export
 from flyer.interop.export_config import hf_model_type
-from flyer.interop.hf import load_hf, permute_rope
+from flyer.interop.hf import load_hf
+from flyer.interop.hf_names import permute_rope
 from flyer.model.transformer import Transformer
 from tests.hf_models import VOCAB, add_mtp_layer, build, reference_mtp_logits
 from tests.test_config import DSV3_HF, _arch

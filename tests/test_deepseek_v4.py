@@ -18,7 +18,8 @@ from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
 from flyer.interop.export import export_model
 from flyer.interop.export_config import hf_model_type
-from flyer.interop.hf import load_hf, v4_name
+from flyer.interop.hf import load_hf
+from flyer.interop.hf_names import v4_name
 from flyer.interop.load import load_pretrained
 from flyer.interop.v4_quant import (dequantize_fp4_e2m1, dequantize_ue8m0_blocks, quantize_fp4_e2m1,
                                     quantize_ue8m0_blocks)

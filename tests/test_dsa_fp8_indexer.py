@@ -31,7 +31,8 @@ from flyer.infer.cache import Fp8LatentCache, make_cache
 from flyer.infer.cache_fp8 import FP8, latent_scales, pack_rows, token_bytes, unpack_rows
 from flyer.infer.decoder import Decoder
 from flyer.infer.generate import GenerationConfig, generate, open_prefix_cache, prefill
-from flyer.interop.hf import load_hf, rope_permutation
+from flyer.interop.hf import load_hf
+from flyer.interop.hf_names import rope_permutation
 from flyer.model.attention import MLA, Indexer
 from flyer.model.counts import kv_cache_bytes_per_token, kv_cache_bytes_per_token_fp8
 from flyer.model.rope import rope_cos_sin

@@ -25,7 +25,8 @@ from flyer.infer.cli import load_model
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.infer.weights import FP8, HeldFP8Experts, hold_weights
 from flyer.interop.export_config import hf_model_type
-from flyer.interop.hf import hf_names, load_hf
+from flyer.interop.hf import load_hf
+from flyer.interop.hf_names import hf_names
 from flyer.interop.hf_config import HALF_ROPE_MODEL_TYPES
 from flyer.interop.load import fp4_trained, load_pretrained
 from flyer.model.experts import Experts

@@ -24,7 +24,8 @@ from flyer.infer.decoder import Decoder
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export_model
 from flyer.interop.export_config import hf_config, hf_model_type
-from flyer.interop.hf import load_hf, permute_rope
+from flyer.interop.hf import load_hf
+from flyer.interop.hf_names import permute_rope
 from flyer.model.counts import attention_flops_per_token, kv_cache_bytes_per_token, param_counts
 from flyer.model.info import meta_counts
 from flyer.model.transformer import Transformer

@@ -18,7 +18,8 @@ from flyer.errors import ConfigError
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.interop.export import export_model
 from flyer.interop.export_config import hf_model_type
-from flyer.interop.hf import hf_names, load_hf, permute_rope
+from flyer.interop.hf import load_hf
+from flyer.interop.hf_names import hf_names, permute_rope
 from flyer.interop.load import load_init_weights, load_pretrained
 from flyer.interop.tensorfile import TensorFile
 from flyer.model.experts import Experts

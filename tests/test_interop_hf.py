@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flyer.cli import main
 from flyer.errors import CheckpointError
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.interop.hf import load_hf, permute_rope, rope_permutation
+from flyer.interop.hf import load_hf
+from flyer.interop.hf_names import permute_rope, rope_permutation
 from flyer.interop.load import load_pretrained
 from tests.hf_models import FAMILIES, add_mtp_layer, build, reference_mtp_logits
 

@@ -21,7 +21,8 @@ from flyer.errors import ConfigError
 from flyer.interop import export as export_module
 from flyer.interop import v4_quant
 from flyer.interop.export import export, export_model
-from flyer.interop.hf import hf_names, load_hf, load_tokenizer, read_hf_config, weight_files
+from flyer.interop.hf import load_hf, load_tokenizer, read_hf_config, weight_files
+from flyer.interop.hf_names import hf_names
 from flyer.interop.tensorfile import DTYPES, TensorFile
 from flyer.interop.v4_quant import (dequantize_fp4_e2m1, dequantize_ue8m0_blocks, published_format,
                                     quantize_fp4_e2m1, quantize_ue8m0_blocks)

@@ -13,7 +13,7 @@ takes the indexer's queries q (after RoPE) and keys k (after ``k_norm`` and RoPE
 ``hadamard``, which fast_hadamard_transform's reference multiplies by), applied to the channels as the checkpoint
 lays them out. Orthogonal, it leaves every q . k as it was; it spreads a key's outliers over all channels before
 the per-key FP8 scale. flyer rotates its indexer's rope channels as interleaved pairs, and V3.2's checkpoints
-store them rotate-half (permuted on import, ``flyer.interop.hf``): ``rotation`` puts the channels back in the
+store them rotate-half (permuted on import, ``flyer.interop.hf_names``): ``rotation`` puts the channels back in the
 checkpoint's order inside the transform, so the rotated values, codes and scales are DeepSeek's own. GLM-5
 (``indexer_types``) stores them interleaved: the plain transform. ``act_quant``'s scale rule is
 ``flyer.infer.cache_fp8.latent_scales`` with ``floor_on_amax`` (max(amax, 1e-4) / 448 rounded up to a power of
@@ -50,7 +50,7 @@ def _sylvester(d: int) -> torch.Tensor:
 @lru_cache(maxsize=None)
 def _rotation(d: int, rope_dim: int, rope_half: bool) -> torch.Tensor:
     perm = torch.arange(d)
-    if rope_half:  # flyer's channel 2i is the checkpoint's i, 2i + 1 its i + rope_dim / 2 (``hf.rope_permutation``)
+    if rope_half:  # flyer's channel 2i is the checkpoint's i, 2i + 1 its i + rope_dim / 2 (``rope_permutation``)
         perm[:rope_dim] = torch.arange(rope_dim).view(2, -1).t().reshape(-1)
     return _sylvester(d)[perm] * d ** -0.5
 

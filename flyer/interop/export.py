@@ -57,8 +57,9 @@ from flyer.errors import CheckpointError, FieldError
 from flyer.fp8.quant import TILE, quantize_blocks
 from flyer.infer.weights import FP8, held_scale
 from flyer.interop.export_config import eos_token_id, exported, hf_config, hf_model_type
-from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, Slot, hf_names, is_hf_model_dir, is_wrapped,
-                              permute_rope, read_hf_config, rope_half_layout, v4_name, weight_files)
+from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, is_hf_model_dir, is_wrapped, read_hf_config,
+                              rope_half_layout, weight_files)
+from flyer.interop.hf_names import Slot, hf_names, permute_rope, v4_name
 from flyer.interop.hf_config import HALF_ROPE_MODEL_TYPES
 from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE
 from flyer.interop.hf_tokenizer import TextTokenizer, read_json as _read_json

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from flyer.config import ModelConfig
 from flyer.errors import ConfigError, FieldError
-from flyer.interop.hf import is_mixtral
+from flyer.interop.hf_names import is_mixtral
 from flyer.interop.hf_config import GQA_MODEL_TYPES
 from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE, kimi_int4_config
 from flyer.interop.hf_config_mistral4 import check_mistral4, to_mistral4_config

@@ -2,41 +2,9 @@
 
 A Hugging Face model directory holds ``config.json``, ``model.safetensors`` (or shards
 ``model-*.safetensors`` with ``model.safetensors.index.json``), ``tokenizer.json`` and optionally
-``tokenizer_config.json`` / ``generation_config.json`` (read by ``flyer.interop.hf_tokenizer``). Tensor names
-follow transformers' DeepseekV3 / V2 / Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral layout (DeepSeek's released
-checkpoints use the same names):
+``tokenizer_config.json`` / ``generation_config.json`` (read by ``flyer.interop.hf_tokenizer``). Which HF tensor
+each flyer tensor is, and the RoPE rows permuted on the way: ``flyer.interop.hf_names``.
 
-    flyer                          Hugging Face (layer i; MTP module k is layer n_layers + k)
-    embed / norm / head            model.embed_tokens / model.norm / lm_head
-    layers.i.attn_norm, ffn_norm   model.layers.i.input_layernorm, post_attention_layernorm
-    attn.wq_a, q_norm, wq_b, wq    self_attn.q_a_proj, q_a_layernorm, q_b_proj, q_proj
-    attn.wkv_a, kv_norm, wkv_b     self_attn.kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
-    attn.wk, wv, wo                self_attn.k_proj, v_proj, o_proj
-    attn.q_head_norm, k_head_norm  self_attn.q_norm, k_norm (Qwen3's per-head RMSNorms; MLA's are above)
-    attn.indexer.*                 self_attn.indexer.{wq_b,wk,weights_proj}, k_norm.{weight,bias} (V3.2, GLM-5)
-    ffn.w1 / w2 / w3               mlp.gate_proj / down_proj / up_proj (dense and shared_experts)
-    ffn.gate.weight, .bias         mlp.gate.weight, mlp.gate.e_score_correction_bias
-    ffn.experts.w1[e] (stacked)    mlp.experts.e.gate_proj (one tensor per expert, as save_pretrained writes)
-    ffn.experts.w1|w3, w2          fused: mlp.experts.gate_up_proj (E, 2F, D), down_proj (E, D, F) (Mistral 4)
-    ffn.gate, ffn.experts.w1[e]    Mixtral: block_sparse_moe.gate, block_sparse_moe.experts.e.w1 (w2, w3 alike)
-    mtp.k.enorm, hnorm, eh_proj    model.layers.(L+k).enorm, hnorm, eh_proj
-    mtp.k.norm                     model.layers.(L+k).shared_head.norm
-    mtp.k.block.*                  model.layers.(L+k).* (as a decoder layer)
-    V4: mtp.k.e_proj, h_proj, ...  mtp.k.e_proj, h_proj, enorm, hnorm, norm, hc_head_*; mtp.k.block.* as mtp.k.*
-    (Kimi K2.5: any of these)      language_model.<name> (decoder layers "layers" or "blocks"; ``text_name``)
-
-flyer rotates interleaved rope pairs; checkpoints laid out for rotate-half RoPE (Llama, Qwen2, Qwen3(-MoE), Mixtral,
-DeepseekV3 with ``rope_interleave: false``) get their rope rows permuted on the way in and out, and
-so do Qwen3's per-head norm weights: one per head channel, they follow the channels they scale.
-GLM-4.5 (``glm4_moe``) has the GQA names, DeepseekV3's router and MTP layers, and rotates only each
-head's first ``rotary_dim`` rows: only those are permuted. DeepSeek-V3.2's MLA rotates interleaved pairs,
-its DSA indexer rotate-half: the indexer's rope rows (the first ``qk_rope_head_dim`` of each head of
-``wq_b``, of ``wk``, and of ``k_norm``'s weight and bias, which follow the channels they scale) are
-always permuted. GLM-5 (``glm_moe_dsa``, read with ``indexer_types``) has V3.2's names, its indexer
-rotating interleaved pairs (nothing permuted); its shared layers have no indexer tensors.
-DeepSeek-V4 (hybrid attention) keeps DeepSeek's own names (``layers.i.attn.wq_a``, ``ffn.experts.e.w1``,
-``hc_attn_fn``, ``embed``, ``head``: ``_v4_entries``; transformers' saved spelling read through ``v4_name``),
-and its FP8 weights carry UE8M0 block scales as ``<name>.scale``, its routed experts FP4 (``v4_quant``).
 DeepSeek's FP8 format stores a linear weight as ``float8_e4m3fn`` plus ``weight_scale_inv``,
 one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on import, or, into a
 model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as its codes and scales.
@@ -48,9 +16,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -61,6 +28,8 @@ from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type, text_config
 from flyer.interop.hf_config_quant import int4_pack
+from flyer.interop.hf_names import (MTP_COPIES, V4_MTP_COPIES, Slot, has_fused_experts, hf_names, meta_model,
+                                    permute_rope, v4_name)
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.int4_pack import PACKED, packed_shape, packed_stem, read_int4
 from flyer.interop.tensorfile import TensorFile, header
@@ -74,202 +43,12 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek FP8: <linear>.weight_scale_inv beside <linear>.weight
 
-_BLOCK = {  # flyer name inside a block -> HF name inside a decoder layer
-    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn.wq.weight": "self_attn.q_proj.weight", "attn.wq.bias": "self_attn.q_proj.bias",
-    "attn.wk.weight": "self_attn.k_proj.weight", "attn.wk.bias": "self_attn.k_proj.bias",
-    "attn.wv.weight": "self_attn.v_proj.weight", "attn.wv.bias": "self_attn.v_proj.bias",
-    "attn.wq_a.weight": "self_attn.q_a_proj.weight", "attn.q_norm.weight": "self_attn.q_a_layernorm.weight",
-    "attn.wq_b.weight": "self_attn.q_b_proj.weight", "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
-    "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight", "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
-    "attn.wo.weight": "self_attn.o_proj.weight",
-    "attn.q_head_norm.weight": "self_attn.q_norm.weight", "attn.k_head_norm.weight": "self_attn.k_norm.weight",
-    **{f"attn.indexer.{n}": f"self_attn.indexer.{n}" for n in (
-        "wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")},
-    "ffn.w1.weight": "mlp.gate_proj.weight", "ffn.w2.weight": "mlp.down_proj.weight",
-    "ffn.w3.weight": "mlp.up_proj.weight",
-    "ffn.gate.weight": "mlp.gate.weight", "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
-    "ffn.shared.w1.weight": "mlp.shared_experts.gate_proj.weight",
-    "ffn.shared.w2.weight": "mlp.shared_experts.down_proj.weight",
-    "ffn.shared.w3.weight": "mlp.shared_experts.up_proj.weight",
-}
-_EXPERTS = {"ffn.experts.w1": "gate_proj", "ffn.experts.w2": "down_proj", "ffn.experts.w3": "up_proj"}
-# Mixtral's sparse block (transformers' save_pretrained writes these names, as the published checkpoints have them)
-_MIXTRAL_EXPERTS = {"ffn.experts.w1": "w1", "ffn.experts.w2": "w2", "ffn.experts.w3": "w3"}
-_MIXTRAL_GATE = {"ffn.gate.weight": "block_sparse_moe.gate.weight"}
-_MTP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-        "norm.weight": "shared_head.norm.weight"}
-_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-        "head.weight": "lm_head.weight"}
-# stored by DeepSeek beside each MTP layer: copies of the shared embedding and head
-_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where an HF tensor goes: flyer state-dict key, expert index (stacked experts) or None,
-    and the rope rows to permute (``rope_rows``: (head size, rope offset, rope dim) or None).
-    ``fused``: the whole expert stacks an HF tensor concatenates on dim 1, ``key`` first (transformers' fused
-    ``gate_up_proj``: w1 then w3 of each expert; ``down_proj``: w2 alone); () for any other tensor."""
-
-    key: str
-    expert: int | None = None
-    rope_rows: tuple[int, int, int] | None = None
-    fused: tuple[str, ...] = ()
-
 
 def is_hf_model_dir(path: str | Path) -> bool:
     """A directory with a ``config.json`` and safetensors weights (and no flyer manifest)."""
     p = Path(path)
     return (p / "config.json").is_file() and not (p / "manifest.json").is_file() and (
         (p / INDEX).is_file() or (p / SINGLE).is_file())
-
-
-def hf_names(cfg: ModelConfig, rope_half: bool, fused: bool = False) -> dict[str, Slot]:
-    """HF tensor name -> ``Slot`` for every tensor a model of ``cfg`` has. ``rope_half``: the
-    checkpoint's rope rows are in rotate-half layout (else interleaved, as flyer's). ``fused``: routed
-    experts as transformers' fused stacks (``FUSED_EXPERTS``), else one tensor per expert."""
-    model = _meta_model(cfg)
-    out: dict[str, Slot] = {}
-    mixtral = is_mixtral(cfg)  # the model's MoE names, once
-    for key, t in model.state_dict().items():
-        if cfg.tie_embeddings and key == "head.weight":
-            continue  # tied: the file holds the embedding only
-        for name, slot in _hf_entries(key, t.shape, cfg, rope_half, mixtral, fused):
-            out[name] = slot
-    return out
-
-
-# transformers' fused expert stacks, as it writes them for architectures without a per-expert conversion (Mistral 4)
-FUSED_EXPERTS = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)")
-
-
-def has_fused_experts(names) -> bool:
-    """Whether a checkpoint's tensor ``names`` hold its routed experts fused (``FUSED_EXPERTS``)."""
-    return any(FUSED_EXPERTS.fullmatch(n) for n in names)
-
-
-def is_mixtral(cfg: ModelConfig) -> bool:
-    """GQA with softmax-routed experts in every layer, no head norms and whole heads rotating: what Mixtral
-    computes (Qwen3-MoE has head norms, GLM-4.5 routes by sigmoid or rotates part of each head), so its
-    tensors take Mixtral's names."""
-    return (cfg.attn == "gqa" and cfg.is_moe and cfg.n_dense_layers == 0 and not cfg.qk_norm
-            and cfg.score_func == "softmax" and cfg.rope_dim == cfg.head_dim)  # else GLM-4.5's (mlp.*) names
-
-
-def _meta_model(cfg: ModelConfig) -> Transformer:
-    with torch.device("meta"):
-        return Transformer(cfg)
-
-
-# the DSA indexer's tensors whose rows (or channels) are its keys' and queries': rotate-half in every checkpoint
-_INDEXER_ROPE = ("attn.indexer.wq_b.weight", "attn.indexer.wk.weight", "attn.indexer.k_norm.weight",
-                 "attn.indexer.k_norm.bias")
-
-
-def _rope_rows(sub: str, cfg: ModelConfig, rope_half: bool) -> tuple[int, int, int] | None:
-    if sub in _INDEXER_ROPE:  # whatever MLA's layout: its rope channels come first in each head
-        # V3.2's rotate-half; GLM-5's (the layout indexer_types lists) interleaved, as flyer's
-        return None if cfg.indexer_types else (cfg.index_head_dim, 0, cfg.qk_rope_head_dim)
-    if not rope_half:
-        return None
-    if cfg.attn == "gqa":  # q and k rows (weight and bias) per head, and the head norms' channels alike
-        heads = ("attn.wq.", "attn.wk.", "attn.q_head_norm.", "attn.k_head_norm.")
-        return (cfg.head_dim, 0, cfg.rope_dim) if sub.startswith(heads) else None  # GLM-4.5: rotary_dim rows
-    if sub in ("attn.wq.weight", "attn.wq_b.weight"):
-        return cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
-    if sub == "attn.wkv_a.weight":
-        return cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    return None
-
-
-def _v4_entries(key: str, shape) -> Iterator[tuple[str, Slot]]:
-    """DeepSeek-V4's names, as its hub checkpoints spell them (``v4_name`` reads transformers' too): flyer's
-    own but for the hyper-connections' (``hc_attn.fn`` -> ``hc_attn_fn``), the shared experts' and one tensor
-    per routed expert; MTP module k's block is named as a decoder layer under ``mtp.k`` (``mtp.k.attn.wq_a``,
-    ``mtp.k.hc_attn_fn``), beside its own ``e_proj``, ``h_proj``, norms and ``hc_head_*``. Every V4 RoPE
-    rotates interleaved pairs: nothing is permuted."""
-    name = re.sub(r"^(mtp\.\d+\.)block\.", r"\1", key)
-    m = re.fullmatch(r"((?:layers|mtp)\.\d+\.)?(hc_head|hc_attn|hc_ffn)\.(fn|base|scale)", name)
-    if m:
-        yield f"{m.group(1) or ''}{m.group(2)}_{m.group(3)}", Slot(key)
-        return
-    m = re.fullmatch(r"((?:layers|mtp)\.\d+\.ffn\.)experts\.(w[123])", name)
-    if m:
-        for e in range(shape[0]):
-            yield f"{m.group(1)}experts.{e}.{m.group(2)}.weight", Slot(key, e)
-        return
-    yield name.replace(".ffn.shared.", ".ffn.shared_experts."), Slot(key)
-
-
-# copies of the shared embedding and head an MTP layer may carry (vLLM's V4 loader maps them; DeepSeek's converter
-# drops them): flyer's MTP modules share the model's
-_V4_MTP_COPIES = ("emb.", "head.weight")
-
-# transformers' save_pretrained of a DeepseekV4 model prefixes "model." and renames a few of DeepSeek's names (its
-# reverse renaming also turns the attention's kv_norm into "norm", the compressors' name)
-_V4_SAVED = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base",
-             "hc_head.hc_scale": "hc_head_scale"}
-
-
-def v4_name(name: str) -> str:
-    """A DeepSeek-V4 checkpoint tensor's name as DeepSeek's hub files spell it (``_v4_entries``)."""
-    name = name.removeprefix("model.")
-    return _V4_SAVED.get(name) or re.sub(r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.", name)
-
-
-def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool, mixtral: bool,
-                fused: bool = False) -> Iterator[tuple[str, Slot]]:
-    if cfg.attn == "hybrid":
-        yield from _v4_entries(key, shape)
-        return
-    if key in _TOP:
-        yield _TOP[key], Slot(key)
-        return
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", key) or re.fullmatch(r"mtp\.(\d+)\.block\.(.+)", key)
-    if m:
-        i = int(m.group(1)) + (cfg.n_layers if key.startswith("mtp.") else 0)
-        sub = m.group(2)
-        if sub in _EXPERTS and fused:  # w1 and w3 in one stack (under w1's entry), w2 a stack alone
-            if sub == "ffn.experts.w2":
-                yield f"model.layers.{i}.mlp.experts.down_proj", Slot(key, fused=(key,))
-            elif sub == "ffn.experts.w1":
-                yield f"model.layers.{i}.mlp.experts.gate_up_proj", Slot(key, fused=(key, key[:-2] + "w3"))
-            return
-        if sub in _EXPERTS:
-            moe, names = ("block_sparse_moe", _MIXTRAL_EXPERTS) if mixtral else ("mlp", _EXPERTS)
-            for e in range(shape[0]):
-                yield f"model.layers.{i}.{moe}.experts.{e}.{names[sub]}.weight", Slot(key, e)
-            return
-        if mixtral and sub in _MIXTRAL_GATE:
-            yield f"model.layers.{i}.{_MIXTRAL_GATE[sub]}", Slot(key)
-            return
-        if sub in _BLOCK:
-            yield f"model.layers.{i}.{_BLOCK[sub]}", Slot(key, None, _rope_rows(sub, cfg, rope_half))
-            return
-    m = re.fullmatch(r"mtp\.(\d+)\.(.+)", key)
-    if m and m.group(2) in _MTP:
-        yield f"model.layers.{cfg.n_layers + int(m.group(1))}.{_MTP[m.group(2)]}", Slot(key)
-        return
-    raise ValueError(f"no Hugging Face name for flyer tensor {key}")  # a module this table does not know
-
-
-def rope_permutation(d: int) -> torch.Tensor:
-    """Row order taking a rotate-half rope head (x_0..x_{d/2-1} paired with x_{d/2}..) to
-    interleaved pairs: interleaved[2i] = half[i], interleaved[2i+1] = half[i + d/2]."""
-    return torch.arange(d).view(2, d // 2).t().reshape(-1)
-
-
-def permute_rope(t: torch.Tensor, rows: tuple[int, int, int], inverse: bool = False) -> torch.Tensor:
-    """``t`` (R, ...) seen as heads of ``rows[0]`` rows, whose rows [off, off + d) are rope rows,
-    permuted from rotate-half to interleaved layout (``inverse``: back)."""
-    head, off, d = rows
-    perm = rope_permutation(d)
-    if inverse:
-        perm = torch.argsort(perm)
-    idx = torch.arange(head)
-    idx[off:off + d] = off + perm
-    return t.view(-1, head, *t.shape[1:])[:, idx].reshape(t.shape)
 
 
 def dequantize_fp8_blocks(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
@@ -355,9 +134,9 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
     if cfg.attn == "hybrid":  # scales go with their weights; MTP layers past mtp_depth are not built
         m = re.match(r"mtp\.(\d+)\.", name)
         return name.endswith(".scale") or (m is not None and (int(m.group(1)) >= cfg.mtp_depth
-                                                               or name.startswith(_V4_MTP_COPIES, m.end())))
+                                                               or name.startswith(V4_MTP_COPIES, m.end())))
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if m and int(m.group(1)) >= cfg.n_layers and m.group(2) in _MTP_COPIES:
+    if m and int(m.group(1)) >= cfg.n_layers and m.group(2) in MTP_COPIES:
         return True
     if cfg.tie_embeddings and name == "lm_head.weight":
         return True
@@ -375,7 +154,7 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
     path = Path(path)
     files = files if files is not None else weight_files(path)
     slots = hf_names(cfg, rope_half, has_fused_experts(files))
-    state = _meta_model(cfg).state_dict()
+    state = meta_model(cfg).state_dict()
     headers = {} if headers is None else headers
     found: dict[str, Slot] = {}
     canonical = v4_name if cfg.attn == "hybrid" else text_name if is_wrapped(files) else str
@@ -557,7 +336,7 @@ def build_empty(cfg: ModelConfig, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> Transformer:
     """An uninitialised model in ``dtype`` on ``device`` (routers and their biases stay FP32, and the DSA
     indexer's head weights, as transformers keeps them)."""
-    model = _meta_model(cfg).to(dtype)
+    model = meta_model(cfg).to(dtype)
     for m in model.modules():
         if isinstance(m, Gate):
             m.float()
@@ -597,8 +376,6 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     return model.eval(), cfg, tok
 
 
-__all__ = ["FUSED_EXPERTS", "INDEX", "SINGLE", "Slot", "TextTokenizer", "build_empty", "dequantize_fp8_blocks",
-           "fill_fused", "fill_tensor", "has_fused_experts", "is_wrapped", "text_name",
-           "hf_names", "hf_weight_map", "is_hf_model_dir", "is_mixtral", "load_hf", "load_hf_weights", "load_tokenizer",
-           "permute_rope", "read_hf_config", "rope_half_layout", "rope_permutation", "unquantized_weights",
-           "weight_files"]
+__all__ = ["INDEX", "SINGLE", "TextTokenizer", "build_empty", "dequantize_fp8_blocks", "fill_fused", "fill_tensor",
+           "hf_weight_map", "is_hf_model_dir", "is_wrapped", "load_hf", "load_hf_weights", "load_tokenizer",
+           "read_hf_config", "rope_half_layout", "text_name", "unquantized_weights", "weight_files"]

@@ -6,7 +6,7 @@ sum, which flyer's softmax router does not: a group limit is refused), Llama 4's
 query (``rope_parameters.llama_4_scaling_beta``, period ``original_max_position_embeddings``: flyer's
 ``llama4_attn_beta`` and ``original_seq_len``) and YaRN over the rope head only (``partial_rotary_factor`` of
 qk_nope + qk_rope; its other RoPE types do not run in transformers). No MTP layer. Mistral4Config's defaults
-(Mistral Small 4's values) fill missing fields. Its routed experts are stored fused (``flyer.interop.hf``).
+(Mistral Small 4's values) fill missing fields. Its routed experts are stored fused (``flyer.interop.hf_names``).
 """
 
 from __future__ import annotations

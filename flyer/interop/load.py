@@ -21,8 +21,9 @@ from flyer.data.tokenizer import tokenizer_file
 from flyer.errors import CheckpointError
 from flyer.fp8.fp4 import fp4_round_trip
 from flyer.infer.weights import FP8, empty_held, held_scale, hold_weights, write_fp8_codes
-from flyer.interop.hf import (SCALE_SUFFIX, Slot, build_empty, checkpoint_dtype, fill_tensor, is_hf_model_dir, load_hf,
+from flyer.interop.hf import (SCALE_SUFFIX, build_empty, checkpoint_dtype, fill_tensor, is_hf_model_dir, load_hf,
                               load_hf_weights, read_hf_config, rope_half_layout, unquantized_weights, weight_files)
+from flyer.interop.hf_names import Slot
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.tensorfile import TensorFile
 from flyer.interop.v4_quant import held_e4m3_blocks, quantize_fp4_e2m1, stored_format

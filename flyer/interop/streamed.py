@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from flyer.fp8.fp4 import fp4_round_trip
-from flyer.interop.hf import (SINGLE, Slot, build_empty, checkpoint_dtype, fill_tensor, hf_weight_map, is_hf_model_dir,
+from flyer.interop.hf import (SINGLE, build_empty, checkpoint_dtype, fill_tensor, hf_weight_map, is_hf_model_dir,
                               read_hf_config, rope_half_layout, weight_files)
+from flyer.interop.hf_names import Slot
 from flyer.interop.hf_tokenizer import load_tokenizer
 from flyer.interop.load import expert_stack_keys, run_tokenizer, stored_weight_dtype
 from flyer.interop.tensorfile import TensorFile, header

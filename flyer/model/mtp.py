@@ -59,7 +59,7 @@ class MTPModule(nn.Module):
 class HyperMTPModule(nn.Module):
     """DeepSeek-V4's MTP module (module doc): ``e_proj`` / ``h_proj`` (D, D), ``enorm`` / ``hnorm`` / ``norm``,
     its own ``hc_head`` (with hyper-connections), and a block attending by the sliding window only. The names
-    are the checkpoint's under ``mtp.k`` (the block's as a decoder layer's: ``flyer.interop.hf``)."""
+    are the checkpoint's under ``mtp.k`` (the block's as a decoder layer's: ``flyer.interop.hf_names``)."""
 
     def __init__(self, cfg: ModelConfig, block: nn.Module):
         super().__init__()

@@ -4,7 +4,7 @@ computes each (``modeling_rope_utils``).
 
 Pairs are interleaved (channels 2i, 2i+1 rotate together), as in DeepSeek's reference code.
 Checkpoints laid out for rotate-half RoPE (Llama, Qwen2, DeepseekV3 with ``rope_interleave:
-false``) have their rope rows permuted on import (``flyer.interop.hf``).
+false``) have their rope rows permuted on import (``flyer.interop.hf_names``).
 """
 
 from __future__ import annotations
