@@ -295,3 +295,36 @@ def test_parts_in_other_shards_and_int32_shapes(k2, tmp_path):
     stem = "model.layers.1.mlp.experts.6.up_proj."
     assert len({i for i, s in enumerate(shards) for n in PARTS if stem + n in s}) == 3
     assert_experts_equal(load_hf(tmp_path)[0], want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "glm4_moe"])
+def test_every_linear_of_other_architectures(tmp_path, family):
+    """W4A16 as community checkpoints of other families quantize them (every Linear but the head, attention
+    included: rotate-half q / k rows, GQA, dense and expert MLPs; groups of 32): flyer's model equals, tensor for
+    tensor, its model of the same directory holding the library's decompression of each weight in BF16."""
+    cls, config_cls, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    src, plain = tmp_path / "int4", tmp_path / "plain"
+    cls(config_cls(**_COMMON, **kw)).to(torch.bfloat16).save_pretrained(src)
+    make_tokenizer(src)
+    config = json.loads((src / "config.json").read_text())
+    weights, packed = load_file(str(src / "model.safetensors")), {}
+    decompressed = dict(weights)
+    for k, v in weights.items():
+        if k.endswith("proj.weight") and v.dim() == 2:
+            groups = v.float().unflatten(-1, (-1, GROUP))
+            scale = calculate_qparams(groups.amin(-1), groups.amax(-1), SCHEME.weights)[0].to(torch.bfloat16)
+            parts = PackedQuantizationCompressor.compress({"weight": v, "weight_scale": scale}, SCHEME)
+            packed.update({k.removesuffix("weight") + n: t for n, t in parts.items()})
+            decompressed[k] = PackedQuantizationCompressor.decompress(parts, SCHEME)["weight"].to(torch.bfloat16)
+        else:
+            packed[k] = v
+    assert any("self_attn.q_proj.weight_packed" in k for k in packed)
+    plain.mkdir()
+    (plain / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    for out, tensors, extra in ((src, packed, {"quantization_config": {**KIMI_INT4, "ignore": ["lm_head"]}}),
+                                (plain, decompressed, {})):
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps({**config, **extra}))
+    got, want = load_hf(src)[0].state_dict(), load_hf(plain)[0].state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
