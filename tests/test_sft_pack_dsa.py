@@ -181,9 +181,9 @@ def _chat_trainer(hf, root: Path, preset: str, **kw) -> Trainer:
     return Trainer(tc, log=lambda m: None)
 
 
-@pytest.mark.parametrize("layout, mode", [("v32", "sparse"), ("glm5", "warmup"), ("v4", "off")])
+@pytest.mark.parametrize("layout, mode", [("v32", "sparse"), ("glm5", "warmup"), ("v4", "off"), ("v4", "sparse")])
 def test_packed_step_equals_the_unpacked_step(hf, tmp_path, layout, mode):
-    """A training step (--indexer-train ``mode``; "v4": DeepSeek-V4's ``tiny-v4``, which has no L_I to train) on 7
+    """A training step (--indexer-train ``mode``; "v4": DeepSeek-V4's ``tiny-v4``, its CSA layers' L_I) on 7
     conversations packed into 2 rows gives the loss terms (the indexers' L_I included) and every gradient (the
     indexers' too) of the step on the same 7 in trimmed rows of their own, within ``_step_bound`` (a gradient's
     relative to the sum of the rows' own gradient norms)."""

@@ -39,6 +39,7 @@ from flyer.model.attention import select_topk
 from flyer.model.counts import compress_ratio
 from flyer.model.hybrid_chunks import (Gathered, chunked_attention, entry_picks, gathers, query_chunk, span_visible,
                                       spans)
+from flyer.model.hybrid_indexer_loss import csa_indexer_kl
 from flyer.model.lowp import Linear
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
@@ -107,10 +108,11 @@ class Indexer(nn.Module):
     on their last ``qk_rope_head_dim`` channels; weights w_h = weights_proj(x) / sqrt(heads). Entry i scores
     sum_h w_h relu(q_h . K_i) / sqrt(index_head_dim) (FP32), and each query keeps its ``index_topk`` best.
 
-    It only chooses entries (a discrete top-k), so no gradient reaches it: frozen, run without autograd, as
-    flyer's V3.2 ``Indexer``. DeepSeek's V4 reference Hadamard-rotates q and K and rounds them to FP4, as an FP8
-    decode cache does (``flyer.infer.hybrid_index_fp4``); transformers, followed here, does neither: the rotation
-    is orthogonal, the FP4 a precision choice."""
+    It only chooses entries (a discrete top-k, ``select``: without autograd), so no gradient of the model's loss
+    reaches it: frozen unless trained by its KL loss against the attention (``flyer.model.hybrid_indexer_loss``:
+    ``flyer train --indexer-train warmup|sparse``), as flyer's V3.2 ``Indexer``. DeepSeek's V4 reference
+    Hadamard-rotates q and K and rounds them to FP4, as an FP8 decode cache does (``flyer.infer.hybrid_index_fp4``);
+    transformers, followed here, does neither: the rotation is orthogonal, the FP4 a precision choice."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -120,29 +122,36 @@ class Indexer(nn.Module):
         self.compressor = Compressor(cfg.dim, self.head_dim, cfg.csa_ratio, overlap=True, eps=cfg.norm_eps)
         self.requires_grad_(False)
 
-    @torch.no_grad()
     def keys(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The entries' keys (B, T // ratio, index_head_dim) of tokens x at positions 0..T-1 (cos/sin's)."""
         return self.compressor(x_BTD, cos, sin)
 
-    @torch.no_grad()
+    def queries(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the RoPE'd queries (B, T, heads, di) in the projection's dtype, the head weights (B, T, heads) in FP32 or
+        wider) of queries x (tokens at cos/sin's positions) with the attention's query latents."""
+        B, T, _ = x_BTD.shape
+        q = rope_tail(self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        dt = torch.promote_types(x_BTD.dtype, torch.float32)
+        with torch.autocast(x_BTD.device.type, enabled=False):
+            return q, F.linear(x_BTD.to(dt), self.weights_proj.weight.to(dt)) * self.n_heads ** -0.5
+
     def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, keys_BNK: torch.Tensor | None = None,
                queries: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Index scores (B, T, N) in FP32 of queries x (tokens at cos/sin's positions) against every entry,
-        unmasked; ``keys``: the entries' keys (``keys``, a decode cache's, or the first N of them for a chunk of
-        queries), else compressed from x (then x must be the whole sequence from position 0). ``queries``: maps
-        the RoPE'd queries (B, T, heads, di) to the form the keys are in (an FP8 decode cache's rotated FP4 keys:
-        ``HybridCache.index_queries``); None: as they are."""
-        B, T, _ = x_BTD.shape
+        """Index scores (B, T, N) in FP32 (FP64 for FP64 x) of queries x (tokens at cos/sin's positions) against
+        every entry, unmasked; ``keys``: the entries' keys (``keys``, a decode cache's, or the first N of them for a
+        chunk of queries), else compressed from x (then x must be the whole sequence from position 0). ``queries``:
+        maps the RoPE'd queries (B, T, heads, di) to the form the keys are in (an FP8 decode cache's rotated FP4
+        keys: ``HybridCache.index_queries``); None: as they are."""
         keys = self.keys(x_BTD, cos, sin) if keys_BNK is None else keys_BNK  # (B, N, di)
-        q = rope_tail(self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        q, w = self.queries(x_BTD, q_latent_BTR, cos, sin)
         q = q if queries is None else queries(q)
         with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 even under autocast: BF16 scores would tie
-            s = torch.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1)))  # (B, T, heads, N)
-            w = F.linear(x_BTD.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # (B, T, heads)
-            return (s * self.head_dim ** -0.5 * w.unsqueeze(-1)).sum(dim=2)
+            s = torch.relu(torch.matmul(q.to(w.dtype), keys.to(w.dtype).transpose(-1, -2).unsqueeze(1)))
+            return (s * self.head_dim ** -0.5 * w.unsqueeze(-1)).sum(dim=2)  # (B, T, heads, N) -> (B, T, N)
 
+    @torch.no_grad()  # a discrete choice: no gradient (the KL loss trains the indexer, not this)
     def select(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                visible_TN: torch.Tensor, keys_BNK: torch.Tensor | None = None) -> torch.Tensor:
         """Bool (B, T, N): the ``index_topk`` best of the entries ``visible_TN`` lets each query see (``scores``'
@@ -175,6 +184,10 @@ class HybridAttention(nn.Module):
         self.compressor = (Compressor(D, d, self.ratio, overlap=cfg.is_csa(layer_id), eps=cfg.norm_eps)
                            if self.ratio > 0 else None)
         self.indexer = Indexer(cfg) if cfg.is_csa(layer_id) else None
+        # CSA's L_I (flyer.model.indexer_loss.set_indexer_training): "off", "warmup" (every complete entry attended)
+        # or "sparse"; the queries it averages over (``real_queries``; None: all)
+        self.index_train, self.index_loss = "off", None
+        self.index_valid_BT: torch.Tensor | None = None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -196,6 +209,8 @@ class HybridAttention(nn.Module):
         rows' ``flyer.model.documents.Documents`` (cos / sin then at the packed positions, (B, T, 1, d)): each group of
         documents runs this forward as rows of their own, so windows, compression blocks and selection start at
         each document's first token (``Documents.each``)."""
+        if docs is not None and self.indexer is not None and self.index_train != "off":
+            return self.per_document(x_BTD, cos, sin, chunk, gather, docs)
         if docs is not None:
             return docs.each(lambda i, x, c, s, real: self.forward(x, c, s, chunk, gather), x_BTD, cos, sin)
         B, T, _ = x_BTD.shape
@@ -203,11 +218,14 @@ class HybridAttention(nn.Module):
         kv = self.shared_kv(x_BTD, cos, sin)
         N = T // self.ratio if self.ratio else 0
         entries = self.compressor(x_BTD, cos, sin) if N > 0 else kv.new_zeros(B, 0, self.head_dim)  # (B, N, d)
-        indexed = self.indexer is not None and N > self.indexer.topk  # else every complete entry is kept
-        index_keys = self.indexer.keys(x_BTD, cos, sin) if indexed else None
+        trains = self.indexer is not None and self.index_train != "off"
+        # else every complete entry is kept (the indexer's dense warm-up, V3.2's recipe: attention over all of them)
+        indexed = self.indexer is not None and N > self.indexer.topk and self.index_train != "warmup"
+        with torch.no_grad():  # the selection is discrete: no graph
+            index_keys = self.indexer.keys(x_BTD, cos, sin) if indexed else None
         topk = self.indexer.topk if indexed and gather and gathers(N, self.indexer.topk) else 0  # 0: none gathers
         if chunk is None:
-            chunk = query_chunk(B, T, self.n_heads, self.window, N, self.indexer.n_heads if indexed else 0,
+            chunk = query_chunk(B, T, self.n_heads, self.window, N, self.indexer.n_heads if indexed or trains else 0,
                                 topk=topk, head_dim=self.head_dim)
         plan = spans(T, chunk, self.window, self.ratio)
         topk = topk if len(plan) > 1 else 0  # one chunk: the eager whole-sequence computation, masked
@@ -224,8 +242,37 @@ class HybridAttention(nn.Module):
                     continue
                 v = torch.cat([v[..., :s.n_keys], chosen], dim=-1)
             visible.append(v)
+        if trains:  # evaluation (no autograd) computes none
+            self.index_loss = csa_indexer_kl(self, x_BTD, q_latent, q, kv, entries, cos, sin, plan, visible,
+                                             self.index_valid_BT) if torch.is_grad_enabled() else None
         o = chunked_attention(self.attend, plan, q, kv, entries, visible, params=(self.attn_sink,))
         return self.output(o, cos, sin)
+
+    def per_document(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int | None,
+                     gather: bool, docs) -> torch.Tensor:
+        """``forward`` on packed rows: each group of ``docs`` as rows of their own (``Documents.each``). A trained
+        CSA indexer's L_I: the mean over the real queries of every group (the slots of ``Documents.each``'s real,
+        within ``index_valid_BT``'s), as the documents alone give."""
+        outer = self.index_valid_BT
+        real = docs.real if outer is None else docs.real & outer[:, outer.shape[1] - x_BTD.shape[1]:].to(docs.real)
+        sums, counts = [], []
+
+        def alone(i, x_NLD, cos_L, sin_L, real_NL):
+            self.index_valid_BT = real_NL
+            try:
+                out = self.forward(x_NLD, cos_L, sin_L, chunk, gather)
+            finally:
+                self.index_valid_BT = outer
+            if self.index_loss is not None:  # the group's mean over its real queries: back to their sum
+                n = real_NL.sum()
+                sums.append(self.index_loss * n)
+                counts.append(n)
+            return out
+
+        out = docs.each(alone, x_BTD, cos, sin, real)
+        if counts:
+            self.index_loss = torch.stack(sums).sum() / torch.stack(counts).sum().clamp(min=1)
+        return out
 
     def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the normalised query latent (B, T, R), which the indexer projects too; the queries (B, T, H, d): each

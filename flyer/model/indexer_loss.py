@@ -25,6 +25,9 @@ Memory: the target is computed in query chunks (``query_chunk``'s rule, or the g
 sequence's (B, T, index heads, T): a dense chunk scores (B, C, H, t) attention and (B, C, index heads, t) indexer
 logits over its t causal keys, a sparse one only its k picks ((B, C, H, k), absorbed as ``absorbed_attend``).
 
+DeepSeek-V4's CSA layers compute their own L_I over the compressed entries (``flyer.model.hybrid_indexer_loss``);
+the switches, clipping and collection here serve both.
+
 Shapes: B batch, T tokens, H heads, C chunk rows, k index_topk, L = kv_lora_rank + qk_rope_head_dim.
 """
 
@@ -45,14 +48,15 @@ INDEXER_TRAIN_MODES = ("off", "warmup", "sparse")
 
 
 def check_indexer_train(mode: str, cfg: ModelConfig) -> None:
-    """``FieldError`` naming ``indexer_train`` unless ``mode`` is "off" or the model has V3.2-style indexers (attn
-    "mla", index_topk > 0; DeepSeek-V4's hybrid attention is not supported)."""
+    """``FieldError`` naming ``indexer_train`` unless ``mode`` is "off" or the model has lightning indexers: V3.2's
+    DSA (attn "mla", index_topk > 0) or DeepSeek-V4's CSA layers (attn "hybrid", some compress_ratios entry
+    csa_ratio; their L_I: ``flyer.model.hybrid_indexer_loss``)."""
     if mode == "off":
         return
-    if cfg.attn != "mla" or cfg.index_topk <= 0:
-        raise FieldError("indexer_train", f"{mode} trains DSA's lightning indexers, and this model has none (attn "
-                                          f"{cfg.attn!r}, index_topk {cfg.index_topk}; DeepSeek-V4's hybrid attention "
-                                          "is not supported)")
+    if not any(map(cfg.has_indexer, range(cfg.n_layers))) and not any(map(cfg.is_csa, range(cfg.n_layers))):
+        raise FieldError("indexer_train", f"{mode} trains lightning indexers, and this model has none (attn "
+                                          f"{cfg.attn!r}, index_topk {cfg.index_topk}; DeepSeek-V4's hybrid attention: "
+                                          f"no layer of compress_ratio csa_ratio {cfg.csa_ratio})")
 
 
 def clip_apart(model: nn.Module, clip_grad_norm_, max_norm: float) -> tuple[float, float]:
@@ -84,7 +88,8 @@ def clip_gradients(model: nn.Module, clip_grad_norm_, max_norm: float, mode: str
 
 
 def indexer_attentions(model: nn.Module) -> list[nn.Module]:
-    """The attention modules of ``model`` that own a DSA indexer (MLA's full layers, MTP blocks' included)."""
+    """The attention modules of ``model`` that own a lightning indexer (MLA's full DSA layers, MTP blocks' included;
+    DeepSeek-V4's CSA layers, whose L_I ``flyer.model.hybrid_indexer_loss`` computes)."""
     return [m for m in model.modules() if isinstance(getattr(m, "indexer", None), nn.Module)]
 
 
@@ -106,7 +111,8 @@ def set_indexer_training(model: nn.Module, mode: str) -> None:
     if mode == "off":
         return
     if not layers:
-        raise ValueError("indexer_train: the model has no DSA indexer (attn 'mla' with index_topk > 0)")
+        raise ValueError("indexer_train: the model has no lightning indexer (attn 'mla' with index_topk > 0, or "
+                         "'hybrid' with CSA layers)")
     if mode == "warmup":
         model.requires_grad_(False)
     for attn in layers:

@@ -40,7 +40,8 @@ balance per document, and the last stage's MTP modules and target shares keep to
 a micro-batch's balance loss (a mean over its documents) weighs its share of the step's documents, as
 ``Trainer._local_step`` weighs it.
 
-DSA indexer training (``flyer train --indexer-train``): each stage's DSA layers' L_I (the last stage's MTP blocks' too)
+DSA indexer training (``flyer train --indexer-train``): each stage's DSA layers' L_I (the last stage's MTP blocks' too;
+DeepSeek-V4's CSA layers' alike, ``flyer.model.hybrid_indexer_loss``)
 enter backward as the balance losses do, 1/M each as one process with gradient accumulation weighs them (text data),
 or, chat data, each micro-batch's by its share of the step's real queries at its depth (padding and, packed, an MTP
 query past its document count in none; ``query_totals``); their inputs are detached, so the gradient reaches only
@@ -507,7 +508,7 @@ class PipelineModel(nn.Module):
 
     def _trained_indexers(self) -> list[nn.Module]:
         """The attention modules held here whose DSA indexer trains (``set_indexer_training``)."""
-        return [m for m in indexer_attentions(self) if getattr(m, "index_train", "off") != "off"]  # V4: no L_I
+        return [m for m in indexer_attentions(self) if getattr(m, "index_train", "off") != "off"]  # V4's CSA too
 
     @torch.no_grad()
     def sync_mirrors(self) -> None:

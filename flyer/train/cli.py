@@ -52,10 +52,11 @@ _FLAGS = [  # (flag, field, type, help)
     ("--ranks-per-node", "ranks_per_node", int, "ranks per node, to simulate several nodes on one machine"),
     ("--dispatcher", "dispatcher", str, f"{', '.join(DISPATCHER_KINDS)} (expert parallelism)"),
     ("--indexer-train", "indexer_train", str,
-     "train DSA's lightning indexers by their KL loss against the main attention (DeepSeek-V3.2): off (default: "
-     "frozen), warmup (dense attention, every other parameter frozen) or sparse (top-k attention; the indexer "
-     "learns from its loss only, the rest from the LM loss only); the metrics log indexer_loss. A resumed run "
-     "keeps its mode: to go from warmup to sparse, start a new run with --init from the warm-up run"),
+     "train the lightning indexers (DeepSeek-V3.2's DSA, V4's CSA layers) by their KL loss against the main "
+     "attention: off (default: frozen), warmup (dense attention, every other parameter frozen) or sparse (top-k "
+     "attention; the indexer learns from its loss only, the rest from the LM loss only); the metrics log "
+     "indexer_loss. A resumed run keeps its mode: to go from warmup to sparse, start a new run with --init from the "
+     "warm-up run"),
     ("--fim-rate", "fim_rate", float,
      "share of text documents (each decided by --seed) rewritten as fill-in-the-middle before packing: begin, "
      "prefix, hole, suffix, end, middle, with the tokenizer's FIM tokens as markers (PSM; DeepSeek-V3 used 0.1; "
