@@ -28,7 +28,7 @@ from torch import nn
 from flyer import kernels
 from flyer.config import ModelConfig
 from flyer.model.dsa_chunks import SparseChunks, dsa_gathers, select_chunks, sparse_attention
-from flyer.model.indexer_loss import indexer_kl
+from flyer.model.indexer_loss import indexer_kl, per_document_loss
 from flyer.model.lowp import Linear, scaled_dot_product_attention
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
@@ -266,27 +266,8 @@ class MLA(nn.Module):
         of its own at positions from 0), so a query selects among its own document's causal keys only; a shared
         layer takes its group's selection (``Selection.group``). L_I: the mean over the real queries of every group
         (the slots of ``Documents.each``'s real, within ``index_valid_BT``'s), as the documents alone give."""
-        outer = self.index_valid_BT
-        real = docs.real if outer is None else docs.real & outer[:, outer.shape[1] - x_BTD.shape[1]:].to(docs.real)
-        sums, counts = [], []
-
-        def alone(i, x_NLD, cos_L, sin_L, real_NL):
-            self.index_valid_BT = real_NL
-            try:
-                out = self.forward(x_NLD, cos_L, sin_L, None if selection is None else selection.group(i), gather,
-                                   chunk)
-            finally:
-                self.index_valid_BT = outer
-            if self.index_loss is not None:  # the group's mean over its real queries: back to their sum
-                n = real_NL.sum()
-                sums.append(self.index_loss * n)
-                counts.append(n)
-            return out
-
-        out = docs.each(alone, x_BTD, cos, sin, real)
-        if counts:
-            self.index_loss = torch.stack(sums).sum() / torch.stack(counts).sum().clamp(min=1)
-        return out
+        return per_document_loss(self, lambda i, x, c, s: self.forward(
+            x, c, s, None if selection is None else selection.group(i), gather, chunk), x_BTD, cos, sin, docs)
 
     @torch.no_grad()  # as transformers: the indexer gets no gradient (see ``Indexer``)
     def sparse_mask(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,

@@ -40,6 +40,7 @@ from flyer.model.counts import compress_ratio
 from flyer.model.hybrid_chunks import (Gathered, chunked_attention, entry_picks, gathers, query_chunk, span_visible,
                                       spans)
 from flyer.model.hybrid_indexer_loss import csa_indexer_kl
+from flyer.model.indexer_loss import per_document_loss
 from flyer.model.lowp import Linear
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
@@ -253,26 +254,8 @@ class HybridAttention(nn.Module):
         """``forward`` on packed rows: each group of ``docs`` as rows of their own (``Documents.each``). A trained
         CSA indexer's L_I: the mean over the real queries of every group (the slots of ``Documents.each``'s real,
         within ``index_valid_BT``'s), as the documents alone give."""
-        outer = self.index_valid_BT
-        real = docs.real if outer is None else docs.real & outer[:, outer.shape[1] - x_BTD.shape[1]:].to(docs.real)
-        sums, counts = [], []
-
-        def alone(i, x_NLD, cos_L, sin_L, real_NL):
-            self.index_valid_BT = real_NL
-            try:
-                out = self.forward(x_NLD, cos_L, sin_L, chunk, gather)
-            finally:
-                self.index_valid_BT = outer
-            if self.index_loss is not None:  # the group's mean over its real queries: back to their sum
-                n = real_NL.sum()
-                sums.append(self.index_loss * n)
-                counts.append(n)
-            return out
-
-        out = docs.each(alone, x_BTD, cos, sin, real)
-        if counts:
-            self.index_loss = torch.stack(sums).sum() / torch.stack(counts).sum().clamp(min=1)
-        return out
+        return per_document_loss(self, lambda i, x, c, s: self.forward(x, c, s, chunk, gather), x_BTD, cos, sin,
+                                 docs)
 
     def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the normalised query latent (B, T, R), which the indexer projects too; the queries (B, T, H, d): each

@@ -87,6 +87,35 @@ def clip_gradients(model: nn.Module, clip_grad_norm_, max_norm: float, mode: str
     return clip_apart(model, clip_grad_norm_, max_norm)
 
 
+def per_document_loss(attn: nn.Module, run, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      docs) -> torch.Tensor:
+    """An attention module's forward on packed rows, each group of ``docs`` as rows of its own
+    (``Documents.each``; ``run(i, x, cos, sin)``: the module's forward on group i), with its L_I
+    (``attn.index_loss``) the mean over the real queries of every group (the slots of ``Documents.each``'s real,
+    within ``attn.index_valid_BT``'s), as the documents alone give: each group's mean back to its sum, then one
+    division."""
+    outer = attn.index_valid_BT
+    real = docs.real if outer is None else docs.real & outer[:, outer.shape[1] - x_BTD.shape[1]:].to(docs.real)
+    sums, counts = [], []
+
+    def alone(i, x_NLD, cos_L, sin_L, real_NL):
+        attn.index_valid_BT = real_NL
+        try:
+            out = run(i, x_NLD, cos_L, sin_L)
+        finally:
+            attn.index_valid_BT = outer
+        if attn.index_loss is not None:
+            n = real_NL.sum()
+            sums.append(attn.index_loss * n)
+            counts.append(n)
+        return out
+
+    out = docs.each(alone, x_BTD, cos, sin, real)
+    if counts:
+        attn.index_loss = torch.stack(sums).sum() / torch.stack(counts).sum().clamp(min=1)
+    return out
+
+
 def indexer_attentions(model: nn.Module) -> list[nn.Module]:
     """The attention modules of ``model`` that own a lightning indexer (MLA's full DSA layers, MTP blocks' included;
     DeepSeek-V4's CSA layers, whose L_I ``flyer.model.hybrid_indexer_loss`` computes)."""
