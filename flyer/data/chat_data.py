@@ -63,6 +63,7 @@ from flyer.data.chat_encode import (Conversation, encode_conversations, prefix_p
 from flyer.data.chat_pieces import cut_conversation
 from flyer.data.chat_template import chat_renderer, read_chat_template
 from flyer.data.deepseek_encoding import ChatEncoding
+from flyer.data.presplit import tokenizer_key
 from flyer.data.prepare import _build_lock, unigram_from_counts
 from flyer.data.shards import atomic_write
 from flyer.data.tokenizer import ensure_eos, load_tokenizer as load_tokenizer_file
@@ -288,7 +289,7 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     key_src = {"version": CHAT_VERSION, "file": h.hexdigest(), "max_line": MAX_LINE_BYTES, "val_every": VAL_EVERY,
-               "tokenizer": hashlib.blake2b(tok.tok.to_str().encode(), digest_size=16).hexdigest(),
+               "tokenizer": hashlib.blake2b(tokenizer_key(tok.tok), digest_size=16).hexdigest(),
                "template": template if isinstance(template, str) or template is None else asdict(template),
                "special": special, **({"chat_template_kwargs": kwargs} if kwargs else {})}  # none: the key as before
     key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=8).hexdigest()

@@ -25,7 +25,8 @@ alone as inside F, the tokenizers pipeline above; it fails for tokenizers with t
 dropout, ``encode_special_tokens`` (no cut at special tokens), added tokens that strip whitespace or match whole
 words only (``lstrip``, ``rstrip``, ``single_word`` look past the match) and Metaspace's ``prepend_scheme="first"``
 (it prepends to the piece at offset 0 only): ``token_splitter`` gives None for those, and the build takes the plain
-path.
+path. A Kimi tokenizer's cut of long runs (``flyer.data.presplit``) counts a run from where it starts in F, not in a
+tail: a conversation whose F it cuts takes the plain path (one it leaves whole has no cut in any prefix or tail).
 
 A piece of a conversation (``chat_pieces.pieces``) plans only its trained turns, from message ``first`` on, and each
 is checked as the plain path checks it, its reasoning too (``reasoning_unshown``), in the same order; given the
@@ -43,6 +44,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import tokenizers
+
+from flyer.data.presplit import encode_batch, presplit_of
 
 
 def token_splitter(tok: tokenizers.Tokenizer) -> re.Pattern | None:
@@ -184,16 +187,20 @@ def encode_conversations(conversations: list[tuple], render, split: re.Pattern, 
     ``chat_data.encode_conversation``'s mask), None (take the plain path: module doc), or the exception the plain
     path raises for it (its ``ValueError``, a render error). ``render`` as
     ``encode_conversation``'s, ``split``: ``token_splitter(tok)``; one ``tok.encode_batch`` call for them all."""
-    plans = []
+    plans, presplit = [], presplit_of(tok)
     for c in conversations:
         try:
             c = Conversation(*c)
             plans.append(_plan(c.messages, c.tools, c.render or render, split, c.first, c.extra, c.lengths, c.whole))
         except Exception as e:  # the whole's render: the plain path's first call
             plans.append(e)
+        # a Kimi tokenizer cuts a long run where its count began, before a tail's start: the plain path for one
+        # whose F is cut (of F in one piece, every prefix and tail is one piece too)
+        if presplit is not None and isinstance(plans[-1], _Plan) and len(presplit.spans(plans[-1].whole)) > 1:
+            plans[-1] = None
     wholes = [p.whole for p in plans if isinstance(p, _Plan)]
     tails = list(dict.fromkeys(t for p in plans if isinstance(p, _Plan) for _, *pair, _ in p.turns for _, t in pair))
-    encs = tok.encode_batch(wholes + tails, add_special_tokens=False)
+    encs = encode_batch(tok, wholes + tails, add_special_tokens=False)
     encoded = {t: e.ids for t, e in zip(tails, encs[len(wholes):])}
     out, whole_encs = [], iter(encs)
     for p in plans:

@@ -31,6 +31,7 @@ import tokenizers
 
 from flyer.data.corpus import CLEAN_VERSION, Document, find_documents, split_documents
 from flyer.data.fim import DEEPSEEK, FimTokens, fim_document, fim_tokens
+from flyer.data.presplit import encode_batch
 from flyer.data.shards import VERSION as SHARD_VERSION
 from flyer.data.shards import ShardWriter, TokenShards, atomic_write
 from flyer.data.tokenizer import check_vocab_size, ensure_eos, load_tokenizer, tokenizer_bytes, train_bpe
@@ -189,7 +190,7 @@ def _build(out: Path, docs: list[Document], vocab_size: int, tokenizer: str | Pa
                 raw, texts = texts, [fim_document(t, np.random.default_rng((seed, i + k)), fim_rate, markers)
                                      for k, t in enumerate(texts)]
                 n_fim += sum(a != b for a, b in zip(raw, texts))
-            for enc in tok.encode_batch(texts, add_special_tokens=False):
+            for enc in encode_batch(tok, texts, add_special_tokens=False):  # a Kimi tokenizer's cut kept
                 ids = np.asarray(enc.ids, dtype=np.int64)
                 if len(ids):
                     writer.add(np.append(ids, eos_id))

@@ -6,8 +6,13 @@ pre-tokenizer regex as ``pat_str`` in the remote-code tokenizer (``tokenization_
 ranks, ``ignore_merges``), it encodes as ``tiktoken.Encoding`` does and as transformers' tokenizer of the
 directory, and saves as a ``tokenizer.json`` transformers loads without remote code.
 
-Kimi's remote encode also cuts runs of over 25,000 whitespace / non-whitespace characters before tiktoken sees
-them (a guard against a tiktoken stack overflow); flyer does not, so such a run may split differently at its cut.
+Kimi's remote ``encode`` also cuts the text into pieces before tiktoken sees them (400,000-character chunks, and
+runs of over 25,000 whitespace / non-whitespace characters: ``flyer.data.presplit``), encoding each alone. Where
+the remote class defines that cut (``_split_whitespaces_or_nonwhitespaces``, its limits read from the module's
+``TIKTOKEN_MAX_ENCODE_CHARS`` / ``MAX_NO_WHITESPACES_CHARS``), the tokenizer records it (``presplit_of``) and
+flyer's encoders (``TextTokenizer.encode_ids``, the pretraining and chat data builds) cut as Kimi does, so ids
+match on such runs too. A ``tokenizer.json`` cannot carry the cut: ``flyer export`` (or any save of the
+tokenizer) writes one that encodes a long run whole, as transformers' converter of the directory does.
 
 The data layer owns this (not ``flyer.interop``) because ``flyer.data.tokenizer.load_tokenizer`` is the one guard
 every reader of a tokenizer goes through, and layers import downward only.
@@ -23,6 +28,8 @@ import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from flyer.data.presplit import PreSplit, set_presplit
 
 TIKTOKEN_FILE = "tiktoken.model"  # transformers' TIKTOKEN_LEGACY_NAME
 # transformers' TikTokenConverter default, which it uses for every tiktoken file (it reads no pattern from the
@@ -173,10 +180,11 @@ def _literal(node: ast.expr) -> str | None:
     return None
 
 
-def remote_pattern(path: Path, class_name: str, error: type[ValueError]) -> str:
-    """The ``pat_str`` class attribute of ``class_name`` in the remote-code tokenizer ``path``, read (never run)
-    from its syntax tree; ``error`` naming the file when it has none flyer can read, or when the class changes the
-    text before tiktoken sees it (a ``pre_tokenizer_process`` other than Kimi's ``return [text]``)."""
+def remote_settings(path: Path, class_name: str, error: type[ValueError]) -> tuple[str, PreSplit | None]:
+    """(the ``pat_str`` class attribute, the cut of its encode or None) of ``class_name`` in the remote-code tokenizer
+    ``path``, read (never run) from its syntax tree; ``error`` naming the file when it has no pattern flyer can read,
+    when the class changes the text before tiktoken sees it (a ``pre_tokenizer_process`` other than Kimi's
+    ``return [text]``), or cuts it (``_presplit``) with limits flyer cannot read."""
     try:
         with open(path, "rb") as f:
             source = f.read(_MAX_SOURCE + 1)
@@ -202,7 +210,29 @@ def remote_pattern(path: Path, class_name: str, error: type[ValueError]) -> str:
                         "flyer cannot reproduce remote code")
     if pattern is None:
         raise error(f"{path}: {class_name} has no pat_str (the tiktoken pre-tokenizer regex)")
-    return pattern
+    return pattern, _presplit(tree, cls, path, error)
+
+
+_CUT_METHOD = "_split_whitespaces_or_nonwhitespaces"  # Kimi's; its encode calls it on every chunk
+_CUT_LIMITS = ("TIKTOKEN_MAX_ENCODE_CHARS", "MAX_NO_WHITESPACES_CHARS")  # PreSplit's max_chars, max_run
+
+
+def _presplit(tree: ast.Module, cls: ast.ClassDef, path: Path, error: type[ValueError]) -> PreSplit | None:
+    """Kimi's cut (``flyer.data.presplit``) where the class defines ``_CUT_METHOD``, its limits the integer
+    constants the module assigns to ``_CUT_LIMITS`` (locals of Kimi's ``encode``); None where it defines none."""
+    if not any(isinstance(n, ast.FunctionDef) and n.name == _CUT_METHOD for n in cls.body):
+        return None
+    found: dict[str, set] = {name: set() for name in _CUT_LIMITS}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in found:
+            v = node.value.value if isinstance(node.value, ast.Constant) else None
+            found[node.targets[0].id].add(v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None)
+    for name, values in found.items():
+        if len(values) != 1 or None in values:
+            raise error(f"{path}: {cls.name}.{_CUT_METHOD} cuts the text, but {name} is not one positive integer "
+                        "constant flyer can read")
+    return PreSplit(*(found[name].pop() for name in _CUT_LIMITS))
 
 
 def _returns_text(fn: ast.FunctionDef) -> bool:
@@ -214,40 +244,43 @@ def _returns_text(fn: ast.FunctionDef) -> bool:
             and body[0].value.elts[0].id == args[1].arg)
 
 
-def pattern_source(root: Path, config: dict, error: type[ValueError]) -> tuple[str, str]:
-    """(pre-tokenizer regex, where it came from) for the tiktoken directory ``root``: ``pat_str`` of the remote-code
-    tokenizer its tokenizer_config.json's ``auto_map.AutoTokenizer`` names (Kimi's ``tokenization_kimi.py``:
-    the release's own, a Han-aware regex; transformers without remote code would use its default instead), else
-    ``DEFAULT_PATTERN``, what transformers uses."""
+def pattern_source(root: Path, config: dict, error: type[ValueError]) -> tuple[str, str, PreSplit | None]:
+    """(pre-tokenizer regex, where it came from, the cut before it) for the tiktoken directory ``root``: ``pat_str``
+    and the cut (``remote_settings``) of the remote-code tokenizer its tokenizer_config.json's
+    ``auto_map.AutoTokenizer`` names (Kimi's ``tokenization_kimi.py``: the release's own, a Han-aware regex;
+    transformers without remote code would use its default instead), else ``DEFAULT_PATTERN``, what transformers
+    uses, and no cut."""
     auto = config.get("auto_map")
     ref = auto.get("AutoTokenizer") if isinstance(auto, dict) else auto
     ref = next((r for r in ref if r), None) if isinstance(ref, (list, tuple)) else ref
     if ref is None:
-        return DEFAULT_PATTERN, "transformers' TikTokenConverter default"
+        return DEFAULT_PATTERN, "transformers' TikTokenConverter default", None
     if not isinstance(ref, str) or "--" in ref or ref.count(".") != 1:
         raise error(f"{root / 'tokenizer_config.json'}: auto_map.AutoTokenizer {ref!r} is not 'module.Class' of a "
                     "file in the directory")
     module, cls = ref.split(".")
     path = root / f"{module}.py"
-    return remote_pattern(path, cls, error), str(path)
+    pattern, presplit = remote_settings(path, cls, error)
+    return pattern, str(path), presplit
 
 
 def read_tiktoken_dir(path: str | Path, error: type[ValueError]) -> Tokenizer:
     """The tokenizer of the tiktoken file ``path`` (``DIR/tiktoken.model``) with its directory's special tokens
-    (``special_tokens``) and pre-tokenizer regex (``pattern_source``); a bad file raises ``error`` with one line
-    naming it."""
+    (``special_tokens``), pre-tokenizer regex and cut (``pattern_source``; ``presplit_of`` the tokenizer gives the
+    cut); a bad file raises ``error`` with one line naming it."""
     path = Path(path)
     root = path.parent
     settings = root / "tokenizer_config.json"
     config = read_json_object(settings, error) if settings.is_file() else {}
-    pattern, where = pattern_source(root, config, error)
+    pattern, where, presplit = pattern_source(root, config, error)
     tokens = read_ranks(path, error)
     special = special_tokens(config, len(tokens), root / "tokenizer_config.json", error)
     try:
-        return tiktoken_tokenizer(tokens, pattern, special)
+        tok = tiktoken_tokenizer(tokens, pattern, special)
     except ValueError as e:
         raise error(f"{where}: its pre-tokenizer regex is unusable: {e}") from None
+    return set_presplit(tok, presplit)
 
 
 __all__ = ["DEFAULT_PATTERN", "TIKTOKEN_FILE", "bpe_from_ranks", "pattern_source", "read_json_object", "read_ranks",
-           "read_tiktoken_dir", "special_tokens", "tiktoken_tokenizer"]
+           "read_tiktoken_dir", "remote_settings", "special_tokens", "tiktoken_tokenizer"]

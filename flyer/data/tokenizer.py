@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from flyer.data.presplit import tokenizer_key
 from flyer.data.tiktoken_file import TIKTOKEN_FILE, read_tiktoken_dir
 from flyer.errors import DataError
 
@@ -86,9 +87,10 @@ def tokenizer_file(directory: str | Path) -> Path:
 
 def tokenizer_bytes(path: str | Path, tok: Tokenizer) -> bytes:
     """What identifies the tokenizer ``tok`` read from ``path`` (a data cache's key): the tokenizer.json's bytes;
-    a tiktoken file's tokenizer as it was built (its directory's settings are part of it)."""
+    a tiktoken file's tokenizer as it was built (its directory's settings are part of it, its cut too:
+    ``flyer.data.presplit.tokenizer_key``)."""
     path = Path(path).expanduser()
-    return tok.to_str().encode() if path.name == TIKTOKEN_FILE else path.read_bytes()
+    return tokenizer_key(tok) if path.name == TIKTOKEN_FILE else path.read_bytes()
 
 
 def ensure_eos(tok: Tokenizer) -> int:

@@ -12,6 +12,7 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from flyer.data.fim import FimTokens, fim_tokens
+from flyer.data.presplit import encode
 from flyer.data.tiktoken_file import read_json_object
 from flyer.data.tokenizer import load_tokenizer as load_tokenizer_file, tokenizer_file
 from flyer.errors import CheckpointError
@@ -38,9 +39,10 @@ class TextTokenizer:
 
     def encode_ids(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         """``add_special_tokens``: None for the checkpoint's policy; False for text that holds its own
-        (a rendered chat template)."""
+        (a rendered chat template). A Kimi tiktoken directory's text is cut first as its ``encode`` cuts it
+        (``flyer.data.presplit``)."""
         special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
-        return self.tok.encode(text, add_special_tokens=special).ids
+        return encode(self.tok, text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
