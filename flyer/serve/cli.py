@@ -194,7 +194,9 @@ def register(sub) -> None:
     # <think> says the model can reason, not that its clients read reasoning_content
     p.add_argument("--reasoning-parser", choices=sorted(PARSERS), default=None,
                    help="chat: return the text between <think> and </think> as message.reasoning_content (a "
-                        "stream's delta.reasoning_content), the rest as content (DeepSeek-R1, V3.1 / V3.2 thinking)")
+                        "stream's delta.reasoning_content), the rest as content: deepseek (DeepSeek-R1, V3.1 / V3.2 "
+                        "thinking); kimi_k2 (Kimi K2-Thinking / K2.5: a tool-calls section opened inside the "
+                        "reasoning ends it too, its calls parsed as calls)")
     p.add_argument("--tool-call-parser", choices=["auto", *TOOL_PARSERS], default="auto",
                    help="the format tool calls are constrained to and parsed in: auto (default) reads it off the chat "
                         "template (DSML for DeepSeek-V3.2's / V4's encodings); deepseek_v31 (V3.1 / V3.2-Exp's), "

@@ -23,9 +23,11 @@ ends with the marker (``marker_ends``; a marker of several ids, text tokens: unt
 reasoning parser finds it, whichever tokens the model spells it in, ``flyer.serve.reasoning.EndWatch``, and text its
 last token carries past it is the grammar's first, ``GrammarMasks.begun``), so the model reasons unmasked, writes
 the marker when it chooses, and its grammar constrains the tokens after it, as vLLM and SGLang apply a grammar after
-a reasoning parser's end. A waiting row drafts without a grammar too, its drafts cut before one that would write
-the marker (``ends_reasoning``): the marker is then the last token a verify pass keeps, and every token after it
-is chosen under the grammar.
+a reasoning parser's end. A calls marker that ends the reasoning too (``grammar_at``: Kimi's section marker, which
+its models may write inside the reasoning, ``flyer.serve.reasoning.KIMI_K2``) starts the grammar at it, its first
+token(s): a calls grammar's block begins with that marker. A waiting row drafts without a grammar too, its drafts
+cut before one that would write either marker (``ends_reasoning``): the marker is then the last token a verify pass
+keeps, and every token after it is chosen under the grammar.
 
 Reasoning the output opens itself (a parser, a prompt that neither opens nor closes reasoning, e.g. R1's original
 template; ``SamplingOptions.grammar_open`` holds the begin marker's ids): the grammar holds from the first token,
@@ -41,7 +43,7 @@ constrained; flyer constrains it from its first token and lets only an output th
     Matcher                         a request's llguidance matcher and the drafts it holds tentatively
     marker_ends(out, n, marker)     whether an output ends with the reasoning end marker (its grammar starts after)
     GrammarMasks.start / follow     a request's matchers at its start; after each token (the reasoning markers)
-    GrammarMasks.ends_reasoning     whether drafts would complete the end marker (cut before them)
+    GrammarMasks.ends_reasoning     whether drafts would complete the end (or calls) marker (cut before them)
 
 The work a request can cause is bounded: its schema's JSON text (``MAX_SCHEMA_CHARS``), compiling it and each
 step's mask (``LIMITS``: llguidance's fuel and size limits; a grammar over them is refused or ends in error).
@@ -206,7 +208,8 @@ class GrammarMasks:
             return m, None
         # an end marker of several tokens is found in the output's text (the model may write it in other tokens)
         end = self.tok.decode(list(opts.grammar_after)) if len(opts.grammar_after) > 1 else ""
-        watch = EndWatch(self.tok, self.tok.decode(list(opts.grammar_open)), end) if end else None
+        watch = EndWatch(self.tok, self.tok.decode(list(opts.grammar_open)), end,
+                         self.tok.decode(list(opts.grammar_at))) if end else None
         if not opts.grammar_open:
             return None, Matcher(m.llg, watch=watch)
         return Matcher(m.llg, opts.grammar_open, m.llg.deep_copy(), watch), None
@@ -222,10 +225,14 @@ class GrammarMasks:
         reason = self.consume(r.matcher, token) if r.matcher is not None else None
         if r.matcher is not None and r.matcher.opened:  # as if the prompt had opened it
             r.matcher, r.deferred = None, Matcher(r.matcher.fresh, watch=r.matcher.watch)
+        elif r.deferred is not None and r.deferred.watch is None and \
+                marker_ends(r.tokens, r.generated, r.opts.grammar_at):
+            r.matcher, r.deferred = r.deferred, None  # a calls marker of one token: the grammar's first
+            reason = self.consume(r.matcher, token)
         elif r.deferred is not None and (rest is not None if r.deferred.watch is not None else
                                          marker_ends(r.tokens, r.generated, r.opts.grammar_after)):
-            r.matcher, r.deferred = r.deferred, None  # the marker itself was free
-            r.matcher.watch = None
+            r.matcher, r.deferred = r.deferred, None  # the end marker itself was free (a calls marker in text:
+            r.matcher.watch = None  # ``rest`` starts with it, the grammar's)
             reason = self.begun(r.matcher, rest or "")
         return reason
 
@@ -234,8 +241,8 @@ class GrammarMasks:
         complete it (``follow``'s reading)."""
         if r.deferred.watch is not None:
             return r.deferred.watch.would_end(more)
-        end = r.opts.grammar_after
-        return marker_ends([*r.tokens[-len(end):], *more], r.generated + len(more), end)
+        return any(marker_ends([*r.tokens[-len(end):], *more], r.generated + len(more), end)
+                   for end in (r.opts.grammar_after, r.opts.grammar_at) if end)
 
     def begun(self, m: Matcher, text: str) -> str | None:
         """``m`` at the start of its grammar past ``text``, the content a token ending the reasoning marker carries

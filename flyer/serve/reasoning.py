@@ -1,4 +1,4 @@
-"""Reasoning output (``flyer serve --reasoning-parser deepseek``): a chat answer's text split into
+"""Reasoning output (``flyer serve --reasoning-parser deepseek|kimi_k2``): a chat answer's text split into
 ``reasoning_content`` (what the model writes between ``<think>`` and ``</think>``) and ``content`` (the rest), as
 DeepSeek's API and vLLM / SGLang's "deepseek_r1" / "deepseek_v3" parsers return it.
 
@@ -17,13 +17,21 @@ back. The markers are found as token ids where the tokenizer holds them as one t
 text (byte tokens). Tool calls (``flyer.serve.tools``) are parsed from the content's tokens only; logprobs stay per
 token, reasoning's included. ``reasoning_tokens`` counts the output's tokens before the content, markers included.
 
+Kimi K2-Thinking / K2.5 (``KIMI_K2``; K2.5's template ends the generation prompt with ``<think>``, or
+``<think></think>`` with thinking off; K2-Thinking's model writes ``<think>`` itself) may open a tool-calls section
+inside the reasoning without ``</think>``: its begin marker (``ReasoningParser.calls``) ends the reasoning too,
+whichever comes first, and the content starts at it (the marker the content's, so the calls parse), as vLLM's
+``kimi_k2`` parser reads it. vLLM's parser takes an output with neither marker as all reasoning, having no prompt to
+read; flyer reads the prompt, as for DeepSeek, so a model that does not open a think block answers content.
+
 A grammar (``tool_choice`` "required" / named, ``response_format``) holds after the end marker when the prompt
 opens reasoning (``end_ids``: the engine waits for that token, or, a marker in text tokens, for the output's text
 to hold it as ``split`` finds it: ``EndWatch``, ``flyer.serve.grammar``), so the model reasons first. When the
 prompt neither opens nor closes it (R1's original template, whose model writes ``<think>`` itself) the grammar
 holds from the first token, but the output may start with the begin marker instead (``begin_ids``) and then reasons
 first as well; when the prompt closes it (chat mode) or without a parser, the
-grammar holds from the first token alone.
+grammar holds from the first token alone. A calls grammar whose block starts with the parser's calls marker waits for
+that marker too (``grammar_at``): a section the model opens inside the reasoning is the grammar's from its marker on.
 
     ReasoningParser, PARSERS    the markers of a model family; ``PARSERS`` by ``--reasoning-parser`` name
     Reasoning                   a request's split (per its prompt), or ``NO_REASONING`` (off: all content)
@@ -45,15 +53,21 @@ from flyer.serve.request import TokenEvent
 
 @dataclass(frozen=True)
 class ReasoningParser:
-    """A family's reasoning markers: reasoning is written between ``begin`` and ``end``."""
+    """A family's reasoning markers: reasoning is written between ``begin`` and ``end``; ``calls``: a tool-calls
+    section's begin marker that ends the reasoning too, where it comes first (the section is the content's, its
+    marker included, so that the tool parser reads it)."""
 
     name: str
     begin: str
     end: str
+    calls: str | None = None
 
 
 DEEPSEEK = ReasoningParser("deepseek", "<think>", "</think>")  # R1, R1-0528, V3.1, V3.2 (thinking)
-PARSERS = {p.name: p for p in (DEEPSEEK,)}
+# K2-Thinking, K2.5 (its template's generation prompt ends with <think>, or <think></think> without thinking): they
+# may open a tool-calls section inside the reasoning without writing </think> (vLLM's kimi_k2 parser ends it there)
+KIMI_K2 = ReasoningParser("kimi_k2", "<think>", "</think>", calls="<|tool_calls_section_begin|>")
+PARSERS = {p.name: p for p in (DEEPSEEK, KIMI_K2)}
 _SPACE = re.compile(r"\s*")
 
 
@@ -80,9 +94,11 @@ class Reasoning:
 
     def __init__(self, parser: ReasoningParser | None, tok=None, opened: bool = False):
         self.parser, self.opened = parser, opened
-        self._scanned: dict[int, tuple[int | None, int]] = {}  # choice -> (its end marker's place or None, searched)
+        # choice -> (where its reasoning ends or None: a token index, or (text index, marker); how far searched)
+        self._scanned: dict[int, tuple] = {}
         self.begin_id = _marker_id(tok, parser.begin) if parser else None
         self.end_id = _marker_id(tok, parser.end) if parser else None
+        self.calls_id = _marker_id(tok, parser.calls) if parser and parser.calls else None
 
     @staticmethod
     def opens(parser: ReasoningParser | None, prompt_text: str) -> bool:
@@ -116,6 +132,18 @@ class Reasoning:
         begin = self.begin_ids(tok)
         return ((), ()) if max(begin) >= vocab_size else (self.end_ids(tok), begin)
 
+    def grammar_at(self, tok, after: tuple[int, ...], first: str | None) -> tuple[int, ...]:
+        """``SamplingOptions.grammar_at`` of a request whose grammar waits for ``after`` (``grammar_markers``) and
+        whose output it rules starts with the marker ``first`` (a calls grammar's section marker; None: a JSON
+        grammar): the parser's calls marker's ids when it is ``first``, so that a section the model opens inside
+        the reasoning ends the reasoning and is the grammar's from its marker on, as the split reads it; else ().
+        Also () where the two markers are not both one token or both text (the engine reads both alike)."""
+        p = self.parser
+        if not after or p is None or p.calls is None or p.calls != first:
+            return ()
+        at = self._ids(tok, self.calls_id, p.calls)
+        return at if (len(at) == 1) == (len(after) == 1) else ()
+
     @staticmethod
     def _ids(tok, one: int | None, text: str) -> tuple[int, ...]:
         return (one,) if one is not None else tuple(tok.encode_ids(text, add_special_tokens=False))
@@ -144,25 +172,33 @@ class Reasoning:
             t0 = bisect.bisect_left(starts, r0) if led else 0
         if not (led or self.opened):
             return Split(False, 0, 0, 0, 0, n)
-        # where it ends: the end marker's token or text, searched from where the last call stopped
+        # where it ends: the end marker's token or text (or the calls marker's: the content starts at it, not
+        # after), searched from where the last call stopped
         if self.end_id is not None:
             j, searched = self._scanned.get(key, (None, t0))
             if j is None:
-                j = next((k for k in range(max(searched, t0), kept) if ids[k] == self.end_id), None)
+                j = next((k for k in range(max(searched, t0), kept) if ids[k] in (self.end_id, self.calls_id)), None)
                 self._scanned[key] = (j, kept)
+            if j is not None and j < kept and ids[j] == self.calls_id:
+                return Split(True, r0, max(r0, starts[j]), max(r0, starts[j]), j, n)
             if j is not None and j < kept:
                 at = starts[j + 1] if j + 1 < len(starts) else n
                 return Split(True, r0, max(r0, starts[j]), min(at, n), j + 1, n)
             return Split(True, r0, n, None, kept, n)
-        at, searched = self._scanned.get(key, (None, r0))
-        if at is None:
-            at = text.find(p.end, max(r0, searched - len(p.end)))
-            at = None if at < 0 else at
-            self._scanned[key] = (at, n)
-        if at is not None and at + len(p.end) <= n:  # (a stop string may have cut the text since)
-            content = at + len(p.end)
+        # (a calls marker in text only where the end marker is: a tokenizer holding one as a token holds both)
+        markers = (p.end, p.calls) if p.calls and self.calls_id is None else (p.end,)
+        found, searched = self._scanned.get(key, (None, r0))
+        if found is None:
+            back = max(map(len, markers))
+            hits = [(at, m) for m in markers if (at := text.find(m, max(r0, searched - back))) >= 0]
+            found = min(hits) if hits else None
+            self._scanned[key] = (found, n)
+        if found is not None and found[0] + len(found[1]) <= n:  # (a stop string may have cut the text since)
+            at, m = found
+            content = at if m == p.calls else at + len(m)
             return Split(True, r0, at, content, bisect.bisect_left(starts, content), n)
-        return Split(True, r0, n, None, kept, n if final else max(r0, n - held_back(text, p.end)))
+        held = max(held_back(text, m) for m in markers)
+        return Split(True, r0, n, None, kept, n if final else max(r0, n - held))
 
     def message(self, text: str, s: Split, content: str | None = None, calls: list | None = None) -> dict:
         """A whole answer's message: ``content`` (given: tool calls' content, else the text's) and, with a
@@ -210,22 +246,24 @@ class EndWatch:
     its start), so the grammar holds from where ``reasoning_content`` ends, whichever tokens the model writes the
     marker in (``</`` ``think`` ``>`` or ``</th`` ``ink>``)."""
 
-    def __init__(self, tok, begin: str, end: str):
-        self.tok, self.end = tok, end
+    def __init__(self, tok, begin: str, end: str, calls: str = ""):
+        self.tok, self.markers = tok, (end, calls) if calls else (end,)
         self.choice = Choice(tok, [])
-        self.reasoning = Reasoning(ReasoningParser("engine", begin, end), None, opened=True)
+        self.reasoning = Reasoning(ReasoningParser("engine", begin, end, calls or None), None, opened=True)
 
     def add(self, token: int) -> str | None:
         """``token`` written: the output's text after the end marker (the content begun: a token may carry text
-        past the marker) once the marker is whole, else None."""
+        past the marker), or from the calls marker on (``calls``: it ended the reasoning), once the marker is whole,
+        else None."""
         c = self.choice
         c.add(TokenEvent(token))
         s = self.reasoning.split(c.text, c.ids, len(c.ids), c.starts, False)
         return None if s.content is None else c.text[s.content:]
 
     def would_end(self, more: list[int]) -> bool:
-        """Whether tokens ``more`` (drafts) after the output's would complete the end marker (the tail the text so
-        far could begin it with, and their text, decoded after the tokens not yet in it)."""
-        c, n = self.choice, len(self.end) - 1
+        """Whether tokens ``more`` (drafts) after the output's would complete the end marker or the calls marker
+        (the tail the text so far could begin one with, and their text, decoded after the tokens not yet in it)."""
+        c, n = self.choice, max(map(len, self.markers)) - 1
         new = self.tok.decode(c.ids[c.prefix:] + list(more))[len(self.tok.decode(c.ids[c.prefix:c.read])):]
-        return self.end in c.text[max(0, len(c.text) - n):] + new
+        tail = c.text[max(0, len(c.text) - n):] + new
+        return any(m in tail for m in self.markers)

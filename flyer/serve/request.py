@@ -61,7 +61,8 @@ class Limits:
         vocabulary, prompt + max_tokens past the context or past the whole cache, a grammar without ``grammars``
         (naming ``response_format``: the API refuses a tool grammar itself, naming ``tool_choice``), ``grammar_open``
         ids outside the vocabulary (the mask allows them: only a library caller can pass them, the API leaves out a
-        begin marker the model cannot write, ``Reasoning.grammar_markers``), negative ``grammar_after`` ids."""
+        begin marker the model cannot write, ``Reasoning.grammar_markers``), negative ``grammar_after`` / ``grammar_at``
+        ids."""
         V, ctx = self.vocab_size, self.max_seq_len
         if len(prompt) == 0:
             raise FieldError("prompt", "must hold at least one token")
@@ -75,8 +76,9 @@ class Limits:
         opts.check_adjustments(V)
         if opts.grammar_open and (min(opts.grammar_open) < 0 or max(opts.grammar_open) >= V):
             raise FieldError("grammar_open", f"token ids must be in [0, {V}) (got {list(opts.grammar_open)})")
-        if opts.grammar_after and min(opts.grammar_after) < 0:  # (past the vocabulary: a marker never written)
-            raise FieldError("grammar_after", f"token ids must be >= 0 (got {list(opts.grammar_after)})")
+        for name in ("grammar_after", "grammar_at"):  # (past the vocabulary: a marker never written)
+            if min(getattr(opts, name), default=0) < 0:
+                raise FieldError(name, f"token ids must be >= 0 (got {list(getattr(opts, name))})")
         if opts.grammar is not None and not self.grammars:
             raise FieldError("response_format", f"json_object and json_schema are refused: {NO_GRAMMARS}; use text")
         if len(prompt) + opts.max_tokens > ctx:
@@ -135,6 +137,9 @@ class SamplingOptions(LogitAdjustments):
     # with ``grammar_after``, the begin marker's ids when the prompt neither opens nor closes reasoning: ``grammar``
     # holds from the first token, but the output may open reasoning with them instead (then as above)
     grammar_open: tuple[int, ...] = ()
+    # with ``grammar_after``, a calls marker's ids that end the reasoning too and are ``grammar``'s first (Kimi's
+    # tool-calls section opened inside the reasoning: ``flyer.serve.reasoning.Reasoning.grammar_at``)
+    grammar_at: tuple[int, ...] = ()
 
 
 @dataclass
