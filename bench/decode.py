@@ -39,8 +39,9 @@
    (``speedup_dsa_index_fp8_in_place_vs_gathered``), interleaved, best of ``--rounds``.
 8. DeepSeek-V4's FP8 cache (``--v4-fp8``, alone): decode tokens/s of a ``tiny-v4`` model at dsv4-flash's
    attention widths (``V4_FP8_BENCH``: head_dim 512 with 64 rope, window 128, CSA / HCA ratios 4 / 128, indexer
-   keys of 128) with ``--cache-dtype fp8`` (the window and entries as 584-byte FP8 rows, the index keys as 68-byte
-   rotated FP4 rows, unpacked as read) against BF16, at ``--v4-contexts`` (the caches filled with random rows),
+   keys of 128) with ``--cache-dtype fp8`` (the window and entries as 584-byte FP8 rows, unpacked as read, the index
+   keys as 68-byte rotated FP4 rows, scored in place by ``kernels.index_scores_fp4``) against BF16, at
+   ``--v4-contexts`` (the caches filled with random rows),
    interleaved, best of ``--rounds`` (``speedup_fp8_vs_bf16``): at 2,048 tokens each CSA query scores every entry
    masked, at 8,192 it gathers its index_topk picks.
 

@@ -28,9 +28,11 @@ The queries are rotated and FP4-rounded the same way before scoring (``round_tri
 scores are flyer's indexer's FP32 formula (``flyer.model.hybrid.Indexer.scores``) on those values: each q . k
 sums products of two E2M1 values (exact) times power-of-two scales, so only the FP32 sums round. The release
 scores in BF16 (its einsum's output, the weights and the head sum); FP32 keeps near ties ordered as
-DeepSeek's V3.2 ``fp8_index`` kernel and flyer's BF16 path do. BF16 caches keep transformers' indexer (no rotation,
-no FP4). The codec is FP4 QAT's (``flyer.fp8.fp4``), with the release's floor on amax: an all-zero tile gets
-scale 2^-126 (byte 1), where a weight's gets 1.
+DeepSeek's V3.2 ``fp8_index`` kernel and flyer's BF16 path do. On the CPU a decode step scores the rows where they
+lie (``flyer.kernels.index_scores_fp4``, through ``HybridCache.index_scores``: each row decoded to these values as it
+is read, bit for bit ``unpack_rows``'s); ``unpack_rows`` then ``Indexer.scores`` is its oracle and the path of other
+devices. BF16 caches keep transformers' indexer (no rotation, no FP4). The codec is FP4 QAT's (``flyer.fp8.fp4``),
+with the release's floor on amax: an all-zero tile gets scale 2^-126 (byte 1), where a weight's gets 1.
 
 Shapes: N keys (any leading dims), di index_head_dim (a power of two, a multiple of 32).
 """
@@ -51,7 +53,7 @@ row_bytes = v4_index_fp4_row_bytes  # (di) -> bytes of one row; the byte counts 
 rotation = hadamard  # (di, device) -> (di, di) FP32: ``x @ rotation(di)`` is the release's rotate_activation
 # FP32 tables for reading rows: a code byte's two values (low nibble first) and a UE8M0 byte's scale 2^(byte - 127)
 # (ldexp, as e2m1_decode scales). One look-up per byte (index_select) instead of splitting nibbles and a long index
-# per code: the indexer reads every key each decode step, and the same products come out bit for bit.
+# per code: off the CPU kernel the indexer reads every key each decode step; the same products come out bit for bit.
 BYTE_VALUES = torch.stack([E2M1_VALUES[torch.arange(256) & 15], E2M1_VALUES[torch.arange(256) >> 4]], dim=-1)
 SCALES = torch.ldexp(torch.ones(256), torch.arange(256, dtype=torch.int32) - UE8M0_BIAS)
 

@@ -15,7 +15,8 @@ every other device and dtype, and the oracle the tests compare the kernels again
 - ``mla_decode``: absorbed MLA attention of a few new tokens over a (paged) latent cache, read in place
   (FP32, BF16, or DeepSeek's FP8 rows decoded as they are read);
 - ``index_scores``: DSA's indexer scores of a few new tokens over a (paged) index-key cache, read in place
-  (FP32, BF16, or DeepSeek's FP8 keys decoded as they are read);
+  (FP32, BF16, or DeepSeek's FP8 keys decoded as they are read); ``index_scores_fp4`` over DeepSeek-V4's FP4
+  index-key rows the same way;
 - ``attention``: a prefill chunk's fused attention (ATen's), one call per (row, head) over the
   expert threads;
 - ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
@@ -459,6 +460,25 @@ def index_scores(q_BTHK: torch.Tensor, w_BTH: torch.Tensor, pool_NbK: torch.Tens
     return cpu_ops().index_scores(q_BTHK.reshape(B, T * H, K).contiguous(), w_BTH.contiguous(),
                                   pool_NbK.view(torch.uint8) if fp8 else pool_NbK, tables_Bn.contiguous(), first,
                                   n_slots, scale, key_scale_Nb1.contiguous() if fp8 else None)
+
+
+def index_scores_fp4(q_BTHK: torch.Tensor, w_BTH: torch.Tensor, pool_NbW: torch.Tensor, tables_Bn: torch.Tensor,
+                     first: int, n_slots: int, scale: float) -> torch.Tensor:
+    """(B, T, n_slots - first) FP32: ``index_scores`` of FP32 q (B, T, H, K) and w (B, T, H) over DeepSeek-V4's FP4
+    index keys read in place (``flyer.infer.hybrid_index_fp4``): ``pool`` (N, block_size, K / 2 + K / 32) uint8
+    through ``tables`` (B, n), as ``index_scores`` reads its pool; each slot's row of E2M1 codes (two a byte, the
+    even channel in the low nibble) and UE8M0 scale bytes (one per 32 channels), K a multiple of 32, decoded as it
+    is read into the kernel's FP32 tile: the eager ``unpack_rows``'s values bit for bit, so the scores are the eager
+    ones (the oracle: ``HybridCache.read_entries`` then ``Indexer.scores``) but for the order of their FP32 sums.
+    Where the pool is usable (``index_scores_fp4_usable``)."""
+    B, T, H, K = q_BTHK.shape
+    return cpu_ops().index_scores_fp4(q_BTHK.reshape(B, T * H, K).contiguous(), w_BTH.contiguous(), pool_NbW,
+                                      tables_Bn.contiguous(), first, n_slots, scale)
+
+
+def index_scores_fp4_usable(pool: torch.Tensor) -> bool:
+    """Whether ``index_scores_fp4`` takes a pool of FP4 index-key rows: uint8 on the CPU, the kernel built."""
+    return pool.dtype == torch.uint8 and pool.device.type == "cpu" and cpu_ops() is not None
 
 
 # ---- a prefill chunk's fused attention over the expert threads --------------------------------

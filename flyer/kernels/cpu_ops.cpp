@@ -1529,12 +1529,40 @@ void index_score_rows(const float* qp, const float* wp, const Keys& keys, const 
   }
 }
 
+// the checks and the run both index-score kernels share: q (B, T H, K), w (B, T, H), the pool's (N, bs, ...) blocks
+// through tables (B, nb), slot_bytes each, read by ``keys``
+template <typename Keys>
+at::Tensor index_scores_over(const at::Tensor& q, const at::Tensor& w, const at::Tensor& pool, const at::Tensor& tables,
+                             int64_t first, int64_t n_slots, double scale, double slot_bytes, const char* op,
+                             const Keys& keys) {
+  check_cpu(q, (std::string(op) + " q").c_str());
+  check_cpu(w, (std::string(op) + " w").c_str());
+  check_dtype(q, at::kFloat, (std::string(op) + " q").c_str());
+  check_dtype(w, at::kFloat, (std::string(op) + " w").c_str());
+  check_cpu(tables, (std::string(op) + " tables").c_str());
+  check_dtype(tables, at::kLong, (std::string(op) + " tables").c_str());
+  TORCH_CHECK(q.dim() == 3 && w.dim() == 3 && tables.dim() == 2 && w.size(0) == q.size(0) &&
+              q.size(1) == w.size(1) * w.size(2) && tables.size(0) == q.size(0),
+              op, ": q (B, T H, K), w (B, T, H), tables (B, nb) expected");
+  const int64_t B = q.size(0), K = q.size(2), T = w.size(1), H = w.size(2), N = pool.size(0), bs = pool.size(1);
+  const int64_t nb = tables.size(1);
+  TORCH_CHECK(0 <= first && first < n_slots && n_slots <= nb * bs, op, ": slots ", first, " .. ", n_slots - 1,
+              " outside the ", nb * bs, " the block tables cover");
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)  // the blocks each row reads
+    check_block_ids(tp, b, nb, first / bs, (n_slots - 1) / bs, N, op);
+  auto out = at::empty({B, T, n_slots - first}, q.options());
+  const double slots = static_cast<double>(B) * (n_slots - first);
+  const double seconds = one_thread_seconds(slots * slot_bytes, 2. * slots * T * H * (K + 1));
+  parallel_items(B, seconds, [&](int64_t b0, int64_t b1) {
+    index_score_rows(q.data_ptr<float>(), w.data_ptr<float>(), keys, tp, out.data_ptr<float>(), b0, b1, nb, bs, T, H,
+                     K, first, n_slots, static_cast<float>(scale));
+  });
+  return out;
+}
+
 at::Tensor index_scores(const at::Tensor& q, const at::Tensor& w, const at::Tensor& pool, const at::Tensor& tables,
                         int64_t first, int64_t n_slots, double scale, const c10::optional<at::Tensor>& key_scale) {
-  check_cpu(q, "index_scores q");
-  check_cpu(w, "index_scores w");
-  check_dtype(q, at::kFloat, "index_scores q");
-  check_dtype(w, at::kFloat, "index_scores w");
   const bool fp8 = key_scale.has_value() && key_scale->defined();
   check_paged(pool, tables, "index_scores", fp8);
   TORCH_CHECK(fp8 == (pool.scalar_type() == at::kByte), "index_scores: uint8 (E4M3) keys take their scales, and no "
@@ -1544,33 +1572,83 @@ at::Tensor index_scores(const at::Tensor& q, const at::Tensor& w, const at::Tens
     check_dtype(*key_scale, at::kFloat, "index_scores key_scale");
     TORCH_CHECK(key_scale->numel() == pool.size(0) * pool.size(1), "index_scores: key_scale (N, bs, 1) expected");
   }
-  TORCH_CHECK(q.dim() == 3 && w.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && w.size(0) == q.size(0) &&
-              q.size(1) == w.size(1) * w.size(2) && pool.size(2) == q.size(2) && tables.size(0) == q.size(0),
-              "index_scores: q (B, T H, K), w (B, T, H), pool (N, bs, K), tables (B, nb) expected");
-  const int64_t B = q.size(0), K = q.size(2), T = w.size(1), H = w.size(2), N = pool.size(0), bs = pool.size(1);
-  const int64_t nb = tables.size(1);
-  TORCH_CHECK(0 <= first && first < n_slots && n_slots <= nb * bs, "index_scores: slots ", first, " .. ", n_slots - 1,
-              " outside the ", nb * bs, " the block tables cover");
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)  // the blocks each row reads
-    check_block_ids(tp, b, nb, first / bs, (n_slots - 1) / bs, N, "index_scores");
-  auto out = at::empty({B, T, n_slots - first}, q.options());
-  const double slots = static_cast<double>(B) * (n_slots - first);
-  const double seconds = one_thread_seconds(slots * (K * pool.element_size() + (fp8 ? 4 : 0)),
-                                            2. * slots * T * H * (K + 1));
-  const auto run = [&](const auto& keys) {
-    parallel_items(B, seconds, [&](int64_t b0, int64_t b1) {
-      index_score_rows(q.data_ptr<float>(), w.data_ptr<float>(), keys, tp, out.data_ptr<float>(), b0, b1, nb, bs, T,
-                       H, K, first, n_slots, static_cast<float>(scale));
-    });
-  };
+  TORCH_CHECK(q.dim() == 3 && pool.dim() == 3 && pool.size(2) == q.size(2), "index_scores: q (B, T H, K), pool (N, bs, "
+              "K) expected");
+  const int64_t K = q.size(2), slot_bytes = K * pool.element_size() + (fp8 ? 4 : 0);
   if (fp8)
-    run(FP8Keys{pool.data_ptr<uint8_t>(), key_scale->data_ptr<float>(), K, e4m3_table()});
-  else if (pool.scalar_type() == at::kBFloat16)
-    run(PlainRows<c10::BFloat16>{pool.data_ptr<c10::BFloat16>(), K});
-  else
-    run(PlainRows<float>{pool.data_ptr<float>(), K});
-  return out;
+    return index_scores_over(q, w, pool, tables, first, n_slots, scale, slot_bytes, "index_scores",
+                             FP8Keys{pool.data_ptr<uint8_t>(), key_scale->data_ptr<float>(), K, e4m3_table()});
+  if (pool.scalar_type() == at::kBFloat16)
+    return index_scores_over(q, w, pool, tables, first, n_slots, scale, slot_bytes, "index_scores",
+                             PlainRows<c10::BFloat16>{pool.data_ptr<c10::BFloat16>(), K});
+  return index_scores_over(q, w, pool, tables, first, n_slots, scale, slot_bytes, "index_scores",
+                           PlainRows<float>{pool.data_ptr<float>(), K});
+}
+
+// DeepSeek-V4's FP4 index keys (flyer/infer/hybrid_index_fp4.py): per slot a row of W = K / 2 + K / 32 bytes,
+// [K / 2 bytes of E2M1 codes, channel 2j in the low nibble, 2j + 1 in the high | one UE8M0 byte per 32 channels,
+// 2^(byte - 127)], each code's value times its tile's scale: the FP32 product the eager unpack_rows computes (exact
+// but past FP32's range), so the scores are the eager scores' but for the order of their sums
+struct FP4Rows {
+  const uint8_t* pool;
+  int64_t W, K;
+  const float* values;  // the 16 E2M1 values by code (-0 at 8)
+  const float* scales;  // the 256 UE8M0 scales by byte (2^-127 .. 2^127, then inf), as the eager SCALES
+  void load(int64_t slot, int64_t n, float* dst) const {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint8_t* row = pool + (slot + i) * W;
+      float* d = dst + i * K;
+      for (int64_t t = 0; t < K / 32; ++t) decode_tile(row + 16 * t, scales[row[K / 2 + t]], d + 32 * t);
+    }
+  }
+  // 16 code bytes (32 channels) times scale s into d
+  void decode_tile(const uint8_t* codes, float s, float* d) const {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    // the nibbles in channel order, each widened to a lane: magnitude by permute (its low 3 bits), sign bit 3
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)), low = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+    const __m128i c[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+    const __m256 mag = _mm256_loadu_ps(values), scale = _mm256_set1_ps(s);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i code = _mm256_cvtepu8_epi32(j % 2 ? _mm_srli_si128(c[j / 2], 8) : c[j / 2]);
+      const __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(8)), 28));
+      _mm256_storeu_ps(d + 8 * j, _mm256_mul_ps(_mm256_xor_ps(_mm256_permutevar8x32_ps(mag, code), sign), scale));
+    }
+#else
+    for (int j = 0; j < 16; ++j) {
+      d[2 * j] = values[codes[j] & 15] * s;
+      d[2 * j + 1] = values[codes[j] >> 4] * s;
+    }
+#endif
+  }
+};
+
+const float* e2m1_table() {
+  static const float table[16] = {0.f,  .5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
+                                  -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+  return table;
+}
+
+const float* ue8m0_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (int i = 0; i < 256; ++i) t[i] = std::ldexp(1.f, i - 127);
+    return t;
+  }();
+  return table.data();
+}
+
+// index_scores over DeepSeek-V4's FP4 index keys: pool (N, bs, W) uint8, W = K / 2 + K / 32, K a multiple of 32
+at::Tensor index_scores_fp4(const at::Tensor& q, const at::Tensor& w, const at::Tensor& pool, const at::Tensor& tables,
+                            int64_t first, int64_t n_slots, double scale) {
+  check_cpu(pool, "index_scores_fp4 pool");
+  check_dtype(pool, at::kByte, "index_scores_fp4 pool");
+  TORCH_CHECK(q.dim() == 3, "index_scores_fp4: q (B, T H, K) expected");
+  const int64_t K = q.size(2), W = K / 2 + K / 32;
+  TORCH_CHECK(K % 32 == 0 && pool.dim() == 3 && pool.size(2) == W, "index_scores_fp4: pool (N, bs, K / 2 + K / 32) ",
+              "rows of K a multiple of 32 expected");
+  return index_scores_over(q, w, pool, tables, first, n_slots, scale, static_cast<double>(W), "index_scores_fp4",
+                           FP4Rows{pool.data_ptr<uint8_t>(), W, K, e2m1_table(), ue8m0_table()});
 }
 
 // ---- FP8 dequantisation: 1x128 tiles (block_rows 1) and 128x128 blocks (block_rows 128) ---------
@@ -1711,6 +1789,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("index_scores", &index_scores, "DSA indexer scores of a few new tokens over a paged index-key cache",
         py::arg("q"), py::arg("w"), py::arg("pool"), py::arg("tables"), py::arg("first"), py::arg("n_slots"),
         py::arg("scale"), py::arg("key_scale") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("index_scores_fp4", &index_scores_fp4, "indexer scores of a few new tokens over DeepSeek-V4's FP4 index keys",
+        py::call_guard<py::gil_scoped_release>());
   m.def("attention_heads", &attention_heads, "scaled_dot_product_attention, one call per (batch row, head)",
         py::call_guard<py::gil_scoped_release>());
   m.def("set_blas", &set_blas, "mla_decode on torch's BLAS (true, where found) or on a plain loop");
