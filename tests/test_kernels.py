@@ -21,6 +21,7 @@ from bounds import rel_error as _nerr
 from child_env import child_env
 
 from flyer import kernels
+from flyer.kernels import extension
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -502,7 +503,7 @@ def test_a_build_killed_midway_does_not_hang_later_loads(ops):
     """A build killed midway (Ctrl-C on the first run) leaves torch's ``lock`` file in the build
     directory, and torch's ``load`` waits for it to go, forever: every later flyer command hung
     without a word. The build is cached, so only the lock stands in the way here."""
-    lock = Path(kernels._build_directory(ops.__name__)) / "lock"
+    lock = Path(extension.build_directory(ops.__name__)) / "lock"
     lock.touch()
     code = "from flyer import kernels; print(kernels.cpu_ops() is not None)"
     try:
@@ -621,7 +622,7 @@ def test_kernels_build_for_the_isa_aten_dispatches_to(capability, flags, monkeyp
     """The C++ kernels are compiled for the vector ISA ATen itself uses on this CPU (forced here for
     each one): AVX-512 code on an AVX2-only CPU would die on an illegal instruction."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    got = set(kernels._capability_flags())
+    got = set(extension.capability_flags())
     assert flags <= got and (capability == "AVX512" or not any("avx512" in f for f in got))
 
 

@@ -22,119 +22,24 @@ every other device and dtype, and the oracle the tests compare the kernels again
 - ``fp8_dequantize``: FP8 codes (1x128 tiles or 128x128 blocks) times their scales, as FP32 (the
   operands of the CPU FP8 GEMM emulation), bit for bit the eager table lookup and multiply.
 
-``cpu_ops.cpp`` is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
-ninja are needed; the build, ~1 minute, is cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). A kernel runs where ``usable(...)`` says so (CPU tensors of
-float32/bfloat16/float16, the extension built). ``FLYER_CPU_KERNELS=0`` turns the kernels off; so
-does ``disabled()`` in a block. When the build fails (no compiler), flyer warns once and runs the
-eager code. Where torch runs one thread, ``set_expert_threads`` splits the larger calls of
-``grouped_mm``, ``linear_held``, ``mla_decode`` and ``attention`` over threads of the extension's
-own. A build killed midway (Ctrl-C on the first run) leaves torch's lock file behind, on which
-every later load would wait forever: flyer's loads take an OS lock of their own, which
-dies with its process, and clear a lock file left by a dead one (``_build_lock``).
+Where torch runs one thread, ``set_expert_threads`` splits the larger calls of ``grouped_mm``, ``linear_held``,
+``mla_decode`` and ``attention`` over threads of the extension's own. The compiled extension (``cpu_ops.cpp``), how
+it is built and loaded, and the switches that turn it off: ``flyer.kernels.extension`` (``cpu_ops``, ``usable``,
+``disabled``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
-import hashlib
 import itertools
 import os
-import shutil
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-# FLYER_CPU_KERNELS=0 is read once: ``cpu_ops`` runs a few hundred times a decode step
-_state: dict = {"module": None, "tried": False, "off": int(os.environ.get("FLYER_CPU_KERNELS", "1") == "0")}
+from flyer.kernels.extension import KERNEL_DTYPES, build, cpu_ops, disabled, usable
+
 TILE = 128  # FP8 tile width and block size (flyer.fp8.quant.TILE); the kernel takes no other
-
-
-def _capability_flags(cap: str | None = None) -> list[str]:
-    """Compile for the vector ISA ``cap``, by default the one ATen itself dispatches to on this CPU."""
-    cap = cap or torch.backends.cpu.get_cpu_capability()
-    if cap == "AVX512":
-        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                "-mavx512dq", "-mfma"]
-    if cap == "AVX2":
-        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
-    return []
-
-
-def build(capability: str | None = None):
-    """Compile (or load from the cache) the extension for ``capability`` (default: what ATen
-    dispatches to here; tests build the AVX2 variant on an AVX-512 CPU to run its own code)."""
-    from torch.utils.cpp_extension import load
-
-    if shutil.which("ninja") is None:  # the ninja wheel's binary, when its bin/ is not on PATH
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    # the source's path and contents and the ISA in the name: builds of different flyer versions,
-    # checkouts or ISAs (ATEN_CPU_CAPABILITY=avx2 forced) live side by side instead of rebuilding each other
-    digest = hashlib.sha256(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]
-    name = f"flyer_cpu_ops_{digest}_{(capability or torch.backends.cpu.get_cpu_capability()).lower()}"
-    with _build_lock(Path(_build_directory(name))):
-        return load(name=name, sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_capability_flags(capability)],
-                    extra_ldflags=["-fopenmp"], verbose=False)
-
-
-def _build_directory(name: str) -> str:
-    """Where ``load`` builds extension ``name`` (under ``TORCH_EXTENSIONS_DIR``, by default
-    ``~/.cache/torch_extensions/<python>_<accelerator>``): torch's own rule, which it keeps private."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    return _get_build_directory(name, False)
-
-
-@contextlib.contextmanager
-def _build_lock(build_dir: Path):
-    """Hold an exclusive ``flock`` on ``build_dir`` for a load, and clear torch's ``lock`` file
-    there: torch creates it for a build and removes it after, and waits without end while it
-    exists. The kernel drops a ``flock`` when its process dies, so a ``lock`` file found under ours
-    is from a build that was killed, not one in progress."""
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with open(build_dir / "flyer.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        (build_dir / "lock").unlink(missing_ok=True)
-        yield
-
-
-def cpu_ops():
-    """The compiled extension module, or None when it is turned off or could not be built."""
-    if _state["off"]:
-        return None
-    if not _state["tried"]:
-        _state["tried"] = True
-        try:
-            _state["module"] = build()
-        except Exception as e:  # no compiler, no ninja, ...: the eager code is correct, only slower
-            warnings.warn(f"fused CPU kernels unavailable, using eager PyTorch ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else e})", stacklevel=2)
-    return _state["module"]
-
-
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can take these tensors: all on the CPU, float32/bfloat16/float16, built."""
-    return (all(t.device.type == "cpu" and t.dtype in KERNEL_DTYPES for t in tensors)
-            and cpu_ops() is not None)
-
-
-@contextlib.contextmanager
-def disabled():
-    """Run the eager code inside the block (the oracle in tests and benchmarks)."""
-    _state["off"] += 1
-    try:
-        yield
-    finally:
-        _state["off"] -= 1
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
