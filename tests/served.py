@@ -1,7 +1,7 @@
 """A server inside a test, on 127.0.0.1 at a free port and stopped by the test: ``serving(api)`` runs an ``Api``
 (over whatever engine client it holds: a scripted one, or a link) while in the block; ``EngineServer`` puts an
 ``Engine`` behind it as ``flyer serve`` joins them (``EngineHost`` and ``EngineClient`` over a socket pair), the
-engine on a thread of this process."""
+engine on a thread of this process. ``handed_to_http`` is what ``flyer serve`` would hand its HTTP process."""
 
 import contextlib
 import socket
@@ -9,7 +9,10 @@ import threading
 from collections.abc import Callable, Iterator
 
 import openai
+import pytest
 
+import flyer.serve.cli as serve_cli
+from flyer.cli import main
 from flyer.serve.api import Api, Server
 from flyer.serve.cli import bind
 from flyer.serve.link import EngineClient, EngineHost
@@ -61,3 +64,27 @@ class EngineServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Started(Exception):
+    """The HTTP process ``flyer serve`` was about to start (not started)."""
+
+
+def handed_to_http(monkeypatch, *flags: str) -> tuple:
+    """What ``flyer serve --preset tiny ... FLAGS`` hands the HTTP process it starts, taken where the process would
+    start (it is not): (limits, tokenizer, model name, api key, chat template, *the parsers), the ``Api``'s
+    arguments after its engine client."""
+    handed = []
+
+    class Context:
+        def Process(self, target, name, daemon, args):
+            handed.append(args)
+            raise _Started
+    monkeypatch.setattr(serve_cli.multiprocessing, "get_context", lambda method: Context())
+    with pytest.raises(_Started):
+        main(["serve", "--preset", "tiny", "--device", "cpu", "--port", "0", "--kv-cache-memory", "1M",
+              "--threads", "1", "--expert-threads", "1", *flags])
+    link, sock, *args = handed.pop()
+    link.close()
+    sock.close()
+    return tuple(a for i, a in enumerate(args) if i != 5)  # the URL (6th) is the HTTP side's own

@@ -21,14 +21,13 @@ import json
 
 import pytest
 import torch
-from served import EngineServer, client, serving
+from served import EngineServer, client, handed_to_http, serving
 from test_serve_reasoning import ASK, REASONING, _agree, _ids, _whole
 from test_serve_reasoning_grammar import _steer
 from test_serve_tools import TOOLS
 from test_serve_tools_kimi import TEMPLATE as TOOLS_TEMPLATE
 from test_serve_tools_v3 import CALLS, _Scripted
 
-import flyer.serve.cli as serve_cli
 from flyer.cli import main
 from flyer.config import preset
 from flyer.infer.cli import ByteTokenizer
@@ -248,27 +247,11 @@ def test_a_real_engine_calls_from_inside_the_reasoning(engine_server, monkeypatc
         assert [t.id for t in r.choices[0].message.tool_calls] == [K.call_id(name, 0)]
 
 
-class _Started(Exception):
-    pass
-
-
 def test_the_flag_reaches_the_api_and_a_bad_name_is_one_line(monkeypatch, capsys):
     """``flyer serve --reasoning-parser kimi_k2``: the HTTP process's ``Api`` splits with ``KIMI_K2``; another name
     exits 2 with one line naming the flag and the choices."""
-    handed = []
-
-    class Context:  # the HTTP process, not started: what it would be handed
-        def Process(self, target, name, daemon, args):
-            handed.append(args)
-            raise _Started
-    monkeypatch.setattr(serve_cli.multiprocessing, "get_context", lambda method: Context())
-    with pytest.raises(_Started):
-        main(["serve", "--preset", "tiny", "--device", "cpu", "--port", "0", "--kv-cache-memory", "1M",
-              "--threads", "1", "--expert-threads", "1", "--reasoning-parser", "kimi_k2"])
-    link, sock, limits, tok, name, api_key, template, url, *parsers = handed.pop()
-    link.close()
-    sock.close()
-    assert Api(_Scripted(limits, []), tok, name, api_key, template, *parsers).reasoning is KIMI_K2
+    limits, *args = handed_to_http(monkeypatch, "--reasoning-parser", "kimi_k2")
+    assert Api(_Scripted(limits, []), *args).reasoning is KIMI_K2
     capsys.readouterr()
     assert main(["serve", "--preset", "tiny", "--reasoning-parser", "kimi"]) == 2
     err = capsys.readouterr().err

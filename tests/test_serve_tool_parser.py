@@ -11,11 +11,10 @@ import contextlib
 
 import pytest
 import torch
-from served import EngineServer, client, serving
+from served import EngineServer, client, handed_to_http, serving
 from test_serve_tools import ASK, TEMPLATE as TEMPLATE_V31, TOOLS
 from test_serve_tools_v3 import CALLS, TEMPLATE_V3, _Scripted
 
-import flyer.serve.cli as serve_cli
 from flyer.cli import main
 from flyer.config import preset
 from flyer.errors import FieldError
@@ -123,28 +122,12 @@ def test_a_forced_format_is_written_by_a_random_model_and_read_back():
     assert bytes(written).decode().startswith(head)
 
 
-class _Started(Exception):
-    pass
-
-
 def test_the_flag_reaches_the_api(monkeypatch):
     """``flyer serve --tool-call-parser deepseek_v3`` (the preset has no template: auto would be V3.1's): the HTTP
     process's ``Api``, built from what the command hands it, reads and constrains calls in V3-0324's format."""
-    handed = []
-
-    class Context:  # the HTTP process, not started: what it would be handed
-        def Process(self, target, name, daemon, args):
-            handed.append(args)
-            raise _Started
-    monkeypatch.setattr(serve_cli.multiprocessing, "get_context", lambda method: Context())
     for parser, fmt in (("deepseek_v3", F3), ("auto", F31), ("deepseek_v32", DSML_V32)):
-        with pytest.raises(_Started):
-            main(["serve", "--preset", "tiny", "--device", "cpu", "--port", "0", "--kv-cache-memory", "1M",
-                  "--threads", "1", "--expert-threads", "1", "--tool-call-parser", parser])
-        link, sock, limits, tok, name, api_key, template, url, *parsers = handed.pop()
-        link.close()
-        sock.close()
-        assert Api(_Scripted(limits, []), tok, name, api_key, template, *parsers).tool_format is fmt
+        limits, *args = handed_to_http(monkeypatch, "--tool-call-parser", parser)
+        assert Api(_Scripted(limits, []), *args).tool_format is fmt
 
 
 def test_api_and_cli_refuse_another_name(capsys):

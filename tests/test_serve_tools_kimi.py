@@ -17,13 +17,12 @@ import json
 import llguidance
 import pytest
 import torch
-from served import EngineServer, client, serving
+from served import EngineServer, client, handed_to_http, serving
 from test_serve_structured import _valid
 from test_serve_tools import ASK, SCHEMA, TEMPLATE as TEMPLATE_V31, TOOLS
 from test_serve_tools_v3 import CALLS, _Scripted
 from transformers import AutoTokenizer
 
-import flyer.serve.cli as serve_cli
 from flyer.cli import main
 from flyer.config import preset
 from flyer.errors import FieldError
@@ -283,28 +282,12 @@ def test_required_and_named_calls_continue_the_count(served):
 
 # ---- the flag ------------------------------------------------------------------------------------------------------
 
-class _Started(Exception):
-    pass
-
-
 def test_the_flag_reaches_the_api_and_a_bad_name_is_one_line(monkeypatch, capsys):
     """``flyer serve --tool-call-parser kimi_k2`` (the preset has no template: auto would be V3.1's): the HTTP
     process's ``Api`` reads calls in Kimi's format; another name exits 2 with one line naming the flag."""
-    handed = []
-
-    class Context:  # the HTTP process, not started: what it would be handed
-        def Process(self, target, name, daemon, args):
-            handed.append(args)
-            raise _Started
-    monkeypatch.setattr(serve_cli.multiprocessing, "get_context", lambda method: Context())
     for parser, fmt in (("kimi_k2", K), ("auto", F31)):
-        with pytest.raises(_Started):
-            main(["serve", "--preset", "tiny", "--device", "cpu", "--port", "0", "--kv-cache-memory", "1M",
-                  "--threads", "1", "--expert-threads", "1", "--tool-call-parser", parser])
-        link, sock, limits, tok, name, api_key, template, url, *parsers = handed.pop()
-        link.close()
-        sock.close()
-        assert Api(_Scripted(limits, []), tok, name, api_key, template, *parsers).tool_format is fmt
+        limits, *args = handed_to_http(monkeypatch, "--tool-call-parser", parser)
+        assert Api(_Scripted(limits, []), *args).tool_format is fmt
     capsys.readouterr()
     assert main(["serve", "--preset", "tiny", "--tool-call-parser", "kimi"]) == 2
     err = capsys.readouterr().err
