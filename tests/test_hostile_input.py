@@ -184,14 +184,14 @@ def test_library_warnings_are_one_line(tmp_path, capsys):
 
 def test_kernels_unavailable_warns_with_one_prefix(capsys, monkeypatch):
     """It printed ``flyer: warning: flyer: fused CPU kernels unavailable``."""
-    from flyer import kernels
+    from flyer.kernels import extension
 
     def no_compiler():
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(kernels, "build", no_compiler)
-    monkeypatch.setitem(kernels._state, "tried", False)
-    monkeypatch.setitem(kernels._state, "module", None)
+    monkeypatch.setattr(extension, "build", no_compiler)
+    monkeypatch.setitem(extension._state, "tried", False)
+    monkeypatch.setitem(extension._state, "module", None)
     rc, err, _ = outcome(capsys, ["generate", "--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "1",
                                   "--device", "cpu"])
     assert rc == 0
