@@ -28,6 +28,7 @@ from flyer.train.trainer import Trainer
 from flyer.train.metrics import read_metrics
 from tests.bounds import FP32_U
 from tests.test_hybrid_attention import CFG, LAYER, WINDOW, _input, _tables
+from tests.test_indexer_train import _grads, _model as v32_model
 
 T = 100  # 25 entries: past 4 x index_topk, so chunks seeing over 16 gather (gather=True)
 FP64_U = 2.0**-53
@@ -189,16 +190,7 @@ CSA_LAYERS = [i for i in range(V4.n_layers) if V4.is_csa(i)]
 
 
 def _model(mode: str) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(V4)
-    set_indexer_training(model, mode)
-    return model
-
-
-def _grads(model: Transformer, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return v32_model(mode, cfg=V4)
 
 
 def _tokens(B: int, T_: int, seed: int = 5) -> torch.Tensor:
