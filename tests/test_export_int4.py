@@ -6,17 +6,23 @@ transformers loads the directory through the library and its logits equal flyer'
 ``tests.test_hf_mistral4.logit_tolerance``. Other architectures and experts whose inputs are not whole groups are
 one-line errors."""
 
+import dataclasses
 import json
 import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from flyer.cli import main
+from flyer.config import preset
 from flyer.errors import ConfigError, FieldError
 from flyer.interop.export import export
-from flyer.interop.hf import load_hf
+from flyer.interop.export_config import hf_config
+from flyer.interop.hf import TextTokenizer, load_hf
+from flyer.interop.hf_config_quant import int4_pack
+from flyer.interop.hf_names import hf_names
 from flyer.interop.int4_pack import dequantize_int4, pack_int4, packed_items, quantize_int4
 from tests.hf_models import _COMMON, FAMILIES, VOCAB, make_tokenizer, trained_bias
 from tests.test_export_streamed import _same_as_loaded
@@ -193,3 +199,26 @@ def test_kimi_source_keeps_its_codes(k2, tmp_path):  # noqa: F811 (k2: the fixtu
     for k in packed:
         assert written[k].dtype == (torch.int32 if k.endswith("shape") else source[k].dtype), k
         assert torch.equal(written[k], source[k].to(written[k].dtype)), k
+
+
+@pytest.mark.parametrize("mtp_depth", [0, 1])
+def test_the_config_ignores_every_weight_left_unpacked(tmp_path, mtp_depth):
+    """The export's ``quantization_config`` (read as flyer and compressed-tensors match it) ignores every linear weight
+    the export writes unpacked and none it packs, an MTP layer's ``eh_proj`` and ``shared_head.head`` included; with
+    no MTP layer, it is Kimi's published one."""
+    cfg = dataclasses.replace(preset("tiny"), mtp_depth=mtp_depth, moe_inter_dim=2 * GROUP)
+    tok = TextTokenizer(Tokenizer.from_file(str(_tokenizer(tmp_path))))
+    scheme = int4_pack(hf_config(cfg, tok, "int4"))
+    names = hf_names(cfg, rope_half=False)
+    linears = [n.removesuffix(".weight") for n, slot in names.items() if n.endswith(".weight")
+               and not re.search(r"norm|embed_tokens|mlp\.gate\.weight$", n)]
+    assert any(".eh_proj" in n for n in linears) == (mtp_depth > 0)
+    for module in linears:
+        assert scheme.ignores(module) != bool(EXPERT.fullmatch(module + ".weight")), module
+    if not mtp_depth:
+        assert hf_config(cfg, tok, "int4")["quantization_config"] == KIMI_INT4
+
+
+def _tokenizer(tmp_path):
+    make_tokenizer(tmp_path)
+    return tmp_path / "tokenizer.json"

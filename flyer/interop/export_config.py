@@ -172,7 +172,7 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
          "attention_bias": False, "mlp_bias": False}
     if dtype == "int4":  # the rest BF16, as Kimi-K2-Thinking's
         _check_int4(cfg, mt)
-        d["quantization_config"] = kimi_int4_config()
+        d["quantization_config"] = kimi_int4_config(mtp=cfg.mtp_depth > 0)
     if dtype == "fp8":  # every architecture: without it transformers reads the codes as values, the scales as unused
         d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                     "weight_block_size": [128, 128]}

@@ -44,10 +44,12 @@ class Int4Pack:
 KIMI_GROUP_SIZE = 32
 
 
-def kimi_int4_config() -> dict[str, Any]:
+def kimi_int4_config(mtp: bool = False) -> dict[str, Any]:
     """Kimi-K2-Thinking's ``quantization_config`` as Moonshot published it (its config.json): the routed experts
     pack-quantized INT4 in groups of ``KIMI_GROUP_SIZE``, everything ``ignore`` lists BF16 (the head, attention,
-    shared experts and dense MLPs; the embeddings, norms and router are no ``Linear`` the group targets)."""
+    shared experts and dense MLPs; the embeddings, norms and router are no ``Linear`` the group targets). ``mtp``:
+    a model with DeepSeek's MTP layers (Kimi has none), whose own linears (``eh_proj``, ``shared_head.head``) stay
+    BF16 as well, listed so that a loader of those layers does not look for them packed."""
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": KIMI_GROUP_SIZE,
                "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax",
                "observer_kwargs": {}}
@@ -55,7 +57,8 @@ def kimi_int4_config() -> dict[str, Any]:
             "kv_cache_scheme": None, "config_groups": {"group_0": {
                 "targets": ["Linear"], "input_activations": None, "output_activations": None, "weights": weights}},
             "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
-                       r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]}
+                       r"re:.*mlp\.(gate|up|gate_up|down)_proj.*",
+                       *([r"re:.*\.eh_proj$", r"re:.*\.shared_head\.head$"] if mtp else [])]}
 
 
 def _bad(where: str, field: str, problem: str) -> ConfigError:
