@@ -40,8 +40,8 @@ TERMS = ("loss", "main_loss", "mtp_loss", "aux_loss", "indexer_loss")
 def _trainer(chats: str, root: Path, rank: int, packed: bool = True, **kw):
     """``test_sft_pack_pp``'s trainer (``packed``; else ``test_sft_pp``'s) on ``tiny`` with DSA indexers,
     ``--indexer-train sparse``."""
-    config = Path(chats).parent / "dsa.toml"
-    config.write_text(DSA)
+    config = Path(chats).parent / f"dsa-rank{rank}.toml"  # each rank its own: a rank rewriting a shared one raced
+    config.write_text(DSA)  # another reading it (truncated: tiny's defaults)
     make = test_sft_pack_pp._trainer if packed else test_sft_pp._trainer
     return make(chats, root, rank, config=str(config), indexer_train="sparse", **kw)
 

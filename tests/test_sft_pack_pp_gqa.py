@@ -42,8 +42,8 @@ MUTANTS = {"later_stages": [(pipeline.Stage, "forward", test_sft_pack_pp._later_
 
 def _trainer(chats: str, root: Path, rank: int, **kw):
     """``test_sft_pack_pp``'s trainer on the Qwen2-style model (QWEN2 over ``tiny``: 4 dense layers)."""
-    config = Path(chats).parent / "qwen2.toml"
-    config.write_text(QWEN2)
+    config = Path(chats).parent / f"qwen2-rank{rank}.toml"  # each rank its own: a rank rewriting a shared one raced
+    config.write_text(QWEN2)  # another reading it (truncated: tiny's defaults)
     return test_sft_pack_pp._trainer(chats, root, rank, config=str(config), **kw)
 
 
