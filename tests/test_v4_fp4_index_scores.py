@@ -8,7 +8,8 @@ unpacked ones: one-hot queries read every channel of rows holding every code byt
 within 2 gamma_{K+H+2} d^-0.5 sum_h |w_h| sum_i |q_hi k_i| of it (``index_score_bound``, the bound of
 ``tests/test_dsa_index_scores.py``: K products, the scale, H weighted ReLUs, each side within gamma of the exact
 score). A decode cache, contiguous (``flyer generate``) and paged over shuffled blocks (``flyer serve``), selects the
-oracle's entries and attends bit for bit as it does, prefill chunk and decode steps alike. Mutations fail: scores one
+oracle's entries and attends bit for bit as it does, prefill chunk and decode steps alike; a BF16 or FP32 cache's
+keys, scored in place by V3.2's ``kernels.index_scores``, likewise. Mutations fail: scores one
 slot on (1e3 x the bound), rows read with their nibbles swapped. Mutation checks run by hand on the kernel (nibbles
 swapped, tile 0's scale for every tile, the sign bit dropped, a run's last row read from the next slot) and on
 ``HybridCache.index_scores`` (block tables ignored, queries not FP4-rounded, scale 1) each fail a test here. CPU;
@@ -109,21 +110,23 @@ def _cfg():
 
 
 def _decode(attn: HybridAttention, cfg, x_BSD: torch.Tensor, chunks: list[int], paged: bool, in_place: bool,
-            scores: list | None = None):
-    """hybrid_attention of x's tokens in ``chunks`` (a prefill chunk, then decode steps) over a fresh FP8 cache,
-    contiguous or ``paged`` over shuffled blocks of 16 tokens; ``in_place`` False: the index keys scored by the
-    oracle. Returns (each call's output, the kernel's calls); ``scores`` collects (index scores, oracle's scores,
-    bound) of every call."""
+            scores: list | None = None, dtype: torch.dtype = FP8):
+    """hybrid_attention of x's tokens in ``chunks`` (a prefill chunk, then decode steps) over a fresh ``dtype`` cache
+    (FP8: FP4 index keys, ``index_scores_fp4``; BF16 / FP32: V3.2's ``index_scores``), contiguous or ``paged`` over
+    shuffled blocks of 16 tokens; ``in_place`` False: the index keys scored by the oracle. Returns (each call's
+    output, the kernel's calls); ``scores`` collects (index scores, oracle's scores, bound) of every call."""
     B, S, _ = x_BSD.shape
     tables = hybrid_tables(cfg, S, "cpu")
     if paged:
         bs, n = 16, -(-S // 16)
-        cache = HybridCache.paged(cfg, B, 1 + B * n, bs, FP8)
+        cache = HybridCache.paged(cfg, B, 1 + B * n, bs, dtype)
         blocks = torch.randperm(B * n, generator=torch.Generator().manual_seed(5)).add(1).view(B, n)
         cache = cache.view(blocks, torch.arange(B))
     else:
-        cache = HybridCache(cfg, B, S, FP8)
-    usable, kernel, real = kernels.index_scores_fp4_usable, kernels.index_scores_fp4, cache.index_scores
+        cache = HybridCache(cfg, B, S, dtype)
+    names = ("index_scores_fp4_usable", "index_scores_fp4") if dtype == FP8 else ("index_scores_usable",
+                                                                                  "index_scores")
+    (usable, kernel), real = (getattr(kernels, n) for n in names), cache.index_scores
     calls = []
 
     def counted(*args):
@@ -141,25 +144,27 @@ def _decode(attn: HybridAttention, cfg, x_BSD: torch.Tensor, chunks: list[int], 
 
     outs, start = [], 0
     cache.index_scores = recorded
-    kernels.index_scores_fp4 = counted
+    setattr(kernels, names[1], counted)
     if not in_place:
-        kernels.index_scores_fp4_usable = lambda pool: False
+        setattr(kernels, names[0], lambda pool: False)
     try:
         for T in chunks:
             rows = hybrid_rows(tables, S, torch.full((B,), start), T)
             outs.append(hybrid_attention(attn, x_BSD[:, start:start + T], rows, cache, 1))
             start += T
     finally:
-        kernels.index_scores_fp4_usable, kernels.index_scores_fp4 = usable, kernel
+        setattr(kernels, names[0], usable)
+        setattr(kernels, names[1], kernel)
     return outs, len(calls)
 
 
+@pytest.mark.parametrize("dtype", [FP8, torch.bfloat16, torch.float32], ids=["fp8", "bf16", "fp32"])
 @pytest.mark.parametrize("paged", [False, True])
 @torch.no_grad()
-def test_decode_selects_and_attends_as_the_oracle(paged):
-    """A CSA layer over an FP8 cache: a 37-token prefill chunk (9 entries, 4 selected), then three decode steps (a
-    tenth entry completes): the in-place scores within the bound of the oracle's, the same selections, and so the
-    attention's outputs bit for bit."""
+def test_decode_selects_and_attends_as_the_oracle(paged, dtype):
+    """A CSA layer over an FP8 (FP4 index keys), BF16 or FP32 cache: a 37-token prefill chunk (9 entries, 4
+    selected), then three decode steps (a tenth entry completes): the in-place scores within the bound of the
+    oracle's, the same selections, and so the attention's outputs bit for bit."""
     cfg = _cfg()
     assert cfg.is_csa(1)
     torch.manual_seed(0)
@@ -169,8 +174,8 @@ def test_decode_selects_and_attends_as_the_oracle(paged):
     x = torch.randn(2, 40, cfg.dim, generator=torch.Generator().manual_seed(2))
     chunks = [37, 1, 1, 1]
     scores: list = []
-    got, calls = _decode(attn, cfg, x, chunks, paged, True, scores)
-    want, no_calls = _decode(attn, cfg, x, chunks, paged, False)
+    got, calls = _decode(attn, cfg, x, chunks, paged, True, scores, dtype)
+    want, no_calls = _decode(attn, cfg, x, chunks, paged, False, dtype=dtype)
     assert len(scores) == calls == len(chunks) and no_calls == 0
     for out, ref, bound in scores:
         err = (out.double() - ref.double()).abs()

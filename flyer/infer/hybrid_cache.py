@@ -219,19 +219,21 @@ class HybridCache:
     def index_scores(self, layer: int, indexer: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, N: int) -> torch.Tensor:
         """The CSA ``indexer``'s scores (B, T, N) FP32 of queries x (``Indexer.scores``' arguments) against the rows'
-        first N index keys of ``layer``, unmasked. An FP8 cache's FP4 rows on the CPU are scored where they lie
-        (``kernels.index_scores_fp4``: each key decoded into the kernel's tile as it is read, not all of them
-        unpacked into a new tensor per step; 5-20x faster at 1-64 new tokens over 4 x 2,048 keys of 16 heads); else,
-        and as its oracle, every key is read into FP32 values (``read_entries``) and ``Indexer.scores`` runs on them.
-        The two differ only in the order of their FP32 sums (the same products: the decoded values are bit for bit
+        first N index keys of ``layer``, unmasked. On the CPU the keys are scored where they lie: an FP8 cache's FP4
+        rows by ``kernels.index_scores_fp4`` (each key decoded into the kernel's tile as it is read, not all of them
+        unpacked into a new tensor per step; 5-20x faster at 1-64 new tokens over 4 x 2,048 keys of 16 heads), a
+        BF16 or FP32 cache's by ``kernels.index_scores`` (V3.2's, BF16 widened as read, not copied to FP32); else,
+        and as their oracle, every key is read into FP32 values (``read_entries``) and ``Indexer.scores`` runs on
+        them. They differ only in the order of their FP32 sums (the same products: decoded values are bit for bit
         the unpacked ones)."""
         t = self.layers[layer]["index_keys"]
         fp32 = torch.promote_types(x_BTD.dtype, torch.float32) == torch.float32  # the kernel's; FP64 x: the oracle
-        if self.fp8 and fp32 and kernels.index_scores_fp4_usable(t):
+        fp4 = self.fp8 and kernels.index_scores_fp4_usable(t)
+        if fp32 and (fp4 or not self.fp8 and kernels.index_scores_usable(t)):
             q, w = indexer.queries(x_BTD, q_latent_BTR, cos, sin)
             tables = torch.arange(t.shape[0], device=t.device).view(-1, 1) if self.tables is None else self.tables
-            return kernels.index_scores_fp4(self.index_queries(q).float(), w.float(), t, tables, 0, N,
-                                            indexer.head_dim ** -0.5)
+            score = kernels.index_scores_fp4 if fp4 else kernels.index_scores
+            return score(self.index_queries(q).float(), w.float(), t, tables, 0, N, indexer.head_dim ** -0.5)
         keys = self.read_entries(layer, "index_keys", N)
         return indexer.scores(x_BTD, q_latent_BTR, cos, sin, keys, self.index_queries)
 
