@@ -55,7 +55,7 @@ from flyer.interop.hf_tokenizer import TextTokenizer
 from flyer.serve.choice import held_back
 from flyer.serve.dsml import DSML_V4, DSML_V32, DsmlFormat, dsml_grammar, parse_dsml_calls
 from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable
-from flyer.serve.tools_kimi import KIMI_K2, KimiFormat, kimi_grammar_rules, parse_kimi_calls
+from flyer.serve.tools_kimi import KIMI_K2, KimiFormat, kimi_grammar_rules
 
 
 @dataclass(frozen=True)
@@ -176,13 +176,10 @@ def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL
     the block. Whitespace between the markers is allowed. Not ``parallel``: only the first call is kept (under
     "auto" the output is free: a block is parsed whole, so a stream and a whole answer agree, and the calls past
     the first dropped; stopping at the first ``call_end`` would leave the block open, as a limit does). DSML:
-    ``flyer.serve.dsml.parse_dsml_calls``; Kimi K2: ``flyer.serve.tools_kimi.parse_kimi_calls`` (ids kept)."""
+    ``flyer.serve.dsml.parse_dsml_calls``; Kimi K2's calls keep the ids the model wrote (``KimiFormat.split_call``)."""
     if isinstance(fmt, DsmlFormat):
         got = parse_dsml_calls(text, fmt, parallel)
         return None if got is None else (got[0], [ToolCall(*c) for c in got[1]])
-    if isinstance(fmt, KimiFormat):
-        got = parse_kimi_calls(text, fmt, parallel)
-        return None if got is None else (got[0], [ToolCall(name, args, call_id) for call_id, name, args in got[1]])
     start = text.find(fmt.calls_begin)
     if start < 0:
         return None

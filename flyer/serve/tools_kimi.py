@@ -12,7 +12,6 @@ tool calls in the conversation, from 0 (vLLM counts an assistant's earlier calls
 Moonshot's tool_call_guidance names it a global counter). Each marker is one added token in Kimi's tokenizer.
 
     KimiFormat, KIMI_K2                   the format (``flyer.serve.tools.TOOL_PARSERS["kimi_k2"]``)
-    parse_kimi_calls(text, fmt, ...)      generated text -> (content, [(id, name, arguments)]), or None: content
     kimi_grammar_rules(names, ...)        "required" / named: the lark rules of a calls block whose ids continue IDX
     calls_so_far(messages)                the IDX the next call takes: the assistants' calls in the conversation
 """
@@ -52,6 +51,14 @@ class KimiFormat:
                        for k, (n, a) in enumerate(calls))
         return self.calls_begin + body + self.calls_end
 
+    def split_call(self, body: str) -> tuple[str, str, str] | None:
+        """A call's text between ``call_begin`` and ``call_end`` -> (name, arguments text, id), the id and
+        arguments stripped; None when it is not one (no ``sep``, an id not ``name_of``'s shape). Read by
+        ``flyer.serve.tools.parse_tool_calls``, as ``ToolFormat.split_call``."""
+        call_id, sep, args = body.partition(self.sep)
+        name = self.name_of(call_id.strip()) if sep else None
+        return None if name is None else (name, args.strip(), call_id.strip())
+
     def name_of(self, call_id: str) -> str | None:
         """The function an id names (between ``id_prefix`` and the last ``:``, IDX digits after it); None when the
         id is not in that shape or the name is empty or holds whitespace."""
@@ -60,38 +67,6 @@ class KimiFormat:
 
 
 KIMI_K2 = KimiFormat()
-
-
-def parse_kimi_calls(text: str, fmt: KimiFormat = KIMI_K2,
-                     parallel: bool = True) -> tuple[str | None, list[tuple[str, str, str]]] | None:
-    """``text`` (generated, markers written out) -> (the content before the block, None when blank; its calls as
-    (id, name, arguments JSON text)), or None when it holds no well-formed block: no ``calls_begin``, a block left
-    open, a call whose id is not ``fmt.name_of``'s shape or whose arguments are not a JSON object, another marker
-    inside a call, no call, text after the block. Whitespace between the markers and around the id and arguments is
-    allowed (stripped). Not ``parallel``: the first call only, as ``flyer.serve.tools.parse_tool_calls``."""
-    start = text.find(fmt.calls_begin)
-    if start < 0:
-        return None
-    rest, calls = text[start + len(fmt.calls_begin):].lstrip(), []
-    while rest.startswith(fmt.call_begin):
-        body, end, rest = rest[len(fmt.call_begin):].partition(fmt.call_end)
-        call_id, sep, args = body.partition(fmt.sep)
-        call_id, args = call_id.strip(), args.strip()
-        name = fmt.name_of(call_id)
-        if not end or not sep or name is None or any(m in body for m in fmt.markers if m != fmt.sep) \
-                or body.count(fmt.sep) != 1:
-            return None
-        try:
-            if not isinstance(json.loads(args), dict):
-                return None
-        except ValueError:
-            return None
-        calls.append((call_id, name, args))
-        rest = rest.lstrip()
-    if not calls or not rest.startswith(fmt.calls_end) or rest[len(fmt.calls_end):].strip():
-        return None
-    content = text[:start]
-    return (content if content.strip() else None), calls if parallel else calls[:1]
 
 
 def kimi_grammar_rules(names: list[str], marker: Callable[[str], str], n_calls: int, first_index: int,
