@@ -138,12 +138,10 @@ def trained_bias(model) -> None:
             b.copy_(torch.rand_like(b) * 0.1)
 
 
-def build(name: str, out: Path, spelling: int = 5, seed: int = 0):
-    """Save a random tiny ``name`` model (FP32) with a tokenizer under ``out``; return the model."""
-    cls, cfg_cls, kw = FAMILIES[name]
-    torch.manual_seed(seed)
-    common = {k: v for k, v in _COMMON.items() if not (name == "v4" and k == "intermediate_size")}  # V4: an alias
-    model = cls(cfg_cls(**{**common, **kw})).eval()
+def save_tiny(model, out: Path, name: str = "") -> None:
+    """Save the random transformers ``model`` with a tokenizer under ``out``, its weights first made to tell a
+    wrong reading apart (``build``'s): a trained-looking router bias, per-channel head norms and index-key norms,
+    V4's zero-initialised parameters non-zero; ``name``: its ``FAMILIES`` name (GLM's q/k/v biases not zeros)."""
     trained_bias(model)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -165,6 +163,15 @@ def build(name: str, out: Path, spelling: int = 5, seed: int = 0):
                 b.copy_(torch.stack([torch.randperm(E)[:K] for _ in range(b.shape[0])]))
     model.save_pretrained(out)
     make_tokenizer(out)
+
+
+def build(name: str, out: Path, spelling: int = 5, seed: int = 0):
+    """Save a random tiny ``name`` model (FP32) with a tokenizer under ``out``; return the model."""
+    cls, cfg_cls, kw = FAMILIES[name]
+    torch.manual_seed(seed)
+    common = {k: v for k, v in _COMMON.items() if not (name == "v4" and k == "intermediate_size")}  # V4: an alias
+    model = cls(cfg_cls(**{**common, **kw})).eval()
+    save_tiny(model, out, name)
     if spelling == 4:
         to_transformers_4(out)
     return model

@@ -12,7 +12,7 @@ from transformers import Dots1Config, Dots1ForCausalLM, Glm4MoeForCausalLM
 from flyer.interop.hf import load_hf
 from flyer.interop.hf_config import from_hf_config
 from tests.bounds import FP32_U
-from tests.hf_models import VOCAB, make_tokenizer, trained_bias
+from tests.hf_models import VOCAB, save_tiny
 from tests.test_glm4_moe import logit_tolerance
 from tests.test_qwen3 import _config_error, check_round_trip, info_json, rel, train_init_then_export
 # Qwen3's end-to-end tests (flyer generate's and the serving engine's greedy tokens), run on this module's src
@@ -40,9 +40,7 @@ def src(tmp_path_factory):
     path = tmp_path_factory.mktemp("dots1")
     torch.manual_seed(0)
     model = Dots1ForCausalLM(Dots1Config(**TINY)).eval()
-    trained_bias(model)
-    model.save_pretrained(path)
-    make_tokenizer(path)
+    save_tiny(model, path)  # per-channel head norms (dots1's): a wrong channel order would pass with ones
     return path, model
 
 

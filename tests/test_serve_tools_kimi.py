@@ -18,6 +18,7 @@ import llguidance
 import pytest
 import torch
 from served import EngineServer, client, handed_to_http, serving
+from test_deepseek_prompt_sections import _Recording
 from test_serve_structured import _valid
 from test_serve_tools import ASK, SCHEMA, TEMPLATE as TEMPLATE_V31, TOOLS
 from test_serve_tools_v3 import CALLS, _Scripted
@@ -134,18 +135,6 @@ def test_markers_are_single_tokens_and_decode_kept(kimi):
 
 # ---- "auto" over HTTP: the ids round-trip through the template ------------------------------------------------------
 
-class _Prompts(_Scripted):
-    """``_Scripted``, keeping each request's prompt ids."""
-
-    def __init__(self, limits, script):
-        super().__init__(limits, script)
-        self.prompts = []
-
-    def submit(self, prompt, opts, emit):
-        self.prompts.append(list(prompt))
-        return super().submit(prompt, opts, emit)
-
-
 def _stream(c, **kw) -> tuple[str, list[dict], str | None, int]:
     """A streamed answer's (content, tool_calls deltas as dicts, finish_reason, content chunks)."""
     content, calls, finish, pieces = "", [], None, 0
@@ -161,7 +150,7 @@ def test_auto_serves_the_written_ids_and_the_follow_up_is_transformers(kimi):
     tok = load_tokenizer(kimi)
     content = "Sure, let me check both."
     script = tok.encode_ids(content + K.render(CALLS), add_special_tokens=False) + [tok.eos_id()]
-    engine = _Prompts(LIMITS, script)
+    engine = _Recording(LIMITS, script)
     with serving(Api(engine, tok, "tiny-test", chat_template=TEMPLATE)) as url:
         c = client(url)
         kw = dict(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=len(script))

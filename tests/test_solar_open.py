@@ -10,7 +10,7 @@ from transformers import Glm4MoeForCausalLM, SolarOpenConfig, SolarOpenForCausal
 
 from flyer.interop.hf import load_hf
 from tests.bounds import FP32_U
-from tests.hf_models import VOCAB, make_tokenizer, trained_bias
+from tests.hf_models import VOCAB, save_tiny
 from tests.test_glm4_moe import logit_tolerance
 from tests.test_qwen3 import _config_error, check_round_trip, info_json, rel, train_init_then_export
 # Qwen3's end-to-end tests (flyer generate's and the serving engine's greedy tokens), run on this module's src
@@ -30,9 +30,7 @@ def src(tmp_path_factory):
                           num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
                           routed_scaling_factor=2.5, max_position_embeddings=256)
     model = SolarOpenForCausalLM(cfg).eval()
-    trained_bias(model)
-    model.save_pretrained(path)
-    make_tokenizer(path)
+    save_tiny(model, path)
     return path, model
 
 
