@@ -1,9 +1,9 @@
 """tiktoken-format tokenizers (Kimi K2 / K2-Thinking / K2.5: ``tiktoken.model``, special tokens in
 tokenizer_config.json, the Han-aware ``pat_str`` in the remote ``tokenization_kimi.py``), read by
 ``flyer.data.tiktoken_file``: encodes as ``tiktoken.Encoding`` (what Kimi's remote tokenizer runs) and as
-transformers' converter and AutoTokenizer; generate, export (a tokenizer.json transformers loads without remote
-code) and train's data path read it; bad files are one-line errors naming file and line. Tiny vocabularies
-trained here, nothing downloaded."""
+transformers' converter and AutoTokenizer; generate, export (the directory's tokenizer files as they are, which
+transformers' converter reads as flyer does) and train's data path read it; bad files are one-line errors naming
+file and line. Tiny vocabularies trained here, nothing downloaded."""
 
 import base64
 import json
@@ -12,7 +12,7 @@ import pytest
 import tiktoken
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
 from flyer.cli import main
@@ -125,6 +125,19 @@ def _tiktoken(ranks, pattern: str, special: dict[int, str]) -> tiktoken.Encoding
                              special_tokens={s: n + k for k, s in names.items()})
 
 
+def _converted(out) -> PreTrainedTokenizerFast:
+    """transformers' tokenizer of the Kimi-style directory ``out`` as its remote code builds it: TikTokenConverter
+    of its tiktoken.model with Kimi's pattern and the special tokens at their ids, its chat template, BOS and EOS
+    (the test's remote module is no tokenizer transformers can run)."""
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    n = sum(1 for line in (out / "tiktoken.model").read_text().splitlines() if line.strip())
+    named = {int(k): v["content"] for k, v in tc["added_tokens_decoder"].items()}
+    names = [named.get(i, f"<|reserved_token_{i}|>") for i in range(n, max(named) + 1)]
+    conv = TikTokenConverter(vocab_file=str(out / "tiktoken.model"), pattern=KIMI_PATTERN, extra_special_tokens=names)
+    return PreTrainedTokenizerFast(tokenizer_object=conv.converted(), chat_template=tc["chat_template"],
+                                   bos_token=tc["bos_token"], eos_token=tc["eos_token"])
+
+
 def _texts(n: int) -> list[str]:
     return TEXTS + [" ".join(NOVEL)] + [t.replace("{r}", str(n + 5)) for t in SPECIAL_TEXTS]
 
@@ -188,8 +201,9 @@ def model_dir(tmp_path_factory):
 def test_generate_export_and_train_read_it(model_dir, tmp_path, capsys):
     """``flyer generate --ckpt DIR`` tokenizes the prompt with the tiktoken tokenizer (transformers' greedy tokens on
     those ids); the chat template renders Kimi's markers as their special ids; ``flyer export`` writes a
-    tokenizer.json AutoTokenizer loads without remote code and encodes as Kimi's pattern does, and its chat prompt
-    is flyer serve's; ``flyer train --init``'s data path tokenizes with it."""
+    directory whose tokenizer files are the source's (auto_map kept: transformers runs its remote code), which
+    transformers' converter encodes as Kimi's pattern does, and its chat prompt is flyer serve's; ``flyer train
+    --init``'s data path tokenizes with it."""
     path, ref = model_dir
     tok = load_hf(path)[2]
     ranks = _train(300)
@@ -212,8 +226,11 @@ def test_generate_export_and_train_read_it(model_dir, tmp_path, capsys):
 
     export(path, tmp_path / "out", "fp32")
     tc = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
-    assert "auto_map" not in tc and tc["chat_template"] == TEMPLATE
-    back = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tc["auto_map"] == json.loads((path / "tokenizer_config.json").read_text())["auto_map"]
+    assert tc["chat_template"] == TEMPLATE and not (tmp_path / "out" / "tokenizer.json").exists()
+    for name in ("tiktoken.model", "tokenization_kimi.py"):
+        assert (tmp_path / "out" / name).read_bytes() == (path / name).read_bytes()
+    back = _converted(tmp_path / "out")
     for t in _texts(n):
         assert back.encode(t) == tok.encode_ids(t) == load_hf(tmp_path / "out")[2].encode_ids(t), t
     # flyer serve's chat prompt of the source is transformers' of the export
@@ -305,8 +322,8 @@ def test_data_cache_keys_on_the_directory_settings(ranks, tmp_path):
 
 def test_a_run_fine_tuned_from_it_keeps_it(model_dir, tmp_path, capsys):
     """``flyer train --init DIR`` (one step) trains on text its tiktoken tokenizer encodes, and its checkpoint reads
-    back with that tokenizer and Kimi's settings; ``flyer export`` of the run gives a directory AutoTokenizer reads
-    without remote code, encoding as the source does."""
+    back with that tokenizer and Kimi's settings; ``flyer export`` of the run gives a directory with the source's
+    tokenizer files, which transformers' converter reads encoding as the source does."""
     path = model_dir[0]
     tok = load_tokenizer(path)
     (tmp_path / "text.txt").write_text("\n\n".join(CORPUS * 3))
@@ -315,8 +332,8 @@ def test_a_run_fine_tuned_from_it_keeps_it(model_dir, tmp_path, capsys):
                  str(tmp_path / "run"), "--no-progress", "--no-plots", "--eval-every", "1", "--eval-batches", "1",
                  "--ckpt-every", "1", "--device", "cpu"]) == 0
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
-    back = AutoTokenizer.from_pretrained(tmp_path / "out")
+    back = _converted(tmp_path / "out")
     for t in _texts(len(_train(300))):
-        assert back.encode(t) == tok.encode_ids(t), t
-    assert back.eos_token == "[EOS]" and "auto_map" not in json.loads((tmp_path / "out" / "tokenizer_config.json")
-                                                                       .read_text())
+        assert back.encode(t) == tok.encode_ids(t) == load_tokenizer(tmp_path / "out", {}).encode_ids(t), t
+    assert back.eos_token == "[EOS]" and "auto_map" in json.loads((tmp_path / "out" / "tokenizer_config.json")
+                                                                   .read_text())

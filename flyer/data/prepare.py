@@ -31,7 +31,7 @@ import tokenizers
 
 from flyer.data.corpus import CLEAN_VERSION, Document, find_documents, split_documents
 from flyer.data.fim import DEEPSEEK, FimTokens, fim_document, fim_tokens
-from flyer.data.presplit import encode_batch
+from flyer.data.presplit import PreSplit, encode_batch, presplit_of, set_presplit
 from flyer.data.shards import VERSION as SHARD_VERSION
 from flyer.data.shards import ShardWriter, TokenShards, atomic_write
 from flyer.data.tokenizer import check_vocab_size, ensure_eos, load_tokenizer, tokenizer_bytes, train_bpe
@@ -147,6 +147,8 @@ def _load(out: Path) -> PreparedData:
     except Exception as e:
         raise DataError(f"cached metadata in {out} is unreadable ({type(e).__name__})") from None
     tok = load_tokenizer(out / "tokenizer.json")  # a DataError naming the file: the cache is rebuilt
+    if meta.get("presplit"):  # a Kimi tokenizer's cut, which its tokenizer.json cannot hold (the key has it)
+        tok = set_presplit(tok, PreSplit(*meta["presplit"]))
     train = TokenShards([out / p for p in meta["train_shards"]])
     val = TokenShards([out / p for p in meta["val_shards"]])
     if not train.vocab_size == val.vocab_size == tok.get_vocab_size():  # shards of another tokenizer
@@ -205,6 +207,7 @@ def _build(out: Path, docs: list[Document], vocab_size: int, tokenizer: str | Pa
     meta = {
         "key": key_src,
         "tokenizer": "tokenizer.json",
+        "presplit": (ps := presplit_of(tok)) and [ps.max_chars, ps.max_run],
         "eos_token": tok.id_to_token(eos_id),
         "eos_id": eos_id,
         "vocab_size": n_vocab,

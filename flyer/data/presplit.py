@@ -17,7 +17,8 @@ no argument at all counts a run through a special-token string; the two differ o
 
 ``PreSplit`` is recorded on the ``tokenizers.Tokenizer`` of such a directory (``flyer.data.tiktoken_file``);
 ``encode`` / ``encode_batch`` here are the tokenizer's own, piece by piece where it has one. A ``tokenizer.json``
-cannot carry the cut: a tokenizer saved or exported from it encodes long runs whole.
+cannot carry the cut: a tokenizer saved from it encodes long runs whole, so flyer's checkpoints and exports of
+such a tokenizer carry its directory's files instead (``flyer.data.tokenizer_copy``).
 """
 
 from __future__ import annotations

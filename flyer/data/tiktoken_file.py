@@ -11,8 +11,9 @@ runs of over 25,000 whitespace / non-whitespace characters: ``flyer.data.prespli
 the remote class defines that cut (``_split_whitespaces_or_nonwhitespaces``, its limits read from the module's
 ``TIKTOKEN_MAX_ENCODE_CHARS`` / ``MAX_NO_WHITESPACES_CHARS``), the tokenizer records it (``presplit_of``) and
 flyer's encoders (``TextTokenizer.encode_ids``, the pretraining and chat data builds) cut as Kimi does, so ids
-match on such runs too. A ``tokenizer.json`` cannot carry the cut: ``flyer export`` (or any save of the
-tokenizer) writes one that encodes a long run whole, as transformers' converter of the directory does.
+match on such runs too. A ``tokenizer.json`` cannot carry the cut (one saved from the tokenizer encodes a long
+run whole, as transformers' converter of the directory does): a flyer checkpoint or ``flyer export`` of a model
+with such a tokenizer carries the directory's files instead (``tokenizer_files``, ``flyer.data.tokenizer_copy``).
 
 The data layer owns this (not ``flyer.interop``) because ``flyer.data.tokenizer.load_tokenizer`` is the one guard
 every reader of a tokenizer goes through, and layers import downward only.
@@ -244,21 +245,63 @@ def _returns_text(fn: ast.FunctionDef) -> bool:
             and body[0].value.elts[0].id == args[1].arg)
 
 
+def _remote_class(root: Path, config: dict, error: type[ValueError]) -> tuple[str, str] | None:
+    """(module, class) of the remote-code tokenizer tokenizer_config.json's ``auto_map.AutoTokenizer`` (``config``)
+    names, or None; a name that is not ``module.Class`` of a file in ``root``: ``error``."""
+    auto = config.get("auto_map")
+    ref = auto.get("AutoTokenizer") if isinstance(auto, dict) else auto
+    ref = next((r for r in ref if r), None) if isinstance(ref, (list, tuple)) else ref
+    if ref is None:
+        return None
+    if not isinstance(ref, str) or ref.count(".") != 1 or not ref.split(".")[0].isidentifier():
+        raise error(f"{root / 'tokenizer_config.json'}: auto_map.AutoTokenizer {ref!r} is not 'module.Class' of a "
+                    "file in the directory")
+    module, cls = ref.split(".")
+    return module, cls
+
+
+def tokenizer_files(root: str | Path, error: type[ValueError]) -> list[str]:
+    """Names of the files beside tokenizer_config.json that the tiktoken directory ``root``'s tokenizer is made of,
+    which a copy of it carries as they are: ``tiktoken.model``, the remote-code module ``auto_map`` names (its
+    pattern and cut; transformers runs it with trust_remote_code) and the modules it imports relatively, as
+    transformers gathers them (Kimi K2.5's ``from .tool_declaration_ts import ...``; one not in ``root`` is left
+    out, as Kimi's own fallback imports are optional)."""
+    root = Path(root)
+    settings = root / "tokenizer_config.json"
+    ref = _remote_class(root, read_json_object(settings, error) if settings.is_file() else {}, error)
+    names, todo = [TIKTOKEN_FILE], [f"{ref[0]}.py"] if ref else []
+    while todo:
+        name = todo.pop()
+        if name in names or not (root / name).is_file():
+            continue
+        names.append(name)
+        todo += [f"{m}.py" for m in _relative_imports(root / name, error)]
+    return names
+
+
+def _relative_imports(path: Path, error: type[ValueError]) -> list[str]:
+    """The modules ``path`` imports from its own package (``from .name import ...``), read from its syntax tree."""
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(_MAX_SOURCE + 1), filename=str(path))
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    except (SyntaxError, ValueError) as e:
+        raise error(f"{path}: not Python flyer can read ({type(e).__name__})") from None
+    return [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module
+            and n.module.isidentifier()]
+
+
 def pattern_source(root: Path, config: dict, error: type[ValueError]) -> tuple[str, str, PreSplit | None]:
     """(pre-tokenizer regex, where it came from, the cut before it) for the tiktoken directory ``root``: ``pat_str``
     and the cut (``remote_settings``) of the remote-code tokenizer its tokenizer_config.json's
     ``auto_map.AutoTokenizer`` names (Kimi's ``tokenization_kimi.py``: the release's own, a Han-aware regex;
     transformers without remote code would use its default instead), else ``DEFAULT_PATTERN``, what transformers
     uses, and no cut."""
-    auto = config.get("auto_map")
-    ref = auto.get("AutoTokenizer") if isinstance(auto, dict) else auto
-    ref = next((r for r in ref if r), None) if isinstance(ref, (list, tuple)) else ref
+    ref = _remote_class(root, config, error)
     if ref is None:
         return DEFAULT_PATTERN, "transformers' TikTokenConverter default", None
-    if not isinstance(ref, str) or "--" in ref or ref.count(".") != 1:
-        raise error(f"{root / 'tokenizer_config.json'}: auto_map.AutoTokenizer {ref!r} is not 'module.Class' of a "
-                    "file in the directory")
-    module, cls = ref.split(".")
+    module, cls = ref
     path = root / f"{module}.py"
     pattern, presplit = remote_settings(path, cls, error)
     return pattern, str(path), presplit
@@ -283,4 +326,4 @@ def read_tiktoken_dir(path: str | Path, error: type[ValueError]) -> Tokenizer:
 
 
 __all__ = ["DEFAULT_PATTERN", "TIKTOKEN_FILE", "bpe_from_ranks", "pattern_source", "read_json_object", "read_ranks",
-           "read_tiktoken_dir", "remote_settings", "special_tokens", "tiktoken_tokenizer"]
+           "read_tiktoken_dir", "remote_settings", "special_tokens", "tiktoken_tokenizer", "tokenizer_files"]

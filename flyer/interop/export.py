@@ -11,7 +11,9 @@ experts, ``mixtral``
 for GQA with them in every layer and no head norms, ``glm4_moe`` for GQA with partial rotary or
 DeepseekV3's sigmoid router, its MTP modules kept), safetensors (one
 file, or shards plus ``model.safetensors.index.json`` past the shard size), ``tokenizer.json`` with its
-``tokenizer_config.json`` and a ``generation_config.json``. MTP modules are written as DeepSeek's
+``tokenizer_config.json`` and a ``generation_config.json`` (a tiktoken tokenizer's files instead of the
+tokenizer.json, Kimi's ``tiktoken.model`` and remote code, as they are and ``auto_map`` kept:
+``flyer.data.tokenizer_copy``). MTP modules are written as DeepSeek's
 checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head; DeepSeek-V4's as
 its ``mtp.k.*``, which transformers' DeepseekV4 skips on load: the summary notes it);
 Llama, Qwen2, Qwen3(-MoE) and Mixtral have no MTP module, so a GQA model's is left out (the summary says so); a
@@ -53,6 +55,7 @@ import torch
 
 from flyer import kernels
 from flyer.config import ModelConfig, parse_size
+from flyer.data.tokenizer_copy import builds, read_tokenizer_files
 from flyer.errors import CheckpointError, FieldError
 from flyer.fp8.quant import TILE, quantize_blocks
 from flyer.infer.weights import FP8, held_scale
@@ -239,14 +242,23 @@ def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]
         gen = _json_with(source, "generation_config.json",
                          {"bos_token_id": tok.bos_id(), "eos_token_id": eos_token_id(tok)})
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        (tmp / "tokenizer.json").write_text(tok.tok.to_str())
+        # a tiktoken source (Kimi's): its files as they are, read by its remote code (trust_remote_code) and by
+        # flyer with its cut of long runs, which a tokenizer.json cannot hold (flyer.data.tokenizer_copy)
+        tiktoken = read_tokenizer_files(source, CheckpointError) if source is not None else {}
+        for name, data in tiktoken.items():
+            (tmp / name).write_bytes(data)
+        if not tiktoken:
+            (tmp / "tokenizer.json").write_text(tok.tok.to_str())
         tc = _json_with(source, "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+            "tokenizer_class": None if tiktoken else "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
             "eos_token": tok.token(tok.eos_id()), "bos_token": tok.token(tok.bos_id())})
-        if isinstance(tc.get("auto_map"), (dict, list)):  # a remote-code tokenizer (Kimi's tiktoken one): the
-            # export's is the tokenizer.json, which transformers reads without running the source's code
+        if isinstance(tc.get("auto_map"), (dict, list)) and not tiktoken:  # a remote-code tokenizer whose export
+            # is the tokenizer.json, which transformers reads without running the source's code
             tc = {k: v for k, v in tc.items() if k != "auto_map"} | {"tokenizer_class": "PreTrainedTokenizerFast"}
         (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+        if tiktoken and not builds(tmp, tok.tok, CheckpointError):
+            raise CheckpointError(f"{source}: its {', '.join(tiktoken)} do not build the tokenizer exported with "
+                                  "the model (changed since it was read?)")
         for name in _CARRIED:
             if source is not None and (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)

@@ -18,6 +18,7 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.data.tokenizer import tokenizer_file
+from flyer.data.tokenizer_copy import read_tokenizer_files
 from flyer.errors import CheckpointError
 from flyer.fp8.fp4 import fp4_round_trip
 from flyer.infer.weights import FP8, empty_held, held_scale, hold_weights, write_fp8_codes
@@ -97,8 +98,10 @@ def settings_dir(path: str | Path) -> Path | None:
 
 def read_settings(path: str | Path) -> dict[str, bytes]:
     """The ``SETTINGS_FILES`` the directory ``path`` (HF, or a flyer step directory) has, name -> its
-    bytes as they are, for a run to carry. A JSON one that is not a JSON object is a one-line
-    ``CheckpointError`` naming it (as a reader of it would give), so a run refuses it when it starts."""
+    bytes as they are, for a run to carry, and a tiktoken tokenizer's files (``read_tokenizer_files``: Kimi's
+    tiktoken.model and remote code, which a tokenizer.json cannot stand in for). A JSON one that is not a JSON
+    object is a one-line ``CheckpointError`` naming it (as a reader of it would give), so a run refuses it when it
+    starts."""
     found = {}
     for f in (Path(path) / name for name in SETTINGS_FILES):
         if not f.is_file():
@@ -109,7 +112,7 @@ def read_settings(path: str | Path) -> dict[str, bytes]:
             found[f.name] = f.read_bytes()
         except OSError as e:
             raise CheckpointError(f"{f}: cannot read ({e.strerror or e})") from None
-    return found
+    return found | read_tokenizer_files(path, CheckpointError)
 
 
 def run_tokenizer(ckpt: Path, tok: Tokenizer) -> TextTokenizer:
@@ -190,7 +193,8 @@ def stored_weight_dtype(path: str | Path) -> str:
 
 def init_source(path: str | Path) -> tuple[ModelConfig, Path]:
     """(model config, its tokenizer file) of a checkpoint to fine-tune from (``flyer train --init``): a
-    tokenizer.json, or an HF directory's tiktoken.model when it has only that (``tokenizer_file``)."""
+    tokenizer.json, or the tiktoken.model of an HF directory or checkpoint that has only that (``tokenizer_file``:
+    Kimi's, or a run fine-tuned from it)."""
     if is_hf_model_dir(path):
         return read_hf_config(path, list(weight_files(Path(path))))[0], tokenizer_file(path)
     ckpt = resolve_checkpoint_path(path)
@@ -198,7 +202,7 @@ def init_source(path: str | Path) -> tuple[ModelConfig, Path]:
         cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: bad config.json ({e})") from None
-    return cfg, ckpt / "tokenizer.json"
+    return cfg, tokenizer_file(ckpt)
 
 
 @torch.no_grad()

@@ -11,6 +11,9 @@ Layout of ``RUN/checkpoints/step_00000100/``:
 - ``SETTINGS_FILES``     a run fine-tuned from a Hugging Face directory (``--init``): that directory's
                          tokenizer and generation settings (chat template, special tokens, EOS ids,
                          sampling defaults), byte for byte, whichever it has
+- ``tiktoken.model``     instead of tokenizer.json, a run fine-tuned from a tiktoken directory (Kimi's): its
+  and remote code        tokenizer files byte for byte (``flyer.data.tokenizer_copy``), its cut of long runs
+                         with them
 - ``manifest.json``      size and SHA-256 of every file above; written last
 
 A checkpoint is written into a temporary directory, every file fsynced, then renamed into place
@@ -38,7 +41,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from flyer.config import ModelConfig
-from flyer.data.tokenizer import load_tokenizer
+from flyer.data.tiktoken_file import TIKTOKEN_FILE
+from flyer.data.tokenizer import load_tokenizer, tokenizer_file
 from flyer.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -289,7 +293,7 @@ def inference_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, Tokenizer
         raise CheckpointError(f"checkpoint {ckpt}: bad config.json ({e})") from None
     # read through the one guard: the manifest only vouches that the file is the one written (a
     # bad one written so, or one it does not list, must still fail in one line naming it)
-    return ckpt, cfg, load_tokenizer(ckpt / "tokenizer.json", CheckpointError)
+    return ckpt, cfg, load_tokenizer(tokenizer_file(ckpt), CheckpointError)
 
 
 # ---- a training run: model, optimizer, sampler, RNG and counters on any mesh ----------------------
@@ -318,7 +322,9 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     pp, dp, ep, zero, pp_schedule), which ``load_training`` requires to match. Rank 0 writes;
     ``keep``: valid checkpoints kept, ``protect``: checkpoints never pruned (the one the run
     resumed from). ``settings``: the Hugging Face tokenizer and generation settings the run carries
-    (a name of ``SETTINGS_FILES`` -> its bytes), written as they are.
+    (a name of ``SETTINGS_FILES`` -> its bytes), written as they are; with a tiktoken tokenizer's files
+    (``flyer.interop.load.read_settings``), which build ``tokenizer`` (``flyer.data.tokenizer_copy.builds``),
+    those stand for it and no tokenizer.json is written (one cannot carry Kimi's cut of long runs).
     Returns the checkpoint directory on rank 0, None elsewhere.
     """
     weights = mesh.full_state_dict(model)
@@ -327,8 +333,9 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     ranks = mesh.gather_object({"optimizer": optimizer.state_dict(), "state": state, "rng": rng_state(mesh.device)})
     path = None
     if ranks is not None:
-        files: dict[str, Any] = {"model.safetensors": weights, "config.json": cfg.to_dict(),
-                                 "tokenizer.json": json.loads(tokenizer.to_str()), **(settings or {})}
+        files: dict[str, Any] = {"model.safetensors": weights, "config.json": cfg.to_dict(), **(settings or {})}
+        if TIKTOKEN_FILE not in files:
+            files["tokenizer.json"] = json.loads(tokenizer.to_str())
         for r, per_rank in enumerate(ranks):
             sfx = rank_suffix(r, mesh.world)
             files[f"optimizer{sfx}.pt"] = per_rank["optimizer"]

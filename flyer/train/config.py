@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from flyer.data.chat_data import is_chat_data
+from flyer.data.tiktoken_file import TIKTOKEN_FILE
 from flyer.data.tokenizer import MIN_VOCAB
-from flyer.errors import FieldError
+from flyer.data.tokenizer_copy import files_build
+from flyer.errors import CheckpointError, FieldError
 from flyer.interop.load import read_settings, settings_dir
 from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.indexer_loss import INDEXER_TRAIN_MODES
@@ -199,6 +203,24 @@ def carried_settings(start: Path | None, init: str | None) -> dict[str, bytes]:
         return read_settings(start)
     src = settings_dir(init) if init else None
     return read_settings(src) if src is not None else {}
+
+
+def tokenizer_settings(settings: dict[str, bytes], tok: Tokenizer, log) -> dict[str, bytes]:
+    """``settings`` (``carried_settings``) as the run's checkpoints carry them: a tiktoken tokenizer's files (Kimi's)
+    where they build ``tok``, the tokenizer the run trains with, its cut included (``tokenizer_copy.files_build``);
+    else without them, said in ``log`` (the checkpoints then hold ``tok``'s tokenizer.json, which encodes long runs
+    whole): a token added to ``tok`` (``ensure_eos``) or files changed since the data was encoded."""
+    if TIKTOKEN_FILE not in settings:
+        return settings
+    try:
+        same, why = files_build(settings, tok, CheckpointError), "they build another tokenizer"
+    except CheckpointError as e:
+        same, why = False, str(e)
+    if same:
+        return settings
+    log(f"warning: the run's tokenizer is not its source's {TIKTOKEN_FILE} ({why}): its checkpoints hold a "
+        "tokenizer.json, which encodes runs of characters past the source's cut whole")
+    return {k: v for k, v in settings.items() if k in ckpt.SETTINGS_FILES}
 
 
 def lr_at(tc: TrainConfig, step: int) -> float:

@@ -51,7 +51,7 @@ from flyer.parallel.pipeline import (PipelineModel, held_modules, min_micro_batc
                                      require_torch_for, validate_pipeline)
 from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
-from flyer.train.config import TrainConfig, carried_settings, check_resume_settings, lr_at
+from flyer.train.config import TrainConfig, carried_settings, check_resume_settings, lr_at, tokenizer_settings
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 from flyer.train.batches import counts, draw, positions_run
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
@@ -197,6 +197,8 @@ class Trainer:
         self.data = (prepare_chat(tc.data, cache, *chat_tokenizer(tc.init, tc.tokenizer), tc.chat_template_kwargs)
                      if chat else prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer,
                                                fim_rate=tc.fim_rate, seed=tc.seed))
+        if self.rank0:  # a tiktoken source's files stand for the tokenizer only where they build it
+            self.settings = tokenizer_settings(self.settings, self.data.tokenizer, self.log)
         if init_cfg and self.data.vocab_size > init_cfg.vocab_size:
             raise FieldError("init", f"{tc.init}'s tokenizer has {self.data.vocab_size} tokens, "
                                      f"more than its model's vocab_size {init_cfg.vocab_size}")
