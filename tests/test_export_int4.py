@@ -21,7 +21,7 @@ from flyer.errors import ConfigError, FieldError
 from flyer.interop.export import export
 from flyer.interop.export_config import hf_config
 from flyer.interop.hf import TextTokenizer, load_hf
-from flyer.interop.hf_config_quant import int4_pack
+from flyer.interop.hf_config_quant import compressed_scheme
 from flyer.interop.hf_names import hf_names
 from flyer.interop.int4_pack import dequantize_int4, pack_int4, packed_items, quantize_int4
 from tests.hf_models import _COMMON, FAMILIES, VOCAB, make_tokenizer, trained_bias
@@ -208,7 +208,7 @@ def test_the_config_ignores_every_weight_left_unpacked(tmp_path, mtp_depth):
     no MTP layer, it is Kimi's published one."""
     cfg = dataclasses.replace(preset("tiny"), mtp_depth=mtp_depth, moe_inter_dim=2 * GROUP)
     tok = TextTokenizer(Tokenizer.from_file(str(_tokenizer(tmp_path))))
-    scheme = int4_pack(hf_config(cfg, tok, "int4"))
+    scheme = compressed_scheme(hf_config(cfg, tok, "int4"))
     names = hf_names(cfg, rope_half=False)
     linears = [n.removesuffix(".weight") for n, slot in names.items() if n.endswith(".weight")
                and not re.search(r"norm|embed_tokens|mlp\.gate\.weight$", n)]

@@ -229,15 +229,15 @@ _W = "quantization_config.config_groups.group_0.weights"
 
 
 @pytest.mark.parametrize("d, field", [
-    (_weights(num_bits=8), f"{_W}.num_bits"), (_weights(strategy="channel"), f"{_W}.strategy"),
-    (_weights(symmetric=False), f"{_W}.symmetric"), (_weights(type="float"), f"{_W}.type"),
-    (_weights(actorder="group"), f"{_W}.actorder"), (_weights(group_size=0), f"{_W}.group_size"),
-    ({**KIMI_K2_HUB, "quantization_config": {**KIMI_INT4, "format": "naive-quantized"}}, "quantization_config.format"),
+    (_weights(num_bits=16), f"{_W}.num_bits"), (_weights(strategy="tensor"), f"{_W}.strategy"),
+    (_weights(symmetric="no"), f"{_W}.symmetric"), (_weights(type="float"), f"{_W}.type"),
+    (_weights(actorder="random"), f"{_W}.actorder"), (_weights(group_size=0), f"{_W}.group_size"),
+    ({**KIMI_K2_HUB, "quantization_config": {**KIMI_INT4, "format": "float-quantized"}}, "quantization_config.format"),
     ({**KIMI_K2_HUB, "quantization_config": {**KIMI_INT4, "quant_method": "gptq"}}, "quantization_config.quant_method"),
     ({**KIMI_K2_HUB, "quantization_config": {**KIMI_INT4, "config_groups": {"group_0": {
         **KIMI_INT4["config_groups"]["group_0"], "input_activations": {"num_bits": 8}}}}},
      "quantization_config.config_groups.group_0.input_activations"),
-    ({"model_type": "kimi_k25", "text_config": _weights(num_bits=2)}, f"{_W}.num_bits"),
+    ({"model_type": "kimi_k25", "text_config": _weights(num_bits=0)}, f"{_W}.num_bits"),
 ], ids=["bits", "strategy", "asymmetric", "float", "actorder", "group_size", "format", "method", "activations",
         "wrapped"])
 def test_what_flyer_cannot_decode_is_one_line(tmp_path, capsys, d, field):
@@ -255,7 +255,7 @@ def test_packed_weights_the_config_ignores_are_refused(k2, tmp_path, capsys):
     (tmp_path / "config.json").unlink()
     d = json.loads((path / "config.json").read_text())
     for quant, problem in (({**KIMI_INT4, "ignore": KIMI_INT4["ignore"] + [r"re:.*experts\.3\.up_proj$"]},
-                            r"experts\.3\.up_proj\.weight_packed is packed INT4, but .* ignore"),
+                            r"experts\.3\.up_proj\.weight_packed is quantized, but .* ignore"),
                            (_weights(group_size=16)["quantization_config"], "groups of 16 columns")):
         (tmp_path / "config.json").write_text(json.dumps({**d, "quantization_config": quant}))
         with pytest.raises(CheckpointError, match=problem):

@@ -66,6 +66,7 @@ from flyer.interop.hf_names import Slot, hf_names, permute_rope, v4_name
 from flyer.interop.hf_config import HALF_ROPE_MODEL_TYPES
 from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE
 from flyer.interop.hf_tokenizer import TextTokenizer, read_json as _read_json
+from flyer.interop.compressed import G_IDX, ZERO
 from flyer.interop.int4_pack import PACKED, SCALE, SHAPE, dequantize_int4, packed_items
 from flyer.interop.load import settings_dir
 from flyer.interop.streamed import StreamedCheckpoint
@@ -352,8 +353,10 @@ def _int4_source_codes(src: StreamedCheckpoint) -> Codes:
         cols = src.state[slot.key].shape[-1]
         tfs = [header(src.headers, src.files[stem + p]) for p in (PACKED, SCALE, SHAPE)]
         scale = tfs[1].dtype(stem + SCALE), tfs[1].shape(stem + SCALE)[-1:]
-        if scale != (torch.bfloat16, (cols // KIMI_GROUP_SIZE,)):
-            continue  # another group size or scale dtype: quantized again from the exact values
+        kimi = tfs[0].shape(stem + PACKED)[-1:] == (-(-cols // 8),) and not any(
+            stem + p in src.files for p in (ZERO, G_IDX))  # 4-bit codes, symmetric, columns in order
+        if scale != (torch.bfloat16, (cols // KIMI_GROUP_SIZE,)) or not kimi:
+            continue  # another scheme, group size or scale dtype: quantized again from the exact values
 
         def make(tfs=tfs, stem=stem) -> tuple[torch.Tensor, ...]:
             parts = [tf.read(stem + p) for tf, p in zip(tfs, (PACKED, SCALE, SHAPE))]

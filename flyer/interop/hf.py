@@ -8,8 +8,9 @@ each flyer tensor is, and the RoPE rows permuted on the way: ``flyer.interop.hf_
 DeepSeek's FP8 format stores a linear weight as ``float8_e4m3fn`` plus ``weight_scale_inv``,
 one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on import, or, into a
 model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as its codes and scales.
-compressed-tensors' pack-quantized INT4 (Kimi-K2-Thinking's, K2.5's experts) is read as ``<stem>.weight``
-from ``<stem>.weight_packed``, ``weight_scale`` and ``weight_shape``, dequantized on import (``int4_pack``).
+compressed-tensors' integer weights (Kimi-K2-Thinking's, K2.5's INT4 experts; llm-compressor's GPTQ / AWQ / RTN
+schemes) are read as ``<stem>.weight`` from its codes, scales and zero points, dequantized on import
+(``flyer.interop.compressed``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type, text_config
-from flyer.interop.hf_config_quant import int4_pack
+from flyer.interop.compressed import PACKED, codes_name, compressed_shape, compressed_stem, read_compressed
+from flyer.interop.hf_config_quant import CompressedScheme, compressed_scheme
 from flyer.interop.hf_names import (MTP_COPIES, V4_MTP_COPIES, Slot, has_fused_experts, hf_names, meta_model,
                                     permute_rope, v4_name)
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
-from flyer.interop.int4_pack import PACKED, packed_shape, packed_stem, read_int4
 from flyer.interop.tensorfile import TensorFile, header
 from flyer.interop.v4_quant import dequantize_fp4_e2m1, dequantize_ue8m0_blocks, held_e4m3_blocks, stored_format
 from flyer.model.attention import Indexer
@@ -158,11 +159,11 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
     headers = {} if headers is None else headers
     found: dict[str, Slot] = {}
     canonical = v4_name if cfg.attn == "hybrid" else text_name if is_wrapped(files) else str
-    int4 = int4_pack(text_config(_read_json(path / "config.json")))  # compressed-tensors INT4 (int4_pack)
+    scheme = quant_scheme(path)  # compressed-tensors' integer weights (flyer.interop.compressed)
     for name, f in files.items():
-        stem = packed_stem(name, files) if int4 else None  # <stem>.weight_packed read as <stem>.weight
-        if stem is not None and not name.endswith(PACKED):
-            continue  # its scale and shape, read with it
+        stem = compressed_stem(name, files, scheme) if scheme else None  # its codes read as <stem>.weight
+        if stem is not None and name != codes_name(stem, scheme):
+            continue  # its scale, shape, zero point, g_idx: read with its codes
         own = name if stem is None else stem + ".weight"
         if canonical(own) is None or _ignored(canonical(own), cfg):  # None: a wrapper's vision tower, projector
             continue
@@ -176,11 +177,11 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
         dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
         if slot.fused:
             dest = torch.cat([state[k] for k in slot.fused], dim=1)  # meta: a shape, no memory
-        shape = tf.shape(name) if stem is None else packed_shape(name, files, headers, int4)
+        shape = tf.shape(name) if stem is None else compressed_shape(name, files, headers, scheme)
         if stored_format(name, files, tf.dtype(name)) == "fp4":  # DeepSeek-V4's experts: two values a byte
             shape = (*shape[:-1], 2 * shape[-1])
         if shape != tuple(dest.shape):
-            held_as = "" if stem is None else f" (a {shape} weight)"  # packed INT4: the weight it decodes to
+            held_as = "" if stem is None else f" (a {shape} weight)"  # quantized: the weight it decodes to
             raise CheckpointError(f"{f}: tensor {name} has shape {tf.shape(name)}{held_as}, "
                                   f"the config expects {tuple(dest.shape)}")
         found[name] = slot
@@ -204,20 +205,21 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
     files = files if files is not None else weight_files(Path(path))
     state = model.state_dict()
     headers: dict[Path, TensorFile] = {}
+    scheme = quant_scheme(Path(path))
     for name, slot in hf_weight_map(model.cfg, path, rope_half, files, headers).items():
         if place is not None and (slot := place(slot)) is None:
             continue
         tf = header(headers, files[name])
         if slot.fused:
-            fill_fused(model, tf, name, slot, files, headers)
+            fill_fused(model, tf, name, slot, files, headers, scheme)
             continue
         dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
-        fill_tensor(model, dest, tf, name, slot, files, headers)
+        fill_tensor(model, dest, tf, name, slot, files, headers, scheme=scheme)
 
 
 @torch.no_grad()
 def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files: dict[str, Path],
-               headers: dict[Path, TensorFile]) -> None:
+               headers: dict[Path, TensorFile], scheme: CompressedScheme | None = None) -> None:
     """Write the fused tensor ``name`` (``Slot.fused``: the stacks it concatenates on dim 1) into ``model``'s
     stacks, one expert at a time as ``fill_tensor`` reads any tensor, each part written as its stack is held: a
     rank holding experts ``first ..`` of the stacks (``Experts.first``, expert parallelism) reads only its
@@ -227,7 +229,7 @@ def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files:
     first = getattr(model.get_submodule(slot.key.rpartition(".")[0]), "first", 0)
     one = torch.empty((1, *tf.shape(name)[1:]), dtype=torch.float32 if parts[0].dtype == FP8 else parts[0].dtype)
     for e in range(len(parts[0])):
-        fill_tensor(None, one, tf, name, Slot(name), files, headers, rows=(first + e, first + e + 1))
+        fill_tensor(None, one, tf, name, Slot(name), files, headers, rows=(first + e, first + e + 1), scheme=scheme)
         for key, dest, value in zip(slot.fused, parts, one[0].split([p.shape[1] for p in parts], dim=0)):
             if dest.dtype == FP8:  # held FP8: each expert with its own block scales
                 write_weight(dest[e], value, held_scale(model, key, e))
@@ -237,7 +239,8 @@ def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files:
 
 @torch.no_grad()
 def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot,
-                files: dict[str, Path], headers: dict[Path, TensorFile], rows: tuple[int, int] | None = None) -> None:
+                files: dict[str, Path], headers: dict[Path, TensorFile], rows: tuple[int, int] | None = None,
+                scheme: CompressedScheme | None = None) -> None:
     """Write tensor ``name`` of ``tf`` into ``dest``, the parameter (or expert slice) ``slot`` names:
     FP8 dequantized with its block scales, or, held as FP8 codes, its codes and scales as they are
     (rope rows permuted as the values are) where the permutation keeps every row in its 128-row
@@ -245,14 +248,17 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
     read straight into the parameter when the dtypes agree; else
     written as the model holds it (``write_weight``). NaN or inf (values, codes, scales):
     ``CheckpointError``. ``rows``: only those of the tensor's first dimension (a rank's slice of an
-    expert stack; not FP8)."""
+    expert stack; not FP8). ``scheme``: the checkpoint's compressed-tensors integer weights (``quant_scheme``),
+    decoded (``flyer.interop.compressed``)."""
     held = held_scale(model, slot.key, slot.expert) if dest.dtype == FP8 else None  # FP8 codes, held
     try:
         kind = stored_format(name, files, tf.dtype(name))  # "<name>.scale" beside it: DeepSeek-V4's only
-        if name.endswith(PACKED):  # compressed-tensors INT4 (int4_pack): dequantized, as any plain weight then
-            t = read_int4(tf, name, files, headers, torch.float32 if dest.dtype == FP8 else dest.dtype)
+        if scheme is None and name.endswith(PACKED):  # its bit width and layout are the config's
+            raise CheckpointError(f"{tf.path}: tensor {name} is packed, but no quantization_config says how")
+        if scheme is not None and compressed_stem(name, files, scheme) is not None:  # dequantized, then as plain
+            t = read_compressed(tf, name, files, headers, scheme, torch.float32 if dest.dtype == FP8 else dest.dtype)
             if rows is not None or t.shape != dest.shape:
-                raise CheckpointError(f"{tf.path}: INT4 tensor {name} holds a {tuple(t.shape)} weight, "
+                raise CheckpointError(f"{tf.path}: quantized tensor {name} holds a {tuple(t.shape)} weight, "
                                       f"{tuple(dest.shape)} expected")
         elif kind != "plain":  # DeepSeek-V4's FP8 (UE8M0 block scales) and FP4 (experts) weights
             scale_name = name.removesuffix(".weight") + ".scale"
@@ -357,6 +363,12 @@ def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
     return torch.float32
 
 
+def quant_scheme(path: Path) -> CompressedScheme | None:
+    """The integer weight scheme of the HF directory ``path``'s (text) config, None when it has none
+    (``hf_config_quant.compressed_scheme``)."""
+    return compressed_scheme(text_config(_read_json(path / "config.json")))
+
+
 def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
             held: torch.dtype | None = None) -> tuple[Transformer, ModelConfig, TextTokenizer]:
     """(model in eval mode, config, tokenizer) from a Hugging Face model directory. ``dtype``: the
@@ -378,4 +390,4 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
 
 __all__ = ["INDEX", "SINGLE", "TextTokenizer", "build_empty", "dequantize_fp8_blocks", "fill_fused", "fill_tensor",
            "hf_weight_map", "is_hf_model_dir", "is_wrapped", "load_hf", "load_hf_weights", "load_tokenizer",
-           "read_hf_config", "rope_half_layout", "text_name", "unquantized_weights", "weight_files"]
+           "quant_scheme", "read_hf_config", "rope_half_layout", "text_name", "unquantized_weights", "weight_files"]

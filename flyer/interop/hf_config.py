@@ -57,7 +57,7 @@ from typing import Any
 
 from flyer.errors import ConfigError
 from flyer.interop.hf_config_mistral4 import MISTRAL4_DEFAULTS, MISTRAL4_ROPE, mistral4_fields
-from flyer.interop.hf_config_quant import int4_pack
+from flyer.interop.hf_config_quant import compressed_scheme
 from flyer.interop.hf_config_v4 import from_v4_config
 from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor, yarn_mscale
 
@@ -397,7 +397,7 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
     d = text_config(d, where)
     mt = model_type(d, where)
-    int4_pack(d, where)  # a quantization flyer cannot decode is refused here, naming the field
+    compressed_scheme(d, where)  # a quantization flyer cannot decode is refused here, naming the field
     if mt == "deepseek_v4":  # its own spellings (flyer.interop.hf_config_v4)
         return from_v4_config(d, where)
     if mt == "mixtral":

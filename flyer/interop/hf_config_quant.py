@@ -2,22 +2,26 @@
 (no torch: ``flyer.interop.hf_config`` uses it).
 
 * ``quant_method`` "fp8": DeepSeek's E4M3 weights with 128x128 ``weight_scale_inv`` blocks (``flyer.interop.hf``).
-* ``quant_method`` "compressed-tensors", ``format`` "pack-quantized": the INT4 weights Moonshot released
-  Kimi-K2-Thinking and Kimi-K2.5 in (W4A16, routed experts only). Their published config: one group whose
-  ``weights`` are num_bits 4, type "int", symmetric, strategy "group", group_size 32, actorder null, with no
-  activation quantization; ``ignore`` lists lm_head, ``re:.*self_attn.*``, ``re:.*shared_experts.*`` and
-  ``re:.*mlp\\.(gate|up|gate_up|down)_proj.*`` (K2.5 adds its vision tower and projector). Decoded by
-  ``flyer.interop.int4_pack``. Fields mean what compressed-tensors (0.20) reads them as: ``QuantizationArgs``
-  defaults num_bits 8, type int, symmetric true, and strategy "group" when only group_size is given;
+* ``quant_method`` "compressed-tensors" with weight-only integer quantization, as llm-compressor's GPTQ / AWQ / RTN
+  recipes write it and as Moonshot released Kimi-K2-Thinking and K2.5 (``kimi_int4_config``: pack-quantized,
+  4-bit, symmetric, groups of 32, the routed experts only). Decoded by ``flyer.interop.compressed``:
+  ``format`` "pack-quantized" (codes packed in int32) or "naive-quantized" / "int-quantized" (codes stored as
+  int8); ``weights`` of ``num_bits`` 1-8, ``type`` "int", ``symmetric`` true or false (a ``weight_zero_point``),
+  ``strategy`` "group" (``group_size`` columns a scale) or "channel" (one scale per output row), ``actorder``
+  null / "weight" (the stored format unchanged) or "group" (a ``weight_g_idx``: column j in group g_idx[j]; the
+  library removed it in 0.20 and refuses to read it, vLLM and older releases still do). Every config group must
+  quantize its weights alike: which group a module belongs to (``targets``) is not matched.
+  Fields mean what compressed-tensors (0.20) reads them as: ``QuantizationArgs`` defaults num_bits 8, type int,
+  symmetric true, strategy "group" when group_size > 0 and "channel" when it is -1 (else "tensor");
   ``match_name`` ``re.match``-es an ``ignore`` entry "re:<regex>" against the module name, any other must equal it.
 
-Anything else (asymmetric zero points, other bit widths, channel / tensor / block strategies, activation or KV cache
-quantization, activation-ordered groups' ``weight_g_idx``, sparsity or transforms) is a ``ConfigError`` naming the
-field.
+Anything else (float types, tensor / token / block strategies, dynamic weights, activation or KV cache
+quantization, sparsity or transforms, other formats) is a ``ConfigError`` naming the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -25,15 +29,23 @@ from typing import Any
 from flyer.errors import ConfigError
 
 PACK_QUANTIZED = "pack-quantized"
+INT8_FORMATS = ("naive-quantized", "int-quantized")  # codes stored one per int8: the same layout, two names
+FORMATS = (PACK_QUANTIZED, *INT8_FORMATS)
 
 
 @dataclass(frozen=True)
-class Int4Pack:
-    """compressed-tensors' pack-quantized INT4 scheme as flyer reads it: symmetric, one scale per ``group_size``
-    consecutive input columns of a row; modules ``ignore`` matches are stored unquantized."""
+class CompressedScheme:
+    """compressed-tensors' weight-only integer scheme as flyer reads it (``flyer.interop.compressed``): ``format``
+    one of ``FORMATS``; ``num_bits``-bit signed codes; ``group_size`` consecutive input columns a scale (None:
+    strategy "channel", one scale per row); a zero point per scale unless ``symmetric``; ``g_idx``: actorder
+    "group", each column's group stored in ``weight_g_idx``; modules ``ignore`` matches are stored unquantized."""
 
-    group_size: int
+    group_size: int | None
     ignore: tuple[str, ...] = ()
+    num_bits: int = 4
+    symmetric: bool = True
+    g_idx: bool = False
+    format: str = PACK_QUANTIZED
 
     def ignores(self, module: str) -> bool:
         """Whether the module named ``module`` (a tensor's name without ``.weight``) is listed in ``ignore``, as
@@ -65,34 +77,48 @@ def _bad(where: str, field: str, problem: str) -> ConfigError:
     return ConfigError(f"{where}: field '{field}': {problem}")
 
 
-def _weights(g: dict[str, Any], where: str, field: str) -> int:
-    """The group size of one config group's ``weights``, every field checked as compressed-tensors defaults it."""
+def _weights(g: dict[str, Any], where: str, field: str, fmt: str) -> CompressedScheme:
+    """One config group's ``weights`` as a scheme (no ``ignore`` yet), every field checked as compressed-tensors
+    defaults it."""
     w = g.get("weights")
     if not isinstance(w, dict):
         raise _bad(where, f"{field}.weights", f"expected the weights' quantization arguments (got {w!r:.40})")
     field += ".weights"
-    for key, want, default in (("num_bits", 4, 8), ("type", "int", "int"), ("symmetric", True, True),
-                               ("dynamic", False, False), ("block_structure", None, None)):
-        if w.get(key, default) != want or isinstance(w.get(key, default), bool) != isinstance(want, bool):
-            raise _bad(where, f"{field}.{key}", f"{w.get(key, default)!r:.40} is not supported (only {want!r}: "
-                                                f"symmetric 4-bit integers in groups, as Kimi's INT4 weights)")
+    bits = w.get("num_bits", 8)
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise _bad(where, f"{field}.num_bits", f"{bits!r:.40} is not supported (integers of 1 to 8 bits)")
+    symmetric = w.get("symmetric", True)
+    if not isinstance(symmetric, bool):
+        raise _bad(where, f"{field}.symmetric", f"expected true or false (got {symmetric!r:.40})")
+    for key, want in (("type", "int"), ("dynamic", False), ("block_structure", None)):
+        if w.get(key, want) != want or isinstance(w.get(key, want), bool) != isinstance(want, bool):
+            raise _bad(where, f"{field}.{key}", f"{w.get(key, want)!r:.40} is not supported (only {want!r}: "
+                                                f"integer weights in groups or channels)")
     size = w.get("group_size")
-    strategy = w.get("strategy") or ("group" if size else None)
-    if strategy != "group":
-        raise _bad(where, f"{field}.strategy", f"{strategy!r:.40} is not supported (only 'group')")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise _bad(where, f"{field}.group_size", f"expected a positive integer (got {size!r:.40})")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < -1 or size == 0):
+        raise _bad(where, f"{field}.group_size", f"expected a positive integer, or -1 for channels (got {size!r:.40})")
+    strategy = w.get("strategy") or ("group" if size and size > 0 else "channel" if size == -1 else "tensor")
+    if strategy not in ("group", "channel"):
+        raise _bad(where, f"{field}.strategy", f"{strategy!r:.40} is not supported (only 'group' or 'channel')")
+    if (strategy == "group") != (size is not None and size > 0) or (strategy == "channel" and size is not None
+                                                                    and size != -1):
+        raise _bad(where, f"{field}.group_size", f"{size!r:.40} does not fit strategy {strategy!r} (a positive "
+                                                 f"size for 'group'; null or -1 for 'channel')")
     # "group" (alias "dynamic", or true) stores a weight_g_idx permuting the groups; "weight" / "static" changes
     # only how the scales were calibrated, not the stored format
-    if w.get("actorder") not in (None, False, "weight", "static"):
-        raise _bad(where, f"{field}.actorder", f"{w['actorder']!r:.40} is not supported (activation-ordered "
-                                               f"groups: only null or 'weight')")
-    return size
+    actorder = w.get("actorder")
+    if actorder not in (None, False, True, "weight", "static", "group", "dynamic"):
+        raise _bad(where, f"{field}.actorder", f"{actorder!r:.40} is not supported (null, 'weight' or 'group')")
+    g_idx = actorder in (True, "group", "dynamic")
+    if g_idx and strategy != "group":
+        raise _bad(where, f"{field}.actorder", f"{actorder!r:.40} orders groups: strategy {strategy!r} has none")
+    return CompressedScheme(size if strategy == "group" else None, (), bits, symmetric, g_idx, fmt)
 
 
-def int4_pack(d: dict[str, Any], where: str = "config.json") -> Int4Pack | None:
-    """The INT4 scheme of a (text model's) config ``d`` whose ``quantization_config`` is compressed-tensors'
-    pack-quantized; None for unquantized or FP8 weights; any other quantization: ``ConfigError`` naming the field."""
+def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> CompressedScheme | None:
+    """The integer weight scheme of a (text model's) config ``d`` whose ``quantization_config`` is compressed-tensors'
+    (module docstring); None for unquantized or FP8 weights; any other quantization: ``ConfigError`` naming the
+    field."""
     q = d.get("quantization_config")
     if q is None:
         return None
@@ -103,7 +129,7 @@ def int4_pack(d: dict[str, Any], where: str = "config.json") -> Int4Pack | None:
         return None
     if method != "compressed-tensors":
         raise _bad(where, "quantization_config.quant_method",
-                   f"{method!r:.40} is not supported (DeepSeek's FP8 blocks, compressed-tensors' pack-quantized INT4, "
+                   f"{method!r:.40} is not supported (DeepSeek's FP8 blocks, compressed-tensors' integer weights, "
                    f"or unquantized weights)")
     f = "quantization_config"
     for key, want in (("quantization_status", "compressed"), ("kv_cache_scheme", None), ("sparsity_config", None),
@@ -113,21 +139,23 @@ def int4_pack(d: dict[str, Any], where: str = "config.json") -> Int4Pack | None:
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise _bad(where, f"{f}.config_groups", f"expected an object of quantization groups (got {groups!r:.40})")
-    sizes = set()
+    schemes = set()
     for name, g in groups.items():
         field = f"{f}.config_groups.{name}"
         if not isinstance(g, dict):
             raise _bad(where, field, f"expected a quantization scheme object (got {g!r:.40})")
         fmt = g.get("format") or q.get("format")  # a group's own format overrides the config's
-        if fmt != PACK_QUANTIZED:
+        if fmt not in FORMATS:
             raise _bad(where, f"{field}.format" if g.get("format") else f"{f}.format",
-                       f"{fmt!r:.40} is not supported (only {PACK_QUANTIZED!r})")
-        for key in ("input_activations", "output_activations"):  # W4A16: activations stay in the model's dtype
+                       f"{fmt!r:.40} is not supported (only {', '.join(map(repr, FORMATS))})")
+        for key in ("input_activations", "output_activations"):  # weight-only: activations stay in the model's dtype
             if g.get(key) is not None:
-                raise _bad(where, f"{field}.{key}", "activation quantization is not supported (only null: W4A16)")
-        sizes.add(_weights(g, where, field))
-    if len(sizes) > 1:  # each tensor's group size is read from its scale's shape: one size leaves no doubt
-        raise _bad(where, f"{f}.config_groups", f"groups of sizes {sorted(sizes)}: only one group size is supported")
+                raise _bad(where, f"{field}.{key}", "activation quantization is not supported (only null: "
+                                                    "weight-only schemes such as W4A16)")
+        schemes.add(_weights(g, where, field, fmt))
+    if len(schemes) > 1:  # which group quantizes a module (its targets) is not matched: one scheme leaves no doubt
+        raise _bad(where, f"{f}.config_groups", f"{len(schemes)} different weight schemes: only groups that "
+                                                f"quantize their weights alike are supported")
     ignore = q.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
         raise _bad(where, f"{f}.ignore", f"expected a list of module names or 're:' patterns (got {ignore!r:.60})")
@@ -137,7 +165,8 @@ def int4_pack(d: dict[str, Any], where: str = "config.json") -> Int4Pack | None:
                 re.compile(p[3:])
             except re.error as e:
                 raise _bad(where, f"{f}.ignore", f"{p!r:.60} is not a regular expression ({e})") from None
-    return Int4Pack(sizes.pop(), tuple(ignore))
+    return dataclasses.replace(schemes.pop(), ignore=tuple(ignore))
 
 
-__all__ = ["KIMI_GROUP_SIZE", "PACK_QUANTIZED", "Int4Pack", "int4_pack", "kimi_int4_config"]
+__all__ = ["FORMATS", "INT8_FORMATS", "KIMI_GROUP_SIZE", "PACK_QUANTIZED", "CompressedScheme", "compressed_scheme",
+           "kimi_int4_config"]

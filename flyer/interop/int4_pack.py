@@ -1,5 +1,6 @@
-"""compressed-tensors' pack-quantized INT4 weights (Kimi-K2-Thinking, Kimi-K2.5), decoded as they load and encoded
-as the export writes them (dtype "int4", ``flyer.interop.export``; ``quantize_int4``: the library's own quantizer).
+"""compressed-tensors' pack-quantized INT4 weights (Kimi-K2-Thinking, Kimi-K2.5), encoded as the export writes them
+(dtype "int4", ``flyer.interop.export``; ``quantize_int4``: the library's own quantizer); loading decodes them, and
+the library's other integer schemes, in ``flyer.interop.compressed``.
 
 A quantized linear ``<stem>`` (R output rows, C input columns) is stored as three tensors instead of ``<stem>.weight``
 (compressed-tensors 0.20, ``PackedQuantizationCompressor`` and ``pack_to_int32`` / ``unpack_from_int32``):
@@ -18,35 +19,19 @@ its FP32 product once) and then cast to the model's dtype; FP32 and BF16 models 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from flyer.errors import CheckpointError
-from flyer.interop.hf_config_quant import Int4Pack
-from flyer.interop.tensorfile import TensorFile, header
+from flyer.interop.compressed import PACKED, SCALE, SHAPE, dequantize, unpack_int32
 
-PACKED, SCALE, SHAPE = ".weight_packed", ".weight_scale", ".weight_shape"
 CODES_PER_WORD = 8  # 32 bits / 4
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble j of a word: bits 4j..4j+3
 
 
-def packed_stem(name: str, files) -> str | None:
-    """``<stem>`` of a pack-quantized weight's tensor ``name`` (its packed codes, scale or shape) when the
-    checkpoint's ``files`` hold the packed codes; else None."""
-    for suffix in (PACKED, SCALE, SHAPE):
-        if name.endswith(suffix):
-            stem = name.removesuffix(suffix)
-            return stem if stem + PACKED in files else None
-    return None
-
-
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """(R, cols) int8 signed codes q in [-8, 7] from ``packed`` (R, ceil(cols/8)) int32 (module docstring);
-    shifts, not a byte view, so the host's byte order does not matter."""
-    nibbles = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF  # (R, W, 8), column 8w + j
-    return (nibbles.flatten(1)[:, :cols] - 8).to(torch.int8)
+    """(R, cols) int8 signed codes q in [-8, 7] from ``packed`` (R, ceil(cols/8)) int32 (module docstring)."""
+    return unpack_int32(packed, 4, cols)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -109,7 +94,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Tens
                     out_dtype: torch.dtype = torch.float32, name: str = "weight") -> torch.Tensor:
     """(R, C) ``out_dtype`` weight from a pack-quantized ``packed`` (R, ceil(C/8)) int32, ``scale`` (R, C/g)
     float and ``shape`` (2,) integer (R, C): each code times its group's scale, rounded to the scale's dtype
-    (module docstring). Inconsistent shapes or dtypes: ValueError naming ``name``."""
+    (``flyer.interop.compressed.dequantize``). Inconsistent shapes or dtypes: ValueError naming ``name``."""
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise ValueError(f"{name}: packed codes must be 2-D int32 (got {packed.dtype} {tuple(packed.shape)})")
     if shape.dtype.is_floating_point or shape.dtype == torch.bool or shape.numel() != 2:
@@ -118,43 +103,8 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Tens
     if R != packed.shape[0] or -(-C // CODES_PER_WORD) != packed.shape[1]:
         raise ValueError(f"{name}: weight_shape ({R}, {C}) does not match the packed codes {tuple(packed.shape)} "
                          f"(8 codes per int32)")
-    if not scale.dtype.is_floating_point or scale.dim() != 2 or scale.shape[0] != R or not scale.shape[1] \
-            or C % scale.shape[1]:
-        raise ValueError(f"{name}: weight_scale {scale.dtype} {tuple(scale.shape)} is not one float scale per "
-                         f"group of columns of a ({R}, {C}) weight")
-    q = unpack_int4(packed, C).float().unflatten(1, (scale.shape[1], -1))  # (R, groups, g), exact in FP32
-    return (q * scale.float().unsqueeze(-1)).flatten(1).to(scale.dtype).to(out_dtype)
-
-
-def packed_shape(name: str, files: dict[str, Path], headers: dict[Path, TensorFile], scheme: Int4Pack) -> tuple:
-    """The (R, C) weight the pack-quantized tensor ``name`` (``<stem>.weight_packed``) holds, from the headers of
-    it and its scale and shape alone (C: the scale's columns times the scheme's group size, as compressed-tensors
-    reads it); a missing companion, a shape off the scheme, or a module the config's ``ignore`` lists (stored
-    unquantized by the config): ``CheckpointError`` naming the tensor."""
-    stem, tf = name.removesuffix(PACKED), header(headers, files[name])
-    for part in (SCALE, SHAPE):
-        if stem + part not in files:
-            raise CheckpointError(f"{tf.path}: INT4 tensor {name} has no {stem + part}")
-    if scheme.ignores(stem):
-        raise CheckpointError(f"{tf.path}: tensor {name} is packed INT4, but quantization_config's ignore lists "
-                              f"{stem} as unquantized")
-    rows, words = (tf.shape(name) + (0, 0))[:2]
-    scale = header(headers, files[stem + SCALE]).shape(stem + SCALE)
-    cols = scale[-1] * scheme.group_size if len(scale) == 2 else -1
-    if len(tf.shape(name)) != 2 or scale[0] != rows or -(-cols // CODES_PER_WORD) != words:
-        raise CheckpointError(f"{tf.path}: INT4 tensor {name} {tf.shape(name)} and its scale {scale} are not a "
-                              f"weight in groups of {scheme.group_size} columns (quantization_config's group_size)")
-    return rows, cols
-
-
-def read_int4(tf: TensorFile, name: str, files: dict[str, Path], headers: dict[Path, TensorFile],
-              out_dtype: torch.dtype) -> torch.Tensor:
-    """The dequantized weight of the pack-quantized tensor ``name`` (``dequantize_int4``), its scale and shape read
-    from their files: one weight in memory at a time."""
-    stem = name.removesuffix(PACKED)
-    scale, shape = (header(headers, files[stem + p]).read(stem + p) for p in (SCALE, SHAPE))
-    return dequantize_int4(tf.read(name), scale, shape, out_dtype, name)
+    return dequantize(unpack_int4(packed, C), scale, out_dtype=out_dtype, name=name)
 
 
 __all__ = ["CODES_PER_WORD", "PACKED", "SCALE", "SHAPE", "dequantize_int4", "pack_int4", "packed_items",
-           "packed_shape", "packed_stem", "quantize_int4", "read_int4", "unpack_int4"]
+           "quantize_int4", "unpack_int4"]

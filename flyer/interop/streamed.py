@@ -9,7 +9,7 @@ import torch
 
 from flyer.fp8.fp4 import fp4_round_trip
 from flyer.interop.hf import (SINGLE, build_empty, checkpoint_dtype, fill_tensor, hf_weight_map, is_hf_model_dir,
-                              read_hf_config, rope_half_layout, weight_files)
+                              quant_scheme, read_hf_config, rope_half_layout, weight_files)
 from flyer.interop.hf_names import Slot
 from flyer.interop.hf_tokenizer import load_tokenizer
 from flyer.interop.load import expert_stack_keys, run_tokenizer, stored_weight_dtype
@@ -29,12 +29,13 @@ class StreamedCheckpoint:
     def __init__(self, path: str | Path):
         path = Path(path)
         self.headers: dict[Path, TensorFile] = {}
-        self.qat, self.fp4_keys = False, set()
+        self.qat, self.fp4_keys, self.scheme = False, set(), None
         if is_hf_model_dir(path):
             self.files = weight_files(path)
             self.cfg, raw = read_hf_config(path, list(self.files))
             self.tok = load_tokenizer(path, raw)
             self.fp8 = stored_weight_dtype(path) == "fp8"
+            self.scheme = quant_scheme(path)  # compressed-tensors' integer weights, decoded as read
             # checked from the headers before a byte is written
             names = hf_weight_map(self.cfg, path, rope_half_layout(raw), self.files, self.headers)
             self.where: dict[tuple[str, int | None], tuple[str, Slot]] | None = {
@@ -72,11 +73,12 @@ class StreamedCheckpoint:
         if src.fused:  # the whole fused tensor read, this stack's part of it returned
             tf = header(self.headers, self.files[name])
             whole = torch.empty(tf.shape(name), dtype=meta.dtype)
-            fill_tensor(None, whole, tf, name, Slot(name), self.files, self.headers)
+            fill_tensor(None, whole, tf, name, Slot(name), self.files, self.headers, scheme=self.scheme)
             sizes = [self.state[k].shape[1] for k in src.fused]
             return whole.split(sizes, dim=1)[src.fused.index(key)].contiguous()
         dest = torch.empty(meta.shape, dtype=meta.dtype)
-        fill_tensor(None, dest, header(self.headers, self.files[name]), name, src, self.files, self.headers)
+        fill_tensor(None, dest, header(self.headers, self.files[name]), name, src, self.files, self.headers,
+                    scheme=self.scheme)
         return dest
 
 

@@ -1,0 +1,195 @@
+"""compressed-tensors' weight-only integer checkpoints (``hf_config_quant.CompressedScheme``), decoded as they load,
+exactly as compressed-tensors 0.20 decompresses them.
+
+A quantized linear ``<stem>`` (R output rows, C input columns; G scales a row: C / group_size, or 1 for strategy
+"channel") is stored instead of ``<stem>.weight`` as:
+
+* its codes, b-bit signed integers q in [-2^(b-1), 2^(b-1) - 1] (b: ``num_bits``):
+  pack-quantized: ``<stem>.weight_packed`` int32 (R, ceil(C*b/32)), each row a little-endian bit stream (code j
+  in bits j*b .. j*b+b-1, the first word's lowest bit first; a code may straddle two words unless b divides 32),
+  each code stored unsigned as q + 2^(b-1) (``pack_to_int32``); and ``<stem>.weight_shape`` integer (2,): (R, C);
+  naive-quantized / int-quantized: ``<stem>.weight`` int8 (R, C), q itself;
+* ``<stem>.weight_scale`` (R, G), float (the model's dtype, as the library writes it);
+* asymmetric schemes: ``<stem>.weight_zero_point`` (R, G) integer z in q's range: pack-quantized packs it as the
+  codes are but down the rows (``packed_dim=0``: int32 (ceil(R*b/32), G)); int8 (R, G) in the int8 formats;
+* actorder "group": ``<stem>.weight_g_idx`` integer (C,), the group of each column (without it column j is in
+  group j // group_size).
+
+w[r, j] = (q[r, j] - z[r, g]) * scale[r, g], g = column j's group, as the library's ``dequantize`` computes it: the
+difference in the scale's dtype (exact: |q - z| <= 255 fits BF16's and FP16's significands), the product rounded
+once to the scale's dtype (computed here in FP32, exact for BF16 / FP16 scales, then rounded once, as PyTorch's
+BF16 multiply does), then cast to the model's dtype. transformers loads those values; vLLM's kernels multiply by
+them. compressed-tensors 0.20 no longer reads actorder "group" (it refuses the config); its semantics here are
+those of its earlier releases and vLLM's (a column's scale and zero point are its g_idx group's).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from flyer.errors import CheckpointError
+from flyer.interop.hf_config_quant import PACK_QUANTIZED, CompressedScheme
+from flyer.interop.tensorfile import TensorFile, header
+
+PACKED, SCALE, SHAPE, ZERO, G_IDX = ".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", \
+    ".weight_g_idx"
+WEIGHT = ".weight"
+WORD_BITS = 32
+PARTS = (PACKED, SCALE, SHAPE, ZERO, G_IDX)  # a stem's tensors besides an int8 format's .weight
+
+
+def packed_words(count: int, num_bits: int) -> int:
+    """int32 words holding ``count`` ``num_bits``-bit codes, densely packed."""
+    return -(-count * num_bits // WORD_BITS)
+
+
+def unpack_int32(packed: torch.Tensor, num_bits: int, count: int) -> torch.Tensor:
+    """(R, count) int8 signed codes from ``packed`` (R, >= packed_words(count, num_bits)) int32, each row the dense
+    little-endian bit stream of the module docstring (compressed-tensors' ``unpack_from_int32``): 4 and 8 bits as
+    bytes on a little-endian host; otherwise shifts, whatever the host's byte order."""
+    mask = (1 << num_bits) - 1
+    if num_bits in (4, 8) and sys.byteorder == "little":  # a word's bytes in stream order: read as bytes, 15x faster
+        u8 = packed.contiguous().view(torch.uint8)  # (R, 4W)
+        if num_bits == 4:  # the low nibble first
+            u8 = torch.stack((u8 & 0xF, u8 >> 4), dim=-1).flatten(1)
+        # q + 2^(b-1) to q: subtracting the offset is flipping the top bit (two's complement)
+        return (u8[:, :count] ^ (1 << (num_bits - 1))).view(torch.int8) if num_bits == 8 else \
+            (u8[:, :count].view(torch.int8) - 8)
+    if WORD_BITS % num_bits == 0:  # no code straddles two words (b = 1, 2, 4, 8): shifts in int32, 4 bytes a code
+        shifts = torch.arange(0, WORD_BITS, num_bits, dtype=torch.int32, device=packed.device)
+        codes = ((packed.unsqueeze(-1) >> shifts) & mask).flatten(1)[:, :count]
+        return (codes - (1 << (num_bits - 1))).to(torch.int8)
+    u = packed.to(torch.int64) & 0xFFFFFFFF  # each word's 32 bits, unsigned
+    u = torch.nn.functional.pad(u, (0, 1))  # a last code's missing upper word reads as zeros
+    start = torch.arange(count, device=packed.device) * num_bits
+    word, shift = start // WORD_BITS, start % WORD_BITS
+    # the two words a code may straddle as one 64-bit window: its bits sit at shift .. shift + b - 1 < 40
+    window = u[:, word] | (u[:, word + 1] << WORD_BITS)
+    return (((window >> shift) & mask) - (1 << (num_bits - 1))).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+               g_idx: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+               name: str = "weight") -> torch.Tensor:
+    """(R, C) ``out_dtype`` weight (module docstring) from codes ``q`` (R, C) integer, ``scale`` (R, G) float,
+    ``zero`` (R, G) integer or None (symmetric), ``g_idx`` (C,) integer group per column or None (column j in group
+    j // (C / G), C a multiple of G). Inconsistent shapes or values: ValueError naming ``name``."""
+    if q.dim() != 2 or q.dtype.is_floating_point:
+        raise ValueError(f"{name}: codes must be a 2-D integer tensor (got {q.dtype} {tuple(q.shape)})")
+    R, C = q.shape
+    if scale.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or scale.dim() != 2 \
+            or scale.shape[0] != R or not scale.shape[1]:
+        raise ValueError(f"{name}: weight_scale {scale.dtype} {tuple(scale.shape)} is not one float scale per group "
+                         f"of a row of a ({R}, {C}) weight")
+    G = scale.shape[1]
+    if zero is not None and (zero.dtype.is_floating_point or tuple(zero.shape) != (R, G)):
+        raise ValueError(f"{name}: weight_zero_point {zero.dtype} {tuple(zero.shape)} is not one integer per scale "
+                         f"{(R, G)}")
+    compute = torch.promote_types(scale.dtype, torch.float32)
+    if g_idx is None:
+        if C % G:
+            raise ValueError(f"{name}: {C} columns do not split into the scale's {G} groups")
+        v = q.to(compute).unflatten(1, (G, -1))  # (R, G, C/G): each group's columns, exact
+        s, z = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
+    else:
+        if g_idx.dtype.is_floating_point or tuple(g_idx.shape) != (C,):
+            raise ValueError(f"{name}: weight_g_idx {g_idx.dtype} {tuple(g_idx.shape)} is not one integer per column")
+        if C and not (0 <= int(g_idx.min()) and int(g_idx.max()) < G):
+            raise ValueError(f"{name}: weight_g_idx holds groups outside [0, {G})")
+        g = g_idx.long()
+        v, s, z = q.to(compute), scale[:, g], None if zero is None else zero[:, g]  # each column's group's
+    if z is not None:
+        v = v - z.to(compute)
+    return (v * s.to(compute)).to(scale.dtype).flatten(1).to(out_dtype)
+
+
+def compressed_stem(name: str, files, scheme: CompressedScheme) -> str | None:
+    """``<stem>`` when tensor ``name`` is one of a quantized weight's tensors in the checkpoint's ``files`` (its codes
+    or a companion; module docstring); else None."""
+    main = PACKED if scheme.format == PACK_QUANTIZED else WEIGHT
+    for suffix in PARTS if main == PACKED else (*PARTS, WEIGHT):
+        if name.endswith(suffix):
+            stem = name.removesuffix(suffix)
+            return stem if stem + main in files and stem + SCALE in files else None
+    return None
+
+
+def codes_name(stem: str, scheme: CompressedScheme) -> str:
+    """The tensor holding ``stem``'s codes: ``<stem>.weight_packed`` or, int8 formats, ``<stem>.weight``."""
+    return stem + (PACKED if scheme.format == PACK_QUANTIZED else WEIGHT)
+
+
+def _parts(stem: str, scheme: CompressedScheme) -> tuple[str, ...]:
+    """The companions of ``stem``'s codes the scheme stores (module docstring)."""
+    return (SCALE, *((SHAPE,) if scheme.format == PACK_QUANTIZED else ()), *(() if scheme.symmetric else (ZERO,)),
+            *((G_IDX,) if scheme.g_idx else ()))
+
+
+def compressed_shape(name: str, files: dict[str, Path], headers: dict[Path, TensorFile],
+                     scheme: CompressedScheme) -> tuple[int, int]:
+    """The (R, C) weight the codes ``name`` (``codes_name``) decode to, from the headers of its tensors (and, for a
+    packed weight of strategy "channel" without g_idx, its 2-integer weight_shape: the packed words give C only to
+    within 32 / b); a missing or unexpected companion, a shape off the scheme, or a module the config's ``ignore``
+    lists (stored unquantized by the config): ``CheckpointError`` naming the tensor."""
+    stem, tf = name.removesuffix(PACKED if scheme.format == PACK_QUANTIZED else WEIGHT), header(headers, files[name])
+    parts = _parts(stem, scheme)
+    for part in PARTS:
+        if (stem + part in files) != (part in parts) and stem + part != name:
+            problem = "has no" if part in parts else "has a"
+            raise CheckpointError(f"{tf.path}: quantized tensor {name} {problem} {stem + part} (quantization_config: "
+                                  f"{scheme.num_bits}-bit, {'' if scheme.symmetric else 'a'}symmetric, "
+                                  f"{'actorder group' if scheme.g_idx else 'no actorder group'})")
+    if scheme.ignores(stem):
+        raise CheckpointError(f"{tf.path}: tensor {name} is quantized, but quantization_config's ignore lists "
+                              f"{stem} as unquantized")
+    shape = lambda part: header(headers, files[stem + part]).shape(stem + part)  # noqa: E731
+    codes, scale = tf.shape(name), shape(SCALE)
+    rows = codes[0] if len(codes) == 2 else -1
+    if scheme.g_idx:
+        cols = shape(G_IDX)[0] if len(shape(G_IDX)) == 1 else -1
+    elif scheme.group_size is not None:
+        cols = scale[-1] * scheme.group_size
+    elif scheme.format == PACK_QUANTIZED:
+        size = header(headers, files[stem + SHAPE]).read(stem + SHAPE).reshape(-1).tolist()
+        cols = int(size[1]) if len(size) == 2 else -1
+    else:
+        cols = codes[1] if len(codes) == 2 else -1
+    groups = 1 if scheme.group_size is None else -(-cols // scheme.group_size)
+    width = packed_words(cols, scheme.num_bits) if scheme.format == PACK_QUANTIZED else cols
+    zero = (packed_words(rows, scheme.num_bits) if scheme.format == PACK_QUANTIZED else rows, groups)
+    if (cols < 0 or tuple(codes) != (rows, width) or tuple(scale) != (rows, groups)
+            or (not scheme.symmetric and tuple(shape(ZERO)) != zero)):
+        what = "channels" if scheme.group_size is None else f"groups of {scheme.group_size} columns"
+        raise CheckpointError(f"{tf.path}: quantized tensor {name} {tuple(codes)} and its scale {tuple(scale)} are not "
+                              f"a {scheme.num_bits}-bit weight in {what} (quantization_config)")
+    return rows, cols
+
+
+def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: dict[Path, TensorFile],
+                    scheme: CompressedScheme, out_dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight of the codes ``name`` (``dequantize``), its companions read from their files: one
+    weight in memory at a time."""
+    stem = name.removesuffix(PACKED if scheme.format == PACK_QUANTIZED else WEIGHT)
+    read = {p: header(headers, files[stem + p]).read(stem + p) for p in _parts(stem, scheme)}
+    codes, zero = tf.read(name), read.get(ZERO)
+    if scheme.format == PACK_QUANTIZED:
+        if codes.dtype != torch.int32 or (zero is not None and zero.dtype != torch.int32):
+            raise ValueError(f"{name}: packed codes and zero points must be int32 (got {codes.dtype})")
+        size = read[SHAPE].reshape(-1).tolist()
+        if read[SHAPE].dtype.is_floating_point or len(size) != 2 or size[0] != codes.shape[0] \
+                or packed_words(size[1], scheme.num_bits) != codes.shape[1]:
+            raise ValueError(f"{name}: weight_shape {size} does not match the packed codes {tuple(codes.shape)} "
+                             f"({scheme.num_bits}-bit)")
+        codes = unpack_int32(codes, scheme.num_bits, int(size[1]))
+        if zero is not None:  # packed down the rows: its transpose's rows are the stream
+            zero = unpack_int32(zero.T, scheme.num_bits, codes.shape[0]).T
+    elif codes.dtype != torch.int8:
+        raise ValueError(f"{name}: {scheme.format} codes must be int8 (got {codes.dtype})")
+    return dequantize(codes, read[SCALE], zero, read.get(G_IDX), out_dtype, name)
+
+
+__all__ = ["G_IDX", "PACKED", "PARTS", "SCALE", "SHAPE", "WEIGHT", "ZERO", "codes_name", "compressed_shape",
+           "compressed_stem", "dequantize", "packed_words", "read_compressed", "unpack_int32"]
