@@ -2,7 +2,8 @@
 
 Field names follow DeepSeek-V3's `inference/model.py` ModelArgs (``dim``, ``inter_dim``,
 ``moe_inter_dim``, ``n_dense_layers``, ...). ``ModelConfig.from_json`` also accepts the keys of a
-Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 / DeepseekV3.2 / GLM-5 / Mistral 4 / Kimi K2.5's text model
+Hugging Face ``config.json`` for DeepseekV2 / DeepseekV3 / DeepseekV3.2 / GLM-5 / Mistral 4 / LongCat-Flash /
+Kimi K2.5's text model
 (and Llama / Mistral / Qwen2 / Qwen3 / GLM-4.5 for the GQA presets).
 Every constructed config is validated; an impossible value raises ``ConfigError`` with one line
 naming the field and what is allowed.
@@ -99,6 +100,12 @@ class ModelConfig:
     seq_aux_alpha: float = 0.0001  # complementary sequence-wise balance loss weight
     n_hash_layers: int = 0  # DeepSeek-V4: the first n MoE layers route each token by a fixed token-id table
     swiglu_limit: float = 0.0  # DeepSeek-V4: SwiGLU's gate clamped above, its up-projection to +-limit; 0 = none
+    # LongCat-Flash's zero-computation experts: routing columns n_routed_experts .. + n_zero_experts - 1, each an
+    # identity (a token routed there adds weight * its MoE input, no FFN); the router scores and biases them all
+    n_zero_experts: int = 0
+    # LongCat-Flash's shortcut MoE (ScMoE): every block has a dense FFN (inter_dim); blocks 2i and 2i+1 share one
+    # MoE, its input block 2i's FFN input, its output added to block 2i+1's output (``flyer.model.transformer``)
+    shortcut_moe: bool = False
     # positions: RoPE, its frequencies scaled for a context rope_factor times original_seq_len
     max_seq_len: int = 4096 * 40
     rope_theta: float = 10000.0
@@ -128,6 +135,16 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_route_columns(self) -> int:
+        """The router's columns: the routed experts, then the zero-computation (identity) experts."""
+        return self.n_routed_experts + self.n_zero_experts
+
+    def has_shortcut_moe(self, layer: int) -> bool:
+        """Whether block ``layer`` holds a shortcut MoE (``shortcut_moe``: the first block of each pair; never an
+        MTP block, ``n_layers`` onward)."""
+        return self.shortcut_moe and layer < self.n_layers and layer % 2 == 0
 
     @property
     def is_moe(self) -> bool:
@@ -243,6 +260,7 @@ class ModelConfig:
         if self.n_hash_layers:
             need(self.n_routed_experts > 0, "n_hash_layers", "needs routed experts (n_routed_experts > 0)")
         need(self.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 = no clamp)")
+        self._validate_longcat(need)
         need(self.hc_mult >= 1, "hc_mult", "must be >= 1 (1 = the plain residual)")
         if self.hc_mult > 1:
             need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
@@ -266,6 +284,27 @@ class ModelConfig:
                  "applies to mla attention without the DSA indexer only (0 = none)")
         need(self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
         need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
+
+    def _validate_longcat(self, need) -> None:
+        """Zero-computation experts and the shortcut MoE (LongCat-Flash)."""
+        need(self.n_zero_experts >= 0, "n_zero_experts", "must be >= 0 (0 = none)")
+        if self.n_zero_experts:
+            need(self.n_routed_experts > 0, "n_zero_experts", "needs routed experts (n_routed_experts > 0)")
+            need(self.n_expert_groups == 1, "n_zero_experts", "applies without expert groups only "
+                                                              "(n_expert_groups 1)")
+            need(self.n_hash_layers == 0, "n_zero_experts", "applies to learned routers only (n_hash_layers 0)")
+            need(self.n_activated_experts <= self.n_route_columns, "n_activated_experts",
+                 f"must be at most n_routed_experts + n_zero_experts = {self.n_route_columns}")
+        if self.shortcut_moe:
+            need(self.n_layers % 2 == 0, "n_layers", "must be even with shortcut_moe (blocks pair around one MoE)")
+            need(self.n_routed_experts > 0, "shortcut_moe", "needs routed experts (n_routed_experts > 0)")
+            need(self.n_dense_layers == 0, "n_dense_layers", "must be 0 with shortcut_moe (every block has a dense "
+                                                            "FFN, each pair a shortcut MoE)")
+            need(self.inter_dim > 0, "inter_dim", "must be > 0 with shortcut_moe (every block's dense FFN)")
+            need(self.attn != "hybrid" and self.hc_mult == 1, "shortcut_moe", "applies to mla and gqa attention "
+                                                                              "with the plain residual only")
+            need(self.mtp_depth == 0, "mtp_depth", "must be 0 with shortcut_moe (an MTP block has no pair)")
+            need(self.n_hash_layers == 0, "n_hash_layers", "must be 0 with shortcut_moe")
 
     def _validate_hybrid(self, need) -> None:
         need(self.head_dim > self.qk_rope_head_dim, "head_dim", f"must exceed qk_rope_head_dim={self.qk_rope_head_dim}"

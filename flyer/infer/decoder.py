@@ -165,7 +165,7 @@ class Decoder:
 
     def _block(self, block: Block, x: torch.Tensor, cache, layer: int, rows: Rows) -> torch.Tensor:
         x = x + self._attend(block.attn, block.attn_norm(x), rows, cache, layer)
-        return x + block.ffn(block.ffn_norm(x))
+        return block.ffn_residual(x)
 
     @torch.inference_mode()
     def forward(self, tokens_BT: torch.Tensor, start_B: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
@@ -194,7 +194,7 @@ class Decoder:
             outs = [p.pack(self._attend(layer.attn, p.unpack(a[p.off:p.off + p.n]), p.rows, p.cache, i))
                     for p in packs]
             x = x + (torch.cat(outs) if len(outs) > 1 else outs[0])
-            x = x + layer.ffn(layer.ffn_norm(x))
+            x = layer.ffn_residual(x)  # a shortcut MoE (LongCat-Flash) handed on within its pair
         return [p.unpack(x[0, p.off:p.off + p.n]) for p in packs]
 
     def _hybrid_layers(self, packs: list[_Pack], x: torch.Tensor) -> list[torch.Tensor]:

@@ -5,7 +5,8 @@
 ``deepseek_v32`` for that with
 DeepSeek Sparse Attention's indexer, ``glm_moe_dsa`` (GLM-5) for that with ``indexer_types`` (shared
 selections; a model read from GLM-5 lists them), ``deepseek_v2`` for the softmax gate, ``llama`` / ``qwen2`` /
-``qwen3`` for dense GQA, ``mistral4`` for MLA with the softmax gate renormalised or Llama 4's query temperature
+``qwen3`` for dense GQA, ``longcat_flash`` for MLA with zero experts or the shortcut MoE, ``mistral4`` for
+MLA with the softmax gate renormalised or Llama 4's query temperature
 (its routed experts fused, as transformers writes them), ``qwen3_moe`` for GQA with head norms and softmax-routed
 experts, ``mixtral``
 for GQA with them in every layer and no head norms, ``glm4_moe`` for GQA with partial rotary or
@@ -80,13 +81,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m
           "int4": torch.int32}  # int4: the routed experts' packed codes (the rest BF16)
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms, and the DSA
 # indexer's head weights (transformers computes them in FP32)
-_NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|block_sparse_moe\.gate|norm|weights_proj)"
-                      r"\.weight$|\.bias$|_bias$")
+_NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|block_sparse_moe\.gate|router\.classifier|"
+                      r"norm|weights_proj)\.weight$|\.bias$|_bias$")
 
 
 # what DeepSeek's checkpoints store in FP32 whatever the rest: the routers' correction biases, and DeepSeek-V4's
-# attention sinks, compressor position biases and hyper-connection maps
-_KEEP_FP32 = re.compile(r"e_score_correction_bias$|ffn\.gate\.bias$|attn_sink$|\.ape$|hc_(attn|ffn|head)_\w+$")
+# attention sinks, compressor position biases and hyper-connection maps; LongCat-Flash's router (transformers keeps
+# its classifier in FP32)
+_KEEP_FP32 = re.compile(r"e_score_correction_bias$|ffn\.gate\.bias$|attn_sink$|\.ape$|hc_(attn|ffn|head)_\w+$|"
+                        r"router\.classifier\.weight$")
 
 
 Item = tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
@@ -127,6 +130,8 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
             if slot.fused:
                 return torch.cat([read(Slot(k)).detach().cpu() for k in slot.fused], dim=1)
             t = read(Slot(slot.key, slot.expert)).detach().cpu()  # no upcast: one converted copy of one tensor
+            if slot.scale != 1.0:  # a scale folded in on the way in (LongCat-Flash's MLA) taken out, in FP32
+                t = t.float() / slot.scale
             return t if slot.rope_rows is None else permute_rope(t, slot.rope_rows, inverse=True)
         v4 = published_format(name) if dtype == "fp8" and cfg.attn == "hybrid" else "plain"
         if v4 != "plain":  # DeepSeek-V4's format: E4M3 or FP4 codes with UE8M0 scales

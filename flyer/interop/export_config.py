@@ -11,6 +11,7 @@ from flyer.errors import ConfigError, FieldError
 from flyer.interop.hf_names import is_mixtral
 from flyer.interop.hf_config import GQA_MODEL_TYPES
 from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE, kimi_int4_config
+from flyer.interop.hf_config_longcat import check_longcat, to_longcat_config
 from flyer.interop.hf_config_mistral4 import check_mistral4, to_mistral4_config
 from flyer.interop.hf_config_v4 import to_v4_config
 from flyer.interop.hf_rope import partial_rotary_factor
@@ -23,6 +24,9 @@ def hf_model_type(cfg: ModelConfig) -> str:
     if cfg.attn == "hybrid":
         _check_v4(cfg)
         return "deepseek_v4"
+    if cfg.shortcut_moe or cfg.n_zero_experts:  # only LongCat-Flash has either
+        check_longcat(cfg)
+        return "longcat_flash"
     if cfg.attn == "gqa":
         if cfg.rope_type == "yarn" and cfg.rope_factor > 1 and cfg.mscale:
             raise ConfigError("config field 'mscale': transformers' GQA architectures do not scale the softmax for "
@@ -162,7 +166,7 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
             "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
             "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
             "glm_moe_dsa": "GlmMoeDsaForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM",
-            "mistral4": "Mistral4ForCausalLM"}[mt]
+            "mistral4": "Mistral4ForCausalLM", "longcat_flash": "LongcatFlashForCausalLM"}[mt]
     d = {"architectures": [arch], "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
          "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
@@ -183,6 +187,11 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
             d["expert_dtype"] = "fp4"
         del d["intermediate_size"]
         d.update(to_v4_config(cfg))
+        return d
+    if mt == "longcat_flash":  # its own spelling: num_layers decoder layers of two blocks each
+        for k in ("intermediate_size", "num_hidden_layers", "mlp_bias"):
+            del d[k]
+        d.update(to_longcat_config(cfg))
         return d
     if cfg.attn == "gqa":
         d.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)

@@ -141,6 +141,8 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
         return True
     if cfg.tie_embeddings and name == "lm_head.weight":
         return True
+    if cfg.shortcut_moe and name.startswith("model.mtp."):  # LongCat-Flash's MTP module, which transformers skips
+        return True
     return name.endswith(("rotary_emb.inv_freq", SCALE_SUFFIX))
 
 
@@ -264,7 +266,7 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
             scale_name = name.removesuffix(".weight") + ".scale"
             sf = header(headers, files[scale_name])
             data, scale = tf.read(name), sf.read(scale_name)
-            if held is not None:  # E4M3 codes and power-of-two block scales holding its exact values
+            if held is not None and slot.scale == 1.0:  # E4M3 codes and power-of-two block scales: exact values
                 order = None if slot.rope_rows is None else permute_rope(torch.arange(len(dest)), slot.rope_rows)
                 write_fp8_codes(dest, held, *held_e4m3_blocks(kind, data, scale, name, order))
                 return
@@ -283,19 +285,22 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
                                       f"128x128 blocks of {name} need {blocks}")
             codes, scale = tf.read(name), sf.read(scale_name).float()
             _check_finite(scale, sf.path, scale_name)
-            if codes.dtype == torch.float8_e4m3fn and held is not None:
+            if codes.dtype == torch.float8_e4m3fn and held is not None and slot.scale == 1.0:
                 order = torch.arange(codes.shape[0])
                 moved = order if slot.rope_rows is None else permute_rope(order, slot.rope_rows)
                 if torch.equal(moved // TILE, order // TILE):  # every row keeps its block, and so its scale
                     write_fp8_codes(dest, held, codes.view(torch.uint8)[moved].view(codes.dtype), scale)
                     return
             t = dequantize_fp8_blocks(codes, scale)
-        elif slot.rope_rows is None and tf.dtype(name) == dest.dtype and dest.is_contiguous() and dest.is_cpu:
+        elif (slot.rope_rows is None and slot.scale == 1.0 and tf.dtype(name) == dest.dtype and dest.is_contiguous()
+              and dest.is_cpu):
             _check_finite(tf.read_into(name, dest, rows), tf.path, name)
             return
         else:
             t = tf.read(name, rows)
         _check_finite(t, tf.path, name)
+        if slot.scale != 1.0:  # folded in FP32, rounded once to the destination's dtype
+            t = t.float() * slot.scale
         write_weight(dest, t if slot.rope_rows is None else permute_rope(t, slot.rope_rows), held)
     except CheckpointError:
         raise

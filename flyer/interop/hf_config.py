@@ -39,7 +39,8 @@ own indexer) or "shared" (none: it reuses the selection of the nearest full laye
 comes from ``index_topk_pattern`` ("F"/"S" per layer, or a list), else ``index_topk_freq`` and
 ``index_skip_topk_offset`` (default 1 and 2: every layer full), as GlmMoeDsaConfig derives it.
 Mistral 4 (``mistral4``) is DeepseekV3's MLA and MoE with a softmax router and Llama 4's query temperature
-(``flyer.interop.hf_config_mistral4``).
+(``flyer.interop.hf_config_mistral4``). Meituan's LongCat-Flash (``longcat_flash``) is DeepseekV3's MLA in block
+pairs sharing a shortcut MoE, with zero-computation experts (``flyer.interop.hf_config_longcat``).
 Kimi K2.5 (``kimi_k25``) is a vision-language wrapper around a DeepseekV3 text model (``text_config``, its
 ``model_type`` ``deepseek_v3`` or the hub's ``kimi_k2``): flyer reads that text model (``text_config``), its
 embeddings tied as the wrapper's ``tie_word_embeddings`` says (transformers ties by it, default true, whatever
@@ -56,6 +57,7 @@ from __future__ import annotations
 from typing import Any
 
 from flyer.errors import ConfigError
+from flyer.interop.hf_config_longcat import longcat_as_mla, longcat_fields
 from flyer.interop.hf_config_mistral4 import MISTRAL4_DEFAULTS, MISTRAL4_ROPE, mistral4_fields
 from flyer.interop.hf_config_quant import compressed_scheme
 from flyer.interop.hf_config_v4 import from_v4_config
@@ -63,11 +65,11 @@ from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
                          "glm4_moe", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v4", "mistral4",
-                         "kimi_k2", "kimi_k25", "solar_open", "dots1")
+                         "kimi_k2", "kimi_k25", "solar_open", "dots1", "longcat_flash")
 # vision-language wrappers whose text model (``text_config``) flyer reads, and the text model types each holds
 WRAPPER_MODEL_TYPES = {"kimi_k25": ("deepseek_v3", "kimi_k2")}
 # the MLA architectures (as read, after _SAME_AS)
-MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "mistral4")
+MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "mistral4", "longcat_flash")
 # the GQA architectures flyer reads and writes (dense, and Qwen3-MoE / Mixtral), all laid out for rotate-half
 # RoPE and without an MTP module (as read, after _SAME_AS)
 GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
@@ -419,6 +421,8 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
             d["rope_parameters"] = MISTRAL4_ROPE
         if d.get("n_routed_experts") is None and d.get("num_local_experts") is not None:  # Mistral4Config's alias
             d["n_routed_experts"] = d["num_local_experts"]
+    if mt == "longcat_flash":  # read in DeepseekV3's spelling (flyer.interop.hf_config_longcat)
+        d = longcat_as_mla(d, where)
     mla = mt in MLA_MODEL_TYPES
     _check_types(d, where, mla)
     _require(d, where, "hidden_act", ("silu",), "silu")
@@ -466,6 +470,8 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
                     _require(d, where, key, (True,), True)
         if mt == "mistral4":
             out.update(mistral4_fields(d, where))
+        elif mt == "longcat_flash":
+            out.update(longcat_fields(d))
         elif mt == "deepseek_v3":  # transformers' DeepseekV3 gate: sigmoid + correction bias + groups, always
             _require(d, where, "scoring_func", ("sigmoid",), "sigmoid")
             _require(d, where, "topk_method", ("noaux_tc",), "noaux_tc")

@@ -31,6 +31,7 @@ its DSA indexer rotate-half: the indexer's rope rows (the first ``qk_rope_head_d
 ``wq_b``, of ``wk``, and of ``k_norm``'s weight and bias, which follow the channels they scale) are
 always permuted. GLM-5 (``glm_moe_dsa``, read with ``indexer_types``) has V3.2's names, its indexer
 rotating interleaved pairs (nothing permuted); its shared layers have no indexer tensors.
+LongCat-Flash (``shortcut_moe``) pairs flyer's blocks into its decoder layers (``_longcat_entries``).
 DeepSeek-V4 (hybrid attention) keeps DeepSeek's own names (``layers.i.attn.wq_a``, ``ffn.experts.e.w1``,
 ``hc_attn_fn``, ``embed``, ``head``: ``_v4_entries``; transformers' saved spelling read through ``v4_name``),
 and its FP8 weights carry UE8M0 block scales as ``<name>.scale``, its routed experts FP4 (``v4_quant``).
@@ -83,12 +84,14 @@ class Slot:
     """Where an HF tensor goes: flyer state-dict key, expert index (stacked experts) or None,
     and the rope rows to permute (``rope_rows``: (head size, rope offset, rope dim) or None).
     ``fused``: the whole expert stacks an HF tensor concatenates on dim 1, ``key`` first (transformers' fused
-    ``gate_up_proj``: w1 then w3 of each expert; ``down_proj``: w2 alone); () for any other tensor."""
+    ``gate_up_proj``: w1 then w3 of each expert; ``down_proj``: w2 alone); () for any other tensor.
+    ``scale``: flyer's tensor is the file's times this (LongCat-Flash's MLA scaling, folded into the weights)."""
 
     key: str
     expert: int | None = None
     rope_rows: tuple[int, int, int] | None = None
     fused: tuple[str, ...] = ()
+    scale: float = 1.0
 
 
 def hf_names(cfg: ModelConfig, rope_half: bool, fused: bool = False) -> dict[str, Slot]:
@@ -185,10 +188,48 @@ def v4_name(name: str) -> str:
     return _V4_SAVED.get(name) or re.sub(r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.", name)
 
 
+def _longcat_entries(key: str, shape, cfg: ModelConfig, fused: bool) -> Iterator[tuple[str, Slot]]:
+    """LongCat-Flash's names: flyer block 2i + s is sublayer s of decoder layer i (``self_attn.s``, ``mlps.s``,
+    ``input_layernorm.s``, ``post_attention_layernorm.s``); block 2i's shortcut MoE is layer i's ``mlp`` (its
+    router ``mlp.router.classifier``, the bias ``e_score_correction_bias``; its experts one tensor per expert,
+    as save_pretrained and the released files store them, or transformers' fused stacks). Its MLA scales q by
+    sqrt(hidden / q_lora_rank) and the normed kv latent by sqrt(hidden / kv_lora_rank): folded into q_b_proj's
+    rows and kv_a_layernorm's weight (``Slot.scale``). Rope rows interleaved, as flyer's."""
+    if key in _TOP:
+        yield _TOP[key], Slot(key)
+        return
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
+    if m is None:
+        raise ValueError(f"no LongCat-Flash name for flyer tensor {key}")
+    (i, s), sub = divmod(int(m.group(1)), 2), m.group(2)
+    pre = f"model.layers.{i}."
+    if sub in ("shortcut.gate.weight", "shortcut.gate.bias"):
+        yield pre + ("mlp.router.classifier.weight" if sub.endswith("weight") else
+                     "mlp.router.e_score_correction_bias"), Slot(key)
+        return
+    if sub.startswith("shortcut.experts.") and fused:
+        if sub.endswith("w2"):
+            yield pre + "mlp.experts.down_proj", Slot(key, fused=(key,))
+        elif sub.endswith("w1"):
+            yield pre + "mlp.experts.gate_up_proj", Slot(key, fused=(key, key[:-2] + "w3"))
+        return
+    if sub.startswith("shortcut.experts."):
+        for e in range(shape[0]):
+            yield pre + f"mlp.experts.{e}.{_EXPERTS['ffn.' + sub[len('shortcut.'):]]}.weight", Slot(key, e)
+        return
+    head, _, tail = _BLOCK[sub].partition(".")
+    scale = {"attn.wq_b.weight": (cfg.dim / cfg.q_lora_rank) ** 0.5,
+             "attn.kv_norm.weight": (cfg.dim / cfg.kv_lora_rank) ** 0.5}.get(sub, 1.0)
+    yield f"{pre}{'mlps' if head == 'mlp' else head}.{s}.{tail}", Slot(key, scale=scale)
+
+
 def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool, mixtral: bool,
                 fused: bool = False) -> Iterator[tuple[str, Slot]]:
     if cfg.attn == "hybrid":
         yield from _v4_entries(key, shape)
+        return
+    if cfg.shortcut_moe:
+        yield from _longcat_entries(key, shape, cfg, fused)
         return
     if key in _TOP:
         yield _TOP[key], Slot(key)

@@ -105,18 +105,21 @@ def hyper_head_params(cfg: ModelConfig) -> int:
 
 
 def _moe_params(cfg: ModelConfig, activated: bool) -> int:
-    """Gate weight (E, D) and the experts; hash-routed layers' token table is a buffer, not a parameter."""
+    """Gate weight (E + Z, D: LongCat-Flash's zero experts score too) and the experts; hash-routed layers' token
+    table is a buffer, not a parameter. Activated: K routed experts, the most a token runs (a pick of a zero
+    expert runs none: LongCat-Flash's activated count varies per token, its FLOPs with it)."""
     expert = 3 * cfg.dim * cfg.moe_inter_dim
-    routed = cfg.n_activated_experts if activated else cfg.n_routed_experts
-    return cfg.n_routed_experts * cfg.dim + (routed + cfg.n_shared_experts) * expert
+    routed = min(cfg.n_activated_experts, cfg.n_routed_experts) if activated else cfg.n_routed_experts
+    return cfg.n_route_columns * cfg.dim + (routed + cfg.n_shared_experts) * expert
 
 
 def block_params(cfg: ModelConfig, layer_id: int, activated: bool = False) -> int:
     """Block ``layer_id``'s parameters (``n_layers`` onward: an MTP module's block): its two norms, two
     hyper-connections, attention and FFN."""
     norms = 2 * cfg.dim
-    if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0:
-        ffn = 3 * cfg.dim * cfg.inter_dim
+    if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0 or cfg.shortcut_moe:
+        ffn = 3 * cfg.dim * cfg.inter_dim  # with the shortcut MoE: every block's dense FFN, the pair's MoE below
+        ffn += _moe_params(cfg, activated) if cfg.has_shortcut_moe(layer_id) else 0
     else:
         ffn = _moe_params(cfg, activated)
     return norms + 2 * hyper_params(cfg) + attention_params(cfg, layer_id) + ffn
@@ -130,6 +133,17 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     act = top + sum(block_params(cfg, i, activated=True) for i in range(cfg.n_layers))
     return ParamCounts(total=total, activated=act, mtp=cfg.mtp_depth * mtp_module_params(cfg), embedding=emb,
                        head=head)
+
+
+def activated_params_min(cfg: ModelConfig) -> int:
+    """``ParamCounts.activated`` for a token whose picks go to zero-computation experts wherever they can (LongCat-
+    Flash: max(0, K - Z) FFN experts per MoE layer, not K); the same as ``activated`` without zero experts.
+    LongCat-Flash-Chat: 19.50B to 32.18B with its embedding, 18.69B to 31.38B without (its report: 18.6B-31.3B)."""
+    moe_layers = sum(map(cfg.has_shortcut_moe, range(cfg.n_layers))) if cfg.shortcut_moe else (
+        cfg.n_layers - cfg.n_dense_layers if cfg.n_routed_experts else 0)
+    K = min(cfg.n_activated_experts, cfg.n_routed_experts)
+    skipped = K - max(0, K - cfg.n_zero_experts)
+    return param_counts(cfg).activated - moe_layers * skipped * 3 * cfg.dim * cfg.moe_inter_dim
 
 
 def mtp_module_params(cfg: ModelConfig) -> int:

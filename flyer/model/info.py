@@ -8,7 +8,8 @@ import torch
 
 from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import UserError
-from flyer.model.counts import (ParamCounts, indexed_layers, kv_cache_bytes_per_token, kv_cache_bytes_per_token_fp8,
+from flyer.model.counts import (ParamCounts, activated_params_min, indexed_layers, kv_cache_bytes_per_token,
+                                kv_cache_bytes_per_token_fp8,
                                 kv_window_bytes, kv_window_bytes_fp8, param_counts)
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
@@ -24,7 +25,7 @@ def meta_counts(cfg: ModelConfig) -> ParamCounts:
     for name, m in model.named_modules():
         if isinstance(m, Experts) and not name.startswith("mtp."):
             per_expert = sum(w[0].numel() for w in (m.w1, m.w2, m.w3))
-            inactive += (m.n_local - cfg.n_activated_experts) * per_expert
+            inactive += (m.n_local - min(cfg.n_activated_experts, cfg.n_routed_experts)) * per_expert
     mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
     head = 0 if cfg.tie_embeddings else model.head.weight.numel()
     return ParamCounts(total=total, activated=total - inactive, mtp=mtp, embedding=model.embed.weight.numel(),
@@ -52,6 +53,11 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "layers": cfg.n_layers,
         "routed_experts": cfg.n_routed_experts,
         "activated_experts": cfg.n_activated_experts if cfg.n_routed_experts else 0,
+        # LongCat-Flash: identity experts the router may pick instead (activated_params counts K FFN experts, the
+        # most a token runs), and MoE layers as shortcuts over block pairs
+        "zero_experts": cfg.n_zero_experts,
+        "activated_params_min": activated_params_min(cfg),  # every pick it can, a zero expert's
+        "shortcut_moe": cfg.shortcut_moe,
         "index_topk": cfg.index_topk,  # DeepSeek Sparse Attention: keys each query keeps (0: dense)
         "indexer_layers": indexed_layers(cfg),  # layers with their own indexer (GLM-5's shared ones reuse a selection)
     }
@@ -75,6 +81,9 @@ def _run(args) -> int:
           f"{out['routed_experts']} routed experts (top-{out['activated_experts']})")
     print(f"  total params       {_human(out['total_params'])} ({out['total_params']:,})")
     print(f"  activated / token  {_human(out['activated_params'])} ({out['activated_params']:,})")
+    if out["zero_experts"]:  # LongCat-Flash: a pick of a zero-computation expert runs no FFN
+        print(f"  activated, fewest  {_human(out['activated_params_min'])} ({out['activated_params_min']:,}), "
+              f"picks of the {out['zero_experts']} zero-computation experts running none")
     print(f"  MTP params         {_human(out['mtp_params'])} ({out['mtp_params']:,})")
     if out["attention"] == "hybrid":  # DeepSeek-V4: compressed entries per token, the window per sequence
         print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16): compressed entries and CSA "

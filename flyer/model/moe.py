@@ -1,7 +1,7 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts, sigmoid gate, group-limited
 routing, aux-loss-free bias balancing and the complementary sequence-wise balance loss; and
 DeepSeek-V4's additions: sqrt(softplus) scores, hash-routed layers (experts fixed per token id) and
-the clamped SwiGLU (``swiglu_limit``).
+the clamped SwiGLU (``swiglu_limit``); LongCat-Flash's zero-computation (identity) experts (``zero_experts``).
 
 Shapes: T tokens (batch flattened), D model dim, F expert hidden dim, E routed experts,
 K activated experts per token, G expert groups, N = T*K routed token copies.
@@ -99,12 +99,12 @@ class Gate(nn.Module):
                               f"(choose from: {', '.join(SCORE_FUNCS)})")
         self.score_fn = SCORE_FUNCS[cfg.score_func]
         self.hash_routed = hash_routed
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        self.weight = nn.Parameter(torch.empty(cfg.n_route_columns, cfg.dim))  # zero experts' columns last
         if hash_routed:  # the checkpoints' hash layers carry ffn.gate.tid2eid and no gate.bias
             self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.n_activated_experts, dtype=torch.int64))
             self.bias = None
         elif cfg.router_bias:
-            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+            self.register_buffer("bias", torch.zeros(cfg.n_route_columns, dtype=torch.float32))
         else:
             self.bias = None
         if not init_deferred():
@@ -194,8 +194,9 @@ class MoE(nn.Module):
                                init_std=cfg.init_std, swiglu_limit=cfg.swiglu_limit)
         self.shared = (MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, limit=cfg.swiglu_limit)
                        if cfg.n_shared_experts > 0 else None)
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.register_buffer("last_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # per routing column: the zero experts' loads too, which the balancing bias steers as any expert's
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_route_columns), persistent=False)
+        self.register_buffer("last_counts", torch.zeros(cfg.n_route_columns), persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.counted_BT: torch.Tensor | None = None  # the positions the statistics count (``counting_only``)
         self.documents_BT: torch.Tensor | None = None  # packed rows' document ids (``counting_only``)
@@ -218,7 +219,7 @@ class MoE(nn.Module):
         if self.hash_routed and tokens_BT is None:
             raise ValueError("MoE.forward: a hash-routed MoE layer needs the token ids (argument 'tokens_BT')")
         weights_TK, topk_ids_TK, scores_TE = self.gate(x_TD, tokens_BT)
-        counts = torch.bincount(topk_ids_TK.flatten(), minlength=self.cfg.n_routed_experts)
+        counts = torch.bincount(topk_ids_TK.flatten(), minlength=self.cfg.n_route_columns)
         self.last_counts.copy_(counts)
         if self.training:
             # an MTP module's T - k positions: position i reads token i + k, the last T - k columns
@@ -232,20 +233,41 @@ class MoE(nn.Module):
                 # whose MTP block k has no position, which adds 0 to that block's mean over the rows
                 n_docs = (docs.amax(1) + 1).clamp(min=0).sum()
             self.tokens_per_expert += counts if valid_BT is None else torch.bincount(
-                topk_ids_TK[valid_BT.reshape(B * T)].flatten(), minlength=self.cfg.n_routed_experts)
+                topk_ids_TK[valid_BT.reshape(B * T)].flatten(), minlength=self.cfg.n_route_columns)
             balance = self.cfg.seq_aux_alpha > 0 and not self.hash_routed  # fixed routing: nothing to balance
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
                                                   self.cfg, valid_BT, segments_BT, n_docs) if balance else None
         x_in = _cast(x_TD, gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
+        identity_TD = None
+        if self.cfg.n_zero_experts:
+            identity_TD, weights_TK, topk_ids_TK, counts = zero_experts(
+                x_TD, weights_TK, topk_ids_TK, self.cfg.n_routed_experts, self.cfg.n_zero_experts)
         if self.path == "fused_local":
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts)
         else:
             x_sorted, local_counts, ctx = self.dispatcher.dispatch(x_in, topk_ids_TK)
             y_TD = self.dispatcher.combine(self.experts(x_sorted, local_counts), weights_TK, ctx)
+        if identity_TD is not None:
+            y_TD = y_TD + identity_TD
         y_TD = _cast(y_TD, x_BTD.dtype)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_in)
         return y_TD.view(B, T, D)
+
+
+def zero_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, E: int, Z: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LongCat-Flash's zero-computation experts (ids E onward) as transformers' LongcatFlashMoE computes them:
+    (identity_TD FP32, the sum of each token's identity weights times its MoE input x_TD (T, D); weights_TK with
+    those picks' weights 0; topk_ids_TK with each identity pick moved to a routed expert, (id - E) E / Z, that
+    multiplies it by 0; the routed experts' counts (E,) of those ids). The moved picks are computed and weighted 0
+    (as transformers does): the dispatchers and fused experts keep K copies per token."""
+    identity = topk_ids_TK >= E
+    w_TK = weights_TK.masked_fill(~identity, 0.0)
+    identity_TD = x_TD.float() * w_TK.sum(-1, keepdim=True)
+    moved = torch.where(identity, (topk_ids_TK - E) * E // Z, topk_ids_TK)  # spread over the experts
+    counts = torch.bincount(moved.flatten(), minlength=E)
+    return identity_TD, weights_TK.masked_fill(identity, 0.0), moved, counts
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, cfg: ModelConfig,

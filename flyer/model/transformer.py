@@ -44,11 +44,16 @@ class Block(nn.Module):
         self.attn = HybridAttention(cfg, layer_id) if cfg.attn == "hybrid" else build_attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.hash_routed = layer_id < cfg.n_hash_layers  # its MoE routes by token id (DeepSeek-V4)
-        if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0:
+        if layer_id < cfg.n_dense_layers or cfg.n_routed_experts == 0 or cfg.shortcut_moe:
             self.ffn = MLP(cfg.dim, cfg.inter_dim)
         else:
             self.ffn = MoE(cfg, make_dispatcher(layer_id) if make_dispatcher else None, experts_impl,
                            hash_routed=self.hash_routed)
+        # LongCat-Flash's shortcut MoE (``cfg.shortcut_moe``): the pair's first block computes it from its FFN input
+        # and leaves it in ``pair``, a list the pair shares (``link_pairs``), for the second to add to its output
+        self.shortcut = (MoE(cfg, make_dispatcher(layer_id) if make_dispatcher else None, experts_impl)
+                         if cfg.has_shortcut_moe(layer_id) else None)
+        self.pair: list[torch.Tensor] = []
         if cfg.hc_mult > 1:
             self.hc_attn, self.hc_ffn = HyperConnection(cfg), HyperConnection(cfg)
 
@@ -72,7 +77,27 @@ class Block(nn.Module):
             post, comb, f = self.hc_ffn(x)
             return HyperConnection.expand(x, ffn(self.ffn_norm(f)), post, comb)
         x = x + attend(self.attn_norm(x))
-        return x + ffn(self.ffn_norm(x))
+        return self.ffn_residual(x, ffn)
+
+    def ffn_residual(self, x: torch.Tensor, ffn=None) -> torch.Tensor:
+        """x + FFN(ffn_norm(x)) (B, T, D); with the shortcut MoE, the pair's first block also computes it from the
+        same normed input into ``pair``, and the second adds it last: h + mlp(.) + shortcut, transformers' order."""
+        f = self.ffn_norm(x)
+        if self.shortcut is not None:
+            self.pair[:] = [self.shortcut(f)]
+            return x + (ffn or self.ffn)(f)
+        out = x + (ffn or self.ffn)(f)
+        return out + self.pair.pop() if self.pair else out
+
+
+def link_pairs(layers) -> None:
+    """Give each shortcut-MoE pair of ``layers`` (blocks 2i, 2i+1 by ``layer_id``) one shared ``pair`` list; blocks
+    without a partner among ``layers`` keep their own (and a second block alone adds nothing: never built so, as
+    ``ModelConfig`` and the pipeline refuse splitting a pair)."""
+    by_id = {b.layer_id: b for b in layers}
+    for b in layers:
+        if b.shortcut is not None and b.layer_id + 1 in by_id:
+            by_id[b.layer_id + 1].pair = b.pair
 
 
 @dataclass
@@ -196,6 +221,7 @@ class Transformer(OutputHeads, nn.Module):
         with deferred_init():  # init_weights below sets every weight
             self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.layers = nn.ModuleList(Block(cfg, i, make_dispatcher, experts_impl) for i in range(cfg.n_layers))
+            link_pairs(self.layers)
             self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
             self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:

@@ -97,6 +97,9 @@ def validate_pipeline(cfg: ModelConfig, pp: int, schedule: str, micro_batches: i
         raise FieldError("pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)} (got {schedule!r})")
     if pp == 1:
         return
+    if cfg.shortcut_moe:  # a stage boundary would cut a pair from the shortcut MoE it shares (LongCat-Flash)
+        raise FieldError("pp", f"pipelining a model with shortcut_moe (LongCat-Flash) is not supported (a stage "
+                               f"boundary inside a block pair would cut it from its shortcut MoE; got {pp})")
     n = pp * chunks_per_rank(schedule, pp)
     if cfg.n_layers < n:
         raise FieldError("pp", f"{schedule} on {pp} ranks cuts the model into {n} stages of at least one layer; "
