@@ -132,16 +132,17 @@ def indexer_depths(model: nn.Module) -> list[int]:
 def set_indexer_training(model: nn.Module, mode: str) -> None:
     """Switch ``model``'s DSA layers to ``mode`` (``INDEXER_TRAIN_MODES``): "off" leaves the model as built (indexers
     frozen, no L_I); "warmup" freezes every parameter but the indexers', which train, and attention runs dense;
-    "sparse" unfreezes the indexers and leaves the rest as it is. ValueError naming ``indexer_train`` for a model
-    without DSA indexers."""
+    "sparse" unfreezes the indexers and leaves the rest as it is, so a part of a model without any (a pipeline rank's
+    stages of DeepSeek-V4, whose CSA layers are some layers only) trains as without. ValueError naming
+    ``indexer_train`` for a warm-up of a model (or part) without indexers: it would train nothing."""
     if mode not in INDEXER_TRAIN_MODES:
         raise ValueError(f"indexer_train: must be one of {', '.join(INDEXER_TRAIN_MODES)} (got {mode!r})")
     layers = indexer_attentions(model)
     if mode == "off":
         return
-    if not layers:
-        raise ValueError("indexer_train: the model has no lightning indexer (attn 'mla' with index_topk > 0, or "
-                         "'hybrid' with CSA layers)")
+    if not layers and mode == "warmup":
+        raise ValueError("indexer_train: warmup trains the lightning indexers only, and the model (or this pipeline "
+                         "rank's part of it) has none (attn 'mla' with index_topk > 0, or 'hybrid' with CSA layers)")
     if mode == "warmup":
         model.requires_grad_(False)
     for attn in layers:

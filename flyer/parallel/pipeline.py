@@ -119,6 +119,22 @@ def validate_pipeline(cfg: ModelConfig, pp: int, schedule: str, micro_batches: i
                                        f"step (got {grad_accum})")
 
 
+def check_indexer_stages(cfg: ModelConfig, pp: int, schedule: str, seq_len: int, mode: str) -> None:
+    """One-line ``FieldError`` naming ``pp`` where ``--indexer-train warmup`` (the indexers alone train) would leave a
+    pipeline rank nothing to train: its stages (``split_layers`` at ``seq_len``, ``stage_ranks``) hold no layer with
+    a lightning indexer. DeepSeek-V4's CSA layers are some layers only (V3.2's DSA: every layer, MTP blocks too)."""
+    if mode != "warmup" or pp == 1:
+        return
+    n = pp * chunks_per_rank(schedule, pp)
+    split, placement = split_layers(cfg, n, seq_len), stage_ranks(schedule, pp)
+    for rank in range(pp):
+        layers = [i for s in range(n) if placement[s] == rank for i in split[s]]
+        mtp = range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if placement[-1] == rank else range(0)
+        if not any(cfg.has_indexer(i) or cfg.is_csa(i) for i in [*layers, *mtp]):
+            raise FieldError("pp", f"indexer_train warmup trains the lightning indexers only, and {schedule} on {pp} "
+                                   f"ranks leaves rank {rank} layers {layers} without one (got {pp})")
+
+
 def split_backward_runs() -> bool:
     """Whether this torch runs ``SPLIT_SCHEDULES``: before 2.13 (seen on 2.11 and 2.12.1) its weight
     backward (``pipelining._backward.stage_backward_weight``) fails on custom autograd Functions

@@ -47,7 +47,7 @@ from flyer.parallel.dispatch import comm_stats, dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
 from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
 from flyer.parallel.zero import ShardedOptimizer
-from flyer.parallel.pipeline import (PipelineModel, held_modules, min_micro_batches,
+from flyer.parallel.pipeline import (PipelineModel, check_indexer_stages, held_modules, min_micro_batches,
                                      require_torch_for, validate_pipeline)
 from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
@@ -159,6 +159,7 @@ class Trainer:
         check_indexer_train(tc.indexer_train, base)
         self.micro_batches = tc.micro_batches or min_micro_batches(tc.pp_schedule, tc.pp)
         validate_pipeline(base, tc.pp, tc.pp_schedule, self.micro_batches, tc.grad_accum)  # before any work
+        check_indexer_stages(base, tc.pp, tc.pp_schedule, tc.seq_len, tc.indexer_train)
         require_torch_for(tc.pp_schedule, tc.pp)
         self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="device",
                               timeout_s=tc.collective_timeout_s, pp=tc.pp)
@@ -358,8 +359,11 @@ class Trainer:
         record.update(tokens_per_s=tokens / dt, step_time_s=dt, skipped_total=self.bad_steps,
                       mfu=flops / world / dt / self.peak_flops, expert_load=loads)
         if world > 1:  # one process sends nothing: no traffic fields
-            stats = comm_stats(self.model, reset=True, group=self.mesh.world_group)  # job totals
-            record.update({k: v for k, v in stats.items() if not isinstance(v, list)})
+            # job totals: this rank's, then summed over the ranks (pipeline ranks hold unequal numbers of MoE layers:
+            # a per-layer reduction over the world mismatched, e.g. DeepSeek-V4's 3 and 1 + MTP)
+            stats = comm_stats(self.model, reset=True)
+            sums = self.mesh.mean({k: float(v) for k, v in stats.items() if not isinstance(v, list)})
+            record.update({k: round(v * world) for k, v in sums.items()})
         return record
 
     @property
@@ -477,8 +481,9 @@ class Trainer:
         (under pipelining gathered from every stage onto rank 0; other ranks get [])."""
         if self.pipeline is None:
             return [m.tokens_per_expert.tolist() for m in moe_layers(self.model)]
-        mine = [(blk.layer_id, blk.ffn.tokens_per_expert.tolist()) for blk in self.model.modules()
-                if isinstance(getattr(blk, "ffn", None), MoE)] if self.mesh.dp_rank == 0 else []
+        # a block's MoE: its FFN, or the shortcut MoE of a pair's first block (LongCat-Flash)
+        mine = [(blk.layer_id, m.tokens_per_expert.tolist()) for blk in self.model.modules() if hasattr(blk, "ffn")
+                for m in (blk.ffn, blk.shortcut) if isinstance(m, MoE)] if self.mesh.dp_rank == 0 else []
         every = self.mesh.gather_object(mine)
         return [loads for _, loads in sorted(x for part in every for x in part)] if every is not None else []
 
