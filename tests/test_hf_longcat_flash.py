@@ -27,11 +27,10 @@ from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import validate_layout
 from flyer.parallel.pipeline import validate_pipeline
-from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from tests.bounds import FP32_U
 from tests.hf_models import VOCAB, make_tokenizer
 from tests.test_interop_export import tensors
-from tests.test_qwen3 import _config_error, info_json, rel
+from tests.test_qwen3 import _config_error, engine_greedy, info_json, rel
 
 E, Z = 8, 4  # routed and zero-computation experts
 _LONGCAT = dict(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=96,
@@ -225,14 +224,7 @@ def test_serving_engine_greedy_equals_generate(plain):
     prompts = [tok.encode_ids(t) for t in texts]
     want = generate(model, prompts, GenerationConfig(max_new_tokens=10, cache_dtype=torch.float32,
                                                      eos_id=None)).tokens
-    block = 4
-    per_token = cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
-    eng = Engine(model, EngineConfig(kv_cache_bytes=64 * block * per_token, block_size=block, prefill_chunk=8,
-                                     cache_dtype=torch.float32))
-    outs: list[list[int]] = [[] for _ in prompts]
-    for i, p in enumerate(prompts):
-        eng.submit(p, SamplingOptions(max_tokens=10), lambda e, i=i: outs[i].append(e.token))
-    eng.run_until_idle()
+    outs, eng = engine_greedy(model, prompts, cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4)
     assert outs == want and eng.alloc.hits > 0  # the third prompt took the first one's blocks
 
 

@@ -110,15 +110,20 @@ def test_serving_engine_greedy_equals_flyer_generate(src):
     for p, w in zip(prompts, want):
         out = ref.generate(torch.tensor([p]), do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
         assert out[0, len(p):].tolist() == w
-    block = 4
-    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
-    eng = Engine(model, EngineConfig(kv_cache_bytes=64 * block * per_token, block_size=block, prefill_chunk=8,
+    outs, eng = engine_greedy(model, prompts, 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4)
+    assert outs == want and eng.alloc.hits > 0  # the third prompt took the first one's blocks
+
+
+def engine_greedy(model, prompts: list[list[int]], bytes_per_token: int, n: int = 10) -> tuple[list[list[int]], Engine]:
+    """The serving engine's ``n`` greedy tokens for each of ``prompts`` (FP32 cache of 64 blocks of 4 positions,
+    ``bytes_per_token`` each; prefill in chunks of 8, all submitted at once), and the engine (its prefix hits)."""
+    eng = Engine(model, EngineConfig(kv_cache_bytes=64 * 4 * bytes_per_token, block_size=4, prefill_chunk=8,
                                      cache_dtype=torch.float32))
     outs: list[list[int]] = [[] for _ in prompts]
     for i, p in enumerate(prompts):
-        eng.submit(p, SamplingOptions(max_tokens=10), lambda e, i=i: outs[i].append(e.token))
+        eng.submit(p, SamplingOptions(max_tokens=n), lambda e, i=i: outs[i].append(e.token))
     eng.run_until_idle()
-    assert outs == want and eng.alloc.hits > 0  # the third prompt took the first one's blocks
+    return outs, eng
 
 
 def check_round_trip(src, tmp_path, capsys, model_type: str, arch: type, written: dict, moved: tuple[str, ...] = (),
