@@ -372,7 +372,7 @@ def test_what_flyer_cannot_run_is_one_line(plain, tmp_path, capsys):
     without its scaling, a router bias or renormalised weights (transformers' LongcatFlash computes none), a layer
     count that is neither num_layers (Meituan's remote code) nor 2 num_layers (transformers'), biases on the
     projections; and, for the model, an odd block count, an MTP block, expert and
-    pipeline parallelism (a stage boundary inside a pair)."""
+    more pipeline stages than block pairs (a stage boundary would fall inside a pair; tests/test_pp_longcat.py)."""
     d = json.loads((plain[0] / "config.json").read_text())
     for change, field in ((dict(head_dim=16), "head_dim"), (dict(zero_expert_type="copy"), "zero_expert_type"),
                           (dict(mla_scale_q_lora=False), "mla_scale_q_lora"), (dict(router_bias=True), "router_bias"),
@@ -392,7 +392,7 @@ def test_what_flyer_cannot_run_is_one_line(plain, tmp_path, capsys):
     with pytest.raises(FieldError, match=r"^ep: .*n_zero_experts=4"):
         validate_layout(cfg, 2, 2, 2)
     with pytest.raises(FieldError, match=r"^pp: .*shortcut_moe"):
-        validate_pipeline(cfg, 2, "1f1b", 4)
+        validate_pipeline(cfg, 2, "dualpipev", 4)  # 4 stages, 2 pairs
 
 
 def test_fused_stacks_and_mtp_tensors_read_as_transformers_reads_them(plain, tmp_path):

@@ -63,6 +63,8 @@ def validate_layout(cfg: ModelConfig, lay: Layout) -> None:
         raise FieldError("pp", f"must divide the {lay.gpus} GPUs (got {lay.pp})")
     if lay.pp > cfg.n_layers:
         raise FieldError("pp", f"must be <= the model's {cfg.n_layers} layers (got {lay.pp})")
+    if cfg.shortcut_moe and lay.pp > cfg.n_layers // 2:  # a stage holds whole block pairs (LongCat-Flash)
+        raise FieldError("pp", f"must be <= the model's {cfg.n_layers // 2} block pairs (shortcut_moe; got {lay.pp})")
     if lay.ep < 1 or lay.dp % lay.ep:
         raise FieldError("ep", f"must divide the {lay.dp} GPUs of a pipeline stage (got {lay.ep})")
     if lay.ep > 1 and not cfg.is_moe:
@@ -99,6 +101,9 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     Hybrid attention (DeepSeek-V4) saves the q latent, the one shared key/value head, the grouped
     output projection's latent and its compressors' projections: those of layer ``layer_id``, or of a
     CSA layer (the heaviest kind) without one. Hyper-connections add each block's m input streams.
+
+    LongCat-Flash (``shortcut_moe``; ``moe`` is then ignored): every block's dense FFN, and on a pair's first block
+    (``layer_id`` even, or None: the heavier) the shortcut MoE, which reads the dense FFN's normed input.
     """
     d, h = cfg.dim, cfg.n_heads
     if cfg.attn == "hybrid":
@@ -113,17 +118,25 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
         qk = v = cfg.head_dim
         latents = 0
         qkv = h * qk + 2 * cfg.n_kv_heads * qk
+    streams = 2 * cfg.hc_mult * d if cfg.hc_mult > 1 else 0  # both blocks' input streams, for their hc fn and mix
+    attn = d + latents + h * v + h if recompute else 2 * d + latents + qkv + h * v + h
+    if not cfg.shortcut_moe:
+        return (attn + _ffn_saved(cfg, moe, recompute) + streams) * bytes_per_element
+    ffn = _ffn_saved(cfg, False, recompute)
+    if layer_id is None or cfg.has_shortcut_moe(layer_id):  # its normed input is the dense FFN's, saved once
+        ffn += _ffn_saved(cfg, True, recompute) - (0 if recompute else d)
+    return (attn + ffn + streams) * bytes_per_element
+
+
+def _ffn_saved(cfg: ModelConfig, moe: bool, recompute: bool) -> float:
+    """Elements per token an FFN saves (``activation_bytes_per_token_layer``): with recomputation the FP8-cached
+    expert and SwiGLU inputs, without its normed input and per expert its input, gate/up outputs and product."""
     experts = cfg.n_activated_experts + cfg.n_shared_experts if moe else 1
     inter = cfg.moe_inter_dim if moe else cfg.inter_dim
-    router = cfg.n_routed_experts if moe else 0
-    streams = 2 * cfg.hc_mult * d if cfg.hc_mult > 1 else 0  # both blocks' input streams, for their hc fn and mix
+    router = cfg.n_route_columns if moe else 0  # the router's scores (LongCat-Flash's zero experts' too)
     if recompute:
-        attn = d + latents + h * v + h
-        ffn = experts * 0.5 * (d + 2 * inter) + router  # FP8-cached expert and SwiGLU inputs
-    else:
-        attn = 2 * d + latents + qkv + h * v + h
-        ffn = d + experts * (d + 3 * inter) + router
-    return (attn + ffn + streams) * bytes_per_element
+        return experts * 0.5 * (cfg.dim + 2 * inter) + router
+    return cfg.dim + experts * (cfg.dim + 3 * inter) + router
 
 
 def _compressor_saved(cfg: ModelConfig, layer_id: int | None) -> int:
@@ -153,6 +166,12 @@ def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) 
     heavy_layer = max(range(cfg.n_dense_layers if moe else 0, cfg.n_layers), key=lambda i: block_params(cfg, i))
     layer_total = block_params(cfg, heavy_layer)
     routed = cfg.n_routed_experts * 3 * cfg.dim * cfg.moe_inter_dim if moe else 0
+    per_token = activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes, heavy_layer)
+    if cfg.shortcut_moe:  # whole pairs a stage, one shortcut MoE each: per block half a pair
+        layers = 2 * math.ceil(cfg.n_layers / 2 / lay.pp)
+        layer_total, routed = (block_params(cfg, 0) + block_params(cfg, 1)) / 2, routed / 2
+        per_token = sum(activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes, i)
+                        for i in (0, 1)) / 2
     pc = param_counts(cfg)
     ends = pc.embedding + pc.head if lay.pp == 1 else max(pc.embedding, pc.head)
     dense_params = layers * (layer_total - routed) + ends + cfg.dim + hyper_head_params(cfg)
@@ -163,7 +182,6 @@ def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) 
     weights = params * lay.weight_bytes
     grads = params * lay.grad_bytes
     optimizer = copies * (dense_params / lay.dp + expert_params / lay.expert_dp) * lay.optimizer_bytes
-    per_token = activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes, heavy_layer)
     activations = cost.activation_microbatches * lay.micro_batch * seq_len * layers * per_token
     total = weights + grads + optimizer + activations
     return {

@@ -26,6 +26,10 @@ the micro-batch's token ids as the schedule's keyword argument ``tokens_BT`` (Py
 micro-batch and hands it to each stage's forward, no transfer): the hash-routed MoE layers route by
 them, wherever the split puts them. Each layer rotates with its own kind's rope table (``layer_rope_tables``).
 
+LongCat-Flash (``shortcut_moe``): blocks 2i and 2i+1 share one MoE, which block 2i computes and block 2i+1 adds
+(``Block.pair``), so stages start at even blocks only (``split_layers`` counts pairs) and each stage links its pairs
+(``link_pairs``); a stage's balance loss sums its shortcut MoEs'.
+
 Gradients: every micro-batch's loss is divided by the number of micro-batches here (the schedules'
 own ``scale_grads`` would divide a parameter shared by two local stages twice), so after a step
 each gradient is that of one process on the concatenation of the micro-batches.
@@ -64,7 +68,7 @@ from flyer.model.counts import attention_flops_per_token, block_params, hyper_he
 from flyer.model.documents import Documents, depth_targets, query_count
 from flyer.model.indexer_loss import indexer_attentions, indexer_losses, real_queries
 from flyer.model.moe import MoE, counting_only
-from flyer.model.transformer import OutputHeads, Transformer, layer_rope_tables, shared_selection
+from flyer.model.transformer import OutputHeads, Transformer, layer_rope_tables, link_pairs, shared_selection
 from flyer.parallel.grads import MIRROR
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
@@ -97,13 +101,14 @@ def validate_pipeline(cfg: ModelConfig, pp: int, schedule: str, micro_batches: i
         raise FieldError("pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)} (got {schedule!r})")
     if pp == 1:
         return
-    if cfg.shortcut_moe:  # a stage boundary would cut a pair from the shortcut MoE it shares (LongCat-Flash)
-        raise FieldError("pp", f"pipelining a model with shortcut_moe (LongCat-Flash) is not supported (a stage "
-                               f"boundary inside a block pair would cut it from its shortcut MoE; got {pp})")
     n = pp * chunks_per_rank(schedule, pp)
     if cfg.n_layers < n:
         raise FieldError("pp", f"{schedule} on {pp} ranks cuts the model into {n} stages of at least one layer; "
                                f"the model has {cfg.n_layers} layers (got {pp})")
+    if cfg.shortcut_moe and cfg.n_layers // 2 < n:  # a stage holds whole pairs (``split_layers``)
+        raise FieldError("pp", f"{schedule} on {pp} ranks cuts the model into {n} stages of whole block pairs "
+                               f"(shortcut_moe: blocks 2i and 2i+1 share one MoE); the model has {cfg.n_layers // 2} "
+                               f"pairs (got {pp})")
     full = sum(map(cfg.has_indexer, range(cfg.n_layers)))
     if cfg.indexer_types and full < n:  # a stage starts at a full layer (``split_layers``)
         raise FieldError("pp", f"{schedule} on {pp} ranks cuts the model into {n} stages, each starting at a layer "
@@ -172,12 +177,19 @@ def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[r
     """The contiguous split of the blocks into ``n_stages`` non-empty stages whose largest training
     FLOPs (the last stage's head and MTP included) is smallest; ties keep later stages lighter. A stage
     starts at a layer with its own DSA indexer (GLM-5's shared layers stay with the full layer whose
-    selection they reuse: it never crosses stages), so a model with fewer full layers than stages is refused."""
+    selection they reuse: it never crosses stages), so a model with fewer full layers than stages is refused;
+    with ``shortcut_moe`` (LongCat-Flash) at a pair's first block (even), so the stages hold whole pairs and
+    the split counts pairs."""
     L = cfg.n_layers
     if not 1 <= n_stages <= L:
         raise FieldError("pp", f"{n_stages} stages of at least one layer need at least {n_stages} layers "
                                f"(the model has {L})")
-    starts = [i for i in range(1, L) if cfg.has_indexer(i) or not cfg.indexer_types]  # where a stage may begin
+    # where a stage may begin: a pair's second block adds the MoE output its first leaves (``Block.pair``)
+    starts = [i for i in range(1, L) if (cfg.has_indexer(i) or not cfg.indexer_types)
+              and not (cfg.shortcut_moe and i % 2)]
+    if cfg.shortcut_moe and len(starts) < n_stages - 1:
+        raise FieldError("pp", f"{n_stages} stages of whole block pairs (shortcut_moe) need {n_stages} pairs "
+                               f"(the model has {L // 2})")
     if len(starts) < n_stages - 1:
         raise FieldError("pp", f"{n_stages} stages each starting at a layer with its own DSA indexer need "
                                f"{n_stages} such layers (indexer_types marks {len(starts) + 1} 'full')")
@@ -247,6 +259,9 @@ class Stage(OutputHeads, nn.Module):
         self.micro_batches, self.scale = micro_batches, 1.0 / micro_batches
         self.layers = nn.ModuleList(model.layers[i] for i in layers)
         self.layer_ids = list(layers)
+        if self.cfg.shortcut_moe and (layers.start % 2 or layers.stop % 2):  # ``split_layers`` never cuts a pair
+            raise ValueError(f"stage {index}: layers {layers.start}..{layers.stop - 1} cut a shortcut-MoE pair")
+        link_pairs(self.layers)  # each pair's blocks share the list that hands the MoE output on
         if _needs_embedding(model, self.first, self.last):
             self.embed = model.embed
         if self.last:
@@ -283,8 +298,8 @@ class Stage(OutputHeads, nn.Module):
         with counting_only(self.layers, valid_BT, documents_BT), real_queries(self.layers, valid_BT):
             for layer, (cos, sin) in zip(self.layers, tables):
                 h = layer(h, cos, sin, tokens_BT, selection, docs=docs)
-                if self.training and getattr(layer.ffn, "aux_loss", None) is not None:
-                    aux.append(layer.ffn.aux_loss)
+                if self.training:  # the FFN's MoE, or the pair's shortcut MoE (LongCat-Flash: a block's dense FFN)
+                    aux += [m.aux_loss for m in (layer.ffn, layer.shortcut) if getattr(m, "aux_loss", None) is not None]
         if aux:
             total = torch.stack(aux).sum()
             self.totals["aux_loss"].append(total.detach() * weight)

@@ -70,8 +70,9 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
     params = (pc.total - expert + expert / ep) / pp
     element = 4 if precision == "fp32" else 2
     tokens = tc.batch_size * tc.seq_len
-    saved = cfg.n_layers * activation_bytes_per_token_layer(cfg, cfg.is_moe, recompute=False,
-                                                            bytes_per_element=element)
+    # each layer's own (DeepSeek-V4's compressors, LongCat-Flash's shortcut MoE on a pair's first block only)
+    saved = sum(activation_bytes_per_token_layer(cfg, cfg.is_moe, recompute=False, bytes_per_element=element,
+                                                 layer_id=i) for i in range(cfg.n_layers))
     logits = logits_bytes_per_token(cfg)
     per_param = 16 if tc.optimizer == "adamw" else 12
     return params * per_param + tokens * (saved + logits)
@@ -349,7 +350,7 @@ class Trainer:
                 for m in moe_layers(self.model):
                     m.tokens_per_expert.zero_()
             else:
-                record.update(update_router_bias(self.model, group=self.mesh.dp_group))
+                record.update(self._router_stats(update_router_bias(self.model, group=self.mesh.dp_group)))
             self.optimizer.step()
             if not self.memory_written:  # gradients and optimizer state both exist only here
                 self._write_memory()
@@ -476,14 +477,27 @@ class Trainer:
             loss, terms["indexer_loss"] = loss + kl, kl / layers
         return {"loss": loss, **terms, "tokens": mean["tokens"] * self.mesh.dp, "flops": mean["flops"] * self.mesh.dp}
 
+    def _router_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """``update_router_bias``'s statistics for the whole model: under pipelining a rank's cover its stages' MoE
+        layers only, so rank 0 takes the extremes over the ranks holding learned routers (others keep their own)."""
+        if self.pipeline is None:
+            return stats
+        mine = stats if any(not m.hash_routed for m in moe_layers(self.model)) else None
+        every = [s for s in self.mesh.gather_object(mine) or [] if s is not None]
+        if not every:
+            return stats
+        return {"load_imbalance": max(s["load_imbalance"] for s in every),
+                "bias_min": min(s["bias_min"] for s in every), "bias_max": max(s["bias_max"] for s in every)}
+
     def _expert_loads(self) -> list[list[float]]:
         """Tokens per routed expert of every MoE layer since the last bias update, in layer order
         (under pipelining gathered from every stage onto rank 0; other ranks get [])."""
         if self.pipeline is None:
             return [m.tokens_per_expert.tolist() for m in moe_layers(self.model)]
         # a block's MoE: its FFN, or the shortcut MoE of a pair's first block (LongCat-Flash)
-        mine = [(blk.layer_id, m.tokens_per_expert.tolist()) for blk in self.model.modules() if hasattr(blk, "ffn")
-                for m in (blk.ffn, blk.shortcut) if isinstance(m, MoE)] if self.mesh.dp_rank == 0 else []
+        mine = [(blk.layer_id, m.tokens_per_expert.tolist()) for blk in self.model.modules()
+                for m in (getattr(blk, "ffn", None), getattr(blk, "shortcut", None))
+                if isinstance(m, MoE)] if self.mesh.dp_rank == 0 else []
         every = self.mesh.gather_object(mine)
         return [loads for _, loads in sorted(x for part in every for x in part)] if every is not None else []
 
