@@ -82,12 +82,16 @@ class LocalDispatcher:
         return self.fp8 or self.combine_dtype is not None
 
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
-        """x_TD (T, D), topk_ids_TK (T, K) -> (x_sorted (T*K, D) sorted by expert, counts (E,), ctx)."""
+        """x_TD (T, D), topk_ids_TK (T, K) -> (x_sorted (N, D) sorted by expert, counts (E,), ctx): N = T*K
+        copies, less the picks of ids >= E (LongCat-Flash's identity experts, summed apart), which get none."""
         K = topk_ids_TK.shape[1]
         flat = topk_ids_TK.flatten()
-        order = torch.argsort(flat, stable=True)
-        token_idx = order // K
+        order = torch.argsort(flat, stable=True)  # ids >= E last, then cut off
         counts = torch.bincount(flat, minlength=self.n_experts)
+        if counts.numel() > self.n_experts:
+            counts = counts[:self.n_experts]
+            order = order[:int(counts.sum())]
+        token_idx = order // K
         if self.fp8:
             x_TD = FakeFp8Rows.apply(x_TD)
         x_sorted = x_TD.index_select(0, token_idx)  # backward is an index_add, not a sorting index_put
@@ -96,8 +100,8 @@ class LocalDispatcher:
         return x_sorted, counts, LocalContext(token_idx, order, x_TD.shape[0])
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
-        """y_ND (T*K, D) in dispatch order, weights_TK (T, K) -> (T, D) FP32: the weighted sum of
-        each token's K expert outputs."""
+        """y_ND (N, D) in dispatch order, weights_TK (T, K) -> (T, D) FP32: the weighted sum of
+        each token's expert outputs (identity picks: none, and their weights no gradient)."""
         if self.combine_dtype is not None:
             y_ND = y_ND.to(self.combine_dtype)
         w = weights_TK.flatten().index_select(0, ctx.order_N).unsqueeze(1)

@@ -263,6 +263,9 @@ class _LocalRoutedExperts(torch.autograd.Function):
     compute dtype. On the CPU the combine and its gradients run as fused kernels
     (``flyer.kernels``: the same sums, bit for bit, except the gate weights' gradient dot
     products, whose FP32 terms are added in another order).
+
+    Picks of ids >= E (LongCat-Flash's zero-computation experts, ``routed_order``) get no row: a
+    token has K rows or fewer, and their gate weights' gradient is 0.
     """
 
     @staticmethod
@@ -270,7 +273,7 @@ class _LocalRoutedExperts(torch.autograd.Function):
                 row_multiple: int, dtype: torch.dtype, limit: float = 0.0):
         T = x_TD.shape[0]
         K, F_ = topk_ids_TK.shape[1], w1_EFD.shape[1]
-        order = torch.argsort(topk_ids_TK.flatten(), stable=True)
+        order = routed_order(topk_ids_TK, counts)
         layout = padded_layout(counts, row_multiple)
         pos = layout.positions(x_TD.device)
         src = torch.full((layout.total,), T, dtype=torch.long, device=x_TD.device)  # T: pad row
@@ -286,7 +289,7 @@ class _LocalRoutedExperts(torch.autograd.Function):
         ctx.save_for_backward(x, w13, w2, h13, a, y, w_pad, pos, order)
         ctx.rows_E, ctx.F, ctx.x_dtype, ctx.w_dtype = layout.padded, F_, x_TD.dtype, w1_EFD.dtype
         ctx.limit = limit
-        ctx.w_gate_dtype = weights_TK.dtype
+        ctx.w_gate_dtype, ctx.n_picks = weights_TK.dtype, weights_TK.numel()
         ctx.index = index
         ctx.emulate = lowp.emulated(x.device.type, dtype)  # the backward's GEMMs take the forward's path
         return kernels.combine(y, w_pad, index)
@@ -298,8 +301,9 @@ class _LocalRoutedExperts(torch.autograd.Function):
         need_dw = ctx.needs_input_grad[1]
         dy, d_pad = kernels.combine_backward(g_TD, y, w_pad, ctx.index, need_dw)
         d_weights = None
-        if need_dw:
-            d_weights = d_pad.new_empty(order.shape).index_copy_(0, order, d_pad[pos])
+        if need_dw:  # identity picks (not in order) took no part: gradient 0
+            new = d_pad.new_empty if order.numel() == ctx.n_picks else d_pad.new_zeros
+            d_weights = new(ctx.n_picks).index_copy_(0, order, d_pad[pos])
             d_weights = d_weights.view(T, -1).to(ctx.w_gate_dtype)
         need_w = any(ctx.needs_input_grad[2:5])
         dx, dws = _swiglu_backward(dy, x, w13, w2, h13, a, ctx.rows_E, ctx.F, ctx.needs_input_grad[0], need_w,
@@ -313,17 +317,27 @@ def local_routed_no_grad(x_TD, weights_TK, topk_ids_TK, counts: list[int], count
                          dtype: torch.dtype, ffn) -> torch.Tensor:
     """``_LocalRoutedExperts.forward`` without pad rows (``row_multiple`` 1) and with nothing kept
     for a backward (decoding): the same values from a third of its ops. With no pad rows the
-    padded layout is the expert-sorted order itself and every token has exactly K rows.
+    padded layout is the expert-sorted order itself and every token has exactly K rows, or fewer
+    where it picked ids >= E (zero-computation experts, ``routed_order``).
     ``ffn(x_sorted, counts, counts_E)``: the experts on their rows (held weights bring their own)."""
     T, K = topk_ids_TK.shape
-    order = torch.argsort(topk_ids_TK.flatten(), stable=True)
+    order = routed_order(topk_ids_TK, counts)
     src = order // K  # the token each expert-sorted row holds
     w_rows = weights_TK.flatten().index_select(0, order)
     acc_dtype = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
     w_rows = w_rows if w_rows.dtype == acc_dtype else w_rows.to(acc_dtype)
     x = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
-    index = kernels.token_index(src, T, x, w_rows, per_token=K)
+    index = kernels.token_index(src, T, x, w_rows, per_token=K if order.numel() == T * K else None)
     return kernels.combine(ffn(x.index_select(0, src), counts, counts_E), w_rows, index)
+
+
+def routed_order(topk_ids_TK: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(N,) int64: the flat (t * K + k) picks of the E experts counted in ``counts`` (E,), sorted by expert
+    (stable: by token within one), N = sum(counts). Picks of ids >= E, LongCat-Flash's zero-computation
+    (identity) experts that ``flyer.model.moe`` adds apart, sort after them and are left out: they run no FFN."""
+    order = torch.argsort(topk_ids_TK.flatten(), stable=True)
+    n = sum(counts)
+    return order if n == order.numel() else order[:n]
 
 
 def expert_ffn_fused(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
@@ -420,8 +434,9 @@ class Experts(nn.Module):
                      counts_E: torch.Tensor) -> torch.Tensor:
         """Dispatch, the 'fused' experts and combine in one pass when this process holds every
         expert (see ``_LocalRoutedExperts``): the values ``LocalDispatcher`` around ``forward`` gives.
-        x_TD (T, D), weights_TK (T, K), topk_ids_TK (T, K), counts_E (E,) -> (T, D) FP32. With nothing
-        to differentiate and no pad rows, its forward runs without the Function (``local_routed_no_grad``)."""
+        x_TD (T, D), weights_TK (T, K), topk_ids_TK (T, K) (ids >= E: identity picks, no row), counts_E (E,)
+        -> (T, D) FP32. With nothing to differentiate and no pad rows, its forward runs without the Function
+        (``local_routed_no_grad``)."""
         dtype = gemm_dtype(x_TD)
         counts, row_multiple = counts_E.tolist(), self.row_multiple(x_TD, dtype)
         w1, w2, w3 = self.gemm_weights()
@@ -442,4 +457,4 @@ class Experts(nn.Module):
 
 
 __all__ = ["EXPERT_IMPLS", "Experts", "PaddedLayout", "expert_ffn_fused", "expert_ffn_grouped_mm", "expert_ffn_loop",
-           "local_routed_no_grad", "packed_w13", "padded_layout", "resolve_experts_impl", "swiglu"]
+           "local_routed_no_grad", "packed_w13", "padded_layout", "resolve_experts_impl", "routed_order", "swiglu"]

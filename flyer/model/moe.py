@@ -239,9 +239,9 @@ class MoE(nn.Module):
                                                   self.cfg, valid_BT, segments_BT, n_docs) if balance else None
         x_in = _cast(x_TD, gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
         identity_TD = None
-        if self.cfg.n_zero_experts:
-            identity_TD, weights_TK, topk_ids_TK, counts = zero_experts(
-                x_TD, weights_TK, topk_ids_TK, self.cfg.n_routed_experts, self.cfg.n_zero_experts)
+        if self.cfg.n_zero_experts:  # identity picks stay in topk_ids_TK: the routed experts give them no row
+            identity_TD = zero_experts(x_TD, weights_TK, topk_ids_TK, self.cfg.n_routed_experts)
+            counts = counts[:self.cfg.n_routed_experts]
         if self.path == "fused_local":
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts)
         else:
@@ -255,19 +255,13 @@ class MoE(nn.Module):
         return y_TD.view(B, T, D)
 
 
-def zero_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, E: int, Z: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LongCat-Flash's zero-computation experts (ids E onward) as transformers' LongcatFlashMoE computes them:
-    (identity_TD FP32, the sum of each token's identity weights times its MoE input x_TD (T, D); weights_TK with
-    those picks' weights 0; topk_ids_TK with each identity pick moved to a routed expert, (id - E) E / Z, that
-    multiplies it by 0; the routed experts' counts (E,) of those ids). The moved picks are computed and weighted 0
-    (as transformers does): the dispatchers and fused experts keep K copies per token."""
-    identity = topk_ids_TK >= E
-    w_TK = weights_TK.masked_fill(~identity, 0.0)
-    identity_TD = x_TD.float() * w_TK.sum(-1, keepdim=True)
-    moved = torch.where(identity, (topk_ids_TK - E) * E // Z, topk_ids_TK)  # spread over the experts
-    counts = torch.bincount(moved.flatten(), minlength=E)
-    return identity_TD, weights_TK.masked_fill(identity, 0.0), moved, counts
+def zero_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, E: int) -> torch.Tensor:
+    """LongCat-Flash's zero-computation experts (ids E onward): identity_TD (T, D) FP32, the sum of each token's
+    identity weights times its MoE input x_TD (T, D), as transformers' LongcatFlashMoE adds them. The routed experts
+    skip those picks (``flyer.model.experts.routed_order``, ``LocalDispatcher``): transformers instead moves each to
+    a routed expert with weight 0, whose output times 0 (+-0) changes no sum (``bench/zero_experts.py`` times both)."""
+    w_TK = weights_TK.masked_fill(topk_ids_TK < E, 0.0)
+    return x_TD.float() * w_TK.sum(-1, keepdim=True)
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, cfg: ModelConfig,

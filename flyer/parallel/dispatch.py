@@ -215,9 +215,13 @@ def _exchange_counts(counts: torch.Tensor, n_members: int, group) -> torch.Tenso
 def _fan_out(keys_N: torch.Tensor, n_members: int, n_local: int, group):
     """Copies with destination key ``member * n_local + local expert``: the order that sorts them
     by key, send and recv splits, the permutation of received rows from (source, expert) order
-    to (expert, source) order, and the rows per local expert."""
+    to (expert, source) order, and the rows per local expert. Keys past the last expert (LongCat-Flash's
+    identity picks, summed on the token's rank by the MoE) sort last and are left out of the order."""
     order = torch.argsort(keys_N, stable=True)
     counts = torch.bincount(keys_N, minlength=n_members * n_local)
+    if counts.numel() > n_members * n_local:
+        counts = counts[:n_members * n_local]
+        order = order[:int(counts.sum())]
     recv_SE = _exchange_counts(counts, n_members, group)  # recv_SE[s, e]: rows from member s for expert e
     send = counts.view(n_members, n_local).sum(1).tolist()
     recv = recv_SE.sum(1).tolist()
@@ -291,8 +295,8 @@ class _ExchangeDispatcher:
         raise NotImplementedError
 
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
-        """x_TD (T, D) float, topk_ids_TK (T, K) int64 global expert ids -> (x_sorted (N, D) rows
-        for this rank's experts sorted by local expert, counts (n_local,), ctx)."""
+        """x_TD (T, D) float, topk_ids_TK (T, K) int64 global expert ids (ids >= n_experts: identity picks, not
+        sent) -> (x_sorted (N, D) rows for this rank's experts sorted by local expert, counts (n_local,), ctx)."""
         with torch.no_grad():
             plan = self.plan(topk_ids_TK)
         x_sorted = _Dispatch.apply(x_TD, plan, self.fp8, self.combine_dtype, self.counter)
@@ -352,7 +356,9 @@ class HierarchicalDispatcher(_ExchangeDispatcher):
     def plan(self, topk_ids_TK: torch.Tensor) -> Plan:
         mesh = self.mesh
         P, L = mesh.ep_nodes, mesh.ep_ranks_per_node
-        s1, ids1, route1 = _once_per_destination(topk_ids_TK, L * self.n_local, P, mesh.inter_group,
+        # LongCat-Flash's identity picks (ids past the experts) go nowhere: the MoE sums them on the token's rank
+        ids = topk_ids_TK.masked_fill(topk_ids_TK >= self.n_experts, -1)
+        s1, ids1, route1 = _once_per_destination(ids, L * self.n_local, P, mesh.inter_group,
                                                  self.inter_kinds, self.counter, mesh.inter_group_bwd)
         s2, ids2, route2 = _once_per_destination(ids1, self.n_local, L, mesh.intra_group, self.intra_kinds,
                                                  self.counter, mesh.intra_group_bwd)

@@ -308,9 +308,6 @@ def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int, 
     E = cfg.n_routed_experts
     if E == 0 or not cfg.is_moe:
         raise FieldError("ep", f"needs routed experts, but the model has none (n_routed_experts={E}; got {ep})")
-    if cfg.n_zero_experts or cfg.shortcut_moe:  # identity picks are never dispatched; not built for exchange
-        raise FieldError("ep", f"expert parallelism is not supported for LongCat-Flash's zero experts "
-                               f"(n_zero_experts={cfg.n_zero_experts}) or shortcut MoE (got {ep})")
     if E % ep:
         raise FieldError("ep", f"must divide n_routed_experts={E} (got {ep})")
     if ep % ranks_per_node and ranks_per_node % ep:
