@@ -208,6 +208,27 @@ def test_experts_impl_is_resolved_when_built_and_when_moved(monkeypatch):
     assert ex.to("meta").impl == "auto@meta" and named.to("meta").impl == "fused@meta"
 
 
+def test_auto_experts_keep_an_fp32_model_in_fp32_where_grouped_mm_would_round_to_bf16(monkeypatch):
+    """'auto' resolved to grouped_mm (weights on CUDA) runs torch._grouped_mm, BF16, only for BF16 GEMMs (autocast
+    or BF16 inputs): an FP32 model's experts run the fused FP32 path, equal to the oracle (on an H200 BF16 experts
+    moved a random small model's logits by 0.19 of their scale from the CPU's; FP32 ones by 1.3e-6). A named
+    grouped_mm stays BF16. Forced here on the CPU: the impl set as CUDA resolves it, grouped_mm recorded."""
+    calls = []
+    monkeypatch.setattr(experts_module, "expert_ffn_grouped_mm",
+                        lambda x, *a, **k: calls.append(x.dtype) or x.new_zeros(x.shape))
+    torch.manual_seed(0)
+    auto, named = Experts(4, 16, 8), Experts(4, 16, 8, impl="grouped_mm")
+    named.load_state_dict(auto.state_dict())
+    auto.impl = "grouped_mm"  # what resolve_experts_impl gives weights on CUDA
+    x, counts = torch.randn(10, 16), torch.tensor([3, 0, 5, 2])
+    want = expert_ffn_loop(x, counts, auto.w1, auto.w2, auto.w3)
+    torch.testing.assert_close(auto(x, counts), want, rtol=1e-5, atol=1e-6)  # FP32: not grouped_mm
+    assert calls == []
+    auto(x.bfloat16(), counts)  # BF16 GEMMs: grouped_mm
+    named(x, counts)  # named: grouped_mm whatever the dtype
+    assert calls == [torch.bfloat16, torch.float32]
+
+
 def test_moe_path_is_chosen_from_the_dispatcher_and_the_experts():
     cfg = small_cfg()
     E = cfg.n_routed_experts

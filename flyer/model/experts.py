@@ -9,7 +9,8 @@ module when it is built or moved (``EXPERT_IMPLS``, ``resolve_experts_impl``):
 - ``expert_ffn_loop``: per-expert ``F.linear``, differentiated by autograd: the oracle;
 - ``expert_ffn_fused`` ('fused'): the hand-written grouped SwiGLU; the CPU fast path and the
   default off CUDA;
-- ``expert_ffn_grouped_mm`` ('grouped_mm'): ``torch._grouped_mm`` in BF16; the CUDA default.
+- ``expert_ffn_grouped_mm`` ('grouped_mm'): ``torch._grouped_mm`` in BF16; the CUDA default where the
+  GEMMs run in BF16 (an FP32 model's experts stay FP32: 'fused').
 
 ``Experts.routed_local`` runs dispatch, the fused experts and combine as one function where one
 process holds every expert (``_LocalRoutedExperts``; ``MoE.path`` says when).
@@ -39,7 +40,8 @@ EXPERT_IMPLS = ("auto", "fused", "grouped_mm")
 
 def resolve_experts_impl(impl: str, device: torch.device) -> str:
     """The implementation experts with weights on ``device`` run: 'auto' is 'grouped_mm' on CUDA
-    (where torch has it) and 'fused' elsewhere; 'fused' and 'grouped_mm' run as named."""
+    (where torch has it; ``Experts.forward`` runs it for BF16 GEMMs only, 'fused' for FP32 ones) and 'fused'
+    elsewhere; 'fused' and 'grouped_mm' run as named."""
     if impl not in EXPERT_IMPLS:
         raise ConfigError(f"experts_impl '{impl}' is unknown (choose from: {', '.join(EXPERT_IMPLS)})")
     if impl != "auto":
@@ -424,9 +426,10 @@ class Experts(nn.Module):
         """x_ND (N, D) rows sorted by local expert, counts_E (E,) rows per expert -> (N, D): in x's
         dtype for 'grouped_mm', in the GEMM dtype (autocast's or x's) for 'fused'."""
         w1, w2, w3 = self.gemm_weights()
-        if self.impl == "grouped_mm":
-            return expert_ffn_grouped_mm(x_ND, counts_E, w1, w2, w3, self.swiglu_limit).to(x_ND.dtype)
         dtype = gemm_dtype(x_ND)
+        # 'auto' takes grouped_mm (BF16) where the model computes in BF16 only: an FP32 model keeps FP32 experts
+        if self.impl == "grouped_mm" and (self.requested_impl == "grouped_mm" or dtype == torch.bfloat16):
+            return expert_ffn_grouped_mm(x_ND, counts_E, w1, w2, w3, self.swiglu_limit).to(x_ND.dtype)
         return expert_ffn_fused(x_ND, counts_E, w1, w2, w3, row_multiple=self.row_multiple(x_ND, dtype),
                                 dtype=dtype, swiglu_limit=self.swiglu_limit)
 
