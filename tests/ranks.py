@@ -9,6 +9,7 @@ import multiprocessing
 from typing import Any, Callable
 
 import pytest
+import torch.distributed as dist
 
 from flyer.parallel import launch
 from flyer.parallel.pipeline import SPLIT_SCHEDULES, SPLIT_TORCH, split_backward_runs
@@ -26,3 +27,16 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
     """``flyer.parallel.launch.run_ranks(fn, world, *args)`` with the ranks forked from the server."""
     multiprocessing.set_forkserver_preload(PRELOAD)  # read when the server starts (the first call)
     return launch.run_ranks(fn, world, *args, start_method="forkserver")
+
+
+def run_schedules(case: Callable[[int, str], Any], schedules: dict[str, str], world: int) -> list[dict[str, Any]]:
+    """Per rank, {name: ``case(rank, name)``} for each name of ``schedules`` (name -> its pipeline schedule) this
+    torch runs (``split_backward_runs``: not zb / dualpipev on an older one), on ``world`` forked ranks."""
+    return run_ranks(_schedule_cases, world, case, schedules)
+
+
+def _schedule_cases(rank: int, case: Callable[[int, str], Any], schedules: dict[str, str]) -> dict[str, Any]:
+    out = {name: case(rank, name) for name, schedule in schedules.items()
+           if split_backward_runs() or schedule not in SPLIT_SCHEDULES}
+    dist.destroy_process_group()
+    return out

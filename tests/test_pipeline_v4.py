@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from flyer.config import preset
 from flyer.model.counts import param_counts
@@ -40,10 +39,10 @@ from flyer.parallel.grads import init_like_single_process
 from flyer.parallel.memory import plan_state_bytes
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import (PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, Stage, chunks_per_rank,
-                                     residual_shape, split_backward_runs, split_layers)
+                                     residual_shape, split_layers)
 from flyer.train.metrics import read_metrics
 from flyer.train.trainer import build_model
-from ranks import needs_split_backward, run_ranks
+from ranks import needs_split_backward, run_schedules
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, M, _rel, accumulate, adamw_trajectory,
                            check_trajectory, term_failures)
 from test_train_pp import _run, _torchrun  # the torchrun command and its subprocess check
@@ -127,16 +126,9 @@ def _case(rank: int, name: str) -> dict:
                 planned=planned, held=held)
 
 
-def _worker(rank: int) -> dict:
-    out = {name: _case(rank, name) for name, (schedule, _) in CASES.items()
-           if split_backward_runs() or schedule not in SPLIT_SCHEDULES}
-    dist.destroy_process_group()
-    return out
-
-
 @functools.cache
 def _results() -> list[dict]:
-    return run_ranks(_worker, WORLD)
+    return run_schedules(_case, {name: schedule for name, (schedule, _) in CASES.items()}, WORLD)
 
 
 # ---- single-process oracles -----------------------------------------------------------------------

@@ -29,15 +29,14 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from flyer.config import preset
 from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import init_distributed
-from flyer.parallel.pipeline import SPLIT_SCHEDULES, PipelineModel, split_backward_runs
+from flyer.parallel.pipeline import SPLIT_SCHEDULES, PipelineModel
 from flyer.train.trainer import build_model
-from ranks import needs_split_backward, run_ranks
+from ranks import needs_split_backward, run_schedules
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, M, T, _rel, accumulate,
                            adamw_trajectory, check_trajectory, term_failures)
 
@@ -98,16 +97,9 @@ def _case(rank: int, name: str) -> dict:
     return dict(steps=steps, final=mesh.full_state_dict(pm))
 
 
-def _worker(rank: int) -> dict:
-    out = {name: _case(rank, name) for name, (_, schedule) in CASES.items()
-           if split_backward_runs() or schedule not in SPLIT_SCHEDULES}
-    dist.destroy_process_group()
-    return out
-
-
 @functools.cache
 def _results() -> list[dict]:
-    return run_ranks(_worker, WORLD)
+    return run_schedules(_case, {name: schedule for name, (_, schedule) in CASES.items()}, WORLD)
 
 
 # ---- single-process oracles -----------------------------------------------------------------------

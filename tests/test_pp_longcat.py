@@ -24,7 +24,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from flyer.cluster.costs import Layout, activation_bytes_per_token_layer, logits_bytes_per_token, memory_per_gpu
 from flyer.cluster.costs import validate_layout as costs_layout
@@ -35,11 +34,11 @@ from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import (PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, Stage, chunks_per_rank,
-                                     end_flops, layer_flops, split_backward_runs, split_layers, stage_ranks,
+                                     end_flops, layer_flops, split_layers, stage_ranks,
                                      validate_pipeline)
 from flyer.train.config import TrainConfig
 from flyer.train.trainer import build_model, training_memory_bytes
-from ranks import needs_split_backward, run_ranks
+from ranks import needs_split_backward, run_schedules
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, M, T, _rel, accumulate,
                            adamw_trajectory, check_trajectory, term_failures)
 
@@ -90,15 +89,9 @@ def _case(rank: int, schedule: str) -> dict:
     return dict(steps=steps, final=mesh.full_state_dict(pm), pairs=pairs)
 
 
-def _worker(rank: int) -> dict:
-    out = {s: _case(rank, s) for s in SCHEDULES if split_backward_runs() or s not in SPLIT_SCHEDULES}
-    dist.destroy_process_group()
-    return out
-
-
 @functools.cache
 def _results() -> list[dict]:
-    return run_ranks(_worker, WORLD)
+    return run_schedules(_case, {s: s for s in SCHEDULES}, WORLD)
 
 
 # ---- single-process oracles ---------------------------------------------------------------------
