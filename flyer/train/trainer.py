@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
@@ -490,16 +491,28 @@ class Trainer:
                 "bias_min": min(s["bias_min"] for s in every), "bias_max": max(s["bias_max"] for s in every)}
 
     def _expert_loads(self) -> list[list[float]]:
-        """Tokens per routed expert of every MoE layer since the last bias update, in layer order
-        (under pipelining gathered from every stage onto rank 0; other ranks get [])."""
+        """Tokens per routed expert of every MoE layer since the last bias update, in layer order, summed over the
+        data-parallel replicas as ``update_router_bias`` sums them (under pipelining gathered from every stage onto
+        rank 0; other ranks get []). A collective on every rank."""
         if self.pipeline is None:
-            return [m.tokens_per_expert.tolist() for m in moe_layers(self.model)]
+            return [x.tolist() for x in self._replicas_loads(moe_layers(self.model))]
         # a block's MoE: its FFN, or the shortcut MoE of a pair's first block (LongCat-Flash)
-        mine = [(blk.layer_id, m.tokens_per_expert.tolist()) for blk in self.model.modules()
-                for m in (getattr(blk, "ffn", None), getattr(blk, "shortcut", None))
-                if isinstance(m, MoE)] if self.mesh.dp_rank == 0 else []
+        held = [(blk.layer_id, m) for blk in self.model.modules()
+                for m in (getattr(blk, "ffn", None), getattr(blk, "shortcut", None)) if isinstance(m, MoE)]
+        loads = self._replicas_loads([m for _, m in held])
+        mine = [(i, x.tolist()) for (i, _), x in zip(held, loads)] if self.mesh.dp_rank == 0 else []
         every = self.mesh.gather_object(mine)
         return [loads for _, loads in sorted(x for part in every for x in part)] if every is not None else []
+
+    def _replicas_loads(self, layers: list[MoE]) -> list[torch.Tensor]:
+        """``layers``' ``tokens_per_expert`` summed over this stage's replicas (copies: the bias update reduces its
+        own); every replica of a stage holds the same layers."""
+        counts = [m.tokens_per_expert for m in layers]
+        if self.mesh.dp == 1 or not counts:
+            return counts
+        flat = torch.cat(counts)
+        dist.all_reduce(flat, group=self.mesh.dp_group)
+        return list(flat.split([len(c) for c in counts]))
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -1,0 +1,85 @@
+"""`flyer train --ep 2` on a tiny LongCat-Flash (``shortcut_moe``, zero-computation experts) under torchrun (gloo,
+CPU) against one process on the same rows, over two steps: the loss terms, the expert loads (identity columns too),
+the router statistics, and the checkpoint (its weights, and `flyer generate` on it).
+
+EP 2 on 2 ranks is DP 2: rank r draws the sample stream (seed, r). The one-process run is `flyer train --grad-accum 2`
+whose sampler hands out micro-batch r of each step from stream r (``TwoStreams``, run as this file's ``__main__``):
+the same rows, the same shares of the loss. Tolerances as tests/test_train_pp_longcat.py derives them (the tiny
+learning rate keeps the weights within 2 k lr (1 + wd |w|) of each other after k steps); the checkpoint's weights
+within that distance plus one FP32 rounding of each step's update.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from test_train_pp import FP32_TOL, LR, WD, _records, _run, _torchrun
+from test_train_pp_longcat import MODEL, N_PARAMS, STEPS, _args, _toml
+
+from flyer.data.sampler import BatchSampler
+
+EP = 2
+
+
+class TwoStreams:
+    """A ``BatchSampler`` stand-in whose i-th batch is batch i // EP of stream (seed + i % EP): with --grad-accum EP,
+    micro-batch r of each step is what EP rank r draws (the trainer seeds rank r's stream seed * 1000 + r)."""
+
+    def __init__(self, tokens, batch_size: int, seq_len: int, seed: int):
+        self.streams = [BatchSampler(tokens, batch_size, seq_len, seed + r) for r in range(EP)]
+        self.drawn = 0
+
+    def next_batch(self):
+        batch = self.streams[self.drawn % EP].next_batch()
+        self.drawn += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.streams[0].state_dict()
+
+
+def test_ep2_equals_one_process_on_the_same_rows(tmp_path, data_cache):
+    config = _toml(tmp_path / "longcat.toml")
+    err = _run(_torchrun(EP, "--standalone") + _args(tmp_path / "ep", data_cache, config, "--ep", str(EP))).stderr
+    assert "PP 1 x DP 2, EP 2" in err, err[-3000:]
+    _run([sys.executable, __file__, "train", *_args(tmp_path / "one", data_cache, config, "--grad-accum", str(EP))])
+    ep, one = _records(tmp_path / "ep"), _records(tmp_path / "one")
+    assert sorted(ep) == sorted(one) == list(range(1, STEPS + 1))
+    grad = 2 * max(r["grad_norm"] for x in (ep, one) for r in x.values())
+    for step in one:
+        drift = math.sqrt(N_PARAMS) * grad * 2 * (step - 1) * LR * (1 + WD)
+        for key in ("loss", "main_loss", "aux_loss"):
+            bound = FP32_TOL * abs(one[step][key]) + drift
+            assert abs(ep[step][key] - one[step][key]) <= bound, (step, key, ep[step][key], one[step][key], bound)
+        loads = one[step]["expert_load"]  # a list per shortcut MoE, a count per routing column
+        assert len(loads) == MODEL["n_layers"] // 2 and all(sum(x[8:]) > 0 for x in loads)  # identity picks
+        assert ep[step]["expert_load"] == loads, step
+        for key in ("load_imbalance", "bias_min", "bias_max"):
+            assert ep[step][key] == one[step][key], (step, key)
+        assert ep[step]["aux_loss"] > 0
+    # both ranks' rows counted: each step's loads sum to EP x batch x seq_len tokens x K picks, per layer
+    assert all(sum(x) == EP * 2 * 32 * MODEL["n_activated_experts"] for r in ep.values() for x in r["expert_load"])
+
+    from flyer.cli import main
+    from flyer.interop.load import load_pretrained
+
+    (got, cfg, _), (ref, _, _) = load_pretrained(tmp_path / "ep"), load_pretrained(tmp_path / "one")
+    assert cfg.shortcut_moe and cfg.n_zero_experts == MODEL["n_zero_experts"]
+    ref_state = ref.state_dict()
+    for name, w in got.state_dict().items():  # every rank's experts back in their one-process places
+        r = ref_state[name]
+        bound = STEPS * (2 * LR * (1 + WD * r.abs()) + torch.finfo(torch.float32).eps * r.abs())
+        assert ((w - r).abs() <= bound).all(), (name, (w - r).abs().max().item())
+    assert main(["generate", "--ckpt", str(tmp_path / "ep"), "--prompt", "hello world", "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+
+
+if __name__ == "__main__":  # the one-process reference: `flyer train` drawing the EP ranks' rows in turn
+    import flyer.train.trainer
+
+    flyer.train.trainer.BatchSampler = TwoStreams
+    from flyer.cli import main
+
+    sys.exit(main(sys.argv[1:]))
