@@ -42,6 +42,25 @@ def _args(out: Path, cache: str, config: str, *extra: str) -> list[str]:
             "--data-cache", cache, "--out", str(out), "--device", "cpu", "--collective-timeout", "120", *extra]
 
 
+def check_steps(got: dict[int, dict], one: dict[int, dict]) -> None:
+    """A distributed run's metrics records ``got`` against the one-process run's ``one``, step by step: the loss terms
+    within FP32_TOL plus the weights' drift (the module docstring), the expert loads (a list per shortcut MoE, a count
+    per routing column, identity picks among them) and the router statistics equal, the balance loss on."""
+    assert sorted(got) == sorted(one) == list(range(1, STEPS + 1))
+    grad = 2 * max(r["grad_norm"] for x in (got, one) for r in x.values())
+    for step in one:
+        drift = math.sqrt(N_PARAMS) * grad * 2 * (step - 1) * LR * (1 + WD)
+        for key in ("loss", "main_loss", "aux_loss"):
+            bound = FP32_TOL * abs(one[step][key]) + drift
+            assert abs(got[step][key] - one[step][key]) <= bound, (step, key, got[step][key], one[step][key], bound)
+        loads = one[step]["expert_load"]
+        assert len(loads) == MODEL["n_layers"] // 2 and all(sum(x[8:]) > 0 for x in loads)  # identity picks
+        assert got[step]["expert_load"] == loads, step
+        for key in ("load_imbalance", "bias_min", "bias_max"):
+            assert got[step][key] == one[step][key], (step, key)
+        assert got[step]["aux_loss"] > 0
+
+
 def test_pp2_equals_one_process_with_grad_accum(tmp_path, data_cache):
     config = _toml(tmp_path / "longcat.toml")
     err = _run(_torchrun(2, "--standalone") + _args(tmp_path / "pp", data_cache, config, "--pp", "2",
@@ -50,19 +69,6 @@ def test_pp2_equals_one_process_with_grad_accum(tmp_path, data_cache):
     _run([sys.executable, "-m", "flyer", "train", *_args(tmp_path / "one", data_cache, config, "--grad-accum",
                                                          str(M))])
     pp, one = _records(tmp_path / "pp"), _records(tmp_path / "one")
-    assert sorted(pp) == sorted(one) == list(range(1, STEPS + 1))
-    grad = 2 * max(r["grad_norm"] for x in (pp, one) for r in x.values())
-    for step in one:
-        drift = math.sqrt(N_PARAMS) * grad * 2 * (step - 1) * LR * (1 + WD)
-        for key in ("loss", "main_loss", "aux_loss"):
-            bound = FP32_TOL * abs(one[step][key]) + drift
-            assert abs(pp[step][key] - one[step][key]) <= bound, (step, key, pp[step][key], one[step][key], bound)
-        loads = one[step]["expert_load"]  # a list per shortcut MoE, a count per routing column
-        assert len(loads) == MODEL["n_layers"] // 2 and all(sum(x[8:]) > 0 for x in loads)  # identity picks
-        assert pp[step]["expert_load"] == loads, step
-        # the router statistics over both stages' MoE layers, not rank 0's alone (stage 0's imbalance differs)
-        for key in ("load_imbalance", "bias_min", "bias_max"):
-            assert pp[step][key] == one[step][key], (step, key)
-        assert pp[step]["aux_loss"] > 0
+    check_steps(pp, one)  # the router statistics over both stages' MoE layers, not rank 0's alone
     first = [one[step]["expert_load"][0] for step in one]  # stage 0's layer: its imbalance alone would show
     assert any(max(x) * len(x) / sum(x) != one[step]["load_imbalance"] for step, x in zip(one, first))
