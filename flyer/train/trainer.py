@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
@@ -39,7 +38,7 @@ from flyer.model.counts import param_counts
 from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, indexer_depths, real_queries,
                                      set_indexer_training)
 from flyer.errors import CheckpointError, FieldError, TrainingError
-from flyer.model.moe import MoE, counting_only, moe_layers, update_router_bias
+from flyer.model.moe import counting_only, moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.data.chat_pack import PACKED_TENSORS, PackedChatSampler, packed_eval_batches
 from flyer.data.sampler import TEXT_TENSORS
@@ -52,6 +51,7 @@ from flyer.parallel.pipeline import (PipelineModel, check_indexer_stages, held_m
                                      require_torch_for, validate_pipeline)
 from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
+from flyer.train.expert_stats import expert_loads, router_stats
 from flyer.train.config import TrainConfig, carried_settings, check_resume_settings, lr_at, tokenizer_settings
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 from flyer.train.batches import counts, draw, positions_run
@@ -325,7 +325,7 @@ class Trainer:
         sums = self._pipeline_step() if self.pipeline is not None else self._local_step()
         tokens, flops = sums.pop("tokens"), sums.pop("flops")  # the job's row positions run, and their FLOPs
         grad_norm, indexer_norm = clip_gradients(self.model, self.mesh.clip_grad_norm_, tc.clip, tc.indexer_train)
-        loads = self._expert_loads()
+        loads = expert_loads(self.model, self.mesh, self.pipeline is not None)
         self.step += 1
         record: dict[str, Any] = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm}
         if indexer_norm is not None:
@@ -351,7 +351,8 @@ class Trainer:
                 for m in moe_layers(self.model):
                     m.tokens_per_expert.zero_()
             else:
-                record.update(self._router_stats(update_router_bias(self.model, group=self.mesh.dp_group)))
+                record.update(router_stats(update_router_bias(self.model, group=self.mesh.dp_group), self.model,
+                                           self.mesh, self.pipeline is not None))
             self.optimizer.step()
             if not self.memory_written:  # gradients and optimizer state both exist only here
                 self._write_memory()
@@ -477,42 +478,6 @@ class Trainer:
         if layers:  # their sum joins the loss, their mean is logged (as ``_local_step``'s)
             loss, terms["indexer_loss"] = loss + kl, kl / layers
         return {"loss": loss, **terms, "tokens": mean["tokens"] * self.mesh.dp, "flops": mean["flops"] * self.mesh.dp}
-
-    def _router_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        """``update_router_bias``'s statistics for the whole model: under pipelining a rank's cover its stages' MoE
-        layers only, so rank 0 takes the extremes over the ranks holding learned routers (others keep their own)."""
-        if self.pipeline is None:
-            return stats
-        mine = stats if any(not m.hash_routed for m in moe_layers(self.model)) else None
-        every = [s for s in self.mesh.gather_object(mine) or [] if s is not None]
-        if not every:
-            return stats
-        return {"load_imbalance": max(s["load_imbalance"] for s in every),
-                "bias_min": min(s["bias_min"] for s in every), "bias_max": max(s["bias_max"] for s in every)}
-
-    def _expert_loads(self) -> list[list[float]]:
-        """Tokens per routed expert of every MoE layer since the last bias update, in layer order, summed over the
-        data-parallel replicas as ``update_router_bias`` sums them (under pipelining gathered from every stage onto
-        rank 0; other ranks get []). A collective on every rank."""
-        if self.pipeline is None:
-            return [x.tolist() for x in self._replicas_loads(moe_layers(self.model))]
-        # a block's MoE: its FFN, or the shortcut MoE of a pair's first block (LongCat-Flash)
-        held = [(blk.layer_id, m) for blk in self.model.modules()
-                for m in (getattr(blk, "ffn", None), getattr(blk, "shortcut", None)) if isinstance(m, MoE)]
-        loads = self._replicas_loads([m for _, m in held])
-        mine = [(i, x.tolist()) for (i, _), x in zip(held, loads)] if self.mesh.dp_rank == 0 else []
-        every = self.mesh.gather_object(mine)
-        return [loads for _, loads in sorted(x for part in every for x in part)] if every is not None else []
-
-    def _replicas_loads(self, layers: list[MoE]) -> list[torch.Tensor]:
-        """``layers``' ``tokens_per_expert`` summed over this stage's replicas (copies: the bias update reduces its
-        own); every replica of a stage holds the same layers."""
-        counts = [m.tokens_per_expert for m in layers]
-        if self.mesh.dp == 1 or not counts:
-            return counts
-        flat = torch.cat(counts)
-        dist.all_reduce(flat, group=self.mesh.dp_group)
-        return list(flat.split([len(c) for c in counts]))
 
     @torch.no_grad()
     def evaluate(self) -> float:
