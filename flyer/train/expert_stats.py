@@ -28,28 +28,30 @@ def router_stats(stats: dict[str, float], model: torch.nn.Module, mesh: Mesh | L
 
 def expert_loads(model: torch.nn.Module, mesh: Mesh | LocalMesh, pipelined: bool) -> list[list[float]]:
     """Tokens per routed expert of every MoE layer since the last bias update, in layer order, summed over the
-    data-parallel replicas as ``update_router_bias`` sums them (under pipelining gathered from every stage onto
-    rank 0; other ranks get []). A collective on every rank."""
+    data-parallel replicas (in place: ``replicas_loads``; under pipelining gathered from every stage onto rank 0,
+    other ranks get []). A collective on every rank."""
+    loads = replicas_loads(moe_layers(model), mesh)  # every layer the bias update reads, summed in place
     if not pipelined:
-        return [x.tolist() for x in replicas_loads(moe_layers(model), mesh)]
+        return [x.tolist() for x in loads]
     # a block's MoE: its FFN, or the shortcut MoE of a pair's first block (LongCat-Flash)
     held = [(blk.layer_id, m) for blk in model.modules()
             for m in (getattr(blk, "ffn", None), getattr(blk, "shortcut", None)) if isinstance(m, MoE)]
-    loads = replicas_loads([m for _, m in held], mesh)
-    mine = [(i, x.tolist()) for (i, _), x in zip(held, loads)] if mesh.dp_rank == 0 else []
+    mine = [(i, m.tokens_per_expert.tolist()) for i, m in held] if mesh.dp_rank == 0 else []
     every = mesh.gather_object(mine)
     return [counts for _, counts in sorted(x for part in every for x in part)] if every is not None else []
 
 
 def replicas_loads(layers: list[MoE], mesh: Mesh | LocalMesh) -> list[torch.Tensor]:
-    """``layers``' ``tokens_per_expert`` summed over this stage's replicas (copies: the bias update reduces its
-    own); every replica of a stage holds the same layers."""
+    """``layers``' ``tokens_per_expert``, summed in place over this stage's replicas in one all-reduce (every replica
+    of a stage holds the same layers), so the bias update that follows reads the job's counts and reduces none."""
     counts = [m.tokens_per_expert for m in layers]
     if mesh.dp == 1 or not counts:
         return counts
     flat = torch.cat(counts)
     dist.all_reduce(flat, group=mesh.dp_group)
-    return list(flat.split([len(c) for c in counts]))
+    for c, summed in zip(counts, flat.split([len(c) for c in counts])):
+        c.copy_(summed)
+    return counts
 
 
 __all__ = ["expert_loads", "replicas_loads", "router_stats"]

@@ -351,8 +351,9 @@ class Trainer:
                 for m in moe_layers(self.model):
                     m.tokens_per_expert.zero_()
             else:
-                record.update(router_stats(update_router_bias(self.model, group=self.mesh.dp_group), self.model,
-                                           self.mesh, self.pipeline is not None))
+                # the counts are the job's already (expert_loads summed them over the replicas): no group
+                record.update(router_stats(update_router_bias(self.model), self.model, self.mesh,
+                                           self.pipeline is not None))
             self.optimizer.step()
             if not self.memory_written:  # gradients and optimizer state both exist only here
                 self._write_memory()
