@@ -1,12 +1,15 @@
 """`flyer train --ep 2` on a tiny LongCat-Flash (``shortcut_moe``, zero-computation experts) under torchrun (gloo,
 CPU) against one process on the same rows, over two steps: the loss terms, the expert loads (identity columns too),
-the router statistics, and the checkpoint (its weights, and `flyer generate` on it).
+the router statistics, and the checkpoint (its weights, and `flyer generate` on it); and `--pp 2 --ep 2` on 4 ranks
+against one process the same way (the checkpoint aside).
 
 EP 2 on 2 ranks is DP 2: rank r draws the sample stream (seed, r). The one-process run is `flyer train --grad-accum 2`
 whose sampler hands out micro-batch r of each step from stream r (``TwoStreams``, run as this file's ``__main__``):
-the same rows, the same shares of the loss. Tolerances as tests/test_train_pp_longcat.py derives them (the tiny
-learning rate keeps the weights within 2 k lr (1 + wd |w|) of each other after k steps); the checkpoint's weights
-within that distance plus one FP32 rounding of each step's update.
+the same rows, the same shares of the loss. PP 2 x EP 2 on 4 ranks is DP 2 as well, replica r's pipeline running M
+micro-batches of stream r a step; with --grad-accum EP x M the one-process run's draw i of a step is batch i // EP
+of stream i % EP, so a step holds each stream's next M batches: the same rows again. Tolerances as
+tests/test_train_pp_longcat.py derives them (the tiny learning rate keeps the weights within 2 k lr (1 + wd |w|) of
+each other after k steps); the checkpoint's weights within that distance plus one FP32 rounding of each step's update.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 
 import torch
 from test_train_pp import LR, WD, _records, _run, _torchrun
-from test_train_pp_longcat import MODEL, STEPS, _args, _toml, check_steps
+from test_train_pp_longcat import BATCH, MODEL, SEQ_LEN, STEPS, M, _args, _toml, check_steps
 
 from flyer.data.sampler import BatchSampler
 
@@ -61,6 +64,20 @@ def test_ep2_equals_one_process_on_the_same_rows(tmp_path, data_cache):
         assert ((w - r).abs() <= bound).all(), (name, (w - r).abs().max().item())
     assert main(["generate", "--ckpt", str(tmp_path / "ep"), "--prompt", "hello world", "--max-new-tokens", "4",
                  "--device", "cpu"]) == 0
+
+
+def test_pp2_ep2_equals_one_process_on_the_same_rows(tmp_path, data_cache):
+    config = _toml(tmp_path / "longcat.toml")
+    err = _run(_torchrun(4, "--standalone") + _args(tmp_path / "pp", data_cache, config, "--pp", "2", "--ep", str(EP),
+                                                    "--micro-batches", str(M))).stderr
+    assert f"PP 2 x DP 2, EP 2, 1f1b over {M} micro-batches" in err, err[-3000:]
+    _run([sys.executable, __file__, "train", *_args(tmp_path / "one", data_cache, config, "--grad-accum",
+                                                    str(EP * M))])
+    pp, one = _records(tmp_path / "pp"), _records(tmp_path / "one")
+    check_steps(pp, one)  # each pair's shortcut MoE on its stage, its experts split over the stage's EP group
+    # both replicas' micro-batches counted: per layer EP x M x batch x seq_len tokens x K picks
+    picks = EP * M * BATCH * SEQ_LEN * MODEL["n_activated_experts"]
+    assert all(sum(x) == picks for r in pp.values() for x in r["expert_load"])
 
 
 if __name__ == "__main__":  # the one-process reference: `flyer train` drawing the EP ranks' rows in turn

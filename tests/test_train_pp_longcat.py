@@ -24,6 +24,7 @@ MODEL = dict(dim=64, n_layers=4, n_heads=4, inter_dim=96, q_lora_rank=16, kv_lor
              n_activated_experts=3, n_dense_layers=0, shortcut_moe=True, score_func="softmax", router_bias=True,
              norm_topk_prob=False, n_expert_groups=1, n_limited_groups=1, n_shared_experts=0, route_scale=1.5,
              mtp_depth=0)
+BATCH, SEQ_LEN = 2, 32  # rows a micro-batch, tokens a row
 N_PARAMS = 0.3e6 * 1.2  # "0.3M params" in the log, rounded up
 
 
@@ -36,10 +37,11 @@ def _toml(path: Path) -> str:
 
 
 def _args(out: Path, cache: str, config: str, *extra: str) -> list[str]:
-    return ["--preset", "tiny", "--config", config, "--vocab-size", "512", "--batch-size", "2", "--seq-len", "32",
-            "--steps", str(STEPS), "--lr", str(LR), "--warmup", "0", "--schedule", "constant", "--precision", "fp32",
-            "--eval-every", "100", "--ckpt-every", "100", "--threads", "1", "--no-progress", "--no-plots",
-            "--data-cache", cache, "--out", str(out), "--device", "cpu", "--collective-timeout", "120", *extra]
+    return ["--preset", "tiny", "--config", config, "--vocab-size", "512", "--batch-size", str(BATCH),
+            "--seq-len", str(SEQ_LEN), "--steps", str(STEPS), "--lr", str(LR), "--warmup", "0", "--schedule",
+            "constant", "--precision", "fp32", "--eval-every", "100", "--ckpt-every", "100", "--threads", "1",
+            "--no-progress", "--no-plots", "--data-cache", cache, "--out", str(out), "--device", "cpu",
+            "--collective-timeout", "120", *extra]
 
 
 def check_steps(got: dict[int, dict], one: dict[int, dict]) -> None:
