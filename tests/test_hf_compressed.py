@@ -276,10 +276,11 @@ _Q = "quantization_config"
      f"{_Q}.config_groups.group_0.output_activations"),
     ({**KIMI_K2_HUB, _Q: {**_scheme()[_Q], "config_groups": {
         "group_0": _scheme()[_Q]["config_groups"]["group_0"],
-        "group_1": _scheme(num_bits=8)[_Q]["config_groups"]["group_0"]}}}, f"{_Q}.config_groups"),
+        "group_1": _scheme(num_bits=16)[_Q]["config_groups"]["group_0"]}}},
+     f"{_Q}.config_groups.group_1.weights.num_bits"),  # each group's fields checked
 ], ids=["bits16", "bits0", "float", "symmetric", "tensor", "block", "tensor_group", "token", "no-strategy",
         "channel-size", "size-minus-1", "block_structure", "dynamic", "actorder-channel", "actorder", "format-float",
-        "format-nvfp4", "kv_cache", "sparsity", "transform", "output-activations", "mixed-groups"])
+        "format-nvfp4", "kv_cache", "sparsity", "transform", "output-activations", "second-group"])
 def test_what_flyer_cannot_decode_is_one_line(tmp_path, capsys, d, field):
     """A scheme flyer cannot decode: exit 2, one line naming the field."""
     _config_error(tmp_path, capsys, d, field)
@@ -289,7 +290,7 @@ def test_accepted_spellings():
     """compressed-tensors' defaults and aliases: group_size -1 is a channel, a positive one a group; "static" is
     "weight" (no g_idx), "dynamic" and true are "group"."""
     def read(**change):
-        return compressed_scheme(_scheme(**change))
+        return compressed_scheme(_scheme(**change)).groups[0][2]
     assert read(strategy=None, group_size=-1).group_size is None and read(strategy=None).group_size == GROUP
     assert not read(actorder="static").g_idx and read(actorder="dynamic").g_idx and read(actorder=True).g_idx
     assert read(num_bits=8, symmetric=False).num_bits == 8 and not read(symmetric=False).symmetric

@@ -1,5 +1,6 @@
-"""compressed-tensors' weight-only integer checkpoints (``hf_config_quant.CompressedScheme``), decoded as they load,
-exactly as compressed-tensors 0.20 decompresses them.
+"""compressed-tensors' weight-only integer checkpoints (``hf_config_quant.CompressedConfig``: each quantized module
+in the scheme of the config group that targets it), decoded as they load, exactly as compressed-tensors 0.20
+decompresses them.
 
 A quantized linear ``<stem>`` (R output rows, C input columns; G scales a row: C / group_size, or 1 for strategy
 "channel") is stored instead of ``<stem>.weight`` as:
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from flyer.errors import CheckpointError
-from flyer.interop.hf_config_quant import PACK_QUANTIZED, CompressedScheme
+from flyer.interop.hf_config_quant import EMBEDDING, LINEAR, PACK_QUANTIZED, CompressedConfig, CompressedScheme
 from flyer.interop.tensorfile import TensorFile, header
 
 PACKED, SCALE, SHAPE, ZERO, G_IDX = ".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", \
@@ -106,20 +107,66 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None =
     return (v * s.to(compute)).to(scale.dtype).flatten(1).to(out_dtype)
 
 
-def compressed_stem(name: str, files, scheme: CompressedScheme) -> str | None:
+def module_classes(module: str) -> tuple[str, ...]:
+    """The class names (``hf_config_quant.LINEAR`` or ``EMBEDDING``) compressed-tensors matched a quantized module
+    of the checkpoint by: the library quantizes only linears and embeddings, and a checkpoint's embedding is its
+    ``embed_tokens`` (routed experts are stored one linear each, as the library quantized them)."""
+    return EMBEDDING if module.rpartition(".")[2] == "embed_tokens" else LINEAR
+
+
+def compressed_stem(name: str, files, config: CompressedConfig) -> str | None:
     """``<stem>`` when tensor ``name`` is one of a quantized weight's tensors in the checkpoint's ``files`` (its codes
-    or a companion; module docstring); else None."""
-    main = PACKED if scheme.format == PACK_QUANTIZED else WEIGHT
-    for suffix in PARTS if main == PACKED else (*PARTS, WEIGHT):
+    ``codes_name`` or a companion; module docstring): the codes of a format ``config``'s groups use and a
+    ``<stem>.weight_scale`` beside them, whichever group its module is in (``compressed_shape`` checks it); else
+    None."""
+    int8 = bool(config.formats - {PACK_QUANTIZED})  # else a .weight beside a .weight_scale is no int8 codes
+    for suffix in (*PARTS, WEIGHT) if int8 else PARTS:
         if name.endswith(suffix):
             stem = name.removesuffix(suffix)
-            return stem if stem + main in files and stem + SCALE in files else None
+            codes = stem + PACKED in files or (int8 and stem + WEIGHT in files)
+            return stem if codes and stem + SCALE in files else None
     return None
 
 
-def codes_name(stem: str, scheme: CompressedScheme) -> str:
-    """The tensor holding ``stem``'s codes: ``<stem>.weight_packed`` or, int8 formats, ``<stem>.weight``."""
-    return stem + (PACKED if scheme.format == PACK_QUANTIZED else WEIGHT)
+def codes_name(stem: str, files) -> str:
+    """The tensor of ``files`` holding the quantized ``stem``'s codes: ``<stem>.weight_packed`` or, int8 formats,
+    ``<stem>.weight``."""
+    return stem + (PACKED if stem + PACKED in files else WEIGHT)
+
+
+def scheme_of(name: str, stem: str, config: CompressedConfig, path) -> CompressedScheme:
+    """The scheme of the quantized ``stem`` (codes ``name``, in file ``path``): its group's (``config.scheme_of``);
+    a module ``ignore`` lists, that no group targets, or stored in another format: ``CheckpointError`` naming the
+    tensor."""
+    classes = module_classes(stem)
+    if config.ignores(stem, classes):
+        raise CheckpointError(f"{path}: tensor {name} is quantized, but quantization_config's ignore lists "
+                              f"{stem} as unquantized")
+    found = config.scheme_of(stem, classes)
+    if found is None:
+        raise CheckpointError(f"{path}: tensor {name} is quantized, but no group of quantization_config's "
+                              f"config_groups targets {stem}")
+    group, scheme = found
+    if (name == stem + PACKED) != (scheme.format == PACK_QUANTIZED):
+        raise CheckpointError(f"{path}: quantized tensor {name} is not stored in the format of "
+                              f"config_groups.{group} ({scheme.format})")
+    return scheme
+
+
+def check_unquantized(name: str, path, config: CompressedConfig) -> None:
+    """A 2-D ``<module>.weight`` stored unquantized: ``CheckpointError`` naming it when a group of ``config`` targets
+    ``module`` by its name (exactly or "re:") and ``ignore`` does not list it. Not by a class name: which modules
+    were linears in the exporter's model is not in their names (a router, a ``gate``, is one in some families and
+    not in DeepSeek's; a wrapper's ``language_model.lm_head`` is one whose published ``ignore`` says "lm_head");
+    nor a ``gate`` by name ("re:.*mlp.*" takes DeepSeek's router, which the library leaves as it is)."""
+    module = name.removesuffix(WEIGHT)
+    if not name.endswith(WEIGHT) or module.rpartition(".")[2] == "gate" or config.ignores(module,
+                                                                                          module_classes(module)):
+        return
+    found = config.scheme_of(module, classes=())
+    if found is not None:
+        raise CheckpointError(f"{path}: tensor {name} is not quantized, but quantization_config's "
+                              f"config_groups.{found[0]} targets {module}")
 
 
 def _parts(stem: str, scheme: CompressedScheme) -> tuple[str, ...]:
@@ -129,12 +176,13 @@ def _parts(stem: str, scheme: CompressedScheme) -> tuple[str, ...]:
 
 
 def compressed_shape(name: str, files: dict[str, Path], headers: dict[Path, TensorFile],
-                     scheme: CompressedScheme) -> tuple[int, int]:
+                     config: CompressedConfig) -> tuple[int, int]:
     """The (R, C) weight the codes ``name`` (``codes_name``) decode to, from the headers of its tensors (and, for a
     packed weight of strategy "channel" without g_idx, its 2-integer weight_shape: the packed words give C only to
-    within 32 / b); a missing or unexpected companion, a shape off the scheme, or a module the config's ``ignore``
-    lists (stored unquantized by the config): ``CheckpointError`` naming the tensor."""
-    stem, tf = name.removesuffix(PACKED if scheme.format == PACK_QUANTIZED else WEIGHT), header(headers, files[name])
+    within 32 / b); a missing or unexpected companion, a shape off its group's scheme, or a module no group
+    quantizes (``scheme_of``): ``CheckpointError`` naming the tensor."""
+    stem, tf = name.removesuffix(PACKED if name.endswith(PACKED) else WEIGHT), header(headers, files[name])
+    scheme = scheme_of(name, stem, config, tf.path)
     parts = _parts(stem, scheme)
     for part in PARTS:
         if (stem + part in files) != (part in parts) and stem + part != name:
@@ -142,9 +190,6 @@ def compressed_shape(name: str, files: dict[str, Path], headers: dict[Path, Tens
             raise CheckpointError(f"{tf.path}: quantized tensor {name} {problem} {stem + part} (quantization_config: "
                                   f"{scheme.num_bits}-bit, {'' if scheme.symmetric else 'a'}symmetric, "
                                   f"{'actorder group' if scheme.g_idx else 'no actorder group'})")
-    if scheme.ignores(stem):
-        raise CheckpointError(f"{tf.path}: tensor {name} is quantized, but quantization_config's ignore lists "
-                              f"{stem} as unquantized")
     shape = lambda part: header(headers, files[stem + part]).shape(stem + part)  # noqa: E731
     codes, scale = tf.shape(name), shape(SCALE)
     rows = codes[0] if len(codes) == 2 else -1
@@ -169,10 +214,11 @@ def compressed_shape(name: str, files: dict[str, Path], headers: dict[Path, Tens
 
 
 def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: dict[Path, TensorFile],
-                    scheme: CompressedScheme, out_dtype: torch.dtype) -> torch.Tensor:
-    """The dequantized weight of the codes ``name`` (``dequantize``), its companions read from their files: one
-    weight in memory at a time."""
-    stem = name.removesuffix(PACKED if scheme.format == PACK_QUANTIZED else WEIGHT)
+                    config: CompressedConfig, out_dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight of the codes ``name`` (``dequantize``) in its group's scheme, its companions read from
+    their files: one weight in memory at a time."""
+    stem = name.removesuffix(PACKED if name.endswith(PACKED) else WEIGHT)
+    scheme = scheme_of(name, stem, config, tf.path)
     read = {p: header(headers, files[stem + p]).read(stem + p) for p in _parts(stem, scheme)}
     codes, zero = tf.read(name), read.get(ZERO)
     if scheme.format == PACK_QUANTIZED:
@@ -191,5 +237,6 @@ def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: 
     return dequantize(codes, read[SCALE], zero, read.get(G_IDX), out_dtype, name)
 
 
-__all__ = ["G_IDX", "PACKED", "PARTS", "SCALE", "SHAPE", "WEIGHT", "ZERO", "codes_name", "compressed_shape",
-           "compressed_stem", "dequantize", "packed_words", "read_compressed", "unpack_int32"]
+__all__ = ["G_IDX", "PACKED", "PARTS", "SCALE", "SHAPE", "WEIGHT", "ZERO", "check_unquantized", "codes_name",
+           "compressed_shape", "compressed_stem", "dequantize", "module_classes", "packed_words", "read_compressed",
+           "scheme_of", "unpack_int32"]

@@ -28,8 +28,9 @@ from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type, text_config
-from flyer.interop.compressed import PACKED, codes_name, compressed_shape, compressed_stem, read_compressed
-from flyer.interop.hf_config_quant import CompressedScheme, compressed_scheme
+from flyer.interop.compressed import (PACKED, check_unquantized, codes_name, compressed_shape, compressed_stem,
+                                     read_compressed)
+from flyer.interop.hf_config_quant import CompressedConfig, compressed_scheme
 from flyer.interop.hf_names import (MTP_COPIES, V4_MTP_COPIES, Slot, has_fused_experts, hf_names, meta_model,
                                     permute_rope, v4_name)
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
@@ -164,7 +165,7 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
     scheme = quant_scheme(path)  # compressed-tensors' integer weights (flyer.interop.compressed)
     for name, f in files.items():
         stem = compressed_stem(name, files, scheme) if scheme else None  # its codes read as <stem>.weight
-        if stem is not None and name != codes_name(stem, scheme):
+        if stem is not None and name != codes_name(stem, files):
             continue  # its scale, shape, zero point, g_idx: read with its codes
         own = name if stem is None else stem + ".weight"
         if canonical(own) is None or _ignored(canonical(own), cfg):  # None: a wrapper's vision tower, projector
@@ -180,6 +181,8 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
         if slot.fused:
             dest = torch.cat([state[k] for k in slot.fused], dim=1)  # meta: a shape, no memory
         shape = tf.shape(name) if stem is None else compressed_shape(name, files, headers, scheme)
+        if scheme is not None and stem is None and len(shape) == 2:  # a weight its config_groups quantize: refused
+            check_unquantized(name, tf.path, scheme)
         if stored_format(name, files, tf.dtype(name)) == "fp4":  # DeepSeek-V4's experts: two values a byte
             shape = (*shape[:-1], 2 * shape[-1])
         if shape != tuple(dest.shape):
@@ -221,7 +224,7 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
 
 @torch.no_grad()
 def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files: dict[str, Path],
-               headers: dict[Path, TensorFile], scheme: CompressedScheme | None = None) -> None:
+               headers: dict[Path, TensorFile], scheme: CompressedConfig | None = None) -> None:
     """Write the fused tensor ``name`` (``Slot.fused``: the stacks it concatenates on dim 1) into ``model``'s
     stacks, one expert at a time as ``fill_tensor`` reads any tensor, each part written as its stack is held: a
     rank holding experts ``first ..`` of the stacks (``Experts.first``, expert parallelism) reads only its
@@ -242,7 +245,7 @@ def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files:
 @torch.no_grad()
 def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot,
                 files: dict[str, Path], headers: dict[Path, TensorFile], rows: tuple[int, int] | None = None,
-                scheme: CompressedScheme | None = None) -> None:
+                scheme: CompressedConfig | None = None) -> None:
     """Write tensor ``name`` of ``tf`` into ``dest``, the parameter (or expert slice) ``slot`` names:
     FP8 dequantized with its block scales, or, held as FP8 codes, its codes and scales as they are
     (rope rows permuted as the values are) where the permutation keeps every row in its 128-row
@@ -368,8 +371,8 @@ def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
     return torch.float32
 
 
-def quant_scheme(path: Path) -> CompressedScheme | None:
-    """The integer weight scheme of the HF directory ``path``'s (text) config, None when it has none
+def quant_scheme(path: Path) -> CompressedConfig | None:
+    """The integer weight schemes of the HF directory ``path``'s (text) config, None when it has none
     (``hf_config_quant.compressed_scheme``)."""
     return compressed_scheme(text_config(_read_json(path / "config.json")))
 

@@ -9,11 +9,14 @@
   int8); ``weights`` of ``num_bits`` 1-8, ``type`` "int", ``symmetric`` true or false (a ``weight_zero_point``),
   ``strategy`` "group" (``group_size`` columns a scale) or "channel" (one scale per output row), ``actorder``
   null / "weight" (the stored format unchanged) or "group" (a ``weight_g_idx``: column j in group g_idx[j]; the
-  library removed it in 0.20 and refuses to read it, vLLM and older releases still do). Every config group must
-  quantize its weights alike: which group a module belongs to (``targets``) is not matched.
+  library removed it in 0.20 and refuses to read it, vLLM and older releases still do). Each of ``config_groups``
+  may quantize its ``targets`` its own way (W8A16 attention and W4A16 experts, say; a group's own ``format``
+  overriding the config's, which is then "mixed-precision"): ``CompressedConfig.scheme_of`` resolves a module.
   Fields mean what compressed-tensors (0.20) reads them as: ``QuantizationArgs`` defaults num_bits 8, type int,
   symmetric true, strategy "group" when group_size > 0 and "channel" when it is -1 (else "tensor");
-  ``match_name`` ``re.match``-es an ``ignore`` entry "re:<regex>" against the module name, any other must equal it.
+  ``QuantizationScheme`` has no other keys than ``SCHEME_KEYS``. Targets and ``ignore`` entries match as its
+  ``utils.match`` does: "re:<regex>" ``re.match``-es the module name, any other equals the name or one of the
+  module's class names (``LINEAR``, ``EMBEDDING``).
 
 Anything else (float types, tensor / token / block strategies, dynamic weights, activation or KV cache
 quantization, sparsity or transforms, other formats) is a ``ConfigError`` naming the field.
@@ -21,7 +24,6 @@ quantization, sparsity or transforms, other formats) is a ``ConfigError`` naming
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,11 @@ from flyer.errors import ConfigError
 PACK_QUANTIZED = "pack-quantized"
 INT8_FORMATS = ("naive-quantized", "int-quantized")  # codes stored one per int8: the same layout, two names
 FORMATS = (PACK_QUANTIZED, *INT8_FORMATS)
+# QuantizationScheme's fields: the library refuses a group with any other key (pydantic's extra="forbid")
+SCHEME_KEYS = ("targets", "weights", "input_activations", "output_activations", "format")
+# the class names (torch's MRO below nn.Module) a target like "Linear" matches: the library quantizes only linears
+# and embeddings (apply_quantization_config)
+LINEAR, EMBEDDING = ("Linear", "Module"), ("Embedding", "Module")
 
 
 @dataclass(frozen=True)
@@ -38,19 +45,52 @@ class CompressedScheme:
     """compressed-tensors' weight-only integer scheme as flyer reads it (``flyer.interop.compressed``): ``format``
     one of ``FORMATS``; ``num_bits``-bit signed codes; ``group_size`` consecutive input columns a scale (None:
     strategy "channel", one scale per row); a zero point per scale unless ``symmetric``; ``g_idx``: actorder
-    "group", each column's group stored in ``weight_g_idx``; modules ``ignore`` matches are stored unquantized."""
+    "group", each column's group stored in ``weight_g_idx``."""
 
     group_size: int | None
-    ignore: tuple[str, ...] = ()
     num_bits: int = 4
     symmetric: bool = True
     g_idx: bool = False
     format: str = PACK_QUANTIZED
 
-    def ignores(self, module: str) -> bool:
-        """Whether the module named ``module`` (a tensor's name without ``.weight``) is listed in ``ignore``, as
-        compressed-tensors matches it (``match_name``: "re:" prefix, ``re.match``; else the exact name)."""
-        return any(re.match(p[3:], module) is not None if p.startswith("re:") else p == module for p in self.ignore)
+
+def _matches(target: str, module: str, classes: tuple[str, ...]) -> bool:
+    """compressed-tensors' ``is_match`` of one target: "re:" ``re.match``-es the name, else the name or a class."""
+    return re.match(target[3:], module) is not None if target.startswith("re:") else \
+        target == module or target in classes
+
+
+@dataclass(frozen=True)
+class CompressedConfig:
+    """A compressed-tensors ``quantization_config``: ``groups`` (name, targets, scheme) in ``config_groups``' order;
+    modules ``ignore`` matches are stored unquantized."""
+
+    groups: tuple[tuple[str, tuple[str, ...], CompressedScheme], ...]
+    ignore: tuple[str, ...] = ()
+
+    def ignores(self, module: str, classes: tuple[str, ...] = LINEAR) -> bool:
+        """Whether ``ignore`` matches the module named ``module`` (a tensor's name without ``.weight``) of
+        ``classes``."""
+        return any(_matches(p, module, classes) for p in self.ignore)
+
+    def scheme_of(self, module: str, classes: tuple[str, ...] = LINEAR) -> tuple[str, CompressedScheme] | None:
+        """(group name, scheme) quantizing the module ``module`` of ``classes``; None when no group targets it or
+        ``ignore`` matches it. Which group wins as compressed-tensors 0.20's ``apply_quantization_config`` picks it:
+        a target listed by several groups is the last one's (an ordered dict of target -> scheme), and of the
+        targets matching the module (``match_targets``) the first, sorted as (an exact name, then regexes, then
+        class names; each kind by its text, ``sorted(key=("re:" in t, t))``)."""
+        if self.ignores(module, classes):
+            return None
+        owner = {t: (name, scheme) for name, targets, scheme in self.groups for t in targets}
+        ordered = sorted(owner, key=lambda t: ("re:" in t, t))
+        named = [t for t in ordered if _matches(t, module, ())]
+        hit = named or [t for t in ordered if t in classes]
+        return owner[hit[0]] if hit else None
+
+    @property
+    def formats(self) -> set[str]:
+        """The groups' storage formats."""
+        return {scheme.format for _, _, scheme in self.groups}
 
 
 KIMI_GROUP_SIZE = 32
@@ -112,13 +152,26 @@ def _weights(g: dict[str, Any], where: str, field: str, fmt: str) -> CompressedS
     g_idx = actorder in (True, "group", "dynamic")
     if g_idx and strategy != "group":
         raise _bad(where, f"{field}.actorder", f"{actorder!r:.40} orders groups: strategy {strategy!r} has none")
-    return CompressedScheme(size if strategy == "group" else None, (), bits, symmetric, g_idx, fmt)
+    return CompressedScheme(size if strategy == "group" else None, bits, symmetric, g_idx, fmt)
 
 
-def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> CompressedScheme | None:
-    """The integer weight scheme of a (text model's) config ``d`` whose ``quantization_config`` is compressed-tensors'
-    (module docstring); None for unquantized or FP8 weights; any other quantization: ``ConfigError`` naming the
-    field."""
+def _patterns(entries: Any, where: str, field: str, what: str) -> tuple[str, ...]:
+    """``targets`` or ``ignore``: a list of strings, each "re:" one a regular expression."""
+    if not isinstance(entries, list) or not all(isinstance(p, str) for p in entries):
+        raise _bad(where, field, f"expected a list of {what} or 're:' patterns (got {entries!r:.60})")
+    for p in entries:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise _bad(where, field, f"{p!r:.60} is not a regular expression ({e})") from None
+    return tuple(entries)
+
+
+def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> CompressedConfig | None:
+    """The integer weight schemes of a (text model's) config ``d`` whose ``quantization_config`` is
+    compressed-tensors' (module docstring); None for unquantized or FP8 weights; any other quantization:
+    ``ConfigError`` naming the field."""
     q = d.get("quantization_config")
     if q is None:
         return None
@@ -139,11 +192,15 @@ def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> Compress
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise _bad(where, f"{f}.config_groups", f"expected an object of quantization groups (got {groups!r:.40})")
-    schemes = set()
+    schemes = []
     for name, g in groups.items():
         field = f"{f}.config_groups.{name}"
         if not isinstance(g, dict):
             raise _bad(where, field, f"expected a quantization scheme object (got {g!r:.40})")
+        unknown = sorted(set(g) - set(SCHEME_KEYS))
+        if unknown:  # the library refuses them too: a misspelt "targets" would quantize nothing
+            raise _bad(where, f"{field}.{unknown[0]}", f"unknown key (a group has {', '.join(SCHEME_KEYS)})")
+        targets = _patterns(g.get("targets"), where, f"{field}.targets", "module names, class names")
         fmt = g.get("format") or q.get("format")  # a group's own format overrides the config's
         if fmt not in FORMATS:
             raise _bad(where, f"{field}.format" if g.get("format") else f"{f}.format",
@@ -152,21 +209,10 @@ def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> Compress
             if g.get(key) is not None:
                 raise _bad(where, f"{field}.{key}", "activation quantization is not supported (only null: "
                                                     "weight-only schemes such as W4A16)")
-        schemes.add(_weights(g, where, field, fmt))
-    if len(schemes) > 1:  # which group quantizes a module (its targets) is not matched: one scheme leaves no doubt
-        raise _bad(where, f"{f}.config_groups", f"{len(schemes)} different weight schemes: only groups that "
-                                                f"quantize their weights alike are supported")
-    ignore = q.get("ignore") or []
-    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
-        raise _bad(where, f"{f}.ignore", f"expected a list of module names or 're:' patterns (got {ignore!r:.60})")
-    for p in ignore:
-        if p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as e:
-                raise _bad(where, f"{f}.ignore", f"{p!r:.60} is not a regular expression ({e})") from None
-    return dataclasses.replace(schemes.pop(), ignore=tuple(ignore))
+        schemes.append((name, targets, _weights(g, where, field, fmt)))
+    ignore = _patterns(q.get("ignore") or [], where, f"{f}.ignore", "module names")
+    return CompressedConfig(tuple(schemes), ignore)
 
 
-__all__ = ["FORMATS", "INT8_FORMATS", "KIMI_GROUP_SIZE", "PACK_QUANTIZED", "CompressedScheme", "compressed_scheme",
-           "kimi_int4_config"]
+__all__ = ["EMBEDDING", "FORMATS", "INT8_FORMATS", "KIMI_GROUP_SIZE", "LINEAR", "PACK_QUANTIZED", "SCHEME_KEYS",
+           "CompressedConfig", "CompressedScheme", "compressed_scheme", "kimi_int4_config"]
