@@ -104,7 +104,8 @@ class ModelConfig:
     # identity (a token routed there adds weight * its MoE input, no FFN); the router scores and biases them all
     n_zero_experts: int = 0
     # LongCat-Flash's shortcut MoE (ScMoE): every block has a dense FFN (inter_dim); blocks 2i and 2i+1 share one
-    # MoE, its input block 2i's FFN input, its output added to block 2i+1's output (``flyer.model.transformer``)
+    # MoE, its input block 2i's FFN input, its output added to block 2i+1's output (``flyer.model.transformer``); an
+    # MTP block is MLA + the dense FFN alone, as LongCat-Flash's released MTP layer
     shortcut_moe: bool = False
     # positions: RoPE, its frequencies scaled for a context rope_factor times original_seq_len
     max_seq_len: int = 4096 * 40
@@ -303,7 +304,6 @@ class ModelConfig:
             need(self.inter_dim > 0, "inter_dim", "must be > 0 with shortcut_moe (every block's dense FFN)")
             need(self.attn != "hybrid" and self.hc_mult == 1, "shortcut_moe", "applies to mla and gqa attention "
                                                                               "with the plain residual only")
-            need(self.mtp_depth == 0, "mtp_depth", "must be 0 with shortcut_moe (an MTP block has no pair)")
             need(self.n_hash_layers == 0, "n_hash_layers", "must be 0 with shortcut_moe")
 
     def _validate_hybrid(self, need) -> None:

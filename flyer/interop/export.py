@@ -16,7 +16,8 @@ file, or shards plus ``model.safetensors.index.json`` past the shard size), ``to
 tokenizer.json, Kimi's ``tiktoken.model`` and remote code, as they are and ``auto_map`` kept:
 ``flyer.data.tokenizer_copy``). MTP modules are written as DeepSeek's
 checkpoints store them (decoder layer ``n_layers + k`` with copies of the embedding and head; DeepSeek-V4's as
-its ``mtp.k.*``, which transformers' DeepseekV4 skips on load: the summary notes it);
+its ``mtp.k.*``, which transformers' DeepseekV4 skips on load: the summary notes it; LongCat-Flash's one as its
+``model.mtp.*`` with a copy of the embedding, which transformers' LongcatFlash skips);
 Llama, Qwen2, Qwen3(-MoE) and Mixtral have no MTP module, so a GQA model's is left out (the summary says so); a
 GQA model with routed experts exports as Mixtral or Qwen3-MoE where that computes it, else is refused.
 ``--dtype fp8`` writes DeepSeek's FP8 format: linear weights as float8_e4m3fn plus
@@ -63,7 +64,7 @@ from flyer.infer.weights import FP8, held_scale
 from flyer.interop.export_config import eos_token_id, exported, hf_config, hf_model_type
 from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, is_hf_model_dir, is_wrapped, read_hf_config,
                               rope_half_layout, weight_files)
-from flyer.interop.hf_names import Slot, hf_names, permute_rope, v4_name
+from flyer.interop.hf_names import LONGCAT_MTP_EMBED, Slot, hf_names, permute_rope, v4_name
 from flyer.interop.hf_config import HALF_ROPE_MODEL_TYPES
 from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE
 from flyer.interop.hf_tokenizer import TextTokenizer, read_json as _read_json
@@ -156,8 +157,10 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
         if cfg.attn != "hybrid" and slot.key.startswith("mtp.") and slot.key.endswith(".enorm.weight"):
             pre = name[:-len("enorm.weight")]  # DeepSeek's V3 MTP layers carry the shared embedding and head too
             wdt = torch.float32 if dtype == "fp32" else torch.bfloat16
-            for copy_name, key in ((pre + "embed_tokens.weight", "embed.weight"),
-                                   (pre + "shared_head.head.weight", "head.weight")):
+            copies = ((pre + "embed_tokens.weight", "embed.weight"), (pre + "shared_head.head.weight", "head.weight"))
+            if cfg.shortcut_moe:  # LongCat-Flash's MTP module carries the embedding alone
+                copies = ((LONGCAT_MTP_EMBED, "embed.weight"),)
+            for copy_name, key in copies:
                 items.append((copy_name, tuple(state[key].shape), wdt,
                               lambda key=key, wdt=wdt: read(Slot(key)).detach().cpu().to(wdt)))
     return items
@@ -284,6 +287,9 @@ def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]
     elif config["model_type"] == "deepseek_v4" and cfg.mtp_depth:
         summary["note"] = (f"the MTP module ({cfg.mtp_depth} deep) is written as DeepSeek's mtp.k.* tensors: "
                            "transformers' DeepseekV4 skips them (it has no MTP), DeepSeek's inference runs them")
+    elif config["model_type"] == "longcat_flash" and cfg.mtp_depth:
+        summary["note"] = ("the MTP module is written as LongCat-Flash's model.mtp.* tensors: transformers' "
+                           "LongcatFlash skips them, SGLang and vLLM run them")
     return summary
 
 

@@ -31,8 +31,8 @@ from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from
 from flyer.interop.compressed import (PACKED, check_unquantized, codes_name, compressed_shape, compressed_stem,
                                      read_compressed)
 from flyer.interop.hf_config_quant import CompressedConfig, compressed_scheme
-from flyer.interop.hf_names import (MTP_COPIES, V4_MTP_COPIES, Slot, has_fused_experts, hf_names, meta_model,
-                                    permute_rope, v4_name)
+from flyer.interop.hf_names import (LONGCAT_MTP, LONGCAT_MTP_EMBED, MTP_COPIES, V4_MTP_COPIES, Slot,
+                                    has_fused_experts, hf_names, meta_model, permute_rope, v4_name)
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
 from flyer.interop.tensorfile import TensorFile, header
 from flyer.interop.v4_quant import dequantize_fp4_e2m1, dequantize_ue8m0_blocks, held_e4m3_blocks, stored_format
@@ -88,11 +88,12 @@ def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[Mo
     raw = text_config(_read_json(path / "config.json"), str(path / "config.json"))
     fields = from_hf_config(raw, str(path / "config.json"))
     if names is not None and fields.get("mtp_depth", 0):  # the MTP layers the files hold: V4's mtp.k.*, V3's
-        v4 = fields.get("attn") == "hybrid"
-        pattern = r"mtp\.(\d+)\..+" if v4 else r"model\.layers\.(\d+)\.eh_proj\.weight"
+        v4, longcat = fields.get("attn") == "hybrid", fields.get("shortcut_moe", False)  # LongCat: model.mtp.*
+        pattern = (r"mtp\.(\d+)\..+" if v4 else r"model\.mtp\.layers\.(\d+)\.eh_proj\.weight" if longcat
+                   else r"model\.layers\.(\d+)\.eh_proj\.weight")
         names = [text_name(n) or "" for n in names] if is_wrapped(names) else names
         have = {int(m.group(1)) for n in names if (m := re.fullmatch(pattern, n))}
-        first = 0 if v4 else fields["n_layers"]
+        first = 0 if v4 or longcat else fields["n_layers"]
         fields["mtp_depth"] = next(k for k in range(fields["mtp_depth"] + 1) if first + k not in have)
     try:
         return ModelConfig.from_dict(fields), raw
@@ -142,8 +143,8 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
         return True
     if cfg.tie_embeddings and name == "lm_head.weight":
         return True
-    if cfg.shortcut_moe and name.startswith("model.mtp."):  # LongCat-Flash's MTP module, which transformers skips
-        return True
+    if cfg.shortcut_moe and name.startswith(LONGCAT_MTP) and (cfg.mtp_depth == 0 or name == LONGCAT_MTP_EMBED):
+        return True  # LongCat-Flash's MTP module when not built; its copy of the embedding always (shared)
     return name.endswith(("rotary_emb.inv_freq", SCALE_SUFFIX))
 
 

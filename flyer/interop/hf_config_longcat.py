@@ -8,10 +8,17 @@ post-attention-normed state, its output added at the end of sublayer 1. Its rout
 the chosen scores (not renormalised) times ``routed_scaling_factor``; the zero experts are identities (flyer's
 ``n_zero_experts``). MLA's "LoRA scaling" (q times sqrt(hidden / q_lora_rank), the normed kv latent times
 sqrt(hidden / kv_lora_rank)) is folded into ``q_b_proj``'s rows and ``kv_a_layernorm``'s weight on the way in and
-out (``flyer.interop.hf_names``). RoPE rotates ``head_dim`` channels, which must be the rope head's. The released
-checkpoints' MTP module (``model.mtp.*``) is not read, as transformers' LongcatFlash skips it
-(``_keys_to_ignore_on_load_unexpected``): flyer has no twin of its layer. LongcatFlashConfig's defaults
-(LongCat-Flash-Chat's values) fill missing fields.
+out (``flyer.interop.hf_names``). RoPE rotates ``head_dim`` channels, which must be the rope head's.
+LongcatFlashConfig's defaults (LongCat-Flash-Chat's values) fill missing fields.
+
+The released checkpoints' MTP module (``model.mtp.*``, which transformers' LongcatFlash skips on load) is read as
+flyer's (``mtp_depth`` 1) where Meituan's config declares it (``num_nextn_predict_layers``: 1; transformers' config
+has no such field: none) and the files hold it. As SGLang's ``longcat_flash_nextn.py`` and vLLM's
+``longcat_flash_mtp.py`` compute it (they agree): ``eh_proj([enorm(Emb(t_{i+1})); hnorm(h_i)])``, h the main
+model's output after its final norm; one decoder sublayer, MLA (its LoRA scaling too) then a dense SwiGLU of
+``ffn_hidden_size``, no MoE (``nextn_use_scmoe``: false); the module's final norm, then the main model's head. Its
+embedding and head are the main model's (SGLang takes both from it; vLLM reads the file's copy of the embedding,
+``model.mtp.embed_tokens``, written by ``flyer export`` from the shared one).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ _ALIASES = {"num_local_experts": "n_routed_experts", "num_experts_per_tok": "moe
 
 def longcat_as_mla(d: dict[str, Any], where: str) -> dict[str, Any]:
     """LongCat-Flash's config in DeepseekV3's spelling (``flyer.interop.hf_config`` reads MLA from it), checked:
-    2 num_layers blocks, no dense-only or shared-expert layers, no MTP layer read."""
+    2 num_layers blocks, no dense-only or shared-expert layers, at most one MTP layer, a dense one."""
     d = dict(d)
     for alias, own in _ALIASES.items():
         if own not in d and alias in d:
@@ -68,31 +75,42 @@ def longcat_as_mla(d: dict[str, Any], where: str) -> dict[str, Any]:
         raise _bad(where, "qk_head_dim", f"must be qk_nope_head_dim + qk_rope_head_dim (got {qk!r:.20})")
     if not d.get("q_lora_rank"):
         raise _bad(where, "q_lora_rank", "required: LongCat-Flash always compresses the query")
+    # Meituan's field (transformers' config has no MTP layer); the files name one layer, and the module's final norm
+    # (model.mtp.norm) is one
+    mtp = d.get("num_nextn_predict_layers") or 0
+    if mtp not in (0, 1) or isinstance(mtp, bool):
+        raise _bad(where, "num_nextn_predict_layers", f"LongCat-Flash's MTP module has one layer: 0 or 1 "
+                                                      f"(got {mtp!r:.40})")
+    if mtp and d.get("nextn_use_scmoe"):  # SGLang and vLLM build the layer dense, as flyer does
+        raise _bad(where, "nextn_use_scmoe", f"only False is supported: an MTP layer with the shortcut MoE "
+                                             f"(got {d['nextn_use_scmoe']!r:.40})")
     zero = d.get("zero_expert_num") or 0
     if not isinstance(zero, int) or isinstance(zero, bool) or zero < 0:
         raise _bad(where, "zero_expert_num", f"expected an integer >= 0 (got {zero!r:.40})")
     d.update(num_hidden_layers=2 * n, intermediate_size=d["ffn_hidden_size"],
              moe_intermediate_size=d["expert_ffn_hidden_size"], num_experts_per_tok=d["moe_topk"],
-             n_shared_experts=0, first_k_dense_replace=0, num_nextn_predict_layers=0, zero_expert_num=zero)
+             n_shared_experts=0, first_k_dense_replace=0, num_nextn_predict_layers=mtp, zero_expert_num=zero)
     return d
 
 
 def longcat_fields(d: dict[str, Any]) -> dict[str, Any]:
     """flyer's router, zero experts and shortcut MoE for a config ``longcat_as_mla`` returned (module doc)."""
     return dict(score_func="softmax", router_bias=True, norm_topk_prob=False, n_expert_groups=1, n_limited_groups=1,
-                n_zero_experts=d["zero_expert_num"], shortcut_moe=True, n_dense_layers=0, mtp_depth=0)
+                n_zero_experts=d["zero_expert_num"], shortcut_moe=True, n_dense_layers=0,
+                mtp_depth=d["num_nextn_predict_layers"])
 
 
 def check_longcat(cfg: Any) -> None:
     """A model with zero experts or the shortcut MoE computes as transformers' LongcatFlash only with the rest of
-    it: MLA with a compressed query, the shortcut MoE, its router, no shared expert, no indexer or temperature."""
+    it: MLA with a compressed query, the shortcut MoE, its router, no shared expert, no indexer or temperature; and
+    its files hold one MTP module at most (``model.mtp.*``)."""
     grouped = cfg.n_expert_groups > 1 and cfg.n_limited_groups < cfg.n_expert_groups
     checks = (("attn", cfg.attn == "mla", "'mla'"), ("q_lora_rank", cfg.q_lora_rank > 0, "> 0"),
               ("shortcut_moe", cfg.shortcut_moe, "true"), ("score_func", cfg.score_func == "softmax", "'softmax'"),
               ("router_bias", cfg.router_bias, "true"), ("norm_topk_prob", not cfg.norm_topk_prob, "false"),
               ("n_limited_groups", not grouped, "n_expert_groups (no group limit)"),
               ("n_shared_experts", cfg.n_shared_experts == 0, "0"), ("index_topk", cfg.index_topk == 0, "0"),
-              ("llama4_attn_beta", cfg.llama4_attn_beta == 0, "0"))
+              ("llama4_attn_beta", cfg.llama4_attn_beta == 0, "0"), ("mtp_depth", cfg.mtp_depth <= 1, "0 or 1"))
     for field, ok, need in checks:
         if not ok:
             raise ConfigError(f"config field '{field}': a model with zero experts or the shortcut MoE exports as "
@@ -107,7 +125,8 @@ def to_longcat_config(cfg: Any) -> dict[str, Any]:
                 qk_rope_head_dim=cfg.qk_rope_head_dim, head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
                 qk_head_dim=cfg.qk_head_dim, moe_topk=cfg.n_activated_experts, n_routed_experts=cfg.n_routed_experts,
                 zero_expert_num=cfg.n_zero_experts, expert_ffn_hidden_size=cfg.moe_inter_dim,
-                routed_scaling_factor=cfg.route_scale, output_router_logits=False)
+                routed_scaling_factor=cfg.route_scale, output_router_logits=False,
+                num_nextn_predict_layers=cfg.mtp_depth, nextn_use_scmoe=False)  # Meituan's fields: model.mtp.*
 
 
 __all__ = ["LONGCAT_DEFAULTS", "check_longcat", "longcat_as_mla", "longcat_fields", "to_longcat_config"]

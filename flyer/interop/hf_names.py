@@ -31,7 +31,8 @@ its DSA indexer rotate-half: the indexer's rope rows (the first ``qk_rope_head_d
 ``wq_b``, of ``wk``, and of ``k_norm``'s weight and bias, which follow the channels they scale) are
 always permuted. GLM-5 (``glm_moe_dsa``, read with ``indexer_types``) has V3.2's names, its indexer
 rotating interleaved pairs (nothing permuted); its shared layers have no indexer tensors.
-LongCat-Flash (``shortcut_moe``) pairs flyer's blocks into its decoder layers (``_longcat_entries``).
+LongCat-Flash (``shortcut_moe``) pairs flyer's blocks into its decoder layers and names its MTP module
+``model.mtp.*`` (``_longcat_entries``).
 DeepSeek-V4 (hybrid attention) keeps DeepSeek's own names (``layers.i.attn.wq_a``, ``ffn.experts.e.w1``,
 ``hc_attn_fn``, ``embed``, ``head``: ``_v4_entries``; transformers' saved spelling read through ``v4_name``),
 and its FP8 weights carry UE8M0 block scales as ``<name>.scale``, its routed experts FP4 (``v4_quant``).
@@ -188,15 +189,31 @@ def v4_name(name: str) -> str:
     return _V4_SAVED.get(name) or re.sub(r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.", name)
 
 
+# LongCat-Flash's MTP module as its released checkpoints name it (SGLang's and vLLM's loaders map these names):
+# one layer, its norms' weights under ".m", its dense FFN under "transformer_layer.mlp", the final norm the module's
+LONGCAT_MTP = "model.mtp."
+_LONGCAT_MTP = {"enorm.weight": "layers.0.enorm.m.weight", "hnorm.weight": "layers.0.hnorm.m.weight",
+                "eh_proj.weight": "layers.0.eh_proj.weight", "norm.weight": "norm.weight"}
+# its copy of the shared embedding (vLLM's loader reads it, SGLang's takes the main model's): flyer shares the model's
+LONGCAT_MTP_EMBED = LONGCAT_MTP + "embed_tokens.weight"
+
+
 def _longcat_entries(key: str, shape, cfg: ModelConfig, fused: bool) -> Iterator[tuple[str, Slot]]:
     """LongCat-Flash's names: flyer block 2i + s is sublayer s of decoder layer i (``self_attn.s``, ``mlps.s``,
     ``input_layernorm.s``, ``post_attention_layernorm.s``); block 2i's shortcut MoE is layer i's ``mlp`` (its
     router ``mlp.router.classifier``, the bias ``e_score_correction_bias``; its experts one tensor per expert,
     as save_pretrained and the released files store them, or transformers' fused stacks). Its MLA scales q by
     sqrt(hidden / q_lora_rank) and the normed kv latent by sqrt(hidden / kv_lora_rank): folded into q_b_proj's
-    rows and kv_a_layernorm's weight (``Slot.scale``). Rope rows interleaved, as flyer's."""
+    rows and kv_a_layernorm's weight (``Slot.scale``). Rope rows interleaved, as flyer's. The MTP module (one,
+    ``mtp.0``) is ``model.mtp.*`` (``_LONGCAT_MTP``): its block's attention and norms as a decoder layer's under
+    ``model.mtp.layers.0`` (unnumbered: one sublayer), the MLA scales folded alike, its dense FFN under
+    ``transformer_layer.mlp``."""
     if key in _TOP:
         yield _TOP[key], Slot(key)
+        return
+    m = re.fullmatch(r"mtp\.0\.(.+)", key)
+    if m is not None:
+        yield from _longcat_mtp_entries(m.group(1), key, cfg)
         return
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
     if m is None:
@@ -218,9 +235,27 @@ def _longcat_entries(key: str, shape, cfg: ModelConfig, fused: bool) -> Iterator
             yield pre + f"mlp.experts.{e}.{_EXPERTS['ffn.' + sub[len('shortcut.'):]]}.weight", Slot(key, e)
         return
     head, _, tail = _BLOCK[sub].partition(".")
-    scale = {"attn.wq_b.weight": (cfg.dim / cfg.q_lora_rank) ** 0.5,
-             "attn.kv_norm.weight": (cfg.dim / cfg.kv_lora_rank) ** 0.5}.get(sub, 1.0)
-    yield f"{pre}{'mlps' if head == 'mlp' else head}.{s}.{tail}", Slot(key, scale=scale)
+    yield f"{pre}{'mlps' if head == 'mlp' else head}.{s}.{tail}", Slot(key, scale=_mla_scale(sub, cfg))
+
+
+def _mla_scale(sub: str, cfg: ModelConfig) -> float:
+    """LongCat-Flash's MLA scaling folded into block tensor ``sub`` (1 for the rest)."""
+    return {"attn.wq_b.weight": (cfg.dim / cfg.q_lora_rank) ** 0.5,
+            "attn.kv_norm.weight": (cfg.dim / cfg.kv_lora_rank) ** 0.5}.get(sub, 1.0)
+
+
+def _longcat_mtp_entries(sub: str, key: str, cfg: ModelConfig) -> Iterator[tuple[str, Slot]]:
+    """The name of MTP module 0's tensor ``sub`` (``key`` in flyer) under ``model.mtp.`` (``_longcat_entries``)."""
+    if sub in _LONGCAT_MTP:
+        yield LONGCAT_MTP + _LONGCAT_MTP[sub], Slot(key)
+        return
+    sub = sub.removeprefix("block.")
+    name = _BLOCK.get(sub, "")
+    if not name.startswith(("input_layernorm.", "post_attention_layernorm.", "self_attn.", "mlp.")) or (
+            name.startswith("mlp.") and not sub.startswith("ffn.w")):
+        raise ValueError(f"no LongCat-Flash name for flyer tensor {key}")  # its MTP block is MLA + a dense FFN
+    where = "layers.0.transformer_layer." if name.startswith("mlp.") else "layers.0."
+    yield LONGCAT_MTP + where + name, Slot(key, scale=_mla_scale(sub, cfg))
 
 
 def _hf_entries(key: str, shape, cfg: ModelConfig, rope_half: bool, mixtral: bool,
@@ -280,5 +315,5 @@ def permute_rope(t: torch.Tensor, rows: tuple[int, int, int], inverse: bool = Fa
     return t.view(-1, head, *t.shape[1:])[:, idx].reshape(t.shape)
 
 
-__all__ = ["FUSED_EXPERTS", "MTP_COPIES", "Slot", "V4_MTP_COPIES", "has_fused_experts", "hf_names", "is_mixtral",
-           "meta_model", "permute_rope", "rope_permutation", "v4_name"]
+__all__ = ["FUSED_EXPERTS", "LONGCAT_MTP", "LONGCAT_MTP_EMBED", "MTP_COPIES", "Slot", "V4_MTP_COPIES",
+           "has_fused_experts", "hf_names", "is_mixtral", "meta_model", "permute_rope", "rope_permutation", "v4_name"]
