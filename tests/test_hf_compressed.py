@@ -266,7 +266,7 @@ _Q = "quantization_config"
     (_scheme(actorder="group", strategy="channel", group_size=None), f"{_W}.actorder"),
     (_scheme(actorder="random"), f"{_W}.actorder"),
     ({**KIMI_K2_HUB, _Q: {**_scheme()[_Q], "format": "float-quantized"}}, f"{_Q}.format"),
-    ({**KIMI_K2_HUB, _Q: {**_scheme()[_Q], "format": "nvfp4-pack-quantized"}}, f"{_Q}.format"),
+    ({**KIMI_K2_HUB, _Q: {**_scheme()[_Q], "format": "nvfp4-pack-quantized"}}, f"{_W}.type"),  # NVFP4's own
     ({**KIMI_K2_HUB, _Q: {**_scheme()[_Q], "kv_cache_scheme": {"num_bits": 8}}}, f"{_Q}.kv_cache_scheme"),
     ({**KIMI_K2_HUB, _Q: {**_scheme()[_Q], "sparsity_config": {"format": "sparse-24-bitmask"}}},
      f"{_Q}.sparsity_config"),

@@ -1,6 +1,7 @@
-"""compressed-tensors' weight-only integer checkpoints (``hf_config_quant.CompressedConfig``: each quantized module
-in the scheme of the config group that targets it), decoded as they load, exactly as compressed-tensors 0.20
-decompresses them.
+"""compressed-tensors' weight-only integer and NVFP4 checkpoints (``hf_config_quant.CompressedConfig``: each quantized
+module in the scheme of the config group that targets it), decoded as they load, exactly as compressed-tensors 0.20
+decompresses them. NVFP4 ("nvfp4-pack-quantized": ``<stem>.weight_packed`` uint8, ``.weight_scale`` FP8,
+``.weight_global_scale``) is ``flyer.interop.nvfp4``'s; the rest of this docstring is the integer formats'.
 
 A quantized linear ``<stem>`` (R output rows, C input columns; G scales a row: C / group_size, or 1 for strategy
 "channel") is stored instead of ``<stem>.weight`` as:
@@ -26,20 +27,25 @@ those of its earlier releases and vLLM's (a column's scale and zero point are it
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 from flyer.errors import CheckpointError
-from flyer.interop.hf_config_quant import EMBEDDING, LINEAR, PACK_QUANTIZED, CompressedConfig, CompressedScheme
+from flyer.interop.hf_config_quant import (EMBEDDING, LINEAR, NVFP4, NVFP4_GROUP, PACK_QUANTIZED, PACKED_FORMATS,
+                                           CompressedConfig, CompressedScheme)
+from flyer.interop.nvfp4 import decode_nvfp4
 from flyer.interop.tensorfile import TensorFile, header
 
 PACKED, SCALE, SHAPE, ZERO, G_IDX = ".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", \
     ".weight_g_idx"
+GLOBAL = ".weight_global_scale"  # NVFP4's: the reciprocal of the weight's tensor scale
+INPUT_GLOBAL = ".input_global_scale"  # NVFP4 W4A4's activations' global scale: not read (flyer runs it as W4A16)
 WEIGHT = ".weight"
 WORD_BITS = 32
-PARTS = (PACKED, SCALE, SHAPE, ZERO, G_IDX)  # a stem's tensors besides an int8 format's .weight
+PARTS = (PACKED, SCALE, SHAPE, ZERO, G_IDX, GLOBAL)  # a stem's tensors besides an int8 format's .weight
 
 
 def packed_words(count: int, num_bits: int) -> int:
@@ -119,8 +125,8 @@ def compressed_stem(name: str, files, config: CompressedConfig) -> str | None:
     ``codes_name`` or a companion; module docstring): the codes of a format ``config``'s groups use and a
     ``<stem>.weight_scale`` beside them, whichever group its module is in (``compressed_shape`` checks it); else
     None."""
-    int8 = bool(config.formats - {PACK_QUANTIZED})  # else a .weight beside a .weight_scale is no int8 codes
-    for suffix in (*PARTS, WEIGHT) if int8 else PARTS:
+    int8 = bool(config.formats - set(PACKED_FORMATS))  # else a .weight beside a .weight_scale is no int8 codes
+    for suffix in (*PARTS, INPUT_GLOBAL, WEIGHT) if int8 else (*PARTS, INPUT_GLOBAL):
         if name.endswith(suffix):
             stem = name.removesuffix(suffix)
             codes = stem + PACKED in files or (int8 and stem + WEIGHT in files)
@@ -147,7 +153,7 @@ def scheme_of(name: str, stem: str, config: CompressedConfig, path) -> Compresse
         raise CheckpointError(f"{path}: tensor {name} is quantized, but no group of quantization_config's "
                               f"config_groups targets {stem}")
     group, scheme = found
-    if (name == stem + PACKED) != (scheme.format == PACK_QUANTIZED):
+    if (name == stem + PACKED) != (scheme.format in PACKED_FORMATS):
         raise CheckpointError(f"{path}: quantized tensor {name} is not stored in the format of "
                               f"config_groups.{group} ({scheme.format})")
     return scheme
@@ -170,7 +176,9 @@ def check_unquantized(name: str, path, config: CompressedConfig) -> None:
 
 
 def _parts(stem: str, scheme: CompressedScheme) -> tuple[str, ...]:
-    """The companions of ``stem``'s codes the scheme stores (module docstring)."""
+    """The companions of ``stem``'s codes the scheme stores (module docstring; NVFP4: ``flyer.interop.nvfp4``)."""
+    if scheme.format == NVFP4:
+        return SCALE, GLOBAL
     return (SCALE, *((SHAPE,) if scheme.format == PACK_QUANTIZED else ()), *(() if scheme.symmetric else (ZERO,)),
             *((G_IDX,) if scheme.g_idx else ()))
 
@@ -192,6 +200,14 @@ def compressed_shape(name: str, files: dict[str, Path], headers: dict[Path, Tens
                                   f"{'actorder group' if scheme.g_idx else 'no actorder group'})")
     shape = lambda part: header(headers, files[stem + part]).shape(stem + part)  # noqa: E731
     codes, scale = tf.shape(name), shape(SCALE)
+    if scheme.format == NVFP4:  # (R, C/2) bytes, (R, C/16) FP8 scales, one global scale
+        rows, cols = (codes[0], 2 * codes[1]) if len(codes) == 2 else (-1, -1)
+        if tf.dtype(name) != torch.uint8 or cols < 0 or cols % NVFP4_GROUP or math.prod(shape(GLOBAL)) != 1 \
+                or tuple(scale) != (rows, cols // NVFP4_GROUP):
+            raise CheckpointError(f"{tf.path}: quantized tensor {name} {tf.dtype(name)} {tuple(codes)} and its scale "
+                                  f"{tuple(scale)} are not an NVFP4 weight (uint8 codes two a byte, a scale per "
+                                  f"{NVFP4_GROUP} columns, one global scale)")
+        return rows, cols
     rows = codes[0] if len(codes) == 2 else -1
     if scheme.g_idx:
         cols = shape(G_IDX)[0] if len(shape(G_IDX)) == 1 else -1
@@ -221,6 +237,8 @@ def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: 
     scheme = scheme_of(name, stem, config, tf.path)
     read = {p: header(headers, files[stem + p]).read(stem + p) for p in _parts(stem, scheme)}
     codes, zero = tf.read(name), read.get(ZERO)
+    if scheme.format == NVFP4:
+        return decode_nvfp4(codes, read[SCALE], read[GLOBAL], True, name).to(out_dtype)
     if scheme.format == PACK_QUANTIZED:
         if codes.dtype != torch.int32 or (zero is not None and zero.dtype != torch.int32):
             raise ValueError(f"{name}: packed codes and zero points must be int32 (got {codes.dtype})")
@@ -237,6 +255,6 @@ def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: 
     return dequantize(codes, read[SCALE], zero, read.get(G_IDX), out_dtype, name)
 
 
-__all__ = ["G_IDX", "PACKED", "PARTS", "SCALE", "SHAPE", "WEIGHT", "ZERO", "check_unquantized", "codes_name",
-           "compressed_shape", "compressed_stem", "dequantize", "module_classes", "packed_words", "read_compressed",
-           "scheme_of", "unpack_int32"]
+__all__ = ["GLOBAL", "G_IDX", "INPUT_GLOBAL", "PACKED", "PARTS", "SCALE", "SHAPE", "WEIGHT", "ZERO",
+           "check_unquantized", "codes_name", "compressed_shape", "compressed_stem", "dequantize", "module_classes",
+           "packed_words", "read_compressed", "scheme_of", "unpack_int32"]

@@ -28,9 +28,9 @@ from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type, text_config
-from flyer.interop.compressed import (PACKED, check_unquantized, codes_name, compressed_shape, compressed_stem,
-                                     read_compressed)
-from flyer.interop.hf_config_quant import CompressedConfig, compressed_scheme
+from flyer.interop import compressed, nvfp4
+from flyer.interop.compressed import PACKED
+from flyer.interop.hf_config_quant import CompressedConfig, ModelOptConfig, compressed_scheme, modelopt_config
 from flyer.interop.hf_names import (LONGCAT_MTP, LONGCAT_MTP_EMBED, MTP_COPIES, V4_MTP_COPIES, Slot,
                                     has_fused_experts, hf_names, meta_model, permute_rope, v4_name)
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
@@ -43,6 +43,7 @@ from flyer.model.transformer import Transformer
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+MODELOPT_CONFIG = "hf_quant_config.json"  # ModelOpt's own quantization file beside config.json
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek FP8: <linear>.weight_scale_inv beside <linear>.weight
 
 
@@ -163,10 +164,11 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
     headers = {} if headers is None else headers
     found: dict[str, Slot] = {}
     canonical = v4_name if cfg.attn == "hybrid" else text_name if is_wrapped(files) else str
-    scheme = quant_scheme(path)  # compressed-tensors' integer weights (flyer.interop.compressed)
+    scheme = quant_scheme(path)  # compressed-tensors' or ModelOpt's quantized weights (``_codec``)
+    codec = _codec(scheme)
     for name, f in files.items():
-        stem = compressed_stem(name, files, scheme) if scheme else None  # its codes read as <stem>.weight
-        if stem is not None and name != codes_name(stem, files):
+        stem = codec.compressed_stem(name, files, scheme) if scheme else None  # its codes read as <stem>.weight
+        if stem is not None and name != codec.codes_name(stem, files):
             continue  # its scale, shape, zero point, g_idx: read with its codes
         own = name if stem is None else stem + ".weight"
         if canonical(own) is None or _ignored(canonical(own), cfg):  # None: a wrapper's vision tower, projector
@@ -181,9 +183,9 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
         dest = state[slot.key] if slot.expert is None else state[slot.key][slot.expert]
         if slot.fused:
             dest = torch.cat([state[k] for k in slot.fused], dim=1)  # meta: a shape, no memory
-        shape = tf.shape(name) if stem is None else compressed_shape(name, files, headers, scheme)
+        shape = tf.shape(name) if stem is None else codec.compressed_shape(name, files, headers, scheme)
         if scheme is not None and stem is None and len(shape) == 2:  # a weight its config_groups quantize: refused
-            check_unquantized(name, tf.path, scheme)
+            codec.check_unquantized(name, tf.path, scheme)
         if stored_format(name, files, tf.dtype(name)) == "fp4":  # DeepSeek-V4's experts: two values a byte
             shape = (*shape[:-1], 2 * shape[-1])
         if shape != tuple(dest.shape):
@@ -225,7 +227,7 @@ def load_hf_weights(model: Transformer, path: str | Path, rope_half: bool,
 
 @torch.no_grad()
 def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files: dict[str, Path],
-               headers: dict[Path, TensorFile], scheme: CompressedConfig | None = None) -> None:
+               headers: dict[Path, TensorFile], scheme: CompressedConfig | ModelOptConfig | None = None) -> None:
     """Write the fused tensor ``name`` (``Slot.fused``: the stacks it concatenates on dim 1) into ``model``'s
     stacks, one expert at a time as ``fill_tensor`` reads any tensor, each part written as its stack is held: a
     rank holding experts ``first ..`` of the stacks (``Experts.first``, expert parallelism) reads only its
@@ -246,7 +248,7 @@ def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files:
 @torch.no_grad()
 def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot,
                 files: dict[str, Path], headers: dict[Path, TensorFile], rows: tuple[int, int] | None = None,
-                scheme: CompressedConfig | None = None) -> None:
+                scheme: CompressedConfig | ModelOptConfig | None = None) -> None:
     """Write tensor ``name`` of ``tf`` into ``dest``, the parameter (or expert slice) ``slot`` names:
     FP8 dequantized with its block scales, or, held as FP8 codes, its codes and scales as they are
     (rope rows permuted as the values are) where the permutation keeps every row in its 128-row
@@ -261,8 +263,9 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
         kind = stored_format(name, files, tf.dtype(name))  # "<name>.scale" beside it: DeepSeek-V4's only
         if scheme is None and name.endswith(PACKED):  # its bit width and layout are the config's
             raise CheckpointError(f"{tf.path}: tensor {name} is packed, but no quantization_config says how")
-        if scheme is not None and compressed_stem(name, files, scheme) is not None:  # dequantized, then as plain
-            t = read_compressed(tf, name, files, headers, scheme, torch.float32 if dest.dtype == FP8 else dest.dtype)
+        if scheme is not None and _codec(scheme).compressed_stem(name, files, scheme) is not None:  # decoded, then
+            t = _codec(scheme).read_compressed(tf, name, files, headers, scheme,  # as plain
+                                               torch.float32 if dest.dtype == FP8 else dest.dtype)
             if rows is not None or t.shape != dest.shape:
                 raise CheckpointError(f"{tf.path}: quantized tensor {name} holds a {tuple(t.shape)} weight, "
                                       f"{tuple(dest.shape)} expected")
@@ -372,10 +375,24 @@ def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
     return torch.float32
 
 
-def quant_scheme(path: Path) -> CompressedConfig | None:
-    """The integer weight schemes of the HF directory ``path``'s (text) config, None when it has none
-    (``hf_config_quant.compressed_scheme``)."""
-    return compressed_scheme(text_config(_read_json(path / "config.json")))
+def quant_scheme(path: Path) -> CompressedConfig | ModelOptConfig | None:
+    """The quantized weights' schemes of the HF directory ``path``'s (text) config, None when it has none
+    (``hf_config_quant.compressed_scheme``); a ModelOpt export whose config.json does not say it, from its
+    hf_quant_config.json (NVIDIA's first FP4 releases)."""
+    d = text_config(_read_json(path / "config.json"))
+    extra = path / MODELOPT_CONFIG
+    if d.get("quantization_config") is None and extra.is_file():
+        q = _read_json(extra).get("quantization")
+        if not isinstance(q, dict):
+            raise ConfigError(f"{extra}: field 'quantization': expected ModelOpt's quantization object")
+        return modelopt_config(q, str(extra), "quantization")
+    return compressed_scheme(d)
+
+
+def _codec(scheme: CompressedConfig | ModelOptConfig | None):
+    """The module decoding ``scheme``'s quantized weights, each with the same functions: ModelOpt's NVFP4
+    (``flyer.interop.nvfp4``) or compressed-tensors' integer and NVFP4 ones (``flyer.interop.compressed``)."""
+    return nvfp4 if isinstance(scheme, ModelOptConfig) else compressed
 
 
 def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -17,13 +17,18 @@
   ``QuantizationScheme`` has no other keys than ``SCHEME_KEYS``. Targets and ``ignore`` entries match as its
   ``utils.match`` does: "re:<regex>" ``re.match``-es the module name, any other equals the name or one of the
   module's class names (``LINEAR``, ``EMBEDDING``).
+* NVFP4 weights (``flyer.interop.nvfp4``): compressed-tensors' ``format`` "nvfp4-pack-quantized" (llm-compressor's
+  NVFP4 / NVFP4A16 schemes: ``NVFP4_ARGS``), a group of its own beside integer ones if need be; and ``quant_method``
+  "modelopt" with ``quant_algo`` "NVFP4" (NVIDIA's DeepSeek-R1 / V3 / Kimi-K2 FP4 releases; ``ModelOptConfig``, also
+  read from hf_quant_config.json). NVFP4's W4A4 (its activations' FP4 arguments) runs as W4A16.
 
-Anything else (float types, tensor / token / block strategies, dynamic weights, activation or KV cache
-quantization, sparsity or transforms, other formats) is a ``ConfigError`` naming the field.
+Anything else (other float types, tensor / token / block strategies, dynamic weights, other activation or any KV
+cache quantization, sparsity or transforms, other formats) is a ``ConfigError`` naming the field.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +37,14 @@ from flyer.errors import ConfigError
 
 PACK_QUANTIZED = "pack-quantized"
 INT8_FORMATS = ("naive-quantized", "int-quantized")  # codes stored one per int8: the same layout, two names
-FORMATS = (PACK_QUANTIZED, *INT8_FORMATS)
+NVFP4 = "nvfp4-pack-quantized"  # E2M1 codes two a byte, FP8 scales per 16 columns, a global one (flyer.interop.nvfp4)
+FORMATS = (PACK_QUANTIZED, *INT8_FORMATS, NVFP4)
+PACKED_FORMATS = (PACK_QUANTIZED, NVFP4)  # codes in <stem>.weight_packed
+# the only NVFP4 quantization arguments there are (compressed-tensors' NVFP4 / NVFP4A16 presets), weights' and,
+# W4A4, the activations'
+NVFP4_GROUP = 16  # input columns a row per FP8 block scale, in both NVFP4 layouts
+NVFP4_ARGS = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": NVFP4_GROUP,
+              "symmetric": True}
 # QuantizationScheme's fields: the library refuses a group with any other key (pydantic's extra="forbid")
 SCHEME_KEYS = ("targets", "weights", "input_activations", "output_activations", "format")
 # the class names (torch's MRO below nn.Module) a target like "Linear" matches: the library quantizes only linears
@@ -93,6 +105,36 @@ class CompressedConfig:
         return {scheme.format for _, _, scheme in self.groups}
 
 
+@dataclass(frozen=True)
+class ModelOptConfig:
+    """A ModelOpt NVFP4 checkpoint (``quant_method`` "modelopt", ``flyer.interop.nvfp4``): ``exclude`` the module-name
+    patterns left unquantized (fnmatch wildcards, as ModelOpt writes them and vLLM matches them)."""
+
+    exclude: tuple[str, ...] = ()
+
+    def excluded(self, module: str) -> bool:
+        return any(fnmatch.fnmatchcase(module, p) for p in self.exclude)
+
+
+def modelopt_config(q: dict[str, Any], where: str, field: str = "quantization_config") -> ModelOptConfig:
+    """``q``: ModelOpt's quantization fields (config.json's ``quantization_config``, or hf_quant_config.json's
+    ``quantization``). Only NVFP4 in groups of 16 reads (as W4A16); another algorithm, or an FP8 KV cache's scales:
+    ``ConfigError`` naming the field."""
+    algo = q.get("quant_algo")
+    if not isinstance(algo, str) or algo.upper() != "NVFP4":
+        raise _bad(where, f"{field}.quant_algo", f"{algo!r:.40} is not supported (only 'NVFP4')")
+    if q.get("group_size", NVFP4_GROUP) != NVFP4_GROUP:
+        raise _bad(where, f"{field}.group_size", f"{q['group_size']!r:.40} is not supported (only {NVFP4_GROUP})")
+    if q.get("kv_cache_quant_algo") is not None:
+        raise _bad(where, f"{field}.kv_cache_quant_algo", f"{q['kv_cache_quant_algo']!r:.40} is not supported "
+                   "(only null: the cache's dtype is flyer's own choice)")
+    key = "exclude_modules" if "exclude_modules" in q else "ignore"  # hf_quant_config.json's, config.json's
+    exclude = q.get(key) or []
+    if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
+        raise _bad(where, f"{field}.{key}", f"expected a list of module-name patterns (got {exclude!r:.60})")
+    return ModelOptConfig(tuple(exclude))
+
+
 KIMI_GROUP_SIZE = 32
 
 
@@ -124,6 +166,10 @@ def _weights(g: dict[str, Any], where: str, field: str, fmt: str) -> CompressedS
     if not isinstance(w, dict):
         raise _bad(where, f"{field}.weights", f"expected the weights' quantization arguments (got {w!r:.40})")
     field += ".weights"
+    if fmt == NVFP4:
+        _check_nvfp4(w, where, field, ("dynamic", False), ("actorder", None), ("block_structure", None),
+                     ("scale_dtype", "torch.float8_e4m3fn"))
+        return CompressedScheme(NVFP4_ARGS["group_size"], NVFP4_ARGS["num_bits"], True, False, NVFP4)
     bits = w.get("num_bits", 8)
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
         raise _bad(where, f"{field}.num_bits", f"{bits!r:.40} is not supported (integers of 1 to 8 bits)")
@@ -155,6 +201,16 @@ def _weights(g: dict[str, Any], where: str, field: str, fmt: str) -> CompressedS
     return CompressedScheme(size if strategy == "group" else None, bits, symmetric, g_idx, fmt)
 
 
+def _check_nvfp4(args: dict[str, Any], where: str, field: str, *more: tuple[str, Any]) -> None:
+    """``args`` (a group's weights or input activations) are NVFP4's (``NVFP4_ARGS`` and ``more``), else
+    ``ConfigError`` naming the first field off."""
+    for key, want in (*NVFP4_ARGS.items(), *more):
+        got = args.get(key, want)
+        if got != want or isinstance(got, bool) != isinstance(want, bool):
+            raise _bad(where, f"{field}.{key}", f"{got!r:.40} is not supported (only {want!r}: {NVFP4}'s FP4 "
+                                                f"values in groups of {NVFP4_ARGS['group_size']})")
+
+
 def _patterns(entries: Any, where: str, field: str, what: str) -> tuple[str, ...]:
     """``targets`` or ``ignore``: a list of strings, each "re:" one a regular expression."""
     if not isinstance(entries, list) or not all(isinstance(p, str) for p in entries):
@@ -168,10 +224,10 @@ def _patterns(entries: Any, where: str, field: str, what: str) -> tuple[str, ...
     return tuple(entries)
 
 
-def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> CompressedConfig | None:
-    """The integer weight schemes of a (text model's) config ``d`` whose ``quantization_config`` is
-    compressed-tensors' (module docstring); None for unquantized or FP8 weights; any other quantization:
-    ``ConfigError`` naming the field."""
+def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> CompressedConfig | ModelOptConfig | None:
+    """The weight schemes of a (text model's) config ``d`` whose ``quantization_config`` is compressed-tensors' or
+    ModelOpt's (module docstring); None for unquantized or FP8 weights; any other quantization: ``ConfigError``
+    naming the field."""
     q = d.get("quantization_config")
     if q is None:
         return None
@@ -180,10 +236,12 @@ def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> Compress
     method = q.get("quant_method", "fp8")
     if method == "fp8":
         return None
+    if method == "modelopt":
+        return modelopt_config(q, where)
     if method != "compressed-tensors":
         raise _bad(where, "quantization_config.quant_method",
-                   f"{method!r:.40} is not supported (DeepSeek's FP8 blocks, compressed-tensors' integer weights, "
-                   f"or unquantized weights)")
+                   f"{method!r:.40} is not supported (DeepSeek's FP8 blocks, compressed-tensors' integer or NVFP4 "
+                   f"weights, ModelOpt's NVFP4 weights, or unquantized weights)")
     f = "quantization_config"
     for key, want in (("quantization_status", "compressed"), ("kv_cache_scheme", None), ("sparsity_config", None),
                       ("transform_config", None)):
@@ -206,13 +264,19 @@ def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> Compress
             raise _bad(where, f"{field}.format" if g.get("format") else f"{f}.format",
                        f"{fmt!r:.40} is not supported (only {', '.join(map(repr, FORMATS))})")
         for key in ("input_activations", "output_activations"):  # weight-only: activations stay in the model's dtype
-            if g.get(key) is not None:
-                raise _bad(where, f"{field}.{key}", "activation quantization is not supported (only null: "
-                                                    "weight-only schemes such as W4A16)")
+            if g.get(key) is None:
+                continue
+            if key == "input_activations" and fmt == NVFP4 and isinstance(g[key], dict):
+                # W4A4: run as W4A16, as vLLM runs these checkpoints on GPUs without FP4 tensor cores (Marlin)
+                _check_nvfp4(g[key], where, f"{field}.{key}")
+                continue
+            raise _bad(where, f"{field}.{key}", "activation quantization is not supported (only null: "
+                                                "weight-only schemes such as W4A16; NVFP4's W4A4 runs as W4A16)")
         schemes.append((name, targets, _weights(g, where, field, fmt)))
     ignore = _patterns(q.get("ignore") or [], where, f"{f}.ignore", "module names")
     return CompressedConfig(tuple(schemes), ignore)
 
 
-__all__ = ["EMBEDDING", "FORMATS", "INT8_FORMATS", "KIMI_GROUP_SIZE", "LINEAR", "PACK_QUANTIZED", "SCHEME_KEYS",
-           "CompressedConfig", "CompressedScheme", "compressed_scheme", "kimi_int4_config"]
+__all__ = ["EMBEDDING", "FORMATS", "INT8_FORMATS", "KIMI_GROUP_SIZE", "LINEAR", "NVFP4", "NVFP4_ARGS", "NVFP4_GROUP",
+           "PACKED_FORMATS", "PACK_QUANTIZED", "SCHEME_KEYS", "CompressedConfig", "CompressedScheme", "ModelOptConfig",
+           "compressed_scheme", "kimi_int4_config", "modelopt_config"]
