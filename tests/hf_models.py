@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
                           DeepseekV32Config, DeepseekV32ForCausalLM, DeepseekV4Config, DeepseekV4ForCausalLM,
@@ -163,6 +163,32 @@ def save_tiny(model, out: Path, name: str = "") -> None:
                 b.copy_(torch.stack([torch.randperm(E)[:K] for _ in range(b.shape[0])]))
     model.save_pretrained(out)
     make_tokenizer(out)
+
+
+def save_bf16(family: str, path: Path) -> dict[str, torch.Tensor]:
+    """A random tiny ``family`` model (seed 0, a trained-looking router bias) saved in BF16 with a tokenizer under
+    ``path``, where the quantized checkpoints' tests start; returns its saved tensors by name."""
+    cls, config_cls, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    model = cls(config_cls(**_COMMON, **kw))
+    trained_bias(model)
+    model.to(torch.bfloat16).save_pretrained(path)
+    make_tokenizer(path)
+    return load_file(str(path / "model.safetensors"))
+
+
+def plain_twin(path: Path, want: dict[str, torch.Tensor], out: Path) -> None:
+    """``path``'s quantized model as an unquantized directory ``out``: ``want``'s weights (by name), the tensors of
+    every other module as they are (a quantized module's codes and scales left out), its config without
+    ``quantization_config``, its tokenizer."""
+    out.mkdir()
+    stems = {k.removesuffix(".weight") for k in want}
+    tensors = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if k.rpartition(".")[0] not in stems}
+    save_file({**tensors, **want}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    d = json.loads((path / "config.json").read_text())
+    d.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(d))
+    (out / "tokenizer.json").write_bytes((path / "tokenizer.json").read_bytes())
 
 
 def build(name: str, out: Path, spelling: int = 5, seed: int = 0):

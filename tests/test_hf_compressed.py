@@ -28,7 +28,7 @@ from flyer.interop.load import load_init_weights, load_pretrained
 from flyer.interop.tensorfile import TensorFile
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
-from tests.hf_models import _COMMON, FAMILIES, VOCAB, make_tokenizer, trained_bias
+from tests.hf_models import FAMILIES, VOCAB, plain_twin, save_bf16
 from tests.test_hf_int4 import KIMI_K2_HUB
 from tests.test_hf_mistral4 import logit_tolerance
 from tests.test_qwen3 import _config_error, rel
@@ -95,15 +95,10 @@ def compress(w: torch.Tensor, fmt: str, bits: int, symmetric: bool, strategy: st
 def build(path, combo, family: str = "qwen3_moe", group: int = GROUP) -> dict[str, torch.Tensor]:
     """A tiny random BF16 model of ``family`` saved with every ``*proj.weight`` compressed as ``combo`` says (the
     head and routers left BF16); returns the library's decompression of each, by weight name."""
-    cls, config_cls, kw = FAMILIES[family]
-    torch.manual_seed(0)
-    model = cls(config_cls(**_COMMON, **kw))
-    trained_bias(model)
-    model.to(torch.bfloat16).save_pretrained(path)
-    make_tokenizer(path)
+    state = save_bf16(family, path)
     g = torch.Generator().manual_seed(1)
     out, want = {}, {}
-    for k, v in load_file(str(path / "model.safetensors")).items():
+    for k, v in state.items():
         if not (k.endswith("proj.weight") and v.dim() == 2 and v.shape[1] % group == 0):  # else left BF16
             out[k] = v
             continue
@@ -113,18 +108,6 @@ def build(path, combo, family: str = "qwen3_moe", group: int = GROUP) -> dict[st
     d = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**d, "quantization_config": combo_config(*combo, group)}))
     return want
-
-
-def plain_twin(path, want: dict[str, torch.Tensor], out) -> None:
-    """``path``'s model as an unquantized directory ``out`` holding ``want``'s weights."""
-    out.mkdir()
-    tensors = {k: v for k, v in load_file(str(path / "model.safetensors")).items()
-               if k.endswith(("norm.weight", "embed_tokens.weight", "lm_head.weight", "mlp.gate.weight"))}
-    save_file({**tensors, **want}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    d = json.loads((path / "config.json").read_text())
-    d.pop("quantization_config")
-    (out / "config.json").write_text(json.dumps(d))
-    (out / "tokenizer.json").write_bytes((path / "tokenizer.json").read_bytes())
 
 
 @pytest.mark.parametrize("byteorder", ["little", "big"])

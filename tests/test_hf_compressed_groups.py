@@ -18,7 +18,7 @@ from torch import nn
 from flyer.errors import CheckpointError
 from flyer.interop.hf import load_hf
 from flyer.interop.hf_config_quant import EMBEDDING, LINEAR, compressed_scheme
-from tests.hf_models import _COMMON, FAMILIES, VOCAB, make_tokenizer, trained_bias
+from tests.hf_models import _COMMON, FAMILIES, VOCAB, plain_twin, save_bf16
 from tests.test_hf_compressed import GROUP, NAIVE, PACK, _scheme, compress
 from tests.test_hf_mistral4 import logit_tolerance
 from tests.test_qwen3 import _config_error, rel
@@ -101,13 +101,7 @@ def library_groups(tree: nn.Module, q: dict) -> dict[str, str]:
 def build(path, family: str, q: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A tiny random BF16 model of ``family`` saved with each module the library quantizes under ``q`` compressed in
     its group's scheme; returns (the library's decompression by weight name, each module's group)."""
-    cls, config_cls, kw = FAMILIES[family]
-    torch.manual_seed(0)
-    model = cls(config_cls(**_COMMON, **kw))
-    trained_bias(model)
-    model.to(torch.bfloat16).save_pretrained(path)
-    make_tokenizer(path)
-    state = load_file(str(path / "model.safetensors"))
+    state = save_bf16(family, path)
     groups = library_groups(module_tree(state, family), q)
     g = torch.Generator().manual_seed(1)
     out, want = {}, {}
@@ -124,18 +118,6 @@ def build(path, family: str, q: dict) -> tuple[dict[str, torch.Tensor], dict[str
     d = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**d, "quantization_config": q}))
     return want, groups
-
-
-def plain_twin(path, want: dict[str, torch.Tensor], out) -> None:
-    """``path``'s model as an unquantized directory ``out``: ``want``'s weights, its other tensors as they are."""
-    out.mkdir()
-    stems = {k.removesuffix(".weight") for k in want}
-    tensors = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if k.rpartition(".")[0] not in stems}
-    save_file({**tensors, **want}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    d = json.loads((path / "config.json").read_text())
-    d.pop("quantization_config")
-    (out / "config.json").write_text(json.dumps(d))
-    (out / "tokenizer.json").write_bytes((path / "tokenizer.json").read_bytes())
 
 
 def test_each_module_is_in_the_group_the_library_picks():

@@ -17,7 +17,7 @@ from flyer.interop.export import export
 from flyer.interop.hf import load_hf, quant_scheme
 from flyer.interop.hf_config_quant import NVFP4_GROUP, modelopt_config
 from flyer.interop.nvfp4 import decode_nvfp4
-from tests.hf_models import _COMMON, FAMILIES, VOCAB, make_tokenizer, trained_bias
+from tests.hf_models import _COMMON, FAMILIES, VOCAB, plain_twin, save_bf16
 from tests.test_hf_compressed import transformers_decompressed
 from tests.test_hf_mistral4 import logit_tolerance
 from tests.test_qwen3 import _config_error, rel
@@ -142,14 +142,9 @@ def build(path, layout: str, family: str = "v3", w4a4: bool = False) -> dict[str
     dense and expert projections) NVFP4 in ``layout`` (the rest BF16 and listed as unquantized: ``ignore`` /
     ``exclude_modules``); ``w4a4``: the activations' scales beside them too, as NVFP4 (W4A4) exports store them.
     Returns the library's FP32 decoding of each quantized weight, by weight name."""
-    cls, config_cls, kw = FAMILIES[family]
-    torch.manual_seed(0)
-    model = cls(config_cls(**_COMMON, **kw))
-    trained_bias(model)
-    model.to(torch.bfloat16).save_pretrained(path)
-    make_tokenizer(path)
+    state = save_bf16(family, path)
     out, want, left = {}, {}, ["lm_head"]
-    for k, v in load_file(str(path / "model.safetensors")).items():
+    for k, v in state.items():
         stem = k.removesuffix(".weight")
         if not (k.endswith("proj.weight") and v.dim() == 2 and v.shape[1] % NVFP4_GROUP == 0):
             out[k] = v
@@ -174,19 +169,6 @@ def build(path, layout: str, family: str = "v3", w4a4: bool = False) -> dict[str
     return want
 
 
-def plain_twin(path, want: dict[str, torch.Tensor], out, dtype: torch.dtype) -> None:
-    """``path``'s model as an unquantized directory ``out``: its plain tensors, and ``want``'s weights in ``dtype``."""
-    out.mkdir()
-    plain = {k: v for k, v in load_file(str(path / "model.safetensors")).items()
-             if not k.endswith(("_scale", "_scale_2", "_packed")) and k not in want}
-    save_file({**plain, **{k: v.to(dtype) for k, v in want.items()}}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    d = json.loads((path / "config.json").read_text())
-    d.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(d))
-    (out / "tokenizer.json").write_bytes((path / "tokenizer.json").read_bytes())
-
-
 @pytest.mark.parametrize("family, w4a4", [("v3", False), ("v3", True), ("qwen3_moe", False)])
 def test_compressed_tensors_model_holds_the_librarys_decompression(tmp_path, family, w4a4):
     """Every NVFP4 linear of a DeepseekV3 (MLA, dense MLP, shared and routed experts) or Qwen3-MoE, weight-only or
@@ -194,7 +176,7 @@ def test_compressed_tensors_model_holds_the_librarys_decompression(tmp_path, fam
     directory equals its model of a plain twin holding those weights, in FP32 and in BF16 (each rounded once)."""
     want = build(tmp_path / "q", CT, family, w4a4)
     for dtype in (torch.float32, torch.bfloat16):
-        plain_twin(tmp_path / "q", want, tmp_path / f"plain-{dtype}", dtype)
+        plain_twin(tmp_path / "q", {k: v.to(dtype) for k, v in want.items()}, tmp_path / f"plain-{dtype}")
         got = load_hf(tmp_path / "q", dtype=dtype)[0].state_dict()
         ref = load_hf(tmp_path / f"plain-{dtype}", dtype=dtype)[0].state_dict()
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in got), dtype
@@ -218,7 +200,7 @@ def test_modelopt_model_runs_as_transformers_on_the_decoded_weights(tmp_path, in
                                                 float(files[k[:-len("weight")] + "weight_scale_2"])),
                              dtype=torch.float64) for k in want}
     model, cfg, _ = load_hf(tmp_path / "q", dtype=torch.float32)
-    plain_twin(tmp_path / "q", {k: v.float() for k, v in exact.items()}, tmp_path / "plain", torch.float32)
+    plain_twin(tmp_path / "q", {k: v.float() for k, v in exact.items()}, tmp_path / "plain")
     twin = load_hf(tmp_path / "plain", dtype=torch.float32)[0]
     u = 2.0 ** -24
     for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
