@@ -25,13 +25,12 @@ from tests.test_qwen3 import _config_error, rel
 pytest.importorskip("compressed_tensors")  # the oracle: pyproject's test extra
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8  # noqa: E402
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme  # noqa: E402
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES  # noqa: E402
 from compressed_tensors.quantization.lifecycle.forward import dequantize  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
 
-NVFP4_ARGS = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=NVFP4_GROUP,
-                              symmetric=True, dynamic=False)
+NVFP4_ARGS = PRESET_SCHEMES["NVFP4A16"]["weights"]  # llm-compressor's: FP8 block scales (scale_dtype) and all
 
 
 def library_nvfp4(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

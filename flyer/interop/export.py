@@ -1,6 +1,6 @@
 """Checkpoints out: a Hugging Face model directory transformers loads, from any flyer model.
 
-``flyer export PATH --out DIR [--dtype bf16|fp32|fp8|int4] [--max-shard-size 5GB]`` writes
+``flyer export PATH --out DIR [--dtype bf16|fp32|fp8|int4|nvfp4] [--max-shard-size 5GB]`` writes
 ``config.json`` (``flyer.interop.export_config``: ``deepseek_v3`` for MLA with the sigmoid + bias gate,
 ``deepseek_v32`` for that with
 DeepSeek Sparse Attention's indexer, ``glm_moe_dsa`` (GLM-5) for that with ``indexer_types`` (shared
@@ -26,7 +26,11 @@ codes and scales); DeepSeek-V4 its published one (``v4_quant``: E4M3 with UE8M0 
 experts FP4, the rest BF16/FP32), a source in that format keeping its own. ``--dtype int4`` writes a DeepseekV3
 model as Moonshot released Kimi K2-Thinking: its routed experts compressed-tensors' pack-quantized INT4 (groups
 of 32 inputs, BF16 scales: ``int4_pack.quantize_int4``, bit for bit the library's own compression), the rest
-BF16, with Kimi's ``quantization_config`` (``hf_config_quant.kimi_int4_config``). A checkpoint directory is
+BF16, with Kimi's ``quantization_config`` (``hf_config_quant.kimi_int4_config``). ``--dtype nvfp4`` writes every
+linear layer (attention, dense and expert projections; not the head, routers or DSA's indexer head weights)
+compressed-tensors' NVFP4 (``nvfp4_pack``: W4A16, bit for bit the library's own compression), the rest BF16; a
+fused expert stack (Mistral 4's) stays BF16, as the library leaves parameters that are no Linear. A checkpoint
+directory is
 streamed: each tensor is read, converted and written
 before the next (the model is never loaded), into a fresh directory beside
 ``--out`` that is renamed to it when complete: ``--out`` must be new or empty, nothing is
@@ -70,6 +74,7 @@ from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE
 from flyer.interop.hf_tokenizer import TextTokenizer, read_json as _read_json
 from flyer.interop.compressed import G_IDX, ZERO
 from flyer.interop.int4_pack import PACKED, SCALE, SHAPE, dequantize_int4, packed_items
+from flyer.interop.nvfp4_pack import nvfp4_items
 from flyer.interop.load import settings_dir
 from flyer.interop.streamed import StreamedCheckpoint
 from flyer.interop.tensorfile import TensorFile, header, write_tensors
@@ -79,7 +84,8 @@ from flyer.model.transformer import Transformer
 from flyer.train.checkpoint import SETTINGS_FILES, fsync_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
-          "int4": torch.int32}  # int4: the routed experts' packed codes (the rest BF16)
+          "int4": torch.int32,  # int4: the routed experts' packed codes (the rest BF16)
+          "nvfp4": torch.uint8}  # nvfp4: every linear's E2M1 codes, two a byte (the rest BF16)
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms, and the DSA
 # indexer's head weights (transformers computes them in FP32)
 _NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|block_sparse_moe\.gate|router\.classifier|"
@@ -141,6 +147,9 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
         if dtype == "int4" and slot.expert is not None:  # a routed expert (hf_config: DeepseekV3's, unfused)
             own = (codes or {}).get(name)
             items += packed_items(name, shape, get, KIMI_GROUP_SIZE, own=own and own[0])
+            continue
+        if dtype == "nvfp4" and len(shape) == 2 and not _NOT_FP8.search(name):  # nvfp4_pack.NVFP4_IGNORE's rest
+            items += nvfp4_items(name, shape, get)
             continue
         if dtype == "fp8" and cfg.attn != "hybrid" and len(shape) == 2 and not _NOT_FP8.search(name):
             rows_b, cols_b = -(-shape[0] // 128), -(-shape[1] // 128)
@@ -425,9 +434,9 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
     if masters and not src.qat:
         raise FieldError("masters", f"applies to a run trained with FP4 QAT (--fp4-experts); {path} was not: its "
                                     "weights are its masters already")
-    if masters and dtype in ("fp8", "int4"):
-        raise FieldError("masters", "the FP32 masters need --dtype bf16 or fp32: an FP8 or INT4 export stores the "
-                                    "routed experts in FP4 (DeepSeek-V4), E4M3 or INT4, not the masters")
+    if masters and dtype in ("fp8", "int4", "nvfp4"):
+        raise FieldError("masters", "the FP32 masters need --dtype bf16 or fp32: an FP8, INT4 or NVFP4 export stores "
+                                    "the routed experts in FP4 (DeepSeek-V4), E4M3, INT4 or NVFP4, not the masters")
     if masters or (dtype == "fp8" and hybrid):  # V4's FP4 encoder applies the rule to the masters: same values
         src.fp4_keys = set()
     if dtype == "fp8" and src.where is not None and hybrid:  # an HF directory: V4's own format
@@ -463,7 +472,8 @@ def register(sub) -> None:
                    help="bf16 (default), fp32, fp8 (DeepSeek's float8_e4m3fn + 128x128 weight_scale_inv; for "
                         "DeepSeek-V4 its published format: UE8M0 .scale blocks, FP4 routed experts), or int4 "
                         "(Kimi K2-Thinking's: routed experts compressed-tensors pack-quantized INT4 in groups of "
-                        "32, the rest BF16; DeepseekV3 models)")
+                        "32, the rest BF16; DeepseekV3 models), or nvfp4 (every linear but the head and routers "
+                        "compressed-tensors' NVFP4, W4A16, as llm-compressor's NVFP4A16 writes it; the rest BF16)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
     p.add_argument("--masters", action="store_true",
                    help="a run trained with FP4 QAT (--fp4-experts) exports the model it trained, its routed experts "

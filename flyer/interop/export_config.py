@@ -11,6 +11,7 @@ from flyer.errors import ConfigError, FieldError
 from flyer.interop.hf_names import is_mixtral
 from flyer.interop.hf_config import GQA_MODEL_TYPES
 from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE, kimi_int4_config
+from flyer.interop.nvfp4_pack import nvfp4_config
 from flyer.interop.hf_config_longcat import check_longcat, to_longcat_config
 from flyer.interop.hf_config_mistral4 import check_mistral4, to_mistral4_config
 from flyer.interop.hf_config_v4 import to_v4_config
@@ -177,6 +178,11 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     if dtype == "int4":  # the rest BF16, as Kimi-K2-Thinking's
         _check_int4(cfg, mt)
         d["quantization_config"] = kimi_int4_config(mtp=cfg.mtp_depth > 0)
+    if dtype == "nvfp4":  # every architecture but DeepSeek-V4 (its own FP4 format: --dtype fp8)
+        if mt == "deepseek_v4":
+            raise FieldError("dtype", "nvfp4 writes compressed-tensors' NVFP4; DeepSeek-V4 exports its own FP4 "
+                                      "experts with --dtype fp8")
+        d["quantization_config"] = nvfp4_config()
     if dtype == "fp8":  # every architecture: without it transformers reads the codes as values, the scales as unused
         d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                     "weight_block_size": [128, 128]}
