@@ -20,6 +20,8 @@
                                 with a reasoning parser, ``reasoning_content`` apart from
                                 ``content`` (``flyer.serve.reasoning``), and a prompt that opens reasoning has
                                 its grammar (tool_choice, response_format) hold after the reasoning
+    POST /v1/responses          OpenAI's Responses API over the chat route (``flyer.serve.responses``)
+    GET  /v1/responses/{id}     a stored response
 
 Every response carries ``usage``. Errors use OpenAI's shape ``{"error": {"message", "type",
 "param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too long for the
@@ -38,8 +40,8 @@ routes speak to it through an ``EngineClient`` and hear its events on the event 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import json
 import threading
 import time
 import uuid
@@ -56,6 +58,7 @@ from flyer.data.chat_template import chat_renderer, effort_kwargs
 from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.data.fim import fim_prompt
 from flyer.errors import FieldError
+from flyer.serve.api_error import ApiError, engine_failed, sse_event
 from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
 from flyer.serve.choice import Choice
 from flyer.serve.grammar import json_grammar
@@ -63,29 +66,14 @@ from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
 from flyer.serve.reasoning import PARSERS, Reasoning, Split
 from flyer.serve.request import NO_GRAMMARS, QueueFull, SamplingOptions, TokenEvent
+from flyer.serve.responses import Responses
+from flyer.serve.responses_schema import ResponsesBody
 from flyer.serve.schema import JINJA_ROLES, Body, ChatBody, CompletionBody
 from flyer.serve.tools import (ToolCall, chosen_format, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
 from flyer.serve.tools_kimi import calls_so_far
 
 DISCONNECT_POLL_S = 1.0  # how often a request's handler asks whether its client is still there
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def _engine_failed() -> ApiError:
-    return ApiError(500, "the engine failed on this request (see the server's log)", "server_error")
 
 
 class _Generation:
@@ -171,15 +159,19 @@ class _Generation:
         async for _ in self.events():
             pass
         if self.failed:
-            raise _engine_failed()
+            raise engine_failed()
+
+    def stream_tail(self, head: dict, usage: bool) -> Iterator[dict]:
+        """A stream's last chunks: OpenAI's error body when the engine failed (the official client raises
+        it), else the usage chunk when asked for."""
+        if self.failed:
+            yield engine_failed().body()
+        elif usage:
+            yield {**head, "choices": [], "usage": self.usage()}
 
     def stream_end(self, head: dict, usage: bool) -> Iterator[bytes]:
-        """A stream's last events: OpenAI's error event when the engine failed (the official client raises
-        it), else the usage chunk when asked for; then [DONE]."""
-        if self.failed:
-            yield _sse(_engine_failed().body())
-        elif usage:
-            yield _sse({**head, "choices": [], "usage": self.usage()})
+        """``stream_tail`` as server-sent events, then [DONE]."""
+        yield from map(sse_event, self.stream_tail(head, usage))
         yield b"data: [DONE]\n\n"
 
     def usage(self) -> dict:
@@ -188,10 +180,6 @@ class _Generation:
         if self.reasoning_tokens is not None:
             out["completion_tokens_details"] = {"reasoning_tokens": sum(map(self.reasoning_tokens, self.choices))}
         return out
-
-
-def _sse(obj) -> bytes:
-    return f"data: {json.dumps(obj)}\n\n".encode()
 
 
 class Api:
@@ -313,12 +301,12 @@ class Api:
             async for i, c, e in gen.events():
                 if not echoed[i]:  # with the choice's first event: it carries the prompt's logprobs
                     echoed[i] = True
-                    yield _sse({**head, "choices": [{"index": i, "text": prefix[i], "finish_reason": None,
-                                                     "logprobs": logprobs(i, c, range(0), echo=True)}]})
+                    yield sse_event({**head, "choices": [{"index": i, "text": prefix[i], "finish_reason": None,
+                                                          "logprobs": logprobs(i, c, range(0), echo=True)}]})
                 text, tokens = c.delta(), c.delta_tokens()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
-                    yield _sse({**head, "choices": [{"index": i, "text": text, "finish_reason": c.finish_reason,
-                                                     "logprobs": logprobs(i, c, tokens, echo=False)}]})
+                    yield sse_event({**head, "choices": [{"index": i, "text": text, "finish_reason": c.finish_reason,
+                                                          "logprobs": logprobs(i, c, tokens, echo=False)}]})
             for end in gen.stream_end(head, (body.stream_options or {}).get("include_usage", False)):
                 yield end
         return StreamingResponse(sse(), media_type="text/event-stream")
@@ -350,6 +338,21 @@ class Api:
             raise FieldError("messages", f"the chat template cannot render them: {e}") from None
 
     async def chat(self, request: Request, body: ChatBody) -> Response:
+        result = await self.chat_result(request, body)
+        if isinstance(result, dict):
+            return JSONResponse(result)
+
+        async def sse() -> AsyncIterator[bytes]:
+            async with contextlib.aclosing(result) as chunks:
+                async for chunk in chunks:
+                    yield sse_event(chunk)
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    async def chat_result(self, request: Request, body: ChatBody) -> dict | AsyncIterator[dict]:
+        """A chat completion as OpenAI's JSON object, or (``body.stream``) its chunks as they come, ending with the
+        usage chunk when asked for or the error body when the engine failed (``_Generation.stream_tail``): the
+        chat route writes them out, ``flyer.serve.responses`` reads them."""
         self.check_access(request, body.model)
         body.check_fields()
         text = self._chat_text(body)
@@ -400,17 +403,17 @@ class Api:
                     think.message(c.text, s, calls[0], [call.openai() for call in calls[1]])
                 out.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else c.finish_reason,
                             "logprobs": content_logprobs(c.events[:c.kept()])})
-            return JSONResponse({**head, "choices": out, "usage": gen.usage()})
+            return {**head, "choices": out, "usage": gen.usage()}
 
         head["object"] = "chat.completion.chunk"
 
         # while tools are parsed, content streams up to the first calls marker, as its token or as text
         begin, call_at = marker_ids(self.tok, fmt).get(fmt.calls_begin), {}
 
-        async def sse() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[dict]:
             for i in range(len(gen.choices)):
-                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "finish_reason": None, "logprobs": None}]})
+                yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None, "logprobs": None}]}
             async for i, c, e in gen.events():
                 s, sent = split(c), c.sent
                 calls = tool_calls(c, s) if c.finish_reason is not None else None
@@ -422,10 +425,10 @@ class Api:
                     lp = content_logprobs([c.events[j] for j in c.delta_tokens()])
                     deltas = [{"index": k, **call.openai()} for k, call in enumerate(calls[1])]
                     if delta or lp:
-                        yield _sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": None,
-                                                         "logprobs": lp}]})
-                    yield _sse({**head, "choices": [{"index": i, "delta": {"tool_calls": deltas},
-                                                     "finish_reason": "tool_calls", "logprobs": None}]})
+                        yield {**head, "choices": [{"index": i, "delta": delta, "finish_reason": None,
+                                                    "logprobs": lp}]}
+                    yield {**head, "choices": [{"index": i, "delta": {"tool_calls": deltas},
+                                                "finish_reason": "tool_calls", "logprobs": None}]}
                     continue
                 if parse and s.content is not None and begin is not None and e.token == begin and i not in call_at \
                         and c.starts[-1] >= s.content:  # decoding may skip the marker's token
@@ -436,11 +439,11 @@ class Api:
                 delta, tokens = think.delta(c.text, sent, c.sent, s), c.delta_tokens()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
                     lp = content_logprobs([c.events[j] for j in tokens]) if tokens else None
-                    yield _sse({**head, "choices": [{"index": i, "delta": delta,
-                                                     "finish_reason": c.finish_reason, "logprobs": lp}]})
-            for end in gen.stream_end(head, (body.stream_options or {}).get("include_usage", False)):
+                    yield {**head, "choices": [{"index": i, "delta": delta,
+                                                "finish_reason": c.finish_reason, "logprobs": lp}]}
+            for end in gen.stream_tail(head, (body.stream_options or {}).get("include_usage", False)):
                 yield end
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return chunks()
 
     def _tool_calls(self, c: Choice, parallel: bool, start: int = 0,
                     head: str = "") -> tuple[str | None, list[ToolCall]] | None:
@@ -542,6 +545,16 @@ def build_app(api: Api, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatBody):
         return await api.chat(request, body)
+
+    responses = Responses(api)
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request, body: ResponsesBody):
+        return await responses.create(request, body)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(request: Request, response_id: str):
+        return responses.retrieve(request, response_id)
 
     return app
 

@@ -1,0 +1,32 @@
+"""What every route answers with besides its result: OpenAI's error shape (``ApiError``) and server-sent events."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.responses import JSONResponse
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def engine_failed() -> ApiError:
+    return ApiError(500, "the engine failed on this request (see the server's log)", "server_error")
+
+
+def sse_event(obj, event: str | None = None) -> bytes:
+    """``obj`` as one server-sent event (JSON data), named ``event`` when given (the Responses API names them)."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(obj)}\n\n".encode()

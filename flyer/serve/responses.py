@@ -1,0 +1,301 @@
+"""OpenAI's Responses API over the chat route (``flyer.serve.api``), in the shapes the official ``openai`` client reads.
+
+    POST /v1/responses        ``flyer.serve.responses_schema.ResponsesBody``: the input items (after ``instructions``
+                              as a system message, and the conversation of ``previous_response_id``) become chat
+                              messages, rendered and generated as ``/v1/chat/completions`` does them; the answer's
+                              reasoning (with a reasoning parser), text and tool calls become ``reasoning``,
+                              ``message`` (``output_text``) and ``function_call`` output items
+    GET  /v1/responses/{id}   a stored response
+
+A stream is Responses' named events (``response.created`` ... ``response.completed``, each with its
+``sequence_number``), made from the chat route's chunks as they come. Finished responses (``store``, OpenAI's default
+true) are kept in memory, the last ``MAX_STORED`` of them (least recently used out): a ``previous_response_id`` no
+longer there answers 404. ``usage.input_tokens_details.cached_tokens`` is 0: the engine shares cached prefixes but
+does not report them per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator, Iterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from flyer.errors import FieldError
+from flyer.serve.api_error import ApiError, sse_event
+from flyer.serve.responses_schema import NamedFunction, ResponsesBody, input_messages
+from flyer.serve.schema import ChatBody
+
+if TYPE_CHECKING:  # the type only: ``flyer.serve.api`` registers these routes
+    from flyer.serve.api import Api
+
+MAX_STORED = 1024  # finished responses kept for GET and previous_response_id
+
+# chat's field names in the errors of the chat machinery, as the Responses body names them
+_FIELDS = {"messages": "input", "prompt": "input", "max_tokens": "max_output_tokens",
+           "max_completion_tokens": "max_output_tokens", "response_format": "text.format",
+           "reasoning_effort": "reasoning.effort"}
+
+
+def _responses_field(err: FieldError) -> FieldError:
+    """``err`` naming the Responses body's field where it names chat's (``messages[2].role``: ``input[2].role``)."""
+    head, rest = re.fullmatch(r"([A-Za-z_]*)(.*)", err.field).groups()
+    name = _FIELDS.get(head)
+    return err if name is None else FieldError(name + rest, err.problem)
+
+
+@dataclass
+class Stored:
+    response: dict  # the Response object
+    messages: list[dict]  # its conversation as chat messages, its answer included, its instructions not
+
+
+class ResponseStore:
+    """The last ``capacity`` stored responses by id, least recently used out."""
+
+    def __init__(self, capacity: int = MAX_STORED):
+        self.capacity, self.items = capacity, OrderedDict()
+
+    def put(self, rid: str, stored: Stored) -> None:
+        self.items[rid] = stored
+        self.items.move_to_end(rid)
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+    def get(self, rid: str, param: str | None = None) -> Stored:
+        """The response ``rid``; an ``ApiError`` 404 in OpenAI's shape (naming ``param``) when it is not (or no
+        longer) kept."""
+        stored = self.items.get(rid)
+        if stored is None:
+            raise ApiError(404, f"Response with id '{rid}' not found (this server keeps the last {self.capacity} "
+                                "stored responses, in memory)", param=param, code="not_found")
+        self.items.move_to_end(rid)
+        return stored
+
+
+def _usage(chat_usage: dict) -> dict:
+    details = chat_usage.get("completion_tokens_details") or {}
+    return {"input_tokens": chat_usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": chat_usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": details.get("reasoning_tokens", 0)},
+            "total_tokens": chat_usage["total_tokens"]}
+
+
+def _item_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex}"
+
+
+def _reasoning_item(text: str, status: str = "completed", rid: str | None = None) -> dict:
+    return {"type": "reasoning", "id": rid or _item_id("rs"), "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}] if text else [], "status": status}
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(text: str | None, status: str = "completed", mid: str | None = None) -> dict:
+    return {"type": "message", "id": mid or _item_id("msg"), "role": "assistant", "status": status,
+            "content": [] if text is None else [_text_part(text)]}
+
+
+def _call_item(call: dict, status: str = "completed", arguments: str | None = None) -> dict:
+    fn = call["function"]
+    return {"type": "function_call", "id": _item_id("fc"), "call_id": call["id"], "name": fn["name"],
+            "arguments": fn["arguments"] if arguments is None else arguments, "status": status}
+
+
+def _output_items(message: dict, finish_reason: str) -> list[dict]:
+    """A chat choice's message as output items: its reasoning, its text (when it has some, or no calls), its calls."""
+    status = "incomplete" if finish_reason == "length" else "completed"
+    out = [_reasoning_item(message["reasoning_content"])] if message.get("reasoning_content") else []
+    calls = message.get("tool_calls") or []
+    if message.get("content") or not calls:
+        out.append(_message_item(message.get("content") or "", status))
+    return out + [_call_item(c) for c in calls]
+
+
+def _answer_messages(output: list[dict]) -> list[dict]:
+    """Output items as the chat messages a later turn renders (reasoning dropped, as chat templates drop it)."""
+    text = "".join(p["text"] for item in output if item["type"] == "message" for p in item["content"])
+    calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
+             for i in output if i["type"] == "function_call"]
+    return [{"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}]
+
+
+class Responses:
+    """The Responses routes over ``api``'s chat machinery, with their ``ResponseStore``."""
+
+    def __init__(self, api: Api, capacity: int = MAX_STORED):
+        self.api, self.store = api, ResponseStore(capacity)
+
+    def retrieve(self, request: Request, rid: str) -> dict:
+        self.api.check_access(request)
+        return self.store.get(rid).response
+
+    def _chat_body(self, body: ResponsesBody, messages: list[dict]) -> ChatBody:
+        chat = {"model": body.model or self.api.model_name, "messages": messages, "stream": body.stream,
+                "max_completion_tokens": body.max_output_tokens, "tools": body.chat_tools(),
+                "tool_choice": body.chat_tool_choice(), "response_format": body.response_format(),
+                "reasoning_effort": body.reasoning.effort if body.reasoning is not None else None}
+        for name in ("temperature", "top_p", "parallel_tool_calls"):
+            if getattr(body, name) is not None:
+                chat[name] = getattr(body, name)
+        if body.stream:
+            chat["stream_options"] = {"include_usage": True}  # the completed response's usage
+        try:
+            return ChatBody.model_validate({k: v for k, v in chat.items() if v is not None})
+        except ValidationError as e:  # what the Responses body's own types let through
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise _responses_field(FieldError(loc or "input", first["msg"])) from None
+
+    def _head(self, rid: str, body: ResponsesBody) -> dict:
+        """The Response object's fields that the request sets, status in_progress and no output yet."""
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        choice = body.tool_choice.model_dump(exclude_none=True) if isinstance(body.tool_choice, NamedFunction) \
+            else body.tool_choice or "auto"
+        fmt = body.text.format if body.text is not None else None
+        return {"id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
+                "error": None, "incomplete_details": None, "instructions": body.instructions,
+                "max_output_tokens": body.max_output_tokens, "model": self.api.model_name, "output": [],
+                "parallel_tool_calls": body.parallel_tool_calls is not False,
+                "previous_response_id": body.previous_response_id,
+                "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
+                "store": body.store is not False, "temperature": 1.0 if body.temperature is None else body.temperature,
+                "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
+                "tool_choice": choice, "tools": tools, "top_p": 1.0 if body.top_p is None else body.top_p,
+                "truncation": "disabled", "usage": None, "user": body.user, "metadata": body.metadata or {}}
+
+    def _finish(self, head: dict, output: list[dict], usage: dict, messages: list[dict], store: bool) -> dict:
+        """The finished Response object (stored when asked)."""
+        incomplete = any(i.get("status") == "incomplete" for i in output)
+        response = {**head, "status": "incomplete" if incomplete else "completed", "completed_at": int(time.time()),
+                    "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "output": output,
+                    "usage": _usage(usage)}
+        if store:
+            self.store.put(head["id"], Stored(response, messages + _answer_messages(output)))
+        return response
+
+    async def create(self, request: Request, body: ResponsesBody) -> Response:
+        self.api.check_access(request, body.model)
+        body.check_fields()
+        past = self.store.get(body.previous_response_id, "previous_response_id").messages \
+            if body.previous_response_id else []
+        messages = past + input_messages(body.input)
+        system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
+        chat = self._chat_body(body, system + messages)
+        try:
+            result = await self.api.chat_result(request, chat)
+        except FieldError as e:
+            raise _responses_field(e) from None
+        head = self._head(_item_id("resp"), body)
+        if isinstance(result, dict):
+            choice = result["choices"][0]
+            output = _output_items(choice["message"], choice["finish_reason"])
+            return JSONResponse(self._finish(head, output, result["usage"], messages, body.store is not False))
+        return StreamingResponse(self._events(head, result, messages, body.store is not False),
+                                 media_type="text/event-stream")
+
+    async def _events(self, head: dict, chunks: AsyncIterator[dict], messages: list[dict],
+                      store: bool) -> AsyncIterator[bytes]:
+        """Responses' stream of events from the chat route's chunks (one choice; the usage chunk last)."""
+        seq = 0
+        output: list[dict] = []  # the items so far, each as it stands
+        open_kind = None  # "reasoning" or "message": the item the deltas go to
+        finish = None  # the choice's finish reason, once it came
+
+        def event(kind: str, **fields) -> bytes:
+            nonlocal seq
+            seq += 1
+            return sse_event({"type": kind, "sequence_number": seq - 1, **fields}, kind)
+
+        def where() -> dict:
+            return {"item_id": output[-1]["id"], "output_index": len(output) - 1, "content_index": 0}
+
+        def open_item(item: dict, part: dict) -> Iterator[bytes]:
+            nonlocal open_kind
+            output.append(item)
+            open_kind = item["type"]
+            yield event("response.output_item.added", output_index=len(output) - 1, item={**item, "content": []})
+            yield event("response.content_part.added", **where(), part=part)
+
+        def close_item(status: str = "completed") -> Iterator[bytes]:
+            nonlocal open_kind
+            item, kind = output[-1], open_kind
+            open_kind = None
+            item["status"] = status
+            text = "".join(p["text"] for p in item["content"])
+            if kind == "reasoning":
+                yield event("response.reasoning_text.done", **where(), text=text)
+                part = {"type": "reasoning_text", "text": text}
+            else:
+                yield event("response.output_text.done", **where(), text=text, logprobs=[])
+                part = _text_part(text)
+            yield event("response.content_part.done", **where(), part=part)
+            yield event("response.output_item.done", output_index=len(output) - 1, item=item)
+
+        def add_text(kind: str, delta: str) -> Iterator[bytes]:
+            if open_kind != kind:
+                if open_kind is not None:
+                    yield from close_item()
+                if kind == "reasoning":
+                    yield from open_item(_reasoning_item("", "in_progress"), {"type": "reasoning_text", "text": ""})
+                    output[-1]["content"] = [{"type": "reasoning_text", "text": ""}]
+                else:
+                    yield from open_item(_message_item("", "in_progress"), _text_part(""))
+            output[-1]["content"][0]["text"] += delta
+            if delta:
+                name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+                yield event(name, **where(), delta=delta, **({} if kind == "reasoning" else {"logprobs": []}))
+
+        yield event("response.created", response=head)
+        yield event("response.in_progress", response=head)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                if "error" in chunk:  # the engine failed: the stream ends with the failed response
+                    err = chunk["error"]
+                    failed = {**head, "status": "failed", "output": output,
+                              "error": {"code": "server_error", "message": err["message"]}}
+                    yield event("response.failed", response=failed)
+                    return
+                if not chunk["choices"]:  # the usage chunk, last
+                    if not any(i["type"] in ("message", "function_call") for i in output):
+                        # an answer without text or calls is an empty message, as unstreamed
+                        for b in (*add_text("message", ""), *close_item("incomplete" if finish == "length"
+                                                                        else "completed")):
+                            yield b
+                    response = self._finish(head, output, chunk["usage"], messages, store)
+                    kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
+                    yield event(kind, response=response)
+                    return
+                choice = chunk["choices"][0]
+                delta, finish = choice["delta"], choice["finish_reason"] or finish
+                for kind, key in (("reasoning", "reasoning_content"), ("message", "content")):
+                    if delta.get(key):
+                        for b in add_text(kind, delta[key]):
+                            yield b
+                calls = delta.get("tool_calls") or []
+                if (calls or choice["finish_reason"] is not None) and open_kind is not None:
+                    for b in close_item("incomplete" if choice["finish_reason"] == "length" and open_kind == "message"
+                                        else "completed"):
+                        yield b
+                for call in calls:
+                    item = _call_item(call, "in_progress", "")
+                    output.append(item)
+                    index = len(output) - 1
+                    yield event("response.output_item.added", output_index=index, item=dict(item))
+                    item["arguments"] = call["function"]["arguments"]
+                    yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                                delta=item["arguments"])
+                    yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                name=item["name"], arguments=item["arguments"])
+                    item["status"] = "completed"
+                    yield event("response.output_item.done", output_index=index, item=item)

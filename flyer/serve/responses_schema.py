@@ -1,0 +1,230 @@
+"""The request body of OpenAI's Responses API (``POST /v1/responses``, pydantic), checked as ``flyer.serve.schema``
+checks the chat body: a field of the wrong type or out of range answers 400 naming it, and ``check_fields`` refuses
+the fields that would change the output and that flyer serve does not implement (``NOT_IMPLEMENTED``).
+
+    ResponsesBody   input (a string, or message / function_call / function_call_output items), instructions,
+                    max_output_tokens, temperature, top_p, stream, tools (function tools, Responses' flat shape),
+                    tool_choice, parallel_tool_calls, text.format, reasoning.effort, store, previous_response_id,
+                    metadata, user
+    input_messages  the items as chat messages (``flyer.serve.schema.ChatMessage``'s dicts)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from flyer.errors import FieldError
+
+# fields that change what is generated (or what a response holds) and that flyer serve does not implement, with the
+# values that change nothing: any other value is refused, never silently ignored
+NOT_IMPLEMENTED = {"background": (False,), "include": ([],), "conversation": (None,), "prompt": (None,),
+                   "max_tool_calls": (None,), "top_logprobs": (0,), "truncation": ("disabled",),
+                   "context_management": ([],), "moderation": (None,)}
+MAX_METADATA_KEYS = 16  # as OpenAI bounds ``metadata``
+
+
+class TextPart(BaseModel):
+    """A message's content part: ``input_text`` (a prompt's) or ``output_text`` (an earlier answer's); other kinds
+    (images, files, audio) are refused: a text model would answer as if they were not there."""
+
+    model_config = ConfigDict(extra="allow")  # output_text's annotations and logprobs: nothing to render
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+_TEXT_PARTS = TypeAdapter(list[TextPart])
+
+
+def _parts_as_a_list(content, handler):
+    # a list is checked as parts only: the union would first report it as "not a string", hiding the part's error
+    return _TEXT_PARTS.validate_python(content) if isinstance(content, list) else handler(content)
+
+
+class MessageItem(BaseModel):
+    model_config = ConfigDict(extra="allow")  # id, status of an output message sent back
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[TextPart]
+    _parts = field_validator("content", mode="wrap")(_parts_as_a_list)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(BaseModel):
+    """An earlier answer's call (``ResponseFunctionToolCall``), sent back before its output."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class FunctionCallOutputItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[TextPart]
+    _parts = field_validator("output", mode="wrap")(_parts_as_a_list)
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
+
+
+class ReasoningItem(BaseModel):
+    """An earlier answer's reasoning sent back: chat templates drop the reasoning of earlier turns, so does this."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["reasoning"]
+
+
+ITEMS = {"message": MessageItem, "function_call": FunctionCallItem, "function_call_output": FunctionCallOutputItem,
+         "reasoning": ReasoningItem}
+
+
+class FunctionTool(BaseModel):
+    """A function tool in Responses' flat shape; built-in tools (web_search, file_search, ...) are refused."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunction(BaseModel):
+    type: str
+    name: str | None = None
+
+
+class TextFormat(BaseModel):
+    """``text.format``: text, json_object, or json_schema with ``name`` and ``schema`` (flat, as Responses sends it)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ReasoningConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    summary: str | None = None
+    generate_summary: str | None = None
+
+
+class ResponsesBody(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields clients send that change nothing (service_tier, ...)
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]  # items checked by ``input_messages``, which names the one at fault
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # None: OpenAI's default, 1
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    store: bool | None = None  # None: OpenAI's default, stored
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    def check_fields(self) -> None:
+        """``FieldError`` for a ``NOT_IMPLEMENTED`` field at a value that would change the output, a built-in tool
+        or tool choice, an unimplemented reasoning summary or text verbosity."""
+        for name, value in (self.model_extra or {}).items():
+            neutral = NOT_IMPLEMENTED.get(name)
+            if neutral is not None and value is not None and value not in neutral:
+                raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out or send "
+                                       f"{neutral[0]!r}")
+        for i, t in enumerate(self.tools or []):
+            if t.type != "function":
+                raise FieldError(f"tools[{i}].type", f"only function tools are implemented (got {t.type!r})")
+            if not t.name:
+                raise FieldError(f"tools[{i}].name", "a function tool needs a name")
+        if isinstance(self.tool_choice, NamedFunction) and (self.tool_choice.type != "function"
+                                                            or not self.tool_choice.name):
+            raise FieldError("tool_choice", f"must be none, auto, required or {{'type': 'function', 'name': ...}} "
+                                            f"(got {self.tool_choice.model_dump(exclude_none=True)})")
+        if self.reasoning is not None and (self.reasoning.summary or self.reasoning.generate_summary):
+            raise FieldError("reasoning.summary", "flyer serve does not implement reasoning summaries (the reasoning "
+                                                  "itself is a reasoning item with a --reasoning-parser): leave it out")
+        if self.text is not None and self.text.verbosity not in (None, "medium"):
+            raise FieldError("text.verbosity", f"flyer serve does not implement it (got {self.text.verbosity!r}): "
+                                               "leave it out or send 'medium'")
+        fmt = self.text.format if self.text is not None else None
+        if fmt is not None and (fmt.type == "json_schema") != (fmt.schema_ is not None and fmt.name is not None):
+            raise FieldError("text.format", "name and schema are given with type json_schema and only then")
+        if len(self.metadata or {}) > MAX_METADATA_KEYS:
+            raise FieldError("metadata", f"holds more than {MAX_METADATA_KEYS} keys")
+
+    def response_format(self) -> dict | None:
+        """``text.format`` in chat's ``response_format`` shape (``flyer.serve.schema.ResponseFormat``)."""
+        fmt = self.text.format if self.text is not None else None
+        if fmt is None:
+            return None
+        if fmt.type != "json_schema":
+            return {"type": fmt.type}
+        schema = {"name": fmt.name, "schema": fmt.schema_, "description": fmt.description, "strict": fmt.strict}
+        return {"type": "json_schema", "json_schema": {k: v for k, v in schema.items() if v is not None}}
+
+    def chat_tools(self) -> list[dict] | None:
+        """``tools`` in chat's nested shape (``flyer.serve.schema.Tool``)."""
+        if not self.tools:
+            return None
+        keep = ("name", "description", "parameters", "strict")
+        return [{"type": "function", "function": t.model_dump(include=set(keep), exclude_none=True)}
+                for t in self.tools]
+
+    def chat_tool_choice(self) -> str | dict | None:
+        if isinstance(self.tool_choice, NamedFunction):
+            return {"type": "function", "function": {"name": self.tool_choice.name}}
+        return self.tool_choice
+
+
+def input_messages(items: str | list[dict[str, Any]]) -> list[dict]:
+    """The ``input`` as chat messages: a string is one user message; a function_call item joins the assistant
+    message before it (or opens one) as one of its ``tool_calls``, a function_call_output item is a tool message,
+    a reasoning item is dropped. ``FieldError`` naming the item at fault."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    out: list[dict] = []
+    for i, raw in enumerate(items):
+        kind = raw.get("type", "message") if isinstance(raw, dict) else None
+        model = ITEMS.get(kind)
+        if model is None:
+            raise FieldError(f"input[{i}].type", f"must be one of {sorted(ITEMS)} (got {kind!r})")
+        try:
+            item = model.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise FieldError(f"input[{i}].{loc}" if loc else f"input[{i}]", first["msg"]) from None
+        if isinstance(item, MessageItem):
+            out.append({"role": item.role, "content": item.text()})
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function", "function": {"name": item.name,
+                                                                         "arguments": item.arguments}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+    return out

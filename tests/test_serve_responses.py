@@ -1,0 +1,289 @@
+"""OpenAI's Responses API in ``flyer serve`` (``POST /v1/responses``, ``GET /v1/responses/{id}``;
+``flyer.serve.responses``) through the official openai client's ``client.responses``.
+
+A tiny random DeepSeek-V3 checkpoint with DeepSeek-V3.1's tool markers and a chat template (``test_serve_tools``):
+greedy output equals ``/v1/chat/completions`` on the same messages token for token (text and token counts), with
+``instructions`` a system message first, message items with text parts, and ``previous_response_id`` continuing a
+stored conversation; a stream's events come in Responses' order with sequence numbers 0, 1, ..., their deltas
+concatenate to the completed response's text, which equals the unstreamed one; a required function call comes as a
+``function_call`` item whose arguments match the tool's schema, and its ``function_call_output`` renders as chat's
+tool message; ``text.format`` json_schema holds; unimplemented fields answer 400 naming them, unknown ids 404.
+A scripted engine (``test_serve_tools_v3._Scripted``) writes reasoning, the end marker, an answer and calls: with
+the deepseek reasoning parser they become a ``reasoning`` item, a message and ``function_call`` items, streamed or
+not, and ``reasoning.effort`` opens the template's think block (``effort_kwargs``' ``enable_thinking``)."""
+
+import json
+
+import httpx
+import pytest
+from served import client, serving
+from test_serve_api import _error
+from test_serve_reasoning import REASONING, _ids
+from test_serve_reasoning import ckpt as reasoning_ckpt  # noqa: F401 (a fixture)
+from test_serve_structured import _valid
+from test_serve_tools import ASK, LIGHT, SCHEMA, TOOLS, _Served, tool_checkpoint
+from test_serve_tools import TEMPLATE as TOOLS_TEMPLATE
+from test_serve_tools_v3 import CALLS, _Scripted
+
+from flyer.interop.hf_tokenizer import load_tokenizer
+from flyer.serve.api import Api
+from flyer.serve.reasoning import DEEPSEEK
+from flyer.serve.link import Submitted
+from flyer.serve.request import Limits, TokenEvent
+from flyer.serve.responses import ResponseStore, Stored
+from flyer.serve.tools import DEEPSEEK_V31 as F31
+
+FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # Responses' flat shape
+# the reasoning test's template, its think block opened by ``enable_thinking`` (what reasoning.effort sets)
+THINK_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+                  "{% elif m['role'] == 'assistant' %}<｜Assistant｜></think>{{ m['content'] }}{{ eos_token }}"
+                  "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% if enable_thinking %}<think>"
+                  "{% else %}</think>{% endif %}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    s = _Served(tool_checkpoint(tmp_path_factory.mktemp("responses") / "v3", TOOLS_TEMPLATE, 1024))
+    yield s
+    s.close()
+
+
+def _chat(c, messages, n: int, **kw):
+    r = c.chat.completions.create(model="tiny-test", messages=messages, max_tokens=n, temperature=0, **kw)
+    return r.choices[0], r.usage
+
+
+def _same_as_chat(c, r, messages, n: int):
+    """Response ``r`` (greedy, ``n`` tokens at most) is chat's answer to ``messages``: text, tokens, status."""
+    choice, usage = _chat(c, messages, n)
+    assert r.output_text == choice.message.content and r.output[-1].type == "message"
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == \
+        (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+    assert r.usage.output_tokens_details.reasoning_tokens == 0 and r.usage.input_tokens_details.cached_tokens == 0
+    assert r.status == ("incomplete" if choice.finish_reason == "length" else "completed")
+    assert (r.incomplete_details is not None) == (choice.finish_reason == "length")
+
+
+def test_greedy_text_is_chat_token_for_token(served):
+    c = served.client()
+    for n in (1, 12):
+        r = c.responses.create(model="tiny-test", input="hello world", max_output_tokens=n, temperature=0)
+        assert r.object == "response" and r.id.startswith("resp_") and r.model == "tiny-test"
+        _same_as_chat(c, r, ASK, n)
+        assert r.output[0].role == "assistant" and r.output[0].content[0].type == "output_text"
+    # instructions come first as a system message; message items with text parts; a developer message
+    items = [{"role": "developer", "content": "be brief"},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello "},
+                                                             {"type": "input_text", "text": "world"}]}]
+    r = c.responses.create(model="tiny-test", instructions="You are terse.", input=items, max_output_tokens=12,
+                           temperature=0, metadata={"k": "v"}, user="u1")
+    _same_as_chat(c, r, [{"role": "system", "content": "You are terse."}, {"role": "developer", "content": "be brief"},
+                         {"role": "user", "content": "hello world"}], 12)
+    assert r.instructions == "You are terse." and r.metadata == {"k": "v"} and r.user == "u1"
+    # the instructions change the prompt (a check that they are not dropped)
+    without = c.responses.create(model="tiny-test", input=items, max_output_tokens=1)
+    assert r.usage.input_tokens > without.usage.input_tokens
+
+
+def _stream(c, **kw):
+    """(the events, the completed response) of a streamed response; sequence numbers count from 0."""
+    events = list(c.responses.create(model="tiny-test", stream=True, **kw))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[1].type == "response.in_progress"
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    return events, events[-1].response
+
+
+def test_stream_events_and_deltas(served):
+    c = served.client()
+    kw = dict(input="hello world", max_output_tokens=12, temperature=0)
+    events, done = _stream(c, **kw)
+    kinds = [e.type for e in events]
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", *["response.output_text.delta"] * len(deltas),
+                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                     kinds[-1]]
+    assert len(deltas) > 1  # streamed as it came
+    item = done.output[0]
+    assert {e.item_id for e in events[2:-1] if hasattr(e, "item_id")} == {item.id} == {events[2].item.id}
+    assert "".join(e.delta for e in deltas) == events[-4].text == done.output_text
+    whole = c.responses.create(model="tiny-test", **kw)
+    assert done.output_text == whole.output_text and done.usage == whole.usage and done.status == whole.status
+    assert c.responses.retrieve(done.id).output_text == done.output_text  # a stream's response is stored too
+
+
+def test_previous_response_id_continues_and_store(served):
+    c = served.client()
+    first = c.responses.create(model="tiny-test", input="hello world", max_output_tokens=8, temperature=0)
+    assert c.responses.retrieve(first.id).model_dump() == first.model_dump()
+    second = c.responses.create(model="tiny-test", input="and again", previous_response_id=first.id,
+                                max_output_tokens=8, temperature=0, instructions="terse")
+    assert second.previous_response_id == first.id
+    _same_as_chat(c, second, [{"role": "system", "content": "terse"}, *ASK,
+                              {"role": "assistant", "content": first.output_text},
+                              {"role": "user", "content": "and again"}], 8)
+    # a third turn: the second's instructions are not carried over (as OpenAI's), its conversation is
+    third = c.responses.create(model="tiny-test", input="once more", previous_response_id=second.id,
+                               max_output_tokens=4, temperature=0)
+    _same_as_chat(c, third, [*ASK, {"role": "assistant", "content": first.output_text},
+                             {"role": "user", "content": "and again"},
+                             {"role": "assistant", "content": second.output_text},
+                             {"role": "user", "content": "once more"}], 4)
+    gone = c.responses.create(model="tiny-test", input="hi", max_output_tokens=1, store=False)
+    for rid in (gone.id, "resp_unknown"):
+        _error(httpx.get(f"{served.url}/v1/responses/{rid}"), 404)
+        _error(httpx.post(served.url + "/v1/responses", json=dict(model="tiny-test", input="x",
+                                                                  previous_response_id=rid)), 404,
+               "previous_response_id")
+
+
+def test_the_store_keeps_the_last_ones():
+    store = ResponseStore(capacity=2)
+    for k in "abc":
+        store.put(k, Stored({"id": k}, []))
+        if k == "b":
+            store.get("a")  # used: "b" is now the oldest
+    assert store.get("a").response == {"id": "a"} and store.get("c").response == {"id": "c"}
+    with pytest.raises(Exception, match="not found"):
+        store.get("b")
+
+
+def test_function_call_round_trip(served):
+    c = served.client()
+    kw = dict(model="tiny-test", tools=FLAT_TOOLS, max_output_tokens=300, temperature=0)
+    r = c.responses.create(input="hello world", tool_choice="required", parallel_tool_calls=False, **kw)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and r.status == "completed" and r.tool_choice == "required" and not r.parallel_tool_calls
+    for call in calls:
+        assert call.call_id.startswith("call_") and _valid(json.loads(call.arguments), SCHEMA[call.name])
+    chat, _ = _chat(c, ASK, 300, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    assert [(o.name, o.arguments) for o in calls] == [(t.function.name, t.function.arguments)
+                                                     for t in chat.message.tool_calls]
+    # a named function; streamed: the call's events, the same call
+    named = c.responses.create(input="hello world", tool_choice={"type": "function", "name": "set_light"}, **kw)
+    assert [o.name for o in named.output if o.type == "function_call"] == ["set_light"]
+    events, done = _stream(c, input="hello world", tool_choice={"type": "function", "name": "set_light"},
+                           **{k: v for k, v in kw.items() if k != "model"})
+    assert [(o.name, o.arguments) for o in done.output] == [(o.name, o.arguments) for o in named.output]
+    kinds = [e.type for e in events]
+    assert kinds[2:-1] == ["response.output_item.added", "response.function_call_arguments.delta",
+                           "response.function_call_arguments.done", "response.output_item.done"]
+    assert json.loads(events[4].arguments) == json.loads(done.output[0].arguments)
+    # the calls' outputs sent back (items copied from the output): rendered as chat's tool messages
+    outputs = [{"type": "function_call_output", "call_id": o.call_id, "output": "sunny"} for o in calls]
+    back = c.responses.create(input=[{"role": "user", "content": "hello world"}, *[o.model_dump() for o in calls],
+                                     *outputs], **{**kw, "max_output_tokens": 10})
+    chat_calls = [{"id": o.call_id, "type": "function", "function": {"name": o.name, "arguments": o.arguments}}
+                  for o in calls]
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": chat_calls},
+                *[{"role": "tool", "tool_call_id": o.call_id, "content": "sunny"} for o in calls]]
+    want, usage = _chat(c, messages, 10, tools=TOOLS)
+    assert back.output_text == want.message.content and back.usage.input_tokens == usage.prompt_tokens
+    # the same through previous_response_id
+    cont = c.responses.create(input=outputs, previous_response_id=r.id, **{**kw, "max_output_tokens": 10})
+    assert cont.output_text == back.output_text and cont.usage.input_tokens == back.usage.input_tokens
+
+
+def test_json_schema_output(served):
+    """text.format is chat's response_format: the same greedy answer, JSON that matches the schema."""
+    c = served.client()
+    for fmt, chat_fmt in (({"type": "json_schema", "name": "light", "schema": LIGHT, "strict": True},
+                           {"type": "json_schema", "json_schema": {"name": "light", "schema": LIGHT, "strict": True}}),
+                          ({"type": "json_object"}, {"type": "json_object"})):
+        r = c.responses.create(model="tiny-test", input="hello world", max_output_tokens=60, temperature=0,
+                               text={"format": fmt})
+        want, _ = _chat(c, ASK, 60, response_format=chat_fmt)
+        assert r.output_text == want.message.content and r.output_text.startswith("{")
+        assert r.text.format.type == fmt["type"]
+        if fmt["type"] == "json_schema":
+            assert r.status == "completed" and _valid(json.loads(r.output_text), LIGHT)
+
+
+def test_bad_requests_answer_400(served):
+    url = served.url + "/v1/responses"
+    ok = dict(model="tiny-test", input="hello world", max_output_tokens=2)
+    for over, param in ((dict(background=True), "background"), (dict(include=["file_search_call.results"]),
+                                                                  "include"),
+                        (dict(tools=[{"type": "web_search"}]), "tools[0].type"),
+                        (dict(tools=FLAT_TOOLS, tool_choice={"type": "web_search_preview"}), "tool_choice"),
+                        (dict(tools=FLAT_TOOLS, tool_choice={"type": "function", "name": "nope"}), "tool_choice"),
+                        (dict(tool_choice="required"), "tool_choice"),
+                        (dict(max_output_tokens=0), "max_output_tokens"),
+                        (dict(max_output_tokens=5000), "max_output_tokens"),
+                        (dict(temperature=3), "temperature"), (dict(truncation="auto"), "truncation"),
+                        (dict(top_logprobs=3), "top_logprobs"), (dict(reasoning={"summary": "auto"}),
+                                                                 "reasoning.summary"),
+                        (dict(reasoning={"effort": "huge"}), "reasoning.effort"),
+                        (dict(text={"format": {"type": "json_schema", "name": "x"}}), "text.format"),
+                        (dict(text={"verbosity": "low"}), "text.verbosity"),
+                        (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
+                         "input[0].content.0.type"),
+                        (dict(input=[{"type": "item_reference", "id": "x"}]), "input[0].type"),
+                        (dict(input=[{"type": "function_call_output", "output": "x"}]), "input[0].call_id"),
+                        (dict(input=[]), "input"), (dict(model="other"), "model")):
+        resp = httpx.post(url, json={**ok, **over})
+        _error(resp, 404 if param == "model" else 400, param)
+    assert 'flyer_rejected_requests_total{status="400"}' in httpx.get(served.url + "/metrics").text
+    assert "flyer_generation_tokens_total" in httpx.get(served.url + "/metrics").text
+
+
+@pytest.fixture(scope="module")
+def tok(reasoning_ckpt):  # noqa: F811 (the fixture imported)
+    return load_tokenizer(reasoning_ckpt)
+
+
+def test_reasoning_and_calls_become_items(tok):
+    """A scripted answer: reasoning, </think>, text, calls; ``reasoning.effort`` opens the think block."""
+    script = _ids(tok, REASONING, DEEPSEEK.end, "Sure.", F31.render(CALLS)) + [tok.eos_id()]
+    limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
+    api = Api(_Scripted(limits, script), tok, "tiny-test", chat_template=THINK_TEMPLATE, reasoning_parser="deepseek")
+    with serving(api) as url:
+        c = client(url)
+        kw = dict(model="tiny-test", input="what is 2+2?", tools=FLAT_TOOLS, reasoning={"effort": "high"})
+        r = c.responses.create(**kw)
+        assert [o.type for o in r.output] == ["reasoning", "message", "function_call", "function_call"]
+        assert r.output[0].content[0].text == REASONING and r.output_text == "Sure."
+        assert [(o.name, o.arguments) for o in r.output[2:]] == CALLS and r.reasoning.effort == "high"
+        assert r.usage.output_tokens_details.reasoning_tokens == len(_ids(tok, REASONING, DEEPSEEK.end))
+        assert r.usage.output_tokens == len(script)
+        events, done = _stream(c, **{k: v for k, v in kw.items() if k != "model"})
+        assert done.model_dump(exclude={"id", "created_at", "completed_at", "output"}) == \
+            r.model_dump(exclude={"id", "created_at", "completed_at", "output"})
+        assert [o.model_dump(exclude={"id", "call_id"}) for o in done.output] == \
+            [o.model_dump(exclude={"id", "call_id"}) for o in r.output]
+        thought = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+        assert "".join(thought) == REASONING and len(thought) > 1
+        kinds = [e.type for e in events if e.type.startswith("response.output_item")]
+        assert kinds == ["response.output_item.added", "response.output_item.done"] * 4
+        # without an effort the prompt does not open the think block: all of it is the answer
+        plain = c.responses.create(model="tiny-test", input="what is 2+2?", max_output_tokens=len(script) - 1)
+        assert plain.output[0].type == "message" and REASONING in plain.output_text and plain.status == "incomplete"
+
+
+class _Failing(_Scripted):
+    """The script's first two tokens, then the engine fails on the request."""
+
+    def submit(self, prompt, opts, emit):
+        r = Submitted(next(self.ids), emit)
+        for t in self.script[:2]:
+            emit(TokenEvent(t, logprob=-1.0))
+        emit(TokenEvent(None, finish_reason="error"))
+        r.done = True
+        return r
+
+
+def test_an_engine_failure_fails_the_response(tok):
+    """Unstreamed: 500 in OpenAI's shape; streamed (the status is sent): the text so far, then response.failed."""
+    limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
+    api = Api(_Failing(limits, _ids(tok, "hello there, world")), tok, "tiny-test", chat_template=THINK_TEMPLATE)
+    with serving(api) as url:
+        err = _error(httpx.post(url + "/v1/responses", json=dict(model="tiny-test", input="hi")), 500)
+        assert err["type"] == "server_error"
+        events = list(client(url).responses.create(model="tiny-test", input="hi", stream=True))
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert events[-1].type == "response.failed" and events[-1].response.status == "failed"
+        assert "engine failed" in events[-1].response.error.message
+        assert events[-2].type == "response.output_text.delta"
+        _error(httpx.get(f"{url}/v1/responses/{events[-1].response.id}"), 404)  # not stored
