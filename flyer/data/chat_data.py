@@ -121,7 +121,8 @@ def parse_conversation(raw: bytes, path: Path,
         raise _problem(path, line, f"expected a JSON object with 'messages', got {type(d).__name__}")
     msgs = d.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise _problem(path, line, "messages: expected a non-empty list of {role, content} objects")
+        pair = " (this line is a preference pair: DPO trains on those)" if "chosen" in d else ""
+        raise _problem(path, line, f"messages: expected a non-empty list of {{role, content}} objects{pair}")
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise _problem(path, line, f"messages[{i}]: expected an object with role and content")
@@ -308,12 +309,17 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
                     _unigram(train_split, val_split, vocab), out)
 
 
-def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncoding | None, special: dict,
-           kwargs: dict | None = None) -> None:
-    # transformers' {% generation %} markers render their body: an always-true block, whitespace control kept
+def plain_renderer(template: str | ChatEncoding | None, special: dict):
+    """``chat_renderer`` of ``template`` with transformers' ``{% generation %}`` markers rendering their body (an
+    always-true block, whitespace control kept): the renderer the assistant mask is taken with."""
     plain = template if isinstance(template, ChatEncoding) else \
         _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
-    render = chat_renderer(plain, special)
+    return chat_renderer(plain, special)
+
+
+def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncoding | None, special: dict,
+           kwargs: dict | None = None) -> None:
+    render = plain_renderer(template, special)
     split = token_splitter(tok.tok)
 
     def encode(text: str) -> list[int]:

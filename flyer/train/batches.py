@@ -1,16 +1,21 @@
-"""What a training step counts of its micro-batches: each (x, y, documents) as drawn (``draw``: documents None
-but for packed chat rows, ``flyer.data.chat_pack``), the positions it runs and their training FLOPs
-(``positions_run``), and the targets each depth trains (``targets``: 0 the next token, k MTP module k's, within a
-packed row's documents). The trainer weighs each micro-batch's mean losses by these counts' shares of the job's."""
+"""The run's data and samplers (``prepare_run_data``, ``samplers``), and what a training step counts of its
+micro-batches: each (x, y, documents) as drawn (``draw``: documents None but for packed chat rows,
+``flyer.data.chat_pack``), the positions it runs and their training FLOPs (``positions_run``), and the targets each
+depth trains (``targets``: 0 the next token, k MTP module k's, within a packed row's documents). The trainer weighs
+each micro-batch's mean losses by these counts' shares of the job's."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from flyer.data.chat_data import IGNORE_INDEX
-from flyer.data.chat_pack import document_lengths
+from flyer.data import BatchSampler, eval_batches, prepare_data
+from flyer.data.chat_data import (IGNORE_INDEX, ChatSampler, chat_eval_batches, chat_tokenizer, is_chat_data,
+                                  prepare_chat)
+from flyer.data.chat_pack import PackedChatSampler, document_lengths, packed_eval_batches
+from flyer.data.pref_data import PairSampler, pair_eval_batches, prepare_prefs
 from flyer.model.documents import depth_targets, query_count
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -63,3 +68,29 @@ def counts(batch: Batch, mtp_depth: int) -> dict[str, float]:
     out.update({f"q{k}": float(n) for k, n in enumerate(queries(x, d, mtp_depth))})
     out["seqs"] = float(sequences(batch))
     return out
+
+
+def prepare_run_data(tc, cache: Path, vocab: int, init_tok):
+    """The run's data ``tc.data``, tokenized: DPO's preference pairs (``flyer.data.pref_data``), conversations (a
+    chat .jsonl: the loss on the assistant's tokens, ``flyer.data.chat_data``) or text documents (``vocab``: flyer's
+    own BPE's size, ``init_tok``: ``--init``'s tokenizer)."""
+    if tc.dpo:
+        return prepare_prefs(tc.data, *chat_tokenizer(tc.init, tc.tokenizer), tc.chat_template_kwargs)
+    if is_chat_data(tc.data):
+        return prepare_chat(tc.data, cache, *chat_tokenizer(tc.init, tc.tokenizer), tc.chat_template_kwargs)
+    return prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer, fim_rate=tc.fim_rate,
+                        seed=tc.seed)
+
+
+def samplers(tc, data, dp_rank: int):
+    """(the training sampler of data-parallel replica ``dp_rank``, the validation batches) of ``data``: each replica
+    draws its own sample stream (seed, replica), every stage of its pipeline the same one; deterministic on resume."""
+    chat = is_chat_data(tc.data)
+    sampler, batches = (ChatSampler, chat_eval_batches) if chat else (BatchSampler, eval_batches)
+    trim = {"trim": tc.pp == 1} if chat else {}  # chat rows as wide as their batch needs; a pipeline's: seq_len
+    if tc.pack:  # several conversations per seq_len-wide row (flyer.data.chat_pack)
+        (sampler, batches), trim = (PackedChatSampler, packed_eval_batches), {}
+    if tc.dpo:  # preference pairs, two rows each (flyer.data.pref_data)
+        (sampler, batches), trim = (PairSampler, pair_eval_batches), {}
+    return (sampler(data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + dp_rank, **trim),
+            batches(data.val, tc.batch_size, tc.seq_len, tc.eval_batches, **trim))

@@ -61,6 +61,7 @@ _FLAGS = [  # (flag, field, type, help)
      "share of text documents (each decided by --seed) rewritten as fill-in-the-middle before packing: begin, "
      "prefix, hole, suffix, end, middle, with the tokenizer's FIM tokens as markers (PSM; DeepSeek-V3 used 0.1; "
      "default 0); flyer's own BPE gets DeepSeek's, a --tokenizer or --init one must hold them"),
+    ("--dpo-beta", "dpo_beta", float, "--dpo's beta, the temperature of its loss (default 0.1)"),
     ("--collective-timeout", "collective_timeout_s", float,
      "seconds a collective may wait for a rank that stopped answering before the job fails (default 300)"),
 ]
@@ -93,6 +94,11 @@ def register(sub) -> None:
                                         "'{\"thinking\": true}' (DeepSeek-V3.1 / V3.2 / V4's thinking mode) or "
                                         "'{\"enable_thinking\": false}' (Qwen3's); a line's own "
                                         "\"chat_template_kwargs\" override them for that line")
+    p.add_argument("--dpo", dest="dpo", action="store_true", default=None,
+                   help="Direct Preference Optimization (sigmoid loss) on --data, a .jsonl of TRL's preference pairs "
+                        "({\"prompt\", \"chosen\", \"rejected\"}: message lists or strings) against a frozen "
+                        "reference, --init's weights; --batch-size counts pairs; MTP modules are not trained; not "
+                        "with --pp, --ep or --pack; a pair longer than --seq-len is refused")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",

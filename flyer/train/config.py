@@ -37,7 +37,8 @@ SCHEDULES = ("cosine", "constant")
 # and the process layout (``checkpoint.check_layout`` compares it).
 RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_batches", "lr", "min_lr_ratio",
                 "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "precision", "vocab_size",
-                "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs", "fim_rate")
+                "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs", "fim_rate", "dpo",
+                "dpo_beta")
 
 
 _FIELD_TYPES = {  # a TrainConfig annotation -> (does a value have it, its name in an error)
@@ -108,6 +109,10 @@ class TrainConfig:
     # text data: share of train documents rewritten as fill-in-the-middle (PSM) before packing, each decided from
     # seed (flyer.data.fim; DeepSeek-V3 used 0.1); part of the data cache's key when above 0
     fim_rate: float = 0.0
+    # Direct Preference Optimization (flyer.train.dpo) on preference pairs (flyer.data.pref_data): the reference is
+    # init's weights, a resumed run's too (the same init, checked); dpo_beta the loss's temperature
+    dpo: bool = False
+    dpo_beta: float = 0.1
 
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -145,6 +150,13 @@ class TrainConfig:
         need(self.micro_batches is None or self.micro_batches > 0, "micro_batches", "must be a positive integer")
         need(self.micro_batches is None or self.pp > 1, "micro_batches", "needs pipelining (pp > 1); without it "
                                                                           "use grad_accum")
+        if self.dpo:
+            need(bool(self.init), "dpo", "needs init (the reference model, and the policy's starting weights)")
+            need(is_chat_data(self.data), "dpo", "needs preference pairs: data a .jsonl file of {prompt, chosen, "
+                                                 "rejected} lines")
+            for name, off in (("pp", 1), ("ep", 1), ("pack", False), ("indexer_train", "off")):
+                need(getattr(self, name) == off, name, "is not supported with dpo")
+        need(self.dpo_beta > 0, "dpo_beta", "must be > 0")
         if is_chat_data(self.data):  # flyer.data.chat_data
             need(bool(self.init or self.tokenizer), "data", "a .jsonl chat file needs init (a Hugging Face directory "
                  "or flyer run: its tokenizer and chat template) or tokenizer (a tokenizer.json; flyer's default "
@@ -189,6 +201,8 @@ def check_resume_settings(tc: TrainConfig, path: Path) -> None:
     checkpointed at ``path`` did (the others that differ are listed), before any work."""
     saved = ckpt.saved_state(path).get("train_config") or {}  # older checkpoints may lack it: nothing to compare
     changed = [k for k in RESUME_KEEPS if k in saved and saved[k] != getattr(tc, k)]
+    if tc.dpo and saved.get("init") and Path(saved["init"]).resolve() != Path(tc.init).resolve():
+        changed.insert(0, "init")  # the DPO reference: init's weights, the same on resume
     if changed:
         k, also = changed[0], f"; also changed: {', '.join(changed[1:])}" if changed[1:] else ""
         raise FieldError(k, f"{getattr(tc, k)} differs from the run's {k} {saved[k]}{also} (checkpoint {path}); "

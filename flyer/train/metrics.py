@@ -41,7 +41,8 @@ class MetricsLog:
 # TensorBoard tag of each metrics.jsonl field; other numeric fields (EP traffic) go under comm/
 TENSORBOARD_TAGS = {
     "loss": "loss/total", "main_loss": "loss/main", "mtp_loss": "loss/mtp", "aux_loss": "loss/aux",
-    "indexer_loss": "loss/indexer",
+    "indexer_loss": "loss/indexer", "dpo_loss": "loss/dpo", "rewards_chosen": "dpo/rewards_chosen",
+    "rewards_rejected": "dpo/rewards_rejected", "reward_accuracy": "dpo/accuracy", "reward_margin": "dpo/margin",
     "val_loss": "loss/val", "lr": "optim/lr", "grad_norm": "optim/grad_norm", "skipped_total": "optim/skipped_steps",
     "indexer_grad_norm": "optim/indexer_grad_norm",
     "tokens_per_s": "speed/tokens_per_s", "step_time_s": "speed/step_time_s", "mfu": "speed/mfu",
@@ -190,7 +191,7 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
 def progress_postfix(rec: dict[str, Any], val_loss: float | None) -> dict[str, str]:
     """The progress bar's fields: the next-token loss (comparable with validation), the MTP loss
     beside it when the model has MTP modules, the last validation loss and tokens/s."""
-    post = {"loss": f"{rec['main_loss']:.3f}"}
+    post = {"loss": f"{rec.get('main_loss', rec['loss']):.3f}"}  # DPO: its loss
     if rec.get("mtp_loss"):
         post["mtp"] = f"{rec['mtp_loss']:.3f}"
     if "indexer_loss" in rec:

@@ -29,9 +29,8 @@ from tqdm import tqdm
 from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
 from flyer.interop.load import init_source, load_init_weights
-from flyer.data import BatchSampler, eval_batches, eval_batches_bytes, prepare_data
-from flyer.data.chat_data import (IGNORE_INDEX, ChatSampler, chat_eval_batches, chat_tokenizer, is_chat_data,
-                                  prepare_chat)
+from flyer.data import eval_batches_bytes
+from flyer.data.chat_data import IGNORE_INDEX, is_chat_data
 from flyer.fp8 import convert_to_fp8
 from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
 from flyer.model.counts import param_counts
@@ -40,7 +39,7 @@ from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, index
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import counting_only, moe_layers, update_router_bias
 from flyer.model.transformer import Transformer
-from flyer.data.chat_pack import PACKED_TENSORS, PackedChatSampler, packed_eval_batches
+from flyer.data.chat_pack import PACKED_TENSORS
 from flyer.data.sampler import TEXT_TENSORS
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats, dispatcher_factory
@@ -51,10 +50,11 @@ from flyer.parallel.pipeline import (PipelineModel, check_indexer_stages, held_m
                                      require_torch_for, validate_pipeline)
 from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
+from flyer.train.dpo import DpoObjective, freeze_mtp
 from flyer.train.expert_stats import expert_loads, router_stats
 from flyer.train.config import TrainConfig, carried_settings, check_resume_settings, lr_at, tokenizer_settings
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
-from flyer.train.batches import counts, draw, positions_run
+from flyer.train.batches import counts, draw, positions_run, prepare_run_data, samplers
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, progress_postfix,
                                  read_metrics, require_tensorboard, truncate_metrics)
@@ -196,10 +196,7 @@ class Trainer:
 
         vocab = tc.vocab_size or (min(base.vocab_size, 8192) if tc.tokenizer is None else base.vocab_size)
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
-        chat = is_chat_data(tc.data)  # conversations: the loss on the assistant's tokens (flyer.data.chat_data)
-        self.data = (prepare_chat(tc.data, cache, *chat_tokenizer(tc.init, tc.tokenizer), tc.chat_template_kwargs)
-                     if chat else prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer,
-                                               fim_rate=tc.fim_rate, seed=tc.seed))
+        self.data = prepare_run_data(tc, cache, vocab, init_tok)
         if self.rank0:  # a tiktoken source's files stand for the tokenizer only where they build it
             self.settings = tokenizer_settings(self.settings, self.data.tokenizer, self.log)
         if init_cfg and self.data.vocab_size > init_cfg.vocab_size:
@@ -209,15 +206,7 @@ class Trainer:
                                              max_seq_len=max(base.max_seq_len, tc.seq_len))
         self.cfg.validate()
         self._require_memory()
-        # Each data-parallel replica draws its own sample stream (seed, replica), every stage of its
-        # pipeline the same one; deterministic on resume.
-        sampler, batches = (ChatSampler, chat_eval_batches) if chat else (BatchSampler, eval_batches)
-        trim = {"trim": tc.pp == 1} if chat else {}  # chat rows as wide as their batch needs; a pipeline's: seq_len
-        if tc.pack:  # several conversations per seq_len-wide row (flyer.data.chat_pack)
-            (sampler, batches), trim = (PackedChatSampler, packed_eval_batches), {}
-        self.sampler = sampler(self.data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + self.mesh.dp_rank,
-                               **trim)
-        self.eval_data = batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_batches, **trim)
+        self.sampler, self.eval_data = samplers(tc, self.data, self.mesh.dp_rank)
         if getattr(self.sampler, "cut", 0):
             self.log(f"{self.sampler.cut} of {self.data.train.n_conversations} training conversations are longer "
                      f"than seq_len+1 = {tc.seq_len + 1} tokens: their rows keep the first {tc.seq_len + 1}")
@@ -232,6 +221,12 @@ class Trainer:
         if tc.init and start is None:  # a resumed run has its own weights
             load_init_weights(self.model, tc.init)
         set_indexer_training(self.model, tc.indexer_train)  # before the optimizer: warm-up freezes the rest
+        self.dpo: DpoObjective | None = None
+        if tc.dpo:  # the frozen reference, init's weights again (a resumed run's too); MTP untrained (flyer.train.dpo)
+            freeze_mtp(self.model)
+            reference = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, fp4=tc.fp4_experts)
+            load_init_weights(reference, tc.init)
+            self.dpo = DpoObjective(reference, tc.dpo_beta)
         self.optimizer = build_optimizer(self.model, tc, self.mesh)
         self.memory_written = False  # memory.json: after the first optimizer step
         self.flops_per_token = functools.cache(functools.partial(model_flops_per_token, self.cfg))  # of a row width
@@ -407,6 +402,9 @@ class Trainer:
         packed rows: their conversations' positions) and their training ``flops`` (attention's at each micro-batch's
         width; packed: at each conversation's length)."""
         tc = self.tc
+        if self.dpo is not None:  # preference pairs: the DPO loss (flyer.train.dpo)
+            return self.dpo.step(self.model, draw(self.sampler, tc.grad_accum), self.mesh, self._autocast,
+                                 self.flops_per_token)
         sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         if tc.indexer_train != "off":
             sums["indexer_loss"] = 0.0  # the indexers' L_I, their mean (each trains on its own: summed in loss)
@@ -482,7 +480,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token (main) loss over the validation batches, averaged over ranks."""
+        """Mean next-token (main) loss over the validation batches, averaged over ranks (DPO: the DPO loss)."""
+        if self.dpo is not None:
+            return self.dpo.evaluate(self.model, self.eval_data, self.mesh, self._autocast)
         self.model.eval()
         total, count = 0.0, 0  # weighted by each batch's trained targets (chat data: assistant tokens)
         for x, y, *docs in self.eval_data:  # packed rows: their document ids too

@@ -1,0 +1,115 @@
+"""Direct Preference Optimization (Rafailov et al. 2023, the sigmoid loss): ``flyer train --init PATH --data
+prefs.jsonl --dpo`` (pairs: ``flyer.data.pref_data``).
+
+For each pair, the summed log-probability of the chosen completion's trained tokens and of the rejected one's under
+the policy (pc, pr: the model trained) and under a frozen reference (rc, rr: a second copy of the init weights, in
+eval mode, no gradients, at the run's precision); loss = -logsigmoid(beta ((pc - rc) - (pr - rr))), its mean over
+the job's pairs (every replica draws as many pairs, so the mean of the replicas' means). The rewards are
+beta (pc - rc) and beta (pr - rr); accuracy the share of pairs whose chosen reward is the larger, margin their mean
+difference.
+
+MTP modules are not trained (their parameters are frozen: the DPO loss is the main head's alone); the sequence
+balance loss is added as SFT adds it and the routers' bias update runs on the policy's routed tokens (padding not
+counted), so a DPO step balances experts as an SFT step does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flyer.data.chat_data import IGNORE_INDEX
+from flyer.model.moe import counting_only, moe_layers
+from flyer.train.batches import positions_run
+
+DPO_FIELDS = ("dpo_loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
+
+
+def completion_logprobs(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor) -> torch.Tensor:
+    """(B,) FP32: row b's summed log-probability of its targets ``y_BT[b, t]`` (those not ``IGNORE_INDEX``) after
+    ``x_BT[b, :t + 1]`` (padding, ids < 0, fed as token 0), under ``model``'s main head. Only the trained positions'
+    logits are made ((N, V), FP32, as ``Transformer.forward``'s)."""
+    keep = y_BT != IGNORE_INDEX
+    h = model.norm(model.hidden(x_BT.clamp(min=0)))[keep]  # (N, D), row-major: rows' positions in order
+    logp = torch.log_softmax(model.head(h).float(), dim=-1).gather(1, y_BT[keep][:, None])[:, 0]
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(x_BT.shape[0], dtype=torch.float32, device=x_BT.device).index_add(0, rows, logp)
+
+
+def dpo_terms(policy_B: torch.Tensor, reference_B: torch.Tensor,
+              beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per pair (P,), chosen rewards (P,), rejected rewards (P,)) of rows' summed log-probabilities (B = 2P,
+    row 2p pair p's chosen, 2p + 1 its rejected) under the policy and the reference."""
+    chosen = beta * (policy_B[0::2] - reference_B[0::2])
+    rejected = beta * (policy_B[1::2] - reference_B[1::2])
+    return -F.logsigmoid(chosen - rejected), chosen, rejected
+
+
+def freeze_mtp(model: nn.Module) -> None:
+    """Freeze ``model``'s MTP modules' own parameters (not those they share with the main model: embedding, head),
+    so neither their gradients (none) nor the optimizer (weight decay) move them during DPO."""
+    main = {id(p) for name, p in model.named_parameters() if not name.startswith("mtp.")}
+    for p in getattr(model, "mtp", nn.ModuleList()).parameters():
+        if id(p) not in main:
+            p.requires_grad_(False)
+
+
+class DpoObjective:
+    """The DPO loss of a policy against ``reference`` (frozen here: eval mode, no gradients), ``beta`` its
+    temperature. ``step`` trains on micro-batches of pairs, ``evaluate`` gives the validation loss."""
+
+    def __init__(self, reference: nn.Module, beta: float):
+        self.reference = reference.eval().requires_grad_(False)
+        self.beta = beta
+
+    def _pairs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """(loss per pair, chosen rewards, rejected rewards, balance loss or None) of one batch of rows."""
+        with torch.no_grad():
+            reference = completion_logprobs(self.reference, x, y)
+        for m in moe_layers(model):
+            m.aux_loss = None  # set again by this forward's routed layers (MTP's run none)
+        valid = x >= 0
+        with counting_only(model, None if bool(valid.all()) else valid):  # padding moves no routing statistic
+            policy = completion_logprobs(model, x, y)
+        aux = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None] if model.training else []
+        return (*dpo_terms(policy, reference, self.beta), torch.stack(aux).sum() if aux else None)
+
+    def step(self, model: nn.Module, batches, mesh, autocast, flops_per_token) -> dict[str, float]:
+        """Forward and backward of ``batches`` (``grad_accum`` micro-batches of pairs, as ``batches.draw`` gives
+        them), gradients synced; the job's loss (DPO plus the balance loss), ``DPO_FIELDS`` and aux_loss (means over
+        the job's pairs), and its ``tokens`` and training ``flops`` (the policy's; the reference's forward on top)."""
+        n = len(batches)
+        sums = dict.fromkeys(("loss", "aux_loss", *DPO_FIELDS), 0.0)
+        device = next(model.parameters()).device
+        for x, y, _ in batches:
+            with autocast():
+                losses, chosen, rejected, aux = self._pairs(model, x.to(device), y.to(device))
+            loss = losses.mean() / n
+            if aux is not None:
+                loss = loss + aux / n
+                sums["aux_loss"] += aux.item() / n
+            loss.backward()
+            sums["loss"] += loss.item()
+            sums["dpo_loss"] += losses.mean().item() / n
+            sums["rewards_chosen"] += chosen.mean().item() / n
+            sums["rewards_rejected"] += rejected.mean().item() / n
+            sums["reward_accuracy"] += (chosen > rejected).float().mean().item() / n
+            sums["reward_margin"] += (chosen - rejected).mean().item() / n
+        mesh.sync_gradients(model)
+        tokens, flops = positions_run(batches, flops_per_token)
+        sums = mesh.mean({**sums, "tokens": tokens, "flops": flops})
+        return {**sums, "tokens": sums["tokens"] * mesh.world, "flops": sums["flops"] * mesh.world}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, eval_data, mesh, autocast) -> float:
+        """The DPO loss's mean over the validation pairs (``pair_eval_batches``), averaged over ranks."""
+        model.eval()
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for x, y in eval_data:
+            with autocast():
+                losses = self._pairs(model, x.to(device), y.to(device))[0]
+            total, count = total + float(losses.sum()), count + len(losses)
+        model.train()
+        return mesh.mean({"v": total / count})["v"]

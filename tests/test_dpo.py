@@ -1,0 +1,311 @@
+"""Direct Preference Optimization (``flyer train --init DIR --data prefs.jsonl --dpo``, ``flyer.train.dpo``,
+``flyer.data.pref_data``): the completions' ids and mask as transformers' chat template gives them, the step-1
+log-probabilities and gradient and the step-2 loss as a plain torch DPO on transformers' own model computes them,
+the reference fixed, data-parallel ranks equal to one process, an exact resume, and one-line refusals. Tiny random
+Llama (dense: no balance loss in the oracle), FP32, CPU."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flyer.cli import main
+from flyer.data.chat_data import IGNORE_INDEX, chat_rows, chat_tokenizer
+from flyer.data.pref_data import pair_samples
+from flyer.interop.export import export_model
+from flyer.interop.hf import load_hf
+from flyer.train import checkpoint as ckpt
+from flyer.train.config import TrainConfig
+from flyer.train.dpo import completion_logprobs
+from flyer.train.trainer import Trainer
+from tests.bounds import FP32_U
+from tests.hf_models import add_mtp_layer, build
+from tests.ranks import run_ranks
+from tests.test_rope_scaling import logit_tolerance
+from tests.test_sft import TEMPLATE
+
+WORDS = "the quick brown fox jumps over the lazy dog hello world flyer reads checkpoints".split()
+BETA = 0.5
+
+
+def pair(i: int) -> dict:
+    """Pair i: conversational (a system turn, or an earlier assistant turn as context) or, every fourth, plain text."""
+    w = lambda k, o=0: " ".join(WORDS[(i + o + j) % len(WORDS)] for j in range(k))  # noqa: E731
+    if i % 4 == 3:
+        return {"prompt": w(3), "chosen": w(2 + i % 3, 1), "rejected": w(1 + i % 4, 5)}
+    prompt = [{"role": "user", "content": w(4)}]
+    if i % 4 == 1:
+        prompt = [{"role": "system", "content": w(2, 3)}, *prompt]
+    if i % 4 == 2:
+        prompt = [*prompt, {"role": "assistant", "content": w(2, 4)}, {"role": "user", "content": w(3, 6)}]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": w(3, 2)}],
+            "rejected": [{"role": "assistant", "content": w(2 + i % 5, 7)}]}
+
+
+PAIRS = [pair(i) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """A tiny Llama directory whose tokenizer has TEMPLATE, and a prefs.jsonl of PAIRS."""
+    path = tmp_path_factory.mktemp("llama")
+    build("llama", path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": TEMPLATE}))
+    prefs = path.parent / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    return path, prefs
+
+
+def _trainer(hf, out, **kw) -> Trainer:
+    path, prefs = hf
+    tc = TrainConfig(init=str(path), data=str(prefs), dpo=True, out=str(out), **{"seq_len": 96, "batch_size": 4, **kw},
+                     dpo_beta=BETA, lr=3e-2, warmup=0, schedule="constant", clip=1e9, precision="fp32", device="cpu",
+                     threads=1, plots=False, progress=False)
+    return Trainer(tc, log=lambda m: None)
+
+
+def _messages(p: dict, key: str) -> list[dict]:
+    as_list = lambda v, role: [{"role": role, "content": v}] if isinstance(v, str) else v  # noqa: E731
+    return as_list(p["prompt"], "user") + as_list(p[key], "assistant")
+
+
+def test_ids_and_completion_mask_equal_transformers(hf):
+    """prompt+chosen and prompt+rejected: transformers' ids, and its assistant mask on the completion's turn (the
+    prompt's assistant turn is context, unmasked); training pairs in file order, the 20th and 40th held out."""
+    path, _ = hf
+    ref = AutoTokenizer.from_pretrained(path)
+    t = _trainer(hf, path.parent / "ids")
+    assert (t.data.train.n_pairs, t.data.val.n_pairs) == (38, 2) and t.data.val.lines.tolist() == [20, 40]
+    order = [i for i in range(40) if i % 20 != 19]
+    for s in range(2 * 38):
+        p, key = PAIRS[order[s // 2]], ("chosen", "rejected")[s % 2]
+        ids, mask = t.data.train.samples.conversation(s)
+        want = ref.apply_chat_template(_messages(p, key), tokenize=True, return_dict=True,
+                                       return_assistant_tokens_mask=True)
+        prompt_len = len(ref.apply_chat_template(_messages(p, key)[:-1], tokenize=True, add_generation_prompt=True,
+                                                 return_dict=True)["input_ids"])
+        assert ids.tolist() == list(want["input_ids"]), s
+        assert mask.tolist() == [m if j >= prompt_len else 0 for j, m in enumerate(want["assistant_masks"])], s
+        assert sum(mask) > 0 and (order[s // 2] % 4 != 2 or sum(want["assistant_masks"]) > sum(mask))
+    t.close()
+
+
+def _hf_logprobs(model, samples, data) -> torch.Tensor:
+    """Each sample's summed log-probability of its completion tokens, transformers' logits -> log-softmax -> gather
+    at the mask (plain torch)."""
+    out = []
+    for s in samples:
+        ids, mask = (torch.from_numpy(a.astype("int64")) for a in data.conversation(int(s)))
+        logp = torch.log_softmax(model(ids[None]).logits[0, :-1].float(), -1).gather(1, ids[1:, None])[:, 0]
+        out.append((logp * mask[1:]).sum())
+    return torch.stack(out)
+
+
+def _dpo(pol: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return -F.logsigmoid(BETA * ((pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2]))).mean()
+
+
+def test_steps_equal_plain_dpo_on_transformers(hf, tmp_path):
+    """Step 1: each row's completion log-probability (policy and reference) is transformers' within the bound of
+    its logits; the loss is ln 2 (policy = reference) and the gradient (its norm, the embedding's and head's) that
+    of a plain torch DPO on transformers' model with autograd. Step 2: the reference's log-probabilities are
+    step 1's, bit for bit, and the loss is the plain DPO of transformers' model loaded from the step-1 weights
+    (exported) against the original."""
+    path, _ = hf
+    t = _trainer(hf, tmp_path / "run")
+    cfg, data = t.cfg, t.data.train.samples
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    grads = {}
+    step = t.optimizer.step
+
+    def capture(*a, **k):  # the step's gradients, as the optimizer gets them (clip 1e9: unclipped)
+        grads.update({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+        return step(*a, **k)
+
+    t.optimizer.step = capture
+    samples = [t.sampler.conversations(n) for n in (0, 1)]
+    x, y = t.sampler.next_batch()
+    t.sampler.position = 0
+    with torch.no_grad():
+        ref1 = completion_logprobs(t.dpo.reference, x, y)
+        want_ref = _hf_logprobs(hf_model, samples[0], data)
+    rec1 = t.train_step()
+    T, V = x.shape[1] + 1, cfg.vocab_size
+    n_tok = (y != IGNORE_INDEX).sum(1).double()
+    # a log-softmax entry moves by at most twice the largest logit error, plus the V-term sum's rounding
+    with torch.no_grad():
+        logit_max = float(hf_model(torch.from_numpy(data.ids[:T])[None]).logits.abs().max())
+    logit_err = logit_tolerance(cfg, T) * logit_max
+    lp_tol = n_tok * (2 * logit_err + (V + 8) * FP32_U * want_ref.abs().max() / n_tok.clamp(min=1))
+    assert ((ref1.double() - want_ref.double()).abs() <= lp_tol).all()
+    assert rec1["dpo_loss"] == pytest.approx(math.log(2), abs=4 * FP32_U) and rec1["reward_margin"] == 0.0
+
+    hf_model.zero_grad()
+    loss = _dpo(_hf_logprobs(hf_model, samples[0], data), want_ref)
+    loss.backward()
+    hf_grads = {n: p.grad for n, p in hf_model.named_parameters() if p.grad is not None}
+    hf_norm = float(torch.stack([g.norm() for g in hf_grads.values()]).norm())
+    # first order: each gradient entry sums the rows' terms, each off by the logits' relative error (reordered sums:
+    # c per layer and width, as tests/test_sft.py's reorder bound)
+    c = logit_tolerance(cfg, T) + (cfg.n_layers * (cfg.dim + cfg.inter_dim + T) + 4 * T + 8) * FP32_U
+    assert abs(rec1["grad_norm"] - hf_norm) <= 4 * c * hf_norm
+    for mine, theirs in (("embed.weight", "model.embed_tokens.weight"), ("head.weight", "lm_head.weight")):
+        g, h = grads[mine], hf_grads[theirs]
+        assert float((g - h).norm()) <= 4 * c * float(h.norm()) and float(h.norm()) > 0, mine
+
+    x2, y2 = t.sampler.next_batch()
+    t.sampler.position = 1
+    export_model(t.model, chat_tokenizer(str(path), None)[0], tmp_path / "step1", dtype="fp32", source=path)
+    rec2 = t.train_step()
+    with torch.no_grad():
+        assert torch.equal(completion_logprobs(t.dpo.reference, x, y), ref1)  # the reference stays fixed
+        policy = AutoModelForCausalLM.from_pretrained(tmp_path / "step1", dtype=torch.float32)
+        pol2, ref2 = _hf_logprobs(policy, samples[1], data), _hf_logprobs(hf_model, samples[1], data)
+        want2 = float(_dpo(pol2, ref2))
+    n2 = float((y2 != IGNORE_INDEX).sum(1).max())
+    # the loss moves by at most beta (its derivative in each log-probability difference) times the four rows' errors
+    tol = BETA * 4 * n2 * (2 * logit_err + (V + 8) * FP32_U * float(ref2.abs().max()))
+    assert abs(rec2["dpo_loss"] - want2) <= tol and abs(want2 - math.log(2)) > tol  # not step 1's ln 2
+    assert rec2["rewards_chosen"] == pytest.approx(float(BETA * (pol2[0::2] - ref2[0::2]).mean()), abs=tol)
+    t.close()
+
+
+def _rank_step(rank: int, hf_dir: str, prefs: str, out: str, halves: list[list[int]]) -> dict:
+    """One DPO step's loss, gradients and rewards: rank ``rank`` of 2 data-parallel ranks on pairs ``halves[rank]``,
+    or one process (no torchrun) on both halves."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    pairs = halves[rank] if world > 1 else halves[0] + halves[1]
+    t = _trainer((Path(hf_dir), prefs), f"{out}/w{world}r{rank}", batch_size=len(pairs), collective_timeout_s=120)
+    t.sampler.next_batch = iter([chat_rows(t.data.train.samples, pair_samples(pairs), 96, trim=True)]).__next__
+    rec = t._local_step()
+    result = {"loss": rec["dpo_loss"], "margin": rec["reward_margin"],
+              "grads": {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}}
+    t.close()
+    t.mesh.destroy()
+    return result
+
+
+def test_moe_step_updates_router_biases_and_leaves_mtp_alone(hf, tmp_path):
+    """A DeepSeek-V3 policy with an MTP module: a DPO step adds the sequence balance loss and moves the routers'
+    biases (the policy's, not the reference's); the MTP module's own weights get no gradient and stay as loaded."""
+    _, prefs = hf
+    path = tmp_path / "v3"
+    ref = build("v3", path)
+    add_mtp_layer(ref, path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+    tok = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**tok, "chat_template": TEMPLATE}))
+    t = _trainer((path, prefs), tmp_path / "run")
+    assert t.cfg.mtp_depth == 1
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if n.startswith("mtp.")}
+    main_before = t.model.embed.weight.detach().clone()
+    bias = lambda m: torch.cat([b for n, b in m.named_buffers() if n.endswith("gate.bias")])  # noqa: E731
+    b0 = bias(t.model)
+    assert len(b0) and torch.equal(b0, bias(t.dpo.reference))
+    rec = t.train_step()
+    assert rec["aux_loss"] > 0 and rec["loss"] == pytest.approx(rec["dpo_loss"] + rec["aux_loss"], rel=1e-6)
+    assert not torch.equal(bias(t.model), b0) and torch.equal(bias(t.dpo.reference), b0)
+    assert not torch.equal(t.model.embed.weight, main_before)  # shared with the MTP module: trained
+    for n, p in t.model.named_parameters():
+        if n in before and p is not t.model.embed.weight and p is not t.model.head.weight:
+            # frozen too: a data-parallel sync gives a parameter without a gradient zeros, which weight decay moves
+            assert torch.equal(p, before[n]) and p.grad is None and not p.requires_grad, n
+    t.close()
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_equal_one_process(hf, tmp_path):
+    """Two data-parallel ranks (gloo), each on 2 pairs of unlike lengths, give the loss and gradients of one process
+    on all 4 (the mean over the job's pairs), within the reordering bound of the step-1 gradient test."""
+    path, prefs = hf
+    halves = [[0, 2], [5, 3]]
+    ranks = run_ranks(_rank_step, 2, str(path), str(prefs), str(tmp_path), halves)
+    whole = _rank_step(0, str(path), str(prefs), str(tmp_path), halves)
+    cfg = load_hf(path)[1]
+    c = (cfg.n_layers * (cfg.dim + cfg.inter_dim + 97) + 4 * 97 + 8) * FP32_U
+    assert ranks[0]["loss"] == ranks[1]["loss"] and abs(ranks[0]["loss"] - whole["loss"]) <= c
+    for n, g in whole["grads"].items():
+        assert float((ranks[0]["grads"][n] - g).norm()) <= 4 * c * float(g.norm()) + 1e-30, n
+        assert torch.equal(ranks[0]["grads"][n], ranks[1]["grads"][n]), n
+    half = _rank_step(1, str(path), str(prefs), str(tmp_path / "half"), [[0, 2], [0, 2]])  # one rank's pairs alone
+    assert max(float((half["grads"][n] - g).norm() / g.norm()) for n, g in whole["grads"].items()) > 100 * c
+
+
+def _train_args(hf, out, steps, *extra):
+    path, prefs = hf
+    return ["train", "--init", str(path), "--data", str(prefs), "--dpo", "--dpo-beta", str(BETA), "--steps",
+            str(steps), "--batch-size", "2", "--seq-len", "96", "--grad-accum", "2", "--lr", "1e-2", "--eval-batches",
+            "1", "--eval-every", "1", "--ckpt-every", "1", "--out", str(out), "--no-plots", "--no-progress",
+            "--threads", "1", "--device", "cpu", "--precision", "fp32", *extra]
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").open()]
+
+
+def test_cli_run_resumes_exactly_and_records_dpo(hf, tmp_path, capsys):
+    """``flyer train --dpo``: 3 steps straight equal 2 steps then a resumed third (every DPO field and the validation
+    loss); the checkpoint's config says dpo; resuming with another init (another reference) is refused."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(_train_args(hf, whole, 3)) == 0
+    assert main(_train_args(hf, cut, 2)) == 0
+    assert main(_train_args(hf, cut, 3, "--resume")) == 0
+    keys = ("step", "loss", "dpo_loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin",
+            "grad_norm", "val_loss")
+    strip = lambda rs: [{k: r[k] for k in keys} for r in rs]  # noqa: E731
+    assert strip(_records(whole)) == strip(_records(cut)) and len(_records(whole)) == 3
+    assert _records(whole)[0]["dpo_loss"] == pytest.approx(math.log(2)) and _records(whole)[2]["reward_margin"] != 0
+    state = ckpt.saved_state(ckpt.newest_valid_checkpoint(whole / "checkpoints")[0])
+    assert state["train_config"]["dpo"] is True and state["train_config"]["dpo_beta"] == BETA
+    other = tmp_path / "other"
+    build("llama", other, seed=1)
+    argv = _train_args(hf, cut, 4, "--resume")
+    argv[argv.index("--init") + 1] = str(other)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flyer: error: --init: ") and "differs from the run's init" in err[0]
+
+
+@pytest.mark.parametrize("line, words", [
+    ("not json", "not valid JSON"),
+    ('{"prompt": "hi", "chosen": "a"}', "rejected: missing"),
+    ('{"prompt": "hi", "chosen": "", "rejected": "b"}', "chosen: empty completion"),
+    ('{"prompt": "hi", "chosen": "a", "rejected": []}', "rejected: expected a string or a non-empty list"),
+    ('{"prompt": [{"role": "user", "content": 3}], "chosen": "a", "rejected": "b"}', "prompt[0]: expected an object"),
+    ('{"prompt": "hi", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}', "chosen: empty completion"),
+    ('{"prompt": "hi", "chosen": "a", "rejected": "b", "tools": 3}', "tools: expected a list"),
+    ('{"prompt": "' + " ".join(WORDS * 8) + '", "chosen": "a", "rejected": "b"}', "more than seq_len+1 = 97"),
+])
+def test_bad_lines_are_one_line_errors_naming_file_and_line(hf, tmp_path, capsys, line, words):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(p) + "\n" for p in PAIRS[:3]) + "\n" + line + "\n")
+    argv = _train_args(hf, tmp_path / "run", 1)
+    argv[argv.index("--data") + 1] = str(bad)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"flyer: error: {bad}:5: ") and words in err[0], err
+
+
+@pytest.mark.parametrize("drop, add, words", [
+    ("--init", (), "--dpo: needs init"),
+    (None, ("--pack",), "--pack: is not supported with dpo"),
+    (None, ("--dpo-beta", "-1"), "--dpo-beta: must be"),
+])
+def test_unsupported_settings_are_refused(hf, tmp_path, capsys, drop, add, words):
+    argv = _train_args(hf, tmp_path / "run", 1, *add)
+    if drop:
+        i = argv.index(drop)
+        del argv[i:i + 2]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"flyer: error: {words}"), err
