@@ -17,12 +17,10 @@ from flyer.interop.export import export
 from flyer.interop.hf import load_hf
 from flyer.interop.hf_config_quant import compressed_scheme
 from flyer.interop.nvfp4_pack import NVFP4_IGNORE, nvfp4_config, nvfp4_items, quantize_nvfp4
-from tests.hf_models import FAMILIES, VOCAB, build
-from tests.test_hf_compressed import transformers_decompressed
+from tests.hf_models import FAMILIES, build
+from tests.test_hf_compressed import assert_logits_match, transformers_decompressed
 from tests.test_hf_compressed_groups import library_groups, module_tree
-from tests.test_hf_mistral4 import logit_tolerance
 from tests.test_hf_nvfp4 import library_config, library_nvfp4
-from tests.test_qwen3 import rel
 
 pytest.importorskip("compressed_tensors")  # the oracle: pyproject's test extra
 
@@ -101,10 +99,7 @@ def test_export_logits_equal_transformers(tmp_path):
     model, cfg, _ = load_hf(tmp_path / "out", dtype=torch.bfloat16)
     model.float()
     ref = transformers_decompressed(tmp_path / "out", FAMILIES["llama"][0])
-    T = 24
-    x = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert rel(model(x), ref(x).logits) <= logit_tolerance(cfg, T)
+    assert_logits_match(model, ref, cfg)
 
 
 def test_what_nvfp4_cannot_write_is_one_line(tmp_path, capsys):

@@ -153,6 +153,14 @@ def test_weights_equal_the_librarys_decompression(tmp_path, combo):
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in got)
 
 
+def assert_logits_match(model, ref, cfg, T: int = 24) -> None:
+    """flyer's ``model`` and transformers' ``ref`` (both computing in FP32) on the same random 2 x ``T`` tokens:
+    logits within ``logit_tolerance``."""
+    x = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel(model(x), ref(x).logits) <= logit_tolerance(cfg, T)
+
+
 def transformers_decompressed(path, cls):
     """transformers' model of ``path`` decompressed by compressed-tensors as it loads (``run_compressed`` off: plain
     weights in the scales' BF16, none left compressed), then upcast (exact) so it computes in FP32."""
@@ -173,10 +181,7 @@ def test_logits_equal_transformers(tmp_path, combo, family):
     want = build(tmp_path, combo, family)
     model, cfg, _ = load_hf(tmp_path, dtype=torch.float32)
     ref = transformers_decompressed(tmp_path, FAMILIES[family][0])
-    T = 24
-    x = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert rel(model(x), ref(x).logits) <= logit_tolerance(cfg, T)
+    assert_logits_match(model, ref, cfg)
     name = "model.layers.1.self_attn.o_proj.weight"
     assert torch.equal(ref.state_dict()[name], want[name].float())
 

@@ -17,10 +17,9 @@ from flyer.interop.export import export
 from flyer.interop.hf import load_hf, quant_scheme
 from flyer.interop.hf_config_quant import NVFP4_GROUP, modelopt_config
 from flyer.interop.nvfp4 import decode_nvfp4
-from tests.hf_models import _COMMON, FAMILIES, VOCAB, plain_twin, save_bf16
-from tests.test_hf_compressed import transformers_decompressed
-from tests.test_hf_mistral4 import logit_tolerance
-from tests.test_qwen3 import _config_error, rel
+from tests.hf_models import _COMMON, FAMILIES, plain_twin, save_bf16
+from tests.test_hf_compressed import assert_logits_match, transformers_decompressed
+from tests.test_qwen3 import _config_error
 
 pytest.importorskip("compressed_tensors")  # the oracle: pyproject's test extra
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
@@ -107,7 +106,7 @@ def test_decode_refuses_inconsistent_tensors(bad, problem):
 
 
 @pytest.mark.parametrize("q, field", [
-    ({"quant_algo": "FP8"}, "quant_algo"),
+    ({"quant_algo": "W4A8_AWQ"}, "quant_algo"),
     ({"quant_algo": "NVFP4", "group_size": 32}, "group_size"),
     ({"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8"}, "kv_cache_quant_algo"),
     ({"quant_algo": "NVFP4", "exclude_modules": "lm_head"}, "exclude_modules"),
@@ -168,6 +167,17 @@ def build(path, layout: str, family: str = "v3", w4a4: bool = False) -> dict[str
     return want
 
 
+def to_hf_quant_config(path) -> None:
+    """Move a ModelOpt directory's ``quantization_config`` out of config.json into an hf_quant_config.json, where
+    NVIDIA's first FP4 and FP8 releases carry it alone."""
+    d = json.loads((path / "config.json").read_text())
+    q = d.pop("quantization_config")
+    (path / "config.json").write_text(json.dumps(d))
+    (path / "hf_quant_config.json").write_text(json.dumps({
+        "producer": {"name": "modelopt", "version": "0.23.0"},
+        "quantization": {k: v for k, v in q.items() if k != "quant_method"}}))
+
+
 @pytest.mark.parametrize("family, w4a4", [("v3", False), ("v3", True), ("qwen3_moe", False)])
 def test_compressed_tensors_model_holds_the_librarys_decompression(tmp_path, family, w4a4):
     """Every NVFP4 linear of a DeepseekV3 (MLA, dense MLP, shared and routed experts) or Qwen3-MoE, weight-only or
@@ -188,12 +198,7 @@ def test_modelopt_model_runs_as_transformers_on_the_decoded_weights(tmp_path, in
     within ``logit_tolerance`` of transformers' model of a plain twin holding the format's values."""
     want = build(tmp_path / "q", MODELOPT, w4a4=True)
     if not in_config:
-        d = json.loads((tmp_path / "q" / "config.json").read_text())
-        q = d.pop("quantization_config")
-        (tmp_path / "q" / "config.json").write_text(json.dumps(d))
-        (tmp_path / "q" / "hf_quant_config.json").write_text(json.dumps({
-            "producer": {"name": "modelopt", "version": "0.23.0"},
-            "quantization": {k: v for k, v in q.items() if k != "quant_method"}}))
+        to_hf_quant_config(tmp_path / "q")
     files = load_file(str(tmp_path / "q" / "model.safetensors"))
     exact = {k: torch.tensor(modelopt_reference(files[k], files[k[:-len("weight")] + "weight_scale"],
                                                 float(files[k[:-len("weight")] + "weight_scale_2"])),
@@ -205,10 +210,7 @@ def test_modelopt_model_runs_as_transformers_on_the_decoded_weights(tmp_path, in
     for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert ((a.double() - b.double()).abs() <= (2 * u + u * u) * 2 * b.double().abs()).all(), k
     ref = FAMILIES["v3"][0].from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
-    T = 24
-    x = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert rel(model(x), ref(x).logits) <= logit_tolerance(cfg, T)
+    assert_logits_match(model, ref, cfg)
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")  # run_compressed off, as asked
@@ -221,10 +223,7 @@ def test_compressed_tensors_logits_equal_transformers(tmp_path):
     ref = transformers_decompressed(tmp_path, FAMILIES["llama"][0])
     name = "model.layers.1.self_attn.o_proj.weight"
     assert torch.equal(ref.state_dict()[name], want[name].bfloat16().float())
-    T = 24
-    x = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert rel(model(x), ref(x).logits) <= logit_tolerance(cfg, T)
+    assert_logits_match(model, ref, cfg)
 
 
 def _nvfp4_group(**weights) -> dict:
@@ -240,11 +239,11 @@ def _nvfp4_group(**weights) -> dict:
     ({**_nvfp4_group(), "config_groups": {"group_0": {**_nvfp4_group()["config_groups"]["group_0"],
                                                       "input_activations": {"num_bits": 8, "type": "int"}}}},
      "config_groups.group_0.input_activations.num_bits"),
-    ({"quant_method": "modelopt", "quant_algo": "FP8"}, "quant_algo"),
+    ({"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}, "quant_algo"),
 ])
 def test_config_refusals_name_the_field(tmp_path, capsys, q, field):
     """One line naming the field, exit 2: NVFP4 arguments other than the format's, integer activations beside NVFP4
-    weights (only NVFP4's own W4A4 runs, as W4A16), ModelOpt algorithms other than NVFP4."""
+    weights (only NVFP4's own W4A4 runs, as W4A16), ModelOpt algorithms other than NVFP4 and FP8."""
     d = json.loads(json.dumps({**_COMMON, "model_type": "llama", "quantization_config": q}))
     _config_error(tmp_path, capsys, d, f"quantization_config.{field}")
 

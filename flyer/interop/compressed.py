@@ -1,7 +1,9 @@
-"""compressed-tensors' weight-only integer and NVFP4 checkpoints (``hf_config_quant.CompressedConfig``: each quantized
-module in the scheme of the config group that targets it), decoded as they load, exactly as compressed-tensors 0.20
-decompresses them. NVFP4 ("nvfp4-pack-quantized": ``<stem>.weight_packed`` uint8, ``.weight_scale`` FP8,
-``.weight_global_scale``) is ``flyer.interop.nvfp4``'s; the rest of this docstring is the integer formats'.
+"""compressed-tensors' weight-only integer, FP8 and NVFP4 checkpoints (``hf_config_quant.CompressedConfig``: each
+quantized module in the scheme of the config group that targets it), decoded as they load, exactly as
+compressed-tensors 0.20 decompresses them. NVFP4 ("nvfp4-pack-quantized": ``<stem>.weight_packed`` uint8,
+``.weight_scale`` FP8, ``.weight_global_scale``) is ``flyer.interop.nvfp4``'s, FP8 weights ("float-quantized":
+``<stem>.weight`` float8_e4m3fn, ``.weight_scale`` per tensor, row or block) ``flyer.interop.fp8_scaled``'s; the
+rest of this docstring is the integer formats'.
 
 A quantized linear ``<stem>`` (R output rows, C input columns; G scales a row: C / group_size, or 1 for strategy
 "channel") is stored instead of ``<stem>.weight`` as:
@@ -36,6 +38,7 @@ import torch
 from flyer.errors import CheckpointError
 from flyer.interop.hf_config_quant import (EMBEDDING, LINEAR, NVFP4, NVFP4_GROUP, PACK_QUANTIZED, PACKED_FORMATS,
                                            CompressedConfig, CompressedScheme)
+from flyer.interop.fp8_scaled import CODES, decode_fp8, fits, held_fp8, scale_grid
 from flyer.interop.nvfp4 import decode_nvfp4
 from flyer.interop.tensorfile import TensorFile, header
 
@@ -43,6 +46,7 @@ PACKED, SCALE, SHAPE, ZERO, G_IDX = ".weight_packed", ".weight_scale", ".weight_
     ".weight_g_idx"
 GLOBAL = ".weight_global_scale"  # NVFP4's: the reciprocal of the weight's tensor scale
 INPUT_GLOBAL = ".input_global_scale"  # NVFP4 W4A4's activations' global scale: not read (flyer runs it as W4A16)
+INPUT_SCALE = ".input_scale"  # static FP8 activations' scale (W8A8): not read (flyer runs it as W8A16)
 WEIGHT = ".weight"
 WORD_BITS = 32
 PARTS = (PACKED, SCALE, SHAPE, ZERO, G_IDX, GLOBAL)  # a stem's tensors besides an int8 format's .weight
@@ -113,6 +117,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None =
     return (v * s.to(compute)).to(scale.dtype).flatten(1).to(out_dtype)
 
 
+def fp8_block(scheme: CompressedScheme, rows: int, cols: int) -> tuple[int, int]:
+    """The (rows, columns) block of an (R, C) FP8 weight of ``scheme`` one scale covers (``scheme.fp8``'s 0: the
+    whole dimension)."""
+    return scheme.fp8[0] or rows, scheme.fp8[1] or cols
+
+
 def module_classes(module: str) -> tuple[str, ...]:
     """The class names (``hf_config_quant.LINEAR`` or ``EMBEDDING``) compressed-tensors matched a quantized module
     of the checkpoint by: the library quantizes only linears and embeddings, and a checkpoint's embedding is its
@@ -126,7 +136,7 @@ def compressed_stem(name: str, files, config: CompressedConfig) -> str | None:
     ``<stem>.weight_scale`` beside them, whichever group its module is in (``compressed_shape`` checks it); else
     None."""
     int8 = bool(config.formats - set(PACKED_FORMATS))  # else a .weight beside a .weight_scale is no int8 codes
-    for suffix in (*PARTS, INPUT_GLOBAL, WEIGHT) if int8 else (*PARTS, INPUT_GLOBAL):
+    for suffix in (*PARTS, INPUT_GLOBAL, INPUT_SCALE, WEIGHT) if int8 else (*PARTS, INPUT_GLOBAL):
         if name.endswith(suffix):
             stem = name.removesuffix(suffix)
             codes = stem + PACKED in files or (int8 and stem + WEIGHT in files)
@@ -179,6 +189,8 @@ def _parts(stem: str, scheme: CompressedScheme) -> tuple[str, ...]:
     """The companions of ``stem``'s codes the scheme stores (module docstring; NVFP4: ``flyer.interop.nvfp4``)."""
     if scheme.format == NVFP4:
         return SCALE, GLOBAL
+    if scheme.fp8 is not None:
+        return (SCALE,)
     return (SCALE, *((SHAPE,) if scheme.format == PACK_QUANTIZED else ()), *(() if scheme.symmetric else (ZERO,)),
             *((G_IDX,) if scheme.g_idx else ()))
 
@@ -207,6 +219,14 @@ def compressed_shape(name: str, files: dict[str, Path], headers: dict[Path, Tens
             raise CheckpointError(f"{tf.path}: quantized tensor {name} {tf.dtype(name)} {tuple(codes)} and its scale "
                                   f"{tuple(scale)} are not an NVFP4 weight (uint8 codes two a byte, a scale per "
                                   f"{NVFP4_GROUP} columns, one global scale)")
+        return rows, cols
+    if scheme.fp8 is not None:  # (R, C) E4M3 codes, a scale per tensor, row or block
+        rows, cols = codes if len(codes) == 2 else (-1, -1)
+        block = fp8_block(scheme, rows, cols)
+        if tf.dtype(name) != CODES or rows < 0 or not fits(scale, scale_grid(rows, cols, block)):
+            what = {(0, 0): "the tensor", (1, 0): "row"}.get(scheme.fp8, f"{block[0]}x{block[1]} block")
+            raise CheckpointError(f"{tf.path}: quantized tensor {name} {tf.dtype(name)} {tuple(codes)} and its scale "
+                                  f"{tuple(scale)} are not an FP8 weight (float8_e4m3fn codes, a scale per {what})")
         return rows, cols
     rows = codes[0] if len(codes) == 2 else -1
     if scheme.g_idx:
@@ -239,6 +259,9 @@ def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: 
     codes, zero = tf.read(name), read.get(ZERO)
     if scheme.format == NVFP4:
         return decode_nvfp4(codes, read[SCALE], read[GLOBAL], True, name).to(out_dtype)
+    if scheme.fp8 is not None:
+        return decode_fp8(codes, read[SCALE], fp8_block(scheme, *(codes.shape if codes.dim() == 2 else (1, 1))),
+                          name).to(out_dtype)
     if scheme.format == PACK_QUANTIZED:
         if codes.dtype != torch.int32 or (zero is not None and zero.dtype != torch.int32):
             raise ValueError(f"{name}: packed codes and zero points must be int32 (got {codes.dtype})")
@@ -255,6 +278,22 @@ def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: 
     return dequantize(codes, read[SCALE], zero, read.get(G_IDX), out_dtype, name)
 
 
-__all__ = ["GLOBAL", "G_IDX", "INPUT_GLOBAL", "PACKED", "PARTS", "SCALE", "SHAPE", "WEIGHT", "ZERO",
-           "check_unquantized", "codes_name", "compressed_shape", "compressed_stem", "dequantize", "module_classes",
-           "packed_words", "read_compressed", "scheme_of", "unpack_int32"]
+def held_codes(tf: TensorFile, name: str, files: dict[str, Path], headers: dict[Path, TensorFile],
+               config: CompressedConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(E4M3 codes, FP32 128x128 tile scales) of an FP8 weight ``name`` whose codes a model holding FP8 keeps as they
+    are (``fp8_scaled.held_fp8``); None for other weights (decoded, then held anew)."""
+    if name.endswith(PACKED):
+        return None
+    stem = name.removesuffix(WEIGHT)
+    scheme = scheme_of(name, stem, config, tf.path)
+    if scheme.fp8 is None:
+        return None
+    codes = tf.read(name)
+    block = fp8_block(scheme, *(codes.shape if codes.dim() == 2 else (1, 1)))
+    scale = held_fp8(codes, header(headers, files[stem + SCALE]).read(stem + SCALE), block, name)
+    return None if scale is None else (codes, scale)
+
+
+__all__ = ["GLOBAL", "G_IDX", "INPUT_GLOBAL", "INPUT_SCALE", "PACKED", "PARTS", "SCALE", "SHAPE", "WEIGHT", "ZERO",
+           "check_unquantized", "codes_name", "compressed_shape", "compressed_stem", "dequantize", "fp8_block",
+           "held_codes", "module_classes", "packed_words", "read_compressed", "scheme_of", "unpack_int32"]

@@ -10,7 +10,7 @@ one FP32 scale per 128x128 block (w = data * scale_inv); it is dequantized on im
 model holding its weights in FP8 (``flyer.infer.weights.empty_held``), kept as its codes and scales.
 compressed-tensors' integer weights (Kimi-K2-Thinking's, K2.5's INT4 experts; llm-compressor's GPTQ / AWQ / RTN
 schemes) are read as ``<stem>.weight`` from its codes, scales and zero points, dequantized on import
-(``flyer.interop.compressed``).
+(``flyer.interop.compressed``), as are its FP8 and NVFP4 weights and ModelOpt's (``flyer.interop.modelopt``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.quant import TILE
 from flyer.infer.weights import FP8, empty_held, held_scale, write_fp8_codes, write_weight
 from flyer.interop.hf_config import DSA_MODEL_TYPES, HALF_ROPE_MODEL_TYPES, from_hf_config, model_type, text_config
-from flyer.interop import compressed, nvfp4
+from flyer.interop import compressed, modelopt
 from flyer.interop.compressed import PACKED
 from flyer.interop.hf_config_quant import CompressedConfig, ModelOptConfig, compressed_scheme, modelopt_config
 from flyer.interop.hf_names import (LONGCAT_MTP, LONGCAT_MTP_EMBED, MTP_COPIES, V4_MTP_COPIES, Slot,
@@ -256,14 +256,18 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
     read straight into the parameter when the dtypes agree; else
     written as the model holds it (``write_weight``). NaN or inf (values, codes, scales):
     ``CheckpointError``. ``rows``: only those of the tensor's first dimension (a rank's slice of an
-    expert stack; not FP8). ``scheme``: the checkpoint's compressed-tensors integer weights (``quant_scheme``),
-    decoded (``flyer.interop.compressed``)."""
+    expert stack; not FP8). ``scheme``: the checkpoint's compressed-tensors or ModelOpt weights (``quant_scheme``),
+    decoded (``_codec``), or, FP8 held as FP8, kept as their codes where each 128x128 tile has one scale."""
     held = held_scale(model, slot.key, slot.expert) if dest.dtype == FP8 else None  # FP8 codes, held
     try:
         kind = stored_format(name, files, tf.dtype(name))  # "<name>.scale" beside it: DeepSeek-V4's only
         if scheme is None and name.endswith(PACKED):  # its bit width and layout are the config's
             raise CheckpointError(f"{tf.path}: tensor {name} is packed, but no quantization_config says how")
         if scheme is not None and _codec(scheme).compressed_stem(name, files, scheme) is not None:  # decoded, then
+            kept = _codec(scheme).held_codes(tf, name, files, headers, scheme) if held is not None \
+                and slot.scale == 1.0 else None  # FP8 codes whose tiles each have one scale: held as they are
+            if kept is not None and _hold_codes(dest, held, *kept, slot):
+                return
             t = _codec(scheme).read_compressed(tf, name, files, headers, scheme,  # as plain
                                                torch.float32 if dest.dtype == FP8 else dest.dtype)
             if rows is not None or t.shape != dest.shape:
@@ -292,12 +296,9 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
                                       f"128x128 blocks of {name} need {blocks}")
             codes, scale = tf.read(name), sf.read(scale_name).float()
             _check_finite(scale, sf.path, scale_name)
-            if codes.dtype == torch.float8_e4m3fn and held is not None and slot.scale == 1.0:
-                order = torch.arange(codes.shape[0])
-                moved = order if slot.rope_rows is None else permute_rope(order, slot.rope_rows)
-                if torch.equal(moved // TILE, order // TILE):  # every row keeps its block, and so its scale
-                    write_fp8_codes(dest, held, codes.view(torch.uint8)[moved].view(codes.dtype), scale)
-                    return
+            if codes.dtype == torch.float8_e4m3fn and held is not None and slot.scale == 1.0 \
+                    and _hold_codes(dest, held, codes, scale, slot):
+                return
             t = dequantize_fp8_blocks(codes, scale)
         elif (slot.rope_rows is None and slot.scale == 1.0 and tf.dtype(name) == dest.dtype and dest.is_contiguous()
               and dest.is_cpu):
@@ -313,6 +314,17 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
         raise
     except ValueError as e:  # NaN codes, read or quantized
         raise CheckpointError(f"{tf.path}: tensor {name}: {e}") from None
+
+
+def _hold_codes(dest: torch.Tensor, held: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, slot: Slot) -> bool:
+    """Write E4M3 ``codes`` and their FP32 128x128 block ``scale`` into the held ``dest`` / ``held`` as they are,
+    rope rows permuted, when that keeps every row in its block (and so its scale); False (nothing written) if not."""
+    order = torch.arange(codes.shape[0])
+    moved = order if slot.rope_rows is None else permute_rope(order, slot.rope_rows)
+    if not torch.equal(moved // TILE, order // TILE):
+        return False
+    write_fp8_codes(dest, held, codes.view(torch.uint8)[moved].view(codes.dtype), scale)
+    return True
 
 
 def unquantized_weights(cfg: ModelConfig, path: str | Path, rope_half: bool,
@@ -390,9 +402,9 @@ def quant_scheme(path: Path) -> CompressedConfig | ModelOptConfig | None:
 
 
 def _codec(scheme: CompressedConfig | ModelOptConfig | None):
-    """The module decoding ``scheme``'s quantized weights, each with the same functions: ModelOpt's NVFP4
-    (``flyer.interop.nvfp4``) or compressed-tensors' integer and NVFP4 ones (``flyer.interop.compressed``)."""
-    return nvfp4 if isinstance(scheme, ModelOptConfig) else compressed
+    """The module decoding ``scheme``'s quantized weights, each with the same functions: ModelOpt's NVFP4 or FP8
+    (``flyer.interop.modelopt``) or compressed-tensors' integer, FP8 and NVFP4 ones (``flyer.interop.compressed``)."""
+    return modelopt if isinstance(scheme, ModelOptConfig) else compressed
 
 
 def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

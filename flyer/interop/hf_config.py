@@ -47,8 +47,9 @@ embeddings tied as the wrapper's ``tie_word_embeddings`` says (transformers ties
 the text config says); the vision tower and projector are not read (``flyer.interop.hf``: text in, text out).
 Kimi K2 / K2-Thinking (top-level ``model_type`` ``kimi_k2``) is a DeepseekV3 config. Upstage's Solar Open
 (``solar_open``) and rednote's dots.llm1 (``dots1``) are GLM-4.5 with fixed fields (their notes below).
-Quantized weights: DeepSeek's FP8 blocks, or compressed-tensors' pack-quantized INT4 (Kimi-K2-Thinking, K2.5; on
-the wrapper or its text config), ``flyer.interop.hf_config_quant``; any other quantization is refused.
+Quantized weights: DeepSeek's FP8 blocks, compressed-tensors' integer (Kimi-K2-Thinking's, K2.5's INT4; on the
+wrapper or its text config), FP8 and NVFP4 weights, and ModelOpt's FP8 and NVFP4 (``flyer.interop.hf_config_quant``);
+any other quantization is refused.
 A value flyer cannot run is a ``ConfigError`` naming the file and the field, never silently ignored.
 """
 

@@ -21,9 +21,13 @@
   NVFP4 / NVFP4A16 schemes: ``NVFP4_ARGS``), a group of its own beside integer ones if need be; and ``quant_method``
   "modelopt" with ``quant_algo`` "NVFP4" (NVIDIA's DeepSeek-R1 / V3 / Kimi-K2 FP4 releases; ``ModelOptConfig``, also
   read from hf_quant_config.json). NVFP4's W4A4 (its activations' FP4 arguments) runs as W4A16.
+* FP8 E4M3 weights (``flyer.interop.fp8_scaled``): compressed-tensors' ``format`` "float-quantized" (or, activations
+  unquantized, "naive-quantized") with ``weights`` of ``type`` "float", 8 bits, symmetric, ``strategy`` "tensor",
+  "channel" or "block" (``block_structure`` [rows, columns]): llm-compressor's FP8 / FP8_DYNAMIC / FP8_BLOCK; and
+  ModelOpt's ``quant_algo`` "FP8" (one FP32 scale per tensor). Their FP8 activations (W8A8) run as W8A16.
 
-Anything else (other float types, tensor / token / block strategies, dynamic weights, other activation or any KV
-cache quantization, sparsity or transforms, other formats) is a ``ConfigError`` naming the field.
+Anything else (other float types, token / group strategies of FP8 weights, dynamic weights, other activation or any
+KV cache quantization, sparsity or transforms, other formats) is a ``ConfigError`` naming the field.
 """
 
 from __future__ import annotations
@@ -36,9 +40,15 @@ from typing import Any
 from flyer.errors import ConfigError
 
 PACK_QUANTIZED = "pack-quantized"
-INT8_FORMATS = ("naive-quantized", "int-quantized")  # codes stored one per int8: the same layout, two names
+FLOAT_QUANTIZED = "float-quantized"
+# codes stored one a byte in <stem>.weight (int8, or float8_e4m3fn for FP8 weights): one layout, three names (the
+# library decompresses them all with its NaiveQuantizationCompressor)
+INT8_FORMATS = ("naive-quantized", "int-quantized", FLOAT_QUANTIZED)
 NVFP4 = "nvfp4-pack-quantized"  # E2M1 codes two a byte, FP8 scales per 16 columns, a global one (flyer.interop.nvfp4)
 FORMATS = (PACK_QUANTIZED, *INT8_FORMATS, NVFP4)
+# the formats of FP8 weights: "float-quantized" (W8A8's), "naive-quantized" (the library's for weight-only FP8)
+FP8_FORMATS = (FLOAT_QUANTIZED, "naive-quantized")
+FP8_STRATEGIES = ("tensor", "channel", "block")  # FP8 weights' scales flyer reads (flyer.interop.fp8_scaled)
 PACKED_FORMATS = (PACK_QUANTIZED, NVFP4)  # codes in <stem>.weight_packed
 # the only NVFP4 quantization arguments there are (compressed-tensors' NVFP4 / NVFP4A16 presets), weights' and,
 # W4A4, the activations'
@@ -54,16 +64,19 @@ LINEAR, EMBEDDING = ("Linear", "Module"), ("Embedding", "Module")
 
 @dataclass(frozen=True)
 class CompressedScheme:
-    """compressed-tensors' weight-only integer scheme as flyer reads it (``flyer.interop.compressed``): ``format``
-    one of ``FORMATS``; ``num_bits``-bit signed codes; ``group_size`` consecutive input columns a scale (None:
-    strategy "channel", one scale per row); a zero point per scale unless ``symmetric``; ``g_idx``: actorder
-    "group", each column's group stored in ``weight_g_idx``."""
+    """compressed-tensors' weight scheme as flyer reads it (``flyer.interop.compressed``): ``format`` one of
+    ``FORMATS``; ``num_bits``-bit signed codes; ``group_size`` consecutive input columns a scale (None: strategy
+    "channel", one scale per row); a zero point per scale unless ``symmetric``; ``g_idx``: actorder "group", each
+    column's group stored in ``weight_g_idx``. ``fp8``: FP8 E4M3 codes (type "float"), one scale per ``fp8``
+    (rows, columns) block of the weight: (1, 0) a row, (0, 0) the tensor (0: the whole dimension), else strategy
+    "block"'s ``block_structure``; None for integer codes."""
 
     group_size: int | None
     num_bits: int = 4
     symmetric: bool = True
     g_idx: bool = False
     format: str = PACK_QUANTIZED
+    fp8: tuple[int, int] | None = None
 
 
 def _matches(target: str, module: str, classes: tuple[str, ...]) -> bool:
@@ -105,12 +118,17 @@ class CompressedConfig:
         return {scheme.format for _, _, scheme in self.groups}
 
 
+MODELOPT_ALGOS = ("NVFP4", "FP8")  # quant_algo values flyer reads (FP8: per-tensor scales, ModelOpt's "FP8")
+
+
 @dataclass(frozen=True)
 class ModelOptConfig:
-    """A ModelOpt NVFP4 checkpoint (``quant_method`` "modelopt", ``flyer.interop.nvfp4``): ``exclude`` the module-name
-    patterns left unquantized (fnmatch wildcards, as ModelOpt writes them and vLLM matches them)."""
+    """A ModelOpt checkpoint (``quant_method`` "modelopt", ``flyer.interop.modelopt``): ``algo`` one of
+    ``MODELOPT_ALGOS`` ("NVFP4": ``flyer.interop.nvfp4``; "FP8": ``flyer.interop.fp8_scaled``); ``exclude`` the
+    module-name patterns left unquantized (fnmatch wildcards, as ModelOpt writes them and vLLM matches them)."""
 
     exclude: tuple[str, ...] = ()
+    algo: str = "NVFP4"
 
     def excluded(self, module: str) -> bool:
         return any(fnmatch.fnmatchcase(module, p) for p in self.exclude)
@@ -118,12 +136,13 @@ class ModelOptConfig:
 
 def modelopt_config(q: dict[str, Any], where: str, field: str = "quantization_config") -> ModelOptConfig:
     """``q``: ModelOpt's quantization fields (config.json's ``quantization_config``, or hf_quant_config.json's
-    ``quantization``). Only NVFP4 in groups of 16 reads (as W4A16); another algorithm, or an FP8 KV cache's scales:
-    ``ConfigError`` naming the field."""
+    ``quantization``). NVFP4 in groups of 16 (read as W4A16) and FP8 per tensor (as W8A16); another algorithm, or
+    an FP8 KV cache's scales: ``ConfigError`` naming the field."""
     algo = q.get("quant_algo")
-    if not isinstance(algo, str) or algo.upper() != "NVFP4":
-        raise _bad(where, f"{field}.quant_algo", f"{algo!r:.40} is not supported (only 'NVFP4')")
-    if q.get("group_size", NVFP4_GROUP) != NVFP4_GROUP:
+    if not isinstance(algo, str) or algo.upper() not in MODELOPT_ALGOS:
+        raise _bad(where, f"{field}.quant_algo", f"{algo!r:.40} is not supported (only "
+                                                 f"{' or '.join(map(repr, MODELOPT_ALGOS))})")
+    if algo.upper() == "NVFP4" and q.get("group_size", NVFP4_GROUP) != NVFP4_GROUP:
         raise _bad(where, f"{field}.group_size", f"{q['group_size']!r:.40} is not supported (only {NVFP4_GROUP})")
     if q.get("kv_cache_quant_algo") is not None:
         raise _bad(where, f"{field}.kv_cache_quant_algo", f"{q['kv_cache_quant_algo']!r:.40} is not supported "
@@ -132,7 +151,7 @@ def modelopt_config(q: dict[str, Any], where: str, field: str = "quantization_co
     exclude = q.get(key) or []
     if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
         raise _bad(where, f"{field}.{key}", f"expected a list of module-name patterns (got {exclude!r:.60})")
-    return ModelOptConfig(tuple(exclude))
+    return ModelOptConfig(tuple(exclude), algo.upper())
 
 
 KIMI_GROUP_SIZE = 32
@@ -170,6 +189,8 @@ def _weights(g: dict[str, Any], where: str, field: str, fmt: str) -> CompressedS
         _check_nvfp4(w, where, field, ("dynamic", False), ("actorder", None), ("block_structure", None),
                      ("scale_dtype", "torch.float8_e4m3fn"))
         return CompressedScheme(NVFP4_ARGS["group_size"], NVFP4_ARGS["num_bits"], True, False, NVFP4)
+    if w.get("type") == "float" and fmt in FP8_FORMATS:
+        return CompressedScheme(None, 8, True, False, fmt, _fp8_block(w, where, field))
     bits = w.get("num_bits", 8)
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
         raise _bad(where, f"{field}.num_bits", f"{bits!r:.40} is not supported (integers of 1 to 8 bits)")
@@ -199,6 +220,45 @@ def _weights(g: dict[str, Any], where: str, field: str, fmt: str) -> CompressedS
     if g_idx and strategy != "group":
         raise _bad(where, f"{field}.actorder", f"{actorder!r:.40} orders groups: strategy {strategy!r} has none")
     return CompressedScheme(size if strategy == "group" else None, bits, symmetric, g_idx, fmt)
+
+
+def _fp8_block(w: dict[str, Any], where: str, field: str) -> tuple[int, int]:
+    """FP8 weights' arguments (``w``, type "float"): ``CompressedScheme.fp8``, the block one scale covers; a field
+    off llm-compressor's FP8 presets (8 bits, symmetric, static, no actorder; strategies ``FP8_STRATEGIES``):
+    ``ConfigError`` naming it."""
+    for key, want in (("num_bits", 8), ("symmetric", True), ("dynamic", False), ("actorder", None)):
+        got = w.get(key, want)
+        if got != want or isinstance(got, bool) != isinstance(want, bool):
+            raise _bad(where, f"{field}.{key}", f"{got!r:.40} is not supported (only {want!r}: FP8 E4M3 weights)")
+    size = w.get("group_size")
+    strategy = w.get("strategy") or ("group" if size and size > 0 else "channel" if size == -1 else "tensor")
+    if strategy not in FP8_STRATEGIES:
+        raise _bad(where, f"{field}.strategy", f"{strategy!r:.40} is not supported for FP8 weights (only "
+                                               f"{', '.join(map(repr, FP8_STRATEGIES))})")
+    if size not in (None, -1):
+        raise _bad(where, f"{field}.group_size", f"{size!r:.40} does not fit strategy {strategy!r} (only null)")
+    shape = w.get("block_structure")
+    if strategy != "block":
+        if shape is not None:
+            raise _bad(where, f"{field}.block_structure", f"{shape!r:.40} does not fit strategy {strategy!r} "
+                                                          f"(only null)")
+        return (0, 0) if strategy == "tensor" else (1, 0)
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise _bad(where, f"{field}.block_structure", f"expected [rows, columns] of a block, positive integers "
+                                                      f"(got {shape!r:.40})")
+    return shape[0], shape[1]
+
+
+def _check_fp8_inputs(args: Any, where: str, field: str) -> None:
+    """FP8 weights' input activations ``args`` are FP8 E4M3 (W8A8: flyer runs it as W8A16, not reading their
+    scales), else ``ConfigError`` naming the field."""
+    if not isinstance(args, dict):
+        raise _bad(where, field, f"expected the activations' quantization arguments (got {args!r:.40})")
+    for key, want, default in (("type", "float", "int"), ("num_bits", 8, 8)):
+        if args.get(key, default) != want:
+            raise _bad(where, f"{field}.{key}", f"{args.get(key)!r:.40} is not supported (only {want!r}: FP8 "
+                                                f"activations beside FP8 weights, run as W8A16)")
 
 
 def _check_nvfp4(args: dict[str, Any], where: str, field: str, *more: tuple[str, Any]) -> None:
@@ -240,8 +300,8 @@ def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> Compress
         return modelopt_config(q, where)
     if method != "compressed-tensors":
         raise _bad(where, "quantization_config.quant_method",
-                   f"{method!r:.40} is not supported (DeepSeek's FP8 blocks, compressed-tensors' integer or NVFP4 "
-                   f"weights, ModelOpt's NVFP4 weights, or unquantized weights)")
+                   f"{method!r:.40} is not supported (DeepSeek's FP8 blocks, compressed-tensors' integer, FP8 or "
+                   f"NVFP4 weights, ModelOpt's NVFP4 or FP8 weights, or unquantized weights)")
     f = "quantization_config"
     for key, want in (("quantization_status", "compressed"), ("kv_cache_scheme", None), ("sparsity_config", None),
                       ("transform_config", None)):
@@ -263,20 +323,29 @@ def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> Compress
         if fmt not in FORMATS:
             raise _bad(where, f"{field}.format" if g.get("format") else f"{f}.format",
                        f"{fmt!r:.40} is not supported (only {', '.join(map(repr, FORMATS))})")
+        if fmt == FLOAT_QUANTIZED and (g.get("weights") or {}).get("type") != "float":
+            raise _bad(where, f"{field}.format" if g.get("format") else f"{f}.format", f"{fmt!r} holds FP8 "
+                       f"weights (type 'float'), not {(g.get('weights') or {}).get('type', 'int')!r:.20} ones")
+        scheme = _weights(g, where, field, fmt)
         for key in ("input_activations", "output_activations"):  # weight-only: activations stay in the model's dtype
             if g.get(key) is None:
                 continue
+            # W4A4 and W8A8 FP8 run as W4A16 and W8A16, as vLLM runs these checkpoints on GPUs without FP4 / FP8
+            # tensor cores (its Marlin kernels)
             if key == "input_activations" and fmt == NVFP4 and isinstance(g[key], dict):
-                # W4A4: run as W4A16, as vLLM runs these checkpoints on GPUs without FP4 tensor cores (Marlin)
                 _check_nvfp4(g[key], where, f"{field}.{key}")
                 continue
-            raise _bad(where, f"{field}.{key}", "activation quantization is not supported (only null: "
-                                                "weight-only schemes such as W4A16; NVFP4's W4A4 runs as W4A16)")
-        schemes.append((name, targets, _weights(g, where, field, fmt)))
+            if key == "input_activations" and scheme.fp8 is not None:
+                _check_fp8_inputs(g[key], where, f"{field}.{key}")
+                continue
+            raise _bad(where, f"{field}.{key}", "activation quantization is not supported (only null: weight-only "
+                                                "schemes such as W4A16; NVFP4's W4A4 and FP8's W8A8 run weight-only)")
+        schemes.append((name, targets, scheme))
     ignore = _patterns(q.get("ignore") or [], where, f"{f}.ignore", "module names")
     return CompressedConfig(tuple(schemes), ignore)
 
 
-__all__ = ["EMBEDDING", "FORMATS", "INT8_FORMATS", "KIMI_GROUP_SIZE", "LINEAR", "NVFP4", "NVFP4_ARGS", "NVFP4_GROUP",
-           "PACKED_FORMATS", "PACK_QUANTIZED", "SCHEME_KEYS", "CompressedConfig", "CompressedScheme", "ModelOptConfig",
+__all__ = ["EMBEDDING", "FLOAT_QUANTIZED", "FORMATS", "FP8_FORMATS", "FP8_STRATEGIES", "INT8_FORMATS",
+           "KIMI_GROUP_SIZE", "LINEAR", "MODELOPT_ALGOS", "NVFP4", "NVFP4_ARGS", "NVFP4_GROUP", "PACKED_FORMATS",
+           "PACK_QUANTIZED", "SCHEME_KEYS", "CompressedConfig", "CompressedScheme", "ModelOptConfig",
            "compressed_scheme", "kimi_int4_config", "modelopt_config"]

@@ -9,7 +9,7 @@ tensor; a weight is code x block scale x tensor scale. Two layouts of the same n
   DeepSeek-V3-0324-FP4, Kimi-K2-Thinking-NVFP4): ``<stem>.weight`` uint8 (R, C/2), ``.weight_scale``
   float8_e4m3fn (R, C/16) and ``.weight_scale_2`` float32 (), the tensor scale itself (amax / (6 x 448)); decoded as
   code x (block scale x tensor scale). ``.input_scale`` is the activations' (W4A4 on Blackwell's FP4 tensor
-  cores): not read.
+  cores): not read. ``flyer.interop.modelopt`` finds these tensors.
 
 Both are read as weight-only: flyer computes with the decoded weights and unquantized activations, as vLLM runs
 these checkpoints on GPUs without FP4 tensor cores (its Marlin kernels). The decoded values are exact in FP32 but
@@ -18,14 +18,10 @@ for the one rounding of each scale product (and of each code's product with it, 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from flyer.errors import CheckpointError
 from flyer.fp8.fp4 import E2M1_VALUES, unpack_e2m1
-from flyer.interop.hf_config_quant import NVFP4_GROUP, ModelOptConfig
-from flyer.interop.tensorfile import TensorFile, header
+from flyer.interop.hf_config_quant import NVFP4_GROUP
 
 WEIGHT, SCALE = ".weight", ".weight_scale"
 SCALE_2 = ".weight_scale_2"  # ModelOpt's FP32 tensor scale
@@ -54,58 +50,4 @@ def decode_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, tensor_scale: 
     return (values.view(R, -1, NVFP4_GROUP) * scale.unsqueeze(-1)).view(R, C)
 
 
-# ---- ModelOpt checkpoints: the functions ``flyer.interop.hf`` calls for compressed-tensors' (same names) ---------
-
-MODELOPT_PARTS = (SCALE, SCALE_2, INPUT_SCALE)  # a quantized <stem>.weight's companions
-
-
-def compressed_stem(name: str, files, config: ModelOptConfig) -> str | None:
-    """``<stem>`` when tensor ``name`` is one of a ModelOpt NVFP4 weight's tensors (its codes ``<stem>.weight``,
-    or a companion) in the checkpoint's ``files``: a ``<stem>.weight_scale_2`` marks the quantized ones."""
-    for suffix in (WEIGHT, *MODELOPT_PARTS):
-        if name.endswith(suffix):
-            stem = name.removesuffix(suffix)
-            return stem if stem + WEIGHT in files and stem + SCALE_2 in files else None
-    return None
-
-
-def codes_name(stem: str, files) -> str:
-    return stem + WEIGHT
-
-
-def check_unquantized(name: str, path, config: ModelOptConfig) -> None:
-    """A weight stored unquantized: nothing to check (ModelOpt quantizes the linears its exclusions leave, and
-    which modules were linears in the exporter's model is not in their names)."""
-
-
-def _quantized(name: str, files, headers, config: ModelOptConfig) -> tuple[str, TensorFile]:
-    stem, tf = name.removesuffix(WEIGHT), header(headers, files[name])
-    if config.excluded(stem):
-        raise CheckpointError(f"{tf.path}: tensor {name} is quantized, but quantization_config's exclude_modules "
-                              f"lists {stem} as unquantized")
-    return stem, tf
-
-
-def compressed_shape(name: str, files: dict[str, Path], headers: dict[Path, TensorFile],
-                     config: ModelOptConfig) -> tuple[int, int]:
-    """The (R, C) weight the codes ``name`` decode to, from its tensors' headers; a shape or dtype off NVFP4's
-    layout, or a module ``exclude_modules`` lists: ``CheckpointError`` naming the tensor."""
-    stem, tf = _quantized(name, files, headers, config)
-    codes, dtype = tf.shape(name), tf.dtype(name)
-    scale_tf = header(headers, files[stem + SCALE]) if stem + SCALE in files else None
-    if scale_tf is None or dtype != torch.uint8 or len(codes) != 2 \
-            or scale_tf.shape(stem + SCALE) != (codes[0], 2 * codes[1] // NVFP4_GROUP) \
-            or 2 * codes[1] % NVFP4_GROUP:
-        raise CheckpointError(f"{tf.path}: quantized tensor {name} {dtype} {tuple(codes)} and its "
-                              f"{stem + SCALE} are not an NVFP4 weight (uint8 codes two a byte, one scale per "
-                              f"{NVFP4_GROUP} columns)")
-    return codes[0], 2 * codes[1]
-
-
-def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: dict[Path, TensorFile],
-                    config: ModelOptConfig, out_dtype: torch.dtype) -> torch.Tensor:
-    """The decoded weight of the codes ``name`` (``decode_nvfp4``), in ``out_dtype``: one weight in memory at a
-    time."""
-    stem, tf = _quantized(name, files, headers, config)
-    read = lambda part: header(headers, files[stem + part]).read(stem + part)  # noqa: E731
-    return decode_nvfp4(tf.read(name), read(SCALE), read(SCALE_2), False, name).to(out_dtype)
+__all__ = ["INPUT_SCALE", "SCALE", "SCALE_2", "WEIGHT", "decode_nvfp4"]
