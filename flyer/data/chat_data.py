@@ -109,16 +109,23 @@ def _problem(path: Path, line: int, what: str) -> DataError:
     return DataError(f"{path}:{line}: {what}")
 
 
-def parse_conversation(raw: bytes, path: Path,
-                       line: int) -> tuple[list[dict], list | None, dict | None, dict | None]:
-    """(messages, tools, chat_template_kwargs, response_format: None for none or "text") of one line, or a one-line
-    ``DataError`` naming ``path:line`` and the field."""
+def json_object(raw: bytes, path: Path, line: int, keys: str) -> dict:
+    """Line ``line`` of ``path`` as a JSON object, or a one-line ``DataError`` naming ``path:line`` (``keys``: what
+    the object should hold, for the message)."""
     try:
         d = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise _problem(path, line, f"not valid JSON ({str(e).splitlines()[0]:.80})") from None
     if not isinstance(d, dict):
-        raise _problem(path, line, f"expected a JSON object with 'messages', got {type(d).__name__}")
+        raise _problem(path, line, f"expected a JSON object with {keys}, got {type(d).__name__}")
+    return d
+
+
+def parse_conversation(raw: bytes, path: Path,
+                       line: int) -> tuple[list[dict], list | None, dict | None, dict | None]:
+    """(messages, tools, chat_template_kwargs, response_format: None for none or "text") of one line, or a one-line
+    ``DataError`` naming ``path:line`` and the field."""
+    d = json_object(raw, path, line, "'messages'")
     msgs = d.get("messages")
     if not isinstance(msgs, list) or not msgs:
         pair = " (this line is a preference pair: DPO trains on those)" if "chosen" in d else ""

@@ -18,7 +18,6 @@ encoded in memory on every run (no cache: preference sets are small next to SFT 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import tokenizers
 import torch
 
 from flyer.data.chat_data import (ChatSampler, ChatSplit, _read_lines, chat_rows, encode_conversation, held_out,
-                                  plain_renderer)
+                                  json_object, plain_renderer)
 from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.data.tokenizer import ensure_eos
 from flyer.errors import DataError, FieldError
@@ -62,12 +61,7 @@ def parse_pair(raw: bytes, path: Path, line: int) -> tuple[list[dict], list[dict
                                                             dict | None]:
     """(prompt, chosen, rejected messages, tools, chat_template_kwargs) of one line (module doc), or a one-line
     ``DataError`` naming ``path:line`` and the key."""
-    try:
-        d = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _problem(path, line, f"not valid JSON ({str(e).splitlines()[0]:.80})") from None
-    if not isinstance(d, dict):
-        raise _problem(path, line, f"expected a JSON object with prompt, chosen and rejected, got {type(d).__name__}")
+    d = json_object(raw, path, line, "prompt, chosen and rejected")
     missing = [k for k in PREF_KEYS if k not in d]
     if missing:
         raise _problem(path, line, f"{missing[0]}: missing (a preference pair has prompt, chosen and rejected)")
