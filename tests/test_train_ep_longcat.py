@@ -81,9 +81,9 @@ def test_pp2_ep2_equals_one_process_on_the_same_rows(tmp_path, data_cache):
 
 
 if __name__ == "__main__":  # the one-process reference: `flyer train` drawing the EP ranks' rows in turn
-    import flyer.train.trainer
+    import flyer.train.batches
 
-    flyer.train.trainer.BatchSampler = TwoStreams
+    flyer.train.batches.BatchSampler = TwoStreams  # where the trainer's samplers are chosen (batches.samplers)
     from flyer.cli import main
 
     sys.exit(main(sys.argv[1:]))
