@@ -22,6 +22,7 @@ from tests.test_hf_compressed import assert_logits_match, transformers_decompres
 from tests.test_qwen3 import _config_error
 
 pytest.importorskip("compressed_tensors")  # the oracle: pyproject's test extra
+from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor  # noqa: E402
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8  # noqa: E402
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme  # noqa: E402
@@ -125,32 +126,46 @@ def test_modelopt_exclusions_match_as_fnmatch():
 
 # ---- whole checkpoints ---------------------------------------------------------------------------------------
 
-CT, MODELOPT = "compressed-tensors", "modelopt"
+CT, MODELOPT, MX = "compressed-tensors", "modelopt", "mxfp4"  # MX: compressed-tensors' MXFP4
+MXFP4_ARGS = PRESET_SCHEMES["MXFP4A16"]["weights"]  # UE8M0 scales (uint8 exponents) per 32 columns
 
 
-def library_config(preset: str, ignore: list[str]) -> dict:
+def library_mxfp4(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(compressed-tensors' stored MXFP4 tensors of the (R, C) weight ``w``, its decompression: exact in FP32)."""
+    x = w.float().unflatten(-1, (-1, MXFP4_ARGS.group_size))
+    scale, _ = calculate_qparams(x.amin(-1), x.amax(-1), MXFP4_ARGS)
+    scheme = QuantizationScheme(targets=["Linear"], weights=MXFP4_ARGS)
+    parts = MXFP4PackedCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+    return parts, MXFP4PackedCompressor.decompress(parts, scheme)["weight"].float()
+
+
+def library_config(preset: str, ignore: list[str], fmt: str = "nvfp4-pack-quantized") -> dict:
     """The ``quantization_config`` compressed-tensors serialises for ``preset`` on every Linear (llm-compressor's)."""
     scheme = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[preset])
-    return QuantizationConfig(config_groups={"group_0": scheme}, format="nvfp4-pack-quantized", ignore=ignore,
+    return QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, ignore=ignore,
                               quantization_status="compressed").model_dump(mode="json")
 
 
 def build(path, layout: str, family: str = "v3", w4a4: bool = False) -> dict[str, torch.Tensor]:
-    """A tiny random BF16 ``family`` model saved with every linear weight of a width divisible by 16 (attention,
-    dense and expert projections) NVFP4 in ``layout`` (the rest BF16 and listed as unquantized: ``ignore`` /
-    ``exclude_modules``); ``w4a4``: the activations' scales beside them too, as NVFP4 (W4A4) exports store them.
-    Returns the library's FP32 decoding of each quantized weight, by weight name."""
+    """A tiny random BF16 ``family`` model saved with every linear weight of a width divisible by its groups (16;
+    MXFP4's 32: attention, dense and expert projections) NVFP4 in ``layout`` (``MX``: MXFP4 in compressed-tensors';
+    the rest BF16 and listed as unquantized: ``ignore`` / ``exclude_modules``); ``w4a4``: the activations' scales
+    beside them too, as NVFP4 (W4A4) exports store them. Returns the library's FP32 decoding of each quantized
+    weight, by weight name."""
     state = save_bf16(family, path)
     out, want, left = {}, {}, ["lm_head"]
+    group = MXFP4_ARGS.group_size if layout == MX else NVFP4_GROUP
     for k, v in state.items():
         stem = k.removesuffix(".weight")
-        if not (k.endswith("proj.weight") and v.dim() == 2 and v.shape[1] % NVFP4_GROUP == 0):
+        if not (k.endswith("proj.weight") and v.dim() == 2 and v.shape[1] % group == 0):
             out[k] = v
             left += [stem] if v.dim() == 2 and k.endswith(("_proj.weight", "_mqa.weight")) else []
             continue
-        parts, want[k] = library_nvfp4(v)
+        parts, want[k] = library_mxfp4(v) if layout == MX else library_nvfp4(v)
         act = torch.tensor([448.0 * 6 / 3.5])  # an activations' global scale: stored, never read
-        if layout == CT:
+        if layout == MX:
+            out.update({stem + ".weight_packed": parts["weight_packed"], stem + ".weight_scale": parts["weight_scale"]})
+        elif layout == CT:
             out.update({stem + ".weight_packed": parts["weight_packed"], stem + ".weight_scale": parts["weight_scale"],
                         stem + ".weight_global_scale": parts["weight_global_scale"]})
             out.update({stem + ".input_global_scale": act} if w4a4 else {})
@@ -160,7 +175,8 @@ def build(path, layout: str, family: str = "v3", w4a4: bool = False) -> dict[str
             out.update({stem + ".input_scale": (1 / act).reshape(())} if w4a4 else {})
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
     d = json.loads((path / "config.json").read_text())
-    q = library_config("NVFP4" if w4a4 else "NVFP4A16", left) if layout == CT else {
+    q = library_config("MXFP4" if w4a4 else "MXFP4A16", left, "mxfp4-pack-quantized") if layout == MX else \
+        library_config("NVFP4" if w4a4 else "NVFP4A16", left) if layout == CT else {
         "quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": NVFP4_GROUP, "kv_cache_quant_algo": None,
         "exclude_modules": left}
     (path / "config.json").write_text(json.dumps({**d, "quantization_config": q}))
@@ -293,3 +309,29 @@ def test_export_writes_the_decoded_weights(tmp_path, layout):
     for k, v in want.items():  # ModelOpt's tensor scale is the reciprocal's FP32 rounding: at most a BF16 ulp off
         assert torch.equal(out[k], v.bfloat16()) if layout == CT else \
             ((out[k].float() - v).abs() <= 2.0 ** -8 * v.abs()).all(), k
+
+
+@pytest.mark.parametrize("family, w4a4", [("v3", False), ("v3", True)])
+def test_compressed_tensors_mxfp4_holds_the_librarys_decompression(tmp_path, family, w4a4):
+    """compressed-tensors' MXFP4 (``mxfp4-pack-quantized``: DeepSeek-V4's FP4 layout, a UE8M0 scale per 32 columns),
+    weight-only or W4A4 (run as W4A16): every linear loads as the library decompresses it, exact in FP32 and BF16."""
+    want = build(tmp_path / "q", MX, family, w4a4)
+    for dtype in (torch.float32, torch.bfloat16):
+        plain_twin(tmp_path / "q", {k: v.to(dtype) for k, v in want.items()}, tmp_path / f"plain-{dtype}")
+        got = load_hf(tmp_path / "q", dtype=dtype)[0].state_dict()
+        ref = load_hf(tmp_path / f"plain-{dtype}", dtype=dtype)[0].state_dict()
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in got), dtype
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")  # run_compressed off, as asked
+def test_compressed_tensors_mxfp4_logits_equal_transformers(tmp_path):
+    build(tmp_path, MX, "llama")
+    model, cfg, _ = load_hf(tmp_path, dtype=torch.float32)
+    assert_logits_match(model, transformers_decompressed(tmp_path, FAMILIES["llama"][0]), cfg)
+
+
+def test_mxfp4_arguments_other_than_the_formats_are_one_line(tmp_path, capsys):
+    q = library_config("MXFP4A16", ["lm_head"], "mxfp4-pack-quantized")
+    q["config_groups"]["group_0"]["weights"]["group_size"] = 16
+    d = json.loads(json.dumps({**_COMMON, "model_type": "llama", "quantization_config": q}))
+    _config_error(tmp_path, capsys, d, "quantization_config.config_groups.group_0.weights.group_size")

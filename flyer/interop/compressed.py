@@ -2,8 +2,9 @@
 quantized module in the scheme of the config group that targets it), decoded as they load, exactly as
 compressed-tensors 0.20 decompresses them. NVFP4 ("nvfp4-pack-quantized": ``<stem>.weight_packed`` uint8,
 ``.weight_scale`` FP8, ``.weight_global_scale``) is ``flyer.interop.nvfp4``'s, FP8 weights ("float-quantized":
-``<stem>.weight`` float8_e4m3fn, ``.weight_scale`` per tensor, row or block) ``flyer.interop.fp8_scaled``'s; the
-rest of this docstring is the integer formats'.
+``<stem>.weight`` float8_e4m3fn, ``.weight_scale`` per tensor, row or block) ``flyer.interop.fp8_scaled``'s, MXFP4
+("mxfp4-pack-quantized": ``.weight_packed`` uint8, ``.weight_scale`` UE8M0 bytes per 32 columns) DeepSeek-V4's
+FP4 decoder's (``flyer.interop.v4_quant``); the rest of this docstring is the integer formats'.
 
 A quantized linear ``<stem>`` (R output rows, C input columns; G scales a row: C / group_size, or 1 for strategy
 "channel") is stored instead of ``<stem>.weight`` as:
@@ -36,11 +37,12 @@ from pathlib import Path
 import torch
 
 from flyer.errors import CheckpointError
-from flyer.interop.hf_config_quant import (EMBEDDING, LINEAR, NVFP4, NVFP4_GROUP, PACK_QUANTIZED, PACKED_FORMATS,
-                                           CompressedConfig, CompressedScheme)
+from flyer.interop.hf_config_quant import (EMBEDDING, LINEAR, MXFP4, NVFP4, NVFP4_GROUP, PACK_QUANTIZED,
+                                           PACKED_FORMATS, CompressedConfig, CompressedScheme)
 from flyer.interop.fp8_scaled import CODES, decode_fp8, fits, held_fp8, scale_grid
 from flyer.interop.nvfp4 import decode_nvfp4
 from flyer.interop.tensorfile import TensorFile, header
+from flyer.interop.v4_quant import dequantize_fp4_e2m1
 
 PACKED, SCALE, SHAPE, ZERO, G_IDX = ".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", \
     ".weight_g_idx"
@@ -189,7 +191,7 @@ def _parts(stem: str, scheme: CompressedScheme) -> tuple[str, ...]:
     """The companions of ``stem``'s codes the scheme stores (module docstring; NVFP4: ``flyer.interop.nvfp4``)."""
     if scheme.format == NVFP4:
         return SCALE, GLOBAL
-    if scheme.fp8 is not None:
+    if scheme.fp8 is not None or scheme.format == MXFP4:
         return (SCALE,)
     return (SCALE, *((SHAPE,) if scheme.format == PACK_QUANTIZED else ()), *(() if scheme.symmetric else (ZERO,)),
             *((G_IDX,) if scheme.g_idx else ()))
@@ -219,6 +221,14 @@ def compressed_shape(name: str, files: dict[str, Path], headers: dict[Path, Tens
             raise CheckpointError(f"{tf.path}: quantized tensor {name} {tf.dtype(name)} {tuple(codes)} and its scale "
                                   f"{tuple(scale)} are not an NVFP4 weight (uint8 codes two a byte, a scale per "
                                   f"{NVFP4_GROUP} columns, one global scale)")
+        return rows, cols
+    if scheme.format == MXFP4:  # (R, C/2) bytes, (R, C/32) UE8M0 exponents
+        rows, cols = (codes[0], 2 * codes[1]) if len(codes) == 2 else (-1, -1)
+        if tf.dtype(name) != torch.uint8 or cols < 0 or cols % scheme.group_size \
+                or tuple(scale) != (rows, cols // scheme.group_size):
+            raise CheckpointError(f"{tf.path}: quantized tensor {name} {tf.dtype(name)} {tuple(codes)} and its scale "
+                                  f"{tuple(scale)} are not an MXFP4 weight (uint8 codes two a byte, a UE8M0 scale per "
+                                  f"{scheme.group_size} columns)")
         return rows, cols
     if scheme.fp8 is not None:  # (R, C) E4M3 codes, a scale per tensor, row or block
         rows, cols = codes if len(codes) == 2 else (-1, -1)
@@ -259,6 +269,8 @@ def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: 
     codes, zero = tf.read(name), read.get(ZERO)
     if scheme.format == NVFP4:
         return decode_nvfp4(codes, read[SCALE], read[GLOBAL], True, name).to(out_dtype)
+    if scheme.format == MXFP4:  # DeepSeek-V4's FP4 experts' layout, its scales the exponents' uint8 bytes: exact
+        return dequantize_fp4_e2m1(codes, read[SCALE], out_dtype, name)
     if scheme.fp8 is not None:
         return decode_fp8(codes, read[SCALE], fp8_block(scheme, *(codes.shape if codes.dim() == 2 else (1, 1))),
                           name).to(out_dtype)

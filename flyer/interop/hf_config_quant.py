@@ -20,7 +20,8 @@
 * NVFP4 weights (``flyer.interop.nvfp4``): compressed-tensors' ``format`` "nvfp4-pack-quantized" (llm-compressor's
   NVFP4 / NVFP4A16 schemes: ``NVFP4_ARGS``), a group of its own beside integer ones if need be; and ``quant_method``
   "modelopt" with ``quant_algo`` "NVFP4" (NVIDIA's DeepSeek-R1 / V3 / Kimi-K2 FP4 releases; ``ModelOptConfig``, also
-  read from hf_quant_config.json). NVFP4's W4A4 (its activations' FP4 arguments) runs as W4A16.
+  read from hf_quant_config.json). NVFP4's W4A4 (its activations' FP4 arguments) runs as W4A16. MXFP4 likewise:
+  compressed-tensors' "mxfp4-pack-quantized" (``MXFP4_ARGS``: a UE8M0 scale per 32 columns, DeepSeek-V4's FP4).
 * FP8 E4M3 weights (``flyer.interop.fp8_scaled``): compressed-tensors' ``format`` "float-quantized" (or, activations
   unquantized, "naive-quantized") with ``weights`` of ``type`` "float", 8 bits, symmetric, ``strategy`` "tensor",
   "channel" or "block" (``block_structure`` [rows, columns]): llm-compressor's FP8 / FP8_DYNAMIC / FP8_BLOCK; and
@@ -45,16 +46,20 @@ FLOAT_QUANTIZED = "float-quantized"
 # library decompresses them all with its NaiveQuantizationCompressor)
 INT8_FORMATS = ("naive-quantized", "int-quantized", FLOAT_QUANTIZED)
 NVFP4 = "nvfp4-pack-quantized"  # E2M1 codes two a byte, FP8 scales per 16 columns, a global one (flyer.interop.nvfp4)
-FORMATS = (PACK_QUANTIZED, *INT8_FORMATS, NVFP4)
+MXFP4 = "mxfp4-pack-quantized"  # E2M1 codes two a byte, a UE8M0 (power-of-two) scale per 32 columns (v4_quant's)
+FORMATS = (PACK_QUANTIZED, *INT8_FORMATS, NVFP4, MXFP4)
 # the formats of FP8 weights: "float-quantized" (W8A8's), "naive-quantized" (the library's for weight-only FP8)
 FP8_FORMATS = (FLOAT_QUANTIZED, "naive-quantized")
 FP8_STRATEGIES = ("tensor", "channel", "block")  # FP8 weights' scales flyer reads (flyer.interop.fp8_scaled)
-PACKED_FORMATS = (PACK_QUANTIZED, NVFP4)  # codes in <stem>.weight_packed
+PACKED_FORMATS = (PACK_QUANTIZED, NVFP4, MXFP4)  # codes in <stem>.weight_packed
 # the only NVFP4 quantization arguments there are (compressed-tensors' NVFP4 / NVFP4A16 presets), weights' and,
 # W4A4, the activations'
 NVFP4_GROUP = 16  # input columns a row per FP8 block scale, in both NVFP4 layouts
 NVFP4_ARGS = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": NVFP4_GROUP,
               "symmetric": True}
+MXFP4_ARGS = {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "symmetric": True}
+# each FP4 format's quantization arguments and its weights' scale dtype (compressed-tensors' presets)
+FP4_FORMATS = {NVFP4: (NVFP4_ARGS, "torch.float8_e4m3fn"), MXFP4: (MXFP4_ARGS, "torch.uint8")}
 # QuantizationScheme's fields: the library refuses a group with any other key (pydantic's extra="forbid")
 SCHEME_KEYS = ("targets", "weights", "input_activations", "output_activations", "format")
 # the class names (torch's MRO below nn.Module) a target like "Linear" matches: the library quantizes only linears
@@ -185,10 +190,11 @@ def _weights(g: dict[str, Any], where: str, field: str, fmt: str) -> CompressedS
     if not isinstance(w, dict):
         raise _bad(where, f"{field}.weights", f"expected the weights' quantization arguments (got {w!r:.40})")
     field += ".weights"
-    if fmt == NVFP4:
-        _check_nvfp4(w, where, field, ("dynamic", False), ("actorder", None), ("block_structure", None),
-                     ("scale_dtype", "torch.float8_e4m3fn"))
-        return CompressedScheme(NVFP4_ARGS["group_size"], NVFP4_ARGS["num_bits"], True, False, NVFP4)
+    if fmt in FP4_FORMATS:
+        args, scale_dtype = FP4_FORMATS[fmt]
+        _check_fp4(w, fmt, where, field, ("dynamic", False), ("actorder", None), ("block_structure", None),
+                   ("scale_dtype", scale_dtype))
+        return CompressedScheme(args["group_size"], args["num_bits"], True, False, fmt)
     if w.get("type") == "float" and fmt in FP8_FORMATS:
         return CompressedScheme(None, 8, True, False, fmt, _fp8_block(w, where, field))
     bits = w.get("num_bits", 8)
@@ -261,14 +267,15 @@ def _check_fp8_inputs(args: Any, where: str, field: str) -> None:
                                                 f"activations beside FP8 weights, run as W8A16)")
 
 
-def _check_nvfp4(args: dict[str, Any], where: str, field: str, *more: tuple[str, Any]) -> None:
-    """``args`` (a group's weights or input activations) are NVFP4's (``NVFP4_ARGS`` and ``more``), else
-    ``ConfigError`` naming the first field off."""
-    for key, want in (*NVFP4_ARGS.items(), *more):
+def _check_fp4(args: dict[str, Any], fmt: str, where: str, field: str, *more: tuple[str, Any]) -> None:
+    """``args`` (a group's weights or input activations) are the FP4 format ``fmt``'s (``FP4_FORMATS``, and
+    ``more``), else ``ConfigError`` naming the first field off."""
+    want_args = FP4_FORMATS[fmt][0]
+    for key, want in (*want_args.items(), *more):
         got = args.get(key, want)
         if got != want or isinstance(got, bool) != isinstance(want, bool):
-            raise _bad(where, f"{field}.{key}", f"{got!r:.40} is not supported (only {want!r}: {NVFP4}'s FP4 "
-                                                f"values in groups of {NVFP4_ARGS['group_size']})")
+            raise _bad(where, f"{field}.{key}", f"{got!r:.40} is not supported (only {want!r}: {fmt}'s FP4 "
+                                                f"values in groups of {want_args['group_size']})")
 
 
 def _patterns(entries: Any, where: str, field: str, what: str) -> tuple[str, ...]:
@@ -332,8 +339,8 @@ def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> Compress
                 continue
             # W4A4 and W8A8 FP8 run as W4A16 and W8A16, as vLLM runs these checkpoints on GPUs without FP4 / FP8
             # tensor cores (its Marlin kernels)
-            if key == "input_activations" and fmt == NVFP4 and isinstance(g[key], dict):
-                _check_nvfp4(g[key], where, f"{field}.{key}")
+            if key == "input_activations" and fmt in FP4_FORMATS and isinstance(g[key], dict):
+                _check_fp4(g[key], fmt, where, f"{field}.{key}")
                 continue
             if key == "input_activations" and scheme.fp8 is not None:
                 _check_fp8_inputs(g[key], where, f"{field}.{key}")
@@ -345,7 +352,7 @@ def compressed_scheme(d: dict[str, Any], where: str = "config.json") -> Compress
     return CompressedConfig(tuple(schemes), ignore)
 
 
-__all__ = ["EMBEDDING", "FLOAT_QUANTIZED", "FORMATS", "FP8_FORMATS", "FP8_STRATEGIES", "INT8_FORMATS",
-           "KIMI_GROUP_SIZE", "LINEAR", "MODELOPT_ALGOS", "NVFP4", "NVFP4_ARGS", "NVFP4_GROUP", "PACKED_FORMATS",
-           "PACK_QUANTIZED", "SCHEME_KEYS", "CompressedConfig", "CompressedScheme", "ModelOptConfig",
+__all__ = ["EMBEDDING", "FLOAT_QUANTIZED", "FORMATS", "FP4_FORMATS", "FP8_FORMATS", "FP8_STRATEGIES", "INT8_FORMATS",
+           "KIMI_GROUP_SIZE", "LINEAR", "MODELOPT_ALGOS", "MXFP4", "MXFP4_ARGS", "NVFP4", "NVFP4_ARGS", "NVFP4_GROUP",
+           "PACKED_FORMATS", "PACK_QUANTIZED", "SCHEME_KEYS", "CompressedConfig", "CompressedScheme", "ModelOptConfig",
            "compressed_scheme", "kimi_int4_config", "modelopt_config"]
