@@ -252,6 +252,7 @@ class ChatData:
     eos_id: int
     unigram_val_loss: float  # nats per assistant token of validation, a unigram fitted on training's
     cache_dir: Path
+    baseline: str = "unigram baseline (validation, nats/token):"  # how the log and plot name unigram_val_loss
 
 
 def _select(ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> ChatSplit:

@@ -98,6 +98,7 @@ class PrefData:
     vocab_size: int
     eos_id: int
     unigram_val_loss: float  # the baseline the validation loss is shown against: ln 2, the DPO loss at the reference
+    baseline: str = "the reference's DPO loss (validation): ln 2 ="  # how the log and plot name it
 
 
 def _split(ids: list[list[int]], masks: list[list[int]], lines: list[int], keep: list[bool], path: Path) -> PrefSplit:

@@ -52,6 +52,7 @@ class PreparedData:
     eos_id: int
     unigram_val_loss: float  # nats/token
     cache_dir: Path  # the data-{key} directory holding the files above
+    baseline: str = "unigram baseline (validation, nats/token):"  # how the log and plot name unigram_val_loss
 
 
 def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_size: int = 8192,

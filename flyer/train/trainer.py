@@ -519,7 +519,7 @@ class Trainer:
             pipe = f", {tc.pp_schedule} over {self.micro_batches} micro-batches" if self.pipeline is not None else ""
             self.log(f"layout: {m.world} ranks on {m.n_nodes} node(s) of {m.ranks_per_node}: PP {m.pp} x DP {m.dp}, "
                      f"EP {m.ep}{pipe}")
-        self.log(f"unigram baseline (validation): {self.data.unigram_val_loss:.3f} nats/token")
+        self.log(f"{self.data.baseline} {self.data.unigram_val_loss:.3f}")
         self.log(f"mfu: against {self.peak_gemm}, {self.peak_flops / 1e9:,.0f} GFLOP/s here")
         logs = [MetricsLog(self.out / "metrics.jsonl", enabled=self.rank0)]
         if self.tensorboard_dir is not None:
@@ -566,7 +566,7 @@ class Trainer:
                    "val_loss": val_loss, "unigram_val_loss": self.data.unigram_val_loss,
                    "skipped_steps": self.bad_steps, "out": str(self.out)}
         if val_loss is not None:
-            self.log(f"done: step {self.step}, validation loss {val_loss:.3f} vs unigram baseline "
+            self.log(f"done: step {self.step}, validation loss {val_loss:.3f} vs {self.data.baseline} "
                      f"{self.data.unigram_val_loss:.3f}; metrics {self.out / 'metrics.jsonl'}")
         self.close()
         self.mesh.destroy()
