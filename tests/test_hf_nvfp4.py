@@ -194,12 +194,14 @@ def to_hf_quant_config(path) -> None:
         "quantization": {k: v for k, v in q.items() if k != "quant_method"}}))
 
 
-@pytest.mark.parametrize("family, w4a4", [("v3", False), ("v3", True), ("qwen3_moe", False)])
-def test_compressed_tensors_model_holds_the_librarys_decompression(tmp_path, family, w4a4):
-    """Every NVFP4 linear of a DeepseekV3 (MLA, dense MLP, shared and routed experts) or Qwen3-MoE, weight-only or
-    W4A4 (its activations' scales stored and not read), loads as the library decodes it: flyer's model of the
-    directory equals its model of a plain twin holding those weights, in FP32 and in BF16 (each rounded once)."""
-    want = build(tmp_path / "q", CT, family, w4a4)
+@pytest.mark.parametrize("layout, family, w4a4", [(CT, "v3", False), (CT, "v3", True), (CT, "qwen3_moe", False),
+                                                  (MX, "v3", False), (MX, "v3", True)])
+def test_compressed_tensors_model_holds_the_librarys_decompression(tmp_path, layout, family, w4a4):
+    """Every NVFP4 linear (``MX``: MXFP4, DeepSeek-V4's FP4 layout, a UE8M0 scale per 32 columns) of a DeepseekV3
+    (MLA, dense MLP, shared and routed experts) or Qwen3-MoE, weight-only or W4A4 (its activations' scales stored and
+    not read: run as W4A16), loads as the library decodes it: flyer's model of the directory equals its model of a
+    plain twin holding those weights, in FP32 and in BF16 (each rounded once; MXFP4's values exact in both)."""
+    want = build(tmp_path / "q", layout, family, w4a4)
     for dtype in (torch.float32, torch.bfloat16):
         plain_twin(tmp_path / "q", {k: v.to(dtype) for k, v in want.items()}, tmp_path / f"plain-{dtype}")
         got = load_hf(tmp_path / "q", dtype=dtype)[0].state_dict()
@@ -309,18 +311,6 @@ def test_export_writes_the_decoded_weights(tmp_path, layout):
     for k, v in want.items():  # ModelOpt's tensor scale is the reciprocal's FP32 rounding: at most a BF16 ulp off
         assert torch.equal(out[k], v.bfloat16()) if layout == CT else \
             ((out[k].float() - v).abs() <= 2.0 ** -8 * v.abs()).all(), k
-
-
-@pytest.mark.parametrize("family, w4a4", [("v3", False), ("v3", True)])
-def test_compressed_tensors_mxfp4_holds_the_librarys_decompression(tmp_path, family, w4a4):
-    """compressed-tensors' MXFP4 (``mxfp4-pack-quantized``: DeepSeek-V4's FP4 layout, a UE8M0 scale per 32 columns),
-    weight-only or W4A4 (run as W4A16): every linear loads as the library decompresses it, exact in FP32 and BF16."""
-    want = build(tmp_path / "q", MX, family, w4a4)
-    for dtype in (torch.float32, torch.bfloat16):
-        plain_twin(tmp_path / "q", {k: v.to(dtype) for k, v in want.items()}, tmp_path / f"plain-{dtype}")
-        got = load_hf(tmp_path / "q", dtype=dtype)[0].state_dict()
-        ref = load_hf(tmp_path / f"plain-{dtype}", dtype=dtype)[0].state_dict()
-        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in got), dtype
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")  # run_compressed off, as asked
