@@ -10,6 +10,7 @@ values, code x scale in FP64 (exact: 4 x 24 significant bits), which the FP32 pr
 DeepSeek's own FP8 blocks (``weight_scale_inv``) are tests/test_interop_hf.py's."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from flyer.interop.export import export
 from flyer.interop.fp8_scaled import decode_fp8, held_fp8
 from flyer.interop.hf import load_hf, quant_scheme
 from flyer.interop.hf_config_quant import compressed_scheme, modelopt_config
+from flyer.interop.tensorfile import TensorFile
 from tests.hf_models import _COMMON, FAMILIES, plain_twin, save_bf16
 from tests.test_hf_compressed import assert_logits_match, transformers_decompressed
 from tests.test_hf_nvfp4 import to_hf_quant_config
@@ -354,16 +356,19 @@ def test_modelopt_exclusions_are_refused_when_quantized(tmp_path):
 
 @pytest.mark.parametrize("layout, preset", [(CT, "FP8"), (MODELOPT, "FP8"), (CT, "FP8_DYNAMIC")],
                          ids=["ct-tensor", "modelopt", "ct-channel"])
-def test_a_model_holding_fp8_keeps_the_codes(tmp_path, layout, preset):
+def test_a_model_holding_fp8_keeps_the_codes(tmp_path, monkeypatch, layout, preset):
     """``--weight-dtype fp8`` (FP8 held with 128x128 block scales) of a DeepseekV3 with FP32 scales: per-tensor
     scales keep the file's codes, each weight's values the FP32 load's bit for bit, as DeepSeek's blocks are kept;
     per-channel ones cannot (a tile spans rows of different scales): decoded and quantized anew, most values moved.
+    Either way each tensor is read from the file once (whether codes can be kept is known from the header).
     The codes are shrunk by 3/4 first, so that no tile's largest is 448 and requantizing moves most values."""
     build(tmp_path, layout, preset, scale_dtype=torch.float32)
     _rewrite(tmp_path, lambda t: t.update({k: (v.float() * 0.75).to(v.dtype) for k, v in t.items()
                                            if v.dtype == torch.float8_e4m3fn}))
     ref = load_hf(tmp_path, dtype=torch.float32)[0].state_dict()
+    reads, read = Counter(), TensorFile.read
+    monkeypatch.setattr(TensorFile, "read", lambda tf, name, *a, **k: reads.update([name]) or read(tf, name, *a, **k))
     values = _held_values(load_hf(tmp_path, dtype=torch.float32, held=FP8)[0])
-    assert len(values) > 10
+    assert len(values) > 10 and reads and max(reads.values()) == 1, reads.most_common(2)
     moved = [k for k, v in values.items() if not torch.equal(v, ref[k])]
     assert moved == [] if preset == "FP8" else len(moved) > len(values) // 2

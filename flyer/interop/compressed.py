@@ -39,7 +39,7 @@ import torch
 from flyer.errors import CheckpointError
 from flyer.interop.hf_config_quant import (EMBEDDING, LINEAR, MXFP4, NVFP4, NVFP4_GROUP, PACK_QUANTIZED,
                                            PACKED_FORMATS, CompressedConfig, CompressedScheme)
-from flyer.interop.fp8_scaled import CODES, decode_fp8, fits, held_fp8, scale_grid
+from flyer.interop.fp8_scaled import CODES, decode_fp8, fits, held_fp8, scale_grid, tiles_in_blocks
 from flyer.interop.nvfp4 import decode_nvfp4
 from flyer.interop.tensorfile import TensorFile, header
 from flyer.interop.v4_quant import dequantize_fp4_e2m1
@@ -300,8 +300,11 @@ def held_codes(tf: TensorFile, name: str, files: dict[str, Path], headers: dict[
     scheme = scheme_of(name, stem, config, tf.path)
     if scheme.fp8 is None:
         return None
+    shape = tf.shape(name)
+    block = fp8_block(scheme, *(shape if len(shape) == 2 else (1, 1)))
+    if len(shape) == 2 and not tiles_in_blocks(shape, block):  # decided from the header: the codes are read once
+        return None
     codes = tf.read(name)
-    block = fp8_block(scheme, *(codes.shape if codes.dim() == 2 else (1, 1)))
     scale = held_fp8(codes, header(headers, files[stem + SCALE]).read(stem + SCALE), block, name)
     return None if scale is None else (codes, scale)
 

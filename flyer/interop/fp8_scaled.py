@@ -61,11 +61,18 @@ def held_fp8(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], n
     ``decode_fp8`` reads ``codes`` and ``scale``), when every tile lies in one block (each side of ``block`` a
     multiple of 128 or the whole dimension); else None. Bad tensors: ``decode_fp8``'s ``ValueError``."""
     scale = _checked(codes, scale, block, name)
-    (R, C), (bh, bw) = codes.shape, block
-    if not ((bh % TILE == 0 or bh >= R) and (bw % TILE == 0 or bw >= C)):
+    if not tiles_in_blocks(tuple(codes.shape), block):
         return None
+    (R, C), (bh, bw) = codes.shape, block
     rows, cols = (torch.arange(0, n, TILE) // b for n, b in ((R, bh), (C, bw)))  # each tile's block
     return scale.float()[rows][:, cols].contiguous()
+
+
+def tiles_in_blocks(shape: tuple[int, ...], block: tuple[int, int]) -> bool:
+    """Whether each 128x128 tile of a 2-D weight of ``shape`` lies in one ``block`` (each side of the block a multiple
+    of 128 or the whole dimension), so that a model holding FP8 can keep its codes; known from a header alone."""
+    (R, C), (bh, bw) = shape, block
+    return (bh % TILE == 0 or bh >= R) and (bw % TILE == 0 or bw >= C)
 
 
 def _checked(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
@@ -83,4 +90,4 @@ def _checked(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], n
     return scale.reshape(grid)
 
 
-__all__ = ["CODES", "decode_fp8", "fits", "held_fp8", "scale_grid"]
+__all__ = ["CODES", "decode_fp8", "fits", "held_fp8", "scale_grid", "tiles_in_blocks"]
