@@ -25,6 +25,7 @@ from flyer.train.dpo import completion_logprobs
 from flyer.train.trainer import Trainer
 from tests.bounds import FP32_U
 from tests.hf_models import add_mtp_layer, build
+from tests.host_reads import host_reads
 from tests.ranks import run_ranks
 from tests.test_rope_scaling import logit_tolerance
 from tests.test_sft import TEMPLATE
@@ -218,6 +219,17 @@ def test_moe_step_updates_router_biases_and_leaves_mtp_alone(hf, tmp_path):
             # frozen too: a data-parallel sync gives a parameter without a gradient zeros, which weight decay moves
             assert torch.equal(p, before[n]) and p.grad is None and not p.requires_grad, n
     t.close()
+
+
+def test_a_step_reads_its_loss_terms_once(hf, tmp_path):
+    """A DPO step keeps its loss terms on the device and reads them all at once at its end, however many
+    micro-batches it accumulates (a read per term and micro-batch would stall the host on each)."""
+    for grad_accum in (1, 3):
+        t = _trainer(hf, tmp_path / str(grad_accum), grad_accum=grad_accum)
+        with host_reads() as reads:
+            t.train_step()
+        t.close()
+        assert reads == {"metrics.py:floats": 1}, grad_accum
 
 
 @pytest.mark.slow

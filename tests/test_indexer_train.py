@@ -25,6 +25,7 @@ from flyer.train.config import TrainConfig
 from flyer.train.metrics import read_metrics
 from flyer.train.trainer import Trainer, build_optimizer
 from tests.bounds import FP32_U
+from tests.host_reads import host_reads
 from tests.test_dsa_gather_train import CFG, TOPK, _input, _layer, _tables
 
 T = 100  # past dsa_gathers' 80 under autograd: gather=True gathers, gather=False masks
@@ -294,6 +295,21 @@ def test_sparse_trainer_step_moves_the_model_as_without(tmp_path, corpus):
             assert torch.equal(off[n], start[n]) and not torch.equal(sparse[n], start[n]), n
         else:
             assert torch.equal(off[n], sparse[n]), n
+
+
+def test_a_step_reads_its_loss_terms_once(tmp_path, corpus):
+    """A Trainer step with every loss term (main, MTP, the balance loss, L_I) keeps them on the device and reads
+    them all at once at its end, however many micro-batches it accumulates; the routers' loads are read once too."""
+    (tmp_path / "dsa.toml").write_text(f"[model]\nindex_topk = {TOPK}\nindex_n_heads = 4\nindex_head_dim = 32\n")
+    for grad_accum in (1, 3):
+        t = Trainer(_tc(tmp_path / str(grad_accum), corpus, config=str(tmp_path / "dsa.toml"), grad_accum=grad_accum),
+                    log=print)
+        assert t.cfg.mtp_depth and t.cfg.is_moe
+        with host_reads() as reads:
+            rec = t.train_step()
+        t.close()
+        assert rec["mtp_loss"] > 0 and rec["aux_loss"] > 0 and rec["indexer_loss"] > 0
+        assert reads == {"metrics.py:floats": 1, "expert_stats.py:expert_loads": 1}, grad_accum
 
 
 @pytest.mark.parametrize("extra,words", [

@@ -22,6 +22,7 @@ from torch import nn
 from flyer.data.chat_data import IGNORE_INDEX
 from flyer.model.moe import counting_only, moe_layers
 from flyer.train.batches import positions_run
+from flyer.train.metrics import StepSums
 
 DPO_FIELDS = ("dpo_loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
 
@@ -63,14 +64,16 @@ class DpoObjective:
         self.reference = reference.eval().requires_grad_(False)
         self.beta = beta
 
-    def _pairs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        """(loss per pair, chosen rewards, rejected rewards, balance loss or None) of one batch of rows."""
+    def _pairs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+        """(loss per pair, chosen rewards, rejected rewards, balance loss or None) of one batch of rows (on the host,
+        moved to ``device`` here: whether any is padded is known without waiting for the device)."""
+        valid = None if bool((x >= 0).all()) else (x >= 0).to(device)
+        x, y = x.to(device), y.to(device)
         with torch.no_grad():
             reference = completion_logprobs(self.reference, x, y)
         for m in moe_layers(model):
             m.aux_loss = None  # set again by this forward's routed layers (MTP's run none)
-        valid = x >= 0
-        with counting_only(model, None if bool(valid.all()) else valid):  # padding moves no routing statistic
+        with counting_only(model, valid):  # padding moves no routing statistic
             policy = completion_logprobs(model, x, y)
         aux = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None] if model.training else []
         return (*dpo_terms(policy, reference, self.beta), torch.stack(aux).sum() if aux else None)
@@ -80,25 +83,23 @@ class DpoObjective:
         them), gradients synced; the job's loss (DPO plus the balance loss), ``DPO_FIELDS`` and aux_loss (means over
         the job's pairs), and its ``tokens`` and training ``flops`` (the policy's; the reference's forward on top)."""
         n = len(batches)
-        sums = dict.fromkeys(("loss", "aux_loss", *DPO_FIELDS), 0.0)
+        sums = StepSums("loss", "aux_loss", *DPO_FIELDS)
         device = next(model.parameters()).device
         for x, y, _ in batches:
             with autocast():
-                losses, chosen, rejected, aux = self._pairs(model, x.to(device), y.to(device))
+                losses, chosen, rejected, aux = self._pairs(model, x, y, device)
             loss = losses.mean() / n
             if aux is not None:
                 loss = loss + aux / n
-                sums["aux_loss"] += aux.item() / n
+                sums.add("aux_loss", aux, 1 / n)
             loss.backward()
-            sums["loss"] += loss.item()
-            sums["dpo_loss"] += losses.mean().item() / n
-            sums["rewards_chosen"] += chosen.mean().item() / n
-            sums["rewards_rejected"] += rejected.mean().item() / n
-            sums["reward_accuracy"] += (chosen > rejected).float().mean().item() / n
-            sums["reward_margin"] += (chosen - rejected).mean().item() / n
+            sums.add("loss", loss)
+            for field, value in zip(DPO_FIELDS, (losses, chosen, rejected, (chosen > rejected).float(),
+                                                 chosen - rejected)):
+                sums.add(field, value.mean(), 1 / n)
         mesh.sync_gradients(model)
         tokens, flops = positions_run(batches, flops_per_token)
-        sums = mesh.mean({**sums, "tokens": tokens, "flops": flops})
+        sums = mesh.mean({**sums.floats(), "tokens": tokens, "flops": flops})
         return {**sums, "tokens": sums["tokens"] * mesh.world, "flops": sums["flops"] * mesh.world}
 
     @torch.no_grad()
@@ -109,7 +110,7 @@ class DpoObjective:
         total, count = 0.0, 0
         for x, y in eval_data:
             with autocast():
-                losses = self._pairs(model, x.to(device), y.to(device))[0]
+                losses = self._pairs(model, x, y, device)[0]
             total, count = total + float(losses.sum()), count + len(losses)
         model.train()
         return mesh.mean({"v": total / count})["v"]

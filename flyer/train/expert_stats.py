@@ -5,6 +5,8 @@ holds its stages' MoE layers only)."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -31,8 +33,9 @@ def expert_loads(model: torch.nn.Module, mesh: Mesh | LocalMesh, pipelined: bool
     data-parallel replicas (in place: ``replicas_loads``; under pipelining gathered from every stage onto rank 0,
     other ranks get []). A collective on every rank."""
     loads = replicas_loads(moe_layers(model), mesh)  # every layer the bias update reads, summed in place
-    if not pipelined:
-        return [x.tolist() for x in loads]
+    if not pipelined:  # one read of every layer's counts
+        flat = torch.cat(loads).tolist() if loads else []
+        return [flat[end - len(x):end] for x, end in zip(loads, itertools.accumulate(map(len, loads)))]
     # a block's MoE: its FFN, or the shortcut MoE of a pair's first block (LongCat-Flash)
     held = [(blk.layer_id, m) for blk in model.modules()
             for m in (getattr(blk, "ffn", None), getattr(blk, "shortcut", None)) if isinstance(m, MoE)]

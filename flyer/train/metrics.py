@@ -50,6 +50,23 @@ TENSORBOARD_TAGS = {
 }
 
 
+class StepSums:
+    """Running sums of a step's loss terms kept where they were computed: adding a tensor does not wait for the
+    device, and ``floats`` reads them all with one transfer (a ``.item()`` per term and micro-batch stalls the
+    host on each, so it cannot queue the next micro-batch's kernels behind this one's)."""
+
+    def __init__(self, *names: str):
+        self.terms: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
+
+    def add(self, name: str, value: torch.Tensor, weight: float = 1.0) -> None:
+        self.terms[name] = self.terms[name] + value.detach().double() * weight  # as Python floats would add
+
+    def floats(self) -> dict[str, float]:
+        tensors = [k for k, v in self.terms.items() if isinstance(v, torch.Tensor)]
+        read = dict(zip(tensors, torch.stack([self.terms[k] for k in tensors]).tolist() if tensors else []))
+        return {k: read[k] if k in read else v for k, v in self.terms.items()}
+
+
 def require_tensorboard() -> None:
     """Raise ``ConfigError`` naming the train option when the optional tensorboard package is missing."""
     try:

@@ -56,8 +56,8 @@ from flyer.train.config import TrainConfig, carried_settings, check_resume_setti
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 from flyer.train.batches import counts, draw, positions_run, prepare_run_data, samplers
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
-from flyer.train.metrics import (MetricsLog, TensorBoardLog, fastest_gemm, model_flops_per_token, progress_postfix,
-                                 read_metrics, require_tensorboard, truncate_metrics)
+from flyer.train.metrics import (MetricsLog, StepSums, TensorBoardLog, fastest_gemm, model_flops_per_token,
+                                 progress_postfix, read_metrics, require_tensorboard, truncate_metrics)
 
 def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1, pp: int = 1) -> float:
     """A lower bound on one rank's training memory: FP32 weights, gradients and the optimizer's
@@ -405,11 +405,10 @@ class Trainer:
         if self.dpo is not None:  # preference pairs: the DPO loss (flyer.train.dpo)
             return self.dpo.step(self.model, draw(self.sampler, tc.grad_accum), self.mesh, self._autocast,
                                  self.flops_per_token)
-        sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
-        if tc.indexer_train != "off":
-            sums["indexer_loss"] = 0.0  # the indexers' L_I, their mean (each trains on its own: summed in loss)
+        # indexer_loss: the indexers' L_I, their mean (each trains on its own: summed in loss)
+        sums = StepSums("loss", "main_loss", "mtp_loss", "aux_loss",
+                        *(("indexer_loss",) if tc.indexer_train != "off" else ()))
         batches = draw(self.sampler, tc.grad_accum)
-        sums["tokens"], sums["flops"] = positions_run(batches, self.flops_per_token)
         # targets of depth 0 (next token, y) and k (MTP module k's, y[:, k:]); the balance loss is a mean over
         # sequences (packed: documents), L_I over real queries (MTP module k's: the positions reading tokens k..T-1;
         # packed: those i with i + k in i's document, ``depth_queries``): counted
@@ -431,20 +430,21 @@ class Trainer:
             if out.aux_loss is not None:
                 share = c["seqs"] * tc.grad_accum / totals["seqs"]
                 loss = loss + out.aux_loss * share / tc.grad_accum
-                sums["aux_loss"] += out.aux_loss.item() * share / tc.grad_accum
+                sums.add("aux_loss", out.aux_loss, share / tc.grad_accum)
             if out.indexer_losses:
                 share = [c[f"q{k}"] * tc.grad_accum / totals[f"q{k}"] if c[f"q{k}"] else 0.0
                          for k in indexer_depths(self.model)]
                 kl = torch.stack(out.indexer_losses) * torch.tensor(share, device=self.device)
                 loss = loss + kl.sum() / tc.grad_accum
-                sums["indexer_loss"] += kl.mean().item() / tc.grad_accum
+                sums.add("indexer_loss", kl.mean(), 1 / tc.grad_accum)
             loss.backward()
-            sums["loss"] += loss.item()
-            sums["main_loss"] += terms[0].item()
+            sums.add("loss", loss)
+            sums.add("main_loss", terms[0])
             if terms[1:]:
-                sums["mtp_loss"] += torch.stack(terms[1:]).mean().item()
+                sums.add("mtp_loss", torch.stack(terms[1:]).mean())
         self.mesh.sync_gradients(self.model)
-        sums = self.mesh.mean(sums)
+        tokens, flops = positions_run(batches, self.flops_per_token)
+        sums = self.mesh.mean({**sums.floats(), "tokens": tokens, "flops": flops})
         return {**sums, "tokens": sums["tokens"] * self.mesh.world, "flops": sums["flops"] * self.mesh.world}
 
     def _pipeline_step(self) -> dict[str, float]:
