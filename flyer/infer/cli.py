@@ -93,10 +93,12 @@ def add_weight_dtype_flag(p) -> None:
                         "DeepSeek's FP8 checkpoints do, E4M3 with 128x128 block scales, a quarter of FP32 "
                         "(lossless for such a checkpoint, V3's or V4's: its own codes, V4's FP4 experts as the same "
                         "values in E4M3 blocks, its BF16 weights in BF16; others are quantized; flyer.infer.weights). "
-                        "fp32: FP32 weights and compute, on any device. auto (default): on the CPU, as the "
-                        "checkpoint stores them (bf16 or fp8: lossless, and faster than computing in BF16); on "
-                        "other devices the checkpoint's own dtype, not held; fp32 with --precision fp8 and for "
-                        "--preset")
+                        "fp32: FP32 weights and compute, on any device. auto (default): on the CPU, the smallest that "
+                        "holds the checkpoint's weights losslessly (faster than computing in BF16): fp8 for "
+                        "DeepSeek's FP8 and FP8 with a scale per tensor or 128-multiple blocks (compressed-tensors, "
+                        "ModelOpt); bf16 for a BF16 checkpoint, INT4/INT8 or per-channel FP8 with BF16 scales, "
+                        "MXFP4; else fp32 (NVFP4, FP16/FP32 scales); on other devices the checkpoint's own dtype, "
+                        "not held; fp32 with --precision fp8 and for --preset")
 
 
 def resolve_weight_dtype(args, device: torch.device) -> str:

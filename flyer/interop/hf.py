@@ -319,12 +319,19 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
 def _hold_codes(dest: torch.Tensor, held: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, slot: Slot) -> bool:
     """Write E4M3 ``codes`` and their FP32 128x128 block ``scale`` into the held ``dest`` / ``held`` as they are,
     rope rows permuted, when that keeps every row in its block (and so its scale); False (nothing written) if not."""
-    order = torch.arange(codes.shape[0])
-    moved = order if slot.rope_rows is None else permute_rope(order, slot.rope_rows)
-    if not torch.equal(moved // TILE, order // TILE):
+    moved = tile_keeping_order(codes.shape[0], slot)
+    if moved is None:
         return False
     write_fp8_codes(dest, held, codes.view(torch.uint8)[moved].view(codes.dtype), scale)
     return True
+
+
+def tile_keeping_order(rows: int, slot: Slot) -> torch.Tensor | None:
+    """The order ``slot``'s rope permutation takes a weight's ``rows`` rows in, when it keeps every row in its 128-row
+    tile (so FP8 codes keep their tile's scale); None when it moves one out."""
+    order = torch.arange(rows)
+    moved = order if slot.rope_rows is None else permute_rope(order, slot.rope_rows)
+    return moved if torch.equal(moved // TILE, order // TILE) else None
 
 
 def unquantized_weights(cfg: ModelConfig, path: str | Path, rope_half: bool,

@@ -22,11 +22,16 @@ from flyer.data.tokenizer_copy import read_tokenizer_files
 from flyer.errors import CheckpointError
 from flyer.fp8.fp4 import fp4_round_trip
 from flyer.infer.weights import FP8, empty_held, held_scale, hold_weights, write_fp8_codes
-from flyer.interop.hf import (SCALE_SUFFIX, build_empty, checkpoint_dtype, fill_tensor, is_hf_model_dir, load_hf,
-                              load_hf_weights, read_hf_config, rope_half_layout, unquantized_weights, weight_files)
+from flyer.interop import compressed, modelopt
+from flyer.interop.compressed import SCALE
+from flyer.interop.fp8_scaled import tiles_in_blocks
+from flyer.interop.hf import (SCALE_SUFFIX, build_empty, checkpoint_dtype, fill_tensor, hf_weight_map,
+                              is_hf_model_dir, load_hf, load_hf_weights, quant_scheme, read_hf_config,
+                              rope_half_layout, tile_keeping_order, unquantized_weights, weight_files)
+from flyer.interop.hf_config_quant import MXFP4, NVFP4, CompressedConfig, ModelOptConfig
 from flyer.interop.hf_names import Slot
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer, read_json as _read_json
-from flyer.interop.tensorfile import TensorFile
+from flyer.interop.tensorfile import TensorFile, header
 from flyer.interop.v4_quant import held_e4m3_blocks, quantize_fp4_e2m1, stored_format
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
@@ -173,10 +178,20 @@ def loaded_bytes(path: str | Path, dtype: torch.dtype | None = None, held: torch
 
 
 def stored_weight_dtype(path: str | Path) -> str:
-    """How the checkpoint at ``path`` stores its GEMM weights, as a ``--weight-dtype``: "fp8" for
-    DeepSeek's FP8 formats, V3's (E4M3 with FP32 ``weight_scale_inv`` blocks) and V4's (``<stem>.scale``
-    beside an E4M3 weight, or an FP4 expert's: ``stored_format``), both held exactly as FP8; else "bf16"
-    or "fp32" by its embedding's dtype."""
+    """The smallest ``--weight-dtype`` that holds the checkpoint at ``path``'s GEMM weights losslessly, decided from
+    its config and tensor headers (no tensor is read):
+
+    * "fp8" for DeepSeek's FP8 formats, V3's (E4M3 with FP32 ``weight_scale_inv`` blocks) and V4's (``<stem>.scale``
+      beside an E4M3 weight, or an FP4 expert's: ``stored_format``), both held exactly as FP8;
+    * a compressed-tensors or ModelOpt checkpoint (``quant_scheme``), by its held quantized weights: "fp8" when each
+      is FP8 whose codes a model holding FP8 keeps (``_kept_as_codes``: a scale per tensor, as ModelOpt's, or blocks
+      of multiples of 128), each held as code x scale in FP32 (exact; the decoding rounds it to a BF16 scale's
+      dtype, as compressed-tensors does); else "bf16" when each decodes to BF16 values (``_bf16_exact``: integer or
+      FP8 codes, per channel or in other blocks, with BF16 scales; MXFP4, E2M1 x a power of two) and the embedding
+      is BF16; else "fp32" (FP16 or FP32 scales; NVFP4, E2M1 x E4M3 / an FP32 global scale). MXFP4 is never "fp8":
+      its groups would fit E4M3 blocks only where their scales span few binades (as V4's FP4 experts are held), and
+      this load path decodes and quantizes them anew;
+    * else "bf16" or "fp32" by its embedding's dtype."""
     if is_hf_model_dir(path):
         files = weight_files(Path(path))
         scaled = [n[:-len(SCALE_SUFFIX)] for n in files if n.endswith(SCALE_SUFFIX)]
@@ -186,9 +201,60 @@ def stored_weight_dtype(path: str | Path) -> str:
                    if w in files), None)
         if v4 and stored_format(v4, files, TensorFile(files[v4]).dtype(v4)) != "plain":
             return "fp8"
-        return "bf16" if checkpoint_dtype(files) == torch.bfloat16 else "fp32"
+        plain = "bf16" if checkpoint_dtype(files) == torch.bfloat16 else "fp32"
+        scheme = quant_scheme(Path(path))
+        if scheme is None:
+            return plain
+        kept, bf16 = _quantized_weights(Path(path), files, scheme)
+        return "fp8" if kept else "bf16" if bf16 and plain == "bf16" else "fp32"
     tf = TensorFile(inference_checkpoint(path)[0] / "model.safetensors")
     return "bf16" if tf.dtype("embed.weight") == torch.bfloat16 else "fp32"
+
+
+def _quantized_weights(path: Path, files: dict[str, Path],
+                       scheme: CompressedConfig | ModelOptConfig) -> tuple[bool, bool]:
+    """(every quantized GEMM weight of the checkpoint ``path`` is held FP8 as its own codes, every one's decoded
+    value is exact in BF16), from its headers (``stored_weight_dtype``); a quantized weight the model does not hold
+    (an embedding: FP32 in a model holding its weights) counts for neither, and with none held nothing is FP8."""
+    cfg, raw = read_hf_config(path, list(files))
+    model = build_empty(cfg, "meta", torch.float32)
+    hold_weights(model, torch.bfloat16)
+    held = {k for k, v in model.state_dict().items() if v.dtype == torch.bfloat16}
+    codec = modelopt if isinstance(scheme, ModelOptConfig) else compressed
+    headers: dict[Path, TensorFile] = {}
+    kept, bf16, found = True, True, False
+    for name, slot in hf_weight_map(cfg, path, rope_half_layout(raw), files, headers).items():
+        stem = codec.compressed_stem(name, files, scheme)
+        if stem is None or not held & set(slot.fused or (slot.key,)):
+            continue
+        shape = codec.compressed_shape(name, files, headers, scheme)
+        scale = header(headers, files[stem + SCALE]).dtype(stem + SCALE)
+        if isinstance(scheme, ModelOptConfig):
+            fmt, block = scheme.algo, shape if scheme.algo == "FP8" else None
+        else:
+            s = compressed.scheme_of(name, stem, scheme, files[name])
+            fmt, block = s.format, None if s.fp8 is None else compressed.fp8_block(s, *shape)
+        found = True
+        kept = kept and block is not None and _kept_as_codes(shape, block, slot)
+        bf16 = bf16 and slot.scale == 1.0 and _bf16_exact(fmt, scale)
+    return kept and found, bf16
+
+
+def _kept_as_codes(shape: tuple[int, int], block: tuple[int, int], slot: Slot) -> bool:
+    """Whether ``fill_tensor`` writes an FP8 weight of ``shape`` with a scale per ``block`` into its ``slot`` held as
+    FP8 as its own codes (``hf._hold_codes``), rather than decoding and quantizing it anew."""
+    return tiles_in_blocks(shape, block) and slot.scale == 1.0 and not slot.fused \
+        and tile_keeping_order(shape[0], slot) is not None
+
+
+def _bf16_exact(fmt: str, scale: torch.dtype) -> bool:
+    """Whether every value a quantized weight of format ``fmt`` (compressed-tensors' ``format``, or ModelOpt's
+    ``quant_algo``) with scales of dtype ``scale`` decodes to is a BF16 value (``stored_weight_dtype``)."""
+    if fmt in (NVFP4, "NVFP4"):  # code x (E4M3 block / FP32 global), rounded in FP32
+        return False
+    # MXFP4's values are BF16 ones whatever its UE8M0 scales; integer and E4M3 codes x a scale are rounded to the
+    # scale's dtype (compressed.dequantize, fp8_scaled.decode_fp8)
+    return fmt == MXFP4 or scale == torch.bfloat16
 
 
 def init_source(path: str | Path) -> tuple[ModelConfig, Path]:
