@@ -4,9 +4,12 @@ log-probabilities and gradient and the step-2 loss as a plain torch DPO on trans
 the reference fixed, data-parallel ranks equal to one process, an exact resume, and one-line refusals. Tiny random
 Llama (dense: no balance loss in the oracle), FP32, CPU."""
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,8 +24,10 @@ from flyer.interop.export import export_model
 from flyer.interop.hf import load_hf
 from flyer.train import checkpoint as ckpt
 from flyer.train.config import TrainConfig
-from flyer.train.dpo import completion_logprobs
-from flyer.train.trainer import Trainer
+from flyer.model.counts import param_counts, training_flops_per_token
+from flyer.train.dpo import completion_logprobs, dpo_flops_per_token
+from flyer.train.metrics import model_flops_per_token
+from flyer.train.trainer import Trainer, training_memory_bytes
 from tests.bounds import FP32_U
 from tests.hf_models import add_mtp_layer, build
 from tests.host_reads import host_reads
@@ -65,9 +70,9 @@ def hf(tmp_path_factory):
 
 def _trainer(hf, out, **kw) -> Trainer:
     path, prefs = hf
-    tc = TrainConfig(init=str(path), data=str(prefs), dpo=True, out=str(out), **{"seq_len": 96, "batch_size": 4, **kw},
-                     dpo_beta=BETA, lr=3e-2, warmup=0, schedule="constant", clip=1e9, precision="fp32", device="cpu",
-                     threads=1, plots=False, progress=False)
+    kw = {"seq_len": 96, "batch_size": 4, "precision": "fp32", **kw}
+    tc = TrainConfig(init=str(path), data=str(prefs), dpo=True, out=str(out), **kw, dpo_beta=BETA, lr=3e-2, warmup=0,
+                     schedule="constant", clip=1e9, device="cpu", threads=1, plots=False, progress=False)
     return Trainer(tc, log=lambda m: None)
 
 
@@ -250,6 +255,39 @@ def test_data_parallel_ranks_equal_one_process(hf, tmp_path):
     assert max(float((half["grads"][n] - g).norm() / g.norm()) for n, g in whole["grads"].items()) > 100 * c
 
 
+def _zero_step(rank: int, hf_dir: str, prefs: str, out: str, halves: list[list[int]]) -> dict:
+    """Rank ``rank`` of 2 data-parallel ranks, on pairs ``halves[rank]``: the weights after one DPO step (its loss,
+    gradient norm) with the optimizer state unsharded and with ZeRO-1's shards."""
+    result = {}
+    for zero in (0, 1):
+        t = _trainer((Path(hf_dir), prefs), f"{out}/zero{zero}r{rank}", batch_size=2, zero=zero,
+                     collective_timeout_s=120)
+        rows = chat_rows(t.data.train.samples, pair_samples(halves[rank]), 96, trim=True)
+        t.sampler.next_batch = iter([rows]).__next__
+        rec = t.train_step()
+        moved = any(not torch.equal(p, r) for p, r in zip(t.model.parameters(), t.dpo.reference.parameters()))
+        result[zero] = {"rec": (rec["dpo_loss"], rec["grad_norm"]), "layout": t.layout["zero"], "moved": moved,
+                        "weights": {n: p.detach().clone() for n, p in t.model.named_parameters()}}
+        t.close()
+    t.mesh.destroy()
+    return result
+
+
+@pytest.mark.slow
+def test_zero1_step_equals_unsharded_step(hf, tmp_path):
+    """``zero=1`` on 2 data-parallel ranks (gloo): one DPO step leaves every weight equal, bit for bit, to the
+    unsharded optimizer's on the same ranks (AdamW is elementwise and each shard is broadcast as its owner computed
+    it: ``flyer.parallel.zero``), which tests/test_dpo.py's data-parallel test ties to one process."""
+    path, prefs = hf
+    ranks = run_ranks(_zero_step, 2, str(path), str(prefs), str(tmp_path), [[0, 2], [5, 3]])
+    for r in ranks:
+        plain, sharded = r[0], r[1]
+        assert (plain["layout"], sharded["layout"]) == (0, 1) and plain["rec"] == sharded["rec"] and sharded["moved"]
+        for n, w in plain["weights"].items():
+            assert torch.equal(sharded["weights"][n], w), n
+    assert all(torch.equal(ranks[0][1]["weights"][n], w) for n, w in ranks[1][1]["weights"].items())
+
+
 def _train_args(hf, out, steps, *extra):
     path, prefs = hf
     return ["train", "--init", str(path), "--data", str(prefs), "--dpo", "--dpo-beta", str(BETA), "--steps",
@@ -264,11 +302,14 @@ def _records(run):
 
 def test_cli_run_resumes_exactly_and_records_dpo(hf, tmp_path, capsys):
     """``flyer train --dpo``: 3 steps straight equal 2 steps then a resumed third (every DPO field and the validation
-    loss); the checkpoint's config says dpo; resuming with another init (another reference) is refused."""
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    loss; the cut run's init a copy of the whole one's); the checkpoint's config says dpo; resuming with another init
+    (another reference), or with the same init whose weight file was rewritten (another model of the same shapes
+    and size) since, is refused."""
+    whole, cut, init = tmp_path / "whole", tmp_path / "cut", tmp_path / "init"
+    shutil.copytree(hf[0], init)
     assert main(_train_args(hf, whole, 3)) == 0
-    assert main(_train_args(hf, cut, 2)) == 0
-    assert main(_train_args(hf, cut, 3, "--resume")) == 0
+    assert main(_train_args((init, hf[1]), cut, 2)) == 0
+    assert main(_train_args((init, hf[1]), cut, 3, "--resume")) == 0
     keys = ("step", "loss", "dpo_loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin",
             "grad_norm", "val_loss")
     strip = lambda rs: [{k: r[k] for k in keys} for r in rs]  # noqa: E731
@@ -284,6 +325,79 @@ def test_cli_run_resumes_exactly_and_records_dpo(hf, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("flyer: error: --init: ") and "differs from the run's init" in err[0]
+    assert main(_train_args((init, hf[1]), cut, 4, "--resume")) == 0  # unchanged: resumes
+    size = (init / "model.safetensors").stat().st_size
+    shutil.copyfile(other / "model.safetensors", init / "model.safetensors")
+    assert (init / "model.safetensors").stat().st_size == size  # the same header: only the bytes differ
+    capsys.readouterr()
+    assert main(_train_args((init, hf[1]), cut, 5, "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flyer: error: --init: ") and "weights changed" in err[0], err
+
+
+def test_memory_estimate_and_flops_count_the_reference(hf, tmp_path):
+    """The pre-run memory estimate of a DPO run exceeds the same run's without DPO by the reference's weights, as
+    held; a step's FLOPs are the policy's training (3 forwards, ``training_flops_per_token``) plus the reference's
+    forward, per position run, MTP modules (not run) not counted."""
+    t = _trainer(hf, tmp_path / "run")
+    ref = t.dpo.reference
+    weights = sum(p.numel() for p in ref.parameters()) * ref.embed.weight.element_size()
+    assert weights == param_counts(t.cfg).total * 4  # built FP32, no MTP module here
+    plain = dataclasses.replace(t.tc, dpo=False)
+    for batch in (0, 4):
+        tc = dataclasses.replace(t.tc, batch_size=batch)
+        assert (training_memory_bytes(t.cfg, tc, t.precision)
+                - training_memory_bytes(t.cfg, dataclasses.replace(plain, batch_size=batch), t.precision)) == weights
+    x, _ = t.sampler.next_batch()
+    t.sampler.position = 0
+    rec = t._local_step()
+    train = training_flops_per_token(t.cfg, x.shape[1])
+    forward = train / 3  # flyer counts a training step as 3 forwards (forward, backward: twice)
+    assert rec["tokens"] == x.numel() and rec["flops"] == pytest.approx(x.numel() * (train + forward), rel=1e-12)
+    mtp = t.cfg.replace(mtp_depth=1)
+    assert dpo_flops_per_token(mtp, 96) == dpo_flops_per_token(t.cfg, 96) < model_flops_per_token(mtp, 96) * 4 / 3
+    t.close()
+
+
+def test_bf16_step_matches_fp32_within_its_logits_error(hf, tmp_path, monkeypatch):
+    """--precision bf16 (its GEMMs emulated through FP32, as on a CPU without BF16 hardware: the same on any
+    machine): step 1's loss is ln 2 (policy and reference computed alike), and the DPO loss of the step-1 weights on
+    the next batch is the FP32 one within what the BF16 logits' error allows: beta (the loss's slope in each
+    log-probability, logsigmoid being 1-Lipschitz) times the pair's four rows' errors (policy and reference, chosen
+    and rejected), a row's at most twice its trained positions' largest logit error each (a log-softmax entry moves
+    by at most twice its logits' largest change)."""
+    from flyer.model import lowp
+    from flyer.train import trainer
+
+    monkeypatch.setattr(trainer, "fastest_gemm", lambda dtype, device: (1e12, f"{dtype} (stub)"))  # no GEMM timing
+    with lowp.emulation(True):
+        t = _trainer(hf, tmp_path / "bf16", precision="bf16")
+        rec1 = t.train_step()
+        assert t.precision == "bf16" and math.isfinite(rec1["grad_norm"]) and rec1["grad_norm"] > 0
+        assert rec1["dpo_loss"] == pytest.approx(math.log(2), abs=4 * FP32_U) and rec1["reward_margin"] == 0.0
+        x, y = t.sampler.next_batch()
+        t.sampler.position = 1
+        keep = y != IGNORE_INDEX
+        losses, logits = {}, {}
+        with torch.no_grad():
+            for name, cast in (("bf16", t._autocast), ("fp32", contextlib.nullcontext)):
+                with cast():
+                    losses[name] = t.dpo._pairs(t.model, x, y, torch.device("cpu"))[0].double()
+                    logits[name] = [m.head(m.norm(m.hidden(x.clamp(min=0))))[keep].float().double()
+                                    for m in (t.model, t.dpo.reference)]  # (N, V) each
+        rec2 = t.train_step()
+        t.close()
+    V, rows = t.cfg.vocab_size, keep.nonzero()[:, 0]
+    scale = max(float(lg.abs().max()) for lg in logits["fp32"]) + math.log(V)
+    bound = torch.zeros(len(losses["fp32"]), dtype=torch.float64)
+    for b16, b32 in zip(logits["bf16"], logits["fp32"]):
+        # per trained position: twice the largest logit error, plus FP32 rounding of the V-term log-sum-exp
+        err = 2 * (b16 - b32).abs().amax(1) + (V + 8) * FP32_U * scale
+        row = torch.zeros(x.shape[0], dtype=torch.float64).index_add(0, rows, err)  # a row's summed log-probability
+        bound += row[0::2] + row[1::2]
+    diff = (losses["bf16"] - losses["fp32"]).abs()
+    assert (diff <= BETA * bound).all() and diff.max() > 0  # BF16 was in effect
+    assert rec2["dpo_loss"] == pytest.approx(float(losses["bf16"].mean()), abs=4 * FP32_U)
 
 
 @pytest.mark.parametrize("line, words", [

@@ -313,7 +313,7 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   sampler, mesh, cfg: ModelConfig, tokenizer: Tokenizer, bad_steps: int, train_config: dict,
                   keep: int | None, protect: tuple[Path, ...] = (), layout: dict | None = None,
-                  settings: dict[str, bytes] | None = None) -> Path | None:
+                  settings: dict[str, bytes] | None = None, extra: dict | None = None) -> Path | None:
     """Checkpoint a training run at ``step`` (a collective: every rank of ``mesh`` calls it).
 
     model: this rank's model (its expert slice under EP); saved in the full single-process layout.
@@ -325,11 +325,12 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     (a name of ``SETTINGS_FILES`` -> its bytes), written as they are; with a tiktoken tokenizer's files
     (``flyer.interop.load.read_settings``), which build ``tokenizer`` (``flyer.data.tokenizer_copy.builds``),
     those stand for it and no tokenizer.json is written (one cannot carry Kimi's cut of long runs).
+    ``extra``: more JSON-able fields of this rank's state file (a DPO run's reference fingerprint).
     Returns the checkpoint directory on rank 0, None elsewhere.
     """
     weights = mesh.full_state_dict(model)
     state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "train_config": train_config,
-             "layout": layout}
+             "layout": layout, **(extra or {})}
     ranks = mesh.gather_object({"optimizer": optimizer.state_dict(), "state": state, "rng": rng_state(mesh.device)})
     path = None
     if ranks is not None:

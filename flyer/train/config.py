@@ -26,6 +26,7 @@ from flyer.optim.muon import OPTIMIZERS
 from flyer.parallel.pipeline import PP_SCHEDULES
 from flyer.runtime import PRECISIONS
 from flyer.train import checkpoint as ckpt
+from flyer.train.dpo import reference_files
 
 SCHEDULES = ("cosine", "constant")
 # What a resumed run keeps (seed first, as the README promises): each changes what the remaining
@@ -40,6 +41,7 @@ RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_
                 "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs", "fim_rate", "dpo",
                 "dpo_beta")
 
+REFERENCE_FILES = "reference_files"  # a DPO run's state field: its reference's fingerprint (dpo.reference_files)
 
 _FIELD_TYPES = {  # a TrainConfig annotation -> (does a value have it, its name in an error)
     bool: (lambda v: isinstance(v, bool), "true or false"),
@@ -203,10 +205,24 @@ def check_resume_settings(tc: TrainConfig, path: Path) -> None:
     changed = [k for k in RESUME_KEEPS if k in saved and saved[k] != getattr(tc, k)]
     if tc.dpo and saved.get("init") and Path(saved["init"]).resolve() != Path(tc.init).resolve():
         changed.insert(0, "init")  # the DPO reference: init's weights, the same on resume
+    if tc.dpo and not changed and saved_files(path) is not None:  # the same init: the same weights in it?
+        now = {f: (size, mtime) for f, size, mtime in reference_files(tc.init)}
+        was = {f: (size, mtime) for f, size, mtime in saved_files(path)}
+        diff = sorted(set(now) ^ set(was)) or [f for f in sorted(now) if now[f] != was[f]]
+        if diff:
+            raise FieldError("init", f"{tc.init}'s weights changed since the run started ({diff[0]}: another "
+                                     f"file, size or modification time; checkpoint {path}); a resumed DPO run "
+                                     "needs the reference it started with")
     if changed:
         k, also = changed[0], f"; also changed: {', '.join(changed[1:])}" if changed[1:] else ""
         raise FieldError(k, f"{getattr(tc, k)} differs from the run's {k} {saved[k]}{also} (checkpoint {path}); "
                             "a resumed run keeps the settings it started with")
+
+
+def saved_files(path: Path) -> list | None:
+    """The DPO reference's fingerprint (``dpo.reference_files``) the run checkpointed at ``path`` recorded, or None
+    (not DPO, or saved before it was recorded: nothing to compare)."""
+    return ckpt.saved_state(path).get(REFERENCE_FILES)
 
 
 def carried_settings(start: Path | None, init: str | None) -> dict[str, bytes]:

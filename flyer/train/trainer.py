@@ -50,9 +50,10 @@ from flyer.parallel.pipeline import (PipelineModel, check_indexer_stages, held_m
                                      require_torch_for, validate_pipeline)
 from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
-from flyer.train.dpo import DpoObjective, freeze_mtp
+from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, reference_files
 from flyer.train.expert_stats import expert_loads, router_stats
-from flyer.train.config import TrainConfig, carried_settings, check_resume_settings, lr_at, tokenizer_settings
+from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings, lr_at,
+                                tokenizer_settings)
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 from flyer.train.batches import counts, draw, positions_run, prepare_run_data, samplers
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
@@ -65,7 +66,10 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
     and what one micro-batch saves for
     backward (every layer's saved activations, ``flyer.cluster.costs``, and the FP32 logits and
     their gradient of the main and MTP heads; a pipeline holds about ``pp`` micro-batches of its
-    1/pp of the layers). Attention scores and allocator slack come on top."""
+    1/pp of the layers). DPO (``tc.dpo``) adds its frozen reference's FP32 weights (``build_model``'s, split as the
+    policy's); the reference's forward (no gradients) runs before the policy's in each micro-batch, so its transient
+    activations are freed before the policy saves any and add nothing to the peak. Attention scores and allocator
+    slack come on top."""
     pc = param_counts(cfg)
     expert = pc.total - pc.activated if cfg.is_moe else 0  # the share of the weights EP splits
     params = (pc.total - expert + expert / ep) / pp
@@ -76,7 +80,8 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
                                                  layer_id=i) for i in range(cfg.n_layers))
     logits = logits_bytes_per_token(cfg)
     per_param = 16 if tc.optimizer == "adamw" else 12
-    return params * per_param + tokens * (saved + logits)
+    reference = 4 if tc.dpo else 0
+    return params * (per_param + reference) + tokens * (saved + logits)
 
 
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
@@ -172,6 +177,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.stopped_by: int | None = None  # the signal that stopped run()
         self.settings: dict[str, bytes] = {}  # carried_settings (rank 0 writes the checkpoints)
+        self.state_extra: dict[str, Any] = {}  # more of rank 0's state file (DPO: the reference's fingerprint)
         start, err = None, None
         if self.rank0:  # the run directory: owned by this job, and a fresh run or the continuation of one
             try:
@@ -179,7 +185,9 @@ class Trainer:
                 usable_dir(self.ckpt_root, "out")  # a file in its place would fail the first save, after training
                 start = choose_start(self.out, tc.resume, self.log)
                 if start is not None:
-                    check_resume_settings(tc, start)
+                    check_resume_settings(tc, start)  # DPO: the reference's fingerprint too
+                if tc.dpo:  # recorded at the start, before the reference is read (checked on resume)
+                    self.state_extra = {REFERENCE_FILES: reference_files(tc.init)}
                 self.settings = carried_settings(start, tc.init)
                 if self.tensorboard_dir is not None:
                     usable_dir(self.tensorboard_dir, "tensorboard")
@@ -229,7 +237,9 @@ class Trainer:
             self.dpo = DpoObjective(reference, tc.dpo_beta)
         self.optimizer = build_optimizer(self.model, tc, self.mesh)
         self.memory_written = False  # memory.json: after the first optimizer step
-        self.flops_per_token = functools.cache(functools.partial(model_flops_per_token, self.cfg))  # of a row width
+        # of a row width; DPO: the policy's training and the reference's forward (flyer.train.dpo)
+        self.flops_per_token = functools.cache(functools.partial(dpo_flops_per_token if tc.dpo else
+                                                                 model_flops_per_token, self.cfg))
         peak_dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
         # MFU against the fastest GEMM the device offers at this precision (``peak_gemm`` names it)
         self.peak_flops, self.peak_gemm = fastest_gemm(peak_dtype, self.device)
@@ -260,6 +270,7 @@ class Trainer:
         validation batches (host memory, shared with training on a CPU device)."""
         tc, ep, pp = self.tc, self.mesh.ep, self.mesh.pp
         params = f"training {param_counts(self.cfg).total / 1e6:,.1f}M parameters"
+        params += " beside a frozen reference copy (DPO)" if tc.dpo else ""
         for field, batch in (("init" if tc.init else "preset", 0), ("seq_len", 1), ("batch_size", tc.batch_size)):
             need = training_memory_bytes(self.cfg, dataclasses.replace(tc, batch_size=batch), self.precision, ep, pp)
             require_memory(need, self.device, field, f"{params} at batch {batch} x {tc.seq_len}" if batch else params)
@@ -293,7 +304,7 @@ class Trainer:
         return ckpt.save_training(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                   sampler=self.sampler, mesh=self.mesh, cfg=self.cfg, tokenizer=self.data.tokenizer,
                                   bad_steps=self.bad_steps, train_config=asdict(self.tc), layout=self.layout,
-                                  keep=self.tc.keep, settings=self.settings,
+                                  keep=self.tc.keep, settings=self.settings, extra=self.state_extra,
                                   protect=(self.resumed_from,) if self.resumed_from else ())
 
     # ---- one optimizer step ---------------------------------------------------------------
