@@ -21,11 +21,12 @@
                                 ``content`` (``flyer.serve.reasoning``), and a prompt that opens reasoning has
                                 its grammar (tool_choice, response_format) hold after the reasoning
     POST /v1/responses          OpenAI's Responses API over the chat route (``flyer.serve.responses``)
-    GET  /v1/responses/{id}     a stored response
+    GET  /v1/responses/{id}     a stored response; DELETE forgets it; GET .../input_items lists its input items
 
-Every response carries ``usage``. Errors use OpenAI's shape ``{"error": {"message", "type",
-"param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too long for the
-context), 401 for a missing or wrong API key, 404 for an unknown model or route, 413 for a body past
+Every response carries ``usage``, with ``prompt_tokens_details.cached_tokens``: the prompt tokens the engine took
+from its prefix cache instead of computing them (0 with prefix sharing off). Errors use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too
+long for the context), 401 for a missing or wrong API key, 404 for an unknown model or route, 413 for a body past
 ``MAX_BODY_BYTES`` (``flyer.serve.body_limit``), 429 when the queue is full, 503 while draining. A bug answers 500
 in the same shape, never with a traceback; in a stream, whose status is sent, it ends the stream with OpenAI's
 error event (the ``openai`` client raises it).
@@ -67,7 +68,6 @@ from flyer.serve.metrics import ApiMetrics
 from flyer.serve.reasoning import PARSERS, Reasoning, Split
 from flyer.serve.request import NO_GRAMMARS, QueueFull, SamplingOptions, TokenEvent
 from flyer.serve.responses import Responses
-from flyer.serve.responses_schema import ResponsesBody
 from flyer.serve.schema import JINJA_ROLES, Body, ChatBody, CompletionBody
 from flyer.serve.tools import (ToolCall, chosen_format, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
@@ -175,8 +175,13 @@ class _Generation:
         yield b"data: [DONE]\n\n"
 
     def usage(self) -> dict:
+        """OpenAI's ``usage``: each prompt counted once, its ``cached_tokens`` the fewest its choices took from the
+        prefix cache (a prompt's n choices share it: the first computes what the others take)."""
         p, c = sum(len(x) for x in self.prompts), sum(len(ch.ids) for ch in self.choices)
-        out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        took = [next((e.cached_tokens for e in ch.events if e.cached_tokens is not None), 0) for ch in self.choices]
+        cached = sum(min(took[i * self.n:(i + 1) * self.n]) for i in range(len(self.prompts)))
+        out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+               "prompt_tokens_details": {"cached_tokens": cached}}
         if self.reasoning_tokens is not None:
             out["completion_tokens_details"] = {"reasoning_tokens": sum(map(self.reasoning_tokens, self.choices))}
         return out
@@ -546,16 +551,7 @@ def build_app(api: Api, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     async def chat(request: Request, body: ChatBody):
         return await api.chat(request, body)
 
-    responses = Responses(api)
-
-    @app.post("/v1/responses")
-    async def create_response(request: Request, body: ResponsesBody):
-        return await responses.create(request, body)
-
-    @app.get("/v1/responses/{response_id}")
-    async def retrieve_response(request: Request, response_id: str):
-        return responses.retrieve(request, response_id)
-
+    Responses(api).add_routes(app)
     return app
 
 

@@ -10,7 +10,8 @@ during the step. Each scheduler step:
    the whole prompt (after taking its cached prefix blocks): a request joins the running batch
    at the next step, without waiting for the batch to finish; one whose prompt starts with blocks a
    running request is still prefilling waits for them and shares them (n choices of one prompt, a
-   burst with a common header: computed once);
+   burst with a common header: computed once); the prompt tokens its first admission took from cached blocks
+   come with its first token (``TokenEvent.cached_tokens``: ``usage``'s ``cached_tokens``);
 3. gives every decoding request a slot for its next token; when no block is left, the most
    recently admitted request is preempted: its blocks freed, it goes back to the front of the
    queue and is recomputed (prompt and tokens so far) when readmitted, so nothing is lost or
@@ -285,7 +286,7 @@ class Engine:
                 else:  # recompute the last shared position for its hidden state (not written)
                     r.n_cached -= 1
             if not r.admitted:  # once: a preempted request comes back
-                r.admitted = True
+                r.admitted, r.cached_prompt = True, len(blocks) * bs
                 self.metrics.prompt_tokens.inc(len(r.prompt))
             self.running.append(r)
 
@@ -561,7 +562,8 @@ class Engine:
         first = r.generated == 1
         if reason is not None:  # blocks freed before the caller hears the request is done
             self._finish(r, reason, emit=False)
-        r.emit(TokenEvent(tok, lp, top, reason, r.prompt_lp if first and r.prompt_lp is not None else None))
+        r.emit(TokenEvent(tok, lp, top, reason, r.prompt_lp if first and r.prompt_lp is not None else None,
+                          r.cached_prompt if first else None))
         return reason is not None
 
     def _finish(self, r: Request, reason: str, emit: bool) -> None:

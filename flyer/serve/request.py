@@ -4,7 +4,8 @@ A ``Request`` is a prompt (token ids) with its ``SamplingOptions`` (max_tokens, 
 temperature / top-p with an optional seed, stop ids, logprobs, OpenAI's logit bias and penalties)
 and an ``emit`` callback that hears one ``TokenEvent`` per generated token. Its state is its tokens
 (prompt + generated) and its cache state: ``n_cached``, how many leading tokens have entries in its
-``blocks`` of the paged cache (``n_shared`` of them taken from the prefix index), the chain keys of
+``blocks`` of the paged cache (``n_shared`` of them taken from the prefix index; ``cached_prompt``, those at its
+first admission, is reported with its first token), the chain keys of
 its full blocks, and with speculation or DeepSeek-V4 the MTP cache's progress and its pool slot.
 
 ``Limits`` (vocabulary, context, cache capacity in blocks, queue length) decide whether a request
@@ -152,6 +153,8 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     # with the first token, when asked: per prompt token (logprob, top alternatives); None first
     prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] | None = None
+    # with the first token: the prompt tokens taken from the prefix cache at admission (``Request.cached_prompt``)
+    cached_tokens: int | None = None
 
 
 @dataclass(eq=False)
@@ -176,6 +179,9 @@ class Request:
     last_token_at: float | None = None
     cancelled: bool = False
     admitted: bool = False  # once admitted (its prompt counted), preempted or not since
+    # prompt tokens its first admission took from cached blocks (shared in memory or on disk), not computed: what
+    # ``usage`` reports (a recompute after preemption, which the client does not see, is not counted)
+    cached_prompt: int = 0
     done: bool = False
 
     @property

@@ -6,12 +6,18 @@
                               reasoning (with a reasoning parser), text and tool calls become ``reasoning``,
                               ``message`` (``output_text``) and ``function_call`` output items
     GET  /v1/responses/{id}   a stored response
+    DELETE /v1/responses/{id} forgets it (``response.deleted``)
+    GET  /v1/responses/{id}/input_items
+                              the items it was generated from (its ``previous_response_id``'s, the input and output
+                              items of that conversation, then its own ``input``; not ``instructions``) in OpenAI's
+                              item shapes, a page of them: ``limit`` (1-100, default 20), ``order`` (asc, desc: the
+                              last item first, the default), ``after`` (an id)
 
 A stream is Responses' named events (``response.created`` ... ``response.completed``, each with its
 ``sequence_number``), made from the chat route's chunks as they come. Finished responses (``store``, OpenAI's default
 true) are kept in memory, the last ``MAX_STORED`` of them (least recently used out): a ``previous_response_id`` no
-longer there answers 404. ``usage.input_tokens_details.cached_tokens`` is 0: the engine shares cached prefixes but
-does not report them per request.
+longer there answers 404. ``usage.input_tokens_details.cached_tokens`` is chat's
+``prompt_tokens_details.cached_tokens``: the prompt tokens the engine took from its prefix cache.
 """
 
 from __future__ import annotations
@@ -21,22 +27,23 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from flyer.errors import FieldError
 from flyer.serve.api_error import ApiError, sse_event
-from flyer.serve.responses_schema import NamedFunction, ResponsesBody, input_messages
+from flyer.serve.responses_schema import NamedFunction, ResponsesBody, input_items, input_messages
 from flyer.serve.schema import ChatBody
 
 if TYPE_CHECKING:  # the type only: ``flyer.serve.api`` registers these routes
     from flyer.serve.api import Api
 
 MAX_STORED = 1024  # finished responses kept for GET and previous_response_id
+MAX_LISTED = 100  # input items per page of ``GET /v1/responses/{id}/input_items`` (OpenAI's bound)
 
 # chat's field names in the errors of the chat machinery, as the Responses body names them
 _FIELDS = {"messages": "input", "prompt": "input", "max_tokens": "max_output_tokens",
@@ -55,6 +62,7 @@ def _responses_field(err: FieldError) -> FieldError:
 class Stored:
     response: dict  # the Response object
     messages: list[dict]  # its conversation as chat messages, its answer included, its instructions not
+    inputs: list[dict] = field(default_factory=list)  # the items it was generated from, as ``input_items`` lists them
 
 
 class ResponseStore:
@@ -79,10 +87,16 @@ class ResponseStore:
         self.items.move_to_end(rid)
         return stored
 
+    def delete(self, rid: str) -> None:
+        """Forget the response ``rid``; ``get``'s 404 when it is not kept."""
+        self.get(rid)
+        del self.items[rid]
+
 
 def _usage(chat_usage: dict) -> dict:
     details = chat_usage.get("completion_tokens_details") or {}
-    return {"input_tokens": chat_usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+    cached = (chat_usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {"input_tokens": chat_usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": chat_usage["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": details.get("reasoning_tokens", 0)},
             "total_tokens": chat_usage["total_tokens"]}
@@ -136,9 +150,54 @@ class Responses:
     def __init__(self, api: Api, capacity: int = MAX_STORED):
         self.api, self.store = api, ResponseStore(capacity)
 
+    def add_routes(self, app: FastAPI) -> None:
+        """The Responses routes on ``app`` (``flyer.serve.api.build_app``'s, with its OpenAI-shaped errors)."""
+        @app.post("/v1/responses")
+        async def create_response(request: Request, body: ResponsesBody):
+            return await self.create(request, body)
+
+        @app.get("/v1/responses/{response_id}")
+        async def retrieve_response(request: Request, response_id: str):
+            return self.retrieve(request, response_id)
+
+        @app.delete("/v1/responses/{response_id}")
+        async def delete_response(request: Request, response_id: str):
+            return self.delete(request, response_id)
+
+        @app.get("/v1/responses/{response_id}/input_items")
+        async def list_input_items(request: Request, response_id: str):
+            return self.input_items(request, response_id)
+
     def retrieve(self, request: Request, rid: str) -> dict:
         self.api.check_access(request)
         return self.store.get(rid).response
+
+    def delete(self, request: Request, rid: str) -> dict:
+        self.api.check_access(request)
+        self.store.delete(rid)
+        return {"id": rid, "object": "response.deleted", "deleted": True}
+
+    def input_items(self, request: Request, rid: str) -> dict:
+        """A page of the stored response ``rid``'s input items (OpenAI's list object; ``after``: the items after that
+        id in the ``order`` asked). ``FieldError`` naming a bad ``limit``, ``order`` or ``after``."""
+        self.api.check_access(request)
+        items = self.store.get(rid).inputs
+        query = request.query_params
+        limit = query.get("limit", "20")
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LISTED:
+            raise FieldError("limit", f"must be an integer in [1, {MAX_LISTED}] (got {limit!r})")
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise FieldError("order", f"must be asc or desc (got {order!r})")
+        items = items if order == "asc" else items[::-1]
+        start, after = 0, query.get("after")
+        if after is not None:
+            start = next((i + 1 for i, item in enumerate(items) if item["id"] == after), None)
+            if start is None:
+                raise FieldError("after", f"response {rid!r} has no input item {after!r}")
+        page = items[start:start + int(limit)]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < len(items)}
 
     def _chat_body(self, body: ResponsesBody, messages: list[dict]) -> ChatBody:
         chat = {"model": body.model or self.api.model_name, "messages": messages, "stream": body.stream,
@@ -174,22 +233,24 @@ class Responses:
                 "tool_choice": choice, "tools": tools, "top_p": 1.0 if body.top_p is None else body.top_p,
                 "truncation": "disabled", "usage": None, "user": body.user, "metadata": body.metadata or {}}
 
-    def _finish(self, head: dict, output: list[dict], usage: dict, messages: list[dict], store: bool) -> dict:
-        """The finished Response object (stored when asked)."""
+    def _finish(self, head: dict, output: list[dict], usage: dict, messages: list[dict], store: bool,
+                inputs: list[dict]) -> dict:
+        """The finished Response object (stored when asked, with its ``inputs`` items)."""
         incomplete = any(i.get("status") == "incomplete" for i in output)
         response = {**head, "status": "incomplete" if incomplete else "completed", "completed_at": int(time.time()),
                     "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "output": output,
                     "usage": _usage(usage)}
         if store:
-            self.store.put(head["id"], Stored(response, messages + _answer_messages(output)))
+            self.store.put(head["id"], Stored(response, messages + _answer_messages(output), inputs))
         return response
 
     async def create(self, request: Request, body: ResponsesBody) -> Response:
         self.api.check_access(request, body.model)
         body.check_fields()
-        past = self.store.get(body.previous_response_id, "previous_response_id").messages \
-            if body.previous_response_id else []
-        messages = past + input_messages(body.input)
+        past = self.store.get(body.previous_response_id, "previous_response_id") if body.previous_response_id else None
+        messages = (past.messages if past else []) + input_messages(body.input)
+        # the conversation's items (the previous response's, its answer's output items among them), then its own
+        inputs = (past.inputs + past.response["output"] if past else []) + input_items(body.input, _item_id)
         system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
         chat = self._chat_body(body, system + messages)
         try:
@@ -200,12 +261,12 @@ class Responses:
         if isinstance(result, dict):
             choice = result["choices"][0]
             output = _output_items(choice["message"], choice["finish_reason"])
-            return JSONResponse(self._finish(head, output, result["usage"], messages, body.store is not False))
-        return StreamingResponse(self._events(head, result, messages, body.store is not False),
+            return JSONResponse(self._finish(head, output, result["usage"], messages, body.store is not False, inputs))
+        return StreamingResponse(self._events(head, result, messages, body.store is not False, inputs),
                                  media_type="text/event-stream")
 
     async def _events(self, head: dict, chunks: AsyncIterator[dict], messages: list[dict],
-                      store: bool) -> AsyncIterator[bytes]:
+                      store: bool, inputs: list[dict]) -> AsyncIterator[bytes]:
         """Responses' stream of events from the chat route's chunks (one choice; the usage chunk last)."""
         seq = 0
         output: list[dict] = []  # the items so far, each as it stands
@@ -272,7 +333,7 @@ class Responses:
                         for b in (*add_text("message", ""), *close_item("incomplete" if finish == "length"
                                                                         else "completed")):
                             yield b
-                    response = self._finish(head, output, chunk["usage"], messages, store)
+                    response = self._finish(head, output, chunk["usage"], messages, store, inputs)
                     kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
                     yield event(kind, response=response)
                     return

@@ -7,11 +7,12 @@ the fields that would change the output and that flyer serve does not implement 
                     tool_choice, parallel_tool_calls, text.format, reasoning.effort, store, previous_response_id,
                     metadata, user
     input_messages  the items as chat messages (``flyer.serve.schema.ChatMessage``'s dicts)
+    input_items     the items as ``GET /v1/responses/{id}/input_items`` lists them
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -227,4 +228,33 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict]:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif isinstance(item, FunctionCallOutputItem):
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+    return out
+
+
+def input_items(items: str | list[dict[str, Any]], new_id: Callable[[str], str]) -> list[dict]:
+    """The ``input`` (checked by ``input_messages``) in the shapes OpenAI lists a response's input items in (the
+    openai client's ``ResponseItem``): messages with text parts (``input_text``; an assistant's ``output_text``),
+    function calls and their outputs, reasoning; each with the id it was sent with, else ``new_id(prefix)``'s."""
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    out = []
+    for raw in items:
+        item = ITEMS[raw.get("type", "message")].model_validate(raw)
+        sent = {k: v for k, v in (item.model_extra or {}).items() if k in ("id", "status")}
+        if isinstance(item, MessageItem):
+            kind = "output_text" if item.role == "assistant" else "input_text"
+            parts = [TextPart(type=kind, text=item.content)] if isinstance(item.content, str) else item.content
+            content = [{"annotations": [], **p.model_dump()} if p.type == "output_text" else p.model_dump()
+                       for p in parts]
+            out.append({"id": new_id("msg"), "type": "message", "role": item.role, "content": content,
+                        "status": "completed", **sent})
+        elif isinstance(item, FunctionCallItem):
+            out.append({"id": new_id("fc"), "type": "function_call", "call_id": item.call_id, "name": item.name,
+                        "arguments": item.arguments, "status": "completed", **sent})
+        elif isinstance(item, FunctionCallOutputItem):
+            out.append({"id": new_id("fco"), "type": "function_call_output", "call_id": item.call_id,
+                        "output": item.output if isinstance(item.output, str) else
+                        [p.model_dump() for p in item.output], "status": "completed", **sent})
+        else:  # reasoning: as sent, with an id and a summary (the client's required fields)
+            out.append({"id": new_id("rs"), "summary": [], **raw})
     return out
