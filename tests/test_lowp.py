@@ -254,3 +254,32 @@ def test_assume_cpu_rejects_unknown_kinds():
 def test_precision_choice():
     with pytest.raises(ValueError, match="precision must be one of"):
         runtime.resolve_precision("fp4", "cpu")
+
+
+def test_the_gemm_peak_is_measured_once_a_process(monkeypatch):
+    """``fastest_gemm`` (every trainer's MFU denominator) measures each way once per process for a dtype, device
+    and set of arguments, and again for another of any (a forced CPU kind names other ways)."""
+    from flyer.train import metrics
+
+    calls = []
+    monkeypatch.setattr(metrics, "_PEAKS", {})
+    monkeypatch.setattr(metrics, "measure_gemm_peak", lambda dtype, device, emulate=None, **kw:
+                        calls.append((dtype, emulate, kw)) or 1.0 + bool(emulate))
+    ways = metrics.gemm_ways(bf16, "cpu")
+    first = metrics.fastest_gemm(bf16, "cpu")
+    assert metrics.fastest_gemm(bf16, "cpu") == first == (2.0, next(w for w, e in ways.items() if e))
+    assert len(calls) == len(ways)
+    metrics.fastest_gemm(bf16, "cpu", seconds=0.1)
+    metrics.fastest_gemm(torch.float32, "cpu")
+    assert len(calls) == 2 * len(ways) + 1
+    other = next(k for k in runtime.CPU_KINDS if metrics.gemm_ways(bf16, "cpu") != _ways_of(k))
+    with runtime.assume_cpu(other):
+        metrics.fastest_gemm(bf16, "cpu")
+    assert len(calls) == 2 * len(ways) + 1 + len(_ways_of(other))
+
+
+def _ways_of(kind: str) -> dict:
+    from flyer.train.metrics import gemm_ways
+
+    with runtime.assume_cpu(kind):
+        return gemm_ways(bf16, "cpu")

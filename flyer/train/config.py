@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -189,13 +190,20 @@ class TrainConfig:
     def type_problem(cls, name: str, value: Any) -> str | None:
         """None when ``value`` has field ``name``'s annotated type, else what was expected and got.
         bool is only a real boolean (and never an int); an int is a good float; a path may be a str."""
-        hint = typing.get_type_hints(cls)[name]
+        hint = _type_hints(cls)[name]
         kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
         if value is None and len(kinds) < len(typing.get_args(hint)):
             return None
         if any(_FIELD_TYPES[t][0](value) for t in kinds):
             return None
         return f"expected {' or '.join(_FIELD_TYPES[t][1] for t in kinds)}, got {type(value).__name__} {value!r}"
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, evaluated once per class: each takes a millisecond, and a validation asks for
+    every field's (tens of ms per config, paid by every trainer a test builds)."""
+    return typing.get_type_hints(cls)
 
 
 def check_resume_settings(tc: TrainConfig, path: Path) -> None:

@@ -184,13 +184,21 @@ def gemm_ways(dtype: torch.dtype, device: str | torch.device) -> dict[str, bool 
     return ways
 
 
+_PEAKS: dict[tuple, tuple[float, str]] = {}  # fastest_gemm's measurements in this process
+
+
 def fastest_gemm(dtype: torch.dtype, device: str | torch.device = "cpu", **kwargs) -> tuple[float, str]:
     """(FLOP/s, name) of the fastest way ``device`` offers ``dtype`` GEMMs (``gemm_ways``): the MFU
-    denominator at a step's precision. ``kwargs`` go to ``measure_gemm_peak``."""
-    rates = {name: measure_gemm_peak(dtype, device, emulate=emulate, **kwargs)
-             for name, emulate in gemm_ways(dtype, device).items()}
-    best = max(rates, key=rates.get)
-    return rates[best], best
+    denominator at a step's precision. ``kwargs`` go to ``measure_gemm_peak``. Measured once per process for each
+    dtype, device, set of ways and ``kwargs``: the machine's peak does not change, and each measurement takes
+    0.3 s a way, which a process building many trainers (tests, a notebook) would pay for each."""
+    ways = gemm_ways(dtype, device)
+    key = (dtype, str(torch.device(device)), tuple(ways.items()), tuple(sorted(kwargs.items())))
+    if key not in _PEAKS:
+        rates = {name: measure_gemm_peak(dtype, device, emulate=emulate, **kwargs) for name, emulate in ways.items()}
+        best = max(rates, key=rates.get)
+        _PEAKS[key] = rates[best], best
+    return _PEAKS[key]
 
 
 def model_flops_per_token(cfg, seq_len: int) -> float:
