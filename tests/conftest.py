@@ -5,6 +5,9 @@ import torch
 
 # Tests are small: one thread avoids oversubscription when several test processes share 2 cores.
 torch.set_num_threads(int(os.environ.get("FLYER_TEST_THREADS", "1")))
+# ... and in the processes tests start (CLI runs, benches, torchrun's ranks): torch would give each one a thread a
+# core, and two test workers' children spinning on 2 cores take many times as long; a test that means threads says so
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Held weights' GEMMs take the same path on every CPU kind, here and in the processes tests start;
 # tests of the other path set ``kernels.blas_narrower`` themselves.
 os.environ["FLYER_BLAS_NARROWER"] = "0"
