@@ -2,6 +2,7 @@
 finds no valid checkpoint, fresh runs beside old files, and signals that checkpoint and stop."""
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -190,29 +191,28 @@ def test_interrupted_checkpoint_write_leaves_no_temporaries(tmp_path, monkeypatc
 
 # ---- signals ------------------------------------------------------------------------------------
 def _signal_run_argv(out, data_cache) -> list[str]:
-    return [sys.executable, "-m", "flyer", *train_argv(out, data_cache, "--steps", "12", "--ckpt-every", "100",
-                                                       "--eval-every", "6")]
+    return train_argv(out, data_cache, "--steps", "12", "--ckpt-every", "100", "--eval-every", "6")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_cache):
     """The uninterrupted run each signal's run must reproduce (one for all the signals): its losses
-    by step and its summary's val_loss."""
+    by step and its summary's val_loss. In this process: only the signalled run needs one of its own."""
     out = tmp_path_factory.mktemp("signals") / "ref"
-    ref = subprocess.run(_signal_run_argv(out, data_cache), capture_output=True, text=True, timeout=600,
-                         env=child_env())
-    assert ref.returncode == 0, ref.stderr
+    with contextlib.redirect_stdout(io.StringIO()) as summary:
+        assert main(_signal_run_argv(out, data_cache)) == 0
     losses = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
-    return losses, json.loads(ref.stdout)["val_loss"]
+    return losses, json.loads(summary.getvalue())["val_loss"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig, uninterrupted):
+def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig, uninterrupted, capsys):
     env = child_env()
     run = tmp_path / "x"
     args = _signal_run_argv(run, data_cache)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "flyer", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
     deadline = time.time() + 300
     while len(steps_logged(run)) < 3:
         assert proc.poll() is None and time.time() < deadline, "run ended before its third step"
@@ -226,12 +226,12 @@ def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig,
     assert 3 <= step < 12 and f"{sig.name}: stopped after step {step}; checkpoint {saved[0]} saved" in err
     if sig != signal.SIGTERM:  # one handler for every signal: the checkpoint it saved resumes alike (SIGTERM's)
         return
-    res = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
-    assert res.returncode == 0, res.stderr
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0  # the resume needs no process of its own
     a, val_loss = uninterrupted
     b = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
     assert sorted(b) == list(range(1, 13)) and a == b  # bit-identical to the uninterrupted run
-    assert json.loads(res.stdout)["val_loss"] == val_loss
+    assert json.loads(capsys.readouterr().out)["val_loss"] == val_loss
 
 
 # ---- resources ----------------------------------------------------------------------------------
