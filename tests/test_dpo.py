@@ -238,12 +238,12 @@ def test_a_step_reads_its_loss_terms_once(hf, tmp_path):
 
 
 @pytest.mark.slow
-def test_data_parallel_ranks_equal_one_process(hf, tmp_path):
+def test_data_parallel_ranks_equal_one_process(hf, dp_ranks, tmp_path):
     """Two data-parallel ranks (gloo), each on 2 pairs of unlike lengths, give the loss and gradients of one process
     on all 4 (the mean over the job's pairs), within the reordering bound of the step-1 gradient test."""
     path, prefs = hf
-    halves = [[0, 2], [5, 3]]
-    ranks = run_ranks(_rank_step, 2, str(path), str(prefs), str(tmp_path), halves)
+    halves = HALVES
+    ranks = [r["step"] for r in dp_ranks]
     whole = _rank_step(0, str(path), str(prefs), str(tmp_path), halves)
     cfg = load_hf(path)[1]
     c = (cfg.n_layers * (cfg.dim + cfg.inter_dim + 97) + 4 * 97 + 8) * FP32_U
@@ -269,17 +269,30 @@ def _zero_step(rank: int, hf_dir: str, prefs: str, out: str, halves: list[list[i
         result[zero] = {"rec": (rec["dpo_loss"], rec["grad_norm"]), "layout": t.layout["zero"], "moved": moved,
                         "weights": {n: p.detach().clone() for n, p in t.model.named_parameters()}}
         t.close()
-    t.mesh.destroy()
     return result
 
 
+HALVES = [[0, 2], [5, 3]]  # each data-parallel rank's pairs: unlike lengths
+
+
+def _dp_job(rank: int, hf_dir: str, prefs: str, out: str) -> dict:
+    """Both data-parallel tests' ranks in one job (one set of forked ranks, one process group): the unsharded and
+    ZeRO-1 steps (``_zero_step``), then ``_rank_step``'s loss and gradients, each from its own trainer."""
+    return {"zero": _zero_step(rank, hf_dir, prefs, out, HALVES), "step": _rank_step(rank, hf_dir, prefs, out, HALVES)}
+
+
+@pytest.fixture(scope="module")
+def dp_ranks(hf, tmp_path_factory):
+    path, prefs = hf
+    return run_ranks(_dp_job, 2, str(path), str(prefs), str(tmp_path_factory.mktemp("dp")))
+
+
 @pytest.mark.slow
-def test_zero1_step_equals_unsharded_step(hf, tmp_path):
+def test_zero1_step_equals_unsharded_step(dp_ranks):
     """``zero=1`` on 2 data-parallel ranks (gloo): one DPO step leaves every weight equal, bit for bit, to the
     unsharded optimizer's on the same ranks (AdamW is elementwise and each shard is broadcast as its owner computed
     it: ``flyer.parallel.zero``), which tests/test_dpo.py's data-parallel test ties to one process."""
-    path, prefs = hf
-    ranks = run_ranks(_zero_step, 2, str(path), str(prefs), str(tmp_path), [[0, 2], [5, 3]])
+    ranks = [r["zero"] for r in dp_ranks]
     for r in ranks:
         plain, sharded = r[0], r[1]
         assert (plain["layout"], sharded["layout"]) == (0, 1) and plain["rec"] == sharded["rec"] and sharded["moved"]

@@ -1,11 +1,14 @@
 """`flyer train` under torchrun with expert parallelism: 4 gloo ranks as 2 nodes x 2, checkpoint,
-resume with the same layout, and the checkpoint loads in one process."""
+resume with the same layout, and the checkpoint loads in one process. The first run's ranks are forked
+from the tests' forkserver (tests/test_train_pp.py's ``_run_forked``: torchrun's environment without
+each rank's imports); the resume is a torchrun job."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+from test_train_pp import _run_forked
 
 from flyer.cli import main
 from flyer.interop.load import load_pretrained
@@ -16,13 +19,13 @@ from flyer.train.metrics import read_metrics
 @pytest.mark.slow
 def test_torchrun_ep4_two_nodes_trains_checkpoints_and_resumes(tmp_path, data_cache):
     cache = data_cache  # the session's tokenizer and shards: the default corpus is prepared once
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "flyer",
-            "train", "--preset", "tiny", "--ep", "4", "--ranks-per-node", "2", "--batch-size", "2", "--seq-len", "32",
+    args = ["--preset", "tiny", "--ep", "4", "--ranks-per-node", "2", "--batch-size", "2", "--seq-len", "32",
             "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2", "--threads", "1", "--no-progress",
             "--no-plots", "--data-cache", str(cache), "--out", str(tmp_path / "run"), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(base + ["--steps", "2"], capture_output=True, text=True, timeout=600, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
+    _run_forked(4, args + ["--steps", "2"])
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "flyer",
+            "train", *args]
     second = subprocess.run(base + ["--steps", "4", "--resume"], capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr

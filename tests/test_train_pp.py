@@ -3,6 +3,12 @@ on 4 ranks against EP2 with grad_accum = M on 2 ranks (the same batches: each da
 replica draws its own sample stream), a kill -9 mid-run and --resume, the checkpoint in one
 process, and two torchrun agents as two nodes over loopback.
 
+Launchers. The killed run and the two-node runs need torchrun (its agent tears the job down; c10d
+rendezvous across agents); the other runs call ``flyer train`` in-process on ranks forked from the
+tests' forkserver (``ranks.run_ranks``: the environment torchrun gives, without each rank's seconds
+of imports). The same ranks, threads and arguments give the same numbers under either launcher: the
+resumed run's records, half from torchrun's killed run, equal the forked uninterrupted run's exactly.
+
 Tolerance of the loss comparisons. The learning rate is tiny (``LR``), so the two runs' weights
 stay within a known distance and the losses compare tightly at every step, not only the first
 (at the same weights they differ by the FP32 summation order alone: FP32_TOL relative). Adam moves
@@ -17,7 +23,9 @@ thousand routing decisions per step that has probability ~1e-4 and is not modell
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -29,7 +37,7 @@ from pathlib import Path
 
 import pytest
 from child_env import child_env
-from ranks import needs_split_backward
+from ranks import needs_split_backward, run_ranks
 
 from flyer.interop.load import load_pretrained
 from flyer.parallel.launch import free_port
@@ -58,6 +66,23 @@ def _train_args(out: Path, cache: str, *extra: str) -> list[str]:
 PP_ARGS = ("--pp", "2", "--ep", "2", "--pp-schedule", "dualpipev", "--micro-batches", str(M))
 
 
+def _cli_rank(rank: int, argv: list[str]) -> tuple[int, str]:
+    """``flyer train`` in this (forked) rank: its exit code and what it wrote to stderr."""
+    from flyer.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["train", *argv])
+    return rc, err.getvalue()
+
+
+def _run_forked(nproc: int, args: list[str]) -> str:
+    """``flyer train`` on ``nproc`` forked ranks (module docstring): rank 0's stderr; every rank must succeed."""
+    res = run_ranks(_cli_rank, nproc, args)
+    assert all(rc == 0 for rc, _ in res), [err[-4000:] for _, err in res]
+    return res[0][1]
+
+
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=ENV)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -72,7 +97,7 @@ def _records(out: Path) -> dict[int, dict]:
 def _pp_run(root: str, cache: str) -> dict[int, dict]:
     """The uninterrupted PP2 x EP2 DualPipeV run on 4 ranks (shared by the tests below)."""
     out = Path(root) / "pp"
-    err = _run(_torchrun(4, "--standalone") + _train_args(out, cache, *PP_ARGS)).stderr
+    err = _run_forked(4, _train_args(out, cache, *PP_ARGS))
     assert "layout: 4 ranks on 1 node(s) of 4: PP 2 x DP 2, EP 2, dualpipev over 4 micro-batches" in err, err[-3000:]
     return _records(out)
 
@@ -96,7 +121,7 @@ def _loss_bound(a: dict, b: dict, step: int, key: str) -> float:
 def test_pp_ep_dualpipev_equals_ep_with_grad_accum(pp_run, data_cache):
     root, pp = pp_run
     ref_out = root / "ep"
-    _run(_torchrun(2, "--standalone") + _train_args(ref_out, data_cache, "--ep", "2", "--grad-accum", str(M)))
+    _run_forked(2, _train_args(ref_out, data_cache, "--ep", "2", "--grad-accum", str(M)))
     ref = _records(ref_out)
     assert sorted(pp) == sorted(ref) == list(range(1, STEPS + 1))
     losses = [ref[s]["main_loss"] for s in ref]
@@ -155,8 +180,7 @@ def test_kill_9_mid_run_and_resume_continues_the_same_trajectory(pp_run, data_ca
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-    resumed = _run(cmd + ["--resume"])
-    assert "resumed from" in resumed.stderr
+    assert "resumed from" in _run_forked(4, _train_args(out, data_cache, *PP_ARGS, "--resume"))
     got = _records(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in got:  # same layout, same order of every sum: the same numbers
