@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flyer.cli import main
 from flyer.data import chat_data
@@ -28,9 +27,7 @@ from flyer.train.config import TrainConfig
 from flyer.train.metrics import model_flops_per_token
 from flyer.train.trainer import Trainer
 from tests.bounds import FP32_U
-from tests.hf_models import build
 from tests.ranks import run_ranks
-from tests.test_rope_scaling import logit_tolerance as attention_tolerance
 
 # transformers' assistant mask comes from the {% generation %} markers; flyer's from rendering prefixes.
 TEMPLATE = ("{{ bos_token }}{% if tools %}<|tools|>{{ tools | tojson }}{% endif %}{% for m in messages %}"
@@ -67,6 +64,8 @@ CHATS = [conversation(i) for i in range(40)]
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """A tiny DeepSeek-V3 directory whose tokenizer has TEMPLATE, and a chats.jsonl of CHATS."""
+    from tests.hf_models import build  # transformers: imported where used, not by the ranks that import this module
+
     path = tmp_path_factory.mktemp("v3")
     ref = build("v3", path)
     cfg = json.loads((path / "tokenizer_config.json").read_text())
@@ -80,6 +79,8 @@ def test_ids_and_assistant_mask_equal_transformers(hf, tmp_path, monkeypatch):
     """Every conversation (system turn, several turns, tools and a tool turn) gives transformers' ids and
     assistant mask; the cached build returns them in file order, the 20th and 40th held out for validation.
     A mask with the header, or shifted by one, or over everything differs from transformers'."""
+    from transformers import AutoTokenizer
+
     path, _, chats = hf
     ref = AutoTokenizer.from_pretrained(path)
     tok, template = chat_tokenizer(str(path), None)
@@ -109,6 +110,10 @@ def test_flyer_loss_equals_transformers_with_masked_labels(hf):
     DeepseekV3ForCausalLM loss with labels -100 off the assistant's tokens, within a tolerance derived from the
     logits' (a cross-entropy moves by at most twice the largest logit error, and sums V + N terms); the same
     batch unmasked, or with the mask one token late, is far outside it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_rope_scaling import logit_tolerance as attention_tolerance
+
     path, _, chats = hf
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     model, cfg, _ = load_hf(path)

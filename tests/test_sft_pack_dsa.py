@@ -353,8 +353,8 @@ def test_transformers_per_document_equals_flyer_packed(tmp_path):
 
 
 def test_cli_packed_dsa_run_resumes_exactly(hf, tmp_path):
-    """``flyer train --pack --indexer-train sparse`` on a tiny DSA model: 3 steps straight equal 2 steps then a
-    resumed third (loss and validation loss). (DeepSeek-V4 through the Trainer: ``test_packed_step_equals_the_unpacked
+    """``flyer train --pack --indexer-train sparse`` on a tiny DSA model: 2 steps straight equal 1 step then a
+    resumed second (loss and validation loss). (DeepSeek-V4 through the Trainer: ``test_packed_step_equals_the_unpacked
     _step``.)"""
     (tmp_path / "dsa.toml").write_text("[model]\nindex_topk = 8\nindex_n_heads = 4\nindex_head_dim = 32\n")
     test_sft_pack.resumes_exactly(hf, tmp_path, "--config", str(tmp_path / "dsa.toml"), "--indexer-train", "sparse")
@@ -372,14 +372,19 @@ def _pp_kw(model: str, root: Path) -> dict:
     return dict(config=_glm5_toml(root)) if model == "glm5" else dict(preset="tiny-v4")
 
 
+# two of ``test_sft_pack_pp``'s packed micro-batches (6 and 4 conversations): 1F1B's fewest on PP2 (a warm-up
+# forward, a forward-backward pair, a cool-down backward); the share weighting over M = 4 is test_sft_pack_pp's
+PP_ROWS = [test_sft_pack_pp.ROWS[0], test_sft_pack_pp.ROWS[2]]
+
+
 def _pp_rank(rank: int, chats: str, model: str) -> dict:
     """Rank ``rank`` of PP2 1F1B on ``model`` (``_pp_kw``; GLM-5: a stage starts at a full layer): one
-    ``_pipeline_step`` on ``test_sft_pack_pp``'s packed micro-batches, then one with the document ids dropped after
-    the first stage."""
+    ``_pipeline_step`` on the packed micro-batches ``PP_ROWS``, then one with the document ids dropped after the
+    first stage."""
     root = Path(chats).parent / f"pp-{model}"
-    t = test_sft_pack_pp._trainer(chats, root, rank, pp=2, pp_schedule="1f1b", micro_batches=test_sft_pack_pp.M,
+    t = test_sft_pack_pp._trainer(chats, root, rank, pp=2, pp_schedule="1f1b", micro_batches=len(PP_ROWS),
                                   **_pp_kw(model, root))
-    t.sampler.next_batch = iter(test_sft_pack_pp._batches(t) * 2).__next__
+    t.sampler.next_batch = iter(test_sft_pack_pp._batches(t, PP_ROWS) * 2).__next__
     out = {"step": _state(t, t._pipeline_step())}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline.Stage, "forward", test_sft_pack_pp._later_stages_without_documents)
@@ -390,13 +395,14 @@ def _pp_rank(rank: int, chats: str, model: str) -> dict:
 
 
 def _one_process(chats: Path, model: str) -> tuple[dict, list[dict], float]:
-    """One process with --pack and grad_accum M on ``_pp_kw(model)``: the step's state, each packed row's own
-    gradients (the scale of the terms an entry sums) and the tolerance factor c."""
-    M, B, T = test_sft_pack_pp.M, test_sft_pack_pp.B, test_sft_pack_pp.T
+    """One process with --pack and grad_accum M on ``_pp_kw(model)`` (``PP_ROWS``): the step's state, each packed
+    row's own gradients (the scale of the terms an entry sums) and the tolerance factor c."""
+    M, B, T = len(PP_ROWS), test_sft_pack_pp.B, test_sft_pack_pp.T
     root = chats.parent / f"one-{model}"
     t = test_sft_pack_pp._trainer(str(chats), root, 0, grad_accum=M, **_pp_kw(model, root))
     assert t.cfg.index_topk > 0 and (t.cfg.attn == "hybrid") == (model == "v4")
-    batches = test_sft_pack_pp._batches(t)
+    batches = test_sft_pack_pp._batches(t, PP_ROWS)
+    assert all(bool((d[:, 1:] > d[:, :-1]).any()) for _, _, d in batches)  # packed: rows of several documents
     t.sampler.next_batch = iter(batches).__next__
     ref = _state(t, t._local_step())
     rows = []

@@ -50,12 +50,12 @@ def _trainer(chats: str, root: Path, rank: int, **kw) -> Trainer:
 ROWS = [[[0, 15, 20], [35, 3, 9]], [[1], [2]], [[4, 5], [6, 7]], [[8], [10, 11]]]
 
 
-def _batches(t: Trainer) -> list[tuple[torch.Tensor, ...]]:
-    """The M packed micro-batches of a step (``ROWS``), each conversation's first position also trained (its target
-    the conversation's second token: the MTP target of the previous one's last position, were it not
-    ``depth_targets``'s to drop; CHATS trains no second token)."""
+def _batches(t: Trainer, rows_of: list = ROWS) -> list[tuple[torch.Tensor, ...]]:
+    """The packed micro-batches of a step (``rows_of``, by default ``ROWS``: M), each conversation's first position
+    also trained (its target the conversation's second token: the MTP target of the previous one's last position,
+    were it not ``depth_targets``'s to drop; CHATS trains no second token)."""
     out = []
-    for rows in ROWS:
+    for rows in rows_of:
         x, y, d = packed_rows(t.data.train, rows, T)
         starts = (d >= 0) & torch.cat([torch.ones_like(d[:, :1], dtype=torch.bool), d[:, 1:] != d[:, :-1]], 1)
         y[:, :-1][starts[:, :-1]] = x[:, 1:][starts[:, :-1]]

@@ -24,7 +24,6 @@ from flyer.parallel import pipeline
 from flyer.train.config import TrainConfig
 from flyer.train.trainer import Trainer
 from tests.bounds import FP32_U
-from tests.hf_models import build
 from tests.ranks import needs_split_backward, run_ranks
 from tests.test_sft import CHATS, row_grads
 
@@ -35,6 +34,8 @@ ROWS = [[0, 2], [3, 6], [9, 4], [15, 7]]  # 9, 28, 26 and 21 assistant targets; 
 
 def write_chats(path: Path) -> Path:
     """chats.jsonl of ``tests/test_sft.py``'s CHATS in ``path``, beside a tiny V3 directory's tokenizer.json."""
+    from tests.hf_models import build  # transformers: imported here, not by the ranks that import this module
+
     build("v3", path / "v3")
     (path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS))
     return path / "chats.jsonl"
