@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,10 @@ def test_serve_bench_v4_json():
     out = subprocess.run([sys.executable, str(BENCH), "--preset", "tiny-v4", "--no-peer-serve", "--concurrency", "1",
                           "16", "--requests-per-client", "1", "--system-prompt", "8", "--prompt-min", "40",
                           "--prompt-max", "56", "--new-min", "4", "--new-max", "8", "--payoff-memory", "16M"],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
+                         capture_output=True, text=True, timeout=600, check=True,
+                         # one torch thread (flyer serve, the engine, its experts and the peer), as the tests run: two
+                         # threads' parallel regions on 2 shared cores waited on each other past the timeout
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
     r = json.loads(out)
     assert r["preset"] == "tiny-v4" and r["prefix_sharing"] is True and r["flyer_exit_code"] == 0
     for c in (1, 16):
@@ -76,8 +80,14 @@ def _variants(monkeypatch, model, draft_tokens: int, max_batch: int | None = Non
     return stats
 
 
-def test_serve_bench_speculation_variants(monkeypatch):
-    r = _variants(monkeypatch, pattern_trained(), 1)
+@pytest.fixture(scope="module")
+def trained():
+    """The pattern-trained V4 model, built once for the variants' tests (they only decode with it)."""
+    return pattern_trained()
+
+
+def test_serve_bench_speculation_variants(monkeypatch, trained):
+    r = _variants(monkeypatch, trained, 1)
     for key in ("tokens_per_s", "tokens_per_s_no_spec", "tokens_per_s_no_sharing", "speedup_vs_no_spec",
                 "speedup_vs_no_sharing"):
         assert r[key] > 0, key
@@ -88,10 +98,10 @@ def test_serve_bench_speculation_variants(monkeypatch):
     assert r["variants_requests"] == 4 and r["variants_agree"] == 4
 
 
-def test_serve_bench_speculation_variants_with_a_batch_cutoff(monkeypatch):
+def test_serve_bench_speculation_variants_with_a_batch_cutoff(monkeypatch, trained):
     """``--speculative-max-batch 1``: the steps decoding both clients' requests draft none; a variant without the
     cutoff, and the same tokens in every variant."""
-    r = _variants(monkeypatch, pattern_trained(), 1, max_batch=1)
+    r = _variants(monkeypatch, trained, 1, max_batch=1)
     assert r["tokens_per_s_no_cutoff"] > 0 and r["speedup_vs_no_cutoff"] > 0 and r["spec_off_steps"] > 0
     assert r["variants_requests"] == 4 and r["variants_agree"] == 4
 

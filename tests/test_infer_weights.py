@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -326,7 +327,9 @@ def test_weight_dtype_bf16_loads_a_bf16_checkpoint_in_its_own_memory(tmp_path):
     del model
     peak = {}
     for dtype in ("stored", "bf16"):
-        run = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path), dtype], capture_output=True, text=True)
+        # one torch thread, as the tests run: two threads' parallel regions on 2 shared cores wait on each other
+        run = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path), dtype], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert run.returncode == 0, run.stderr[-2000:]
         peak[dtype] = int(run.stdout)
     # the FP32 copy would add 2 bytes per GEMM weight; the held load adds only the FP32 norms, router
