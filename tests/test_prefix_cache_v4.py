@@ -56,6 +56,20 @@ def _gen(model, prompts, pc=None, **kw):
                                                      prefix_cache=pc, **kw))
 
 
+@pytest.fixture(scope="module")
+def uncached(model):
+    """``_gen`` of ``model`` without a prefix cache, memoized: the tests compare against the same few uncached runs
+    (generation is deterministic: greedy, or sampling from a seed)."""
+    memo = {}
+
+    def run(prompts, **kw):
+        key = (tuple(map(tuple, prompts)), tuple(sorted((k, v) for k, v in kw.items() if v is not None)))
+        if key not in memo:
+            memo[key] = _gen(model, prompts, **kw)
+        return memo[key]
+    return run
+
+
 def _pc(model, path, **kw) -> PrefixCache:
     return open_prefix_cache(model, path, cache_dtype=torch.float32, block_size=BLOCK, **kw)
 
@@ -74,9 +88,9 @@ SAMPLING = {"greedy": {}, "seeded": dict(temperature=1.0, top_p=0.9, seed=7)}
 
 @pytest.mark.parametrize("speculative", [None, "mtp"])
 @pytest.mark.parametrize("sampling", list(SAMPLING))
-def test_cold_warm_next_turn_and_fork_give_the_uncached_tokens(model, tmp_path, sampling, speculative):
+def test_cold_warm_next_turn_and_fork_give_the_uncached_tokens(model, uncached, tmp_path, sampling, speculative):
     kw = dict(SAMPLING[sampling], speculative=speculative)
-    plain = _gen(model, [A], **kw)
+    plain = uncached([A], **kw)
     pc = _pc(model, tmp_path)
     cold = _gen(model, [A], pc, **kw)
     assert cold.prefix["hits"] == 0 and cold.prefix["stored"] == 3  # 2 blocks and the snapshot at 32
@@ -88,16 +102,16 @@ def test_cold_warm_next_turn_and_fork_give_the_uncached_tokens(model, tmp_path, 
     # a next turn resumes at 32; the fork finds one block and no snapshot before it: all recomputed
     both = _gen(model, [NEXT, FORK], pc, **kw)
     assert both.prefix["tokens_loaded"] == 32 and both.prefix["stored"] == 1 + 1 + 2 + 1  # blocks, snapshots
-    assert both.tokens == _gen(model, [NEXT, FORK], **kw).tokens
+    assert both.tokens == uncached([NEXT, FORK], **kw).tokens
     assert _snap_path(pc, FORK, 16).is_file() and _snap_path(pc, NEXT, 48).is_file()
     # another prompt forking there resumes at the fork's snapshot
     again = _gen(model, [HEAD[:16] + _seq(9, 4)], pc, **kw)
     assert again.prefix["tokens_loaded"] == 16
-    assert again.tokens == _gen(model, [HEAD[:16] + _seq(9, 4)], **kw).tokens
+    assert again.tokens == uncached([HEAD[:16] + _seq(9, 4)], **kw).tokens
 
 
 @pytest.mark.parametrize("speculative", [None, "mtp"])
-def test_a_prompt_ending_on_a_block_boundary(model, tmp_path, speculative):
+def test_a_prompt_ending_on_a_block_boundary(model, uncached, tmp_path, speculative):
     """48 tokens: 3 blocks stored, the snapshot at 32 (a snapshot at 48 would leave no token to compute); a warm
     run loads all three blocks and resumes at 32."""
     prompt = NEXT[:48]
@@ -107,7 +121,7 @@ def test_a_prompt_ending_on_a_block_boundary(model, tmp_path, speculative):
     warm = _gen(model, [prompt], pc, speculative=speculative)
     assert warm.prefix["hits"] == 4 and warm.prefix["tokens_loaded"] == 32 and warm.prefix["stored"] == 0
     assert torch.equal(warm.first_logits, cold.first_logits)
-    assert warm.tokens == cold.tokens == _gen(model, [prompt], speculative=speculative).tokens
+    assert warm.tokens == cold.tokens == uncached([prompt], speculative=speculative).tokens
 
 
 def test_a_model_without_mtp_resumes_too(tmp_path):
@@ -154,7 +168,7 @@ def test_warm_prefill_leaves_the_storing_runs_caches_bit_for_bit(model, tmp_path
 
 
 @pytest.mark.parametrize("mutation", ["no snapshot state", "another boundary's snapshot"])
-def test_blocks_without_their_snapshot_miss_by_far(model, tmp_path, monkeypatch, mutation):
+def test_blocks_without_their_snapshot_miss_by_far(model, uncached, tmp_path, monkeypatch, mutation):
     """A's two blocks with the slot state left fresh (zeros), or with FORK's snapshot at 16 for A's at 32: A's
     last logits miss the uncached ones by more than 100 x the tolerance."""
     pc = _pc(model, tmp_path)
@@ -174,14 +188,14 @@ def test_blocks_without_their_snapshot_miss_by_far(model, tmp_path, monkeypatch,
     monkeypatch.setattr(PrefixCache, "load", wrong)
     got = _gen(model, [A], pc)
     assert got.prefix["tokens_loaded"] == 32
-    err, tol = rel(got.first_logits, _gen(model, [A]).first_logits), v4_tolerance(model.cfg, len(A))
+    err, tol = rel(got.first_logits, uncached([A]).first_logits), v4_tolerance(model.cfg, len(A))
     assert err > 100 * tol, f"{mutation}: {err:.3g} within 100 x {tol:.3g}"
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 @pytest.mark.parametrize("which", ["block", "snapshot"])
-def test_a_corrupt_file_is_ignored_and_rewritten(model, tmp_path, which, damage):
-    plain = _gen(model, [A])
+def test_a_corrupt_file_is_ignored_and_rewritten(model, uncached, tmp_path, which, damage):
+    plain = uncached([A])
     pc = _pc(model, tmp_path)
     _gen(model, [A], pc)
     f = pc.path(pc.block_keys(A)[0]) if which == "block" else _snap_path(pc, A, 32)
@@ -199,8 +213,8 @@ def test_a_corrupt_file_is_ignored_and_rewritten(model, tmp_path, which, damage)
     assert after.prefix["corrupt"] == 0 and after.prefix["tokens_loaded"] == 32 and after.tokens == plain.tokens
 
 
-def test_an_evicted_snapshot_falls_back_to_an_earlier_one_then_to_a_full_recompute(model, tmp_path):
-    plain = _gen(model, [A])
+def test_an_evicted_snapshot_falls_back_to_an_earlier_one_then_to_a_full_recompute(model, uncached, tmp_path):
+    plain = uncached([A])
     pc = _pc(model, tmp_path)
     _gen(model, [A], pc)
     _gen(model, [FORK], pc)  # the snapshot at 16
@@ -214,7 +228,7 @@ def test_an_evicted_snapshot_falls_back_to_an_earlier_one_then_to_a_full_recompu
     assert full.prefix["tokens_loaded"] == 0 and full.prefix["hits"] == 2 and full.tokens == plain.tokens
 
 
-def test_mla_files_never_match_a_v4_prompt(model, tmp_path):
+def test_mla_files_never_match_a_v4_prompt(model, uncached, tmp_path):
     """The same directory for an MLA model (``tiny``) and the V4 one: other fingerprints, so other keys; an MLA
     block planted at the V4 block's path is mismatched. The layout is in the fingerprint: ratios, window, dtype."""
     torch.manual_seed(0)
@@ -226,7 +240,7 @@ def test_mla_files_never_match_a_v4_prompt(model, tmp_path):
     pv.path(pv.block_keys(A)[0]).write_bytes(pm.path(pm.block_keys(A)[0]).read_bytes())
     res = _gen(model, [A], pv)
     assert res.prefix["mismatched"] == 1 and res.prefix["tokens_loaded"] == 0
-    assert res.tokens == _gen(model, [A]).tokens
+    assert res.tokens == uncached([A]).tokens
 
 
 def test_a_block_size_a_ratio_does_not_divide_is_refused(model, tmp_path):

@@ -94,16 +94,37 @@ def _tokens(outs) -> list[list[int]]:
 SAMPLING = {"greedy": {}, "seeded": dict(temperature=0.8, seed=7)}
 
 
+@pytest.fixture(scope="module")
+def uncached(model):
+    """``(spec, sampling)`` -> an engine without any prefix cache on ``PROMPTS``, one after another: its events, and
+    under speculation its draft records and first-draft logits. Memoized: the runs are deterministic (greedy, or
+    seeded), and the resume and mutation tests compare against the same ones."""
+    memo = {}
+
+    def run(spec: bool, sampling: str):
+        if (spec, sampling) not in memo:
+            plain = _engine(model, spec=spec, sharing=False)
+            log, first = _record(plain) if spec else ({}, {})
+            want, _ = _run(plain, PROMPTS, **SAMPLING[sampling])
+            memo[spec, sampling] = want, dict(log), dict(first)
+        return memo[spec, sampling]
+    return run
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    """Greedy ``generate`` on each prompt alone."""
+    return [generate(model, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
+            for p, n in PROMPTS]
+
+
 @pytest.mark.parametrize("spec", [False, True])
 @pytest.mark.parametrize("sampling", list(SAMPLING))
-def test_a_second_engine_resumes_from_disk(model, tmp_path, sampling, spec):
+def test_a_second_engine_resumes_from_disk(model, uncached, alone, tmp_path, sampling, spec):
     opts = SAMPLING[sampling]
-    plain = _engine(model, spec=spec, sharing=False)
-    log_plain, first_plain = _record(plain) if spec else ({}, {})
-    want, _ = _run(plain, PROMPTS, **opts)
+    want, log_plain, first_plain = uncached(spec, sampling)
     if sampling == "greedy":
-        assert _tokens(want) == [generate(model, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32))
-                                 .tokens[0] for p, n in PROMPTS]
+        assert _tokens(want) == alone
     first = _engine(model, _pc(model, tmp_path), spec)
     got, reqs = _run(first, PROMPTS, **opts)
     assert _tokens(got) == _tokens(want) and reqs[0].n_shared == 0
@@ -153,13 +174,11 @@ def _another_boundary(monkeypatch) -> None:
                         load(pc, keys, prompt, 32 if at == 48 else at, expect))
 
 
-def test_a_snapshot_file_without_its_mtp_part_changes_the_drafts(model, tmp_path, monkeypatch):
+def test_a_snapshot_file_without_its_mtp_part_changes_the_drafts(model, uncached, tmp_path, monkeypatch):
     """Each request run in a new engine on the stored directory, so each resumes from disk: with the MTP window
     dropped, the draft logits of requests resuming near the boundary are far outside the tolerance (measured:
     see the printout) and the random model drafts other tokens; the greedy tokens stay (speculation keeps them)."""
-    plain = _engine(model, spec=True, sharing=False)
-    log_plain, first_plain = _record(plain)
-    want, _ = _run(plain, PROMPTS)
+    want, log_plain, first_plain = uncached(True, "greedy")
     _run(_engine(model, _pc(model, tmp_path), True), PROMPTS)
     _drop_mtp_part(monkeypatch)
     log, first, got = {}, {}, []
