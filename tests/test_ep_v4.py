@@ -27,8 +27,8 @@ That the comparison is tight: a rank whose hash tables are zero (every token's c
 the table check. (Before that fix an EP rank kept its constructor's tables, drawn after expert stacks a half the size:
 the check named layers 1 and 2 on both ranks.) Under the overlapped DualPipeV, stages past the first routing their
 hash layers by token id 0 miss it by orders of magnitude too.
-Last, ``flyer train --preset tiny-v4 --ep 2`` under torchrun against the same job with every expert on each rank
-(``--ep 1``, data parallel: the same replicas and sample streams), tests/test_train_pp.py's bound.
+Last, ``flyer train --preset tiny-v4 --ep 2`` under torchrun against one process drawing the same rows (--grad-accum 2,
+tests/test_train_ep_longcat.py's ``TwoStreams``), tests/test_train_pp.py's bound.
 """
 
 from __future__ import annotations
@@ -52,15 +52,16 @@ from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.grads import expert_param_names
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, min_micro_batches, split_backward_runs
-from flyer.train.metrics import read_metrics
 from flyer.train.trainer import build_model
+from oracle_cache import by_state
 from ranks import needs_split_backward, run_ranks
 from test_ep_model import FLIP_SHARE, _nrel, wire_bound
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, _rel, accumulate, adamw_trajectory,
                            check_trajectory, term_failures)
 from test_pipeline_v4 import CLI_LR, CLI_STEPS, CLI_WD, MUTANTS, V4, T, _mutant
 from test_pipeline_v4 import _cfg as _pipeline_cfg
-from test_train_pp import _run, _torchrun
+from test_train_ep_longcat import one_process
+from test_train_pp import _records, _run, _torchrun
 
 def _cfg(mtp_depth: int = 0):
     """test_pipeline_v4's model, layers 0-2 hash-routed and 3 by score (with a bias); without its MTP module unless
@@ -171,10 +172,21 @@ def _oracle_at(state: dict, step: int, fp8: bool = False, dtype: torch.dtype = t
     """(loss terms, gradients) of one process at ``state`` on step ``step``'s batch of ``m`` micro-batches per
     replica; ``fp8``: with the FP8 wire's roundings (``LocalDispatcher``'s round trip and BF16 combine); ``dtype``
     float64: the exact gradients. ``heads``: filled with ``_head_terms``' conditioning of the heads' gradients."""
+    terms, grads, conditioning = _oracle(state, step, fp8, dtype, m, mtp_depth, heads is not None)
+    if heads is not None:
+        heads.update(conditioning)
+    return terms, grads
+
+
+@by_state  # the cases ask it about the same weights (their first step at least)
+def _oracle(state: dict, step: int, fp8: bool, dtype: torch.dtype, m: int, mtp_depth: int,
+            with_heads: bool) -> tuple[dict, dict, dict]:
+    """``_oracle_at``'s (terms, gradients) and, ``with_heads``, the heads' conditioning."""
     cfg = _cfg(mtp_depth)
     ref = Transformer(cfg, dispatcher_factory(cfg, None, "local", fp8, None)).to(dtype)
     ref.load_state_dict(state)
-    terms_of = _head_terms(ref) if heads is not None else {}
+    heads: dict[str, float] = {}
+    terms_of = _head_terms(ref) if with_heads else {}
     terms = accumulate(ref, *_batch(step, m))
     grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
     for name, parts in terms_of.items():  # each head's |dL/dz|, |u| and |mix| over the step's positions P
@@ -184,7 +196,7 @@ def _oracle_at(state: dict, step: int, fp8: bool = False, dtype: torch.dtype = t
             f"{name}.fn": float((c.max() * u.sum(0) + u.max() * c.sum(0)[:, None]).max() / fn),
             f"{name}.scale": float((c.max() * mix.sum() + mix.max() * c.sum()) / scale),
             f"{name}.base": float(c.max() * c.shape[0] / base)})
-    return terms, grads
+    return terms, grads, heads
 
 
 def _head_terms(ref: Transformer) -> dict[str, list]:
@@ -358,37 +370,37 @@ def test_a_rank_with_zero_hash_tables_fails_the_comparison():
 
 
 # ---- flyer train --ep 2 under torchrun ------------------------------------------------------------
-def _train(out: Path, cache: str, ep: int) -> dict[int, dict]:
-    args = ["--preset", "tiny-v4", "--vocab-size", "512", "--batch-size", "2", "--seq-len", "32", "--steps",
+def _args(out: Path, cache: str, *extra: str) -> list[str]:
+    return ["--preset", "tiny-v4", "--vocab-size", "512", "--batch-size", "2", "--seq-len", "32", "--steps",
             str(CLI_STEPS), "--lr", str(CLI_LR), "--warmup", "0", "--schedule", "constant", "--precision", "fp32",
             "--eval-every", str(CLI_STEPS), "--eval-batches", "1", "--ckpt-every", "100", "--threads", "1",
-            "--no-progress", "--no-plots", "--data-cache", cache, "--out", str(out), "--device", "cpu",
-            "--ep", str(ep), "--collective-timeout", "120"]
-    err = _run(_torchrun(2, "--standalone") + args).stderr
-    assert f"layout: 2 ranks on 1 node(s) of 2: PP 1 x DP 2, EP {ep}" in err, err[-3000:]
-    return {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+            "--no-progress", "--no-plots", "--data-cache", cache, "--out", str(out), "--device", "cpu", *extra]
 
 
-def test_flyer_train_ep2_equals_data_parallel(tmp_path, data_cache):
-    """``flyer train --preset tiny-v4 --ep 2`` on 2 ranks against the same 2 ranks holding every expert (--ep 1):
-    the same replicas, sample streams and one-process initialisation, so only where the experts run differs. The
-    bound is tests/test_train_pp.py's: the same weights at step 1 (only the summation order differs), then at most
+def test_flyer_train_ep2_equals_one_process(tmp_path, data_cache, monkeypatch):
+    """``flyer train --preset tiny-v4 --ep 2`` on 2 ranks (DP 2, rank r drawing the sample stream (seed, r)) against
+    one process with --grad-accum 2 drawing micro-batch r of each step from stream r (``TwoStreams``, as
+    tests/test_train_ep_longcat.py): the same rows, shares of the loss and one-process initialisation. The bound is
+    tests/test_train_pp.py's: the same weights at step 1 (only the summation order differs), then at most
     2 k lr (1 + wd max|w|) apart per element after k steps, which moves a loss by at most sqrt(N) ||grad|| times
     that (||grad||: twice the largest logged grad_norm; max|w| < 1). The preset has its MTP module (V4's, a
     score-routed MoE block dispatched as the main layers'): its loss is compared with the others."""
     assert preset("tiny-v4", vocab_size=512).mtp_depth == 1
-    ep = _train(tmp_path / "ep", data_cache, 2)
-    dp = _train(tmp_path / "dp", data_cache, 1)
-    assert sorted(ep) == sorted(dp) == list(range(1, CLI_STEPS + 1))
+    err = _run(_torchrun(2, "--standalone") + _args(tmp_path / "ep", data_cache, "--ep", "2",
+                                                    "--collective-timeout", "120")).stderr
+    assert "layout: 2 ranks on 1 node(s) of 2: PP 1 x DP 2, EP 2" in err, err[-3000:]
+    one_process(monkeypatch, _args(tmp_path / "one", data_cache, "--grad-accum", "2"))
+    ep, one = (_records(tmp_path / d) for d in ("ep", "one"))
+    assert sorted(ep) == sorted(one) == list(range(1, CLI_STEPS + 1))
     assert ep[1]["inter_node_bytes"] + ep[1]["intra_node_bytes"] > 0  # the experts' tokens travelled
     # the same weights at step 1: the gradient norm too (a rank routing its hash layers otherwise would move it)
-    assert abs(ep[1]["grad_norm"] - dp[1]["grad_norm"]) <= FP32_TOL * dp[1]["grad_norm"]
+    assert abs(ep[1]["grad_norm"] - one[1]["grad_norm"]) <= FP32_TOL * one[1]["grad_norm"]
     n = param_counts(preset("tiny-v4", vocab_size=512)).total
-    grad = 2 * max(r["grad_norm"] for x in (ep, dp) for r in x.values())
-    for step in dp:
+    grad = 2 * max(r["grad_norm"] for x in (ep, one) for r in x.values())
+    for step in one:
         drift = math.sqrt(n) * grad * 2 * (step - 1) * CLI_LR * (1 + CLI_WD)
-        assert ep[step]["mtp_loss"] > 0 and dp[step]["mtp_loss"] > 0
-        for key in ("loss", "main_loss", "mtp_loss", "aux_loss") + (("val_loss",) if "val_loss" in dp[step] else ()):
-            bound = FP32_TOL * abs(dp[step][key]) + drift
-            assert abs(ep[step][key] - dp[step][key]) <= bound, (step, key, ep[step][key], dp[step][key], bound)
-    assert "val_loss" in ep[CLI_STEPS] and "val_loss" in dp[CLI_STEPS]
+        assert ep[step]["mtp_loss"] > 0 and one[step]["mtp_loss"] > 0
+        for key in ("loss", "main_loss", "mtp_loss", "aux_loss") + (("val_loss",) if "val_loss" in one[step] else ()):
+            bound = FP32_TOL * abs(one[step][key]) + drift
+            assert abs(ep[step][key] - one[step][key]) <= bound, (step, key, ep[step][key], one[step][key], bound)
+    assert "val_loss" in ep[CLI_STEPS] and "val_loss" in one[CLI_STEPS]

@@ -41,6 +41,7 @@ from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import (PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, chunks_per_rank, end_flops,
                                      layer_flops, split_backward_runs, split_layers, stage_ranks)
 from flyer.train.trainer import build_model
+from oracle_cache import by_state
 from ranks import needs_split_backward, run_ranks
 
 B, T, M = 2, 12, 4  # sequences per micro-batch, tokens, micro-batches per step (the fewest V schedules on pp 2 run)
@@ -136,6 +137,7 @@ def _accumulate(ref: Transformer, dp: int, step: int) -> dict[str, float]:
     return accumulate(ref, *_batch(dp, step))
 
 
+@by_state  # the cases ask it about the same weights (their first step at least)
 def _oracle_at(state: dict, dp: int, step: int) -> tuple[dict, dict]:
     """(loss terms, gradients) of one process at the weights ``state`` on step ``step``'s batch."""
     ref = Transformer(_cfg())

@@ -38,6 +38,7 @@ from flyer.parallel.pipeline import (PP_SCHEDULES, SPLIT_SCHEDULES, PipelineMode
                                      validate_pipeline)
 from flyer.train.config import TrainConfig
 from flyer.train.trainer import build_model, training_memory_bytes
+from oracle_cache import by_state
 from ranks import needs_split_backward, run_schedules
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, M, T, _rel, accumulate,
                            adamw_trajectory, check_trajectory, term_failures)
@@ -104,11 +105,17 @@ def _trajectory() -> dict:
     return adamw_trajectory(_cfg(), _accumulate)
 
 
-def _step_failures(results: list[dict], step: int) -> list[str]:
+@by_state  # the schedules ask it about the same weights (their first step at least)
+def _oracle_at(state: dict, step: int) -> tuple[dict, dict]:
+    """(loss terms, gradients) of one process at the weights ``state`` on step ``step``'s batch."""
     ref = Transformer(_cfg())
-    ref.load_state_dict(results[0]["steps"][step]["state"])
+    ref.load_state_dict(state)
     terms = _accumulate(ref, step)
-    grads = {n: p.grad for n, p in ref.named_parameters()}
+    return terms, {n: p.grad for n, p in ref.named_parameters()}
+
+
+def _step_failures(results: list[dict], step: int) -> list[str]:
+    terms, grads = _oracle_at(results[0]["steps"][step]["state"], step)
     failures = []
     for rank, res in enumerate(results):
         got = res["steps"][step]

@@ -13,10 +13,11 @@ expert loads are token counts: equal unless a routing decision ties within 1e-7 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 from test_train_pp import FP32_TOL, LR, WD, _records, _run, _torchrun
+
+from flyer.cli import main
 
 STEPS, M = 2, 2
 # tests/test_pp_longcat.py's shapes, 4 blocks (2 pairs: one a stage)
@@ -74,8 +75,7 @@ def test_pp2_equals_one_process_with_grad_accum(tmp_path, data_cache):
     err = _run(_torchrun(2, "--standalone") + _args(tmp_path / "pp", data_cache, config, "--pp", "2",
                                                     "--micro-batches", str(M))).stderr
     assert "PP 2 x DP 1, EP 1, 1f1b over 2 micro-batches" in err, err[-3000:]
-    _run([sys.executable, "-m", "flyer", "train", *_args(tmp_path / "one", data_cache, config, "--grad-accum",
-                                                         str(M))])
+    assert main(["train", *_args(tmp_path / "one", data_cache, config, "--grad-accum", str(M))]) == 0
     pp, one = _records(tmp_path / "pp"), _records(tmp_path / "one")
     check_steps(pp, one)  # the router statistics over both stages' MoE layers, not rank 0's alone
     first = [one[step]["expert_load"][0] for step in one]  # stage 0's layer: its imbalance alone would show
@@ -90,6 +90,5 @@ def test_pp2_with_the_mtp_module_equals_one_process(tmp_path, data_cache):
     err = _run(_torchrun(2, "--standalone") + _args(tmp_path / "pp", data_cache, config, "--pp", "2",
                                                     "--micro-batches", str(M))).stderr
     assert "PP 2 x DP 1, EP 1, 1f1b over 2 micro-batches" in err, err[-3000:]
-    _run([sys.executable, "-m", "flyer", "train", *_args(tmp_path / "one", data_cache, config, "--grad-accum",
-                                                         str(M))])
+    assert main(["train", *_args(tmp_path / "one", data_cache, config, "--grad-accum", str(M))]) == 0
     check_steps(_records(tmp_path / "pp"), _records(tmp_path / "one"), model)
