@@ -10,6 +10,7 @@ under torchrun.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import tempfile
 from pathlib import Path
@@ -19,8 +20,27 @@ import torch
 import torch.multiprocessing as mp
 
 
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")  # Linux: the ports bind(0) and connect() hand out
+_draw = random.Random()  # seeded from the OS: a test seeding ``random`` must not make two processes draw alike
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback TCP port for a job's store, drawn at random below the kernel's ephemeral range. A port from
+    that range (bind(0)'s) can be handed to another process's outgoing connection (gloo's ranks make many) between
+    this check and the store binding it: EADDRINUSE; one drawn outside it is taken only by another such draw."""
+    try:
+        low = int(EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    for _ in range(64 if low > 10_000 else 0):
+        port = _draw.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no range known (or no free port drawn): the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
