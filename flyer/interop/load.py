@@ -10,6 +10,7 @@ goes on from them."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -294,5 +295,25 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     load_hf_weights(model, path, rope_half_layout(read_hf_config(path, list(files))[1]), files, place)
 
 
-__all__ = ["expert_stack_keys", "fp4_expert_values", "fp4_trained", "init_source", "load_init_weights",
-           "load_pretrained", "loaded_bytes", "read_settings", "run_tokenizer", "settings_dir", "stored_weight_dtype"]
+
+def init_weight_files(init: str | Path) -> list[list]:
+    """A fingerprint of the weights ``load_init_weights`` reads from ``init`` (an HF directory's safetensors, or a
+    flyer run's model.safetensors): [file, size in bytes, modification time in ns] of each file, resolved (an HF
+    cache's links, a run's newest checkpoint), sorted. A DPO run records its frozen reference's. Read from the file
+    system alone: cheap at any size (hashing the bytes would read the weights a second time), and changed by any
+    rewrite of a file, which safetensors headers (names, shapes, offsets) are not when the shapes stay. A copy that
+    keeps the bytes but not the times reads as changed: refused, the safe side."""
+    if is_hf_model_dir(init):
+        files = set(weight_files(Path(init)).values())
+    else:
+        files = {resolve_checkpoint_path(init) / "model.safetensors"}
+    out = []
+    for f in sorted(str(Path(f).resolve()) for f in files):
+        st = os.stat(f)
+        out.append([f, st.st_size, st.st_mtime_ns])
+    return out
+
+
+__all__ = ["expert_stack_keys", "fp4_expert_values", "fp4_trained", "init_source", "init_weight_files",
+           "load_init_weights", "load_pretrained", "loaded_bytes", "read_settings", "run_tokenizer", "settings_dir",
+           "stored_weight_dtype"]

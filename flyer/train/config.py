@@ -20,14 +20,13 @@ from flyer.data.tiktoken_file import TIKTOKEN_FILE
 from flyer.data.tokenizer import MIN_VOCAB
 from flyer.data.tokenizer_copy import files_build
 from flyer.errors import CheckpointError, FieldError
-from flyer.interop.load import read_settings, settings_dir
+from flyer.interop.load import init_weight_files, read_settings, settings_dir
 from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.indexer_loss import INDEXER_TRAIN_MODES
 from flyer.optim.muon import OPTIMIZERS
 from flyer.parallel.pipeline import PP_SCHEDULES
 from flyer.runtime import PRECISIONS
 from flyer.train import checkpoint as ckpt
-from flyer.train.dpo import reference_files
 
 SCHEDULES = ("cosine", "constant")
 # What a resumed run keeps (seed first, as the README promises): each changes what the remaining
@@ -42,7 +41,7 @@ RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_
                 "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs", "fim_rate", "dpo",
                 "dpo_beta")
 
-REFERENCE_FILES = "reference_files"  # a DPO run's state field: its reference's fingerprint (dpo.reference_files)
+REFERENCE_FILES = "reference_files"  # a DPO run's state field: its reference's fingerprint (load.init_weight_files)
 
 _FIELD_TYPES = {  # a TrainConfig annotation -> (does a value have it, its name in an error)
     bool: (lambda v: isinstance(v, bool), "true or false"),
@@ -214,7 +213,7 @@ def check_resume_settings(tc: TrainConfig, path: Path) -> None:
     if tc.dpo and saved.get("init") and Path(saved["init"]).resolve() != Path(tc.init).resolve():
         changed.insert(0, "init")  # the DPO reference: init's weights, the same on resume
     if tc.dpo and not changed and saved_files(path) is not None:  # the same init: the same weights in it?
-        now = {f: (size, mtime) for f, size, mtime in reference_files(tc.init)}
+        now = {f: (size, mtime) for f, size, mtime in init_weight_files(tc.init)}
         was = {f: (size, mtime) for f, size, mtime in saved_files(path)}
         diff = sorted(set(now) ^ set(was)) or [f for f in sorted(now) if now[f] != was[f]]
         if diff:
@@ -228,7 +227,7 @@ def check_resume_settings(tc: TrainConfig, path: Path) -> None:
 
 
 def saved_files(path: Path) -> list | None:
-    """The DPO reference's fingerprint (``dpo.reference_files``) the run checkpointed at ``path`` recorded, or None
+    """The DPO reference's fingerprint (``load.init_weight_files``) the run checkpointed at ``path`` recorded, or None
     (not DPO, or saved before it was recorded: nothing to compare)."""
     return ckpt.saved_state(path).get(REFERENCE_FILES)
 

@@ -15,20 +15,15 @@ counted), so a DPO step balances experts as an SFT step does.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.data.chat_data import IGNORE_INDEX
-from flyer.interop.hf import is_hf_model_dir, weight_files
 from flyer.model.counts import training_flops_per_token
 from flyer.model.moe import counting_only, moe_layers
 from flyer.train.batches import positions_run
-from flyer.train.checkpoint import resolve_checkpoint_path
 from flyer.train.metrics import StepSums
 
 DPO_FIELDS = ("dpo_loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
@@ -59,24 +54,6 @@ def dpo_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     (``training_flops_per_token``, three forwards; main model only: DPO runs no MTP module) and the frozen reference's
     forward, a fourth. The head is counted at every position, though only the trained ones' logits are made."""
     return training_flops_per_token(cfg, seq_len) * 4 / 3
-
-
-def reference_files(init: str | Path) -> list[list]:
-    """The frozen reference's fingerprint: [file, size in bytes, modification time in ns] of each weight file
-    ``load_init_weights`` reads it from (``init``: an HF directory's safetensors, or a flyer run's
-    model.safetensors), the file resolved (an HF cache's links, a run's newest checkpoint), sorted. Read from the
-    file system alone: cheap at any size (hashing the bytes would read the weights a second time), and changed by
-    any rewrite of a file, which safetensors headers (names, shapes, offsets) are not when the shapes stay. A copy
-    that keeps the bytes but not the times reads as changed: refused, the safe side."""
-    if is_hf_model_dir(init):
-        files = set(weight_files(Path(init)).values())
-    else:
-        files = {resolve_checkpoint_path(init) / "model.safetensors"}
-    out = []
-    for f in sorted(str(Path(f).resolve()) for f in files):
-        st = os.stat(f)
-        out.append([f, st.st_size, st.st_mtime_ns])
-    return out
 
 
 def freeze_mtp(model: nn.Module) -> None:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
-from flyer.interop.load import init_source, load_init_weights
+from flyer.interop.load import init_source, init_weight_files, load_init_weights
 from flyer.data import eval_batches_bytes
 from flyer.data.chat_data import IGNORE_INDEX, is_chat_data
 from flyer.fp8 import convert_to_fp8
@@ -50,7 +50,7 @@ from flyer.parallel.pipeline import (PipelineModel, check_indexer_stages, held_m
                                      require_torch_for, validate_pipeline)
 from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
-from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, reference_files
+from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp
 from flyer.train.expert_stats import expert_loads, router_stats
 from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings, lr_at,
                                 tokenizer_settings)
@@ -187,7 +187,7 @@ class Trainer:
                 if start is not None:
                     check_resume_settings(tc, start)  # DPO: the reference's fingerprint too
                 if tc.dpo:  # recorded at the start, before the reference is read (checked on resume)
-                    self.state_extra = {REFERENCE_FILES: reference_files(tc.init)}
+                    self.state_extra = {REFERENCE_FILES: init_weight_files(tc.init)}
                 self.settings = carried_settings(start, tc.init)
                 if self.tensorboard_dir is not None:
                     usable_dir(self.tensorboard_dir, "tensorboard")
