@@ -240,7 +240,8 @@ def test_logit_bias_and_penalties_in_any_batch_and_with_drafts(trained):
             dict(logit_bias=((40, 8.0),), frequency_penalty=1.0), dict(logit_bias=((13, -100.0),)), {}]
     opts = [SamplingOptions(max_tokens=10, **o) for o in over]
     outs = _run(_engine(trained), [p] * len(opts), opts)
-    assert len({tuple(o) for o in outs}) == 4 and outs[0][1:] == [40] * 9  # penalties end the repeats
+    # every option changes the tokens; the penalties end the repeats (the counting model is the same on every CPU)
+    assert len({tuple(o) for o in outs}) == 5 and outs[0][4:] == [40] * 6
     with torch.no_grad():
         for o, out in zip(opts, outs):
             for k, y in enumerate(out):
