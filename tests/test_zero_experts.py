@@ -57,10 +57,11 @@ def _forced_ids(T: int, seed: int) -> torch.Tensor:
     return ids
 
 
-def _expert_grad_terms(moe: MoE, x_TD: torch.Tensor, g_TD: torch.Tensor, ids_TK: torch.Tensor) -> dict:
-    """{"experts.w1" / "w2" / "w3": (E, ...) the sum of the absolute values of the terms (one per routed pick of that
-    expert) each element of that weight's gradient adds up}, in FP64 from the routed picks of ``ids_TK``: what bounds
-    two evaluations of those sums in different orders."""
+def _reordered_sums(moe: MoE, x_TD: torch.Tensor, g_TD: torch.Tensor, ids_TK: torch.Tensor) -> dict:
+    """{gradient name: (the sum of the absolute values of the terms each of its elements adds up, how many)} for the
+    sums whose order the GEMM library picks from the shapes: each expert weight's over its picks (the most rows
+    either way, (E, 1, 1)), the input's over a pick's 2F hidden units and a token's K picks. In FP64 from the routed
+    picks of ``ids_TK``: what bounds two evaluations of those sums in different orders."""
     with torch.no_grad():
         weights_TK = moe.gate(x_TD)[0].double()
     t, k = (ids_TK < E).nonzero(as_tuple=True)
@@ -75,8 +76,12 @@ def _expert_grad_terms(moe: MoE, x_TD: torch.Tensor, g_TD: torch.Tensor, ids_TK:
     def per_expert(p_N, q_N):  # sum over an expert's picks of |p| (outer) |q|
         terms = p_N.abs().unsqueeze(2) * q_N.abs().unsqueeze(1)
         return torch.zeros(E, *terms.shape[1:], dtype=torch.float64).index_add_(0, e, terms)
-    return {"experts.w1": per_expert(dh1, x), "experts.w2": per_expert(gw, a.detach()),
-            "experts.w3": per_expert(dh3, x)}
+    dx = torch.einsum("nf,nfd->nd", dh1.abs(), w1.abs()) + torch.einsum("nf,nfd->nd", dh3.abs(), w3.abs())
+    rows = torch.maximum(_moved_picks(x_TD, weights_TK, ids_TK)[3], torch.bincount(e, minlength=E))
+    n_weights = rows.double().view(E, 1, 1)
+    return {"x": (torch.zeros_like(x_TD, dtype=torch.float64).index_add_(0, t, dx), 2 * moe.experts.w1.shape[1] + K),
+            "experts.w1": (per_expert(dh1, x), n_weights), "experts.w2": (per_expert(gw, a.detach()), n_weights),
+            "experts.w3": (per_expert(dh3, x), n_weights)}
 
 
 def _moe(fuse_local: bool, seed: int = 0) -> MoE:
@@ -107,10 +112,11 @@ def test_skipping_identity_picks_is_bitwise_the_moved_picks(cpu_kernels, fuse_lo
     exactly +-0 to every sum; what skipping them changes is each expert's GEMM shapes, and MKL's and flyer's FP32
     GEMMs add a row's terms in an order that depends on the row count (below 12 rows; ``kernels.FEW_ROWS``), as any
     other change of batch does. So the shapes here keep that order: one row per expert either way (T 2, decoding),
-    or 17 to 150 either way (160). The experts' weight gradients sum over the rows, in an order the library picks
-    from the shapes and the hardware (AVX2 MKL's FP32 kernels, AMX's BF16 tiles, which pair the rows): bit for bit
-    with one row per expert, else within twice the bound of an n-term FP32 sum, (n - 1) u times its terms'
-    absolute sum, plus in BF16 one unit in the last place of the rounded result."""
+    or 17 to 150 either way (160). Where the library picks the order from the shapes and the hardware (AVX2 MKL's
+    FP32 kernels, AMX's BF16 tiles, which pair the rows), the sums over an expert's rows (its weight gradients) and
+    over a token's picks (the input's gradient) may differ in the last bits: bit for bit with one row per expert,
+    else within twice the bound of an n-term FP32 sum, (n - 1) u times its terms' absolute sum (``_reordered_sums``),
+    plus in BF16 one unit in the last place of the rounded result."""
     moe = _moe(fuse_local).to(dtype)
     ids = _forced_ids(T, 1)
     counts_moved = _moved_picks(torch.zeros(T, 1), torch.zeros(T, K), ids)[3]
@@ -143,15 +149,19 @@ def test_skipping_identity_picks_is_bitwise_the_moved_picks(cpu_kernels, fuse_lo
         assert rows == [T * K - n_identity, T * K]
     got, ref = _grads(moe, x, y, g), _grads(moe, x, y_ref, g)
     assert all(r is not None for r in ref)
-    terms = _expert_grad_terms(moe, x.view(T, -1), g.view(T, -1), ids)
-    rows_E = counts_moved.double().view(E, 1, 1)  # the most rows either way
+    sums = _reordered_sums(moe, x.view(T, -1), g.view(T, -1), ids)
     for name, a, b in zip(["x"] + [n for n, _ in sorted(moe.named_parameters())], got, ref):
-        if T == 2 or name not in terms:
+        if T == 2 or name not in sums:
             assert torch.equal(a, b), name
             continue
-        # each side's BF16 result is its FP32 sum rounded once: up to half a BF16 ulp (2^-8 relative) each
-        ulp = torch.maximum(a.abs(), b.abs()).double() * 2.0**-7 if dtype == torch.bfloat16 else 0.0
-        bound = 2 * (rows_E - 1) * FP32_U * terms[name] + ulp
+        terms, n = sums[name]
+        big = torch.maximum(a.abs(), b.abs()).double()
+        # n-term sums in two orders; the input's gradient then adds the same identity, shared-expert and router
+        # terms to each (3 roundings, u of the result each); a BF16 result is its FP32 sum rounded once more, up to
+        # half a BF16 ulp (2^-8 relative) on each side
+        bound = 2 * (n - 1) * FP32_U * terms.view_as(big) + (6 * FP32_U if name == "x" else 0.0) * big
+        if dtype == torch.bfloat16:
+            bound = bound + 2.0**-7 * big
         assert ((a.double() - b.double()).abs() <= bound).all(), name
     assert moe.gate.weight.grad[E:].abs().sum() > 0  # the identity columns learn through the identity sum
     with torch.no_grad():
