@@ -1,7 +1,7 @@
 """The on-disk prefix cache for DeepSeek-V4 in ``flyer generate`` (``flyer.infer.prefix_cache_hybrid``: blocks of
 compressed entries, slot snapshots at block boundaries): cold and warm runs, a next turn and a prompt forking from a
 cached one give the uncached run's tokens (greedy and seeded sampling, with and without MTP speculation); a warm
-prefill leaves the caches (the MTP module's too) and logits of the run that stored them, bit for bit; corrupt block
+prefill leaves the caches (the MTP module's too) and logits of the run that stored them; corrupt block
 or snapshot files are ignored and rewritten; an evicted snapshot falls back to an earlier one or to a full
 recompute; MLA files never match; blocks without their snapshot, or with another boundary's, miss by far; the CLI
 end to end and its one-line refusal of a block size a ratio does not divide. Tiny random model (window 8, ratios
@@ -10,8 +10,9 @@ end to end and its one-line refusal of a block size a ratio does not divide. Tin
 Tolerance: a prefill cut at snapshot boundaries sums in other orders than one chunk (other GEMM row counts, the
 attention's keys in window + chunk + entries), which ``v4_tolerance`` bounds (``tests/test_deepseek_v4_decode.py``
 holds chunked prefills to it); tokens are compared exactly, as there, a greedy or sampled token differing only where
-two logits lie within that bound. Where the chunks are the same (a warm run repeats its storing run's chunks after
-the boundary) the comparison is exact."""
+two logits lie within that bound. Where the chunks and rows are the same (a warm run of one prompt repeats its storing
+run's chunks after the boundary) the comparison is exact; a row resuming from blocks another row of the storing batch
+computed is held to the bound too (a GEMM may round a row by its place in the batch)."""
 
 import json
 
@@ -143,17 +144,20 @@ def _state(dec) -> list[torch.Tensor]:
     return [t for c in (dec.cache, dec.mtp_cache) for layer in c.layers for t in layer.values()]
 
 
-def test_warm_prefill_leaves_the_storing_runs_caches_bit_for_bit(model, tmp_path, monkeypatch):
+def test_warm_prefill_leaves_the_storing_runs_caches(model, tmp_path, monkeypatch):
     """Every tensor of both caches (windows, rings, entries; the MTP window, whose entry P - 1 the resuming prefill
-    computes from the snapshot's hidden state and token P), the logits and the last pass's hidden states. The
-    mutation: the snapshot's hidden state zeroed leaves another MTP window (the same main cache)."""
+    computes from the snapshot's hidden state and token P), the logits and the last pass's hidden states, within
+    the chunk-order bound: NEXT resumes from blocks that A's row of the storing batch computed (the same tokens), and
+    a GEMM may round a row by its place in the batch (AVX2's MKL does; AVX-512 and AMX machines gave equal bits).
+    The mutation: the snapshot's hidden state zeroed leaves another MTP window (the same main cache), by far."""
     pc = _pc(model, tmp_path)
-    prompts = [NEXT, A]
+    prompts, T = [NEXT, A], len(NEXT)
     cold, cold_state = _prefilled(model, prompts, pc)
     warm, warm_state = _prefilled(model, prompts, pc)
     assert warm_state.hit_tokens == [48, 32]  # the snapshots the cold batch left; the same last pass
-    assert all(torch.equal(a, b) for a, b in zip(_state(cold), _state(warm), strict=True))
-    assert torch.equal(cold_state.logits, warm_state.logits) and torch.equal(cold_state.hidden, warm_state.hidden)
+    for a, b in [*zip(_state(cold), _state(warm), strict=True), (cold_state.logits, warm_state.logits),
+                 (cold_state.hidden, warm_state.hidden)]:
+        _close(b, a, T, model.cfg)
     load = PrefixCache.load
 
     def zero_hidden(self, key, tokens, expect, count_tokens=True, **kw):
@@ -163,8 +167,9 @@ def test_warm_prefill_leaves_the_storing_runs_caches_bit_for_bit(model, tmp_path
         return got
     monkeypatch.setattr(PrefixCache, "load", zero_hidden)
     wrong, _ = _prefilled(model, prompts, pc)
-    assert all(torch.equal(a, b) for a, b in zip(_state(cold)[:-1], _state(wrong)[:-1]))
-    assert not torch.equal(_state(cold)[-1], _state(wrong)[-1])
+    for a, b in zip(_state(cold)[:-1], _state(wrong)[:-1]):
+        _close(b, a, T, model.cfg)
+    assert rel(_state(wrong)[-1], _state(cold)[-1]) > 100 * v4_tolerance(model.cfg, T)
 
 
 @pytest.mark.parametrize("mutation", ["no snapshot state", "another boundary's snapshot"])
