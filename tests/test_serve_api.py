@@ -215,16 +215,15 @@ def test_bad_requests_answer_400_never_500(served, model):
 
 
 def test_fields_that_would_change_the_output_are_refused_not_ignored(served):
-    """best_of and functions are not implemented: any value but their neutral one (which clients may
-    send) answers 400 naming the field (response_format: tests/test_serve_structured.py; tools:
-    tests/test_serve_tools.py; suffix, served with FIM tokens and refused without: tests/test_serve_fim.py)."""
+    """Chat's best_of (OpenAI's chat route has none; completions implement it: tests/test_serve_best_of.py) and
+    functions are not implemented: any value but their neutral one (which clients may send) answers 400 naming the
+    field (response_format: tests/test_serve_structured.py; tools: tests/test_serve_tools.py; suffix, served with
+    FIM tokens and refused without: tests/test_serve_fim.py)."""
     ok = dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)
     chat = dict(model="tiny-test", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    for over, param in ((dict(best_of=2), "best_of"),):
-        err = _error(httpx.post(served.url + "/v1/completions", json={**ok, **over}), 400, param)
+    for over, param in ((dict(best_of=2), "best_of"), (dict(functions=[{"name": "f", "parameters": {}}]), "functions")):
+        err = _error(httpx.post(served.url + "/v1/chat/completions", json={**chat, **over}), 400, param)
         assert "does not implement" in err["message"]
-    for over, param in ((dict(functions=[{"name": "f", "parameters": {}}]), "functions"),):
-        _error(httpx.post(served.url + "/v1/chat/completions", json={**chat, **over}), 400, param)
     assert httpx.post(served.url + "/v1/completions", json={**ok, "best_of": 1, "suffix": "", "user": "u"}
                       ).status_code == 200
     ChatBody(**chat, tools=[], response_format={"type": "text"}).check_fields()  # no raise

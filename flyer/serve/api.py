@@ -7,7 +7,8 @@
     POST /v1/completions        prompt: text, list of texts, token ids or lists of token ids;
                                 max_tokens, temperature, top_p, stop, seed, stream (+ stream_options),
                                 logprobs (0-20), echo (prompt tokens scored, as evaluation harnesses ask),
-                                suffix (fill-in-the-middle: the text is the middle; ``flyer.data.fim``)
+                                suffix (fill-in-the-middle: the text is the middle; ``flyer.data.fim``),
+                                best_of (candidates per prompt; the n best by mean token logprob: ``best_candidates``)
                                 response_format (both routes): text, json_object, json_schema (``flyer.serve.grammar``)
     POST /v1/chat/completions   messages rendered by the tokenizer's chat template (as transformers'
                                 ``apply_chat_template`` renders it; ``flyer.data.chat_template``), else a default;
@@ -43,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 import uuid
@@ -76,22 +78,43 @@ from flyer.serve.tools_kimi import calls_so_far
 DISCONNECT_POLL_S = 1.0  # how often a request's handler asks whether its client is still there
 
 
+def mean_logprob(c: Choice) -> float:
+    """Choice ``c``'s score as a best_of candidate: the mean logprob of the tokens it generated (every one, as
+    ``usage`` counts them: a stop string cuts the text, not the sequence sampled), each the one the engine reports
+    (after logit bias, penalties and a grammar's mask, before temperature and top-p). OpenAI's definition ("the
+    highest log probability per token"), not vLLM's sum, which favours the candidates that end soonest; the model's
+    own likelihood, not the sampling distribution's, which at temperature 0 scores every token 0. -inf without tokens
+    (none finishes so: max_tokens >= 1, and an error fails the request)."""
+    lps = [e.logprob for e in c.events if e.token is not None]
+    return math.fsum(lps) / len(lps) if lps else -math.inf
+
+
+def best_candidates(scores: list[float], per_prompt: int, n: int) -> list[int]:
+    """Indices of each prompt's ``n`` best candidates, best first, prompts in order: ``scores[k]`` is candidate k's,
+    prompt i's being ``i per_prompt`` to ``(i + 1) per_prompt - 1``. Ties keep the lower index first (a stable sort:
+    greedy candidates are all equal)."""
+    out = []
+    for i in range(0, len(scores), per_prompt):
+        out += sorted(range(i, i + per_prompt), key=lambda k: -scores[k])[:n]
+    return out
+
+
 class _Generation:
     """Every choice of one HTTP request submitted to the engine (at construction, so a refusal
-    answers with its status before any response starts): ``n`` per prompt, choice k = i n + j the
-    j-th of prompt i (as OpenAI numbers them; with a seed, sampled with seed + j). ``events`` yields
-    (choice index, its state, event) as tokens arrive and cancels what is left when its consumer
-    stops early (client gone, stop string, error)."""
+    answers with its status before any response starts): ``n`` per prompt (best_of's candidates on completions),
+    choice k = i n + j the j-th of prompt i (as OpenAI numbers them; with a seed, sampled with seed + j). ``events``
+    yields (choice index, its state, event) as tokens arrive and cancels what is left when its consumer
+    stops early (client gone, stop string, error). ``field``: the one named when they exceed the queue."""
 
     def __init__(self, api: "Api", request: Request, prompts: list[list[int]], opts: SamplingOptions,
-                 stops: list[str], n: int = 1):
+                 stops: list[str], n: int = 1, field: str | None = None):
         self.engine, self.request, self.prompts, self.n = api.engine, request, prompts, n
         for p in prompts:
             self.engine.check(p, opts)
         queue = self.engine.limits.max_queue
         if len(prompts) * n > queue:  # a 429 would have the client retry in vain
-            raise FieldError("n" if n > 1 else "prompt", f"{len(prompts)} prompt(s) x {n} choice(s) exceed the "
-                                                         f"server's queue of {queue} requests")
+            raise FieldError(field or ("n" if n > 1 else "prompt"), f"{len(prompts)} prompt(s) x {n} choice(s) "
+                                                                    f"exceed the server's queue of {queue} requests")
         self.queue: asyncio.Queue = asyncio.Queue()
         self.reasoning_tokens = None  # chat with a reasoning parser: choice -> its reasoning tokens (``usage``)
         self.failed = False  # the engine failed on one of its choices
@@ -282,7 +305,12 @@ class Api:
         body.check_fields()
         prompts = self._prompts(body.prompt, body.suffix)
         opts = self._options(body, body.max_tokens, max(len(p) for p in prompts), body.logprobs, body.echo)
-        gen = _Generation(self, request, prompts, opts, body.stop_strings(), body.n)
+        per_prompt = body.candidates()
+        ranked = per_prompt > body.n  # best_of = n returns every candidate, in order, as n alone does (and streams)
+        if ranked and opts.logprobs is None:  # the score needs each token's logprob; the response leaves them out
+            opts = dataclasses.replace(opts, logprobs=0)
+        gen = _Generation(self, request, prompts, opts, body.stop_strings(), per_prompt,
+                          "best_of" if ranked else None)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         prefix = [self.tok.decode(gen.prompt_of(k)) if body.echo else "" for k in range(len(gen.choices))]
@@ -297,8 +325,10 @@ class Api:
 
         if not body.stream:
             await gen.wait()
-            out = [{"index": i, "text": prefix[i] + c.text, "finish_reason": c.finish_reason,
-                    "logprobs": logprobs(i, c)} for i, c in enumerate(gen.choices)]
+            picked = best_candidates([mean_logprob(c) for c in gen.choices], per_prompt, body.n) if ranked \
+                else range(len(gen.choices))  # usage counts every candidate, as OpenAI bills them
+            out = [{"index": i, "text": prefix[k] + gen.choices[k].text, "finish_reason": gen.choices[k].finish_reason,
+                    "logprobs": logprobs(k, gen.choices[k])} for i, k in enumerate(picked)]
             return JSONResponse({**head, "choices": out, "usage": gen.usage()})
 
         async def sse() -> AsyncIterator[bytes]:

@@ -4,7 +4,7 @@ and ``check_fields`` refuses the combinations and the unimplemented fields the t
 
     Body            the fields both routes share: model, sampling options, stop strings, n, stream
     CompletionBody  POST /v1/completions: prompt (text, texts, token ids, lists of token ids), logprobs, echo,
-                    suffix (fill-in-the-middle: ``flyer.data.fim``)
+                    suffix (fill-in-the-middle: ``flyer.data.fim``), best_of (candidates per prompt, n returned)
     ChatBody        POST /v1/chat/completions: messages (text content or text parts), logprobs, top_logprobs,
                     chat_template_kwargs (more variables for the chat template, as vLLM takes them),
                     reasoning_effort (OpenAI's; to the template as vLLM passes it, V4's levels mapped)
@@ -29,6 +29,7 @@ MAX_TEMPLATE_KWARGS_CHARS = 16384  # chat_template_kwargs as JSON text: template
 
 # OpenAI fields that change what is generated and that flyer serve does not implement, with the values
 # that change nothing (a client may send those): any other value is refused, never silently ignored
+# (best_of: chat's, which OpenAI's chat route lacks; completions implement it, ``CompletionBody.best_of``)
 NOT_IMPLEMENTED = {"best_of": (1,), "functions": ([],)}
 
 
@@ -160,11 +161,23 @@ class CompletionBody(Body):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None  # the text after the one generated (FIM); None or "": a plain completion
+    # candidates per prompt, of which the n best are returned (``flyer.serve.api.best_candidates``); unset: n
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+
+    def candidates(self) -> int:
+        """Candidates generated per prompt: ``best_of``, or ``n`` when it is unset."""
+        return self.n if self.best_of is None else self.best_of
 
     def check_fields(self) -> None:
-        """Also refuses a suffix with token-id prompts, whose layout (BOS, markers) is the client's own, and
+        """Also refuses best_of below n and, above n, with stream (the best are known only once all have ended: OpenAI
+        refuses it too); a suffix with token-id prompts, whose layout (BOS, markers) is the client's own, and
         with echo: the model reads prompt and suffix in FIM markers, not the prompt alone, to echo and score."""
         super().check_fields()
+        if self.candidates() < self.n:
+            raise FieldError("best_of", f"must be >= n ({self.n}) (got {self.best_of})")
+        if self.stream and self.candidates() > self.n:
+            raise FieldError("best_of", f"cannot be streamed above n (got best_of {self.best_of}, n {self.n}): the "
+                                        f"best are known only at the end; send stream false or best_of = n")
         if not self.suffix:
             return
         if self.echo:
