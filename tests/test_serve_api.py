@@ -50,10 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 class _Running(EngineServer):
     """A tiny engine with byte tokens and its API on 127.0.0.1:<free port> (``served.EngineServer``)."""
 
-    def __init__(self, model, api_key=None, start_engine=True, max_body_bytes=MAX_BODY_BYTES, **engine_over):
+    def __init__(self, model, api_key=None, start_engine=True, max_body_bytes=MAX_BODY_BYTES, api_tokenizer=None,
+                 **engine_over):
         cfg = dict(kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8)
         super().__init__(Engine(model, EngineConfig(**{**cfg, **engine_over}), tokenizer=ByteTokenizer()),
-                         lambda link: Api(link, ByteTokenizer(), "tiny-test", api_key), start_engine,
+                         lambda link: Api(link, api_tokenizer or ByteTokenizer(), "tiny-test", api_key), start_engine,
                          max_body_bytes=max_body_bytes)
 
 

@@ -10,12 +10,11 @@ import httpx
 import openai
 import pytest
 import torch
-from served import EngineServer
+from test_serve_api import _Running
 from trained import counting_model
 
 from flyer.infer.cli import ByteTokenizer
-from flyer.serve.api import Api, best_candidates
-from flyer.serve.engine import Engine, EngineConfig
+from flyer.serve.api import best_candidates
 from flyer.serve.schema import MAX_CHOICES
 
 V = 64
@@ -30,15 +29,6 @@ class _EosBytes(ByteTokenizer):
         return (EOS,)
 
 
-class _Running(EngineServer):
-    """The counting model's engine behind an API whose tokenizer ends a request at ``EOS``."""
-
-    def __init__(self, model, **engine_over):
-        cfg = dict(kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8)
-        super().__init__(Engine(model, EngineConfig(**{**cfg, **engine_over}), tokenizer=ByteTokenizer()),
-                         lambda link: Api(link, _EosBytes(), "tiny-test"))
-
-
 @pytest.fixture(scope="module")
 def model():
     return counting_model(V)
@@ -46,7 +36,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def served(model):
-    s = _Running(model)
+    s = _Running(model, api_tokenizer=_EosBytes())
     yield s
     s.close()
 
@@ -166,7 +156,7 @@ def test_chat_still_refuses_best_of(served):
 
 def test_a_client_gone_cancels_every_candidate(model, monkeypatch):
     monkeypatch.setattr("flyer.serve.api.DISCONNECT_POLL_S", 0.1)
-    s = _Running(model)
+    s = _Running(model, api_tokenizer=_EosBytes())
     try:
         step = s.engine.step
         monkeypatch.setattr(s.engine, "step", lambda: (time.sleep(0.01), step()))  # >= 0.6 s for 60 steps
