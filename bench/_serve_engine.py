@@ -24,15 +24,26 @@ from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 MAX_BATCH = 64  # flyer serve --max-batch-size, and the in-process engine's (``engine_replay``)
 
 
+def step_ops(eng: Engine) -> int:
+    """Top-level ATen ops (not called from within another) of one ``eng.step()``, counted with torch.profiler:
+    each a host-side dispatch, of which a small model's step on a GPU mostly consists."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        eng.step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def decode_steps(model: Transformer, batches: tuple[int, ...], context: int, steps: int = 30) -> dict[str, float]:
     """ms per decode-only step of the engine alone (no HTTP, no prefill in the step), B requests at ``context``
     tokens: the batching gain before prefill steps and HTTP take their share (median of ``steps`` steps). At the
     largest B of MLA also with the paged cache gathered per layer instead of read in place
-    (``kernels.mla_decode``), the two interleaved."""
+    (``kernels.mla_decode``), the two interleaved. ``decode_ops_b{B}``: top-level ATen ops of one more such step
+    (``step_ops``), and where the CPU kernels run, ``decode_ops_b{B}_eager`` without them: the eager code a GPU
+    runs."""
     rng, out = random.Random(1), {}
     for B in batches:
         eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 30, max_batch_size=B, cache_dtype=torch.float32))
-        opts = SamplingOptions(max_tokens=3 * steps)
+        opts = SamplingOptions(max_tokens=3 * steps + 2)  # prefill's token, two timed paths, the two counted steps
         reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(context)], opts, lambda e: None)
                 for _ in range(B)]
         while any(r.generated == 0 for r in reqs):  # every prompt prefilled
@@ -50,6 +61,10 @@ def decode_steps(model: Transformer, batches: tuple[int, ...], context: int, ste
                     times[name].append(time.perf_counter() - t0)
         for name, ts in times.items():
             out[f"decode_step_ms_b{B}{name}"] = 1e3 * statistics.median(ts)
+        out[f"decode_ops_b{B}"] = step_ops(eng)
+        if kernels.cpu_ops() is not None and model.embed.weight.is_cpu:
+            with kernels.disabled():
+                out[f"decode_ops_b{B}_eager"] = step_ops(eng)
     return out
 
 

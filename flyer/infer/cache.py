@@ -43,6 +43,7 @@ class _SlotCache:
         first = next(iter(tensors.values()))
         self.n_layers, self.batch, self.max_len = first.shape[:3]
         self.lengths = torch.zeros(self.batch, dtype=torch.long, device=first.device)
+        self._flat: dict[tuple[str, int], torch.Tensor] = {}  # ``flat_storage``'s views of the current tensors
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,6 +57,7 @@ class _SlotCache:
         """Keep batch rows ``rows`` (int64, in that order) and drop the rest: finished rows leave
         the decode batch instead of being computed until the last row is done."""
         self.tensors = self._kept(rows)
+        self._flat = {}
         self.batch = int(rows.numel())
         self.lengths = self.lengths.index_select(0, rows)
 
@@ -73,11 +75,20 @@ class _SlotCache:
     def encode(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``values`` (name -> (B, T, ...)) as stored: name -> (B, T, ...) in the cache's dtype (an FP8 cache
         packs a token's latent and rope key into one row), each written to ``storage(name, layer)``."""
-        return {k: v.to(self.dtype) for k, v in values.items()}
+        dtype = self.dtype
+        return {k: v if v.dtype == dtype else v.to(dtype) for k, v in values.items()}  # no no-op casts: ops
 
     def storage(self, name: str, layer: int) -> torch.Tensor:
         """(B, S, ...): where ``encode``'s ``name`` entry of layer (or indexer row) ``layer`` is stored."""
         return self.tensors[name][layer]
+
+    def flat_storage(self, name: str, layer: int) -> torch.Tensor:
+        """``storage(name, layer)`` as (B * S, ...), indexed by flat slot (a paged pool's block * block_size +
+        slot). Made once per entry and kept: every decode step writes every layer, and each view is an op."""
+        flat = self._flat.get((name, layer))
+        if flat is None:
+            flat = self._flat[name, layer] = self.storage(name, layer).flatten(0, 1)
+        return flat
 
     def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype, heads_first: bool = False) -> torch.Tensor:
         """Slots [0, n_slots) of every row in the compute dtype: (B, n_slots, ...), or for a
@@ -134,6 +145,10 @@ class LatentCache(_SlotCache):
         if self._tables is None or self._tables.shape[0] != B:
             self._tables = torch.arange(B, device=self.packed.device).view(B, 1)
         return self.packed[layer], self._tables
+
+    def storage(self, name: str, layer: int) -> torch.Tensor:
+        """As ``_SlotCache.storage``; "packed" names ``packed``'s layer (B, S, kv_lora_rank + rope)."""
+        return self.packed[layer] if name == "packed" else self.tensors[name][layer]
 
     def decode_packed(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(..., kv_lora_rank + rope) in ``dtype``: slots of ``packed`` (..., its last dim) as [latent | rope key]."""
@@ -200,9 +215,6 @@ class Fp8LatentCache(LatentCache):
         if "index_key" in values:
             out["index_key"], out["index_key_scale"] = index_keys(values.pop("index_key"), self.index_rotation)
         return {**out, **{k: v.to(self.tensors[k].dtype) for k, v in values.items()}}
-
-    def storage(self, name: str, layer: int) -> torch.Tensor:
-        return self.packed[layer] if name == "packed" else self.tensors[name][layer]
 
     def decode_packed(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return unpack_rows(raw, self.kv_lora_rank, dtype)

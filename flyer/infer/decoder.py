@@ -188,14 +188,22 @@ class Decoder:
         return self._layers(packs, x)
 
     def _plain_layers(self, packs: list[_Pack], x: torch.Tensor) -> list[torch.Tensor]:
-        """MLA / GQA blocks over the packed embeddings x (1, N, D); each group's hidden states."""
+        """MLA / GQA blocks over the packed embeddings x (1, N, D); each group's hidden states. A lone group
+        without padding (a decode step) keeps its own (B, T, D) rows throughout, the same rows as the packed
+        sequence: no slicing and reshaping around each layer's attention (four ops a layer)."""
+        lone = packs[0] if len(packs) == 1 and packs[0].src is None else None
+        if lone is not None:
+            x = x.view(lone.B, lone.T, -1)
         for i, layer in enumerate(self.model.layers):
-            a = layer.attn_norm(x)[0]
-            outs = [p.pack(self._attend(layer.attn, p.unpack(a[p.off:p.off + p.n]), p.rows, p.cache, i))
-                    for p in packs]
-            x = x + (torch.cat(outs) if len(outs) > 1 else outs[0])
+            a = layer.attn_norm(x)
+            if lone is not None:
+                x = x + self._attend(layer.attn, a, lone.rows, lone.cache, i)
+            else:
+                outs = [p.pack(self._attend(layer.attn, p.unpack(a[0, p.off:p.off + p.n]), p.rows, p.cache, i))
+                        for p in packs]
+                x = x + (torch.cat(outs) if len(outs) > 1 else outs[0])
             x = layer.ffn_residual(x)  # a shortcut MoE (LongCat-Flash) handed on within its pair
-        return [p.unpack(x[0, p.off:p.off + p.n]) for p in packs]
+        return [x] if lone is not None else [p.unpack(x[0, p.off:p.off + p.n]) for p in packs]
 
     def _hybrid_layers(self, packs: list[_Pack], x: torch.Tensor) -> list[torch.Tensor]:
         """``_plain_layers`` for DeepSeek-V4: each layer's ``Block.residual`` (the training path's streams and

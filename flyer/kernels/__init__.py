@@ -31,7 +31,6 @@ it is built and loaded, and the switches that turn it off: ``flyer.kernels.exten
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 
 import torch
@@ -42,8 +41,10 @@ from flyer.kernels.extension import KERNEL_DTYPES, build, cpu_ops, disabled, usa
 TILE = 128  # FP8 tile width and block size (flyer.fp8.quant.TILE); the kernel takes no other
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)  # FP32, or FP64 for FP64 inputs
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What sums of ``dtype`` values run in: FP32, or FP64 for FP64 (``torch.promote_types`` with FP32 gives it too,
+    as an op: a decode step asks ~30 times)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---- routed experts: SwiGLU ------------------------------------------------------------------
@@ -274,11 +275,17 @@ def grouped_mm(x_RK: torch.Tensor, rows_G: list[int], w_GNK: torch.Tensor,
         return cpu_ops().grouped_mm(x_RK.contiguous(), rows, w_GNK.contiguous(), few,
                                     None if scale is None else scale.contiguous())
     out = x_RK.new_empty(x_RK.shape[0], w_GNK.shape[1])
-    starts = [0, *itertools.accumulate(rows_G)]
-    for g in (g for g, n in enumerate(rows_G) if n):
-        r = slice(starts[g], starts[g + 1])
-        w = w_GNK[g] if scale is None else dequantize_held(w_GNK[g], scale[g])
-        torch.mm(x_RK[r], w.to(x_RK.dtype).t(), out=out[r])
+    live = [g for g, n in enumerate(rows_G) if n]
+    sizes = [rows_G[g] for g in live]
+    # x and out split once, by the groups with rows, and no no-op casts: two ops a group where slicing took six, and
+    # a GPU's decode step, host-bound, runs ~280 of them (a few live experts of many make no views)
+    w_GKN = w_GNK.transpose(1, 2) if scale is None and w_GNK.dtype == x_RK.dtype else None
+    for g, x, o in zip(live, x_RK.split(sizes), out.split(sizes)):
+        if w_GKN is not None:
+            torch.mm(x, w_GKN[g], out=o)
+        else:
+            w = w_GNK[g] if scale is None else dequantize_held(w_GNK[g], scale[g])
+            torch.mm(x, w.to(x_RK.dtype).t(), out=o)
     return out
 
 
@@ -430,11 +437,14 @@ def rms_norm(x: torch.Tensor, weight_D: torch.Tensor, eps: float,
     if usable(x, weight_D) and out_dtype in KERNEL_DTYPES:  # one pass in, one out
         y, r = cpu_ops().rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight_D, eps, out_dtype)
         return y.view(x.shape), r.view(*x.shape[:-1], 1)
-    xf = x.to(_acc_dtype(x))  # one vectorised upcast (mixed-dtype ops take a slow CPU path); none for FP32
+    # one vectorised upcast (mixed-dtype ops take a slow CPU path); no no-op casts: each is an op of every norm
+    acc = acc_dtype(x.dtype)
+    xf = x if x.dtype == acc else x.to(acc)
     norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
     r = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))  # (..., 1)
-    y = (xf * r if xf is x else xf.mul_(r)).mul_(weight_D.to(xf.dtype))  # never written: the caller's x
-    return y.to(out_dtype), r
+    w = weight_D if weight_D.dtype == acc else weight_D.to(acc)
+    y = (xf * r if xf is x else xf.mul_(r)).mul_(w)  # never written: the caller's x
+    return (y if y.dtype == out_dtype else y.to(out_dtype)), r
 
 
 def rms_norm_backward(g: torch.Tensor, x: torch.Tensor, weight_D: torch.Tensor, r: torch.Tensor, need_dx: bool,
@@ -508,7 +518,7 @@ def fp8_dequantize(data_RC: torch.Tensor, scale: torch.Tensor, block_rows: int) 
     return (fp8_to_float(data_RC).view(R, C // TILE, TILE) * s.unsqueeze(-1)).view(R, C)
 
 
-__all__ = ["FP8_ROWS", "HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "argmax", "attention",
+__all__ = ["FP8_ROWS", "HELD_DTYPES", "HELD_FP8", "KERNEL_DTYPES", "TokenIndex", "acc_dtype", "argmax", "attention",
            "attention_splits", "blas_narrower", "build", "clamp_gate_up", "combine", "combine_backward", "cpu_ops",
            "dequantize_held", "disabled", "fp8_dequantize", "fp8_to_float", "grouped_mm", "held_few_rows",
            "linear_held", "mla_decode", "mla_decode_usable", "rms_norm", "rms_norm_backward", "segment_sum",

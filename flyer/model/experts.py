@@ -280,7 +280,7 @@ class _LocalRoutedExperts(torch.autograd.Function):
         pos = layout.positions(x_TD.device)
         src = torch.full((layout.total,), T, dtype=torch.long, device=x_TD.device)  # T: pad row
         src[pos] = order // K  # the token each padded row holds
-        acc_dtype = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
+        acc_dtype = kernels.acc_dtype(dtype)  # the combine sums in FP32 (FP64 for FP64)
         w_pad = weights_TK.new_zeros(layout.total, dtype=acc_dtype)
         w_pad[pos] = weights_TK.flatten()[order].to(acc_dtype)
         x = x_TD.to(dtype)
@@ -326,7 +326,7 @@ def local_routed_no_grad(x_TD, weights_TK, topk_ids_TK, counts: list[int], count
     order = routed_order(topk_ids_TK, counts)
     src = order // K  # the token each expert-sorted row holds
     w_rows = weights_TK.flatten().index_select(0, order)
-    acc_dtype = torch.promote_types(dtype, torch.float32)  # the combine sums in FP32 (FP64 for FP64)
+    acc_dtype = kernels.acc_dtype(dtype)  # the combine sums in FP32 (FP64 for FP64)
     w_rows = w_rows if w_rows.dtype == acc_dtype else w_rows.to(acc_dtype)
     x = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
     index = kernels.token_index(src, T, x, w_rows, per_token=K if order.numel() == T * K else None)

@@ -48,6 +48,8 @@ class PagedCache:
         self.write_from = write_from
         self._slot_key: tuple = ()  # (positions, tables) tensors the cached slots were computed for
         self._slot_cache: torch.Tensor | None = None
+        self._read_key: tuple = ()  # (n_slots, tables) the cached read index was computed for
+        self._read_index: torch.Tensor | None = None
 
     def view(self, tables: torch.Tensor, write_from: torch.Tensor | None = None) -> PagedCache:
         """The same pool addressed through ``tables`` (one batch of a packed forward). ``write_from``
@@ -68,7 +70,7 @@ class PagedCache:
         return self.pool.bytes_per_token()
 
     def _slots(self, pos_BT: torch.Tensor) -> torch.Tensor:
-        """Flat slot index (B * T,) of each position; positions past a row's table: the null block.
+        """Flat slot index (B, T) of each position; positions past a row's table: the null block.
         Every layer of a forward writes the same positions: computed once per positions tensor."""
         if not (self._slot_key and self._slot_key[0] is pos_BT and self._slot_key[1] is self.tables):
             tables = F.pad(self.tables, (0, 1), value=NULL_BLOCK)
@@ -78,19 +80,25 @@ class PagedCache:
             if self.write_from is not None:
                 null = NULL_BLOCK * self.block_size + pos_BT % self.block_size
                 slots = torch.where(pos_BT < self.write_from.view(-1, 1), null, slots)
-            self._slot_cache = slots.flatten()
+            self._slot_cache = slots
         return self._slot_cache
 
     def write(self, layer: int, pos_BT: torch.Tensor, **values: torch.Tensor) -> None:
         """Store ``values[name]`` (B, T, ...) of ``layer`` at positions ``pos_BT`` (B, T)."""
         slots = self._slots(pos_BT)
         for name, v in self.pool.encode(values).items():  # an FP8 pool: quantized rows (``Fp8LatentCache``)
-            self.pool.storage(name, layer).flatten(0, 1)[slots] = v.flatten(0, 1)
+            self.pool.flat_storage(name, layer)[slots] = v  # (B, T) slots take (B, T, ...) rows: no reshapes
 
-    def _gather(self, t_NSX: torch.Tensor, n_slots: int) -> torch.Tensor:
-        if self.tables.shape[1] * self.block_size < n_slots:
-            raise ValueError(f"block tables cover {self.tables.shape[1] * self.block_size} slots, need {n_slots}")
-        return t_NSX[self.tables].flatten(1, 2)[:, :n_slots]  # (B, n * block_size, ...) -> (B, n_slots, ...)
+    def _gather(self, name: str, layer: int, n_slots: int) -> torch.Tensor:
+        """(B, n_slots, ...): slots [0, n_slots) of every row of the pool's ``name`` entry of ``layer``, one
+        index op on its flat view through flat slot indices made once per forward (every layer reads the same)."""
+        if not (self._read_key and self._read_key[0] == n_slots and self._read_key[1] is self.tables):
+            if self.tables.shape[1] * self.block_size < n_slots:
+                raise ValueError(f"block tables cover {self.tables.shape[1] * self.block_size} slots, need {n_slots}")
+            s = torch.arange(n_slots, device=self.tables.device)
+            self._read_index = self.tables[:, s // self.block_size] * self.block_size + s % self.block_size
+            self._read_key = (n_slots, self.tables)
+        return self.pool.flat_storage(name, layer)[self._read_index]
 
     def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(``layer``'s pool (n_blocks, block_size, kv_lora_rank + rope) of an MLA pool, the tables
@@ -105,7 +113,7 @@ class PagedCache:
 
     def read_packed(self, layer: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
         """(B, n_slots, kv_lora_rank + rope) of an MLA pool, in ``dtype`` (an FP8 pool's rows dequantized)."""
-        return self.pool.decode_packed(self._gather(self.pool.packed[layer], n_slots), dtype)
+        return self.pool.decode_packed(self._gather("packed", layer, n_slots), dtype)
 
     def gather_packed(self, layer: int, slots_BTk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, T, k, kv_lora_rank + rope) of an MLA pool in ``dtype``: row b's slot ``slots[b, t, j]`` (int64;
@@ -113,11 +121,11 @@ class PagedCache:
         bs = self.block_size
         blk = self.tables.gather(1, (slots_BTk // bs).flatten(1)).view_as(slots_BTk)
         flat = (blk * bs + slots_BTk % bs).view(-1)
-        return self.pool.decode_packed(self.pool.packed[layer].flatten(0, 1).index_select(0, flat)
+        return self.pool.decode_packed(self.pool.flat_storage("packed", layer).index_select(0, flat)
                                        .view(*slots_BTk.shape, -1), dtype)
 
     def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype, heads_first: bool = False) -> torch.Tensor:
-        t = self._gather(self.pool.tensors[name][layer], n_slots)
+        t = self._gather(name, layer, n_slots)
         return (t.transpose(1, 2) if heads_first else t).to(dtype)
 
 
