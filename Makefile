@@ -6,7 +6,8 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.flyer-installed
 # pytest-xdist workers: each test process runs torch on one thread, so two keep both of CI's cores busy;
-# a file's tests stay in one worker (--dist loadfile) so its module fixtures are built once
+# a file's tests stay in one worker (--dist loadfile) so its module fixtures are built once; the files go out slowest
+# first, in the order tests/conftest.py sorts them (--no-loadscope-reorder keeps it)
 TEST_JOBS ?= 2
 
 .PHONY: setup train test bench clean
@@ -30,7 +31,7 @@ test: setup
 	# flyer's bytecode, written once: an editable install has none, and with PYTHONDONTWRITEBYTECODE set (CI's
 	# images set it) every process a test starts would compile the whole package again (~0.6 s of CPU each)
 	$(PY) -m compileall -q flyer > /dev/null
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'

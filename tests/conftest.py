@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Held weights' GEMMs take the same path on every CPU kind, here and in the processes tests start;
 # tests of the other path set ``kernels.blas_narrower`` themselves.
 os.environ["FLYER_BLAS_NARROWER"] = "0"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slowest files first (``tests/file_seconds.json``, written by ``tests/file_seconds.py``), each file's tests
+    together and in their order: ``make test`` runs xdist with ``--no-loadscope-reorder``, which hands the files out
+    in this order (its own puts the files with most tests first, and so a file of a few long tests last, where it
+    made the tail of a run)."""
+    seconds = json.loads((Path(__file__).parent / "file_seconds.json").read_text())
+    first: dict[Path, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.path, i)
+    items.sort(key=lambda item: (-seconds.get(item.path.name, 0.0), first[item.path]))
 
 
 def pytest_sessionstart(session):
