@@ -29,6 +29,7 @@ from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.infer.cache_fp8 import FP8, check_fp8_cache, n_tiles, pack_rows, token_bytes, unpack_rows
 from flyer.infer.indexer_fp8 import index_keys, rotation
+from flyer.model.lowp import as_dtype
 
 
 class _SlotCache:
@@ -75,8 +76,7 @@ class _SlotCache:
     def encode(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``values`` (name -> (B, T, ...)) as stored: name -> (B, T, ...) in the cache's dtype (an FP8 cache
         packs a token's latent and rope key into one row), each written to ``storage(name, layer)``."""
-        dtype = self.dtype
-        return {k: v if v.dtype == dtype else v.to(dtype) for k, v in values.items()}  # no no-op casts: ops
+        return {k: as_dtype(v, self.dtype) for k, v in values.items()}
 
     def storage(self, name: str, layer: int) -> torch.Tensor:
         """(B, S, ...): where ``encode``'s ``name`` entry of layer (or indexer row) ``layer`` is stored."""

@@ -207,17 +207,26 @@ class Decoder:
 
     def _hybrid_layers(self, packs: list[_Pack], x: torch.Tensor) -> list[torch.Tensor]:
         """``_plain_layers`` for DeepSeek-V4: each layer's ``Block.residual`` (the training path's streams and
-        hash-routed MoE) around the cached attention, between ``Transformer.streams`` and ``collapse``."""
-        tokens = torch.cat([p.token_ids for p in packs]).unsqueeze(0)  # (1, N), as x
+        hash-routed MoE) around the cached attention, between ``Transformer.streams`` and ``collapse``. A lone
+        group without padding (a decode step) keeps its (B, T) rows throughout, as ``_plain_layers``' does."""
+        lone = packs[0] if len(packs) == 1 and packs[0].src is None else None
+        if lone is not None:
+            tokens, x = lone.token_ids.view(lone.B, lone.T), x.view(lone.B, lone.T, -1)
+        else:
+            tokens = torch.cat([p.token_ids for p in packs]).unsqueeze(0)  # (1, N), as x
         h = self.model.streams(x)
         for i, layer in enumerate(self.model.layers):
-            def attend(a, layer=layer, i=i):  # a: the normed block input (1, N, D)
+            def attend(a, layer=layer, i=i):  # a: the normed block input (1, N, D), or a lone group's (B, T, D)
+                if lone is not None:
+                    return self._attend(layer.attn, a, lone.rows, lone.cache, i)
                 outs = [p.pack(self._attend(layer.attn, p.unpack(a[0, p.off:p.off + p.n]), p.rows, p.cache, i))
                         for p in packs]
                 return (torch.cat(outs) if len(outs) > 1 else outs[0]).unsqueeze(0)
             h = layer.residual(h, attend, tokens)
         if not self.streams_out:
             h = self.model.collapse(h)
+        if lone is not None:
+            return [h]
         if h.dim() == 4:  # streams: each position's N x D unpacked as one row
             return [p.unpack(h[0, p.off:p.off + p.n].flatten(-2)).unflatten(-1, h.shape[-2:]) for p in packs]
         return [p.unpack(h[0, p.off:p.off + p.n]) for p in packs]

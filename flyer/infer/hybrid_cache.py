@@ -38,8 +38,9 @@ Shapes: B rows, T new tokens, W window, d head_dim, r ratio, M entries completed
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Callable
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ from flyer.config import ModelConfig
 from flyer.infer import hybrid_fp8, hybrid_index_fp4
 from flyer.model.hybrid import hybrid_rope_config, select_topk
 from flyer.model.hybrid_chunks import entry_picks, gathers
+from flyer.model.lowp import as_dtype
 from flyer.model.rope import rope_cos_sin
 
 Tables = dict[bool, tuple[torch.Tensor, torch.Tensor]]  # compressed layer? -> cos, sin (max_len, 1, R)
@@ -77,7 +79,8 @@ class HybridRows:
     """Where one forward's new tokens sit: row b's T tokens at positions ``start[b]`` + t, the first
     ``lengths[b]`` real (``real`` (B, T)), the rest right padding; ``cos`` / ``sin``: per layer kind the
     tables at those positions (B, T, 1, R) (padding past the context clamped to its last position);
-    ``tables``: the whole tables, which entry i reads at position i r."""
+    ``tables``: the whole tables, which entry i reads at position i r. ``memo``: what layers derive from these rows
+    alone (ring slots, masks, which entries complete), made once per forward (``once``), not once per layer."""
 
     start: torch.Tensor
     lengths: torch.Tensor
@@ -85,6 +88,13 @@ class HybridRows:
     cos: dict[bool, torch.Tensor]
     sin: dict[bool, torch.Tensor]
     tables: Tables
+    memo: dict = field(default_factory=dict, repr=False)
+
+    def once(self, key, make: Callable[[], object]):
+        """``make()``, made at the first call with ``key`` of these rows (one forward) and returned again after."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
 
 def hybrid_rows(tables: Tables, max_len: int, start_B: torch.Tensor, T: int,
@@ -227,7 +237,7 @@ class HybridCache:
         them. They differ only in the order of their FP32 sums (the same products: decoded values are bit for bit
         the unpacked ones)."""
         t = self.layers[layer]["index_keys"]
-        fp32 = torch.promote_types(x_BTD.dtype, torch.float32) == torch.float32  # the kernel's; FP64 x: the oracle
+        fp32 = kernels.acc_dtype(x_BTD.dtype) == torch.float32  # the kernel's; FP64 x: the oracle
         fp4 = self.fp8 and kernels.index_scores_fp4_usable(t)
         if fp32 and (fp4 or not self.fp8 and kernels.index_scores_usable(t)):
             q, w = indexer.queries(x_BTD, q_latent_BTR, cos, sin)
@@ -251,10 +261,10 @@ class HybridCache:
         """Entry ``i[k]`` of row ``b[k]`` := ``values[k]`` (K, C)."""
         t, values = self.layers[layer][name], self._stored(name, values)
         if self.tables is None:
-            t[b, i] = values.to(t.dtype)
+            t[b, i] = as_dtype(values, t.dtype)
         else:
             per = t.shape[1]
-            t[self.tables[b, i // per], i % per] = values.to(t.dtype)
+            t[self.tables[b, i // per], i % per] = as_dtype(values, t.dtype)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep batch rows ``rows`` (int64, in that order), drop the rest (finished rows leave the batch)."""
@@ -363,11 +373,66 @@ def _zeros_of(batch: int, device):
 def _write_ring(ring_NSC: torch.Tensor, new_BTC: torch.Tensor, rows: HybridRows, slots: torch.Tensor | None) -> None:
     """Each row's real new tokens into its ring (row b's: ``ring[slots[b]]``, slots None: ``ring[b]``) at slot
     position % S: only the last S of them (earlier ones would be overwritten in the same call, an order
-    index_put does not promise), never the padding."""
-    S, T = ring_NSC.shape[1], new_BTC.shape[1]
-    t = torch.arange(T, device=new_BTC.device)
+    index_put does not promise), never the padding. Where they go is the same for every ring of S slots in a
+    forward (``_ring_places``), so it is made once for these ``slots``."""
+    S = ring_NSC.shape[1]
+    made = rows.memo.get(("ring", S))
+    if made is None or made[0] is not slots:  # another cache's view (its own slots): made anew
+        made = rows.memo[("ring", S)] = (slots, *_ring_places(rows, S, slots))
+    _, dest, at, b, t = made
+    ring_NSC[dest, at] = as_dtype(new_BTC[b, t], ring_NSC.dtype)
+
+
+def _ring_places(rows: HybridRows, S: int, slots: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(the ring rows, their slots, the batch rows b and token indices t) of the new tokens ``_write_ring`` keeps
+    in a ring of S slots."""
+    t = torch.arange(rows.real.shape[1], device=rows.start.device)
     b, t = (rows.real & (t >= (rows.lengths - S).view(-1, 1))).nonzero(as_tuple=True)
-    ring_NSC[b if slots is None else slots[b], (rows.start[b] + t) % S] = new_BTC[b, t].to(ring_NSC.dtype)
+    return (b if slots is None else slots[b]), (rows.start[b] + t) % S, b, t
+
+
+@dataclass
+class _EntryPlan:
+    """Which entries of ratio r the rows' real new tokens complete, and where their tokens lie, for a compressor of
+    S slots (``_complete_entries``): the same for every such compressor of a forward, so made once.
+    ``slot_r`` (B, T): each token's window slot (the ``ape`` row); M: the most entries a row completes; with M > 0,
+    ``ring_order`` (B, S, 1): the states' slots in position order, ``at`` (B, M S, 1): the tokens of each row's
+    entries first .. first + M - 1 in [states | new tokens], ``before`` (B, M, S, 1): their slots before position 0
+    (CSA's window 0), ``cos`` / ``sin`` at the entries, and (``b``, ``m``) / ``i_done``: each complete entry's
+    (row, index among the M) / its entry index."""
+
+    slot_r: torch.Tensor
+    M: int
+    ring_order: torch.Tensor | None = None
+    at: torch.Tensor | None = None
+    before: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    m: torch.Tensor | None = None
+    i_done: torch.Tensor | None = None
+
+
+def _entry_plan(rows: HybridRows, r: int, S: int) -> _EntryPlan:
+    B, T = rows.real.shape
+    dev = rows.start.device
+    _, pos = rows.once("positions", lambda: _positions(rows))
+    first, done = rows.start // r, (rows.start + rows.lengths) // r  # entries [first, done) complete now
+    plan = _EntryPlan(pos % r, int((done - first).max()))
+    M = plan.M
+    if M > 0:
+        # each row's positions start - S .. start + T - 1 in order: the states (slot p % S) then the new tokens
+        plan.ring_order = ((rows.start.view(-1, 1) + torch.arange(S, device=dev)) % S).unsqueeze(-1)
+        i = first.view(-1, 1) + torch.arange(M, device=dev)  # (B, M) entry indices
+        p = (i * r - (S - r)).unsqueeze(-1) + torch.arange(S, device=dev)  # (B, M, S) their tokens
+        plan.at = (p - (rows.start - S).view(-1, 1, 1)).clamp(max=S + T - 1).view(B, M * S, 1)  # rows past done: any
+        plan.before = (p < 0).unsqueeze(-1)
+        cos, sin = rows.tables[True]
+        at_entry = (i * r).clamp(max=cos.shape[0] - 1)
+        plan.cos, plan.sin = cos[at_entry], sin[at_entry]
+        plan.b, plan.m = (torch.arange(M, device=dev) < (done - first).view(-1, 1)).nonzero(as_tuple=True)
+        plan.i_done = i[plan.b, plan.m]
+    return plan
 
 
 def _complete_entries(comp: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cache: HybridCache, layer: int,
@@ -375,34 +440,25 @@ def _complete_entries(comp: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, ca
     """The entries of ``comp`` (a ``Compressor``) that the rows' real new tokens complete, written to the
     cache's ``names[2]`` (entries or index keys); then the new tokens' projections into the states ``names[:2]``
     (kv, gate: (B, S, c d)), token p in slot p % S."""
-    B, T, _ = x_BTD.shape
+    B = x_BTD.shape[0]
     kv_state, gate_state = cache.ring(layer, names[0]), cache.ring(layer, names[1])
     r, d, S = comp.ratio, comp.head_dim, kv_state.shape[1]
-    pos = rows.start.view(-1, 1) + torch.arange(T, device=x_BTD.device)
+    plan = rows.once(("entries", r, S), lambda: _entry_plan(rows, r, S))
     kv = comp.wkv(x_BTD)
-    gate = comp.wgate(x_BTD) + comp.ape[pos % r]  # the slot's bias, as Compressor adds it per window slot
-    first, done = rows.start // r, (rows.start + rows.lengths) // r  # entries [first, done) complete now
-    M = int((done - first).max())
+    gate = comp.wgate(x_BTD) + comp.ape[plan.slot_r]  # the slot's bias, as Compressor adds it per window slot
+    M = plan.M
     if M > 0:
-        # each row's positions start - S .. start + T - 1 in order: the states (slot p % S) then the new tokens
-        u = (rows.start.view(-1, 1) + torch.arange(S, device=x_BTD.device)) % S
-        buf_kv = torch.cat([kv_state.gather(1, u.unsqueeze(-1).expand_as(kv_state)).to(kv.dtype), kv], dim=1)
-        buf_gate = torch.cat([gate_state.gather(1, u.unsqueeze(-1).expand_as(gate_state)).to(gate.dtype), gate], 1)
-        i = first.view(-1, 1) + torch.arange(M, device=x_BTD.device)  # (B, M) entry indices
-        p = (i * r - (S - r)).unsqueeze(-1) + torch.arange(S, device=x_BTD.device)  # (B, M, S) their tokens
-        at = (p - (rows.start - S).view(-1, 1, 1)).clamp(max=S + T - 1).view(B, M * S, 1)  # rows past done: any
-        kv_w = buf_kv.gather(1, at.expand(-1, -1, kv.shape[-1])).view(B, M, S, -1)
-        gate_w = buf_gate.gather(1, at.expand(-1, -1, gate.shape[-1])).view(B, M, S, -1)
+        buf_kv = torch.cat([as_dtype(kv_state.gather(1, plan.ring_order.expand_as(kv_state)), kv.dtype), kv], dim=1)
+        buf_gate = torch.cat([as_dtype(gate_state.gather(1, plan.ring_order.expand_as(gate_state)), gate.dtype),
+                              gate], 1)
+        kv_w = buf_kv.gather(1, plan.at.expand(-1, -1, kv.shape[-1])).view(B, M, S, -1)
+        gate_w = buf_gate.gather(1, plan.at.expand(-1, -1, gate.shape[-1])).view(B, M, S, -1)
         if comp.overlap:  # slots [a of window i - 1 | b of window i]; window 0's a slots weigh 0, as Compressor's
             kv_w = torch.cat([kv_w[:, :, :r, :d], kv_w[:, :, r:, d:]], dim=2)
             gate_w = torch.cat([gate_w[:, :, :r, :d], gate_w[:, :, r:, d:]], dim=2)
-            before = (p < 0).unsqueeze(-1)
-            kv_w, gate_w = kv_w.masked_fill(before, 0.0), gate_w.masked_fill(before, float("-inf"))
-        cos, sin = rows.tables[True]
-        at_entry = (i * r).clamp(max=cos.shape[0] - 1)
-        entries = comp.pool(kv_w, gate_w, cos[at_entry], sin[at_entry])  # (B, M, d)
-        b, m = (torch.arange(M, device=x_BTD.device) < (done - first).view(-1, 1)).nonzero(as_tuple=True)
-        cache.write_entries(layer, names[2], b, i[b, m], entries[b, m])
+            kv_w, gate_w = kv_w.masked_fill(plan.before, 0.0), gate_w.masked_fill(plan.before, float("-inf"))
+        entries = comp.pool(kv_w, gate_w, plan.cos, plan.sin)  # (B, M, d)
+        cache.write_entries(layer, names[2], plan.b, plan.i_done, entries[plan.b, plan.m])
     cache.write_ring(layer, names[0], kv, rows)
     cache.write_ring(layer, names[1], gate, rows)
 
@@ -412,23 +468,15 @@ def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cac
     """``HybridAttention`` (B, T, D) of the new tokens x (normed block inputs) against layer ``layer``'s state,
     which their real tokens then join (see the module docstring). ``gather``: a CSA query past ``GATHER_OVER`` x
     index_topk entries attends to its picks gathered; False: to every entry, the unselected masked (the oracle)."""
-    B, T, _ = x_BTD.shape
     W, r = attn.window, attn.ratio
     cos, sin = rows.cos[r > 0], rows.sin[r > 0]
     q_latent, q = attn.queries(x_BTD, cos, sin)
     kv = attn.shared_kv(x_BTD, cos, sin)  # (B, T, 1, d)
 
-    # the window: the ring's W slots (slot j: the latest position < start in slot j, if any) then the new tokens
-    dev = x_BTD.device
-    t = torch.arange(T, device=dev)
-    p = rows.start.view(-1, 1) + t  # (B, T) query positions
-    s = rows.start.view(-1, 1)
-    held = s - 1 - (s - 1 - torch.arange(W, device=dev)) % W  # (B, W) ring slots' positions (< 0: none)
-    visible = torch.cat([(held >= 0).unsqueeze(1) & (held.unsqueeze(1) > (p - W).unsqueeze(-1)),
-                         ((t.view(1, T) <= t.view(T, 1)) & (t.view(1, T) > t.view(T, 1) - W)).expand(B, T, T)], -1)
+    visible = rows.once(("window", W), lambda: _window_visible(rows, W))  # (B, T, W + T)
     # an FP8 cache: the new keys attended to as it returns them (the release's act_quant), quantized once
     kv_stored, kv = cache.stored_and_values("window", kv)
-    keys = torch.cat([cache.ring(layer, "window").to(kv.dtype).unsqueeze(2), kv], dim=1)  # (B, W + T, 1, d)
+    keys = torch.cat([as_dtype(cache.ring(layer, "window"), kv.dtype).unsqueeze(2), kv], dim=1)  # (B, W + T, 1, d)
 
     picked = ()  # a gathering CSA layer's (entries (B, T, k, d), their slots' validity (B, T, k))
     if r > 0:
@@ -437,17 +485,44 @@ def hybrid_attention(attn: nn.Module, x_BTD: torch.Tensor, rows: HybridRows, cac
         if idx is not None:
             _complete_entries(idx.compressor, x_BTD, rows, cache, layer,
                               ("index_kv_state", "index_gate_state", "index_keys"))
-        N = int(((rows.start + rows.lengths) // r).max())
+        N, seen = rows.once(("seen", r), lambda: _entries_seen(rows, r))
         if N > 0:
-            seen = torch.arange(N, device=dev).view(1, 1, N) < ((p + 1) // r).unsqueeze(-1)  # (B, T, N) complete
             if idx is not None and N > idx.topk:  # else every complete entry is kept
                 seen = select_topk(cache.index_scores(layer, idx, x_BTD, q_latent, cos, sin, N), seen, idx.topk)
             if gather and idx is not None and gathers(N, idx.topk):  # k entries read and scored per query, not N
                 picks = entry_picks(seen, idx.topk)  # (B, T, k)
-                picked = (cache.gather_entries(layer, "entries", picks).to(kv.dtype), picks >= 0)
+                picked = (as_dtype(cache.gather_entries(layer, "entries", picks), kv.dtype), picks >= 0)
             else:
-                keys = torch.cat([keys, cache.read_entries(layer, "entries", N).to(kv.dtype).unsqueeze(2)], dim=1)
+                keys = torch.cat([keys, as_dtype(cache.read_entries(layer, "entries", N), kv.dtype).unsqueeze(2)],
+                                 dim=1)
                 visible = torch.cat([visible, seen], dim=-1)
     out = attn.output(attn.attend(q, keys, visible, *picked), cos, sin)
     cache.write_ring(layer, "window", kv_stored[:, :, 0], rows)
     return out
+
+
+def _positions(rows: HybridRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t (T,) the new tokens' indices, p (B, T) their positions)."""
+    t = torch.arange(rows.real.shape[1], device=rows.start.device)
+    return t, rows.start.view(-1, 1) + t
+
+
+def _window_visible(rows: HybridRows, W: int) -> torch.Tensor:
+    """Bool (B, T, W + T): which of the ring's W slots (slot j: the latest position < start in slot j, if any) and
+    of the new tokens each query sees through a window of W."""
+    t, p = rows.once("positions", lambda: _positions(rows))
+    T, s = t.shape[0], rows.start.view(-1, 1)
+    held = s - 1 - (s - 1 - torch.arange(W, device=t.device)) % W  # (B, W) ring slots' positions (< 0: none)
+    return torch.cat([(held >= 0).unsqueeze(1) & (held.unsqueeze(1) > (p - W).unsqueeze(-1)),
+                      ((t.view(1, T) <= t.view(T, 1)) & (t.view(1, T) > t.view(T, 1) - W)).expand(p.shape[0], T, T)],
+                     -1)
+
+
+def _entries_seen(rows: HybridRows, r: int) -> tuple[int, torch.Tensor | None]:
+    """(N, the entries of ratio r any row has completed once its new tokens are in; with N > 0, bool (B, T, N):
+    which of them each query sees complete)."""
+    N = int(((rows.start + rows.lengths) // r).max())
+    if N == 0:
+        return 0, None
+    _, p = rows.once("positions", lambda: _positions(rows))
+    return N, torch.arange(N, device=p.device).view(1, 1, N) < ((p + 1) // r).unsqueeze(-1)

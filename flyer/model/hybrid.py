@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flyer import kernels
 from flyer.config import ModelConfig
 from flyer.model.attention import select_topk
 from flyer.model.counts import compress_ratio
@@ -41,7 +42,7 @@ from flyer.model.hybrid_chunks import (Gathered, chunked_attention, entry_picks,
                                       spans)
 from flyer.model.hybrid_indexer_loss import csa_indexer_kl
 from flyer.model.indexer_loss import per_document_loss
-from flyer.model.lowp import Linear
+from flyer.model.lowp import Linear, as_dtype
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
 
@@ -58,7 +59,8 @@ def hybrid_rope_config(cfg: ModelConfig, layer_id: int) -> ModelConfig:
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``apply_rope`` on the last cos.shape[-1] channels of each head of x (B, T, H, d), the others as they are."""
     rd = cos.shape[-1]
-    return torch.cat([x[..., :-rd], apply_rope(x[..., -rd:], cos, sin)], dim=-1)
+    nope, pe = x.split([x.shape[-1] - rd, rd], dim=-1)  # one op, not two slices
+    return torch.cat([nope, apply_rope(pe, cos, sin)], dim=-1)
 
 
 class Compressor(nn.Module):
@@ -98,7 +100,7 @@ class Compressor(nn.Module):
         """Entries (B, N, head_dim) from each window's slots (kv and gate, ``ape`` added, overlap laid out): the
         per-channel softmax over slots (FP32) weighting kv, normalised, RoPE at the entries' cos/sin rows. The
         training path and the decode cache (``flyer.infer.hybrid_cache``) both pool here."""
-        w = gate_BNSd.softmax(dim=2, dtype=torch.float32).to(kv_BNSd.dtype)
+        w = as_dtype(gate_BNSd.softmax(dim=2, dtype=torch.float32), kv_BNSd.dtype)
         entries = self.norm((kv_BNSd * w).sum(dim=2))
         return rope_tail(entries.unsqueeze(2), cos, sin).squeeze(2)
 
@@ -133,9 +135,9 @@ class Indexer(nn.Module):
         wider) of queries x (tokens at cos/sin's positions) with the attention's query latents."""
         B, T, _ = x_BTD.shape
         q = rope_tail(self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        dt = torch.promote_types(x_BTD.dtype, torch.float32)
+        dt = kernels.acc_dtype(x_BTD.dtype)
         with torch.autocast(x_BTD.device.type, enabled=False):
-            return q, F.linear(x_BTD.to(dt), self.weights_proj.weight.to(dt)) * self.n_heads ** -0.5
+            return q, F.linear(as_dtype(x_BTD, dt), as_dtype(self.weights_proj.weight, dt)) * self.n_heads ** -0.5
 
     def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, keys_BNK: torch.Tensor | None = None,
@@ -149,7 +151,7 @@ class Indexer(nn.Module):
         q, w = self.queries(x_BTD, q_latent_BTR, cos, sin)
         q = q if queries is None else queries(q)
         with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 even under autocast: BF16 scores would tie
-            s = torch.relu(torch.matmul(q.to(w.dtype), keys.to(w.dtype).transpose(-1, -2).unsqueeze(1)))
+            s = torch.relu(torch.matmul(as_dtype(q, w.dtype), as_dtype(keys, w.dtype).transpose(-1, -2).unsqueeze(1)))
             return (s * self.head_dim ** -0.5 * w.unsqueeze(-1)).sum(dim=2)  # (B, T, heads, N) -> (B, T, N)
 
     @torch.no_grad()  # a discrete choice: no gradient (the KL loss trains the indexer, not this)
@@ -263,7 +265,8 @@ class HybridAttention(nn.Module):
         B, T, _ = x_BTD.shape
         q_latent = self.q_norm(self.wq_a(x_BTD))
         q = self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim)
-        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q32 = as_dtype(q, torch.float32)
+        q = q * as_dtype(torch.rsqrt(q32.square().mean(-1, keepdim=True) + self.eps), q.dtype)
         return q_latent, rope_tail(q, cos, sin)
 
     def shared_kv(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -282,17 +285,18 @@ class HybridAttention(nn.Module):
         # the heads folded into one GEMM's rows against the one shared key head: a (B, H, T, d) @ (B, 1, d, S)
         # broadcast would copy the keys once per head and run a matrix-vector product per head at decode (T = 1)
         q, kv = q_BTHd.transpose(1, 2).reshape(B, H * T, d), kv_BS1d.reshape(B, S, d)
-        scores = (torch.matmul(q, kv.transpose(-1, -2)) * self.softmax_scale).float().view(B, H, T, S)
-        scores = scores.masked_fill(~visible_BTS.unsqueeze(1), float("-inf"))
+        scores = as_dtype(torch.matmul(q, kv.transpose(-1, -2)) * self.softmax_scale, torch.float32).view(B, H, T, S)
+        scores = torch.where(visible_BTS.unsqueeze(1), scores, float("-inf"))  # masked_fill would need ~visible too
         cols = [scores]
         if picked_BTkd is not None:  # per query (batched over B, T): (H, d) @ (d, k)
-            own = (torch.matmul(q_BTHd, picked_BTkd.transpose(-1, -2)) * self.softmax_scale).float()  # (B, T, H, k)
-            cols.append(own.masked_fill(~picked_BTk.unsqueeze(2), float("-inf")).transpose(1, 2))
-        sink = self.attn_sink.float().view(1, H, 1, 1).expand(B, H, T, 1)
+            own = as_dtype(torch.matmul(q_BTHd, picked_BTkd.transpose(-1, -2)) * self.softmax_scale,
+                           torch.float32)  # (B, T, H, k)
+            cols.append(torch.where(picked_BTk.unsqueeze(2), own, float("-inf")).transpose(1, 2))
+        sink = as_dtype(self.attn_sink, torch.float32).view(1, H, 1, 1).expand(B, H, T, 1)
         p = torch.cat([*cols, sink], dim=-1).softmax(dim=-1)
-        o = torch.matmul(p[..., :S].to(kv.dtype).reshape(B, H * T, S), kv).view(B, H, T, d)
+        o = torch.matmul(as_dtype(p[..., :S], kv.dtype).reshape(B, H * T, S), kv).view(B, H, T, d)
         if picked_BTkd is not None:  # (B, T, H, k) @ (B, T, k, d)
-            p_own = p[..., S:-1].transpose(1, 2).to(picked_BTkd.dtype)
+            p_own = as_dtype(p[..., S:-1].transpose(1, 2), picked_BTkd.dtype)
             o = o + torch.matmul(p_own, picked_BTkd).transpose(1, 2)
         return o.transpose(1, 2)
 

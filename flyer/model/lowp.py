@@ -81,6 +81,12 @@ def precision_note(precision: str, device: str | torch.device) -> str | None:
             f"{precision}'s BF16 GEMMs {how}; precision auto picks fp32 here")
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, with no op where it already is: a no-op ``.to`` is still a dispatch, a few us each,
+    and a decode step would make dozens."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def gemm_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype a GEMM on ``tensors`` runs in: autocast's when it is on for their device (autocast
     leaves FP64 alone), else their promoted dtype."""

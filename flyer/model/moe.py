@@ -21,7 +21,7 @@ from flyer.config import ConfigError, ModelConfig
 from flyer.model.dispatch import Dispatcher, LocalDispatcher
 from flyer.model.experts import Experts, swiglu
 from flyer.model.init import init_deferred
-from flyer.model.lowp import Linear, gemm_dtype
+from flyer.model.lowp import Linear, as_dtype, gemm_dtype
 
 
 class MLP(nn.Module):
@@ -36,7 +36,7 @@ class MLP(nn.Module):
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _cast(x, gemm_dtype(x))  # once, not once per up-projection (autocast casts per call)
+        x = as_dtype(x, gemm_dtype(x))  # once, not once per up-projection (autocast casts per call)
         if self.limit > 0:
             return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -45,12 +45,8 @@ class MLP(nn.Module):
         return f"limit={self.limit}" if self.limit > 0 else ""
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)  # not even a no-op cast: an op, a few us when decoding
-
-
 def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return _cast(t, torch.float32)
+    return as_dtype(t, torch.float32)
 
 
 @functools.cache
@@ -237,7 +233,7 @@ class MoE(nn.Module):
             balance = self.cfg.seq_aux_alpha > 0 and not self.hash_routed  # fixed routing: nothing to balance
             self.aux_loss = sequence_balance_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1),
                                                   self.cfg, valid_BT, segments_BT, n_docs) if balance else None
-        x_in = _cast(x_TD, gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
+        x_in = as_dtype(x_TD, gemm_dtype(x_TD))  # gather/send the rows in the compute dtype, cast once
         identity_TD = None
         if self.cfg.n_zero_experts:  # identity picks stay in topk_ids_TK: the routed experts give them no row
             identity_TD = zero_experts(x_TD, weights_TK, topk_ids_TK, self.cfg.n_routed_experts)
@@ -249,7 +245,7 @@ class MoE(nn.Module):
             y_TD = self.dispatcher.combine(self.experts(x_sorted, local_counts), weights_TK, ctx)
         if identity_TD is not None:
             y_TD = y_TD + identity_TD
-        y_TD = _cast(y_TD, x_BTD.dtype)
+        y_TD = as_dtype(y_TD, x_BTD.dtype)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_in)
         return y_TD.view(B, T, D)
