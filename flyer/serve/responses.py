@@ -18,6 +18,10 @@ A stream is Responses' named events (``response.created`` ... ``response.complet
 true) are kept in memory, the last ``MAX_STORED`` of them (least recently used out): a ``previous_response_id`` no
 longer there answers 404. ``usage.input_tokens_details.cached_tokens`` is chat's
 ``prompt_tokens_details.cached_tokens``: the prompt tokens the engine took from its prefix cache.
+
+With ``include: ["message.output_text.logprobs"]`` (and ``top_logprobs``, 0-20) the output text carries chat's
+``logprobs.content`` entries (token, logprob, bytes, top_logprobs) of its tokens (``text_logprobs``); a stream's
+``response.output_text.delta`` events carry those of the delta's tokens.
 """
 
 from __future__ import annotations
@@ -111,13 +115,34 @@ def _reasoning_item(text: str, status: str = "completed", rid: str | None = None
             "content": [{"type": "reasoning_text", "text": text}] if text else [], "status": status}
 
 
-def _text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict] | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def _message_item(text: str | None, status: str = "completed", mid: str | None = None) -> dict:
+def _message_item(text: str | None, status: str = "completed", mid: str | None = None,
+                  logprobs: list[dict] | None = None) -> dict:
     return {"type": "message", "id": mid or _item_id("msg"), "role": "assistant", "status": status,
-            "content": [] if text is None else [_text_part(text)]}
+            "content": [] if text is None else [_text_part(text, logprobs)]}
+
+
+def text_logprobs(entries: list[dict], reasoning: str, content: str, calls: bool) -> list[dict]:
+    """The entries (chat's ``logprobs.content``: one per generated token kept, in order) of the answer's ``content``.
+    An answer of text alone is all of them; after reasoning or before calls, those whose token text (joined, the
+    answer's text as its tokens decode one by one) overlaps ``content`` where it first comes after ``reasoning``'s
+    length: the reasoning, its end marker and the calls carry none, as OpenAI's reasoning and call items carry none.
+    Empty when ``content`` is not found (a token that decodes alone to other text than in its context)."""
+    if not reasoning and not calls:
+        return entries
+    joined = "".join(e["token"] for e in entries)
+    start = joined.find(content, len(reasoning)) if content else -1
+    if start < 0:
+        return []
+    out, at, end = [], 0, start + len(content)
+    for e in entries:
+        if at < end and at + len(e["token"]) > start:
+            out.append(e)
+        at += len(e["token"])
+    return out
 
 
 def _call_item(call: dict, status: str = "completed", arguments: str | None = None) -> dict:
@@ -126,13 +151,17 @@ def _call_item(call: dict, status: str = "completed", arguments: str | None = No
             "arguments": fn["arguments"] if arguments is None else arguments, "status": status}
 
 
-def _output_items(message: dict, finish_reason: str) -> list[dict]:
-    """A chat choice's message as output items: its reasoning, its text (when it has some, or no calls), its calls."""
+def _output_items(message: dict, finish_reason: str, logprobs: dict | None = None) -> list[dict]:
+    """A chat choice's message as output items: its reasoning, its text (when it has some, or no calls; with its
+    tokens' entries of chat's ``logprobs`` when given), its calls."""
     status = "incomplete" if finish_reason == "length" else "completed"
     out = [_reasoning_item(message["reasoning_content"])] if message.get("reasoning_content") else []
     calls = message.get("tool_calls") or []
     if message.get("content") or not calls:
-        out.append(_message_item(message.get("content") or "", status))
+        text = message.get("content") or ""
+        lps = text_logprobs(logprobs["content"], message.get("reasoning_content") or "", text, bool(calls)) \
+            if logprobs else None
+        out.append(_message_item(text, status, logprobs=lps))
     return out + [_call_item(c) for c in calls]
 
 
@@ -207,6 +236,8 @@ class Responses:
         for name in ("temperature", "top_p", "parallel_tool_calls"):
             if getattr(body, name) is not None:
                 chat[name] = getattr(body, name)
+        if body.logprobs():
+            chat.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
         if body.stream:
             chat["stream_options"] = {"include_usage": True}  # the completed response's usage
         try:
@@ -231,7 +262,8 @@ class Responses:
                 "store": body.store is not False, "temperature": 1.0 if body.temperature is None else body.temperature,
                 "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
                 "tool_choice": choice, "tools": tools, "top_p": 1.0 if body.top_p is None else body.top_p,
-                "truncation": "disabled", "usage": None, "user": body.user, "metadata": body.metadata or {}}
+                "truncation": "disabled", "usage": None, "user": body.user, "metadata": body.metadata or {},
+                "top_logprobs": body.top_logprobs or 0}
 
     def _finish(self, head: dict, output: list[dict], usage: dict, messages: list[dict], store: bool,
                 inputs: list[dict]) -> dict:
@@ -260,7 +292,7 @@ class Responses:
         head = self._head(_item_id("resp"), body)
         if isinstance(result, dict):
             choice = result["choices"][0]
-            output = _output_items(choice["message"], choice["finish_reason"])
+            output = _output_items(choice["message"], choice["finish_reason"], choice["logprobs"])
             return JSONResponse(self._finish(head, output, result["usage"], messages, body.store is not False, inputs))
         return StreamingResponse(self._events(head, result, messages, body.store is not False, inputs),
                                  media_type="text/event-stream")
@@ -272,6 +304,7 @@ class Responses:
         output: list[dict] = []  # the items so far, each as it stands
         open_kind = None  # "reasoning" or "message": the item the deltas go to
         finish = None  # the choice's finish reason, once it came
+        pending: list[dict] = []  # chat's logprobs entries of tokens no text delta has carried yet
 
         def event(kind: str, **fields) -> bytes:
             nonlocal seq
@@ -288,8 +321,8 @@ class Responses:
             yield event("response.output_item.added", output_index=len(output) - 1, item={**item, "content": []})
             yield event("response.content_part.added", **where(), part=part)
 
-        def close_item(status: str = "completed") -> Iterator[bytes]:
-            nonlocal open_kind
+        def close_item(status: str = "completed", calls: bool = False) -> Iterator[bytes]:
+            nonlocal open_kind, pending
             item, kind = output[-1], open_kind
             open_kind = None
             item["status"] = status
@@ -298,8 +331,15 @@ class Responses:
                 yield event("response.reasoning_text.done", **where(), text=text)
                 part = {"type": "reasoning_text", "text": text}
             else:
-                yield event("response.output_text.done", **where(), text=text, logprobs=[])
-                part = _text_part(text)
+                if pending and not calls and not after_reasoning():
+                    # tokens without text left (an EOS): chat's last chunk carries them with an empty delta, so does
+                    # this stream, and the text's logprobs hold them as unstreamed
+                    item["content"][0]["logprobs"] += pending
+                    yield event("response.output_text.delta", **where(), delta="", logprobs=pending)
+                    pending = []
+                lps = item["content"][0]["logprobs"]  # the deltas' (what was streamed is what the text holds)
+                yield event("response.output_text.done", **where(), text=text, logprobs=lps)
+                part = _text_part(text, lps)
             yield event("response.content_part.done", **where(), part=part)
             yield event("response.output_item.done", output_index=len(output) - 1, item=item)
 
@@ -313,9 +353,25 @@ class Responses:
                 else:
                     yield from open_item(_message_item("", "in_progress"), _text_part(""))
             output[-1]["content"][0]["text"] += delta
-            if delta:
-                name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-                yield event(name, **where(), delta=delta, **({} if kind == "reasoning" else {"logprobs": []}))
+            if delta and kind == "reasoning":
+                yield event("response.reasoning_text.delta", **where(), delta=delta)
+            elif delta:
+                lps = delta_logprobs(delta)
+                output[-1]["content"][0]["logprobs"] += lps
+                yield event("response.output_text.delta", **where(), delta=delta, logprobs=lps)
+
+        def delta_logprobs(delta: str) -> list[dict]:
+            """The pending entries of a text delta's tokens: all of them when the text is alone (no reasoning before
+            it, no tools that could follow); else (its end marker, or calls' tokens with the text's last delta,
+            pending too) ``text_logprobs``', or all when the delta is not found in their joined token texts."""
+            nonlocal pending
+            alone = not head["tools"] and not after_reasoning()
+            lps = pending if alone else text_logprobs(pending, "", delta, True) or pending
+            pending = []
+            return lps
+
+        def after_reasoning() -> bool:
+            return any(i["type"] == "reasoning" for i in output)
 
         yield event("response.created", response=head)
         yield event("response.in_progress", response=head)
@@ -339,6 +395,8 @@ class Responses:
                     return
                 choice = chunk["choices"][0]
                 delta, finish = choice["delta"], choice["finish_reason"] or finish
+                lp = (choice.get("logprobs") or {}).get("content") or []
+                pending = [] if delta.get("reasoning_content") else pending + lp  # reasoning tokens carry none
                 for kind, key in (("reasoning", "reasoning_content"), ("message", "content")):
                     if delta.get(key):
                         for b in add_text(kind, delta[key]):
@@ -346,7 +404,7 @@ class Responses:
                 calls = delta.get("tool_calls") or []
                 if (calls or choice["finish_reason"] is not None) and open_kind is not None:
                     for b in close_item("incomplete" if choice["finish_reason"] == "length" and open_kind == "message"
-                                        else "completed"):
+                                        else "completed", bool(calls)):
                         yield b
                 for call in calls:
                     item = _call_item(call, "in_progress", "")

@@ -5,7 +5,7 @@ the fields that would change the output and that flyer serve does not implement 
     ResponsesBody   input (a string, or message / function_call / function_call_output items), instructions,
                     max_output_tokens, temperature, top_p, stream, tools (function tools, Responses' flat shape),
                     tool_choice, parallel_tool_calls, text.format, reasoning.effort, store, previous_response_id,
-                    metadata, user
+                    metadata, user, include (``LOGPROBS`` only), top_logprobs
     input_messages  the items as chat messages (``flyer.serve.schema.ChatMessage``'s dicts)
     input_items     the items as ``GET /v1/responses/{id}/input_items`` lists them
 """
@@ -17,13 +17,15 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from flyer.errors import FieldError
+from flyer.serve.schema import MAX_LOGPROBS
 
 # fields that change what is generated (or what a response holds) and that flyer serve does not implement, with the
 # values that change nothing: any other value is refused, never silently ignored
-NOT_IMPLEMENTED = {"background": (False,), "include": ([],), "conversation": (None,), "prompt": (None,),
-                   "max_tool_calls": (None,), "top_logprobs": (0,), "truncation": ("disabled",),
+NOT_IMPLEMENTED = {"background": (False,), "conversation": (None,), "prompt": (None,),
+                   "max_tool_calls": (None,), "truncation": ("disabled",),
                    "context_management": ([],), "moderation": (None,)}
 MAX_METADATA_KEYS = 16  # as OpenAI bounds ``metadata``
+LOGPROBS = "message.output_text.logprobs"  # the one ``include`` value implemented: the output text's token logprobs
 
 
 class TextPart(BaseModel):
@@ -145,10 +147,25 @@ class ResponsesBody(BaseModel):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # as OpenAI bounds it
+
+    def logprobs(self) -> bool:
+        """Whether the output text carries its tokens' logprobs (``include`` holds ``LOGPROBS``)."""
+        return LOGPROBS in (self.include or [])
 
     def check_fields(self) -> None:
         """``FieldError`` for a ``NOT_IMPLEMENTED`` field at a value that would change the output, a built-in tool
-        or tool choice, an unimplemented reasoning summary or text verbosity."""
+        or tool choice, an unimplemented reasoning summary or text verbosity, an ``include`` other than ``LOGPROBS``,
+        ``top_logprobs`` without it."""
+        for value in self.include or []:
+            if value != LOGPROBS:
+                raise FieldError("include", f"only {LOGPROBS!r} is implemented (got {value!r})")
+        # OpenAI takes top_logprobs without the include and answers empty logprobs, which users report as a bug
+        # (community.openai.com "Are logprobs not yet supported in the Responses api?"); refused, as chat refuses
+        # top_logprobs without logprobs
+        if self.top_logprobs and not self.logprobs():
+            raise FieldError("top_logprobs", f"needs include: [{LOGPROBS!r}]")
         for name, value in (self.model_extra or {}).items():
             neutral = NOT_IMPLEMENTED.get(name)
             if neutral is not None and value is not None and value not in neutral:
