@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flyer.config import ModelConfig
+from flyer.model.lowp import as_dtype
 
 
 def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,7 +42,8 @@ class HyperConnection(nn.Module):
     def forward(self, h_BTND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(post (B, T, N) FP32, comb (B, T, N, N) FP32, the block's input (B, T, D) in h's dtype)."""
         B, T, N, D = h_BTND.shape
-        mix = F.linear(_unit_rms(h_BTND.reshape(B, T, N * D).float(), self.norm_eps), self.fn.float())
+        mix = F.linear(_unit_rms(as_dtype(h_BTND.reshape(B, T, N * D), torch.float32), self.norm_eps),
+                       as_dtype(self.fn, torch.float32))
         pre_w, post_w, comb_w = mix.split([N, N, N * N], dim=-1)
         pre_b, post_b, comb_b = self.base.split([N, N, N * N])
         pre = torch.sigmoid(pre_w * self.scale[0] + pre_b) + self.eps
@@ -51,7 +53,7 @@ class HyperConnection(nn.Module):
         for _ in range(self.iters - 1):
             comb = comb / (comb.sum(-1, keepdim=True) + self.eps)
             comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
-        collapsed = (pre.unsqueeze(-1) * h_BTND).sum(dim=2).to(h_BTND.dtype)
+        collapsed = as_dtype((pre.unsqueeze(-1) * h_BTND).sum(dim=2), h_BTND.dtype)
         return post, comb, collapsed
 
     @staticmethod
@@ -59,8 +61,8 @@ class HyperConnection(nn.Module):
         """The streams after a block: post * out + comb^T h (comb is not symmetric: stream j feeds stream k
         by comb[j, k]), in h's dtype."""
         dtype = h_BTND.dtype
-        return post.to(dtype).unsqueeze(-1) * out_BTD.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2),
-                                                                                   h_BTND)
+        return as_dtype(post, dtype).unsqueeze(-1) * out_BTD.unsqueeze(-2) + torch.matmul(
+            as_dtype(comb, dtype).transpose(-1, -2), h_BTND)
 
 
 class HyperHead(nn.Module):
@@ -77,9 +79,10 @@ class HyperHead(nn.Module):
 
     def forward(self, h_BTND: torch.Tensor) -> torch.Tensor:
         B, T, N, D = h_BTND.shape
-        mix = F.linear(_unit_rms(h_BTND.reshape(B, T, N * D).float(), self.norm_eps), self.fn.float())
+        mix = F.linear(_unit_rms(as_dtype(h_BTND.reshape(B, T, N * D), torch.float32), self.norm_eps),
+                       as_dtype(self.fn, torch.float32))
         pre = torch.sigmoid(mix * self.scale + self.base) + self.eps
-        return (pre.unsqueeze(-1) * h_BTND).sum(dim=2).to(h_BTND.dtype)
+        return as_dtype((pre.unsqueeze(-1) * h_BTND).sum(dim=2), h_BTND.dtype)
 
 
 @torch.no_grad()
