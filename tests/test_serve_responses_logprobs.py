@@ -6,7 +6,8 @@ The counting model (``trained.counting_model``) with byte tokens and a template 
 logprobs are chat's ``logprobs.content`` for the same request (tokens, values, top alternatives), streamed and not;
 the delta events' logprobs concatenate to the done event's and the completed response's; each token's bytes join to
 the text; a stored response returns them; refused values answer 400 naming the field. A scripted engine writing
-reasoning, the end marker, text and calls: the output_text carries the logprobs of the text's tokens only."""
+reasoning, the end marker, text and calls: the output_text carries the logprobs of the text's tokens only, exactly (by
+the chat route's token span), a character split over byte tokens included."""
 
 import httpx
 import pytest
@@ -171,3 +172,42 @@ def test_a_trailing_eos_is_chats_streamed_or_not(reasoning_tok):  # noqa: F811 (
             deltas = [e for e in events if e.type == "response.output_text.delta"]
             assert [lp.model_dump() for e in deltas for lp in e.logprobs] == want
             assert [e.model_dump() for e in events[-1].response.output[0].content[0].logprobs] == want
+
+
+@pytest.mark.parametrize("tools", [None, FLAT_TOOLS])
+def test_split_character_after_reasoning_is_the_texts(reasoning_tok, tools):  # noqa: F811 (the fixture imported)
+    """Reasoning, the end marker, a text whose "é" the tokenizer writes as two byte tokens (each decodes alone to
+    other text than its share of "é"), then calls (with tools): the output_text's logprobs are exactly the text's
+    tokens' (chat's ``content_span``), streamed and not; chat's ``logprobs.content`` holds every token and its JSON
+    no span."""
+    tok = reasoning_tok
+    head, text = _ids(tok, REASONING, DEEPSEEK.end), _ids(tok, "Sure, café.")
+    assert any(tok.decode([t]) not in "Sure, café." for t in text)  # the case a match of token texts misses
+    calls = _ids(tok, F31.render(CALLS)) if tools else []
+    script = head + text + calls + [tok.eos_id()]
+    # the text's tokens, and with no calls the EOS after them (chat's last entry, as for a text alone)
+    want = [-(k + 1.0) for k in range(len(head), len(head) + len(text) + (0 if tools else 1))]
+    limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
+    api = Api(_Numbered(limits, script), tok, "tiny-test", chat_template=THINK_TEMPLATE, reasoning_parser="deepseek")
+    with serving(api) as url:
+        c = client(url)
+        kw = dict(model="tiny-test", input="what is 2+2?", reasoning={"effort": "high"}, include=[LOGPROBS],
+                  top_logprobs=1, **({"tools": tools} if tools else {}))
+        r = c.responses.create(**kw)
+        assert [o.type for o in r.output] == ["reasoning", "message"] + ["function_call"] * (2 if tools else 0)
+        assert r.output_text == "Sure, café."
+        lps = r.output[1].content[0].logprobs
+        assert [e.logprob for e in lps] == want
+        events = list(c.responses.create(stream=True, **kw))
+        deltas = [e for e in events if e.type == "response.output_text.delta"]
+        assert "".join(e.delta for e in deltas) == "Sure, café."
+        assert [lp.model_dump() for e in deltas for lp in e.logprobs] == [e.model_dump() for e in lps]
+        assert [e.model_dump() for e in events[-1].response.output[1].content[0].logprobs] == \
+            [e.model_dump() for e in lps]
+        body = {"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                "reasoning_effort": "high", **({"tools": [{"type": "function", "function": {
+                    k: v for k, v in t.items() if k != "type"}} for t in tools]} if tools else {})}
+        chat = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]
+        assert "content_span" not in chat and len(chat["logprobs"]["content"]) == len(script)
+        for line in httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}).text.splitlines():
+            assert "content_span" not in line

@@ -42,6 +42,7 @@ routes speak to it through an ``EngineClient`` and hear its events on the event 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import math
@@ -384,10 +385,13 @@ class Api:
             yield b"data: [DONE]\n\n"
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    async def chat_result(self, request: Request, body: ChatBody) -> dict | AsyncIterator[dict]:
+    async def chat_result(self, request: Request, body: ChatBody, spans: bool = False) -> dict | AsyncIterator[dict]:
         """A chat completion as OpenAI's JSON object, or (``body.stream``) its chunks as they come, ending with the
         usage chunk when asked for or the error body when the engine failed (``_Generation.stream_tail``): the
-        chat route writes them out, ``flyer.serve.responses`` reads them."""
+        chat route writes them out, ``flyer.serve.responses`` reads them. ``spans`` (the Responses route's, never in
+        chat's JSON): each choice (each chunk's) also carries ``content_span`` ``[lo, hi]``: its ``logprobs.content``
+        entries ``lo:hi`` are the content's tokens (``content_tokens``), not the reasoning's, its end marker's or the
+        calls'."""
         self.check_access(request, body.model)
         body.check_fields()
         text = self._chat_text(body)
@@ -428,6 +432,32 @@ class Api:
                 return None
             return self._tool_calls(c, parallel, s.token, think.content_head(c.text, c.starts, c.kept(), s))
 
+        # while tools are parsed, content streams up to the first calls marker, as its token or as text
+        begin, call_at = marker_ids(self.tok, fmt).get(fmt.calls_begin), {}
+
+        def content_tokens(c: Choice, s: Split, calls: tuple | None) -> range:
+            """Indices into ``c.ids`` of the content's tokens: from the split's first content token (or the one
+            before, the end marker's, when it carries content text too) up to the calls block's marker (``calls``:
+            parsed; None: no block, the content runs to the end); empty before the content begins."""
+            kept = c.kept()
+            if s.content is None:
+                return range(kept, kept)
+            lo = s.token - 1 if think.content_head(c.text, c.starts, kept, s) else s.token
+            if calls is None:
+                return range(lo, kept)
+            hi = next((k for k in range(s.token, kept) if c.ids[k] == begin), None)
+            if hi is None:  # the marker in text tokens: those that start before it are the content's
+                at = c.text.find(fmt.calls_begin, s.content)
+                hi = bisect.bisect_left(c.starts, at, lo, kept) if at >= 0 else kept
+            return range(lo, hi)
+
+        def span(tokens: range, content: range) -> dict:
+            """``content_span`` of a choice (chunk) whose logprobs are those of ``tokens``, when ``spans``."""
+            if not spans:
+                return {}
+            lo = min(max(content.start, tokens.start), tokens.stop)
+            return {"content_span": [lo - tokens.start, max(lo, min(content.stop, tokens.stop)) - tokens.start]}
+
         if not body.stream:
             await gen.wait()
             out = []
@@ -437,18 +467,16 @@ class Api:
                 message = think.message(c.text, s) if calls is None else \
                     think.message(c.text, s, calls[0], [call.openai() for call in calls[1]])
                 out.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else c.finish_reason,
-                            "logprobs": content_logprobs(c.events[:c.kept()])})
+                            "logprobs": content_logprobs(c.events[:c.kept()]),
+                            **span(range(c.kept()), content_tokens(c, s, calls))})
             return {**head, "choices": out, "usage": gen.usage()}
 
         head["object"] = "chat.completion.chunk"
 
-        # while tools are parsed, content streams up to the first calls marker, as its token or as text
-        begin, call_at = marker_ids(self.tok, fmt).get(fmt.calls_begin), {}
-
         async def chunks() -> AsyncIterator[dict]:
             for i in range(len(gen.choices)):
                 yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None, "logprobs": None}]}
+                                            "finish_reason": None, "logprobs": None, **span(range(0), range(0))}]}
             async for i, c, e in gen.events():
                 s, sent = split(c), c.sent
                 calls = tool_calls(c, s) if c.finish_reason is not None else None
@@ -456,14 +484,15 @@ class Api:
                     content, streamed = calls[0] or "", c.text[s.content:max(sent, s.content)]
                     rest = content[len(streamed):] if content.startswith(streamed) else ""
                     c.delta()
-                    delta = think.delta(c.text, sent, c.sent, s, rest)
-                    lp = content_logprobs([c.events[j] for j in c.delta_tokens()])
+                    delta, tokens = think.delta(c.text, sent, c.sent, s, rest), c.delta_tokens()
+                    lp = content_logprobs([c.events[j] for j in tokens])
                     deltas = [{"index": k, **call.openai()} for k, call in enumerate(calls[1])]
                     if delta or lp:
                         yield {**head, "choices": [{"index": i, "delta": delta, "finish_reason": None,
-                                                    "logprobs": lp}]}
+                                                    "logprobs": lp, **span(tokens, content_tokens(c, s, calls))}]}
                     yield {**head, "choices": [{"index": i, "delta": {"tool_calls": deltas},
-                                                "finish_reason": "tool_calls", "logprobs": None}]}
+                                                "finish_reason": "tool_calls", "logprobs": None,
+                                                **span(range(0), range(0))}]}
                     continue
                 if parse and s.content is not None and begin is not None and e.token == begin and i not in call_at \
                         and c.starts[-1] >= s.content:  # decoding may skip the marker's token
@@ -474,8 +503,9 @@ class Api:
                 delta, tokens = think.delta(c.text, sent, c.sent, s), c.delta_tokens()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
                     lp = content_logprobs([c.events[j] for j in tokens]) if tokens else None
-                    yield {**head, "choices": [{"index": i, "delta": delta,
-                                                "finish_reason": c.finish_reason, "logprobs": lp}]}
+                    # before the end no calls are parsed: what streamed is the content's up to the calls marker
+                    yield {**head, "choices": [{"index": i, "delta": delta, "finish_reason": c.finish_reason,
+                                                "logprobs": lp, **span(tokens, content_tokens(c, s, None))}]}
             for end in gen.stream_tail(head, (body.stream_options or {}).get("include_usage", False)):
                 yield end
         return chunks()

@@ -125,24 +125,14 @@ def _message_item(text: str | None, status: str = "completed", mid: str | None =
             "content": [] if text is None else [_text_part(text, logprobs)]}
 
 
-def text_logprobs(entries: list[dict], reasoning: str, content: str, calls: bool) -> list[dict]:
-    """The entries (chat's ``logprobs.content``: one per generated token kept, in order) of the answer's ``content``.
-    An answer of text alone is all of them; after reasoning or before calls, those whose token text (joined, the
-    answer's text as its tokens decode one by one) overlaps ``content`` where it first comes after ``reasoning``'s
-    length: the reasoning, its end marker and the calls carry none, as OpenAI's reasoning and call items carry none.
-    Empty when ``content`` is not found (a token that decodes alone to other text than in its context)."""
-    if not reasoning and not calls:
-        return entries
-    joined = "".join(e["token"] for e in entries)
-    start = joined.find(content, len(reasoning)) if content else -1
-    if start < 0:
-        return []
-    out, at, end = [], 0, start + len(content)
-    for e in entries:
-        if at < end and at + len(e["token"]) > start:
-            out.append(e)
-        at += len(e["token"])
-    return out
+def text_logprobs(choice: dict) -> list[dict] | None:
+    """A chat choice's (or chunk's) entries of its content's tokens: chat's ``logprobs.content`` (every generated
+    token kept, reasoning, its end marker and calls among them) cut to the route's ``content_span`` (``Api.chat_result``
+    with ``spans``): the reasoning and call items carry none, as OpenAI's carry none. None without logprobs."""
+    if not choice.get("logprobs"):
+        return None
+    lo, hi = choice["content_span"]
+    return choice["logprobs"]["content"][lo:hi]
 
 
 def _call_item(call: dict, status: str = "completed", arguments: str | None = None) -> dict:
@@ -151,17 +141,15 @@ def _call_item(call: dict, status: str = "completed", arguments: str | None = No
             "arguments": fn["arguments"] if arguments is None else arguments, "status": status}
 
 
-def _output_items(message: dict, finish_reason: str, logprobs: dict | None = None) -> list[dict]:
+def _output_items(choice: dict) -> list[dict]:
     """A chat choice's message as output items: its reasoning, its text (when it has some, or no calls; with its
     tokens' entries of chat's ``logprobs`` when given), its calls."""
-    status = "incomplete" if finish_reason == "length" else "completed"
+    message, status = choice["message"], "incomplete" if choice["finish_reason"] == "length" else "completed"
     out = [_reasoning_item(message["reasoning_content"])] if message.get("reasoning_content") else []
     calls = message.get("tool_calls") or []
     if message.get("content") or not calls:
         text = message.get("content") or ""
-        lps = text_logprobs(logprobs["content"], message.get("reasoning_content") or "", text, bool(calls)) \
-            if logprobs else None
-        out.append(_message_item(text, status, logprobs=lps))
+        out.append(_message_item(text, status, logprobs=text_logprobs(choice)))
     return out + [_call_item(c) for c in calls]
 
 
@@ -286,13 +274,13 @@ class Responses:
         system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
         chat = self._chat_body(body, system + messages)
         try:
-            result = await self.api.chat_result(request, chat)
+            result = await self.api.chat_result(request, chat, spans=True)
         except FieldError as e:
             raise _responses_field(e) from None
         head = self._head(_item_id("resp"), body)
         if isinstance(result, dict):
             choice = result["choices"][0]
-            output = _output_items(choice["message"], choice["finish_reason"], choice["logprobs"])
+            output = _output_items(choice)
             return JSONResponse(self._finish(head, output, result["usage"], messages, body.store is not False, inputs))
         return StreamingResponse(self._events(head, result, messages, body.store is not False, inputs),
                                  media_type="text/event-stream")
@@ -304,7 +292,7 @@ class Responses:
         output: list[dict] = []  # the items so far, each as it stands
         open_kind = None  # "reasoning" or "message": the item the deltas go to
         finish = None  # the choice's finish reason, once it came
-        pending: list[dict] = []  # chat's logprobs entries of tokens no text delta has carried yet
+        pending: list[dict] = []  # the content's logprobs entries no text delta has carried yet
 
         def event(kind: str, **fields) -> bytes:
             nonlocal seq
@@ -321,7 +309,7 @@ class Responses:
             yield event("response.output_item.added", output_index=len(output) - 1, item={**item, "content": []})
             yield event("response.content_part.added", **where(), part=part)
 
-        def close_item(status: str = "completed", calls: bool = False) -> Iterator[bytes]:
+        def close_item(status: str = "completed") -> Iterator[bytes]:
             nonlocal open_kind, pending
             item, kind = output[-1], open_kind
             open_kind = None
@@ -331,9 +319,9 @@ class Responses:
                 yield event("response.reasoning_text.done", **where(), text=text)
                 part = {"type": "reasoning_text", "text": text}
             else:
-                if pending and not calls and not after_reasoning():
-                    # tokens without text left (an EOS): chat's last chunk carries them with an empty delta, so does
-                    # this stream, and the text's logprobs hold them as unstreamed
+                if pending:
+                    # the content's tokens without text left (an EOS): chat's last chunk carries them with an empty
+                    # delta, so does this stream, and the text's logprobs hold them as unstreamed
                     item["content"][0]["logprobs"] += pending
                     yield event("response.output_text.delta", **where(), delta="", logprobs=pending)
                     pending = []
@@ -344,6 +332,7 @@ class Responses:
             yield event("response.output_item.done", output_index=len(output) - 1, item=item)
 
         def add_text(kind: str, delta: str) -> Iterator[bytes]:
+            nonlocal pending
             if open_kind != kind:
                 if open_kind is not None:
                     yield from close_item()
@@ -356,22 +345,9 @@ class Responses:
             if delta and kind == "reasoning":
                 yield event("response.reasoning_text.delta", **where(), delta=delta)
             elif delta:
-                lps = delta_logprobs(delta)
+                lps, pending = pending, []  # a token of no text alone (a split character's first byte) comes later
                 output[-1]["content"][0]["logprobs"] += lps
                 yield event("response.output_text.delta", **where(), delta=delta, logprobs=lps)
-
-        def delta_logprobs(delta: str) -> list[dict]:
-            """The pending entries of a text delta's tokens: all of them when the text is alone (no reasoning before
-            it, no tools that could follow); else (its end marker, or calls' tokens with the text's last delta,
-            pending too) ``text_logprobs``', or all when the delta is not found in their joined token texts."""
-            nonlocal pending
-            alone = not head["tools"] and not after_reasoning()
-            lps = pending if alone else text_logprobs(pending, "", delta, True) or pending
-            pending = []
-            return lps
-
-        def after_reasoning() -> bool:
-            return any(i["type"] == "reasoning" for i in output)
 
         yield event("response.created", response=head)
         yield event("response.in_progress", response=head)
@@ -395,8 +371,7 @@ class Responses:
                     return
                 choice = chunk["choices"][0]
                 delta, finish = choice["delta"], choice["finish_reason"] or finish
-                lp = (choice.get("logprobs") or {}).get("content") or []
-                pending = [] if delta.get("reasoning_content") else pending + lp  # reasoning tokens carry none
+                pending += text_logprobs(choice) or []
                 for kind, key in (("reasoning", "reasoning_content"), ("message", "content")):
                     if delta.get(key):
                         for b in add_text(kind, delta[key]):
@@ -404,7 +379,7 @@ class Responses:
                 calls = delta.get("tool_calls") or []
                 if (calls or choice["finish_reason"] is not None) and open_kind is not None:
                     for b in close_item("incomplete" if choice["finish_reason"] == "length" and open_kind == "message"
-                                        else "completed", bool(calls)):
+                                        else "completed"):
                         yield b
                 for call in calls:
                     item = _call_item(call, "in_progress", "")
