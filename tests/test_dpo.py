@@ -5,6 +5,7 @@ the reference fixed, data-parallel ranks equal to one process, an exact resume, 
 Llama (dense: no balance loss in the oracle), FP32, CPU."""
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flyer.cli import main
+from flyer.config import preset
 from flyer.data.chat_data import IGNORE_INDEX, chat_rows, chat_tokenizer
 from flyer.data.pref_data import pair_samples
 from flyer.interop.export import export_model
@@ -369,6 +371,75 @@ def test_memory_estimate_and_flops_count_the_reference(hf, tmp_path):
     assert rec["tokens"] == x.numel() and rec["flops"] == pytest.approx(x.numel() * (train + forward), rel=1e-12)
     mtp = t.cfg.replace(mtp_depth=1)
     assert dpo_flops_per_token(mtp, 96) == dpo_flops_per_token(t.cfg, 96) < model_flops_per_token(mtp, 96) * 4 / 3
+    t.close()
+
+
+@pytest.mark.parametrize("name, overrides, fp4", [("tiny", {}, False), ("tiny", {"tie_embeddings": True}, False),
+                                                 ("tiny", {}, True), ("tiny-v4", {}, False)])
+@pytest.mark.parametrize("emulate", [True, False])
+def test_bf16_reference_holds_gemm_weights_with_the_same_bits(name, overrides, fp4, emulate):
+    """Under bf16 the reference's GEMM weights (linears, routed experts) are held in BF16 and its per-token
+    log-probabilities under autocast equal the FP32 copy's bit for bit (autocast rounds each GEMM weight to BF16
+    first); the embedding (the head too, still tied, where tied), norms, routers, the FP32-computed indexer weights
+    and FP4-QAT experts (quantized from FP32) stay FP32. MLA + MoE + MTP (tiny), tied embeddings, FP4 experts,
+    DeepSeek-V4's hybrid attention and hyper-connections (tiny-v4); BF16 GEMMs through the FP32 kernel and native."""
+    from flyer.fp8.fp4 import fp4_experts
+    from flyer.infer.weights import KEEP
+    from flyer.model import lowp
+    from flyer.model.transformer import Transformer
+    from flyer.runtime import autocast
+    from flyer.train.dpo import hold_reference
+
+    cfg = preset(name, **overrides)
+    torch.manual_seed(0)
+    ref32 = Transformer(cfg).eval().requires_grad_(False)
+    with torch.no_grad():  # a checkpoint's norm weights, not the init's ones (BF16 would hold those exactly)
+        for n, p in ref32.named_parameters():
+            if n.endswith("norm.weight"):
+                p.normal_(1.0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    if fp4:
+        fp4_experts(ref32)
+    ref16 = copy.deepcopy(ref32)
+    hold_reference(ref16, "bf16")
+    dtypes = {n: p.dtype for n, p in ref16.named_parameters()}
+    experts, linear = dtypes["layers.1.ffn.experts.w1"], dtypes["layers.0.attn.wq_b.weight"]
+    assert (experts, linear) == (torch.float32 if fp4 else torch.bfloat16, torch.bfloat16)
+    assert ref16.head.weight.dtype == (torch.float32 if cfg.tie_embeddings else torch.bfloat16)
+    assert (ref16.head.weight is ref16.embed.weight) == cfg.tie_embeddings  # one tensor: no held copy beside it
+    assert all(dtypes[n] == torch.float32 for n in dtypes
+               if "norm" in n or ".gate." in n or n == "embed.weight" or n.split(".")[-2] in KEEP)
+    x = torch.randint(0, cfg.vocab_size, (4, 48), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, cfg.vocab_size, (4, 48), generator=torch.Generator().manual_seed(2))
+    y[:, :12] = IGNORE_INDEX  # prompts
+    x[3, 40:], y[3, 39:] = -1, IGNORE_INDEX  # a padded row
+    with lowp.emulation(emulate), torch.no_grad(), autocast("bf16", "cpu"):
+        lp32, lp16 = completion_logprobs(ref32, x, y), completion_logprobs(ref16, x, y)
+    assert torch.equal(lp16, lp32)
+    plain = dict(ref32.named_parameters())  # holding rounded weights: the two are not the same model computed twice
+    assert any(not torch.equal(p.float(), plain[n]) for n, p in ref16.named_parameters())
+
+
+def test_bf16_trainer_reference_is_held_and_counted(hf, tmp_path, monkeypatch):
+    """A bf16 DPO run's reference holds its GEMM weights in BF16 (the FP32 rest: embedding, norms), its
+    log-probabilities under the run's autocast are the policy's at step 0 (the same init weights in FP32) bit for bit,
+    and the memory estimate of the run exceeds the one without DPO by the bytes of the reference's tensors as held."""
+    from flyer.train import trainer
+
+    monkeypatch.setattr(trainer, "fastest_gemm", lambda dtype, device: (1e12, f"{dtype} (stub)"))  # no GEMM timing
+    t = _trainer(hf, tmp_path / "run", precision="bf16")
+    ref = t.dpo.reference
+    held = sum(p.numel() * p.element_size() for p in ref.parameters())
+    n16 = sum(p.numel() for p in ref.parameters() if p.dtype == torch.bfloat16)
+    assert n16 and held == param_counts(t.cfg).total * 4 - 2 * n16 and ref.embed.weight.dtype == torch.float32
+    plain = dataclasses.replace(t.tc, dpo=False)
+    for batch in (0, 4):
+        tc = dataclasses.replace(t.tc, batch_size=batch)
+        assert (training_memory_bytes(t.cfg, tc, t.precision)
+                - training_memory_bytes(t.cfg, dataclasses.replace(plain, batch_size=batch), t.precision)) == held
+    x, y = t.sampler.next_batch()
+    t.sampler.position = 0
+    with torch.no_grad(), t._autocast():
+        assert torch.equal(completion_logprobs(ref, x, y), completion_logprobs(t.model, x, y))
     t.close()
 
 

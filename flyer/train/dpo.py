@@ -11,6 +11,11 @@ difference.
 MTP modules are not trained (their parameters are frozen: the DPO loss is the main head's alone); the sequence
 balance loss is added as SFT adds it and the routers' bias update runs on the policy's routed tokens (padding not
 counted), so a DPO step balances experts as an SFT step does.
+
+Under ``--precision bf16`` the reference holds its GEMM weights in BF16 (``hold_reference``): autocast rounds every
+FP32 GEMM weight to BF16 before it multiplies, and the reference never trains (no master copy), so it computes the
+same bits in half those weights' memory. Under fp8 it stays FP32: the FP8 recipe quantizes each weight's 128x128
+blocks from its FP32 values, and BF16-rounded values would quantize to other codes and scales.
 """
 
 from __future__ import annotations
@@ -21,8 +26,12 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.data.chat_data import IGNORE_INDEX
+from flyer.fp8.fp4 import fp4_experts
+from flyer.infer.weights import KEEP
 from flyer.model.counts import training_flops_per_token
+from flyer.model.experts import Experts
 from flyer.model.moe import counting_only, moe_layers
+from flyer.model.transformer import Transformer
 from flyer.train.batches import positions_run
 from flyer.train.metrics import StepSums
 
@@ -63,6 +72,40 @@ def freeze_mtp(model: nn.Module) -> None:
     for p in getattr(model, "mtp", nn.ModuleList()).parameters():
         if id(p) not in main:
             p.requires_grad_(False)
+
+
+@torch.no_grad()
+def hold_reference(model: nn.Module, precision: str) -> None:
+    """Under ``precision`` 'bf16', hold the frozen reference ``model``'s GEMM weights in BF16 in place (any other
+    precision: left as built). Held: the linear layers' weights (not their biases) and the routed experts' stacks,
+    each of which autocast rounds to BF16 before its GEMM, so the reference's outputs under autocast keep their bits.
+    Left FP32: the embedding (a gather, not cast: with tied embeddings the head too), the norms, the routers (they
+    compute in FP32, ``flyer.model.moe.Gate``), ``KEEP``'s weights (``flyer.infer.weights``: computed in FP32 or
+    multiplied outside their layer), the FP4-QAT experts (quantized from their FP32 values) and every other tensor."""
+    if precision != "bf16":
+        return
+    embed = model.embed.weight
+    for name, m in model.named_modules():
+        if type(m) is Experts and m.weight_quant is None:
+            attrs = ("w1", "w2", "w3")
+        elif isinstance(m, nn.Linear) and m.weight is not embed and name.rsplit(".", 1)[-1] not in KEEP:
+            attrs = ("weight",)
+        else:
+            continue
+        for attr in attrs:
+            setattr(m, attr, nn.Parameter(getattr(m, attr).to(torch.bfloat16), requires_grad=False))
+
+
+def reference_bytes(cfg: ModelConfig, precision: str, fp4: bool = False) -> int:
+    """The bytes of the frozen reference's parameters as ``hold_reference`` holds them at ``precision`` (one process:
+    DPO runs without expert or pipeline parallelism), counted on a model built on the meta device. ``fp4``: its
+    routed experts are FP4-QAT's (``flyer.fp8.fp4.fp4_experts``), so held FP32."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if fp4:
+        fp4_experts(model)
+    hold_reference(model, precision)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 class DpoObjective:

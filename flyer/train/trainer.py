@@ -50,7 +50,7 @@ from flyer.parallel.pipeline import (PipelineModel, check_indexer_stages, held_m
                                      require_torch_for, validate_pipeline)
 from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
-from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp
+from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, hold_reference, reference_bytes
 from flyer.train.expert_stats import expert_loads, router_stats
 from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings, lr_at,
                                 tokenizer_settings)
@@ -66,8 +66,9 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
     and what one micro-batch saves for
     backward (every layer's saved activations, ``flyer.cluster.costs``, and the FP32 logits and
     their gradient of the main and MTP heads; a pipeline holds about ``pp`` micro-batches of its
-    1/pp of the layers). DPO (``tc.dpo``) adds its frozen reference's FP32 weights (``build_model``'s, split as the
-    policy's); the reference's forward (no gradients) runs before the policy's in each micro-batch, so its transient
+    1/pp of the layers). DPO (``tc.dpo``) adds its frozen reference's weights as held
+    (``flyer.train.dpo.reference_bytes``: FP32, the GEMM weights BF16 under bf16; DPO runs with ep = pp = 1); the
+    reference's forward (no gradients) runs before the policy's in each micro-batch, so its transient
     activations are freed before the policy saves any and add nothing to the peak. Attention scores and allocator
     slack come on top."""
     pc = param_counts(cfg)
@@ -80,8 +81,8 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
                                                  layer_id=i) for i in range(cfg.n_layers))
     logits = logits_bytes_per_token(cfg)
     per_param = 16 if tc.optimizer == "adamw" else 12
-    reference = 4 if tc.dpo else 0
-    return params * (per_param + reference) + tokens * (saved + logits)
+    reference = reference_bytes(cfg, precision, tc.fp4_experts) if tc.dpo else 0
+    return params * per_param + reference + tokens * (saved + logits)
 
 
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
@@ -234,6 +235,7 @@ class Trainer:
             freeze_mtp(self.model)
             reference = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, fp4=tc.fp4_experts)
             load_init_weights(reference, tc.init)
+            hold_reference(reference, self.precision)  # bf16: its GEMM weights in BF16, the same outputs
             self.dpo = DpoObjective(reference, tc.dpo_beta)
         self.optimizer = build_optimizer(self.model, tc, self.mesh)
         self.memory_written = False  # memory.json: after the first optimizer step
