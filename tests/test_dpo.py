@@ -350,6 +350,16 @@ def test_cli_run_resumes_exactly_and_records_dpo(hf, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("flyer: error: --init: ") and "weights changed" in err[0], err
 
 
+def _assert_memory_counts(t, reference: int) -> None:
+    """The pre-run memory check of ``t``'s DPO run exceeds the same run without DPO by ``reference`` bytes, whatever
+    the batch (the reference's forward adds nothing to the peak)."""
+    plain = dataclasses.replace(t.tc, dpo=False)
+    for batch in (0, 4):
+        tc = dataclasses.replace(t.tc, batch_size=batch)
+        assert (training_memory_bytes(t.cfg, tc, t.precision)
+                - training_memory_bytes(t.cfg, dataclasses.replace(plain, batch_size=batch), t.precision)) == reference
+
+
 def test_memory_estimate_and_flops_count_the_reference(hf, tmp_path):
     """The pre-run memory estimate of a DPO run exceeds the same run's without DPO by the reference's weights, as
     held; a step's FLOPs are the policy's training (3 forwards, ``training_flops_per_token``) plus the reference's
@@ -358,11 +368,7 @@ def test_memory_estimate_and_flops_count_the_reference(hf, tmp_path):
     ref = t.dpo.reference
     weights = sum(p.numel() for p in ref.parameters()) * ref.embed.weight.element_size()
     assert weights == param_counts(t.cfg).total * 4  # built FP32, no MTP module here
-    plain = dataclasses.replace(t.tc, dpo=False)
-    for batch in (0, 4):
-        tc = dataclasses.replace(t.tc, batch_size=batch)
-        assert (training_memory_bytes(t.cfg, tc, t.precision)
-                - training_memory_bytes(t.cfg, dataclasses.replace(plain, batch_size=batch), t.precision)) == weights
+    _assert_memory_counts(t, weights)
     x, _ = t.sampler.next_batch()
     t.sampler.position = 0
     rec = t._local_step()
@@ -431,11 +437,7 @@ def test_bf16_trainer_reference_is_held_and_counted(hf, tmp_path, monkeypatch):
     held = sum(p.numel() * p.element_size() for p in ref.parameters())
     n16 = sum(p.numel() for p in ref.parameters() if p.dtype == torch.bfloat16)
     assert n16 and held == param_counts(t.cfg).total * 4 - 2 * n16 and ref.embed.weight.dtype == torch.float32
-    plain = dataclasses.replace(t.tc, dpo=False)
-    for batch in (0, 4):
-        tc = dataclasses.replace(t.tc, batch_size=batch)
-        assert (training_memory_bytes(t.cfg, tc, t.precision)
-                - training_memory_bytes(t.cfg, dataclasses.replace(plain, batch_size=batch), t.precision)) == held
+    _assert_memory_counts(t, held)
     x, y = t.sampler.next_batch()
     t.sampler.position = 0
     with torch.no_grad(), t._autocast():
