@@ -214,7 +214,9 @@ def test_moe_step_updates_router_biases_and_leaves_mtp_alone(hf, tmp_path):
     assert t.cfg.mtp_depth == 1
     before = {n: p.detach().clone() for n, p in t.model.named_parameters() if n.startswith("mtp.")}
     main_before = t.model.embed.weight.detach().clone()
-    bias = lambda m: torch.cat([b for n, b in m.named_buffers() if n.endswith("gate.bias")])  # noqa: E731
+    # the main model's routers (the reference has no MTP module: DPO never runs it)
+    bias = lambda m: torch.cat([b for n, b in m.named_buffers()  # noqa: E731
+                                if n.endswith("gate.bias") and not n.startswith("mtp.")])
     b0 = bias(t.model)
     assert len(b0) and torch.equal(b0, bias(t.dpo.reference))
     rec = t.train_step()
@@ -387,7 +389,8 @@ def test_bf16_reference_holds_gemm_weights_with_the_same_bits(name, overrides, f
     """Under bf16 the reference's GEMM weights (linears, routed experts) are held in BF16 and its per-token
     log-probabilities under autocast equal the FP32 copy's bit for bit (autocast rounds each GEMM weight to BF16
     first); the embedding (the head too, still tied, where tied), norms, routers, the FP32-computed indexer weights
-    and FP4-QAT experts (quantized from FP32) stay FP32. MLA + MoE + MTP (tiny), tied embeddings, FP4 experts,
+    and FP4-QAT experts (quantized from FP32) stay FP32. At any precision the MTP modules (never run) are dropped.
+    MLA + MoE + MTP (tiny), tied embeddings, FP4 experts,
     DeepSeek-V4's hybrid attention and hyper-connections (tiny-v4); BF16 GEMMs through the FP32 kernel and native."""
     from flyer.fp8.fp4 import fp4_experts
     from flyer.infer.weights import KEEP
@@ -405,8 +408,11 @@ def test_bf16_reference_holds_gemm_weights_with_the_same_bits(name, overrides, f
                 p.normal_(1.0, 0.1, generator=torch.Generator().manual_seed(len(n)))
     if fp4:
         fp4_experts(ref32)
-    ref16 = copy.deepcopy(ref32)
+    ref16, fp32 = copy.deepcopy(ref32), copy.deepcopy(ref32)
     hold_reference(ref16, "bf16")
+    hold_reference(fp32, "fp32")
+    assert len(ref32.mtp) and not len(ref16.mtp) and not len(fp32.mtp)  # never run by DPO: dropped
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())
     dtypes = {n: p.dtype for n, p in ref16.named_parameters()}
     experts, linear = dtypes["layers.1.ffn.experts.w1"], dtypes["layers.0.attn.wq_b.weight"]
     assert (experts, linear) == (torch.float32 if fp4 else torch.bfloat16, torch.bfloat16)

@@ -12,10 +12,10 @@ MTP modules are not trained (their parameters are frozen: the DPO loss is the ma
 balance loss is added as SFT adds it and the routers' bias update runs on the policy's routed tokens (padding not
 counted), so a DPO step balances experts as an SFT step does.
 
-Under ``--precision bf16`` the reference holds its GEMM weights in BF16 (``hold_reference``): autocast rounds every
-FP32 GEMM weight to BF16 before it multiplies, and the reference never trains (no master copy), so it computes the
-same bits in half those weights' memory. Under fp8 it stays FP32: the FP8 recipe quantizes each weight's 128x128
-blocks from its FP32 values, and BF16-rounded values would quantize to other codes and scales.
+The reference drops its MTP modules, and under ``--precision bf16`` holds its GEMM weights in BF16 (``hold_reference``):
+autocast rounds every FP32 GEMM weight to BF16 before it multiplies, and the reference never trains (no master copy), so
+it computes the same bits in half those weights' memory. Under fp8 it stays FP32: the FP8 recipe quantizes each weight's
+128x128 blocks from its FP32 values, and BF16-rounded values would quantize to other codes and scales.
 """
 
 from __future__ import annotations
@@ -76,12 +76,14 @@ def freeze_mtp(model: nn.Module) -> None:
 
 @torch.no_grad()
 def hold_reference(model: nn.Module, precision: str) -> None:
-    """Under ``precision`` 'bf16', hold the frozen reference ``model``'s GEMM weights in BF16 in place (any other
-    precision: left as built). Held: the linear layers' weights (not their biases) and the routed experts' stacks,
-    each of which autocast rounds to BF16 before its GEMM, so the reference's outputs under autocast keep their bits.
-    Left FP32: the embedding (a gather, not cast: with tied embeddings the head too), the norms, the routers (they
-    compute in FP32, ``flyer.model.moe.Gate``), ``KEEP``'s weights (``flyer.infer.weights``: computed in FP32 or
-    multiplied outside their layer), the FP4-QAT experts (quantized from their FP32 values) and every other tensor."""
+    """The frozen reference ``model`` as DPO holds it, in place: without its MTP modules, and under ``precision`` 'bf16'
+    with its GEMM weights in BF16 (any other precision: left as built). Held: the linear layers' weights (not their
+    biases) and the routed experts' stacks, each of which autocast rounds to BF16 before its GEMM, so the reference's
+    outputs under autocast keep their bits. Left FP32: the embedding (a gather, not cast: with tied embeddings the head
+    too), the norms, the routers (they compute in FP32, ``flyer.model.moe.Gate``), ``KEEP``'s weights
+    (``flyer.infer.weights``: computed in FP32 or multiplied outside their layer), the FP4-QAT experts (quantized from
+    their FP32 values) and every other tensor."""
+    model.mtp = nn.ModuleList()  # never run: the DPO loss is the main head's (dsv3's: 11.6B parameters)
     if precision != "bf16":
         return
     embed = model.embed.weight
