@@ -451,10 +451,12 @@ class Api:
                 hi = bisect.bisect_left(c.starts, at, lo, kept) if at >= 0 else kept
             return range(lo, hi)
 
-        def span(tokens: range, content: range) -> dict:
-            """``content_span`` of a choice (chunk) whose logprobs are those of ``tokens``, when ``spans``."""
+        def span(tokens: range, c: Choice | None = None, s: Split | None = None, calls: tuple | None = None) -> dict:
+            """``content_span`` of choice ``c`` (a chunk of it) whose logprobs are those of ``tokens``, when ``spans``
+            (none: chat's own JSON, which computes nothing for it); no choice: an empty span."""
             if not spans:
                 return {}
+            content = range(0) if c is None else content_tokens(c, s, calls)
             lo = min(max(content.start, tokens.start), tokens.stop)
             return {"content_span": [lo - tokens.start, max(lo, min(content.stop, tokens.stop)) - tokens.start]}
 
@@ -468,7 +470,7 @@ class Api:
                     think.message(c.text, s, calls[0], [call.openai() for call in calls[1]])
                 out.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else c.finish_reason,
                             "logprobs": content_logprobs(c.events[:c.kept()]),
-                            **span(range(c.kept()), content_tokens(c, s, calls))})
+                            **span(range(c.kept()), c, s, calls)})
             return {**head, "choices": out, "usage": gen.usage()}
 
         head["object"] = "chat.completion.chunk"
@@ -476,7 +478,7 @@ class Api:
         async def chunks() -> AsyncIterator[dict]:
             for i in range(len(gen.choices)):
                 yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None, "logprobs": None, **span(range(0), range(0))}]}
+                                            "finish_reason": None, "logprobs": None, **span(range(0))}]}
             async for i, c, e in gen.events():
                 s, sent = split(c), c.sent
                 calls = tool_calls(c, s) if c.finish_reason is not None else None
@@ -489,10 +491,10 @@ class Api:
                     deltas = [{"index": k, **call.openai()} for k, call in enumerate(calls[1])]
                     if delta or lp:
                         yield {**head, "choices": [{"index": i, "delta": delta, "finish_reason": None,
-                                                    "logprobs": lp, **span(tokens, content_tokens(c, s, calls))}]}
+                                                    "logprobs": lp, **span(tokens, c, s, calls)}]}
                     yield {**head, "choices": [{"index": i, "delta": {"tool_calls": deltas},
                                                 "finish_reason": "tool_calls", "logprobs": None,
-                                                **span(range(0), range(0))}]}
+                                                **span(range(0))}]}
                     continue
                 if parse and s.content is not None and begin is not None and e.token == begin and i not in call_at \
                         and c.starts[-1] >= s.content:  # decoding may skip the marker's token
@@ -505,7 +507,7 @@ class Api:
                     lp = content_logprobs([c.events[j] for j in tokens]) if tokens else None
                     # before the end no calls are parsed: what streamed is the content's up to the calls marker
                     yield {**head, "choices": [{"index": i, "delta": delta, "finish_reason": c.finish_reason,
-                                                "logprobs": lp, **span(tokens, content_tokens(c, s, None))}]}
+                                                "logprobs": lp, **span(tokens, c, s)}]}
             for end in gen.stream_tail(head, (body.stream_options or {}).get("include_usage", False)):
                 yield end
         return chunks()
