@@ -16,7 +16,7 @@ import httpx
 import pytest
 from hf_models import build
 from served import EngineServer, serving
-from test_serve_tools import SCHEMA, TOOLS, _check_calls, _stream_calls
+from test_serve_tools import SCHEMA, TOOLS, _check_calls, _stream_calls, _stream_mismatches, prefix_cases
 from test_serve_tools_v3 import _Scripted, _serving, _sse_chunks
 from transformers import AddedToken, PreTrainedTokenizerFast
 
@@ -176,3 +176,19 @@ def test_thinking_mode_reasoning_then_calls(ckpt):
         assert [c["function"]["name"] for c in m["tool_calls"]] == ["get_weather", "set_light"]
         m = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]
         assert m.get("reasoning_content") is None and m["content"].startswith("weigh it")
+
+
+@pytest.mark.parametrize("thinking", [False, True], ids=["chat", "thinking"])
+def test_streamed_content_is_the_whole_answers_around_the_calls(ckpt, thinking):
+    """Each prefix before a DSML block (whose open holds a blank line: blank text before it is content too, null as
+    a whole when blank) and before no block, after reasoning in thinking mode (the reasoning parser): the whole
+    answer's content is the text before the block's open, and the stream's content deltas join to exactly it."""
+    tok = load_tokenizer(ckpt)
+    think = "weigh it" + END_THINK if thinking else ""
+    cases = prefix_cases(CALLS_TEXT, [(n, json.dumps(a)) for n, a in CALLS], think)
+    engine = _Scripted(LIMITS, [])
+    api = Api(engine, tok, "tiny-test", chat_template=ENCODINGS["deepseek_v32"], reasoning_parser="deepseek")
+    with serving(api) as url:
+        wrong = _stream_mismatches(url, engine, tok, [tok.eos_id()], cases, model="tiny-test", messages=ASK,
+                                   tools=TOOLS, extra_body={"chat_template_kwargs": {"thinking": thinking}})
+    assert not wrong, "\n".join(wrong)

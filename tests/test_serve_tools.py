@@ -12,20 +12,24 @@ import httpx
 import pytest
 import torch
 from hf_models import build
-from served import EngineServer
+from served import EngineServer, client, serving
 from test_serve_api import _error, _Running
 from test_serve_structured import _valid
 from tokenizers import AddedToken, Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from flyer.config import preset
+from flyer.infer.cli import ByteTokenizer
 from flyer.interop.hf import load_hf
+from flyer.interop.hf_tokenizer import load_tokenizer
 from flyer.model.transformer import Transformer
 from flyer.serve.api import Api
 from flyer.data.chat_template import read_chat_template
 from flyer.serve.engine import Engine, EngineConfig
+from flyer.serve.request import Limits
 from flyer.serve.schema import ChatBody
-from flyer.serve.tools import DEEPSEEK_V31 as F, MAX_TOOL_CALLS, ToolCall, content_end, marked_text, parse_tool_calls
+from flyer.serve.tools import (DEEPSEEK_V31 as F, MAX_TOOL_CALLS, TOOL_PARSERS, ToolCall, content_end, marked_text,
+                               parse_tool_calls)
 
 MARKERS = [*F.markers, "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"]
 # a minimal template of this test's own in DeepSeek-V3.1's shape: tools listed in the system part, an assistant's
@@ -263,3 +267,66 @@ def test_byte_tokens_write_the_markers_as_text():
         assert _stream_calls(s.client(), **kw) == (whole, "tool_calls", "")
     finally:
         s.close()
+
+
+# ---- a stream's content is the whole answer's, around the calls ---------------------------------------------------
+
+# what a model may write before its calls: nothing, blank text (content null), text then blank text (kept as written)
+PREFIXES = ["", "\n", "\n\n", " ", " \n\t", "Sure.\n\n", "\n Sure. "]
+
+
+def prefix_cases(block: str, calls: list[tuple[str, str]], head: str = "") -> list[tuple[str, dict]]:
+    """(text, what the whole answer holds) for each prefix after ``head`` (reasoning): before ``block`` (content the
+    prefix, null when blank), before plain text (content all of it) and alone when blank (content the blank text)."""
+    return [*((head + p + block, {"content": p if p.strip() else None, "calls": calls}) for p in PREFIXES),
+            *((head + p + "done", {"content": p + "done", "calls": []}) for p in PREFIXES),
+            *((head + p, {"content": p, "calls": []}) for p in PREFIXES if p and not p.strip())]
+
+
+def _whole_and_streamed(c, **kw) -> tuple[dict, dict]:
+    """Choice 0 of one request, answered whole and streamed (its deltas joined) through the openai client, as
+    {content, reasoning, calls (name, arguments), finish}: OpenAI's contract is that the two are equal (a null
+    content: no content text streamed)."""
+    m = c.chat.completions.create(**kw).choices[0]
+    whole = {"content": m.message.content, "reasoning": getattr(m.message, "reasoning_content", None),
+             "calls": [(t.function.name, t.function.arguments) for t in m.message.tool_calls or []],
+             "finish": m.finish_reason}
+    content, reasoning, calls, finish = "", "", {}, None
+    for chunk in c.chat.completions.create(stream=True, **kw):
+        d = chunk.choices[0].delta
+        content, reasoning = content + (d.content or ""), reasoning + (getattr(d, "reasoning_content", None) or "")
+        calls.update({t.index: (t.function.name, t.function.arguments) for t in d.tool_calls or []})
+        finish = chunk.choices[0].finish_reason or finish
+    return whole, {"content": content or None, "reasoning": reasoning or None,
+                   "calls": [calls[k] for k in sorted(calls)], "finish": finish}
+
+
+def _stream_mismatches(url: str, engine, tok, eos: list[int], cases, **kw) -> list[str]:
+    """For each (text, want) of ``cases``: the engine stand-in ``engine`` (served at ``url``) scripted to write
+    ``text`` (``tok``'s ids) then ``eos``; the whole answer holds ``want`` (some of ``_whole_and_streamed``'s
+    keys); returned: a line for each text whose stream differs from its whole answer (the keys that differ)."""
+    wrong = []
+    for text, want in cases:
+        engine.script = tok.encode_ids(text, add_special_tokens=False) + eos
+        whole, streamed = _whole_and_streamed(client(url), max_tokens=len(engine.script), **kw)
+        assert {k: whole[k] for k in want} == want, (type(tok).__name__, text, whole)
+        if streamed != whole:
+            wrong.append(f"{type(tok).__name__} {text[:24]!r}: (streamed, whole) "
+                         f"{ {k: (streamed[k], v) for k, v in whole.items() if streamed[k] != v} }")
+    return wrong
+
+
+@pytest.mark.parametrize("parser", ["deepseek_v31", "deepseek_v3"])
+def test_streamed_content_is_the_whole_answers_around_the_calls(ckpt, parser):
+    """Each prefix before a calls block (and before no block), markers as single tokens or spelt out in bytes: the
+    whole answer's content is the prefix, null when blank, and the stream's content deltas join to exactly it."""
+    from test_serve_tools_v3 import _Scripted  # (that module imports this one: read at run time)
+    fmt, calls = TOOL_PARSERS[parser], [("get_weather", '{"city":"oslo"}'), ("set_light", '{"on":true}')]
+    cases = prefix_cases(fmt.render(calls), calls)
+    limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
+    wrong, marked = [], load_tokenizer(ckpt)
+    for tok, eos in ((marked, [marked.eos_id()]), (ByteTokenizer(), [])):  # markers as single tokens, as bytes
+        engine = _Scripted(limits, [])
+        with serving(Api(engine, tok, "tiny-test", chat_template=TEMPLATE, tool_call_parser=parser)) as url:
+            wrong += _stream_mismatches(url, engine, tok, eos, cases, model="tiny-test", messages=ASK, tools=TOOLS)
+    assert not wrong, "\n".join(wrong)

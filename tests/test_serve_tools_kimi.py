@@ -20,7 +20,7 @@ import torch
 from served import EngineServer, client, handed_to_http, serving
 from test_deepseek_prompt_sections import _Recording
 from test_serve_structured import _valid
-from test_serve_tools import ASK, SCHEMA, TEMPLATE as TEMPLATE_V31, TOOLS
+from test_serve_tools import ASK, SCHEMA, TEMPLATE as TEMPLATE_V31, TOOLS, _stream_mismatches, prefix_cases
 from test_serve_tools_v3 import CALLS, _Scripted
 from transformers import AutoTokenizer
 
@@ -194,6 +194,18 @@ def test_auto_serves_malformed_or_cut_blocks_as_content(kimi):
             assert ch.message.content.startswith("Hm.")
             streamed, deltas, finish, _ = _stream(client(url), **kw)
             assert (streamed, deltas, finish) == (ch.message.content, [], ch.finish_reason)
+
+
+def test_streamed_content_is_the_whole_answers_around_the_calls(kimi):
+    """Each prefix before a calls section (and before none): the whole answer's content is the prefix, null when
+    blank, and the stream's content deltas join to exactly it; its calls are the whole answer's."""
+    tok = load_tokenizer(kimi)
+    cases = prefix_cases(K.render(CALLS), CALLS)
+    engine = _Scripted(LIMITS, [])
+    with serving(Api(engine, tok, "tiny-test", chat_template=TEMPLATE)) as url:
+        wrong = _stream_mismatches(url, engine, tok, [tok.eos_id()], cases, model="tiny-test", messages=ASK,
+                                   tools=TOOLS)
+    assert not wrong, "\n".join(wrong)
 
 
 # ---- "required" / named: the grammar writes calls whose IDX continues the conversation ------------------------------

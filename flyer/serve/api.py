@@ -64,7 +64,7 @@ from flyer.data.fim import fim_prompt
 from flyer.errors import FieldError
 from flyer.serve.api_error import ApiError, engine_failed, sse_event
 from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
-from flyer.serve.choice import Choice
+from flyer.serve.choice import Choice, calls_content
 from flyer.serve.grammar import json_grammar
 from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.metrics import ApiMetrics
@@ -501,6 +501,9 @@ class Api:
                     call_at[i] = c.starts[-1]
                 upto = s.safe if not parse or s.content is None else \
                     min(content_end(c.text, max(sent, s.content), fmt), call_at.get(i, len(c.text)))
+                if parse and s.content is not None and sent <= s.content \
+                        and calls_content(c.text[s.content:upto]) is None:
+                    upto = min(upto, s.content)  # blank so far: null should calls follow, so none of it streams yet
                 c.delta(upto)
                 delta, tokens = think.delta(c.text, sent, c.sent, s), c.delta_tokens()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them

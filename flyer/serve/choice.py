@@ -1,5 +1,6 @@
 """One choice of a completion as text (``flyer.serve.api``): its tokens decoded incrementally, cut at a stop string,
-and what of it may stream yet (not what could still become a stop string, nor an incomplete UTF-8 sequence)."""
+and what of it may stream yet (not what could still become a stop string, nor an incomplete UTF-8 sequence); the
+content it reports before a tool-calls block (``calls_content``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ def held_back(text: str, marker: str, end: int | None = None) -> int:
     holds them back until the next token says (a stop string, a tool-call or reasoning marker)."""
     end = len(text) if end is None else end
     return next((k for k in range(min(len(marker) - 1, end), 0, -1) if text.endswith(marker[:k], 0, end)), 0)
+
+
+def calls_content(before: str) -> str | None:
+    """The content a choice whose text holds a tool-calls block reports: the text ``before`` the block as written,
+    None (null) when blank. One rule for a whole answer (``flyer.serve.tools.parse_tool_calls``) and a stream, whose
+    content deltas join to it: a stream sends none of a content while this is None of it (``flyer.serve.api``)."""
+    return before if before.strip() else None
 
 
 @dataclass

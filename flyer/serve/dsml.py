@@ -27,6 +27,7 @@ from typing import Any
 
 from flyer.data.deepseek_encoding import CALLS_BLOCK, CALLS_BLOCK_V4, DSML
 from flyer.errors import FieldError
+from flyer.serve.choice import calls_content
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,7 @@ def parse_dsml_calls(text: str, fmt: DsmlFormat = DSML_V32,
     rest = text[pos:].lstrip()
     if not calls or not rest.startswith(fmt.calls_end) or rest[len(fmt.calls_end):].strip():
         return None
-    content = text[:start]
-    return (content if content.strip() else None), calls if parallel else calls[:1]
+    return calls_content(text[:start]), calls if parallel else calls[:1]
 
 
 def _lark(s: str) -> str:

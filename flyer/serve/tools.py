@@ -25,9 +25,10 @@ freely and parses the calls if the model writes the format; "required" and a nam
 to a calls block. A choice whose text parses answers ``tool_calls`` with finish_reason "tool_calls" and content the
 text before the block (null when blank); one that does not (no block, one left open) answers its text as content.
 ``parallel_tool_calls`` false: the grammar allows one call; under "auto" the parse keeps the first.
-Streaming (``flyer.serve.api``) is the simplest correct one: content deltas up to the block, then, once the whole
-output is parsed at the end, one chunk with every call's ``tool_calls`` delta (index, id, type, name, the whole
-arguments) and finish_reason "tool_calls".
+Streaming (``flyer.serve.api``) is the simplest correct one: content deltas up to the block (none while the text so
+far is blank, which a whole answer serves as null: ``flyer.serve.choice.calls_content``, one rule for both), then,
+once the whole output is parsed at the end, one chunk with every call's ``tool_calls`` delta (index, id, type, name,
+the whole arguments) and finish_reason "tool_calls".
 
     ToolFormat, DEEPSEEK_V31, DEEPSEEK_V3   the formats; ``TOOL_FORMAT`` the default (``KIMI_K2``: tools_kimi)
     tool_format(chat_template)      the format a checkpoint's template writes calls in
@@ -52,7 +53,7 @@ import llguidance
 from flyer.data.deepseek_encoding import DSML, ChatEncoding
 from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
-from flyer.serve.choice import held_back
+from flyer.serve.choice import calls_content, held_back
 from flyer.serve.dsml import DSML_V4, DSML_V32, DsmlFormat, dsml_grammar, parse_dsml_calls
 from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable
 from flyer.serve.tools_kimi import KIMI_K2, KimiFormat, kimi_grammar_rules
@@ -198,8 +199,7 @@ def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL
         rest = rest.lstrip()
     if not calls or not rest.startswith(fmt.calls_end) or rest[len(fmt.calls_end):].strip():
         return None
-    content = text[:start]
-    return (content if content.strip() else None), calls if parallel else calls[:1]
+    return calls_content(text[:start]), calls if parallel else calls[:1]
 
 
 def marker_ids(tok, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT) -> dict[str, int]:
