@@ -6,6 +6,7 @@ whose greedy tokens must equal the speculative run's."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import statistics
 import time
@@ -39,11 +40,13 @@ def decode_steps(model: Transformer, batches: tuple[int, ...], context: int, ste
     largest B of MLA also with the paged cache gathered per layer instead of read in place
     (``kernels.mla_decode``), the two interleaved. ``decode_ops_b{B}``: top-level ATen ops of one more such step
     (``step_ops``), and where the CPU kernels run, ``decode_ops_b{B}_eager`` without them: the eager code a GPU
-    runs."""
+    runs. On a GPU, where decode steps replay CUDA graphs (``flyer.serve.graphs``; ``cuda_graphs`` says how many
+    were captured, or why none), the eager steps run beside them, interleaved: ``decode_step_ms_b{B}_eager`` and
+    ``decode_ops_b{B}_eager``."""
     rng, out = random.Random(1), {}
     for B in batches:
         eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 30, max_batch_size=B, cache_dtype=torch.float32))
-        opts = SamplingOptions(max_tokens=3 * steps + 2)  # prefill's token, two timed paths, the two counted steps
+        opts = SamplingOptions(max_tokens=4 * steps + 3)  # prefill's token, up to three timed paths, two counted steps
         reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(context)], opts, lambda e: None)
                 for _ in range(B)]
         while any(r.generated == 0 for r in reqs):  # every prompt prefilled
@@ -52,6 +55,8 @@ def decode_steps(model: Transformer, batches: tuple[int, ...], context: int, ste
         mla_cpu = model.cfg.attn == "mla" and model.embed.weight.is_cpu
         if B == max(batches) and kernels.cpu_ops() is not None and mla_cpu:
             paths["_gathered"] = gathered_attention
+        if eng.graphs is not None:  # on a GPU: replayed from CUDA graphs, and the eager step beside it
+            paths["_eager"] = functools.partial(without_graphs, eng)
         times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(steps):
             for name, path in paths.items():
@@ -62,10 +67,25 @@ def decode_steps(model: Transformer, batches: tuple[int, ...], context: int, ste
         for name, ts in times.items():
             out[f"decode_step_ms_b{B}{name}"] = 1e3 * statistics.median(ts)
         out[f"decode_ops_b{B}"] = step_ops(eng)
-        if kernels.cpu_ops() is not None and model.embed.weight.is_cpu:
+        if eng.graphs is not None:
+            with without_graphs(eng):
+                out[f"decode_ops_b{B}_eager"] = step_ops(eng)
+            out["cuda_graphs"] = f"off: {eng.graphs.failed}" if eng.graphs.failed else \
+                f"{len(eng.graphs.graphs)} captured" if eng.graphs.capture else "fixed shapes, eager"
+        elif kernels.cpu_ops() is not None and model.embed.weight.is_cpu:
             with kernels.disabled():
                 out[f"decode_ops_b{B}_eager"] = step_ops(eng)
     return out
+
+
+@contextlib.contextmanager
+def without_graphs(eng: Engine):
+    """``eng``'s decode steps eagerly, in the packed forward, as every other step (``flyer.serve.graphs``)."""
+    graphs, eng.graphs = eng.graphs, None
+    try:
+        yield
+    finally:
+        eng.graphs = graphs
 
 
 def engine_replay(model: Transformer, reqs, concurrency: int, args, **override) -> tuple[dict, list[list[int]]]:

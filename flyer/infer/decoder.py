@@ -163,6 +163,13 @@ class Decoder:
         slots = pos + shift if shift else pos
         return Rows(slots, self.cos[pos], self.sin[pos], S + shift, causal_slot_mask(slots, S + shift, shift), shift)
 
+    def decode_rows(self, start_B: torch.Tensor, n_slots: int) -> Rows:
+        """Rows of one new token per row at positions ``start_B``, attending over ``n_slots`` slots, which the
+        caller knows bound every position (no maximum read back from the device: a step a CUDA graph replays,
+        ``flyer.serve.graphs``); slots past a row's position are masked as ever."""
+        pos = start_B.view(-1, 1)
+        return Rows(pos, self.cos[pos], self.sin[pos], n_slots, causal_slot_mask(pos, n_slots))
+
     def _block(self, block: Block, x: torch.Tensor, cache, layer: int, rows: Rows) -> torch.Tensor:
         x = x + self._attend(block.attn, block.attn_norm(x), rows, cache, layer)
         return block.ffn_residual(x)
@@ -189,21 +196,25 @@ class Decoder:
 
     def _plain_layers(self, packs: list[_Pack], x: torch.Tensor) -> list[torch.Tensor]:
         """MLA / GQA blocks over the packed embeddings x (1, N, D); each group's hidden states. A lone group
-        without padding (a decode step) keeps its own (B, T, D) rows throughout, the same rows as the packed
-        sequence: no slicing and reshaping around each layer's attention (four ops a layer)."""
-        lone = packs[0] if len(packs) == 1 and packs[0].src is None else None
-        if lone is not None:
-            x = x.view(lone.B, lone.T, -1)
+        without padding (a decode step) keeps its own (B, T, D) rows throughout (``lone_layers``)."""
+        if len(packs) == 1 and packs[0].src is None:
+            p = packs[0]
+            return [self.lone_layers(x.view(p.B, p.T, -1), p.rows, p.cache)]
         for i, layer in enumerate(self.model.layers):
             a = layer.attn_norm(x)
-            if lone is not None:
-                x = x + self._attend(layer.attn, a, lone.rows, lone.cache, i)
-            else:
-                outs = [p.pack(self._attend(layer.attn, p.unpack(a[0, p.off:p.off + p.n]), p.rows, p.cache, i))
-                        for p in packs]
-                x = x + (torch.cat(outs) if len(outs) > 1 else outs[0])
+            outs = [p.pack(self._attend(layer.attn, p.unpack(a[0, p.off:p.off + p.n]), p.rows, p.cache, i))
+                    for p in packs]
+            x = x + (torch.cat(outs) if len(outs) > 1 else outs[0])
             x = layer.ffn_residual(x)  # a shortcut MoE (LongCat-Flash) handed on within its pair
-        return [x] if lone is not None else [p.unpack(x[0, p.off:p.off + p.n]) for p in packs]
+        return [p.unpack(x[0, p.off:p.off + p.n]) for p in packs]
+
+    def lone_layers(self, x_BTD: torch.Tensor, rows: Rows, cache) -> torch.Tensor:
+        """MLA / GQA blocks over one batch's embeddings (B, T, D), every row T real tokens: the same rows as the
+        packed sequence, without slicing and reshaping around each layer's attention (four ops a layer)."""
+        for i, layer in enumerate(self.model.layers):
+            x_BTD = x_BTD + self._attend(layer.attn, layer.attn_norm(x_BTD), rows, cache, i)
+            x_BTD = layer.ffn_residual(x_BTD)
+        return x_BTD
 
     def _hybrid_layers(self, packs: list[_Pack], x: torch.Tensor) -> list[torch.Tensor]:
         """``_plain_layers`` for DeepSeek-V4: each layer's ``Block.residual`` (the training path's streams and

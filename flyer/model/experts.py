@@ -453,6 +453,38 @@ class Experts(nn.Module):
         return _LocalRoutedExperts.apply(x_TD, weights_TK, w1, w2, w3, topk_ids_TK, counts, row_multiple, dtype,
                                          self.swiglu_limit)
 
+    def routed_fixed(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+        """``routed_local``'s values (T, D), in the combine's dtype (FP32; FP64 for FP64), from shapes that x's
+        alone fix and nothing read back to the host, so that a CUDA graph can capture them
+        (``flyer.model.moe.fixed_shapes``). Where ``forward`` takes ``torch._grouped_mm`` (BF16 on CUDA): every
+        pick a row in expert order, the offsets a device tensor. Else every expert over every token, one batched
+        GEMM per projection, each token's outputs weighted by its gate weights (0 where it did not pick):
+        each expert's weights read once, E / K times the picked FLOPs, for the decode batches of models whose
+        steps are launch-bound. Inference only (nothing kept for a backward)."""
+        w1, w2, w3 = self.gemm_weights()
+        dtype, (T, K), E = gemm_dtype(x_TD), topk_ids_TK.shape, self.n_local
+        acc = kernels.acc_dtype(dtype)
+        local = topk_ids_TK - self.first
+        mine = (local >= 0) & (local < E)  # picks of other ranks' or zero-computation experts: no row here
+        if self.impl == "grouped_mm" and (self.requested_impl == "grouped_mm" or dtype == torch.bfloat16):
+            ids = torch.where(mine, local, E).flatten()  # the picks with no row sort last, past the offsets
+            order = torch.argsort(ids, stable=True)
+            counts = torch.zeros(E + 1, dtype=torch.int32, device=ids.device).index_add_(
+                0, ids, torch.ones_like(ids, dtype=torch.int32))
+            y = expert_ffn_grouped_mm(x_TD.index_select(0, order // K), counts[:E], w1, w2, w3, self.swiglu_limit)
+            y_TKD = torch.empty_like(y).index_copy_(0, order, y).view(T, K, -1)
+            # rows past the offsets are never written: where, not a product with weight 0, keeps them out
+            y_TKD = torch.where(mine.unsqueeze(-1), y_TKD.to(acc), 0.0)
+            return (weights_TK.to(acc).unsqueeze(-1) * y_TKD).sum(1)
+        w_TE = torch.zeros(T, E + 1, dtype=acc, device=x_TD.device).scatter_add_(
+            1, torch.where(mine, local, E), weights_TK.to(acc))[:, :E]
+        w13, w2_ = _pack_weights(w1, w2, w3, dtype)
+        x = lowp.operand(x_TD, dtype)
+        h13 = torch.matmul(x, w13.to(x.dtype).transpose(1, 2))  # (E, T, 2F); held BF16 weights widened
+        a = swiglu(*h13.to(dtype).chunk(2, dim=-1), self.swiglu_limit)
+        y = torch.matmul(lowp.operand(a, dtype), w2_.to(x.dtype).transpose(1, 2)).to(dtype)  # (E, T, D)
+        return torch.einsum("te,etd->td", w_TE, y.to(acc))
+
     def extra_repr(self) -> str:
         limit = f", swiglu_limit={self.swiglu_limit}" if self.swiglu_limit > 0 else ""
         quant = f", weight_quant={getattr(self.weight_quant, '__name__', 'on')}" if self.weight_quant else ""

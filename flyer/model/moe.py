@@ -10,6 +10,7 @@ K activated experts per token, G expert groups, N = T*K routed token copies.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 
 import torch
@@ -22,6 +23,22 @@ from flyer.model.dispatch import Dispatcher, LocalDispatcher
 from flyer.model.experts import Experts, swiglu
 from flyer.model.init import init_deferred
 from flyer.model.lowp import Linear, as_dtype, gemm_dtype
+
+
+_FIXED_SHAPES: contextvars.ContextVar[bool] = contextvars.ContextVar("fixed_shapes", default=False)
+
+
+@contextlib.contextmanager
+def fixed_shapes():
+    """Within it every MoE's forward (inference, this process holding every routed expert) has shapes that its
+    input's alone fix and reads nothing back to the host: expert loads counted by a scatter (not ``bincount``,
+    whose length is the largest id's), the routed experts through ``Experts.routed_fixed``. What a CUDA graph
+    needs of a decode step (``flyer.serve.graphs``)."""
+    token = _FIXED_SHAPES.set(True)
+    try:
+        yield
+    finally:
+        _FIXED_SHAPES.reset(token)
 
 
 class MLP(nn.Module):
@@ -215,7 +232,12 @@ class MoE(nn.Module):
         if self.hash_routed and tokens_BT is None:
             raise ValueError("MoE.forward: a hash-routed MoE layer needs the token ids (argument 'tokens_BT')")
         weights_TK, topk_ids_TK, scores_TE = self.gate(x_TD, tokens_BT)
-        counts = torch.bincount(topk_ids_TK.flatten(), minlength=self.cfg.n_route_columns)
+        fixed = _FIXED_SHAPES.get()
+        if fixed and (self.training or not self.fuse_local):
+            raise ValueError("fixed_shapes: the MoE must be in eval mode with every routed expert in this process")
+        ids = topk_ids_TK.flatten()
+        counts = torch.zeros_like(self.last_counts, dtype=ids.dtype).index_add_(0, ids, torch.ones_like(ids)) \
+            if fixed else torch.bincount(ids, minlength=self.cfg.n_route_columns)
         self.last_counts.copy_(counts)
         if self.training:
             # an MTP module's T - k positions: position i reads token i + k, the last T - k columns
@@ -238,7 +260,9 @@ class MoE(nn.Module):
         if self.cfg.n_zero_experts:  # identity picks stay in topk_ids_TK: the routed experts give them no row
             identity_TD = zero_experts(x_TD, weights_TK, topk_ids_TK, self.cfg.n_routed_experts)
             counts = counts[:self.cfg.n_routed_experts]
-        if self.path == "fused_local":
+        if fixed:
+            y_TD = self.experts.routed_fixed(x_in, weights_TK, topk_ids_TK)
+        elif self.path == "fused_local":
             y_TD = self.experts.routed_local(x_in, weights_TK, topk_ids_TK, counts)
         else:
             x_sorted, local_counts, ctx = self.dispatcher.dispatch(x_in, topk_ids_TK)

@@ -76,7 +76,8 @@ def _run(args) -> int:
                        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                        prefill_chunk=args.prefill_chunk, prefix_sharing=not args.no_prefix_sharing,
                        speculative=args.speculative, draft_tokens=args.draft_tokens,
-                       speculative_max_batch=args.speculative_max_batch)
+                       speculative_max_batch=args.speculative_max_batch,
+                       cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
     cfg.validate()
     if not 0 <= args.port < 65536:
         raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
@@ -202,6 +203,10 @@ def register(sub) -> None:
                         "template (DSML for DeepSeek-V3.2's / V4's encodings); deepseek_v31 (V3.1 / V3.2-Exp's), "
                         "deepseek_v3 (V3-0324 / R1's: a fenced json block), deepseek_v32 or deepseek_v4 (their DSML), "
                         "kimi_k2 (Kimi K2 / K2-Thinking / K2.5's) forces one, as vLLM's parsers of those names read it")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="decode-only steps in fixed shapes, replayed from CUDA graphs: auto (default) on a GPU for "
+                        "MLA and GQA models (not DSA's or DeepSeek-V4's, which select slots by value); on: also on "
+                        "the CPU, run eagerly (as tests check them), and an error for a model without them; off")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),

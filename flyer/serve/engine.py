@@ -68,6 +68,7 @@ from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
 from flyer.serve.disk_tier import DiskTier
 from flyer.serve.grammar import GrammarMasks
+from flyer.serve.graphs import DecodeGraphs, graphs_unsupported
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
 from flyer.serve.paged_hybrid import BoundarySnapshots, SlotAllocator, make_mtp_hybrid_cache, make_paged_hybrid_cache
@@ -130,6 +131,7 @@ class Engine:
             if cfg.prefix_cache is not None and self.sharing else None
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
         self.device = device
+        self.graphs = self._decode_graphs(cfg.cuda_graphs, device)
         self.speculator = MtpSpeculator(self.dec, self.mtp_cache, cfg.draft_tokens, self._tables, self.metrics,
                                         device, self.cache if self.hybrid else None, cfg.speculative_max_batch,
                                         cfg.block_size) if self.spec else None
@@ -196,6 +198,19 @@ class Engine:
     def accepted(self) -> int:
         """MTP drafts kept so far."""
         return self.speculator.accepted if self.spec else 0
+
+    def _decode_graphs(self, wanted: bool | None, device: torch.device) -> DecodeGraphs | None:
+        """Where decode-only steps run in fixed shapes (``EngineConfig.cuda_graphs``): captured in CUDA graphs on a
+        GPU, eagerly elsewhere; None: eagerly in the packed forward, as every other step."""
+        if wanted is False or (wanted is None and device.type != "cuda"):
+            return None
+        reason = graphs_unsupported(self.dec)
+        if reason is not None:
+            if wanted:
+                raise FieldError("cuda_graphs", f"this model cannot decode in fixed shapes: {reason}")
+            return None
+        return DecodeGraphs(self.dec, self.cache, self.cfg.max_batch_size, self.model.cfg.max_seq_len,
+                            capture=device.type == "cuda")
 
     def safe_step(self) -> None:
         """``step``; a failure (a bug) is printed and ends every request with "error" instead of
@@ -386,21 +401,30 @@ class Engine:
             batches.append((prefilling, [r.tokens[r.n_cached:r.n_cached + n] for r, n in zip(prefilling, lens)]))
         if not batches:
             return
-        hs = self.dec.forward_groups([self._group(rows, chunks) for rows, chunks in batches])
-        h_plain = hs.pop(0) if plain else None
-        h_drafts = [hs.pop(0) for _ in drafted]
-        h_pre = hs.pop(0) if prefilling else None
-        ending = [i for i, (r, n) in enumerate(zip(prefilling, lens)) if r.n_cached + n == len(r.tokens)]
-        need = [h_plain[:, 0]] if plain else []
-        need += [h.flatten(0, 1) for h in h_drafts]
-        if ending:
-            need.append(h_pre[ending, [lens[i] - 1 for i in ending]])
-        logits = self.dec.logits(torch.cat(need) if len(need) > 1 else need[0]) if need else None
-        if need and any(r.opts.adjusts for r in self.running):
+        fixed = None
+        if self.graphs is not None and len(batches) == 1 and plain:  # a decode-only step
+            fixed = self.graphs.step([r.tokens[-1] for r in plain], [r.n_cached for r in plain],
+                                     [r.blocks for r in plain])
+        if fixed is not None:  # static outputs, overwritten next step: what outlives the step is copied (h_prev)
+            (h_plain, logits), h_drafts, h_pre, ending = fixed, [], None, []
+            h_plain = h_plain.clone() if self.spec else h_plain
+        else:
+            hs = self.dec.forward_groups([self._group(rows, chunks) for rows, chunks in batches])
+            h_plain = hs.pop(0) if plain else None
+            h_drafts = [hs.pop(0) for _ in drafted]
+            h_pre = hs.pop(0) if prefilling else None
+            ending = [i for i, (r, n) in enumerate(zip(prefilling, lens)) if r.n_cached + n == len(r.tokens)]
+            need = [h_plain[:, 0]] if plain else []
+            need += [h.flatten(0, 1) for h in h_drafts]
+            if ending:
+                need.append(h_pre[ending, [lens[i] - 1 for i in ending]])
+            logits = self.dec.logits(torch.cat(need) if len(need) > 1 else need[0]) if need else None
+        if logits is not None and any(r.opts.adjusts for r in self.running):
             self._adjust(logits, plain, drafted, [prefilling[i] for i in ending])
-        if need and self.grammars is not None:  # grammar rows (plain, verifying drafts, ending a prompt)
+        if logits is not None and self.grammars is not None:  # grammar rows (plain, verifying drafts, ending a prompt)
             self._mask(logits, plain, drafted, [prefilling[i] for i in ending])
-        greedy = kernels.argmax(logits).tolist() if need else []  # one argmax for the step, not one per row
+        # one argmax for the step, not one per row
+        greedy = kernels.argmax(logits).tolist() if logits is not None else []
         for i, r in enumerate(plain):
             r.n_cached += 1
             if self.spec:  # (1, D) at the position just fed

@@ -1,0 +1,230 @@
+"""Decode steps in fixed shapes (``flyer.serve.graphs``), what a CUDA graph captures: on the CPU they run eagerly, so
+their values are held here to the eager step's and to ``generate``, and a meta-device run shows that they read
+nothing back to the host (what a capture forbids); the capture itself needs a GPU (``bench/serve.py --device
+cuda`` reports whether its steps were captured)."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from trained import counting_model
+
+from flyer.config import preset
+from flyer.errors import FieldError
+from flyer.infer import GenerationConfig, generate
+from flyer.infer.decoder import Decoder, Group
+from flyer.model.moe import MoE, fixed_shapes
+from flyer.model.transformer import Transformer
+from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
+from flyer.serve.graphs import DecodeGraphs, StaticDecode, batch_buckets
+from flyer.serve.paged import NULL_BLOCK, make_paged_cache
+
+V = 64
+GQA = dict(attn="gqa", n_heads=4, n_kv_heads=2, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return counting_model(V)
+
+
+def _engine(model, block_size: int = 4, cache_dtype: torch.dtype = torch.float32, **over) -> Engine:
+    return Engine(model, EngineConfig(kv_cache_bytes=1 << 22, block_size=block_size, cache_dtype=cache_dtype, **over))
+
+
+def _run(eng: Engine, prompts, max_tokens: list[int]) -> list[list[int]]:
+    outs = [[] for _ in prompts]
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        eng.submit(p, SamplingOptions(max_tokens=n), lambda e, i=i: outs[i].append(e.token))
+    eng.run_until_idle()
+    return outs
+
+
+def _prompts() -> list[list[int]]:
+    return [[(s + d * i) % V for i in range(n)] for s, d, n in ((3, 2, 5), (7, 1, 19), (1, 3, 2), (9, 2, 11),
+                                                                   (4, 1, 30))]
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(3) == [1, 2, 3]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+
+
+@pytest.mark.parametrize("spec", [False, True])
+def test_fixed_shape_decode_equals_generate_alone(trained, spec):
+    """Every decode-only step in fixed shapes (batches padded to 1, 2, 4, 8; attended slots to powers of two of
+    blocks), prefill and drafts eagerly: each request's greedy tokens are generate's on its prompt alone. With MTP
+    drafting only while one row decodes, plain steps of several rows alternate with drafting ones (their hidden
+    states kept for the MTP module's entries)."""
+    prompts, lengths = _prompts(), [8, 14, 5, 10, 30]  # the last one decodes alone at the end
+    ref = [generate(trained, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
+           for p, n in zip(prompts, lengths)]
+    over = dict(speculative="mtp", speculative_max_batch=1) if spec else {}
+    eng = _engine(trained, max_batch_size=8, cuda_graphs=True, **over)
+    steps = []
+    run = eng.graphs.step
+    eng.graphs.step = lambda *a: steps.append(len(a[0])) or run(*a)
+    assert _run(eng, prompts, lengths) == ref
+    assert len(steps) > 10 and max(steps) == len(prompts)  # the fixed path ran, at the full batch too
+    assert eng.alloc.used == 0
+    if spec:  # the MTP module's entries, written from plain steps' hidden states, are the eager steps' (in FP64, to
+        # the FP32 softmax's rounding: ``softmax_bound``)
+        model64, pools = copy.deepcopy(trained).double(), []
+        for graphs in (True, False):
+            eng = _engine(model64, max_batch_size=8, cuda_graphs=graphs, cache_dtype=torch.float64, **over)
+            assert _run(eng, prompts, lengths) == ref
+            pools.append(eng.mtp_cache.pool.packed[:, 1:])  # (the null block: padding's)
+        S = 64  # the last request's 60 positions, padded
+        d = (pools[0] - pools[1]).abs()
+        assert eng.accepted > 0 and d.max() <= softmax_bound(S) * pools[1].abs().max()
+
+
+def softmax_bound(S: int) -> float:
+    """Relative bound of the difference between a fixed-shape step's hidden states and the eager step's, computed in
+    FP64: the attention's softmax runs in FP32 whatever the model's dtype (``flyer.infer.attention._softmax``),
+    over S padded slots in the fixed step and fewer in the eager one, which may sum in another order: each
+    probability within S u32 of the other's; the MoE's sums in another order add FP64 rounding (~1e-16). A wrong
+    slot, row, expert or hidden state moves them by their own scale."""
+    return S * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_padding_rows_write_the_null_block_only(trained, attn):
+    """A step of 3 rows in the batch bucket of 4 and 8 blocks of slots: the pool changes at the real rows' slots and
+    in the null block, nowhere else, and the hidden states and written entries equal the eager step's (FP64,
+    ``softmax_bound``). The trained MLA model; a random GQA one (per-head keys and values paged the same way)."""
+    torch.manual_seed(1)
+    model = copy.deepcopy(trained) if attn == "mla" else Transformer(preset("tiny", vocab_size=V, **GQA)).eval()
+    model, cfg = model.double(), model.cfg
+    cache = make_paged_cache(cfg, cfg.n_layers, 40, 4, torch.float64)
+    pool = cache.pool.tensors  # (L, blocks, slots, ...) each
+    for t in pool.values():
+        t.normal_()  # stale entries everywhere: masked reads of them must not matter
+    dec = Decoder(model, 1, cfg.max_seq_len, cache=cache)
+    static = StaticDecode(dec, cache, 8, cfg.max_seq_len // 4)
+    tokens, positions, tables = [5, 9, 2], [6, 29, 0], [[3, 4], [10, 11, 12, 13, 14, 15, 16, 17], [20]]
+    shape = static.buckets(3, max(positions) + 1)
+    assert shape == (4, 8)
+    before = {k: t.clone() for k, t in pool.items()}
+    static.fill(tokens, positions, tables, shape)
+    h, _ = static.run(shape)
+    changed = sum((t != before[k]).flatten(3).any(-1).any(0) for k, t in pool.items()).bool()  # (blocks, slots)
+    written = torch.zeros_like(changed)
+    written[NULL_BLOCK, 0] = True  # the padding row: position 0
+    for p, t in zip(positions, tables):
+        written[t[p // 4], p % 4] = True
+    assert changed[written].all() and not changed[~written].any()
+    after = {k: t.clone() for k, t in pool.items()}
+    for k, t in pool.items():
+        t.copy_(before[k])
+    tables_t = torch.tensor([t + [NULL_BLOCK] * (8 - len(t)) for t in tables])
+    eager = dec.forward_groups([Group(torch.tensor(tokens).view(3, 1), torch.tensor(positions),
+                                      None, cache.view(tables_t))])[0]
+    pairs = [(h[:3], eager)] + [(after[k][:, 1:], t[:, 1:]) for k, t in pool.items()]  # (the null block: padding's)
+    for got, want in pairs:
+        assert (got - want).abs().max() <= softmax_bound(32) * want.abs().max()
+
+
+@pytest.mark.parametrize("impl,dtype", [("fused", torch.float64), ("grouped_mm", torch.bfloat16)])
+def test_fixed_shape_moe_equals_the_eager_moe(impl, dtype):
+    """``fixed_shapes``' routed experts against the eager ones on the same routing. FP64 (every expert over every
+    token): both within FP64 rounding of the exact sums of at most D + F + K terms (~1e-13 of the scale here; 1e-9
+    leaves room, a wrong expert or weight moves the output by its own scale). BF16 through ``torch._grouped_mm``:
+    the same per-expert GEMMs, so only the combine's FP32 order differs: within (K - 1) u32 of the terms' absolute
+    sum, bounded by K max|w y|."""
+    torch.manual_seed(0)
+    cfg = preset("small")
+    moe = MoE(cfg, experts_impl=impl).eval().to(dtype)
+    x = torch.randn(3, 5, cfg.dim, dtype=dtype)
+    with torch.inference_mode():
+        eager = moe(x)
+        with fixed_shapes():
+            fixed = moe(x)
+    scale = float(eager.abs().max())
+    K = cfg.n_activated_experts
+    tol = 1e-9 * scale if dtype == torch.float64 else (K - 1) * torch.finfo(torch.float32).eps * K * scale \
+        + torch.finfo(torch.bfloat16).eps * scale  # the result rounded to BF16 once more
+    assert (fixed.double() - eager.double()).abs().max() <= tol
+    moe.train()
+    with fixed_shapes(), pytest.raises(ValueError, match="eval mode"):
+        moe(x)
+
+
+@contextlib.contextmanager
+def _meta_autocast():
+    """Autocast knows no meta device type: asked about it, the model's modules would fail before any kernel."""
+    real = torch.is_autocast_enabled
+
+    def enabled(*args):
+        return False if args and args[0] == "meta" else real(*args)
+    torch.is_autocast_enabled = enabled
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled = real
+
+
+@pytest.mark.parametrize("attn,dtype,impl", [("mla", torch.float32, "auto"), ("mla", torch.bfloat16, "grouped_mm"),
+                                             ("gqa", torch.float32, "auto")])
+def test_fixed_shape_step_reads_nothing_back(attn, dtype, impl):
+    """On the meta device every value read back to the host fails (``.item()``, ``.tolist()``, ``bincount``'s and
+    ``nonzero``'s shapes), as it fails inside a CUDA graph's capture: the fixed-shape step runs there (and takes
+    the non-CPU branches a GPU takes); the eager step, which reads its positions' maximum back, does not."""
+    cfg = preset("tiny", **(GQA if attn == "gqa" else {}))
+    with torch.device("meta"):
+        model = Transformer(cfg, experts_impl=impl).eval().to(dtype)
+    cache = make_paged_cache(cfg, cfg.n_layers, 64, 4, dtype, "meta")
+    dec = Decoder(model, 1, cfg.max_seq_len, cache=cache)
+    static = StaticDecode(dec, cache, 8, cfg.max_seq_len // 4)
+    shape = static.buckets(3, 40)
+    static.fill([1, 2, 3], [10, 39, 5], [[1, 2, 3], list(range(4, 14)), [14, 15]], shape)
+    with _meta_autocast():
+        h, logits = static.run(shape)
+        assert h.shape == (4, 1, cfg.dim) and logits.shape == (4, cfg.vocab_size)
+        tables = torch.zeros(3, 16, dtype=torch.long, device="meta")
+        group = Group(torch.zeros(3, 1, dtype=torch.long, device="meta"), torch.zeros(3, dtype=torch.long,
+                                                                                      device="meta"), None,
+                      cache.view(tables))
+        with pytest.raises(RuntimeError, match="meta"):
+            dec.forward_groups([group])
+
+
+def test_models_without_a_fixed_shape_step_are_refused_or_left_eager():
+    v4 = Transformer(preset("tiny-v4")).eval()
+    with pytest.raises(FieldError, match="cuda_graphs.*DeepSeek-V4's hybrid attention"):
+        _engine(v4, block_size=16, max_batch_size=2, cuda_graphs=True)
+    assert _engine(v4, block_size=16, max_batch_size=2).graphs is None  # auto: only a GPU captures, and not this model
+
+
+def test_a_failed_capture_leaves_the_eager_step(trained, capsys):
+    """Capturing needs CUDA: here it fails at once, which turns graphs off with one line on stderr, and every step
+    runs eagerly with the same tokens."""
+    prompts = _prompts()[:3]
+    ref = _run(_engine(trained, cuda_graphs=False), prompts, [6] * 3)
+    eng = _engine(trained, cuda_graphs=True)
+    eng.graphs = DecodeGraphs(eng.dec, eng.cache, eng.cfg.max_batch_size, trained.cfg.max_seq_len, capture=True)
+    assert _run(eng, prompts, [6] * 3) == ref
+    assert eng.graphs.failed is not None and not eng.graphs.graphs
+    assert capsys.readouterr().err.count("CUDA graphs off") == 1
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("spec", [False, True])
+def test_cuda_graphs_replay_the_eager_steps(trained, spec):
+    """On a GPU: decode steps captured (one graph per bucket used) and replayed give each request generate's greedy
+    tokens on its prompt alone, as the eager steps do, with and without MTP drafts between them."""
+    model = copy.deepcopy(trained).cuda()
+    prompts, lengths = _prompts(), [8, 14, 5, 10, 30]
+    ref = [generate(model, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
+           for p, n in zip(prompts, lengths)]
+    over = dict(speculative="mtp", speculative_max_batch=1) if spec else {}
+    eng = _engine(model, max_batch_size=8, **over)  # auto: graphs on CUDA
+    assert _run(eng, prompts, lengths) == ref
+    assert eng.graphs.failed is None and len(eng.graphs.graphs) >= 4  # batches of 8, 4, 2 and 1 at least
