@@ -6,7 +6,7 @@ raising otherwise). And its ``--speculative`` replays on the engine alone (``_se
 in this process): the keys, shared prefixes found with and without speculation and none without sharing, drafts
 kept by a trained module, and the greedy tokens equal in every variant (exactly, as the engine's speculation tests
 ask: random or trained FP32 weights leave no two logits within the verify pass's reordering error), where a
-speculation that skips its rollback parts them."""
+speculation that skips its rollback parts them. And bench/serve_step_ops.py's keys and ordering."""
 
 from __future__ import annotations
 
@@ -114,3 +114,15 @@ def test_serve_bench_speculation_variants_catch_a_wrong_speculation(monkeypatch)
     assert _variants(monkeypatch, model, 2)["variants_agree"] == 4
     monkeypatch.setattr(HybridCache, "restore_slots", lambda self, saved, slots, rows=None: None)
     assert _variants(monkeypatch, model, 2)["variants_agree"] < 4
+
+
+def test_serve_step_ops_json():
+    """bench/serve_step_ops.py on ``tiny``: its keys, and CUDA's grouped FP32 experts issuing fewer ops than the CPU's
+    per-expert GEMMs in both kinds of step (each live expert costs the latter ops of its own)."""
+    out = subprocess.run([sys.executable, str(BENCH.with_name("serve_step_ops.py")), "--preset", "tiny", "--batch",
+                          "4", "--prompt", "40"], capture_output=True, text=True, timeout=300, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    r = json.loads(out)
+    assert (r["preset"], r["batch"], r["prompt"]) == ("tiny", 4, 40)
+    for step in ("decode", "mixed"):
+        assert 0 < r[f"{step}_ops_grouped_mm"] < r[f"{step}_ops_fused"]

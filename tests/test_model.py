@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import assert_fp32_gemm
 
 from flyer import kernels
 from flyer.config import ConfigError, preset
@@ -227,6 +228,37 @@ def test_auto_experts_keep_an_fp32_model_in_fp32_where_grouped_mm_would_round_to
     auto(x.bfloat16(), counts)  # BF16 GEMMs: grouped_mm
     named(x, counts)  # named: grouped_mm whatever the dtype
     assert calls == [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_auto_experts_serve_an_fp32_model_through_fp32_grouped_mm(monkeypatch, packed):
+    """Without gradients (serving) 'auto' experts resolved to grouped_mm (CUDA) run an FP32 model's experts through
+    torch._grouped_mm in FP32, not a Python loop of per-expert GEMMs (launch-bound steps), w1|w3 as one GEMM where
+    they are packed. Integer inputs make the up-projections exact whatever their order, so the SwiGLU's outputs
+    are known; each row of the output is then an FP32 GEMM of them within ``assert_fp32_gemm``'s bound. Forced
+    here on the CPU: the impl set as CUDA resolves it."""
+    calls = []
+    grouped = experts_module.expert_ffn_grouped_mm
+    monkeypatch.setattr(experts_module, "expert_ffn_grouped_mm", lambda *a, **k: calls.append(k) or grouped(*a, **k))
+    torch.manual_seed(0)
+    ex = Experts(4, 16, 8)
+    with torch.no_grad():
+        for w in (ex.w1, ex.w3):
+            w.copy_(torch.randint(-3, 4, w.shape))  # h = x w^T: integers well inside FP32's exact range
+    if packed:
+        ex.pack_w13_()
+    ex.impl = "grouped_mm"
+    x, counts = torch.randint(-3, 4, (10, 16)).float(), torch.tensor([3, 0, 5, 2])
+    with torch.no_grad():
+        y = ex(x, counts)
+    assert calls == [{"fp32": True}] and y.dtype == torch.float32
+    rows = x.split(counts.tolist())
+    a = torch.cat([experts_module.swiglu(r @ w1.T, r @ w3.T) for r, w1, w3 in zip(rows, ex.w1, ex.w3)])
+    # a's elements, vectorised or not by their layout, agree to a few ulps (exp within one ulp, then three rounded
+    # operations on either side): eight more roundings per term cover them
+    for ys, a_e, w2 in zip(y.split(counts.tolist()), a.split(counts.tolist()), ex.w2):
+        assert_fp32_gemm(ys, a_e, w2.detach().T, extra_roundings=8)
+    assert ex(x.requires_grad_(), counts).requires_grad and len(calls) == 1  # training: the fused FP32 path
 
 
 def test_moe_path_is_chosen_from_the_dispatcher_and_the_experts():

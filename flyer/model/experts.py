@@ -40,8 +40,8 @@ EXPERT_IMPLS = ("auto", "fused", "grouped_mm")
 
 def resolve_experts_impl(impl: str, device: torch.device) -> str:
     """The implementation experts with weights on ``device`` run: 'auto' is 'grouped_mm' on CUDA
-    (where torch has it; ``Experts.forward`` runs it for BF16 GEMMs only, 'fused' for FP32 ones) and 'fused'
-    elsewhere; 'fused' and 'grouped_mm' run as named."""
+    (where torch has it; ``Experts.forward`` runs it in BF16 for BF16 GEMMs, in FP32 for FP32 ones without
+    gradients, and 'fused' for FP32 training) and 'fused' elsewhere; 'fused' and 'grouped_mm' run as named."""
     if impl not in EXPERT_IMPLS:
         raise ConfigError(f"experts_impl '{impl}' is unknown (choose from: {', '.join(EXPERT_IMPLS)})")
     if impl != "auto":
@@ -72,9 +72,21 @@ def expert_ffn_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Te
 
 
 def expert_ffn_grouped_mm(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
-                          w2_EDF: torch.Tensor, w3_EFD: torch.Tensor, swiglu_limit: float = 0.0) -> torch.Tensor:
-    """Same as ``expert_ffn_loop`` with ``torch._grouped_mm`` (bf16; the CUDA fast path)."""
+                          w2_EDF: torch.Tensor, w3_EFD: torch.Tensor, swiglu_limit: float = 0.0,
+                          fp32: bool = False) -> torch.Tensor:
+    """Same as ``expert_ffn_loop`` with ``torch._grouped_mm``: in BF16 (the CUDA fast path), or with ``fp32`` in FP32
+    (FP32 weights; torch runs a GEMM per expert, each what ``torch.mm`` gives its rows, from one call instead of a
+    Python loop of them: inference on CUDA, whose steps are launch-bound; w1|w3 packed, ``Experts.pack_w13_``,
+    as one GEMM)."""
     offs = counts_E.cumsum(0).to(torch.int32)
+    if fp32:
+        x, F_, w13 = x_ND.float(), w1_EFD.shape[1], packed_w13(w1_EFD, w3_EFD)
+        if w13 is not None:
+            h13 = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)
+            h1, h3 = h13[:, :F_], h13[:, F_:]
+        else:
+            h1, h3 = (torch._grouped_mm(x, w.transpose(-2, -1), offs=offs) for w in (w1_EFD, w3_EFD))
+        return torch._grouped_mm(swiglu(h1, h3, swiglu_limit), w2_EDF.transpose(-2, -1), offs=offs)
     x = x_ND.to(torch.bfloat16)
     h1 = torch._grouped_mm(x, w1_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
     h3 = torch._grouped_mm(x, w3_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
@@ -427,9 +439,13 @@ class Experts(nn.Module):
         dtype for 'grouped_mm', in the GEMM dtype (autocast's or x's) for 'fused'."""
         w1, w2, w3 = self.gemm_weights()
         dtype = gemm_dtype(x_ND)
-        # 'auto' takes grouped_mm (BF16) where the model computes in BF16 only: an FP32 model keeps FP32 experts
+        # 'auto' takes grouped_mm (BF16) where the model computes in BF16 only: an FP32 model keeps FP32 experts,
+        # which without gradients (serving) run grouped too, in FP32
         if self.impl == "grouped_mm" and (self.requested_impl == "grouped_mm" or dtype == torch.bfloat16):
             return expert_ffn_grouped_mm(x_ND, counts_E, w1, w2, w3, self.swiglu_limit).to(x_ND.dtype)
+        if self.impl == "grouped_mm" and dtype == torch.float32 and all(w.dtype == dtype for w in (w1, w2, w3)) \
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w1, w2, w3))):
+            return expert_ffn_grouped_mm(x_ND, counts_E, w1, w2, w3, self.swiglu_limit, fp32=True)
         return expert_ffn_fused(x_ND, counts_E, w1, w2, w3, row_multiple=self.row_multiple(x_ND, dtype),
                                 dtype=dtype, swiglu_limit=self.swiglu_limit)
 
