@@ -570,3 +570,17 @@ def test_rope_rotates_each_interleaved_pair(dtype, attn_factor):
     assert torch.equal(xa.grad, x.grad)
     xd = x.detach().to(dtype)
     assert torch.equal(apply_rope(xd, cos2, sin2), want.detach().to(dtype))  # computed in FP32, rounded once
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_inference_norm_is_within_fp32_rounding_of_the_exact_one():
+    """Without gradients a CUDA norm is torch's fused kernel (one launch): each output x w r within (D / 2 + 4) u
+    of the exact one's relative value (the sum of D squares D u, halved by the square root, the root and
+    reciprocal, then two products)."""
+    D = 384
+    x, w = torch.randn(64, D), torch.rand(D) + 0.5
+    want = kernels.rms_norm(x.double(), w.double(), 1e-6, torch.float64)[0]
+    with torch.no_grad():
+        got = rms_norm(x.cuda(), w.cuda(), 1e-6).cpu().double()
+    assert ((got - want).abs() <= (D / 2 + 4) * 2.0**-24 * want.abs()).all()

@@ -131,7 +131,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
         if weight.dtype != torch.float32:  # held in BF16 for inference (flyer.infer.weights), computed in FP32
             return kernels.linear_held(x, weight, bias)
-        if not torch.is_grad_enabled() and x.numel() > kernels.FEW_ROWS * x.shape[-1] and weight.device.type == "cpu":
+        if not torch.is_grad_enabled() and x.numel() > kernels.FEW_ROWS * x.shape[-1] and weight.device.type == "cpu" \
+                and kernels.cpu_ops() is not None:
             # a prefill chunk's GEMM, split over the expert threads: the BLAS call F.linear makes, on
             # 128-row blocks of the weight, so the same bits (decode rows would take the kernel's sums)
             return kernels.linear_held(x, weight, bias)
