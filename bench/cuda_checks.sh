@@ -24,7 +24,8 @@ for check in "${@:-cuda-tests serve suite fp8 train model-step throughput}"; do 
   step "$c"
   case $c in
     cuda-tests) timeout 150 $py -m pytest -q -ra -p no:cacheprovider -m cuda 2>&1 | tee "$out/pytest-cuda.log" | tail -15 ;;
-    # --no-peer-serve: transformers serve fails DeepseekV3 MLA's first request (bench/serve.py)
+    # --no-peer-serve: the peer is transformers' batched generate, which fits the lease; transformers 5.25's
+    # server (bench/serve.py's peer by default) serves DeepseekV3's MLA too, at the cost of its own start-up
     serve) timeout 200 $py bench/serve.py --device cuda --no-peer-serve | tee "$out/serve.json" ;;
     suite) timeout 330 $py -m pytest -q -ra -p no:cacheprovider $xdist 2>&1 | tee "$out/pytest.log" | tail -25 ;;
     fp8) timeout 120 $py bench/fp8_gemm.py --device cuda --seconds 0.3 | tee "$out/fp8_gemm.json" ;;

@@ -17,10 +17,10 @@
    the highest concurrency: ``transformers serve --continuous-batching`` when it starts here (its
    completions take text: the prompts' ids decoded by the exported tokenizer), else transformers'
    batched ``generate`` (left-padded, greedy, static batches of the concurrency in arrival order)
-   with the reason in ``peer_note``: the server's own error. Here (transformers 5.24, ``accelerate``
-   installed by ``pip install -e '.[bench]'``) it starts, but its continuous-batching cache allots
-   every layer per-head keys and values of one width, and DeepseekV3's MLA (keys of nope + rope
-   dims, values of v dims) fails its first request; without ``accelerate`` it does not start.
+   with the reason in ``peer_note``: the server's own error. transformers 5.25 (``accelerate`` installed by
+   ``pip install -e '.[bench]'``) serves DeepseekV3's MLA; 5.24 started but failed the first request (its
+   continuous-batching cache allotted every layer per-head keys and values of one width, where MLA's keys take
+   nope + rope dims and its values v dims); without ``accelerate`` it does not start.
 3. The weight bytes a decode step reads per token at 1 and 16 rows, as held (dense weights plus the
    routed experts the tokens choose, expected under uniform routing), and their ratio: where a step is
    bound by memory traffic, the most 16 clients can gain over 1 (``ratio_c16_vs_c1_memory_bound``).
