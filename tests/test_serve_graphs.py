@@ -69,6 +69,7 @@ def test_fixed_shape_decode_equals_generate_alone(trained, spec):
     eng.graphs.step = lambda *a: steps.append(len(a[0])) or run(*a)
     assert _run(eng, prompts, lengths) == ref
     assert len(steps) > 10 and max(steps) == len(prompts)  # the fixed path ran, at the full batch too
+    assert eng.metrics.fixed_steps.labels("eager")._value.get() == len(steps)  # (no capture on the CPU)
     assert eng.alloc.used == 0
     if spec:  # the MTP module's entries, written from plain steps' hidden states, are the eager steps' (in FP64, to
         # the FP32 softmax's rounding: ``softmax_bound``)
@@ -228,3 +229,5 @@ def test_cuda_graphs_replay_the_eager_steps(trained, spec):
     eng = _engine(model, max_batch_size=8, **over)  # auto: graphs on CUDA
     assert _run(eng, prompts, lengths) == ref
     assert eng.graphs.failed is None and len(eng.graphs.graphs) >= 4  # batches of 8, 4, 2 and 1 at least
+    assert eng.metrics.fixed_steps.labels("cuda_graph")._value.get() > 10
+    assert eng.metrics.cuda_graphs._value.get() == len(eng.graphs.graphs)

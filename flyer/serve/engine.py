@@ -406,6 +406,8 @@ class Engine:
             fixed = self.graphs.step([r.tokens[-1] for r in plain], [r.n_cached for r in plain],
                                      [r.blocks for r in plain])
         if fixed is not None:  # static outputs, overwritten next step: what outlives the step is copied (h_prev)
+            self.metrics.fixed_steps.labels("cuda_graph" if self.graphs.capture else "eager").inc()
+            self.metrics.cuda_graphs.set(len(self.graphs.graphs))
             (h_plain, logits), h_drafts, h_pre, ending = fixed, [], None, []
             h_plain = h_plain.clone() if self.spec else h_plain
         else:
