@@ -266,6 +266,22 @@ def test_reasoning_and_calls_become_items(tok):
         assert plain.output[0].type == "message" and REASONING in plain.output_text and plain.status == "incomplete"
 
 
+@pytest.mark.parametrize("blank", ["\n\n", " "])
+def test_blank_text_before_calls_is_no_message_streamed_or_not(tok, blank):
+    """Blank text before the calls: no message item in the whole response (chat's content null), nor in the stream,
+    whose items are the whole response's (the chat stream under it holds such text back: ``calls_content``)."""
+    script = _ids(tok, blank, F31.render(CALLS)) + [tok.eos_id()]
+    limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
+    with serving(Api(_Scripted(limits, script), tok, "tiny-test", chat_template=THINK_TEMPLATE)) as url:
+        c = client(url)
+        r = c.responses.create(model="tiny-test", input="lights on", tools=FLAT_TOOLS)
+        assert [o.type for o in r.output] == ["function_call", "function_call"]
+        events, done = _stream(c, input="lights on", tools=FLAT_TOOLS)
+        assert [o.model_dump(exclude={"id", "call_id"}) for o in done.output] == \
+            [o.model_dump(exclude={"id", "call_id"}) for o in r.output]
+        assert not [e for e in events if e.type == "response.output_text.delta"]
+
+
 class _Failing(_Scripted):
     """The script's first two tokens, then the engine fails on the request."""
 
