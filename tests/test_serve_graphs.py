@@ -14,6 +14,7 @@ from flyer.config import preset
 from flyer.errors import FieldError
 from flyer.infer import GenerationConfig, generate
 from flyer.infer.decoder import Decoder, Group
+from flyer.model.experts import Experts
 from flyer.model.moe import MoE, fixed_shapes
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
@@ -81,6 +82,25 @@ def test_fixed_shape_decode_equals_generate_alone(trained, spec):
         S = 64  # the last request's 60 positions, padded
         d = (pools[0] - pools[1]).abs()
         assert eng.accepted > 0 and d.max() <= softmax_bound(S) * pools[1].abs().max()
+
+
+def test_buckets_past_the_dense_budget_run_eagerly(trained, monkeypatch):
+    """A bucket whose dense experts would cost more than ``DENSE_FLOPS_BUDGET`` runs its step eagerly: here a budget
+    for 2 rows, so steps of 3 or more rows (buckets 4 and 8) take the packed forward, smaller ones the fixed path, and
+    the tokens are generate's either way."""
+    prompts, lengths = _prompts(), [8, 14, 5, 10, 30]
+    ref = [generate(trained, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
+           for p, n in zip(prompts, lengths)]
+    eng = _engine(trained, max_batch_size=8, cuda_graphs=True)
+    per_row = eng.graphs.static.dense_flops_per_row
+    assert per_row == sum(2 * 3 * e.n_local * e.w1.shape[1] * e.w1.shape[2] for e in trained.modules()
+                          if isinstance(e, Experts))
+    monkeypatch.setattr("flyer.serve.graphs.DENSE_FLOPS_BUDGET", 2.5 * per_row)
+    rows = []
+    run = eng.graphs.static.run
+    eng.graphs.static.run = lambda shape: rows.append(shape[0]) or run(shape)
+    assert _run(eng, prompts, lengths) == ref
+    assert rows and set(rows) <= {1, 2} and eng.metrics.fixed_steps.labels("eager")._value.get() == len(rows)
 
 
 def softmax_bound(S: int) -> float:

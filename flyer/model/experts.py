@@ -441,7 +441,7 @@ class Experts(nn.Module):
         dtype = gemm_dtype(x_ND)
         # 'auto' takes grouped_mm (BF16) where the model computes in BF16 only: an FP32 model keeps FP32 experts,
         # which without gradients (serving) run grouped too, in FP32
-        if self.impl == "grouped_mm" and (self.requested_impl == "grouped_mm" or dtype == torch.bfloat16):
+        if self.grouped_bf16(dtype):
             return expert_ffn_grouped_mm(x_ND, counts_E, w1, w2, w3, self.swiglu_limit).to(x_ND.dtype)
         if self.impl == "grouped_mm" and dtype == torch.float32 and all(w.dtype == dtype for w in (w1, w2, w3)) \
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w1, w2, w3))):
@@ -469,6 +469,15 @@ class Experts(nn.Module):
         return _LocalRoutedExperts.apply(x_TD, weights_TK, w1, w2, w3, topk_ids_TK, counts, row_multiple, dtype,
                                          self.swiglu_limit)
 
+    def grouped_bf16(self, dtype: torch.dtype) -> bool:
+        """Whether GEMMs in ``dtype`` run as ``torch._grouped_mm`` in BF16 ('auto': for BF16 GEMMs only)."""
+        return self.impl == "grouped_mm" and (self.requested_impl == "grouped_mm" or dtype == torch.bfloat16)
+
+    def dense_flops_per_token(self, dtype: torch.dtype) -> int:
+        """FLOPs a token costs ``routed_fixed`` in ``dtype``: every local expert's three projections where it runs
+        them all (not ``grouped_bf16``), else 0 (what its picks cost too, as in any other form)."""
+        return 0 if self.grouped_bf16(dtype) else 2 * self.n_local * self.w1.shape[1] * self.w1.shape[2] * 3
+
     def routed_fixed(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         """``routed_local``'s values (T, D), in the combine's dtype (FP32; FP64 for FP64), from shapes that x's
         alone fix and nothing read back to the host, so that a CUDA graph can capture them
@@ -482,7 +491,7 @@ class Experts(nn.Module):
         acc = kernels.acc_dtype(dtype)
         local = topk_ids_TK - self.first
         mine = (local >= 0) & (local < E)  # picks of other ranks' or zero-computation experts: no row here
-        if self.impl == "grouped_mm" and (self.requested_impl == "grouped_mm" or dtype == torch.bfloat16):
+        if self.grouped_bf16(dtype):
             ids = torch.where(mine, local, E).flatten()  # the picks with no row sort last, past the offsets
             order = torch.argsort(ids, stable=True)
             counts = torch.zeros(E + 1, dtype=torch.int32, device=ids.device).index_add_(

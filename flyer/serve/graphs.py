@@ -51,6 +51,12 @@ def graphs_unsupported(dec: Decoder) -> str | None:
     return None
 
 
+# FLOPs a fixed-shape step may spend on dense routed experts (every expert over every row, ``Experts.routed_fixed``):
+# about a third of a millisecond of an H200's FP32 rate, what a few hundred launches cost the eager step (``small``:
+# 94 MFLOP a row). A bucket past it runs eagerly: a larger FP32 model (dsv2-lite: 29 GFLOP a row) is not launch-bound.
+DENSE_FLOPS_BUDGET = 20e9
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """Batch sizes a graph is captured for: 1, 2, 4, then multiples of 8, the last ``max_batch`` (a step's rows are
     padded to the next one: at most 7 rows of padding, each a few more GEMM rows)."""
@@ -74,6 +80,9 @@ class StaticDecode:
         self._host = torch.zeros_like(self.inputs, device="cpu", pin_memory=device.type == "cuda")
         # the outputs, one pair for every shape: a graph copies its own into them, so that what it allocates
         # is free for the next capture in the shared pool (a V3 vocabulary's logits of 64 rows: 33 MB a graph)
+        dtype = dec.model.embed.weight.dtype
+        self.dense_flops_per_row = sum(m.dense_flops_per_token(dtype) for m in dec.model.modules()
+                                       if isinstance(m, Experts))
         cfg = dec.cfg
         self.hidden = torch.zeros(max_batch, 1, cfg.dim, dtype=dec.model.embed.weight.dtype, device=device)
         self.logits = torch.zeros(max_batch, cfg.vocab_size, device=device)
@@ -125,11 +134,14 @@ class DecodeGraphs:
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Hidden states (B, 1, D) and FP32 logits (B, V) of one decode step of these B rows (each its next token,
         its position and its block table); views of the static outputs, valid until the next step. None once a
-        capture has failed (the caller runs the step eagerly)."""
+        capture has failed, or where the step's dense experts pass ``DENSE_FLOPS_BUDGET`` (the caller runs the step
+        eagerly)."""
         if self.failed is not None:
             return None
         B = len(tokens)
         shape = self.static.buckets(B, max(positions) + 1)
+        if shape[0] * self.static.dense_flops_per_row > DENSE_FLOPS_BUDGET:
+            return None  # its dense experts would cost more than the launches a graph saves: eagerly
         self.static.fill(tokens, positions, tables, shape)
         if not self.capture:
             h, logits = self.static.run(shape)
