@@ -84,10 +84,11 @@ def test_fixed_shape_decode_equals_generate_alone(trained, spec):
         assert eng.accepted > 0 and d.max() <= softmax_bound(S) * pools[1].abs().max()
 
 
-def test_buckets_past_the_dense_budget_run_eagerly(trained, monkeypatch):
-    """A bucket whose dense experts would cost more than ``DENSE_FLOPS_BUDGET`` runs its step eagerly: here a budget
-    for 2 rows, so steps of 3 or more rows (buckets 4 and 8) take the packed forward, smaller ones the fixed path, and
-    the tokens are generate's either way."""
+@pytest.mark.parametrize("limit", ["flops", "slots"])
+def test_buckets_past_the_budgets_run_eagerly(trained, monkeypatch, limit):
+    """A bucket whose dense experts would cost more than ``DENSE_FLOPS_BUDGET``, or that attends over more than
+    ``GRAPH_MAX_SLOTS``, runs its step eagerly; the tokens are generate's either way. Here a budget for 2 rows (steps
+    of 3 or more rows, buckets 4 and 8, take the packed forward), or for 32 slots (8 blocks of 4)."""
     prompts, lengths = _prompts(), [8, 14, 5, 10, 30]
     ref = [generate(trained, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
            for p, n in zip(prompts, lengths)]
@@ -95,12 +96,18 @@ def test_buckets_past_the_dense_budget_run_eagerly(trained, monkeypatch):
     per_row = eng.graphs.static.dense_flops_per_row
     assert per_row == sum(2 * 3 * e.n_local * e.w1.shape[1] * e.w1.shape[2] for e in trained.modules()
                           if isinstance(e, Experts))
-    monkeypatch.setattr("flyer.serve.graphs.DENSE_FLOPS_BUDGET", 2.5 * per_row)
-    rows = []
+    if limit == "flops":
+        monkeypatch.setattr("flyer.serve.graphs.DENSE_FLOPS_BUDGET", 2.5 * per_row)
+    else:
+        monkeypatch.setattr("flyer.serve.graphs.GRAPH_MAX_SLOTS", 32)
+    shapes = []
     run = eng.graphs.static.run
-    eng.graphs.static.run = lambda shape: rows.append(shape[0]) or run(shape)
+    eng.graphs.static.run = lambda shape: shapes.append(shape) or run(shape)
     assert _run(eng, prompts, lengths) == ref
-    assert rows and set(rows) <= {1, 2} and eng.metrics.fixed_steps.labels("eager")._value.get() == len(rows)
+    # rows, or slots, of the steps that ran fixed: up to the cap, where unlimited they reach 8 rows and 64 slots
+    sizes = [P if limit == "flops" else W * 4 for P, W in shapes]
+    assert sizes and max(sizes) == (2 if limit == "flops" else 32)
+    assert eng.metrics.fixed_steps.labels("eager")._value.get() == len(shapes)
 
 
 def softmax_bound(S: int) -> float:

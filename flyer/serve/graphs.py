@@ -55,6 +55,10 @@ def graphs_unsupported(dec: Decoder) -> str | None:
 # about a third of a millisecond of an H200's FP32 rate, what a few hundred launches cost the eager step (``small``:
 # 94 MFLOP a row). A bucket past it runs eagerly: a larger FP32 model (dsv2-lite: 29 GFLOP a row) is not launch-bound.
 DENSE_FLOPS_BUDGET = 20e9
+# slots a captured step attends over at most: past them a step's attention is bandwidth-bound work (a millisecond or
+# more for a batch), no longer launch-bound, and the graphs' pool would keep its gathered latents (V3 in BF16, 64 rows
+# of 8,192 slots: 604 MB) from the rest of the serving
+GRAPH_MAX_SLOTS = 8192
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -134,14 +138,15 @@ class DecodeGraphs:
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Hidden states (B, 1, D) and FP32 logits (B, V) of one decode step of these B rows (each its next token,
         its position and its block table); views of the static outputs, valid until the next step. None once a
-        capture has failed, or where the step's dense experts pass ``DENSE_FLOPS_BUDGET`` (the caller runs the step
-        eagerly)."""
+        capture has failed, or where the step's dense experts pass ``DENSE_FLOPS_BUDGET`` or its slots
+        ``GRAPH_MAX_SLOTS`` (the caller runs the step eagerly)."""
         if self.failed is not None:
             return None
         B = len(tokens)
         shape = self.static.buckets(B, max(positions) + 1)
-        if shape[0] * self.static.dense_flops_per_row > DENSE_FLOPS_BUDGET:
-            return None  # its dense experts would cost more than the launches a graph saves: eagerly
+        if shape[0] * self.static.dense_flops_per_row > DENSE_FLOPS_BUDGET or \
+                shape[1] * self.static.block_size > GRAPH_MAX_SLOTS:
+            return None  # dense experts or attention costing more than the launches a graph saves: eagerly
         self.static.fill(tokens, positions, tables, shape)
         if not self.capture:
             h, logits = self.static.run(shape)
