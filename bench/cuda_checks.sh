@@ -5,7 +5,10 @@
 # against transformers. Results go to $OUT (default runs/cuda-checks). Name checks to run only
 # those, in the order given (a short device lease):
 #
-#     bash bench/cuda_checks.sh [cuda-tests] [serve] [suite] [fp8] [train] [model-step] [throughput]
+#     bash bench/cuda_checks.sh [cuda-tests] [graphs] [serve] [suite] [fp8] [train] [model-step] [throughput]
+#
+# graphs: the CUDA-graph tests, then the engine's decode steps (small, 1 and 16 requests at 128 tokens of context)
+# replayed from graphs against eager, side by side (JSON).
 #
 # PYTHON=python3 by default; flyer importable.
 set -u
@@ -20,10 +23,15 @@ step device
 nvidia-smi -L
 $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 
-for check in "${@:-cuda-tests serve suite fp8 train model-step throughput}"; do for c in $check; do
+for check in "${@:-cuda-tests graphs serve suite fp8 train model-step throughput}"; do for c in $check; do
   step "$c"
   case $c in
     cuda-tests) timeout 150 $py -m pytest -q -ra -p no:cacheprovider -m cuda 2>&1 | tee "$out/pytest-cuda.log" | tail -15 ;;
+    graphs)
+      timeout 120 $py -m pytest -q -ra -p no:cacheprovider -m cuda tests/test_serve_graphs.py 2>&1 | tail -5
+      timeout 150 $py -c "import sys, torch; sys.path.insert(0, 'bench'); from _serve_engine import decode_steps; \
+from flyer.config import preset; from flyer.model.transformer import Transformer; torch.manual_seed(0); \
+print(decode_steps(Transformer(preset('small')).cuda().eval(), (1, 16), 128))" | tee "$out/graphs.json" ;;
     # --no-peer-serve: the peer is transformers' batched generate, which fits the lease; transformers 5.25's
     # server (bench/serve.py's peer by default) serves DeepseekV3's MLA too, at the cost of its own start-up
     serve) timeout 200 $py bench/serve.py --device cuda --no-peer-serve | tee "$out/serve.json" ;;
@@ -35,7 +43,7 @@ for check in "${@:-cuda-tests serve suite fp8 train model-step throughput}"; do 
     model-step) timeout 90 $py bench/model_step.py --device cuda --batch-size 32 --seq-len 512 | tee "$out/model_step.json" ;;
     throughput) timeout 150 $py bench/train_throughput.py --device cuda --batch-size 32 --seq-len 512 \
       | tee "$out/train_throughput.json" ;;
-    *) echo "unknown check '$c' (cuda-tests, serve, suite, fp8, train, model-step, throughput)"; exit 2 ;;
+    *) echo "unknown check '$c' (cuda-tests, graphs, serve, suite, fp8, train, model-step, throughput)"; exit 2 ;;
   esac
 done; done
 step done
