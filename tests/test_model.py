@@ -254,11 +254,18 @@ def test_auto_experts_serve_an_fp32_model_through_fp32_grouped_mm(monkeypatch, p
     assert calls == [{"fp32": True}] and y.dtype == torch.float32
     rows = x.split(counts.tolist())
     a = torch.cat([experts_module.swiglu(r @ w1.T, r @ w3.T) for r, w1, w3 in zip(rows, ex.w1, ex.w3)])
-    # a's elements, vectorised or not by their layout, agree to a few ulps (exp within one ulp, then three rounded
-    # operations on either side): eight more roundings per term cover them
-    for ys, a_e, w2 in zip(y.split(counts.tolist()), a.split(counts.tolist()), ex.w2):
-        assert_fp32_gemm(ys, a_e, w2.detach().T, extra_roundings=8)
+
+    def check(y):
+        # a's elements, vectorised or not by their layout, agree to a few ulps (exp within one ulp, then three
+        # rounded operations on either side): eight more roundings per term cover them
+        for ys, a_e, w2 in zip(y.split(counts.tolist()), a.split(counts.tolist()), ex.w2):
+            assert_fp32_gemm(ys, a_e, w2.detach().T, extra_roundings=8)
+    check(y)
     assert ex(x.requires_grad_(), counts).requires_grad and len(calls) == 1  # training: the fused FP32 path
+    monkeypatch.setattr(experts_module, "fp32_grouped_mm", lambda device: False)  # a torch without the FP32 fallback
+    with torch.no_grad():
+        check(ex(x, counts))
+    assert len(calls) == 1
 
 
 def test_moe_path_is_chosen_from_the_dispatcher_and_the_experts():

@@ -22,6 +22,7 @@ the unclamped ops, unchanged.
 
 from __future__ import annotations
 
+import functools
 from itertools import accumulate
 from typing import Callable, NamedTuple
 
@@ -91,6 +92,17 @@ def expert_ffn_grouped_mm(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: to
     h1 = torch._grouped_mm(x, w1_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
     h3 = torch._grouped_mm(x, w3_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
     return torch._grouped_mm(swiglu(h1, h3, swiglu_limit), w2_EDF.to(torch.bfloat16).transpose(-2, -1), offs=offs)
+
+
+@functools.cache
+def fp32_grouped_mm(device: torch.device) -> bool:
+    """Whether this torch runs ``torch._grouped_mm`` in FP32 on ``device`` (its per-group fallback, since 2.9; older
+    versions take BF16 only): tried once per device, on two groups of one row."""
+    try:
+        x, w = torch.ones(2, 16, device=device), torch.ones(2, 16, 8, device=device)
+        return torch._grouped_mm(x, w, offs=torch.tensor([1, 2], dtype=torch.int32, device=device)).dtype == x.dtype
+    except (RuntimeError, AttributeError):
+        return False
 
 
 class PaddedLayout(NamedTuple):
@@ -444,7 +456,8 @@ class Experts(nn.Module):
         if self.grouped_bf16(dtype):
             return expert_ffn_grouped_mm(x_ND, counts_E, w1, w2, w3, self.swiglu_limit).to(x_ND.dtype)
         if self.impl == "grouped_mm" and dtype == torch.float32 and all(w.dtype == dtype for w in (w1, w2, w3)) \
-                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w1, w2, w3))):
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w1, w2, w3))) \
+                and fp32_grouped_mm(x_ND.device):
             return expert_ffn_grouped_mm(x_ND, counts_E, w1, w2, w3, self.swiglu_limit, fp32=True)
         return expert_ffn_fused(x_ND, counts_E, w1, w2, w3, row_multiple=self.row_multiple(x_ND, dtype),
                                 dtype=dtype, swiglu_limit=self.swiglu_limit)
