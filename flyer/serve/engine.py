@@ -20,7 +20,8 @@ during the step. Each scheduler step:
    tokens (chunks of one or more prompts), so a long prompt advances a chunk per step while the
    others keep decoding (more during a burst: ``prefill_budget``). Both kinds of rows go through
    the model together (``Decoder.forward_groups``): the routed experts' weights, most of the bytes
-   a step reads, are read once for both;
+   a step reads, are read once for both. On a GPU a decode-only step (no prompt chunk, no drafts) runs in
+   fixed shapes, replayed from a CUDA graph (``flyer.serve.graphs``, ``EngineConfig.cuda_graphs``);
 5. samples each request's next token with its own options (greedy, temperature / top-p with its
    own seeded generator; with a grammar, among the tokens it allows: ``flyer.serve.grammar``, after the
    reasoning end marker for a request that reasons first) and hands it to the request's ``emit``; finished
