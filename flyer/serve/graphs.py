@@ -76,24 +76,22 @@ class StaticDecode:
         if reason is not None:
             raise ValueError(f"fixed-shape decoding: {reason}")
         self.dec, self.cache = dec, cache
-        self.block_size = cache.block_size
-        self.max_batch, self.max_blocks = max_batch, max_blocks
-        device = dec.model.embed.weight.device
+        self.block_size, self.max_blocks = cache.block_size, max_blocks
+        self.batch_buckets = batch_buckets(max_batch)
+        device, dtype = dec.model.embed.weight.device, dec.model.embed.weight.dtype
+        self.dense_flops_per_row = sum(m.dense_flops_per_token(dtype) for m in dec.model.modules()
+                                       if isinstance(m, Experts))
         # per row: [token, position, block ids...], filled with one copy a step
         self.inputs = torch.zeros(max_batch, 2 + max_blocks, dtype=torch.long, device=device)
         self._host = torch.zeros_like(self.inputs, device="cpu", pin_memory=device.type == "cuda")
         # the outputs, one pair for every shape: a graph copies its own into them, so that what it allocates
         # is free for the next capture in the shared pool (a V3 vocabulary's logits of 64 rows: 33 MB a graph)
-        dtype = dec.model.embed.weight.dtype
-        self.dense_flops_per_row = sum(m.dense_flops_per_token(dtype) for m in dec.model.modules()
-                                       if isinstance(m, Experts))
-        cfg = dec.cfg
-        self.hidden = torch.zeros(max_batch, 1, cfg.dim, dtype=dec.model.embed.weight.dtype, device=device)
-        self.logits = torch.zeros(max_batch, cfg.vocab_size, device=device)
+        self.hidden = torch.zeros(max_batch, 1, dec.cfg.dim, dtype=dtype, device=device)
+        self.logits = torch.zeros(max_batch, dec.cfg.vocab_size, device=device)
 
     def buckets(self, batch: int, n_slots: int) -> tuple[int, int]:
         """(rows, blocks a row) of the step for ``batch`` rows attending over ``n_slots`` slots."""
-        rows = next(b for b in batch_buckets(self.max_batch) if b >= batch)
+        rows = next(b for b in self.batch_buckets if b >= batch)
         blocks = min(1 << max(0, math.ceil(n_slots / self.block_size) - 1).bit_length(), self.max_blocks)
         return rows, blocks
 
@@ -129,7 +127,7 @@ class DecodeGraphs:
 
     def __init__(self, dec: Decoder, cache: PagedCache, max_batch: int, max_len: int, capture: bool):
         self.static = StaticDecode(dec, cache, max_batch, math.ceil(max_len / cache.block_size))
-        self.capture, self.max_batch = capture, max_batch
+        self.capture = capture
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.failed: str | None = None
@@ -160,7 +158,7 @@ class DecodeGraphs:
         return self.static.hidden[:B], self.static.logits[:B]
 
     def _capture(self, shape: tuple[int, int]):
-        """Record the step of ``shape`` on the inputs ``fill`` just set: warmed up once on a side stream (which also
+        """Record the step of ``shape`` on the inputs ``fill`` just set: warmed up on a side stream (which also
         computes this step: its cache writes are the replay's), then captured into the shared pool."""
         try:
             side = torch.cuda.Stream()
