@@ -4,8 +4,11 @@ On a GPU a small model's step is mostly host dispatch, one per top-level ATen op
 their count says how much of a GPU step the host takes. Counted here on the CPU with flyer's CPU kernels off (the
 eager code a GPU runs), with the routed experts as each device resolves them: ``fused`` (the CPU's: a GEMM per live
 expert and projection) and ``grouped_mm`` (CUDA's: ``torch._grouped_mm``, in FP32 for an FP32 model without
-gradients). Steps: ``decode`` (B requests, one token each, run eagerly: what a GPU runs when its CUDA graphs are off)
-and ``mixed`` (the same B plus a long prompt's first chunk, which always runs eagerly).
+gradients). Steps: ``decode`` (B requests, one token each) and ``mixed`` (the same B plus a long prompt's first chunk),
+run eagerly: what a GPU runs when its CUDA graphs are off, or where a step passes their budgets
+(``flyer.serve.graphs``). ``graphed``: the ops the host still issues for such a step replayed from a CUDA graph
+(filling the graph's inputs, the logits of the rows that need them, sampling), besides the one launch of the graph:
+counted with the fixed-shape step left out.
 
     python bench/serve_step_ops.py [--preset small] [--batch 16] [--prompt 600]
 """
@@ -46,6 +49,26 @@ def counts(model: Transformer, impl: str, batch: int, prompt: int) -> dict[str, 
     return {f"decode_ops_{impl}": decode, f"mixed_ops_{impl}": mixed}
 
 
+def graphed_counts(model: Transformer, batch: int, prompt: int) -> dict[str, int]:
+    """``counts``' steps in fixed shapes, the step itself replaced by what its graph's replay leaves (the static
+    hidden states): the host's ops around the replay."""
+    rng = random.Random(1)
+    eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 28, max_batch_size=batch + 1, cache_dtype=torch.float32,
+                                     cuda_graphs=True))
+    reqs = [eng.submit([rng.randrange(100) for _ in range(88)], SamplingOptions(max_tokens=8), lambda e: None)
+            for _ in range(batch)]
+    while any(r.generated == 0 for r in reqs):
+        eng.step()
+    static = eng.graphs.static
+    static.run = lambda shape: static.hidden[:shape[0]]
+    before = eng.metrics.fixed_steps.labels("eager")._value.get()
+    decode = step_ops(eng)
+    eng.submit([rng.randrange(100) for _ in range(prompt)], SamplingOptions(max_tokens=2), lambda e: None)
+    mixed = step_ops(eng)
+    assert eng.metrics.fixed_steps.labels("eager")._value.get() == before + 2  # both steps took the fixed path
+    return {"decode_ops_graphed": decode, "mixed_ops_graphed": mixed}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small")
@@ -57,6 +80,7 @@ def main() -> None:
     out = {"preset": args.preset, "batch": args.batch, "prompt": args.prompt}
     for impl in ("fused", "grouped_mm"):
         out.update(counts(model, impl, args.batch, args.prompt))
+    out.update(graphed_counts(model, args.batch, args.prompt))
     print(json.dumps(out))
 
 

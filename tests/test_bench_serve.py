@@ -117,12 +117,13 @@ def test_serve_bench_speculation_variants_catch_a_wrong_speculation(monkeypatch)
 
 
 def test_serve_step_ops_json():
-    """bench/serve_step_ops.py on ``tiny``: its keys, and CUDA's grouped FP32 experts issuing fewer ops than the CPU's
-    per-expert GEMMs in both kinds of step (each live expert costs the latter ops of its own)."""
+    """bench/serve_step_ops.py on ``tiny``: its keys, CUDA's grouped FP32 experts issuing fewer ops than the CPU's
+    per-expert GEMMs in both kinds of step (each live expert costs the latter ops of its own), and a step replayed
+    from a graph fewer still (the host's ops around the replay)."""
     out = subprocess.run([sys.executable, str(BENCH.with_name("serve_step_ops.py")), "--preset", "tiny", "--batch",
                           "4", "--prompt", "40"], capture_output=True, text=True, timeout=300, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
     r = json.loads(out)
     assert (r["preset"], r["batch"], r["prompt"]) == ("tiny", 4, 40)
     for step in ("decode", "mixed"):
-        assert 0 < r[f"{step}_ops_grouped_mm"] < r[f"{step}_ops_fused"]
+        assert 0 < r[f"{step}_ops_graphed"] < r[f"{step}_ops_grouped_mm"] < r[f"{step}_ops_fused"]

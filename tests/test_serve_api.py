@@ -379,7 +379,7 @@ def test_cli_serves_a_checkpoint_like_generate_and_drains_on_sigterm(tmp_path, c
     (["--preset", "tiny", "--port", "70000"], "--port: must be in"),
     (["--preset", "tiny", "--ckpt", "x"], "exactly one"),
     (["--preset", "tiny-v4", "--cuda-graphs", "on", "--block-size", "16", "--kv-cache-memory", "64M"],
-     "--cuda-graphs: this model cannot decode in fixed shapes: DeepSeek-V4's hybrid attention selects"),
+     "--cuda-graphs: this model cannot step in fixed shapes: DeepSeek-V4's hybrid attention selects"),
 ])
 def test_cli_user_errors_are_one_line(capsys, argv, msg):
     assert main(["serve", *argv]) == 2

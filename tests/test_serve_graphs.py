@@ -1,7 +1,7 @@
-"""Decode steps in fixed shapes (``flyer.serve.graphs``), what a CUDA graph captures: on the CPU they run eagerly, so
-their values are held here to the eager step's and to ``generate``, and a meta-device run shows that they read
-nothing back to the host (what a capture forbids); the capture itself needs a GPU (``bench/serve.py --device
-cuda`` reports whether its steps were captured)."""
+"""Serving steps in fixed shapes (``flyer.serve.graphs``), what a CUDA graph captures: token rows of decoding requests
+and prompt chunks. On the CPU they run eagerly, so their values are held here to the eager step's and to
+``generate``, and a meta-device run shows that they read nothing back to the host (what a capture forbids); the
+capture itself needs a GPU (``bench/serve.py --device cuda`` reports whether its steps were captured)."""
 
 import contextlib
 import copy
@@ -18,7 +18,7 @@ from flyer.model.experts import Experts
 from flyer.model.moe import MoE, fixed_shapes
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
-from flyer.serve.graphs import DecodeGraphs, StaticDecode, batch_buckets
+from flyer.serve.graphs import StaticStep, StepGraphs, row_buckets
 from flyer.serve.paged import NULL_BLOCK, make_paged_cache
 
 V = 64
@@ -47,36 +47,54 @@ def _prompts() -> list[list[int]]:
                                                                    (4, 1, 30))]
 
 
-def test_batch_buckets():
-    assert batch_buckets(1) == [1]
-    assert batch_buckets(3) == [1, 2, 3]
-    assert batch_buckets(12) == [1, 2, 4, 8, 12]
-    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+def test_row_buckets():
+    assert row_buckets(1) == [1]
+    assert row_buckets(3) == [1, 2, 3]
+    assert row_buckets(12) == [1, 2, 4, 8, 12]
+    assert row_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert row_buckets(320)[10:] == [64, 96, 128, 160, 192, 224, 256, 288, 320]  # beside a chunk of 256
+
+
+def _recording(eng: Engine) -> list[tuple[int, int]]:
+    """(rows, requests) of each step ``eng`` runs in fixed shapes."""
+    seen, step = [], eng.graphs.step
+
+    def record(rows, tables):
+        h = step(rows, tables)
+        if h is not None:
+            seen.append((len(rows), len(tables)))
+        return h
+    eng.graphs.step = record
+    return seen
 
 
 @pytest.mark.parametrize("spec", [False, True])
-def test_fixed_shape_decode_equals_generate_alone(trained, spec):
-    """Every decode-only step in fixed shapes (batches padded to 1, 2, 4, 8; attended slots to powers of two of
-    blocks), prefill and drafts eagerly: each request's greedy tokens are generate's on its prompt alone. With MTP
-    drafting only while one row decodes, plain steps of several rows alternate with drafting ones (their hidden
-    states kept for the MTP module's entries)."""
+def test_fixed_shape_steps_equal_generate_alone(trained, spec):
+    """Steps in fixed shapes (rows padded to 1, 2, 4, 8 or 14; attended slots to powers of two of blocks), prompts
+    in chunks of 6 tokens beside the decoding rows, drafts verified eagerly: each request's greedy tokens are
+    generate's on its prompt alone. With MTP drafting only while one row decodes, plain steps of several rows
+    alternate with drafting ones (the prompts' and plain steps' hidden states kept for the MTP module's entries)."""
     prompts, lengths = _prompts(), [8, 14, 5, 10, 30]  # the last one decodes alone at the end
     ref = [generate(trained, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
            for p, n in zip(prompts, lengths)]
     over = dict(speculative="mtp", speculative_max_batch=1) if spec else {}
-    eng = _engine(trained, max_batch_size=8, cuda_graphs=True, **over)
-    steps = []
-    run = eng.graphs.step
-    eng.graphs.step = lambda *a: steps.append(len(a[0])) or run(*a)
+    eng = _engine(trained, max_batch_size=8, prefill_chunk=6, cuda_graphs=True, **over)
+    forwards, forward = [], eng._forward
+    eng._forward = lambda *a: forwards.append(a) or forward(*a)
+    steps = _recording(eng)
     assert _run(eng, prompts, lengths) == ref
-    assert len(steps) > 10 and max(steps) == len(prompts)  # the fixed path ran, at the full batch too
+    assert len(steps) > 10 and max(n for _, n in steps) == len(prompts)  # the fixed path ran, at the full batch too
+    assert any(r > n for r, n in steps)  # with prompt chunks' rows
+    if not spec:  # every step but the first burst's prefill (its 5 prompts' 30 tokens pass the 14 rows)
+        assert len(steps) == len([a for a in forwards if a[0] or a[1]]) - 1
     assert eng.metrics.fixed_steps.labels("eager")._value.get() == len(steps)  # (no capture on the CPU)
     assert eng.alloc.used == 0
-    if spec:  # the MTP module's entries, written from plain steps' hidden states, are the eager steps' (in FP64, to
-        # the FP32 softmax's rounding: ``softmax_bound``)
+    if spec:  # the MTP module's entries, written from prompts' and plain steps' hidden states, are the eager steps'
+        # (in FP64, to the FP32 softmax's rounding: ``softmax_bound``)
         model64, pools = copy.deepcopy(trained).double(), []
         for graphs in (True, False):
-            eng = _engine(model64, max_batch_size=8, cuda_graphs=graphs, cache_dtype=torch.float64, **over)
+            eng = _engine(model64, max_batch_size=8, prefill_chunk=6, cuda_graphs=graphs, cache_dtype=torch.float64,
+                          **over)
             assert _run(eng, prompts, lengths) == ref
             pools.append(eng.mtp_cache.pool.packed[:, 1:])  # (the null block: padding's)
         S = 64  # the last request's 60 positions, padded
@@ -84,11 +102,51 @@ def test_fixed_shape_decode_equals_generate_alone(trained, spec):
         assert eng.accepted > 0 and d.max() <= softmax_bound(S) * pools[1].abs().max()
 
 
-@pytest.mark.parametrize("limit", ["flops", "slots"])
+def test_fixed_shape_prompt_scores_equal_the_eager_ones(trained):
+    """A prompt's log-probabilities (``prompt_logprobs``: echo) from the prompt rows of fixed-shape steps, in chunks
+    beside other requests' decoding rows, are the packed forward's (FP64 model, the FP32 softmax's bound as above,
+    passed on through the log-softmax: within a few times it of the logits' scale)."""
+    model64 = copy.deepcopy(trained).double()
+    prompts = _prompts()
+    got = []
+    for graphs in (True, False):
+        eng = _engine(model64, max_batch_size=8, prefill_chunk=6, cuda_graphs=graphs, cache_dtype=torch.float64)
+        events = [[] for _ in prompts]
+        for i, p in enumerate(prompts):
+            eng.submit(p, SamplingOptions(max_tokens=3, prompt_logprobs=True, logprobs=2),
+                       lambda e, i=i: events[i].append(e))
+        eng.run_until_idle()
+        got.append([[lp for lp, _ in ev[0].prompt_logprobs[1:]] for ev in events])
+    assert [len(x) for x in got[0]] == [len(p) - 1 for p in prompts]
+    flat = [torch.tensor(sum(g, [])) for g in got]
+    assert (flat[0] - flat[1]).abs().max() <= 4 * softmax_bound(32) * flat[1].abs().max()
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_a_recomputed_shared_position_is_not_written(trained, graphs):
+    """Under speculation a request that shares a prefix recomputes its last shared position (for the hidden state
+    its MTP entry needs) without writing into the shared block: here that slot's entries are marked first, and the
+    second request leaves them as they are, in fixed shapes as in the packed forward."""
+    p1 = [(3 + 2 * i) % V for i in range(13)]
+    eng = _engine(trained, max_batch_size=4, speculative="mtp", cuda_graphs=graphs)
+    _run(eng, [p1], [4])
+    r = eng.submit(p1[:9] + [5, 6, 7], SamplingOptions(max_tokens=4), lambda e: None)
+    eng.admit()
+    pos = r.n_shared - 1
+    assert r.n_cached == pos == 7  # two shared blocks of 4, the last position recomputed
+    block = r.blocks[pos // 4]
+    eng.cache.pool.packed[:, block, pos % 4] += 1.0  # (layers, entry)
+    marked = eng.cache.pool.packed[:, block].clone()
+    eng.run_until_idle()
+    assert torch.equal(eng.cache.pool.packed[:, block], marked)
+
+
+@pytest.mark.parametrize("limit", ["flops", "slots", "row_slots"])
 def test_buckets_past_the_budgets_run_eagerly(trained, monkeypatch, limit):
-    """A bucket whose dense experts would cost more than ``DENSE_FLOPS_BUDGET``, or that attends over more than
-    ``GRAPH_MAX_SLOTS``, runs its step eagerly; the tokens are generate's either way. Here a budget for 2 rows (steps
-    of 3 or more rows, buckets 4 and 8, take the packed forward), or for 32 slots (8 blocks of 4)."""
+    """A bucket whose dense experts would cost more than ``DENSE_FLOPS_BUDGET``, that attends over more than
+    ``GRAPH_MAX_SLOTS`` a row or ``GRAPH_MAX_ROW_SLOTS`` in all runs its step eagerly; the tokens are generate's
+    either way. Here a budget for 2 rows (steps of 3 or more rows, buckets 4 and 8, take the packed forward), for 32
+    slots a row (8 blocks of 4), or for 64 (row, slot) pairs."""
     prompts, lengths = _prompts(), [8, 14, 5, 10, 30]
     ref = [generate(trained, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
            for p, n in zip(prompts, lengths)]
@@ -96,17 +154,17 @@ def test_buckets_past_the_budgets_run_eagerly(trained, monkeypatch, limit):
     per_row = eng.graphs.static.dense_flops_per_row
     assert per_row == sum(2 * 3 * e.n_local * e.w1.shape[1] * e.w1.shape[2] for e in trained.modules()
                           if isinstance(e, Experts))
-    if limit == "flops":
-        monkeypatch.setattr("flyer.serve.graphs.DENSE_FLOPS_BUDGET", 2.5 * per_row)
-    else:
-        monkeypatch.setattr("flyer.serve.graphs.GRAPH_MAX_SLOTS", 32)
+    patch, cap = {"flops": ("DENSE_FLOPS_BUDGET", 2.5 * per_row), "slots": ("GRAPH_MAX_SLOTS", 32),
+                  "row_slots": ("GRAPH_MAX_ROW_SLOTS", 64)}[limit]
+    monkeypatch.setattr(f"flyer.serve.graphs.{patch}", cap)
     shapes = []
     run = eng.graphs.static.run
     eng.graphs.static.run = lambda shape: shapes.append(shape) or run(shape)
     assert _run(eng, prompts, lengths) == ref
-    # rows, or slots, of the steps that ran fixed: up to the cap, where unlimited they reach 8 rows and 64 slots
-    sizes = [P if limit == "flops" else W * 4 for P, W in shapes]
-    assert sizes and max(sizes) == (2 if limit == "flops" else 32)
+    # rows, slots, or their product, of the steps that ran fixed: up to the cap, where unlimited they reach 8 rows
+    # and 64 slots
+    sizes = [{"flops": P, "slots": W * 4, "row_slots": P * W * 4}[limit] for P, W in shapes]
+    assert sizes and max(sizes) == (2 if limit == "flops" else cap)
     assert eng.metrics.fixed_steps.labels("eager")._value.get() == len(shapes)
 
 
@@ -121,9 +179,12 @@ def softmax_bound(S: int) -> float:
 
 @pytest.mark.parametrize("attn", ["mla", "gqa"])
 def test_padding_rows_write_the_null_block_only(trained, attn):
-    """A step of 3 rows in the batch bucket of 4 and 8 blocks of slots: the pool changes at the real rows' slots and
-    in the null block, nowhere else, and the hidden states and written entries equal the eager step's (FP64,
-    ``softmax_bound``). The trained MLA model; a random GQA one (per-head keys and values paged the same way)."""
+    """A step of 3 decoding rows and a prompt's chunk of 6 tokens (positions 3 to 8, its first 3 cached: the pool's
+    stale entries; position 3 in a shared block, recomputed and not written), the chunk's rows in reverse order: 9
+    rows in the bucket of 16 and 8 blocks of slots. The pool changes at the real rows' slots (position 3's in the
+    null block) and in the null block, nowhere else, and the hidden states and written entries equal the eager
+    packed forward's over the two groups (FP64, ``softmax_bound``). The trained MLA model; a random GQA one
+    (per-head keys and values paged the same way)."""
     torch.manual_seed(1)
     model = copy.deepcopy(trained) if attn == "mla" else Transformer(preset("tiny", vocab_size=V, **GQA)).eval()
     model, cfg = model.double(), model.cfg
@@ -132,26 +193,33 @@ def test_padding_rows_write_the_null_block_only(trained, attn):
     for t in pool.values():
         t.normal_()  # stale entries everywhere: masked reads of them must not matter
     dec = Decoder(model, 1, cfg.max_seq_len, cache=cache)
-    static = StaticDecode(dec, cache, 8, cfg.max_seq_len // 4)
-    tokens, positions, tables = [5, 9, 2], [6, 29, 0], [[3, 4], [10, 11, 12, 13, 14, 15, 16, 17], [20]]
-    shape = static.buckets(3, max(positions) + 1)
-    assert shape == (4, 8)
+    static = StaticStep(dec, cache, 8, 16, cfg.max_seq_len // 4)
+    tokens, positions = [5, 9, 2], [6, 29, 0]
+    tables = [[3, 4], [10, 11, 12, 13, 14, 15, 16, 17], [20], [30, 31, 32]]
+    chunk = [7, 1, 8, 2, 8, 1]  # the prompt's tokens at positions 3..8, written from 4 on
+    rows = [(t, p, i, 0) for i, (t, p) in enumerate(zip(tokens, positions))]
+    rows += [(t, 3 + j, 3, 4) for j, t in reversed(list(enumerate(chunk)))]
+    shape = static.buckets(len(rows), max(positions) + 1)
+    assert shape == (16, 8)
     before = {k: t.clone() for k, t in pool.items()}
-    static.fill(tokens, positions, tables, shape)
-    h, _ = static.run(shape)
+    static.fill(rows, tables, shape)
+    h = static.run(shape)
     changed = sum((t != before[k]).flatten(3).any(-1).any(0) for k, t in pool.items()).bool()  # (blocks, slots)
     written = torch.zeros_like(changed)
-    written[NULL_BLOCK, 0] = True  # the padding row: position 0
-    for p, t in zip(positions, tables):
-        written[t[p // 4], p % 4] = True
+    written[NULL_BLOCK, 0] = True  # the padding rows: position 0
+    for _, p, i, first in rows:
+        written[tables[i][p // 4] if p >= first else NULL_BLOCK, p % 4] = True
     assert changed[written].all() and not changed[~written].any()
     after = {k: t.clone() for k, t in pool.items()}
     for k, t in pool.items():
         t.copy_(before[k])
     tables_t = torch.tensor([t + [NULL_BLOCK] * (8 - len(t)) for t in tables])
-    eager = dec.forward_groups([Group(torch.tensor(tokens).view(3, 1), torch.tensor(positions),
-                                      None, cache.view(tables_t))])[0]
-    pairs = [(h[:3], eager)] + [(after[k][:, 1:], t[:, 1:]) for k, t in pool.items()]  # (the null block: padding's)
+    eager = dec.forward_groups([Group(torch.tensor(tokens).view(3, 1), torch.tensor(positions), None,
+                                      cache.view(tables_t[:3])),
+                                Group(torch.tensor([chunk]), torch.tensor([3]), None,
+                                      cache.view(tables_t[3:], torch.tensor([4])))])
+    pairs = [(h[:3], eager[0]), (h[3:9].flip(0).view(1, 6, -1), eager[1])]
+    pairs += [(after[k][:, 1:], t[:, 1:]) for k, t in pool.items()]  # (the null block: padding's)
     for got, want in pairs:
         assert (got - want).abs().max() <= softmax_bound(32) * want.abs().max()
 
@@ -206,12 +274,13 @@ def test_fixed_shape_step_reads_nothing_back(attn, dtype, impl):
         model = Transformer(cfg, experts_impl=impl).eval().to(dtype)
     cache = make_paged_cache(cfg, cfg.n_layers, 64, 4, dtype, "meta")
     dec = Decoder(model, 1, cfg.max_seq_len, cache=cache)
-    static = StaticDecode(dec, cache, 8, cfg.max_seq_len // 4)
-    shape = static.buckets(3, 40)
-    static.fill([1, 2, 3], [10, 39, 5], [[1, 2, 3], list(range(4, 14)), [14, 15]], shape)
+    static = StaticStep(dec, cache, 8, 16, cfg.max_seq_len // 4)
+    rows = [(1, 10, 0, 0), (2, 39, 1, 0), (3, 5, 2, 0), *[(4, p, 3, 9) for p in range(8, 12)]]  # and a prompt's
+    shape = static.buckets(len(rows), 40)
+    static.fill(rows, [[1, 2, 3], list(range(4, 14)), [14, 15], [16, 17, 18]], shape)
     with _meta_autocast():
-        h, logits = static.run(shape)
-        assert h.shape == (4, 1, cfg.dim) and logits.shape == (4, cfg.vocab_size)
+        h = static.run(shape)
+        assert h.shape == (8, 1, cfg.dim)
         tables = torch.zeros(3, 16, dtype=torch.long, device="meta")
         group = Group(torch.zeros(3, 1, dtype=torch.long, device="meta"), torch.zeros(3, dtype=torch.long,
                                                                                       device="meta"), None,
@@ -233,7 +302,8 @@ def test_a_failed_capture_leaves_the_eager_step(trained, capsys):
     prompts = _prompts()[:3]
     ref = _run(_engine(trained, cuda_graphs=False), prompts, [6] * 3)
     eng = _engine(trained, cuda_graphs=True)
-    eng.graphs = DecodeGraphs(eng.dec, eng.cache, eng.cfg.max_batch_size, trained.cfg.max_seq_len, capture=True)
+    eng.graphs = StepGraphs(eng.dec, eng.cache, eng.cfg.max_batch_size, eng.cfg.max_batch_size + eng.cfg.prefill_chunk,
+                            trained.cfg.max_seq_len, capture=True)
     assert _run(eng, prompts, [6] * 3) == ref
     assert eng.graphs.failed is not None and not eng.graphs.graphs
     assert capsys.readouterr().err.count("CUDA graphs off") == 1
@@ -246,14 +316,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("spec", [False, True])
 def test_cuda_graphs_replay_the_eager_steps(trained, spec):
-    """On a GPU: decode steps captured (one graph per bucket used) and replayed give each request generate's greedy
-    tokens on its prompt alone, as the eager steps do, with and without MTP drafts between them."""
+    """On a GPU: steps captured (one graph per bucket used) and replayed give each request generate's greedy tokens on
+    its prompt alone, as the eager steps do, prompts in chunks beside decoding rows, with and without MTP drafts
+    between them."""
     model = copy.deepcopy(trained).cuda()
     prompts, lengths = _prompts(), [8, 14, 5, 10, 30]
     ref = [generate(model, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
            for p, n in zip(prompts, lengths)]
     over = dict(speculative="mtp", speculative_max_batch=1) if spec else {}
-    eng = _engine(model, max_batch_size=8, **over)  # auto: graphs on CUDA
+    eng = _engine(model, max_batch_size=8, prefill_chunk=6, **over)  # auto: graphs on CUDA
     assert _run(eng, prompts, lengths) == ref
     assert eng.graphs.failed is None and len(eng.graphs.graphs) >= 4  # batches of 8, 4, 2 and 1 at least
     assert eng.metrics.fixed_steps.labels("cuda_graph")._value.get() > 10

@@ -20,8 +20,9 @@ during the step. Each scheduler step:
    tokens (chunks of one or more prompts), so a long prompt advances a chunk per step while the
    others keep decoding (more during a burst: ``prefill_budget``). Both kinds of rows go through
    the model together (``Decoder.forward_groups``): the routed experts' weights, most of the bytes
-   a step reads, are read once for both. On a GPU a decode-only step (no prompt chunk, no drafts) runs in
-   fixed shapes, replayed from a CUDA graph (``flyer.serve.graphs``, ``EngineConfig.cuda_graphs``);
+   a step reads, are read once for both. On a GPU a step without drafts runs in fixed shapes, a token row
+   per decoding request and per prompt token, replayed from a CUDA graph (``flyer.serve.graphs``,
+   ``EngineConfig.cuda_graphs``);
 5. samples each request's next token with its own options (greedy, temperature / top-p with its
    own seeded generator; with a grammar, among the tokens it allows: ``flyer.serve.grammar``, after the
    reasoning end marker for a request that reasons first) and hands it to the request's ``emit``; finished
@@ -69,7 +70,7 @@ from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
 from flyer.serve.disk_tier import DiskTier
 from flyer.serve.grammar import GrammarMasks
-from flyer.serve.graphs import DecodeGraphs, graphs_unsupported
+from flyer.serve.graphs import StepGraphs, graphs_unsupported, token_rows
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
 from flyer.serve.paged_hybrid import BoundarySnapshots, SlotAllocator, make_mtp_hybrid_cache, make_paged_hybrid_cache
@@ -132,7 +133,7 @@ class Engine:
             if cfg.prefix_cache is not None and self.sharing else None
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
         self.device = device
-        self.graphs = self._decode_graphs(cfg.cuda_graphs, device)
+        self.graphs = self._step_graphs(cfg.cuda_graphs, device)
         self.speculator = MtpSpeculator(self.dec, self.mtp_cache, cfg.draft_tokens, self._tables, self.metrics,
                                         device, self.cache if self.hybrid else None, cfg.speculative_max_batch,
                                         cfg.block_size) if self.spec else None
@@ -200,18 +201,20 @@ class Engine:
         """MTP drafts kept so far."""
         return self.speculator.accepted if self.spec else 0
 
-    def _decode_graphs(self, wanted: bool | None, device: torch.device) -> DecodeGraphs | None:
-        """Where decode-only steps run in fixed shapes (``EngineConfig.cuda_graphs``): captured in CUDA graphs on a
-        GPU, eagerly elsewhere; None: eagerly in the packed forward, as every other step."""
+    def _step_graphs(self, wanted: bool | None, device: torch.device) -> StepGraphs | None:
+        """Where steps run in fixed shapes (``EngineConfig.cuda_graphs``): captured in CUDA graphs on a GPU, eagerly
+        elsewhere; None: eagerly in the packed forward. A step's rows: its decoding requests and the tokens of
+        ``prefill_chunk`` (what a step prefills but in a burst, ``prefill_budget``)."""
         if wanted is False or (wanted is None and device.type != "cuda"):
             return None
         reason = graphs_unsupported(self.dec)
         if reason is not None:
             if wanted:
-                raise FieldError("cuda_graphs", f"this model cannot decode in fixed shapes: {reason}")
+                raise FieldError("cuda_graphs", f"this model cannot step in fixed shapes: {reason}")
             return None
-        return DecodeGraphs(self.dec, self.cache, self.cfg.max_batch_size, self.model.cfg.max_seq_len,
-                            capture=device.type == "cuda")
+        cfg = self.cfg
+        return StepGraphs(self.dec, self.cache, cfg.max_batch_size, cfg.max_batch_size + cfg.prefill_chunk,
+                          self.model.cfg.max_seq_len, capture=device.type == "cuda")
 
     def safe_step(self) -> None:
         """``step``; a failure (a bug) is printed and ends every request with "error" instead of
@@ -393,25 +396,17 @@ class Engine:
         plain = [r for r, k in zip(decoding, ks) if k == 0]
         drafting = [(r, k) for r, k in zip(decoding, ks) if k > 0]
         drafted = self.speculator.draft(*zip(*drafting)) if drafting else []
-        batches = []
-        if plain:
-            batches.append((plain, [[r.tokens[-1]] for r in plain]))
-        for rows, _, drafts, *_ in drafted:  # one group per draft count: verified without padding
-            batches.append((rows, [[r.tokens[-1], *d] for r, d in zip(rows, drafts)]))
-        if prefilling:
-            batches.append((prefilling, [r.tokens[r.n_cached:r.n_cached + n] for r, n in zip(prefilling, lens)]))
-        if not batches:
+        if not (plain or drafted or prefilling):
             return
-        fixed = None
-        if self.graphs is not None and len(batches) == 1 and plain:  # a decode-only step
-            fixed = self.graphs.step([r.tokens[-1] for r in plain], [r.n_cached for r in plain],
-                                     [r.blocks for r in plain])
-        if fixed is not None:  # static outputs, overwritten next step: what outlives the step is copied (h_prev)
-            self.metrics.fixed_steps.labels("cuda_graph" if self.graphs.capture else "eager").inc()
-            self.metrics.cuda_graphs.set(len(self.graphs.graphs))
-            (h_plain, logits), h_drafts, h_pre, ending = fixed, [], None, []
-            h_plain = h_plain.clone() if self.spec else h_plain
+        fixed = self._fixed_step(plain, prefilling, lens) if self.graphs is not None and not drafted else None
+        if fixed is not None:
+            (h_plain, logits, h_pre, ending), h_drafts = fixed, []
         else:
+            batches = [(plain, [[r.tokens[-1]] for r in plain])] if plain else []
+            for rows, _, drafts, *_ in drafted:  # one group per draft count: verified without padding
+                batches.append((rows, [[r.tokens[-1], *d] for r, d in zip(rows, drafts)]))
+            if prefilling:
+                batches.append((prefilling, [r.tokens[r.n_cached:r.n_cached + n] for r, n in zip(prefilling, lens)]))
             hs = self.dec.forward_groups([self._group(rows, chunks) for rows, chunks in batches])
             h_plain = hs.pop(0) if plain else None
             h_drafts = [hs.pop(0) for _ in drafted]
@@ -444,6 +439,28 @@ class Engine:
         if prefilling:
             self._after_prefill(prefilling, lens, h_pre, dict(zip(ending, range(done, done + len(ending)))),
                                 logits, greedy)
+
+    def _fixed_step(self, plain: list[Request], prefilling: list[Request], lens: list[int]
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[int]] | None:
+        """``_forward``'s pass in fixed shapes (``flyer.serve.graphs``, its rows ``token_rows``). Returns the plain
+        rows' hidden states (B, 1, D; a view of the static output, copied under speculation, whose ``h_prev``
+        outlives the step), the logits, the prompts' hidden states (n, T, D) where something reads them
+        (speculation, prompt scores; else None) and the ending prompts (indices into ``prefilling``); None where the
+        step runs eagerly (``StepGraphs.step``)."""
+        rows, at, ending = token_rows(plain, prefilling, lens)
+        h = self.graphs.step(rows, [r.blocks for r in plain + prefilling])
+        if h is None:
+            return None
+        B, n_logits = len(plain), len(plain) + len(ending)
+        self.metrics.fixed_steps.labels("cuda_graph" if self.graphs.capture else "eager").inc()
+        self.metrics.cuda_graphs.set(len(self.graphs.graphs))
+        logits = self.dec.logits(h[:n_logits, 0]) if n_logits else None
+        h_pre = None
+        if prefilling and (self.spec or any(r.prompt_lp is not None for r in prefilling)):
+            T = max(lens)
+            index = torch.tensor([a + a[-1:] * (T - len(a)) for a in at], device=self.device)  # padding: the last
+            h_pre = h[:, 0].index_select(0, index.view(-1)).view(len(prefilling), T, -1)
+        return (h[:B].clone() if self.spec else h[:B]) if plain else None, logits, h_pre, ending
 
     @staticmethod
     def _adjust(logits: torch.Tensor, plain: list[Request], drafted: list[Drafted], ending: list[Request]) -> None:

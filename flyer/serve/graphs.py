@@ -1,22 +1,29 @@
-"""Decode steps replayed from CUDA graphs (``flyer serve`` on a GPU).
+"""Serving steps replayed from CUDA graphs (``flyer serve`` on a GPU).
 
-On a GPU a small model's decode step is host work: an H200 took 13.1 ms for a `small` step of one request and
+On a GPU a small model's step is host work: an H200 took 13.1 ms for a `small` decode step of one request and
 13.4 ms for sixteen (docs/performance.md), the Python and kernel launches of about a thousand ATen ops, between
-which the GPU idles. A CUDA graph records a step's kernels once and launches them all again with one call. It
-fixes shapes and addresses, so the step a graph holds (``StaticDecode``):
+which the GPU idles; a step that also takes a prompt's chunk issues more of them. A CUDA graph records a step's
+kernels once and launches them all again with one call. It fixes shapes and addresses, so the step a graph holds
+(``StaticStep``) is a list of token rows, each a token at its position attending through its request's block table
+over the slots up to it:
 
-- has its batch padded to a bucket (``batch_buckets``): a padding row feeds token 0 at position 0 through a block
-  table of null blocks, so it writes into the null block only and attends to the one slot it wrote;
-- attends over a bucket of slots (a power of two of blocks), the slots past each row's position masked as ever;
-- reads nothing back to the host: the slots' bound comes from the host (``Decoder.decode_rows``), and every MoE
+- a decoding request is one row; a prompt's chunk is a row per token, all on the prompt's table. Each layer writes
+  every row's entry before any row reads, so a prompt token sees the chunk's earlier tokens as the packed forward's
+  causal mask lets it. A row below its request's first position to write (a position recomputed in a shared block,
+  ``PagedCache.view``'s ``write_from``) writes into the null block instead;
+- the rows are padded to a bucket (``row_buckets``): a padding row feeds token 0 at position 0 through a table of
+  null blocks, so it writes into the null block only and attends to the one slot it wrote;
+- every row attends over a bucket of slots (a power of two of blocks), the slots past its position masked as ever;
+- nothing is read back to the host: the slots' bound comes from the host (``Decoder.decode_rows``), and every MoE
   routes with fixed shapes (``flyer.model.moe.fixed_shapes``);
-- reads its inputs from static buffers, which the host fills with one copy a step, and leaves its outputs (hidden
-  states and logits) in static buffers too, which the next step overwrites.
+- the inputs are read from static buffers, which the host fills with two copies a step, and the hidden states are
+  left in a static buffer too, which the next step overwrites; the caller takes logits of the rows it needs.
 
-``DecodeGraphs`` captures a graph per (batch bucket, slot bucket) the first time a step needs it, all in one memory
-pool, and replays it. The engine runs its decode-only steps there (``EngineConfig.cuda_graphs``) and every other
-step (prefill chunks, drafts) eagerly. Without ``capture`` (the CPU; the tests) the same static step runs eagerly:
-the tests hold its values to the eager step's, and run it on the meta device, where reading a value back fails.
+``StepGraphs`` captures a graph per (row bucket, slot bucket) the first time a step needs it, all in one memory
+pool, and replays it. The engine runs its steps there (``EngineConfig.cuda_graphs``), except those that verify MTP
+drafts, and those past the budgets below, which run eagerly in the packed forward. Without ``capture`` (the CPU;
+the tests) the same static step runs eagerly: the tests hold its values to the eager step's, and run it on the meta
+device, where reading a value back fails.
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ from flyer.infer.decoder import Decoder
 from flyer.model.experts import Experts
 from flyer.model.moe import MoE, fixed_shapes
 from flyer.serve.paged import NULL_BLOCK, PagedCache
+from flyer.serve.request import Request
 
 
 def graphs_unsupported(dec: Decoder) -> str | None:
-    """Why ``dec``'s model cannot decode in fixed shapes (None: it can): DeepSeek-V4's hybrid attention and DSA's
+    """Why ``dec``'s model cannot step in fixed shapes (None: it can): DeepSeek-V4's hybrid attention and DSA's
     indexer select slots by value, held or FP8 experts run flyer's CPU kernels or their own grouped GEMMs, and an
     expert-parallel MoE exchanges rows with other ranks."""
     cfg = dec.cfg
@@ -52,110 +60,145 @@ def graphs_unsupported(dec: Decoder) -> str | None:
 
 
 # FLOPs a fixed-shape step may spend on dense routed experts (every expert over every row, ``Experts.routed_fixed``):
-# about a third of a millisecond of an H200's FP32 rate, what a few hundred launches cost the eager step (``small``:
-# 94 MFLOP a row). A bucket past it runs eagerly: a larger FP32 model (dsv2-lite: 29 GFLOP a row) is not launch-bound.
-DENSE_FLOPS_BUDGET = 20e9
-# slots a captured step attends over at most: past them a step's attention is bandwidth-bound work (a millisecond or
-# more for a batch), no longer launch-bound, and the graphs' pool would keep its gathered latents (V3 in BF16, 64 rows
-# of 8,192 slots: 604 MB) from the rest of the serving
+# a millisecond or two of an H200's FP32 rate, a tenth of the host time an eager step of a launch-bound model takes
+# (``small``: 94 MFLOP a row, so a decode batch and a 256-token chunk fit). A bucket past it runs eagerly: a larger
+# FP32 model (dsv2-lite: 29 GFLOP a row) is not launch-bound.
+DENSE_FLOPS_BUDGET = 64e9
+# slots a row of a captured step attends over at most: past them its attention is bandwidth-bound work (a millisecond
+# or more for a batch), no longer launch-bound
 GRAPH_MAX_SLOTS = 8192
+# (row, slot) pairs a captured step attends over at most: each layer gathers their latents, which the graphs' pool
+# keeps from the rest of the serving (V3 in BF16, 64 rows of 8,192 slots: 604 MB)
+GRAPH_MAX_ROW_SLOTS = 64 * GRAPH_MAX_SLOTS
 
 
-def batch_buckets(max_batch: int) -> list[int]:
-    """Batch sizes a graph is captured for: 1, 2, 4, then multiples of 8, the last ``max_batch`` (a step's rows are
-    padded to the next one: at most 7 rows of padding, each a few more GEMM rows)."""
-    return [b for b in (1, 2, 4) if b < max_batch] + [min(b, max_batch) for b in range(8, max_batch + 8, 8)]
+def row_buckets(max_rows: int) -> list[int]:
+    """Row counts a graph is captured for: 1, 2, 4, multiples of 8 up to 64, then of 32, the last ``max_rows`` (a
+    step's rows are padded to the next one: at most 7 rows of padding in a decode batch, 31 beside a prompt's chunk,
+    each a few more GEMM rows)."""
+    sizes = [1, 2, 4, *range(8, 65, 8), *range(96, max_rows, 32)]
+    return [b for b in sizes if b < max_rows] + [max_rows]
 
 
-class StaticDecode:
-    """One decode step of ``dec`` over a paged ``cache`` in fixed shapes, its inputs in static buffers for up to
-    ``max_batch`` rows and ``max_blocks`` blocks a row."""
+def token_rows(plain: list[Request], prefilling: list[Request], lens: list[int]
+               ) -> tuple[list[tuple[int, int, int, int]], list[list[int]], list[int]]:
+    """A step's rows (``StaticStep.fill``; tables: ``plain`` then ``prefilling``): one per decoding request in
+    ``plain``, then the last token of each prompt whose chunk (``lens[i]`` tokens of ``prefilling[i]`` from its
+    ``n_cached``) ends it, then every other prompt token: the rows that need logits first, in the engine's order.
+    Each row writes from its request's ``n_shared`` on (positions recomputed in shared blocks are not written).
+    Also the row of each prompt token, and the ending prompts (indices into ``prefilling``)."""
+    ending = [i for i, (r, n) in enumerate(zip(prefilling, lens)) if r.n_cached + n == len(r.tokens)]
+    B = len(plain)
+    rows = [(r.tokens[-1], r.n_cached, j, r.n_shared) for j, r in enumerate(plain)]
+    rows += [(prefilling[i].tokens[-1], len(prefilling[i].tokens) - 1, B + i, prefilling[i].n_shared) for i in ending]
+    at = []
+    for i, (r, n) in enumerate(zip(prefilling, lens)):
+        last = [B + ending.index(i)] if i in ending else []
+        at.append([*range(len(rows), len(rows) + n - len(last)), *last])
+        rows += [(r.tokens[p], p, B + i, r.n_shared) for p in range(r.n_cached, r.n_cached + n - len(last))]
+    return rows, at, ending
 
-    def __init__(self, dec: Decoder, cache: PagedCache, max_batch: int, max_blocks: int):
+
+class StaticStep:
+    """One step of ``dec`` over a paged ``cache`` in fixed shapes, its inputs in static buffers for up to
+    ``max_rows`` token rows of up to ``max_tables`` requests, ``max_blocks`` blocks a table."""
+
+    def __init__(self, dec: Decoder, cache: PagedCache, max_tables: int, max_rows: int, max_blocks: int):
         reason = graphs_unsupported(dec)
         if reason is not None:
-            raise ValueError(f"fixed-shape decoding: {reason}")
+            raise ValueError(f"fixed-shape steps: {reason}")
         self.dec, self.cache = dec, cache
-        self.block_size, self.max_blocks = cache.block_size, max_blocks
-        self.batch_buckets = batch_buckets(max_batch)
+        self.block_size, self.max_tables, self.max_blocks = cache.block_size, max_tables, max_blocks
+        self.row_buckets = row_buckets(max_rows)
         device, dtype = dec.model.embed.weight.device, dec.model.embed.weight.dtype
         self.dense_flops_per_row = sum(m.dense_flops_per_token(dtype) for m in dec.model.modules()
                                        if isinstance(m, Experts))
-        # per row: [token, position, block ids...], filled with one copy a step
-        self.inputs = torch.zeros(max_batch, 2 + max_blocks, dtype=torch.long, device=device)
-        self._host = torch.zeros_like(self.inputs, device="cpu", pin_memory=device.type == "cuda")
-        # the outputs, one pair for every shape: a graph copies its own into them, so that what it allocates
-        # is free for the next capture in the shared pool (a V3 vocabulary's logits of 64 rows: 33 MB a graph)
-        self.hidden = torch.zeros(max_batch, 1, dec.cfg.dim, dtype=dtype, device=device)
-        self.logits = torch.zeros(max_batch, dec.cfg.vocab_size, device=device)
+        pinned = device.type == "cuda"
+        # per row [token, position, its table, its first position to write], and the tables (a table of null
+        # blocks after the step's own, for the padding rows), laid out (tables + 1, W) for a step of W blocks a
+        # row: each filled with one copy a step
+        self.rows = torch.zeros(max_rows, 4, dtype=torch.long, device=device)
+        self.tables = torch.full(((max_tables + 1) * max_blocks,), NULL_BLOCK, dtype=torch.long, device=device)
+        self._host_rows = torch.zeros_like(self.rows, device="cpu", pin_memory=pinned)
+        self._host_tables = torch.zeros_like(self.tables, device="cpu", pin_memory=pinned)
+        # the output, one for every shape: a graph copies its own into it, so that what it allocates is free for
+        # the next capture in the shared pool
+        self.hidden = torch.zeros(max_rows, 1, dec.cfg.dim, dtype=dtype, device=device)
 
-    def buckets(self, batch: int, n_slots: int) -> tuple[int, int]:
-        """(rows, blocks a row) of the step for ``batch`` rows attending over ``n_slots`` slots."""
-        rows = next(b for b in self.batch_buckets if b >= batch)
+    def buckets(self, n_rows: int, n_slots: int) -> tuple[int, int] | None:
+        """(rows, blocks a row) of the step for ``n_rows`` rows attending over ``n_slots`` slots at most; None past
+        the largest row bucket."""
+        if n_rows > self.row_buckets[-1]:
+            return None
+        rows = next(b for b in self.row_buckets if b >= n_rows)
         blocks = min(1 << max(0, math.ceil(n_slots / self.block_size) - 1).bit_length(), self.max_blocks)
         return rows, blocks
 
-    def fill(self, tokens: list[int], positions: list[int], tables: list[list[int]], shape: tuple[int, int]) -> None:
-        """The static inputs of a step of ``shape`` (``buckets``) for these rows: each row's next token, its position
-        and its blocks; the padding rows token 0 at position 0 in the null block."""
+    def fill(self, rows: list[tuple[int, int, int, int]], tables: list[list[int]], shape: tuple[int, int]) -> None:
+        """The static inputs of a step of ``shape`` (``buckets``): ``rows`` (token, position, index into ``tables``,
+        the first position it may write) and ``tables`` (each request's block ids, at least to its rows' positions);
+        the padding rows token 0 at position 0 on the table of null blocks."""
         P, W = shape
-        rows = [[t, p, *blocks[:W], *[NULL_BLOCK] * (W - len(blocks[:W]))]
-                for t, p, blocks in zip(tokens, positions, tables)]
-        rows += [[0, 0, *[NULL_BLOCK] * W]] * (P - len(rows))  # padding rows: token 0 at position 0, null blocks
-        host = self._host[:P, :2 + W]
-        host.copy_(torch.tensor(rows))
-        self.inputs[:P, :2 + W].copy_(host, non_blocking=True)
+        R = len(tables)
+        table_rows = [blocks[:W] + [NULL_BLOCK] * (W - len(blocks[:W])) for blocks in tables]
+        host = self._host_tables[:(R + 1) * W].view(R + 1, W)
+        host[:R] = torch.tensor(table_rows).view(R, W)
+        host[R] = NULL_BLOCK
+        self.tables[:host.numel()].copy_(host.view(-1), non_blocking=True)
+        host = self._host_rows[:P]
+        host[:len(rows)] = torch.tensor(rows).view(-1, 4)
+        host[len(rows):] = torch.tensor([0, 0, R, 0])  # padding rows: token 0 at position 0, null blocks
+        self.rows[:P].copy_(host, non_blocking=True)
 
     @torch.inference_mode()
-    def run(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (P, 1, D) before the final norm and FP32 logits (P, V) of the step ``fill`` set up, in
-        ``hidden[:P]`` and ``logits[:P]``."""
+    def run(self, shape: tuple[int, int]) -> torch.Tensor:
+        """Hidden states (P, 1, D) before the final norm of the step ``fill`` set up, in ``hidden[:P]``."""
         P, W = shape
-        inp = self.inputs[:P]
-        dec = self.dec
-        rows = dec.decode_rows(inp[:, 1], W * self.block_size)
+        rows, dec = self.rows[:P], self.dec
+        tables = self.tables[:(self.max_tables + 1) * W].view(-1, W).index_select(0, rows[:, 2])
         with fixed_shapes():
-            h = dec.lone_layers(dec.model.embed(inp[:, :1]), rows, self.cache.view(inp[:, 2:2 + W].contiguous()))
-            logits = dec.logits(h[:, 0])
-        return self.hidden[:P].copy_(h), self.logits[:P].copy_(logits)
+            h = dec.lone_layers(dec.model.embed(rows[:, :1]), dec.decode_rows(rows[:, 1], W * self.block_size),
+                                self.cache.view(tables, rows[:, 3]))
+        return self.hidden[:P].copy_(h)
 
 
-class DecodeGraphs:
-    """``StaticDecode``'s steps, each (batch bucket, slot bucket) captured in a CUDA graph on first use and replayed
+class StepGraphs:
+    """``StaticStep``'s steps, each (row bucket, slot bucket) captured in a CUDA graph on first use and replayed
     after (``capture``; without it they run eagerly). A capture that fails turns graphs off for good, with one
     line on stderr: the eager step is always there."""
 
-    def __init__(self, dec: Decoder, cache: PagedCache, max_batch: int, max_len: int, capture: bool):
-        self.static = StaticDecode(dec, cache, max_batch, math.ceil(max_len / cache.block_size))
+    def __init__(self, dec: Decoder, cache: PagedCache, max_tables: int, max_rows: int, max_len: int, capture: bool):
+        self.static = StaticStep(dec, cache, max_tables, max_rows, math.ceil(max_len / cache.block_size))
         self.capture = capture
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.failed: str | None = None
 
-    def step(self, tokens: list[int], positions: list[int], tables: list[list[int]]
-             ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Hidden states (B, 1, D) and FP32 logits (B, V) of one decode step of these B rows (each its next token,
-        its position and its block table); views of the static outputs, valid until the next step. None once a
-        capture has failed, or where the step's dense experts pass ``DENSE_FLOPS_BUDGET`` or its slots
-        ``GRAPH_MAX_SLOTS`` (the caller runs the step eagerly)."""
+    def step(self, rows: list[tuple[int, int, int, int]], tables: list[list[int]]) -> torch.Tensor | None:
+        """Hidden states (N, 1, D) of the N token ``rows`` (``StaticStep.fill``: token, position, index into
+        ``tables``, each a request's block ids, and the first position it may write), a view of the static output,
+        valid until the next step. None once a capture has failed, or where the step's rows pass the largest
+        bucket, its dense experts ``DENSE_FLOPS_BUDGET``, or its slots ``GRAPH_MAX_SLOTS`` a row or
+        ``GRAPH_MAX_ROW_SLOTS`` in all (the caller runs the step eagerly)."""
         if self.failed is not None:
             return None
-        B = len(tokens)
-        shape = self.static.buckets(B, max(positions) + 1)
-        if shape[0] * self.static.dense_flops_per_row > DENSE_FLOPS_BUDGET or \
-                shape[1] * self.static.block_size > GRAPH_MAX_SLOTS:
+        shape = self.static.buckets(len(rows), max(row[1] for row in rows) + 1)
+        if shape is None:
+            return None
+        slots = shape[1] * self.static.block_size
+        if shape[0] * self.static.dense_flops_per_row > DENSE_FLOPS_BUDGET or slots > GRAPH_MAX_SLOTS or \
+                shape[0] * slots > GRAPH_MAX_ROW_SLOTS:
             return None  # dense experts or attention costing more than the launches a graph saves: eagerly
-        self.static.fill(tokens, positions, tables, shape)
+        self.static.fill(rows, tables, shape)
         if not self.capture:
-            h, logits = self.static.run(shape)
-            return h[:B], logits[:B]
+            return self.static.run(shape)[:len(rows)]
         graph = self.graphs.get(shape)
         if graph is None:
             graph = self._capture(shape)
             if graph is None:
                 return None
         graph.replay()
-        return self.static.hidden[:B], self.static.logits[:B]
+        return self.static.hidden[:len(rows)]
 
     def _capture(self, shape: tuple[int, int]):
         """Record the step of ``shape`` on the inputs ``fill`` just set: warmed up on a side stream (which also
@@ -174,7 +217,7 @@ class DecodeGraphs:
                 self.static.run(shape)
         except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager step, which always works
             self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
-            print(f"flyer serve: CUDA graphs off, capturing a decode step failed ({self.failed})", file=sys.stderr)
+            print(f"flyer serve: CUDA graphs off, capturing a step failed ({self.failed})", file=sys.stderr)
             return None
         self.graphs[shape] = graph
         return graph

@@ -39,9 +39,9 @@ class ServeMetrics:
                                        registry=r)
         self.spec_off_steps = Counter("flyer_spec_off_steps", "Steps whose decoding rows outnumbered "
                                       "--speculative-max-batch: none drafted", registry=r)
-        self.fixed_steps = Counter("flyer_fixed_shape_steps", "Decode-only steps in fixed shapes (--cuda-graphs), by "
-                                   "how they ran: replayed from a CUDA graph, or eagerly", ["how"], registry=r)
-        self.cuda_graphs = Gauge("flyer_cuda_graphs", "CUDA graphs captured (one per batch and slot bucket used)",
+        self.fixed_steps = Counter("flyer_fixed_shape_steps", "Steps in fixed shapes (--cuda-graphs), by how "
+                                   "they ran: replayed from a CUDA graph, or eagerly", ["how"], registry=r)
+        self.cuda_graphs = Gauge("flyer_cuda_graphs", "CUDA graphs captured (one per row and slot bucket used)",
                                  registry=r)
 
     def render(self) -> bytes:
