@@ -78,6 +78,37 @@ def decode_steps(model: Transformer, batches: tuple[int, ...], context: int, ste
     return out
 
 
+def mixed_steps(model: Transformer, batch: int, context: int, chunk: int, steps: int = 10) -> dict[str, float]:
+    """ms per step of the engine alone that decodes ``batch`` requests at ``context`` tokens and prefills a fresh
+    ``chunk``-token prompt whole (whose first token ends it), as the steps that carry prompt tokens do
+    (``engine_prefill_step_share_c*``: their share of ``engine_replay``'s time). On a GPU replayed from CUDA graphs
+    as the decode steps are (``mixed_step_ms_b{B}``), the eager steps beside them, interleaved (``_eager``); median
+    of ``steps`` steps each."""
+    rng = random.Random(2)
+    eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 30, max_batch_size=batch + 1, prefill_chunk=chunk,
+                                     cache_dtype=torch.float32))
+    opts = SamplingOptions(max_tokens=model.cfg.max_seq_len - context)  # none ends within the timed steps
+    reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(context)], opts, lambda e: None)
+            for _ in range(batch)]
+    while any(r.generated == 0 for r in reqs):
+        eng.step()
+    paths = {"": contextlib.nullcontext}
+    if eng.graphs is not None:
+        paths["_eager"] = functools.partial(without_graphs, eng)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    before = [r.generated for r in reqs]
+    for _ in range(steps):
+        for name, path in paths.items():
+            eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(chunk)], SamplingOptions(max_tokens=1),
+                       lambda e: None)
+            with path():
+                t0 = time.perf_counter()
+                eng.step()
+                times[name].append(time.perf_counter() - t0)
+    assert [r.generated for r in reqs] == [n + len(paths) * steps for n in before]  # each step decoded the batch
+    return {f"mixed_step_ms_b{batch}{name}": 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
 @contextlib.contextmanager
 def without_graphs(eng: Engine):
     """``eng``'s decode steps eagerly, in the packed forward, as every other step (``flyer.serve.graphs``)."""
@@ -92,11 +123,11 @@ def engine_replay(model: Transformer, reqs, concurrency: int, args, **override) 
     """The HTTP run's requests ``reqs`` ((prompt ids, new tokens) each) on the engine alone with flyer serve's engine
     settings from ``args`` (``override``: ``EngineConfig`` fields in their place, e.g. ``speculative=None``):
     ``concurrency`` clients in a closed loop, each submitting its next request when its last one ends, as the HTTP
-    clients do. Returns output tokens/s without HTTP, SSE and the clients' processes; the share of the engine's time
-    in steps that carry prompt tokens (with the decode rows they also advance); its prefix hit rate (and with
-    speculation the share of drafts kept, ``draft_acceptance``); and a least-squares fit of each step's time as
-    ms_per_step + ms_per_decode_row * rows + ms_per_prompt_token * tokens, with the share of the engine's time the
-    prompt tokens take by that fit (with more than one client). And each request's greedy tokens, in ``reqs``'
+    clients do. Returns output tokens/s without HTTP, SSE and the clients' processes; its mean step (``step_ms``); the
+    share of the engine's time in steps that carry prompt tokens (with the decode rows they also advance); its prefix
+    hit rate (and with speculation the share of drafts kept, ``draft_acceptance``); and a least-squares fit of each
+    step's time as ms_per_step + ms_per_decode_row * rows + ms_per_prompt_token * tokens, with the share of the engine's
+    time the prompt tokens take by that fit (with more than one client). And each request's greedy tokens, in ``reqs``'
     order."""
     settings = dict(kv_cache_bytes=parse_size(args.kv_cache_memory, "kv_cache_memory"), max_batch_size=MAX_BATCH,
                     prefill_chunk=args.prefill_chunk, cache_dtype=torch.float32,  # flyer serve --cache-dtype fp32
@@ -133,7 +164,7 @@ def engine_replay(model: Transformer, reqs, concurrency: int, args, **override) 
     a = np.array(steps)
     total = a[:, 2].sum()
     out = {"tokens_per_s": tokens[0] / total, "prefill_step_share": a[a[:, 1] > 0, 2].sum() / total,
-           "prefix_hit_rate": eng.prefix_hit_rate}
+           "prefix_hit_rate": eng.prefix_hit_rate, "step_ms": 1e3 * total / len(a)}
     if eng.spec:  # and the steps the batch cutoff ran without drafts (--speculative-max-batch)
         out["draft_acceptance"] = eng.accepted / max(eng.drafted, 1)
         out["spec_off_steps"] = eng.speculator.off_steps

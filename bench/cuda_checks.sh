@@ -8,7 +8,7 @@
 #     bash bench/cuda_checks.sh [cuda-tests] [graphs] [serve] [suite] [fp8] [train] [model-step] [throughput]
 #
 # graphs: the CUDA-graph tests, then the engine's decode steps (small, 1 and 16 requests at 128 tokens of context)
-# replayed from graphs against eager, side by side (JSON).
+# and steps of 16 decoding requests and a 256-token prompt replayed from graphs against eager, side by side (JSON).
 #
 # PYTHON=python3 by default; flyer importable.
 set -u
@@ -29,9 +29,10 @@ for check in "${@:-cuda-tests graphs serve suite fp8 train model-step throughput
     cuda-tests) timeout 150 $py -m pytest -q -ra -p no:cacheprovider -m cuda 2>&1 | tee "$out/pytest-cuda.log" | tail -15 ;;
     graphs)
       timeout 120 $py -m pytest -q -ra -p no:cacheprovider -m cuda tests/test_serve_graphs.py 2>&1 | tail -5
-      timeout 150 $py -c "import sys, torch; sys.path.insert(0, 'bench'); from _serve_engine import decode_steps; \
-from flyer.config import preset; from flyer.model.transformer import Transformer; torch.manual_seed(0); \
-print(decode_steps(Transformer(preset('small')).cuda().eval(), (1, 16), 128))" | tee "$out/graphs.json" ;;
+      timeout 150 $py -c "import sys, torch; sys.path.insert(0, 'bench'); from _serve_engine import decode_steps, \
+mixed_steps; from flyer.config import preset; from flyer.model.transformer import Transformer; torch.manual_seed(0); \
+m = Transformer(preset('small')).cuda().eval(); print({**decode_steps(m, (1, 16), 128), **mixed_steps(m, 16, 128, 256)})" \
+        | tee "$out/graphs.json" ;;
     # --no-peer-serve: the peer is transformers' batched generate, which fits the lease; transformers 5.25's
     # server (bench/serve.py's peer by default) serves DeepseekV3's MLA too, at the cost of its own start-up
     serve) timeout 200 $py bench/serve.py --device cuda --no-peer-serve | tee "$out/serve.json" ;;

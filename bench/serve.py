@@ -11,7 +11,10 @@
    new tokens. Fewer than 16 clients send as many requests as 16 do, of the same lengths (fresh
    tokens after the system prompt), so the rates of 1 and 16 clients are rates of one workload.
    Per concurrency: output tokens/s (all clients), TTFT and TPOT p50/p99, the
-   server's prefix hit rate (from /metrics). The clients run in a child process at nice 10: they
+   server's prefix hit rate, and from its step times (``flyer_step_seconds`` in /metrics) the share of the run's wall
+   time the engine was stepping (``busy_share_c*``: the rest it waited for requests) and its mean step
+   (``step_ms_c*``, beside the engine alone's ``engine_step_ms_c*``: steps slower than those point at contention for
+   the host). The clients run in a child process at nice 10: they
    stand in for remote users, so on a host of a few cores they must not preempt the server.
 2. The peer, on the same weight values exported with ``flyer export`` (FP32) and the same requests at
    the highest concurrency: ``transformers serve --continuous-batching`` when it starts here (its
@@ -30,7 +33,8 @@
    of its time in steps that carry prompt tokens; ``engine_ms_per_step_c16``, ``_per_decode_row``,
    ``_per_prompt_token``: a least-squares fit of its step times at 16, and ``engine_prompt_share_c16``:
    the prompt tokens' share of its time by that fit), and decode-only steps of 1 and 16 requests
-   (``decode_step_ms_b*``: the batching gain before prefill takes its share); ``engine_prefix_hit_rate_c*``.
+   (``decode_step_ms_b*``: the batching gain before prefill takes its share), steps of 16 decoding requests and
+   a ``--prefill-chunk``-token prompt (``mixed_step_ms_b16``); ``engine_prefix_hit_rate_c*``.
 5. The MLA payoff: at one ``--kv-cache-memory``, how many 2K-token sequences the engine admits at
    once for the MLA model and for a GQA model of similar size (``bench/decode.py``'s GQA_BENCH),
    against the ratio of their cache bytes per token.
@@ -91,7 +95,7 @@ from tokenizers import Tokenizer
 
 from decode import train_checkpoint  # bench/decode.py, beside this script
 from _serve_capacity import TOKEN_RANGE, hybrid_capacity, max_seqs, weight_bytes_per_token  # beside it too
-from _serve_engine import MAX_BATCH, decode_steps, engine_replay, speculation_variants
+from _serve_engine import MAX_BATCH, decode_steps, engine_replay, mixed_steps, speculation_variants
 
 from flyer import kernels
 from flyer.config import parse_size, preset, resolve_device
@@ -476,15 +480,19 @@ def main() -> None:
             with _client(1) as client:
                 _one(client, url, args.preset, system + [1, 2, 3], 4)  # warm-up
             spec = ("flyer_spec_draft_tokens_total", "flyer_spec_accepted_tokens_total", "flyer_spec_off_steps_total")
+            steps = ("flyer_step_seconds_sum", "flyer_step_seconds_count")
             for c in args.concurrency:
                 reqs = _requests(shapes[:max(c, RATIO_CLIENTS) * args.requests_per_client], rng, system)
-                before = _metrics(url, *spec)
+                before = _metrics(url, *spec, *steps)
                 res = _drive(url, args.preset, reqs, c)
                 out[f"tokens_per_s_c{c}"] = res["tokens_per_s"]
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
                     out[f"{k}_c{c}"] = res[k]
-                hit_rate, drafted, accepted, off = _metrics(url, "flyer_prefix_cache_hit_rate", *spec)
+                hit_rate, drafted, accepted, off, busy, n_steps = _metrics(url, "flyer_prefix_cache_hit_rate", *spec,
+                                                                           *steps)
                 out[f"prefix_hit_rate_c{c}"] = hit_rate
+                out[f"busy_share_c{c}"] = (busy - before[3]) / res["wall_s"]
+                out[f"step_ms_c{c}"] = 1e3 * (busy - before[3]) / max(n_steps - before[4], 1)
                 if args.speculative:  # this concurrency's drafts: accepted / verified
                     out[f"draft_acceptance_c{c}"] = round((accepted - before[1]) / max(drafted - before[0], 1), 4)
                 if args.speculative_max_batch:  # its steps over the cutoff
@@ -544,6 +552,7 @@ def main() -> None:
                     out["flyer_peer_outputs_agree"] = sum(a == b for a, b in zip(outputs, peer["outputs"]))
                     out["flyer_peer_outputs"] = len(outputs)
             out.update(decode_steps(model, (1, 16), context))
+            out.update(mixed_steps(model, 16, context, args.prefill_chunk))
         out["engine_ratio_c16_vs_c1"] = out["engine_tokens_per_s_c16"] / out["engine_tokens_per_s_c1"]
         out["ratio_decode_b16_vs_b1"] = 16 * out["decode_step_ms_b1"] / out["decode_step_ms_b16"]
         if "decode_step_ms_b16_gathered" in out:

@@ -44,6 +44,10 @@ def test_serve_bench_v4_json():
                     "engine_tokens_per_s"):
             assert r[f"{key}_c{c}"] > 0, (key, c)
         assert 0 <= r[f"prefix_hit_rate_c{c}"] <= 1  # shared with boundary snapshots
+        # the server's steps (its /metrics) within the run's wall time, each as long as the engine alone's within
+        # this host's spread (an order of magnitude: one request's steps are milliseconds, a misread sum is seconds)
+        assert 0 < r[f"busy_share_c{c}"] <= 1
+        assert 0.1 < r[f"step_ms_c{c}"] / r[f"engine_step_ms_c{c}"] < 10
     for key in ("peer_tokens_per_s_c16", "ratio_c16_vs_peer", "ratio_c16_vs_c1", "ratio_c16_vs_c1_memory_bound",
                 "decode_step_ms_b1", "decode_step_ms_b16"):
         assert r[key] > 0, key

@@ -81,6 +81,13 @@ def test_step_ops_counts_top_level_ops_only(monkeypatch):
     assert _bench(monkeypatch).step_ops(step) == 3
 
 
+def test_mixed_steps_decode_the_batch_and_prefill_a_prompt(monkeypatch):
+    """``mixed_step_ms_b{B}``: each timed step decodes every request of the batch (checked inside) beside a fresh
+    prompt's whole chunk; eagerly on the CPU, so no ``_eager`` key beside it."""
+    out = _bench(monkeypatch).mixed_steps(Transformer(preset("tiny")).eval(), 2, context=20, chunk=12, steps=2)
+    assert list(out) == ["mixed_step_ms_b2"] and out["mixed_step_ms_b2"] > 0
+
+
 def test_decode_steps_report_op_counts(monkeypatch):
     """``decode_ops_b{B}`` beside each batch size's time, ``_eager`` too where the CPU kernels run (they fold ops
     into one call each, so the eager step dispatches more)."""

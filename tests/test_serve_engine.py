@@ -578,3 +578,16 @@ def test_cuda_engine_greedy_equals_generate_alone(trained):
     assert eng.metrics.preemptions._value.get() > 0 and eng.accepted > 0
     opts = SamplingOptions(max_tokens=10, temperature=1.0, seed=8)  # seeded sampling on a CUDA generator
     assert _run(_engine(gpu), [prompts[0]], opts) == _run(_engine(gpu, prefill_chunk=4), [prompts[0]], opts)
+
+
+def test_step_seconds_count_every_step_and_its_time(trained, monkeypatch):
+    """``flyer_step_seconds``: one observation a step, each the step's whole time (a forward slowed by 10 ms here
+    gives no step under 10 ms), so that its sum over a stretch of wall time is the engine's busy share."""
+    eng = _engine(trained)
+    steps, forward = [], eng._forward
+    monkeypatch.setattr(eng, "_forward", lambda *a: (steps.append(1), time.sleep(0.01), forward(*a)))
+    _run(eng, [_progression(3, 2, 13), _progression(7, 1, 6)], SamplingOptions(max_tokens=5))
+    samples = {(s.name, s.labels.get("le")): s.value for s in eng.metrics.step_seconds.collect()[0].samples}
+    assert samples[("flyer_step_seconds_count", None)] == samples[("flyer_step_seconds_bucket", "+Inf")] == len(steps)
+    assert samples[("flyer_step_seconds_bucket", "0.01")] == 0
+    assert samples[("flyer_step_seconds_sum", None)] >= 0.01 * len(steps)

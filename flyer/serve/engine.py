@@ -238,12 +238,14 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One scheduling step (see the module docstring)."""
+        t0 = time.perf_counter()
         self.admit()
         if self.spec:  # drafting or not, decided once: the drafts' slots reserved below and the forward agree
             self.speculator.begin_step(sum(len(r.tokens) - r.n_cached == 1 for r in self.running))
         decoding = self._reserve_decode_slots()
         self._forward(decoding, *self._plan_prefill())
         self._update_gauges()
+        self.metrics.step_seconds.observe(time.perf_counter() - t0)  # (sampling read the tokens back: synced)
 
     def admit(self) -> int:
         """Drop cancelled requests, admit what fits; returns the running count (step 1 and 2 of a

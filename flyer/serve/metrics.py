@@ -7,11 +7,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class ServeMetrics:
-    """Requests, tokens in and out, time to first token, time per output token, running and
-    waiting requests, cache blocks used and free, prefix hit rate, preemptions, MTP drafts
+    """Requests, tokens in and out, time to first token, time per output token, scheduler steps' durations,
+    running and waiting requests, cache blocks used and free, prefix hit rate, preemptions, MTP drafts
     verified and accepted, steps the batch cutoff ran without drafts."""
 
     def __init__(self):
@@ -24,6 +25,9 @@ class ServeMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("flyer_time_per_output_token_seconds", "Time between a request's tokens",
                               buckets=_LATENCY_BUCKETS, registry=r)
+        # its sum over a stretch of wall time: the share the engine was busy (the rest it waited for requests)
+        self.step_seconds = Histogram("flyer_step_seconds", "Scheduler steps (admission, one forward, sampling)",
+                                      buckets=_STEP_BUCKETS, registry=r)
         self.running = Gauge("flyer_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("flyer_requests_waiting", "Requests waiting for admission", registry=r)
         self.blocks_used = Gauge("flyer_cache_blocks_used", "Paged cache blocks referenced", registry=r)
