@@ -29,42 +29,45 @@ from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 
 
+def _decoding(model: Transformer, batch: int, cuda_graphs: bool) -> tuple[Engine, random.Random]:
+    """An engine with ``batch`` requests decoding at 88 tokens of context, and the generator of its prompts."""
+    rng = random.Random(1)
+    eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 28, max_batch_size=batch + 1, cache_dtype=torch.float32,
+                                     cuda_graphs=cuda_graphs))
+    reqs = [eng.submit([rng.randrange(100) for _ in range(88)], SamplingOptions(max_tokens=8), lambda e: None)
+            for _ in range(batch)]
+    while any(r.generated == 0 for r in reqs):
+        eng.step()
+    return eng, rng
+
+
+def _two_steps(eng: Engine, rng: random.Random, prompt: int) -> tuple[int, int]:
+    """Ops of a decode-only step, then of one that also takes a ``prompt``-token prompt's first chunk."""
+    decode = step_ops(eng)
+    eng.submit([rng.randrange(100) for _ in range(prompt)], SamplingOptions(max_tokens=2), lambda e: None)
+    return decode, step_ops(eng)
+
+
 def counts(model: Transformer, impl: str, batch: int, prompt: int) -> dict[str, int]:
     """Ops of one decode-only step of ``batch`` requests at 88 tokens of context, then of one step that also takes
     a ``prompt``-token prompt's first chunk, the routed experts run as ``impl``."""
     for m in model.modules():
         if isinstance(m, Experts):
             m.impl = impl  # as the weights' device would resolve 'auto'
-    rng = random.Random(1)
-    eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 28, max_batch_size=batch + 1, cache_dtype=torch.float32,
-                                     cuda_graphs=False))
-    reqs = [eng.submit([rng.randrange(100) for _ in range(88)], SamplingOptions(max_tokens=8), lambda e: None)
-            for _ in range(batch)]
-    while any(r.generated == 0 for r in reqs):
-        eng.step()
+    eng, rng = _decoding(model, batch, cuda_graphs=False)
     with kernels.disabled():
-        decode = step_ops(eng)
-        eng.submit([rng.randrange(100) for _ in range(prompt)], SamplingOptions(max_tokens=2), lambda e: None)
-        mixed = step_ops(eng)
+        decode, mixed = _two_steps(eng, rng, prompt)
     return {f"decode_ops_{impl}": decode, f"mixed_ops_{impl}": mixed}
 
 
 def graphed_counts(model: Transformer, batch: int, prompt: int) -> dict[str, int]:
     """``counts``' steps in fixed shapes, the step itself replaced by what its graph's replay leaves (the static
     hidden states): the host's ops around the replay."""
-    rng = random.Random(1)
-    eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 28, max_batch_size=batch + 1, cache_dtype=torch.float32,
-                                     cuda_graphs=True))
-    reqs = [eng.submit([rng.randrange(100) for _ in range(88)], SamplingOptions(max_tokens=8), lambda e: None)
-            for _ in range(batch)]
-    while any(r.generated == 0 for r in reqs):
-        eng.step()
+    eng, rng = _decoding(model, batch, cuda_graphs=True)
     static = eng.graphs.static
     static.run = lambda shape: static.hidden[:shape[0]]
     before = eng.metrics.fixed_steps.labels("eager")._value.get()
-    decode = step_ops(eng)
-    eng.submit([rng.randrange(100) for _ in range(prompt)], SamplingOptions(max_tokens=2), lambda e: None)
-    mixed = step_ops(eng)
+    decode, mixed = _two_steps(eng, rng, prompt)
     assert eng.metrics.fixed_steps.labels("eager")._value.get() == before + 2  # both steps took the fixed path
     return {"decode_ops_graphed": decode, "mixed_ops_graphed": mixed}
 
