@@ -55,6 +55,16 @@ def test_row_buckets():
     assert row_buckets(320)[10:] == [64, 96, 128, 160, 192, 224, 256, 288, 320]  # beside a chunk of 256
 
 
+def _check_a_lone_long_prompt(eng: Engine, model: Transformer) -> None:
+    """A 40-token prompt alone on ``eng`` (prefill_chunk 6): its first six steps take no logits, then it decodes
+    generate's tokens."""
+    lone = [(5 + 3 * i) % V for i in range(40)]
+    ref = generate(model, [lone], GenerationConfig(max_new_tokens=6, cache_dtype=torch.float32)).tokens[0]
+    fixed = eng.metrics.fixed_steps.labels("cuda_graph" if eng.graphs.capture else "eager")._value.get()
+    assert _run(eng, [lone], [6]) == [ref]
+    assert eng.metrics.fixed_steps.labels("cuda_graph" if eng.graphs.capture else "eager")._value.get() == fixed + 12
+
+
 def _recording(eng: Engine) -> list[tuple[int, int]]:
     """(rows, requests) of each step ``eng`` runs in fixed shapes."""
     seen, step = [], eng.graphs.step
@@ -89,6 +99,8 @@ def test_fixed_shape_steps_equal_generate_alone(trained, spec):
         assert len(steps) == len([a for a in forwards if a[0] or a[1]]) - 1
     assert eng.metrics.fixed_steps.labels("eager")._value.get() == len(steps)  # (no capture on the CPU)
     assert eng.alloc.used == 0
+    if not spec:
+        _check_a_lone_long_prompt(eng, trained)
     if spec:  # the MTP module's entries, written from prompts' and plain steps' hidden states, are the eager steps'
         # (in FP64, to the FP32 softmax's rounding: ``softmax_bound``)
         model64, pools = copy.deepcopy(trained).double(), []
@@ -224,6 +236,32 @@ def test_padding_rows_write_the_null_block_only(trained, attn):
         assert (got - want).abs().max() <= softmax_bound(32) * want.abs().max()
 
 
+def test_host_buffers_wait_for_the_last_copy_out_of_them(trained):
+    """On a GPU the static inputs are copied from pinned host buffers asynchronously, and a step without logits
+    reads nothing back, so the host may run a step ahead: ``fill`` waits for the last step's copies before it
+    writes the buffers again. An event stand-in records the buffers at each record and finds them unchanged at the
+    next wait (nothing written in between), and every fill after the first waits."""
+    cfg = trained.cfg
+    cache = make_paged_cache(cfg, cfg.n_layers, 16, 4, torch.float32)
+    static = StaticStep(Decoder(trained, 1, cfg.max_seq_len, cache=cache), cache, 4, 8, cfg.max_seq_len // 4)
+    log = []
+
+    class Event:
+        def record(self):
+            log.append("record")
+            self.seen = static._host_rows.clone(), static._host_tables.clone()
+
+        def synchronize(self):
+            log.append("wait")
+            if hasattr(self, "seen"):
+                assert torch.equal(self.seen[0], static._host_rows) and torch.equal(self.seen[1], static._host_tables)
+    static._copied = Event()
+    for t in range(3):
+        rows = [(t + 1, 5 + t, 0, 0), (2, 3, 1, 0)]
+        static.fill(rows, [[1, 2], [3]], static.buckets(2, 8))
+    assert log == ["wait", "record"] * 3
+
+
 @pytest.mark.parametrize("impl,dtype", [("fused", torch.float64), ("grouped_mm", torch.bfloat16)])
 def test_fixed_shape_moe_equals_the_eager_moe(impl, dtype):
     """``fixed_shapes``' routed experts against the eager ones on the same routing. FP64 (every expert over every
@@ -318,7 +356,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_graphs_replay_the_eager_steps(trained, spec):
     """On a GPU: steps captured (one graph per bucket used) and replayed give each request generate's greedy tokens on
     its prompt alone, as the eager steps do, prompts in chunks beside decoding rows, with and without MTP drafts
-    between them."""
+    between them; then without drafts a lone 40-token prompt, whose first six steps read nothing back (no logits):
+    each step's inputs, copied from the host's static buffers, are its own, not the next step's."""
     model = copy.deepcopy(trained).cuda()
     prompts, lengths = _prompts(), [8, 14, 5, 10, 30]
     ref = [generate(model, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
@@ -329,3 +368,5 @@ def test_cuda_graphs_replay_the_eager_steps(trained, spec):
     assert eng.graphs.failed is None and len(eng.graphs.graphs) >= 4  # batches of 8, 4, 2 and 1 at least
     assert eng.metrics.fixed_steps.labels("cuda_graph")._value.get() > 10
     assert eng.metrics.cuda_graphs._value.get() == len(eng.graphs.graphs)
+    if not spec:  # (its decode steps would draft)
+        _check_a_lone_long_prompt(eng, model)

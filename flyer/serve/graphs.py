@@ -121,6 +121,9 @@ class StaticStep:
         self.tables = torch.full(((max_tables + 1) * max_blocks,), NULL_BLOCK, dtype=torch.long, device=device)
         self._host_rows = torch.zeros_like(self.rows, device="cpu", pin_memory=pinned)
         self._host_tables = torch.zeros_like(self.tables, device="cpu", pin_memory=pinned)
+        # the last step's copies out of them: a step that reads nothing back (a prompt's chunk that does not end it)
+        # leaves the GPU behind the host, and the next fill must not overwrite what a pending copy has yet to read
+        self._copied = torch.cuda.Event() if pinned else None
         # the output, one for every shape: a graph copies its own into it, so that what it allocates is free for
         # the next capture in the shared pool
         self.hidden = torch.zeros(max_rows, 1, dec.cfg.dim, dtype=dtype, device=device)
@@ -141,6 +144,8 @@ class StaticStep:
         P, W = shape
         R = len(tables)
         table_rows = [blocks[:W] + [NULL_BLOCK] * (W - len(blocks[:W])) for blocks in tables]
+        if self._copied is not None:
+            self._copied.synchronize()
         host = self._host_tables[:(R + 1) * W].view(R + 1, W)
         host[:R] = torch.tensor(table_rows).view(R, W)
         host[R] = NULL_BLOCK
@@ -149,6 +154,8 @@ class StaticStep:
         host[:len(rows)] = torch.tensor(rows).view(-1, 4)
         host[len(rows):] = torch.tensor([0, 0, R, 0])  # padding rows: token 0 at position 0, null blocks
         self.rows[:P].copy_(host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
     @torch.inference_mode()
     def run(self, shape: tuple[int, int]) -> torch.Tensor:
