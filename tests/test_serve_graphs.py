@@ -78,16 +78,22 @@ def _recording(eng: Engine) -> list[tuple[int, int]]:
     return seen
 
 
-@pytest.mark.parametrize("spec", [False, True])
+SPEC = {"none": {}, "cutoff": dict(speculative="mtp", speculative_max_batch=1),
+        "two_drafts": dict(speculative="mtp", draft_tokens=2)}
+
+
+@pytest.mark.parametrize("spec", list(SPEC))
 def test_fixed_shape_steps_equal_generate_alone(trained, spec):
-    """Steps in fixed shapes (rows padded to 1, 2, 4, 8 or 14; attended slots to powers of two of blocks), prompts
-    in chunks of 6 tokens beside the decoding rows, drafts verified eagerly: each request's greedy tokens are
-    generate's on its prompt alone. With MTP drafting only while one row decodes, plain steps of several rows
-    alternate with drafting ones (the prompts' and plain steps' hidden states kept for the MTP module's entries)."""
+    """Every step that fits the largest row bucket in fixed shapes (rows padded to 1, 2, 4, 8, 16 or 24 and the last;
+    attended slots to powers of two of blocks), prompts in chunks of 6 tokens beside the decoding rows: each request's
+    greedy tokens are generate's on its prompt alone. With MTP drafting only while one row decodes (``cutoff``), plain
+    steps of several rows alternate with drafting ones (the prompts' and plain steps' hidden states kept for the MTP
+    module's entries); with two drafts a row at every batch size, plain rows beside rows verifying two drafts. The MTP
+    module's entries are the eager steps' (FP64, to the FP32 softmax's rounding: ``softmax_bound``)."""
     prompts, lengths = _prompts(), [8, 14, 5, 10, 30]  # the last one decodes alone at the end
     ref = [generate(trained, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
            for p, n in zip(prompts, lengths)]
-    over = dict(speculative="mtp", speculative_max_batch=1) if spec else {}
+    over = SPEC[spec]
     eng = _engine(trained, max_batch_size=8, prefill_chunk=6, cuda_graphs=True, **over)
     forwards, forward = [], eng._forward
     eng._forward = lambda *a: forwards.append(a) or forward(*a)
@@ -95,23 +101,26 @@ def test_fixed_shape_steps_equal_generate_alone(trained, spec):
     assert _run(eng, prompts, lengths) == ref
     assert len(steps) > 10 and max(n for _, n in steps) == len(prompts)  # the fixed path ran, at the full batch too
     assert any(r > n for r, n in steps)  # with prompt chunks' rows
-    if not spec:  # every step but the first burst's prefill (its 5 prompts' 30 tokens pass the 14 rows)
-        assert len(steps) == len([a for a in forwards if a[0] or a[1]]) - 1
+    # every step, but the first burst's prefill where its 5 prompts' 30 tokens pass the largest bucket: 8 decoding
+    # requests and a chunk of 6, each request with its drafts (16 + 6 with one, 24 + 6 with two)
+    burst_eager = 30 > eng.graphs.static.row_buckets[-1]
+    assert burst_eager == (spec != "two_drafts")
+    assert len(steps) == len([a for a in forwards if a[0] or a[1]]) - burst_eager
     assert eng.metrics.fixed_steps.labels("eager")._value.get() == len(steps)  # (no capture on the CPU)
     assert eng.alloc.used == 0
-    if not spec:
+    if not over:
         _check_a_lone_long_prompt(eng, trained)
-    if spec:  # the MTP module's entries, written from prompts' and plain steps' hidden states, are the eager steps'
-        # (in FP64, to the FP32 softmax's rounding: ``softmax_bound``)
-        model64, pools = copy.deepcopy(trained).double(), []
-        for graphs in (True, False):
-            eng = _engine(model64, max_batch_size=8, prefill_chunk=6, cuda_graphs=graphs, cache_dtype=torch.float64,
-                          **over)
-            assert _run(eng, prompts, lengths) == ref
-            pools.append(eng.mtp_cache.pool.packed[:, 1:])  # (the null block: padding's)
-        S = 64  # the last request's 60 positions, padded
-        d = (pools[0] - pools[1]).abs()
-        assert eng.accepted > 0 and d.max() <= softmax_bound(S) * pools[1].abs().max()
+        return
+    assert eng.drafted > 0  # (every drafting step among the fixed ones)
+    model64, pools = copy.deepcopy(trained).double(), []
+    for graphs in (True, False):
+        eng = _engine(model64, max_batch_size=8, prefill_chunk=6, cuda_graphs=graphs, cache_dtype=torch.float64,
+                      **over)
+        assert _run(eng, prompts, lengths) == ref
+        pools.append(eng.mtp_cache.pool.packed[:, 1:])  # (the null block: padding's)
+    S = 64  # the last request's 60 positions, padded
+    d = (pools[0] - pools[1]).abs()
+    assert eng.accepted > 0 and d.max() <= softmax_bound(S) * pools[1].abs().max()
 
 
 def test_fixed_shape_prompt_scores_equal_the_eager_ones(trained):

@@ -204,7 +204,7 @@ def register(sub) -> None:
                         "deepseek_v3 (V3-0324 / R1's: a fenced json block), deepseek_v32 or deepseek_v4 (their DSML), "
                         "kimi_k2 (Kimi K2 / K2-Thinking / K2.5's) forces one, as vLLM's parsers of those names read it")
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
-                   help="steps without drafts in fixed shapes, replayed from CUDA graphs: auto (default) on a GPU for "
+                   help="serving steps in fixed shapes, replayed from CUDA graphs: auto (default) on a GPU for "
                         "MLA and GQA models (not DSA's or DeepSeek-V4's, which select slots by value); on: also on "
                         "the CPU, run eagerly (as tests check them), and an error for a model without them; off")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")

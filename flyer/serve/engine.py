@@ -20,8 +20,8 @@ during the step. Each scheduler step:
    tokens (chunks of one or more prompts), so a long prompt advances a chunk per step while the
    others keep decoding (more during a burst: ``prefill_budget``). Both kinds of rows go through
    the model together (``Decoder.forward_groups``): the routed experts' weights, most of the bytes
-   a step reads, are read once for both. On a GPU a step without drafts runs in fixed shapes, a token row
-   per decoding request and per prompt token, replayed from a CUDA graph (``flyer.serve.graphs``,
+   a step reads, are read once for both. On a GPU a step runs in fixed shapes, a token row per decoding
+   request, draft and prompt token, replayed from a CUDA graph (``flyer.serve.graphs``,
    ``EngineConfig.cuda_graphs``);
 5. samples each request's next token with its own options (greedy, temperature / top-p with its
    own seeded generator; with a grammar, among the tokens it allows: ``flyer.serve.grammar``, after the
@@ -203,8 +203,8 @@ class Engine:
 
     def _step_graphs(self, wanted: bool | None, device: torch.device) -> StepGraphs | None:
         """Where steps run in fixed shapes (``EngineConfig.cuda_graphs``): captured in CUDA graphs on a GPU, eagerly
-        elsewhere; None: eagerly in the packed forward. A step's rows: its decoding requests and the tokens of
-        ``prefill_chunk`` (what a step prefills but in a burst, ``prefill_budget``)."""
+        elsewhere; None: eagerly in the packed forward. A step's rows: its decoding requests, each with the drafts it
+        verifies, and the tokens of ``prefill_chunk`` (what a step prefills but in a burst, ``prefill_budget``)."""
         if wanted is False or (wanted is None and device.type != "cuda"):
             return None
         reason = graphs_unsupported(self.dec)
@@ -213,8 +213,9 @@ class Engine:
                 raise FieldError("cuda_graphs", f"this model cannot step in fixed shapes: {reason}")
             return None
         cfg = self.cfg
-        return StepGraphs(self.dec, self.cache, cfg.max_batch_size, cfg.max_batch_size + cfg.prefill_chunk,
-                          self.model.cfg.max_seq_len, capture=device.type == "cuda")
+        rows = cfg.max_batch_size * (1 + (cfg.draft_tokens if self.spec else 0)) + cfg.prefill_chunk
+        return StepGraphs(self.dec, self.cache, cfg.max_batch_size, rows, self.model.cfg.max_seq_len,
+                          capture=device.type == "cuda")
 
     def safe_step(self) -> None:
         """``step``; a failure (a bug) is printed and ends every request with "error" instead of
@@ -400,9 +401,9 @@ class Engine:
         drafted = self.speculator.draft(*zip(*drafting)) if drafting else []
         if not (plain or drafted or prefilling):
             return
-        fixed = self._fixed_step(plain, prefilling, lens) if self.graphs is not None and not drafted else None
+        fixed = self._fixed_step(plain, drafted, prefilling, lens) if self.graphs is not None else None
         if fixed is not None:
-            (h_plain, logits, h_pre, ending), h_drafts = fixed, []
+            h_plain, h_drafts, logits, h_pre, ending = fixed
         else:
             batches = [(plain, [[r.tokens[-1]] for r in plain])] if plain else []
             for rows, _, drafts, *_ in drafted:  # one group per draft count: verified without padding
@@ -442,27 +443,35 @@ class Engine:
             self._after_prefill(prefilling, lens, h_pre, dict(zip(ending, range(done, done + len(ending)))),
                                 logits, greedy)
 
-    def _fixed_step(self, plain: list[Request], prefilling: list[Request], lens: list[int]
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[int]] | None:
+    def _fixed_step(self, plain: list[Request], drafted: list[Drafted], prefilling: list[Request], lens: list[int]
+                    ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None, torch.Tensor | None,
+                               list[int]] | None:
         """``_forward``'s pass in fixed shapes (``flyer.serve.graphs``, its rows ``token_rows``). Returns the plain
-        rows' hidden states (B, 1, D; a view of the static output, copied under speculation, whose ``h_prev``
-        outlives the step), the logits, the prompts' hidden states (n, T, D) where something reads them
-        (speculation, prompt scores; else None) and the ending prompts (indices into ``prefilling``); None where the
-        step runs eagerly (``StepGraphs.step``)."""
-        rows, at, ending = token_rows(plain, prefilling, lens)
-        h = self.graphs.step(rows, [r.blocks for r in plain + prefilling])
+        rows' hidden states (B, 1, D), each drafted group's (B_g, k + 1, D) (views of the static output, copied under
+        speculation, whose ``h_prev`` outlives the step), the logits, the prompts' hidden states (n, T, D) where
+        something reads them (speculation, prompt scores; else None) and the ending prompts (indices into
+        ``prefilling``); None where the step runs eagerly (``StepGraphs.step``)."""
+        decoding = [(r, []) for r in plain] + [(r, d) for rows, _, drafts, *_ in drafted for r, d in zip(rows, drafts)]
+        rows, at, ending = token_rows(decoding, prefilling, lens)
+        h = self.graphs.step(rows, [r.blocks for r, _ in decoding] + [r.blocks for r in prefilling])
         if h is None:
             return None
-        B, n_logits = len(plain), len(plain) + len(ending)
         self.metrics.fixed_steps.labels("cuda_graph" if self.graphs.capture else "eager").inc()
         self.metrics.cuda_graphs.set(len(self.graphs.graphs))
+        B, h_drafts = len(plain), []
+        off = B
+        for group, _, drafts, *_ in drafted:  # every row of a group verifies as many drafts
+            n = len(group) * (len(drafts[0]) + 1)
+            h_drafts.append(h[off:off + n].view(len(group), len(drafts[0]) + 1, -1).clone())
+            off += n
+        n_logits = off + len(ending)
         logits = self.dec.logits(h[:n_logits, 0]) if n_logits else None
         h_pre = None
         if prefilling and (self.spec or any(r.prompt_lp is not None for r in prefilling)):
             T = max(lens)
             index = torch.tensor([a + a[-1:] * (T - len(a)) for a in at], device=self.device)  # padding: the last
             h_pre = h[:, 0].index_select(0, index.view(-1)).view(len(prefilling), T, -1)
-        return (h[:B].clone() if self.spec else h[:B]) if plain else None, logits, h_pre, ending
+        return (h[:B].clone() if self.spec else h[:B]) if plain else None, h_drafts, logits, h_pre, ending
 
     @staticmethod
     def _adjust(logits: torch.Tensor, plain: list[Request], drafted: list[Drafted], ending: list[Request]) -> None:

@@ -7,7 +7,8 @@ kernels once and launches them all again with one call. It fixes shapes and addr
 (``StaticStep``) is a list of token rows, each a token at its position attending through its request's block table
 over the slots up to it:
 
-- a decoding request is one row; a prompt's chunk is a row per token, all on the prompt's table. Each layer writes
+- a decoding request is one row, and one more per MTP draft it verifies (at the positions after it); a prompt's
+  chunk is a row per token, all on the prompt's table. Each layer writes
   every row's entry before any row reads, so a prompt token sees the chunk's earlier tokens as the packed forward's
   causal mask lets it. A row below its request's first position to write (a position recomputed in a shared block,
   ``PagedCache.view``'s ``write_from``) writes into the null block instead;
@@ -20,8 +21,8 @@ over the slots up to it:
   left in a static buffer too, which the next step overwrites; the caller takes logits of the rows it needs.
 
 ``StepGraphs`` captures a graph per (row bucket, slot bucket) the first time a step needs it, all in one memory
-pool, and replays it. The engine runs its steps there (``EngineConfig.cuda_graphs``), except those that verify MTP
-drafts, and those past the budgets below, which run eagerly in the packed forward. Without ``capture`` (the CPU;
+pool, and replays it. The engine runs its steps there (``EngineConfig.cuda_graphs``), except those past the budgets
+below, which run eagerly in the packed forward (as do the MTP module's drafting passes). Without ``capture`` (the CPU;
 the tests) the same static step runs eagerly: the tests hold its values to the eager step's, and run it on the meta
 device, where reading a value back fails.
 """
@@ -80,20 +81,22 @@ def row_buckets(max_rows: int) -> list[int]:
     return [b for b in sizes if b < max_rows] + [max_rows]
 
 
-def token_rows(plain: list[Request], prefilling: list[Request], lens: list[int]
+def token_rows(decoding: list[tuple[Request, list[int]]], prefilling: list[Request], lens: list[int]
                ) -> tuple[list[tuple[int, int, int, int]], list[list[int]], list[int]]:
-    """A step's rows (``StaticStep.fill``; tables: ``plain`` then ``prefilling``): one per decoding request in
-    ``plain``, then the last token of each prompt whose chunk (``lens[i]`` tokens of ``prefilling[i]`` from its
-    ``n_cached``) ends it, then every other prompt token: the rows that need logits first, in the engine's order.
-    Each row writes from its request's ``n_shared`` on (positions recomputed in shared blocks are not written).
-    Also the row of each prompt token, and the ending prompts (indices into ``prefilling``)."""
+    """A step's rows (``StaticStep.fill``; tables: ``decoding``'s then ``prefilling``'s): each decoding request's
+    pending token and the MTP drafts it verifies (``decoding``: (request, drafts)), at its next positions; then the
+    last token of each prompt whose chunk (``lens[i]`` tokens of ``prefilling[i]`` from its ``n_cached``) ends it;
+    then every other prompt token: the rows that need logits first, in the engine's order. Each row writes from its
+    request's ``n_shared`` on (positions recomputed in shared blocks are not written). Also the row of each prompt
+    token, and the ending prompts (indices into ``prefilling``)."""
     ending = [i for i, (r, n) in enumerate(zip(prefilling, lens)) if r.n_cached + n == len(r.tokens)]
-    B = len(plain)
-    rows = [(r.tokens[-1], r.n_cached, j, r.n_shared) for j, r in enumerate(plain)]
+    B = len(decoding)
+    rows = [(t, r.n_cached + k, j, r.n_shared) for j, (r, drafts) in enumerate(decoding)
+            for k, t in enumerate([r.tokens[-1], *drafts])]
     rows += [(prefilling[i].tokens[-1], len(prefilling[i].tokens) - 1, B + i, prefilling[i].n_shared) for i in ending]
-    at = []
+    at, first_ending = [], len(rows) - len(ending)
     for i, (r, n) in enumerate(zip(prefilling, lens)):
-        last = [B + ending.index(i)] if i in ending else []
+        last = [first_ending + ending.index(i)] if i in ending else []
         at.append([*range(len(rows), len(rows) + n - len(last)), *last])
         rows += [(r.tokens[p], p, B + i, r.n_shared) for p in range(r.n_cached, r.n_cached + n - len(last))]
     return rows, at, ending

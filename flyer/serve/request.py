@@ -105,8 +105,8 @@ class EngineConfig:
     draft_tokens: int = 1  # drafts per request and step (speculative)
     # speculative: a step with more decoding rows than this drafts for none (verifying costs more than it wins back)
     speculative_max_batch: int | None = None
-    # steps without drafts in fixed shapes, replayed from CUDA graphs on a GPU (``flyer.serve.graphs``); None: on a
-    # GPU for the models that step so; True on the CPU: the same fixed-shape step, run eagerly (tests)
+    # steps in fixed shapes, replayed from CUDA graphs on a GPU (``flyer.serve.graphs``); None: on a GPU for the
+    # models that step so; True on the CPU: the same fixed-shape step, run eagerly (tests)
     cuda_graphs: bool | None = None
 
     def validate(self) -> None:
