@@ -199,17 +199,22 @@ def _rank_step(rank: int, hf_dir: str, prefs: str, out: str, halves: list[list[i
     return result
 
 
-def test_moe_step_updates_router_biases_and_leaves_mtp_alone(hf, tmp_path):
-    """A DeepSeek-V3 policy with an MTP module: a DPO step adds the sequence balance loss and moves the routers'
-    biases (the policy's, not the reference's); the MTP module's own weights get no gradient and stay as loaded."""
-    _, prefs = hf
-    path = tmp_path / "v3"
+def _v3_with_mtp(path: Path) -> Path:
+    """A tiny DeepSeek-V3 directory with one MTP layer and TEMPLATE."""
     ref = build("v3", path)
     add_mtp_layer(ref, path)
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
     tok = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps({**tok, "chat_template": TEMPLATE}))
+    return path
+
+
+def test_moe_step_updates_router_biases_and_leaves_mtp_alone(hf, tmp_path):
+    """A DeepSeek-V3 policy with an MTP module: a DPO step adds the sequence balance loss and moves the routers'
+    biases (the policy's, not the reference's); the MTP module's own weights get no gradient and stay as loaded."""
+    _, prefs = hf
+    path = _v3_with_mtp(tmp_path / "v3")
     t = _trainer((path, prefs), tmp_path / "run")
     assert t.cfg.mtp_depth == 1
     before = {n: p.detach().clone() for n, p in t.model.named_parameters() if n.startswith("mtp.")}
@@ -247,7 +252,7 @@ def test_data_parallel_ranks_equal_one_process(hf, dp_ranks, tmp_path):
     on all 4 (the mean over the job's pairs), within the reordering bound of the step-1 gradient test."""
     path, prefs = hf
     halves = HALVES
-    ranks = [r["step"] for r in dp_ranks]
+    ranks = [r["step"] for r in dp_ranks["ranks"]]
     whole = _rank_step(0, str(path), str(prefs), str(tmp_path), halves)
     cfg = load_hf(path)[1]
     c = (cfg.n_layers * (cfg.dim + cfg.inter_dim + 97) + 4 * 97 + 8) * FP32_U
@@ -279,30 +284,41 @@ def _zero_step(rank: int, hf_dir: str, prefs: str, out: str, halves: list[list[i
 HALVES = [[0, 2], [5, 3]]  # each data-parallel rank's pairs: unlike lengths
 
 
-def _dp_job(rank: int, hf_dir: str, prefs: str, out: str) -> dict:
+def _dp_job(rank: int, hf_dir: str, prefs: str, out: str, v3_dir: str) -> dict:
     """Both data-parallel tests' ranks in one job (one set of forked ranks, one process group): the unsharded and
-    ZeRO-1 steps (``_zero_step``), then ``_rank_step``'s loss and gradients, each from its own trainer."""
-    return {"zero": _zero_step(rank, hf_dir, prefs, out, HALVES), "step": _rank_step(rank, hf_dir, prefs, out, HALVES)}
+    ZeRO-1 steps (``_zero_step``), of the Llama and of a DeepSeek-V3 with a frozen MTP module, then
+    ``_rank_step``'s loss and gradients, each from its own trainer."""
+    return {"zero": _zero_step(rank, hf_dir, prefs, out, HALVES),
+            "zero_v3": _zero_step(rank, v3_dir, prefs, f"{out}/v3", HALVES),
+            "step": _rank_step(rank, hf_dir, prefs, out, HALVES)}
 
 
 @pytest.fixture(scope="module")
 def dp_ranks(hf, tmp_path_factory):
     path, prefs = hf
-    return run_ranks(_dp_job, 2, str(path), str(prefs), str(tmp_path_factory.mktemp("dp")))
+    v3 = _v3_with_mtp(tmp_path_factory.mktemp("v3"))
+    return {"v3": v3, "ranks": run_ranks(_dp_job, 2, str(path), str(prefs), str(tmp_path_factory.mktemp("dp")),
+                                         str(v3))}
 
 
 @pytest.mark.slow
-def test_zero1_step_equals_unsharded_step(dp_ranks):
+@pytest.mark.parametrize("model", ["llama", "v3_mtp"])
+def test_zero1_step_equals_unsharded_step(dp_ranks, model):
     """``zero=1`` on 2 data-parallel ranks (gloo): one DPO step leaves every weight equal, bit for bit, to the
     unsharded optimizer's on the same ranks (AdamW is elementwise and each shard is broadcast as its owner computed
-    it: ``flyer.parallel.zero``), which tests/test_dpo.py's data-parallel test ties to one process."""
-    ranks = [r["zero"] for r in dp_ranks]
+    it: ``flyer.parallel.zero``), which tests/test_dpo.py's data-parallel test ties to one process. A DeepSeek-V3
+    policy's frozen MTP module (no gradient, in no shard's update) stays as loaded in both."""
+    ranks = [r["zero" if model == "llama" else "zero_v3"] for r in dp_ranks["ranks"]]
     for r in ranks:
         plain, sharded = r[0], r[1]
         assert (plain["layout"], sharded["layout"]) == (0, 1) and plain["rec"] == sharded["rec"] and sharded["moved"]
         for n, w in plain["weights"].items():
             assert torch.equal(sharded["weights"][n], w), n
     assert all(torch.equal(ranks[0][1]["weights"][n], w) for n, w in ranks[1][1]["weights"].items())
+    if model == "v3_mtp":
+        loaded = dict(load_hf(dp_ranks["v3"])[0].named_parameters())
+        frozen = [n for n in loaded if n.startswith("mtp.")]  # its own (the shared embedding and head: the model's)
+        assert frozen and all(torch.equal(ranks[0][1]["weights"][n], loaded[n]) for n in frozen)
 
 
 def _train_args(hf, out, steps, *extra):
