@@ -8,8 +8,10 @@ import copy
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from trained import counting_model
 
+from flyer import kernels
 from flyer.config import preset
 from flyer.errors import FieldError
 from flyer.infer import GenerationConfig, generate
@@ -18,7 +20,7 @@ from flyer.model.experts import Experts
 from flyer.model.moe import MoE, fixed_shapes
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
-from flyer.serve.graphs import StaticStep, StepGraphs, row_buckets
+from flyer.serve.graphs import StaticStep, StepGraphs, attention_flops_per_slot, row_buckets
 from flyer.serve.paged import NULL_BLOCK, make_paged_cache
 
 V = 64
@@ -164,7 +166,7 @@ def test_a_recomputed_shared_position_is_not_written(trained, graphs):
 
 @pytest.mark.parametrize("limit", ["flops", "slots", "row_slots"])
 def test_buckets_past_the_budgets_run_eagerly(trained, monkeypatch, limit):
-    """A bucket whose dense experts would cost more than ``DENSE_FLOPS_BUDGET``, that attends over more than
+    """A bucket whose dense experts would cost more than ``FLOPS_BUDGET``, that attends over more than
     ``GRAPH_MAX_SLOTS`` a row or ``GRAPH_MAX_ROW_SLOTS`` in all runs its step eagerly; the tokens are generate's
     either way. Here a budget for 2 rows (steps of 3 or more rows, buckets 4 and 8, take the packed forward), for 32
     slots a row (8 blocks of 4), or for 64 (row, slot) pairs."""
@@ -175,7 +177,7 @@ def test_buckets_past_the_budgets_run_eagerly(trained, monkeypatch, limit):
     per_row = eng.graphs.static.dense_flops_per_row
     assert per_row == sum(2 * 3 * e.n_local * e.w1.shape[1] * e.w1.shape[2] for e in trained.modules()
                           if isinstance(e, Experts))
-    patch, cap = {"flops": ("DENSE_FLOPS_BUDGET", 2.5 * per_row), "slots": ("GRAPH_MAX_SLOTS", 32),
+    patch, cap = {"flops": ("FLOPS_BUDGET", 2.5 * per_row), "slots": ("GRAPH_MAX_SLOTS", 32),
                   "row_slots": ("GRAPH_MAX_ROW_SLOTS", 64)}[limit]
     monkeypatch.setattr(f"flyer.serve.graphs.{patch}", cap)
     shapes = []
@@ -187,6 +189,53 @@ def test_buckets_past_the_budgets_run_eagerly(trained, monkeypatch, limit):
     sizes = [{"flops": P, "slots": W * 4, "row_slots": P * W * 4}[limit] for P, W in shapes]
     assert sizes and max(sizes) == (2 if limit == "flops" else cap)
     assert eng.metrics.fixed_steps.labels("eager")._value.get() == len(shapes)
+
+
+@pytest.mark.parametrize("budget", [160, 159])
+def test_prompt_attention_past_the_budget_runs_eagerly(trained, monkeypatch, budget):
+    """A prompt's chunk attends in the absorbed form, each row past one a request over the step's slots, whose FLOPs
+    count against ``FLOPS_BUDGET`` (here alone, the dense experts' left out). Each chunk after the first burst's
+    (whose 30 rows pass the largest bucket) is 5 rows past one over 32 slots: with a budget of 160 (row, slot) pairs
+    they run fixed, with 159 eagerly, with generate's tokens either way."""
+    prompts, lengths = _prompts(), [8, 14, 5, 10, 30]
+    ref = [generate(trained, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
+           for p, n in zip(prompts, lengths)]
+    eng = _engine(trained, max_batch_size=8, prefill_chunk=6, cuda_graphs=True)
+    static = eng.graphs.static
+    static.dense_flops_per_row = 0
+    monkeypatch.setattr("flyer.serve.graphs.FLOPS_BUDGET", budget * static.attn_flops_per_slot)
+    chunks, step = [], eng.graphs.step
+
+    def record(rows, tables):
+        h = step(rows, tables)
+        shape = static.buckets(len(rows), max(r[1] for r in rows) + 1)
+        if shape is not None and len(rows) > len(tables):
+            chunks.append((len(rows) - len(tables), shape[1] * 4, h is not None))
+        return h
+    eng.graphs.step = record
+    assert _run(eng, prompts, lengths) == ref
+    assert len(chunks) > 3 and set(chunks) == {(5, 32, budget == 160)}
+
+
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_attention_flops_per_slot_is_what_the_step_attends(trained, attn):
+    """``attention_flops_per_slot`` against torch's FLOP counter: the same rows over 16 and then 32 blocks of slots
+    differ by rows x slots x it, every other FLOP of the step being the same (the trained MLA model, a random GQA
+    one; the CPU kernels off: their calls are not counted, and a GPU runs these ops)."""
+    torch.manual_seed(1)
+    model = trained if attn == "mla" else Transformer(preset("tiny", vocab_size=V, **GQA)).eval()
+    cfg = model.cfg
+    cache = make_paged_cache(cfg, cfg.n_layers, 64, 4, torch.float32)
+    static = StaticStep(Decoder(model, 1, cfg.max_seq_len, cache=cache), cache, 4, 8, cfg.max_seq_len // 4)
+    rows = [(3, 5, 0, 0), (4, 9, 1, 0), (6, 10, 1, 0)]
+    flops = []
+    for W in (16, 32):
+        static.fill(rows, [list(range(1, 17)), list(range(17, 33))], (4, W))
+        with FlopCounterMode(display=False) as counter, kernels.disabled():
+            static.run((4, W))
+        flops.append(counter.get_total_flops())
+    assert static.attn_flops_per_slot == attention_flops_per_slot(cfg)
+    assert flops[1] - flops[0] == 4 * 16 * 4 * static.attn_flops_per_slot
 
 
 def softmax_bound(S: int) -> float:

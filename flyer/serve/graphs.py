@@ -8,8 +8,8 @@ kernels once and launches them all again with one call. It fixes shapes and addr
 over the slots up to it:
 
 - a decoding request is one row, and one more per MTP draft it verifies (at the positions after it); a prompt's
-  chunk is a row per token, all on the prompt's table. Each layer writes
-  every row's entry before any row reads, so a prompt token sees the chunk's earlier tokens as the packed forward's
+  chunk is a row per token, all on the prompt's table. Each layer writes every row's entry before any row reads, so
+  a prompt token sees the chunk's earlier tokens (a draft its request's earlier drafts) as the packed forward's
   causal mask lets it. A row below its request's first position to write (a position recomputed in a shared block,
   ``PagedCache.view``'s ``write_from``) writes into the null block instead;
 - the rows are padded to a bucket (``row_buckets``): a padding row feeds token 0 at position 0 through a table of
@@ -60,17 +60,26 @@ def graphs_unsupported(dec: Decoder) -> str | None:
     return None
 
 
-# FLOPs a fixed-shape step may spend on dense routed experts (every expert over every row, ``Experts.routed_fixed``):
-# a millisecond or two of an H200's FP32 rate, a tenth of the host time an eager step of a launch-bound model takes
-# (``small``: 94 MFLOP a row, so a decode batch and a 256-token chunk fit). A bucket past it runs eagerly: a larger
-# FP32 model (dsv2-lite: 29 GFLOP a row) is not launch-bound.
-DENSE_FLOPS_BUDGET = 64e9
+# FLOPs a fixed-shape step may spend in forms the eager step would not take: dense routed experts (every expert over
+# every row, ``Experts.routed_fixed``), and attention in the absorbed form for the rows past one a request (a prompt's
+# chunk: the packed forward may prefill it in fewer FLOPs). A millisecond or two of an H200's FP32 rate, a tenth of
+# the host time an eager step of a launch-bound model takes: ``small``'s 94 MFLOP a row of experts and 15 kFLOP a row
+# and slot let a decode batch and a 256-token chunk fit. A step past it runs eagerly: a larger model is not
+# launch-bound (dsv2-lite's FP32 experts: 29 GFLOP a row; its chunk of 256 at 2,048 slots: 490 GFLOP of attention).
+FLOPS_BUDGET = 64e9
 # slots a row of a captured step attends over at most: past them its attention is bandwidth-bound work (a millisecond
 # or more for a batch), no longer launch-bound
 GRAPH_MAX_SLOTS = 8192
 # (row, slot) pairs a captured step attends over at most: each layer gathers their latents, which the graphs' pool
 # keeps from the rest of the serving (V3 in BF16, 64 rows of 8,192 slots: 604 MB)
 GRAPH_MAX_ROW_SLOTS = 64 * GRAPH_MAX_SLOTS
+
+
+def attention_flops_per_slot(cfg) -> int:
+    """FLOPs of one row attending to one slot in a fixed-shape step, over every layer: MLA absorbed (scores over the
+    latent and the rope key, then the latents weighted), GQA per head (scores over the key, then the value)."""
+    per_head = 2 * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) if cfg.attn == "mla" else 2 * 2 * cfg.head_dim
+    return cfg.n_layers * cfg.n_heads * per_head
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -116,6 +125,7 @@ class StaticStep:
         device, dtype = dec.model.embed.weight.device, dec.model.embed.weight.dtype
         self.dense_flops_per_row = sum(m.dense_flops_per_token(dtype) for m in dec.model.modules()
                                        if isinstance(m, Experts))
+        self.attn_flops_per_slot = attention_flops_per_slot(dec.cfg)
         pinned = device.type == "cuda"
         # per row [token, position, its table, its first position to write], and the tables (a table of null
         # blocks after the step's own, for the padding rows), laid out (tables + 1, W) for a step of W blocks a
@@ -188,27 +198,24 @@ class StepGraphs:
         """Hidden states (N, 1, D) of the N token ``rows`` (``StaticStep.fill``: token, position, index into
         ``tables``, each a request's block ids, and the first position it may write), a view of the static output,
         valid until the next step. None once a capture has failed, or where the step's rows pass the largest
-        bucket, its dense experts ``DENSE_FLOPS_BUDGET``, or its slots ``GRAPH_MAX_SLOTS`` a row or
+        bucket, its dense experts and its prompts' attention ``FLOPS_BUDGET``, or its slots ``GRAPH_MAX_SLOTS`` a row or
         ``GRAPH_MAX_ROW_SLOTS`` in all (the caller runs the step eagerly)."""
-        if self.failed is not None:
+        static = self.static
+        shape = static.buckets(len(rows), max(row[1] for row in rows) + 1)
+        if self.failed is not None or shape is None:
             return None
-        shape = self.static.buckets(len(rows), max(row[1] for row in rows) + 1)
-        if shape is None:
-            return None
-        slots = shape[1] * self.static.block_size
-        if shape[0] * self.static.dense_flops_per_row > DENSE_FLOPS_BUDGET or slots > GRAPH_MAX_SLOTS or \
-                shape[0] * slots > GRAPH_MAX_ROW_SLOTS:
+        P, slots = shape[0], shape[1] * static.block_size
+        flops = P * static.dense_flops_per_row + (len(rows) - len(tables)) * slots * static.attn_flops_per_slot
+        if flops > FLOPS_BUDGET or slots > GRAPH_MAX_SLOTS or P * slots > GRAPH_MAX_ROW_SLOTS:
             return None  # dense experts or attention costing more than the launches a graph saves: eagerly
-        self.static.fill(rows, tables, shape)
+        static.fill(rows, tables, shape)
         if not self.capture:
-            return self.static.run(shape)[:len(rows)]
-        graph = self.graphs.get(shape)
+            return static.run(shape)[:len(rows)]
+        graph = self.graphs.get(shape) or self._capture(shape)
         if graph is None:
-            graph = self._capture(shape)
-            if graph is None:
-                return None
+            return None
         graph.replay()
-        return self.static.hidden[:len(rows)]
+        return static.hidden[:len(rows)]
 
     def _capture(self, shape: tuple[int, int]):
         """Record the step of ``shape`` on the inputs ``fill`` just set: warmed up on a side stream (which also
