@@ -320,16 +320,23 @@ def test_host_buffers_wait_for_the_last_copy_out_of_them(trained):
     assert log == ["wait", "record"] * 3
 
 
-@pytest.mark.parametrize("impl,dtype", [("fused", torch.float64), ("grouped_mm", torch.bfloat16)])
-def test_fixed_shape_moe_equals_the_eager_moe(impl, dtype):
+@pytest.mark.parametrize("impl,dtype,host_offsets", [("fused", torch.float64, False),
+                                                     ("grouped_mm", torch.bfloat16, False),
+                                                     ("grouped_mm", torch.bfloat16, True)])
+def test_fixed_shape_moe_equals_the_eager_moe(impl, dtype, host_offsets, monkeypatch):
     """``fixed_shapes``' routed experts against the eager ones on the same routing. FP64 (every expert over every
     token): both within FP64 rounding of the exact sums of at most D + F + K terms (~1e-13 of the scale here; 1e-9
-    leaves room, a wrong expert or weight moves the output by its own scale). BF16 through ``torch._grouped_mm``:
-    the same per-expert GEMMs, so only the combine's FP32 order differs: within (K - 1) u32 of the terms' absolute
-    sum, bounded by K max|w y|."""
+    leaves room, a wrong expert or weight moves the output by its own scale). BF16 through ``torch._grouped_mm``,
+    and where its groups would be looped on the host (``host_offsets``: a GPU before SM90, where a capture
+    fails) every expert over every token in BF16 (its FLOPs then counted against the graphs' budget): the same
+    per-expert GEMMs (each row's products its own), so only the combine's FP32 order differs: within (K - 1) u32 of
+    the terms' absolute sum, bounded by K max|w y|."""
+    monkeypatch.setattr("flyer.model.experts.grouped_mm_reads_offsets", lambda device: host_offsets)
     torch.manual_seed(0)
     cfg = preset("small")
     moe = MoE(cfg, experts_impl=impl).eval().to(dtype)
+    experts = [m for m in moe.modules() if isinstance(m, Experts)]
+    assert all((e.dense_flops_per_token(dtype) > 0) == (dtype == torch.float64 or host_offsets) for e in experts)
     x = torch.randn(3, 5, cfg.dim, dtype=dtype)
     with torch.inference_mode():
         eager = moe(x)
@@ -359,12 +366,16 @@ def _meta_autocast():
         torch.is_autocast_enabled = real
 
 
-@pytest.mark.parametrize("attn,dtype,impl", [("mla", torch.float32, "auto"), ("mla", torch.bfloat16, "grouped_mm"),
-                                             ("gqa", torch.float32, "auto")])
-def test_fixed_shape_step_reads_nothing_back(attn, dtype, impl):
+@pytest.mark.parametrize("attn,dtype,impl,host_offsets", [("mla", torch.float32, "auto", False),
+                                                          ("mla", torch.bfloat16, "grouped_mm", False),
+                                                          ("mla", torch.bfloat16, "grouped_mm", True),
+                                                          ("gqa", torch.float32, "auto", False)])
+def test_fixed_shape_step_reads_nothing_back(attn, dtype, impl, host_offsets, monkeypatch):
     """On the meta device every value read back to the host fails (``.item()``, ``.tolist()``, ``bincount``'s and
     ``nonzero``'s shapes), as it fails inside a CUDA graph's capture: the fixed-shape step runs there (and takes
-    the non-CPU branches a GPU takes); the eager step, which reads its positions' maximum back, does not."""
+    the non-CPU branches a GPU takes; BF16 experts every one over every token where ``torch._grouped_mm`` would read
+    its offsets back); the eager step, which reads its positions' maximum back, does not."""
+    monkeypatch.setattr("flyer.model.experts.grouped_mm_reads_offsets", lambda device: host_offsets)
     cfg = preset("tiny", **(GQA if attn == "gqa" else {}))
     with torch.device("meta"):
         model = Transformer(cfg, experts_impl=impl).eval().to(dtype)

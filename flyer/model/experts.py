@@ -105,6 +105,14 @@ def fp32_grouped_mm(device: torch.device) -> bool:
         return False
 
 
+@functools.cache
+def grouped_mm_reads_offsets(device: torch.device) -> bool:
+    """Whether ``torch._grouped_mm`` in BF16 on ``device`` loops over the groups on the host, reading the offsets back
+    (which a CUDA graph's capture forbids): on CUDA but where its CUTLASS kernels run, compute capability 9.x and
+    10.x (torch's ``_grouped_mm_fallback`` elsewhere, an A100's included)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] not in (9, 10)
+
+
 class PaddedLayout(NamedTuple):
     """Expert-sorted rows with each expert's slice padded with zero rows to a multiple of
     ``row_multiple`` rows: per expert, its rows (``counts``), padded rows and first row; the total."""
@@ -486,16 +494,22 @@ class Experts(nn.Module):
         """Whether GEMMs in ``dtype`` run as ``torch._grouped_mm`` in BF16 ('auto': for BF16 GEMMs only)."""
         return self.impl == "grouped_mm" and (self.requested_impl == "grouped_mm" or dtype == torch.bfloat16)
 
+    def fixed_grouped(self, dtype: torch.dtype) -> bool:
+        """Whether ``routed_fixed`` runs ``torch._grouped_mm`` (``grouped_bf16``, where it reads nothing back to the
+        host: ``grouped_mm_reads_offsets``) rather than every expert over every token."""
+        return self.grouped_bf16(dtype) and not grouped_mm_reads_offsets(self.w1.device)
+
     def dense_flops_per_token(self, dtype: torch.dtype) -> int:
         """FLOPs a token costs ``routed_fixed`` in ``dtype``: every local expert's three projections where it runs
-        them all (not ``grouped_bf16``), else 0 (what its picks cost too, as in any other form)."""
-        return 0 if self.grouped_bf16(dtype) else 2 * self.n_local * self.w1.shape[1] * self.w1.shape[2] * 3
+        them all (not ``fixed_grouped``), else 0 (what its picks cost too, as in any other form)."""
+        return 0 if self.fixed_grouped(dtype) else 2 * self.n_local * self.w1.shape[1] * self.w1.shape[2] * 3
 
     def routed_fixed(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         """``routed_local``'s values (T, D), in the combine's dtype (FP32; FP64 for FP64), from shapes that x's
         alone fix and nothing read back to the host, so that a CUDA graph can capture them
-        (``flyer.model.moe.fixed_shapes``). Where ``forward`` takes ``torch._grouped_mm`` (BF16 on CUDA): every
-        pick a row in expert order, the offsets a device tensor. Else every expert over every token, one batched
+        (``flyer.model.moe.fixed_shapes``). Where ``forward`` takes ``torch._grouped_mm`` (BF16 on CUDA) and it
+        reads nothing back (``fixed_grouped``): every pick a row in expert order, the offsets a device tensor. Else
+        every expert over every token, one batched
         GEMM per projection, each token's outputs weighted by its gate weights (0 where it did not pick):
         each expert's weights read once, E / K times the picked FLOPs, for the decode batches of models whose
         steps are launch-bound. Inference only (nothing kept for a backward)."""
@@ -504,7 +518,7 @@ class Experts(nn.Module):
         acc = kernels.acc_dtype(dtype)
         local = topk_ids_TK - self.first
         mine = (local >= 0) & (local < E)  # picks of other ranks' or zero-computation experts: no row here
-        if self.grouped_bf16(dtype):
+        if self.fixed_grouped(dtype):
             ids = torch.where(mine, local, E).flatten()  # the picks with no row sort last, past the offsets
             order = torch.argsort(ids, stable=True)
             counts = torch.zeros(E + 1, dtype=torch.int32, device=ids.device).index_add_(
