@@ -14,7 +14,8 @@
    server's prefix hit rate, and from its step times (``flyer_step_seconds`` in /metrics) the share of the run's wall
    time the engine was stepping (``busy_share_c*``: the rest it waited for requests) and its mean step
    (``step_ms_c*``, beside the engine alone's ``engine_step_ms_c*``: steps slower than those point at contention for
-   the host). The clients run in a child process at nice 10: they
+   the host); on a GPU the share of its steps replayed from CUDA graphs (``graph_step_share_c*``) and the graphs it
+   captured (``cuda_graphs_served``). The clients run in a child process at nice 10: they
    stand in for remote users, so on a host of a few cores they must not preempt the server.
 2. The peer, on the same weight values exported with ``flyer export`` (FP32) and the same requests at
    the highest concurrency: ``transformers serve --continuous-batching`` when it starts here (its
@@ -287,7 +288,8 @@ def _start_flyer(run: Path, args) -> tuple[subprocess.Popen, str]:
 def _metrics(url: str, *names: str) -> list[float]:
     """The server's current value of each Prometheus metric (0 when absent)."""
     text = httpx.get(url + "/metrics").text
-    return [float(m.group(1)) if (m := re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)) else 0.0 for name in names]
+    return [float(m.group(1)) if (m := re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)) else 0.0
+            for name in names]
 
 
 def _hf_model(hf_dir: Path, threads: int, device: torch.device):
@@ -480,7 +482,8 @@ def main() -> None:
             with _client(1) as client:
                 _one(client, url, args.preset, system + [1, 2, 3], 4)  # warm-up
             spec = ("flyer_spec_draft_tokens_total", "flyer_spec_accepted_tokens_total", "flyer_spec_off_steps_total")
-            steps = ("flyer_step_seconds_sum", "flyer_step_seconds_count")
+            steps = ("flyer_step_seconds_sum", "flyer_step_seconds_count",
+                     'flyer_fixed_shape_steps_total{how="cuda_graph"}')
             for c in args.concurrency:
                 reqs = _requests(shapes[:max(c, RATIO_CLIENTS) * args.requests_per_client], rng, system)
                 before = _metrics(url, *spec, *steps)
@@ -488,16 +491,18 @@ def main() -> None:
                 out[f"tokens_per_s_c{c}"] = res["tokens_per_s"]
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
                     out[f"{k}_c{c}"] = res[k]
-                hit_rate, drafted, accepted, off, busy, n_steps = _metrics(url, "flyer_prefix_cache_hit_rate", *spec,
-                                                                           *steps)
+                hit_rate, drafted, accepted, off, busy, n_steps, graphed = _metrics(
+                    url, "flyer_prefix_cache_hit_rate", *spec, *steps)
                 out[f"prefix_hit_rate_c{c}"] = hit_rate
                 out[f"busy_share_c{c}"] = (busy - before[3]) / res["wall_s"]
                 out[f"step_ms_c{c}"] = 1e3 * (busy - before[3]) / max(n_steps - before[4], 1)
+                out[f"graph_step_share_c{c}"] = (graphed - before[5]) / max(n_steps - before[4], 1)
                 if args.speculative:  # this concurrency's drafts: accepted / verified
                     out[f"draft_acceptance_c{c}"] = round((accepted - before[1]) / max(drafted - before[0], 1), 4)
                 if args.speculative_max_batch:  # its steps over the cutoff
                     out[f"spec_off_steps_c{c}"] = int(off - before[2])
                 sent[c] = reqs
+            out["cuda_graphs_served"] = int(_metrics(url, "flyer_cuda_graphs")[0])
         finally:
             proc.terminate()
             out["flyer_exit_code"] = proc.wait(timeout=120)

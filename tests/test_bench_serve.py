@@ -46,8 +46,9 @@ def test_serve_bench_v4_json():
         assert 0 <= r[f"prefix_hit_rate_c{c}"] <= 1  # shared with boundary snapshots
         # the server's steps (its /metrics) within the run's wall time, each as long as the engine alone's within
         # this host's spread (an order of magnitude: one request's steps are milliseconds, a misread sum is seconds)
-        assert 0 < r[f"busy_share_c{c}"] <= 1
+        assert 0 < r[f"busy_share_c{c}"] <= 1 and r[f"graph_step_share_c{c}"] == 0  # (no CUDA graphs on the CPU)
         assert 0.1 < r[f"step_ms_c{c}"] / r[f"engine_step_ms_c{c}"] < 10
+    assert r["cuda_graphs_served"] == 0
     for key in ("peer_tokens_per_s_c16", "ratio_c16_vs_peer", "ratio_c16_vs_c1", "ratio_c16_vs_c1_memory_bound",
                 "decode_step_ms_b1", "decode_step_ms_b16"):
         assert r[key] > 0, key
@@ -68,6 +69,19 @@ def test_serve_bench_v4_json():
     assert r["cache_bytes_per_token_v4"] == 2 * (2 * (64 + 32) / 4 + 64 / 16)
     assert r["window_bytes_per_seq_v4"] == 2 * 4 * 32 * 64 and r["slot_bytes_v4"] > r["window_bytes_per_seq_v4"]
     assert r["max_seqs_v4"] > 0
+
+
+def test_metrics_read_a_labelled_series(monkeypatch):
+    """The bench reads /metrics series by their full name, labels included (``graph_step_share_c*``'s steps by
+    how they ran), and 0 for a series the server has not written."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    serve = importlib.import_module("serve")
+    text = ('flyer_fixed_shape_steps_total{how="cuda_graph"} 7.0\nflyer_fixed_shape_steps_total{how="eager"} 3.0\n'
+            "flyer_step_seconds_sum 1.5\n")
+    monkeypatch.setattr(serve.httpx, "get", lambda url: SimpleNamespace(text=text))
+    names = ('flyer_fixed_shape_steps_total{how="cuda_graph"}', 'flyer_fixed_shape_steps_total{how="eager"}',
+             "flyer_step_seconds_sum", "flyer_cuda_graphs")
+    assert serve._metrics("http://server", *names) == [7.0, 3.0, 1.5, 0.0]
 
 
 def _variants(monkeypatch, model, draft_tokens: int, max_batch: int | None = None) -> dict:
