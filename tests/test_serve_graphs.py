@@ -91,7 +91,8 @@ def test_fixed_shape_steps_equal_generate_alone(trained, spec):
     greedy tokens are generate's on its prompt alone. With MTP drafting only while one row decodes (``cutoff``), plain
     steps of several rows alternate with drafting ones (the prompts' and plain steps' hidden states kept for the MTP
     module's entries); with two drafts a row at every batch size, plain rows beside rows verifying two drafts. The MTP
-    module's entries are the eager steps' (FP64, to the FP32 softmax's rounding: ``softmax_bound``)."""
+    module's passes run in fixed shapes too (the second draft's on the module's own output), and its entries are the
+    eager passes' (FP64, to the FP32 softmax's rounding: ``softmax_bound``)."""
     prompts, lengths = _prompts(), [8, 14, 5, 10, 30]  # the last one decodes alone at the end
     ref = [generate(trained, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
            for p, n in zip(prompts, lengths)]
@@ -100,6 +101,16 @@ def test_fixed_shape_steps_equal_generate_alone(trained, spec):
     forwards, forward = [], eng._forward
     eng._forward = lambda *a: forwards.append(a) or forward(*a)
     steps = _recording(eng)
+    passes = []  # the MTP module's fixed passes: whether on the main model's hidden states
+    if over:
+        mtp_step = eng.speculator.graphs.step
+
+        def mtp_record(rows, tables, hidden, from_main=True):
+            h = mtp_step(rows, tables, hidden, from_main)
+            if h is not None:
+                passes.append(from_main)
+            return h
+        eng.speculator.graphs.step = mtp_record
     assert _run(eng, prompts, lengths) == ref
     assert len(steps) > 10 and max(n for _, n in steps) == len(prompts)  # the fixed path ran, at the full batch too
     assert any(r > n for r, n in steps)  # with prompt chunks' rows
@@ -114,6 +125,7 @@ def test_fixed_shape_steps_equal_generate_alone(trained, spec):
         _check_a_lone_long_prompt(eng, trained)
         return
     assert eng.drafted > 0  # (every drafting step among the fixed ones)
+    assert passes.count(True) > 10 and (passes.count(False) > 0) == (spec == "two_drafts")
     model64, pools = copy.deepcopy(trained).double(), []
     for graphs in (True, False):
         eng = _engine(model64, max_batch_size=8, prefill_chunk=6, cuda_graphs=graphs, cache_dtype=torch.float64,
@@ -175,8 +187,8 @@ def test_buckets_past_the_budgets_run_eagerly(trained, monkeypatch, limit):
            for p, n in zip(prompts, lengths)]
     eng = _engine(trained, max_batch_size=8, cuda_graphs=True)
     per_row = eng.graphs.static.dense_flops_per_row
-    assert per_row == sum(2 * 3 * e.n_local * e.w1.shape[1] * e.w1.shape[2] for e in trained.modules()
-                          if isinstance(e, Experts))
+    # the main model's routed experts only: the MTP module's run in passes of their own
+    assert per_row == _dense(trained.layers) and _dense(trained.mtp) > 0
     patch, cap = {"flops": ("FLOPS_BUDGET", 2.5 * per_row), "slots": ("GRAPH_MAX_SLOTS", 32),
                   "row_slots": ("GRAPH_MAX_ROW_SLOTS", 64)}[limit]
     monkeypatch.setattr(f"flyer.serve.graphs.{patch}", cap)
@@ -234,8 +246,13 @@ def test_attention_flops_per_slot_is_what_the_step_attends(trained, attn):
         with FlopCounterMode(display=False) as counter, kernels.disabled():
             static.run((4, W))
         flops.append(counter.get_total_flops())
-    assert static.attn_flops_per_slot == attention_flops_per_slot(cfg)
+    assert static.attn_flops_per_slot == attention_flops_per_slot(cfg, cfg.n_layers)
     assert flops[1] - flops[0] == 4 * 16 * 4 * static.attn_flops_per_slot
+
+
+def _dense(layers) -> int:
+    """FLOPs of every routed expert of ``layers`` over one token (``Experts.routed_fixed``'s dense form)."""
+    return sum(2 * 3 * e.n_local * e.w1.shape[1] * e.w1.shape[2] for e in layers.modules() if isinstance(e, Experts))
 
 
 def softmax_bound(S: int) -> float:
@@ -396,6 +413,29 @@ def test_fixed_shape_step_reads_nothing_back(attn, dtype, impl, host_offsets, mo
             dec.forward_groups([group])
 
 
+@pytest.mark.parametrize("from_main", [True, False])
+def test_fixed_shape_mtp_pass_reads_nothing_back(from_main):
+    """The MTP module's pass in fixed shapes (its entries at position + 1), on the meta device as above: on the main
+    model's hidden states (a catch-up) or on its own (a chained draft); the eager pass, whose rows read their
+    positions' maximum back, does not."""
+    cfg = preset("tiny", mtp_depth=1)
+    with torch.device("meta"):
+        model = Transformer(cfg).eval()
+    cache, mtp_cache = (make_paged_cache(cfg, n, 64, 4, torch.float32, "meta") for n in (cfg.n_layers, 1))
+    dec = Decoder(model, 1, cfg.max_seq_len, cache=cache, mtp_cache=mtp_cache, with_mtp=True)
+    static = StaticStep(dec, mtp_cache, 8, 16, cfg.max_seq_len // 4 + 1, mtp=True)
+    rows = [(1, 10, 0, 0), (2, 39, 1, 0), *[(4, p, 2, 0) for p in range(3, 7)]]
+    shape = (*static.buckets(len(rows), 41), from_main)
+    assert shape == (8, 16, from_main)
+    static.fill(rows, [[1, 2, 3], list(range(4, 15)), [15, 16]], shape, torch.zeros(len(rows), cfg.dim, device="meta"))
+    with _meta_autocast():
+        assert static.run(shape).shape == (8, 1, cfg.dim)
+        mtp_cache.tables = torch.zeros(3, 16, dtype=torch.long, device="meta")
+        with pytest.raises(RuntimeError, match="meta"):
+            dec.mtp_forward(torch.zeros(3, 1, cfg.dim, device="meta"), torch.zeros(3, 1, dtype=torch.long,
+                            device="meta"), torch.zeros(3, dtype=torch.long, device="meta"), from_main, shift=1)
+
+
 def test_models_without_a_fixed_shape_step_are_refused_or_left_eager():
     v4 = Transformer(preset("tiny-v4")).eval()
     with pytest.raises(FieldError, match="cuda_graphs.*DeepSeek-V4's hybrid attention"):
@@ -421,21 +461,24 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("spec", [False, True])
+@pytest.mark.parametrize("spec", list(SPEC))
 def test_cuda_graphs_replay_the_eager_steps(trained, spec):
     """On a GPU: steps captured (one graph per bucket used) and replayed give each request generate's greedy tokens on
-    its prompt alone, as the eager steps do, prompts in chunks beside decoding rows, with and without MTP drafts
-    between them; then without drafts a lone 40-token prompt, whose first six steps read nothing back (no logits):
-    each step's inputs, copied from the host's static buffers, are its own, not the next step's."""
+    its prompt alone, as the eager steps do, prompts in chunks beside decoding rows, without and with MTP drafts
+    (``SPEC``: the module's passes captured too); then without drafts a lone 40-token prompt, whose first six steps read
+    nothing back (no logits): each step's inputs, copied from the host's static buffers, are its own, not the next
+    step's."""
     model = copy.deepcopy(trained).cuda()
     prompts, lengths = _prompts(), [8, 14, 5, 10, 30]
     ref = [generate(model, [p], GenerationConfig(max_new_tokens=n, cache_dtype=torch.float32)).tokens[0]
            for p, n in zip(prompts, lengths)]
-    over = dict(speculative="mtp", speculative_max_batch=1) if spec else {}
+    over = SPEC[spec]
     eng = _engine(model, max_batch_size=8, prefill_chunk=6, **over)  # auto: graphs on CUDA
     assert _run(eng, prompts, lengths) == ref
     assert eng.graphs.failed is None and len(eng.graphs.graphs) >= 4  # batches of 8, 4, 2 and 1 at least
     assert eng.metrics.fixed_steps.labels("cuda_graph")._value.get() > 10
-    assert eng.metrics.cuda_graphs._value.get() == len(eng.graphs.graphs)
-    if not spec:  # (its decode steps would draft)
+    mtp_graphs = len(eng.speculator.graphs.graphs) if over else 0  # the MTP module's passes, captured too
+    assert (mtp_graphs > 0) == bool(over)
+    assert eng.metrics.cuda_graphs._value.get() == len(eng.graphs.graphs) + mtp_graphs
+    if not over:  # (its decode steps would draft)
         _check_a_lone_long_prompt(eng, model)

@@ -163,12 +163,13 @@ class Decoder:
         slots = pos + shift if shift else pos
         return Rows(slots, self.cos[pos], self.sin[pos], S + shift, causal_slot_mask(slots, S + shift, shift), shift)
 
-    def decode_rows(self, start_B: torch.Tensor, n_slots: int) -> Rows:
-        """Rows of one new token per row at positions ``start_B``, attending over ``n_slots`` slots, which the
-        caller knows bound every position (no maximum read back from the device: a step a CUDA graph replays,
-        ``flyer.serve.graphs``); slots past a row's position are masked as ever."""
+    def decode_rows(self, start_B: torch.Tensor, n_slots: int, shift: int = 0) -> Rows:
+        """Rows of one new token per row at positions ``start_B``, in slots ``shift`` past them (as ``_rows``),
+        attending over ``n_slots`` slots, which the caller knows bound every slot (no maximum read back from the
+        device: a step a CUDA graph replays, ``flyer.serve.graphs``); slots past a row's are masked as ever."""
         pos = start_B.view(-1, 1)
-        return Rows(pos, self.cos[pos], self.sin[pos], n_slots, causal_slot_mask(pos, n_slots))
+        slots = pos + shift if shift else pos
+        return Rows(slots, self.cos[pos], self.sin[pos], n_slots, causal_slot_mask(slots, n_slots, shift), shift)
 
     def _block(self, block: Block, x: torch.Tensor, cache, layer: int, rows: Rows) -> torch.Tensor:
         x = x + self._attend(block.attn, block.attn_norm(x), rows, cache, layer)
@@ -263,9 +264,16 @@ class Decoder:
             rows = self._mtp_rows(start_B, h_BTD.shape[1], lengths)
             x = mod.project(h_BTD, self.model.embed(next_tokens_BT))
             return mod.block.residual(x, lambda a: hybrid_attention(mod.block.attn, a, rows, self.mtp_cache, 0))
-        rows = self._rows(start_B, h_BTD.shape[1], shift, lengths)
+        return self.mtp_layer(h_BTD, next_tokens_BT, self._rows(start_B, h_BTD.shape[1], shift, lengths),
+                              self.mtp_cache, from_main)
+
+    def mtp_layer(self, h_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, rows: Rows, cache,
+                  from_main: bool = True) -> torch.Tensor:
+        """``mtp_forward`` (MLA / GQA) on ``rows`` of ``cache``: what it runs once its rows are made (a fixed-shape
+        step's own, ``flyer.serve.graphs``)."""
+        mod = self.model.mtp[0]
         x = mod.project(self.model.norm(h_BTD) if from_main else h_BTD, self.model.embed(next_tokens_BT))
-        return self._block(mod.block, x, self.mtp_cache, 0, rows)
+        return self._block(mod.block, x, cache, 0, rows)
 
     @torch.inference_mode()
     def mtp_logits(self, h1_BTD: torch.Tensor) -> torch.Tensor:

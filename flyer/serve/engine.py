@@ -136,7 +136,8 @@ class Engine:
         self.graphs = self._step_graphs(cfg.cuda_graphs, device)
         self.speculator = MtpSpeculator(self.dec, self.mtp_cache, cfg.draft_tokens, self._tables, self.metrics,
                                         device, self.cache if self.hybrid else None, cfg.speculative_max_batch,
-                                        cfg.block_size) if self.spec else None
+                                        cfg.block_size, self._step_graphs(cfg.cuda_graphs, device, mtp=True)
+                                        ) if self.spec else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -201,10 +202,11 @@ class Engine:
         """MTP drafts kept so far."""
         return self.speculator.accepted if self.spec else 0
 
-    def _step_graphs(self, wanted: bool | None, device: torch.device) -> StepGraphs | None:
-        """Where steps run in fixed shapes (``EngineConfig.cuda_graphs``): captured in CUDA graphs on a GPU, eagerly
-        elsewhere; None: eagerly in the packed forward. A step's rows: its decoding requests, each with the drafts it
-        verifies, and the tokens of ``prefill_chunk`` (what a step prefills but in a burst, ``prefill_budget``)."""
+    def _step_graphs(self, wanted: bool | None, device: torch.device, mtp: bool = False) -> StepGraphs | None:
+        """Where steps (``mtp``: the MTP module's passes) run in fixed shapes (``EngineConfig.cuda_graphs``):
+        captured in CUDA graphs on a GPU, eagerly elsewhere; None: eagerly in the packed forward. A step's rows: its
+        decoding requests, each with the drafts it verifies, and the tokens of ``prefill_chunk`` (what a step
+        prefills but in a burst, ``prefill_budget``); as many for an MTP pass (the entries it writes)."""
         if wanted is False or (wanted is None and device.type != "cuda"):
             return None
         reason = graphs_unsupported(self.dec)
@@ -214,8 +216,8 @@ class Engine:
             return None
         cfg = self.cfg
         rows = cfg.max_batch_size * (1 + (cfg.draft_tokens if self.spec else 0)) + cfg.prefill_chunk
-        return StepGraphs(self.dec, self.cache, cfg.max_batch_size, rows, self.model.cfg.max_seq_len,
-                          capture=device.type == "cuda")
+        return StepGraphs(self.dec, self.mtp_cache if mtp else self.cache, cfg.max_batch_size, rows,
+                          self.model.cfg.max_seq_len, capture=device.type == "cuda", mtp=mtp)
 
     def safe_step(self) -> None:
         """``step``; a failure (a bug) is printed and ends every request with "error" instead of
@@ -457,7 +459,7 @@ class Engine:
         if h is None:
             return None
         self.metrics.fixed_steps.labels("cuda_graph" if self.graphs.capture else "eager").inc()
-        self.metrics.cuda_graphs.set(len(self.graphs.graphs))
+        self.metrics.cuda_graphs.set(len(self.graphs.graphs) + (len(self.speculator.graphs.graphs) if self.spec else 0))
         B, h_drafts = len(plain), []
         off = B
         for group, _, drafts, *_ in drafted:  # every row of a group verifies as many drafts

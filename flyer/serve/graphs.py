@@ -21,10 +21,11 @@ over the slots up to it:
   left in a static buffer too, which the next step overwrites; the caller takes logits of the rows it needs.
 
 ``StepGraphs`` captures a graph per (row bucket, slot bucket) the first time a step needs it, all in one memory
-pool, and replays it. The engine runs its steps there (``EngineConfig.cuda_graphs``), except those past the budgets
-below, which run eagerly in the packed forward (as do the MTP module's drafting passes). Without ``capture`` (the CPU;
-the tests) the same static step runs eagerly: the tests hold its values to the eager step's, and run it on the meta
-device, where reading a value back fails.
+pool, and replays it. The engine runs its steps there (``EngineConfig.cuda_graphs``), and under MTP speculation the
+module's passes (``StaticStep``'s ``mtp``: a row per entry written, fed the next token and a hidden state), except
+those past the budgets below, which run eagerly. Without ``capture`` (the CPU; the tests) the same static step runs
+eagerly: the tests hold its values to the eager step's, and run it on the meta device, where reading a value back
+fails.
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ GRAPH_MAX_SLOTS = 8192
 GRAPH_MAX_ROW_SLOTS = 64 * GRAPH_MAX_SLOTS
 
 
-def attention_flops_per_slot(cfg) -> int:
-    """FLOPs of one row attending to one slot in a fixed-shape step, over every layer: MLA absorbed (scores over the
-    latent and the rope key, then the latents weighted), GQA per head (scores over the key, then the value)."""
+def attention_flops_per_slot(cfg, n_layers: int) -> int:
+    """FLOPs of one row attending to one slot in a fixed-shape step of ``n_layers`` layers: MLA absorbed (scores over
+    the latent and the rope key, then the latents weighted), GQA per head (scores over the key, then the value)."""
     per_head = 2 * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) if cfg.attn == "mla" else 2 * 2 * cfg.head_dim
-    return cfg.n_layers * cfg.n_heads * per_head
+    return n_layers * cfg.n_heads * per_head
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -113,19 +114,23 @@ def token_rows(decoding: list[tuple[Request, list[int]]], prefilling: list[Reque
 
 class StaticStep:
     """One step of ``dec`` over a paged ``cache`` in fixed shapes, its inputs in static buffers for up to
-    ``max_rows`` token rows of up to ``max_tables`` requests, ``max_blocks`` blocks a table."""
+    ``max_rows`` token rows of up to ``max_tables`` requests, ``max_blocks`` blocks a table. ``mtp``: a pass of the
+    MTP module (``Decoder.mtp_layer``: a row's token is the next one, its hidden state an input too, and position p
+    sits in slot p + 1 of ``cache``, the MTP cache) instead of the main model's layers."""
 
-    def __init__(self, dec: Decoder, cache: PagedCache, max_tables: int, max_rows: int, max_blocks: int):
+    def __init__(self, dec: Decoder, cache: PagedCache, max_tables: int, max_rows: int, max_blocks: int,
+                 mtp: bool = False):
         reason = graphs_unsupported(dec)
         if reason is not None:
             raise ValueError(f"fixed-shape steps: {reason}")
-        self.dec, self.cache = dec, cache
+        self.dec, self.cache, self.mtp, self.shift = dec, cache, mtp, int(mtp)
         self.block_size, self.max_tables, self.max_blocks = cache.block_size, max_tables, max_blocks
         self.row_buckets = row_buckets(max_rows)
         device, dtype = dec.model.embed.weight.device, dec.model.embed.weight.dtype
-        self.dense_flops_per_row = sum(m.dense_flops_per_token(dtype) for m in dec.model.modules()
+        layers = dec.model.mtp if mtp else dec.model.layers
+        self.dense_flops_per_row = sum(m.dense_flops_per_token(dtype) for m in layers.modules()
                                        if isinstance(m, Experts))
-        self.attn_flops_per_slot = attention_flops_per_slot(dec.cfg)
+        self.attn_flops_per_slot = attention_flops_per_slot(dec.cfg, 1 if mtp else dec.cfg.n_layers)
         pinned = device.type == "cuda"
         # per row [token, position, its table, its first position to write], and the tables (a table of null
         # blocks after the step's own, for the padding rows), laid out (tables + 1, W) for a step of W blocks a
@@ -138,23 +143,26 @@ class StaticStep:
         # leaves the GPU behind the host, and the next fill must not overwrite what a pending copy has yet to read
         self._copied = torch.cuda.Event() if pinned else None
         # the output, one for every shape: a graph copies its own into it, so that what it allocates is free for
-        # the next capture in the shared pool
+        # the next capture in the shared pool; an MTP pass's input hidden states too
         self.hidden = torch.zeros(max_rows, 1, dec.cfg.dim, dtype=dtype, device=device)
+        self.hidden_in = torch.zeros_like(self.hidden) if mtp else None
 
     def buckets(self, n_rows: int, n_slots: int) -> tuple[int, int] | None:
-        """(rows, blocks a row) of the step for ``n_rows`` rows attending over ``n_slots`` slots at most; None past
-        the largest row bucket."""
+        """(rows, blocks a row) of the step for ``n_rows`` rows attending over ``n_slots`` slots at most (an MTP
+        pass's slots: positions + 1); None past the largest row bucket."""
         if n_rows > self.row_buckets[-1]:
             return None
         rows = next(b for b in self.row_buckets if b >= n_rows)
         blocks = min(1 << max(0, math.ceil(n_slots / self.block_size) - 1).bit_length(), self.max_blocks)
         return rows, blocks
 
-    def fill(self, rows: list[tuple[int, int, int, int]], tables: list[list[int]], shape: tuple[int, int]) -> None:
+    def fill(self, rows: list[tuple[int, int, int, int]], tables: list[list[int]], shape: tuple[int, int],
+             hidden: torch.Tensor | None = None) -> None:
         """The static inputs of a step of ``shape`` (``buckets``): ``rows`` (token, position, index into ``tables``,
-        the first position it may write) and ``tables`` (each request's block ids, at least to its rows' positions);
-        the padding rows token 0 at position 0 on the table of null blocks."""
-        P, W = shape
+        the first position it may write) and ``tables`` (each request's block ids, at least to its rows' slots);
+        the padding rows token 0 at position 0 on the table of null blocks. An MTP pass's ``hidden`` (N, D): each
+        row's input hidden state (the padding rows keep what they held: their outputs are never read)."""
+        P, W = shape[:2]
         R = len(tables)
         table_rows = [blocks[:W] + [NULL_BLOCK] * (W - len(blocks[:W])) for blocks in tables]
         if self._copied is not None:
@@ -169,46 +177,59 @@ class StaticStep:
         self.rows[:P].copy_(host, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+        if self.mtp:
+            self.hidden_in[:len(rows), 0].copy_(hidden)
 
     @torch.inference_mode()
-    def run(self, shape: tuple[int, int]) -> torch.Tensor:
-        """Hidden states (P, 1, D) before the final norm of the step ``fill`` set up, in ``hidden[:P]``."""
-        P, W = shape
+    def run(self, shape: tuple) -> torch.Tensor:
+        """Hidden states (P, 1, D) of the step ``fill`` set up, in ``hidden[:P]``: the main model's before the final
+        norm, or (``mtp``; ``shape``'s third item: the inputs are the main model's, not a previous pass's) the MTP
+        module's."""
+        P, W = shape[:2]
         rows, dec = self.rows[:P], self.dec
         tables = self.tables[:(self.max_tables + 1) * W].view(-1, W).index_select(0, rows[:, 2])
+        at = dec.decode_rows(rows[:, 1], W * self.block_size, self.shift)
+        cache = self.cache.view(tables, rows[:, 3])
         with fixed_shapes():
-            h = dec.lone_layers(dec.model.embed(rows[:, :1]), dec.decode_rows(rows[:, 1], W * self.block_size),
-                                self.cache.view(tables, rows[:, 3]))
+            if self.mtp:
+                h = dec.mtp_layer(self.hidden_in[:P], rows[:, :1], at, cache, from_main=shape[2])
+            else:
+                h = dec.lone_layers(dec.model.embed(rows[:, :1]), at, cache)
         return self.hidden[:P].copy_(h)
 
 
 class StepGraphs:
-    """``StaticStep``'s steps, each (row bucket, slot bucket) captured in a CUDA graph on first use and replayed
-    after (``capture``; without it they run eagerly). A capture that fails turns graphs off for good, with one
-    line on stderr: the eager step is always there."""
+    """``StaticStep``'s steps (``mtp``: the MTP module's passes), each (row bucket, slot bucket) captured in a CUDA
+    graph on first use and replayed after (``capture``; without it they run eagerly). A capture that fails turns
+    graphs off for good, with one line on stderr: the eager step is always there."""
 
-    def __init__(self, dec: Decoder, cache: PagedCache, max_tables: int, max_rows: int, max_len: int, capture: bool):
-        self.static = StaticStep(dec, cache, max_tables, max_rows, math.ceil(max_len / cache.block_size))
+    def __init__(self, dec: Decoder, cache: PagedCache, max_tables: int, max_rows: int, max_len: int, capture: bool,
+                 mtp: bool = False):
+        self.static = StaticStep(dec, cache, max_tables, max_rows, math.ceil((max_len + mtp) / cache.block_size), mtp)
         self.capture = capture
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.failed: str | None = None
 
-    def step(self, rows: list[tuple[int, int, int, int]], tables: list[list[int]]) -> torch.Tensor | None:
+    def step(self, rows: list[tuple[int, int, int, int]], tables: list[list[int]], hidden: torch.Tensor | None = None,
+             from_main: bool = True) -> torch.Tensor | None:
         """Hidden states (N, 1, D) of the N token ``rows`` (``StaticStep.fill``: token, position, index into
-        ``tables``, each a request's block ids, and the first position it may write), a view of the static output,
-        valid until the next step. None once a capture has failed, or where the step's rows pass the largest
-        bucket, its dense experts and its prompts' attention ``FLOPS_BUDGET``, or its slots ``GRAPH_MAX_SLOTS`` a row or
+        ``tables``, each a request's block ids, and the first position it may write; an MTP pass's ``hidden`` (N, D)
+        too, the main model's or (not ``from_main``) the module's own), a view of the static output, valid until
+        the next step. None once a capture has failed, or where the step's rows pass the largest bucket, its dense
+        experts and its prompts' attention ``FLOPS_BUDGET``, or its slots ``GRAPH_MAX_SLOTS`` a row or
         ``GRAPH_MAX_ROW_SLOTS`` in all (the caller runs the step eagerly)."""
         static = self.static
-        shape = static.buckets(len(rows), max(row[1] for row in rows) + 1)
+        shape = static.buckets(len(rows), max(row[1] for row in rows) + 1 + static.shift)
         if self.failed is not None or shape is None:
             return None
         P, slots = shape[0], shape[1] * static.block_size
         flops = P * static.dense_flops_per_row + (len(rows) - len(tables)) * slots * static.attn_flops_per_slot
         if flops > FLOPS_BUDGET or slots > GRAPH_MAX_SLOTS or P * slots > GRAPH_MAX_ROW_SLOTS:
             return None  # dense experts or attention costing more than the launches a graph saves: eagerly
-        static.fill(rows, tables, shape)
+        if static.mtp:
+            shape = (*shape, from_main)
+        static.fill(rows, tables, shape, hidden)
         if not self.capture:
             return static.run(shape)[:len(rows)]
         graph = self.graphs.get(shape) or self._capture(shape)
@@ -217,7 +238,7 @@ class StepGraphs:
         graph.replay()
         return static.hidden[:len(rows)]
 
-    def _capture(self, shape: tuple[int, int]):
+    def _capture(self, shape: tuple):
         """Record the step of ``shape`` on the inputs ``fill`` just set: warmed up on a side stream (which also
         computes this step: its cache writes are the replay's), then captured into the shared pool."""
         try:

@@ -54,6 +54,7 @@ request's MTP entries in step with its main cache, drafts, and accepts what the 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -65,6 +66,7 @@ from flyer.infer.generate import mtp_span
 from flyer.infer.sampling import SamplingParams, probabilities
 from flyer.infer.speculative import accept_drafts
 from flyer.serve.grammar import GrammarMasks
+from flyer.serve.graphs import StepGraphs
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import PagedCache
 
@@ -86,6 +88,7 @@ class Row(Protocol):
     h_prev: torch.Tensor | None  # main hidden states (C, D) of positions [mtp_len, n_cached)
     generator: torch.Generator | None
     slot: int | None  # its hybrid pools' slot (DeepSeek-V4)
+    blocks: list[int]  # its block ids (MLA / GQA: the MTP cache's as the main cache's)
     opts: Any  # its ``SamplingOptions``: temperature, top_p, max_tokens
     matcher: Any  # its grammar's ``flyer.serve.grammar.Matcher``, or None
     deferred: Any  # that matcher while it waits for the reasoning end marker (``opts.grammar_after``), or None
@@ -109,12 +112,14 @@ class MtpSpeculator:
     number drafts). ``pending_limit``: the main hidden states a plain row holds before ``bound_pending`` writes
     their MTP entries (the engine's block size). ``drafted`` / ``accepted``: drafts proposed and kept so far,
     ``off_steps``: steps ``max_batch`` turned drafting off (also counted in ``metrics``). ``grammars``: the engine's
-    ``GrammarMasks`` once a request with a grammar came (its rows draft under their grammars)."""
+    ``GrammarMasks`` once a request with a grammar came (its rows draft under their grammars). ``graphs``: the MTP
+    module's passes in fixed shapes (``flyer.serve.graphs``; None: eagerly)."""
 
     def __init__(self, dec: Decoder, cache: PagedCache | HybridCache, draft_tokens: int,
                  tables: Callable[[Sequence[Row], int], torch.Tensor], metrics: ServeMetrics, device: torch.device,
-                 main: HybridCache | None = None, max_batch: int | None = None, pending_limit: int = 16):
-        self.dec, self.cache, self.draft_tokens = dec, cache, draft_tokens
+                 main: HybridCache | None = None, max_batch: int | None = None, pending_limit: int = 16,
+                 graphs: StepGraphs | None = None):
+        self.dec, self.cache, self.draft_tokens, self.graphs = dec, cache, draft_tokens, graphs
         self.tables, self.metrics, self.device = tables, metrics, device
         self.main = main
         self.max_batch, self.pending_limit = max_batch, pending_limit
@@ -171,6 +176,11 @@ class MtpSpeculator:
                  - int(hold_decode_entry and len(r.tokens) - r.n_cached == 1), 0) for r in rows]
         if max(c) == 0:
             return None
+        h1 = self._catch_up_fixed(rows, c) if self.graphs is not None else None
+        if h1 is not None:
+            for r, ci in zip(rows, c):
+                r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
+            return h1
         C = max(c)
         h_in = torch.zeros(len(rows), C, *rows[0].h_prev.shape[1:], dtype=rows[0].h_prev.dtype, device=self.device)
         nxt = torch.zeros(len(rows), C, dtype=torch.long)
@@ -183,6 +193,19 @@ class MtpSpeculator:
         for r, ci in zip(rows, c):
             r.h_prev, r.mtp_len = r.h_prev[ci:], r.mtp_len + ci
         return h1[torch.arange(len(rows)), torch.tensor([max(ci - 1, 0) for ci in c])]
+
+    def _catch_up_fixed(self, rows: list[Row], c: list[int]) -> torch.Tensor | None:
+        """``catch_up``'s pass in fixed shapes: a token row per entry, row i's ``c[i]`` positions from its mtp_len,
+        each fed its next token and its main hidden state. (B, D) each row's last output (a row without entries:
+        another's), or None where the pass runs eagerly (``StepGraphs.step``)."""
+        token_rows = [(r.tokens[r.mtp_len + 1 + j], r.mtp_len + j, i, 0) for i, (r, ci) in enumerate(zip(rows, c))
+                      for j in range(ci)]
+        hidden = torch.cat([r.h_prev[:ci] for r, ci in zip(rows, c) if ci])
+        h = self.graphs.step(token_rows, [r.blocks for r in rows], hidden)
+        if h is None:
+            return None
+        last = torch.tensor([max(end - 1, 0) for end in itertools.accumulate(c)], device=self.device)
+        return h[:, 0].index_select(0, last)
 
     def bound_pending(self, rows: Sequence[Row]) -> list[Row]:
         """After a step that decoded ``rows`` plainly (each with one pending token, its last hidden state in
@@ -241,10 +264,16 @@ class MtpSpeculator:
             # entry, overwritten by the next step's catch-up with the main model's state
             live = [live[j] for j in more]
             sub = [rows[i] for i in live]
-            start = torch.tensor([r.n_cached + k for r in sub], device=self.device)
-            self._address(sub, int(start.max()) + 2)
-            d = torch.tensor([drafts[i][-1] for i in live], device=self.device).view(-1, 1)
-            h1 = self.dec.mtp_forward(h1[more].unsqueeze(1), d, start, from_main=False, shift=1)[:, 0]
+            h = None if self.graphs is None else self.graphs.step(
+                [(drafts[i][-1], r.n_cached + k, j, 0) for j, (i, r) in enumerate(zip(live, sub))],
+                [r.blocks for r in sub], h1[more], from_main=False)
+            if h is not None:  # (read by the next draft's logits and pass, before the static output changes)
+                h1 = h[:, 0]
+            else:
+                start = torch.tensor([r.n_cached + k for r in sub], device=self.device)
+                self._address(sub, int(start.max()) + 2)
+                d = torch.tensor([drafts[i][-1] for i in live], device=self.device).view(-1, 1)
+                h1 = self.dec.mtp_forward(h1[more].unsqueeze(1), d, start, from_main=False, shift=1)[:, 0]
         if mtp_saved is not None:
             self.cache.restore_slots(mtp_saved, slots)
         if slots is not None:  # V4: the main slots before the verify pass writes the drafts into their rings
