@@ -137,6 +137,31 @@ def test_fixed_shape_steps_equal_generate_alone(trained, spec):
     assert eng.accepted > 0 and d.max() <= softmax_bound(S) * pools[1].abs().max()
 
 
+def test_hidden_states_kept_past_the_step_are_copies(trained):
+    """A request drafting alone (``speculative_max_batch`` 1) keeps the verified positions' hidden states for its next
+    MTP entries; when a second request joins, it decodes plainly and writes those entries a step later, after the
+    next step has overwritten the static output: what it kept must be a copy. Its MTP entries and both requests'
+    tokens are the eager engine's (FP64, ``softmax_bound``)."""
+    model64 = copy.deepcopy(trained).double()
+    first, second = _prompts()[4], _prompts()[1]
+    pools, outs = [], []
+    for graphs in (True, False):
+        eng = _engine(model64, max_batch_size=4, cuda_graphs=graphs, cache_dtype=torch.float64, speculative="mtp",
+                      speculative_max_batch=1)
+        got = [[], []]
+        eng.submit(first, SamplingOptions(max_tokens=24), lambda e: got[0].append(e.token))
+        for _ in range(6):
+            eng.step()
+        drafted = eng.drafted
+        eng.submit(second, SamplingOptions(max_tokens=12), lambda e: got[1].append(e.token))
+        eng.run_until_idle()
+        assert drafted > 0 and eng.speculator.off_steps > 0  # it drafted alone, then decoded plainly beside the other
+        pools.append(eng.mtp_cache.pool.packed[:, 1:])
+        outs.append(got)
+    assert outs[0] == outs[1]
+    assert (pools[0] - pools[1]).abs().max() <= softmax_bound(64) * pools[1].abs().max()
+
+
 def test_fixed_shape_prompt_scores_equal_the_eager_ones(trained):
     """A prompt's log-probabilities (``prompt_logprobs``: echo) from the prompt rows of fixed-shape steps, in chunks
     beside other requests' decoding rows, are the packed forward's (FP64 model, the FP32 softmax's bound as above,

@@ -431,7 +431,7 @@ class Engine:
         for i, r in enumerate(plain):
             r.n_cached += 1
             if self.spec:  # (1, D) at the position just fed
-                r.h_prev = h_plain[i] if r.h_prev is None else torch.cat([r.h_prev, h_plain[i]])
+                r.h_prev = h_plain[i].clone() if r.h_prev is None else torch.cat([r.h_prev, h_plain[i]])
             self._advance(r, logits[i], greedy[i])
         if self.spec and plain:  # their MTP entries written every block's worth of plain steps (``bound_pending``)
             for r in self.speculator.bound_pending([r for r in plain if r in self.running]):
@@ -449,10 +449,10 @@ class Engine:
                     ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None, torch.Tensor | None,
                                list[int]] | None:
         """``_forward``'s pass in fixed shapes (``flyer.serve.graphs``, its rows ``token_rows``). Returns the plain
-        rows' hidden states (B, 1, D), each drafted group's (B_g, k + 1, D) (views of the static output, copied under
-        speculation, whose ``h_prev`` outlives the step), the logits, the prompts' hidden states (n, T, D) where
-        something reads them (speculation, prompt scores; else None) and the ending prompts (indices into
-        ``prefilling``); None where the step runs eagerly (``StepGraphs.step``)."""
+        rows' hidden states (B, 1, D; a view of the static output, read within the step: ``h_prev`` keeps copies), each
+        drafted group's (B_g, k + 1, D; copies: ``accept`` keeps them as ``h_prev``), the logits, the prompts' hidden
+        states (n, T, D) where something reads them (speculation, prompt scores; else None) and the ending prompts
+        (indices into ``prefilling``); None where the step runs eagerly (``StepGraphs.step``)."""
         decoding = [(r, []) for r in plain] + [(r, d) for rows, _, drafts, *_ in drafted for r, d in zip(rows, drafts)]
         rows, at, ending = token_rows(decoding, prefilling, lens)
         h = self.graphs.step(rows, [r.blocks for r, _ in decoding] + [r.blocks for r in prefilling])
@@ -473,7 +473,7 @@ class Engine:
             T = max(lens)
             index = torch.tensor([a + a[-1:] * (T - len(a)) for a in at], device=self.device)  # padding: the last
             h_pre = h[:, 0].index_select(0, index.view(-1)).view(len(prefilling), T, -1)
-        return (h[:B].clone() if self.spec else h[:B]) if plain else None, h_drafts, logits, h_pre, ending
+        return h[:B] if plain else None, h_drafts, logits, h_pre, ending
 
     @staticmethod
     def _adjust(logits: torch.Tensor, plain: list[Request], drafted: list[Drafted], ending: list[Request]) -> None:

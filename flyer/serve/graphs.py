@@ -21,11 +21,10 @@ over the slots up to it:
   left in a static buffer too, which the next step overwrites; the caller takes logits of the rows it needs.
 
 ``StepGraphs`` captures a graph per (row bucket, slot bucket) the first time a step needs it, all in one memory
-pool, and replays it. The engine runs its steps there (``EngineConfig.cuda_graphs``), and under MTP speculation the
-module's passes (``StaticStep``'s ``mtp``: a row per entry written, fed the next token and a hidden state), except
-those past the budgets below, which run eagerly. Without ``capture`` (the CPU; the tests) the same static step runs
-eagerly: the tests hold its values to the eager step's, and run it on the meta device, where reading a value back
-fails.
+pool, and replays it. The engine runs its steps there (``EngineConfig.cuda_graphs``), except those past the budgets
+below, which run eagerly in the packed forward (as do the MTP module's drafting passes). Without ``capture`` (the CPU;
+the tests) the same static step runs eagerly: the tests hold its values to the eager step's, and run it on the meta
+device, where reading a value back fails.
 """
 
 from __future__ import annotations
