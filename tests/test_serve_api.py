@@ -4,6 +4,7 @@ streaming and non-streaming requests; chat templates as transformers renders the
 errors with their statuses (raw HTTP); cancellation on disconnect; the CLI's ready line and drain."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -97,7 +98,20 @@ def test_health_and_models(served):
     assert e.value.code == "model_not_found"
 
 
-def test_concurrent_greedy_completions_equal_generate_alone(served, model):
+@pytest.fixture(scope="module")
+def served_fixed(model):
+    """``served`` with every step in fixed shapes (``--cuda-graphs on``; on the CPU, run eagerly)."""
+    s = _Running(model, cuda_graphs=True)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_concurrent_greedy_completions_equal_generate_alone(request, model, fixed):
+    """Concurrent streaming and non-streaming requests through the official client, with a shared prefix: each
+    one's tokens are generate's on its prompt alone, with the engine's steps packed or in fixed shapes (what a GPU
+    replays from CUDA graphs: ``/metrics`` counts them)."""
+    served = request.getfixturevalue("served_fixed" if fixed else "served")
     head = _prog(3, 2, 13)
     prompts = [head + _prog(5, 3, n) for n in (3, 17, 1)] + [_prog(7, 1, n) for n in (1, 30, 6)]
     tok = ByteTokenizer()
@@ -122,6 +136,9 @@ def test_concurrent_greedy_completions_equal_generate_alone(served, model):
     r = client.completions.create(model="tiny-test", prompt=prompts[:2], max_tokens=10, temperature=0)
     assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == texts[:2]
     assert served.engine.alloc.used == 0
+    fixed_steps = re.search(r'^flyer_fixed_shape_steps_total\{how="eager"\} (\S+)$',
+                            httpx.get(served.url + "/metrics").text, re.M)
+    assert (fixed_steps is not None and float(fixed_steps.group(1)) > 10) == fixed
 
 
 def test_seed_stop_echo_and_logprobs(served, model):
