@@ -505,14 +505,13 @@ class Experts(nn.Module):
         return 0 if self.fixed_grouped(dtype) else 2 * self.n_local * self.w1.shape[1] * self.w1.shape[2] * 3
 
     def routed_fixed(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
-        """``routed_local``'s values (T, D), in the combine's dtype (FP32; FP64 for FP64), from shapes that x's
-        alone fix and nothing read back to the host, so that a CUDA graph can capture them
-        (``flyer.model.moe.fixed_shapes``). Where ``forward`` takes ``torch._grouped_mm`` (BF16 on CUDA) and it
-        reads nothing back (``fixed_grouped``): every pick a row in expert order, the offsets a device tensor. Else
-        every expert over every token, one batched
-        GEMM per projection, each token's outputs weighted by its gate weights (0 where it did not pick):
-        each expert's weights read once, E / K times the picked FLOPs, for the decode batches of models whose
-        steps are launch-bound. Inference only (nothing kept for a backward)."""
+        """``routed_local``'s values (T, D), in the combine's dtype (FP32; FP64 for FP64), from shapes that x's alone
+        fix and nothing read back to the host, so that a CUDA graph can capture them (``flyer.model.moe.fixed_shapes``).
+        Where ``forward`` takes ``torch._grouped_mm`` (BF16 on CUDA) and it reads nothing back (``fixed_grouped``):
+        every pick a row in expert order, the offsets a device tensor. Else every expert over every token, one batched
+        GEMM per projection, each token's outputs weighted by its gate weights (0 where it did not pick): each expert's
+        weights read once, E / K times the picked FLOPs, for the decode batches of models whose steps are launch-bound.
+        Inference only (nothing kept for a backward)."""
         w1, w2, w3 = self.gemm_weights()
         dtype, (T, K), E = gemm_dtype(x_TD), topk_ids_TK.shape, self.n_local
         acc = kernels.acc_dtype(dtype)
