@@ -70,7 +70,7 @@ from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
 from flyer.serve.disk_tier import DiskTier
 from flyer.serve.grammar import GrammarMasks
-from flyer.serve.graphs import StepGraphs, graphs_unsupported, token_rows
+from flyer.serve.graphs import StepGraphs, graphs_unsupported
 from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
 from flyer.serve.paged_hybrid import BoundarySnapshots, SlotAllocator, make_mtp_hybrid_cache, make_paged_hybrid_cache
@@ -403,8 +403,13 @@ class Engine:
         drafted = self.speculator.draft(*zip(*drafting)) if drafting else []
         if not (plain or drafted or prefilling):
             return
-        fixed = self._fixed_step(plain, drafted, prefilling, lens) if self.graphs is not None else None
+        fixed = None if self.graphs is None else self.graphs.forward(
+            plain, [(rows, drafts) for rows, _, drafts, *_ in drafted], prefilling, lens,
+            with_prompts=self.spec or any(r.prompt_lp is not None for r in prefilling))
         if fixed is not None:
+            mtp_graphs = self.speculator.graphs.graphs if self.spec else {}  # the MTP module's passes
+            self.metrics.fixed_steps.labels("cuda_graph" if self.graphs.capture else "eager").inc()
+            self.metrics.cuda_graphs.set(len(self.graphs.graphs) + len(mtp_graphs))
             h_plain, h_drafts, logits, h_pre, ending = fixed
         else:
             batches = [(plain, [[r.tokens[-1]] for r in plain])] if plain else []
@@ -444,36 +449,6 @@ class Engine:
         if prefilling:
             self._after_prefill(prefilling, lens, h_pre, dict(zip(ending, range(done, done + len(ending)))),
                                 logits, greedy)
-
-    def _fixed_step(self, plain: list[Request], drafted: list[Drafted], prefilling: list[Request], lens: list[int]
-                    ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None, torch.Tensor | None,
-                               list[int]] | None:
-        """``_forward``'s pass in fixed shapes (``flyer.serve.graphs``, its rows ``token_rows``). Returns the plain
-        rows' hidden states (B, 1, D; a view of the static output, read within the step: ``h_prev`` keeps copies), each
-        drafted group's (B_g, k + 1, D; copies: ``accept`` keeps them as ``h_prev``), the logits, the prompts' hidden
-        states (n, T, D) where something reads them (speculation, prompt scores; else None) and the ending prompts
-        (indices into ``prefilling``); None where the step runs eagerly (``StepGraphs.step``)."""
-        decoding = [(r, []) for r in plain] + [(r, d) for rows, _, drafts, *_ in drafted for r, d in zip(rows, drafts)]
-        rows, at, ending = token_rows(decoding, prefilling, lens)
-        h = self.graphs.step(rows, [r.blocks for r, _ in decoding] + [r.blocks for r in prefilling])
-        if h is None:
-            return None
-        self.metrics.fixed_steps.labels("cuda_graph" if self.graphs.capture else "eager").inc()
-        self.metrics.cuda_graphs.set(len(self.graphs.graphs) + (len(self.speculator.graphs.graphs) if self.spec else 0))
-        B, h_drafts = len(plain), []
-        off = B
-        for group, _, drafts, *_ in drafted:  # every row of a group verifies as many drafts
-            n = len(group) * (len(drafts[0]) + 1)
-            h_drafts.append(h[off:off + n].view(len(group), len(drafts[0]) + 1, -1).clone())
-            off += n
-        n_logits = off + len(ending)
-        logits = self.dec.logits(h[:n_logits, 0]) if n_logits else None
-        h_pre = None
-        if prefilling and (self.spec or any(r.prompt_lp is not None for r in prefilling)):
-            T = max(lens)
-            index = torch.tensor([a + a[-1:] * (T - len(a)) for a in at], device=self.device)  # padding: the last
-            h_pre = h[:, 0].index_select(0, index.view(-1)).view(len(prefilling), T, -1)
-        return h[:B] if plain else None, h_drafts, logits, h_pre, ending
 
     @staticmethod
     def _adjust(logits: torch.Tensor, plain: list[Request], drafted: list[Drafted], ending: list[Request]) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -88,6 +89,20 @@ def row_buckets(max_rows: int) -> list[int]:
     each a few more GEMM rows)."""
     sizes = [1, 2, 4, *range(8, 65, 8), *range(96, max_rows, 32)]
     return [b for b in sizes if b < max_rows] + [max_rows]
+
+
+class FixedForward(NamedTuple):
+    """``StepGraphs.forward``'s results, as the engine's packed forward gives them: the plain rows' hidden states
+    (B, 1, D; a view of the static output, read within the step), each drafted group's (B_g, k + 1, D; copies, which
+    the speculator keeps), the logits (plain rows, then drafted rows, then each prompt this step ends; None: none),
+    the prompts' hidden states (n, T, D; None unless asked for) and the prompts it ends (indices into the step's
+    prefilling requests)."""
+
+    plain: torch.Tensor | None
+    drafts: list[torch.Tensor]
+    logits: torch.Tensor | None
+    prompts: torch.Tensor | None
+    ending: list[int]
 
 
 def token_rows(decoding: list[tuple[Request, list[int]]], prefilling: list[Request], lens: list[int]
@@ -236,6 +251,31 @@ class StepGraphs:
             return None
         graph.replay()
         return static.hidden[:len(rows)]
+
+    def forward(self, plain: list[Request], drafted: list[tuple[list[Request], list[list[int]]]],
+                prefilling: list[Request], lens: list[int], with_prompts: bool) -> FixedForward | None:
+        """The engine's pass over a step's rows (``token_rows``: ``plain`` decoding requests, each drafted group's
+        (requests, their drafts), ``lens[i]`` prompt tokens of ``prefilling[i]``) in fixed shapes, and the logits of
+        the rows that need them; ``with_prompts``: the prompts' hidden states too. None where the step runs eagerly
+        (``step``)."""
+        decoding = [(r, []) for r in plain] + [(r, d) for rows, drafts in drafted for r, d in zip(rows, drafts)]
+        rows, at, ending = token_rows(decoding, prefilling, lens)
+        h = self.step(rows, [r.blocks for r, _ in decoding] + [r.blocks for r in prefilling])
+        if h is None:
+            return None
+        off, h_drafts = len(plain), []
+        for group, drafts in drafted:  # every row of a group verifies as many drafts
+            n = len(group) * (len(drafts[0]) + 1)
+            h_drafts.append(h[off:off + n].view(len(group), len(drafts[0]) + 1, -1).clone())
+            off += n
+        n_logits = off + len(ending)
+        logits = self.static.dec.logits(h[:n_logits, 0]) if n_logits else None
+        h_pre = None
+        if prefilling and with_prompts:
+            T = max(lens)
+            index = torch.tensor([a + a[-1:] * (T - len(a)) for a in at], device=h.device)  # padding: the last
+            h_pre = h[:, 0].index_select(0, index.view(-1)).view(len(prefilling), T, -1)
+        return FixedForward(h[:len(plain)] if plain else None, h_drafts, logits, h_pre, ending)
 
     def _capture(self, shape: tuple):
         """Record the step of ``shape`` on the inputs ``fill`` just set: warmed up on a side stream (which also
