@@ -34,38 +34,57 @@ def step_ops(eng: Engine) -> int:
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
+def _decoding(model: Transformer, batch: int, context: int, rng: random.Random, opts: SamplingOptions,
+              **settings) -> tuple[Engine, list]:
+    """An engine (``settings``; an FP32 cache of 1 GiB) with ``batch`` requests of ``context`` random tokens, each
+    past its prefill, and those requests."""
+    eng = Engine(model, EngineConfig(**{"kv_cache_bytes": 1 << 30, "cache_dtype": torch.float32, **settings}))
+    reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(context)], opts, lambda e: None)
+            for _ in range(batch)]
+    while any(r.generated == 0 for r in reqs):  # every prompt prefilled
+        eng.step()
+    return eng, reqs
+
+
+def _interleaved(eng: Engine, paths: dict, steps: int, before=lambda: None) -> dict[str, float]:
+    """Median ms of ``steps`` steps of ``eng`` under each of ``paths`` (name: context manager), the paths interleaved
+    step by step (``before`` each step: what it is to take)."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(steps):
+        for name, path in paths.items():
+            before()
+            with path():
+                t0 = time.perf_counter()
+                eng.step()
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def _with_eager(eng: Engine, paths: dict) -> dict:
+    """``paths`` and, where ``eng`` steps in fixed shapes (on a GPU: replayed from CUDA graphs), its eager step
+    beside them (``_eager``)."""
+    return {**paths, "_eager": functools.partial(without_graphs, eng)} if eng.graphs is not None else paths
+
+
 def decode_steps(model: Transformer, batches: tuple[int, ...], context: int, steps: int = 30) -> dict[str, float]:
     """ms per decode-only step of the engine alone (no HTTP, no prefill in the step), B requests at ``context``
     tokens: the batching gain before prefill steps and HTTP take their share (median of ``steps`` steps). At the
     largest B of MLA also with the paged cache gathered per layer instead of read in place
     (``kernels.mla_decode``), the two interleaved. ``decode_ops_b{B}``: top-level ATen ops of one more such step
     (``step_ops``), and where the CPU kernels run, ``decode_ops_b{B}_eager`` without them: the eager code a GPU
-    runs. On a GPU, where decode steps replay CUDA graphs (``flyer.serve.graphs``; ``cuda_graphs`` says how many
-    were captured, or why none), the eager steps run beside them, interleaved: ``decode_step_ms_b{B}_eager`` and
+    runs. On a GPU, where steps replay CUDA graphs (``flyer.serve.graphs``; ``cuda_graphs`` says how many were
+    captured, or why none), the eager steps run beside them, interleaved: ``decode_step_ms_b{B}_eager`` and
     ``decode_ops_b{B}_eager``."""
     rng, out = random.Random(1), {}
     for B in batches:
-        eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 30, max_batch_size=B, cache_dtype=torch.float32))
-        opts = SamplingOptions(max_tokens=4 * steps + 3)  # prefill's token, up to three timed paths, two counted steps
-        reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(context)], opts, lambda e: None)
-                for _ in range(B)]
-        while any(r.generated == 0 for r in reqs):  # every prompt prefilled
-            eng.step()
+        # prefill's token, up to three timed paths, two counted steps
+        eng, _ = _decoding(model, B, context, rng, SamplingOptions(max_tokens=4 * steps + 3), max_batch_size=B)
         paths = {"": contextlib.nullcontext}
         mla_cpu = model.cfg.attn == "mla" and model.embed.weight.is_cpu
         if B == max(batches) and kernels.cpu_ops() is not None and mla_cpu:
             paths["_gathered"] = gathered_attention
-        if eng.graphs is not None:  # on a GPU: replayed from CUDA graphs, and the eager step beside it
-            paths["_eager"] = functools.partial(without_graphs, eng)
-        times: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(steps):
-            for name, path in paths.items():
-                with path():
-                    t0 = time.perf_counter()
-                    eng.step()
-                    times[name].append(time.perf_counter() - t0)
-        for name, ts in times.items():
-            out[f"decode_step_ms_b{B}{name}"] = 1e3 * statistics.median(ts)
+        for name, ms in _interleaved(eng, _with_eager(eng, paths), steps).items():
+            out[f"decode_step_ms_b{B}{name}"] = ms
         out[f"decode_ops_b{B}"] = step_ops(eng)
         if eng.graphs is not None:
             with without_graphs(eng):
@@ -85,33 +104,19 @@ def mixed_steps(model: Transformer, batch: int, context: int, chunk: int, steps:
     as the decode steps are (``mixed_step_ms_b{B}``), the eager steps beside them, interleaved (``_eager``); median
     of ``steps`` steps each."""
     rng = random.Random(2)
-    eng = Engine(model, EngineConfig(kv_cache_bytes=1 << 30, max_batch_size=batch + 1, prefill_chunk=chunk,
-                                     cache_dtype=torch.float32))
-    opts = SamplingOptions(max_tokens=model.cfg.max_seq_len - context)  # none ends within the timed steps
-    reqs = [eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(context)], opts, lambda e: None)
-            for _ in range(batch)]
-    while any(r.generated == 0 for r in reqs):
-        eng.step()
-    paths = {"": contextlib.nullcontext}
-    if eng.graphs is not None:
-        paths["_eager"] = functools.partial(without_graphs, eng)
-    times: dict[str, list[float]] = {name: [] for name in paths}
+    eng, reqs = _decoding(model, batch, context, rng, SamplingOptions(max_tokens=model.cfg.max_seq_len - context),
+                          max_batch_size=batch + 1, prefill_chunk=chunk)  # (none of them ends within the timed steps)
+    paths = _with_eager(eng, {"": contextlib.nullcontext})
     before = [r.generated for r in reqs]
-    for _ in range(steps):
-        for name, path in paths.items():
-            eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(chunk)], SamplingOptions(max_tokens=1),
-                       lambda e: None)
-            with path():
-                t0 = time.perf_counter()
-                eng.step()
-                times[name].append(time.perf_counter() - t0)
+    ms = _interleaved(eng, paths, steps, lambda: eng.submit([rng.randrange(TOKEN_RANGE) for _ in range(chunk)],
+                                                            SamplingOptions(max_tokens=1), lambda e: None))
     assert [r.generated for r in reqs] == [n + len(paths) * steps for n in before]  # each step decoded the batch
-    return {f"mixed_step_ms_b{batch}{name}": 1e3 * statistics.median(ts) for name, ts in times.items()}
+    return {f"mixed_step_ms_b{batch}{name}": v for name, v in ms.items()}
 
 
 @contextlib.contextmanager
 def without_graphs(eng: Engine):
-    """``eng``'s decode steps eagerly, in the packed forward, as every other step (``flyer.serve.graphs``)."""
+    """``eng``'s steps eagerly, in the packed forward, not in fixed shapes (``flyer.serve.graphs``)."""
     graphs, eng.graphs = eng.graphs, None
     try:
         yield

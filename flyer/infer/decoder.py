@@ -160,16 +160,17 @@ class Decoder:
         S = int(pos.max()) + 1
         if S > self.max_len:
             raise ValueError(f"position {S - 1} exceeds the decoder's max_len {self.max_len}")
-        slots = pos + shift if shift else pos
-        return Rows(slots, self.cos[pos], self.sin[pos], S + shift, causal_slot_mask(slots, S + shift, shift), shift)
+        return self._rows_at(pos, S + shift, shift)
 
     def decode_rows(self, start_B: torch.Tensor, n_slots: int, shift: int = 0) -> Rows:
         """Rows of one new token per row at positions ``start_B``, in slots ``shift`` past them (as ``_rows``),
         attending over ``n_slots`` slots, which the caller knows bound every slot (no maximum read back from the
         device: a step a CUDA graph replays, ``flyer.serve.graphs``); slots past a row's are masked as ever."""
-        pos = start_B.view(-1, 1)
-        slots = pos + shift if shift else pos
-        return Rows(slots, self.cos[pos], self.sin[pos], n_slots, causal_slot_mask(slots, n_slots, shift), shift)
+        return self._rows_at(start_B.view(-1, 1), n_slots, shift)
+
+    def _rows_at(self, pos_BT: torch.Tensor, n_slots: int, shift: int) -> Rows:
+        slots = pos_BT + shift if shift else pos_BT
+        return Rows(slots, self.cos[pos_BT], self.sin[pos_BT], n_slots, causal_slot_mask(slots, n_slots, shift), shift)
 
     def _block(self, block: Block, x: torch.Tensor, cache, layer: int, rows: Rows) -> torch.Tensor:
         x = x + self._attend(block.attn, block.attn_norm(x), rows, cache, layer)

@@ -33,7 +33,7 @@ def fixed_shapes():
     """Within it every MoE's forward (inference, this process holding every routed expert) has shapes that its
     input's alone fix and reads nothing back to the host: expert loads counted by a scatter (not ``bincount``,
     whose length is the largest id's), the routed experts through ``Experts.routed_fixed``. What a CUDA graph
-    needs of a decode step (``flyer.serve.graphs``)."""
+    needs of a serving step (``flyer.serve.graphs``)."""
     token = _FIXED_SHAPES.set(True)
     try:
         yield
