@@ -495,7 +495,7 @@ def test_extreme_sampling_values_are_served_or_refused_and_fail_no_other_request
 def test_a_client_gone_cancels_a_non_streaming_request(model, monkeypatch):
     """A non-streaming response writes nothing until its end: the handler polls the connection
     (it generated every token for a client that had timed out)."""
-    monkeypatch.setattr("flyer.serve.api.DISCONNECT_POLL_S", 0.1)
+    monkeypatch.setattr("flyer.serve.generation.DISCONNECT_POLL_S", 0.1)
     s = _Running(model)
     try:
         step = s.engine.step

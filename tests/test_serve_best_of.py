@@ -14,7 +14,7 @@ from test_serve_api import _Running
 from trained import counting_model
 
 from flyer.infer.cli import ByteTokenizer
-from flyer.serve.api import best_candidates
+from flyer.serve.generation import best_candidates
 from flyer.serve.schema import MAX_CHOICES
 
 V = 64
@@ -171,7 +171,7 @@ def test_chat_still_refuses_best_of(served):
 
 
 def test_a_client_gone_cancels_every_candidate(model, monkeypatch):
-    monkeypatch.setattr("flyer.serve.api.DISCONNECT_POLL_S", 0.1)
+    monkeypatch.setattr("flyer.serve.generation.DISCONNECT_POLL_S", 0.1)
     s = _Running(model, api_tokenizer=_EosBytes())
     try:
         step = s.engine.step

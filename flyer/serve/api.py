@@ -8,7 +8,7 @@
                                 max_tokens, temperature, top_p, stop, seed, stream (+ stream_options),
                                 logprobs (0-20), echo (prompt tokens scored, as evaluation harnesses ask),
                                 suffix (fill-in-the-middle: the text is the middle; ``flyer.data.fim``),
-                                best_of (candidates per prompt; the n best by mean token logprob: ``best_candidates``)
+                                best_of (candidates per prompt; the n best by mean logprob: ``flyer.serve.generation``)
                                 response_format (both routes): text, json_object, json_schema (``flyer.serve.grammar``)
     POST /v1/chat/completions   messages rendered by the tokenizer's chat template (as transformers'
                                 ``apply_chat_template`` renders it; ``flyer.data.chat_template``), else a default;
@@ -41,15 +41,13 @@ routes speak to it through an ``EngineClient`` and hear its events on the event 
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import contextlib
 import dataclasses
-import math
 import threading
 import time
 import uuid
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 import jinja2
 import uvicorn
@@ -62,154 +60,20 @@ from flyer.data.chat_template import chat_renderer, effort_kwargs
 from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.data.fim import fim_prompt
 from flyer.errors import FieldError
-from flyer.serve.api_error import ApiError, engine_failed, sse_event
+from flyer.serve.api_error import ApiError, sse_event
 from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
 from flyer.serve.choice import Choice, calls_content
+from flyer.serve.generation import Generation, best_candidates, mean_logprob
 from flyer.serve.grammar import json_grammar
-from flyer.serve.link import EngineClient, EngineGone
+from flyer.serve.link import EngineClient
 from flyer.serve.metrics import ApiMetrics
 from flyer.serve.reasoning import PARSERS, Reasoning, Split
-from flyer.serve.request import NO_GRAMMARS, QueueFull, SamplingOptions, TokenEvent
+from flyer.serve.request import NO_GRAMMARS, SamplingOptions, TokenEvent
 from flyer.serve.responses import Responses
 from flyer.serve.schema import JINJA_ROLES, Body, ChatBody, CompletionBody
 from flyer.serve.tools import (ToolCall, chosen_format, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
 from flyer.serve.tools_kimi import calls_so_far
-
-DISCONNECT_POLL_S = 1.0  # how often a request's handler asks whether its client is still there
-
-
-def mean_logprob(c: Choice) -> float:
-    """Choice ``c``'s score as a best_of candidate: the mean logprob of the tokens it generated (every one, as
-    ``usage`` counts them: a stop string cuts the text, not the sequence sampled), each the one the engine reports
-    (after logit bias, penalties and a grammar's mask, before temperature and top-p). OpenAI's definition ("the
-    highest log probability per token"), not vLLM's sum, which favours the candidates that end soonest; the model's
-    own likelihood, not the sampling distribution's, which at temperature 0 scores every token 0. -inf without tokens
-    (none finishes so: max_tokens >= 1, and an error fails the request)."""
-    lps = [e.logprob for e in c.events if e.token is not None]
-    return math.fsum(lps) / len(lps) if lps else -math.inf
-
-
-def best_candidates(scores: list[float], per_prompt: int, n: int) -> list[int]:
-    """Indices of each prompt's ``n`` best candidates, best first, prompts in order: ``scores[k]`` is candidate k's,
-    prompt i's being ``i per_prompt`` to ``(i + 1) per_prompt - 1``. Ties keep the lower index first (a stable sort:
-    greedy candidates are all equal)."""
-    out = []
-    for i in range(0, len(scores), per_prompt):
-        out += sorted(range(i, i + per_prompt), key=lambda k: -scores[k])[:n]
-    return out
-
-
-class _Generation:
-    """Every choice of one HTTP request submitted to the engine (at construction, so a refusal
-    answers with its status before any response starts): ``n`` per prompt (best_of's candidates on completions),
-    choice k = i n + j the j-th of prompt i (as OpenAI numbers them; with a seed, sampled with seed + j). ``events``
-    yields (choice index, its state, event) as tokens arrive and cancels what is left when its consumer
-    stops early (client gone, stop string, error). ``field``: the one named when they exceed the queue."""
-
-    def __init__(self, api: "Api", request: Request, prompts: list[list[int]], opts: SamplingOptions,
-                 stops: list[str], n: int = 1, field: str | None = None):
-        self.engine, self.request, self.prompts, self.n = api.engine, request, prompts, n
-        for p in prompts:
-            self.engine.check(p, opts)
-        queue = self.engine.limits.max_queue
-        if len(prompts) * n > queue:  # a 429 would have the client retry in vain
-            raise FieldError(field or ("n" if n > 1 else "prompt"), f"{len(prompts)} prompt(s) x {n} choice(s) "
-                                                                    f"exceed the server's queue of {queue} requests")
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.reasoning_tokens = None  # chat with a reasoning parser: choice -> its reasoning tokens (``usage``)
-        self.failed = False  # the engine failed on one of its choices
-        self.choices = [Choice(api.tok, stops) for _ in range(len(prompts) * n)]
-        self.reqs = []
-        try:
-            for k in range(len(self.choices)):
-                seeded = opts if opts.seed is None else dataclasses.replace(opts, seed=(opts.seed + k % n) % (1 << 64))
-                self.reqs.append(self.engine.submit(self.prompt_of(k), seeded, self._emitter(k)))
-        except QueueFull as err:
-            self.cancel()
-            raise ApiError(429, f"too many requests waiting: {err}", "rate_limit_error", code="queue_full") from None
-        except EngineGone as err:
-            raise ApiError(503, f"the server is shutting down ({err})", "server_error", code="unavailable") from None
-        except BaseException:  # the choices submitted before a refusal must not run on
-            self.cancel()
-            raise
-
-    def prompt_of(self, k: int) -> list[int]:
-        """Choice k's prompt."""
-        return self.prompts[k // self.n]
-
-    def _emitter(self, i: int):
-        return lambda e: self.queue.put_nowait((i, e))
-
-    def cancel(self) -> None:
-        for r in self.reqs:
-            if not r.done:
-                self.engine.cancel(r)
-
-    async def events(self) -> AsyncIterator[tuple[int, Choice, TokenEvent]]:
-        live = len(self.choices)
-        loop = asyncio.get_running_loop()
-        polled = loop.time()
-        try:
-            while live:
-                # a client gone (closed, timed out) is seen within DISCONNECT_POLL_S, tokens flowing or not:
-                # a non-streaming response writes nothing before its end that could fail
-                if loop.time() - polled >= DISCONNECT_POLL_S:
-                    polled = loop.time()
-                    if await self.request.is_disconnected():
-                        return
-                try:  # wait_for (a task and a timer) only when nothing has arrived yet
-                    i, e = self.queue.get_nowait() if not self.queue.empty() else \
-                        await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    continue
-                c = self.choices[i]
-                if c.finish_reason is not None:
-                    continue  # a token after a stop string, before the cancel landed
-                c.add(e)
-                if c.finish_reason == "error":  # the request fails as a whole (``failed``), no choice's chunk
-                    self.failed = True
-                    return
-                if c.finish_reason is not None:
-                    live -= 1
-                    if not self.reqs[i].done:
-                        self.engine.cancel(self.reqs[i])
-                yield i, c, e
-        finally:
-            self.cancel()
-
-    async def wait(self) -> None:
-        """Every choice to its end (non-streaming); an engine failure answers 500."""
-        async for _ in self.events():
-            pass
-        if self.failed:
-            raise engine_failed()
-
-    def stream_tail(self, head: dict, usage: bool) -> Iterator[dict]:
-        """A stream's last chunks: OpenAI's error body when the engine failed (the official client raises
-        it), else the usage chunk when asked for."""
-        if self.failed:
-            yield engine_failed().body()
-        elif usage:
-            yield {**head, "choices": [], "usage": self.usage()}
-
-    def stream_end(self, head: dict, usage: bool) -> Iterator[bytes]:
-        """``stream_tail`` as server-sent events, then [DONE]."""
-        yield from map(sse_event, self.stream_tail(head, usage))
-        yield b"data: [DONE]\n\n"
-
-    def usage(self) -> dict:
-        """OpenAI's ``usage``: each prompt counted once, its ``cached_tokens`` the fewest its choices took from the
-        prefix cache (a prompt's n choices share it: the first computes what the others take)."""
-        p, c = sum(len(x) for x in self.prompts), sum(len(ch.ids) for ch in self.choices)
-        took = [next((e.cached_tokens for e in ch.events if e.cached_tokens is not None), 0) for ch in self.choices]
-        cached = sum(min(took[i * self.n:(i + 1) * self.n]) for i in range(len(self.prompts)))
-        out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-               "prompt_tokens_details": {"cached_tokens": cached}}
-        if self.reasoning_tokens is not None:
-            out["completion_tokens_details"] = {"reasoning_tokens": sum(map(self.reasoning_tokens, self.choices))}
-        return out
-
 
 class Api:
     """The routes, over one engine and tokenizer; ``draining`` makes new requests answer 503."""
@@ -310,7 +174,7 @@ class Api:
         ranked = per_prompt > body.n  # best_of = n returns every candidate, in order, as n alone does (and streams)
         if ranked and opts.logprobs is None:  # the score needs each token's logprob; the response leaves them out
             opts = dataclasses.replace(opts, logprobs=0)
-        gen = _Generation(self, request, prompts, opts, body.stop_strings(), per_prompt,
+        gen = Generation(self.engine, self.tok, request, prompts, opts, body.stop_strings(), per_prompt,
                           "best_of" if ranked else None)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
@@ -387,7 +251,7 @@ class Api:
 
     async def chat_result(self, request: Request, body: ChatBody, spans: bool = False) -> dict | AsyncIterator[dict]:
         """A chat completion as OpenAI's JSON object, or (``body.stream``) its chunks as they come, ending with the
-        usage chunk when asked for or the error body when the engine failed (``_Generation.stream_tail``): the
+        usage chunk when asked for or the error body when the engine failed (``Generation.stream_tail``): the
         chat route writes them out, ``flyer.serve.responses`` reads them. ``spans`` (the Responses route's, never in
         chat's JSON): each choice (each chunk's) also carries ``content_span`` ``[lo, hi]``: its ``logprobs.content``
         entries ``lo:hi`` are the content's tokens (``content_tokens``), not the reasoning's, its end marker's or the
@@ -413,7 +277,7 @@ class Api:
             after, opening = think.grammar_markers(self.tok, text, self.engine.limits.vocab_size)
             at = think.grammar_at(self.tok, after, fmt.calls_begin if mode in ("required", "named") else None)
             opts = dataclasses.replace(opts, grammar_after=after, grammar_open=opening, grammar_at=at)
-        gen = _Generation(self, request, [prompt], opts, body.stop_strings(), body.n)
+        gen = Generation(self.engine, self.tok, request, [prompt], opts, body.stop_strings(), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
 

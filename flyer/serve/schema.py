@@ -161,7 +161,7 @@ class CompletionBody(Body):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None  # the text after the one generated (FIM); None or "": a plain completion
-    # candidates per prompt, of which the n best are returned (``flyer.serve.api.best_candidates``); unset: n
+    # candidates per prompt, of which the n best are returned (``flyer.serve.generation.best_candidates``); unset: n
     best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
 
     def candidates(self) -> int:
