@@ -50,7 +50,9 @@ Kimi K2 / K2-Thinking (top-level ``model_type`` ``kimi_k2``) is a DeepseekV3 con
 Quantized weights: DeepSeek's FP8 blocks, compressed-tensors' integer (Kimi-K2-Thinking's, K2.5's INT4; on the
 wrapper or its text config), FP8 and NVFP4 weights, and ModelOpt's FP8 and NVFP4 (``flyer.interop.hf_config_quant``);
 any other quantization is refused.
-A value flyer cannot run is a ``ConfigError`` naming the file and the field, never silently ignored.
+A field a file leaves out takes its transformers config class's default, and an alias names its field
+(``flyer.interop.hf_defaults``). A value flyer cannot run is a ``ConfigError`` naming the file and the field,
+never silently ignored.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from flyer.interop.hf_config_longcat import longcat_as_mla, longcat_fields
 from flyer.interop.hf_config_mistral4 import MISTRAL4_DEFAULTS, MISTRAL4_ROPE, mistral4_fields
 from flyer.interop.hf_config_quant import compressed_scheme
 from flyer.interop.hf_config_v4 import from_v4_config
+from flyer.interop.hf_defaults import with_class_defaults
 from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor, yarn_mscale
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
@@ -83,23 +86,13 @@ HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("glm4_moe",)
 _SAME_AS = {"mistral": "llama", "glm4_moe_lite": "deepseek_v3", "deepseek_v32": "deepseek_v3",
             "glm_moe_dsa": "deepseek_v3", "kimi_k2": "deepseek_v3", "solar_open": "glm4_moe", "dots1": "glm4_moe"}
 # Upstage's Solar Open (solar_open) is GLM-4.5's MoE on Llama attention: every layer MoE, full rotary, no head
-# norms, no MTP layer; SolarOpenConfig's own defaults (transformers' configuration_solar_open.py)
-_SOLAR_OPEN_DEFAULTS = {
-    "vocab_size": 196608, "hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 64,
-    "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-    "rope_theta": 1e6, "moe_intermediate_size": 1280, "num_experts_per_tok": 8, "n_shared_experts": 1,
-    "n_routed_experts": 128, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "norm_topk_prob": True}
-# fields Solar Open's modeling does not have (its config deletes them): fixed, whatever a config.json says
+# norms, no MTP layer; the fields its modeling does not have (its config deletes them): fixed, whatever a
+# config.json says
 _SOLAR_OPEN_FIXED = {"first_k_dense_replace": 0, "partial_rotary_factor": 1.0, "use_qk_norm": False,
                      "num_nextn_predict_layers": 0}
 # rednote's dots.llm1 (dots1) is DeepseekV3's MoE on Qwen3 attention (head norms, whole heads rotating, no bias, no
-# MTP layer): GLM-4.5's with these fixed; Dots1Config's own defaults (transformers' configuration_dots1.py), where
-# the expert counts have none (transformers cannot build a model without them: flyer asks for them)
-_DOTS1_DEFAULTS = {
-    "vocab_size": 152064, "hidden_size": 4608, "intermediate_size": 10944, "moe_intermediate_size": 1408,
-    "num_hidden_layers": 62, "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0, "first_k_dense_replace": 0, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
-    "n_group": 1, "topk_group": 1, "sliding_window": 4096, "max_window_layers": 62}
+# MTP layer): GLM-4.5's with these fixed; Dots1Config has no default for the expert counts (transformers cannot
+# build a model without them): flyer asks for them
 _DOTS1_FIXED = {"partial_rotary_factor": 1.0, "use_qk_norm": True, "num_nextn_predict_layers": 0}
 _DOTS1_REQUIRED = ("n_routed_experts", "n_shared_experts", "num_experts_per_tok")
 # the architectures with DeepSeek Sparse Attention's indexer (read from index_topk, index_n_heads, index_head_dim)
@@ -268,10 +261,6 @@ def _qwen3_moe_fields(d: dict[str, Any], where: str, n_layers: int) -> dict[str,
                 seq_aux_alpha=0.001 if aux is None else aux)
 
 
-# MixtralConfig's defaults where they differ from those flyer reads a missing field as
-_MIXTRAL_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 4096 * 32}
-
-
 def _mixtral_fields(d: dict[str, Any], where: str) -> dict[str, Any]:
     """Mixtral's FFN fields: a sparse block in every layer (no dense layer, no shared expert), its
     experts ``intermediate_size`` wide; missing fields take MixtralConfig's defaults (8 experts, top-2).
@@ -320,24 +309,6 @@ def _glm4_moe_fields(d: dict[str, Any], where: str, n_layers: int, head_dim: int
                 n_expert_groups=d.get("n_group") or 1, n_limited_groups=d.get("topk_group") or 1,
                 norm_topk_prob=d.get("norm_topk_prob", True), route_scale=d.get("routed_scaling_factor", 1.0),
                 mtp_depth=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 1)) or 0, seq_aux_alpha=0.0001)
-
-
-# DeepseekV32Config's defaults (DeepSeek-V3.2-Exp's values) where they differ from what flyer reads a missing
-# field as; first_k_dense_replace (3) is _mla_dense_layers', as mlp_layer_types overrides it
-_DEEPSEEK_V32_DEFAULTS = {
-    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61, "num_attention_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
-    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
-    "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
-    "max_position_embeddings": 163840, "index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128}
-# GlmMoeDsaConfig's defaults (GLM-5's values) likewise; rms_norm_eps 1e-5 and rope_theta 10000 too
-_GLM_MOE_DSA_DEFAULTS = {
-    "vocab_size": 154880, "hidden_size": 6144, "intermediate_size": 12288, "moe_intermediate_size": 2048,
-    "num_hidden_layers": 78, "num_attention_heads": 64, "n_shared_experts": 1, "n_routed_experts": 256,
-    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 2048, "qk_rope_head_dim": 64,
-    "v_head_dim": 256, "qk_nope_head_dim": 192, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 8,
-    "max_position_embeddings": 202752, "rms_norm_eps": 1e-5, "index_topk": 2048, "index_n_heads": 32,
-    "index_head_dim": 128}
 
 
 def _indexer_types(d: dict[str, Any], where: str, n_layers: int) -> tuple[str, ...]:
@@ -403,19 +374,16 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     compressed_scheme(d, where)  # a quantization flyer cannot decode is refused here, naming the field
     if mt == "deepseek_v4":  # its own spellings (flyer.interop.hf_config_v4)
         return from_v4_config(d, where)
-    if mt == "mixtral":
-        d = {**_MIXTRAL_DEFAULTS, **d}
+    d = with_class_defaults(d)
     if d.get("model_type") == "solar_open":
-        d = {**_SOLAR_OPEN_DEFAULTS, **d, **_SOLAR_OPEN_FIXED}
+        d = {**d, **_SOLAR_OPEN_FIXED}
     if d.get("model_type") == "dots1":
-        d = {**_DOTS1_DEFAULTS, **d, **_DOTS1_FIXED}
+        d = {**d, **_DOTS1_FIXED}
         for k in _DOTS1_REQUIRED:
             if d.get(k) is None:
                 raise _bad(where, k, "missing: Dots1Config has no default for it (transformers cannot build the model)")
         _require(d, where, "attention_bias", (False,), False)  # Qwen3's bias would cover o_proj, flyer's GQA has none
     dsa = d.get("model_type") in DSA_MODEL_TYPES
-    if dsa:
-        d = {**(_GLM_MOE_DSA_DEFAULTS if d["model_type"] == "glm_moe_dsa" else _DEEPSEEK_V32_DEFAULTS), **d}
     if mt == "mistral4":
         d = {**MISTRAL4_DEFAULTS, **d}
         if not d.get("rope_parameters") and not d.get("rope_scaling"):

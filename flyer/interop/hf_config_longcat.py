@@ -49,6 +49,8 @@ def longcat_as_mla(d: dict[str, Any], where: str) -> dict[str, Any]:
     """LongCat-Flash's config in DeepseekV3's spelling (``flyer.interop.hf_config`` reads MLA from it), checked:
     2 num_layers blocks, no dense-only or shared-expert layers, at most one MTP layer, a dense one."""
     d = dict(d)
+    if "num_layers" not in d and isinstance(d.get("num_hidden_layers"), int):  # LongcatFlashConfig's setter
+        d["num_layers"] = d["num_hidden_layers"] // 2
     for alias, own in _ALIASES.items():
         if own not in d and alias in d:
             d[own] = d[alias]

@@ -55,7 +55,8 @@ def mistral4_fields(d: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(beta, (int, float)) or isinstance(beta, bool) or beta < 0:
         raise _bad(where, f"{key}.llama_4_scaling_beta", f"expected a number >= 0 (got {beta!r:.40}): transformers' "
                                                          f"Mistral4 scales every query by it")
-    if not rp.get("original_max_position_embeddings"):  # the temperature's period (YaRN's would default)
+    # the temperature's period (YaRN's would default); a top-level key stands in (flyer.interop.hf_rope)
+    if not (d.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings")):
         raise _bad(where, f"{key}.original_max_position_embeddings", "required for mistral4: the period of its "
                                                                      "query temperature")
     n_group, topk_group = d.get("n_group") or 1, d.get("topk_group") or 1

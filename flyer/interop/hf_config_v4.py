@@ -111,6 +111,8 @@ def _rope(d: dict[str, Any], where: str) -> dict[str, Any]:
 
 def from_v4_config(d: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """flyer fields of a ``deepseek_v4`` config dict."""
+    if "moe_intermediate_size" not in d and "intermediate_size" in d:  # DeepseekV4Config's alias for it
+        d = {**d, "moe_intermediate_size": d["intermediate_size"]}
     d = {**_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     for k in _INTS + _NUMBERS:
         v = d[k]

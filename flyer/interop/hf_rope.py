@@ -62,6 +62,9 @@ def rope_fields(d: dict[str, Any], where: str = "config.json", mla: bool = False
         supported = ", ".join(ROPE_TYPES)
         raise _bad(where, f"{key}.rope_type", f"unsupported RoPE type {rope_type!r} (supported: {supported})")
     out: dict[str, Any] = {"rope_theta": theta, "rope_type": rope_type}
+    # the pretraining context of YaRN and llama3: a top-level key comes first (transformers' standardize_rope_params
+    # sets it over the RoPE dict's: Phi-3 and others keep it there), then the dict's, then max_position_embeddings
+    orig = d.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings") or max_pos
     if rope_type == "default":
         return {**out, "rope_factor": 1.0, "original_seq_len": max_pos, "mscale": 1.0, "rope_attn_factor": 1.0}
     if rope_type in ("llama3", "linear"):
@@ -70,13 +73,12 @@ def rope_fields(d: dict[str, Any], where: str = "config.json", mla: bool = False
         out.update(rope_factor=_rope_number(rp, where, key, "factor", rope_type), original_seq_len=max_pos,
                    mscale=0.0, rope_attn_factor=1.0)  # transformers' attention factor for both is 1
         if rope_type == "llama3":
-            out.update(original_seq_len=rp.get("original_max_position_embeddings") or max_pos,
+            out.update(original_seq_len=orig,
                        low_freq_factor=_rope_number(rp, where, key, "low_freq_factor", rope_type),
                        high_freq_factor=_rope_number(rp, where, key, "high_freq_factor", rope_type))
         return out
     if rp.get("truncate", True) is not True:
         raise _bad(where, f"{key}.truncate", "only true (integer YaRN correction range) is supported")
-    orig = rp.get("original_max_position_embeddings") or max_pos
     factor = rp.get("factor") or max_pos / orig
     mscale, mscale_all_dim = rp.get("mscale"), rp.get("mscale_all_dim")
     attn_factor = rp.get("attention_factor")
