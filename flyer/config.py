@@ -22,6 +22,7 @@ from typing import Any
 
 from flyer.errors import ConfigError, FieldError
 from flyer.interop.hf_config import ROPE_TYPES, from_hf_config, is_hf_config, yarn_mscale
+from flyer.interop.model_args import from_model_args, is_model_args
 
 
 
@@ -515,8 +516,9 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model fields, train fields) from a config file.
 
-    JSON: flyer's, DeepSeek's config_*.json or an HF config.json (model fields only). TOML: model
-    fields at the top level and/or in a [model] table, trainer options in a [train] table.
+    JSON: DeepSeek's config_*.json (its ModelArgs' fields: ``flyer.interop.model_args``), an HF config.json, or
+    flyer's own fields (model fields only). TOML: model fields at the top level and/or in a [model] table, trainer
+    options in a [train] table.
     """
     p = Path(path)
     try:
@@ -540,7 +542,9 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
         d = {**d.pop("model", {}), **d}
     if not isinstance(d, dict) or not isinstance(train, dict):
         raise ConfigError(f"config file {p} must hold a table/object of fields")
-    return (from_hf_config(d, str(p)) if is_hf_config(d) else d), train
+    if is_hf_config(d):
+        return from_hf_config(d, str(p)), train
+    return (from_model_args(d) if p.suffix == ".json" and is_model_args(d) else d), train
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -89,6 +89,39 @@ def test_official_and_hf_configs_load_to_the_preset(tmp_path):
     assert param_counts(lite).total == param_counts(preset("dsv2-lite")).total
 
 
+# DeepSeek-V3's inference/configs: V2-Lite's and V2's leave out what ModelArgs defaults (V2-Lite's values: softmax
+# routing, no groups); V3.1's and V3.2-Exp's name V3's routing, V3.2-Exp's its indexer
+DS_16B = {"vocab_size": 102400, "dim": 2048, "inter_dim": 10944, "moe_inter_dim": 1408, "n_layers": 27,
+          "n_dense_layers": 1, "n_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2, "n_activated_experts": 6,
+          "route_scale": 1.0, "q_lora_rank": 0, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+          "v_head_dim": 128, "mscale": 0.707}
+DS_236B = {"vocab_size": 102400, "dim": 5120, "inter_dim": 12288, "moe_inter_dim": 1536, "n_layers": 60,
+           "n_dense_layers": 1, "n_heads": 128, "n_routed_experts": 160, "n_shared_experts": 2,
+           "n_activated_experts": 6, "n_expert_groups": 8, "n_limited_groups": 3, "route_scale": 16.0,
+           "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+           "v_head_dim": 128}
+DS_V31 = {**DSV3_OFFICIAL, "scale_fmt": "ue8m0"}
+DS_V32 = {**DS_V31, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+
+
+@pytest.mark.parametrize("d, name, differs", [
+    (DS_16B, "dsv2-lite", {}), (DS_V31, "dsv3", {}), (DS_V32, "dsv32", {}),
+    # config_236B.json gives no mscale: DeepSeek's model.py scales V2's softmax by ModelArgs' 1.0, where V2's
+    # Hugging Face config (and so the preset) says 0.707; the file is read as DeepSeek's code reads it
+    (DS_236B, "dsv2", {"mscale": 1.0})])
+def test_deepseek_inference_configs_read_as_model_args_reads_them(tmp_path, d, name, differs):
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert _arch(ModelConfig.from_json(tmp_path / "config.json")) == _arch(preset(name, **differs))
+
+
+def test_deepseek_config_without_yarn_context(tmp_path):
+    """model.py applies YaRN (frequencies and mscale) only when max_seq_len passes original_seq_len."""
+    (tmp_path / "config.json").write_text(json.dumps({**DS_16B, "max_seq_len": 4096}))
+    cfg = ModelConfig.from_json(tmp_path / "config.json")
+    assert cfg.rope_factor == 1.0 and cfg.max_seq_len == 4096
+    assert cfg.softmax_scale == cfg.qk_head_dim ** -0.5
+
+
 def test_toml_overrides_and_errors(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("[model]\ndim = 96\nn_heads = 3\n")

@@ -107,7 +107,8 @@ def files(tmp_path):
     (tmp_path / "adir").mkdir()
     (tmp_path / "latin1.json").write_bytes('{"dim": "\xe9"}'.encode("latin-1"))
     (tmp_path / "bad.toml").write_bytes(b"[model]\ndim = \xff\n")
-    (tmp_path / "missing.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    # no model_type: no config class's defaults (flyer.interop.hf_defaults) to fill what it leaves out
+    (tmp_path / "missing.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2}))
     (tmp_path / "nan.toml").write_text("[model]\nrope_theta = inf\n")
     (tmp_path / "gemma2.json").write_text(json.dumps({  # an architecture flyer does not implement, not a dense Llama
         "model_type": "gemma2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -123,9 +124,9 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     (["train", "--config", "{t}/adir"], "cannot read config file {t}/adir"),
     (["train", "--config", "{t}/latin1.json"], "{t}/latin1.json is not UTF-8 text"),
     (["train", "--config", "{t}/bad.toml"], "{t}/bad.toml is not UTF-8 text"),
-    (["train", "--config", "{t}/missing.json"], "required field 'vocab_size' is missing"),
+    (["train", "--config", "{t}/missing.json"], "field 'vocab_size': required field is missing"),
     (["train", "--config", "{t}/nan.toml"], "'rope_theta': must be a finite number"),
-    (["info", "--config", "{t}/missing.json"], "required field 'vocab_size' is missing"),
+    (["info", "--config", "{t}/missing.json"], "field 'vocab_size': required field is missing"),
     (["train", "--config", "{t}/gemma2.json"], "unsupported architecture 'gemma2'"),
     (["plan", "--config", "{t}/gemma2.json"], "unsupported architecture 'gemma2'"),
     (["plan", "--config", "{t}/latin1.json"], "is not UTF-8 text"),
