@@ -16,7 +16,7 @@ from flyer.errors import CheckpointError, ConfigError
 from flyer.fp8.linear import convert_to_fp8
 from flyer.fp8.quant import quantize_blocks
 from flyer.infer.generate import GenerationConfig, generate
-from flyer.interop.export import export_model, parse_size
+from flyer.interop.export import _items, export_model, parse_size
 from flyer.interop.hf import TextTokenizer, load_hf
 from flyer.interop.load import load_init_weights, load_pretrained
 from flyer.interop.tensorfile import TensorFile
@@ -277,3 +277,44 @@ def test_train_init_reads_only_what_a_rank_holds(run, tmp_path, monkeypatch, sou
             w = w[w.shape[0] // 2:]
         assert torch.equal(t, w.to(t.dtype)), name
     assert sum(read) == sum(t.numel() * t.element_size() for t in part.state_dict().values())  # both FP32
+
+
+def test_fp8_export_keeps_the_mtp_eh_proj_in_bf16(run, tmp_path):
+    """DeepSeek-V3's release stores the MTP layer's eh_proj in BF16, with no scale: vLLM's and SGLang's MTP loaders
+    build it as a plain linear."""
+    model, cfg, tok = load_pretrained(run)
+    export_model(model, tok, tmp_path / "fp8", "fp8")
+    files = tensors(tmp_path / "fp8")
+    name = f"model.layers.{cfg.n_layers}.eh_proj.weight"
+    assert files[name].dtype == torch.bfloat16 and name + "_scale_inv" not in files
+    assert torch.equal(files[name], model.mtp[0].eh_proj.weight.to(torch.bfloat16))
+
+
+def test_fp8_export_of_a_ue8m0_checkpoint_keeps_its_scale_fmt(run, tmp_path):
+    """DeepSeek-V3.1 / V3.2's scale_fmt "ue8m0" (power-of-two block scales, activations quantized so) survives a
+    re-export with the codes; blocks quantized anew take power-of-two scales too."""
+    model, cfg, tok = load_pretrained(run)
+    export_model(model, tok, tmp_path / "src", "fp8")
+    src = tensors(tmp_path / "src")
+    for k in [k for k in src if k.endswith("_scale_inv")]:  # each block's codes under 2^ceil(log2(scale))
+        w, s = k.removesuffix("_scale_inv"), src[k]
+        up = torch.exp2(torch.ceil(torch.log2(s)))
+        R, C = src[w].shape
+        ratio = (s / up).repeat_interleave(128, 0).repeat_interleave(128, 1)[:R, :C]
+        src[w], src[k] = (src[w].float() * ratio).to(torch.float8_e4m3fn), up
+    (tmp_path / "src" / "model.safetensors").unlink()
+    save_file(src, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["quantization_config"]["scale_fmt"] = "ue8m0"
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--dtype", "fp8"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
+    out = tensors(tmp_path / "out")
+    for k in src:
+        assert torch.equal(out[k].view(torch.uint8) if out[k].dtype.itemsize == 1 else out[k],
+                           src[k].view(torch.uint8) if src[k].dtype.itemsize == 1 else src[k]), k
+    state = model.state_dict()
+    scales = [make() for name, _, _, make in _items(cfg, state, lambda s: state[s.key] if s.expert is None
+                                                    else state[s.key][s.expert], "fp8", None, pow2=True)
+              if name.endswith("_scale_inv")]
+    assert scales and all(torch.equal(s, torch.exp2(torch.log2(s).round())) for s in scales)

@@ -88,8 +88,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m
           "nvfp4": torch.uint8}  # nvfp4: every linear's E2M1 codes, two a byte (the rest BF16)
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms, and the DSA
 # indexer's head weights (transformers computes them in FP32)
+# the MTP layer's eh_proj too: DeepSeek-V3's release keeps it in BF16 (vLLM's and SGLang's MTP loaders build it as
+# a plain linear, with no scale to read)
 _NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|block_sparse_moe\.gate|router\.classifier|"
-                      r"norm|weights_proj)\.weight$|\.bias$|_bias$")
+                      r"norm|weights_proj|eh_proj)\.weight$|\.bias$|_bias$")
 
 
 # what DeepSeek's checkpoints store in FP32 whatever the rest: the routers' correction biases, and DeepSeek-V4's
@@ -122,9 +124,10 @@ def tensor_items(model: Transformer, dtype: str, codes: Codes | None = None) -> 
 
 
 def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: str,
-           codes: Codes | None) -> list[Item]:
+           codes: Codes | None, pow2: bool = False) -> list[Item]:
     """``tensor_items`` of a model whose state (``state``: its shapes, on any device, meta
-    included) ``read`` gives one tensor at a time."""
+    included) ``read`` gives one tensor at a time; ``pow2``: FP8 blocks quantized here take power-of-two scales
+    (a source under ``scale_fmt`` "ue8m0": ``_source_scale_fmt``)."""
     cfg = exported(cfg)
     rope_half = hf_model_type(cfg) in HALF_ROPE_MODEL_TYPES
     items: list[Item] = []
@@ -154,10 +157,10 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
         if dtype == "fp8" and cfg.attn != "hybrid" and len(shape) == 2 and not _NOT_FP8.search(name):
             rows_b, cols_b = -(-shape[0] // 128), -(-shape[1] // 128)
             own = (codes or {}).get(name)
-            items.append((name, shape, torch.float8_e4m3fn,
-                          own[0] if own else lambda get=get, c=shape[1]: quantize_blocks(get()).data[:, :c]))
+            items.append((name, shape, torch.float8_e4m3fn, own[0] if own else
+                          lambda get=get, c=shape[1]: quantize_blocks(get(), pow2_scales=pow2).data[:, :c]))
             items.append((name + SCALE_SUFFIX, (rows_b, cols_b), torch.float32,
-                          own[1] if own else lambda get=get: quantize_blocks(get()).scale))
+                          own[1] if own else lambda get=get: quantize_blocks(get(), pow2_scales=pow2).scale))
             continue
         stored = state[slot.key].dtype
         keep = (stored if not stored.is_floating_point  # DeepSeek-V4's hash table: int64
@@ -244,11 +247,13 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
 
 
 def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]], out: str | Path, dtype: str,
-            max_shard_size: str | int, source: Path | None) -> dict:
+            max_shard_size: str | int, source: Path | None, scale_fmt: str | None = None) -> dict:
     if dtype not in DTYPES:
         raise FieldError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
     limit = _shard_limit(max_shard_size)
     config = hf_config(cfg, tok, dtype)  # fails before anything is written
+    if scale_fmt is not None:
+        config["quantization_config"]["scale_fmt"] = scale_fmt
     out, source = Path(out), source and Path(source)
     _check_out(out)
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
@@ -300,6 +305,13 @@ def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]
         summary["note"] = ("the MTP module is written as LongCat-Flash's model.mtp.* tensors: transformers' "
                            "LongcatFlash skips them, SGLang and vLLM run them")
     return summary
+
+
+def _source_scale_fmt(path: Path) -> str | None:
+    """The FP8 checkpoint ``path``'s ``quantization_config.scale_fmt`` (DeepSeek-V3.1 / V3.2's "ue8m0": power-of-two
+    block scales, and activations quantized so, which serving engines read from it), carried into its export."""
+    quant = read_hf_config(path)[1].get("quantization_config") or {}
+    return quant.get("scale_fmt")
 
 
 def _source_codes(path: Path, cfg: ModelConfig, headers: dict[Path, TensorFile]) -> Codes:
@@ -447,8 +459,9 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
         codes = _int4_source_codes(src)
     elif dtype == "fp8" and src.fp4_keys:  # DeepSeek's FP8 format under power-of-two block scales: exact
         codes = _fp4_block_codes(src.cfg, src.read, src.fp4_keys)
-    summary = _export(src.cfg, src.tok, lambda: _items(src.cfg, src.state, src.read, dtype, codes), out, dtype,
-                      max_shard_size, source)
+    fmt = _source_scale_fmt(source) if dtype == "fp8" and src.fp8 and not hybrid else None
+    summary = _export(src.cfg, src.tok, lambda: _items(src.cfg, src.state, src.read, dtype, codes, fmt == "ue8m0"),
+                      out, dtype, max_shard_size, source, fmt)
     if src.where is not None and is_wrapped(src.files):  # Kimi K2.5: the text model only, said
         summary["left_out"] = ("the vision-language wrapper's vision tower and projector: flyer reads and writes its "
                                "text model")
