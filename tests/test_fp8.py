@@ -224,6 +224,36 @@ def test_fp8_linear_matches_its_recipe_exactly():
 
 
 
+def test_tiles_and_blocks_floor_amax_as_deepseeks_quantizers():
+    """DeepSeek's act_quant (DeepSeek-V3 inference/kernel.py) and DeepGEMM's casts: s = max(amax, 1e-4) / 448 per
+    tile or block, a zero one included, and the codes x / s: re-implemented here, equal bit for bit."""
+    x = torch.randn(4, 256) * torch.tensor([1.0, 3e-5, 0.0, 2e-4])[:, None]  # amax above, below the floor, zero
+    for q, amax, expand in (
+            (quantize_tiles(x), x.abs().view(4, 2, 128).amax(-1), lambda s: s.repeat_interleave(128, 1)),
+            (quantize_blocks(x), x.abs().view(1, 4, 2, 128).amax((1, 3)),
+             lambda s: s.repeat_interleave(128, 0)[:4].repeat_interleave(128, 1))):
+        s = amax.clamp(min=1e-4) / 448.0
+        assert torch.equal(q.scale, s)
+        assert torch.equal(q.data.view(torch.uint8), (x / expand(s)).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gradients_are_quantized_without_the_floor(grouped):
+    """A gradient's tiles may be far below 1e-4: quantized without the floor, dx and dW of dy / 2^40 are those of dy
+    over 2^40 exactly (power-of-two scaling commutes with each tile's scale); floored, they would lose bits."""
+    x = torch.randn(130, 160)
+    w = torch.randn(96, 160) * 0.1
+    dy = torch.randn(130, 96)
+    grads = []
+    for d in (dy, dy * 2.0 ** -40):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_grouped_linear(xr, wr[None], torch.tensor([130])) if grouped else fp8_linear(xr, wr)
+        y.backward(d)
+        grads.append((xr.grad, wr.grad))
+    (dx, dw), (dx_small, dw_small) = grads
+    assert torch.equal(dx_small, dx * 2.0 ** -40) and torch.equal(dw_small, dw * 2.0 ** -40)
+
+
 def test_fp8_linear_dtypes_with_and_without_autocast():
     lin = FP8Linear(64, 32, bias=True)
     x = torch.randn(5, 64)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flyer.fp8.gemm import BACKENDS, EMULATIONS, cuda_fp8_supported, fp8_gemm_nt
-from flyer.fp8.quant import (FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched, quantize_blocks,
-                             quantize_blocks_batched, quantize_tiles, quantize_tiles_t)
+from flyer.fp8.quant import (AMAX_FLOOR, FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched,
+                             quantize_blocks, quantize_blocks_batched, quantize_tiles, quantize_tiles_t)
 from flyer.model.lowp import gemm_dtype, group_rows, ungroup_rows
 from flyer.model.experts import Experts, padded_layout, swiglu
 
@@ -81,7 +81,7 @@ def _transpose_blocks(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Te
 
 def _wgrad(dy_MN: torch.Tensor, x_MK: torch.Tensor, r: FP8Recipe) -> torch.Tensor:
     """dW (N, K) float32 = dy^T . x with both operands in 128x1 tiles (1x128 along tokens)."""
-    qdy_t = quantize_tiles_t(dy_MN, r.grad_fmt, r.pow2_scales)  # (N, Mp)
+    qdy_t = quantize_tiles_t(dy_MN, r.grad_fmt, r.pow2_scales, amax_floor=0.0)  # (N, Mp): a gradient
     qx_t = quantize_tiles_t(x_MK, r.fmt, r.pow2_scales)  # (K, Mp)
     return r.gemm(qdy_t.data, qdy_t.scale, qx_t.data, qx_t.scale, torch.float32)
 
@@ -111,7 +111,7 @@ class FP8LinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             dy_MN = dy.reshape(-1, N)
             if ctx.needs_input_grad[0]:
-                qdy = quantize_tiles(dy_MN, r.grad_fmt, r.pow2_scales)  # (M, Np)
+                qdy = quantize_tiles(dy_MN, r.grad_fmt, r.pow2_scales, amax_floor=0.0)  # (M, Np)
                 wt_data, wt_scale = _transpose_blocks(w_data, w_scale)  # (Kp, Np)
                 dx = r.gemm(qdy.data, qdy.scale, wt_data, wt_scale, ctx.x_dtype)
                 dx = dx[:, :K].reshape(ctx.x_shape)
@@ -186,11 +186,12 @@ class FP8Linear(nn.Linear):
 
 # ---- grouped expert GEMMs ---------------------------------------------------------------------
 
-def _retile_segments(t_NC: torch.Tensor, dest: torch.Tensor, n_rows: int, fmt: str, pow2: bool) -> Quantized:
+def _retile_segments(t_NC: torch.Tensor, dest: torch.Tensor, n_rows: int, fmt: str, pow2: bool,
+                     amax_floor: float = AMAX_FLOOR) -> Quantized:
     """``t`` re-tiled 128x1 inside each expert segment: the transpose (C, n_rows) of the
     segment-aligned layout in 1x128 tiles, so that no tile mixes two experts' tokens."""
     aligned = t_NC.new_zeros(n_rows, t_NC.shape[1]).index_copy_(0, dest, t_NC)
-    return quantize_tiles_t(aligned, fmt, pow2)
+    return quantize_tiles_t(aligned, fmt, pow2, amax_floor)
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
@@ -231,7 +232,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                qdy = quantize_tiles(dy, r.grad_fmt, r.pow2_scales)
+                qdy = quantize_tiles(dy, r.grad_fmt, r.pow2_scales, amax_floor=0.0)
             if ctx.needs_input_grad[0] and r.dequant_emulation(x.device):
                 dyq, wq = dequantize(qdy.data, qdy.scale)[:, :Fo], dequantize_blocks_batched(w_data, w_scale)[:, :, :K]
                 parts = [(ds @ we).to(x.dtype) for ds, we, n in zip(dyq.split(counts), wq.unbind(0), counts) if n]
@@ -250,7 +251,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 layout = padded_layout(counts, TILE)  # every expert's segment starts at a multiple of 128
                 dest, n_rows = layout.positions(x.device), layout.total
-                qdy_t = _retile_segments(dy, dest, n_rows, r.grad_fmt, r.pow2_scales)  # (F, n_rows)
+                qdy_t = _retile_segments(dy, dest, n_rows, r.grad_fmt, r.pow2_scales, 0.0)  # (F, n_rows)
                 qx_t = _retile_segments(x, dest, n_rows, r.fmt, r.pow2_scales)  # (K, n_rows)
                 fast = r.dequant_emulation(x.device)
                 if fast:

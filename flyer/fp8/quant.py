@@ -79,9 +79,16 @@ def ceil_pow2(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x), exponent)
 
 
-def amax_to_scale(amax: torch.Tensor, fp8_dtype: torch.dtype, pow2: bool) -> torch.Tensor:
-    """scale = amax / fp8_max (float32); all-zero (or underflowing) tiles get scale 1."""
-    scale = amax.float() / FP8_MAX[fp8_dtype]
+# DeepSeek's quantizers floor a tile's or block's amax at 1e-4 before scaling (DeepSeek-V3's inference/kernel.py
+# act_quant, DeepGEMM's per_token_cast_to_fp8 and per_block_cast_to_fp8): their codes and scales, bit for bit.
+# Gradients are quantized without it: their tiles are often smaller, and no published quantizer sets theirs.
+AMAX_FLOOR = 1e-4
+
+
+def amax_to_scale(amax: torch.Tensor, fp8_dtype: torch.dtype, pow2: bool, floor: float = AMAX_FLOOR) -> torch.Tensor:
+    """scale = max(amax, floor) / fp8_max (float32); with ``floor`` 0, all-zero (or underflowing) tiles get
+    scale 1."""
+    scale = amax.float().clamp(min=floor) / FP8_MAX[fp8_dtype]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if pow2:
         scale = ceil_pow2(scale)
@@ -107,19 +114,19 @@ def _cast(x_scaled: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
 
 
 def quantize_tiles(x: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8_e4m3fn,
-                   pow2_scales: bool = False) -> Quantized:
+                   pow2_scales: bool = False, amax_floor: float = AMAX_FLOOR) -> Quantized:
     """1x128 tiles of a 2-D tensor ``x (R, C)`` (any float dtype): per row, per 128 channels."""
     fp8_dtype = resolve_fp8_dtype(fp8_dtype)
     R, C = x.shape
     xp = pad_cols(x.float()).contiguous()  # tiles of a transposed input: reduce over contiguous memory
     tiles = xp.view(R, xp.shape[1] // TILE, TILE)  # explicit sizes: R may be 0
-    scale = amax_to_scale(_absmax(tiles, (-1,)), fp8_dtype, pow2_scales)  # (R, Cp/128)
+    scale = amax_to_scale(_absmax(tiles, (-1,)), fp8_dtype, pow2_scales, amax_floor)  # (R, Cp/128)
     data = _cast(tiles / scale.unsqueeze(-1), fp8_dtype).view(R, xp.shape[1])
     return Quantized(data, scale, C)
 
 
 def quantize_tiles_t(x: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8_e4m3fn,
-                     pow2_scales: bool = False) -> Quantized:
+                     pow2_scales: bool = False, amax_floor: float = AMAX_FLOOR) -> Quantized:
     """``quantize_tiles(x.t())`` bit for bit (1x128 tiles of x's transpose: 128x1 tiles of x, the
     wgrad operands), without transposing x in FP32: each column's 128-row blocks are reduced and
     cast in place and only the one-byte codes are transposed, a quarter of the traffic."""
@@ -128,13 +135,13 @@ def quantize_tiles_t(x: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float
     xf = x.float()
     rpad = -R % TILE
     blocks = (F.pad(xf, (0, 0, 0, rpad)) if rpad else xf).view(-1, TILE, C)  # (Rb, 128, C)
-    scale = amax_to_scale(_absmax(blocks, (1,)), fp8_dtype, pow2_scales)  # (Rb, C)
+    scale = amax_to_scale(_absmax(blocks, (1,)), fp8_dtype, pow2_scales, amax_floor)  # (Rb, C)
     data = _cast(blocks / scale.unsqueeze(1), fp8_dtype).view(-1, C)  # (Rp, C)
     return Quantized(data.view(torch.uint8).t().contiguous().view(fp8_dtype), scale.t().contiguous(), R)
 
 
 def quantize_blocks(w: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8_e4m3fn,
-                    pow2_scales: bool = False) -> Quantized:
+                    pow2_scales: bool = False, amax_floor: float = AMAX_FLOOR) -> Quantized:
     """128x128 blocks of a 2-D tensor ``w (R, C)``; a partial last block of rows is allowed."""
     fp8_dtype = resolve_fp8_dtype(fp8_dtype)
     R, C = w.shape
@@ -142,13 +149,14 @@ def quantize_blocks(w: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8
     rpad = -R % TILE
     wb = F.pad(wp, (0, 0, 0, rpad)) if rpad else wp
     blocks = wb.view(wb.shape[0] // TILE, TILE, -1, TILE)  # (Rb, 128, Cb, 128)
-    scale = amax_to_scale(_absmax(blocks, (1, 3)), fp8_dtype, pow2_scales)  # (Rb, Cb)
+    scale = amax_to_scale(_absmax(blocks, (1, 3)), fp8_dtype, pow2_scales, amax_floor)  # (Rb, Cb)
     data = _cast(blocks / scale[:, None, :, None], fp8_dtype).view(wb.shape)[:R]
     return Quantized(data, scale, C)
 
 
 def quantize_blocks_batched(w_ERC: torch.Tensor, fp8_dtype: torch.dtype | str = torch.float8_e4m3fn,
-                            pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            pow2_scales: bool = False, amax_floor: float = AMAX_FLOOR
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """128x128 blocks of a stack of matrices ``w (E, R, C)`` in one pass (grouped expert weights).
 
     Returns data (E, R, Cp) float8 and scale (E, ceil(R/128), Cp/128) float32; expert e's pair
@@ -160,7 +168,7 @@ def quantize_blocks_batched(w_ERC: torch.Tensor, fp8_dtype: torch.dtype | str = 
     rpad = -R % TILE
     wb = F.pad(wp, (0, 0, 0, rpad)) if rpad else wp
     blocks = wb.view(E, wb.shape[1] // TILE, TILE, -1, TILE)
-    scale = amax_to_scale(_absmax(blocks, (2, 4)), fp8_dtype, pow2_scales)
+    scale = amax_to_scale(_absmax(blocks, (2, 4)), fp8_dtype, pow2_scales, amax_floor)
     data = _cast(blocks / scale[:, :, None, :, None], fp8_dtype).view(wb.shape)[:, :R]
     return data, scale
 
@@ -200,6 +208,6 @@ def fake_quantize(x: torch.Tensor, granularity: str = "tile", fp8_dtype: torch.d
     return q.dequantize()
 
 
-__all__ = ["TILE", "FP8_DTYPES", "FP8_MAX", "Quantized", "resolve_fp8_dtype", "pad_cols", "ceil_pow2",
+__all__ = ["TILE", "FP8_DTYPES", "FP8_MAX", "Quantized", "resolve_fp8_dtype", "pad_cols", "ceil_pow2", "AMAX_FLOOR",
            "amax_to_scale", "quantize_tiles", "quantize_tiles_t", "quantize_blocks", "quantize_blocks_batched",
            "block_rows", "expand_scale", "fp8_to_float", "dequantize", "dequantize_blocks_batched", "fake_quantize"]

@@ -1,8 +1,8 @@
 """Wire formats for token rows moved between ranks.
 
 FP8 dispatch (DeepSeek-V3 / DeepEP): each row of D channels travels as E4M3 values with one FP32
-scale per 128 channels (scale = amax / 448), packed into one uint8 row of ``D + 4 * ceil(D/128)``
-bytes, because collectives (gloo in particular) do not take float8 tensors.
+scale per 128 channels (scale = max(amax, 1e-4) / 448, as DeepEP's), packed into one uint8 row of
+``D + 4 * ceil(D/128)`` bytes, because collectives (gloo in particular) do not take float8 tensors.
 """
 
 from __future__ import annotations
