@@ -21,8 +21,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer
 
 from flyer.data import chat_data
-from flyer.data.chat_data import (_GENERATION_TAG, CHAT_VERSION, MAX_LINE_BYTES, VAL_EVERY, encode_conversation,
-                                  prepare_chat)
+from flyer.data.chat_data import CHAT_VERSION, MAX_LINE_BYTES, VAL_EVERY, encode_conversation, prepare_chat
 from flyer.data.chat_encode import encode_conversation_fast, token_splitter
 from flyer.data.chat_template import chat_renderer
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer
@@ -77,8 +76,7 @@ def _tok(hf_dir: Path) -> TextTokenizer:
 
 
 def _render(tok: TextTokenizer, template: str):
-    return chat_renderer(_GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template),
-                         tok.special_tokens())
+    return chat_renderer(template, tok.special_tokens())
 
 
 def _plain(tok: TextTokenizer):
@@ -294,8 +292,7 @@ def test_pieces_concatenate_to_the_whole(hf_dir, which):
     special = {"bos_token": "<s>", "eos_token": "</s>"}
     checked = 0
     for template in (TEMPLATE, DEEPSEEK):
-        render = chat_renderer(_GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3],
-                                                   template), special)
+        render = chat_renderer(template, special)
         for c in CHATS[:20] + MANY[:16]:
             msgs, tools = c["messages"], c.get("tools")
             whole = render(msgs, tools, add_generation_prompt=False)

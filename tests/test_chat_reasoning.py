@@ -201,8 +201,7 @@ def test_deepseek_thinking_mask_is_each_trained_turns_text(v32, tmp_path, name, 
 
 
 def _render(template, tok):
-    return chat_renderer(chat_data._GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3],
-                                                       template), tok.special_tokens())
+    return chat_renderer(template, tok.special_tokens())
 
 
 def _outcome(f):

@@ -3,8 +3,10 @@ port started inside the test; greedy text == ``generate`` on each prompt alone u
 streaming and non-streaming requests; chat templates as transformers renders them; OpenAI-shaped
 errors with their statuses (raw HTTP); cancellation on disconnect; the CLI's ready line and drain."""
 
+import http.client
 import json
 import re
+import threading
 import signal
 import subprocess
 import sys
@@ -32,7 +34,7 @@ from flyer.infer import GenerationConfig, generate
 from flyer.infer.cli import ByteTokenizer
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
-from flyer.interop.hf import TextTokenizer
+from flyer.interop.hf import TextTokenizer, load_tokenizer
 from flyer.data.chat_template import chat_renderer
 from flyer.serve.api import Api, ChatBody
 from flyer.serve.choice import Choice
@@ -96,6 +98,19 @@ def test_health_and_models(served):
     with pytest.raises(openai.NotFoundError, match="`gpt-4o` does not exist") as e:
         client.models.retrieve("gpt-4o")
     assert e.value.code == "model_not_found"
+
+
+@pytest.fixture(scope="module")
+def served_text(tmp_path_factory):
+    """Random weights with a Hugging Face byte-level BPE on the API's side (``hf_models.make_tokenizer``: a BOS added,
+    special ``</s>``, which decoding drops): text prompts as a checkpoint's tokenizer encodes them."""
+    path = tmp_path_factory.mktemp("bpe")
+    make_tokenizer(path)
+    (path / "config.json").write_text("{}")
+    torch.manual_seed(0)
+    s = _Running(Transformer(preset("tiny")).eval(), api_tokenizer=load_tokenizer(path))
+    yield s
+    s.close()
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +245,93 @@ def test_bad_requests_answer_400_never_500(served, model):
     with pytest.raises(openai.BadRequestError):
         served.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=0)
     assert 'flyer_rejected_requests_total{status="400"}' in httpx.get(served.url + "/metrics").text
+
+
+def test_a_lone_surrogate_answers_400_naming_its_field_on_the_same_connection(served):
+    """A lone UTF-16 surrogate ("\\ud800": valid JSON) is no text a tokenizer encodes: 400 naming the field (it was a
+    500, after which uvicorn closed the connection under the client's next request), the connection kept."""
+    url = httpx.URL(served.url)
+    conn = http.client.HTTPConnection(url.host, url.port, timeout=60)
+    ok = json.dumps(dict(model="tiny-test", prompt=[1, 2], max_tokens=1))
+    try:
+        for path, body, param in (
+                ("/v1/completions", '{"prompt": "a\\ud800b"}', "prompt"),
+                ("/v1/completions", '{"prompt": ["ok", "\\udfff"]}', "prompt[1]"),
+                ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\udfffb"}]}',
+                 "messages[0].content"),
+                ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": '
+                                         '"\\ud800"}]}]}', "messages[0].content[0].text")):
+            conn.request("POST", path, '{"model": "tiny-test", "max_tokens": 1, ' + body[1:],
+                         {"content-type": "application/json"})
+            sock, r = conn.sock, conn.getresponse()
+            err = json.loads(r.read())["error"]
+            assert (r.status, err["param"], err["type"]) == (400, param, "invalid_request_error"), err
+            assert "lone UTF-16 surrogate" in err["message"]
+            conn.request("POST", "/v1/completions", ok, {"content-type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] == 1
+            assert conn.sock is sock  # the same connection
+    finally:
+        conn.close()
+
+
+def test_past_the_context_names_the_prompt_or_the_max_tokens_sent(served):
+    """A prompt that leaves no room for a token names the prompt's field (chat: ``messages``, with or without
+    max_tokens; it named a max_tokens of 1 the client never sent); one that fits names the max_tokens past the room
+    (vLLM's split); both with OpenAI's code ``context_length_exceeded``."""
+    room, url = served.engine.limits.room, served.url
+    ids = [_prog(3, 1, room), _prog(3, 1, room - 4)]
+    for path, body, param in (
+            ("/v1/completions", dict(prompt=ids[0], max_tokens=1), "prompt"),
+            ("/v1/completions", dict(prompt=[[1], ids[0]]), "prompt"),
+            ("/v1/completions", dict(prompt=ids[1], max_tokens=5), "max_tokens"),
+            ("/v1/completions", dict(prompt=ids[1]), "max_tokens"),  # its default, 16
+            ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a" * room}]), "messages"),
+            ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a" * room}], max_tokens=2),
+             "messages"),
+            ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a"}], max_tokens=room), "max_tokens"),
+            ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a"}], max_completion_tokens=room),
+             "max_completion_tokens")):
+        err = _error(httpx.post(url + path, json={"model": "tiny-test", **body}), 400, param)
+        assert err["code"] == "context_length_exceeded" and str(room) in err["message"], err
+    assert "(unset: its default)" in _error(httpx.post(url + "/v1/completions", json={
+        "model": "tiny-test", "prompt": ids[1]}), 400)["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    (dict(prompt=None), "prompt"), (dict(prompt=[[1, "a"]]), "prompt.0.1"), (dict(prompt=[1], stop=["a", 3]), "stop.1"),
+    (dict(prompt=[1], stop=5), "stop"), (dict(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
+    (dict(messages=[{"role": "user", "content": "x"}], tool_choice={"type": "function"}), "tool_choice.function")])
+def test_a_union_fields_error_names_the_field_not_the_union_member(served, body, param):
+    """pydantic names a union's members in an error's location (``prompt.str``, ``stop.list[str]``): the param is the
+    field's path in the body, the deepest of the union's errors."""
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    err = _error(httpx.post(served.url + path, json={"model": "tiny-test", **body}), 400, param)
+    assert err["message"].startswith(param + ": ")
+
+
+def test_a_stop_string_finish_counts_as_stop_not_cancelled(served, model, monkeypatch):
+    """The HTTP side ends the engine request at a stop string it matched: /metrics counts it under "stop" (it was
+    "cancelled", the count of clients gone)."""
+    def finished() -> dict[str, float]:
+        text = httpx.get(served.url + "/metrics").text
+        return {k: float(v) for k, v in re.findall(r'^flyer_requests_total\{finish_reason="(\w+)"\} (\S+)$', text,
+                                                   re.M)}
+
+    step = served.engine.step
+    monkeypatch.setattr(served.engine, "step", lambda: (time.sleep(0.005), step()))  # the cancel lands before the end
+    p = _prog(4, 3, 9)
+    ref = ByteTokenizer().decode(_alone(model, p, 40))
+    before = finished()
+    r = served.client().completions.create(model="tiny-test", prompt=p, max_tokens=40, temperature=0, stop=ref[3:5])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == ref[:ref.index(ref[3:5])]
+    for _ in range(100):
+        after = finished()
+        if after != before:
+            break
+        time.sleep(0.05)
+    assert after.get("stop", 0) == before.get("stop", 0) + 1
+    assert after.get("cancelled", 0) == before.get("cancelled", 0)
 
 
 def test_fields_that_would_change_the_output_are_refused_not_ignored(served):
@@ -584,3 +686,52 @@ def test_a_body_past_the_bound_answers_413_before_it_is_parsed(model):
         assert 'flyer_rejected_requests_total{status="413"} 2.0' in httpx.get(s.url + "/metrics").text
     finally:
         s.close()
+
+
+# ---- text prompts on a checkpoint's tokenizer -------------------------------------------------------------------
+
+def test_echo_returns_the_prompt_as_sent_with_offsets_into_it(served_text):
+    """``echo`` returns the text prompt as sent (OpenAI's and vLLM's; it returned the ids' decode, without the text of
+    special tokens), and ``text_offset`` indexes that text: the prompt's tokens where the tokenizer places them (the
+    BOS it adds at 0), the generated ones after it; streamed alike."""
+    prompt = "the fox</s>jumps"  # "</s>": one special token, which decoding drops
+    client, tok = served_text.client(), served_text.api.tok
+    kw = dict(model="tiny-test", prompt=prompt, max_tokens=3, temperature=0, logprobs=0)
+    plain = client.completions.create(**kw).choices[0]
+    whole = client.completions.create(**kw, echo=True).choices[0]
+    assert whole.text == prompt + plain.text
+    enc = tok.tok.encode(prompt)
+    assert enc.offsets[0] == (0, 0) and len(enc.ids) == len(tok.encode_ids(prompt))  # the BOS, then the text's
+    starts = [0] + [a for a, _ in enc.offsets[1:]]
+    assert starts[4] == prompt.index("</s>")
+    assert whole.logprobs.text_offset == starts + [len(prompt) + k for k in plain.logprobs.text_offset]
+    chunks = [c.choices[0] for c in client.completions.create(**kw, echo=True, stream=True)]
+    assert chunks[0].text == prompt and "".join(c.text for c in chunks) == whole.text
+    assert [k for c in chunks if c.logprobs for k in c.logprobs.text_offset] == whole.logprobs.text_offset
+
+
+def test_a_long_text_prompt_is_encoded_off_the_event_loop(served_text):
+    """A text prompt far past the context (1.5 MB, under the body bound) is encoded before its length is known:
+    other requests are served meanwhile (the encoding held the event loop, and /health waited for it, ~1 s here),
+    and it is refused naming the prompt."""
+    big, out = {"model": "tiny-test", "prompt": "the quick brown fox jumps " * 60_000, "max_tokens": 1}, {}
+
+    def send():
+        t0 = time.perf_counter()
+        out["resp"] = httpx.post(served_text.url + "/v1/completions", json=big, timeout=120)
+        out["s"] = time.perf_counter() - t0
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    waits = []
+    while sender.is_alive():
+        t0 = time.perf_counter()
+        assert httpx.get(served_text.url + "/health", timeout=60).status_code == 200
+        waits.append(time.perf_counter() - t0)
+        time.sleep(0.01)
+    sender.join()
+    err = _error(out["resp"], 400, "prompt")
+    assert err["code"] == "context_length_exceeded"
+    # a loop held by the encoding answers the first /health only with the prompt's refusal: one or two answers in
+    # all, where a free loop answers one every ~10 ms of the encoding's (~1 s here; 0.1 s would give several)
+    assert len(waits) > 3, (out["s"], waits)

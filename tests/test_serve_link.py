@@ -70,11 +70,11 @@ def test_the_queue_bound_counts_what_the_engine_has_not_reported():
     with pytest.raises(QueueFull):
         client.submit([5], SamplingOptions(max_tokens=1), heard.append)
     client.cancel(b)
-    assert t.sent[-1] == ("cancel", b.id)
+    assert t.sent[-1] == ("cancel", b.id, "cancelled")
     client.data_received(_frame(("events", [(a.id, TokenEvent(8, finish_reason="length"))], 0, b.id)))
     assert a.done and heard[-1].finish_reason == "length"
     client.cancel(a)  # done: nothing sent
-    assert t.sent[-1] == ("cancel", b.id)
+    assert t.sent[-1] == ("cancel", b.id, "cancelled")
 
 
 def _served(model, **over):

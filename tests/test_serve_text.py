@@ -6,6 +6,7 @@ import json
 from types import SimpleNamespace
 
 import httpx
+import jinja2
 import openai
 import pytest
 from hf_models import make_tokenizer
@@ -107,6 +108,104 @@ def test_tojson_renders_as_transformers(tmp_path):
     expect = hf.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
     assert chat_renderer(template)(msgs) == expect
     assert "<a & 'é'>" in expect and '{"b": 1, "a"' in expect
+
+
+CALLS = [{"role": "user", "content": "weather?"},
+         {"role": "assistant", "content": None, "tool_calls": [
+             {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+         {"role": "tool", "tool_call_id": "c1", "content": "sunny", "name": None}]
+# ChatML reading a message's content as a string or a list of parts (Qwen2.5-like; vLLM's "openai" content format)
+PARTS = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['content'] is string %}"
+         "{{ m['content'] }}{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}"
+         "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+PLAIN = ("{% for m in messages %}{{ m.role }}:{{ m.content }}{% if m.name is defined %} ({{ m.name }}){% endif %}\n"
+         "{% endfor %}")
+# DeepSeek-V3 / R1's shape: an assistant's content added to text beside its calls unless it is none
+DEEPSEEK = ("{% for m in messages %}{% if m['role'] == 'assistant' and 'tool_calls' in m %}"
+            "{% if m['content'] is none %}<A><calls>{% else %}{{ '<A>' + m['content'] + '<calls>' }}{% endif %}"
+            "{% else %}<{{ m['role'] }}>{{ m['content'] }}{% endif %}{% endfor %}")
+
+
+def _flyer_text(tok, template, messages):
+    return Api(None, tok, "m", chat_template=template)._chat_text(ChatBody(model="m", messages=messages))
+
+
+@pytest.mark.parametrize("template", [PARTS, PLAIN])
+def test_null_content_and_keys_render_as_transformers(tmp_path, template):
+    """A null content beside tool calls (what the openai client sends back after a call), and any key set to null,
+    reach the template as transformers 5's ``apply_chat_template`` passes them: left out. It failed a template that
+    loops over parts (500) and rendered "None" in one that prints it."""
+    tok, hf = _hf_dir(tmp_path)
+    expect = hf.apply_chat_template(CALLS, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert _flyer_text(tok, template, CALLS) == expect and "None" not in expect
+
+
+def test_null_content_a_template_adds_to_text_renders_as_no_text(tmp_path):
+    """DeepSeek-V3 / R1's templates add an assistant's content to text beside its calls (unless it is none), which
+    transformers 5 fails on once it leaves the null out: the message is rendered with no text, as vLLM passes it
+    (the template's text for a null content)."""
+    tok, hf = _hf_dir(tmp_path)
+    with pytest.raises(jinja2.UndefinedError):
+        hf.apply_chat_template(CALLS, chat_template=DEEPSEEK, tokenize=False)
+    assert _flyer_text(tok, DEEPSEEK, CALLS) == "<user>weather?<A><calls><tool>sunny"
+
+
+def test_a_template_failing_on_the_messages_answers_400_not_500(served):
+    """Whatever a template raises while it renders a request's messages (a TypeError of its own arithmetic, not only
+    Jinja's errors) is the request's fault: 400 naming messages (it was a 500); flyer's own code failing still answers
+    500. A null content beside calls under a template that loops over a message's parts is served."""
+    old, url = served.api.render_chat, served.url + "/v1/chat/completions"
+    try:
+        served.api.render_chat = chat_renderer("{{ messages[0]['content'] + 1 }}")
+        err = _error(httpx.post(url, json={"model": "tiny-test", "messages": [{"role": "user", "content": "1"}]}), 400,
+                     "messages")
+        assert "TypeError" in err["message"]
+        served.api.render_chat = lambda *a, **kw: 1 / 0  # flyer's own code failing, outside the template: a bug
+        assert _error(httpx.post(url, json={"model": "tiny-test", "messages": [{"role": "user", "content": "1"}]}),
+                      500)["type"] == "server_error"
+        # the parts' text only: the counting model's 64 byte tokens hold no ChatML header
+        served.api.render_chat = chat_renderer("{% for m in messages %}{% if m['content'] is string %}"
+                                               "{{ m['content'] }}{% else %}{% for p in m['content'] %}{{ p['text'] }}"
+                                               "{% endfor %}{% endif %}{% endfor %}")
+        calls = [{**m, "content": "1" if m["content"] else None} for m in CALLS]
+        r = served.client().chat.completions.create(model="tiny-test", messages=calls, max_tokens=1)
+        assert r.usage.prompt_tokens == 2
+    finally:
+        served.api.render_chat = old
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+    "{% else %}{{ m.role }}:{{ m.content }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}",
+    "{% for m in messages %}{{ m.role }}:\n{%- if m.role == 'assistant' -%}\n{% generation -%}\n{{ m.content }}|\n"
+    "{%- endgeneration %}\n{% else %}{{ m.content }}{% endif %}{% endfor %}"])
+def test_generation_markers_render_as_transformers(tmp_path, template):
+    """transformers' ``{% generation %}`` assistant-mask markers (SmolLM3 / OLMo / TRL templates) render their body, as
+    ``apply_chat_template`` renders them: the server's HTTP side failed to start on such a template."""
+    tok, hf = _hf_dir(tmp_path)
+    for msgs in (MSGS, MSGS[:3]):
+        expect = hf.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+        assert _flyer_text(tok, template, msgs) == expect
+
+
+# a template reading a message's reasoning under transformers' name and under gpt-oss's
+REASONING = ("{% for m in messages %}{{ m.role }}:{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>"
+             "{% endif %}{% if m.thinking %}[{{ m.thinking }}]{% endif %}{{ m.content }}\n{% endfor %}")
+
+
+@pytest.mark.parametrize("fields", [{"reasoning": "because"}, {"thinking": "because"},
+                                    {"reasoning_content": "because"}, {"reasoning": "b", "thinking": "because"},
+                                    {"reasoning": "because", "reasoning_content": None}])
+def test_reasoning_fields_reach_the_template_as_transformers_aliases_them(tmp_path, fields):
+    """An assistant's reasoning sent as ``reasoning`` (vLLM's name) or ``thinking`` reaches the template as
+    ``reasoning_content`` and ``thinking`` too, the first of reasoning_content, thinking, reasoning given winning, as
+    transformers 5's ``apply_chat_template`` passes it (it was dropped)."""
+    tok, hf = _hf_dir(tmp_path)
+    msgs = [MSGS[1], {"role": "assistant", "content": "yes", **fields}, MSGS[3]]
+    expect = hf.apply_chat_template(msgs, chat_template=REASONING, tokenize=False, add_generation_prompt=True)
+    assert "assistant:<think>because</think>[because]yes\n" in expect
+    assert _flyer_text(tok, REASONING, msgs) == expect
 
 
 # ---- stop strings and the tokens a cut text keeps ---------------------------------------------------

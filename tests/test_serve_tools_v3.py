@@ -226,7 +226,7 @@ class _Scripted:
         loop.call_soon(send, 0)
         return r
 
-    def cancel(self, r: Submitted):
+    def cancel(self, r: Submitted, reason: str = "cancelled"):
         r.done = True
 
 

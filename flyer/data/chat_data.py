@@ -50,7 +50,6 @@ import functools
 import hashlib
 import itertools
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,7 +80,6 @@ BATCH_BYTES = 1 << 18  # lines encoded together (one encode_batch, parallel in R
 IGNORE_INDEX = -100  # flyer.model.loss's (and torch's) ignore_index
 PAD_ID = -1  # x's padding: no token; the trainer feeds token 0 there and counts it in no routing statistic
 STATE_VERSION = 1
-_GENERATION_TAG = re.compile(r"({%-?\s*)(end)?generation(\s*-?%})")
 
 
 def is_chat_data(data: str | Path | None) -> bool:
@@ -317,17 +315,9 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
                     _unigram(train_split, val_split, vocab), out)
 
 
-def plain_renderer(template: str | ChatEncoding | None, special: dict):
-    """``chat_renderer`` of ``template`` with transformers' ``{% generation %}`` markers rendering their body (an
-    always-true block, whitespace control kept): the renderer the assistant mask is taken with."""
-    plain = template if isinstance(template, ChatEncoding) else \
-        _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
-    return chat_renderer(plain, special)
-
-
 def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncoding | None, special: dict,
            kwargs: dict | None = None) -> None:
-    render = plain_renderer(template, special)
+    render = chat_renderer(template, special)
     split = token_splitter(tok.tok)
 
     def encode(text: str) -> list[int]:

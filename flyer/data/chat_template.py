@@ -8,6 +8,7 @@ ships Python code instead (DeepSeek-V3.2 / V4: ``flyer.data.deepseek_encoding``)
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
+_GENERATION_TAG = re.compile(r"({%-?\s*)(end)?generation(\s*-?%})")
+
+
 def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] | None = None):
     """messages -> prompt text with ``template`` (a Hugging Face chat template; None: the default),
     in a sandboxed Jinja environment set up as transformers sets up its own; a ``ChatEncoding`` (a release's
@@ -41,9 +45,13 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
     "openai") sees the list, as transformers' ``apply_chat_template`` passes it; another sees their text joined
     with "\n", as vLLM's server renders it (a list would render as its Python text). A template that reads
     ``tools_ts_str`` (Kimi K2.5 and later) gets the variables Kimi's tokenizer wrapper passes
-    (``flyer.data.tools_typescript.chat_kwargs``: the tools as TypeScript, its thinking defaults)."""
+    (``flyer.data.tools_typescript.chat_kwargs``: the tools as TypeScript, its thinking defaults). transformers'
+    ``{% generation %}`` blocks render their body, as its ``apply_chat_template`` renders them."""
     if isinstance(template, ChatEncoding):
         return template.render
+    # transformers' {% generation %} markers (the assistant mask's) render their body: an always-true block,
+    # whitespace control kept
+    template = _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
     import jinja2.meta
     import jinja2.sandbox  # here: 40 ms every flyer command would pay at start (train and serve CLIs import us)
 
@@ -73,7 +81,9 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
         ``add_generation_prompt``: end with the assistant's header (a prompt) or not (a whole conversation);
         ``extra``: more variables the template sees (a request's ``chat_template_kwargs``, as transformers'
         ``apply_chat_template(**kwargs)`` passes them, e.g. V3.1's ``thinking``). ``FieldError`` naming
-        chat_template_kwargs for one that would shadow the messages, the tools, a special token or a function."""
+        chat_template_kwargs for one that would shadow the messages, the tools, a special token or a function;
+        ``jinja2.TemplateError`` for any error the template raises while it renders (its ``raise_exception``, a
+        ``TypeError`` of its own arithmetic on a message's value, ...)."""
         shadowed = sorted(taken & set(extra or ()))
         if shadowed:
             raise FieldError("chat_template_kwargs", f"{shadowed} are the template's own variables (messages, "
@@ -82,8 +92,13 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
             messages = [joined_parts(m, "\n") for m in messages]
         if kimi:
             tools, extra = tools_typescript.chat_kwargs(tools, extra)
-        return compiled.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                               **named, **(extra or {}))
+        try:
+            return compiled.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                   **named, **(extra or {}))
+        except (jinja2.TemplateError, MemoryError):
+            raise
+        except Exception as e:  # the template's own operations on these messages (None + str, ...) failed
+            raise jinja2.TemplateError(f"{type(e).__name__}: {e}") from e
     return render
 
 

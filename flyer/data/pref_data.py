@@ -27,7 +27,8 @@ import tokenizers
 import torch
 
 from flyer.data.chat_data import (ChatSampler, ChatSplit, _read_lines, chat_rows, encode_conversation, held_out,
-                                  json_object, plain_renderer)
+                                  json_object)
+from flyer.data.chat_template import chat_renderer
 from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.data.tokenizer import ensure_eos
 from flyer.errors import DataError, FieldError
@@ -118,7 +119,7 @@ def prepare_prefs(path: str | Path, tok: TextTokenizer, template: str | ChatEnco
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: not a file" if path.exists() else f"{path}: does not exist")
-    render = plain_renderer(template, tok.special_tokens())
+    render = chat_renderer(template, tok.special_tokens())
 
     def encode(text: str) -> list[int]:
         return tok.encode_ids(text, add_special_tokens=False)

@@ -34,13 +34,15 @@ error event (the ``openai`` client raises it).
 The request bodies and their field checks are ``flyer.serve.schema``'s.
 
 Stop strings are matched on the decoded text here (the engine knows token ids only); a match
-cancels the engine request, so its blocks are freed at the next step. A client that disconnects
-cancels its requests the same way. The engine runs in another process (``flyer.serve.link``): the
-routes speak to it through an ``EngineClient`` and hear its events on the event loop.
+ends the engine request (finish reason "stop": ``Engine.cancel``), so its blocks are freed at the next step. A
+client that disconnects cancels its requests the same way ("cancelled"). The engine runs in another process
+(``flyer.serve.link``): the routes speak to it through an ``EngineClient`` and hear its events on the event loop.
+Prompts are encoded (and conversations rendered) on a thread (``flyer.serve.tokenize``), not on that loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
 import dataclasses
@@ -60,7 +62,7 @@ from flyer.data.chat_template import chat_renderer, effort_kwargs
 from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.data.fim import fim_prompt
 from flyer.errors import FieldError
-from flyer.serve.api_error import ApiError, sse_event
+from flyer.serve.api_error import ApiError, ContextLengthError, sse_event
 from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
 from flyer.serve.choice import Choice, calls_content
 from flyer.serve.generation import Generation, best_candidates, mean_logprob
@@ -70,9 +72,10 @@ from flyer.serve.metrics import ApiMetrics
 from flyer.serve.reasoning import PARSERS, Reasoning, Split
 from flyer.serve.request import NO_GRAMMARS, SamplingOptions, TokenEvent
 from flyer.serve.responses import Responses
-from flyer.serve.schema import JINJA_ROLES, Body, ChatBody, CompletionBody
+from flyer.serve.schema import JINJA_ROLES, Body, ChatBody, CompletionBody, error_field
 from flyer.serve.tools import (ToolCall, chosen_format, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
+from flyer.serve.tokenize import Encoder
 from flyer.serve.tools_kimi import calls_so_far
 
 class Api:
@@ -88,6 +91,7 @@ class Api:
             raise FieldError("reasoning_parser", f"must be one of {sorted(PARSERS)} (got {reasoning_parser!r})")
         self.reasoning = None if reasoning_parser is None else PARSERS[reasoning_parser]
         self.render_chat = chat_renderer(chat_template, self._special_tokens())
+        self.encoder = Encoder(tokenizer)  # prompts encoded off the event loop (``flyer.serve.tokenize``)
         self.encoding = chat_template if isinstance(chat_template, ChatEncoding) else None  # its roles
         self.tool_format = chosen_format(tool_call_parser, chat_template)  # the format calls are written and read in
         self.draining = False
@@ -112,9 +116,23 @@ class Api:
                            param="model", code="model_not_found")
 
     def _options(self, body: Body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
-                 echo: bool = False) -> SamplingOptions:
+                 echo: bool = False, prompt_field: str = "prompt", tokens_field: str = "max_tokens") -> SamplingOptions:
+        """The engine's options of ``body``: ``max_tokens`` (the field ``tokens_field``'s; None: the rest of the room)
+        new tokens after a prompt of ``prompt_len`` tokens (the field ``prompt_field``'s). ``ContextLengthError``, as
+        vLLM splits it: naming the prompt's field when it leaves no room for a token, else ``tokens_field`` when
+        ``max_tokens`` is past the room left (OpenAI's code for both)."""
+        lim = self.engine.limits
+        held = f"the model's context of {lim.max_seq_len} tokens" if lim.room == lim.max_seq_len else \
+            f"the server's cache of {lim.capacity} blocks ({lim.room} tokens)"
+        if prompt_len >= lim.room:
+            raise ContextLengthError(prompt_field, f"a {prompt_len}-token prompt leaves no room for a new token in "
+                                                   f"{held}")
         if max_tokens is None:  # chat without a limit: the rest of the context, as far as the cache holds it
-            max_tokens = max(self.engine.limits.room - prompt_len, 1)
+            max_tokens = lim.room - prompt_len
+        elif prompt_len + max_tokens > lim.room:
+            unset = "" if tokens_field in body.model_fields_set else " (unset: its default)"
+            raise ContextLengthError(tokens_field, f"{max_tokens}{unset} new tokens after a {prompt_len}-token prompt "
+                                                   f"exceed {held}: at most {lim.room - prompt_len}")
         fmt = body.response_format  # compiled here, so that a schema llguidance refuses answers 400
         grammar = None if fmt is None or fmt.type == "text" else json_grammar(fmt.schema_or_object())
         return SamplingOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -123,26 +141,36 @@ class Api:
                                frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                                grammar=grammar)
 
-    def _prompts(self, prompt, suffix: str | None = None) -> list[list[int]]:
-        """The request's prompts as ids; with a ``suffix`` (text prompts only: ``CompletionBody.check_fields``)
-        each text's fill-in-the-middle prompt (``fim_prompt``), the same suffix after each."""
+    def _prompts(self, prompt, suffix: str | None = None,
+                 starts: bool = False) -> tuple[list[list[int]], list[list[int] | None] | None]:
+        """The request's prompts as ids (encoded by ``self.encoder``: call it off the event loop); with a ``suffix``
+        (text prompts only: ``CompletionBody.check_fields``) each text's fill-in-the-middle prompt (``fim_prompt``),
+        the same suffix after each. With ``starts`` (echo's ``text_offset``) and text prompts, also where each
+        token starts in its text (``Encoder.starts``; None: the text is the ids' decode); else None."""
         if isinstance(prompt, str):
             prompt = [prompt]
         elif not prompt:
             raise FieldError("prompt", "must not be empty")
         if isinstance(prompt[0], int):
-            return [list(prompt)]
-        if isinstance(prompt[0], str):
-            return [fim_prompt(self.tok, p, suffix) if suffix else self.tok.encode_ids(p) for p in prompt]
-        return [list(p) for p in prompt]
+            return [list(prompt)], None
+        if not isinstance(prompt[0], str):
+            return [list(p) for p in prompt], None
+        if suffix:
+            return [fim_prompt(self.encoder, p, suffix) for p in prompt], None
+        if not starts:
+            return [self.encoder.encode_ids(p) for p in prompt], None
+        ids, where = zip(*map(self.encoder.starts, prompt))
+        return list(ids), list(where)
 
     def _token_text(self, t: int) -> str:
         return self.tok.decode([t])
 
-    def _completion_logprobs(self, c: Choice, tokens: range, prompt: list[int] | None = None, at: int = 0) -> dict:
+    def _completion_logprobs(self, c: Choice, tokens: range, prompt: list[int] | None = None, at: int = 0,
+                             starts: list[int] | None = None) -> dict:
         """OpenAI's logprobs of the echoed ``prompt`` (None: not echoed; its first token has none), then of
         choice ``c``'s tokens ``tokens`` (indices into ``c.ids``). ``text_offset``: where each token's text
-        starts in the returned text, whose generated part starts at ``at``."""
+        starts in the returned text, whose generated part starts at ``at``: the prompt's tokens' ``starts`` in its
+        text (None: in its decode, the echoed text of token ids)."""
         def top(d: dict[int, float] | None) -> dict[str, float] | None:
             return None if d is None else {self._token_text(k): v for k, v in d.items()}
 
@@ -156,7 +184,7 @@ class Api:
                 texts.append(self._token_text(t))
                 lps.append(None if lp is None else lp[0])
                 tops.append(None if lp is None else top(lp[1]))
-            offsets += decoded.starts
+            offsets += decoded.starts if starts is None else starts
         for j in tokens:
             e = c.events[j]
             texts.append(self._token_text(e.token))
@@ -168,7 +196,8 @@ class Api:
     async def completions(self, request: Request, body: CompletionBody) -> Response:
         self.check_access(request, body.model)
         body.check_fields()
-        prompts = self._prompts(body.prompt, body.suffix)
+        echo_starts = body.echo and body.logprobs is not None  # text_offset: where the tokens start in the prompt
+        prompts, starts = await asyncio.to_thread(self._prompts, body.prompt, body.suffix, echo_starts)
         opts = self._options(body, body.max_tokens, max(len(p) for p in prompts), body.logprobs, body.echo)
         per_prompt = body.candidates()
         ranked = per_prompt > body.n  # best_of = n returns every candidate, in order, as n alone does (and streams)
@@ -178,7 +207,12 @@ class Api:
                           "best_of" if ranked else None)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
-        prefix = [self.tok.decode(gen.prompt_of(k)) if body.echo else "" for k in range(len(gen.choices))]
+        # echo: a text prompt as sent (OpenAI's and vLLM's; its decode would drop special tokens' text), token ids
+        # as their decode
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) \
+            else None
+        prefix = ["" if not body.echo else texts[k // per_prompt] if texts else self.tok.decode(gen.prompt_of(k))
+                  for k in range(len(gen.choices))]
 
         def logprobs(i: int, c: Choice, tokens: range | None = None, echo: bool = body.echo) -> dict | None:
             """Choice i's logprobs of ``tokens`` (None: every token its text keeps), after the echoed prompt's;
@@ -186,7 +220,8 @@ class Api:
             if body.logprobs is None or (tokens is not None and not tokens and not echo):
                 return None
             tokens = range(c.kept()) if tokens is None else tokens
-            return self._completion_logprobs(c, tokens, gen.prompt_of(i) if echo else None, len(prefix[i]))
+            return self._completion_logprobs(c, tokens, gen.prompt_of(i) if echo else None, len(prefix[i]),
+                                             starts[i // per_prompt] if echo and starts else None)
 
         if not body.stream:
             await gen.wait()
@@ -212,28 +247,39 @@ class Api:
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     def _chat_prompt(self, body: ChatBody) -> list[int]:
-        # the template's text is the whole prompt (its own BOS included), as transformers encodes it
-        return self.tok.encode_ids(self._chat_text(body), add_special_tokens=False)
+        return self._chat_ids(body)[1]
+
+    def _chat_ids(self, body: ChatBody) -> tuple[str, list[int]]:
+        """(``body``'s prompt text, its ids): the template's text is the whole prompt (its own BOS included), as
+        transformers encodes it. Rendered and encoded off the event loop by the routes."""
+        text = self._chat_text(body)
+        return text, self.encoder.encode_ids(text, add_special_tokens=False)
 
     def _chat_text(self, body: ChatBody) -> str:
+        """``body``'s messages rendered, each as transformers' ``apply_chat_template`` passes it
+        (``template_message``: no key set to null, a reasoning sent as ``reasoning`` or ``thinking`` under
+        ``reasoning_content`` too). A template that cannot render a message without its null content (DeepSeek-V3 /
+        R1's and Qwen3's add an assistant's content to text, beside its calls: transformers 5 fails on them) renders
+        it as no text, as vLLM passes it (an empty list of parts: "" to a template that reads strings)."""
         messages = []
         roles = self.encoding.roles if self.encoding is not None else JINJA_ROLES
         for i, m in enumerate(body.messages):
             if m.role not in roles:  # latest_reminder: DeepSeek-V4's role only
                 raise FieldError(f"messages[{i}].role", f"this model's chat format takes {', '.join(roles)} "
                                                         f"(got {m.role!r})")
-            content = m.content
-            if isinstance(content, list):  # text parts (the only kind taken): the renderer joins them or not
-                content = [p.model_dump(exclude_none=True) for p in content]
-            if content is None and not m.tool_calls:  # a message with calls keeps its null, as clients send it
-                content = ""
-            messages.append({**m.model_dump(exclude_none=True), "content": content})
+            messages.append(template_message(m.model_dump()))
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
         fmt = body.response_format  # a release's encoder writes it into the prompt, a template not; its grammar holds
         fmt = None if fmt is None or fmt.type == "text" else fmt.model_dump(by_alias=True, exclude_none=True)
         try:
             extra = effort_kwargs(self.encoding, body.reasoning_effort, body.chat_template_kwargs)
-            return self.render_chat(messages, tools, extra=extra, response_format=fmt)
+            try:
+                return self.render_chat(messages, tools, extra=extra, response_format=fmt)
+            except jinja2.TemplateError:
+                if all(m.content is not None for m in body.messages):
+                    raise
+                messages = [m if "content" in m else {**m, "content": []} for m in messages]
+                return self.render_chat(messages, tools, extra=extra, response_format=fmt)
         except jinja2.TemplateError as e:
             raise FieldError("messages", f"the chat template cannot render them: {e}") from None
 
@@ -258,11 +304,11 @@ class Api:
         calls'."""
         self.check_access(request, body.model)
         body.check_fields()
-        text = self._chat_text(body)
-        prompt = self.tok.encode_ids(text, add_special_tokens=False)  # as ``_chat_prompt``
+        text, prompt = await asyncio.to_thread(self._chat_ids, body)
         top = body.top_logprobs or 0
-        opts = self._options(body, body.max_completion_tokens or body.max_tokens, len(prompt),
-                             top if body.logprobs else None)
+        limit = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        opts = self._options(body, getattr(body, limit), len(prompt), top if body.logprobs else None,
+                             prompt_field="messages", tokens_field=limit)
         mode, name = body.tool_mode()
         parse, parallel, fmt = mode != "none", body.parallel_tool_calls, self.tool_format
         if mode in ("required", "named"):  # the output is a calls block whose arguments match the schemas
@@ -394,14 +440,35 @@ class Api:
         return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in (top or {}).items()]}
 
 
+# the names a message's reasoning comes under, the one chat templates read first (transformers' _REASONING_FIELDS)
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def template_message(message: dict) -> dict:
+    """A chat message (JSON data) as transformers 5's ``apply_chat_template`` hands it to a template: its keys set
+    to None left out (``_normalize_chat_messages``: ``{{ content }}`` would render "None", a loop over content
+    fail), and a reasoning sent under any of ``_REASONING_FIELDS`` under ``reasoning_content`` and ``thinking``
+    too, the first given winning (``_alias_reasoning_fields``: vLLM's clients send ``reasoning``, gpt-oss's
+    templates read ``thinking``)."""
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
-    first = err.errors()[0] if err.errors() else {}
-    if first.get("type") == "json_invalid":
+    """(message, param) of a body FastAPI refused: its first error's field as the body spells it (``error_field``);
+    of a union's errors on it, the deepest (``stop: ["a", 3]``: ``stop.1``, not ``stop``'s "not a string")."""
+    errors = [e for e in err.errors() if e.get("loc", ())[:1] == ("body",)] or err.errors()
+    if not errors:
+        return "invalid request body", None
+    if errors[0].get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
-    return (f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request body"),
-            param)
+    paths = [error_field(tuple(e.get("loc", ()))[1:], err.body) if e.get("loc", ())[:1] == ("body",) else
+             list(e.get("loc", ())) for e in errors]
+    first = max((k for k in range(len(errors)) if paths[k][:1] == paths[0][:1]), key=lambda k: (len(paths[k]), -k))
+    param = ".".join(map(str, paths[first])) or None
+    msg = errors[first].get("msg", "invalid request")
+    return (f"{param}: {msg}" if param else msg), param
 
 
 def build_app(api: Api, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -425,7 +492,7 @@ def build_app(api: Api, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     @app.exception_handler(FieldError)
     async def _field_error(request: Request, e: FieldError):
         refuse(400)
-        return ApiError(400, str(e), param=e.field).response()
+        return ApiError(400, str(e), param=e.field, code=getattr(e, "code", None)).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):

@@ -1,10 +1,13 @@
-"""What every route answers with besides its result: OpenAI's error shape (``ApiError``) and server-sent events."""
+"""What every route answers with besides its result: OpenAI's error shape (``ApiError``, ``ContextLengthError``) and
+server-sent events."""
 
 from __future__ import annotations
 
 import json
 
 from fastapi.responses import JSONResponse
+
+from flyer.errors import FieldError
 
 
 class ApiError(Exception):
@@ -20,6 +23,13 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+
+class ContextLengthError(FieldError):
+    """A prompt, or a prompt and its max_tokens, past what one request can hold: 400 naming ``field`` (the prompt's,
+    or the max_tokens the client sent) with OpenAI's code."""
+
+    code = "context_length_exceeded"
 
 
 def engine_failed() -> ApiError:

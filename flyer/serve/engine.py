@@ -184,9 +184,11 @@ class Engine:
                 self.speculator.grammars = self.grammars
         return self.grammars
 
-    def cancel(self, req: Request) -> None:
-        """End ``req`` at the next step and free its blocks (client gone, stop string seen)."""
-        req.cancelled = True
+    def cancel(self, req: Request, reason: str = "cancelled") -> None:
+        """End ``req`` at the next step and free its blocks: ``reason`` its finish reason, as its final event and
+        ``/metrics`` count it ("cancelled": client gone; "stop": a stop string the HTTP side matched); the first
+        reason given holds (the HTTP side cancels whatever of a request is left as it ends)."""
+        req.cancelled = req.cancelled or reason
 
     @property
     def busy(self) -> bool:
@@ -255,9 +257,9 @@ class Engine:
         step; the benchmark counts sequences held at once with it alone)."""
         for r in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(r)
-            self._finish(r, "cancelled", emit=True)
+            self._finish(r, r.cancelled, emit=True)
         for r in [r for r in self.running if r.cancelled]:
-            self._finish(r, "cancelled", emit=True)
+            self._finish(r, r.cancelled, emit=True)
         self._admit()
         return len(self.running)
 

@@ -112,8 +112,8 @@ class Generation:
                     return
                 if c.finish_reason is not None:
                     live -= 1
-                    if not self.reqs[i].done:
-                        self.engine.cancel(self.reqs[i])
+                    if not self.reqs[i].done:  # a stop string matched here: the engine counts it as one
+                        self.engine.cancel(self.reqs[i], c.finish_reason)
                 yield i, c, e
         finally:
             self.cancel()

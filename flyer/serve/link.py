@@ -9,7 +9,7 @@ ends when the other goes.
 
 Messages are pickled tuples, each framed by its 4-byte length:
 
-    HTTP -> engine   ("submit", id, prompt, SamplingOptions), ("cancel", id), ("metrics",)
+    HTTP -> engine   ("submit", id, prompt, SamplingOptions), ("cancel", id, finish reason), ("metrics",)
     engine -> HTTP   ("events", [(id, TokenEvent), ...], waiting, last id received)   once a step
                      ("metrics", Prometheus text)                                      in order asked
 
@@ -113,7 +113,7 @@ class EngineHost:
         elif kind == "cancel":
             r = self.requests.get(msg[1])
             if r is not None:
-                self.engine.cancel(r)
+                self.engine.cancel(r, msg[2])
         elif kind == "metrics":
             self.sock.sendall(_frame(("metrics", self.engine.metrics.render())))
 
@@ -189,9 +189,10 @@ class EngineClient(asyncio.Protocol):
         self.transport.write(_frame(("submit", r.id, list(prompt), opts)))
         return r
 
-    def cancel(self, r: Submitted) -> None:
+    def cancel(self, r: Submitted, reason: str = "cancelled") -> None:
+        """End ``r`` with ``reason`` (``Engine.cancel``) unless it has ended."""
         if not r.done and not self.lost:
-            self.transport.write(_frame(("cancel", r.id)))
+            self.transport.write(_frame(("cancel", r.id, reason)))
 
     async def render_metrics(self) -> bytes:
         """The engine's Prometheus text (asked across the link; empty once the engine is gone)."""

@@ -180,7 +180,7 @@ class Request:
     deferred: Any = None  # that matcher while the output reasons (``opts.grammar_after`` not written yet)
     submitted: float = 0.0
     last_token_at: float | None = None
-    cancelled: bool = False
+    cancelled: str | None = None  # the finish reason ``Engine.cancel`` ends it with at the next step
     admitted: bool = False  # once admitted (its prompt counted), preempted or not since
     # prompt tokens its first admission took from cached blocks (shared in memory or on disk), not computed: what
     # ``usage`` reports (a recompute after preemption, which the client does not see, is not counted)

@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from flyer.errors import FieldError
 from flyer.serve.api_error import ApiError, sse_event
 from flyer.serve.responses_schema import NamedFunction, ResponsesBody, input_items, input_messages
-from flyer.serve.schema import ChatBody
+from flyer.serve.schema import ChatBody, error_field
 
 if TYPE_CHECKING:  # the type only: ``flyer.serve.api`` registers these routes
     from flyer.serve.api import Api
@@ -59,7 +59,7 @@ def _responses_field(err: FieldError) -> FieldError:
     """``err`` naming the Responses body's field where it names chat's (``messages[2].role``: ``input[2].role``)."""
     head, rest = re.fullmatch(r"([A-Za-z_]*)(.*)", err.field).groups()
     name = _FIELDS.get(head)
-    return err if name is None else FieldError(name + rest, err.problem)
+    return err if name is None else type(err)(name + rest, err.problem)  # its kind too (ContextLengthError)
 
 
 @dataclass
@@ -232,7 +232,7 @@ class Responses:
             return ChatBody.model_validate({k: v for k, v in chat.items() if v is not None})
         except ValidationError as e:  # what the Responses body's own types let through
             first = e.errors()[0]
-            loc = ".".join(str(x) for x in first["loc"])
+            loc = ".".join(map(str, error_field(first["loc"], chat)))
             raise _responses_field(FieldError(loc or "input", first["msg"])) from None
 
     def _head(self, rid: str, body: ResponsesBody) -> dict:

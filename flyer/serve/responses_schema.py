@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from flyer.errors import FieldError
-from flyer.serve.schema import MAX_LOGPROBS
+from flyer.serve.schema import MAX_LOGPROBS, check_unicode
 
 # fields that change what is generated (or what a response holds) and that flyer serve does not implement, with the
 # values that change nothing: any other value is refused, never silently ignored
@@ -155,9 +155,10 @@ class ResponsesBody(BaseModel):
         return LOGPROBS in (self.include or [])
 
     def check_fields(self) -> None:
-        """``FieldError`` for a ``NOT_IMPLEMENTED`` field at a value that would change the output, a built-in tool
-        or tool choice, an unimplemented reasoning summary or text verbosity, an ``include`` other than ``LOGPROBS``,
-        ``top_logprobs`` without it."""
+        """``FieldError`` for a string that is no Unicode text (``check_unicode``), a ``NOT_IMPLEMENTED`` field at a
+        value that would change the output, a built-in tool or tool choice, an unimplemented reasoning summary or text
+        verbosity, an ``include`` other than ``LOGPROBS``, ``top_logprobs`` without it."""
+        check_unicode(self.model_dump(by_alias=True))
         for value in self.include or []:
             if value != LOGPROBS:
                 raise FieldError("include", f"only {LOGPROBS!r} is implemented (got {value!r})")

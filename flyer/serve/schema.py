@@ -32,6 +32,49 @@ MAX_TEMPLATE_KWARGS_CHARS = 16384  # chat_template_kwargs as JSON text: template
 # (best_of: chat's, which OpenAI's chat route lacks; completions implement it, ``CompletionBody.best_of``)
 NOT_IMPLEMENTED = {"best_of": (1,), "functions": ([],)}
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, a lone one: JSON's pair "\\ud83d\\ude00" is one character
+# the names pydantic gives a union's members in an error's ``loc`` (``prompt.str``, ``stop.list[str]``,
+# ``tool_choice.NamedToolChoice``): a type, never an OpenAI field (snake_case) or a key the body holds there
+_UNION_TAG = re.compile(r"[A-Z]|.*\[|(str|int|float|bool|bytes|none)$")
+_TEXTS = (str, dict, list)  # what may hold a string
+
+
+def check_unicode(value: Any, field: str = "") -> None:
+    """``FieldError`` naming the first string in ``value`` (a request body as JSON data: objects, arrays, scalars;
+    ``field``: its name), or object key, that holds a lone UTF-16 surrogate (``"\\ud800"``): valid JSON, but no
+    Unicode text, which no tokenizer encodes and no JSON response carries. Walked without recursion: a body nests
+    as deep as the JSON parser lets it."""
+    todo = [(field, value)]
+    while todo:
+        name, v = todo.pop()
+        if isinstance(v, str):
+            if (bad := _SURROGATE.search(v)) is not None:
+                raise FieldError(name or "body", f"holds a lone UTF-16 surrogate (U+{ord(bad[0]):04X} at character "
+                                                 f"{bad.start()}), which is no Unicode text")
+        elif isinstance(v, dict):
+            for k in v:
+                check_unicode(k, name)  # a key names no field of its own: its object's
+            todo += reversed([(f"{name}.{k}" if name else str(k), x) for k, x in v.items() if isinstance(x, _TEXTS)])
+        elif isinstance(v, list):  # (names made for what may hold text only: a prompt of a million ids makes none)
+            todo += reversed([(f"{name}[{i}]", x) for i, x in enumerate(v) if isinstance(x, _TEXTS)])
+
+
+def error_field(loc: tuple, body: Any) -> list:
+    """The path a pydantic error's ``loc`` (into the request ``body``, the JSON it validated) names, as the body
+    spells it: its keys and indices, without the names pydantic gives a union's members (``prompt.str``: the prompt
+    is not a string, ``messages.0.content.list[ContentPart]``: nor a list of parts), which name no field. A part
+    is a key (or index) where the body holds it there, else a member's name where it reads as a type, else a field
+    the body lacks (missing, or its default checked)."""
+    out = []
+    for x in loc:
+        if isinstance(body, dict) and x in body or isinstance(body, list) and isinstance(x, int):
+            out.append(x)
+            body = body[x] if isinstance(body, dict) or 0 <= x < len(body) else None
+        elif not (isinstance(x, str) and _UNION_TAG.match(x)):
+            out.append(x)
+            body = None
+    return out
+
 
 class JsonSchema(BaseModel):
     """``response_format.json_schema`` as OpenAI defines it: the output matches ``schema`` (``strict`` or not:
@@ -111,8 +154,9 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # fields clients send that change nothing (user, ...)
 
     def check_fields(self) -> None:
-        """``FieldError`` for a ``NOT_IMPLEMENTED`` field at a value that would change the output, and for
-        a field that needs another one set (as OpenAI's API refuses them)."""
+        """``FieldError`` for a string that is no Unicode text (``check_unicode``), a ``NOT_IMPLEMENTED`` field at a
+        value that would change the output, and a field that needs another one set (as OpenAI's API refuses them)."""
+        check_unicode(self.model_dump(by_alias=True))
         for name, value in (self.model_extra or {}).items():
             neutral = NOT_IMPLEMENTED.get(name)
             if neutral is not None and value is not None and value not in neutral:
