@@ -9,11 +9,12 @@ import httpx
 import jinja2
 import openai
 import pytest
-from hf_models import make_tokenizer
+from hf_models import build, make_tokenizer
 from test_serve_api import _Running, _error
 from trained import counting_model
 from transformers import AutoTokenizer
 
+from flyer.cli import main
 from flyer.interop.hf import load_tokenizer
 from flyer.data.chat_template import chat_renderer
 from flyer.serve.api import Api, ChatBody
@@ -309,3 +310,19 @@ def test_stopped_chat_logprobs_are_the_kept_tokens_streaming_or_not(served):
     assert whole.message.content == "".join(c.delta.content or "" for c in chunks) == ref[:3]
     streamed = [t.model_dump() for c in chunks if c.logprobs for t in c.logprobs.content]
     assert [t.model_dump() for t in whole.logprobs.content] == streamed and len(streamed) == 3
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+def test_a_chat_template_that_does_not_compile_is_one_line_before_serving(tmp_path, capsys, where):
+    """Not a traceback from the HTTP process once the model is loaded: one line naming the file and the line, exit 2."""
+    build("llama", tmp_path)
+    broken = "{% for m in messages %}\n{{ m.content }"
+    if where == "chat_template.jinja":
+        (tmp_path / where).write_text(broken)
+    else:
+        d = json.loads((tmp_path / where).read_text())
+        (tmp_path / where).write_text(json.dumps({**d, "chat_template": broken}))
+    capsys.readouterr()
+    assert main(["serve", "--ckpt", str(tmp_path), "--port", "0", "--kv-cache-memory", "16M"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"flyer: error: {tmp_path / where}: the chat template does not compile (line 2: unexpected '}}')"]

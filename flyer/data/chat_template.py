@@ -163,14 +163,26 @@ def read_chat_template(ckpt: str | Path | None) -> str | ChatEncoding | None:
     if root is None:
         return None
     if (root / "chat_template.jinja").is_file():
-        return (root / "chat_template.jinja").read_text()
+        return _compiles((root / "chat_template.jinja").read_text(), root / "chat_template.jinja")
     t = _json_field(root / "tokenizer_config.json", "chat_template")
     if isinstance(t, list):
         t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
     if isinstance(t, str):
-        return t
+        return _compiles(t, root / "tokenizer_config.json")
     kind = _json_field(root / "config.json", "model_type") if is_hf_model_dir(root) else _run_model_type(root)
     return ENCODINGS.get(kind) if isinstance(kind, str) else None
+
+
+def _compiles(template: str, where: Path) -> str:
+    """``template`` (read from ``where``) once it compiles: else a one-line ``ConfigError`` naming the file and the
+    line, before a command builds anything on it (flyer serve's HTTP process, a chat dataset)."""
+    import jinja2
+
+    try:
+        chat_renderer(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"{where}: the chat template does not compile (line {e.lineno}: {e.message})") from None
+    return template
 
 
 def _run_model_type(step: Path) -> str | None:
