@@ -59,5 +59,18 @@ def test_3fs_read_near_published():
     assert out["read_bound"] == "storage_nics"
     assert out["write_gb_s"] <= out["read_gb_s"] / 3 + 1e-9 or out["write_bound"] == "ssds"
     assert out["recovery_tib"] == pytest.approx(16 * 14 * 0.5)
+    assert out["read_line_tib_s"] == pytest.approx(180 * 50e9 / 1024**4)  # 2 x 200 Gb/s a node
     two = storage_model(StorageCluster(replicas=2, ssd_write_gb_s=100))
     assert two["write_gb_s"] == pytest.approx(180 * 50 / 2 * 0.8)
+
+
+@pytest.mark.parametrize("nodes", [10, 180, 1000])
+def test_3fs_recovery_copies_into_the_one_recovering_node(nodes):
+    """3FS keeps a chain's targets: each predecessor copies its state into the returning (or replaced) node, so a
+    node's data enters one node's NIC and SSDs, whatever the cluster's size (design notes, "Data recovery")."""
+    c = StorageCluster(nodes=nodes)
+    out = storage_model(c)
+    into = min(2 * 200 / 8 * c.efficiency, 16 * c.ssd_write_gb_s) * c.recovery_share  # GB/s: the NICs here
+    assert out["recovery_gb_s"] == pytest.approx(into) == pytest.approx(20.0)
+    assert out["recovery_s"] == pytest.approx(16 * 14 * 1024**4 * 0.5 / 1e9 / into)
+    assert 1.5 < out["recovery_s"] / 3600 < 2  # 112 TiB at 20 GB/s

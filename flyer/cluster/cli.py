@@ -309,11 +309,13 @@ def _storage(args) -> int:
         print(f"3FS-style cluster: {o['nodes']} nodes x {o['nics_per_node']} x {o['nic_gbit_s']:g} Gb/s, "
               f"{o['ssds_per_node']} x {o['ssd_tib']:g} TiB SSDs, {o['replicas']} replicas, {o['clients']} clients")
         _rows([
-            ("aggregate read", f"{o['read_tib_s']:.2f} TiB/s ({o['read_gb_s']:,.0f} GB/s, bound by {o['read_bound']})"),
+            ("aggregate read", f"{o['read_tib_s']:.2f} TiB/s ({o['read_gb_s']:,.0f} GB/s, bound by {o['read_bound']}; "
+                               f"{o['read_line_tib_s']:.2f} at line rate)"),
             ("aggregate write",
              f"{o['write_tib_s']:.2f} TiB/s ({o['write_gb_s']:,.0f} GB/s, bound by {o['write_bound']})"),
             ("capacity raw | usable", f"{o['raw_capacity_pib']:.2f} | {o['usable_capacity_pib']:.2f} PiB"),
-            ("recovery after a node loss", f"{o['recovery_tib']:.1f} TiB re-replicated in {o['recovery_min']:.1f} min"
+            ("recovery after a node loss", f"{o['recovery_tib']:.1f} TiB copied back into it in "
+                                           f"{o['recovery_min']:.1f} min at {o['recovery_gb_s']:.1f} GB/s"
              if o["recovery_min"] is not None else f"{o['recovery_tib']:.1f} TiB lost (no surviving node)"),
         ])
 

@@ -8,9 +8,12 @@ replication chains of ``replicas`` targets on distinct nodes (CRAQ chain replica
 - write: the client sends to the chain head, each target forwards to the next: every byte enters
   ``replicas`` nodes, leaves ``replicas - 1`` of them, and is written on ``replicas`` SSDs;
   write <= min(nodes x NIC / replicas, nodes x SSD write / replicas, clients x client NIC) x eff
-- recovery: the lost node's data (``fill`` of its raw capacity) is re-replicated from survivors;
-  chains spread over all nodes, so the survivors share it: each sends and receives about
-  ``lost / (nodes - 1)``, bounded by ``recovery_share`` of their NIC and SSD write bandwidth.
+- recovery: as 3FS recovers (its design notes, "Data recovery"), chains keep their targets: a lost node's targets
+  go to the end of their chains, and once it returns (or its SSDs are replaced) each chain's predecessor copies its
+  full state into it. The predecessors are spread over the survivors, but every byte of the lost node's data
+  (``fill`` of its raw capacity) enters that one node: ``lost / (recovery_share x min(NIC x efficiency, SSD
+  write))``, whatever the cluster's size (3FS: "syncing data to the new SSD can take several hours"). Until then
+  its chains serve from one replica fewer.
 
 ``efficiency`` is the achievable fraction of line rate; its default 0.8 is the ratio of the
 ~40 GB/s effective to the 50 GB/s nominal that the V3 report gives for a 400 Gb/s NIC.
@@ -70,16 +73,18 @@ def storage_model(c: StorageCluster) -> dict:
     write = write_limits[write_by] * c.efficiency
     raw = c.nodes * c.ssds_per_node * c.ssd_tib * TIB
     lost = c.ssds_per_node * c.ssd_tib * TIB * c.fill
-    per_survivor = min(nic * c.efficiency, ssd_write) * c.recovery_share  # GB/s
-    # one node has no survivor to re-replicate to: None (JSON null, never a non-finite number)
-    recovery_s = lost / 1e9 / ((c.nodes - 1) * per_survivor) if c.nodes > 1 else None
+    into = min(nic * c.efficiency, ssd_write) * c.recovery_share  # GB/s into the recovering node
+    # one node has no other replica to recover from: None (JSON null, never a non-finite number)
+    recovery_s = lost / 1e9 / into if c.nodes > 1 else None
     return {
         **asdict(c),
         "read_gb_s": read, "read_tib_s": read * 1e9 / TIB, "read_bound": read_by,
+        "read_line_tib_s": read_limits[read_by] * 1e9 / TIB,  # at line rate (efficiency 1)
         "write_gb_s": write, "write_tib_s": write * 1e9 / TIB, "write_bound": write_by,
         "read_gb_s_per_node": read / c.nodes,
         "raw_capacity_pib": raw / 1024**5, "usable_capacity_pib": raw / c.replicas / 1024**5,
         "recovery_bytes": lost, "recovery_tib": lost / TIB,
-        "recovery_nic_bytes": 2 * lost,  # each byte leaves one survivor's NIC and enters another's
+        "recovery_nic_bytes": 2 * lost,  # each byte leaves a predecessor's NIC and enters the recovering node's
+        "recovery_gb_s": into if c.nodes > 1 else None,
         "recovery_s": recovery_s, "recovery_min": None if recovery_s is None else recovery_s / 60,
     }
