@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
+import signal
 import sys
 import warnings
 
@@ -131,6 +133,9 @@ def run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("flyer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left (flyer info | head): no traceback, and none at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # as the shell reports a process the signal ended
     return int(rc or 0)
 
 

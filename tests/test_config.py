@@ -7,7 +7,7 @@ import pytest
 from flyer.cli import main
 from flyer.config import PRESETS, ConfigError, ModelConfig, preset, resolve_config
 from flyer.errors import FieldError
-from flyer.model.counts import kv_cache_bytes_per_token, param_counts, training_flops_per_token
+from flyer.model.counts import kv_cache_bytes_per_token, mtp_params_stored, param_counts, training_flops_per_token
 from flyer.model.info import meta_counts
 
 
@@ -155,7 +155,8 @@ def test_published_figures():
     pc = param_counts(v3)
     assert abs(pc.total / 1e9 - 671) < 1.0
     assert abs(pc.activated / 1e9 - 37) < 1.0
-    assert 11e9 < pc.mtp < 14e9  # ~14B with the shared embedding and head counted
+    assert 11e9 < pc.mtp < 12e9  # the module's own parameters; as released, with its embedding and head copies:
+    assert abs(mtp_params_stored(v3) / 1e9 - 14) < 1 and abs((pc.total + mtp_params_stored(v3)) / 1e9 - 685) < 1
     assert kv_cache_bytes_per_token(v3) == 61 * (512 + 64) * 2 == 70272
     assert abs(training_flops_per_token(v3, 4096) / 1e9 - 250) < 2.5
     assert abs(training_flops_per_token(v3, 4096, causal=False) / 1e9 - 281) < 3

@@ -6,6 +6,9 @@ import argparse
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -220,3 +223,16 @@ def test_data_cache_is_checked_and_a_read_only_one_is_used_read_only(tmp_path, m
     err = capsys.readouterr().err
     assert "rebuilding data cache" in err and "are for vocab 9000/300, its tokenizer has 300" in err
     assert rebuilt.train.vocab_size == rebuilt.vocab_size
+
+
+def test_a_reader_gone_from_stdout_is_no_traceback():
+    """``flyer info dsv3 | head -1``: writing to a pipe nobody reads ends the command quietly, 141 as the shell
+    reports SIGPIPE, with nothing on stderr (not a BrokenPipeError traceback, twice)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader left before the first write
+    try:
+        p = subprocess.run([sys.executable, "-m", "flyer", "info", "dsv3"], stdout=write, stderr=subprocess.PIPE,
+                           timeout=120, text=True)
+    finally:
+        os.close(write)
+    assert (p.returncode, p.stderr) == (128 + signal.SIGPIPE, "")

@@ -20,6 +20,7 @@ from flyer.interop.export import _items, export_model, parse_size
 from flyer.interop.hf import TextTokenizer, load_hf
 from flyer.interop.load import load_init_weights, load_pretrained
 from flyer.interop.tensorfile import TensorFile
+from flyer.model.counts import mtp_params_stored, param_counts
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 from flyer.train.config import TrainConfig
@@ -318,3 +319,12 @@ def test_fp8_export_of_a_ue8m0_checkpoint_keeps_its_scale_fmt(run, tmp_path):
                                                     else state[s.key][s.expert], "fp8", None, pow2=True)
               if name.endswith("_scale_inv")]
     assert scales and all(torch.equal(s, torch.exp2(torch.log2(s).round())) for s in scales)
+
+
+def test_mtp_params_stored_counts_the_exported_mtp_layer(run, tmp_path):
+    """``mtp_params_stored``: what DeepSeek's layout writes for the MTP layer, embedding and head copies included."""
+    model, cfg, tok = load_pretrained(run)
+    export_model(model, tok, tmp_path / "hf", "fp32")
+    stored = sum(t.numel() for k, t in tensors(tmp_path / "hf").items()
+                 if k.startswith(f"model.layers.{cfg.n_layers}."))
+    assert stored == mtp_params_stored(cfg) > param_counts(cfg).mtp

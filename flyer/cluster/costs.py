@@ -27,7 +27,7 @@ from flyer.cluster.pipeline import schedule_cost
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.counts import (block_params, compress_ratio, hyper_head_params, kv_cache_bytes_per_token,
-                                kv_window_bytes, param_counts, training_flops_per_token)
+                                kv_window_bytes, mtp_params_stored, param_counts, training_flops_per_token)
 
 SECONDS_PER_DAY = 86400.0
 
@@ -269,6 +269,7 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
         "total_params": pc.total,
         "activated_params": pc.activated,
         "mtp_params": pc.mtp,
+        "mtp_params_stored": mtp_params_stored(cfg),  # with each module's copies of the embedding and head
         "flops_per_token_causal": causal,
         "flops_per_token_noncausal": noncausal,
         "tokens_per_s_per_gpu": tps,

@@ -153,6 +153,15 @@ def mtp_module_params(cfg: ModelConfig) -> int:
     return 3 * cfg.dim + 2 * cfg.dim * cfg.dim + hyper_head_params(cfg) + block_params(cfg, cfg.n_layers)
 
 
+def mtp_params_stored(cfg: ModelConfig) -> int:
+    """The MTP modules' parameters as DeepSeek's checkpoints store them: each with its own copies of the embedding
+    and the head (V3's ``embed_tokens`` and ``shared_head.head``, V4's ``emb`` and ``head``) beside its own
+    parameters (``ParamCounts.mtp``), and its router's balancing bias (a buffer, stored). DeepSeek-V3's "MTP module
+    adds about 14B" counts them so (13.46B here)."""
+    bias = cfg.n_routed_experts if cfg.router_bias else 0
+    return cfg.mtp_depth * (mtp_module_params(cfg) + 2 * cfg.vocab_size * cfg.dim + bias)
+
+
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absorbed: bool = True) -> float:
     """Bytes cached per token over all layers (an int, except a hybrid cache's fractional per-token share).
 

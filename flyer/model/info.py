@@ -9,8 +9,8 @@ import torch
 from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import UserError
 from flyer.model.counts import (ParamCounts, activated_params_min, indexed_layers, kv_cache_bytes_per_token,
-                                kv_cache_bytes_per_token_fp8,
-                                kv_window_bytes, kv_window_bytes_fp8, param_counts)
+                                kv_cache_bytes_per_token_fp8, kv_window_bytes, kv_window_bytes_fp8, mtp_params_stored,
+                                param_counts)
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 
@@ -43,6 +43,7 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "total_params": counts.total,
         "activated_params": counts.activated,
         "mtp_params": counts.mtp,
+        "mtp_params_stored": mtp_params_stored(cfg),  # with each module's copies of the embedding and head
         "embedding_params": counts.embedding,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
         "kv_cache_bytes_per_token_naive": kv_cache_bytes_per_token(cfg, absorbed=False),
@@ -84,7 +85,9 @@ def _run(args) -> int:
     if out["zero_experts"]:  # LongCat-Flash: a pick of a zero-computation expert runs no FFN
         print(f"  activated, fewest  {_human(out['activated_params_min'])} ({out['activated_params_min']:,}), "
               f"picks of the {out['zero_experts']} zero-computation experts running none")
-    print(f"  MTP params         {_human(out['mtp_params'])} ({out['mtp_params']:,})")
+    print(f"  MTP params         {_human(out['mtp_params'])} ({out['mtp_params']:,})" + (
+        f"; {_human(out['mtp_params_stored'])} as stored, with its copies of the embedding and head"
+        if out["mtp_params"] else ""))
     if out["attention"] == "hybrid":  # DeepSeek-V4: compressed entries per token, the window per sequence
         print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16): compressed entries and CSA "
               f"indexer keys (top-{out['index_topk']} entries per query), plus {out['kv_window_bytes']:,} bytes per "
