@@ -10,11 +10,11 @@ JSON="${JSON:-}"
 OUT="${OUT:-examples/out}"
 mkdir -p "$OUT"
 
-# DeepSeek-V3 report: 250 GFLOPs/token at sequence 4096; 272.8B tokens/day on 2,048 H800
-# -> 180K GPU-hours per trillion tokens, 2,664K GPU-hours for 14.8T tokens, 385 / 432 TFLOPS,
-# MFU 38.94% / 43.73% (causal / non-causal) against the ~989 TFLOPS BF16 dense peak.
+# DeepSeek-V3 report: 250 GFLOPs/token at sequence 4096; 19.926 s a step of 15,360 sequences on 2,048 H800
+# -> 272.80B tokens/day, 180K GPU-hours per trillion tokens, 2,664K GPU-hours for 14.8T tokens,
+# 385 / 432 TFLOPS, MFU 38.94% / 43.73% (causal / non-causal) against the ~989 TFLOPS BF16 dense peak.
 $FLYER plan --preset dsv3 --gpu h800 --gpus 2048 --tokens 14.8e12 --seq-len 4096 \
-    --tokens-per-day 272.8e9 $JSON
+    --step-seconds 19.926 --batch-size 15360 $JSON
 
 # Whole run: 2,664K + 119K context extension + 5K post-training = 2,788K GPU-hours = $5.576M
 # at $2/GPU-hour (the two later stages enter as GPU-hours, their throughput is not published).

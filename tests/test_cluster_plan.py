@@ -5,6 +5,7 @@ import pytest
 from flyer.cluster.costs import Layout, Throughput, activation_bytes_per_token_layer, auto_layout, memory_per_gpu, plan
 from flyer.cluster.hardware import GPUS, gpu_spec
 from flyer.cluster.pipeline import bubble_fraction, schedule_cost, simulate_1f1b
+from flyer.cli import main
 from flyer.config import preset
 from flyer.errors import FieldError
 
@@ -43,6 +44,19 @@ def test_mfu_input_roundtrips():
     out = plan(preset("dsv3"), gpu_spec("h800"), Layout(2048), 1e12, 4096, Throughput(mfu=0.3894))
     assert out["mfu_causal"] == pytest.approx(0.3894)
     assert out["gpu_hours"] == pytest.approx(1e12 * out["flops_per_token_causal"] / (0.3894 * 989.4e12) / 3600)
+
+
+def test_measured_step_gives_the_published_tokens_per_day(capsys):
+    """The V3 report's 19.926 s a step of 15,360 sequences of 4,096 tokens: 272.80B tokens/day, computed."""
+    out = plan(preset("dsv3"), gpu_spec("h800"), Layout(2048, 16, 64, schedule="dualpipe"), 14.8e12, 4096,
+               Throughput(step_seconds=19.926, batch_tokens=15360 * 4096))
+    assert out["tokens_per_day"] / 1e9 == pytest.approx(272.80, abs=0.005)
+    assert out["throughput_source"] == "step_seconds"
+    with pytest.raises(FieldError, match="step_seconds"):  # past the peak: named as the flag that set it
+        plan(preset("dsv3"), gpu_spec("h800"), Layout(2048), 1e12, 4096, Throughput(step_seconds=0.1,
+                                                                                     batch_tokens=15360 * 4096))
+    assert main(["plan", "--batch-size", "15360"]) == 2
+    assert "--step-seconds: goes with --step-seconds and --batch-size both" in capsys.readouterr().err
 
 
 def test_params_and_kv(v3_plan):

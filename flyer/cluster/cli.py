@@ -125,7 +125,13 @@ def _plan(args) -> int:
         _check_run_world(args.gpus, gpu.gpus_per_node)
     lay = Layout(gpus=args.gpus, pp=pp or 1, ep=ep or 1, micro_batch=args.micro_batch, schedule=schedule or "1f1b",
                  recompute=not args.no_recompute)
-    out = plan(cfg, gpu, lay, args.tokens, args.seq_len, Throughput(args.tokens_per_day, args.mfu),
+    if (args.step_seconds is None) != (args.batch_size is None):
+        raise FieldError("batch_size" if args.batch_size is None else "step_seconds",
+                         "goes with --step-seconds and --batch-size both: a measured step's time and the sequences "
+                         "it trains on")
+    batch_tokens = None if args.batch_size is None else args.batch_size * args.seq_len
+    out = plan(cfg, gpu, lay, args.tokens, args.seq_len,
+               Throughput(args.tokens_per_day, args.mfu, args.step_seconds, batch_tokens),
                args.price_per_gpu_hour, args.extra_gpu_hours)
     out = {"preset": args.preset, "config": args.config, **out}
     if run:
@@ -353,6 +359,8 @@ def register(sub) -> None:
     t = p.add_mutually_exclusive_group()
     t.add_argument("--tokens-per-day", type=float, help="measured cluster throughput")
     t.add_argument("--mfu", type=float, help="assumed MFU against the BF16 dense peak (default 0.4)")
+    t.add_argument("--step-seconds", type=float, help="a measured optimizer step's seconds (with --batch-size)")
+    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (with --step-seconds)")
     p.add_argument("--price-per-gpu-hour", type=float, default=2.0)
     p.add_argument("--extra-gpu-hours", type=float, default=0.0, help="GPU-hours of other stages added to the total")
     p.add_argument("--pp", type=int, help="pipeline stages (default: see --schedule)")

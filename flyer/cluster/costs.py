@@ -205,16 +205,31 @@ def require_finite(field: str, **results: float) -> None:
 
 @dataclass(frozen=True)
 class Throughput:
-    """Either a measured cluster throughput (tokens per day) or an assumed MFU."""
+    """A measured cluster throughput (tokens per day, or seconds per optimizer step of ``batch_tokens`` tokens:
+    DeepSeek-V3's 19.926 s for 15,360 sequences of 4,096) or an assumed MFU."""
 
     tokens_per_day: float | None = None
     mfu: float | None = None
+    step_seconds: float | None = None
+    batch_tokens: float | None = None
+
+    @property
+    def source(self) -> str:
+        """The field the throughput comes from."""
+        return "tokens_per_day" if self.tokens_per_day is not None else "step_seconds" \
+            if self.step_seconds is not None else "mfu"
 
     def tokens_per_s_per_gpu(self, gpus: int, flops_per_token: float, peak_flops: float) -> float:
         if self.tokens_per_day is not None:
             if self.tokens_per_day <= 0:
                 raise FieldError("tokens_per_day", f"must be > 0 (got {self.tokens_per_day})")
             return self.tokens_per_day / SECONDS_PER_DAY / gpus
+        if self.step_seconds is not None:
+            if not self.batch_tokens or self.batch_tokens <= 0:
+                raise FieldError("batch_size", "needed with step_seconds: the sequences one step trains on")
+            if self.step_seconds <= 0:
+                raise FieldError("step_seconds", f"must be > 0 (got {self.step_seconds})")
+            return self.batch_tokens / self.step_seconds / gpus
         mfu = 0.4 if self.mfu is None else self.mfu
         if not 0 < mfu <= 1:
             raise FieldError("mfu", f"must be in (0, 1] (got {mfu})")
@@ -243,13 +258,13 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
     peak = gpu.bf16_tflops * 1e12
     require_finite("hw", bf16_peak_flops=peak)
     tps = throughput.tokens_per_s_per_gpu(lay.gpus, causal, peak)
-    source = "tokens_per_day" if throughput.tokens_per_day is not None else "mfu"
+    source = throughput.source
     # causal FLOPs are the ones a run executes (masked attention is skipped), so they bound MFU
     mfu = causal / peak * tps  # in this order: finite for any finite throughput
-    if source == "tokens_per_day" and mfu > 1:
-        raise FieldError("tokens_per_day", f"{throughput.tokens_per_day:g} tokens/day on {lay.gpus} {gpu.name}s "
-                                           f"implies MFU {100 * mfu:.4g}% of their {gpu.bf16_tflops:g} TFLOPS BF16 "
-                                           f"peak (at most 100%)")
+    if source != "mfu" and mfu > 1:
+        raise FieldError(source, f"{tps * lay.gpus * SECONDS_PER_DAY:g} tokens/day on {lay.gpus} {gpu.name}s "
+                                 f"implies MFU {100 * mfu:.4g}% of their {gpu.bf16_tflops:g} TFLOPS BF16 peak (at "
+                                 f"most 100%)")
     # tokens / (tokens per GPU-second) = GPU-seconds; a throughput that underflowed to 0 takes forever
     train_hours = tokens / (tps * 3600.0) if tps > 0 else math.inf
     wall_s = tokens / (tps * lay.gpus) if tps > 0 else math.inf

@@ -75,6 +75,8 @@ FLAG_RANGES: dict[str, FlagRange] = {
     "tokens_per_day": FlagRange(1, 1e18, "tokens/day", "as --tokens, per day"),
     # under 0.1% of peak the GPUs idle, they do not train; over 1 is more than the hardware does
     "mfu": FlagRange(1e-3, 1, "", "a fraction of the BF16 peak"),
+    # a millisecond (a tiny model's step) to a year; the MFU <= 100% check bounds it tighter
+    "step_seconds": FlagRange(1e-3, 3.2e7, "s", "a millisecond to a year"),
     # cost only scales with the price and require_finite (costs.py) refuses an overflowing product; a 1e300
     # price is kept valid (test_plan_json_is_strict_json runs it for a huge but finite cost)
     "price_per_gpu_hour": FlagRange(0, sys.float_info.max, "USD/GPU-hour", "any finite price"),
@@ -138,6 +140,7 @@ INT_FLAG_RANGES: dict[str, FlagRange] = {
                                "as --hw gpus_per_node", whole=True, hw="gpus_per_node"),
     "seq_len": _count(1, 10**8, "tokens", "10x the longest context a model ships (Llama 4 Scout's 10M)"),
     "micro_batch": _count(1, 2**16, "sequences", "4x DeepSeek-V3's whole 15,360-sequence batch in one micro-batch"),
+    "batch_size": _count(1, 2**24, "sequences", "1,000x DeepSeek-V3's 15,360-sequence batch"),
     # ranks of a run (pp is also net pipeline's): at most one per GPU of the largest run plan lists per rank
     "pp": _count(1, MAX_RUN_WORLD, "stages", "a stage per GPU of a three-tier fat tree of 64-port switches"),
     "ep": _count(1, MAX_RUN_WORLD, "ranks", "a rank per GPU of a three-tier fat tree of 64-port switches"),
