@@ -58,6 +58,12 @@ def test_every_subcommand_json_and_table(capsys, argv):
     assert rc == 0 and out.strip() and not out.lstrip().startswith(("{", "["))
 
 
+def test_the_dualpipev_row_says_it_counts_devices(capsys):
+    """Beside rows by stages, DualPipeV's is by devices (two half-stages each): the table says so."""
+    _, out, _ = run(capsys, "net", "pipeline", "--pp", "16")
+    assert "dualpipev: 16 devices of two half-stages each" in out and "16 stages on 8 devices" in out
+
+
 @pytest.mark.parametrize("argv, flag", [
     (("plan", "--pp", "3"), "--pp"),
     (("plan", "--gpu", "a100"), "--gpu"),

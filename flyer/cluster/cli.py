@@ -341,6 +341,9 @@ def _pipeline(args) -> int:
         _grid(rs, [("schedule", "schedule", ""), ("bubble", "bubble", ".2f"), ("params", "param_copies", "d"),
                    ("activations", "activation_microbatches", "g"), ("param GiB", "param_memory_gib", ".2f"),
                    ("activation GiB", "activation_memory_gib", ".2f")])
+        if any(r["schedule"] == "dualpipev" for r in rs):  # its row counts devices, DualPipe's README stages
+            print(f"  dualpipev: {args.pp} devices of two half-stages each, in units of a whole stage's F and B "
+                  f"(DualPipe's README lists it by stages: {args.pp} stages on {args.pp // 2} devices)")
 
     return _emit(args, rows, table)
 
