@@ -65,6 +65,26 @@ def test_tokenizer_round_trip():
         assert tok.decode(tok.encode(text).ids) == text
 
 
+def test_bpe_training_sees_long_runs_cut(monkeypatch):
+    """A run of thousands of characters without a space (a minified line, a base64 blob) reaches the BPE trainer in
+    words of at most TRAIN_WORD_CHARS (one whole, each merge would rescan it: quadratic); other text as it is, and
+    the tokenizer still encodes the whole run and decodes it back."""
+    from tokenizers import Tokenizer
+
+    from flyer.data.tokenizer import TRAIN_WORD_CHARS
+
+    seen = []
+    train = Tokenizer.train_from_iterator
+    monkeypatch.setattr(Tokenizer, "train_from_iterator",
+                        lambda self, it, trainer: train(self, seen.extend(it) or seen, trainer=trainer))
+    blob = "".join(chr(97 + (i * 7919) % 26) for i in range(10_000))
+    tok = train_bpe(["plain words here\n" * 50, "head " + blob + " tail"], 400)
+    assert seen[0] == "plain words here\n" * 50
+    assert "".join(seen[1:]) == "head " + blob + " tail"
+    assert max(len(w) for t in seen for w in t.split()) == TRAIN_WORD_CHARS
+    assert tok.decode(tok.encode(blob).ids) == blob
+
+
 def test_clean_markdown():
     md = ("# Play\n\n### SCENE I. A room.\n\n_Enter IAGO_\n\n**IAGO**  \nI--God bless\\--the mark! __\\[Aside]_  \n"
           "snake_case stays\n\n\n\nEnd")
