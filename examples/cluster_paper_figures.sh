@@ -31,7 +31,7 @@ $FLYER net topology --radix 64 --plot "$OUT/topology_radix64.png" $JSON
 # 2 micro-batches -> 241.92 us per layer, 61 layers -> 14.76 ms per output token, ~67 tokens/s.
 $FLYER net ep $JSON
 # ... and on a GB200 NVL72 domain (900 GB/s): ~1,200 tokens/s.
-$FLYER net ep --bandwidth-gb-s 900 $JSON
+$FLYER net ep --fabric nvl72 $JSON
 
 # ISCA 2025: 64-byte latency IB 2.8 / 3.7 us, RoCE 3.6 / 5.6 us (same / cross leaf), NVLink 3.33 us.
 $FLYER net latency $JSON
