@@ -88,10 +88,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m
           "nvfp4": torch.uint8}  # nvfp4: every linear's E2M1 codes, two a byte (the rest BF16)
 # weights DeepSeek keeps in high precision in its FP8 checkpoints: embeddings, head, router, norms, and the DSA
 # indexer's head weights (transformers computes them in FP32)
-# the MTP layer's eh_proj too: DeepSeek-V3's release keeps it in BF16 (vLLM's and SGLang's MTP loaders build it as
-# a plain linear, with no scale to read)
 _NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|block_sparse_moe\.gate|router\.classifier|"
-                      r"norm|weights_proj|eh_proj)\.weight$|\.bias$|_bias$")
+                      r"norm|weights_proj)\.weight$|\.bias$|_bias$")
+# and in DeepSeek's FP8 format the MTP layer's eh_proj in its layout (model.layers.N): DeepSeek-V3's release keeps it
+# in BF16 (vLLM's and SGLang's MTP loaders build it as a plain linear, with no scale to read); LongCat-Flash's FP8
+# release quantizes its model.mtp one
+_BF16_IN_FP8 = re.compile(r"^model\.layers\.\d+\.eh_proj\.weight$")
 
 
 # what DeepSeek's checkpoints store in FP32 whatever the rest: the routers' correction biases, and DeepSeek-V4's
@@ -154,7 +156,8 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
         if dtype == "nvfp4" and len(shape) == 2 and not _NOT_FP8.search(name):  # nvfp4_pack.NVFP4_IGNORE's rest
             items += nvfp4_items(name, shape, get)
             continue
-        if dtype == "fp8" and cfg.attn != "hybrid" and len(shape) == 2 and not _NOT_FP8.search(name):
+        if dtype == "fp8" and cfg.attn != "hybrid" and len(shape) == 2 and not _NOT_FP8.search(name) \
+                and not _BF16_IN_FP8.match(name):
             rows_b, cols_b = -(-shape[0] // 128), -(-shape[1] // 128)
             own = (codes or {}).get(name)
             items.append((name, shape, torch.float8_e4m3fn, own[0] if own else
@@ -475,6 +478,9 @@ def _run(args) -> int:
     print(json.dumps(export(args.path, args.out, args.dtype, args.max_shard_size, args.masters)))
     sys.stdout.flush()
     return 0
+
+
+PATHS = {"path", "out"}  # paths that may not be empty (flyer.cli)
 
 
 def register(sub) -> None:
