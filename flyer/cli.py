@@ -6,8 +6,8 @@ User errors (bad config, flags, files) print one line ``flyer: error: ...`` and 
 code names fields (``FieldError``); here a field is worded as the flag that sets it.
 
 Numeric flags follow one rule before a command runs: finite, and > 0, unless the command module
-lists the flag's dest in ``ZERO_OK`` (>= 0) or ``SIGNED`` (any finite value). Warnings print as
-one line ``flyer: warning: ...``.
+lists the flag's dest in ``ZERO_OK`` (>= 0) or ``SIGNED`` (any finite value); a path it lists in ``PATHS``
+is not empty. Warnings print as one line ``flyer: warning: ...``.
 """
 
 from __future__ import annotations
@@ -95,6 +95,14 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             raise FieldError(action.dest, f"must be {least} (got {v})")
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Raise ``FieldError`` for a path option given as "" (the command modules' ``PATHS``): it would be the
+    current directory, or read as no path at all."""
+    for dest in set().union(*(getattr(m, "PATHS", ()) for m in COMMAND_MODULES)):
+        if getattr(args, dest, None) == "":
+            raise FieldError(dest, "must be a path, not empty")
+
+
 def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """``warnings.showwarning`` for the command line: the message alone, no source line."""
     print(f"flyer: warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
@@ -126,6 +134,7 @@ def run(argv: list[str] | None) -> int:
         return 2
     try:
         check_numbers(parser, args)
+        check_paths(args)
         rc = args.func(args)
     except (ConfigError, UserError, CheckpointError, FileNotFoundError) as e:
         print(f"flyer: error: {error_line(e, flags(parser, args))}", file=sys.stderr)

@@ -23,6 +23,8 @@ from typing import Any
 from flyer.errors import ConfigError, FieldError
 from flyer.interop.hf_config import ROPE_TYPES, from_hf_config, is_hf_config, yarn_mscale
 from flyer.interop.model_args import from_model_args, is_model_args
+from flyer.limits import SIZE_LIMITS
+from flyer.parse import json_loads, toml_loads
 
 
 
@@ -197,6 +199,10 @@ class ModelConfig:
             need(not isinstance(v, float) or math.isfinite(v), f.name, "must be a finite number")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             need(int(getattr(self, name)) > 0, name, "must be a positive integer")
+        for name, most in SIZE_LIMITS.items():  # before anything loops over layers or multiplies sizes
+            need(getattr(self, name) <= most, name, f"must be at most {most:,} (far past any published model)")
+        need(all(r <= SIZE_LIMITS["csa_ratio"] for r in self.compress_ratios), "compress_ratios",
+             f"entries must be at most {SIZE_LIMITS['csa_ratio']:,}")
         need(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers", f"must be in [0, n_layers={self.n_layers}]")
         need(self.attn in ("mla", "gqa", "hybrid"), "attn", "must be 'mla', 'gqa' or 'hybrid'")
         need(self.norm_eps > 0, "norm_eps", "must be > 0")
@@ -407,7 +413,7 @@ def _coerce(name: str, v: Any, typ: Any) -> Any:
                 raise TypeError
             return v
     except (TypeError, ValueError):
-        raise ConfigError(f"config field '{name}': expected {t}, got {v!r}") from None
+        raise ConfigError(f"config field '{name}': expected {t}, got {v!r:.80}") from None
     return v
 
 
@@ -530,12 +536,12 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
     train: Any = {}
     if p.suffix == ".json":
         try:
-            d = json.loads(text, object_pairs_hook=lambda pairs: RequiredFields(pairs, where=p))
+            d = json_loads(text, object_pairs_hook=lambda pairs: RequiredFields(pairs, where=p))
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
     else:
         try:
-            d = tomllib.loads(text)
+            d = toml_loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
         train = d.pop("train", {})

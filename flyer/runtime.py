@@ -89,6 +89,19 @@ def require_memory(need: float, device: str | torch.device, field: str, what: st
                                 f"{have / 2**30:,.1f} GiB available")
 
 
+def max_threads() -> int:
+    """The bound of every thread count a user sets (``threads``, ``expert_threads``): 4 a core. More threads than
+    cores only take turns (the kernels' spin while they wait); 4x still allows a count the machine reports too low,
+    far below the tens of thousands at which OpenMP aborts or the process segfaults."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(n: int, field: str) -> None:
+    """``FieldError(field)`` unless 1 <= n <= ``max_threads()``."""
+    if not 1 <= n <= max_threads():
+        raise FieldError(field, f"must be in [1, {max_threads()}] (4 per CPU core; got {n})")
+
+
 def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 

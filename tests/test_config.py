@@ -7,6 +7,7 @@ import pytest
 from flyer.cli import main
 from flyer.config import PRESETS, ConfigError, ModelConfig, preset, resolve_config
 from flyer.errors import FieldError
+from flyer.limits import SIZE_LIMITS
 from flyer.model.counts import kv_cache_bytes_per_token, mtp_params_stored, param_counts, training_flops_per_token
 from flyer.model.info import meta_counts
 
@@ -24,6 +25,26 @@ def test_validation_names_the_field(field, value, words):
     with pytest.raises(ConfigError) as e:
         preset("dsv3", **{field: value})
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", list(SIZE_LIMITS))
+def test_sizes_past_any_published_model_are_one_line(name):
+    """n_layers 1e8 built a meta model for minutes (flyer info) or looped in Python (flyer train) before any check."""
+    with pytest.raises(ConfigError, match=f"^config field '{name}': must be at most {SIZE_LIMITS[name]:,} "):
+        preset("tiny", **{name: SIZE_LIMITS[name] + 1})
+
+
+def test_every_preset_is_far_within_the_size_limits():
+    for name in PRESETS:
+        cfg = preset(name)
+        assert all(getattr(cfg, f) * 8 <= most for f, most in SIZE_LIMITS.items()), name
+
+
+def test_hf_layer_count_is_bounded_before_its_per_layer_lists():
+    d = {"model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 10**7, "num_attention_heads": 2,
+         "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 300, "intermediate_size": 64}
+    with pytest.raises(ConfigError, match="field 'num_hidden_layers': must be at most 4,096"):
+        ModelConfig.from_dict(d)
 
 
 def test_topk_larger_than_allowed_groups():

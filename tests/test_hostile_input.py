@@ -14,6 +14,7 @@ import time
 import pytest
 
 from flyer.cli import COMMAND_MODULES, build_parser, main
+from flyer.errors import CheckpointError
 
 VALUES = ["nan", "inf", "-inf", "0", "-1"]
 
@@ -116,7 +117,26 @@ def files(tmp_path):
     (tmp_path / "gemma2.json").write_text(json.dumps({  # an architecture flyer does not implement, not a dense Llama
         "model_type": "gemma2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "vocab_size": 300, "intermediate_size": 128, "sliding_window": 16, "final_logit_softcapping": 30.0}))
+    # nesting deeper than Python's recursion, an integer longer than it converts: the parsers' own errors
+    (tmp_path / "deep.json").write_text('{"dim": ' + "[" * DEEP + "]" * DEEP + "}")
+    (tmp_path / "deep.toml").write_text("[train]\nsteps = " + "[" * DEEP + "]" * DEEP + "\n")
+    (tmp_path / "digits.json").write_text('{"dim": ' + "9" * 5000 + "}")
+    (tmp_path / "digits.toml").write_text("[model]\ndim = " + "9" * 5000 + "\n")
+    (tmp_path / "layers.toml").write_text("[model]\nn_layers = 100000000\n")  # built layer by layer: 457 s at 1e5
+    (tmp_path / "layers.json").write_text(json.dumps({  # the HF reader's per-layer lists come before validation
+        "model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 10**11, "num_attention_heads": 2,
+        "vocab_size": 300, "intermediate_size": 64}))
+    (tmp_path / "threads.toml").write_text("[train]\nthreads = 100000\n")
+    (tmp_path / "steps.toml").write_text("[train]\nsteps = 99999999999999999999999\n")
+    (tmp_path / "lr.toml").write_text("[train]\nlr = nan\n")
+    (tmp_path / "locked" / ".lock").mkdir(parents=True)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "a.txt").write_text("some words\n" * 50)
+    (tmp_path / "linked" / "b.txt").symlink_to(tmp_path / "nowhere.txt")
     return tmp_path
+
+
+DEEP = 100_000
 
 
 GEN = ["generate", "--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"]
@@ -144,6 +164,35 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     (["net", "ep", "--node-limit", "99"], "--node-limit: must be <= experts_per_token = 9"),
     (["net", "ep", "--preset", "qwen2.5-72b"], "--preset: qwen2.5-72b is a dense model"),
     (["plan", "--preset", "qwen2.5-72b", "--ep", "8"], "--ep: must be 1 for a dense model"),
+    (["train", "--config", "{t}/deep.json"], "{t}/deep.json is not valid JSON: nested too deeply (100001 levels)"),
+    (["info", "--config", "{t}/deep.json"], "{t}/deep.json is not valid JSON: nested too deeply"),
+    (["train", "--config", "{t}/deep.toml"], "{t}/deep.toml is not valid TOML: arrays or inline tables nested too"),
+    (["plan", "--config", "{t}/deep.toml"], "{t}/deep.toml is not valid TOML: arrays or inline tables nested too"),
+    (["info", "--config", "{t}/digits.json"], "{t}/digits.json is not valid JSON: an integer of more than 4300 digits"),
+    (["info", "--config", "{t}/digits.toml"], "{t}/digits.toml is not valid TOML: an integer of more than 4300 digits"),
+    (["info", "--config", "{t}/layers.toml"], "config field 'n_layers': must be at most 4,096"),
+    (["train", "--config", "{t}/layers.toml"], "config field 'n_layers': must be at most 4,096"),
+    (["info", "--config", "{t}/layers.json"], "field 'num_hidden_layers': must be at most 4,096"),
+    (["train", "--threads", "100000"], "--threads: must be in [1, "),
+    ([*GEN, "--threads", "100000"], "--threads: must be in [1, "),
+    (["serve", "--ckpt", "{t}/nowhere", "--threads", "100000"], "--threads: must be in [1, "),
+    (["train", "--config", "{t}/threads.toml"], "config field 'threads': must be in [1, "),
+    (["train", "--config", "{t}/steps.toml"], "config field 'steps': must be below 2**64 in magnitude"),
+    (["train", "--config", "{t}/lr.toml"], "config field 'lr': must be in (0, 1] (got nan) (in {t}/lr.toml)"),
+    (["train", "--lr", "1e308"], "--lr: must be in (0, 1] (got 1e+308)"),
+    (["train", "--out", "{t}/locked"], "--out: cannot open the run's lock file {t}/locked/.lock: Is a directory"),
+    (["train", "--out", ""], "--out: must be a path, not empty"),
+    (["train", "--data", ""], "--data: must be a path, not empty"),
+    (["train", "--data-cache", ""], "--data-cache: must be a path, not empty"),
+    (["train", "--config", ""], "--config: must be a path, not empty"),
+    (["train", "--init", ""], "--init: must be a path, not empty"),
+    (["generate", "--ckpt", "", "--prompt", "hi"], "--ckpt: must be a path, not empty"),
+    ([*GEN, "--prefix-cache", ""], "--prefix-cache: must be a path, not empty"),
+    (["export", "{t}/adir", "--out", ""], "--out: must be a path, not empty"),
+    (["info", "--config", ""], "--config: must be a path, not empty"),
+    (["net", "topology", "--plot", ""], "--plot: must be a path, not empty"),
+    (["train", "--data-cache", "{t}/afile"], "--data-cache: cannot create directory {t}/afile: File exists"),
+    (["train", "--data", "{t}/linked"], "data file '{t}/linked/b.txt' is not readable (a link to nothing)"),
 ]
 
 
@@ -152,7 +201,8 @@ def test_paths_configs_and_ranges_are_one_line(argv, words, files, data_cache, c
     t = str(files)
     argv = [a.format(t=t) for a in argv]
     if argv[0] == "train":
-        argv += ["--preset", "tiny", "--data-cache", data_cache, "--no-progress", "--device", "cpu"]
+        argv += ["--preset", "tiny", "--no-progress", "--device", "cpu"]
+        argv += [] if "--data-cache" in argv else ["--data-cache", data_cache]
         argv += [] if "--out" in argv else ["--out", f"{t}/run"]
     rc, err, _ = outcome(capsys, argv)
     assert rc == 2 and len(err) == 1 and err[0].startswith("flyer: error: "), err
@@ -236,3 +286,73 @@ def test_a_reader_gone_from_stdout_is_no_traceback():
     finally:
         os.close(write)
     assert (p.returncode, p.stderr) == (128 + signal.SIGPIPE, "")
+
+
+def test_chat_template_kwargs_nested_too_deeply_are_one_line(tmp_path, data_cache, capsys):
+    """Deeper than Python's recursion: the flag's JSON error. Deep enough to parse but past 64 levels: refused before
+    training, not a traceback at the first checkpoint (``dataclasses.asdict`` walks the train config level by
+    level)."""
+    from flyer.data.tokenizer import train_bpe
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i}"},
+                                                      {"role": "assistant", "content": "hi there"}]}) + "\n"
+                             for i in range(16)))
+    tok = tmp_path / "tokenizer.json"
+    train_bpe(["hello hi there user assistant\n" * 20], vocab_size=300).save(str(tok))
+    train = [*quick_args(("train",), tmp_path, data_cache), "--data", str(chats), "--tokenizer", str(tok),
+             "--seq-len", "64"]
+    for depth, words in ((30_000, "not valid JSON (nested too deeply (30001 levels)"), (500, "nests deeper than 64")):
+        kwargs = '{"a": ' + "[" * depth + "]" * depth + "}"
+        rc, err, _ = outcome(capsys, ["train", *train, "--chat-template-kwargs", kwargs])
+        assert rc == 2 and len(err) == 1 and err[0].startswith("flyer: error: --chat-template-kwargs: "), err
+        assert words in err[0], err
+
+
+def test_chat_lines_nested_too_deeply_or_not_utf8_are_one_line(tmp_path):
+    from flyer.data.chat_data import json_object
+    from flyer.errors import DataError
+
+    path = tmp_path / "chats.jsonl"
+    deep = b'{"messages": ' + b"[" * DEEP + b"]" * DEEP + b"}"
+    with pytest.raises(DataError, match=r"chats.jsonl:3: not valid JSON \(nested too deeply \(100001 levels\)"):
+        json_object(deep, path, 3, "'messages'")
+    with pytest.raises(DataError, match="chats.jsonl:4: not UTF-8 text \\(byte 0\\)$"):  # not "utf-16-le codec"
+        json_object(b'\xff\xfe{"messages": []}', path, 4, "'messages'")
+    assert json_object(b'\xef\xbb\xbf{"messages": []}', path, 1, "'messages'") == {"messages": []}  # a UTF-8 BOM
+
+
+def test_deeply_nested_manifest_is_a_corrupt_checkpoint(tmp_path, data_cache, capsys):
+    """A newest checkpoint whose manifest.json nests too deeply is passed over like any corrupt one: resume and
+    generate fall back to the one before, with one warning line."""
+    from flyer.train import checkpoint as ckpt
+
+    run = quick_args(("train",), tmp_path, data_cache)
+    rc, err, _ = outcome(capsys, ["train", *run, "--steps", "2", "--ckpt-every", "1"])
+    assert rc == 0, err
+    out = tmp_path / "run"
+    newest = ckpt.list_checkpoints(out / "checkpoints")[0]
+    (newest / "manifest.json").write_text('{"files": ' + "[" * DEEP + "]" * DEEP + "}")
+    with pytest.raises(CheckpointError, match="unreadable manifest \\(nested too deeply"):
+        ckpt.verify_checkpoint(newest)
+    rc, err, out_ = outcome(capsys, ["generate", "--ckpt", str(out), "--prompt", "hi", "--max-new-tokens", "1",
+                                     "--device", "cpu"])
+    warned = [line for line in err if line.startswith("flyer: warning: ")]
+    assert rc == 0 and len(warned) == 1 and "step_00000002: unreadable manifest (nested too deeply" in warned[0], err
+    rc, err, _ = outcome(capsys, ["train", *run, "--steps", "3", "--resume"])
+    assert rc == 0 and any("resumed from" in line and "step_00000001" in line for line in err), err
+
+
+def test_run_summary_is_json_without_nan(tmp_path, data_cache, capsys, monkeypatch):
+    """A non-finite validation loss reads null in the summary line: NaN is not JSON."""
+    from flyer.train.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: float("nan"))
+    rc, err, out = outcome(capsys, ["train", *quick_args(("train",), tmp_path, data_cache)])
+    assert rc == 0, err
+
+    def no_constant(name):
+        raise ValueError(f"{name} in the summary")
+
+    summary = json.loads(out, parse_constant=no_constant)
+    assert summary["val_loss"] is None and summary["steps"] == 1

@@ -54,6 +54,13 @@ def one_line(capsys) -> str:
     return err[0]
 
 
+def last_line(capsys) -> str:
+    """The error line after a run's own lines."""
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("flyer: error: "), line
+    return line
+
+
 def train_argv(out, data_cache, *extra):
     return ["train", "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-every",
             "2", "--eval-batches", "1", "--ckpt-every", "2", "--seed", "3", "--data-cache", data_cache, "--out",
@@ -149,8 +156,12 @@ def test_resume_rules_seed_and_finished_runs(tmp_path, data_cache, capsys):
     assert snapshot(tmp_path) == before
 
 
-def test_diverging_run_exits_2_without_claiming_a_checkpoint(tmp_path, data_cache, capsys):
-    assert main(train_argv(tmp_path, data_cache, "--lr", "1e30", "--steps", "30", "--ckpt-every", "20")) == 2
+def test_diverging_run_exits_2_without_claiming_a_checkpoint(tmp_path, data_cache, capsys, monkeypatch):
+    from flyer.train import trainer
+
+    # every step's gradient norm non-finite (--lr is bounded, so no longer the way to diverge)
+    monkeypatch.setattr(trainer, "clip_gradients", lambda *a, **k: (float("nan"), None))
+    assert main(train_argv(tmp_path, data_cache, "--steps", "30", "--ckpt-every", "20")) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's own lines and warnings
     assert line.startswith("flyer: error: ")
     assert "consecutive steps with non-finite" in line and "no checkpoint was written" in line
@@ -175,6 +186,85 @@ def test_failed_checkpoint_write_leaves_the_previous_one_and_no_temporaries(tmp_
     monkeypatch.undo()  # space freed: the run resumes from the intact checkpoint
     t.close()
     assert Trainer(tc_for(tmp_path, data_cache, resume=True), log=quiet).step == 1
+
+
+@pytest.mark.parametrize("damage", ["bytes", "list", "step"])
+def test_a_damaged_metrics_log_does_not_block_resume(tmp_path, data_cache, capsys, damage):
+    """Lines that are no record (bytes that are no UTF-8, JSON of another kind, a step that is no number) are passed
+    over and dropped by the resume's rewrite, which keeps every record up to its checkpoint."""
+    assert main(train_argv(tmp_path, data_cache)) == 0
+    capsys.readouterr()
+    log = tmp_path / "metrics.jsonl"
+    kept = log.read_bytes()
+    log.write_bytes(kept + {"bytes": b"\xff\xfe{\n", "list": b"[1, 2]\n", "step": b'{"step": "x"}\n'}[damage])
+    assert main(train_argv(tmp_path, data_cache, "--steps", "6", "--resume")) == 0
+    assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6] and log.read_bytes().startswith(kept)
+
+
+def test_a_metrics_log_that_is_a_directory_is_one_line(tmp_path, data_cache, capsys):
+    assert main(train_argv(tmp_path, data_cache)) == 0
+    capsys.readouterr()
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    assert main(train_argv(tmp_path, data_cache, "--steps", "6", "--resume")) == 2
+    assert "metrics.jsonl: not a file (the run's metrics log)" in last_line(capsys)
+
+
+def test_a_log_that_cannot_be_written_saves_the_step_reached(tmp_path, data_cache, capsys, monkeypatch):
+    """A full disk under metrics.jsonl mid-run: the step reached is checkpointed, then one line and exit 2; the run
+    resumes from it once there is room."""
+    from flyer.train.metrics import MetricsLog
+
+    write = MetricsLog.write
+
+    def full_at_step_3(self, record):
+        if record["step"] == 3:
+            raise OSError(28, "No space left on device")
+        write(self, record)
+
+    monkeypatch.setattr(MetricsLog, "write", full_at_step_3)
+    assert main(train_argv(tmp_path, data_cache, "--ckpt-every", "4")) == 2
+    line = last_line(capsys)
+    assert "cannot write the run's logs after step 3 (No space left on device)" in line
+    assert "step_00000003 saved" in line
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003"]
+    monkeypatch.undo()
+    assert main(train_argv(tmp_path, data_cache, "--ckpt-every", "4", "--resume")) == 0
+    assert steps_logged(tmp_path) == [1, 2, 4]  # step 3's record is the one the disk refused
+
+
+def test_a_full_disk_on_resume_leaves_the_log_as_it_was(tmp_path, data_cache, capsys, monkeypatch):
+    assert main(train_argv(tmp_path, data_cache)) == 0
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+
+    def disk_full(self, *_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    assert main(train_argv(tmp_path, data_cache, "--steps", "6", "--resume")) == 2
+    assert "cannot rewrite it to step 4 (No space left on device)" in last_line(capsys)
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("manifest", ["list", "empty", "unlisted"])
+def test_a_manifest_that_does_not_cover_its_checkpoint_is_invalid(tmp_path, data_cache, manifest):
+    """A manifest whose files are no mapping, or which leaves a file out, verifies nothing: the checkpoint is
+    invalid (resume falls back past it), not loaded unchecked."""
+    Trainer(tc_for(tmp_path, data_cache), log=quiet).run()
+    last = ckpt.list_checkpoints(tmp_path / "checkpoints")[0]
+    m = json.loads((last / "manifest.json").read_text())
+    if manifest == "list":
+        m["files"] = list(m["files"])
+    elif manifest == "empty":
+        m["files"] = {}
+    else:
+        m["files"].pop("model.safetensors")
+    (last / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="malformed manifest" if manifest == "list" else "not in its manifest"):
+        ckpt.verify_checkpoint(last)
+    assert ckpt.newest_valid_checkpoint(tmp_path / "checkpoints")[0].name == "step_00000002"
 
 
 def test_interrupted_checkpoint_write_leaves_no_temporaries(tmp_path, monkeypatch):

@@ -163,6 +163,17 @@ def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, data_cache):
     assert ckpt.list_checkpoints(tmp_path / "b" / "checkpoints") == []
 
 
+def test_a_run_ending_on_non_finite_steps_says_so(tmp_path, data_cache):
+    """Fewer than max_bad_steps, but the last: the step reached is not checkpointed, and the run does not end as
+    done (exit 0, a NaN validation loss) but names the checkpoint it has."""
+    t = Trainer(tc_for(tmp_path, data_cache, steps=5, ckpt_every=2, eval_every=10), log=quiet)
+    poison_loss(t, calls={5})  # the last training step (validation only after it)
+    with pytest.raises(TrainingError, match=r"1 consecutive steps with non-finite loss or gradient norm up to step 5, "
+                                            r"which is not checkpointed \(the last checkpoint is step_00000004\)"):
+        t.run()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004", "step_00000002"]
+
+
 def test_train_step_without_run_counts_consecutive_bad_steps(tmp_path, data_cache):
     """train_step() on its own (no run()) skips non-finite steps and stops after max_bad_steps."""
     t = Trainer(tc_for(tmp_path, data_cache, max_bad_steps=2), log=quiet)

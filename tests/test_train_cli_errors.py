@@ -117,7 +117,7 @@ def test_a_config_int_is_a_good_float(tmp_path):
 # ---- seeds --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("how,words", [
     (["--seed", str(10**20)], "--seed: must be below 2**64 in magnitude (got a 21-digit number)"),  # flyer.cli's check
-    ("seed = -5", "seed: must be an integer in [0, 2**64) (got -5)"),
+    ("seed = -5", "config field 'seed': must be an integer in [0, 2**64) (got -5)"),  # the file's field, no flag
 ])
 def test_seeds_out_of_range_are_refused_at_startup(tmp_path, corpus, capsys, how, words):
     extra = how

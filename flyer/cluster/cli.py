@@ -18,6 +18,9 @@ from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import FieldError
 from flyer.runtime import PRECISIONS
 
+PATHS = {"config", "plot"}  # paths that may not be empty (flyer.cli)
+
+
 def _checked(command):
     """``command`` run only after ``check_ranges``: the one place a cluster flag's range is checked."""
     def run(args) -> int:

@@ -70,6 +70,7 @@ from flyer.errors import DataError, FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer as load_hf_tokenizer
 from flyer.interop.load import init_source, run_tokenizer
 from flyer.interop.hf import is_hf_model_dir
+from flyer.parse import json_loads
 
 CHAT_VERSION = 3  # 2: conversations cut into pieces (module doc); 3: where the render says (chat_pieces)
 # (a message's content is a string here, never OpenAI's list of parts, so how renderers join parts is no part of the
@@ -110,9 +111,13 @@ def _problem(path: Path, line: int, what: str) -> DataError:
 def json_object(raw: bytes, path: Path, line: int, keys: str) -> dict:
     """Line ``line`` of ``path`` as a JSON object, or a one-line ``DataError`` naming ``path:line`` (``keys``: what
     the object should hold, for the message)."""
+    try:  # json.loads reads bytes with a UTF-16/32 BOM or NULs as that encoding: a chat line is UTF-8
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _problem(path, line, f"not UTF-8 text (byte {e.start})") from None
     try:
-        d = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        d = json_loads(text)
+    except ValueError as e:
         raise _problem(path, line, f"not valid JSON ({str(e).splitlines()[0]:.80})") from None
     if not isinstance(d, dict):
         raise _problem(path, line, f"expected a JSON object with {keys}, got {type(d).__name__}")
@@ -304,7 +309,7 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cache_dir '{out.parent}' cannot be created: {e.strerror or e}") from None
+        raise FieldError("data_cache", f"cannot create directory {out}: {e.strerror or e}") from None
     with _build_lock(out):
         if not (out / "meta.json").exists():
             _build(out, path, tok, template, special, kwargs or {})

@@ -89,7 +89,8 @@ def find_documents(data: str | Path | list | tuple | None) -> list[Document]:
             files, base = [root], root.parent
         for f in files:
             if not os.access(f, os.R_OK):
-                raise DataError(f"data file '{f}' is not readable (permission denied)")
+                why = "a link to nothing" if f.is_symlink() and not f.exists() else "permission denied"
+                raise DataError(f"data file '{f}' is not readable ({why})")
             size = f.stat().st_size
             if size == 0:
                 n_empty += 1

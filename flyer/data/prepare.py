@@ -97,7 +97,7 @@ def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_si
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cache_dir '{root}' cannot be created: {e.strerror or e}") from None
+        raise FieldError("data_cache", f"cannot create directory {root}: {e.strerror or e}") from None
     out = root / f"data-{key}"
     if not os.access(root, os.W_OK | os.X_OK):
         if (out / "meta.json").exists():  # a read-only shared cache holding this build: used as it is

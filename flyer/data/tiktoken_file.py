@@ -25,12 +25,12 @@ import ast
 import base64
 import binascii
 import itertools
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from flyer.data.presplit import PreSplit, set_presplit
+from flyer.parse import json_loads
 
 TIKTOKEN_FILE = "tiktoken.model"  # transformers' TIKTOKEN_LEGACY_NAME
 # transformers' TikTokenConverter default, which it uses for every tiktoken file (it reads no pattern from the
@@ -134,7 +134,7 @@ def tiktoken_tokenizer(tokens: list[bytes], pattern: str, special: list[str]) ->
 def read_json_object(path: Path, error: type[ValueError]) -> dict:
     """A settings file's JSON object, or ``error`` with one line naming the file."""
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = json_loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
     except ValueError as e:

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import sys
 import warnings
 
@@ -28,11 +27,12 @@ from flyer.interop.hf import is_hf_model_dir, read_hf_config
 from flyer.interop.load import fp4_trained, load_pretrained, loaded_bytes, stored_weight_dtype
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
-from flyer.runtime import require_memory
+from flyer.runtime import check_threads, require_memory
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": FP8}  # --cache-dtype
 STORED = "stored"  # --weight-dtype auto off the CPU: the checkpoint's own dtype (BF16 on a GPU), not held
 ZERO_OK = {"temperature", "seed"}  # numeric flags that may be 0 (flyer.cli: the others must be > 0)
+PATHS = {"ckpt", "prefix_cache"}  # paths that may not be empty (flyer.cli)
 SIGNED = {"eos_id", "frequency_penalty", "presence_penalty"}  # eos_id -1: no stop token; penalties in [-2, 2]
 FP4_NOTE = ("note: {ckpt} was trained with FP4 QAT (--fp4-experts): its routed experts run as their FP4 values, the "
             "model training optimised and validated (flyer export --masters writes the FP32 masters)")
@@ -65,18 +65,6 @@ def check_checkpoint_eos(tok, ckpt: str | None, vocab_size: int, remedy: str) ->
         raise CheckpointError(f"{ckpt}: its end-of-text id {eos} (generation_config.json's eos_token_id, else "
                               f"config.json's or the tokenizer's) is outside this model's vocabulary "
                               f"[0, {vocab_size}); {remedy}")
-
-
-def max_expert_threads() -> int:
-    """``--expert-threads``' bound: 4 a core. The kernels' threads spin while they wait for work,
-    so more than the cores only take turns; 4x still allows a count the machine reports too low."""
-    return 4 * (os.cpu_count() or 1)
-
-
-def check_expert_threads(n: int) -> None:
-    """``FieldError`` naming ``expert_threads`` unless 1 <= n <= ``max_expert_threads()``."""
-    if not 1 <= n <= max_expert_threads():
-        raise FieldError("expert_threads", f"must be in [1, {max_expert_threads()}] (4 per CPU core; got {n})")
 
 
 def add_expert_threads_flag(p) -> None:
@@ -258,10 +246,10 @@ def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
 def _run(args) -> int:
     if bool(args.ckpt) == bool(args.preset):
         raise UserError("give exactly one of --ckpt DIR (a trained run) or --preset NAME (random weights)")
-    for name in ("prefix_block", "threads"):
-        if getattr(args, name) < 1:
-            raise FieldError(name, f"must be >= 1 (got {getattr(args, name)})")
-    check_expert_threads(args.expert_threads)
+    if args.prefix_block < 1:
+        raise FieldError("prefix_block", f"must be >= 1 (got {args.prefix_block})")
+    check_threads(args.threads, "threads")
+    check_threads(args.expert_threads, "expert_threads")
     dtype = DTYPES.get(args.cache_dtype, torch.bfloat16)  # "auto": settled once the model is loaded
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, attention=args.attention, cache_dtype=dtype,
@@ -373,7 +361,7 @@ def register(sub) -> None:
     add_weight_dtype_flag(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: decoding a small model is latency-bound)")
+                   help="CPU threads (default 1: decoding a small model is latency-bound; at most 4 per core)")
     add_expert_threads_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run)

@@ -66,6 +66,7 @@ from flyer.interop.hf_config_quant import compressed_scheme
 from flyer.interop.hf_config_v4 import from_v4_config
 from flyer.interop.hf_defaults import with_class_defaults
 from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor, yarn_mscale
+from flyer.limits import MAX_LAYERS
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
                          "glm4_moe", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v4", "mistral4",
@@ -371,6 +372,10 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     """flyer ``ModelConfig`` fields from an HF / DeepSeek hub ``config.json`` dict (see module doc)."""
     d = text_config(d, where)
     mt = model_type(d, where)
+    n_layers = d.get("num_hidden_layers")
+    if isinstance(n_layers, (int, float)) and n_layers > MAX_LAYERS:  # before the per-layer lists built from it
+        raise _bad(where, "num_hidden_layers", f"must be at most {MAX_LAYERS:,} (far past any published model; "
+                                               f"got {n_layers!r:.40})")
     compressed_scheme(d, where)  # a quantization flyer cannot decode is refused here, naming the field
     if mt == "deepseek_v4":  # its own spellings (flyer.interop.hf_config_v4)
         return from_v4_config(d, where)

@@ -106,6 +106,9 @@ def _run(args) -> int:
     return 0
 
 
+PATHS = {"config"}  # paths that may not be empty (flyer.cli)
+
+
 def register(sub) -> None:
     p = sub.add_parser("info", help="parameter counts and KV cache bytes per token of a preset or config")
     p.add_argument("preset", nargs="?", choices=list(PRESETS), metavar="PRESET",

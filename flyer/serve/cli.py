@@ -30,13 +30,15 @@ from flyer.data.chat_template import read_chat_template
 from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.infer.cache_fp8 import check_fp8_cache_flags
 from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
-                             check_checkpoint_eos, check_expert_threads, load_model)
+                             check_checkpoint_eos, load_model)
+from flyer.runtime import check_threads
 from flyer.serve.disk_tier import open_disk_prefix_cache
 from flyer.serve.engine import Engine, EngineConfig, Limits
 from flyer.serve.link import EngineClient, EngineHost
 from flyer.serve.reasoning import PARSERS
 from flyer.serve.tools import TOOL_PARSERS
 
+PATHS = {"ckpt", "prefix_cache"}  # paths that may not be empty (flyer.cli)
 ZERO_OK = {"port"}  # --port 0: a free port (flyer.cli: other numeric flags must be > 0)
 DEFAULT_BLOCK_SIZE = EngineConfig.block_size  # the engine's own default, one home for it
 
@@ -81,8 +83,9 @@ def _run(args) -> int:
     cfg.validate()
     if not 0 <= args.port < 65536:
         raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
+    check_threads(args.threads, "threads")
+    check_threads(args.expert_threads, "expert_threads")
     torch.set_num_threads(args.threads)
-    check_expert_threads(args.expert_threads)
     kernels.set_expert_threads(args.expert_threads)
     args.precision, args.seed = "auto", 0
     # the cache is allocated whole at start: checked with the model before either is
@@ -210,6 +213,7 @@ def register(sub) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),
-                   help="torch threads stepping the model (default: all cores but one, which the HTTP process gets)")
+                   help="torch threads stepping the model (default: all cores but one, which the HTTP process gets; at "
+                        "most 4 per core)")
     add_expert_threads_flag(p)
     p.set_defaults(func=_run)

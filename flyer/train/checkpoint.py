@@ -44,6 +44,7 @@ from flyer.config import ModelConfig
 from flyer.data.tiktoken_file import TIKTOKEN_FILE
 from flyer.data.tokenizer import load_tokenizer, tokenizer_file
 from flyer.errors import CheckpointError
+from flyer.parse import json_loads
 
 FORMAT_VERSION = 1
 _PREFIX = "step_"
@@ -185,13 +186,21 @@ def verify_checkpoint(path: Path) -> dict:
     """Return the manifest if every listed file exists with the recorded size and checksum."""
     mpath = path / "manifest.json"
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json_loads(mpath.read_text())
         files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # json_loads: deep nesting is a ValueError too
         raise CheckpointError(f"checkpoint {path}: unreadable manifest ({e})") from None
+    if not isinstance(files, dict) or not all(isinstance(m, dict) and isinstance(m.get("bytes"), int)
+                                              and isinstance(m.get("sha256"), str) for m in files.values()):
+        raise CheckpointError(f"checkpoint {path}: malformed manifest (files: name -> bytes and sha256)")
     for name in files:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path}: missing file {name}")
+    # a manifest covers every file the checkpoint was written with: one it leaves out would load unchecked
+    unlisted = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != "manifest.json"
+                      and p.name not in files)
+    if unlisted:
+        raise CheckpointError(f"checkpoint {path}: {unlisted[0]} is not in its manifest")
     # loading reads a checkpoint's config, header and weights in turn, each through here: files
     # hashed before and unchanged since (inode, size, mtime) are not read again. Only files older
     # than the mtime's granularity are remembered: a write in the same tick could keep the stamp.

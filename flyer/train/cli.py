@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 
-from flyer.config import PRESETS, ConfigError, preset_fields, read_config_sections
+from flyer.config import PRESETS, ConfigError, FieldError, preset_fields, read_config_sections
 from flyer.model.dispatch import DISPATCHER_KINDS
+from flyer.parse import json_loads
 
 _FLAGS = [  # (flag, field, type, help)
     ("--preset", "preset", str, f"model preset ({', '.join(PRESETS)})"),
@@ -19,7 +21,7 @@ _FLAGS = [  # (flag, field, type, help)
     ("--batch-size", "batch_size", int, "sequences per micro-batch (per rank)"),
     ("--seq-len", "seq_len", int, "tokens per sequence"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
-    ("--lr", "lr", float, "peak learning rate"),
+    ("--lr", "lr", float, "peak learning rate (in (0, 1])"),
     ("--warmup", "warmup", int, "linear warmup steps"),
     ("--schedule", "schedule", str, "cosine or constant after warmup"),
     ("--optimizer", "optimizer", str, "adamw, or muon: DeepSeek-V4's Muon for the matrices (AdamW for the embedding, "
@@ -41,7 +43,7 @@ _FLAGS = [  # (flag, field, type, help)
     ("--init", "init", str, "fine-tune from PATH: a flyer run or checkpoint, or a Hugging Face model directory "
                             "(its model config and tokenizer replace --preset and --tokenizer)"),
     ("--vocab-size", "vocab_size", int, "BPE vocabulary size to train"),
-    ("--threads", "threads", int, "CPU threads"),
+    ("--threads", "threads", int, "CPU threads (at most 4 per core)"),
     ("--device", "device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),
     ("--ep", "ep", int, "expert-parallel degree (under torchrun)"),
     ("--pp", "pp", int, "pipeline-parallel stages (under torchrun; world = pp x data-parallel ranks)"),
@@ -110,7 +112,7 @@ def register(sub) -> None:
 def json_object(text: str) -> dict:
     """``--chat-template-kwargs``' value: a JSON object (argparse words an error as one line naming the flag)."""
     try:
-        value = json.loads(text)
+        value = json_loads(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({str(e).splitlines()[0]:.80})") from None
     if not isinstance(value, dict):
@@ -148,15 +150,24 @@ def build_train_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from flyer.train.trainer import Trainer, TrainingError  # as in build_train_config
 
-    tc = build_train_config(args)
     try:
+        tc = build_train_config(args)
         trainer = Trainer(tc, log=lambda m: print(m, file=sys.stderr, flush=True))
         summary = trainer.run()
     except TrainingError as e:
         print(f"flyer: error: {e}", file=sys.stderr)
         return 2
+    except FieldError as e:  # a value the config file set, no flag: named as in the file, not as a flag not given
+        if args.config and getattr(args, e.field, None) is None and e.field in read_config_sections(args.config)[1]:
+            raise ConfigError(f"config field '{e.field}': {e.problem} (in {args.config})") from None
+        raise
     if summary.get("signal"):
         return 128 + summary["signal"]  # the shell's convention for a process ended by that signal
     if summary.get("val_loss") is not None and trainer.rank0:  # one summary per job, not one per rank
-        print(json.dumps(summary))
+        print(json.dumps(finite_or_null(summary), allow_nan=False))
     return 0
+
+
+def finite_or_null(summary: dict) -> dict:
+    """``summary`` with each non-finite number None: JSON has no NaN or Infinity, and the line is read as JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}

@@ -25,7 +25,8 @@ from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.indexer_loss import INDEXER_TRAIN_MODES
 from flyer.optim.muon import OPTIMIZERS
 from flyer.parallel.pipeline import PP_SCHEDULES
-from flyer.runtime import PRECISIONS
+from flyer.parse import nesting_depth
+from flyer.runtime import PRECISIONS, check_threads
 from flyer.train import checkpoint as ckpt
 
 SCHEDULES = ("cosine", "constant")
@@ -40,6 +41,10 @@ RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_
                 "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "precision", "vocab_size",
                 "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs", "fim_rate", "dpo",
                 "dpo_beta")
+
+MAX_LR = 1.0  # AdamW and Muon move each weight by about lr a step: past 1, one step outweighs the weights (~0.02)
+MAX_KWARGS_DEPTH = 64  # chat_template_kwargs: far more than a template variable needs, far within Python's recursion
+PATH_FIELDS = ("out", "config", "data", "data_cache", "tokenizer", "init")
 
 REFERENCE_FILES = "reference_files"  # a DPO run's state field: its reference's fingerprint (load.init_weight_files)
 
@@ -122,16 +127,21 @@ class TrainConfig:
                 raise FieldError(name, f"{msg} (got {getattr(self, name)!r})")  # the CLI words it as the flag
 
         for f in dataclasses.fields(self):
-            wrong = self.type_problem(f.name, getattr(self, f.name))
+            v = getattr(self, f.name)
+            wrong = self.type_problem(f.name, v)
             if wrong:
                 raise FieldError(f.name, wrong)
+            if isinstance(v, int) and not -(1 << 64) < v < 1 << 64:  # a config file's, as flyer.cli bounds a flag's
+                raise FieldError(f.name, f"must be below 2**64 in magnitude (got a {len(str(abs(v)))}-digit number)")
+        for name in PATH_FIELDS:  # "" would be the current directory (out, data_cache) or silently no path at all
+            need(getattr(self, name) != "", name, "must be a path, not empty")
         need(0 <= self.seed < 2**64, "seed", "must be an integer in [0, 2**64)")  # torch.manual_seed's range
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
                      "keep", "max_bad_steps", "ep", "pp"):
             v = getattr(self, name)
             need(v > 0, name, "must be a positive integer")
         need(self.seq_len >= 2, "seq_len", "must be >= 2")
-        need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        need(0 < self.lr <= MAX_LR, "lr", f"must be in (0, {MAX_LR:g}]")
         need(0 < self.collective_timeout_s < math.inf, "collective_timeout_s", "must be a positive number of seconds")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -147,7 +157,8 @@ class TrainConfig:
         need(self.clip > 0, "clip", "must be > 0")
         need(self.vocab_size is None or self.vocab_size >= MIN_VOCAB, "vocab_size",
              f"must be >= {MIN_VOCAB} (256 byte symbols and the end-of-text token)")
-        need(self.threads is None or self.threads > 0, "threads", "must be a positive integer")
+        if self.threads is not None:
+            check_threads(self.threads, "threads")
         need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be a positive integer")
         need(self.micro_batches is None or self.micro_batches > 0, "micro_batches", "must be a positive integer")
         need(self.micro_batches is None or self.pp > 1, "micro_batches", "needs pipelining (pp > 1); without it "
@@ -165,6 +176,8 @@ class TrainConfig:
                  "chat template)")
         need(self.indexer_train in INDEXER_TRAIN_MODES, "indexer_train",
              f"must be one of {', '.join(INDEXER_TRAIN_MODES)}")
+        if nesting_depth(self.chat_template_kwargs) > MAX_KWARGS_DEPTH:  # Python walks it level by level (asdict)
+            raise FieldError("chat_template_kwargs", f"nests deeper than {MAX_KWARGS_DEPTH} levels")
         bad = [k for k in self.chat_template_kwargs or {} if not re.fullmatch(r"[A-Za-z_]\w*", str(k))]
         need(not bad, "chat_template_kwargs", f"keys must be template variable names ({bad[:1]})")
         need(not self.chat_template_kwargs or is_chat_data(self.data), "chat_template_kwargs",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from flyer.config import ConfigError
+from flyer.errors import DataError
 from flyer.model import lowp
 from flyer.model.counts import attention_flops_per_token, block_params, training_flops_per_token
 from flyer.runtime import bf16_gemm_kind, native_gemm
@@ -34,7 +35,8 @@ class MetricsLog:
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            with contextlib.suppress(OSError):  # a flush that failed was a write that failed, reported there
+                self._f.close()
             self._f = None
 
 
@@ -102,23 +104,36 @@ class TensorBoardLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
+    """The records of a metrics log (none where there is no file): each line that is a JSON object, with a numeric
+    step where it has one; any other line (cut short by a crash or a full disk, damaged: bytes that are no UTF-8,
+    JSON of another kind) is passed over. A directory in its place is a ``DataError``."""
+    if not path.exists():
         return []
+    if not path.is_file():
+        raise DataError(f"{path}: not a file (the run's metrics log)")
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
-        except ValueError:  # a line cut short by a crash
+            r = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(r, dict) and isinstance(r.get("step", 0), (int, float)) and not isinstance(r.get("step"), bool):
+            out.append(r)
     return out
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records after ``last_step`` (written by a run that died after its last checkpoint)."""
+    """Drop records after ``last_step`` (written by a run that died after its last checkpoint), and the lines that
+    are no record (``read_metrics``). Rewritten whole or not at all: a ``DataError`` where it cannot be (a full
+    disk), the log as it was."""
     records = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot rewrite it to step {last_step} ({e.strerror or e})") from None
 
 
 def median_seconds(fn, device: str | torch.device = "cpu", seconds: float = 0.2) -> float:

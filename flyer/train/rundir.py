@@ -44,7 +44,10 @@ class RunLock:
 
     def __init__(self, out: Path):
         usable_dir(out, "out")
-        self._f = open(out / LOCK_NAME, "a+")  # a file object: closed (and unlocked) if garbage-collected
+        try:
+            self._f = open(out / LOCK_NAME, "a+")  # a file object: closed (and unlocked) if garbage-collected
+        except OSError as e:  # a directory, a dangling link, a file this user may not write
+            raise FieldError("out", f"cannot open the run's lock file {out / LOCK_NAME}: {e.strerror or e}") from None
         try:
             fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

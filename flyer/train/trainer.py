@@ -60,6 +60,10 @@ from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start,
 from flyer.train.metrics import (MetricsLog, StepSums, TensorBoardLog, fastest_gemm, model_flops_per_token,
                                  progress_postfix, read_metrics, require_tensorboard, truncate_metrics)
 
+# ``Trainer.run``'s stop code for a log rank 0 could not write: past every signal's number
+LOG_FAILED = 1 << 10
+
+
 def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1, pp: int = 1) -> float:
     """A lower bound on one rank's training memory: FP32 weights, gradients and the optimizer's
     moments (AdamW two, Muon at least one; experts split over ``ep``, layers over ``pp`` stages),
@@ -349,10 +353,7 @@ class Trainer:
             self.log(f"warning: step {self.step}: non-finite loss or gradient norm; step skipped "
                      f"({self.bad_steps} skipped so far)")
             if self.consecutive_bad >= tc.max_bad_steps:
-                last = ckpt.newest_valid_checkpoint(self.ckpt_root)[0] if self.rank0 else None
-                kept = f"the last checkpoint is {last.name}" if last else "no checkpoint was written"
-                raise TrainingError(f"{self.consecutive_bad} consecutive steps with non-finite loss or gradient "
-                                    f"norm ({kept}); lower the learning rate or check the data")
+                raise self._non_finite_end()
         else:
             self.consecutive_bad = 0
             if tc.indexer_train == "warmup":  # nothing but the indexers changes, the router biases neither
@@ -548,16 +549,30 @@ class Trainer:
                     if self.step % tc.eval_every == 0 or self.step == tc.steps:
                         val_loss = self.evaluate()
                         rec["val_loss"] = val_loss
-                    for log in logs:
-                        log.write(rec)
+                    unwritten = None
+                    try:
+                        for log in logs:
+                            log.write(rec)
+                    except OSError as e:  # a full disk, an unwritable log: the step reached is saved, then the end
+                        unwritten = e
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(progress_postfix(rec, val_loss))
-                    self.stopped_by = self.mesh.max_int(stop.signum or 0) or None  # every rank stops together
-                    due = self.step % tc.ckpt_every == 0 or self.step == tc.steps or self.stopped_by
+                    # every rank stops together: on a signal, or on a log that rank 0 could not write
+                    stop_code = self.mesh.max_int(stop.signum or (LOG_FAILED if unwritten else 0))
+                    self.stopped_by = stop_code if 0 < stop_code < LOG_FAILED else None
+                    due = self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop_code
                     saved = self.save() if due and self.consecutive_bad == 0 else None
+                    if stop_code >= LOG_FAILED:
+                        why = f" ({unwritten.strerror or unwritten})" if unwritten is not None else ""
+                        raise TrainingError(f"cannot write the run's logs after step {self.step}{why}; " + (
+                            f"checkpoint {saved} saved: free space or fix them, then resume" if saved is not None
+                            else "the step is not saved (non-finite)"))
                     if self.stopped_by:
                         self._say_stopped(saved)
+        except BaseException:
+            self.close()  # the run directory free again for the next run, in this process too
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -568,6 +583,9 @@ class Trainer:
             self.mesh.destroy()
             return {"steps": self.step, "final_loss": None, "val_loss": None, "out": str(self.out),
                     "signal": self.stopped_by}
+        if self.consecutive_bad:  # the last steps were skipped: the step reached has no checkpoint, nor a result
+            self.close()
+            raise self._non_finite_end()
         records = read_metrics(self.out / "metrics.jsonl") if self.rank0 else []
         if self.rank0 and tc.plots:
             from flyer.train.plots import plot_expert_load, plot_loss  # matplotlib: heavy, only when plotting
@@ -584,6 +602,14 @@ class Trainer:
         self.close()
         self.mesh.destroy()
         return summary
+
+    def _non_finite_end(self) -> TrainingError:
+        """The error that ends a run on ``consecutive_bad`` skipped steps: ``max_bad_steps`` of them, or its last."""
+        last = ckpt.newest_valid_checkpoint(self.ckpt_root)[0] if self.rank0 else None
+        kept = f"the last checkpoint is {last.name}" if last else "no checkpoint was written"
+        return TrainingError(f"{self.consecutive_bad} consecutive steps with non-finite loss or gradient norm up to "
+                             f"step {self.step}, which is not checkpointed ({kept}); lower the learning rate or "
+                             "check the data")
 
     @contextlib.contextmanager
     def _collective_timeouts(self):
