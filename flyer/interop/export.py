@@ -159,11 +159,9 @@ def _items(cfg: ModelConfig, state: dict[str, torch.Tensor], read: Read, dtype: 
         if dtype == "fp8" and cfg.attn != "hybrid" and len(shape) == 2 and not _NOT_FP8.search(name) \
                 and not _BF16_IN_FP8.match(name):
             rows_b, cols_b = -(-shape[0] // 128), -(-shape[1] // 128)
-            own = (codes or {}).get(name)
-            items.append((name, shape, torch.float8_e4m3fn, own[0] if own else
-                          lambda get=get, c=shape[1]: quantize_blocks(get(), pow2_scales=pow2).data[:, :c]))
-            items.append((name + SCALE_SUFFIX, (rows_b, cols_b), torch.float32,
-                          own[1] if own else lambda get=get: quantize_blocks(get(), pow2_scales=pow2).scale))
+            own = (codes or {}).get(name) or _blocks_once(get, shape[1], pow2)
+            items.append((name, shape, torch.float8_e4m3fn, own[0]))
+            items.append((name + SCALE_SUFFIX, (rows_b, cols_b), torch.float32, own[1]))
             continue
         stored = state[slot.key].dtype
         keep = (stored if not stored.is_floating_point  # DeepSeek-V4's hash table: int64
@@ -247,6 +245,23 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
     Written into a fresh directory beside ``out`` and renamed to it when complete: an error or an
     interrupt leaves nothing behind, and a failed write is a ``FieldError`` naming ``out``."""
     return _export(model.cfg, tok, lambda: tensor_items(model, dtype, codes), out, dtype, max_shard_size, source)
+
+
+def _blocks_once(get: Callable[[], torch.Tensor], cols: int, pow2: bool) -> tuple[Callable[[], torch.Tensor], ...]:
+    """(make codes, make weight_scale_inv) of ``get()``'s 128x128 blocks, read and quantized once for both: the
+    codes are written first, their scales next, and only that one weight's are kept between the two."""
+    kept: list = []
+
+    def quantized():
+        if not kept:
+            kept.append(quantize_blocks(get(), pow2_scales=pow2))
+        return kept[0]
+
+    def scale() -> torch.Tensor:
+        q = quantized()
+        kept.clear()
+        return q.scale
+    return (lambda: quantized().data[:, :cols]), scale
 
 
 def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]], out: str | Path, dtype: str,
