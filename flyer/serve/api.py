@@ -75,7 +75,7 @@ from flyer.serve.responses import Responses
 from flyer.serve.schema import JINJA_ROLES, Body, ChatBody, CompletionBody, error_field
 from flyer.serve.tools import (ToolCall, chosen_format, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
-from flyer.serve.tokenize import Encoder
+from flyer.serve.tokenize import token_starts
 from flyer.serve.tools_kimi import calls_so_far
 
 class Api:
@@ -91,7 +91,6 @@ class Api:
             raise FieldError("reasoning_parser", f"must be one of {sorted(PARSERS)} (got {reasoning_parser!r})")
         self.reasoning = None if reasoning_parser is None else PARSERS[reasoning_parser]
         self.render_chat = chat_renderer(chat_template, self._special_tokens())
-        self.encoder = Encoder(tokenizer)  # prompts encoded off the event loop (``flyer.serve.tokenize``)
         self.encoding = chat_template if isinstance(chat_template, ChatEncoding) else None  # its roles
         self.tool_format = chosen_format(tool_call_parser, chat_template)  # the format calls are written and read in
         self.draining = False
@@ -143,10 +142,10 @@ class Api:
 
     def _prompts(self, prompt, suffix: str | None = None,
                  starts: bool = False) -> tuple[list[list[int]], list[list[int] | None] | None]:
-        """The request's prompts as ids (encoded by ``self.encoder``: call it off the event loop); with a ``suffix``
+        """The request's prompts as ids (call it off the event loop: ``flyer.serve.tokenize``); with a ``suffix``
         (text prompts only: ``CompletionBody.check_fields``) each text's fill-in-the-middle prompt (``fim_prompt``),
         the same suffix after each. With ``starts`` (echo's ``text_offset``) and text prompts, also where each
-        token starts in its text (``Encoder.starts``; None: the text is the ids' decode); else None."""
+        token starts in its text (``token_starts``; None: the text is the ids' decode); else None."""
         if isinstance(prompt, str):
             prompt = [prompt]
         elif not prompt:
@@ -156,10 +155,10 @@ class Api:
         if not isinstance(prompt[0], str):
             return [list(p) for p in prompt], None
         if suffix:
-            return [fim_prompt(self.encoder, p, suffix) for p in prompt], None
+            return [fim_prompt(self.tok, p, suffix) for p in prompt], None
         if not starts:
-            return [self.encoder.encode_ids(p) for p in prompt], None
-        ids, where = zip(*map(self.encoder.starts, prompt))
+            return [self.tok.encode_ids(p) for p in prompt], None
+        ids, where = zip(*(token_starts(self.tok, p) for p in prompt))
         return list(ids), list(where)
 
     def _token_text(self, t: int) -> str:
@@ -253,7 +252,7 @@ class Api:
         """(``body``'s prompt text, its ids): the template's text is the whole prompt (its own BOS included), as
         transformers encodes it. Rendered and encoded off the event loop by the routes."""
         text = self._chat_text(body)
-        return text, self.encoder.encode_ids(text, add_special_tokens=False)
+        return text, self.tok.encode_ids(text, add_special_tokens=False)
 
     def _chat_text(self, body: ChatBody) -> str:
         """``body``'s messages rendered, each as transformers' ``apply_chat_template`` passes it
