@@ -250,7 +250,12 @@ def test_user_errors(tmp_path):
         (tmp_path / "blank", {"vocab_size": 100}, "vocab_size must be an integer >= 257"),
         (tmp_path / "ok.txt", {"val_fraction": 0.9}, "val_fraction"),
         (tmp_path / "ok.txt", {"tokenizer": tmp_path / "ok.txt"}, "not a valid tokenizer.json"),
+        (tmp_path / "fifo.txt", {}, "fifo.txt' is not a regular file"),  # its read would wait for a writer
+        (tmp_path / "withfifo", {}, "fifo.txt' is not a regular file"),
     ]
+    os.mkfifo(tmp_path / "fifo.txt")
+    (tmp_path / "withfifo").mkdir()
+    os.mkfifo(tmp_path / "withfifo" / "fifo.txt")
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "a.txt").write_text("")

@@ -91,6 +91,8 @@ def find_documents(data: str | Path | list | tuple | None) -> list[Document]:
             if not os.access(f, os.R_OK):
                 why = "a link to nothing" if f.is_symlink() and not f.exists() else "permission denied"
                 raise DataError(f"data file '{f}' is not readable ({why})")
+            if not f.is_file():  # a FIFO would block the read, a device never end it
+                raise DataError(f"data path '{f}' is not a regular file or a directory")
             size = f.stat().st_size
             if size == 0:
                 n_empty += 1
