@@ -129,6 +129,21 @@ def test_resume_with_only_corrupt_checkpoints_stops_and_changes_nothing(tmp_path
     assert (tmp_path / "checkpoints" / ".tmp-step_00000006-1").is_dir()
 
 
+@pytest.mark.parametrize("stray", ["file", "link"])
+def test_an_entry_in_a_checkpoints_place_is_refused_before_training(tmp_path, data_cache, capsys, stray):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    if stray == "file":  # not ours: a save that replaced it would fail there, after training the step
+        (root / "step_00000002").write_text("notes")
+    else:
+        (root / "step_00000002").symlink_to(tmp_path / "elsewhere")
+    before = snapshot(tmp_path)
+    assert main(train_argv(tmp_path, data_cache)) == 2
+    assert "step_00000002 is named as a checkpoint but is not a checkpoint directory" in one_line(capsys)
+    assert snapshot(tmp_path) == before and not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_a_fresh_run_never_appends_to_old_metrics(tmp_path, data_cache, capsys):
     old = '{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n'
     (tmp_path / "metrics.jsonl").write_text(old)

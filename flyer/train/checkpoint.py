@@ -85,13 +85,24 @@ def step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
 
+def _is_step_name(name: str) -> bool:
+    return name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit()
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete-looking checkpoint directories (with a manifest), newest first."""
     if not ckpt_root.is_dir():
         return []
-    dirs = [p for p in ckpt_root.iterdir()
-            if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    dirs = [p for p in ckpt_root.iterdir() if p.is_dir() and _is_step_name(p.name)]
     return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
+
+
+def check_step_names(ckpt_root: Path) -> None:
+    """Raise ``CheckpointError`` for an entry of ``ckpt_root`` named as a checkpoint directory that is not one (a
+    file, a link): that step's save would fail on it after the step's training, and it is not ours to remove."""
+    for p in ckpt_root.iterdir() if ckpt_root.is_dir() else ():
+        if _is_step_name(p.name) and (p.is_symlink() or not p.is_dir()):
+            raise CheckpointError(f"{p} is named as a checkpoint but is not a checkpoint directory: move it away")
 
 
 def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, Any], keep: int | None = None,

@@ -188,6 +188,7 @@ class Trainer:
             try:
                 self.lock = RunLock(self.out)
                 usable_dir(self.ckpt_root, "out")  # a file in its place would fail the first save, after training
+                ckpt.check_step_names(self.ckpt_root)  # and one in a checkpoint's place, that checkpoint's save
                 start = choose_start(self.out, tc.resume, self.log)
                 if start is not None:
                     check_resume_settings(tc, start)  # DPO: the reference's fingerprint too
