@@ -339,6 +339,31 @@ def test_signal_checkpoints_stops_and_resumes_exactly(tmp_path, data_cache, sig,
     assert json.loads(capsys.readouterr().out)["val_loss"] == val_loss
 
 
+# a run whose final plot is signalled midway (in a process of its own: before, the signal ended it)
+_SIGNAL_IN_PLOTS = """
+import os, signal, sys
+from flyer.cli import main
+from flyer.train import plots
+plot_loss = plots.plot_loss
+def signalled(*a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)
+    plot_loss(*a, **k)
+plots.plot_loss = signalled
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_after_the_last_step_lets_the_run_finish(tmp_path, data_cache):
+    argv = [a for a in train_argv(tmp_path, data_cache) if a != "--no-plots"]
+    res = subprocess.run([sys.executable, "-c", _SIGNAL_IN_PLOTS, *argv], capture_output=True, text=True,
+                         timeout=300, env=child_env())
+    assert res.returncode == 0, res.stderr
+    assert "SIGTERM: received after the last step; the run is complete" in res.stderr
+    assert (tmp_path / "loss.png").is_file() and (tmp_path / "expert_load.png").is_file()
+    assert json.loads(res.stdout)["steps"] == 4 and steps_logged(tmp_path) == [1, 2, 3, 4]
+
+
 # ---- resources ----------------------------------------------------------------------------------
 def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, data_cache, capsys):
     assert main(train_argv(tmp_path, data_cache, "--batch-size", "100000", "--seq-len", "2048")) == 2

@@ -517,6 +517,10 @@ class Trainer:
         """Train to ``tc.steps`` (validating, logging and checkpointing on the way); returns a
         summary: steps, final_loss, val_loss, unigram_val_loss, skipped_steps, out, and ``signal``
         (its number) when SIGTERM, SIGINT or SIGHUP stopped the run after checkpointing its last step."""
+        with StopSignals() as stop:  # to the end: a signal after the last step's check lets the run finish
+            return self._run(stop)
+
+    def _run(self, stop: StopSignals) -> dict[str, Any]:
         tc = self.tc
         if self.step >= tc.steps:
             self.log(f"the run in {self.out} is already at step {self.step} (steps {tc.steps}): nothing to do")
@@ -544,7 +548,7 @@ class Trainer:
             bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         val_loss = None
         try:
-            with StopSignals() as stop, self._collective_timeouts():
+            with self._collective_timeouts():
                 while self.step < tc.steps and not self.stopped_by:
                     rec = self.train_step()
                     if self.step % tc.eval_every == 0 or self.step == tc.steps:
@@ -597,6 +601,8 @@ class Trainer:
         summary = {"steps": self.step, "final_loss": train_losses[-1] if train_losses else None,
                    "val_loss": val_loss, "unigram_val_loss": self.data.unigram_val_loss,
                    "skipped_steps": self.bad_steps, "out": str(self.out)}
+        if stop.signum:  # after the last step's check: that step is saved, and the run is complete
+            self.log(f"{signal.Signals(stop.signum).name}: received after the last step; the run is complete")
         if val_loss is not None:
             self.log(f"done: step {self.step}, validation loss {val_loss:.3f} vs {self.data.baseline} "
                      f"{self.data.unigram_val_loss:.3f}; metrics {self.out / 'metrics.jsonl'}")
