@@ -15,11 +15,11 @@ from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
 from flyer.infer.decoder import Decoder
 from flyer.interop.export import export_model
-from flyer.interop.export_config import hf_model_type
+from flyer.interop.export_config import hf_config, hf_model_type
 from flyer.interop.hf import load_hf
 from flyer.model.transformer import Transformer
 from tests.bounds import FP32_U
-from tests.hf_models import VOCAB, build
+from tests.hf_models import _COMMON, FAMILIES, VOCAB, build, save_tiny
 from tests.test_interop_export import tensors
 from tests.test_qwen3 import _config_error, check_round_trip, info_json, rel, train_init_then_export
 # Qwen3's end-to-end tests, collected here too: run on this module's ``src`` (the Qwen3-MoE directory)
@@ -146,6 +146,29 @@ def test_import_export_round_trip_loads_in_transformers(src, tmp_path, capsys):
     check_round_trip(src, tmp_path, capsys, "qwen3_moe", Qwen3MoeForCausalLM,
                      {"architectures": ["Qwen3MoeForCausalLM"], "mlp_only_layers": [0], "num_experts": 8,
                       "norm_topk_prob": True})
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_balance_loss_weighs_as_transformers(tmp_path, family):
+    """A balanced router (zero router weights: each expert's probability 1/E, whatever the routing) costs
+    transformers coef * K (its loss pools the layers' routing) and flyer alpha per MoE layer: the imported alpha,
+    coef * K / L, makes the term a fine-tune adds transformers' own, and export writes coef back."""
+    cls, cfg_cls, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    ref = cls(cfg_cls(**{**_COMMON, **kw, "num_hidden_layers": 5, "router_aux_loss_coef": 0.02}))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.zero_()
+    save_tiny(ref, tmp_path, family)
+    model, cfg, tok = load_hf(tmp_path)
+    L = cfg.n_layers - cfg.n_dense_layers
+    assert L / cfg.n_activated_experts in (2.0, 2.5)  # the factor the coefficient as it stands was off by
+    tokens = torch.randint(3, VOCAB, (2, 16))
+    want = 0.02 * ref(tokens[:, :-1], output_router_logits=True).aux_loss
+    got = model.train().compute_loss(tokens[:, :-1], tokens[:, 1:]).aux_loss
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert hf_config(cfg, tok, "float32")["router_aux_loss_coef"] == pytest.approx(0.02, rel=1e-15)
 
 
 def test_native_gqa_moe_without_dense_layers_exports_as_qwen3_moe(src, tmp_path):

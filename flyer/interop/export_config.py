@@ -9,7 +9,7 @@ from dataclasses import replace
 from flyer.config import ModelConfig
 from flyer.errors import ConfigError, FieldError
 from flyer.interop.hf_names import is_mixtral
-from flyer.interop.hf_config import GQA_MODEL_TYPES
+from flyer.interop.hf_config import GQA_MODEL_TYPES, balance_scale
 from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE, kimi_int4_config
 from flyer.interop.nvfp4_pack import nvfp4_config
 from flyer.interop.hf_config_longcat import check_longcat, to_longcat_config
@@ -147,6 +147,11 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     return rp
 
 
+def _aux_coef(cfg: ModelConfig) -> float:
+    """transformers' ``router_aux_loss_coef`` weighing its balance loss as ``seq_aux_alpha`` weighs flyer's."""
+    return cfg.seq_aux_alpha / balance_scale(cfg.n_activated_experts, cfg.n_layers - cfg.n_dense_layers)
+
+
 def exported(cfg: ModelConfig) -> ModelConfig:
     """What of ``cfg`` its transformers architecture holds: the GQA ones (Llama ... Mixtral) and Mistral 4 have no
     MTP module."""
@@ -209,12 +214,12 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
             d.update(num_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.n_activated_experts,
                      moe_intermediate_size=cfg.moe_inter_dim, norm_topk_prob=cfg.norm_topk_prob,
                      decoder_sparse_step=1, mlp_only_layers=list(range(cfg.n_dense_layers)),
-                     router_aux_loss_coef=cfg.seq_aux_alpha, output_router_logits=False,
+                     router_aux_loss_coef=_aux_coef(cfg), output_router_logits=False,
                      use_sliding_window=False, sliding_window=None)
         if mt == "mixtral":  # a sparse block in every layer, its experts intermediate_size wide; no bias fields
             del d["attention_bias"], d["mlp_bias"]
             d.update(intermediate_size=cfg.moe_inter_dim, num_local_experts=cfg.n_routed_experts,
-                     num_experts_per_tok=cfg.n_activated_experts, router_aux_loss_coef=cfg.seq_aux_alpha,
+                     num_experts_per_tok=cfg.n_activated_experts, router_aux_loss_coef=_aux_coef(cfg),
                      router_jitter_noise=0.0, output_router_logits=False, sliding_window=None)
         if mt == "glm4_moe":  # attention_bias: q/k/v only; DeepseekV3's router; MTP layers as DeepSeek's
             del d["mlp_bias"]

@@ -231,6 +231,14 @@ def _check_dots1_sliding(d: dict[str, Any], where: str) -> None:
                                             f"{n_layers - 1} slide: max_window_layers {first}; null = none slides)")
 
 
+def balance_scale(n_activated: int, n_moe_layers: int) -> float:
+    """flyer's ``seq_aux_alpha`` per unit of transformers' ``router_aux_loss_coef`` (Qwen3-MoE, Mixtral): their
+    loss pools every layer's routing over the batch and is K (experts per token) at balance; flyer's is per layer
+    and sequence, 1 at balance, summed over the L MoE layers. K / L weighs a balanced router's gradient alike
+    (the coefficient as it stands weighed flyer's L / K times: 6x for Qwen3-30B-A3B, 16x for Mixtral)."""
+    return n_activated / max(n_moe_layers, 1)
+
+
 def _qwen3_moe_fields(d: dict[str, Any], where: str, n_layers: int) -> dict[str, Any]:
     """Qwen3-MoE's FFN fields. transformers gives layer i the sparse block unless ``mlp_only_layers``
     lists it or ``(i + 1) % decoder_sparse_step != 0``; flyer's dense layers are its first
@@ -252,17 +260,17 @@ def _qwen3_moe_fields(d: dict[str, Any], where: str, n_layers: int) -> dict[str,
         raise _bad(where, field, f"dense layers {dense[:8]}{'...' if len(dense) > 8 else ''} are not the first "
                                  f"layers: flyer runs its dense (MLP) layers first, then the MoE layers")
     aux = d.get("router_aux_loss_coef")
+    k = d.get("num_experts_per_tok") or 8
     return dict(n_routed_experts=n_experts, n_shared_experts=0, n_dense_layers=len(dense),
-                moe_inter_dim=d.get("moe_intermediate_size") or 768,
-                n_activated_experts=d.get("num_experts_per_tok") or 8,
+                moe_inter_dim=d.get("moe_intermediate_size") or 768, n_activated_experts=k,
                 score_func="softmax", router_bias=False, norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                 route_scale=1.0, n_expert_groups=1, n_limited_groups=1,
-                # transformers adds its batch-wise balance loss only with output_router_logits; flyer's
-                # sequence-wise loss (same f_i * P_i scale) trains with its coefficient
-                seq_aux_alpha=0.001 if aux is None else aux)
+                # transformers adds its balance loss only with output_router_logits (false in the released
+                # configs, which are for inference); flyer trains with its own, weighed as transformers' would be
+                seq_aux_alpha=(0.001 if aux is None else aux) * balance_scale(k, n_layers - len(dense)))
 
 
-def _mixtral_fields(d: dict[str, Any], where: str) -> dict[str, Any]:
+def _mixtral_fields(d: dict[str, Any], where: str, n_layers: int) -> dict[str, Any]:
     """Mixtral's FFN fields: a sparse block in every layer (no dense layer, no shared expert), its
     experts ``intermediate_size`` wide; missing fields take MixtralConfig's defaults (8 experts, top-2).
     transformers' router jitter multiplies the input by noise in training, which flyer does not."""
@@ -273,10 +281,11 @@ def _mixtral_fields(d: dict[str, Any], where: str) -> dict[str, Any]:
         raise _bad(where, "router_jitter_noise", f"only 0 is supported (got {d['router_jitter_noise']!r})")
     aux = d.get("router_aux_loss_coef")
     inter = d.get("intermediate_size", 14336)
+    k = d.get("num_experts_per_tok") or 2
     return dict(n_routed_experts=n_experts, n_shared_experts=0, n_dense_layers=0, inter_dim=inter,
-                moe_inter_dim=inter, n_activated_experts=d.get("num_experts_per_tok") or 2,
+                moe_inter_dim=inter, n_activated_experts=k,
                 score_func="softmax", router_bias=False, norm_topk_prob=True, route_scale=1.0, n_expert_groups=1,
-                n_limited_groups=1, seq_aux_alpha=0.001 if aux is None else aux)
+                n_limited_groups=1, seq_aux_alpha=(0.001 if aux is None else aux) * balance_scale(k, n_layers))
 
 
 def _glm4_moe_fields(d: dict[str, Any], where: str, n_layers: int, head_dim: int) -> dict[str, Any]:
@@ -473,7 +482,7 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
         out.update(
             attn="gqa", n_kv_heads=n_kv, head_dim=head_dim, attn_bias=mt == "qwen2",
             qk_norm=mt in ("qwen3", "qwen3_moe"), mtp_depth=0, q_lora_rank=0,
-            **(_qwen3_moe_fields(d, where, n_layers) if mt == "qwen3_moe" else _mixtral_fields(d, where)
+            **(_qwen3_moe_fields(d, where, n_layers) if mt == "qwen3_moe" else _mixtral_fields(d, where, n_layers)
                if mt == "mixtral" else dict(n_routed_experts=0, n_shared_experts=0, n_dense_layers=n_layers)),
         )
         if mt == "glm4_moe":
