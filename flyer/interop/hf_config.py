@@ -460,6 +460,9 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
             _require(d, where, "topk_method", ("noaux_tc",), "noaux_tc")
             out.update(score_func="sigmoid", router_bias=True, n_expert_groups=d.get("n_group") or 1,
                        n_limited_groups=d.get("topk_group") or 1, norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                       # the report's alpha: the file's aux_loss_alpha (0.001) is V2's, and DeepSeek's V3 gate code
+                       # never trains (noaux_tc asserts not training). Its initializer_range (0.02, not the
+                       # report's 0.006) is kept: that code initialises with it
                        seq_aux_alpha=0.0001)
         else:
             _require(d, where, "scoring_func", ("softmax",), "softmax")

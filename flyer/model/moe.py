@@ -289,8 +289,9 @@ def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, 
                           n_segments: torch.Tensor | None = None) -> torch.Tensor:
     """Complementary sequence-wise balance loss (V3 report eq. 17-20), times alpha.
 
-    f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean_t of normalised scores (each
-    token's scores divided by their sum: every score function gives positive scores). ``valid_BT``
+    f_i = E / (K T) * #tokens of the sequence routed to i (the experts routed, bias and group limit included, as
+    DeepSeek's V2 gate counts its ``topk_idx``; eq. 18 writes the unbiased top-K); P_i = mean_t of normalised
+    scores (each token's scores divided by their sum: every score function gives positive scores). ``valid_BT``
     (B, T) bool: only those positions are the sequence (T: their count; padding takes no part).
     ``segments_BT`` (B, T) int64: packed rows, each document (id >= 0; -1 takes no part) a sequence of its own,
     the loss their mean: what the documents give in rows of their own. ``n_segments`` (scalar): the mean's count,
