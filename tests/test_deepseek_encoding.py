@@ -69,6 +69,10 @@ def test_plain_system_and_multi_turn_prompts():
     assert encode_v32(dev) == f"{B}{U}\n\n# The user's message is: rules{A}</think>" + encode_v32(turns)[len(B):]
     # thinking mode drops a developer turn before the last user turn, as the release's drop_thinking does
     assert encode_v32(dev, thinking=True) == encode_v32(turns, thinking=True)
+    # a developer turn's own tools come before its content, as encoding_dsv32.py's render_message writes them
+    section = encode_v32([{"role": "user", "content": "x"}], TOOLS)[len(B):-len(f"{U}x{A}</think>")]
+    assert encode_v32([{**dev[0], "tools": TOOLS}, *turns]).startswith(
+        f"{B}{U}{section}\n\n# The user's message is: rules{A}</think>")
 
 
 def test_tools_calls_and_results():

@@ -249,8 +249,9 @@ def _render(msgs: list[dict], i: int, last_user: int, thinking: bool, shown: int
         return content + ("\n\n" + tools_section(m["tools"]) if m.get("tools") else "") + _format_section(m, shown)
     if role == "user":
         return f"{USER}{content}{ASSISTANT}{opens}"
-    if role == "developer":
-        return f"{USER}{_format_section(m, shown)}\n\n# The user's message is: {content}{ASSISTANT}{opens}"
+    if role == "developer":  # its own tools, then its format, before the content (as a system message's)
+        tools = "\n\n" + tools_section(m["tools"]) if m.get("tools") else ""
+        return f"{USER}{tools}{_format_section(m, shown)}\n\n# The user's message is: {content}{ASSISTANT}{opens}"
     if role == "assistant":
         calls = _arguments(m, shown)
         think = ""
@@ -358,7 +359,7 @@ class ChatEncoding:
     ``model_type`` it renders for. Stands where a template string stands (``chat_renderer``)."""
 
     name: str
-    version: int = 3  # of flyer's rendering: the chat data cache key holds it (``flyer.data.chat_data``)
+    version: int = 4  # of flyer's rendering: the chat data cache key holds it (``flyer.data.chat_data``)
 
     @property
     def roles(self) -> tuple[str, ...]:
