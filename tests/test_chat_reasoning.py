@@ -28,6 +28,7 @@ from flyer.data.chat_template import DEFAULT_CHAT_TEMPLATE, chat_renderer
 from flyer.data.deepseek_encoding import CALLS_BLOCK, CALLS_BLOCK_V4, END_THINK, ENCODINGS, EOS, dsml_calls
 from flyer.errors import DataError, FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer
+from flyer.serve.tools import DEEPSEEK_V31, ToolCall, parse_tool_calls
 from flyer.train.checkpoint import saved_state
 from flyer.train.cli import build_train_config
 from flyer.train.config import RESUME_KEEPS, TrainConfig
@@ -150,6 +151,49 @@ def test_pieces_equal_transformers(qwen, tmp_path):
             if m["role"] == "assistant" and m.get("reasoning_content"):
                 shown = m["reasoning_content"] in text
                 assert shown == (m in msgs[first:]) and shown == (m["reasoning_content"] in trained), (c, end)
+
+
+@pytest.mark.parametrize("key", ["reasoning", "thinking"])
+def test_reasoning_under_its_other_names_trains_alike(qwen, tmp_path, key):
+    """A reasoning sent as ``reasoning`` or ``thinking`` (vLLM's clients send one, gpt-oss's templates read the
+    other) is the message's reasoning_content, as transformers 5 aliases it: the build equals reasoning_content's
+    (it trained an empty think block)."""
+    tok = _tok(qwen)
+    renamed = [{**c, "messages": [{key if k == "reasoning_content" else k: v for k, v in m.items()}
+                                  for m in c["messages"]]} for c in CHATS]
+    want = _samples(prepare_chat(_write(tmp_path / "a.jsonl", CHATS), tmp_path / "cache", tok, QWEN3))
+    assert _samples(prepare_chat(_write(tmp_path / "b.jsonl", renamed), tmp_path / "cache", tok, QWEN3)) == want
+
+
+def test_keys_set_to_null_reach_the_template_as_transformers_passes_them(qwen, tmp_path):
+    """transformers 5 leaves a message's null keys out: a template asking ``'tool_calls' in m`` (Llama 3.1's) renders
+    the turn as one without calls, where the key's None refused the line."""
+    tpl = ("{% for m in messages %}<|im_start|>{{ m.role }}{% if 'tool_calls' in m %} {{ m.tool_calls | length }} "
+           "calls{% endif %}{{ '\\n' }}{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    msgs = [_u("hello"), {"role": "assistant", "content": "hi there", "tool_calls": None}]
+    want = AutoTokenizer.from_pretrained(qwen).apply_chat_template(msgs, chat_template=tpl, tokenize=False)
+    assert chat_renderer(tpl)(msgs, add_generation_prompt=False) == want
+    tok = _tok(qwen)
+    (ids, mask), = _samples(prepare_chat(_write(tmp_path / "c.jsonl", [{"messages": msgs}] * 20), tmp_path / "cache",
+                                         tok, tpl))[:1]
+    assert tok.tok.decode(ids, skip_special_tokens=False) == want
+    assert tok.tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "hi there<|im_end|>"
+
+
+def test_default_template_writes_tools_and_calls_as_serve_reads_them():
+    """flyer's default template shows the tools (as JSON) and an assistant's calls in DeepSeek-V3.1's format, the one
+    ``flyer serve`` parses from a model without a template; a call's null content renders as no text (not "None")."""
+    render = chat_renderer(None, {"bos_token": "<s>"})
+    msgs = [_u("the weather in oslo"), _a(None, None, [WEATHER, {**WEATHER, "function": {
+        "name": "weather", "arguments": {"city": "bergen"}}}]), {"role": "tool", "content": "sunny"}, _a("sunny")]
+    text = render(msgs, TOOLS, add_generation_prompt=False)
+    assert text.startswith(f"<s><|tools|>\n{json.dumps(TOOLS)}\n<|user|>\nthe weather in oslo\n<|assistant|>\n")
+    assert "None" not in text and text.endswith("<|tool|>\nsunny\n<|assistant|>\nsunny\n")
+    turn = text.split("<|assistant|>\n")[1].split("\n<|tool|>")[0]
+    assert parse_tool_calls(turn, DEEPSEEK_V31) == (None, [ToolCall("weather", '{"city": "oslo"}'),
+                                                          ToolCall("weather", '{"city": "bergen"}')])
+    assert render(msgs[:1], None) == "<s><|user|>\nthe weather in oslo\n<|assistant|>\n"  # no tools: as before
 
 
 def _deepseek_chats(tools: bool) -> list[dict]:
@@ -376,13 +420,15 @@ OLD_DEFAULT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m[
 
 
 def test_default_template_writes_reasoning_as_r1(qwen):
-    """flyer's default template: every render without reasoning_content (absent, null, empty) is the old
+    """flyer's default template: every render without reasoning_content (absent, null, empty) or tools is the old
     template's byte for byte (test_sft's and test_chat_build's conversations, every prefix, with and without the
     generation prompt); with it, R1's ``<think>`` block before the content after the last user turn, so pieces
     train it: each piece's trained text is its own turn's block, content and line end."""
     assert DEFAULT_CHAT_TEMPLATE != OLD_DEFAULT
     old, new = chat_renderer(OLD_DEFAULT, {"bos_token": "<s>"}), chat_renderer(None, {"bos_token": "<s>"})
     for c in SFT_CHATS + MANY[:20]:
+        if c.get("tools") or any(m.get("tool_calls") for m in c["messages"]):  # the old one wrote no tools or calls
+            continue
         for k in range(1, len(c["messages"]) + 1):
             for r in ("absent", None, ""):
                 msgs = [m if r == "absent" else {**m, "reasoning_content": r} for m in c["messages"][:k]]

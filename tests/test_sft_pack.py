@@ -28,7 +28,7 @@ from tests.bounds import FP32_U
 from tests.test_sft import reorder_bound
 
 hf = test_sft.hf  # the same fixture: a tiny DeepSeek-V3 directory with a chat template, and chats.jsonl
-T = 256  # rows of 3-4 of the chats (53 to 91 tokens)
+T = 512  # rows of 3-4 of the chats (53 to 91 tokens; 247 to 265 with the default template's tools)
 
 
 def _trainer(hf, tmp_path, model="tiny", **kw):

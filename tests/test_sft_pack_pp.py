@@ -31,7 +31,7 @@ from tests.test_sft import reorder_bound, row_grads
 from tests.test_sft_pp import _state, _worst, write_chats
 from tests.test_sft_pp import _trainer as sft_pp_trainer
 
-T = 192  # up to three of CHATS' conversations (53 to 85 tokens) per row, the rest padding
+T = 512  # up to three of CHATS' conversations (53 to 85 tokens; 265 with tools in the default template) per row
 B, M = 2, 4  # rows per micro-batch; micro-batches (DualPipeV on 2 ranks runs 4 at least)
 
 

@@ -4,7 +4,8 @@ only.
 
 Each line is ``{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]}`` (OpenAI / Hugging Face
 chat format; ``tools`` optional, passed to the template as transformers' ``apply_chat_template(tools=...)``
-does; an assistant's ``reasoning_content`` a string or null; ``"chat_template_kwargs"`` optional, an object whose
+does; an assistant's ``reasoning_content`` (or ``reasoning``, ``thinking``) a string or null; keys set to null
+are left out, as transformers 5 leaves them out; ``"chat_template_kwargs"`` optional, an object whose
 keys override the build's, ``prepare_chat``'s ``kwargs``, for that line: the renderer's ``extra``, e.g.
 ``{"thinking": true}``; ``"response_format"`` optional, a request's as OpenAI's API takes it: json_object or
 json_schema, written into the system prompt by the DeepSeek-V3.2 / V4 encodings as ``flyer serve`` writes a
@@ -60,7 +61,7 @@ import torch
 from flyer.data.chat_encode import (Conversation, encode_conversations, prefix_problem, reasoning_unshown,
                                     token_splitter)
 from flyer.data.chat_pieces import cut_conversation
-from flyer.data.chat_template import chat_renderer, read_chat_template
+from flyer.data.chat_template import REASONING_FIELDS, chat_renderer, read_chat_template
 from flyer.data.deepseek_encoding import ChatEncoding
 from flyer.data.presplit import tokenizer_key
 from flyer.data.prepare import _build_lock, unigram_from_counts
@@ -72,7 +73,8 @@ from flyer.interop.load import init_source, run_tokenizer
 from flyer.interop.hf import is_hf_model_dir
 from flyer.parse import json_loads
 
-CHAT_VERSION = 3  # 2: conversations cut into pieces (module doc); 3: where the render says (chat_pieces)
+CHAT_VERSION = 4  # 2: conversations cut into pieces (module doc); 3: where the render says (chat_pieces);
+# 4: messages as transformers 5 passes them (chat_template.template_message)
 # (a message's content is a string here, never OpenAI's list of parts, so how renderers join parts is no part of the
 # key: taking parts in chat data must bump CHAT_VERSION; tests/test_chat_content_parts.py holds both)
 MAX_LINE_BYTES = 1 << 22  # 4 MiB: a longer line is refused, not read whole
@@ -144,10 +146,13 @@ def parse_conversation(raw: bytes, path: Path,
         for k in ("role", "content") if calls is None or m.get("content") is not None else ("role",):
             if not isinstance(m.get(k), str):
                 raise _problem(path, line, f"messages[{i}].{k}: expected a string, got {type(m.get(k)).__name__}")
-        reasoning = m.get("reasoning_content")
-        if reasoning is not None and not (m.get("role") == "assistant" and isinstance(reasoning, str)):
-            raise _problem(path, line, f"messages[{i}].reasoning_content: expected an assistant's string or null, "
-                                       f"got {type(reasoning).__name__}")
+        # a reasoning under any of its names is reasoning_content, as a template would see it (template_message)
+        key = next((k for k in REASONING_FIELDS if m.get(k) is not None), None)
+        if key is not None and not (m.get("role") == "assistant" and isinstance(m[key], str)):
+            raise _problem(path, line, f"messages[{i}].{key}: expected an assistant's string or null, "
+                                       f"got {type(m[key]).__name__}")
+        msgs[i] = {k: v for k, v in m.items() if k not in REASONING_FIELDS} | ({} if key is None else
+                                                                             {"reasoning_content": m[key]})
     if not any(m["role"] == "assistant" for m in msgs):
         raise _problem(path, line, "messages: no assistant turn (nothing to train on)")
     tools = d.get("tools")

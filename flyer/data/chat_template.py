@@ -21,16 +21,36 @@ from flyer.interop.hf import is_hf_model_dir
 from flyer.interop.load import settings_dir
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
-# transformers encodes it), one header line per message, then the assistant's. An assistant's reasoning_content is
-# written before its content as DeepSeek-R1 writes it, after the last user turn only (R1's and Qwen3's rule, which
-# chat data's pieces follow: flyer.data.chat_data); a message without one renders as before it was read.
+# transformers encodes it), the tools as JSON when given, one header line per message, then the assistant's. An
+# assistant's reasoning_content is written before its content as DeepSeek-R1 writes it, after the last user turn only
+# (R1's and Qwen3's rule, which chat data's pieces follow: flyer.data.chat_data), its tool calls after its content in
+# DeepSeek-V3.1's format, the one ``flyer serve`` reads from a model without a template (flyer.serve.tools).
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% set ns = namespace(last=-1) %}"
     "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+    "{% if tools %}<|tools|>\n{{ tools | tojson }}\n{% endif %}"
     "{% for m in messages %}<|{{ m['role'] }}|>\n"
     "{% if m['role'] == 'assistant' and loop.index0 > ns.last and m['reasoning_content'] %}"
-    "<think>\n{{ m['reasoning_content'] }}\n</think>\n\n{% endif %}{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    "<think>\n{{ m['reasoning_content'] }}\n</think>\n\n{% endif %}{{ m['content'] }}"
+    "{% if m['tool_calls'] %}<｜tool▁calls▁begin｜>{% for c in m['tool_calls'] %}<｜tool▁call▁begin｜>"
+    "{{ c['function']['name'] }}<｜tool▁sep｜>{{ c['function']['arguments'] if c['function']['arguments'] is string "
+    "else c['function']['arguments'] | tojson }}<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜>{% endif %}"
+    "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+# the names a message's reasoning comes under, the one chat templates read first (transformers' _REASONING_FIELDS)
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def template_message(message: dict) -> dict:
+    """A chat message (JSON data) as transformers 5's ``apply_chat_template`` hands it to a template: its keys set
+    to None left out (``_normalize_chat_messages``: ``{{ content }}`` would render "None", a loop over content
+    fail), and a reasoning sent under any of ``REASONING_FIELDS`` under ``reasoning_content`` and ``thinking``
+    too, the first given winning (``_alias_reasoning_fields``: vLLM's clients send ``reasoning``, gpt-oss's
+    templates read ``thinking``)."""
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in REASONING_FIELDS if k in message), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 _GENERATION_TAG = re.compile(r"({%-?\s*)(end)?generation(\s*-?%})")
@@ -46,9 +66,12 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
     with "\n", as vLLM's server renders it (a list would render as its Python text). A template that reads
     ``tools_ts_str`` (Kimi K2.5 and later) gets the variables Kimi's tokenizer wrapper passes
     (``flyer.data.tools_typescript.chat_kwargs``: the tools as TypeScript, its thinking defaults). transformers'
-    ``{% generation %}`` blocks render their body, as its ``apply_chat_template`` renders them."""
+    ``{% generation %}`` blocks render their body, as its ``apply_chat_template`` renders them. Every message is
+    passed as transformers 5 passes it (``template_message``), to a template and to an encoding alike."""
     if isinstance(template, ChatEncoding):
-        return template.render
+        def encoded(messages: list[dict], *args, **kwargs) -> str:
+            return template.render([template_message(m) for m in messages], *args, **kwargs)
+        return encoded
     # transformers' {% generation %} markers (the assistant mask's) render their body: an always-true block,
     # whitespace control kept
     template = _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
@@ -88,13 +111,24 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
         if shadowed:
             raise FieldError("chat_template_kwargs", f"{shadowed} are the template's own variables (messages, "
                                                      "tools, special tokens, functions); other names only")
-        if not parts:
-            messages = [joined_parts(m, "\n") for m in messages]
+        messages = [template_message(m) for m in messages]
         if kimi:
             tools, extra = tools_typescript.chat_kwargs(tools, extra)
+        variables = dict(tools=tools, add_generation_prompt=add_generation_prompt, **named, **(extra or {}))
         try:
-            return compiled.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                   **named, **(extra or {}))
+            return rendered(messages, variables)
+        except jinja2.TemplateError:
+            if all("content" in m for m in messages):
+                raise
+            # a template adding a null content to text beside its calls (DeepSeek-V3 / R1's, Qwen3's: transformers
+            # 5 fails on them) gets no text, as vLLM passes it (no parts: "" to a template that reads strings)
+            return rendered([m if "content" in m else {**m, "content": []} for m in messages], variables)
+
+    def rendered(messages: list[dict], variables: dict) -> str:
+        if not parts:
+            messages = [joined_parts(m, "\n") for m in messages]
+        try:
+            return compiled.render(messages=messages, **variables)
         except (jinja2.TemplateError, MemoryError):
             raise
         except Exception as e:  # the template's own operations on these messages (None + str, ...) failed

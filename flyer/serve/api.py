@@ -255,30 +255,20 @@ class Api:
         return text, self.tok.encode_ids(text, add_special_tokens=False)
 
     def _chat_text(self, body: ChatBody) -> str:
-        """``body``'s messages rendered, each as transformers' ``apply_chat_template`` passes it
-        (``template_message``: no key set to null, a reasoning sent as ``reasoning`` or ``thinking`` under
-        ``reasoning_content`` too). A template that cannot render a message without its null content (DeepSeek-V3 /
-        R1's and Qwen3's add an assistant's content to text, beside its calls: transformers 5 fails on them) renders
-        it as no text, as vLLM passes it (an empty list of parts: "" to a template that reads strings)."""
-        messages = []
+        """``body``'s messages rendered, each as transformers' ``apply_chat_template`` passes it (``chat_renderer``:
+        no key set to null, a reasoning sent as ``reasoning`` or ``thinking`` under ``reasoning_content`` too)."""
         roles = self.encoding.roles if self.encoding is not None else JINJA_ROLES
         for i, m in enumerate(body.messages):
             if m.role not in roles:  # latest_reminder: DeepSeek-V4's role only
                 raise FieldError(f"messages[{i}].role", f"this model's chat format takes {', '.join(roles)} "
                                                         f"(got {m.role!r})")
-            messages.append(template_message(m.model_dump()))
+        messages = [m.model_dump() for m in body.messages]
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
         fmt = body.response_format  # a release's encoder writes it into the prompt, a template not; its grammar holds
         fmt = None if fmt is None or fmt.type == "text" else fmt.model_dump(by_alias=True, exclude_none=True)
         try:
             extra = effort_kwargs(self.encoding, body.reasoning_effort, body.chat_template_kwargs)
-            try:
-                return self.render_chat(messages, tools, extra=extra, response_format=fmt)
-            except jinja2.TemplateError:
-                if all(m.content is not None for m in body.messages):
-                    raise
-                messages = [m if "content" in m else {**m, "content": []} for m in messages]
-                return self.render_chat(messages, tools, extra=extra, response_format=fmt)
+            return self.render_chat(messages, tools, extra=extra, response_format=fmt)
         except jinja2.TemplateError as e:
             raise FieldError("messages", f"the chat template cannot render them: {e}") from None
 
@@ -437,21 +427,6 @@ class Api:
             s = self._token_text(t)
             return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
         return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in (top or {}).items()]}
-
-
-# the names a message's reasoning comes under, the one chat templates read first (transformers' _REASONING_FIELDS)
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
-
-def template_message(message: dict) -> dict:
-    """A chat message (JSON data) as transformers 5's ``apply_chat_template`` hands it to a template: its keys set
-    to None left out (``_normalize_chat_messages``: ``{{ content }}`` would render "None", a loop over content
-    fail), and a reasoning sent under any of ``_REASONING_FIELDS`` under ``reasoning_content`` and ``thinking``
-    too, the first given winning (``_alias_reasoning_fields``: vLLM's clients send ``reasoning``, gpt-oss's
-    templates read ``thinking``)."""
-    message = {k: v for k, v in message.items() if v is not None}
-    reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
-    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
