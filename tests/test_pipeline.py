@@ -318,6 +318,51 @@ def test_pipeline_steps_match_single_process(name):
     check_trajectory(final, ref, name)
 
 
+# the last stage using a weight twice on one path: a second MTP module reads the embedding after the first's nodes, a
+# tied embedding is the head the MTP module writes through (torch's split weight backward freed those nodes)
+REUSED = {"mtp2": dict(mtp_depth=2), "tied-mtp1": dict(tie_embeddings=True)}
+
+
+def _reused_worker(rank: int) -> dict:
+    out = {}
+    for name, over in REUSED.items():
+        for schedule in SPLIT_SCHEDULES:
+            cfg = _cfg().replace(**over)
+            mesh = init_distributed(cfg, pp=2, timeout_s=120)
+            pm = PipelineModel(build_model(cfg, mesh, "fp32", seed=SEED, stages=(schedule, T)), mesh, schedule, M, B, T)
+            x, y = _batch(1, 0)
+            terms = pm.train_step(x, y)
+            mesh.sync_gradients(pm)
+            pm.sync_mirrors()
+            out[name, schedule] = dict(terms={k: v * 2 for k, v in mesh.mean(terms).items()},
+                                       grads={n: p.grad.clone() for n, p in pm.named_parameters()})
+    dist.destroy_process_group()
+    return out
+
+
+@needs_split_backward
+def test_split_schedules_train_a_last_stage_that_reuses_a_weight():
+    """zb and DualPipeV on 2 ranks with 2 MTP modules, or 1 and a tied embedding: the step's loss terms and every
+    gradient equal one process's (the last stage's backward runs whole: ``_weight_reused``)."""
+    results = run_ranks(_reused_worker, 2)
+    failures = []
+    for name, over in REUSED.items():
+        cfg = _cfg().replace(**over)
+        with torch.random.fork_rng():
+            torch.manual_seed(SEED)
+            ref = Transformer(cfg)
+        terms = accumulate(ref, *_batch(1, 0))
+        grads = {n: p.grad for n, p in ref.named_parameters()}
+        for schedule in SPLIT_SCHEDULES:
+            for rank, res in enumerate(results):
+                got = res[name, schedule]
+                failures += term_failures(got["terms"], terms, f"{name} {schedule} rank {rank}")
+                failures += [f"{name} {schedule} rank {rank} grad {n}: {_rel(g, grads[n]):.2e}"
+                             for n, g in got["grads"].items() if not _rel(g, grads[n]) <= FP32_TOL]
+            assert set().union(*(r[name, schedule]["grads"] for r in results)) == set(grads)
+    assert not failures, "\n".join(failures[:20])
+
+
 @pytest.mark.parametrize("name", _params())
 def test_stages_hold_their_split_and_share_the_embedding(name):
     """Each pipeline rank holds the stages ``stage_ranks`` gives it and exactly their layers; under V

@@ -156,6 +156,21 @@ def require_torch_for(schedule: str, pp: int) -> None:
                                         f"interleaved run on it")
 
 
+def _weight_reused(stage: Stage) -> bool:
+    """Whether ``stage`` uses a weight twice on one path: the embedding read again by a second MTP module (after
+    the first's nodes), or tied to the head the MTP module writes through. torch's split weight backward
+    (``stage_backward_weight``) frees each parameter group's graph as it goes, so a later group's path through
+    those nodes fails ("backward through the graph a second time")."""
+    cfg = stage.cfg
+    return stage.last and (cfg.mtp_depth > 1 or (cfg.mtp_depth > 0 and cfg.tie_embeddings))
+
+
+def _whole_backward():
+    """A ``dw_builder`` for such a stage: its input step runs the whole backward (weights included), so its weight
+    step has nothing left to do (``PipelineStage`` runs a stage with a builder so)."""
+    return lambda: None
+
+
 def layer_flops(cfg: ModelConfig, layer_id: int, seq_len: int) -> float:
     """Training FLOPs per token of block ``layer_id``: 6 per activated weight, plus 3 x its causal attention
     core's forward (``attention_flops_per_token``: the keys its queries see, so DSA's top-k and each hybrid
@@ -460,7 +475,8 @@ class PipelineModel(nn.Module):
         tokens = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
         self.pipe_stages = [pipe.PipelineStage(st, st.index, n, mesh.device,
                                                input_args=tokens if st.first else residual,
-                                               output_args=residual, group=mesh.pp_group)
+                                               output_args=residual, group=mesh.pp_group,
+                                               dw_builder=_whole_backward if _weight_reused(st) else None)
                             for st in stages]
         self.overlap = (schedule == "dualpipev" and mesh.ep > 1) if overlap is None else overlap
         self.schedule = self._build_schedule()
