@@ -11,7 +11,8 @@ from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
 from flyer.model.wire import fp8_decode_rows, fp8_encode_rows, fp8_row_bytes
 from flyer.parallel.dispatch import dispatcher_factory
-from flyer.parallel.mesh import init_distributed, validate_layout
+from flyer.parallel.mesh import LocalMesh, init_distributed, validate_layout
+from flyer.train.trainer import build_model
 
 
 @pytest.mark.parametrize("world,ep,rpn,msg", [
@@ -96,6 +97,16 @@ def test_fp8_dispatch_model_is_within_fp8_error():
     for (n, a), b in zip(ref.named_parameters(), fp8.parameters()):
         err = float((a.grad - b.grad).norm() / a.grad.norm().clamp(min=1e-12))
         assert err < 0.05, (n, err)
+
+
+def test_fp8_dispatch_rounds_only_an_expert_parallel_wire():
+    """``fp8_dispatch`` on 2 data-parallel ranks (ep 1): no row crosses ranks, so the model computes as one process
+    does, its experts reading their rows unrounded (it rounded them as an FP8 wire would)."""
+    cfg = preset("tiny", vocab_size=256, n_layers=3)
+    x = torch.randint(0, 256, (2, 16))
+    one = build_model(cfg, LocalMesh(torch.device("cpu")), seed=1).compute_loss(x, x).loss
+    dp2 = build_model(cfg, LocalMesh(torch.device("cpu"), world=2, dp=2), seed=1, fp8_dispatch=True)
+    assert torch.equal(dp2.compute_loss(x, x).loss, one)
 
 
 @pytest.mark.parametrize("limit", [1, 2, 3, 4])

@@ -97,13 +97,13 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
 
     precision: 'fp8' converts the linear layers to FP8 (any other value: left as built; autocast
     is the caller's). dispatcher: 'local', 'flat' or 'hierarchical', how tokens reach experts on
-    other ranks; fp8_dispatch: FP8 payload on that wire (a one-process run has none, as before).
+    other ranks; fp8_dispatch: FP8 payload on that wire (none without expert parallelism: no row crosses ranks).
     stages: the pipeline's (schedule, seq_len) under pp > 1: only this rank's modules
     (``held_modules``) get memory, the others stay on the meta device for ``PipelineModel``.
     fp4: DeepSeek-V4's FP4 QAT of the routed experts, in any precision (``flyer.fp8.fp4.fp4_experts``).
     """
     torch.manual_seed(seed)
-    make_dispatcher = dispatcher_factory(cfg, mesh, kind=dispatcher, fp8=fp8_dispatch and mesh.world > 1)
+    make_dispatcher = dispatcher_factory(cfg, mesh, kind=dispatcher, fp8=fp8_dispatch and mesh.ep > 1)
     if stages is not None and mesh.pp > 1:
         with torch.device("meta"):
             model = Transformer(cfg, make_dispatcher=make_dispatcher)
