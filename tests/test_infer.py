@@ -172,6 +172,30 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert probabilities(logits, SamplingParams()).argmax() == 0  # greedy: one-hot
 
 
+def test_min_p_top_k_and_top_p_are_transformers_warpers_in_vllms_order():
+    """Temperature, min-p, top-k, top-p, each on what the one before kept (vLLM's sampler's order), equal transformers'
+    warpers applied in that order; ties with the k-th token stay, as both keep them; top_k past the vocabulary and
+    min_p 0 change nothing; a bad value is one FieldError naming it."""
+    from transformers import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,  # heavy: only here
+                              TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=g) * 3
+    logits[0, :4] = logits[0].max() + 1  # four tied top tokens
+    for t, min_p, k, top_p in ((1.0, 0.1, 0, 1.0), (0.7, 0.0, 5, 1.0), (1.3, 0.05, 8, 0.9), (1.0, 0.3, 3, 0.5),
+                               (1.0, 0.0, 2, 1.0), (1.0, 0.0, 60, 1.0)):
+        want = TemperatureLogitsWarper(t)(None, logits.clone())
+        for warper, on in ((lambda: MinPLogitsWarper(min_p), min_p > 0), (lambda: TopKLogitsWarper(k), 0 < k < 50),
+                           (lambda: TopPLogitsWarper(top_p), top_p < 1)):  # transformers refuses their off values
+            want = warper()(None, want) if on else want
+        got = probabilities(logits, SamplingParams(temperature=t, top_p=top_p, top_k=k, min_p=min_p))
+        torch.testing.assert_close(got, want.softmax(-1), rtol=0, atol=1e-6)
+    assert (probabilities(logits[:1], SamplingParams(temperature=1.0, top_k=2))[0, :4] > 0).all()
+    for kw, field in ((dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"), (dict(min_p=1.5), "min_p")):
+        with pytest.raises(FieldError, match=f"^{field}: "):
+            SamplingParams(temperature=1.0, **kw)
+
+
 def test_vanishing_temperature_and_top_p_sample_the_top_token():
     """A temperature or top_p that rounds to 0 in FP32 (1e-300, 1e-320) is the greedy limit, not NaNs
     (which failed the sampling step, and with it every request of the server's batch)."""

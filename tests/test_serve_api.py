@@ -369,6 +369,39 @@ def test_logit_bias_and_penalties_through_the_openai_client(served):
         _error(httpx.post(url, json={**ok, **over}), 400, param)
 
 
+def test_vllms_sampling_fields_reach_the_sampler_and_the_rest_are_refused(served, served_bytes):
+    """vLLM's top_k, min_p, repetition_penalty and stop_token_ids are served (their oracles: tests/test_infer.py,
+    tests/test_serve_engine.py): top_k 1 or min_p 1 samples the greedy tokens, a stop token id ends the output
+    after it; its other generation fields answer 400 naming them at any value that would change the output."""
+    def text(s, **kw):
+        return s.client().completions.create(model="tiny-test", prompt="The quick brown", max_tokens=12,
+                                             **kw).choices[0].text
+
+    greedy = text(served_bytes, temperature=0)
+    assert text(served_bytes, temperature=1.0, seed=3) != greedy  # sampling differs here: the fields below matter
+    for extra in (dict(top_k=1), dict(min_p=1.0), dict(top_k=1, min_p=0.2, top_p=0.5)):
+        assert text(served_bytes, temperature=1.0, seed=3, extra_body=extra) == greedy
+    c = served.client().completions.create(model="tiny-test", prompt=_prog(7, 1, 6), max_tokens=8, temperature=0,
+                                           extra_body=dict(stop_token_ids=[14]))
+    assert (c.choices[0].finish_reason, c.usage.completion_tokens) == ("stop", 2)  # 13, then 14
+    def counting(**kw):
+        return served.client().completions.create(model="tiny-test", prompt=_prog(7, 1, 6), max_tokens=6,
+                                                  temperature=0, logit_bias={"40": 8}, **kw).choices[0].text
+
+    repeats, penalised = counting(), counting(extra_body=dict(repetition_penalty=3.0))
+    assert repeats.endswith(chr(40) * 2) and penalised.count(chr(40)) < repeats.count(chr(40))
+    url, ok = served.url + "/v1/completions", dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)
+    for over, param in ((dict(top_k=-2), "top_k"), (dict(min_p=1.5), "min_p"),
+                        (dict(repetition_penalty=0), "repetition_penalty"),
+                        (dict(stop_token_ids=[V]), "stop_token_ids"), (dict(min_tokens=3), "min_tokens"),
+                        (dict(ignore_eos=True), "ignore_eos"), (dict(guided_json={"type": "object"}), "guided_json"),
+                        (dict(use_beam_search=True), "use_beam_search")):
+        _error(httpx.post(url, json={**ok, **over}), 400, param)
+    neutral = dict(top_k=-1, min_p=0.0, repetition_penalty=1.0, min_tokens=0, ignore_eos=False, guided_json=None)
+    assert httpx.post(url, json={**ok, **neutral}).json()["choices"][0]["text"] == \
+        httpx.post(url, json=ok).json()["choices"][0]["text"]
+
+
 def test_n_choices_per_prompt(served, served_bytes):
     """n choices per prompt, numbered i n + j as OpenAI numbers them: greedy ones are the one choice's,
     seeded ones reproducible, choice j sampled as a request with seed + j alone; the prompt counted

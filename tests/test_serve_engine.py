@@ -231,22 +231,40 @@ def test_adjust_logits_is_openais_definition():
     assert logits.tolist() == [1.5, -1.25, -0.75, -100.0, 0.0]  # 1: 2 x 0.5 + 0.25; 2: 0.5 + 0.25
 
 
+def test_repetition_penalty_is_transformers_over_the_prompt_and_the_output():
+    """vLLM's repetition penalty is transformers' ``RepetitionPenaltyLogitsProcessor`` over the prompt and the
+    output (positive logits divided, negative multiplied), after the bias and before the OpenAI penalties."""
+    from transformers import RepetitionPenaltyLogitsProcessor  # heavy: only here
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, generator=g)
+    prompt, out = [3, 5, 5, 9], [9, 12, 3, 30]
+    for penalty in (1.3, 0.7):
+        want = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + out]), logits.clone()[None])[0]
+        got = adjust_logits(logits.clone(), out, repetition=penalty, prompt=prompt)
+        assert torch.equal(got, want)
+    got = adjust_logits(logits.clone(), out, ((9, 2.0),), presence=0.5, repetition=1.3, prompt=prompt)
+    assert got[9] == (logits[9] + 2.0) / 1.3 - 0.5 and torch.equal(adjust_logits(logits.clone(), out), logits)
+
+
 def test_logit_bias_and_penalties_in_any_batch_and_with_drafts(trained):
     """Each request's greedy tokens under logit_bias and frequency / presence penalties are the argmax of
     its adjusted logits from a full forward over its tokens so far (the oracle), in one batch with
     requests without them, plain and verifying MTP drafts (the row after drafts d[:j] counts them)."""
     p = _progression(7, 1, 6)
     over = [dict(logit_bias=((40, 8.0),)), dict(logit_bias=((40, 8.0),), presence_penalty=2.0),
-            dict(logit_bias=((40, 8.0),), frequency_penalty=1.0), dict(logit_bias=((13, -100.0),)), {}]
+            dict(logit_bias=((40, 8.0),), frequency_penalty=1.0), dict(logit_bias=((13, -100.0),)),
+            dict(logit_bias=((40, 8.0),), repetition_penalty=3.0), {}]
     opts = [SamplingOptions(max_tokens=10, **o) for o in over]
     outs = _run(_engine(trained), [p] * len(opts), opts)
     # every option changes the tokens; the penalties end the repeats (the counting model is the same on every CPU)
-    assert len({tuple(o) for o in outs}) == 5 and outs[0][4:] == [40] * 6
+    assert len({tuple(o) for o in outs}) == 6 and outs[0][4:] == [40] * 6
     with torch.no_grad():
         for o, out in zip(opts, outs):
             for k, y in enumerate(out):
                 logits = trained(torch.tensor([p + out[:k]]))[0, -1]
-                adjust_logits(logits, out[:k], o.logit_bias, o.frequency_penalty, o.presence_penalty)
+                adjust_logits(logits, out[:k], o.logit_bias, o.frequency_penalty, o.presence_penalty,
+                              o.repetition_penalty, p)
                 assert y == int(logits.argmax()), (o, k)
     for k in (1, 2):
         eng = _engine(trained, speculative="mtp", draft_tokens=k)

@@ -84,7 +84,7 @@ def _script(tok, *parts: str) -> list[int]:
 def _steer(monkeypatch, script: list[int]) -> None:
     """Every request's logits steered towards ``script``: ``STEER`` on the logit of ``script[k]`` at output
     position k (drafts counted), through the engine's logit adjustments (before the grammar's mask)."""
-    def adjust(self, logits_V, generated):
+    def adjust(self, logits_V, generated, prompt=()):
         if len(generated) < len(script):
             logits_V[script[len(generated)]] += STEER
         return logits_V

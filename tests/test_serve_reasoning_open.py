@@ -253,8 +253,8 @@ def test_speculation_with_reasoning_first_equals_speculation_off(mtp_ckpt, templ
         tok = plain.tok
         if template == "r1":  # the first token steered, then the request's own adjustments (its logit bias)
             begin, adjust = tok.tok.token_to_id(DEEPSEEK.begin), SamplingOptions.adjust
-            monkeypatch.setattr(SamplingOptions, "adjust", lambda self, logits_V, generated: adjust(
-                self, logits_V, generated) if generated else logits_V.index_add_(0, torch.tensor([begin]),
+            monkeypatch.setattr(SamplingOptions, "adjust", lambda self, logits_V, generated, prompt=(): adjust(
+                self, logits_V, generated, prompt) if generated else logits_V.index_add_(0, torch.tensor([begin]),
                                                                                  torch.tensor([STEER])))
         end = tok.tok.token_to_id(DEEPSEEK.end)
         kw = dict(model="tiny-test", messages=ASK, temperature=0, logprobs=True, top_logprobs=2, max_tokens=160,

@@ -6,6 +6,7 @@
     GET  /v1/models/{model}     that model (404 for any other name)
     POST /v1/completions        prompt: text, list of texts, token ids or lists of token ids;
                                 max_tokens, temperature, top_p, stop, seed, stream (+ stream_options),
+                                vLLM's top_k, min_p, repetition_penalty, stop_token_ids (both routes),
                                 logprobs (0-20), echo (prompt tokens scored, as evaluation harnesses ask),
                                 suffix (fill-in-the-middle: the text is the middle; ``flyer.data.fim``),
                                 best_of (candidates per prompt; the n best by mean logprob: ``flyer.serve.generation``)
@@ -135,10 +136,11 @@ class Api:
         fmt = body.response_format  # compiled here, so that a schema llguidance refuses answers 400
         grammar = None if fmt is None or fmt.type == "text" else json_grammar(fmt.schema_or_object())
         return SamplingOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                               seed=body.seed, stop_ids=self.tok.eos_ids(), logprobs=logprobs,
+                               top_k=max(body.top_k, 0), min_p=body.min_p, seed=body.seed,
+                               stop_ids=(*self.tok.eos_ids(), *(body.stop_token_ids or ())), logprobs=logprobs,
                                prompt_logprobs=echo and logprobs is not None, logit_bias=body.token_bias(),
                                frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                               grammar=grammar)
+                               repetition_penalty=body.repetition_penalty, grammar=grammar)
 
     def _prompts(self, prompt, suffix: str | None = None,
                  starts: bool = False) -> tuple[list[list[int]], list[list[int] | None] | None]:

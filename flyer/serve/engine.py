@@ -463,7 +463,7 @@ class Engine:
         owners += [(r, ()) for r in ending]
         for row, (r, extra) in enumerate(owners):
             if r.opts.adjusts:
-                r.opts.adjust(logits[row], [*r.tokens[len(r.prompt):], *extra])
+                r.opts.adjust(logits[row], [*r.tokens[len(r.prompt):], *extra], r.prompt)
 
     def _mask(self, logits: torch.Tensor, plain: list[Request], drafted: list[Drafted], ending: list[Request]) -> None:
         """The tokens each grammar row's grammar forbids set to -inf on its rows of the step's logits (after the
@@ -572,7 +572,7 @@ class Engine:
         if o.temperature == 0 and argmax is not None:
             tok = argmax
         else:
-            tok = int(sample(logits_V.unsqueeze(0), SamplingParams(o.temperature, o.top_p), r.generator)[0])
+            tok = int(sample(logits_V.unsqueeze(0), o.params, r.generator)[0])
         self._emit_token(r, tok, logits_V)
 
     def _emit_token(self, r: Request, tok: int, logits_V: torch.Tensor, tpot: float | None = None) -> bool:

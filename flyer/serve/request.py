@@ -71,7 +71,9 @@ class Limits:
             raise FieldError("prompt", f"token ids must be in [0, {V})")
         if opts.max_tokens < 1:
             raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
-        SamplingParams(opts.temperature, opts.top_p)
+        opts.params  # the sampling fields' ranges
+        if opts.stop_ids and (min(opts.stop_ids) < 0 or max(opts.stop_ids) >= V):
+            raise FieldError("stop_token_ids", f"token ids must be in [0, {V}) (got {list(opts.stop_ids)})")
         if opts.seed is not None and not -(1 << 63) <= opts.seed < 1 << 64:
             raise FieldError("seed", f"must be in [-2**63, 2**64) (got {opts.seed})")
         opts.check_adjustments(V)
@@ -126,6 +128,8 @@ class SamplingOptions(LogitAdjustments):
     max_tokens: int = 16
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: all tokens
+    min_p: float = 0.0
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()  # tokens that end the request (kept in the output)
     logprobs: int | None = None  # report the chosen token's logprob and this many alternatives
@@ -134,6 +138,7 @@ class SamplingOptions(LogitAdjustments):
     logit_bias: tuple[tuple[int, float], ...] = ()
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's: over the prompt and the output
     grammar: str | None = None  # structured outputs: the llguidance grammar the output matches (flyer.serve.grammar)
     # the reasoning end marker's ids when the prompt opens reasoning: ``grammar`` then holds for the output after
     # them, which runs free up to there (``flyer.serve.grammar.marker_ends``); (): it holds from the first token
@@ -144,6 +149,12 @@ class SamplingOptions(LogitAdjustments):
     # with ``grammar_after``, a calls marker's ids that end the reasoning too and are ``grammar``'s first (Kimi's
     # tool-calls section opened inside the reasoning: ``flyer.serve.reasoning.Reasoning.grammar_at``)
     grammar_at: tuple[int, ...] = ()
+
+
+    @property
+    def params(self) -> SamplingParams:
+        """What ``flyer.infer.sampling`` draws with (``FieldError`` naming a field out of its range)."""
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p)
 
 
 @dataclass

@@ -27,10 +27,16 @@ MAX_LOGPROBS = 20
 MAX_CHOICES = 128  # n, as OpenAI bounds it
 MAX_TEMPLATE_KWARGS_CHARS = 16384  # chat_template_kwargs as JSON text: template switches, not a second prompt
 
-# OpenAI fields that change what is generated and that flyer serve does not implement, with the values
-# that change nothing (a client may send those): any other value is refused, never silently ignored
+# OpenAI's and vLLM's fields that change what is generated and that flyer serve does not implement, with the
+# values that change nothing (a client may send those): any other value is refused, never silently ignored
 # (best_of: chat's, which OpenAI's chat route lacks; completions implement it, ``CompletionBody.best_of``)
-NOT_IMPLEMENTED = {"best_of": (1,), "functions": ([],)}
+NOT_IMPLEMENTED = {"best_of": (1,), "functions": ([],), "use_beam_search": (False,), "length_penalty": (1.0,),
+                   "min_tokens": (0,), "ignore_eos": (False,), "include_stop_str_in_output": (False,),
+                   "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+                   "allowed_token_ids": ([],), "bad_words": ([],), "truncate_prompt_tokens": (),
+                   "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+                   "structured_outputs": (), "logits_processors": ([],), "continue_final_message": (False,),
+                   "return_tokens_as_token_ids": (False,)}
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, a lone one: JSON's pair "\\ud83d\\ude00" is one character
 # the names pydantic gives a union's members in an error's ``loc`` (``prompt.str``, ``stop.list[str]``,
@@ -160,8 +166,8 @@ class Body(BaseModel):
         for name, value in (self.model_extra or {}).items():
             neutral = NOT_IMPLEMENTED.get(name)
             if neutral is not None and value is not None and value not in neutral:
-                raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out or send "
-                                       f"{neutral[0]!r}")
+                raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out"
+                                       + (f" or send {neutral[0]!r}" if neutral else ""))
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "only allowed with stream: true")
 
@@ -178,6 +184,12 @@ class Body(BaseModel):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> added to its logit
+    # vLLM's sampling fields (``flyer.infer.sampling``): top_k -1 or 0 for all tokens; the stop_token_ids end the
+    # output as an EOS does, their text kept unless a special token's (vLLM's rule)
+    top_k: int = Field(default=0, ge=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] | None = None
     response_format: ResponseFormat | None = None  # structured outputs (``flyer.serve.grammar``)
 
     def token_bias(self) -> tuple[tuple[int, float], ...]:

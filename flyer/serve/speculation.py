@@ -224,7 +224,7 @@ class MtpSpeculator:
         by their number of drafts (``Drafted``), fewest first. A row with a grammar drafts under it (the module
         docstring), fewer when a draft completes it."""
         rows, ks, grammars = list(rows), list(ks), self.grammars
-        params = [SamplingParams(r.opts.temperature, r.opts.top_p) for r in rows]
+        params = [r.opts.params for r in rows]
         q = [[] for _ in rows]
         drafts = [[] for _ in rows]
         allowed = [[] for _ in rows]  # grammar rows: (V,) bool at each position drafted from
