@@ -26,6 +26,16 @@ def test_generate_json_reports_cache_bytes_of_info(capsys):
     assert out["cache_bytes_per_token"] == info["kv_cache_bytes_per_token"] == kv_cache_bytes_per_token(preset("tiny"))
 
 
+def test_a_presets_weights_do_not_depend_on_the_sampling_seed(capsys):
+    """``--seed`` seeds the sampling only: a preset's random weights are the same under any seed, so its greedy
+    tokens are too (it also seeded the weights), and a seeded sample repeats."""
+    base = ["generate", "--preset", "tiny", "--prompt", "hello", "--max-new-tokens", "6", "--json"]
+    greedy = {_json(capsys, base + seed)["text"] for seed in ([], ["--seed", "1"], ["--seed", "2"])}
+    assert len(greedy) == 1
+    sampled = [_json(capsys, base + ["--temperature", "1", "--seed", s])["text"] for s in ("1", "1", "2")]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
 def test_generate_speculative_and_prefix_cache(capsys, tmp_path):
     base = ["generate", "--preset", "tiny", "--prompt", "x" * 40, "--max-new-tokens", "6", "--json",
             "--prefix-cache", str(tmp_path), "--prefix-block", "16"]

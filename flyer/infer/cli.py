@@ -196,8 +196,9 @@ def load_model(args, beside: tuple[str, str, int] | None = None):
     n = param_counts(cfg).total  # built in FP32 on the CPU, then moved
     require_memory(4 * n, "cpu", "preset", f"{args.preset} ({n / 1e9:,.1f}B parameters in FP32)")
     _require_beside(4 * n, device, beside)
-    torch.manual_seed(args.seed or 0)
-    model, tok = Transformer(cfg).to(device), ByteTokenizer()
+    with torch.random.fork_rng(devices=[]):  # the preset's weights are seed 0's: --seed is the sampling's alone
+        torch.manual_seed(0)
+        model, tok = Transformer(cfg).to(device), ByteTokenizer()
     try:
         hold_weights(model, held)
     except ValueError as e:  # NaN weights
