@@ -127,6 +127,34 @@ def test_shards_hold_each_document_as_psm_with_single_token_markers_and_eos_last
     assert not np.isin(val, ids).any()
 
 
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_a_special_tokens_text_in_a_document_is_text(tmp_path, rate):
+    """A document that writes "<|endoftext|>" or a FIM marker (code about tokenizers, a scraped page) keeps it as
+    text: every document has one EOS, its last token, and under FIM each marker once, in PSM order, its pieces
+    decoding to the document (they became control tokens: three EOS in one document, a second HOLE)."""
+    docs = write_corpus(tmp_path / "docs", 12, lines=2)
+    for k in range(12):
+        (docs / f"doc{k:04d}.txt").write_text(f"x = '<|endoftext|>' {HOLE} and {END}<|endoftext|> doc {k}\n")
+    data = build(docs, tmp_path / "cache", fim_rate=rate, seed=2)
+    tok = data.tokenizer
+    ids = [tok.token_to_id(m) for m in (BEGIN, HOLE, END)]
+    text = [f"x = '<|endoftext|>' {HOLE} and {END}<|endoftext|> doc {k}\n" for k in range(12)]
+    meta = json.loads((data.cache_dir / "meta.json").read_text())
+    for split, names in ((data.train, meta["train_documents"]), (data.val, meta["val_documents"])):
+        got = documents(split.read(0, len(split)), data.eos_id)
+        assert len(got) == len(names)
+        for name, doc in zip(names, got):
+            body = doc[:-1].tolist()
+            assert data.eos_id not in body
+            if rate == 0 or split is data.val:
+                assert [t for t in body if t in ids] == [] and tok.decode(body) == text[int(name[3:7])]
+                continue
+            assert [t for t in body if t in ids] == ids and body[0] == ids[0]
+            h, e = body.index(ids[1]), body.index(ids[2])
+            prefix, suffix, middle = (tok.decode(body[a:b]) for a, b in ((1, h), (h + 1, e), (e + 1, len(body))))
+            assert prefix + middle + suffix == text[int(name[3:7])]
+
+
 def test_rate_on_prepared_documents_is_r_within_a_binomial_bound(tmp_path):
     n, rate = 200, 0.5
     data = build(write_corpus(tmp_path / "docs", n, lines=1), tmp_path / "cache", fim_rate=rate, seed=11)

@@ -80,14 +80,21 @@ def draw_split(n_chars: int, rng: np.random.Generator) -> tuple[int, int]:
     return i, j
 
 
-def fim_document(text: str, rng: np.random.Generator, rate: float, markers: FimTokens) -> str:
-    """``text`` rewritten, with probability ``rate``, as PSM with ``markers`` at split points ``draw_split`` takes
-    from ``rng`` (else unchanged; an empty text stays empty). The Bernoulli draw comes first, so the same ``rng``
-    state decides both whether and where."""
+def fim_split(text: str, rng: np.random.Generator, rate: float) -> tuple[str, str, str] | None:
+    """With probability ``rate``, ``text``'s (prefix, suffix, middle) at split points ``draw_split`` takes from
+    ``rng``; else (and for an empty text) None. The Bernoulli draw comes first, so the same ``rng`` state decides
+    both whether and where."""
     if not (rng.random() < rate and text):
-        return text
+        return None
     i, j = draw_split(len(text), rng)
-    return markers.psm(text[:i], text[j:], text[i:j])
+    return text[:i], text[j:], text[i:j]
 
 
-__all__ = ["DEEPSEEK", "FAMILIES", "FimTokens", "QWEN", "draw_split", "fim_document", "fim_prompt", "fim_tokens"]
+def fim_document(text: str, rng: np.random.Generator, rate: float, markers: FimTokens) -> str:
+    """``text`` rewritten as PSM with ``markers`` where ``fim_split`` splits it, else unchanged."""
+    split = fim_split(text, rng, rate)
+    return text if split is None else markers.psm(*split)
+
+
+__all__ = ["DEEPSEEK", "FAMILIES", "FimTokens", "QWEN", "draw_split", "fim_document", "fim_prompt", "fim_split",
+           "fim_tokens"]

@@ -30,14 +30,14 @@ import numpy as np
 import tokenizers
 
 from flyer.data.corpus import CLEAN_VERSION, Document, find_documents, split_documents
-from flyer.data.fim import DEEPSEEK, FimTokens, fim_document, fim_tokens
+from flyer.data.fim import DEEPSEEK, FimTokens, fim_split, fim_tokens
 from flyer.data.presplit import PreSplit, encode_batch, presplit_of, set_presplit
 from flyer.data.shards import VERSION as SHARD_VERSION
 from flyer.data.shards import ShardWriter, TokenShards, atomic_write
 from flyer.data.tokenizer import check_vocab_size, ensure_eos, load_tokenizer, tokenizer_bytes, train_bpe
 from flyer.errors import DataError, FieldError
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: a special token's text in a document is text (FIM markers and EOS inserted as ids)
 SHARD_TOKENS = 1 << 20  # 2 MiB uint16 shards: the default corpus spans a few files
 _ENCODE_DOCS = 16  # documents per encode_batch call
 
@@ -184,23 +184,31 @@ def _build(out: Path, docs: list[Document], vocab_size: int, tokenizer: str | Pa
 
     split_paths = {}
     n_fim = 0
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        writer = ShardWriter(out, split, n_vocab, SHARD_TOKENS)
-        n_tokens = 0
-        for i in range(0, len(split_docs), _ENCODE_DOCS):
-            texts = [d.text() for d in split_docs[i:i + _ENCODE_DOCS]]
-            if markers is not None and split == "train":  # each document its own stream: (seed, its index)
-                raw, texts = texts, [fim_document(t, np.random.default_rng((seed, i + k)), fim_rate, markers)
-                                     for k, t in enumerate(texts)]
-                n_fim += sum(a != b for a, b in zip(raw, texts))
-            for enc in encode_batch(tok, texts, add_special_tokens=False):  # a Kimi tokenizer's cut kept
-                ids = np.asarray(enc.ids, dtype=np.int64)
-                if len(ids):
-                    writer.add(np.append(ids, eos_id))
-                    n_tokens += len(ids) + 1
-        if n_tokens == 0:
-            raise DataError(f"data: the {split} split has no text after cleaning ({len(split_docs)} document(s))")
-        split_paths[split] = writer.close()
+    marker_ids = [tok.token_to_id(m) for m in (markers.begin, markers.hole, markers.end)] if markers else []
+    tok.encode_special_tokens = True  # a document's "<|endoftext|>" is its text: EOS and markers go in as ids
+    try:
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            writer = ShardWriter(out, split, n_vocab, SHARD_TOKENS)
+            n_tokens = 0
+            for i in range(0, len(split_docs), _ENCODE_DOCS):
+                texts = [d.text() for d in split_docs[i:i + _ENCODE_DOCS]]
+                fim = markers is not None and split == "train"  # each document its own stream: (seed, its index)
+                splits = [fim_split(t, np.random.default_rng((seed, i + k)), fim_rate) if fim else None
+                          for k, t in enumerate(texts)]
+                n_fim += sum(s is not None for s in splits)
+                pieces = [p for t, s in zip(texts, splits) for p in (s or (t,))]
+                encs = iter(encode_batch(tok, pieces, add_special_tokens=False))  # a Kimi tokenizer's cut kept
+                for s in splits:
+                    ids = next(encs).ids if s is None else [  # PSM: BEGIN prefix HOLE suffix END middle
+                        t for marker in marker_ids for t in (marker, *next(encs).ids)]
+                    if ids:
+                        writer.add(np.append(np.asarray(ids, dtype=np.int64), eos_id))
+                        n_tokens += len(ids) + 1
+            if n_tokens == 0:
+                raise DataError(f"data: the {split} split has no text after cleaning ({len(split_docs)} document(s))")
+            split_paths[split] = writer.close()
+    finally:
+        tok.encode_special_tokens = False
 
     train = TokenShards(split_paths["train"], verify=False)  # just written; checksums are fresh
     val = TokenShards(split_paths["val"], verify=False)
