@@ -23,7 +23,10 @@ _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of
 class TextTokenizer:
     """A ``tokenizers.Tokenizer`` with the end-of-sequence id and special-token policy of its
     checkpoint: HF directories encode as ``AutoTokenizer`` does (the tokenizer.json's post-processor,
-    e.g. a BOS), flyer's own tokenizers without special tokens."""
+    e.g. a BOS), flyer's own tokenizers without special tokens. One exception, kept on purpose: a SentencePiece
+    BPE file (Llama 2's, Mistral's: a ``Prepend("▁")`` normalizer) whose ``tokenizer_class`` is a Llama one is
+    encoded as written, as SentencePiece and transformers 4 encode it; transformers 5 rebuilds its normalizer as
+    ``Metaspace`` and writes one "▁" where they write two before a text that starts with a space."""
 
     def __init__(self, tok: Tokenizer, eos: int | Sequence[int] | None = None, add_special_tokens: bool = False,
                  bos: int | None = None, named: dict[str, str] | None = None):
