@@ -23,6 +23,7 @@ from flyer.parallel.mesh import LocalMesh
 from flyer.train.metrics import TENSORBOARD_TAGS
 from flyer.train.config import TrainConfig
 from flyer.train.metrics import progress_postfix
+from flyer.errors import CheckpointError
 from flyer.train.trainer import Trainer, TrainingError, build_model, build_optimizer
 
 
@@ -61,6 +62,32 @@ def test_resume_equals_uninterrupted(tmp_path, data_cache):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical on CPU
     assert full["val_loss"] is not None
+
+
+def test_a_resumed_run_may_change_its_stage_weights(tmp_path, data_cache):
+    """The V3 report's stage switches: a run resumed with the MTP loss weight 0.3 -> 0.1 and the bias update speed
+    (tiny's 0.01) -> 0 trains its next steps with them (loss = main + 0.1 mtp + aux, router biases still) and says so; a
+    field of the model's shape still refuses the checkpoint."""
+    ckpt_root = tmp_path / "run" / "checkpoints"
+    Trainer(tc_for(tmp_path / "run", data_cache, steps=2), log=quiet).run()
+    (tmp_path / "stage2.toml").write_text("[model]\nmtp_loss_weight = 0.1\nbias_update_speed = 0.0\n")
+    said = []
+    t = Trainer(tc_for(tmp_path / "run", data_cache, steps=4, resume=True, config=str(tmp_path / "stage2.toml")),
+                log=said.append)
+    assert t.step == 2 and any("mtp_loss_weight 0.3 -> 0.1; bias_update_speed 0.01 -> 0" in m for m in said)
+    t.run()
+    recs = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        weight = 0.3 if r["step"] <= 2 else 0.1
+        assert r["loss"] == pytest.approx(r["main_loss"] + weight * r["mtp_loss"] + r["aux_loss"], rel=1e-5)
+    bias = lambda step: {k: v for k, v in ckpt.read_tensors(ckpt_root / ckpt.step_dir_name(step)  # noqa: E731
+                                                            / "model.safetensors").items() if k.endswith("gate.bias")}
+    assert bias(2) and all(torch.equal(bias(2)[k], bias(4)[k]) for k in bias(2))
+    (tmp_path / "wider.toml").write_text("[model]\nmtp_loss_weight = 0.1\ninter_dim = 96\n")
+    with pytest.raises(CheckpointError, match=r"fields differ: inter_dim\)$"):
+        Trainer(tc_for(tmp_path / "run", data_cache, steps=6, resume=True, config=str(tmp_path / "wider.toml")),
+                log=quiet)
 
 
 def test_tied_embeddings_checkpoint_resume_and_load(tmp_path, data_cache):

@@ -401,15 +401,22 @@ def check_layout(path: Path, layout: dict | None) -> None:
                               "layout, or start a new run from its weights with init)")
 
 
+# The model config's fields a run may change between its stages: weights of its losses and of the router-bias update,
+# not of the model (the V3 report's recipe moves the MTP weight from 0.3 to 0.1 after 10T tokens, and the bias speed
+# from 0.001 to 0 for the last 500B)
+STAGE_FIELDS = ("mtp_loss_weight", "bias_update_speed", "seq_aux_alpha")
+
+
 def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler, mesh,
                   cfg: ModelConfig, layout: dict | None = None) -> dict:
     """Restore checkpoint ``path`` (verified by the caller) into model (this rank's slice),
-    optimizer, sampler and the RNG; every rank calls it. ``cfg`` must equal the saved config and
-    ``layout`` the saved process layout (``save_training``). Returns this rank's state (step,
-    bad_steps, sampler, train_config). Raises ``CheckpointError`` for one that does not fit."""
+    optimizer, sampler and the RNG; every rank calls it. ``cfg`` must equal the saved config but for
+    ``STAGE_FIELDS``, and ``layout`` the saved process layout (``save_training``). Returns this rank's state (step,
+    bad_steps, sampler, train_config) and ``stage_changes``: {field: [saved, now]} of the ``STAGE_FIELDS`` that
+    differ. Raises ``CheckpointError`` for one that does not fit."""
     saved = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
-    if saved != cfg:
-        diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
+    if saved.replace(**{k: getattr(cfg, k) for k in STAGE_FIELDS}) != cfg:
+        diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v and k not in STAGE_FIELDS]
         raise CheckpointError(f"checkpoint {path} is from a different config (fields differ: {', '.join(diff)})")
     check_layout(path, layout)
     weights = read_tensors(path / "model.safetensors")
@@ -428,4 +435,6 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and mesh.device.type == "cuda":
         torch.cuda.set_rng_state(rng["torch_cuda"], mesh.device)
+    state["stage_changes"] = {k: [getattr(saved, k), getattr(cfg, k)] for k in STAGE_FIELDS
+                              if getattr(saved, k) != getattr(cfg, k)}
     return state

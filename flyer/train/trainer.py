@@ -301,7 +301,8 @@ class Trainer:
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.resumed_from = path
-        self.log(f"resumed from {path} at step {self.step}")
+        changes = "".join(f"; {k} {a:g} -> {b:g}" for k, (a, b) in state["stage_changes"].items())
+        self.log(f"resumed from {path} at step {self.step}{changes}")
 
     def save(self) -> Path | None:
         """Checkpoint this step (every rank calls it); the directory on rank 0, None elsewhere."""
