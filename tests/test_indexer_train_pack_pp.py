@@ -46,10 +46,13 @@ def _trainer(chats: str, root: Path, rank: int, packed: bool = True, **kw):
     return make(chats, root, rank, config=str(config), indexer_train="sparse", **kw)
 
 
+SHORT_T = 192  # the short documents' rows: their share of each row sets how far the mutants stray
+
+
 def _short_documents(t) -> list[tuple[torch.Tensor, ...]]:
-    """M packed micro-batches of B rows of width T, alternately thirty 3-token documents and one 96-token document
-    per row (random tokens, every target trained but a document's last), the rest padding."""
-    B, T, V = test_sft_pack_pp.B, test_sft_pack_pp.T, t.cfg.vocab_size
+    """M packed micro-batches of B rows of width SHORT_T, alternately thirty 3-token documents and one 96-token
+    document per row (random tokens, every target trained but a document's last), the rest padding."""
+    B, T, V = test_sft_pack_pp.B, SHORT_T, t.cfg.vocab_size
     g = torch.Generator().manual_seed(7)
     out = []
     for i in range(M):
@@ -71,10 +74,15 @@ KINDS = {"packed": (True, test_sft_pack_pp._batches),  # kind -> (packed, the st
          "short": (True, _short_documents)}
 
 
+def _width(kind: str) -> dict:
+    """The trainer's row width for ``kind``: SHORT_T for the short documents, else the chats' own."""
+    return {"seq_len": SHORT_T} if kind == "short" else {}
+
+
 def _one_process(chats: Path, kind: str) -> dict:
     """One process, grad_accum M on ``kind``'s micro-batches: the step's state, each row's own gradients, c."""
     packed, batches_of = KINDS[kind]
-    t = _trainer(str(chats), chats.parent / f"one-dsa-{kind}", 0, packed, grad_accum=M)
+    t = _trainer(str(chats), chats.parent / f"one-dsa-{kind}", 0, packed, grad_accum=M, **_width(kind))
     batches = batches_of(t)
     t.sampler.next_batch = iter(batches).__next__
     out = {"step": _state(t, t._local_step())}
@@ -115,8 +123,8 @@ def _rank(rank: int, chats: str, schedule: str, kind: str) -> dict:
     """Rank ``rank`` of PP2 (``schedule``): one ``_pipeline_step`` on ``kind``'s micro-batches, then one under each of
     its ``MUTANTS``."""
     packed, batches_of = KINDS[kind]
-    t = _trainer(chats, Path(chats).parent / f"pp-dsa-{schedule}-{kind}", rank, packed, pp=2, pp_schedule=schedule,
-                 micro_batches=M)
+    t = _trainer(chats, Path(chats).parent / f"pp-dsa-{schedule}-{kind}", rank, packed, **_width(kind), pp=2,
+                 pp_schedule=schedule, micro_batches=M)
     t.sampler.next_batch = iter(batches_of(t) * 2).__next__
     out = {"step": _state(t, t._pipeline_step())}
     for name, (on, obj, attr, fn) in MUTANTS.items():

@@ -42,8 +42,8 @@ def chats(tmp_path_factory) -> Path:
 
 def _trainer(chats: str, root: Path, rank: int, **kw) -> Trainer:
     """``test_sft_pp``'s trainer (the ``tiny`` preset: MLA; MoE layers 1-3, an MTP module, balance loss) on CHATS
-    packed (``--pack``) into rows of T."""
-    return sft_pp_trainer(chats, root, rank, seq_len=T, batch_size=B, eval_batches=1, pack=True, **kw)
+    packed (``--pack``) into rows of T (unless ``kw`` sets seq_len)."""
+    return sft_pp_trainer(chats, root, rank, **{"seq_len": T, "batch_size": B, "eval_batches": 1, "pack": True, **kw})
 
 
 # each micro-batch's rows: 6, 2, 4 and 3 conversations (the balance loss weighs each micro-batch's mean by its share)
