@@ -57,7 +57,7 @@ def _one_process(layers: int) -> dict:
 def _rank(rank: int, layers: int, pp: int, ep: int) -> dict:
     from flyer.parallel.mesh import init_distributed
     from flyer.parallel.pipeline import PipelineModel
-    from flyer.train.trainer import build_model
+    from flyer.train.build import build_model
 
     torch.set_num_threads(1)
     base = _status("VmRSS")

@@ -36,7 +36,7 @@ from flyer import kernels
 from flyer.config import preset
 from flyer.parallel.mesh import LocalMesh
 from flyer.train.config import TrainConfig
-from flyer.train.trainer import build_model, build_optimizer
+from flyer.train.build import build_model, build_optimizer
 
 PRESETS = ("tiny", "tiny-v4")
 VOCAB = 512

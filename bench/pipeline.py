@@ -53,7 +53,7 @@ from flyer.parallel import dispatch
 from flyer.parallel.launch import run_ranks
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import PipelineModel
-from flyer.train.trainer import build_model
+from flyer.train.build import build_model
 
 WORLD = 4
 LAYOUTS = {"pp4": dict(pp=4, ep=1), "pp2_ep2": dict(pp=2, ep=2)}

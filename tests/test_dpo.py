@@ -29,7 +29,8 @@ from flyer.train.config import TrainConfig
 from flyer.model.counts import param_counts, training_flops_per_token
 from flyer.train.dpo import completion_logprobs, dpo_flops_per_token
 from flyer.train.metrics import model_flops_per_token
-from flyer.train.trainer import Trainer, training_memory_bytes
+from flyer.train.trainer import Trainer
+from flyer.train.build import training_memory_bytes
 from tests.bounds import FP32_U
 from tests.hf_models import add_mtp_layer, build
 from tests.host_reads import host_reads

@@ -12,7 +12,7 @@ from flyer.model.transformer import Transformer
 from flyer.model.wire import fp8_decode_rows, fp8_encode_rows, fp8_row_bytes
 from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, init_distributed, validate_layout
-from flyer.train.trainer import build_model
+from flyer.train.build import build_model
 
 
 @pytest.mark.parametrize("world,ep,rpn,msg", [

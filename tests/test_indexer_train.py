@@ -23,7 +23,8 @@ from flyer.model.indexer_loss import clip_gradients, indexer_attentions, real_qu
 from flyer.model.transformer import Transformer
 from flyer.train.config import TrainConfig
 from flyer.train.metrics import read_metrics
-from flyer.train.trainer import Trainer, build_optimizer
+from flyer.train.trainer import Trainer
+from flyer.train.build import build_optimizer
 from tests.bounds import FP32_U
 from tests.host_reads import host_reads
 from tests.test_dsa_gather_train import CFG, TOPK, _input, _layer, _tables

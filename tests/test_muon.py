@@ -33,7 +33,8 @@ from flyer.parallel.mesh import LocalMesh, init_distributed
 from flyer.train.metrics import MetricsLog, read_metrics
 from flyer.optim.muon import NS_FAST, V4_SCHEDULE, Muon, muon_param_ids, newton_schulz, optimizer_groups
 from flyer.train.config import TrainConfig
-from flyer.train.trainer import Trainer, build_model, build_optimizer
+from flyer.train.trainer import Trainer
+from flyer.train.build import build_model, build_optimizer
 from ranks import run_ranks
 
 FAST_10 = ((NS_FAST, 10),)

@@ -50,7 +50,8 @@ from flyer.parallel.pipeline import PipelineModel
 from flyer.train.checkpoint import resolve_checkpoint_path
 from flyer.train.metrics import read_metrics
 from flyer.train.config import TrainConfig
-from flyer.train.trainer import Trainer, build_model, build_optimizer
+from flyer.train.trainer import Trainer
+from flyer.train.build import build_model, build_optimizer
 from ranks import run_ranks
 
 B, T, M = 2, 12, 2  # sequences per micro-batch, tokens, micro-batches per pipeline step

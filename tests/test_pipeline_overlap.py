@@ -20,7 +20,7 @@ from flyer.config import preset
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import PipelineModel
-from flyer.train.trainer import build_model
+from flyer.train.build import build_model
 from ranks import needs_split_backward, run_ranks
 
 B, T, M, PP, EP = 2, 12, 4, 2, 2

@@ -41,7 +41,7 @@ from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import (PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, Stage, chunks_per_rank,
                                      residual_shape, split_layers)
 from flyer.train.metrics import read_metrics
-from flyer.train.trainer import build_model
+from flyer.train.build import build_model
 from oracle_cache import by_state
 from ranks import needs_split_backward, run_schedules
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, M, _rel, accumulate, adamw_trajectory,

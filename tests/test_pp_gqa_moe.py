@@ -35,7 +35,7 @@ from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import SPLIT_SCHEDULES, PipelineModel
-from flyer.train.trainer import build_model
+from flyer.train.build import build_model
 from ranks import needs_split_backward, run_schedules
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, M, T, _rel, accumulate,
                            adamw_trajectory, check_trajectory, term_failures)

@@ -37,7 +37,7 @@ from flyer.parallel.pipeline import (PP_SCHEDULES, SPLIT_SCHEDULES, PipelineMode
                                      end_flops, layer_flops, split_layers, stage_ranks,
                                      validate_pipeline)
 from flyer.train.config import TrainConfig
-from flyer.train.trainer import build_model, training_memory_bytes
+from flyer.train.build import build_model, training_memory_bytes
 from oracle_cache import by_state
 from ranks import needs_split_backward, run_schedules
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, M, T, _rel, accumulate,

@@ -376,7 +376,7 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, data_cach
 
 def test_training_memory_estimate_is_a_lower_bound_of_the_usual_runs(data_cache):
     from flyer.config import preset
-    from flyer.train.trainer import training_memory_bytes
+    from flyer.train.build import training_memory_bytes
 
     small = training_memory_bytes(preset("small"), TrainConfig(), "bf16")
     assert 0.5 * 2**30 < small < 4 * 2**30  # the default run: about 1.3 GiB

@@ -24,7 +24,8 @@ from flyer.train.metrics import TENSORBOARD_TAGS
 from flyer.train.config import TrainConfig
 from flyer.train.metrics import progress_postfix
 from flyer.errors import CheckpointError
-from flyer.train.trainer import Trainer, TrainingError, build_model, build_optimizer
+from flyer.train.trainer import Trainer, TrainingError
+from flyer.train.build import build_model, build_optimizer
 
 
 def tc_for(out, data_cache, **kw):

@@ -7,7 +7,7 @@ from flyer.config import preset
 from flyer.parallel.memory import measure_state_bytes, plan_state_bytes
 from flyer.parallel.mesh import init_distributed
 from flyer.train.config import TrainConfig
-from flyer.train.trainer import build_model, build_optimizer
+from flyer.train.build import build_model, build_optimizer
 from flyer.parallel.zero import partition, zero_redundancy_optimizer
 from ranks import run_ranks
 

@@ -2,8 +2,8 @@
 metrics and the training loop, on a one-process or expert-parallel mesh (``flyer.parallel.mesh``).
 
 ``Trainer(TrainConfig(...)).run()`` is the API (``flyer.train.config`` holds ``TrainConfig``); ``flyer train``
-(``flyer.train.cli``) wraps it. ``build_model`` and ``build_optimizer`` build what the trainer trains;
-``flyer.train.checkpoint`` saves and resumes it.
+(``flyer.train.cli``) wraps it. ``flyer.train.build``'s ``build_model`` and ``build_optimizer`` build what the
+trainer trains; ``flyer.train.checkpoint`` saves and resumes it.
 
 Besides ``metrics.jsonl`` and ``checkpoints/``, rank 0 writes ``memory.json`` after the first
 optimizer step: every rank's measured bytes of parameters, gradients and optimizer state (lists by
@@ -26,35 +26,31 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
 from flyer.interop.load import init_source, init_weight_files, load_init_weights
 from flyer.data import eval_batches_bytes
 from flyer.data.chat_data import IGNORE_INDEX, is_chat_data
-from flyer.fp8 import convert_to_fp8
-from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
+from flyer.fp8.fp4 import FP4_GROUP
 from flyer.model.counts import param_counts
 from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, indexer_depths, real_queries,
                                      set_indexer_training)
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import counting_only, moe_layers, update_router_bias
-from flyer.model.transformer import Transformer
 from flyer.data.chat_pack import PACKED_TENSORS
 from flyer.data.sampler import TEXT_TENSORS
 from flyer.model.lowp import precision_note
-from flyer.parallel.dispatch import comm_stats, dispatcher_factory
-from flyer.parallel.mesh import LocalMesh, Mesh, init_mesh
+from flyer.parallel.dispatch import comm_stats
+from flyer.parallel.mesh import init_mesh
 from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
-from flyer.parallel.zero import ShardedOptimizer
-from flyer.parallel.pipeline import (PipelineModel, check_indexer_stages, held_modules, min_micro_batches,
+from flyer.parallel.pipeline import (PipelineModel, check_indexer_stages, min_micro_batches,
                                      require_torch_for, validate_pipeline)
 from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
-from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, hold_reference, reference_bytes
+from flyer.train.build import build_model, build_optimizer, training_memory_bytes
+from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, hold_reference
 from flyer.train.expert_stats import expert_loads, router_stats
 from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings, lr_at,
                                 tokenizer_settings)
-from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 from flyer.train.batches import counts, draw, positions_run, prepare_run_data, samplers
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, StepSums, TensorBoardLog, fastest_gemm, model_flops_per_token,
@@ -62,81 +58,6 @@ from flyer.train.metrics import (MetricsLog, StepSums, TensorBoardLog, fastest_g
 
 # ``Trainer.run``'s stop code for a log rank 0 could not write: past every signal's number
 LOG_FAILED = 1 << 10
-
-
-def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1, pp: int = 1) -> float:
-    """A lower bound on one rank's training memory: FP32 weights, gradients and the optimizer's
-    moments (AdamW two, Muon at least one; experts split over ``ep``, layers over ``pp`` stages),
-    and what one micro-batch saves for
-    backward (every layer's saved activations, ``flyer.cluster.costs``, and the FP32 logits and
-    their gradient of the main and MTP heads; a pipeline holds about ``pp`` micro-batches of its
-    1/pp of the layers). DPO (``tc.dpo``) adds its frozen reference's weights as held
-    (``flyer.train.dpo.reference_bytes``: FP32, the GEMM weights BF16 under bf16; DPO runs with ep = pp = 1); the
-    reference's forward (no gradients) runs before the policy's in each micro-batch, so its transient
-    activations are freed before the policy saves any and add nothing to the peak. Attention scores and allocator
-    slack come on top."""
-    pc = param_counts(cfg)
-    expert = pc.total - pc.activated if cfg.is_moe else 0  # the share of the weights EP splits
-    params = (pc.total - expert + expert / ep) / pp
-    element = 4 if precision == "fp32" else 2
-    tokens = tc.batch_size * tc.seq_len
-    # each layer's own (DeepSeek-V4's compressors, LongCat-Flash's shortcut MoE on a pair's first block only)
-    saved = sum(activation_bytes_per_token_layer(cfg, cfg.is_moe, recompute=False, bytes_per_element=element,
-                                                 layer_id=i) for i in range(cfg.n_layers))
-    logits = logits_bytes_per_token(cfg)
-    per_param = 16 if tc.optimizer == "adamw" else 12
-    reference = reference_bytes(cfg, precision, tc.fp4_experts) if tc.dpo else 0
-    return params * per_param + reference + tokens * (saved + logits)
-
-
-def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
-                dispatcher: str = "hierarchical", fp8_dispatch: bool = False,
-                stages: tuple[str, int] | None = None, fp4: bool = False) -> Transformer:
-    """The model to train, on ``mesh.device``, initialised exactly as ``torch.manual_seed(seed);
-    Transformer(cfg)`` in one process (each rank keeps its slice of the experts).
-
-    precision: 'fp8' converts the linear layers to FP8 (any other value: left as built; autocast
-    is the caller's). dispatcher: 'local', 'flat' or 'hierarchical', how tokens reach experts on
-    other ranks; fp8_dispatch: FP8 payload on that wire (none without expert parallelism: no row crosses ranks).
-    stages: the pipeline's (schedule, seq_len) under pp > 1: only this rank's modules
-    (``held_modules``) get memory, the others stay on the meta device for ``PipelineModel``.
-    fp4: DeepSeek-V4's FP4 QAT of the routed experts, in any precision (``flyer.fp8.fp4.fp4_experts``).
-    """
-    torch.manual_seed(seed)
-    make_dispatcher = dispatcher_factory(cfg, mesh, kind=dispatcher, fp8=fp8_dispatch and mesh.ep > 1)
-    if stages is not None and mesh.pp > 1:
-        with torch.device("meta"):
-            model = Transformer(cfg, make_dispatcher=make_dispatcher)
-        for module in held_modules(model, mesh.pp, mesh.pp_rank, *stages).values():
-            module.to_empty(device=mesh.device)
-            for b in module.buffers():  # every buffer of the model starts at zero (tests/test_model.py)
-                b.zero_()
-        if cfg.tie_embeddings and not model.head.weight.is_meta:  # to_empty gave the head a weight of its own
-            model.head.weight = model.embed.weight  # held with the head (``_needs_embedding``)
-    else:
-        model = Transformer(cfg, make_dispatcher=make_dispatcher).to(mesh.device)
-    mesh.init_like_single_process(model, seed)
-    if precision == "fp8":
-        convert_to_fp8(model)
-    if fp4:
-        fp4_experts(model)
-    return model
-
-
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig, mesh: Mesh | LocalMesh | None = None):
-    """``tc.optimizer`` with ``tc``'s lr, betas and weight decay: AdamW (matrices decay, vectors --
-    norms, biases -- do not) or Muon (``flyer.optim.muon``: Muon for the matrices it routes, AdamW for
-    the rest). With ``tc.zero == 1`` on a multi-rank ``mesh``, its state is sharded over each
-    parameter's replicas (``flyer.parallel.zero.ShardedOptimizer``; the same updates, bit for bit)."""
-    betas = (tc.beta1, tc.beta2)
-    if tc.zero == 1 and mesh is not None and mesh.world > 1:
-        return ShardedOptimizer(model, mesh, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay, kind=tc.optimizer)
-    params = [p for _, p in model.named_parameters()]  # deduplicates tied weights
-    if tc.indexer_train == "warmup":  # the indexers' dense warm-up: the optimizer sees theirs only
-        params = [p for p in params if p.requires_grad]
-    muon = muon_param_ids(model) if tc.optimizer == "muon" else set()
-    return optimizer_class(tc.optimizer)(optimizer_groups(tc.optimizer, params, muon, tc.weight_decay), lr=tc.lr,
-                                         betas=betas, eps=1e-8, fused=params[0].device.type in ("cpu", "cuda"))
 
 
 def _silent(_msg: str) -> None:
