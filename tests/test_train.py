@@ -21,7 +21,7 @@ from flyer.train.metrics import read_metrics
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import LocalMesh
 from flyer.train.metrics import TENSORBOARD_TAGS
-from flyer.train.config import TrainConfig
+from flyer.train.config import TrainConfig, lr_at
 from flyer.train.metrics import progress_postfix
 from flyer.errors import CheckpointError
 from flyer.train.trainer import Trainer, TrainingError
@@ -63,6 +63,20 @@ def test_resume_equals_uninterrupted(tmp_path, data_cache):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical on CPU
     assert full["val_loss"] is not None
+
+
+def test_v3_schedule_is_the_reports_stages():
+    """``--schedule v3`` at DeepSeek-V3's settings (lr 2.2e-4, min_lr_ratio 0.1, 2K warmup steps; 14,800 steps, one
+    per 1B of its 14.8T tokens) gives the report's rates: 2.2e-4 to 10T, a cosine to 2.2e-5 by 14.3T (its midpoint
+    1.21e-4), 2.2e-5 for 333B tokens, 7.3e-6 for the last 167B."""
+    tc = TrainConfig(preset="tiny", steps=14800, lr=2.2e-4, min_lr_ratio=0.1, warmup=2000, schedule="v3")
+    def at(tokens_t):
+        return lr_at(tc, round(tokens_t * 1000))
+
+    assert at(1.0) == pytest.approx(1.1e-4) and at(2.0) == at(5.0) == at(10.0) == 2.2e-4
+    assert at(12.15) == pytest.approx(1.21e-4) and at(11.0) > at(12.15) > at(13.0)
+    assert at(14.3) == at(14.5) == at(14.633) == pytest.approx(2.2e-5)
+    assert at(14.634) == at(14.8) == pytest.approx(7.3e-6)
 
 
 def test_a_resumed_run_may_change_its_stage_weights(tmp_path, data_cache):

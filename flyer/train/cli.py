@@ -23,7 +23,7 @@ _FLAGS = [  # (flag, field, type, help)
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
     ("--lr", "lr", float, "peak learning rate (in (0, 1])"),
     ("--warmup", "warmup", int, "linear warmup steps"),
-    ("--schedule", "schedule", str, "cosine or constant after warmup"),
+    ("--schedule", "schedule", str, "cosine, constant or v3 (DeepSeek-V3's stages) after warmup"),
     ("--optimizer", "optimizer", str, "adamw, or muon: DeepSeek-V4's Muon for the matrices (AdamW for the embedding, "
                                       "head, norms and mHC biases/gates), reusing --lr and the weight decay"),
     ("--precision", "precision", str,

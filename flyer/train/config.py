@@ -29,7 +29,11 @@ from flyer.parse import nesting_depth
 from flyer.runtime import PRECISIONS, check_threads
 from flyer.train import checkpoint as ckpt
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "v3")
+# DeepSeek-V3's schedule (report, section 4.2) as the trillions of tokens at which its stages end: lr to 10T, a
+# cosine decay to lr * min_lr_ratio (2.2e-5 of 2.2e-4) by 14.3T, that for 333B more, then 7.3e-6 to the end (14.8T)
+V3_STAGES_T = (10.0, 14.3, 14.8 - 0.167, 14.8)
+V3_FINAL_RATIO = 7.3e-6 / 2.2e-5  # the last stage's lr, of the decay's end
 # What a resumed run keeps (seed first, as the README promises): each changes what the remaining
 # steps compute. Free to change: steps (extending a run; the cosine decay stretches to the new end),
 # evaluation, logging, plots, progress, tensorboard, checkpoint cadence and keep, threads, device,
@@ -274,10 +278,23 @@ def tokenizer_settings(settings: dict[str, bytes], tok: Tokenizer, log) -> dict[
 
 
 def lr_at(tc: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio (or constant). ``step`` is 1-based."""
+    """Linear warmup, then cosine decay to lr * min_lr_ratio (or constant, or "v3": DeepSeek-V3's stages at their
+    shares of the run, ``V3_STAGES_T``; steps stand for tokens, V3's batch-size ramp over its first 3% aside).
+    ``step`` is 1-based."""
     if tc.warmup and step <= tc.warmup:
         return tc.lr * step / tc.warmup
     if tc.schedule == "constant":
         return tc.lr
-    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    if tc.schedule == "v3":
+        stable, decayed, final, total = V3_STAGES_T
+        done = step / tc.steps * total  # trillions of V3's tokens
+        if done <= stable:
+            return tc.lr
+        progress = min(1.0, (done - stable) / (decayed - stable))
+        return _cosine(tc, progress) * (V3_FINAL_RATIO if done > final else 1.0)
+    return _cosine(tc, (step - tc.warmup) / max(1, tc.steps - tc.warmup))
+
+
+def _cosine(tc: TrainConfig, progress: float) -> float:
+    """lr at ``progress`` (0 to 1, capped) of a cosine decay from lr to lr * min_lr_ratio."""
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
