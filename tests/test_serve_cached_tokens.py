@@ -77,6 +77,10 @@ def _cached(usage) -> int:
     return usage.prompt_tokens_details.cached_tokens
 
 
+def _written(usage) -> int:
+    return usage.prompt_tokens_details.cache_write_tokens
+
+
 def test_completions_report_the_prompt_tokens_taken_from_the_cache(on, off):
     head = _progression(3, 5, 22)  # 5 whole blocks and 2 tokens
     first, second, third = head + [1, 2, 3], head + [4, 5, 6, 7, 8], head + [9, 10, 11, 12, 13]
@@ -87,6 +91,8 @@ def test_completions_report_the_prompt_tokens_taken_from_the_cache(on, off):
         assert _cached(r1.usage) == 0
         want = _expected(second, first) if s is on else 0
         assert _cached(r2.usage) == want and (want == 20 or s is off)  # the case at hand: 5 blocks
+        # written: the prompt's whole blocks not in the cache before (25 tokens: 6 blocks; then 1 of 27's 6 new)
+        assert (_written(r1.usage), _written(r2.usage)) == ((24, 4) if s is on else (0, 0))
         # streamed: the same usage as the unstreamed request on a prompt that shares as much
         chunks = list(c.completions.create(prompt=third, stream=True, stream_options={"include_usage": True}, **kw))
         assert chunks[-1].usage.model_dump() == r2.usage.model_dump()
@@ -95,8 +101,10 @@ def test_completions_report_the_prompt_tokens_taken_from_the_cache(on, off):
     fresh = _progression(7, 3, 13)
     r = c.completions.create(model="t", prompt=fresh, max_tokens=2, temperature=0, n=2)
     assert _cached(r.usage) == 0 and r.usage.prompt_tokens == len(fresh)
+    assert _written(r.usage) == 12  # written once, by whichever choice filled a block first
     r = c.completions.create(model="t", prompt=[fresh, head + [40, 41]], max_tokens=2, temperature=0, n=2)
     assert _cached(r.usage) == _expected(fresh, fresh) + _expected(head + [40, 41], first)
+    assert _written(r.usage) == 4  # fresh's blocks were there; head + [40, 41]'s sixth is new
 
 
 def test_chat_and_responses_report_it(on, off):
@@ -124,6 +132,9 @@ def test_chat_and_responses_report_it(on, off):
         chat = [_chat_ids(m) for m in msgs]
         assert r1.usage.input_tokens_details.cached_tokens == (_expected(ids[0], *chat) if s is on else 0)
         assert r2.usage.input_tokens_details.cached_tokens == (_expected(ids[1], ids[0], *chat) if s is on else 0)
+        for r, p in ((r1, ids[0]), (r2, ids[1])):
+            details = r.usage.input_tokens_details
+            assert details.cache_write_tokens == (len(p) // BS * BS - details.cached_tokens if s is on else 0)
         done = [e for e in c.responses.create(input=asks[2], stream=True, **kw)
                 if e.type in ("response.completed", "response.incomplete")]  # (no EOS: max_output_tokens ends it)
         assert done[0].response.usage == r2.usage

@@ -188,6 +188,10 @@ def test_function_call_round_trip(served):
     # the same through previous_response_id
     cont = c.responses.create(input=outputs, previous_response_id=r.id, **{**kw, "max_output_tokens": 10})
     assert cont.output_text == back.output_text and cont.usage.input_tokens == back.usage.input_tokens
+    # the calls sent again beside previous_response_id: refused, as OpenAI refuses a duplicate item
+    again = httpx.post(served.url + "/v1/responses", json=dict(
+        input=[*[o.model_dump() for o in calls], *outputs], previous_response_id=r.id, **kw))
+    assert "previous_response_id" in _error(again, 400, "input[0]")["message"]
 
 
 def test_json_schema_output(served):
@@ -226,9 +230,25 @@ def test_bad_requests_answer_400(served):
                          "input[0].content.0.type"),
                         (dict(input=[{"type": "item_reference", "id": "x"}]), "input[0].type"),
                         (dict(input=[{"type": "function_call_output", "output": "x"}]), "input[0].call_id"),
-                        (dict(input=[]), "input"), (dict(model="other"), "model")):
+                        (dict(input=[]), "input"), (dict(model="other"), "model"),
+                        # keys the route would ignore (chat's, vLLM's, unknown; nested too) and bounds OpenAI sets
+                        (dict(seed=7), "seed"), (dict(max_tokens=2), "max_tokens"), (dict(stop=["o"]), "stop"),
+                        (dict(n=2), "n"), (dict(foo=1), "foo"), (dict(access_programs={"x": 1}), "access_programs"),
+                        (dict(reasoning={"effort": "low", "mode": "x"}), "reasoning.mode"),
+                        (dict(text={"format": {"type": "text"}, "foo": 1}), "text.foo"),
+                        (dict(tools=[{**FLAT_TOOLS[0], "defer_loading": True}]), "tools[0].defer_loading"),
+                        (dict(text={"format": {"type": "json_object", "name": "x"}}), "text.format"),
+                        (dict(text={"format": {"type": "text", "strict": True}}), "text.format"),
+                        (dict(metadata={"k" * 65: "v"}), "metadata"), (dict(metadata={"k": "v" * 513}), "metadata"),
+                        (dict(input=[{"id": "msg_x", "role": "user", "content": "a"},
+                                     {"id": "msg_x", "role": "user", "content": "b"}]), "input[1]")):
         resp = httpx.post(url, json={**ok, **over})
         _error(resp, 404 if param == "model" else 400, param)
+    neutral = dict(service_tier="auto", safety_identifier="u1", prompt_cache_key="k", stream_options=None,
+                   foo=None, tools=[{**FLAT_TOOLS[0], "defer_loading": False}], metadata={"k" * 64: "v" * 512})
+    assert httpx.post(url, json={**ok, **neutral}).status_code == 200
+    stored = httpx.post(url, json=ok).json()["id"]
+    _error(httpx.get(f"{url}/{stored}", params={"stream": "true"}), 400, "stream")
     assert 'flyer_rejected_requests_total{status="400"}' in httpx.get(served.url + "/metrics").text
     assert "flyer_generation_tokens_total" in httpx.get(served.url + "/metrics").text
 

@@ -26,7 +26,8 @@
     GET  /v1/responses/{id}     a stored response; DELETE forgets it; GET .../input_items lists its input items
 
 Every response carries ``usage``, with ``prompt_tokens_details.cached_tokens``: the prompt tokens the engine took
-from its prefix cache instead of computing them (0 with prefix sharing off). Errors use OpenAI's shape
+from its prefix cache instead of computing them (0 with prefix sharing off), and ``cache_write_tokens``: those it
+wrote there. Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too
 long for the context), 401 for a missing or wrong API key, 404 for an unknown model or route, 413 for a body past
 ``MAX_BODY_BYTES`` (``flyer.serve.body_limit``), 429 when the queue is full, 503 while draining. A bug answers 500

@@ -559,7 +559,8 @@ class Engine:
         for i in range(first, full // bs):
             key = chain_keys(r.tokens[i * bs:(i + 1) * bs], bs, seed=r.keys[-1] if r.keys else "")[0]
             r.keys.append(key)
-            self.alloc.register(r.blocks[i], key)
+            if self.alloc.register(r.blocks[i], key) and (i + 1) * bs <= len(r.prompt):
+                r.written_prompt += bs
         at = self.snapshots.reached(r.slot, r.n_cached, r.keys, hidden) if self.snapshots else None
         if self.disk:
             self.disk.store(r.tokens, len(r.prompt), r.blocks, r.slot, first, len(r.keys), at, hidden)
@@ -597,7 +598,7 @@ class Engine:
         if reason is not None:  # blocks freed before the caller hears the request is done
             self._finish(r, reason, emit=False)
         r.emit(TokenEvent(tok, lp, top, reason, r.prompt_lp if first and r.prompt_lp is not None else None,
-                          r.cached_prompt if first else None))
+                          r.cached_prompt if first else None, r.written_prompt if reason is not None else None))
         return reason is not None
 
     def _finish(self, r: Request, reason: str, emit: bool) -> None:
@@ -608,7 +609,7 @@ class Engine:
         r.blocks, r.done = [], True
         self.metrics.requests.labels(reason).inc()
         if emit:
-            r.emit(TokenEvent(None, finish_reason=reason))
+            r.emit(TokenEvent(None, finish_reason=reason, written_tokens=r.written_prompt))
 
     def _update_gauges(self) -> None:
         m = self.metrics

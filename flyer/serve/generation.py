@@ -144,8 +144,11 @@ class Generation:
         p, c = sum(len(x) for x in self.prompts), sum(len(ch.ids) for ch in self.choices)
         took = [next((e.cached_tokens for e in ch.events if e.cached_tokens is not None), 0) for ch in self.choices]
         cached = sum(min(took[i * self.n:(i + 1) * self.n]) for i in range(len(self.prompts)))
+        # a block is keyed once, by whichever choice filled it first: the choices' writes add up
+        written = sum(next((e.written_tokens for e in ch.events if e.written_tokens is not None), 0)
+                      for ch in self.choices)
         out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-               "prompt_tokens_details": {"cached_tokens": cached}}
+               "prompt_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written}}
         if self.reasoning_tokens is not None:
             out["completion_tokens_details"] = {"reasoning_tokens": sum(map(self.reasoning_tokens, self.choices))}
         return out

@@ -226,11 +226,13 @@ class BlockAllocator:
             keys.append(key)
         return blocks, keys
 
-    def register(self, block: int, key: str) -> None:
+    def register(self, block: int, key: str) -> bool:
         """Key a full block so later prompts can share it (a key another block already holds
-        stays with that one)."""
+        stays with that one); whether it was keyed now."""
         if key not in self.block_of and block not in self.key_of:
             self.block_of[key], self.key_of[block] = block, key
+            return True
+        return False
 
     @property
     def hit_rate(self) -> float:

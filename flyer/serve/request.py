@@ -169,6 +169,8 @@ class TokenEvent:
     prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] | None = None
     # with the first token: the prompt tokens taken from the prefix cache at admission (``Request.cached_prompt``)
     cached_tokens: int | None = None
+    # with the last event: the prompt tokens the request wrote to the prefix cache (``Request.written_prompt``)
+    written_tokens: int | None = None
 
 
 @dataclass(eq=False)
@@ -196,6 +198,7 @@ class Request:
     # prompt tokens its first admission took from cached blocks (shared in memory or on disk), not computed: what
     # ``usage`` reports (a recompute after preemption, which the client does not see, is not counted)
     cached_prompt: int = 0
+    written_prompt: int = 0  # prompt tokens in the blocks it keyed in the prefix index first (``usage``'s writes)
     done: bool = False
 
     @property

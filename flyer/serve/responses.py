@@ -99,11 +99,26 @@ class ResponseStore:
 
 def _usage(chat_usage: dict) -> dict:
     details = chat_usage.get("completion_tokens_details") or {}
-    cached = (chat_usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    return {"input_tokens": chat_usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": cached},
+    prompt = chat_usage.get("prompt_tokens_details") or {}
+    return {"input_tokens": chat_usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": prompt.get("cached_tokens", 0),
+                                     "cache_write_tokens": prompt.get("cache_write_tokens", 0)},
             "output_tokens": chat_usage["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": details.get("reasoning_tokens", 0)},
             "total_tokens": chat_usage["total_tokens"]}
+
+
+def _check_unique(items: list[dict], n_past: int) -> None:
+    """``FieldError`` naming ``input[k]`` for an item whose id an earlier one holds (the first ``n_past``: the
+    conversation ``previous_response_id`` carries): OpenAI refuses it ("Duplicate item found"), which would put the
+    item in the prompt twice and leave ``input_items``' ``after`` ambiguous."""
+    first: dict[str, int] = {}
+    for k, item in enumerate(items):
+        if item["id"] in first:
+            earlier = ", which previous_response_id's conversation holds: send the new items only" \
+                if first[item["id"]] < n_past else ""
+            raise FieldError(f"input[{k - n_past}]", f"repeats item {item['id']!r}{earlier}")
+        first[item["id"]] = k
 
 
 def _item_id(kind: str) -> str:
@@ -187,6 +202,9 @@ class Responses:
 
     def retrieve(self, request: Request, rid: str) -> dict:
         self.api.check_access(request)
+        for name in ("stream", "starting_after"):  # a background response's replay, which flyer has none of
+            if name in request.query_params and request.query_params[name] != "false":
+                raise FieldError(name, "flyer serve keeps no background responses to stream: leave it out")
         return self.store.get(rid).response
 
     def delete(self, request: Request, rid: str) -> dict:
@@ -270,7 +288,9 @@ class Responses:
         past = self.store.get(body.previous_response_id, "previous_response_id") if body.previous_response_id else None
         messages = (past.messages if past else []) + input_messages(body.input)
         # the conversation's items (the previous response's, its answer's output items among them), then its own
-        inputs = (past.inputs + past.response["output"] if past else []) + input_items(body.input, _item_id)
+        new = input_items(body.input, _item_id)
+        inputs = (past.inputs + past.response["output"] if past else []) + new
+        _check_unique(inputs, len(inputs) - len(new))
         system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
         chat = self._chat_body(body, system + messages)
         try:

@@ -23,8 +23,12 @@ from flyer.serve.schema import MAX_LOGPROBS, check_unicode
 # values that change nothing: any other value is refused, never silently ignored
 NOT_IMPLEMENTED = {"background": (False,), "conversation": (None,), "prompt": (None,),
                    "max_tool_calls": (None,), "truncation": ("disabled",),
-                   "context_management": ([],), "moderation": (None,)}
-MAX_METADATA_KEYS = 16  # as OpenAI bounds ``metadata``
+                   "context_management": ([],), "moderation": (None,), "access_programs": (None,)}
+# Responses parameters that change nothing flyer serve generates (routing, billing, caching hints, safety ids,
+# stream framing, image options without image input); any other key at a value but null is refused
+ACCEPTED = ("service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
+            "stream_options", "background_options", "image")
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # as OpenAI bounds ``metadata``
 LOGPROBS = "message.output_text.logprobs"  # the one ``include`` value implemented: the output text's token logprobs
 
 
@@ -172,6 +176,15 @@ class ResponsesBody(BaseModel):
             if neutral is not None and value is not None and value not in neutral:
                 raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out or send "
                                        f"{neutral[0]!r}")
+            if neutral is None and name not in ACCEPTED and value is not None:
+                raise FieldError(name, "is not a Responses API parameter flyer serve implements (got "
+                                       f"{str(value)[:40]!r}): leave it out")
+        for where, part in (("reasoning", self.reasoning), ("text", self.text),
+                            *((f"tools[{i}]", t) for i, t in enumerate(self.tools or []))):
+            for name, value in ((part.model_extra or {}) if part is not None else {}).items():
+                if value not in (None, False):  # a tool's defer_loading, a reasoning's mode, ...: they would matter
+                    raise FieldError(f"{where}.{name}", f"flyer serve does not implement it (got {str(value)[:40]!r}): "
+                                                        "leave it out")
         for i, t in enumerate(self.tools or []):
             if t.type != "function":
                 raise FieldError(f"tools[{i}].type", f"only function tools are implemented (got {t.type!r})")
@@ -188,10 +201,17 @@ class ResponsesBody(BaseModel):
             raise FieldError("text.verbosity", f"flyer serve does not implement it (got {self.text.verbosity!r}): "
                                                "leave it out or send 'medium'")
         fmt = self.text.format if self.text is not None else None
-        if fmt is not None and (fmt.type == "json_schema") != (fmt.schema_ is not None and fmt.name is not None):
-            raise FieldError("text.format", "name and schema are given with type json_schema and only then")
+        schema_only = None if fmt is None else (fmt.name, fmt.schema_, fmt.description, fmt.strict)
+        if fmt is not None and (fmt.schema_ is None or fmt.name is None if fmt.type == "json_schema"
+                                else any(v is not None for v in schema_only)):
+            raise FieldError("text.format", "name and schema (and description, strict) are given with type "
+                                            "json_schema and only then")
         if len(self.metadata or {}) > MAX_METADATA_KEYS:
             raise FieldError("metadata", f"holds more than {MAX_METADATA_KEYS} keys")
+        for k, v in (self.metadata or {}).items():
+            if len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE:
+                raise FieldError("metadata", f"keys hold at most {MAX_METADATA_KEY} characters and values "
+                                             f"{MAX_METADATA_VALUE} (got {len(k)} and {len(v)} for {k[:20]!r})")
 
     def response_format(self) -> dict | None:
         """``text.format`` in chat's ``response_format`` shape (``flyer.serve.schema.ResponseFormat``)."""
