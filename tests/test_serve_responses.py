@@ -241,7 +241,14 @@ def test_bad_requests_answer_400(served):
                         (dict(text={"format": {"type": "text", "strict": True}}), "text.format"),
                         (dict(metadata={"k" * 65: "v"}), "metadata"), (dict(metadata={"k": "v" * 513}), "metadata"),
                         (dict(input=[{"id": "msg_x", "role": "user", "content": "a"},
-                                     {"id": "msg_x", "role": "user", "content": "b"}]), "input[1]")):
+                                     {"id": "msg_x", "role": "user", "content": "b"}]), "input[1]"),
+                        # parts of another role's kind, a reasoning's summary that is no list: listed back, the
+                        # client's types would refuse them
+                        (dict(input=[{"role": "assistant", "content": [{"type": "input_text", "text": "a"}]}]),
+                         "input[0].content"),
+                        (dict(input=[{"role": "user", "content": [{"type": "output_text", "text": "a"}]}]),
+                         "input[0].content"),
+                        (dict(input=[{"type": "reasoning", "summary": "thinking"}]), "input[0].summary")):
         resp = httpx.post(url, json={**ok, **over})
         _error(resp, 404 if param == "model" else 400, param)
     neutral = dict(service_tier="auto", safety_identifier="u1", prompt_cache_key="k", stream_options=None,

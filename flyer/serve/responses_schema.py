@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from flyer.errors import FieldError
 from flyer.serve.schema import MAX_LOGPROBS, check_unicode
@@ -56,6 +56,17 @@ class MessageItem(BaseModel):
     content: str | list[TextPart]
     _parts = field_validator("content", mode="wrap")(_parts_as_a_list)
 
+    @field_validator("content")
+    @classmethod
+    def _parts_of_the_role(cls, content, info: ValidationInfo):
+        """An assistant's parts are output_text, the others' input_text (as OpenAI refuses them otherwise; listed
+        back, the client's types would refuse them)."""
+        want = "output_text" if info.data.get("role") == "assistant" else "input_text"
+        for k, part in enumerate(content if isinstance(content, list) else []):
+            if part.type != want:
+                raise ValueError(f"part {k}: a {info.data.get('role')} message's parts are {want} (got {part.type})")
+        return content
+
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
@@ -86,6 +97,7 @@ class ReasoningItem(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     type: Literal["reasoning"]
+    summary: list[dict[str, Any]] = []  # as the client's ResponseReasoningItem: listed back, it must read
 
 
 ITEMS = {"message": MessageItem, "function_call": FunctionCallItem, "function_call_output": FunctionCallOutputItem,
