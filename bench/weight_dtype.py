@@ -59,7 +59,7 @@ def main() -> None:
     peak: dict[str, int] = {}
     out: dict = {"preset": "small", "checkpoint": "bf16", "new_tokens": args.new_tokens, "threads": args.threads}
     with tempfile.TemporaryDirectory() as tmp:
-        run = _save_run(Path(tmp) / "run", "bf16")
+        run = _save_run(Path(tmp) / "run", "small", "bf16", None)
         export(run, Path(tmp) / "hf", dtype="bf16")
         for _ in range(args.rounds):
             for choice in CHOICES:

@@ -145,3 +145,16 @@ def test_serve_step_ops_json():
     assert (r["preset"], r["batch"], r["prompt"]) == ("tiny", 4, 40)
     for step in ("decode", "mixed"):
         assert 0 < r[f"{step}_ops_graphed"] < r[f"{step}_ops_grouped_mm"] < r[f"{step}_ops_fused"]
+
+
+@pytest.mark.slow
+def test_weight_dtype_bench_json():
+    """bench/weight_dtype.py (which calls serve.py's ``_save_run``: an old call of it crashed every run) at its
+    smallest: one JSON object, each choice's decode rate and the ratios against FP32."""
+    out = subprocess.run([sys.executable, str(BENCH.parent / "weight_dtype.py"), "--rounds", "1", "--new-tokens", "2"],
+                         capture_output=True, text=True, timeout=600, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    r = json.loads(out)
+    assert r["weight_dtype_auto"] in ("bf16", "fp32")
+    assert all(r[f"decode_tokens_per_s_{c}"] > 0 for c in ("fp32", "bf16", "auto"))
+    assert r["speedup_bf16_vs_fp32"] > 0 and 0 < r["memory_bf16_vs_fp32"] < 1
