@@ -67,6 +67,10 @@ def main() -> None:
     sys.argv, mb = _micro_batches(sys.argv)
     a = chat_bench_args(__doc__, 1024, 2, 4, "rounds measured, after one warm-up round", 400, 20, 500)
     a.micro_batches = mb
+    if a.device != "cpu":  # two gloo ranks on this host's CPU: a GPU pipeline is another bench's
+        print(f"chat_pack_pp.py: --device: runs its 2 pipeline ranks on the CPU only (got {a.device!r})",
+              file=sys.stderr)
+        sys.exit(2)
     with tempfile.TemporaryDirectory() as tmp:
         chats, tokenizer = write_chats(Path(tmp), a.conversations, a.min_tokens, a.max_tokens)
         r = run_ranks(_rank, 2, a, str(chats), str(tokenizer), tmp)[0]

@@ -23,7 +23,7 @@ after its imports (``base``) to its high-water mark (``VmHWM``):
   held (what the load costs without the codes kept); both as ratios to the FP8 checkpoint's bytes.
 
 Prints one JSON object; ``ratio`` = (VmHWM - base) / bytes on disk; ``seconds``: the step's time.
-    python bench/interop_memory.py [--gb 1.0] [--dir DIR]
+    python bench/interop_memory.py [--gb 1.1] [--dir DIR]
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ replays each concurrency without the cutoff too (``engine_tokens_per_s_no_cutoff
 
 The default run is sized for a 2-core CPU (about three minutes each preset); ``--full`` runs the issue's sizes
 (1/4/16/64 clients, prompts of 64-1024 tokens, 64-256 new tokens). Prints one JSON object.
-    python bench/serve.py [--preset small|tiny-v4] [--full] [--threads N] [--weight-dtype bf16|fp32]
+    python bench/serve.py [--preset small|tiny-v4] [--full] [--threads N] [--weight-dtype bf16|fp32|fp8]
                           [--device cpu|cuda] [--speculative mtp [--draft-tokens N] [--speculative-max-batch N]]
                           [--train-steps N]
 """

@@ -60,7 +60,10 @@ def main() -> None:
     ap.add_argument("--zero", type=int, default=16)
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cfg = preset("tiny", dim=args.dim, moe_inter_dim=args.inter, n_routed_experts=args.experts,
                  n_zero_experts=args.zero, n_activated_experts=args.k, n_expert_groups=1, n_limited_groups=1,
                  n_shared_experts=0, score_func="softmax", norm_topk_prob=False, seq_aux_alpha=0.0)

@@ -5,10 +5,13 @@
 #   bash examples/cluster_paper_figures.sh            (tables)
 #   JSON=--json bash examples/cluster_paper_figures.sh (one JSON document per command)
 set -euo pipefail
-FLYER="${FLYER:-python -m flyer}"
+PY=python
+[ -x .venv/bin/python ] && PY=.venv/bin/python  # make's environment, where it is set up
+FLYER="${FLYER:-$PY -m flyer}"
 JSON="${JSON:-}"
-OUT="${OUT:-examples/out}"
+OUT="${OUT:-$(mktemp -d)}"  # the plots; OUT=DIR keeps them where you say
 mkdir -p "$OUT"
+echo "plots in $OUT" >&2
 
 # DeepSeek-V3 report: 250 GFLOPs/token at sequence 4096; 19.926 s a step of 15,360 sequences on 2,048 H800
 # -> 272.80B tokens/day, 180K GPU-hours per trillion tokens, 2,664K GPU-hours for 14.8T tokens,
@@ -17,7 +20,8 @@ $FLYER plan --preset dsv3 --gpu h800 --gpus 2048 --tokens 14.8e12 --seq-len 4096
     --step-seconds 19.926 --batch-size 15360 $JSON
 
 # Whole run: 2,664K + 119K context extension + 5K post-training = 2,788K GPU-hours = $5.576M
-# at $2/GPU-hour (the two later stages enter as GPU-hours, their throughput is not published).
+# at $2/GPU-hour (the two later stages enter as GPU-hours, their throughput is not published);
+# flyer lands on 2,791K and $5.581M: the pretraining's 2,667K from the report's rounded 272.8B tokens/day.
 $FLYER plan --preset dsv3 --gpu h800 --gpus 2048 --tokens 14.8e12 --seq-len 4096 \
     --tokens-per-day 272.8e9 --extra-gpu-hours 124e3 --price-per-gpu-hour 2 $JSON
 
