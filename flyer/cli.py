@@ -34,9 +34,38 @@ COMMAND_MODULES = [info, train_cli, infer_cli, serve_cli, export, cluster_cli]
 __all__ = ["UserError", "build_parser", "flags", "main"]
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Each option's default after its help, where there is one to show (not None or False) and the help does not
+    say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if (action.option_strings and action.default is not None and action.default is not False
+                and action.default is not argparse.SUPPRESS and "default" not in help_):
+            help_ += " (default: %(default)s)"
+        return help_
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are flyer's one line (``UserError``), not a usage block; subcommand
-    parsers are of this class too."""
+    """argparse whose errors are flyer's one line (``UserError``), not a usage block, and whose help shows defaults
+    (``DefaultsShown``; a parser whose flags default to None, so that a config file can set them, names the
+    defaults they leave in ``config_defaults``, a callable read when help is asked for); subcommand parsers are of
+    this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsShown)
+        super().__init__(*args, **kwargs)
+        self.config_defaults = None
+
+    def format_help(self) -> str:
+        if self.config_defaults is not None:
+            shown = self.config_defaults()
+            for a in self._actions:
+                v = shown.get(a.dest)
+                if a.default is None and v is not None and not isinstance(v, bool) and "default" not in (a.help or ""):
+                    a.help = f"{a.help or ''} (default: {str(v).replace('%', '%%')})"
+            self.config_defaults = None
+        return super().format_help()
 
     def error(self, message: str):
         raise UserError(re.sub(r"^argument ([^:]+): ", r"\1: ", message))

@@ -333,7 +333,7 @@ def register(sub) -> None:
     p.add_argument("--suffix", default=None,
                    help="fill in the middle: the text after the generated one, for every prompt, in the PSM layout of "
                         "the tokenizer's FIM tokens (DeepSeek's or Qwen's; the text printed is the middle)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--logit-bias", action="append", default=[], metavar="ID=VALUE",

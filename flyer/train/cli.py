@@ -103,10 +103,18 @@ def register(sub) -> None:
                         "with --pp, --ep or --pack; a pair longer than --seq-len is refused")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.config_defaults = _config_defaults
     p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
                    help="write per-step metrics as TensorBoard scalars to DIR (default: OUT/tensorboard); "
                         "needs the tensorboard package")
     p.set_defaults(func=run)
+
+
+def _config_defaults() -> dict:
+    """``TrainConfig``'s defaults, which the flags (None unless given) leave in place: shown by --help."""
+    from flyer.train.config import TrainConfig  # the model stack: loaded for --help, not for every command
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 def json_object(text: str) -> dict:
