@@ -25,6 +25,7 @@ from test_serve_tools import ASK, LIGHT, SCHEMA, TOOLS, _Served, tool_checkpoint
 from test_serve_tools import TEMPLATE as TOOLS_TEMPLATE
 from test_serve_tools_v3 import CALLS, _Scripted
 
+from flyer.data.deepseek_encoding import ENCODINGS
 from flyer.interop.hf_tokenizer import load_tokenizer
 from flyer.serve.api import Api
 from flyer.serve.reasoning import DEEPSEEK
@@ -291,6 +292,25 @@ def test_reasoning_and_calls_become_items(tok):
         # without an effort the prompt does not open the think block: all of it is the answer
         plain = c.responses.create(model="tiny-test", input="what is 2+2?", max_output_tokens=len(script) - 1)
         assert plain.output[0].type == "message" and REASONING in plain.output_text and plain.status == "incomplete"
+
+
+def test_errors_of_the_chat_machinery_name_the_responses_item(tok):
+    """An error the chat machinery raises names the Responses body's field: a tool's name (chat's
+    ``tools.0.function.name``), and a call's arguments by its input item, whatever the instructions and the merging
+    of calls into one chat message shift (DeepSeek-V3.2's encoding checks them: ``input[k].arguments``)."""
+    limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
+    api = Api(_Scripted(limits, _ids(tok, "ok")), tok, "tiny-test", chat_template=ENCODINGS["deepseek_v32"])
+    call = dict(type="function_call", call_id="c1", name=FLAT_TOOLS[0]["name"], arguments="{}")
+    with serving(api) as url:
+        def param(**kw):
+            r = httpx.post(url + "/v1/responses", json={"model": "tiny-test", "tools": FLAT_TOOLS, **kw})
+            assert r.status_code == 400, r.text
+            return r.json()["error"]["param"]
+
+        assert param(input="hi", tools=[{**FLAT_TOOLS[0], "name": "get weather"}]) == "tools[0].name"
+        ask, out = {"role": "user", "content": "hi"}, {"type": "function_call_output", "call_id": "c1", "output": "x"}
+        assert param(instructions="be brief", input=[ask, {**call, "arguments": "[1]"}, out]) == "input[1].arguments"
+        assert param(input=[ask, call, {**call, "call_id": "c2", "arguments": "nope"}, out]) == "input[2].arguments"
 
 
 @pytest.mark.parametrize("blank", ["\n\n", " "])

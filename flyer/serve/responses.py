@@ -55,11 +55,28 @@ _FIELDS = {"messages": "input", "prompt": "input", "max_tokens": "max_output_tok
            "reasoning_effort": "reasoning.effort"}
 
 
-def _responses_field(err: FieldError) -> FieldError:
-    """``err`` naming the Responses body's field where it names chat's (``messages[2].role``: ``input[2].role``)."""
-    head, rest = re.fullmatch(r"([A-Za-z_]*)(.*)", err.field).groups()
-    name = _FIELDS.get(head)
-    return err if name is None else type(err)(name + rest, err.problem)  # its kind too (ContextLengthError)
+def _responses_field(err: FieldError, origins: list | None = None) -> FieldError:
+    """``err`` naming the Responses body's field where it names chat's: a tool's ``tools.0.function.name`` is
+    ``tools[0].name``, and with ``origins`` (per chat message: ``instructions``, ``previous_response_id`` or its
+    input item and its calls' items, ``input_messages``) a message's field names its item's (``messages[3].role``:
+    ``input[2].role``; ``messages[3].tool_calls[1].function.arguments``: ``input[4].arguments``)."""
+    field = err.field
+    tool = re.fullmatch(r"tools(?:\.|\[)(\d+)\]?\.function\.(\w+)", field)
+    message = re.fullmatch(r"messages(?:\.|\[)(\d+)\]?(?:\.tool_calls(?:\.|\[)(\d+)\]?\.function)?(.*)", field)
+    if tool:
+        field = f"tools[{tool[1]}].{tool[2]}"
+    elif message and origins is not None and int(message[1]) < len(origins):
+        at = origins[int(message[1])]
+        if isinstance(at, str):  # the instructions, or a turn of the stored conversation
+            field = at
+        elif message[2] is not None and int(message[2]) < len(at[1]):
+            field = f"input[{at[1][int(message[2])]}]{message[3]}"
+        else:
+            field = f"input[{at[0]}]{message[3]}" if at[0] is not None else "input"
+    else:
+        head, rest = re.fullmatch(r"([A-Za-z_]*)(.*)", field).groups()
+        field = _FIELDS[head] + rest if head in _FIELDS else field
+    return err if field == err.field else type(err)(field, err.problem)  # its kind too (ContextLengthError)
 
 
 @dataclass
@@ -234,7 +251,7 @@ class Responses:
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < len(items)}
 
-    def _chat_body(self, body: ResponsesBody, messages: list[dict]) -> ChatBody:
+    def _chat_body(self, body: ResponsesBody, messages: list[dict], origins: list | None = None) -> ChatBody:
         chat = {"model": body.model or self.api.model_name, "messages": messages, "stream": body.stream,
                 "max_completion_tokens": body.max_output_tokens, "tools": body.chat_tools(),
                 "tool_choice": body.chat_tool_choice(), "response_format": body.response_format(),
@@ -251,7 +268,7 @@ class Responses:
         except ValidationError as e:  # what the Responses body's own types let through
             first = e.errors()[0]
             loc = ".".join(map(str, error_field(first["loc"], chat)))
-            raise _responses_field(FieldError(loc or "input", first["msg"])) from None
+            raise _responses_field(FieldError(loc or "input", first["msg"]), origins) from None
 
     def _head(self, rid: str, body: ResponsesBody) -> dict:
         """The Response object's fields that the request sets, status in_progress and no output yet."""
@@ -286,17 +303,19 @@ class Responses:
         self.api.check_access(request, body.model)
         body.check_fields()
         past = self.store.get(body.previous_response_id, "previous_response_id") if body.previous_response_id else None
-        messages = (past.messages if past else []) + input_messages(body.input)
+        origins: list = []
+        messages = (past.messages if past else []) + input_messages(body.input, origins)
         # the conversation's items (the previous response's, its answer's output items among them), then its own
         new = input_items(body.input, _item_id)
         inputs = (past.inputs + past.response["output"] if past else []) + new
         _check_unique(inputs, len(inputs) - len(new))
         system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
-        chat = self._chat_body(body, system + messages)
+        origins = ["instructions"] * len(system) + ["previous_response_id"] * (len(messages) - len(origins)) + origins
+        chat = self._chat_body(body, system + messages, origins)
         try:
             result = await self.api.chat_result(request, chat, spans=True)
         except FieldError as e:
-            raise _responses_field(e) from None
+            raise _responses_field(e, origins) from None
         head = self._head(_item_id("resp"), body)
         if isinstance(result, dict):
             choice = result["choices"][0]

@@ -249,13 +249,18 @@ class ResponsesBody(BaseModel):
         return self.tool_choice
 
 
-def input_messages(items: str | list[dict[str, Any]]) -> list[dict]:
+def input_messages(items: str | list[dict[str, Any]], origins: list | None = None) -> list[dict]:
     """The ``input`` as chat messages: a string is one user message; a function_call item joins the assistant
     message before it (or opens one) as one of its ``tool_calls``, a function_call_output item is a tool message,
-    a reasoning item is dropped. ``FieldError`` naming the item at fault."""
+    a reasoning item is dropped. ``FieldError`` naming the item at fault. ``origins``, when given, gets per message
+    the index of its item (None for a message of calls only) and its calls' items' indices, so that an error the
+    chat machinery raises on a message names the item."""
     if isinstance(items, str):
+        if origins is not None:
+            origins.append((0, []))
         return [{"role": "user", "content": items}]
     out: list[dict] = []
+    origins = [] if origins is None else origins
     for i, raw in enumerate(items):
         kind = raw.get("type", "message") if isinstance(raw, dict) else None
         model = ITEMS.get(kind)
@@ -269,6 +274,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict]:
             raise FieldError(f"input[{i}].{loc}" if loc else f"input[{i}]", first["msg"]) from None
         if isinstance(item, MessageItem):
             out.append({"role": item.role, "content": item.text()})
+            origins.append((i, []))
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name,
                                                                          "arguments": item.arguments}}
@@ -276,8 +282,11 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict]:
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                origins.append((None, []))
+            origins[-1][1].append(i)
         elif isinstance(item, FunctionCallOutputItem):
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+            origins.append((i, []))
     return out
 
 
