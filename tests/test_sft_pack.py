@@ -70,6 +70,25 @@ def test_packed_rows_hold_each_conversations_row(hf, tmp_path):
         packed_rows(split, [[0, 1, 2, 3, 4]], T)  # more than seq_len+1 tokens
 
 
+def test_the_chat_sampler_trains_each_conversation_once_an_epoch(hf, tmp_path):
+    """The stream of conversations (batches of 3, running across epochs) holds each trainable conversation once in
+    each epoch, in an order of its own per epoch and per seed; a sampler state saved before epochs (no ``order``)
+    resumes its uniform draws with replacement (PCG64 seeded with (seed, n)), as the run began them."""
+    split = _trainer(hf, tmp_path, batch_size=2).data.train
+    s = ChatSampler(split, 3, T, seed=7)
+    n = len(s.pool)
+    stream = np.concatenate([s.conversations(b) for b in range(-(-3 * n // 3))])[:3 * n]
+    epochs = [stream[e * n:(e + 1) * n] for e in range(3)]
+    assert all(sorted(e.tolist()) == sorted(s.pool.tolist()) for e in epochs)
+    assert epochs[0].tolist() != epochs[1].tolist()
+    assert ChatSampler(split, 3, T, seed=8).conversations(0).tolist() != s.conversations(0).tolist()
+    old = {k: v for k, v in s.state_dict().items() if k != "order"}
+    resumed = ChatSampler(split, 3, T, seed=0)
+    resumed.load_state_dict({**old, "position": 5})
+    draws = np.random.Generator(np.random.PCG64([7, 5])).integers(0, n, size=3)
+    assert resumed.conversations(5).tolist() == s.pool[draws].tolist() and resumed.state_dict()["order"] == "draws"
+
+
 def test_sampler_packs_the_unpacked_stream_and_resumes_exactly(hf, tmp_path):
     """The packed sampler trains on the unpacked sampler's conversations in its order, each once; a sampler
     resumed from its state after two batches draws the next two bit for bit; an unpacked sampler's state is

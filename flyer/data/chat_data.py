@@ -517,22 +517,41 @@ def trainable(split: ChatSplit, seq_len: int) -> tuple[np.ndarray, int]:
 class ChatSampler:
     """Training batches of whole conversations, ``BatchSampler``'s contract: ``next_batch()`` -> ``x, y``
     (``chat_rows``; with ``trim`` as wide as the batch's longest row needs: the trainer's choice, off under a
-    pipeline, whose stages are built for seq_len); batch n draws ``batch_size`` conversations uniformly (with
-    replacement) from those with a trained token in their first seq_len+1 (``trainable``), by a PCG64 generator
-    seeded with (seed, n): a pure function of (seed, n), so a resumed run draws what an uninterrupted one would."""
+    pipeline, whose stages are built for seq_len) of the conversations with a trained token in their first
+    seq_len+1 (``trainable``), in epochs: each epoch a permutation of them by a PCG64 generator seeded with
+    (seed, epoch), batch n its positions n * batch_size on (an epoch's end runs into the next's start), so every
+    conversation trains once an epoch, as a fine-tuning epoch goes; a pure function of (seed, n), so a resumed run
+    draws what an uninterrupted one would. A state saved before epochs (no ``order``) resumes its uniform draws with
+    replacement, seeded with (seed, n)."""
 
     def __init__(self, split: ChatSplit, batch_size: int, seq_len: int, seed: int, trim: bool = False):
         self.split, self.batch_size, self.seq_len, self.seed, self.trim = split, batch_size, seq_len, seed, trim
         self.pool, self.cut = trainable(split, seq_len)
-        self.position = 0
+        self.position, self.order = 0, "epochs"
         if not len(self.pool):
             raise FieldError("seq_len", f"{seq_len}: no training conversation has an assistant token in its first "
                                         f"seq_len+1 tokens")
 
     def conversations(self, n: int) -> np.ndarray:
         """Conversation indices of batch ``n``: (batch_size,) int64."""
-        rng = np.random.Generator(np.random.PCG64([self.seed, n]))
-        return self.pool[rng.integers(0, len(self.pool), size=self.batch_size)]
+        if self.order == "draws":
+            rng = np.random.Generator(np.random.PCG64([self.seed, n]))
+            return self.pool[rng.integers(0, len(self.pool), size=self.batch_size)]
+        k = np.arange(n * self.batch_size, (n + 1) * self.batch_size)
+        epoch, at = np.divmod(k, len(self.pool))
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for e in np.unique(epoch):
+            mine = epoch == e
+            out[mine] = self.pool[self._permutation(int(e))[at[mine]]]
+        return out
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s order of the pool, the last one asked for kept (batches walk forward)."""
+        held = self.__dict__.get("_held")
+        if held is None or held[0] != epoch:
+            held = (epoch, np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.pool)))
+            self._held = held
+        return held[1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = chat_rows(self.split, self.conversations(self.position), self.seq_len, self.trim)
@@ -542,7 +561,7 @@ class ChatSampler:
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "kind": "chat", "seed": self.seed, "position": self.position,
                 "batch_size": self.batch_size, "seq_len": self.seq_len, "n_tokens": len(self.split),
-                "n_conversations": len(self.pool)}
+                "n_conversations": len(self.pool), "order": self.order}
 
     def load_state_dict(self, d: dict) -> None:
         """Resume from ``state_dict()`` output; another batch shape or data would draw other samples: ``DataError``."""
@@ -554,7 +573,11 @@ class ChatSampler:
         position = d.get("position")
         if isinstance(position, bool) or not isinstance(position, int) or position < 0:
             raise DataError(f"sampler state has invalid position {position!r}")
-        self.seed, self.position = int(d["seed"]), position
+        order = d.get("order", "draws")  # a state from before epochs: its draws go on as they were
+        if order not in ("epochs", "draws"):
+            raise DataError(f"sampler state has an unknown order {order!r}")
+        self.seed, self.position, self.order = int(d["seed"]), position, order
+        self.__dict__.pop("_held", None)
 
 
 def chat_eval_batches(split: ChatSplit, batch_size: int, seq_len: int, n_batches: int,

@@ -171,14 +171,15 @@ def pair_samples(pairs) -> np.ndarray:
 
 
 class PairSampler(ChatSampler):
-    """Training batches of ``batch_size`` pairs, ``ChatSampler``'s contract and draw (uniform, with replacement,
-    a pure function of (seed, batch number)) over the pairs: ``next_batch()`` -> x, y (2 * batch_size, W), row 2b
-    pair b's chosen, 2b + 1 its rejected, trimmed to the batch's longest (``chat_rows``)."""
+    """Training batches of ``batch_size`` pairs, ``ChatSampler``'s contract and order (epochs of seeded
+    permutations, a pure function of (seed, batch number)) over the pairs: ``next_batch()`` -> x, y
+    (2 * batch_size, W), row 2b pair b's chosen, 2b + 1 its rejected, trimmed to the batch's longest
+    (``chat_rows``)."""
 
     def __init__(self, split: PrefSplit, batch_size: int, seq_len: int, seed: int):
         refuse_long(split, seq_len)
         self.split, self.batch_size, self.seq_len, self.seed, self.trim = split.samples, batch_size, seq_len, seed, True
-        self.pool, self.cut, self.position = np.arange(split.n_pairs, dtype=np.int64), 0, 0
+        self.pool, self.cut, self.position, self.order = np.arange(split.n_pairs, dtype=np.int64), 0, 0, "epochs"
 
     def conversations(self, n: int) -> np.ndarray:
         """The samples of batch ``n``: (2 * batch_size,) int64 (``pair_samples``)."""
