@@ -3,6 +3,7 @@ storage, pipeline). Every subcommand prints a readable table, or JSON with ``--j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from flyer.cluster import topology as T
@@ -309,10 +310,19 @@ def _simulate(args) -> int:
     return _emit(args, rows, table)
 
 
+# ``net storage``'s flags: one per ``StorageCluster`` field
+_STORAGE_HELP = {
+    "nodes": "storage nodes", "nics_per_node": "NICs per storage node",
+    "nic_gbit_s": "line rate of each storage NIC (Gbit/s)", "ssds_per_node": "SSDs per storage node",
+    "ssd_tib": "capacity of each SSD (TiB)", "ssd_read_gb_s": "read bandwidth of each SSD (GB/s)",
+    "ssd_write_gb_s": "write bandwidth of each SSD (GB/s)", "replicas": "copies of each chunk (CRAQ chain length)",
+    "clients": "client nodes reading", "client_nic_gbit_s": "line rate of each client's NIC (Gbit/s)",
+    "efficiency": "achievable share of line rate", "fill": "used share of the raw capacity (what a lost node held)",
+    "recovery_share": "share of bandwidth recovery may take from foreground I/O"}
+
+
 def _storage(args) -> int:
-    c = StorageCluster(args.nodes, args.nics_per_node, args.nic_gbit_s, args.ssds_per_node, args.ssd_tib,
-                       args.ssd_read_gb_s, args.ssd_write_gb_s, args.replicas, args.clients,
-                       args.client_nic_gbit_s, args.efficiency, args.fill, args.recovery_share)
+    c = StorageCluster(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StorageCluster)})
     out = storage_model(c)
 
     def table(o):
@@ -467,20 +477,9 @@ def register(sub) -> None:
     q.set_defaults(func=_checked(_simulate))
 
     q = ns.add_parser("storage", help="3FS-style aggregate read/write bounds and recovery")
-    q.add_argument("--nodes", type=int, default=180, help="storage nodes")
-    q.add_argument("--nics-per-node", type=int, default=2, help="NICs per storage node")
-    q.add_argument("--nic-gbit-s", type=float, default=200.0, help="line rate of each storage NIC (Gbit/s)")
-    q.add_argument("--ssds-per-node", type=int, default=16, help="SSDs per storage node")
-    q.add_argument("--ssd-tib", type=float, default=14.0, help="capacity of each SSD (TiB)")
-    q.add_argument("--ssd-read-gb-s", type=float, default=6.0, help="read bandwidth of each SSD (GB/s)")
-    q.add_argument("--ssd-write-gb-s", type=float, default=3.0, help="write bandwidth of each SSD (GB/s)")
-    q.add_argument("--replicas", type=int, default=3, help="copies of each chunk (CRAQ chain length)")
-    q.add_argument("--clients", type=int, default=500, help="client nodes reading")
-    q.add_argument("--client-nic-gbit-s", type=float, default=200.0, help="line rate of each client's NIC (Gbit/s)")
-    q.add_argument("--efficiency", type=float, default=0.8, help="achievable share of line rate")
-    q.add_argument("--fill", type=float, default=0.5, help="used share of the raw capacity (what a lost node held)")
-    q.add_argument("--recovery-share", type=float, default=0.5,
-                   help="share of bandwidth recovery may take from foreground I/O")
+    for f in dataclasses.fields(StorageCluster):  # a flag per field, its default the cluster's
+        q.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=_STORAGE_HELP[f.name])
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=_checked(_storage))
 
