@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from flyer.errors import FieldError
-from flyer.serve.schema import MAX_LOGPROBS, check_unicode
+from flyer.serve.schema import MAX_LOGPROBS, check_unicode, refuse_unimplemented
 
 # fields that change what is generated (or what a response holds) and that flyer serve does not implement, with the
 # values that change nothing: any other value is refused, never silently ignored
@@ -130,6 +130,12 @@ class TextFormat(BaseModel):
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
+    def well_formed(self) -> bool:
+        """json_schema with its name and schema; text and json_object without any of json_schema's keys."""
+        if self.type == "json_schema":
+            return self.schema_ is not None and self.name is not None
+        return all(v is None for v in (self.name, self.schema_, self.description, self.strict))
+
 
 class TextConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -183,14 +189,7 @@ class ResponsesBody(BaseModel):
         # top_logprobs without logprobs
         if self.top_logprobs and not self.logprobs():
             raise FieldError("top_logprobs", f"needs include: [{LOGPROBS!r}]")
-        for name, value in (self.model_extra or {}).items():
-            neutral = NOT_IMPLEMENTED.get(name)
-            if neutral is not None and value is not None and value not in neutral:
-                raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out or send "
-                                       f"{neutral[0]!r}")
-            if neutral is None and name not in ACCEPTED and value is not None:
-                raise FieldError(name, "is not a Responses API parameter flyer serve implements (got "
-                                       f"{str(value)[:40]!r}): leave it out")
+        refuse_unimplemented(self.model_extra or {}, NOT_IMPLEMENTED, ACCEPTED)
         for where, part in (("reasoning", self.reasoning), ("text", self.text),
                             *((f"tools[{i}]", t) for i, t in enumerate(self.tools or []))):
             for name, value in ((part.model_extra or {}) if part is not None else {}).items():
@@ -213,9 +212,7 @@ class ResponsesBody(BaseModel):
             raise FieldError("text.verbosity", f"flyer serve does not implement it (got {self.text.verbosity!r}): "
                                                "leave it out or send 'medium'")
         fmt = self.text.format if self.text is not None else None
-        schema_only = None if fmt is None else (fmt.name, fmt.schema_, fmt.description, fmt.strict)
-        if fmt is not None and (fmt.schema_ is None or fmt.name is None if fmt.type == "json_schema"
-                                else any(v is not None for v in schema_only)):
+        if fmt is not None and not fmt.well_formed():
             raise FieldError("text.format", "name and schema (and description, strict) are given with type "
                                             "json_schema and only then")
         if len(self.metadata or {}) > MAX_METADATA_KEYS:

@@ -45,6 +45,19 @@ _UNION_TAG = re.compile(r"[A-Z]|.*\[|(str|int|float|bool|bytes|none)$")
 _TEXTS = (str, dict, list)  # what may hold a string
 
 
+def refuse_unimplemented(extra: dict[str, Any], not_implemented: dict[str, tuple], known: tuple | None = None) -> None:
+    """``FieldError`` for a body's key its model does not define (``extra``) that ``not_implemented`` lists, at a
+    value other than its neutral ones; with ``known`` (the keys that change nothing), for any other key too, at a
+    value other than null: a key the route would otherwise ignore."""
+    for name, value in extra.items():
+        neutral = not_implemented.get(name)
+        if neutral is not None and value is not None and value not in neutral:
+            raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out"
+                                   + (f" or send {neutral[0]!r}" if neutral else ""))
+        if neutral is None and known is not None and name not in known and value is not None:
+            raise FieldError(name, f"is not a parameter flyer serve implements (got {str(value)[:40]!r}): leave it out")
+
+
 def check_unicode(value: Any, field: str = "") -> None:
     """``FieldError`` naming the first string in ``value`` (a request body as JSON data: objects, arrays, scalars;
     ``field``: its name), or object key, that holds a lone UTF-16 surrogate (``"\\ud800"``): valid JSON, but no
@@ -163,11 +176,7 @@ class Body(BaseModel):
         """``FieldError`` for a string that is no Unicode text (``check_unicode``), a ``NOT_IMPLEMENTED`` field at a
         value that would change the output, and a field that needs another one set (as OpenAI's API refuses them)."""
         check_unicode(self.model_dump(by_alias=True))
-        for name, value in (self.model_extra or {}).items():
-            neutral = NOT_IMPLEMENTED.get(name)
-            if neutral is not None and value is not None and value not in neutral:
-                raise FieldError(name, f"flyer serve does not implement it (got {value!r}): leave it out"
-                                       + (f" or send {neutral[0]!r}" if neutral else ""))
+        refuse_unimplemented(self.model_extra or {}, NOT_IMPLEMENTED)
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "only allowed with stream: true")
 
