@@ -524,6 +524,8 @@ class ChatSampler:
     draws what an uninterrupted one would. A state saved before epochs (no ``order``) resumes its uniform draws with
     replacement, seeded with (seed, n)."""
 
+    _held: tuple[int, np.ndarray] | None = None  # (epoch, its permutation): the last one asked for
+
     def __init__(self, split: ChatSplit, batch_size: int, seq_len: int, seed: int, trim: bool = False):
         self.split, self.batch_size, self.seq_len, self.seed, self.trim = split, batch_size, seq_len, seed, trim
         self.pool, self.cut = trainable(split, seq_len)
@@ -547,11 +549,9 @@ class ChatSampler:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         """Epoch ``epoch``'s order of the pool, the last one asked for kept (batches walk forward)."""
-        held = self.__dict__.get("_held")
-        if held is None or held[0] != epoch:
-            held = (epoch, np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.pool)))
-            self._held = held
-        return held[1]
+        if self._held is None or self._held[0] != epoch:
+            self._held = (epoch, np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.pool)))
+        return self._held[1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = chat_rows(self.split, self.conversations(self.position), self.seq_len, self.trim)
@@ -576,8 +576,7 @@ class ChatSampler:
         order = d.get("order", "draws")  # a state from before epochs: its draws go on as they were
         if order not in ("epochs", "draws"):
             raise DataError(f"sampler state has an unknown order {order!r}")
-        self.seed, self.position, self.order = int(d["seed"]), position, order
-        self.__dict__.pop("_held", None)
+        self.seed, self.position, self.order, self._held = int(d["seed"]), position, order, None
 
 
 def chat_eval_batches(split: ChatSplit, batch_size: int, seq_len: int, n_batches: int,

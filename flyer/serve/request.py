@@ -19,6 +19,7 @@ Options, events and limits cross the link between the engine's process and the H
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -71,7 +72,7 @@ class Limits:
             raise FieldError("prompt", f"token ids must be in [0, {V})")
         if opts.max_tokens < 1:
             raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
-        opts.params  # the sampling fields' ranges
+        _ = opts.params  # its construction checks the sampling fields' ranges
         if opts.stop_ids and (min(opts.stop_ids) < 0 or max(opts.stop_ids) >= V):
             raise FieldError("stop_token_ids", f"token ids must be in [0, {V}) (got {list(opts.stop_ids)})")
         if opts.seed is not None and not -(1 << 63) <= opts.seed < 1 << 64:
@@ -150,8 +151,7 @@ class SamplingOptions(LogitAdjustments):
     # tool-calls section opened inside the reasoning: ``flyer.serve.reasoning.Reasoning.grammar_at``)
     grammar_at: tuple[int, ...] = ()
 
-
-    @property
+    @functools.cached_property  # built once a request, not at each token it samples
     def params(self) -> SamplingParams:
         """What ``flyer.infer.sampling`` draws with (``FieldError`` naming a field out of its range)."""
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p)
