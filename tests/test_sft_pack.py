@@ -89,6 +89,33 @@ def test_the_chat_sampler_trains_each_conversation_once_an_epoch(hf, tmp_path):
     assert resumed.conversations(5).tolist() == s.pool[draws].tolist() and resumed.state_dict()["order"] == "draws"
 
 
+def test_data_parallel_replicas_share_one_epoch(hf, tmp_path):
+    """Two replicas (same seed) take alternate blocks of the one-replica stream, so their steps together train each
+    conversation once an epoch; the trainer builds them so (``samplers``). A replica's state resumes only that
+    replica; a state saved before replicas shared the stream (no ``replicas``) resumes its own stream."""
+    from flyer.train.batches import samplers
+
+    t = _trainer(hf, tmp_path, batch_size=2)
+    split = t.data.train
+    one = ChatSampler(split, 3, T, seed=7)
+    two = [ChatSampler(split, 3, T, seed=7, replica=r, replicas=2) for r in range(2)]
+    n = len(one.pool)
+    steps = -(-n // 6)
+    both = np.concatenate([two[r].conversations(b) for b in range(steps) for r in range(2)])
+    assert both.tolist() == np.concatenate([one.conversations(b) for b in range(2 * steps)]).tolist()
+    assert sorted(both[:n].tolist()) == sorted(one.pool.tolist())
+    built = [samplers(t.tc, t.data, r, 2)[0] for r in range(2)]
+    assert [(s.seed, s.replica, s.replicas) for s in built] == [(built[0].seed, 0, 2), (built[0].seed, 1, 2)]
+    state = {**two[1].state_dict(), "position": 4}
+    with pytest.raises(DataError, match="replica 1 of 2"):
+        two[0].load_state_dict(state)
+    two[1].load_state_dict(state)
+    assert two[1].conversations(4).tolist() == one.conversations(9).tolist()
+    alone = ChatSampler(split, 3, T, seed=0, replica=1, replicas=2)
+    alone.load_state_dict({k: v for k, v in one.state_dict().items() if k not in ("replica", "replicas")})
+    assert alone.conversations(3).tolist() == one.conversations(3).tolist() and alone.state_dict()["replicas"] == 1
+
+
 def test_sampler_packs_the_unpacked_stream_and_resumes_exactly(hf, tmp_path):
     """The packed sampler trains on the unpacked sampler's conversations in its order, each once; a sampler
     resumed from its state after two batches draws the next two bit for bit; an unpacked sampler's state is

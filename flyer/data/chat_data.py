@@ -521,13 +521,19 @@ class ChatSampler:
     seq_len+1 (``trainable``), in epochs: each epoch a permutation of them by a PCG64 generator seeded with
     (seed, epoch), batch n its positions n * batch_size on (an epoch's end runs into the next's start), so every
     conversation trains once an epoch, as a fine-tuning epoch goes; a pure function of (seed, n), so a resumed run
-    draws what an uninterrupted one would. A state saved before epochs (no ``order``) resumes its uniform draws with
-    replacement, seeded with (seed, n)."""
+    draws what an uninterrupted one would. ``replica`` of ``replicas`` data-parallel replicas (same seed) takes
+    block n * replicas + replica of that stream as its batch n: the replicas' step n is the stream's next
+    replicas * batch_size positions, so an epoch trains each conversation once across them all (their own
+    permutations would train some several times an epoch and skip others). A state saved before replicas shared
+    the stream (no ``replicas``) resumes its replica's own, and one saved before epochs (no ``order``) its uniform
+    draws with replacement, seeded with (seed, n)."""
 
     _held: tuple[int, np.ndarray] | None = None  # (epoch, its permutation): the last one asked for
 
-    def __init__(self, split: ChatSplit, batch_size: int, seq_len: int, seed: int, trim: bool = False):
+    def __init__(self, split: ChatSplit, batch_size: int, seq_len: int, seed: int, trim: bool = False,
+                 replica: int = 0, replicas: int = 1):
         self.split, self.batch_size, self.seq_len, self.seed, self.trim = split, batch_size, seq_len, seed, trim
+        self.replica, self.replicas = replica, replicas
         self.pool, self.cut = trainable(split, seq_len)
         self.position, self.order = 0, "epochs"
         if not len(self.pool):
@@ -539,7 +545,8 @@ class ChatSampler:
         if self.order == "draws":
             rng = np.random.Generator(np.random.PCG64([self.seed, n]))
             return self.pool[rng.integers(0, len(self.pool), size=self.batch_size)]
-        k = np.arange(n * self.batch_size, (n + 1) * self.batch_size)
+        block = n * self.replicas + self.replica
+        k = np.arange(block * self.batch_size, (block + 1) * self.batch_size)
         epoch, at = np.divmod(k, len(self.pool))
         out = np.empty(self.batch_size, dtype=np.int64)
         for e in np.unique(epoch):
@@ -561,7 +568,8 @@ class ChatSampler:
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "kind": "chat", "seed": self.seed, "position": self.position,
                 "batch_size": self.batch_size, "seq_len": self.seq_len, "n_tokens": len(self.split),
-                "n_conversations": len(self.pool), "order": self.order}
+                "n_conversations": len(self.pool), "order": self.order, "replica": self.replica,
+                "replicas": self.replicas}
 
     def load_state_dict(self, d: dict) -> None:
         """Resume from ``state_dict()`` output; another batch shape or data would draw other samples: ``DataError``."""
@@ -576,7 +584,13 @@ class ChatSampler:
         order = d.get("order", "draws")  # a state from before epochs: its draws go on as they were
         if order not in ("epochs", "draws"):
             raise DataError(f"sampler state has an unknown order {order!r}")
+        # a state from before replicas shared the stream: this replica's own stream (its seed) goes on alone
+        share = (d.get("replica", 0), d.get("replicas", 1))
+        if "replicas" in d and share != (self.replica, self.replicas):
+            raise DataError(f"sampler state was saved by data-parallel replica {share[0]} of {share[1]}, but this is "
+                            f"replica {self.replica} of {self.replicas}; resuming would read different samples")
         self.seed, self.position, self.order, self._held = int(d["seed"]), position, order, None
+        self.replica, self.replicas = share
 
 
 def chat_eval_batches(split: ChatSplit, batch_size: int, seq_len: int, n_batches: int,

@@ -68,8 +68,10 @@ class PackedChatSampler:
     ``x, y, documents`` (``packed_rows``), the conversations ``ChatSampler`` would draw, in its order, first-fit
     packed (module doc). ``last_conversations``: the conversations of the last batch, in stream order."""
 
-    def __init__(self, split: ChatSplit, batch_size: int, seq_len: int, seed: int):
-        self.stream = ChatSampler(split, batch_size, seq_len, seed)  # its conversations(n): block n of the stream
+    def __init__(self, split: ChatSplit, batch_size: int, seq_len: int, seed: int, replica: int = 0,
+                 replicas: int = 1):
+        # its conversations(n): block n of this replica's share of the stream
+        self.stream = ChatSampler(split, batch_size, seq_len, seed, replica=replica, replicas=replicas)
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
         self.cut = self.stream.cut
         self.lengths = np.minimum(np.diff(split.offsets), seq_len + 1)

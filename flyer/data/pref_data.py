@@ -176,9 +176,11 @@ class PairSampler(ChatSampler):
     (2 * batch_size, W), row 2b pair b's chosen, 2b + 1 its rejected, trimmed to the batch's longest
     (``chat_rows``)."""
 
-    def __init__(self, split: PrefSplit, batch_size: int, seq_len: int, seed: int):
+    def __init__(self, split: PrefSplit, batch_size: int, seq_len: int, seed: int, replica: int = 0,
+                 replicas: int = 1):
         refuse_long(split, seq_len)
         self.split, self.batch_size, self.seq_len, self.seed, self.trim = split.samples, batch_size, seq_len, seed, True
+        self.replica, self.replicas = replica, replicas
         self.pool, self.cut, self.position, self.order = np.arange(split.n_pairs, dtype=np.int64), 0, 0, "epochs"
 
     def conversations(self, n: int) -> np.ndarray:

@@ -82,15 +82,20 @@ def prepare_run_data(tc, cache: Path, vocab: int, init_tok):
                         seed=tc.seed)
 
 
-def samplers(tc, data, dp_rank: int):
-    """(the training sampler of data-parallel replica ``dp_rank``, the validation batches) of ``data``: each replica
-    draws its own sample stream (seed, replica), every stage of its pipeline the same one; deterministic on resume."""
+def samplers(tc, data, dp_rank: int, dp: int):
+    """(the training sampler of data-parallel replica ``dp_rank`` of ``dp``, the validation batches) of ``data``, every
+    stage of a replica's pipeline drawing the same; deterministic on resume. Pretraining windows: each replica its own
+    random stream (seed, replica); conversations and pairs: the replicas share one stream of epochs
+    (``ChatSampler``), so each trains once an epoch across them."""
     chat = is_chat_data(tc.data)
     sampler, batches = (ChatSampler, chat_eval_batches) if chat else (BatchSampler, eval_batches)
-    trim = {"trim": tc.pp == 1} if chat else {}  # chat rows as wide as their batch needs; a pipeline's: seq_len
+    kwargs = {"trim": tc.pp == 1} if chat else {}  # chat rows as wide as their batch needs; a pipeline's: seq_len
     if tc.pack:  # several conversations per seq_len-wide row (flyer.data.chat_pack)
-        (sampler, batches), trim = (PackedChatSampler, packed_eval_batches), {}
+        (sampler, batches), kwargs = (PackedChatSampler, packed_eval_batches), {}
     if tc.dpo:  # preference pairs, two rows each (flyer.data.pref_data)
-        (sampler, batches), trim = (PairSampler, pair_eval_batches), {}
-    return (sampler(data.train, tc.batch_size, tc.seq_len, seed=tc.seed * 1000 + dp_rank, **trim),
-            batches(data.val, tc.batch_size, tc.seq_len, tc.eval_batches, **trim))
+        (sampler, batches), kwargs = (PairSampler, pair_eval_batches), {}
+    evals = batches(data.val, tc.batch_size, tc.seq_len, tc.eval_batches, **kwargs)
+    if chat:
+        kwargs |= {"replica": dp_rank, "replicas": dp}
+    seed = tc.seed * 1000 + (0 if chat else dp_rank)
+    return sampler(data.train, tc.batch_size, tc.seq_len, seed=seed, **kwargs), evals

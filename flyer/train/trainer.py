@@ -141,7 +141,7 @@ class Trainer:
                                              max_seq_len=max(base.max_seq_len, tc.seq_len))
         self.cfg.validate()
         self._require_memory()
-        self.sampler, self.eval_data = samplers(tc, self.data, self.mesh.dp_rank)
+        self.sampler, self.eval_data = samplers(tc, self.data, self.mesh.dp_rank, self.mesh.dp)
         if getattr(self.sampler, "cut", 0):
             self.log(f"{self.sampler.cut} of {self.data.train.n_conversations} training conversations are longer "
                      f"than seq_len+1 = {tc.seq_len + 1} tokens: their rows keep the first {tc.seq_len + 1}")
