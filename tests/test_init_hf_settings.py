@@ -1,6 +1,6 @@
 """A run fine-tuned from a Hugging Face directory (``flyer train --init HFDIR``) carries that
-directory's tokenizer and generation settings (tokenizer_config.json, chat_template.jinja,
-special_tokens_map.json, generation_config.json) in every checkpoint, byte for byte and in the
+directory's tokenizer and generation settings (tokenizer_config.json, chat_template.jinja and its named
+templates, special_tokens_map.json, generation_config.json) in every checkpoint, byte for byte and in the
 manifest, and its readers use them as transformers uses the directory's: the chat template
 ``flyer serve`` renders, the BOS a prompt gets, every EOS id of generation_config.json's list.
 A resumed run and a run initialised from it keep carrying them; a bad one is one line naming it.
@@ -29,7 +29,10 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}U
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"},
         {"role": "assistant", "content": "the fox"}, {"role": "user", "content": "again"}]
 SECOND_EOS = 100  # generation_config.json's eos_token_id is [2 ("</s>"), SECOND_EOS], as Llama 3's lists two
-SETTINGS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOOL_TEMPLATE = "{% for t in tools %}Tool {{ t['function']['name'] }}\n{% endfor %}" + TEMPLATE
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+NAMED = "additional_chat_templates/tool_use.jinja"
+SETTINGS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja", NAMED)
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +50,20 @@ def base(tmp_path_factory):
 
 
 def with_template(base, dest, where: str):
-    """A copy of the base directory whose chat template is in tokenizer_config.json or chat_template.jinja."""
+    """A copy of the base directory whose chat template is in tokenizer_config.json or chat_template.jinja, or
+    with a "tool_use" template beside it: as transformers 5 saves them ("named": the default in chat_template.jinja,
+    the other in additional_chat_templates/), or in tokenizer_config.json's older list ("named_config")."""
     shutil.copytree(base / "src", dest)
-    if where == "jinja":
+    if where in ("jinja", "named"):
         (dest / "chat_template.jinja").write_text(TEMPLATE)
-    else:
+    if where == "named":
+        (dest / NAMED).parent.mkdir()
+        (dest / NAMED).write_text(TOOL_TEMPLATE)
+    if where in ("tokenizer_config", "named_config"):
+        named = [{"name": "default", "template": TEMPLATE}, {"name": "tool_use", "template": TOOL_TEMPLATE}]
         tc = json.loads((dest / "tokenizer_config.json").read_text())
-        (dest / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": TEMPLATE}))
+        (dest / "tokenizer_config.json").write_text(json.dumps(
+            {**tc, "chat_template": named if where == "named_config" else TEMPLATE}))
     return dest
 
 
@@ -79,12 +89,13 @@ def carried(step, src) -> dict[str, bytes]:
     return files
 
 
-@pytest.fixture(scope="module", params=["tokenizer_config", "jinja"])
+@pytest.fixture(scope="module", params=["tokenizer_config", "jinja", "named", "named_config"])
 def trained(base, request):
     src = with_template(base, base / f"src-{request.param}", request.param)
     run = base / f"run-{request.param}"
     assert train(base, src, run) == 0
-    return SimpleNamespace(src=src, run=run, hf=AutoTokenizer.from_pretrained(src))
+    template = {"default": TEMPLATE, "tool_use": TOOL_TEMPLATE} if "named" in request.param else TEMPLATE
+    return SimpleNamespace(src=src, run=run, hf=AutoTokenizer.from_pretrained(src), template=template)
 
 
 def test_a_run_from_hf_renders_its_chat_template_and_stops_at_its_eos_ids(trained):
@@ -103,7 +114,10 @@ def test_a_run_from_hf_renders_its_chat_template_and_stops_at_its_eos_ids(traine
     assert api.render_chat(MSGS) == hf.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
     want = hf.apply_chat_template(MSGS, tokenize=True, add_generation_prompt=True, return_dict=False)
     assert api._chat_prompt(ChatBody(model="run", messages=MSGS)) == list(want)
-    assert read_chat_template(str(step)) == TEMPLATE  # a step directory too
+    # with tools, named templates' "tool_use" one, as transformers picks it
+    with_tools = hf.apply_chat_template(MSGS, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert api.render_chat(MSGS, TOOLS) == with_tools and ("Tool lookup" in with_tools) == ("named" in trained.src.name)
+    assert read_chat_template(str(step)) == trained.template  # a step directory too
     assert settings_dir(trained.run) == settings_dir(step) == step and settings_dir(trained.src) == trained.src
 
 
@@ -123,8 +137,9 @@ def test_export_of_the_run_writes_the_models_settings(trained, tmp_path, capsys)
     the same chat and reads the same EOS list and BOS from the export as from the directory."""
     assert main(["export", str(trained.run), "--out", str(tmp_path / "out")]) == 0
     hf = AutoTokenizer.from_pretrained(tmp_path / "out")
-    want = trained.hf.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
-    assert hf.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True) == want
+    for tools in (None, TOOLS):
+        want = trained.hf.apply_chat_template(MSGS, tools=tools, tokenize=False, add_generation_prompt=True)
+        assert hf.apply_chat_template(MSGS, tools=tools, tokenize=False, add_generation_prompt=True) == want
     assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [2, SECOND_EOS]
     assert hf.bos_token_id == trained.hf.bos_token_id and hf("hello")["input_ids"] == trained.hf("hello")["input_ids"]
 
@@ -140,12 +155,13 @@ def test_resume_and_init_from_the_run_keep_carrying_them(base, trained, tmp_path
     (src / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": "changed"}))
     (src / "generation_config.json").unlink()
     (src / "chat_template.jinja").unlink(missing_ok=True)
+    shutil.rmtree(src / NAMED.split("/")[0], ignore_errors=True)
     assert train(base, src, run, "--resume", "--steps", "2") == 0
     assert newest(run).name == ckpt.step_dir_name(2)
     assert carried(newest(run), trained.src) == want
     assert train(base, run, tmp_path / "again") == 0
     assert carried(newest(tmp_path / "again"), trained.src) == want
-    assert read_chat_template(str(tmp_path / "again")) == TEMPLATE
+    assert read_chat_template(str(tmp_path / "again")) == trained.template
 
 
 def _last_line(capsys) -> str:
@@ -173,3 +189,24 @@ def test_a_settings_file_that_is_not_json_is_one_line(base, trained, tmp_path, c
     line = _last_line(capsys)
     assert line.startswith("flyer: error: --ckpt: cannot load checkpoint")
     assert f"{step / 'tokenizer_config.json'}: not valid JSON" in line
+
+
+def test_named_templates_need_a_default_and_the_manifest_covers_them(trained, tmp_path):
+    """Named templates with no "default" (a conversation without tools has none to render with, and transformers
+    refuses it too) are one line naming their folder; a named template added to a checkpoint after it was written
+    is not in its manifest, so the checkpoint is refused, not read unchecked."""
+    from flyer.errors import ConfigError
+
+    src = shutil.copytree(trained.src, tmp_path / "src")
+    (src / "chat_template.jinja").unlink(missing_ok=True)
+    (src / NAMED).parent.mkdir(exist_ok=True)
+    (src / NAMED).write_text(TOOL_TEMPLATE)
+    with pytest.raises(ConfigError, match=r"additional_chat_templates: named chat templates \['tool_use'\] but none"):
+        read_chat_template(str(src))
+    with pytest.raises(ValueError, match="no default"):
+        AutoTokenizer.from_pretrained(src).apply_chat_template(MSGS, tokenize=False)
+    step = newest(shutil.copytree(trained.run, tmp_path / "run"))
+    (step / NAMED).parent.mkdir(exist_ok=True)
+    (step / "additional_chat_templates" / "rag.jinja").write_text(TEMPLATE)
+    with pytest.raises(ckpt.CheckpointError, match="additional_chat_templates/rag.jinja is not in its manifest"):
+        ckpt.verify_checkpoint(step)

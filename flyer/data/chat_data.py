@@ -62,7 +62,7 @@ from flyer.data.chat_encode import (Conversation, encode_conversations, prefix_p
                                     token_splitter)
 from flyer.data.chat_pieces import cut_conversation
 from flyer.data.chat_template import REASONING_FIELDS, chat_renderer, read_chat_template
-from flyer.data.deepseek_encoding import ChatEncoding
+from flyer.data.deepseek_encoding import ChatEncoding, ChatTemplate
 from flyer.data.presplit import tokenizer_key
 from flyer.data.prepare import _build_lock, unigram_from_counts
 from flyer.data.shards import atomic_write
@@ -90,7 +90,7 @@ def is_chat_data(data: str | Path | None) -> bool:
     return data is not None and str(data).endswith(".jsonl")
 
 
-def chat_tokenizer(init: str | None, tokenizer: str | None) -> tuple[TextTokenizer, str | ChatEncoding | None]:
+def chat_tokenizer(init: str | None, tokenizer: str | None) -> tuple[TextTokenizer, ChatTemplate]:
     """(tokenizer, chat template or None) for chat data: ``init``'s (an HF directory, or a flyer run,
     which carries its HF settings when fine-tuned from one), else the ``tokenizer.json`` file ``tokenizer``
     with flyer's default template. Neither: ``FieldError`` on ``data`` (a BPE trained here has no chat
@@ -292,7 +292,7 @@ def held_out(n: int) -> list[bool]:
     return val
 
 
-def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, template: str | ChatEncoding | None,
+def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, template: ChatTemplate,
                  kwargs: dict | None = None) -> ChatData:
     """Read, render, mask and cache the chat file ``path`` (module doc); a cached build is reused. ``kwargs``: the
     chat_template_kwargs every line renders with (a line's own keys override them). ``FieldError`` on
@@ -307,7 +307,7 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
             h.update(block)
     key_src = {"version": CHAT_VERSION, "file": h.hexdigest(), "max_line": MAX_LINE_BYTES, "val_every": VAL_EVERY,
                "tokenizer": hashlib.blake2b(tokenizer_key(tok.tok), digest_size=16).hexdigest(),
-               "template": template if isinstance(template, str) or template is None else asdict(template),
+               "template": asdict(template) if isinstance(template, ChatEncoding) else template,
                "special": special, **({"chat_template_kwargs": kwargs} if kwargs else {})}  # none: the key as before
     key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=8).hexdigest()
     out = Path(cache_dir).expanduser() / f"chat-{key}"
@@ -325,7 +325,7 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
                     _unigram(train_split, val_split, vocab), out)
 
 
-def _build(out: Path, path: Path, tok: TextTokenizer, template: str | ChatEncoding | None, special: dict,
+def _build(out: Path, path: Path, tok: TextTokenizer, template: ChatTemplate, special: dict,
            kwargs: dict | None = None) -> None:
     render = chat_renderer(template, special)
     split = token_splitter(tok.tok)

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 from flyer.data import tools_typescript
-from flyer.data.deepseek_encoding import ENCODINGS, ChatEncoding, joined_parts
+from flyer.data.deepseek_encoding import ENCODINGS, ChatEncoding, ChatTemplate, joined_parts
 from flyer.config import ModelConfig
 from flyer.errors import ConfigError, FieldError
 from flyer.interop.export_config import hf_model_type
 from flyer.interop.hf import is_hf_model_dir
 from flyer.interop.load import settings_dir
+from flyer.train.checkpoint import NAMED_TEMPLATES
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
 # transformers encodes it), the tools as JSON when given, one header line per message, then the assistant's. An
@@ -56,8 +57,9 @@ def template_message(message: dict) -> dict:
 _GENERATION_TAG = re.compile(r"({%-?\s*)(end)?generation(\s*-?%})")
 
 
-def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] | None = None):
-    """messages -> prompt text with ``template`` (a Hugging Face chat template; None: the default),
+def chat_renderer(template: ChatTemplate, special: dict[str, str] | None = None):
+    """messages -> prompt text with ``template`` (a Hugging Face chat template; None: the default; named templates:
+    "tool_use" for a call given tools when there is one, else "default", as transformers' ``get_chat_template``),
     in a sandboxed Jinja environment set up as transformers sets up its own; a ``ChatEncoding`` (a release's
     Python encoder: ``flyer.data.deepseek_encoding``) renders with its own code, the same call. ``special``:
     the named special tokens the template sees (``bos_token``, ``eos_token``, ...; ``TextTokenizer.special_tokens``).
@@ -68,6 +70,13 @@ def chat_renderer(template: str | ChatEncoding | None, special: dict[str, str] |
     (``flyer.data.tools_typescript.chat_kwargs``: the tools as TypeScript, its thinking defaults). transformers'
     ``{% generation %}`` blocks render their body, as its ``apply_chat_template`` renders them. Every message is
     passed as transformers 5 passes it (``template_message``), to a template and to an encoding alike."""
+    if isinstance(template, dict):
+        by_name = {n: chat_renderer(template[n], special) for n in ("default", "tool_use") if n in template}
+
+        def named_render(messages: list[dict], tools: list[dict] | None = None, *args, **kwargs) -> str:
+            return by_name["tool_use" if tools is not None and "tool_use" in by_name else "default"](
+                messages, tools, *args, **kwargs)
+        return named_render
     if isinstance(template, ChatEncoding):
         def encoded(messages: list[dict], *args, **kwargs) -> str:
             return template.render([template_message(m) for m in messages], *args, **kwargs)
@@ -186,23 +195,33 @@ def content_format(template: str | None) -> str:
     return "openai" if any(reads(f.iter, items, "content") for f in ast.find_all(nodes.For)) else "string"
 
 
-def read_chat_template(ckpt: str | Path | None) -> str | ChatEncoding | None:
-    """The chat template of a Hugging Face directory, or of a flyer run fine-tuned from one (which
-    carries its settings: ``flyer.interop.load.settings_dir``): ``chat_template.jinja``, else
-    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of which
-    "default" is taken); without one, the ``ChatEncoding`` of a directory whose config.json ``model_type``
-    has one (``ENCODINGS``: DeepSeek-V3.2 and V4 ship a Python encoder, no template), for a run the model_type its
-    model exports as; None for flyer's own runs and directories with neither."""
+def read_chat_template(ckpt: str | Path | None) -> ChatTemplate:
+    """The chat template of a Hugging Face directory, or of a flyer run fine-tuned from one (which carries its
+    settings: ``flyer.interop.load.settings_dir``), found as transformers 5 finds it: ``chat_template.jinja`` (the
+    "default") and ``additional_chat_templates/NAME.jinja`` (named ones), else ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or a list of named templates); named templates as a dict (``chat_renderer`` picks
+    one per call), which must hold a "default" (a one-line ``ConfigError``). Without one, the ``ChatEncoding`` of a
+    directory whose config.json ``model_type`` has one (``ENCODINGS``: DeepSeek-V3.2 and V4 ship a Python encoder,
+    no template), for a run the model_type its model exports as; None for flyer's own runs and directories with
+    neither."""
     root = settings_dir(ckpt) if ckpt else None
     if root is None:
         return None
-    if (root / "chat_template.jinja").is_file():
-        return _compiles((root / "chat_template.jinja").read_text(), root / "chat_template.jinja")
-    t = _json_field(root / "tokenizer_config.json", "chat_template")
-    if isinstance(t, list):
-        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
-    if isinstance(t, str):
-        return _compiles(t, root / "tokenizer_config.json")
+    files = [root / "chat_template.jinja", *sorted((root / NAMED_TEMPLATES).glob("*.jinja"))]
+    named = {("default" if f.parent == root else f.stem): _compiles(f.read_text(), f) for f in files if f.is_file()}
+    where = root / (NAMED_TEMPLATES if named.keys() - {"default"} else "chat_template.jinja")
+    if not named:  # the files take priority over the config's entry, as transformers reads them
+        t, where = _json_field(root / "tokenizer_config.json", "chat_template"), root / "tokenizer_config.json"
+        if isinstance(t, list):
+            named = {x["name"]: _compiles(x["template"], where) for x in t if isinstance(x, dict)
+                     and isinstance(x.get("name"), str) and isinstance(x.get("template"), str)}
+        elif isinstance(t, str):
+            return _compiles(t, where)
+    if named:
+        if "default" not in named:
+            raise ConfigError(f"{where}: named chat templates {sorted(named)} but none named 'default', which a "
+                              "conversation without tools renders with")
+        return named["default"] if len(named) == 1 else named
     kind = _json_field(root / "config.json", "model_type") if is_hf_model_dir(root) else _run_model_type(root)
     return ENCODINGS.get(kind) if isinstance(kind, str) else None
 

@@ -410,3 +410,6 @@ class ChatEncoding:
 
 # model_type -> its encoding, for checkpoints without a chat template
 ENCODINGS = {name: ChatEncoding(name) for name in ("deepseek_v32", "deepseek_v4")}
+# what a checkpoint's chat comes as (``flyer.data.chat_template.read_chat_template``): a template, named templates
+# (name -> template), an encoding, or none (flyer's default template)
+ChatTemplate = str | dict[str, str] | ChatEncoding | None

@@ -29,7 +29,7 @@ import torch
 from flyer.data.chat_data import (ChatSampler, ChatSplit, _read_lines, chat_rows, encode_conversation, held_out,
                                   json_object)
 from flyer.data.chat_template import chat_renderer
-from flyer.data.deepseek_encoding import ChatEncoding
+from flyer.data.deepseek_encoding import ChatTemplate
 from flyer.data.tokenizer import ensure_eos
 from flyer.errors import DataError, FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
@@ -111,7 +111,7 @@ def _split(ids: list[list[int]], masks: list[list[int]], lines: list[int], keep:
     return PrefSplit(samples, np.asarray([n for n, k in zip(lines, keep) if k], dtype=np.int64), path)
 
 
-def prepare_prefs(path: str | Path, tok: TextTokenizer, template: str | ChatEncoding | None,
+def prepare_prefs(path: str | Path, tok: TextTokenizer, template: ChatTemplate,
                   kwargs: dict | None = None) -> PrefData:
     """Read and tokenize the preference file ``path`` (module doc) with ``tok`` and its chat ``template`` (None:
     flyer's default); ``kwargs``: the chat_template_kwargs every line renders with (a line's own override them).

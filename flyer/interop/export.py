@@ -81,7 +81,7 @@ from flyer.interop.tensorfile import TensorFile, header, write_tensors
 from flyer.interop.v4_quant import (dequantize_fp4_e2m1, dequantize_ue8m0_blocks, held_e4m3_blocks,
                                     published_format, quantize_fp4_e2m1, quantized_items, stored_format)
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import SETTINGS_FILES, fsync_path
+from flyer.train.checkpoint import fsync_path, settings_names
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
           "int4": torch.int32,  # int4: the routed experts' packed codes (the rest BF16)
@@ -204,9 +204,9 @@ def write_weights(items: list[Item], out: Path, max_shard_bytes: int) -> list[st
     return names
 
 
-# tokenizer files transformers may write beside tokenizer.json, carried from a source directory as they are
-# (the two JSON settings files are merged with flyer's fields instead, ``_json_with``)
-_CARRIED = tuple(n for n in SETTINGS_FILES if n not in ("tokenizer_config.json", "generation_config.json"))
+# the two JSON settings files are merged with flyer's fields (``_json_with``); the others transformers may write
+# beside tokenizer.json (``settings_names``: chat templates, named ones too) are carried from a source as they are
+_MERGED = ("tokenizer_config.json", "generation_config.json")
 
 
 def _shard_limit(max_shard_size: str | int) -> int:
@@ -300,10 +300,11 @@ def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]
         if tiktoken and not builds(tmp, tok.tok, CheckpointError):
             raise CheckpointError(f"{source}: its {', '.join(tiktoken)} do not build the tokenizer exported with "
                                   "the model (changed since it was read?)")
-        for name in _CARRIED:
-            if source is not None and (source / name).is_file():
+        for name in settings_names(source) if source is not None else ():
+            if name not in _MERGED:
+                (tmp / name).parent.mkdir(exist_ok=True)
                 shutil.copyfile(source / name, tmp / name)
-        for f in tmp.iterdir():  # on disk before the directory is renamed into place
+        for f in tmp.rglob("*"):  # on disk before the directory is renamed into place
             fsync_path(f)
         os.rename(tmp, out)  # onto an empty directory too; one that filled meanwhile fails: ENOTEMPTY
     except BaseException as e:

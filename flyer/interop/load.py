@@ -36,7 +36,7 @@ from flyer.interop.tensorfile import TensorFile, header
 from flyer.interop.v4_quant import held_e4m3_blocks, quantize_fp4_e2m1, stored_format
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import (SETTINGS_FILES, check_model_weights, inference_checkpoint, resolve_checkpoint_path,
+from flyer.train.checkpoint import (check_model_weights, inference_checkpoint, resolve_checkpoint_path, settings_names,
                                    trained_fp4_experts)
 
 
@@ -87,13 +87,13 @@ def fp4_expert_values(model: nn.Module, key: str, dest: torch.Tensor, master: to
 
 
 def _carries_settings(ckpt: Path) -> bool:
-    return any((ckpt / name).is_file() for name in SETTINGS_FILES)
+    return bool(settings_names(ckpt))
 
 
 def settings_dir(path: str | Path) -> Path | None:
     """The directory whose tokenizer_config.json, generation_config.json and chat template describe the
     checkpoint at ``path``: an HF directory itself; a flyer run or step directory's (resolved) step
-    directory when it carries them (fine-tuned from an HF directory: ``SETTINGS_FILES``); else None
+    directory when it carries them (fine-tuned from an HF directory: ``settings_names``); else None
     (flyer's own tokenizer: its named EOS, the default chat template). A path holding no valid
     checkpoint: ``CheckpointError``."""
     if is_hf_model_dir(path):
@@ -103,19 +103,18 @@ def settings_dir(path: str | Path) -> Path | None:
 
 
 def read_settings(path: str | Path) -> dict[str, bytes]:
-    """The ``SETTINGS_FILES`` the directory ``path`` (HF, or a flyer step directory) has, name -> its
+    """The settings files (``settings_names``) the directory ``path`` (HF, or a flyer step directory) has, name -> its
     bytes as they are, for a run to carry, and a tiktoken tokenizer's files (``read_tokenizer_files``: Kimi's
     tiktoken.model and remote code, which a tokenizer.json cannot stand in for). A JSON one that is not a JSON
     object is a one-line ``CheckpointError`` naming it (as a reader of it would give), so a run refuses it when it
     starts."""
     found = {}
-    for f in (Path(path) / name for name in SETTINGS_FILES):
-        if not f.is_file():
-            continue
+    for name in settings_names(Path(path)):
+        f = Path(path) / name
         if f.suffix == ".json":
             _read_json(f)
         try:
-            found[f.name] = f.read_bytes()
+            found[name] = f.read_bytes()
         except OSError as e:
             raise CheckpointError(f"{f}: cannot read ({e.strerror or e})") from None
     return found | read_tokenizer_files(path, CheckpointError)

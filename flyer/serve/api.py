@@ -61,7 +61,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flyer.data.chat_template import chat_renderer, effort_kwargs
-from flyer.data.deepseek_encoding import ChatEncoding
+from flyer.data.deepseek_encoding import ChatEncoding, ChatTemplate
 from flyer.data.fim import fim_prompt
 from flyer.errors import FieldError
 from flyer.serve.api_error import ApiError, ContextLengthError, sse_event
@@ -84,7 +84,7 @@ class Api:
     """The routes, over one engine and tokenizer; ``draining`` makes new requests answer 503."""
 
     def __init__(self, engine: EngineClient, tokenizer, model_name: str, api_key: str | None = None,
-                 chat_template: str | ChatEncoding | None = None, reasoning_parser: str | None = None,
+                 chat_template: ChatTemplate = None, reasoning_parser: str | None = None,
                  tool_call_parser: str = "auto"):
         """``reasoning_parser``: a ``flyer.serve.reasoning.PARSERS`` name, or None: all output is content.
         ``tool_call_parser``: a ``flyer.serve.tools.TOOL_PARSERS`` name, or "auto": the chat template's format."""

@@ -27,7 +27,7 @@ from flyer import kernels
 from flyer.errors import FieldError, UserError
 from flyer.config import parse_size
 from flyer.data.chat_template import read_chat_template
-from flyer.data.deepseek_encoding import ChatEncoding
+from flyer.data.deepseek_encoding import ChatTemplate
 from flyer.infer.cache_fp8 import check_fp8_cache_flags
 from flyer.infer.cli import (CACHE_DTYPE_HELP, DTYPES, add_expert_threads_flag, add_weight_dtype_flag, auto_cache_dtype,
                              check_checkpoint_eos, load_model)
@@ -139,7 +139,7 @@ def _run(args) -> int:
 
 
 def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, name: str, api_key: str | None,
-               chat_template: str | ChatEncoding | None, url: str, reasoning_parser: str | None = None,
+               chat_template: ChatTemplate, url: str, reasoning_parser: str | None = None,
                tool_call_parser: str = "auto") -> None:
     """The HTTP process: the API over the engine's link on ``sock``, with the ready line once it accepts."""
     from flyer.serve.api import Api, Server  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise

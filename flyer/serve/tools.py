@@ -50,7 +50,7 @@ from typing import Any
 
 import llguidance
 
-from flyer.data.deepseek_encoding import DSML, ChatEncoding
+from flyer.data.deepseek_encoding import DSML, ChatEncoding, ChatTemplate
 from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
 from flyer.serve.choice import calls_content, held_back
@@ -138,14 +138,17 @@ class ToolCall:
                 "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def tool_format(chat_template: str | ChatEncoding | None) -> ToolFormat | DsmlFormat | KimiFormat:
-    """The format a checkpoint's chat template writes an assistant's calls in: a chat encoding's own
+def tool_format(chat_template: ChatTemplate) -> ToolFormat | DsmlFormat | KimiFormat:
+    """The format a checkpoint's chat template (of named ones, the "tool_use" one, else the "default") writes an
+    assistant's calls in: a chat encoding's own
     (``ENCODING_FORMATS``); ``KIMI_K2`` for a template holding its ``calls_begin`` (Kimi K2 / K2-Thinking / K2.5's);
     ``DSML_V32`` / ``DSML_V4`` for a template that writes their DSML block;
     ``DEEPSEEK_V3`` when a fenced json block follows a ``sep`` before the next ``call_end`` (V3-0324 / R1 /
     R1-0528's templates), else ``DEEPSEEK_V31`` (V3.1 / V3.2-Exp's, and the default without a template)."""
     if isinstance(chat_template, ChatEncoding):
         return ENCODING_FORMATS[chat_template.name]
+    if isinstance(chat_template, dict):
+        chat_template = chat_template.get("tool_use", chat_template["default"])
     if KIMI_K2.calls_begin in (chat_template or ""):
         return KIMI_K2
     for fmt in (DSML_V32, DSML_V4):
@@ -159,7 +162,7 @@ def tool_format(chat_template: str | ChatEncoding | None) -> ToolFormat | DsmlFo
     return DEEPSEEK_V31
 
 
-def chosen_format(parser: str, chat_template: str | ChatEncoding | None) -> ToolFormat | DsmlFormat | KimiFormat:
+def chosen_format(parser: str, chat_template: ChatTemplate) -> ToolFormat | DsmlFormat | KimiFormat:
     """The format calls are written and read in: ``TOOL_PARSERS[parser]``, or for "auto" the template's
     (``tool_format``). ``FieldError`` naming ``tool_call_parser`` for another name."""
     if parser == "auto":

@@ -10,7 +10,8 @@ Layout of ``RUN/checkpoints/step_00000100/``:
 - ``tokenizer.json``     the tokenizer the run trains with
 - ``SETTINGS_FILES``     a run fine-tuned from a Hugging Face directory (``--init``): that directory's
                          tokenizer and generation settings (chat template, special tokens, EOS ids,
-                         sampling defaults), byte for byte, whichever it has
+                         sampling defaults), byte for byte, whichever it has, and its named chat templates
+                         (``additional_chat_templates/NAME.jinja``)
 - ``tiktoken.model``     instead of tokenizer.json, a run fine-tuned from a tiktoken directory (Kimi's): its
   and remote code        tokenizer files byte for byte (``flyer.data.tokenizer_copy``), its cut of long runs
                          with them
@@ -53,6 +54,21 @@ _PREFIX = "step_"
 # carries them in its checkpoints (``save_training``), so its readers see the model's, not flyer's.
 SETTINGS_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
                   "chat_template.jinja", "chat_template.json")
+# transformers 5's folder of named chat templates beside chat_template.jinja (NAME.jinja: "tool_use", ...), carried too
+NAMED_TEMPLATES = "additional_chat_templates"
+
+
+def settings_names(path: Path) -> list[str]:
+    """The settings files the directory ``path`` has, as names relative to it: ``SETTINGS_FILES`` and its named
+    chat templates (``NAMED_TEMPLATES``/NAME.jinja)."""
+    named = sorted(f"{NAMED_TEMPLATES}/{f.name}" for f in (path / NAMED_TEMPLATES).glob("*.jinja") if f.is_file())
+    return [n for n in SETTINGS_FILES if (path / n).is_file()] + named
+
+
+def is_settings_name(name: str) -> bool:
+    """Whether ``name`` (a file of a checkpoint, relative to it) is one of ``settings_names``'s."""
+    folder, _, rest = name.rpartition("/")
+    return name in SETTINGS_FILES or (folder == NAMED_TEMPLATES and rest.endswith(".jinja") and "/" not in rest)
 
 
 def _sha256(path: Path) -> str:
@@ -152,6 +168,7 @@ def _write_files(tmp: Path, step: int, files: dict[str, Any]) -> None:
     entries = {}
     for name, obj in files.items():
         path = tmp / name
+        path.parent.mkdir(exist_ok=True)  # a settings file's folder (NAMED_TEMPLATES)
         if isinstance(obj, bytes):
             path.write_bytes(obj)
         elif name.endswith(".safetensors"):
@@ -208,8 +225,8 @@ def verify_checkpoint(path: Path) -> dict:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path}: missing file {name}")
     # a manifest covers every file the checkpoint was written with: one it leaves out would load unchecked
-    unlisted = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != "manifest.json"
-                      and p.name not in files)
+    written = (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())  # a settings folder's too
+    unlisted = sorted(n for n in written if n != "manifest.json" and n not in files)
     if unlisted:
         raise CheckpointError(f"checkpoint {path}: {unlisted[0]} is not in its manifest")
     # loading reads a checkpoint's config, header and weights in turn, each through here: files
@@ -342,7 +359,7 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     pp, dp, ep, zero, pp_schedule), which ``load_training`` requires to match. Rank 0 writes;
     ``keep``: valid checkpoints kept, ``protect``: checkpoints never pruned (the one the run
     resumed from). ``settings``: the Hugging Face tokenizer and generation settings the run carries
-    (a name of ``SETTINGS_FILES`` -> its bytes), written as they are; with a tiktoken tokenizer's files
+    (a name of ``settings_names`` -> its bytes), written as they are; with a tiktoken tokenizer's files
     (``flyer.interop.load.read_settings``), which build ``tokenizer`` (``flyer.data.tokenizer_copy.builds``),
     those stand for it and no tokenizer.json is written (one cannot carry Kimi's cut of long runs).
     ``extra``: more JSON-able fields of this rank's state file (a DPO run's reference fingerprint).

@@ -251,7 +251,7 @@ def saved_files(path: Path) -> list | None:
 
 def carried_settings(start: Path | None, init: str | None) -> dict[str, bytes]:
     """The Hugging Face tokenizer and generation settings a run carries in its checkpoints
-    (``checkpoint.SETTINGS_FILES``, name -> bytes): those of the checkpoint it resumes from ``start``,
+    (``checkpoint.settings_names``, name -> bytes): those of the checkpoint it resumes from ``start``,
     else of its ``init`` (an HF directory, or a run that carries them); none for flyer's own tokenizer."""
     if start is not None:
         return read_settings(start)
@@ -274,7 +274,7 @@ def tokenizer_settings(settings: dict[str, bytes], tok: Tokenizer, log) -> dict[
         return settings
     log(f"warning: the run's tokenizer is not its source's {TIKTOKEN_FILE} ({why}): its checkpoints hold a "
         "tokenizer.json, which encodes runs of characters past the source's cut whole")
-    return {k: v for k, v in settings.items() if k in ckpt.SETTINGS_FILES}
+    return {k: v for k, v in settings.items() if ckpt.is_settings_name(k)}
 
 
 def lr_at(tc: TrainConfig, step: int) -> float:
