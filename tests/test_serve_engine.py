@@ -23,7 +23,7 @@ from flyer.infer.attention import Rows, causal_slot_mask, dense_prefill_pays, ml
 from flyer.infer.cache import LatentCache
 from flyer.infer.decoder import Decoder
 from flyer.infer.prefix_cache import chain_keys
-from flyer.infer.sampling import adjust_logits
+from flyer.infer.sampling import adjust_logits, prompt_seen
 from flyer.infer.weights import hold_weights
 from flyer.model.transformer import Transformer
 from flyer.serve.disk_tier import open_disk_prefix_cache
@@ -233,7 +233,8 @@ def test_adjust_logits_is_openais_definition():
 
 def test_repetition_penalty_is_transformers_over_the_prompt_and_the_output():
     """vLLM's repetition penalty is transformers' ``RepetitionPenaltyLogitsProcessor`` over the prompt and the
-    output (positive logits divided, negative multiplied), after the bias and before the OpenAI penalties."""
+    output (positive logits divided, negative multiplied), after the bias and before the OpenAI penalties; the
+    prompt as its ids or its mask."""
     from transformers import RepetitionPenaltyLogitsProcessor  # heavy: only here
 
     g = torch.Generator().manual_seed(0)
@@ -242,7 +243,9 @@ def test_repetition_penalty_is_transformers_over_the_prompt_and_the_output():
     for penalty in (1.3, 0.7):
         want = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + out]), logits.clone()[None])[0]
         got = adjust_logits(logits.clone(), out, repetition=penalty, prompt=prompt)
-        assert torch.equal(got, want)
+        seen = prompt_seen(prompt, 40)  # a request's prompt as its mask, built once
+        assert torch.equal(got, want) and torch.equal(adjust_logits(logits.clone(), out, (), 0, 0, penalty, seen), want)
+        assert torch.equal(seen, prompt_seen(prompt, 40))  # left as it was
     got = adjust_logits(logits.clone(), out, ((9, 2.0),), presence=0.5, repetition=1.3, prompt=prompt)
     assert got[9] == (logits[9] + 2.0) / 1.3 - 0.5 and torch.equal(adjust_logits(logits.clone(), out), logits)
 

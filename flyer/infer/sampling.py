@@ -78,23 +78,33 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
 
 def adjust_logits(logits_V: torch.Tensor, generated: Sequence[int], bias: Sequence[tuple[int, float]] = (),
                   frequency: float = 0.0, presence: float = 0.0, repetition: float = 1.0,
-                  prompt: Sequence[int] = ()) -> torch.Tensor:
+                  prompt: Sequence[int] | torch.Tensor = ()) -> torch.Tensor:
     """One position's logits (V,) adjusted in place as OpenAI's API defines it (and returned): each
     ``bias`` (token, value) added, then a token in the prompt or the output divided by ``repetition`` where its
     logit is positive, multiplied where negative (vLLM's and transformers' repetition penalty), then a token
     generated c times before this position (``generated``: the output so far, not the prompt) lowered by
-    c * frequency + (c > 0) * presence."""
+    c * frequency + (c > 0) * presence. ``prompt``: its ids, or a (V,) bool tensor marking them (``prompt_seen``:
+    built once a request, where its ids would be gathered again at every token)."""
     if bias:
         ids, vals = zip(*bias)
         logits_V[list(ids)] += torch.tensor(vals, dtype=logits_V.dtype, device=logits_V.device)
-    if repetition != 1.0 and (prompt or generated):
-        ids = torch.tensor([*prompt, *generated], device=logits_V.device).unique()
-        seen = logits_V[ids]
-        logits_V[ids] = torch.where(seen > 0, seen / repetition, seen * repetition)
+    if repetition != 1.0:
+        seen = prompt.clone() if isinstance(prompt, torch.Tensor) else prompt_seen(prompt, logits_V.shape[0],
+                                                                                   logits_V.device)
+        seen[list(generated)] = True
+        logits_V.copy_(torch.where(seen, torch.where(logits_V > 0, logits_V / repetition, logits_V * repetition),
+                                   logits_V))
     if generated and (frequency or presence):
         ids, counts = torch.tensor(list(generated), device=logits_V.device).unique(return_counts=True)
         logits_V[ids] -= counts.to(logits_V.dtype) * frequency + presence
     return logits_V
+
+
+def prompt_seen(prompt: Sequence[int], vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(vocab,) bool: True at the ids in ``prompt`` (``adjust_logits``' repetition penalty)."""
+    seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+    seen[list(prompt)] = True
+    return seen
 
 
 class LogitAdjustments:
@@ -126,7 +136,8 @@ class LogitAdjustments:
             if not -100 <= b <= 100:
                 raise FieldError("logit_bias", f"values must be in [-100, 100] (got {b} for token {t})")
 
-    def adjust(self, logits_V: torch.Tensor, generated: Sequence[int], prompt: Sequence[int] = ()) -> torch.Tensor:
+    def adjust(self, logits_V: torch.Tensor, generated: Sequence[int],
+               prompt: Sequence[int] | torch.Tensor = ()) -> torch.Tensor:
         """``adjust_logits`` with these adjustments."""
         return adjust_logits(logits_V, generated, self.logit_bias, self.frequency_penalty, self.presence_penalty,
                              self.repetition_penalty, prompt)

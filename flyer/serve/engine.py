@@ -463,7 +463,8 @@ class Engine:
         owners += [(r, ()) for r in ending]
         for row, (r, extra) in enumerate(owners):
             if r.opts.adjusts:
-                r.opts.adjust(logits[row], [*r.tokens[len(r.prompt):], *extra], r.prompt)
+                prompt = r.prompt_seen(logits.shape[-1], logits.device) if r.opts.repetition_penalty != 1 else ()
+                r.opts.adjust(logits[row], [*r.tokens[len(r.prompt):], *extra], prompt)
 
     def _mask(self, logits: torch.Tensor, plain: list[Request], drafted: list[Drafted], ending: list[Request]) -> None:
         """The tokens each grammar row's grammar forbids set to -inf on its rows of the step's logits (after the

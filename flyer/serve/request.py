@@ -28,7 +28,7 @@ import torch
 
 from flyer.errors import FieldError
 from flyer.infer.prefix_cache import PrefixCache
-from flyer.infer.sampling import LogitAdjustments, SamplingParams
+from flyer.infer.sampling import LogitAdjustments, SamplingParams, prompt_seen
 from flyer.infer.speculative import check_speculation
 
 
@@ -200,7 +200,15 @@ class Request:
     cached_prompt: int = 0
     written_prompt: int = 0  # prompt tokens in the blocks it keyed in the prefix index first (``usage``'s writes)
     done: bool = False
+    _prompt_seen: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def generated(self) -> int:
         return len(self.tokens) - len(self.prompt)
+
+    def prompt_seen(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """The prompt's ids as a (vocab,) bool mask (``flyer.infer.sampling.prompt_seen``), built at the first
+        token it is asked for (a repetition penalty's), not at each."""
+        if self._prompt_seen is None:
+            self._prompt_seen = prompt_seen(self.prompt, vocab, device)
+        return self._prompt_seen
