@@ -54,8 +54,8 @@ def swiglu(h13_N2F: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
     ``swiglu_limit``): silu(min(h1, limit)) * clamp(h3, -limit, limit) (``clamp_gate_up``)."""
     if limit > 0:
         h13_N2F = clamp_gate_up(h13_N2F, limit)
-    if usable(h13_N2F):
-        return cpu_ops().swiglu(h13_N2F)
+    if usable(h13_N2F):  # the kernel reads rows in place: a view made contiguous (a no-op where it is)
+        return cpu_ops().swiglu(h13_N2F.contiguous())
     F_ = h13_N2F.shape[1] // 2
     return F.silu(h13_N2F[:, :F_]) * h13_N2F[:, F_:]
 
@@ -67,8 +67,8 @@ def swiglu_backward(da_NF: torch.Tensor, h13_N2F: torch.Tensor, limit: float = 0
     if limit > 0:
         clamped = clamp_gate_up(h13_N2F, limit)
         return swiglu_backward(da_NF, clamped).masked_fill_(clamped != h13_N2F, 0)
-    if usable(h13_N2F):
-        return cpu_ops().swiglu_backward(da_NF, h13_N2F)
+    if usable(da_NF, h13_N2F) and da_NF.dtype == h13_N2F.dtype:  # the kernel takes one dtype
+        return cpu_ops().swiglu_backward(da_NF.contiguous(), h13_N2F.contiguous())
     # the element-wise ops autograd would run for silu(h1) * h3, written into one buffer
     F_ = h13_N2F.shape[1] // 2
     h1, h3 = h13_N2F[:, :F_], h13_N2F[:, F_:]
@@ -136,7 +136,7 @@ def combine(y_RD: torch.Tensor, w_R: torch.Tensor, index: TokenIndex) -> torch.T
     """out (T, D) in w's dtype (FP32, or FP64): each token's rows times their weights, summed in
     ascending row order; pad rows go nowhere."""
     if index.csr is not None:
-        return cpu_ops().combine(y_RD, w_R, *index.csr)
+        return cpu_ops().combine(y_RD.contiguous(), w_R.contiguous(), *index.csr)
     acc_dtype = w_R.dtype
     # cast, then scale in place: a mixed-dtype broadcast multiply is slower on CPU
     yw = torch.mul(y_RD, w_R[:, None]) if y_RD.dtype == acc_dtype else y_RD.to(acc_dtype).mul_(w_R[:, None])
@@ -149,7 +149,7 @@ def combine_backward(g_TD: torch.Tensor, y_RD: torch.Tensor, w_R: torch.Tensor, 
     (pad rows exactly zero), and, if ``need_dw``, dw (R,) = <g[token], y_row> in w's dtype. The
     kernel's FP32 dot products add their terms in another order than the eager code's."""
     if index.csr is not None and g_TD.dtype == w_R.dtype:
-        return cpu_ops().combine_backward(g_TD.contiguous(), y_RD, w_R, index.src, need_dw)
+        return cpu_ops().combine_backward(g_TD.contiguous(), y_RD.contiguous(), w_R.contiguous(), index.src, need_dw)
     g = g_TD.to(w_R.dtype).index_select(0, index.gather)  # each row's token gradient
     dw = g.mul(y_RD.to(g.dtype)).sum(1) if need_dw else None
     dy = g.mul_(w_R[:, None]).to(y_RD.dtype).index_fill_(0, index.pad_rows, 0)  # zeros, even for inf/nan g
@@ -159,7 +159,7 @@ def combine_backward(g_TD: torch.Tensor, y_RD: torch.Tensor, w_R: torch.Tensor, 
 def segment_sum(x_RD: torch.Tensor, index: TokenIndex) -> torch.Tensor:
     """(T, D) in x's dtype: each token's rows summed (rounded once, as ``index_add_``); pad rows go nowhere."""
     if index.csr is not None:
-        return cpu_ops().segment_sum(x_RD, *index.csr)
+        return cpu_ops().segment_sum(x_RD.contiguous(), *index.csr)
     return x_RD.new_zeros(index.n_tokens + 1, x_RD.shape[1]).index_add_(0, index.src, x_RD)[:-1]
 
 
@@ -175,8 +175,8 @@ ANY_ROWS = 1 << 62  # a group of any size runs the kernel
 def held_few_rows() -> int:
     """Rows per group up to which held (BF16, FP8) weights run the kernel, past which BLAS GEMMs on
     widened blocks: ``HELD_FEW_ROWS``, or any number where the BLAS runs narrower vectors than the
-    kernel (``blas_narrower``). FP32 weights keep ``FEW_ROWS``: past it their GEMMs are the BLAS
-    calls ``F.linear`` makes, whose bits the autograd forward has."""
+    kernel (``blas_narrower``). FP32 weights keep ``FEW_ROWS``: past it the BLAS, on 128-row blocks
+    of the weight (one GEMM's sums within FP32 rounding, not its bits: the BLAS blocks K by the call's shape)."""
     return ANY_ROWS if blas_narrower() else HELD_FEW_ROWS
 
 
@@ -300,7 +300,8 @@ def linear_held(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | N
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("linear_held is for inference: run the model under torch.no_grad()")
     ops = cpu_ops()
-    if ops is not None and x.dtype == torch.float32 and x.device.type == "cpu" and weight_NK.device.type == "cpu":
+    if (ops is not None and x.dtype == torch.float32 and x.device.type == "cpu" and weight_NK.device.type == "cpu"
+            and (weight_NK.dtype in HELD_DTYPES or weight_NK.dtype == HELD_FP8)):  # others: grouped_mm's torch.mm
         return ops.linear(x, weight_NK, bias, scale, FEW_ROWS if weight_NK.dtype == torch.float32 else held_few_rows())
     x_RK = x.reshape(-1, x.shape[-1])
     out = grouped_mm(x_RK, [x_RK.shape[0]], weight_NK.unsqueeze(0), scale=None if scale is None else scale.unsqueeze(0))
@@ -407,8 +408,11 @@ def attention(q_BHTd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSv: torch.Tensor, 
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)``, causal (T == S)
     without a mask. Where ``attention_splits``, one call per (batch row, head), split over the
     expert threads: a prefill chunk's attention (MLA's compute-bound form) otherwise runs on torch's
-    one thread (18% of a 256-token prompt's prefill on 2 cores, 43% of a 1,024-token one's). Each
-    head runs on its own in ATen's fused kernel either way, so the bits are the single call's."""
+    one thread (18% of a 256-token prompt's prefill on 2 cores, 43% of a 1,024-token one's). The bits
+    are the single call's where ATen runs its fused (flash) kernel; where it runs its math path (by shape and
+    mask: ``torch._fused_sdp_choice``) its batched GEMMs over (B, H) may sum in another order than one head's,
+    and the split result is the single call's within FP32 rounding. Either way the same on any number of expert
+    threads."""
     if attention_splits(q_BHTd, k_BHSd, v_BHSv):
         return cpu_ops().attention_heads(q_BHTd, k_BHSd, v_BHSv, mask_B1TS, scale)
     how = dict(is_causal=True) if mask_B1TS is None else dict(attn_mask=mask_B1TS)
@@ -479,7 +483,7 @@ def xent_chunk(logits_nV: torch.Tensor, targets_n: torch.Tensor, need_grad: bool
     (FP32, or FP64: the log-sum-exp dtype) and, if ``need_grad``, softmax - onehot (n, V) rounded
     once to the logits' dtype (as the reference's cast of its FP32 dlogits). Targets in [0, V)."""
     if logp_t_n1.dtype == torch.float32 and usable(logits_nV):  # one pass over the logits, not five
-        logp_t, dlogits = cpu_ops().xent_chunk(logits_nV, targets_n, need_grad)
+        logp_t, dlogits = cpu_ops().xent_chunk(logits_nV.contiguous(), targets_n.contiguous(), need_grad)
         logp_t_n1[:, 0] = logp_t
         return dlogits
     logp = torch.log_softmax(logits_nV, dim=-1, dtype=logp_t_n1.dtype)

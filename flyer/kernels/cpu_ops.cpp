@@ -328,11 +328,14 @@ std::vector<at::Tensor> xent_chunk(const at::Tensor& logits, const at::Tensor& t
         const float x_t = b[tgt[r]];
         Vec vsum(0.f), vmx(mx);
         int64_t i = 0;
-        for (; i + Vec::size() <= V; i += Vec::size()) {
-          Vec e = (Vec::loadu(b + i) - vmx).exp_u20();
-          e.store(b + i);
-          vsum = vsum + e;
-        }
+        // a row whose max is not finite (+inf, NaN) runs std::exp throughout: exp_u20 clamps NaN away (inf - inf
+        // would give a huge term, not the NaN log_softmax gives the whole row)
+        if (std::isfinite(mx))
+          for (; i + Vec::size() <= V; i += Vec::size()) {
+            Vec e = (Vec::loadu(b + i) - vmx).exp_u20();
+            e.store(b + i);
+            vsum = vsum + e;
+          }
         float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
         for (; i < V; ++i) {
           b[i] = std::exp(b[i] - mx);
@@ -438,6 +441,9 @@ void check_csr(const at::Tensor& offsets, const at::Tensor& rows, int64_t n_rows
   const int64_t* rw = rows.data_ptr<int64_t>();
   const int64_t T = offsets.numel() - 1;
   TORCH_CHECK(T >= 0 && off[0] == 0 && off[T] <= rows.numel(), "combine: bad row offsets");
+  for (int64_t t = 0; t < T; ++t)  // the loops read rows[off[t] .. off[t + 1]): offsets must not decrease
+    TORCH_CHECK(off[t] <= off[t + 1], "combine: row offsets decrease at token ", t, " (", off[t], " > ",
+                off[t + 1], ")");
   for (int64_t i = 0; i < off[T]; ++i)
     TORCH_CHECK(rw[i] >= 0 && rw[i] < n_rows, "combine: row ", rw[i], " out of range for ", n_rows, " rows");
 }
@@ -612,9 +618,10 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor&
   const int64_t M = x.size(0), D = x.size(1);
   auto wf = weight.to(at::kFloat).contiguous();
   auto dx = need_dx ? at::empty_like(x) : at::Tensor();
-  // rows split into one block per thread; each block sums its own dweight part (no races, and
-  // the same result whichever thread runs which block)
-  const int64_t n_blocks = std::max<int64_t>(1, std::min<int64_t>(M, at::get_num_threads()));
+  // rows split into a fixed number of blocks, whatever the thread count; each block sums its own dweight part,
+  // and the parts are added in block order (no races, and the same result on any number of threads)
+  constexpr int64_t kDwBlocks = 64;
+  const int64_t n_blocks = std::max<int64_t>(1, std::min<int64_t>(M, kDwBlocks));
   auto dw_parts = need_dw ? at::zeros({n_blocks, D}, x.options().dtype(at::kFloat)) : at::Tensor();
   FLYER_DISPATCH(x.scalar_type(), "rms_norm_backward", [&] {
     using in_t = scalar_t;
@@ -666,7 +673,15 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor&
       });
     });
   });
-  return {dx, need_dw ? dw_parts.sum(0) : at::Tensor()};
+  if (!need_dw) return {dx, at::Tensor()};
+  float* parts = dw_parts.data_ptr<float>();  // block 0's row collects the others', in block order
+  for (int64_t blk = 1; blk < n_blocks; ++blk) {
+    const float* p = parts + blk * D;
+    int64_t i = 0;
+    for (; i + Vec::size() <= D; i += Vec::size()) (Vec::loadu(parts + i) + Vec::loadu(p + i)).store(parts + i);
+    for (; i < D; ++i) parts[i] = parts[i] + p[i];
+  }
+  return {dx, dw_parts[0]};
 }
 
 
@@ -784,14 +799,22 @@ struct Unscaled {
 };
 // (code / 256) * (256 scale), or (code / 2^120) * (2^120 scale) with ``kRaw``, is exactly code *
 // scale before its one rounding, so it rounds alike. ``wide``: the scales times 256 (2^120), made
-// once per call.
-template <bool kRaw>
+// once per call. 256 scale overflows from 2^120: a call with a scale of 2^100 or more takes ``kLarge``,
+// whose such blocks keep ``wide`` = scale and compute ((code / 256) scale) 256, as exact (a power-of-two
+// factor commutes with the rounding where nothing under- or overflows midway).
+enum FP8Route { kBy256, kRaw, kLarge };
+constexpr float kLargeScale = 0x1p100f;  // decode_fp8_scaled's bound
+template <int kRoute>
 struct BlockScaled {
   const float* scales;  // (blocks of rows, Kb): the weight's block scales
   const float* wide;  // the same, times the widening's factor
   int64_t kb;
   Vec vec(const c10::Float8_e4m3fn* p, int64_t k) const {
-    return (kRaw ? load_fp8_over_2p120(p) : load_fp8_over_256<false>(p)) * Vec(wide[k / 128]);
+    if constexpr (kRoute == kLarge) {
+      const Vec v = load_fp8_over_256<false>(p) * Vec(wide[k / 128]);
+      return std::abs(scales[k / 128]) < kLargeScale ? v : v * Vec(256.f);
+    }
+    return (kRoute == kRaw ? load_fp8_over_2p120(p) : load_fp8_over_256<false>(p)) * Vec(wide[k / 128]);
   }
   float one(const c10::Float8_e4m3fn* p, int64_t k) const { return static_cast<float>(*p) * scales[k / 128]; }
   BlockScaled rows(int64_t n) const {  // weight row n's block
@@ -1053,6 +1076,7 @@ at::Tensor grouped_rows(const at::Tensor& x, const int64_t* cnt, const at::Tenso
   }
   TORCH_CHECK(first[G] == R, "grouped_mm: counts sum to ", first[G], ", x has ", R, " rows");
   auto out = at::empty({R, N}, x.options());
+  if (K == 0) return out.zero_();  // empty sums; the BLAS refuses a leading dimension of 0 and writes nothing
   std::vector<Item> items;  // the GEMM blocks first: the largest items, so the last ones run short
   double bytes = 0;
   for (int64_t g = 0; g < G; ++g)
@@ -1079,10 +1103,11 @@ at::Tensor grouped_rows(const at::Tensor& x, const int64_t* cnt, const at::Tenso
                 ")");
     const float* sp = sc.data_ptr<float>();
     // the 2^-120 route only where 2^120 scale stays finite; each route's scales times its factor, once
-    bool raw = kFP8Raw;
+    bool raw = kFP8Raw, large = false;
     for (int64_t i = 0; i < sc.numel(); ++i) raw = raw && std::abs(sp[i]) < 256.f;
+    for (int64_t i = 0; i < sc.numel(); ++i) large = large || std::abs(sp[i]) >= kLargeScale;
     std::vector<float> by256(sc.numel()), by2p120(raw ? sc.numel() : 0);
-    for (int64_t i = 0; i < sc.numel(); ++i) by256[i] = 256.f * sp[i];
+    for (int64_t i = 0; i < sc.numel(); ++i) by256[i] = std::abs(sp[i]) < kLargeScale ? 256.f * sp[i] : sp[i];
     for (size_t i = 0; i < by2p120.size(); ++i) by2p120[i] = kTwoP120 * sp[i];
     const auto run = [&](auto route, const float* by, int64_t begin, int64_t end) {
       const auto load = [&](int64_t g) {
@@ -1091,10 +1116,12 @@ at::Tensor grouped_rows(const at::Tensor& x, const int64_t* cnt, const at::Tenso
       run_items(call, w.data_ptr<c10::Float8_e4m3fn>(), load, begin, end);
     };
     parallel_items(n_items, seconds, [&](int64_t begin, int64_t end) {
-      if (raw && !denormals_are_zero())  // this thread's MXCSR: subnormal codes need it off
-        run(std::true_type{}, by2p120.data(), begin, end);
+      if (large)
+        run(std::integral_constant<int, kLarge>{}, by256.data(), begin, end);
+      else if (raw && !denormals_are_zero())  // this thread's MXCSR: subnormal codes need it off
+        run(std::integral_constant<int, kRaw>{}, by2p120.data(), begin, end);
       else
-        run(std::false_type{}, by256.data(), begin, end);
+        run(std::integral_constant<int, kBy256>{}, by256.data(), begin, end);
     });
   } else if (w.scalar_type() == at::kBFloat16) {
     parallel_items(n_items, seconds, [&](int64_t begin, int64_t end) {
@@ -1124,8 +1151,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
                   const c10::optional<at::Tensor>& scale, int64_t max_rows) {
   TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "linear: x (..., K) and w (N, K) expected, got ",
               x.sizes(), " and ", w.sizes());
-  const at::Tensor x2 = x.reshape({-1, w.size(1)}).contiguous();
-  const int64_t rows = x2.size(0);
+  // the row count from x's leading dims: reshape cannot infer -1 beside K = 0
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2 = x.reshape({rows, w.size(1)}).contiguous();
   c10::optional<at::Tensor> scale3;
   if (scale.has_value() && scale->defined()) scale3 = scale->contiguous().unsqueeze(0);
   at::Tensor out = grouped_rows(x2, &rows, w.contiguous().unsqueeze(0), max_rows, scale3);
@@ -1405,6 +1433,8 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Ten
   check_dtype(q, at::kFloat, "mla_decode q");
   check_dtype(pos, at::kLong, "mla_decode pos");
   check_paged(pool, tables, "mla_decode", true);
+  // before the modulo below (T = 0 divides by zero) and the max over each row's T positions
+  TORCH_CHECK(pos.dim() == 2 && pos.size(1) >= 1, "mla_decode: pos (B, T) with T >= 1 expected, got ", pos.sizes());
   TORCH_CHECK(q.dim() == 3 && pool.dim() == 3 && tables.dim() == 2 && pos.dim() == 2 &&
               tables.size(0) == q.size(0) && pos.size(0) == q.size(0) && q.size(1) % pos.size(1) == 0,
               "mla_decode: q (B, M, K), pool (N, bs, K), tables (B, nb), pos (B, T) with T dividing M expected");
@@ -1686,10 +1716,8 @@ at::Tensor fp8_dequantize(const at::Tensor& data, const at::Tensor& scale, int64
       const float* s = sp + (r / block_rows) * Cb;
       const uint8_t* d = dp + r * Cp;
       float* o = op + r * Cp;
-      if (!e5m2) {  // E4M3 widened in registers, as the held-weight GEMM does (Vec::size() divides 128)
-        const auto* codes = reinterpret_cast<const c10::Float8_e4m3fn*>(d);
-        for (int64_t c = 0; c < Cp; c += Vec::size())
-          (load_fp8_over_256(codes + c) * Vec(256.f * s[c / kTile])).store(o + c);
+      if (!e5m2) {  // E4M3 widened in registers as the held-weight GEMM does, by the table where 256 s overflows
+        for (int64_t t = 0; t < Cb; ++t) decode_fp8_scaled(d + t * kTile, kTile, s[t], lut, o + t * kTile);
         continue;
       }
       for (int64_t c = 0; c < Cp; ++c) o[c] = lut[d[c]] * s[c / kTile];
@@ -1701,8 +1729,8 @@ at::Tensor fp8_dequantize(const at::Tensor& data, const at::Tensor& scale, int64
 // ---- fused attention, one call per (batch row, head) ----------------------------------------------
 // ATen's scaled_dot_product_attention of q (B, H, T, d), k (B, H, S, d), v (B, H, S, dv) with a
 // boolean mask (B or 1, 1, T, S), or causal (T == S) without one, split over flyer's workers by
-// (row, head): a prefill chunk's attention otherwise runs on torch's one thread. Each head's
-// attention is computed on its own in ATen's fused kernel either way, so the bits are one call's.
+// (row, head): a prefill chunk's attention otherwise runs on torch's one thread. One call's bits
+// where ATen takes its fused kernel; on its math path (batched GEMMs over (B, H)) within FP32 rounding of them.
 at::Tensor attention_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const c10::optional<at::Tensor>& mask, double scale) {
   for (const auto* t : {&q, &k, &v}) {  // any strides: ATen's kernel reads them

@@ -171,8 +171,9 @@ def _swiglu_forward(x, w13, w2, rows_E: list[int], F_, rows_E_tensor: torch.Tens
     projections before ``limit``'s clamp (the backward's mask is where they were clamped). Per-expert
     views come from one ``split``/``unbind`` each rather than a Python slice per GEMM operand.
     FP32 (nothing emulated) goes through ``kernels.grouped_mm``: one call per projection, the
-    kernel when every expert has a few rows (decoding), else the same per-expert ``torch.mm``
-    (``rows_E_tensor``: ``rows_E`` as an int64 tensor, where the caller has one)."""
+    kernel when every expert has a few rows (decoding), else BLAS GEMMs on 128-row blocks of each expert's
+    weight (the per-expert ``torch.mm``'s sums within FP32 rounding, not its bits) (``rows_E_tensor``: ``rows_E``
+    as an int64 tensor, where the caller has one)."""
     if x.dtype == torch.float32 and w13.dtype in kernels.HELD_DTYPES and w2.dtype in kernels.HELD_DTYPES:
         h13 = kernels.grouped_mm(x, rows_E, w13, rows_E_tensor)
         a = kernels.swiglu(h13, limit)
