@@ -3,6 +3,7 @@ tokens under continuous batching, chunked prefill, prefix sharing and preemption
 on its prompt alone; seeded sampling, cancellation, admission limits."""
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -248,6 +249,26 @@ def test_repetition_penalty_is_transformers_over_the_prompt_and_the_output():
         assert torch.equal(seen, prompt_seen(prompt, 40))  # left as it was
     got = adjust_logits(logits.clone(), out, ((9, 2.0),), presence=0.5, repetition=1.3, prompt=prompt)
     assert got[9] == (logits[9] + 2.0) / 1.3 - 0.5 and torch.equal(adjust_logits(logits.clone(), out), logits)
+
+
+def test_a_repetition_penalty_near_zero_fails_no_request(trained):
+    """A repetition penalty that overflows a seen token's logit (1e-300: 0 in FP32; 1e-39: subnormal) makes that
+    token the sampler's certain choice, not a NaN distribution that failed the step and every request in it: the
+    request beside it decodes what it decodes alone; greedy logprobs stay finite."""
+    p = _progression(7, 1, 6)
+    alone = _run(_engine(trained), [p], SamplingOptions(max_tokens=8))[0]
+    for penalty in (1e-300, 1e-39):
+        eng, events = _engine(trained), [[], [], []]
+        opts = [SamplingOptions(max_tokens=8), SamplingOptions(max_tokens=4, temperature=1.0, seed=0,
+                                                               repetition_penalty=penalty),
+                SamplingOptions(max_tokens=4, logprobs=2, repetition_penalty=penalty)]
+        for i, o in enumerate(opts):
+            eng.submit(p, o, events[i].append)
+        eng.run_until_idle()
+        assert [e.token for e in events[0]] == alone and events[0][-1].finish_reason == "length"
+        assert [e.finish_reason for e in events[1] + events[2]].count("length") == 2
+        assert all(math.isfinite(e.logprob) for e in events[2])
+        assert events[1][0].token in p and events[2][0].token in p  # a seen token's logit, overflowed: the choice
 
 
 def test_logit_bias_and_penalties_in_any_batch_and_with_drafts(trained):

@@ -94,6 +94,9 @@ def adjust_logits(logits_V: torch.Tensor, generated: Sequence[int], bias: Sequen
         seen[list(generated)] = True
         logits_V.copy_(torch.where(seen, torch.where(logits_V > 0, logits_V / repetition, logits_V * repetition),
                                    logits_V))
+        # a penalty near 0 overflows a positive logit to +inf, whose softmax is NaN: FP32's largest stands in (the
+        # sampler's limit is then that token, as the overflow means)
+        logits_V.clamp_(max=torch.finfo(logits_V.dtype).max)
     if generated and (frequency or presence):
         ids, counts = torch.tensor(list(generated), device=logits_V.device).unique(return_counts=True)
         logits_V[ids] -= counts.to(logits_V.dtype) * frequency + presence
