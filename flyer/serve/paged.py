@@ -200,8 +200,10 @@ class BlockAllocator:
                 self.free.append(block)
 
     def release(self, blocks: Sequence[int]) -> None:
-        """Drop one reference to each block; unreferenced blocks stay cached when keyed, else free."""
-        for b in blocks:
+        """Drop one reference to each block of a table; unreferenced blocks stay cached when keyed, else free. Last
+        block first: a chain is found from its head, so its tail is the first to go when memory is needed (its head
+        first would leave the rest cached and unreachable)."""
+        for b in reversed(blocks):
             self.refs[b] -= 1
             if self.refs[b] == 0:
                 if b in self.key_of:
