@@ -112,6 +112,8 @@ def test_greedy_equals_generate_alone_under_concurrency(trained):
 
 
 def test_a_request_preempted_while_it_prefills_counts_its_prompt_once(trained):
+    """In the prompt tokens and in the prefix hit rate (prompts with nothing in common: 0, though the readmitted
+    request finds its own blocks again), as in usage's cached_tokens."""
     eng = _engine(trained, blocks=12, prefill_chunk=8)  # 11 blocks besides the null block
     a = eng.submit(_progression(1, 1, 4), SamplingOptions(max_tokens=36), lambda e: None)
     while len(a.blocks) < 3:
@@ -120,6 +122,7 @@ def test_a_request_preempted_while_it_prefills_counts_its_prompt_once(trained):
     eng.run_until_idle()
     assert eng.metrics.preemptions._value.get() > 0
     assert eng.metrics.prompt_tokens._value.get() == 4 + 32
+    assert eng.prefix_blocks == (4 - 1) // 4 + (32 - 1) // 4 and eng.prefix_hit_rate == 0
 
 
 @pytest.mark.parametrize("held", [torch.bfloat16, torch.float8_e4m3fn])
@@ -365,6 +368,8 @@ def test_admission_limits(trained):
 
 
 def test_block_allocator_shares_and_evicts_least_recently_used():
+    """Released blocks stay cached, least recently used evicted first, and of a released table its tail first:
+    the head of a chain keeps the rest of it reachable (vLLM frees in reverse order for the same reason)."""
     alloc = BlockAllocator(4, 2)  # blocks 1..3
     a = [alloc.allocate(), alloc.allocate()]
     keys = chain_keys([1, 2, 3, 4], 2)
@@ -376,8 +381,8 @@ def test_block_allocator_shares_and_evicts_least_recently_used():
     alloc.release(got)
     assert alloc.available == 3 and len(alloc.lru) == 2
     assert alloc.allocate() not in a  # the free block first
-    assert alloc.allocate() == a[0]  # then the least recently used cached one, dropped from the index
-    assert alloc.match([1, 2, 3, 4], 2)[0] == []
+    assert alloc.allocate() == a[1]  # then the least recently used cached one, the chain's tail, dropped from the index
+    assert alloc.match([1, 2, 3, 4], 2)[0] == [a[0]]  # its head still found
 
 
 def test_on_disk_prefix_cache_is_a_second_tier(trained, tmp_path):

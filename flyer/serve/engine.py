@@ -290,7 +290,9 @@ class Engine:
                     raise RuntimeError(f"request {r.id} needs {need} blocks, {self.alloc.available} available")
                 return
             self.waiting.popleft()
-            if shares:  # counted once admitted (a retry looks them up again)
+            # counted at the first admission, as usage's cached_tokens (a retry looks them up again; a preempted
+            # request finds its own blocks, as vLLM counts apart)
+            if shares and not r.admitted:
                 self.prefix_blocks += (len(r.tokens) - 1) // bs
                 self.prefix_found += len(blocks)
             hidden = None
