@@ -230,7 +230,10 @@ def test_bad_requests_answer_400_never_500(served, model):
                         (dict(top_p=0), "top_p"), (dict(prompt=[1, 64]), "prompt"), (dict(prompt=[]), "prompt"),
                         (dict(prompt=""), "prompt"), (dict(n=129), "n"), (dict(stop=[""]), "stop"),
                         (dict(logprobs=99), "logprobs"), (dict(max_tokens=model.cfg.max_seq_len), "max_tokens"),
-                        (dict(temperature="hot"), "temperature"), (dict(prompt={"a": 1}), None)):
+                        (dict(temperature="hot"), "temperature"), (dict(prompt={"a": 1}), None),
+                        # bounded: each streamed token checks every stop string on the event loop
+                        (dict(stop=["x"] * 17), "stop"), (dict(stop="x" * 257), "stop"),
+                        (dict(stop_token_ids=[1] * 1025), "stop_token_ids")):
         _error(httpx.post(url, json={**ok, **over}), 400, param)
     _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     _error(httpx.post(url, json={"prompt": "x"}), 400, "model")

@@ -15,7 +15,11 @@ def held_back(text: str, marker: str, end: int | None = None) -> int:
     """How many characters before ``end`` (default: the end) of ``text`` could be the start of ``marker``: a stream
     holds them back until the next token says (a stop string, a tool-call or reasoning marker)."""
     end = len(text) if end is None else end
-    return next((k for k in range(min(len(marker) - 1, end), 0, -1) if text.endswith(marker[:k], 0, end)), 0)
+    # only where the marker's first character is: the earliest such start that it goes on from is the longest
+    i = text.find(marker[:1], max(0, end - len(marker) + 1), end) if marker else -1
+    while i >= 0 and not marker.startswith(text[i:end]):
+        i = text.find(marker[0], i + 1, end)
+    return end - i if i >= 0 else 0
 
 
 def calls_content(before: str) -> str | None:

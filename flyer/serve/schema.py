@@ -25,6 +25,9 @@ from flyer.errors import FieldError
 
 MAX_LOGPROBS = 20
 MAX_CHOICES = 128  # n, as OpenAI bounds it
+# stop strings (OpenAI takes 4) and stop_token_ids: each streamed token checks every stop string, on the HTTP
+# process's one event loop, and every stop id, on the engine's thread
+MAX_STOPS, MAX_STOP_CHARS, MAX_STOP_IDS = 16, 256, 1024
 MAX_TEMPLATE_KWARGS_CHARS = 16384  # chat_template_kwargs as JSON text: template switches, not a second prompt
 
 # OpenAI's and vLLM's fields that change what is generated and that flyer serve does not implement, with the
@@ -198,7 +201,7 @@ class Body(BaseModel):
     top_k: int = Field(default=0, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = 1.0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_IDS)
     response_format: ResponseFormat | None = None  # structured outputs (``flyer.serve.grammar``)
 
     def token_bias(self) -> tuple[tuple[int, float], ...]:
@@ -213,10 +216,13 @@ class Body(BaseModel):
         return tuple(out.items())
 
     def stop_strings(self) -> list[str]:
-        """``stop`` as a list; ``FieldError`` for an empty one."""
+        """``stop`` as a list; ``FieldError`` for an empty one, or past ``MAX_STOPS`` / ``MAX_STOP_CHARS``."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise FieldError("stop", "stop strings must not be empty")
+        if len(stops) > MAX_STOPS or max(map(len, stops), default=0) > MAX_STOP_CHARS:
+            raise FieldError("stop", f"at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters (got "
+                                     f"{len(stops)}, the longest {max(map(len, stops))})")
         return stops
 
 
