@@ -77,11 +77,11 @@ def test_the_queue_bound_counts_what_the_engine_has_not_reported():
     assert t.sent[-1] == ("cancel", b.id, "cancelled")
 
 
-def _served(model, **over):
+def _served(model, graceful_s=5.0, **over):
     cfg = dict(kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8)
     engine = Engine(model, EngineConfig(**{**cfg, **over}))
     engine_end, http_end = socket.socketpair()
-    server = Server(Api(EngineClient(http_end, engine.limits), ByteTokenizer(), "tiny-test"), graceful_s=5)
+    server = Server(Api(EngineClient(http_end, engine.limits), ByteTokenizer(), "tiny-test"), graceful_s=graceful_s)
     sock = bind("127.0.0.1", 0)
     host = threading.Thread(target=EngineHost(engine, engine_end).serve, daemon=True)
     host.start()
@@ -168,3 +168,41 @@ def test_cli_exits_when_its_http_process_dies_and_that_one_when_the_engine_dies(
 def test_limits_pickle_for_the_http_process():
     lim = Limits(vocab_size=10, max_seq_len=64, block_size=4, capacity=3, max_queue=2)
     assert pickle.loads(pickle.dumps(lim)) == lim and lim.room == 12
+
+
+def test_a_drain_out_of_time_ends_what_is_left_in_openais_shape(monkeypatch):
+    """SIGTERM: a request that finishes within the drain's time answers 200; one still running when it runs out
+    answers a 503 JSON error, a stream its error event and [DONE] (not uvicorn's plain-text 500 and a cut stream),
+    and both processes stop."""
+    engine, engine_end, server, http, host, url = _served(counting_model(64), graceful_s=Server.END_MARGIN_S + 1)
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.05), step()))  # 200 tokens: 10 s, past the drain
+    body = dict(model="tiny-test", prompt=[1, 2], temperature=0)
+    out = {}
+
+    def ask(name, **kw):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            if not kw.get("stream"):
+                r = c.post("/v1/completions", json={**body, **kw})
+                out[name] = (r.status_code, r.json())
+                return
+            with c.stream("POST", "/v1/completions", json={**body, **kw}) as r:
+                out[name] = (r.status_code, [ln for ln in r.iter_lines() if ln.startswith("data: ")])
+
+    clients = [threading.Thread(target=ask, args=a, kwargs=k) for a, k in
+               ((("short",), dict(max_tokens=3)), (("long",), dict(max_tokens=200)),
+                (("stream",), dict(max_tokens=200, stream=True)))]
+    for t in clients:
+        t.start()
+    time.sleep(0.5)
+    server.handle_exit(signal.SIGTERM, None)
+    for t in clients:
+        t.join(timeout=30)
+    assert out["short"][0] == 200 and out["short"][1]["choices"][0]["finish_reason"] == "length"
+    assert out["long"][0] == 503 and out["long"][1]["error"]["code"] == "unavailable"
+    lines = out["stream"][1]
+    assert json.loads(lines[-2][6:])["error"]["code"] == "unavailable" and lines[-1] == "data: [DONE]"
+    http.join(timeout=30)
+    host.join(timeout=30)
+    assert not http.is_alive() and not host.is_alive()
+    engine_end.close()

@@ -531,15 +531,27 @@ def build_app(api: Api, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
 class Server(uvicorn.Server):
     """uvicorn's server over ``api``: a signal (or ``stop``) first marks the API draining (new
     requests answer 503, ``/health`` too), then uvicorn stops accepting and waits for the
-    requests in flight to finish. The engine's link is opened on its event loop before it serves
-    and closed after; the engine gone stops the server."""
+    requests in flight to finish, ``graceful_s`` at most: those still running then end in OpenAI's shape (503 JSON;
+    a stream's error event and [DONE]: ``EngineClient.end_all``), ``END_MARGIN_S`` before uvicorn would cut them
+    off. The engine's link is opened on its event loop before it serves and closed after; the engine gone stops
+    the server."""
+
+    END_MARGIN_S = 2.0  # for the ended requests' last bytes to go out before uvicorn cancels their handlers
 
     def __init__(self, api: Api, graceful_s: float = 60.0, max_body_bytes: int = MAX_BODY_BYTES):
         super().__init__(uvicorn.Config(build_app(api, max_body_bytes), log_level="warning",
                                         timeout_graceful_shutdown=graceful_s,
                                         lifespan="off"))
-        self.api = api
+        self.api, self.graceful_s = api, graceful_s
         api.engine.on_lost = self.stop
+
+    async def shutdown(self, sockets=None) -> None:
+        ending = asyncio.get_running_loop().call_later(max(0.0, self.graceful_s - self.END_MARGIN_S),
+                                                       self.api.engine.end_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            ending.cancel()
 
     async def serve(self, sockets=None) -> None:
         await self.api.engine.connect()

@@ -2,7 +2,8 @@
 
 Prints one line ``flyer serve: ready on http://HOST:PORT (model NAME)`` when it accepts
 requests (``--port 0`` picks a free port, shown in that line). A signal drains: new requests are
-refused with 503, those in flight finish, then the process exits 0.
+refused with 503, those in flight finish (``--drain-timeout`` seconds at most: those still running then end with a
+503, a stream with its error event), then the process exits 0.
 
 The process that loads the model steps it (``flyer.serve.link.EngineHost``); HTTP is served by a
 child process it starts (``serve_http``), joined to it by a socket pair, so the two never wait for
@@ -83,6 +84,8 @@ def _run(args) -> int:
     cfg.validate()
     if not 0 <= args.port < 65536:
         raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
+    if not 0 < args.drain_timeout < math.inf:
+        raise FieldError("drain_timeout", f"must be a positive number of seconds (got {args.drain_timeout})")
     check_threads(args.threads, "threads")
     check_threads(args.expert_threads, "expert_threads")
     torch.set_num_threads(args.threads)
@@ -113,7 +116,7 @@ def _run(args) -> int:
     http = multiprocessing.get_context("spawn").Process(
         target=serve_http, name="flyer-http", daemon=True,
         args=(their_end, sock, engine.limits, tok, name, args.api_key, chat_template,
-              http_url(host, port), args.reasoning_parser, args.tool_call_parser))
+              http_url(host, port), args.reasoning_parser, args.tool_call_parser, args.drain_timeout))
     http.start()
     their_end.close()
     sock.close()
@@ -140,7 +143,7 @@ def _run(args) -> int:
 
 def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, name: str, api_key: str | None,
                chat_template: ChatTemplate, url: str, reasoning_parser: str | None = None,
-               tool_call_parser: str = "auto") -> None:
+               tool_call_parser: str = "auto", drain_timeout: float = 60.0) -> None:
     """The HTTP process: the API over the engine's link on ``sock``, with the ready line once it accepts."""
     from flyer.serve.api import Api, Server  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
 
@@ -148,7 +151,7 @@ def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, na
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     server = Server(Api(EngineClient(link, limits), tok, name, api_key, chat_template, reasoning_parser,
-                        tool_call_parser))
+                        tool_call_parser), graceful_s=drain_timeout)
 
     async def main():
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -211,6 +214,9 @@ def register(sub) -> None:
                         "MLA and GQA models (not DSA's or DeepSeek-V4's, which select slots by value); on: also on "
                         "the CPU, run eagerly (as tests check them), and an error for a model without them; off")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
+                   help="on SIGTERM/SIGINT, seconds the requests in flight may take to finish; those still running "
+                        "then end with a 503 (a stream: its error event)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),
                    help="torch threads stepping the model (default: all cores but one, which the HTTP process gets; at "

@@ -58,7 +58,7 @@ class Generation:
                                                                     f"exceed the server's queue of {queue} requests")
         self.queue: asyncio.Queue = asyncio.Queue()
         self.reasoning_tokens = None  # chat with a reasoning parser: choice -> its reasoning tokens (``usage``)
-        self.failed = False  # the engine failed on one of its choices
+        self.failed: str | None = None  # "error": the engine failed on one of its choices; "shutdown": a drain ended it
         self.choices = [Choice(tok, stops) for _ in range(len(prompts) * n)]
         self.reqs = []
         try:
@@ -107,8 +107,8 @@ class Generation:
                 if c.finish_reason is not None:
                     continue  # a token after a stop string, before the cancel landed
                 c.add(e)
-                if c.finish_reason == "error":  # the request fails as a whole (``failed``), no choice's chunk
-                    self.failed = True
+                if c.finish_reason in ("error", "shutdown"):  # the request fails as a whole, no choice's chunk
+                    self.failed = c.finish_reason
                     return
                 if c.finish_reason is not None:
                     live -= 1
@@ -119,17 +119,17 @@ class Generation:
             self.cancel()
 
     async def wait(self) -> None:
-        """Every choice to its end (non-streaming); an engine failure answers 500."""
+        """Every choice to its end (non-streaming); an engine failure answers 500, a drain's end 503."""
         async for _ in self.events():
             pass
         if self.failed:
-            raise engine_failed()
+            raise engine_failed(self.failed)
 
     def stream_tail(self, head: dict, usage: bool) -> Iterator[dict]:
         """A stream's last chunks: OpenAI's error body when the engine failed (the official client raises
         it), else the usage chunk when asked for."""
         if self.failed:
-            yield engine_failed().body()
+            yield engine_failed(self.failed).body()
         elif usage:
             yield {**head, "choices": [], "usage": self.usage()}
 

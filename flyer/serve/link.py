@@ -194,6 +194,15 @@ class EngineClient(asyncio.Protocol):
         if not r.done and not self.lost:
             self.transport.write(_frame(("cancel", r.id, reason)))
 
+    def end_all(self, reason: str = "shutdown") -> None:
+        """End every request in flight now, with ``reason``: the engine's copies cancelled, each request's last event
+        heard here (a drain out of time: its response ends in OpenAI's shape before the server stops)."""
+        for r in list(self.live.values()):
+            self.cancel(r, reason)
+            r.done = True
+            r.emit(TokenEvent(None, finish_reason=reason))
+        self.live.clear()
+
     async def render_metrics(self) -> bytes:
         """The engine's Prometheus text (asked across the link; empty once the engine is gone)."""
         if self.lost:
