@@ -144,6 +144,49 @@ def test_lru_eviction_keeps_the_bound_and_recent_entries(tmp_path):
     assert pc.stats.evicted == present.count(False)
 
 
+def _block_bytes(root) -> int:
+    """The bytes of one block's file (``_tensors``' shapes)."""
+    pc = PrefixCache(root, "fp", block_size=BLOCK)
+    pc.store(pc.block_keys([0] * BLOCK)[0], [0] * BLOCK, _tensors(0))
+    return pc.disk_bytes()
+
+
+def test_eviction_takes_a_chains_tail_before_its_head(tmp_path):
+    """Two prompts' chains of 3 blocks in a directory bounded to 4: the first's tail goes, its head stays (loadable,
+    so its chain is found as far as it goes), when each chain is marked used (``touch``, as ``flyer generate`` and
+    ``flyer serve`` do after a prompt) however quickly the files were written (mtimes tick in jiffies)."""
+    one = _block_bytes(tmp_path / "probe")
+    pc = PrefixCache(tmp_path / "cache", "fp", block_size=BLOCK, max_bytes=4 * one)
+    chains = [[i] * 3 * BLOCK for i in (1, 2)]
+    keys = [pc.block_keys(p) for p in chains]
+    for p, ks in zip(chains, keys):
+        for i, k in enumerate(ks):
+            assert pc.store(k, p[i * BLOCK:(i + 1) * BLOCK], _tensors(i))
+        pc.touch(ks)
+    pc.evict()
+    present = [[pc.path(k).exists() for k in ks] for ks in keys]
+    assert present == [[True, False, False], [True, True, True]]
+
+
+def test_eviction_lists_the_directory_past_the_bound_or_after_a_while(tmp_path, monkeypatch):
+    """``evict`` lists every file (a server's step waits for it) at its first call, then only when what this process
+    stored since passes the bound, or ``RESCAN_S`` after the last listing (other processes' blocks)."""
+    one = _block_bytes(tmp_path / "probe")
+    pc = PrefixCache(tmp_path / "cache", "fp", block_size=BLOCK, max_bytes=3 * one)
+    scans = []
+    own = pc._own_files
+    monkeypatch.setattr(pc, "_own_files", lambda: scans.append(1) or own())
+    for i in range(5):
+        pc.store(pc.block_keys([i] * BLOCK)[0], [i] * BLOCK, _tensors(i))
+        pc.evict()
+    assert len(scans) == 1 + 2  # the first, then at the 4th and 5th blocks
+    pc.evict()
+    assert len(scans) == 3
+    monkeypatch.setattr(pc, "RESCAN_S", 0.0)
+    pc.evict()
+    assert len(scans) == 4 and pc.disk_bytes() <= 3 * one
+
+
 def test_block_keys_chain_the_whole_prefix():
     pc_keys = PrefixCache.__new__(PrefixCache)
     pc_keys.fingerprint, pc_keys.block_size = "fp", 4

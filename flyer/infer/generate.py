@@ -169,7 +169,8 @@ def _load_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int], n
 
 def _store_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int], first_block: int) -> None:
     n = pc.block_size
-    for i, key in enumerate(pc.block_keys(prompt)):
+    keys = pc.block_keys(prompt)
+    for i, key in enumerate(keys):
         if i < first_block:
             continue
         blk = {k: t[:, b, i * n:(i + 1) * n] for k, t in dec.cache.tensors.items()}
@@ -177,6 +178,7 @@ def _store_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int], 
             lo, hi = mtp_span(i, n)
             blk.update({f"mtp.{k}": t[:, b, lo:hi] for k, t in dec.mtp_cache.tensors.items()})
         pc.store(key, prompt[i * n:(i + 1) * n], blk)
+    pc.touch(keys)  # the loaded blocks too, the head most recent
 
 
 @torch.inference_mode()
@@ -250,6 +252,7 @@ def _prefill_hybrid(dec: Decoder, prompts: Sequence[Sequence[int]], pc: PrefixCa
     logits = dec.logits(gather_rows(h, lens - 1 - start))
     for b, (k, p, r) in enumerate(zip(keys, prompts, found)):
         store_blocks(pc, k, p, dec.cache, b, r.found)
+        pc.touch(k)  # the head most recent (``PrefixCache.touch``)
     pc.evict()
     return PrefillState(h, start, logits, [r.tokens for r in found])
 

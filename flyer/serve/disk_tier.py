@@ -119,6 +119,8 @@ class DiskTier:
         if at is not None:
             store_snapshot(pc, disk_keys, tokens, at * bs, self.cache, slot, self.mtp_cache,
                            None if hidden is None else hidden.to(self.snapshot["mtp.hidden"][1]))
+        if end == n_prompt // bs and first < end:  # the prompt's last full block: its chain, the head most recent
+            pc.touch(disk_keys[:end])
         pc.evict()
 
     def _mtp_pool(self) -> dict[str, torch.Tensor]:
