@@ -12,6 +12,7 @@ A scripted engine (``test_serve_tools_v3._Scripted``) writes reasoning, the end 
 the deepseek reasoning parser they become a ``reasoning`` item, a message and ``function_call`` items, streamed or
 not, and ``reasoning.effort`` opens the template's think block (``effort_kwargs``' ``enable_thinking``)."""
 
+import dataclasses
 import json
 
 import httpx
@@ -153,6 +154,15 @@ def test_the_store_keeps_the_last_ones():
     assert store.get("a").response == {"id": "a"} and store.get("c").response == {"id": "c"}
     with pytest.raises(Exception, match="not found"):
         store.get("b")
+    # and their bytes: a conversation that grew past what is left pushes the oldest out; one past all of it is gone
+    big = Stored({"id": "d"}, [{"role": "user", "content": "x" * 100}])
+    store = ResponseStore(capacity=10, max_bytes=2 * len(json.dumps([big.response, big.messages, []])))
+    for k in "def":
+        store.put(k, dataclasses.replace(big, response={"id": k}))
+    assert list(store.items) == ["e", "f"] and store.held <= store.max_bytes
+    store.delete("e")
+    store.put("g", Stored({"id": "g"}, [{"role": "user", "content": "x" * 1000}]))
+    assert list(store.items) == [] and store.held == 0
 
 
 def test_function_call_round_trip(served):

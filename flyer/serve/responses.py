@@ -15,8 +15,8 @@
 
 A stream is Responses' named events (``response.created`` ... ``response.completed``, each with its
 ``sequence_number``), made from the chat route's chunks as they come. Finished responses (``store``, OpenAI's default
-true) are kept in memory, the last ``MAX_STORED`` of them (least recently used out): a ``previous_response_id`` no
-longer there answers 404. ``usage.input_tokens_details.cached_tokens`` is chat's
+true) are kept in memory, the last ``MAX_STORED`` of them and ``MAX_STORED_BYTES`` of their JSON (least recently used
+out): a ``previous_response_id`` no longer there answers 404. ``usage.input_tokens_details.cached_tokens`` is chat's
 ``prompt_tokens_details.cached_tokens``: the prompt tokens the engine took from its prefix cache.
 
 With ``include: ["message.output_text.logprobs"]`` (and ``top_logprobs``, 0-20) the output text carries chat's
@@ -27,6 +27,7 @@ With ``include: ["message.output_text.logprobs"]`` (and ``top_logprobs``, 0-20) 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 import uuid
@@ -47,6 +48,8 @@ if TYPE_CHECKING:  # the type only: ``flyer.serve.api`` registers these routes
     from flyer.serve.api import Api
 
 MAX_STORED = 1024  # finished responses kept for GET and previous_response_id
+# and their bytes (as JSON): each holds its conversation whole, which a chain of previous_response_ids grows
+MAX_STORED_BYTES = 256 << 20
 MAX_LISTED = 100  # input items per page of ``GET /v1/responses/{id}/input_items`` (OpenAI's bound)
 
 # chat's field names in the errors of the chat machinery, as the Responses body names them
@@ -87,16 +90,25 @@ class Stored:
 
 
 class ResponseStore:
-    """The last ``capacity`` stored responses by id, least recently used out."""
+    """The last ``capacity`` stored responses by id, of ``max_bytes`` as JSON at most, least recently used out."""
 
-    def __init__(self, capacity: int = MAX_STORED):
-        self.capacity, self.items = capacity, OrderedDict()
+    def __init__(self, capacity: int = MAX_STORED, max_bytes: int = MAX_STORED_BYTES):
+        self.capacity, self.max_bytes, self.items = capacity, max_bytes, OrderedDict()
+        self.sizes: dict[str, int] = {}
+        self.held = 0  # bytes of the items
 
     def put(self, rid: str, stored: Stored) -> None:
+        if rid in self.items:
+            self._drop(rid)
         self.items[rid] = stored
-        self.items.move_to_end(rid)
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
+        self.sizes[rid] = len(json.dumps([stored.response, stored.messages, stored.inputs]))
+        self.held += self.sizes[rid]
+        while len(self.items) > self.capacity or self.held > self.max_bytes:
+            self._drop(next(iter(self.items)))
+
+    def _drop(self, rid: str) -> None:
+        del self.items[rid]
+        self.held -= self.sizes.pop(rid)
 
     def get(self, rid: str, param: str | None = None) -> Stored:
         """The response ``rid``; an ``ApiError`` 404 in OpenAI's shape (naming ``param``) when it is not (or no
@@ -104,14 +116,15 @@ class ResponseStore:
         stored = self.items.get(rid)
         if stored is None:
             raise ApiError(404, f"Response with id '{rid}' not found (this server keeps the last {self.capacity} "
-                                "stored responses, in memory)", param=param, code="not_found")
+                                f"stored responses, {self.max_bytes >> 20} MiB of them, in memory)", param=param,
+                           code="not_found")
         self.items.move_to_end(rid)
         return stored
 
     def delete(self, rid: str) -> None:
         """Forget the response ``rid``; ``get``'s 404 when it is not kept."""
         self.get(rid)
-        del self.items[rid]
+        self._drop(rid)
 
 
 def _usage(chat_usage: dict) -> dict:
