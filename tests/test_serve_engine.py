@@ -111,6 +111,27 @@ def test_greedy_equals_generate_alone_under_concurrency(trained):
     assert small.alloc.hit_rate > 0
 
 
+def test_a_failure_while_admitting_ends_that_request_too(trained, monkeypatch):
+    """A step that fails while a request is being admitted (its blocks partly taken) ends it with "error" with the
+    others (``safe_step``), each request heard once, and every block comes back."""
+    eng = _engine(trained)
+    heard = [[] for _ in range(3)]
+    for i in range(3):
+        eng.submit(_progression(1 + i, 2, 9), SamplingOptions(max_tokens=4), heard[i].append)
+    allocate, calls = eng.alloc.allocate, []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 5:  # the second request's second block (3 blocks a prompt)
+            raise RuntimeError("injected")
+        return allocate()
+    monkeypatch.setattr(eng.alloc, "allocate", failing)
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # its traceback
+        eng.safe_step()
+    assert [[e.finish_reason for e in h] for h in heard] == [["error"]] * 3
+    assert not eng.busy and eng.alloc.used == 0
+
+
 def test_a_request_preempted_while_it_prefills_counts_its_prompt_once(trained):
     """In the prompt tokens and in the prefix hit rate (prompts with nothing in common: 0, though the readmitted
     request finds its own blocks again), as in usage's cached_tokens."""

@@ -290,32 +290,39 @@ class Engine:
                     raise RuntimeError(f"request {r.id} needs {need} blocks, {self.alloc.available} available")
                 return
             self.waiting.popleft()
-            # counted at the first admission, as usage's cached_tokens (a retry looks them up again; a preempted
-            # request finds its own blocks, as vLLM counts apart)
-            if shares and not r.admitted:
-                self.prefix_blocks += (len(r.tokens) - 1) // bs
-                self.prefix_found += len(blocks)
-            hidden = None
-            if self.hybrid:
-                r.slot = self.slots.take()
-                if self.snapshots and shares:  # the snapshot is read before allocating, which may evict it
-                    hidden = self.snapshots.begin(r.slot, keys, plan)
-                if snap is not None:  # begin set the plan only
-                    hidden = self.disk.resume(r.slot, snap, (len(keys) - min(in_memory, len(keys))) * bs)
-            r.blocks = blocks + [self.alloc.allocate() for _ in range(need)]
-            if snap is not None:  # kept in memory for the next requests too, once r's blocks are taken
-                self.snapshots.save(keys[-1], r.slot, hidden)
-            r.keys, r.n_cached = keys, len(blocks) * bs
-            r.n_shared = r.n_cached
-            if self.spec and r.n_cached:  # the shared MTP entries (blocks; V4: the snapshot's) reach n_cached - 2
-                r.mtp_len = r.n_cached - 1
-                if self.hybrid:  # the snapshot's hidden streams of n_cached - 1 write its entry with the next token
-                    r.h_prev = hidden.unsqueeze(0)
-                else:  # recompute the last shared position for its hidden state (not written)
-                    r.n_cached -= 1
-            if not r.admitted:  # once: a preempted request comes back
-                r.admitted, r.cached_prompt = True, len(blocks) * bs
-                self.metrics.prompt_tokens.inc(len(r.prompt))
+            try:
+                # counted at the first admission, as usage's cached_tokens (a retry looks them up again; a preempted
+                # request finds its own blocks, as vLLM counts apart)
+                if shares and not r.admitted:
+                    self.prefix_blocks += (len(r.tokens) - 1) // bs
+                    self.prefix_found += len(blocks)
+                hidden = None
+                if self.hybrid:
+                    r.slot = self.slots.take()
+                    if self.snapshots and shares:  # the snapshot is read before allocating, which may evict it
+                        hidden = self.snapshots.begin(r.slot, keys, plan)
+                    if snap is not None:  # begin set the plan only
+                        hidden = self.disk.resume(r.slot, snap, (len(keys) - min(in_memory, len(keys))) * bs)
+                r.blocks = list(blocks)  # taken: a failure from here releases them with r (``safe_step``)
+                for _ in range(need):
+                    r.blocks.append(self.alloc.allocate())
+                if snap is not None:  # kept in memory for the next requests too, once r's blocks are taken
+                    self.snapshots.save(keys[-1], r.slot, hidden)
+                r.keys, r.n_cached = keys, len(blocks) * bs
+                r.n_shared = r.n_cached
+                if self.spec and r.n_cached:  # the shared MTP entries (blocks; V4: the snapshot's) reach n_cached - 2
+                    r.mtp_len = r.n_cached - 1
+                    if self.hybrid:  # the snapshot's hidden streams of n_cached - 1 write its entry with the next token
+                        r.h_prev = hidden.unsqueeze(0)
+                    else:  # recompute the last shared position for its hidden state (not written)
+                        r.n_cached -= 1
+                if not r.admitted:  # once: a preempted request comes back
+                    r.admitted, r.cached_prompt = True, len(blocks) * bs
+                    self.metrics.prompt_tokens.inc(len(r.prompt))
+            except BaseException:  # back at the queue's front, holding what it took: safe_step ends it
+                r.blocks = r.blocks or blocks
+                self.waiting.appendleft(r)
+                raise
             self.running.append(r)
 
     def _sibling_prefilling(self, r: Request) -> bool:
