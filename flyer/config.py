@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -519,6 +520,9 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig.from_dict({**preset_fields(name), **overrides})
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a config file is a few KB; /dev/zero or a data file given by mistake is not read whole
+
+
 def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model fields, train fields) from a config file.
 
@@ -528,7 +532,15 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):  # a directory, a device (/dev/zero never ends), a FIFO (the read blocks)
+            raise ConfigError(f"config file {p} is not a regular file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB ({st.st_size} bytes)")
+        with p.open(encoding="utf-8") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)  # bounded even where the file grows after the check
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:

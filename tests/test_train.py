@@ -216,6 +216,30 @@ def test_a_run_ending_on_non_finite_steps_says_so(tmp_path, data_cache):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004", "step_00000002"]
 
 
+def test_a_signal_during_a_skipped_step_saves_the_good_steps(tmp_path, data_cache):
+    """SIGTERM during a skipped (non-finite) step: the weights are the last good step's, so the stop checkpoints
+    them with its count of skipped steps (no good step lost); the resumed run goes on as the uninterrupted one, its
+    count of consecutive skipped steps too (max_bad_steps 2: the next bad step ends it)."""
+    t = Trainer(tc_for(tmp_path / "a", data_cache, steps=6, ckpt_every=10, max_bad_steps=2), log=quiet)
+    poison_loss(t, calls={3})
+    real = t.model.compute_loss
+
+    def signalled(*a):
+        out = real(*a)
+        if t.step == 2:  # the call of step 3, poisoned
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    t.model.compute_loss = signalled
+    assert t.run()["signal"] == signal.SIGTERM
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "a" / "checkpoints")] == ["step_00000003"]
+    again = Trainer(tc_for(tmp_path / "a", data_cache, steps=6, ckpt_every=10, max_bad_steps=2, resume=True),
+                    log=quiet)
+    assert (again.step, again.bad_steps, again.consecutive_bad) == (3, 1, 1)
+    poison_loss(again, calls={1})  # step 4: a second consecutive one
+    with pytest.raises(TrainingError, match="2 consecutive steps"):
+        again.run()
+
+
 def test_train_step_without_run_counts_consecutive_bad_steps(tmp_path, data_cache):
     """train_step() on its own (no run()) skips non-finite steps and stops after max_bad_steps."""
     t = Trainer(tc_for(tmp_path, data_cache, max_bad_steps=2), log=quiet)

@@ -76,7 +76,11 @@ def find_documents(data: str | Path | list | tuple | None) -> list[Document]:
     n_empty = 0
     for root in roots:
         root = root.expanduser()
-        if not root.exists():
+        try:
+            exists = root.exists()
+        except OSError as e:  # a name too long, a loop of links: exists() raises rather than answers
+            raise DataError(f"data path '{root}' cannot be read ({e.strerror or e})") from None
+        if not exists:
             raise DataError(f"data path '{root}' does not exist")
         if root.is_dir():
             if not os.access(root, os.R_OK | os.X_OK):

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from flyer.data.presplit import tokenizer_key
 from flyer.data.tiktoken_file import TIKTOKEN_FILE, read_tiktoken_dir
 from flyer.errors import DataError
+from flyer.limits import SIZE_LIMITS
 
 EOS_TOKEN = "<|endoftext|>"
 # End-of-document tokens of common tokenizers, used when a given tokenizer lacks EOS_TOKEN.
@@ -24,8 +25,8 @@ def check_vocab_size(vocab_size: object) -> int:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
         raise DataError(f"vocab_size must be an integer >= {MIN_VOCAB} (256 byte symbols + {EOS_TOKEN}); "
                         f"got {vocab_size!r}")
-    if vocab_size > 2**32:
-        raise DataError(f"vocab_size must be <= 2**32 (got {vocab_size})")
+    if vocab_size > SIZE_LIMITS["vocab_size"]:  # the BPE trainer allocates for it up front (2**31: 141 GB, abort)
+        raise DataError(f"vocab_size must be <= {SIZE_LIMITS['vocab_size']} (got {vocab_size})")
     return vocab_size
 
 
@@ -70,8 +71,11 @@ def load_tokenizer(path: str | Path, error: type[ValueError] = DataError) -> Tok
     a checkpoint's) with one line naming the file. A ``tiktoken.model`` file is read with its
     directory's settings (``flyer.data.tiktoken_file``: Kimi K2's format)."""
     path = Path(path).expanduser()
-    if path.exists() and not path.is_file():  # a directory; a FIFO would block the read
-        raise error(f"{path}: not a file")
+    try:
+        if path.exists() and not path.is_file():  # a directory; a FIFO would block the read
+            raise error(f"{path}: not a file")
+    except OSError as e:  # a name too long, a loop of links: exists() raises rather than answers
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
     if path.name == TIKTOKEN_FILE and path.is_file():
         return read_tiktoken_dir(path, error)
     try:

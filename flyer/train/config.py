@@ -21,6 +21,7 @@ from flyer.data.tokenizer import MIN_VOCAB
 from flyer.data.tokenizer_copy import files_build
 from flyer.errors import CheckpointError, FieldError
 from flyer.interop.load import init_weight_files, read_settings, settings_dir
+from flyer.limits import SIZE_LIMITS
 from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.indexer_loss import INDEXER_TRAIN_MODES
 from flyer.optim.muon import OPTIMIZERS
@@ -49,6 +50,8 @@ RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_
 MAX_LR = 1.0  # AdamW and Muon move each weight by about lr a step: past 1, one step outweighs the weights (~0.02)
 MAX_KWARGS_DEPTH = 64  # chat_template_kwargs: far more than a template variable needs, far within Python's recursion
 PATH_FIELDS = ("out", "config", "data", "data_cache", "tokenizer", "init")
+NAME_MAX, PATH_MAX = 255, 4096  # bytes of a path's component and of a path (Linux): longer, stat() raises
+MAX_COLLECTIVE_TIMEOUT_S = 7 * 86400  # a week; past ~2**31 ms it overflows the process group's C int
 
 REFERENCE_FILES = "reference_files"  # a DPO run's state field: its reference's fingerprint (load.init_weight_files)
 
@@ -139,6 +142,11 @@ class TrainConfig:
                 raise FieldError(f.name, f"must be below 2**64 in magnitude (got a {len(str(abs(v)))}-digit number)")
         for name in PATH_FIELDS:  # "" would be the current directory (out, data_cache) or silently no path at all
             need(getattr(self, name) != "", name, "must be a path, not empty")
+            path = os.fsencode(getattr(self, name) or "")
+            need(b"\0" not in path, name, "must be a path, without a NUL character")  # a TOML string may hold one
+            if len(path) >= PATH_MAX or max(map(len, path.split(b"/"))) > NAME_MAX:  # exists() would raise
+                raise FieldError(name, f"names a path longer than the system allows ({PATH_MAX - 1} bytes, "
+                                       f"{NAME_MAX} a component; got {len(path)} bytes)")
         need(0 <= self.seed < 2**64, "seed", "must be an integer in [0, 2**64)")  # torch.manual_seed's range
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
                      "keep", "max_bad_steps", "ep", "pp"):
@@ -146,7 +154,8 @@ class TrainConfig:
             need(v > 0, name, "must be a positive integer")
         need(self.seq_len >= 2, "seq_len", "must be >= 2")
         need(0 < self.lr <= MAX_LR, "lr", f"must be in (0, {MAX_LR:g}]")
-        need(0 < self.collective_timeout_s < math.inf, "collective_timeout_s", "must be a positive number of seconds")
+        need(1 <= self.collective_timeout_s <= MAX_COLLECTIVE_TIMEOUT_S, "collective_timeout_s",  # < 1 ms: 0 ms
+             f"must be in [1, {MAX_COLLECTIVE_TIMEOUT_S}] seconds")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             need(not isinstance(v, float) or math.isfinite(v), f.name, "must be a finite number")
@@ -161,6 +170,8 @@ class TrainConfig:
         need(self.clip > 0, "clip", "must be > 0")
         need(self.vocab_size is None or self.vocab_size >= MIN_VOCAB, "vocab_size",
              f"must be >= {MIN_VOCAB} (256 byte symbols and the end-of-text token)")
+        need(self.vocab_size is None or self.vocab_size <= SIZE_LIMITS["vocab_size"], "vocab_size",
+             f"must be <= {SIZE_LIMITS['vocab_size']} (a tokenizer trains toward it up front)")
         if self.threads is not None:
             check_threads(self.threads, "threads")
         need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be a positive integer")

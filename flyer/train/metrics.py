@@ -132,8 +132,10 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{path}: cannot rewrite it to step {last_step} ({e.strerror or e})") from None
+        with contextlib.suppress(OSError):  # a directory in tmp's place: removing it fails as writing it did
+            tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot rewrite it to step {last_step} through {tmp.name} "
+                        f"({e.strerror or e})") from None
 
 
 def median_seconds(fn, device: str | torch.device = "cpu", seconds: float = 0.2) -> float:

@@ -9,6 +9,7 @@ that lock, where a run starts: nothing (a fresh directory), or the newest valid 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -56,9 +57,15 @@ class RunLock:
             self.close()
             raise FieldError("out", f"{out} is in use by another run (pid {holder}); wait for it to end "
                                     "or use another run directory") from None
-        self._f.truncate(0)
-        self._f.write(f"{os.getpid()}\n")
-        self._f.flush()
+        try:  # the PID only tells a second run who holds the lock; a full disk still fails here, in one line
+            self._f.truncate(0)
+            self._f.write(f"{os.getpid()}\n")
+            self._f.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):  # its close flushes the unwritten PID again
+                self.close()
+            self._f = None
+            raise FieldError("out", f"cannot write the run's lock file {out / LOCK_NAME}: {e.strerror or e}") from None
 
     def close(self) -> None:
         if self._f is not None:

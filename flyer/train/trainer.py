@@ -221,6 +221,7 @@ class Trainer:
                                    mesh=self.mesh, cfg=self.cfg, layout=self.layout)
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
+        self.consecutive_bad = int(state.get("consecutive_bad", 0))  # a stop saved during a run of skipped steps
         self.resumed_from = path
         changes = "".join(f"; {k} {a:g} -> {b:g}" for k, (a, b) in state["stage_changes"].items())
         self.log(f"resumed from {path} at step {self.step}{changes}")
@@ -233,7 +234,8 @@ class Trainer:
         return ckpt.save_training(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                   sampler=self.sampler, mesh=self.mesh, cfg=self.cfg, tokenizer=self.data.tokenizer,
                                   bad_steps=self.bad_steps, train_config=asdict(self.tc), layout=self.layout,
-                                  keep=self.tc.keep, settings=self.settings, extra=self.state_extra,
+                                  keep=self.tc.keep, settings=self.settings,
+                                  extra={**self.state_extra, "consecutive_bad": self.consecutive_bad},
                                   protect=(self.resumed_from,) if self.resumed_from else ())
 
     # ---- one optimizer step ---------------------------------------------------------------
@@ -489,7 +491,9 @@ class Trainer:
                     stop_code = self.mesh.max_int(stop.signum or (LOG_FAILED if unwritten else 0))
                     self.stopped_by = stop_code if 0 < stop_code < LOG_FAILED else None
                     due = self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop_code
-                    saved = self.save() if due and self.consecutive_bad == 0 else None
+                    # after a skipped step the weights and optimizer are the last good step's: a stop saves them (the
+                    # count of skipped steps with them), so no good step is lost; on schedule, the next good step will
+                    saved = self.save() if due and (self.consecutive_bad == 0 or stop_code) else None
                     if stop_code >= LOG_FAILED:
                         why = f" ({unwritten.strerror or unwritten})" if unwritten is not None else ""
                         raise TrainingError(f"cannot write the run's logs after step {self.step}{why}; " + (
