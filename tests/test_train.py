@@ -162,6 +162,24 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, data_cache, capsys):
     assert any("checksum mismatch" in m and "falling back" in m for m in messages)
 
 
+def test_a_file_flyer_does_not_read_is_not_the_checkpoints(tmp_path, data_cache):
+    """A note, an editor's swap file or NFS's .nfs file in the newest checkpoint leaves it valid (no reader reads it);
+    an unlisted file of a kind flyer reads (JSON) makes it invalid (falling back); saving that step again keeps the
+    files flyer did not write."""
+    Trainer(tc_for(tmp_path, data_cache, steps=4), log=quiet).run()
+    step = tmp_path / "checkpoints" / ckpt.step_dir_name(4)
+    for name in ("NOTES.txt", ".nfs0000000012", ".config.json.swp"):
+        (step / name).write_text("mine")
+    assert Trainer(tc_for(tmp_path, data_cache, steps=4, resume=True), log=quiet).step == 4
+    (step / "extra.json").write_text("{}")
+    messages = []
+    t = Trainer(tc_for(tmp_path, data_cache, steps=4, resume=True), log=messages.append)
+    assert t.step == 2 and any("extra.json is not in its manifest" in m for m in messages)
+    t.run()  # step 4 saved again
+    assert (step / "NOTES.txt").read_text() == "mine" and (step / ".nfs0000000012").exists()
+    assert not (step / "extra.json").exists() and ckpt.verify_checkpoint(step)
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     good = ckpt.save_checkpoint(root, 1, {"config.json": {"a": 1}})

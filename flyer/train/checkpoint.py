@@ -65,6 +65,16 @@ def settings_names(path: Path) -> list[str]:
     return [n for n in SETTINGS_FILES if (path / n).is_file()] + named
 
 
+def read_by_flyer(name: str) -> bool:
+    """Whether a file of a checkpoint (``name`` relative to it) is of a kind its readers read: JSON, tensors, pickles,
+    chat templates, a tiktoken tokenizer's files and remote code, anything in ``NAMED_TEMPLATES``."""
+    base = name.rpartition("/")[2]
+    return name.startswith(f"{NAMED_TEMPLATES}/") or (not base.startswith(".") and base.endswith(_READ_SUFFIXES))
+
+
+_READ_SUFFIXES = (".json", ".safetensors", ".pt", ".jinja", ".model", ".tiktoken", ".py")
+
+
 def is_settings_name(name: str) -> bool:
     """Whether ``name`` (a file of a checkpoint, relative to it) is one of ``settings_names``'s."""
     folder, _, rest = name.rpartition("/")
@@ -181,10 +191,15 @@ def _write_files(tmp: Path, step: int, files: dict[str, Any]) -> None:
         entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": entries})
     _fsync_file(tmp / "manifest.json")
-    fsync_path(tmp)
     final = tmp.parent / step_dir_name(step)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it, keeping files flyer did not write
+        for p in sorted(final.rglob("*")):
+            name = p.relative_to(final).as_posix()
+            if p.is_file() and not p.is_symlink() and not read_by_flyer(name) and not (tmp / name).exists():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(p, tmp / name)
         shutil.rmtree(final)
+    fsync_path(tmp)
     os.replace(tmp, final)
     fsync_path(tmp.parent)
 
@@ -224,9 +239,10 @@ def verify_checkpoint(path: Path) -> dict:
     for name in files:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path}: missing file {name}")
-    # a manifest covers every file the checkpoint was written with: one it leaves out would load unchecked
+    # a manifest covers every file the checkpoint was written with: one it leaves out that a reader reads would load
+    # unchecked; others (a note, an editor's swap file, NFS's .nfs files) are not the checkpoint's
     written = (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())  # a settings folder's too
-    unlisted = sorted(n for n in written if n != "manifest.json" and n not in files)
+    unlisted = sorted(n for n in written if n != "manifest.json" and n not in files and read_by_flyer(n))
     if unlisted:
         raise CheckpointError(f"checkpoint {path}: {unlisted[0]} is not in its manifest")
     # loading reads a checkpoint's config, header and weights in turn, each through here: files
