@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,11 @@ from flyer.train.metrics import TENSORBOARD_TAGS
 from flyer.train.config import TrainConfig, lr_at
 from flyer.train.metrics import progress_postfix
 from flyer.errors import CheckpointError
+from flyer.train import trainer as trainer_module
+from flyer.train.batches import data_fingerprint
 from flyer.train.trainer import Trainer, TrainingError
+from flyer.data.chat_data import ChatSplit
+from flyer.data.shards import TokenShards, write_shard
 from flyer.train.build import build_model, build_optimizer
 
 
@@ -178,6 +183,36 @@ def test_a_file_flyer_does_not_read_is_not_the_checkpoints(tmp_path, data_cache)
     t.run()  # step 4 saved again
     assert (step / "NOTES.txt").read_text() == "mine" and (step / ".nfs0000000012").exists()
     assert not (step / "extra.json").exists() and ckpt.verify_checkpoint(step)
+
+
+def test_a_resume_on_another_tokenizer_or_data_is_refused(tmp_path, data_cache, capsys):
+    """The checkpoint records what it trained on: a tokenizer of the same size with two ids swapped, or data of the
+    same size in another order (which the sampler's counts let through) are refused in one line naming the field."""
+    Trainer(tc_for(tmp_path / "run", data_cache, steps=2), log=quiet).run()
+    step = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[0]
+    tok = json.loads((step / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = [k for k, v in vocab.items() if v in (300, 301)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "swapped.json").write_text(json.dumps(tok))
+    args = ["train", "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
+            "--eval-batches", "2", "--ckpt-every", "2", "--out", str(tmp_path / "run"), "--data-cache", data_cache,
+            "--seed", "3", "--no-progress", "--no-plots", "--warmup", "2", "--lr", "3e-3", "--device", "cpu",
+            "--resume"]
+    capsys.readouterr()
+    assert main([*args, "--tokenizer", str(tmp_path / "swapped.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flyer: error: --tokenizer: the run's tokenizer is not the one")
+    with pytest.MonkeyPatch.context() as m:  # other data: a digest of other content (below)
+        m.setattr(trainer_module, "data_fingerprint", lambda split: "other")
+        assert main(args) == 2
+    assert capsys.readouterr().err.strip().startswith("flyer: error: --data: the run's training data is not the one")
+    # the digest: conversations in another order, token shards of other tokens
+    split = ChatSplit(np.arange(10), np.ones(10, np.uint8), np.array([0, 3, 10]))
+    swapped = ChatSplit(np.r_[np.arange(3, 10), np.arange(3)], np.ones(10, np.uint8), np.array([0, 7, 10]))
+    assert data_fingerprint(split) != data_fingerprint(swapped)
+    shards = [write_shard(tmp_path / f"{i}.bin", np.array(t, np.uint16), 16) for i, t in enumerate(([1, 2], [2, 1]))]
+    assert data_fingerprint(TokenShards([shards[0]])) != data_fingerprint(TokenShards([shards[1]]))
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

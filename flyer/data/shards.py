@@ -188,6 +188,14 @@ class TokenShards:
     def __repr__(self) -> str:
         return f"TokenShards({len(self.paths)} file(s), {self._len} tokens)"
 
+    def checksums(self) -> list[bytes]:
+        """Each shard's checksum (its header's: the tokens' blake2b), in order: the content, at 64 bytes a file."""
+        out = []
+        for p in self.paths:
+            with open(p, "rb") as f:
+                out.append(HEADER.unpack(f.read(HEADER_SIZE))[-1])
+        return out
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` as a new int64 array of shape (length,); the
         range may span shard files."""

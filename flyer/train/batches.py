@@ -6,16 +6,19 @@ each micro-batch's mean losses by these counts' shares of the job's."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flyer.data import BatchSampler, eval_batches, prepare_data
 from flyer.data.chat_data import (IGNORE_INDEX, ChatSampler, chat_eval_batches, chat_tokenizer, is_chat_data,
                                   prepare_chat)
 from flyer.data.chat_pack import PackedChatSampler, document_lengths, packed_eval_batches
-from flyer.data.pref_data import PairSampler, pair_eval_batches, prepare_prefs
+from flyer.data.pref_data import PairSampler, PrefSplit, pair_eval_batches, prepare_prefs
+from flyer.data.shards import TokenShards
 from flyer.model.documents import depth_targets, query_count
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -80,6 +83,21 @@ def prepare_run_data(tc, cache: Path, vocab: int, init_tok):
         return prepare_chat(tc.data, cache, *chat_tokenizer(tc.init, tc.tokenizer), tc.chat_template_kwargs)
     return prepare_data(tc.data, cache, vocab_size=vocab, tokenizer=init_tok or tc.tokenizer, fim_rate=tc.fim_rate,
                         seed=tc.seed)
+
+
+def data_fingerprint(split) -> str:
+    """The content of a training split as a digest, which a resumed run's data must match (the sampler's counts
+    match data of the same size: another tokenizer's ids, conversations in another order): token shards by their
+    checksums, conversations and pairs by their ids, masks and bounds."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(split, TokenShards):
+        for c in split.checksums():
+            h.update(c)
+        return h.hexdigest()
+    samples = split.samples if isinstance(split, PrefSplit) else split
+    for a in (samples.ids, samples.mask, samples.offsets):
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return h.hexdigest()
 
 
 def samplers(tc, data, dp_rank: int, dp: int):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
 import re
 import signal
@@ -51,7 +52,7 @@ from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, hold_
 from flyer.train.expert_stats import expert_loads, router_stats
 from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings, lr_at,
                                 tokenizer_settings)
-from flyer.train.batches import counts, draw, positions_run, prepare_run_data, samplers
+from flyer.train.batches import counts, data_fingerprint, draw, positions_run, prepare_run_data, samplers
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, StepSums, TensorBoardLog, fastest_gemm, model_flops_per_token,
                                  progress_postfix, read_metrics, require_tensorboard, truncate_metrics)
@@ -132,6 +133,10 @@ class Trainer:
         vocab = tc.vocab_size or (min(base.vocab_size, 8192) if tc.tokenizer is None else base.vocab_size)
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
         self.data = prepare_run_data(tc, cache, vocab, init_tok)
+        # what a resumed run must train on again: the same tokens of the same text (``_resume``)
+        self.fingerprints = {"data": data_fingerprint(self.data.train),
+                             "tokenizer": hashlib.blake2b(self.data.tokenizer.to_str().encode(),
+                                                          digest_size=16).hexdigest()}
         if self.rank0:  # a tiktoken source's files stand for the tokenizer only where they build it
             self.settings = tokenizer_settings(self.settings, self.data.tokenizer, self.log)
         if init_cfg and self.data.vocab_size > init_cfg.vocab_size:
@@ -222,6 +227,11 @@ class Trainer:
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.consecutive_bad = int(state.get("consecutive_bad", 0))  # a stop saved during a run of skipped steps
+        for field, what in (("tokenizer", "tokenizer"), ("data", "training data")):  # recorded since these checks
+            if state.get("fingerprints", {}).get(field, self.fingerprints[field]) != self.fingerprints[field]:
+                raise FieldError(field, f"the run's {what} is not the one checkpoint {path} trained on (other "
+                                        "tokens, or the same number in another order); a resumed run trains on what "
+                                        "it started with")
         self.resumed_from = path
         changes = "".join(f"; {k} {a:g} -> {b:g}" for k, (a, b) in state["stage_changes"].items())
         self.log(f"resumed from {path} at step {self.step}{changes}")
@@ -235,7 +245,8 @@ class Trainer:
                                   sampler=self.sampler, mesh=self.mesh, cfg=self.cfg, tokenizer=self.data.tokenizer,
                                   bad_steps=self.bad_steps, train_config=asdict(self.tc), layout=self.layout,
                                   keep=self.tc.keep, settings=self.settings,
-                                  extra={**self.state_extra, "consecutive_bad": self.consecutive_bad},
+                                  extra={**self.state_extra, "consecutive_bad": self.consecutive_bad,
+                                         "fingerprints": self.fingerprints},
                                   protect=(self.resumed_from,) if self.resumed_from else ())
 
     # ---- one optimizer step ---------------------------------------------------------------
