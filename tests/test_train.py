@@ -215,6 +215,18 @@ def test_a_resume_on_another_tokenizer_or_data_is_refused(tmp_path, data_cache, 
     assert data_fingerprint(TokenShards([shards[0]])) != data_fingerprint(TokenShards([shards[1]]))
 
 
+def test_reports_that_cannot_be_written_are_warnings(tmp_path, data_cache):
+    """memory.json and the plots are reports: a directory in their place is said in the log, and the run (trained
+    and saved) ends as done."""
+    for name in ("memory.json", "loss.png"):
+        (tmp_path / name).mkdir(parents=True)
+    messages = []
+    summary = Trainer(tc_for(tmp_path, data_cache, steps=2, plots=True), log=messages.append).run()
+    assert summary["steps"] == 2 and ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert any("cannot write" in m and "memory.json" in m for m in messages)
+    assert any("cannot write the plots" in m for m in messages)
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     good = ckpt.save_checkpoint(root, 1, {"config.json": {"a": 1}})

@@ -334,7 +334,10 @@ class Trainer:
         for k in MEMORY_KEYS:
             out[f"{k}_per_rank"] = [r[k] for r in every]
             out[f"max_{k}_per_rank"] = max(r[k] for r in every)
-        ckpt.write_json(self.out / "memory.json", out)
+        try:  # a report: a path in its way (a directory, a full disk) is said, and training goes on
+            ckpt.write_json(self.out / "memory.json", out)
+        except OSError as e:
+            self.log(f"warning: cannot write {self.out / 'memory.json'} ({e.strerror or e})")
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -532,8 +535,11 @@ class Trainer:
         if self.rank0 and tc.plots:
             from flyer.train.plots import plot_expert_load, plot_loss  # matplotlib: heavy, only when plotting
 
-            plot_loss(records, self.out / "loss.png", self.data.unigram_val_loss)
-            plot_expert_load(records, self.out / "expert_load.png", n_mtp=self.cfg.mtp_depth)
+            try:  # the run is complete and saved: a plot that cannot be written is said, not an error
+                plot_loss(records, self.out / "loss.png", self.data.unigram_val_loss)
+                plot_expert_load(records, self.out / "expert_load.png", n_mtp=self.cfg.mtp_depth)
+            except OSError as e:
+                self.log(f"warning: cannot write the plots in {self.out} ({e.strerror or e})")
         train_losses = [r["loss"] for r in records if r.get("loss") is not None and not r.get("skipped")]
         summary = {"steps": self.step, "final_loss": train_losses[-1] if train_losses else None,
                    "val_loss": val_loss, "unigram_val_loss": self.data.unigram_val_loss,
