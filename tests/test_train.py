@@ -1,6 +1,7 @@
 """Trainer: exact resume (also after kill -9), checkpoint verification and fallback, NaN-step
 skipping, CLI errors, and a short end-to-end run."""
 
+import hashlib
 import json
 import math
 import os
@@ -225,6 +226,36 @@ def test_reports_that_cannot_be_written_are_warnings(tmp_path, data_cache):
     assert summary["steps"] == 2 and ckpt.list_checkpoints(tmp_path / "checkpoints")
     assert any("cannot write" in m and "memory.json" in m for m in messages)
     assert any("cannot write the plots" in m for m in messages)
+
+
+def test_a_checkpoint_whose_files_do_not_parse_is_one_line(tmp_path, data_cache):
+    """The manifest vouches that a file is the one written, not that it was written well: a file that does not parse
+    as what it holds (rewritten, its manifest entry too) is a one-line ``CheckpointError`` naming the checkpoint, not
+    a traceback; a manifest of another format version is not read as this one (the previous checkpoint is used)."""
+    Trainer(tc_for(tmp_path, data_cache, steps=4), log=quiet).run()
+    step = tmp_path / "checkpoints" / ckpt.step_dir_name(4)
+    originals = {n: (step / n).read_bytes() for n in ("state.json", "optimizer.pt", "manifest.json")}
+
+    def rewrite(name: str, data: bytes) -> None:
+        (step / name).write_bytes(data)
+        manifest = json.loads(originals["manifest.json"])
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (step / "manifest.json").write_text(json.dumps(manifest))
+
+    state = json.loads(originals["state.json"])
+    for name, data, says in (("state.json", json.dumps({**state, "step": "six"}).encode(), "has no step count"),
+                             ("state.json", b"{not json", "unreadable"),
+                             ("optimizer.pt", b"garbage" * 10, "unreadable")):
+        rewrite(name, data)
+        with pytest.raises(CheckpointError, match=f"checkpoint {step}: .*{says}") as e:
+            Trainer(tc_for(tmp_path, data_cache, steps=6, resume=True), log=quiet)
+        assert "\n" not in str(e.value)
+        (step / name).write_bytes(originals[name])
+    manifest = json.loads(originals["manifest.json"])
+    (step / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    messages = []
+    assert Trainer(tc_for(tmp_path, data_cache, steps=6, resume=True), log=messages.append).step == 2
+    assert any("format version 99, this flyer reads 1" in m for m in messages)
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

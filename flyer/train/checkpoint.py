@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import time
 import warnings
@@ -38,13 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from flyer.config import ModelConfig
 from flyer.data.tiktoken_file import TIKTOKEN_FILE
 from flyer.data.tokenizer import load_tokenizer, tokenizer_file
-from flyer.errors import CheckpointError
+from flyer.errors import CheckpointError, ConfigError, DataError
 from flyer.parse import json_loads
 
 FORMAT_VERSION = 1
@@ -236,6 +238,9 @@ def verify_checkpoint(path: Path) -> dict:
     if not isinstance(files, dict) or not all(isinstance(m, dict) and isinstance(m.get("bytes"), int)
                                               and isinstance(m.get("sha256"), str) for m in files.values()):
         raise CheckpointError(f"checkpoint {path}: malformed manifest (files: name -> bytes and sha256)")
+    if manifest.get("format_version") != FORMAT_VERSION:  # another layout of the files: not to be read as this one
+        raise CheckpointError(f"checkpoint {path}: format version {manifest.get('format_version')!r}, this flyer "
+                              f"reads {FORMAT_VERSION}")
     for name in files:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path}: missing file {name}")
@@ -401,10 +406,17 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
 
 
 def saved_state(path: Path) -> dict:
-    """Rank 0's state file of checkpoint ``path`` (step, sampler, train_config, layout), or {}."""
+    """Rank 0's state file of checkpoint ``path`` (step, sampler, train_config, layout), or {}; one that is not a JSON
+    object: ``CheckpointError`` naming it."""
     for name in ("state.json", "state-rank0.json"):
         if (path / name).is_file():
-            return json.loads((path / name).read_text())
+            try:
+                state = json_loads((path / name).read_text())
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {path}: unreadable {name} ({e})") from None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"checkpoint {path}: {name} is not a JSON object")
+            return state
     return {}
 
 
@@ -446,7 +458,19 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
     optimizer, sampler and the RNG; every rank calls it. ``cfg`` must equal the saved config but for
     ``STAGE_FIELDS``, and ``layout`` the saved process layout (``save_training``). Returns this rank's state (step,
     bad_steps, sampler, train_config) and ``stage_changes``: {field: [saved, now]} of the ``STAGE_FIELDS`` that
-    differ. Raises ``CheckpointError`` for one that does not fit."""
+    differ. Raises ``CheckpointError`` for one that does not fit, or a file that does not parse as what it holds (the
+    manifest vouches that a file is the one written, not that it was written well)."""
+    try:
+        return _load_training(path, model, optimizer, sampler, mesh, cfg, layout)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as e:  # a DataError (the sampler's) and a ConfigError are ValueErrors too, and say so
+        if isinstance(e, (CheckpointError, DataError, ConfigError)):
+            raise
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
+
+
+def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig, layout: dict | None) -> dict:
     saved = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
     if saved.replace(**{k: getattr(cfg, k) for k in STAGE_FIELDS}) != cfg:
         diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v and k not in STAGE_FIELDS]
@@ -463,6 +487,8 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
         raise CheckpointError(f"checkpoint {path} has no {state_path.name}: saved with another process layout")
     optimizer.load_state_dict(read_torch(path / f"optimizer{sfx}.pt"))
     state = json.loads(state_path.read_text())
+    if isinstance(state.get("step"), bool) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise CheckpointError(f"checkpoint {path}: {state_path.name} has no step count (got {state.get('step')!r})")
     sampler.load_state_dict(state["sampler"])
     rng = read_tensors(path / f"rng{sfx}.safetensors")
     torch.set_rng_state(rng["torch_cpu"])

@@ -177,7 +177,11 @@ class Trainer:
         # MFU against the fastest GEMM the device offers at this precision (``peak_gemm`` names it)
         self.peak_flops, self.peak_gemm = fastest_gemm(peak_dtype, self.device)
         if start is not None:
-            self._resume(Path(start))
+            try:
+                self._resume(Path(start))
+            except BaseException:  # the run directory free again, in this process too
+                self.close()
+                raise
         elif tc.resume:
             self.log(f"no checkpoint in {self.ckpt_root}: starting from step 0")
         if self.rank0:
