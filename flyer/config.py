@@ -534,7 +534,7 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
     try:
         st = p.stat()
         if not stat.S_ISREG(st.st_mode):  # a directory, a device (/dev/zero never ends), a FIFO (the read blocks)
-            raise ConfigError(f"config file {p} is not a regular file")
+            raise ConfigError(f"cannot read config file {p}: not a regular file")
         if st.st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB ({st.st_size} bytes)")
         with p.open(encoding="utf-8") as f:

@@ -134,8 +134,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):  # a directory in tmp's place: removing it fails as writing it did
             tmp.unlink(missing_ok=True)
-        raise DataError(f"{path}: cannot rewrite it to step {last_step} through {tmp.name} "
-                        f"({e.strerror or e})") from None
+        where = f": {Path(e.filename).name}" if e.filename else ""  # the temporary in the way, where it is
+        raise DataError(f"{path}: cannot rewrite it to step {last_step} ({e.strerror or e}{where})") from None
 
 
 def median_seconds(fn, device: str | torch.device = "cpu", seconds: float = 0.2) -> float:

@@ -1,0 +1,162 @@
+"""Input a user can get wrong (sizes past any tokenizer, unbounded config files, names the system cannot hold, a
+full disk or a directory where the run writes a file) is refused in one line and exit 2, before anything trains."""
+
+import errno
+import os
+import pathlib
+
+import pytest
+
+from flyer.cli import main
+from flyer.data.corpus import find_documents
+from flyer.data.tokenizer import check_vocab_size, load_tokenizer
+from flyer.errors import DataError, FieldError
+from flyer.limits import SIZE_LIMITS
+from flyer.train import rundir
+from flyer.train.config import TrainConfig
+from flyer.train.metrics import truncate_metrics
+
+LONG = "a" * 300  # past a file name's 255 bytes: stat() raises ENAMETOOLONG rather than answering "missing"
+
+
+@pytest.fixture
+def nothing_trains(monkeypatch):
+    """Input that gets as far as data preparation was not refused (the BPE trainer would abort on some of it)."""
+    def refuse(*_a, **_k):
+        raise AssertionError("reached data preparation: the input was not refused")
+    monkeypatch.setattr("flyer.train.trainer.prepare_run_data", refuse)
+
+
+def argv(tmp_path, *extra, unset=()):
+    """``flyer train`` args for a one-step tiny run in ``tmp_path``; ``unset``: fields left to a config file."""
+    paths = {"out": str(tmp_path / "run"), "data_cache": str(tmp_path / "cache")}
+    return ["train", "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--no-plots",
+            "--no-progress", "--threads", "1", "--device", "cpu",
+            *(a for name, v in paths.items() if name not in unset for a in ("--" + name.replace("_", "-"), v)),
+            *extra]
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flyer: error: "), err
+    return err[0]
+
+
+# ---- 6: vocab_size past any tokenizer ---------------------------------------------------------------------------
+
+def test_a_vocab_size_past_the_limit_is_one_line(tmp_path, capsys, nothing_trains):
+    assert main(argv(tmp_path, "--vocab-size", "2147483648")) == 2  # was: the BPE trainer aborted (exit 134)
+    line = one_line(capsys)
+    assert "vocab-size" in line and str(SIZE_LIMITS["vocab_size"]) in line
+
+
+def test_vocab_size_is_bounded_by_the_model_limit():
+    limit = SIZE_LIMITS["vocab_size"]
+    TrainConfig(vocab_size=limit).validate()
+    with pytest.raises(FieldError) as e:
+        TrainConfig(vocab_size=limit + 1).validate()
+    assert e.value.field == "vocab_size"
+    assert check_vocab_size(limit) == limit
+    with pytest.raises(DataError, match="vocab_size"):
+        check_vocab_size(limit + 1)
+
+
+# ---- 7: a config file read without bound ------------------------------------------------------------------------
+
+def test_a_config_that_is_no_regular_file_is_not_read(tmp_path, capsys, monkeypatch):
+    read_text = pathlib.Path.read_text
+
+    def bounded(self, *a, **k):  # keeps this test from eating the machine's memory where the check is missing
+        assert str(self) != "/dev/zero", "read /dev/zero whole"
+        return read_text(self, *a, **k)
+    monkeypatch.setattr(pathlib.Path, "read_text", bounded)
+    assert main(argv(tmp_path, "--config", "/dev/zero")) == 2
+    assert "cannot read config file /dev/zero: not a regular file" in one_line(capsys)
+
+
+def test_a_config_larger_than_the_bound_is_not_read(tmp_path, capsys):
+    big = tmp_path / "big.toml"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)  # sparse: no disk used
+    assert main(argv(tmp_path, "--config", str(big))) == 2
+    line = one_line(capsys)
+    assert "config file" in line and "larger than 16 MiB" in line
+
+
+# ---- 8: collective timeout --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seconds", ["1e15", "1e-7", "0.5", "604801"])
+def test_a_collective_timeout_out_of_range_is_one_line(tmp_path, capsys, nothing_trains, seconds):
+    assert main(argv(tmp_path, "--collective-timeout", seconds)) == 2  # 1e15: overflow, 1e-7: 0 ms, per rank
+    assert "collective" in (line := one_line(capsys)) and "[1, 604800] seconds" in line
+
+
+def test_collective_timeout_bounds_are_accepted():
+    TrainConfig(collective_timeout_s=1).validate()
+    TrainConfig(collective_timeout_s=7 * 86400).validate()
+
+
+# ---- 9: a full disk at the run lock -----------------------------------------------------------------------------
+
+def test_a_full_disk_at_the_lock_is_one_line_and_releases_it(tmp_path, capsys, monkeypatch, nothing_trains):
+    real_open = open
+
+    class FullDisk:  # the lock file, on a disk with no room for its PID
+        def __init__(self, f):
+            self._f = f
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def write(self, _text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rundir, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    assert main(argv(tmp_path)) == 2
+    line = one_line(capsys)
+    assert "--out: cannot write the run's lock file" in line and "No space left on device" in line
+    monkeypatch.undo()
+    lock = rundir.RunLock(tmp_path / "run")  # released by the failed run; held again, and exclusive
+    try:
+        assert (tmp_path / "run" / rundir.LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(FieldError, match="in use by another run"):
+            rundir.RunLock(tmp_path / "run")
+    finally:
+        lock.close()
+
+
+# ---- 10: a directory in the metrics temporary's place -----------------------------------------------------------
+
+def test_a_directory_in_the_metrics_temporary_place_is_one_error(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (1, 2, 3)))
+    kept = log.read_bytes()
+    (tmp_path / "metrics.tmp").mkdir()
+    with pytest.raises(DataError, match=r"metrics\.jsonl: cannot rewrite it to step 2 \(Is a directory: "
+                                        r"metrics\.tmp\)"):
+        truncate_metrics(log, 2)
+    assert log.read_bytes() == kept and (tmp_path / "metrics.tmp").is_dir()
+
+
+# ---- 11: names too long, a NUL in a path ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--data", "--tokenizer", "--init"])
+def test_a_path_too_long_is_one_line(tmp_path, capsys, nothing_trains, flag):
+    assert main(argv(tmp_path, flag, str(tmp_path / LONG))) == 2
+    assert one_line(capsys).startswith(f"flyer: error: {flag}: names a path longer than the system allows")
+
+
+@pytest.mark.parametrize("field", ["out", "data", "tokenizer", "init", "data_cache"])
+def test_a_nul_in_a_train_path_is_one_line(tmp_path, capsys, nothing_trains, field):
+    config = tmp_path / "nul.toml"
+    config.write_text(f'[train]\n{field} = "{tmp_path}/nul\\u0000run"\n')
+    assert main(argv(tmp_path, "--config", str(config), unset=(field,))) == 2
+    line = one_line(capsys)
+    assert f"'{field}'" in line and "without a NUL character" in line
+
+
+def test_the_data_and_tokenizer_readers_name_a_path_too_long(tmp_path):
+    with pytest.raises(DataError, match="cannot be read.*too long"):
+        find_documents(str(tmp_path / LONG))
+    with pytest.raises(DataError, match="cannot read.*too long"):
+        load_tokenizer(tmp_path / LONG)
