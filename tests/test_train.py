@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,6 +257,18 @@ def test_a_checkpoint_whose_files_do_not_parse_is_one_line(tmp_path, data_cache)
     messages = []
     assert Trainer(tc_for(tmp_path, data_cache, steps=6, resume=True), log=messages.append).step == 2
     assert any("format version 99, this flyer reads 1" in m for m in messages)
+
+
+def test_a_resume_without_checkpoints_keeps_the_earlier_log(tmp_path, data_cache):
+    """--resume in a run directory whose checkpoints were moved away starts at step 0 and keeps the earlier
+    metrics.jsonl beside it (it was truncated to nothing); a second such start keeps both."""
+    Trainer(tc_for(tmp_path, data_cache, steps=2), log=quiet).run()
+    for n in (1, 2):
+        before = (tmp_path / "metrics.jsonl").read_text()
+        shutil.rmtree(tmp_path / "checkpoints")
+        Trainer(tc_for(tmp_path, data_cache, steps=2, resume=True), log=quiet).run()
+        assert (tmp_path / f"metrics.jsonl.{n}").read_text() == before
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

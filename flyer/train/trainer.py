@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import math
 import re
 import signal
@@ -186,8 +187,14 @@ class Trainer:
             self.log(f"no checkpoint in {self.ckpt_root}: starting from step 0")
         if self.rank0:
             ckpt.clean_temporaries(self.ckpt_root)  # left by a process that died mid-write; we own the directory
-            if (self.out / METRICS_NAME).exists():  # only a resumed run gets here with one (choose_start)
-                truncate_metrics(self.out / METRICS_NAME, self.step)
+            metrics = self.out / METRICS_NAME
+            if metrics.exists() and start is None:  # resumed with no checkpoint (moved away?): step 0 again
+                kept = next(p for n in itertools.count(1)
+                            if not (p := metrics.with_name(f"{METRICS_NAME}.{n}")).exists())
+                metrics.rename(kept)  # its records describe steps no checkpoint holds: kept, not truncated to none
+                self.log(f"the earlier {METRICS_NAME} is now {kept.name}")
+            elif metrics.exists():  # only a resumed run gets here with one (choose_start)
+                truncate_metrics(metrics, self.step)
 
     def _check_fp4(self, cfg: ModelConfig) -> None:
         """FP4 QAT needs routed experts whose rows are whole groups of 32 inputs (w1 / w3: dim, w2: moe_inter_dim)."""
