@@ -11,6 +11,7 @@ import pytest
 from flyer.cli import build_parser, main
 from flyer.data import find_documents
 from flyer.errors import CheckpointError
+from flyer.runtime import resolve_precision
 from flyer.train import checkpoint as ckpt
 from flyer.train.cli import build_train_config
 
@@ -53,12 +54,14 @@ def test_resume_refuses_changed_trajectory_settings_and_names_the_flag(tmp_path,
     assert main(argv(tmp_path, corpus)) == 0
     capsys.readouterr()
     before = files(tmp_path)
+    here = resolve_precision("auto", "cpu")  # what the run's "auto" trained in; the other precision is refused
+    other = "fp32" if here == "bf16" else "bf16"
     for extra, words in [
         (["--lr", "0.5"], "--lr: 0.5 differs from the run's lr 0.003"),
         (["--grad-accum", "2"], "--grad-accum: 2 differs from the run's grad_accum 1"),
         (["--warmup", "0"], "--warmup: 0 differs from the run's warmup 1"),
         (["--schedule", "constant"], "--schedule: constant differs from the run's schedule cosine"),
-        (["--precision", "bf16"], "--precision: bf16 differs from the run's precision auto"),
+        (["--precision", other], f"--precision: {other} is {other} here, but checkpoint "),
         (["--seq-len", "24"], "--seq-len: 24 differs from the run's seq_len 16"),
         (["--batch-size", "3"], "--batch-size: 3 differs from the run's batch_size 2"),
     ]:
@@ -66,9 +69,10 @@ def test_resume_refuses_changed_trajectory_settings_and_names_the_flag(tmp_path,
         line = last_error(capsys)
         assert words in line and "max_seq_len" not in line, line
         assert files(tmp_path) == before
-    # what does not change the trajectory stays changeable: extend the run, log and save more often
+    # what does not change the trajectory stays changeable: extend the run, log and save more often; "auto" set as
+    # what it resolved to
     assert main(argv(tmp_path, corpus, "--resume", "--steps", "3", "--eval-every", "1", "--eval-batches", "2",
-                     "--ckpt-every", "1", "--keep", "5")) == 0
+                     "--ckpt-every", "1", "--keep", "5", "--precision", here)) == 0
     assert ckpt.list_checkpoints(tmp_path / "checkpoints")[0].name == ckpt.step_dir_name(3)
 
 

@@ -41,9 +41,10 @@ V3_FINAL_RATIO = 7.3e-6 / 2.2e-5  # the last stage's lr, of the decay's end
 # max_bad_steps (when to give up, not what a step does), fp4_experts (DeepSeek-V4 switches FP4 QAT on late in
 # training: a resume may turn it on; the FP32 master weights are the state either way), paths (out, data, cache,
 # tokenizer, config, init: what they hold is checked instead, by the model config and the sampler's token count)
-# and the process layout (``checkpoint.check_layout`` compares it).
+# and the process layout (``checkpoint.check_layout`` compares it). The precision is compared as resolved ("auto" is
+# what it resolved to: ``Trainer._resume``).
 RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "grad_accum", "micro_batches", "lr", "min_lr_ratio",
-                "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "precision", "vocab_size",
+                "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "vocab_size",
                 "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs", "fim_rate", "dpo",
                 "dpo_beta")
 

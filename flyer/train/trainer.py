@@ -238,6 +238,10 @@ class Trainer:
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.consecutive_bad = int(state.get("consecutive_bad", 0))  # a stop saved during a run of skipped steps
+        saved = state.get("precision") or state.get("train_config", {}).get("precision")  # as resolved, or set
+        if saved not in (None, "auto", self.precision):  # "auto" before resolutions were recorded: unknown
+            raise FieldError("precision", f"{self.tc.precision} is {self.precision} here, but checkpoint {path} "
+                                          f"trained in {saved}; a resumed run keeps its precision (set it)")
         for field, what in (("tokenizer", "tokenizer"), ("data", "training data")):  # recorded since these checks
             if state.get("fingerprints", {}).get(field, self.fingerprints[field]) != self.fingerprints[field]:
                 raise FieldError(field, f"the run's {what} is not the one checkpoint {path} trained on (other "
@@ -257,7 +261,7 @@ class Trainer:
                                   bad_steps=self.bad_steps, train_config=asdict(self.tc), layout=self.layout,
                                   keep=self.tc.keep, settings=self.settings,
                                   extra={**self.state_extra, "consecutive_bad": self.consecutive_bad,
-                                         "fingerprints": self.fingerprints},
+                                         "fingerprints": self.fingerprints, "precision": self.precision},
                                   protect=(self.resumed_from,) if self.resumed_from else ())
 
     # ---- one optimizer step ---------------------------------------------------------------
