@@ -21,6 +21,7 @@ from flyer.errors import CheckpointError, FieldError
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
 from flyer.train.config import TrainConfig
+from flyer.train.rundir import LOCK_NAME, RunLock
 from flyer.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,17 @@ def test_two_trainers_never_share_a_run_directory(tmp_path, data_cache, capsys):
     assert steps_logged(tmp_path) == [1, 2, 3, 4]
     Trainer(tc_for(tmp_path, data_cache, steps=5, resume=True), log=quiet).run()
     assert steps_logged(tmp_path) == [1, 2, 3, 4, 5]
+
+
+def test_the_run_lock_holds_when_its_file_is_deleted(tmp_path):
+    """The lock file deleted while a run holds it (its lock goes with the inode): a second run still finds the
+    directory held (the directory itself is locked too), and gets it once the first lets go."""
+    first = RunLock(tmp_path)
+    (tmp_path / LOCK_NAME).unlink()
+    with pytest.raises(FieldError, match="is in use by another run"):
+        RunLock(tmp_path)
+    first.close()
+    RunLock(tmp_path).close()
 
 
 @pytest.mark.slow

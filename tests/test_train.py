@@ -271,6 +271,17 @@ def test_a_resume_without_checkpoints_keeps_the_earlier_log(tmp_path, data_cache
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
 
 
+def test_a_finished_run_without_its_plots_draws_them_when_run_again(tmp_path, data_cache):
+    """A run that ended before drawing its plots (stopped after its last step; or run without them) draws them when
+    run again with nothing left to train."""
+    Trainer(tc_for(tmp_path, data_cache, steps=2), log=quiet).run()
+    assert not (tmp_path / "loss.png").exists()
+    messages = []
+    Trainer(tc_for(tmp_path, data_cache, steps=2, plots=True, resume=True), log=messages.append).run()
+    assert any("nothing to do" in m for m in messages)
+    assert (tmp_path / "loss.png").stat().st_size and (tmp_path / "expert_load.png").stat().st_size
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     good = ckpt.save_checkpoint(root, 1, {"config.json": {"a": 1}})

@@ -49,8 +49,19 @@ class RunLock:
             self._f = open(out / LOCK_NAME, "a+")  # a file object: closed (and unlocked) if garbage-collected
         except OSError as e:  # a directory, a dangling link, a file this user may not write
             raise FieldError("out", f"cannot open the run's lock file {out / LOCK_NAME}: {e.strerror or e}") from None
+        self._dir: int | None = None
         try:
             fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the directory too: a lock file deleted while held (its inode gone with it) would let a second run lock
+            # a new one; where a file system cannot lock a directory (NFS: only files open for writing), the file's
+            self._dir = os.open(out, os.O_RDONLY)
+            try:
+                fcntl.flock(self._dir, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise
+            except OSError:
+                os.close(self._dir)
+                self._dir = None
         except BlockingIOError:
             self._f.seek(0)
             holder = self._f.read().strip() or "unknown"
@@ -68,9 +79,15 @@ class RunLock:
             raise FieldError("out", f"cannot write the run's lock file {out / LOCK_NAME}: {e.strerror or e}") from None
 
     def close(self) -> None:
-        if self._f is not None:
+        if getattr(self, "_f", None) is not None:  # (from __del__: an __init__ that failed may have set neither)
             self._f.close()  # closing the last descriptor releases the flock
             self._f = None
+        if getattr(self, "_dir", None) is not None:
+            os.close(self._dir)
+            self._dir = None
+
+    def __del__(self) -> None:  # as the lock file's object closes when collected, the directory's descriptor too
+        self.close()
 
 
 def describe_run(out: Path, found: list[Path]) -> str | None:

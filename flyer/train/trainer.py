@@ -66,6 +66,9 @@ def _silent(_msg: str) -> None:
     pass
 
 
+PLOTS = ("loss.png", "expert_load.png")  # drawn at a run's end (``Trainer._plots``)
+
+
 class Trainer:
     """Trains ``tc`` (validated here): ``run()`` for the whole loop, or ``train_step()`` /
     ``evaluate()`` / ``save()`` one at a time. ``log``: one-line messages, called on rank 0 only."""
@@ -477,6 +480,8 @@ class Trainer:
         tc = self.tc
         if self.step >= tc.steps:
             self.log(f"the run in {self.out} is already at step {self.step} (steps {tc.steps}): nothing to do")
+            if not all((self.out / name).exists() for name in PLOTS):  # a stop after the last step left them undrawn
+                self._plots()
             self.close()
             self.mesh.destroy()
             return {"steps": self.step, "final_loss": None, "val_loss": None, "out": str(self.out)}
@@ -546,15 +551,7 @@ class Trainer:
         if self.consecutive_bad:  # the last steps were skipped: the step reached has no checkpoint, nor a result
             self.close()
             raise self._non_finite_end()
-        records = read_metrics(self.out / "metrics.jsonl") if self.rank0 else []
-        if self.rank0 and tc.plots:
-            from flyer.train.plots import plot_expert_load, plot_loss  # matplotlib: heavy, only when plotting
-
-            try:  # the run is complete and saved: a plot that cannot be written is said, not an error
-                plot_loss(records, self.out / "loss.png", self.data.unigram_val_loss)
-                plot_expert_load(records, self.out / "expert_load.png", n_mtp=self.cfg.mtp_depth)
-            except OSError as e:
-                self.log(f"warning: cannot write the plots in {self.out} ({e.strerror or e})")
+        records = self._plots()
         train_losses = [r["loss"] for r in records if r.get("loss") is not None and not r.get("skipped")]
         summary = {"steps": self.step, "final_loss": train_losses[-1] if train_losses else None,
                    "val_loss": val_loss, "unigram_val_loss": self.data.unigram_val_loss,
@@ -567,6 +564,20 @@ class Trainer:
         self.close()
         self.mesh.destroy()
         return summary
+
+    def _plots(self) -> list[dict]:
+        """The run's metrics records (rank 0; [] elsewhere), drawn as ``PLOTS`` where ``plots`` is set. The run is
+        complete and saved by then: a plot that cannot be written is said, not an error."""
+        records = read_metrics(self.out / METRICS_NAME) if self.rank0 else []
+        if self.rank0 and self.tc.plots:
+            from flyer.train.plots import plot_expert_load, plot_loss  # matplotlib: heavy, only when plotting
+
+            try:
+                plot_loss(records, self.out / PLOTS[0], self.data.unigram_val_loss)
+                plot_expert_load(records, self.out / PLOTS[1], n_mtp=self.cfg.mtp_depth)
+            except OSError as e:
+                self.log(f"warning: cannot write the plots in {self.out} ({e.strerror or e})")
+        return records
 
     def _non_finite_end(self) -> TrainingError:
         """The error that ends a run on ``consecutive_bad`` skipped steps: ``max_bad_steps`` of them, or its last."""
