@@ -74,6 +74,13 @@ def handed_to_http(monkeypatch, *flags: str) -> tuple:
     """What ``flyer serve --preset tiny ... FLAGS`` hands the HTTP process it starts, taken where the process would
     start (it is not): (limits, tokenizer, model name, api key, chat template, *the parsers), the ``Api``'s
     arguments after its engine client."""
+    args = handed_to_serve_http(monkeypatch, *flags)
+    # the URL (6th) is the HTTP side's own, the drain timeout (last) its server's
+    return tuple(a for i, a in enumerate(args[:-1]) if i != 5)
+
+
+def handed_to_serve_http(monkeypatch, *flags: str) -> tuple:
+    """``handed_to_http``'s arguments of ``flyer.serve.cli.serve_http`` after its sockets, all of them."""
     handed = []
 
     class Context:
@@ -87,4 +94,4 @@ def handed_to_http(monkeypatch, *flags: str) -> tuple:
     link, sock, *args = handed.pop()
     link.close()
     sock.close()
-    return tuple(a for i, a in enumerate(args) if i != 5)  # the URL (6th) is the HTTP side's own
+    return tuple(args)

@@ -18,8 +18,10 @@ import httpx
 import pytest
 import torch
 from child_env import child_env
+from served import handed_to_serve_http
 from trained import counting_model
 
+from flyer.cli import main
 from flyer.infer.cli import ByteTokenizer
 from flyer.serve.api import Api, Server
 from flyer.serve.cli import bind
@@ -206,3 +208,11 @@ def test_a_drain_out_of_time_ends_what_is_left_in_openais_shape(monkeypatch):
     host.join(timeout=30)
     assert not http.is_alive() and not host.is_alive()
     engine_end.close()
+
+
+def test_the_drain_timeout_reaches_the_http_process_and_a_bad_one_is_one_line(monkeypatch, capsys):
+    assert handed_to_serve_http(monkeypatch, "--drain-timeout", "5")[-1] == 5.0
+    for bad in ("0", "inf", "nan"):
+        assert main(["serve", "--preset", "tiny", "--device", "cpu", "--drain-timeout", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("flyer: error: --drain-timeout: "), err
