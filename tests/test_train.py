@@ -27,7 +27,7 @@ from flyer.train.metrics import TENSORBOARD_TAGS
 from flyer.train.config import TrainConfig, lr_at
 from flyer.train.metrics import progress_postfix
 from flyer.errors import CheckpointError
-from flyer.train import trainer as trainer_module
+from flyer.train import batches as batches_module
 from flyer.train.batches import data_fingerprint
 from flyer.train.trainer import Trainer, TrainingError
 from flyer.data.chat_data import ChatSplit
@@ -206,7 +206,7 @@ def test_a_resume_on_another_tokenizer_or_data_is_refused(tmp_path, data_cache, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("flyer: error: --tokenizer: the run's tokenizer is not the one")
     with pytest.MonkeyPatch.context() as m:  # other data: a digest of other content (below)
-        m.setattr(trainer_module, "data_fingerprint", lambda split: "other")
+        m.setattr(batches_module, "data_fingerprint", lambda split: "other")
         assert main(args) == 2
     assert capsys.readouterr().err.strip().startswith("flyer: error: --data: the run's training data is not the one")
     # the digest: conversations in another order, token shards of other tokens

@@ -18,6 +18,7 @@ from flyer.data.chat_data import (IGNORE_INDEX, ChatSampler, chat_eval_batches, 
                                   prepare_chat)
 from flyer.data.chat_pack import PackedChatSampler, document_lengths, packed_eval_batches
 from flyer.data.pref_data import PairSampler, PrefSplit, pair_eval_batches, prepare_prefs
+from flyer.data.presplit import tokenizer_key
 from flyer.data.shards import TokenShards
 from flyer.model.documents import depth_targets, query_count
 
@@ -98,6 +99,13 @@ def data_fingerprint(split) -> str:
     for a in (samples.ids, samples.mask, samples.offsets):
         h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
     return h.hexdigest()
+
+
+def run_fingerprints(data) -> dict[str, str]:
+    """What a run trains on, as a checkpoint records it (``flyer.train.config.check_resumed_run``): digests of its
+    tokenizer (how it encodes: ``tokenizer_key``) and of its training split (``data_fingerprint``)."""
+    return {"tokenizer": hashlib.blake2b(tokenizer_key(data.tokenizer), digest_size=16).hexdigest(),
+            "data": data_fingerprint(data.train)}
 
 
 def samplers(tc, data, dp_rank: int, dp: int):

@@ -255,6 +255,23 @@ def check_resume_settings(tc: TrainConfig, path: Path) -> None:
                             "a resumed run keeps the settings it started with")
 
 
+def check_resumed_run(path: Path, tc: TrainConfig, precision: str, fingerprints: dict[str, str]) -> None:
+    """``FieldError`` naming what a run resuming from checkpoint ``path`` trains with otherwise than the checkpoint
+    recorded: its precision as resolved (``precision``: "auto" set as what it resolved to is the same), its tokenizer
+    or its training data (``fingerprints``: ``flyer.train.batches.run_fingerprints``; the same sizes in another order
+    would pass the sampler's counts). A checkpoint saved before it recorded one has nothing to compare."""
+    state = ckpt.saved_state(path)
+    saved = state.get("precision") or (state.get("train_config") or {}).get("precision")  # resolved, else as set
+    if saved not in (None, "auto", precision):
+        raise FieldError("precision", f"{tc.precision} is {precision} here, but checkpoint {path} trained in {saved}; "
+                                      "a resumed run keeps its precision (set it)")
+    for field, what in (("tokenizer", "tokenizer"), ("data", "training data")):
+        if (state.get("fingerprints") or {}).get(field, fingerprints[field]) != fingerprints[field]:
+            raise FieldError(field, f"the run's {what} is not the one checkpoint {path} trained on (other tokens, "
+                                    "or the same number in another order); a resumed run trains on what it started "
+                                    "with")
+
+
 def saved_files(path: Path) -> list | None:
     """The DPO reference's fingerprint (``load.init_weight_files``) the run checkpointed at ``path`` recorded, or None
     (not DPO, or saved before it was recorded: nothing to compare)."""

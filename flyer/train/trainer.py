@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import itertools
 import math
 import re
@@ -51,9 +50,9 @@ from flyer.train import checkpoint as ckpt
 from flyer.train.build import build_model, build_optimizer, training_memory_bytes
 from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, hold_reference
 from flyer.train.expert_stats import expert_loads, router_stats
-from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings, lr_at,
-                                tokenizer_settings)
-from flyer.train.batches import counts, data_fingerprint, draw, positions_run, prepare_run_data, samplers
+from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings,
+                                check_resumed_run, lr_at, tokenizer_settings)
+from flyer.train.batches import counts, draw, positions_run, prepare_run_data, run_fingerprints, samplers
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, StepSums, TensorBoardLog, fastest_gemm, model_flops_per_token,
                                  progress_postfix, read_metrics, require_tensorboard, truncate_metrics)
@@ -138,9 +137,7 @@ class Trainer:
         cache = Path(tc.data_cache) if tc.data_cache else Path.home() / ".cache" / "flyer" / "data"
         self.data = prepare_run_data(tc, cache, vocab, init_tok)
         # what a resumed run must train on again: the same tokens of the same text (``_resume``)
-        self.fingerprints = {"data": data_fingerprint(self.data.train),
-                             "tokenizer": hashlib.blake2b(self.data.tokenizer.to_str().encode(),
-                                                          digest_size=16).hexdigest()}
+        self.fingerprints = run_fingerprints(self.data)
         if self.rank0:  # a tiktoken source's files stand for the tokenizer only where they build it
             self.settings = tokenizer_settings(self.settings, self.data.tokenizer, self.log)
         if init_cfg and self.data.vocab_size > init_cfg.vocab_size:
@@ -236,20 +233,12 @@ class Trainer:
 
     # ---- checkpoints (the format and the work: flyer.train.checkpoint) -------------------------
     def _resume(self, path: Path) -> None:
+        check_resumed_run(path, self.tc, self.precision, self.fingerprints)  # before anything is read into memory
         state = ckpt.load_training(path, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
                                    mesh=self.mesh, cfg=self.cfg, layout=self.layout)
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.consecutive_bad = int(state.get("consecutive_bad", 0))  # a stop saved during a run of skipped steps
-        saved = state.get("precision") or state.get("train_config", {}).get("precision")  # as resolved, or set
-        if saved not in (None, "auto", self.precision):  # "auto" before resolutions were recorded: unknown
-            raise FieldError("precision", f"{self.tc.precision} is {self.precision} here, but checkpoint {path} "
-                                          f"trained in {saved}; a resumed run keeps its precision (set it)")
-        for field, what in (("tokenizer", "tokenizer"), ("data", "training data")):  # recorded since these checks
-            if state.get("fingerprints", {}).get(field, self.fingerprints[field]) != self.fingerprints[field]:
-                raise FieldError(field, f"the run's {what} is not the one checkpoint {path} trained on (other "
-                                        "tokens, or the same number in another order); a resumed run trains on what "
-                                        "it started with")
         self.resumed_from = path
         changes = "".join(f"; {k} {a:g} -> {b:g}" for k, (a, b) in state["stage_changes"].items())
         self.log(f"resumed from {path} at step {self.step}{changes}")
