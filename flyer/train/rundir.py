@@ -52,16 +52,7 @@ class RunLock:
         self._dir: int | None = None
         try:
             fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # the directory too: a lock file deleted while held (its inode gone with it) would let a second run lock
-            # a new one; where a file system cannot lock a directory (NFS: only files open for writing), the file's
-            self._dir = os.open(out, os.O_RDONLY)
-            try:
-                fcntl.flock(self._dir, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise
-            except OSError:
-                os.close(self._dir)
-                self._dir = None
+            self._dir = _locked_dir(out)
         except BlockingIOError:
             self._f.seek(0)
             holder = self._f.read().strip() or "unknown"
@@ -88,6 +79,21 @@ class RunLock:
 
     def __del__(self) -> None:  # as the lock file's object closes when collected, the directory's descriptor too
         self.close()
+
+
+def _locked_dir(out: Path) -> int | None:
+    """A descriptor of the directory ``out`` holding its exclusive lock (``BlockingIOError``: another holds it), or
+    None where the file system cannot lock a directory (NFS: only files open for writing). The lock file's alone
+    would let a second run in once the file is deleted (its lock goes with its inode)."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise
+        return None
 
 
 def describe_run(out: Path, found: list[Path]) -> str | None:
