@@ -299,7 +299,7 @@ def test_a_chunk_from_slot_zero_attends_as_plain_causal_attention(monkeypatch):
     mask = rows.attended(kv)[1]
     masked = mla_dense_core(attn, q_nope, q_rope, kv, mask)
     assert torch.equal(mla_dense_core(attn, q_nope, q_rope, kv, None), masked)
-    monkeypatch.setattr(kernels, "_splits", lambda: True)
+    monkeypatch.setattr(kernels, "splits", lambda: True)
     with torch.no_grad():  # split, both calls: each split's GEMMs have other row counts than the whole call's,
         # which some BLAS kernels round by (AVX2's MKL)
         assert kernels.attention_splits(q_nope, q_nope, q_nope)

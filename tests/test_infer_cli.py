@@ -59,9 +59,9 @@ def test_generate_expert_threads_split_the_stream_and_change_no_token(capsys):
             "--weight-dtype", "bf16", "--threads", "1", "--device", "cpu"]
     try:
         one = _json(capsys, base + ["--expert-threads", "1"])
-        assert not kernels._splits()
+        assert not kernels.splits()
         two = _json(capsys, base + ["--expert-threads", "2"])
-        assert kernels._splits()
+        assert kernels.splits()
     finally:
         kernels.set_expert_threads(1)
     assert two["text"] == one["text"] and two["new_tokens"] == one["new_tokens"] == 5

@@ -371,7 +371,7 @@ def test_fp32_linears_of_prefill_chunks_run_on_the_kernel_in_inference(ops, monk
     rows and anything with gradients stay ``F.linear``."""
     from flyer.model import lowp
 
-    monkeypatch.setattr(kernels, "_splits", lambda: True)
+    monkeypatch.setattr(kernels, "splits", lambda: True)
     w, b = torch.randn(300, 96), torch.randn(300)
     chunk, rows = torch.randn(2, kernels.FEW_ROWS, 96), torch.randn(3, 96)
     with torch.no_grad():
@@ -684,7 +684,7 @@ def test_attention_split_over_expert_threads_is_sdpa_bit_for_bit(ops, monkeypatc
             _same_on_expert_threads(monkeypatch, lambda: kernels.attention(qi, ki, vi, 0.3, mask), one)
     assert not kernels.attention_splits(q, k, v)  # one expert thread: torch's own call
     wanted = q.detach().requires_grad_()
-    monkeypatch.setattr(kernels, "_splits", lambda: True)
+    monkeypatch.setattr(kernels, "splits", lambda: True)
     assert kernels.attention_splits(q, k, v) and not kernels.attention_splits(wanted, k, v)
     kernels.attention(wanted, k, v, 0.3, per_row).sum().backward()  # F.scaled_dot_product_attention's autograd
     assert wanted.grad is not None

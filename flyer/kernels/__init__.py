@@ -211,7 +211,7 @@ SPIN_SECONDS = 1e-3  # how long an expert thread waits for the next call (spinni
 _split: dict = {"threads": 1}
 
 
-def _splits() -> bool:
+def splits() -> bool:
     """Whether the expert threads run anything: only where torch runs one thread (more torch threads
     split the same work themselves, and both at once would oversubscribe the cores)."""
     return _split["threads"] > 1 and torch.get_num_threads() == 1
@@ -399,7 +399,7 @@ def index_scores_fp4_usable(pool: torch.Tensor) -> bool:
 def attention_splits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether ``attention`` splits these: FP32 CPU tensors without gradients, where the expert
     threads run (``set_expert_threads``: torch on one thread)."""
-    return (_splits() and q.dtype == k.dtype == v.dtype == torch.float32 and usable(q, k, v)
+    return (splits() and q.dtype == k.dtype == v.dtype == torch.float32 and usable(q, k, v)
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 

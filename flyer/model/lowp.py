@@ -132,7 +132,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if weight.dtype != torch.float32:  # held in BF16 for inference (flyer.infer.weights), computed in FP32
             return kernels.linear_held(x, weight, bias)
         if not torch.is_grad_enabled() and x.numel() > kernels.FEW_ROWS * x.shape[-1] and weight.device.type == "cpu" \
-                and kernels._splits() and kernels.cpu_ops() is not None:
+                and kernels.splits() and kernels.cpu_ops() is not None:
             # a prefill chunk's GEMM split over the expert threads, on 128-row blocks of the weight: F.linear's
             # sums within FP32 rounding, not its bits (the BLAS blocks K by the call's shape), so only where
             # the split pays; elsewhere F.linear, whose bits the autograd forward has
