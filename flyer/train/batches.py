@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from flyer.data import BatchSampler, eval_batches, prepare_data
-from flyer.data.chat_data import (IGNORE_INDEX, ChatSampler, chat_eval_batches, chat_tokenizer, is_chat_data,
+from flyer.data.chat_data import (IGNORE_INDEX, ChatData, ChatSampler, chat_eval_batches, chat_tokenizer, is_chat_data,
                                   prepare_chat)
 from flyer.data.chat_pack import PackedChatSampler, document_lengths, packed_eval_batches
 from flyer.data.pref_data import PairSampler, PrefSplit, pair_eval_batches, prepare_prefs
@@ -103,9 +103,12 @@ def data_fingerprint(split) -> str:
 
 def run_fingerprints(data) -> dict[str, str]:
     """What a run trains on, as a checkpoint records it (``flyer.train.config.check_resumed_run``): digests of its
-    tokenizer (how it encodes: ``tokenizer_key``) and of its training split (``data_fingerprint``)."""
-    return {"tokenizer": hashlib.blake2b(tokenizer_key(data.tokenizer), digest_size=16).hexdigest(),
-            "data": data_fingerprint(data.train)}
+    tokenizer (how it encodes: ``tokenizer_key``) and of its training split (``data_fingerprint``; chat data: the key
+    of its cache)."""
+    # chat data: its cache's key, a digest of the file's bytes, the tokenizer and the template, which make the
+    # split (hashing the split itself would read every token at each start)
+    digest = data.cache_dir.name if isinstance(data, ChatData) else data_fingerprint(data.train)
+    return {"tokenizer": hashlib.blake2b(tokenizer_key(data.tokenizer), digest_size=16).hexdigest(), "data": digest}
 
 
 def samplers(tc, data, dp_rank: int, dp: int):
