@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from flyer.interop.load import load_pretrained
 from flyer.cli import main
@@ -23,10 +24,10 @@ SEQ = 32
 
 
 def _train(rank: int, out: str, cache: str, pp: int, ep: int, zero: int, schedule: str, steps: int,
-           resume: bool = False):
+           resume: bool = False, grad_accum: int = 1):
     tc = TrainConfig(preset="tiny", steps=steps, batch_size=2, seq_len=SEQ, warmup=1, eval_every=1000,
                      eval_batches=1, ckpt_every=2, threads=1, progress=False, plots=False, data_cache=cache, out=out,
-                     device="cpu", pp=pp, ep=ep, zero=zero, pp_schedule=schedule, resume=resume,
+                     device="cpu", pp=pp, ep=ep, zero=zero, pp_schedule=schedule, resume=resume, grad_accum=grad_accum,
                      collective_timeout_s=120)
     try:
         return Trainer(tc, log=lambda m: None).run()
@@ -67,25 +68,52 @@ def test_pp2_ep2_dualpipev_zero1_memory_is_the_plan(tmp_path, data_cache, capsys
     assert m["layout"] == {"world": 4, "pp": 2, "dp": 2, "ep": 2, "zero": 1, "pp_schedule": "dualpipev"}
 
 
+def _resave(rank: int, out: str, cache: str, ep: int, zero: int, grad_accum: int) -> int:
+    """Resume ``out`` on one pipeline stage (``ep``, ``zero``; ``grad_accum`` batches a step) and checkpoint at once."""
+    tc = TrainConfig(preset="tiny", steps=4, batch_size=2, seq_len=SEQ, warmup=1, eval_every=1000, eval_batches=1,
+                     ckpt_every=2, threads=1, progress=False, plots=False, data_cache=cache, out=out, device="cpu",
+                     ep=ep, zero=zero, grad_accum=grad_accum, resume=True, collective_timeout_s=120)
+    trainer = Trainer(tc, log=lambda m: None)
+    try:
+        trainer.save()
+    finally:
+        trainer.close()
+    return trainer.step
+
+
 @pytest.mark.slow
 def test_pp2_dp2_1f1b_zero1_memory_resume_and_layout(tmp_path, data_cache, capsys):
     """PP 2 x DP 2, 1F1B (the last stage holds the embedding's mirror for MTP): the plan equals
-    the run; resuming step 2 replays steps 3-4 exactly; another layout is refused."""
-    full, part = tmp_path / "full", tmp_path / "part"
+    the run; resuming step 2 without ZeRO replays steps 3-4 exactly (ZeRO-1's updates are the unsharded
+    optimizer's, bit for bit); on one stage with EP 2 (grad_accum 2: the same batches a step) each rank
+    loads its part of the optimizer's state and saving it again gives the same state, bit for bit, from which the
+    pipeline replays steps 3-4 exactly; another data-parallel degree is refused in one line."""
+    full, part, moved = tmp_path / "full", tmp_path / "part", tmp_path / "moved"
     run_ranks(_train, 4, str(full), data_cache, 2, 1, 1, "1f1b", 4)
     measured = _assert_plan_equals_run(capsys, full, 2, 1, "1f1b")
     assert measured["param_bytes_per_rank"][0] != measured["param_bytes_per_rank"][2]  # two different stages
 
-    shutil.copytree(full, part)
-    shutil.rmtree(part / "checkpoints" / ckpt.step_dir_name(4))
-    res = run_ranks(_train, 4, str(part), data_cache, 2, 1, 0, "1f1b", 4, True)
-    assert all("saved with zero=1; this run has zero=0" in r for r in res), res[0]
-    run_ranks(_train, 4, str(part), data_cache, 2, 1, 1, "1f1b", 4, True)
+    for d in (part, moved):
+        shutil.copytree(full, d)
+        shutil.rmtree(d / "checkpoints" / ckpt.step_dir_name(4))
+    res = run_ranks(_train, 4, str(part), data_cache, 1, 1, 0, "1f1b", 4, True, 2)  # one stage: dp 4
+    assert all("saved with dp=2; this run has dp=4 (resume with dp 2 replicas" in r for r in res), res[0]
+    run_ranks(_train, 4, str(part), data_cache, 2, 1, 0, "1f1b", 4, True)
     want = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(full / "metrics.jsonl")]
     got = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(part / "metrics.jsonl")]
     assert [s for s, _, _ in got] == [1, 2, 3, 4]
     # the same arithmetic on the same inputs (weights, shards, sampler, RNG restored): equal, not close
     assert got == want
+
+    step2 = moved / "checkpoints" / ckpt.step_dir_name(2)
+    saved = load_file(step2 / ckpt.OPTIMIZER_FILE)
+    assert any(".experts.w1/" in k for k in saved) and any(k.startswith("embed.weight/") for k in saved)
+    assert run_ranks(_resave, 2, str(moved), data_cache, 2, 1, 2) == [2, 2]
+    again = load_file(step2 / ckpt.OPTIMIZER_FILE)
+    assert ckpt.saved_layout(step2) == {"world": 2, "pp": 1, "dp": 2, "ep": 2, "zero": 1, "pp_schedule": None}
+    assert sorted(again) == sorted(saved) and all(torch.equal(again[k], saved[k]) for k in saved)
+    run_ranks(_train, 4, str(moved), data_cache, 2, 1, 1, "1f1b", 4, True)  # back on the pipeline: the same steps
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(moved / "metrics.jsonl")] == want
 
     model, cfg, _ = load_pretrained(full)  # one process, single-process layout
     assert model.layers[cfg.n_layers - 1].ffn.experts.w1.shape[0] == cfg.n_routed_experts

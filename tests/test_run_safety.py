@@ -204,7 +204,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one_and_no_temporaries(tmp_
     def disk_full(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    monkeypatch.setattr(ckpt, "save_file", disk_full)  # a run's tensors: weights, optimizer state, RNG
     t.train_step()
     with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are intact"):
         t.save()

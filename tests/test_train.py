@@ -2,6 +2,7 @@
 skipping, CLI errors, and a short end-to-end run."""
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -70,6 +71,44 @@ def test_resume_equals_uninterrupted(tmp_path, data_cache):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical on CPU
     assert full["val_loss"] is not None
+
+
+def _rewrite(step: Path, name: str, data: bytes | None) -> None:
+    """Replace (None: remove) checkpoint file ``name`` and its manifest entry, as if it had been written so."""
+    manifest = json.loads((step / "manifest.json").read_text())
+    if data is None:
+        (step / name).unlink()
+        del manifest["files"][name]
+    else:
+        (step / name).write_bytes(data)
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_with_the_optimizer_per_rank_resumes_at_its_layout(tmp_path, data_cache):
+    """Checkpoints written before the optimizer's state was saved whole hold each rank's own (``optimizer.pt``: its
+    ``state_dict()``): one resumes bit for bit on the layout that wrote it, and on another is refused in one line
+    (its shards fit that layout only)."""
+    Trainer(tc_for(tmp_path / "full", data_cache), log=quiet).run()
+    t = Trainer(tc_for(tmp_path / "cut", data_cache), log=quiet)
+    for _ in range(3):
+        t.train_step()
+    step = t.save()
+    t.close()
+    _rewrite(step, ckpt.OPTIMIZER_FILE, None)
+    buf = io.BytesIO()
+    torch.save(t.optimizer.state_dict(), buf)
+    _rewrite(step, "optimizer.pt", buf.getvalue())
+    shutil.copytree(tmp_path / "cut", tmp_path / "moved")
+    Trainer(tc_for(tmp_path / "cut", data_cache, resume=True), log=quiet).run()
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [s for s in b if s > 3] == [4, 5, 6] and all(a[s] == b[s] for s in b if s > 3), (a, b)
+
+    moved = tmp_path / "moved" / "checkpoints" / step.name
+    state = json.loads((moved / "state.json").read_text())
+    _rewrite(moved, "state.json", json.dumps({**state, "layout": {**state["layout"], "zero": 1}}).encode())
+    with pytest.raises(CheckpointError, match=r"saved with zero=1; this run has zero=0 \(resume with the same layout"):
+        Trainer(tc_for(tmp_path / "moved", data_cache, resume=True), log=quiet)
 
 
 def test_v3_schedule_is_the_reports_stages():
@@ -235,7 +274,7 @@ def test_a_checkpoint_whose_files_do_not_parse_is_one_line(tmp_path, data_cache)
     a traceback; a manifest of another format version is not read as this one (the previous checkpoint is used)."""
     Trainer(tc_for(tmp_path, data_cache, steps=4), log=quiet).run()
     step = tmp_path / "checkpoints" / ckpt.step_dir_name(4)
-    originals = {n: (step / n).read_bytes() for n in ("state.json", "optimizer.pt", "manifest.json")}
+    originals = {n: (step / n).read_bytes() for n in ("state.json", "optimizer.safetensors", "manifest.json")}
 
     def rewrite(name: str, data: bytes) -> None:
         (step / name).write_bytes(data)
@@ -246,7 +285,7 @@ def test_a_checkpoint_whose_files_do_not_parse_is_one_line(tmp_path, data_cache)
     state = json.loads(originals["state.json"])
     for name, data, says in (("state.json", json.dumps({**state, "step": "six"}).encode(), "has no step count"),
                              ("state.json", b"{not json", "unreadable"),
-                             ("optimizer.pt", b"garbage" * 10, "unreadable")):
+                             ("optimizer.safetensors", b"garbage" * 10, "unreadable")):
         rewrite(name, data)
         with pytest.raises(CheckpointError, match=f"checkpoint {step}: .*{says}") as e:
             Trainer(tc_for(tmp_path, data_cache, steps=6, resume=True), log=quiet)

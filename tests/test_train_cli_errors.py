@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 
 from flyer.cli import build_parser, main
 from flyer.data import find_documents
@@ -58,7 +59,8 @@ def test_resume_refuses_changed_trajectory_settings_and_names_the_flag(tmp_path,
     other = "fp32" if here == "bf16" else "bf16"
     for extra, words in [
         (["--lr", "0.5"], "--lr: 0.5 differs from the run's lr 0.003"),
-        (["--grad-accum", "2"], "--grad-accum: 2 differs from the run's grad_accum 1"),
+        (["--grad-accum", "2"], "--grad-accum: 2 batches a step (grad_accum x micro_batches under pipelining) "
+                                "differ from the run's 1"),
         (["--warmup", "0"], "--warmup: 0 differs from the run's warmup 1"),
         (["--schedule", "constant"], "--schedule: constant differs from the run's schedule cosine"),
         (["--precision", other], f"--precision: {other} is {other} here, but checkpoint "),
@@ -89,6 +91,12 @@ def test_a_failed_checkpoint_write_of_any_kind_is_one_line_and_keeps_earlier_one
     with pytest.raises(CheckpointError, match="unexpected pos 64 vs 0; the earlier checkpoints are intact$"):
         ckpt.save_checkpoint(root, 2, {"optimizer.pt": {"x": 1}})
     assert ckpt.list_checkpoints(root) == [first] and not list(root.glob(".tmp-*"))
+
+    def full_disk(*_a, **_k):  # what safetensors raises when the disk fills mid-file
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)  # a run's tensors: weights, optimizer state, RNG
     assert main(argv(tmp_path / "run", corpus)) == 2
     assert "cannot write checkpoint step_00000002" in last_error(capsys)
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))

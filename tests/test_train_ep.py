@@ -33,8 +33,8 @@ def test_torchrun_ep4_two_nodes_trains_checkpoints_and_resumes(tmp_path, data_ca
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert recs[-1]["inter_node_bytes"] > 0 and recs[-1]["intra_node_bytes"] > 0
     path = ckpt.resolve_checkpoint_path(tmp_path / "run")
-    assert sorted(p.name for p in path.iterdir() if p.name.startswith("optimizer")) == [
-        f"optimizer-rank{r}.pt" for r in range(4)]
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(("optimizer", "state"))) == [
+        "optimizer.safetensors", *(f"state-rank{r}.json" for r in range(4))]  # the optimizer's state whole
     model, cfg, _ = load_pretrained(tmp_path / "run")  # full single-process layout
     assert model.layers[1].ffn.experts.w1.shape[0] == cfg.n_routed_experts
 

@@ -1,7 +1,7 @@
 """`flyer train` with pipeline parallelism under torchrun (gloo, CPU): PP2 x EP2 with DualPipeV
 on 4 ranks against EP2 with grad_accum = M on 2 ranks (the same batches: each data-parallel
-replica draws its own sample stream), a kill -9 mid-run and --resume, the checkpoint in one
-process, and two torchrun agents as two nodes over loopback.
+replica draws its own sample stream), a kill -9 mid-run and --resume, a resume without the pipeline, the
+checkpoint in one process, and two torchrun agents as two nodes over loopback.
 
 Launchers. The killed run and the two-node runs need torchrun (its agent tears the job down; c10d
 rendezvous across agents); the other runs call ``flyer train`` in-process on ranks forked from the
@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,26 @@ def test_pp_ep_dualpipev_equals_ep_with_grad_accum(pp_run, data_cache):
             bound = _loss_bound(pp, ref, step, key)
             assert abs(pp[step][key] - ref[step][key]) <= bound, (step, key, pp[step][key], ref[step][key], bound)
         assert pp[step]["mtp_loss"] > 0 and pp[step]["aux_loss"] > 0  # every term is computed and gathered
+
+
+@pytest.mark.slow
+@needs_split_backward
+def test_a_pipeline_checkpoint_resumes_without_the_pipeline(pp_run, data_cache):
+    """The PP2 x EP2 run's step-2 checkpoint resumed on EP2 alone with grad_accum M (as many batches a step): each
+    rank loads its part of the optimizer's state, saved whole, and its replica's sampler; steps 3-4 stay on the
+    pipeline run's trajectory (a replica drawing another's batches would leave it: see the test above)."""
+    root, pp = pp_run
+    out = root / "unpiped"
+    shutil.copytree(root / "pp", out)
+    shutil.rmtree(out / "checkpoints" / ckpt.step_dir_name(STEPS))
+    err = _run_forked(2, _train_args(out, data_cache, "--ep", "2", "--grad-accum", str(M), "--resume"))
+    assert "at step 2; world 4 -> 2; pp 2 -> 1; pp_schedule dualpipev -> None" in err, err[-3000:]
+    got = _records(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        for key in ("loss", "main_loss", "mtp_loss", "aux_loss"):
+            bound = _loss_bound(got, pp, step, key)
+            assert abs(got[step][key] - pp[step][key]) <= bound, (step, key, got[step][key], pp[step][key], bound)
 
 
 def _children(pid: int) -> list[int]:

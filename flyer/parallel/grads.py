@@ -183,10 +183,10 @@ def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mes
     under pipelining, only the weights of this rank's stages)."""
     own = model.state_dict()
     sd = {n: t for n, t in full_sd.items() if n in own} if mesh is not None and mesh.pp > 1 else dict(full_sd)
-    model.load_state_dict(_expert_slices(_expert_ranges(model, mesh), sd))
+    model.load_state_dict(_expert_slices(expert_ranges(model, mesh), sd))
 
 
-def _expert_ranges(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
+def expert_ranges(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
     """Each expert stack's name -> (this rank's first expert, its count, the one-process count)."""
     ep = mesh.ep if mesh is not None else 1
     return {f"{name}.{w}": (m.first, m.n_local, m.n_local * ep)
@@ -216,7 +216,7 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
     # a pipeline rank's model holds the other stages on the meta device (build_model): nothing to set
     own = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not p.is_meta}
     own_buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False) if not b.is_meta}
-    ranges = _expert_ranges(model, mesh)  # once: the loop below visits every module
+    ranges = expert_ranges(model, mesh)  # once: the loop below visits every module
     done: set[str] = set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -263,4 +263,4 @@ def _materialized(m: nn.Module):
 
 
 __all__ = ["broadcast_parameters", "sync_gradients", "clip_grad_norm_", "full_state_dict", "load_full_state_dict",
-           "init_like_single_process", "expert_param_names"]
+           "init_like_single_process", "expert_param_names", "expert_ranges"]

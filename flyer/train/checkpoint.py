@@ -3,7 +3,9 @@
 Layout of ``RUN/checkpoints/step_00000100/``:
 
 - ``model.safetensors``  weights and persistent buffers (router biases), full single-process layout
-- ``optimizer*.pt``      optimizer state (tensors only; loaded with ``weights_only=True``), one per rank
+- ``optimizer.safetensors``  optimizer state, full single-process layout (``{parameter}/{key}``), so a run
+                         resumes on another process layout (``flyer.parallel.optim_state``); checkpoints
+                         written before it have ``optimizer*.pt`` (one per rank, for the layout that wrote them)
 - ``state*.json``        step, sampler position, counters, train config (one per rank)
 - ``rng*.safetensors``   RNG state
 - ``config.json``        the model config
@@ -47,9 +49,14 @@ from flyer.config import ModelConfig
 from flyer.data.tiktoken_file import TIKTOKEN_FILE
 from flyer.data.tokenizer import load_tokenizer, tokenizer_file
 from flyer.errors import CheckpointError, ConfigError, DataError
+from flyer.parallel.optim_state import full_optimizer_state, load_full_optimizer_state
 from flyer.parse import json_loads
 
 FORMAT_VERSION = 1
+OPTIMIZER_FILE = "optimizer.safetensors"
+# the process layout's fields a resume may change (``check_layout``): the optimizer's state is saved whole
+# (``OPTIMIZER_FILE``) and each rank of the new layout loads its part; the data-parallel degree stays
+RESHARDED = ("world", "pp", "ep", "zero", "pp_schedule")
 _PREFIX = "step_"
 # A Hugging Face directory's tokenizer and generation settings, beside its tokenizer.json: what
 # transformers reads for the chat template, BOS/EOS and sampling defaults. A run started from one
@@ -374,10 +381,10 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
                   settings: dict[str, bytes] | None = None, extra: dict | None = None) -> Path | None:
     """Checkpoint a training run at ``step`` (a collective: every rank of ``mesh`` calls it).
 
-    model: this rank's model (its expert slice under EP); saved in the full single-process layout.
-    optimizer, sampler (``state_dict()``), RNG: saved per rank. bad_steps and train_config (a
-    JSON-able dict) go into each rank's state file, and ``layout`` (the process layout, e.g. world,
-    pp, dp, ep, zero, pp_schedule), which ``load_training`` requires to match. Rank 0 writes;
+    model: this rank's model (its expert slice under EP); its weights and the optimizer's state are saved in the
+    full single-process layout. Sampler (``state_dict()``) and RNG: saved per rank. bad_steps and train_config (a
+    JSON-able dict) go into each rank's state file, and ``layout`` (the process layout: world, pp, dp, ep, zero,
+    pp_schedule), of which ``load_training`` requires ``dp``, the data-parallel degree, to match. Rank 0 writes;
     ``keep``: valid checkpoints kept, ``protect``: checkpoints never pruned (the one the run
     resumed from). ``settings``: the Hugging Face tokenizer and generation settings the run carries
     (a name of ``settings_names`` -> its bytes), written as they are; with a tiktoken tokenizer's files
@@ -389,15 +396,16 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     weights = mesh.full_state_dict(model)
     state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "train_config": train_config,
              "layout": layout, **(extra or {})}
-    ranks = mesh.gather_object({"optimizer": optimizer.state_dict(), "state": state, "rng": rng_state(mesh.device)})
+    moments = full_optimizer_state(model, optimizer, mesh)
+    ranks = mesh.gather_object({"state": state, "rng": rng_state(mesh.device)})
     path = None
     if ranks is not None:
-        files: dict[str, Any] = {"model.safetensors": weights, "config.json": cfg.to_dict(), **(settings or {})}
+        files: dict[str, Any] = {"model.safetensors": weights, OPTIMIZER_FILE: moments, "config.json": cfg.to_dict(),
+                                 **(settings or {})}
         if TIKTOKEN_FILE not in files:
             files["tokenizer.json"] = json.loads(tokenizer.to_str())
         for r, per_rank in enumerate(ranks):
             sfx = rank_suffix(r, mesh.world)
-            files[f"optimizer{sfx}.pt"] = per_rank["optimizer"]
             files[f"state{sfx}.json"] = per_rank["state"]
             files[f"rng{sfx}.safetensors"] = per_rank["rng"]
         path = save_checkpoint(ckpt_root, step, files, keep=keep, protect=protect)
@@ -433,17 +441,31 @@ def saved_layout(path: Path) -> dict | None:
 
 
 def check_layout(path: Path, layout: dict | None) -> None:
-    """One-line ``CheckpointError`` naming every field of ``layout`` that differs from the saved one
-    (the optimizer shards and per-rank files only fit the layout that wrote them)."""
+    """One-line ``CheckpointError`` naming every field of ``layout`` that differs from the saved one and must not:
+    ``dp`` (a step trains on each replica's batches), and any field for a checkpoint whose optimizer state is per rank
+    (written before ``OPTIMIZER_FILE``: its shards fit only the layout that wrote them)."""
     saved = saved_layout(path)
     if saved is None or layout is None:
         return
-    diff = [k for k in sorted(set(saved) | set(layout)) if saved.get(k) != layout.get(k)]
+    free = RESHARDED if (path / OPTIMIZER_FILE).is_file() else ()
+    diff = [k for k in sorted(set(saved) | set(layout)) if k not in free and saved.get(k) != layout.get(k)]
     if diff:
         was = ", ".join(f"{k}={saved.get(k)}" for k in diff)
         now = ", ".join(f"{k}={layout.get(k)}" for k in diff)
-        raise CheckpointError(f"checkpoint {path} was saved with {was}; this run has {now} (resume with the same "
-                              "layout, or start a new run from its weights with init)")
+        how = (f"resume with dp {saved.get('dp')} replicas (world = pp x dp; pp, ep and zero may change)" if free else
+               "resume with the same layout")
+        raise CheckpointError(f"checkpoint {path} was saved with {was}; this run has {now} ({how}, "
+                              "or start a new run from its weights with init)")
+
+
+def _source_rank(path: Path, mesh) -> str:
+    """The suffix of the state and RNG files this rank resumes from: its own under the layout that saved them, else
+    (another pipeline layout) those of its replica's first stage, whose sampler every stage of the replica shares."""
+    saved = saved_layout(path)
+    if saved is None or not (path / OPTIMIZER_FILE).is_file() or saved.get("world") == mesh.world and \
+            saved.get("pp") == mesh.pp:
+        return rank_suffix(mesh.rank, mesh.world)
+    return rank_suffix(mesh.dp_rank, saved["world"])
 
 
 # The model config's fields a run may change between its stages: weights of its losses and of the router-bias update,
@@ -481,11 +503,14 @@ def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig
         load_model_weights(model, weights, f"checkpoint {path}")
     else:
         mesh.load_full_state_dict(model, weights)
-    sfx = rank_suffix(mesh.rank, mesh.world)
+    sfx = _source_rank(path, mesh)
     state_path = path / f"state{sfx}.json"
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no {state_path.name}: saved with another process layout")
-    optimizer.load_state_dict(read_torch(path / f"optimizer{sfx}.pt"))
+    if (path / OPTIMIZER_FILE).is_file():
+        load_full_optimizer_state(model, optimizer, mesh, path / OPTIMIZER_FILE)
+    else:  # written before the optimizer state was saved whole: this rank's own (check_layout: the same layout)
+        optimizer.load_state_dict(read_torch(path / f"optimizer{sfx}.pt"))
     state = json.loads(state_path.read_text())
     if isinstance(state.get("step"), bool) or not isinstance(state.get("step"), int) or state["step"] < 0:
         raise CheckpointError(f"checkpoint {path}: {state_path.name} has no step count (got {state.get('step')!r})")

@@ -241,6 +241,8 @@ class Trainer:
         self.consecutive_bad = int(state.get("consecutive_bad", 0))  # a stop saved during a run of skipped steps
         self.resumed_from = path
         changes = "".join(f"; {k} {a:g} -> {b:g}" for k, (a, b) in state["stage_changes"].items())
+        was = state.get("layout") or self.layout  # another pipeline, expert or ZeRO layout loads the state whole
+        changes += "".join(f"; {k} {was.get(k)} -> {v}" for k, v in self.layout.items() if was.get(k) != v)
         self.log(f"resumed from {path} at step {self.step}{changes}")
 
     def save(self) -> Path | None:
@@ -324,7 +326,7 @@ class Trainer:
 
     @property
     def layout(self) -> dict[str, Any]:
-        """The process layout a checkpoint's optimizer and state files belong to (a resume needs the same)."""
+        """The process layout a checkpoint records (a resume may change all but ``dp``: ``checkpoint.check_layout``)."""
         m = self.mesh
         return {"world": m.world, "pp": m.pp, "dp": m.dp, "ep": m.ep, "zero": self.tc.zero if m.world > 1 else 0,
                 "pp_schedule": self.tc.pp_schedule if m.pp > 1 else None}
