@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from flyer.interop.hf import load_tokenizer
 from flyer.serve.api import Api, ChatBody
-from flyer.data.chat_template import read_chat_template
+from flyer.data.chat_template import chat_renderer, read_chat_template
 from tests.hf_models import build
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
@@ -67,3 +67,17 @@ def test_special_tokens_map_of_an_older_save(src, tmp_path):
         {"eos_token": {"content": "</s>", "lstrip": False}, "pad_token": "<s>"}))
     text = _same_as_transformers(old)
     assert "the fox</s>" in text and "(pad <s>)" in text
+
+
+def test_documents_are_none_unless_given(src, tmp_path):
+    """transformers passes ``documents`` to every template, None unless given: a retrieval template's ``documents is
+    none`` holds, and documents given as chat_template_kwargs render as its ``documents=`` renders them."""
+    path = shutil.copytree(src, tmp_path / "documents")
+    _edit(path, "tokenizer_config.json", chat_template="{% if documents is none %}[no documents]{% else %}"
+          "{% for d in documents %}[{{ d['title'] }}]{% endfor %}{% endif %}" + TEMPLATE)
+    assert "[no documents]" in _same_as_transformers(path)
+    docs = [{"title": "a", "text": "x"}, {"title": "b", "text": "y"}]
+    want = AutoTokenizer.from_pretrained(path).apply_chat_template(MSGS, documents=docs, tokenize=False,
+                                                                   add_generation_prompt=True)
+    render = chat_renderer(read_chat_template(str(path)), load_tokenizer(path).special_tokens())
+    assert render(MSGS, extra={"documents": docs}) == want and "[a][b]" in want

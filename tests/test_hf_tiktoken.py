@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
 from flyer.cli import main
+from flyer.data.chat_data import prepare_chat
 from flyer.data.chat_template import chat_renderer, read_chat_template
 from flyer.data.prepare import prepare_data
 from flyer.data.tiktoken_file import DEFAULT_PATTERN, bpe_from_ranks
@@ -337,3 +338,41 @@ def test_a_run_fine_tuned_from_it_keeps_it(model_dir, tmp_path, capsys):
         assert back.encode(t) == tok.encode_ids(t) == load_tokenizer(tmp_path / "out", {}).encode_ids(t), t
     assert back.eos_token == "[EOS]" and "auto_map" in json.loads((tmp_path / "out" / "tokenizer_config.json")
                                                                    .read_text())
+
+
+# Kimi's tokenization_kimi.py sorts the tools' keys before its template renders them (its apply_chat_template)
+SORTING = REMOTE + '''
+    def apply_chat_template(self, conversation, tools=None, **kwargs):
+        tools = deep_sort_dict(tools)
+        return super().apply_chat_template(conversation, tools=tools, **kwargs)
+'''
+TOOLS_TEMPLATE = ("{%- if tools -%}<|im_system|>tool_declare<|im_middle|>{{ tools | tojson(separators=(',', ':')) }}"
+                  "<|im_end|>{%- endif -%}" + TEMPLATE)  # Kimi K2's: the tools as compact JSON
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "description": "City"}}, "required": ["city"]}}}]
+
+
+def test_the_tools_are_sorted_where_the_remote_tokenizer_sorts_them(ranks, tmp_path):
+    """A directory whose remote tokenizer's ``apply_chat_template`` sorts the tools' keys (``deep_sort_dict``, Kimi
+    K2's) renders what transformers renders with it, the tools' keys sorted at every depth; one whose remote code does
+    not, the tools as given; chat data renders each as its own (two caches)."""
+    sorting = write_dir(tmp_path / "sorting", ranks, KIMI_SPECIAL, config={"chat_template": TOOLS_TEMPLATE})
+    (sorting / "tokenization_kimi.py").write_text((sorting / "tokenization_kimi.py").read_text().replace(
+        "        return [text]\n", "        return [text]\n" + SORTING.partition("return [text]\n")[2]))
+    plain = write_dir(tmp_path / "plain", ranks, KIMI_SPECIAL, config={"chat_template": TOOLS_TEMPLATE})
+    for path in (sorting, plain):  # a model directory (its weights are not read): Kimi K2's architecture is V3's
+        (path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
+        (path / "model.safetensors").write_bytes(b"")
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    sorted_tools = json.loads(json.dumps(TOOLS, sort_keys=True))
+    for path, tools in ((sorting, sorted_tools), (plain, TOOLS)):
+        want = _converted(path).apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=True)
+        assert chat_renderer(read_chat_template(path))(msgs, TOOLS) == want
+    assert '"function":{"description":"Weather","name"' in chat_renderer(read_chat_template(sorting))(msgs, TOOLS)
+
+    data = tmp_path / "chat.jsonl"
+    line = json.dumps({"messages": msgs + [{"role": "assistant", "content": "Sunny."}], "tools": TOOLS})
+    data.write_text(f"{line}\n{line}\n")  # one held out for validation
+    dirs = {prepare_chat(data, tmp_path / "cache", load_tokenizer(p, {}), read_chat_template(p)).cache_dir
+            for p in (sorting, plain)}
+    assert len(dirs) == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flyer.data import tools_typescript
 from flyer.data.deepseek_encoding import ENCODINGS, ChatEncoding, ChatTemplate, joined_parts
+from flyer.data.tiktoken_file import sorts_tools
 from flyer.config import ModelConfig
 from flyer.errors import ConfigError, FieldError
 from flyer.interop.export_config import hf_model_type
@@ -37,6 +38,17 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ c['function']['name'] }}<｜tool▁sep｜>{{ c['function']['arguments'] if c['function']['arguments'] is string "
     "else c['function']['arguments'] | tojson }}<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜>{% endif %}"
     "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+class ToolsSorted(str):
+    """A chat template whose tokenizer sorts the keys of the tools, at every depth, before the template renders them
+    (``flyer.data.tiktoken_file.sorts_tools``: Kimi's remote ``apply_chat_template``); ``chat_renderer`` sorts them
+    too. Otherwise the template text it is."""
+
+
+def sorts_tools_of(template: ChatTemplate) -> bool:
+    """Whether ``template`` (or a named one of it) is ``ToolsSorted``: the tools it sees differ from those given."""
+    return any(isinstance(t, ToolsSorted) for t in (template.values() if isinstance(template, dict) else [template]))
 
 
 # the names a message's reasoning comes under, the one chat templates read first (transformers' _REASONING_FIELDS)
@@ -83,6 +95,7 @@ def chat_renderer(template: ChatTemplate, special: dict[str, str] | None = None)
         return encoded
     # transformers' {% generation %} markers (the assistant mask's) render their body: an always-true block,
     # whitespace control kept
+    sort_tools = isinstance(template, ToolsSorted)  # (a K2.5 template's wrapper sorts them too: chat_kwargs)
     template = _GENERATION_TAG.sub(lambda m: m[1] + ("endif" if m[2] else "if true") + m[3], template or "") or None
     import jinja2.meta
     import jinja2.sandbox  # here: 40 ms every flyer command would pay at start (train and serve CLIs import us)
@@ -123,7 +136,11 @@ def chat_renderer(template: ChatTemplate, special: dict[str, str] | None = None)
         messages = [template_message(m) for m in messages]
         if kimi:
             tools, extra = tools_typescript.chat_kwargs(tools, extra)
-        variables = dict(tools=tools, add_generation_prompt=add_generation_prompt, **named, **(extra or {}))
+        elif sort_tools:
+            tools = tools_typescript.deep_sorted(tools)
+        # transformers passes documents (None unless given) to every template: "documents is none" must hold
+        variables = {"documents": None, **dict(tools=tools, add_generation_prompt=add_generation_prompt, **named,
+                                               **(extra or {}))}
         try:
             return rendered(messages, variables)
         except jinja2.TemplateError:
@@ -203,10 +220,20 @@ def read_chat_template(ckpt: str | Path | None) -> ChatTemplate:
     one per call), which must hold a "default" (a one-line ``ConfigError``). Without one, the ``ChatEncoding`` of a
     directory whose config.json ``model_type`` has one (``ENCODINGS``: DeepSeek-V3.2 and V4 ship a Python encoder,
     no template), for a run the model_type its model exports as; None for flyer's own runs and directories with
-    neither."""
+    neither. A directory whose remote-code tokenizer sorts the tools' keys before rendering (Kimi's: ``sorts_tools``)
+    gives ``ToolsSorted`` templates."""
     root = settings_dir(ckpt) if ckpt else None
     if root is None:
         return None
+    template = _read_template(root)
+    if sorts_tools(root):  # its tokenizer's apply_chat_template sorts the tools' keys first (Kimi's)
+        return {k: ToolsSorted(t) for k, t in template.items()} if isinstance(template, dict) else \
+            ToolsSorted(template) if isinstance(template, str) else template
+    return template
+
+
+def _read_template(root: Path) -> ChatTemplate:
+    """``read_chat_template`` of the settings directory ``root``, as it is written."""
     files = [root / "chat_template.jinja", *sorted((root / NAMED_TEMPLATES).glob("*.jinja"))]
     named = {("default" if f.parent == root else f.stem): _compiles(f.read_text(), f) for f in files if f.is_file()}
     where = root / (NAMED_TEMPLATES if named.keys() - {"default"} else "chat_template.jinja")

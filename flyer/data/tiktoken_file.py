@@ -186,6 +186,24 @@ def remote_settings(path: Path, class_name: str, error: type[ValueError]) -> tup
     ``path``, read (never run) from its syntax tree; ``error`` naming the file when it has no pattern flyer can read,
     when the class changes the text before tiktoken sees it (a ``pre_tokenizer_process`` other than Kimi's
     ``return [text]``), or cuts it (``_presplit``) with limits flyer cannot read."""
+    tree, cls = _remote_tree(path, class_name, error)
+    pattern = None
+    for node in cls.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pat_str" for t in node.targets):
+            pattern = _literal(node.value)
+            if pattern is None:
+                raise error(f"{path}: {class_name}.pat_str is not a string of constants flyer can read")
+        if isinstance(node, ast.FunctionDef) and node.name == "pre_tokenizer_process" and not _returns_text(node):
+            raise error(f"{path}: {class_name}.pre_tokenizer_process rewrites the text before tiktoken encodes it; "
+                        "flyer cannot reproduce remote code")
+    if pattern is None:
+        raise error(f"{path}: {class_name} has no pat_str (the tiktoken pre-tokenizer regex)")
+    return pattern, _presplit(tree, cls, path, error)
+
+
+def _remote_tree(path: Path, class_name: str, error: type[ValueError]) -> tuple[ast.Module, ast.ClassDef]:
+    """(syntax tree, class ``class_name``) of the remote-code tokenizer module ``path``; ``error`` naming the file
+    when it cannot be read, is not Python or has no such class."""
     try:
         with open(path, "rb") as f:
             source = f.read(_MAX_SOURCE + 1)
@@ -200,18 +218,29 @@ def remote_settings(path: Path, class_name: str, error: type[ValueError]) -> tup
     cls = next((n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == class_name), None)
     if cls is None:
         raise error(f"{path}: no class {class_name} (tokenizer_config.json's auto_map names it)")
-    pattern = None
-    for node in cls.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pat_str" for t in node.targets):
-            pattern = _literal(node.value)
-            if pattern is None:
-                raise error(f"{path}: {class_name}.pat_str is not a string of constants flyer can read")
-        if isinstance(node, ast.FunctionDef) and node.name == "pre_tokenizer_process" and not _returns_text(node):
-            raise error(f"{path}: {class_name}.pre_tokenizer_process rewrites the text before tiktoken encodes it; "
-                        "flyer cannot reproduce remote code")
-    if pattern is None:
-        raise error(f"{path}: {class_name} has no pat_str (the tiktoken pre-tokenizer regex)")
-    return pattern, _presplit(tree, cls, path, error)
+    return tree, cls
+
+
+_SORT_CALL = "deep_sort_dict"  # Kimi's: its apply_chat_template calls it on the tools
+
+
+def sorts_tools(root: str | Path) -> bool:
+    """Whether the remote-code tokenizer of directory ``root`` (tokenizer_config.json's ``auto_map``) sorts the keys
+    of the tools, at every depth, before its chat template renders them: its class's ``apply_chat_template`` calls
+    ``deep_sort_dict(tools)``, as Kimi's ``tokenization_kimi.py`` does. Read from its syntax tree, never run; False
+    where there is none or it cannot be read (loading the tokenizer says why)."""
+    root = Path(root)
+    settings = root / "tokenizer_config.json"
+    try:
+        ref = _remote_class(root, read_json_object(settings, ValueError) if settings.is_file() else {}, ValueError)
+        if ref is None:
+            return False
+        _, cls = _remote_tree(root / f"{ref[0]}.py", ref[1], ValueError)
+    except ValueError:
+        return False
+    return any(isinstance(fn, ast.FunctionDef) and fn.name == "apply_chat_template" and any(
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == _SORT_CALL and n.args
+        and isinstance(n.args[0], ast.Name) and n.args[0].id == "tools" for n in ast.walk(fn)) for fn in cls.body)
 
 
 _CUT_METHOD = "_split_whitespaces_or_nonwhitespaces"  # Kimi's; its encode calls it on every chunk
