@@ -2,12 +2,14 @@
 tokenizer_config.json's bos/eos/unk/pad/... tokens, or special_tokens_map.json's for a directory
 saved by older transformers), not the texts of the first BOS and EOS ids: Llama 3.1's eos_token is
 <|eot_id|> while its generation_config lists <|end_of_text|> first. flyer serve's rendering of an HF
-directory equals transformers' ``apply_chat_template``, text and ids."""
+directory equals transformers' ``apply_chat_template``, text and ids; every template sees ``documents``; the
+config's flags of an added token win over tokenizer.json's, as transformers reads them."""
 
 import json
 import shutil
 
 import pytest
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from flyer.interop.hf import load_tokenizer
@@ -81,3 +83,23 @@ def test_documents_are_none_unless_given(src, tmp_path):
                                                                    add_generation_prompt=True)
     render = chat_renderer(read_chat_template(str(path)), load_tokenizer(path).special_tokens())
     assert render(MSGS, extra={"documents": docs}) == want and "[a][b]" in want
+
+
+def test_the_configs_token_flags_win_over_tokenizer_json(src, tmp_path):
+    """Where tokenizer_config.json's ``added_tokens_decoder`` flags an added token otherwise than tokenizer.json (a
+    config edited by hand), transformers 5 re-adds the config's over it: a token special there alone is dropped when
+    decoding, an ``rstrip`` there alone takes the spaces after the token; flyer reads the directory the same."""
+    path = shutil.copytree(src, tmp_path / "flags")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_tokens(["<tool>"])  # a plain added token in tokenizer.json
+    tok.save(str(path / "tokenizer.json"))
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    _edit(path, "tokenizer_config.json", added_tokens_decoder={
+        str(tok.token_to_id("<tool>")): {**flags, "content": "<tool>"},
+        "2": {**flags, "content": "</s>", "rstrip": True}})
+    hf, ours = AutoTokenizer.from_pretrained(path), load_tokenizer(path)
+    for text in ("a <tool> b", "the fox</s>  \n again <tool>"):
+        ids = hf.encode(text, add_special_tokens=False)
+        assert ours.encode_ids(text, add_special_tokens=False) == ids
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    assert "<tool>" not in ours.decode(hf.encode("a <tool> b", add_special_tokens=False))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from flyer.data.fim import FimTokens, fim_tokens
 from flyer.data.presplit import encode
@@ -92,11 +92,10 @@ def _content(e) -> str | None:
     return e if isinstance(e, str) and e else None
 
 
-def _named_special_tokens(path: Path) -> dict[str, str]:
+def _named_special_tokens(path: Path, tc: dict) -> dict[str, str]:
     """The named special tokens transformers' tokenizer for the directory has (``_SPECIAL_NAMES``):
-    tokenizer_config.json's; one saved without ``added_tokens_decoder`` (older transformers) has
+    tokenizer_config.json's (``tc``); one saved without ``added_tokens_decoder`` (older transformers) has
     special_tokens_map.json's over them, as transformers 5 loads them."""
-    tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     named = {k: v for k in _SPECIAL_NAMES if (v := _content(tc.get(k)))}
     if "added_tokens_decoder" not in tc and (path / "special_tokens_map.json").is_file():
         legacy = read_json(path / "special_tokens_map.json")
@@ -117,15 +116,42 @@ def _special_ids(gen: dict, config: dict, named: dict[str, str], tok: Tokenizer,
     return () if i is None else (i,)
 
 
+_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")  # an AddedToken's, as configs list them
+
+
+def _with_config_tokens(tok: Tokenizer, tc: dict) -> Tokenizer:
+    """``tok`` with the entries of tokenizer_config.json's ``added_tokens_decoder`` (``tc``'s: id -> content, flags)
+    that differ from its own added token at that id added over it, as transformers 5 re-adds them when it loads the
+    directory: where the two files disagree (a config edited by hand), the config's flags win (a token special there
+    alone is skipped when decoding; an ``rstrip`` there alone takes the spaces after it)."""
+    entries = tc.get("added_tokens_decoder")
+    if not isinstance(entries, dict):
+        return tok
+    have = tok.get_added_tokens_decoder()
+    differ = []
+    for k, e in sorted(((int(k), e) for k, e in entries.items() if k.isdigit()), key=lambda kv: kv[0]):
+        if isinstance(e, dict) and isinstance(e.get("content"), str):
+            token = AddedToken(e["content"], **{f: e[f] for f in _TOKEN_FLAGS if isinstance(e.get(f), bool)})
+            if repr(token) != repr(have.get(k)):
+                differ.append(token)
+    if differ:
+        tok.add_tokens(differ)
+    return tok
+
+
 def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenizer:
-    """The directory's ``tokenizer.json`` (or its ``tiktoken.model`` when it has only that:
-    ``flyer.data.tiktoken_file``) with its BOS and EOS ids (``_special_ids``) and named special tokens,
+    """The directory's ``tokenizer.json`` (its added tokens as tokenizer_config.json flags them:
+    ``_with_config_tokens``), or its ``tiktoken.model`` when it has only that (``flyer.data.tiktoken_file``, which
+    builds its special tokens from the config), with its BOS and EOS ids (``_special_ids``) and named special tokens,
     each settings file read once."""
     path = Path(path)
     tok = load_tokenizer_file(tokenizer_file(path), CheckpointError)
+    tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    if tokenizer_file(path).name == "tokenizer.json":
+        tok = _with_config_tokens(tok, tc)
     config = config if config is not None else read_json(path / "config.json")
     gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
-    named = _named_special_tokens(path)
+    named = _named_special_tokens(path, tc)
     bos = _special_ids(gen, config, named, tok, "bos")
     return TextTokenizer(tok, _special_ids(gen, config, named, tok, "eos"), add_special_tokens=True,
                          bos=bos[0] if bos else None, named=named)
