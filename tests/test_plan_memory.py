@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from flyer.interop.load import load_pretrained
 from flyer.cli import main
-from flyer.errors import CheckpointError
+from flyer.errors import CheckpointError, ConfigError
 from flyer.parallel.memory import KEYS
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
@@ -31,7 +31,7 @@ def _train(rank: int, out: str, cache: str, pp: int, ep: int, zero: int, schedul
                      collective_timeout_s=120)
     try:
         return Trainer(tc, log=lambda m: None).run()
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         return str(e)
 
 
@@ -87,17 +87,26 @@ def test_pp2_dp2_1f1b_zero1_memory_resume_and_layout(tmp_path, data_cache, capsy
     the run; resuming step 2 without ZeRO replays steps 3-4 exactly (ZeRO-1's updates are the unsharded
     optimizer's, bit for bit); on one stage with EP 2 (grad_accum 2: the same batches a step) each rank
     loads its part of the optimizer's state and saving it again gives the same state, bit for bit, from which the
-    pipeline replays steps 3-4 exactly; another data-parallel degree is refused in one line."""
-    full, part, moved = tmp_path / "full", tmp_path / "part", tmp_path / "moved"
+    pipeline replays steps 3-4 exactly; four replicas of one stage go on at as many batches a step (the two new
+    ones on their own streams), and at more batches a step are refused in one line."""
+    full, part, moved, wide = tmp_path / "full", tmp_path / "part", tmp_path / "moved", tmp_path / "wide"
     run_ranks(_train, 4, str(full), data_cache, 2, 1, 1, "1f1b", 4)
     measured = _assert_plan_equals_run(capsys, full, 2, 1, "1f1b")
     assert measured["param_bytes_per_rank"][0] != measured["param_bytes_per_rank"][2]  # two different stages
 
-    for d in (part, moved):
+    for d in (part, moved, wide):
         shutil.copytree(full, d)
         shutil.rmtree(d / "checkpoints" / ckpt.step_dir_name(4))
     res = run_ranks(_train, 4, str(part), data_cache, 1, 1, 0, "1f1b", 4, True, 2)  # one stage: dp 4
-    assert all("saved with dp=2; this run has dp=4 (resume with dp 2 replicas" in r for r in res), res[0]
+    assert all("grad_accum: 8 batches a step (4 data-parallel replicas x 2" in r for r in res), res[0]
+    # dp 4 at as many batches a step: replicas 0-1 go on with their streams, 2-3 start their own where they stood
+    run_ranks(_train, 4, str(wide), data_cache, 1, 1, 0, "1f1b", 4, True, 1)
+    samplers = [json.loads((wide / "checkpoints" / ckpt.step_dir_name(4) / f"state-rank{r}.json").read_text())[
+        "sampler"] for r in range(4)]
+    first = [json.loads((full / "checkpoints" / ckpt.step_dir_name(4) / f"state-rank{r}.json").read_text())[
+        "sampler"]["seed"] for r in range(2)]
+    assert [s["position"] for s in samplers] == [6] * 4  # 2 steps of 2 batches, then 2 of 1
+    assert [s["seed"] for s in samplers[:2]] == first and len({s["seed"] for s in samplers}) == 4
     run_ranks(_train, 4, str(part), data_cache, 2, 1, 0, "1f1b", 4, True)
     want = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(full / "metrics.jsonl")]
     got = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(part / "metrics.jsonl")]

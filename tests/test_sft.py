@@ -22,6 +22,7 @@ from flyer.config import resolve_config
 from flyer.data.chat_template import chat_renderer
 from flyer.errors import DataError
 from flyer.interop.hf import load_hf
+from flyer.interop.load import init_source
 from flyer.model.moe import moe_layers
 from flyer.train.config import TrainConfig
 from flyer.train.metrics import model_flops_per_token
@@ -435,6 +436,29 @@ def test_cli_run_resumes_exactly_and_generate_loads_it(hf, tmp_path, capsys):
     argv = _train_args(hf, tmp_path, tmp_path / "again", 1)
     argv[argv.index("--init") + 1] = str(whole)
     assert main(argv) == 0  # fine-tuning the fine-tuned run
+
+
+def _cli_rank(rank: int, argv: list[str]) -> int:
+    return main(argv)
+
+
+@pytest.mark.slow
+def test_a_data_parallel_run_resumes_in_one_process(hf, tmp_path):
+    """Two data-parallel replicas for two steps, then one process with grad_accum 4 (as many batches a step): the
+    replicas shared one stream of conversations, so the resumed step trains on the conversations the uninterrupted
+    run's third step did, and at the same weights (the checkpoint's) its loss is that run's within the reordering
+    bound (another step's conversations give another loss: the steps' losses differ by far more)."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_ranks(_cli_rank, 2, _train_args(hf, tmp_path, whole, 3)) == [0, 0]
+    assert run_ranks(_cli_rank, 2, _train_args(hf, tmp_path, cut, 2)) == [0, 0]
+    one = _train_args(hf, tmp_path, cut, 3, "--resume")
+    one[one.index("--grad-accum") + 1] = "4"
+    assert main(one) == 0
+    want, got = _losses(whole), _losses(cut)
+    assert [s for s, _, _ in got] == [1, 2, 3] and got[:2] == want[:2]
+    c = reorder_bound(init_source(str(hf[0]))[0], 8, 64)
+    assert abs(got[2][1] - want[2][1]) <= c * want[2][1], (got, want, c)
+    assert min(abs(want[2][1] - want[k][1]) for k in (0, 1)) > 10 * c * want[2][1]
 
 
 @pytest.mark.parametrize("line, words", [

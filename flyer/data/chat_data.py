@@ -593,6 +593,22 @@ class ChatSampler:
         self.seed, self.position, self.order, self._held = int(d["seed"]), position, order, None
         self.replica, self.replicas = share
 
+    def load_resized(self, states: list[dict], replica: int) -> None:
+        """Resume this replica (``replica``: its index, as built) from the states of a run with ``len(states)`` replicas
+        sharing the stream: it goes on where they stopped together (blocks position x replicas), so a step
+        draws the blocks it would have, shared out otherwise. A consumed count this many replicas cannot split, or a
+        state from before the replicas shared the stream: ``DataError``."""
+        d = states[0]
+        if "replicas" not in d or d.get("replicas") != len(states):
+            raise DataError(f"sampler state of {d.get('replicas', 'unshared')} replicas, not the {len(states)} saved; "
+                            "resume with as many data-parallel replicas")
+        consumed = d.get("position") * len(states) if isinstance(d.get("position"), int) else None
+        if consumed is None or consumed % self.replicas:
+            raise DataError(f"the run's replicas drew {consumed} blocks, which {self.replicas} replicas cannot "
+                            "share out; resume with as many data-parallel replicas as it saved")
+        self.load_state_dict({**d, "replica": self.replica, "replicas": self.replicas,
+                              "position": consumed // self.replicas})
+
 
 def chat_eval_batches(split: ChatSplit, batch_size: int, seq_len: int, n_batches: int,
                       trim: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -108,6 +108,12 @@ class PackedChatSampler:
         return {**self.stream.state_dict(), "version": STATE_VERSION, "pack": True, "position": self.position,
                 "offset": self.offset}
 
+    def load_resized(self, states: list[dict], replica: int) -> None:
+        """Packed replicas do not go through the stream together (each packs as many conversations as fit), so
+        another number of them cannot pick up where they stopped: ``DataError``."""
+        raise DataError(f"packed rows: the {len(states)} replicas' places in the stream do not carry over to "
+                        f"{self.stream.replicas}; resume with {len(states)} data-parallel replicas")
+
     def load_state_dict(self, d: dict) -> None:
         """Resume from ``state_dict()``; an unpacked sampler's state, another batch shape's or data's: ``DataError``."""
         if not d.get("pack"):

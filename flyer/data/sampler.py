@@ -89,6 +89,13 @@ class BatchSampler:
         self.seed = int(d["seed"])
         self.position = position
 
+    def load_resized(self, states: list[dict], replica: int) -> None:
+        """Resume data-parallel replica ``replica`` (this sampler: its own seed) from the states of a run with
+        ``len(states)`` replicas (``states[r]``: replica r's, all at one position): a replica the run had goes on
+        with its stream, a new one starts its own at that position (each position of a stream is fresh windows)."""
+        own = states[replica] if replica < len(states) else {**states[0], "seed": self.seed}
+        self.load_state_dict(own)
+
 
 TEXT_TENSORS = 2  # an evaluation batch's (B, seq_len) int64 tensors: x, y (chat rows' too)
 

@@ -54,9 +54,6 @@ from flyer.parse import json_loads
 
 FORMAT_VERSION = 1
 OPTIMIZER_FILE = "optimizer.safetensors"
-# the process layout's fields a resume may change (``check_layout``): the optimizer's state is saved whole
-# (``OPTIMIZER_FILE``) and each rank of the new layout loads its part; the data-parallel degree stays
-RESHARDED = ("world", "pp", "ep", "zero", "pp_schedule")
 _PREFIX = "step_"
 # A Hugging Face directory's tokenizer and generation settings, beside its tokenizer.json: what
 # transformers reads for the chat template, BOS/EOS and sampling defaults. A run started from one
@@ -384,7 +381,7 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     model: this rank's model (its expert slice under EP); its weights and the optimizer's state are saved in the
     full single-process layout. Sampler (``state_dict()``) and RNG: saved per rank. bad_steps and train_config (a
     JSON-able dict) go into each rank's state file, and ``layout`` (the process layout: world, pp, dp, ep, zero,
-    pp_schedule), of which ``load_training`` requires ``dp``, the data-parallel degree, to match. Rank 0 writes;
+    pp_schedule), which a resume may change (``check_layout``). Rank 0 writes;
     ``keep``: valid checkpoints kept, ``protect``: checkpoints never pruned (the one the run
     resumed from). ``settings``: the Hugging Face tokenizer and generation settings the run carries
     (a name of ``settings_names`` -> its bytes), written as they are; with a tiktoken tokenizer's files
@@ -441,31 +438,49 @@ def saved_layout(path: Path) -> dict | None:
 
 
 def check_layout(path: Path, layout: dict | None) -> None:
-    """One-line ``CheckpointError`` naming every field of ``layout`` that differs from the saved one and must not:
-    ``dp`` (a step trains on each replica's batches), and any field for a checkpoint whose optimizer state is per rank
-    (written before ``OPTIMIZER_FILE``: its shards fit only the layout that wrote them)."""
+    """One-line ``CheckpointError`` naming every field of ``layout`` that differs from the saved one, for a checkpoint
+    whose optimizer state is per rank (written before ``OPTIMIZER_FILE``: its shards fit only the layout that wrote
+    them); one with the state whole resumes on any layout (the batches a step trains on:
+    ``config.check_resume_settings``; the replicas' data: the sampler's ``load_resized``)."""
     saved = saved_layout(path)
-    if saved is None or layout is None:
+    if saved is None or layout is None or (path / OPTIMIZER_FILE).is_file():
         return
-    free = RESHARDED if (path / OPTIMIZER_FILE).is_file() else ()
-    diff = [k for k in sorted(set(saved) | set(layout)) if k not in free and saved.get(k) != layout.get(k)]
+    diff = [k for k in sorted(set(saved) | set(layout)) if saved.get(k) != layout.get(k)]
     if diff:
         was = ", ".join(f"{k}={saved.get(k)}" for k in diff)
         now = ", ".join(f"{k}={layout.get(k)}" for k in diff)
-        how = (f"resume with dp {saved.get('dp')} replicas (world = pp x dp; pp, ep and zero may change)" if free else
-               "resume with the same layout")
-        raise CheckpointError(f"checkpoint {path} was saved with {was}; this run has {now} ({how}, "
-                              "or start a new run from its weights with init)")
+        raise CheckpointError(f"checkpoint {path} was saved with {was}; this run has {now} (its optimizer state is "
+                              "per rank: resume with the same layout, or start a new run from its weights with init)")
+
+
+def _saved_replicas(path: Path, mesh) -> tuple[int, int]:
+    """(data-parallel replicas, world) of the layout checkpoint ``path`` was saved with: this run's for one saved
+    without a layout."""
+    saved = saved_layout(path) or {}
+    return saved.get("dp", mesh.dp), saved.get("world", mesh.world)
 
 
 def _source_rank(path: Path, mesh) -> str:
     """The suffix of the state and RNG files this rank resumes from: its own under the layout that saved them, else
-    (another pipeline layout) those of its replica's first stage, whose sampler every stage of the replica shares."""
+    those of its replica's first stage (whose sampler every stage of the replica shares), of the first replica for a
+    replica the run did not have (its sampler: ``_load_sampler``)."""
     saved = saved_layout(path)
-    if saved is None or not (path / OPTIMIZER_FILE).is_file() or saved.get("world") == mesh.world and \
-            saved.get("pp") == mesh.pp:
+    if saved is None or not (path / OPTIMIZER_FILE).is_file() or all(
+            saved.get(k) == v for k, v in (("world", mesh.world), ("pp", mesh.pp), ("dp", mesh.dp))):
         return rank_suffix(mesh.rank, mesh.world)
-    return rank_suffix(mesh.dp_rank, saved["world"])
+    dp, world = _saved_replicas(path, mesh)
+    return rank_suffix(mesh.dp_rank if mesh.dp_rank < dp else 0, world)
+
+
+def _load_sampler(path: Path, sampler, mesh, state: dict) -> None:
+    """Resume this rank's sampler from its state file's ``state``, or, saved with another number of data-parallel
+    replicas, from every replica's (``load_resized``)."""
+    dp, world = _saved_replicas(path, mesh)
+    if dp == mesh.dp:
+        sampler.load_state_dict(state["sampler"])
+        return
+    states = [json.loads((path / f"state{rank_suffix(r, world)}.json").read_text())["sampler"] for r in range(dp)]
+    sampler.load_resized(states, mesh.dp_rank)
 
 
 # The model config's fields a run may change between its stages: weights of its losses and of the router-bias update,
@@ -514,7 +529,7 @@ def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig
     state = json.loads(state_path.read_text())
     if isinstance(state.get("step"), bool) or not isinstance(state.get("step"), int) or state["step"] < 0:
         raise CheckpointError(f"checkpoint {path}: {state_path.name} has no step count (got {state.get('step')!r})")
-    sampler.load_state_dict(state["sampler"])
+    _load_sampler(path, sampler, mesh, state)
     rng = read_tensors(path / f"rng{sfx}.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and mesh.device.type == "cuda":

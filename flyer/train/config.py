@@ -42,8 +42,8 @@ V3_FINAL_RATIO = 7.3e-6 / 2.2e-5  # the last stage's lr, of the decay's end
 # training: a resume may turn it on; the FP32 master weights are the state either way), paths (out, data, cache,
 # tokenizer, config, init: what they hold is checked instead, by the model config and the sampler's token count)
 # and the process layout (``checkpoint.check_layout`` compares it). The precision is compared as resolved ("auto" is
-# what it resolved to: ``Trainer._resume``). grad_accum and micro_batches may trade places (another pipeline layout)
-# as long as a step trains on as many batches (``batches_per_step``).
+# what it resolved to: ``Trainer._resume``). grad_accum and micro_batches may change with the layout as long as a step
+# trains on as many batches over its replicas (``batches_per_step`` x dp).
 RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "lr", "min_lr_ratio",
                 "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "vocab_size",
                 "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs", "fim_rate", "dpo",
@@ -248,22 +248,24 @@ def _batches_per_step(c: dict) -> int | None:
     return batches_per_step(c["grad_accum"], c.get("micro_batches"), c.get("pp") or 1, c["pp_schedule"])
 
 
-def check_resume_settings(tc: TrainConfig, path: Path) -> None:
+def check_resume_settings(tc: TrainConfig, path: Path, dp: int = 1) -> None:
     """``FieldError`` naming the first of ``RESUME_KEEPS`` that ``tc`` sets otherwise than the run
-    checkpointed at ``path`` did (the others that differ are listed), or the batches a step trains on
-    (``batches_per_step``: grad_accum and micro_batches may trade places on another pipeline layout), before any
-    work."""
-    saved = ckpt.saved_state(path).get("train_config") or {}  # older checkpoints may lack it: nothing to compare
+    checkpointed at ``path`` did (the others that differ are listed), or the batches a step trains on over its
+    ``dp`` data-parallel replicas (each ``batches_per_step``: grad_accum and micro_batches may trade places, and
+    with the replicas, on another layout), before any work."""
+    state = ckpt.saved_state(path)
+    saved = state.get("train_config") or {}  # older checkpoints may lack it: nothing to compare
     changed = [k for k in RESUME_KEEPS if k in saved and saved[k] != getattr(tc, k)]
+    was_dp = (state.get("layout") or {}).get("dp", dp)
     was, now = _batches_per_step(saved), batches_per_step(tc.grad_accum, tc.micro_batches, tc.pp, tc.pp_schedule)
-    if was is not None and was != now:
+    if was is not None and was * was_dp != now * dp:
         k = "micro_batches" if tc.pp > 1 and tc.grad_accum == saved["grad_accum"] else "grad_accum"
         if changed:
             changed.append(k)  # listed among the others
         else:
-            raise FieldError(k, f"{now} batches a step (grad_accum x micro_batches under pipelining) differ from "
-                                f"the run's {was} (checkpoint {path}); a resumed run trains each step on as many "
-                                "batches")
+            raise FieldError(k, f"{now * dp} batches a step ({dp} data-parallel replicas x {now}: grad_accum x "
+                                f"micro_batches under pipelining) differ from the run's {was * was_dp} ({was_dp} x "
+                                f"{was}; checkpoint {path}); a resumed run trains each step on as many batches")
     if tc.dpo and saved.get("init") and Path(saved["init"]).resolve() != Path(tc.init).resolve():
         changed.insert(0, "init")  # the DPO reference: init's weights, the same on resume
     if tc.dpo and not changed and saved_files(path) is not None:  # the same init: the same weights in it?

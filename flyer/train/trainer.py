@@ -116,7 +116,7 @@ class Trainer:
                 ckpt.check_step_names(self.ckpt_root)  # and one in a checkpoint's place, that checkpoint's save
                 start = choose_start(self.out, tc.resume, self.log)
                 if start is not None:
-                    check_resume_settings(tc, start)  # DPO: the reference's fingerprint too
+                    check_resume_settings(tc, start, self.mesh.dp)  # DPO: the reference's fingerprint too
                 if tc.dpo:  # recorded at the start, before the reference is read (checked on resume)
                     self.state_extra = {REFERENCE_FILES: init_weight_files(tc.init)}
                 self.settings = carried_settings(start, tc.init)
@@ -326,7 +326,7 @@ class Trainer:
 
     @property
     def layout(self) -> dict[str, Any]:
-        """The process layout a checkpoint records (a resume may change all but ``dp``: ``checkpoint.check_layout``)."""
+        """The process layout a checkpoint records (a resume may change it: ``checkpoint.check_layout``)."""
         m = self.mesh
         return {"world": m.world, "pp": m.pp, "dp": m.dp, "ep": m.ep, "zero": self.tc.zero if m.world > 1 else 0,
                 "pp_schedule": self.tc.pp_schedule if m.pp > 1 else None}
