@@ -276,13 +276,15 @@ def test_impossible_indexer_configs_are_one_line(fields, field):
 
 def test_what_flyer_cannot_read_or_write_is_one_line(src, tmp_path, capsys):
     """A V3.2 config.json with no key to keep (index_topk 0), without query compression, with a
-    first_k_dense_replace its mlp_layer_types contradict, or a non-integer field; an indexer on a
-    softmax-routed MLA model, which no transformers architecture has, on export."""
+    first_k_dense_replace its mlp_layer_types contradict, a non-integer field, or an indexer whose RoPE rotates
+    interleaved pairs (vLLM reads ``indexer_rope_interleave``; DeepSeek's fixed code and transformers rotate halves);
+    an indexer on a softmax-routed MLA model, which no transformers architecture has, on export."""
     path, _ = src
     d = json.loads((path / "config.json").read_text())
     for change, field in ((dict(index_topk=0), "index_topk"), (dict(q_lora_rank=None), "q_lora_rank"),
                           (dict(first_k_dense_replace=2), "first_k_dense_replace"),
-                          (dict(index_head_dim="32"), "index_head_dim")):
+                          (dict(index_head_dim="32"), "index_head_dim"),
+                          (dict(indexer_rope_interleave=True), "indexer_rope_interleave")):
         p = tmp_path / "config.json"
         p.write_text(json.dumps({**d, **change}))
         capsys.readouterr()

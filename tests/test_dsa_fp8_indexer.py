@@ -228,6 +228,26 @@ def test_cached_keys_queries_and_scores_are_deepseeks():
     assert ((unscaled - want).abs() > 1e3 * bound).any()
 
 
+def test_head_weights_are_a_bf16_linears_in_a_bf16_model():
+    """DeepSeek's ``weights_proj`` is a Linear of the model's dtype: in a BF16 model the FP8 path's head weights are
+    weights_proj(x) rounded to BF16 and scaled by H^-0.5 in it (its BF16 Linear's, within one rounding: the FP32
+    sums' order), then by the query scale and d^-0.5; the BF16 path keeps transformers' FP32 weights."""
+    cfg = _cfg()
+    attn = _attn(cfg).to(torch.bfloat16)
+    ix = attn.indexer
+    x = torch.randn(2, 5, cfg.dim, generator=torch.Generator().manual_seed(3)).bfloat16()
+    cos, sin = rope_cos_sin(cfg.qk_rope_head_dim, 5, cfg)
+    q_latent = attn.query_latent(x)
+    _, w32 = ix.queries(x, q_latent, cos, sin)
+    _, wb = ix.queries(x, q_latent, cos, sin, torch.bfloat16)
+    official = (torch.nn.functional.linear(x, ix.weights_proj.weight) * ix.n_heads ** -0.5).float()
+    assert torch.equal(wb, wb.bfloat16().float()) and not torch.equal(wb, w32)
+    assert ((wb - official).abs() <= 2.0**-8 * official.abs()).all()
+    _, weights = indexer_fp8.index_queries(ix, x, q_latent, cos, sin, indexer_fp8.rotation(cfg))
+    qs = weights / (wb * ix.head_dim ** -0.5)  # the query scale, a power of two, on the BF16 weights
+    assert torch.equal(torch.frexp(qs)[0].abs(), torch.full_like(qs, 0.5))
+
+
 def _exact_scores(ix: Indexer, cfg, x, q_latent, keys, cos, sin, quantized: bool):
     """(FP64 scores of the BF16 path's formula on unrotated q and k, bound on |FP8 or rotated path - them|). The
     rotated vectors are off by e (``_rotation_error``); quantized, each also by 2^-4 of itself plus 2^-10 of its

@@ -1,12 +1,14 @@
 """DSA's lightning indexer at DeepSeek's released inference precision: what ``--cache-dtype fp8`` scores with.
 
-DeepSeek-V3.2-Exp's ``inference/model.py`` ``Indexer.forward`` (read at github:deepseek-ai/DeepSeek-V3.2-Exp 3b99a53)
-takes the indexer's queries q (after RoPE) and keys k (after ``k_norm`` and RoPE), both in the model's BF16, and
+DeepSeek-V3.2-Exp's ``inference/model.py`` ``Indexer.forward`` (read at github:deepseek-ai/DeepSeek-V3.2-Exp 3b99a53,
+whose indexer still rotated its RoPE as interleaved pairs: DeepSeek's later fix rotates halves, which transformers'
+``DeepseekV32Indexer`` and vLLM follow, as flyer does) takes the indexer's queries q (after RoPE) and keys k (after
+``k_norm`` and RoPE), both in the model's BF16, and
 
     q, k = rotate_activation(q), rotate_activation(k)      # fast_hadamard_transform(x, scale=d^-0.5), d = 128
     q_fp8, q_scale = act_quant(q, 128, "ue8m0")            # per head: one scale per 128 channels
     k_fp8, k_scale = act_quant(k, 128, "ue8m0")            # cached: k_cache (E4M3) + k_scale_cache (FP32)
-    weights = weights_proj(x) * H^-0.5 * q_scale * d^-0.5
+    weights = weights_proj(x) * H^-0.5 * q_scale * d^-0.5  # weights_proj(x) * H^-0.5 in BF16 (a BF16 Linear)
     score[t, s] = k_scale[s] * sum_h weights[t, h] relu(q_fp8[t, h] . k_fp8[s])      # kernel.py fp8_index
 
 ``rotate_activation`` is the normalized Walsh-Hadamard transform in Sylvester's natural order (scipy's
@@ -89,9 +91,9 @@ def index_keys(k_BTK: torch.Tensor, rot_KK: torch.Tensor) -> tuple[torch.Tensor,
 def index_queries(indexer: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, rot_KK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(query codes' values (B, T, H, d) FP32, weights (B, T, H) FP32) of T queries: the rotated queries quantized
-    per head, weights = weights_proj(x) H^-0.5 (``Indexer.queries``, FP32) times the head's query scale and
-    d^-0.5."""
-    q, w = indexer.queries(x_BTD, q_latent_BTR, cos, sin)  # FP32 of the model dtype's values: exact back
+    per head, weights = weights_proj(x) H^-0.5 (``Indexer.queries``: in x's dtype, as DeepSeek's ``weights_proj`` is a
+    Linear of the model's dtype) times the head's query scale and d^-0.5."""
+    q, w = indexer.queries(x_BTD, q_latent_BTR, cos, sin, x_BTD.dtype)  # FP32 of the model dtype's values
     codes, q_scale = quantize(rotate(q.to(x_BTD.dtype), rot_KK))
     return codes.float(), w * q_scale.squeeze(-1) * indexer.head_dim ** -0.5
 

@@ -451,6 +451,8 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
                 # be read one way by each, so it is refused rather than guessed
                 for key in ("rope_interleave", "indexer_rope_interleave"):
                     _require(d, where, key, (True,), True)
+            else:  # V3.2's indexer rotates halves (DeepSeek's fix of its inference code; vLLM: missing is false)
+                _require(d, where, "indexer_rope_interleave", (False,), False)
         if mt == "mistral4":
             out.update(mistral4_fields(d, where))
         elif mt == "longcat_flash":

@@ -91,15 +91,18 @@ class Indexer(nn.Module):
         k = self.k_norm(self.wk(x_BTD)).unsqueeze(2)
         return _apply_partial_rope(k, cos, sin, self.rope_dim).squeeze(2)
 
-    def queries(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                weights_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """FP32 (rotated queries (B, T, H, index_head_dim), head weights (B, T, H)) of T queries (tokens x, MLA
         query latents q_latent, at cos/sin's positions): what ``scores`` (and the decode kernel,
-        ``flyer.infer.attention.dsa_index_scores``) score keys with."""
+        ``flyer.infer.attention.dsa_index_scores``) score keys with. The head weights weights_proj(x) H^-0.5 in
+        FP32, as transformers computes them; ``weights_dtype`` BF16: rounded to it and scaled in it, as DeepSeek's
+        inference code computes them (a Linear of the model's dtype: ``flyer.infer.indexer_fp8``)."""
         B, T, _ = x_BTD.shape
         q = self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim)
         q = _apply_partial_rope(q, cos, sin, self.rope_dim).float()
-        return q, F.linear(x_BTD.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
+        w = F.linear(x_BTD.float(), self.weights_proj.weight.float())
+        return q, (w.to(weights_dtype) * self.n_heads ** -0.5).float()
 
     def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, k_BSK: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:
