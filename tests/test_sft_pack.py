@@ -116,6 +116,32 @@ def test_data_parallel_replicas_share_one_epoch(hf, tmp_path):
     assert alone.conversations(3).tolist() == one.conversations(3).tolist() and alone.state_dict()["replicas"] == 1
 
 
+def test_another_number_of_replicas_picks_up_the_shared_stream(hf, tmp_path):
+    """Resumed with another number of replicas (``load_resized``), the replicas go on from the blocks the run's
+    replicas had drawn together: two replicas at position 3 (6 blocks) resume as three at 2 and one at 6, each
+    drawing what the one-replica stream has next; a count they cannot share out, a state of replicas that did not
+    share the stream, and packed rows (whose replicas stand at different places) are refused in one line."""
+    split = _trainer(hf, tmp_path, batch_size=2).data.train
+    one = ChatSampler(split, 3, T, seed=7)
+    saved = [{**ChatSampler(split, 3, T, seed=7, replica=r, replicas=2).state_dict(), "position": 3}
+             for r in range(2)]
+    three = [ChatSampler(split, 3, T, seed=7, replica=r, replicas=3) for r in range(3)]
+    for r, s in enumerate(three):
+        s.load_resized(saved, r)
+        assert s.position == 2 and s.conversations(2).tolist() == one.conversations(6 + r).tolist()
+    alone = ChatSampler(split, 3, T, seed=7)
+    alone.load_resized(saved, 0)
+    assert alone.position == 6 and alone.conversations(6).tolist() == one.conversations(6).tolist()
+    four = ChatSampler(split, 3, T, seed=7, replica=1, replicas=4)
+    with pytest.raises(DataError, match="drew 6 blocks, which 4 replicas cannot share out"):
+        four.load_resized(saved, 1)
+    with pytest.raises(DataError, match="resume with as many data-parallel replicas"):
+        four.load_resized([{k: v for k, v in d.items() if k not in ("replica", "replicas")} for d in saved], 1)
+    packed = PackedChatSampler(split, 3, T, seed=7, replica=0, replicas=1)
+    with pytest.raises(DataError, match="packed rows: .*resume with 2 data-parallel replicas"):
+        packed.load_resized([{**d, "pack": True, "offset": 0} for d in saved], 0)
+
+
 def test_sampler_packs_the_unpacked_stream_and_resumes_exactly(hf, tmp_path):
     """The packed sampler trains on the unpacked sampler's conversations in its order, each once; a sampler
     resumed from its state after two batches draws the next two bit for bit; an unpacked sampler's state is
