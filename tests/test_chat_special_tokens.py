@@ -3,7 +3,8 @@ tokenizer_config.json's bos/eos/unk/pad/... tokens, or special_tokens_map.json's
 saved by older transformers), not the texts of the first BOS and EOS ids: Llama 3.1's eos_token is
 <|eot_id|> while its generation_config lists <|end_of_text|> first. flyer serve's rendering of an HF
 directory equals transformers' ``apply_chat_template``, text and ids; every template sees ``documents``; the
-config's flags of an added token win over tokenizer.json's, as transformers reads them."""
+config's flags of an added token win over tokenizer.json's, and its ``split_special_tokens`` holds, as transformers
+reads them."""
 
 import json
 import shutil
@@ -103,3 +104,14 @@ def test_the_configs_token_flags_win_over_tokenizer_json(src, tmp_path):
         assert ours.encode_ids(text, add_special_tokens=False) == ids
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
     assert "<tool>" not in ours.decode(hf.encode("a <tool> b", add_special_tokens=False))
+
+
+def test_split_special_tokens_encodes_their_text_as_text(src, tmp_path):
+    """``split_special_tokens: true`` in tokenizer_config.json: special-token text in a text is encoded as plain
+    text, as transformers encodes it; without it, as the special token."""
+    path = shutil.copytree(src, tmp_path / "split")
+    text = "hello </s> world"
+    assert load_tokenizer(path).encode_ids(text, add_special_tokens=False).count(2) == 1
+    _edit(path, "tokenizer_config.json", split_special_tokens=True)
+    ids = AutoTokenizer.from_pretrained(path).encode(text, add_special_tokens=False)
+    assert load_tokenizer(path).encode_ids(text, add_special_tokens=False) == ids and 2 not in ids

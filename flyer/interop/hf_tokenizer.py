@@ -149,6 +149,8 @@ def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenize
     tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     if tokenizer_file(path).name == "tokenizer.json":
         tok = _with_config_tokens(tok, tc)
+    # special-token text in a text is plain text, as transformers encodes it for such a config
+    tok.encode_special_tokens = tc.get("split_special_tokens") is True
     config = config if config is not None else read_json(path / "config.json")
     gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     named = _named_special_tokens(path, tc)
