@@ -141,6 +141,8 @@ def error_line(e: Exception, flag_of: dict[str, str]) -> str:
     """The one line printed for a user error: a ``FieldError``'s field becomes its flag."""
     if isinstance(e, FieldError):
         return e.worded(flag_of.get(e.field, e.field))
+    if isinstance(e, PermissionError) and e.filename:
+        return f"{e.filename}: permission denied"
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
@@ -165,7 +167,7 @@ def run(argv: list[str] | None) -> int:
         check_numbers(parser, args)
         check_paths(args)
         rc = args.func(args)
-    except (ConfigError, UserError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, UserError, CheckpointError, FileNotFoundError, PermissionError) as e:  # a path the user gave
         print(f"flyer: error: {error_line(e, flags(parser, args))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

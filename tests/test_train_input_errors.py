@@ -160,3 +160,19 @@ def test_the_data_and_tokenizer_readers_name_a_path_too_long(tmp_path):
         find_documents(str(tmp_path / LONG))
     with pytest.raises(DataError, match="cannot read.*too long"):
         load_tokenizer(tmp_path / LONG)
+
+
+def test_an_init_it_may_not_read_is_one_line(tmp_path, capsys, monkeypatch, nothing_trains):
+    """A path the process may not read (EACCES: a directory of mode 000, which root reads anyway, so the stat is
+    made to fail as it fails for anyone else) is one line naming it, not a traceback."""
+    init = tmp_path / "model"
+    init.mkdir()
+    stat = pathlib.Path.stat
+
+    def denied(self, *a, **k):
+        if str(self).startswith(str(init)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return stat(self, *a, **k)
+    monkeypatch.setattr(pathlib.Path, "stat", denied)
+    assert main(argv(tmp_path, "--init", str(init))) == 2
+    assert one_line(capsys) == f"flyer: error: {init}: permission denied"
