@@ -130,6 +130,23 @@ def test_pp2_dp2_1f1b_zero1_memory_resume_and_layout(tmp_path, data_cache, capsy
         assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()
 
 
+@pytest.mark.slow
+def test_ep2_dp4_zero1_state_loads_whole_on_other_expert_layouts(tmp_path, data_cache):
+    """EP 2 over DP 4 with ZeRO-1 (dense state sharded over 4 replicas, each expert slice's over the 2 holding it):
+    the optimizer's state saved whole is the same bit for bit when EP 4 (every rank its own experts, each part
+    sharded) and EP 1 without ZeRO (every rank all of it) load it and save it again."""
+    run = tmp_path / "run"
+    run_ranks(_train, 4, str(run), data_cache, 1, 2, 1, "1f1b", 2)
+    step = run / "checkpoints" / ckpt.step_dir_name(2)
+    saved = load_file(step / ckpt.OPTIMIZER_FILE)
+    assert any(".experts.w1/exp_avg" in k for k in saved)
+    for ep, zero in ((4, 1), (1, 0)):
+        assert run_ranks(_resave, 4, str(run), data_cache, ep, zero, 1) == [2] * 4
+        again = load_file(step / ckpt.OPTIMIZER_FILE)
+        assert ckpt.saved_layout(step)["ep"] == ep
+        assert sorted(again) == sorted(saved) and all(torch.equal(again[k], saved[k]) for k in saved), (ep, zero)
+
+
 def test_plan_bad_layouts_are_one_line(capsys):
     for extra, flag in ((["--pp", "3"], "--pp"), (["--zero", "2"], "--zero"), (["--pp", "2", "--dp", "4"], "--dp"),
                         (["--pp", "2", "--pp-schedule", "vee"], "--pp-schedule")):

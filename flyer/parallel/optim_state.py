@@ -62,6 +62,7 @@ def full_optimizer_state(model: nn.Module, optimizer, mesh) -> dict[str, torch.T
     if every is None:
         return None
     out: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}  # an expert stack's rows put in: each once, or the state would hold zeros
     for part in every:
         for key, (t, first, n_full) in part.items():
             if first is None:
@@ -69,6 +70,10 @@ def full_optimizer_state(model: nn.Module, optimizer, mesh) -> dict[str, torch.T
                 continue
             whole = out.setdefault(key, torch.zeros((n_full, *t.shape[1:]), dtype=t.dtype))
             whole[first:first + t.shape[0]] = t
+            rows[key] = rows.get(key, 0) + t.shape[0]
+    for key, n in rows.items():
+        if n != out[key].shape[0]:
+            raise RuntimeError(f"optimizer state {key}: {n} expert rows gathered, {out[key].shape[0]} in the stack")
     return out
 
 
