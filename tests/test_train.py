@@ -25,9 +25,9 @@ from flyer.train.metrics import read_metrics
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import LocalMesh
 from flyer.train.metrics import TENSORBOARD_TAGS
-from flyer.train.config import TrainConfig, lr_at
+from flyer.train.config import TrainConfig, batches_through, grad_accum_at, lr_at
 from flyer.train.metrics import progress_postfix
-from flyer.errors import CheckpointError
+from flyer.errors import CheckpointError, FieldError
 from flyer.train import batches as batches_module
 from flyer.train.batches import data_fingerprint
 from flyer.train.trainer import Trainer, TrainingError
@@ -123,6 +123,63 @@ def test_v3_schedule_is_the_reports_stages():
     assert at(12.15) == pytest.approx(1.21e-4) and at(11.0) > at(12.15) > at(13.0)
     assert at(14.3) == at(14.5) == at(14.633) == pytest.approx(2.2e-5)
     assert at(14.634) == at(14.8) == pytest.approx(7.3e-6)
+
+
+def test_batch_ramp_grows_linearly_and_v3_stages_count_its_batches():
+    """``ramp_grad_accum`` micro-batches at step 1, growing linearly to grad_accum over ``ramp_steps`` steps (to the
+    nearest micro-batch); the
+    v3 schedule's stages fall at their shares of the run's batches (tokens), which the ramp's small first steps move
+    later in steps: V3's ramp, 3072 -> 15360 sequences (1 -> 5 micro-batches of 3072) over its first 469B of 14.8T
+    tokens (4K each: 37,273 micro-batches over 12,424 steps), puts the end of the stable stage (10T tokens) at the
+    step whose micro-batches reach 10/14.8 of the run's."""
+    tc = TrainConfig(preset="tiny", steps=12, grad_accum=5, ramp_grad_accum=1, ramp_steps=8)
+    assert [grad_accum_at(tc, s) for s in range(1, 13)] == [1, 2, 2, 3, 3, 4, 4, 5, 5, 5, 5, 5]
+    assert batches_through(tc, 12) == sum(grad_accum_at(tc, s) for s in range(1, 13)) == 44
+    micro = 3072 * 4096  # tokens a micro-batch
+    ramp, total = 12424, 12424 + round((14.8e12 - 469e9) / (5 * micro))
+    tc = TrainConfig(preset="tiny", steps=total, grad_accum=5, ramp_grad_accum=1, ramp_steps=ramp, lr=2.2e-4,
+                     min_lr_ratio=0.1, warmup=2000, schedule="v3")
+    assert abs(batches_through(tc, ramp) * micro - 469e9) < 5 * micro  # the report's ramp, to a step
+    drawn, stable_end, run = 0, None, batches_through(tc, total)
+    for s in range(1, total + 1):  # the step at which 10T of the run's 14.8T tokens are drawn, counted apart
+        drawn += min(5, 1 + round(4 * (s - 1) / ramp))  # (no step lands on a half)
+        if drawn / run * 14.8 > 10.0:
+            stable_end = s
+            break
+    assert lr_at(tc, stable_end - 1) == 2.2e-4 > lr_at(tc, stable_end)
+    assert stable_end > round(10 / 14.8 * total)  # steps alone would end it sooner
+    assert lr_at(tc, total) == pytest.approx(7.3e-6)
+
+
+def test_a_batch_ramp_run_trains_on_its_micro_batches_and_resumes_exactly(tmp_path, data_cache):
+    """A ramp from 1 to 3 micro-batches over 4 steps: each step trains on ``grad_accum_at``'s (its record says how
+    many; the sampler has drawn their sum), its first step is, bit for bit, a run's without a ramp at 1, and a run
+    stopped mid-ramp resumes onto the uninterrupted one bit for bit."""
+    from flyer.train.metrics import MetricsLog
+
+    ramp = dict(grad_accum=3, ramp_grad_accum=1, ramp_steps=4)
+    full = Trainer(tc_for(tmp_path / "full", data_cache, **ramp), log=quiet)
+    full.run()
+    records = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+    assert [r["grad_accum"] for r in records] == [1, 2, 2, 3, 3, 3] and full.sampler.position == 14
+    Trainer(tc_for(tmp_path / "one", data_cache), log=quiet).run()
+    one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    assert (one[0]["loss"], one[0]["grad_norm"]) == (records[0]["loss"], records[0]["grad_norm"])
+    assert one[1]["loss"] != records[1]["loss"]  # (the same weights, another batch: two micro-batches)
+    t = Trainer(tc_for(tmp_path / "cut", data_cache, **ramp), log=quiet)
+    log = MetricsLog(Path(t.out) / "metrics.jsonl")
+    for _ in range(3):
+        log.write(t.train_step())
+    log.close()
+    t.save()
+    t.close()
+    Trainer(tc_for(tmp_path / "cut", data_cache, resume=True, **ramp), log=quiet).run()
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    for change, field in ((dict(ramp_steps=5), "ramp_steps"), (dict(ramp_grad_accum=2), "ramp_grad_accum"),
+                          (dict(ramp_grad_accum=None, ramp_steps=0), "ramp_steps")):
+        with pytest.raises(FieldError, match=f"^{field}: ") as e:  # a resumed run keeps its ramp
+            Trainer(tc_for(tmp_path / "full", data_cache, resume=True, steps=8, **{**ramp, **change}), log=quiet)
+        assert "\n" not in str(e.value)
 
 
 def test_a_resumed_run_may_change_its_stage_weights(tmp_path, data_cache):

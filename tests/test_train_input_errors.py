@@ -176,3 +176,20 @@ def test_an_init_it_may_not_read_is_one_line(tmp_path, capsys, monkeypatch, noth
     monkeypatch.setattr(pathlib.Path, "stat", denied)
     assert main(argv(tmp_path, "--init", str(init))) == 2
     assert one_line(capsys) == f"flyer: error: {init}: permission denied"
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--grad-accum", "3", "--ramp-grad-accum", "3", "--ramp-steps", "4"],
+     "--ramp-grad-accum: must be in [1, grad_accum)"),
+    (["--grad-accum", "3", "--ramp-grad-accum", "1"],
+     "--ramp-steps: must be a positive integer with ramp_grad_accum"),
+    (["--ramp-steps", "4"], "--ramp-steps: needs ramp_grad_accum"),
+])
+def test_a_batch_ramp_that_cannot_run_is_one_line(tmp_path, capsys, nothing_trains, extra, says):
+    assert main(argv(tmp_path, *extra)) == 2
+    assert one_line(capsys).startswith(f"flyer: error: {says}")
+
+
+def test_a_batch_ramp_needs_a_step_without_pipelining():
+    with pytest.raises(FieldError, match="^ramp_grad_accum: needs a step without pipelining"):
+        TrainConfig(preset="tiny", grad_accum=2, ramp_grad_accum=1, ramp_steps=2, pp=2).validate()

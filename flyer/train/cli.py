@@ -21,6 +21,9 @@ _FLAGS = [  # (flag, field, type, help)
     ("--batch-size", "batch_size", int, "sequences per micro-batch (per rank)"),
     ("--seq-len", "seq_len", int, "tokens per sequence"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--ramp-grad-accum", "ramp_grad_accum", int, "batch-size ramp (DeepSeek-V3's): micro-batches at step 1, growing "
+                                                  "linearly to --grad-accum over --ramp-steps steps"),
+    ("--ramp-steps", "ramp_steps", int, "steps of the batch-size ramp (with --ramp-grad-accum)"),
     ("--lr", "lr", float, "peak learning rate (in (0, 1])"),
     ("--warmup", "warmup", int, "linear warmup steps"),
     ("--schedule", "schedule", str, "cosine, constant or v3 (DeepSeek-V3's stages) after warmup"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import re
@@ -44,7 +45,7 @@ V3_FINAL_RATIO = 7.3e-6 / 2.2e-5  # the last stage's lr, of the decay's end
 # and the process layout (``checkpoint.check_layout`` compares it). The precision is compared as resolved ("auto" is
 # what it resolved to: ``Trainer._resume``). grad_accum and micro_batches may change with the layout as long as a step
 # trains on as many batches over its replicas (``batches_per_step`` x dp).
-RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "lr", "min_lr_ratio",
+RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "ramp_steps", "lr", "min_lr_ratio",
                 "warmup", "schedule", "weight_decay", "beta1", "beta2", "clip", "vocab_size",
                 "fp8_dispatch", "optimizer", "indexer_train", "pack", "chat_template_kwargs", "fim_rate", "dpo",
                 "dpo_beta")
@@ -74,6 +75,10 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1
+    # DeepSeek-V3's batch-size ramp: ramp_grad_accum micro-batches at step 1, growing linearly to grad_accum over
+    # ramp_steps steps (``grad_accum_at``); the V3 report grows its batch 3072 -> 15360 over its first 469B tokens
+    ramp_grad_accum: int | None = None
+    ramp_steps: int = 0
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 15
@@ -177,6 +182,12 @@ class TrainConfig:
         if self.threads is not None:
             check_threads(self.threads, "threads")
         need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be a positive integer")
+        if self.ramp_grad_accum is not None:
+            need(1 <= self.ramp_grad_accum < self.grad_accum, "ramp_grad_accum",
+                 f"must be in [1, grad_accum) (grad_accum {self.grad_accum}: the batches a step when it ends)")
+            need(self.ramp_steps > 0, "ramp_steps", "must be a positive integer with ramp_grad_accum")
+            need(self.pp == 1, "ramp_grad_accum", "needs a step without pipelining (its micro-batches are fixed)")
+        need(self.ramp_steps == 0 or self.ramp_grad_accum is not None, "ramp_steps", "needs ramp_grad_accum")
         need(self.micro_batches is None or self.micro_batches > 0, "micro_batches", "must be a positive integer")
         need(self.micro_batches is None or self.pp > 1, "micro_batches", "needs pipelining (pp > 1); without it "
                                                                           "use grad_accum")
@@ -266,6 +277,15 @@ def check_resume_settings(tc: TrainConfig, path: Path, dp: int = 1) -> None:
             raise FieldError(k, f"{now * dp} batches a step ({dp} data-parallel replicas x {now}: grad_accum x "
                                 f"micro_batches under pipelining) differ from the run's {was * was_dp} ({was_dp} x "
                                 f"{was}; checkpoint {path}); a resumed run trains each step on as many batches")
+    start = saved.get("ramp_grad_accum")  # a ramp's first step too (grad_accum_at: a ramp has no pipeline)
+    if "grad_accum" in saved and (start is None) != (tc.ramp_grad_accum is None) or \
+            start is not None and tc.ramp_grad_accum is not None and start * was_dp != tc.ramp_grad_accum * dp:
+        if changed:
+            changed.append("ramp_grad_accum")
+        else:
+            raise FieldError("ramp_grad_accum", f"{tc.ramp_grad_accum} differs from the run's {start} (checkpoint "
+                                                f"{path}; with {dp} data-parallel replicas, the run's {was_dp}); a "
+                                                "resumed run keeps its batch-size ramp")
     if tc.dpo and saved.get("init") and Path(saved["init"]).resolve() != Path(tc.init).resolve():
         changed.insert(0, "init")  # the DPO reference: init's weights, the same on resume
     if tc.dpo and not changed and saved_files(path) is not None:  # the same init: the same weights in it?
@@ -333,17 +353,44 @@ def tokenizer_settings(settings: dict[str, bytes], tok: Tokenizer, log) -> dict[
     return {k: v for k, v in settings.items() if ckpt.is_settings_name(k)}
 
 
+def grad_accum_at(tc: TrainConfig, step: int) -> int:
+    """Micro-batches step ``step`` (1-based) trains on: ``ramp_grad_accum`` at step 1, growing linearly (rounded to
+    the nearest) to ``grad_accum`` at step ``ramp_steps`` + 1 and after (without a ramp, every step)."""
+    if tc.ramp_grad_accum is None or step > tc.ramp_steps:
+        return tc.grad_accum
+    return _ramp_at(tc.ramp_grad_accum, tc.grad_accum, tc.ramp_steps, step)
+
+
+def _ramp_at(start: int, end: int, steps: int, step: int) -> int:
+    """start + (end - start) (step - 1) / steps, rounded to the nearest (halves up), in integers."""
+    return start + (2 * (end - start) * (step - 1) + steps) // (2 * steps)
+
+
+def batches_through(tc: TrainConfig, step: int) -> int:
+    """Micro-batches steps 1..``step`` train on together (each replica's; ``grad_accum_at``)."""
+    if tc.ramp_grad_accum is None:
+        return step * tc.grad_accum
+    ramp = min(step, tc.ramp_steps)
+    return _ramp_sums(tc.ramp_grad_accum, tc.grad_accum, tc.ramp_steps)[ramp] + (step - ramp) * tc.grad_accum
+
+
+@functools.lru_cache(maxsize=4)
+def _ramp_sums(start: int, end: int, steps: int) -> list[int]:
+    """Micro-batches of a ramp's first k steps, k = 0..steps (``lr_at`` asks each step: counted once)."""
+    return list(itertools.accumulate((_ramp_at(start, end, steps, s) for s in range(1, steps + 1)), initial=0))
+
+
 def lr_at(tc: TrainConfig, step: int) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio (or constant, or "v3": DeepSeek-V3's stages at their
-    shares of the run, ``V3_STAGES_T``; steps stand for tokens, V3's batch-size ramp over its first 3% aside).
-    ``step`` is 1-based."""
+    shares of the run's tokens, ``V3_STAGES_T``: the share of its batches, which a batch-size ramp makes fewer in
+    the first steps). ``step`` is 1-based."""
     if tc.warmup and step <= tc.warmup:
         return tc.lr * step / tc.warmup
     if tc.schedule == "constant":
         return tc.lr
     if tc.schedule == "v3":
         stable, decayed, final, total = V3_STAGES_T
-        done = step / tc.steps * total  # trillions of V3's tokens
+        done = batches_through(tc, step) / batches_through(tc, tc.steps) * total  # trillions of V3's tokens
         if done <= stable:
             return tc.lr
         progress = min(1.0, (done - stable) / (decayed - stable))

@@ -51,7 +51,7 @@ from flyer.train.build import build_model, build_optimizer, training_memory_byte
 from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, hold_reference
 from flyer.train.expert_stats import expert_loads, router_stats
 from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings,
-                                check_resumed_run, lr_at, tokenizer_settings)
+                                check_resumed_run, grad_accum_at, lr_at, tokenizer_settings)
 from flyer.train.batches import counts, draw, positions_run, prepare_run_data, run_fingerprints, samplers
 from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
 from flyer.train.metrics import (MetricsLog, StepSums, TensorBoardLog, fastest_gemm, model_flops_per_token,
@@ -285,6 +285,8 @@ class Trainer:
         loads = expert_loads(self.model, self.mesh, self.pipeline is not None)
         self.step += 1
         record: dict[str, Any] = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm}
+        if tc.ramp_grad_accum is not None:  # a batch-size ramp: the micro-batches this step trained on
+            record["grad_accum"] = grad_accum_at(tc, self.step)
         if indexer_norm is not None:
             record["indexer_grad_norm"] = indexer_norm
             grad_norm = grad_norm if math.isfinite(indexer_norm) else math.nan  # a non-finite one skips the step too
@@ -354,7 +356,8 @@ class Trainer:
         return self.micro_batches if self.pipeline is not None else 1
 
     def _local_step(self) -> dict[str, float]:
-        """Forward and backward of ``grad_accum`` micro-batches on the whole model, gradients synced. The
+        """Forward and backward of ``grad_accum`` micro-batches (``grad_accum_at`` the step) on the whole model,
+        gradients synced. The
         next-token loss and each MTP loss are means over the step's trained targets (not ``IGNORE_INDEX``) on
         every replica: the micro-batches are drawn first, their target counts summed over the job, and each
         micro-batch's mean weighted by its share; the balance loss (a mean over sequences, packed: documents) and the
@@ -364,13 +367,13 @@ class Trainer:
         packed rows: their conversations' positions) and their training ``flops`` (attention's at each micro-batch's
         width; packed: at each conversation's length)."""
         tc = self.tc
+        n = grad_accum_at(tc, self.step + 1)  # this step's micro-batches (a batch-size ramp's fewer)
         if self.dpo is not None:  # preference pairs: the DPO loss (flyer.train.dpo)
-            return self.dpo.step(self.model, draw(self.sampler, tc.grad_accum), self.mesh, self._autocast,
-                                 self.flops_per_token)
+            return self.dpo.step(self.model, draw(self.sampler, n), self.mesh, self._autocast, self.flops_per_token)
         # indexer_loss: the indexers' L_I, their mean (each trains on its own: summed in loss)
         sums = StepSums("loss", "main_loss", "mtp_loss", "aux_loss",
                         *(("indexer_loss",) if tc.indexer_train != "off" else ()))
-        batches = draw(self.sampler, tc.grad_accum)
+        batches = draw(self.sampler, n)
         # targets of depth 0 (next token, y) and k (MTP module k's, y[:, k:]); the balance loss is a mean over
         # sequences (packed: documents), L_I over real queries (MTP module k's: the positions reading tokens k..T-1;
         # packed: those i with i + k in i's document, ``depth_queries``): counted
@@ -387,18 +390,17 @@ class Trainer:
             terms = [loss_k * (c[str(k)] / totals[str(k)]) if c[str(k)] else loss_k.nan_to_num(0.0) * 0.0  # nan: none
                      for k, loss_k in enumerate([out.main_loss, *out.mtp_losses])]
             loss = terms[0] + (self.cfg.mtp_loss_weight * torch.stack(terms[1:]).mean() if terms[1:] else 0.0)
-            # each micro-batch's mean weighted by its share of the job's sequences / queries: grad_accum times
-            # the share is exactly 1.0 where every micro-batch and replica has as many (rows; text data)
+            # each micro-batch's mean weighted by its share of the job's sequences / queries: n times the share
+            # is exactly 1.0 where every micro-batch and replica has as many (rows; text data)
             if out.aux_loss is not None:
-                share = c["seqs"] * tc.grad_accum / totals["seqs"]
-                loss = loss + out.aux_loss * share / tc.grad_accum
-                sums.add("aux_loss", out.aux_loss, share / tc.grad_accum)
+                share = c["seqs"] * n / totals["seqs"]
+                loss = loss + out.aux_loss * share / n
+                sums.add("aux_loss", out.aux_loss, share / n)
             if out.indexer_losses:
-                share = [c[f"q{k}"] * tc.grad_accum / totals[f"q{k}"] if c[f"q{k}"] else 0.0
-                         for k in indexer_depths(self.model)]
+                share = [c[f"q{k}"] * n / totals[f"q{k}"] if c[f"q{k}"] else 0.0 for k in indexer_depths(self.model)]
                 kl = torch.stack(out.indexer_losses) * torch.tensor(share, device=self.device)
-                loss = loss + kl.sum() / tc.grad_accum
-                sums.add("indexer_loss", kl.mean(), 1 / tc.grad_accum)
+                loss = loss + kl.sum() / n
+                sums.add("indexer_loss", kl.mean(), 1 / n)
             loss.backward()
             sums.add("loss", loss)
             sums.add("main_loss", terms[0])
@@ -478,9 +480,10 @@ class Trainer:
             return {"steps": self.step, "final_loss": None, "val_loss": None, "out": str(self.out)}
         pc = param_counts(self.cfg)
         model = f"init {tc.init}" if tc.init else f"preset {tc.preset}"  # --init's config, not the preset's
+        ramp = f" (from x{tc.ramp_grad_accum} over {tc.ramp_steps} steps)" if tc.ramp_grad_accum is not None else ""
         self.log(f"flyer train: {model}, {pc.total / 1e6:.1f}M params ({pc.activated / 1e6:.1f}M "
                  f"activated, MTP {pc.mtp / 1e6:.1f}M), {self._precision_label()}, batch {tc.batch_size}x{tc.seq_len}"
-                 f"x{tc.grad_accum * self.micro_batches_per_step}, {len(self.data.train):,} train tokens, "
+                 f"x{tc.grad_accum * self.micro_batches_per_step}{ramp}, {len(self.data.train):,} train tokens, "
                  f"vocab {self.cfg.vocab_size}")
         m = self.mesh
         if m.world > 1:  # how torchrun's ranks were mapped (nodes from LOCAL_WORLD_SIZE or --ranks-per-node)
