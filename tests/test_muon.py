@@ -30,11 +30,12 @@ from flyer.config import preset
 from flyer.model.transformer import Transformer
 from flyer.parallel.memory import measure_state_bytes, plan_state_bytes
 from flyer.parallel.mesh import LocalMesh, init_distributed
-from flyer.train.metrics import MetricsLog, read_metrics
+from flyer.train.metrics import read_metrics
 from flyer.optim.muon import NS_FAST, V4_SCHEDULE, Muon, muon_param_ids, newton_schulz, optimizer_groups
 from flyer.train.config import TrainConfig
 from flyer.train.trainer import Trainer
 from flyer.train.build import build_model, build_optimizer
+from interrupted import stop_after
 from ranks import run_ranks
 
 FAST_10 = ((NS_FAST, 10),)
@@ -289,23 +290,18 @@ def test_trainer_muon_trains_resumes_exactly_and_refuses_another_optimizer(tmp_p
     bytes are the plan's (one buffer per Muon matrix); resuming with ``--optimizer adamw`` is refused
     in one line (exit 2)."""
     quiet = lambda _m: None  # noqa: E731
-    Trainer(_tc(tmp_path / "full", data_cache), log=quiet).run()
-    t = Trainer(_tc(tmp_path / "cut", data_cache), log=quiet)  # 2 of the 4 steps (the same schedule), a checkpoint
-    log = MetricsLog(Path(t.out) / "metrics.jsonl")
-    for _ in range(2):
-        log.write(t.train_step())
-    log.close()
-    t.save()
-    t.close()
+    full = Trainer(_tc(tmp_path / "full", data_cache), log=quiet)
+    full.run()
+    stop_after(_tc(tmp_path / "cut", data_cache), 2)  # 2 of the 4 steps (the same schedule), a checkpoint
     Trainer(_tc(tmp_path / "cut", data_cache, resume=True), log=quiet).run()
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(a[s] == b[s] for s in a), (a, b)
     assert all(math.isfinite(v) for v in a.values()) and a[4] < a[1]
     mem = json.loads((tmp_path / "full" / "memory.json").read_text())
-    plan = plan_state_bytes(t.cfg, 1, 1, 1, 0, seq_len=32, optimizer="muon")
+    plan = plan_state_bytes(full.cfg, 1, 1, 1, 0, seq_len=32, optimizer="muon")
     assert mem["optimizer_bytes_per_rank"] == plan["optimizer_bytes_per_rank"]
-    adamw = plan_state_bytes(t.cfg, 1, 1, 1, 0, seq_len=32)["optimizer_bytes_per_rank"][0]
+    adamw = plan_state_bytes(full.cfg, 1, 1, 1, 0, seq_len=32)["optimizer_bytes_per_rank"][0]
     assert plan["optimizer_bytes_per_rank"][0] < 0.7 * adamw
     capsys.readouterr()
     args = ["train", "--preset", "tiny", "--steps", "5", "--batch-size", "2", "--seq-len", "32", "--data-cache",

@@ -33,6 +33,7 @@ from flyer.train.batches import data_fingerprint
 from flyer.train.trainer import Trainer, TrainingError
 from flyer.data.chat_data import ChatSplit
 from flyer.data.shards import TokenShards, write_shard
+from tests.interrupted import stop_after
 from flyer.train.build import build_model, build_optimizer
 
 
@@ -55,15 +56,7 @@ def quiet(_msg):
 def test_resume_equals_uninterrupted(tmp_path, data_cache):
     full = Trainer(tc_for(tmp_path / "full", data_cache), log=quiet).run()
     # interrupted: 3 steps, a checkpoint, then a fresh process-like Trainer resumes
-    t = Trainer(tc_for(tmp_path / "cut", data_cache), log=quiet)
-    from flyer.train.metrics import MetricsLog
-
-    log = MetricsLog(Path(t.out) / "metrics.jsonl")
-    for _ in range(3):
-        log.write(t.train_step())
-    log.close()
-    t.save()
-    t.close()  # a process that ends releases its run directory
+    stop_after(tc_for(tmp_path / "cut", data_cache), 3)
     resumed = Trainer(tc_for(tmp_path / "cut", data_cache, resume=True), log=quiet)
     assert resumed.step == 3
     resumed.run()
@@ -155,8 +148,6 @@ def test_a_batch_ramp_run_trains_on_its_micro_batches_and_resumes_exactly(tmp_pa
     """A ramp from 1 to 3 micro-batches over 4 steps: each step trains on ``grad_accum_at``'s (its record says how
     many; the sampler has drawn their sum), its first step is, bit for bit, a run's without a ramp at 1, and a run
     stopped mid-ramp resumes onto the uninterrupted one bit for bit."""
-    from flyer.train.metrics import MetricsLog
-
     ramp = dict(grad_accum=3, ramp_grad_accum=1, ramp_steps=4)
     full = Trainer(tc_for(tmp_path / "full", data_cache, **ramp), log=quiet)
     full.run()
@@ -166,13 +157,7 @@ def test_a_batch_ramp_run_trains_on_its_micro_batches_and_resumes_exactly(tmp_pa
     one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     assert (one[0]["loss"], one[0]["grad_norm"]) == (records[0]["loss"], records[0]["grad_norm"])
     assert one[1]["loss"] != records[1]["loss"]  # (the same weights, another batch: two micro-batches)
-    t = Trainer(tc_for(tmp_path / "cut", data_cache, **ramp), log=quiet)
-    log = MetricsLog(Path(t.out) / "metrics.jsonl")
-    for _ in range(3):
-        log.write(t.train_step())
-    log.close()
-    t.save()
-    t.close()
+    stop_after(tc_for(tmp_path / "cut", data_cache, **ramp), 3)
     Trainer(tc_for(tmp_path / "cut", data_cache, resume=True, **ramp), log=quiet).run()
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     for change, field in ((dict(ramp_steps=5), "ramp_steps"), (dict(ramp_grad_accum=2), "ramp_grad_accum"),
