@@ -19,7 +19,8 @@ from flyer.fp8 import (FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8, emulate
                        fp8_grouped_linear, fp8_linear, fp8_modules, quantize_blocks, quantize_tiles)
 from flyer.fp8.gemm import accumulation_experiment, cuda_fp8_supported, cuda_gemm_path, round_mantissa
 from flyer.fp8.logfmt import logfmt_decode, logfmt_encode, logfmt_roundtrip
-from flyer.fp8.quant import FP8_MAX, TILE, dequantize, fp8_to_float, quantize_blocks_batched, quantize_tiles_t
+from flyer.fp8.quant import (FP8_MAX, TILE, ceil_pow2, dequantize, dequantize_blocks_batched, fp8_to_float,
+                             quantize_blocks_batched, quantize_tiles_t)
 from flyer.model.lowp import Linear, emulation
 from flyer.model.experts import Experts
 from flyer.model.moe import Gate
@@ -549,3 +550,30 @@ def test_cuda_gemm_rows_not_multiple_of_16(M):
                            backend="emulate")
         assert got.shape == (M, 200)
         torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+def test_ceil_pow2_keeps_exact_powers_of_two():
+    """The smallest power of two >= x is x itself for a power of two (frexp's mantissa 0.5 there): UE8M0 scales
+    are DeepSeek's ceil(log2), not one bit too large for a tile whose amax is 448 times a power of two."""
+    x = torch.tensor([2.0 ** -20, 0.25, 1.0, 1024.0, 3.0, 0.3, 1.0000001])
+    assert torch.equal(ceil_pow2(x), torch.tensor([2.0 ** -20, 0.25, 1.0, 1024.0, 4.0, 0.5, 2.0]))
+    t = torch.zeros(1, 128)
+    t[0, 0] = 448.0 / 8
+    q = quantize_tiles(t, "e4m3", pow2_scales=True)
+    assert float(q.scale[0, 0]) == 2.0 ** -3 and float(q.data[0, 0].float()) == 448.0
+
+
+def test_batched_block_dequantisation_with_a_partial_row_block():
+    """``dequantize_blocks_batched`` with rows not a multiple of 128 (200: a whole block of rows and a partial one)
+    equals each matrix's own block dequantisation."""
+    w = torch.randn(3, 200, 130) * torch.logspace(-2, 2, 200)[None, :, None]
+    got = dequantize_blocks_batched(*quantize_blocks_batched(w))
+    for e in range(3):
+        q = quantize_blocks(w[e])
+        assert torch.equal(got[e], dequantize(q.data, q.scale))
+
+
+def test_fp8_max_is_the_formats_largest_finite_value():
+    """FP8_MAX, which the scale tests compare against, is each format's largest finite value (torch's finfo)."""
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        assert FP8_MAX[dtype] == torch.finfo(dtype).max

@@ -13,7 +13,7 @@ from flyer.config import ConfigError, preset
 from flyer.model import experts as experts_module
 from flyer.model.dispatch import LocalDispatcher
 from flyer.model.experts import Experts, expert_ffn_fused, expert_ffn_grouped_mm, expert_ffn_loop
-from flyer.model.moe import MoE, update_router_bias
+from flyer.model.moe import MoE, sequence_balance_loss, update_router_bias
 from flyer.model.norm import rms_norm
 from flyer.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 from flyer.model.transformer import Transformer
@@ -591,3 +591,49 @@ def test_cuda_inference_norm_is_within_fp32_rounding_of_the_exact_one():
     with torch.no_grad():
         got = rms_norm(x.cuda(), w.cuda(), 1e-6).cpu().double()
     assert ((got - want).abs() <= (D / 2 + 4) * 2.0**-24 * want.abs()).all()
+
+
+def test_group_limit_holds_when_every_biased_score_is_negative():
+    """Experts of dropped groups are masked with -inf, not 0: with a negative balancing bias (an overloaded
+    router's) every allowed expert's biased score is below 0, and a 0 mask would let dropped groups' experts win."""
+    torch.manual_seed(0)
+    cfg = small_cfg(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=3)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=1.0)
+    moe.gate.bias.fill_(-2.0)  # sigmoid scores < 1: every biased score is negative
+    x = torch.randn(64, cfg.dim)
+    _, ids, _ = moe.gate(x)
+    # DeepSeek's gate: a group's score the sum of its two best biased scores, the best n_limited_groups kept
+    biased = torch.sigmoid(x @ moe.gate.weight.t()) + moe.gate.bias
+    kept = biased.view(64, 4, 4).topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices
+    assert all(set(g) <= set(k) for g, k in zip((ids // 4).tolist(), kept.tolist()))
+
+
+def test_load_imbalance_is_the_worst_layers_and_zero_without_tokens():
+    """``update_router_bias`` reports the largest over layers of max load / mean load, not the first layer's, and a
+    layer that counted no token adds no NaN."""
+    cfg = small_cfg(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=1)
+    a, b = MoE(cfg), MoE(cfg)
+    a.tokens_per_expert.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0]))  # balanced: 1.0
+    b.tokens_per_expert.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))  # all on one expert: 4.0
+    assert update_router_bias(torch.nn.ModuleList([a, b]))["load_imbalance"] == 4.0
+    assert update_router_bias(torch.nn.ModuleList([MoE(small_cfg())]))["load_imbalance"] == 0.0
+
+
+def test_sequence_balance_loss_is_the_v3_formula_with_normalised_scores():
+    """V3 report eq. 17-20: L = alpha sum_i f_i P_i, f_i = E / (K T) x #(tokens routed to i), P_i = the mean over
+    tokens of s_it / sum_j s_jt, each sequence's, averaged over the batch. Sigmoid scores do not sum to 1, so the
+    normalisation counts (a softmax router's, pinned elsewhere, already sum to 1)."""
+    cfg = small_cfg(seq_aux_alpha=0.01)
+    B, T, E, K = 2, 7, 16, 4
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(B, T, E, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
+    want = 0.0
+    for b in range(B):
+        f = E / (K * T) * torch.bincount(ids[b].flatten(), minlength=E).double()
+        P = (scores[b] / scores[b].sum(-1, keepdim=True)).mean(0)
+        want += 0.01 * float((f * P).sum()) / B
+    # in the scores' dtype (FP64 here, the counts too): the normalising sum over E, the mean over T and the sum over E
+    # round, u each
+    assert abs(float(sequence_balance_loss(scores, ids, cfg)) - want) <= (2 * E + T + 8) * 2.0**-53 * want

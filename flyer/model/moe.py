@@ -322,8 +322,8 @@ def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, 
         P = (probs * w_BT[..., None]).sum(1) / n_B1
         return cfg.seq_aux_alpha * (hits * (E / K) / n_B1 * P).sum(-1).mean()
     P = probs.mean(dim=1)  # (B, E)
-    hits = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
-        1, topk_ids_BTK.reshape(B, T * K), torch.ones(B, T * K, device=scores_BTE.device))
+    hits = torch.zeros(B, E, dtype=probs.dtype, device=probs.device).scatter_add_(
+        1, topk_ids_BTK.reshape(B, T * K), torch.ones(B, T * K, dtype=probs.dtype, device=probs.device))
     f = hits * (E / (K * T))
     return cfg.seq_aux_alpha * (f * P).sum(-1).mean()
 
