@@ -2,7 +2,8 @@
 
 import pytest
 
-from flyer.cluster.costs import Layout, Throughput, activation_bytes_per_token_layer, auto_layout, memory_per_gpu, plan
+from flyer.cluster.costs import (Layout, Throughput, activation_bytes_per_token_layer, auto_layout, memory_per_gpu,
+                                 plan, validate_layout)
 from flyer.cluster.hardware import GPUS, gpu_spec
 from flyer.cluster.pipeline import bubble_fraction, schedule_cost, simulate_1f1b
 from flyer.cli import main
@@ -136,3 +137,50 @@ def test_dualpipev_is_dualpipe_over_twice_the_stages_in_half_chunks():
     assert v.bubble == pytest.approx(schedule_cost("dualpipe", 2 * PP, F / 2, B / 2, W / 2, fb=FB / 2).bubble)
     assert (v.param_copies, v.activation_microbatches) == (1, PP + 0.5)
     assert bubble_fraction("1f1b", PP, 8, F, B, W) == pytest.approx((PP - 1) / (PP - 1 + 8))
+
+
+def test_ep_must_divide_the_routed_experts():
+    """EP 12 divides the 48 GPUs of a stage but not DeepSeek-V3's 256 experts."""
+    with pytest.raises(FieldError, match="^ep: must divide the model's 256 routed experts"):
+        validate_layout(preset("dsv3"), Layout(48, 1, 12))
+
+
+def test_pp_may_equal_but_not_exceed_the_layers():
+    """The boundary of 'pp <= layers' (61 for DeepSeek-V3)."""
+    cfg = preset("dsv3")
+    validate_layout(cfg, Layout(61, 61, 1))
+    with pytest.raises(FieldError, match="^pp: must be <= the model's 61 layers"):
+        validate_layout(cfg, Layout(62, 62, 1))
+
+
+def test_one_stage_holds_embedding_and_head_both():
+    """With pp == 1 the one stage holds the embedding and the output head (untied): params grow by
+    2 x dim per added vocabulary entry; with pp > 1 the heaviest stage holds the larger one only (dim)."""
+    cfg = preset("dsv3")
+    wider = cfg.replace(vocab_size=cfg.vocab_size + 1000)
+    for pp, per_entry in ((1, 2), (16, 1)):
+        lay = Layout(2048, pp, 64)
+        a = memory_per_gpu(cfg, lay, 4096, 80)["params_per_gpu"]
+        b = memory_per_gpu(wider, lay, 4096, 80)["params_per_gpu"]
+        assert b - a == per_entry * 1000 * cfg.dim, pp
+
+
+def test_zero1_optimizer_state_per_gpu_does_not_depend_on_ep():
+    """An expert's optimizer states are sharded over its expert_dp = dp / ep replicas, so each GPU holds
+    (routed experts x layers) / dp of them whatever EP is: the ZeRO-1 optimizer bytes per GPU equal at EP 1 and 64."""
+    cfg = preset("dsv3")
+    one = memory_per_gpu(cfg, Layout(2048, 16, 1), 4096, 80)
+    ep = memory_per_gpu(cfg, Layout(2048, 16, 64), 4096, 80)
+    assert ep["optimizer_gib"] == pytest.approx(one["optimizer_gib"], rel=1e-12)
+    assert ep["weights_gib"] < one["weights_gib"]  # while the weights themselves are split over EP
+
+
+def test_mfu_range_is_half_open_and_measured_throughput_past_the_peak_is_refused():
+    """``--mfu`` 1.0 is accepted (its range is (0, 1]); a measured throughput implying an MFU just over 100% is
+    refused, not only one thousands of percent over."""
+    cfg, h800 = preset("dsv3"), gpu_spec("h800")
+    out = plan(cfg, h800, Layout(2048), 1e12, 4096, Throughput(mfu=1.0))
+    assert out["mfu_causal"] == pytest.approx(1.0)
+    over = out["tokens_per_day"] * 1.1  # MFU 110%
+    with pytest.raises(FieldError, match="^tokens_per_day: .*implies MFU 110"):
+        plan(cfg, h800, Layout(2048), 1e12, 4096, Throughput(tokens_per_day=over))

@@ -85,3 +85,50 @@ def test_topology_errors():
         T.dragonfly(4, 2, 2, 10)
     with pytest.raises(FieldError, match="^topologies: unknown topology 'torus'"):
         T.compare(64, names=("torus",))
+
+
+def test_multi_rail_closed_form_is_one_two_tier_tree():
+    """``multi_rail`` (mrft, which ``compare`` leaves out by default) is a two-tier tree's counts; its rails divide
+    the radix."""
+    t = T.multi_rail(64, 8)
+    assert (t.endpoints, t.switches, t.links, t.diameter) == (2048, 96, 2048, 2)
+    with pytest.raises(FieldError, match="^rails: must divide the switch radix 64"):
+        T.multi_rail(64, 3)
+
+
+def test_cost_prices_the_bought_switch_radix():
+    """``compare`` prices the k-port switches bought even where a topology uses fewer ports (Slim Fly q=28 uses 63
+    of 64)."""
+    sf = {t.name: t for t in T.compare(64)}["sf"]
+    assert sf.radix == 63 and sf.switch_radix == 64
+    p = T.Prices()
+    want = sf.switches * (p.switch_per_port * 64 + p.switch_base) + sf.endpoints * p.endpoint_link + \
+        sf.links * p.switch_link
+    assert sf.cost(p) == pytest.approx(want, rel=1e-12)
+
+
+def test_dragonfly_needs_an_even_global_port_count():
+    """A dragonfly's a*h*g global ports pair up into links: an odd count is refused."""
+    with pytest.raises(FieldError, match="^df_g: must make a\\*h\\*g even"):
+        T.dragonfly(3, 1, 1, 3)
+
+
+def test_dragonfly_bisection_is_capped_by_injection_and_unknown_for_uneven_bundles():
+    """With more global links than the endpoints can inject, the cut is the endpoints' (max flow agrees);
+    the paper's instance (a h = 512 over g - 1 = 510 peers) has no uniform bundle: None, not a number."""
+    closed, G = T.dragonfly(4, 1, 2, 9), T.dragonfly_graph(4, 1, 2, 9)
+    side = [e for e in G if e[0] == "ep" and e[1] < 4 * 4 * 1]  # groups 0-3 against 4-8
+    assert T.cut_links(G, side) == T.bisection_links(closed) == 16
+    assert T.bisection_links(T.dragonfly(*T.dragonfly_for_radix(64))) is None
+
+
+def test_compare_refuses_a_topology_wider_than_the_switch():
+    """Slim Fly q = 29 needs 65-port routers: refused at radix 64."""
+    with pytest.raises(FieldError, match="^radix: sf needs 65-port switches, more than 64"):
+        T.compare(64, sf_q=29, names=("sf",))
+
+
+def test_radix_below_four_is_refused():
+    """A two-tier tree needs k >= 4 (k/2 up and k/2 down ports, k/2 >= 2 spines)."""
+    with pytest.raises(FieldError, match="^radix: must be an even number >= 4"):
+        T.fat_tree2(2)
