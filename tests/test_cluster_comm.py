@@ -58,7 +58,7 @@ def test_3fs_read_near_published():
     out = storage_model(StorageCluster())
     assert out["read_tib_s"] == pytest.approx(6.6, rel=0.02)  # 3FS: ~6.6 TiB/s on 180 nodes
     assert out["read_bound"] == "storage_nics"
-    assert out["write_gb_s"] <= out["read_gb_s"] / 3 + 1e-9 or out["write_bound"] == "ssds"
+    assert out["write_gb_s"] <= out["read_gb_s"] / 3 + 1e-9  # each byte on 3 nodes (the write's bound: below)
     assert out["recovery_tib"] == pytest.approx(16 * 14 * 0.5)
     assert out["read_line_tib_s"] == pytest.approx(180 * 50e9 / 1024**4)  # 2 x 200 Gb/s a node
     two = storage_model(StorageCluster(replicas=2, ssd_write_gb_s=100))

@@ -455,3 +455,67 @@ def _is_rank(pid: int, rank: int, run: Path) -> bool:
         return False
     return f"RANK={rank}".encode() in environ and str(run).encode() in cmdline and b"torch.distributed.run" \
         not in cmdline
+
+
+# ---- checkpoint directories as users and other systems leave them ------------------------------------------------
+
+def test_a_step_named_entry_without_a_number_is_not_a_checkpoint(tmp_path):
+    """A user's ``step_latest`` folder is neither listed nor refused, and listing does not fail on its name."""
+    root = tmp_path / "checkpoints"
+    good = ckpt.save_checkpoint(root, 1, {"config.json": {"a": 1}})
+    (root / "step_latest").mkdir()
+    assert ckpt.list_checkpoints(root) == [good]
+    ckpt.check_step_names(root)
+    assert ckpt.find_valid_checkpoint(root, log=lambda m: None) == good
+
+
+def test_hidden_files_with_a_read_suffix_are_not_the_checkpoints(tmp_path):
+    """macOS's AppleDouble ``._config.json`` or a hidden ``.notes.json`` is no reader's file: the checkpoint stays
+    valid."""
+    step = ckpt.save_checkpoint(tmp_path / "checkpoints", 1, {"config.json": {"a": 1}})
+    (step / "._config.json").write_bytes(b"\x00\x05\x16\x07")
+    (step / ".notes.json").write_text("{}")
+    ckpt.verify_checkpoint(step)
+
+
+def test_a_checkpoint_with_one_just_written_file_is_hashed_again(tmp_path, monkeypatch):
+    """Verified stamps are remembered only when every file is older than the mtime granularity: a file written just
+    now (the others old) could change again within its mtime tick, so it is hashed at each verification."""
+    step = ckpt.save_checkpoint(tmp_path / "checkpoints", 1, {"config.json": {"a": 1}, "state.json": {"step": 1}})
+    old = time.time() - 60
+    os.utime(step / "config.json", (old, old))
+    hashed = []
+    real = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    ckpt.verify_checkpoint(step)
+    ckpt.verify_checkpoint(step)
+    assert hashed.count("state.json") == 2
+
+
+def test_a_manifest_entry_without_its_size_is_malformed(tmp_path):
+    """An entry with its SHA-256 but no size is a ``CheckpointError`` naming the manifest, not a ``KeyError``."""
+    step = ckpt.save_checkpoint(tmp_path / "checkpoints", 1, {"config.json": {"a": 1}})
+    m = json.loads((step / "manifest.json").read_text())
+    del m["files"]["config.json"]["bytes"]
+    (step / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="malformed manifest"):
+        ckpt.verify_checkpoint(step)
+
+
+def test_a_listed_file_that_is_gone_falls_back_to_the_previous_checkpoint(tmp_path):
+    """A newest checkpoint missing a file its manifest lists is reported and passed over."""
+    root = tmp_path / "checkpoints"
+    first = ckpt.save_checkpoint(root, 1, {"config.json": {"a": 1}, "state.json": {"step": 1}})
+    second = ckpt.save_checkpoint(root, 2, {"config.json": {"a": 2}, "state.json": {"step": 2}})
+    (second / "state.json").unlink()
+    path, problems = ckpt.newest_valid_checkpoint(root)
+    assert path == first and "missing file state.json" in problems[0]
+
+
+def test_check_layout_names_a_field_only_this_run_has(tmp_path):
+    """A checkpoint with its optimizer state per rank: a layout field it lacks (saved before the field existed) and
+    this run sets is refused, not ignored."""
+    (tmp_path / "state.json").write_text(json.dumps({"step": 1, "layout": {"world": 1, "pp": 1}}))
+    ckpt.check_layout(tmp_path, {"world": 1, "pp": 1})
+    with pytest.raises(CheckpointError, match="zero=None; this run has zero=1"):
+        ckpt.check_layout(tmp_path, {"world": 1, "pp": 1, "zero": 1})
