@@ -1,6 +1,7 @@
 """Trainer: exact resume (also after kill -9), checkpoint verification and fallback, NaN-step
 skipping, CLI errors, and a short end-to-end run."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from flyer.interop.load import load_pretrained
@@ -25,7 +27,7 @@ from flyer.train.metrics import read_metrics
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import LocalMesh
 from flyer.train.metrics import TENSORBOARD_TAGS
-from flyer.train.config import TrainConfig, batches_through, grad_accum_at, lr_at
+from flyer.train.config import TrainConfig, batches_through, check_resume_settings, grad_accum_at, lr_at
 from flyer.train.metrics import progress_postfix
 from flyer.errors import CheckpointError, FieldError
 from flyer.train import batches as batches_module
@@ -165,6 +167,24 @@ def test_a_batch_ramp_run_trains_on_its_micro_batches_and_resumes_exactly(tmp_pa
         with pytest.raises(FieldError, match=f"^{field}: ") as e:  # a resumed run keeps its ramp
             Trainer(tc_for(tmp_path / "full", data_cache, resume=True, steps=8, **{**ramp, **change}), log=quiet)
         assert "\n" not in str(e.value)
+
+
+def test_a_batch_ramp_keeps_its_replicas(tmp_path):
+    """A ramp rounds each replica's micro-batches: 2 replicas ramping 1 -> 3 train steps 3-6 on 4, 6, 6, 6 in all,
+    one process ramping 2 -> 6 on 4, 5, 6, 6 (and the v3 schedule counts them), so a resume with another number of
+    replicas is refused in one line, at as many batches in all as it may be."""
+    two = TrainConfig(preset="tiny", steps=6, grad_accum=3, ramp_grad_accum=1, ramp_steps=4)
+    one = dataclasses.replace(two, grad_accum=6, ramp_grad_accum=2)
+    assert [2 * grad_accum_at(two, s) for s in range(3, 7)] != [grad_accum_at(one, s) for s in range(3, 7)]
+    (tmp_path / "state-rank0.json").write_text(json.dumps({"step": 2, "train_config": dataclasses.asdict(two),
+                                                           "layout": {"world": 2, "dp": 2}}))
+    check_resume_settings(two, tmp_path, dp=2)
+    with pytest.raises(FieldError, match="^ramp_grad_accum: a run with a batch-size ramp resumes with its 2 "):
+        check_resume_settings(one, tmp_path, dp=1)
+    no_ramp = dataclasses.replace(two, ramp_grad_accum=None, ramp_steps=0)
+    (tmp_path / "state-rank0.json").write_text(json.dumps({"step": 2, "train_config": dataclasses.asdict(no_ramp),
+                                                           "layout": {"world": 2, "dp": 2}}))
+    check_resume_settings(dataclasses.replace(no_ramp, grad_accum=6), tmp_path, dp=1)  # without a ramp it may
 
 
 def test_a_resumed_run_may_change_its_stage_weights(tmp_path, data_cache):
@@ -312,8 +332,9 @@ def test_reports_that_cannot_be_written_are_warnings(tmp_path, data_cache):
 
 def test_a_checkpoint_whose_files_do_not_parse_is_one_line(tmp_path, data_cache):
     """The manifest vouches that a file is the one written, not that it was written well: a file that does not parse
-    as what it holds (rewritten, its manifest entry too) is a one-line ``CheckpointError`` naming the checkpoint, not
-    a traceback; a manifest of another format version is not read as this one (the previous checkpoint is used)."""
+    as what it holds (rewritten, its manifest entry too), or an optimizer state missing a moment, is a one-line
+    ``CheckpointError`` naming the checkpoint, not a traceback at the first step; a manifest of another format version
+    is not read as this one (the previous checkpoint is used)."""
     Trainer(tc_for(tmp_path, data_cache, steps=4), log=quiet).run()
     step = tmp_path / "checkpoints" / ckpt.step_dir_name(4)
     originals = {n: (step / n).read_bytes() for n in ("state.json", "optimizer.safetensors", "manifest.json")}
@@ -325,9 +346,12 @@ def test_a_checkpoint_whose_files_do_not_parse_is_one_line(tmp_path, data_cache)
         (step / "manifest.json").write_text(json.dumps(manifest))
 
     state = json.loads(originals["state.json"])
+    moments = safetensors.torch.load(originals["optimizer.safetensors"])
+    partial = safetensors.torch.save({k: v for k, v in moments.items() if k != "embed.weight/exp_avg_sq"})
     for name, data, says in (("state.json", json.dumps({**state, "step": "six"}).encode(), "has no step count"),
                              ("state.json", b"{not json", "unreadable"),
-                             ("optimizer.safetensors", b"garbage" * 10, "unreadable")):
+                             ("optimizer.safetensors", b"garbage" * 10, "unreadable"),
+                             ("optimizer.safetensors", partial, "state of embed.weight has exp_avg, step; of ")):
         rewrite(name, data)
         with pytest.raises(CheckpointError, match=f"checkpoint {step}: .*{says}") as e:
             Trainer(tc_for(tmp_path, data_cache, steps=6, resume=True), log=quiet)

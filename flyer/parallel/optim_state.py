@@ -81,7 +81,9 @@ def load_full_optimizer_state(model: nn.Module, optimizer, mesh, path: Path) -> 
     """Load the single-process optimizer state file ``path`` (``full_optimizer_state``'s, as safetensors) into this
     rank's optimizer: the state of each parameter it steps, an expert stack's cut to this rank's experts (read as a
     slice: a rank reads its part of the file, not the whole). A parameter without saved state starts without
-    (it had taken no step). ``ValueError`` for state of a parameter the model lacks or of another shape."""
+    (it had taken no step: a parameter without a gradient yet). ``ValueError`` for state of a parameter the model
+    lacks, of another shape, or missing some of what its group's parameters hold (``exp_avg`` without
+    ``exp_avg_sq``)."""
     names, ranges = _named(model), expert_ranges(model, mesh)
     with safe_open(str(path), framework="pt") as f:
         keys: dict[str, list[str]] = {}
@@ -95,6 +97,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer, mesh, path: Path) -> 
             sd = opt.state_dict()  # this optimizer's groups (its parameters as indices, in order), no state yet
             state, index = {}, 0
             for group in opt.param_groups:
+                held: dict[frozenset, str] = {}  # the state keys a group's parameters have -> one that has them
                 for p in group["params"]:
                     name = names[id(p)]
                     entry = {}
@@ -111,7 +114,12 @@ def load_full_optimizer_state(model: nn.Module, optimizer, mesh, path: Path) -> 
                         entry[key] = t
                     if entry:
                         state[index] = entry
+                        held.setdefault(frozenset(entry), name)
                     index += 1
+                if len(held) > 1:  # one optimizer steps a group: each parameter with state has all of it
+                    (a, n), (b, m) = sorted(held.items(), key=lambda kv: len(kv[0]))[:2]
+                    raise ValueError(f"optimizer state of {n} has {', '.join(sorted(a))}; of {m}, in its group, "
+                                     f"{', '.join(sorted(b))}")
             sd["state"] = state
             opt.load_state_dict(sd)
 
