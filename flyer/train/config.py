@@ -277,15 +277,18 @@ def check_resume_settings(tc: TrainConfig, path: Path, dp: int = 1) -> None:
             raise FieldError(k, f"{now * dp} batches a step ({dp} data-parallel replicas x {now}: grad_accum x "
                                 f"micro_batches under pipelining) differ from the run's {was * was_dp} ({was_dp} x "
                                 f"{was}; checkpoint {path}); a resumed run trains each step on as many batches")
-    start = saved.get("ramp_grad_accum")  # a ramp's first step too (grad_accum_at: a ramp has no pipeline)
-    if "grad_accum" in saved and (start is None) != (tc.ramp_grad_accum is None) or \
-            start is not None and tc.ramp_grad_accum is not None and start * was_dp != tc.ramp_grad_accum * dp:
+    start = saved.get("ramp_grad_accum")  # a ramp's first step too
+    # a ramp rounds each replica's micro-batches (grad_accum_at), and the v3 schedule counts them: another number of
+    # replicas would train some steps on another total, and move the schedule's stages
+    if start is not None and was_dp != dp and not changed:
+        raise FieldError("ramp_grad_accum", f"a run with a batch-size ramp resumes with its {was_dp} data-parallel "
+                                            f"replicas (this run has {dp}; checkpoint {path})")
+    if "grad_accum" in saved and start != tc.ramp_grad_accum:
         if changed:
             changed.append("ramp_grad_accum")
         else:
             raise FieldError("ramp_grad_accum", f"{tc.ramp_grad_accum} differs from the run's {start} (checkpoint "
-                                                f"{path}; with {dp} data-parallel replicas, the run's {was_dp}); a "
-                                                "resumed run keeps its batch-size ramp")
+                                                f"{path}); a resumed run keeps its batch-size ramp")
     if tc.dpo and saved.get("init") and Path(saved["init"]).resolve() != Path(tc.init).resolve():
         changed.insert(0, "init")  # the DPO reference: init's weights, the same on resume
     if tc.dpo and not changed and saved_files(path) is not None:  # the same init: the same weights in it?
