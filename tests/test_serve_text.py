@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from flyer.cli import main
 from flyer.interop.hf import load_tokenizer
 from flyer.data.chat_template import chat_renderer
+from flyer.infer.cli import ByteTokenizer
 from flyer.serve.api import Api, ChatBody
 from flyer.serve.choice import Choice
 from flyer.serve.engine import TokenEvent
@@ -326,3 +327,18 @@ def test_a_chat_template_that_does_not_compile_is_one_line_before_serving(tmp_pa
     assert main(["serve", "--ckpt", str(tmp_path), "--port", "0", "--kv-cache-memory", "16M"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"flyer: error: {tmp_path / where}: the chat template does not compile (line 2: unexpected '}}')"]
+
+
+@pytest.mark.parametrize("text,cut", [("aé", 1), ("x😀", 1), ("x😀", 2), ("x😀", 3)])
+def test_a_final_token_inside_a_utf8_sequence_keeps_its_text(text, cut):
+    """A choice that ends (length) inside a UTF-8 sequence reports, streamed and whole, the decode of all its ids
+    (the incomplete sequence as U+FFFD, as transformers and vLLM decode it): held back only while more tokens may
+    complete it, then given."""
+    tok = ByteTokenizer()
+    ids = list(text.encode())[:-cut]
+    c, streamed = Choice(tok, stops=[]), ""
+    for i, t in enumerate(ids):
+        c.add(TokenEvent(t, finish_reason="length" if i == len(ids) - 1 else None))
+        streamed += c.delta()
+    assert c.text == streamed == tok.decode(ids) and c.text.endswith("\ufffd")
+    assert c.finish_reason == "length"
