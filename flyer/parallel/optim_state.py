@@ -65,7 +65,7 @@ def full_optimizer_state(model: nn.Module, optimizer, mesh) -> dict[str, torch.T
     rows: dict[str, int] = {}  # an expert stack's rows put in: each once, or the state would hold zeros
     for part in every:
         for key, (t, first, n_full) in part.items():
-            if first is None:
+            if first is None or t.shape[0] == n_full:  # not an expert stack's, or all of it (one EP rank)
                 out.setdefault(key, t)
                 continue
             whole = out.setdefault(key, torch.zeros((n_full, *t.shape[1:]), dtype=t.dtype))

@@ -453,29 +453,21 @@ def check_layout(path: Path, layout: dict | None) -> None:
                               "per rank: resume with the same layout, or start a new run from its weights with init)")
 
 
-def _saved_replicas(path: Path, mesh) -> tuple[int, int]:
-    """(data-parallel replicas, world) of the layout checkpoint ``path`` was saved with: this run's for one saved
-    without a layout."""
-    saved = saved_layout(path) or {}
-    return saved.get("dp", mesh.dp), saved.get("world", mesh.world)
-
-
-def _source_rank(path: Path, mesh) -> str:
-    """The suffix of the state and RNG files this rank resumes from: its own under the layout that saved them, else
-    those of its replica's first stage (whose sampler every stage of the replica shares), of the first replica for a
-    replica the run did not have (its sampler: ``_load_sampler``)."""
-    saved = saved_layout(path)
+def _source_rank(path: Path, saved: dict | None, mesh) -> str:
+    """The suffix of the state and RNG files this rank resumes from (``saved``: the layout that saved them): its own
+    under that layout, else those of its replica's first stage (whose sampler every stage of the replica shares), of
+    the first replica for a replica the run did not have (its sampler: ``_load_sampler``)."""
     if saved is None or not (path / OPTIMIZER_FILE).is_file() or all(
             saved.get(k) == v for k, v in (("world", mesh.world), ("pp", mesh.pp), ("dp", mesh.dp))):
         return rank_suffix(mesh.rank, mesh.world)
-    dp, world = _saved_replicas(path, mesh)
-    return rank_suffix(mesh.dp_rank if mesh.dp_rank < dp else 0, world)
+    dp = saved.get("dp", mesh.dp)
+    return rank_suffix(mesh.dp_rank if mesh.dp_rank < dp else 0, saved.get("world", mesh.world))
 
 
-def _load_sampler(path: Path, sampler, mesh, state: dict) -> None:
-    """Resume this rank's sampler from its state file's ``state``, or, saved with another number of data-parallel
-    replicas, from every replica's (``load_resized``)."""
-    dp, world = _saved_replicas(path, mesh)
+def _load_sampler(path: Path, saved: dict | None, sampler, mesh, state: dict) -> None:
+    """Resume this rank's sampler from its state file's ``state``, or, saved (``saved``: the layout) with another
+    number of data-parallel replicas, from every replica's (``load_resized``)."""
+    dp, world = (saved or {}).get("dp", mesh.dp), (saved or {}).get("world", mesh.world)
     if dp == mesh.dp:
         sampler.load_state_dict(state["sampler"])
         return
@@ -513,12 +505,13 @@ def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig
         diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v and k not in STAGE_FIELDS]
         raise CheckpointError(f"checkpoint {path} is from a different config (fields differ: {', '.join(diff)})")
     check_layout(path, layout)
+    saved_at = saved_layout(path)
     weights = read_tensors(path / "model.safetensors")
     if mesh.ep == 1 and mesh.pp == 1:  # every weight is here: check names and shapes for a one-line error
         load_model_weights(model, weights, f"checkpoint {path}")
     else:
         mesh.load_full_state_dict(model, weights)
-    sfx = _source_rank(path, mesh)
+    sfx = _source_rank(path, saved_at, mesh)
     state_path = path / f"state{sfx}.json"
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no {state_path.name}: saved with another process layout")
@@ -529,7 +522,7 @@ def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig
     state = json.loads(state_path.read_text())
     if isinstance(state.get("step"), bool) or not isinstance(state.get("step"), int) or state["step"] < 0:
         raise CheckpointError(f"checkpoint {path}: {state_path.name} has no step count (got {state.get('step')!r})")
-    _load_sampler(path, sampler, mesh, state)
+    _load_sampler(path, saved_at, sampler, mesh, state)
     rng = read_tensors(path / f"rng{sfx}.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and mesh.device.type == "cuda":
