@@ -33,8 +33,10 @@ def test_torchrun_ep4_two_nodes_trains_checkpoints_and_resumes(tmp_path, data_ca
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert recs[-1]["inter_node_bytes"] > 0 and recs[-1]["intra_node_bytes"] > 0
     path = ckpt.resolve_checkpoint_path(tmp_path / "run")
+    # each rank wrote its part of the optimizer's state: the dense state (rank 0's) and its experts' rows
     assert sorted(p.name for p in path.iterdir() if p.name.startswith(("optimizer", "state"))) == [
-        "optimizer.safetensors", *(f"state-rank{r}.json" for r in range(4))]  # the optimizer's state whole
+        *(f"optimizer-{r:05d}-of-00004.safetensors" for r in range(4)), "optimizer.index.json",
+        *(f"state-rank{r}.json" for r in range(4))]
     model, cfg, _ = load_pretrained(tmp_path / "run")  # full single-process layout
     assert model.layers[1].ffn.experts.w1.shape[0] == cfg.n_routed_experts
 

@@ -6,6 +6,8 @@ Layout of ``RUN/checkpoints/step_00000100/``:
 - ``optimizer.safetensors``  optimizer state, full single-process layout (``{parameter}/{key}``), so a run
                          resumes on another process layout (``flyer.parallel.optim_state``); checkpoints
                          written before it have ``optimizer*.pt`` (one per rank, for the layout that wrote them)
+- ``optimizer-RRRRR-of-WWWWW.safetensors``  instead, from a run of several ranks sharing the checkpoint folder:
+  and ``optimizer.index.json``  each rank's part of that state, written by that rank, and where each tensor lies
 - ``state*.json``        step, sampler position, counters, train config (one per rank)
 - ``rng*.safetensors``   RNG state
 - ``config.json``        the model config
@@ -34,6 +36,7 @@ import hashlib
 import json
 import os
 import pickle
+import secrets
 import shutil
 import time
 import warnings
@@ -49,12 +52,14 @@ from flyer.config import ModelConfig
 from flyer.data.tiktoken_file import TIKTOKEN_FILE
 from flyer.data.tokenizer import load_tokenizer, tokenizer_file
 from flyer.errors import CheckpointError, ConfigError, DataError
-from flyer.parallel.optim_state import full_optimizer_state, load_full_optimizer_state
+from flyer.parallel.optim_state import (INDEX_FILE, OPTIMIZER_FILE, full_optimizer_state, has_saved_state,
+                                        load_full_optimizer_state, optimizer_index, optimizer_part, part_name,
+                                        write_optimizer_part)
 from flyer.parse import json_loads
 
 FORMAT_VERSION = 1
-OPTIMIZER_FILE = "optimizer.safetensors"
 _PREFIX = "step_"
+_PROBE = ".shared"  # in a save's temporary directory while the ranks check that they all see it
 # A Hugging Face directory's tokenizer and generation settings, beside its tokenizer.json: what
 # transformers reads for the chat template, BOS/EOS and sampling defaults. A run started from one
 # carries them in its checkpoints (``save_training``), so its readers see the model's, not flyer's.
@@ -138,21 +143,21 @@ def check_step_names(ckpt_root: Path) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, Any], keep: int | None = None,
-                    protect: tuple[Path, ...] = ()) -> Path:
+                    protect: tuple[Path, ...] = (), written: dict[str, dict] | None = None) -> Path:
     """Write ``files`` (name -> tensor dict for .safetensors, state dict for .pt, object for .json,
     bytes for any name: written as they are) as checkpoint ``step`` atomically, then ``prune`` to
-    ``keep`` valid checkpoints (``protect``: directories never removed). A failed write (a full disk)
-    removes its temporary directory and raises ``CheckpointError``; the checkpoints already there are
+    ``keep`` valid checkpoints (``protect``: directories never removed). ``written``: files other processes already
+    wrote and fsynced in the temporary directory (``temporary_dir``), name -> their manifest entry. A failed write
+    (a full disk) removes its temporary directory and raises ``CheckpointError``; the checkpoints already there are
     untouched."""
     unsupported = [n for n, obj in files.items()
                    if not isinstance(obj, bytes) and not n.endswith((".safetensors", ".pt", ".json"))]
     if unsupported:
         raise ValueError(f"unsupported checkpoint file type: {unsupported[0]}")
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    final, tmp = ckpt_root / step_dir_name(step), temporary_dir(ckpt_root, step)
     try:
-        _write_files(tmp, step, files)
+        _write_files(tmp, step, files, written)
     except Exception as e:  # a full disk is an OSError from open/write, a RuntimeError from torch.save's short write
         why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"cannot write checkpoint {final.name} in {ckpt_root}: {why}; "
@@ -176,12 +181,19 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_files(tmp: Path, step: int, files: dict[str, Any]) -> None:
-    """Write every file and the manifest into ``tmp``, fsync, and rename it to its step directory."""
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    entries = {}
+def temporary_dir(ckpt_root: Path, step: int) -> Path:
+    """The directory this process writes checkpoint ``step`` into before renaming it into place."""
+    return ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+
+
+def _write_files(tmp: Path, step: int, files: dict[str, Any], written: dict[str, dict] | None = None) -> None:
+    """Write every file and the manifest into ``tmp`` (which holds ``written`` already, if given), fsync, and rename
+    it to its step directory."""
+    if written is None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    entries = dict(written or {})
     for name, obj in files.items():
         path = tmp / name
         path.parent.mkdir(exist_ok=True)  # a settings file's folder (NAMED_TEMPLATES)
@@ -379,35 +391,115 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     """Checkpoint a training run at ``step`` (a collective: every rank of ``mesh`` calls it).
 
     model: this rank's model (its expert slice under EP); its weights and the optimizer's state are saved in the
-    full single-process layout. Sampler (``state_dict()``) and RNG: saved per rank. bad_steps and train_config (a
-    JSON-able dict) go into each rank's state file, and ``layout`` (the process layout: world, pp, dp, ep, zero,
-    pp_schedule), which a resume may change (``check_layout``). Rank 0 writes;
-    ``keep``: valid checkpoints kept, ``protect``: checkpoints never pruned (the one the run
+    full single-process layout: the weights by rank 0, the optimizer's state by each rank its part where every rank
+    sees the folder rank 0 writes in (``shared_temporary_dir``), else gathered and written by rank 0. Sampler
+    (``state_dict()``) and RNG: saved per rank. bad_steps and train_config (a JSON-able dict) go into each rank's
+    state file, and ``layout`` (the process layout: world, pp, dp, ep, zero, pp_schedule), which a resume may change
+    (``check_layout``). ``keep``: valid checkpoints kept, ``protect``: checkpoints never pruned (the one the run
     resumed from). ``settings``: the Hugging Face tokenizer and generation settings the run carries
     (a name of ``settings_names`` -> its bytes), written as they are; with a tiktoken tokenizer's files
     (``flyer.interop.load.read_settings``), which build ``tokenizer`` (``flyer.data.tokenizer_copy.builds``),
     those stand for it and no tokenizer.json is written (one cannot carry Kimi's cut of long runs).
     ``extra``: more JSON-able fields of this rank's state file (a DPO run's reference fingerprint).
-    Returns the checkpoint directory on rank 0, None elsewhere.
+    Returns the checkpoint directory on rank 0, None elsewhere; a failed write raises ``CheckpointError`` on every
+    rank.
     """
     weights = mesh.full_state_dict(model)
     state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "train_config": train_config,
              "layout": layout, **(extra or {})}
-    moments = full_optimizer_state(model, optimizer, mesh)
-    ranks = mesh.gather_object({"state": state, "rng": rng_state(mesh.device)})
-    path = None
+    tmp = shared_temporary_dir(ckpt_root, step, mesh) if mesh.world > 1 else None
+    moments, part = None, None
+    if tmp is None:
+        moments = full_optimizer_state(model, optimizer, mesh)
+    else:
+        part = _write_part(tmp, optimizer_part(model, optimizer, mesh), mesh)
+    ranks = mesh.gather_object({"state": state, "rng": rng_state(mesh.device), "part": part})
+    path, failed = None, None
     if ranks is not None:
-        files: dict[str, Any] = {"model.safetensors": weights, OPTIMIZER_FILE: moments, "config.json": cfg.to_dict(),
-                                 **(settings or {})}
-        if TIKTOKEN_FILE not in files:
-            files["tokenizer.json"] = json.loads(tokenizer.to_str())
-        for r, per_rank in enumerate(ranks):
-            sfx = rank_suffix(r, mesh.world)
-            files[f"state{sfx}.json"] = per_rank["state"]
-            files[f"rng{sfx}.safetensors"] = per_rank["rng"]
-        path = save_checkpoint(ckpt_root, step, files, keep=keep, protect=protect)
-    mesh.barrier()
+        try:
+            path = _save_on_rank0(ckpt_root, step, ranks, weights, moments, tmp, cfg, tokenizer, mesh.world, keep,
+                                  protect, settings)
+        except Exception as e:
+            failed = e  # every rank raises it, after telling them
+            if tmp is not None:  # the ranks' parts
+                shutil.rmtree(tmp, ignore_errors=True)
+    why = mesh.broadcast_object(None if failed is None else str(failed))
+    if failed is not None:
+        raise failed
+    if why is not None:
+        raise CheckpointError(why)
     return path
+
+
+def shared_temporary_dir(ckpt_root: Path, step: int, mesh) -> Path | None:
+    """Rank 0's ``temporary_dir`` for checkpoint ``step``, made there, if every rank of ``mesh`` sees it (one file
+    system, as a cluster's checkpoint folder is: each rank then writes its part of the state into it); None
+    otherwise (each node's own disk: rank 0 writes it all). A collective."""
+    probe = None
+    if mesh.rank == 0:
+        tmp = temporary_dir(ckpt_root, step)
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            probe = (tmp.name, secrets.token_hex(16))
+            (tmp / _PROBE).write_text(probe[1])
+        except OSError:
+            probe = None  # rank 0 writes it all, and says why it cannot
+    probe = mesh.broadcast_object(probe)
+    if probe is None:
+        return None
+    tmp = ckpt_root / probe[0]  # this rank's view of the folder rank 0 writes in
+    try:
+        sees = (tmp / _PROBE).read_text() == probe[1]
+    except OSError:
+        sees = False
+    shared = mesh.max_int(0 if sees else 1) == 0  # every rank has read the probe here
+    if mesh.rank == 0:
+        (tmp / _PROBE).unlink()
+    return tmp if shared else None
+
+
+def _write_part(tmp: Path, part: dict, mesh) -> dict:
+    """Write this rank's ``part`` of the optimizer state into ``tmp``, fsynced: {"file", "index" (its
+    ``optimizer_index`` entries), "entry" (its manifest entry)}, or {"error": why} (a full disk), or {} if it holds
+    none."""
+    if not part:
+        return {}
+    name = part_name(mesh.rank, mesh.world)
+    try:
+        index = write_optimizer_part(tmp / name, part)
+        _fsync_file(tmp / name)
+        entry = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    except Exception as e:  # as save_checkpoint's: an OSError from open/write, a RuntimeError from a short write
+        return {"error": f"rank {mesh.rank}: {getattr(e, 'strerror', None) or (str(e).splitlines() or [''])[0]}"}
+    return {"file": name, "index": index, "entry": entry}
+
+
+def _save_on_rank0(ckpt_root: Path, step: int, ranks: list[dict], weights: dict, moments: dict | None,
+                   tmp: Path | None, cfg: ModelConfig, tokenizer: Tokenizer, world: int, keep: int | None,
+                   protect: tuple[Path, ...], settings: dict[str, bytes] | None) -> Path:
+    files: dict[str, Any] = {"model.safetensors": weights, "config.json": cfg.to_dict(), **(settings or {})}
+    written = None
+    if tmp is None:
+        files[OPTIMIZER_FILE] = moments
+    else:
+        errors = [r["part"]["error"] for r in ranks if "error" in r["part"]]
+        if errors:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {step_dir_name(step)} in {ckpt_root}: {errors[0]}; "
+                                  "the earlier checkpoints are intact")
+        parts = [r["part"] for r in ranks if r["part"]]
+        files[INDEX_FILE] = optimizer_index({p["file"]: p["index"] for p in parts})
+        written = {p["file"]: p["entry"] for p in parts}
+    if TIKTOKEN_FILE not in files:
+        files["tokenizer.json"] = json.loads(tokenizer.to_str())
+    for r, per_rank in enumerate(ranks):
+        sfx = rank_suffix(r, world)
+        files[f"state{sfx}.json"] = per_rank["state"]
+        files[f"rng{sfx}.safetensors"] = per_rank["rng"]
+    return save_checkpoint(ckpt_root, step, files, keep=keep, protect=protect, written=written)
 
 
 def saved_state(path: Path) -> dict:
@@ -439,11 +531,11 @@ def saved_layout(path: Path) -> dict | None:
 
 def check_layout(path: Path, layout: dict | None) -> None:
     """One-line ``CheckpointError`` naming every field of ``layout`` that differs from the saved one, for a checkpoint
-    whose optimizer state is per rank (written before ``OPTIMIZER_FILE``: its shards fit only the layout that wrote
+    whose optimizer state is per rank (written before ``has_saved_state``'s: its shards fit only the layout that wrote
     them); one with the state whole resumes on any layout (the batches a step trains on:
     ``config.check_resume_settings``; the replicas' data: the sampler's ``load_resized``)."""
     saved = saved_layout(path)
-    if saved is None or layout is None or (path / OPTIMIZER_FILE).is_file():
+    if saved is None or layout is None or has_saved_state(path):
         return
     diff = [k for k in sorted(set(saved) | set(layout)) if saved.get(k) != layout.get(k)]
     if diff:
@@ -457,7 +549,7 @@ def _source_rank(path: Path, saved: dict | None, mesh) -> str:
     """The suffix of the state and RNG files this rank resumes from (``saved``: the layout that saved them): its own
     under that layout, else those of its replica's first stage (whose sampler every stage of the replica shares), of
     the first replica for a replica the run did not have (its sampler: ``_load_sampler``)."""
-    if saved is None or not (path / OPTIMIZER_FILE).is_file() or all(
+    if saved is None or not has_saved_state(path) or all(
             saved.get(k) == v for k, v in (("world", mesh.world), ("pp", mesh.pp), ("dp", mesh.dp))):
         return rank_suffix(mesh.rank, mesh.world)
     dp = saved.get("dp", mesh.dp)
@@ -515,8 +607,8 @@ def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig
     state_path = path / f"state{sfx}.json"
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no {state_path.name}: saved with another process layout")
-    if (path / OPTIMIZER_FILE).is_file():
-        load_full_optimizer_state(model, optimizer, mesh, path / OPTIMIZER_FILE)
+    if has_saved_state(path):
+        load_full_optimizer_state(model, optimizer, mesh, path)
     else:  # written before the optimizer state was saved whole: this rank's own (check_layout: the same layout)
         optimizer.load_state_dict(read_torch(path / f"optimizer{sfx}.pt"))
     state = json.loads(state_path.read_text())

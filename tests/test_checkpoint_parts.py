@@ -1,0 +1,161 @@
+"""The optimizer's state written by each rank as its own part (``optimizer-RRRRR-of-WWWWW.safetensors`` and
+``optimizer.index.json``): no rank gathers the whole state; the parts read back as the one single-process state,
+an expert stack's rows put together across them; ranks that do not share the checkpoint folder fall back to rank 0
+writing it whole; a rank that cannot write its part fails the save on every rank, the earlier checkpoints intact."""
+
+import errno
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from flyer.errors import CheckpointError
+from flyer.parallel.optim_state import (INDEX_FILE, OPTIMIZER_FILE, SavedState, optimizer_index, part_name,
+                                        write_optimizer_part)
+from flyer.train import checkpoint as ckpt
+from flyer.train.config import TrainConfig
+from flyer.train.trainer import Trainer
+from ranks import run_ranks
+from test_train import losses, quiet, tc_for
+
+
+def _parts(tmp_path, whole: dict[str, torch.Tensor]):
+    """``whole`` written as two ranks' parts: ``a``'s rows split 0:2 / 2:4, its step count held by both, ``b`` by
+    rank 0 alone."""
+    mine = [{"a/exp_avg": (whole["a/exp_avg"][:2], 0, 4), "a/step": (whole["a/step"], None, 0),
+             "b/exp_avg": (whole["b/exp_avg"], None, 5)},
+            {"a/exp_avg": (whole["a/exp_avg"][2:], 2, 4), "a/step": (whole["a/step"], None, 0)}]
+    index = {part_name(r, 2): write_optimizer_part(tmp_path / part_name(r, 2), m) for r, m in enumerate(mine)}
+    (tmp_path / INDEX_FILE).write_text(json.dumps(optimizer_index(index)))
+    return json.loads((tmp_path / INDEX_FILE).read_text())
+
+
+def test_parts_read_back_as_the_whole_state_and_a_bad_index_is_refused(tmp_path):
+    whole = {"a/exp_avg": torch.randn(4, 3), "a/step": torch.tensor(2.0), "b/exp_avg": torch.randn(5)}
+    index = _parts(tmp_path, whole)
+    assert index["tensors"]["a/exp_avg"]["parts"] == [[part_name(0, 2), 0, 2], [part_name(1, 2), 2, 4]]
+    assert index["tensors"]["a/step"]["parts"] == [[part_name(0, 2)]]  # held by both, read from one
+    with SavedState(tmp_path) as f:
+        got = f.read_all()
+        assert sorted(got) == sorted(whole) and all(torch.equal(got[k], whole[k]) for k in whole)
+        assert torch.equal(f.read("a/exp_avg", (1, 3)), whole["a/exp_avg"][1:3])  # rows across both parts
+        assert torch.equal(f.read("a/exp_avg", (3, 4)), whole["a/exp_avg"][3:])
+        assert f.shape("a/exp_avg") == (4, 3)
+
+    with pytest.raises(RuntimeError, match="expert rows"):  # two ranks holding the same rows
+        optimizer_index({"x": {"a": {"shape": [4], "rows": [0, 2]}}, "y": {"a": {"shape": [4], "rows": [1, 4]}}})
+    good = json.dumps(index)
+    for change, says in ((lambda t: t["a/exp_avg"]["parts"][1].__setitem__(1, 3), "expert rows"),
+                         (lambda t: t["a/exp_avg"]["parts"][0].__setitem__(0, "../" + part_name(0, 2)), "not a part"),
+                         (lambda t: t["b/exp_avg"]["parts"][0].__setitem__(0, "model.safetensors"), "not a part"),
+                         (lambda t: t["a/exp_avg"].__setitem__("shape", [5, 3]), "expert rows"),
+                         (lambda t: t["b/exp_avg"].__setitem__("shape", [6]), "index says"),
+                         (lambda t: t["a/step"].__setitem__("parts", []), "bad entry")):
+        broken = json.loads(good)
+        change(broken["tensors"])
+        (tmp_path / INDEX_FILE).write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=says), SavedState(tmp_path) as f:
+            f.read_all()
+
+
+def _as_parts(step, split_at: int) -> None:
+    """Rewrite one-process checkpoint ``step``'s ``optimizer.safetensors`` as two ranks' parts (every expert stack's
+    rows split at ``split_at``, dense state in rank 0's), the manifest with them, as a 2-rank run writes them."""
+    with SavedState(step) as f:
+        whole = f.read_all()
+    mine: list[dict] = [{}, {}]
+    for k, t in whole.items():
+        if ".experts." in k and t.dim():
+            mine[0][k], mine[1][k] = (t[:split_at], 0, t.shape[0]), (t[split_at:], split_at, t.shape[0])
+        else:
+            mine[0][k] = (t, None, t.shape[0] if t.dim() else 0)
+    manifest = json.loads((step / "manifest.json").read_text())
+    del manifest["files"][OPTIMIZER_FILE]
+    (step / OPTIMIZER_FILE).unlink()
+    index = {part_name(r, 2): write_optimizer_part(step / part_name(r, 2), m) for r, m in enumerate(mine)}
+    (step / INDEX_FILE).write_text(json.dumps(optimizer_index(index)))
+    for name in (*index, INDEX_FILE):
+        data = (step / name).read_bytes()
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_run_resumes_from_parts_as_from_the_whole_state(tmp_path, data_cache):
+    """A checkpoint whose state is in parts resumes exactly as from the one file (the resumed steps bit for bit);
+    an index whose rows do not cover a stack is one line naming the checkpoint."""
+    Trainer(tc_for(tmp_path / "full", data_cache), log=quiet).run()
+    t = Trainer(tc_for(tmp_path / "cut", data_cache), log=quiet)
+    for _ in range(3):
+        t.train_step()
+    step = t.save()
+    t.close()
+    _as_parts(step, split_at=1)
+    shutil.copytree(tmp_path / "cut", tmp_path / "bad")
+    Trainer(tc_for(tmp_path / "cut", data_cache, resume=True), log=quiet).run()
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [s for s in b if s > 3] == [4, 5, 6] and all(a[s] == b[s] for s in b if s > 3), (a, b)
+
+    bad = tmp_path / "bad" / "checkpoints" / step.name
+    index = json.loads((bad / INDEX_FILE).read_text())
+    key = next(k for k, t in index["tensors"].items() if len(t["parts"][0]) == 3)
+    index["tensors"][key]["parts"][1][1] += 1  # a row no part holds
+    data = json.dumps(index).encode()
+    (bad / INDEX_FILE).write_bytes(data)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"][INDEX_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"checkpoint {bad}: unreadable .*{key}") as e:
+        Trainer(tc_for(tmp_path / "bad", data_cache, resume=True), log=quiet)
+    assert "\n" not in str(e.value)
+
+
+def _train_ep2(rank: int, out: str, cache: str, steps: int, split: bool, full_at: int = 0) -> str | int:
+    """EP 2 on 2 ranks; ``split``: each rank's run folder its own (``out`` + rank: folders not shared, as each node's
+    disk); ``full_at``: rank 1 cannot write its part at that step (a full disk)."""
+    if full_at:
+        def full(path, part, _write=ckpt.write_optimizer_part):
+            if rank == 1 and ckpt.step_dir_name(full_at) in path.parent.name:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return _write(path, part)
+        ckpt.write_optimizer_part = full
+    tc = TrainConfig(preset="tiny", steps=steps, batch_size=2, seq_len=32, warmup=1, eval_every=1000, eval_batches=1,
+                     ckpt_every=2, threads=1, progress=False, plots=False, data_cache=cache,
+                     out=f"{out}{rank}" if split else out, device="cpu", ep=2, resume=bool(full_at),
+                     collective_timeout_s=120)
+    try:
+        return Trainer(tc, log=lambda m: None).run()["steps"]
+    except CheckpointError as e:
+        return str(e)
+
+
+@pytest.mark.slow
+def test_each_rank_writes_its_part_and_unshared_folders_fall_back_to_rank0(tmp_path, data_cache):
+    """EP 2: rank 0 writes the dense state and its experts' rows, rank 1 its experts' rows only; the same run in
+    folders the ranks do not share (rank 0 cannot see rank 1's) writes the state whole on rank 0, equal bit for bit
+    to the parts put together. A rank that cannot write its part fails the save on both ranks in one line naming
+    it, leaving the earlier checkpoint and no temporary directory."""
+    assert run_ranks(_train_ep2, 2, str(tmp_path / "shared"), data_cache, 2, False) == [2, 2]
+    assert run_ranks(_train_ep2, 2, str(tmp_path / "own"), data_cache, 2, True) == [2, 2]
+    parts, whole = (tmp_path / d / "checkpoints" / ckpt.step_dir_name(2) for d in ("shared", "own0"))
+    assert not (parts / OPTIMIZER_FILE).exists() and (whole / OPTIMIZER_FILE).is_file()
+    assert not list(whole.glob("optimizer-*")) and not (tmp_path / "own1" / "checkpoints").exists()
+    with safe_open(str(parts / part_name(1, 2)), framework="pt") as f:
+        held = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert held and all(".experts." in k for k in held)
+    n_experts = json.loads((parts / "config.json").read_text())["n_routed_experts"]
+    assert all(shape[0] == n_experts // 2 for shape in held.values() if shape)  # its half of each stack
+    with SavedState(parts) as a, SavedState(whole) as b:
+        got, want = a.read_all(), b.read_all()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert (parts / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+    res = run_ranks(_train_ep2, 2, str(tmp_path / "shared"), data_cache, 4, False, 4)
+    assert all(f"cannot write checkpoint {ckpt.step_dir_name(4)}" in r and "rank 1: No space left on device" in r
+               and "\n" not in r for r in res), res
+    root = tmp_path / "shared" / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == [ckpt.step_dir_name(2)]
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    ckpt.verify_checkpoint(parts)
