@@ -138,6 +138,8 @@ def test_concurrent_greedy_completions_equal_generate_alone(request, model, fixe
             chunks = list(client.completions.create(model="tiny-test", prompt=p, max_tokens=10, temperature=0,
                                                     stream=True, stream_options={"include_usage": True}))
             assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == len(p)
+            # as OpenAI's: usage null on every chunk before the usage chunk (asked for), not left out
+            assert all("usage" in c.model_fields_set and (c.usage is None) == bool(c.choices) for c in chunks)
             return "".join(c.choices[0].text for c in chunks if c.choices)
         r = client.completions.create(model="tiny-test", prompt=p, max_tokens=10, temperature=0)
         assert r.usage.prompt_tokens == len(p) and r.usage.completion_tokens == 10
@@ -190,7 +192,10 @@ def test_chat_default_template_streaming_and_usage(served_bytes):
     chunks = list(client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=6, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert all("usage" in c.model_fields_set and (c.usage is None) == bool(c.choices) for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    unasked = list(client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=2, stream=True))
+    assert not any("usage" in c.model_fields_set for c in unasked)
     assert chunks[-1].usage.total_tokens == r.usage.total_tokens and chunks[-2].choices[0].finish_reason == "length"
     r = client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=3, temperature=0,
                                        logprobs=True, top_logprobs=2)
@@ -248,6 +253,42 @@ def test_bad_requests_answer_400_never_500(served, model):
     with pytest.raises(openai.BadRequestError):
         served.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=0)
     assert 'flyer_rejected_requests_total{status="400"}' in httpx.get(served.url + "/metrics").text
+
+
+def test_a_field_the_routes_do_not_implement_answers_400_naming_it(served_bytes):
+    """A field neither route defines is refused unless null, as OpenAI refuses an unrecognized argument (a typo, or
+    an option flyer lacks, answered 200 as if it were not there); the fields that change nothing are taken."""
+    url, chat_url = served_bytes.url + "/v1/completions", served_bytes.url + "/v1/chat/completions"
+    ok = dict(model="tiny-test", prompt=[1, 2, 3], max_tokens=2)
+    chat = dict(model="tiny-test", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    for where, body, param in ((url, {**ok, "max_token": 3}, "max_token"),
+                               (url, {**ok, "prompt_logprobs": 1}, "prompt_logprobs"),
+                               (url, {**ok, "add_special_tokens": False}, "add_special_tokens"),
+                               (chat_url, {**chat, "temprature": 0}, "temprature"),
+                               (chat_url, {**chat, "echo": True}, "echo"),  # vLLM's: the last message echoed
+                               (chat_url, {**chat, "add_generation_prompt": False}, "add_generation_prompt"),
+                               (chat_url, {**chat, "chat_template": "{{ 1 }}"}, "chat_template"),
+                               (chat_url, {**chat, "verbosity": "low"}, "verbosity"),
+                               (chat_url, {**chat, "modalities": ["text", "audio"]}, "modalities")):
+        _error(httpx.post(where, json=body), 400, param)
+    taken = {"user": "u", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "prompt_cache_key": "p",
+             "safety_identifier": "s", "verbosity": None}
+    assert httpx.post(url, json={**ok, **taken}).status_code == 200
+    took = httpx.post(chat_url, json={**chat, **taken, "echo": False, "add_generation_prompt": True,
+                                      "modalities": ["text"]})
+    assert took.status_code == 200, took.text
+
+
+def test_a_body_that_is_no_json_object_says_how_to_send_one(served):
+    url, ok = served.url + "/v1/completions", json.dumps(dict(model="tiny-test", prompt=[1, 2], max_tokens=1))
+    for ctype in ("application/x-www-form-urlencoded", None):
+        err = _error(httpx.post(url, content=ok, headers={"content-type": ctype} if ctype else {}), 400)
+        assert "sent as Content-Type: application/json" in err["message"], err
+        assert (ctype or "no Content-Type") in err["message"]
+    for body in (b"", b"[1, 2]"):
+        err = _error(httpx.post(url, content=body, headers={"content-type": "application/json"}), 400)
+        assert err["message"] in ("the request body must be a JSON object", "the request body is not valid JSON")
+    assert httpx.post(url, content=ok, headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
 
 
 def test_a_lone_surrogate_answers_400_naming_its_field_on_the_same_connection(served):
@@ -440,13 +481,18 @@ def test_api_key_queue_full_and_draining(model):
         # more choices than the queue holds can never run: 400, where a 429 would have clients retry
         _error(httpx.post(url, json={**ok, "n": 2}, headers={"authorization": "Bearer sekret"}), 400, "n")
         _error(httpx.post(url, json=ok, headers={"authorization": "Bearer wrong"}), 401)
+        _error(httpx.post(url, json=ok, headers={"authorization": "Basic sekret"}), 401)
+        for spelt in ("bearer sekret", "BEARER  sekret"):  # RFC 9110: the scheme in any case; blanks between
+            _error(httpx.post(url, json={**ok, "n": 2}, headers={"authorization": spelt}), 400, "n")  # past the key
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").models.list()
         assert s.client(api_key="sekret").models.list().data[0].id == "tiny-test"
         # the engine hears nothing: one request fills the queue of one
         with httpx.stream("POST", url, json={**ok, "stream": True}, headers={"authorization": "Bearer sekret"}) as r:
             assert r.status_code == 200
-            _error(httpx.post(url, json=ok, headers={"authorization": "Bearer sekret"}), 429)
+            full = httpx.post(url, json=ok, headers={"authorization": "Bearer sekret"})
+            _error(full, 429)
+            assert full.headers["retry-after"] == "1"
         s.api.draining = True
         _error(httpx.post(url, json=ok, headers={"authorization": "Bearer sekret"}), 503)
         assert httpx.get(s.url + "/health").status_code == 503

@@ -27,6 +27,7 @@ from flyer.interop.hf import load_hf
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from flyer.serve.grammar import MAX_SCHEMA_CHARS, json_grammar
+from flyer.serve.schema import ResponseFormat
 
 COLOR = {"enum": ["red", "green", "blue"]}
 SCHEMAS = [
@@ -184,7 +185,7 @@ def test_bad_schemas_and_types_answer_400_naming_response_format(served):
            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}},
            {"type": "json_schema", "json_schema": {"name": "x",
                                                    "schema": {"enum": ["a" * (MAX_SCHEMA_CHARS + 1)]}}},
-           {"type": "json_schema", "json_schema": {"name": "x"}}, {"type": "json_schema"}, {"type": "xml"},
+           {"type": "json_schema"}, {"type": "xml"},
            {"type": "json_object", "json_schema": {"name": "x", "schema": {}}}]
     for fmt in bad:
         with pytest.raises(openai.BadRequestError) as e:
@@ -196,6 +197,10 @@ def test_bad_schemas_and_types_answer_400_naming_response_format(served):
     assert e.value.param == "response_format"
     ok = c.chat.completions.create(model="tiny-test", messages=msg, max_tokens=2, response_format={"type": "text"})
     assert ok.choices[0].finish_reason == "length"
+    # a json_schema without its schema (optional in OpenAI's API): any JSON value
+    assert ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "x"}}).schema_or_object() == {}
+    c.chat.completions.create(model="tiny-test", messages=msg, max_tokens=2,
+                              response_format={"type": "json_schema", "json_schema": {"name": "x"}})
     # an engine without a tokenizer refuses a grammar, naming the field
     bare = Engine(served.engine.model, EngineConfig(kv_cache_bytes=1 << 20, block_size=4))
     with pytest.raises(FieldError, match="response_format"):

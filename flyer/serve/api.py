@@ -77,7 +77,7 @@ from flyer.serve.responses import Responses
 from flyer.serve.schema import JINJA_ROLES, Body, ChatBody, CompletionBody, error_field
 from flyer.serve.tools import (ToolCall, chosen_format, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
-from flyer.serve.tokenize import token_starts
+from flyer.serve.tokenize import TokenPieces, token_starts
 from flyer.serve.tools_kimi import calls_so_far
 
 class Api:
@@ -95,6 +95,7 @@ class Api:
         self.render_chat = chat_renderer(chat_template, self._special_tokens())
         self.encoding = chat_template if isinstance(chat_template, ChatEncoding) else None  # its roles
         self.tool_format = chosen_format(tool_call_parser, chat_template)  # the format calls are written and read in
+        self.pieces = TokenPieces(tokenizer, lambda: engine.limits.vocab_size)  # logprobs' token texts and bytes
         self.draining = False
         self.created = int(time.time())
         self.metrics = ApiMetrics()
@@ -107,7 +108,8 @@ class Api:
     def check_access(self, request: Request, model: str | None = None) -> None:
         if self.api_key is not None:
             auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {self.api_key}":
+            scheme, _, key = auth.strip().partition(" ")
+            if scheme.lower() != "bearer" or key.strip() != self.api_key:  # RFC 9110: the scheme in any case
                 raise ApiError(401, "Incorrect API key provided" if auth else "Missing API key (Authorization: "
                                "Bearer KEY)", code="invalid_api_key")
         if self.draining:
@@ -165,7 +167,7 @@ class Api:
         return list(ids), list(where)
 
     def _token_text(self, t: int) -> str:
-        return self.tok.decode([t])
+        return self.pieces.text(t)
 
     def _completion_logprobs(self, c: Choice, tokens: range, prompt: list[int] | None = None, at: int = 0,
                              starts: list[int] | None = None) -> dict:
@@ -173,8 +175,11 @@ class Api:
         choice ``c``'s tokens ``tokens`` (indices into ``c.ids``). ``text_offset``: where each token's text
         starts in the returned text, whose generated part starts at ``at``: the prompt's tokens' ``starts`` in its
         text (None: in its decode, the echoed text of token ids)."""
-        def top(d: dict[int, float] | None) -> dict[str, float] | None:
-            return None if d is None else {self._token_text(k): v for k, v in d.items()}
+        def top(d: dict[int, float] | None, token: int, lp: float) -> dict[str, float]:
+            """The top tokens' logprobs and the chosen token's, as OpenAI's (up to logprobs + 1 of them)."""
+            out = {self._token_text(k): v for k, v in (d or {}).items()}
+            out.setdefault(self._token_text(token), lp)
+            return out
 
         texts, lps, tops, offsets = [], [], [], []
         if prompt is not None:
@@ -185,13 +190,13 @@ class Api:
                 lp = plp[j] if j < len(plp) else None
                 texts.append(self._token_text(t))
                 lps.append(None if lp is None else lp[0])
-                tops.append(None if lp is None else top(lp[1]))
+                tops.append(None if lp is None else top(lp[1], t, lp[0]))
             offsets += decoded.starts if starts is None else starts
         for j in tokens:
             e = c.events[j]
             texts.append(self._token_text(e.token))
             lps.append(e.logprob)
-            tops.append(top(e.top_logprobs))
+            tops.append(top(e.top_logprobs, e.token, e.logprob))
             offsets.append(at + c.starts[j])
         return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
@@ -233,6 +238,8 @@ class Api:
                     "logprobs": logprobs(k, gen.choices[k])} for i, k in enumerate(picked)]
             return JSONResponse({**head, "choices": out, "usage": gen.usage()})
 
+        if (body.stream_options or {}).get("include_usage"):
+            head["usage"] = None  # OpenAI's chunks before the usage chunk carry it null
         async def sse() -> AsyncIterator[bytes]:
             echoed = [not body.echo] * len(gen.choices)
             async for i, c, e in gen.events():
@@ -376,6 +383,8 @@ class Api:
             return {**head, "choices": out, "usage": gen.usage()}
 
         head["object"] = "chat.completion.chunk"
+        if (body.stream_options or {}).get("include_usage"):
+            head["usage"] = None  # OpenAI's chunks before the usage chunk carry it null
 
         async def chunks() -> AsyncIterator[dict]:
             for i in range(len(gen.choices)):
@@ -427,19 +436,25 @@ class Api:
 
     def _chat_logprob(self, token: int, logprob: float, top: dict[int, float] | None) -> dict:
         def entry(t: int, lp: float) -> dict:
-            s = self._token_text(t)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+            return {"token": self._token_text(t), "logprob": lp, "bytes": list(self.pieces.bytes_of(t))}
         return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in (top or {}).items()]}
 
 
-def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(err: RequestValidationError, content_type: str | None = None) -> tuple[str, str | None]:
     """(message, param) of a body FastAPI refused: its first error's field as the body spells it (``error_field``);
-    of a union's errors on it, the deepest (``stop: ["a", 3]``: ``stop.1``, not ``stop``'s "not a string")."""
+    of a union's errors on it, the deepest (``stop: ["a", 3]``: ``stop.1``, not ``stop``'s "not a string"). A body
+    that is no JSON object at all (none, or sent as another ``content_type``, which FastAPI does not parse) says so."""
     errors = [e for e in err.errors() if e.get("loc", ())[:1] == ("body",)] or err.errors()
     if not errors:
         return "invalid request body", None
     if errors[0].get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if tuple(errors[0].get("loc", ())) == ("body",):
+        media = (content_type or "").partition(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            return (f"the request body must be a JSON object sent as Content-Type: application/json (got "
+                    f"{media or 'no Content-Type'})"), None
+        return "the request body must be a JSON object", None
     paths = [error_field(tuple(e.get("loc", ()))[1:], err.body) if e.get("loc", ())[:1] == ("body",) else
              list(e.get("loc", ())) for e in errors]
     first = max((k for k in range(len(errors)) if paths[k][:1] == paths[0][:1]), key=lambda k: (len(paths[k]), -k))
@@ -478,7 +493,7 @@ def build_app(api: Api, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
         except ApiError as err:
             return await _api_error(request, err)
         refuse(400)
-        message, param = _validation_message(e)
+        message, param = _validation_message(e, request.headers.get("content-type"))
         return ApiError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

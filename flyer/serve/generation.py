@@ -67,7 +67,8 @@ class Generation:
                 self.reqs.append(self.engine.submit(self.prompt_of(k), seeded, self._emitter(k)))
         except QueueFull as err:
             self.cancel()
-            raise ApiError(429, f"too many requests waiting: {err}", "rate_limit_error", code="queue_full") from None
+            raise ApiError(429, f"too many requests waiting: {err}", "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
         except EngineGone as err:
             raise ApiError(503, f"the server is shutting down ({err})", "server_error", code="unavailable") from None
         except BaseException:  # the choices submitted before a refusal must not run on

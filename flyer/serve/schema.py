@@ -39,7 +39,13 @@ NOT_IMPLEMENTED = {"best_of": (1,), "functions": ([],), "use_beam_search": (Fals
                    "allowed_token_ids": ([],), "bad_words": ([],), "truncate_prompt_tokens": (),
                    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
                    "structured_outputs": (), "logits_processors": ([],), "continue_final_message": (False,),
-                   "return_tokens_as_token_ids": (False,)}
+                   "return_tokens_as_token_ids": (False,), "echo": (False,), "add_generation_prompt": (True,),
+                   "modalities": (["text"],)}
+# OpenAI's and vLLM's fields that change nothing flyer serve answers (who asks, what is stored, what is billed or
+# scheduled how): accepted at any value. A route refuses any other field it does not define unless it is null, as
+# OpenAI refuses an unrecognized argument: a typo (max_token) or an option it lacks would otherwise go unseen
+ACCEPTED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "prediction",
+            "request_id", "priority")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, a lone one: JSON's pair "\\ud83d\\ude00" is one character
 # the names pydantic gives a union's members in an error's ``loc`` (``prompt.str``, ``stop.list[str]``,
@@ -100,12 +106,12 @@ def error_field(loc: tuple, body: Any) -> list:
 
 class JsonSchema(BaseModel):
     """``response_format.json_schema`` as OpenAI defines it: the output matches ``schema`` (``strict`` or not:
-    flyer always constrains the tokens to it)."""
+    flyer always constrains the tokens to it; none: any JSON value, ``schema_or_object``)."""
 
     model_config = ConfigDict(populate_by_name=True)
     name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
-    schema_: dict[str, Any] = Field(alias="schema")  # pydantic's BaseModel has a ``schema`` of its own
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # BaseModel has a ``schema`` of its own
     strict: bool | None = None
 
 
@@ -124,8 +130,11 @@ class ResponseFormat(BaseModel):
         return value
 
     def schema_or_object(self) -> dict[str, Any] | None:
-        """The JSON schema the output matches: json_schema's, or for json_object None (any JSON object)."""
-        return self.json_schema.schema_ if self.json_schema is not None else None
+        """The JSON schema the output matches: json_schema's ({}: any JSON value, for one without a schema, which
+        OpenAI's API takes), or for json_object None (any JSON object)."""
+        if self.json_schema is None:
+            return None
+        return {} if self.json_schema.schema_ is None else self.json_schema.schema_
 
 
 class FunctionDefinition(BaseModel):
@@ -173,13 +182,13 @@ class MessageToolCall(BaseModel):
 class Body(BaseModel):
     """The fields both routes share; a subclass adds its prompt's."""
 
-    model_config = ConfigDict(extra="allow")  # fields clients send that change nothing (user, ...)
+    model_config = ConfigDict(extra="allow")  # refused in check_fields but for those that change nothing (ACCEPTED)
 
     def check_fields(self) -> None:
         """``FieldError`` for a string that is no Unicode text (``check_unicode``), a ``NOT_IMPLEMENTED`` field at a
         value that would change the output, and a field that needs another one set (as OpenAI's API refuses them)."""
         check_unicode(self.model_dump(by_alias=True))
-        refuse_unimplemented(self.model_extra or {}, NOT_IMPLEMENTED)
+        refuse_unimplemented(self.model_extra or {}, NOT_IMPLEMENTED, ACCEPTED)
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "only allowed with stream: true")
 

@@ -1,4 +1,5 @@
-"""Where each token of an encoded prompt starts in its text (echo's ``text_offset``). The routes encode prompts on a
+"""Where each token of an encoded prompt starts in its text (echo's ``text_offset``), and each token's own text and
+bytes as OpenAI's logprobs show them (``TokenPieces``). The routes encode prompts on a
 thread beside the event loop (``asyncio.to_thread``); ``flyer.data.presplit.encode`` lets go of the GIL while
 Rust encodes, so other requests are served meanwhile. No bound on characters per token holds for every tokenizer
 (an unknown token of a Unigram or WordPiece model covers a whole run of text), so a prompt is encoded whole, off
@@ -7,8 +8,13 @@ the loop, before its length is checked against the context.
 
 from __future__ import annotations
 
+import threading
+from typing import Callable
+
 from flyer.data.presplit import encode
+from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
+from flyer.serve.grammar import llg_tokenizer
 
 
 def token_starts(tok, text: str, add_special_tokens: bool | None = None) -> tuple[list[int], list[int] | None]:
@@ -25,4 +31,33 @@ def token_starts(tok, text: str, add_special_tokens: bool | None = None) -> tupl
     return enc.ids, out
 
 
-__all__ = ["token_starts"]
+class TokenPieces:
+    """Each token's own bytes (``bytes_of``: the bytes it adds to the text, a byte-level or byte-fallback token's
+    part of a UTF-8 character included; a special token's name) and its text as OpenAI's logprobs key it (``text``:
+    those bytes as UTF-8, or ``bytes:\\xNN...`` where they hold part of a character, so two such tokens keep apart).
+    A token decoded alone would give U+FFFD for each such part. Read off llguidance's view of the tokenizer (the one
+    structured outputs use), made at the first use (~1 s for a 128k vocabulary); a tokenizer llguidance cannot read
+    falls back to each token's decode."""
+
+    def __init__(self, tok, vocab_size: Callable[[], int]):
+        self.tok, self.vocab_size = tok, vocab_size  # the model's ids (asked at the first use: the engine's limits)
+        self._llg, self._made = None, threading.Lock()
+
+    def bytes_of(self, t: int) -> bytes:
+        with self._made:  # routes run on threads too
+            if self._llg is None:
+                try:
+                    self._llg = llg_tokenizer(self.tok, self.vocab_size())
+                except FieldError:
+                    self._llg = False
+        return self._llg.decode_bytes([t]) if self._llg else self.tok.decode([t]).encode()
+
+    def text(self, t: int) -> str:
+        raw = self.bytes_of(t)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+__all__ = ["TokenPieces", "token_starts"]
