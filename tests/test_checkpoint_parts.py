@@ -6,6 +6,7 @@ writing it whole; a rank that cannot write its part fails the save on every rank
 import errno
 import hashlib
 import json
+import math
 import shutil
 
 import pytest
@@ -13,11 +14,13 @@ import torch
 from safetensors import safe_open
 
 from flyer.errors import CheckpointError
+from flyer.parallel import grads
 from flyer.parallel.optim_state import (INDEX_FILE, OPTIMIZER_FILE, SavedState, optimizer_index, part_name,
                                         write_optimizer_part)
 from flyer.train import checkpoint as ckpt
 from flyer.train.config import TrainConfig
 from flyer.train.trainer import Trainer
+from interrupted import stop_after
 from ranks import run_ranks
 from test_train import losses, quiet, tc_for
 
@@ -87,16 +90,12 @@ def test_a_run_resumes_from_parts_as_from_the_whole_state(tmp_path, data_cache):
     """A checkpoint whose state is in parts resumes exactly as from the one file (the resumed steps bit for bit);
     an index whose rows do not cover a stack is one line naming the checkpoint."""
     Trainer(tc_for(tmp_path / "full", data_cache), log=quiet).run()
-    t = Trainer(tc_for(tmp_path / "cut", data_cache), log=quiet)
-    for _ in range(3):
-        t.train_step()
-    step = t.save()
-    t.close()
+    step = stop_after(tc_for(tmp_path / "cut", data_cache), 3)
     _as_parts(step, split_at=1)
     shutil.copytree(tmp_path / "cut", tmp_path / "bad")
     Trainer(tc_for(tmp_path / "cut", data_cache, resume=True), log=quiet).run()
     a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert [s for s in b if s > 3] == [4, 5, 6] and all(a[s] == b[s] for s in b if s > 3), (a, b)
+    assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in b), (a, b)
 
     bad = tmp_path / "bad" / "checkpoints" / step.name
     index = json.loads((bad / INDEX_FILE).read_text())
@@ -112,23 +111,36 @@ def test_a_run_resumes_from_parts_as_from_the_whole_state(tmp_path, data_cache):
     assert "\n" not in str(e.value)
 
 
-def _train_ep2(rank: int, out: str, cache: str, steps: int, split: bool, full_at: int = 0) -> str | int:
-    """EP 2 on 2 ranks; ``split``: each rank's run folder its own (``out`` + rank: folders not shared, as each node's
-    disk); ``full_at``: rank 1 cannot write its part at that step (a full disk)."""
+def _train_ep2(rank: int, out: str, cache: str, steps: int, split: bool, full_at: int = 0):
+    """EP 2 on 2 ranks: (steps run or the error, the elements of each weights copy this rank gathered to save);
+    ``split``: each rank's run folder its own (``out`` + rank: folders not shared, as each node's disk); ``full_at``:
+    a resume, on which no rank reads the whole weights file, and rank 1 cannot write its part at that step (a full
+    disk)."""
+    gathered = []
+
+    def counted(*a, _gather=grads.full_state_dict, **k):
+        sd = _gather(*a, **k)
+        gathered.append(sum(t.numel() for t in sd.values()))
+        return sd
+    grads.full_state_dict = counted
     if full_at:
         def full(path, part, _write=ckpt.write_optimizer_part):
             if rank == 1 and ckpt.step_dir_name(full_at) in path.parent.name:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return _write(path, part)
-        ckpt.write_optimizer_part = full
+
+        def whole(path, _read=ckpt.read_tensors):
+            assert path.name != "model.safetensors", "a rank read every weight"
+            return _read(path)
+        ckpt.write_optimizer_part, ckpt.read_tensors = full, whole
     tc = TrainConfig(preset="tiny", steps=steps, batch_size=2, seq_len=32, warmup=1, eval_every=1000, eval_batches=1,
                      ckpt_every=2, threads=1, progress=False, plots=False, data_cache=cache,
                      out=f"{out}{rank}" if split else out, device="cpu", ep=2, resume=bool(full_at),
                      collective_timeout_s=120)
     try:
-        return Trainer(tc, log=lambda m: None).run()["steps"]
+        return Trainer(tc, log=lambda m: None).run()["steps"], gathered
     except CheckpointError as e:
-        return str(e)
+        return str(e), gathered
 
 
 @pytest.mark.slow
@@ -137,9 +149,13 @@ def test_each_rank_writes_its_part_and_unshared_folders_fall_back_to_rank0(tmp_p
     folders the ranks do not share (rank 0 cannot see rank 1's) writes the state whole on rank 0, equal bit for bit
     to the parts put together. A rank that cannot write its part fails the save on both ranks in one line naming
     it, leaving the earlier checkpoint and no temporary directory."""
-    assert run_ranks(_train_ep2, 2, str(tmp_path / "shared"), data_cache, 2, False) == [2, 2]
-    assert run_ranks(_train_ep2, 2, str(tmp_path / "own"), data_cache, 2, True) == [2, 2]
+    (steps0, held0), (steps1, held1) = run_ranks(_train_ep2, 2, str(tmp_path / "shared"), data_cache, 2, False)
+    assert [r[0] for r in run_ranks(_train_ep2, 2, str(tmp_path / "own"), data_cache, 2, True)] == [2, 2]
     parts, whole = (tmp_path / d / "checkpoints" / ckpt.step_dir_name(2) for d in ("shared", "own0"))
+    # rank 0 gathered the whole model to write it, rank 1 kept no copy (it had gathered every expert's weights)
+    with safe_open(str(parts / "model.safetensors"), framework="pt") as f:
+        n_model = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert (steps0, steps1, held0, held1) == (2, 2, [n_model], [0])
     assert not (parts / OPTIMIZER_FILE).exists() and (whole / OPTIMIZER_FILE).is_file()
     assert not list(whole.glob("optimizer-*")) and not (tmp_path / "own1" / "checkpoints").exists()
     with safe_open(str(parts / part_name(1, 2)), framework="pt") as f:
@@ -152,7 +168,7 @@ def test_each_rank_writes_its_part_and_unshared_folders_fall_back_to_rank0(tmp_p
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert (parts / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
-    res = run_ranks(_train_ep2, 2, str(tmp_path / "shared"), data_cache, 4, False, 4)
+    res = [r[0] for r in run_ranks(_train_ep2, 2, str(tmp_path / "shared"), data_cache, 4, False, 4)]
     assert all(f"cannot write checkpoint {ckpt.step_dir_name(4)}" in r and "rank 1: No space left on device" in r
                and "\n" not in r for r in res), res
     root = tmp_path / "shared" / "checkpoints"

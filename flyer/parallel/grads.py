@@ -25,6 +25,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch import nn
 
 from flyer.model.experts import Experts
@@ -151,21 +152,32 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh) -> torch.Tensor:
 
 
 @torch.no_grad()
-def full_state_dict(model: nn.Module, mesh) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, mesh, only_rank0: bool = False) -> dict[str, torch.Tensor]:
     """The single-process state dict on CPU: expert stacks gathered over the EP group to their
     full (E, ...) first dimension, names as in a model without EP; under pipelining, every stage's
-    part gathered on rank 0 (the other ranks get theirs only). Collective: all ranks call. Tensors not
-    gathered are the model's own on the CPU (no copy: a checkpoint writes them at once), so they change
-    with the next optimizer step; clone what must outlive it."""
+    part gathered on rank 0 (the other ranks get theirs only). ``only_rank0`` (a checkpoint's, which rank 0
+    writes): the stacks gathered on the stages' first ranks only, the other ranks get nothing, so no rank but
+    those holds every expert's weights. Collective: all ranks call. Tensors not gathered are the model's own
+    on the CPU (no copy: a checkpoint writes them at once), so they change with the next optimizer step; clone
+    what must outlive it."""
     sd = model.state_dict()
     experts = expert_param_names(model) if mesh is not None and mesh.ep > 1 else set()
+    if only_rank0 and mesh is not None and mesh.dp_rank >= mesh.ep:  # no part in rank 0's copy (ep 1: dp_rank > 0)
+        return {}
+    lead = not only_rank0 or mesh is None or mesh.dp_rank == 0  # the stage's first rank: it keeps what it gathers
     out = {}
     for name, t in sd.items():
         if name in experts:
-            parts = [torch.empty_like(t) for _ in range(mesh.ep)]
-            dist.all_gather(parts, t.contiguous(), group=mesh.ep_group)
-            t = torch.cat(parts, 0)
-        out[name] = t.detach().cpu()
+            parts = [torch.empty_like(t) for _ in range(mesh.ep)] if lead else None
+            if only_rank0:
+                dist.gather(t.contiguous(), parts, dst=mesh.ep_ranks[0], group=mesh.ep_group)
+            else:
+                dist.all_gather(parts, t.contiguous(), group=mesh.ep_group)
+            t = torch.cat(parts, 0) if lead else t
+        if lead:
+            out[name] = t.detach().cpu()
+    if not lead:
+        return {}
     if mesh is not None and mesh.pp > 1:  # one replica's pipeline holds every weight once
         mirrors = {n for n, p in model.named_parameters() if getattr(p, MIRROR, False)}
         if mesh.dp_rank == 0:
@@ -184,6 +196,28 @@ def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mes
     own = model.state_dict()
     sd = {n: t for n, t in full_sd.items() if n in own} if mesh is not None and mesh.pp > 1 else dict(full_sd)
     model.load_state_dict(_expert_slices(expert_ranges(model, mesh), sd))
+
+
+@torch.no_grad()
+def load_state_file(model: nn.Module, path, mesh) -> None:
+    """Load the single-process safetensors file ``path`` (``full_state_dict``'s) into this rank's model reading only
+    its part: its slice of each expert stack (as rows of the file) and, under pipelining, its stages' weights (a
+    rank holds its own share in memory, never the whole model). ``ValueError`` for a stack of another size."""
+    ranges = expert_ranges(model, mesh)
+    sd = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name, t in model.state_dict().items():
+            if t.is_meta:  # another stage's (build_model): nothing to read
+                sd[name] = t
+            elif name in ranges:
+                first, n_local, n_full = ranges[name]
+                stored = f.get_slice(name)
+                if stored.get_shape()[0] != n_full:
+                    raise ValueError(f"{name}: checkpoint has {stored.get_shape()[0]} experts, the model {n_full}")
+                sd[name] = stored[first:first + n_local]
+            else:
+                sd[name] = f.get_tensor(name)
+    model.load_state_dict(sd)
 
 
 def expert_ranges(model: nn.Module, mesh) -> dict[str, tuple[int, int, int]]:
@@ -263,4 +297,5 @@ def _materialized(m: nn.Module):
 
 
 __all__ = ["broadcast_parameters", "sync_gradients", "clip_grad_norm_", "full_state_dict", "load_full_state_dict",
+           "load_state_file",
            "init_like_single_process", "expert_param_names", "expert_ranges"]

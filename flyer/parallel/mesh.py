@@ -194,9 +194,10 @@ class Mesh:
         time.sleep(3 * every_s)
         return [r for r, k in enumerate(keys) if store.add(k, 0) == before[r]]
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The single-process state dict (expert stacks gathered over the EP group); all ranks call."""
-        return grads.full_state_dict(model, self)
+    def full_state_dict(self, model: torch.nn.Module, only_rank0: bool = False) -> dict[str, torch.Tensor]:
+        """The single-process state dict (expert stacks gathered over the EP group; ``only_rank0``: on rank 0
+        alone, ``grads.full_state_dict``); all ranks call."""
+        return grads.full_state_dict(model, self, only_rank0)
 
     def load_full_state_dict(self, model: torch.nn.Module, full_sd: dict[str, torch.Tensor]) -> None:
         """Load a single-process state dict, keeping this rank's slice of each expert stack."""
@@ -266,7 +267,7 @@ class LocalMesh:
     def barrier(self) -> None:
         pass
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, model: torch.nn.Module, only_rank0: bool = False) -> dict[str, torch.Tensor]:
         return model.state_dict()
 
     def load_full_state_dict(self, model: torch.nn.Module, full_sd: dict[str, torch.Tensor]) -> None:

@@ -52,6 +52,7 @@ from flyer.config import ModelConfig
 from flyer.data.tiktoken_file import TIKTOKEN_FILE
 from flyer.data.tokenizer import load_tokenizer, tokenizer_file
 from flyer.errors import CheckpointError, ConfigError, DataError
+from flyer.parallel.grads import load_state_file
 from flyer.parallel.optim_state import (INDEX_FILE, OPTIMIZER_FILE, full_optimizer_state, has_saved_state,
                                         load_full_optimizer_state, optimizer_index, optimizer_part, part_name,
                                         write_optimizer_part)
@@ -404,7 +405,7 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     Returns the checkpoint directory on rank 0, None elsewhere; a failed write raises ``CheckpointError`` on every
     rank.
     """
-    weights = mesh.full_state_dict(model)
+    weights = mesh.full_state_dict(model, only_rank0=True)
     state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "train_config": train_config,
              "layout": layout, **(extra or {})}
     tmp = shared_temporary_dir(ckpt_root, step, mesh) if mesh.world > 1 else None
@@ -598,11 +599,10 @@ def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig
         raise CheckpointError(f"checkpoint {path} is from a different config (fields differ: {', '.join(diff)})")
     check_layout(path, layout)
     saved_at = saved_layout(path)
-    weights = read_tensors(path / "model.safetensors")
     if mesh.ep == 1 and mesh.pp == 1:  # every weight is here: check names and shapes for a one-line error
-        load_model_weights(model, weights, f"checkpoint {path}")
-    else:
-        mesh.load_full_state_dict(model, weights)
+        load_model_weights(model, read_tensors(path / "model.safetensors"), f"checkpoint {path}")
+    else:  # this rank's part only (its experts' rows, its stages' weights)
+        load_state_file(model, path / "model.safetensors", mesh)
     sfx = _source_rank(path, saved_at, mesh)
     state_path = path / f"state{sfx}.json"
     if not state_path.is_file():
