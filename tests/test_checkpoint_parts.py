@@ -4,7 +4,6 @@ an expert stack's rows put together across them; ranks that do not share the che
 writing it whole; a rank that cannot write its part fails the save on every rank, the earlier checkpoints intact."""
 
 import errno
-import hashlib
 import json
 import math
 import shutil
@@ -22,7 +21,7 @@ from flyer.train.config import TrainConfig
 from flyer.train.trainer import Trainer
 from interrupted import stop_after
 from ranks import run_ranks
-from test_train import losses, quiet, tc_for
+from test_train import _rewrite, losses, quiet, tc_for
 
 
 def _parts(tmp_path, whole: dict[str, torch.Tensor]):
@@ -54,6 +53,7 @@ def test_parts_read_back_as_the_whole_state_and_a_bad_index_is_refused(tmp_path)
     for change, says in ((lambda t: t["a/exp_avg"]["parts"][1].__setitem__(1, 3), "expert rows"),
                          (lambda t: t["a/exp_avg"]["parts"][0].__setitem__(0, "../" + part_name(0, 2)), "not a part"),
                          (lambda t: t["b/exp_avg"]["parts"][0].__setitem__(0, "model.safetensors"), "not a part"),
+                         (lambda t: t["b/exp_avg"]["parts"][0].__setitem__(0, OPTIMIZER_FILE), "not a part"),
                          (lambda t: t["a/exp_avg"].__setitem__("shape", [5, 3]), "expert rows"),
                          (lambda t: t["b/exp_avg"].__setitem__("shape", [6]), "index says"),
                          (lambda t: t["a/step"].__setitem__("parts", []), "bad entry")):
@@ -62,6 +62,23 @@ def test_parts_read_back_as_the_whole_state_and_a_bad_index_is_refused(tmp_path)
         (tmp_path / INDEX_FILE).write_text(json.dumps(broken))
         with pytest.raises(ValueError, match=says), SavedState(tmp_path) as f:
             f.read_all()
+    (tmp_path / INDEX_FILE).write_text(good)
+    (tmp_path / OPTIMIZER_FILE).write_bytes((tmp_path / part_name(0, 2)).read_bytes())  # never written so
+    with pytest.raises(ValueError, match=f"both {OPTIMIZER_FILE} and {INDEX_FILE}"):
+        SavedState(tmp_path)
+
+
+def test_a_checkpoint_moved_aside_by_a_save_of_its_step_is_put_back(tmp_path):
+    """Saving a step again moves the old directory aside, puts the new in place, then removes the old: a crash
+    between the two renames leaves the old one aside, which the next start puts back (other temporaries go)."""
+    aside, stale = tmp_path / ".tmp-step_00000002-7-replaced", tmp_path / ".tmp-step_00000004-7"
+    for d in (aside, stale, tmp_path / ".tmp-step_00000006-7-replaced", tmp_path / "step_00000006"):
+        d.mkdir()
+        (d / "manifest.json").write_text(d.name)
+    ckpt.clean_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000006"]
+    assert (tmp_path / "step_00000002" / "manifest.json").read_text() == aside.name
+    assert (tmp_path / "step_00000006" / "manifest.json").read_text() == "step_00000006"
 
 
 def _as_parts(step, split_at: int) -> None:
@@ -75,15 +92,11 @@ def _as_parts(step, split_at: int) -> None:
             mine[0][k], mine[1][k] = (t[:split_at], 0, t.shape[0]), (t[split_at:], split_at, t.shape[0])
         else:
             mine[0][k] = (t, None, t.shape[0] if t.dim() else 0)
-    manifest = json.loads((step / "manifest.json").read_text())
-    del manifest["files"][OPTIMIZER_FILE]
-    (step / OPTIMIZER_FILE).unlink()
+    _rewrite(step, OPTIMIZER_FILE, None)
     index = {part_name(r, 2): write_optimizer_part(step / part_name(r, 2), m) for r, m in enumerate(mine)}
     (step / INDEX_FILE).write_text(json.dumps(optimizer_index(index)))
-    for name in (*index, INDEX_FILE):
-        data = (step / name).read_bytes()
-        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (step / "manifest.json").write_text(json.dumps(manifest))
+    for name in (*index, INDEX_FILE):  # into the manifest
+        _rewrite(step, name, (step / name).read_bytes())
 
 
 def test_a_run_resumes_from_parts_as_from_the_whole_state(tmp_path, data_cache):
@@ -101,21 +114,17 @@ def test_a_run_resumes_from_parts_as_from_the_whole_state(tmp_path, data_cache):
     index = json.loads((bad / INDEX_FILE).read_text())
     key = next(k for k, t in index["tensors"].items() if len(t["parts"][0]) == 3)
     index["tensors"][key]["parts"][1][1] += 1  # a row no part holds
-    data = json.dumps(index).encode()
-    (bad / INDEX_FILE).write_bytes(data)
-    manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["files"][INDEX_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (bad / "manifest.json").write_text(json.dumps(manifest))
+    _rewrite(bad, INDEX_FILE, json.dumps(index).encode())
     with pytest.raises(CheckpointError, match=f"checkpoint {bad}: unreadable .*{key}") as e:
         Trainer(tc_for(tmp_path / "bad", data_cache, resume=True), log=quiet)
     assert "\n" not in str(e.value)
 
 
-def _train_ep2(rank: int, out: str, cache: str, steps: int, split: bool, full_at: int = 0):
+def _train_ep2(rank: int, out: str, cache: str, steps: int, split: bool, full_at: int = 0, resume: bool = False):
     """EP 2 on 2 ranks: (steps run or the error, the elements of each weights copy this rank gathered to save);
     ``split``: each rank's run folder its own (``out`` + rank: folders not shared, as each node's disk); ``full_at``:
     a resume, on which no rank reads the whole weights file, and rank 1 cannot write its part at that step (a full
-    disk)."""
+    disk); ``resume``: a resume."""
     gathered = []
 
     def counted(*a, _gather=grads.full_state_dict, **k):
@@ -135,7 +144,7 @@ def _train_ep2(rank: int, out: str, cache: str, steps: int, split: bool, full_at
         ckpt.write_optimizer_part, ckpt.read_tensors = full, whole
     tc = TrainConfig(preset="tiny", steps=steps, batch_size=2, seq_len=32, warmup=1, eval_every=1000, eval_batches=1,
                      ckpt_every=2, threads=1, progress=False, plots=False, data_cache=cache,
-                     out=f"{out}{rank}" if split else out, device="cpu", ep=2, resume=bool(full_at),
+                     out=f"{out}{rank}" if split else out, device="cpu", ep=2, resume=resume or bool(full_at),
                      collective_timeout_s=120)
     try:
         return Trainer(tc, log=lambda m: None).run()["steps"], gathered
@@ -175,3 +184,15 @@ def test_each_rank_writes_its_part_and_unshared_folders_fall_back_to_rank0(tmp_p
     assert [p.name for p in ckpt.list_checkpoints(root)] == [ckpt.step_dir_name(2)]
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
     ckpt.verify_checkpoint(parts)
+
+    # a rank that cannot read its part of the state fails the resume on every rank, the others naming it
+    shutil.copytree(tmp_path / "shared", tmp_path / "bad")
+    step = tmp_path / "bad" / "checkpoints" / ckpt.step_dir_name(2)
+    index = json.loads((step / INDEX_FILE).read_text())
+    for t in index["tensors"].values():
+        for p in t["parts"]:
+            p[0] = part_name(7, 9) if p[0] == part_name(1, 2) else p[0]
+    _rewrite(step, INDEX_FILE, json.dumps(index).encode())
+    (says0, _), (says1, _) = run_ranks(_train_ep2, 2, str(tmp_path / "bad"), data_cache, 4, False, 0, True)
+    assert f"names '{part_name(7, 9)}', not a part file" in says1 and "\n" not in says1, says1
+    assert says0 == f"rank 1 could not resume: {says1}"

@@ -31,7 +31,7 @@ from flyer.parallel.grads import MIRROR, expert_param_names, expert_ranges
 SEP = "/"  # between a parameter's name and its state key (parameter names are dotted)
 OPTIMIZER_FILE = "optimizer.safetensors"
 INDEX_FILE = "optimizer.index.json"
-_PART = re.compile(r"optimizer-(\d{5})-of-(\d{5})\.safetensors")
+_PART = re.compile(r"optimizer-(\d{5,})-of-(\d{5,})\.safetensors")
 
 
 def part_name(rank: int, world: int) -> str:
@@ -158,7 +158,10 @@ class SavedState:
         self.ckpt = ckpt
         self._stack = ExitStack()
         self._open: dict[str, object] = {}
-        if (ckpt / OPTIMIZER_FILE).is_file():
+        self.whole = (ckpt / OPTIMIZER_FILE).is_file()
+        if self.whole and (ckpt / INDEX_FILE).is_file():  # never written so: which one holds the state?
+            raise ValueError(f"it holds both {OPTIMIZER_FILE} and {INDEX_FILE}")
+        if self.whole:
             f = self._file(OPTIMIZER_FILE)
             self.tensors = {k: {"shape": f.get_slice(k).get_shape(), "parts": [[OPTIMIZER_FILE]]} for k in f.keys()}
         else:
@@ -172,7 +175,8 @@ class SavedState:
 
     def _file(self, name: str):
         if name not in self._open:
-            if name != OPTIMIZER_FILE and (not _PART.fullmatch(name) or not (self.ckpt / name).is_file()):
+            named = name == OPTIMIZER_FILE if self.whole else bool(_PART.fullmatch(name))
+            if not named or not (self.ckpt / name).is_file():
                 raise ValueError(f"{INDEX_FILE} names {name!r:.80}, not a part file of the checkpoint")
             self._open[name] = self._stack.enter_context(safe_open(str(self.ckpt / name), framework="pt"))
         return self._open[name]

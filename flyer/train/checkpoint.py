@@ -61,6 +61,7 @@ from flyer.parse import json_loads
 FORMAT_VERSION = 1
 _PREFIX = "step_"
 _PROBE = ".shared"  # in a save's temporary directory while the ranks check that they all see it
+_REPLACED = "-replaced"  # a temporary directory's suffix: the checkpoint a save of its step moved aside
 # A Hugging Face directory's tokenizer and generation settings, beside its tokenizer.json: what
 # transformers reads for the chat template, BOS/EOS and sampling defaults. A run started from one
 # carries them in its checkpoints (``save_training``), so its readers see the model's, not flyer's.
@@ -217,7 +218,13 @@ def _write_files(tmp: Path, step: int, files: dict[str, Any], written: dict[str,
             if p.is_file() and not p.is_symlink() and not read_by_flyer(name) and not (tmp / name).exists():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(p, tmp / name)
-        shutil.rmtree(final)
+        old = tmp.with_name(tmp.name + _REPLACED)  # aside in one rename: a crash meanwhile loses no step
+        os.replace(final, old)
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_path(tmp.parent)
+        shutil.rmtree(old)
+        return
     fsync_path(tmp)
     os.replace(tmp, final)
     fsync_path(tmp.parent)
@@ -310,10 +317,16 @@ def find_valid_checkpoint(ckpt_root: Path, log=print) -> Path | None:
 
 
 def clean_temporaries(ckpt_root: Path) -> None:
-    """Remove half-written checkpoint directories left by a crash."""
+    """Remove half-written checkpoint directories left by a crash; put back a checkpoint a crash left moved aside
+    while its step was saved again (``_write_files``)."""
     if ckpt_root.is_dir():
         for p in ckpt_root.iterdir():
-            if p.name.startswith(".tmp-"):
+            if not p.name.startswith(".tmp-"):
+                continue
+            step = ckpt_root / p.name.removeprefix(".tmp-").partition("-")[0]
+            if p.name.endswith(_REPLACED) and _is_step_name(step.name) and not step.exists():
+                os.replace(p, step)
+            else:
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -422,8 +435,7 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
                                   protect, settings)
         except Exception as e:
             failed = e  # every rank raises it, after telling them
-            if tmp is not None:  # the ranks' parts
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(temporary_dir(ckpt_root, step), ignore_errors=True)  # the ranks' parts, or the probe's
     why = mesh.broadcast_object(None if failed is None else str(failed))
     if failed is not None:
         raise failed
@@ -581,15 +593,23 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
     ``STAGE_FIELDS``, and ``layout`` the saved process layout (``save_training``). Returns this rank's state (step,
     bad_steps, sampler, train_config) and ``stage_changes``: {field: [saved, now]} of the ``STAGE_FIELDS`` that
     differ. Raises ``CheckpointError`` for one that does not fit, or a file that does not parse as what it holds (the
-    manifest vouches that a file is the one written, not that it was written well)."""
+    manifest vouches that a file is the one written, not that it was written well). Each rank reads its own part
+    of the files, so the ranks agree before returning: one that failed fails every rank, the others naming it (not
+    a peer's closed connection at their next collective)."""
+    failed: Exception | None = None
     try:
-        return _load_training(path, model, optimizer, sampler, mesh, cfg, layout)
+        state = _load_training(path, model, optimizer, sampler, mesh, cfg, layout)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError,
-            SafetensorError) as e:  # a DataError (the sampler's) and a ConfigError are ValueErrors too, and say so
-        if isinstance(e, (CheckpointError, DataError, ConfigError)):
-            raise
-        raise CheckpointError(f"checkpoint {path}: unreadable ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
+            SafetensorError, OSError) as e:  # a DataError (the sampler's) and a ConfigError are ValueErrors too
+        failed = e if isinstance(e, (CheckpointError, DataError, ConfigError)) else CheckpointError(
+            f"checkpoint {path}: unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+    every = mesh.gather_object(None if failed is None else str(failed))
+    first = mesh.broadcast_object(next(((r, m) for r, m in enumerate(every or []) if m is not None), None))
+    if failed is not None:
+        raise failed from None
+    if first is not None:
+        raise CheckpointError(f"rank {first[0]} could not resume: {first[1]}")
+    return state
 
 
 def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig, layout: dict | None) -> dict:
