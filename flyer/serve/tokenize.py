@@ -43,14 +43,19 @@ class TokenPieces:
         self.tok, self.vocab_size = tok, vocab_size  # the model's ids (asked at the first use: the engine's limits)
         self._llg, self._made = None, threading.Lock()
 
-    def bytes_of(self, t: int) -> bytes:
+    def warm(self) -> "TokenPieces":
+        """Make llguidance's view (once)."""
         with self._made:  # routes run on threads too
             if self._llg is None:
                 try:
                     self._llg = llg_tokenizer(self.tok, self.vocab_size())
                 except FieldError:
                     self._llg = False
-        return self._llg.decode_bytes([t]) if self._llg else self.tok.decode([t]).encode()
+        return self
+
+    def bytes_of(self, t: int) -> bytes:
+        llg = self.warm()._llg
+        return llg.decode_bytes([t]) if llg else self.tok.decode([t]).encode()
 
     def text(self, t: int) -> str:
         raw = self.bytes_of(t)
