@@ -556,8 +556,11 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
             d = toml_loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
-        train = d.pop("train", {})
-        d = {**d.pop("model", {}), **d}
+        train, model = d.pop("train", {}), d.pop("model", {})
+        for name, table in (("model", model), ("train", train)):
+            if not isinstance(table, dict):
+                raise ConfigError(f"config file {p}: {name} must be a table ([{name}]), got {type(table).__name__}")
+        d = {**model, **d}
     if not isinstance(d, dict) or not isinstance(train, dict):
         raise ConfigError(f"config file {p} must hold a table/object of fields")
     if is_hf_config(d):

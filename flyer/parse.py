@@ -13,8 +13,40 @@ import sys
 import tomllib
 from typing import Any
 
+from flyer.errors import FieldError
+
 # a JSON string (whose brackets do not nest) or one bracket
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, a lone one: JSON's pair "\\ud83d\\ude00" is one character
+_TEXTS = (str, dict, list)  # what may hold a string
+
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` holds no lone UTF-16 surrogate (what a byte no UTF-8 decodes to under surrogateescape, as
+    Python reads argv, or JSON's ``"\\ud800"``): Unicode text a tokenizer encodes."""
+    return _SURROGATE.search(text) is None
+
+
+def check_unicode(value: Any, field: str = "") -> None:
+    """``FieldError`` naming the first string in ``value`` (a request body as JSON data: objects, arrays, scalars;
+    ``field``: its name), or object key, that holds a lone UTF-16 surrogate (``"\\ud800"``): valid JSON, but no
+    Unicode text, which no tokenizer encodes and no JSON response carries. Walked without recursion: a body nests
+    as deep as the JSON parser lets it."""
+    todo = [(field, value)]
+    while todo:
+        name, v = todo.pop()
+        if isinstance(v, str):
+            if (bad := _SURROGATE.search(v)) is not None:
+                raise FieldError(name or "body", f"holds a lone UTF-16 surrogate (U+{ord(bad[0]):04X} at character "
+                                                 f"{bad.start()}), which is no Unicode text")
+        elif isinstance(v, dict):
+            for k in v:
+                check_unicode(k, name)  # a key names no field of its own: its object's
+            todo += reversed([(f"{name}.{k}" if name else str(k), x) for k, x in v.items() if isinstance(x, _TEXTS)])
+        elif isinstance(v, list):  # (names made for what may hold text only: a prompt of a million ids makes none)
+            todo += reversed([(f"{name}[{i}]", x) for i, x in enumerate(v) if isinstance(x, _TEXTS)])
 
 
 def json_loads(text: str | bytes, **kw: Any) -> Any:

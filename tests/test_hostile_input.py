@@ -3,6 +3,7 @@ fed NaN, +-inf, 0 and a negative value either runs or says one line ``flyer: err
 and exits 2; path flags, config files and out-of-range values likewise."""
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -129,6 +130,15 @@ def files(tmp_path):
     (tmp_path / "threads.toml").write_text("[train]\nthreads = 100000\n")
     (tmp_path / "steps.toml").write_text("[train]\nsteps = 99999999999999999999999\n")
     (tmp_path / "lr.toml").write_text("[train]\nlr = nan\n")
+    (tmp_path / "model5.toml").write_text("model = 5\n")  # a [model] table expected
+    (tmp_path / "train_list.toml").write_text("train = [1]\n")
+    for name, config in (("list", [1]), ("deep", None)):  # a run's step directory whose config.json is no object
+        step = tmp_path / f"run_{name}" / "checkpoints" / "step_00000001"
+        step.mkdir(parents=True)
+        data = ("[1]" if config else "[" * DEEP + "]" * DEEP).encode()
+        (step / "config.json").write_bytes(data)
+        (step / "manifest.json").write_text(json.dumps({"format_version": 1, "step": 1, "files": {"config.json": {
+            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}}))
     (tmp_path / "locked" / ".lock").mkdir(parents=True)
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / "a.txt").write_text("some words\n" * 50)
@@ -193,6 +203,18 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     (["net", "topology", "--plot", ""], "--plot: must be a path, not empty"),
     (["train", "--data-cache", "{t}/afile"], "--data-cache: cannot create directory {t}/afile: File exists"),
     (["train", "--data", "{t}/linked"], "data file '{t}/linked/b.txt' is not readable (a link to nothing)"),
+    (["info", "--config", "{t}/model5.toml"], "{t}/model5.toml: model must be a table ([model]), got int"),
+    (["plan", "--config", "{t}/train_list.toml"], "{t}/train_list.toml: train must be a table ([train]), got list"),
+    (["net", "topology", "--plot", "{t}/x.txt"], "--plot: cannot write {t}/x.txt: Format 'txt' is not supported"),
+    (["net", "latency", "--sizes", "64,inf"], "--sizes: must be comma-separated whole byte counts from 1 to "),
+    (["net", "latency", "--sizes", "1e400"], "--sizes: must be comma-separated whole byte counts"),
+    (["net", "latency", "--sizes", "0.5"], "--sizes: must be comma-separated whole byte counts"),
+    (["net", "latency", "--sizes", "1e300"], "--sizes: must be comma-separated whole byte counts"),
+    (["serve", "--preset", "tiny", "--host", " ", "--port", "0"], "--host: must name an address"),
+    ([*GEN[:-6], "--prompt", "a\udcffb", *GEN[-4:]], "--prompt: is not UTF-8 text"),
+    ([*GEN, "--suffix", "\udcff"], "--suffix: is not UTF-8 text"),
+    (["generate", "--ckpt", "{t}/run_list", "--prompt", "hi"], "bad config.json (a JSON list, not an object)"),
+    (["generate", "--ckpt", "{t}/run_deep", "--prompt", "hi"], "bad config.json (nested too deeply"),
 ]
 
 
@@ -310,7 +332,7 @@ def test_chat_template_kwargs_nested_too_deeply_are_one_line(tmp_path, data_cach
 
 
 def test_chat_lines_nested_too_deeply_or_not_utf8_are_one_line(tmp_path):
-    from flyer.data.chat_data import json_object
+    from flyer.data.chat_data import is_chat_data, json_object
     from flyer.errors import DataError
 
     path = tmp_path / "chats.jsonl"
@@ -320,6 +342,10 @@ def test_chat_lines_nested_too_deeply_or_not_utf8_are_one_line(tmp_path):
     with pytest.raises(DataError, match="chats.jsonl:4: not UTF-8 text \\(byte 0\\)$"):  # not "utf-16-le codec"
         json_object(b'\xff\xfe{"messages": []}', path, 4, "'messages'")
     assert json_object(b'\xef\xbb\xbf{"messages": []}', path, 1, "'messages'") == {"messages": []}  # a UTF-8 BOM
+    # "\ud800": valid JSON, no text (SFT's tokenizer raised a TypeError, DPO's blamed the chat template)
+    with pytest.raises(DataError, match=r"chats.jsonl:5: messages\[0\].content: holds a lone UTF-16 surrogate"):
+        json_object(b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', path, 5, "'messages'")
+    assert is_chat_data("chats.JSONL") and is_chat_data(path) and not is_chat_data("chats.txt")
 
 
 def test_deeply_nested_manifest_is_a_corrupt_checkpoint(tmp_path, data_cache, capsys):
@@ -356,3 +382,22 @@ def test_run_summary_is_json_without_nan(tmp_path, data_cache, capsys, monkeypat
 
     summary = json.loads(out, parse_constant=no_constant)
     assert summary["val_loss"] is None and summary["steps"] == 1
+
+
+def test_a_pipeline_of_odd_stages_has_no_stage_pairing_note_and_a_template_not_utf8_is_one_line(tmp_path, capsys):
+    """DualPipe's README counts stages two a device: ``--pp 3`` said "3 stages on 1 devices" (and ``--pp 1``, "on 0");
+    a chat_template.jinja that is no UTF-8 was a UnicodeDecodeError."""
+    from flyer.data.chat_template import read_chat_template
+    from flyer.errors import ConfigError
+
+    for pp, note in ((3, False), (1, False), (4, True)):
+        rc, _, out = outcome(capsys, ["net", "pipeline", "--pp", str(pp)])
+        assert rc == 0 and ("stages on" in out) == note, out
+    from hf_models import make_tokenizer
+
+    make_tokenizer(tmp_path)  # a Hugging Face directory (config, weights, tokenizer)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ messages }}\xff")
+    with pytest.raises(ConfigError, match=r"chat_template.jinja: the chat template is not UTF-8 text \(byte 14\)$"):
+        read_chat_template(tmp_path)

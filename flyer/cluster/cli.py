@@ -11,7 +11,7 @@ from flyer.cluster.comm import EPScenario, RDMAIssue, ep_decode, ibgda_sweep, la
 from flyer.cluster.costs import Layout, Throughput, auto_layout, plan
 from flyer.cluster.flags import MAX_RUN_WORLD, SIGNED, ZERO_OK, check_ranges  # noqa: F401 (flyer.cli reads ZERO_OK, SIGNED here)
 from flyer.cluster.hardware import FABRICS, GPUS, fabric, gpu_spec
-from flyer.cluster.netsim import ROUTINGS, TOPOLOGIES, simulate
+from flyer.cluster.netsim import MAX_MESSAGE_BYTES, ROUTINGS, TOPOLOGIES, simulate
 from flyer.cluster.pipeline import SCHEDULES, compare, pipeline_report
 from flyer.cluster.plots import simulate_chart, topology_chart
 from flyer.cluster.storage import StorageCluster, storage_model
@@ -264,9 +264,12 @@ def _ep(args) -> int:
 
 def _latency(args) -> int:
     try:
-        sizes = [int(float(s)) for s in args.sizes.split(",")]
-    except ValueError:
-        raise FieldError("sizes", f"must be comma-separated byte counts (got {args.sizes!r})") from None
+        sizes = [int(s) for s in (float(x) for x in args.sizes.split(",")) if s == int(s)]
+    except (ValueError, OverflowError):  # inf, nan: no byte count
+        sizes = []
+    if len(sizes) != len(args.sizes.split(",")) or not all(1 <= s <= MAX_MESSAGE_BYTES for s in sizes):
+        raise FieldError("sizes", f"must be comma-separated whole byte counts from 1 to {MAX_MESSAGE_BYTES:,.0f} (got "
+                                  f"{args.sizes[:80]!r})")
     out = {
         "latency": latency_table(args.bytes),
         "ibgda": ibgda_sweep(sizes, args.messages, fabric(args.fabric), args.nic_msg_rate,
@@ -354,7 +357,7 @@ def _pipeline(args) -> int:
         _grid(rs, [("schedule", "schedule", ""), ("bubble", "bubble", ".2f"), ("params", "param_copies", "d"),
                    ("activations", "activation_microbatches", "g"), ("param GiB", "param_memory_gib", ".2f"),
                    ("activation GiB", "activation_memory_gib", ".2f")])
-        if any(r["schedule"] == "dualpipev" for r in rs):  # its row counts devices, DualPipe's README stages
+        if any(r["schedule"] == "dualpipev" for r in rs) and args.pp % 2 == 0:  # devices here, stages in its README
             print(f"  dualpipev: {args.pp} devices of two half-stages each, in units of a whole stage's F and B "
                   f"(DualPipe's README lists it by stages: {args.pp} stages on {args.pp // 2} devices)")
 

@@ -27,6 +27,10 @@ def _save(fig, path: str | Path) -> Path:
         fig.savefig(out, dpi=120)
     except OSError as e:
         raise FieldError("plot", f"cannot write {out}: {e.strerror or e}") from None
+    except FieldError:
+        raise
+    except ValueError as e:  # matplotlib: "Format 'txt' is not supported (supported formats: ...)"
+        raise FieldError("plot", f"cannot write {out}: {str(e).splitlines()[0]}") from None
     finally:
         _pyplot().close(fig)
     return out

@@ -71,7 +71,7 @@ from flyer.errors import DataError, FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer as load_hf_tokenizer
 from flyer.interop.load import init_source, run_tokenizer
 from flyer.interop.hf import is_hf_model_dir
-from flyer.parse import json_loads
+from flyer.parse import check_unicode, json_loads
 
 CHAT_VERSION = 4  # 2: conversations cut into pieces (module doc); 3: where the render says (chat_pieces);
 # 4: messages as transformers 5 passes them (chat_template.template_message)
@@ -86,8 +86,8 @@ STATE_VERSION = 1
 
 
 def is_chat_data(data: str | Path | None) -> bool:
-    """A ``--data`` path naming a ``.jsonl`` file: chat data."""
-    return data is not None and str(data).endswith(".jsonl")
+    """A ``--data`` path naming a ``.jsonl`` file (in any case: ``.JSONL`` too): chat data."""
+    return data is not None and str(data).lower().endswith(".jsonl")
 
 
 def chat_tokenizer(init: str | None, tokenizer: str | None) -> tuple[TextTokenizer, ChatTemplate]:
@@ -123,6 +123,10 @@ def json_object(raw: bytes, path: Path, line: int, keys: str) -> dict:
         raise _problem(path, line, f"not valid JSON ({str(e).splitlines()[0]:.80})") from None
     if not isinstance(d, dict):
         raise _problem(path, line, f"expected a JSON object with {keys}, got {type(d).__name__}")
+    try:  # "\ud800": valid JSON, no text a tokenizer encodes
+        check_unicode(d)
+    except FieldError as e:
+        raise _problem(path, line, str(e)) from None
     return d
 
 

@@ -232,10 +232,18 @@ def read_chat_template(ckpt: str | Path | None) -> ChatTemplate:
     return template
 
 
+def _text(path: Path) -> str:
+    """A template file's text; ``ConfigError`` naming it where it is no UTF-8 (as one that does not compile)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: the chat template is not UTF-8 text (byte {e.start})") from None
+
+
 def _read_template(root: Path) -> ChatTemplate:
     """``read_chat_template`` of the settings directory ``root``, as it is written."""
     files = [root / "chat_template.jinja", *sorted((root / NAMED_TEMPLATES).glob("*.jinja"))]
-    named = {("default" if f.parent == root else f.stem): _compiles(f.read_text(), f) for f in files if f.is_file()}
+    named = {("default" if f.parent == root else f.stem): _compiles(_text(f), f) for f in files if f.is_file()}
     where = root / (NAMED_TEMPLATES if named.keys() - {"default"} else "chat_template.jinja")
     if not named:  # the files take priority over the config's entry, as transformers reads them
         t, where = _json_field(root / "tokenizer_config.json", "chat_template"), root / "tokenizer_config.json"

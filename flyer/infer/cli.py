@@ -27,6 +27,7 @@ from flyer.interop.hf import is_hf_model_dir, read_hf_config
 from flyer.interop.load import fp4_trained, load_pretrained, loaded_bytes, stored_weight_dtype
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
+from flyer.parse import is_unicode
 from flyer.runtime import check_threads, require_memory
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": FP8}  # --cache-dtype
@@ -271,6 +272,9 @@ def _run(args) -> int:
     check_fp8_cache_flags(cfg, dtype, args.attention)
     if args.attention == "naive" and cfg.attn != "mla":
         raise FieldError("attention", f"naive applies to MLA models only (this model uses {cfg.attn.upper()})")
+    for name, texts in (("prompt", args.prompt), ("suffix", [args.suffix or ""])):
+        if not all(is_unicode(t) for t in texts):  # a byte the shell passed that is no UTF-8 (surrogateescape)
+            raise FieldError(name, "is not UTF-8 text")
     # --suffix: each prompt's fill-in-the-middle prompt (flyer.data.fim); "" as none, as the API takes it
     prompts = [fim_prompt(tok, p, args.suffix) if args.suffix else tok.encode_ids(p) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):

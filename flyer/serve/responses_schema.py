@@ -17,7 +17,8 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from flyer.errors import FieldError
-from flyer.serve.schema import MAX_LOGPROBS, check_unicode, refuse_unimplemented
+from flyer.parse import check_unicode
+from flyer.serve.schema import MAX_LOGPROBS, refuse_unimplemented
 
 # fields that change what is generated (or what a response holds) and that flyer serve does not implement, with the
 # values that change nothing: any other value is refused, never silently ignored

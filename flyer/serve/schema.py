@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 
 from flyer.errors import FieldError
+from flyer.parse import check_unicode
 
 MAX_LOGPROBS = 20
 MAX_CHOICES = 128  # n, as OpenAI bounds it
@@ -47,11 +48,9 @@ NOT_IMPLEMENTED = {"best_of": (1,), "functions": ([],), "use_beam_search": (Fals
 ACCEPTED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "prediction",
             "request_id", "priority")
 
-_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, a lone one: JSON's pair "\\ud83d\\ude00" is one character
 # the names pydantic gives a union's members in an error's ``loc`` (``prompt.str``, ``stop.list[str]``,
 # ``tool_choice.NamedToolChoice``): a type, never an OpenAI field (snake_case) or a key the body holds there
 _UNION_TAG = re.compile(r"[A-Z]|.*\[|(str|int|float|bool|bytes|none)$")
-_TEXTS = (str, dict, list)  # what may hold a string
 
 
 def refuse_unimplemented(extra: dict[str, Any], not_implemented: dict[str, tuple], known: tuple | None = None) -> None:
@@ -65,26 +64,6 @@ def refuse_unimplemented(extra: dict[str, Any], not_implemented: dict[str, tuple
                                    + (f" or send {neutral[0]!r}" if neutral else ""))
         if neutral is None and known is not None and name not in known and value is not None:
             raise FieldError(name, f"is not a parameter flyer serve implements (got {str(value)[:40]!r}): leave it out")
-
-
-def check_unicode(value: Any, field: str = "") -> None:
-    """``FieldError`` naming the first string in ``value`` (a request body as JSON data: objects, arrays, scalars;
-    ``field``: its name), or object key, that holds a lone UTF-16 surrogate (``"\\ud800"``): valid JSON, but no
-    Unicode text, which no tokenizer encodes and no JSON response carries. Walked without recursion: a body nests
-    as deep as the JSON parser lets it."""
-    todo = [(field, value)]
-    while todo:
-        name, v = todo.pop()
-        if isinstance(v, str):
-            if (bad := _SURROGATE.search(v)) is not None:
-                raise FieldError(name or "body", f"holds a lone UTF-16 surrogate (U+{ord(bad[0]):04X} at character "
-                                                 f"{bad.start()}), which is no Unicode text")
-        elif isinstance(v, dict):
-            for k in v:
-                check_unicode(k, name)  # a key names no field of its own: its object's
-            todo += reversed([(f"{name}.{k}" if name else str(k), x) for k, x in v.items() if isinstance(x, _TEXTS)])
-        elif isinstance(v, list):  # (names made for what may hold text only: a prompt of a million ids makes none)
-            todo += reversed([(f"{name}[{i}]", x) for i, x in enumerate(v) if isinstance(x, _TEXTS)])
 
 
 def error_field(loc: tuple, body: Any) -> list:

@@ -376,9 +376,13 @@ def inference_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, Tokenizer
     its weights are ``model.safetensors`` there (``flyer.interop.load.load_pretrained`` loads them)."""
     ckpt = resolve_checkpoint_path(path)
     try:
-        cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt}: bad config.json ({e})") from None
+        d = json_loads((ckpt / "config.json").read_text())
+        if not isinstance(d, dict):
+            raise ValueError(f"a JSON {type(d).__name__}, not an object")
+        cfg = ModelConfig.from_dict(d)
+    except (OSError, ValueError, TypeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {ckpt}: bad config.json ({why})") from None
     # read through the one guard: the manifest only vouches that the file is the one written (a
     # bad one written so, or one it does not list, must still fail in one line naming it)
     return ckpt, cfg, load_tokenizer(tokenizer_file(ckpt), CheckpointError)
