@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 from flyer.cluster import topology as T
 from flyer.cluster.comm import EPScenario, RDMAIssue, ep_decode, ibgda_sweep, latency_table
@@ -264,15 +265,15 @@ def _ep(args) -> int:
 
 def _latency(args) -> int:
     try:
-        sizes = [int(s) for s in (float(x) for x in args.sizes.split(",")) if s == int(s)]
-    except (ValueError, OverflowError):  # inf, nan: no byte count
-        sizes = []
-    if len(sizes) != len(args.sizes.split(",")) or not all(1 <= s <= MAX_MESSAGE_BYTES for s in sizes):
+        sizes = [float(s) for s in args.sizes.split(",")]
+    except ValueError:
+        sizes = [math.nan]
+    if not all(s.is_integer() and 1 <= s <= MAX_MESSAGE_BYTES for s in sizes):  # not inf, nan, 0.5
         raise FieldError("sizes", f"must be comma-separated whole byte counts from 1 to {MAX_MESSAGE_BYTES:,.0f} (got "
                                   f"{args.sizes[:80]!r})")
     out = {
         "latency": latency_table(args.bytes),
-        "ibgda": ibgda_sweep(sizes, args.messages, fabric(args.fabric), args.nic_msg_rate,
+        "ibgda": ibgda_sweep([int(s) for s in sizes], args.messages, fabric(args.fabric), args.nic_msg_rate,
                              RDMAIssue("cpu_proxy", args.proxy_overhead_us, args.proxy_threads, args.proxy_latency_us),
                              RDMAIssue("ibgda", args.gpu_overhead_us, args.gpu_issuers, 0.0)),
     }

@@ -51,6 +51,7 @@ import functools
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,6 +84,9 @@ BATCH_BYTES = 1 << 18  # lines encoded together (one encode_batch, parallel in R
 IGNORE_INDEX = -100  # flyer.model.loss's (and torch's) ignore_index
 PAD_ID = -1  # x's padding: no token; the trainer feeds token 0 there and counts it in no routing statistic
 STATE_VERSION = 1
+
+
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of one half of a UTF-16 pair
 
 
 def is_chat_data(data: str | Path | None) -> bool:
@@ -123,8 +127,9 @@ def json_object(raw: bytes, path: Path, line: int, keys: str) -> dict:
         raise _problem(path, line, f"not valid JSON ({str(e).splitlines()[0]:.80})") from None
     if not isinstance(d, dict):
         raise _problem(path, line, f"expected a JSON object with {keys}, got {type(d).__name__}")
-    try:  # "\ud800": valid JSON, no text a tokenizer encodes
-        check_unicode(d)
+    try:  # "\ud800": valid JSON, no text a tokenizer encodes (walked only where the line escapes a surrogate)
+        if _ESCAPED_SURROGATE.search(text):
+            check_unicode(d)
     except FieldError as e:
         raise _problem(path, line, str(e)) from None
     return d

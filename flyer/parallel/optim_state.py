@@ -74,13 +74,9 @@ def optimizer_part(model: nn.Module, optimizer, mesh) -> dict[str, tuple[torch.T
                 if not isinstance(value, torch.Tensor):
                     raise TypeError(f"optimizer state {name}/{key} is a {type(value).__name__}, not a tensor")
                 t = value.detach().cpu()
-                whole = first is None or t.dim() == 0 or t.shape[0] == n_full  # one EP rank holds all of a stack
-                mine[f"{name}{SEP}{key}"] = (t, None if whole else first, n_full if not whole else _rows(t))
+                sliced = first is not None and t.dim() > 0 and t.shape[0] != n_full  # EP 1 holds a stack whole
+                mine[f"{name}{SEP}{key}"] = (t, first, n_full) if sliced else (t, None, t.shape[0] if t.dim() else 0)
     return mine
-
-
-def _rows(t: torch.Tensor) -> int:
-    return t.shape[0] if t.dim() else 0
 
 
 def _spans(key: str, parts: list[tuple[int, int]], n_full: int) -> None:

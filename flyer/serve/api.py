@@ -436,7 +436,8 @@ class Api:
 
     def _chat_logprob(self, token: int, logprob: float, top: dict[int, float] | None) -> dict:
         def entry(t: int, lp: float) -> dict:
-            return {"token": self._token_text(t), "logprob": lp, "bytes": list(self.pieces.bytes_of(t))}
+            text, raw = self.pieces.of(t)
+            return {"token": text, "logprob": lp, "bytes": list(raw)}
         return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in (top or {}).items()]}
 
 

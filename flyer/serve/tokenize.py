@@ -43,26 +43,31 @@ class TokenPieces:
         self.tok, self.vocab_size = tok, vocab_size  # the model's ids (asked at the first use: the engine's limits)
         self._llg, self._made = None, threading.Lock()
 
-    def warm(self) -> "TokenPieces":
-        """Make llguidance's view (once)."""
-        with self._made:  # routes run on threads too
-            if self._llg is None:
-                try:
-                    self._llg = llg_tokenizer(self.tok, self.vocab_size())
-                except FieldError:
-                    self._llg = False
-        return self
+    def _view(self):
+        """llguidance's view, made once (False: a tokenizer it cannot read)."""
+        if self._llg is None:
+            with self._made:  # routes run on threads too
+                if self._llg is None:
+                    try:
+                        self._llg = llg_tokenizer(self.tok, self.vocab_size())
+                    except FieldError:
+                        self._llg = False
+        return self._llg
 
-    def bytes_of(self, t: int) -> bytes:
-        llg = self.warm()._llg
-        return llg.decode_bytes([t]) if llg else self.tok.decode([t]).encode()
+    def of(self, t: int) -> tuple[str, bytes]:
+        """(token ``t``'s text as logprobs key it, its bytes)."""
+        llg = self._view()
+        raw = llg.decode_bytes([t]) if llg else self.tok.decode([t]).encode()
+        try:
+            return raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
     def text(self, t: int) -> str:
-        raw = self.bytes_of(t)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return self.of(t)[0]
+
+    def bytes_of(self, t: int) -> bytes:
+        return self.of(t)[1]
 
 
 __all__ = ["TokenPieces", "token_starts"]

@@ -211,23 +211,19 @@ def _write_files(tmp: Path, step: int, files: dict[str, Any], written: dict[str,
         entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": entries})
     _fsync_file(tmp / "manifest.json")
-    final = tmp.parent / step_dir_name(step)
+    final, old = tmp.parent / step_dir_name(step), tmp.with_name(tmp.name + _REPLACED)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it, keeping files flyer did not write
         for p in sorted(final.rglob("*")):
             name = p.relative_to(final).as_posix()
             if p.is_file() and not p.is_symlink() and not read_by_flyer(name) and not (tmp / name).exists():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(p, tmp / name)
-        old = tmp.with_name(tmp.name + _REPLACED)  # aside in one rename: a crash meanwhile loses no step
-        os.replace(final, old)
-        fsync_path(tmp)
-        os.replace(tmp, final)
-        fsync_path(tmp.parent)
-        shutil.rmtree(old)
-        return
+        os.replace(final, old)  # aside in one rename: a crash meanwhile loses no step (clean_temporaries)
     fsync_path(tmp)
     os.replace(tmp, final)
     fsync_path(tmp.parent)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def prune(ckpt_root: Path, keep: int, protect: tuple[Path, ...] = ()) -> None:
@@ -503,8 +499,7 @@ def _save_on_rank0(ckpt_root: Path, step: int, ranks: list[dict], weights: dict,
         files[OPTIMIZER_FILE] = moments
     else:
         errors = [r["part"]["error"] for r in ranks if "error" in r["part"]]
-        if errors:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if errors:  # save_training removes the parts written
             raise CheckpointError(f"cannot write checkpoint {step_dir_name(step)} in {ckpt_root}: {errors[0]}; "
                                   "the earlier checkpoints are intact")
         parts = [r["part"] for r in ranks if r["part"]]
