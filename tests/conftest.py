@@ -1,5 +1,6 @@
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,17 @@ def pytest_sessionstart(session):
     from flyer import kernels
 
     kernels.cpu_ops()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch(tmp_path_factory):
+    """Temporary files of the session's code and of every process it starts (torchrun's, the CLI's) go under the
+    session's own folder, which pytest removes after a passing run: nothing is left in the machine's /tmp."""
+    scratch = str(tmp_path_factory.mktemp("tmp"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", scratch)
+        mp.setattr(tempfile, "tempdir", scratch)
+        yield scratch
 
 
 @pytest.fixture(scope="session")
