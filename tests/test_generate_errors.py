@@ -6,6 +6,7 @@ import errno
 import importlib
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -251,3 +252,38 @@ def test_eos_from_generation_config_names_that_file(capsys, tmp_path, monkeypatc
     err = capsys.readouterr().err.strip()
     assert err.startswith("flyer: error:") and "\n" not in err, err
     assert "end-of-text id 99999" in err and "generation_config.json" in err and "fix its eos_token_id" in err
+
+
+def test_hand_edited_hf_ids_and_depth_are_one_line(capsys, tmp_path):
+    """An HF directory's settings edited out of range: each command that reads them says so in one line (an MTP
+    depth of -1 was a StopIteration in export; a negative BOS id an OverflowError; an EOS id past the vocabulary
+    was exported as it was)."""
+    from tests.hf_models import build
+
+    src = tmp_path / "v3"
+    build("v3", src)
+    capsys.readouterr()
+
+    def edited(name, file, **fields):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        path = d / file
+        path.write_text(json.dumps({**(json.loads(path.read_text()) if path.is_file() else {}), **fields}))
+        return str(d)
+
+    def one_line(argv):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("flyer: error:") and "\n" not in err, err
+        return err
+
+    mtp = edited("mtp", "config.json", num_nextn_predict_layers=-1)
+    assert "'num_nextn_predict_layers': must be >= 0 (got -1)" in one_line(["export", mtp, "--out", f"{mtp}-hf"])
+    bos = edited("bos", "generation_config.json", bos_token_id=-5)
+    err = one_line(["export", bos, "--out", f"{bos}-hf"])
+    assert "generation_config.json: bos_token_id -5 is not a token id" in err
+    assert "bos_token_id -5 is not a token id" in one_line(["generate", "--ckpt", bos, "--prompt", "hi"])
+    eos = edited("eos", "generation_config.json", eos_token_id=[1, 99999])
+    err = one_line(["export", eos, "--out", f"{eos}-hf"])
+    assert "eos_token_id 99999 is outside the model's vocabulary" in err
+    assert not any(p.name.endswith("-hf") for p in tmp_path.iterdir())  # nothing written

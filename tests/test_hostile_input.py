@@ -127,6 +127,21 @@ def files(tmp_path):
     (tmp_path / "layers.json").write_text(json.dumps({  # the HF reader's per-layer lists come before validation
         "model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 10**11, "num_attention_heads": 2,
         "vocab_size": 300, "intermediate_size": 64}))
+    hf = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 300}
+    hand_edited = {  # values of the right JSON type read (divided by, compared) before they were validated
+        "heads0": {**hf, "model_type": "llama", "num_attention_heads": 0, "intermediate_size": 128},
+        "factor": {**hf, "model_type": "deepseek_v3", "rope_scaling": {"type": "yarn", "factor": "4"}},
+        "rates": {**hf, "model_type": "deepseek_v4", "compress_rates": [4, 128]},
+        "half": {**hf, "model_type": "deepseek_v4", "partial_rotary_factor": "half"},
+        "config_v3": {"dim": 7168, "max_seq_len": "x"},  # DeepSeek's own config_*.json
+    }
+    for name, config in hand_edited.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    step = tmp_path / "step_00000001"  # a flyer step whose manifest.json is gone
+    step.mkdir()
+    (step / "config.json").write_text(json.dumps({"dim": 64}))
+    (step / "state.json").write_text("{}")
+    (step / "model.safetensors").write_bytes(b"")
     (tmp_path / "threads.toml").write_text("[train]\nthreads = 100000\n")
     (tmp_path / "steps.toml").write_text("[train]\nsteps = 99999999999999999999999\n")
     (tmp_path / "lr.toml").write_text("[train]\nlr = nan\n")
@@ -215,6 +230,13 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     ([*GEN, "--suffix", "\udcff"], "--suffix: is not UTF-8 text"),
     (["generate", "--ckpt", "{t}/run_list", "--prompt", "hi"], "bad config.json (a JSON list, not an object)"),
     (["generate", "--ckpt", "{t}/run_deep", "--prompt", "hi"], "bad config.json (nested too deeply"),
+    (["info", "--config", "{t}/heads0.json"], "field 'num_attention_heads': must be >= 1 (got 0)"),
+    (["info", "--config", "{t}/factor.json"], "field 'rope_scaling.factor': expected a number (got '4')"),
+    (["info", "--config", "{t}/rates.json"], "field 'compress_rates': expected an object of ratios by layer type"),
+    (["info", "--config", "{t}/half.json"], "field 'partial_rotary_factor': expected a number in (0, 1] (got 'half')"),
+    (["info", "--config", "{t}/config_v3.json"], "config field 'max_seq_len': expected an integer (got 'x')"),
+    (["generate", "--ckpt", "{t}/step_00000001", "--prompt", "hi"], "step_00000001: no manifest.json"),
+    (["export", "{t}/step_00000001", "--out", "{t}/hf"], "step_00000001: no manifest.json"),
 ]
 
 

@@ -442,6 +442,15 @@ def _fp4_block_codes(cfg: ModelConfig, read: Read, fp4_keys: set[str]) -> Codes:
     return codes
 
 
+def _check_special_ids(path, tok, vocab_size: int) -> None:
+    """A ``CheckpointError`` for a BOS or EOS id outside the model's vocabulary: written on, the export's readers
+    would stop on a token that can never be sampled, or begin every prompt with one the embedding has not."""
+    for kind, ids in (("eos", tok.eos_ids()), ("bos", () if tok.bos_id() is None else (tok.bos_id(),))):
+        if bad := [i for i in ids if not 0 <= i < vocab_size]:
+            raise CheckpointError(f"{path}: its {kind}_token_id {bad[0]} is outside the model's vocabulary "
+                                  f"[0, {vocab_size}): fix generation_config.json's or config.json's {kind}_token_id")
+
+
 def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_size: str | int = "5GB",
            masters: bool = False) -> dict:
     """``export_model`` of the checkpoint at ``path`` (a flyer run or step directory, or an HF
@@ -459,6 +468,7 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
         raise FieldError("masters", f"applies to a flyer run trained with FP4 QAT (--fp4-experts); {path} is a "
                                     "Hugging Face directory")
     src = StreamedCheckpoint(path)
+    _check_special_ids(path, src.tok, src.cfg.vocab_size)
     source = settings_dir(path)  # an HF directory, or a run fine-tuned from one: its tokenizer settings
     hybrid = src.cfg.attn == "hybrid"
     codes = None

@@ -48,9 +48,11 @@ SCALE_SUFFIX = "_scale_inv"  # DeepSeek FP8: <linear>.weight_scale_inv beside <l
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
-    """A directory with a ``config.json`` and safetensors weights (and no flyer manifest)."""
+    """A directory with a ``config.json`` and safetensors weights (and no flyer manifest, nor the training state of
+    a flyer step: one whose manifest was lost is said to be so, not read as an HF directory of flyer's keys)."""
     p = Path(path)
-    return (p / "config.json").is_file() and not (p / "manifest.json").is_file() and (
+    flyer_step = (p / "manifest.json").is_file() or (p / "state.json").is_file()
+    return (p / "config.json").is_file() and not flyer_step and (
         (p / INDEX).is_file() or (p / SINGLE).is_file())
 
 
@@ -88,7 +90,8 @@ def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[Mo
     path = Path(path)
     raw = text_config(_read_json(path / "config.json"), str(path / "config.json"))
     fields = from_hf_config(raw, str(path / "config.json"))
-    if names is not None and fields.get("mtp_depth", 0):  # the MTP layers the files hold: V4's mtp.k.*, V3's
+    # the MTP layers the files hold: V4's mtp.k.*, V3's (a negative depth is refused by the validation below)
+    if names is not None and fields.get("mtp_depth", 0) > 0:
         v4, longcat = fields.get("attn") == "hybrid", fields.get("shortcut_moe", False)  # LongCat: model.mtp.*
         pattern = (r"mtp\.(\d+)\..+" if v4 else r"model\.mtp\.layers\.(\d+)\.eh_proj\.weight" if longcat
                    else r"model\.layers\.(\d+)\.eh_proj\.weight")

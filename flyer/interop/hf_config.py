@@ -180,6 +180,10 @@ def _check_types(d: dict[str, Any], where: str, mla: bool) -> None:
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if not number or (k not in _NUMBERS and isinstance(v, float) and not v.is_integer()):  # 2.0 reads as 2
             raise _bad(where, k, f"expected {'an integer' if k not in _NUMBERS else 'a number'} (got {v!r:.40})")
+        # sizes and counts: read (divided by, iterated over) before ModelConfig validates what they make
+        least = 1 if k in _REQUIRED_INTS or k == "max_position_embeddings" else 0
+        if k not in _NUMBERS and v < least:
+            raise _bad(where, k, f"must be >= {least} (got {v})")
 
 
 def _check_window(d: dict[str, Any], where: str) -> None:

@@ -53,7 +53,10 @@ def _bad(where: str, field: str, problem: str) -> ConfigError:
 def _layer_ratios(d: dict[str, Any], where: str, n_layers: int) -> tuple[tuple[int, ...], int]:
     """(each layer's compress ratio, the CSA ratio) from ``layer_types`` + ``compress_rates`` or
     ``compress_ratios`` (whose extra entries are the MTP layers')."""
-    rates = {**_COMPRESS_RATES, **(d.get("compress_rates") or {})}
+    given = d.get("compress_rates") or {}
+    if not isinstance(given, dict):
+        raise _bad(where, "compress_rates", f"expected an object of ratios by layer type (got {given!r:.40})")
+    rates = {**_COMPRESS_RATES, **given}
     for k in ("compress_rate_csa", "compress_rate_hca"):  # transformers' older scalar spelling
         if d.get(k) is not None:
             rates[_CSA if k.endswith("csa") else _HCA] = d[k]
@@ -129,8 +132,12 @@ def from_v4_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     if d["swiglu_limit"] <= 0:  # transformers clamps at whatever the file says: 0 would zero every expert
         raise _bad(where, "swiglu_limit", f"must be > 0 (got {d['swiglu_limit']!r})")
     n_layers, head_dim = int(d["num_hidden_layers"]), int(d["head_dim"])
-    rope_dim = d.get("qk_rope_head_dim")
-    factor = d.get("partial_rotary_factor") or ((rope_dim / head_dim) if rope_dim else 64 / 512)
+    rope_dim, factor = d.get("qk_rope_head_dim"), d.get("partial_rotary_factor")
+    for k, v, types, top in (("qk_rope_head_dim", rope_dim, int, head_dim), ("partial_rotary_factor", factor,
+                                                                            (int, float), 1)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, types) or not 0 < v <= top):
+            raise _bad(where, k, f"expected a number in (0, {top}] (got {v!r:.40})")
+    factor = factor or ((rope_dim / head_dim) if rope_dim else 64 / 512)
     rope_dim = int(head_dim * factor)
     if d.get("qk_rope_head_dim") not in (None, rope_dim):
         raise _bad(where, "qk_rope_head_dim", f"{d['qk_rope_head_dim']} disagrees with partial_rotary_factor "

@@ -31,10 +31,14 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def _rope_number(rp: dict[str, Any], where: str, key: str, name: str, rope_type: str) -> float:
-    """``rp[name]``, a number transformers requires for ``rope_type`` (it raises a KeyError without one)."""
+def _rope_number(rp: dict[str, Any], where: str, key: str, name: str, rope_type: str,
+                 required: bool = True) -> float | None:
+    """``rp[name]``, a number transformers requires for ``rope_type`` (it raises a KeyError without one); one it
+    does not require is None when missing."""
     v = rp.get(name)
     if v is None:
+        if not required:
+            return None
         raise _bad(where, f"{key}.{name}", f"required with rope_type {rope_type!r}")
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         raise _bad(where, f"{key}.{name}", f"expected a number (got {v!r:.40})")
@@ -79,11 +83,12 @@ def rope_fields(d: dict[str, Any], where: str = "config.json", mla: bool = False
         return out
     if rp.get("truncate", True) is not True:
         raise _bad(where, f"{key}.truncate", "only true (integer YaRN correction range) is supported")
-    factor = rp.get("factor") or max_pos / orig
-    mscale, mscale_all_dim = rp.get("mscale"), rp.get("mscale_all_dim")
-    attn_factor = rp.get("attention_factor")
-    return {**out, "rope_factor": factor, "original_seq_len": orig,
-            "beta_fast": rp.get("beta_fast") or 32, "beta_slow": rp.get("beta_slow") or 1,
+    factor, mscale, mscale_all_dim, attn_factor, beta_fast, beta_slow = (
+        _rope_number(rp, where, key, name, rope_type, required=False)
+        for name in ("factor", "mscale", "mscale_all_dim", "attention_factor", "beta_fast", "beta_slow"))
+    factor = factor or max_pos / orig
+    return {**out, "rope_factor": factor, "original_seq_len": orig, "beta_fast": beta_fast or 32,
+            "beta_slow": beta_slow or 1,
             # transformers scales the softmax by m(mscale_all_dim)^2 only when mscale_all_dim is set
             "mscale": mscale_all_dim or 0.0,
             "rope_attn_factor": attn_factor if attn_factor is not None

@@ -103,13 +103,17 @@ def _named_special_tokens(path: Path, tc: dict) -> dict[str, str]:
     return named
 
 
-def _special_ids(gen: dict, config: dict, named: dict[str, str], tok: Tokenizer, kind: str) -> tuple[int, ...]:
+def _special_ids(path: Path, gen: dict, config: dict, named: dict[str, str], tok: Tokenizer,
+                 kind: str) -> tuple[int, ...]:
     """generation_config.json's ``{kind}_token_id`` (``gen``: an id or a list of ids), else config.json's,
     else the tokenizer's named ``{kind}_token`` (``named``: ``_named_special_tokens``); () when none
-    names one. A list keeps its order, less repeats."""
-    for d in (gen, config):
+    names one. A list keeps its order, less repeats. An id no tokenizer has (negative, past 32 bits) is a
+    ``CheckpointError`` naming the file."""
+    for name, d in (("generation_config.json", gen), ("config.json", config)):
         e = d.get(f"{kind}_token_id")
         ids = [i for i in (e if isinstance(e, list) else [e]) if isinstance(i, int) and not isinstance(i, bool)]
+        if bad := [i for i in ids if not 0 <= i < 2**31]:  # the tokenizer's ids are 32-bit
+            raise CheckpointError(f"{path / name}: {kind}_token_id {bad[0]!s:.40} is not a token id")
         if ids:
             return tuple(dict.fromkeys(ids))
     i = tok.token_to_id(named[f"{kind}_token"]) if f"{kind}_token" in named else None
@@ -154,8 +158,8 @@ def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenize
     config = config if config is not None else read_json(path / "config.json")
     gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     named = _named_special_tokens(path, tc)
-    bos = _special_ids(gen, config, named, tok, "bos")
-    return TextTokenizer(tok, _special_ids(gen, config, named, tok, "eos"), add_special_tokens=True,
+    bos = _special_ids(path, gen, config, named, tok, "bos")
+    return TextTokenizer(tok, _special_ids(path, gen, config, named, tok, "eos"), add_special_tokens=True,
                          bos=bos[0] if bos else None, named=named)
 
 

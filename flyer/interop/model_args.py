@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flyer.errors import ConfigError
+
 # DeepSeek-V3's inference/model.py ModelArgs (V3.2-Exp's adds the index_* fields, read only where a file gives them)
 MODEL_ARGS: dict[str, Any] = {
     "max_batch_size": 8, "max_seq_len": 4096 * 4, "dtype": "bf16", "scale_fmt": None, "vocab_size": 102400,
@@ -44,6 +46,9 @@ def from_model_args(d: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in args.items() if k not in ("max_batch_size", "max_seq_len", "dtype", "scale_fmt")}
     if "max_seq_len" in d:
         out["max_seq_len"] = d["max_seq_len"]
+    for k in ("max_seq_len", "original_seq_len"):  # compared below, before ModelConfig validates what they make
+        if not isinstance(args[k], (int, float)) or isinstance(args[k], bool):
+            raise ConfigError(f"config field '{k}': expected an integer (got {args[k]!r:.40})")
     wide = args["dim"] == V3_DIM
     out.update(router_bias=wide, norm_topk_prob=args["score_func"] == "sigmoid", mtp_depth=int(wide), attn="mla",
                rope_type="yarn")

@@ -359,6 +359,9 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     if (p / "manifest.json").is_file():
         verify_checkpoint(p)
         return p
+    if (p / "state.json").is_file():  # a step directory (its training state) whose manifest is gone
+        raise CheckpointError(f"checkpoint {p}: no manifest.json (every step is written with one: this one is "
+                              f"incomplete or was edited), so its files cannot be verified")
     for root in (p / "checkpoints", p):
         # a warning is printed as "flyer: warning: ...": the log line's own prefix would double it
         found = find_valid_checkpoint(root, log=lambda m: warnings.warn(m.removeprefix("warning: "), stacklevel=3))
