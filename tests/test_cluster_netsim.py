@@ -15,6 +15,38 @@ def test_max_min_textbook():
     assert rates == pytest.approx([0.5, 0.5, 1.5])
 
 
+def reference_max_min(flows: list[list[int]], caps: list[float]) -> list[float]:
+    """Progressive filling as the definition reads, one flow and link at a time: raise every unfrozen flow by the
+    smallest fair share left on a link (the same tolerance), freeze the flows on the links that saturates."""
+    rates, rem, level = [0.0] * len(flows), list(caps), 0.0
+    live = {f for f, links in enumerate(flows) if links}
+    while live:
+        count = [sum(link in flows[f] for f in live) for link in range(len(caps))]
+        share = [rem[k] / count[k] if count[k] else float("inf") for k in range(len(caps))]
+        inc = min(share)
+        level += inc
+        rem = [rem[k] - inc * count[k] for k in range(len(caps))]
+        full = {k for k in range(len(caps)) if count[k] and share[k] <= inc * (1 + 1e-9) + 1e-12}
+        for f in [f for f in live if full & set(flows[f])]:
+            rates[f] = level
+            live.discard(f)
+    return rates
+
+
+def test_max_min_equals_the_definition_on_random_sharing():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n_links = int(rng.integers(1, 12))
+        flows = [sorted(rng.choice(n_links, size=int(rng.integers(0, min(n_links, 4) + 1)), replace=False).tolist())
+                 for _ in range(int(rng.integers(1, 30)))]
+        caps = rng.choice([0.5, 1.0, 2.0, 3.0, 50.0], size=n_links).tolist()
+        f = np.array([i for i, links in enumerate(flows) for _ in links], dtype=np.int64)
+        links = np.array([k for ls in flows for k in ls], dtype=np.int64)
+        order = rng.permutation(f.size)  # incidences in any order, as the function allows
+        got = max_min_rates(f[order], links[order], np.array(caps), len(flows))
+        assert got.tolist() == reference_max_min(flows, caps)
+
+
 def test_static_routing_reaches_line_rate_on_full_trees():
     # D-mod-k is conflict-free for an all-to-all on a full fat tree; greedy adaptive comes close
     for topo, nodes, g in (("mpft", 8, 4), ("mrft", 8, 4), ("ft3", 4, 4)):
