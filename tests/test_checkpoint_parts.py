@@ -17,6 +17,7 @@ from flyer.parallel import grads
 from flyer.parallel.optim_state import (INDEX_FILE, OPTIMIZER_FILE, SavedState, optimizer_index, part_name,
                                         write_optimizer_part)
 from flyer.train import checkpoint as ckpt
+from flyer.train import training_state
 from flyer.train.config import TrainConfig
 from flyer.train.trainer import Trainer
 from interrupted import stop_after
@@ -133,15 +134,15 @@ def _train_ep2(rank: int, out: str, cache: str, steps: int, split: bool, full_at
         return sd
     grads.full_state_dict = counted
     if full_at:
-        def full(path, part, _write=ckpt.write_optimizer_part):
+        def full(path, part, _write=training_state.write_optimizer_part):
             if rank == 1 and ckpt.step_dir_name(full_at) in path.parent.name:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return _write(path, part)
 
-        def whole(path, _read=ckpt.read_tensors):
+        def whole(path, _read=training_state.read_tensors):
             assert path.name != "model.safetensors", "a rank read every weight"
             return _read(path)
-        ckpt.write_optimizer_part, ckpt.read_tensors = full, whole
+        training_state.write_optimizer_part, training_state.read_tensors = full, whole
     tc = TrainConfig(preset="tiny", steps=steps, batch_size=2, seq_len=32, warmup=1, eval_every=1000, eval_batches=1,
                      ckpt_every=2, threads=1, progress=False, plots=False, data_cache=cache,
                      out=f"{out}{rank}" if split else out, device="cpu", ep=2, resume=resume or bool(full_at),

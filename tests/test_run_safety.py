@@ -19,6 +19,7 @@ from flyer.interop.load import load_pretrained
 from flyer.cli import main
 from flyer.errors import CheckpointError, FieldError
 from flyer.train import checkpoint as ckpt
+from flyer.train import training_state
 from flyer.train.metrics import read_metrics
 from flyer.train.config import TrainConfig
 from flyer.train.rundir import LOCK_NAME, RunLock
@@ -485,8 +486,8 @@ def test_a_checkpoint_with_one_just_written_file_is_hashed_again(tmp_path, monke
     old = time.time() - 60
     os.utime(step / "config.json", (old, old))
     hashed = []
-    real = ckpt._sha256
-    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    real = ckpt.sha256_file
+    monkeypatch.setattr(ckpt, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     ckpt.verify_checkpoint(step)
     ckpt.verify_checkpoint(step)
     assert hashed.count("state.json") == 2
@@ -516,6 +517,6 @@ def test_check_layout_names_a_field_only_this_run_has(tmp_path):
     """A checkpoint with its optimizer state per rank: a layout field it lacks (saved before the field existed) and
     this run sets is refused, not ignored."""
     (tmp_path / "state.json").write_text(json.dumps({"step": 1, "layout": {"world": 1, "pp": 1}}))
-    ckpt.check_layout(tmp_path, {"world": 1, "pp": 1})
+    training_state.check_layout(tmp_path, {"world": 1, "pp": 1})
     with pytest.raises(CheckpointError, match="zero=None; this run has zero=1"):
-        ckpt.check_layout(tmp_path, {"world": 1, "pp": 1, "zero": 1})
+        training_state.check_layout(tmp_path, {"world": 1, "pp": 1, "zero": 1})

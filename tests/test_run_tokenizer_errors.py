@@ -147,13 +147,13 @@ def test_unreadable_tokenizer_at_verification(parts, tmp_path, capsys, monkeypat
     """A listed file this process may not read is a one-line CheckpointError, not a PermissionError
     traceback (simulated: root reads a mode-000 file)."""
     step = write_run(tmp_path / "run", parts, parts[2])
-    real = ckpt._sha256
+    real = ckpt.sha256_file
 
     def denied(path):
         if path.name == "tokenizer.json":
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
-    monkeypatch.setattr(ckpt, "_sha256", denied)
+    monkeypatch.setattr(ckpt, "sha256_file", denied)
     err = one_error_line(capsys, ["export", str(step), "--out", str(tmp_path / "out")])
     assert err == f"flyer: error: checkpoint {step}: cannot read tokenizer.json (Permission denied)"
 

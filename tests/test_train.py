@@ -22,6 +22,7 @@ import torch
 from flyer.interop.load import load_pretrained
 from flyer.cli import main
 from flyer.config import preset
+from flyer.parallel.optim_state import OPTIMIZER_FILE
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
 from flyer.model.transformer import Transformer
@@ -90,7 +91,7 @@ def test_a_checkpoint_with_the_optimizer_per_rank_resumes_at_its_layout(tmp_path
         t.train_step()
     step = t.save()
     t.close()
-    _rewrite(step, ckpt.OPTIMIZER_FILE, None)
+    _rewrite(step, OPTIMIZER_FILE, None)
     buf = io.BytesIO()
     torch.save(t.optimizer.state_dict(), buf)
     _rewrite(step, "optimizer.pt", buf.getvalue())
@@ -654,8 +655,8 @@ def test_a_verified_checkpoint_is_hashed_once_until_it_changes(tmp_path, monkeyp
     files = {"model.safetensors": model.state_dict(), "config.json": model.cfg.to_dict(), "tokenizer.json": tok}
     step = ckpt.save_checkpoint(tmp_path / "checkpoints", 1, files)
     hashed = []
-    real = ckpt._sha256
-    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    real = ckpt.sha256_file
+    monkeypatch.setattr(ckpt, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     ckpt.verify_checkpoint(step)
     ckpt.verify_checkpoint(step)
     assert hashed.count("model.safetensors") == 2  # just written: not remembered

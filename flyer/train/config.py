@@ -42,7 +42,7 @@ V3_FINAL_RATIO = 7.3e-6 / 2.2e-5  # the last stage's lr, of the decay's end
 # max_bad_steps (when to give up, not what a step does), fp4_experts (DeepSeek-V4 switches FP4 QAT on late in
 # training: a resume may turn it on; the FP32 master weights are the state either way), paths (out, data, cache,
 # tokenizer, config, init: what they hold is checked instead, by the model config and the sampler's token count)
-# and the process layout (``checkpoint.check_layout`` compares it). The precision is compared as resolved ("auto" is
+# and the process layout (``training_state.check_layout`` compares it). The precision is compared as resolved ("auto" is
 # what it resolved to: ``Trainer._resume``). grad_accum and micro_batches may change with the layout as long as a step
 # trains on as many batches over its replicas (``batches_per_step`` x dp).
 RESUME_KEEPS = ("seed", "preset", "batch_size", "seq_len", "ramp_steps", "lr", "min_lr_ratio",

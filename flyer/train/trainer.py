@@ -47,6 +47,7 @@ from flyer.parallel.pipeline import (PipelineModel, check_indexer_stages, min_mi
                                      require_torch_for, validate_pipeline)
 from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
+from flyer.train import training_state
 from flyer.train.build import build_model, build_optimizer, training_memory_bytes
 from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, hold_reference
 from flyer.train.expert_stats import expert_loads, router_stats
@@ -234,7 +235,7 @@ class Trainer:
     # ---- checkpoints (the format and the work: flyer.train.checkpoint) -------------------------
     def _resume(self, path: Path) -> None:
         check_resumed_run(path, self.tc, self.precision, self.fingerprints)  # before anything is read into memory
-        state = ckpt.load_training(path, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
+        state = training_state.load_training(path, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
                                    mesh=self.mesh, cfg=self.cfg, layout=self.layout)
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
@@ -250,7 +251,7 @@ class Trainer:
         for p in self.model.parameters():  # a bad state is never checkpointed
             if not torch.isfinite(p).all():
                 raise TrainingError(f"refusing to checkpoint step {self.step}: non-finite parameters")
-        return ckpt.save_training(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
+        return training_state.save_training(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                   sampler=self.sampler, mesh=self.mesh, cfg=self.cfg, tokenizer=self.data.tokenizer,
                                   bad_steps=self.bad_steps, train_config=asdict(self.tc), layout=self.layout,
                                   keep=self.tc.keep, settings=self.settings,
@@ -328,7 +329,7 @@ class Trainer:
 
     @property
     def layout(self) -> dict[str, Any]:
-        """The process layout a checkpoint records (a resume may change it: ``checkpoint.check_layout``)."""
+        """The process layout a checkpoint records (a resume may change it: ``training_state.check_layout``)."""
         m = self.mesh
         return {"world": m.world, "pp": m.pp, "dp": m.dp, "ep": m.ep, "zero": self.tc.zero if m.world > 1 else 0,
                 "pp_schedule": self.tc.pp_schedule if m.pp > 1 else None}
