@@ -38,12 +38,13 @@ def pytest_sessionstart(session):
 
 @pytest.fixture(scope="session", autouse=True)
 def _scratch(tmp_path_factory):
-    """Temporary files of the session's code and of every process it starts (torchrun's, the CLI's) go under the
-    session's own folder, which pytest removes after a passing run: nothing is left in the machine's /tmp."""
+    """Temporary files of every process the session starts (torchrun's, the CLI's) go under the session's own folder,
+    which pytest removes after a passing run: nothing is left in the machine's /tmp. This process keeps its own
+    (multiprocessing removes its folder there at exit, after pytest has removed the session's)."""
     scratch = str(tmp_path_factory.mktemp("tmp"))
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", tempfile.gettempdir())
         mp.setenv("TMPDIR", scratch)
-        mp.setattr(tempfile, "tempdir", scratch)
         yield scratch
 
 
