@@ -7,12 +7,15 @@ import errno
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from flyer.errors import CheckpointError
+from flyer.interop.export import export
+from flyer.interop.load import init_weight_files
 from flyer.parallel import grads
 from flyer.parallel.optim_state import (INDEX_FILE, OPTIMIZER_FILE, SavedState, optimizer_index, part_name,
                                         write_optimizer_part)
@@ -122,27 +125,28 @@ def test_a_run_resumes_from_parts_as_from_the_whole_state(tmp_path, data_cache):
 
 
 def _train_ep2(rank: int, out: str, cache: str, steps: int, split: bool, full_at: int = 0, resume: bool = False):
-    """EP 2 on 2 ranks: (steps run or the error, the elements of each weights copy this rank gathered to save);
-    ``split``: each rank's run folder its own (``out`` + rank: folders not shared, as each node's disk); ``full_at``:
-    a resume, on which no rank reads the whole weights file, and rank 1 cannot write its part at that step (a full
+    """EP 2 on 2 ranks: (steps run or the error, the elements of weights this rank held at each save: gathered whole,
+    or its part); ``split``: each rank's run folder its own (``out`` + rank: folders not shared, as each node's disk);
+    ``full_at``: a resume, on which no rank reads every weight, and rank 1 cannot write its part at that step (a full
     disk); ``resume``: a resume."""
     gathered = []
 
-    def counted(*a, _gather=grads.full_state_dict, **k):
-        sd = _gather(*a, **k)
-        gathered.append(sum(t.numel() for t in sd.values()))
-        return sd
-    grads.full_state_dict = counted
+    def counted(gather):
+        def held(*a, **k):
+            sd = gather(*a, **k)
+            gathered.append(sum(t.numel() for t in sd.values()))
+            return sd
+        return held
+    grads.full_state_dict, training_state.weight_part = counted(grads.full_state_dict), counted(grads.weight_part)
     if full_at:
         def full(path, part, _write=training_state.write_optimizer_part):
             if rank == 1 and ckpt.step_dir_name(full_at) in path.parent.name:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return _write(path, part)
 
-        def whole(path, _read=training_state.read_tensors):
-            assert path.name != "model.safetensors", "a rank read every weight"
-            return _read(path)
-        training_state.write_optimizer_part, training_state.read_tensors = full, whole
+        def every(path):
+            raise AssertionError("a rank read every weight")
+        training_state.write_optimizer_part, training_state.read_weights = full, every
     tc = TrainConfig(preset="tiny", steps=steps, batch_size=2, seq_len=32, warmup=1, eval_every=1000, eval_batches=1,
                      ckpt_every=2, threads=1, progress=False, plots=False, data_cache=cache,
                      out=f"{out}{rank}" if split else out, device="cpu", ep=2, resume=resume or bool(full_at),
@@ -155,28 +159,45 @@ def _train_ep2(rank: int, out: str, cache: str, steps: int, split: bool, full_at
 
 @pytest.mark.slow
 def test_each_rank_writes_its_part_and_unshared_folders_fall_back_to_rank0(tmp_path, data_cache):
-    """EP 2: rank 0 writes the dense state and its experts' rows, rank 1 its experts' rows only; the same run in
-    folders the ranks do not share (rank 0 cannot see rank 1's) writes the state whole on rank 0, equal bit for bit
-    to the parts put together. A rank that cannot write its part fails the save on both ranks in one line naming
-    it, leaving the earlier checkpoint and no temporary directory."""
+    """EP 2: rank 0 writes the dense weights and state, half the expert stacks whole and its experts' rows of the
+    optimizer state, rank 1 the other stacks and its rows; the same run in folders the ranks do not share (rank 0
+    cannot see rank 1's) writes both whole on rank 0, equal bit for bit to the parts put together. A rank that
+    cannot write its part fails the save on both ranks in one line naming it, leaving the earlier checkpoint and no
+    temporary directory."""
     (steps0, held0), (steps1, held1) = run_ranks(_train_ep2, 2, str(tmp_path / "shared"), data_cache, 2, False)
-    assert [r[0] for r in run_ranks(_train_ep2, 2, str(tmp_path / "own"), data_cache, 2, True)] == [2, 2]
+    (_, own0), (_, own1) = run_ranks(_train_ep2, 2, str(tmp_path / "own"), data_cache, 2, True)
     parts, whole = (tmp_path / d / "checkpoints" / ckpt.step_dir_name(2) for d in ("shared", "own0"))
-    # rank 0 gathered the whole model to write it, rank 1 kept no copy (it had gathered every expert's weights)
-    with safe_open(str(parts / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(whole / ckpt.WEIGHTS_FILE), framework="pt") as f:
         n_model = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    assert (steps0, steps1, held0, held1) == (2, 2, [n_model], [0])
+    # unshared, rank 0 gathered the whole model to write it, rank 1 kept no copy; shared, each held its share
+    assert (own0, own1, steps0, steps1) == ([n_model], [0], 2, 2)
+    assert held0[0] + held1[0] == n_model and 0 < held1[0] < held0[0] < n_model, (held0, held1, n_model)
     assert not (parts / OPTIMIZER_FILE).exists() and (whole / OPTIMIZER_FILE).is_file()
+    assert not (parts / ckpt.WEIGHTS_FILE).exists() and not (whole / ckpt.WEIGHTS_INDEX).exists()
     assert not list(whole.glob("optimizer-*")) and not (tmp_path / "own1" / "checkpoints").exists()
+    n_experts = json.loads((parts / "config.json").read_text())["n_routed_experts"]
     with safe_open(str(parts / part_name(1, 2)), framework="pt") as f:
         held = {k: f.get_slice(k).get_shape() for k in f.keys()}
     assert held and all(".experts." in k for k in held)
-    n_experts = json.loads((parts / "config.json").read_text())["n_routed_experts"]
-    assert all(shape[0] == n_experts // 2 for shape in held.values() if shape)  # its half of each stack
+    assert all(shape[0] == n_experts // 2 for shape in held.values() if shape)  # its half of each stack's state
+    with safe_open(str(parts / ckpt.weights_part_name(1, 2)), framework="pt") as f:
+        held = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert held and all(".experts." in k and shape[0] == n_experts for k, shape in held.items())  # stacks whole
     with SavedState(parts) as a, SavedState(whole) as b:
         got, want = a.read_all(), b.read_all()
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
-    assert (parts / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    got, want = ckpt.read_weights(parts), ckpt.read_tensors(whole / ckpt.WEIGHTS_FILE)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    index = json.loads((parts / ckpt.WEIGHTS_INDEX).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in want.values())
+    assert set(index["weight_map"].values()) == {ckpt.weights_part_name(r, 2) for r in range(2)}
+    # what reads a run's weights reads the parts as the one file: an export, a DPO reference's fingerprint
+    for d in ("shared", "own0"):
+        export(str(tmp_path / d), str(tmp_path / f"hf-{d}"))
+    assert (tmp_path / "hf-shared" / "model.safetensors").read_bytes() == \
+        (tmp_path / "hf-own0" / "model.safetensors").read_bytes()
+    assert [Path(f).name for f, *_ in init_weight_files(tmp_path / "shared")] == \
+        [ckpt.weights_part_name(r, 2) for r in range(2)]
 
     res = [r[0] for r in run_ranks(_train_ep2, 2, str(tmp_path / "shared"), data_cache, 4, False, 4)]
     assert all(f"cannot write checkpoint {ckpt.step_dir_name(4)}" in r and "rank 1: No space left on device" in r

@@ -40,9 +40,8 @@ from flyer.model.attention import Indexer
 from flyer.model.init import allocate
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
+from flyer.train.checkpoint import WEIGHTS_FILE as SINGLE, WEIGHTS_INDEX as INDEX, weight_files
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 MODELOPT_CONFIG = "hf_quant_config.json"  # ModelOpt's own quantization file beside config.json
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek FP8: <linear>.weight_scale_inv beside <linear>.weight
 
@@ -61,26 +60,6 @@ def dequantize_fp8_blocks(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.
     (ceil(R/128), ceil(C/128)): each element times its 128x128 block's scale (the values the held-weight
     kernels compute with)."""
     return kernels.dequantize_held(data, scale_inv.float())
-
-
-def weight_files(path: Path) -> dict[str, Path]:
-    """Tensor name -> file, from the index (every listed shard must exist) or the single file."""
-    if (path / INDEX).is_file():
-        index = _read_json(path / INDEX)
-        wm = index.get("weight_map")
-        if not isinstance(wm, dict):
-            raise CheckpointError(f"{path / INDEX}: no weight_map")
-        for name, f in wm.items():
-            # a shard is a file of this directory: never a path out of it (an index may come from anyone)
-            if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts:
-                raise CheckpointError(f"{path / INDEX}: tensor {name}: {f!r:.60} is not a file name inside "
-                                      f"the checkpoint directory")
-            if not (path / f).is_file():
-                raise CheckpointError(f"{path / INDEX}: shard {f} (holding tensor {name}) is missing")
-        return {name: path / f for name, f in wm.items()}
-    if not (path / SINGLE).is_file():
-        raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
-    return dict.fromkeys(TensorFile(path / SINGLE).names(), path / SINGLE)
 
 
 def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[ModelConfig, dict]:

@@ -138,25 +138,33 @@ def _fill_from_run(model: nn.Module, ckpt: Path, stacks: dict[str, tuple[int, in
     A model holding part of it (a pipeline rank's stages) skips the rest; ``stacks``: the rows
     (experts) of each expert stack it holds, read alone. ``fp4``: routed expert stacks as their FP4 values
     (``fp4_expert_values``), each read in FP32 first (and checked as any tensor is)."""
-    tf = TensorFile(ckpt / "model.safetensors")
-    with torch.device("meta"):
-        whole = Transformer(model.cfg)
-    check_model_weights(whole, {k: tf.shape(k) for k in tf.names()}, f"checkpoint {ckpt}")
-    state, files, headers = model.state_dict(), dict.fromkeys(tf.names(), tf.path), {tf.path: tf}
-    quantized = expert_stack_keys(whole) if fp4 else set()
-    for k in tf.names():
+    files, headers = run_weights(ckpt, model.cfg)
+    state = model.state_dict()
+    quantized = expert_stack_keys(model) if fp4 else set()
+    for k, path in files.items():
         if k not in state:
             continue
         rows = (stacks or {}).get(k)
         if k not in quantized:
-            fill_tensor(model, state[k], tf, k, Slot(k), files, headers, rows)
+            fill_tensor(model, state[k], headers[path], k, Slot(k), files, headers, rows)
             continue
         master = torch.empty(state[k].shape, dtype=torch.float32, device="cpu")
-        fill_tensor(None, master, tf, k, Slot(k), files, headers, rows)
+        fill_tensor(None, master, headers[path], k, Slot(k), files, headers, rows)
         try:
             fp4_expert_values(model, k, state[k], master)
         except ValueError as e:  # FP8 cannot hold a block
-            raise CheckpointError(f"{tf.path}: tensor {k}: {e}") from None
+            raise CheckpointError(f"{path}: tensor {k}: {e}") from None
+
+
+def run_weights(ckpt: Path, cfg: ModelConfig) -> tuple[dict[str, Path], dict[Path, TensorFile]]:
+    """The weights of flyer checkpoint ``ckpt`` (its one file, or its ranks' parts): tensor name -> file, and each
+    file's header; their names and shapes checked against the whole model's (``cfg``)."""
+    files = weight_files(ckpt)
+    headers = {path: TensorFile(path) for path in sorted(set(files.values()))}
+    with torch.device("meta"):
+        whole = Transformer(cfg)
+    check_model_weights(whole, {k: headers[path].shape(k) for k, path in files.items()}, f"checkpoint {ckpt}")
+    return files, headers
 
 
 def loaded_bytes(path: str | Path, dtype: torch.dtype | None = None, held: torch.dtype | None = None) -> int:
@@ -207,8 +215,8 @@ def stored_weight_dtype(path: str | Path) -> str:
             return plain
         kept, bf16 = _quantized_weights(Path(path), files, scheme)
         return "fp8" if kept else "bf16" if bf16 and plain == "bf16" else "fp32"
-    tf = TensorFile(inference_checkpoint(path)[0] / "model.safetensors")
-    return "bf16" if tf.dtype("embed.weight") == torch.bfloat16 else "fp32"
+    files = weight_files(inference_checkpoint(path)[0])
+    return "bf16" if TensorFile(files["embed.weight"]).dtype("embed.weight") == torch.bfloat16 else "fp32"
 
 
 def _quantized_weights(path: Path, files: dict[str, Path],
@@ -305,7 +313,7 @@ def init_weight_files(init: str | Path) -> list[list]:
     if is_hf_model_dir(init):
         files = set(weight_files(Path(init)).values())
     else:
-        files = {resolve_checkpoint_path(init) / "model.safetensors"}
+        files = set(weight_files(resolve_checkpoint_path(init)).values())
     out = []
     for f in sorted(str(Path(f).resolve()) for f in files):
         st = os.stat(f)

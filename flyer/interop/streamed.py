@@ -8,14 +8,13 @@ from pathlib import Path
 import torch
 
 from flyer.fp8.fp4 import fp4_round_trip
-from flyer.interop.hf import (SINGLE, build_empty, checkpoint_dtype, fill_tensor, hf_weight_map, is_hf_model_dir,
+from flyer.interop.hf import (build_empty, checkpoint_dtype, fill_tensor, hf_weight_map, is_hf_model_dir,
                               quant_scheme, read_hf_config, rope_half_layout, weight_files)
 from flyer.interop.hf_names import Slot
 from flyer.interop.hf_tokenizer import load_tokenizer
-from flyer.interop.load import expert_stack_keys, run_tokenizer, stored_weight_dtype
+from flyer.interop.load import expert_stack_keys, run_tokenizer, run_weights, stored_weight_dtype
 from flyer.interop.tensorfile import TensorFile, header
-from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import check_model_weights, inference_checkpoint, trained_fp4_experts
+from flyer.train.checkpoint import inference_checkpoint, trained_fp4_experts
 
 
 class StreamedCheckpoint:
@@ -45,10 +44,7 @@ class StreamedCheckpoint:
             ckpt, self.cfg, tok = inference_checkpoint(path)
             self.tok, self.fp8, self.where = run_tokenizer(ckpt, tok), False, None  # a run from HF: its settings
             dtype = torch.float32  # a run loads in FP32
-            tf = TensorFile(ckpt / SINGLE)
-            with torch.device("meta"):
-                check_model_weights(Transformer(self.cfg), {k: tf.shape(k) for k in tf.names()}, f"checkpoint {ckpt}")
-            self.files, self.headers[tf.path] = dict.fromkeys(tf.names(), tf.path), tf
+            self.files, self.headers = run_weights(ckpt, self.cfg)
             self.qat = trained_fp4_experts(ckpt)
         meta = build_empty(self.cfg, "meta", dtype)
         self.state = meta.state_dict()

@@ -22,6 +22,7 @@ loss = mean of the per-rank losses.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -190,6 +191,29 @@ def full_state_dict(model: nn.Module, mesh, only_rank0: bool = False) -> dict[st
 
 
 @torch.no_grad()
+def weight_part(model: nn.Module, mesh) -> dict[str, torch.Tensor]:
+    """This rank's share of ``full_state_dict``'s tensors (same names and shapes, on CPU), for a checkpoint each rank
+    writes a part of: its stage's dense tensors on the stage's first rank, and each expert stack gathered whole over
+    the EP group onto one of its ranks in turn (the stage's k-th stack onto its (k mod ep)-th rank), so no rank holds
+    more than its share of the experts. Every tensor is in exactly one rank's part. Collective: all ranks call."""
+    if mesh.dp_rank >= mesh.ep:  # a later replica: the first holds the same weights
+        return {}
+    sd = {n: t for n, t in model.state_dict().items() if not t.is_meta}  # meta: another stage's
+    experts = expert_param_names(model) & sd.keys() if mesh.ep > 1 else set()
+    out = {}
+    for k, name in enumerate(sorted(experts)):  # the same order on every rank of the group
+        dst, t = mesh.ep_ranks[k % mesh.ep], sd[name].contiguous()
+        parts = [torch.empty_like(t) for _ in range(mesh.ep)] if mesh.rank == dst else None
+        dist.gather(t, parts, dst=dst, group=mesh.ep_group)
+        if parts is not None:
+            out[name] = torch.cat(parts, 0).cpu()
+    if mesh.dp_rank == 0:
+        mirrors = {n for n, p in model.named_parameters() if getattr(p, MIRROR, False)}  # another stage's to write
+        out.update({n: t.detach().cpu() for n, t in sd.items() if n not in experts and n not in mirrors})
+    return out
+
+
+@torch.no_grad()
 def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mesh) -> None:
     """Load a single-process state dict, keeping this rank's slice of each expert stack (and,
     under pipelining, only the weights of this rank's stages)."""
@@ -199,17 +223,24 @@ def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor], mes
 
 
 @torch.no_grad()
-def load_state_file(model: nn.Module, path, mesh) -> None:
-    """Load the single-process safetensors file ``path`` (``full_state_dict``'s) into this rank's model reading only
-    its part: its slice of each expert stack (as rows of the file) and, under pipelining, its stages' weights (a
-    rank holds its own share in memory, never the whole model). ``ValueError`` for a stack of another size."""
+def load_state_file(model: nn.Module, files: dict[str, Path], mesh) -> None:
+    """Load the single-process weights in safetensors ``files`` (name -> file: ``full_state_dict``'s in one file, or
+    ``weight_part``'s in several) into this rank's model reading only its part: its slice of each expert stack (as
+    rows of the file) and, under pipelining, its stages' weights (a rank holds its own share in memory, never the
+    whole model). ``ValueError`` for a stack of another size, ``KeyError`` for a tensor the files lack."""
     ranges = expert_ranges(model, mesh)
     sd = {}
-    with safe_open(str(path), framework="pt") as f:
+    with contextlib.ExitStack() as stack:
+        opened = {}
         for name, t in model.state_dict().items():
             if t.is_meta:  # another stage's (build_model): nothing to read
                 sd[name] = t
-            elif name in ranges:
+                continue
+            path = files[name]
+            if path not in opened:
+                opened[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+            f = opened[path]
+            if name in ranges:
                 first, n_local, n_full = ranges[name]
                 stored = f.get_slice(name)
                 if stored.get_shape()[0] != n_full:
@@ -297,5 +328,5 @@ def _materialized(m: nn.Module):
 
 
 __all__ = ["broadcast_parameters", "sync_gradients", "clip_grad_norm_", "full_state_dict", "load_full_state_dict",
-           "load_state_file",
+           "load_state_file", "weight_part",
            "init_like_single_process", "expert_param_names", "expert_ranges"]

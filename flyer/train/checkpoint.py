@@ -3,6 +3,9 @@
 Layout of ``RUN/checkpoints/step_00000100/``:
 
 - ``model.safetensors``  weights and persistent buffers (router biases), full single-process layout
+- ``model-RRRRR-of-WWWWW.safetensors``  instead, from a run of several ranks sharing the checkpoint folder: each
+  and ``model.safetensors.index.json``  rank's share of the weights, each tensor whole in one file, as Hugging
+                         Face's sharded checkpoints are (``weight_files`` reads either)
 - ``optimizer.safetensors``  optimizer state, full single-process layout (``{parameter}/{key}``), so a run
                          resumes on another process layout (``flyer.parallel.optim_state``); checkpoints
                          written before it have ``optimizer*.pt`` (one per rank, for the layout that wrote them)
@@ -42,15 +45,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from flyer.config import ModelConfig
+from flyer.data.tiktoken_file import read_json_object
 from flyer.data.tokenizer import load_tokenizer, tokenizer_file
 from flyer.errors import CheckpointError
 from flyer.parse import json_loads
 
 FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 _PREFIX = "step_"
 _REPLACED = "-replaced"  # a temporary directory's suffix: the checkpoint a save of its step moved aside
 # A Hugging Face directory's tokenizer and generation settings, beside its tokenizer.json: what
@@ -174,6 +181,11 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` to the safetensors file ``path`` (tied ones each with its own copy: ``_unshared``)."""
+    save_file(_unshared(tensors), str(path))
+
+
 def temporary_dir(ckpt_root: Path, step: int) -> Path:
     """The directory this process writes checkpoint ``step`` into before renaming it into place."""
     return ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
@@ -193,7 +205,7 @@ def _write_files(tmp: Path, step: int, files: dict[str, Any], written: dict[str,
         if isinstance(obj, bytes):
             path.write_bytes(obj)
         elif name.endswith(".safetensors"):
-            save_file(_unshared(obj), str(path))
+            save_tensors(path, obj)
         elif name.endswith(".pt"):
             torch.save(obj, path)
         else:  # .json (save_checkpoint refused any other kind)
@@ -319,6 +331,42 @@ def clean_temporaries(ckpt_root: Path) -> None:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def weights_part_name(rank: int, world: int) -> str:
+    """The file of rank ``rank``'s share of a checkpoint's weights in a run of ``world`` ranks (numbered from 1, as
+    Hugging Face numbers its shards; the optimizer's parts are numbered by rank)."""
+    return f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> file of the weights in directory ``path`` (a checkpoint's, or a Hugging Face model's): from the
+    index (``WEIGHTS_INDEX``; every listed file must exist) or the single file."""
+    if (path / WEIGHTS_INDEX).is_file():
+        index = read_json_object(path / WEIGHTS_INDEX, CheckpointError)
+        wm = index.get("weight_map")
+        if not isinstance(wm, dict):
+            raise CheckpointError(f"{path / WEIGHTS_INDEX}: no weight_map")
+        for name, f in wm.items():
+            # a shard is a file of this directory: never a path out of it (an index may come from anyone)
+            if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts:
+                raise CheckpointError(f"{path / WEIGHTS_INDEX}: tensor {name}: {f!r:.60} is not a file name inside "
+                                      f"the checkpoint directory")
+            if not (path / f).is_file():
+                raise CheckpointError(f"{path / WEIGHTS_INDEX}: shard {f} (holding tensor {name}) is missing")
+        return {name: path / f for name, f in wm.items()}
+    if not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            return dict.fromkeys(f.keys(), path / WEIGHTS_FILE)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: not a safetensors file ({e})") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every weight of checkpoint ``path``, from its one file or its ranks' parts."""
+    return {k: v for f in sorted(set(weight_files(path).values())) for k, v in read_tensors(f).items()}
 
 
 def read_torch(path: Path) -> Any:

@@ -9,7 +9,7 @@ import pickle
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -18,12 +18,14 @@ from tokenizers import Tokenizer
 from flyer.config import ModelConfig
 from flyer.data.tiktoken_file import TIKTOKEN_FILE
 from flyer.errors import CheckpointError, ConfigError, DataError
-from flyer.parallel.grads import load_state_file
+from flyer.model.transformer import Transformer
+from flyer.parallel.grads import load_state_file, weight_part
 from flyer.parallel.optim_state import (INDEX_FILE, OPTIMIZER_FILE, full_optimizer_state, has_saved_state,
                                         load_full_optimizer_state, optimizer_index, optimizer_part, part_name,
                                         write_optimizer_part)
-from flyer.train.checkpoint import (fsync_file, load_model_weights, read_tensors, read_torch, save_checkpoint,
-                                    saved_layout, sha256_file, step_dir_name, temporary_dir)
+from flyer.train.checkpoint import (WEIGHTS_FILE, WEIGHTS_INDEX, check_model_weights, fsync_file, load_model_weights,
+                                    read_tensors, read_torch, read_weights, save_checkpoint, save_tensors, saved_layout,
+                                    sha256_file, step_dir_name, temporary_dir, weight_files, weights_part_name)
 
 _PROBE = ".shared"  # in a save's temporary directory while the ranks check that they all see it
 
@@ -48,8 +50,8 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     """Checkpoint a training run at ``step`` (a collective: every rank of ``mesh`` calls it).
 
     model: this rank's model (its expert slice under EP); its weights and the optimizer's state are saved in the
-    full single-process layout: the weights by rank 0, the optimizer's state by each rank its part where every rank
-    sees the folder rank 0 writes in (``shared_temporary_dir``), else gathered and written by rank 0. Sampler
+    full single-process layout: by each rank its part (``weight_part``, ``optimizer_part``) where every rank sees
+    the folder rank 0 writes in (``shared_temporary_dir``), else gathered and written by rank 0. Sampler
     (``state_dict()``) and RNG: saved per rank. bad_steps and train_config (a JSON-able dict) go into each rank's
     state file, and ``layout`` (the process layout: world, pp, dp, ep, zero, pp_schedule), which a resume may change
     (``check_layout``). ``keep``: valid checkpoints kept, ``protect``: checkpoints never pruned (the one the run
@@ -61,16 +63,21 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
     Returns the checkpoint directory on rank 0, None elsewhere; a failed write raises ``CheckpointError`` on every
     rank.
     """
-    weights = mesh.full_state_dict(model, only_rank0=True)
     state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "train_config": train_config,
              "layout": layout, **(extra or {})}
     tmp = shared_temporary_dir(ckpt_root, step, mesh) if mesh.world > 1 else None
-    moments, part = None, None
+    weights, moments, parts = None, None, {}
     if tmp is None:
+        weights = mesh.full_state_dict(model, only_rank0=True)
         moments = full_optimizer_state(model, optimizer, mesh)
-    else:
-        part = _write_part(tmp, optimizer_part(model, optimizer, mesh), mesh)
-    ranks = mesh.gather_object({"state": state, "rng": rng_state(mesh.device), "part": part})
+    else:  # each rank writes its parts, one after the other (it holds one at a time)
+        share = weight_part(model, mesh)
+        parts["weights"] = _write_part(tmp, weights_part_name(mesh.rank, mesh.world), mesh,
+                                       (lambda path: _write_weights(path, share)) if share else None)
+        share = optimizer_part(model, optimizer, mesh)
+        parts["optimizer"] = _write_part(tmp, part_name(mesh.rank, mesh.world), mesh,
+                                         (lambda path: write_optimizer_part(path, share)) if share else None)
+    ranks = mesh.gather_object({"state": state, "rng": rng_state(mesh.device), "parts": parts})
     path, failed = None, None
     if ranks is not None:
         try:
@@ -117,15 +124,21 @@ def shared_temporary_dir(ckpt_root: Path, step: int, mesh) -> Path | None:
     return tmp if shared else None
 
 
-def _write_part(tmp: Path, part: dict, mesh) -> dict:
-    """Write this rank's ``part`` of the optimizer state into ``tmp``, fsynced: {"file", "index" (its
-    ``optimizer_index`` entries), "entry" (its manifest entry)}, or {"error": why} (a full disk), or {} if it holds
-    none."""
-    if not part:
+def _write_weights(path: Path, weights: dict[str, torch.Tensor]) -> dict:
+    """Write a rank's share of the weights; what the index records of it: each tensor's shape, and their bytes."""
+    save_tensors(path, weights)
+    return {"shapes": {k: list(t.shape) for k, t in weights.items()},
+            "bytes": sum(t.numel() * t.element_size() for t in weights.values())}
+
+
+def _write_part(tmp: Path, name: str, mesh, write: Callable[[Path], Any] | None) -> dict:
+    """Write this rank's part ``name`` of a checkpoint into ``tmp`` with ``write`` (None: it holds none), fsynced:
+    {"file", "index" (what ``write`` returns: what the checkpoint's index records of it), "entry" (its manifest
+    entry)}, or {"error": why} (a full disk), or {}."""
+    if not write:
         return {}
-    name = part_name(mesh.rank, mesh.world)
     try:
-        index = write_optimizer_part(tmp / name, part)
+        index = write(tmp / name)
         fsync_file(tmp / name)
         entry = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
     except Exception as e:  # as save_checkpoint's: an OSError from open/write, a RuntimeError from a short write
@@ -136,18 +149,20 @@ def _write_part(tmp: Path, part: dict, mesh) -> dict:
 def _save_on_rank0(ckpt_root: Path, step: int, ranks: list[dict], weights: dict, moments: dict | None,
                    tmp: Path | None, cfg: ModelConfig, tokenizer: Tokenizer, world: int, keep: int | None,
                    protect: tuple[Path, ...], settings: dict[str, bytes] | None) -> Path:
-    files: dict[str, Any] = {"model.safetensors": weights, "config.json": cfg.to_dict(), **(settings or {})}
+    files: dict[str, Any] = {"config.json": cfg.to_dict(), **(settings or {})}
     written = None
     if tmp is None:
-        files[OPTIMIZER_FILE] = moments
+        files[WEIGHTS_FILE], files[OPTIMIZER_FILE] = weights, moments
     else:
-        errors = [r["part"]["error"] for r in ranks if "error" in r["part"]]
+        errors = [p["error"] for r in ranks for p in r["parts"].values() if "error" in p]
         if errors:  # save_training removes the parts written
             raise CheckpointError(f"cannot write checkpoint {step_dir_name(step)} in {ckpt_root}: {errors[0]}; "
                                   "the earlier checkpoints are intact")
-        parts = [r["part"] for r in ranks if r["part"]]
-        files[INDEX_FILE] = optimizer_index({p["file"]: p["index"] for p in parts})
-        written = {p["file"]: p["entry"] for p in parts}
+        of_weights, of_state = ([r["parts"][kind] for r in ranks if r["parts"][kind]]
+                                for kind in ("weights", "optimizer"))
+        files[WEIGHTS_INDEX] = _weights_index(cfg, of_weights)
+        files[INDEX_FILE] = optimizer_index({p["file"]: p["index"] for p in of_state})
+        written = {p["file"]: p["entry"] for p in of_weights + of_state}
     if TIKTOKEN_FILE not in files:
         files["tokenizer.json"] = json.loads(tokenizer.to_str())
     for r, per_rank in enumerate(ranks):
@@ -155,6 +170,23 @@ def _save_on_rank0(ckpt_root: Path, step: int, ranks: list[dict], weights: dict,
         files[f"state{sfx}.json"] = per_rank["state"]
         files[f"rng{sfx}.safetensors"] = per_rank["rng"]
     return save_checkpoint(ckpt_root, step, files, keep=keep, protect=protect, written=written)
+
+
+def _weights_index(cfg: ModelConfig, parts: list[dict]) -> dict:
+    """The index of the ranks' weight ``parts`` (``_write_part``'s), as Hugging Face's sharded checkpoints have it
+    ({"metadata": {"total_size"}, "weight_map": {tensor: file}}), checked to hold every tensor of the model once, in
+    its shape."""
+    where: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for part in parts:
+        for name, shape in part["index"]["shapes"].items():
+            if name in where:
+                raise CheckpointError(f"tensor {name} is in both {where[name]} and {part['file']}")
+            where[name], shapes[name] = part["file"], tuple(shape)
+    with torch.device("meta"):
+        check_model_weights(Transformer(cfg), shapes, "the ranks' weight parts")
+    return {"metadata": {"total_size": sum(p["index"]["bytes"] for p in parts)},
+            "weight_map": dict(sorted(where.items()))}
 
 
 def check_layout(path: Path, layout: dict | None) -> None:
@@ -235,9 +267,9 @@ def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig
     check_layout(path, layout)
     saved_at = saved_layout(path)
     if mesh.ep == 1 and mesh.pp == 1:  # every weight is here: check names and shapes for a one-line error
-        load_model_weights(model, read_tensors(path / "model.safetensors"), f"checkpoint {path}")
+        load_model_weights(model, read_weights(path), f"checkpoint {path}")
     else:  # this rank's part only (its experts' rows, its stages' weights)
-        load_state_file(model, path / "model.safetensors", mesh)
+        load_state_file(model, weight_files(path), mesh)
     sfx = _source_rank(path, saved_at, mesh)
     state_path = path / f"state{sfx}.json"
     if not state_path.is_file():
