@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from chat_rows import chat_bench_args, write_chats  # beside it (bench/ is the script's directory)
 
-from flyer.data.chat_data import IGNORE_INDEX, chat_rows
+from flyer.data.chat_data import IGNORE_INDEX
+from flyer.data.chat_sampler import chat_rows
 from flyer.train.config import TrainConfig
 from flyer.train.trainer import Trainer
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from chat_rows import chat_bench_args, write_chats  # beside it (bench/ is the script's directory)
 
-from flyer.data.chat_data import IGNORE_INDEX, ChatSampler
+from flyer.data.chat_data import IGNORE_INDEX
+from flyer.data.chat_sampler import ChatSampler
 from flyer.parallel.launch import run_ranks
 from flyer.train.config import TrainConfig
 from flyer.train.trainer import Trainer

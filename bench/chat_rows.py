@@ -1,5 +1,5 @@
 """Chat rows trimmed to their batch's longest (``flyer train --data chats.jsonl`` without ``--pp``,
-``flyer.data.chat_data.row_width``) against the same batches padded to ``--seq-len``, the peer: seconds per
+``flyer.data.chat_sampler.row_width``) against the same batches padded to ``--seq-len``, the peer: seconds per
 training step, and real (non-padding) tokens per second, of one trainer alternating the two step by step (so
 machine load affects both alike).
 

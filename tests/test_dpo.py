@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flyer.cli import main
 from flyer.config import preset
-from flyer.data.chat_data import IGNORE_INDEX, chat_rows, chat_tokenizer
+from flyer.data.chat_data import IGNORE_INDEX, chat_tokenizer
+from flyer.data.chat_sampler import chat_rows
 from flyer.data.pref_data import pair_samples
 from flyer.interop.export import export_model
 from flyer.interop.hf import load_hf

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flyer.data.chat_data import ChatSplit, chat_eval_batches
+from flyer.data.chat_data import ChatSplit
+from flyer.data.chat_sampler import chat_eval_batches
 from flyer.data.chat_pack import PACKED_TENSORS, packed_eval_batches
 from flyer.data.sampler import TEXT_TENSORS, eval_batches, eval_batches_bytes
 from flyer.train import trainer

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flyer.data.chat_data import IGNORE_INDEX, chat_rows
+from flyer.data.chat_data import IGNORE_INDEX
+from flyer.data.chat_sampler import chat_rows
 from flyer.parallel import pipeline
 from tests import test_sft_pack_pp, test_sft_pp
 from tests.test_sft import reorder_bound, row_grads

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from flyer.cli import main
 from flyer.data import chat_data
-from flyer.data.chat_data import (IGNORE_INDEX, MAX_LINE_BYTES, PAD_ID, chat_eval_batches, chat_rows, chat_tokenizer,
-                                  encode_conversation, prepare_chat, row_width)
+from flyer.data.chat_data import IGNORE_INDEX, MAX_LINE_BYTES, PAD_ID, chat_tokenizer, encode_conversation, prepare_chat
+from flyer.data.chat_sampler import chat_eval_batches, chat_rows, row_width
 from flyer.config import resolve_config
 from flyer.data.chat_template import chat_renderer
 from flyer.errors import DataError

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from flyer.config import resolve_config
-from flyer.data.chat_data import IGNORE_INDEX, chat_rows
+from flyer.data.chat_data import IGNORE_INDEX
+from flyer.data.chat_sampler import chat_rows
 from flyer.train.config import TrainConfig
 from flyer.train.trainer import Trainer
 from tests import test_sft

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from flyer.cli import main
 from flyer.config import resolve_config
-from flyer.data.chat_data import IGNORE_INDEX, ChatSampler, chat_rows
+from flyer.data.chat_data import IGNORE_INDEX
+from flyer.data.chat_sampler import ChatSampler, chat_rows
 from flyer.data.chat_pack import PackedChatSampler, first_fit, packed_eval_batches, packed_rows
 from flyer.errors import DataError
 from flyer.interop.hf import load_hf

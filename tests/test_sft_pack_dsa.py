@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from flyer.config import resolve_config
-from flyer.data.chat_data import IGNORE_INDEX, chat_rows
+from flyer.data.chat_data import IGNORE_INDEX
+from flyer.data.chat_sampler import chat_rows
 from flyer.data.chat_pack import first_fit, packed_rows
 from flyer.model import documents
 from flyer.model.attention import Selection

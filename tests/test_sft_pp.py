@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flyer.data.chat_data import IGNORE_INDEX, chat_rows
+from flyer.data.chat_data import IGNORE_INDEX
+from flyer.data.chat_sampler import chat_rows
 from flyer.model.moe import MoE, moe_layers
 from flyer.parallel import pipeline
 from flyer.train.config import TrainConfig

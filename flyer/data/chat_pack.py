@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flyer.data.chat_data import IGNORE_INDEX, PAD_ID, ChatSampler, ChatSplit, trainable
+from flyer.data.chat_data import IGNORE_INDEX, PAD_ID, ChatSplit
+from flyer.data.chat_sampler import ChatSampler, trainable
 from flyer.errors import DataError, FieldError
 
 STATE_VERSION = 1

@@ -26,8 +26,8 @@ import numpy as np
 import tokenizers
 import torch
 
-from flyer.data.chat_data import (ChatSampler, ChatSplit, _read_lines, chat_rows, encode_conversation, held_out,
-                                  json_object)
+from flyer.data.chat_data import ChatSplit, _read_lines, encode_conversation, held_out, json_object
+from flyer.data.chat_sampler import ChatSampler, chat_rows
 from flyer.data.chat_template import chat_renderer
 from flyer.data.deepseek_encoding import ChatTemplate
 from flyer.data.tokenizer import ensure_eos

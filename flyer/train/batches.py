@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from flyer.data import BatchSampler, eval_batches, prepare_data
-from flyer.data.chat_data import (IGNORE_INDEX, ChatData, ChatSampler, chat_eval_batches, chat_tokenizer, is_chat_data,
-                                  prepare_chat)
+from flyer.data.chat_data import IGNORE_INDEX, ChatData, chat_tokenizer, is_chat_data, prepare_chat
+from flyer.data.chat_sampler import ChatSampler, chat_eval_batches
 from flyer.data.chat_pack import PackedChatSampler, document_lengths, packed_eval_batches
 from flyer.data.pref_data import PairSampler, PrefSplit, pair_eval_batches, prepare_prefs
 from flyer.data.presplit import tokenizer_key

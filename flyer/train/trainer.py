@@ -273,7 +273,8 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches (skipped when the loss or gradient
         norm is not finite); returns its metrics record (``metrics.jsonl`` fields). ``tokens_per_s`` and ``mfu``
         count the row positions the job ran (chat data without a pipeline: each batch's rows trimmed to its longest,
-        ``flyer.data.chat_data.row_width``, so padding up to seq_len is not counted; the padding to that width is)."""
+        ``flyer.data.chat_sampler.row_width``, so padding up to seq_len is not counted; the padding to that width
+        is)."""
         tc = self.tc
         self.model.train()
         lr = lr_at(tc, self.step + 1)
