@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from flyer.errors import CheckpointError
 from flyer.interop.export import export
@@ -122,6 +123,28 @@ def test_a_run_resumes_from_parts_as_from_the_whole_state(tmp_path, data_cache):
     with pytest.raises(CheckpointError, match=f"checkpoint {bad}: unreadable .*{key}") as e:
         Trainer(tc_for(tmp_path / "bad", data_cache, resume=True), log=quiet)
     assert "\n" not in str(e.value)
+
+
+def test_the_weights_index_says_where_each_tensor_is(tmp_path):
+    """A checkpoint's weights are read from the file its index names for each (a file holding another copy is not
+    read for it); an index naming a file that lacks the tensor, or one that is no safetensors file, is one line."""
+    first, second = ckpt.weights_part_name(0, 2), ckpt.weights_part_name(1, 2)
+    save_file({"x": torch.ones(2), "y": torch.ones(3)}, str(tmp_path / first))
+    save_file({"z": torch.full((2,), 2.0), "x": torch.zeros(2)}, str(tmp_path / second))  # a stray copy of x
+    (tmp_path / "config.json").write_text("{}")
+
+    def index(**where):
+        (tmp_path / ckpt.WEIGHTS_INDEX).write_text(json.dumps({"weight_map": {"x": first, "y": first, "z": second,
+                                                                              **where}}))
+    index()
+    got = ckpt.read_weights(tmp_path)
+    assert sorted(got) == ["x", "y", "z"] and torch.equal(got["x"], torch.ones(2))
+    for where, says in (({"y": second}, f"tensor y is not in {second}, the shard it names"),
+                        ({"y": "config.json"}, "config.json: not a safetensors file")):
+        index(**where)
+        with pytest.raises(CheckpointError, match=says) as e:
+            ckpt.read_weights(tmp_path)
+        assert "\n" not in str(e.value)
 
 
 def _train_ep2(rank: int, out: str, cache: str, steps: int, split: bool, full_at: int = 0, resume: bool = False):

@@ -137,11 +137,12 @@ def files(tmp_path):
     }
     for name, config in hand_edited.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(config))
-    step = tmp_path / "step_00000001"  # a flyer step whose manifest.json is gone
-    step.mkdir()
-    (step / "config.json").write_text(json.dumps({"dim": 64}))
-    (step / "state.json").write_text("{}")
-    (step / "model.safetensors").write_bytes(b"")
+    for step, state in (("step_00000001", "state.json"), ("step_00000002", "state-rank0.json")):
+        step = tmp_path / step  # a flyer step whose manifest.json is gone: one process's, or several ranks'
+        step.mkdir()
+        (step / "config.json").write_text(json.dumps({"dim": 64}))
+        (step / state).write_text("{}")
+        (step / "model.safetensors").write_bytes(b"")
     (tmp_path / "threads.toml").write_text("[train]\nthreads = 100000\n")
     (tmp_path / "steps.toml").write_text("[train]\nsteps = 99999999999999999999999\n")
     (tmp_path / "lr.toml").write_text("[train]\nlr = nan\n")
@@ -237,6 +238,7 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     (["info", "--config", "{t}/config_v3.json"], "config field 'max_seq_len': expected an integer (got 'x')"),
     (["generate", "--ckpt", "{t}/step_00000001", "--prompt", "hi"], "step_00000001: no manifest.json"),
     (["export", "{t}/step_00000001", "--out", "{t}/hf"], "step_00000001: no manifest.json"),
+    (["generate", "--ckpt", "{t}/step_00000002", "--prompt", "hi"], "step_00000002: no manifest.json"),
 ]
 
 

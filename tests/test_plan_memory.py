@@ -112,6 +112,9 @@ def test_pp2_dp2_1f1b_zero1_memory_resume_and_layout(tmp_path, data_cache, capsy
     run_ranks(_train, 4, str(full), data_cache, 2, 1, 1, "1f1b", 4)
     measured = _assert_plan_equals_run(capsys, full, 2, 1, "1f1b")
     assert measured["param_bytes_per_rank"][0] != measured["param_bytes_per_rank"][2]  # two different stages
+    # the weights: written by each stage's first rank, 2 of the 4, numbered without a gap
+    written = sorted(p.name for p in (full / "checkpoints" / ckpt.step_dir_name(4)).glob("model-*"))
+    assert written == [ckpt.weights_part_name(i, 2) for i in range(2)]
 
     for d in (part, moved, wide):
         shutil.copytree(full, d)

@@ -40,7 +40,7 @@ from flyer.model.attention import Indexer
 from flyer.model.init import allocate
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
-from flyer.train.checkpoint import WEIGHTS_FILE as SINGLE, WEIGHTS_INDEX as INDEX, weight_files
+from flyer.train.checkpoint import WEIGHTS_FILE as SINGLE, WEIGHTS_INDEX as INDEX, is_training_step, weight_files
 
 MODELOPT_CONFIG = "hf_quant_config.json"  # ModelOpt's own quantization file beside config.json
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek FP8: <linear>.weight_scale_inv beside <linear>.weight
@@ -50,7 +50,7 @@ def is_hf_model_dir(path: str | Path) -> bool:
     """A directory with a ``config.json`` and safetensors weights (and no flyer manifest, nor the training state of
     a flyer step: one whose manifest was lost is said to be so, not read as an HF directory of flyer's keys)."""
     p = Path(path)
-    flyer_step = (p / "manifest.json").is_file() or (p / "state.json").is_file()
+    flyer_step = (p / "manifest.json").is_file() or is_training_step(p)
     return (p / "config.json").is_file() and not flyer_step and (
         (p / INDEX).is_file() or (p / SINGLE).is_file())
 

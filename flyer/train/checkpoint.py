@@ -58,6 +58,7 @@ from flyer.parse import json_loads
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+STATE_FILES = ("state.json", "state-rank0.json")  # a training run's state: one process's, or rank 0's of several
 _PREFIX = "step_"
 _REPLACED = "-replaced"  # a temporary directory's suffix: the checkpoint a save of its step moved aside
 # A Hugging Face directory's tokenizer and generation settings, beside its tokenizer.json: what
@@ -334,39 +335,63 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def weights_part_name(rank: int, world: int) -> str:
-    """The file of rank ``rank``'s share of a checkpoint's weights in a run of ``world`` ranks (numbered from 1, as
-    Hugging Face numbers its shards; the optimizer's parts are numbered by rank)."""
+    """The file of the ``rank``-th of ``world`` shares of a checkpoint's weights (numbered from 1, as Hugging Face
+    numbers its shards: a rank's, renumbered among the ranks that hold some; the optimizer's parts go by rank)."""
     return f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
+
+
+def is_training_step(path: Path) -> bool:
+    """Whether directory ``path`` holds a training run's state (``STATE_FILES``): a flyer step, even one whose
+    manifest is gone, and not a Hugging Face directory."""
+    return any((path / name).is_file() for name in STATE_FILES)
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """The tensors safetensors file ``path`` holds (its header alone is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({(str(e).splitlines() or [''])[0]})") from None
 
 
 def weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> file of the weights in directory ``path`` (a checkpoint's, or a Hugging Face model's): from the
-    index (``WEIGHTS_INDEX``; every listed file must exist) or the single file."""
-    if (path / WEIGHTS_INDEX).is_file():
-        index = read_json_object(path / WEIGHTS_INDEX, CheckpointError)
-        wm = index.get("weight_map")
-        if not isinstance(wm, dict):
-            raise CheckpointError(f"{path / WEIGHTS_INDEX}: no weight_map")
-        for name, f in wm.items():
-            # a shard is a file of this directory: never a path out of it (an index may come from anyone)
-            if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts:
-                raise CheckpointError(f"{path / WEIGHTS_INDEX}: tensor {name}: {f!r:.60} is not a file name inside "
-                                      f"the checkpoint directory")
+    index (``WEIGHTS_INDEX``: every listed file must exist and hold the tensors it is listed for) or the single file.
+    The index is the one record of where a tensor is: a file holding more is read for what the index says only."""
+    if not (path / WEIGHTS_INDEX).is_file():
+        if not (path / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
+        return dict.fromkeys(_tensor_names(path / WEIGHTS_FILE), path / WEIGHTS_FILE)
+    index = read_json_object(path / WEIGHTS_INDEX, CheckpointError)
+    wm = index.get("weight_map")
+    if not isinstance(wm, dict):
+        raise CheckpointError(f"{path / WEIGHTS_INDEX}: no weight_map")
+    held: dict[str, set[str]] = {}
+    for name, f in wm.items():
+        # a shard is a file of this directory: never a path out of it (an index may come from anyone)
+        if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts:
+            raise CheckpointError(f"{path / WEIGHTS_INDEX}: tensor {name}: {f!r:.60} is not a file name inside "
+                                  f"the checkpoint directory")
+        if f not in held:
             if not (path / f).is_file():
                 raise CheckpointError(f"{path / WEIGHTS_INDEX}: shard {f} (holding tensor {name}) is missing")
-        return {name: path / f for name, f in wm.items()}
-    if not (path / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
-    try:
-        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-            return dict.fromkeys(f.keys(), path / WEIGHTS_FILE)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path / WEIGHTS_FILE}: not a safetensors file ({e})") from None
+            held[f] = set(_tensor_names(path / f))
+        if name not in held[f]:
+            raise CheckpointError(f"{path / WEIGHTS_INDEX}: tensor {name} is not in {f}, the shard it names")
+    return {name: path / f for name, f in wm.items()}
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every weight of checkpoint ``path``, from its one file or its ranks' parts."""
-    return {k: v for f in sorted(set(weight_files(path).values())) for k, v in read_tensors(f).items()}
+    """Every weight of checkpoint ``path`` (its one file, or its ranks' parts), each from the file its index names."""
+    by_file: dict[Path, list[str]] = {}
+    for name, f in weight_files(path).items():
+        by_file.setdefault(f, []).append(name)
+    out = {}
+    for f, names in sorted(by_file.items()):
+        with safe_open(str(f), framework="pt") as opened:
+            out.update({name: opened.get_tensor(name) for name in names})
+    return out
 
 
 def read_torch(path: Path) -> Any:
@@ -398,7 +423,7 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     if (p / "manifest.json").is_file():
         verify_checkpoint(p)
         return p
-    if (p / "state.json").is_file():  # a step directory (its training state) whose manifest is gone
+    if is_training_step(p):  # a step directory whose manifest is gone
         raise CheckpointError(f"checkpoint {p}: no manifest.json (every step is written with one: this one is "
                               f"incomplete or was edited), so its files cannot be verified")
     for root in (p / "checkpoints", p):
@@ -430,7 +455,7 @@ def inference_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, Tokenizer
 def saved_state(path: Path) -> dict:
     """Rank 0's state file of checkpoint ``path`` (step, sampler, train_config, layout), or {}; one that is not a JSON
     object: ``CheckpointError`` naming it."""
-    for name in ("state.json", "state-rank0.json"):
+    for name in STATE_FILES:
         if (path / name).is_file():
             try:
                 state = json_loads((path / name).read_text())

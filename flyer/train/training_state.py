@@ -5,6 +5,7 @@ process layout (world, pp, dp, ep, zero) where the optimizer state was saved who
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import secrets
 import shutil
@@ -160,6 +161,7 @@ def _save_on_rank0(ckpt_root: Path, step: int, ranks: list[dict], weights: dict,
                                   "the earlier checkpoints are intact")
         of_weights, of_state = ([r["parts"][kind] for r in ranks if r["parts"][kind]]
                                 for kind in ("weights", "optimizer"))
+        of_weights = _numbered(tmp, of_weights)
         files[WEIGHTS_INDEX] = _weights_index(cfg, of_weights)
         files[INDEX_FILE] = optimizer_index({p["file"]: p["index"] for p in of_state})
         written = {p["file"]: p["entry"] for p in of_weights + of_state}
@@ -170,6 +172,18 @@ def _save_on_rank0(ckpt_root: Path, step: int, ranks: list[dict], weights: dict,
         files[f"state{sfx}.json"] = per_rank["state"]
         files[f"rng{sfx}.safetensors"] = per_rank["rng"]
     return save_checkpoint(ckpt_root, step, files, keep=keep, protect=protect, written=written)
+
+
+def _numbered(tmp: Path, parts: list[dict]) -> list[dict]:
+    """The ranks' weight ``parts`` renamed 1 to K of K where only K ranks wrote one (replicas, a ZeRO-1 run's data
+    parallel ranks), as Hugging Face numbers its shards: no gaps."""
+    out = []
+    for i, part in enumerate(parts):
+        name = weights_part_name(i, len(parts))
+        if name != part["file"]:  # "-of-K" < "-of-world": no name of another part
+            os.replace(tmp / part["file"], tmp / name)
+        out.append({**part, "file": name})
+    return out
 
 
 def _weights_index(cfg: ModelConfig, parts: list[dict]) -> dict:
