@@ -47,7 +47,13 @@ from flyer.train.metrics import read_metrics
 
 FP32_TOL = 1e-4
 LR, WD, STEPS, M = 1e-8, 0.1, 4, 4  # WD: the trainer's default weight decay
-ENV = child_env(OMP_NUM_THREADS="1")
+
+
+def _env() -> dict[str, str]:
+    """The ranks' environment, read when they start (the session's TMPDIR is set after this module is imported)."""
+    return child_env(OMP_NUM_THREADS="1")
+
+
 TIMEOUT_S = 600
 
 
@@ -85,7 +91,7 @@ def _run_forked(nproc: int, args: list[str]) -> str:
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=ENV)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=_env())
     assert out.returncode == 0, out.stderr[-4000:]
     return out
 
@@ -186,7 +192,7 @@ def test_kill_9_mid_run_and_resume_continues_the_same_trajectory(pp_run, data_ca
     out = root / "killed"
     cmd = _torchrun(4, "--standalone") + _train_args(out, data_cache, *PP_ARGS)
     job = subprocess.Popen(cmd + ["--steps", "40"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           env=ENV, start_new_session=True)
+                           env=_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while not (out / "checkpoints" / ckpt.step_dir_name(2) / "manifest.json").exists():
@@ -226,7 +232,7 @@ def test_two_torchrun_agents_as_two_nodes(pp_run, data_cache, tmp_path):
             launch = ("--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
                       f"127.0.0.1:{port}", "--rdzv-id", "flyer-test")
             cmd = _torchrun(2, *launch) + _train_args(out, data_cache, *PP_ARGS, "--steps", "2")
-            jobs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+            jobs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                                          start_new_session=True))
         outs = [job.communicate(timeout=TIMEOUT_S) for job in jobs]
     finally:
