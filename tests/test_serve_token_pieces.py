@@ -91,5 +91,5 @@ def test_completion_top_logprobs_hold_the_chosen_token(served, k):
 
 def test_token_pieces_of_byte_tokens():
     pieces = TokenPieces(ByteTokenizer(), lambda: 257)
-    assert pieces.text(ord("A")) == "A" and pieces.bytes_of(0xC3) == b"\xc3" and pieces.text(0xC3) == "bytes:\\xc3"
-    assert pieces.bytes_of(256) == b""  # a preset's end word: no text
+    assert pieces.text(ord("A")) == "A" and pieces.of(0xC3)[1] == b"\xc3" and pieces.text(0xC3) == "bytes:\\xc3"
+    assert pieces.of(256)[1] == b""  # a preset's end word: no text

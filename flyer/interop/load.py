@@ -215,8 +215,11 @@ def stored_weight_dtype(path: str | Path) -> str:
             return plain
         kept, bf16 = _quantized_weights(Path(path), files, scheme)
         return "fp8" if kept else "bf16" if bf16 and plain == "bf16" else "fp32"
-    files, headers = run_weights(*inference_checkpoint(path)[:2])
-    return "bf16" if headers[files["embed.weight"]].dtype("embed.weight") == torch.bfloat16 else "fp32"
+    ckpt = inference_checkpoint(path)[0]
+    files = weight_files(ckpt)  # the embedding's file alone is read: loading checks every name and shape
+    if "embed.weight" not in files:
+        raise CheckpointError(f"checkpoint {ckpt}: its weights have no embed.weight")
+    return "bf16" if TensorFile(files["embed.weight"]).dtype("embed.weight") == torch.bfloat16 else "fp32"
 
 
 def _quantized_weights(path: Path, files: dict[str, Path],

@@ -32,7 +32,7 @@ def token_starts(tok, text: str, add_special_tokens: bool | None = None) -> tupl
 
 
 class TokenPieces:
-    """Each token's own bytes (``bytes_of``: the bytes it adds to the text, a byte-level or byte-fallback token's
+    """Each token's own bytes (the bytes it adds to the text, a byte-level or byte-fallback token's
     part of a UTF-8 character included; a special token's name) and its text as OpenAI's logprobs key it (``text``:
     those bytes as UTF-8, or ``bytes:\\xNN...`` where they hold part of a character, so two such tokens keep apart).
     A token decoded alone would give U+FFFD for each such part. Read off llguidance's view of the tokenizer (the one
@@ -65,9 +65,6 @@ class TokenPieces:
 
     def text(self, t: int) -> str:
         return self.of(t)[0]
-
-    def bytes_of(self, t: int) -> bytes:
-        return self.of(t)[1]
 
 
 __all__ = ["TokenPieces", "token_starts"]
