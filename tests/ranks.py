@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from flyer.parallel import launch
-from flyer.parallel.pipeline import SPLIT_SCHEDULES, SPLIT_TORCH, split_backward_runs
+from flyer.parallel.stages import SPLIT_SCHEDULES, SPLIT_TORCH, split_backward_runs
 
 # torch._dynamo: building any torch.optim optimizer imports it (its __init__ is dynamo-disabled), ~3 s a rank
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.pipelining", "torch._dynamo", "flyer.parallel.pipeline",

@@ -51,7 +51,8 @@ from flyer.model.transformer import Transformer
 from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.grads import expert_param_names
 from flyer.parallel.mesh import init_distributed
-from flyer.parallel.pipeline import PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, min_micro_batches, split_backward_runs
+from flyer.parallel.pipeline import PipelineModel
+from flyer.parallel.stages import PP_SCHEDULES, SPLIT_SCHEDULES, min_micro_batches, split_backward_runs
 from flyer.train.build import build_model
 from oracle_cache import by_state
 from ranks import needs_split_backward, run_ranks

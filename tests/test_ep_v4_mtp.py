@@ -29,7 +29,7 @@ import torch
 from flyer.model.moe import MoE
 from flyer.model.mtp import HyperMTPModule
 from flyer.model.transformer import Transformer
-from flyer.parallel.pipeline import min_micro_batches
+from flyer.parallel.stages import min_micro_batches
 from ranks import needs_split_backward, run_ranks
 from test_ep_v4 import _cfg, _step_errors, _table_failures, _trajectory, _worker
 from test_pipeline import STEPS, check_trajectory

@@ -29,7 +29,8 @@ from flyer.interop.hf_names import permute_rope
 from flyer.model.counts import attention_flops_per_token, kv_cache_bytes_per_token, param_counts
 from flyer.model.info import meta_counts
 from flyer.model.transformer import Transformer
-from flyer.parallel.pipeline import Stage, split_layers, validate_pipeline
+from flyer.parallel.pipeline import Stage
+from flyer.parallel.stages import split_layers, validate_pipeline
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from tests.hf_models import _YARN, VOCAB, add_mtp_layer, make_tokenizer, reference_mtp_logits, trained_bias
 from tests.test_deepseek_v32 import selections

@@ -26,7 +26,7 @@ from flyer.interop.load import load_pretrained
 from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import validate_layout
-from flyer.parallel.pipeline import validate_pipeline
+from flyer.parallel.stages import validate_pipeline
 from tests.bounds import FP32_U
 from tests.hf_models import VOCAB, make_tokenizer
 from tests.test_interop_export import tensors

@@ -38,8 +38,9 @@ from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import MIRROR, expert_param_names
 from flyer.parallel.mesh import init_distributed
-from flyer.parallel.pipeline import (PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, chunks_per_rank, end_flops,
-                                     layer_flops, split_backward_runs, split_layers, stage_ranks)
+from flyer.parallel.pipeline import PipelineModel
+from flyer.parallel.stages import (PP_SCHEDULES, SPLIT_SCHEDULES, chunks_per_rank, end_flops, layer_flops,
+                                   split_backward_runs, split_layers, stage_ranks)
 from flyer.train.build import build_model
 from oracle_cache import by_state
 from ranks import needs_split_backward, run_ranks

@@ -38,8 +38,8 @@ from flyer.model.transformer import Transformer
 from flyer.parallel.grads import init_like_single_process
 from flyer.parallel.memory import plan_state_bytes
 from flyer.parallel.mesh import init_distributed
-from flyer.parallel.pipeline import (PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, Stage, chunks_per_rank,
-                                     residual_shape, split_layers)
+from flyer.parallel.pipeline import PipelineModel, Stage, residual_shape
+from flyer.parallel.stages import PP_SCHEDULES, SPLIT_SCHEDULES, chunks_per_rank, split_layers
 from flyer.train.metrics import read_metrics
 from flyer.train.build import build_model
 from oracle_cache import by_state

@@ -183,10 +183,10 @@ def test_plan_splits_the_layers_once_per_stage_rank(monkeypatch):
     replicas hold the same activations (``flyer plan --preset dsv3 --zero 1``, 2,048 data-parallel
     ranks, took 20 s in it)."""
     from flyer.config import preset
-    from flyer.parallel import memory, pipeline
+    from flyer.parallel import memory, stages
 
     calls = []
-    split = pipeline.split_layers
+    split = stages.split_layers
     monkeypatch.setattr(memory, "split_layers", lambda *a, **k: calls.append(a) or split(*a, **k))
     res = memory.plan_state_bytes(preset("tiny"), pp=2, dp=8, ep=1, zero=1)
     assert len(res["activation_bytes_per_rank_estimate"]) == 16

@@ -34,7 +34,8 @@ from flyer.config import preset
 from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import init_distributed
-from flyer.parallel.pipeline import SPLIT_SCHEDULES, PipelineModel
+from flyer.parallel.pipeline import PipelineModel
+from flyer.parallel.stages import SPLIT_SCHEDULES
 from flyer.train.build import build_model
 from ranks import needs_split_backward, run_schedules
 from test_pipeline import (ADAM_EPS, CLIP, FP32_TOL, LR, SEED, STEPS, B, M, T, _rel, accumulate,

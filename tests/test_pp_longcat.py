@@ -33,9 +33,9 @@ from flyer.model.counts import param_counts
 from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import init_distributed
-from flyer.parallel.pipeline import (PP_SCHEDULES, SPLIT_SCHEDULES, PipelineModel, Stage, chunks_per_rank,
-                                     end_flops, layer_flops, split_layers, stage_ranks,
-                                     validate_pipeline)
+from flyer.parallel.pipeline import PipelineModel, Stage
+from flyer.parallel.stages import (PP_SCHEDULES, SPLIT_SCHEDULES, chunks_per_rank, end_flops, layer_flops, split_layers,
+                                   stage_ranks, validate_pipeline)
 from flyer.train.config import TrainConfig
 from flyer.train.build import build_model, training_memory_bytes
 from oracle_cache import by_state

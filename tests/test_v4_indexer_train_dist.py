@@ -38,7 +38,7 @@ from flyer.cli import main
 from flyer.data.chat_data import IGNORE_INDEX, PAD_ID
 from flyer.errors import FieldError
 from flyer.model.indexer_loss import indexer_losses
-from flyer.parallel import pipeline
+from flyer.parallel import pipeline, stages
 from flyer.train.trainer import Trainer
 from tests import test_sft_pack_pp
 from tests.bounds import FP32_U
@@ -262,11 +262,11 @@ def test_warmup_refuses_a_rank_without_indexers(tmp_path, capsys, schedule, pp, 
     work; 1F1B on 2 ranks (a CSA layer on each) is accepted. Sparse training runs such a layout (the test above)."""
     cfg = _bound_cfg()
     if refused is None:
-        pipeline.check_indexer_stages(cfg, pp, schedule, T, "warmup")
+        stages.check_indexer_stages(cfg, pp, schedule, T, "warmup")
         return
-    pipeline.check_indexer_stages(cfg, pp, schedule, T, "sparse")
+    stages.check_indexer_stages(cfg, pp, schedule, T, "sparse")
     with pytest.raises(FieldError, match=f"pp: indexer_train warmup .* rank {refused} "):
-        pipeline.check_indexer_stages(cfg, pp, schedule, T, "warmup")
+        stages.check_indexer_stages(cfg, pp, schedule, T, "warmup")
     argv = ["train", "--preset", "tiny-v4", "--indexer-train", "warmup", "--pp", str(pp), "--pp-schedule", schedule,
             "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
     assert main(argv) == 2

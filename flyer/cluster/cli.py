@@ -84,7 +84,7 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     # here, not at the top: the model and torch.distributed.pipelining add seconds to every flyer start
     from flyer.parallel.memory import plan_state_bytes  # heavy: see above
     from flyer.parallel.mesh import validate_layout as validate_run_layout  # heavy: see above
-    from flyer.parallel.pipeline import min_micro_batches, validate_pipeline  # heavy: see above
+    from flyer.parallel.stages import min_micro_batches, validate_pipeline  # heavy: see above
     from flyer.optim.muon import OPTIMIZERS  # heavy: see above
 
     zero, schedule = args.zero or 0, args.pp_schedule or "1f1b"

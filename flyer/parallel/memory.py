@@ -23,7 +23,7 @@ from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_p
 from flyer.config import ModelConfig
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import expert_param_names
-from flyer.parallel.pipeline import chunks_per_rank, held_modules, split_layers, stage_ranks
+from flyer.parallel.stages import chunks_per_rank, held_modules, split_layers, stage_ranks
 from flyer.parallel.zero import partition, shard_kinds, shard_rank
 from flyer.optim.muon import OPTIMIZERS, muon_param_ids, optimizer_groups, state_bytes
 
@@ -48,7 +48,7 @@ def measure_state_bytes(model: nn.Module, optimizer) -> dict[str, int]:
 
 
 def _holder(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: int) -> nn.Module:
-    """The modules pipeline rank ``pp_rank`` holds (``pipeline.held_modules``), registered in
+    """The modules pipeline rank ``pp_rank`` holds (``flyer.parallel.stages.held_modules``), registered in
     ``PipelineModel``'s order so ``named_parameters`` lists them as the run does; the whole model
     without pipelining."""
     if pp == 1:
@@ -89,7 +89,7 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
     run of ``cfg`` on that layout with FP32 parameters and ``optimizer``, 'adamw' or 'muon': the
     routing of ``flyer.optim.muon``), each with its ``max_...``, and
     ``activation_bytes_per_rank_estimate``. The layout is assumed valid
-    (``flyer.parallel.mesh.validate_layout``, ``flyer.parallel.pipeline.validate_pipeline``)."""
+    (``flyer.parallel.mesh.validate_layout``, ``flyer.parallel.stages.validate_pipeline``)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {optimizer!r})")
     with torch.device("meta"):

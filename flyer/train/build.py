@@ -15,7 +15,7 @@ from flyer.model.transformer import Transformer
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh
-from flyer.parallel.pipeline import held_modules
+from flyer.parallel.stages import held_modules
 from flyer.parallel.zero import ShardedOptimizer
 from flyer.train.config import TrainConfig
 from flyer.train.dpo import reference_bytes

@@ -26,7 +26,7 @@ from flyer.limits import SIZE_LIMITS
 from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.indexer_loss import INDEXER_TRAIN_MODES
 from flyer.optim.muon import OPTIMIZERS
-from flyer.parallel.pipeline import PP_SCHEDULES, min_micro_batches
+from flyer.parallel.stages import PP_SCHEDULES, min_micro_batches
 from flyer.parse import nesting_depth
 from flyer.runtime import PRECISIONS, check_threads
 from flyer.train import checkpoint as ckpt

@@ -43,8 +43,8 @@ from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats
 from flyer.parallel.mesh import init_mesh
 from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
-from flyer.parallel.pipeline import (PipelineModel, check_indexer_stages, min_micro_batches,
-                                     require_torch_for, validate_pipeline)
+from flyer.parallel.pipeline import PipelineModel
+from flyer.parallel.stages import check_indexer_stages, min_micro_batches, require_torch_for, validate_pipeline
 from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train import training_state
