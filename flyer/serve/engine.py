@@ -61,19 +61,15 @@ import torch
 
 from flyer import kernels
 from flyer.errors import FieldError
-from flyer.infer.cache_fp8 import check_fp8_cache_flags
 from flyer.infer.decoder import Decoder, Group
-from flyer.infer.hybrid_cache import mtp_hidden_spec
 from flyer.infer.prefix_cache import chain_keys
-from flyer.infer.prefix_cache_hybrid import check_block_ratios
 from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
-from flyer.serve.disk_tier import DiskTier
 from flyer.serve.grammar import GrammarMasks
 from flyer.serve.graphs import StepGraphs, graphs_unsupported
 from flyer.serve.metrics import ServeMetrics
-from flyer.serve.paged import NULL_BLOCK, BlockAllocator, blocks_for_memory, make_paged_cache
-from flyer.serve.paged_hybrid import BoundarySnapshots, SlotAllocator, make_mtp_hybrid_cache, make_paged_hybrid_cache
+from flyer.serve.paged import NULL_BLOCK
+from flyer.serve.pool import build_pool
 # the request-side types, importable from here as well (tests, benchmarks, ``flyer.serve.cli``)
 from flyer.serve.request import EngineConfig, Limits, QueueFull, Request, SamplingOptions, TokenEvent
 from flyer.serve.speculation import Drafted, MtpSpeculator
@@ -100,37 +96,9 @@ class Engine:
         self.spec = cfg.speculative == "mtp"
         if self.spec and len(model.mtp) == 0:
             raise FieldError("speculative", "mtp needs a model trained with MTP (mtp_depth >= 1; this one has 0)")
-        check_fp8_cache_flags(mcfg, cfg.cache_dtype, "absorbed")
-        self.hybrid = mcfg.attn == "hybrid"
-        if self.hybrid:  # slots for max_batch_size requests, then blocks
-            check_block_ratios(mcfg, cfg.block_size, "block_size")
-            self.cache, n_blocks = make_paged_hybrid_cache(mcfg, cfg.kv_cache_bytes, cfg.block_size,
-                                                           cfg.max_batch_size, cfg.cache_dtype, device, self.spec)
-            self.slots = SlotAllocator(cfg.max_batch_size)
-        else:
-            n_blocks = blocks_for_memory(mcfg, cfg.kv_cache_bytes, cfg.block_size, cfg.cache_dtype, self.spec)
-            if n_blocks < 2:
-                raise FieldError("kv_cache_bytes", f"{cfg.kv_cache_bytes} bytes hold {n_blocks} blocks of "
-                                                   f"{cfg.block_size} tokens; at least 2 are needed")
-            self.cache = make_paged_cache(mcfg, mcfg.n_layers, n_blocks, cfg.block_size, cfg.cache_dtype, device)
-        if cfg.prefix_cache is not None and cfg.prefix_cache.block_size != cfg.block_size:
-            raise FieldError("prefix_cache", f"holds blocks of {cfg.prefix_cache.block_size} tokens, the engine's are "
-                                             f"{cfg.block_size} (open it with the engine's block_size)")
-        self.alloc = BlockAllocator(n_blocks, cfg.block_size)
-        self.mtp_cache = None
-        if self.spec:  # V4: the MTP block's window in slots at the main slot ids; else entries on the main tables
-            self.mtp_cache = make_mtp_hybrid_cache(mcfg, cfg.max_batch_size, cfg.cache_dtype, device) if self.hybrid \
-                else make_paged_cache(mcfg, 1, n_blocks, cfg.block_size, cfg.cache_dtype, device)
-        self.sharing = cfg.prefix_sharing and not (self.hybrid and self.cache.block_bytes() == 0)
-        # V4: the slots' states at block boundaries, which a shared prefix needs besides its blocks; with MTP the
-        # MTP slot's too and the main hidden streams of the boundary's last position (its MTP entry's input)
-        self.snapshots = None
-        hidden = mtp_hidden_spec(mcfg, model.embed.weight.dtype) if self.hybrid and self.spec else None
-        if self.sharing and self.hybrid:
-            self.snapshots = BoundarySnapshots(self.cache, self.alloc, self.mtp_cache, hidden)
-        # the on-disk tier under the pool's sharing (``flyer.serve.disk_tier``)
-        self.disk = DiskTier(cfg.prefix_cache, self.cache, self.alloc, self.mtp_cache, hidden) \
-            if cfg.prefix_cache is not None and self.sharing else None
+        pool = build_pool(model, cfg, self.spec, device)  # the cache memory (``flyer.serve.pool``)
+        self.cache, self.alloc, self.mtp_cache, self.slots = pool.cache, pool.alloc, pool.mtp_cache, pool.slots
+        self.hybrid, self.sharing, self.snapshots, self.disk = pool.hybrid, pool.sharing, pool.snapshots, pool.disk
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
         self.device = device
         self.graphs = self._step_graphs(cfg.cuda_graphs, device)
