@@ -1,15 +1,21 @@
 """What the trainer trains: the model as one rank holds it (``build_model``), its optimizer (``build_optimizer``),
 and a lower bound on one rank's training memory (``training_memory_bytes``, which the trainer checks before
-allocating and ``flyer plan`` reports)."""
+allocating, ``require_training_memory``, and ``flyer plan`` reports)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
 from flyer.config import ModelConfig
 from flyer.fp8 import convert_to_fp8
-from flyer.fp8.fp4 import fp4_experts
+from flyer.data import eval_batches_bytes
+from flyer.data.chat_pack import PACKED_TENSORS
+from flyer.data.sampler import TEXT_TENSORS
+from flyer.errors import FieldError
+from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
@@ -17,6 +23,7 @@ from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.mesh import LocalMesh, Mesh
 from flyer.parallel.stages import held_modules
 from flyer.parallel.zero import ShardedOptimizer
+from flyer.runtime import require_memory
 from flyer.train.config import TrainConfig
 from flyer.train.dpo import reference_bytes
 
@@ -44,6 +51,38 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
     per_param = 16 if tc.optimizer == "adamw" else 12
     reference = reference_bytes(cfg, precision, tc.fp4_experts) if tc.dpo else 0
     return params * per_param + reference + tokens * (saved + logits)
+
+
+def require_training_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, device: torch.device, ep: int,
+                            pp: int) -> None:
+    """Refuse, before allocating, a run whose training state or validation batches cannot fit,
+    blaming the setting that overflows first: the model alone, one sequence, the batch, then the
+    validation batches (host memory, shared with training on a CPU device)."""
+    params = f"training {param_counts(cfg).total / 1e6:,.1f}M parameters"
+    params += " beside a frozen reference copy (DPO)" if tc.dpo else ""
+    for field, batch in (("init" if tc.init else "preset", 0), ("seq_len", 1), ("batch_size", tc.batch_size)):
+        need = training_memory_bytes(cfg, dataclasses.replace(tc, batch_size=batch), precision, ep, pp)
+        require_memory(need, device, field, f"{params} at batch {batch} x {tc.seq_len}" if batch else params)
+    evals = f"{tc.eval_batches:,} validation batches of {tc.batch_size} x {tc.seq_len}"
+    on_host = device.type == "cpu"
+    tensors = PACKED_TENSORS if tc.pack else TEXT_TENSORS  # packed rows carry their document ids too
+    held = eval_batches_bytes(tc.batch_size, tc.seq_len, tc.eval_batches, tensors)
+    require_memory(held + (need if on_host else 0), "cpu", "eval_batches",
+                   f"{params} and {evals}" if on_host else evals)
+
+
+def check_fp4_experts(fp4: bool, cfg: ModelConfig) -> None:
+    """FP4 QAT (``fp4``) needs routed experts whose rows are whole groups of 32 inputs (w1 / w3: dim, w2:
+    moe_inter_dim): ``FieldError`` naming ``fp4_experts`` otherwise."""
+    if not fp4:
+        return
+    if not cfg.is_moe:
+        raise FieldError("fp4_experts", f"quantizes routed experts, and this model has none "
+                                        f"(n_routed_experts {cfg.n_routed_experts})")
+    for name in ("dim", "moe_inter_dim"):
+        if getattr(cfg, name) % FP4_GROUP:
+            raise FieldError("fp4_experts", f"needs the model's {name} to be a multiple of {FP4_GROUP} (one FP4 "
+                                            f"scale per {FP4_GROUP} inputs), got {getattr(cfg, name)}")
 
 
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from flyer.errors import CheckpointError, FieldError
 from flyer.train import checkpoint as ckpt
+from flyer.train.metrics import truncate_metrics
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.jsonl"
@@ -132,6 +134,22 @@ def choose_start(out: Path, resume: bool, log=print) -> Path | None:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption, Ctrl-C, a closed terminal
+
+
+def start_metrics(out: Path, step: int | None, log=print) -> None:
+    """Ready ``out``'s metrics log for a run starting at ``step`` (None: a fresh run from step 0). A resumed
+    run's log loses the records past its checkpoint's step; a fresh run in a directory with a log (a resume
+    that found no checkpoint: moved away?) keeps that log under the next free ``metrics.jsonl.N``, since its
+    records describe steps no checkpoint holds (kept, not truncated to none)."""
+    metrics = out / METRICS_NAME
+    if not metrics.exists():
+        return
+    if step is None:
+        kept = next(p for n in itertools.count(1) if not (p := metrics.with_name(f"{METRICS_NAME}.{n}")).exists())
+        metrics.rename(kept)
+        log(f"the earlier {METRICS_NAME} is now {kept.name}")
+    else:
+        truncate_metrics(metrics, step)
 
 
 class StopSignals:

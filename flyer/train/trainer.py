@@ -13,9 +13,7 @@ global rank, the keys and numbers ``flyer plan --json`` computes for the same la
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import itertools
 import math
 import re
 import signal
@@ -29,34 +27,30 @@ from tqdm import tqdm
 
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
 from flyer.interop.load import init_source, init_weight_files, load_init_weights
-from flyer.data import eval_batches_bytes
 from flyer.data.chat_data import IGNORE_INDEX, is_chat_data
-from flyer.fp8.fp4 import FP4_GROUP
 from flyer.model.counts import param_counts
 from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, indexer_depths, real_queries,
                                      set_indexer_training)
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import counting_only, moe_layers, update_router_bias
-from flyer.data.chat_pack import PACKED_TENSORS
-from flyer.data.sampler import TEXT_TENSORS
 from flyer.model.lowp import precision_note
 from flyer.parallel.dispatch import comm_stats
 from flyer.parallel.mesh import init_mesh
 from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
 from flyer.parallel.pipeline import PipelineModel
 from flyer.parallel.stages import check_indexer_stages, min_micro_batches, require_torch_for, validate_pipeline
-from flyer.runtime import autocast, require_memory, resolve_precision, tune_malloc
+from flyer.runtime import autocast, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train import training_state
-from flyer.train.build import build_model, build_optimizer, training_memory_bytes
+from flyer.train.build import build_model, build_optimizer, check_fp4_experts, require_training_memory
 from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, hold_reference
 from flyer.train.expert_stats import expert_loads, router_stats
 from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings,
                                 check_resumed_run, grad_accum_at, lr_at, tokenizer_settings)
 from flyer.train.batches import counts, draw, positions_run, prepare_run_data, run_fingerprints, samplers
-from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, usable_dir
+from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, start_metrics, usable_dir
 from flyer.train.metrics import (MetricsLog, StepSums, TensorBoardLog, fastest_gemm, model_flops_per_token,
-                                 progress_postfix, read_metrics, require_tensorboard, truncate_metrics)
+                                 progress_postfix, read_metrics, require_tensorboard)
 
 # ``Trainer.run``'s stop code for a log rank 0 could not write: past every signal's number
 LOG_FAILED = 1 << 10
@@ -93,7 +87,7 @@ class Trainer:
             raise FieldError("init", f"{tc.init} does not exist")
         init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
         base = init_cfg or resolve_config(tc.preset, None, model_over)
-        self._check_fp4(base)  # before any work
+        check_fp4_experts(tc.fp4_experts, base)  # before any work
         check_indexer_train(tc.indexer_train, base)
         self.micro_batches = tc.micro_batches or min_micro_batches(tc.pp_schedule, tc.pp)
         validate_pipeline(base, tc.pp, tc.pp_schedule, self.micro_batches, tc.grad_accum)  # before any work
@@ -147,7 +141,7 @@ class Trainer:
         self.cfg: ModelConfig = base.replace(vocab_size=init_cfg.vocab_size if init_cfg else self.data.vocab_size,
                                              max_seq_len=max(base.max_seq_len, tc.seq_len))
         self.cfg.validate()
-        self._require_memory()
+        require_training_memory(self.cfg, tc, self.precision, self.device, self.mesh.ep, self.mesh.pp)
         self.sampler, self.eval_data = samplers(tc, self.data, self.mesh.dp_rank, self.mesh.dp)
         if getattr(self.sampler, "cut", 0):
             self.log(f"{self.sampler.cut} of {self.data.train.n_conversations} training conversations are longer "
@@ -188,43 +182,7 @@ class Trainer:
             self.log(f"no checkpoint in {self.ckpt_root}: starting from step 0")
         if self.rank0:
             ckpt.clean_temporaries(self.ckpt_root)  # left by a process that died mid-write; we own the directory
-            metrics = self.out / METRICS_NAME
-            if metrics.exists() and start is None:  # resumed with no checkpoint (moved away?): step 0 again
-                kept = next(p for n in itertools.count(1)
-                            if not (p := metrics.with_name(f"{METRICS_NAME}.{n}")).exists())
-                metrics.rename(kept)  # its records describe steps no checkpoint holds: kept, not truncated to none
-                self.log(f"the earlier {METRICS_NAME} is now {kept.name}")
-            elif metrics.exists():  # only a resumed run gets here with one (choose_start)
-                truncate_metrics(metrics, self.step)
-
-    def _check_fp4(self, cfg: ModelConfig) -> None:
-        """FP4 QAT needs routed experts whose rows are whole groups of 32 inputs (w1 / w3: dim, w2: moe_inter_dim)."""
-        if not self.tc.fp4_experts:
-            return
-        if not cfg.is_moe:
-            raise FieldError("fp4_experts", f"quantizes routed experts, and this model has none "
-                                            f"(n_routed_experts {cfg.n_routed_experts})")
-        for name in ("dim", "moe_inter_dim"):
-            if getattr(cfg, name) % FP4_GROUP:
-                raise FieldError("fp4_experts", f"needs the model's {name} to be a multiple of {FP4_GROUP} (one FP4 "
-                                                f"scale per {FP4_GROUP} inputs), got {getattr(cfg, name)}")
-
-    def _require_memory(self) -> None:
-        """Refuse, before allocating, a run whose training state or validation batches cannot fit,
-        blaming the setting that overflows first: the model alone, one sequence, the batch, then the
-        validation batches (host memory, shared with training on a CPU device)."""
-        tc, ep, pp = self.tc, self.mesh.ep, self.mesh.pp
-        params = f"training {param_counts(self.cfg).total / 1e6:,.1f}M parameters"
-        params += " beside a frozen reference copy (DPO)" if tc.dpo else ""
-        for field, batch in (("init" if tc.init else "preset", 0), ("seq_len", 1), ("batch_size", tc.batch_size)):
-            need = training_memory_bytes(self.cfg, dataclasses.replace(tc, batch_size=batch), self.precision, ep, pp)
-            require_memory(need, self.device, field, f"{params} at batch {batch} x {tc.seq_len}" if batch else params)
-        evals = f"{tc.eval_batches:,} validation batches of {tc.batch_size} x {tc.seq_len}"
-        on_host = self.device.type == "cpu"
-        tensors = PACKED_TENSORS if tc.pack else TEXT_TENSORS  # packed rows carry their document ids too
-        held = eval_batches_bytes(tc.batch_size, tc.seq_len, tc.eval_batches, tensors)
-        require_memory(held + (need if on_host else 0),
-                       "cpu", "eval_batches", f"{params} and {evals}" if on_host else evals)
+            start_metrics(self.out, None if start is None else self.step, self.log)
 
     def close(self) -> None:
         """Release the run directory (``run()`` does at its end)."""
