@@ -520,3 +520,23 @@ def test_check_layout_names_a_field_only_this_run_has(tmp_path):
     training_state.check_layout(tmp_path, {"world": 1, "pp": 1})
     with pytest.raises(CheckpointError, match="zero=None; this run has zero=1"):
         training_state.check_layout(tmp_path, {"world": 1, "pp": 1, "zero": 1})
+
+
+def test_start_metrics_keeps_a_stale_log_and_trims_a_resumed_one(tmp_path):
+    """A fresh run in a directory with a log (its checkpoints moved away) keeps that log under the next free
+    ``metrics.jsonl.N``; a resumed run's log loses the records past its checkpoint's step."""
+    from flyer.train.rundir import METRICS_NAME, start_metrics
+
+    log = tmp_path / METRICS_NAME
+    said = []
+    start_metrics(tmp_path, None, said.append)  # no log: nothing to do
+    assert not log.exists() and said == []
+    write = lambda steps: log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in steps))  # noqa: E731
+    write(range(1, 6))
+    start_metrics(tmp_path, 3, said.append)
+    assert [r["step"] for r in read_metrics(log)] == [1, 2, 3] and said == []
+    for n in (1, 2):
+        write(range(1, 5))
+        start_metrics(tmp_path, None, said.append)
+        assert not log.exists() and [r["step"] for r in read_metrics(tmp_path / f"{METRICS_NAME}.{n}")] == [1, 2, 3, 4]
+    assert said == [f"the earlier {METRICS_NAME} is now {METRICS_NAME}.{n}" for n in (1, 2)]
