@@ -414,8 +414,9 @@ def test_template_kwargs_is_a_config_field(tmp_path):
     assert e.value.field == "chat_template_kwargs"
 
 
-# flyer's default template before it wrote reasoning_content
-OLD_DEFAULT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+# flyer's default template before it wrote reasoning_content (with the EOS that ends an assistant's turn since)
+OLD_DEFAULT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+               "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
@@ -423,9 +424,10 @@ def test_default_template_writes_reasoning_as_r1(qwen):
     """flyer's default template: every render without reasoning_content (absent, null, empty) or tools is the old
     template's byte for byte (test_sft's and test_chat_build's conversations, every prefix, with and without the
     generation prompt); with it, R1's ``<think>`` block before the content after the last user turn, so pieces
-    train it: each piece's trained text is its own turn's block, content and line end."""
+    train it: each piece's trained text is its own turn's block, content, EOS and line end."""
     assert DEFAULT_CHAT_TEMPLATE != OLD_DEFAULT
-    old, new = chat_renderer(OLD_DEFAULT, {"bos_token": "<s>"}), chat_renderer(None, {"bos_token": "<s>"})
+    special = {"bos_token": "<s>", "eos_token": "</s>"}
+    old, new = chat_renderer(OLD_DEFAULT, special), chat_renderer(None, special)
     for c in SFT_CHATS + MANY[:20]:
         if c.get("tools") or any(m.get("tool_calls") for m in c["messages"]):  # the old one wrote no tools or calls
             continue
@@ -444,5 +446,6 @@ def test_default_template_writes_reasoning_as_r1(qwen):
         split = token_splitter(tok.tok)
         assert encode_conversation_fast(msgs[:end], None, render, split, tok.tok, first) == (ids, mask)
         trained.append(tok.tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False))
-    assert trained == ["<think>\ncolors\n</think>\n\nbrown fox\n", "<think>\nanimals\n</think>\n\ndog\n"]
+    eos = tok.token(tok.eos_id())
+    assert trained == [f"<think>\ncolors\n</think>\n\nbrown fox{eos}\n", f"<think>\nanimals\n</think>\n\ndog{eos}\n"]
     assert "colors" not in texts[1]  # the second piece's context: the first turn without its reasoning

@@ -288,8 +288,8 @@ def test_rows_are_trimmed_to_the_batchs_longest(hf, tmp_path):
     t = _trainer(hf, tmp_path, "tiny", batch_size=3, seq_len=T)
     split, cfg = t.data.train, t.cfg
     lengths = np.diff(split.offsets)
-    assert lengths[[0, 3, 1, 4]].tolist() == [53, 61, 80, 81]
-    for convs, seq_len, want in (([0, 3], T, 64), ([0, 3, 1], T, 80), ([4, 0], T, 96), ([1], 64, 64), ([1], 70, 70)):
+    assert lengths[[0, 3, 1, 4]].tolist() == [54, 62, 82, 83]
+    for convs, seq_len, want in (([0, 3], T, 64), ([0, 3, 1], T, 96), ([4, 0], T, 96), ([1], 64, 64), ([1], 70, 70)):
         assert row_width(split, convs, seq_len) == want
     assert t.sampler.trim
     for n in range(3):  # the sampler's batches: trimmed padded rows
@@ -302,12 +302,12 @@ def test_rows_are_trimmed_to_the_batchs_longest(hf, tmp_path):
     assert [x.shape[1] for x, _ in t.eval_data] == [96]  # validation: 83 and 67 tokens
     assert all(torch.equal(x, xp[:, :x.shape[1]]) for (x, _), (xp, _) in zip(t.eval_data, padded_eval))
 
-    convs = [0, 3, 1]  # 53, 61 and 80 tokens: width 80, the longest row's last target (its EOS) in column 78
+    convs = [0, 3, 1]  # 54, 62 and 82 tokens: width 96, the longest row's last target (its line end) in column 80
     xt, yt = chat_rows(split, convs, T, trim=True)
     xp, yp = chat_rows(split, convs, T)
-    assert xt.shape == (3, 80) and int(yt[2, 78]) != IGNORE_INDEX and (yt[:, 79:] == IGNORE_INDEX).all()
-    trimmed, short, padded = _step(t, xt, yt), _step(t, xt[:, :78], yt[:, :78]), _step(t, xp, yp)
-    assert trimmed[0]["tokens"] == 3 * 80 and trimmed[0]["flops"] == 3 * 80 * model_flops_per_token(cfg, 80)
+    assert xt.shape == (3, 96) and int(yt[2, 80]) != IGNORE_INDEX and (yt[:, 81:] == IGNORE_INDEX).all()
+    trimmed, short, padded = _step(t, xt, yt), _step(t, xt[:, :80], yt[:, :80]), _step(t, xp, yp)
+    assert trimmed[0]["tokens"] == 3 * 96 and trimmed[0]["flops"] == 3 * 96 * model_flops_per_token(cfg, 96)
     rows = []
     for b in range(3):
         t.model.zero_grad()
@@ -323,7 +323,7 @@ def test_rows_are_trimmed_to_the_batchs_longest(hf, tmp_path):
 
     assert abs(trimmed[0]["loss"] - loss) <= c * loss and worst(trimmed[1]) <= c
     assert all(torch.equal(a, b) for a, b in zip(trimmed[2], padded[2]))
-    # one of 80 targets dropped moves a near-uniform random model's mean loss little (about 10 c), its gradients much
+    # one of 82 targets dropped moves a near-uniform random model's mean loss little (about 10 c), its gradients much
     assert abs(short[0]["loss"] - loss) > 5 * c * loss and worst(short[1]) > 100 * c
     val = t.evaluate()
     trimmed_eval, t.eval_data = t.eval_data, padded_eval
@@ -331,7 +331,7 @@ def test_rows_are_trimmed_to_the_batchs_longest(hf, tmp_path):
     t.eval_data = trimmed_eval
     t.sampler.next_batch = iter([(xt, yt)]).__next__
     rec = t.train_step()  # the metrics: the trimmed positions and their FLOPs
-    assert rec["tokens_per_s"] * rec["step_time_s"] == pytest.approx(3 * 80, rel=1e-9)
+    assert rec["tokens_per_s"] * rec["step_time_s"] == pytest.approx(3 * 96, rel=1e-9)
     assert rec["mfu"] * t.peak_flops * rec["step_time_s"] == pytest.approx(trimmed[0]["flops"], rel=1e-9)
 
 
@@ -388,7 +388,7 @@ def _rank_step(rank: int, hf_dir: str, chats: str, halves: list[list[int]]) -> d
 @pytest.mark.slow
 def test_data_parallel_ranks_weight_by_the_jobs_tokens(hf, tmp_path):
     """Two expert-parallel ranks (each a data-parallel replica) with unequal assistant-token counts and rows trimmed
-    to unequal widths (64 and 80: the dispatchers exchange token counts, so each rank's T is its own) give the loss
+    to unequal widths (64 and 96: the dispatchers exchange token counts, so each rank's T is its own) give the loss
     and replicated gradients of one process holding both batches (the counts are all-reduced first), within the
     reordering bound of ``test_grad_accum_is_token_weighted`` (ranks weighting by their own counts, without the
     all-reduce, miss it: the embedding's gradient by about 190x the bound at seq_len 64)."""
@@ -397,7 +397,7 @@ def test_data_parallel_ranks_weight_by_the_jobs_tokens(hf, tmp_path):
     ranks = run_ranks(_rank_step, 2, str(path), str(chats), halves)
     whole = _rank_step(0, str(path), str(chats), halves)
     assert ranks[0]["counts"] != ranks[1]["counts"] and ranks[0]["loss"] == ranks[1]["loss"]
-    assert (ranks[0]["width"], ranks[1]["width"], whole["width"]) == (64, 80, 80)
+    assert (ranks[0]["width"], ranks[1]["width"], whole["width"]) == (64, 96, 96)
     c = reorder_bound(resolve_config("tiny", None, {}), 4, 128)
     assert abs(ranks[0]["loss"] - whole["loss"]) <= c * whole["loss"]
     for n, g in whole["grads"].items():
@@ -508,12 +508,48 @@ def test_a_prefix_that_is_not_a_prefix_of_the_conversation_is_refused(hf, tmp_pa
 
 
 def test_default_template_with_a_tokenizer_file(hf, tmp_path):
-    """--tokenizer alone: flyer's default template (one header per message), the assistant's content and line end."""
+    """--tokenizer alone: flyer's default template (one header per message), the assistant's content, EOS and line
+    end (the EOS trained: a fine-tuned model stops where its turn ends)."""
     path, _, _ = hf
     tok, template = chat_tokenizer(None, str(path / "tokenizer.json"))
     assert template is None
     render = chat_renderer(None, tok.special_tokens())
     msgs = CHATS[0]["messages"]
     ids, mask = encode_conversation(msgs, None, render, lambda t: tok.encode_ids(t, add_special_tokens=False))
-    trained = tok.tok.decode([i for i, m in zip(ids, mask) if m])
-    assert trained == msgs[-1]["content"] + "\n"
+    trained = tok.tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert trained == msgs[-1]["content"] + tok.token(tok.eos_id()) + "\n" and tok.eos_id() is not None
+
+
+def test_a_tokenizer_file_run_exports_as_it_trained(hf, tmp_path, capsys):
+    """A chat run on ``--tokenizer`` (flyer's default template) trains without special tokens: its export encodes so
+    in transformers and in flyer (the tokenizer.json's BOS post-processor left out) and carries the default template
+    (transformers' ``apply_chat_template`` renders as the run did), whose assistant turns end with the EOS."""
+    from transformers import AutoTokenizer
+
+    from flyer.data.chat_template import DEFAULT_CHAT_TEMPLATE
+    from flyer.interop.hf_tokenizer import load_tokenizer
+    from flyer.interop.load import load_pretrained
+
+    path, _, chats = hf
+    run, out = tmp_path / "run", tmp_path / "export"
+    argv = _train_args(hf, tmp_path, run, 1)
+    i = argv.index("--init")
+    argv[i:i + 2] = ["--preset", "tiny", "--tokenizer", str(path / "tokenizer.json")]
+    assert main(argv) == 0
+    assert main(["export", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    ours = load_pretrained(run, device="cpu")[2]
+    theirs, exported = AutoTokenizer.from_pretrained(out), load_tokenizer(out)
+    source = AutoTokenizer.from_pretrained(path)
+    text = "the quick brown fox"
+    assert source(text)["input_ids"][0] == source.bos_token_id  # the file the run read adds a BOS; the run does not
+    assert theirs(text)["input_ids"] == exported.encode_ids(text) == ours.encode_ids(text) == source(
+        text, add_special_tokens=False)["input_ids"]
+    msgs = CHATS[0]["messages"]
+    render = chat_renderer(None, ours.special_tokens())
+    assert theirs.chat_template == DEFAULT_CHAT_TEMPLATE
+    for k in range(1, len(msgs) + 1):
+        for g in (True, False):
+            assert theirs.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=g) == render(
+                msgs[:k], None, g)
+    assert render(msgs, None, False).endswith(f"<|assistant|>\n{msgs[-1]['content']}{ours.token(ours.eos_id())}\n")

@@ -63,7 +63,7 @@ def test_ep2_chat_mtp_shares_equal_one_process(hf):
     path, _, chats = hf
     ranks = run_ranks(_ep_mtp_step, 2, str(path), str(chats))
     whole = _ep_mtp_step(0, str(path), str(chats))
-    assert [r["mtp_targets"] for r in ranks] == [[15, 43], [36, 18]] and whole["mtp_targets"] == [112]
+    assert [r["mtp_targets"] for r in ranks] == [[17, 47], [39, 20]] and whole["mtp_targets"] == [123]
     assert sorted(r["ep_rank"] for r in ranks) == [0, 1]
     c = reorder_bound(resolve_config("tiny", None, {}), 8, T)
     for k in ("loss", "main_loss", "mtp_loss", "aux_loss"):

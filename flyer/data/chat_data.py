@@ -61,7 +61,8 @@ import tokenizers
 from flyer.data.chat_encode import (Conversation, encode_conversations, prefix_problem, reasoning_unshown,
                                     token_splitter)
 from flyer.data.chat_pieces import cut_conversation
-from flyer.data.chat_template import REASONING_FIELDS, chat_renderer, read_chat_template, sorts_tools_of
+from flyer.data.chat_template import (DEFAULT_CHAT_TEMPLATE, REASONING_FIELDS, chat_renderer, read_chat_template,
+                                      sorts_tools_of)
 from flyer.data.deepseek_encoding import ChatEncoding, ChatTemplate
 from flyer.data.presplit import tokenizer_key
 from flyer.data.prepare import _build_lock, unigram_from_counts
@@ -314,7 +315,9 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
             h.update(block)
     key_src = {"version": CHAT_VERSION, "file": h.hexdigest(), "max_line": MAX_LINE_BYTES, "val_every": VAL_EVERY,
                "tokenizer": hashlib.blake2b(tokenizer_key(tok.tok), digest_size=16).hexdigest(),
-               "template": asdict(template) if isinstance(template, ChatEncoding) else template,
+               # None: the default, by its text (a build with an earlier default is not reused)
+               "template": asdict(template) if isinstance(template, ChatEncoding)
+               else template or DEFAULT_CHAT_TEMPLATE,
                "special": special, **({"chat_template_kwargs": kwargs} if kwargs else {}),  # none: the key as before
                **({"tools_sorted": True} if sorts_tools_of(template) else {})}
     key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=8).hexdigest()

@@ -23,7 +23,8 @@ from flyer.interop.load import settings_dir
 from flyer.train.checkpoint import NAMED_TEMPLATES
 
 # The template when the checkpoint has none: the BOS (a chat prompt is encoded without special tokens, as
-# transformers encodes it), the tools as JSON when given, one header line per message, then the assistant's. An
+# transformers encodes it), the tools as JSON when given, one header line per message, then the assistant's; an
+# assistant's turn ends with the EOS, which chat data trains, so a fine-tuned model learns to stop there. An
 # assistant's reasoning_content is written before its content as DeepSeek-R1 writes it, after the last user turn only
 # (R1's and Qwen3's rule, which chat data's pieces follow: flyer.data.chat_data), its tool calls after its content in
 # DeepSeek-V3.1's format, the one ``flyer serve`` reads from a model without a template (flyer.serve.tools).
@@ -37,7 +38,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if m['tool_calls'] %}<｜tool▁calls▁begin｜>{% for c in m['tool_calls'] %}<｜tool▁call▁begin｜>"
     "{{ c['function']['name'] }}<｜tool▁sep｜>{{ c['function']['arguments'] if c['function']['arguments'] is string "
     "else c['function']['arguments'] | tojson }}<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜>{% endif %}"
-    "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 class ToolsSorted(str):

@@ -61,6 +61,7 @@ import torch
 
 from flyer import kernels
 from flyer.config import ModelConfig, parse_size
+from flyer.data.chat_template import DEFAULT_CHAT_TEMPLATE
 from flyer.data.tokenizer_copy import builds, read_tokenizer_files
 from flyer.errors import CheckpointError, FieldError
 from flyer.fp8.quant import TILE, quantize_blocks
@@ -289,7 +290,7 @@ def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]
         for name, data in tiktoken.items():
             (tmp / name).write_bytes(data)
         if not tiktoken:
-            (tmp / "tokenizer.json").write_text(tok.tok.to_str())
+            (tmp / "tokenizer.json").write_text(_tokenizer_json(tok))
         tc = _json_with(source, "tokenizer_config.json", {
             "tokenizer_class": None if tiktoken else "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
             "eos_token": tok.token(tok.eos_id()), "bos_token": tok.token(tok.bos_id())})
@@ -300,6 +301,8 @@ def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]
         if tiktoken and not builds(tmp, tok.tok, CheckpointError):
             raise CheckpointError(f"{source}: its {', '.join(tiktoken)} do not build the tokenizer exported with "
                                   "the model (changed since it was read?)")
+        if source is None:  # flyer's own tokenizer (or a --tokenizer file): the template it trained and serves with
+            (tmp / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
         for name in settings_names(source) if source is not None else ():
             if name not in _MERGED:
                 (tmp / name).parent.mkdir(exist_ok=True)
@@ -324,6 +327,17 @@ def _export(cfg: ModelConfig, tok: TextTokenizer, items: Callable[[], list[Item]
         summary["note"] = ("the MTP module is written as LongCat-Flash's model.mtp.* tensors: transformers' "
                            "LongcatFlash skips them, SGLang and vLLM run them")
     return summary
+
+
+def _tokenizer_json(tok: TextTokenizer) -> str:
+    """``tok``'s tokenizer.json, encoding as ``tok`` does: a run's own tokenizer (flyer's, or a ``--tokenizer``
+    file) encodes without special tokens, so a post-processor that would add them (a BOS the model never saw, which
+    transformers and an HF directory's reader add) is left out."""
+    text = tok.tok.to_str()
+    probe = "a"
+    if tok.add_special_tokens or tok.tok.encode(probe).ids == tok.tok.encode(probe, add_special_tokens=False).ids:
+        return text
+    return json.dumps(json.loads(text) | {"post_processor": None}, ensure_ascii=False)
 
 
 def _source_scale_fmt(path: Path) -> str | None:
