@@ -65,6 +65,9 @@ def test_export_refuses_a_non_empty_out_and_changes_nothing(run, tmp_path, capsy
     old_files = snapshot(old)
     assert "not empty" in cli_error(capsys, ["export", str(run), "--out", str(old), "--dtype", "fp32"])
     assert snapshot(old) == old_files
+    missing = tmp_path / "missing"
+    assert cli_error(capsys, ["export", str(missing), "--out", str(tmp_path / "x")]) == (
+        f"flyer: error: path: no valid checkpoint under {missing}")
     (tmp_path / "empty").mkdir()  # an empty directory is fine
     assert main(["export", str(run), "--out", str(tmp_path / "empty")]) == 0
     assert (tmp_path / "empty" / "model.safetensors").is_file()

@@ -135,7 +135,7 @@ def test_changed_tokenizer_is_caught_by_verification_first(parts, tmp_path, caps
     step = write_run(tmp_path / "run", parts, parts[2])
     (step / "tokenizer.json").write_text("{}")
     err = one_error_line(capsys, ["export", str(step), "--out", str(tmp_path / "out")])
-    assert err == f"flyer: error: checkpoint {step}: checksum mismatch in tokenizer.json"
+    assert err == f"flyer: error: path: checkpoint {step}: checksum mismatch in tokenizer.json"
     capsys.readouterr()
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -155,7 +155,7 @@ def test_unreadable_tokenizer_at_verification(parts, tmp_path, capsys, monkeypat
         return real(path)
     monkeypatch.setattr(ckpt, "sha256_file", denied)
     err = one_error_line(capsys, ["export", str(step), "--out", str(tmp_path / "out")])
-    assert err == f"flyer: error: checkpoint {step}: cannot read tokenizer.json (Permission denied)"
+    assert err == f"flyer: error: path: checkpoint {step}: cannot read tokenizer.json (Permission denied)"
 
 
 def test_mode_000_tokenizer(parts, tmp_path, capsys):

@@ -515,7 +515,11 @@ def export(path: str | Path, out: str | Path, dtype: str = "bf16", max_shard_siz
 
 
 def _run(args) -> int:
-    print(json.dumps(export(args.path, args.out, args.dtype, args.max_shard_size, args.masters)))
+    try:
+        summary = export(args.path, args.out, args.dtype, args.max_shard_size, args.masters)
+    except CheckpointError as e:  # what is wrong with the checkpoint read, named as the argument that gave it
+        raise FieldError("path", str(e)) from None
+    print(json.dumps(summary))
     sys.stdout.flush()
     return 0
 
