@@ -540,3 +540,18 @@ def test_start_metrics_keeps_a_stale_log_and_trims_a_resumed_one(tmp_path):
         start_metrics(tmp_path, None, said.append)
         assert not log.exists() and [r["step"] for r in read_metrics(tmp_path / f"{METRICS_NAME}.{n}")] == [1, 2, 3, 4]
     assert said == [f"the earlier {METRICS_NAME} is now {METRICS_NAME}.{n}" for n in (1, 2)]
+
+
+def test_a_resume_that_moves_the_last_step_says_what_the_learning_rate_does(tmp_path, data_cache):
+    """--steps may grow or shrink on resume; the cosine decay then ends at the new last step, so the next step's
+    rate jumps: the log gives it before and after."""
+    from flyer.train.config import lr_at
+
+    Trainer(tc_for(tmp_path, data_cache, ckpt_every=4), log=quiet).run()
+    for steps in (8, 6):
+        said = []
+        t = Trainer(tc_for(tmp_path, data_cache, steps=steps, resume=True), log=said.append)
+        t.close()
+        old, new = lr_at(tc_for(tmp_path, data_cache), 5), lr_at(t.tc, 5)
+        assert old != new
+        assert said[-1].endswith(f"at step 4; steps 4 -> {steps} (the learning rate of step 5: {old:.3g} -> {new:.3g})")

@@ -553,3 +553,19 @@ def test_a_tokenizer_file_run_exports_as_it_trained(hf, tmp_path, capsys):
             assert theirs.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=g) == render(
                 msgs[:k], None, g)
     assert render(msgs, None, False).endswith(f"<|assistant|>\n{msgs[-1]['content']}{ours.token(ours.eos_id())}\n")
+
+
+def test_init_owns_the_model_and_tokenizer(hf, tmp_path, capsys):
+    """With --init the model is init's, whatever --preset says: a run started with one resumes without it (and the
+    reverse); a --tokenizer beside --init, which it would ignore, is refused in one line."""
+    for first, then in ((("--preset", "tiny"), ()), ((), ("--preset", "tiny"))):
+        out = tmp_path / f"run{len(first)}"
+        assert main(_train_args(hf, tmp_path, out, 1, *first)) == 0
+        assert main(_train_args(hf, tmp_path, out, 2, "--resume", *then)) == 0
+        assert [s for s, _, _ in _losses(out)] == [1, 2]
+    capsys.readouterr()
+    path = hf[0]
+    assert main(_train_args(hf, tmp_path, tmp_path / "both", 1, "--tokenizer", str(path / "tokenizer.json"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flyer: error: --tokenizer: is init's own with init") and "\n" not in err
+    assert not (tmp_path / "both").exists()

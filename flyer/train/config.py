@@ -198,10 +198,12 @@ class TrainConfig:
             for name, off in (("pp", 1), ("ep", 1), ("pack", False), ("indexer_train", "off")):
                 need(getattr(self, name) == off, name, "is not supported with dpo")
         need(self.dpo_beta > 0, "dpo_beta", "must be > 0")
+        need(not (self.init and self.tokenizer), "tokenizer", "is init's own with init (a Hugging Face directory or "
+             "flyer run brings its tokenizer): give one or the other")
         if is_chat_data(self.data):  # flyer.data.chat_data
             need(bool(self.init or self.tokenizer), "data", "a .jsonl chat file needs init (a Hugging Face directory "
-                 "or flyer run: its tokenizer and chat template) or tokenizer (a tokenizer.json; flyer's default "
-                 "chat template)")
+                 "or flyer run: its tokenizer and chat template; resuming a fine-tune, its init again or the run "
+                 "itself) or tokenizer (a tokenizer.json; flyer's default chat template)")
         need(self.indexer_train in INDEXER_TRAIN_MODES, "indexer_train",
              f"must be one of {', '.join(INDEXER_TRAIN_MODES)}")
         if nesting_depth(self.chat_template_kwargs) > MAX_KWARGS_DEPTH:  # Python walks it level by level (asdict)
@@ -266,7 +268,9 @@ def check_resume_settings(tc: TrainConfig, path: Path, dp: int = 1) -> None:
     with the replicas, on another layout), before any work."""
     state = ckpt.saved_state(path)
     saved = state.get("train_config") or {}  # older checkpoints may lack it: nothing to compare
-    changed = [k for k in RESUME_KEEPS if k in saved and saved[k] != getattr(tc, k)]
+    # the preset names the model only without init (init's config is the model's): ignored by a run with one
+    keeps = [k for k in RESUME_KEEPS if not (k == "preset" and (tc.init or saved.get("init")))]
+    changed = [k for k in keeps if k in saved and saved[k] != getattr(tc, k)]
     was_dp = (state.get("layout") or {}).get("dp", dp)
     was, now = _batches_per_step(saved), batches_per_step(tc.grad_accum, tc.micro_batches, tc.pp, tc.pp_schedule)
     if was is not None and was * was_dp != now * dp:

@@ -13,6 +13,7 @@ global rank, the keys and numbers ``flyer plan --json`` computes for the same la
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import re
@@ -202,6 +203,12 @@ class Trainer:
         changes = "".join(f"; {k} {a:g} -> {b:g}" for k, (a, b) in state["stage_changes"].items())
         was = state.get("layout") or self.layout  # another pipeline, expert or ZeRO layout loads the state whole
         changes += "".join(f"; {k} {was.get(k)} -> {v}" for k, v in self.layout.items() if was.get(k) != v)
+        steps = (state.get("train_config") or {}).get("steps")
+        if isinstance(steps, int) and steps != self.tc.steps and self.tc.schedule != "constant":
+            # the decay reaches its end at the new last step: the next step's rate moves at once
+            n = self.step + 1
+            old, new = lr_at(dataclasses.replace(self.tc, steps=steps), n), lr_at(self.tc, n)
+            changes += f"; steps {steps} -> {self.tc.steps} (the learning rate of step {n}: {old:.3g} -> {new:.3g})"
         self.log(f"resumed from {path} at step {self.step}{changes}")
 
     def save(self) -> Path | None:
