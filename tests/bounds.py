@@ -33,6 +33,21 @@ def assert_fp32_gemm(actual: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ext
     assert_fp32_sums(actual, a @ b, a.abs() @ b.abs(), a.shape[-1] + extra_roundings)
 
 
+def route_weight_bound(x_a: torch.Tensor, x_b: torch.Tensor, w_ED: torch.Tensor,
+                       weights_TK: torch.Tensor) -> torch.Tensor:
+    """Bound on |a - b| for top-K routing weights ``weights_TK`` (b's) that two FP32 implementations compute from
+    their gate inputs x_a, x_b (T, D) with the gate weight w (E, D). A logit is a D-term sum, off by at most
+    D u A_e in either (A_e: its terms' absolute sum), and the inputs' difference moves it by at most
+    sum_d |w_ed| |x_a - x_b|_d: L, the largest over the experts, bounds every logit's change. A softmax (over all
+    experts or the top K) or a sigmoid (or sqrt-softplus), renormalised over the top K or not, moves each weight by
+    at most 2 L of itself (a log-weight moves by its logit and at most one log-sum of logits); each side rounds
+    its E-term normalisation, K-term renormalisation and a few elementwise steps (exp, the scale)."""
+    xa, xb, w = x_a.double(), x_b.double(), w_ED.double()
+    E, D, K = *w.shape, weights_TK.shape[-1]
+    L = (2 * D * FP32_U * (xa.abs() @ w.abs().T) + (xa - xb).abs() @ w.abs().T).amax(-1, keepdim=True)
+    return (2 * L + 2 * (E + K + 8) * FP32_U) * weights_TK.double().abs()
+
+
 def mla_attention_bound(attn, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor,
                         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(exact per-head attention output (B, T, H, v) in FP64, bound on the error of any FP32
