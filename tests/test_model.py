@@ -522,7 +522,11 @@ def test_rms_norm_matches_torch(dtype, tol, cpu_kernels):
     want = F.rms_norm(x, (96,), w.to(dtype), 1e-6)
     got = rms_norm(x, w, 1e-6)
     assert got.dtype == dtype
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    # BF16: flyer rounds at most twice (the normalised x, its product with the weight: 2 units of 2^-8 from the exact
+    # value), torch the output once: 3 units apart, plus second-order terms and FP32's arithmetic (under 2^-12); a 2%
+    # error in the weight or the scale exceeds it
+    value_tol = dict(atol=tol, rtol=tol) if dtype == torch.float32 else dict(atol=0, rtol=3 * 2**-8 + 2**-12)
+    torch.testing.assert_close(got, want, **value_tol)
     for u, v in zip(torch.autograd.grad(got, [x, w], g), torch.autograd.grad(want, [x, w], g)):
         assert u.dtype == v.dtype
         torch.testing.assert_close(u.float(), v.float(), atol=tol * float(v.abs().max()), rtol=tol)
