@@ -33,6 +33,24 @@ def assert_fp32_gemm(actual: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ext
     assert_fp32_sums(actual, a @ b, a.abs() @ b.abs(), a.shape[-1] + extra_roundings)
 
 
+def logit_scale(model) -> float:
+    """|logit| <= ||RMSNorm(h)||_2 max_v ||W_v||_2 <= sqrt(D) max|g| max_v ||W_v||_2 (RMSNorm's output has unit RMS
+    before its gain g), from the weights alone."""
+    return math.sqrt(model.cfg.dim) * float(model.norm.weight.detach().abs().max()) * \
+        float(model.head.weight.detach().norm(dim=1).max())
+
+
+def decode_logit_bound(model, n_ctx: int) -> float:
+    """How far an FP32 logit of ``model`` moves between two evaluations over ``n_ctx`` positions that sum in other
+    orders (a prompt prefilled whole or in chunks, alone or in a batch, read from a cache or computed): each block
+    (the MTP module's too) sums its projections (the model dim, the query and key-value latents, the rope key, the
+    widest FFN) and attention over the context, n u each of ``logit_scale``, and a few roundings in its norms."""
+    cfg = model.cfg
+    terms = (cfg.dim + max(cfg.inter_dim, cfg.moe_inter_dim) + cfg.q_lora_rank + cfg.kv_lora_rank
+             + cfg.qk_rope_head_dim + n_ctx + 18)
+    return (cfg.n_layers + cfg.mtp_depth) * terms * FP32_U * logit_scale(model)
+
+
 def route_weight_bound(x_a: torch.Tensor, x_b: torch.Tensor, w_ED: torch.Tensor,
                        weights_TK: torch.Tensor) -> torch.Tensor:
     """Bound on |a - b| for top-K routing weights ``weights_TK`` (b's) that two FP32 implementations compute from

@@ -25,12 +25,11 @@ through two paths whose verify logits equal plain decoding's up to FP32 summatio
 checked against that bound with ``tests/bounds.py``)."""
 
 import json
-import math
 
 import llguidance.numpy as llg_np
 import pytest
 import torch
-from bounds import FP32_U
+from bounds import FP32_U, logit_scale
 from hf_models import add_mtp_layer, build
 from served import EngineServer
 from test_serve_reasoning import ASK, _agree
@@ -216,19 +215,12 @@ def mtp_ckpt(tmp_path_factory):
     return path
 
 
-def _logit_bound(model) -> float:
-    """|logit| <= ||RMSNorm(h)||_2 max_v ||W_v||_2 <= sqrt(D) max|g| max_v ||W_v||_2 (RMSNorm's output has unit RMS
-    before its gain g), from the weights alone."""
-    return math.sqrt(model.cfg.dim) * float(model.norm.weight.detach().abs().max()) * \
-        float(model.head.weight.detach().norm(dim=1).max())
-
-
 def _greedy_margins_clear(model, choice, n_ctx: int) -> None:
     """Each greedy token's (masked) logprob beats the next alternative's by more than twice how far an FP32 logit
-    moves in another summation order (``test_serve_structured._tolerance``'s bound, with ``_logit_bound``): the
+    moves in another summation order (``test_serve_structured._tolerance``'s bound, with ``logit_scale``): the
     verify pass and plain decoding then choose the same token."""
     cfg = model.cfg
-    tol = cfg.n_layers * (cfg.dim + cfg.inter_dim + n_ctx) * FP32_U * _logit_bound(model)
+    tol = cfg.n_layers * (cfg.dim + cfg.inter_dim + n_ctx) * FP32_U * logit_scale(model)
     for t in choice.logprobs.content:
         alts = sorted((a.logprob for a in t.top_logprobs), reverse=True)
         assert t.logprob == alts[0] and (len(alts) < 2 or alts[0] - alts[1] > 2 * tol), (t, tol)
