@@ -389,7 +389,12 @@ def test_convert_module_filter_and_gqa():
     assert torch.isfinite(model(tok)).all()
 
 
-def test_fp8_model_loss_and_grads_close_to_bf16():
+@pytest.mark.parametrize("emulate", [True, False])
+def test_fp8_model_grads_close_to_bf16(emulate):
+    """The whole FP8 model's gradients near the BF16 model's, with the BF16 GEMMs emulated through FP32 or run
+    natively (forced: the CPU's kind picks otherwise). Each FP8 GEMM is held to its own bound above; here E4M3's
+    errors compound over ~40 GEMMs and flip a few top-k routing choices, so the check is statistical (the loss of a
+    random model is not one: zeroing every FP8 weight moves it by 1e-3)."""
     cfg = _tiny()
     torch.manual_seed(1)
     ref = Transformer(cfg)
@@ -397,14 +402,12 @@ def test_fp8_model_loss_and_grads_close_to_bf16():
     tok = torch.randint(0, cfg.vocab_size, (4, 33))
     out = {}
     for name, m in (("bf16", ref), ("fp8", f8)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = m.compute_loss(tok[:, :-1], tok[:, 1:])
-        loss.loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
-        out[name] = (float(loss.main_loss.detach()), grads)
-    assert out["fp8"][0] == pytest.approx(out["bf16"][0], rel=2e-3)
-    # whole model: FP8 errors compound over ~40 GEMMs and can flip a few top-k routing choices
-    g8, gb = out["fp8"][1], out["bf16"][1]
+        with emulation(emulate):  # backward's GEMMs too
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m.compute_loss(tok[:, :-1], tok[:, 1:])
+            loss.loss.backward()
+        out[name] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    g8, gb = out["fp8"], out["bf16"]
     assert rel(g8, gb) < 0.2
     assert float(F.cosine_similarity(g8, gb, dim=0)) > 0.98
     assert all(p.dtype == torch.float32 for p in f8.parameters())
