@@ -51,6 +51,34 @@ def decode_logit_bound(model, n_ctx: int) -> float:
     return (cfg.n_layers + cfg.mtp_depth) * terms * FP32_U * logit_scale(model)
 
 
+def bf16_experts_bound(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                       w3_EFD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact SwiGLU experts' output (N, D) in FP64 on BF16-rounded rows and weights, bound on the error of a BF16
+    evaluation whose GEMMs accumulate in FP32 in any order and round their outputs to BF16, as SiLU and the product
+    round theirs): a GEMM's K terms are off by K u A (A: their absolute sum) before its rounding (u_b = 2^-8 of
+    the value, and of that error); SiLU's slope lies in [-0.1, 1.1] and its FP32 evaluation is off by a few u; the
+    product carries both factors' errors; the second GEMM carries the product's through |w2|."""
+    ub, u = 2.0**-8, FP32_U
+    rb = lambda t: t.detach().bfloat16().double()  # noqa: E731
+    exact, bound = [], []
+    for xs, w1, w2, w3 in zip(rb(x_ND).split(counts_E.tolist()), rb(w1_EFD), rb(w2_EDF), rb(w3_EFD)):
+        K, F_ = w1.shape[1], w1.shape[0]
+        h1, h3 = xs @ w1.T, xs @ w3.T
+        d1, d3 = (K * u * (xs.abs() @ w.abs().T) for w in (w1, w3))
+        d1, d3 = d1 + ub * (h1.abs() + d1), d3 + ub * (h3.abs() + d3)
+        s = torch.nn.functional.silu(h1)
+        ds = 1.1 * d1 + 4 * u * s.abs()
+        ds = ds + ub * (s.abs() + ds)
+        a = s * h3
+        da = ds * (h3.abs() + d3) + s.abs() * d3
+        da = da + ub * (a.abs() + da)
+        y = a @ w2.T
+        dy = da @ w2.abs().T + F_ * u * ((a.abs() + da) @ w2.abs().T)
+        exact.append(y)
+        bound.append(dy + ub * (y.abs() + dy))
+    return torch.cat(exact), torch.cat(bound)
+
+
 def route_weight_bound(x_a: torch.Tensor, x_b: torch.Tensor, w_ED: torch.Tensor,
                        weights_TK: torch.Tensor) -> torch.Tensor:
     """Bound on |a - b| for top-K routing weights ``weights_TK`` (b's) that two FP32 implementations compute from
