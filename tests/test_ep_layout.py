@@ -91,7 +91,9 @@ def test_fp8_dispatch_model_is_within_fp8_error():
     fp8.load_state_dict(ref.state_dict())
     x = torch.randint(0, 256, (2, 16))
     l_ref, l_fp8 = ref.compute_loss(x, x).loss, fp8.compute_loss(x, x).loss
-    assert abs(float(l_ref.detach() - l_fp8.detach())) < 1e-3 * float(l_ref.detach())
+    # the loss of a random model hardly moves (halving every dispatched row kept it within 1e-3): the gradients tell,
+    # and the loss differing says the wire rounded
+    assert float(l_ref.detach()) != float(l_fp8.detach())
     l_ref.backward()
     l_fp8.backward()
     for (n, a), b in zip(ref.named_parameters(), fp8.parameters()):
