@@ -10,7 +10,7 @@ from flyer.data.chat_data import ChatSplit
 from flyer.data.chat_sampler import chat_eval_batches
 from flyer.data.chat_pack import PACKED_TENSORS, packed_eval_batches
 from flyer.data.sampler import TEXT_TENSORS, eval_batches, eval_batches_bytes
-from flyer.train import trainer
+from flyer.train import build
 from tests import test_sft
 from tests.test_data import _shards
 from tests.test_sft_pack import T as SFT_T
@@ -70,7 +70,7 @@ def test_the_trainer_checks_what_its_batches_hold(hf, tmp_path, monkeypatch, pac
     def spy(*args, **kw):
         seen.append(eval_batches_bytes(*args, **kw))
         return seen[-1]
-    monkeypatch.setattr(trainer, "eval_batches_bytes", spy)
+    monkeypatch.setattr(build, "eval_batches_bytes", spy)  # the check before a run (build.require_training_memory)
     t = _trainer(hf, tmp_path, batch_size=1, eval_batches=1, pack=pack)
     assert len(t.eval_data) == 1 and len(t.eval_data[0][0]) == 1
     assert seen == [eval_batches_bytes(1, SFT_T, 1, PACKED_TENSORS if pack else TEXT_TENSORS)]
