@@ -555,3 +555,23 @@ def test_a_resume_that_moves_the_last_step_says_what_the_learning_rate_does(tmp_
         old, new = lr_at(tc_for(tmp_path, data_cache), 5), lr_at(t.tc, 5)
         assert old != new
         assert said[-1].endswith(f"at step 4; steps 4 -> {steps} (the learning rate of step 5: {old:.3g} -> {new:.3g})")
+
+
+def test_a_start_that_fails_after_the_mesh_tears_it_down(tmp_path, data_cache, monkeypatch):
+    """An error once the process group exists (here: no data) releases the run directory and destroys the mesh before
+    it propagates: a rank left to exit with its group (and its heartbeat thread) alive sometimes aborted
+    ("terminate called without an active exception", SIGABRT under torchrun) instead of exiting 2."""
+    from flyer.train import trainer as trainer_mod
+
+    destroyed = []
+    real = trainer_mod.init_mesh
+
+    def spied(*a, **kw):
+        m = real(*a, **kw)
+        monkeypatch.setattr(m, "destroy", lambda: destroyed.append(True), raising=False)
+        return m
+    monkeypatch.setattr(trainer_mod, "init_mesh", spied)
+    with pytest.raises(Exception, match="does not exist"):
+        Trainer(tc_for(tmp_path / "run", data_cache, data=str(tmp_path / "missing")), log=quiet)
+    assert destroyed == [True]
+    RunLock(tmp_path / "run").close()  # free again

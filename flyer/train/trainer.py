@@ -96,10 +96,20 @@ class Trainer:
         require_torch_for(tc.pp_schedule, tc.pp)
         self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="device",
                               timeout_s=tc.collective_timeout_s, pp=tc.pp)
+        self.lock: RunLock | None = None
+        try:
+            self._start(tc, log, base, init_cfg, init_tok)
+        except BaseException:  # the run directory free again and the process group torn down, not left to exit
+            self.close()  # (a rank exiting with it held aborted: "terminate called without an active exception")
+            with contextlib.suppress(Exception):  # the error that got here is the one to report
+                self.mesh.destroy()
+            raise
+
+    def _start(self, tc: TrainConfig, log, base: ModelConfig, init_cfg: ModelConfig | None, init_tok) -> None:
+        """The rest of ``__init__`` once the mesh exists: the run directory, data, model, optimizer and resume."""
         self.device = self.mesh.device
         self.rank0 = self.mesh.rank == 0
         self.log = log if self.rank0 else _silent
-        self.lock: RunLock | None = None
         self.resumed_from: Path | None = None
         self.stopped_by: int | None = None  # the signal that stopped run()
         self.settings: dict[str, bytes] = {}  # carried_settings (rank 0 writes the checkpoints)
@@ -184,6 +194,7 @@ class Trainer:
         if self.rank0:
             ckpt.clean_temporaries(self.ckpt_root)  # left by a process that died mid-write; we own the directory
             start_metrics(self.out, None if start is None else self.step, self.log)
+
 
     def close(self) -> None:
         """Release the run directory (``run()`` does at its end)."""
