@@ -1,6 +1,6 @@
 """The OpenAI routes over the engine's link (FastAPI), in the shapes the official ``openai`` client reads.
 
-    GET  /health                200 {"status": "ok"} when serving, 503 while draining
+    GET  /health                200 {"status": "ok"} when serving, 503 while draining (until the listener closes)
     GET  /metrics               Prometheus text (``flyer.serve.metrics``)
     GET  /v1/models             the one served model (a list of one)
     GET  /v1/models/{model}     that model (404 for any other name)
@@ -545,8 +545,9 @@ def build_app(api: Api, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server over ``api``: a signal (or ``stop``) first marks the API draining (new
-    requests answer 503, ``/health`` too), then uvicorn stops accepting and waits for the
+    """uvicorn's server over ``api``: a signal (or ``stop``) first marks the API draining (a request that reaches it
+    before uvicorn's next tick closes the listener answers 503, ``/health`` too: new connections are refused after),
+    then uvicorn stops accepting and waits for the
     requests in flight to finish, ``graceful_s`` at most: those still running then end in OpenAI's shape (503 JSON;
     a stream's error event and [DONE]: ``EngineClient.end_all``), ``END_MARGIN_S`` before uvicorn would cut them
     off. The engine's link is opened on its event loop before it serves and closed after; the engine gone stops
