@@ -2,8 +2,9 @@
 
 Prints one line ``flyer serve: ready on http://HOST:PORT (model NAME)`` when it accepts
 requests (``--port 0`` picks a free port, shown in that line). A signal drains: the server stops accepting
-connections (a request that reaches it in between answers 503), those in flight finish (``--drain-timeout`` seconds at most: those still running then end with a
-503, a stream with its error event), then the process exits 0.
+connections (a request that reaches it in between answers 503), those in flight finish (``--drain-timeout``
+seconds at most: those still running then end with a 503, a stream with its error event), then the process
+exits 0.
 
 The process that loads the model steps it (``flyer.serve.link.EngineHost``); HTTP is served by a
 child process it starts (``serve_http``), joined to it by a socket pair, so the two never wait for
