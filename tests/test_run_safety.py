@@ -558,7 +558,7 @@ def test_a_resume_that_moves_the_last_step_says_what_the_learning_rate_does(tmp_
 
 
 def test_a_start_that_fails_after_the_mesh_tears_it_down(tmp_path, data_cache, monkeypatch):
-    """An error once the process group exists (here: no data) releases the run directory and destroys the mesh before
+    """An error once the process group exists (here: no text in the data folder) releases the run directory and destroys the mesh before
     it propagates: a rank left to exit with its group (and its heartbeat thread) alive sometimes aborted
     ("terminate called without an active exception", SIGABRT under torchrun) instead of exiting 2."""
     from flyer.train import trainer as trainer_mod
@@ -571,7 +571,8 @@ def test_a_start_that_fails_after_the_mesh_tears_it_down(tmp_path, data_cache, m
         monkeypatch.setattr(m, "destroy", lambda: destroyed.append(True), raising=False)
         return m
     monkeypatch.setattr(trainer_mod, "init_mesh", spied)
-    with pytest.raises(Exception, match="does not exist"):
-        Trainer(tc_for(tmp_path / "run", data_cache, data=str(tmp_path / "missing")), log=quiet)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="contains no .txt or .md files"):
+        Trainer(tc_for(tmp_path / "run", data_cache, data=str(tmp_path / "empty")), log=quiet)
     assert destroyed == [True]
     RunLock(tmp_path / "run").close()  # free again

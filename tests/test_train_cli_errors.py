@@ -183,10 +183,15 @@ def test_data_with_symlink_loops_finishes(tmp_path):
 
 @pytest.mark.parametrize("extra,words", [
     (["--init", "/nonexistent/run"], "--init: /nonexistent/run does not exist"),
+    (["--data", "/nonexistent/text"], "--data: /nonexistent/text does not exist"),
+    (["--tokenizer", "/nonexistent/tokenizer.json"], "--tokenizer: /nonexistent/tokenizer.json does not exist"),
 ])
 def test_path_and_device_flags_are_named(tmp_path, corpus, capsys, extra, words):
-    assert main(argv(tmp_path, corpus, *extra)) == 2
+    """A path that is not there is named by its flag before the run directory is made (none is left behind)."""
+    out = tmp_path / "new" / "run"
+    assert main(argv(out, corpus, *extra)) == 2
     assert words in last_error(capsys)
+    assert not (tmp_path / "new").exists()
 
 
 def test_cuda_without_cuda_names_the_device_flag(tmp_path, corpus, capsys, monkeypatch):

@@ -84,8 +84,10 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         model_over = read_config_sections(tc.config)[0] if tc.config else {}  # [train]: merged by the CLI
-        if tc.init and not Path(tc.init).exists():
-            raise FieldError("init", f"{tc.init} does not exist")
+        for field in ("init", "data", "tokenizer"):  # before the run directory is made for nothing
+            path = getattr(tc, field)
+            if path and not Path(path).expanduser().exists():
+                raise FieldError(field, f"{path} does not exist")
         init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
         base = init_cfg or resolve_config(tc.preset, None, model_over)
         check_fp4_experts(tc.fp4_experts, base)  # before any work
