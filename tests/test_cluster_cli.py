@@ -103,3 +103,14 @@ def test_flags_are_those_of_the_chosen_subcommand():
     assert f["gpus_per_node"] == "--gpus-per-node" and f["topology"] == "--topology" and "hw" not in f
     f = flags(parser, parser.parse_args(["plan"]))
     assert f["micro_batch"] == "--micro-batch" and f["hw"] == "--hw" and "topology" not in f
+
+
+def test_ep_table_says_what_a_node_limit_sends(capsys):
+    """The table's header and rows agree with its bytes under --node-limit: 4 scale-out copies a token, not one per
+    expert (3 bytes x 32 tokens x 4 x 7000 = 2,688,000), and the NVLink fan-out the step overlaps."""
+    _, out, _ = run(capsys, "net", "ep", "--fabric", "ib", "--node-limit", "4")
+    o = json.loads(run(capsys, "net", "ep", "--fabric", "ib", "--node-limit", "4", "--json")[1])
+    assert o["bytes_per_step"] == 3 * 32 * o["scaleout_copies_per_token"] * 7000 == 2_688_000
+    assert f"{o['scaleout_copies_per_token']} copies a token" in out.splitlines()[0]
+    assert f"NVLink fan-out (overlapped)  {o['nvlink_us']:.2f} us" in out
+    assert "copies a token" not in run(capsys, "net", "ep", "--fabric", "ib")[1]

@@ -245,12 +245,15 @@ def _ep(args) -> int:
     out = ep_decode(scen, fabric(args.fabric, args.bandwidth_gb_s, args.latency_us), nvlink)
 
     def table(o):
+        copies = (f" (node-limited to {o['node_limit']} nodes: {o['scaleout_copies_per_token']} copies a token on "
+                  f"{o['fabric']}, NVLink forwards them to the experts)" if o.get("node_limit") else "")
         print(f"EP decode on {o['fabric']} at {o['bandwidth_gb_s']:g} GB/s: {o['tokens_per_device']} tokens/device x "
               f"{o['experts_per_token']} experts x hidden {o['hidden']}, {o['layers']} layers, "
-              f"{o['micro_batches']} micro-batches")
+              f"{o['micro_batches']} micro-batches{copies}")
         _rows([
             ("bytes per EP step", f"{o['bytes_per_step']:,.0f}"),
             ("dispatch | combine", f"{o['dispatch_us']:.2f} | {o['combine_us']:.2f} us"),
+            *([("NVLink fan-out (overlapped)", f"{o['nvlink_us']:.2f} us")] if o.get("node_limit") else []),
             ("EP step (bandwidth bound)", f"{o['step_us']:.2f} us"),
             ("layer", f"{o['layer_us']:.2f} us"),
             ("time per output token", f"{o['tpot_ms']:.2f} ms"),
