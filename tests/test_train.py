@@ -67,6 +67,9 @@ def test_resume_equals_uninterrupted(tmp_path, data_cache):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical on CPU
     assert full["val_loss"] is not None
+    last = read_metrics(tmp_path / "full" / "metrics.jsonl")[-1]  # the summary's losses: the last step's
+    assert (full["final_loss"], full["final_main_loss"]) == (last["loss"], last["main_loss"])
+    assert full["final_main_loss"] < full["final_loss"]  # the objective adds MTP and balance terms to it
 
 
 def _rewrite(step: Path, name: str, data: bytes | None) -> None:

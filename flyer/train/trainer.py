@@ -444,7 +444,8 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Train to ``tc.steps`` (validating, logging and checkpointing on the way); returns a
-        summary: steps, final_loss, val_loss, unigram_val_loss, skipped_steps, out, and ``signal``
+        summary: steps, final_loss (the objective), final_main_loss (its next-token term), val_loss,
+        unigram_val_loss, skipped_steps, out, and ``signal``
         (its number) when SIGTERM, SIGINT or SIGHUP stopped the run after checkpointing its last step."""
         with StopSignals() as stop:  # to the end: a signal after the last step's check lets the run finish
             return self._run(stop)
@@ -526,8 +527,10 @@ class Trainer:
             self.close()
             raise self._non_finite_end()
         records = self._plots()
-        train_losses = [r["loss"] for r in records if r.get("loss") is not None and not r.get("skipped")]
-        summary = {"steps": self.step, "final_loss": train_losses[-1] if train_losses else None,
+        last = next((r for r in reversed(records) if r.get("loss") is not None and not r.get("skipped")), {})
+        # final_loss: the objective trained (next-token, MTP and balance terms); final_main_loss: its next-token
+        # term, which val_loss and the unigram baseline measure too
+        summary = {"steps": self.step, "final_loss": last.get("loss"), "final_main_loss": last.get("main_loss"),
                    "val_loss": val_loss, "unigram_val_loss": self.data.unigram_val_loss,
                    "skipped_steps": self.bad_steps, "out": str(self.out)}
         if stop.signum:  # after the last step's check: that step is saved, and the run is complete
