@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_expert_groups=4, n_limited_groups=2, route_scale=2.5, max_seq_len=1024, original_seq_len=1024,
         mtp_depth=1, init_std=0.02, bias_update_speed=0.01, **_NO_YARN,
     ),
-    # ~100M total parameters, 32 routed experts; the default CPU training model
+    # ~58M parameters (+10M in its MTP module), 32 routed experts; the default CPU training model
     "small": dict(
         vocab_size=8192, dim=384, n_layers=6, n_dense_layers=1, inter_dim=1152, n_heads=6,
         q_lora_rank=192, kv_lora_rank=96, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=48,
