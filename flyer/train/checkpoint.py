@@ -3,14 +3,16 @@
 Layout of ``RUN/checkpoints/step_00000100/``:
 
 - ``model.safetensors``  weights and persistent buffers (router biases), full single-process layout
-- ``model-RRRRR-of-WWWWW.safetensors``  instead, from a run of several ranks sharing the checkpoint folder: each
-  and ``model.safetensors.index.json``  rank's share of the weights, each tensor whole in one file, as Hugging
-                         Face's sharded checkpoints are (``weight_files`` reads either)
+- ``model-KKKKK-of-NNNNN.safetensors``  instead, from a run of several ranks sharing the checkpoint folder: each
+  and ``model.safetensors.index.json``  writing rank's share of the weights, each tensor whole in one file, as
+                         Hugging Face's sharded checkpoints are, numbered from 1 among the N ranks that write one
+                         (``weights_part_name``; ``weight_files`` reads either layout)
 - ``optimizer.safetensors``  optimizer state, full single-process layout (``{parameter}/{key}``), so a run
                          resumes on another process layout (``flyer.parallel.optim_state``); checkpoints
                          written before it have ``optimizer*.pt`` (one per rank, for the layout that wrote them)
 - ``optimizer-RRRRR-of-WWWWW.safetensors``  instead, from a run of several ranks sharing the checkpoint folder:
-  and ``optimizer.index.json``  each rank's part of that state, written by that rank, and where each tensor lies
+  and ``optimizer.index.json``  each rank's part of that state, written by that rank (RRRRR: its global rank, from
+                         0, of the W), and where each tensor lies
 - ``state*.json``        step, sampler position, counters, train config (one per rank)
 - ``rng*.safetensors``   RNG state
 - ``config.json``        the model config
