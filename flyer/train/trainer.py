@@ -197,7 +197,6 @@ class Trainer:
             ckpt.clean_temporaries(self.ckpt_root)  # left by a process that died mid-write; we own the directory
             start_metrics(self.out, None if start is None else self.step, self.log)
 
-
     def close(self) -> None:
         """Release the run directory (``run()`` does at its end)."""
         if self.lock is not None:
