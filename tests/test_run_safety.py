@@ -558,9 +558,9 @@ def test_a_resume_that_moves_the_last_step_says_what_the_learning_rate_does(tmp_
 
 
 def test_a_start_that_fails_after_the_mesh_tears_it_down(tmp_path, data_cache, monkeypatch):
-    """An error once the process group exists (here: no text in the data folder) releases the run directory and destroys the mesh before
-    it propagates: a rank left to exit with its group (and its heartbeat thread) alive sometimes aborted
-    ("terminate called without an active exception", SIGABRT under torchrun) instead of exiting 2."""
+    """An error once the process group exists (here: no text in the data folder) releases the run directory and
+    destroys the mesh before it propagates: a rank left to exit with its group (and its heartbeat thread) alive
+    sometimes aborted ("terminate called without an active exception", SIGABRT under torchrun) instead of exiting 2."""
     from flyer.train import trainer as trainer_mod
 
     destroyed = []
