@@ -205,6 +205,9 @@ class _Scripted:
     def close(self):
         pass
 
+    def end_all(self, reason: str = "shutdown") -> None:
+        """A drain out of time (``EngineClient.end_all``): a test's requests have ended by then."""
+
     async def render_metrics(self) -> bytes:
         return b""
 
