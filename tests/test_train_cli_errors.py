@@ -185,6 +185,7 @@ def test_data_with_symlink_loops_finishes(tmp_path):
     (["--init", "/nonexistent/run"], "--init: /nonexistent/run does not exist"),
     (["--data", "/nonexistent/text"], "--data: /nonexistent/text does not exist"),
     (["--tokenizer", "/nonexistent/tokenizer.json"], "--tokenizer: /nonexistent/tokenizer.json does not exist"),
+    (["--tokenizer", "/dev/null"], "--tokenizer: /dev/null is not a file (a tokenizer.json)"),
 ])
 def test_path_and_device_flags_are_named(tmp_path, corpus, capsys, extra, words):
     """A path that is not there is named by its flag before the run directory is made (none is left behind)."""
