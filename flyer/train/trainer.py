@@ -86,10 +86,12 @@ class Trainer:
         model_over = read_config_sections(tc.config)[0] if tc.config else {}  # [train]: merged by the CLI
         for field in ("init", "data", "tokenizer"):  # before the run directory is made for nothing
             path = getattr(tc, field)
-            if path and not Path(path).expanduser().exists():
+            if not path:
+                continue
+            if not Path(path).expanduser().exists():
                 raise FieldError(field, f"{path} does not exist")
-        if tc.tokenizer and not Path(tc.tokenizer).expanduser().is_file():  # a folder, a device
-            raise FieldError("tokenizer", f"{tc.tokenizer} is not a file (a tokenizer.json)")
+            if field == "tokenizer" and not Path(path).expanduser().is_file():  # a folder, a device
+                raise FieldError(field, f"{path} is not a file (a tokenizer.json)")
         init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
         base = init_cfg or resolve_config(tc.preset, None, model_over)
         check_fp4_experts(tc.fp4_experts, base)  # before any work
