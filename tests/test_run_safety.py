@@ -576,3 +576,34 @@ def test_a_start_that_fails_after_the_mesh_tears_it_down(tmp_path, data_cache, m
         Trainer(tc_for(tmp_path / "run", data_cache, data=str(tmp_path / "empty")), log=quiet)
     assert destroyed == [True]
     RunLock(tmp_path / "run").close()  # free again
+
+
+def test_a_refused_start_takes_away_what_it_made_and_nothing_else(tmp_path, data_cache, monkeypatch):
+    """A start refused once the run directory exists (no text in the data folder) leaves no empty run directory,
+    lock or checkpoints/ behind; a directory that was there before keeps what it held."""
+    (tmp_path / "empty").mkdir()
+    bad = {"data": str(tmp_path / "empty"), "tensorboard": str(tmp_path / "tb" / "run")}
+    with pytest.raises(Exception, match="contains no .txt or .md files"):
+        Trainer(tc_for(tmp_path / "new" / "run", data_cache, **bad), log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+    kept = tmp_path / "kept"
+    (kept / "notes").mkdir(parents=True)
+    (kept / "notes" / "a.txt").write_text("mine")
+    with pytest.raises(Exception, match="contains no .txt or .md files"):
+        Trainer(tc_for(kept, data_cache, **bad), log=quiet)
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*")) == ["notes", "notes/a.txt"]
+
+    from flyer.train import trainer as trainer_mod
+    others = []
+
+    def raced(out):  # another run makes and takes the directory after this one looked: its lock file stays
+        others.append(RunLock(out))
+        return RunLock(out)
+    monkeypatch.setattr(trainer_mod, "RunLock", raced)
+    try:
+        with pytest.raises(FieldError, match="in use by another run"):
+            Trainer(tc_for(tmp_path / "raced", data_cache), log=quiet)
+        assert (tmp_path / "raced" / LOCK_NAME).exists()
+    finally:
+        others[0].close()

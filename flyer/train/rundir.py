@@ -98,6 +98,30 @@ def _locked_dir(out: Path) -> int | None:
         return None
 
 
+def new_paths(*paths: Path) -> list[Path]:
+    """Those of ``paths`` and their ancestors that do not exist yet, deepest first: what a start that is refused
+    takes away again (``remove_new``), so a mistyped flag leaves no empty run directory behind."""
+    new: set[Path] = set()
+    for path in paths:
+        path = Path(path).absolute()
+        for p in (path, *path.parents):
+            if p.exists() or p.is_symlink():
+                break
+            new.add(p)
+    return sorted(new, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_new(paths: list[Path]) -> None:
+    """Remove ``paths`` (from ``new_paths``) where they are still empty directories, or the run's lock file; a
+    directory something was written to since stays, with what it holds."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if p.name == LOCK_NAME and not p.is_dir():
+                p.unlink()
+            else:
+                p.rmdir()
+
+
 def describe_run(out: Path, found: list[Path]) -> str | None:
     """What an earlier run left in ``out`` (its checkpoints, its metrics), or None when nothing."""
     parts = []

@@ -49,7 +49,8 @@ from flyer.train.expert_stats import expert_loads, router_stats
 from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings,
                                 check_resumed_run, grad_accum_at, lr_at, tokenizer_settings)
 from flyer.train.batches import counts, draw, positions_run, prepare_run_data, run_fingerprints, samplers
-from flyer.train.rundir import METRICS_NAME, RunLock, StopSignals, choose_start, start_metrics, usable_dir
+from flyer.train.rundir import (LOCK_NAME, METRICS_NAME, RunLock, StopSignals, choose_start, new_paths, remove_new,
+                                start_metrics, usable_dir)
 from flyer.train.metrics import (MetricsLog, StepSums, TensorBoardLog, fastest_gemm, model_flops_per_token,
                                  progress_postfix, read_metrics, require_tensorboard)
 
@@ -103,9 +104,13 @@ class Trainer:
         self.mesh = init_mesh(base, tc.ep, tc.ranks_per_node, tc.device, what="device",
                               timeout_s=tc.collective_timeout_s, pp=tc.pp)
         self.lock: RunLock | None = None
+        # what rank 0's start creates (the run directory, its lock, checkpoints/): taken away again if it is refused
+        made = new_paths(self.out / LOCK_NAME, self.ckpt_root, *filter(None, [self.tensorboard_dir]))
         try:
             self._start(tc, log, base, init_cfg, init_tok)
         except BaseException:  # the run directory free again and the process group torn down, not left to exit
+            if self.lock is not None:  # this process took the directory; before the lock goes, no other run has it
+                remove_new(made)
             self.close()  # (a rank exiting with it held aborted: "terminate called without an active exception")
             with contextlib.suppress(Exception):  # the error that got here is the one to report
                 self.mesh.destroy()
@@ -138,7 +143,6 @@ class Trainer:
                 err = e
         err, start = self.mesh.broadcast_object((err, start))
         if err is not None:
-            self.close()
             raise err
         self.precision = resolve_precision(tc.precision, self.device)
         note = precision_note(self.precision, self.device)
@@ -190,11 +194,7 @@ class Trainer:
         # MFU against the fastest GEMM the device offers at this precision (``peak_gemm`` names it)
         self.peak_flops, self.peak_gemm = fastest_gemm(peak_dtype, self.device)
         if start is not None:
-            try:
-                self._resume(Path(start))
-            except BaseException:  # the run directory free again, in this process too
-                self.close()
-                raise
+            self._resume(Path(start))
         elif tc.resume:
             self.log(f"no checkpoint in {self.ckpt_root}: starting from step 0")
         if self.rank0:
