@@ -181,6 +181,32 @@ def test_seed_stop_echo_and_logprobs(served, model):
     assert all(len(t) <= 3 for t in lp.top_logprobs[1:])
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(served, model):
+    """``echo`` with ``max_tokens: 0``, as evaluation harnesses score a text (lm-eval's loglikelihood, OpenAI's
+    legacy API, vLLM): the prompt back with its logprobs and no token; without echo, 0 is refused naming it."""
+    client = served.client()
+    p = _prog(5, 7, 11)
+    with torch.no_grad():
+        ref_lp = model(torch.tensor([p])).log_softmax(-1)[0, torch.arange(len(p) - 1), torch.tensor(p[1:])]
+    kw = dict(model="tiny-test", prompt=p, max_tokens=0, temperature=0, echo=True)
+    r = client.completions.create(**kw, logprobs=2, n=2)
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(p)
+    for c in r.choices:
+        assert c.text == ByteTokenizer().decode(p) and c.finish_reason == "length"
+        assert len(c.logprobs.tokens) == len(p) and c.logprobs.token_logprobs[0] is None
+        torch.testing.assert_close(torch.tensor(c.logprobs.token_logprobs[1:]), ref_lp, atol=1e-4, rtol=0)
+    chunks = [c for c in client.completions.create(**kw, logprobs=2, stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    streamed = chunks[0].choices[0].logprobs.token_logprobs  # with the echoed text, in the first chunk
+    assert len(streamed) == len(p) and streamed[0] is None
+    torch.testing.assert_close(torch.tensor(streamed[1:]), ref_lp, atol=1e-4, rtol=0)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert client.completions.create(**kw).choices[0].text == r.choices[0].text  # echo alone: no scores asked
+    with pytest.raises(openai.BadRequestError, match="0 generates nothing") as e:
+        client.completions.create(model="tiny-test", prompt=p, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"
+
+
 def test_chat_default_template_streaming_and_usage(served_bytes):
     client = served_bytes.client()
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "count"}]
@@ -251,7 +277,7 @@ def test_bad_requests_answer_400_never_500(served, model):
     _error(httpx.post(url, json={**ok, "model": "gpt-4"}), 404, "model")
     _error(httpx.get(served.url + "/v1/nothing"), 404)
     with pytest.raises(openai.BadRequestError):
-        served.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=0)
+        served.client().completions.create(model="tiny-test", prompt=[1, 2], max_tokens=-1)
     assert 'flyer_rejected_requests_total{status="400"}' in httpx.get(served.url + "/metrics").text
 
 

@@ -183,6 +183,25 @@ def test_requests_with_a_common_prompt_prefill_it_once(trained):
     assert eng.prefix_hit_rate == (10 + 10 + 7) / (3 * 10 + 8)  # of every prompt's blocks, not up to a miss
 
 
+def test_max_tokens_0_prefills_the_prompt_and_ends_without_a_token(trained):
+    """``max_tokens=0`` (echo's scoring): the prompt is prefilled, scored when asked and cached, and the request ends
+    "length" with no token, also on a whole-prompt prefix hit and under MTP speculation; a later request reuses its
+    blocks."""
+    p = _progression(3, 2, 13)  # 3 full blocks of 4
+    for over in ({}, {"speculative": "mtp"}):
+        eng = _engine(trained, prefill_chunk=8, **over)
+        for scored in (True, False, False):  # the third: every block of the prompt in the prefix index
+            events = []
+            eng.submit(p, SamplingOptions(max_tokens=0, logprobs=0 if scored else None, prompt_logprobs=scored),
+                       events.append)
+            eng.run_until_idle()
+            assert [(e.token, e.finish_reason) for e in events] == [(None, "length")]
+            assert (len(events[0].prompt_logprobs) == len(p)) if scored else events[0].prompt_logprobs is None
+        assert eng.alloc.used == 0 and eng.alloc.hits == 2 * 3
+        assert _run(eng, [p], SamplingOptions(max_tokens=4)) == _alone(trained, [p], 4)
+        assert eng.alloc.hits == 3 * 3
+
+
 def test_a_burst_is_prefilled_in_fewer_steps(trained):
     eng = _engine(trained, prefill_chunk=4)
     for start in (1, 2, 3):  # nothing in common (a common prompt is prefilled once: the test above)

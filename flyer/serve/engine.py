@@ -545,9 +545,14 @@ class Engine:
 
     def _advance(self, r: Request, logits_V: torch.Tensor, argmax: int | None = None) -> None:
         """The cache holds all of r's tokens: choose the next one from ``logits_V`` (``argmax``:
-        its argmax, computed with the batch's) and emit it."""
+        its argmax, computed with the batch's) and emit it; with ``max_tokens`` 0, end r without one."""
         self._register_full_blocks(r)
         o = r.opts
+        if o.max_tokens == 0:  # the prompt only (echo's scoring): done, without a token
+            self._finish(r, "length", emit=False)
+            r.emit(TokenEvent(None, finish_reason="length", prompt_logprobs=r.prompt_lp, cached_tokens=r.cached_prompt,
+                              written_tokens=r.written_prompt))
+            return
         if o.temperature == 0 and argmax is not None:
             tok = argmax
         else:

@@ -25,7 +25,7 @@ def mean_logprob(c: Choice) -> float:
     (after logit bias, penalties and a grammar's mask, before temperature and top-p). OpenAI's definition ("the
     highest log probability per token"), not vLLM's sum, which favours the candidates that end soonest; the model's
     own likelihood, not the sampling distribution's, which at temperature 0 scores every token 0. -inf without tokens
-    (none finishes so: max_tokens >= 1, and an error fails the request)."""
+    (max_tokens 0: every candidate alike, in order)."""
     lps = [e.logprob for e in c.events if e.token is not None]
     return math.fsum(lps) / len(lps) if lps else -math.inf
 

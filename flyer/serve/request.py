@@ -70,8 +70,8 @@ class Limits:
             raise FieldError("prompt", "must hold at least one token")
         if min(prompt) < 0 or max(prompt) >= V:
             raise FieldError("prompt", f"token ids must be in [0, {V})")
-        if opts.max_tokens < 1:
-            raise FieldError("max_tokens", f"must be >= 1 (got {opts.max_tokens})")
+        if opts.max_tokens < 0:
+            raise FieldError("max_tokens", f"must be >= 0 (got {opts.max_tokens})")
         _ = opts.params  # its construction checks the sampling fields' ranges
         if opts.stop_ids and (min(opts.stop_ids) < 0 or max(opts.stop_ids) >= V):
             raise FieldError("stop_token_ids", f"token ids must be in [0, {V}) (got {list(opts.stop_ids)})")
@@ -126,7 +126,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class SamplingOptions(LogitAdjustments):
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: the prompt only (its blocks cached; scored with prompt_logprobs), no token
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: all tokens

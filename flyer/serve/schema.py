@@ -216,7 +216,7 @@ class Body(BaseModel):
 
 class CompletionBody(Body):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0 with echo: the prompt alone, scored (evaluation harnesses)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None  # the text after the one generated (FIM); None or "": a plain completion
@@ -232,6 +232,9 @@ class CompletionBody(Body):
         refuses it too); a suffix with token-id prompts, whose layout (BOS, markers) is the client's own, and
         with echo: the model reads prompt and suffix in FIM markers, not the prompt alone, to echo and score."""
         super().check_fields()
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "0 generates nothing: send echo true to have the prompt back (scored "
+                                           "with logprobs), or max_tokens >= 1")
         if self.candidates() < self.n:
             raise FieldError("best_of", f"must be >= n ({self.n}) (got {self.best_of})")
         if self.stream and self.candidates() > self.n:
