@@ -25,7 +25,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from flyer.cluster.costs import Layout, activation_bytes_per_token_layer, logits_bytes_per_token, memory_per_gpu
+from flyer.cluster.costs import Layout, activation_bytes_per_token_layer, memory_per_gpu
 from flyer.cluster.costs import validate_layout as costs_layout
 from flyer.config import preset
 from flyer.errors import FieldError
@@ -226,9 +226,12 @@ def test_estimates_count_one_shortcut_moe_a_pair():
         assert saved[1] == dense_block  # attention and the dense FFN
         assert saved[0] - saved[1] == moe_block - dense_block + (dense - normed) * el  # the MoE's, its input once
         assert saved[2] == saved[0]  # no layer named: the heavier block
-    # the trainer's pre-flight lower bound: per token, each block's own (not the heavier one's ten times)
-    tc = TrainConfig(seq_len=T)
-    per_token = (training_memory_bytes(cfg, tc, "fp32") - training_memory_bytes(cfg, replace(tc, batch_size=0), "fp32"))
-    per_token /= tc.batch_size * T
+    # the trainer's pre-flight lower bound: per token, each block's own (not the heavier one's ten times), the MTP
+    # modules' (a dense FFN) and the heads' hidden-state gradients
+    tc, cfg = TrainConfig(seq_len=T), cfg.replace(mtp_depth=1)
+    per_token = training_memory_bytes(cfg, replace(tc, batch_size=2 * tc.batch_size), "fp32")
+    per_token = (per_token - training_memory_bytes(cfg, tc, "fp32")) / (tc.batch_size * T)
     pair = sum(activation_bytes_per_token_layer(cfg, True, False, el, i) for i in (0, 1))
-    assert per_token == cfg.n_layers // 2 * pair + logits_bytes_per_token(cfg)
+    mtp = activation_bytes_per_token_layer(cfg, True, False, el, cfg.n_layers)
+    assert mtp == activation_bytes_per_token_layer(plain, False, False, el)  # a dense block
+    assert per_token == cfg.n_layers // 2 * pair + mtp + 2 * cfg.dim * 4  # each head's FP32 hidden-state gradient

@@ -128,15 +128,25 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     return (attn + ffn + streams) * bytes_per_element
 
 
+def expert_weights_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
+    """Bytes of one routed expert's weights that its GEMMs keep for backward, made anew in each forward
+    (``flyer.model.experts``), besides the activations: in FP32 (4-byte elements) w1|w3 stacked into one copy,
+    2 F D of them (w2 is read as it is); in BF16 all three cast, 3 F D."""
+    F_, D = cfg.moe_inter_dim, cfg.dim
+    return 2 * F_ * D * 4 if bytes_per_element == 4 else 3 * F_ * D * bytes_per_element
+
+
 def _ffn_saved(cfg: ModelConfig, moe: bool, recompute: bool) -> float:
     """Elements per token an FFN saves (``activation_bytes_per_token_layer``): with recomputation the FP8-cached
-    expert and SwiGLU inputs, without its normed input and per expert its input, gate/up outputs and product."""
+    expert and SwiGLU inputs, without its normed input and per expert its input, gate/up outputs and product, and
+    per routed pick its output."""
     experts = cfg.n_activated_experts + cfg.n_shared_experts if moe else 1
     inter = cfg.moe_inter_dim if moe else cfg.inter_dim
     router = cfg.n_route_columns if moe else 0  # the router's scores (LongCat-Flash's zero experts' too)
     if recompute:
         return experts * 0.5 * (cfg.dim + 2 * inter) + router
-    return cfg.dim + experts * (cfg.dim + 3 * inter) + router
+    outputs = cfg.n_activated_experts * cfg.dim if moe else 0  # each pick's output: its gate weight's gradient
+    return cfg.dim + experts * (cfg.dim + 3 * inter) + router + outputs
 
 
 def _compressor_saved(cfg: ModelConfig, layer_id: int | None) -> int:
@@ -151,10 +161,11 @@ def _compressor_saved(cfg: ModelConfig, layer_id: int | None) -> int:
     return 4 * cfg.head_dim + Hi * di + Hi + 4 * di
 
 
-def logits_bytes_per_token(cfg: ModelConfig) -> int:
-    """Bytes per token of the FP32 logits and their gradient the main and MTP heads keep for
-    backward (on the stage holding the head)."""
-    return (1 + cfg.mtp_depth) * cfg.vocab_size * 4 * 2
+def head_saved_bytes(cfg: ModelConfig, tokens: int) -> int:
+    """Bytes the main and MTP heads' losses keep for backward over ``tokens`` tokens: the fused cross-entropy
+    (``flyer.model.loss``) computes its gradients in the forward and keeps them instead of the logits, the FP32 head
+    weight's (V, D) and the FP32 hidden states' (tokens, D) per head; the logits exist a chunk of rows at a time."""
+    return (1 + cfg.mtp_depth) * (cfg.vocab_size + tokens) * cfg.dim * 4 if tokens else 0
 
 
 def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) -> dict:

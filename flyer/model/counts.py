@@ -113,6 +113,20 @@ def _moe_params(cfg: ModelConfig, activated: bool) -> int:
     return cfg.n_route_columns * cfg.dim + (routed + cfg.n_shared_experts) * expert
 
 
+def has_routed_experts(cfg: ModelConfig, layer_id: int) -> bool:
+    """Whether block ``layer_id`` (``n_layers`` onward: an MTP module's) holds routed experts: past the dense layers,
+    or LongCat-Flash's pairs' first blocks (``has_shortcut_moe``: never an MTP block)."""
+    if cfg.n_routed_experts == 0:
+        return False
+    return cfg.has_shortcut_moe(layer_id) if cfg.shortcut_moe else layer_id >= cfg.n_dense_layers
+
+
+def routed_expert_params(cfg: ModelConfig) -> int:
+    """The routed experts' parameters, the main model's and the MTP modules': the share expert parallelism splits."""
+    blocks = sum(has_routed_experts(cfg, i) for i in range(cfg.n_layers + cfg.mtp_depth))
+    return blocks * cfg.n_routed_experts * 3 * cfg.dim * cfg.moe_inter_dim
+
+
 def block_params(cfg: ModelConfig, layer_id: int, activated: bool = False) -> int:
     """Block ``layer_id``'s parameters (``n_layers`` onward: an MTP module's block): its two norms, two
     hyper-connections, attention and FFN."""

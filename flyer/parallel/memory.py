@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
+from flyer.cluster.costs import activation_bytes_per_token_layer, expert_weights_saved_bytes, head_saved_bytes
 from flyer.config import ModelConfig
+from flyer.model.counts import has_routed_experts
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import expert_param_names
 from flyer.parallel.stages import chunks_per_rank, held_modules, split_layers, stage_ranks
@@ -60,24 +61,27 @@ def _holder(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: i
 
 
 def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq_len: int, micro_batch: int,
-                     precision: str) -> int:
-    """An estimate of what pipeline rank ``pp_rank`` saves for backward at its peak: every layer's
-    saved activations (``activation_bytes_per_token_layer``, no recomputation) for the
-    micro-batches in flight on each of its stages (stage s of n holds up to n - s of them in a
-    1F1B-style schedule; one without pipelining), plus the FP32 logits and their gradient of the
-    main and MTP heads on the last stage."""
+                     precision: str, ep: int = 1) -> int:
+    """An estimate of what pipeline rank ``pp_rank`` saves for backward at its peak: every block's
+    saved activations (``activation_bytes_per_token_layer``, no recomputation; the MTP modules' blocks on the last
+    stage) and its routed experts' GEMM weights (``expert_weights_saved_bytes``: this rank's ``1/ep`` of them) for
+    the micro-batches in flight on each of its stages (stage s of n holds up to n - s of them in a
+    1F1B-style schedule; one without pipelining), plus what the main and MTP heads' losses keep on the last stage
+    (``head_saved_bytes``)."""
     element = 4 if precision == "fp32" else 2
     n = pp * chunks_per_rank(schedule, pp)
     split, placement = split_layers(cfg, n, seq_len), stage_ranks(schedule, pp)
     tokens = micro_batch * seq_len
+    expert = cfg.n_routed_experts // ep * expert_weights_saved_bytes(cfg, element) if micro_batch else 0
     total = 0.0
     for s in (s for s in range(n) if placement[s] == pp_rank):
-        per_token = sum(activation_bytes_per_token_layer(cfg, cfg.is_moe and i >= cfg.n_dense_layers,
-                                                         recompute=False, bytes_per_element=element, layer_id=i)
-                        for i in split[s])
-        total += (n - s) * tokens * per_token
+        blocks = [*split[s], *(range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if s == n - 1 else ())]
+        per_token = sum(activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
+                                                         bytes_per_element=element, layer_id=i) for i in blocks)
+        weights = expert * sum(has_routed_experts(cfg, i) for i in blocks)
+        total += (n - s) * (tokens * per_token + weights)
         if s == n - 1:
-            total += tokens * logits_bytes_per_token(cfg)
+            total += head_saved_bytes(cfg, tokens)
     return int(total)
 
 
@@ -114,7 +118,7 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
             groups = [g["params"] for g in optimizer_groups(optimizer, kinds[kind], muon, 0.0)]
             owned = partition([[numel[id(p)] for p in g] for g in groups], replicas)
             shards[kind] = [sum(state([g[i] for i in idx]) for g, idx in zip(groups, mine)) for mine in owned]
-        act = activation_bytes(cfg, pp, pp_rank, schedule, seq_len, micro_batch, precision)  # a stage's replicas alike
+        act = activation_bytes(cfg, pp, pp_rank, schedule, seq_len, micro_batch, precision, ep)  # replicas alike
         for dp_rank in range(dp):
             opt = sum(per[shard_rank(kind, dp_rank, ep) if len(per) > 1 else 0] for kind, per in shards.items())
             out["param_bytes_per_rank"].append(params)

@@ -8,7 +8,6 @@ import dataclasses
 
 import torch
 
-from flyer.cluster.costs import activation_bytes_per_token_layer, logits_bytes_per_token
 from flyer.config import ModelConfig
 from flyer.fp8 import convert_to_fp8
 from flyer.data import eval_batches_bytes
@@ -16,10 +15,11 @@ from flyer.data.chat_pack import PACKED_TENSORS
 from flyer.data.sampler import TEXT_TENSORS
 from flyer.errors import FieldError
 from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
-from flyer.model.counts import param_counts
+from flyer.model.counts import param_counts, routed_expert_params
 from flyer.model.transformer import Transformer
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 from flyer.parallel.dispatch import dispatcher_factory
+from flyer.parallel.memory import activation_bytes
 from flyer.parallel.mesh import LocalMesh, Mesh
 from flyer.parallel.stages import held_modules
 from flyer.parallel.zero import ShardedOptimizer
@@ -30,27 +30,22 @@ from flyer.train.dpo import reference_bytes
 
 def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1, pp: int = 1) -> float:
     """A lower bound on one rank's training memory: FP32 weights, gradients and the optimizer's
-    moments (AdamW two, Muon at least one; experts split over ``ep``, layers over ``pp`` stages),
-    and what one micro-batch saves for
-    backward (every layer's saved activations, ``flyer.cluster.costs``, and the FP32 logits and
-    their gradient of the main and MTP heads; a pipeline holds about ``pp`` micro-batches of its
-    1/pp of the layers). DPO (``tc.dpo``) adds its frozen reference's weights as held
+    moments (AdamW two, Muon at least one) of the model and its MTP modules (routed experts split over ``ep``,
+    the rest over ``pp`` stages), and what one micro-batch saves for backward: every block's saved activations and
+    its routed experts' GEMM weights (``flyer.parallel.memory.activation_bytes``, the whole batch through the whole
+    model: a pipeline holds about ``pp`` micro-batches of its 1/pp of the layers), and what the main and MTP heads'
+    losses keep. DPO (``tc.dpo``) adds its frozen reference's weights as held
     (``flyer.train.dpo.reference_bytes``: FP32, the GEMM weights BF16 under bf16; DPO runs with ep = pp = 1); the
     reference's forward (no gradients) runs before the policy's in each micro-batch, so its transient
     activations are freed before the policy saves any and add nothing to the peak. Attention scores and allocator
     slack come on top."""
     pc = param_counts(cfg)
-    expert = pc.total - pc.activated if cfg.is_moe else 0  # the share of the weights EP splits
-    params = (pc.total - expert + expert / ep) / pp
-    element = 4 if precision == "fp32" else 2
-    tokens = tc.batch_size * tc.seq_len
-    # each layer's own (DeepSeek-V4's compressors, LongCat-Flash's shortcut MoE on a pair's first block only)
-    saved = sum(activation_bytes_per_token_layer(cfg, cfg.is_moe, recompute=False, bytes_per_element=element,
-                                                 layer_id=i) for i in range(cfg.n_layers))
-    logits = logits_bytes_per_token(cfg)
+    routed = routed_expert_params(cfg)
+    params = (pc.total + pc.mtp - routed + routed / ep) / pp
+    saved = activation_bytes(cfg, 1, 0, "1f1b", tc.seq_len, tc.batch_size, precision, ep)
     per_param = 16 if tc.optimizer == "adamw" else 12
     reference = reference_bytes(cfg, precision, tc.fp4_experts) if tc.dpo else 0
-    return params * per_param + reference + tokens * (saved + logits)
+    return params * per_param + reference + saved
 
 
 def require_training_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, device: torch.device, ep: int,
