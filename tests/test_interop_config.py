@@ -125,3 +125,22 @@ LLAMA31_405B_HUB = {
 def test_llama_hub_config_is_the_preset():
     """The preset is Llama 3.1 405B as published, its llama3 RoPE scaling included."""
     assert _arch(ModelConfig.from_dict(LLAMA31_405B_HUB)) == _arch(preset("llama3.1-405b"))
+
+
+@pytest.mark.parametrize("mscales", [(0.8, 0.6), (1.0, 1.0), (1.0, 0.707)])
+def test_an_export_keeps_mscale_for_readers_without_attention_factor(mscales):
+    """An export's YaRN parameters carry transformers' ``attention_factor`` and DeepSeek's ``mscale`` /
+    ``mscale_all_dim``, which vLLM and SGLang read instead (m(mscale) / m(mscale_all_dim)): both give the source's
+    factor (the export wrote no ``mscale``: such a reader took 1, 1.0512 against 1.0256 for (0.8, 0.6) at factor 4);
+    DeepSeek-V3's and Kimi's (1, 1) comes back as it is."""
+    from flyer.interop.export_config import _rope_parameters
+
+    mscale, all_dim = mscales
+    src = ModelConfig.from_dict({**V3_T4, "rope_scaling": {**V3_T4["rope_scaling"], "mscale": mscale,
+                                                           "mscale_all_dim": all_dim}})
+    rp = _rope_parameters(src)
+    assert (rp["mscale"], rp["mscale_all_dim"]) == pytest.approx(mscales, rel=1e-12)
+    assert rp["mscale"] == mscale or mscales != (1.0, 1.0)
+    deepseek = yarn_attention_factor(rp["factor"], rp["mscale"], rp["mscale_all_dim"])
+    assert deepseek == pytest.approx(rp["attention_factor"], rel=1e-12)
+    assert ModelConfig.from_dict({**_t5(V3_T4), "rope_parameters": {**rp}}) == src

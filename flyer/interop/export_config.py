@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from flyer.config import ModelConfig
@@ -15,7 +16,7 @@ from flyer.interop.nvfp4_pack import nvfp4_config
 from flyer.interop.hf_config_longcat import check_longcat, to_longcat_config
 from flyer.interop.hf_config_mistral4 import check_mistral4, to_mistral4_config
 from flyer.interop.hf_config_v4 import to_v4_config
-from flyer.interop.hf_rope import partial_rotary_factor
+from flyer.interop.hf_rope import partial_rotary_factor, yarn_mscale
 from flyer.interop.hf_tokenizer import TextTokenizer
 from flyer.interop.v4_quant import FP4_GROUP
 
@@ -142,8 +143,11 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     rp = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
           "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
           "beta_slow": cfg.beta_slow, "attention_factor": cfg.rope_attn_factor}
-    if cfg.mscale:
-        rp["mscale_all_dim"] = cfg.mscale
+    if cfg.mscale:  # mscale too, so that DeepSeek's reading (m(mscale) / m(mscale_all_dim), no attention_factor:
+        # vLLM's, SGLang's) gives transformers' factor: the one m(mscale) = attention_factor m(mscale_all_dim)
+        ln_factor = math.log(cfg.rope_factor)
+        mscale = (cfg.rope_attn_factor * yarn_mscale(cfg.rope_factor, cfg.mscale) - 1) / (0.1 * ln_factor)
+        rp["mscale"], rp["mscale_all_dim"] = round(mscale, 12), cfg.mscale  # (12 digits: the inversion's rounding off)
     return rp
 
 
