@@ -442,13 +442,16 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
 
     JSON: DeepSeek's config_*.json (its ModelArgs' fields: ``flyer.interop.model_args``), an HF config.json, or
     flyer's own fields (model fields only). TOML: model fields at the top level and/or in a [model] table, trainer
-    options in a [train] table.
+    options in a [train] table. A model directory stands for its ``config.json``.
     """
     p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():  # a Hugging Face model's (or an export's) directory
+        p = p / "config.json"
     try:
         st = p.stat()
         if not stat.S_ISREG(st.st_mode):  # a directory, a device (/dev/zero never ends), a FIFO (the read blocks)
-            raise ConfigError(f"cannot read config file {p}: not a regular file")
+            raise ConfigError(f"cannot read config file {p}: not a regular file"
+                              + (" (a directory without config.json)" if p.is_dir() else ""))
         if st.st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB ({st.st_size} bytes)")
         with p.open(encoding="utf-8") as f:

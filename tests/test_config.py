@@ -199,6 +199,19 @@ def test_info_cli_json(capsys):
     assert {"total_params", "activated_params", "mtp_params"} <= out.keys()
 
 
+def test_info_reads_a_model_directory_as_its_config_json(tmp_path, capsys):
+    """``--config DIR`` (a Hugging Face model's directory) reads ``DIR/config.json``; a directory without one is
+    refused in one line saying so."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(DSV3_HF))
+    assert main(["info", "--config", str(tmp_path / "model"), "--json"]) == 0
+    by_dir = json.loads(capsys.readouterr().out)
+    assert main(["info", "--config", str(tmp_path / "model" / "config.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == by_dir
+    assert main(["info", "--config", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith("not a regular file (a directory without config.json)")
+
+
 def test_toml_top_level_model_fields_beside_a_train_table(tmp_path):
     from flyer.config import read_config_sections
 
