@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,4 +288,14 @@ def test_hand_edited_hf_ids_and_depth_are_one_line(capsys, tmp_path):
     eos = edited("eos", "generation_config.json", eos_token_id=[1, 99999])
     err = one_line(["export", eos, "--out", f"{eos}-hf"])
     assert "eos_token_id 99999 is outside the model's vocabulary" in err
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    n = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    small = edited("small", "config.json", vocab_size=n - 1)  # the embedding and head cut past the tokenizer's
+    for f in Path(small).glob("*.safetensors"):
+        save_file({k: v[:n - 1] if v.shape[:1] == (vocab,) else v for k, v in load_file(f).items()}, f)
+    err = one_line(["export", small, "--out", f"{small}-hf"])
+    assert f"its tokenizer has {n} tokens, more than its model's vocab_size {n - 1}" in err
     assert not any(p.name.endswith("-hf") for p in tmp_path.iterdir())  # nothing written

@@ -457,8 +457,11 @@ def _fp4_block_codes(cfg: ModelConfig, read: Read, fp4_keys: set[str]) -> Codes:
 
 
 def _check_special_ids(path, tok, vocab_size: int) -> None:
-    """A ``CheckpointError`` for a BOS or EOS id outside the model's vocabulary: written on, the export's readers
-    would stop on a token that can never be sampled, or begin every prompt with one the embedding has not."""
+    """A ``CheckpointError`` for a BOS or EOS id outside the model's vocabulary, or a tokenizer with more tokens than
+    it (as ``flyer train --init`` refuses one): written on, the export's readers would stop on a token that can
+    never be sampled, begin every prompt with one the embedding has not, or fail on a text that encodes to one."""
+    if (n := tok.tok.get_vocab_size(with_added_tokens=True)) > vocab_size:
+        raise CheckpointError(f"{path}: its tokenizer has {n} tokens, more than its model's vocab_size {vocab_size}")
     for kind, ids in (("eos", tok.eos_ids()), ("bos", () if tok.bos_id() is None else (tok.bos_id(),))):
         if bad := [i for i in ids if not 0 <= i < vocab_size]:
             raise CheckpointError(f"{path}: its {kind}_token_id {bad[0]} is outside the model's vocabulary "
