@@ -2,6 +2,7 @@
 full disk or a directory where the run writes a file) is refused in one line and exit 2, before anything trains."""
 
 import errno
+import json
 import os
 import pathlib
 
@@ -193,3 +194,20 @@ def test_a_batch_ramp_that_cannot_run_is_one_line(tmp_path, capsys, nothing_trai
 def test_a_batch_ramp_needs_a_step_without_pipelining():
     with pytest.raises(FieldError, match="^ramp_grad_accum: needs a step without pipelining"):
         TrainConfig(preset="tiny", grad_accum=2, ramp_grad_accum=1, ramp_steps=2, pp=2).validate()
+
+
+def test_an_init_checkpoint_flyer_cannot_read_is_named_as_init(tmp_path, capsys, nothing_trains):
+    """A checkpoint's own problem (a config value flyer does not compute, no valid checkpoint in a folder) is one
+    line naming ``--init``, as ``generate --ckpt`` and ``export PATH`` name theirs (it began with the file's path)."""
+    from tests.hf_models import build
+
+    src = tmp_path / "v3"
+    build("v3", src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    (tmp_path / "empty").mkdir()
+    for init, says in ((src, "hidden_act"), (tmp_path / "empty", "no valid checkpoint")):
+        capsys.readouterr()
+        assert main(argv(tmp_path, "--init", str(init))) == 2
+        line = one_line(capsys)
+        assert line.startswith(f"flyer: error: --init: cannot load checkpoint '{init}': ") and says in line, line

@@ -93,7 +93,10 @@ class Trainer:
                 raise FieldError(field, f"{path} does not exist")
             if field == "tokenizer" and not Path(path).expanduser().is_file():  # a folder, a device
                 raise FieldError(field, f"{path} is not a file (a tokenizer.json)")
-        init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
+        try:
+            init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
+        except (ConfigError, CheckpointError) as e:  # the checkpoint's own problem, named as the flag that gave it
+            raise FieldError("init", f"cannot load checkpoint '{tc.init}': {e}") from None
         base = init_cfg or resolve_config(tc.preset, None, model_over)
         check_fp4_experts(tc.fp4_experts, base)  # before any work
         check_indexer_train(tc.indexer_train, base)
