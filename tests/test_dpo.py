@@ -85,9 +85,20 @@ def _messages(p: dict, key: str) -> list[dict]:
     return as_list(p["prompt"], "user") + as_list(p[key], "assistant")
 
 
+def _plain_text(ref, p: dict, key: str) -> tuple[list[int], list[int]]:
+    """A plain-text pair's side as TRL tokenizes it with transformers' tokenizer: prompt+completion+eos_token encoded
+    whole (its BOS too), trained past the prefix the prompt's own encoding shares with both sides."""
+    prompt = ref(p["prompt"])["input_ids"]
+    sides = {k: ref(p["prompt"] + p[k] + ref.eos_token)["input_ids"] for k in ("chosen", "rejected")}
+    n = min(next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
+            for ids in sides.values())
+    return sides[key], [0] * n + [1] * (len(sides[key]) - n)
+
+
 def test_ids_and_completion_mask_equal_transformers(hf):
     """prompt+chosen and prompt+rejected: transformers' ids, and its assistant mask on the completion's turn (the
-    prompt's assistant turn is context, unmasked); training pairs in file order, the 20th and 40th held out."""
+    prompt's assistant turn is context, unmasked); a plain-text pair as TRL reads it (no template: the tokenizer's
+    BOS, the completion and its eos_token); training pairs in file order, the 20th and 40th held out."""
     path, _ = hf
     ref = AutoTokenizer.from_pretrained(path)
     t = _trainer(hf, path.parent / "ids")
@@ -96,6 +107,11 @@ def test_ids_and_completion_mask_equal_transformers(hf):
     for s in range(2 * 38):
         p, key = PAIRS[order[s // 2]], ("chosen", "rejected")[s % 2]
         ids, mask = t.data.train.samples.conversation(s)
+        if isinstance(p["prompt"], str):
+            want_ids, want_mask = _plain_text(ref, p, key)
+            assert (ids.tolist(), mask.tolist()) == (want_ids, want_mask) and want_ids[0] == ref.bos_token_id, s
+            assert want_ids[-1] == ref.eos_token_id and 0 < sum(want_mask) < len(want_ids), s
+            continue
         want = ref.apply_chat_template(_messages(p, key), tokenize=True, return_dict=True,
                                        return_assistant_tokens_mask=True)
         prompt_len = len(ref.apply_chat_template(_messages(p, key)[:-1], tokenize=True, add_generation_prompt=True,
@@ -512,12 +528,21 @@ def test_bf16_step_matches_fp32_within_its_logits_error(hf, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("line, words", [
     ("not json", "not valid JSON"),
+    ('{"prompt": "hi", "chosen": "a"', "not valid JSON (Expecting ',' delimiter: line 1 column 31"),  # not "line 2"
     ('{"prompt": "hi", "chosen": "a"}', "rejected: missing"),
     ('{"prompt": "hi", "chosen": "", "rejected": "b"}', "chosen: empty completion"),
-    ('{"prompt": "hi", "chosen": "a", "rejected": []}', "rejected: expected a string or a non-empty list"),
-    ('{"prompt": [{"role": "user", "content": 3}], "chosen": "a", "rejected": "b"}', "prompt[0]: expected an object"),
-    ('{"prompt": "hi", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}', "chosen: empty completion"),
-    ('{"prompt": "hi", "chosen": "a", "rejected": "b", "tools": 3}', "tools: expected a list"),
+    ('{"prompt": "hi", "chosen": "a", "rejected": []}', "rejected: expected a string, as prompt is"),
+    ('{"prompt": [], "chosen": [], "rejected": []}', "prompt: expected a non-empty list of {role, content}"),
+    ('{"prompt": [{"role": "user", "content": 3}], "chosen": [], "rejected": []}', "prompt[0]: expected an object"),
+    ('{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": ""}], '
+     '"rejected": [{"role": "assistant", "content": "b"}]}', "chosen: empty completion"),
+    # a completion is the assistant's: a user turn first would score chosen and rejected in different contexts
+    ('{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "user", "content": "say a"}, '
+     '{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}',
+     "chosen: a completion starts with the assistant's turn (got 'user')"),
+    ('{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}], '
+     '"rejected": [{"role": "assistant", "content": "b"}], "tools": 3}', "tools: expected a list"),
+    ('{"prompt": "hi", "chosen": "a", "rejected": "b", "tools": []}', "tools: applies to conversational pairs"),
     ('{"prompt": "' + " ".join(WORDS * 8) + '", "chosen": "a", "rejected": "b"}', "more than seq_len+1 = 97"),
 ])
 def test_bad_lines_are_one_line_errors_naming_file_and_line(hf, tmp_path, capsys, line, words):
@@ -545,3 +570,15 @@ def test_unsupported_settings_are_refused(hf, tmp_path, capsys, drop, add, words
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"flyer: error: {words}"), err
+
+
+def test_data_that_holds_no_pairs_is_named_as_data(hf, tmp_path, capsys):
+    """``--data`` a folder (or a .txt file) with ``--dpo``: one line naming ``--data`` and its value (it named
+    ``--dpo`` and printed ``(got True)``)."""
+    argv = _train_args(hf, tmp_path / "run", 1)
+    argv[argv.index("--data") + 1] = str(tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"flyer: error: --data: dpo trains on preference pairs: a .jsonl file of {{prompt, chosen, "
+                   f"rejected}} lines (got {str(tmp_path)!r})"], err

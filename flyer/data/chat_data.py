@@ -117,7 +117,7 @@ def json_object(raw: bytes, path: Path, line: int, keys: str) -> dict:
     """Line ``line`` of ``path`` as a JSON object, or a one-line ``DataError`` naming ``path:line`` (``keys``: what
     the object should hold, for the message)."""
     try:  # json.loads reads bytes with a UTF-16/32 BOM or NULs as that encoding: a chat line is UTF-8
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig").rstrip("\r\n")  # (an error's "line 2" would name the line's end)
     except UnicodeDecodeError as e:
         raise _problem(path, line, f"not UTF-8 text (byte {e.start})") from None
     try:

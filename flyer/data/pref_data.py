@@ -1,13 +1,19 @@
 """Preference pairs for Direct Preference Optimization (``flyer train --dpo``, ``flyer.train.dpo``): a ``.jsonl``
-file in TRL's preference format, one pair a line, tokenized as chat data is (``flyer.data.chat_data``).
+file in TRL's preference format (explicit prompt), one pair a line, tokenized as TRL's ``DPOTrainer`` tokenizes it.
 
-Each line is ``{"prompt": [messages...], "chosen": [messages...], "rejected": [messages...]}`` (conversational:
-``{role, content}`` objects, content a string; the completions hold the assistant's turn(s)), or the plain-text
-form ``{"prompt": str, "chosen": str, "rejected": str}``, read as one user turn and one assistant turn; ``"tools"``
-and ``"chat_template_kwargs"`` optional, as a chat line's. prompt+chosen and prompt+rejected are each rendered
-whole with the chat template and masked as SFT masks a conversation (``encode_conversation``): the trained tokens
-are the completion's assistant turns (content and the template's closing tokens, not the header), the prompt's
-assistant turns are context. A completion that renders no trained token is refused.
+Conversational: ``{"prompt": [messages...], "chosen": [messages...], "rejected": [messages...]}`` (``{role,
+content}`` objects, content a string; the completions hold the assistant's turn(s)), ``"tools"`` and
+``"chat_template_kwargs"`` optional, as a chat line's. prompt+chosen and prompt+rejected are each rendered whole with
+the chat template and masked as SFT masks a conversation (``encode_conversation``): the trained tokens are the
+completion's assistant turns (content and the template's closing tokens, not the header), the prompt's assistant
+turns are context. For a completion of one assistant turn these are TRL's tokens; of several turns TRL trains the
+user turns between them too, flyer only what the policy would write. A completion that renders no trained token, or
+that starts with another role than the assistant's, is refused.
+
+Plain text: ``{"prompt": str, "chosen": str, "rejected": str}``, no chat template, as TRL reads it: prompt+chosen
+(and prompt+rejected) encoded as one text with the tokenizer's own special tokens (an HF tokenizer's BOS), the
+tokenizer's ``eos_token`` appended to the completion unless it ends with it; trained are the tokens past the longest
+prefix the prompt's own encoding shares with both (``plain_pair``). A line mixing the two forms is refused.
 
 Pair p's chosen is sample 2p and its rejected sample 2p + 1 of a ``ChatSplit``, so ``chat_rows`` builds their rows
 (2 rows a pair, next to each other). Validation holds out pairs as chat data holds out conversations (``held_out``).
@@ -42,37 +48,64 @@ def _problem(path: Path, line: int, what: str) -> DataError:
 
 
 def _messages(value, key: str, path: Path, line: int) -> list[dict]:
-    """``value`` of ``key`` as a list of messages (a string: one user turn for the prompt, one assistant turn for a
-    completion), or a one-line ``DataError`` naming ``path:line`` and the key."""
-    if isinstance(value, str):
-        if key != "prompt" and not value:
-            raise _problem(path, line, f"{key}: empty completion")
-        return [{"role": "user" if key == "prompt" else "assistant", "content": value}]
+    """``value`` of ``key`` as a list of messages, or a one-line ``DataError`` naming ``path:line`` and the key."""
     if not isinstance(value, list) or not value:
-        raise _problem(path, line, f"{key}: expected a string or a non-empty list of {{role, content}} messages")
+        raise _problem(path, line, f"{key}: expected a non-empty list of {{role, content}} messages")
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise _problem(path, line, f"{key}[{i}]: expected an object with role and content strings")
+    if key != "prompt" and value[0]["role"] != "assistant":  # both sides must continue the same context
+        raise _problem(path, line, f"{key}: a completion starts with the assistant's turn (got "
+                                   f"{value[0]['role']!r}); earlier turns belong to the prompt")
     if key != "prompt" and not any(m["role"] == "assistant" and m["content"] for m in value):
         raise _problem(path, line, f"{key}: empty completion (no assistant message with content)")
     return value
 
 
-def parse_pair(raw: bytes, path: Path, line: int) -> tuple[list[dict], list[dict], list[dict], list | None,
-                                                            dict | None]:
-    """(prompt, chosen, rejected messages, tools, chat_template_kwargs) of one line (module doc), or a one-line
-    ``DataError`` naming ``path:line`` and the key."""
+def parse_pair(raw: bytes, path: Path, line: int) -> tuple[list[dict] | str, list[dict] | str, list[dict] | str,
+                                                            list | None, dict | None]:
+    """(prompt, chosen, rejected, tools, chat_template_kwargs) of one line (module doc): message lists, or three
+    strings for a plain-text pair; a one-line ``DataError`` naming ``path:line`` and the key otherwise."""
     d = json_object(raw, path, line, "prompt, chosen and rejected")
     missing = [k for k in PREF_KEYS if k not in d]
     if missing:
         raise _problem(path, line, f"{missing[0]}: missing (a preference pair has prompt, chosen and rejected)")
-    prompt, chosen, rejected = (_messages(d[k], k, path, line) for k in PREF_KEYS)
     tools, kwargs = d.get("tools"), d.get("chat_template_kwargs")
+    if all(isinstance(d[k], str) for k in PREF_KEYS):  # plain text: no template, so no tools or template kwargs
+        for k in ("chosen", "rejected"):
+            if not d[k]:
+                raise _problem(path, line, f"{k}: empty completion")
+        for k in ("tools", "chat_template_kwargs"):
+            if d.get(k) is not None:
+                raise _problem(path, line, f"{k}: applies to conversational pairs (message lists); a plain-text "
+                                           "pair is read without a chat template")
+        return d["prompt"], d["chosen"], d["rejected"], None, None
+    if text := next((k for k in PREF_KEYS if isinstance(d[k], str)), None):
+        other = next(k for k in PREF_KEYS if not isinstance(d[k], str))
+        raise _problem(path, line, f"{other}: expected a string, as {text} is (a plain-text pair has three strings, a "
+                                   "conversational one three lists of {role, content} messages)")
+    prompt, chosen, rejected = (_messages(d[k], k, path, line) for k in PREF_KEYS)
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise _problem(path, line, "tools: expected a list of objects")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise _problem(path, line, f"chat_template_kwargs: expected an object, got {type(kwargs).__name__}")
     return prompt, chosen, rejected, tools or None, kwargs
+
+
+def plain_pair(tok: TextTokenizer, prompt: str, chosen: str, rejected: str) -> list[tuple[list[int], list[int]]]:
+    """(ids, mask) of prompt+chosen and prompt+rejected, a plain-text pair as TRL's ``DPOTrainer`` tokenizes one: each
+    text encoded whole with the tokenizer's own special tokens, its ``eos_token`` appended to a completion that does
+    not end with it; the prompt is the longest prefix its own encoding shares with both (a token merging across the
+    boundary belongs to the completions), the rest trained. ``ValueError`` without an ``eos_token``."""
+    eos = tok.special_tokens().get("eos_token")
+    if not eos:
+        raise ValueError("a plain-text pair ends its completions with the tokenizer's eos_token; this tokenizer "
+                         "names none")
+    prompt_ids = tok.encode_ids(prompt)
+    sides = [tok.encode_ids(prompt + c + ("" if c.endswith(eos) else eos)) for c in (chosen, rejected)]
+    n = min(next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+            for ids in sides)
+    return [(ids, [0] * n + [1] * (len(ids) - n)) for ids in sides]
 
 
 @dataclass
@@ -127,16 +160,16 @@ def prepare_prefs(path: str | Path, tok: TextTokenizer, template: ChatTemplate,
     ids, masks, lines = [], [], []
     for line, raw in _read_lines(path):
         prompt, chosen, rejected, tools, own = parse_pair(raw, path, line)
-        extra = {**(kwargs or {}), **(own or {})} or None
-        for key, completion in (("chosen", chosen), ("rejected", rejected)):
-            try:  # the completion's assistant turns only (from message len(prompt) on), as SFT masks a turn
-                got, mask = encode_conversation(prompt + completion, tools, render, encode, len(prompt), extra)
-            except FieldError:
-                raise
+        if isinstance(prompt, str):
+            try:
+                pair = plain_pair(tok, prompt, chosen, rejected)
             except ValueError as e:
-                raise _problem(path, line, f"{key}: {e}") from None
-            except Exception as e:  # a template's raise_exception, or a render error: the user's line or template
-                raise _problem(path, line, f"{key}: the chat template cannot render it ({e})") from None
+                raise _problem(path, line, str(e)) from None
+        else:
+            extra = {**(kwargs or {}), **(own or {})} or None
+            pair = [_encode_side(prompt, completion, key, tools, extra, render, encode, path, line)
+                    for key, completion in (("chosen", chosen), ("rejected", rejected))]
+        for key, (got, mask) in zip(("chosen", "rejected"), pair):
             if not any(mask):
                 raise _problem(path, line, f"{key}: the completion renders no trained token")
             ids.append(got)
@@ -150,6 +183,20 @@ def prepare_prefs(path: str | Path, tok: TextTokenizer, template: ChatTemplate,
     train, held = (_split(ids, masks, lines, keep, path) for keep in ([not v for v in val], val))
     return PrefData(tok.tok, train, held, tok.tok.get_vocab_size(), eos if eos is not None else ensure_eos(tok.tok),
                     math.log(2))
+
+
+def _encode_side(prompt: list[dict], completion: list[dict], key: str, tools, extra, render, encode, path: Path,
+                 line: int) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a conversational pair's prompt+``completion``: the completion's assistant turns trained (from
+    message len(prompt) on), as SFT masks a turn; a one-line ``DataError`` naming ``key`` when it cannot render."""
+    try:
+        return encode_conversation(prompt + completion, tools, render, encode, len(prompt), extra)
+    except FieldError:
+        raise
+    except ValueError as e:
+        raise _problem(path, line, f"{key}: {e}") from None
+    except Exception as e:  # a template's raise_exception, or a render error: the user's line or template
+        raise _problem(path, line, f"{key}: the chat template cannot render it ({e})") from None
 
 
 def refuse_long(split: PrefSplit, seq_len: int) -> None:

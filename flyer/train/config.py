@@ -193,8 +193,8 @@ class TrainConfig:
                                                                           "use grad_accum")
         if self.dpo:
             need(bool(self.init), "dpo", "needs init (the reference model, and the policy's starting weights)")
-            need(is_chat_data(self.data), "dpo", "needs preference pairs: data a .jsonl file of {prompt, chosen, "
-                                                 "rejected} lines")
+            need(is_chat_data(self.data), "data", "dpo trains on preference pairs: a .jsonl file of {prompt, "
+                                                  "chosen, rejected} lines")
             for name, off in (("pp", 1), ("ep", 1), ("pack", False), ("indexer_train", "off")):
                 need(getattr(self, name) == off, name, "is not supported with dpo")
         need(self.dpo_beta > 0, "dpo_beta", "must be > 0")
