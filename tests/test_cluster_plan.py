@@ -9,6 +9,7 @@ from flyer.cluster.pipeline import bubble_fraction, schedule_cost, simulate_1f1b
 from flyer.cli import main
 from flyer.config import preset
 from flyer.errors import FieldError
+from flyer.model.counts import mtp_training_flops_per_token
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,8 @@ def v3_plan():
 def test_flops_per_token(v3_plan):
     assert v3_plan["flops_per_token_causal"] == pytest.approx(250e9, rel=0.005)  # paper: 250 GFLOPs
     assert v3_plan["flops_per_token_noncausal"] == pytest.approx(281e9, rel=0.005)  # derived: ~281
+    # beside them, not in them (the paper's count): the MTP module's, which the trainer's MFU adds
+    assert v3_plan["flops_per_token_mtp"] == mtp_training_flops_per_token(preset("dsv3"), 4096) > 0.04 * 250e9
 
 
 def test_gpu_hours_and_cost(v3_plan):
@@ -63,6 +66,7 @@ def test_measured_step_gives_the_published_tokens_per_day(capsys):
 def test_params_and_kv(v3_plan):
     assert v3_plan["total_params"] == pytest.approx(671e9, rel=0.002)
     assert v3_plan["activated_params"] == pytest.approx(37e9, rel=0.02)
+    assert round(v3_plan["activated_params_without_embedding"] / 1e9) == 37  # DeepSeek's count: no lookup table
     assert v3_plan["kv_cache_bytes_per_token"] == 70272
 
 

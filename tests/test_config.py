@@ -197,6 +197,9 @@ def test_info_cli_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["kv_cache_bytes_per_token"] == 70272
     assert {"total_params", "activated_params", "mtp_params"} <= out.keys()
+    # DeepSeek's 37B leaves the embedding (a lookup) out: flyer's activated count has it
+    assert out["activated_params_without_embedding"] == out["activated_params"] - out["embedding_params"]
+    assert round(out["activated_params_without_embedding"] / 1e9) == 37 != round(out["activated_params"] / 1e9)
 
 
 def test_info_reads_a_model_directory_as_its_config_json(tmp_path, capsys):

@@ -43,6 +43,12 @@ def test_generate_speculative_and_prefix_cache(capsys, tmp_path):
     spec = _json(capsys, base + ["--speculative", "mtp", "--draft-tokens", "2"])
     assert spec["text"] == plain["text"]
     assert 0.0 <= spec["acceptance_rate"] <= 1.0 and "acceptance_rate" not in plain
+    # the MTP module's cache beside the main model's: one more (uncompressed MLA) layer's worth, in the same dtype
+    cfg = preset("tiny")
+    per_layer = plain["cache_bytes_per_token"] // cfg.n_layers
+    assert spec["mtp_cache_bytes_per_token"] == cfg.mtp_depth * per_layer > 0
+    assert _json(capsys, base[:-4])["cache_bytes_per_token"] == plain["cache_bytes_per_token"]
+    assert "mtp_cache_bytes_per_token" not in _json(capsys, base[:-4])
     assert plain["prefix_cache"]["hits"] == 0 and plain["prefix_cache"]["stored"] == 2
     assert spec["prefix_cache"]["hits"] == 2 and spec["prefix_cache"]["hit_rate"] == 1.0
     assert spec["prefix_cache_total"]["lookups"] == 3

@@ -150,7 +150,10 @@ def _plan(args) -> int:
             ("total / activated params", f"{_num(o['total_params'])} / {_num(o['activated_params'])} "
                                          f"(MTP +{_num(o['mtp_params'])}, {_num(o['mtp_params_stored'])} as "
                                          f"stored with its embedding and head copies)"),
-            ("FLOPs / token causal", f"{o['flops_per_token_causal'] / 1e9:.2f} GFLOPs"),
+            ("activated, no embedding", f"{_num(o['activated_params_without_embedding'])} (a lookup: DeepSeek's "
+                                        f"papers' count)"),
+            ("FLOPs / token causal", f"{o['flops_per_token_causal'] / 1e9:.2f} GFLOPs (main model; MTP +"
+                                     f"{o['flops_per_token_mtp'] / 1e9:.2f} GFLOPs, not in MFU)"),
             ("FLOPs / token non-causal", f"{o['flops_per_token_noncausal'] / 1e9:.2f} GFLOPs"),
             ("throughput", f"{_num(o['tokens_per_day'])} tokens/day, {o['tokens_per_s_per_gpu']:.0f} tokens/s/GPU "
                            f"({o['throughput_source']})"),

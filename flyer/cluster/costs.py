@@ -27,7 +27,8 @@ from flyer.cluster.pipeline import schedule_cost
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.counts import (block_params, compress_ratio, hyper_head_params, kv_cache_bytes_per_token,
-                                kv_window_bytes, mtp_params_stored, param_counts, training_flops_per_token)
+                                kv_window_bytes, mtp_params_stored, mtp_training_flops_per_token, param_counts,
+                                training_flops_per_token)
 
 SECONDS_PER_DAY = 86400.0
 
@@ -296,8 +297,10 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
         "activated_params": pc.activated,
         "mtp_params": pc.mtp,
         "mtp_params_stored": mtp_params_stored(cfg),  # with each module's copies of the embedding and head
-        "flops_per_token_causal": causal,
+        "activated_params_without_embedding": pc.activated - pc.embedding,  # DeepSeek's papers' count (37B for V3)
+        "flops_per_token_causal": causal,  # the main model's, as the V3 paper counts them (MFU is of these)
         "flops_per_token_noncausal": noncausal,
+        "flops_per_token_mtp": mtp_training_flops_per_token(cfg, seq_len),  # the MTP modules', beside them
         "tokens_per_s_per_gpu": tps,
         "tokens_per_day": tps * lay.gpus * SECONDS_PER_DAY,
         "tflops_per_gpu_causal": causal * tps / 1e12,

@@ -315,7 +315,9 @@ def _run(args) -> int:
     sys.stdout.flush()  # the text first, then the statistics on stderr
     d = res.as_dict()
     line = (f"{d['new_tokens']} tokens, {d['tokens_per_s']:.1f} tokens/s ({d['decode_tokens_per_s']:.1f} decode), "
-            f"prefill {d['prefill_s']:.3f}s, cache {d['cache_bytes_per_token']:,} bytes/token ({args.cache_dtype})")
+            f"prefill {d['prefill_s']:.3f}s, cache {d['cache_bytes_per_token']:,} bytes/token ({args.cache_dtype})"
+            + (f" + {d['mtp_cache_bytes_per_token']:,} for the MTP module's" if d.get("mtp_cache_bytes_per_token")
+               else ""))
     if res.acceptance_rate is not None:
         line += f", MTP acceptance {res.acceptance_rate:.1%}"
     print(line, file=sys.stderr)

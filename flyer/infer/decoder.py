@@ -144,6 +144,10 @@ class Decoder:
         """Main-model cache bytes per token (what ``flyer info`` reports for a BF16 cache)."""
         return self.cache.bytes_per_token()
 
+    def mtp_bytes_per_token(self) -> int:
+        """The MTP module's cache bytes per token (speculation, a prefix cache's MTP rows): 0 without one."""
+        return self.mtp_cache.bytes_per_token() if self.mtp_cache is not None else 0
+
     def _rows(self, start_B: torch.Tensor, T: int, shift: int = 0, lengths: list[int] | None = None) -> Rows:
         """Rows of T new tokens per row from ``start_B``, in cache slots ``shift`` past their positions.
         ``lengths``: each row's real tokens; the padding after them may run past ``max_len`` (a row

@@ -81,6 +81,7 @@ class GenerationResult:
     drafted: int = 0
     accepted: int = 0
     prefix: dict | None = None  # prefix-cache statistics of this call
+    mtp_cache_bytes_per_token: int = 0  # the MTP module's cache beside it (speculation), from its tensors
     first_logits: torch.Tensor | None = field(default=None, repr=False)  # (B, V) after prefill
 
     @property
@@ -106,6 +107,8 @@ class GenerationResult:
              "tokens_per_s": round(self.tokens_per_s, 2), "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
              "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
              "cache_bytes_per_token": self.cache_bytes_per_token}
+        if self.mtp_cache_bytes_per_token:
+            d["mtp_cache_bytes_per_token"] = self.mtp_cache_bytes_per_token
         if self.drafted:
             d.update(acceptance_rate=round(self.acceptance_rate, 4), drafted=self.drafted, accepted=self.accepted)
         if self.prefix is not None:
@@ -352,7 +355,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
         prefix = {k: (v - stats_before[k] if k != "hit_rate" else None) for k, v in now.items()}
         prefix["hit_rate"] = round(prefix["hits"] / prefix["lookups"], 4) if prefix["lookups"] else 0.0
     return GenerationResult(out, sum(len(p) for p in prompts), t1 - t0, t2 - t1, dec.bytes_per_token(),
-                            drafted, accepted, prefix, state.logits)
+                            drafted, accepted, prefix, dec.mtp_bytes_per_token(), state.logits)
 
 
 @torch.inference_mode()

@@ -339,23 +339,47 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True
     return 3.0 * (2.0 * matmul + _attention_flops_all_layers(cfg, seq_len, causal))
 
 
+def mtp_training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """The MTP modules' training FLOPs per token of a ``seq_len`` row (causal attention; 0 without them), which
+    ``training_flops_per_token`` leaves out: each module's block, its projection of [embedding; hidden] (V3's
+    eh_proj; V4's e_proj, and h_proj per stream) and the shared head, 3 x forward; module k runs on the row's first
+    seq_len - k positions (the rest have no token k + 1 ahead to predict)."""
+    if not cfg.mtp_depth:
+        return 0.0
+    block = block_params(cfg, cfg.n_layers, activated=True) - _block_non_matmul(cfg, cfg.n_layers)
+    proj = (1 + max(cfg.hc_mult, 1)) * cfg.dim * cfg.dim
+    head = cfg.vocab_size * cfg.dim
+    attn = attention_flops_per_token(cfg, seq_len, causal=True, layer_id=cfg.n_layers)  # V4: window-only
+    share = sum(max(seq_len - k, 0) for k in range(1, cfg.mtp_depth + 1)) / seq_len
+    return share * 3.0 * (2.0 * (block + proj + head) + attn)
+
+
 def _non_matmul_params(cfg: ModelConfig) -> int:
-    """Norm weights, attention biases and the other parameters that are not GEMM operands."""
-    norms = cfg.dim + cfg.n_layers * 2 * cfg.dim
+    """Norm weights, attention biases and the other parameters that are not GEMM operands: the final norm, hc_head's
+    base and scale, and every main block's (``_block_non_matmul``)."""
     m = cfg.hc_mult
-    if m > 1:  # the hyper-connections' base and scale (two per block) and hc_head's; their fn are GEMMs
-        norms += cfg.n_layers * 2 * (m * (m + 2) + 3) + m + 1
+    head = cfg.dim + (m + 1 if m > 1 else 0)
+    return head + sum(_block_non_matmul(cfg, i) for i in range(cfg.n_layers))
+
+
+def _block_non_matmul(cfg: ModelConfig, layer_id: int) -> int:
+    """Block ``layer_id``'s (``n_layers`` onward: an MTP module's): its two norms, its hyper-connections' base and
+    scale (their fn are GEMMs), attention's norms (MLA's latents', the DSA indexer's key LayerNorm, weight and bias)
+    or biases and head norms (GQA), hybrid attention's (``_hybrid_non_matmul``)."""
+    out = 2 * cfg.dim
+    m = cfg.hc_mult
+    if m > 1:
+        out += 2 * (m * (m + 2) + 3)
     if cfg.attn == "hybrid":
-        return norms + sum(_hybrid_non_matmul(cfg, i) for i in range(cfg.n_layers))
+        return out + _hybrid_non_matmul(cfg, layer_id)
     if cfg.attn == "mla":
-        norms += cfg.n_layers * (cfg.kv_lora_rank + (cfg.q_lora_rank if cfg.q_lora_rank else 0))
-        norms += indexed_layers(cfg) * 2 * cfg.index_head_dim  # the indexer's key LayerNorm, weight and bias
-    else:
-        if cfg.attn_bias:
-            norms += cfg.n_layers * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        if cfg.qk_norm:
-            norms += cfg.n_layers * 2 * cfg.head_dim
-    return norms
+        return out + cfg.kv_lora_rank + (cfg.q_lora_rank or 0) + (2 * cfg.index_head_dim
+                                                                  if cfg.has_indexer(layer_id) else 0)
+    if cfg.attn_bias:
+        out += (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    if cfg.qk_norm:
+        out += 2 * cfg.head_dim
+    return out
 
 
 def _hybrid_non_matmul(cfg: ModelConfig, layer_id: int) -> int:

@@ -42,6 +42,7 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "preset": preset,
         "total_params": counts.total,
         "activated_params": counts.activated,
+        "activated_params_without_embedding": counts.activated - counts.embedding,  # DeepSeek's papers' count
         "mtp_params": counts.mtp,
         "mtp_params_stored": mtp_params_stored(cfg),  # with each module's copies of the embedding and head
         "embedding_params": counts.embedding,
@@ -81,7 +82,8 @@ def _run(args) -> int:
     print(f"{out['preset'] or args.config}: {out['attention'].upper()}, {out['layers']} layers, "
           f"{out['routed_experts']} routed experts (top-{out['activated_experts']})")
     print(f"  total params       {_human(out['total_params'])} ({out['total_params']:,})")
-    print(f"  activated / token  {_human(out['activated_params'])} ({out['activated_params']:,})")
+    print(f"  activated / token  {_human(out['activated_params'])} ({out['activated_params']:,}); "
+          f"{_human(out['activated_params_without_embedding'])} without the embedding (a lookup), as DeepSeek counts")
     if out["zero_experts"]:  # LongCat-Flash: a pick of a zero-computation expert runs no FFN
         print(f"  activated, fewest  {_human(out['activated_params_min'])} ({out['activated_params_min']:,}), "
               f"picks of the {out['zero_experts']} zero-computation experts running none")

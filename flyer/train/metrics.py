@@ -14,7 +14,7 @@ import torch
 from flyer.config import ConfigError
 from flyer.errors import DataError
 from flyer.model import lowp
-from flyer.model.counts import attention_flops_per_token, block_params, training_flops_per_token
+from flyer.model.counts import mtp_training_flops_per_token, training_flops_per_token
 from flyer.runtime import bf16_gemm_kind, native_gemm
 
 
@@ -220,14 +220,7 @@ def fastest_gemm(dtype: torch.dtype, device: str | torch.device = "cpu", **kwarg
 
 def model_flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token of the main model plus its MTP modules (causal attention)."""
-    main = training_flops_per_token(cfg, seq_len, causal=True)
-    if cfg.mtp_depth:
-        mtp_block = block_params(cfg, cfg.n_layers, activated=True) - 2 * cfg.dim
-        proj = (1 + max(cfg.hc_mult, 1)) * cfg.dim * cfg.dim  # V3's eh_proj; V4's e_proj, and h_proj per stream
-        head = cfg.vocab_size * cfg.dim
-        attn = attention_flops_per_token(cfg, seq_len, causal=True, layer_id=cfg.n_layers)  # V4: window-only
-        main += cfg.mtp_depth * 3.0 * (2.0 * (mtp_block + proj + head) + attn)
-    return main
+    return training_flops_per_token(cfg, seq_len, causal=True) + mtp_training_flops_per_token(cfg, seq_len)
 
 
 def progress_postfix(rec: dict[str, Any], val_loss: float | None) -> dict[str, str]:

@@ -1,0 +1,60 @@
+"""The FLOPs flyer counts (``flyer plan``, the trainer's MFU: ``flyer.model.counts``) against torch's own counter
+(``torch.utils.flop_counter.FlopCounterMode``) on a real forward and backward of the model: its matmuls, the main
+model's and the MTP modules', exactly. Attention's are left out of the comparison: the counter counts the
+kernel's full S x S product (and its padded V) where the plan counts the causal half of the useful one."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, mm_flop, sdpa_backward_flop_count, sdpa_flop_count
+
+from flyer.config import preset
+from flyer.model import experts as experts_mod
+from flyer.model.counts import (_non_matmul_params, attention_flops_per_token, mtp_training_flops_per_token,
+                                param_counts)
+from flyer.model.moe import MoE
+from flyer.model.transformer import Transformer
+
+aten = torch.ops.aten
+B, T = 2, 48
+# ops the counter has no formula for by default: the in-place addmm of the chunked loss's weight gradient, and the
+# CPU flash attention (counted so that it can be told apart from the matmuls)
+ATTENTION = (aten._scaled_dot_product_flash_attention_for_cpu,
+             aten._scaled_dot_product_flash_attention_for_cpu_backward)
+MAPPING = {aten.addmm_: lambda self_shape, a, b, *args, out_shape=None, **kw: mm_flop(a, b),
+           ATTENTION[0]: lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+           ATTENTION[1]: lambda g, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)}
+
+
+def _matmul_flops(cfg, monkeypatch) -> int:
+    """torch's count of one FP32 training step's (forward and backward) FLOPs, attention's left out, with the
+    routed experts run one GEMM each (``expert_ffn_loop``: aten ops the counter sees, not flyer's fused kernel)."""
+    def loop(self, x, counts):
+        w1, w2, w3 = self.gemm_weights()
+        return experts_mod.expert_ffn_loop(x, counts, w1, w2, w3, self.swiglu_limit)
+    monkeypatch.setattr(experts_mod.Experts, "forward", loop)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.fuse_local = False
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    counter = FlopCounterMode(display=False, custom_mapping=MAPPING)
+    with counter:
+        model.compute_loss(tokens, tokens).loss.backward()
+    counts = counter.get_flop_counts()["Global"]
+    assert all(op in counts for op in ATTENTION)  # attention ran through the kernel left out below
+    return counter.get_total_flops() - sum(counts[op] for op in ATTENTION)
+
+
+@pytest.mark.parametrize("over", [{}, {"n_dense_layers": 2, "n_shared_experts": 2}, {"q_lora_rank": 0}])
+def test_matmul_flops_are_torchs_count(over, monkeypatch):
+    """The main model's matmul FLOPs per token (the plan's, attention's apart: 6 x the activated GEMM parameters, the
+    head's included, the embedding's not) are torch's count exactly; each MTP module's add its block, projection
+    and head's 6 x, on the row's positions that have a token two ahead."""
+    base = preset("tiny", mtp_depth=0, **over)
+    pc = param_counts(base)
+    assert _matmul_flops(base, monkeypatch) == B * T * 6 * (pc.activated - pc.embedding - _non_matmul_params(base))
+    mtp = base.replace(mtp_depth=1)
+    extra = _matmul_flops(mtp, monkeypatch) - _matmul_flops(base, monkeypatch)
+    attention = 3 * attention_flops_per_token(mtp, T, causal=True, layer_id=mtp.n_layers) * (T - 1) / T
+    assert extra == pytest.approx(B * T * (mtp_training_flops_per_token(mtp, T) - attention), rel=1e-12)
