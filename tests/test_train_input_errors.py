@@ -211,3 +211,25 @@ def test_an_init_checkpoint_flyer_cannot_read_is_named_as_init(tmp_path, capsys,
         assert main(argv(tmp_path, "--init", str(init))) == 2
         line = one_line(capsys)
         assert line.startswith(f"flyer: error: --init: cannot load checkpoint '{init}': ") and says in line, line
+
+
+def test_a_seq_len_past_the_init_checkpoints_context_is_said(tmp_path, data_cache):
+    """``--seq-len`` past ``--init``'s max_position_embeddings trains (the run's model takes the longer context,
+    as its export says) but the log says so, with the RoPE scaling that stays as it was; within it, nothing."""
+    from flyer.train.trainer import Trainer
+    from tests.hf_models import build
+
+    build("v3", tmp_path / "v3")  # max_position_embeddings 256; YaRN, factor 4 of 64
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    for seq in (300, 256):
+        said = []
+        t = Trainer(TrainConfig(init=str(tmp_path / "v3"), data=str(text), seq_len=seq, batch_size=1, steps=1,
+                                out=str(tmp_path / f"run{seq}"), data_cache=data_cache, device="cpu", threads=1,
+                                progress=False, plots=False), log=said.append)
+        t.close()
+        assert t.cfg.max_seq_len == max(seq, 256)
+        past = [m for m in said if "--seq-len" in m]
+        assert past == ([f"--seq-len 300 is past {tmp_path / 'v3'}'s context of 256 tokens: the run's model (and its "
+                         "export's max_position_embeddings) takes 300, its RoPE unchanged (yarn scaling, factor 4 "
+                         "of 64)"] if seq == 300 else [])

@@ -167,8 +167,9 @@ def _plan(args) -> int:
             ("cost", f"${o['cost_usd']:,.0f} at ${o['price_per_gpu_hour']}/GPU-hour"),
             ("KV cache / token", f"{o['kv_cache_bytes_per_token']:,} bytes"),
         ])
-        print(f"memory per GPU: PP {m['pp']} x EP {m['ep']} x DP {m['dp']} (ZeRO-1), {m['schedule']}, "
-              f"{m['layers_per_stage']} layers/stage, micro-batch {m['micro_batch']}")
+        print(f"memory per GPU, DeepSeek-V3's recipe (whatever --precision): PP {m['pp']} x EP {m['ep']} x DP "
+              f"{m['dp']} (ZeRO-1), {m['schedule']}, {m['layers_per_stage']} layers/stage, micro-batch "
+              f"{m['micro_batch']}, the MTP module not counted")
         _rows([
             ("weights (BF16)", f"{m['weights_gib']:.2f} GiB"),
             ("gradients (FP32)", f"{m['gradients_gib']:.2f} GiB"),

@@ -165,6 +165,11 @@ class Trainer:
         self.cfg: ModelConfig = base.replace(vocab_size=init_cfg.vocab_size if init_cfg else self.data.vocab_size,
                                              max_seq_len=max(base.max_seq_len, tc.seq_len))
         self.cfg.validate()
+        if init_cfg and tc.seq_len > init_cfg.max_seq_len:  # its positions past the checkpoint's were never trained
+            self.log(f"--seq-len {tc.seq_len} is past {tc.init}'s context of {init_cfg.max_seq_len} tokens: the run's "
+                     f"model (and its export's max_position_embeddings) takes {tc.seq_len}, its RoPE unchanged"
+                     + (f" ({init_cfg.rope_type} scaling, factor {init_cfg.rope_factor:g} of "
+                        f"{init_cfg.original_seq_len})" if init_cfg.rope_factor > 1 else ""))
         require_training_memory(self.cfg, tc, self.precision, self.device, self.mesh.ep, self.mesh.pp)
         self.sampler, self.eval_data = samplers(tc, self.data, self.mesh.dp_rank, self.mesh.dp)
         if getattr(self.sampler, "cut", 0):
