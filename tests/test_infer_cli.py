@@ -131,7 +131,7 @@ def test_generate_from_checkpoint(capsys, tmp_path):
         "tokenizer.json": json.loads(tok.to_str())})
     out = _json(capsys, ["generate", "--ckpt", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "5",
                          "--temperature", "0", "--speculative", "mtp", "--json"])
-    assert out["cache_bytes_per_token"] == kv_cache_bytes_per_token(cfg)
+    assert out["cache_bytes_per_token"] == kv_cache_bytes_per_token(cfg, 4)  # auto: FP32 for a checkpoint in FP32
     assert isinstance(out["text"], str) and "acceptance_rate" in out
     assert main(["generate", "--ckpt", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
     assert "checkpoint" in capsys.readouterr().err

@@ -328,3 +328,21 @@ def test_mtp_params_stored_counts_the_exported_mtp_layer(run, tmp_path):
     stored = sum(t.numel() for k, t in tensors(tmp_path / "hf").items()
                  if k.startswith(f"model.layers.{cfg.n_layers}."))
     assert stored == mtp_params_stored(cfg) > param_counts(cfg).mtp
+
+
+def test_a_run_and_its_fp32_export_generate_alike(tmp_path, capsys):
+    """``--cache-dtype auto`` takes FP32 for a run's checkpoint computed in FP32, as for its FP32 export (it took BF16
+    for the run): the two decode the same greedy tokens with the same cache."""
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--vocab-size",
+                 "300", "--data", str(tmp_path / "text.txt"), "--data-cache", str(tmp_path / "cache"), "--out",
+                 str(tmp_path / "run"), "--no-progress", "--no-plots", "--eval-every", "2", "--eval-batches", "1",
+                 "--ckpt-every", "2", "--device", "cpu", "--precision", "fp32"]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    runs = []
+    for ckpt in ("run", "hf"):
+        assert main(["generate", "--ckpt", str(tmp_path / ckpt), "--prompt", "To be", "--max-new-tokens", "12",
+                     "--eos-id", "-1", "--device", "cpu", "--json"]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    assert [r["cache_dtype"] for r in runs] == ["fp32", "fp32"] and runs[0]["token_ids"] == runs[1]["token_ids"]

@@ -217,17 +217,19 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-CACHE_DTYPE_HELP = ("auto: fp32 for a Hugging Face directory computed in FP32 (stored in FP32, or its weights held "
-                    "by --weight-dtype, auto's choice on the CPU), so greedy tokens match transformers' FP32 model; "
-                    "else bf16 (half the cache bytes per token); fp8: MLA's latent in DeepSeek's FP8 rows (E4M3 with "
+CACHE_DTYPE_HELP = ("auto: fp32 for a checkpoint computed in FP32 (a flyer run, or a Hugging Face directory stored in "
+                    "FP32 or its weights held by --weight-dtype, auto's choice on the CPU), so greedy tokens match "
+                    "transformers' FP32 model and a run's its FP32 export's; else bf16 (half the cache bytes per "
+                    "token); fp8: MLA's latent in DeepSeek's FP8 rows (E4M3 with "
                     "a power-of-two FP32 scale per 128 values, the rope key in BF16: 656 bytes a token and layer in "
                     "V3, BF16's 1,152); DeepSeek-V4's window keys and compressed entries in its own FP8 rows (a "
                     "UE8M0 scale per 64 values, the rope part BF16: 584 bytes, BF16's 1,024)")
 
 
 def auto_cache_dtype(ckpt: str | None, model: Transformer) -> str:
-    """"fp32" for an HF import computed in FP32 (so greedy tokens match transformers'), else "bf16"."""
-    return "fp32" if ckpt and is_hf_model_dir(ckpt) and model.embed.weight.dtype == torch.float32 else "bf16"
+    """"fp32" for a checkpoint (an HF import, a flyer run) computed in FP32, so greedy tokens match transformers' (and
+    a run's, its FP32 export's); "bf16" for a preset's random weights and a model computed in BF16."""
+    return "fp32" if ckpt and model.embed.weight.dtype == torch.float32 else "bf16"
 
 
 def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
