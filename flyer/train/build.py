@@ -5,6 +5,7 @@ allocating, ``require_training_memory``, and ``flyer plan`` reports)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -13,8 +14,9 @@ from flyer.fp8 import convert_to_fp8
 from flyer.data import eval_batches_bytes
 from flyer.data.chat_pack import PACKED_TENSORS
 from flyer.data.sampler import TEXT_TENSORS
-from flyer.errors import FieldError
+from flyer.errors import CheckpointError, ConfigError, FieldError
 from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
+from flyer.interop.load import init_source
 from flyer.model.counts import param_counts, routed_expert_params
 from flyer.model.transformer import Transformer
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
@@ -64,6 +66,26 @@ def require_training_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, d
     held = eval_batches_bytes(tc.batch_size, tc.seq_len, tc.eval_batches, tensors)
     require_memory(held + (need if on_host else 0), "cpu", "eval_batches",
                    f"{params} and {evals}" if on_host else evals)
+
+
+def read_inputs(tc: TrainConfig) -> tuple[ModelConfig | None, Path | None]:
+    """``--init``'s (model config, tokenizer file) (None, None without one), once ``--init``, ``--data`` and
+    ``--tokenizer`` are checked to be there (a tokenizer a file): each problem a ``FieldError`` naming its flag, the
+    checkpoint's own (a config flyer cannot compute, no valid checkpoint) named as ``--init``."""
+    for field in ("init", "data", "tokenizer"):
+        path = getattr(tc, field)
+        if not path:
+            continue
+        if not Path(path).expanduser().exists():
+            raise FieldError(field, f"{path} does not exist")
+        if field == "tokenizer" and not Path(path).expanduser().is_file():  # a folder, a device
+            raise FieldError(field, f"{path} is not a file (a tokenizer.json)")
+    if not tc.init:
+        return None, None
+    try:
+        return init_source(tc.init)
+    except (ConfigError, CheckpointError) as e:
+        raise FieldError("init", f"cannot load checkpoint '{tc.init}': {e}") from None
 
 
 def check_fp4_experts(fp4: bool, cfg: ModelConfig) -> None:

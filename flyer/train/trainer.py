@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
-from flyer.interop.load import init_source, init_weight_files, load_init_weights
+from flyer.interop.load import init_weight_files, load_init_weights
 from flyer.data.chat_data import IGNORE_INDEX, is_chat_data
 from flyer.model.counts import param_counts
 from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, indexer_depths, real_queries,
@@ -43,7 +43,7 @@ from flyer.parallel.stages import check_indexer_stages, min_micro_batches, requi
 from flyer.runtime import autocast, resolve_precision, tune_malloc
 from flyer.train import checkpoint as ckpt
 from flyer.train import training_state
-from flyer.train.build import build_model, build_optimizer, check_fp4_experts, require_training_memory
+from flyer.train.build import build_model, build_optimizer, check_fp4_experts, read_inputs, require_training_memory
 from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, hold_reference
 from flyer.train.expert_stats import expert_loads, router_stats
 from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings,
@@ -85,18 +85,7 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         model_over = read_config_sections(tc.config)[0] if tc.config else {}  # [train]: merged by the CLI
-        for field in ("init", "data", "tokenizer"):  # before the run directory is made for nothing
-            path = getattr(tc, field)
-            if not path:
-                continue
-            if not Path(path).expanduser().exists():
-                raise FieldError(field, f"{path} does not exist")
-            if field == "tokenizer" and not Path(path).expanduser().is_file():  # a folder, a device
-                raise FieldError(field, f"{path} is not a file (a tokenizer.json)")
-        try:
-            init_cfg, init_tok = init_source(tc.init) if tc.init else (None, None)
-        except (ConfigError, CheckpointError) as e:  # the checkpoint's own problem, named as the flag that gave it
-            raise FieldError("init", f"cannot load checkpoint '{tc.init}': {e}") from None
+        init_cfg, init_tok = read_inputs(tc)  # before the run directory is made for nothing
         base = init_cfg or resolve_config(tc.preset, None, model_over)
         check_fp4_experts(tc.fp4_experts, base)  # before any work
         check_indexer_train(tc.indexer_train, base)
