@@ -14,7 +14,8 @@ from flyer.cli import main
 from flyer.cluster.costs import Layout, memory_per_gpu
 from flyer.config import ModelConfig, preset
 from flyer.model.counts import (attention_flops_per_token, block_params, hyper_head_params, kv_cache_bytes_per_token,
-                                kv_window_bytes, mtp_module_params, param_counts, training_flops_per_token)
+                                kv_window_bytes, mtp_module_params, mtp_params_stored, param_counts,
+                                training_flops_per_token)
 
 # the published model.safetensors.index.json of deepseek-ai/DeepSeek-V4-Flash (main model and mtp.0)
 FLASH_TOTAL_SIZE, FLASH_TENSORS = 159_609_485_896, 69_187
@@ -178,6 +179,8 @@ def test_flash_checkpoint_bytes_from_the_config_alone():
     main_model = [t for t in ts if not t[0].startswith("mtp.")]
     assert param_counts(cfg).total == _params(main_model) == 284_332_230_231
     assert mtp_module_params(cfg) == _params(ts, "mtp.0.")
+    # as stored: its parameters and its router's bias, no copy of the embedding or head (V3's layout has them)
+    assert mtp_params_stored(cfg) == sum(_values(s, r) for n, _, s, r in ts if n.startswith("mtp.0.") and r != "scale")
     # the byte total tells single tensors apart: e.g. I32 hash tables, or one F32 hc scale fewer per block
     assert 3 * 129280 * 6 * 4 == 9_308_160 and 87 * 2 * 4 == 696
 

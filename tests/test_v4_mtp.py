@@ -280,3 +280,10 @@ def test_load_export_load_is_bit_exact_with_the_mtp_module(tmp_path, capsys):
         state = back.state_dict()
         assert state.keys() == want.keys() and all(torch.equal(state[k].float(), want[k].float()) for k in want), out
     assert tensors(tmp_path / "fp32")["mtp.0.e_proj.weight"].dtype == torch.float32
+    # ratios other than the release's 4 and 128 (tiny-v4's HCA 16) are written as they are, not as 4 or 128: DeepSeek's
+    # inference code reads compress_ratios, transformers layer_types and compress_rates
+    tiny = preset("tiny-v4")
+    export_model(Transformer(tiny), tok, tmp_path / "tiny", "fp32")
+    config = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert config["compress_ratios"] == [*tiny.compress_ratios, 0] == [0, 4, 16, 4, 0]
+    assert load_hf(tmp_path / "tiny")[1].compress_ratios == tiny.compress_ratios

@@ -149,7 +149,7 @@ def _plan(args) -> int:
         _rows([
             ("total / activated params", f"{_num(o['total_params'])} / {_num(o['activated_params'])} "
                                          f"(MTP +{_num(o['mtp_params'])}, {_num(o['mtp_params_stored'])} as "
-                                         f"stored with its embedding and head copies)"),
+                                         f"stored)"),
             ("activated, no embedding", f"{_num(o['activated_params_without_embedding'])} (a lookup: DeepSeek's "
                                         f"papers' count)"),
             ("FLOPs / token causal", f"{o['flops_per_token_causal'] / 1e9:.2f} GFLOPs (main model; MTP +"

@@ -198,7 +198,8 @@ def to_v4_config(cfg) -> dict[str, Any]:
         "qk_rope_head_dim": cfg.rope_dim, "partial_rotary_factor": cfg.rope_dim / cfg.head_dim,
         "sliding_window": cfg.window_size, "layer_types": layer_types,
         "compress_rates": {_CSA: cfg.csa_ratio, _HCA: hca[0] if hca else _COMPRESS_RATES[_HCA]},
-        "compress_ratios": [{0: 0, cfg.csa_ratio: 4}.get(r, 128) for r in cfg.compress_ratios] + [0] * cfg.mtp_depth,
+        # each layer's own ratio, as DeepSeek's inference code reads it (transformers takes layer_types before it)
+        "compress_ratios": list(cfg.compress_ratios) + [0] * cfg.mtp_depth,
         "compress_rope_theta": cfg.compress_rope_theta, "o_groups": cfg.o_groups, "o_lora_rank": cfg.o_lora_rank,
         "index_topk": max(cfg.index_topk, 1), "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
         "hc_mult": cfg.hc_mult, "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters, "hc_eps": cfg.hc_eps,

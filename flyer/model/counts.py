@@ -168,12 +168,13 @@ def mtp_module_params(cfg: ModelConfig) -> int:
 
 
 def mtp_params_stored(cfg: ModelConfig) -> int:
-    """The MTP modules' parameters as DeepSeek's checkpoints store them: each with its own copies of the embedding
-    and the head (V3's ``embed_tokens`` and ``shared_head.head``, V4's ``emb`` and ``head``) beside its own
-    parameters (``ParamCounts.mtp``), and its router's balancing bias (a buffer, stored). DeepSeek-V3's "MTP module
-    adds about 14B" counts them so (13.46B here)."""
+    """The MTP modules' parameters as DeepSeek's checkpoints store them: their own (``ParamCounts.mtp``) and their
+    routers' balancing bias (a buffer, stored), and in V3's layout each module's own copies of the embedding and the
+    head (``embed_tokens``, ``shared_head.head``), which V4's leaves out (its ``mtp.0`` shares the model's). DeepSeek-
+    V3's "MTP module adds about 14B" counts them so (13.46B here)."""
     bias = cfg.n_routed_experts if cfg.router_bias else 0
-    return cfg.mtp_depth * (mtp_module_params(cfg) + 2 * cfg.vocab_size * cfg.dim + bias)
+    copies = 0 if cfg.attn == "hybrid" else 2 * cfg.vocab_size * cfg.dim
+    return cfg.mtp_depth * (mtp_module_params(cfg) + copies + bias)
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2, absorbed: bool = True) -> float:

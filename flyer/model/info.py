@@ -88,7 +88,8 @@ def _run(args) -> int:
         print(f"  activated, fewest  {_human(out['activated_params_min'])} ({out['activated_params_min']:,}), "
               f"picks of the {out['zero_experts']} zero-computation experts running none")
     print(f"  MTP params         {_human(out['mtp_params'])} ({out['mtp_params']:,})" + (
-        f"; {_human(out['mtp_params_stored'])} as stored, with its copies of the embedding and head"
+        f"; {_human(out['mtp_params_stored'])} as stored" + (", with its copies of the embedding and head"
+                                                            if out["attention"] != "hybrid" else "")
         if out["mtp_params"] else ""))
     if out["attention"] == "hybrid":  # DeepSeek-V4: compressed entries per token, the window per sequence
         print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16): compressed entries and CSA "
