@@ -252,7 +252,9 @@ def test_serve_refuses_a_v4_block_size_in_one_line(src, capsys, tmp_path):
 
 @pytest.mark.parametrize("field, value, needs", [
     ("hc_mult", 1, ">= 2"), ("n_shared_experts", 2, "1"), ("swiglu_limit", 0.0, "> 0"),
-    ("norm_topk_prob", False, "True"), ("num_key_value_heads", 2, "1"), ("compress_ratios", [0, 8], "0, 4 or 128")])
+    ("norm_topk_prob", False, "True"), ("num_key_value_heads", 2, "1"), ("compress_ratios", [0, 8], "0, 4 or 128"),
+    ("layer_types", ["sliding_attention"] * 42, "expected 43 of 'sliding_attention'"),
+    ("layer_types", ["sliding_attention"] * 42, "(got 42 entries: ['sliding_attention',")])  # the count said first
 def test_unsupported_config_values_are_named(field, value, needs):
     with pytest.raises(ConfigError, match=field) as e:
         ModelConfig.from_dict({**FLASH, field: value})

@@ -66,15 +66,20 @@ def _layer_ratios(d: dict[str, Any], where: str, n_layers: int) -> tuple[tuple[i
     if types is not None:
         if not isinstance(types, list) or len(types) < n_layers or not set(types[:n_layers]) <= {_CSA, _HCA, _WINDOW}:
             raise _bad(where, "layer_types", f"expected {n_layers} of {_WINDOW!r}, {_CSA!r}, {_HCA!r} "
-                                             f"(got {types!r:.80})")
+                                             f"(got {_listed(types)})")
         return tuple(0 if t == _WINDOW else rates[t] for t in types[:n_layers]), rates[_CSA]
     ratios = d.get("compress_ratios")
     if ratios is None:  # transformers' default: two HCA layers, then HCA and CSA in turn
         return tuple(rates[_HCA] if i < 2 or i % 2 == 0 else rates[_CSA] for i in range(n_layers)), rates[_CSA]
     known = {0: 0, 4: 4, 128: 128}  # transformers maps these three only
     if not isinstance(ratios, list) or len(ratios) < n_layers or any(r not in known for r in ratios[:n_layers]):
-        raise _bad(where, "compress_ratios", f"expected {n_layers} entries of 0, 4 or 128 (got {ratios!r:.80})")
+        raise _bad(where, "compress_ratios", f"expected {n_layers} entries of 0, 4 or 128 (got {_listed(ratios)})")
     return tuple(rates[_CSA] if r == 4 else rates[_HCA] if r == 128 else 0 for r in ratios[:n_layers]), rates[_CSA]
+
+
+def _listed(value: Any) -> str:
+    """A per-layer list as an error names it: its length first (the part shown may end before the problem)."""
+    return f"{len(value)} entries: {value!r:.60}" if isinstance(value, list) else f"{value!r:.60}"
 
 
 def _hash_layers(d: dict[str, Any], where: str, n_layers: int) -> int:
@@ -85,7 +90,7 @@ def _hash_layers(d: dict[str, Any], where: str, n_layers: int) -> int:
             raise _bad(where, "num_hash_layers", f"expected an integer >= 0 (got {n!r:.40})")
         return min(n, n_layers)
     if not isinstance(kinds, list) or len(kinds) < n_layers or not set(kinds[:n_layers]) <= {"hash_moe", "moe"}:
-        raise _bad(where, "mlp_layer_types", f"expected {n_layers} of 'hash_moe' or 'moe' (got {kinds!r:.80})")
+        raise _bad(where, "mlp_layer_types", f"expected {n_layers} of 'hash_moe' or 'moe' (got {_listed(kinds)})")
     n = kinds[:n_layers].count("hash_moe")
     if kinds[:n] != ["hash_moe"] * n:
         raise _bad(where, "mlp_layer_types", "hash-routed layers after top-k ones: flyer hash-routes the first layers")
