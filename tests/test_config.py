@@ -202,6 +202,17 @@ def test_info_cli_json(capsys):
     assert round(out["activated_params_without_embedding"] / 1e9) == 37 != round(out["activated_params"] / 1e9)
 
 
+def test_info_takes_preset_as_a_flag_too(capsys):
+    """``flyer info --preset NAME`` as train, generate and plan take it (it was refused: only ``info NAME``)."""
+    outs = []
+    for argv in (["info", "tiny", "--json"], ["info", "--preset", "tiny", "--json"]):
+        assert main(argv) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0] == outs[1] and outs[0]["preset"] == "tiny"
+    assert main(["info", "small", "--preset", "tiny"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--preset: tiny differs from PRESET small: give one")
+
+
 def test_info_reads_a_model_directory_as_its_config_json(tmp_path, capsys):
     """``--config DIR`` (a Hugging Face model's directory) reads ``DIR/config.json``; a directory without one is
     refused in one line saying so."""

@@ -73,6 +73,10 @@ def _human(n: float) -> str:
 
 
 def _run(args) -> int:
+    if args.preset_flag is not None:
+        if args.preset is not None and args.preset != args.preset_flag:
+            raise UserError(f"--preset: {args.preset_flag} differs from PRESET {args.preset}: give one")
+        args.preset = args.preset_flag
     if args.preset is None and args.config is None:  # README: `flyer info PRESET`; no unlabeled DeepSeek-V3
         raise UserError(f"PRESET: required, one of {', '.join(PRESETS)} (or --config FILE)")
     out = info(args.preset, args.config)
@@ -116,6 +120,9 @@ def register(sub) -> None:
     p = sub.add_parser("info", help="parameter counts and KV cache bytes per token of a preset or config")
     p.add_argument("preset", nargs="?", choices=list(PRESETS), metavar="PRESET",
                    help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--config", help="a DeepSeek config_*.json, HF config.json, or TOML file (overrides the preset)")
+    p.add_argument("--preset", dest="preset_flag", choices=list(PRESETS), metavar="PRESET",
+                   help="PRESET given as train, generate and plan take it")
+    p.add_argument("--config", help="a DeepSeek config_*.json, HF config.json (or its model directory), or TOML file "
+                                    "(overrides the preset)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run)
