@@ -585,7 +585,7 @@ class Trainer:
     def _say_stopped(self, saved: Path | None) -> None:
         name = signal.Signals(self.stopped_by).name
         if saved is not None or not self.rank0:
-            self.log(f"{name}: stopped after step {self.step}; checkpoint {saved} saved (continue with resume)")
+            self.log(f"{name}: stopped after step {self.step}; checkpoint {saved} saved (continue with --resume)")
             return
         last = ckpt.newest_valid_checkpoint(self.ckpt_root)[0]
         self.log(f"{name}: stopped after step {self.step}, which is not saved (non-finite); "
