@@ -450,36 +450,38 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
     try:
         st = p.stat()
         if not stat.S_ISREG(st.st_mode):  # a directory, a device (/dev/zero never ends), a FIFO (the read blocks)
-            raise ConfigError(f"cannot read config file {p}: not a regular file"
-                              + (" (a directory without config.json)" if p.is_dir() else ""))
+            raise FieldError("config", f"cannot read config file {p}: not a regular file"
+                                       + (" (a directory without config.json)" if p.is_dir() else ""))
         if st.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB ({st.st_size} bytes)")
+            raise FieldError("config", f"config file {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB "
+                                       f"({st.st_size} bytes)")
         with p.open(encoding="utf-8") as f:
             text = f.read(MAX_CONFIG_BYTES + 1)  # bounded even where the file grows after the check
         if len(text) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+            raise FieldError("config", f"config file {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
     except OSError as e:
-        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+        raise FieldError("config", f"cannot read config file {p}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
+        raise FieldError("config", f"config file {p} is not UTF-8 text (byte {e.start})") from None
     train: Any = {}
     if p.suffix == ".json":
         try:
             d = json_loads(text, object_pairs_hook=lambda pairs: RequiredFields(pairs, where=p))
         except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+            raise FieldError("config", f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
     else:
         try:
             d = toml_loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+            raise FieldError("config", f"config file {p} is not valid TOML: {e}") from None
         train, model = d.pop("train", {}), d.pop("model", {})
         for name, table in (("model", model), ("train", train)):
             if not isinstance(table, dict):
-                raise ConfigError(f"config file {p}: {name} must be a table ([{name}]), got {type(table).__name__}")
+                raise FieldError("config", f"config file {p}: {name} must be a table ([{name}]), got "
+                                           f"{type(table).__name__}")
         d = {**model, **d}
     if not isinstance(d, dict) or not isinstance(train, dict):
-        raise ConfigError(f"config file {p} must hold a table/object of fields")
+        raise FieldError("config", f"config file {p} must hold a table/object of fields")
     if is_hf_config(d):
         return from_hf_config(d, str(p)), train
     return (from_model_args(d) if p.suffix == ".json" and is_model_args(d) else d), train

@@ -358,7 +358,10 @@ def test_cli_run_resumes_exactly_and_records_dpo(hf, tmp_path, capsys):
     and size) since, is refused."""
     whole, cut, init = tmp_path / "whole", tmp_path / "cut", tmp_path / "init"
     shutil.copytree(hf[0], init)
+    capsys.readouterr()
     assert main(_train_args(hf, whole, 3)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # its baseline named as what it is
+    assert summary["reference_val_loss"] == pytest.approx(math.log(2)) and "unigram_val_loss" not in summary
     assert main(_train_args((init, hf[1]), cut, 2)) == 0
     assert main(_train_args((init, hf[1]), cut, 3, "--resume")) == 0
     keys = ("step", "loss", "dpo_loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin",

@@ -72,7 +72,10 @@ def test_a_config_that_is_no_regular_file_is_not_read(tmp_path, capsys, monkeypa
         return read_text(self, *a, **k)
     monkeypatch.setattr(pathlib.Path, "read_text", bounded)
     assert main(argv(tmp_path, "--config", "/dev/zero")) == 2
-    assert "cannot read config file /dev/zero: not a regular file" in one_line(capsys)
+    assert one_line(capsys) == "flyer: error: --config: cannot read config file /dev/zero: not a regular file"
+    for cmd in (["info"], ["plan", "--preset", "tiny"]):  # named as the flag, as a flag's other problems are
+        assert main([*cmd, "--config", str(tmp_path / "missing.toml")]) == 2
+        assert one_line(capsys).startswith(f"flyer: error: --config: cannot read config file {tmp_path}/missing.toml")
 
 
 def test_a_config_larger_than_the_bound_is_not_read(tmp_path, capsys):

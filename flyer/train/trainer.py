@@ -445,7 +445,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to ``tc.steps`` (validating, logging and checkpointing on the way); returns a
         summary: steps, final_loss (the objective), final_main_loss (its next-token term), val_loss,
-        unigram_val_loss, skipped_steps, out, and ``signal``
+        unigram_val_loss (DPO: reference_val_loss, ln 2), skipped_steps, out, and ``signal``
         (its number) when SIGTERM, SIGINT or SIGHUP stopped the run after checkpointing its last step."""
         with StopSignals() as stop:  # to the end: a signal after the last step's check lets the run finish
             return self._run(stop)
@@ -531,7 +531,8 @@ class Trainer:
         # final_loss: the objective trained (next-token, MTP and balance terms); final_main_loss: its next-token
         # term, which val_loss and the unigram baseline measure too
         summary = {"steps": self.step, "final_loss": last.get("loss"), "final_main_loss": last.get("main_loss"),
-                   "val_loss": val_loss, "unigram_val_loss": self.data.unigram_val_loss,
+                   "val_loss": val_loss,  # beside its baseline: DPO's is the reference's loss, ln 2
+                   "reference_val_loss" if self.dpo else "unigram_val_loss": self.data.unigram_val_loss,
                    "skipped_steps": self.bad_steps, "out": str(self.out)}
         if stop.signum:  # after the last step's check: that step is saved, and the run is complete
             self.log(f"{signal.Signals(stop.signum).name}: received after the last step; the run is complete")
