@@ -13,7 +13,8 @@ block of rows). The online scale of a tile is ``amax / fp8_max`` (448 for E4M3, 
 E5M2), optionally rounded up to a power of two (UE8M0, what Blackwell's MX formats store), and
 capped so that ``fp8_max * scale`` stays finite in FP32;
 ``x ~= data.float() * scale``. The cast saturates: values are clamped to +-fp8_max before
-conversion, all-zero tiles get scale 1, so no finite input yields NaN or Inf.
+conversion, and an all-zero tile gets scale 1 (with no amax floor: gradients) or floor / fp8_max (activations and
+weights, floor 1e-4), so no finite input yields NaN or Inf.
 """
 
 from __future__ import annotations
