@@ -9,16 +9,20 @@ Tolerance: ``v4_tolerance(cfg, T)`` bounds two FP32 evaluations of one V4 model 
 way (its attention sums over the window's W + new tokens + N entries, fewer than T + T / 4 keys; the
 projections see other row counts), so the same bound holds for it."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from flyer.cli import main
+from flyer.config import preset
+from flyer.infer import hybrid_fp8
 from flyer.infer.decoder import Decoder
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.infer.hybrid_cache import HybridCache
 from flyer.interop.hf import load_hf
-from flyer.model.counts import kv_cache_bytes_per_token, kv_window_bytes
+from flyer.model.counts import kv_cache_bytes_per_token, kv_compressor_state_bytes, kv_window_bytes, kv_window_bytes_fp8
 from tests.hf_models import VOCAB, build
 from tests.test_deepseek_v4 import v4_tolerance
 from tests.test_qwen3 import rel
@@ -114,7 +118,7 @@ def test_greedy_tokens_equal_transformers_generate(v4):
         assert toks == want.tolist()
 
 
-def test_cache_bytes_per_token_are_the_counts(v4):
+def test_cache_bytes_per_token_are_the_counts(v4, capsys):
     """Its growth per token is ``kv_cache_bytes_per_token`` (the tiny model's: two CSA layers (32 + 16) / 4, one
     HCA 32 / 16 channels, 26 elements), its fixed part the windows ``kv_window_bytes`` counts plus the
     compressors' states (2r slots of 2 (32 + 16) FP32 channels per CSA layer, r of 32 for HCA, twice: kv and
@@ -125,7 +129,15 @@ def test_cache_bytes_per_token_are_the_counts(v4):
         assert cache.bytes_per_token() == kv_cache_bytes_per_token(cfg, size) == 26 * size
         csa, hca = 2 * (8 * 2 * 32 + 8 * 2 * 16), 2 * 16 * 32  # kv and gate: attention's, the indexer's
         states = 4 * (2 * csa + hca)  # FP32 whatever the cache dtype
-        assert cache.window_bytes() == kv_window_bytes(cfg, size) + states
+        assert cache.window_bytes() == kv_window_bytes(cfg, size) + states == kv_window_bytes(cfg, size) + \
+            kv_compressor_state_bytes(cfg)
+    for name in ("dsv4-flash", "dsv4-pro"):  # the released configs, on the meta device: what `flyer info` says
+        big = preset(name)
+        fp8 = HybridCache(big, 1, 128, hybrid_fp8.FP8, "meta")
+        assert fp8.window_bytes() == kv_window_bytes_fp8(big) + kv_compressor_state_bytes(big)
+        assert main(["info", name, "--json"]) == 0
+        said = json.loads(capsys.readouterr().out)
+        assert said["kv_window_bytes_fp8"] + said["kv_compressor_state_bytes"] == fp8.window_bytes()
 
 
 def test_cli_generates_and_names_the_flags_it_cannot_take(v4, capsys, tmp_path):

@@ -255,11 +255,28 @@ def kv_cache_bytes_per_token_fp8(cfg: ModelConfig) -> int | float | None:
 def kv_window_bytes(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
     """Bytes a decode cache holds per sequence whatever its length, beside ``kv_cache_bytes_per_token``: each
     hybrid layer's last ``window_size`` keys (``head_dim`` values each, one head read as key and value); 0 for
-    MLA and GQA. Not counted: the compressors' not-yet-complete window (under r raw projections per layer,
-    their layout a choice of the implementation)."""
+    MLA and GQA. The compressors' not-yet-complete windows come beside it (``kv_compressor_state_bytes``: their
+    layout a choice of the implementation, flyer's)."""
     if cfg.attn != "hybrid":
         return 0
     return cfg.n_layers * cfg.window_size * cfg.head_dim * bytes_per_element
+
+
+def kv_compressor_state_bytes(cfg: ModelConfig) -> int:
+    """Bytes per sequence of the compressors' not-yet-complete windows, beside ``kv_window_bytes`` (FP32 whatever the
+    cache's dtype: their softmax is FP32), in flyer's layout (``flyer.infer.hybrid_cache``): each compressed layer's
+    kv and gate projections of its last S positions, S = 2r of two series for CSA, r of one for HCA, and a CSA
+    layer's indexer's (2 index_head_dim each); 0 for MLA and GQA."""
+    if cfg.attn != "hybrid":
+        return 0
+    total = 0
+    for i in range(cfg.n_layers):
+        r = compress_ratio(cfg, i)
+        if r:
+            csa = cfg.is_csa(i)
+            S, width = (2 * r, 2 * cfg.head_dim + 2 * cfg.index_head_dim) if csa else (r, cfg.head_dim)
+            total += 2 * S * width * 4  # kv and gate
+    return total
 
 
 def kv_window_bytes_fp8(cfg: ModelConfig) -> int:

@@ -9,8 +9,8 @@ import torch
 from flyer.config import PRESETS, ModelConfig, resolve_config
 from flyer.errors import UserError
 from flyer.model.counts import (ParamCounts, activated_params_min, indexed_layers, kv_cache_bytes_per_token,
-                                kv_cache_bytes_per_token_fp8, kv_window_bytes, kv_window_bytes_fp8, mtp_params_stored,
-                                param_counts)
+                                kv_cache_bytes_per_token_fp8, kv_compressor_state_bytes, kv_window_bytes,
+                                kv_window_bytes_fp8, mtp_params_stored, param_counts)
 from flyer.model.experts import Experts
 from flyer.model.transformer import Transformer
 
@@ -51,6 +51,7 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "kv_cache_bytes_per_token_fp8": kv_cache_bytes_per_token_fp8(cfg),  # --cache-dtype fp8, scales counted
         "kv_window_bytes": kv_window_bytes(cfg),  # hybrid attention's window, per sequence whatever its length
         "kv_window_bytes_fp8": kv_window_bytes_fp8(cfg),  # the same with --cache-dtype fp8
+        "kv_compressor_state_bytes": kv_compressor_state_bytes(cfg),  # hybrid: partial windows, FP32, per sequence
         "attention": cfg.attn,
         "layers": cfg.n_layers,
         "routed_experts": cfg.n_routed_experts,
@@ -102,6 +103,8 @@ def _run(args) -> int:
         print(f"  KV cache / token   {out['kv_cache_bytes_per_token_fp8']:,} bytes (--cache-dtype fp8: E4M3 keys, a "
               f"power-of-two scale per 64 values, BF16 rope; rotated FP4 indexer keys, a scale per 32), plus "
               f"{out['kv_window_bytes_fp8']:,} bytes per sequence for the windows")
+        print(f"  per sequence       also {out['kv_compressor_state_bytes']:,} bytes (FP32, either cache) for the "
+              f"compressors' partial windows")
         return 0
     shared = (f"; {out['layers'] - out['indexer_layers']} layers reuse another's selection"
               if out["indexer_layers"] < out["layers"] else "")
