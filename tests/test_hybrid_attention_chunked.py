@@ -20,6 +20,7 @@ from flyer.model.hybrid_chunks import (CHUNK_ROWS, LIVE_SCORE_COPIES, Span, chun
                                        span_visible, spans)
 from tests.bounds import FP32_U
 from tests.hf_models import build
+from tests.saved_bytes import saved_bytes
 from tests.test_deepseek_v4 import _tokens, v4_tolerance
 from tests.test_hybrid_attention import CFG, CSA, LAYER, TOPK, WINDOW, _input, _pair, _tables, rel
 
@@ -199,19 +200,6 @@ def test_select_topk_on_a_chunk_of_columns_is_the_whole_selection():
             assert not want[:, s.start:s.stop, s.n_entries:].any()
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs (the graph kept for backward)."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def _mask_bytes(plan: list[Span], B: int) -> int:
     """Bytes of the chunks' masks (C_c, band_c + N_c), held for B rows."""
     return B * sum((s.stop - s.start) * (s.n_keys + s.n_entries) for s in plan)
@@ -241,15 +229,15 @@ def test_saved_state_is_linear_in_chunks_not_quadratic(kind):
 
     plan, run = core(C)
     formula = 4 * B * (T * H * d + T * d + N(T) * d) + B * T * (C + W - 1 + N(T))
-    saved = _saved_bytes(run)
+    saved = saved_bytes(run)
     # the masks here are one (C, band + N) expanded over the rows, as the layer's are without the indexer
     assert saved == 4 * B * (T * H * d + T * d + N(T) * d) + _mask_bytes(plan, 1) <= formula
     eager = 4 * B * H * T * (T + N(T))
-    assert formula < eager / 8 and _saved_bytes(core(T)[1]) > eager
+    assert formula < eager / 8 and saved_bytes(core(T)[1]) > eager
 
     def layer_bytes(T, chunk):
         x = _input(T).requires_grad_(True)
-        return _saved_bytes(lambda: mine(x, *_tables(layer, T), chunk=chunk))
+        return saved_bytes(lambda: mine(x, *_tables(layer, T), chunk=chunk))
 
     masks = lambda T: _mask_bytes(spans(T, C, W, r), B)  # noqa: E731  (at most: some are expanded views)
     assert layer_bytes(512, C) - masks(512) <= 2 * (layer_bytes(256, C) - masks(256))

@@ -11,6 +11,7 @@ from flyer.model.transformer import Transformer
 from flyer.parallel.memory import STEP_BYTES, activation_bytes, plan_state_bytes
 from flyer.train.build import training_memory_bytes
 from flyer.train.config import TrainConfig
+from tests.saved_bytes import saved_bytes
 
 T = 32
 
@@ -21,17 +22,7 @@ def _saved_bytes(cfg, batch: int) -> int:
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     tokens = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(1))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen.setdefault(s.data_ptr(), s.nbytes())
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.compute_loss(tokens, tokens)
-    return sum(seen.values())
+    return saved_bytes(lambda: model.compute_loss(tokens, tokens), skip=model)
 
 
 @pytest.mark.parametrize("over", [{}, {"mtp_depth": 2, "n_dense_layers": 2}])

@@ -296,7 +296,7 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
         "total_params": pc.total,
         "activated_params": pc.activated,
         "mtp_params": pc.mtp,
-        "mtp_params_stored": mtp_params_stored(cfg),  # with each module's copies of the embedding and head
+        "mtp_params_stored": mtp_params_stored(cfg),  # V3's layout: with each module's embedding and head
         "activated_params_without_embedding": pc.activated - pc.embedding,  # DeepSeek's papers' count (37B for V3)
         "flops_per_token_causal": causal,  # the main model's, as the V3 paper counts them (MFU is of these)
         "flops_per_token_noncausal": noncausal,

@@ -25,6 +25,7 @@ encoded in memory on every run (no cache: preference sets are small next to SFT 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +104,7 @@ def plain_pair(tok: TextTokenizer, prompt: str, chosen: str, rejected: str) -> l
                          "names none")
     prompt_ids = tok.encode_ids(prompt)
     sides = [tok.encode_ids(prompt + c + ("" if c.endswith(eos) else eos)) for c in (chosen, rejected)]
-    n = min(next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
-            for ids in sides)
+    n = min(len(os.path.commonprefix([prompt_ids, ids])) for ids in sides)  # (commonprefix takes any sequences)
     return [(ids, [0] * n + [1] * (len(ids) - n)) for ids in sides]
 
 

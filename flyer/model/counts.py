@@ -153,8 +153,7 @@ def activated_params_min(cfg: ModelConfig) -> int:
     """``ParamCounts.activated`` for a token whose picks go to zero-computation experts wherever they can (LongCat-
     Flash: max(0, K - Z) FFN experts per MoE layer, not K); the same as ``activated`` without zero experts.
     LongCat-Flash-Chat: 19.50B to 32.18B with its embedding, 18.69B to 31.38B without (its report: 18.6B-31.3B)."""
-    moe_layers = sum(map(cfg.has_shortcut_moe, range(cfg.n_layers))) if cfg.shortcut_moe else (
-        cfg.n_layers - cfg.n_dense_layers if cfg.n_routed_experts else 0)
+    moe_layers = sum(has_routed_experts(cfg, i) for i in range(cfg.n_layers))
     K = min(cfg.n_activated_experts, cfg.n_routed_experts)
     skipped = K - max(0, K - cfg.n_zero_experts)
     return param_counts(cfg).activated - moe_layers * skipped * 3 * cfg.dim * cfg.moe_inter_dim

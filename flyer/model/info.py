@@ -44,7 +44,7 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "activated_params": counts.activated,
         "activated_params_without_embedding": counts.activated - counts.embedding,  # DeepSeek's papers' count
         "mtp_params": counts.mtp,
-        "mtp_params_stored": mtp_params_stored(cfg),  # with each module's copies of the embedding and head
+        "mtp_params_stored": mtp_params_stored(cfg),  # V3's layout: with each module's embedding and head
         "embedding_params": counts.embedding,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
         "kv_cache_bytes_per_token_naive": kv_cache_bytes_per_token(cfg, absorbed=False),
