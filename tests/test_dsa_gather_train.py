@@ -22,7 +22,7 @@ from flyer.model.hybrid_chunks import entry_picks
 from flyer.model.transformer import Transformer, layer_rope_tables
 from tests.bounds import FP32_U
 from tests.test_deepseek_v32_decode import decode_tolerance
-from tests.test_hybrid_attention_chunked import _saved_bytes
+from tests.saved_bytes import saved_bytes
 
 TOPK = 8
 CFG = preset("tiny", index_topk=TOPK, index_n_heads=4, index_head_dim=32, vocab_size=256)
@@ -198,7 +198,7 @@ def test_saved_state_is_linear_in_t():
 
     def saved(T, gather):
         x = _input(T).requires_grad_(True)
-        return _saved_bytes(lambda: layer(x, *_tables(T), gather=gather, chunk=16))
+        return saved_bytes(lambda: layer(x, *_tables(T), gather=gather, chunk=16))
 
     assert saved(1024, True) <= 2 * saved(512, True)
     assert saved(1024, False) > 2.2 * saved(512, False)

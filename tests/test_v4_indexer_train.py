@@ -386,16 +386,16 @@ def test_loss_keeps_no_whole_sequence_scores(mode, monkeypatch):
     eighth of the whole sequence's index scores (4 B T hi N bytes): each chunk is recomputed in backward, only the
     indexer keys' compression over the sequence (linear in T) is kept."""
     import flyer.model.hybrid as hybrid
-    from tests.test_hybrid_attention_chunked import _saved_bytes
+    from tests.saved_bytes import saved_bytes
 
     def added(T_: int) -> int:
         layer = _layer(mode, torch.float32)
         x, cos, sin = _inputs(torch.float32, T_)
         x.requires_grad_(True)
-        with_loss = _saved_bytes(lambda: layer(x, cos, sin, chunk=16))
+        with_loss = saved_bytes(lambda: layer(x, cos, sin, chunk=16))
         with monkeypatch.context() as m:
             m.setattr(hybrid, "csa_indexer_kl", lambda *a: x.new_zeros(()))
-            return with_loss - _saved_bytes(lambda: layer(x, cos, sin, chunk=16))
+            return with_loss - saved_bytes(lambda: layer(x, cos, sin, chunk=16))
 
     ind = CFG.index_n_heads
     small, large = added(512), added(1024)
