@@ -125,3 +125,34 @@ def test_node_limited_routing_reaches_at_most_m_nodes(limit):
         nodes_hit = torch.zeros(256, nodes, dtype=torch.bool).scatter_(1, ids // per_node, True).sum(1)
         assert nodes_hit.max() <= min(limit, nodes)
     assert (torch.zeros(256, 4, dtype=torch.bool).scatter_(1, ids // 8, True).sum(1) == min(limit, 4)).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_combine_keeps_expert_outputs_in_their_own_dtype(dtype):
+    """The dispatcher seam's combine (``weighted_sum``, every dispatcher's) gives what autograd gives for
+    ``zeros.index_add(0, src, y.float() * w)``, bit for bit, keeping for backward the BF16 outputs, the weights and
+    the index: not the FP32 copies autograd would keep (the weighted rows, and y's for w's gradient)."""
+    from saved_bytes import saved_bytes
+    from flyer.model.dispatch import weighted_sum
+    torch.manual_seed(0)
+    T, K, D = 40, 4, 96
+    y = torch.randn(T * K, D).to(dtype)
+    w = torch.rand(T * K, 1)
+    src = torch.randperm(T * K) % T
+    g = torch.randn(T, D)
+    grads = []
+    for fn in (lambda a, b: weighted_sum(a, b, src, T),
+               lambda a, b: torch.zeros(T, D).index_add(0, src, a.float() * b)):
+        a, b = y.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(a, b)
+        out.backward(g)
+        grads.append((out, a.grad, b.grad))
+    for ours, autograd in zip(*grads):
+        assert torch.equal(ours, autograd)
+    a, b = y.clone().requires_grad_(), w.clone().requires_grad_()
+    assert saved_bytes(lambda: weighted_sum(a, b, src, T)) == y.nbytes + w.nbytes + src.nbytes
+    disp = LocalDispatcher(4)
+    ctx = disp.dispatch(torch.randn(T, D), torch.randint(0, 4, (T, K)))[2]
+    weights = torch.rand(T, K, requires_grad=True)
+    # y, the picks' weights in dispatch order (FP32), the token and order indices (int64)
+    assert saved_bytes(lambda: disp.combine(y.clone().requires_grad_(), weights, ctx)) == y.nbytes + T * K * (4 + 8 + 8)

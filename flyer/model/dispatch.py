@@ -105,8 +105,34 @@ class LocalDispatcher:
         if self.combine_dtype is not None:
             y_ND = y_ND.to(self.combine_dtype)
         w = weights_TK.flatten().index_select(0, ctx.order_N).unsqueeze(1)
-        out = y_ND.new_zeros(ctx.n_tokens, y_ND.shape[1], dtype=torch.float32)
-        return out.index_add(0, ctx.token_idx_N, y_ND.float().mul_(w))  # FP32 sum of the K weighted copies
+        return weighted_sum(y_ND, w, ctx.token_idx_N, ctx.n_tokens)  # FP32 sum of the K weighted copies
 
 
-__all__ = ["DISPATCHER_KINDS", "Dispatcher", "LocalContext", "LocalDispatcher", "combine_wire_dtype", "dispatcher_kind"]
+class _WeightedSum(torch.autograd.Function):
+    """``zeros(n, D).index_add(0, src, y.float() * w)`` keeping only y in its own dtype, w and src for backward
+    (autograd would keep the FP32 weighted copy, and y's FP32 copy for w's gradient: four bytes per routed pick and
+    channel where a BF16 y needs two). The same values and gradients."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, w_N1: torch.Tensor, src_N: torch.Tensor, n_out: int) -> torch.Tensor:
+        ctx.save_for_backward(y_ND, w_N1, src_N)
+        out = y_ND.new_zeros(n_out, y_ND.shape[1], dtype=torch.float32)
+        return out.index_add_(0, src_N, y_ND.to(torch.float32, copy=True).mul_(w_N1))  # y itself is kept
+
+    @staticmethod
+    def backward(ctx, g_TD: torch.Tensor):
+        y_ND, w_N1, src_N = ctx.saved_tensors
+        g_ND = g_TD.index_select(0, src_N)
+        dy = (g_ND * w_N1).to(y_ND.dtype) if ctx.needs_input_grad[0] else None
+        dw = (g_ND * y_ND.float()).sum(1, keepdim=True).to(w_N1.dtype) if ctx.needs_input_grad[1] else None
+        return dy, dw, None, None
+
+
+def weighted_sum(y_ND: torch.Tensor, w_N1: torch.Tensor, src_N: torch.Tensor, n_out: int) -> torch.Tensor:
+    """(n_out, D) float32: row r of y (N, D, any float dtype) times its gate weight w[r] (N, 1), summed into row
+    src[r] (N,) in row order."""
+    return _WeightedSum.apply(y_ND, w_N1, src_N, n_out)
+
+
+__all__ = ["DISPATCHER_KINDS", "Dispatcher", "LocalContext", "LocalDispatcher", "combine_wire_dtype", "dispatcher_kind",
+           "weighted_sum"]

@@ -37,6 +37,7 @@ from flyer.model.dispatch import (
     LocalDispatcher,
     combine_wire_dtype,
     dispatcher_kind,
+    weighted_sum,
 )
 from flyer.model.moe import MoE
 from flyer.model.wire import fp8_decode_rows, fp8_encode_rows
@@ -314,10 +315,10 @@ class _ExchangeDispatcher:
         for st in reversed(plan.stages):
             if st.group is not None:
                 buf = AllToAll.apply(buf.to(self.combine_dtype or buf.dtype), st, True, self.counter, "combine")
-            buf = buf.float()
             if st.slot is not None:
-                buf = buf * w[st.slot].unsqueeze(1)
-            buf = buf.new_zeros(st.n_in, D).index_add(0, st.index, buf)
+                buf = weighted_sum(buf, w[st.slot].unsqueeze(1), st.index, st.n_in)
+            else:
+                buf = buf.new_zeros(st.n_in, D, dtype=torch.float32).index_add(0, st.index, buf.float())
         return buf
 
 
