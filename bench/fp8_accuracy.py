@@ -7,7 +7,12 @@ Prints one JSON object:
 
 * ``loss_bf16``, ``loss_fp8``, ``rel_gap``: final validation losses and (fp8 - bf16) / bf16
   (the paper's bar: |gap| < 0.25%); ``train_*``: the same for the training loss averaged over
-  the last ``--smooth`` steps.
+  the last ``--smooth`` steps. ``loss_fp8_input``, ``rel_gap_fp8_input``: a third model in the same
+  lockstep, FP8 with ``FP8Recipe(activation_cache="input")`` (backward keeps the layer inputs
+  themselves instead of their FP8 tiles).
+* ``saved_mib_bf16`` / ``_fp8`` / ``_fp8_input``: what one training forward of a batch keeps for
+  backward (``flyer.parallel.memory.saved_bytes``, the parameters left out), and
+  ``saved_ratio_fp8_vs_bf16``: the FP8 activation cache against BF16.
 * ``accum_err_no_promotion``, ``accum_err_promotion``: max relative error of a K=4096 FP8 GEMM
   with a 13-mantissa-bit accumulator, without / with promotion to FP32 every 128
   (``accumulation`` has both rounding models).
@@ -36,11 +41,12 @@ import torch
 
 from flyer.config import preset
 from flyer.data import BatchSampler, eval_batches, prepare_data
-from flyer.fp8 import convert_to_fp8, fake_quantize
+from flyer.fp8 import FP8Recipe, convert_to_fp8, fake_quantize
 from flyer.fp8.gemm import accumulation_experiment
 from flyer.fp8.logfmt import logfmt_roundtrip
 from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
+from flyer.parallel.memory import saved_bytes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,12 +75,16 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def forward(model, x, y):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model.compute_loss(x, y)
+
+
 def train_step(model, opt, x, y, lr) -> tuple[float, float]:
     for g in opt.param_groups:
         g["lr"] = lr
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.compute_loss(x, y)
+    out = forward(model, x, y)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -142,10 +152,13 @@ def main(argv=None) -> int:
                  original_seq_len=max(args.seq_len, 64))
     torch.manual_seed(args.seed)
     base = Transformer(cfg)
-    models = {"bf16": copy.deepcopy(base), "fp8": convert_to_fp8(copy.deepcopy(base))}
+    models = {"bf16": copy.deepcopy(base), "fp8": convert_to_fp8(copy.deepcopy(base)),
+              "fp8_input": convert_to_fp8(copy.deepcopy(base), recipe=FP8Recipe(activation_cache="input"))}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
             for k, m in models.items()}
     sampler = BatchSampler(data.train, args.batch_size, args.seq_len, args.seed)
+    val = eval_batches(data.val, args.batch_size, args.seq_len, args.eval_batches)
+    saved = {k: saved_bytes(lambda: forward(m, *val[0]), m) for k, m in models.items()}
     losses = {k: [] for k in models}
     times = {k: [] for k in models}
     for step in range(args.steps):
@@ -157,7 +170,6 @@ def main(argv=None) -> int:
         if not all(math.isfinite(losses[k][-1]) for k in models):
             print(f"non-finite loss at step {step}: {[losses[k][-1] for k in models]}", file=sys.stderr)
             return 1
-    val = eval_batches(data.val, args.batch_size, args.seq_len, args.eval_batches)
     val_loss = {k: evaluate(m, val) for k, m in models.items()}
     train_loss = {k: sum(v[-args.smooth:]) / len(v[-args.smooth:]) for k, v in losses.items()}
     skip = min(5, args.steps - 1)  # first steps warm allocator and caches
@@ -173,6 +185,11 @@ def main(argv=None) -> int:
         "rel_gap": (val_loss["fp8"] - val_loss["bf16"]) / val_loss["bf16"],
         "train_loss_bf16": train_loss["bf16"], "train_loss_fp8": train_loss["fp8"],
         "train_rel_gap": (train_loss["fp8"] - train_loss["bf16"]) / train_loss["bf16"],
+        "loss_fp8_input": val_loss["fp8_input"],
+        "rel_gap_fp8_input": (val_loss["fp8_input"] - val_loss["bf16"]) / val_loss["bf16"],
+        "train_loss_fp8_input": train_loss["fp8_input"],
+        **{f"saved_mib_{k}": v / 2**20 for k, v in saved.items()},
+        "saved_ratio_fp8_vs_bf16": saved["fp8"] / saved["bf16"],
         "initial_loss": losses["bf16"][0],
         "paper_bar_rel_gap": 0.0025,
         "accum_err_no_promotion": accum["truncate"]["accum_err_no_promotion"],
@@ -180,6 +197,7 @@ def main(argv=None) -> int:
         "accumulation": accum,
         "step_time_bf16_s": med["bf16"], "step_time_fp8_s": med["fp8"],
         "step_time_ratio": med["fp8"] / med["bf16"],
+        "step_time_fp8_input_s": med["fp8_input"],
         "logfmt": fmt_err,
         "threads": torch.get_num_threads(),
         "wall_s": time.perf_counter() - t_start,

@@ -22,7 +22,7 @@ from flyer.model.hybrid_chunks import entry_picks
 from flyer.model.transformer import Transformer, layer_rope_tables
 from tests.bounds import FP32_U
 from tests.test_deepseek_v32_decode import decode_tolerance
-from tests.saved_bytes import saved_bytes
+from flyer.parallel.memory import saved_bytes
 
 TOPK = 8
 CFG = preset("tiny", index_topk=TOPK, index_n_heads=4, index_head_dim=32, vocab_size=256)

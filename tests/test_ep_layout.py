@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from flyer.config import ConfigError, preset
-from flyer.model.dispatch import DISPATCHER_KINDS, LocalDispatcher, dispatcher_kind
+from flyer.model.dispatch import DISPATCHER_KINDS, LocalDispatcher, dispatcher_kind, weighted_sum
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
 from flyer.model.wire import fp8_decode_rows, fp8_encode_rows, fp8_row_bytes
 from flyer.parallel.dispatch import dispatcher_factory
+from flyer.parallel.memory import saved_bytes
 from flyer.parallel.mesh import LocalMesh, init_distributed, validate_layout
 from flyer.train.build import build_model
 
@@ -132,8 +133,6 @@ def test_combine_keeps_expert_outputs_in_their_own_dtype(dtype):
     """The dispatcher seam's combine (``weighted_sum``, every dispatcher's) gives what autograd gives for
     ``zeros.index_add(0, src, y.float() * w)``, bit for bit, keeping for backward the BF16 outputs, the weights and
     the index: not the FP32 copies autograd would keep (the weighted rows, and y's for w's gradient)."""
-    from saved_bytes import saved_bytes
-    from flyer.model.dispatch import weighted_sum
     torch.manual_seed(0)
     T, K, D = 40, 4, 96
     y = torch.randn(T * K, D).to(dtype)

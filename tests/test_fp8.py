@@ -18,13 +18,15 @@ from flyer.config import preset
 from flyer.fp8 import (FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8, emulated_gemm_nt, fake_quantize, fp8_gemm_nt,
                        fp8_grouped_linear, fp8_linear, fp8_modules, quantize_blocks, quantize_tiles)
 from flyer.fp8.gemm import accumulation_experiment, cuda_fp8_supported, cuda_gemm_path, round_mantissa
+from flyer.fp8.linear import FP8SwiGLUDownFunction
 from flyer.fp8.logfmt import logfmt_decode, logfmt_encode, logfmt_roundtrip
 from flyer.fp8.quant import (FP8_MAX, TILE, ceil_pow2, dequantize, dequantize_blocks_batched, fp8_to_float,
                              quantize_blocks_batched, quantize_tiles_t)
 from flyer.model.lowp import Linear, emulation
-from flyer.model.experts import Experts
+from flyer.model.experts import Experts, swiglu
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
+from flyer.parallel.memory import saved_bytes
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # half an ulp relative to the value (normal range) for 3 / 2 mantissa bits
@@ -207,22 +209,99 @@ def test_fp8_linear_gradients_close_to_bf16(recipe):
         assert r8.shape == r.shape
 
 
-def test_fp8_linear_matches_its_recipe_exactly():
+@pytest.mark.parametrize("cache", ["fp8", "input"])
+def test_fp8_linear_matches_its_recipe_exactly(cache):
     """Each of the three GEMMs uses exactly the stated tiling: x 1x128 . W 128x128; dy 1x128 . W
-    128x128 (transposed); dy 128x1 . x 128x1."""
+    128x128 (transposed); dy 128x1 . x 128x1, x's 128x1 tiles taken from its kept 1x128 tiles (the FP8
+    activation cache) or from x itself."""
     x = torch.randn(200, 160, requires_grad=True)
     w = torch.randn(96, 160, requires_grad=True)
     dy = torch.randn(200, 96)
-    y = fp8_linear(x, w)
+    y = fp8_linear(x, w, recipe=FP8Recipe(activation_cache=cache))
     y.backward(dy)
     fq = lambda t, g: fake_quantize(t, g).double()  # noqa: E731
+    kept = fake_quantize(x.detach(), "tile") if cache == "fp8" else x.detach()
     # FP32 sums in the BLAS's order, each product scaled twice (block promotion): within the
     # worst-case rounding bound; another tiling moves the operands by ~2^-4, far outside it
     assert_fp32_gemm(y, fq(x, "tile"), fq(w, "block").t(), extra_roundings=2)
     assert_fp32_gemm(x.grad, fq(dy, "tile"), fq(w, "block"), extra_roundings=2)
-    assert_fp32_gemm(w.grad, fq(dy.t(), "tile"), fq(x.detach().t(), "tile").t(), extra_roundings=2)
+    assert_fp32_gemm(w.grad, fq(dy.t(), "tile"), fq(kept.t(), "tile").t(), extra_roundings=2)
     assert w.grad.dtype == torch.float32
 
+
+def _normal_after_retiling(M: int, K: int) -> torch.Tensor:
+    """(M, K): rows of magnitudes in [1, 2) times 2^0..2^4, so that every value scaled by its 128x1 tile's
+    power-of-two scale stays an E4M3 normal (>= 2^-6) and re-tiling a 1x128 copy loses nothing."""
+    return (1 + torch.rand(M, K)) * torch.randn(M, K).sign() * 2.0 ** torch.randint(0, 5, (M, 1))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fp8_activation_cache_is_exact_with_power_of_two_scales(grouped):
+    """The report's reason for UE8M0 scales on re-tiled activations: with power-of-two scales the kept 1x128 tiles
+    re-tiled 128x1 give the codes a 128x1 quantization of the input gives (each code times a power of two), so
+    wgrad is bit for bit what keeping the input gives; with amax/448 scales it takes one more rounding."""
+    counts = [130, 70]
+    x = _normal_after_retiling(sum(counts), 160)
+    w = torch.randn(len(counts), 96, 160) * 0.1
+    dy = torch.randn(sum(counts), 96)
+    for pow2 in (True, False):
+        dws = {}
+        for cache in ("fp8", "input"):
+            recipe = FP8Recipe(activation_cache=cache, pow2_scales=pow2)
+            wr = (w if grouped else w[0]).clone().requires_grad_()
+            y = (fp8_grouped_linear(x, wr, torch.tensor(counts), recipe) if grouped
+                 else fp8_linear(x, wr, recipe=recipe))
+            y.backward(dy)
+            dws[cache] = wr.grad
+        assert torch.equal(dws["fp8"], dws["input"]) == pow2
+
+
+@pytest.mark.parametrize("cache", ["fp8", "input"])
+def test_fp8_layers_keep_their_input_as_the_recipe_says(cache):
+    """What backward keeps besides the weights' FP8 blocks: the input's 1x128 tiles (a byte an element and a scale
+    a tile) with the FP8 activation cache, or the input itself; the experts' w1 and w3 share one quantized copy."""
+    recipe = FP8Recipe(activation_cache=cache)
+    stored = lambda *ts: sum(t.untyped_storage().nbytes() for t in ts)  # noqa: E731
+    x = torch.randn(300, 200, requires_grad=True)  # K = 200: tiles padded to 256 columns
+    lin = FP8Linear(200, 96, bias=False, recipe=recipe)
+    weights = stored(*quantize_blocks(lin.weight.detach())[:2])
+    kept = stored(*quantize_tiles(x.detach())[:2]) if cache == "fp8" else x.nbytes
+    assert kept < x.nbytes / 3 or cache == "input"
+    assert saved_bytes(lambda: lin(x), lin) == weights + kept
+    ex = FP8Experts.from_experts(Experts(2, 200, 128), recipe)
+    counts = torch.tensor([120, 180])
+    weights = sum(stored(*quantize_blocks_batched(w.detach())) for w in (ex.w1, ex.w2, ex.w3))
+    h_tiles = stored(*quantize_tiles(torch.zeros(300, 128))[:2])
+    # FP8: h1's and h3's tiles (the SwiGLU's output recomputed from them); else h1, silu(h1) and h3 in FP32 for the
+    # SwiGLU's backward, and its output's tiles for w2's wgrad
+    swiglu_kept = 2 * h_tiles if cache == "fp8" else 3 * 300 * 128 * 4 + 300 * 128 * 4
+    assert saved_bytes(lambda: ex(x, counts), ex) == weights + kept + swiglu_kept
+
+
+@pytest.mark.parametrize("limit", [0.0, 1.5])
+def test_fp8_swiglu_down_recomputes_from_its_fp8_inputs(limit):
+    """``FP8SwiGLUDownFunction``: the forward of the SwiGLU then w2's grouped FP8 GEMM, bit for bit; backward that
+    of the same two run on the SwiGLU inputs' 1x128 tiles dequantized (the output recomputed from them, w2's wgrad
+    operand kept as it is), bit for bit: the report's cached SwiGLU inputs."""
+    counts = [130, 0, 70]
+    h1, h3 = (torch.randn(sum(counts), 200) for _ in range(2))
+    w2 = torch.randn(len(counts), 96, 200) * 0.1
+    dy = torch.randn(sum(counts), 96)
+    grads = []
+    for fused in (True, False):
+        w = w2.clone().requires_grad_()
+        a, b = ((h1, h3) if fused else (fake_quantize(h1, "tile"), fake_quantize(h3, "tile")))
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        if fused:
+            y = FP8SwiGLUDownFunction.apply(a, b, w, counts, FP8Recipe(), torch.float32, limit)
+        else:
+            y = fp8_grouped_linear(swiglu(a, b, limit), w, counts, FP8Recipe(activation_cache="input"))
+        y.backward(dy)
+        grads.append((a.grad, b.grad, w.grad))
+    for ours, ref in zip(*grads):
+        assert torch.equal(ours, ref)
+    y_ref = fp8_grouped_linear(swiglu(h1, h3, limit), w2, counts)
+    assert torch.equal(FP8SwiGLUDownFunction.apply(h1, h3, w2, counts, FP8Recipe(), torch.float32, limit), y_ref)
 
 
 def test_tiles_and_blocks_floor_amax_as_deepseeks_quantizers():

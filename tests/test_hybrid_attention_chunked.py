@@ -20,7 +20,7 @@ from flyer.model.hybrid_chunks import (CHUNK_ROWS, LIVE_SCORE_COPIES, Span, chun
                                        span_visible, spans)
 from tests.bounds import FP32_U
 from tests.hf_models import build
-from tests.saved_bytes import saved_bytes
+from flyer.parallel.memory import saved_bytes
 from tests.test_deepseek_v4 import _tokens, v4_tolerance
 from tests.test_hybrid_attention import CFG, CSA, LAYER, TOPK, WINDOW, _input, _pair, _tables, rel
 

@@ -8,10 +8,9 @@ import torch
 
 from flyer.config import preset
 from flyer.model.transformer import Transformer
-from flyer.parallel.memory import STEP_BYTES, activation_bytes, plan_state_bytes
+from flyer.parallel.memory import STEP_BYTES, activation_bytes, plan_state_bytes, saved_bytes
 from flyer.train.build import training_memory_bytes
 from flyer.train.config import TrainConfig
-from tests.saved_bytes import saved_bytes
 
 T = 32
 
@@ -53,3 +52,30 @@ def test_the_activation_estimate_counts_what_autograd_keeps_but_the_rope_tables(
     rope_tables = 2 * (1 + cfg.mtp_depth) * T * cfg.qk_rope_head_dim * 4 + 4  # (and a 0-dim loss scale)
     constant = [2 * x[0] - x[1] for x in (measured, estimated)]
     assert 0 <= constant[0] - constant[1] <= rope_tables
+
+
+def test_the_fp8_activation_estimate_counts_the_experts_fp8_weights():
+    """FP8 training (BF16 autocast, ``convert_to_fp8``): the estimate stays under what one forward keeps, at batch 1
+    and 2, and its constant part is the measured one less what it leaves out: the other linear layers' FP8 weight
+    blocks and every layer's block scales (a BF16 count of the experts' weights, as before the FP8 experts kept
+    their FP8 blocks, would exceed the measurement)."""
+    from flyer.fp8 import FP8Experts, FP8Linear, convert_to_fp8
+    from flyer.fp8.quant import quantize_blocks
+    cfg = preset("tiny").replace(moe_inter_dim=256)
+    torch.manual_seed(0)
+    model = convert_to_fp8(Transformer(cfg).train())
+    measured = []
+    for b in (1, 2):
+        tokens = torch.randint(0, cfg.vocab_size, (b, T), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            measured.append(saved_bytes(lambda: model.compute_loss(tokens, tokens), skip=model))
+    estimated = [activation_bytes(cfg, 1, 0, "1f1b", T, b, "fp8") for b in (1, 2)]
+    assert all(e <= m for e, m in zip(estimated, measured))
+    blocks = sum(sum(t.untyped_storage().nbytes() for t in quantize_blocks(m.weight.detach())[:2])
+                 for m in model.modules() if isinstance(m, FP8Linear))
+    experts = [m for m in model.modules() if isinstance(m, FP8Experts)]
+    scales = sum(4 * w.shape[0] * -(-w.shape[1] // 128) * -(-w.shape[2] // 128)
+                 for m in experts for w in (m.w1, m.w2, m.w3))
+    rope_tables = 2 * (1 + cfg.mtp_depth) * T * cfg.qk_rope_head_dim * 4 + 4
+    constant = [2 * x[0] - x[1] for x in (measured, estimated)]
+    assert 0 <= constant[0] - constant[1] - blocks - scales <= rope_tables

@@ -675,3 +675,19 @@ def test_a_verified_checkpoint_is_hashed_once_until_it_changes(tmp_path, monkeyp
     (step / "model.safetensors").write_bytes(bytes(data))  # the same size, a new mtime
     with pytest.raises(ckpt.CheckpointError, match="checksum mismatch"):
         ckpt.verify_checkpoint(step)
+
+
+def test_fp8_activation_cache_setting_reaches_every_fp8_layer(tmp_path, data_cache):
+    """``--fp8-activation-cache``: every FP8 layer of the trained model takes it; the first step's loss (a forward)
+    is the same either way, the second differs (the first update's weight gradients came from re-tiled FP8 tiles
+    or from the inputs themselves)."""
+    from flyer.fp8 import FP8Experts, FP8Linear
+    runs = {}
+    for cache in ("fp8", "input"):
+        t = Trainer(tc_for(tmp_path / cache, data_cache, precision="fp8", fp8_activation_cache=cache, steps=2,
+                           eval_every=2, ckpt_every=2), log=quiet)
+        recipes = {m.recipe.activation_cache for m in t.model.modules() if isinstance(m, (FP8Linear, FP8Experts))}
+        assert recipes == {cache}
+        t.run()
+        runs[cache] = losses(tmp_path / cache)
+    assert runs["fp8"][1] == runs["input"][1] and runs["fp8"][2] != runs["input"][2]

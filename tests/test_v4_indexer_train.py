@@ -386,7 +386,7 @@ def test_loss_keeps_no_whole_sequence_scores(mode, monkeypatch):
     eighth of the whole sequence's index scores (4 B T hi N bytes): each chunk is recomputed in backward, only the
     indexer keys' compression over the sequence (linear in T) is kept."""
     import flyer.model.hybrid as hybrid
-    from tests.saved_bytes import saved_bytes
+    from flyer.parallel.memory import saved_bytes
 
     def added(T_: int) -> int:
         layer = _layer(mode, torch.float32)

@@ -9,9 +9,10 @@ The three GEMMs of a linear layer ``y = x W^T`` (x (M, K), W (N, K)), all E4M3 b
 * wgrad    ``dW = dy^T . x``:  both re-tiled 128x1, i.e. 1x128 tiles along the token dimension
   M, which is this GEMM's reduction dimension.
 
-The master weight stays FP32 (it is the same ``nn.Parameter``), and so does its gradient. The
-layer input is saved in its own precision and re-quantised 128x1 in backward. Outputs are in the
-autocast dtype when autocast is on, else in the input's dtype.
+The master weight stays FP32 (it is the same ``nn.Parameter``), and so does its gradient. Backward keeps the
+layer input as the forward GEMM quantized it (1x128 tiles: about a byte an element, the report's FP8 activation
+cache) and re-tiles it 128x1 for wgrad, or, with ``FP8Recipe.activation_cache='input'``, the input in its own
+precision. Outputs are in the autocast dtype when autocast is on, else in the input's dtype.
 """
 
 from __future__ import annotations
@@ -29,19 +30,24 @@ from flyer.fp8.quant import (AMAX_FLOOR, FP8_DTYPES, TILE, Quantized, dequantize
 from flyer.model.lowp import gemm_dtype, group_rows, ungroup_rows
 from flyer.model.experts import Experts, padded_layout, swiglu
 
+ACTIVATION_CACHES = ("fp8", "input")  # FP8Recipe.activation_cache
 
 @dataclass(frozen=True)
 class FP8Recipe:
     """fmt: operands of the forward GEMM and the weights; grad_fmt: activation gradients (E4M3 in
     DeepSeek-V3; 'e5m2' for the comparison). pow2_scales: round scales up to powers of two
     (UE8M0). backend: 'auto' | 'emulate' | 'cuda'; emulation: 'dequant' (fast) | 'blocks'
-    (the per-128-block oracle), see ``flyer.fp8.gemm``."""
+    (the per-128-block oracle), see ``flyer.fp8.gemm``. activation_cache: what backward keeps of a layer's input
+    for wgrad: 'fp8' (the report's: the forward's 1x128 tiles, re-tiled 128x1 from their values, which adds one
+    rounding unless the scales are powers of two, when it is exact above E4M3's smallest normal) or 'input' (the
+    input in its own precision, quantized 128x1 once)."""
 
     fmt: str = "e4m3"
     grad_fmt: str = "e4m3"
     pow2_scales: bool = False
     backend: str = "auto"
     emulation: str = "dequant"
+    activation_cache: str = "fp8"
 
     def __post_init__(self) -> None:
         for name in ("fmt", "grad_fmt"):
@@ -53,6 +59,9 @@ class FP8Recipe:
         if self.emulation not in EMULATIONS:
             raise ValueError(f"FP8Recipe.emulation '{self.emulation}' not supported "
                              f"(choose from: {', '.join(EMULATIONS)})")
+        if self.activation_cache not in ACTIVATION_CACHES:
+            raise ValueError(f"FP8Recipe.activation_cache '{self.activation_cache}' not supported "
+                             f"(choose from: {', '.join(ACTIVATION_CACHES)})")
 
     def gemm(self, a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
              out_dtype: torch.dtype) -> torch.Tensor:
@@ -67,6 +76,16 @@ class FP8Recipe:
 
 
 output_dtype = gemm_dtype  # the dtype a high-precision linear would return here
+
+
+def _cache_input(x_MK: torch.Tensor, qx: Quantized, r: FP8Recipe) -> tuple[torch.Tensor, ...]:
+    """What backward keeps of a layer input x (M, K) for wgrad: its forward tiles (data, scale) or x itself."""
+    return (qx.data, qx.scale) if r.activation_cache == "fp8" else (x_MK,)
+
+
+def _cached_input(cached: tuple[torch.Tensor, ...], K: int) -> torch.Tensor:
+    """x (M, K) back from ``_cache_input``'s tensors: the tiles dequantized (float32), or x as kept."""
+    return dequantize(*cached)[:, :K] if len(cached) == 2 else cached[0]
 
 
 def _transpose_blocks(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,15 +117,15 @@ class FP8LinearFunction(torch.autograd.Function):
             qx = quantize_tiles(x_MK, r.fmt, r.pow2_scales)
             qw = quantize_blocks(weight, r.fmt, r.pow2_scales)
             y = r.gemm(qx.data, qx.scale, qw.data, qw.scale, out_dtype)
-        ctx.save_for_backward(x_MK, qw.data, qw.scale)
+        ctx.save_for_backward(qw.data, qw.scale, *_cache_input(x_MK, qx, r))
         ctx.recipe, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = r, x.shape, x.dtype, weight.dtype
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x_MK, w_data, w_scale = ctx.saved_tensors
+        w_data, w_scale, *cached = ctx.saved_tensors
         r = ctx.recipe
-        N, K = w_data.shape[0], x_MK.shape[1]
+        N, K = w_data.shape[0], ctx.x_shape[-1]
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             dy_MN = dy.reshape(-1, N)
@@ -116,7 +135,7 @@ class FP8LinearFunction(torch.autograd.Function):
                 dx = r.gemm(qdy.data, qdy.scale, wt_data, wt_scale, ctx.x_dtype)
                 dx = dx[:, :K].reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                dw = _wgrad(dy_MN, x_MK, r).to(ctx.w_dtype)
+                dw = _wgrad(dy_MN, _cached_input(cached, K), r).to(ctx.w_dtype)
         return dx, dw, None, None
 
 
@@ -194,80 +213,140 @@ def _retile_segments(t_NC: torch.Tensor, dest: torch.Tensor, n_rows: int, fmt: s
     return quantize_tiles_t(aligned, fmt, pow2, amax_floor)
 
 
+def _grouped_gemm(qx: Quantized, w_data: torch.Tensor, w_scale: torch.Tensor, counts: list[int], r: FP8Recipe,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """(N, F) out_dtype: rows of expert e (qx: (N, Kp) in 1x128 tiles) times W_e^T (w: (E, Fp, Kp) in 128x128
+    blocks)."""
+    Fo = w_data.shape[1]
+    if r.dequant_emulation(qx.data.device):
+        xq, wq = dequantize(qx.data, qx.scale), dequantize_blocks_batched(w_data, w_scale)
+        outs = [(xs @ we.t()).to(out_dtype) for xs, we, n in zip(xq.split(counts), wq.unbind(0), counts) if n]
+    else:
+        outs = [r.gemm(xd, xs, w_data[e], w_scale[e], out_dtype)
+                for e, (xd, xs) in enumerate(zip(qx.data.split(counts), qx.scale.split(counts))) if counts[e]]
+    return torch.cat(outs) if outs else qx.data.new_zeros(0, Fo, dtype=out_dtype)
+
+
+def _grouped_dgrad(dy: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, counts: list[int], r: FP8Recipe,
+                   K: int, x_dtype: torch.dtype) -> torch.Tensor:
+    """dx (N, K) x_dtype = dy_e . W_e per expert: dy (N, F) in 1x128 tiles, W_e^T in 128x128 blocks."""
+    Fo = w_data.shape[1]
+    qdy = quantize_tiles(dy, r.grad_fmt, r.pow2_scales, amax_floor=0.0)
+    if r.dequant_emulation(dy.device):
+        dyq, wq = dequantize(qdy.data, qdy.scale)[:, :Fo], dequantize_blocks_batched(w_data, w_scale)[:, :, :K]
+        parts = [(ds @ we).to(x_dtype) for ds, we, n in zip(dyq.split(counts), wq.unbind(0), counts) if n]
+    else:
+        # W_e^T (Kp, Fp) in 128x128 blocks for every expert at once
+        pad = -Fo % TILE
+        wt_data = w_data.transpose(1, 2)
+        if pad:
+            wt_data = F.pad(wt_data.view(torch.uint8), (0, pad)).view(w_data.dtype)
+        wt_data, wt_scale = wt_data.contiguous(), w_scale.transpose(1, 2).contiguous()
+        parts = [r.gemm(dd, ds, wt_data[e], wt_scale[e], x_dtype)[:, :K]
+                 for e, (dd, ds) in enumerate(zip(qdy.data.split(counts), qdy.scale.split(counts))) if counts[e]]
+    return torch.cat(parts) if parts else dy.new_zeros(dy.shape[0], K, dtype=x_dtype)
+
+
+def _grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: list[int], r: FP8Recipe) -> torch.Tensor:
+    """dW (E, F, K) float32 = dy_e^T . x_e per expert, both re-tiled 128x1 inside each expert's segment, laid out
+    with every segment starting at a multiple of 128 (DeepGEMM's contiguous layout), so that no tile of one
+    quantization pass straddles two experts."""
+    Fo, K, device = dy.shape[1], x.shape[1], dy.device
+    layout = padded_layout(counts, TILE)
+    dest, n_rows = layout.positions(device), layout.total
+    qdy_t = _retile_segments(dy, dest, n_rows, r.grad_fmt, r.pow2_scales, 0.0)  # (F, n_rows)
+    qx_t = _retile_segments(x, dest, n_rows, r.fmt, r.pow2_scales)  # (K, n_rows)
+    fast = r.dequant_emulation(device)
+    if fast:
+        dyq_t, xq_t = dequantize(qdy_t.data, qdy_t.scale), dequantize(qx_t.data, qx_t.scale)[:K]
+    dws = []
+    for s, p in zip(layout.starts, layout.padded):
+        cols, tiles = slice(s, s + p), slice(s // TILE, (s + p) // TILE)
+        if p == 0:
+            dws.append(torch.zeros(Fo, K, dtype=torch.float32, device=device))
+        elif fast:
+            dws.append(dyq_t[:Fo, cols] @ xq_t[:, cols].t())
+        else:
+            dws.append(r.gemm(qdy_t.data[:, cols], qdy_t.scale[:, tiles], qx_t.data[:, cols], qx_t.scale[:, tiles],
+                              torch.float32))
+    return torch.stack(dws)
+
+
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Per-expert ``y_e = x_e W_e^T`` over expert-sorted tokens, in FP8.
 
-    x (N_tok, K) sorted by expert, weight (E, F, K), counts: python list of E token counts.
-    Activations are tiled once for all experts (1x128 tiles never cross tokens); the weights are
-    block-quantised in one batched pass. For the wgrad, the tokens are laid out with every
-    expert segment starting at a multiple of 128 (DeepGEMM's contiguous layout), so the 128x1
-    tiles of one quantisation pass never straddle two experts.
+    x (N_tok, K) sorted by expert, weight (E, F, K), counts: python list of E token counts; qx: x's 1x128 tiles
+    when the caller quantized them already (one copy for the GEMMs that share an input). Activations are tiled
+    once for all experts (1x128 tiles never cross tokens); the weights are block-quantised in one batched pass;
+    wgrad re-tiles inside each expert's segment (``_grouped_wgrad``).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: list[int], recipe: FP8Recipe,
-                out_dtype: torch.dtype):
+                out_dtype: torch.dtype, qx: Quantized | None = None):
         r = recipe
-        E, Fo, K = weight.shape
         with torch.autocast(x.device.type, enabled=False):
-            qx = quantize_tiles(x, r.fmt, r.pow2_scales)
+            qx = quantize_tiles(x, r.fmt, r.pow2_scales) if qx is None else qx
             w_data, w_scale = quantize_blocks_batched(weight, r.fmt, r.pow2_scales)
-            if r.dequant_emulation(x.device):
-                xq, wq = dequantize(qx.data, qx.scale), dequantize_blocks_batched(w_data, w_scale)
-                outs = [xs @ we.t() for xs, we, n in zip(xq.split(counts), wq.unbind(0), counts) if n]
-                outs = [o.to(out_dtype) for o in outs]
-            else:
-                outs = [r.gemm(xd, xs, w_data[e], w_scale[e], out_dtype)
-                        for e, (xd, xs) in enumerate(zip(qx.data.split(counts), qx.scale.split(counts))) if counts[e]]
-            y = torch.cat(outs) if outs else x.new_zeros(0, Fo, dtype=out_dtype)
-        ctx.save_for_backward(x, w_data, w_scale)
-        ctx.counts, ctx.recipe, ctx.w_dtype = counts, r, weight.dtype
+            y = _grouped_gemm(qx, w_data, w_scale, counts, r, out_dtype)
+        ctx.save_for_backward(w_data, w_scale, *_cache_input(x, qx, r))
+        ctx.counts, ctx.recipe, ctx.w_dtype, ctx.x_meta = counts, r, weight.dtype, (x.shape[1], x.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, w_data, w_scale = ctx.saved_tensors
+        w_data, w_scale, *cached = ctx.saved_tensors
         r, counts = ctx.recipe, ctx.counts
-        Fo, K = w_data.shape[1], x.shape[1]
+        K, x_dtype = ctx.x_meta
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                qdy = quantize_tiles(dy, r.grad_fmt, r.pow2_scales, amax_floor=0.0)
-            if ctx.needs_input_grad[0] and r.dequant_emulation(x.device):
-                dyq, wq = dequantize(qdy.data, qdy.scale)[:, :Fo], dequantize_blocks_batched(w_data, w_scale)[:, :, :K]
-                parts = [(ds @ we).to(x.dtype) for ds, we, n in zip(dyq.split(counts), wq.unbind(0), counts) if n]
-                dx = torch.cat(parts) if parts else torch.zeros_like(x)
-            elif ctx.needs_input_grad[0]:
-                # W_e^T (Kp, Fp) in 128x128 blocks for every expert at once
-                pad = -Fo % TILE
-                wt_data = w_data.transpose(1, 2)
-                if pad:
-                    wt_data = F.pad(wt_data.view(torch.uint8), (0, pad)).view(w_data.dtype)
-                wt_data, wt_scale = wt_data.contiguous(), w_scale.transpose(1, 2).contiguous()
-                parts = [r.gemm(dd, ds, wt_data[e], wt_scale[e], x.dtype)[:, :K]
-                         for e, (dd, ds) in enumerate(zip(qdy.data.split(counts), qdy.scale.split(counts)))
-                         if counts[e]]
-                dx = torch.cat(parts) if parts else torch.zeros_like(x)
+                dx = _grouped_dgrad(dy, w_data, w_scale, counts, r, K, x_dtype)
             if ctx.needs_input_grad[1]:
-                layout = padded_layout(counts, TILE)  # every expert's segment starts at a multiple of 128
-                dest, n_rows = layout.positions(x.device), layout.total
-                qdy_t = _retile_segments(dy, dest, n_rows, r.grad_fmt, r.pow2_scales, 0.0)  # (F, n_rows)
-                qx_t = _retile_segments(x, dest, n_rows, r.fmt, r.pow2_scales)  # (K, n_rows)
-                fast = r.dequant_emulation(x.device)
-                if fast:
-                    dyq_t, xq_t = dequantize(qdy_t.data, qdy_t.scale), dequantize(qx_t.data, qx_t.scale)[:K]
-                dws = []
-                for s, p in zip(layout.starts, layout.padded):
-                    cols, tiles = slice(s, s + p), slice(s // TILE, (s + p) // TILE)
-                    if p == 0:
-                        dws.append(torch.zeros(Fo, K, dtype=torch.float32, device=x.device))
-                    elif fast:
-                        dws.append(dyq_t[:Fo, cols] @ xq_t[:, cols].t())
-                    else:
-                        dws.append(r.gemm(qdy_t.data[:, cols], qdy_t.scale[:, tiles], qx_t.data[:, cols],
-                                          qx_t.scale[:, tiles], torch.float32))
-                dw = torch.stack(dws).to(ctx.w_dtype)
-        return dx, dw, None, None, None
+                dw = _grouped_wgrad(dy, _cached_input(cached, K), counts, r).to(ctx.w_dtype)
+        return dx, dw, None, None, None, None
+
+
+class FP8SwiGLUDownFunction(torch.autograd.Function):
+    """Per-expert ``y_e = swiglu(h1_e, h3_e) W2_e^T`` over expert-sorted tokens, keeping for backward only the SwiGLU
+    inputs in FP8 1x128 tiles (DeepSeek-V3 report, section 3.3.3: "we cache the inputs of the SwiGLU operator and
+    recompute its output in the backward pass"; FP8Recipe.activation_cache 'fp8'): about two bytes per expert
+    channel, where autograd keeps h1, silu(h1), h3 and the product's tiles.
+
+    h1, h3 (N, F), w2 (E, D, F), counts as ``FP8GroupedLinearFunction``. The forward is that of
+    ``FP8GroupedLinearFunction(swiglu(h1, h3))``; backward evaluates the SwiGLU's gradient at the dequantized
+    inputs and takes w2's wgrad operand from the output recomputed from them (float32)."""
+
+    @staticmethod
+    def forward(ctx, h1: torch.Tensor, h3: torch.Tensor, w2: torch.Tensor, counts: list[int], recipe: FP8Recipe,
+                out_dtype: torch.dtype, limit: float = 0.0):
+        r = recipe
+        with torch.autocast(h1.device.type, enabled=False):
+            a = swiglu(h1, h3, limit)
+            qh1, qh3 = (quantize_tiles(h, r.fmt, r.pow2_scales) for h in (h1, h3))
+            w_data, w_scale = quantize_blocks_batched(w2, r.fmt, r.pow2_scales)
+            y = _grouped_gemm(quantize_tiles(a, r.fmt, r.pow2_scales), w_data, w_scale, counts, r, out_dtype)
+        ctx.save_for_backward(w_data, w_scale, qh1.data, qh1.scale, qh3.data, qh3.scale)
+        ctx.counts, ctx.recipe, ctx.limit, ctx.F = counts, r, limit, h1.shape[1]
+        ctx.w_dtype, ctx.h_dtype = w2.dtype, h1.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        w_data, w_scale, h1_data, h1_scale, h3_data, h3_scale = ctx.saved_tensors
+        r, counts, F_ = ctx.recipe, ctx.counts, ctx.F
+        dh1 = dh3 = dw = None
+        with torch.autocast(dy.device.type, enabled=False):
+            h1, h3 = (dequantize(d, sc)[:, :F_].contiguous().requires_grad_()  # contiguous: SIMD silu, as forward's
+                      for d, sc in ((h1_data, h1_scale), (h3_data, h3_scale)))
+            with torch.enable_grad():
+                a = swiglu(h1, h3, ctx.limit)  # recomputed from the kept tiles
+            if ctx.needs_input_grad[2]:
+                dw = _grouped_wgrad(dy, a.detach(), counts, r).to(ctx.w_dtype)
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                da = _grouped_dgrad(dy, w_data, w_scale, counts, r, F_, torch.float32)
+                dh1, dh3 = (g.to(ctx.h_dtype) for g in torch.autograd.grad(a, (h1, h3), da))
+        return dh1, dh3, dw, None, None, None, None
 
 
 def fp8_grouped_linear(x_NK: torch.Tensor, w_EFK: torch.Tensor, counts_E: torch.Tensor | list[int],
@@ -311,8 +390,12 @@ class FP8Experts(Experts):
         x = x_ND.to(dtype)
         r = self.recipe
         w1, w2, w3 = self.gemm_weights()  # FP4 QAT: the FP4 values go into the 128x128 blocks (flyer.fp8.fp4)
-        h1 = FP8GroupedLinearFunction.apply(x, w1, counts, r, dtype)
-        h3 = FP8GroupedLinearFunction.apply(x, w3, counts, r, dtype)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            qx = quantize_tiles(x, r.fmt, r.pow2_scales)  # once for w1 and w3: one FP8 copy kept for both wgrads
+        h1 = FP8GroupedLinearFunction.apply(x, w1, counts, r, dtype, qx)
+        h3 = FP8GroupedLinearFunction.apply(x, w3, counts, r, dtype, qx)
+        if r.activation_cache == "fp8":  # the SwiGLU inputs kept in FP8, its output recomputed in backward
+            return FP8SwiGLUDownFunction.apply(h1, h3, w2, counts, r, dtype, self.swiglu_limit)
         return FP8GroupedLinearFunction.apply(swiglu(h1, h3, self.swiglu_limit), w2, counts, r, dtype)
 
     def extra_repr(self) -> str:
@@ -363,6 +446,6 @@ def fp8_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (FP8Linear, FP8Experts))]
 
 
-__all__ = ["FP8Recipe", "FP8LinearFunction", "FP8WeightFunction", "fp8_linear", "FP8Linear",
-           "FP8GroupedLinearFunction", "fp8_grouped_linear", "FP8Experts", "default_module_filter", "convert_to_fp8",
-           "fp8_modules", "output_dtype"]
+__all__ = ["ACTIVATION_CACHES", "FP8Recipe", "FP8LinearFunction", "FP8WeightFunction", "fp8_linear", "FP8Linear",
+           "FP8GroupedLinearFunction", "FP8SwiGLUDownFunction", "fp8_grouped_linear", "FP8Experts",
+           "default_module_filter", "convert_to_fp8", "fp8_modules", "output_dtype"]

@@ -9,7 +9,8 @@ its matrices, AdamW's for the rest; under ZeRO-1 only this rank's shard).
 Planned (``plan_state_bytes``): the same sums from a ``Transformer`` built on the ``meta``
 device, cut as the run cuts it: the layers and ends of each pipeline rank (``held_modules``, the
 rule ``PipelineModel`` follows), the expert stacks sliced ``ep`` ways, and ZeRO-1's partition
-(``flyer.parallel.zero.partition``). Activations are an estimate beside them (``activation_bytes``).
+(``flyer.parallel.zero.partition``). Activations are an estimate beside them (``activation_bytes``), and
+``saved_bytes`` measures what autograd keeps while a forward runs.
 """
 
 from __future__ import annotations
@@ -60,11 +61,29 @@ def _holder(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: i
     return holder
 
 
+def saved_bytes(fn, skip: nn.Module | None = None) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs
+    (``torch.autograd.graph.saved_tensors_hooks``), ``skip``'s parameters (a model's state) left out."""
+    params = {p.untyped_storage().data_ptr() for p in skip.parameters()} if skip is not None else set()
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq_len: int, micro_batch: int,
                      precision: str, ep: int = 1) -> int:
     """An estimate of what pipeline rank ``pp_rank`` saves for backward at its peak: every block's
     saved activations (``activation_bytes_per_token_layer``, no recomputation; the MTP modules' blocks on the last
-    stage) and its routed experts' GEMM weights (``expert_weights_saved_bytes``: this rank's ``1/ep`` of them) for
+    stage) and its routed experts' GEMM weights (``expert_weights_saved_bytes``: this rank's ``1/ep`` of them, in FP8
+    a byte an element: the FP8 experts keep their weights' FP8 blocks) for
     the micro-batches in flight on each of its stages (stage s of n holds up to n - s of them in a
     1F1B-style schedule; one without pipelining), plus what the main and MTP heads' losses keep on the last stage
     (``head_saved_bytes``)."""
@@ -72,7 +91,8 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
     n = pp * chunks_per_rank(schedule, pp)
     split, placement = split_layers(cfg, n, seq_len), stage_ranks(schedule, pp)
     tokens = micro_batch * seq_len
-    expert = cfg.n_routed_experts // ep * expert_weights_saved_bytes(cfg, element) if micro_batch else 0
+    weight_element = 1 if precision == "fp8" else element  # FP8 experts keep their three weights' FP8 blocks
+    expert = cfg.n_routed_experts // ep * expert_weights_saved_bytes(cfg, weight_element) if micro_batch else 0
     total = 0.0
     for s in (s for s in range(n) if placement[s] == pp_rank):
         blocks = [*split[s], *(range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if s == n - 1 else ())]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from flyer.config import ModelConfig
-from flyer.fp8 import convert_to_fp8
+from flyer.fp8 import FP8Recipe, convert_to_fp8
 from flyer.data import eval_batches_bytes
 from flyer.data.chat_pack import PACKED_TENSORS
 from flyer.data.sampler import TEXT_TENSORS
@@ -104,7 +104,8 @@ def check_fp4_experts(fp4: bool, cfg: ModelConfig) -> None:
 
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
                 dispatcher: str = "hierarchical", fp8_dispatch: bool = False,
-                stages: tuple[str, int] | None = None, fp4: bool = False) -> Transformer:
+                stages: tuple[str, int] | None = None, fp4: bool = False,
+                fp8_activation_cache: str = "fp8") -> Transformer:
     """The model to train, on ``mesh.device``, initialised exactly as ``torch.manual_seed(seed);
     Transformer(cfg)`` in one process (each rank keeps its slice of the experts).
 
@@ -130,7 +131,7 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
         model = Transformer(cfg, make_dispatcher=make_dispatcher).to(mesh.device)
     mesh.init_like_single_process(model, seed)
     if precision == "fp8":
-        convert_to_fp8(model)
+        convert_to_fp8(model, recipe=FP8Recipe(activation_cache=fp8_activation_cache))
     if fp4:
         fp4_experts(model)
     return model

@@ -31,6 +31,9 @@ _FLAGS = [  # (flag, field, type, help)
                                       "head, norms and mHC biases/gates), reusing --lr and the weight decay"),
     ("--precision", "precision", str,
      "auto (bf16 where the device multiplies BF16 in hardware, else fp32), fp32, bf16 or fp8"),
+    ("--fp8-activation-cache", "fp8_activation_cache", str,
+     "with --precision fp8, what backward keeps of each FP8 layer's input for its weight gradient: fp8 (the "
+     "forward's 1x128 tiles, re-tiled 128x1: DeepSeek-V3's, the default) or input (the input itself)"),
     ("--out", "out", str, "run directory (metrics, plots, checkpoints)"),
     ("--seed", "seed", int, "random seed (model init and data order)"),
     ("--eval-every", "eval_every", int, "validate every N steps"),

@@ -166,7 +166,8 @@ class Trainer:
                      f"than seq_len+1 = {tc.seq_len + 1} tokens: their rows keep the first {tc.seq_len + 1}")
 
         self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch,
-                                 stages=(tc.pp_schedule, tc.seq_len) if tc.pp > 1 else None, fp4=tc.fp4_experts)
+                                 stages=(tc.pp_schedule, tc.seq_len) if tc.pp > 1 else None, fp4=tc.fp4_experts,
+                                 fp8_activation_cache=tc.fp8_activation_cache)
         self.pipeline: PipelineModel | None = None
         if self.mesh.pp > 1:  # this rank keeps its stages; the rest of the model is freed
             overlap = None if tc.pp_overlap else False  # None: where it applies (dualpipev, ep > 1)
