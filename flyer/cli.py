@@ -140,7 +140,7 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
 def error_line(e: Exception, flag_of: dict[str, str]) -> str:
     """The one line printed for a user error: a ``FieldError``'s field becomes its flag."""
     if isinstance(e, FieldError):
-        return e.worded(flag_of.get(e.field, e.field))
+        return e.worded(flag_of.get(e.field, e.field), flag_of)
     if isinstance(e, PermissionError) and e.filename:
         return f"{e.filename}: permission denied"
     return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -21,19 +21,23 @@ class ConfigError(ValueError):
 
 
 class FieldError(ConfigError):
-    """``field`` has a bad value; ``problem`` says why and what is allowed. Other fields the
-    problem involves are given by their values, so only ``field`` needs wording for a reader."""
+    """``field`` has a bad value; ``problem`` says why and what is allowed. ``also``: other fields the problem
+    names, each written ``{name}`` in it ("needs {init}"), which the CLI words as their flags too."""
 
-    def __init__(self, field: str, problem: str):
+    def __init__(self, field: str, problem: str, also: tuple[str, ...] = ()):
         super().__init__(field, problem)
-        self.field, self.problem = field, problem
+        self.field, self.problem, self.also = field, problem, also
 
     def __str__(self) -> str:
         return self.worded(self.field)
 
-    def worded(self, name: str) -> str:
-        """The message with ``field`` called ``name`` (the CLI passes the flag that sets it)."""
-        return f"{name}: {self.problem}"
+    def worded(self, name: str, names: dict[str, str] | None = None) -> str:
+        """The message with ``field`` called ``name`` and each ``{other}`` of ``also`` called ``names[other]``
+        (the CLI passes the flags that set them; else the field names)."""
+        problem = self.problem
+        for other in self.also:
+            problem = problem.replace("{" + other + "}", (names or {}).get(other, other))
+        return f"{name}: {problem}"
 
 
 class DataError(ConfigError):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flyer.config import ConfigError, preset
+from flyer.errors import FieldError
 from flyer.data import (
     EOS_TOKEN, BatchSampler, DataError, ShardWriter, TokenShards, clean_markdown, eval_batches,
     find_documents, prepare_data, split_documents, train_bpe, write_shard,
@@ -170,7 +171,7 @@ def test_sampler_determinism_and_resume(tmp_path):
 
     with pytest.raises(DataError, match="batch_size=4"):
         BatchSampler(shards, 8, 16, seed=7).load_state_dict(state)
-    with pytest.raises(DataError, match="training split has 3000 tokens"):
+    with pytest.raises(FieldError, match="^seq_len: the training split has 3000 tokens"):
         BatchSampler(shards, 4, 3000, seed=7)
 
 
@@ -183,7 +184,7 @@ def test_eval_batches(tmp_path):
     starts = torch.cat([x[:, 0] for x, _ in ev])
     assert starts[0] == 0 and starts[-1] == 1000 - 11  # evenly spaced from the start to the end
     assert torch.equal(ev[1][0][:, 1:], ev[1][1][:, :-1])
-    with pytest.raises(DataError, match=r"validation split has 1000 tokens, fewer than seq_len\+1 = 1001"):
+    with pytest.raises(FieldError, match=r"validation split has 1000 tokens, fewer than seq_len \+ 1 = 1001"):
         eval_batches(shards, 1, 1000, 1)
 
 

@@ -560,8 +560,8 @@ def test_bad_lines_are_one_line_errors_naming_file_and_line(hf, tmp_path, capsys
 
 
 @pytest.mark.parametrize("drop, add, words", [
-    ("--init", (), "--dpo: needs init"),
-    (None, ("--pack",), "--pack: is not supported with dpo"),
+    ("--init", (), "--dpo: needs --init"),
+    (None, ("--pack",), "--pack: is not supported with --dpo"),
     (None, ("--dpo-beta", "-1"), "--dpo-beta: must be"),
 ])
 def test_unsupported_settings_are_refused(hf, tmp_path, capsys, drop, add, words):

@@ -187,7 +187,7 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     ([*GEN, "--eos-id", "-2"], "--eos-id: must be a token id in [0, 2048)"),
     (["net", "topology", "--plot", "{t}/afile/x.png"], "--plot: cannot write {t}/afile/x.png"),
     (["net", "topology", "--plot", "{t}/adir"], "--plot: {t}/adir is a directory"),
-    (["net", "ep", "--node-limit", "99"], "--node-limit: must be <= experts_per_token = 9"),
+    (["net", "ep", "--node-limit", "99"], "--node-limit: must be <= --experts-per-token = 9"),
     (["net", "ep", "--preset", "qwen2.5-72b"], "--preset: qwen2.5-72b is a dense model"),
     (["plan", "--preset", "qwen2.5-72b", "--ep", "8"], "--ep: must be 1 for a dense model"),
     (["train", "--config", "{t}/deep.json"], "{t}/deep.json is not valid JSON: nested too deeply (100001 levels)"),

@@ -567,5 +567,5 @@ def test_init_owns_the_model_and_tokenizer(hf, tmp_path, capsys):
     path = hf[0]
     assert main(_train_args(hf, tmp_path, tmp_path / "both", 1, "--tokenizer", str(path / "tokenizer.json"))) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("flyer: error: --tokenizer: is init's own with init") and "\n" not in err
+    assert err.startswith("flyer: error: --tokenizer: is --init's own with --init") and "\n" not in err
     assert not (tmp_path / "both").exists()

@@ -184,10 +184,10 @@ def test_an_init_it_may_not_read_is_one_line(tmp_path, capsys, monkeypatch, noth
 
 @pytest.mark.parametrize("extra, says", [
     (["--grad-accum", "3", "--ramp-grad-accum", "3", "--ramp-steps", "4"],
-     "--ramp-grad-accum: must be in [1, grad_accum)"),
+     "--ramp-grad-accum: must be in [1, --grad-accum) (--grad-accum 3: "),
     (["--grad-accum", "3", "--ramp-grad-accum", "1"],
-     "--ramp-steps: must be a positive integer with ramp_grad_accum"),
-    (["--ramp-steps", "4"], "--ramp-steps: needs ramp_grad_accum"),
+     "--ramp-steps: must be a positive integer with --ramp-grad-accum"),
+    (["--ramp-steps", "4"], "--ramp-steps: needs --ramp-grad-accum"),
 ])
 def test_a_batch_ramp_that_cannot_run_is_one_line(tmp_path, capsys, nothing_trains, extra, says):
     assert main(argv(tmp_path, *extra)) == 2
@@ -236,3 +236,16 @@ def test_a_seq_len_past_the_init_checkpoints_context_is_said(tmp_path, data_cach
         assert past == ([f"--seq-len 300 is past {tmp_path / 'v3'}'s context of 256 tokens: the run's model (and its "
                          "export's max_position_embeddings) takes 300, its RoPE unchanged (yarn scaling, factor 4 "
                          "of 64)"] if seq == 300 else [])
+
+
+def test_errors_word_the_other_fields_they_name_as_flags(tmp_path, capsys, nothing_trains):
+    """A field named inside another field's error is worded as its flag on the command line, and stays a field
+    name for a library caller; the same word used as a common noun is left alone."""
+    chat = tmp_path / "chats.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    assert main(argv(tmp_path, "--data", str(chat))) == 2
+    line = one_line(capsys)
+    assert line.startswith("flyer: error: --data: a .jsonl chat file needs --init (") and " or --tokenizer (" in line
+    assert "its tokenizer and chat template" in line and "(a tokenizer.json;" in line
+    with pytest.raises(FieldError, match=r"^data: a \.jsonl chat file needs init \(.* or tokenizer \(a tokenizer"):
+        TrainConfig(preset="tiny", data=str(chat)).validate()

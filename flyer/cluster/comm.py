@@ -44,8 +44,8 @@ class EPScenario:
             if getattr(self, name) < 0:
                 raise FieldError(name, f"must be >= 0 (got {getattr(self, name)})")
         if self.node_limit > self.experts_per_token:  # M nodes can only hold experts a token reaches
-            raise FieldError("node_limit", f"must be <= experts_per_token = {self.experts_per_token}, the most "
-                                           f"nodes a token reaches (got {self.node_limit})")
+            raise FieldError("node_limit", f"must be <= {{experts_per_token}} = {self.experts_per_token}, the most "
+                                           f"nodes a token reaches (got {self.node_limit})", ("experts_per_token",))
 
 
 def ep_decode(s: EPScenario, fabric: LinkClass, nvlink: LinkClass | None = None) -> dict:

@@ -102,7 +102,7 @@ def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_si
     if not os.access(root, os.W_OK | os.X_OK):
         if (out / "meta.json").exists():  # a read-only shared cache holding this build: used as it is
             return _load(out)
-        raise DataError(f"cache_dir '{root}' is not writable, and holds no build of this data")
+        raise FieldError("data_cache", f"'{root}' is not writable, and holds no build of this data")
     out.mkdir(exist_ok=True)
 
     with _build_lock(out):

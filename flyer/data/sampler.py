@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from flyer.data.shards import TokenShards
-from flyer.errors import DataError
+from flyer.errors import DataError, FieldError
 
 STATE_VERSION = 1
 
@@ -25,8 +25,8 @@ def _check_positive(name: str, value: object) -> int:
 
 def _check_fits(tokens: TokenShards, seq_len: int, split: str) -> None:
     if len(tokens) < seq_len + 1:
-        raise DataError(f"{split} split has {len(tokens)} tokens, fewer than seq_len+1 = {seq_len + 1}; "
-                        "lower seq_len or give more data")
+        raise FieldError("seq_len", f"the {split} split has {len(tokens)} tokens, fewer than {{seq_len}} + 1 = "
+                                    f"{seq_len + 1}; lower it or give more data", ("seq_len",))
 
 
 def _rows(tokens: TokenShards, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,8 +57,8 @@ class GenerationConfig(LogitAdjustments):
         check_speculation(self.speculative, self.draft_tokens)
         # a step never keeps more drafts than tokens are left to make (``mtp_decode`` clamps to that)
         if self.draft_tokens > self.max_new_tokens:
-            raise FieldError("draft_tokens", f"must be <= max_new_tokens = {self.max_new_tokens} "
-                                             f"(got {self.draft_tokens})")
+            raise FieldError("draft_tokens", f"must be <= {{max_new_tokens}} = {self.max_new_tokens} "
+                                             f"(got {self.draft_tokens})", ("max_new_tokens",))
         if self.seed is not None and not 0 <= self.seed < 1 << 64:
             raise FieldError("seed", f"must be in [0, 2**64) (got {self.seed})")
         if self.attention not in ATTENTION_MODES:

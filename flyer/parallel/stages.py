@@ -75,10 +75,11 @@ def validate_pipeline(cfg: ModelConfig, pp: int, schedule: str, micro_batches: i
         raise FieldError("micro_batches", f"{schedule} on {pp} ranks needs at least {need} micro-batches "
                                           f"(got {micro_batches})")
     if schedule == "interleaved" and micro_batches % pp:
-        raise FieldError("micro_batches", f"interleaved 1F1B needs a multiple of pp={pp} (got {micro_batches})")
+        raise FieldError("micro_batches", f"interleaved 1F1B needs a multiple of {{pp}} = {pp} (got {micro_batches})",
+                         ("pp",))
     if grad_accum != 1:
-        raise FieldError("grad_accum", f"must be 1 with pipelining: --micro-batches sets the micro-batches of a "
-                                       f"step (got {grad_accum})")
+        raise FieldError("grad_accum", f"must be 1 with pipelining: {{micro_batches}} sets the micro-batches of a "
+                                       f"step (got {grad_accum})", ("micro_batches",))
 
 
 def check_indexer_stages(cfg: ModelConfig, pp: int, schedule: str, seq_len: int, mode: str) -> None:
@@ -93,8 +94,8 @@ def check_indexer_stages(cfg: ModelConfig, pp: int, schedule: str, seq_len: int,
         layers = [i for s in range(n) if placement[s] == rank for i in split[s]]
         mtp = range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if placement[-1] == rank else range(0)
         if not any(cfg.has_indexer(i) or cfg.is_csa(i) for i in [*layers, *mtp]):
-            raise FieldError("pp", f"indexer_train warmup trains the lightning indexers only, and {schedule} on {pp} "
-                                   f"ranks leaves rank {rank} layers {layers} without one (got {pp})")
+            raise FieldError("pp", f"{{indexer_train}} warmup trains the lightning indexers only, and {schedule} on {pp} "
+                                   f"ranks leaves rank {rank} layers {layers} without one (got {pp})", ("indexer_train",))
 
 
 def split_backward_runs() -> bool:

@@ -141,9 +141,9 @@ class TrainConfig:
     dpo_beta: float = 0.1
 
     def validate(self) -> None:
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise FieldError(name, f"{msg} (got {getattr(self, name)!r})")  # the CLI words it as the flag
+        def need(cond: bool, name: str, msg: str, also: tuple[str, ...] = ()) -> None:
+            if not cond:  # the CLI words name and the fields of also as their flags
+                raise FieldError(name, f"{msg} (got {getattr(self, name)!r})", also)
 
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -191,26 +191,30 @@ class TrainConfig:
         need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be a positive integer")
         if self.ramp_grad_accum is not None:
             need(1 <= self.ramp_grad_accum < self.grad_accum, "ramp_grad_accum",
-                 f"must be in [1, grad_accum) (grad_accum {self.grad_accum}: the batches a step when it ends)")
-            need(self.ramp_steps > 0, "ramp_steps", "must be a positive integer with ramp_grad_accum")
+                 f"must be in [1, {{grad_accum}}) ({{grad_accum}} {self.grad_accum}: the batches a step when it ends)",
+                 ("grad_accum",))
+            need(self.ramp_steps > 0, "ramp_steps", "must be a positive integer with {ramp_grad_accum}",
+                 ("ramp_grad_accum",))
             need(self.pp == 1, "ramp_grad_accum", "needs a step without pipelining (its micro-batches are fixed)")
-        need(self.ramp_steps == 0 or self.ramp_grad_accum is not None, "ramp_steps", "needs ramp_grad_accum")
+        need(self.ramp_steps == 0 or self.ramp_grad_accum is not None, "ramp_steps", "needs {ramp_grad_accum}",
+             ("ramp_grad_accum",))
         need(self.micro_batches is None or self.micro_batches > 0, "micro_batches", "must be a positive integer")
-        need(self.micro_batches is None or self.pp > 1, "micro_batches", "needs pipelining (pp > 1); without it "
-                                                                          "use grad_accum")
+        need(self.micro_batches is None or self.pp > 1, "micro_batches", "needs pipelining ({pp} > 1); without "
+                                                                          "it use {grad_accum}", ("pp", "grad_accum"))
         if self.dpo:
-            need(bool(self.init), "dpo", "needs init (the reference model, and the policy's starting weights)")
+            need(bool(self.init), "dpo", "needs {init} (the reference model, and the policy's starting weights)",
+                 ("init",))
             need(is_chat_data(self.data), "data", "dpo trains on preference pairs: a .jsonl file of {prompt, "
                                                   "chosen, rejected} lines")
             for name, off in (("pp", 1), ("ep", 1), ("pack", False), ("indexer_train", "off")):
-                need(getattr(self, name) == off, name, "is not supported with dpo")
+                need(getattr(self, name) == off, name, "is not supported with {dpo}", ("dpo",))
         need(self.dpo_beta > 0, "dpo_beta", "must be > 0")
-        need(not (self.init and self.tokenizer), "tokenizer", "is init's own with init (a Hugging Face directory or "
-             "flyer run brings its tokenizer): give one or the other")
+        need(not (self.init and self.tokenizer), "tokenizer", "is {init}'s own with {init} (a Hugging Face directory or "
+             "flyer run brings its tokenizer): give one or the other", ("init",))
         if is_chat_data(self.data):  # flyer.data.chat_data
-            need(bool(self.init or self.tokenizer), "data", "a .jsonl chat file needs init (a Hugging Face directory "
-                 "or flyer run: its tokenizer and chat template; resuming a fine-tune, its init again or the run "
-                 "itself) or tokenizer (a tokenizer.json; flyer's default chat template)")
+            need(bool(self.init or self.tokenizer), "data", "a .jsonl chat file needs {init} (a Hugging Face directory "
+                 "or flyer run: its tokenizer and chat template; resuming a fine-tune, its {init} again or the run "
+                 "itself) or {tokenizer} (a tokenizer.json; flyer's default chat template)", ("init", "tokenizer"))
         need(self.indexer_train in INDEXER_TRAIN_MODES, "indexer_train",
              f"must be one of {', '.join(INDEXER_TRAIN_MODES)}")
         if nesting_depth(self.chat_template_kwargs) > MAX_KWARGS_DEPTH:  # Python walks it level by level (asdict)
@@ -285,9 +289,10 @@ def check_resume_settings(tc: TrainConfig, path: Path, dp: int = 1) -> None:
         if changed:
             changed.append(k)  # listed among the others
         else:
-            raise FieldError(k, f"{now * dp} batches a step ({dp} data-parallel replicas x {now}: grad_accum x "
-                                f"micro_batches under pipelining) differ from the run's {was * was_dp} ({was_dp} x "
-                                f"{was}; checkpoint {path}); a resumed run trains each step on as many batches")
+            raise FieldError(k, f"{now * dp} batches a step ({dp} data-parallel replicas x {now}: {{grad_accum}} x "
+                                f"{{micro_batches}} under pipelining) differ from the run's {was * was_dp} ({was_dp} x "
+                                f"{was}; checkpoint {path}); a resumed run trains each step on as many batches",
+                             ("grad_accum", "micro_batches"))
     start = saved.get("ramp_grad_accum")  # a ramp's first step too
     # a ramp rounds each replica's micro-batches (grad_accum_at), and the v3 schedule counts them: another number of
     # replicas would train some steps on another total, and move the schedule's stages
