@@ -88,9 +88,13 @@ def test_plan_json_is_strict_json(capsys):
     assert rc == 0 and json.loads(out, parse_constant=no_constant)["cost_usd"] > 1e300
 
 
-def test_pipeline_refuses_fb_below_max_f_b(capsys):
+def test_pipeline_refuses_fb_outside_max_f_b_to_f_plus_b(capsys):
     rc, _, err = run(capsys, "net", "pipeline", "--fb", "0.0001")
     assert_refused(rc, err, "--fb", "max(F, B) = 2")
+    rc, _, err = run(capsys, "net", "pipeline", "--fb", "10")  # slower than F then B: DualPipe's bubble past 1F1B's
+    assert_refused(rc, err, "--fb", "F + B = 3")
+    rc, out, _ = run(capsys, "net", "pipeline", "--fb", "3", "--json")
+    assert rc == 0
     rc, out, _ = run(capsys, "net", "pipeline", "--fb", "2", "--json")
     assert rc == 0 and min(r["bubble"] for r in json.loads(out)) >= 0
 

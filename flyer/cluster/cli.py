@@ -431,7 +431,7 @@ def register(sub) -> None:
                    help="USD per endpoint-to-switch link (cable and transceivers)")
     q.add_argument("--switch-link-usd", type=float, default=2405.0, help="USD per switch-to-switch link")
     q.add_argument("--plot", metavar="PNG", help="write a cost/endpoint chart")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("--json", action="store_true", help="print a JSON array, an object per topology")
     q.set_defaults(func=_checked(_topology))
 
     q = ns.add_parser("ep", help="EP dispatch/combine time per layer and decode tokens/s (alpha-beta)")
@@ -484,7 +484,7 @@ def register(sub) -> None:
     q.add_argument("--nic-gb-s", type=float, default=50.0, help="NIC bandwidth (GB/s)")
     q.add_argument("--seed", type=int, default=0, help="seed of the static and ECMP path choices")
     q.add_argument("--plot", metavar="PNG", help="write a chart of the completion times")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("--json", action="store_true", help="print a JSON array, an object per topology and routing")
     q.set_defaults(func=_checked(_simulate))
 
     q = ns.add_parser("storage", help="3FS-style aggregate read/write bounds and recovery")
@@ -504,5 +504,5 @@ def register(sub) -> None:
     q.add_argument("--stage-param-gib", type=float, default=0.0, help="parameter memory of one stage")
     q.add_argument("--microbatch-activation-gib", type=float, default=0.0,
                    help="activations of one micro-batch on a stage")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("--json", action="store_true", help="print a JSON array, an object per schedule")
     q.set_defaults(func=_checked(_pipeline))

@@ -66,6 +66,8 @@ def schedule_cost(schedule: str, pp: int, f: float = 1.0, b: float = 2.0, w: flo
         raise FieldError("w", f"the weight-gradient part must be <= the backward time {b} (got {w})")
     if fb is not None and fb < max(f, b):  # overlapping F with B cannot beat the longer of the two
         raise FieldError("fb", f"the overlapped F&B must be >= max(F, B) = {max(f, b):g} (got {fb:g})")
+    if fb is not None and fb > f + b:  # nor take longer than running them one after the other
+        raise FieldError("fb", f"the overlapped F&B must be <= F + B = {f + b:g} (got {fb:g})")
     fb = f + b if fb is None else fb
     if schedule == "dualpipev":  # a chunk is half a stage
         cost = ScheduleCost("dualpipev", pp, (pp - 1) * (fb + b - 3 * w) / 2, 1, pp + 0.5)
