@@ -14,6 +14,7 @@ import torch
 
 from flyer import kernels
 from flyer.config import parse_size, resolve_config, resolve_device
+from flyer.data.chat_template import chat_renderer, read_chat_template
 from flyer.data.fim import fim_prompt
 from flyer.errors import CheckpointError, FieldError, UserError
 from flyer.fp8.fp4 import fp4_experts
@@ -247,9 +248,29 @@ def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
     return tuple(bias.items())
 
 
+def chat_prompts(tok, ckpt: str | None, prompts: list[str], system: str | None) -> list[list[int]]:
+    """``--chat``: each prompt a user message (after ``system``'s), rendered by ``ckpt``'s chat template with the
+    assistant's header, as ``flyer serve``'s chat route renders it (flyer's default template without one), and
+    encoded as transformers encodes a rendered template: no special tokens but those it writes."""
+    import jinja2  # its errors only; the template itself compiles in chat_renderer
+
+    named = getattr(tok, "special_tokens", None)  # byte tokens (a --preset) have none
+    render = chat_renderer(read_chat_template(ckpt), named() if named is not None else {})
+    head = [{"role": "system", "content": system}] if system is not None else []
+    try:
+        return [tok.encode_ids(render([*head, {"role": "user", "content": p}]), add_special_tokens=False)
+                for p in prompts]
+    except jinja2.TemplateError as e:
+        raise FieldError("chat", f"the chat template cannot render the prompt: {e}") from None
+
+
 def _run(args) -> int:
     if bool(args.ckpt) == bool(args.preset):
         raise UserError("give exactly one of --ckpt DIR (a trained run) or --preset NAME (random weights)")
+    if args.chat and args.suffix is not None:
+        raise UserError("--suffix fills in the middle of a plain prompt: not with --chat")
+    if args.system is not None and not args.chat:
+        raise UserError("--system is a chat's system message: give --chat with it")
     if args.prefix_block < 1:
         raise FieldError("prefix_block", f"must be >= 1 (got {args.prefix_block})")
     check_threads(args.threads, "threads")
@@ -274,11 +295,13 @@ def _run(args) -> int:
     check_fp8_cache_flags(cfg, dtype, args.attention)
     if args.attention == "naive" and cfg.attn != "mla":
         raise FieldError("attention", f"naive applies to MLA models only (this model uses {cfg.attn.upper()})")
-    for name, texts in (("prompt", args.prompt), ("suffix", [args.suffix or ""])):
+    for name, texts in (("prompt", args.prompt), ("suffix", [args.suffix or ""]), ("system", [args.system or ""])):
         if not all(is_unicode(t) for t in texts):  # a byte the shell passed that is no UTF-8 (surrogateescape)
             raise FieldError(name, "is not UTF-8 text")
-    # --suffix: each prompt's fill-in-the-middle prompt (flyer.data.fim); "" as none, as the API takes it
-    prompts = [fim_prompt(tok, p, args.suffix) if args.suffix else tok.encode_ids(p) for p in args.prompt]
+    if args.chat:
+        prompts = chat_prompts(tok, args.ckpt, args.prompt, args.system)
+    else:  # --suffix: each prompt's fill-in-the-middle prompt (flyer.data.fim); "" as none, as the API takes it
+        prompts = [fim_prompt(tok, p, args.suffix) if args.suffix else tok.encode_ids(p) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):
         raise FieldError("prompt", "every prompt must encode to at least one token")
     V = cfg.vocab_size
@@ -338,6 +361,11 @@ def register(sub) -> None:
     src.add_argument("--preset", help="random weights of a preset, with UTF-8 byte tokens (no checkpoint needed)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch of prompts (of any lengths)")
+    p.add_argument("--chat", action="store_true",
+                   help="each --prompt is a user message, rendered by the checkpoint's chat template with the "
+                        "assistant's header as flyer serve's chat route renders it (flyer's default template without "
+                        "one)")
+    p.add_argument("--system", default=None, help="with --chat: a system message before each prompt")
     p.add_argument("--suffix", default=None,
                    help="fill in the middle: the text after the generated one, for every prompt, in the PSM layout of "
                         "the tokenizer's FIM tokens (DeepSeek's or Qwen's; the text printed is the middle)")
