@@ -94,8 +94,9 @@ def check_indexer_stages(cfg: ModelConfig, pp: int, schedule: str, seq_len: int,
         layers = [i for s in range(n) if placement[s] == rank for i in split[s]]
         mtp = range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if placement[-1] == rank else range(0)
         if not any(cfg.has_indexer(i) or cfg.is_csa(i) for i in [*layers, *mtp]):
-            raise FieldError("pp", f"{{indexer_train}} warmup trains the lightning indexers only, and {schedule} on {pp} "
-                                   f"ranks leaves rank {rank} layers {layers} without one (got {pp})", ("indexer_train",))
+            raise FieldError("pp", f"{{indexer_train}} warmup trains the lightning indexers only, and {schedule} on "
+                                   f"{pp} ranks leaves rank {rank} layers {layers} without one (got {pp})",
+                             ("indexer_train",))
 
 
 def split_backward_runs() -> bool:

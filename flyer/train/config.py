@@ -209,8 +209,8 @@ class TrainConfig:
             for name, off in (("pp", 1), ("ep", 1), ("pack", False), ("indexer_train", "off")):
                 need(getattr(self, name) == off, name, "is not supported with {dpo}", ("dpo",))
         need(self.dpo_beta > 0, "dpo_beta", "must be > 0")
-        need(not (self.init and self.tokenizer), "tokenizer", "is {init}'s own with {init} (a Hugging Face directory or "
-             "flyer run brings its tokenizer): give one or the other", ("init",))
+        need(not (self.init and self.tokenizer), "tokenizer", "is {init}'s own with {init} (a Hugging Face directory "
+             "or flyer run brings its tokenizer): give one or the other", ("init",))
         if is_chat_data(self.data):  # flyer.data.chat_data
             need(bool(self.init or self.tokenizer), "data", "a .jsonl chat file needs {init} (a Hugging Face directory "
                  "or flyer run: its tokenizer and chat template; resuming a fine-tune, its {init} again or the run "
