@@ -153,6 +153,30 @@ def test_expert_stack_is_orthogonalised_per_expert():
         assert float((flat[e].double() - exact).norm()) > 100 * bound, e  # mutation: the stack as one matrix
 
 
+def test_grouped_wo_a_is_orthogonalised_per_head_group():
+    """DeepSeek-V4's ``wo_a`` (G L, K) is block-diagonal (head group g through its rows g L .. (g + 1) L - 1): Muon
+    steps it as a (G, L, K) stack of G matrices, bit for bit, scaled by sqrt(max(L, K)); orthogonalised as one
+    (G L, K) matrix, the groups would share one basis and their updates' RMS would stray from 0.18."""
+    cfg = preset("tiny-v4", vocab_size=256, n_layers=2, compress_ratios=(0, 4), max_seq_len=64, original_seq_len=64)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    ids = muon_param_ids(model)
+    grouped = {n for n, p in model.named_parameters() if ids.get(id(p), 1) > 1}
+    assert grouped == {*(f"layers.{i}.attn.wo_a.weight" for i in range(2)), "mtp.0.block.attn.wo_a.weight"}
+    assert cfg.o_groups > 1
+    G, (N, K) = cfg.o_groups, model.layers[0].attn.wo_a.weight.shape
+    g = torch.Generator().manual_seed(3)
+    w, grad = torch.randn(N, K, generator=g) * 0.02, torch.randn(N, K, generator=g)
+    flat, stack = w.clone().requires_grad_(), w.view(G, N // G, K).clone().requires_grad_()
+    flat.grad, stack.grad = grad.clone(), grad.view(G, N // G, K).clone()
+    Muon(optimizer_groups("muon", [flat], {id(flat): G}, 0.1), lr=1e-2).step()
+    Muon(optimizer_groups("muon", [stack], {id(stack): 1}, 0.1), lr=1e-2).step()
+    assert torch.equal(flat.detach().view(G, N // G, K), stack.detach())
+    rms = [float(((w.view(G, -1, K)[i] * (1 - 1e-3) - stack[i].detach()) / 1e-2).pow(2).mean().sqrt())
+           for i in range(G)]
+    assert all(abs(r - 0.18) < 0.01 for r in rms), rms
+
+
 # ---- the optimizer ------------------------------------------------------------------------------
 def _matrices(seed: int):
     g = torch.Generator().manual_seed(seed)
@@ -258,7 +282,7 @@ def test_adamw_part_is_torch_adamw_and_the_embedding_is_not_muon():
     models = [build_model(cfg, LocalMesh(torch.device("cpu")), "fp32", seed=0) for _ in range(3)]
     x = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
     opts = [build_optimizer(models[0], tc), build_optimizer(models[1], TrainConfig(lr=1e-2))]
-    mutant_ids = muon_param_ids(models[2]) | {id(models[2].embed.weight)}
+    mutant_ids = {**muon_param_ids(models[2]), id(models[2].embed.weight): 1}
     params = [p for _, p in models[2].named_parameters()]
     opts.append(Muon(optimizer_groups("muon", params, mutant_ids, 0.1), lr=1e-2, fused=True))
     for model, opt in zip(models, opts):

@@ -19,7 +19,8 @@ Where flyer chooses:
   so the update is the paper's (as ``torch.optim.Muon`` does; the buffer stays in the gradients' range);
 - Newton-Schulz runs in FP32 (``ns_dtype``): the paper runs it with BF16 matrix multiplications
   (section 3.5.1), which a CPU does not multiply in hardware; ``ns_dtype="bfloat16"`` is the paper's;
-- each parameter is orthogonalised on its own (an expert stack (E, out, in) as E matrices, batched),
+- each parameter is orthogonalised on its own (an expert stack (E, out, in) as E matrices, batched, and so
+  DeepSeek-V4's grouped ``wo_a`` (G L, K): block-diagonal, G maps of L x K, each its own matrix),
   never batched with other parameters of its shape as the paper's kernels do: a parameter's update
   then depends on nothing else, so ZeRO-1's owners (whole parameters) step it bit for bit alike;
 - the routing (``muon_param_ids``) names its own choices.
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw
 
-from flyer.model.hybrid import Compressor
+from flyer.model.hybrid import Compressor, HybridAttention
 from flyer.model.hyper import HyperConnection, HyperHead
 
 OPTIMIZERS = ("adamw", "muon")
@@ -68,8 +69,11 @@ def newton_schulz(m: torch.Tensor, schedule=V4_SCHEDULE, dtype: torch.dtype = to
     return x.mT if tall else x
 
 
-def muon_param_ids(model: nn.Module) -> set[int]:
-    """The ids of the parameters of ``model`` that Muon updates; AdamW updates the others.
+def muon_param_ids(model: nn.Module) -> dict[int, int]:
+    """The ids of the parameters of ``model`` that Muon updates (AdamW updates the others), each with the number
+    of row blocks that are matrices of their own: 1, or G for DeepSeek-V4's grouped ``wo_a`` (G L, K), whose
+    head group g multiplies rows g L .. (g + 1) L - 1 only (``flyer.model.lowp.grouped_linear``): G maps, like an
+    expert stack's E, orthogonalised each on its own.
 
     The paper (section 2.4): AdamW for the embedding, the prediction head, the static biases and
     gating factors of mHC (flyer's ``HyperConnection`` / ``HyperHead`` ``base`` and ``scale``) and
@@ -89,22 +93,26 @@ def muon_param_ids(model: nn.Module) -> set[int]:
             adamw.update((id(module.base), id(module.scale)))
         elif isinstance(module, Compressor):
             adamw.add(id(module.ape))
-    return {id(p) for p in model.parameters() if p.ndim >= 2 and id(p) not in adamw}
+    blocks = {id(m.wo_a.weight): m.o_groups for m in model.modules() if isinstance(m, HybridAttention)}
+    return {id(p): blocks.get(id(p), 1) for p in model.parameters() if p.ndim >= 2 and id(p) not in adamw}
 
 
-def optimizer_groups(kind: str, params: list[nn.Parameter], muon_ids: set[int],
+def optimizer_groups(kind: str, params: list[nn.Parameter], muon_ids: dict[int, int],
                      weight_decay: float) -> list[dict[str, Any]]:
     """The parameter groups of optimizer ``kind`` over ``params`` (empty groups dropped). adamw:
-    matrices decay, vectors (norms, biases) do not. muon: the Muon matrices (``muon_ids``; decaying,
-    as the paper's), then AdamW's matrices (decaying) and vectors (not), each flagged ``muon``."""
+    matrices decay, vectors (norms, biases) do not. muon: the Muon matrices (``muon_ids``, a group per number of
+    ``row_blocks``; decaying, as the paper's), then AdamW's matrices (decaying) and vectors (not), each flagged
+    ``muon``."""
     if kind == "adamw":
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     else:
         rest = [p for p in params if id(p) not in muon_ids]
-        groups = [{"params": [p for p in params if id(p) in muon_ids], "weight_decay": weight_decay, "muon": True},
-                  {"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay, "muon": False},
-                  {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0, "muon": False}]
+        muon = [p for p in params if id(p) in muon_ids]
+        groups = [{"params": [p for p in muon if muon_ids[id(p)] == n], "weight_decay": weight_decay, "muon": True,
+                   "row_blocks": n} for n in sorted({muon_ids[id(p)] for p in muon})]
+        groups += [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay, "muon": False},
+                   {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0, "muon": False}]
     return [g for g in groups if g["params"]]
 
 
@@ -158,8 +166,11 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
             update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-            ortho = newton_schulz(update, group["ns_schedule"], dtype)
-            scale = lr * (group["update_rms"] * math.sqrt(max(p.shape[-2:])))  # RMS gamma, as AdamW's
+            blocks = group.get("row_blocks", 1)  # a grouped wo_a (G L, K): G matrices (L, K)
+            if blocks > 1:
+                update = update.view(blocks, -1, update.shape[-1])
+            ortho = newton_schulz(update, group["ns_schedule"], dtype).view_as(p)
+            scale = lr * (group["update_rms"] * math.sqrt(max(update.shape[-2:])))  # RMS gamma, as AdamW's
             p.mul_(1 - lr * group["weight_decay"])
             p.add_(ortho, alpha=-scale)
 

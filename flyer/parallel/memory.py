@@ -118,7 +118,7 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {optimizer!r})")
     with torch.device("meta"):
         model = Transformer(cfg)
-    muon = muon_param_ids(model) if optimizer == "muon" else set()
+    muon = muon_param_ids(model) if optimizer == "muon" else {}
     experts = expert_param_names(model)
     out: dict[str, list[int]] = {f"{k}_per_rank": [] for k in KEYS}
     acts = []

@@ -83,7 +83,7 @@ class ShardedOptimizer:
         named = list(model.named_parameters())  # deduplicates tied weights
         params = {"all": [p for _, p in named], "dense": [p for n, p in named if n not in experts],
                   "expert": [p for n, p in named if n in experts]}
-        muon = muon_param_ids(model) if kind == "muon" else set()
+        muon = muon_param_ids(model) if kind == "muon" else {}
         fused = named[0][1].device.type in ("cpu", "cuda")
         hyper = dict(lr=lr, betas=betas, eps=eps, fused=fused)
         cls = optimizer_class(kind)

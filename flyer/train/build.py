@@ -148,7 +148,7 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, mesh: Mesh | LocalM
     params = [p for _, p in model.named_parameters()]  # deduplicates tied weights
     if tc.indexer_train == "warmup":  # the indexers' dense warm-up: the optimizer sees theirs only
         params = [p for p in params if p.requires_grad]
-    muon = muon_param_ids(model) if tc.optimizer == "muon" else set()
+    muon = muon_param_ids(model) if tc.optimizer == "muon" else {}
     return optimizer_class(tc.optimizer)(optimizer_groups(tc.optimizer, params, muon, tc.weight_decay), lr=tc.lr,
                                          betas=betas, eps=1e-8, fused=params[0].device.type in ("cpu", "cuda"))
 
