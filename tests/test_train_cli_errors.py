@@ -59,8 +59,8 @@ def test_resume_refuses_changed_trajectory_settings_and_names_the_flag(tmp_path,
     other = "fp32" if here == "bf16" else "bf16"
     for extra, words in [
         (["--lr", "0.5"], "--lr: 0.5 differs from the run's lr 0.003"),
-        (["--grad-accum", "2"], "--grad-accum: 2 batches a step (1 data-parallel replicas x 2: grad_accum x "
-                                "micro_batches under pipelining) differ from the run's 1 (1 x 1;"),
+        (["--grad-accum", "2"], "--grad-accum: 2 batches a step (1 data-parallel replicas x 2: --grad-accum x "
+                                "--micro-batches under pipelining) differ from the run's 1 (1 x 1;"),
         (["--warmup", "0"], "--warmup: 0 differs from the run's warmup 1"),
         (["--schedule", "constant"], "--schedule: constant differs from the run's schedule cosine"),
         (["--precision", other], f"--precision: {other} is {other} here, but checkpoint "),
