@@ -171,8 +171,26 @@ def test_reasoning_with_thinking_off_is_refused(qwen3, tmp_path):
     with pytest.raises(DataError) as e:
         prepare_chat(path, tmp_path / "cache", tok, QWEN3, {"enable_thinking": False})
     assert str(e.value).startswith(f"{path}:2: messages[1]: the conversation rendered with the generation prompt")
-    assert str(e.value).endswith("(the template starts the turn otherwise, e.g. Qwen3's enable_thinking false before "
-                                 "a turn with reasoning)") and "\n" not in str(e.value)
+    # the prompt's empty think block where the turn's reasoning goes: the two quoted where they part
+    assert ("(the template writes the turn otherwise after it: '\\n</think>\\n\\n' where the conversation has "
+            "'colors\\n</think>\\n\\nbrown f'; e.g. ") in str(e.value) and "\n" not in str(e.value)
+
+
+# DeepSeek-R1's (and its distills') template: the generation prompt opens a think block; a finished turn shows none
+R1_STYLE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n"
+            "{% else %}<|im_start|>assistant\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+def test_a_generation_prompt_opening_a_think_block_refuses_plain_answers_naming_it(qwen3, tmp_path):
+    """No render of a finished turn extends R1's prompt (it ends in "<think>\n"): every line is refused, plain
+    answers too (docs/training.md says so), and the refusal quotes the prompt's "<think>\n" against the turn."""
+    tok = load_tokenizer(qwen3, config={})
+    path = _write(tmp_path / "c.jsonl", [{"messages": [_u("the dog"), _a("jumps over the fox")]}])
+    with pytest.raises(DataError) as e:
+        prepare_chat(path, tmp_path / "cache", tok, R1_STYLE)
+    assert "after it: '<think>\\n' where the conversation has 'jumps over the fox<|im_e'; e.g. a generation " \
+           "prompt that opens a <think> block" in str(e.value)
 
 
 @pytest.mark.parametrize("content, reasoning", [("42", "42"), ("the answer is 42", "answer is")])

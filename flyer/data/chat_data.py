@@ -211,7 +211,7 @@ def encode_conversation(messages: list[dict], tools: list | None, render, encode
         head, upto = encode(head_text), encode(upto_text)
         for name, p, text in (("with the generation prompt", head, head_text), ("through it", upto, upto_text)):
             if not _is_prefix(p, ids):
-                raise ValueError(prefix_problem(i, name, whole.startswith(text)))
+                raise ValueError(prefix_problem(i, name, None if whole.startswith(text) else text, whole))
         unshown = reasoning_unshown(messages, i, tools, render, extra, head_text)
         if unshown is not None:
             raise ValueError(unshown)

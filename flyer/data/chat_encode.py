@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,12 +100,18 @@ def reasoning_unshown(messages: list[dict], i: int, tools: list | None, render, 
             "{\"thinking\": true})")
 
 
-def prefix_problem(i: int, name: str, text_prefix: bool) -> str:
+def prefix_problem(i: int, name: str, text: str | None, whole: str) -> str:
     """The refusal of assistant message i whose prefix rendered ``name`` does not encode to a prefix of the whole
-    conversation's tokens; ``text_prefix``: whether its text is the whole's start (then the tokenizer merged across
-    the cut, else the template writes the turn otherwise after that prompt)."""
-    why = "the tokenizer merges across turns" if text_prefix else \
-        "the template starts the turn otherwise, e.g. Qwen3's enable_thinking false before a turn with reasoning"
+    conversation's tokens: ``text``, that prefix's render where it is not the start of ``whole`` (the template
+    writes the turn otherwise after it: where the two part is quoted), or None where it is (the tokenizer merged
+    across the cut)."""
+    if text is None:
+        why = "the tokenizer merges across turns"
+    else:
+        k = len(os.path.commonprefix([text, whole]))
+        why = (f"the template writes the turn otherwise after it: {text[k:k + 24]!r} where the conversation has "
+               f"{whole[k:k + 24]!r}; e.g. a generation prompt that opens a <think> block the finished turns do not "
+               "show (DeepSeek-R1's, its distills'), Qwen3's enable_thinking false before a turn with reasoning")
     return f"messages[{i}]: the conversation rendered {name} does not encode to a prefix of the whole conversation's " \
            f"tokens ({why})"
 
@@ -157,7 +164,7 @@ def _finish(plan: _Plan, enc: tokenizers.Encoding, encoded: dict[str, list[int]]
         for name, (b, text) in zip(("with the generation prompt", "through it"), pair):
             k, p = before.get(b, 0), encoded[text]
             if ids[k:k + len(p)] != p:
-                raise ValueError(prefix_problem(i, name, b >= 0))
+                raise ValueError(prefix_problem(i, name, None if b >= 0 else text, plan.whole))
             head_upto.append(k + len(p))
         if unshown is not None:
             raise unshown if isinstance(unshown, Exception) else ValueError(unshown)
