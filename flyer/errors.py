@@ -9,8 +9,9 @@
 
 Library code names fields, never flags: ``FieldError("gpus", "must be >= 1 (got 0)")`` reads
 ``gpus: must be >= 1 (got 0)``. Only ``flyer.cli`` words a field as the flag that sets it
-(``--gpus: must be >= 1 (got 0)``). ``UserError`` is for command modules, whose messages may
-name flags themselves.
+(``--gpus: must be >= 1 (got 0)``), and so the other fields a problem names, written ``{field}`` and listed
+in ``also`` (``FieldError("dpo", "needs {init}", ("init",))``: ``--dpo: needs --init``). ``UserError`` is for
+command modules, whose messages may name flags themselves.
 """
 
 from __future__ import annotations

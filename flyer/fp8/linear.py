@@ -32,6 +32,7 @@ from flyer.model.experts import Experts, padded_layout, swiglu
 
 ACTIVATION_CACHES = ("fp8", "input")  # FP8Recipe.activation_cache
 
+
 @dataclass(frozen=True)
 class FP8Recipe:
     """fmt: operands of the forward GEMM and the weights; grad_fmt: activation gradients (E4M3 in
