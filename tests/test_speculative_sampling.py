@@ -160,3 +160,21 @@ def test_engine_first_tokens_follow_the_tempered_top_k_distribution(model, tempe
         p = target[t].item()
         sd = math.sqrt(p * (1 - p) / N)
         assert abs(counts[t].item() / N - p) <= 6 * sd + 1e-12, (t, counts[t].item() / N, p)
+
+
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_generate_seeds_each_prompt_apart(model, speculative):
+    """``generate(seed=s)``: prompt b draws from its own generator seeded s + b, so its tokens are the ones it gets
+    alone with seed s + b, whatever else the batch holds (one generator for the batch moved a prompt's draws
+    when another was added); without speculation, prompt 0's are the engine's for the same seed."""
+    prompts = _prompts()
+    gen = GenerationConfig(max_new_tokens=10, cache_dtype=torch.float32, temperature=1.0, seed=7,
+                           speculative=speculative)
+    together = generate(model, prompts, gen).tokens
+    alone = [generate(model, [p], GenerationConfig(**{**gen.__dict__, "seed": 7 + b})).tokens[0]
+             for b, p in enumerate(prompts)]
+    assert together == alone
+    assert together[0] != together[1][:len(together[0])]  # not one stream of draws shared
+    if speculative is None:
+        assert _run(_engine(model), prompts[:1], SamplingOptions(max_tokens=10, temperature=1.0, seed=7)) == \
+            together[:1]

@@ -27,7 +27,7 @@ from flyer.infer.hybrid_cache import mtp_hidden_spec
 from flyer.infer.hybrid_fp8 import ROWS_LAYOUT as HYBRID_ROWS_LAYOUT
 from flyer.infer.prefix_cache import PrefixCache, model_fingerprint
 from flyer.infer.prefix_cache_hybrid import check_block_ratios, hybrid_layout, resume, store_blocks, store_snapshot
-from flyer.infer.sampling import LogitAdjustments, SamplingParams, sample
+from flyer.infer.sampling import LogitAdjustments, SamplingParams, sample_rows
 from flyer.infer.speculative import check_speculation, mtp_decode
 from flyer.model.transformer import Transformer
 
@@ -327,9 +327,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     # a model with MTP stores its MTP rows in the prefix cache either way, so a speculating run finds them
     with_mtp = spec or (gen.prefix_cache is not None and len(model.mtp) > 0)
     dec = Decoder(model, len(prompts), cache_length(prompts, gen), gen.attention, gen.cache_dtype, with_mtp=with_mtp)
-    generator = None
+    generators = None  # prompt b draws from its own generator, seeded seed + b: the others do not move its draws
     if gen.seed is not None:
-        generator = torch.Generator(device=model.embed.weight.device).manual_seed(gen.seed)
+        generators = [torch.Generator(device=model.embed.weight.device).manual_seed((gen.seed + b) % (1 << 64))
+                      for b in range(len(prompts))]
     stats_before = dict(gen.prefix_cache.stats.as_dict()) if gen.prefix_cache else None
 
     t0 = time.perf_counter()
@@ -340,13 +341,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
         logits = logits.clone()
         for row in logits:
             adjust(row, [])
-    first = sample(logits, params, generator)
+    first = sample_rows(logits, params, generators, range(len(prompts)))
     t1 = time.perf_counter()
     if spec:
         out, drafted, accepted = mtp_decode(dec, prompts, first, state, params, gen.max_new_tokens, gen.stops(),
-                                            K, generator, adjust)
+                                            K, generators, adjust)
     else:
-        out = _plain_decode(dec, first, params, gen.max_new_tokens, gen.stops(), generator, adjust)
+        out = _plain_decode(dec, first, params, gen.max_new_tokens, gen.stops(), generators, adjust)
         drafted = accepted = 0
     t2 = time.perf_counter()
     prefix = None
@@ -360,7 +361,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
 
 @torch.inference_mode()
 def _plain_decode(dec: Decoder, first: torch.Tensor, params: SamplingParams, max_new: int,
-                  stop_ids: Collection[int], generator, adjust=None) -> list[list[int]]:
+                  stop_ids: Collection[int], generators, adjust=None) -> list[list[int]]:
     """One token per live row per step; a row that finishes (at any of ``stop_ids``, or ``max_new``
     tokens) leaves the batch (``keep_rows``).
     ``adjust``: (logits (V,), tokens generated before them) -> adjusted in place, applied to each row's
@@ -375,7 +376,7 @@ def _plain_decode(dec: Decoder, first: torch.Tensor, params: SamplingParams, max
         if adjust is not None:
             for i, b in enumerate(live):
                 adjust(logits[i], out[b])
-        nxt = sample(logits, params, generator)
+        nxt = sample_rows(logits, params, generators, live)
         n += 1
         still = []
         for b, t in zip(live, nxt.tolist()):

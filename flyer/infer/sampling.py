@@ -76,6 +76,25 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
     return torch.multinomial(probabilities(logits_BV, params), 1, generator=generator).squeeze(-1)
 
 
+def draw_rows(probs_BV: torch.Tensor, generators: Sequence[torch.Generator] | None,
+              rows: Sequence[int]) -> torch.Tensor:
+    """(B,) int64: a token from each row's distribution (B, V), row i by its sequence's own generator
+    ``generators[rows[i]]`` (so a sequence's draws do not depend on the others in the batch), or by torch's global
+    one for the batch (``generators`` None)."""
+    if generators is None:
+        return torch.multinomial(probs_BV, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs_BV[i:i + 1], 1, generator=generators[b]).view(1)
+                      for i, b in enumerate(rows)])
+
+
+def sample_rows(logits_BV: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator] | None,
+                rows: Sequence[int]) -> torch.Tensor:
+    """``sample`` with each row's own generator (``draw_rows``)."""
+    if params.greedy:
+        return kernels.argmax(logits_BV)
+    return draw_rows(probabilities(logits_BV, params), generators, rows)
+
+
 def adjust_logits(logits_V: torch.Tensor, generated: Sequence[int], bias: Sequence[tuple[int, float]] = (),
                   frequency: float = 0.0, presence: float = 0.0, repetition: float = 1.0,
                   prompt: Sequence[int] | torch.Tensor = ()) -> torch.Tensor:

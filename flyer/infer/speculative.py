@@ -44,7 +44,7 @@ import torch
 from flyer import kernels
 from flyer.errors import FieldError
 from flyer.infer.decoder import Decoder, Group, PrefillState, finished, gather_rows, shrink_batch
-from flyer.infer.sampling import SamplingParams, probabilities
+from flyer.infer.sampling import SamplingParams, draw_rows, probabilities
 
 
 def check_speculation(speculative: str | None, draft_tokens: int) -> None:
@@ -84,7 +84,7 @@ def accept_drafts(p_KV1: torch.Tensor, q_KV: torch.Tensor | None, drafts: list[i
 @torch.inference_mode()
 def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tensor, state: PrefillState,
                params: SamplingParams, max_new: int, stop_ids: Collection[int], n_draft: int = 1,
-               generator: torch.Generator | None = None, adjust=None) -> tuple[list[list[int]], int, int]:
+               generators: Sequence[torch.Generator] | None = None, adjust=None) -> tuple[list[list[int]], int, int]:
     """Decode after ``prefill`` (which filled the MTP cache up to len - 1). ``first``: (B,) the
     token chosen from the prefill logits; ``state``: the prefill's hidden states. Rows advance
     independently (per-row positions); a row ends at any of ``stop_ids`` (kept) and leaves the batch. ``adjust``:
@@ -137,7 +137,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
                 d = kernels.argmax(q_logits)
             else:
                 q.append(probabilities(q_logits, params))
-                d = torch.multinomial(q[-1], 1, generator=generator).squeeze(-1)
+                d = draw_rows(q[-1], generators, live)
             drafts.append(d)
             if k + 1 < Ks:  # reapply the module on its own output and the drafted token
                 h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + last_B.clamp(max=k), from_main=False)[:, 0]
@@ -166,7 +166,7 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
         for i, b in enumerate(live):
             k = k_B[i]
             new = accept_drafts(p[i, :k + 1], None if q_BKV[i] is None else q_BKV[i][:k], drafts_BK[i][:k], params,
-                                generator)
+                                None if generators is None else generators[b])
             drafted += k
             accepted += len(new) - 1
             n[i] += len(new)
