@@ -343,3 +343,22 @@ def test_a_final_token_inside_a_utf8_sequence_keeps_its_text(text, cut):
         streamed += c.delta()
     assert c.text == streamed == tok.decode(ids) and c.text.endswith("\ufffd")
     assert c.finish_reason == "length"
+
+
+# R1 / Qwen's shape: a branch per role it knows, none for developer
+NO_DEVELOPER = ("{% for m in messages %}{% if m['role'] == 'system' %}[S]{{ m['content'] }}"
+                "{% elif m['role'] == 'user' %}[U]{{ m['content'] }}{% endif %}{% endfor %}[A]")
+WITH_DEVELOPER = NO_DEVELOPER.replace("{% endif %}", "{% elif m['role'] == 'developer' %}[D]{{ m['content'] }}"
+                                                     "{% endif %}")
+
+
+def test_a_developer_message_reaches_a_template_without_its_branch_as_system(tmp_path):
+    """OpenAI's developer role (Codex sends it) is instructions: a template with no branch for it dropped it
+    silently (the prompt as without it); it renders as a system message there, as vLLM and llama.cpp map it, and
+    as itself where the template names it or with flyer's default."""
+    tok, _ = _hf_dir(tmp_path)
+    dev = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    sys_ = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert _flyer_text(tok, NO_DEVELOPER, dev) == _flyer_text(tok, NO_DEVELOPER, sys_) == "[S]be brief[U]hi[A]"
+    assert _flyer_text(tok, WITH_DEVELOPER, dev) == "[D]be brief[U]hi[A]"
+    assert "developer" in _flyer_text(tok, None, dev)

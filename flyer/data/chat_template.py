@@ -53,6 +53,16 @@ def sorts_tools_of(template: ChatTemplate) -> bool:
     return any(isinstance(t, ToolsSorted) for t in (template.values() if isinstance(template, dict) else [template]))
 
 
+def renders_developer(template: ChatTemplate) -> bool:
+    """Whether ``template`` writes a ``developer`` message: flyer's default (any role as its header) and a release's
+    encoder (DeepSeek-V3.2 / V4's own role) do; a Hugging Face template does where its text names the role. One that
+    does not would drop it without a word (DeepSeek-R1's, Qwen's: no branch for it), so the server passes it as
+    ``system``, the instructions OpenAI's API means by it, as vLLM and llama.cpp's servers map it."""
+    if template is None or isinstance(template, ChatEncoding):
+        return True
+    return any("developer" in t for t in (template.values() if isinstance(template, dict) else [template]))
+
+
 # the names a message's reasoning comes under, the one chat templates read first (transformers' _REASONING_FIELDS)
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 

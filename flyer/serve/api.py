@@ -60,7 +60,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flyer.data.chat_template import chat_renderer, effort_kwargs
+from flyer.data.chat_template import chat_renderer, effort_kwargs, renders_developer
 from flyer.data.deepseek_encoding import ChatEncoding, ChatTemplate
 from flyer.data.fim import fim_prompt
 from flyer.errors import FieldError
@@ -94,6 +94,7 @@ class Api:
         self.reasoning = None if reasoning_parser is None else PARSERS[reasoning_parser]
         self.render_chat = chat_renderer(chat_template, self._special_tokens())
         self.encoding = chat_template if isinstance(chat_template, ChatEncoding) else None  # its roles
+        self.developer_role = "developer" if renders_developer(chat_template) else "system"
         self.tool_format = chosen_format(tool_call_parser, chat_template)  # the format calls are written and read in
         self.pieces = TokenPieces(tokenizer, lambda: engine.limits.vocab_size)  # logprobs' token texts and bytes
         self.draining = False
@@ -273,6 +274,9 @@ class Api:
                 raise FieldError(f"messages[{i}].role", f"this model's chat format takes {', '.join(roles)} "
                                                         f"(got {m.role!r})")
         messages = [m.model_dump() for m in body.messages]
+        for m in messages:  # a template without a developer branch would drop it: its instructions as system's
+            if m["role"] == "developer":
+                m["role"] = self.developer_role
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
         fmt = body.response_format  # a release's encoder writes it into the prompt, a template not; its grammar holds
         fmt = None if fmt is None or fmt.type == "text" else fmt.model_dump(by_alias=True, exclude_none=True)
