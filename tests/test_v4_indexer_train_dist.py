@@ -271,7 +271,7 @@ def test_warmup_refuses_a_rank_without_indexers(tmp_path, capsys, schedule, pp, 
             "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("flyer: error: --pp: indexer_train warmup") and f"rank {refused} " in err, err
+    assert err.startswith("flyer: error: --pp: --indexer-train warmup") and f"rank {refused} " in err, err
 
 
 def _ep_pp_rank(rank: int, corpus: tuple, tokens: torch.Tensor) -> dict:
