@@ -773,6 +773,21 @@ def test_stop_string_across_tokens_cuts_the_text():
     assert (choice.text, choice.finish_reason) == ("héllo ", "stop")
 
 
+@pytest.mark.parametrize("ids, starts", [
+    ([104, 0x8C, 105, 106], [0, 1, 2, 3]),  # a lone continuation byte: its U+FFFD stays, 'i' starts after it
+    (list("héllo".encode()), [0, 1, 1, 2, 3, 4]),  # é over two bytes: both at the character's start
+    ([104, 0xC3, 0x8C, 0x8C, 105], [0, 1, 1, 2, 3]),  # 'Ì' then a lone byte, then 'i'
+])
+def test_text_offsets_follow_the_text_after_bytes_held_back(ids, starts):
+    """A token's start (``text_offset``) is where its text begins: a byte that never completes a character was
+    held back with the next token, which then started at the byte's U+FFFD instead of after it."""
+    choice = Choice(ByteTokenizer(), stops=[])
+    for i, t in enumerate(ids):
+        choice.add(TokenEvent(t, finish_reason="length" if i == len(ids) - 1 else None))
+    assert choice.text == ByteTokenizer().decode(ids)
+    assert choice.starts == starts
+
+
 def test_a_body_past_the_bound_answers_413_before_it_is_parsed(model):
     """A body over ``max_body_bytes`` answers 413 in OpenAI's shape, whether its Content-Length says so or its
     chunks (no length) pass the bound as they arrive; one at the bound is served, and so are requests after."""

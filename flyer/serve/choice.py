@@ -5,6 +5,7 @@ content it reports before a tool-calls block (``calls_content``)."""
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +66,10 @@ class Choice:
         if e.token is not None:
             self.ids.append(e.token)
             self.starts.append(start)
+        prefix, read = self.prefix, self.read
         self.text += self._decode_new(final=e.finish_reason is not None)
+        if self.read > read + 1:  # ids held back came out together: each one's own start (``_held_starts``)
+            self._held_starts(prefix, read, start)
         # only where the new text could complete a stop string; the earliest match of any cuts
         found = [i for s in self.stops if (i := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
         if found:
@@ -74,6 +78,15 @@ class Choice:
             return
         if e.finish_reason is not None:
             self.finish_reason = e.finish_reason
+
+    def _held_starts(self, prefix: int, read: int, start: int) -> None:
+        """Starts of ids[read + 1:self.read], decoded together with ids[read] from ``start`` on: id k starts where
+        the decodes through k - 1 and through k part, so a byte that never completes a character (its U+FFFD
+        stays) puts the next id after it, and one completed by id k puts k at the character's start."""
+        base = len(self.tokenizer.decode(self.ids[prefix:read]))
+        for k in range(read + 1, self.read):
+            through = [self.tokenizer.decode(self.ids[prefix:j]) for j in (k, k + 1)]
+            self.starts[k] = start + len(os.path.commonprefix(through)) - base
 
     def kept(self) -> int:
         """How many of ``ids`` the text holds: after a stop string's cut, those whose text starts
