@@ -16,7 +16,8 @@
 A stream is Responses' named events (``response.created`` ... ``response.completed``, each with its
 ``sequence_number``), made from the chat route's chunks as they come. Finished responses (``store``, OpenAI's default
 true) are kept in memory, the last ``MAX_STORED`` of them and ``MAX_STORED_BYTES`` of their JSON (least recently used
-out): a ``previous_response_id`` no longer there answers 404. ``usage.input_tokens_details.cached_tokens`` is chat's
+out): a ``previous_response_id`` no longer there answers 400 ``previous_response_not_found``, as OpenAI's.
+``usage.input_tokens_details.cached_tokens`` is chat's
 ``prompt_tokens_details.cached_tokens``: the prompt tokens the engine took from its prefix cache.
 
 With ``include: ["message.output_text.logprobs"]`` (and ``top_logprobs``, 0-20) the output text carries chat's
@@ -111,13 +112,18 @@ class ResponseStore:
         self.held -= self.sizes.pop(rid)
 
     def get(self, rid: str, param: str | None = None) -> Stored:
-        """The response ``rid``; an ``ApiError`` 404 in OpenAI's shape (naming ``param``) when it is not (or no
-        longer) kept."""
+        """The response ``rid``; when it is not (or no longer) kept, an ``ApiError`` in OpenAI's shape: 404
+        ``not_found`` for the id of a route's path, 400 ``previous_response_not_found`` naming ``param`` for a
+        request's ``previous_response_id``, as OpenAI answers it (clients match that code to send the whole
+        conversation instead)."""
         stored = self.items.get(rid)
         if stored is None:
-            raise ApiError(404, f"Response with id '{rid}' not found (this server keeps the last {self.capacity} "
-                                f"stored responses, {self.max_bytes >> 20} MiB of them, in memory)", param=param,
-                           code="not_found")
+            kept = (f"this server keeps the last {self.capacity} stored responses, {self.max_bytes >> 20} MiB of "
+                    "them, in memory")
+            if param == "previous_response_id":
+                raise ApiError(400, f"Previous response with id '{rid}' not found ({kept})", param=param,
+                               code="previous_response_not_found")
+            raise ApiError(404, f"Response with id '{rid}' not found ({kept})", param=param, code="not_found")
         self.items.move_to_end(rid)
         return stored
 
