@@ -8,7 +8,7 @@ and so does every request with prefix sharing off; a stream's usage equals the u
 shares as much. Blocks loaded from the on-disk tier count as shared ones. A request preempted and recomputed reports
 its first admission's count. ``input_items`` pages
 through a stored response's input items in either order (``limit``, ``after``, ``has_more``); a deleted response is
-gone (404 for GET, DELETE, input_items and previous_response_id)."""
+gone (404 for GET, DELETE and input_items, 400 for previous_response_id)."""
 
 import httpx
 import openai
@@ -222,5 +222,5 @@ def test_input_items_pages_and_delete(on):
         with pytest.raises(openai.NotFoundError):
             c.responses.input_items.list(rid)
         _error(httpx.delete(f"{on.url}/v1/responses/{rid}"), 404)
-        _error(httpx.post(on.url + "/v1/responses", json=dict(model="t", input="x", previous_response_id=rid)), 404,
+        _error(httpx.post(on.url + "/v1/responses", json=dict(model="t", input="x", previous_response_id=rid)), 400,
                "previous_response_id")

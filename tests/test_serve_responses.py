@@ -7,7 +7,8 @@ greedy output equals ``/v1/chat/completions`` on the same messages token for tok
 stored conversation; a stream's events come in Responses' order with sequence numbers 0, 1, ..., their deltas
 concatenate to the completed response's text, which equals the unstreamed one; a required function call comes as a
 ``function_call`` item whose arguments match the tool's schema, and its ``function_call_output`` renders as chat's
-tool message; ``text.format`` json_schema holds; unimplemented fields answer 400 naming them, unknown ids 404 (a previous_response_id's 400, as OpenAI's).
+tool message; ``text.format`` json_schema holds; unimplemented fields answer 400 naming them, unknown ids 404 (as a
+previous_response_id 400, as OpenAI's).
 A scripted engine (``test_serve_tools_v3._Scripted``) writes reasoning, the end marker, an answer and calls: with
 the deepseek reasoning parser they become a ``reasoning`` item, a message and ``function_call`` items, streamed or
 not, and ``reasoning.effort`` opens the template's think block (``effort_kwargs``' ``enable_thinking``)."""
