@@ -243,6 +243,10 @@ def test_bad_requests_answer_400(served):
                          "input[0].content.0.type"),
                         (dict(input=[{"type": "item_reference", "id": "x"}]), "input[0].type"),
                         (dict(input=[{"type": "function_call_output", "output": "x"}]), "input[0].call_id"),
+                        # an output answering no call (OpenAI: "No tool call found for function call output")
+                        (dict(input=[{"role": "user", "content": "a"},
+                                     {"type": "function_call_output", "call_id": "c9", "output": "x"}]),
+                         "input[1].call_id"),
                         (dict(input=[]), "input"), (dict(model="other"), "model"),
                         # keys the route would ignore (chat's, vLLM's, unknown; nested too) and bounds OpenAI sets
                         (dict(seed=7), "seed"), (dict(max_tokens=2), "max_tokens"), (dict(stop=["o"]), "stop"),

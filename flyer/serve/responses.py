@@ -212,6 +212,18 @@ def _answer_messages(output: list[dict]) -> list[dict]:
     return [{"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}]
 
 
+def _check_outputs_answer_calls(messages: list[dict], first: int, origins: list) -> None:
+    """A function_call_output item must answer a function call before it (this input's, or the conversation's
+    ``previous_response_id`` carries), as OpenAI refuses it ("No tool call found for function call output"):
+    ``FieldError`` naming the item. ``first``: where this input's messages start; ``origins``: their items."""
+    calls: set[str] = set()
+    for j, m in enumerate(messages):
+        calls.update(c["id"] for c in m.get("tool_calls") or ())
+        if m["role"] == "tool" and j >= first and m["tool_call_id"] not in calls:
+            raise FieldError(f"input[{origins[j - first][0]}].call_id",
+                             f"no function call with call_id {m['tool_call_id']!r} before this output")
+
+
 class Responses:
     """The Responses routes over ``api``'s chat machinery, with their ``ResponseStore``."""
 
@@ -324,6 +336,7 @@ class Responses:
         past = self.store.get(body.previous_response_id, "previous_response_id") if body.previous_response_id else None
         origins: list = []
         messages = (past.messages if past else []) + input_messages(body.input, origins)
+        _check_outputs_answer_calls(messages, len(messages) - len(origins), origins)
         # the conversation's items (the previous response's, its answer's output items among them), then its own
         new = input_items(body.input, _item_id)
         inputs = (past.inputs + past.response["output"] if past else []) + new
