@@ -308,6 +308,16 @@ def test_reasoning_and_calls_become_items(tok):
         # without an effort the prompt does not open the think block: all of it is the answer
         plain = c.responses.create(model="tiny-test", input="what is 2+2?", max_output_tokens=len(script) - 1)
         assert plain.output[0].type == "message" and REASONING in plain.output_text and plain.status == "incomplete"
+        # cut inside the reasoning: the reasoning item alone, incomplete, as OpenAI's (it came with an empty
+        # message), streamed or not
+        cut = {**kw, "max_output_tokens": 3}
+        r = c.responses.create(**cut)
+        assert [(o.type, o.status) for o in r.output] == [("reasoning", "incomplete")] and r.status == "incomplete"
+        assert r.incomplete_details.reason == "max_output_tokens" and r.output_text == ""
+        events, done = _stream(c, **{k: v for k, v in cut.items() if k != "model"})
+        assert [o.model_dump(exclude={"id"}) for o in done.output] == [o.model_dump(exclude={"id"}) for o in r.output]
+        assert [e.type for e in events if e.type.startswith("response.output_item")] == \
+            ["response.output_item.added", "response.output_item.done"] and events[-1].type == "response.incomplete"
 
 
 def test_errors_of_the_chat_machinery_name_the_responses_item(tok):

@@ -196,8 +196,10 @@ def _output_items(choice: dict) -> list[dict]:
     """A chat choice's message as output items: its reasoning, its text (when it has some, or no calls; with its
     tokens' entries of chat's ``logprobs`` when given), its calls."""
     message, status = choice["message"], "incomplete" if choice["finish_reason"] == "length" else "completed"
-    out = [_reasoning_item(message["reasoning_content"])] if message.get("reasoning_content") else []
     calls = message.get("tool_calls") or []
+    if message.get("reasoning_content") and not message.get("content") and not calls and status == "incomplete":
+        return [_reasoning_item(message["reasoning_content"], status)]  # cut inside the reasoning: it alone, as OpenAI
+    out = [_reasoning_item(message["reasoning_content"])] if message.get("reasoning_content") else []
     if message.get("content") or not calls:
         text = message.get("content") or ""
         out.append(_message_item(text, status, logprobs=text_logprobs(choice)))
@@ -431,7 +433,9 @@ class Responses:
                     yield event("response.failed", response=failed)
                     return
                 if not chunk["choices"]:  # the usage chunk, last
-                    if not any(i["type"] in ("message", "function_call") for i in output):
+                    cut_reasoning = bool(output) and output[-1]["type"] == "reasoning" and \
+                        output[-1]["status"] == "incomplete"  # it alone, as unstreamed
+                    if not cut_reasoning and not any(i["type"] in ("message", "function_call") for i in output):
                         # an answer without text or calls is an empty message, as unstreamed
                         for b in (*add_text("message", ""), *close_item("incomplete" if finish == "length"
                                                                         else "completed")):
@@ -449,8 +453,9 @@ class Responses:
                             yield b
                 calls = delta.get("tool_calls") or []
                 if (calls or choice["finish_reason"] is not None) and open_kind is not None:
-                    for b in close_item("incomplete" if choice["finish_reason"] == "length" and open_kind == "message"
-                                        else "completed"):
+                    # cut by max_output_tokens: the open message, or a reasoning no text or call followed
+                    cut = choice["finish_reason"] == "length" and not calls and open_kind in ("message", "reasoning")
+                    for b in close_item("incomplete" if cut else "completed"):
                         yield b
                 for call in calls:
                     item = _call_item(call, "in_progress", "")
