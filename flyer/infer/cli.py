@@ -252,7 +252,7 @@ def chat_prompts(tok, ckpt: str | None, prompts: list[str], system: str | None) 
     """``--chat``: each prompt a user message (after ``system``'s), rendered by ``ckpt``'s chat template with the
     assistant's header, as ``flyer serve``'s chat route renders it (flyer's default template without one), and
     encoded as transformers encodes a rendered template: no special tokens but those it writes."""
-    import jinja2  # its errors only; the template itself compiles in chat_renderer
+    import jinja2  # for its errors; here, as chat_renderer imports it: ~40 ms every flyer command would pay at start
 
     named = getattr(tok, "special_tokens", None)  # byte tokens (a --preset) have none
     render = chat_renderer(read_chat_template(ckpt), named() if named is not None else {})
