@@ -229,6 +229,29 @@ def test_a_damaged_metrics_log_does_not_block_resume(tmp_path, data_cache, capsy
     assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6] and log.read_bytes().startswith(kept)
 
 
+@pytest.mark.parametrize("damage", ["step key", "short row"])
+def test_a_record_damaged_inside_ends_the_run_with_plots_said_not_a_trace(tmp_path, data_cache, capsys, damage):
+    """A byte hit in a record's "step" key made it a record of step 0, and an expert_load row cut short made numpy
+    raise: the run, saved, ended in a stack trace (exit 1) drawing its plots, and so did every resume. The first is
+    no record now; the second is said in a line, the plots left out, and the run ends 0 and resumes."""
+    argv = [a for a in train_argv(tmp_path, data_cache) if a != "--no-plots"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    log = tmp_path / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    first = json.loads(lines[0])
+    if damage == "step key":
+        lines[0] = json.dumps({"stap" if k == "step" else k: v for k, v in first.items()})
+    else:
+        lines[0] = json.dumps({**first, "expert_load": [row[:-1] for row in first["expert_load"]]})
+    log.write_text("\n".join(lines) + "\n")
+    assert main([*argv[:argv.index("--steps") + 1], "6", *argv[argv.index("--steps") + 2:], "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert ("cannot draw the plots" in err) == (damage == "short row")
+    assert steps_logged(tmp_path)[-1] == 6
+
+
 def test_a_metrics_log_that_is_a_directory_is_one_line(tmp_path, data_cache, capsys):
     assert main(train_argv(tmp_path, data_cache)) == 0
     capsys.readouterr()

@@ -104,9 +104,10 @@ class TensorBoardLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics log (none where there is no file): each line that is a JSON object, with a numeric
-    step where it has one; any other line (cut short by a crash or a full disk, damaged: bytes that are no UTF-8,
-    JSON of another kind) is passed over. A directory in its place is a ``DataError``."""
+    """The records of a metrics log (none where there is no file): each line that is a JSON object with an integer
+    step, as every record the trainer writes has; any other line (cut short by a crash or a full disk, damaged: bytes
+    that are no UTF-8, a key's name hit, JSON of another kind) is passed over. A directory in its place is a
+    ``DataError``."""
     if not path.exists():
         return []
     if not path.is_file():
@@ -117,7 +118,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             r = json.loads(line)
         except (ValueError, RecursionError):
             continue
-        if isinstance(r, dict) and isinstance(r.get("step", 0), (int, float)) and not isinstance(r.get("step"), bool):
+        if isinstance(r, dict) and isinstance(r.get("step"), int) and not isinstance(r["step"], bool):
             out.append(r)
     return out
 

@@ -546,7 +546,8 @@ class Trainer:
 
     def _plots(self) -> list[dict]:
         """The run's metrics records (rank 0; [] elsewhere), drawn as ``PLOTS`` where ``plots`` is set. The run is
-        complete and saved by then: a plot that cannot be written is said, not an error."""
+        complete and saved by then: a plot that cannot be written or drawn (a record damaged inside) is said, not an
+        error."""
         records = read_metrics(self.out / METRICS_NAME) if self.rank0 else []
         if self.rank0 and self.tc.plots:
             from flyer.train.plots import plot_expert_load, plot_loss  # matplotlib: heavy, only when plotting
@@ -556,6 +557,9 @@ class Trainer:
                 plot_expert_load(records, self.out / PLOTS[1], n_mtp=self.cfg.mtp_depth)
             except OSError as e:
                 self.log(f"warning: cannot write the plots in {self.out} ({e.strerror or e})")
+            except (KeyError, TypeError, ValueError) as e:  # a record damaged inside (an expert_load row cut short)
+                self.log(f"warning: cannot draw the plots from {self.out / METRICS_NAME}: a damaged record "
+                         f"({type(e).__name__}: {e})")
         return records
 
     def _non_finite_end(self) -> TrainingError:
