@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,21 @@ def train_argv(out, data_cache, *extra):
 
 
 # ---- data loss ---------------------------------------------------------------------------------
+def test_a_step_directory_renamed_or_copied_is_not_resumed_as_its_name(tmp_path, data_cache, capsys):
+    """A copy of step 2 named step 30 was resumed silently ("resumed from step_00000030 at step 2"), the newer valid
+    step 4 ignored, and generate and export took its weights as the run's newest: its manifest's step must be its
+    name's, else it is passed over with a warning, as any invalid checkpoint."""
+    assert main(train_argv(tmp_path, data_cache)) == 0
+    root = tmp_path / "checkpoints"
+    shutil.copytree(root / ckpt.step_dir_name(2), root / ckpt.step_dir_name(30))
+    with pytest.raises(CheckpointError, match="its manifest says step 2, its directory's name another"):
+        ckpt.verify_checkpoint(root / ckpt.step_dir_name(30))
+    assert ckpt.newest_valid_checkpoint(root)[0] == root / ckpt.step_dir_name(4)
+    capsys.readouterr()
+    assert main(train_argv(tmp_path, data_cache, "--steps", "6", "--resume")) == 0
+    assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
+
+
 def test_keep_never_prunes_the_valid_checkpoints_for_an_invalid_newer_one(tmp_path, data_cache):
     Trainer(tc_for(tmp_path, data_cache), log=quiet).run()
     root = tmp_path / "checkpoints"

@@ -267,6 +267,9 @@ def verify_checkpoint(path: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:  # another layout of the files: not to be read as this one
         raise CheckpointError(f"checkpoint {path}: format version {manifest.get('format_version')!r}, this flyer "
                               f"reads {FORMAT_VERSION}")
+    if _is_step_name(path.name) and manifest.get("step") != int(path.name[len(_PREFIX):]):  # a copy renamed
+        raise CheckpointError(f"checkpoint {path}: its manifest says step {manifest.get('step')!r}, its directory's "
+                              "name another (copied or renamed: a run resumes by the name)")
     for name in files:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path}: missing file {name}")
