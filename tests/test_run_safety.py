@@ -71,6 +71,17 @@ def train_argv(out, data_cache, *extra):
 
 
 # ---- data loss ---------------------------------------------------------------------------------
+def test_a_resume_says_the_switches_it_changes(tmp_path, data_cache):
+    """Switches a resume may change but that change what the remaining steps compute (FP4 QAT, the FP8 activation
+    cache, the thread count CPU sums depend on) were taken without a word: the resume's line names each."""
+    Trainer(tc_for(tmp_path, data_cache, threads=1), log=quiet).run()
+    said = []
+    Trainer(tc_for(tmp_path, data_cache, resume=True, threads=2, fp8_activation_cache="input"), log=said.append)
+    line = next(m for m in said if m.startswith("resumed from"))
+    assert "; fp8_activation_cache fp8 -> input" in line and "; threads 1 -> 2" in line
+    assert "fp4_experts" not in line
+
+
 def test_a_step_directory_renamed_or_copied_is_not_resumed_as_its_name(tmp_path, data_cache, capsys):
     """A copy of step 2 named step 30 was resumed silently ("resumed from step_00000030 at step 2"), the newer valid
     step 4 ignored, and generate and export took its weights as the run's newest: its manifest's step must be its

@@ -58,6 +58,9 @@ PATH_FIELDS = ("out", "config", "data", "data_cache", "tokenizer", "init")
 NAME_MAX, PATH_MAX = 255, 4096  # bytes of a path's component and of a path (Linux): longer, stat() raises
 MAX_COLLECTIVE_TIMEOUT_S = 7 * 86400  # a week; past ~2**31 ms it overflows the process group's C int
 
+# free to change on a resume but changing what the remaining steps compute: the resume's log line names each change
+RESUME_SWITCHES = ("fp4_experts", "fp8_activation_cache", "threads")
+
 REFERENCE_FILES = "reference_files"  # a DPO run's state field: its reference's fingerprint (load.init_weight_files)
 
 _FIELD_TYPES = {  # a TrainConfig annotation -> (does a value have it, its name in an error)

@@ -46,7 +46,7 @@ from flyer.train import training_state
 from flyer.train.build import build_model, build_optimizer, check_fp4_experts, read_inputs, require_training_memory
 from flyer.train.dpo import DpoObjective, dpo_flops_per_token, freeze_mtp, hold_reference
 from flyer.train.expert_stats import expert_loads, router_stats
-from flyer.train.config import (REFERENCE_FILES, TrainConfig, carried_settings, check_resume_settings,
+from flyer.train.config import (REFERENCE_FILES, RESUME_SWITCHES, TrainConfig, carried_settings, check_resume_settings,
                                 check_resumed_run, grad_accum_at, lr_at, tokenizer_settings)
 from flyer.train.batches import counts, draw, positions_run, prepare_run_data, run_fingerprints, samplers
 from flyer.train.rundir import (LOCK_NAME, METRICS_NAME, RunLock, StopSignals, choose_start, new_paths, remove_new,
@@ -217,7 +217,11 @@ class Trainer:
         changes = "".join(f"; {k} {a:g} -> {b:g}" for k, (a, b) in state["stage_changes"].items())
         was = state.get("layout") or self.layout  # another pipeline, expert or ZeRO layout loads the state whole
         changes += "".join(f"; {k} {was.get(k)} -> {v}" for k, v in self.layout.items() if was.get(k) != v)
-        steps = (state.get("train_config") or {}).get("steps")
+        saved = state.get("train_config") or {}
+        for k in RESUME_SWITCHES:  # free to change on a resume (the FP32 masters are the state) but said
+            if k in saved and saved[k] != getattr(self.tc, k):
+                changes += f"; {k} {saved[k]} -> {getattr(self.tc, k)}"
+        steps = saved.get("steps")
         if isinstance(steps, int) and steps != self.tc.steps and self.tc.schedule != "constant":
             # the decay reaches its end at the new last step: the next step's rate moves at once
             n = self.step + 1
