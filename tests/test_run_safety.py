@@ -279,6 +279,35 @@ def test_a_record_damaged_inside_ends_the_run_with_plots_said_not_a_trace(tmp_pa
     assert steps_logged(tmp_path)[-1] == 6
 
 
+def test_a_plot_stopped_while_drawn_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    """The plots were drawn straight into their files: a run stopped meanwhile (a second signal, a kill) left a
+    torn PNG in place of the last good one. Now a plot is whole or the old one stays, with no temporary beside it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from flyer.train import plots
+
+    path = tmp_path / "loss.png"
+    path.write_bytes(b"the last good plot")
+    real = FigureCanvasAgg.print_png
+
+    def torn(self, where, **kw):  # writes part of the image where it was told to, then is stopped
+        whole = io.BytesIO()
+        real(self, whole, **{k: kw[k] for k in ("metadata", "pil_kwargs") if k in kw})
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(open(where, "wb")) if isinstance(where, (str, os.PathLike)) else where
+            f.write(whole.getvalue()[:64])
+        raise KeyboardInterrupt
+
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5, "val_loss": 2.6}]
+    monkeypatch.setattr(FigureCanvasAgg, "print_png", torn)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_loss(records, path)
+    assert path.read_bytes() == b"the last good plot" and os.listdir(tmp_path) == ["loss.png"]
+    monkeypatch.setattr(FigureCanvasAgg, "print_png", real)
+    plots.plot_loss(records, path)
+    assert path.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["loss.png"]
+
+
 def test_a_metrics_log_that_is_a_directory_is_one_line(tmp_path, data_cache, capsys):
     assert main(train_argv(tmp_path, data_cache)) == 0
     capsys.readouterr()

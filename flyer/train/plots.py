@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from flyer.data.shards import atomic_write  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    """Write ``fig`` as PNG so that a run stopped meanwhile leaves the old plot or the new one, never a torn file."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, [buf.getvalue()])
 
 
 def plot_loss(records: list[dict], path: Path, unigram: float | None = None) -> None:
@@ -30,8 +41,7 @@ def plot_loss(records: list[dict], path: Path, unigram: float | None = None) -> 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_expert_load(records: list[dict], path: Path, n_mtp: int = 0) -> None:
@@ -52,5 +62,4 @@ def plot_expert_load(records: list[dict], path: Path, n_mtp: int = 0) -> None:
         if li == 0:
             ax.set_ylabel("expert")
     fig.colorbar(im, ax=axes[0].tolist(), label="tokens / mean tokens per expert")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import re
 import signal
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
 from flyer.interop.load import init_weight_files, load_init_weights
 from flyer.data.chat_data import IGNORE_INDEX, is_chat_data
+from flyer.data.shards import atomic_write
 from flyer.model.counts import param_counts
 from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, indexer_depths, real_queries,
                                      set_indexer_training)
@@ -331,7 +333,7 @@ class Trainer:
             out[f"{k}_per_rank"] = [r[k] for r in every]
             out[f"max_{k}_per_rank"] = max(r[k] for r in every)
         try:  # a report: a path in its way (a directory, a full disk) is said, and training goes on
-            ckpt.write_json(self.out / "memory.json", out)
+            atomic_write(self.out / "memory.json", [json.dumps(out, indent=1, sort_keys=True).encode()])
         except OSError as e:
             self.log(f"warning: cannot write {self.out / 'memory.json'} ({e.strerror or e})")
 
