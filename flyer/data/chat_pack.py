@@ -118,7 +118,8 @@ class PackedChatSampler:
     def load_state_dict(self, d: dict) -> None:
         """Resume from ``state_dict()``; an unpacked sampler's state, another batch shape's or data's: ``DataError``."""
         if not d.get("pack"):
-            raise DataError("sampler state was saved without pack; resuming with pack would read different samples")
+            raise DataError("sampler state was saved without packing; resuming with packing would read different "
+                            "samples")
         self.stream.load_state_dict({**d, "position": 0})  # its checks of the shape and data, and its seed
         cursor = (d.get("position"), d.get("offset"))
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in cursor) or cursor[1] >= self.batch_size:

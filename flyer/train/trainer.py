@@ -591,7 +591,7 @@ class Trainer:
             silent = self.mesh.silent_ranks()
             who = f"rank(s) {', '.join(map(str, silent))}" if silent else "another rank"
             raise TrainingError(f"rank {self.mesh.rank}: a collective got no answer within "
-                                f"{self.tc.collective_timeout_s:g} s (collective_timeout_s) after step {self.step}: "
+                                f"{self.tc.collective_timeout_s:g} s (the collective timeout) after step {self.step}: "
                                 f"{who} stopped answering") from None
 
     def _say_stopped(self, saved: Path | None) -> None:

@@ -216,7 +216,7 @@ def check_layout(path: Path, layout: dict | None) -> None:
         was = ", ".join(f"{k}={saved.get(k)}" for k in diff)
         now = ", ".join(f"{k}={layout.get(k)}" for k in diff)
         raise CheckpointError(f"checkpoint {path} was saved with {was}; this run has {now} (its optimizer state is "
-                              "per rank: resume with the same layout, or start a new run from its weights with init)")
+                              "per rank: resume with the same layout, or start a new run initialised from its weights)")
 
 
 def _source_rank(path: Path, saved: dict | None, mesh) -> str:
