@@ -273,6 +273,9 @@ def test_bad_requests_answer_400(served):
     assert httpx.post(url, json={**ok, **neutral}).status_code == 200
     stored = httpx.post(url, json=ok).json()["id"]
     _error(httpx.get(f"{url}/{stored}", params={"stream": "true"}), 400, "stream")
+    # routes flyer does not serve (docs: Not implemented) answer in OpenAI's error shape, not Starlette's
+    _error(httpx.post(f"{url}/{stored}/cancel"), 404)  # only background responses cancel, and those are refused
+    _error(httpx.post(f"{url}/input_tokens", json=ok), 405)  # counting: the route /v1/responses/{id} is GET/DELETE
     assert 'flyer_rejected_requests_total{status="400"}' in httpx.get(served.url + "/metrics").text
     assert "flyer_generation_tokens_total" in httpx.get(served.url + "/metrics").text
 
