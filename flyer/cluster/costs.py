@@ -86,7 +86,8 @@ def auto_layout(cfg: ModelConfig, gpus: int) -> tuple[int, int, str]:
 
 
 def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: bool = True,
-                                     bytes_per_element: int = 2, layer_id: int | None = None) -> float:
+                                     bytes_per_element: int = 2, layer_id: int | None = None,
+                                     mla_recompute: bool = False) -> float:
     """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).
 
     Without recomputation, attention saves its input and normed input, the q latent, the kv
@@ -103,6 +104,9 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     output projection's latent and its compressors' projections: those of layer ``layer_id``, or of a
     CSA layer (the heaviest kind) without one. Hyper-connections add each block's m input streams.
 
+    ``mla_recompute`` (what ``flyer train --recompute mla`` runs, ``flyer.model.recompute``): only the MLA
+    up-projections are recomputed, a dense MLA layer's q, k, v not saved (a DSA layer's still are).
+
     LongCat-Flash (``shortcut_moe``; ``moe`` is then ignored): every block's dense FFN, and on a pair's first block
     (``layer_id`` even, or None: the heavier) the shortcut MoE, which reads the dense FFN's normed input.
     """
@@ -114,7 +118,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     elif cfg.attn == "mla":
         qk, v = cfg.qk_head_dim, cfg.v_head_dim
         latents = cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        qkv = h * (2 * qk + v)
+        qkv = 0 if mla_recompute and not cfg.index_topk else h * (2 * qk + v)
     else:
         qk = v = cfg.head_dim
         latents = 0

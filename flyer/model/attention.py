@@ -31,6 +31,7 @@ from flyer.model.dsa_chunks import SparseChunks, dsa_gathers, select_chunks, spa
 from flyer.model.indexer_loss import indexer_kl, per_document_loss
 from flyer.model.lowp import Linear, scaled_dot_product_attention
 from flyer.model.norm import RMSNorm
+from flyer.model.recompute import recomputed
 from flyer.model.rope import apply_rope
 
 # The latent RMSNorms use 1e-6 whatever rms_norm_eps says: DeepSeek's reference and transformers do.
@@ -187,6 +188,7 @@ class MLA(nn.Module):
         self.index_valid_BT: torch.Tensor | None = None  # the queries L_I averages over (``real_queries``; None: all)
         self.shares_selection = cfg.index_topk > 0 and not cfg.has_indexer(layer_id)
         self.index_row = sum(map(cfg.has_indexer, range(layer_id))) if layer_id < cfg.n_layers else 0
+        self.recompute = None  # DeepSeek-V3's recomputation of the up-projections (flyer.model.recompute.set_recompute)
 
     def query_latent(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The normalised query latent (B, T, q_lora_rank) that ``wq_b`` (and the DSA indexer) project."""
@@ -212,7 +214,11 @@ class MLA(nn.Module):
 
     def latents(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What MLA caches: (normalised latent c_KV (B,T,kv_lora_rank), rope key (B,T,rope))."""
-        kv = self.wkv_a(x_BTD)
+        return self._latent_parts(self.wkv_a(x_BTD), cos, sin)
+
+    def _latent_parts(self, kv: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``latents`` from ``wkv_a``'s output."""
         c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.query_scaled:  # keys are not scaled: drop the queries' channel
             cos = cos[..., :-1]
@@ -232,6 +238,11 @@ class MLA(nn.Module):
         if docs is not None and self.index_topk > 0:
             return self.per_document(x_BTD, cos, sin, selection, gather, chunk, docs)
         B, T, _ = x_BTD.shape
+        if self.recompute and torch.is_grad_enabled():  # dense MLA only (set_recompute)
+            q_in = self.wq_a(x_BTD) if self.q_lora_rank else x_BTD
+            o = recomputed(self._attend_latents, q_in, self.wkv_a(x_BTD), cos, sin, docs,
+                           selective=self.recompute == "selective")
+            return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
         q_latent = self.query_latent(x_BTD) if self.q_lora_rank else None
         q_nope, q_rope = self.queries(x_BTD, cos, sin, q_latent)
         c_kv, k_rope = self.latents(x_BTD, cos, sin)
@@ -255,13 +266,26 @@ class MLA(nn.Module):
         if chunks is not None:
             o = sparse_attention(self, q_nope, q_rope, c_kv, k_rope, chunks)
         else:
-            kv = self.wkv_b(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
-            k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-            q = torch.cat([q_nope, q_rope], dim=-1)
-            k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)], dim=-1)
-            o = (causal_attention(q, k, v, self.softmax_scale, mask) if docs is None else  # packed: per document
-                 docs.attend(lambda *qkv: causal_attention(*qkv, self.softmax_scale), q, k, v))
+            o = self._attend(q_nope, q_rope, c_kv, k_rope, mask, docs)
         return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
+
+    def _attend(self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
+                mask: torch.Tensor | None, docs) -> torch.Tensor:
+        """Dense attention (B, T, H, v) of the queries to the keys and values up-projected from the latents."""
+        B, T, _ = c_kv.shape
+        kv = self.wkv_b(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)], dim=-1)
+        return (causal_attention(q, k, v, self.softmax_scale, mask) if docs is None else  # packed: per document
+                docs.attend(lambda *qkv: causal_attention(*qkv, self.softmax_scale), q, k, v))
+
+    def _attend_latents(self, q_in: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        docs) -> torch.Tensor:
+        """``_attend`` from ``wq_a``'s output (the input itself without a query LoRA) and ``wkv_a``'s: the region
+        ``recomputed`` runs again in backward."""
+        q_nope, q_rope = self.queries(q_in, cos, sin, self.q_norm(q_in) if self.q_lora_rank else None)
+        return self._attend(q_nope, q_rope, *self._latent_parts(kv, cos, sin), None, docs)
 
     def per_document(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, selection: Selection | None,
                      gather: bool, chunk: int | None, docs) -> torch.Tensor:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from flyer.cluster.costs import activation_bytes_per_token_layer, expert_weights_saved_bytes, head_saved_bytes
 from flyer.config import ModelConfig
@@ -61,6 +63,42 @@ def _holder(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: i
     return holder
 
 
+class _Made(TorchDispatchMode):
+    """Every storage the ops under it create: data pointer -> (weak reference, bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: dict[int, tuple[Any, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                s = t.untyped_storage()
+                old = self.made.get(s.data_ptr())
+                if old is None or torch.UntypedStorage._expired(old[0]):  # new, or a freed one's address again
+                    if old is not None:
+                        torch.UntypedStorage._free_weak_ref(old[0])
+                    self.made[s.data_ptr()] = (s._weak_ref(), s.nbytes())
+        return out
+
+
+def held_bytes(fn, skip: nn.Module | None = None) -> int:
+    """Bytes of the storages the ops of ``fn()`` create that are still alive when it returns (its result held):
+    what a training forward keeps for backward, ``skip``'s parameters left out. Unlike ``saved_bytes`` it sees what
+    ``torch.utils.checkpoint`` keeps outside autograd's saved tensors (a region's inputs, a selective policy's
+    saved outputs: ``flyer.model.recompute``)."""
+    params = {p.untyped_storage().data_ptr() for p in skip.parameters()} if skip is not None else set()
+    with _Made() as mode:
+        out = fn()
+    alive = sum(n for ptr, (ref, n) in mode.made.items()
+                if ptr not in params and not torch.UntypedStorage._expired(ref))
+    for ref, _ in mode.made.values():
+        torch.UntypedStorage._free_weak_ref(ref)
+    del out
+    return alive
+
+
 def saved_bytes(fn, skip: nn.Module | None = None) -> int:
     """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs
     (``torch.autograd.graph.saved_tensors_hooks``), ``skip``'s parameters (a model's state) left out."""
@@ -79,9 +117,10 @@ def saved_bytes(fn, skip: nn.Module | None = None) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq_len: int, micro_batch: int,
-                     precision: str, ep: int = 1) -> int:
+                     precision: str, ep: int = 1, recompute: str = "none") -> int:
     """An estimate of what pipeline rank ``pp_rank`` saves for backward at its peak: every block's
-    saved activations (``activation_bytes_per_token_layer``, no recomputation; the MTP modules' blocks on the last
+    saved activations (``activation_bytes_per_token_layer``: ``recompute`` "mla" leaves out the MLA layers' per-head
+    q, k and v, ``flyer.model.recompute``, else nothing is recomputed; the MTP modules' blocks on the last
     stage) and its routed experts' GEMM weights (``expert_weights_saved_bytes``: this rank's ``1/ep`` of them, in FP8
     a byte an element: the FP8 experts keep their weights' FP8 blocks) for
     the micro-batches in flight on each of its stages (stage s of n holds up to n - s of them in a
@@ -97,7 +136,8 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
     for s in (s for s in range(n) if placement[s] == pp_rank):
         blocks = [*split[s], *(range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if s == n - 1 else ())]
         per_token = sum(activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
-                                                         bytes_per_element=element, layer_id=i) for i in blocks)
+                                                         bytes_per_element=element, layer_id=i,
+                                                         mla_recompute=recompute == "mla") for i in blocks)
         weights = expert * sum(has_routed_experts(cfg, i) for i in blocks)
         total += (n - s) * (tokens * per_token + weights)
         if s == n - 1:
@@ -152,4 +192,4 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
     return res
 
 
-__all__ = ["KEYS", "activation_bytes", "measure_state_bytes", "plan_state_bytes"]
+__all__ = ["KEYS", "activation_bytes", "held_bytes", "measure_state_bytes", "plan_state_bytes"]

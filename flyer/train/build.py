@@ -18,12 +18,13 @@ from flyer.errors import CheckpointError, ConfigError, FieldError
 from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
 from flyer.interop.load import init_source
 from flyer.model.counts import param_counts, routed_expert_params
+from flyer.model.recompute import set_recompute
 from flyer.model.transformer import Transformer
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.memory import activation_bytes
 from flyer.parallel.mesh import LocalMesh, Mesh
-from flyer.parallel.stages import held_modules
+from flyer.parallel.stages import SPLIT_SCHEDULES, held_modules
 from flyer.parallel.zero import ShardedOptimizer
 from flyer.runtime import require_memory
 from flyer.train.config import TrainConfig
@@ -44,7 +45,7 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
     pc = param_counts(cfg)
     routed = routed_expert_params(cfg)
     params = (pc.total + pc.mtp - routed + routed / ep) / pp
-    saved = activation_bytes(cfg, 1, 0, "1f1b", tc.seq_len, tc.batch_size, precision, ep)
+    saved = activation_bytes(cfg, 1, 0, "1f1b", tc.seq_len, tc.batch_size, precision, ep, tc.recompute)
     per_param = 16 if tc.optimizer == "adamw" else 12
     reference = reference_bytes(cfg, precision, tc.fp4_experts) if tc.dpo else 0
     return params * per_param + reference + saved
@@ -105,7 +106,7 @@ def check_fp4_experts(fp4: bool, cfg: ModelConfig) -> None:
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
                 dispatcher: str = "hierarchical", fp8_dispatch: bool = False,
                 stages: tuple[str, int] | None = None, fp4: bool = False,
-                fp8_activation_cache: str = "fp8") -> Transformer:
+                fp8_activation_cache: str = "fp8", recompute: str = "none") -> Transformer:
     """The model to train, on ``mesh.device``, initialised exactly as ``torch.manual_seed(seed);
     Transformer(cfg)`` in one process (each rank keeps its slice of the experts).
 
@@ -115,6 +116,8 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
     stages: the pipeline's (schedule, seq_len) under pp > 1: only this rank's modules
     (``held_modules``) get memory, the others stay on the meta device for ``PipelineModel``.
     fp4: DeepSeek-V4's FP4 QAT of the routed experts, in any precision (``flyer.fp8.fp4.fp4_experts``).
+    recompute: ``flyer.model.recompute.MODES``; selective but under a schedule that splits backward
+    (``SPLIT_SCHEDULES``), which runs each region's backward twice.
     """
     torch.manual_seed(seed)
     make_dispatcher = dispatcher_factory(cfg, mesh, kind=dispatcher, fp8=fp8_dispatch and mesh.ep > 1)
@@ -134,6 +137,8 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
         convert_to_fp8(model, recipe=FP8Recipe(activation_cache=fp8_activation_cache))
     if fp4:
         fp4_experts(model)
+    split = stages is not None and mesh.pp > 1 and stages[0] in SPLIT_SCHEDULES
+    set_recompute(model, recompute, selective=not split)
     return model
 
 

@@ -34,6 +34,9 @@ _FLAGS = [  # (flag, field, type, help)
     ("--fp8-activation-cache", "fp8_activation_cache", str,
      "with --precision fp8, what backward keeps of each FP8 layer's input for its weight gradient: fp8 (the "
      "forward's 1x128 tiles, re-tiled 128x1: DeepSeek-V3's, the default) or input (the input itself)"),
+    ("--recompute", "recompute", str,
+     "none, or mla: DeepSeek-V3's recomputation of each MLA layer's latent norms and up-projections in backward "
+     "(their per-head queries, keys and values are not kept; the same gradients)"),
     ("--out", "out", str, "run directory (metrics, plots, checkpoints)"),
     ("--seed", "seed", int, "random seed (model init and data order)"),
     ("--eval-every", "eval_every", int, "validate every N steps"),

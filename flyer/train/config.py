@@ -22,6 +22,7 @@ from flyer.data.tokenizer import MIN_VOCAB
 from flyer.data.tokenizer_copy import files_build
 from flyer.errors import CheckpointError, FieldError
 from flyer.fp8.linear import ACTIVATION_CACHES
+from flyer.model.recompute import MODES as RECOMPUTE_MODES
 from flyer.interop.load import init_weight_files, read_settings, settings_dir
 from flyer.limits import SIZE_LIMITS
 from flyer.model.dispatch import DISPATCHER_KINDS
@@ -42,7 +43,8 @@ V3_FINAL_RATIO = 7.3e-6 / 2.2e-5  # the last stage's lr, of the decay's end
 # evaluation, logging, plots, progress, tensorboard, checkpoint cadence and keep, threads, device,
 # max_bad_steps (when to give up, not what a step does), fp4_experts (DeepSeek-V4 switches FP4 QAT on late in
 # training: a resume may turn it on; the FP32 master weights are the state either way), fp8_activation_cache (a
-# memory choice: the forward is the same, wgrad's operand rounds once more or not), paths (out, data, cache,
+# memory choice: the forward is the same, wgrad's operand rounds once more or not), recompute (memory only: the
+# same gradients bit for bit), paths (out, data, cache,
 # tokenizer, config, init: what they hold is checked instead, by the model config and the sampler's token count)
 # and the process layout (``training_state.check_layout`` compares it). The precision is compared as resolved ("auto" is
 # what it resolved to: ``Trainer._resume``). grad_accum and micro_batches may change with the layout as long as a step
@@ -121,6 +123,9 @@ class TrainConfig:
     # --precision fp8: what backward keeps of an FP8 layer's input for wgrad (flyer.fp8.linear.FP8Recipe): "fp8" (the
     # forward's 1x128 tiles, DeepSeek-V3's FP8 activation cache) or "input" (the input in its working precision)
     fp8_activation_cache: str = "fp8"
+    # "mla": DeepSeek-V3's recomputation of the MLA layers' latent norms and up-projections in backward
+    # (flyer.model.recompute): their per-head q, k, v are not kept; the same gradients bit for bit
+    recompute: str = "none"
     # DeepSeek-V4's FP4 QAT: routed experts multiply by their FP4 values (flyer.fp8.fp4), in training and validation;
     # each checkpoint's train_config records it, and inference loads that FP4 model (flyer.interop.load)
     fp4_experts: bool = False
@@ -180,6 +185,7 @@ class TrainConfig:
         need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         need(self.fp8_activation_cache in ACTIVATION_CACHES, "fp8_activation_cache",
              f"must be one of {', '.join(ACTIVATION_CACHES)}")
+        need(self.recompute in RECOMPUTE_MODES, "recompute", f"must be one of {', '.join(RECOMPUTE_MODES)}")
         need(self.dispatcher in DISPATCHER_KINDS, "dispatcher", f"must be one of {', '.join(DISPATCHER_KINDS)}")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")

@@ -37,6 +37,7 @@ from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, index
 from flyer.errors import CheckpointError, FieldError, TrainingError
 from flyer.model.moe import counting_only, moe_layers, update_router_bias
 from flyer.model.lowp import precision_note
+from flyer.model.recompute import recompute_line
 from flyer.parallel.dispatch import comm_stats
 from flyer.parallel.mesh import init_mesh
 from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
@@ -169,7 +170,9 @@ class Trainer:
 
         self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch,
                                  stages=(tc.pp_schedule, tc.seq_len) if tc.pp > 1 else None, fp4=tc.fp4_experts,
-                                 fp8_activation_cache=tc.fp8_activation_cache)
+                                 fp8_activation_cache=tc.fp8_activation_cache, recompute=tc.recompute)
+        if tc.recompute != "none":
+            self.log(recompute_line(self.model))
         self.pipeline: PipelineModel | None = None
         if self.mesh.pp > 1:  # this rank keeps its stages; the rest of the model is freed
             overlap = None if tc.pp_overlap else False  # None: where it applies (dualpipev, ep > 1)

@@ -1,0 +1,66 @@
+"""DeepSeek-V3's recomputation of the MLA up-projections (report, section 3.2.3): backward recomputes each MLA
+layer's latent RMSNorms, its up-projections (``wq_b``, ``wkv_b``; ``wq`` without a query LoRA) and RoPE from the
+latents instead of keeping their outputs, the per-head queries, keys and values; the attention core is not run
+again (its output and log-sum-exp are kept). Per token and layer that drops ``H (2 qk + v)`` saved elements
+(``flyer.cluster.costs``), the largest part of an MLA layer's activations, for one more pass of the two
+up-projection GEMMs in backward. The gradients are the same bit for bit: the recomputed ops see the same inputs.
+
+``torch.utils.checkpoint`` with a selective policy (``create_selective_checkpoint_contexts``) does it: the fused
+attention ops' outputs are saved, everything else in the region recomputed. A masked attention that takes SDPA's
+math path (no fused kernel) is recomputed whole. DSA layers (``index_topk``) keep theirs: their long sequences
+already recompute chunk by chunk (``flyer.model.dsa_chunks``).
+
+A pipeline schedule that splits backward into its input and weight gradients (zero-bubble, DualPipeV) runs each
+region's backward twice, which a selective checkpoint refuses (its saved outputs are consumed by the first):
+``selective=False`` recomputes the attention core too, each time."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+MODES = ("none", "mla")
+
+_aten = torch.ops.aten
+# SDPA's fused kernels (CPU flash, CUDA flash / memory-efficient / cuDNN): their outputs are what backward reads
+_KEPT = {op.default for op in (_aten._scaled_dot_product_flash_attention_for_cpu,
+                               _aten._scaled_dot_product_flash_attention,
+                               _aten._scaled_dot_product_efficient_attention,
+                               _aten._scaled_dot_product_cudnn_attention)}
+
+
+def _policy(_ctx, op, *_args, **_kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recomputed(fn, *args, selective: bool = True):
+    """``fn(*args)``, its intermediates (``selective``: but the fused attention's outputs) recomputed in backward."""
+    if not selective:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _policy))
+
+
+def set_recompute(model: nn.Module, mode: str, selective: bool = True) -> int:
+    """Turn recomputation ``mode`` (one of ``MODES``) on in ``model``'s MLA layers, ``selective`` or not
+    (``recomputed``); returns how many take it."""
+    if mode not in MODES:
+        raise ValueError(f"recompute must be one of {', '.join(MODES)} (got {mode!r})")
+    # the modules that can (``flyer.model.attention.MLA``, which imports this module) but DSA's
+    layers = [m for m in model.modules() if hasattr(m, "recompute") and getattr(m, "index_topk", None) == 0]
+    for m in layers:
+        m.recompute = ("selective" if selective else "whole") if mode == "mla" else None
+    return len(layers)
+
+
+def recompute_line(model: nn.Module) -> str:
+    """What ``set_recompute`` turned on in ``model`` (this pipeline rank's layers), for the run's log."""
+    kinds = [m.recompute for m in model.modules() if getattr(m, "recompute", None)]
+    if not kinds:
+        return "recompute: this model has no dense MLA layer (DSA layers recompute their own): nothing is"
+    core = (", and their attention core (the schedule splits backward: each layer's runs twice)"
+            if "whole" in kinds else "")
+    return f"recompute: {len(kinds)} MLA layers' latent norms and up-projections in backward{core}"

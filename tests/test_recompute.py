@@ -1,0 +1,125 @@
+"""DeepSeek-V3's recomputation of the MLA up-projections (``flyer.model.recompute``, ``flyer train --recompute
+mla``): the same loss and gradients bit for bit, in every precision, with and without a query LoRA, on packed rows;
+what one forward keeps alive (``flyer.parallel.memory.held_bytes``: the storages its ops made that are still alive,
+which sees what the checkpoint keeps outside autograd's hooks, ``saved_bytes``) loses at least the per-head q, k and
+v the estimate leaves out; a run resumed with it on trains the same steps as one without."""
+
+import pytest
+import torch
+from test_run_safety import steps_logged, train_argv
+
+from flyer.cli import main
+from flyer.config import preset
+from flyer.fp8 import convert_to_fp8
+from flyer.model.recompute import set_recompute
+from flyer.model.transformer import Transformer
+from flyer.parallel.memory import activation_bytes, held_bytes, saved_bytes
+from flyer.train.metrics import read_metrics
+
+B, T = 2, 64
+
+
+def _step(model, precision, tokens, docs):
+    """(loss, every gradient, bytes autograd keeps beside the parameters) of one training step."""
+    ctx = torch.autocast("cpu", torch.bfloat16, enabled=precision != "fp32")
+    model.zero_grad(set_to_none=True)
+    with ctx:
+        kept = held_bytes(lambda: model.compute_loss(tokens, tokens, documents_BT=docs), model)
+    with ctx:
+        loss = model.compute_loss(tokens, tokens, documents_BT=docs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, kept
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
+@pytest.mark.parametrize("over", [{}, {"q_lora_rank": 0}, "packed"])
+def test_recompute_keeps_every_gradient_and_drops_the_per_head_qkv(precision, over):
+    packed = over == "packed"
+    cfg = preset("tiny").replace(**({} if packed else over))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    if precision == "fp8":
+        convert_to_fp8(model)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    docs = torch.arange(T).div(24, rounding_mode="floor").expand(B, T).contiguous() if packed else None
+    assert set_recompute(model, "none") == cfg.n_layers + cfg.mtp_depth
+    loss, grads, kept = _step(model, precision, tokens, docs)
+    set_recompute(model, "mla")
+    loss2, grads2, kept2 = _step(model, precision, tokens, docs)
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision != "fp32"):
+        hooked = saved_bytes(lambda: model.compute_loss(tokens, tokens, documents_BT=docs), model)
+    assert hooked < kept2  # the checkpoint keeps its inputs and the attention's outputs out of the hooks' sight
+    assert torch.equal(loss, loss2) and grads.keys() == grads2.keys()
+    assert all(torch.equal(grads[n], grads2[n]) for n in grads), [n for n in grads if not torch.equal(grads[n],
+                                                                                                       grads2[n])]
+    # SDPA keeps q, k and v (v padded to q's width, 48 > 32) in the compute dtype: none of them is kept now
+    element = 4 if precision == "fp32" else 2
+    qkv = B * T * cfg.n_heads * 3 * cfg.qk_head_dim * element * (cfg.n_layers + cfg.mtp_depth)
+    assert kept - kept2 >= qkv, (kept, kept2, qkv)
+
+
+def test_the_estimate_saves_no_more_than_recompute_does():
+    """The estimate with ``recompute="mla"`` stays under what one FP32 forward keeps, and what it takes off per
+    token (the MLA layers' q, k, v) is at most what the measurement loses per token (batch 2 less batch 1)."""
+    cfg = preset("tiny")
+    tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    measured, estimated = {}, {}
+    for mode in ("none", "mla"):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        set_recompute(model, mode)
+        measured[mode] = [held_bytes(lambda: model.compute_loss(tokens[:b], tokens[:b]), model) for b in (1, 2)]
+        estimated[mode] = [activation_bytes(cfg, 1, 0, "1f1b", T, b, "fp32", recompute=mode) for b in (1, 2)]
+        assert all(e <= m for e, m in zip(estimated[mode], measured[mode]))
+    slope = {k: {m: v[m][1] - v[m][0] for m in v} for k, v in (("measured", measured), ("estimated", estimated))}
+    dropped = slope["estimated"]["none"] - slope["estimated"]["mla"]
+    assert dropped == T * cfg.n_heads * (2 * cfg.qk_head_dim + cfg.v_head_dim) * 4 * (cfg.n_layers + cfg.mtp_depth)
+    assert slope["measured"]["none"] - slope["measured"]["mla"] >= dropped
+
+
+def test_a_run_resumed_with_recompute_trains_the_same_steps(tmp_path, data_cache, capsys):
+    """Two steps without, two resumed with ``--recompute mla`` (a memory choice: free on a resume): the losses of
+    all four are those of a run without it, bit for bit."""
+    assert main(train_argv(tmp_path / "plain", data_cache)) == 0
+    argv = train_argv(tmp_path / "mixed", data_cache)
+    at = argv.index("--steps") + 1
+    assert main([*argv[:at], "2", *argv[at + 1:]]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--recompute", "mla"]) == 0
+    assert "recompute: 5 MLA layers' latent norms and up-projections in backward" in capsys.readouterr().err
+    losses = [[(r["step"], r["loss"]) for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+              for run in ("plain", "mixed")]
+    assert losses[0] == losses[1] and steps_logged(tmp_path / "mixed") == [1, 2, 3, 4]
+
+
+def test_an_unknown_recompute_is_one_line(tmp_path, data_cache, capsys):
+    assert main(train_argv(tmp_path, data_cache, "--recompute", "full")) == 2
+    assert capsys.readouterr().err.strip() == "flyer: error: --recompute: must be one of none, mla (got 'full')"
+
+
+def test_a_split_backward_recomputes_the_whole_region_and_keeps_every_gradient():
+    """Zero-bubble and DualPipeV split backward into the input gradients, then the weights' (``torch.distributed.
+    pipelining``'s ``stage_backward_input`` / ``_weight``): each region's backward runs twice, which the selective
+    checkpoint refuses; the whole-region form (the trainer's under those schedules) gives every gradient bit for
+    bit. Here the split is the embedding output's gradient first (kept graph), then the parameters'."""
+    cfg = preset("tiny")
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+
+    def split(mode, selective=True):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        set_recompute(model, mode, selective=selective)
+        seen = []
+        model.embed.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        loss = model.compute_loss(tokens, tokens).loss
+        (d_input,) = torch.autograd.grad(loss, seen[0], retain_graph=True)
+        loss.backward()
+        return d_input, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    d_input, grads = split("none")
+    d_input2, grads2 = split("mla", selective=False)
+    assert torch.equal(d_input, d_input2) and grads.keys() == grads2.keys()
+    assert all(torch.equal(grads[n], grads2[n]) for n in grads)
+    with pytest.raises(RuntimeError, match="backward an extra time"):
+        split("mla")
