@@ -61,6 +61,11 @@ class GenerationConfig(LogitAdjustments):
                                              f"(got {self.draft_tokens})", ("max_new_tokens",))
         if self.seed is not None and not 0 <= self.seed < 1 << 64:
             raise FieldError("seed", f"must be in [0, 2**64) (got {self.seed})")
+        if self.eos_id is not None and (isinstance(self.eos_id, bool) or not isinstance(self.eos_id, int)):
+            raise FieldError("eos_id", f"must be one token id (an int) or None; more ids that end a row go in "
+                                       f"{{stop_ids}} (got {self.eos_id!r})", ("stop_ids",))
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in self.stop_ids):
+            raise FieldError("stop_ids", f"must be token ids, ints (got {self.stop_ids!r})")
         if self.attention not in ATTENTION_MODES:
             raise FieldError("attention", f"must be one of {', '.join(ATTENTION_MODES)} (got {self.attention!r})")
         SamplingParams(self.temperature, self.top_p)
@@ -282,6 +287,29 @@ def _mtp_pass(dec: Decoder, h: torch.Tensor, prompts: Sequence[Sequence[int]], a
             carry[b] = h[b, e[b] - a[b] - 1].clone()
 
 
+def prompt_lists(prompts) -> list[list[int]]:
+    """``prompts`` as lists of ints: a list of token-id lists (or 1-D tensors), or a (B, T) integer tensor;
+    ``TypeError`` naming anything else (a flat list of ids, text, floats)."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.is_floating_point() or prompts.is_complex():
+            raise TypeError(f"prompts: a (B, T) integer tensor or a list of token-id lists (got a {prompts.dim()}-D "
+                            f"{prompts.dtype} tensor)")
+        return prompts.tolist()
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts: a list of token-id lists (got {type(prompts).__name__}; encode text first)")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = p.tolist() if isinstance(p, torch.Tensor) and p.dim() == 1 else p
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise TypeError(f"prompts[{i}]: a list of token ids (got {type(p).__name__}; one prompt goes in a list "
+                            "of its own, [ids])")
+        bad = next((t for t in ids if isinstance(t, (bool, float)) or not hasattr(t, "__index__")), None)
+        if bad is not None:
+            raise TypeError(f"prompts[{i}]: token ids are ints (got {bad!r})")
+        out.append([t.__index__() for t in ids])
+    return out
+
+
 def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -314,13 +342,25 @@ def cache_length(prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> int
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]],
              gen: GenerationConfig | None = None) -> GenerationResult:
-    """Generate up to ``gen.max_new_tokens`` tokens after each prompt (lists of token ids)."""
+    """Generate up to ``gen.max_new_tokens`` tokens after each prompt (lists of token ids). A row ends at one of
+    ``gen.stops()`` (none by default: pass the tokenizer's, ``eos_id=tok.eos_id(), stop_ids=tok.eos_ids()``). The
+    model runs in eval mode and is handed back in the mode it came in (sampling amid training leaves it training)."""
     gen = gen or GenerationConfig()
+    if not isinstance(gen, GenerationConfig):
+        raise TypeError(f"gen: a GenerationConfig (got {type(gen).__name__}: GenerationConfig(**fields) from a dict)")
     gen.validate()
+    prompts = prompt_lists(prompts)
     _check_prompts(model, prompts, gen)
     check_hybrid_flags(model.cfg, gen.prefix_cache, None if gen.prefix_cache is None else gen.prefix_cache.block_size)
     check_fp8_cache_flags(model.cfg, gen.cache_dtype, gen.attention)
-    model.eval()
+    training = model.training
+    try:
+        return _generate(model.eval(), prompts, gen)
+    finally:
+        model.train(training)
+
+
+def _generate(model: Transformer, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> GenerationResult:
     params = SamplingParams(gen.temperature, gen.top_p)
     spec = gen.speculative == "mtp"
     K = gen.draft_tokens if spec else 0

@@ -32,6 +32,7 @@ from flyer.model.indexer_loss import indexer_kl, per_document_loss
 from flyer.model.lowp import Linear, scaled_dot_product_attention
 from flyer.model.norm import RMSNorm
 from flyer.model.recompute import recomputed
+from flyer.model.transient import Transients
 from flyer.model.rope import apply_rope
 
 # The latent RMSNorms use 1e-6 whatever rms_norm_eps says: DeepSeek's reference and transformers do.
@@ -151,11 +152,13 @@ class Selection:
         return self.groups.setdefault(i, Selection())
 
 
-class MLA(nn.Module):
+class MLA(Transients, nn.Module):
     """Multi-head latent attention of block ``layer_id``; with DSA its own ``indexer``, or (``shares_selection``:
     a GLM-5 "shared" layer) none, attending to the selection a ``Selection`` hands it. ``index_row``: the layer's
     row among a decode cache's indexer keys (``flyer.infer.cache``: full layers only; an MTP block's own cache
     has one row)."""
+
+    TRANSIENT = ("index_loss",)
 
     def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()

@@ -43,6 +43,7 @@ from flyer.model.hybrid_chunks import (Gathered, chunked_attention, entry_picks,
 from flyer.model.hybrid_indexer_loss import csa_indexer_kl
 from flyer.model.indexer_loss import per_document_loss
 from flyer.model.lowp import Linear, as_dtype
+from flyer.model.transient import Transients
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
 
@@ -164,10 +165,12 @@ class Indexer(nn.Module):
         return select_topk(scores, visible_TN.expand_as(scores), self.topk)
 
 
-class HybridAttention(nn.Module):
+class HybridAttention(Transients, nn.Module):
     """DeepSeek-V4 attention of layer ``layer_id``, by ``cfg.compress_ratios[layer_id]``: 0 = sliding window
     only, ``csa_ratio`` = CSA, any other r > 0 = HCA (see the module docstring); an MTP block's (``n_layers``
     onward) attends by the window only, as DeepSeek-V4's (``flyer.model.counts.compress_ratio``)."""
+
+    TRANSIENT = ("index_loss",)
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()

@@ -23,6 +23,7 @@ from flyer.model.dispatch import Dispatcher, LocalDispatcher
 from flyer.model.experts import Experts, swiglu
 from flyer.model.init import init_deferred
 from flyer.model.lowp import Linear, as_dtype, gemm_dtype
+from flyer.model.transient import Transients
 
 
 _FIXED_SHAPES: contextvars.ContextVar[bool] = contextvars.ContextVar("fixed_shapes", default=False)
@@ -123,6 +124,14 @@ class Gate(nn.Module):
         if not init_deferred():
             self.reset_parameters()
 
+    def _apply(self, fn, recurse: bool = True):
+        """As ``nn.Module._apply``, the balancing bias kept FP32 whatever dtype the model moves to (as checkpoints
+        store it): its updates of ``bias_update_speed`` (1e-3) are below BF16's resolution past 0.25."""
+        super()._apply(fn, recurse)
+        if self.bias is not None and self.bias.is_floating_point() and self.bias.dtype != torch.float32:
+            self.bias = self.bias.float()
+        return self
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """N(0, init_std) router weights; the balancing bias is left alone. A hash table gets K distinct random
@@ -177,7 +186,7 @@ class Gate(nn.Module):
         return choice.topk(cfg.n_activated_experts, dim=-1).indices
 
 
-class MoE(nn.Module):
+class MoE(Transients, nn.Module):
     """Shared experts + routed experts. The dispatcher moves routed token copies to the experts
     (locally, ``flyer.model.dispatch``, or across ranks, ``flyer.parallel.dispatch``) and combines
     the weighted outputs back.
@@ -194,6 +203,8 @@ class MoE(nn.Module):
 
     ``hash_routed``: the gate routes by token id (``Gate``), so ``forward`` needs the token ids.
     """
+
+    TRANSIENT = ("aux_loss",)
 
     def __init__(self, cfg: ModelConfig, dispatcher: Dispatcher | None = None, experts_impl: str = "auto",
                  fuse_local: bool = True, hash_routed: bool = False):

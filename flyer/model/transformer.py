@@ -238,6 +238,10 @@ class Transformer(OutputHeads, nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Every weight as a fresh model's, and every buffer (router biases, expert loads) zero, as a fresh model's
+        start: a model built on the meta device and moved with ``to_empty`` holds uninitialised memory there."""
+        for b in self.buffers():
+            b.zero_()
         for m in self.modules():
             init_module(m, self.cfg.init_std, generator)
 

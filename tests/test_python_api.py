@@ -1,0 +1,96 @@
+"""flyer used as a library, the way a researcher's own loop uses it: a model copied for an EMA or a best-model
+snapshot after training steps, sampled from amid training, built on the meta device, cast to BF16; ``generate``
+given what users pass it (a token tensor, the HF list form of an EOS id, a dict, a flat list of ids)."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from flyer.config import preset
+from flyer.errors import FieldError
+from flyer.infer.generate import GenerationConfig, generate
+from flyer.model.moe import Gate
+from flyer.model.transformer import Transformer
+
+CFG = preset("tiny")
+TOKENS = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_model_trained_a_step_deep_copies_and_saves():
+    """Each MoE layer kept its balance loss, a tensor of the step's graph: ``copy.deepcopy`` refused the model
+    ("Only Tensors created explicitly by the user ... support the deepcopy protocol") after any training forward,
+    the eval model too. Copies and pickles now leave such losses out; the original keeps them."""
+    model = Transformer(CFG)
+    model.compute_loss(TOKENS, TOKENS).loss.backward()
+    model.eval()
+    twin = copy.deepcopy(model)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert [m.aux_loss for m in twin.modules() if hasattr(m, "aux_loss")] == [None] * CFG.n_layers
+    assert any(getattr(m, "aux_loss", None) is not None for m in model.modules())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert torch.equal(back(TOKENS), model(TOKENS))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_hands_the_model_back_in_its_mode(training):
+    """Sampling amid training left the model in eval mode: every later step ran without the balance loss and the
+    expert-load counts."""
+    model = Transformer(CFG).train(training)
+    generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=2))
+    assert model.training is training and all(m.training is training for m in model.modules())
+
+
+def test_generate_takes_a_token_tensor_and_refuses_what_is_no_batch_of_ids():
+    model = Transformer(CFG)
+    gen = GenerationConfig(max_new_tokens=3)
+    assert generate(model, TOKENS[:, :5], gen).tokens == generate(model, TOKENS[:, :5].tolist(), gen).tokens
+    for prompts, said in (([1, 5, 7], "prompts[0]: a list of token ids (got int; one prompt goes in a list"),
+                          ("hello", "prompts: a list of token-id lists (got str; encode text first)"),
+                          ([[1.0, 5.5]], "prompts[0]: token ids are ints (got 1.0)"),
+                          (torch.tensor([1, 2]), "prompts: a (B, T) integer tensor or a list of token-id lists")):
+        with pytest.raises(TypeError, match=said.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            generate(model, prompts, gen)
+    with pytest.raises(TypeError, match="gen: a GenerationConfig"):
+        generate(model, [[1, 2]], {"max_new_tokens": 3})
+
+
+def test_an_eos_id_list_is_refused_not_ignored():
+    """``eos_id=[2]``, the list form of Hugging Face configs, never stopped a row (no id equals a list)."""
+    model = Transformer(CFG)
+    with pytest.raises(FieldError, match=r"eos_id: must be one token id .* go in stop_ids \(got \[2\]\)"):
+        generate(model, [[1, 2]], GenerationConfig(eos_id=[2]))
+    with pytest.raises(FieldError, match="stop_ids: must be token ids"):
+        generate(model, [[1, 2]], GenerationConfig(stop_ids=(2.0,)))
+
+
+def test_a_model_built_on_meta_and_initialised_is_a_fresh_one():
+    """``to_empty`` leaves every buffer uninitialised memory; ``init_weights`` set the weights only, so the router
+    biases held whatever was there (-9.4e27 seen) and routing was garbage. It is the fresh model now, buffers too."""
+    fresh = Transformer(CFG)
+    torch.manual_seed(3)
+    fresh.init_weights()  # the constructor's own init, with the RNG where the meta model's starts
+    with torch.device("meta"):
+        model = Transformer(CFG)
+    model.to_empty(device="cpu")
+    for b in model.buffers():
+        b.fill_(float("nan")) if b.is_floating_point() else b.fill_(7)
+    torch.manual_seed(3)
+    model.init_weights()
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.buffers(), model.buffers()))
+
+
+def test_a_model_cast_to_bf16_keeps_its_router_bias_fp32():
+    """``.to(torch.bfloat16)`` cast the balancing bias too: at 0.5, BF16's step is 2**-8, so updates of
+    ``bias_update_speed`` (1e-3) up were lost (0.5 + 0.001 rounds back to 0.5)."""
+    model = Transformer(CFG).to(torch.bfloat16)
+    gates = [m for m in model.modules() if isinstance(m, Gate) and m.bias is not None]
+    assert gates and all(g.bias.dtype == torch.float32 and g.weight.dtype == torch.bfloat16 for g in gates)
+    assert all("bias" in dict(g.named_buffers()) for g in gates)
+    gates[0].bias.fill_(0.5).add_(1e-3)
+    assert gates[0].bias[0].item() != 0.5
