@@ -94,3 +94,13 @@ def test_a_model_cast_to_bf16_keeps_its_router_bias_fp32():
     assert all("bias" in dict(g.named_buffers()) for g in gates)
     gates[0].bias.fill_(0.5).add_(1e-3)
     assert gates[0].bias[0].item() != 0.5
+
+
+def test_the_readmes_python_example_runs():
+    """The README's "From Python" block, as written (a tiny model: seconds)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"## From Python\n.*?```python\n(.*?)```", readme, re.S)
+    exec(compile(block, "README.md", "exec"), {})
