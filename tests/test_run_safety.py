@@ -308,6 +308,41 @@ def test_a_plot_stopped_while_drawn_leaves_the_old_one_whole(tmp_path, monkeypat
     assert path.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["loss.png"]
 
 
+def test_each_rank_resumes_only_the_checkpoint_rank_0_verified(tmp_path, data_cache, monkeypatch):
+    """Only rank 0 chose and verified the checkpoint; another node's copy of it (its own disk) was loaded unchecked:
+    a damaged one trained on silently, one of another step resumed that rank at another step (mismatched
+    collectives, then "another rank stopped answering"). A copy with another manifest is refused now, and the first
+    rank on a copy of its own verifies its checksums; a rank reading rank 0's very files does not hash them again."""
+    Trainer(tc_for(tmp_path / "run", data_cache), log=quiet).run()
+    root = tmp_path / "run" / "checkpoints"
+    ours = root / "step_00000004"
+
+    class Rank1:
+        rank, world = 1, 2
+
+    def views(theirs):
+        return [training_state._view(ours), training_state._view(theirs)]
+
+    hashed = []
+    monkeypatch.setattr(training_state, "verify_checkpoint", lambda p: hashed.append(p) or ckpt.verify_checkpoint(p))
+    training_state.same_checkpoint(ours, Rank1, views(ours))  # the same files: trusted
+    assert hashed == []
+    other = tmp_path / "node1" / "step_00000004"
+    shutil.copytree(root / "step_00000002", other)
+    with pytest.raises(CheckpointError, match="rank 1's copy is not rank 0's .another manifest"):
+        training_state.same_checkpoint(other, Rank1, views(other))
+    shutil.rmtree(other)
+    shutil.copytree(ours, other)
+    training_state.same_checkpoint(other, Rank1, views(other))  # an intact copy: verified, and taken
+    assert hashed == [other]
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        training_state.same_checkpoint(other, Rank1, views(other))
+
+
 def test_a_metrics_log_that_is_a_directory_is_one_line(tmp_path, data_cache, capsys):
     assert main(train_argv(tmp_path, data_cache)) == 0
     capsys.readouterr()
@@ -491,7 +526,11 @@ def test_collective_timeout_is_a_flag_with_a_default(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_stopped_rank_is_named_after_the_collective_timeout(tmp_path, data_cache):
+@pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL])
+def test_a_stopped_rank_is_named_after_the_collective_timeout(tmp_path, data_cache, how):
+    """A rank that stops answering (SIGSTOP) is named once the collective timeout passes; one that dies (SIGKILL:
+    its connections close) at once, in one line, where the survivor printed gloo's trace ("Connection reset by
+    peer")."""
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flyer",
             *train_argv(run, data_cache, "--steps", "400", "--ep", "2", "--collective-timeout", "4",
@@ -506,7 +545,7 @@ def test_a_stopped_rank_is_named_after_the_collective_timeout(tmp_path, data_cac
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
             time.sleep(0.05)
         rank1 = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_rank(int(pid), 1, run))
-        os.kill(rank1, signal.SIGSTOP)
+        os.kill(rank1, how)
         guard.start()
         err = ""
         for line in proc.stderr:  # until rank 0 names the silent rank
@@ -522,8 +561,12 @@ def test_a_stopped_rank_is_named_after_the_collective_timeout(tmp_path, data_cac
         guard.cancel()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the stopped rank, if torchrun left it
-    assert "rank(s) 1 stopped answering" in err, err[-3000:]
-    assert "flyer: error: rank 0: a collective got no answer within 4 s" in err
+    if how == signal.SIGSTOP:
+        assert "rank(s) 1 stopped answering" in err, err[-3000:]
+        assert "flyer: error: rank 0: a collective got no answer within 4 s" in err
+    else:
+        assert "flyer: error: rank 0: a collective's connection closed after step" in err, err[-3000:]
+        assert "rank(s) 1 ended (its own lines say why)" in err and "[rank0]: Traceback" not in err
 
 
 def _is_rank(pid: int, rank: int, run: Path) -> bool:

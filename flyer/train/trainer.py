@@ -68,6 +68,16 @@ def _silent(_msg: str) -> None:
 PLOTS = ("loss.png", "expert_load.png")  # drawn at a run's end (``Trainer._plots``)
 
 
+def collective_failure(message: str) -> str | None:
+    """How a collective failed, from its backend's error: "timeout", "closed" (the peer's connection reset or
+    closed: it ended), or None (something else)."""
+    if re.search(r"tim(ed )?out", message, re.I):
+        return "timeout"
+    if re.search(r"connection (reset|closed) by peer|broken pipe|connection refused", message, re.I):
+        return "closed"
+    return None
+
+
 class Trainer:
     """Trains ``tc`` (validated here): ``run()`` for the whole loop, or ``train_step()`` /
     ``evaluate()`` / ``save()`` one at a time. ``log``: one-line messages, called on rank 0 only."""
@@ -581,18 +591,23 @@ class Trainer:
 
     @contextlib.contextmanager
     def _collective_timeouts(self):
-        """A collective that timed out becomes a ``TrainingError`` naming the ranks that stopped
-        answering (their heartbeat stands still, ``Mesh.silent_ranks``)."""
+        """A collective that timed out, or whose peer's connection closed (a rank that died: killed, out of
+        memory), becomes a one-line ``TrainingError`` naming the ranks that stopped answering (their heartbeat
+        stands still, ``Mesh.silent_ranks``), not the backend's trace."""
         self.mesh.start_heartbeat()
         try:
             yield
         except TrainingError:
             raise
         except RuntimeError as e:
-            if self.mesh.world == 1 or not re.search(r"tim(ed )?out", str(e), re.I):
+            how = collective_failure(str(e))
+            if self.mesh.world == 1 or how is None:
                 raise
             silent = self.mesh.silent_ranks()
             who = f"rank(s) {', '.join(map(str, silent))}" if silent else "another rank"
+            if how == "closed":
+                raise TrainingError(f"rank {self.mesh.rank}: a collective's connection closed after step "
+                                    f"{self.step}: {who} ended (its own lines say why)") from None
             raise TrainingError(f"rank {self.mesh.rank}: a collective got no answer within "
                                 f"{self.tc.collective_timeout_s:g} s (the collective timeout) after step {self.step}: "
                                 f"{who} stopped answering") from None

@@ -4,11 +4,13 @@ process layout (world, pp, dp, ep, zero) where the optimizer state was saved who
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +28,8 @@ from flyer.parallel.optim_state import (INDEX_FILE, OPTIMIZER_FILE, full_optimiz
                                         write_optimizer_part)
 from flyer.train.checkpoint import (WEIGHTS_FILE, WEIGHTS_INDEX, check_model_weights, fsync_file, load_model_weights,
                                     read_tensors, read_torch, read_weights, save_checkpoint, save_tensors, saved_layout,
-                                    sha256_file, step_dir_name, temporary_dir, weight_files, weights_part_name)
+                                    sha256_file, step_dir_name, temporary_dir, verify_checkpoint, weight_files,
+                                    weights_part_name)
 
 _PROBE = ".shared"  # in a save's temporary directory while the ranks check that they all see it
 
@@ -258,7 +261,9 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
     of the files, so the ranks agree before returning: one that failed fails every rank, the others naming it (not
     a peer's closed connection at their next collective)."""
     failed: Exception | None = None
+    views = mesh.broadcast_object(mesh.gather_object(_view(path)))
     try:
+        same_checkpoint(path, mesh, views)
         state = _load_training(path, model, optimizer, sampler, mesh, cfg, layout)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError,
             SafetensorError, OSError) as e:  # a DataError (the sampler's) and a ConfigError are ValueErrors too
@@ -271,6 +276,32 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
     if first is not None:
         raise CheckpointError(f"rank {first[0]} could not resume: {first[1]}")
     return state
+
+
+def _view(path: Path) -> tuple[str, str, int, int] | None:
+    """(host, manifest digest, device, inode) of this rank's view of checkpoint ``path``'s manifest; None if
+    unreadable."""
+    try:
+        st = (path / "manifest.json").stat()
+        digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return socket.gethostname(), digest, st.st_dev, st.st_ino
+
+
+def same_checkpoint(path: Path, mesh, views: list) -> None:
+    """``CheckpointError`` unless this rank's copy of ``path`` is the one rank 0 verified: the same manifest (the
+    same step and files), and, where it is another file than rank 0's (another node's disk, a copy), its files
+    verified here too, by the first rank that sees that copy (``views``: every rank's ``_view``). Only rank 0 chose
+    and verified the checkpoint; a node's own copy, damaged or of another step, was read unchecked."""
+    mine = views[mesh.rank]
+    if mine is None:
+        raise CheckpointError(f"checkpoint {path}: rank {mesh.rank} cannot read its manifest.json")
+    if views[0] is not None and mine[1] != views[0][1]:
+        raise CheckpointError(f"checkpoint {path}: rank {mesh.rank}'s copy is not rank 0's (another manifest: "
+                              "another step or run): every rank must read the same checkpoint")
+    if mesh.rank and views.index(mine) == mesh.rank and (mine[0], mine[2:]) != (views[0][0], views[0][2:]):
+        verify_checkpoint(path)  # the first rank on a copy of its own checks its files' checksums
 
 
 def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig, layout: dict | None) -> dict:
