@@ -67,6 +67,11 @@ def _worker(rank: int) -> dict:
                     dist.all_reduce(t)
                     totals[phase] = dict(zip(sorted(c), t.tolist()))
                 out[scenario, kind, fp8] = dict(y=y, gx=gx, gw=gw, totals=totals)
+    for kind in ("flat", "hierarchical"):  # BF16 expert outputs, the default wire dtypes (as a BF16 run's)
+        disp = make_dispatcher(kind, E, mesh)
+        x, ids, w = _routing("random", rank)
+        y, gx, gw = _run(disp, x.bfloat16(), ids, w)
+        out["bf16", kind] = dict(y=y, gx=gx, gw=gw, totals={p: dict(c) for p, c in disp.counter.phases.items()})
     dist.destroy_process_group()
     return out
 
@@ -146,3 +151,30 @@ def test_traffic_counters_are_exact(scenario):
     if scenario == "random":  # K = 4 of 16 experts, 4 per rank: tokens share ranks, copies do not cross twice
         assert exp["hierarchical"]["intra"] + exp["hierarchical"]["inter"] < exp["flat"]["intra"] + exp["flat"]["inter"]
     assert pairs_all >= pairs_remote
+
+
+def test_bf16_expert_outputs_cross_in_bf16_until_summed():
+    """Under BF16 autocast the experts' outputs are BF16, but flat's combine sent them as FP32 (its local sort
+    stage widened them first: twice DeepEP's combine bytes, each way). Copies now travel in their own dtype, as
+    DeepEP's BF16 combine, which is exact; hierarchical's sums (its weighted partial sums per rank and node) stay
+    FP32, keeping one process the oracle (DeepEP rounds them to BF16). The values are the local dispatcher's."""
+    parts = [_routing("random", r) for r in range(WORLD)]
+    x, ids, w = (torch.cat(p) for p in zip(*parts))
+    want = _run(LocalDispatcher(E), x.bfloat16(), ids, w)
+    sizes = [p[0].shape[0] for p in parts]
+    for kind in ("flat", "hierarchical"):
+        for rank, res in enumerate(_results()):
+            r = res["bf16", kind]
+            y, gx, gw = (t.split(sizes)[rank] for t in want)
+            torch.testing.assert_close(r["y"], y, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(r["gw"], gw, rtol=1e-5, atol=1e-5)
+            # x's gradient sums its K copies': in BF16 here (index_select's backward), in FP32 then rounded once
+            # there; K roundings of at most half a BF16 step (2**-9 relative) of partial sums about the gradient's size
+            assert r["gx"].dtype == torch.bfloat16 and r["y"].dtype == torch.float32
+            torch.testing.assert_close(r["gx"].float(), gx.float(), rtol=0, atol=K * 2**-9 * gx.float().abs().max())
+            # combine retraces dispatch's route, as the dispatch gradients do: BF16 rows (the inputs' and their
+            # gradients') there, so the bytes a rank sends compare row for row
+            sent = {p: c["intra_node_bytes"] + c["inter_node_bytes"] for p, c in r["totals"].items()}
+            wide = 1 if kind == "flat" else 2  # hierarchical's partial sums: FP32 both ways
+            assert sent["combine"] == wide * sent["dispatch_grad"] > 0, (kind, rank, sent)
+            assert sent["combine_grad"] == wide * sent["dispatch"] > 0, (kind, rank, sent)

@@ -11,9 +11,11 @@ Every MoE layer moves its routed token copies through a dispatcher (torchtitan-s
 hierarchical, live in ``flyer.parallel.dispatch``. ``DISPATCHER_KINDS`` names all of them.
 
 Wire formats (``flyer.model.wire``): dispatch moves rows in the input dtype, or FP8 with
-``fp8=True``. Combine moves rows in ``combine_dtype`` (BF16 by default when ``fp8=True``, else the
-expert output dtype) and sums in FP32; gradients travel in the same dtype. ``LocalDispatcher``
-applies the same roundings, so that one process is the oracle for the exchanging dispatchers.
+``fp8=True``. Combine moves rows in ``combine_dtype`` (BF16 by default when ``fp8=True``), else the expert
+outputs in their own dtype and the hierarchical dispatcher's weighted partial sums in FP32 (DeepEP rounds those
+to BF16), and sums in FP32; gradients travel in the same dtype. ``LocalDispatcher`` applies the same roundings,
+so that one process is the oracle for the exchanging dispatchers (but for hierarchical's partial sums under a
+``combine_dtype``, which it cannot place: within that dtype's rounding).
 """
 
 from __future__ import annotations

@@ -312,11 +312,14 @@ class _ExchangeDispatcher:
         sum over k of weights_TK[t, k] * expert_k(x_t)."""
         w = self._fan_out_weights(weights_TK.float(), plan)
         buf, D = y_ND, y_ND.shape[1]
+        copies = True  # the rows are the expert outputs as they are (permuted) until the weighted sum
         for st in reversed(plan.stages):
-            if st.group is not None:
-                buf = AllToAll.apply(buf.to(self.combine_dtype or buf.dtype), st, True, self.counter, "combine")
+            if st.group is not None:  # copies travel in their own dtype (BF16 under autocast: exact), sums in FP32
+                wire = self.combine_dtype or (y_ND.dtype if copies else buf.dtype)
+                buf = AllToAll.apply(buf.to(wire), st, True, self.counter, "combine")
             if st.slot is not None:
                 buf = weighted_sum(buf, w[st.slot].unsqueeze(1), st.index, st.n_in)
+                copies = False
             else:
                 buf = buf.new_zeros(st.n_in, D, dtype=torch.float32).index_add(0, st.index, buf.float())
         return buf
