@@ -21,7 +21,7 @@ import sys
 import warnings
 
 from flyer.cluster import cli as cluster_cli
-from flyer.errors import CheckpointError, ConfigError, FieldError, UserError
+from flyer.errors import CheckpointError, ConfigError, FieldError, UserError, print_error
 from flyer.infer import cli as infer_cli
 from flyer.interop import export
 from flyer.model import info
@@ -168,7 +168,7 @@ def run(argv: list[str] | None) -> int:
         check_paths(args)
         rc = args.func(args)
     except (ConfigError, UserError, CheckpointError, FileNotFoundError, PermissionError) as e:  # a path the user gave
-        print(f"flyer: error: {error_line(e, flags(parser, args))}", file=sys.stderr)
+        print_error(error_line(e, flags(parser, args)), e)
         return 2
     except KeyboardInterrupt:
         print("flyer: interrupted", file=sys.stderr)

@@ -12,9 +12,29 @@ Library code names fields, never flags: ``FieldError("gpus", "must be >= 1 (got 
 (``--gpus: must be >= 1 (got 0)``), and so the other fields a problem names, written ``{field}`` and listed
 in ``also`` (``FieldError("dpo", "needs {init}", ("init",))``: ``--dpo: needs --init``). ``UserError`` is for
 command modules, whose messages may name flags themselves.
+
+An error every rank of a parallel run raises alike (``every_rank``) is printed by rank 0 alone (``print_error``).
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+
+def every_rank(e: BaseException) -> BaseException:
+    """``e``, marked as raised alike on every rank of the job: ``print_error`` says it on rank 0 only."""
+    e.every_rank = True
+    return e
+
+
+def print_error(line: str, e: BaseException | None = None) -> None:
+    """``flyer: error: LINE`` on stderr, in one write (ranks sharing a terminal do not run their lines together);
+    on a rank other than 0 not for an error ``every_rank`` marked (one line per job, not one per rank)."""
+    if e is not None and getattr(e, "every_rank", False) and os.environ.get("RANK", "0") != "0":
+        return
+    sys.stderr.write(f"flyer: error: {line}\n")
+    sys.stderr.flush()
 
 
 class ConfigError(ValueError):

@@ -569,6 +569,21 @@ def test_a_stopped_rank_is_named_after_the_collective_timeout(tmp_path, data_cac
         assert "rank(s) 1 ended (its own lines say why)" in err and "[rank0]: Traceback" not in err
 
 
+@pytest.mark.slow
+def test_an_error_every_rank_raises_is_said_once(tmp_path, data_cache):
+    """A resume whose only checkpoint is corrupt fails on every rank alike: each printed the line (hundreds of
+    copies on a cluster, and two ranks' lines could run together). Rank 0 alone says it now, in one write."""
+    run = tmp_path / "run"
+    assert main(train_argv(run, data_cache, "--steps", "2")) == 0
+    weights = run / "checkpoints" / "step_00000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flyer",
+            *train_argv(run, data_cache, "--steps", "4", "--resume")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=300)
+    lines = [line for line in done.stderr.splitlines() if "flyer: error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("flyer: error: none of the 1 checkpoint(s)"), done.stderr[-3000:]
+
+
 def _is_rank(pid: int, rank: int, run: Path) -> bool:
     """Whether process ``pid`` is rank ``rank`` of the flyer run writing to ``run``."""
     try:

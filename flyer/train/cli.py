@@ -10,6 +10,7 @@ import math
 import sys
 
 from flyer.config import PRESETS, ConfigError, FieldError, preset_fields, read_config_sections
+from flyer.errors import print_error
 from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.parse import json_loads
 
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(tc, log=lambda m: print(m, file=sys.stderr, flush=True))
         summary = trainer.run()
     except TrainingError as e:
-        print(f"flyer: error: {e}", file=sys.stderr)
+        print_error(str(e), e)
         return 2
     except FieldError as e:  # a value the config file set, no flag: named as in the file, not as a flag not given
         if args.config and getattr(args, e.field, None) is None and e.field in read_config_sections(args.config)[1]:

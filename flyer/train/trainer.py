@@ -34,7 +34,7 @@ from flyer.data.shards import atomic_write
 from flyer.model.counts import param_counts
 from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, indexer_depths, real_queries,
                                      set_indexer_training)
-from flyer.errors import CheckpointError, FieldError, TrainingError
+from flyer.errors import CheckpointError, FieldError, TrainingError, every_rank
 from flyer.model.moe import counting_only, moe_layers, update_router_bias
 from flyer.model.lowp import precision_note
 from flyer.model.recompute import recompute_line
@@ -147,6 +147,8 @@ class Trainer:
             except (ConfigError, CheckpointError) as e:
                 err = e
         err, start = self.mesh.broadcast_object((err, start))
+        if err is not None and self.mesh.world > 1:
+            every_rank(err)
         if err is not None:
             raise err
         self.precision = resolve_precision(tc.precision, self.device)
@@ -585,9 +587,9 @@ class Trainer:
         """The error that ends a run on ``consecutive_bad`` skipped steps: ``max_bad_steps`` of them, or its last."""
         last = ckpt.newest_valid_checkpoint(self.ckpt_root)[0] if self.rank0 else None
         kept = f"the last checkpoint is {last.name}" if last else "no checkpoint was written"
-        return TrainingError(f"{self.consecutive_bad} consecutive steps with non-finite loss or gradient norm up to "
-                             f"step {self.step}, which is not checkpointed ({kept}); lower the learning rate or "
-                             "check the data")
+        return every_rank(TrainingError(f"{self.consecutive_bad} consecutive steps with non-finite loss or gradient "
+                                        f"norm up to step {self.step}, which is not checkpointed ({kept}); lower the "
+                                        "learning rate or check the data"))  # the ranks' loss is one: rank 0 says it
 
     @contextlib.contextmanager
     def _collective_timeouts(self):

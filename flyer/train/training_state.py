@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from flyer.config import ModelConfig
 from flyer.data.tiktoken_file import TIKTOKEN_FILE
-from flyer.errors import CheckpointError, ConfigError, DataError
+from flyer.errors import CheckpointError, ConfigError, DataError, every_rank
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import load_state_file, weight_part
 from flyer.parallel.optim_state import (INDEX_FILE, OPTIMIZER_FILE, full_optimizer_state, has_saved_state,
@@ -92,9 +92,9 @@ def save_training(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimiz
             shutil.rmtree(temporary_dir(ckpt_root, step), ignore_errors=True)  # the ranks' parts, or the probe's
     why = mesh.broadcast_object(None if failed is None else str(failed))
     if failed is not None:
-        raise failed
+        raise every_rank(failed)
     if why is not None:
-        raise CheckpointError(why)
+        raise every_rank(CheckpointError(why))
     return path
 
 
@@ -272,9 +272,9 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
     every = mesh.gather_object(None if failed is None else str(failed))
     first = mesh.broadcast_object(next(((r, m) for r, m in enumerate(every or []) if m is not None), None))
     if failed is not None:
-        raise failed from None
-    if first is not None:
-        raise CheckpointError(f"rank {first[0]} could not resume: {first[1]}")
+        raise failed from None  # said by this rank
+    if first is not None:  # said by rank 0 for the others
+        raise every_rank(CheckpointError(f"rank {first[0]} could not resume: {first[1]}"))
     return state
 
 
