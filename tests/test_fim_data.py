@@ -127,15 +127,27 @@ def test_shards_hold_each_document_as_psm_with_single_token_markers_and_eos_last
     assert not np.isin(val, ids).any()
 
 
+@pytest.mark.parametrize("given", [False, True], ids=["flyer_bpe", "deepseek_style"])
 @pytest.mark.parametrize("rate", [0.0, 1.0])
-def test_a_special_tokens_text_in_a_document_is_text(tmp_path, rate):
+def test_a_special_tokens_text_in_a_document_is_text(tmp_path, rate, given):
     """A document that writes "<|endoftext|>" or a FIM marker (code about tokenizers, a scraped page) keeps it as
     text: every document has one EOS, its last token, and under FIM each marker once, in PSM order, its pieces
-    decoding to the document (they became control tokens: three EOS in one document, a second HOLE)."""
+    decoding to the document (they became control tokens: three EOS in one document, a second HOLE). Also with a
+    given tokenizer holding the markers as DeepSeek's does, added tokens that are not special, which
+    ``encode_special_tokens`` leaves matched: such documents held marker ids at rate 0 and two HOLEs under FIM."""
     docs = write_corpus(tmp_path / "docs", 12, lines=2)
     for k in range(12):
         (docs / f"doc{k:04d}.txt").write_text(f"x = '<|endoftext|>' {HOLE} and {END}<|endoftext|> doc {k}\n")
-    data = build(docs, tmp_path / "cache", fim_rate=rate, seed=2)
+    kw = {}
+    if given:
+        from tokenizers import AddedToken
+
+        tok = train_bpe((p.read_text() for p in sorted(docs.iterdir())), 300)
+        tok.add_special_tokens(["<|endoftext|>"])
+        tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in (BEGIN, HOLE, END)])
+        (tmp_path / "tokenizer.json").write_text(tok.to_str())
+        kw["tokenizer"] = tmp_path / "tokenizer.json"
+    data = build(docs, tmp_path / "cache", fim_rate=rate, seed=2, **kw)
     tok = data.tokenizer
     ids = [tok.token_to_id(m) for m in (BEGIN, HOLE, END)]
     text = [f"x = '<|endoftext|>' {HOLE} and {END}<|endoftext|> doc {k}\n" for k in range(12)]
@@ -236,8 +248,8 @@ def test_refusals_are_one_line_exit_2(corpus, tmp_path, capsys):
         (["--fim-rate", "0.1", "--data", str(chat), "--tokenizer", str(plain)],
          "--fim-rate: rewrites text documents as fill-in-the-middle; chat data (a .jsonl file) takes none (got 0.1)"),
         (["--fim-rate", "0.1", "--tokenizer", str(plain)],
-         f"--fim-rate: needs a tokenizer holding fill-in-the-middle tokens, each one token (e.g. {BEGIN}, {HOLE}, "
-         f"{END}); {plain} has none"),
+         f"--fim-rate: needs a tokenizer holding one family's three fill-in-the-middle tokens, each one token "
+         f"({BEGIN}, {HOLE}, {END} or <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>); {plain} has no such set"),
     ]:
         assert main(argv(tmp_path / "run", corpus, tmp_path / "cache", *extra)) == 2, extra
         assert last_error(capsys) == f"flyer: error: {words}", extra

@@ -180,3 +180,34 @@ def test_generate_suffix_without_fim_tokens_names_the_flag(capsys):
     assert main(["generate", "--preset", "tiny", "--prompt", "a", "--suffix", "b", "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flyer: error: --suffix: ") and "no fill-in-the-middle tokens" in err and "\n" not in err, err
+
+
+def test_a_marker_or_special_token_the_prompt_spells_is_text(ckpt):
+    """A prompt or suffix that writes a FIM marker, BOS or EOS (editing a tokenizer's source, this repository's
+    ``flyer/data/fim.py``) was encoded with the PSM frame in one pass, so its text became control tokens: a second
+    HOLE or END, an EOS inside the prompt. It is text now, as llama.cpp's /infill reads it: one BOS and one of each
+    marker, the pieces between them decoding to the prompt and suffix; without such text the ids are transformers'
+    (``test_the_engine_receives_the_psm_ids_of_each_prompt``)."""
+    tok = load_tokenizer(ckpt)
+    begin, hole, end = (tok.encode_ids(m, add_special_tokens=False)[0] for m in (DEEPSEEK.begin, DEEPSEEK.hole,
+                                                                                   DEEPSEEK.end))
+    prefix = f"s = '{DEEPSEEK.hole}' + '<s>'\n"
+    suffix = f"t = '{DEEPSEEK.end}</s>'\n"
+    engine, r = _recorded(tok, prompt=prefix, suffix=suffix)
+    (ids,) = engine.prompts
+    controls = [t for t in ids if t in (tok.bos_id(), tok.eos_id(), begin, hole, end)]
+    assert controls == [tok.bos_id(), begin, hole, end] and ids[:2] == [tok.bos_id(), begin] and ids[-1] == end
+    h = ids.index(hole)
+    assert tok.decode(ids[2:h]) == prefix and tok.decode(ids[h + 1:-1]) == suffix
+
+
+def test_a_suffix_past_the_context_is_named_in_the_error(ckpt):
+    """A short prompt with a long suffix was refused as "a 1021-token prompt leaves no room": the count held the
+    suffix and the markers, the message said prompt. It says what the count is now."""
+    tok = load_tokenizer(ckpt)
+    with serving(Api(_Recording(), tok, "tiny-test")) as url:
+        ok = dict(model="tiny-test", prompt="def f():", max_tokens=2)
+        for suffix, field in (("x = 1\n" * LIMITS.max_seq_len, "prompt"), ("x = 1\n", "max_tokens")):
+            resp = httpx.post(url + "/v1/completions", json={**ok, "suffix": suffix, "max_tokens": LIMITS.max_seq_len})
+            err = _error(resp, 400, field)
+            assert "-token FIM prompt (the prompt, suffix and markers)" in err["message"], err

@@ -4,9 +4,9 @@ suffix is written
     BEGIN prefix HOLE suffix END middle
 
 so a left-to-right model learns to write a middle from the text on both sides (DeepSeek-V3 report, section 4.1:
-"Prefix-Suffix-Middle (PSM) framework", applied at the document level before packing at a rate of 0.1, as
-DeepSeek-Coder-V2 did), and serving puts a request's prompt and suffix there and generates the middle (DeepSeek's
-API: FIM completion, ``prompt`` + ``suffix``).
+"Prefix-Suffix-Middle (PSM) framework", applied at the document level before packing at a rate of 0.1;
+DeepSeek-Coder-V2's paper used 0.5), and serving puts a request's prompt and suffix there and generates the middle
+(DeepSeek's API: FIM completion, ``prompt`` + ``suffix``).
 
 The three markers are the tokenizer's own special tokens, named per model family (``FAMILIES``): DeepSeek's
 (V2, V3, Coder: ``<｜fim▁begin｜>``, ``<｜fim▁hole｜>``, ``<｜fim▁end｜>``, in V3's tokenizer 128801, 128800, 128802)
@@ -16,11 +16,13 @@ tokenizer holds; one that holds none cannot do FIM. ``fim_prompt`` is a request'
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import tokenizers
 
+from flyer.data.presplit import presplit_of, set_presplit
 from flyer.errors import FieldError
 
 
@@ -62,13 +64,35 @@ def fim_prompt(tok, prefix: str, suffix: str) -> list[int]:
     completion: DeepSeek's and Qwen's END marker opens the middle (it is in the prompt), the model closes the
     middle with EOS (V3's generation_config: <｜end▁of▁sentence｜>), so no marker is a stop.
 
-    ``tok``: a flyer text tokenizer (``encode_ids``, ``fim_tokens()``: the family its vocabulary holds, or None).
-    ``FieldError`` naming ``suffix`` when it holds none."""
+    The prompt and suffix are text: a marker, BOS or EOS they spell is their characters (``encode_text``), as
+    llama.cpp's /infill reads them and as training encodes documents; transformers, encoding the whole PSM string,
+    would read one as a control token, and so read a different layout (the same ids whenever neither spells one).
+
+    ``tok``: a flyer text tokenizer (``encode_ids``, ``encode_text``, ``fim_tokens()``: the family its vocabulary
+    holds, or None). ``FieldError`` naming ``suffix`` when it holds none."""
     markers = tok.fim_tokens()
     if markers is None:
         raise FieldError("suffix", "this model's tokenizer has no fill-in-the-middle tokens (DeepSeek's "
                                    f"{DEEPSEEK.begin} ... or Qwen's {QWEN.begin} ...): send the prompt without it")
-    return tok.encode_ids(markers.psm(prefix, suffix))
+    frame = tok.encode_ids(markers.psm("", ""))  # [BOS] BEGIN HOLE END, as the checkpoint encodes any prompt
+    hole = frame.index(tok.encode_ids(markers.hole, add_special_tokens=False)[0])
+    return [*frame[:hole], *tok.encode_text(prefix), frame[hole], *tok.encode_text(suffix), *frame[hole + 1:]]
+
+
+def text_tokenizer(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """A copy of ``tok`` that encodes text as text: a special token or FIM marker (``FAMILIES``) a text spells is
+    its characters, not its id, so that only the ids put in on purpose (EOS, the markers of a FIM split or prompt)
+    are controls. ``encode_special_tokens`` does that for special tokens; DeepSeek's tokenizers hold their FIM
+    markers as added tokens that are not special, which it leaves matched, so the copy makes them special first.
+    The copy keeps ``tok``'s ``PreSplit`` (``flyer.data.presplit``)."""
+    d = json.loads(tok.to_str())
+    names = {m for f in FAMILIES for m in (f.begin, f.hole, f.end)}
+    for t in d.get("added_tokens", []):
+        if t.get("content") in names:
+            t["special"] = True
+    out = tokenizers.Tokenizer.from_str(json.dumps(d))
+    out.encode_special_tokens = True
+    return set_presplit(out, presplit_of(tok))
 
 
 def draw_split(n_chars: int, rng: np.random.Generator) -> tuple[int, int]:

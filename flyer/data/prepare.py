@@ -30,14 +30,15 @@ import numpy as np
 import tokenizers
 
 from flyer.data.corpus import CLEAN_VERSION, Document, find_documents, split_documents
-from flyer.data.fim import DEEPSEEK, FimTokens, fim_split, fim_tokens
+from flyer.data.fim import DEEPSEEK, FAMILIES, FimTokens, fim_split, fim_tokens, text_tokenizer
 from flyer.data.presplit import PreSplit, encode_batch, presplit_of, set_presplit
 from flyer.data.shards import VERSION as SHARD_VERSION
 from flyer.data.shards import ShardWriter, TokenShards, atomic_write
 from flyer.data.tokenizer import check_vocab_size, ensure_eos, load_tokenizer, tokenizer_bytes, train_bpe
 from flyer.errors import DataError, FieldError
 
-PIPELINE_VERSION = 2  # 2: a special token's text in a document is text (FIM markers and EOS inserted as ids)
+PIPELINE_VERSION = 3  # 2: a special token's text in a document is text (FIM markers and EOS inserted as ids); 3: so
+# are FIM markers a tokenizer holds as added tokens that are not special (DeepSeek's)
 SHARD_TOKENS = 1 << 20  # 2 MiB uint16 shards: the default corpus spans a few files
 _ENCODE_DOCS = 16  # documents per encode_batch call
 
@@ -118,8 +119,9 @@ def fim_markers(tok: tokenizers.Tokenizer, where: str | Path) -> FimTokens:
     """The FIM markers of ``tok`` (``flyer.data.fim.fim_tokens``), else ``FieldError`` naming ``fim_rate``."""
     markers = fim_tokens(tok)
     if markers is None:
-        raise FieldError("fim_rate", f"needs a tokenizer holding fill-in-the-middle tokens, each one token (e.g. "
-                                     f"{DEEPSEEK.begin}, {DEEPSEEK.hole}, {DEEPSEEK.end}); {where} has none")
+        families = " or ".join(f"{f.begin}, {f.hole}, {f.end}" for f in FAMILIES)
+        raise FieldError("fim_rate", f"needs a tokenizer holding one family's three fill-in-the-middle tokens, each "
+                                     f"one token ({families}); {where} has no such set")
     return markers
 
 
@@ -185,30 +187,27 @@ def _build(out: Path, docs: list[Document], vocab_size: int, tokenizer: str | Pa
     split_paths = {}
     n_fim = 0
     marker_ids = [tok.token_to_id(m) for m in (markers.begin, markers.hole, markers.end)] if markers else []
-    tok.encode_special_tokens = True  # a document's "<|endoftext|>" is its text: EOS and markers go in as ids
-    try:
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            writer = ShardWriter(out, split, n_vocab, SHARD_TOKENS)
-            n_tokens = 0
-            for i in range(0, len(split_docs), _ENCODE_DOCS):
-                texts = [d.text() for d in split_docs[i:i + _ENCODE_DOCS]]
-                fim = markers is not None and split == "train"  # each document its own stream: (seed, its index)
-                splits = [fim_split(t, np.random.default_rng((seed, i + k)), fim_rate) if fim else None
-                          for k, t in enumerate(texts)]
-                n_fim += sum(s is not None for s in splits)
-                pieces = [p for t, s in zip(texts, splits) for p in (s or (t,))]
-                encs = iter(encode_batch(tok, pieces, add_special_tokens=False))  # a Kimi tokenizer's cut kept
-                for s in splits:
-                    ids = next(encs).ids if s is None else [  # PSM: BEGIN prefix HOLE suffix END middle
-                        t for marker in marker_ids for t in (marker, *next(encs).ids)]
-                    if ids:
-                        writer.add(np.append(np.asarray(ids, dtype=np.int64), eos_id))
-                        n_tokens += len(ids) + 1
-            if n_tokens == 0:
-                raise DataError(f"data: the {split} split has no text after cleaning ({len(split_docs)} document(s))")
-            split_paths[split] = writer.close()
-    finally:
-        tok.encode_special_tokens = False
+    text_tok = text_tokenizer(tok)  # a document's "<|endoftext|>" or FIM marker is its text: EOS and markers as ids
+    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+        writer = ShardWriter(out, split, n_vocab, SHARD_TOKENS)
+        n_tokens = 0
+        for i in range(0, len(split_docs), _ENCODE_DOCS):
+            texts = [d.text() for d in split_docs[i:i + _ENCODE_DOCS]]
+            fim = markers is not None and split == "train"  # each document its own stream: (seed, its index)
+            splits = [fim_split(t, np.random.default_rng((seed, i + k)), fim_rate) if fim else None
+                      for k, t in enumerate(texts)]
+            n_fim += sum(s is not None for s in splits)
+            pieces = [p for t, s in zip(texts, splits) for p in (s or (t,))]
+            encs = iter(encode_batch(text_tok, pieces, add_special_tokens=False))  # a Kimi tokenizer's cut kept
+            for s in splits:
+                ids = next(encs).ids if s is None else [  # PSM: BEGIN prefix HOLE suffix END middle
+                    t for marker in marker_ids for t in (marker, *next(encs).ids)]
+                if ids:
+                    writer.add(np.append(np.asarray(ids, dtype=np.int64), eos_id))
+                    n_tokens += len(ids) + 1
+        if n_tokens == 0:
+            raise DataError(f"data: the {split} split has no text after cleaning ({len(split_docs)} document(s))")
+        split_paths[split] = writer.close()
 
     train = TokenShards(split_paths["train"], verify=False)  # just written; checksums are fresh
     val = TokenShards(split_paths["val"], verify=False)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from tokenizers import AddedToken, Tokenizer
 
-from flyer.data.fim import FimTokens, fim_tokens
+from flyer.data.fim import FimTokens, fim_tokens, text_tokenizer
 from flyer.data.presplit import encode
 from flyer.data.tiktoken_file import read_json_object
 from flyer.data.tokenizer import load_tokenizer as load_tokenizer_file, tokenizer_file
@@ -46,6 +46,13 @@ class TextTokenizer:
         (``flyer.data.presplit``)."""
         special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
         return encode(self.tok, text, add_special_tokens=special).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """``text`` as text, nothing added: a special token or FIM marker it spells is its characters
+        (``flyer.data.fim.text_tokenizer``, made once)."""
+        if getattr(self, "_text_tok", None) is None:
+            self._text_tok = text_tokenizer(self.tok)
+        return encode(self._text_tok, text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)

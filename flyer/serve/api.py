@@ -120,23 +120,25 @@ class Api:
                            param="model", code="model_not_found")
 
     def _options(self, body: Body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
-                 echo: bool = False, prompt_field: str = "prompt", tokens_field: str = "max_tokens") -> SamplingOptions:
+                 echo: bool = False, prompt_field: str = "prompt", tokens_field: str = "max_tokens",
+                 prompt_name: str = "prompt") -> SamplingOptions:
         """The engine's options of ``body``: ``max_tokens`` (the field ``tokens_field``'s; None: the rest of the room)
         new tokens after a prompt of ``prompt_len`` tokens (the field ``prompt_field``'s). ``ContextLengthError``, as
         vLLM splits it: naming the prompt's field when it leaves no room for a token, else ``tokens_field`` when
-        ``max_tokens`` is past the room left (OpenAI's code for both)."""
+        ``max_tokens`` is past the room left (OpenAI's code for both); ``prompt_name``: what the messages call the
+        prompt."""
         lim = self.engine.limits
         held = f"the model's context of {lim.max_seq_len} tokens" if lim.room == lim.max_seq_len else \
             f"the server's cache of {lim.capacity} blocks ({lim.room} tokens)"
         if prompt_len >= lim.room:
-            raise ContextLengthError(prompt_field, f"a {prompt_len}-token prompt leaves no room for a new token in "
-                                                   f"{held}")
+            raise ContextLengthError(prompt_field, f"a {prompt_len}-token {prompt_name} leaves no room for a new "
+                                                   f"token in {held}")
         if max_tokens is None:  # chat without a limit: the rest of the context, as far as the cache holds it
             max_tokens = lim.room - prompt_len
         elif prompt_len + max_tokens > lim.room:
             unset = "" if tokens_field in body.model_fields_set else " (unset: its default)"
-            raise ContextLengthError(tokens_field, f"{max_tokens}{unset} new tokens after a {prompt_len}-token prompt "
-                                                   f"exceed {held}: at most {lim.room - prompt_len}")
+            raise ContextLengthError(tokens_field, f"{max_tokens}{unset} new tokens after a {prompt_len}-token "
+                                                   f"{prompt_name} exceed {held}: at most {lim.room - prompt_len}")
         fmt = body.response_format  # compiled here, so that a schema llguidance refuses answers 400
         grammar = None if fmt is None or fmt.type == "text" else json_grammar(fmt.schema_or_object())
         return SamplingOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -206,7 +208,8 @@ class Api:
         body.check_fields()
         echo_starts = body.echo and body.logprobs is not None  # text_offset: where the tokens start in the prompt
         prompts, starts = await asyncio.to_thread(self._prompts, body.prompt, body.suffix, echo_starts)
-        opts = self._options(body, body.max_tokens, max(len(p) for p in prompts), body.logprobs, body.echo)
+        opts = self._options(body, body.max_tokens, max(len(p) for p in prompts), body.logprobs, body.echo,
+                             prompt_name="FIM prompt (the prompt, suffix and markers)" if body.suffix else "prompt")
         per_prompt = body.candidates()
         ranked = per_prompt > body.n  # best_of = n returns every candidate, in order, as n alone does (and streams)
         if ranked and opts.logprobs is None:  # the score needs each token's logprob; the response leaves them out
