@@ -52,7 +52,8 @@ def test_generate_takes_a_token_tensor_and_refuses_what_is_no_batch_of_ids():
     for prompts, said in (([1, 5, 7], "prompts[0]: a list of token ids (got int; one prompt goes in a list"),
                           ("hello", "prompts: a list of token-id lists (got str; encode text first)"),
                           ([[1.0, 5.5]], "prompts[0]: token ids are ints (got 1.0)"),
-                          (torch.tensor([1, 2]), "prompts: a (B, T) integer tensor or a list of token-id lists")):
+                          (torch.tensor([1, 2]), "prompts: a (B, T) integer tensor or a list of token-id lists"),
+                          (torch.ones(1, 2, dtype=torch.bool), "prompts: a .B, T. integer tensor")):
         with pytest.raises(TypeError, match=said.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             generate(model, prompts, gen)
     with pytest.raises(TypeError, match="gen: a GenerationConfig"):
@@ -85,15 +86,28 @@ def test_a_model_built_on_meta_and_initialised_is_a_fresh_one():
     assert all(torch.equal(a, b) for a, b in zip(fresh.buffers(), model.buffers()))
 
 
-def test_a_model_cast_to_bf16_keeps_its_router_bias_fp32():
+def test_a_model_cast_to_bf16_keeps_its_router_bias_and_loads_fp32():
     """``.to(torch.bfloat16)`` cast the balancing bias too: at 0.5, BF16's step is 2**-8, so updates of
-    ``bias_update_speed`` (1e-3) up were lost (0.5 + 0.001 rounds back to 0.5)."""
-    model = Transformer(CFG).to(torch.bfloat16)
+    ``bias_update_speed`` (1e-3) up were lost (0.5 + 0.001 rounds back to 0.5); and the expert-load counts, which
+    round past 256. Both stay FP32 with their values (not cast to BF16 and back: 0.501 came back 0.5)."""
+    model = Transformer(CFG)
     gates = [m for m in model.modules() if isinstance(m, Gate) and m.bias is not None]
+    moes = [m for m in model.modules() if hasattr(m, "tokens_per_expert")]
+    for g in gates:
+        g.bias.fill_(0.501)
+    for m in moes:
+        m.tokens_per_expert.fill_(16385)
+    model.to(torch.bfloat16)
     assert gates and all(g.bias.dtype == torch.float32 and g.weight.dtype == torch.bfloat16 for g in gates)
     assert all("bias" in dict(g.named_buffers()) for g in gates)
+    assert all(torch.equal(g.bias, torch.full_like(g.bias, 0.501)) for g in gates)
+    assert moes and all(m.tokens_per_expert.dtype == torch.float32 and (m.tokens_per_expert == 16385).all()
+                        for m in moes)
     gates[0].bias.fill_(0.5).add_(1e-3)
     assert gates[0].bias[0].item() != 0.5
+    with torch.device("meta"):
+        meta = Transformer(CFG).to(torch.bfloat16)  # and on the meta device, where there are no values
+    assert all(g.bias.dtype == torch.float32 for g in meta.modules() if isinstance(g, Gate) and g.bias is not None)
 
 
 def test_the_readmes_python_example_runs():

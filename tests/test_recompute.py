@@ -98,28 +98,33 @@ def test_an_unknown_recompute_is_one_line(tmp_path, data_cache, capsys):
     assert capsys.readouterr().err.strip() == "flyer: error: --recompute: must be one of none, mla (got 'full')"
 
 
-def test_a_split_backward_recomputes_the_whole_region_and_keeps_every_gradient():
+def test_a_split_backward_is_refused(tmp_path, data_cache, capsys):
     """Zero-bubble and DualPipeV split backward into the input gradients, then the weights' (``torch.distributed.
-    pipelining``'s ``stage_backward_input`` / ``_weight``): each region's backward runs twice, which the selective
-    checkpoint refuses; the whole-region form (the trainer's under those schedules) gives every gradient bit for
-    bit. Here the split is the embedding output's gradient first (kept graph), then the parameters'."""
+    pipelining``'s ``stage_backward_input`` / ``_weight``, the latter once per parameter group): the selective
+    checkpoint refuses a second backward (here the embedding output's gradient first, then the parameters'), and a
+    whole-region checkpoint recomputed each layer 5 times. ``flyer train`` refuses the pair in one line."""
     cfg = preset("tiny")
     tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
-
-    def split(mode, selective=True):
-        torch.manual_seed(0)
-        model = Transformer(cfg)
-        set_recompute(model, mode, selective=selective)
-        seen = []
-        model.embed.register_forward_hook(lambda _m, _i, out: seen.append(out))
-        loss = model.compute_loss(tokens, tokens).loss
-        (d_input,) = torch.autograd.grad(loss, seen[0], retain_graph=True)
-        loss.backward()
-        return d_input, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    d_input, grads = split("none")
-    d_input2, grads2 = split("mla", selective=False)
-    assert torch.equal(d_input, d_input2) and grads.keys() == grads2.keys()
-    assert all(torch.equal(grads[n], grads2[n]) for n in grads)
+    model = Transformer(cfg)
+    set_recompute(model, "mla")
+    seen = []
+    model.embed.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    loss = model.compute_loss(tokens, tokens).loss
+    torch.autograd.grad(loss, seen[0], retain_graph=True)
     with pytest.raises(RuntimeError, match="backward an extra time"):
-        split("mla")
+        loss.backward()
+    for schedule in ("zb", "dualpipev"):
+        assert main(train_argv(tmp_path / schedule, data_cache, "--recompute", "mla", "--pp", "2", "--pp-schedule",
+                               schedule)) == 2
+        assert capsys.readouterr().err.strip() == (
+            "flyer: error: --recompute: is not taken with --pp-schedule zb or dualpipev: their split weight backward "
+            "would recompute each MLA layer once per parameter group (5 times); use 1f1b or interleaved (got 'mla')")
+
+
+def test_held_bytes_counts_what_the_function_made_alive():
+    """A view or an in-place result of a tensor made before is not the function's memory (a slice of a 4 MiB
+    tensor counted 4 MiB); a new tensor, or a view of one the function made, is."""
+    big = torch.zeros(1 << 20)
+    assert held_bytes(lambda: big[:1]) == 0 and held_bytes(lambda: big.add_(1)) == 0
+    assert held_bytes(lambda: (big + 1)[:1]) == big.nbytes
+    assert held_bytes(lambda: [big * 2 for _ in range(3)][0]) == big.nbytes  # the two others are freed

@@ -304,8 +304,13 @@ def test_a_plot_stopped_while_drawn_leaves_the_old_one_whole(tmp_path, monkeypat
         plots.plot_loss(records, path)
     assert path.read_bytes() == b"the last good plot" and os.listdir(tmp_path) == ["loss.png"]
     monkeypatch.setattr(FigureCanvasAgg, "print_png", real)
-    plots.plot_loss(records, path)
+    mask = os.umask(0o022)
+    try:
+        plots.plot_loss(records, path)
+    finally:
+        os.umask(mask)
     assert path.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["loss.png"]
+    assert path.stat().st_mode & 0o777 == 0o644  # as open() makes it (the temporary file's own mode is 0600)
 
 
 def test_each_rank_resumes_only_the_checkpoint_rank_0_verified(tmp_path, data_cache, monkeypatch):
@@ -582,6 +587,37 @@ def test_an_error_every_rank_raises_is_said_once(tmp_path, data_cache):
     done = subprocess.run(argv, capture_output=True, text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=300)
     lines = [line for line in done.stderr.splitlines() if "flyer: error:" in line]
     assert len(lines) == 1 and lines[0].startswith("flyer: error: none of the 1 checkpoint(s)"), done.stderr[-3000:]
+
+
+# rank 1's view of the run's checkpoints/ is read-only (a node that mounted it so): its writes there fail
+_READ_ONLY_RANK1 = """
+import builtins, errno, io, os
+_open = builtins.open
+def _guarded(file, mode="r", *a, **k):
+    if os.environ.get("RANK") == "1" and "/checkpoints/" in str(file) and any(c in mode for c in "wax+"):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+    return _open(file, mode, *a, **k)
+builtins.open = io.open = _guarded
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_write_the_checkpoints_is_refused_before_training(tmp_path, data_cache):
+    """Each rank writes its part of a checkpoint into the shared folder; one whose view of it is read-only failed
+    the first save, after --ckpt-every steps were trained (all lost). The ranks try a write at the start now."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_READ_ONLY_RANK1)
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flyer",
+            *train_argv(run, data_cache, "--steps", "4", "--ckpt-every", "4", "--ep", "2")]  # rank 1 writes experts
+    env = child_env(OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if "flyer: error:" in line]
+    assert lines == [f"flyer: error: rank 1 cannot write in {run / 'checkpoints'} (Read-only file system), where "
+                     "every rank writes its part of each checkpoint: nothing was trained"], done.stderr[-3000:]
+    assert not (run / "metrics.jsonl").exists() or steps_logged(run) == []
 
 
 def _is_rank(pid: int, rank: int, run: Path) -> bool:

@@ -291,7 +291,7 @@ def prompt_lists(prompts) -> list[list[int]]:
     """``prompts`` as lists of ints: a list of token-id lists (or 1-D tensors), or a (B, T) integer tensor;
     ``TypeError`` naming anything else (a flat list of ids, text, floats)."""
     if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2 or prompts.is_floating_point() or prompts.is_complex():
+        if prompts.dim() != 2 or prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool:
             raise TypeError(f"prompts: a (B, T) integer tensor or a list of token-id lists (got a {prompts.dim()}-D "
                             f"{prompts.dtype} tensor)")
         return prompts.tolist()

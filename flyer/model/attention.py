@@ -191,7 +191,7 @@ class MLA(Transients, nn.Module):
         self.index_valid_BT: torch.Tensor | None = None  # the queries L_I averages over (``real_queries``; None: all)
         self.shares_selection = cfg.index_topk > 0 and not cfg.has_indexer(layer_id)
         self.index_row = sum(map(cfg.has_indexer, range(layer_id))) if layer_id < cfg.n_layers else 0
-        self.recompute = None  # DeepSeek-V3's recomputation of the up-projections (flyer.model.recompute.set_recompute)
+        self.recompute = False  # DeepSeek-V3's recomputation of the up-projections (flyer.model.recompute)
 
     def query_latent(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The normalised query latent (B, T, q_lora_rank) that ``wq_b`` (and the DSA indexer) project."""
@@ -243,8 +243,7 @@ class MLA(Transients, nn.Module):
         B, T, _ = x_BTD.shape
         if self.recompute and torch.is_grad_enabled():  # dense MLA only (set_recompute)
             q_in = self.wq_a(x_BTD) if self.q_lora_rank else x_BTD
-            o = recomputed(self._attend_latents, q_in, self.wkv_a(x_BTD), cos, sin, docs,
-                           selective=self.recompute == "selective")
+            o = recomputed(self._attend_latents, q_in, self.wkv_a(x_BTD), cos, sin, docs)
             return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
         q_latent = self.query_latent(x_BTD) if self.q_lora_rank else None
         q_nope, q_rope = self.queries(x_BTD, cos, sin, q_latent)

@@ -127,10 +127,7 @@ class Gate(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """As ``nn.Module._apply``, the balancing bias kept FP32 whatever dtype the model moves to (as checkpoints
         store it): its updates of ``bias_update_speed`` (1e-3) are below BF16's resolution past 0.25."""
-        super()._apply(fn, recurse)
-        if self.bias is not None and self.bias.is_floating_point() and self.bias.dtype != torch.float32:
-            self.bias = self.bias.float()
-        return self
+        return apply_keeping_fp32(self, ("bias",), super()._apply, fn, recurse)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -186,6 +183,18 @@ class Gate(nn.Module):
         return choice.topk(cfg.n_activated_experts, dim=-1).indices
 
 
+def apply_keeping_fp32(module: nn.Module, names: tuple[str, ...], apply, fn, recurse: bool) -> nn.Module:
+    """``apply(fn, recurse)`` (``nn.Module._apply``), ``module``'s FP32 buffers ``names`` kept FP32 with their values:
+    moved as ``fn`` moves them, not cast (a cast to BF16 and back would round them)."""
+    kept = {n: b for n in names if (b := getattr(module, n, None)) is not None and b.dtype == torch.float32}
+    apply(fn, recurse)
+    for n, old in kept.items():
+        new = getattr(module, n)
+        if new.dtype != torch.float32:
+            setattr(module, n, new.float() if old.is_meta or new.is_meta else old.to(new.device, torch.float32))
+    return module
+
+
 class MoE(Transients, nn.Module):
     """Shared experts + routed experts. The dispatcher moves routed token copies to the experts
     (locally, ``flyer.model.dispatch``, or across ranks, ``flyer.parallel.dispatch``) and combines
@@ -235,6 +244,11 @@ class MoE(Transients, nn.Module):
         conversion (``convert_to_fp8``: 'fp8'). Derived, not stored, so it cannot go stale when the
         experts are replaced."""
         return "fused_local" if self.fuse_local and self.experts.impl == "fused" else "dispatched"
+
+    def _apply(self, fn, recurse: bool = True):
+        """As ``nn.Module._apply``, the expert-load counts kept FP32 (in BF16, counts past 256 round: the bias step
+        takes the sign of mean - load, which a rounded count can flip)."""
+        return apply_keeping_fp32(self, ("tokens_per_expert", "last_counts"), super()._apply, fn, recurse)
 
     def forward(self, x_BTD: torch.Tensor, tokens_BT: torch.Tensor | None = None) -> torch.Tensor:
         """x_BTD (B, T, D) -> (B, T, D); tokens_BT (B, T) the token ids, needed by hash-routed layers."""

@@ -10,9 +10,12 @@ attention ops' outputs are saved, everything else in the region recomputed. A ma
 math path (no fused kernel) is recomputed whole. DSA layers (``index_topk``) keep theirs: their long sequences
 already recompute chunk by chunk (``flyer.model.dsa_chunks``).
 
-A pipeline schedule that splits backward into its input and weight gradients (zero-bubble, DualPipeV) runs each
-region's backward twice, which a selective checkpoint refuses (its saved outputs are consumed by the first):
-``selective=False`` recomputes the attention core too, each time."""
+A pipeline schedule that splits backward into its input and weight gradients (zero-bubble, DualPipeV) runs a
+region's backward more than once (its weight pass once per parameter group), which a selective checkpoint refuses
+(the first consumes its saved outputs), and a plain one would pay by recomputing the region each time: ``flyer
+train`` refuses the pair. The recomputation runs under autocast as the forward did (``torch.utils.checkpoint``),
+not under flyer's own switches (``flyer.kernels.disabled``, ``flyer.model.lowp.emulation``): a backward must run
+under the ones its forward did."""
 
 from __future__ import annotations
 
@@ -36,31 +39,26 @@ def _policy(_ctx, op, *_args, **_kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _KEPT else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def recomputed(fn, *args, selective: bool = True):
-    """``fn(*args)``, its intermediates (``selective``: but the fused attention's outputs) recomputed in backward."""
-    if not selective:
-        return checkpoint(fn, *args, use_reentrant=False)
+def recomputed(fn, *args):
+    """``fn(*args)``, its intermediates (but the fused attention's outputs) recomputed in backward."""
     return checkpoint(fn, *args, use_reentrant=False,
                       context_fn=functools.partial(create_selective_checkpoint_contexts, _policy))
 
 
-def set_recompute(model: nn.Module, mode: str, selective: bool = True) -> int:
-    """Turn recomputation ``mode`` (one of ``MODES``) on in ``model``'s MLA layers, ``selective`` or not
-    (``recomputed``); returns how many take it."""
+def set_recompute(model: nn.Module, mode: str) -> int:
+    """Turn recomputation ``mode`` (one of ``MODES``) on in ``model``'s MLA layers; returns how many take it."""
     if mode not in MODES:
         raise ValueError(f"recompute must be one of {', '.join(MODES)} (got {mode!r})")
     # the modules that can (``flyer.model.attention.MLA``, which imports this module) but DSA's
     layers = [m for m in model.modules() if hasattr(m, "recompute") and getattr(m, "index_topk", None) == 0]
     for m in layers:
-        m.recompute = ("selective" if selective else "whole") if mode == "mla" else None
+        m.recompute = mode == "mla"
     return len(layers)
 
 
 def recompute_line(model: nn.Module) -> str:
     """What ``set_recompute`` turned on in ``model`` (this pipeline rank's layers), for the run's log."""
-    kinds = [m.recompute for m in model.modules() if getattr(m, "recompute", None)]
-    if not kinds:
+    n = sum(getattr(m, "recompute", False) is True for m in model.modules())
+    if not n:
         return "recompute: this model has no dense MLA layer (DSA layers recompute their own): nothing is"
-    core = (", and their attention core (the schedule splits backward: each layer's runs twice)"
-            if "whole" in kinds else "")
-    return f"recompute: {len(kinds)} MLA layers' latent norms and up-projections in backward{core}"
+    return f"recompute: {n} MLA layers' latent norms and up-projections in backward"

@@ -72,9 +72,14 @@ class _Made(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view or an in-place result shares an input's storage: made here only if that input was
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 s = t.untyped_storage()
+                if s.data_ptr() in inputs:
+                    continue
                 old = self.made.get(s.data_ptr())
                 if old is None or torch.UntypedStorage._expired(old[0]):  # new, or a freed one's address again
                     if old is not None:

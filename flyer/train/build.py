@@ -24,7 +24,7 @@ from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
 from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.memory import activation_bytes
 from flyer.parallel.mesh import LocalMesh, Mesh
-from flyer.parallel.stages import SPLIT_SCHEDULES, held_modules
+from flyer.parallel.stages import held_modules
 from flyer.parallel.zero import ShardedOptimizer
 from flyer.runtime import require_memory
 from flyer.train.config import TrainConfig
@@ -116,8 +116,7 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
     stages: the pipeline's (schedule, seq_len) under pp > 1: only this rank's modules
     (``held_modules``) get memory, the others stay on the meta device for ``PipelineModel``.
     fp4: DeepSeek-V4's FP4 QAT of the routed experts, in any precision (``flyer.fp8.fp4.fp4_experts``).
-    recompute: ``flyer.model.recompute.MODES``; selective but under a schedule that splits backward
-    (``SPLIT_SCHEDULES``), which runs each region's backward twice.
+    recompute: ``flyer.model.recompute.MODES`` (``TrainConfig`` refuses it under a schedule that splits backward).
     """
     torch.manual_seed(seed)
     make_dispatcher = dispatcher_factory(cfg, mesh, kind=dispatcher, fp8=fp8_dispatch and mesh.ep > 1)
@@ -137,8 +136,7 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
         convert_to_fp8(model, recipe=FP8Recipe(activation_cache=fp8_activation_cache))
     if fp4:
         fp4_experts(model)
-    split = stages is not None and mesh.pp > 1 and stages[0] in SPLIT_SCHEDULES
-    set_recompute(model, recompute, selective=not split)
+    set_recompute(model, recompute)
     return model
 
 

@@ -28,7 +28,7 @@ from flyer.limits import SIZE_LIMITS
 from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.model.indexer_loss import INDEXER_TRAIN_MODES
 from flyer.optim.muon import OPTIMIZERS
-from flyer.parallel.stages import PP_SCHEDULES, min_micro_batches
+from flyer.parallel.stages import PP_SCHEDULES, SPLIT_SCHEDULES, min_micro_batches
 from flyer.parse import nesting_depth
 from flyer.runtime import PRECISIONS, check_threads
 from flyer.train import checkpoint as ckpt
@@ -238,6 +238,9 @@ class TrainConfig:
         need(not self.pack or is_chat_data(self.data), "pack", "packs chat data (a .jsonl file); text data is "
              "already packed documents")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")
+        need(self.recompute == "none" or self.pp < 2 or self.pp_schedule not in SPLIT_SCHEDULES, "recompute",
+             "is not taken with {pp_schedule} zb or dualpipev: their split weight backward would recompute each MLA "
+             "layer once per parameter group (5 times); use 1f1b or interleaved", ("pp_schedule",))
         need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1: optimizer state sharded)")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",
              "must be auto, cpu, cuda or cuda:N")

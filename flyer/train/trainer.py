@@ -147,6 +147,10 @@ class Trainer:
             except (ConfigError, CheckpointError) as e:
                 err = e
         err, start = self.mesh.broadcast_object((err, start))
+        if err is None:
+            # each rank writing a part of a save (its experts', its ZeRO shard, a stage's first) tries, before any step
+            writes = bool(tc.zero) or self.mesh.dp_rank < self.mesh.ep
+            training_state.check_writers(self.ckpt_root, self.mesh, writes)
         if err is not None and self.mesh.world > 1:
             every_rank(err)
         if err is not None:
@@ -224,9 +228,9 @@ class Trainer:
 
     # ---- checkpoints (the format and the work: flyer.train.checkpoint) -------------------------
     def _resume(self, path: Path) -> None:
-        check_resumed_run(path, self.tc, self.precision, self.fingerprints)  # before anything is read into memory
-        state = training_state.load_training(path, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
-                                   mesh=self.mesh, cfg=self.cfg, layout=self.layout)
+        state = training_state.load_training(  # check_resumed_run: before anything is read into memory
+            path, model=self.model, optimizer=self.optimizer, sampler=self.sampler, mesh=self.mesh, cfg=self.cfg,
+            layout=self.layout, check=lambda: check_resumed_run(path, self.tc, self.precision, self.fingerprints))
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.consecutive_bad = int(state.get("consecutive_bad", 0))  # a stop saved during a run of skipped steps

@@ -128,6 +128,34 @@ def shared_temporary_dir(ckpt_root: Path, step: int, mesh) -> Path | None:
     return tmp if shared else None
 
 
+def check_writers(ckpt_root: Path, mesh, writes: bool) -> None:
+    """Before training (a collective): ``CheckpointError`` on every rank unless each rank that will write its part
+    of a checkpoint into ``ckpt_root`` (``writes``: this one) can: a rank whose view of it is read-only failed the
+    first save, the steps before it lost. Nothing to check where rank 0 writes it all (one process, or each node's
+    own disk)."""
+    tmp = shared_temporary_dir(ckpt_root, 0, mesh) if mesh.world > 1 else None
+    if tmp is None:
+        return
+    why = None
+    try:
+        if not writes:
+            raise FileExistsError  # nothing to try
+        probe = tmp / f".write-{mesh.rank}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        pass
+    except OSError as e:
+        why = e.strerror or str(e)
+    every = mesh.gather_object(why)
+    if mesh.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    bad = mesh.broadcast_object(next(((r, w) for r, w in enumerate(every or []) if w is not None), None))
+    if bad is not None:
+        raise every_rank(CheckpointError(f"rank {bad[0]} cannot write in {ckpt_root} ({bad[1]}), where every rank "
+                                         "writes its part of each checkpoint: nothing was trained"))
+
+
 def _write_weights(path: Path, weights: dict[str, torch.Tensor]) -> dict:
     """Write a rank's share of the weights; what the index records of it: each tensor's shape, and their bytes."""
     save_tensors(path, weights)
@@ -251,7 +279,7 @@ STAGE_FIELDS = ("mtp_loss_weight", "bias_update_speed", "seq_aux_alpha")
 
 
 def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler, mesh,
-                  cfg: ModelConfig, layout: dict | None = None) -> dict:
+                  cfg: ModelConfig, layout: dict | None = None, check: Callable[[], None] | None = None) -> dict:
     """Restore checkpoint ``path`` (verified by the caller) into model (this rank's slice),
     optimizer, sampler and the RNG; every rank calls it. ``cfg`` must equal the saved config but for
     ``STAGE_FIELDS``, and ``layout`` the saved process layout (``save_training``). Returns this rank's state (step,
@@ -259,11 +287,14 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
     differ. Raises ``CheckpointError`` for one that does not fit, or a file that does not parse as what it holds (the
     manifest vouches that a file is the one written, not that it was written well). Each rank reads its own part
     of the files, so the ranks agree before returning: one that failed fails every rank, the others naming it (not
-    a peer's closed connection at their next collective)."""
+    a peer's closed connection at their next collective). ``check``: the caller's own checks of this rank's copy
+    (``flyer.train.config.check_resumed_run``), run once it is known to be rank 0's, failing alike."""
     failed: Exception | None = None
     views = mesh.broadcast_object(mesh.gather_object(_view(path)))
     try:
         same_checkpoint(path, mesh, views)
+        if check is not None:
+            check()
         state = _load_training(path, model, optimizer, sampler, mesh, cfg, layout)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError,
             SafetensorError, OSError) as e:  # a DataError (the sampler's) and a ConfigError are ValueErrors too
@@ -300,8 +331,10 @@ def same_checkpoint(path: Path, mesh, views: list) -> None:
     if views[0] is not None and mine[1] != views[0][1]:
         raise CheckpointError(f"checkpoint {path}: rank {mesh.rank}'s copy is not rank 0's (another manifest: "
                               "another step or run): every rank must read the same checkpoint")
-    if mesh.rank and views.index(mine) == mesh.rank and (mine[0], mine[2:]) != (views[0][0], views[0][2:]):
-        verify_checkpoint(path)  # the first rank on a copy of its own checks its files' checksums
+    # rank 0's very file (its device and inode: one host, or a shared file system that reports them alike) is
+    # trusted; the first rank on a copy of its own checks its files' checksums
+    if mesh.rank and views.index(mine) == mesh.rank and mine[2:] != views[0][2:]:
+        verify_checkpoint(path)
 
 
 def _load_training(path: Path, model, optimizer, sampler, mesh, cfg: ModelConfig, layout: dict | None) -> dict:
