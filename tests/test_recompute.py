@@ -128,3 +128,20 @@ def test_held_bytes_counts_what_the_function_made_alive():
     assert held_bytes(lambda: big[:1]) == 0 and held_bytes(lambda: big.add_(1)) == 0
     assert held_bytes(lambda: (big + 1)[:1]) == big.nbytes
     assert held_bytes(lambda: [big * 2 for _ in range(3)][0]) == big.nbytes  # the two others are freed
+
+
+def test_flyer_plan_estimates_a_recompute_run(capsys):
+    """``flyer plan``'s per-rank activation estimate of a ``--recompute mla`` run is the one ``flyer train`` checks
+    memory against (it had no such flag: the plan said 136 MB where the run's check used 115 MB)."""
+    import json
+
+    cfg = preset("tiny")
+    got = {}
+    for mode in ("none", "mla"):
+        assert main(["plan", "--preset", "tiny", "--gpus", "1", "--precision", "bf16", "--recompute", mode,
+                     "--json"]) == 0
+        got[mode] = json.loads(capsys.readouterr().out)["activation_bytes_per_rank_estimate"]
+        assert got[mode] == [activation_bytes(cfg, 1, 0, "1f1b", 4096, 1, "bf16", recompute=mode)]
+    assert got["mla"][0] < got["none"][0]
+    assert main(["plan", "--preset", "tiny", "--gpus", "1", "--recompute", "full"]) == 2
+    assert capsys.readouterr().err.strip() == "flyer: error: --recompute: must be one of none, mla (got 'full')"

@@ -63,7 +63,7 @@ def _grid(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
 
 # ---- flyer plan ---------------------------------------------------------------------------------
 # any of them: a flyer run's per-rank bytes
-RUN_FLAGS = ("zero", "dp", "pp_schedule", "precision", "vocab_size", "optimizer")
+RUN_FLAGS = ("zero", "dp", "pp_schedule", "precision", "vocab_size", "optimizer", "recompute")
 
 
 def _check_run_world(gpus: int, gpus_per_node: int) -> None:
@@ -86,9 +86,13 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     from flyer.parallel.mesh import validate_layout as validate_run_layout  # heavy: see above
     from flyer.parallel.stages import min_micro_batches, validate_pipeline  # heavy: see above
     from flyer.optim.muon import OPTIMIZERS  # heavy: see above
+    from flyer.model.recompute import MODES as RECOMPUTE_MODES  # heavy: see above
 
     zero, schedule = args.zero or 0, args.pp_schedule or "1f1b"
     precision, optimizer = args.precision or "bf16", args.optimizer or "adamw"
+    recompute = args.recompute or "none"
+    if recompute not in RECOMPUTE_MODES:
+        raise FieldError("recompute", f"must be one of {', '.join(RECOMPUTE_MODES)} (got {recompute!r})")
     if optimizer not in OPTIMIZERS:
         raise FieldError("optimizer", f"must be one of {', '.join(OPTIMIZERS)} (got {optimizer!r})")
     if zero not in (0, 1):
@@ -103,10 +107,11 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     validate_pipeline(cfg, 1, schedule, 1)  # the schedule's name first
     validate_run_layout(cfg, args.gpus, ep, rpn, pp)
     validate_pipeline(cfg, pp, schedule, min_micro_batches(schedule, pp))
-    mem = plan_state_bytes(cfg, pp, dp, ep, zero, schedule, args.seq_len, args.micro_batch, precision, optimizer)
+    mem = plan_state_bytes(cfg, pp, dp, ep, zero, schedule, args.seq_len, args.micro_batch, precision, optimizer,
+                           recompute)
     return {"run_layout": {"world": args.gpus, "pp": pp, "dp": dp, "ep": ep, "zero": zero,
                            "pp_schedule": schedule if pp > 1 else None, "precision": precision,
-                           "optimizer": optimizer}, **mem}
+                           "optimizer": optimizer, "recompute": recompute}, **mem}
 
 
 def _plan(args) -> int:
@@ -406,6 +411,7 @@ def register(sub) -> None:
     r.add_argument("--vocab-size", type=int, help="the run's vocabulary (flyer train caps presets at 8192)")
     r.add_argument("--optimizer", help="flyer train's --optimizer: adamw (default) or muon (one momentum buffer "
                                        "for Muon's matrices)")
+    r.add_argument("--recompute", help="flyer train's --recompute: none (default) or mla (the activation estimate)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_checked(_plan))
 
