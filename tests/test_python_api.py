@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flyer.config import preset
-from flyer.errors import FieldError
+from flyer.errors import CheckpointError, FieldError
 from flyer.infer.generate import GenerationConfig, generate
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
@@ -118,3 +118,37 @@ def test_the_readmes_python_example_runs():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (block,) = re.findall(r"## From Python\n.*?```python\n(.*?)```", readme, re.S)
     exec(compile(block, "README.md", "exec"), {})
+
+
+def test_misuse_gets_an_error_naming_it(tmp_path):
+    """What a library user types wrong is named: a preset's name for a config, one sequence of ids without its
+    batch, float ids, a dtype or device by name (taken), a path that is not there."""
+    from flyer.interop.load import load_pretrained
+
+    with pytest.raises(TypeError, match=r"cfg: a ModelConfig, e.g. flyer.config.preset\('tiny'\) \(got str\)"):
+        Transformer("tiny")
+    model = Transformer(CFG)
+    for bad in (TOKENS[0], TOKENS.float()):
+        with pytest.raises(ValueError, match=r"tokens_BT: \(B, T\) integer token ids"):
+            model(bad)
+        with pytest.raises(ValueError, match=r"tokens_BT: \(B, T\) integer token ids"):
+            model.compute_loss(bad, bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_pretrained(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match=r"dtype: a torch.dtype or one of bf16, .* \(got 'b16'\)"):
+        load_pretrained(tmp_path, dtype="b16")
+    if not torch.cuda.is_available():
+        with pytest.raises(FieldError, match="device: cuda asked for, but CUDA is not available"):
+            load_pretrained(tmp_path, device="cuda")
+
+
+def test_load_pretrained_takes_dtype_and_device_by_name(tmp_path):
+    from hf_models import build
+
+    from flyer.interop.load import load_pretrained
+
+    build("v3", tmp_path)
+    model, _, _ = load_pretrained(str(tmp_path), device="cpu", dtype="bf16")
+    want, _, _ = load_pretrained(tmp_path, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))

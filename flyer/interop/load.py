@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from flyer.config import ModelConfig
+from flyer.config import ModelConfig, resolve_device
 from flyer.data.tokenizer import tokenizer_file
 from flyer.data.tokenizer_copy import read_tokenizer_files
 from flyer.errors import CheckpointError
@@ -46,7 +46,13 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     of an HF import (default: the checkpoint's); a flyer run loads in FP32, as it trains. ``held``: an FP32
     model whose GEMM weights are held in BF16 or FP8 (``flyer.infer.weights``), written as held
     tensor by tensor: the FP32 weights are never in memory. A run trained with FP4 QAT (``fp4_trained``)
-    loads its routed experts as their FP4 values, the model it trained (module docstring)."""
+    loads its routed experts as their FP4 values, the model it trained (module docstring). ``device``: a
+    ``torch.device`` or its name (``auto``, ``cpu``, ``cuda:N``: ``flyer.config.resolve_device``); ``dtype`` / ``held``:
+    a ``torch.dtype`` or its name (``bf16``, ``bfloat16``, ``fp32``, ...)."""
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: does not exist")
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype, held = _dtype(dtype, "dtype"), _dtype(held, "held")
     if is_hf_model_dir(path):
         return load_hf(path, device, dtype, held)
     ckpt, cfg, tok = inference_checkpoint(path)
@@ -54,6 +60,21 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     model = empty_held(cfg, held or torch.float32, device)
     _fill_from_run(model, ckpt, fp4=trained_fp4_experts(ckpt))
     return model, cfg, text_tok
+
+
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+                "fp16": torch.float16, "float16": torch.float16}
+
+
+def _dtype(value, field: str) -> torch.dtype | None:
+    """``value`` as a ``torch.dtype`` (None stays None; ``held`` also takes "fp8"); ``TypeError`` naming ``field``
+    for what is none."""
+    names = {**_DTYPE_NAMES, **({"fp8": torch.float8_e4m3fn} if field == "held" else {})}
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower() in names:
+        return names[value.lower()]
+    raise TypeError(f"{field}: a torch.dtype or one of {', '.join(names)} (got {value!r})")
 
 
 def fp4_trained(path: str | Path) -> bool:

@@ -216,6 +216,8 @@ class Transformer(OutputHeads, nn.Module):
 
     def __init__(self, cfg: ModelConfig, make_dispatcher: Callable[[int], Dispatcher] | None = None,
                  experts_impl: str = "auto"):
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"cfg: a ModelConfig, e.g. flyer.config.preset('tiny') (got {type(cfg).__name__})")
         super().__init__()
         self.cfg = cfg
         with deferred_init():  # init_weights below sets every weight
@@ -253,6 +255,9 @@ class Transformer(OutputHeads, nn.Module):
         """The last block's residual: (B, T, D), or with hyper-connections the streams (B, T, N, D) before
         ``hc_head`` (what DeepSeek-V4's MTP reads). ``docs``: packed rows (``flyer.model.documents``), each
         document attending to itself at positions from 0."""
+        if tokens_BT.dim() != 2 or tokens_BT.is_floating_point() or tokens_BT.dtype == torch.bool:
+            raise ValueError(f"tokens_BT: (B, T) integer token ids (got a {tuple(tokens_BT.shape)} {tokens_BT.dtype} "
+                             "tensor; one sequence is tokens[None])")
         h = self.streams(self.embed(tokens_BT))
         tables = layer_rope_tables(self.cfg, [layer.layer_id for layer in self.layers], tokens_BT.shape[1],
                                    tokens_BT.device)
