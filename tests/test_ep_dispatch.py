@@ -67,6 +67,11 @@ def _worker(rank: int) -> dict:
                     dist.all_reduce(t)
                     totals[phase] = dict(zip(sorted(c), t.tolist()))
                 out[scenario, kind, fp8] = dict(y=y, gx=gx, gw=gw, totals=totals)
+    for kind in ("flat", "hierarchical"):  # power-of-two FP8 scales (match_wire_scales under FP4 QAT)
+        disp = make_dispatcher(kind, E, mesh, fp8=True, combine_dtype=torch.float32)
+        disp.fp8_pow2 = True
+        y, gx, gw = _run(disp, *_routing("random", rank))
+        out["pow2", kind] = dict(y=y, gx=gx, gw=gw)
     for kind in ("flat", "hierarchical"):  # BF16 expert outputs, the default wire dtypes (as a BF16 run's)
         disp = make_dispatcher(kind, E, mesh)
         x, ids, w = _routing("random", rank)
@@ -178,3 +183,48 @@ def test_bf16_expert_outputs_cross_in_bf16_until_summed():
             wide = 1 if kind == "flat" else 2  # hierarchical's partial sums: FP32 both ways
             assert sent["combine"] == wide * sent["dispatch_grad"] > 0, (kind, rank, sent)
             assert sent["combine_grad"] == wide * sent["dispatch"] > 0, (kind, rank, sent)
+
+
+def test_fp8_wire_scales_follow_the_experts_recipe():
+    """FP8 experts quantize the rows they receive again, in the same 1x128 tiles: under the wire's own scale rule
+    that gives back the wire's values exactly, under another it rounds each value a second time. With FP4 QAT the
+    experts take power-of-two scales (``fp4_experts``) while the wire kept amax / 448: 26% of the values moved.
+    ``match_wire_scales`` gives each layer's dispatch its experts' rule."""
+    from flyer.fp8 import convert_to_fp8
+    from flyer.fp8.fp4 import fp4_experts
+    from flyer.fp8.quant import quantize_tiles
+    from flyer.model.dispatch import match_wire_scales
+    from flyer.model.transformer import Transformer
+    from flyer.model.wire import fp8_round_trip
+
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, D)
+    for pow2 in (False, True):
+        wire = fp8_round_trip(x, pow2)
+        assert torch.equal(quantize_tiles(wire, torch.float8_e4m3fn, pow2).dequantize()[:, :D], wire)
+        twice = quantize_tiles(wire, torch.float8_e4m3fn, not pow2).dequantize()[:, :D]
+        assert (twice != wire).float().mean() > 0.1  # the other rule rounds again
+    cfg = preset("tiny", n_routed_experts=E, n_activated_experts=K)
+    for fp8, fp4, want in ((False, False, False), (True, False, False), (True, True, True)):
+        model = Transformer(cfg, make_dispatcher=lambda _: LocalDispatcher(E, fp8=True))
+        if fp8:
+            convert_to_fp8(model)
+        if fp4:
+            fp4_experts(model)
+        match_wire_scales(model)
+        flags = [m.dispatcher.fp8_pow2 for m in model.modules() if hasattr(m, "dispatcher")]
+        assert flags and all(f is want for f in flags), (fp8, fp4, flags)
+
+
+def test_power_of_two_fp8_dispatch_matches_local():
+    local = LocalDispatcher(E, fp8=True, combine_dtype=torch.float32)
+    local.fp8_pow2 = True
+    parts = [_routing("random", r) for r in range(WORLD)]
+    x, ids, w = (torch.cat(p) for p in zip(*parts))
+    want = [t.split([p[0].shape[0] for p in parts]) for t in _run(local, x, ids, w)]
+    plain = _oracle("random", True)[0]
+    assert not torch.equal(want[0][0], plain[0][0])  # the scales' rule shows in the values
+    for kind in ("flat", "hierarchical"):
+        for rank, res in enumerate(_results()):
+            r = res["pow2", kind]
+            for got, ref in zip((r["y"], r["gx"], r["gw"]), (t[rank] for t in want)):
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -49,6 +49,17 @@ class Dispatcher(Protocol):
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: Any) -> torch.Tensor: ...
 
 
+def match_wire_scales(model) -> None:
+    """Each MoE layer's FP8 dispatch scales (``fp8_pow2``) as its experts' FP8 recipe takes its inputs: powers of
+    two where they are (``pow2_scales``: FP4 QAT's, ``flyer.fp8.fp4.fp4_experts``), else amax / 448. The experts
+    quantize the rows they receive again in the same 1x128 tiles, which gives back the wire's codes only under the
+    same rule: the other rounds every value twice (26% of them moved)."""
+    for m in model.modules():
+        dispatcher, recipe = getattr(m, "dispatcher", None), getattr(getattr(m, "experts", None), "recipe", None)
+        if dispatcher is not None and hasattr(dispatcher, "fp8_pow2"):
+            dispatcher.fp8_pow2 = bool(getattr(recipe, "pow2_scales", False))
+
+
 def combine_wire_dtype(fp8: bool, combine_dtype: torch.dtype | None) -> torch.dtype | None:
     """The dtype combine rows travel in: ``combine_dtype``, else BF16 with FP8 dispatch, else None
     (the expert output dtype)."""
@@ -72,6 +83,7 @@ class LocalDispatcher:
     def __init__(self, n_experts: int, fp8: bool = False, combine_dtype: torch.dtype | None = None):
         self.n_experts = n_experts
         self.fp8 = fp8
+        self.fp8_pow2 = False  # power-of-two wire scales (``match_wire_scales``)
         self.combine_dtype = combine_wire_dtype(fp8, combine_dtype)
 
     def local_experts(self) -> tuple[int, int]:
@@ -95,7 +107,7 @@ class LocalDispatcher:
             order = order[:int(counts.sum())]
         token_idx = order // K
         if self.fp8:
-            x_TD = FakeFp8Rows.apply(x_TD)
+            x_TD = FakeFp8Rows.apply(x_TD, self.fp8_pow2)
         x_sorted = x_TD.index_select(0, token_idx)  # backward is an index_add, not a sorting index_put
         if self.combine_dtype is not None and self.combine_dtype != x_sorted.dtype:
             x_sorted = RoundGrad.apply(x_sorted, self.combine_dtype)  # gradients return in the combine dtype
@@ -137,4 +149,4 @@ def weighted_sum(y_ND: torch.Tensor, w_N1: torch.Tensor, src_N: torch.Tensor, n_
 
 
 __all__ = ["DISPATCHER_KINDS", "Dispatcher", "LocalContext", "LocalDispatcher", "combine_wire_dtype", "dispatcher_kind",
-           "weighted_sum"]
+           "match_wire_scales", "weighted_sum"]

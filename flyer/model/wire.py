@@ -19,11 +19,12 @@ def fp8_row_bytes(dim: int) -> int:
     return dim + 4 * -(-dim // TILE)
 
 
-def fp8_encode_rows(x_ND: torch.Tensor) -> torch.Tensor:
+def fp8_encode_rows(x_ND: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """(N, D) float -> (N, fp8_row_bytes(D)) uint8: E4M3 payload (1x128 tiles, as the FP8 recipe
-    quantises activations), then the FP32 tile scales."""
+    quantises activations), then the FP32 tile scales (``pow2``: powers of two, the report's for this activation,
+    which FP8 experts with power-of-two scales take without a second rounding)."""
     D = x_ND.shape[1]
-    q = quantize_tiles(x_ND, FP8_DTYPE)
+    q = quantize_tiles(x_ND, FP8_DTYPE, pow2)
     return torch.cat([q.data[:, :D].view(torch.uint8), q.scale.contiguous().view(torch.uint8)], dim=1)
 
 
@@ -34,9 +35,9 @@ def fp8_decode_rows(b_NB: torch.Tensor, dim: int, dtype: torch.dtype = torch.flo
     return dequantize(data, scale)[:, :dim].to(dtype)
 
 
-def fp8_round_trip(x_ND: torch.Tensor) -> torch.Tensor:
+def fp8_round_trip(x_ND: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """What the receiver of an FP8 row sees (no autograd)."""
-    return fp8_decode_rows(fp8_encode_rows(x_ND), x_ND.shape[1], x_ND.dtype)
+    return fp8_decode_rows(fp8_encode_rows(x_ND, pow2), x_ND.shape[1], x_ND.dtype)
 
 
 class RoundGrad(torch.autograd.Function):
@@ -57,9 +58,9 @@ class FakeFp8Rows(torch.autograd.Function):
     dispatch, whose backward moves gradients in the combine dtype, not in FP8)."""
 
     @staticmethod
-    def forward(ctx, x_ND: torch.Tensor) -> torch.Tensor:
-        return fp8_round_trip(x_ND)
+    def forward(ctx, x_ND: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+        return fp8_round_trip(x_ND, pow2)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        return g
+        return g, None

@@ -182,9 +182,9 @@ class _Dispatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, plan: Plan, fp8: bool, grad_dtype: torch.dtype | None,
-                counter: CommCounter) -> torch.Tensor:
+                counter: CommCounter, pow2: bool = False) -> torch.Tensor:
         ctx.plan, ctx.grad_dtype, ctx.counter, ctx.dtype = plan, grad_dtype, counter, x_TD.dtype
-        buf = fp8_encode_rows(x_TD) if fp8 else x_TD
+        buf = fp8_encode_rows(x_TD, pow2) if fp8 else x_TD
         for st in plan.stages:
             buf = buf.index_select(0, st.index)
             if st.group is not None:
@@ -201,7 +201,7 @@ class _Dispatch(torch.autograd.Function):
                 ctx.counter.add("dispatch_grad", st.recv, st.kinds, wire)
                 buf = all_to_all_rows(wire, st.recv, st.send, st.grad_group)
             buf = buf.new_zeros(st.n_in, g.shape[1], dtype=torch.float32).index_add_(0, st.index, buf.float())
-        return buf.to(ctx.dtype), None, None, None, None
+        return buf.to(ctx.dtype), None, None, None, None, None
 
 
 def _exchange_counts(counts: torch.Tensor, n_members: int, group) -> torch.Tensor:
@@ -286,6 +286,7 @@ class _ExchangeDispatcher:
         self.n_local = n_experts // mesh.ep
         self.first = mesh.ep_rank * self.n_local
         self.fp8 = fp8
+        self.fp8_pow2 = False  # power-of-two wire scales (``flyer.model.dispatch.match_wire_scales``)
         self.combine_dtype = combine_wire_dtype(fp8, combine_dtype)
         self.counter = CommCounter()
 
@@ -300,7 +301,7 @@ class _ExchangeDispatcher:
         sent) -> (x_sorted (N, D) rows for this rank's experts sorted by local expert, counts (n_local,), ctx)."""
         with torch.no_grad():
             plan = self.plan(topk_ids_TK)
-        x_sorted = _Dispatch.apply(x_TD, plan, self.fp8, self.combine_dtype, self.counter)
+        x_sorted = _Dispatch.apply(x_TD, plan, self.fp8, self.combine_dtype, self.counter, self.fp8_pow2)
         return x_sorted, plan.counts_local, plan
 
     def _fan_out_weights(self, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:

@@ -18,6 +18,7 @@ from flyer.errors import CheckpointError, ConfigError, FieldError
 from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
 from flyer.interop.load import init_source
 from flyer.model.counts import param_counts, routed_expert_params
+from flyer.model.dispatch import match_wire_scales
 from flyer.model.recompute import set_recompute
 from flyer.model.transformer import Transformer
 from flyer.optim.muon import muon_param_ids, optimizer_class, optimizer_groups
@@ -136,6 +137,7 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
         convert_to_fp8(model, recipe=FP8Recipe(activation_cache=fp8_activation_cache))
     if fp4:
         fp4_experts(model)
+    match_wire_scales(model)  # the FP8 dispatch's scales as the FP8 experts quantize their inputs
     set_recompute(model, recompute)
     return model
 
