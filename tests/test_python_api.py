@@ -152,3 +152,20 @@ def test_load_pretrained_takes_dtype_and_device_by_name(tmp_path):
     want, _, _ = load_pretrained(tmp_path, device=torch.device("cpu"), dtype=torch.bfloat16)
     assert model.embed.weight.dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+
+
+def test_export_takes_the_dtype_load_pretrained_takes(tmp_path):
+    from hf_models import build
+
+    from flyer.interop.export import export_model
+    from flyer.interop.load import load_pretrained
+
+    build("v3", tmp_path / "hf")
+    model, _, tok = load_pretrained(tmp_path / "hf")
+    export_model(model, tok, tmp_path / "a", dtype=torch.bfloat16)
+    export_model(model, tok, tmp_path / "b", dtype="bf16")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    with pytest.raises(TypeError, match="tok: the tokenizer to write beside the weights"):
+        export_model(model, None, tmp_path / "c")

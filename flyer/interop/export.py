@@ -244,7 +244,12 @@ def export_model(model: Transformer, tok: TextTokenizer, out: str | Path, dtype:
     settings are carried through (``flyer.interop.load.settings_dir``: the HF directory ``model``
     was read from, or a run's step directory carrying them); ``codes``: its FP8 blocks (``tensor_items``).
     Written into a fresh directory beside ``out`` and renamed to it when complete: an error or an
-    interrupt leaves nothing behind, and a failed write is a ``FieldError`` naming ``out``."""
+    interrupt leaves nothing behind, and a failed write is a ``FieldError`` naming ``out``. ``dtype``: one of
+    ``DTYPES``, or ``torch.bfloat16`` / ``torch.float32`` for theirs (as ``load_pretrained`` takes them)."""
+    dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, dtype)
+    if tok is None:
+        raise TypeError("tok: the tokenizer to write beside the weights (load_pretrained's third value; an exported "
+                        "directory is what AutoTokenizer loads too)")
     return _export(model.cfg, tok, lambda: tensor_items(model, dtype, codes), out, dtype, max_shard_size, source)
 
 
