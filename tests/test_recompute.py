@@ -145,3 +145,8 @@ def test_flyer_plan_estimates_a_recompute_run(capsys):
     assert got["mla"][0] < got["none"][0]
     assert main(["plan", "--preset", "tiny", "--gpus", "1", "--recompute", "full"]) == 2
     assert capsys.readouterr().err.strip() == "flyer: error: --recompute: must be one of none, mla (got 'full')"
+    for schedule in ("zb", "dualpipev"):  # as flyer train refuses it: no plan for a run that cannot start
+        assert main(["plan", "--preset", "tiny", "--gpus", "2", "--pp", "2", "--pp-schedule", schedule,
+                     "--recompute", "mla"]) == 2
+        assert capsys.readouterr().err.strip().startswith(
+            "flyer: error: --recompute: is not taken with --pp-schedule zb or dualpipev")

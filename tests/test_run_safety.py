@@ -340,6 +340,8 @@ def test_each_rank_resumes_only_the_checkpoint_rank_0_verified(tmp_path, data_ca
     shutil.copytree(ours, other)
     training_state.same_checkpoint(other, Rank1, views(other))  # an intact copy: verified, and taken
     assert hashed == [other]
+    training_state.same_checkpoint(other, Rank1, [None, training_state._view(other)])  # rank 0's unreadable
+    assert hashed == [other, other]  # (rank 0 says why); this copy verified, not a TypeError
     weights = other / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
@@ -574,19 +576,38 @@ def test_a_stopped_rank_is_named_after_the_collective_timeout(tmp_path, data_cac
         assert "rank(s) 1 ended (its own lines say why)" in err and "[rank0]: Traceback" not in err
 
 
+def _torchrun(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """``flyer`` ``argv`` on 2 gloo ranks."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "flyer", *argv], capture_output=True, text=True,
+                          env=env or child_env(OMP_NUM_THREADS="1"), timeout=300)
+
+
 @pytest.mark.slow
-def test_an_error_every_rank_raises_is_said_once(tmp_path, data_cache):
-    """A resume whose only checkpoint is corrupt fails on every rank alike: each printed the line (hundreds of
-    copies on a cluster, and two ranks' lines could run together). Rank 0 alone says it now, in one write."""
+@pytest.mark.parametrize("case", ["corrupt", "precision", "config"])
+def test_an_error_every_rank_raises_is_said_once(tmp_path, data_cache, case):
+    """A resume refused alike on every rank (its only checkpoint corrupt; another precision, which each rank checks
+    of its copy; a config file's value, which rank 0 checks) printed the line once per rank (hundreds of copies on a
+    cluster, and two ranks' lines could run together). Rank 0 alone says it now, in one write."""
     run = tmp_path / "run"
-    assert main(train_argv(run, data_cache, "--steps", "2")) == 0
-    weights = run / "checkpoints" / "step_00000002" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-8])
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flyer",
-            *train_argv(run, data_cache, "--steps", "4", "--resume")]
-    done = subprocess.run(argv, capture_output=True, text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=300)
+    first = train_argv(run, data_cache, "--steps", "2", "--precision", "bf16")
+    if case == "corrupt":
+        assert main(first) == 0
+        weights = run / "checkpoints" / "step_00000002" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-8])
+    else:
+        assert _torchrun(first).returncode == 0
+    extra = {"corrupt": ("--precision", "bf16"), "precision": ("--precision", "fp32"), "config": ("--precision", "bf16",
+                                                                                             "--config", "ga.toml")}
+    (tmp_path / "ga.toml").write_text("[train]\ngrad_accum = 2\n")
+    argv = train_argv(run, data_cache, "--steps", "4", "--resume", *extra[case])
+    argv = [str(tmp_path / a) if a == "ga.toml" else a for a in argv]
+    done = _torchrun(argv)
     lines = [line for line in done.stderr.splitlines() if "flyer: error:" in line]
-    assert len(lines) == 1 and lines[0].startswith("flyer: error: none of the 1 checkpoint(s)"), done.stderr[-3000:]
+    want = {"corrupt": "none of the 1 checkpoint(s)", "precision": "--precision: fp32", "config": "config field "
+            "'grad_accum'"}[case]
+    assert len(lines) == 1 and lines[0].startswith(f"flyer: error: {want}"), done.stderr[-3000:]
+    assert "{" not in lines[0]  # a config field's message names the other fields, not their placeholders
 
 
 # rank 1's view of the run's checkpoints/ is read-only (a node that mounted it so): its writes there fail

@@ -71,8 +71,8 @@ def _check_run_world(gpus: int, gpus_per_node: int) -> None:
     if gpus > MAX_RUN_WORLD:
         raise FieldError("gpus", f"per-rank bytes are listed for at most {MAX_RUN_WORLD:,} ranks (a three-tier fat "
                                  f"tree of {T.PAPER_RADIX}-port switches; got {gpus:,}); drop --zero, --dp, "
-                                 f"--pp-schedule, --precision, --vocab-size and --optimizer for the cluster-wide "
-                                 f"plan")
+                                 f"--pp-schedule, --precision, --vocab-size, --optimizer and --recompute for the "
+                                 f"cluster-wide plan")
     if gpus > gpus_per_node and gpus % gpus_per_node:  # torchrun starts the same number of ranks on every node
         raise FieldError("gpus", f"a flyer train run needs whole nodes: a multiple of the {gpus_per_node} GPUs per "
                                  f"node, or at most one node (got {gpus})")
@@ -84,7 +84,7 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     # here, not at the top: the model and torch.distributed.pipelining add seconds to every flyer start
     from flyer.parallel.memory import plan_state_bytes  # heavy: see above
     from flyer.parallel.mesh import validate_layout as validate_run_layout  # heavy: see above
-    from flyer.parallel.stages import min_micro_batches, validate_pipeline  # heavy: see above
+    from flyer.parallel.stages import SPLIT_SCHEDULES, min_micro_batches, validate_pipeline  # heavy: see above
     from flyer.optim.muon import OPTIMIZERS  # heavy: see above
     from flyer.model.recompute import MODES as RECOMPUTE_MODES  # heavy: see above
 
@@ -93,6 +93,10 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     recompute = args.recompute or "none"
     if recompute not in RECOMPUTE_MODES:
         raise FieldError("recompute", f"must be one of {', '.join(RECOMPUTE_MODES)} (got {recompute!r})")
+    if recompute != "none" and pp > 1 and schedule in SPLIT_SCHEDULES:  # as flyer train refuses it
+        raise FieldError("recompute", "is not taken with {pp_schedule} zb or dualpipev: their split weight backward "
+                                      "would recompute each MLA layer once per parameter group; use 1f1b or "
+                                      f"interleaved (got {recompute!r})", ("pp_schedule",))
     if optimizer not in OPTIMIZERS:
         raise FieldError("optimizer", f"must be one of {', '.join(OPTIMIZERS)} (got {optimizer!r})")
     if zero not in (0, 1):

@@ -10,7 +10,7 @@ import math
 import sys
 
 from flyer.config import PRESETS, ConfigError, FieldError, preset_fields, read_config_sections
-from flyer.errors import print_error
+from flyer.errors import every_rank, print_error
 from flyer.model.dispatch import DISPATCHER_KINDS
 from flyer.parse import json_loads
 
@@ -177,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except FieldError as e:  # a value the config file set, no flag: named as in the file, not as a flag not given
         if args.config and getattr(args, e.field, None) is None and e.field in read_config_sections(args.config)[1]:
-            raise ConfigError(f"config field '{e.field}': {e.problem} (in {args.config})") from None
+            problem = e.worded(e.field)[len(e.field) + 2:]  # its other fields by their names, as the file has them
+            named = ConfigError(f"config field '{e.field}': {problem} (in {args.config})")
+            raise (every_rank(named) if getattr(e, "every_rank", False) else named) from None
         raise
     if summary.get("signal"):
         return 128 + summary["signal"]  # the shell's convention for a process ended by that signal

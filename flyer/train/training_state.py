@@ -294,7 +294,10 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
     try:
         same_checkpoint(path, mesh, views)
         if check is not None:
-            check()
+            try:
+                check()
+            except Exception as e:  # the same copy on every rank (same_checkpoint): the same refusal, said once
+                raise every_rank(e)
         state = _load_training(path, model, optimizer, sampler, mesh, cfg, layout)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError,
             SafetensorError, OSError) as e:  # a DataError (the sampler's) and a ConfigError are ValueErrors too
@@ -333,7 +336,7 @@ def same_checkpoint(path: Path, mesh, views: list) -> None:
                               "another step or run): every rank must read the same checkpoint")
     # rank 0's very file (its device and inode: one host, or a shared file system that reports them alike) is
     # trusted; the first rank on a copy of its own checks its files' checksums
-    if mesh.rank and views.index(mine) == mesh.rank and mine[2:] != views[0][2:]:
+    if mesh.rank and views.index(mine) == mesh.rank and (views[0] is None or mine[2:] != views[0][2:]):
         verify_checkpoint(path)
 
 
