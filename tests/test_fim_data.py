@@ -134,23 +134,33 @@ def test_a_special_tokens_text_in_a_document_is_text(tmp_path, rate, given):
     text: every document has one EOS, its last token, and under FIM each marker once, in PSM order, its pieces
     decoding to the document (they became control tokens: three EOS in one document, a second HOLE). Also with a
     given tokenizer holding the markers as DeepSeek's does, added tokens that are not special, which
-    ``encode_special_tokens`` leaves matched: such documents held marker ids at rate 0 and two HOLEs under FIM."""
+    ``encode_special_tokens`` leaves matched: such documents held marker ids at rate 0 and two HOLEs under FIM; so
+    are its chat tokens (``<｜User｜>``), and ``<think>`` elsewhere: text too. A non-special added token that spells
+    text (DeepSeek-Coder's "õ"; "zq" here) is still how the tokenizer writes it."""
+    line = "x = '<|endoftext|>' {HOLE} and {END}<|endoftext|> <\uff5cUser\uff5c> <think> zq doc {k}\n"
     docs = write_corpus(tmp_path / "docs", 12, lines=2)
     for k in range(12):
-        (docs / f"doc{k:04d}.txt").write_text(f"x = '<|endoftext|>' {HOLE} and {END}<|endoftext|> doc {k}\n")
+        (docs / f"doc{k:04d}.txt").write_text(line.format(HOLE=HOLE, END=END, k=k))
     kw = {}
+    controls = ["<\uff5cUser\uff5c>", "<think>"]
     if given:
         from tokenizers import AddedToken
 
         tok = train_bpe((p.read_text() for p in sorted(docs.iterdir())), 300)
         tok.add_special_tokens(["<|endoftext|>"])
-        tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in (BEGIN, HOLE, END)])
+        tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in (BEGIN, HOLE, END, *controls,
+                                                                                  "zq")])
         (tmp_path / "tokenizer.json").write_text(tok.to_str())
         kw["tokenizer"] = tmp_path / "tokenizer.json"
     data = build(docs, tmp_path / "cache", fim_rate=rate, seed=2, **kw)
     tok = data.tokenizer
     ids = [tok.token_to_id(m) for m in (BEGIN, HOLE, END)]
-    text = [f"x = '<|endoftext|>' {HOLE} and {END}<|endoftext|> doc {k}\n" for k in range(12)]
+    text = [line.format(HOLE=HOLE, END=END, k=k) for k in range(12)]
+    if given:  # the chat tokens never come in as ids; the character does
+        train = data.train.read(0, len(data.train))
+        assert not np.isin(train, [tok.token_to_id(c) for c in controls]).any()
+        n_train = len(json.loads((data.cache_dir / "meta.json").read_text())["train_documents"])
+        assert (train == tok.token_to_id("zq")).sum() == n_train > 0
     meta = json.loads((data.cache_dir / "meta.json").read_text())
     for split, names in ((data.train, meta["train_documents"]), (data.val, meta["val_documents"])):
         got = documents(split.read(0, len(split)), data.eos_id)

@@ -17,6 +17,7 @@ tokenizer holds; one that holds none cannot do FIM. ``fim_prompt`` is a request'
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ import tokenizers
 
 from flyer.data.presplit import presplit_of, set_presplit
 from flyer.errors import FieldError
+
+_CONTROL_LOOKING = re.compile(r"<[^<>\s]{1,64}>")  # an added token spelled as a tag: a control, not text
 
 
 @dataclass(frozen=True)
@@ -80,15 +83,18 @@ def fim_prompt(tok, prefix: str, suffix: str) -> list[int]:
 
 
 def text_tokenizer(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
-    """A copy of ``tok`` that encodes text as text: a special token or FIM marker (``FAMILIES``) a text spells is
-    its characters, not its id, so that only the ids put in on purpose (EOS, the markers of a FIM split or prompt)
-    are controls. ``encode_special_tokens`` does that for special tokens; DeepSeek's tokenizers hold their FIM
-    markers as added tokens that are not special, which it leaves matched, so the copy makes them special first.
+    """A copy of ``tok`` that encodes text as text: a special token, FIM marker (``FAMILIES``) or other control
+    token a text spells is its characters, not its id, so that only the ids put in on purpose (EOS, the markers of
+    a FIM split or prompt) are controls. ``encode_special_tokens`` does that for special tokens; DeepSeek's
+    tokenizers hold their FIM markers and chat tokens (``<｜User｜>``) as added tokens that are not special, which it
+    leaves matched, so the copy makes those special first: the FIM markers, and every added token that looks like a
+    control (``<...>``, no space: ``<think>``, ``<|im_start|>``), as llama.cpp types such tokens CONTROL. Other
+    added tokens (DeepSeek-Coder's single characters) stay as they are: they are how the tokenizer spells text.
     The copy keeps ``tok``'s ``PreSplit`` (``flyer.data.presplit``)."""
     d = json.loads(tok.to_str())
     names = {m for f in FAMILIES for m in (f.begin, f.hole, f.end)}
     for t in d.get("added_tokens", []):
-        if t.get("content") in names:
+        if t.get("content") in names or _CONTROL_LOOKING.fullmatch(t.get("content") or ""):
             t["special"] = True
     out = tokenizers.Tokenizer.from_str(json.dumps(d))
     out.encode_special_tokens = True

@@ -38,7 +38,7 @@ from flyer.data.tokenizer import check_vocab_size, ensure_eos, load_tokenizer, t
 from flyer.errors import DataError, FieldError
 
 PIPELINE_VERSION = 3  # 2: a special token's text in a document is text (FIM markers and EOS inserted as ids); 3: so
-# are FIM markers a tokenizer holds as added tokens that are not special (DeepSeek's)
+# are FIM markers and tag-like tokens a tokenizer holds as added tokens that are not special (DeepSeek's)
 SHARD_TOKENS = 1 << 20  # 2 MiB uint16 shards: the default corpus spans a few files
 _ENCODE_DOCS = 16  # documents per encode_batch call
 
