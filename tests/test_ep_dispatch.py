@@ -188,8 +188,8 @@ def test_bf16_expert_outputs_cross_in_bf16_until_summed():
 def test_fp8_wire_scales_follow_the_experts_recipe():
     """FP8 experts quantize the rows they receive again, in the same 1x128 tiles: under the wire's own scale rule
     that gives back the wire's values exactly, under another it rounds each value a second time. With FP4 QAT the
-    experts take power-of-two scales (``fp4_experts``) while the wire kept amax / 448: 26% of the values moved.
-    ``match_wire_scales`` gives each layer's dispatch its experts' rule."""
+    experts take power-of-two scales (``fp4_experts``) while the wire kept amax / 448: 26% of the values moved
+    (BF16 inputs). ``match_wire_scales`` gives each layer's dispatch its experts' rule."""
     from flyer.fp8 import convert_to_fp8
     from flyer.fp8.fp4 import fp4_experts
     from flyer.fp8.quant import quantize_tiles

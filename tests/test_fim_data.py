@@ -136,8 +136,8 @@ def test_a_special_tokens_text_in_a_document_is_text(tmp_path, rate, given):
     given tokenizer holding the markers as DeepSeek's does, added tokens that are not special, which
     ``encode_special_tokens`` leaves matched: such documents held marker ids at rate 0 and two HOLEs under FIM; so
     are its chat tokens (``<｜User｜>``), and ``<think>`` elsewhere: text too. A non-special added token that spells
-    text (DeepSeek-Coder's "õ"; "zq" here) is still how the tokenizer writes it."""
-    line = "x = '<|endoftext|>' {HOLE} and {END}<|endoftext|> <\uff5cUser\uff5c> <think> zq doc {k}\n"
+    text (DeepSeek-Coder's "õ", Gemma's "<table>"; "zq" and "<table>" here) is still how the tokenizer writes it."""
+    line = "x = '<|endoftext|>' {HOLE} and {END}<|endoftext|> <\uff5cUser\uff5c> <think> zq <table> doc {k}\n"
     docs = write_corpus(tmp_path / "docs", 12, lines=2)
     for k in range(12):
         (docs / f"doc{k:04d}.txt").write_text(line.format(HOLE=HOLE, END=END, k=k))
@@ -149,7 +149,7 @@ def test_a_special_tokens_text_in_a_document_is_text(tmp_path, rate, given):
         tok = train_bpe((p.read_text() for p in sorted(docs.iterdir())), 300)
         tok.add_special_tokens(["<|endoftext|>"])
         tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in (BEGIN, HOLE, END, *controls,
-                                                                                  "zq")])
+                                                                                  "zq", "<table>")])
         (tmp_path / "tokenizer.json").write_text(tok.to_str())
         kw["tokenizer"] = tmp_path / "tokenizer.json"
     data = build(docs, tmp_path / "cache", fim_rate=rate, seed=2, **kw)
@@ -160,7 +160,8 @@ def test_a_special_tokens_text_in_a_document_is_text(tmp_path, rate, given):
         train = data.train.read(0, len(data.train))
         assert not np.isin(train, [tok.token_to_id(c) for c in controls]).any()
         n_train = len(json.loads((data.cache_dir / "meta.json").read_text())["train_documents"])
-        assert (train == tok.token_to_id("zq")).sum() == n_train > 0
+        if rate == 0:  # whole documents (a FIM split may cut through a word)
+            assert (train == tok.token_to_id("zq")).sum() == (train == tok.token_to_id("<table>")).sum() == n_train
     meta = json.loads((data.cache_dir / "meta.json").read_text())
     for split, names in ((data.train, meta["train_documents"]), (data.val, meta["val_documents"])):
         got = documents(split.read(0, len(split)), data.eos_id)

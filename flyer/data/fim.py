@@ -26,7 +26,9 @@ import tokenizers
 from flyer.data.presplit import presplit_of, set_presplit
 from flyer.errors import FieldError
 
-_CONTROL_LOOKING = re.compile(r"<[^<>\s]{1,64}>")  # an added token spelled as a tag: a control, not text
+# added tokens that are controls whatever their flag: chat markers spelled <|...|> or <｜...｜> (DeepSeek's <｜User｜>),
+# and reasoning's tags. Not every tag: Gemma's <table>, <h1>... are how its tokenizer spells ordinary HTML
+_CONTROL_LOOKING = re.compile(r"<\|[^<>\s]{1,64}\|>|<\uff5c[^<>\s]{1,64}\uff5c>|</?think>")
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,9 @@ def text_tokenizer(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     a FIM split or prompt) are controls. ``encode_special_tokens`` does that for special tokens; DeepSeek's
     tokenizers hold their FIM markers and chat tokens (``<｜User｜>``) as added tokens that are not special, which it
     leaves matched, so the copy makes those special first: the FIM markers, and every added token that looks like a
-    control (``<...>``, no space: ``<think>``, ``<|im_start|>``), as llama.cpp types such tokens CONTROL. Other
-    added tokens (DeepSeek-Coder's single characters) stay as they are: they are how the tokenizer spells text.
+    chat control (``<|im_start|>``, ``<｜User｜>``, ``<think>``), as llama.cpp types such tokens CONTROL. Other added
+    tokens (DeepSeek-Coder's single characters, Gemma's HTML tags) stay as they are: they are how the tokenizer
+    spells text.
     The copy keeps ``tok``'s ``PreSplit`` (``flyer.data.presplit``)."""
     d = json.loads(tok.to_str())
     names = {m for f in FAMILIES for m in (f.begin, f.hole, f.end)}

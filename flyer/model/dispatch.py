@@ -52,8 +52,9 @@ class Dispatcher(Protocol):
 def match_wire_scales(model) -> None:
     """Each MoE layer's FP8 dispatch scales (``fp8_pow2``) as its experts' FP8 recipe takes its inputs: powers of
     two where they are (``pow2_scales``: FP4 QAT's, ``flyer.fp8.fp4.fp4_experts``), else amax / 448. The experts
-    quantize the rows they receive again in the same 1x128 tiles, which gives back the wire's codes only under the
-    same rule: the other rounds every value twice (26% of them moved)."""
+    quantize the rows they receive again in the same 1x128 tiles, which gives back the wire's values only under the
+    same rule (not always its codes: a tile may take half the scale and double codes); the other rounds them twice
+    (26% of BF16 inputs moved)."""
     for m in model.modules():
         dispatcher, recipe = getattr(m, "dispatcher", None), getattr(getattr(m, "experts", None), "recipe", None)
         if dispatcher is not None and hasattr(dispatcher, "fp8_pow2"):
