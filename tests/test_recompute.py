@@ -150,3 +150,20 @@ def test_flyer_plan_estimates_a_recompute_run(capsys):
                      "--recompute", "mla"]) == 2
         assert capsys.readouterr().err.strip().startswith(
             "flyer: error: --recompute: is not taken with --pp-schedule zb or dualpipev")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [("--ep", "2"), ("--pp", "2", "--pp-schedule", "1f1b")], ids=["ep2", "pp2_1f1b"])
+def test_parallel_runs_with_recompute_train_the_same_steps(tmp_path, data_cache, layout):
+    """Two gloo ranks, expert-parallel (its dispatch collectives inside the recomputed layers' blocks) or a 1F1B
+    pipeline (torch.distributed.pipelining's backward): the losses with ``--recompute mla`` are those without, bit for
+    bit."""
+    from test_run_safety import _torchrun
+
+    losses = []
+    for mode in ("none", "mla"):
+        out = tmp_path / mode
+        done = _torchrun(train_argv(out, data_cache, "--steps", "3", "--batch-size", "4", *layout, "--recompute", mode))
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses.append([r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r])
+    assert losses[0] == losses[1] and len(losses[0]) == 3
