@@ -114,3 +114,17 @@ def test_ep_table_says_what_a_node_limit_sends(capsys):
     assert f"{o['scaleout_copies_per_token']} copies a token" in out.splitlines()[0]
     assert f"NVLink fan-out (overlapped)  {o['nvlink_us']:.2f} us" in out
     assert "copies a token" not in run(capsys, "net", "ep", "--fabric", "ib")[1]
+
+
+def test_plan_memory_rows_show_small_sizes(capsys):
+    """A small preset's memory rows read 0.00 GiB (all of them, the total too): each is written in the largest
+    unit that shows it, and the JSON keeps GiB."""
+    assert main(["plan", "--preset", "tiny"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {name: next(line for line in lines if line.strip().startswith(name)) for name in (
+        "weights (BF16)", "gradients (FP32)", "optimizer (ZeRO-1)", "activations (estimate)", "total  ")}
+    assert not any("0.00 GiB" in line for line in rows.values()), rows
+    assert "MiB" in rows["weights (BF16)"] and rows["total  "].endswith("of 80 GiB HBM (fits)")
+    assert main(["plan", "--preset", "tiny", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["memory"]
+    assert 0 < m["weights_gib"] < 0.01

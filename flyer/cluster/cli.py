@@ -78,6 +78,13 @@ def _check_run_world(gpus: int, gpus_per_node: int) -> None:
                                  f"node, or at most one node (got {gpus})")
 
 
+def _size(gib: float) -> str:
+    """A size given in GiB, written in the largest unit that shows it whole (a small preset's rows read 0.00 GiB)."""
+    for unit, scale in (("GiB", 1), ("MiB", 1 << 10), ("KiB", 1 << 20)):
+        if gib * scale >= 1 or unit == "KiB":
+            return f"{gib * scale:.2f} {unit}"
+
+
 def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) -> dict:
     """Per-rank bytes of parameters, gradients and optimizer state of ``flyer train`` on this layout
     (``flyer.parallel.memory``: equal to what a run measures), activations estimated beside them."""
@@ -180,11 +187,11 @@ def _plan(args) -> int:
               f"{m['dp']} (ZeRO-1), {m['schedule']}, {m['layers_per_stage']} layers/stage, micro-batch "
               f"{m['micro_batch']}, the MTP module not counted")
         _rows([
-            ("weights (BF16)", f"{m['weights_gib']:.2f} GiB"),
-            ("gradients (FP32)", f"{m['gradients_gib']:.2f} GiB"),
-            ("optimizer (ZeRO-1)", f"{m['optimizer_gib']:.2f} GiB"),
-            ("activations (estimate)", f"{m['activations_gib']:.2f} GiB"),
-            ("total", f"{m['total_gib']:.2f} GiB of {m['hbm_gib']:.0f} GiB HBM "
+            ("weights (BF16)", _size(m["weights_gib"])),
+            ("gradients (FP32)", _size(m["gradients_gib"])),
+            ("optimizer (ZeRO-1)", _size(m["optimizer_gib"])),
+            ("activations (estimate)", _size(m["activations_gib"])),
+            ("total", f"{_size(m['total_gib'])} of {m['hbm_gib']:.0f} GiB HBM "
                       f"({'fits' if m['fits'] else 'does NOT fit'})"),
         ])
         if "run_layout" in o:
