@@ -303,10 +303,12 @@ def prompt_lists(prompts) -> list[list[int]]:
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
             raise TypeError(f"prompts[{i}]: a list of token ids (got {type(p).__name__}; one prompt goes in a list "
                             "of its own, [ids])")
-        bad = next((t for t in ids if isinstance(t, (bool, float)) or not hasattr(t, "__index__")), None)
-        if bad is not None:
-            raise TypeError(f"prompts[{i}]: token ids are ints (got {bad!r})")
-        out.append([t.__index__() for t in ids])
+        row = []
+        for t in ids:
+            if isinstance(t, (bool, float)) or not hasattr(t, "__index__"):
+                raise TypeError(f"prompts[{i}]: token ids are ints (got {t!r})")
+            row.append(t.__index__())
+        out.append(row)
     return out
 
 

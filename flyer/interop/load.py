@@ -22,7 +22,7 @@ from flyer.data.tokenizer import tokenizer_file
 from flyer.data.tokenizer_copy import read_tokenizer_files
 from flyer.errors import CheckpointError
 from flyer.fp8.fp4 import fp4_round_trip
-from flyer.infer.weights import FP8, empty_held, held_scale, hold_weights, write_fp8_codes
+from flyer.infer.weights import FP8, WEIGHT_DTYPES, empty_held, held_scale, hold_weights, write_fp8_codes
 from flyer.interop import compressed, modelopt
 from flyer.interop.compressed import SCALE
 from flyer.interop.fp8_scaled import tiles_in_blocks
@@ -62,19 +62,17 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     return model, cfg, text_tok
 
 
-_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-                "fp16": torch.float16, "float16": torch.float16}
-
-
 def _dtype(value, field: str) -> torch.dtype | None:
-    """``value`` as a ``torch.dtype`` (None stays None; ``held`` also takes "fp8"); ``TypeError`` naming ``field``
-    for what is none."""
-    names = {**_DTYPE_NAMES, **({"fp8": torch.float8_e4m3fn} if field == "held" else {})}
+    """``value`` as a ``torch.dtype``: None, a dtype, flyer's name of one (``WEIGHT_DTYPES``: "fp8" for ``held`` only)
+    or torch's ("bfloat16"); ``TypeError`` naming ``field`` for anything else."""
     if value is None or isinstance(value, torch.dtype):
         return value
-    if isinstance(value, str) and value.lower() in names:
-        return names[value.lower()]
-    raise TypeError(f"{field}: a torch.dtype or one of {', '.join(names)} (got {value!r})")
+    short = {k: v for k, v in WEIGHT_DTYPES.items() if field == "held" or v != FP8}
+    named = short.get(value, getattr(torch, value, None)) if isinstance(value, str) else None
+    if isinstance(named, torch.dtype):
+        return named
+    raise TypeError(f"{field}: a torch.dtype or one of {', '.join(sorted(short))} or torch's name of one "
+                    f"(got {value!r})")
 
 
 def fp4_trained(path: str | Path) -> bool:

@@ -151,10 +151,8 @@ class Trainer:
             # each rank writing a part of a save (its experts', its ZeRO shard, a stage's first) tries, before any step
             writes = bool(tc.zero) or self.mesh.dp_rank < self.mesh.ep
             training_state.check_writers(self.ckpt_root, self.mesh, writes)
-        if err is not None and self.mesh.world > 1:
-            every_rank(err)
         if err is not None:
-            raise err
+            raise every_rank(err)  # broadcast: every rank raises it, rank 0 says it
         self.precision = resolve_precision(tc.precision, self.device)
         note = precision_note(self.precision, self.device)
         if note:

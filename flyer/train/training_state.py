@@ -137,16 +137,13 @@ def check_writers(ckpt_root: Path, mesh, writes: bool) -> None:
     if tmp is None:
         return
     why = None
-    try:
-        if not writes:
-            raise FileExistsError  # nothing to try
-        probe = tmp / f".write-{mesh.rank}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except FileExistsError:
-        pass
-    except OSError as e:
-        why = e.strerror or str(e)
+    if writes:
+        try:
+            probe = tmp / f".write-{mesh.rank}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            why = e.strerror or str(e)
     every = mesh.gather_object(why)
     if mesh.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
