@@ -5,7 +5,9 @@ experts lie on at most min(M, 2) nodes), every rank routes its tokens with the r
 dispatches them (FP8 by default), runs stand-in experts and combines (BF16), with the flat and the
 hierarchical dispatcher in turn. Reported per step (one dispatch + combine of one MoE layer, all
 ranks summed): inter- and intra-node bytes of both dispatchers and their time (median over
-repeats, slowest rank), plus the bound the issue states:
+repeats, slowest rank), the bytes of a training step (``train_*``: the same and its backward, where
+the gradients retrace both routes: combine's in FP8 as dispatch's rows, dispatch's in BF16 as
+combine's), plus the bound the issue states:
 
     inter_hier <= inter_flat / (remote experts per token / remote nodes per token)
 
@@ -37,6 +39,17 @@ WORLD, RANKS_PER_NODE = 4, 2
 def _step(disp, x, ids, w) -> torch.Tensor:
     xs, counts, ctx = disp.dispatch(x, ids)
     return disp.combine(xs * 0.5, w, ctx)  # stand-in experts: routing cost only
+
+
+def _training_step_bytes(disp, x, ids, w) -> dict:
+    """Bytes of one dispatch + combine and their backward (a random upstream gradient): this rank's counters."""
+    disp.counter.reset()
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = _step(disp, x, ids, w)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(0)))
+    out = disp.counter.summary()
+    disp.counter.reset()
+    return out
 
 
 def _worker(rank: int, args) -> dict:
@@ -79,13 +92,16 @@ def _worker(rank: int, args) -> dict:
                     t0 = time.perf_counter()
                     _step(disp, x, ids, w)
                     times.append(time.perf_counter() - t0)
+            train = _training_step_bytes(disp, x, ids, w)
             t = torch.tensor([statistics.median(times)])
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            c = torch.tensor([float(counters[k]) for k in ("inter_node_bytes", "intra_node_bytes",
-                                                           "inter_node_meta_bytes")])
+            c = torch.tensor([float(m[k]) for m in (counters, train)
+                              for k in ("inter_node_bytes", "intra_node_bytes", "inter_node_meta_bytes")])
             dist.all_reduce(c)
             row.update({f"inter_node_bytes_{kind}": int(c[0]), f"intra_node_bytes_{kind}": int(c[1]),
-                        f"inter_node_meta_bytes_{kind}": int(c[2]), f"time_s_{kind}": float(t)})
+                        f"inter_node_meta_bytes_{kind}": int(c[2]), f"time_s_{kind}": float(t),
+                        f"train_inter_node_bytes_{kind}": int(c[3]), f"train_intra_node_bytes_{kind}": int(c[4]),
+                        f"train_inter_node_meta_bytes_{kind}": int(c[5])})
         out.append(row)
     dist.destroy_process_group()
     return out
@@ -115,7 +131,7 @@ def main() -> None:
         "layout": {"ranks": WORLD, "nodes": WORLD // RANKS_PER_NODE, "ep": WORLD, "backend": "gloo"},
         "tokens_per_rank": args.tokens, "dim": args.dim, "experts": args.experts, "topk": args.topk,
         "expert_groups": 4, "dispatch_dtype": "fp32" if args.no_fp8 else "fp8_e4m3", "combine_dtype":
-            "fp32" if args.no_fp8 else "bf16",
+            "fp32" if args.no_fp8 else "bf16", "combine_grad_dtype": "fp32" if args.no_fp8 else "fp8_e4m3",
         "note": "loopback gloo: every byte crosses the same memory bus, so times compare the two "
                 "algorithms' overheads, not an InfiniBand/NVLink split; bytes are exact",
         "limit": head["limit"],
@@ -123,6 +139,8 @@ def main() -> None:
         "inter_node_bytes_hierarchical": head["inter_node_bytes_hierarchical"],
         "intra_node_bytes_flat": head["intra_node_bytes_flat"],
         "intra_node_bytes_hierarchical": head["intra_node_bytes_hierarchical"],
+        "train_inter_node_bytes_flat": head["train_inter_node_bytes_flat"],
+        "train_inter_node_bytes_hierarchical": head["train_inter_node_bytes_hierarchical"],
         "bound_ok": all(r["bound_ok"] for r in rows),
         "by_limit": rows,
     }, indent=1))

@@ -26,3 +26,9 @@ def test_ep_dispatch_bench_json():
         assert row["bound_ok"], row
         assert row["max_nodes_per_token"] <= min(row["limit"], 2)
     assert r["by_limit"][0]["max_nodes_per_token"] == 1  # M = 1: one node per token
+    # a training step's gradients retrace both routes in the other direction's formats (combine's gradient in FP8
+    # as dispatch's rows, dispatch's in BF16 as combine's): twice the forward's payload
+    for row in r["by_limit"]:
+        for kind in ("flat", "hierarchical"):
+            for where in ("inter", "intra"):
+                assert row[f"train_{where}_node_bytes_{kind}"] == 2 * row[f"{where}_node_bytes_{kind}"] > 0, row

@@ -75,9 +75,10 @@ FP32_TOL = 1e-4
 # flips an element with probability about d 2^-24 / 2^-4 = d 2^-20, so even d = 2^10 (a long
 # sum's worst case) gives sqrt(12 * 2^-10) = 0.11.
 FLIP_SHARE = 0.11
-# Hierarchical BF16 combine: a (token, node) pair is summed in FP32 and rounded once, gradients are
-# rounded at both hops, where the oracle rounds each copy once: two independent sets of BF16
-# roundings of the same size as the oracle's one, whose difference has sqrt(1 + 1 + 1) times its norm.
+# Hierarchical BF16 combine: a (token, node) pair is summed in FP32 and rounded once, dispatch's gradients
+# are rounded at both hops (combine's travel in FP8, rounded once on the token's rank, as the oracle's), where
+# the oracle rounds each copy once: two independent sets of BF16 roundings of the same size as the oracle's one,
+# whose difference has sqrt(1 + 1 + 1) times its norm.
 REROUND_SHARE = 3**0.5
 
 

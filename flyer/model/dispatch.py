@@ -13,9 +13,12 @@ hierarchical, live in ``flyer.parallel.dispatch``. ``DISPATCHER_KINDS`` names al
 Wire formats (``flyer.model.wire``): dispatch moves rows in the input dtype, or FP8 with
 ``fp8=True``. Combine moves rows in ``combine_dtype`` (BF16 by default when ``fp8=True``), else the expert
 outputs in their own dtype and the hierarchical dispatcher's weighted partial sums in FP32 (DeepEP rounds those
-to BF16), and sums in FP32; gradients travel in the same dtype. ``LocalDispatcher`` applies the same roundings,
-so that one process is the oracle for the exchanging dispatchers (but for hierarchical's partial sums under a
-``combine_dtype``, which it cannot place: within that dtype's rounding).
+to BF16), and sums in FP32. Gradients retrace the routes in the combine's dtypes: dispatch's, summed per token
+on the way back, and combine's, each token's output gradient on its way to the experts; with ``fp8=True``
+combine's travel as FP8 rows quantized once on the token's rank, as dispatch's inputs do (the report's FP8
+gradient before the MoE down-projections, section 3.3.2, where combine stays BF16 both ways). ``LocalDispatcher``
+applies the same roundings, so that one process is the oracle for the exchanging dispatchers (but for
+hierarchical's partial sums under a ``combine_dtype``, which it cannot place: within that dtype's rounding).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from flyer.config import ConfigError
-from flyer.model.wire import FakeFp8Rows, RoundGrad
+from flyer.model.wire import FakeFp8Rows, Fp8RoundGrad, RoundGrad
 
 DISPATCHER_KINDS = ("local", "flat", "hierarchical")  # the one list of dispatcher choices
 _ALIASES = {"all_to_all": "flat", "alltoall": "flat", "a2a": "flat", "hier": "hierarchical"}
@@ -78,7 +81,7 @@ class LocalDispatcher:
     """One process holds every expert: a stable sort of token copies by expert id.
 
     ``fp8`` / ``combine_dtype`` apply the same wire roundings as the exchanging dispatchers (FP8
-    round trip of each token, combine rows and gradients rounded per copy).
+    round trip of each token and of its output gradient, combine rows and dispatch's gradients rounded per copy).
     """
 
     def __init__(self, n_experts: int, fp8: bool = False, combine_dtype: torch.dtype | None = None):
@@ -120,7 +123,8 @@ class LocalDispatcher:
         if self.combine_dtype is not None:
             y_ND = y_ND.to(self.combine_dtype)
         w = weights_TK.flatten().index_select(0, ctx.order_N).unsqueeze(1)
-        return weighted_sum(y_ND, w, ctx.token_idx_N, ctx.n_tokens)  # FP32 sum of the K weighted copies
+        y_TD = weighted_sum(y_ND, w, ctx.token_idx_N, ctx.n_tokens)  # FP32 sum of the K weighted copies
+        return Fp8RoundGrad.apply(y_TD, self.fp8_pow2) if self.fp8 else y_TD
 
 
 class _WeightedSum(torch.autograd.Function):

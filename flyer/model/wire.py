@@ -55,7 +55,7 @@ class RoundGrad(torch.autograd.Function):
 
 class FakeFp8Rows(torch.autograd.Function):
     """FP8 round trip of rows with a straight-through gradient (the single-process twin of FP8
-    dispatch, whose backward moves gradients in the combine dtype, not in FP8)."""
+    dispatch, whose backward, a sum of the copies' gradients, moves them in the combine dtype, not in FP8)."""
 
     @staticmethod
     def forward(ctx, x_ND: torch.Tensor, pow2: bool = False) -> torch.Tensor:
@@ -64,3 +64,20 @@ class FakeFp8Rows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         return g, None
+
+
+class Fp8RoundGrad(torch.autograd.Function):
+    """Identity forward; backward rounds each gradient row through the FP8 wire (1x128 E4M3 tiles): the
+    single-process twin of combine's backward under FP8 dispatch, which sends each token's output gradient to its
+    experts as dispatch sends its input (DeepSeek-V3 report, section 3.3.2: the activation gradient before the MoE
+    down-projections)."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+        ctx.pow2 = pow2
+        return x_ND.view_as(x_ND)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return fp8_round_trip(g, ctx.pow2), None
+

@@ -310,20 +310,69 @@ class _ExchangeDispatcher:
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
         """y_ND (N, D) expert outputs in dispatch order, weights_TK (T, K) -> y_TD (T, D) FP32:
-        sum over k of weights_TK[t, k] * expert_k(x_t)."""
+        sum over k of weights_TK[t, k] * expert_k(x_t). Under FP8 dispatch the backward sends each token's output
+        gradient to its experts in FP8 (``_Fp8GradCombine``)."""
         w = self._fan_out_weights(weights_TK.float(), plan)
+        if self.fp8:
+            return _Fp8GradCombine.apply(y_ND, w, plan, self)
+        return self._combine(y_ND, w, plan)[0]
+
+    def _combine(self, y_ND: torch.Tensor, w: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(combined (T, D) FP32, the rows the gate weights ``w`` multiply)."""
         buf, D = y_ND, y_ND.shape[1]
         copies = True  # the rows are the expert outputs as they are (permuted) until the weighted sum
+        weighed = y_ND
         for st in reversed(plan.stages):
             if st.group is not None:  # copies travel in their own dtype (BF16 under autocast: exact), sums in FP32
                 wire = self.combine_dtype or (y_ND.dtype if copies else buf.dtype)
                 buf = AllToAll.apply(buf.to(wire), st, True, self.counter, "combine")
             if st.slot is not None:
+                weighed = buf
                 buf = weighted_sum(buf, w[st.slot].unsqueeze(1), st.index, st.n_in)
                 copies = False
             else:
                 buf = buf.new_zeros(st.n_in, D, dtype=torch.float32).index_add(0, st.index, buf.float())
-        return buf
+        return buf, weighed
+
+
+class _Fp8GradCombine(torch.autograd.Function):
+    """Combine whose backward moves each token's output gradient g (T, D) to its experts as FP8 dispatch moves
+    its input: quantized once on the token's rank (1x128 E4M3 tiles, the dispatcher's scale rule), the same bytes
+    forwarded along dispatch's route, dequantized where the gate weights apply. Flat applies them on the token's
+    rank in forward, so its backward sends each copy's weight along (4 bytes, ``combine_grad_meta``) and the
+    expert's rank multiplies. The values are ``LocalDispatcher``'s: its combine rounds g through the same wire
+    (``Fp8RoundGrad``), then the weighted sum's backward runs as here."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, w: torch.Tensor, plan: Plan, disp: _ExchangeDispatcher) -> torch.Tensor:
+        out, weighed = disp._combine(y_ND, w, plan)
+        ctx.save_for_backward(weighed, w)
+        ctx.plan, ctx.disp, ctx.y_dtype = plan, disp, y_ND.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g_TD: torch.Tensor):
+        weighed, w = ctx.saved_tensors
+        disp, D = ctx.disp, g_TD.shape[1]
+        buf = fp8_encode_rows(g_TD, disp.fp8_pow2)
+        w_rows, dw = None, None
+        for st in ctx.plan.stages:  # dispatch's route
+            buf = buf.index_select(0, st.index)
+            if w_rows is not None:
+                w_rows = w_rows.index_select(0, st.index)
+            if st.slot is not None:
+                w_rows = w[st.slot]
+                if ctx.needs_input_grad[1]:  # the weights' gradient where they apply, from the rounded g as well
+                    g_rows = fp8_decode_rows(buf, D)
+                    dw = torch.zeros_like(w).index_put_((st.slot,), (g_rows * weighed.float()).sum(1))
+            if st.group is not None:
+                disp.counter.add("combine_grad", st.send, st.kinds, buf)
+                buf = all_to_all_rows(buf, st.send, st.recv, st.grad_group)
+                if w_rows is not None:
+                    disp.counter.add("combine_grad_meta", st.send, st.kinds, w_rows.unsqueeze(1))
+                    w_rows = all_to_all_rows(w_rows, st.send, st.recv, st.grad_group)
+        dy = (fp8_decode_rows(buf, D) * w_rows.unsqueeze(1)).to(weighed.dtype).to(ctx.y_dtype)
+        return dy, dw, None, None
 
 
 class AllToAllDispatcher(_ExchangeDispatcher):

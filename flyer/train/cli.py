@@ -89,7 +89,8 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the newest valid checkpoint in --out")
     p.add_argument("--fp8-dispatch", dest="fp8_dispatch", action="store_true", default=None,
-                   help="send the EP dispatch payload in FP8 (E4M3, per-128-channel scales)")
+                   help="send the EP dispatch payload in FP8 (E4M3, per-128-channel scales), and in backward the "
+                        "gradient that retraces its route (combine's); combine and its route back stay BF16")
     p.add_argument("--fp4-experts", dest="fp4_experts", action="store_true", default=None,
                    help="DeepSeek-V4's FP4 QAT: routed experts' GEMMs multiply by their FP4 values (E2M1, a power-of-"
                         "two scale per 32 inputs, from the FP32 master weights each step; gradients straight through), "
