@@ -18,12 +18,12 @@ from flyer.config import preset
 from flyer.fp8 import (FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8, emulated_gemm_nt, fake_quantize, fp8_gemm_nt,
                        fp8_grouped_linear, fp8_linear, fp8_modules, quantize_blocks, quantize_tiles)
 from flyer.fp8.gemm import accumulation_experiment, cuda_fp8_supported, cuda_gemm_path, round_mantissa
-from flyer.fp8.linear import FP8SwiGLUDownFunction
+from flyer.fp8.linear import FP8MLP, FP8SwiGLUDownFunction
 from flyer.fp8.logfmt import logfmt_decode, logfmt_encode, logfmt_roundtrip
 from flyer.fp8.quant import (FP8_MAX, TILE, ceil_pow2, dequantize, dequantize_blocks_batched, fp8_to_float,
                              quantize_blocks_batched, quantize_tiles_t)
 from flyer.model.lowp import Linear, emulation
-from flyer.model.experts import Experts, swiglu
+from flyer.model.experts import MLP, Experts, swiglu
 from flyer.model.moe import Gate
 from flyer.model.transformer import Transformer
 from flyer.parallel.memory import saved_bytes
@@ -415,6 +415,47 @@ def _tiny(**kw):
     return preset("tiny", vocab_size=256, n_layers=2, max_seq_len=64, original_seq_len=64, **kw)
 
 
+class _Holder(torch.nn.Module):
+    def __init__(self, mlp: torch.nn.Module):
+        super().__init__()
+        self.mlp = mlp
+
+
+@pytest.mark.parametrize("limit", [0.0, 1.5])
+def test_fp8_mlp_recomputes_its_swiglu_from_fp8_inputs(limit):
+    """Dense FFN layers and shared experts under the FP8 activation cache (``FP8MLP``): the forward of the MLP of
+    three FP8 layers bit for bit (FP32 and BF16 autocast); the gradients, bit for bit, of that MLP with the SwiGLU
+    fed its inputs' 1x128 tiles dequantized (straight through) and w2 keeping its own input, the routed experts'
+    cache (``FP8SwiGLUDownFunction``); and what backward keeps: the weights' blocks, the input's tiles once for
+    w1 and w3, and the SwiGLU inputs' tiles (the three layers keep two copies of the input's tiles, h1, silu(h1),
+    h3 and the SwiGLU output's tiles)."""
+    torch.manual_seed(0)
+    D, F_ = 200, 300
+    mlp = MLP(D, F_, limit=limit)
+    fast = convert_to_fp8(_Holder(copy.deepcopy(mlp))).mlp
+    plain = convert_to_fp8(_Holder(copy.deepcopy(mlp)), recipe=FP8Recipe(activation_cache="input")).mlp
+    ref = _Holder(copy.deepcopy(mlp))  # w2 keeps its input, w1 and w3 their input's tiles
+    convert_to_fp8(ref, lambda n, _: n.endswith("w2"), FP8Recipe(activation_cache="input"))
+    ref = convert_to_fp8(ref).mlp
+    assert type(fast) is FP8MLP and type(plain) is MLP and type(ref) is MLP
+    x, dy = torch.randn(2, 70, D), torch.randn(2, 70, D)
+    for autocast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            assert torch.equal(fast(x), plain(x))
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast(xf).backward(dy)
+    tiles = lambda h: h + (fake_quantize(h.detach().reshape(-1, F_), "tile").view_as(h) - h).detach()  # noqa: E731
+    ref.w2(swiglu(tiles(ref.w1(xr)), tiles(ref.w3(xr)), limit)).backward(dy)
+    assert torch.equal(xf.grad, xr.grad)
+    for n in ("w1", "w2", "w3"):
+        assert torch.equal(getattr(fast, n).weight.grad, getattr(ref, n).weight.grad), n
+    stored = lambda *ts: sum(t.untyped_storage().nbytes() for t in ts)  # noqa: E731
+    blocks = sum(stored(*quantize_blocks_batched(m.weight.detach().unsqueeze(0))) for m in (fast.w1, fast.w2, fast.w3))
+    x_tiles, h_tiles = (stored(*quantize_tiles(torch.zeros(140, c))[:2]) for c in (D, F_))
+    assert saved_bytes(lambda: fast(x), fast) == blocks + x_tiles + 2 * h_tiles
+    assert saved_bytes(lambda: fast(x), fast) < saved_bytes(lambda: ref(x), ref) / 2
+
+
 def test_convert_swaps_recipe_modules_and_keeps_parameters():
     model = Transformer(_tiny())
     params = {n: p for n, p in model.named_parameters()}
@@ -427,6 +468,8 @@ def test_convert_swaps_recipe_modules_and_keeps_parameters():
                  "layers.1.ffn.experts", "layers.1.ffn.shared.w2", "mtp.0.eh_proj"):
         assert must in names
     assert isinstance(model.layers[1].ffn.experts, FP8Experts)
+    # dense FFN and shared experts keep their SwiGLU inputs in FP8 as the routed experts do
+    assert type(model.layers[0].ffn) is FP8MLP and type(model.layers[1].ffn.shared) is FP8MLP
     # high precision: embedding, head, router, norms
     assert type(model.head) is Linear and type(model.embed) is torch.nn.Embedding  # flyer.model.lowp.Linear
     assert type(model.layers[1].ffn.gate) is Gate

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from flyer import kernels
 from flyer.config import ConfigError, preset
-from flyer.model import moe as moe_module
+from flyer.model import experts as experts_module
 from flyer.model.experts import Experts, expert_ffn_fused, expert_ffn_grouped_mm, expert_ffn_loop
 from flyer.model.moe import MLP, Gate, MoE, update_router_bias
 
@@ -226,7 +226,7 @@ def test_mutations_land_far_outside_the_bound(mutation, monkeypatch):
     wrong = _flyer_from_hf(blk, cfg, is_hash and mutation != "hash ignored")
     if mutation == "gate clamped both ways":
         monkeypatch.setattr(kernels, "clamp_gate_up", _both_ways)
-        monkeypatch.setattr(moe_module, "swiglu", _shared_both_ways)
+        monkeypatch.setattr(experts_module, "swiglu", _shared_both_ways)  # the shared MLP's
     with torch.no_grad():
         want = blk(x, tokens if is_hash else None)
         w, ids, _ = right.gate(x.reshape(-1, D), tokens.reshape(-1))

@@ -87,7 +87,7 @@ def auto_layout(cfg: ModelConfig, gpus: int) -> tuple[int, int, str]:
 
 def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: bool = True,
                                      bytes_per_element: int = 2, layer_id: int | None = None,
-                                     mla_recompute: bool = False) -> float:
+                                     mla_recompute: bool = False, fp8_cache: bool = False) -> float:
     """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).
 
     Without recomputation, attention saves its input and normed input, the q latent, the kv
@@ -106,6 +106,10 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
 
     ``mla_recompute`` (what ``flyer train --recompute mla`` runs, ``flyer.model.recompute``): only the MLA
     up-projections are recomputed, a dense MLA layer's q, k, v not saved (a DSA layer's still are).
+
+    ``fp8_cache`` (flyer's FP8 training with its FP8 activation cache, ``flyer.fp8.linear``): without recomputation,
+    every FFN (routed, shared, dense) keeps its input's and its SwiGLU inputs' FP8 tiles, a byte an element, as the
+    recipe above; a MoE's router still keeps its normed input.
 
     LongCat-Flash (``shortcut_moe``; ``moe`` is then ignored): every block's dense FFN, and on a pair's first block
     (``layer_id`` even, or None: the heavier) the shortcut MoE, which reads the dense FFN's normed input.
@@ -126,10 +130,10 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     streams = 2 * cfg.hc_mult * d if cfg.hc_mult > 1 else 0  # both blocks' input streams, for their hc fn and mix
     attn = d + latents + h * v + h if recompute else 2 * d + latents + qkv + h * v + h
     if not cfg.shortcut_moe:
-        return (attn + _ffn_saved(cfg, moe, recompute) + streams) * bytes_per_element
-    ffn = _ffn_saved(cfg, False, recompute)
+        return (attn + _ffn_saved(cfg, moe, recompute, fp8_cache) + streams) * bytes_per_element
+    ffn = _ffn_saved(cfg, False, recompute, fp8_cache)
     if layer_id is None or cfg.has_shortcut_moe(layer_id):  # its normed input is the dense FFN's, saved once
-        ffn += _ffn_saved(cfg, True, recompute) - (0 if recompute else d)
+        ffn += _ffn_saved(cfg, True, recompute, fp8_cache) - (0 if recompute or fp8_cache else d)
     return (attn + ffn + streams) * bytes_per_element
 
 
@@ -141,16 +145,18 @@ def expert_weights_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
     return 2 * F_ * D * 4 if bytes_per_element == 4 else 3 * F_ * D * bytes_per_element
 
 
-def _ffn_saved(cfg: ModelConfig, moe: bool, recompute: bool) -> float:
+def _ffn_saved(cfg: ModelConfig, moe: bool, recompute: bool, fp8_cache: bool = False) -> float:
     """Elements per token an FFN saves (``activation_bytes_per_token_layer``): with recomputation the FP8-cached
-    expert and SwiGLU inputs, without its normed input and per expert its input, gate/up outputs and product, and
-    per routed pick its output."""
+    expert and SwiGLU inputs, without its normed input and per expert its input, gate/up outputs and product (with
+    ``fp8_cache`` the cached inputs, and the normed input a MoE's router keeps), and per routed pick its output."""
     experts = cfg.n_activated_experts + cfg.n_shared_experts if moe else 1
     inter = cfg.moe_inter_dim if moe else cfg.inter_dim
     router = cfg.n_route_columns if moe else 0  # the router's scores (LongCat-Flash's zero experts' too)
     if recompute:
         return experts * 0.5 * (cfg.dim + 2 * inter) + router
     outputs = cfg.n_activated_experts * cfg.dim if moe else 0  # each pick's output: its gate weight's gradient
+    if fp8_cache:
+        return cfg.dim * moe + experts * 0.5 * (cfg.dim + 2 * inter) + router + outputs
     return cfg.dim + experts * (cfg.dim + 3 * inter) + router + outputs
 
 

@@ -28,7 +28,7 @@ from flyer.fp8.gemm import BACKENDS, EMULATIONS, cuda_fp8_supported, fp8_gemm_nt
 from flyer.fp8.quant import (AMAX_FLOOR, FP8_DTYPES, TILE, Quantized, dequantize, dequantize_blocks_batched,
                              quantize_blocks, quantize_blocks_batched, quantize_tiles, quantize_tiles_t)
 from flyer.model.lowp import gemm_dtype, group_rows, ungroup_rows
-from flyer.model.experts import Experts, padded_layout, swiglu
+from flyer.model.experts import MLP, Experts, padded_layout, swiglu
 
 ACTIVATION_CACHES = ("fp8", "input")  # FP8Recipe.activation_cache
 
@@ -362,6 +362,23 @@ def fp8_grouped_linear(x_NK: torch.Tensor, w_EFK: torch.Tensor, counts_E: torch.
     return FP8GroupedLinearFunction.apply(x_NK, w_EFK, counts, recipe, output_dtype(x_NK))
 
 
+def fp8_swiglu_ffn(x_ND: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, counts: list[int],
+                   recipe: FP8Recipe, limit: float = 0.0) -> torch.Tensor:
+    """(N, D) in ``output_dtype(x)``: each group's rows (x sorted by group, ``counts`` per group) through its
+    ``w2(swiglu(w1 x, w3 x))`` (w1, w3 (E, F, D), w2 (E, D, F)) as FP8 grouped GEMMs. x is quantized once for w1
+    and w3 (one FP8 copy kept for both wgrads); with ``recipe.activation_cache`` 'fp8' the SwiGLU inputs are kept in
+    FP8 and its output recomputed in backward."""
+    r, dtype = recipe, output_dtype(x_ND)
+    x = x_ND.to(dtype)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        qx = quantize_tiles(x, r.fmt, r.pow2_scales)
+    h1 = FP8GroupedLinearFunction.apply(x, w1, counts, r, dtype, qx)
+    h3 = FP8GroupedLinearFunction.apply(x, w3, counts, r, dtype, qx)
+    if r.activation_cache == "fp8":
+        return FP8SwiGLUDownFunction.apply(h1, h3, w2, counts, r, dtype, limit)
+    return FP8GroupedLinearFunction.apply(swiglu(h1, h3, limit), w2, counts, r, dtype)
+
+
 class FP8Experts(Experts):
     """Routed experts whose three GEMMs (w1, w3, w2 per expert) run as FP8 grouped GEMMs, on every
     device (implementation 'fp8'). The SwiGLU itself stays in the working precision."""
@@ -387,20 +404,45 @@ class FP8Experts(Experts):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         counts = [int(c) for c in counts_E.tolist()]
-        dtype = output_dtype(x_ND)
-        x = x_ND.to(dtype)
-        r = self.recipe
         w1, w2, w3 = self.gemm_weights()  # FP4 QAT: the FP4 values go into the 128x128 blocks (flyer.fp8.fp4)
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            qx = quantize_tiles(x, r.fmt, r.pow2_scales)  # once for w1 and w3: one FP8 copy kept for both wgrads
-        h1 = FP8GroupedLinearFunction.apply(x, w1, counts, r, dtype, qx)
-        h3 = FP8GroupedLinearFunction.apply(x, w3, counts, r, dtype, qx)
-        if r.activation_cache == "fp8":  # the SwiGLU inputs kept in FP8, its output recomputed in backward
-            return FP8SwiGLUDownFunction.apply(h1, h3, w2, counts, r, dtype, self.swiglu_limit)
-        return FP8GroupedLinearFunction.apply(swiglu(h1, h3, self.swiglu_limit), w2, counts, r, dtype)
+        return fp8_swiglu_ffn(x_ND, w1, w2, w3, counts, self.recipe, self.swiglu_limit)
 
     def extra_repr(self) -> str:
         return f"n_local={self.n_local}, fp8={self.recipe.fmt}/{self.recipe.grad_fmt}"
+
+
+class FP8MLP(MLP):
+    """A SwiGLU MLP (dense FFN layer or shared experts) whose three projections are ``FP8Linear``s, run as the FP8
+    experts run (``fp8_swiglu_ffn``, one group): its input quantized once for w1 and w3, and its SwiGLU inputs kept
+    for backward in FP8 1x128 tiles, the SwiGLU's output recomputed from them. About D + 2 F bytes per token where
+    the three layers keep 2 D + F in FP8 and autograd h1, silu(h1) and h3 in the working precision (in BF16,
+    2 D + 7 F). The report names the SwiGLU in MoE (the shared experts); dense layers take the same cache, as
+    flyer's memory model counts them (``flyer.cluster.costs``). The forward is ``MLP``'s bit for bit."""
+
+    @classmethod
+    def from_mlp(cls, mlp: MLP) -> "FP8MLP":
+        """Wrap an MLP whose projections are FP8 already (the same modules and parameters, no copy)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.w1, new.w2, new.w3, new.limit = mlp.w1, mlp.w2, mlp.w3, mlp.limit
+        new.train(mlp.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        w1, w2, w3 = (m.weight.unsqueeze(0) for m in (self.w1, self.w2, self.w3))
+        y = fp8_swiglu_ffn(rows, w1, w2, w3, [rows.shape[0]], self.w2.recipe, self.limit)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _swiglu_cached(mlp: nn.Module) -> bool:
+    """Whether ``mlp`` is a plain MLP whose three projections run in FP8 under one recipe that caches activations
+    in FP8 (then ``FP8MLP`` keeps its SwiGLU inputs so)."""
+    if type(mlp) is not MLP:
+        return False
+    layers = [mlp.w1, mlp.w2, mlp.w3]
+    return (all(isinstance(m, FP8Linear) and m.bias is None and m.recipe == mlp.w2.recipe for m in layers)
+            and mlp.w2.recipe.activation_cache == "fp8")
 
 
 # ---- model conversion -------------------------------------------------------------------------
@@ -424,7 +466,8 @@ def convert_to_fp8(model: nn.Module, module_filter: Callable[[str, nn.Module], b
     module)`` accepts for its FP8 twin (default: ``default_module_filter``). The twins hold the same
     Parameter objects, so call this before creating the optimizer or after: either way the
     optimizer, the FP32 master weights and the state-dict keys are unchanged. FP8 experts declare
-    their implementation ('fp8'), so their MoE layers take the dispatcher seam. Returns ``model``.
+    their implementation ('fp8'), so their MoE layers take the dispatcher seam. An MLP whose three projections went
+    to FP8 becomes an ``FP8MLP`` when the recipe caches activations in FP8. Returns ``model``.
     """
     module_filter = module_filter or default_module_filter
     recipe = recipe or FP8Recipe()
@@ -437,9 +480,16 @@ def convert_to_fp8(model: nn.Module, module_filter: Callable[[str, nn.Module], b
         elif isinstance(module, nn.Linear):
             swaps.append((name, FP8Linear.from_linear(module, recipe)))
     for name, new in swaps:
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+        _swap(model, name, new)
+    for name, module in list(model.named_modules()):
+        if _swiglu_cached(module):
+            _swap(model, name, FP8MLP.from_mlp(module))
     return model
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 
 
 def fp8_modules(model: nn.Module) -> list[str]:
@@ -448,5 +498,5 @@ def fp8_modules(model: nn.Module) -> list[str]:
 
 
 __all__ = ["ACTIVATION_CACHES", "FP8Recipe", "FP8LinearFunction", "FP8WeightFunction", "fp8_linear", "FP8Linear",
-           "FP8GroupedLinearFunction", "FP8SwiGLUDownFunction", "fp8_grouped_linear", "FP8Experts",
-           "default_module_filter", "convert_to_fp8", "fp8_modules", "output_dtype"]
+           "FP8GroupedLinearFunction", "FP8SwiGLUDownFunction", "fp8_grouped_linear", "FP8Experts", "FP8MLP",
+           "fp8_swiglu_ffn", "default_module_filter", "convert_to_fp8", "fp8_modules", "output_dtype"]

@@ -1,4 +1,5 @@
-"""Routed experts: the module holding them, its implementations, and the one-process fused path.
+"""Routed experts: the module holding them, its implementations, and the one-process fused path; and the SwiGLU
+``MLP`` of dense layers and shared experts.
 
 Shapes: D model dim, F expert hidden dim, E (local) experts, N expert-sorted token copies,
 T tokens, K activated experts per token.
@@ -57,6 +58,27 @@ def swiglu(h1_NF: torch.Tensor, h3_NF: torch.Tensor, limit: float = 0.0) -> torc
     if limit > 0:
         h1_NF, h3_NF = h1_NF.clamp(max=limit), h3_NF.clamp(min=-limit, max=limit)
     return F.silu(h1_NF) * h3_NF
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense FFN layers and shared experts. ``limit`` > 0
+    (DeepSeek-V4's ``swiglu_limit``): w1 x clamped above and w3 x to +-limit first."""
+
+    def __init__(self, dim: int, inter_dim: int, limit: float = 0.0):
+        super().__init__()
+        self.w1 = lowp.Linear(dim, inter_dim, bias=False)
+        self.w2 = lowp.Linear(inter_dim, dim, bias=False)
+        self.w3 = lowp.Linear(dim, inter_dim, bias=False)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = lowp.as_dtype(x, gemm_dtype(x))  # once, not once per up-projection (autocast casts per call)
+        if self.limit > 0:
+            return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def extra_repr(self) -> str:
+        return f"limit={self.limit}" if self.limit > 0 else ""
 
 
 def expert_ffn_loop(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
@@ -543,5 +565,6 @@ class Experts(nn.Module):
         return f"n_local={self.n_local}, first={self.first}, impl={self.impl}{limit}{quant}"
 
 
-__all__ = ["EXPERT_IMPLS", "Experts", "PaddedLayout", "expert_ffn_fused", "expert_ffn_grouped_mm", "expert_ffn_loop",
-           "local_routed_no_grad", "packed_w13", "padded_layout", "resolve_experts_impl", "routed_order", "swiglu"]
+__all__ = ["EXPERT_IMPLS", "MLP", "Experts", "PaddedLayout", "expert_ffn_fused", "expert_ffn_grouped_mm",
+           "expert_ffn_loop", "local_routed_no_grad", "packed_w13", "padded_layout", "resolve_experts_impl",
+           "routed_order", "swiglu"]

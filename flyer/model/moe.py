@@ -20,9 +20,9 @@ from torch import nn
 
 from flyer.config import ConfigError, ModelConfig
 from flyer.model.dispatch import Dispatcher, LocalDispatcher
-from flyer.model.experts import Experts, swiglu
+from flyer.model.experts import MLP, Experts
 from flyer.model.init import init_deferred
-from flyer.model.lowp import Linear, as_dtype, gemm_dtype
+from flyer.model.lowp import as_dtype, gemm_dtype
 from flyer.model.transient import Transients
 
 
@@ -40,27 +40,6 @@ def fixed_shapes():
         yield
     finally:
         _FIXED_SHAPES.reset(token)
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense FFN layers and shared experts. ``limit`` > 0
-    (DeepSeek-V4's ``swiglu_limit``): w1 x clamped above and w3 x to +-limit first."""
-
-    def __init__(self, dim: int, inter_dim: int, limit: float = 0.0):
-        super().__init__()
-        self.w1 = Linear(dim, inter_dim, bias=False)
-        self.w2 = Linear(inter_dim, dim, bias=False)
-        self.w3 = Linear(dim, inter_dim, bias=False)
-        self.limit = limit
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = as_dtype(x, gemm_dtype(x))  # once, not once per up-projection (autocast casts per call)
-        if self.limit > 0:
-            return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-    def extra_repr(self) -> str:
-        return f"limit={self.limit}" if self.limit > 0 else ""
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:

@@ -122,19 +122,20 @@ def saved_bytes(fn, skip: nn.Module | None = None) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq_len: int, micro_batch: int,
-                     precision: str, ep: int = 1, recompute: str = "none") -> int:
+                     precision: str, ep: int = 1, recompute: str = "none", activation_cache: str = "fp8") -> int:
     """An estimate of what pipeline rank ``pp_rank`` saves for backward at its peak: every block's
     saved activations (``activation_bytes_per_token_layer``: ``recompute`` "mla" leaves out the MLA layers' per-head
-    q, k and v, ``flyer.model.recompute``, else nothing is recomputed; the MTP modules' blocks on the last
-    stage) and its routed experts' GEMM weights (``expert_weights_saved_bytes``: this rank's ``1/ep`` of them, in FP8
-    a byte an element: the FP8 experts keep their weights' FP8 blocks) for
-    the micro-batches in flight on each of its stages (stage s of n holds up to n - s of them in a
-    1F1B-style schedule; one without pipelining), plus what the main and MTP heads' losses keep on the last stage
-    (``head_saved_bytes``)."""
+    q, k and v, ``flyer.model.recompute``, else nothing is recomputed; under FP8 the FFNs' FP8 activation cache,
+    unless ``activation_cache`` is 'input'; the MTP modules' blocks on the last stage) and its routed experts' GEMM
+    weights (``expert_weights_saved_bytes``: this rank's ``1/ep`` of them, in FP8 a byte an element: the FP8 experts
+    keep their weights' FP8 blocks) for the micro-batches in flight on each of its stages (stage s of n holds up to
+    n - s of them in a 1F1B-style schedule; one without pipelining), plus what the main and MTP heads' losses keep
+    on the last stage (``head_saved_bytes``)."""
     element = 4 if precision == "fp32" else 2
     n = pp * chunks_per_rank(schedule, pp)
     split, placement = split_layers(cfg, n, seq_len), stage_ranks(schedule, pp)
     tokens = micro_batch * seq_len
+    fp8_cache = precision == "fp8" and activation_cache == "fp8"
     weight_element = 1 if precision == "fp8" else element  # FP8 experts keep their three weights' FP8 blocks
     expert = cfg.n_routed_experts // ep * expert_weights_saved_bytes(cfg, weight_element) if micro_batch else 0
     total = 0.0
@@ -142,7 +143,8 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
         blocks = [*split[s], *(range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if s == n - 1 else ())]
         per_token = sum(activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
                                                          bytes_per_element=element, layer_id=i,
-                                                         mla_recompute=recompute == "mla") for i in blocks)
+                                                         mla_recompute=recompute == "mla", fp8_cache=fp8_cache)
+                        for i in blocks)
         weights = expert * sum(has_routed_experts(cfg, i) for i in blocks)
         total += (n - s) * (tokens * per_token + weights)
         if s == n - 1:

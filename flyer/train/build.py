@@ -46,7 +46,8 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
     pc = param_counts(cfg)
     routed = routed_expert_params(cfg)
     params = (pc.total + pc.mtp - routed + routed / ep) / pp
-    saved = activation_bytes(cfg, 1, 0, "1f1b", tc.seq_len, tc.batch_size, precision, ep, tc.recompute)
+    saved = activation_bytes(cfg, 1, 0, "1f1b", tc.seq_len, tc.batch_size, precision, ep, tc.recompute,
+                             tc.fp8_activation_cache)
     per_param = 16 if tc.optimizer == "adamw" else 12
     reference = reference_bytes(cfg, precision, tc.fp4_experts) if tc.dpo else 0
     return params * per_param + reference + saved
