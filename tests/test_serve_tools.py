@@ -63,6 +63,48 @@ FOLLOW_UP = ASK + [
 
 # ---- the parser ---------------------------------------------------------------------------------------------
 
+def test_arguments_whose_strings_spell_markers_parse_in_every_format():
+    """A "required" call's grammar lets a JSON string spell any marker in ordinary tokens (the text a marker token
+    decodes to), but the parser split the call at the first marker and refused it (V3.1's ``sep``, Kimi's section
+    end, DSML's parameter close tag): the required call was served as content. The arguments end where their JSON
+    does (vLLM's parsers return these calls too); a marker outside the JSON still ends or breaks the call."""
+    import llguidance
+
+    from flyer.serve.dsml import DSML_V32, PARAM_END, parse_dsml_calls
+    from flyer.serve.grammar import _limits, llg_tokenizer
+    from flyer.serve.tools import DEEPSEEK_V3, tool_grammar
+    from flyer.serve.tools_kimi import KIMI_K2
+
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"],
+              "additionalProperties": False}
+    fn = [{"name": "f", "parameters": schema}]
+    matcher_tok = llg_tokenizer(ByteTokenizer(), 1024)  # markers as text, as a tokenizer without them writes them
+
+    def grammar_accepts(fmt, text: str, tools: list[dict] = fn) -> bool:
+        m = llguidance.LLMatcher(matcher_tok, tool_grammar(tools, ByteTokenizer(), None, True, fmt), log_level=0,
+                                 limits=_limits())
+        ids = list(text.encode())
+        return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
+
+    for fmt in (F, DEEPSEEK_V3, KIMI_K2):
+        for marker in fmt.markers:
+            args = json.dumps({"q": f"a{marker}b"}, ensure_ascii=False, separators=(",", ":"))
+            text = fmt.render([("f", args)])
+            assert grammar_accepts(fmt, text), (fmt.name, marker)
+            (content, [call]) = parse_tool_calls(text, fmt)
+            assert (content, call.name, call.arguments) == (None, "f", args), (fmt.name, marker)
+        broken = fmt.render([("f", '{"q":"a"}')]).replace('"}', '"' + fmt.sep + "}")  # outside the JSON
+        assert parse_tool_calls(broken, fmt) is None, fmt.name
+    # DSML: a string parameter is raw text up to its close tag; a JSON one (string="false") ends where its JSON does
+    nested = [{"name": "f", "parameters": {"type": "object", "properties": {"o": schema}, "required": ["o"]}}]
+    inner = json.dumps({"q": f"x{PARAM_END}y"}, ensure_ascii=False)  # as DSML writes JSON values
+    text = (f'{DSML_V32.calls_begin}\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="o" string="false">'
+            f'{inner}{PARAM_END}\n</｜DSML｜invoke>\n{DSML_V32.calls_end}')
+    assert grammar_accepts(DSML_V32, text, nested)
+    assert parse_dsml_calls(text, DSML_V32) == (None, [("f", json.dumps({"o": json.loads(inner)}, ensure_ascii=False))])
+    assert parse_dsml_calls(text.replace(f"}}{PARAM_END}", f"}}{PARAM_END}{PARAM_END}"), DSML_V32) is None
+
+
 def test_the_parser_on_hand_written_texts():
     one = F.render([("get_weather", '{"city":"paris"}')])
     assert parse_tool_calls(one) == (None, [ToolCall("get_weather", '{"city":"paris"}')])

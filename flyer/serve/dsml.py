@@ -55,7 +55,7 @@ class DsmlFormat:
 DSML_V32 = DsmlFormat("deepseek-v3.2", CALLS_BLOCK)
 DSML_V4 = DsmlFormat("deepseek-v4", CALLS_BLOCK_V4)  # the same calls in a block named "tool_calls"
 _INVOKE = re.compile(rf'\s*<{DSML}invoke name="([^"\n]+)">')
-_PARAM = re.compile(rf'\s*<{DSML}parameter name="([^"\n]+)" string="(true|false)">(.*?)</{DSML}parameter>', re.S)
+_PARAM = re.compile(rf'\s*<{DSML}parameter name="([^"\n]+)" string="(true|false)">')
 _INVOKE_END = re.compile(rf"\s*</{DSML}invoke>")
 PARAM_END = f"</{DSML}parameter>"
 
@@ -75,14 +75,10 @@ def parse_dsml_calls(text: str, fmt: DsmlFormat = DSML_V32,
     while m := _INVOKE.match(text, pos):
         pos, args = m.end(), {}
         while p := _PARAM.match(text, pos):
-            pos = p.end()
-            key, raw, value = p[1], p[2] == "true", p[3]
-            if key in args:
+            key, value = p[1], _param_value(text, p.end(), p[2] == "true")
+            if key in args or value is None:
                 return None
-            try:
-                args[key] = value if raw else json.loads(value)
-            except ValueError:
-                return None
+            args[key], pos = value
         end = _INVOKE_END.match(text, pos)
         if end is None:
             return None
@@ -92,6 +88,24 @@ def parse_dsml_calls(text: str, fmt: DsmlFormat = DSML_V32,
     if not calls or not rest.startswith(fmt.calls_end) or rest[len(fmt.calls_end):].strip():
         return None
     return calls_content(text[:start]), calls if parallel else calls[:1]
+
+
+def _param_value(text: str, at: int, raw: bool) -> tuple[object, int] | None:
+    """A parameter's value from ``text[at]`` and the position past its close tag: a string parameter's text up to
+    the first close tag (its grammar's lexeme ends there), a JSON one's value where its JSON ends (its strings may
+    spell the tag), then the tag; None when it is not one."""
+    if raw:
+        end = text.find(PARAM_END, at)
+        return None if end < 0 else (text[at:end], end + len(PARAM_END))
+    try:
+        value, end = _JSON.raw_decode(text, len(text) - len(text[at:].lstrip()))
+    except ValueError:
+        return None
+    end = len(text) - len(text[end:].lstrip())
+    return (value, end + len(PARAM_END)) if text.startswith(PARAM_END, end) else None
+
+
+_JSON = json.JSONDecoder()
 
 
 def _lark(s: str) -> str:

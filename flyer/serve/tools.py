@@ -89,22 +89,22 @@ class ToolFormat:
         """The calls block of (name, arguments JSON text) pairs, as the model writes it."""
         return self.calls_begin + self.between.join(self.call(n, a) for n, a in calls) + self.calls_end
 
-    def split_call(self, body: str) -> tuple[str, str] | None:
-        """A call's text between ``call_begin`` and ``call_end`` -> (name, arguments text), both stripped; None
-        when it is not one (no ``sep``, another type, the fence missing). Whitespace around the parts is allowed."""
-        left, sep, right = body.partition(self.sep)
-        if not sep:
+    def split_head(self, text: str, at: int) -> tuple[str, None, int] | None:
+        """A call's head from ``text[at]`` (just past ``call_begin``) to where its arguments start -> (name, None:
+        no id, that position); None when it is not one (no ``sep``, another type, the fence missing, a marker in
+        it). Whitespace around the parts is allowed."""
+        opens = self.sep if self.call_type is None else self.args_open.strip()  # V3-0324: the fence ends the name
+        end = text.find(opens, at)
+        if end < 0:
             return None
-        if self.call_type is None:
-            return left.strip(), right.strip()
-        if left.strip() != self.call_type:
+        head = text[at:end]
+        if head.count(self.sep) != (self.call_type is not None) or any(m in head for m in self.markers
+                                                                         if m != self.sep):
             return None
-        fence_open, fence_close = self.args_open.strip(), self.args_close.strip()
-        name, found, args = right.partition(fence_open)  # the name ends where the fence opens
-        args = args.rstrip()
-        if not found or not args.endswith(fence_close):
+        kind, _, name = head.rpartition(self.sep)
+        if kind.strip() != (self.call_type or ""):
             return None
-        return name.strip(), args[:len(args) - len(fence_close)].strip()
+        return name.strip(), None, end + len(opens)
 
 
 _CALLS_BEGIN, _CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -177,32 +177,46 @@ def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL
     """``text`` (generated, markers written out) -> (the content before the calls block, None when blank; its
     calls), or None when it holds no well-formed block in ``fmt``: no ``calls_begin``, a block left open (a limit
     reached), a call without a name, not in ``fmt``'s shape or whose arguments are not a JSON object, text after
-    the block. Whitespace between the markers is allowed. Not ``parallel``: only the first call is kept (under
-    "auto" the output is free: a block is parsed whole, so a stream and a whole answer agree, and the calls past
-    the first dropped; stopping at the first ``call_end`` would leave the block open, as a limit does). DSML:
-    ``flyer.serve.dsml.parse_dsml_calls``; Kimi K2's calls keep the ids the model wrote (``KimiFormat.split_call``)."""
+    the block. The arguments end where their JSON does, so their strings may spell markers (a grammar lets them).
+    Whitespace between the markers is allowed. Not ``parallel``: only the first call is kept (under "auto" the
+    output is free: a block is parsed whole, so a stream and a whole answer agree, and the calls past the first
+    dropped; stopping at the first ``call_end`` would leave the block open, as a limit does). DSML:
+    ``flyer.serve.dsml.parse_dsml_calls``; Kimi K2's calls keep the ids the model wrote (``KimiFormat.split_head``)."""
     if isinstance(fmt, DsmlFormat):
         got = parse_dsml_calls(text, fmt, parallel)
         return None if got is None else (got[0], [ToolCall(*c) for c in got[1]])
     start = text.find(fmt.calls_begin)
     if start < 0:
         return None
-    rest, calls = text[start + len(fmt.calls_begin):].lstrip(), []
-    while rest.startswith(fmt.call_begin):
-        body, end, rest = rest[len(fmt.call_begin):].partition(fmt.call_end)
-        split = fmt.split_call(body) if end and body.count(fmt.sep) == 1 else None
-        if split is None or not split[0] or any(m in body for m in fmt.markers if m != fmt.sep):
+    pos, calls = _skip_space(text, start + len(fmt.calls_begin)), []
+    while text.startswith(fmt.call_begin, pos):
+        head = fmt.split_head(text, pos + len(fmt.call_begin))
+        if head is None or not head[0]:
             return None
-        try:
-            if not isinstance(json.loads(split[1]), dict):
-                return None
+        name, call_id, pos = head
+        pos = _skip_space(text, pos)
+        try:  # the arguments end where their JSON does: its strings may spell any marker (as a grammar allows)
+            args, end = _JSON.raw_decode(text, pos)
         except ValueError:
             return None
-        calls.append(ToolCall(*split))
-        rest = rest.lstrip()
-    if not calls or not rest.startswith(fmt.calls_end) or rest[len(fmt.calls_end):].strip():
+        if not isinstance(args, dict):
+            return None
+        arguments, pos = text[pos:end], _skip_space(text, end)
+        for close in (fmt.args_close.strip(), fmt.call_end):
+            if not text.startswith(close, pos):
+                return None
+            pos = _skip_space(text, pos + len(close))
+        calls.append(ToolCall(name, arguments, call_id))
+    if not calls or not text.startswith(fmt.calls_end, pos) or text[pos + len(fmt.calls_end):].strip():
         return None
     return calls_content(text[:start]), calls if parallel else calls[:1]
+
+
+_JSON = json.JSONDecoder()
+
+
+def _skip_space(text: str, pos: int) -> int:
+    return len(text) - len(text[pos:].lstrip())
 
 
 def marker_ids(tok, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT) -> dict[str, int]:

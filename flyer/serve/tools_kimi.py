@@ -36,6 +36,7 @@ class KimiFormat:
     sep: str = "<|tool_call_argument_begin|>"
     call_end: str = "<|tool_call_end|>"
     id_prefix: str = "functions."
+    args_close: str = ""  # nothing after the arguments but ``call_end`` (``ToolFormat``'s fence)
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -51,13 +52,14 @@ class KimiFormat:
                        for k, (n, a) in enumerate(calls))
         return self.calls_begin + body + self.calls_end
 
-    def split_call(self, body: str) -> tuple[str, str, str] | None:
-        """A call's text between ``call_begin`` and ``call_end`` -> (name, arguments text, id), the id and
-        arguments stripped; None when it is not one (no ``sep``, an id not ``name_of``'s shape). Read by
-        ``flyer.serve.tools.parse_tool_calls``, as ``ToolFormat.split_call``."""
-        call_id, sep, args = body.partition(self.sep)
-        name = self.name_of(call_id.strip()) if sep else None
-        return None if name is None else (name, args.strip(), call_id.strip())
+    def split_head(self, text: str, at: int) -> tuple[str, str, int] | None:
+        """A call's id from ``text[at]`` (just past ``call_begin``) to ``sep`` -> (name, the id stripped, where the
+        arguments start); None when it is not one (no ``sep``, a marker in it, an id not ``name_of``'s shape). Read
+        by ``flyer.serve.tools.parse_tool_calls``, as ``ToolFormat.split_head``."""
+        end = text.find(self.sep, at)
+        call_id = text[at:end].strip() if end >= 0 else ""
+        name = None if any(m in call_id for m in self.markers) else self.name_of(call_id)
+        return None if name is None else (name, call_id, end + len(self.sep))
 
     def name_of(self, call_id: str) -> str | None:
         """The function an id names (between ``id_prefix`` and the last ``:``, IDX digits after it); None when the
