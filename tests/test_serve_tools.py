@@ -63,28 +63,33 @@ FOLLOW_UP = ASK + [
 
 # ---- the parser ---------------------------------------------------------------------------------------------
 
+SPELL_SCHEMA = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"],
+                "additionalProperties": False}
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+
+
+def grammar_accepts(fmt, text: str, tools: list[dict] | None = None, content: dict | None = None) -> bool:
+    """Whether the calls grammar of ``tools`` (default: one function ``f`` of ``SPELL_SCHEMA``) in ``fmt``, written
+    by a byte tokenizer (markers as text, as a tokenizer without them writes them), takes ``text`` whole."""
+    import llguidance
+
+    from flyer.serve.grammar import _limits, llg_tokenizer
+    from flyer.serve.tools import tool_grammar
+    tools = tools or [{"name": "f", "parameters": SPELL_SCHEMA}]
+    grammar = tool_grammar(tools, ByteTokenizer(), None, True, fmt, content=content)
+    m = llguidance.LLMatcher(llg_tokenizer(ByteTokenizer(), 1024), grammar, log_level=0, limits=_limits())
+    ids = list(text.encode())
+    return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
+
+
 def test_arguments_whose_strings_spell_markers_parse_in_every_format():
     """A "required" call's grammar lets a JSON string spell any marker in ordinary tokens (the text a marker token
     decodes to), but the parser split the call at the first marker and refused it (V3.1's ``sep``, Kimi's section
     end, DSML's parameter close tag): the required call was served as content. The arguments end where their JSON
     does (vLLM's parsers return these calls too); a marker outside the JSON still ends or breaks the call."""
-    import llguidance
-
     from flyer.serve.dsml import DSML_V32, PARAM_END, parse_dsml_calls
-    from flyer.serve.grammar import _limits, llg_tokenizer
-    from flyer.serve.tools import DEEPSEEK_V3, tool_grammar
+    from flyer.serve.tools import DEEPSEEK_V3
     from flyer.serve.tools_kimi import KIMI_K2
-
-    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"],
-              "additionalProperties": False}
-    fn = [{"name": "f", "parameters": schema}]
-    matcher_tok = llg_tokenizer(ByteTokenizer(), 1024)  # markers as text, as a tokenizer without them writes them
-
-    def grammar_accepts(fmt, text: str, tools: list[dict] = fn) -> bool:
-        m = llguidance.LLMatcher(matcher_tok, tool_grammar(tools, ByteTokenizer(), None, True, fmt), log_level=0,
-                                 limits=_limits())
-        ids = list(text.encode())
-        return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
 
     for fmt in (F, DEEPSEEK_V3, KIMI_K2):
         for marker in fmt.markers:
@@ -96,13 +101,33 @@ def test_arguments_whose_strings_spell_markers_parse_in_every_format():
         broken = fmt.render([("f", '{"q":"a"}')]).replace('"}', '"' + fmt.sep + "}")  # outside the JSON
         assert parse_tool_calls(broken, fmt) is None, fmt.name
     # DSML: a string parameter is raw text up to its close tag; a JSON one (string="false") ends where its JSON does
-    nested = [{"name": "f", "parameters": {"type": "object", "properties": {"o": schema}, "required": ["o"]}}]
     inner = json.dumps({"q": f"x{PARAM_END}y"}, ensure_ascii=False)  # as DSML writes JSON values
-    text = (f'{DSML_V32.calls_begin}\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="o" string="false">'
-            f'{inner}{PARAM_END}\n</｜DSML｜invoke>\n{DSML_V32.calls_end}')
-    assert grammar_accepts(DSML_V32, text, nested)
+    text = _dsml_call(inner)
+    assert grammar_accepts(DSML_V32, text, NESTED)
     assert parse_dsml_calls(text, DSML_V32) == (None, [("f", json.dumps({"o": json.loads(inner)}, ensure_ascii=False))])
     assert parse_dsml_calls(text.replace(f"}}{PARAM_END}", f"}}{PARAM_END}{PARAM_END}"), DSML_V32) is None
+
+
+NESTED = [{"name": "f", "parameters": {"type": "object", "properties": {"o": SPELL_SCHEMA}, "required": ["o"]}}]
+
+
+def _dsml_call(value: str) -> str:
+    """A DSML block calling ``f`` of ``NESTED`` with parameter ``o`` = ``value`` (JSON text)."""
+    from flyer.serve.dsml import DSML_V32, PARAM_END
+    return (f'{DSML_V32.calls_begin}\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="o" string="false">'
+            f'{value}{PARAM_END}\n</｜DSML｜invoke>\n{DSML_V32.calls_end}')
+
+
+def test_auto_with_a_response_format_is_its_json_or_a_calls_block_in_every_format():
+    from flyer.serve.dsml import DSML_V32
+    from flyer.serve.tools import DEEPSEEK_V3
+    from flyer.serve.tools_kimi import KIMI_K2
+    for fmt in (F, DEEPSEEK_V3, KIMI_K2, DSML_V32):
+        dsml = fmt is DSML_V32
+        block = _dsml_call('{"q": "a"}') if dsml else fmt.render([("f", '{"q":"a"}')])
+        for out, ok in ((block, True), ('{"ok":true}', True), ('{"ok":1}', False), ("plain", False),
+                        (block + '{"ok":true}', False)):
+            assert grammar_accepts(fmt, out, NESTED if dsml else None, content=FLAG) == ok, (fmt.name, out)
 
 
 def test_the_parser_on_hand_written_texts():
@@ -263,6 +288,23 @@ def test_none_serves_a_calls_block_as_content(served):
     assert none.finish_reason == "length" and not none.message.tool_calls
     r = httpx.post(served.url + "/v1/chat/completions", json={**kw, "tool_choice": "auto"}, timeout=60).json()
     assert r["choices"][0]["finish_reason"] == "length" and "tool_calls" not in r["choices"][0]["message"]
+
+
+def test_auto_with_a_response_format_can_still_call(served):
+    """OpenAI's structured outputs rule the reply, not whether a tool is called: under "auto" the response_format's
+    grammar held from the first token and masked the calls marker, so a model that chose to call (a bias forces
+    its marker here) answered JSON content instead. The output is now the format's JSON or a calls block."""
+    c = served.client()
+    begin = served.tok.tok.token_to_id(F.calls_begin)
+    formats = ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "flag", "schema": FLAG}})
+    kw = dict(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=400, temperature=0)
+    for fmt in formats:
+        called = c.chat.completions.create(response_format=fmt, logit_bias={str(begin): 100}, **kw).choices[0]
+        _check_calls(called, set(SCHEMA))
+        assert called.message.content is None
+    reply = c.chat.completions.create(response_format=formats[1], logit_bias={str(begin): -100}, **kw).choices[0]
+    assert reply.finish_reason == "stop" and not reply.message.tool_calls
+    assert _valid(json.loads(reply.message.content), FLAG)
 
 
 def test_a_follow_up_conversation_is_served(served):

@@ -317,12 +317,18 @@ class Api:
                              prompt_field="messages", tokens_field=limit)
         mode, name = body.tool_mode()
         parse, parallel, fmt = mode != "none", body.parallel_tool_calls, self.tool_format
-        if mode in ("required", "named"):  # the output is a calls block whose arguments match the schemas
-            if not self.engine.limits.grammars:
-                raise FieldError("tool_choice", f"{'required' if mode == 'required' else 'a named function'} "
-                                                f"is refused: {NO_GRAMMARS}; use auto or none")
+        if mode in ("required", "named") and not self.engine.limits.grammars:
+            raise FieldError("tool_choice", f"{'required' if mode == 'required' else 'a named function'} "
+                                            f"is refused: {NO_GRAMMARS}; use auto or none")
+        formatted = mode == "auto" and opts.grammar is not None and self.engine.limits.grammars
+        if mode in ("required", "named") or formatted:
+            # a calls block whose arguments match the schemas; under "auto" a response_format rules the reply
+            # instead, and a call stays possible
             functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
-            grammar = tool_grammar(functions, self.tok, name, parallel, fmt, calls_so_far(body.messages))  # Kimi's IDX
+            schema = body.response_format.schema_or_object() if formatted else None
+            content = ({"type": "object"} if schema is None else schema) if formatted else None  # json_object: None
+            grammar = tool_grammar(functions, self.tok, name, parallel, fmt, calls_so_far(body.messages),  # Kimi IDX
+                                   content)
             opts = dataclasses.replace(opts, grammar=grammar)
         think = Reasoning(self.reasoning, self.tok, Reasoning.opens(self.reasoning, text))
         if opts.grammar is not None:  # held after the reasoning the prompt opens, or the output opens with its tokens

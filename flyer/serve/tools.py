@@ -21,7 +21,7 @@ the markers as added tokens: one id each, which a decoder that skips special tok
 decoded with them written out (``marked_text``); a tokenizer without them writes and reads them as text.
 
 Modes (``tool_choice``): "none" renders the tools and parses nothing; "auto" (the default with tools) generates
-freely and parses the calls if the model writes the format; "required" and a named function constrain the output
+freely (with a ``response_format``: its JSON or a calls block) and parses the calls if the model writes the format; "required" and a named function constrain the output
 to a calls block. A choice whose text parses answers ``tool_calls`` with finish_reason "tool_calls" and content the
 text before the block (null when blank); one that does not (no block, one left open) answers its text as content.
 ``parallel_tool_calls`` false: the grammar allows one call; under "auto" the parse keeps the first.
@@ -247,7 +247,8 @@ def _lark_string(s: str) -> str:
 
 
 def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, parallel: bool = True,
-                 fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT, first_index: int = 0) -> str:
+                 fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT, first_index: int = 0,
+                 content: dict[str, Any] | None = None) -> str:
     """The llguidance grammar (JSON text) of a calls block in ``fmt`` (between calls, its ``between``; around
     the arguments, its fence): one call of function ``name`` (a named
     ``tool_choice``), else 1 to ``MAX_TOOL_CALLS`` calls (one when not ``parallel``) of any of ``tools``
@@ -256,7 +257,9 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
     holds them (``marker_ids``), else their text. Nothing may precede the block; the output ends after it.
     ``FieldError`` naming ``tools`` for schemas too large (``MAX_SCHEMA_CHARS`` in all) or that llguidance
     cannot compile. DSML: ``flyer.serve.dsml.dsml_grammar``'s block (its markers are text). Kimi K2: the calls'
-    ids ``functions.NAME:IDX`` with IDX from ``first_index`` on (``tools_kimi.calls_so_far`` of the request)."""
+    ids ``functions.NAME:IDX`` with IDX from ``first_index`` on (``tools_kimi.calls_so_far`` of the request).
+    ``content`` (tool_choice "auto" with a ``response_format``): the JSON schema the output matches instead when it
+    is not a calls block, as OpenAI's structured outputs rule the reply, not whether a tool is called."""
     ids = marker_ids(tok, fmt)
 
     def marker(m: str) -> str:
@@ -270,11 +273,12 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
         raise FieldError("tools", f"the parameters schemas hold {sum(map(len, schemas))} characters; at most "
                                   f"{MAX_SCHEMA_CHARS} are served")
     if isinstance(fmt, DsmlFormat):
-        return _compiled(dsml_grammar(tools, name, parallel, MAX_TOOL_CALLS, fmt))  # (its fields named by index)
+        return _compiled(dsml_grammar(tools, name, parallel, MAX_TOOL_CALLS, fmt), content)  # (fields by index)
     n_calls = MAX_TOOL_CALLS if parallel and name is None else 1
     if isinstance(fmt, KimiFormat):
         rules = kimi_grammar_rules([f["name"] for f in chosen], marker, n_calls, first_index, fmt)
-        return _compiled("\n".join(rules + [f"args_{k}: %json {schema}" for k, schema in enumerate(schemas)]))
+        return _compiled("\n".join(rules + [f"args_{k}: %json {schema}" for k, schema in enumerate(schemas)]),
+                         content)
     more = f" ({_lark_string(fmt.between)} call)" if fmt.between else " call"
     repeat = f"{more}{{0,{n_calls - 1}}}" if n_calls > 1 else ""
     rules = [f"start: {marker(fmt.calls_begin)} call{repeat} {marker(fmt.calls_end)}",
@@ -287,10 +291,16 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
                         + [_lark_string(fmt.args_close)] * bool(fmt.args_close))
         rules += [f"call_{k}: {marker(fmt.call_begin)} {head} {args} {marker(fmt.call_end)}",
                   f"args_{k}: %json {schema}"]
-    return _compiled("\n".join(rules))
+    return _compiled("\n".join(rules), content)
 
 
-def _compiled(lark: str) -> str:
+def _compiled(lark: str, content: dict[str, Any] | None = None) -> str:
+    """``lark`` (a calls block from its ``start`` rule) compiled; with ``content``, a JSON value matching that
+    schema (``json_grammar``'s whitespace) or the block."""
+    if content is not None:
+        schema = json.dumps({**content, "x-guidance": {**JSON_DEFAULTS, **content.get("x-guidance", {})}})
+        lark = "\n".join(["start: json_content | calls_block", f"json_content: %json {schema}",
+                          re.sub(r"^start:", "calls_block:", lark, count=1, flags=re.M)])
     try:
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     except ValueError as e:
