@@ -21,9 +21,10 @@ the markers as added tokens: one id each, which a decoder that skips special tok
 decoded with them written out (``marked_text``); a tokenizer without them writes and reads them as text.
 
 Modes (``tool_choice``): "none" renders the tools and parses nothing; "auto" (the default with tools) generates
-freely (with a ``response_format``: its JSON or a calls block) and parses the calls if the model writes the format; "required" and a named function constrain the output
-to a calls block. A choice whose text parses answers ``tool_calls`` with finish_reason "tool_calls" and content the
-text before the block (null when blank); one that does not (no block, one left open) answers its text as content.
+freely (with a ``response_format``: its JSON or a calls block) and parses the calls if the model writes the
+format; "required" and a named function constrain the output to a calls block. A choice whose text parses
+answers ``tool_calls`` with finish_reason "tool_calls" and content the text before the block (null when blank);
+one that does not (no block, one left open) answers its text as content.
 ``parallel_tool_calls`` false: the grammar allows one call; under "auto" the parse keeps the first.
 Streaming (``flyer.serve.api``) is the simplest correct one: content deltas up to the block (none while the text so
 far is blank, which a whole answer serves as null: ``flyer.serve.choice.calls_content``, one rule for both), then,
