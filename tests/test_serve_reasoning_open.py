@@ -188,7 +188,8 @@ def test_r1_output_without_the_marker_is_constrained_from_the_first_token(r1, mo
     """Steered towards reasoning without <think>: the answer is JSON from the first token (no reasoning)."""
     tok, c = r1.tok, r1.client()
     _steer(monkeypatch, _script(tok, REASONING, DEEPSEEK.end, JSON_TEXT))
-    r = c.chat.completions.create(model="tiny-test", messages=ASK, **_ask(response_format=_fmt(OBJ), max_tokens=120))
+    r = c.chat.completions.create(model="tiny-test", messages=ASK,  # "none": "auto" would allow a calls block too
+                                  **_ask(response_format=_fmt(OBJ), max_tokens=120, tool_choice="none"))
     m = r.choices[0].message
     assert m.reasoning_content is None and REASONING not in m.content and _valid(json.loads(m.content), OBJ), m
     calls = c.chat.completions.create(model="tiny-test", messages=ASK, parallel_tool_calls=False,
