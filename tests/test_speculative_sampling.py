@@ -136,6 +136,42 @@ def test_one_draft_bonus_token_follows_the_next_row():
 
 
 
+def test_a_reasoning_end_marker_draft_keeps_the_markers_probability():
+    """A request whose grammar waits for the reasoning end marker (``Request.deferred``) refused a draft that
+    completed the marker and let the verify pass choose that position from p, while every other draft was accepted
+    by q's ratio: a draft from q given "not the marker", judged as a draft from q. With a perfect drafter (q = p) the
+    marker came out with probability p(m)^2 (0.13 here) instead of p(m) (0.36). The real ``MtpSpeculator.draft``
+    and ``accept``, one row, its MTP and target logits stubbed to the same distribution: each token's frequency as
+    the first kept token within 6 standard deviations of p, and nothing kept after a kept marker (the token after
+    it is the grammar's)."""
+    import types
+
+    from flyer.serve.speculation import MtpSpeculator
+
+    marker, runs = 2, 3000
+    p = torch.softmax(torch.tensor([0.3, 0.0, 1.0, 0.5, -0.2]), 0)
+    counter = types.SimpleNamespace(inc=lambda *a: None)
+    spec = MtpSpeculator.__new__(MtpSpeculator)  # what draft and accept read, the model's passes stubbed
+    spec.dec = types.SimpleNamespace(mtp_logits=lambda h: p.log().expand(h.shape[0], -1).clone())
+    spec.cache = spec.graphs = spec.main = None
+    spec.device, spec.drafted, spec.accepted = torch.device("cpu"), 0, 0
+    spec.metrics = types.SimpleNamespace(draft_tokens=counter, accepted_tokens=counter)
+    spec.catch_up = lambda rows: torch.zeros(len(rows), 4)
+    spec.grammars = types.SimpleNamespace(ends_reasoning=lambda r, more: more[-1] == marker)
+    opts = types.SimpleNamespace(params=SamplingParams(temperature=1.0))
+    counts = torch.zeros(len(p))
+    for seed in range(runs):
+        row = types.SimpleNamespace(tokens=[1, 1], n_cached=1, h_prev=None, slot=None, blocks=[], opts=opts,
+                                    matcher=None, deferred=object(), generated=1,
+                                    generator=torch.Generator().manual_seed(seed))
+        [(_, [q], [drafts], [params], _)] = spec.draft([row], [1])
+        new = spec.accept(row, torch.zeros(2, 4), p.log().expand(2, -1).clone(), q, drafts, params)
+        assert new[-1] == marker or marker not in new, new
+        counts[new[0]] += 1
+    for t, pt in enumerate(p.tolist()):
+        assert abs(counts[t].item() / runs - pt) <= 6 * math.sqrt(pt * (1 - pt) / runs), (t, counts / runs, p)
+
+
 @pytest.mark.parametrize("temperature,top_k", [(0.5, 0), (1.0, 3)])
 def test_engine_first_tokens_follow_the_tempered_top_k_distribution(model, temperature, top_k):
     prompt = [(3 + 5 * i) % V for i in range(6)]

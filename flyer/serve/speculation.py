@@ -43,8 +43,10 @@ a draft that completes the grammar is the row's last (nothing after it could be 
 filled after the last draft, mask the verify pass's logits at the same positions (``Drafted``'s last item), so
 greedy keeps exactly the tokens of plain masked greedy decoding and sampling accepts on the masked
 distributions; ``accept`` rolls back the drafts the row rejected. A row whose grammar waits for the reasoning end
-marker (``Request.deferred``) drafts freely but never the token that would write the marker: the marker is then
-the last token its verify pass keeps (chosen at a free position), and no kept token after it was chosen unmasked.
+marker (``Request.deferred``) drafts freely, a draft completing the marker its last: that draft is verified as
+any other (refusing it for its value would draft from q given "not the marker" while accepting by q's ratio, and
+give the marker p(marker)^2 where plain sampling gives p(marker)), and once kept ``accept`` keeps no token after
+it, so none was chosen unmasked (the grammar chooses the next one, on the next step).
 A row whose output may still open reasoning itself (``flyer.serve.grammar.Matcher.opening``) drafts nothing: its
 verify pass chooses the next token under the mask that allows the begin marker's.
 
@@ -249,14 +251,13 @@ class MtpSpeculator:
                 if m is not None and not grammars.hold(m, d):
                     ks[i] = k  # refused (its grammar allows none of the model's ids): the drafts end before it
                     continue
-                if rows[i].deferred is not None and grammars.ends_reasoning(rows[i], [*drafts[i], d]):
-                    ks[i] = k  # the reasoning end marker: the verify pass chooses it, its grammar what follows
-                    continue
                 drafts[i].append(d)
                 if q_j is not None:
                     q[i].append(q_j)
                 if m is not None and m.llg.is_stopped():
                     ks[i] = k + 1  # complete: nothing after this draft could be kept
+                elif rows[i].deferred is not None and grammars.ends_reasoning(rows[i], drafts[i]):
+                    ks[i] = k + 1  # the reasoning end marker: verified as any draft, ``accept`` keeps nothing after it
             more = [j for j, i in enumerate(live) if ks[i] > k + 1]
             if not more:
                 break
@@ -298,12 +299,15 @@ class MtpSpeculator:
         q: the drafts' distributions (k, V), None for a greedy row."""
         target = logits_KV if p.greedy else probabilities(logits_KV, p)
         new = accept_drafts(target, q, drafts, p, r.generator)
+        accepted = len(new) - 1
         if r.matcher is not None:  # it holds the drafts (``draft``): those rejected rolled back
-            GrammarMasks.settle(r.matcher, len(new) - 1)
+            GrammarMasks.settle(r.matcher, accepted)
+        elif accepted == len(drafts) > 0 and r.deferred is not None and self.grammars.ends_reasoning(r, drafts):
+            new = new[:-1]  # the reasoning end marker kept: the token after it is its grammar's, chosen next step
         self.drafted += len(drafts)
-        self.accepted += len(new) - 1
+        self.accepted += accepted
         self.metrics.draft_tokens.inc(len(drafts))
-        self.metrics.accepted_tokens.inc(len(new) - 1)
+        self.metrics.accepted_tokens.inc(accepted)
         r.h_prev = hv_KD[:len(new)]  # positions n .. n + len(new) - 1
         r.n_cached += len(new)
         return new
