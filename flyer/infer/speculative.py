@@ -137,7 +137,13 @@ def mtp_decode(dec: Decoder, prompts: Sequence[Sequence[int]], first: torch.Tens
                 d = kernels.argmax(q_logits)
             else:
                 q.append(probabilities(q_logits, params))
-                d = draw_rows(q[-1], generators, live)
+                if generators is None or k < min(k_B):
+                    d = draw_rows(q[-1], generators, live)
+                else:  # a row past its own drafts (padding, never kept) draws nothing from its generator: its
+                    d = kernels.argmax(q_logits)  # stream is the one it has alone
+                    keep = [i for i in range(B) if k < k_B[i]]
+                    if keep:
+                        d[keep] = draw_rows(q[-1][keep], generators, [live[i] for i in keep])
             drafts.append(d)
             if k + 1 < Ks:  # reapply the module on its own output and the drafted token
                 h1 = dec.mtp_forward(h1.unsqueeze(1), d.view(B, 1), n + last_B.clamp(max=k), from_main=False)[:, 0]
