@@ -210,6 +210,27 @@ def test_generate_speculative_seeded_rows_draw_the_same_beside_others(model, k):
         assert generate(model, [a], gen).tokens[0] == generate(model, [a, b], gen).tokens[0], seed
 
 
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_engine_seeded_requests_draw_the_same_when_preempted(model, k):
+    """A request preempted and recomputed chose its next token in its last prefill chunk, plainly, where it would
+    have drafted: its generator's stream moved, and under MTP a seeded output depended on whether other requests
+    crowded it out (14 of 20 seeds differed at K = 1). Recomputation now stops before the last token, which the next
+    step feeds as a decoding row's: 12 seeded requests beside 4 others in a pool that preempts give their tokens
+    alone (k = 0: without speculation)."""
+    spec = dict(speculative="mtp", draft_tokens=k) if k else {}
+    opts = [SamplingOptions(max_tokens=10, temperature=1.0, seed=s) for s in range(12)]
+    alone = [_run(_engine(model, 256, **spec), [[1, 2, 3, 4, 5, 6]], o)[0] for o in opts]
+    eng = _engine(model, 56, **spec)
+    outs = [[] for _ in range(16)]
+    others = [([(7 * j + i) % V for i in range(5 + 3 * j)], SamplingOptions(max_tokens=12, temperature=1.0,
+                                                                            seed=100 + j)) for j in range(4)]
+    for i, (p, o) in enumerate(others + [([1, 2, 3, 4, 5, 6], o) for o in opts]):
+        eng.submit(p, o, lambda e, i=i: outs[i].append(e.token))
+    eng.run_until_idle()
+    assert eng.metrics.preemptions._value.get() > 0
+    assert outs[4:] == alone
+
+
 @pytest.mark.parametrize("speculative", [None, "mtp"])
 def test_generate_seeds_each_prompt_apart(model, speculative):
     """``generate(seed=s)``: prompt b draws from its own generator seeded s + b, so its tokens are the ones it gets

@@ -44,7 +44,9 @@ on with the blocks on disk and resumes at the deepest snapshot in memory or on d
 
 A request's state is its tokens (prompt + generated) and ``n_cached``, how many of them are in
 its blocks. Every forward feeds ``tokens[n_cached:]`` (a chunk of them); when the cache catches
-up with the tokens, the last logits give the next token. Decode and recompute are the same rule.
+up with the tokens, the last logits give the next token. Decode and recompute are the same rule, but for a
+recomputed request's last token, which its prefill leaves to the next step's decoding rows (drafting under MTP):
+its seeded draws are those it makes never preempted.
 """
 
 from __future__ import annotations
@@ -488,9 +490,11 @@ class Engine:
         for r in self.running:
             pending = len(r.tokens) - r.n_cached
             if pending > 1 and budget > 0:
+                # a request recomputed after preemption stops before its last token, which the next step feeds as
+                # a decoding row's (drafting, under MTP, as it would have): its seeded draws do not depend on it
+                n = min(pending - 1 if r.generated else pending, budget)
                 rows.append(r)
-                lens.append(min(pending, budget) if not self.snapshots else
-                            self.snapshots.clip(r.slot, r.n_cached, min(pending, budget)))  # to its boundary
+                lens.append(self.snapshots.clip(r.slot, r.n_cached, n) if self.snapshots else n)  # to its boundary
                 budget -= lens[-1]
         return rows, lens
 
