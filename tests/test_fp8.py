@@ -456,6 +456,25 @@ def test_fp8_mlp_recomputes_its_swiglu_from_fp8_inputs(limit):
     assert saved_bytes(lambda: fast(x), fast) < saved_bytes(lambda: ref(x), ref) / 2
 
 
+def test_fp8_mlp_without_gradients_is_the_plain_mlp_and_bare_layers():
+    """Without gradients (evaluation, ``flyer generate --precision fp8``) ``FP8MLP`` runs the MLP of its FP8 layers,
+    bit for bit even where the grouped emulation sums a one-tile K in another order (D = 128), and quantizes no
+    SwiGLU input for a backward that will not come. ``convert_to_fp8`` swaps layers in place: a bare MLP gets its
+    FP8 layers (no child named "", as a swap of the root registered), a bare linear layer is refused in one line."""
+    torch.manual_seed(0)
+    mlp = MLP(128, 256)
+    fast = convert_to_fp8(_Holder(copy.deepcopy(mlp))).mlp
+    plain = convert_to_fp8(_Holder(copy.deepcopy(mlp)), recipe=FP8Recipe(activation_cache="input")).mlp
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
+    bare = convert_to_fp8(copy.deepcopy(mlp))
+    assert type(bare) is MLP and [n for n, _ in bare.named_children()] == ["w1", "w2", "w3"]
+    assert all(isinstance(m, FP8Linear) for m in bare.children())
+    with pytest.raises(ValueError, match="in place"):
+        convert_to_fp8(torch.nn.Linear(128, 128))
+
+
 def test_convert_swaps_recipe_modules_and_keeps_parameters():
     model = Transformer(_tiny())
     params = {n: p for n, p in model.named_parameters()}

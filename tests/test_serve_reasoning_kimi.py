@@ -200,10 +200,16 @@ def test_the_grammar_starts_at_the_calls_marker_inside_the_reasoning(kimi):
         assert reasons[-1] == "stop" and r.deferred is None
         n_end = len(_ids(tok, REASONING, KIMI_K2.end))
         assert not any(ruled[:n_end]) and all(ruled[n_end:])
+        # "auto" with a response_format: its JSON-or-calls grammar starts at the marker as well (the API passes it)
+        either = dataclasses.replace(opts, grammar=tool_grammar(FUNCTIONS, tok, fmt=K, content={"type": "object"}))
+        r, reasons, ruled = _feed(tok, either, [REASONING, BLOCK])
+        assert reasons[-1] == "stop" and not any(ruled[:free]) and all(ruled[free:]), kind
+        _, reasons, _ = _feed(tok, either, [REASONING, BLOCK.replace(":1", ":7")])
+        assert reasons[-1] == "error", kind
 
 
-def test_drafts_are_cut_before_the_calls_marker(kimi):
-    """MTP drafts of a waiting row stop before a token that would complete either marker (``ends_reasoning``)."""
+def test_drafts_end_at_the_calls_marker(kimi):
+    """MTP drafts of a waiting row end with a token that would complete either marker (``ends_reasoning``)."""
     for kind, tok in _tokenizers(kimi):
         think = Reasoning(KIMI_K2, tok, True)
         after, _ = think.grammar_markers(tok, "<think>", 1 << 10)

@@ -417,7 +417,9 @@ class FP8MLP(MLP):
     for backward in FP8 1x128 tiles, the SwiGLU's output recomputed from them. About D + 2 F bytes per token where
     the three layers keep 2 D + F in FP8 and autograd h1, silu(h1) and h3 in the working precision (in BF16,
     2 D + 7 F). The report names the SwiGLU in MoE (the shared experts); dense layers take the same cache, as
-    flyer's memory model counts them (``flyer.cluster.costs``). The forward is ``MLP``'s bit for bit."""
+    flyer's memory model counts them (``flyer.cluster.costs``). The forward is ``MLP``'s (bit for bit but where a
+    GEMM's K is one 128-tile: the grouped emulation sums it in another FP32 order); without gradients (evaluation,
+    generation) it is ``MLP``'s own, which keeps nothing."""
 
     @classmethod
     def from_mlp(cls, mlp: MLP) -> "FP8MLP":
@@ -429,6 +431,8 @@ class FP8MLP(MLP):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
         rows = x.reshape(-1, x.shape[-1])
         w1, w2, w3 = (m.weight.unsqueeze(0) for m in (self.w1, self.w2, self.w3))
         y = fp8_swiglu_ffn(rows, w1, w2, w3, [rows.shape[0]], self.w2.recipe, self.limit)
@@ -479,10 +483,13 @@ def convert_to_fp8(model: nn.Module, module_filter: Callable[[str, nn.Module], b
             swaps.append((name, FP8Experts.from_experts(module, recipe)))
         elif isinstance(module, nn.Linear):
             swaps.append((name, FP8Linear.from_linear(module, recipe)))
+    if any(not name for name, _ in swaps):
+        raise ValueError(f"convert_to_fp8 swaps a model's layers in place; a bare {type(model).__name__} is one: "
+                         "hold it in a module")
     for name, new in swaps:
         _swap(model, name, new)
     for name, module in list(model.named_modules()):
-        if _swiglu_cached(module):
+        if name and _swiglu_cached(module):  # (a bare MLP keeps its FP8 layers' own caches)
             _swap(model, name, FP8MLP.from_mlp(module))
     return model
 

@@ -333,7 +333,8 @@ class Api:
         think = Reasoning(self.reasoning, self.tok, Reasoning.opens(self.reasoning, text))
         if opts.grammar is not None:  # held after the reasoning the prompt opens, or the output opens with its tokens
             after, opening = think.grammar_markers(self.tok, text, self.engine.limits.vocab_size)
-            at = think.grammar_at(self.tok, after, fmt.calls_begin if mode in ("required", "named") else None)
+            at = think.grammar_at(self.tok, after, fmt.calls_begin if mode in ("required", "named") or formatted
+                                  else None)  # a grammar that may open with a calls block
             opts = dataclasses.replace(opts, grammar_after=after, grammar_open=opening, grammar_at=at)
         gen = Generation(self.engine, self.tok, request, [prompt], opts, body.stop_strings(), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),

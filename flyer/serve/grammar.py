@@ -25,9 +25,9 @@ last token carries past it is the grammar's first, ``GrammarMasks.begun``), so t
 the marker when it chooses, and its grammar constrains the tokens after it, as vLLM and SGLang apply a grammar after
 a reasoning parser's end. A calls marker that ends the reasoning too (``grammar_at``: Kimi's section marker, which
 its models may write inside the reasoning, ``flyer.serve.reasoning.KIMI_K2``) starts the grammar at it, its first
-token(s): a calls grammar's block begins with that marker. A waiting row drafts without a grammar too, its drafts
-cut before one that would write either marker (``ends_reasoning``): the marker is then the last token a verify pass
-keeps, and every token after it is chosen under the grammar.
+token(s): a calls grammar's block begins with that marker. A waiting row drafts without a grammar too, a draft
+that would write either marker its last (``ends_reasoning``), verified as any draft: the marker is then the last
+token a verify pass keeps, and every token after it is chosen under the grammar.
 
 Reasoning the output opens itself (a parser, a prompt that neither opens nor closes reasoning, e.g. R1's original
 template; ``SamplingOptions.grammar_open`` holds the begin marker's ids): the grammar holds from the first token,
@@ -43,7 +43,7 @@ constrained; flyer constrains it from its first token and lets only an output th
     Matcher                         a request's llguidance matcher and the drafts it holds tentatively
     marker_ends(out, n, marker)     whether an output ends with the reasoning end marker (its grammar starts after)
     GrammarMasks.start / follow     a request's matchers at its start; after each token (the reasoning markers)
-    GrammarMasks.ends_reasoning     whether drafts would complete the end (or calls) marker (cut before them)
+    GrammarMasks.ends_reasoning     whether drafts would complete the end (or calls) marker (the last draft then)
 
 The work a request can cause is bounded: its schema's JSON text (``MAX_SCHEMA_CHARS``), compiling it and each
 step's mask (``LIMITS``: llguidance's fuel and size limits; a grammar over them is refused or ends in error).

@@ -134,9 +134,10 @@ class Reasoning:
 
     def grammar_at(self, tok, after: tuple[int, ...], first: str | None) -> tuple[int, ...]:
         """``SamplingOptions.grammar_at`` of a request whose grammar waits for ``after`` (``grammar_markers``) and
-        whose output it rules starts with the marker ``first`` (a calls grammar's section marker; None: a JSON
-        grammar): the parser's calls marker's ids when it is ``first``, so that a section the model opens inside
-        the reasoning ends the reasoning and is the grammar's from its marker on, as the split reads it; else ().
+        may open with the marker ``first`` (a calls grammar's section marker, "auto"'s JSON-or-calls grammar's
+        too; None: a JSON grammar): the parser's calls marker's ids when it is ``first``, so that a section the model
+        opens inside the reasoning ends the reasoning and is the grammar's from its marker on, as the split reads
+        it; else ().
         Also () where the two markers are not both one token or both text (the engine reads both alike)."""
         p = self.parser
         if not after or p is None or p.calls is None or p.calls != first:
