@@ -73,6 +73,27 @@ def test_the_fp8_per_token_estimate_is_a_lower_bound_for_either_activation_cache
     assert 0.5 * (measured[1] - measured[0]) < estimated[1] - estimated[0] <= measured[1] - measured[0]
 
 
+def test_flyer_plan_estimates_either_fp8_activation_cache(capsys):
+    """``flyer plan --precision fp8 --fp8-activation-cache input|fp8``: the per-rank activation estimate the run's
+    memory check uses for that cache (the plan assumed the FP8 cache for every FP8 run); another name: one line."""
+    import json
+
+    from flyer.cli import main
+    cfg = preset("tiny")
+    got = {}
+    for cache in ("fp8", "input"):
+        assert main(["plan", "--preset", "tiny", "--gpus", "1", "--precision", "fp8", "--fp8-activation-cache",
+                     cache, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        got[cache] = out["activation_bytes_per_rank_estimate"]
+        assert got[cache] == [activation_bytes(cfg, 1, 0, "1f1b", 4096, 1, "fp8", activation_cache=cache)]
+        assert out["run_layout"]["fp8_activation_cache"] == cache
+    assert got["fp8"][0] < got["input"][0]
+    assert main(["plan", "--preset", "tiny", "--gpus", "1", "--precision", "fp8", "--fp8-activation-cache", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "flyer: error: --fp8-activation-cache: must be one of fp8, input (got 'x')"
+
+
 def test_the_fp8_activation_estimate_counts_the_experts_fp8_weights():
     """FP8 training (BF16 autocast, ``convert_to_fp8``): the estimate stays under what one forward keeps, at batch 1
     and 2, and its constant part is the measured one less what it leaves out: the other linear layers' FP8 weight

@@ -63,7 +63,7 @@ def _grid(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
 
 # ---- flyer plan ---------------------------------------------------------------------------------
 # any of them: a flyer run's per-rank bytes
-RUN_FLAGS = ("zero", "dp", "pp_schedule", "precision", "vocab_size", "optimizer", "recompute")
+RUN_FLAGS = ("zero", "dp", "pp_schedule", "precision", "vocab_size", "optimizer", "recompute", "fp8_activation_cache")
 
 
 def _check_run_world(gpus: int, gpus_per_node: int) -> None:
@@ -71,8 +71,8 @@ def _check_run_world(gpus: int, gpus_per_node: int) -> None:
     if gpus > MAX_RUN_WORLD:
         raise FieldError("gpus", f"per-rank bytes are listed for at most {MAX_RUN_WORLD:,} ranks (a three-tier fat "
                                  f"tree of {T.PAPER_RADIX}-port switches; got {gpus:,}); drop --zero, --dp, "
-                                 f"--pp-schedule, --precision, --vocab-size, --optimizer and --recompute for the "
-                                 f"cluster-wide plan")
+                                 "--pp-schedule, --precision, --vocab-size, --optimizer, --recompute and "
+                                 "--fp8-activation-cache for the cluster-wide plan")
     if gpus > gpus_per_node and gpus % gpus_per_node:  # torchrun starts the same number of ranks on every node
         raise FieldError("gpus", f"a flyer train run needs whole nodes: a multiple of the {gpus_per_node} GPUs per "
                                  f"node, or at most one node (got {gpus})")
@@ -94,10 +94,13 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     from flyer.parallel.stages import SPLIT_SCHEDULES, min_micro_batches, validate_pipeline  # heavy: see above
     from flyer.optim.muon import OPTIMIZERS  # heavy: see above
     from flyer.model.recompute import MODES as RECOMPUTE_MODES  # heavy: see above
+    from flyer.fp8.linear import ACTIVATION_CACHES  # heavy: see above
 
     zero, schedule = args.zero or 0, args.pp_schedule or "1f1b"
     precision, optimizer = args.precision or "bf16", args.optimizer or "adamw"
-    recompute = args.recompute or "none"
+    recompute, cache = args.recompute or "none", args.fp8_activation_cache or "fp8"
+    if cache not in ACTIVATION_CACHES:
+        raise FieldError("fp8_activation_cache", f"must be one of {', '.join(ACTIVATION_CACHES)} (got {cache!r})")
     if recompute not in RECOMPUTE_MODES:
         raise FieldError("recompute", f"must be one of {', '.join(RECOMPUTE_MODES)} (got {recompute!r})")
     if recompute != "none" and pp > 1 and schedule in SPLIT_SCHEDULES:  # as flyer train refuses it
@@ -119,10 +122,11 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     validate_run_layout(cfg, args.gpus, ep, rpn, pp)
     validate_pipeline(cfg, pp, schedule, min_micro_batches(schedule, pp))
     mem = plan_state_bytes(cfg, pp, dp, ep, zero, schedule, args.seq_len, args.micro_batch, precision, optimizer,
-                           recompute)
+                           recompute, cache)
     return {"run_layout": {"world": args.gpus, "pp": pp, "dp": dp, "ep": ep, "zero": zero,
                            "pp_schedule": schedule if pp > 1 else None, "precision": precision,
-                           "optimizer": optimizer, "recompute": recompute}, **mem}
+                           "optimizer": optimizer, "recompute": recompute,
+                           "fp8_activation_cache": cache if precision == "fp8" else None}, **mem}
 
 
 def _plan(args) -> int:
@@ -423,6 +427,8 @@ def register(sub) -> None:
     r.add_argument("--optimizer", help="flyer train's --optimizer: adamw (default) or muon (one momentum buffer "
                                        "for Muon's matrices)")
     r.add_argument("--recompute", help="flyer train's --recompute: none (default) or mla (the activation estimate)")
+    r.add_argument("--fp8-activation-cache", help="flyer train's --fp8-activation-cache under --precision fp8: fp8 "
+                                                  "(default) or input (the activation estimate)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_checked(_plan))
 

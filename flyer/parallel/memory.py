@@ -154,9 +154,10 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
 
 def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, schedule: str = "1f1b",
                      seq_len: int = 4096, micro_batch: int = 1, precision: str = "bf16",
-                     optimizer: str = "adamw", recompute: str = "none") -> dict[str, Any]:
-    """Per global rank (stage-major: rank = pp_rank * dp + dp_rank, as ``flyer.parallel.mesh``; ``recompute``:
-    ``flyer train --recompute``, the activation estimate's):
+                     optimizer: str = "adamw", recompute: str = "none",
+                     activation_cache: str = "fp8") -> dict[str, Any]:
+    """Per global rank (stage-major: rank = pp_rank * dp + dp_rank, as ``flyer.parallel.mesh``; ``recompute`` and
+    ``activation_cache``: ``flyer train --recompute`` and ``--fp8-activation-cache``, the activation estimate's):
     ``param_bytes_per_rank``, ``grad_bytes_per_rank``, ``optimizer_bytes_per_rank`` (exact, for a
     run of ``cfg`` on that layout with FP32 parameters and ``optimizer``, 'adamw' or 'muon': the
     routing of ``flyer.optim.muon``), each with its ``max_...``, and
@@ -187,7 +188,7 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
             owned = partition([[numel[id(p)] for p in g] for g in groups], replicas)
             shards[kind] = [sum(state([g[i] for i in idx]) for g, idx in zip(groups, mine)) for mine in owned]
         act = activation_bytes(cfg, pp, pp_rank, schedule, seq_len, micro_batch, precision, ep,  # replicas alike
-                               recompute)
+                               recompute, activation_cache)
         for dp_rank in range(dp):
             opt = sum(per[shard_rank(kind, dp_rank, ep) if len(per) > 1 else 0] for kind, per in shards.items())
             out["param_bytes_per_rank"].append(params)
