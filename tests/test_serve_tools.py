@@ -267,6 +267,11 @@ def test_required_and_named_calls_parse_and_validate(served):
         whole = _check_calls(c.chat.completions.create(tool_choice=choice, temperature=1.0, seed=7, **kw).choices[0],
                              allowed)
         assert _stream_calls(c, tool_choice=choice, temperature=1.0, seed=7, **kw) == (whole, "tool_calls", "")
+        # the SDK's stream helper rebuilds the whole answer: content null (a forced call's first chunk says so, as
+        # OpenAI's; its "" had made it '')
+        with c.chat.completions.stream(tool_choice=choice, temperature=1.0, seed=7, **kw) as stream:
+            final = stream.get_final_completion().choices[0]
+        assert final.message.content is None and _check_calls(final, allowed) == whole
     one = c.chat.completions.create(tool_choice="required", temperature=1.0, seed=1, n=4, parallel_tool_calls=False,
                                     **kw)
     for ch in one.choices:

@@ -400,9 +400,13 @@ class Api:
         if (body.stream_options or {}).get("include_usage"):
             head["usage"] = None  # OpenAI's chunks before the usage chunk carry it null
 
+        # a forced call's answer has no content: null from the first chunk, as OpenAI's (the SDK's stream helper
+        # then gives the whole answer's null); else "" until the text shows
+        opening = None if mode in ("required", "named") else ""
+
         async def chunks() -> AsyncIterator[dict]:
             for i in range(len(gen.choices)):
-                yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": opening},
                                             "finish_reason": None, "logprobs": None, **span(range(0))}]}
             async for i, c, e in gen.events():
                 s, sent = split(c), c.sent
