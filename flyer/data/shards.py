@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -44,25 +44,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return _DTYPES[2] if vocab_size <= 1 << 16 else _DTYPES[4]
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux says it (``os.umask`` sets it to read it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: Path, chunks: Iterator[bytes] | list[bytes]) -> None:
     """Write ``chunks`` to ``path`` so that readers see the old file or the whole new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as open() (mkstemp's: 0600)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it: mkstemp's are the owner's alone (0600)
         with os.fdopen(fd, "wb") as f:
             for c in chunks:
                 f.write(c)
