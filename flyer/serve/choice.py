@@ -5,7 +5,9 @@ content it reports before a tool-calls block (``calls_content``)."""
 from __future__ import annotations
 
 import bisect
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,24 @@ def calls_content(before: str) -> str | None:
     None (null) when blank. One rule for a whole answer (``flyer.serve.tools.parse_tool_calls``) and a stream, whose
     content deltas join to it: a stream sends none of a content while this is None of it (``flyer.serve.api``)."""
     return before if before.strip() else None
+
+
+_SPACE = re.compile(r"\s*")
+_JSON = json.JSONDecoder()
+
+
+def skip_space(text: str, pos: int) -> int:
+    """The position of the first character from ``pos`` on in ``text`` that is not whitespace."""
+    return _SPACE.match(text, pos).end()
+
+
+def json_at(text: str, pos: int) -> tuple[Any, int] | None:
+    """(the JSON value starting at ``text[pos]`` after any whitespace, the position past it), or None: where a
+    tool call's arguments end (their strings may spell any marker)."""
+    try:
+        return _JSON.raw_decode(text, skip_space(text, pos))
+    except ValueError:
+        return None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 
 from flyer.data.deepseek_encoding import CALLS_BLOCK, CALLS_BLOCK_V4, DSML
 from flyer.errors import FieldError
-from flyer.serve.choice import calls_content
+from flyer.serve.choice import calls_content, json_at, skip_space
 
 
 @dataclass(frozen=True)
@@ -97,15 +97,9 @@ def _param_value(text: str, at: int, raw: bool) -> tuple[object, int] | None:
     if raw:
         end = text.find(PARAM_END, at)
         return None if end < 0 else (text[at:end], end + len(PARAM_END))
-    try:
-        value, end = _JSON.raw_decode(text, len(text) - len(text[at:].lstrip()))
-    except ValueError:
-        return None
-    end = len(text) - len(text[end:].lstrip())
-    return (value, end + len(PARAM_END)) if text.startswith(PARAM_END, end) else None
-
-
-_JSON = json.JSONDecoder()
+    got = json_at(text, at)
+    end = None if got is None else skip_space(text, got[1])
+    return (got[0], end + len(PARAM_END)) if end is not None and text.startswith(PARAM_END, end) else None
 
 
 def _lark(s: str) -> str:

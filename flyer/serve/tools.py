@@ -54,7 +54,7 @@ import llguidance
 from flyer.data.deepseek_encoding import DSML, ChatEncoding, ChatTemplate
 from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
-from flyer.serve.choice import calls_content, held_back
+from flyer.serve.choice import calls_content, held_back, json_at, skip_space
 from flyer.serve.dsml import DSML_V4, DSML_V32, DsmlFormat, dsml_grammar, parse_dsml_calls
 from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable
 from flyer.serve.tools_kimi import KIMI_K2, KimiFormat, kimi_grammar_rules
@@ -189,35 +189,22 @@ def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL
     start = text.find(fmt.calls_begin)
     if start < 0:
         return None
-    pos, calls = _skip_space(text, start + len(fmt.calls_begin)), []
+    pos, calls = skip_space(text, start + len(fmt.calls_begin)), []
     while text.startswith(fmt.call_begin, pos):
         head = fmt.split_head(text, pos + len(fmt.call_begin))
-        if head is None or not head[0]:
+        got = None if head is None or not head[0] else json_at(text, head[2])
+        if got is None or not isinstance(got[0], dict):
             return None
-        name, call_id, pos = head
-        pos = _skip_space(text, pos)
-        try:  # the arguments end where their JSON does: its strings may spell any marker (as a grammar allows)
-            args, end = _JSON.raw_decode(text, pos)
-        except ValueError:
-            return None
-        if not isinstance(args, dict):
-            return None
-        arguments, pos = text[pos:end], _skip_space(text, end)
+        name, call_id, at = head
+        arguments, pos = text[skip_space(text, at):got[1]], skip_space(text, got[1])
         for close in (fmt.args_close.strip(), fmt.call_end):
             if not text.startswith(close, pos):
                 return None
-            pos = _skip_space(text, pos + len(close))
+            pos = skip_space(text, pos + len(close))
         calls.append(ToolCall(name, arguments, call_id))
     if not calls or not text.startswith(fmt.calls_end, pos) or text[pos + len(fmt.calls_end):].strip():
         return None
     return calls_content(text[:start]), calls if parallel else calls[:1]
-
-
-_JSON = json.JSONDecoder()
-
-
-def _skip_space(text: str, pos: int) -> int:
-    return len(text) - len(text[pos:].lstrip())
 
 
 def marker_ids(tok, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT) -> dict[str, int]:
