@@ -355,9 +355,9 @@ class _Fp8GradCombine(torch.autograd.Function):
         weighed, w = ctx.saved_tensors
         disp, D = ctx.disp, g_TD.shape[1]
         buf = fp8_encode_rows(g_TD, disp.fp8_pow2)
-        w_rows, dw = None, None
+        w_rows = dw = g_rows = None  # g_rows: buf decoded, while it is the current buf
         for st in ctx.plan.stages:  # dispatch's route
-            buf = buf.index_select(0, st.index)
+            buf, g_rows = buf.index_select(0, st.index), None
             if w_rows is not None:
                 w_rows = w_rows.index_select(0, st.index)
             if st.slot is not None:
@@ -367,11 +367,12 @@ class _Fp8GradCombine(torch.autograd.Function):
                     dw = torch.zeros_like(w).index_put_((st.slot,), (g_rows * weighed.float()).sum(1))
             if st.group is not None:
                 disp.counter.add("combine_grad", st.send, st.kinds, buf)
-                buf = all_to_all_rows(buf, st.send, st.recv, st.grad_group)
+                buf, g_rows = all_to_all_rows(buf, st.send, st.recv, st.grad_group), None
                 if w_rows is not None:
                     disp.counter.add("combine_grad_meta", st.send, st.kinds, w_rows.unsqueeze(1))
                     w_rows = all_to_all_rows(w_rows, st.send, st.recv, st.grad_group)
-        dy = (fp8_decode_rows(buf, D) * w_rows.unsqueeze(1)).to(weighed.dtype).to(ctx.y_dtype)
+        g_rows = fp8_decode_rows(buf, D) if g_rows is None else g_rows  # hierarchical weighs on the expert's rank
+        dy = (g_rows * w_rows.unsqueeze(1)).to(weighed.dtype).to(ctx.y_dtype)
         return dy, dw, None, None
 
 
