@@ -125,6 +125,13 @@ def cpu_kind() -> str:
     return _assumed_cpu.get() or _detect_cpu_kind(torch.backends.mkldnn.enabled)
 
 
+def carried(fn):
+    """``fn``, to be run later or on another thread under the switches set where ``carried`` was called:
+    ``assume_cpu``, ``flyer.model.lowp.emulation`` and ``flyer.kernels.disabled`` are context variables, which a
+    backward's recomputation (run by autograd, after the ``with`` blocks closed) and a worker thread would not see."""
+    return functools.partial(contextvars.copy_context().run, fn)
+
+
 @contextlib.contextmanager
 def assume_cpu(kind: str):
     """Take every CPU-dependent decision as on a CPU of ``kind`` inside the block (tests force each

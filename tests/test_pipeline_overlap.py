@@ -10,7 +10,9 @@ forward chunk running beside them reads the weights only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from flyer.config import preset
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import PipelineModel
+from flyer.runtime import CPU_KINDS, assume_cpu, cpu_kind
 from flyer.train.build import build_model
 from ranks import needs_split_backward, run_ranks
 
@@ -42,9 +45,17 @@ def _worker(rank: int) -> dict:
     mesh = init_distributed(cfg, ep=EP, pp=PP, timeout_s=60)
     x, y = _data(mesh.dp)
     out = {}
+    # an FP32 step takes no CPU-kind decision: assumed one (a switch, like flyer's others) for the overlapped step,
+    # every forward chunk must see it, the worker thread's too (flyer.runtime.carried)
+    assumed = next(k for k in CPU_KINDS if k != cpu_kind())
     for overlap in (False, True):
         pm = PipelineModel(build_model(cfg, mesh, "fp32", seed=0), mesh, "dualpipev", M, B, T, overlap=overlap)
-        pm.train_step(x[mesh.dp_rank], y[mesh.dp_rank])
+        seen = set()
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda *_: seen.add((threading.current_thread().name.startswith("flyer-overlap"), cpu_kind())))
+        with assume_cpu(assumed) if overlap else contextlib.nullcontext():
+            pm.train_step(x[mesh.dp_rank], y[mesh.dp_rank])
+        hook.remove()
         mesh.sync_gradients(pm)
         pm.sync_mirrors()
         grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
@@ -62,7 +73,7 @@ def _worker(rank: int) -> dict:
             if int(lowest) == 2:
                 break
             pm.train_step(x[mesh.dp_rank], y[mesh.dp_rank])
-        out[overlap] = dict(grads=grads, overlapped=runs, concurrent=concurrent())
+        out[overlap] = dict(grads=grads, overlapped=runs, concurrent=concurrent(), seen=seen, assumed=assumed)
     out["rank"], out["ep_rank"], out["dp_rank"] = rank, mesh.ep_rank, mesh.dp_rank
     return out
 
@@ -107,3 +118,4 @@ def test_overlap_matches_one_process_and_no_overlap():
             ref = _slice(name, g, want[name], r["ep_rank"])
             err = float((g - ref).abs().max() / ref.abs().max().clamp_min(1e-8))
             assert err < FP32_TOL, (r["rank"], name, err)
+        assert on["seen"] == {(False, on["assumed"]), (True, on["assumed"])}, on["seen"]  # both threads, switched

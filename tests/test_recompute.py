@@ -8,12 +8,15 @@ import pytest
 import torch
 from test_run_safety import steps_logged, train_argv
 
+from flyer import kernels
 from flyer.cli import main
 from flyer.config import preset
 from flyer.fp8 import convert_to_fp8
-from flyer.model.recompute import set_recompute
+from flyer.model import lowp
+from flyer.model.recompute import recomputed, set_recompute
 from flyer.model.transformer import Transformer
 from flyer.parallel.memory import activation_bytes, held_bytes, saved_bytes
+from flyer.runtime import CPU_KINDS, assume_cpu, cpu_kind
 from flyer.train.metrics import read_metrics
 
 B, T = 2, 64
@@ -57,6 +60,56 @@ def test_recompute_keeps_every_gradient_and_drops_the_per_head_qkv(precision, ov
     element = 4 if precision == "fp32" else 2
     qkv = B * T * cfg.n_heads * 3 * cfg.qk_head_dim * element * (cfg.n_layers + cfg.mtp_depth)
     assert kept - kept2 >= qkv, (kept, kept2, qkv)
+
+
+def _switches() -> tuple:
+    return lowp._forced.get(), kernels.cpu_ops() is None, cpu_kind()
+
+
+def test_the_recomputation_runs_under_the_forwards_switches():
+    """flyer's switches (``assume_cpu``, ``lowp.emulation``, ``kernels.disabled``) set around a forward hold when
+    autograd recomputes it, after their blocks closed (the recomputation saw the defaults), and in a region of the
+    indexer losses' plain checkpoint too."""
+    for selective in (True, False):
+        seen = []
+
+        def region(x):
+            seen.append(_switches())
+            return x.sin()
+
+        x = torch.randn(4, requires_grad=True)
+        assumed = next(k for k in CPU_KINDS if k != cpu_kind())
+        with assume_cpu(assumed), lowp.emulation(True), kernels.disabled():
+            y = recomputed(region, x, selective=selective)
+        y.sum().backward()
+        assert seen == [(True, True, assumed)] * 2, seen
+        assert torch.equal(x.grad, x.detach().cos())
+
+
+@pytest.mark.parametrize("emulate", [True, False])
+def test_a_recomputed_model_backward_outside_its_switches_equals_one_inside(emulate):
+    """BF16 autocast, the emulation forced one way around the forward: the MLA regions recomputed in a backward run
+    after the block (under the other way) give the gradients of a backward run inside it, bit for bit."""
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    set_recompute(model, "mla")
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for inside in (True, False):
+        model.zero_grad(set_to_none=True)
+        with lowp.emulation(emulate):
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = model.compute_loss(tokens, tokens).loss
+            if inside:
+                loss.backward()
+        if not inside:
+            with lowp.emulation(not emulate):  # what the backward's own GEMMs run under: not the recomputation
+                loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0]), [n for n in grads[0]
+                                                                         if not torch.equal(grads[0][n], grads[1][n])]
 
 
 def test_the_estimate_saves_no_more_than_recompute_does():

@@ -13,6 +13,7 @@ dies with its process, and clear a lock file left by a dead one (``_build_lock``
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import os
@@ -25,7 +26,10 @@ import torch
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 # FLYER_CPU_KERNELS=0 is read once: ``cpu_ops`` runs a few hundred times a decode step
-_state: dict = {"module": None, "tried": False, "off": int(os.environ.get("FLYER_CPU_KERNELS", "1") == "0")}
+_state: dict = {"module": None, "tried": False, "env_off": os.environ.get("FLYER_CPU_KERNELS", "1") == "0"}
+# ``disabled``'s switch: a context variable, so that a backward's recomputation and a worker thread can carry the
+# value their forward ran under (``flyer.runtime.carried``)
+_off: contextvars.ContextVar[bool] = contextvars.ContextVar("flyer_kernels_off", default=False)
 
 
 def capability_flags(cap: str | None = None) -> list[str]:
@@ -81,7 +85,7 @@ def _build_lock(build_dir: Path):
 
 def cpu_ops():
     """The compiled extension module, or None when it is turned off or could not be built."""
-    if _state["off"]:
+    if _state["env_off"] or _off.get():
         return None
     if not _state["tried"]:
         _state["tried"] = True
@@ -102,11 +106,11 @@ def usable(*tensors: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def disabled():
     """Run the eager code inside the block (the oracle in tests and benchmarks)."""
-    _state["off"] += 1
+    token = _off.set(True)
     try:
         yield
     finally:
-        _state["off"] -= 1
+        _off.reset(token)
 
 
 __all__ = ["KERNEL_DTYPES", "build", "build_directory", "capability_flags", "cpu_ops", "disabled", "usable"]

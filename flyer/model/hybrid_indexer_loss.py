@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from flyer.model.hybrid_chunks import Gathered, Span, gather_entries
+from flyer.model.recompute import recomputed
 
 
 def csa_indexer_kl(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, q_BTHd: torch.Tensor,
@@ -69,8 +69,7 @@ def csa_indexer_kl(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Ten
             else:
                 fn, vis = _masked_chunk, (m[..., :s.n_keys], m[..., s.n_keys:])
             # one chunk: as it is; several: each recomputed in backward, so their indexer scores are not all kept
-            part = fn(attn, *inputs, *vis) if len(plan) == 1 else checkpoint(fn, attn, *inputs, *vis,
-                                                                            use_reentrant=False)
+            part = fn(attn, *inputs, *vis) if len(plan) == 1 else recomputed(fn, attn, *inputs, *vis, selective=False)
             total = total + part
         return total / (B * T if valid is None else valid.sum().clamp(min=1))  # no real query: 0
 

@@ -37,12 +37,12 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
 from flyer.model.dsa_chunks import SparseChunks, absorbed_weight
 from flyer.model.hybrid_chunks import entry_picks, gather_entries, query_chunk
+from flyer.model.recompute import recomputed
 
 INDEXER_TRAIN_MODES = ("off", "warmup", "sparse")
 
@@ -260,6 +260,6 @@ def _indexer_kl(attn, x, q_latent, q, latents, cos, sin, mask_B1TT, chunks, chun
         inputs = (x[:, rows], q_latent[:, rows], keys[:, :e], cos[rows], sin[rows], q[:, rows], latents[:, :e],
                   None if valid is None else valid[:, rows], *args)
         # one chunk: as it is; several: each recomputed in backward, so their indexer scores are not all kept
-        part = fn(attn, *inputs) if len(spans) == 1 else checkpoint(fn, attn, *inputs, use_reentrant=False)
+        part = fn(attn, *inputs) if len(spans) == 1 else recomputed(fn, attn, *inputs, selective=False)
         total = total + part
     return total / (B * T if valid is None else valid.sum().clamp(min=1))  # no real query: 0

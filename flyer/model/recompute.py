@@ -13,9 +13,8 @@ already recompute chunk by chunk (``flyer.model.dsa_chunks``).
 A pipeline schedule that splits backward into its input and weight gradients (zero-bubble, DualPipeV) runs a
 region's backward more than once (its weight pass once per parameter group), which a selective checkpoint refuses
 (the first consumes its saved outputs), and a plain one would pay by recomputing the region each time: ``flyer
-train`` refuses the pair. The recomputation runs under autocast as the forward did (``torch.utils.checkpoint``),
-not under flyer's own switches (``flyer.kernels.disabled``, ``flyer.model.lowp.emulation``): a backward must run
-under the ones its forward did."""
+train`` refuses the pair. The recomputation runs under autocast as the forward did (``torch.utils.checkpoint``)
+and under flyer's own switches as they were then (``flyer.runtime.carried``), wherever the backward runs."""
 
 from __future__ import annotations
 
@@ -24,6 +23,8 @@ import functools
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from flyer.runtime import carried
 
 MODES = ("none", "mla")
 
@@ -39,10 +40,11 @@ def _policy(_ctx, op, *_args, **_kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _KEPT else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def recomputed(fn, *args):
-    """``fn(*args)``, its intermediates (but the fused attention's outputs) recomputed in backward."""
-    return checkpoint(fn, *args, use_reentrant=False,
-                      context_fn=functools.partial(create_selective_checkpoint_contexts, _policy))
+def recomputed(fn, *args, selective: bool = True):
+    """``fn(*args)``, its intermediates recomputed in backward under the switches of this forward (``selective``:
+    but the fused attention's outputs, which are kept)."""
+    kept = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _policy)} if selective else {}
+    return checkpoint(carried(fn), *args, use_reentrant=False, **kept)
 
 
 def set_recompute(model: nn.Module, mode: str) -> int:

@@ -20,9 +20,10 @@ Two rules make this correct:
   different stages; the one module two stages may share (the embedding, first and last stage on
   pipeline rank 0) is read by the forward and accumulates its gradient in the backward.
 
-Grad mode and autocast are thread-local: the worker re-enters the caller's. On CUDA the worker
-issues its kernels on a side stream (ordered after the caller's stream at the start; the caller's
-stream waits for it at the end), so the two chunks overlap on the device too.
+Grad mode and autocast are thread-local: the worker re-enters the caller's, and flyer's own switches
+(``flyer.runtime.carried``). On CUDA the worker issues its kernels on a side stream (ordered after the
+caller's stream at the start; the caller's stream waits for it at the end), so the two chunks overlap on
+the device too.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from torch.distributed.pipelining.schedules import (
     _PipelineContext,
     _wait_batch_p2p,
 )
+
+from flyer.runtime import carried
 
 
 class OverlapFB:
@@ -106,7 +109,7 @@ class OverlapFB:
 
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(device))
-        pending = self._worker.submit(forward)
+        pending = self._worker.submit(carried(forward))  # under this thread's flyer switches
         try:
             with self._computing():
                 b_stage.backward_one_chunk(b_mb, loss=loss, full_backward=True, last_backward=last_backward)
