@@ -144,6 +144,23 @@ def test_the_parser_on_hand_written_texts():
                 F.render([("f", "[1]")]), F.render([("f", "{oops")]), F.render([("", "{}")]), one + "more",
                 F.calls_begin + F.call_begin + "f" + F.call_end + F.calls_end):
         assert parse_tool_calls(bad) is None, bad
+    # cut by a length limit: the calls before the cut one (maybe none), its text dropped; a whole block as it is
+    from flyer.serve.dsml import DSML_V32, PARAM_END
+    from flyer.serve.tools import DEEPSEEK_V3
+    from flyer.serve.tools_kimi import KIMI_K2
+
+    dsml = (f'{DSML_V32.calls_begin}\n<｜DSML｜invoke name="a">\n</｜DSML｜invoke>\n<｜DSML｜invoke name="b">\n'
+            f'<｜DSML｜parameter name="x" string="false">[1, 2]{PARAM_END}\n</｜DSML｜invoke>\n{DSML_V32.calls_end}')
+    for fmt in (F, DEEPSEEK_V3, KIMI_K2, DSML_V32):
+        text = "Hm." + (dsml if fmt is DSML_V32 else fmt.render([("a", "{}"), ("b", '{"x": [1, 2]}')]))
+        calls = parse_tool_calls(text, fmt)[1]  # Kimi's with the ids written
+        assert [(c.name, c.arguments) for c in calls] == [("a", "{}"), ("b", '{"x": [1, 2]}')]
+        second, first = text.rindex('"x"'), len("Hm.") + len(fmt.calls_begin) + 2
+        for at, kept in ((len(text), 2), (len(text) - 3, 2), (second, 1), (second - 3, 1), (first, 0)):
+            assert parse_tool_calls(text[:at], fmt, cut=True) == ("Hm.", calls[:kept]), (fmt.name, at)
+            assert parse_tool_calls(text[:at], fmt, parallel=False, cut=True) == ("Hm.", calls[:min(kept, 1)])
+            assert (parse_tool_calls(text[:at], fmt) is None) == (at < len(text)), (fmt.name, at)
+        assert parse_tool_calls("no block", fmt, cut=True) is None
     # what streams as content: the text before a block, less a tail that may begin one
     for text, n in (("abc", 3), ("abc" + one, 3), ("ab" + F.calls_begin[:4], 2), ("a<b", 3), ("", 0)):
         assert content_end(text) == n, text

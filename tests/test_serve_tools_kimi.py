@@ -181,19 +181,42 @@ def test_auto_serves_the_written_ids_and_the_follow_up_is_transformers(kimi):
         assert set(marker_ids(tok, K).values()) <= set(want_ids)
 
 
-def test_auto_serves_malformed_or_cut_blocks_as_content(kimi):
+def test_auto_serves_malformed_blocks_as_content(kimi):
     tok = load_tokenizer(kimi)
-    for text, cut in (("Hm." + K.render(CALLS).replace('"oslo"', "oslo"), 0),  # arguments not JSON
-                      ("Hm." + K.render(CALLS).replace("functions.", ""), 0),  # ids without the prefix
-                      ("Hm." + K.render(CALLS), 2)):  # a limit cuts the block
+    for text in ("Hm." + K.render(CALLS).replace('"oslo"', "oslo"),  # arguments not JSON
+                 "Hm." + K.render(CALLS).replace("functions.", "")):  # ids without the prefix
         script = tok.encode_ids(text, add_special_tokens=False) + [tok.eos_id()]
         with serving(Api(_Scripted(LIMITS, script), tok, "tiny-test", chat_template=TEMPLATE)) as url:
-            kw = dict(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=len(script) - cut)
+            kw = dict(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=len(script))
             ch = client(url).chat.completions.create(**kw).choices[0]
-            assert ch.finish_reason == ("length" if cut else "stop") and not ch.message.tool_calls
+            assert ch.finish_reason == "stop" and not ch.message.tool_calls
             assert ch.message.content.startswith("Hm.")
             streamed, deltas, finish, _ = _stream(client(url), **kw)
             assert (streamed, deltas, finish) == (ch.message.content, [], ch.finish_reason)
+
+
+def test_a_block_cut_by_max_tokens_answers_its_whole_calls(kimi):
+    """``max_tokens`` cutting a calls section: the content before it and the calls the cut left whole (none when it
+    cut the first), the cut one dropped, finish_reason "length", streamed alike. It was served as content: the
+    markers, special tokens, dropped and the calls' ids and arguments glued to the text."""
+    tok = load_tokenizer(kimi)
+    rendered = K.render(CALLS)
+    script = tok.encode_ids("Hm." + rendered, add_special_tokens=False) + [tok.eos_id()]
+
+    def upto(at: int) -> int:
+        return len(tok.encode_ids("Hm." + rendered[:at], add_special_tokens=False))
+
+    whole = [{"id": i, "type": "function", "function": {"name": n, "arguments": a}} for i, (n, a) in zip(IDS, CALLS)]
+    with serving(Api(_Scripted(LIMITS, script), tok, "tiny-test", chat_template=TEMPLATE)) as url:
+        for n, kept in ((len(script) - 2, 2), (upto(rendered.index('"level"')), 1),
+                        (upto(rendered.index('"days"')), 0)):
+            kw = dict(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=n)
+            ch = client(url).chat.completions.create(**kw).choices[0]
+            assert ch.finish_reason == "length" and ch.message.content == "Hm.", (n, ch)
+            assert [t.model_dump() for t in ch.message.tool_calls or []] == whole[:kept]
+            streamed, deltas, finish, _ = _stream(client(url), **kw)
+            assert (streamed, finish) == ("Hm.", "length")
+            assert [{k: d[k] for k in ("id", "type", "function")} for d in deltas] == whole[:kept]
 
 
 def test_streamed_content_is_the_whole_answers_around_the_calls(kimi):

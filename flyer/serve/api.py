@@ -355,6 +355,11 @@ class Api:
                 return None
             return self._tool_calls(c, parallel, s.token, think.content_head(c.text, c.starts, c.kept(), s))
 
+        def finish(c: Choice, calls: tuple | None) -> str:
+            """"tool_calls" for an answer with calls, but "length" for one cut short (its calls those before the cut,
+            ``parse_tool_calls``): the client learns the answer is incomplete."""
+            return "tool_calls" if calls and calls[1] and c.finish_reason != "length" else c.finish_reason
+
         # while tools are parsed, content streams up to the first calls marker, as its token or as text
         begin, call_at = marker_ids(self.tok, fmt).get(fmt.calls_begin), {}
 
@@ -391,7 +396,7 @@ class Api:
                 calls = tool_calls(c, s)
                 message = think.message(c.text, s) if calls is None else \
                     think.message(c.text, s, calls[0], [call.openai() for call in calls[1]])
-                out.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else c.finish_reason,
+                out.append({"index": i, "message": message, "finish_reason": finish(c, calls),
                             "logprobs": content_logprobs(c.events[:c.kept()]),
                             **span(range(c.kept()), c, s, calls)})
             return {**head, "choices": out, "usage": gen.usage()}
@@ -421,8 +426,8 @@ class Api:
                     if delta or lp:
                         yield {**head, "choices": [{"index": i, "delta": delta, "finish_reason": None,
                                                     "logprobs": lp, **span(tokens, c, s, calls)}]}
-                    yield {**head, "choices": [{"index": i, "delta": {"tool_calls": deltas},
-                                                "finish_reason": "tool_calls", "logprobs": None,
+                    yield {**head, "choices": [{"index": i, "delta": {"tool_calls": deltas} if deltas else {},
+                                                "finish_reason": finish(c, calls), "logprobs": None,
                                                 **span(range(0))}]}
                     continue
                 if parse and s.content is not None and begin is not None and e.token == begin and i not in call_at \
@@ -448,9 +453,10 @@ class Api:
                     head: str = "") -> tuple[str | None, list[ToolCall]] | None:
         """Choice ``c``'s (content, calls; the first only when not ``parallel``) when ``head`` and its text from token
         ``start`` on (the content, after any reasoning; markers written out, up to a stop string) hold a well-formed
-        calls block (``parse_tool_calls``); else None: served as content."""
+        calls block, or one cut short by the length limit (``parse_tool_calls``); else None: served as content."""
         fmt = self.tool_format
-        return parse_tool_calls(head + marked_text(self.tok, c.ids[start:c.kept()], fmt), fmt, parallel)
+        return parse_tool_calls(head + marked_text(self.tok, c.ids[start:c.kept()], fmt), fmt, parallel,
+                                cut=c.finish_reason == "length")
 
     def _chat_logprob(self, token: int, logprob: float, top: dict[int, float] | None) -> dict:
         def entry(t: int, lp: float) -> dict:

@@ -60,34 +60,42 @@ _INVOKE_END = re.compile(rf"\s*</{DSML}invoke>")
 PARAM_END = f"</{DSML}parameter>"
 
 
-def parse_dsml_calls(text: str, fmt: DsmlFormat = DSML_V32,
-                     parallel: bool = True) -> tuple[str | None, list[tuple[str, str]]] | None:
+def parse_dsml_calls(text: str, fmt: DsmlFormat = DSML_V32, parallel: bool = True,
+                     cut: bool = False) -> tuple[str | None, list[tuple[str, str]]] | None:
     """``text`` (the content generated, after any reasoning) -> (the content before the block, None when
     blank; its calls as ``flyer.serve.tools.ToolCall``), or None when it holds no well-formed block: no
     ``calls_begin``, a block left open, an invoke or parameter not in the shape above, a string="false" value
     that is not JSON, a parameter named twice, no invoke, text after the block. Whitespace between the tags is
-    allowed. Not ``parallel``: the first call only (as ``flyer.serve.tools.parse_tool_calls``). A call is
-    (name, arguments JSON text)."""
+    allowed. Not ``parallel``: the first call only (as ``flyer.serve.tools.parse_tool_calls``). ``cut``: the
+    output was cut short; a block not whole gives its well-formed invokes before the first that is not (as
+    ``parse_tool_calls``). A call is (name, arguments JSON text)."""
     start = text.find(fmt.calls_begin)
     if start < 0:
         return None
     pos, calls = start + len(fmt.calls_begin), []
     while m := _INVOKE.match(text, pos):
-        pos, args = m.end(), {}
-        while p := _PARAM.match(text, pos):
-            key, value = p[1], _param_value(text, p.end(), p[2] == "true")
-            if key in args or value is None:
-                return None
-            args[key], pos = value
-        end = _INVOKE_END.match(text, pos)
-        if end is None:
-            return None
-        pos = end.end()
-        calls.append((m[1], json.dumps(args, ensure_ascii=False)))
+        if (call := _invoke_at(text, m)) is None:
+            break
+        calls.append(call[0])
+        pos = call[1]
     rest = text[pos:].lstrip()
-    if not calls or not rest.startswith(fmt.calls_end) or rest[len(fmt.calls_end):].strip():
+    whole = calls and rest.startswith(fmt.calls_end) and not rest[len(fmt.calls_end):].strip()
+    if not (whole or cut):
         return None
     return calls_content(text[:start]), calls if parallel else calls[:1]
+
+
+def _invoke_at(text: str, m: re.Match) -> tuple[tuple[str, str], int] | None:
+    """The call whose invoke tag ``m`` matched and the position past its close tag; None when it is not
+    well-formed (or cut)."""
+    pos, args = m.end(), {}
+    while p := _PARAM.match(text, pos):
+        key, value = p[1], _param_value(text, p.end(), p[2] == "true")
+        if key in args or value is None:
+            return None
+        args[key], pos = value
+    end = _INVOKE_END.match(text, pos)
+    return None if end is None else ((m[1], json.dumps(args, ensure_ascii=False)), end.end())
 
 
 def _param_value(text: str, at: int, raw: bool) -> tuple[object, int] | None:

@@ -24,7 +24,9 @@ Modes (``tool_choice``): "none" renders the tools and parses nothing; "auto" (th
 freely (with a ``response_format``: its JSON or a calls block) and parses the calls if the model writes the
 format; "required" and a named function constrain the output to a calls block. A choice whose text parses
 answers ``tool_calls`` with finish_reason "tool_calls" and content the text before the block (null when blank);
-one that does not (no block, one left open) answers its text as content.
+one that does not (no block, a malformed one, one a stop string left open) answers its text as content. A block
+the length limit cut answers the content before it and the calls before the cut (none, if it cut the first: the
+partial call's text is dropped), with finish_reason "length".
 ``parallel_tool_calls`` false: the grammar allows one call; under "auto" the parse keeps the first.
 Streaming (``flyer.serve.api``) is the simplest correct one: content deltas up to the block (none while the text so
 far is blank, which a whole answer serves as null: ``flyer.serve.choice.calls_content``, one rule for both), then,
@@ -173,38 +175,48 @@ def chosen_format(parser: str, chat_template: ChatTemplate) -> ToolFormat | Dsml
     return TOOL_PARSERS[parser]
 
 
-def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT,
-                     parallel: bool = True) -> tuple[str | None, list[ToolCall]] | None:
+def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT, parallel: bool = True,
+                     cut: bool = False) -> tuple[str | None, list[ToolCall]] | None:
     """``text`` (generated, markers written out) -> (the content before the calls block, None when blank; its
     calls), or None when it holds no well-formed block in ``fmt``: no ``calls_begin``, a block left open (a limit
     reached), a call without a name, not in ``fmt``'s shape or whose arguments are not a JSON object, text after
     the block. The arguments end where their JSON does, so their strings may spell markers (a grammar lets them).
     Whitespace between the markers is allowed. Not ``parallel``: only the first call is kept (under "auto" the
     output is free: a block is parsed whole, so a stream and a whole answer agree, and the calls past the first
-    dropped; stopping at the first ``call_end`` would leave the block open, as a limit does). DSML:
+    dropped; stopping at the first ``call_end`` would leave the block open, as a limit does). ``cut``: the output
+    was cut short (finish_reason "length"): a block that is not whole gives its well-formed calls before the first
+    that is not (the one cut; maybe none), the rest dropped, as vLLM's parsers do. DSML:
     ``flyer.serve.dsml.parse_dsml_calls``; Kimi K2's calls keep the ids the model wrote (``KimiFormat.split_head``)."""
     if isinstance(fmt, DsmlFormat):
-        got = parse_dsml_calls(text, fmt, parallel)
+        got = parse_dsml_calls(text, fmt, parallel, cut)
         return None if got is None else (got[0], [ToolCall(*c) for c in got[1]])
     start = text.find(fmt.calls_begin)
     if start < 0:
         return None
     pos, calls = skip_space(text, start + len(fmt.calls_begin)), []
-    while text.startswith(fmt.call_begin, pos):
-        head = fmt.split_head(text, pos + len(fmt.call_begin))
-        got = None if head is None or not head[0] else json_at(text, head[2])
-        if got is None or not isinstance(got[0], dict):
-            return None
-        name, call_id, at = head
-        arguments, pos = text[skip_space(text, at):got[1]], skip_space(text, got[1])
-        for close in (fmt.args_close.strip(), fmt.call_end):
-            if not text.startswith(close, pos):
-                return None
-            pos = skip_space(text, pos + len(close))
-        calls.append(ToolCall(name, arguments, call_id))
-    if not calls or not text.startswith(fmt.calls_end, pos) or text[pos + len(fmt.calls_end):].strip():
+    while text.startswith(fmt.call_begin, pos) and (call := _call_at(text, pos, fmt)) is not None:
+        calls.append(call[0])
+        pos = call[1]
+    whole = calls and text.startswith(fmt.calls_end, pos) and not text[pos + len(fmt.calls_end):].strip()
+    if not (whole or cut):
         return None
     return calls_content(text[:start]), calls if parallel else calls[:1]
+
+
+def _call_at(text: str, pos: int, fmt: ToolFormat | KimiFormat) -> tuple[ToolCall, int] | None:
+    """The call whose ``call_begin`` is at ``text[pos]`` and the position past its ``call_end`` (and the whitespace
+    after); None when it is not well-formed there (or cut)."""
+    head = fmt.split_head(text, pos + len(fmt.call_begin))
+    got = None if head is None or not head[0] else json_at(text, head[2])
+    if got is None or not isinstance(got[0], dict):
+        return None
+    name, call_id, at = head
+    arguments, pos = text[skip_space(text, at):got[1]], skip_space(text, got[1])
+    for close in (fmt.args_close.strip(), fmt.call_end):
+        if not text.startswith(close, pos):
+            return None
+        pos = skip_space(text, pos + len(close))
+    return ToolCall(name, arguments, call_id), pos
 
 
 def marker_ids(tok, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT) -> dict[str, int]:
