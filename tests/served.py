@@ -13,7 +13,8 @@ import pytest
 
 import flyer.serve.cli as serve_cli
 from flyer.cli import main
-from flyer.serve.api import Api, Server
+from flyer.serve.api import Api
+from flyer.serve.app import Server
 from flyer.serve.cli import bind
 from flyer.serve.link import EngineClient, EngineHost
 

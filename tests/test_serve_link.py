@@ -23,7 +23,8 @@ from trained import counting_model
 
 from flyer.cli import main
 from flyer.infer.cli import ByteTokenizer
-from flyer.serve.api import Api, Server
+from flyer.serve.api import Api
+from flyer.serve.app import Server
 from flyer.serve.cli import bind
 from flyer.serve.engine import Engine, EngineConfig, Limits, QueueFull, SamplingOptions, TokenEvent
 from flyer.serve.link import EngineClient, EngineHost, _frame, _Frames

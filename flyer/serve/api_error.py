@@ -35,7 +35,7 @@ class ContextLengthError(FieldError):
 
 def engine_failed(reason: str = "error") -> ApiError:
     """The error a request the engine ended with ``reason`` answers: "error" (it failed), or "shutdown" (a drain ran
-    out of time: ``flyer.serve.api.Server``)."""
+    out of time: ``flyer.serve.app.Server``)."""
     if reason == "shutdown":
         return ApiError(503, "the server shut down before this request finished", "server_error", code="unavailable")
     return ApiError(500, "the engine failed on this request (see the server's log)", "server_error")

@@ -148,7 +148,8 @@ def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, na
                chat_template: ChatTemplate, url: str, reasoning_parser: str | None = None,
                tool_call_parser: str = "auto", drain_timeout: float = 60.0) -> None:
     """The HTTP process: the API over the engine's link on ``sock``, with the ready line once it accepts."""
-    from flyer.serve.api import Api, Server  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
+    from flyer.serve.api import Api  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
+    from flyer.serve.app import Server  # (uvicorn: as above)
 
     # uvicorn takes SIGINT/SIGTERM while it serves (draining) and raises them again after: to these, once drained
     for sig in (signal.SIGINT, signal.SIGTERM):

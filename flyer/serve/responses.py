@@ -233,7 +233,7 @@ class Responses:
         self.api, self.store = api, ResponseStore(capacity)
 
     def add_routes(self, app: FastAPI) -> None:
-        """The Responses routes on ``app`` (``flyer.serve.api.build_app``'s, with its OpenAI-shaped errors)."""
+        """The Responses routes on ``app`` (``flyer.serve.app.build_app``'s, with its OpenAI-shaped errors)."""
         @app.post("/v1/responses")
         async def create_response(request: Request, body: ResponsesBody):
             return await self.create(request, body)
