@@ -201,6 +201,10 @@ def test_one_guard_for_every_reader(tmp_path, capsys):
         hf.load_tokenizer(tmp_path, {})
     with pytest.raises(CheckpointError, match="tokenizer.json: does not exist"):
         hf.load_tokenizer(tmp_path / "nowhere", {})
+    (tmp_path / "weights_only").mkdir()  # a model saved without its tokenizer: the error says how to add it
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: does not exist \(a model directory needs its "
+                                              r"tokenizer beside the weights: transformers' tokenizer.save_pretrained"):
+        hf.load_tokenizer(tmp_path / "weights_only", {})
 
     (tmp_path / "text.txt").write_text(TEXT * 200)
     built = prepare_data(tmp_path / "text.txt", tmp_path / "cache", vocab_size=300)

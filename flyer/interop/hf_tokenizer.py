@@ -156,6 +156,9 @@ def load_tokenizer(path: str | Path, config: dict | None = None) -> TextTokenize
     builds its special tokens from the config), with its BOS and EOS ids (``_special_ids``) and named special tokens,
     each settings file read once."""
     path = Path(path)
+    if path.is_dir() and not tokenizer_file(path).exists():  # weights saved alone (``model.save_pretrained``)
+        raise CheckpointError(f"{tokenizer_file(path)}: does not exist (a model directory needs its tokenizer beside "
+                              f"the weights: transformers' tokenizer.save_pretrained({str(path)!r}) writes it)")
     tok = load_tokenizer_file(tokenizer_file(path), CheckpointError)
     tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     if tokenizer_file(path).name == "tokenizer.json":
