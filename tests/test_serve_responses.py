@@ -358,6 +358,31 @@ def test_blank_text_before_calls_is_no_message_streamed_or_not(tok, blank):
         assert not [e for e in events if e.type == "response.output_text.delta"]
 
 
+@pytest.mark.parametrize("text", ["Sure.", ""])
+def test_a_calls_block_cut_by_the_limit_is_incomplete_streamed_or_not(tok, text):
+    """``max_output_tokens`` cutting a calls block inside its second call: chat answers the first call with
+    finish_reason "length"; the response is "incomplete" (max_output_tokens) with that call, its message (when it has
+    text) "incomplete", streamed or not. The stream said "completed", and so did both without text."""
+    rendered = F31.render(CALLS)
+    script = _ids(tok, text, rendered) + [tok.eos_id()]
+    n = len(_ids(tok, text, rendered[:rendered.index('"level"')]))
+    limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
+    with serving(Api(_Scripted(limits, script), tok, "tiny-test", chat_template=THINK_TEMPLATE)) as url:
+        c = client(url)
+        chat = c.chat.completions.create(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=n).choices[0]
+        assert chat.finish_reason == "length" and [t.function.name for t in chat.message.tool_calls] == [CALLS[0][0]]
+        kw = dict(input="lights on", tools=FLAT_TOOLS, max_output_tokens=n)
+        r = c.responses.create(model="tiny-test", **kw)
+        assert (r.status, r.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+        assert [(o.type, o.status) for o in r.output] == [("message", "incomplete")] * bool(text) + \
+            [("function_call", "completed")]
+        assert (r.output_text, r.output[-1].name, r.output[-1].arguments) == (text, *CALLS[0])
+        events, done = _stream(c, **kw)
+        assert events[-1].type == "response.incomplete" and done.incomplete_details == r.incomplete_details
+        assert [o.model_dump(exclude={"id", "call_id"}) for o in done.output] == \
+            [o.model_dump(exclude={"id", "call_id"}) for o in r.output]
+
+
 class _Failing(_Scripted):
     """The script's first two tokens, then the engine fails on the request."""
 

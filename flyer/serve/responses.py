@@ -45,7 +45,7 @@ from flyer.serve.api_error import ApiError, sse_event
 from flyer.serve.responses_schema import NamedFunction, ResponsesBody, input_items, input_messages
 from flyer.serve.schema import ChatBody, error_field
 
-if TYPE_CHECKING:  # the type only: ``flyer.serve.api`` registers these routes
+if TYPE_CHECKING:  # the type only: ``flyer.serve.app`` registers these routes
     from flyer.serve.api import Api
 
 MAX_STORED = 1024  # finished responses kept for GET and previous_response_id
@@ -322,9 +322,10 @@ class Responses:
                 "top_logprobs": body.top_logprobs or 0}
 
     def _finish(self, head: dict, output: list[dict], usage: dict, messages: list[dict], store: bool,
-                inputs: list[dict]) -> dict:
-        """The finished Response object (stored when asked, with its ``inputs`` items)."""
-        incomplete = any(i.get("status") == "incomplete" for i in output)
+                inputs: list[dict], finish: str | None) -> dict:
+        """The finished Response object (stored when asked, with its ``inputs`` items): incomplete where the chat
+        choice's ``finish`` was "length", whatever its items (a calls block cut after whole calls)."""
+        incomplete = finish == "length" or any(i.get("status") == "incomplete" for i in output)
         response = {**head, "status": "incomplete" if incomplete else "completed", "completed_at": int(time.time()),
                     "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "output": output,
                     "usage": _usage(usage)}
@@ -354,7 +355,8 @@ class Responses:
         if isinstance(result, dict):
             choice = result["choices"][0]
             output = _output_items(choice)
-            return JSONResponse(self._finish(head, output, result["usage"], messages, body.store is not False, inputs))
+            return JSONResponse(self._finish(head, output, result["usage"], messages, body.store is not False, inputs,
+                                             choice["finish_reason"]))
         return StreamingResponse(self._events(head, result, messages, body.store is not False, inputs),
                                  media_type="text/event-stream")
 
@@ -440,7 +442,7 @@ class Responses:
                         for b in (*add_text("message", ""), *close_item("incomplete" if finish == "length"
                                                                         else "completed")):
                             yield b
-                    response = self._finish(head, output, chunk["usage"], messages, store, inputs)
+                    response = self._finish(head, output, chunk["usage"], messages, store, inputs, finish)
                     kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
                     yield event(kind, response=response)
                     return
@@ -453,8 +455,9 @@ class Responses:
                             yield b
                 calls = delta.get("tool_calls") or []
                 if (calls or choice["finish_reason"] is not None) and open_kind is not None:
-                    # cut by max_output_tokens: the open message, or a reasoning no text or call followed
-                    cut = choice["finish_reason"] == "length" and not calls and open_kind in ("message", "reasoning")
+                    # cut by max_output_tokens: the open message (calls after it or not: as unstreamed), or a
+                    # reasoning no text or call followed
+                    cut = choice["finish_reason"] == "length" and (open_kind == "message" or not calls)
                     for b in close_item("incomplete" if cut else "completed"):
                         yield b
                 for call in calls:
