@@ -128,8 +128,11 @@ def cpu_kind() -> str:
 def carried(fn):
     """``fn``, to be run later or on another thread under the switches set where ``carried`` was called:
     ``assume_cpu``, ``flyer.model.lowp.emulation`` and ``flyer.kernels.disabled`` are context variables, which a
-    backward's recomputation (run by autograd, after the ``with`` blocks closed) and a worker thread would not see."""
-    return functools.partial(contextvars.copy_context().run, fn)
+    backward's recomputation (run by autograd, after the ``with`` blocks closed) and a worker thread would not see.
+    Each call runs in a copy of its own, so a call may begin while another runs (a region's forward that
+    backpropagates inside itself recomputes it)."""
+    ctx = contextvars.copy_context()
+    return lambda *args, **kwargs: ctx.copy().run(fn, *args, **kwargs)
 
 
 @contextlib.contextmanager

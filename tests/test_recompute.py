@@ -6,6 +6,7 @@ v the estimate leaves out; a run resumed with it on trains the same steps as one
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 from test_run_safety import steps_logged, train_argv
 
 from flyer import kernels
@@ -84,6 +85,21 @@ def test_the_recomputation_runs_under_the_forwards_switches():
         y.sum().backward()
         assert seen == [(True, True, assumed)] * 2, seen
         assert torch.equal(x.grad, x.detach().cos())
+
+
+def test_a_region_that_backpropagates_inside_itself_recomputes():
+    """A region whose forward takes a gradient inside it (torch's non-reentrant checkpoint recomputes it then, while
+    the forward runs) works as under plain ``checkpoint``: each run of the region gets a context of its own (one
+    shared context cannot be entered twice)."""
+    def region(x):
+        return torch.autograd.grad(x.sin().exp().sum(), x, create_graph=True)[0]
+
+    grads = []
+    for how in (lambda x: checkpoint(region, x, use_reentrant=False), lambda x: recomputed(region, x, selective=False)):
+        x = torch.arange(4.0, requires_grad=True)
+        how(x).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
 
 
 @pytest.mark.parametrize("emulate", [True, False])

@@ -105,7 +105,8 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def disabled():
-    """Run the eager code inside the block (the oracle in tests and benchmarks)."""
+    """Run the eager code inside the block (the oracle in tests and benchmarks): in this thread and context only
+    (another thread, an engine's scheduler, keeps its kernels; ``flyer.runtime.carried`` takes the switch along)."""
     token = _off.set(True)
     try:
         yield
