@@ -161,6 +161,11 @@ def test_the_parser_on_hand_written_texts():
             assert parse_tool_calls(text[:at], fmt, parallel=False, cut=True) == ("Hm.", calls[:min(kept, 1)])
             assert (parse_tool_calls(text[:at], fmt) is None) == (at < len(text)), (fmt.name, at)
         assert parse_tool_calls("no block", fmt, cut=True) is None
+        # text after a call or a block that ended is no cut: such a block is malformed, content as without the cut
+        bad = fmt.render([("a", "{}"), ("f", "{oops}")]) if fmt is not DSML_V32 else \
+            dsml.replace("[1, 2]", "[1, 2").replace(PARAM_END, "", 1)
+        for after in (text + "\nand now the answer", text + "</think>The answer is", "Hm." + bad + " and so on"):
+            assert parse_tool_calls(after, fmt, cut=True) is None, (fmt.name, after)
     # what streams as content: the text before a block, less a tail that may begin one
     for text, n in (("abc", 3), ("abc" + one, 3), ("ab" + F.calls_begin[:4], 2), ("a<b", 3), ("", 0)):
         assert content_end(text) == n, text

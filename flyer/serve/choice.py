@@ -36,6 +36,16 @@ _SPACE = re.compile(r"\s*")
 _JSON = json.JSONDecoder()
 
 
+def cut_inside(rest: str, call_begin: str, call_end: str, calls_end: str) -> bool:
+    """Whether ``rest``, what follows a calls block's last well-formed call (whitespace skipped), is a call or the
+    block's close cut short: nothing, the start of a marker, or a call begun whose end marker never came. Text
+    after a call or a block that ended was no cut (the block is malformed: served as content). A character the cut
+    split (byte tokens) decodes to U+FFFD."""
+    rest = rest.rstrip("\ufffd")
+    return not rest or any(m.startswith(rest) for m in (call_begin, calls_end)) or (
+        rest.startswith(call_begin) and call_end not in rest and calls_end not in rest)
+
+
 def skip_space(text: str, pos: int) -> int:
     """The position of the first character from ``pos`` on in ``text`` that is not whitespace."""
     return _SPACE.match(text, pos).end()

@@ -27,7 +27,7 @@ from typing import Any
 
 from flyer.data.deepseek_encoding import CALLS_BLOCK, CALLS_BLOCK_V4, DSML
 from flyer.errors import FieldError
-from flyer.serve.choice import calls_content, json_at, skip_space
+from flyer.serve.choice import calls_content, cut_inside, json_at, skip_space
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def parse_dsml_calls(text: str, fmt: DsmlFormat = DSML_V32, parallel: bool = Tru
         pos = call[1]
     rest = text[pos:].lstrip()
     whole = calls and rest.startswith(fmt.calls_end) and not rest[len(fmt.calls_end):].strip()
-    if not (whole or cut):
+    if not (whole or cut and cut_inside(rest, f"<{DSML}invoke", f"</{DSML}invoke>", fmt.calls_end)):
         return None
     return calls_content(text[:start]), calls if parallel else calls[:1]
 

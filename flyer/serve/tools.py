@@ -31,7 +31,7 @@ partial call's text is dropped), with finish_reason "length".
 Streaming (``flyer.serve.api``) is the simplest correct one: content deltas up to the block (none while the text so
 far is blank, which a whole answer serves as null: ``flyer.serve.choice.calls_content``, one rule for both), then,
 once the whole output is parsed at the end, one chunk with every call's ``tool_calls`` delta (index, id, type, name,
-the whole arguments) and finish_reason "tool_calls".
+the whole arguments) and finish_reason "tool_calls" ("length" for a block the limit cut).
 
     ToolFormat, DEEPSEEK_V31, DEEPSEEK_V3   the formats; ``TOOL_FORMAT`` the default (``KIMI_K2``: tools_kimi)
     tool_format(chat_template)      the format a checkpoint's template writes calls in
@@ -56,7 +56,7 @@ import llguidance
 from flyer.data.deepseek_encoding import DSML, ChatEncoding, ChatTemplate
 from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
-from flyer.serve.choice import calls_content, held_back, json_at, skip_space
+from flyer.serve.choice import calls_content, cut_inside, held_back, json_at, skip_space
 from flyer.serve.dsml import DSML_V4, DSML_V32, DsmlFormat, dsml_grammar, parse_dsml_calls
 from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable
 from flyer.serve.tools_kimi import KIMI_K2, KimiFormat, kimi_grammar_rules
@@ -185,8 +185,9 @@ def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL
     output is free: a block is parsed whole, so a stream and a whole answer agree, and the calls past the first
     dropped; stopping at the first ``call_end`` would leave the block open, as a limit does). ``cut``: the output
     was cut short (finish_reason "length"): a block that is not whole gives its well-formed calls before the first
-    that is not (the one cut; maybe none), the rest dropped, as vLLM's parsers do. DSML:
-    ``flyer.serve.dsml.parse_dsml_calls``; Kimi K2's calls keep the ids the model wrote (``KimiFormat.split_head``)."""
+    that is not (the one cut: ``flyer.serve.choice.cut_inside``; maybe none), the rest dropped, as vLLM's parsers
+    do. DSML: ``flyer.serve.dsml.parse_dsml_calls``; Kimi K2's calls keep the ids the model wrote
+    (``KimiFormat.split_head``)."""
     if isinstance(fmt, DsmlFormat):
         got = parse_dsml_calls(text, fmt, parallel, cut)
         return None if got is None else (got[0], [ToolCall(*c) for c in got[1]])
@@ -198,7 +199,7 @@ def parse_tool_calls(text: str, fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL
         calls.append(call[0])
         pos = call[1]
     whole = calls and text.startswith(fmt.calls_end, pos) and not text[pos + len(fmt.calls_end):].strip()
-    if not (whole or cut):
+    if not (whole or cut and cut_inside(text[pos:], fmt.call_begin, fmt.call_end, fmt.calls_end)):
         return None
     return calls_content(text[:start]), calls if parallel else calls[:1]
 
