@@ -13,7 +13,8 @@ KV cache.
     link.py     the engine's process and the HTTP process joined by a socket pair (the engine only
                 as a type: importing link and api does not import the engine)
     schema.py   the OpenAI request bodies (pydantic) and their field checks
-    api.py      the OpenAI routes (FastAPI) over the link
+    api.py      the OpenAI routes' logic over the link
+    app.py      the FastAPI application of those routes (OpenAI-shaped errors) and its uvicorn server
     cli.py      ``flyer serve``: the engine in its own process, HTTP in a child process
 
 Each module imports only those listed above it.

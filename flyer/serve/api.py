@@ -31,8 +31,8 @@ wrote there. Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request (a field's type or value, a prompt too
 long for the context), 401 for a missing or wrong API key, 404 for an unknown model or route, 413 for a body past
 ``MAX_BODY_BYTES`` (``flyer.serve.body_limit``), 429 when the queue is full, 503 while draining. A bug answers 500
-in the same shape, never with a traceback; in a stream, whose status is sent, it ends the stream with OpenAI's
-error event (the ``openai`` client raises it).
+in the same shape, never with a traceback (the handlers: ``flyer.serve.app``); in a stream, whose status is sent,
+it ends the stream with OpenAI's error event (the ``openai`` client raises it).
 The request bodies and their field checks are ``flyer.serve.schema``'s.
 
 Stop strings are matched on the decoded text here (the engine knows token ids only); a match
