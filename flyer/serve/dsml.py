@@ -253,6 +253,9 @@ def dsml_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool, 
             raw = sub.get("type") == "string" or (enum is not None and all(isinstance(v, str) for v in enum))
             head = f'<{DSML}parameter name="{key}" string="{"true" if raw else "false"}">'
             field = f"tools[{i}].function.parameters.properties.{key}"
+            if not key or '"' in key or "\n" in key:  # written raw in name="...", as the encoder writes it
+                raise FieldError(field, "a DSML parameter's name must be non-empty, without a double quote or a line "
+                                        "break (the call could not be read back)")
             if raw and enum is not None:
                 value = "(" + " | ".join(_lark(v) for v in _enum_values(sub, enum, field)) + f") {_lark(PARAM_END)}"
             elif raw:
