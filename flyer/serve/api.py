@@ -350,8 +350,8 @@ class Api:
             return self._tool_calls(c, parallel, s.token, think.content_head(c.text, c.starts, c.kept(), s))
 
         def finish(c: Choice, calls: tuple | None) -> str:
-            """"tool_calls" for an answer with calls, but "length" for one cut short (its calls those before the cut,
-            ``parse_tool_calls``): the client learns the answer is incomplete."""
+            """The choice's finish reason: "tool_calls" for an answer with calls, but "length" for one cut short (its
+            calls those before the cut, ``parse_tool_calls``): the client learns the answer is incomplete."""
             return "tool_calls" if calls and calls[1] and c.finish_reason != "length" else c.finish_reason
 
         # while tools are parsed, content streams up to the first calls marker, as its token or as text
