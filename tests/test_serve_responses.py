@@ -165,6 +165,8 @@ def test_the_store_keeps_the_last_ones():
     store.delete("e")
     store.put("g", Stored({"id": "g"}, [{"role": "user", "content": "x" * 1000}]))
     assert list(store.items) == [] and store.held == 0
+    store.put("h", Stored({"id": "h"}, [], inputs=[{"type": "message", "text": "x" * 5000}]))  # its listed items
+    assert list(store.items) == [] and store.held == 0
 
 
 def test_function_call_round_trip(served):
@@ -205,6 +207,48 @@ def test_function_call_round_trip(served):
     again = httpx.post(served.url + "/v1/responses", json=dict(
         input=[*[o.model_dump() for o in calls], *outputs], previous_response_id=r.id, **kw))
     assert "previous_response_id" in _error(again, 400, "input[0]")["message"]
+
+
+def test_defaults_are_echoed_as_openai_sets_them(served):
+    r = served.client().responses.create(model="tiny-test", input="hello world", max_output_tokens=2)
+    assert (r.parallel_tool_calls, r.store, r.tool_choice, r.temperature, r.top_p) == (True, True, "auto", 1.0, 1.0)
+
+
+def test_calls_and_outputs_render_as_chat_messages_in_any_order(served):
+    """Consecutive function_call items are one assistant message (parallel calls), a call after a tool message a
+    new one: the prompt is chat's, token for token (its length), either way."""
+    c = served.client()
+    calls = [{"type": "function_call", "call_id": f"c{k}", "name": n, "arguments": a}
+             for k, (n, a) in enumerate([("get_weather", '{"city":"oslo","celsius":true,"days":2}'),
+                                         ("set_light", '{"on":true,"level":3}')])]
+    outs = [{"type": "function_call_output", "call_id": f"c{k}", "output": "done"} for k in range(2)]
+
+    def chat_call(item):
+        return {"id": item["call_id"], "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]}}
+
+    def tool(item):
+        return {"role": "tool", "tool_call_id": item["call_id"], "content": "done"}
+
+    for items, messages in (
+            ([*calls, *outs], [{"role": "assistant", "content": None, "tool_calls": [chat_call(i) for i in calls]},
+                               *map(tool, outs)]),
+            ([calls[0], outs[0], calls[1], outs[1]],
+             [m for i, o in zip(calls, outs) for m in ({"role": "assistant", "content": None,
+                                                        "tool_calls": [chat_call(i)]}, tool(o))])):
+        r = c.responses.create(model="tiny-test", input=[ASK[0], *items], tools=FLAT_TOOLS, max_output_tokens=1)
+        _, usage = _chat(c, [*ASK, *messages], 1, tools=TOOLS)
+        assert r.usage.input_tokens == usage.prompt_tokens
+
+
+def test_a_listed_reasoning_item_has_its_summary(served):
+    from openai.types.responses import ResponseItemList
+
+    r = served.client().responses.create(model="tiny-test", input=[{"type": "reasoning", "id": "rs_1"}, ASK[0]],
+                                         max_output_tokens=1)
+    page = httpx.get(f"{served.url}/v1/responses/{r.id}/input_items").json()
+    listed = ResponseItemList.model_validate(page)
+    assert listed.data[-1].type == "reasoning" and listed.data[-1].summary == []
 
 
 def test_json_schema_output(served):
@@ -265,9 +309,19 @@ def test_bad_requests_answer_400(served):
                          "input[0].content"),
                         (dict(input=[{"role": "user", "content": [{"type": "output_text", "text": "a"}]}]),
                          "input[0].content"),
-                        (dict(input=[{"type": "reasoning", "summary": "thinking"}]), "input[0].summary")):
+                        (dict(input=[{"type": "reasoning", "summary": "thinking"}]), "input[0].summary"),
+                        # an output answering no call as the first item too; a tool_choice of another type with a
+                        # function's name; OpenAI's 16 metadata keys at most
+                        (dict(input=[{"type": "function_call_output", "call_id": "c9", "output": "x"},
+                                     {"role": "user", "content": "a"}]), "input[0].call_id"),
+                        (dict(tools=FLAT_TOOLS, tool_choice={"type": "web_search_preview", "name": "get_weather"}),
+                         "tool_choice"),
+                        (dict(metadata={f"k{i}": "v" for i in range(17)}), "metadata")):
         resp = httpx.post(url, json={**ok, **over})
         _error(resp, 404 if param == "model" else 400, param)
+    # an item repeated within the new input alone: no previous_response_id in the message
+    twice = [{"id": "msg_x", "role": "user", "content": "a"}, {"id": "msg_x", "role": "user", "content": "b"}]
+    assert "previous_response_id" not in _error(httpx.post(url, json={**ok, "input": twice}), 400)["message"]
     neutral = dict(service_tier="auto", safety_identifier="u1", prompt_cache_key="k", stream_options=None,
                    foo=None, tools=[{**FLAT_TOOLS[0], "defer_loading": False}], metadata={"k" * 64: "v" * 512})
     assert httpx.post(url, json={**ok, **neutral}).status_code == 200
@@ -356,6 +410,29 @@ def test_blank_text_before_calls_is_no_message_streamed_or_not(tok, blank):
         assert [o.model_dump(exclude={"id", "call_id"}) for o in done.output] == \
             [o.model_dump(exclude={"id", "call_id"}) for o in r.output]
         assert not [e for e in events if e.type == "response.output_text.delta"]
+
+
+def test_reasoning_then_a_cut_calls_block(tok):
+    """Reasoning, then a calls block ``max_output_tokens`` cut in its second call, no text: the reasoning
+    (completed) and the whole call, the response incomplete, streamed or not; each streamed item's
+    ``output_index`` is its place in the output."""
+    rendered = F31.render(CALLS)
+    script = _ids(tok, REASONING, DEEPSEEK.end, rendered) + [tok.eos_id()]
+    n = len(_ids(tok, REASONING, DEEPSEEK.end, rendered[:rendered.index('"level"')]))
+    limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
+    api = Api(_Scripted(limits, script), tok, "tiny-test", chat_template=THINK_TEMPLATE, reasoning_parser="deepseek")
+    with serving(api) as url:
+        c = client(url)
+        kw = dict(input="lights on", tools=FLAT_TOOLS, reasoning={"effort": "high"}, max_output_tokens=n)
+        r = c.responses.create(model="tiny-test", **kw)
+        assert r.status == "incomplete"
+        assert [(o.type, o.status) for o in r.output] == [("reasoning", "completed"), ("function_call", "completed")]
+        events, done = _stream(c, **kw)
+        assert [o.model_dump(exclude={"id", "call_id"}) for o in done.output] == \
+            [o.model_dump(exclude={"id", "call_id"}) for o in r.output] and done.status == "incomplete"
+        ids = [o.id for o in done.output]
+        placed = [(e.output_index, ids.index(e.item.id)) for e in events if e.type.startswith("response.output_item")]
+        assert len(placed) == 4 and all(a == b for a, b in placed), placed
 
 
 @pytest.mark.parametrize("text", ["Sure.", ""])
