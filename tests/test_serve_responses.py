@@ -282,6 +282,7 @@ def test_bad_requests_answer_400(served):
                                                                  "reasoning.summary"),
                         (dict(reasoning={"effort": "huge"}), "reasoning.effort"),
                         (dict(text={"format": {"type": "json_schema", "name": "x"}}), "text.format"),
+                        (dict(text={"format": {"type": "json_schema", "schema": {"type": "object"}}}), "text.format"),
                         (dict(text={"verbosity": "low"}), "text.verbosity"),
                         (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
                          "input[0].content.0.type"),
