@@ -158,13 +158,14 @@ class Reasoning:
             return Split(False, 0, 0, 0, 0, n)
         p = self.parser
         # where reasoning starts: after a leading begin marker, else at 0 when the prompt opened it
+        ws = _SPACE.match(text).end()  # leading whitespace (not text.lstrip(): a copy per token)
         if self.begin_id is not None:
-            if not kept and not final:
-                return Split(False, 0, 0, None, 0, 0)  # undecided
-            led = kept > 0 and ids[0] == self.begin_id
-            r0, t0 = (starts[1] if kept > 1 else n, 1) if led else (0, 0)
+            k = bisect.bisect_left(starts, ws, 0, kept)  # the first token past the whitespace, as the text path
+            if ws == n and k == kept and not final:
+                return Split(False, 0, 0, None, 0, 0)  # undecided (nothing, or whitespace only, so far)
+            led = k < kept and starts[k] == ws and ids[k] == self.begin_id
+            r0, t0 = (starts[k + 1] if k + 1 < kept else n, k + 1) if led else (0, 0)
         else:
-            ws = _SPACE.match(text).end()  # leading whitespace (not text.lstrip(): a copy per token)
             head = text[ws:ws + len(p.begin)]
             if not final and p.begin.startswith(head) and len(head) < len(p.begin):
                 return Split(False, 0, 0, None, 0, 0)  # undecided
