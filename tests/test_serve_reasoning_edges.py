@@ -46,7 +46,7 @@ def _read(pieces, opened=False, special=(), stops=(), finish="stop"):
             deltas.append(d)
         if c.finish_reason is not None:
             break
-    s = think.split(c.text, c.ids, c.kept(), c.starts, True, 2)
+    s = think.split(c.text, c.ids, c.kept(), c.starts, True, 1)  # one key, as the API's choice keeps its own
     m = think.message(c.text, s)
     return (m["reasoning_content"], m["content"]), deltas, think.reasoning_tokens(s, c.kept())
 
@@ -114,3 +114,11 @@ def test_token_starts_when_two_ids_decode_together():
     for k in range(3):
         c.add(TokenEvent(k))
     assert (c.text, c.starts) == ("a€b", [0, 1, 2])
+
+
+def test_a_stop_string_that_cuts_into_the_end_marker_leaves_it_reasoning():
+    """The end marker found at an earlier token, then a stop string beginning inside it cuts it (vLLM applies stop
+    strings before its reasoning parser): what is left is reasoning. (A stream had sent "ab" as the reasoning, and
+    holds back the marker's text: it ends with "ab".)"""
+    got, deltas, _ = _read(["ab</think>", "zz"], opened=True, stops=["k>zz"])
+    assert got == ("ab</thin", None) and not any("content" in d for d in deltas)
