@@ -54,9 +54,10 @@ class DsmlFormat:
 
 DSML_V32 = DsmlFormat("deepseek-v3.2", CALLS_BLOCK)
 DSML_V4 = DsmlFormat("deepseek-v4", CALLS_BLOCK_V4)  # the same calls in a block named "tool_calls"
-_INVOKE = re.compile(rf'\s*<{DSML}invoke name="([^"\n]+)">')
+INVOKE, INVOKE_END = f"<{DSML}invoke", f"</{DSML}invoke>"
+_INVOKE = re.compile(rf'\s*{INVOKE} name="([^"\n]+)">')
 _PARAM = re.compile(rf'\s*<{DSML}parameter name="([^"\n]+)" string="(true|false)">')
-_INVOKE_END = re.compile(rf"\s*</{DSML}invoke>")
+_INVOKE_END = re.compile(rf"\s*{INVOKE_END}")
 PARAM_END = f"</{DSML}parameter>"
 
 
@@ -80,7 +81,7 @@ def parse_dsml_calls(text: str, fmt: DsmlFormat = DSML_V32, parallel: bool = Tru
         pos = call[1]
     rest = text[pos:].lstrip()
     whole = calls and rest.startswith(fmt.calls_end) and not rest[len(fmt.calls_end):].strip()
-    if not (whole or cut and cut_inside(rest, f"<{DSML}invoke", f"</{DSML}invoke>", fmt.calls_end)):
+    if not (whole or cut and cut_inside(rest, INVOKE, INVOKE_END, fmt.calls_end)):
         return None
     return calls_content(text[:start]), calls if parallel else calls[:1]
 
@@ -274,8 +275,8 @@ def dsml_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool, 
         elif params and not required & set(props):  # none written: the encoder's empty line (or the optional ones)
             params = [f"({_lark(NL)} | {' '.join(params)})"]
         body = " ".join(params) or _lark("\n")  # no parameters: the encoder's empty line
-        invoke = f'<{DSML}invoke name="{f["name"]}">\n'
-        rules.append(f"invoke_{k}: {_lark(invoke)} {body} {_lark(f'</{DSML}invoke>' + NL)}")
+        invoke = f'{INVOKE} name="{f["name"]}">\n'
+        rules.append(f"invoke_{k}: {_lark(invoke)} {body} {_lark(INVOKE_END + NL)}")
     # each invoke ends with its line's end: a "\n" lexeme apart would be a prefix of the block's close ("\n</...")
     # and the greedy lexer would take the close's start for it
     repeat = f"{{1,{max_calls}}}" if parallel and name is None else ""
