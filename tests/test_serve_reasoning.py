@@ -194,6 +194,23 @@ def test_tool_calls_after_the_reasoning(ckpt):
             assert "get_weather" in whole[0]
 
 
+def test_a_stop_string_inside_the_end_marker(ckpt):
+    """A stop string that cuts into the end marker: streamed and whole answers agree. The marker one token (plain):
+    its token ends the reasoning; its text cut into after the marker was found whole (bytes): reasoning to the cut,
+    as vLLM's parser reads a text that has no marker (the stream had skipped the marker's text: it sends it at the
+    end); a stop string that completes inside the marker: the marker never whole; the marker decoded to nothing
+    (special): no stop string sees it."""
+    cut = REASONING + DEEPSEEK.end[:-3]
+    want = {("plain", "k>zz"): (REASONING, ""), ("plain", "nk>"): (REASONING, ""),
+            ("special", "k>zz"): (REASONING, "zz" + ANSWER), ("special", "nk>"): (REASONING, "zz" + ANSWER),
+            ("bytes", "k>zz"): (cut + "n", None), ("bytes", "nk>"): (cut, None)}
+    for kind, tok, eos in _tokenizers(ckpt):
+        script = _ids(tok, REASONING, DEEPSEEK.end, "zz", ANSWER) + ([eos] if eos else [])
+        with _serving(tok, script) as (api, url, client):
+            for stop in ("k>zz", "nk>"):
+                _agree(client, *want[kind, stop], "stop", stop=[stop], extra_body={"chat_template_kwargs": THINK})
+
+
 def test_mutations_fail_the_checks(ckpt, monkeypatch):
     """The marker leaking into the content or the reasoning, or the split one token early or late, fails the
     checks (``_agree`` and the reasoning token count)."""

@@ -118,7 +118,8 @@ def test_token_starts_when_two_ids_decode_together():
 
 def test_a_stop_string_that_cuts_into_the_end_marker_leaves_it_reasoning():
     """The end marker found at an earlier token, then a stop string beginning inside it cuts it (vLLM applies stop
-    strings before its reasoning parser): what is left is reasoning. (A stream had sent "ab" as the reasoning, and
-    holds back the marker's text: it ends with "ab".)"""
+    strings before its reasoning parser): what is left is reasoning, and the stream, which skipped the marker's text,
+    sends it at the end (it ended with "ab")."""
     got, deltas, _ = _read(["ab</think>", "zz"], opened=True, stops=["k>zz"])
     assert got == ("ab</thin", None) and not any("content" in d for d in deltas)
+    assert [d["reasoning_content"] for d in deltas] == ["ab", "</thin"]

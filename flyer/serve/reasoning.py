@@ -96,6 +96,7 @@ class Reasoning:
         self.parser, self.opened = parser, opened
         # choice -> (where its reasoning ends or None: a token index, or (text index, marker); how far searched)
         self._scanned: dict[int, tuple] = {}
+        self._told: dict[int, int] = {}  # choice -> where its streamed reasoning ends (``delta``)
         self.begin_id = _marker_id(tok, parser.begin) if parser else None
         self.end_id = _marker_id(tok, parser.end) if parser else None
         self.calls_id = _marker_id(tok, parser.calls) if parser and parser.calls else None
@@ -214,13 +215,15 @@ class Reasoning:
             out["tool_calls"] = calls
         return out
 
-    @staticmethod
-    def delta(text: str, before: int, after: int, s: Split, content: str | None = None) -> dict:
+    def delta(self, text: str, before: int, after: int, s: Split, content: str | None = None, key: int = 0) -> dict:
         """A stream chunk's ``delta`` for ``text[before:after]`` (newly streamed): its reasoning part, then its
-        content part (``content`` given: that instead); the markers between them in neither."""
+        content part (``content`` given: that instead); the markers between them in neither. ``key``: which choice
+        (as ``split``'s): its reasoning goes on from where its last part ended, so that an end marker skipped, then
+        cut by a stop string (no marker after all: the whole answer's reasoning keeps its start), is sent as such."""
         out = {}
-        if s.reasoning and min(after, s.r1) > max(before, s.r0):
-            out["reasoning_content"] = text[max(before, s.r0):min(after, s.r1)]
+        start, end = max(s.r0, min(before, self._told.get(key, before))), min(after, s.r1)
+        if s.reasoning and end > start:
+            out["reasoning_content"], self._told[key] = text[start:end], end
         if content is None and s.content is not None and after > max(before, s.content):
             content = text[max(before, s.content):after]
         if content:
