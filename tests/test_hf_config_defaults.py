@@ -45,16 +45,40 @@ def test_missing_fields_read_as_the_config_class_fills_them(mt, given):
     assert _read({"model_type": mt, **given}) == _read(full)
 
 
+# Kimi K2's config.json maps AutoConfig to its remote configuration_deepseek.DeepseekV3Config: DeepSeek-V3's class,
+# whose defaults transformers' DeepseekV3Config took (it declares no aliases)
+REMOTE_AS = {"kimi_k2": "deepseek_v3"}
+
+
 @pytest.mark.parametrize("mt", sorted(CLASS_DEFAULTS))
 def test_class_defaults_and_aliases_are_transformers_own(mt):
-    cls = CONFIG_MAPPING[mt]
+    cls = CONFIG_MAPPING[REMOTE_AS.get(mt, mt)]
     declared = {f.name: f.default for f in dataclasses.fields(cls)}
     theta = (cls().rope_parameters or {}).get("rope_theta")
     aliases = {alias: own for alias, own in cls.attribute_map.items()}
     for k, v in CLASS_DEFAULTS[mt].items():
         own = next((a for a, o in aliases.items() if o == k and a in declared), k)  # declared under its alias
         assert (theta if k == "rope_theta" else declared[own]) == v, (mt, k)
-    assert CLASS_ALIASES[mt] == aliases
+    assert CLASS_ALIASES.get(mt, {}) == ({} if mt in REMOTE_AS else aliases)
+
+
+def test_kimi_k2_reads_alike_wherever_it_is():
+    """A trimmed Kimi K2 text config (no routing scale, groups, dense layers or MTP field) reads as the same
+    DeepseekV3 at the top level (Kimi K2 / K2-Thinking), inside Kimi K2.5's wrapper and as deepseek_v3: each missing
+    field is DeepseekV3Config's default (the top level had taken flyer's own: route scale 1.0, one group, no dense
+    layer, no MTP)."""
+    text = {**SMALL, "n_routed_experts": 16, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "kv_lora_rank": 16, "q_lora_rank": 32, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+            "num_hidden_layers": 4}
+    top = _read({**text, "model_type": "kimi_k2"})
+    wrapped = _read({"model_type": "kimi_k25", "text_config": {**text, "model_type": "kimi_k2"}})
+    assert top == _read({**text, "model_type": "deepseek_v3"})
+    assert wrapped == {**top, "tie_embeddings": True}  # the wrapper's own default, as Kimi_K25Config's
+    assert CONFIG_MAPPING["kimi_k25"](text_config=text).tie_word_embeddings is True
+    want = AutoConfig.for_model("deepseek_v3", **text)
+    assert (top["route_scale"], top["n_expert_groups"], top["n_limited_groups"], top["n_dense_layers"],
+            top["mtp_depth"]) == (want.routed_scaling_factor, want.n_group, want.topk_group,
+                                  want.first_k_dense_replace, want.num_nextn_predict_layers) == (2.5, 8, 4, 3, 1)
 
 
 @pytest.mark.parametrize("mt, alias, own, value", [("deepseek_v3", "num_local_experts", "n_routed_experts", 16),

@@ -5,8 +5,9 @@ transformers builds a model from a file by filling every missing key with its cl
 or trimmed file (a converter's, a test's) leaves many out: DeepseekV3Config's missing ``routed_scaling_factor`` is
 2.5, its ``n_group`` / ``topk_group`` 8 / 4, GLM-4.5's ``rms_norm_eps`` 1e-5. Read any other way, the same weights
 give other logits. A key present as null keeps its own meaning (transformers' post-init reads it: no query LoRA, as
-many key-value heads as heads). Each table is tested against its class (tests/test_hf_config_defaults.py), and
-where no class is (Kimi K2's remote code) the reader's own fallbacks stand. Mistral 4 and LongCat-Flash keep theirs
+many key-value heads as heads). Each table is tested against its class (tests/test_hf_config_defaults.py); Kimi K2's
+remote code is DeepSeek-V3's ``DeepseekV3Config`` under ``model_type`` kimi_k2, so its table is DeepseekV3's (the
+same text model inside Kimi K2.5's wrapper reads alike). Mistral 4 and LongCat-Flash keep theirs
 beside their readers (``flyer.interop.hf_config_mistral4``, ``hf_config_longcat``), DeepSeek-V4 in
 ``hf_config_v4``.
 """
@@ -25,8 +26,9 @@ _DEEPSEEK_V3 = {
 
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v3": _DEEPSEEK_V3,
-    # kimi_k2 has no class: Kimi K2.5 (kimi_k25) reads its text model (model_type kimi_k2 or deepseek_v3) as a
-    # DeepseekV3Config, the wrapper itself defaulting to one (flyer.interop.hf_config.text_config)
+    # Kimi K2's config.json maps AutoConfig to its configuration_deepseek.DeepseekV3Config, DeepSeek-V3's own class;
+    # Kimi K2.5 (kimi_k25) reads its text model (model_type kimi_k2 or deepseek_v3) as transformers' DeepseekV3Config
+    "kimi_k2": _DEEPSEEK_V3,
     "deepseek_v2": {
         "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
         "num_attention_heads": 32, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "kv_lora_rank": 512,
