@@ -1,0 +1,67 @@
+"""Edges of the Hugging Face config reader (``flyer.interop.hf_config``) a mutation sweep found unpinned (each
+assertion fails on the mutant it names): which layers slide or are dense where transformers says so, an untyped
+file's router, DeepSeek-V2's sequence-wise auxiliary loss, a layer frequency flyer cannot build, and errors that
+name the file's own field."""
+
+import pytest
+from transformers import Glm4MoeConfig, Qwen2Config
+
+from flyer.config import ModelConfig
+from flyer.errors import ConfigError
+from flyer.interop.hf_config import from_hf_config
+from tests.test_interop_config import DSV2_HUB, V3_T4
+
+QWEN2 = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("layers, window_layers", [(26, None), (4, 3), (4, 4), (4, 0)])
+def test_qwen2_reads_where_transformers_slides_no_layer(layers, window_layers):
+    """``use_sliding_window`` slides layers ``max_window_layers`` (default 28) and up, as transformers' layer_types
+    list them: read where none slides (26 layers without the field), refused naming the sliding ones else."""
+    d = {**QWEN2, "num_hidden_layers": layers, "use_sliding_window": True, "sliding_window": 16}
+    if window_layers is not None:
+        d["max_window_layers"] = window_layers
+    types = Qwen2Config(**{k: v for k, v in d.items() if k != "model_type"}).layer_types
+    sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+    if not sliding:
+        assert from_hf_config(d)["n_layers"] == layers
+    else:
+        with pytest.raises(ConfigError, match=f"layers {sliding[0]} to {sliding[-1]} slide"):
+            from_hf_config(d)
+
+
+def test_glm4_moe_dense_layers_past_the_model_are_all_of_it():
+    """``first_k_dense_replace`` past the layer count: every layer dense, as transformers builds it."""
+    d = {"model_type": "glm4_moe", **{k: v for k, v in QWEN2.items() if k != "model_type"}, "head_dim": 8,
+         "num_hidden_layers": 2, "first_k_dense_replace": 5, "n_routed_experts": 4, "num_experts_per_tok": 2,
+         "moe_intermediate_size": 16}
+    cfg = Glm4MoeConfig(**{k: v for k, v in d.items() if k != "model_type"})
+    dense = sum(i < cfg.first_k_dense_replace for i in range(cfg.num_hidden_layers))
+    assert ModelConfig.from_dict(d).n_dense_layers == dense == 2
+
+
+def test_an_untyped_sigmoid_router_is_deepseek_v3():
+    """A file without ``model_type`` or ``topk_method`` whose ``scoring_func`` is sigmoid is DeepSeek-V3's router
+    (V2's is softmax only)."""
+    d = {k: v for k, v in V3_T4.items() if k not in ("model_type", "topk_method")}
+    assert from_hf_config(d)["score_func"] == "sigmoid"
+
+
+def test_deepseek_v2_reads_its_sequence_wise_aux_loss():
+    assert ModelConfig.from_dict(DSV2_HUB).seq_aux_alpha == DSV2_HUB["aux_loss_alpha"] == 0.003
+
+
+def test_a_moe_layer_frequency_flyer_cannot_build_is_refused():
+    """DeepSeek's modeling makes every ``moe_layer_freq``-th layer MoE; flyer builds 1 only."""
+    with pytest.raises(ConfigError, match="field 'moe_layer_freq'"):
+        from_hf_config({**V3_T4, "moe_layer_freq": 2})
+
+
+@pytest.mark.parametrize("field, value, problem", [("max_position_embeddings", 0, "must be >= 1"),
+                                                   ("hidden_size", 32.5, "expected an integer")])
+def test_a_bad_size_names_the_files_field(field, value, problem):
+    """Refused by the reader, naming config.json's field, not the ModelConfig field it would become."""
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dict({**V3_T4, field: value})
+    assert str(e.value).startswith(f"config.json: field '{field}': {problem}"), str(e.value)
