@@ -175,7 +175,7 @@ def test_export_writes_the_fp4_model_and_masters_on_request(runs, capsys):
     """``flyer export`` of the QAT run: FP32 and BF16 hold the FP4 values exactly (the other weights as a plain
     export writes them); transformers' DeepseekV4 of the FP32 export computes the FP4 model within ``v4_tolerance``.
     ``--masters`` writes the checkpoint's masters bit for bit, whose logits land 10x beyond it; ``--masters`` with
-    ``--dtype fp8`` is refused in one line."""
+    ``--dtype fp8``, ``int4`` or ``nvfp4`` is refused in one line."""
     run = runs / "qat"
     loaded, cfg, _ = load_pretrained(run)
     masters = _masters(run)
@@ -212,10 +212,11 @@ def test_export_writes_the_fp4_model_and_masters_on_request(runs, capsys):
     assert err_masters > 10 * tol, f"{err_masters:.3g} vs {tol:.3g}"
 
     capsys.readouterr()
-    assert main(["export", str(run), "--out", str(runs / "export-bad"), "--dtype", "fp8", "--masters"]) == 2
-    err_lines = capsys.readouterr().err.strip().splitlines()
-    assert len(err_lines) == 1 and err_lines[0].startswith("flyer: error: --masters:"), err_lines
-    assert not (runs / "export-bad").exists()
+    for dtype in ("fp8", "int4", "nvfp4"):
+        assert main(["export", str(run), "--out", str(runs / "export-bad"), "--dtype", dtype, "--masters"]) == 2
+        err_lines = capsys.readouterr().err.strip().splitlines()
+        assert len(err_lines) == 1 and err_lines[0].startswith("flyer: error: --masters:"), err_lines
+        assert not (runs / "export-bad").exists()
     assert main(["export", str(runs / "plain"), "--out", str(runs / "export-bad"), "--masters"]) == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 1 and "--masters: applies to a run trained with FP4 QAT" in err_lines[0], err_lines

@@ -285,13 +285,13 @@ def test_hand_edited_hf_ids_and_depth_are_one_line(capsys, tmp_path):
     err = one_line(["export", bos, "--out", f"{bos}-hf"])
     assert "generation_config.json: bos_token_id -5 is not a token id" in err
     assert "bos_token_id -5 is not a token id" in one_line(["generate", "--ckpt", bos, "--prompt", "hi"])
-    eos = edited("eos", "generation_config.json", eos_token_id=[1, 99999])
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    eos = edited("eos", "generation_config.json", eos_token_id=[1, vocab])  # the first id past it
     err = one_line(["export", eos, "--out", f"{eos}-hf"])
-    assert "eos_token_id 99999 is outside the model's vocabulary" in err
+    assert f"eos_token_id {vocab} is outside the model's vocabulary [0, {vocab})" in err
     from safetensors.torch import load_file, save_file
     from tokenizers import Tokenizer
 
-    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
     n = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
     small = edited("small", "config.json", vocab_size=n - 1)  # the embedding and head cut past the tokenizer's
     for f in Path(small).glob("*.safetensors"):
