@@ -262,11 +262,12 @@ def test_gathered_decode_equals_masked_decode(monkeypatch):
     each query's picks, from slot-per-row and paged caches alike, within ``chunk_tolerance`` of the masked
     decode; with the picks one entry off, far outside it."""
     _, mine = _pair(LAYER["csa"])
-    want = _decode(mine, gather=False, paged=False)
-    tol = chunk_tolerance(mine, MAX_LEN)
     calls = []
     real = hybrid_cache.entry_picks
     monkeypatch.setattr(hybrid_cache, "entry_picks", lambda s, k: calls.append(s.shape) or real(s, k))
+    want = _decode(mine, gather=False, paged=False)
+    assert not calls  # the oracle masks every entry, gathering none
+    tol = chunk_tolerance(mine, MAX_LEN)
     for paged in (False, True):
         err = _rel_real(_decode(mine, gather=True, paged=paged), want)
         assert err <= tol, f"paged {paged}: {err:.3g} > {tol:.3g}"
