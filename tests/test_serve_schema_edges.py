@@ -14,10 +14,11 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from flyer.errors import FieldError
 from flyer.infer.cli import ByteTokenizer
 from flyer.interop.hf_tokenizer import TextTokenizer
-from flyer.serve.grammar import MAX_SCHEMA_CHARS, GrammarMasks, Matcher, json_grammar
+from flyer.serve.grammar import MAX_SCHEMA_CHARS, GrammarMasks, Matcher, json_grammar, schema_json
 from flyer.serve.request import Request, SamplingOptions
 from flyer.serve.schema import (MAX_STOP_CHARS, MAX_STOPS, MAX_TEMPLATE_KWARGS_CHARS, ChatBody, CompletionBody,
                                 ResponseFormat, Tool)
+from flyer.serve.tools import tool_grammar
 
 CHAT = dict(model="m", messages=[{"role": "user", "content": "x"}])
 TEXT = dict(model="m", prompt="x")
@@ -78,10 +79,16 @@ def test_an_empty_tools_list_is_no_tools():
 
 
 def test_a_schema_at_the_size_bound_compiles():
-    at = {"enum": ["a" * (MAX_SCHEMA_CHARS - len(json.dumps({"enum": [""]})))]}
-    assert len(json.dumps(at)) == MAX_SCHEMA_CHARS
+    """The bound counts the schema's compact JSON text, each character once: 30,000 "é" (six characters each as
+    ``\\u`` escapes) are under it, as a function's parameters too."""
+    at = {"enum": ["a" * (MAX_SCHEMA_CHARS - len(schema_json({"enum": [""]})))]}
+    assert len(schema_json(at)) == MAX_SCHEMA_CHARS
     json_grammar(at)
     _refused("response_format", lambda: json_grammar({"enum": [at["enum"][0] + "a"]}))
+    wide = {"enum": ["é" * 30_000]}
+    assert len(json.dumps(wide)) > MAX_SCHEMA_CHARS
+    json_grammar(wide)
+    tool_grammar([{"name": "f", "parameters": {"type": "object", "properties": {"x": wide}}}], ByteTokenizer())
 
 
 # ---- the engine's side ----------------------------------------------------------------------------------------

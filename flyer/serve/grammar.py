@@ -80,12 +80,19 @@ def _limits() -> llguidance.LLParserLimits:
     return llguidance.LLParserLimits(**LIMITS, verbose_errors=False)
 
 
+def schema_json(schema: dict[str, Any]) -> str:
+    """A schema's JSON text as measured against ``MAX_SCHEMA_CHARS`` and given to llguidance: compact, its
+    characters as they are (not ``\\u`` escapes, six characters each), so that no client is told it sent more than
+    it did."""
+    return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+
+
 def json_grammar(schema: dict[str, Any] | None) -> str:
     """The llguidance grammar (JSON text) of output matching the JSON ``schema`` (None: any JSON object, as
     OpenAI's ``json_object``); ``FieldError`` naming ``response_format`` for a schema too large
     (``MAX_SCHEMA_CHARS``) or one llguidance cannot compile within ``LIMITS``."""
     schema = {"type": "object"} if schema is None else schema
-    text = json.dumps(schema)
+    text = schema_json(schema)
     if len(text) > MAX_SCHEMA_CHARS:
         raise FieldError("response_format", f"the schema's JSON text holds {len(text)} characters; at most "
                                             f"{MAX_SCHEMA_CHARS} are served")

@@ -58,7 +58,7 @@ from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
 from flyer.serve.choice import calls_content, cut_inside, held_back, json_at, skip_space
 from flyer.serve.dsml import DSML_V4, DSML_V32, DsmlFormat, dsml_grammar, parse_dsml_calls
-from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable
+from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable, schema_json
 from flyer.serve.tools_kimi import KIMI_K2, KimiFormat, kimi_grammar_rules
 
 
@@ -269,7 +269,7 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
     chosen = [f for f in tools if name is None or f["name"] == name]
     params = [f.get("parameters") or {"type": "object"} for f in chosen]  # OpenAI: absent, no parameters
     # compact JSON unless the schema's own "x-guidance" says otherwise, as ``json_grammar``'s
-    schemas = [json.dumps({**p, "x-guidance": {**JSON_DEFAULTS, **p.get("x-guidance", {})}}) for p in params]
+    schemas = [schema_json({**p, "x-guidance": {**JSON_DEFAULTS, **p.get("x-guidance", {})}}) for p in params]
     if sum(map(len, schemas)) > MAX_SCHEMA_CHARS:
         raise FieldError("tools", f"the parameters schemas hold {sum(map(len, schemas))} characters; at most "
                                   f"{MAX_SCHEMA_CHARS} are served")
@@ -299,7 +299,7 @@ def _compiled(lark: str, content: dict[str, Any] | None = None) -> str:
     """``lark`` (a calls block from its ``start`` rule) compiled; with ``content``, a JSON value matching that
     schema (``json_grammar``'s whitespace) or the block."""
     if content is not None:
-        schema = json.dumps({**content, "x-guidance": {**JSON_DEFAULTS, **content.get("x-guidance", {})}})
+        schema = schema_json({**content, "x-guidance": {**JSON_DEFAULTS, **content.get("x-guidance", {})}})
         lark = "\n".join(["start: json_content | calls_block", f"json_content: %json {schema}",
                           re.sub(r"^start:", "calls_block:", lark, count=1, flags=re.M)])
     try:
