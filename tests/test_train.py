@@ -526,6 +526,13 @@ def test_tensorboard_scalars_equal_metrics(tmp_path, data_cache, capsys):
         got = {e.step: e.value for e in events.Scalars(tag)} if tag in tags else {}
         assert got == pytest.approx(want, rel=1e-6), field
     assert sorted(e.step for e in events.Scalars("loss/val")) == [2, 4]
+    # resumed to 6 steps: the series goes on from step 5, its first four kept (a purge from step 5 on only)
+    assert main([*argv[:4], "6", *argv[5:], "--resume"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    want = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+    assert {e.step: e.value for e in events.Scalars("loss/total")} == pytest.approx(want, rel=1e-6)
+    assert sorted(want) == list(range(1, 7))
     assert main(argv[:-1] + ["--out", str(tmp_path / "other"), "--tensorboard", str(tmp_path / "tb")]) == 0
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 

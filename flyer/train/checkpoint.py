@@ -224,7 +224,7 @@ def _write_files(tmp: Path, step: int, files: dict[str, Any], written: dict[str,
             if p.is_file() and not p.is_symlink() and not read_by_flyer(name) and not (tmp / name).exists():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(p, tmp / name)
-        os.replace(final, old)  # aside in one rename: a crash meanwhile loses no step (clean_temporaries)
+        os.replace(final, old)  # aside in one rename: a crash meanwhile loses no step (restore_moved_aside)
     fsync_path(tmp)
     os.replace(tmp, final)
     fsync_path(tmp.parent)
@@ -321,18 +321,25 @@ def find_valid_checkpoint(ckpt_root: Path, log=print) -> Path | None:
     return path
 
 
+def _temporaries(ckpt_root: Path) -> list[Path]:
+    return [p for p in ckpt_root.iterdir() if p.name.startswith(".tmp-")] if ckpt_root.is_dir() else []
+
+
+def restore_moved_aside(ckpt_root: Path) -> None:
+    """Put back a checkpoint a crash left moved aside while its step was saved again (``_write_files``): a resume
+    chooses its start after this, or would miss it."""
+    for p in _temporaries(ckpt_root):
+        step = ckpt_root / p.name.removeprefix(".tmp-").partition("-")[0]
+        if p.name.endswith(_REPLACED) and _is_step_name(step.name) and not step.exists():
+            os.replace(p, step)
+
+
 def clean_temporaries(ckpt_root: Path) -> None:
-    """Remove half-written checkpoint directories left by a crash; put back a checkpoint a crash left moved aside
-    while its step was saved again (``_write_files``)."""
-    if ckpt_root.is_dir():
-        for p in ckpt_root.iterdir():
-            if not p.name.startswith(".tmp-"):
-                continue
-            step = ckpt_root / p.name.removeprefix(".tmp-").partition("-")[0]
-            if p.name.endswith(_REPLACED) and _is_step_name(step.name) and not step.exists():
-                os.replace(p, step)
-            else:
-                shutil.rmtree(p, ignore_errors=True)
+    """Remove half-written checkpoint directories left by a crash, once ``restore_moved_aside`` has put back what
+    they moved aside."""
+    restore_moved_aside(ckpt_root)
+    for p in _temporaries(ckpt_root):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -136,6 +136,7 @@ class Trainer:
                 self.lock = RunLock(self.out)
                 usable_dir(self.ckpt_root, "out")  # a file in its place would fail the first save, after training
                 ckpt.check_step_names(self.ckpt_root)  # and one in a checkpoint's place, that checkpoint's save
+                ckpt.restore_moved_aside(self.ckpt_root)  # by a crash while its step was saved again
                 start = choose_start(self.out, tc.resume, self.log)
                 if start is not None:
                     check_resume_settings(tc, start, self.mesh.dp)  # DPO: the reference's fingerprint too
@@ -503,7 +504,7 @@ class Trainer:
         bar = None
         if self.rank0 and tc.progress:
             bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        val_loss = None
+        val_loss, owed = None, False  # owed: a checkpoint due at a skipped step
         try:
             with self._collective_timeouts():
                 while self.step < tc.steps and not self.stopped_by:
@@ -520,13 +521,15 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(progress_postfix(rec, val_loss))
-                    # every rank stops together: on a signal, or on a log that rank 0 could not write
-                    stop_code = self.mesh.max_int(stop.signum or (LOG_FAILED if unwritten else 0))
+                    # every rank stops together: on a signal, or on a log that rank 0 could not write (said even
+                    # when a signal came too: the disk needs seeing to before a resume)
+                    stop_code = self.mesh.max_int(LOG_FAILED if unwritten else stop.signum or 0)
                     self.stopped_by = stop_code if 0 < stop_code < LOG_FAILED else None
-                    due = self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop_code
+                    due = self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop_code or owed
                     # after a skipped step the weights and optimizer are the last good step's: a stop saves them (the
-                    # count of skipped steps with them), so no good step is lost; on schedule, the next good step will
+                    # count of skipped steps with them), so no good step is lost; on schedule, the next good step does
                     saved = self.save() if due and (self.consecutive_bad == 0 or stop_code) else None
+                    owed = due and saved is None
                     if stop_code >= LOG_FAILED:
                         why = f" ({unwritten.strerror or unwritten})" if unwritten is not None else ""
                         raise TrainingError(f"cannot write the run's logs after step {self.step}{why}; " + (
