@@ -21,7 +21,7 @@ from flyer.cli import main
 from flyer.errors import CheckpointError, FieldError
 from flyer.train import checkpoint as ckpt
 from flyer.train import training_state
-from flyer.train.metrics import read_metrics
+from flyer.train.metrics import MetricsLog, read_metrics
 from flyer.train.config import TrainConfig
 from flyer.train.rundir import LOCK_NAME, RunLock
 from flyer.train.trainer import Trainer
@@ -359,19 +359,21 @@ def test_a_metrics_log_that_is_a_directory_is_one_line(tmp_path, data_cache, cap
     assert "metrics.jsonl: not a file (the run's metrics log)" in last_line(capsys)
 
 
+def disk_full_at(monkeypatch, step: int) -> None:
+    """metrics.jsonl's write of ``step``'s record fails as on a full disk."""
+    write = MetricsLog.write
+
+    def full(self, record):
+        if record["step"] == step:
+            raise OSError(28, "No space left on device")
+        write(self, record)
+    monkeypatch.setattr(MetricsLog, "write", full)
+
+
 def test_a_log_that_cannot_be_written_saves_the_step_reached(tmp_path, data_cache, capsys, monkeypatch):
     """A full disk under metrics.jsonl mid-run: the step reached is checkpointed, then one line and exit 2; the run
     resumes from it once there is room."""
-    from flyer.train.metrics import MetricsLog
-
-    write = MetricsLog.write
-
-    def full_at_step_3(self, record):
-        if record["step"] == 3:
-            raise OSError(28, "No space left on device")
-        write(self, record)
-
-    monkeypatch.setattr(MetricsLog, "write", full_at_step_3)
+    disk_full_at(monkeypatch, 3)
     assert main(train_argv(tmp_path, data_cache, "--ckpt-every", "4")) == 2
     line = last_line(capsys)
     assert "cannot write the run's logs after step 3 (No space left on device)" in line

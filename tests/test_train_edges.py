@@ -13,9 +13,10 @@ import torch
 from flyer.errors import TrainingError
 from flyer.train import checkpoint as ckpt
 from flyer.train.config import lr_at
-from flyer.train.metrics import MetricsLog, read_metrics
+from flyer.train.metrics import read_metrics
 from flyer.train.trainer import Trainer
 from flyer.train.training_state import STAGE_FIELDS
+from tests.test_run_safety import disk_full_at
 from tests.test_train import poison_loss, quiet, tc_for
 
 
@@ -79,13 +80,7 @@ def test_a_resume_starts_from_a_checkpoint_a_crash_moved_aside(tmp_path, data_ca
 def test_a_log_that_fails_with_a_signal_in_its_step_is_said(tmp_path, data_cache, monkeypatch):
     """A full disk and SIGTERM in one step: the step is saved, and the run ends on the disk's error (a resume would
     fail the same way), not as stopped by the signal."""
-    write = MetricsLog.write
-
-    def full_at_step_3(self, record):
-        if record["step"] == 3:
-            raise OSError(28, "No space left on device")
-        write(self, record)
-    monkeypatch.setattr(MetricsLog, "write", full_at_step_3)
+    disk_full_at(monkeypatch, 3)
     t = Trainer(tc_for(tmp_path, data_cache, steps=6, ckpt_every=10, eval_every=10), log=quiet)
     real = t.model.compute_loss
 
