@@ -135,7 +135,7 @@ def test_an_end_marker_of_two_tokens_spelled_in_others(bpe):
     assert reasons == [None] * len(hello) + [None, "stop"]
 
 
-def test_a_grammar_that_refused_the_begin_markers_start(bpe):
+def test_a_grammar_that_refused_the_begin_markers_start():
     """The output may open reasoning (``<think>``, bytes); the grammar (a boolean) refused its ``<``: the output
     leaving the marker after ``<t`` (``<true``) is an error, though the grammar would take ``true``."""
     masks = GrammarMasks(ByteTokenizer(), 300, torch.device("cpu"))
