@@ -152,6 +152,13 @@ def test_load_pretrained_takes_dtype_and_device_by_name(tmp_path):
     want, _, _ = load_pretrained(tmp_path, device=torch.device("cpu"), dtype=torch.bfloat16)
     assert model.embed.weight.dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+    torch_named, _, _ = load_pretrained(tmp_path, dtype="bfloat16")  # torch's name
+    assert all(torch.equal(a, b) for a, b in zip(torch_named.state_dict().values(), want.state_dict().values()))
+    # a dtype the model cannot compute in: E4M3 would cast the weights without their scales (the forward then fails)
+    for field, bad in (("dtype", "float8_e4m3fn"), ("dtype", torch.float8_e4m3fn), ("dtype", "int8"),
+                       ("dtype", torch.bool), ("held", torch.float16)):
+        with pytest.raises(TypeError, match=f"{field}: .*got {bad!r}"):
+            load_pretrained(tmp_path, **{field: bad})
 
 
 def test_export_takes_the_dtype_load_pretrained_takes(tmp_path):

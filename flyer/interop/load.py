@@ -64,12 +64,15 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
 
 def _dtype(value, field: str) -> torch.dtype | None:
     """``value`` as a ``torch.dtype``: None, a dtype, flyer's name of one (``WEIGHT_DTYPES``: "fp8" for ``held`` only)
-    or torch's ("bfloat16"); ``TypeError`` naming ``field`` for anything else."""
-    if value is None or isinstance(value, torch.dtype):
+    or torch's ("bfloat16"); ``TypeError`` naming ``field`` for anything else, and for a dtype the model cannot
+    compute in (``dtype``: a float of 16 bits or more; ``held``: ``WEIGHT_DTYPES``' only; an E4M3 ``dtype`` would
+    cast the weights without their scales)."""
+    if value is None:
         return value
     short = {k: v for k, v in WEIGHT_DTYPES.items() if field == "held" or v != FP8}
-    named = short.get(value, getattr(torch, value, None)) if isinstance(value, str) else None
-    if isinstance(named, torch.dtype):
+    named = short.get(value, getattr(torch, value, None)) if isinstance(value, str) else value
+    if isinstance(named, torch.dtype) and (named in WEIGHT_DTYPES.values() if field == "held" else
+                                           named.is_floating_point and named.itemsize > 1):
         return named
     raise TypeError(f"{field}: a torch.dtype or one of {', '.join(sorted(short))} or torch's name of one "
                     f"(got {value!r})")
