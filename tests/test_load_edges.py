@@ -1,0 +1,52 @@
+"""Edges of loading for inference (``flyer.interop.load``, ``flyer.infer.weights``) and of DeepSeek-V3.2's encoder
+(``flyer.data.deepseek_encoding``) a mutation sweep found unpinned (each assertion fails on the mutant it names):
+the indexer's weights kept in FP32 when the rest is held, held weights refused off the CPU, a plain run carrying
+no Hugging Face settings, ``--weight-dtype auto`` on FP32 unquantized weights, and a developer turn as V3.2's last
+user turn in thinking mode."""
+
+import pytest
+import torch
+
+from flyer.config import preset
+from flyer.data.deepseek_encoding import ENCODINGS
+from flyer.infer.weights import FP8, empty_held, hold_weights
+from flyer.interop.load import settings_dir, stored_weight_dtype
+from flyer.model.transformer import Transformer
+from tests import test_hf_fp8_weights as ct_fp8
+from tests.test_infer_weights import _saved
+
+
+@pytest.mark.parametrize("held", [torch.bfloat16, FP8])
+def test_the_indexers_head_weights_stay_fp32_when_held(held):
+    """DSA's ``weights_proj`` (the indexer's per-head weights, in FP32 as DeepSeek computes them) is not held."""
+    m = Transformer(preset("tiny", index_topk=8, index_n_heads=4, index_head_dim=32)).eval()
+    hold_weights(m, held)
+    kept = {n: p.dtype for n, p in m.named_parameters() if n.endswith("weights_proj.weight")}
+    assert kept and set(kept.values()) == {torch.float32}
+
+
+def test_held_weights_run_on_the_cpu_only():
+    with pytest.raises(ValueError, match="held weights run on flyer's CPU kernels"):
+        empty_held(preset("tiny"), torch.bfloat16, "meta")
+
+
+def test_a_plain_run_carries_no_hugging_face_settings(tmp_path):
+    _saved(Transformer(preset("tiny")), tmp_path, "run")
+    assert settings_dir(tmp_path) is None
+
+
+def test_auto_keeps_fp32_unquantized_weights(tmp_path):
+    """compressed-tensors FP8 (BF16 scales) whose unquantized weights are FP32: auto holds FP32, not BF16."""
+    ct_fp8.build(tmp_path, ct_fp8.CT, "FP8_DYNAMIC")
+    ct_fp8._rewrite(tmp_path, lambda t: t.update({k: v.float() for k, v in t.items()
+                                                  if v.dtype == torch.bfloat16 and not k.endswith("weight_scale")}))
+    assert stored_weight_dtype(tmp_path) == "fp32"
+
+
+def test_v32_a_developer_turn_is_the_last_user_turn():
+    """As the release's ``find_last_user_index``: in thinking mode the assistant turn before a last developer turn is
+    an earlier one (its reasoning dropped, ``</think>``), and the developer turn opens the reasoning."""
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"},
+            {"role": "developer", "content": "b"}]
+    text = ENCODINGS["deepseek_v32"].render(msgs, extra={"thinking": True})
+    assert text.endswith("# The user's message is: b<｜Assistant｜><think>") and "<｜Assistant｜></think>A" in text
