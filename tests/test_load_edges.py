@@ -4,16 +4,20 @@ the indexer's weights kept in FP32 when the rest is held, held weights refused o
 no Hugging Face settings, ``--weight-dtype auto`` on FP32 unquantized weights, and a developer turn as V3.2's last
 user turn in thinking mode."""
 
+import json
+
 import pytest
 import torch
 
 from flyer.config import preset
+from flyer.errors import CheckpointError
 from flyer.data.deepseek_encoding import ENCODINGS
 from flyer.infer.weights import FP8, empty_held, hold_weights
-from flyer.interop.load import settings_dir, stored_weight_dtype
+from flyer.interop.load import init_source, settings_dir, stored_weight_dtype
 from flyer.model.transformer import Transformer
+from flyer.train.checkpoint import save_checkpoint
 from tests import test_hf_fp8_weights as ct_fp8
-from tests.test_infer_weights import _saved
+from tests.test_infer_weights import _saved, _word_tokenizer
 
 
 @pytest.mark.parametrize("held", [torch.bfloat16, FP8])
@@ -33,6 +37,17 @@ def test_held_weights_run_on_the_cpu_only():
 def test_a_plain_run_carries_no_hugging_face_settings(tmp_path):
     _saved(Transformer(preset("tiny")), tmp_path, "run")
     assert settings_dir(tmp_path) is None
+
+
+@pytest.mark.parametrize("change", [{"no_such_field": 1}, {"dim": "wide"}, {"n_layers": -3}])
+def test_a_bad_config_in_a_checkpoint_is_one_checkpoint_error(tmp_path, change):
+    """An unknown field, a wrong type, a bad value in a checksummed config.json: ``flyer train --init`` says
+    "bad config.json" naming the checkpoint, not a raw ValueError."""
+    cfg = {**preset("tiny").to_dict(), **change}
+    save_checkpoint(tmp_path / "checkpoints", 1, {"model.safetensors": {"x": torch.zeros(1)}, "config.json": cfg,
+                                                  "tokenizer.json": json.loads(_word_tokenizer().tok.to_str())})
+    with pytest.raises(CheckpointError, match="bad config.json"):
+        init_source(tmp_path)
 
 
 def test_auto_keeps_fp32_unquantized_weights(tmp_path):
