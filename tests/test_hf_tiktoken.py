@@ -357,18 +357,23 @@ def test_the_tools_are_sorted_where_the_remote_tokenizer_sorts_them(ranks, tmp_p
     K2's) renders what transformers renders with it, the tools' keys sorted at every depth; one whose remote code does
     not, the tools as given; chat data renders each as its own (two caches)."""
     sorting = write_dir(tmp_path / "sorting", ranks, KIMI_SPECIAL, config={"chat_template": TOOLS_TEMPLATE})
-    (sorting / "tokenization_kimi.py").write_text((sorting / "tokenization_kimi.py").read_text().replace(
-        "        return [text]\n", "        return [text]\n" + SORTING.partition("return [text]\n")[2]))
+    # named templates (a list in tokenizer_config.json): "tool_use" renders a request with tools, sorted alike
+    named = write_dir(tmp_path / "named", ranks, KIMI_SPECIAL, config={"chat_template": [
+        {"name": "default", "template": TEMPLATE}, {"name": "tool_use", "template": TOOLS_TEMPLATE}]})
+    for path in (sorting, named):
+        (path / "tokenization_kimi.py").write_text((path / "tokenization_kimi.py").read_text().replace(
+            "        return [text]\n", "        return [text]\n" + SORTING.partition("return [text]\n")[2]))
     plain = write_dir(tmp_path / "plain", ranks, KIMI_SPECIAL, config={"chat_template": TOOLS_TEMPLATE})
-    for path in (sorting, plain):  # a model directory (its weights are not read): Kimi K2's architecture is V3's
+    for path in (sorting, named, plain):  # a model directory (its weights are not read): Kimi K2's is V3's
         (path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
         (path / "model.safetensors").write_bytes(b"")
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
     sorted_tools = json.loads(json.dumps(TOOLS, sort_keys=True))
-    for path, tools in ((sorting, sorted_tools), (plain, TOOLS)):
+    for path, tools in ((sorting, sorted_tools), (named, sorted_tools), (plain, TOOLS)):
         want = _converted(path).apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=True)
         assert chat_renderer(read_chat_template(path))(msgs, TOOLS) == want
-    assert '"function":{"description":"Weather","name"' in chat_renderer(read_chat_template(sorting))(msgs, TOOLS)
+    for path in (sorting, named):
+        assert '"function":{"description":"Weather","name"' in chat_renderer(read_chat_template(path))(msgs, TOOLS)
 
     data = tmp_path / "chat.jsonl"
     line = json.dumps({"messages": msgs + [{"role": "assistant", "content": "Sunny."}], "tools": TOOLS})
