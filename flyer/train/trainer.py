@@ -528,8 +528,8 @@ class Trainer:
                     due = self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop_code or owed
                     # after a skipped step the weights and optimizer are the last good step's: a stop saves them (the
                     # count of skipped steps with them), so no good step is lost; on schedule, the next good step does
-                    saved = self.save() if due and (self.consecutive_bad == 0 or stop_code) else None
-                    owed = due and saved is None
+                    saving = due and (self.consecutive_bad == 0 or stop_code)  # alike on every rank: save is collective
+                    saved, owed = self.save() if saving else None, due and not saving
                     if stop_code >= LOG_FAILED:
                         why = f" ({unwritten.strerror or unwritten})" if unwritten is not None else ""
                         raise TrainingError(f"cannot write the run's logs after step {self.step}{why}; " + (
