@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,8 +16,10 @@ from flyer.model.transformer import Transformer
 from flyer.model.wire import fp8_decode_rows, fp8_encode_rows, fp8_row_bytes
 from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.memory import saved_bytes
+from flyer.parallel.launch import free_port
 from flyer.parallel.mesh import LocalMesh, init_distributed, validate_layout
 from flyer.train.build import build_model
+from tests.child_env import child_env
 
 
 @pytest.mark.parametrize("world,ep,rpn,msg", [
@@ -60,6 +66,45 @@ def test_init_distributed_device_choice_fails_before_rendezvous(monkeypatch):
     with pytest.raises(ConfigError, match="give auto, cpu or cuda"):
         init_distributed(preset("tiny"), ep=2, device="cuda:1")
 
+
+_DESTROY = """
+import os, torch, torch.distributed as dist
+from flyer.config import preset
+from flyer.parallel.mesh import destroy, init_distributed
+from flyer.parallel.zero import zero_redundancy_optimizer
+
+def gloo_threads():
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{tid}/comm").read())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sum("gloo" in n for n in names)
+
+mesh = init_distributed(preset("tiny"), device="cpu")
+zero_redundancy_optimizer()  # imported once the group exists, as a sharded optimizer does
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler  # a class's default holds it too
+dist.broadcast(torch.ones(4), 0, group=mesh.dp_group)
+before = gloo_threads()
+destroy(mesh)
+print(before, gloo_threads())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_destroy_joins_the_groups_worker_threads():
+    """``destroy`` left gloo's worker threads running for the life of the process: the mesh kept a handle on the
+    default group, and so did torch.distributed.nn.functional's defaults when it was first imported after the group
+    existed. A thread ending a collective's cleanup once the interpreter had begun to exit aborted the rank
+    ("terminate called without an active exception"); torchrun then killed the others, at times before rank 0 had
+    printed the run's error. The threads are joined by ``destroy`` now."""
+    env = child_env(OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-c", _DESTROY], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after = map(int, done.stdout.split())
+    assert before > 0 and after == 0, done.stdout
 
 def test_dispatcher_factory_choices():
     cfg = preset("tiny")

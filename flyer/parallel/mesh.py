@@ -38,8 +38,10 @@ collectives are identities, so a trainer has one code path for both.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -431,10 +433,44 @@ def init_mesh(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None = None, 
     return init_distributed(cfg, ep, ranks_per_node, timeout_s=timeout_s, device=device, pp=pp)
 
 
+_GROUPS = ("ep_group", "expert_dp_group", "inter_group", "intra_group", "dp_group", "pp_group", "ep_group_bwd",
+           "inter_group_bwd", "intra_group_bwd")
+
+
 def destroy(mesh: Mesh | None) -> None:
-    """Tear down every process group (the default one included)."""
+    """Tear down every process group (the default one included), and drop the handles this process keeps on them.
+
+    ``destroy_process_group`` leaves a group's worker threads running while any handle on it lives; a thread that
+    finished a collective's cleanup after the interpreter had begun to exit aborted the rank ("terminate called
+    without an active exception"), and torchrun then killed the others, at times before rank 0 had printed the
+    run's error. Without handles a group is freed, and its threads joined, when the last object using it goes
+    (the model's dispatchers, the trainer).
+    """
     if mesh is not None and dist.is_initialized():
         dist.destroy_process_group()
+        _release_default_groups()
+    if isinstance(mesh, Mesh):
+        for name in _GROUPS:
+            setattr(mesh, name, None)
+
+
+def _release_default_groups() -> None:
+    """Set to None (the default group, as before any group existed) every default argument of torch.distributed's
+    functions that holds a process group: ``group=dist.group.WORLD`` is evaluated when the module is imported, so a
+    module first imported once the job's group existed (torch.distributed.nn.functional, imported by .optim and
+    .pipelining; ZeroRedundancyOptimizer's helpers; FSDP's ShardedGradScaler) held that group for the life of the
+    process."""
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("torch.distributed"):
+            continue
+        for owner in (module, *(v for v in vars(module).values() if isinstance(v, type))):
+            for f in list(vars(owner).values()):
+                if isinstance(f, (staticmethod, classmethod)):
+                    f = f.__func__
+                if not isinstance(f, types.FunctionType):
+                    continue
+                if any(isinstance(v, dist.ProcessGroup) for v in f.__defaults__ or ()):
+                    f.__defaults__ = tuple(None if isinstance(v, dist.ProcessGroup) else v for v in f.__defaults__)
 
 
 __all__ = ["Mesh", "LocalMesh", "validate_layout", "build_mesh", "init_distributed", "init_mesh", "destroy"]
