@@ -219,15 +219,48 @@ def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files:
     state = model.state_dict()
     parts = [state[k] for k in slot.fused]
     first = getattr(model.get_submodule(slot.key.rpartition(".")[0]), "first", 0)
+    sizes = [p.shape[1] for p in parts]
+    # FP8 held from an FP8 stack (transformers' fine-grained FP8 save): each part's codes are whole 128-row tiles
+    # of the file's, kept with their scales as a per-expert tensor's are (its values requantized would move)
+    codes_kept = (parts[0].dtype == FP8 and scheme is None and tf.dtype(name) == torch.float8_e4m3fn
+                  and all(n % TILE == 0 for n in sizes[:-1]))
     one = torch.empty((1, *tf.shape(name)[1:]), dtype=torch.float32 if parts[0].dtype == FP8 else parts[0].dtype)
     for e in range(len(parts[0])):
-        fill_tensor(None, one, tf, name, Slot(name), files, headers, rows=(first + e, first + e + 1), scheme=scheme)
-        for key, dest, value in zip(slot.fused, parts, one[0].split([p.shape[1] for p in parts], dim=0)):
+        rows = (first + e, first + e + 1)
+        if codes_kept:
+            codes, scale = fp8_blocks(tf, name, files, headers, rows)
+            tiles = [-(-n // TILE) for n in sizes]
+            for key, dest, c, sc in zip(slot.fused, parts, codes[0].split(sizes), scale[0].split(tiles)):
+                try:
+                    write_fp8_codes(dest[e], held_scale(model, key, e), c, sc)
+                except ValueError as err:  # NaN codes
+                    raise CheckpointError(f"{tf.path}: tensor {name}: {err}") from None
+            continue
+        fill_tensor(None, one, tf, name, Slot(name), files, headers, rows=rows, scheme=scheme)
+        for key, dest, value in zip(slot.fused, parts, one[0].split(sizes, dim=0)):
             if dest.dtype == FP8:  # held FP8: each expert with its own block scales
                 write_weight(dest[e], value, held_scale(model, key, e))
             else:
                 dest[e].copy_(value)
 
+
+def fp8_blocks(tf: TensorFile, name: str, files: dict[str, Path], headers: dict[Path, TensorFile],
+               rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, FP32 scales) of the FP8 weight ``name`` and its ``weight_scale_inv`` 128x128 block scales, both over
+    ``rows`` of their first dimension when given (an expert stack's: (E, R, C) codes, (E, ceil(R/128), ceil(C/128))
+    scales); ``CheckpointError`` when the scales are missing, of another shape, or not finite."""
+    scale_name = name + SCALE_SUFFIX
+    if scale_name not in files:
+        raise CheckpointError(f"{tf.path}: FP8 tensor {name} has no {scale_name}")
+    sf = header(headers, files[scale_name])
+    shape = tf.shape(name)
+    blocks = (*shape[:-2], *(-(-n // TILE) for n in shape[-2:]))
+    if sf.shape(scale_name) != blocks:
+        raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
+                              f"128x128 blocks of {name} need {blocks}")
+    codes, scale = tf.read(name, rows), sf.read(scale_name, rows).float()
+    _check_finite(scale, sf.path, scale_name)
+    return codes, scale
 
 @torch.no_grad()
 def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot,
@@ -239,8 +272,8 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
     block (DeepSeek-V4's FP8 and FP4: ``held_e4m3_blocks``, exact or refused); rope rows permuted;
     read straight into the parameter when the dtypes agree; else
     written as the model holds it (``write_weight``). NaN or inf (values, codes, scales):
-    ``CheckpointError``. ``rows``: only those of the tensor's first dimension (a rank's slice of an
-    expert stack; not FP8). ``scheme``: the checkpoint's compressed-tensors or ModelOpt weights (``quant_scheme``),
+    ``CheckpointError``. ``rows``: only those of the tensor's first dimension (one expert of a
+    stack: ``fill_fused``). ``scheme``: the checkpoint's compressed-tensors or ModelOpt weights (``quant_scheme``),
     decoded (``_codec``), or, FP8 held as FP8, kept as their codes where each 128x128 tile has one scale."""
     held = held_scale(model, slot.key, slot.expert) if dest.dtype == FP8 else None  # FP8 codes, held
     try:
@@ -268,22 +301,14 @@ def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: st
             decode = dequantize_ue8m0_blocks if kind == "fp8_ue8m0" else dequantize_fp4_e2m1
             t = decode(data, scale, name=name)
         elif tf.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale_name = name + SCALE_SUFFIX
-            if rows is not None:  # DeepSeek's format stores experts one by one; a stack is flyer's, never FP8
-                raise CheckpointError(f"{tf.path}: FP8 tensor {name} is a stack of experts")
-            if scale_name not in files:
-                raise CheckpointError(f"{tf.path}: FP8 tensor {name} has no {scale_name}")
-            sf = header(headers, files[scale_name])
-            blocks = tuple(-(-n // TILE) for n in tf.shape(name))
-            if sf.shape(scale_name) != blocks:
-                raise CheckpointError(f"{sf.path}: tensor {scale_name} has shape {sf.shape(scale_name)}, "
-                                      f"128x128 blocks of {name} need {blocks}")
-            codes, scale = tf.read(name), sf.read(scale_name).float()
-            _check_finite(scale, sf.path, scale_name)
+            # DeepSeek's FP8 (128x128 blocks, ``weight_scale_inv``), or transformers' fine-grained FP8 save of fused
+            # expert stacks (``gate_up_proj_scale_inv``: a stack of such blocks, read ``rows`` at a time)
+            codes, scale = fp8_blocks(tf, name, files, headers, rows)
             if codes.dtype == torch.float8_e4m3fn and held is not None and slot.scale == 1.0 \
                     and _hold_codes(dest, held, codes, scale, slot):
                 return
-            t = dequantize_fp8_blocks(codes, scale)
+            t = dequantize_fp8_blocks(codes, scale) if codes.dim() == 2 else torch.stack(
+                [dequantize_fp8_blocks(c, sc) for c, sc in zip(codes, scale)])
         elif (slot.rope_rows is None and slot.scale == 1.0 and tf.dtype(name) == dest.dtype and dest.is_contiguous()
               and dest.is_cpu):
             _check_finite(tf.read_into(name, dest, rows), tf.path, name)
@@ -322,18 +347,24 @@ def unquantized_weights(cfg: ModelConfig, path: str | Path, rope_half: bool,
                         files: dict[str, Path]) -> dict[str, torch.dtype]:
     """{state-dict key: dtype} of the tensors a checkpoint with FP8 (or V4's FP4) weights stores unquantized, for
     a model holding FP8 to hold them as stored (``empty_held``'s ``as_stored``: V4's BF16 compressors) rather
-    than quantize them; {} for a checkpoint without FP8 weights (held FP8 then quantizes every GEMM weight)."""
+    than quantize them (FP32 for an expert module whose other stacks are stored quantized); {} for a checkpoint
+    without FP8 weights (held FP8 then quantizes every GEMM weight)."""
     headers: dict[Path, TensorFile] = {}
     kinds = {n: (d, stored_format(n, files, d)) for n in files for d in [header(headers, files[n]).dtype(n)]}
     if all(d != FP8 and kind == "plain" for d, kind in kinds.values()):
         return {}
     out: dict[str, torch.dtype] = {}
+    quantized: set[str] = set()  # the modules with a weight stored quantized
     for name, slot in hf_weight_map(cfg, path, rope_half, files, headers).items():
         d, kind = kinds[name]
         for key in slot.fused or (slot.key,):  # an expert stack stored in two dtypes: the wider
             if d != FP8 and kind == "plain":
                 out[key] = d if out.get(key, d) == d else torch.float32
-    return out
+            else:
+                quantized.add(key.rpartition(".")[0])
+    # an expert module's stacks are held alike: with one stored quantized beside one stored plain (transformers' FP8
+    # save quantizes only stacks of whole tiles), all in FP32, which BF16 would round the quantized one's values to
+    return {k: torch.float32 if k.rpartition(".")[0] in quantized else d for k, d in out.items()}
 
 
 def _check_finite(t: torch.Tensor, path: Path, name: str) -> None:
