@@ -275,8 +275,8 @@ def limited_accumulator_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Te
         for k in range(Kp):
             acc = round_mantissa(acc + af[:, k:k + 1] * bf[:, k].unsqueeze(0), mantissa_bits, rounding)
         return acc * sa[:, :1] * sb[:, :1].t()
-    if promote_every % TILE and TILE % promote_every:
-        raise ValueError(f"promote_every must divide or be a multiple of {TILE}, got {promote_every}")
+    if promote_every < 1 or TILE % promote_every:  # the scales are applied at each promotion, so no interval may
+        raise ValueError(f"promote_every must divide {TILE}, got {promote_every}")  # span two scale blocks
     out = torch.zeros(M, N)
     acc = torch.zeros(M, N)
     for k in range(Kp):
