@@ -12,7 +12,9 @@ from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQu
 
 from flyer.infer.weights import FP8, held_scale
 from flyer.interop.hf import load_hf
-from flyer.interop.load import stored_weight_dtype
+from flyer.interop.load import load_init_weights, stored_weight_dtype
+from flyer.model.experts import Experts
+from flyer.model.transformer import Transformer
 from tests.hf_models import make_tokenizer
 from tests.test_hf_mistral4 import _MISTRAL4, logit_tolerance
 from tests.test_qwen3_moe import check_logits_and_routes
@@ -115,3 +117,17 @@ def test_a_stack_left_in_bf16_beside_an_fp8_one(tmp_path, monkeypatch):
         assert torch.equal(state["layers.1.ffn.experts.w1"], gate_up[:, :192])
         assert torch.equal(state["layers.1.ffn.experts.w3"], gate_up[:, 192:])
         assert torch.equal(state["layers.1.ffn.experts.w2"], files[stem + "down_proj"].float())
+
+
+def test_a_rank_reads_its_experts_rows(aligned):
+    """A rank holding experts 4..7 (expert parallelism's ``Experts.first``, as ``flyer train --init`` builds it) gets
+    the whole model's values of its experts from the FP8 stacks."""
+    out, _ = aligned
+    whole, cfg, _ = load_hf(out / "fp8", dtype=torch.float32)
+    rank = Transformer(cfg)
+    for layer in rank.layers[cfg.n_dense_layers:]:
+        layer.ffn.experts = Experts(4, cfg.dim, cfg.moe_inter_dim, first=4)
+    load_init_weights(rank, out / "fp8")
+    for mine, full in zip(rank.layers[cfg.n_dense_layers:], whole.layers[cfg.n_dense_layers:]):
+        for w in ("w1", "w2", "w3"):
+            assert torch.equal(getattr(mine.ffn.experts, w), getattr(full.ffn.experts, w)[4:])
