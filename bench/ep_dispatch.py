@@ -31,7 +31,7 @@ from flyer.config import preset
 from flyer.model.moe import Gate
 from flyer.parallel.dispatch import make_dispatcher
 from flyer.parallel.launch import run_ranks
-from flyer.parallel.mesh import init_distributed
+from flyer.parallel.mesh import destroy, init_distributed
 
 WORLD, RANKS_PER_NODE = 4, 2
 
@@ -103,7 +103,7 @@ def _worker(rank: int, args) -> dict:
                         f"train_inter_node_bytes_{kind}": int(c[3]), f"train_intra_node_bytes_{kind}": int(c[4]),
                         f"train_inter_node_meta_bytes_{kind}": int(c[5])})
         out.append(row)
-    dist.destroy_process_group()
+    destroy(mesh)  # joins the groups' threads: one left at exit can abort the rank
     return out
 
 

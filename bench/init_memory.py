@@ -55,7 +55,7 @@ def _one_process(layers: int) -> dict:
 
 
 def _rank(rank: int, layers: int, pp: int, ep: int) -> dict:
-    from flyer.parallel.mesh import init_distributed
+    from flyer.parallel.mesh import destroy, init_distributed
     from flyer.parallel.pipeline import PipelineModel
     from flyer.train.build import build_model
 
@@ -68,7 +68,7 @@ def _rank(rank: int, layers: int, pp: int, ep: int) -> dict:
     if pp > 1:
         model = PipelineModel(model, mesh, "1f1b", pp, 1, seq)
     out = {"peak_gib": (_status("VmHWM") - base) / GIB, "holds_gib": _gib(model)}
-    torch.distributed.destroy_process_group()
+    destroy(mesh)  # joins the groups' threads: one left at exit can abort the rank
     return out
 
 

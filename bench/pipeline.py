@@ -51,7 +51,7 @@ from flyer.config import preset
 from flyer.model.transformer import Transformer
 from flyer.parallel import dispatch
 from flyer.parallel.launch import run_ranks
-from flyer.parallel.mesh import init_distributed
+from flyer.parallel.mesh import destroy, init_distributed
 from flyer.parallel.pipeline import PipelineModel
 from flyer.train.build import build_model
 
@@ -205,7 +205,7 @@ def _worker(rank: int, args, layout: str) -> list[dict]:
                         bubble=1 - med["busy"] / med["wall"], f_s=med["f"], b_s=med["b"], comm_s=med["comm"],
                         comm_beside_compute_s=med["comm_beside"],
                         peer_s=statistics.median(peer_s) if peer_s else None))
-    dist.destroy_process_group()
+    destroy(mesh)  # joins the groups' threads: one left at exit can abort the rank
     return out
 
 
