@@ -463,11 +463,12 @@ def _release_default_groups() -> None:
     for name, module in list(sys.modules.items()):
         if module is None or not name.startswith("torch.distributed"):
             continue
-        for owner in (module, *(v for v in vars(module).values() if isinstance(v, type))):
+        # type(), not isinstance(): that reads an object's __class__, which a deprecated alias answers with a warning
+        for owner in (module, *(v for v in vars(module).values() if issubclass(type(v), type))):
             for f in list(vars(owner).values()):
-                if isinstance(f, (staticmethod, classmethod)):
+                if type(f) in (staticmethod, classmethod):
                     f = f.__func__
-                if not isinstance(f, types.FunctionType):
+                if type(f) is not types.FunctionType:
                     continue
                 if any(isinstance(v, dist.ProcessGroup) for v in f.__defaults__ or ()):
                     f.__defaults__ = tuple(None if isinstance(v, dist.ProcessGroup) else v for v in f.__defaults__)
