@@ -314,7 +314,7 @@ def _absorbed_queries(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tenso
     """(q (B, H*T, C + R): [q_nope W_UK | q_rope] per head and token, row h*T + t; wkv_b as (H, nope + v, C))."""
     B, T, H, nope = q_nope.shape
     C = attn.kv_lora_rank
-    w_HXC = attn.wkv_b.weight.view(H, nope + attn.v_head_dim, C)
+    w_HXC = absorbed_weight(attn, q_nope.dtype)  # as wkv_b's GEMMs see it: an FP8 layer's dequantized blocks
     # W_UK absorbed into the query: one GEMM per head, batched (torch.einsum's planning of the same
     # bmm cost a decode step's 12 calls 30-40 us each on 2 cores)
     q_abs = torch.bmm(q_nope.reshape(B * T, H, nope).transpose(0, 1), w_HXC[:, :nope]).view(H, B, T, C)
