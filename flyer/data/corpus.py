@@ -21,7 +21,7 @@ from flyer.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
 # Bumped whenever cleaning changes the text, so cached shards are rebuilt.
-CLEAN_VERSION = 1
+CLEAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,9 @@ def read_text(path: Path) -> str:
 
 _HEADING = re.compile(r"^#{1,6}[ \t]+", re.M)
 _ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|>~-])")
-# Asterisks anywhere, underscores at word edges (snake_case survives); never escaped ones.
-_EMPHASIS = re.compile(r"(?<!\\)\*+|(?<![A-Za-z0-9\\])_+|(?<!\\)_+(?![A-Za-z0-9])")
+# Asterisks anywhere, underscores at word edges (snake_case and café_noir survive: [^\W_] is a letter or digit of
+# any script); never escaped ones.
+_EMPHASIS = re.compile(r"(?<!\\)\*+|(?<![^\W_])(?<!\\)_+|(?<!\\)_+(?![^\W_])")
 _TRAILING = re.compile(r"[ \t]+$", re.M)
 _BLANKS = re.compile(r"\n{3,}")
 

@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -72,10 +73,12 @@ def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_si
     """
     if tokenizer is None:
         check_vocab_size(vocab_size)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction <= 0.5:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 < val_fraction <= 0.5:
         raise DataError(f"val_fraction must be in (0, 0.5] (got {val_fraction!r})")
-    if isinstance(fim_rate, bool) or not isinstance(fim_rate, (int, float)) or not 0.0 <= fim_rate <= 1.0:
+    if isinstance(fim_rate, bool) or not isinstance(fim_rate, numbers.Real) or not 0.0 <= fim_rate <= 1.0:
         raise FieldError("fim_rate", f"must be a number in [0, 1] (got {fim_rate!r})")
+    if fim_rate > 0 and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise FieldError("seed", f"must be an integer >= 0, which draws each document's FIM rewrite (got {seed!r})")
     docs = find_documents(data)
     tok_bytes = None
     if tokenizer is not None:
@@ -86,7 +89,9 @@ def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_si
 
     key_src = {
         "pipeline": PIPELINE_VERSION, "shard_format": SHARD_VERSION, "clean": CLEAN_VERSION,
-        "files": [[str(d.path), d.size, d.path.stat().st_mtime_ns] for d in docs],
+        # each document's name too: the split is decided from the names (the same files under another root split
+        # anew)
+        "files": [[str(d.path), d.name, d.size, d.path.stat().st_mtime_ns] for d in docs],
         "vocab_size": None if tok_bytes else vocab_size,
         "tokenizer": hashlib.blake2b(tok_bytes, digest_size=16).hexdigest() if tok_bytes else None,
         "val_fraction": float(val_fraction), "shard_tokens": SHARD_TOKENS,
