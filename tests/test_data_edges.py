@@ -50,7 +50,8 @@ def test_the_largest_id_of_a_16_bit_vocabulary_takes_two_bytes(tmp_path):
     assert p.stat().st_size == 64 + 2 and TokenShards([p]).read(0, 1).tolist() == [65535]
 
 
-@pytest.mark.parametrize("tokens", [[10], [-1], np.zeros((2, 2), int)], ids=["vocab", "negative", "2-d"])
+@pytest.mark.parametrize("tokens", [[10], [-1], np.zeros((2, 2), int), [1.7, 2.9]],
+                         ids=["vocab", "negative", "2-d", "float"])
 def test_a_shard_refuses_ids_outside_the_vocabulary_and_other_shapes(tmp_path, tokens):
     with pytest.raises(ValueError):
         write_shard(tmp_path / "b.bin", tokens, 10)

@@ -84,6 +84,8 @@ def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> Path:
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"write_shard: tokens must be 1-D (got shape {tokens.shape})")
+    if tokens.size and not np.issubdtype(tokens.dtype, np.integer):  # 1.7 was stored as 1
+        raise ValueError(f"write_shard: token ids must be integers (got {tokens.dtype})")
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         raise ValueError(f"write_shard: token ids must be in [0, {vocab_size})")
     dtype = token_dtype(vocab_size)
