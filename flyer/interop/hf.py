@@ -262,6 +262,7 @@ def fp8_blocks(tf: TensorFile, name: str, files: dict[str, Path], headers: dict[
     _check_finite(scale, sf.path, scale_name)
     return codes, scale
 
+
 @torch.no_grad()
 def fill_tensor(model: Transformer, dest: torch.Tensor, tf: TensorFile, name: str, slot: Slot,
                 files: dict[str, Path], headers: dict[Path, TensorFile], rows: tuple[int, int] | None = None,

@@ -470,8 +470,9 @@ def _release_default_groups() -> None:
                     f = f.__func__
                 if type(f) is not types.FunctionType:
                     continue
-                if any(isinstance(v, dist.ProcessGroup) for v in f.__defaults__ or ()):
-                    f.__defaults__ = tuple(None if isinstance(v, dist.ProcessGroup) else v for v in f.__defaults__)
+                if any(issubclass(type(v), dist.ProcessGroup) for v in f.__defaults__ or ()):
+                    f.__defaults__ = tuple(None if issubclass(type(v), dist.ProcessGroup) else v
+                                           for v in f.__defaults__)
 
 
 __all__ = ["Mesh", "LocalMesh", "validate_layout", "build_mesh", "init_distributed", "init_mesh", "destroy"]
