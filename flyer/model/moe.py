@@ -317,6 +317,8 @@ def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, 
         used = n_S > 0
         n_S1 = n_S[used].unsqueeze(1)
         per_doc = (hits[used] * (E / K) / n_S1 * P[used] / n_S1).sum(-1)
+        if not per_doc.numel():  # rows of padding only: nothing to balance (0 / 0 was NaN, and reached every gradient)
+            return cfg.seq_aux_alpha * per_doc.sum()
         return cfg.seq_aux_alpha * (per_doc.mean() if n_segments is None else per_doc.sum() / n_segments)
     if valid_BT is not None:
         w_BT = valid_BT.to(probs.dtype)
