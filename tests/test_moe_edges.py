@@ -217,3 +217,17 @@ def test_fixed_shapes_counts_the_loads_and_refuses_a_dispatched_moe():
     assert dispatched.path == "dispatched"
     with torch.inference_mode(), fixed_shapes(), pytest.raises(ValueError, match="every routed expert"):
         dispatched(x)
+
+
+def test_the_router_computes_in_fp32_under_autocast():
+    """The gate's GEMM leaves autocast (DeepSeek keeps the router in FP32): its weights, picks and scores under a BF16
+    autocast are those without it, bit for bit."""
+    torch.manual_seed(0)
+    gate = MoE(_cfg()).eval().gate
+    x = torch.randn(24, D)
+    with torch.no_grad():
+        want = gate(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = gate(x)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
