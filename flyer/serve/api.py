@@ -124,7 +124,7 @@ class Api:
         lim = self.engine.limits
         held = f"the model's context of {lim.max_seq_len} tokens" if lim.room == lim.max_seq_len else \
             f"the server's cache of {lim.capacity} blocks ({lim.room} tokens)"
-        if prompt_len >= lim.room:
+        if prompt_len > lim.room or prompt_len == lim.room and max_tokens != 0:  # echo scoring a full window fits
             raise ContextLengthError(prompt_field, f"a {prompt_len}-token {prompt_name} leaves no room for a new "
                                                    f"token in {held}")
         if max_tokens is None:  # chat without a limit: the rest of the context, as far as the cache holds it
