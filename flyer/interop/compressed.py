@@ -65,7 +65,8 @@ def unpack_int32(packed: torch.Tensor, num_bits: int, count: int) -> torch.Tenso
     bytes on a little-endian host; otherwise shifts, whatever the host's byte order."""
     mask = (1 << num_bits) - 1
     if num_bits in (4, 8) and sys.byteorder == "little":  # a word's bytes in stream order: read as bytes, 15x faster
-        u8 = packed.contiguous().view(torch.uint8)  # (R, 4W)
+        # (R, 4W), through a flat view: a (R, 1) transpose counts as contiguous but keeps a stride that view refuses
+        u8 = packed.contiguous().reshape(-1).view(torch.uint8).view(packed.shape[0], 4 * packed.shape[1])
         if num_bits == 4:  # the low nibble first
             u8 = torch.stack((u8 & 0xF, u8 >> 4), dim=-1).flatten(1)
         # q + 2^(b-1) to q: subtracting the offset is flipping the top bit (two's complement)
