@@ -398,12 +398,12 @@ def _coerce(name: str, v: Any, typ: Any) -> Any:
                               f", got {v!r}")
         return tuple(_coerce(name, x, item) for x in v)
     try:
-        if t == "int":
-            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        if t == "int":  # not a bool, a str ("12" went through int()) or a fraction
+            if isinstance(v, (bool, str)) or (isinstance(v, float) and not v.is_integer()):
                 raise TypeError
             return int(v)
         if t == "float":
-            if isinstance(v, bool):
+            if isinstance(v, (bool, str)):
                 raise TypeError
             return float(v)
         if t == "bool":
