@@ -88,32 +88,28 @@ def test_actorder_groups_of_a_ragged_width(tmp_path):  # kills C14
     assert shape == (R, C) and torch.equal(got, want)
 
 
-def test_inconsistent_weight_shape_rows_are_refused(tmp_path):  # kills C26
-    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
-    combo = (PACK, 4, True, "group", None)
-    parts, _ = compress(w, *combo, torch.Generator().manual_seed(1))
+def _shape_of_9_rows(parts):
     parts["weight_shape"] = torch.tensor([9, 32], dtype=parts["weight_shape"].dtype)
-    with pytest.raises(ValueError, match="weight_shape"):
-        _decode(tmp_path, parts, combo)
 
 
-def test_packed_zero_points_must_be_int32(tmp_path):  # kills C25
-    """int64 zero points (of the packed shape): refused, not read as twice the bytes (wrong zero points)."""
-    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
-    combo = (PACK, 4, False, "group", None)
-    parts, _ = compress(w, *combo, torch.Generator().manual_seed(1))
+def _int64_zero_points(parts):
     parts["weight_zero_point"] = parts["weight_zero_point"].to(torch.int64)
-    with pytest.raises(ValueError, match="int32"):
-        _decode(tmp_path, parts, combo)
 
 
-def test_naive_codes_must_be_int8(tmp_path):  # kills C28
-    """naive-quantized codes stored as uint8 (the signed codes' bytes): refused, not decoded as 0..255."""
-    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
-    combo = (NAIVE, 4, True, "group", None)
-    parts, _ = compress(w, *combo, torch.Generator().manual_seed(1))
+def _uint8_codes(parts):
     parts["weight"] = parts["weight"].view(torch.uint8)
-    with pytest.raises(ValueError, match="int8"):
+
+
+@pytest.mark.parametrize("rows, combo, change, problem", [
+    (8, (PACK, 4, True, "group", None), _shape_of_9_rows, "weight_shape"),  # its rows disagree with the codes'
+    (16, (PACK, 4, False, "group", None), _int64_zero_points, "int32"),  # not read as twice the bytes
+    (8, (NAIVE, 4, True, "group", None), _uint8_codes, "int8"),  # the signed codes' bytes, not decoded as 0..255
+], ids=["weight_shape", "zero-int64", "naive-uint8"])
+def test_tensors_of_another_shape_or_dtype_are_refused(tmp_path, rows, combo, change, problem):
+    w = torch.randn(rows, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    parts, _ = compress(w, *combo, torch.Generator().manual_seed(1))
+    change(parts)
+    with pytest.raises(ValueError, match=problem):
         _decode(tmp_path, parts, combo)
 
 

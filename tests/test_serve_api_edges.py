@@ -11,53 +11,18 @@ import threading
 
 import openai
 import pytest
-import torch
-from served import EngineServer
-from trained import counting_model
 
-from flyer.config import preset
-from flyer.infer.cli import ByteTokenizer
-from flyer.model.transformer import Transformer
-from flyer.serve.api import Api
 from flyer.errors import FieldError
-from flyer.serve.engine import Engine, EngineConfig
 from flyer.serve.link import EngineHost, _Frames, _frame
 from flyer.serve.request import Limits, SamplingOptions
-
-V = 64
-
-
-def _running(model, **over):
-    cfg = dict(kv_cache_bytes=64 * 4 * 384 * 2, block_size=4, cache_dtype=torch.float32, prefill_chunk=8)
-    return EngineServer(Engine(model, EngineConfig(**{**cfg, **over}), tokenizer=ByteTokenizer()),
-                        lambda link: Api(link, ByteTokenizer(), "tiny-test"))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return counting_model(V)
-
-
-@pytest.fixture(scope="module")
-def served(model):
-    s = _running(model)
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def served_bytes():
-    torch.manual_seed(0)
-    s = _running(Transformer(preset("tiny")).eval())
-    yield s
-    s.close()
+from tests.test_serve_api import V, model, served, served_bytes  # noqa: F401 (the fixtures of the servers used here)
 
 
 def _prog(start, step, n):
     return [(start + step * i) % V for i in range(n)]
 
 
-def test_a_tiny_top_p_samples_the_greedy_tokens(served_bytes):
+def test_a_tiny_top_p_samples_the_greedy_tokens(served_bytes):  # noqa: F811 (the fixture)
     """top_p alone (OpenAI's nucleus sampling): a nucleus of mass 1e-9 holds the most likely token only, so sampling
     at temperature 1 gives the greedy text (kills A14)."""
     def text(**kw):
@@ -68,7 +33,7 @@ def test_a_tiny_top_p_samples_the_greedy_tokens(served_bytes):
     assert text(temperature=1.0, seed=3, top_p=1e-9) == greedy
 
 
-def test_chat_logprobs_end_with_the_content_a_stop_string_cuts(served_bytes):
+def test_chat_logprobs_end_with_the_content_a_stop_string_cuts(served_bytes):  # noqa: F811 (the fixture)
     """A stop string cuts the content before it: the choice's logprobs.content are those of the content's tokens
     (each token's text starts before the cut: ``Choice.kept``), not of the stop string's (kills A32)."""
     c = served_bytes.client()
@@ -81,7 +46,7 @@ def test_chat_logprobs_end_with_the_content_a_stop_string_cuts(served_bytes):
     assert cut.logprobs.content == []
 
 
-def test_a_prompt_and_max_tokens_that_fill_the_room_exactly_are_served(served):
+def test_a_prompt_and_max_tokens_that_fill_the_room_exactly_are_served(served):  # noqa: F811 (the fixture)
     """prompt + max_tokens == room fits (the engine's own bound, ``Limits.check``: > ctx refused); one more token is
     400 (kills A06 and R06)."""
     room = served.engine.limits.room
@@ -93,7 +58,7 @@ def test_a_prompt_and_max_tokens_that_fill_the_room_exactly_are_served(served):
     assert e.value.body["param"] == "max_tokens"
 
 
-def test_an_echo_scoring_a_full_window_is_served(served):
+def test_an_echo_scoring_a_full_window_is_served(served):  # noqa: F811 (the fixture)
     """echo with max_tokens 0 (an evaluation harness scoring a prompt's log-likelihood) of a prompt as long as the
     room asks for no new token: served, every prompt token but the first scored (it was refused as leaving no room
     for a new token, which the engine itself accepts); one token longer is refused naming the prompt."""
@@ -107,7 +72,7 @@ def test_an_echo_scoring_a_full_window_is_served(served):
     assert e.value.body["param"] == "prompt"
 
 
-def test_response_format_text_constrains_nothing(served_bytes):
+def test_response_format_text_constrains_nothing(served_bytes):  # noqa: F811 (the fixture)
     """OpenAI's response_format {"type": "text"} is the default: the greedy output is the one without it, not one held
     to JSON (kills A07)."""
     c = served_bytes.client()
@@ -118,7 +83,7 @@ def test_response_format_text_constrains_nothing(served_bytes):
     assert c.chat.completions.create(**kw, response_format={"type": "text"}).choices[0].message.content == plain
 
 
-def test_echo_with_n_choices_of_several_text_prompts_echoes_each_choices_own_prompt(served_bytes):
+def test_echo_with_n_choices_of_several_text_prompts_echoes_each_choices_own_prompt(served_bytes):  # noqa: F811 (the fixture)
     """Choice k = i n + j is prompt i's (OpenAI's numbering): with echo, its text starts with prompt i as sent
     (kills A23)."""
     r = served_bytes.client().completions.create(model="tiny-test", prompt=["ab", "cd", "ef"], n=2, max_tokens=1,
@@ -127,7 +92,7 @@ def test_echo_with_n_choices_of_several_text_prompts_echoes_each_choices_own_pro
     assert [c.text[:2] for c in r.choices] == ["ab", "ab", "cd", "cd", "ef", "ef"]
 
 
-def test_a_streamed_chunk_whose_text_is_held_back_has_null_logprobs(served):
+def test_a_streamed_chunk_whose_text_is_held_back_has_null_logprobs(served):  # noqa: F811 (the fixture)
     """A token whose text a stop string's prefix holds back streams a chunk with "" and logprobs null; its token
     comes with the chunk that releases its text: over the stream, one logprobs entry per token, each with its text
     (kills A24)."""
