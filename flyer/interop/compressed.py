@@ -65,7 +65,7 @@ def unpack_int32(packed: torch.Tensor, num_bits: int, count: int) -> torch.Tenso
     bytes on a little-endian host; otherwise shifts, whatever the host's byte order."""
     mask = (1 << num_bits) - 1
     if num_bits in (4, 8) and sys.byteorder == "little":  # a word's bytes in stream order: read as bytes, 15x faster
-        # (R, 4W), through a flat view: a (R, 1) transpose counts as contiguous but keeps a stride that view refuses
+        # (R, 4W), through a flat view: a transposed (G, 1) counts as contiguous but keeps a stride view refuses
         u8 = packed.contiguous().reshape(-1).view(torch.uint8).view(packed.shape[0], 4 * packed.shape[1])
         if num_bits == 4:  # the low nibble first
             u8 = torch.stack((u8 & 0xF, u8 >> 4), dim=-1).flatten(1)
