@@ -224,12 +224,12 @@ def fill_fused(model: Transformer, tf: TensorFile, name: str, slot: Slot, files:
     # of the file's, kept with their scales as a per-expert tensor's are (its values requantized would move)
     codes_kept = (parts[0].dtype == FP8 and scheme is None and tf.dtype(name) == torch.float8_e4m3fn
                   and all(n % TILE == 0 for n in sizes[:-1]))
+    tiles = [-(-n // TILE) for n in sizes]
     one = torch.empty((1, *tf.shape(name)[1:]), dtype=torch.float32 if parts[0].dtype == FP8 else parts[0].dtype)
     for e in range(len(parts[0])):
         rows = (first + e, first + e + 1)
         if codes_kept:
             codes, scale = fp8_blocks(tf, name, files, headers, rows)
-            tiles = [-(-n // TILE) for n in sizes]
             for key, dest, c, sc in zip(slot.fused, parts, codes[0].split(sizes), scale[0].split(tiles)):
                 try:
                     write_fp8_codes(dest[e], held_scale(model, key, e), c, sc)

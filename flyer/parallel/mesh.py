@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
 
@@ -433,10 +433,6 @@ def init_mesh(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None = None, 
     return init_distributed(cfg, ep, ranks_per_node, timeout_s=timeout_s, device=device, pp=pp)
 
 
-_GROUPS = ("ep_group", "expert_dp_group", "inter_group", "intra_group", "dp_group", "pp_group", "ep_group_bwd",
-           "inter_group_bwd", "intra_group_bwd")
-
-
 def destroy(mesh: Mesh | None) -> None:
     """Tear down every process group (the default one included), and drop the handles this process keeps on them.
 
@@ -450,8 +446,9 @@ def destroy(mesh: Mesh | None) -> None:
         dist.destroy_process_group()
         _release_default_groups()
     if isinstance(mesh, Mesh):
-        for name in _GROUPS:
-            setattr(mesh, name, None)
+        for f in fields(mesh):
+            if f.name.endswith(("_group", "_group_bwd")):  # every group handle the mesh holds
+                setattr(mesh, f.name, None)
 
 
 def _release_default_groups() -> None:
