@@ -441,8 +441,8 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
     """(model fields, train fields) from a config file.
 
     JSON: DeepSeek's config_*.json (its ModelArgs' fields: ``flyer.interop.model_args``), an HF config.json, or
-    flyer's own fields (model fields only). TOML: model fields at the top level and/or in a [model] table, trainer
-    options in a [train] table. A model directory stands for its ``config.json``.
+    flyer's own fields (model fields only). TOML: model fields at the top level and/or in a [model] table (a field
+    in one of the two), trainer options in a [train] table. A model directory stands for its ``config.json``.
     """
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file():  # a Hugging Face model's (or an export's) directory
@@ -479,6 +479,9 @@ def read_config_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, An
             if not isinstance(table, dict):
                 raise FieldError("config", f"config file {p}: {name} must be a table ([{name}]), got "
                                            f"{type(table).__name__}")
+        both = sorted(model.keys() & d.keys())
+        if both:  # which of the two was meant is not ours to guess
+            raise FieldError("config", f"config file {p}: {both[0]} is set both at the top level and in [model]")
         d = {**model, **d}
     if not isinstance(d, dict) or not isinstance(train, dict):
         raise FieldError("config", f"config file {p} must hold a table/object of fields")

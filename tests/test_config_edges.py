@@ -113,6 +113,16 @@ def test_keyword_overrides_win_over_the_config_file(tmp_path):  # kills C43
     assert (cfg.dim, cfg.n_heads, cfg.n_layers) == (64, 2, 4)  # flag > file > preset
 
 
+def test_a_field_both_at_the_top_level_and_in_the_model_table_is_refused(tmp_path):
+    p = tmp_path / "m.toml"
+    p.write_text("dim = 96\n\n[model]\ndim = 64\nn_heads = 2\n")
+    with pytest.raises(FieldError, match=r"dim is set both at the top level and in \[model\]") as e:
+        resolve_config("tiny", p)
+    assert e.value.field == "config"
+    p.write_text("n_heads = 3\n\n[model]\ndim = 96\n")  # each field in one place: both read
+    assert (resolve_config("tiny", p).dim, resolve_config("tiny", p).n_heads) == (96, 3)
+
+
 # ---- flyer/train/config.py ----------------------------------------------------------------------------------------
 
 
