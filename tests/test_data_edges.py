@@ -77,6 +77,10 @@ def test_shards_of_several_vocabularies_read_as_the_largest(tmp_path):
     for start, length in ((-1, 1), (0, -1)):
         with pytest.raises(IndexError):
             s.read(start, length)
+    assert s.read(np.int64(1), np.int32(1)).tolist() == [150]
+    for start, length in ((0, 1.5), (0.5, 1)):
+        with pytest.raises(TypeError):
+            s.read(start, length)
 
 
 def test_the_writer_names_its_shards_in_order_and_needs_a_size(tmp_path):

@@ -21,6 +21,7 @@ serves to data loaders.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import struct
 import uuid
@@ -202,7 +203,7 @@ class TokenShards:
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` as a new int64 array of shape (length,); the
         range may span shard files."""
-        start, length = int(start), int(length)
+        start, length = operator.index(start), operator.index(length)  # 1.5 is refused, not truncated
         if start < 0 or length < 0 or start + length > self._len:
             raise IndexError(f"TokenShards.read: range [{start}, {start + length}) outside [0, {self._len})")
         out = np.empty(length, dtype=np.int64)
