@@ -1,9 +1,9 @@
-"""An engine started without a tokenizer (``Engine(model, cfg)``: it masks no logits with a grammar) behind an API
-that has one: a request that needs a grammar (``response_format`` json_object / json_schema on either route,
-``tool_choice`` "required" or a named function), streamed or not, answers 400 naming its field in one line, before
-the engine hears of it; it never answers 500. What the HTTP side does with its own tokenizer needs nothing of the
-engine's and is served (200): ``response_format`` text, tools under "auto" and "none", stop strings,
-``chat_template_kwargs``, the reasoning parser, logprobs, echo."""
+"""An engine started without a tokenizer (``Engine(model, cfg)``: it masks no logits with a grammar) behind an API that
+has one: a request that needs a grammar (``response_format`` json_object / json_schema on either route,
+``tool_choice`` "required" or a named function, a ``strict`` function under "auto"), streamed or not, answers 400
+naming its field in one line, before the engine hears of it; it never answers 500. What the HTTP side does with its
+own tokenizer needs nothing of the engine's and is served (200): ``response_format`` text, tools under "auto" and
+"none", stop strings, ``chat_template_kwargs``, the reasoning parser, logprobs, echo."""
 
 
 import openai
@@ -19,6 +19,7 @@ from flyer.serve.engine import Engine, EngineConfig
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
     "a": {"type": "integer"}}}}}]
+STRICT = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}]  # held to its schema: a grammar
 MSG = [{"role": "user", "content": "hi"}]
 SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "boolean"}}}
 LETTERS = {str(t): 100 for t in range(ord("a"), ord("z") + 1)}  # a random model's greedy text in letters
@@ -56,8 +57,10 @@ def test_grammar_requests_answer_400_naming_the_field(bare):
         for choice in ("required", {"type": "function", "function": {"name": "f"}}):
             _refused(lambda: c.chat.completions.create(model="tiny-test", messages=MSG, max_tokens=4, stream=stream,
                                                        tools=TOOLS, tool_choice=choice), "tool_choice")
+        _refused(lambda: c.chat.completions.create(model="tiny-test", messages=MSG, max_tokens=4, stream=stream,
+                                                   tools=STRICT), "tools")
     refused = bare.api.metrics.rejected
-    assert refused.labels("400")._value.get() == 12 and refused.labels("500")._value.get() == 0
+    assert refused.labels("400")._value.get() == 14 and refused.labels("500")._value.get() == 0
     assert bare.api.engine.last_sent == -1  # refused before any was sent to the engine
 
 

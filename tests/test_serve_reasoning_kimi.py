@@ -251,6 +251,14 @@ def test_a_real_engine_calls_from_inside_the_reasoning(engine_server, monkeypatc
         _agree(c, *want, **kw)
         r = c.chat.completions.create(model="tiny-test", messages=ASK, **kw)
         assert [t.id for t in r.choices[0].message.tool_calls] == [K.call_id(name, 0)]
+    # "auto" with a strict function: the section opened inside the reasoning is the grammar's from its marker on
+    name, args = CALLS[0]
+    _steer(monkeypatch, _ids(tok, REASONING, K.render([(name, args)]).replace(":0", ":7")) + [tok.eos_id()])
+    strict = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
+    kw = {**_kw(temperature=0, max_tokens=200), "tools": strict}
+    _agree(c, REASONING, None, "tool_calls", [(name, args)], **kw)
+    r = c.chat.completions.create(model="tiny-test", messages=ASK, **kw)
+    assert [t.id for t in r.choices[0].message.tool_calls] == [K.call_id(name, 0)]
 
 
 def test_the_flag_reaches_the_api_and_a_bad_name_is_one_line(monkeypatch, capsys):

@@ -34,6 +34,8 @@ from flyer.serve.reasoning import DEEPSEEK
 from flyer.serve.link import Submitted
 from flyer.serve.request import Limits, TokenEvent
 from flyer.serve.responses import ResponseStore, Stored
+from flyer.serve.responses_schema import ResponsesBody
+from flyer.serve.schema import ChatBody
 from flyer.serve.tools import DEEPSEEK_V31 as F31
 
 FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # Responses' flat shape
@@ -207,6 +209,15 @@ def test_function_call_round_trip(served):
     again = httpx.post(served.url + "/v1/responses", json=dict(
         input=[*[o.model_dump() for o in calls], *outputs], previous_response_id=r.id, **kw))
     assert "previous_response_id" in _error(again, 400, "input[0]")["message"]
+
+
+def test_a_strict_function_reaches_chat_strict():
+    """Responses' flat function tools keep ``strict`` in chat's shape (it holds "auto" calls to their schemas)."""
+    body = ResponsesBody.model_validate({"model": "m", "input": "x", "tools": [{**FLAT_TOOLS[1], "strict": True},
+                                                                                FLAT_TOOLS[0]]})
+    tools = ChatBody.model_validate({"model": "m", "messages": ASK, "tools": body.chat_tools()}).tools
+    assert [t.function.strict for t in tools] == [True, None]
+    assert tools[0].function.parameters == LIGHT and tools[1].function.name == "get_weather"
 
 
 def test_defaults_are_echoed_as_openai_sets_them(served):

@@ -68,7 +68,8 @@ SPELL_SCHEMA = {"type": "object", "properties": {"q": {"type": "string"}}, "requ
 FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
 
 
-def grammar_accepts(fmt, text: str, tools: list[dict] | None = None, content: dict | None = None) -> bool:
+def grammar_accepts(fmt, text: str, tools: list[dict] | None = None, content: dict | None = None,
+                    text_first: bool = False) -> bool:
     """Whether the calls grammar of ``tools`` (default: one function ``f`` of ``SPELL_SCHEMA``) in ``fmt``, written
     by a byte tokenizer (markers as text, as a tokenizer without them writes them), takes ``text`` whole."""
     import llguidance
@@ -76,7 +77,7 @@ def grammar_accepts(fmt, text: str, tools: list[dict] | None = None, content: di
     from flyer.serve.grammar import _limits, llg_tokenizer
     from flyer.serve.tools import tool_grammar
     tools = tools or [{"name": "f", "parameters": SPELL_SCHEMA}]
-    grammar = tool_grammar(tools, ByteTokenizer(), None, True, fmt, content=content)
+    grammar = tool_grammar(tools, ByteTokenizer(), None, True, fmt, content=content, text_first=text_first)
     m = llguidance.LLMatcher(llg_tokenizer(ByteTokenizer(), 1024), grammar, log_level=0, limits=_limits())
     ids = list(text.encode())
     return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
@@ -128,6 +129,23 @@ def test_auto_with_a_response_format_is_its_json_or_a_calls_block_in_every_forma
         for out, ok in ((block, True), ('{"ok":true}', True), ('{"ok":1}', False), ("plain", False),
                         (block + '{"ok":true}', False)):
             assert grammar_accepts(fmt, out, NESTED if dsml else None, content=FLAG) == ok, (fmt.name, out)
+
+
+def test_auto_with_a_strict_function_is_text_or_text_then_a_valid_calls_block_in_every_format():
+    """``strict`` functions under "auto": any text without the begin marker, then at most one block whose calls
+    match the schemas (the marker written as text: the text lexeme ends at its first occurrence)."""
+    from flyer.serve.dsml import DSML_V32
+    from flyer.serve.tools import DEEPSEEK_V3
+    from flyer.serve.tools_kimi import KIMI_K2
+    for fmt in (F, DEEPSEEK_V3, KIMI_K2, DSML_V32):
+        dsml = fmt is DSML_V32
+        block, bad = ((_dsml_call('{"q": "a"}'), _dsml_call('{"q": 1}')) if dsml else
+                      (fmt.render([("f", '{"q":"a"}')]), fmt.render([("f", '{"q":1}')])))
+        unknown = block.replace('"f"', '"g"') if dsml else fmt.render([("g", '{"q":"a"}')])
+        for out, ok in (("plain <text>\n", True), ("", True), (block, True), ("I will call. " + block, True),
+                        ("x" + bad, False), (unknown, False), (block + "more", False), (block + block, False),
+                        ("x" + fmt.calls_begin + "oops", False)):
+            assert grammar_accepts(fmt, out, NESTED if dsml else None, text_first=True) == ok, (fmt.name, out)
 
 
 def test_the_parser_on_hand_written_texts():
@@ -315,6 +333,28 @@ def test_none_serves_a_calls_block_as_content(served):
     assert none.finish_reason == "length" and not none.message.tool_calls
     r = httpx.post(served.url + "/v1/chat/completions", json={**kw, "tool_choice": "auto"}, timeout=60).json()
     assert r["choices"][0]["finish_reason"] == "length" and "tool_calls" not in r["choices"][0]["message"]
+
+
+def test_auto_with_strict_functions_holds_the_calls_the_model_writes_to_their_schemas(served):
+    """OpenAI's ``strict``: under "auto" the model chooses whether to call, and a call it writes matches the
+    schema. flyer had taken ``strict`` and held nothing: the random model forced into a block (a bias on its
+    first marker) wrote one that did not parse, served as text. Now the calls parse and validate, whole and
+    streamed, and text without a call is still served as content."""
+    c = served.client()
+    begin = served.tok.tok.token_to_id(F.calls_begin)
+    strict = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
+    kw = dict(model="tiny-test", messages=ASK, max_tokens=400, temperature=1.0, seed=5, logit_bias={str(begin): 100})
+    loose = c.chat.completions.create(tools=TOOLS, **kw).choices[0]
+    assert not loose.message.tool_calls  # the same request without strict
+    for n in (1, 3):
+        for ch in c.chat.completions.create(tools=strict, n=n, **kw).choices:
+            assert ch.message.content is None
+            _check_calls(ch, set(SCHEMA))
+    whole = _check_calls(c.chat.completions.create(tools=strict, **kw).choices[0], set(SCHEMA))
+    assert _stream_calls(c, tools=strict, **kw) == (whole, "tool_calls", "")
+    free = c.chat.completions.create(tools=strict, **{**kw, "max_tokens": 30, "logit_bias": {str(begin): -100}})
+    assert free.choices[0].finish_reason == "length" and free.choices[0].message.content
+    assert not free.choices[0].message.tool_calls
 
 
 def test_auto_with_a_response_format_can_still_call(served):

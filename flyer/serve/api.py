@@ -315,20 +315,25 @@ class Api:
             raise FieldError("tool_choice", f"{'required' if mode == 'required' else 'a named function'} "
                                             f"is refused: {NO_GRAMMARS}; use auto or none")
         formatted = mode == "auto" and opts.grammar is not None and self.engine.limits.grammars
-        if mode in ("required", "named") or formatted:
+        # "auto" with a strict function: text, or text then calls that match their schemas (as OpenAI's strict
+        # mode promises; every call's, the non-strict functions' too, as "required" holds them)
+        strict = mode == "auto" and opts.grammar is None and any(t.function.strict for t in body.tools)
+        if strict and not self.engine.limits.grammars:
+            raise FieldError("tools", f"a strict function is refused: {NO_GRAMMARS}; set strict false")
+        if mode in ("required", "named") or formatted or strict:
             # a calls block whose arguments match the schemas; under "auto" a response_format rules the reply
             # instead, and a call stays possible
             functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
             schema = body.response_format.schema_or_object() if formatted else None
             content = ({"type": "object"} if schema is None else schema) if formatted else None  # json_object: None
             grammar = tool_grammar(functions, self.tok, name, parallel, fmt, calls_so_far(body.messages),  # Kimi IDX
-                                   content)
+                                   content, text_first=strict)
             opts = dataclasses.replace(opts, grammar=grammar)
         think = Reasoning(self.reasoning, self.tok, Reasoning.opens(self.reasoning, text))
         if opts.grammar is not None:  # held after the reasoning the prompt opens, or the output opens with its tokens
             after, opening = think.grammar_markers(self.tok, text, self.engine.limits.vocab_size)
             at = think.grammar_at(self.tok, after, fmt.calls_begin if mode in ("required", "named") or formatted
-                                  else None)  # a grammar that may open with a calls block
+                                  or strict else None)  # a grammar that may open with a calls block
             opts = dataclasses.replace(opts, grammar_after=after, grammar_open=opening, grammar_at=at)
         gen = Generation(self.engine, self.tok, request, [prompt], opts, body.stop_strings(), body.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),

@@ -21,12 +21,13 @@ the markers as added tokens: one id each, which a decoder that skips special tok
 decoded with them written out (``marked_text``); a tokenizer without them writes and reads them as text.
 
 Modes (``tool_choice``): "none" renders the tools and parses nothing; "auto" (the default with tools) generates
-freely (with a ``response_format``: its JSON or a calls block) and parses the calls if the model writes the
-format; "required" and a named function constrain the output to a calls block. A choice whose text parses
-answers ``tool_calls`` with finish_reason "tool_calls" and content the text before the block (null when blank);
-one that does not (no block, a malformed one, one a stop string left open) answers its text as content. A block
-the length limit cut answers the content before it and the calls before the cut (none, if it cut the first: the
-partial call's text is dropped), with finish_reason "length".
+freely (with a ``response_format``: its JSON or a calls block; with a ``strict`` function: text, then at most a
+block whose calls match their schemas) and parses the calls if the model writes the format; "required" and a
+named function constrain the output to a calls block. A choice whose text parses answers ``tool_calls`` with
+finish_reason "tool_calls" and content the text before the block (null when blank); one that does not (no block,
+a malformed one, one a stop string left open) answers its text as content. A block the length limit cut answers
+the content before it and the calls before the cut (none, if it cut the first: the partial call's text is
+dropped), with finish_reason "length".
 ``parallel_tool_calls`` false: the grammar allows one call; under "auto" the parse keeps the first.
 Streaming (``flyer.serve.api``) is the simplest correct one: content deltas up to the block (none while the text so
 far is blank, which a whole answer serves as null: ``flyer.serve.choice.calls_content``, one rule for both), then,
@@ -37,8 +38,8 @@ the whole arguments) and finish_reason "tool_calls" ("length" for a block the li
     tool_format(chat_template)      the format a checkpoint's template writes calls in
     chosen_format(parser, template) ``TOOL_PARSERS``' format by name, or "auto": ``tool_format``
     parse_tool_calls(text, fmt)     generated text -> (content before the calls, calls), or None: serve it as content
-    tool_grammar(tools, ...)        "required" / named: an llguidance grammar of a calls block whose arguments match
-                                    the tool's ``parameters`` schema; ``FieldError`` naming tools
+    tool_grammar(tools, ...)        "required" / named / strict: an llguidance grammar of a calls block whose
+                                    arguments match the tool's ``parameters`` schema; ``FieldError`` naming tools
     marked_text(tok, ids)           ids decoded with the markers kept
     content_end(text)               how much of a streamed text is content (before a calls block)
 """
@@ -57,7 +58,7 @@ from flyer.data.deepseek_encoding import DSML, ChatEncoding, ChatTemplate
 from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer
 from flyer.serve.choice import calls_content, cut_inside, held_back, json_at, skip_space
-from flyer.serve.dsml import DSML_V4, DSML_V32, DsmlFormat, dsml_grammar, parse_dsml_calls
+from flyer.serve.dsml import DSML_V4, DSML_V32, NL, DsmlFormat, dsml_grammar, parse_dsml_calls
 from flyer.serve.grammar import JSON_DEFAULTS, MAX_SCHEMA_CHARS, compilable, schema_json
 from flyer.serve.tools_kimi import KIMI_K2, KimiFormat, kimi_grammar_rules
 
@@ -249,7 +250,7 @@ def _lark_string(s: str) -> str:
 
 def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, parallel: bool = True,
                  fmt: ToolFormat | DsmlFormat | KimiFormat = TOOL_FORMAT, first_index: int = 0,
-                 content: dict[str, Any] | None = None) -> str:
+                 content: dict[str, Any] | None = None, text_first: bool = False) -> str:
     """The llguidance grammar (JSON text) of a calls block in ``fmt`` (between calls, its ``between``; around
     the arguments, its fence): one call of function ``name`` (a named
     ``tool_choice``), else 1 to ``MAX_TOOL_CALLS`` calls (one when not ``parallel``) of any of ``tools``
@@ -260,7 +261,9 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
     cannot compile. DSML: ``flyer.serve.dsml.dsml_grammar``'s block (its markers are text). Kimi K2: the calls'
     ids ``functions.NAME:IDX`` with IDX from ``first_index`` on (``tools_kimi.calls_so_far`` of the request).
     ``content`` (tool_choice "auto" with a ``response_format``): the JSON schema the output matches instead when it
-    is not a calls block, as OpenAI's structured outputs rule the reply, not whether a tool is called."""
+    is not a calls block, as OpenAI's structured outputs rule the reply, not whether a tool is called.
+    ``text_first`` (tool_choice "auto" with a ``strict`` function): any text without the block's begin marker,
+    then optionally the block, so that the calls the model chooses to write match their schemas."""
     ids = marker_ids(tok, fmt)
 
     def marker(m: str) -> str:
@@ -273,13 +276,15 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
     if sum(map(len, schemas)) > MAX_SCHEMA_CHARS:
         raise FieldError("tools", f"the parameters schemas hold {sum(map(len, schemas))} characters; at most "
                                   f"{MAX_SCHEMA_CHARS} are served")
+    begin = fmt.calls_begin + NL if isinstance(fmt, DsmlFormat) else fmt.calls_begin  # the start rule's first item
+    text = (begin, ids.get(begin), fmt.calls_begin) if text_first else None
     if isinstance(fmt, DsmlFormat):
-        return _compiled(dsml_grammar(tools, name, parallel, MAX_TOOL_CALLS, fmt), content)  # (fields by index)
+        return _compiled(dsml_grammar(tools, name, parallel, MAX_TOOL_CALLS, fmt), content, text)  # (fields by index)
     n_calls = MAX_TOOL_CALLS if parallel and name is None else 1
     if isinstance(fmt, KimiFormat):
         rules = kimi_grammar_rules([f["name"] for f in chosen], marker, n_calls, first_index, fmt)
         return _compiled("\n".join(rules + [f"args_{k}: %json {schema}" for k, schema in enumerate(schemas)]),
-                         content)
+                         content, text)
     more = f" ({_lark_string(fmt.between)} call)" if fmt.between else " call"
     repeat = f"{more}{{0,{n_calls - 1}}}" if n_calls > 1 else ""
     rules = [f"start: {marker(fmt.calls_begin)} call{repeat} {marker(fmt.calls_end)}",
@@ -292,16 +297,35 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
                         + [_lark_string(fmt.args_close)] * bool(fmt.args_close))
         rules += [f"call_{k}: {marker(fmt.call_begin)} {head} {args} {marker(fmt.call_end)}",
                   f"args_{k}: %json {schema}"]
-    return _compiled("\n".join(rules), content)
+    return _compiled("\n".join(rules), content, text)
 
 
-def _compiled(lark: str, content: dict[str, Any] | None = None) -> str:
+def _regex_text(s: str) -> str:
+    """``s`` matched literally inside a lark ``/.../`` regex (llguidance's syntax: ``\\n`` for a line break)."""
+    return re.escape(s).replace("\\\n", "\\n").replace("/", "\\/")
+
+
+def _compiled(lark: str, content: dict[str, Any] | None = None,
+              text: tuple[str, int | None, str] | None = None) -> str:
     """``lark`` (a calls block from its ``start`` rule) compiled; with ``content``, a JSON value matching that
-    schema (``json_grammar``'s whitespace) or the block."""
+    schema (``json_grammar``'s whitespace) or the block. With ``text`` (the start rule's first item: its text, its
+    token id or None, and the block's begin marker): text that never holds the marker, or text then the block."""
     if content is not None:
         schema = schema_json({**content, "x-guidance": {**JSON_DEFAULTS, **content.get("x-guidance", {})}})
         lark = "\n".join(["start: json_content | calls_block", f"json_content: %json {schema}",
                           re.sub(r"^start:", "calls_block:", lark, count=1, flags=re.M)])
+    elif text is not None:
+        first, token, marker = text
+        free = f"TEXT: /(?s:.+)/ & ~/(?s:.*){_regex_text(marker)}(?s:.*)/"
+        if token is not None:  # a special token no text lexeme can match: the block follows the text as it is
+            lark = "\n".join(["start: TEXT? calls_block?", free,
+                              re.sub(r"^start:", "calls_block:", lark, count=1, flags=re.M)])
+        else:  # the text up to the marker's first occurrence as one lexeme (a greedy text lexeme apart would eat it)
+            head = f"TEXT_THEN_BLOCK: /(?s:.*){_regex_text(first)}/ & ~/(?s:.*){_regex_text(first)}(?s:.+)/"
+            rest, n = re.subn(rf"^start: {re.escape(_lark_string(first))}( |$)", "calls_rest: ", lark, count=1,
+                              flags=re.M)
+            assert n == 1, "a calls block's start rule opens with its begin marker"
+            lark = "\n".join(["start: TEXT? | TEXT_THEN_BLOCK calls_rest", free, head, rest])
     try:
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     except ValueError as e:
