@@ -435,7 +435,8 @@ def test_logit_bias_and_penalties_through_the_openai_client(served):
     for over, param in ((dict(frequency_penalty=2.5), "frequency_penalty"),
                         (dict(presence_penalty=-3), "presence_penalty"),
                         (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"64": 1}), "logit_bias"),
-                        (dict(logit_bias={"1": 101}), "logit_bias")):
+                        (dict(logit_bias={"1": 101}), "logit_bias"),
+                        *((dict(logit_bias={k: 1}), "logit_bias") for k in (" 7", "+7", "7_0", "\u0667", "-1", ""))):
         _error(httpx.post(url, json={**ok, **over}), 400, param)
 
 

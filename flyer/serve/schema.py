@@ -197,10 +197,9 @@ class Body(BaseModel):
         wins); ``FieldError`` for a key that is not a token id."""
         out = {}
         for k, v in (self.logit_bias or {}).items():
-            try:
-                out[int(k)] = v
-            except ValueError:
-                raise FieldError("logit_bias", f"keys must be token ids (got {k!r})") from None
+            if not (k.isascii() and k.isdigit()):  # int() would also take " 7", "+7", "7_0" and non-ASCII digits
+                raise FieldError("logit_bias", f"keys must be token ids (got {k!r})")
+            out[int(k)] = v
         return tuple(out.items())
 
     def stop_strings(self) -> list[str]:
