@@ -106,8 +106,9 @@ def _rope(d: dict[str, Any], where: str) -> dict[str, Any]:
             raise _bad(where, "rope_parameters.main.rope_type", f"only 'default' is supported (got "
                                                                 f"{main['rope_type']!r:.40})")
         theta, comp_theta = main.get("rope_theta", d["rope_theta"]), comp.get("rope_theta", d["compress_rope_theta"])
-    else:
-        comp = {k: v for k, v in (d.get("rope_scaling") or {}).items() if k != "partial_rotary_factor"}
+    else:  # one flat dict, rope_scaling's or rope_parameters' (transformers 5's name; rope_scaling wins, as there)
+        flat = d.get("rope_scaling") or (rp if isinstance(rp, dict) else None) or {}
+        comp = {k: v for k, v in flat.items() if k not in ("partial_rotary_factor", "main", "compress")}
         theta, comp_theta = d["rope_theta"], d["compress_rope_theta"]
     out = rope_fields({"rope_theta": comp_theta, "rope_scaling": comp,
                        "max_position_embeddings": d["max_position_embeddings"]}, where)
