@@ -145,18 +145,24 @@ class _GemmDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_emulated_step_runs_no_bf16_gemm(fp8):
+DSA = {"index_topk": 8, "index_n_heads": 2, "index_head_dim": 32}
+
+
+@pytest.mark.parametrize("name, over, T, fp8", [("tiny", {}, 33, False), ("tiny", {}, 33, True),
+                                                ("tiny-v4", {}, 33, False), ("tiny", DSA, 129, False)])
+def test_emulated_step_runs_no_bf16_gemm(name, over, T, fp8):
     """With emulation on, a whole BF16-autocast training step (forward in autograd Functions under
-    autocast included, FP8 recipe too) runs every GEMM and attention kernel in FP32."""
+    autocast included, FP8 recipe too) runs every GEMM and attention kernel in FP32. DeepSeek-V4's attention,
+    grouped output projection and hyper-connection maps, and DSA's indexer and sparse absorbed attention (129
+    tokens: past the dense chunk) ran ATen's BF16 bmm / mm, the kernels emulation avoids."""
     torch.manual_seed(0)
-    cfg = preset("tiny")
+    cfg = preset(name, **over)
     model = Transformer(cfg)
     if fp8:
         from flyer.fp8 import convert_to_fp8
 
         convert_to_fp8(model)
-    x = torch.randint(0, cfg.vocab_size, (2, 33))
+    x = torch.randint(0, cfg.vocab_size, (1 if T > 64 else 2, T))
     mode = _GemmDtypes()
     with mode:
         _step(model, x, True)

@@ -103,16 +103,19 @@ class Indexer(nn.Module):
         B, T, _ = x_BTD.shape
         q = self.wq_b(q_latent_BTR).view(B, T, self.n_heads, self.head_dim)
         q = _apply_partial_rope(q, cos, sin, self.rope_dim).float()
-        w = F.linear(x_BTD.float(), self.weights_proj.weight.float())
+        with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 under autocast too
+            w = F.linear(x_BTD.float(), self.weights_proj.weight.float())
         return q, (w.to(weights_dtype) * self.n_heads ** -0.5).float()
 
     def scores(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, k_BSK: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:
         """Index scores (B, T, S) in FP32 of T queries (``queries``) against S keys (``keys``), unmasked."""
         q, w = self.queries(x_BTD, q_latent_BTR, cos, sin)
-        # (B, T, H, K) @ (B, 1, K, S): each head's dot products, scaled, then ReLU (scale > 0: either order)
-        s = torch.relu(torch.matmul(q, k_BSK.float().transpose(-1, -2).unsqueeze(1)) * self.head_dim ** -0.5)
-        return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)
+        # (B, T, H, K) @ (B, 1, K, S): each head's dot products, scaled, then ReLU (scale > 0: either order); FP32
+        # even under autocast, as the V4 indexer's (BF16 scores would tie in the top-k)
+        with torch.autocast(x_BTD.device.type, enabled=False):
+            s = torch.relu(torch.matmul(q, k_BSK.float().transpose(-1, -2).unsqueeze(1)) * self.head_dim ** -0.5)
+            return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)
 
     def select(self, scores_BTS: torch.Tensor, visible_BTS: torch.Tensor) -> torch.Tensor:
         """Bool (B, T, S): ``select_topk`` of ``index_topk`` keys."""

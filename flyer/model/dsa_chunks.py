@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from flyer.model.hybrid_chunks import GATHER_OVER, Gathered, Span, chunked_attention, entry_picks, query_chunk
+from flyer.model.lowp import einsum, matmul
 
 
 # Under autograd gathering pays later: the recomputation and the gathered latents' gradient (a scatter-add) add
@@ -132,12 +133,12 @@ def absorbed_attend(attn: nn.Module, q_BCHd: torch.Tensor, picked_BCkL: torch.Te
     nope, C = attn.qk_nope_head_dim, attn.kv_lora_rank
     w_HXC = absorbed_weight(attn, q_BCHd.dtype) if w_HXC is None else w_HXC
     q_nope, q_rope = q_BCHd.split([nope, q_BCHd.shape[-1] - nope], dim=-1)
-    q_abs = torch.einsum("bchn,hnl->bchl", q_nope, w_HXC[:, :nope])  # W_UK absorbed into the query
+    q_abs = einsum("bchn,hnl->bchl", q_nope, w_HXC[:, :nope])  # W_UK absorbed into the query
     q_lat = torch.cat([q_abs, q_rope.to(q_abs.dtype)], dim=-1)
     picked = picked_BCkL.to(q_lat.dtype)
-    scores = torch.matmul(q_lat, picked.transpose(-1, -2)).float() * attn.softmax_scale  # (B, C, H, k)
+    scores = matmul(q_lat, picked.transpose(-1, -2)).float() * attn.softmax_scale  # (B, C, H, k)
     p = torch.where(valid_BCk.unsqueeze(2), scores, float("-inf")).softmax(dim=-1)
     if flush:
         p = p.masked_fill(p < torch.finfo(torch.float32).tiny, 0.0)
-    o_lat = torch.matmul(p.to(picked.dtype), picked[..., :C])  # (B, C, H, kv_lora_rank)
-    return torch.einsum("bchl,hvl->bchv", o_lat, w_HXC[:, nope:])  # W_UV absorbed into the output
+    o_lat = matmul(p.to(picked.dtype), picked[..., :C])  # (B, C, H, kv_lora_rank)
+    return einsum("bchl,hvl->bchv", o_lat, w_HXC[:, nope:])  # W_UV absorbed into the output

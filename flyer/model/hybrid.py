@@ -42,7 +42,7 @@ from flyer.model.hybrid_chunks import (Gathered, chunked_attention, entry_picks,
                                       spans)
 from flyer.model.hybrid_indexer_loss import csa_indexer_kl
 from flyer.model.indexer_loss import per_document_loss
-from flyer.model.lowp import Linear, as_dtype
+from flyer.model.lowp import Linear, as_dtype, matmul
 from flyer.model.transient import Transients
 from flyer.model.norm import RMSNorm
 from flyer.model.rope import apply_rope
@@ -288,19 +288,19 @@ class HybridAttention(Transients, nn.Module):
         # the heads folded into one GEMM's rows against the one shared key head: a (B, H, T, d) @ (B, 1, d, S)
         # broadcast would copy the keys once per head and run a matrix-vector product per head at decode (T = 1)
         q, kv = q_BTHd.transpose(1, 2).reshape(B, H * T, d), kv_BS1d.reshape(B, S, d)
-        scores = as_dtype(torch.matmul(q, kv.transpose(-1, -2)) * self.softmax_scale, torch.float32).view(B, H, T, S)
+        scores = as_dtype(matmul(q, kv.transpose(-1, -2)) * self.softmax_scale, torch.float32).view(B, H, T, S)
         scores = torch.where(visible_BTS.unsqueeze(1), scores, float("-inf"))  # masked_fill would need ~visible too
         cols = [scores]
         if picked_BTkd is not None:  # per query (batched over B, T): (H, d) @ (d, k)
-            own = as_dtype(torch.matmul(q_BTHd, picked_BTkd.transpose(-1, -2)) * self.softmax_scale,
+            own = as_dtype(matmul(q_BTHd, picked_BTkd.transpose(-1, -2)) * self.softmax_scale,
                            torch.float32)  # (B, T, H, k)
             cols.append(torch.where(picked_BTk.unsqueeze(2), own, float("-inf")).transpose(1, 2))
         sink = as_dtype(self.attn_sink, torch.float32).view(1, H, 1, 1).expand(B, H, T, 1)
         p = torch.cat([*cols, sink], dim=-1).softmax(dim=-1)
-        o = torch.matmul(as_dtype(p[..., :S], kv.dtype).reshape(B, H * T, S), kv).view(B, H, T, d)
+        o = matmul(as_dtype(p[..., :S], kv.dtype).reshape(B, H * T, S), kv).view(B, H, T, d)
         if picked_BTkd is not None:  # (B, T, H, k) @ (B, T, k, d)
             p_own = as_dtype(p[..., S:-1].transpose(1, 2), picked_BTkd.dtype)
-            o = o + torch.matmul(p_own, picked_BTkd).transpose(1, 2)
+            o = o + matmul(p_own, picked_BTkd).transpose(1, 2)
         return o.transpose(1, 2)
 
     def output(self, o_BTHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

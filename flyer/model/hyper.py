@@ -15,16 +15,22 @@ parameters stay FP32: DeepSeek's checkpoints store them so).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flyer.config import ModelConfig
-from flyer.model.lowp import as_dtype
+from flyer.model.lowp import as_dtype, linear, matmul
 
 
 def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) over the last dim, with no weight (FP32 in, FP32 out)."""
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+def _mix(h_BTND: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """(B, T, M): the N streams flattened to N D in FP32, ``_unit_rms``, times ``fn`` (M, N D); through
+    ``lowp.linear``, so that a BF16-autocast step on a CPU without BF16 hardware runs it emulated."""
+    B, T, N, D = h_BTND.shape
+    return linear(_unit_rms(as_dtype(h_BTND.reshape(B, T, N * D), torch.float32), eps), as_dtype(fn, torch.float32))
 
 
 class HyperConnection(nn.Module):
@@ -42,8 +48,7 @@ class HyperConnection(nn.Module):
     def forward(self, h_BTND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(post (B, T, N) FP32, comb (B, T, N, N) FP32, the block's input (B, T, D) in h's dtype)."""
         B, T, N, D = h_BTND.shape
-        mix = F.linear(_unit_rms(as_dtype(h_BTND.reshape(B, T, N * D), torch.float32), self.norm_eps),
-                       as_dtype(self.fn, torch.float32))
+        mix = _mix(h_BTND, self.fn, self.norm_eps)
         pre_w, post_w, comb_w = mix.split([N, N, N * N], dim=-1)
         pre_b, post_b, comb_b = self.base.split([N, N, N * N])
         pre = torch.sigmoid(pre_w * self.scale[0] + pre_b) + self.eps
@@ -61,7 +66,7 @@ class HyperConnection(nn.Module):
         """The streams after a block: post * out + comb^T h (comb is not symmetric: stream j feeds stream k
         by comb[j, k]), in h's dtype."""
         dtype = h_BTND.dtype
-        return as_dtype(post, dtype).unsqueeze(-1) * out_BTD.unsqueeze(-2) + torch.matmul(
+        return as_dtype(post, dtype).unsqueeze(-1) * out_BTD.unsqueeze(-2) + matmul(
             as_dtype(comb, dtype).transpose(-1, -2), h_BTND)
 
 
@@ -79,8 +84,7 @@ class HyperHead(nn.Module):
 
     def forward(self, h_BTND: torch.Tensor) -> torch.Tensor:
         B, T, N, D = h_BTND.shape
-        mix = F.linear(_unit_rms(as_dtype(h_BTND.reshape(B, T, N * D), torch.float32), self.norm_eps),
-                       as_dtype(self.fn, torch.float32))
+        mix = _mix(h_BTND, self.fn, self.norm_eps)
         pre = torch.sigmoid(mix * self.scale + self.base) + self.eps
         return as_dtype((pre.unsqueeze(-1) * h_BTND).sum(dim=2), h_BTND.dtype)
 

@@ -6,8 +6,8 @@ reference kernel (AVX2 only). There flyer runs the same GEMMs through the FP32 k
 rounded to the low-precision dtype, widened (exactly) to FP32, multiplied and summed in FP32, and
 the result rounded to the low-precision dtype. A native BF16 GEMM computes the same thing (it
 accumulates in FP32 too), up to the order of the sum. Every GEMM in flyer's model goes through
-``linear``, ``mm`` or ``scaled_dot_product_attention`` here; on any other device or dtype they are
-the torch calls.
+``linear``, ``mm``, ``matmul``, ``einsum``, ``grouped_linear`` or ``scaled_dot_product_attention`` here, or runs in FP32
+with autocast off; on any other device or dtype they are the torch calls.
 
 ``emulation(True)`` forces this path, ``emulation(False)`` turns it off (tests run both on every
 machine); ``FLYER_LOWP_EMULATION=0/1`` does the same for a process.
@@ -146,6 +146,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x.to(dtype).float(), weight.to(dtype).float(), b).to(dtype)
 
 
+def _product(fn, *operands: torch.Tensor) -> torch.Tensor:
+    """``fn(*operands)``, a product autocast computes in its dtype; emulated where it applies (differentiable)."""
+    dev = operands[0].device.type
+    if all(t.dtype == torch.float32 for t in operands) and not torch.is_autocast_enabled(dev):
+        return fn(*operands)  # no lookups: decode runs these per layer
+    dtype = gemm_dtype(*operands)
+    if not emulated(dev, dtype):
+        return fn(*operands)
+    with torch.autocast(dev, enabled=False):
+        return fn(*(t.to(dtype).float() for t in operands)).to(dtype)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul`` as autocast would compute it; emulated where it applies (attention's products on a
+    shared key head or gathered latents, the hyper-connections' stream mix)."""
+    return _product(torch.matmul, a, b)
+
+
+def einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
+    """``torch.einsum`` as autocast would compute it (its batched products); emulated where it applies."""
+    return _product(functools.partial(torch.einsum, equation), *operands)
+
+
 def group_rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., G, K) as (G M, K), group-major: group g's M rows consecutive (the grouped GEMMs' layout)."""
     G, K = x.shape[-2:]
@@ -162,12 +185,18 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     """(..., G, L): group g of x (..., G, K) times its own L = N / G rows of ``weight`` (N, K), a block-diagonal
     linear (DeepSeek-V4's grouped ``wo_a``). FP32 x on a weight held for inference (``flyer.infer.weights``:
     BF16, or FP8 codes with their 128x128 block ``scale``) runs ``kernels.grouped_mm``, each group's rows against
-    its row block as held, as ``linear`` runs ``kernels.linear_held``; otherwise one batched product."""
+    its row block as held, as ``linear`` runs ``kernels.linear_held``; otherwise one batched product (emulated
+    as ``linear``'s)."""
     G, K = x.shape[-2:]
     L = weight.shape[0] // G
     held = x.dtype == torch.float32 and weight.dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type)
     if not held:
-        return torch.einsum("...gk,glk->...gl", x, weight.view(G, L, K))
+        dtype = gemm_dtype(x, weight)
+        if not emulated(x.device.type, dtype):
+            return torch.einsum("...gk,glk->...gl", x, weight.view(G, L, K))
+        with torch.autocast(x.device.type, enabled=False):  # as ``linear``: FP32 on the rounded operands
+            return torch.einsum("...gk,glk->...gl", x.to(dtype).float(),
+                                weight.to(dtype).float().view(G, L, K)).to(dtype)
     w = weight.view(G, L, K)
     if scale is not None and L % kernels.TILE:  # a scale block spans two groups: widened whole instead
         w, scale = kernels.dequantize_held(weight, scale).view(G, L, K), None
