@@ -240,7 +240,7 @@ def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
     for item in items:
         tid, sep, value = item.partition("=")
         try:
-            if not sep:
+            if not (sep and tid.isascii() and tid.isdigit()):  # int() would take " 7", "+7", "7_0"
                 raise ValueError
             bias[int(tid)] = float(value)
         except ValueError:
