@@ -46,7 +46,8 @@ def _matmul_flops(cfg, monkeypatch) -> int:
     return counter.get_total_flops() - sum(counts[op] for op in ATTENTION)
 
 
-@pytest.mark.parametrize("over", [{}, {"n_dense_layers": 2, "n_shared_experts": 2}, {"q_lora_rank": 0}])
+@pytest.mark.parametrize("over", [{}, {"n_dense_layers": 2, "n_shared_experts": 2}, {"q_lora_rank": 0},
+                                  {"attn": "gqa", "n_kv_heads": 1, "head_dim": 32, "qk_norm": True, "attn_bias": True}])
 def test_matmul_flops_are_torchs_count(over, monkeypatch):
     """The main model's matmul FLOPs per token (the plan's, attention's apart: 6 x the activated GEMM parameters, the
     head's included, the embedding's not) are torch's count exactly; each MTP module's add its block, projection
