@@ -227,6 +227,7 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     (["net", "latency", "--sizes", "0.5"], "--sizes: must be comma-separated whole byte counts"),
     (["net", "latency", "--sizes", "1e300"], "--sizes: must be comma-separated whole byte counts"),
     (["serve", "--preset", "tiny", "--host", " ", "--port", "0"], "--host: must name an address"),
+    (["serve", "--ckpt", "{t}/nothing", "--host", "", "--port", "0"], "--host: must name an address"),  # before loading
     ([*GEN[:-6], "--prompt", "a\udcffb", *GEN[-4:]], "--prompt: is not UTF-8 text"),
     ([*GEN, "--suffix", "\udcff"], "--suffix: is not UTF-8 text"),
     (["generate", "--ckpt", "{t}/run_list", "--prompt", "hi"], "bad config.json (a JSON list, not an object)"),

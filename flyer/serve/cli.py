@@ -85,6 +85,8 @@ def _run(args) -> int:
     cfg.validate()
     if not 0 <= args.port < 65536:
         raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
+    if not args.host.strip():  # the socket would take "" as every interface; refused before the model loads
+        raise FieldError("host", "must name an address (an empty one listens on every interface: say 0.0.0.0)")
     if not 0 < args.drain_timeout < math.inf:
         raise FieldError("drain_timeout", f"must be a positive number of seconds (got {args.drain_timeout})")
     check_threads(args.threads, "threads")
@@ -111,8 +113,6 @@ def _run(args) -> int:
         engine = Engine(model, cfg, tokenizer=tok)  # tok: structured outputs' grammars (flyer.serve.grammar)
     except FieldError as e:  # the pool's size is the flag's
         raise FieldError("kv_cache_memory" if e.field == "kv_cache_bytes" else e.field, e.problem) from None
-    if not args.host.strip():  # the socket would take "" as every interface
-        raise FieldError("host", "must name an address (an empty one listens on every interface: say 0.0.0.0)")
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     link, their_end = socket.socketpair()
