@@ -40,8 +40,8 @@ ROUTINGS = ("ecmp", "static", "adaptive")
 # flow cap, takes 13 s (534 completions, 142,845 filling rounds); the default 16 x 4 under one.
 MAX_FLOWS = 2**15
 MAX_CANDIDATE_PATHS = 2**20  # flows x equal-cost paths per flow
-# a message is whole bytes and fits the largest HBM in the spec table; a NIC cannot outrun the HBM
-# it reads from. Both bounds keep every rate and time step finite and > 0, so the event loop ends.
+# a message is whole bytes and fits the largest HBM in the spec table; a NIC (or NVLink) cannot outrun the HBM
+# it reads from. These bounds keep every rate and time step finite and > 0, so the event loop ends.
 MAX_MESSAGE_BYTES = max(g.hbm_gib for g in GPUS.values()) * GIB
 MAX_NIC_GB_S = max(g.hbm_tb_s for g in GPUS.values()) * 1000
 
@@ -231,9 +231,10 @@ def simulate(name: str, routing: str, nodes: int = 16, gpus_per_node: int = 4, r
     if not 1 <= message_bytes <= MAX_MESSAGE_BYTES:
         raise FieldError("message_bytes", f"must be in [1, {MAX_MESSAGE_BYTES:,.0f}], up to the largest GPU memory "
                                           f"in the spec table (got {message_bytes:g})")
-    if not 0 < nic_gb_s <= MAX_NIC_GB_S:
-        raise FieldError("nic_gb_s", f"must be in (0, {MAX_NIC_GB_S:g}], up to the fastest HBM in the spec table "
-                                     f"(got {nic_gb_s:g})")
+    for field, rate in (("nic_gb_s", nic_gb_s), ("nvlink_gb_s", nvlink_gb_s)):  # 0 or NaN: a flow never ends
+        if not 0 < rate <= MAX_NIC_GB_S:
+            raise FieldError(field, f"must be in (0, {MAX_NIC_GB_S:g}], up to the fastest HBM in the spec table "
+                                    f"(got {rate:g})")
     fab = build_fabric(name, nodes, gpus_per_node, radix, nic_gb_s, nvlink_gb_s)
     forwarding = forwarding or ("direct" if name == "ft3" else "pxn")
     paths, caps = _flows(fab, routing, forwarding, np.random.default_rng(seed))
