@@ -277,3 +277,47 @@ def test_attention_split_on_the_math_path_is_within_fp32_rounding(ops, monkeypat
     exact, bound = _attention_bound(q, k, v, mask, 0.125)
     err = (outs[0].double() - exact).abs()
     assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
+
+
+# ---- from a mutation sweep: the eager paths (FP64), the bias, causal SDPA, a graph refused ----------------
+
+
+def test_rms_norm_of_fp64_runs_in_fp64_with_eps_inside_the_mean():
+    # FP64 takes the eager code (the kernels take no FP64): r in FP64, and y the plain formula's within FP64
+    # rounding: D + 8 roundings of 2^-53 each (the sum of squares, the divide, the add, rsqrt, two products)
+    D, eps = 16, 0.5  # eps large enough that eps / D and eps differ far beyond the bound
+    x = torch.randn(5, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.rand(D, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    y, r = kernels.rms_norm(x, w, eps, torch.float64)
+    assert r.dtype == torch.float64 and y.dtype == torch.float64
+    r_ref = 1 / torch.sqrt(x.square().mean(-1, keepdim=True) + eps)
+    tol = (D + 8) * 2.0**-53
+    assert ((r - r_ref).abs() / r_ref).max() <= tol
+    y_ref = x * r_ref * w
+    assert ((y - y_ref).abs() <= tol * y_ref.abs() + tol * (x.abs() * r_ref * w)).all()
+
+
+def test_linear_held_eager_adds_the_bias():
+    # FP64 x takes grouped_mm's torch.mm (the kernel takes FP32 x only): F.linear's within K roundings of 2^-53
+    # on the sum of |x||w| (and one for the bias)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((3, 8), (5, 8), (5,)))
+    with torch.no_grad():
+        got = kernels.linear_held(x, w, b)
+    want = torch.nn.functional.linear(x, w, b)
+    bound = (8 + 2) * 2.0**-53 * (x.abs() @ w.abs().T + b.abs())
+    assert ((got - want).abs() <= 2 * bound).all()
+
+
+def test_attention_without_a_mask_is_causal_sdpa():
+    # torch on its threads (no expert threads): the facade is the one SDPA call, bit for bit
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3, is_causal=True)
+    assert torch.equal(kernels.attention(q, k, v, 0.3), want)
+
+
+def test_linear_held_refuses_a_graph():
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="torch.no_grad"):
+        kernels.linear_held(x, torch.randn(4, 8))
