@@ -5,6 +5,7 @@ grouped GEMMs' row layout."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flyer import runtime
 from flyer.model import lowp
@@ -101,3 +102,31 @@ def test_group_rows_is_group_major_and_ungroup_rows_inverts_it():
     for g in range(G):
         assert torch.equal(rows[g * M:(g + 1) * M], x[..., g, :].reshape(-1, 5))
     assert torch.equal(lowp.ungroup_rows(rows, x), x)
+
+
+def test_emulated_attention_rounds_fp32_inputs_as_autocast():
+    """Under BF16 autocast, ATen's attention on FP32 inputs runs on their BF16 roundings; so must the emulation.
+    Inputs built so that every step is exact: both keys of a head equal (whatever their rounding, the two scores
+    are equal, the weights exactly 1/2), the values a and b such that (a + b) / 2 lands on a different BF16 number
+    from the mean of their roundings. With ulp u = 2^-7 at 1: a = 1 + 0.45 u, b = 1 + 0.65 u round to 1 and 1 + u,
+    whose mean 1 + u / 2 (exact in FP32) rounds to even, 1; the unrounded mean 1 + 0.55 u rounds to 1 + u. Scaled
+    by powers of two per channel (exact). So the outputs are equal bit for bit, and differ from attention on the
+    unrounded inputs."""
+    u, H, Sq, K, V = 2.0**-7, 3, 5, 16, 6
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, H, Sq, K, generator=g)
+    k = torch.randn(1, H, 1, K, generator=g).expand(1, H, 2, K).contiguous()
+    scale = 2.0 ** torch.arange(-3, V - 3, dtype=torch.float32)
+    v = torch.stack([(1 + 0.45 * u) * scale, (1 + 0.65 * u) * scale]).expand(1, H, 2, V).contiguous()
+    assert q.dtype == k.dtype == v.dtype == torch.float32 and not torch.equal(v, v.to(bf16).float())
+    for causal in (False, True):
+        with torch.autocast("cpu", dtype=bf16):
+            with lowp.emulation(True):
+                e = lowp.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            with lowp.emulation(False):
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        assert e.dtype == a.dtype == bf16 and torch.equal(e, a)
+        if not causal:  # causal: the first query sees the first key alone (1 + 0.45 u rounds to 1 either way)
+            assert torch.equal(e, torch.ones_like(e) * scale.to(bf16))
+        unrounded = F.scaled_dot_product_attention(q, k, v, is_causal=causal).to(bf16)
+        assert not torch.equal(e, unrounded)
