@@ -7,21 +7,18 @@ causal attention in the MFU numerator), and the bytes of real FP4 index rows."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from flyer.config import preset
 from flyer.fp8.fp4 import UE8M0_BIAS, pack_e2m1
 from flyer.infer import hybrid_index_fp4
-from flyer.model import experts as experts_mod
 from flyer.model.counts import (_block_non_matmul, _non_matmul_params, activated_params_min, attention_flops_per_token,
                                 block_params, mtp_training_flops_per_token, param_counts, routed_expert_params,
                                 training_flops_per_token, v4_index_fp4_row_bytes)
 from flyer.model.experts import Experts
 from flyer.model.info import meta_counts
-from flyer.model.moe import MoE
 from flyer.model.transformer import Transformer
 from flyer.train.metrics import model_flops_per_token
-from test_flop_count import ATTENTION, MAPPING
+from test_flop_count import ATTENTION, B, T, step_counter
 
 
 @pytest.mark.parametrize("over", [{"qk_norm": True}, {"attn_bias": True}, {"qk_norm": True, "attn_bias": True}])
@@ -57,31 +54,7 @@ def test_activated_min_with_more_zero_experts_than_picks():
     assert activated_params_min(cfg) == meta_counts(cfg).activated - skipped
 
 
-B, T = 2, 48
 DSA = dict(index_topk=8, index_n_heads=2, index_head_dim=16)  # index_topk < T: the indexer selects
-
-
-def _counter(cfg, monkeypatch, train: bool) -> FlopCounterMode:
-    """torch's FLOP counter over one FP32 step of ``cfg``'s model: forward and backward (``train``) or the forward
-    alone without autograd; the routed experts one GEMM each, as ``test_flop_count``."""
-    def loop(self, x, counts):
-        w1, w2, w3 = self.gemm_weights()
-        return experts_mod.expert_ffn_loop(x, counts, w1, w2, w3, self.swiglu_limit)
-    monkeypatch.setattr(experts_mod.Experts, "forward", loop)
-    torch.manual_seed(0)
-    model = Transformer(cfg).train()
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.fuse_local = False
-    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
-    counter = FlopCounterMode(display=False, custom_mapping=MAPPING)
-    with counter:
-        if train:
-            model.compute_loss(tokens, tokens).loss.backward()
-        else:
-            with torch.no_grad():
-                model.compute_loss(tokens, tokens)
-    return counter
 
 
 def test_shared_indexer_layers_score_nothing(monkeypatch):
@@ -91,8 +64,8 @@ def test_shared_indexer_layers_score_nothing(monkeypatch):
     their full T x T score products: the non-causal count); the plan's training FLOPs are 3 x forward."""
     full = preset("tiny", mtp_depth=0, **DSA)
     shared = full.replace(indexer_types=("full", "shared", "full", "shared"))
-    fwd = (_counter(full, monkeypatch, train=False).get_total_flops()
-           - _counter(shared, monkeypatch, train=False).get_total_flops())
+    fwd = (step_counter(full, monkeypatch, train=False).get_total_flops()
+           - step_counter(shared, monkeypatch, train=False).get_total_flops())
     plan = training_flops_per_token(full, T, causal=False) - training_flops_per_token(shared, T, causal=False)
     assert fwd > 0 and B * T * plan == 3 * fwd
 
@@ -104,7 +77,7 @@ def test_v4_mtp_projection_flops_are_torchs_count(monkeypatch):
     attention terms."""
     cfg = preset("tiny-v4")
     assert cfg.hc_mult > 2 and cfg.mtp_depth == 1
-    counts = _counter(cfg, monkeypatch, train=True).get_flop_counts()
+    counts = step_counter(cfg, monkeypatch, train=True).get_flop_counts()
     counted = sum(sum(counts[f"HyperMTPModule.{name}"].values()) for name in ("e_proj", "h_proj"))
     n = cfg.n_layers
     block = block_params(cfg, n, activated=True) - _block_non_matmul(cfg, n)
@@ -147,7 +120,7 @@ def test_model_flops_per_token_count_causal_attention(monkeypatch):
     training: the counter's own backward count adds a recomputation of the scores (2 T^2 qk_head_dim per head)."""
     cfg = preset("tiny", mtp_depth=0, v_head_dim=48)
     assert cfg.qk_head_dim == cfg.v_head_dim
-    counter = _counter(cfg, monkeypatch, train=True)
+    counter = step_counter(cfg, monkeypatch, train=True)
     counts = counter.get_flop_counts()["Global"]
     matmuls = counter.get_total_flops() - sum(counts[op] for op in ATTENTION)
     assert B * T * model_flops_per_token(cfg, T) == matmuls + 3 * counts[ATTENTION[0]] // 2

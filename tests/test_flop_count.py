@@ -25,9 +25,10 @@ MAPPING = {aten.addmm_: lambda self_shape, a, b, *args, out_shape=None, **kw: mm
            ATTENTION[1]: lambda g, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)}
 
 
-def _matmul_flops(cfg, monkeypatch) -> int:
-    """torch's count of one FP32 training step's (forward and backward) FLOPs, attention's left out, with the
-    routed experts run one GEMM each (``expert_ffn_loop``: aten ops the counter sees, not flyer's fused kernel)."""
+def step_counter(cfg, monkeypatch, train: bool = True) -> FlopCounterMode:
+    """torch's FLOP counter over one FP32 step of ``cfg``'s model: forward and backward (``train``) or the forward
+    alone without autograd, with the routed experts run one GEMM each (``expert_ffn_loop``: aten ops the counter
+    sees, not flyer's fused kernel)."""
     def loop(self, x, counts):
         w1, w2, w3 = self.gemm_weights()
         return experts_mod.expert_ffn_loop(x, counts, w1, w2, w3, self.swiglu_limit)
@@ -39,8 +40,16 @@ def _matmul_flops(cfg, monkeypatch) -> int:
             m.fuse_local = False
     tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
     counter = FlopCounterMode(display=False, custom_mapping=MAPPING)
-    with counter:
-        model.compute_loss(tokens, tokens).loss.backward()
+    with counter, torch.set_grad_enabled(train):
+        loss = model.compute_loss(tokens, tokens).loss
+        if train:
+            loss.backward()
+    return counter
+
+
+def _matmul_flops(cfg, monkeypatch) -> int:
+    """torch's count of one FP32 training step's (forward and backward) FLOPs, attention's left out."""
+    counter = step_counter(cfg, monkeypatch)
     counts = counter.get_flop_counts()["Global"]
     assert all(op in counts for op in ATTENTION)  # attention ran through the kernel left out below
     return counter.get_total_flops() - sum(counts[op] for op in ATTENTION)
