@@ -185,18 +185,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     """(..., G, L): group g of x (..., G, K) times its own L = N / G rows of ``weight`` (N, K), a block-diagonal
     linear (DeepSeek-V4's grouped ``wo_a``). FP32 x on a weight held for inference (``flyer.infer.weights``:
     BF16, or FP8 codes with their 128x128 block ``scale``) runs ``kernels.grouped_mm``, each group's rows against
-    its row block as held, as ``linear`` runs ``kernels.linear_held``; otherwise one batched product (emulated
-    as ``linear``'s)."""
+    its row block as held, as ``linear`` runs ``kernels.linear_held``; otherwise one batched product (``einsum``)."""
     G, K = x.shape[-2:]
     L = weight.shape[0] // G
     held = x.dtype == torch.float32 and weight.dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type)
     if not held:
-        dtype = gemm_dtype(x, weight)
-        if not emulated(x.device.type, dtype):
-            return torch.einsum("...gk,glk->...gl", x, weight.view(G, L, K))
-        with torch.autocast(x.device.type, enabled=False):  # as ``linear``: FP32 on the rounded operands
-            return torch.einsum("...gk,glk->...gl", x.to(dtype).float(),
-                                weight.to(dtype).float().view(G, L, K)).to(dtype)
+        return einsum("...gk,glk->...gl", x, weight.view(G, L, K))
     w = weight.view(G, L, K)
     if scale is not None and L % kernels.TILE:  # a scale block spans two groups: widened whole instead
         w, scale = kernels.dequantize_held(weight, scale).view(G, L, K), None
