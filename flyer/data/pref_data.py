@@ -167,7 +167,7 @@ def prepare_prefs(path: str | Path, tok: TextTokenizer, template: ChatTemplate,
                 raise _problem(path, line, str(e)) from None
         else:
             extra = {**(kwargs or {}), **(own or {})} or None
-            pair = [_encode_side(prompt, completion, key, tools, extra, render, encode, path, line)
+            pair = [_encode_side(prompt, completion, key, tools, extra, bool(own), render, encode, path, line)
                     for key, completion in (("chosen", chosen), ("rejected", rejected))]
         for key, (got, mask) in zip(("chosen", "rejected"), pair):
             if not any(mask):
@@ -185,14 +185,17 @@ def prepare_prefs(path: str | Path, tok: TextTokenizer, template: ChatTemplate,
                     math.log(2))
 
 
-def _encode_side(prompt: list[dict], completion: list[dict], key: str, tools, extra, render, encode, path: Path,
-                 line: int) -> tuple[list[int], list[int]]:
+def _encode_side(prompt: list[dict], completion: list[dict], key: str, tools, extra, own: bool, render, encode,
+                 path: Path, line: int) -> tuple[list[int], list[int]]:
     """(ids, mask) of a conversational pair's prompt+``completion``: the completion's assistant turns trained (from
-    message len(prompt) on), as SFT masks a turn; a one-line ``DataError`` naming ``key`` when it cannot render."""
+    message len(prompt) on), as SFT masks a turn; a one-line ``DataError`` naming ``key`` when it cannot render.
+    Kwargs the template refuses: the run's (``own`` False) are the flag's ``FieldError``, a line's own its line's."""
     try:
         return encode_conversation(prompt + completion, tools, render, encode, len(prompt), extra)
-    except FieldError:
-        raise
+    except FieldError as e:
+        if e.field == "chat_template_kwargs" and not own:
+            raise
+        raise _problem(path, line, str(e)) from None
     except ValueError as e:
         raise _problem(path, line, f"{key}: {e}") from None
     except Exception as e:  # a template's raise_exception, or a render error: the user's line or template
