@@ -12,7 +12,7 @@ from test_serve_dsml_strings import _agree
 
 from flyer.data.deepseek_encoding import encode_v32
 from flyer.infer.cli import ByteTokenizer
-from flyer.serve.dsml import DSML, DSML_V32, _enum_values, parse_dsml_calls
+from flyer.serve.dsml import DSML, DSML_V32, MAX_ANY_PARAMS, _enum_values, parse_dsml_calls
 from flyer.serve.tools import tool_grammar
 
 
@@ -57,3 +57,43 @@ def test_a_patterns_escapes_read_as_the_json_grammar_reads_them(pattern, values)
 def test_min_length_alone_bounds_a_raw_string_and_is_inclusive():
     assert _agree({"type": "string", "minLength": 3}, ["ab", "abc", "abcd"]) == [False, True, True]
     assert _enum_values({"minLength": 2}, ["a", "ab", "abc"], "f") == ["ab", "abc"]
+
+
+def _encoded_block(tool: dict, arguments: list[dict]) -> str:
+    """The calls block the release's encoder writes for calls of ``tool`` with ``arguments``."""
+    text = encode_v32([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [
+        _call(k, tool["name"], json.dumps(a)) for k, a in enumerate(arguments)]}],
+        [{"type": "function", "function": tool}])
+    return text[text.index("\n\n<" + D + "function_calls>"):-len(E)]
+
+
+@pytest.mark.parametrize("schema", [{"type": "object"}, None])  # None: OpenAI's "no parameters"
+def test_a_schema_without_properties_takes_up_to_sixteen_named_parameters(schema):
+    tool = {"name": "f", **({} if schema is None else {"parameters": schema})}
+    grammar = tool_grammar([tool], ByteTokenizer(), None, True, DSML_V32)
+    assert MAX_ANY_PARAMS == 16
+    assert _accepts(grammar, _encoded_block(tool, [{}]))
+    assert _accepts(grammar, _encoded_block(tool, [{"city": "Seoul", "days": 3}]))
+    assert _accepts(grammar, _encoded_block(tool, [{f"k{i}": i for i in range(16)}]))
+    assert not _accepts(grammar, _encoded_block(tool, [{f"k{i}": i for i in range(17)}]))
+    closed = {**tool, "parameters": {"type": "object", "additionalProperties": False}}
+    assert not _accepts(tool_grammar([closed], ByteTokenizer(), None, True, DSML_V32), _encoded_block(tool, [{"k": 1}]))
+
+
+def test_required_names_outside_the_properties_leave_every_property_optional():
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string"}},
+                                        "required": ["b"]}}
+    grammar = tool_grammar([tool], ByteTokenizer(), None, True, DSML_V32)
+    assert _accepts(grammar, _encoded_block(tool, [{}]))  # the encoder's empty line
+    assert _accepts(grammar, _encoded_block(tool, [{"a": "x"}]))
+
+
+def test_a_json_parameter_is_written_with_the_encoders_separators():
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {
+        "xs": {"type": "array", "items": {"type": "integer"}},
+        "o": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}},
+        "required": ["xs", "o"]}}
+    grammar = tool_grammar([tool], ByteTokenizer(), None, True, DSML_V32)
+    block = _encoded_block(tool, [{"xs": [1, 2, 3], "o": {"a": 1, "b": 2}}])
+    assert "[1, 2, 3]" in block and '{"a": 1, "b": 2}' in block  # Python's json.dumps, as the release's encoder
+    assert _accepts(grammar, block)

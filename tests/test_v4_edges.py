@@ -3,13 +3,21 @@ FP4 in each dtype it is packed in, a held FP8 weight whose rows move inside thei
 as transformers' own ``DeepseekV4Config`` reads it: the legacy compress-rate scalars, YaRN's attention factor, the
 indexer of a model without CSA layers, and RoPE scaling given as a flat ``rope_parameters``, which was dropped."""
 
+import gc
+import re
+import weakref
+
 import pytest
 import torch
+from test_v4_counts import checkpoint_tensors
 from transformers import DeepseekV4Config
 
-from flyer.interop.hf_config_v4 import from_v4_config
+from flyer.config import preset
+from flyer.errors import ConfigError
+from flyer.interop.hf_config_v4 import _CSA, _HCA, from_v4_config
 from flyer.interop.v4_quant import (FP4_DTYPES, dequantize_fp4_e2m1, dequantize_ue8m0_blocks, held_e4m3_blocks,
-                                    quantize_fp4_e2m1, stored_format)
+                                    published_format, quantize_fp4_e2m1, quantize_ue8m0_blocks, quantized_items,
+                                    stored_format)
 
 
 def test_fp4_packed_in_any_of_its_dtypes_is_fp4():
@@ -68,3 +76,41 @@ def test_a_model_without_csa_layers_has_no_indexer():
     d = {"num_hidden_layers": 3, "compress_ratios": [128, 0, 128]}
     assert from_v4_config(d)["index_topk"] == 0
     assert from_v4_config({**d, "compress_ratios": [128, 4, 128]})["index_topk"] == 512
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"compress_rates": {_CSA: 4, _HCA: 4}}, "compress_rates"),  # H2: one ratio would read as both kinds
+    ({"compress_rate_csa": 16, "compress_rate_hca": 16}, "compress_rates"),  # H2, the legacy scalars
+    ({"mlp_layer_types": ["moe", "hash_moe", "moe", "moe"]}, "mlp_layer_types"),  # H7: flyer hashes the first
+    ({"rope_parameters": {"main": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+                          "compress": {"rope_type": "default", "rope_theta": 1.6e5}}}, "rope_parameters.main"),  # H17
+])
+def test_a_v4_config_flyer_cannot_compute_is_refused_naming_the_field(change, field):
+    with pytest.raises(ConfigError, match=re.escape(f"field '{field}")) as e:
+        from_v4_config({"num_hidden_layers": 4, **change})
+    assert "\n" not in str(e.value)
+
+
+def test_quantized_items_write_the_encoding_and_then_let_it_go():
+    w = torch.randn(130, 200, generator=torch.Generator().manual_seed(0))
+    calls = []
+    (_, _, _, make_w), (_, _, _, make_s) = quantized_items("x.weight", (130, 200), "fp8_ue8m0",
+                                                           lambda: calls.append(1) or w)
+    codes = make_w()
+    want_codes, want_scale = quantize_ue8m0_blocks(w)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+    held = weakref.ref(codes)
+    del codes
+    assert torch.equal(make_s().view(torch.uint8), want_scale.view(torch.uint8)) and calls == [1]
+    gc.collect()
+    assert held() is None  # an export streams tensor by tensor: a written weight's codes are not kept
+
+
+def test_published_format_names_every_tensor_of_the_v4_flash_manifest():
+    """The published V4-Flash checkpoint's tensors (tests/test_v4_counts.py's manifest, main model and mtp.0): an
+    F8_E4M3 weight is fp8_ue8m0, an I8 one fp4, everything else plain."""
+    kinds = {"F8_E4M3": "fp8_ue8m0", "I8": "fp4"}
+    names = {n: kinds.get(dtype, "plain") for n, dtype, _, _ in checkpoint_tensors(preset("dsv4-flash"), mtp=True)
+             if not n.endswith(".scale")}
+    assert "mtp.0.h_proj.weight" in names and "mtp.0.e_proj.weight" in names
+    assert {n: published_format(n) for n in names} == names
