@@ -29,6 +29,12 @@ def is_unicode(text: str) -> bool:
     return _SURROGATE.search(text) is None
 
 
+def is_token_id(text: str) -> bool:
+    """Whether ``text`` spells a token id: ASCII digits only (``int()`` would also take " 7", "+7", "7_0" and
+    other scripts' digits), as OpenAI's ``logit_bias`` keys and ``--logit-bias ID=VALUE`` write one."""
+    return text.isascii() and text.isdigit()
+
+
 def check_unicode(value: Any, field: str = "") -> None:
     """``FieldError`` naming the first string in ``value`` (a request body as JSON data: objects, arrays, scalars;
     ``field``: its name), or object key, that holds a lone UTF-16 surrogate (``"\\ud800"``): valid JSON, but no

@@ -28,7 +28,7 @@ from flyer.interop.hf import is_hf_model_dir, read_hf_config
 from flyer.interop.load import fp4_trained, load_pretrained, loaded_bytes, stored_weight_dtype
 from flyer.model.counts import param_counts
 from flyer.model.transformer import Transformer
-from flyer.parse import is_unicode
+from flyer.parse import is_token_id, is_unicode
 from flyer.runtime import check_threads, require_memory
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": FP8}  # --cache-dtype
@@ -240,7 +240,7 @@ def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
     for item in items:
         tid, sep, value = item.partition("=")
         try:
-            if not (sep and tid.isascii() and tid.isdigit()):  # int() would take " 7", "+7", "7_0"
+            if not (sep and is_token_id(tid)):
                 raise ValueError
             bias[int(tid)] = float(value)
         except ValueError:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from flyer.config import ModelConfig
-from flyer.model.lowp import as_dtype, linear, matmul
+from flyer.model.lowp import as_dtype, matmul
 
 
 def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,10 +27,12 @@ def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _mix(h_BTND: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    """(B, T, M): the N streams flattened to N D in FP32, ``_unit_rms``, times ``fn`` (M, N D); through
-    ``lowp.linear``, so that a BF16-autocast step on a CPU without BF16 hardware runs it emulated."""
+    """(B, T, M): the N streams flattened to N D in FP32, ``_unit_rms``, times ``fn`` (M, N D)^T; ``lowp.matmul``:
+    emulated under BF16 autocast where the CPU has no BF16 hardware, else torch's product (not ``lowp.linear``,
+    whose prefill split over expert threads would put these M rows on one thread)."""
     B, T, N, D = h_BTND.shape
-    return linear(_unit_rms(as_dtype(h_BTND.reshape(B, T, N * D), torch.float32), eps), as_dtype(fn, torch.float32))
+    x = _unit_rms(as_dtype(h_BTND.reshape(B, T, N * D), torch.float32), eps)
+    return matmul(x, as_dtype(fn, torch.float32).t())
 
 
 class HyperConnection(nn.Module):

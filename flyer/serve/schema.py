@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 
 from flyer.errors import FieldError
-from flyer.parse import check_unicode
+from flyer.parse import check_unicode, is_token_id
 
 MAX_LOGPROBS = 20
 MAX_CHOICES = 128  # n, as OpenAI bounds it
@@ -197,7 +197,7 @@ class Body(BaseModel):
         wins); ``FieldError`` for a key that is not a token id."""
         out = {}
         for k, v in (self.logit_bias or {}).items():
-            if not (k.isascii() and k.isdigit()):  # int() would also take " 7", "+7", "7_0" and non-ASCII digits
+            if not is_token_id(k):
                 raise FieldError("logit_bias", f"keys must be token ids (got {k!r})")
             out[int(k)] = v
         return tuple(out.items())
