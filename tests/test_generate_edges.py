@@ -30,7 +30,7 @@ def _json(capsys, argv):
 
 # ---- flyer/infer/generate.py ---------------------------------------------------------------------
 def test_zero_new_tokens_names_max_new_tokens():
-    """G1: max_new_tokens=0 is refused naming max_new_tokens itself, not draft_tokens (whose check would catch it
+    """max_new_tokens=0 is refused naming max_new_tokens itself, not draft_tokens (whose check would catch it
     next, with a message about a bound that is itself the bad value)."""
     with pytest.raises(FieldError) as e:
         GenerationConfig(max_new_tokens=0).validate()
@@ -38,26 +38,26 @@ def test_zero_new_tokens_names_max_new_tokens():
 
 
 def test_decode_rate_counts_only_the_decode_loops_tokens():
-    """G5: the first token of each row comes from the prefill, so the decode rate leaves it out."""
+    """the first token of each row comes from the prefill, so the decode rate leaves it out."""
     res = GenerationResult([[1, 2, 3], [4, 5]], prompt_tokens=4, prefill_s=1.0, decode_s=1.5, cache_bytes_per_token=8)
     assert res.decode_tokens_per_s == pytest.approx(3 / 1.5)
     assert res.tokens_per_s == pytest.approx(5 / 2.5)
 
 
 def test_bool_token_ids_are_refused():
-    """G17: True is an int to isinstance and has __index__, but is no token id."""
+    """True is an int to isinstance and has __index__, but is no token id."""
     with pytest.raises(TypeError, match=r"prompts\[0\]: token ids are ints \(got True\)"):
         generate(Transformer(CFG), [[True, 2]], GenerationConfig(max_new_tokens=1))
 
 
 def test_a_bool_eos_id_is_refused():
-    """G20: eos_id=True would stop at token 1."""
+    """eos_id=True would stop at token 1."""
     with pytest.raises(FieldError, match="eos_id: must be one token id"):
         GenerationConfig(eos_id=True).validate()
 
 
 def test_first_logits_are_the_models_before_the_adjustments():
-    """G18 (and G19): first_logits is the model's prefill output, unbiased; the bias moves the first token."""
+    """first_logits is the model's prefill output, unbiased; the bias moves the first token."""
     torch.manual_seed(0)
     model = Transformer(CFG).eval()
     prompts = [[1, 2, 3, 4]]
@@ -69,7 +69,7 @@ def test_first_logits_are_the_models_before_the_adjustments():
 
 
 def test_prefix_hit_rate_keeps_four_decimals(tmp_path):
-    """G14: 2 hits over 3 lookups reads 0.6667, as PrefixCacheStats rounds it."""
+    """2 hits over 3 lookups reads 0.6667, as PrefixCacheStats rounds it."""
     torch.manual_seed(0)
     model = Transformer(CFG).eval()
     pc = open_prefix_cache(model, tmp_path, block_size=16)
@@ -87,7 +87,7 @@ def _blocks_model():
 
 
 def test_prefill_keeps_the_prefix_cache_inside_its_bound(tmp_path):
-    """G9: generate evicts after storing, so the directory never stays above max_bytes."""
+    """generate evicts after storing, so the directory never stays above max_bytes."""
     model = _blocks_model()
     big = open_prefix_cache(model, tmp_path / "big", block_size=16)
     generate(model, [list(range(10, 43))], GenerationConfig(max_new_tokens=1, prefix_cache=big))
@@ -98,7 +98,7 @@ def test_prefill_keeps_the_prefix_cache_inside_its_bound(tmp_path):
 
 
 def test_eviction_takes_a_chains_tail_before_its_head(tmp_path):
-    """G8: a prompt's blocks are touched head last (``PrefixCache.touch``), so a cache one block over its bound loses
+    """a prompt's blocks are touched head last (``PrefixCache.touch``), so a cache one block over its bound loses
     the tail of the oldest prompt and still serves its head; evicting the head first would orphan the tail."""
     model = _blocks_model()
     A, B = list(range(10, 43)), list(range(100, 133))  # two whole blocks each
@@ -114,13 +114,13 @@ def test_eviction_takes_a_chains_tail_before_its_head(tmp_path):
 
 
 def test_a_prompt_id_equal_to_the_vocab_size_is_refused():
-    """G10: id V is outside [0, V): refused by name before the embedding would index past its table."""
+    """id V is outside [0, V): refused by name before the embedding would index past its table."""
     with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, "):
         generate(Transformer(CFG), [[1, CFG.vocab_size]], GenerationConfig(max_new_tokens=1))
 
 
 def test_rows_done_at_their_first_token_run_no_decode_step(monkeypatch):
-    """G15: a row the prefill's token finishes (max_new_tokens=1, or a stop id) leaves before the decode loop: the
+    """a row the prefill's token finishes (max_new_tokens=1, or a stop id) leaves before the decode loop: the
     output is the same either way, but a step for it is wasted work (a whole forward for a batch of such rows)."""
     calls = []
     real = decoder.Decoder.forward
@@ -140,7 +140,7 @@ def _error(capsys, argv, says):
 
 
 def test_a_token_biased_twice_keeps_its_last_value():
-    """C6: as OpenAI's JSON object would, the last --logit-bias for a token wins."""
+    """as OpenAI's JSON object would, the last --logit-bias for a token wins."""
     assert parse_logit_bias(["5=1", "7=-3", "5=2.5"]) == ((5, 2.5), (7, -3.0))
     for item in (" 7=1", "+7=1", "7_0=1", "\u0667=1", "-1=1", "=1", "7"):  # a plain decimal id, as the API's keys
         with pytest.raises(FieldError, match="expected ID=VALUE"):
@@ -148,7 +148,7 @@ def test_a_token_biased_twice_keeps_its_last_value():
 
 
 def test_a_checkpoint_eos_id_equal_to_the_vocab_size_is_refused():
-    """C2: an end-of-text id equal to vocab_size is outside [0, vocab_size): it could never be sampled."""
+    """an end-of-text id equal to vocab_size is outside [0, vocab_size): it could never be sampled."""
     class Tok:
         def __init__(self, ids):
             self.ids = ids
@@ -162,7 +162,7 @@ def test_a_checkpoint_eos_id_equal_to_the_vocab_size_is_refused():
 
 
 def test_an_empty_system_message_still_needs_chat(capsys):
-    """C7: --system "" is a system message given (an empty one), still without --chat."""
+    """--system "" is a system message given (an empty one), still without --chat."""
     _error(capsys, GEN + ["--system", ""], "--system is a chat's system message")
 
 
@@ -173,32 +173,32 @@ def test_an_eos_id_outside_the_vocabulary_is_refused(capsys, eos):
 
 
 def test_the_stop_token_is_left_out_of_the_text(capsys):
-    """C10: the stop id ends the token ids, and is not decoded into the text."""
+    """the stop id ends the token ids, and is not decoded into the text."""
     out = _json(capsys, GEN + ["--logit-bias", "65=100", "--eos-id", "65", "--json"])
     assert out["token_ids"] == [[65]] and out["text"] == ""
     assert _json(capsys, GEN + ["--logit-bias", "65=100", "--eos-id", "-1", "--json"])["text"] == "AA"
 
 
 def test_an_empty_suffix_is_a_plain_prompt(capsys):
-    """C16: --suffix "" is no fill-in-the-middle (the API's "" as none), so byte tokens without FIM markers run."""
+    """--suffix "" is no fill-in-the-middle (the API's "" as none), so byte tokens without FIM markers run."""
     plain = _json(capsys, GEN + ["--json"])
     assert _json(capsys, GEN + ["--suffix", "", "--json"])["token_ids"] == plain["token_ids"]
 
 
 def test_a_prompt_token_equal_to_the_vocab_size_is_one_line(capsys, monkeypatch):
-    """C14: a tokenizer id equal to vocab_size does not fit the model either (the existing test's 5000 is far out)."""
+    """a tokenizer id equal to vocab_size does not fit the model either (the existing test's 5000 is far out)."""
     monkeypatch.setattr(infer_cli.ByteTokenizer, "encode_ids", lambda self, text, add_special_tokens=None: [2048])
     _error(capsys, GEN, "--prompt: prompt 1 encodes to token id 2048, outside this model's vocabulary [0, 2048)")
 
 
 def test_an_empty_prompt_is_one_line(capsys):
-    """C22: a prompt that encodes to no token is refused naming --prompt, not by generate's ValueError."""
+    """a prompt that encodes to no token is refused naming --prompt, not by generate's ValueError."""
     _error(capsys, ["generate", "--preset", "tiny", "--prompt", "", "--max-new-tokens", "2"],
            "--prompt: every prompt must encode to at least one token")
 
 
 def test_json_names_a_non_mla_models_attention(capsys):
-    """C12: --attention is MLA's choice; a DeepSeek-V4 model reports its own attention."""
+    """--attention is MLA's choice; a DeepSeek-V4 model reports its own attention."""
     out = _json(capsys, ["generate", "--preset", "tiny-v4", "--prompt", "hi", "--max-new-tokens", "1", "--json"])
     assert out["attention"] == "hybrid"
 
@@ -224,7 +224,7 @@ def _engine_config(monkeypatch, *flags):
 
 
 def test_serve_flags_reach_the_engine(monkeypatch):
-    """S7, S8, S19 (and --speculative-max-batch): each flag is the engine's setting, not its default."""
+    """each flag is the engine's setting, not its default."""
     base = _engine_config(monkeypatch)
     assert base.prefix_sharing is True and base.cache_dtype == torch.bfloat16 and base.max_queue == 256
     cfg = _engine_config(monkeypatch, "--no-prefix-sharing", "--cache-dtype", "fp32", "--max-queue", "7",
@@ -234,14 +234,14 @@ def test_serve_flags_reach_the_engine(monkeypatch):
 
 
 def test_serve_port_65536_is_refused(capsys):
-    """S3: ports end at 65535."""
+    """ports end at 65535."""
     assert main(["serve", "--preset", "tiny", "--port", "65536"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flyer: error: --port: must be in [0, 65535] (got 65536)") and "\n" not in err, err
 
 
 def test_serve_listens_on_loopback_by_default_and_hands_on_the_api_key(monkeypatch):
-    """S17: without --host only this machine reaches the server; S14: --api-key reaches the HTTP process."""
+    """without --host only this machine reaches the server; --api-key reaches the HTTP process."""
     args = handed_to_serve_http(monkeypatch, "--api-key", "sesame")
     limits, tok, name, api_key, template, url = args[:6]
     assert api_key == "sesame" and url.startswith("http://127.0.0.1:") and name == "tiny"
@@ -249,6 +249,6 @@ def test_serve_listens_on_loopback_by_default_and_hands_on_the_api_key(monkeypat
 
 
 def test_v4_default_block_size_is_a_multiple_of_every_ratio():
-    """S1: DeepSeek-V4's default block holds whole compressed entries of every ratio (128 for V4-Flash's)."""
+    """DeepSeek-V4's default block holds whole compressed entries of every ratio (128 for V4-Flash's)."""
     assert default_block_size(preset("dsv4-flash")) == 128
     assert default_block_size(preset("tiny")) == DEFAULT_BLOCK_SIZE == 16

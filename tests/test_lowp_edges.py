@@ -33,7 +33,7 @@ def test_grouped_linear_is_emulated_like_every_other_gemm(autocast):
 
 def test_grouped_linear_under_autocast_computes_in_the_autocast_dtype():
     """A weight held in BF16 takes the held FP32 path only outside autocast; under autocast the grouped product is
-    autocast's, as torch.einsum's own (mutant L22: the held path under autocast too, an FP32 result)."""
+    autocast's, as torch.einsum's own (not: the held path under autocast too, an FP32 result)."""
     torch.manual_seed(0)
     G, L, K = 2, 4, 8
     x, w = torch.randn(3, G, K), torch.randn(G * L, K).to(bf16)
@@ -45,8 +45,8 @@ def test_grouped_linear_under_autocast_computes_in_the_autocast_dtype():
 
 
 def test_a_widened_operand_decides_whatever_the_machine():
-    """``operand`` widens under emulation (mutant L12: never widens), and a widened operand makes ``mm`` go through
-    FP32 even with emulation off (mutant L9: ``widened`` ignored, a mixed BF16 x FP32 torch.mm, a RuntimeError).
+    """``operand`` widens under emulation (not: never widens), and a widened operand makes ``mm`` go through
+    FP32 even with emulation off (not: ``widened`` ignored, a mixed BF16 x FP32 torch.mm, a RuntimeError).
     tests/test_lowp.py's check of the latter builds its operand under the machine's own choice, so on a CPU with BF16
     hardware its operand is plain BF16 and the check is empty: here it is built under emulation(True)."""
     t = torch.randn(8, 3)
@@ -62,7 +62,7 @@ def test_a_widened_operand_decides_whatever_the_machine():
 
 def test_emulated_linear_rounds_its_bias_as_autocast_does():
     """Autocast rounds the bias to BF16 before the sum is rounded: 1 + round(2^-8 + 2^-16) = 1 + 2^-8, a tie,
-    rounds to 1.0, where an unrounded bias (mutant L15) gives 1 + 2^-7. ATen's autocast linear is the oracle."""
+    rounds to 1.0, where an unrounded bias gives 1 + 2^-7. ATen's autocast linear is the oracle."""
     x, w, b = torch.ones(1, 1), torch.ones(1, 1), torch.tensor([2.0 ** -8 + 2.0 ** -16])
     out = {}
     for emulate in (True, False):
@@ -73,7 +73,7 @@ def test_emulated_linear_rounds_its_bias_as_autocast_does():
 
 
 def test_gemm_dtype_is_the_dtype_aten_computes_in():
-    """FP64 is left alone by autocast (mutant L7) and mixed operands promote (mutant L8): as ATen's own result."""
+    """FP64 is left alone by autocast and mixed operands promote: as ATen's own result."""
     a64, w64 = torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     with torch.autocast("cpu", dtype=bf16):
         assert lowp.gemm_dtype(a64, w64) == F_linear_dtype(a64, w64) == torch.float64
@@ -89,7 +89,7 @@ def F_linear_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
 
 def test_fp16_emulation_follows_the_onednn_kernels(monkeypatch):
     """Undecided (no emulation block, no environment), FP16 runs through FP32 where oneDNN has no FP16 GEMM
-    (mutant L4: the opposite)."""
+    (not: the opposite)."""
     monkeypatch.delenv("FLYER_LOWP_EMULATION", raising=False)
     assert lowp.emulated("cpu", torch.float16) is (not runtime.native_gemm("cpu", torch.float16))
 

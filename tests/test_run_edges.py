@@ -88,7 +88,7 @@ def test_metrics_log_writes_non_finite_values_as_null(tmp_path):
 
 
 def test_tensorboard_log_writes_each_field_but_the_step(tmp_path):
-    """The step is each scalar's x, not a scalar of its own (mutant M3: a 'comm/step' series); non-numeric,
+    """The step is each scalar's x, not a scalar of its own (not: a 'comm/step' series); non-numeric,
     boolean and non-finite fields are left out, unknown numeric ones go under comm/."""
     calls = []
     log = metrics.TensorBoardLog(tmp_path, enabled=False)
@@ -98,8 +98,8 @@ def test_tensorboard_log_writes_each_field_but_the_step(tmp_path):
 
 
 def test_read_metrics_passes_over_lines_that_are_no_record(tmp_path):
-    """A boolean step is no integer step (mutant M4), and a line nested too deep for the parser (RecursionError,
-    mutant M5) is passed over like any other damaged line."""
+    """A boolean step is no integer step, and a line nested too deep for the parser (RecursionError) is passed over
+    like any other damaged line."""
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 1, "loss": 2.0}\n{"step": true, "loss": 3.0}\n' + "[" * 100_000 + "\n"
                  '{"step": 2, "loss": 1.0}\n')
@@ -108,7 +108,7 @@ def test_read_metrics_passes_over_lines_that_are_no_record(tmp_path):
 
 def test_truncate_metrics_that_fails_leaves_no_temporary(tmp_path, monkeypatch):
     """A rewrite that fails after its temporary was written (the rename refused) takes the temporary away and
-    leaves the log as it was (mutant M7: the temporary left behind)."""
+    leaves the log as it was (not: the temporary left behind)."""
 
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 1}\n{"step": 2}\n')
@@ -124,19 +124,19 @@ def test_truncate_metrics_that_fails_leaves_no_temporary(tmp_path, monkeypatch):
 
 
 def test_gemm_ways_off_the_cpu_is_the_devices_own_kernel():
-    """A GPU's BF16 GEMM has one way, its own kernel (mutant M11: the CPU's ways offered for a CUDA device)."""
+    """A GPU's BF16 GEMM has one way, its own kernel (not: the CPU's ways offered for a CUDA device)."""
     assert metrics.gemm_ways(bf16, "cuda") == {"bfloat16 (cuda)": None}
     assert metrics.gemm_ways(torch.float32, "cpu") == {"float32 (cpu)": None}
 
 
 def test_progress_postfix_shows_an_indexer_loss_of_zero():
-    """The indexer's KL loss is shown whenever the record has one, 0.0 included (mutant M18: hidden at 0.0)."""
+    """The indexer's KL loss is shown whenever the record has one, 0.0 included (not: hidden at 0.0)."""
     rec = {"loss": 5.47, "main_loss": 5.47, "indexer_loss": 0.0, "tokens_per_s": 1234.4}
     assert metrics.progress_postfix(rec, None) == {"loss": "5.470", "indexer": "0.000", "tok/s": "1234"}
 
 
 def test_the_run_lock_file_holds_only_this_owners_pid(tmp_path):
-    """A PID left by an earlier owner is replaced, not appended to (mutant R2: a second run would be told
+    """A PID left by an earlier owner is replaced, not appended to (not: a second run would be told
     'pid 999\\n<ours>')."""
 
     (tmp_path / LOCK_NAME).write_text("999\n")
@@ -148,13 +148,13 @@ def test_the_run_lock_file_holds_only_this_owners_pid(tmp_path):
 
 
 def test_new_paths_stop_at_a_dangling_link(tmp_path):
-    """A dangling symbolic link exists as a link: it is not new, and nothing above it is (mutant R4: listed)."""
+    """A dangling symbolic link exists as a link: it is not new, and nothing above it is (not: listed)."""
     (tmp_path / "link").symlink_to(tmp_path / "gone")
     assert new_paths(tmp_path / "link" / "out") == [(tmp_path / "link" / "out").absolute()]
 
 
 def test_remove_new_takes_away_an_empty_directory_named_as_the_lock(tmp_path):
-    """Only the lock file is unlinked; a directory of that name is an empty directory like any other (mutant R6:
+    """Only the lock file is unlinked; a directory of that name is an empty directory like any other (not:
     unlinked, which fails, so it stays)."""
     d = tmp_path / "out" / LOCK_NAME
     d.mkdir(parents=True)
@@ -165,14 +165,14 @@ def test_remove_new_takes_away_an_empty_directory_named_as_the_lock(tmp_path):
 
 
 def test_a_resume_with_no_checkpoint_starts_fresh(tmp_path):
-    """Resuming where no checkpoint was ever written is a start at step 0, not an error (mutant R8: a
+    """Resuming where no checkpoint was ever written is a start at step 0, not an error (not: a
     CheckpointError 'none of the 0 checkpoint(s) is valid')."""
     said = []
     assert choose_start(tmp_path, resume=True, log=said.append) is None and said == []
 
 
 def test_start_metrics_at_step_0_trims_instead_of_moving_the_log(tmp_path):
-    """Step 0 is a checkpoint's step like any other: the log keeps its step-0 records in place (mutant R11: moved
+    """Step 0 is a checkpoint's step like any other: the log keeps its step-0 records in place (not: moved
     to metrics.jsonl.1 as a fresh run's)."""
     (tmp_path / METRICS_NAME).write_text('{"step": 0}\n{"step": 1}\n')
     start_metrics(tmp_path, 0, log=lambda s: None)
@@ -181,8 +181,8 @@ def test_start_metrics_at_step_0_trims_instead_of_moving_the_log(tmp_path):
 
 
 def test_stop_signals_keep_the_first_and_restore_the_handlers():
-    """The first stop signal is the one noted (mutant R12: the last), and leaving restores each handler as it was
-    (mutant R13: flyer's left installed, so a later Ctrl-C would be swallowed)."""
+    """The first stop signal is the one noted (not: the last), and leaving restores each handler as it was
+    (not: flyer's left installed, so a later Ctrl-C would be swallowed)."""
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     with StopSignals() as stop:

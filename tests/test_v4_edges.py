@@ -79,11 +79,11 @@ def test_a_model_without_csa_layers_has_no_indexer():
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"compress_rates": {_CSA: 4, _HCA: 4}}, "compress_rates"),  # H2: one ratio would read as both kinds
-    ({"compress_rate_csa": 16, "compress_rate_hca": 16}, "compress_rates"),  # H2, the legacy scalars
-    ({"mlp_layer_types": ["moe", "hash_moe", "moe", "moe"]}, "mlp_layer_types"),  # H7: flyer hashes the first
+    ({"compress_rates": {_CSA: 4, _HCA: 4}}, "compress_rates"),  # one ratio would read as both kinds
+    ({"compress_rate_csa": 16, "compress_rate_hca": 16}, "compress_rates"),  # the legacy scalars
+    ({"mlp_layer_types": ["moe", "hash_moe", "moe", "moe"]}, "mlp_layer_types"),  # flyer hashes the first
     ({"rope_parameters": {"main": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
-                          "compress": {"rope_type": "default", "rope_theta": 1.6e5}}}, "rope_parameters.main"),  # H17
+                          "compress": {"rope_type": "default", "rope_theta": 1.6e5}}}, "rope_parameters.main"),
 ])
 def test_a_v4_config_flyer_cannot_compute_is_refused_naming_the_field(change, field):
     with pytest.raises(ConfigError, match=re.escape(f"field '{field}")) as e:
