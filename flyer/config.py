@@ -420,6 +420,8 @@ def _coerce(name: str, v: Any, typ: Any) -> Any:
 
 
 SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
+# how a training run treats DSA's lightning indexers (flyer.model.indexer_loss); here for the FLOP counts too
+INDEXER_TRAIN_MODES = ("off", "warmup", "sparse")
 
 # ---- presets (flyer.presets) ----------------------------------------------------------------
 def preset_fields(name: str) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode, mm_flop, sdpa_backward_flo
 from flyer.config import preset
 from flyer.model import experts as experts_mod
 from flyer.model.counts import (_non_matmul_params, attention_flops_per_token, mtp_training_flops_per_token,
-                                param_counts)
+                                param_counts, training_flops_per_token)
+from flyer.model.indexer_loss import indexer_losses, set_indexer_training
 from flyer.model.moe import MoE
 from flyer.model.transformer import Transformer
 
@@ -25,23 +26,25 @@ MAPPING = {aten.addmm_: lambda self_shape, a, b, *args, out_shape=None, **kw: mm
            ATTENTION[1]: lambda g, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)}
 
 
-def step_counter(cfg, monkeypatch, train: bool = True) -> FlopCounterMode:
+def step_counter(cfg, monkeypatch, train: bool = True, indexer_train: str = "off") -> FlopCounterMode:
     """torch's FLOP counter over one FP32 step of ``cfg``'s model: forward and backward (``train``) or the forward
     alone without autograd, with the routed experts run one GEMM each (``expert_ffn_loop``: aten ops the counter
-    sees, not flyer's fused kernel)."""
+    sees, not flyer's fused kernel); DSA indexers trained as ``indexer_train`` trains them (their KL losses added to
+    the loss, as the trainer adds them)."""
     def loop(self, x, counts):
         w1, w2, w3 = self.gemm_weights()
         return experts_mod.expert_ffn_loop(x, counts, w1, w2, w3, self.swiglu_limit)
     monkeypatch.setattr(experts_mod.Experts, "forward", loop)
     torch.manual_seed(0)
     model = Transformer(cfg).train()
+    set_indexer_training(model, indexer_train)
     for m in model.modules():
         if isinstance(m, MoE):
             m.fuse_local = False
     tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
     counter = FlopCounterMode(display=False, custom_mapping=MAPPING)
     with counter, torch.set_grad_enabled(train):
-        loss = model.compute_loss(tokens, tokens).loss
+        loss = model.compute_loss(tokens, tokens).loss + sum(indexer_losses(model))
         if train:
             loss.backward()
     return counter
@@ -56,14 +59,20 @@ def _matmul_flops(cfg, monkeypatch) -> int:
 
 
 @pytest.mark.parametrize("over", [{}, {"n_dense_layers": 2, "n_shared_experts": 2}, {"q_lora_rank": 0},
-                                  {"attn": "gqa", "n_kv_heads": 1, "head_dim": 32, "qk_norm": True, "attn_bias": True}])
+                                  {"attn": "gqa", "n_kv_heads": 1, "head_dim": 32, "qk_norm": True, "attn_bias": True},
+                                  {"tie_embeddings": True}])
 def test_matmul_flops_are_torchs_count(over, monkeypatch):
     """The main model's matmul FLOPs per token (the plan's, attention's apart: 6 x the activated GEMM parameters, the
-    head's included, the embedding's not) are torch's count exactly; each MTP module's add its block, projection
-    and head's 6 x, on the row's positions that have a token two ahead."""
+    head's included, the embedding's not, the head's GEMM counted where it is the embedding's table) are torch's count
+    exactly; each MTP module's add its block, projection and head's 6 x, on the row's positions that have a token two
+    ahead."""
     base = preset("tiny", mtp_depth=0, **over)
-    pc = param_counts(base)
-    assert _matmul_flops(base, monkeypatch) == B * T * 6 * (pc.activated - pc.embedding - _non_matmul_params(base))
+    attention = sum(attention_flops_per_token(base, T, True, i) for i in range(base.n_layers))
+    assert _matmul_flops(base, monkeypatch) == B * T * (training_flops_per_token(base, T) - 3 * attention)
+    if not base.tie_embeddings:
+        pc = param_counts(base)
+        assert training_flops_per_token(base, T) - 3 * attention == 6 * (pc.activated - pc.embedding
+                                                                          - _non_matmul_params(base))
     mtp = base.replace(mtp_depth=1)
     extra = _matmul_flops(mtp, monkeypatch) - _matmul_flops(base, monkeypatch)
     attention = 3 * attention_flops_per_token(mtp, T, causal=True, layer_id=mtp.n_layers) * (T - 1) / T

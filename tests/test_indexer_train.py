@@ -22,7 +22,7 @@ from flyer.model.attention import MLA
 from flyer.model.indexer_loss import clip_gradients, indexer_attentions, real_queries, set_indexer_training
 from flyer.model.transformer import Transformer
 from flyer.train.config import TrainConfig
-from flyer.train.metrics import read_metrics
+from flyer.train.metrics import model_flops_per_token, read_metrics
 from flyer.train.trainer import Trainer
 from flyer.train.build import build_optimizer
 from tests.bounds import FP32_U
@@ -280,7 +280,7 @@ def test_sparse_trainer_step_moves_the_model_as_without(tmp_path, corpus):
     the same step without indexer training does, bit for bit: the main model's gradients and their clipping
     (apart from the indexers', ``clip_gradients``) do not see L_I; the indexers move."""
     (tmp_path / "dsa.toml").write_text(f"[model]\nindex_topk = {TOPK}\nindex_n_heads = 4\nindex_head_dim = 32\n")
-    runs = {}
+    runs, flops = {}, {}
     for mode in ("off", "sparse"):
         t = Trainer(_tc(tmp_path / mode, corpus, config=str(tmp_path / "dsa.toml"), clip=0.01, indexer_train=mode,
                         precision="fp32"), log=print)
@@ -288,6 +288,9 @@ def test_sparse_trainer_step_moves_the_model_as_without(tmp_path, corpus):
         rec = t.train_step()
         t.close()
         runs[mode] = start, dict(t.model.named_parameters()), rec
+        flops[mode] = t.flops_per_token(T)  # the MFU numerator counts the indexers as the mode trains them
+        assert flops[mode] == model_flops_per_token(t.cfg, T, indexer_train=mode)
+    assert flops["sparse"] > flops["off"]
     (start, off, rec_off), (start_s, sparse, rec) = runs["off"], runs["sparse"]
     assert rec_off["grad_norm"] == rec["grad_norm"] > 0.01 and rec["indexer_grad_norm"] > 0
     assert all(torch.equal(start[n], start_s[n]) for n in start)

@@ -33,14 +33,14 @@ import torch.distributed as dist
 
 from bounds import adamw_bound
 from flyer.config import preset
-from flyer.model.counts import attention_flops_per_token, block_params
+from flyer.model.counts import _attention, _block_non_matmul, block_params, indexer_matmul_params, layer_flops_per_token
 from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import MIRROR, expert_param_names
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import PipelineModel
-from flyer.parallel.stages import (PP_SCHEDULES, SPLIT_SCHEDULES, chunks_per_rank, end_flops, layer_flops,
-                                   split_backward_runs, split_layers, stage_ranks)
+from flyer.parallel.stages import (PP_SCHEDULES, SPLIT_SCHEDULES, chunks_per_rank, end_flops, split_backward_runs,
+                                   split_layers, stage_ranks)
 from flyer.train.build import build_model
 from oracle_cache import by_state
 from ranks import needs_split_backward, run_ranks
@@ -199,7 +199,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- stage split and placement (no processes) -----------------------------------------------------
 def _brute_force_best(cfg, n_stages: int, seq_len: int) -> float:
     """The smallest largest-stage cost over every contiguous split into non-empty stages."""
-    cost = [layer_flops(cfg, i, seq_len) for i in range(cfg.n_layers)]
+    cost = [layer_flops_per_token(cfg, seq_len, i) for i in range(cfg.n_layers)]
     best = float("inf")
     for cuts in itertools.combinations(range(1, cfg.n_layers), n_stages - 1):
         bounds = (0, *cuts, cfg.n_layers)
@@ -214,7 +214,7 @@ def _brute_force_best(cfg, n_stages: int, seq_len: int) -> float:
 def test_split_layers_is_the_flop_optimal_contiguous_split(n_layers, n_dense, mtp, vocab):
     cfg = preset("tiny", vocab_size=vocab, n_layers=n_layers, n_dense_layers=n_dense, mtp_depth=mtp)
     seq = 256
-    cost = [layer_flops(cfg, i, seq) for i in range(n_layers)]
+    cost = [layer_flops_per_token(cfg, seq, i) for i in range(n_layers)]
     assert len(set(cost)) > 1 or n_dense == 0  # dense and MoE blocks differ: the split has something to balance
     for n in range(1, n_layers + 1):
         split = split_layers(cfg, n, seq)
@@ -224,26 +224,34 @@ def test_split_layers_is_the_flop_optimal_contiguous_split(n_layers, n_dense, mt
         assert got == pytest.approx(_brute_force_best(cfg, n, seq), rel=1e-12), (n, split)
 
 
+def _gemm_flops(cfg, layer_id: int) -> float:
+    """6 per activated GEMM weight of block ``layer_id``, its DSA indexer's left out (it runs without gradient)."""
+    return 6 * (block_params(cfg, layer_id, activated=True) - _block_non_matmul(cfg, layer_id)
+                - indexer_matmul_params(cfg, layer_id))
+
+
 def test_layer_flops_count_the_keys_each_layer_attends():
     """A layer's attention term is what its queries see: dense MLA every earlier token, DSA its top-k,
-    DeepSeek-V4's window-only, CSA and HCA layers their window and entries (``counts``' exact means). Before,
-    every layer was charged dense causal attention: the V4 split balanced layers that cost alike as if they
-    did not, and the other way round."""
+    DeepSeek-V4's window-only, CSA and HCA layers their window and entries (``counts``' exact means), trained
+    (3 x forward), and the indexer's selection forward only. Before, every layer was charged dense causal attention:
+    the V4 split balanced layers that cost alike as if they did not, and the other way round."""
     seq = 65536
     dense, sparse = preset("dsv3"), preset("dsv32")  # V3.2 attends 2048 of 65536 keys
     dense_attention = 6 * dense.n_heads * (dense.qk_head_dim + dense.v_head_dim) * seq / 2
-    params = 6 * block_params(dense, 5, activated=True)
-    assert layer_flops(dense, 5, seq) == pytest.approx(params + dense_attention, rel=1e-12)
-    sparse_attention = layer_flops(sparse, 5, seq) - 6 * block_params(sparse, 5, activated=True)  # + its indexer
-    assert sparse_attention == pytest.approx(3 * attention_flops_per_token(sparse, seq), rel=1e-12)
-    assert sparse_attention < 0.3 * dense_attention  # the indexer's scores over every key are most of it
+    assert layer_flops_per_token(dense, seq, 5) == pytest.approx(_gemm_flops(dense, 5) + dense_attention, rel=1e-12)
+    k, H, Hi = sparse.index_topk, sparse.n_heads, sparse.index_n_heads
+    sparse_attention = 6 * H * (sparse.qk_head_dim + sparse.v_head_dim) * (k - k * k / (2 * seq))
+    selection = 2 * Hi * (sparse.index_head_dim + 1) * (seq * seq - k * k) / (2 * seq)  # queries past k keys
+    assert layer_flops_per_token(sparse, seq, 5) == pytest.approx(
+        _gemm_flops(sparse, 5) + 2 * indexer_matmul_params(sparse, 5) + sparse_attention + selection, rel=1e-12)
+    assert sparse_attention + selection < 0.15 * dense_attention
     v4 = preset("dsv4-flash")
     kinds = {}
     for i in range(v4.n_layers):
-        flops = layer_flops(v4, i, seq)
-        assert flops == pytest.approx(6 * block_params(v4, i, activated=True)
-                                      + 3 * attention_flops_per_token(v4, seq, True, i), rel=1e-12)
-        kinds.setdefault(v4.compress_ratios[i], set()).add(round(flops - 6 * block_params(v4, i, activated=True)))
+        a = _attention(v4, seq, True, i, dense=False)
+        attention = layer_flops_per_token(v4, seq, i) - _gemm_flops(v4, i) - 2 * indexer_matmul_params(v4, i)
+        assert attention == pytest.approx(3 * a.core + a.selection, rel=1e-12)
+        kinds.setdefault(v4.compress_ratios[i], set()).add(round(attention))
     assert len(kinds) == 3 and all(len(v) == 1 for v in kinds.values())  # window only, CSA, HCA: one cost each
     window, csa, hca = (kinds[r].pop() for r in (0, v4.csa_ratio, 128))
     assert window < hca < csa

@@ -29,12 +29,12 @@ from flyer.cluster.costs import Layout, activation_bytes_per_token_layer, memory
 from flyer.cluster.costs import validate_layout as costs_layout
 from flyer.config import preset
 from flyer.errors import FieldError
-from flyer.model.counts import param_counts
+from flyer.model.counts import layer_flops_per_token, param_counts
 from flyer.model.moe import update_router_bias
 from flyer.model.transformer import Transformer
 from flyer.parallel.mesh import init_distributed
 from flyer.parallel.pipeline import PipelineModel, Stage
-from flyer.parallel.stages import (PP_SCHEDULES, SPLIT_SCHEDULES, chunks_per_rank, end_flops, layer_flops, split_layers,
+from flyer.parallel.stages import (PP_SCHEDULES, SPLIT_SCHEDULES, chunks_per_rank, end_flops, split_layers,
                                    stage_ranks, validate_pipeline)
 from flyer.train.config import TrainConfig
 from flyer.train.build import build_model, training_memory_bytes
@@ -155,7 +155,7 @@ def test_pipeline_steps_match_single_process(schedule):
 # ---- the split and the refusals (no processes) ----------------------------------------------------
 def _best_over(cfg, n_stages: int, seq_len: int, cut_points) -> float:
     """The smallest largest-stage cost over the contiguous splits cut at ``cut_points`` only."""
-    cost = [layer_flops(cfg, i, seq_len) for i in range(cfg.n_layers)]
+    cost = [layer_flops_per_token(cfg, seq_len, i) for i in range(cfg.n_layers)]
     best = float("inf")
     for cuts in itertools.combinations(cut_points, n_stages - 1):
         bounds = (0, *cuts, cfg.n_layers)
@@ -173,7 +173,7 @@ def test_split_counts_pairs():
     for n in range(1, L // 2 + 1):
         split = split_layers(cfg, n, T)
         assert [i for r in split for i in r] == list(range(L)) and all(r.start % 2 == 0 == len(r) % 2 for r in split)
-        got = max(sum(layer_flops(cfg, i, T) for i in r) + (end_flops(cfg, T) if s == n - 1 else 0)
+        got = max(sum(layer_flops_per_token(cfg, T, i) for i in r) + (end_flops(cfg, T) if s == n - 1 else 0)
                   for s, r in enumerate(split))
         assert got == pytest.approx(_best_over(cfg, n, T, range(2, L, 2)), rel=1e-12), (n, split)
     for schedule in SCHEDULES:

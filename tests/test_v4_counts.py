@@ -13,9 +13,9 @@ import pytest
 from flyer.cli import main
 from flyer.cluster.costs import Layout, memory_per_gpu
 from flyer.config import ModelConfig, preset
-from flyer.model.counts import (attention_flops_per_token, block_params, hyper_head_params, kv_cache_bytes_per_token,
-                                kv_window_bytes, mtp_module_params, mtp_params_stored, param_counts,
-                                training_flops_per_token)
+from flyer.model.counts import (attention_flops_per_token, block_params, forward_flops_per_token, hyper_head_params,
+                                kv_cache_bytes_per_token, kv_window_bytes, mtp_module_params, mtp_params_stored,
+                                param_counts, training_flops_per_token)
 
 # the published model.safetensors.index.json of deepseek-ai/DeepSeek-V4-Flash (main model and mtp.0)
 FLASH_TOTAL_SIZE, FLASH_TENSORS = 159_609_485_896, 69_187
@@ -186,17 +186,20 @@ def test_flash_checkpoint_bytes_from_the_config_alone():
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------------
-def _brute_attention(cfg: ModelConfig, layer: int, S: int, causal: bool, shift: int = 1) -> Fraction:
-    """Sum over query positions t of its keys' cost (``shift`` = 0: the mutation t -> floor(t / r), min(W, t))."""
+def _brute_attention(cfg: ModelConfig, layer: int, S: int, causal: bool, shift: int = 1) -> tuple[Fraction, Fraction]:
+    """Sums over query positions t, divided by S: (its keys' attention cost, its indexer's scoring), the indexer
+    scoring all n entries of a query that sees more than index_topk (one that sees fewer keeps them all).
+    ``shift`` = 0: the mutation t -> floor(t / r), min(W, t)."""
     r, k = cfg.compress_ratios[layer], cfg.index_topk
     per_key, per_scored = 2 * cfg.n_heads * 2 * cfg.head_dim, 2 * cfg.index_n_heads * (cfg.index_head_dim + 1)
-    total = 0
+    attention = scoring = 0
     for t in (range(S) if causal else [S - 1] * S):
         u = t + shift
         n = u // r if r else 0
         attended = min(k, n) if r == cfg.csa_ratio else n
-        total += per_key * (min(cfg.window_size, u) + attended) + (per_scored * n if r == cfg.csa_ratio else 0)
-    return Fraction(total, S)
+        attention += per_key * (min(cfg.window_size, u) + attended)
+        scoring += per_scored * n if r == cfg.csa_ratio and n > k else 0
+    return Fraction(attention, S), Fraction(scoring, S)
 
 
 @pytest.mark.parametrize("name", ["small", "dsv4-flash"])
@@ -211,31 +214,46 @@ def test_attention_flops_equal_the_sum_over_positions(name):
     for S in sorted(lengths):
         for i in layers:
             for causal in (True, False):
-                want = _brute_attention(cfg, i, S, causal)
+                want = sum(_brute_attention(cfg, i, S, causal))
                 assert attention_flops_per_token(cfg, S, causal, layer_id=i) == float(want), (S, i, causal)
     # the off-by-one convention (position t sees min(W, t) keys, floor(t / r) entries) lands far outside exact
     # equality: within the window, a whole key per query
     i_csa = cfg.compress_ratios.index(r)
     got = attention_flops_per_token(cfg, W, True, layer_id=i_csa)
-    assert got - float(_brute_attention(cfg, i_csa, W, True, shift=0)) >= 4 * cfg.n_heads * cfg.head_dim
+    assert got - float(sum(_brute_attention(cfg, i_csa, W, True, shift=0))) >= 4 * cfg.n_heads * cfg.head_dim
     with pytest.raises(ValueError, match="layer_id"):
         attention_flops_per_token(cfg, 64)
 
 
 def test_training_flops_count_the_checkpoints_gemms():
     """3 x (2 x activated GEMM weights + attention), the GEMM weights summed from the tensor list (head and
-    hyper-connection fn included; embedding, norms, sinks, ape and hc base/scale not), routed experts K of E."""
+    hyper-connection fn included; embedding, norms, sinks, ape and hc base/scale not), routed experts K of E; the CSA
+    indexers' GEMMs and scoring (frozen: no gradient reaches them) forward only, where the sequence has more
+    entries than index_topk (else nothing is selected, and they do not run)."""
+    ran = set()
     for cfg in (_small_hybrid(), preset("dsv4-flash")):
-        gemm = sum(_values(s, r) for n, _, s, r in checkpoint_tensors(cfg) if r in ("gemm", "expert"))
+        tensors = checkpoint_tensors(cfg)
+        gemm = sum(_values(s, r) for n, _, s, r in tensors if r in ("gemm", "expert"))
         routed = cfg.n_layers * cfg.n_routed_experts * 3 * cfg.dim * cfg.moe_inter_dim
         activated = gemm - routed + routed * cfg.n_activated_experts // cfg.n_routed_experts
+        indexer = [sum(_values(s, r) for n, _, s, r in tensors if r == "gemm" and f"layers.{i}.attn.indexer" in n)
+                   for i in range(cfg.n_layers)]
         for S in (100, 4096):
-            attn = sum(float(_brute_attention(cfg, i, S, True)) for i in range(cfg.n_layers))
-            assert training_flops_per_token(cfg, S) == pytest.approx(3 * (2 * activated + attn), rel=1e-14)
+            parts = [_brute_attention(cfg, i, S, True) for i in range(cfg.n_layers)]
+            selects = [r == cfg.csa_ratio and S // r > cfg.index_topk for r in cfg.compress_ratios]
+            ran.add(any(selects))
+            indexers = sum(w for w, on in zip(indexer, selects) if on)
+            want = (3 * (2 * (activated - sum(indexer)) + float(sum(a for a, _ in parts))) + 2 * indexers
+                    + float(sum(s for _, s in parts)))
+            assert training_flops_per_token(cfg, S) == pytest.approx(want, rel=1e-14)
+    assert ran == {True, False}  # V4-Flash's 512 picks of 100 tokens' 25 entries select nothing
     # V4-Flash at 4K and 1M tokens: the window keeps attention small; the compressed entries grow it
     flash = preset("dsv4-flash")
-    assert 85e9 < training_flops_per_token(flash, 4096) < 86e9
-    assert training_flops_per_token(flash, 1 << 20) < 0.15 * training_flops_per_token(preset("dsv32"), 1 << 20)
+    assert 84e9 < training_flops_per_token(flash, 4096) < 85e9
+    # a token at 1M tokens of context (non-causal: every query counted as the last), forward: the V4 report puts
+    # V4-Flash's single-token FLOPs near a tenth of V3.2's there
+    v32 = preset("dsv32")
+    assert forward_flops_per_token(flash, 1 << 20, False) < 0.15 * forward_flops_per_token(v32, 1 << 20, False)
 
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
@@ -287,7 +305,7 @@ def test_plan_and_info_cli(capsys):
     assert main(["plan", "--preset", "dsv4-flash", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kv_cache_bytes_per_token"] == 6880 and out["kv_cache_window_bytes"] == 5_636_096
-    assert out["total_params"] == 284_332_230_231 and 85e9 < out["flops_per_token_causal"] < 86e9
+    assert out["total_params"] == 284_332_230_231 and 84e9 < out["flops_per_token_causal"] < 85e9
     assert out["memory"]["fits"]
     assert main(["info", "dsv4-flash", "--json"]) == 0  # builds the meta model: its counts equal the closed form
     info = json.loads(capsys.readouterr().out)

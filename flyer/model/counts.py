@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from typing import NamedTuple
 
-from flyer.config import ModelConfig
+from flyer.config import INDEXER_TRAIN_MODES, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -283,29 +284,48 @@ def kv_window_bytes_fp8(cfg: ModelConfig) -> int:
     return cfg.n_layers * cfg.window_size * v4_fp8_row_bytes(cfg.head_dim, cfg.rope_dim) if cfg.attn == "hybrid" else 0
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
-                              layer_id: int | None = None) -> float:
-    """Forward FLOPs per token of one layer's attention core (the projections are matmul parameters):
-    2 H (qk_head_dim + v_head_dim) per attended key, a query seeing seq_len / 2 keys on average when
-    causal. With DeepSeek Sparse Attention a query attends to its index_topk selected keys at most
-    (causal: k - k^2 / (2 seq_len) on average past seq_len = k), while the indexer scores every key it
-    sees: 2 H_index (index_head_dim + 1) each (the heads' dot products, then their weighted sum), in a layer
-    with its own indexer (``layer_id``: None or an MTP block's, one that has; GLM-5's shared layers have none).
+class _Attention(NamedTuple):
+    """One layer's attention FLOPs per token, forward: ``core`` the main attention's (2 H (qk + v) per attended key;
+    hybrid: 2 H 2 head_dim), ``selection`` its own indexer's scoring to choose the keys (2 H_index (index_head_dim
+    + 1) per scored key: the heads' dot products, then their weighted sum), ``index_attended`` that scoring over the
+    attended keys alone (the indexer's KL loss, L_I), ``selects`` whether the indexer runs at this length."""
+    core: float
+    selection: float
+    index_attended: float
+    selects: bool
 
-    Hybrid attention differs per layer: ``layer_id`` is required (see ``_hybrid_attention_flops``)."""
+
+def _attention(cfg: ModelConfig, seq_len: int, causal: bool, layer_id: int | None, dense: bool) -> _Attention:
+    """Causal: a query sees seq_len / 2 keys on average. DeepSeek Sparse Attention: a query attends to its
+    index_topk selected keys at most (causal: k - k^2 / (2 seq_len) on average past seq_len = k), and its indexer
+    scores the keys of the queries that see more than k ((seq_len^2 - k^2) / (2 seq_len) on average); a query
+    seeing k or fewer keeps them all and needs no score. ``dense``: the indexer's dense warm-up, where every layer
+    attends to every causal key and nothing is selected."""
     if cfg.attn == "hybrid":
         if layer_id is None:
             raise ValueError("attention_flops_per_token: hybrid attention differs per layer; pass layer_id")
-        return _hybrid_attention_flops(cfg, seq_len, causal, layer_id)
+        return _hybrid_attention(cfg, seq_len, causal, layer_id, dense)
+    S, k = seq_len, cfg.index_topk
     qk, v = (cfg.qk_head_dim, cfg.v_head_dim) if cfg.attn == "mla" else (cfg.head_dim, cfg.head_dim)
-    seen = seq_len / 2 if causal else seq_len
-    attended, k = seen, cfg.index_topk
-    if k and k < seq_len:
-        attended = k - k * k / (2 * seq_len) if causal else k
-    flops = 2 * cfg.n_heads * (qk + v) * attended
-    if k and cfg.has_indexer(cfg.n_layers if layer_id is None else layer_id):
-        flops += 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * seen
-    return flops
+    sparse = 0 < k < S and not dense
+    attended = (k - k * k / (2 * S) if causal else k) if sparse else (S / 2 if causal else S)
+    core = 2 * cfg.n_heads * (qk + v) * attended
+    if not (k and cfg.has_indexer(cfg.n_layers if layer_id is None else layer_id)):
+        return _Attention(core, 0.0, 0.0, sparse)
+    per_key = 2 * cfg.index_n_heads * (cfg.index_head_dim + 1)
+    scored = ((S * S - k * k) / (2 * S) if causal else S) if sparse else 0.0
+    return _Attention(core, per_key * scored, per_key * attended, sparse)
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
+                              layer_id: int | None = None) -> float:
+    """Forward FLOPs per token of one layer's attention core (the projections are matmul parameters): the main
+    attention's and, with DeepSeek Sparse Attention, its indexer's scoring to select (``_attention``), in a layer
+    with its own indexer (``layer_id``: None or an MTP block's, one that has; GLM-5's shared layers have none).
+
+    Hybrid attention differs per layer: ``layer_id`` is required (see ``_hybrid_attention``)."""
+    a = _attention(cfg, seq_len, causal, layer_id, dense=False)
+    return a.core + a.selection
 
 
 def _floor_sum(n: int, r: int) -> int:
@@ -314,61 +334,118 @@ def _floor_sum(n: int, r: int) -> int:
     return r * q * (q - 1) // 2 + q * (n - q * r + 1) if n > 0 else 0
 
 
-def _hybrid_attention_flops(cfg: ModelConfig, seq_len: int, causal: bool, layer_id: int) -> float:
+def _hybrid_attention(cfg: ModelConfig, seq_len: int, causal: bool, layer_id: int, dense: bool) -> _Attention:
     """The position at index t (0-based) attends to min(window_size, t + 1) window keys and to the
-    floor((t + 1) / r) compressed entries complete by then (HCA: all of them; CSA: the indexer's best
-    index_topk, the indexer scoring every one at 2 H_index (index_head_dim + 1)). Every key costs
-    2 H (head_dim + head_dim): scores and values share the head. Causal: the exact mean over t = 0 ..
-    seq_len - 1; non-causal: every query counted as the last one (t = seq_len - 1). The pooling of each
-    window into its entry (~2 c head_dim per token) is left out, as small as a norm."""
+    n = floor((t + 1) / r) compressed entries complete by then (HCA: all of them; CSA: the indexer's best
+    index_topk, the indexer scoring all n where n > index_topk). Every key costs 2 H (head_dim + head_dim):
+    scores and values share the head. Causal: the exact mean over t = 0 .. seq_len - 1; non-causal: every query
+    counted as the last one (t = seq_len - 1). The pooling of each window into its entry (~2 c head_dim per token)
+    is left out, as small as a norm. ``dense``: CSA's dense warm-up, every complete entry attended."""
     S, W, r, k = seq_len, cfg.window_size, compress_ratio(cfg, layer_id), cfg.index_topk
-    csa = r == cfg.csa_ratio
+    csa = r > 0 and r == cfg.csa_ratio
+    sparse = csa and not dense
     if causal:  # sums over u = t + 1 = 1 .. S, divided by S below
         past = max(0, S - W)
         window = S * (S + 1) // 2 - past * (past + 1) // 2
         entries = _floor_sum(S, r) if r else 0
         # sum of min(k, n_u) = sum of n_u - sum of max(0, n_u - k), and n_u - k = floor((u - k r) / r)
-        attended = entries - _floor_sum(S - k * r, r) if csa else entries
+        attended = entries - _floor_sum(S - k * r, r) if sparse else entries
+        # the n_u of the queries with n_u > k, those u >= (k + 1) r
+        scored = entries - _floor_sum(min(S, (k + 1) * r - 1), r) if sparse else 0
     else:
         window = min(W, S) * S
         entries = (S // r) * S if r else 0
-        attended = min(k, S // r) * S if csa else entries
-    flops = 2 * cfg.n_heads * 2 * cfg.head_dim * (window + attended)
-    if csa:
-        flops += 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * entries
-    return flops / S
+        attended = min(k, S // r) * S if sparse else entries
+        scored = entries if sparse and S // r > k else 0
+    core = 2 * cfg.n_heads * 2 * cfg.head_dim * (window + attended) / S
+    if not csa:
+        return _Attention(core, 0.0, 0.0, False)
+    per_key = 2 * cfg.index_n_heads * (cfg.index_head_dim + 1)
+    # the indexer runs where the sequence has more than index_topk entries (the queries of its first (k + 1) r
+    # positions then project theirs too: ``HybridAttention.forward`` selects per chunk, the count per token)
+    return _Attention(core, per_key * scored / S, per_key * attended / S, sparse and S // r > k)
 
 
-def _attention_flops_all_layers(cfg: ModelConfig, seq_len: int, causal: bool) -> float:
-    if cfg.attn == "hybrid" or "shared" in cfg.indexer_types:
-        return sum(attention_flops_per_token(cfg, seq_len, causal, i) for i in range(cfg.n_layers))
-    return cfg.n_layers * attention_flops_per_token(cfg, seq_len, causal)
+def indexer_matmul_params(cfg: ModelConfig, layer_id: int) -> int:
+    """The GEMM weights of block ``layer_id``'s own lightning indexer (``indexer_params`` less its norms and, for
+    CSA, its compressor's ape); 0 without one."""
+    Hi, d, D = cfg.index_n_heads, cfg.index_head_dim, cfg.dim
+    if cfg.attn == "hybrid":
+        r = compress_ratio(cfg, layer_id)
+        own = cfg.index_topk > 0 and r > 0 and r == cfg.csa_ratio
+        return cfg.q_lora_rank * Hi * d + D * Hi + 2 * 2 * d * D if own else 0
+    return cfg.q_lora_rank * Hi * d + D * d + D * Hi if cfg.has_indexer(layer_id) else 0
 
 
-def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward), MTP excluded:
-    3 x [2 x activated matmul parameters (head included, embedding excluded)
-         + every layer's ``attention_flops_per_token``].
+def layer_flops_per_token(cfg: ModelConfig, seq_len: int, layer_id: int, causal: bool = True,
+                          indexer_train: str = "off", backward: bool = True) -> float:
+    """Block ``layer_id``'s FLOPs per token (``n_layers`` onward: an MTP module's): its GEMMs (2 per activated
+    matmul parameter) and its attention core (``_attention``), forward and, with ``backward``, backward (twice the
+    forward) of what trains, the model's FLOPs (recomputation left out).
+
+    A DSA indexer (``indexer_train``: one of ``INDEXER_TRAIN_MODES``, ``flyer.model.indexer_loss``) gets no gradient
+    of the model's loss: "off" runs it forward once to select, its projections and its scores; "sparse" adds its KL
+    loss L_I over the attended keys, whose forward is the selection's scores and whose backward costs twice that,
+    and the weight gradient of its projections (their inputs are detached: no input gradient); "warmup" freezes
+    every other weight (the block runs forward only) and attends densely, L_I's scoring then forward and backward
+    over every causal key. flyer's L_I recomputes the indexer's forward apart from the selection (a training
+    implementation's choice, as activation recomputation is: not counted)."""
+    if indexer_train not in INDEXER_TRAIN_MODES:
+        raise ValueError(f"indexer_train: must be one of {', '.join(INDEXER_TRAIN_MODES)} (got {indexer_train!r})")
+    warm = indexer_train == "warmup"
+    a = _attention(cfg, seq_len, causal, layer_id, dense=warm)
+    idx = indexer_matmul_params(cfg, layer_id)
+    main = 2 * (block_params(cfg, layer_id, activated=True) - _block_non_matmul(cfg, layer_id) - idx) + a.core
+    flops = (3 if backward and not warm else 1) * main + a.selection
+    if backward and idx and indexer_train != "off":  # the projections forward once, then their weight gradient
+        return flops + 2 * 2 * idx + (2 if a.selects else 3) * a.index_attended
+    return flops + (2 * idx if a.selects else 0)
+
+
+def _top_matmul(cfg: ModelConfig) -> int:
+    """The GEMM weights past the blocks: the output head (the embedding's table too where they are tied: the head
+    is a GEMM either way) and hc_head's fn (m, m D)."""
+    m = cfg.hc_mult
+    return cfg.vocab_size * cfg.dim + (m * m * cfg.dim if m > 1 else 0)
+
+
+def _model_flops(cfg: ModelConfig, seq_len: int, causal: bool, indexer_train: str, backward: bool) -> float:
+    """The main model's FLOPs per token: its blocks' (``layer_flops_per_token``) and the GEMMs past them."""
+    passes = 3 if backward and indexer_train != "warmup" else 1
+    return passes * 2.0 * _top_matmul(cfg) + sum(
+        layer_flops_per_token(cfg, seq_len, i, causal, indexer_train, backward) for i in range(cfg.n_layers))
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
+                             indexer_train: str = "off") -> float:
+    """Training FLOPs per token, MTP excluded: forward + backward = 3 x forward of 2 x activated matmul parameters
+    (head included, embedding excluded) and every layer's attention core, each layer's DSA indexer as
+    ``indexer_train`` trains it (``layer_flops_per_token``; "warmup": the frozen model forward only).
     Hyper-connections count by their fn projections (matmuls); mixing the m streams (~2 m (m + 2) D per block
     and token, under 0.1% for DeepSeek-V4) is left out."""
-    pc = param_counts(cfg)
-    matmul = pc.activated - pc.embedding - _non_matmul_params(cfg)
-    return 3.0 * (2.0 * matmul + _attention_flops_all_layers(cfg, seq_len, causal))
+    return _model_flops(cfg, seq_len, causal, indexer_train, backward=True)
 
 
-def mtp_training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """``training_flops_per_token``'s forward alone (a frozen model's: DPO's reference), MTP excluded."""
+    return _model_flops(cfg, seq_len, causal, "off", backward=False)
+
+
+def mtp_training_flops_per_token(cfg: ModelConfig, seq_len: int, indexer_train: str = "off") -> float:
     """The MTP modules' training FLOPs per token of a ``seq_len`` row (causal attention; 0 without them), which
-    ``training_flops_per_token`` leaves out: each module's block, its projection of [embedding; hidden] (V3's
-    eh_proj; V4's e_proj, and h_proj per stream) and the shared head, 3 x forward; module k runs on the row's first
-    seq_len - k positions (the rest have no token k + 1 ahead to predict)."""
+    ``training_flops_per_token`` leaves out: each module's block (``layer_flops_per_token``), its projection of
+    [embedding; hidden] (V3's eh_proj; V4's e_proj, and h_proj per stream) and the shared head, 3 x forward
+    (1 x in the indexer's warm-up, which freezes them); module k runs on the row's first seq_len - k positions
+    (the rest have no token k + 1 ahead to predict)."""
     if not cfg.mtp_depth:
         return 0.0
-    block = block_params(cfg, cfg.n_layers, activated=True) - _block_non_matmul(cfg, cfg.n_layers)
     proj = (1 + max(cfg.hc_mult, 1)) * cfg.dim * cfg.dim
     head = cfg.vocab_size * cfg.dim
-    attn = attention_flops_per_token(cfg, seq_len, causal=True, layer_id=cfg.n_layers)  # V4: window-only
+    passes = 1 if indexer_train == "warmup" else 3
+    # V4: the block attends by the window only
+    block = layer_flops_per_token(cfg, seq_len, cfg.n_layers, True, indexer_train)
     share = sum(max(seq_len - k, 0) for k in range(1, cfg.mtp_depth + 1)) / seq_len
-    return share * 3.0 * (2.0 * (block + proj + head) + attn)
+    return share * (passes * 2.0 * (proj + head) + block)
 
 
 def _non_matmul_params(cfg: ModelConfig) -> int:

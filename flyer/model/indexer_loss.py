@@ -38,13 +38,12 @@ import contextlib
 import torch
 from torch import nn
 
-from flyer.config import ModelConfig
+from flyer.config import INDEXER_TRAIN_MODES, ModelConfig
 from flyer.errors import FieldError
 from flyer.model.dsa_chunks import SparseChunks, absorbed_weight
 from flyer.model.hybrid_chunks import entry_picks, gather_entries, query_chunk
 from flyer.model.recompute import recomputed
 
-INDEXER_TRAIN_MODES = ("off", "warmup", "sparse")
 
 
 def check_indexer_train(mode: str, cfg: ModelConfig) -> None:

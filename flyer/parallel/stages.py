@@ -25,7 +25,7 @@ from torch.torch_version import TorchVersion
 
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
-from flyer.model.counts import attention_flops_per_token, block_params, hyper_head_params
+from flyer.model.counts import hyper_head_params, layer_flops_per_token
 from flyer.model.transformer import Transformer
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
@@ -115,20 +115,11 @@ def require_torch_for(schedule: str, pp: int) -> None:
                                         f"interleaved run on it")
 
 
-def layer_flops(cfg: ModelConfig, layer_id: int, seq_len: int) -> float:
-    """Training FLOPs per token of block ``layer_id``: 6 per activated weight, plus 3 x its causal attention
-    core's forward (``attention_flops_per_token``: the keys its queries see, so DSA's top-k and each hybrid
-    layer's window and entries, not every earlier token)."""
-    # an MTP block (layer_id n_layers) attends as a full main layer does; a hybrid model has none (mtp_depth 0)
-    attention = attention_flops_per_token(cfg, seq_len, True, layer_id)
-    return 6 * block_params(cfg, layer_id, activated=True) + 3 * attention
-
-
 def end_flops(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token the last stage adds: the output head (after ``hc_head``'s collapse of the
     streams, with hyper-connections), and per MTP module its projection, block and head call."""
     head = 6 * cfg.dim * cfg.vocab_size + 6 * hyper_head_params(cfg)
-    mtp = cfg.mtp_depth * (head + 6 * 2 * cfg.dim * cfg.dim + layer_flops(cfg, cfg.n_layers, seq_len))
+    mtp = cfg.mtp_depth * (head + 6 * 2 * cfg.dim * cfg.dim + layer_flops_per_token(cfg, seq_len, cfg.n_layers))
     return head + mtp
 
 
@@ -153,7 +144,7 @@ def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[r
         raise FieldError("pp", f"{n_stages} stages each starting at a layer with its own DSA indexer need "
                                f"{n_stages} such layers (indexer_types marks {len(starts) + 1} 'full')")
     after = {e: len(starts) - 1 - k for k, e in enumerate(starts)}  # stage starts past each one
-    cost = [layer_flops(cfg, i, seq_len) for i in range(L)]
+    cost = [layer_flops_per_token(cfg, seq_len, i) for i in range(L)]
     prefix = [0.0]
     for c in cost:
         prefix.append(prefix[-1] + c)

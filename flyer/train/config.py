@@ -16,6 +16,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from flyer.config import INDEXER_TRAIN_MODES
 from flyer.data.chat_data import is_chat_data
 from flyer.data.tiktoken_file import TIKTOKEN_FILE
 from flyer.data.tokenizer import MIN_VOCAB
@@ -26,7 +27,6 @@ from flyer.model.recompute import MODES as RECOMPUTE_MODES
 from flyer.interop.load import init_weight_files, read_settings, settings_dir
 from flyer.limits import SIZE_LIMITS
 from flyer.model.dispatch import DISPATCHER_KINDS
-from flyer.model.indexer_loss import INDEXER_TRAIN_MODES
 from flyer.optim.muon import OPTIMIZERS
 from flyer.parallel.stages import PP_SCHEDULES, SPLIT_SCHEDULES, min_micro_batches
 from flyer.parse import nesting_depth

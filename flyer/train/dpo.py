@@ -28,7 +28,7 @@ from flyer.config import ModelConfig
 from flyer.data.chat_data import IGNORE_INDEX
 from flyer.fp8.fp4 import fp4_experts
 from flyer.infer.weights import KEEP
-from flyer.model.counts import training_flops_per_token
+from flyer.model.counts import forward_flops_per_token, training_flops_per_token
 from flyer.model.experts import Experts
 from flyer.model.moe import counting_only, moe_layers
 from flyer.model.transformer import Transformer
@@ -60,9 +60,10 @@ def dpo_terms(policy_B: torch.Tensor, reference_B: torch.Tensor,
 
 def dpo_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """FLOPs per row position of a DPO step at row width ``seq_len``: the policy's forward and backward
-    (``training_flops_per_token``, three forwards; main model only: DPO runs no MTP module) and the frozen reference's
-    forward, a fourth. The head is counted at every position, though only the trained ones' logits are made."""
-    return training_flops_per_token(cfg, seq_len) * 4 / 3
+    (``training_flops_per_token``; main model only: DPO runs no MTP module) and the frozen reference's forward
+    (``forward_flops_per_token``). The head is counted at every position, though only the trained ones' logits are
+    made."""
+    return training_flops_per_token(cfg, seq_len) + forward_flops_per_token(cfg, seq_len)
 
 
 def freeze_mtp(model: nn.Module) -> None:

@@ -219,9 +219,11 @@ def fastest_gemm(dtype: torch.dtype, device: str | torch.device = "cpu", **kwarg
     return _PEAKS[key]
 
 
-def model_flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token of the main model plus its MTP modules (causal attention)."""
-    return training_flops_per_token(cfg, seq_len, causal=True) + mtp_training_flops_per_token(cfg, seq_len)
+def model_flops_per_token(cfg, seq_len: int, indexer_train: str = "off") -> float:
+    """Training FLOPs per token of the main model plus its MTP modules (causal attention), DSA indexers trained as
+    ``indexer_train`` trains them (``flyer.model.counts.layer_flops_per_token``)."""
+    return (training_flops_per_token(cfg, seq_len, causal=True, indexer_train=indexer_train)
+            + mtp_training_flops_per_token(cfg, seq_len, indexer_train))
 
 
 def progress_postfix(rec: dict[str, Any], val_loss: float | None) -> dict[str, str]:

@@ -206,8 +206,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc, self.mesh)
         self.memory_written = False  # memory.json: after the first optimizer step
         # of a row width; DPO: the policy's training and the reference's forward (flyer.train.dpo)
-        self.flops_per_token = functools.cache(functools.partial(dpo_flops_per_token if tc.dpo else
-                                                                 model_flops_per_token, self.cfg))
+        self.flops_per_token = functools.cache(
+            functools.partial(dpo_flops_per_token, self.cfg) if tc.dpo else
+            functools.partial(model_flops_per_token, self.cfg, indexer_train=tc.indexer_train))
         peak_dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
         # MFU against the fastest GEMM the device offers at this precision (``peak_gemm`` names it)
         self.peak_flops, self.peak_gemm = fastest_gemm(peak_dtype, self.device)
