@@ -119,6 +119,15 @@ def test_a_prompt_id_equal_to_the_vocab_size_is_refused():
         generate(Transformer(CFG), [[1, CFG.vocab_size]], GenerationConfig(max_new_tokens=1))
 
 
+@pytest.mark.parametrize("field,over", [("eos_id", {"eos_id": CFG.vocab_size}), ("eos_id", {"eos_id": -1}),
+                                        ("stop_ids", {"stop_ids": (2, CFG.vocab_size)})])
+def test_a_stop_id_outside_the_vocabulary_is_refused(field, over):
+    """A stop id the model cannot sample would never end a row: every row would run to max_new_tokens."""
+    with pytest.raises(FieldError, match=rf"\[0, {CFG.vocab_size}\)") as e:
+        generate(Transformer(CFG), [[1, 2]], GenerationConfig(max_new_tokens=1, **over))
+    assert e.value.field == field
+
+
 def test_rows_done_at_their_first_token_run_no_decode_step(monkeypatch):
     """a row the prefill's token finishes (max_new_tokens=1, or a stop id) leaves before the decode loop: the
     output is the same either way, but a step for it is wasted work (a whole forward for a batch of such rows)."""

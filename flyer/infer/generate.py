@@ -320,6 +320,9 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], gen: Ge
         if min(p) < 0 or max(p) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V}) (vocab_size)")
     gen.check_adjustments(V)
+    for name, ids in (("eos_id", () if gen.eos_id is None else (gen.eos_id,)), ("stop_ids", gen.stop_ids)):
+        if (bad := next((i for i in ids if not 0 <= i < V), None)) is not None:  # it could never end a row
+            raise FieldError(name, f"token ids must be in [0, {V}) (vocab_size; got {bad})")
     if cache_length(prompts, gen) > model.cfg.max_seq_len:
         longest = max(len(p) for p in prompts)
         raise FieldError("max_new_tokens", f"{gen.max_new_tokens} new tokens after a {longest}-token prompt exceed "
