@@ -67,12 +67,12 @@ def _fn(props: dict, name: str = "f") -> dict:
     return {"name": name, "parameters": {"type": "object", "properties": props, "required": list(props)}}
 
 
-def _block(v: str) -> str:
-    """The calls block the release's encoder writes for f(s=v)."""
+def _block(v) -> str:
+    """The calls block the release's encoder writes for f(s=v): a string raw (string="true"), else JSON."""
     text = encode_v32([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [
         _call(0, "f", json.dumps({"s": v}))]}], [{"type": "function", "function": {"name": "f"}}])
     block = text[text.index("\n\n<" + D + "function_calls>"):-len(E)]
-    assert 'string="true">' in block
+    assert ('string="true">' in block) == isinstance(v, str)
     return block
 
 
@@ -115,6 +115,36 @@ def test_an_enum_keeps_the_values_its_pattern_format_and_lengths_allow():
         assert [v for v, t in zip(enum, _agree(schema, enum)) if t] == want, schema
     # an enum of strings without a type is raw too
     assert _agree({"enum": ["ab", "cd"], "pattern": "^a"}, ["ab", "cd"]) == [True, False]
+
+
+@pytest.mark.parametrize("schema,taken,refused", [
+    ({"type": ["string", "null"], "maxLength": 3}, ["abc", None], ["abcd", 3]),  # strict mode's optional field
+    ({"type": ["string", "integer"], "pattern": "^a"}, ["ab", 7], ["ba", 1.5]),
+    ({"enum": ["a", 1, None]}, ["a", 1, None], ["b", 2, "1"]),
+    ({"enum": ["ab", "cd", 1], "pattern": "^a"}, ["ab", 1], ["cd"]),
+    ({"const": "x"}, ["x"], ["y"]),
+    ({"anyOf": [{"type": "string", "maxLength": 2}, {"type": "integer"}, {"enum": ["long one"]}]},
+     ["ab", 5, "long one"], ["abc", True]),
+    ({}, ["any text", 3, [1], None], []),
+    ({"type": "integer"}, [3], ["3"]),
+    ({"allOf": [{"type": "integer"}]}, [3], ["3"]),  # composed otherwise: JSON only
+])
+def test_strings_beside_other_values_are_written_raw(schema, taken, refused):
+    """The release's encoder writes every string value raw (string="true"), whatever the schema: where the schema
+    admits strings beside other values (a type list, a mixed enum, const, anyOf branches, no type), the grammar takes
+    its strings raw and the rest as JSON, and no value outside the schema; the grammar forced such strings into JSON
+    (string="false"), a form the model never learnt."""
+    grammar = tool_grammar([_fn({"s": schema})], ByteTokenizer(), fmt=DSML_V32)
+    assert [_accepts(grammar, _block(v)) for v in taken + refused] == [True] * len(taken) + [False] * len(refused)
+
+
+def test_a_string_only_schema_takes_no_json_string():
+    """A string schema's value is raw only, as the encoder writes it: the JSON form (string="false") is refused."""
+    for schema in ({"type": "string"}, {"enum": ["a", "b"]}):
+        grammar = tool_grammar([_fn({"s": schema})], ByteTokenizer(), fmt=DSML_V32)
+        raw = _block("a")
+        assert _accepts(grammar, raw)
+        assert not _accepts(grammar, raw.replace('string="true">a<', 'string="false">"a"<'))
 
 
 def test_an_empty_enum_or_a_format_it_cannot_enforce_names_the_field():

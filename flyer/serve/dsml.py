@@ -230,6 +230,38 @@ def _raw_string(sub: dict[str, Any], name: str, field: str) -> str | None:
     return f"{name}: " + " & ".join([*parts, f"~/(?s:.*){_END}(?s:.+)/"]) if parts else None
 
 
+def _string_values(sub: dict[str, Any], name: str, field: str) -> tuple[str, list[str]] | None:
+    """The raw text (string="true") a parameter's schema lets a string value take, as a lark expression through the
+    close tag, with the terminals it defines (named from ``name``); None when the schema admits no string. The
+    release's encoder writes every string value raw whatever the schema, so a schema that admits strings beside
+    other values (a type list, an enum, ``const`` or ``anyOf`` / ``oneOf`` branches mixing them, or no type at all)
+    takes its strings raw too: its enum's strings, a branch's strings, else any text its string keywords allow."""
+    if "const" in sub or isinstance(sub.get("enum"), list):
+        values = [sub["const"]] if "const" in sub else sub["enum"]
+        strings = [v for v in values if isinstance(v, str)]
+        if not strings:
+            return None
+        try:
+            kept = _enum_values(sub, strings, field)
+        except FieldError:
+            if len(strings) == len(values):  # nothing left to write at all
+                raise
+            return None  # the other members are still written as JSON
+        return "(" + " | ".join(_lark(v) for v in kept) + f") {_lark(PARAM_END)}", []
+    types = sub.get("type")
+    if types is None and any(k in sub for k in ("anyOf", "oneOf")):
+        branches = sub.get("anyOf", sub.get("oneOf"))
+        branches = [b for b in branches if isinstance(b, dict)] if isinstance(branches, list) else []
+        found = [f for n, b in enumerate(branches) if (f := _string_values(b, f"{name}_{n}", field)) is not None]
+        return ("(" + " | ".join(v for v, _ in found) + ")", [r for _, rs in found for r in rs]) if found else None
+    if types is None and any(k in sub for k in ("allOf", "$ref", "not")):
+        return None  # composed otherwise: JSON only
+    if types is not None and "string" not in ([types] if isinstance(types, str) else types):
+        return None
+    constrained = _raw_string(sub, name, field)
+    return (name, [constrained]) if constrained else ("STRING_VALUE", [])
+
+
 def dsml_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool, max_calls: int,
                  fmt: DsmlFormat = DSML_V32) -> str:
     """The lark grammar text of a calls block in ``fmt``: one invoke of function ``name`` (a named
@@ -238,8 +270,9 @@ def dsml_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool, 
     always: a property whose schema's type is "string" as raw text (string="true"; any text without the close
     tag; one of its ``enum``, else matching its ``pattern``, ``minLength`` and ``maxLength``: ``_raw_string``), as
     is a property with an ``enum`` of strings only, any other as compact JSON matching its schema
-    (string="false"). A schema without properties that allows more (absent: OpenAI's "no parameters" taken as any
-    object, as ``flyer.serve.tools.tool_grammar`` takes it) takes up to ``MAX_ANY_PARAMS`` named ones; with
+    (string="false"), or raw where it is one of the strings the schema admits (``_string_values``). A schema
+    without properties that allows more (absent: OpenAI's "no parameters" taken as any object, as
+    ``flyer.serve.tools.tool_grammar`` takes it) takes up to ``MAX_ANY_PARAMS`` named ones; with
     ``additionalProperties`` false, none."""
     x = {"x-guidance": JSON_VALUES}
     chosen = [(i, f) for i, f in enumerate(tools) if name is None or f["name"] == name]
@@ -251,21 +284,17 @@ def dsml_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool, 
         for j, (key, sub) in enumerate(props.items()):
             sub = sub if isinstance(sub, dict) else {}
             enum = sub.get("enum") if isinstance(sub.get("enum"), list) else None
-            raw = sub.get("type") == "string" or (enum is not None and all(isinstance(v, str) for v in enum))
-            head = f'<{DSML}parameter name="{key}" string="{"true" if raw else "false"}">'
             field = f"tools[{i}].function.parameters.properties.{key}"
             if not key or '"' in key or "\n" in key:  # written raw in name="...", as the encoder writes it
                 raise FieldError(field, "a DSML parameter's name must be non-empty, without a double quote or a line "
                                         "break (the call could not be read back)")
-            if raw and enum is not None:
-                value = "(" + " | ".join(_lark(v) for v in _enum_values(sub, enum, field)) + f") {_lark(PARAM_END)}"
-            elif raw:
-                constrained = _raw_string(sub, f"STRING_{k}_{j}", field)
-                rules += [constrained] if constrained else []
-                value = f"STRING_{k}_{j}" if constrained else "STRING_VALUE"
-            else:
-                value = f"%json {json.dumps({**sub, **x})} {_lark(PARAM_END)}"
-            rules.append(f"param_{k}_{j}: {_lark(head)} {value} {_lark(NL)}")
+            opened, strings, values = f'<{DSML}parameter name="{key}', _string_values(sub, f"STRING_{k}_{j}", field), []
+            if strings is not None:
+                rules += strings[1]
+                values.append(f"{_lark(opened + AS_STRING)} {strings[0]}")
+            if not (sub.get("type") == "string" or enum and all(isinstance(v, str) for v in enum)):
+                values.append(f"{_lark(opened + AS_JSON)} %json {json.dumps({**sub, **x})} {_lark(PARAM_END)}")
+            rules.append(f"param_{k}_{j}: ({' | '.join(values)}) {_lark(NL)}")
             params.append(f"param_{k}_{j}" + ("" if key in required else "?"))
         if not props and schema.get("additionalProperties", True) is not False:
             opened = _lark(f'<{DSML}parameter name="')
