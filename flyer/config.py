@@ -423,6 +423,19 @@ SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
 # how a training run treats DSA's lightning indexers (flyer.model.indexer_loss); here for the FLOP counts too
 INDEXER_TRAIN_MODES = ("off", "warmup", "sparse")
 
+
+def check_indexer_train(mode: str, cfg: ModelConfig) -> None:
+    """``FieldError`` naming ``indexer_train`` unless ``mode`` is "off" or the model has lightning indexers: V3.2's
+    DSA (attn "mla", index_topk > 0) or DeepSeek-V4's CSA layers (attn "hybrid", some compress_ratios entry
+    csa_ratio; their L_I: ``flyer.model.hybrid_indexer_loss``)."""
+    if mode == "off":
+        return
+    if not any(map(cfg.has_indexer, range(cfg.n_layers))) and not any(map(cfg.is_csa, range(cfg.n_layers))):
+        raise FieldError("indexer_train", f"{mode} trains lightning indexers, and this model has none (attn "
+                                          f"{cfg.attn!r}, index_topk {cfg.index_topk}; DeepSeek-V4's hybrid attention: "
+                                          f"no layer of compress_ratio csa_ratio {cfg.csa_ratio})")
+
+
 # ---- presets (flyer.presets) ----------------------------------------------------------------
 def preset_fields(name: str) -> dict[str, Any]:
     """The fields preset ``name`` sets: the one lookup in ``PRESETS``, and so the one check of a name."""

@@ -3,10 +3,13 @@ plan``) by how ``--indexer-train`` trains it, against what a real step runs: mod
 which projections run forward and which backward in each mode, and torch's FLOP counter counts a step exactly where
 nothing is selected; the plan's terms against the same rules written out by hand for DeepSeek-V3.2."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
+from flyer.cli import main
 from flyer.config import preset
 from flyer.model.attention import Indexer
 from flyer.model.counts import (_block_non_matmul, attention_flops_per_token, block_params, indexer_matmul_params,
@@ -141,3 +144,25 @@ def test_an_unknown_mode_is_refused():
     """A misspelt mode would count as some other one: refused, naming the field."""
     with pytest.raises(ValueError, match="indexer_train"):
         training_flops_per_token(preset("dsv32"), 4096, indexer_train="warm-up")
+
+
+def test_plan_counts_the_indexers_as_the_run_trains_them(capsys):
+    """``flyer plan --indexer-train`` counts the FLOPs (and so MFU and GPU-hours at a given MFU) as ``flyer train``
+    with that flag runs; a model without indexers, or an unknown mode, is refused naming the flag."""
+    def plan(*flags):
+        assert main(["plan", "--preset", "dsv32", "--seq-len", "65536", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    cfg = preset("dsv32")
+    off, sparse, warmup = plan(), plan("--indexer-train", "sparse"), plan("--indexer-train", "warmup")
+    for out, mode in ((off, "off"), (sparse, "sparse"), (warmup, "warmup")):
+        assert out["indexer_train"] == mode
+        assert out["flops_per_token_causal"] == training_flops_per_token(cfg, 65536, indexer_train=mode)
+        assert out["flops_per_token_mtp"] == mtp_training_flops_per_token(cfg, 65536, mode)
+    assert off["training_gpu_hours"] < sparse["training_gpu_hours"]  # at MFU 0.4: more FLOPs, more hours
+    assert main(["plan", "--preset", "dsv32", "--indexer-train", "sparse"]) == 0
+    assert "indexers sparse" in capsys.readouterr().out
+    for argv in (["--preset", "dsv3", "--indexer-train", "sparse"], ["--preset", "dsv32", "--indexer-train", "on"]):
+        assert main(["plan", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("flyer: error: --indexer-train: "), err

@@ -18,11 +18,11 @@ import torch
 
 import flyer.model.hybrid_indexer_loss as hil
 from flyer.cli import main
-from flyer.config import preset
+from flyer.config import check_indexer_train, preset
 from flyer.errors import FieldError
 from flyer.model.documents import Documents
 from flyer.model.hybrid import HybridAttention, rope_tail
-from flyer.model.indexer_loss import check_indexer_train, indexer_attentions, set_indexer_training
+from flyer.model.indexer_loss import indexer_attentions, set_indexer_training
 from flyer.model.transformer import Transformer
 from flyer.train.trainer import Trainer
 from flyer.train.metrics import read_metrics

@@ -157,7 +157,7 @@ def _plan(args) -> int:
     batch_tokens = None if args.batch_size is None else args.batch_size * args.seq_len
     out = plan(cfg, gpu, lay, args.tokens, args.seq_len,
                Throughput(args.tokens_per_day, args.mfu, args.step_seconds, batch_tokens),
-               args.price_per_gpu_hour, args.extra_gpu_hours)
+               args.price_per_gpu_hour, args.extra_gpu_hours, args.indexer_train)
     out = {"preset": args.preset, "config": args.config, **out}
     if run:
         out.update(_run_memory(args, cfg, pp or 1, ep or 1, gpu.gpus_per_node))
@@ -173,7 +173,9 @@ def _plan(args) -> int:
             ("activated, no embedding", f"{_num(o['activated_params_without_embedding'])} (a lookup: DeepSeek's "
                                         f"papers' count)"),
             ("FLOPs / token causal", f"{o['flops_per_token_causal'] / 1e9:.2f} GFLOPs (main model; MTP +"
-                                     f"{o['flops_per_token_mtp'] / 1e9:.2f} GFLOPs, not in MFU)"),
+                                     f"{o['flops_per_token_mtp'] / 1e9:.2f} GFLOPs, not in MFU"
+                                     + ("" if o["indexer_train"] == "off" else f"; indexers {o['indexer_train']}")
+                                     + ")"),
             ("FLOPs / token non-causal", f"{o['flops_per_token_noncausal'] / 1e9:.2f} GFLOPs"),
             ("throughput", f"{_num(o['tokens_per_day'])} tokens/day, {o['tokens_per_s_per_gpu']:.0f} tokens/s/GPU "
                            f"({o['throughput_source']})"),
@@ -418,6 +420,9 @@ def register(sub) -> None:
                    help="pipeline schedule; with none of --pp/--ep/--schedule given, DeepSeek-V3's PP 16 x EP 64 "
                         "DualPipe when the model and GPU count allow it, else PP 1 x EP 1 1F1B")
     p.add_argument("--no-recompute", action="store_true", help="save every activation (no V3-style recomputation)")
+    p.add_argument("--indexer-train", default="off",
+                   help="flyer train's --indexer-train: how DSA indexers count in the FLOPs: off (default: frozen, "
+                        "forward where they select), warmup or sparse")
     r = p.add_argument_group("a flyer train run's per-rank bytes (any of these flags adds them)")
     r.add_argument("--pp-schedule", help="flyer train's --pp-schedule: 1f1b (default), interleaved, zb or dualpipev")
     r.add_argument("--dp", type=int, help="data-parallel ranks per stage: must be gpus / pp")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from flyer.cluster.hardware import GIB, GPUSpec
 from flyer.cluster.pipeline import schedule_cost
-from flyer.config import ModelConfig
+from flyer.config import INDEXER_TRAIN_MODES, ModelConfig, check_indexer_train
 from flyer.errors import FieldError
 from flyer.model.counts import (block_params, compress_ratio, hyper_head_params, kv_cache_bytes_per_token,
                                 kv_window_bytes, mtp_params_stored, mtp_training_flops_per_token, param_counts,
@@ -259,8 +259,9 @@ class Throughput:
 
 
 def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: int, throughput: Throughput,
-         price_per_gpu_hour: float = 2.0, extra_gpu_hours: float = 0.0) -> dict:
-    """Everything ``flyer plan`` prints, as one flat dict (memory nested under ``memory``)."""
+         price_per_gpu_hour: float = 2.0, extra_gpu_hours: float = 0.0, indexer_train: str = "off") -> dict:
+    """Everything ``flyer plan`` prints, as one flat dict (memory nested under ``memory``); the FLOPs count DSA
+    indexers as ``flyer train --indexer-train`` trains them (``indexer_train``)."""
     if tokens <= 0:
         raise FieldError("tokens", f"must be > 0 (got {tokens})")
     if seq_len < 1:
@@ -268,6 +269,9 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
     for name, value in (("price_per_gpu_hour", price_per_gpu_hour), ("extra_gpu_hours", extra_gpu_hours)):
         if value < 0:
             raise FieldError(name, f"must be >= 0 (got {value})")
+    if indexer_train not in INDEXER_TRAIN_MODES:
+        raise FieldError("indexer_train", f"must be one of {', '.join(INDEXER_TRAIN_MODES)} (got {indexer_train!r})")
+    check_indexer_train(indexer_train, cfg)
     validate_layout(cfg, lay)
     if lay.gpus > gpu.gpus_per_node and lay.gpus % gpu.gpus_per_node:
         # nothing below depends on the node size; say so rather than pass the partial node silently
@@ -275,8 +279,8 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
         warnings.warn(f"{lay.gpus} GPUs are {full} nodes of {gpu.gpus_per_node} and a partial node of {rest}; "
                       f"the plan counts GPUs, not nodes", stacklevel=2)
     pc = param_counts(cfg)
-    causal = training_flops_per_token(cfg, seq_len, causal=True)
-    noncausal = training_flops_per_token(cfg, seq_len, causal=False)
+    causal = training_flops_per_token(cfg, seq_len, causal=True, indexer_train=indexer_train)
+    noncausal = training_flops_per_token(cfg, seq_len, causal=False, indexer_train=indexer_train)
     peak = gpu.bf16_tflops * 1e12
     require_finite("hw", bf16_peak_flops=peak)
     tps = throughput.tokens_per_s_per_gpu(lay.gpus, causal, peak)
@@ -310,7 +314,8 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
         "activated_params_without_embedding": pc.activated - pc.embedding,  # DeepSeek's papers' count (37B for V3)
         "flops_per_token_causal": causal,  # the main model's, as the V3 paper counts them (MFU is of these)
         "flops_per_token_noncausal": noncausal,
-        "flops_per_token_mtp": mtp_training_flops_per_token(cfg, seq_len),  # the MTP modules', beside them
+        "indexer_train": indexer_train,
+        "flops_per_token_mtp": mtp_training_flops_per_token(cfg, seq_len, indexer_train),  # the MTP modules'
         "tokens_per_s_per_gpu": tps,
         "tokens_per_day": tps * lay.gpus * SECONDS_PER_DAY,
         "tflops_per_gpu_causal": causal * tps / 1e12,

@@ -38,24 +38,11 @@ import contextlib
 import torch
 from torch import nn
 
-from flyer.config import INDEXER_TRAIN_MODES, ModelConfig
-from flyer.errors import FieldError
+from flyer.config import INDEXER_TRAIN_MODES
 from flyer.model.dsa_chunks import SparseChunks, absorbed_weight
 from flyer.model.hybrid_chunks import entry_picks, gather_entries, query_chunk
 from flyer.model.recompute import recomputed
 
-
-
-def check_indexer_train(mode: str, cfg: ModelConfig) -> None:
-    """``FieldError`` naming ``indexer_train`` unless ``mode`` is "off" or the model has lightning indexers: V3.2's
-    DSA (attn "mla", index_topk > 0) or DeepSeek-V4's CSA layers (attn "hybrid", some compress_ratios entry
-    csa_ratio; their L_I: ``flyer.model.hybrid_indexer_loss``)."""
-    if mode == "off":
-        return
-    if not any(map(cfg.has_indexer, range(cfg.n_layers))) and not any(map(cfg.is_csa, range(cfg.n_layers))):
-        raise FieldError("indexer_train", f"{mode} trains lightning indexers, and this model has none (attn "
-                                          f"{cfg.attn!r}, index_topk {cfg.index_topk}; DeepSeek-V4's hybrid attention: "
-                                          f"no layer of compress_ratio csa_ratio {cfg.csa_ratio})")
 
 
 def clip_apart(model: nn.Module, clip_grad_norm_, max_norm: float) -> tuple[float, float]:

@@ -27,13 +27,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from flyer.config import ConfigError, ModelConfig, read_config_sections, resolve_config
+from flyer.config import ConfigError, ModelConfig, check_indexer_train, read_config_sections, resolve_config
 from flyer.interop.load import init_weight_files, load_init_weights
 from flyer.data.chat_data import IGNORE_INDEX, is_chat_data
 from flyer.data.shards import atomic_write
 from flyer.model.counts import param_counts
-from flyer.model.indexer_loss import (check_indexer_train, clip_gradients, indexer_depths, real_queries,
-                                     set_indexer_training)
+from flyer.model.indexer_loss import clip_gradients, indexer_depths, real_queries, set_indexer_training
 from flyer.errors import CheckpointError, FieldError, TrainingError, every_rank
 from flyer.model.moe import counting_only, moe_layers, update_router_bias
 from flyer.model.lowp import precision_note
