@@ -11,22 +11,23 @@ from torch import nn
 
 from flyer.cli import main
 from flyer.config import preset
-from flyer.model.attention import Indexer
-from flyer.model.counts import (_block_non_matmul, attention_flops_per_token, block_params, indexer_matmul_params,
-                                layer_flops_per_token, mtp_training_flops_per_token, training_flops_per_token)
+from flyer.model.counts import (_attention, _block_non_matmul, attention_flops_per_token, block_params,
+                                indexer_matmul_params, layer_flops_per_token, mtp_training_flops_per_token,
+                                training_flops_per_token)
 from flyer.model.indexer_loss import indexer_losses, set_indexer_training
 from flyer.model.transformer import Transformer
 from flyer.train.dpo import dpo_flops_per_token
 from flyer.train.metrics import model_flops_per_token
 from test_flop_count import ATTENTION, B, T, step_counter
 
-DSA = dict(mtp_depth=0, index_n_heads=2, index_head_dim=16)
+DSA = dict(mtp_depth=0, index_n_heads=2, index_head_dim=16)  # tiny MLA with small indexers
 
 
-def _passes(cfg, mode: str) -> dict[str, list[str]]:
-    """Per Linear module class (the indexers' "indexer", the attention's "main"), what one training step of ``mode``
-    ran: "f" a forward with autograd, "n" one without, "b" a backward that made the input's gradient, "w" one that
-    made the weight's alone."""
+def _passes(cfg, mode: str, T: int) -> dict[str, list[str]]:
+    """What one training step of ``mode`` on B x T tokens ran of two Linear layers of each attention: the indexer's
+    query projection ("indexer": ``indexer.wq_b``, MLA's DSA or a V4 CSA layer's) and the attention's own ("main":
+    ``wq_b``): "f" a forward with autograd, "n" one without, "b" a backward that made the input's gradient, "w" one
+    that made the weight's alone."""
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     set_indexer_training(model, mode)
@@ -37,9 +38,9 @@ def _passes(cfg, mode: str) -> dict[str, list[str]]:
         m.register_full_backward_hook(lambda _, grad_in, __: seen[kind].append("w" if grad_in[0] is None else "b"))
 
     for name, m in model.named_modules():
-        if isinstance(m, Indexer):
-            watch("indexer", m.wk)
-        elif name.endswith("attn.wkv_b"):
+        if name.endswith("attn.indexer.wq_b"):
+            watch("indexer", m)
+        elif name.endswith("attn.wq_b"):
             watch("main", m)
     tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
     (model.compute_loss(tokens, tokens).loss + sum(indexer_losses(model))).backward()
@@ -47,20 +48,25 @@ def _passes(cfg, mode: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the indexer's detached inputs: that is the point
-@pytest.mark.parametrize("topk", [8, 64])  # selects among T = 48 keys; keeps them all
-def test_what_each_mode_runs(topk):
-    """"off": the indexer runs forward without autograd where it selects (T > index_topk) and not at all where
-    nothing is selected, and the model trains; "sparse": L_I runs it again with autograd (flyer recomputes it apart
-    from the selection: the plan counts one forward) and its backward makes the weights' gradients alone (the inputs
-    are detached); "warmup": L_I only, and every other weight, frozen, runs forward without a backward. These are
-    the passes ``layer_flops_per_token`` counts."""
-    cfg = preset("tiny", index_topk=topk, **DSA)
-    L, selects = cfg.n_layers, T > topk
-    off, sparse, warmup = (_passes(cfg, mode) for mode in ("off", "sparse", "warmup"))
-    assert off == {"indexer": ["n"] * L if selects else [], "main": sorted(["f", "b"] * L)}
+@pytest.mark.parametrize("name,over,T,selects", [
+    ("tiny", dict(index_topk=8, **DSA), 48, True), ("tiny", dict(index_topk=64, **DSA), 48, False),
+    ("tiny-v4", {}, 96, True), ("tiny-v4", {}, 48, False),  # CSA: 24 / 12 entries, index_topk 16
+])
+def test_what_each_mode_runs(name, over, T, selects):
+    """"off": the indexer runs forward without autograd where it selects (more keys or entries than index_topk) and
+    not at all where nothing is selected, and the model trains; "sparse": L_I runs it again with autograd (flyer
+    recomputes it apart from the selection: the plan counts one forward) and its backward makes the weights'
+    gradients alone (the inputs are detached); "warmup": L_I only, and every other weight (the MTP block's too),
+    frozen, runs forward without a backward. These are the passes ``layer_flops_per_token`` counts."""
+    cfg = preset(name, **over)
+    indexed = [i for i in range(cfg.n_layers + cfg.mtp_depth) if indexer_matmul_params(cfg, i)]
+    L, A = len(indexed), cfg.n_layers + cfg.mtp_depth  # indexers; attention layers, an MTP block's included
+    assert L and all(_attention(cfg, T, True, i, dense=False).selects == selects for i in indexed)  # the plan's
+    off, sparse, warmup = (_passes(cfg, mode, T) for mode in ("off", "sparse", "warmup"))
+    assert off == {"indexer": ["n"] * L if selects else [], "main": sorted(["f", "b"] * A)}
     assert sparse == {"indexer": sorted(["f", "w"] * L + (["n"] * L if selects else [])),
-                      "main": sorted(["f", "b"] * L)}
-    assert warmup == {"indexer": sorted(["f", "w"] * L), "main": ["f"] * L}
+                      "main": sorted(["f", "b"] * A)}
+    assert warmup == {"indexer": sorted(["f", "w"] * L), "main": ["f"] * A}
 
 
 def test_unselecting_indexer_costs_nothing(monkeypatch):
