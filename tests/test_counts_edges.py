@@ -73,16 +73,16 @@ def test_shared_indexer_layers_score_nothing(monkeypatch):
 
 def test_v4_mtp_projection_flops_are_torchs_count(monkeypatch):
     """DeepSeek-V4's MTP module projects the embedding (e_proj, D x D) and each of the m hyper-connection streams
-    (h_proj, m D x D): (1 + m) D^2 weights, not V3's 2 D^2. torch's count of those two modules over a training
-    step (on the T - 1 positions with a token two ahead) is the plan's MTP FLOPs less its block, head and
-    attention terms."""
+    (h_proj, m D x D): (1 + m) D^2 weights, not V3's 2 D^2, and collapses its streams with its own hc_head (fn:
+    m x m D). torch's count of those three modules over a training step (on the T - 1 positions with a token two
+    ahead) is the plan's MTP FLOPs less its block, head and attention terms (over those T - 1 positions)."""
     cfg = preset("tiny-v4")
     assert cfg.hc_mult > 2 and cfg.mtp_depth == 1
     counts = step_counter(cfg, monkeypatch, train=True).get_flop_counts()
-    counted = sum(sum(counts[f"HyperMTPModule.{name}"].values()) for name in ("e_proj", "h_proj"))
+    counted = sum(sum(counts[f"HyperMTPModule.{name}"].values()) for name in ("e_proj", "h_proj", "hc_head"))
     n = cfg.n_layers
     block = block_params(cfg, n, activated=True) - _block_non_matmul(cfg, n)
-    attn = attention_flops_per_token(cfg, T, causal=True, layer_id=n)
+    attn = attention_flops_per_token(cfg, T - 1, causal=True, layer_id=n)
     rest = (T - 1) / T * 3 * (2 * (block + cfg.vocab_size * cfg.dim) + attn)
     assert B * T * (mtp_training_flops_per_token(cfg, T) - rest) == pytest.approx(counted, rel=1e-12)
 

@@ -87,15 +87,16 @@ def _by_hand(cfg, S: int, mode: str, backward: bool = True) -> float:
     """The FLOPs per token of ``cfg`` (MLA with DSA in every layer, MTP aside), training (``backward``) or forward,
     from the rules: GEMMs 2 per weight forward, 4 backward; a query at position t in [0, S] attends min(t, k) keys,
     or t in the warm-up, at 2 H (qk + v) each; a query past k keys has the indexer score all t at 2 H_i (d + 1)
-    each, forward once (no gradient); L_I scores the attended keys again, its backward twice that (reusing the
-    selection's scores where there is one), and adds the indexer's weight gradients. Warm-up: the rest forward
-    only."""
+    each, forward once (no gradient); L_I scores the attended keys, reusing the selection's scores where there is
+    one (queries t <= k have none: t keys each), its backward twice that, and adds the indexer's weight gradients.
+    Warm-up: the rest forward only."""
     k, H, Hi = cfg.index_topk, cfg.n_heads, cfg.index_n_heads
     per_key, per_index = 2 * H * (cfg.qk_head_dim + cfg.v_head_dim), 2 * Hi * (cfg.index_head_dim + 1)
     idx = cfg.q_lora_rank * Hi * cfg.index_head_dim + cfg.dim * cfg.index_head_dim + cfg.dim * Hi
     selects = k < S and mode != "warmup"
     attended = k - k * k / (2 * S) if selects else S / 2
     scored = (S * S - k * k) / (2 * S) if selects else 0
+    unscored = k * k / (2 * S) if selects else attended
     passes = 3 if backward and mode != "warmup" else 1
     total = passes * 2 * cfg.vocab_size * cfg.dim
     for i in range(cfg.n_layers):
@@ -104,7 +105,7 @@ def _by_hand(cfg, S: int, mode: str, backward: bool = True) -> float:
         if mode == "off" or not backward:
             total += 2 * idx if selects else 0
         else:
-            total += 4 * idx + (2 if selects else 3) * per_index * attended
+            total += 4 * idx + per_index * (2 * attended + unscored)
     return total
 
 
@@ -123,10 +124,10 @@ def test_warmup_counts_the_frozen_mtp_forward_only():
     block's (its indexer trained), in the trainer's MFU as in the plan."""
     cfg = preset("dsv32")
     S = 4096
-    share = (S - 1) / S
+    share = (S - 1) / S  # the module runs on the S - 1 positions with a token two ahead
     gemm = (2 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim)
     for mode, passes in (("off", 3), ("sparse", 3), ("warmup", 1)):
-        block = layer_flops_per_token(cfg, S, cfg.n_layers, indexer_train=mode)
+        block = layer_flops_per_token(cfg, S - 1, cfg.n_layers, indexer_train=mode)
         mtp = mtp_training_flops_per_token(cfg, S, mode)
         assert mtp == pytest.approx(share * (passes * 2 * gemm + block), rel=1e-12)
         # the trainer's MFU numerator: the main model's and the MTP modules', both as the mode trains them

@@ -26,11 +26,12 @@ MAPPING = {aten.addmm_: lambda self_shape, a, b, *args, out_shape=None, **kw: mm
            ATTENTION[1]: lambda g, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)}
 
 
-def step_counter(cfg, monkeypatch, train: bool = True, indexer_train: str = "off") -> FlopCounterMode:
-    """torch's FLOP counter over one FP32 step of ``cfg``'s model: forward and backward (``train``) or the forward
-    alone without autograd, with the routed experts run one GEMM each (``expert_ffn_loop``: aten ops the counter
-    sees, not flyer's fused kernel); DSA indexers trained as ``indexer_train`` trains them (their KL losses added to
-    the loss, as the trainer adds them)."""
+def step_counter(cfg, monkeypatch, train: bool = True, indexer_train: str = "off",
+                 seq_len: int = T) -> FlopCounterMode:
+    """torch's FLOP counter over one FP32 step of ``cfg``'s model on B x ``seq_len`` tokens: forward and backward
+    (``train``) or the forward alone without autograd, with the routed experts run one GEMM each
+    (``expert_ffn_loop``: aten ops the counter sees, not flyer's fused kernel); DSA indexers trained as
+    ``indexer_train`` trains them (their KL losses added to the loss, as the trainer adds them)."""
     def loop(self, x, counts):
         w1, w2, w3 = self.gemm_weights()
         return experts_mod.expert_ffn_loop(x, counts, w1, w2, w3, self.swiglu_limit)
@@ -41,7 +42,7 @@ def step_counter(cfg, monkeypatch, train: bool = True, indexer_train: str = "off
     for m in model.modules():
         if isinstance(m, MoE):
             m.fuse_local = False
-    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, cfg.vocab_size, (B, seq_len), generator=torch.Generator().manual_seed(1))
     counter = FlopCounterMode(display=False, custom_mapping=MAPPING)
     with counter, torch.set_grad_enabled(train):
         loss = model.compute_loss(tokens, tokens).loss + sum(indexer_losses(model))
@@ -75,5 +76,6 @@ def test_matmul_flops_are_torchs_count(over, monkeypatch):
                                                                           - _non_matmul_params(base))
     mtp = base.replace(mtp_depth=1)
     extra = _matmul_flops(mtp, monkeypatch) - _matmul_flops(base, monkeypatch)
-    attention = 3 * attention_flops_per_token(mtp, T, causal=True, layer_id=mtp.n_layers) * (T - 1) / T
+    # the module runs (and attends) over the T - 1 positions with a token two ahead
+    attention = 3 * attention_flops_per_token(mtp, T - 1, causal=True, layer_id=mtp.n_layers) * (T - 1) / T
     assert extra == pytest.approx(B * T * (mtp_training_flops_per_token(mtp, T) - attention), rel=1e-12)

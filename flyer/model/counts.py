@@ -288,10 +288,13 @@ class _Attention(NamedTuple):
     """One layer's attention FLOPs per token, forward: ``core`` the main attention's (2 H (qk + v) per attended key;
     hybrid: 2 H 2 head_dim), ``selection`` its own indexer's scoring to choose the keys (2 H_index (index_head_dim
     + 1) per scored key: the heads' dot products, then their weighted sum), ``index_attended`` that scoring over the
-    attended keys alone (the indexer's KL loss, L_I), ``selects`` whether the indexer runs at this length."""
+    attended keys alone (the indexer's KL loss, L_I), ``index_unscored`` the part of it the selection did not score
+    (the keys of queries that see at most index_topk: all of it where nothing is selected), ``selects`` whether the
+    indexer runs at this length."""
     core: float
     selection: float
     index_attended: float
+    index_unscored: float
     selects: bool
 
 
@@ -311,10 +314,11 @@ def _attention(cfg: ModelConfig, seq_len: int, causal: bool, layer_id: int | Non
     attended = (k - k * k / (2 * S) if causal else k) if sparse else (S / 2 if causal else S)
     core = 2 * cfg.n_heads * (qk + v) * attended
     if not (k and cfg.has_indexer(cfg.n_layers if layer_id is None else layer_id)):
-        return _Attention(core, 0.0, 0.0, sparse)
+        return _Attention(core, 0.0, 0.0, 0.0, sparse)
     per_key = 2 * cfg.index_n_heads * (cfg.index_head_dim + 1)
     scored = ((S * S - k * k) / (2 * S) if causal else S) if sparse else 0.0
-    return _Attention(core, per_key * scored, per_key * attended, sparse)
+    unscored = (k * k / (2 * S) if causal else 0.0) if sparse else attended  # the queries t <= k: t keys each
+    return _Attention(core, per_key * scored, per_key * attended, per_key * unscored, sparse)
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
@@ -359,11 +363,14 @@ def _hybrid_attention(cfg: ModelConfig, seq_len: int, causal: bool, layer_id: in
         scored = entries if sparse and S // r > k else 0
     core = 2 * cfg.n_heads * 2 * cfg.head_dim * (window + attended) / S
     if not csa:
-        return _Attention(core, 0.0, 0.0, False)
+        return _Attention(core, 0.0, 0.0, 0.0, False)
     per_key = 2 * cfg.index_n_heads * (cfg.index_head_dim + 1)
+    # the entries of the queries with n <= k, which attend to all theirs unscored (every entry where none selects)
+    unscored = entries - scored if sparse and causal else 0 if sparse and S // r > k else attended
     # the indexer runs where the sequence has more than index_topk entries (the queries of its first (k + 1) r
     # positions then project theirs too: ``HybridAttention.forward`` selects per chunk, the count per token)
-    return _Attention(core, per_key * scored / S, per_key * attended / S, sparse and S // r > k)
+    return _Attention(core, per_key * scored / S, per_key * attended / S, per_key * unscored / S,
+                      sparse and S // r > k)
 
 
 def indexer_matmul_params(cfg: ModelConfig, layer_id: int) -> int:
@@ -385,11 +392,13 @@ def layer_flops_per_token(cfg: ModelConfig, seq_len: int, layer_id: int, causal:
 
     A DSA indexer (``indexer_train``: one of ``INDEXER_TRAIN_MODES``, ``flyer.model.indexer_loss``) gets no gradient
     of the model's loss: "off" runs it forward once to select, its projections and its scores; "sparse" adds its KL
-    loss L_I over the attended keys, whose forward is the selection's scores and whose backward costs twice that,
-    and the weight gradient of its projections (their inputs are detached: no input gradient); "warmup" freezes
-    every other weight (the block runs forward only) and attends densely, L_I's scoring then forward and backward
-    over every causal key. flyer's L_I recomputes the indexer's forward apart from the selection (a training
-    implementation's choice, as activation recomputation is: not counted)."""
+    loss L_I over the attended keys, whose forward is the selection's scores (a query that sees at most index_topk
+    keys is scored there first) and whose backward costs twice that, and the weight gradient of its projections
+    (their inputs are detached: no input gradient); "warmup" freezes every other weight (the block runs forward
+    only) and attends densely, L_I's scoring then forward and backward over every causal key. Recomputation is not
+    counted: flyer's L_I runs the indexer's forward again apart from the selection, and its target, the main
+    attention's probabilities, scores the attended keys again (absorbed, ``indexer_loss._target``: at 128K tokens
+    of V3.2's warm-up about as much again as this count) where the attention has them."""
     if indexer_train not in INDEXER_TRAIN_MODES:
         raise ValueError(f"indexer_train: must be one of {', '.join(INDEXER_TRAIN_MODES)} (got {indexer_train!r})")
     warm = indexer_train == "warmup"
@@ -398,7 +407,7 @@ def layer_flops_per_token(cfg: ModelConfig, seq_len: int, layer_id: int, causal:
     main = 2 * (block_params(cfg, layer_id, activated=True) - _block_non_matmul(cfg, layer_id) - idx) + a.core
     flops = (3 if backward and not warm else 1) * main + a.selection
     if backward and idx and indexer_train != "off":  # the projections forward once, then their weight gradient
-        return flops + 2 * 2 * idx + (2 if a.selects else 3) * a.index_attended
+        return flops + 2 * 2 * idx + 2 * a.index_attended + a.index_unscored
     return flops + (2 * idx if a.selects else 0)
 
 
@@ -433,19 +442,19 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True)
 
 def mtp_training_flops_per_token(cfg: ModelConfig, seq_len: int, indexer_train: str = "off") -> float:
     """The MTP modules' training FLOPs per token of a ``seq_len`` row (causal attention; 0 without them), which
-    ``training_flops_per_token`` leaves out: each module's block (``layer_flops_per_token``), its projection of
-    [embedding; hidden] (V3's eh_proj; V4's e_proj, and h_proj per stream) and the shared head, 3 x forward
-    (1 x in the indexer's warm-up, which freezes them); module k runs on the row's first seq_len - k positions
-    (the rest have no token k + 1 ahead to predict)."""
-    if not cfg.mtp_depth:
-        return 0.0
-    proj = (1 + max(cfg.hc_mult, 1)) * cfg.dim * cfg.dim
-    head = cfg.vocab_size * cfg.dim
+    ``training_flops_per_token`` leaves out: module k runs on the row's first seq_len - k positions (the rest have no
+    token k + 1 ahead to predict), its block (``layer_flops_per_token`` at that length), its projection of
+    [embedding; hidden] (V3's eh_proj; V4's e_proj, and h_proj per stream), V4's own hc_head and the shared head,
+    3 x forward (1 x in the indexer's warm-up, which freezes them)."""
+    m = cfg.hc_mult
+    gemm = (1 + max(m, 1)) * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim + (m * m * cfg.dim if m > 1 else 0)
     passes = 1 if indexer_train == "warmup" else 3
-    # V4: the block attends by the window only
-    block = layer_flops_per_token(cfg, seq_len, cfg.n_layers, True, indexer_train)
-    share = sum(max(seq_len - k, 0) for k in range(1, cfg.mtp_depth + 1)) / seq_len
-    return share * (passes * 2.0 * (proj + head) + block)
+    total = 0.0
+    for k in range(1, cfg.mtp_depth + 1):
+        n = seq_len - k
+        if n > 0:  # V4: the block attends by the window only
+            total += n * (passes * 2.0 * gemm + layer_flops_per_token(cfg, n, cfg.n_layers, True, indexer_train))
+    return total / seq_len
 
 
 def _non_matmul_params(cfg: ModelConfig) -> int:

@@ -25,7 +25,7 @@ from torch.torch_version import TorchVersion
 
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
-from flyer.model.counts import hyper_head_params, layer_flops_per_token
+from flyer.model.counts import hyper_head_params, layer_flops_per_token, mtp_training_flops_per_token
 from flyer.model.transformer import Transformer
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
@@ -117,10 +117,8 @@ def require_torch_for(schedule: str, pp: int) -> None:
 
 def end_flops(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token the last stage adds: the output head (after ``hc_head``'s collapse of the
-    streams, with hyper-connections), and per MTP module its projection, block and head call."""
-    head = 6 * cfg.dim * cfg.vocab_size + 6 * hyper_head_params(cfg)
-    mtp = cfg.mtp_depth * (head + 6 * 2 * cfg.dim * cfg.dim + layer_flops_per_token(cfg, seq_len, cfg.n_layers))
-    return head + mtp
+    streams, with hyper-connections), and the MTP modules' (``mtp_training_flops_per_token``)."""
+    return 6 * cfg.dim * cfg.vocab_size + 6 * hyper_head_params(cfg) + mtp_training_flops_per_token(cfg, seq_len)
 
 
 def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[range]:
