@@ -17,6 +17,7 @@ from flyer.model.counts import layer_flops_per_token
 from flyer.model.transformer import Transformer
 from flyer.parallel.memory import activation_bytes, measure_state_bytes
 from flyer.parallel.mesh import LocalMesh, build_mesh, destroy, init_distributed, init_mesh, validate_layout
+from flyer.parallel.overlap import OverlapFB
 from flyer.parallel.stages import end_flops, split_layers, validate_pipeline
 from ranks import run_ranks
 from test_pp_longcat import _cfg as longcat_cfg
@@ -266,3 +267,15 @@ def test_measured_gradient_bytes_count_only_existing_gradients():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     got = measure_state_bytes(model, opt)
     assert got == {"param_bytes": 4 * (15 + 5 + 10), "grad_bytes": 4 * (15 + 10), "optimizer_bytes": 0}
+
+
+def test_overlap_keeps_the_most_chunks_computed_at_once():
+    """``OverlapFB.max_concurrent`` is the evidence that a forward and a backward computed at the same moment: the
+    most at any time, kept after the overlap ends (a later lone chunk does not lower it)."""
+    fb = OverlapFB()
+    with fb._computing():
+        with fb._computing():
+            assert fb.max_concurrent == 2
+    with fb._computing():
+        pass
+    assert fb.max_concurrent == 2 and fb._active == 0
