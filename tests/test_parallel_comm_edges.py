@@ -331,3 +331,17 @@ def test_pipeline_stages_broadcast_from_and_gather_to_their_own_first_rank():
     assert stacks and set(full) == set(res[0]["state"])
     for n in stacks:  # each stage's shards gathered on its own first rank (the dict of the last stage wins)
         assert any(torch.equal(full[n], torch.cat([res[s]["state"][n], res[s + 1]["state"][n]])) for s in (0, 2)), n
+
+
+def test_init_like_single_process_gives_a_first_stage_the_tied_weights_last_draw():
+    """Tied embeddings: the one-process build's single table holds the head's draw, the last module's. A first
+    pipeline stage holds the embedding alone (the head on the meta device, untied there): the replay must give it
+    that draw, not the embedding module's own earlier one."""
+    cfg = preset("tiny", vocab_size=64, n_layers=2, max_seq_len=16, original_seq_len=16, tie_embeddings=True)
+    torch.manual_seed(5)
+    ref = Transformer(cfg)
+    assert ref.head.weight is ref.embed.weight
+    model = Transformer(cfg)
+    model.head.weight = torch.nn.Parameter(torch.empty_like(model.head.weight, device="meta"))  # another stage's
+    grads.init_like_single_process(model, None, 5)
+    assert torch.equal(model.embed.weight, ref.embed.weight)
