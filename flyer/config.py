@@ -427,7 +427,9 @@ INDEXER_TRAIN_MODES = ("off", "warmup", "sparse")
 def check_indexer_train(mode: str, cfg: ModelConfig) -> None:
     """``FieldError`` naming ``indexer_train`` unless ``mode`` is "off" or the model has lightning indexers: V3.2's
     DSA (attn "mla", index_topk > 0) or DeepSeek-V4's CSA layers (attn "hybrid", some compress_ratios entry
-    csa_ratio; their L_I: ``flyer.model.hybrid_indexer_loss``)."""
+    csa_ratio; their L_I: ``flyer.model.hybrid_indexer_loss``), nor for a mode not in ``INDEXER_TRAIN_MODES``."""
+    if mode not in INDEXER_TRAIN_MODES:
+        raise FieldError("indexer_train", f"must be one of {', '.join(INDEXER_TRAIN_MODES)} (got {mode!r})")
     if mode == "off":
         return
     if not any(map(cfg.has_indexer, range(cfg.n_layers))) and not any(map(cfg.is_csa, range(cfg.n_layers))):

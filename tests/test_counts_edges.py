@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from flyer.config import preset
 from flyer.fp8.fp4 import UE8M0_BIAS, pack_e2m1
 from flyer.infer import hybrid_index_fp4
-from flyer.model.counts import (_block_non_matmul, _non_matmul_params, activated_params_min, attention_flops_per_token,
+from flyer.model.counts import (_block_non_matmul, activated_params_min, attention_flops_per_token,
                                 block_params, mtp_training_flops_per_token, param_counts, routed_expert_params,
                                 training_flops_per_token, v4_index_fp4_row_bytes)
 from flyer.model.experts import Experts
 from flyer.model.info import meta_counts
 from flyer.model.transformer import Transformer
 from flyer.train.metrics import model_flops_per_token
-from test_flop_count import ATTENTION, B, T, step_counter
+from test_flop_count import ATTENTION, B, T, non_matmul_params, step_counter
 
 
 @pytest.mark.parametrize("over", [{"qk_norm": True}, {"attn_bias": True}, {"qk_norm": True, "attn_bias": True}])
@@ -95,7 +95,7 @@ def test_non_matmul_params_are_the_models_vectors(over):
     cfg = preset("tiny", mtp_depth=0, **over)
     with torch.device("meta"):
         model = Transformer(cfg)
-    assert _non_matmul_params(cfg) == sum(p.numel() for p in model.parameters() if p.ndim == 1)
+    assert non_matmul_params(cfg) == sum(p.numel() for p in model.parameters() if p.ndim == 1)
 
 
 @pytest.mark.parametrize("di", [8, 32, 40, 64, 72, 128])

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode, mm_flop, sdpa_backward_flo
 
 from flyer.config import preset
 from flyer.model import experts as experts_mod
-from flyer.model.counts import (_non_matmul_params, attention_flops_per_token, mtp_training_flops_per_token,
+from flyer.model.counts import (_block_non_matmul, attention_flops_per_token, mtp_training_flops_per_token,
                                 param_counts, training_flops_per_token)
 from flyer.model.indexer_loss import indexer_losses, set_indexer_training
 from flyer.model.moe import MoE
@@ -24,6 +24,13 @@ ATTENTION = (aten._scaled_dot_product_flash_attention_for_cpu,
 MAPPING = {aten.addmm_: lambda self_shape, a, b, *args, out_shape=None, **kw: mm_flop(a, b),
            ATTENTION[0]: lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v),
            ATTENTION[1]: lambda g, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)}
+
+
+def non_matmul_params(cfg) -> int:
+    """Norm weights, attention biases and the other parameters that are not GEMM operands: the final norm, hc_head's
+    base and scale, and every main block's (``counts._block_non_matmul``)."""
+    m = cfg.hc_mult
+    return cfg.dim + (m + 1 if m > 1 else 0) + sum(_block_non_matmul(cfg, i) for i in range(cfg.n_layers))
 
 
 def step_counter(cfg, monkeypatch, train: bool = True, indexer_train: str = "off",
@@ -73,7 +80,7 @@ def test_matmul_flops_are_torchs_count(over, monkeypatch):
     if not base.tie_embeddings:
         pc = param_counts(base)
         assert training_flops_per_token(base, T) - 3 * attention == 6 * (pc.activated - pc.embedding
-                                                                          - _non_matmul_params(base))
+                                                                          - non_matmul_params(base))
     mtp = base.replace(mtp_depth=1)
     extra = _matmul_flops(mtp, monkeypatch) - _matmul_flops(base, monkeypatch)
     # the module runs (and attends) over the T - 1 positions with a token two ahead

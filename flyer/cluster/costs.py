@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from flyer.cluster.hardware import GIB, GPUSpec
 from flyer.cluster.pipeline import schedule_cost
-from flyer.config import INDEXER_TRAIN_MODES, ModelConfig, check_indexer_train
+from flyer.config import ModelConfig, check_indexer_train
 from flyer.errors import FieldError
 from flyer.model.counts import (block_params, compress_ratio, hyper_head_params, kv_cache_bytes_per_token,
                                 kv_window_bytes, mtp_params_stored, mtp_training_flops_per_token, param_counts,
@@ -269,8 +269,6 @@ def plan(cfg: ModelConfig, gpu: GPUSpec, lay: Layout, tokens: float, seq_len: in
     for name, value in (("price_per_gpu_hour", price_per_gpu_hour), ("extra_gpu_hours", extra_gpu_hours)):
         if value < 0:
             raise FieldError(name, f"must be >= 0 (got {value})")
-    if indexer_train not in INDEXER_TRAIN_MODES:
-        raise FieldError("indexer_train", f"must be one of {', '.join(INDEXER_TRAIN_MODES)} (got {indexer_train!r})")
     check_indexer_train(indexer_train, cfg)
     validate_layout(cfg, lay)
     if lay.gpus > gpu.gpus_per_node and lay.gpus % gpu.gpus_per_node:

@@ -366,7 +366,12 @@ def _hybrid_attention(cfg: ModelConfig, seq_len: int, causal: bool, layer_id: in
         return _Attention(core, 0.0, 0.0, 0.0, False)
     per_key = 2 * cfg.index_n_heads * (cfg.index_head_dim + 1)
     # the entries of the queries with n <= k, which attend to all theirs unscored (every entry where none selects)
-    unscored = entries - scored if sparse and causal else 0 if sparse and S // r > k else attended
+    if not sparse:
+        unscored = attended
+    elif causal:
+        unscored = entries - scored
+    else:
+        unscored = 0 if S // r > k else attended
     # the indexer runs where the sequence has more than index_topk entries (the queries of its first (k + 1) r
     # positions then project theirs too: ``HybridAttention.forward`` selects per chunk, the count per token)
     return _Attention(core, per_key * scored / S, per_key * attended / S, per_key * unscored / S,
@@ -455,14 +460,6 @@ def mtp_training_flops_per_token(cfg: ModelConfig, seq_len: int, indexer_train: 
         if n > 0:  # V4: the block attends by the window only
             total += n * (passes * 2.0 * gemm + layer_flops_per_token(cfg, n, cfg.n_layers, True, indexer_train))
     return total / seq_len
-
-
-def _non_matmul_params(cfg: ModelConfig) -> int:
-    """Norm weights, attention biases and the other parameters that are not GEMM operands: the final norm, hc_head's
-    base and scale, and every main block's (``_block_non_matmul``)."""
-    m = cfg.hc_mult
-    head = cfg.dim + (m + 1 if m > 1 else 0)
-    return head + sum(_block_non_matmul(cfg, i) for i in range(cfg.n_layers))
 
 
 def _block_non_matmul(cfg: ModelConfig, layer_id: int) -> int:

@@ -44,7 +44,6 @@ from flyer.model.hybrid_chunks import entry_picks, gather_entries, query_chunk
 from flyer.model.recompute import recomputed
 
 
-
 def clip_apart(model: nn.Module, clip_grad_norm_, max_norm: float) -> tuple[float, float]:
     """Clip the main model's gradients and the indexers' each to ``max_norm`` apart, as DeepSeek optimizes them apart
     (one global norm would let L_I scale the main model's step); (main norm, indexers' norm) before clipping.
