@@ -204,16 +204,19 @@ def test_max_int_and_silent_ranks_on_two_ranks():
 # ---- the last stage's FLOPs, from the modules it holds --------------------------------------------------------
 @pytest.mark.parametrize("name", ["tiny", "tiny-v4"])
 def test_end_flops_are_six_per_weight_of_the_last_stages_modules(name):
-    """Without MTP, end_flops is 6 training FLOPs per weight of the output head (and of hc_head's collapse with
-    hyper-connections): counted from the parameters of a meta-device model, not from the formula (exact)."""
+    """Without MTP, end_flops is 6 training FLOPs per GEMM weight of the output head (and of hc_head's collapse,
+    its fn, with hyper-connections: its base and scale are no GEMM, as ``training_flops_per_token`` counts them),
+    2 in the indexers' warm-up (frozen): counted from the parameters of a meta-device model, not from the formula
+    (exact)."""
     cfg = preset(name, mtp_depth=0)
     with torch.device("meta"):
         model = Transformer(cfg)
-    head = sum(p.numel() for p in model.head.parameters())
+    head = model.head.weight.numel()
     if cfg.hc_mult > 1:
-        head += sum(p.numel() for p in model.hc_head.parameters())
+        head += model.hc_head.fn.numel()
     assert (cfg.hc_mult > 1) == (name == "tiny-v4")
-    assert end_flops(cfg, 64) == 6 * head
+    assert end_flops(cfg, 64) == end_flops(cfg, 64, "sparse") == 6 * head
+    assert end_flops(cfg, 64, "warmup") == 2 * head
 
 
 def test_split_ties_go_to_the_later_cut():

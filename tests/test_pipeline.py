@@ -197,15 +197,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---- stage split and placement (no processes) -----------------------------------------------------
-def _brute_force_best(cfg, n_stages: int, seq_len: int) -> float:
+def stage_costs(cfg, split: list[range], seq_len: int, indexer_train: str = "off") -> list[float]:
+    """Each stage's training FLOPs per token: its blocks', the last stage's head and MTP modules' too."""
+    out = [sum(layer_flops_per_token(cfg, seq_len, i, True, indexer_train) for i in r) for r in split]
+    out[-1] += end_flops(cfg, seq_len, indexer_train)
+    return out
+
+
+def brute_force_best(cfg, n_stages: int, seq_len: int, indexer_train: str = "off") -> float:
     """The smallest largest-stage cost over every contiguous split into non-empty stages."""
-    cost = [layer_flops_per_token(cfg, seq_len, i) for i in range(cfg.n_layers)]
     best = float("inf")
     for cuts in itertools.combinations(range(1, cfg.n_layers), n_stages - 1):
         bounds = (0, *cuts, cfg.n_layers)
-        stages = [sum(cost[a:b]) for a, b in zip(bounds, bounds[1:])]
-        stages[-1] += end_flops(cfg, seq_len)
-        best = min(best, max(stages))
+        split = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+        best = min(best, max(stage_costs(cfg, split, seq_len, indexer_train)))
     return best
 
 
@@ -221,7 +226,7 @@ def test_split_layers_is_the_flop_optimal_contiguous_split(n_layers, n_dense, mt
         assert len(split) == n and all(len(r) for r in split)
         assert [i for r in split for i in r] == list(range(n_layers))  # contiguous, every layer once
         got = max(sum(cost[i] for i in r) + (end_flops(cfg, seq) if s == n - 1 else 0) for s, r in enumerate(split))
-        assert got == pytest.approx(_brute_force_best(cfg, n, seq), rel=1e-12), (n, split)
+        assert got == pytest.approx(brute_force_best(cfg, n, seq), rel=1e-12), (n, split)
 
 
 def _gemm_flops(cfg, layer_id: int) -> float:

@@ -122,7 +122,7 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     validate_run_layout(cfg, args.gpus, ep, rpn, pp)
     validate_pipeline(cfg, pp, schedule, min_micro_batches(schedule, pp))
     mem = plan_state_bytes(cfg, pp, dp, ep, zero, schedule, args.seq_len, args.micro_batch, precision, optimizer,
-                           recompute, cache)
+                           recompute, cache, args.indexer_train)
     return {"run_layout": {"world": args.gpus, "pp": pp, "dp": dp, "ep": ep, "zero": zero,
                            "pp_schedule": schedule if pp > 1 else None, "precision": precision,
                            "optimizer": optimizer, "recompute": recompute,

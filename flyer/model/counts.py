@@ -57,6 +57,14 @@ def attention_params(cfg: ModelConfig, layer_id: int = 0) -> int:
     return q + kv + H * cfg.v_head_dim * D + (indexer_params(cfg) if cfg.has_indexer(layer_id) else 0)
 
 
+def indexer_param_total(cfg: ModelConfig) -> int:
+    """The parameters of every lightning indexer of the model and its MTP modules (``indexer_params`` each): DSA's
+    (MLA) in the layers with their own and in every MTP block, DeepSeek-V4's in its CSA layers; what
+    ``--indexer-train`` freezes ("off") or trains alone ("warmup")."""
+    layers = range(cfg.n_layers + cfg.mtp_depth)
+    return indexer_params(cfg) * sum(cfg.has_indexer(i) or cfg.is_csa(i) for i in layers)
+
+
 def indexed_layers(cfg: ModelConfig) -> int:
     """Main layers with their own DSA indexer (MLA): every one, or GLM-5's "full" ones; 0 without DSA."""
     return sum(map(cfg.has_indexer, range(cfg.n_layers)))
@@ -423,10 +431,15 @@ def _top_matmul(cfg: ModelConfig) -> int:
     return cfg.vocab_size * cfg.dim + (m * m * cfg.dim if m > 1 else 0)
 
 
+def head_flops_per_token(cfg: ModelConfig, indexer_train: str = "off", backward: bool = True) -> float:
+    """The FLOPs per token of the GEMMs past the blocks (``_top_matmul``): forward, and with ``backward`` twice
+    that again, but in the indexers' warm-up, which freezes them."""
+    return (3 if backward and indexer_train != "warmup" else 1) * 2.0 * _top_matmul(cfg)
+
+
 def _model_flops(cfg: ModelConfig, seq_len: int, causal: bool, indexer_train: str, backward: bool) -> float:
     """The main model's FLOPs per token: its blocks' (``layer_flops_per_token``) and the GEMMs past them."""
-    passes = 3 if backward and indexer_train != "warmup" else 1
-    return passes * 2.0 * _top_matmul(cfg) + sum(
+    return head_flops_per_token(cfg, indexer_train, backward) + sum(
         layer_flops_per_token(cfg, seq_len, i, causal, indexer_train, backward) for i in range(cfg.n_layers))
 
 

@@ -9,8 +9,9 @@ its matrices, AdamW's for the rest; under ZeRO-1 only this rank's shard).
 Planned (``plan_state_bytes``): the same sums from a ``Transformer`` built on the ``meta``
 device, cut as the run cuts it: the layers and ends of each pipeline rank (``held_modules``, the
 rule ``PipelineModel`` follows), the expert stacks sliced ``ep`` ways, and ZeRO-1's partition
-(``flyer.parallel.zero.partition``). Activations are an estimate beside them (``activation_bytes``), and
-``saved_bytes`` measures what autograd keeps while a forward runs.
+(``flyer.parallel.zero.partition``), gradients and optimizer state for the parameters that train only (DSA
+indexers frozen or trained alone as ``--indexer-train`` sets them: ``set_indexer_training``). Activations are an
+estimate beside them (``activation_bytes``), and ``saved_bytes`` measures what autograd keeps while a forward runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.utils._pytree import tree_leaves
 from flyer.cluster.costs import activation_bytes_per_token_layer, expert_weights_saved_bytes, head_saved_bytes
 from flyer.config import ModelConfig
 from flyer.model.counts import has_routed_experts
+from flyer.model.indexer_loss import set_indexer_training
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import expert_param_names
 from flyer.parallel.stages import chunks_per_rank, held_modules, split_layers, stage_ranks
@@ -51,14 +53,14 @@ def measure_state_bytes(model: nn.Module, optimizer) -> dict[str, int]:
             "optimizer_bytes": state}
 
 
-def _holder(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: int) -> nn.Module:
+def _holder(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: int, indexer_train: str) -> nn.Module:
     """The modules pipeline rank ``pp_rank`` holds (``flyer.parallel.stages.held_modules``), registered in
     ``PipelineModel``'s order so ``named_parameters`` lists them as the run does; the whole model
     without pipelining."""
     if pp == 1:
         return model
     holder = nn.Module()
-    for name, module in held_modules(model, pp, pp_rank, schedule, seq_len).items():
+    for name, module in held_modules(model, pp, pp_rank, schedule, seq_len, indexer_train).items():
         setattr(holder, name, module)
     return holder
 
@@ -122,7 +124,8 @@ def saved_bytes(fn, skip: nn.Module | None = None) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq_len: int, micro_batch: int,
-                     precision: str, ep: int = 1, recompute: str = "none", activation_cache: str = "fp8") -> int:
+                     precision: str, ep: int = 1, recompute: str = "none", activation_cache: str = "fp8",
+                     indexer_train: str = "off") -> int:
     """An estimate of what pipeline rank ``pp_rank`` saves for backward at its peak: every block's
     saved activations (``activation_bytes_per_token_layer``: ``recompute`` "mla" leaves out the MLA layers' per-head
     q, k and v, ``flyer.model.recompute``, else nothing is recomputed; under FP8 the FFNs' FP8 activation cache,
@@ -130,10 +133,13 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
     weights (``expert_weights_saved_bytes``: this rank's ``1/ep`` of them, in FP8 a byte an element: the FP8 experts
     keep their weights' FP8 blocks) for the micro-batches in flight on each of its stages (stage s of n holds up to
     n - s of them in a 1F1B-style schedule; one without pipelining), plus what the main and MTP heads' losses keep
-    on the last stage (``head_saved_bytes``)."""
+    on the last stage (``head_saved_bytes``). The indexers' warm-up (``indexer_train``) freezes all of these: 0
+    (what L_I itself keeps, the indexer's scores over every causal key, is not estimated)."""
+    if indexer_train == "warmup":
+        return 0
     element = 4 if precision == "fp32" else 2
     n = pp * chunks_per_rank(schedule, pp)
-    split, placement = split_layers(cfg, n, seq_len), stage_ranks(schedule, pp)
+    split, placement = split_layers(cfg, n, seq_len, indexer_train), stage_ranks(schedule, pp)
     tokens = micro_batch * seq_len
     fp8_cache = precision == "fp8" and activation_cache == "fp8"
     weight_element = 1 if precision == "fp8" else element  # FP8 experts keep their three weights' FP8 blocks
@@ -155,9 +161,10 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
 def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, schedule: str = "1f1b",
                      seq_len: int = 4096, micro_batch: int = 1, precision: str = "bf16",
                      optimizer: str = "adamw", recompute: str = "none",
-                     activation_cache: str = "fp8") -> dict[str, Any]:
+                     activation_cache: str = "fp8", indexer_train: str = "off") -> dict[str, Any]:
     """Per global rank (stage-major: rank = pp_rank * dp + dp_rank, as ``flyer.parallel.mesh``; ``recompute`` and
-    ``activation_cache``: ``flyer train --recompute`` and ``--fp8-activation-cache``, the activation estimate's):
+    ``activation_cache``: ``flyer train --recompute`` and ``--fp8-activation-cache``, the activation estimate's;
+    ``indexer_train``: ``--indexer-train``, which sets what trains and the stages' split weighs):
     ``param_bytes_per_rank``, ``grad_bytes_per_rank``, ``optimizer_bytes_per_rank`` (exact, for a
     run of ``cfg`` on that layout with FP32 parameters and ``optimizer``, 'adamw' or 'muon': the
     routing of ``flyer.optim.muon``), each with its ``max_...``, and
@@ -167,18 +174,21 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {optimizer!r})")
     with torch.device("meta"):
         model = Transformer(cfg)
+    set_indexer_training(model, indexer_train)  # what the run trains: gradients and state for those only
     muon = muon_param_ids(model) if optimizer == "muon" else {}
     experts = expert_param_names(model)
     out: dict[str, list[int]] = {f"{k}_per_rank": [] for k in KEYS}
     acts = []
     for pp_rank in range(pp):
-        named = list(_holder(model, pp, pp_rank, schedule, seq_len).named_parameters())
+        named = list(_holder(model, pp, pp_rank, schedule, seq_len, indexer_train).named_parameters())
         numel = {id(p): p.numel() // ep if n in experts else p.numel() for n, p in named}
         elsize = {id(p): p.element_size() for _, p in named}
         params = sum(numel[id(p)] * elsize[id(p)] for _, p in named)
+        grads = sum(numel[id(p)] * elsize[id(p)] for _, p in named if p.requires_grad)  # zeros where unused
 
-        def state(ps: list[nn.Parameter]) -> int:
-            return sum(state_bytes(optimizer, id(p) in muon, numel[id(p)], elsize[id(p)], STEP_BYTES) for p in ps)
+        def state(ps: list[nn.Parameter]) -> int:  # created at a parameter's first gradient: frozen ones have none
+            return sum(state_bytes(optimizer, id(p) in muon, numel[id(p)], elsize[id(p)], STEP_BYTES)
+                       for p in ps if p.requires_grad)
 
         kinds = {"all": [p for _, p in named], "dense": [p for n, p in named if n not in experts],
                  "expert": [p for n, p in named if n in experts]}
@@ -188,11 +198,11 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
             owned = partition([[numel[id(p)] for p in g] for g in groups], replicas)
             shards[kind] = [sum(state([g[i] for i in idx]) for g, idx in zip(groups, mine)) for mine in owned]
         act = activation_bytes(cfg, pp, pp_rank, schedule, seq_len, micro_batch, precision, ep,  # replicas alike
-                               recompute, activation_cache)
+                               recompute, activation_cache, indexer_train)
         for dp_rank in range(dp):
             opt = sum(per[shard_rank(kind, dp_rank, ep) if len(per) > 1 else 0] for kind, per in shards.items())
             out["param_bytes_per_rank"].append(params)
-            out["grad_bytes_per_rank"].append(params)  # every parameter gets a gradient (zeros where unused)
+            out["grad_bytes_per_rank"].append(grads)
             out["optimizer_bytes_per_rank"].append(opt)
             acts.append(act)
     res: dict[str, Any] = dict(out)

@@ -251,13 +251,14 @@ class PipelineModel(nn.Module):
     the one-process model restricted to the stages held here (``layers.<id>`` keeps the global
     layer id), so ``Mesh.full_state_dict`` assembles the single-process checkpoint.
 
+    ``indexer_train``: the run's ``--indexer-train``, which the stages' split weighs (``split_layers``).
     ``overlap``: run DualPipeV's paired forward and backward chunks concurrently (``OverlapFB``);
     None: on for DualPipeV with EP > 1 (the exchanges it hides), off otherwise. Every rank must
     pass the same value (it creates process groups).
     """
 
     def __init__(self, model: Transformer, mesh, schedule: str, micro_batches: int, batch_size: int, seq_len: int,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, indexer_train: str = "off"):
         super().__init__()
         if overlap and schedule != "dualpipev":
             raise FieldError("overlap", f"pairs the chunks of DualPipeV only (got schedule {schedule})")
@@ -268,15 +269,15 @@ class PipelineModel(nn.Module):
         self.micro_batches = micro_batches
         self.mesh = mesh
         n = mesh.pp * chunks_per_rank(schedule, mesh.pp)
-        self.split = split_layers(model.cfg, n, seq_len)
+        self.split = split_layers(model.cfg, n, seq_len, indexer_train)
         self.placement = stage_ranks(schedule, mesh.pp)
         local = [s for s in range(n) if self.placement[s] == mesh.pp_rank]
         stages = [Stage(model, s, self.split[s], n, micro_batches) for s in local]
         self._stages = stages  # not submodules: the same weights are registered below by their model names
-        for name, module in held_modules(model, mesh.pp, mesh.pp_rank, schedule, seq_len).items():
+        for name, module in held_modules(model, mesh.pp, mesh.pp_rank, schedule, seq_len, indexer_train).items():
             if any(p.is_meta for p in module.parameters()):
                 raise ValueError(f"{name}: on the meta device, built for another pipeline layout (build_model's "
-                                 f"stages must be ({schedule!r}, {seq_len}))")
+                                 f"stages must be ({schedule!r}, {seq_len}, {indexer_train!r}))")
             setattr(self, name, module)
         self.mirrors = hasattr(self, "embed") and 0 not in local  # the last stage's copy of the embedding
         if self.mirrors:

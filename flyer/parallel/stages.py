@@ -25,7 +25,7 @@ from torch.torch_version import TorchVersion
 
 from flyer.config import ModelConfig
 from flyer.errors import FieldError
-from flyer.model.counts import hyper_head_params, layer_flops_per_token, mtp_training_flops_per_token
+from flyer.model.counts import head_flops_per_token, layer_flops_per_token, mtp_training_flops_per_token
 from flyer.model.transformer import Transformer
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
@@ -89,7 +89,7 @@ def check_indexer_stages(cfg: ModelConfig, pp: int, schedule: str, seq_len: int,
     if mode != "warmup" or pp == 1:
         return
     n = pp * chunks_per_rank(schedule, pp)
-    split, placement = split_layers(cfg, n, seq_len), stage_ranks(schedule, pp)
+    split, placement = split_layers(cfg, n, seq_len, mode), stage_ranks(schedule, pp)
     for rank in range(pp):
         layers = [i for s in range(n) if placement[s] == rank for i in split[s]]
         mtp = range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if placement[-1] == rank else range(0)
@@ -115,15 +115,17 @@ def require_torch_for(schedule: str, pp: int) -> None:
                                         f"interleaved run on it")
 
 
-def end_flops(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token the last stage adds: the output head (after ``hc_head``'s collapse of the
-    streams, with hyper-connections), and the MTP modules' (``mtp_training_flops_per_token``)."""
-    return 6 * cfg.dim * cfg.vocab_size + 6 * hyper_head_params(cfg) + mtp_training_flops_per_token(cfg, seq_len)
+def end_flops(cfg: ModelConfig, seq_len: int, indexer_train: str = "off") -> float:
+    """Training FLOPs per token the last stage adds: the output head's and ``hc_head``'s GEMMs (with
+    hyper-connections; ``head_flops_per_token``) and the MTP modules' (``mtp_training_flops_per_token``), as
+    ``indexer_train`` trains them."""
+    return head_flops_per_token(cfg, indexer_train) + mtp_training_flops_per_token(cfg, seq_len, indexer_train)
 
 
-def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[range]:
+def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096, indexer_train: str = "off") -> list[range]:
     """The contiguous split of the blocks into ``n_stages`` non-empty stages whose largest training
-    FLOPs (the last stage's head and MTP included) is smallest; ties keep later stages lighter. A stage
+    FLOPs (the last stage's head and MTP included; DSA indexers as ``indexer_train`` trains them, whose warm-up
+    leaves the rest forward only: ``layer_flops_per_token``) is smallest; ties keep later stages lighter. A stage
     starts at a layer with its own DSA indexer (GLM-5's shared layers stay with the full layer whose
     selection they reuse: it never crosses stages), so a model with fewer full layers than stages is refused;
     with ``shortcut_moe`` (LongCat-Flash) at a pair's first block (even), so the stages hold whole pairs and
@@ -142,11 +144,11 @@ def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[r
         raise FieldError("pp", f"{n_stages} stages each starting at a layer with its own DSA indexer need "
                                f"{n_stages} such layers (indexer_types marks {len(starts) + 1} 'full')")
     after = {e: len(starts) - 1 - k for k, e in enumerate(starts)}  # stage starts past each one
-    cost = [layer_flops_per_token(cfg, seq_len, i) for i in range(L)]
+    cost = [layer_flops_per_token(cfg, seq_len, i, True, indexer_train) for i in range(L)]
     prefix = [0.0]
     for c in cost:
         prefix.append(prefix[-1] + c)
-    tail = end_flops(cfg, seq_len)
+    tail = end_flops(cfg, seq_len, indexer_train)
 
     @functools.cache
     def best(s: int, start: int) -> tuple[float, tuple[int, ...]]:
@@ -172,14 +174,15 @@ def needs_embedding(model: Transformer, first: bool, last: bool) -> bool:
 
 
 
-def held_modules(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: int) -> dict[str, nn.Module]:
-    """What pipeline rank ``pp_rank`` holds, by the one-process model's attribute names and in
-    the order ``PipelineModel`` registers them: its ``layers`` (keyed by global layer id), the
-    ``embed``ding (the first stage's, or the last stage's mirror for MTP or a tied head), and on
-    the last stage ``norm``, ``head``, ``hc_head`` (hyper-connections) and ``mtp``.
+def held_modules(model: Transformer, pp: int, pp_rank: int, schedule: str, seq_len: int,
+                 indexer_train: str = "off") -> dict[str, nn.Module]:
+    """What pipeline rank ``pp_rank`` holds (its stages: ``split_layers`` at ``seq_len`` and ``indexer_train``), by
+    the one-process model's attribute names and in the order ``PipelineModel`` registers them: its ``layers`` (keyed
+    by global layer id), the ``embed``ding (the first stage's, or the last stage's mirror for MTP or a tied head),
+    and on the last stage ``norm``, ``head``, ``hc_head`` (hyper-connections) and ``mtp``.
     ``flyer.parallel.memory`` plans from the same."""
     n = pp * chunks_per_rank(schedule, pp)
-    split, placement = split_layers(model.cfg, n, seq_len), stage_ranks(schedule, pp)
+    split, placement = split_layers(model.cfg, n, seq_len, indexer_train), stage_ranks(schedule, pp)
     local = [s for s in range(n) if placement[s] == pp_rank]
     out: dict[str, nn.Module] = {"layers": nn.ModuleDict({str(i): model.layers[i] for s in local for i in split[s]})}
     last = n - 1 in local

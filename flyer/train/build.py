@@ -17,7 +17,7 @@ from flyer.data.sampler import TEXT_TENSORS
 from flyer.errors import CheckpointError, ConfigError, FieldError
 from flyer.fp8.fp4 import FP4_GROUP, fp4_experts
 from flyer.interop.load import init_source
-from flyer.model.counts import param_counts, routed_expert_params
+from flyer.model.counts import indexer_param_total, param_counts, routed_expert_params
 from flyer.model.dispatch import match_wire_scales
 from flyer.model.recompute import set_recompute
 from flyer.model.transformer import Transformer
@@ -33,24 +33,27 @@ from flyer.train.dpo import reference_bytes
 
 
 def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep: int = 1, pp: int = 1) -> float:
-    """A lower bound on one rank's training memory: FP32 weights, gradients and the optimizer's
-    moments (AdamW two, Muon at least one) of the model and its MTP modules (routed experts split over ``ep``,
-    the rest over ``pp`` stages), and what one micro-batch saves for backward: every block's saved activations and
-    its routed experts' GEMM weights (``flyer.parallel.memory.activation_bytes``, the whole batch through the whole
-    model: a pipeline holds about ``pp`` micro-batches of its 1/pp of the layers), and what the main and MTP heads'
-    losses keep. DPO (``tc.dpo``) adds its frozen reference's weights as held
-    (``flyer.train.dpo.reference_bytes``: FP32, the GEMM weights BF16 under bf16; DPO runs with ep = pp = 1); the
-    reference's forward (no gradients) runs before the policy's in each micro-batch, so its transient
-    activations are freed before the policy saves any and add nothing to the peak. Attention scores and allocator
+    """A lower bound on one rank's training memory: FP32 weights of the model and its MTP modules (routed experts
+    split over ``ep``, the rest over ``pp`` stages), gradients and the optimizer's moments (AdamW two, Muon at
+    least one) of those that train (``tc.indexer_train``: DSA indexers frozen, or trained alone in the warm-up),
+    and what one micro-batch saves for backward: every block's saved activations and its routed experts' GEMM
+    weights (``flyer.parallel.memory.activation_bytes``, the whole batch through the whole model: a pipeline holds
+    about ``pp`` micro-batches of its 1/pp of the layers), and what the main and MTP heads' losses keep. DPO
+    (``tc.dpo``) adds its frozen reference's weights as held (``flyer.train.dpo.reference_bytes``: FP32, the GEMM
+    weights BF16 under bf16; DPO runs with ep = pp = 1); the reference's forward (no gradients) runs before the
+    policy's in each micro-batch, so its transient activations are freed before the policy saves any and add
+    nothing to the peak. Attention scores and allocator
     slack come on top."""
     pc = param_counts(cfg)
     routed = routed_expert_params(cfg)
     params = (pc.total + pc.mtp - routed + routed / ep) / pp
+    indexers = indexer_param_total(cfg) / pp
+    trained = {"off": params - indexers, "sparse": params, "warmup": indexers}[tc.indexer_train]
     saved = activation_bytes(cfg, 1, 0, "1f1b", tc.seq_len, tc.batch_size, precision, ep, tc.recompute,
-                             tc.fp8_activation_cache)
-    per_param = 16 if tc.optimizer == "adamw" else 12
+                             tc.fp8_activation_cache, tc.indexer_train)
+    per_param = 16 if tc.optimizer == "adamw" else 12  # 4 of them the weight's
     reference = reference_bytes(cfg, precision, tc.fp4_experts) if tc.dpo else 0
-    return params * per_param + reference + saved
+    return 4 * params + (per_param - 4) * trained + reference + saved
 
 
 def require_training_memory(cfg: ModelConfig, tc: TrainConfig, precision: str, device: torch.device, ep: int,
@@ -107,7 +110,7 @@ def check_fp4_experts(fp4: bool, cfg: ModelConfig) -> None:
 
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
                 dispatcher: str = "hierarchical", fp8_dispatch: bool = False,
-                stages: tuple[str, int] | None = None, fp4: bool = False,
+                stages: tuple[str, int, str] | None = None, fp4: bool = False,
                 fp8_activation_cache: str = "fp8", recompute: str = "none") -> Transformer:
     """The model to train, on ``mesh.device``, initialised exactly as ``torch.manual_seed(seed);
     Transformer(cfg)`` in one process (each rank keeps its slice of the experts).
@@ -115,7 +118,7 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
     precision: 'fp8' converts the linear layers to FP8 (any other value: left as built; autocast
     is the caller's). dispatcher: 'local', 'flat' or 'hierarchical', how tokens reach experts on
     other ranks; fp8_dispatch: FP8 payload on that wire (none without expert parallelism: no row crosses ranks).
-    stages: the pipeline's (schedule, seq_len) under pp > 1: only this rank's modules
+    stages: the pipeline's (schedule, seq_len, indexer_train) under pp > 1: only this rank's modules
     (``held_modules``) get memory, the others stay on the meta device for ``PipelineModel``.
     fp4: DeepSeek-V4's FP4 QAT of the routed experts, in any precision (``flyer.fp8.fp4.fp4_experts``).
     recompute: ``flyer.model.recompute.MODES`` (``TrainConfig`` refuses it under a schedule that splits backward).

@@ -182,16 +182,18 @@ class Trainer:
             self.log(f"{self.sampler.cut} of {self.data.train.n_conversations} training conversations are longer "
                      f"than seq_len+1 = {tc.seq_len + 1} tokens: their rows keep the first {tc.seq_len + 1}")
 
+        stages = (tc.pp_schedule, tc.seq_len, tc.indexer_train) if tc.pp > 1 else None  # as PipelineModel splits
         self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch,
-                                 stages=(tc.pp_schedule, tc.seq_len) if tc.pp > 1 else None, fp4=tc.fp4_experts,
-                                 fp8_activation_cache=tc.fp8_activation_cache, recompute=tc.recompute)
+                                 stages=stages, fp4=tc.fp4_experts, fp8_activation_cache=tc.fp8_activation_cache,
+                                 recompute=tc.recompute)
         if tc.recompute != "none":
             self.log(recompute_line(self.model))
         self.pipeline: PipelineModel | None = None
         if self.mesh.pp > 1:  # this rank keeps its stages; the rest of the model is freed
             overlap = None if tc.pp_overlap else False  # None: where it applies (dualpipev, ep > 1)
             self.model = self.pipeline = PipelineModel(self.model, self.mesh, tc.pp_schedule, self.micro_batches,
-                                                       tc.batch_size, tc.seq_len, overlap=overlap)
+                                                       tc.batch_size, tc.seq_len, overlap=overlap,
+                                                       indexer_train=tc.indexer_train)
         if tc.init and start is None:  # a resumed run has its own weights
             load_init_weights(self.model, tc.init)
         set_indexer_training(self.model, tc.indexer_train)  # before the optimizer: warm-up freezes the rest
