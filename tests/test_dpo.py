@@ -28,6 +28,7 @@ from flyer.interop.hf import load_hf
 from flyer.train import checkpoint as ckpt
 from flyer.train.config import TrainConfig
 from flyer.model.counts import param_counts, training_flops_per_token
+from flyer.model.transformer import Transformer
 from flyer.train.dpo import completion_logprobs, dpo_flops_per_token
 from flyer.train.metrics import model_flops_per_token
 from flyer.train.trainer import Trainer
@@ -397,6 +398,24 @@ def _assert_memory_counts(t, reference: int) -> None:
         tc = dataclasses.replace(t.tc, batch_size=batch)
         assert (training_memory_bytes(t.cfg, tc, t.precision)
                 - training_memory_bytes(t.cfg, dataclasses.replace(plain, batch_size=batch), t.precision)) == reference
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v4"])
+def test_memory_bound_holds_the_frozen_mtp_modules_weights_only(name):
+    """DPO freezes the policy's MTP modules and never runs them: the pre-run bound holds their FP32 weights (4 bytes
+    each, counted on a meta-device model) and nothing else of them, whatever the batch; without DPO they train."""
+    cfg = preset(name, mtp_depth=1)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    own = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
+    for batch in (0, 4):
+        tc = TrainConfig(batch_size=batch, seq_len=32, dpo=True)
+        without = training_memory_bytes(cfg.replace(mtp_depth=0), tc, "fp32")
+        assert training_memory_bytes(cfg, tc, "fp32") - without == 4 * own
+        plain = dataclasses.replace(tc, dpo=False)  # weights, gradients, AdamW's moments, and with a batch its saves
+        trained = training_memory_bytes(cfg, plain, "fp32") - training_memory_bytes(cfg.replace(mtp_depth=0), plain,
+                                                                                    "fp32")
+        assert trained == 16 * own if batch == 0 else trained > 16 * own
 
 
 def test_memory_estimate_and_flops_count_the_reference(hf, tmp_path):

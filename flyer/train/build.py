@@ -42,14 +42,17 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
     (``tc.dpo``) adds its frozen reference's weights as held (``flyer.train.dpo.reference_bytes``: FP32, the GEMM
     weights BF16 under bf16; DPO runs with ep = pp = 1); the reference's forward (no gradients) runs before the
     policy's in each micro-batch, so its transient activations are freed before the policy saves any and add
-    nothing to the peak. Attention scores and allocator
-    slack come on top."""
-    pc = param_counts(cfg)
-    routed = routed_expert_params(cfg)
-    params = (pc.total + pc.mtp - routed + routed / ep) / pp
-    indexers = indexer_param_total(cfg) / pp
-    trained = {"off": params - indexers, "sparse": params, "warmup": indexers}[tc.indexer_train]
-    saved = activation_bytes(cfg, 1, 0, "1f1b", tc.seq_len, tc.batch_size, precision, ep, tc.recompute,
+    nothing to the peak; the policy's MTP modules are frozen and never run (``flyer.train.dpo``): weights only.
+    Attention scores and allocator slack come on top."""
+
+    def held(c: ModelConfig) -> float:  # this rank's parameters of ``c``
+        pc, routed = param_counts(c), routed_expert_params(c)
+        return (pc.total + pc.mtp - routed + routed / ep) / pp
+
+    run = cfg.replace(mtp_depth=0) if tc.dpo else cfg  # what runs and may train
+    params, indexers = held(cfg), indexer_param_total(run) / pp
+    trained = {"off": held(run) - indexers, "sparse": held(run), "warmup": indexers}[tc.indexer_train]
+    saved = activation_bytes(run, 1, 0, "1f1b", tc.seq_len, tc.batch_size, precision, ep, tc.recompute,
                              tc.fp8_activation_cache, tc.indexer_train)
     per_param = 16 if tc.optimizer == "adamw" else 12  # 4 of them the weight's
     reference = reference_bytes(cfg, precision, tc.fp4_experts) if tc.dpo else 0
