@@ -208,3 +208,28 @@ def test_each_train_document_draws_its_fim_rewrite_from_the_seed_and_its_index(t
     tokens = data.train.read(0, len(data.train))
     docs = np.split(tokens, np.flatnonzero(tokens == data.eos_id) + 1)[:-1]
     assert [bool(d[0] == begin) for d in docs] == [np.random.default_rng((5, i)).random() < 0.5 for i in range(n)]
+
+
+def test_a_vocabulary_just_past_16_bits_takes_four_bytes(tmp_path):
+    """65,537 ids need 4 bytes a token: id 65,536 reads back as itself (2-byte storage would wrap it to 0)."""
+    p = write_shard(tmp_path / "a.bin", [0, 65535, 65536], 65537)
+    assert p.stat().st_size == 64 + 3 * 4 and TokenShards([p]).read(0, 3).tolist() == [0, 65535, 65536]
+
+
+def test_the_unigram_baseline_counts_every_validation_shard(tmp_path):
+    """The unigram baseline with add-one smoothing, its validation split over two shards: by hand, train [0, 2, 2]
+    over 3 ids gives p = (2, 1, 3) / 6, and the validation tokens 0 and 1 cost -(log 2/6 + log 1/6) / 2."""
+    train = TokenShards([write_shard(tmp_path / "t.bin", [0, 2, 2], 3)])
+    val = TokenShards([write_shard(tmp_path / "v0.bin", [0], 3), write_shard(tmp_path / "v1.bin", [1], 3)])
+    assert unigram_cross_entropy(train, val, 3) == pytest.approx(-(np.log(2 / 6) + np.log(1 / 6)) / 2, rel=1e-12)
+
+
+def test_a_cache_whose_shards_are_of_another_vocabulary_is_rebuilt(tmp_path, capsys):
+    """A cached build whose validation shards say another vocabulary than its tokenizer's is rebuilt, not used."""
+    first = prepare_data(_corpus(tmp_path / "c"), tmp_path / "cache", vocab_size=300, val_fraction=0.2)
+    for path in first.val.paths:
+        write_shard(first.cache_dir / path.name, [1, 2, 3], first.vocab_size + 7)
+    capsys.readouterr()
+    again = prepare_data(tmp_path / "c", tmp_path / "cache", vocab_size=300, val_fraction=0.2)
+    assert "rebuilding data cache" in capsys.readouterr().err
+    assert again.val.vocab_size == again.train.vocab_size == again.vocab_size == first.vocab_size

@@ -4,18 +4,22 @@ chosen an older one (or, the only one, step 0: the run restarted); a checkpoint 
 next one on schedule, where the next good step saves it; a log that could not be written was not said when a
 signal came in the same step."""
 
+import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from flyer.errors import TrainingError
+from flyer.config import preset
+from flyer.errors import CheckpointError, TrainingError
 from flyer.train import checkpoint as ckpt
 from flyer.train.config import lr_at
 from flyer.train.metrics import read_metrics
 from flyer.train.trainer import Trainer
-from flyer.train.training_state import STAGE_FIELDS
+from flyer.train.training_state import STAGE_FIELDS, _weights_index, load_training
 from tests.test_run_safety import disk_full_at
 from tests.test_train import poison_loss, quiet, tc_for
 
@@ -94,3 +98,48 @@ def test_a_log_that_fails_with_a_signal_in_its_step_is_said(tmp_path, data_cache
         t.run()
     assert _checkpoints(tmp_path) == ["step_00000003"]
     assert torch.isfinite(torch.tensor([r["loss"] for r in _records(tmp_path)])).all()
+
+
+def _saved_run(tmp_path, data_cache) -> tuple[Path, Trainer]:
+    """A 2-step run's checkpoint, and a Trainer built to resume it (the caller closes it)."""
+    Trainer(tc_for(tmp_path, data_cache, steps=2, eval_every=10), log=quiet).run()
+    return tmp_path / "checkpoints" / "step_00000002", Trainer(tc_for(tmp_path, data_cache, steps=4, eval_every=10,
+                                                                      resume=True), log=quiet)
+
+
+def _load(t: Trainer, path: Path) -> dict:
+    return load_training(path, model=t.model, optimizer=t.optimizer, sampler=t.sampler, mesh=t.mesh, cfg=t.cfg,
+                         layout=t.layout)
+
+
+def test_a_resume_restores_the_saved_cpu_rng_state(tmp_path, data_cache):
+    """Loading a checkpoint sets torch's CPU generator to the state it saved, whatever it is before (a CPU run draws
+    nothing after its seed, so the resume tests' losses cannot tell)."""
+    path, t = _saved_run(tmp_path, data_cache)
+    try:
+        saved = load_file(path / "rng.safetensors")["torch_cpu"]
+        torch.manual_seed(12345)
+        assert not torch.equal(torch.get_rng_state(), saved)
+        assert _load(t, path)["step"] == 2 and torch.equal(torch.get_rng_state(), saved)
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("step", [-1, True])
+def test_a_state_whose_step_is_negative_or_a_bool_is_refused(tmp_path, data_cache, step):
+    """A checkpoint whose state says step -1 or true has no step count: refused (CheckpointError), not resumed."""
+    path, t = _saved_run(tmp_path, data_cache)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        (path / "state.json").write_text(json.dumps({**state, "step": step}))
+        with pytest.raises(CheckpointError, match="no step count"):
+            _load(t, path)
+    finally:
+        t.close()
+
+
+def test_the_weights_index_refuses_a_tensor_in_two_parts():
+    """Two ranks' weight parts that both hold a tensor: the index refuses, naming both files."""
+    parts = [{"file": f, "index": {"shapes": {"embed.weight": [4, 4]}, "bytes": 64}} for f in ("w-1.st", "w-2.st")]
+    with pytest.raises(CheckpointError, match="in both w-1.st and w-2.st"):
+        _weights_index(preset("tiny"), parts)
