@@ -259,10 +259,14 @@ def test_pp_packed_chat_equals_one_process(chats):
 def test_warmup_refuses_a_rank_without_indexers(tmp_path, capsys, schedule, pp, refused):
     """--indexer-train warmup trains the indexers alone: a pipeline layout leaving a rank no CSA layer (tiny-v4's
     layers 0 and 2 on rank 0 interleaved; layer 0 alone at --pp 4) is refused naming --pp, exit 2, before any
-    work; 1F1B on 2 ranks (a CSA layer on each) is accepted. Sparse training runs such a layout (the test above)."""
+    work; 1F1B on 2 ranks (a CSA layer on each) is accepted. Sparse training runs such a layout (the test above).
+    ``flyer plan`` of the run's memory on the layout says the same."""
     cfg = _bound_cfg()
+    plan = ["plan", "--preset", "tiny-v4", "--gpus", str(pp), "--pp", str(pp), "--ep", "1", "--pp-schedule",
+            schedule, "--seq-len", str(T), "--indexer-train", "warmup", "--json"]
     if refused is None:
         stages.check_indexer_stages(cfg, pp, schedule, T, "warmup")
+        assert main(plan) == 0
         return
     stages.check_indexer_stages(cfg, pp, schedule, T, "sparse")
     with pytest.raises(FieldError, match=f"pp: indexer_train warmup .* rank {refused} "):
@@ -272,6 +276,8 @@ def test_warmup_refuses_a_rank_without_indexers(tmp_path, capsys, schedule, pp, 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("flyer: error: --pp: --indexer-train warmup") and f"rank {refused} " in err, err
+    assert main(plan) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == err
 
 
 def _ep_pp_rank(rank: int, corpus: tuple, tokens: torch.Tensor) -> dict:

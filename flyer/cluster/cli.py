@@ -91,7 +91,8 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     # here, not at the top: the model and torch.distributed.pipelining add seconds to every flyer start
     from flyer.parallel.memory import plan_state_bytes  # heavy: see above
     from flyer.parallel.mesh import validate_layout as validate_run_layout  # heavy: see above
-    from flyer.parallel.stages import SPLIT_SCHEDULES, min_micro_batches, validate_pipeline  # heavy: see above
+    from flyer.parallel.stages import (SPLIT_SCHEDULES, check_indexer_stages, min_micro_batches,  # heavy: see above
+                                       validate_pipeline)
     from flyer.optim.muon import OPTIMIZERS  # heavy: see above
     from flyer.model.recompute import MODES as RECOMPUTE_MODES  # heavy: see above
     from flyer.fp8.linear import ACTIVATION_CACHES  # heavy: see above
@@ -121,6 +122,7 @@ def _run_memory(args, cfg: ModelConfig, pp: int, ep: int, gpus_per_node: int) ->
     validate_pipeline(cfg, 1, schedule, 1)  # the schedule's name first
     validate_run_layout(cfg, args.gpus, ep, rpn, pp)
     validate_pipeline(cfg, pp, schedule, min_micro_batches(schedule, pp))
+    check_indexer_stages(cfg, pp, schedule, args.seq_len, args.indexer_train)  # as flyer train refuses it
     mem = plan_state_bytes(cfg, pp, dp, ep, zero, schedule, args.seq_len, args.micro_batch, precision, optimizer,
                            recompute, cache, args.indexer_train)
     return {"run_layout": {"world": args.gpus, "pp": pp, "dp": dp, "ep": ep, "zero": zero,
