@@ -113,7 +113,7 @@ def check_fp4_experts(fp4: bool, cfg: ModelConfig) -> None:
 
 def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32", seed: int = 0,
                 dispatcher: str = "hierarchical", fp8_dispatch: bool = False,
-                stages: tuple[str, int, str] | None = None, fp4: bool = False,
+                stages: tuple[str, int] | tuple[str, int, str] | None = None, fp4: bool = False,
                 fp8_activation_cache: str = "fp8", recompute: str = "none") -> Transformer:
     """The model to train, on ``mesh.device``, initialised exactly as ``torch.manual_seed(seed);
     Transformer(cfg)`` in one process (each rank keeps its slice of the experts).
@@ -121,8 +121,8 @@ def build_model(cfg: ModelConfig, mesh: Mesh | LocalMesh, precision: str = "fp32
     precision: 'fp8' converts the linear layers to FP8 (any other value: left as built; autocast
     is the caller's). dispatcher: 'local', 'flat' or 'hierarchical', how tokens reach experts on
     other ranks; fp8_dispatch: FP8 payload on that wire (none without expert parallelism: no row crosses ranks).
-    stages: the pipeline's (schedule, seq_len, indexer_train) under pp > 1: only this rank's modules
-    (``held_modules``) get memory, the others stay on the meta device for ``PipelineModel``.
+    stages: the pipeline's (schedule, seq_len[, indexer_train: "off" left out]) under pp > 1: only this rank's
+    modules (``held_modules``) get memory, the others stay on the meta device for ``PipelineModel``.
     fp4: DeepSeek-V4's FP4 QAT of the routed experts, in any precision (``flyer.fp8.fp4.fp4_experts``).
     recompute: ``flyer.model.recompute.MODES`` (``TrainConfig`` refuses it under a schedule that splits backward).
     """
