@@ -32,16 +32,20 @@ Process groups (every rank creates every group, in the same order, as torch.dist
   None (use the forward groups) until added.
 
 A single-process run gets a ``LocalMesh``: the same interface (rank 0, world 1, ep 1) whose
-collectives are identities, so a trainer has one code path for both.
+collectives are identities, so a trainer has one code path for both. ``collective_errors`` turns a collective
+that timed out or lost its peer into one line naming the ranks whose heartbeat stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
@@ -50,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from flyer.config import ModelConfig, resolve_device
-from flyer.errors import ConfigError, FieldError
+from flyer.errors import ConfigError, FieldError, TrainingError
 from flyer.parallel import grads
 
 HEARTBEAT_S = 1.0  # seconds between a rank's heartbeats (start_heartbeat, silent_ranks)
@@ -290,6 +294,40 @@ def _store_client():
         return None
 
 
+def collective_failure(message: str) -> str | None:
+    """How a collective failed, from its backend's error: "timeout", "closed" (the peer's connection reset or
+    closed: it ended), or None (something else)."""
+    if re.search(r"tim(ed )?out", message, re.I):
+        return "timeout"
+    if re.search(r"connection (reset|closed) by peer|broken pipe|connection refused", message, re.I):
+        return "closed"
+    return None
+
+
+@contextlib.contextmanager
+def collective_errors(mesh: Mesh | LocalMesh, timeout_s: float, step: Callable[[], int]):
+    """While entered (the ranks' heartbeats running): a collective that timed out, or whose peer's connection closed
+    (a rank that died: killed, out of memory), becomes a one-line ``TrainingError`` naming the ranks that stopped
+    answering (their heartbeat stands still, ``Mesh.silent_ranks``) and the last step (``step()``), not the
+    backend's trace."""
+    mesh.start_heartbeat()
+    try:
+        yield
+    except TrainingError:
+        raise
+    except RuntimeError as e:
+        how = collective_failure(str(e))
+        if mesh.world == 1 or how is None:
+            raise
+        silent = mesh.silent_ranks()
+        who = f"rank(s) {', '.join(map(str, silent))}" if silent else "another rank"
+        if how == "closed":
+            raise TrainingError(f"rank {mesh.rank}: a collective's connection closed after step {step()}: {who} "
+                                f"ended (its own lines say why)") from None
+        raise TrainingError(f"rank {mesh.rank}: a collective got no answer within {timeout_s:g} s (the collective "
+                            f"timeout) after step {step()}: {who} stopped answering") from None
+
+
 def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int, pp: int = 1) -> None:
     """Raise ``FieldError`` (one line, naming ``pp``, ``ep`` or ``ranks_per_node``) when the world
     cannot be laid out as ``pp`` stages of ``world / pp`` replicas with experts sharded ``ep`` ways."""
@@ -472,4 +510,5 @@ def _release_default_groups() -> None:
                                            for v in f.__defaults__)
 
 
-__all__ = ["Mesh", "LocalMesh", "validate_layout", "build_mesh", "init_distributed", "init_mesh", "destroy"]
+__all__ = ["Mesh", "LocalMesh", "collective_errors", "collective_failure", "validate_layout", "build_mesh",
+           "init_distributed", "init_mesh", "destroy"]

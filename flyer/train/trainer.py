@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
 import signal
 import time
 from dataclasses import asdict
@@ -38,7 +37,7 @@ from flyer.model.moe import counting_only, moe_layers, update_router_bias
 from flyer.model.lowp import precision_note
 from flyer.model.recompute import recompute_line
 from flyer.parallel.dispatch import comm_stats
-from flyer.parallel.mesh import init_mesh
+from flyer.parallel.mesh import collective_errors, init_mesh
 from flyer.parallel.memory import KEYS as MEMORY_KEYS, measure_state_bytes
 from flyer.parallel.pipeline import PipelineModel
 from flyer.parallel.stages import check_indexer_stages, min_micro_batches, require_torch_for, validate_pipeline
@@ -65,16 +64,6 @@ def _silent(_msg: str) -> None:
 
 
 PLOTS = ("loss.png", "expert_load.png")  # drawn at a run's end (``Trainer._plots``)
-
-
-def collective_failure(message: str) -> str | None:
-    """How a collective failed, from its backend's error: "timeout", "closed" (the peer's connection reset or
-    closed: it ended), or None (something else)."""
-    if re.search(r"tim(ed )?out", message, re.I):
-        return "timeout"
-    if re.search(r"connection (reset|closed) by peer|broken pipe|connection refused", message, re.I):
-        return "closed"
-    return None
 
 
 class Trainer:
@@ -508,7 +497,7 @@ class Trainer:
             bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         val_loss, owed = None, False  # owed: a checkpoint due at a skipped step
         try:
-            with self._collective_timeouts():
+            with collective_errors(self.mesh, tc.collective_timeout_s, lambda: self.step):
                 while self.step < tc.steps and not self.stopped_by:
                     rec = self.train_step()
                     if self.step % tc.eval_every == 0 or self.step == tc.steps:
@@ -597,29 +586,6 @@ class Trainer:
         return every_rank(TrainingError(f"{self.consecutive_bad} consecutive steps with non-finite loss or gradient "
                                         f"norm up to step {self.step}, which is not checkpointed ({kept}); lower the "
                                         "learning rate or check the data"))  # the ranks' loss is one: rank 0 says it
-
-    @contextlib.contextmanager
-    def _collective_timeouts(self):
-        """A collective that timed out, or whose peer's connection closed (a rank that died: killed, out of
-        memory), becomes a one-line ``TrainingError`` naming the ranks that stopped answering (their heartbeat
-        stands still, ``Mesh.silent_ranks``), not the backend's trace."""
-        self.mesh.start_heartbeat()
-        try:
-            yield
-        except TrainingError:
-            raise
-        except RuntimeError as e:
-            how = collective_failure(str(e))
-            if self.mesh.world == 1 or how is None:
-                raise
-            silent = self.mesh.silent_ranks()
-            who = f"rank(s) {', '.join(map(str, silent))}" if silent else "another rank"
-            if how == "closed":
-                raise TrainingError(f"rank {self.mesh.rank}: a collective's connection closed after step "
-                                    f"{self.step}: {who} ended (its own lines say why)") from None
-            raise TrainingError(f"rank {self.mesh.rank}: a collective got no answer within "
-                                f"{self.tc.collective_timeout_s:g} s (the collective timeout) after step {self.step}: "
-                                f"{who} stopped answering") from None
 
     def _say_stopped(self, saved: Path | None) -> None:
         name = signal.Signals(self.stopped_by).name
