@@ -136,7 +136,8 @@ def pack_rows(c_NC: torch.Tensor, k_rope_NR: torch.Tensor) -> torch.Tensor:
 
 def unpack_rows(raw_NW: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
     """(..., C + R) in ``dtype``: [latent | rope key] of FP8 rows (..., token_bytes(C, R)) uint8."""
-    raw = raw_NW if raw_NW.stride(-1) == 1 and raw_NW.storage_offset() % 4 == 0 else raw_NW.contiguous()
+    aligned = raw_NW.stride(-1) == 1 and raw_NW.storage_offset() % 4 == 0  # the FP32 scales' view needs it
+    raw = raw_NW if aligned else raw_NW.clone(memory_format=torch.contiguous_format)  # contiguous() may keep it
     n = n_tiles(C)
     R = (raw.shape[-1] - C - 4 * n) // 2
     out = torch.empty(*raw.shape[:-1], C + R, dtype=dtype, device=raw.device)
