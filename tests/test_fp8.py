@@ -5,6 +5,7 @@ marked ``cuda`` and skip without an FP8-capable GPU."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -18,7 +19,7 @@ from flyer.config import preset
 from flyer.fp8 import (FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8, emulated_gemm_nt, fake_quantize, fp8_gemm_nt,
                        fp8_grouped_linear, fp8_linear, fp8_modules, quantize_blocks, quantize_tiles)
 from flyer.fp8.gemm import accumulation_experiment, cuda_fp8_supported, cuda_gemm_path, round_mantissa
-from flyer.fp8.linear import FP8MLP, FP8SwiGLUDownFunction
+from flyer.fp8.linear import FP8GroupedLinearFunction, FP8MLP, FP8SwiGLUDownFunction
 from flyer.fp8.logfmt import logfmt_decode, logfmt_encode, logfmt_roundtrip
 from flyer.fp8.quant import (FP8_MAX, TILE, ceil_pow2, dequantize, dequantize_blocks_batched, fp8_to_float,
                              quantize_blocks_batched, quantize_tiles_t)
@@ -428,7 +429,9 @@ def test_fp8_mlp_recomputes_its_swiglu_from_fp8_inputs(limit):
     fed its inputs' 1x128 tiles dequantized (straight through) and w2 keeping its own input, the routed experts'
     cache (``FP8SwiGLUDownFunction``); and what backward keeps: the weights' blocks, the input's tiles once for
     w1 and w3, and the SwiGLU inputs' tiles (the three layers keep two copies of the input's tiles, h1, silu(h1),
-    h3 and the SwiGLU output's tiles)."""
+    h3 and the SwiGLU output's tiles). The gradients' reference runs the same one-group FP8 GEMMs
+    (``FP8GroupedLinearFunction``) as ``FP8MLP``: the FP8 layers' own 2D GEMMs sum over the padded K in another
+    layout, which MKL rounds alike on Intel CPUs and not on AMD ones."""
     torch.manual_seed(0)
     D, F_ = 200, 300
     mlp = MLP(D, F_, limit=limit)
@@ -444,8 +447,15 @@ def test_fp8_mlp_recomputes_its_swiglu_from_fp8_inputs(limit):
             assert torch.equal(fast(x), plain(x))
     xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     fast(xf).backward(dy)
-    tiles = lambda h: h + (fake_quantize(h.detach().reshape(-1, F_), "tile").view_as(h) - h).detach()  # noqa: E731
-    ref.w2(swiglu(tiles(ref.w1(xr)), tiles(ref.w3(xr)), limit)).backward(dy)
+    tiles = lambda h: h + (fake_quantize(h.detach(), "tile") - h).detach()  # noqa: E731
+    r, rows, n = fast.w2.recipe, xr.view(-1, D), [x.shape[0] * x.shape[1]]
+    w1, w2, w3 = (getattr(ref, k).weight.unsqueeze(0) for k in ("w1", "w2", "w3"))
+    with torch.no_grad():
+        qx = quantize_tiles(rows, r.fmt, r.pow2_scales)  # once for w1 and w3, as FP8MLP
+    h1, h3 = (FP8GroupedLinearFunction.apply(rows, w, n, r, torch.float32, qx) for w in (w1, w3))
+    keep = dataclasses.replace(r, activation_cache="input")  # w2 keeps its own input
+    FP8GroupedLinearFunction.apply(swiglu(tiles(h1), tiles(h3), limit), w2, n, keep, torch.float32).backward(
+        dy.view(-1, D))
     assert torch.equal(xf.grad, xr.grad)
     for n in ("w1", "w2", "w3"):
         assert torch.equal(getattr(fast, n).weight.grad, getattr(ref, n).weight.grad), n
