@@ -464,8 +464,7 @@ def mtp_training_flops_per_token(cfg: ModelConfig, seq_len: int, indexer_train: 
     token k + 1 ahead to predict), its block (``layer_flops_per_token`` at that length), its projection of
     [embedding; hidden] (V3's eh_proj; V4's e_proj, and h_proj per stream), V4's own hc_head and the shared head,
     3 x forward (1 x in the indexer's warm-up, which freezes them)."""
-    m = cfg.hc_mult
-    gemm = (1 + max(m, 1)) * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim + (m * m * cfg.dim if m > 1 else 0)
+    gemm = (1 + max(cfg.hc_mult, 1)) * cfg.dim * cfg.dim + _top_matmul(cfg)  # its projection, hc_head and head
     passes = 1 if indexer_train == "warmup" else 3
     total = 0.0
     for k in range(1, cfg.mtp_depth + 1):

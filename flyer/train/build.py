@@ -50,8 +50,8 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
         return (pc.total + pc.mtp - routed + routed / ep) / pp
 
     run = cfg.replace(mtp_depth=0) if tc.dpo else cfg  # what runs and may train
-    params, indexers = held(cfg), indexer_param_total(run) / pp
-    trained = {"off": held(run) - indexers, "sparse": held(run), "warmup": indexers}[tc.indexer_train]
+    params, live, indexers = held(cfg), held(run), indexer_param_total(run) / pp
+    trained = {"off": live - indexers, "sparse": live, "warmup": indexers}[tc.indexer_train]
     saved = activation_bytes(run, 1, 0, "1f1b", tc.seq_len, tc.batch_size, precision, ep, tc.recompute,
                              tc.fp8_activation_cache, tc.indexer_train)
     per_param = 16 if tc.optimizer == "adamw" else 12  # 4 of them the weight's
