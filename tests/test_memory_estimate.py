@@ -6,9 +6,12 @@ wrote: the parameters of a model built on the meta device, and the tensors autog
 import pytest
 import torch
 
+from flyer.cluster.costs import indexer_loss_saved_bytes_per_token
 from flyer.config import preset
+from flyer.model.hybrid_chunks import CHUNK_ROWS
+from flyer.model.indexer_loss import set_indexer_training
 from flyer.model.transformer import Transformer
-from flyer.parallel.memory import STEP_BYTES, activation_bytes, plan_state_bytes, saved_bytes
+from flyer.parallel.memory import STEP_BYTES, activation_bytes, held_bytes, plan_state_bytes, saved_bytes
 from flyer.train.build import training_memory_bytes
 from flyer.train.config import TrainConfig
 
@@ -119,3 +122,62 @@ def test_the_fp8_activation_estimate_counts_the_experts_fp8_weights():
     rope_tables = 2 * (1 + cfg.mtp_depth) * T * cfg.qk_rope_head_dim * 4 + 4
     constant = [2 * x[0] - x[1] for x in (measured, estimated)]
     assert 0 <= constant[0] - constant[1] - blocks - scales <= rope_tables
+
+
+DSA = dict(index_topk=8, index_n_heads=4, index_head_dim=32)
+
+
+def _kept(cfg, mode: str, precision: str, T: int, batch: int = 1) -> int:
+    """The bytes of the storages one training forward of ``batch`` rows of T tokens leaves alive (``held_bytes``: what
+    autograd and ``torch.utils.checkpoint`` keep), under ``--indexer-train mode``, BF16 autocast for 'bf16'."""
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    set_indexer_training(model, mode)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return held_bytes(lambda: model.compute_loss(tokens, tokens), skip=model)
+
+
+def _kept_per_row(cfg, mode: str, precision: str, T: int) -> int:
+    """What a second batch row adds to ``_kept``."""
+    return _kept(cfg, mode, precision, T, 2) - _kept(cfg, mode, precision, T, 1)
+
+
+def _indexer_row_bytes(cfg, mode: str, precision: str, T: int) -> float:
+    """The estimate's L_I bytes for a row of T tokens: each layer's per-token bytes times the tokens it reads (MTP
+    module k the T - k it predicts from)."""
+    element = 4 if precision == "fp32" else 2
+    return sum(indexer_loss_saved_bytes_per_token(cfg, i, mode, element, T) * (T - max(0, i - cfg.n_layers + 1))
+               for i in range(cfg.n_layers + cfg.mtp_depth))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_dsa_indexer_loss_estimate_is_what_its_chunks_keep(precision):
+    """DSA layers and an MTP block, T past one query chunk: what a batch row adds to a warm-up forward's kept bytes
+    (the frozen model keeps nothing else), and to a sparse one's over the same forward without L_I, is the estimate
+    to the byte. The target's inputs are kept in the forward's dtype: under BF16 a warm-up row keeps 1384 bytes per
+    layer and token, where FP32 copies of them kept 1992. With one chunk (its scores kept instead, not estimated)
+    the estimate stays under what is kept."""
+    cfg, T = preset("tiny", **DSA), 2 * CHUNK_ROWS
+    assert _kept_per_row(cfg, "warmup", precision, T) == _indexer_row_bytes(cfg, "warmup", precision, T)
+    sparse = _kept_per_row(cfg, "sparse", precision, T) - _kept_per_row(cfg, "off", precision, T)
+    assert sparse == _indexer_row_bytes(cfg, "sparse", precision, T)
+    for mode, t in (("warmup", T), ("warmup", CHUNK_ROWS // 2), ("sparse", CHUNK_ROWS // 2)):
+        estimate = activation_bytes(cfg, 1, 0, "1f1b", t, 1, precision, indexer_train=mode)
+        assert estimate <= _kept(cfg, mode, precision, t)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_csa_indexer_loss_estimate_is_a_lower_bound_within_its_pooling(precision):
+    """DeepSeek-V4's CSA layers, T past one query chunk: what a batch row adds under the warm-up (and under sparse
+    training, over the same forward without L_I) is at least the estimate, and exceeds it by no more than what it
+    leaves out of the index compressor's keys (their norm's and RoPE's internals: at most two more FP32 copies of
+    the entries' keys, index_head_dim / csa_ratio channels a token) and a mask byte, per CSA layer and token."""
+    cfg, T = preset("tiny-v4"), 2 * CHUNK_ROWS
+    pooling = (2 * 4 * cfg.index_head_dim / cfg.csa_ratio + 1) * T * sum(map(cfg.is_csa, range(cfg.n_layers)))
+    warmup = _kept_per_row(cfg, "warmup", precision, T)
+    sparse = _kept_per_row(cfg, "sparse", precision, T) - _kept_per_row(cfg, "off", precision, T)
+    for mode, kept in (("warmup", warmup), ("sparse", sparse)):
+        assert 0 <= kept - _indexer_row_bytes(cfg, mode, precision, T) <= pooling, mode
+    assert activation_bytes(cfg, 1, 0, "1f1b", T, 1, precision, indexer_train="warmup") <= _kept(cfg, "warmup",
+                                                                                                  precision, T)

@@ -29,6 +29,7 @@ from flyer.errors import FieldError
 from flyer.model.counts import (block_params, compress_ratio, hyper_head_params, kv_cache_bytes_per_token,
                                 kv_window_bytes, mtp_params_stored, mtp_training_flops_per_token, param_counts,
                                 training_flops_per_token)
+from flyer.model.hybrid_chunks import CHUNK_ROWS
 
 SECONDS_PER_DAY = 86400.0
 
@@ -170,6 +171,39 @@ def _compressor_saved(cfg: ModelConfig, layer_id: int | None) -> int:
         return 2 * cfg.head_dim
     Hi, di = cfg.index_n_heads, cfg.index_head_dim
     return 4 * cfg.head_dim + Hi * di + Hi + 4 * di
+
+
+def indexer_loss_saved_bytes_per_token(cfg: ModelConfig, layer_id: int, indexer_train: str, bytes_per_element: int,
+                                       seq_len: int) -> float:
+    """Bytes per token that layer ``layer_id``'s L_I (``flyer train --indexer-train``: ``flyer.model.indexer_loss``,
+    ``flyer.model.hybrid_indexer_loss``) keeps for backward besides what its block saves
+    (``activation_bytes_per_token_layer``); 0 when "off" or for a layer without an indexer of its own. A lower bound
+    (the keys' norm and pooling internals aside), from what the code keeps per token:
+
+    - the indexer's input x widened to FP32, which its key projection keeps (in an FP32 sparse run it is the block's
+      own saved input); its keys (a DSA layer's projection output, normed keys and the norm's two statistics; a CSA
+      layer's compressor kv and gate projections of 2 index_head_dim channels each, and its entries' keys);
+    - in the warm-up, whose frozen block saves nothing, the query latent (``bytes_per_element``, the forward's);
+    - once T exceeds one query chunk (``CHUNK_ROWS``, or a wider window: several chunks, each recomputed in
+      backward), the target's inputs each chunk reads again, in the forward's dtype: a DSA layer's queries of every
+      head and its latents [c_KV | k_rope]; in a CSA warm-up the queries, the tokens' key and the entries (a sparse
+      run's block saves these itself).
+    One chunk keeps its scores instead (quadratic in T, not estimated)."""
+    if indexer_train == "off":
+        return 0.0
+    warm, e, di = indexer_train == "warmup", bytes_per_element, cfg.index_head_dim
+    x = 4 * cfg.dim if warm or e != 4 else 0
+    latent = e * cfg.q_lora_rank if warm else 0
+    if cfg.has_indexer(layer_id):
+        chunked = seq_len > CHUNK_ROWS
+        target = e * (cfg.n_heads * cfg.qk_head_dim + cfg.kv_lora_rank + cfg.qk_rope_head_dim) if chunked else 0
+        return x + 4 * (2 * di + 2) + latent + target
+    if cfg.is_csa(layer_id):
+        r, hd = cfg.csa_ratio, cfg.head_dim
+        chunked = seq_len > max(CHUNK_ROWS, cfg.window_size)
+        target = e * (cfg.n_heads * hd + hd + hd / r) if warm and chunked else 0
+        return x + 4 * (2 * 2 * di + di / r) + latent + target
+    return 0.0
 
 
 def head_saved_bytes(cfg: ModelConfig, tokens: int) -> int:

@@ -49,8 +49,10 @@ def csa_indexer_kl(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Ten
     columns are True (``real_queries``); None: over all B T. The loss's gradient reaches the indexer only."""
     wide = torch.promote_types(x_BTD.dtype, torch.float32)  # a BF16 softmax's p is no distribution
     with torch.autocast(x_BTD.device.type, enabled=False):
-        x, q_latent, q, kv, entries = (t.detach().to(wide) for t in (x_BTD, q_latent_BTR, q_BTHd, kv_BT1d,
-                                                                      entries_BNd))
+        # x widened once (the keys' projection keeps it for its gradient); the rest in its own dtype, each chunk
+        # widening its rows: kept until backward, a BF16 forward's would be twice the bytes in FP32
+        x = x_BTD.detach().to(wide)
+        q_latent, q, kv, entries = (t.detach() for t in (q_latent_BTR, q_BTHd, kv_BT1d, entries_BNd))
         B, T, _ = x.shape
         valid = None if valid_BT is None else valid_BT[:, valid_BT.shape[1] - T:].to(x.device)
         ind = attn.indexer
@@ -107,9 +109,15 @@ def _kl(p: torch.Tensor, logits: torch.Tensor, visible: torch.Tensor, rows: torc
     return kl.sum() if rows is None else kl.masked_fill(~rows, 0.0).sum()
 
 
+def _wide(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` in x's (wide) dtype: a chunk's rows of what ``csa_indexer_kl`` keeps in the forward's."""
+    return tuple(t.to(x.dtype) for t in tensors)
+
+
 def _masked_chunk(attn: nn.Module, x_BCD, q_latent_BCR, cos, sin, q_BCHd, band_BS1d, entries_BnD, keys_Bnk, rows_BC,
                   band_BCS, entries_BCn) -> torch.Tensor:
     """Summed KL of a chunk's queries (those of ``rows_BC``; None: all) over the entries its mask lets each see."""
+    q_latent_BCR, q_BCHd, band_BS1d, entries_BnD = _wide(x_BCD, q_latent_BCR, q_BCHd, band_BS1d, entries_BnD)
     with torch.no_grad():
         p = _target(attn, q_BCHd, band_BS1d, band_BCS, entries_BnD, entries_BCn, "bchd,bnd->bchn")
     logits = _logits(attn.indexer, x_BCD, q_latent_BCR, cos, sin, keys_Bnk, "bchd,bnd->bchn")
@@ -120,6 +128,7 @@ def _gathered_chunk(attn: nn.Module, x_BCD, q_latent_BCR, cos, sin, q_BCHd, band
                     rows_BC, band_BCS, picks_BCk) -> torch.Tensor:
     """Summed KL of a gathering chunk's queries (those of ``rows_BC``; None: all) over their k picks
     (``entry_picks``: -1 for an empty slot)."""
+    q_latent_BCR, q_BCHd, band_BS1d, entries_BnD = _wide(x_BCD, q_latent_BCR, q_BCHd, band_BS1d, entries_BnD)
     with torch.no_grad():
         picked, valid = gather_entries(entries_BnD, picks_BCk)
         p = _target(attn, q_BCHd, band_BS1d, band_BCS, picked, valid, "bchd,bckd->bchk")

@@ -187,7 +187,7 @@ def _dense_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BCH
                <= torch.arange(start, start + C, device=x_BCD.device).view(-1, 1)).expand(B, C, t)
     with torch.no_grad():
         p = _target(attn, q_BCHd, latents_BtL, visible, "bchl,btl->bcht")
-    return _kl(p, attn.indexer.scores(x_BCD, q_latent_BCR, keys_BtK, cos, sin), visible, rows_BC)
+    return _kl(p, attn.indexer.scores(x_BCD, q_latent_BCR.float(), keys_BtK, cos, sin), visible, rows_BC)
 
 
 def _picked_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BCHd, latents_BtL, rows_BC,
@@ -199,7 +199,7 @@ def _picked_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BC
         picked, valid = gather_entries(latents_BtL, picks_BCk)
         p = _target(attn, q_BCHd, picked, valid, "bchl,bckl->bchk")
     keys, _ = gather_entries(keys_BtK, picks_BCk)  # (B, C, k, index_head_dim), with the indexer's gradient
-    q, w = ind.queries(x_BCD, q_latent_BCR, cos, sin)
+    q, w = ind.queries(x_BCD, q_latent_BCR.float(), cos, sin)
     s = torch.relu(torch.einsum("bchd,bckd->bchk", q, keys.float()) * ind.head_dim ** -0.5)
     return _kl(p, torch.einsum("bch,bchk->bck", w, s), valid, rows_BC)
 
@@ -217,14 +217,17 @@ def indexer_kl(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor,
     masked chunk (None: ``query_chunk``'s rule). ``valid_BT`` (B, T' >= T) bool: the mean is over the queries
     where its last T columns are True (``real_queries``); None: over all B T."""
     with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 throughout: a BF16 softmax's p is no distribution
-        return _indexer_kl(attn, x_BTD.detach().float(), q_latent_BTR.detach().float(),
-                           torch.cat([q_nope, q_rope], dim=-1).detach().float(),
-                           torch.cat([c_kv_BTC, k_rope_BTR], dim=-1).detach().float(), cos.float(), sin.float(),
+        # x FP32 once (the keys' projection keeps it for its gradient); the rest in its own dtype, each chunk
+        # widening its rows: kept until backward, a BF16 forward's would be twice the bytes in FP32
+        return _indexer_kl(attn, x_BTD.detach().float(), q_latent_BTR.detach(),
+                           torch.cat([q_nope, q_rope], dim=-1).detach(),
+                           torch.cat([c_kv_BTC, k_rope_BTR], dim=-1).detach(), cos.float(), sin.float(),
                            mask_B1TT, chunks, chunk, valid_BT)
 
 
 def _indexer_kl(attn, x, q_latent, q, latents, cos, sin, mask_B1TT, chunks, chunk, valid_BT) -> torch.Tensor:
-    """``indexer_kl`` on its detached FP32 inputs: q = [q_nope | q_rope], latents = [c_KV | k_rope]."""
+    """``indexer_kl`` on its detached inputs (x FP32, the others in the forward's dtype, widened to FP32 a chunk at
+    a time): q = [q_nope | q_rope], latents = [c_KV | k_rope]."""
     B, T, _ = x.shape
     keys = attn.indexer.keys(x, cos, sin)
     valid = None if valid_BT is None else valid_BT[:, valid_BT.shape[1] - T:].to(x.device)

@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from flyer.cluster.costs import activation_bytes_per_token_layer, expert_weights_saved_bytes, head_saved_bytes
+from flyer.cluster.costs import (activation_bytes_per_token_layer, expert_weights_saved_bytes, head_saved_bytes,
+                                 indexer_loss_saved_bytes_per_token)
 from flyer.config import ModelConfig
 from flyer.model.counts import has_routed_experts
 from flyer.model.indexer_loss import set_indexer_training
@@ -133,10 +134,9 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
     weights (``expert_weights_saved_bytes``: this rank's ``1/ep`` of them, in FP8 a byte an element: the FP8 experts
     keep their weights' FP8 blocks) for the micro-batches in flight on each of its stages (stage s of n holds up to
     n - s of them in a 1F1B-style schedule; one without pipelining), plus what the main and MTP heads' losses keep
-    on the last stage (``head_saved_bytes``). The indexers' warm-up (``indexer_train``) freezes all of these: 0
-    (what L_I itself keeps, the indexer's scores over every causal key, is not estimated)."""
-    if indexer_train == "warmup":
-        return 0
+    on the last stage (``head_saved_bytes``). ``indexer_train`` adds what each indexer's L_I keeps
+    (``indexer_loss_saved_bytes_per_token``); its warm-up freezes all the rest, which then keeps nothing."""
+    warm = indexer_train == "warmup"
     element = 4 if precision == "fp32" else 2
     n = pp * chunks_per_rank(schedule, pp)
     split, placement = split_layers(cfg, n, seq_len, indexer_train), stage_ranks(schedule, pp)
@@ -147,13 +147,16 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
     total = 0.0
     for s in (s for s in range(n) if placement[s] == pp_rank):
         blocks = [*split[s], *(range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if s == n - 1 else ())]
-        per_token = sum(activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
-                                                         bytes_per_element=element, layer_id=i,
-                                                         mla_recompute=recompute == "mla", fp8_cache=fp8_cache)
-                        for i in blocks)
-        weights = expert * sum(has_routed_experts(cfg, i) for i in blocks)
+        per_token = sum(indexer_loss_saved_bytes_per_token(cfg, i, indexer_train, element, seq_len) for i in blocks)
+        weights = 0
+        if not warm:
+            per_token += sum(activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
+                                                              bytes_per_element=element, layer_id=i,
+                                                              mla_recompute=recompute == "mla", fp8_cache=fp8_cache)
+                             for i in blocks)
+            weights = expert * sum(has_routed_experts(cfg, i) for i in blocks)
         total += (n - s) * (tokens * per_token + weights)
-        if s == n - 1:
+        if s == n - 1 and not warm:
             total += head_saved_bytes(cfg, tokens)
     return int(total)
 
