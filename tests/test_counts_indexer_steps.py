@@ -8,7 +8,9 @@ hand so that the comparisons are exact:
   form: 2 H nope kv_lora_rank per query (q_nope W_UK) and 2 H (kv_lora_rank + rope) per scored key;
 - ``_v4_target``: a CSA layer's (``hybrid_indexer_loss._target``): 2 H head_dim per band key and per entry;
 - L_I's forward of the indexer apart from the selection, where one ran (2 x its GEMM weights, its scores over the
-  attended keys)."""
+  attended keys);
+- ``_keys_again``: L_I's keys' projections, forward again in backward (DSA's wk, a CSA indexer's compressor wkv and
+  wgate of 2 index_head_dim channels each)."""
 
 import pytest
 import torch
@@ -42,6 +44,11 @@ def _mla_target(cfg, keys: int) -> int:
     return 2 * cfg.n_heads * (cfg.qk_nope_head_dim * cfg.kv_lora_rank + latent * keys)
 
 
+def _keys_again(cfg) -> int:
+    """Per token of each indexed layer: its keys' projections forward again in backward."""
+    return 2 * cfg.dim * cfg.index_head_dim * (2 * 2 if cfg.attn == "hybrid" else 1)
+
+
 def _recomputed(cfg, layer: int, picks: int) -> int:
     """Per query: L_I's forward of the indexer again after a selection: its GEMMs and its scores over the picks."""
     return 2 * indexer_matmul_params(cfg, layer) + _per_key(cfg) * picks
@@ -61,7 +68,8 @@ def test_mla_modes_against_torch(topk, mode, monkeypatch):
     plan = training_flops_per_token(cfg, T, False, mode) - training_flops_per_token(cfg, T, False)
     plan -= (dense if mode == "warmup" else 3 * core) - 3 * core
     selects = mode == "sparse" and topk < T
-    extra = cfg.n_layers * (_mla_target(cfg, topk if selects else T) + (_recomputed(cfg, 0, topk) if selects else 0))
+    extra = cfg.n_layers * (_mla_target(cfg, topk if selects else T) + (_recomputed(cfg, 0, topk) if selects else 0)
+                            + _keys_again(cfg))
     assert got == B * T * (plan + extra)
 
 
@@ -75,7 +83,7 @@ def test_glm5_shared_layers_train_no_indexer(mode, monkeypatch):
            - step_counter(shared, monkeypatch, True, mode).get_total_flops())
     plan = training_flops_per_token(full, T, False, mode) - training_flops_per_token(shared, T, False, mode)
     extra = 0 if mode == "off" else 2 * (_mla_target(full, T if mode == "warmup" else 8)
-                                         + (_recomputed(full, 0, 8) if mode == "sparse" else 0))
+                                         + (_recomputed(full, 0, 8) if mode == "sparse" else 0) + _keys_again(full))
     assert got == B * T * (plan + extra)
 
 
@@ -95,7 +103,7 @@ def test_mtp_blocks_with_indexers_at_their_own_length(mode, monkeypatch):
         block = layer_flops_per_token(mtp, S, n, False, mode) - passes * _attention(mtp, S, False, n,
                                                                                    mode == "warmup").core
         extra = 0 if mode == "off" else _mla_target(mtp, S if mode == "warmup" else 8) + (
-            _recomputed(mtp, n, 8) if mode == "sparse" else 0)
+            _recomputed(mtp, n, 8) if mode == "sparse" else 0) + _keys_again(mtp)
         want += B * S * (passes * 2 * (2 * mtp.dim ** 2 + mtp.vocab_size * mtp.dim) + block + extra)
     assert got == want
 
@@ -112,9 +120,10 @@ def test_an_mtp_block_selects_at_its_own_length(monkeypatch):
 
 
 def _v4_target(cfg, T_: int) -> int:
-    """Per query of each CSA layer: L_I's target over the window band (the whole row, one chunk) and the entries."""
-    return sum(2 * cfg.n_heads * cfg.head_dim * (T_ + T_ // cfg.csa_ratio) for i in range(cfg.n_layers)
-               if cfg.is_csa(i))
+    """Per query of each CSA layer: L_I's target over the window band (the whole row, one chunk) and the entries, and
+    its keys' projections again."""
+    return sum(2 * cfg.n_heads * cfg.head_dim * (T_ + T_ // cfg.csa_ratio) + _keys_again(cfg)
+               for i in range(cfg.n_layers) if cfg.is_csa(i))
 
 
 @pytest.mark.parametrize("T_", [48, 96])  # CSA entries 12 (<= index_topk 16: no selection) and 24 (selects)

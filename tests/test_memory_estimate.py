@@ -151,33 +151,19 @@ def _indexer_row_bytes(cfg, mode: str, precision: str, T: int) -> float:
                for i in range(cfg.n_layers + cfg.mtp_depth))
 
 
+@pytest.mark.parametrize("name,kw", [("tiny", DSA), ("tiny-v4", {})])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_dsa_indexer_loss_estimate_is_what_its_chunks_keep(precision):
-    """DSA layers and an MTP block, T past one query chunk: what a batch row adds to a warm-up forward's kept bytes
-    (the frozen model keeps nothing else), and to a sparse one's over the same forward without L_I, is the estimate
-    to the byte. The target's inputs are kept in the forward's dtype: under BF16 a warm-up row keeps 1384 bytes per
-    layer and token, where FP32 copies of them kept 1992. With one chunk (its scores kept instead, not estimated)
-    the estimate stays under what is kept."""
-    cfg, T = preset("tiny", **DSA), 2 * CHUNK_ROWS
+def test_the_indexer_loss_estimate_is_what_its_chunks_keep(name, kw, precision):
+    """DSA layers and an MTP block, or DeepSeek-V4's CSA layers, T past one query chunk: what a batch row adds to a
+    warm-up forward's kept bytes (the frozen model keeps nothing else), and to a sparse one's over the same forward
+    without L_I, is the estimate to the byte. Everything is kept in the forward's dtype, the keys' projections
+    recomputed: tiny's DSA layers keep 992 bytes a token under a BF16 warm-up, where FP32 copies of the inputs and
+    the projections' saved tensors kept 1992. With one chunk (its scores kept instead, not estimated) the estimate
+    stays under what is kept."""
+    cfg, T = preset(name, **kw), 2 * CHUNK_ROWS
     assert _kept_per_row(cfg, "warmup", precision, T) == _indexer_row_bytes(cfg, "warmup", precision, T)
     sparse = _kept_per_row(cfg, "sparse", precision, T) - _kept_per_row(cfg, "off", precision, T)
     assert sparse == _indexer_row_bytes(cfg, "sparse", precision, T)
     for mode, t in (("warmup", T), ("warmup", CHUNK_ROWS // 2), ("sparse", CHUNK_ROWS // 2)):
         estimate = activation_bytes(cfg, 1, 0, "1f1b", t, 1, precision, indexer_train=mode)
-        assert estimate <= _kept(cfg, mode, precision, t)
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_csa_indexer_loss_estimate_is_a_lower_bound_within_its_pooling(precision):
-    """DeepSeek-V4's CSA layers, T past one query chunk: what a batch row adds under the warm-up (and under sparse
-    training, over the same forward without L_I) is at least the estimate, and exceeds it by no more than what it
-    leaves out of the index compressor's keys (their norm's and RoPE's internals: at most two more FP32 copies of
-    the entries' keys, index_head_dim / csa_ratio channels a token) and a mask byte, per CSA layer and token."""
-    cfg, T = preset("tiny-v4"), 2 * CHUNK_ROWS
-    pooling = (2 * 4 * cfg.index_head_dim / cfg.csa_ratio + 1) * T * sum(map(cfg.is_csa, range(cfg.n_layers)))
-    warmup = _kept_per_row(cfg, "warmup", precision, T)
-    sparse = _kept_per_row(cfg, "sparse", precision, T) - _kept_per_row(cfg, "off", precision, T)
-    for mode, kept in (("warmup", warmup), ("sparse", sparse)):
-        assert 0 <= kept - _indexer_row_bytes(cfg, mode, precision, T) <= pooling, mode
-    assert activation_bytes(cfg, 1, 0, "1f1b", T, 1, precision, indexer_train="warmup") <= _kept(cfg, "warmup",
-                                                                                                  precision, T)
+        assert estimate <= _kept(cfg, mode, precision, t), (mode, t)

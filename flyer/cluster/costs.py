@@ -177,32 +177,31 @@ def indexer_loss_saved_bytes_per_token(cfg: ModelConfig, layer_id: int, indexer_
                                        seq_len: int) -> float:
     """Bytes per token that layer ``layer_id``'s L_I (``flyer train --indexer-train``: ``flyer.model.indexer_loss``,
     ``flyer.model.hybrid_indexer_loss``) keeps for backward besides what its block saves
-    (``activation_bytes_per_token_layer``); 0 when "off" or for a layer without an indexer of its own. A lower bound
-    (the keys' norm and pooling internals aside), from what the code keeps per token:
+    (``activation_bytes_per_token_layer``); 0 when "off" or for a layer without an indexer of its own. What the code
+    keeps per token, each in the forward's dtype (``bytes_per_element``) but the keys:
 
-    - the indexer's input x widened to FP32, which its key projection keeps (in an FP32 sparse run it is the block's
-      own saved input); its keys (a DSA layer's projection output, normed keys and the norm's two statistics; a CSA
-      layer's compressor kv and gate projections of 2 index_head_dim channels each, and its entries' keys);
-    - in the warm-up, whose frozen block saves nothing, the query latent (``bytes_per_element``, the forward's);
+    - the indexer's keys in FP32 (a CSA layer's: its entries', index_head_dim / csa_ratio channels a token); the
+      keys' projections are recomputed in backward from the indexer's input x, which is kept;
+    - in the warm-up, whose frozen block saves nothing itself, that input x and the query latent (a sparse run's
+      block saves both);
     - once T exceeds one query chunk (``CHUNK_ROWS``, or a wider window: several chunks, each recomputed in
-      backward), the target's inputs each chunk reads again, in the forward's dtype: a DSA layer's queries of every
-      head and its latents [c_KV | k_rope]; in a CSA warm-up the queries, the tokens' key and the entries (a sparse
-      run's block saves these itself).
-    One chunk keeps its scores instead (quadratic in T, not estimated)."""
+      backward), the target's inputs each chunk reads again: a DSA layer's queries of every head and its latents
+      [c_KV | k_rope]; in a CSA warm-up the queries, the tokens' key and the entries (a sparse run's block saves
+      these too).
+    One chunk keeps its scores instead (quadratic in T, not estimated): there the estimate is a lower bound."""
     if indexer_train == "off":
         return 0.0
     warm, e, di = indexer_train == "warmup", bytes_per_element, cfg.index_head_dim
-    x = 4 * cfg.dim if warm or e != 4 else 0
-    latent = e * cfg.q_lora_rank if warm else 0
+    inputs = e * (cfg.dim + cfg.q_lora_rank) if warm else 0
     if cfg.has_indexer(layer_id):
         chunked = seq_len > CHUNK_ROWS
         target = e * (cfg.n_heads * cfg.qk_head_dim + cfg.kv_lora_rank + cfg.qk_rope_head_dim) if chunked else 0
-        return x + 4 * (2 * di + 2) + latent + target
+        return 4 * di + inputs + target
     if cfg.is_csa(layer_id):
         r, hd = cfg.csa_ratio, cfg.head_dim
         chunked = seq_len > max(CHUNK_ROWS, cfg.window_size)
         target = e * (cfg.n_heads * hd + hd + hd / r) if warm and chunked else 0
-        return x + 4 * (2 * 2 * di + di / r) + latent + target
+        return 4 * di / r + inputs + target
     return 0.0
 
 

@@ -49,18 +49,17 @@ def csa_indexer_kl(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Ten
     columns are True (``real_queries``); None: over all B T. The loss's gradient reaches the indexer only."""
     wide = torch.promote_types(x_BTD.dtype, torch.float32)  # a BF16 softmax's p is no distribution
     with torch.autocast(x_BTD.device.type, enabled=False):
-        # x widened once (the keys' projection keeps it for its gradient); the rest in its own dtype, each chunk
-        # widening its rows: kept until backward, a BF16 forward's would be twice the bytes in FP32
-        x = x_BTD.detach().to(wide)
-        q_latent, q, kv, entries = (t.detach() for t in (q_latent_BTR, q_BTHd, kv_BT1d, entries_BNd))
+        # kept until backward in the forward's own dtype (a BF16 forward's would be twice the bytes in FP32): the
+        # keys and each chunk widen what they read, and are recomputed from it
+        x, q_latent, q, kv, entries = (t.detach() for t in (x_BTD, q_latent_BTR, q_BTHd, kv_BT1d, entries_BNd))
         B, T, _ = x.shape
         valid = None if valid_BT is None else valid_BT[:, valid_BT.shape[1] - T:].to(x.device)
         ind = attn.indexer
         chunks = [(s, m) for s, m in zip(plan, visible) if s.n_entries > 0]
         if not chunks:  # no query sees an entry (T < ratio): 0, on the indexer's graph so a warm-up backward runs
             return sum(p.sum() for p in ind.parameters()) * 0.0
-        keys = ind.keys(x, cos.to(wide), sin.to(wide))  # (B, N, di), with the indexer's gradient
-        total = x.new_zeros(())
+        keys = recomputed(_keys, ind, x, cos.to(wide), sin.to(wide), selective=False)  # (B, N, di), with its gradient
+        total = x.new_zeros((), dtype=wide)
         for s, m in chunks:
             rows = slice(s.start, s.stop)
             inputs = (x[:, rows], q_latent[:, rows], cos[rows].to(wide), sin[rows].to(wide), q[:, rows],
@@ -109,15 +108,23 @@ def _kl(p: torch.Tensor, logits: torch.Tensor, visible: torch.Tensor, rows: torc
     return kl.sum() if rows is None else kl.masked_fill(~rows, 0.0).sum()
 
 
-def _wide(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``tensors`` in x's (wide) dtype: a chunk's rows of what ``csa_indexer_kl`` keeps in the forward's."""
-    return tuple(t.to(x.dtype) for t in tensors)
+def _wide(dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` in ``dtype`` (the loss's, cos / sin's): a chunk's rows of what ``csa_indexer_kl`` keeps in the
+    forward's dtype."""
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def _keys(indexer: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The index keys (B, N, di) of x widened as cos / sin are: recomputed in backward, so that x is kept in the
+    forward's dtype and the compressor's wide projections are not kept at all."""
+    return indexer.keys(x_BTD.to(cos.dtype), cos, sin)
 
 
 def _masked_chunk(attn: nn.Module, x_BCD, q_latent_BCR, cos, sin, q_BCHd, band_BS1d, entries_BnD, keys_Bnk, rows_BC,
                   band_BCS, entries_BCn) -> torch.Tensor:
     """Summed KL of a chunk's queries (those of ``rows_BC``; None: all) over the entries its mask lets each see."""
-    q_latent_BCR, q_BCHd, band_BS1d, entries_BnD = _wide(x_BCD, q_latent_BCR, q_BCHd, band_BS1d, entries_BnD)
+    x_BCD, q_latent_BCR, q_BCHd, band_BS1d, entries_BnD = _wide(cos.dtype, x_BCD, q_latent_BCR, q_BCHd, band_BS1d,
+                                                                entries_BnD)
     with torch.no_grad():
         p = _target(attn, q_BCHd, band_BS1d, band_BCS, entries_BnD, entries_BCn, "bchd,bnd->bchn")
     logits = _logits(attn.indexer, x_BCD, q_latent_BCR, cos, sin, keys_Bnk, "bchd,bnd->bchn")
@@ -128,7 +135,8 @@ def _gathered_chunk(attn: nn.Module, x_BCD, q_latent_BCR, cos, sin, q_BCHd, band
                     rows_BC, band_BCS, picks_BCk) -> torch.Tensor:
     """Summed KL of a gathering chunk's queries (those of ``rows_BC``; None: all) over their k picks
     (``entry_picks``: -1 for an empty slot)."""
-    q_latent_BCR, q_BCHd, band_BS1d, entries_BnD = _wide(x_BCD, q_latent_BCR, q_BCHd, band_BS1d, entries_BnD)
+    x_BCD, q_latent_BCR, q_BCHd, band_BS1d, entries_BnD = _wide(cos.dtype, x_BCD, q_latent_BCR, q_BCHd, band_BS1d,
+                                                                entries_BnD)
     with torch.no_grad():
         picked, valid = gather_entries(entries_BnD, picks_BCk)
         p = _target(attn, q_BCHd, band_BS1d, band_BCS, picked, valid, "bchd,bckd->bchk")

@@ -24,6 +24,8 @@ Memory: the target is computed in query chunks (``query_chunk``'s rule, or the g
 ``torch.utils.checkpoint`` so that backward recomputes a chunk's indexer scores rather than keeping the whole
 sequence's (B, T, index heads, T): a dense chunk scores (B, C, H, t) attention and (B, C, index heads, t) indexer
 logits over its t causal keys, a sparse one only its k picks ((B, C, H, k), absorbed as ``absorbed_attend``).
+What waits for backward stays in the forward's dtype (the chunks' inputs, the keys' input: the keys are recomputed
+too), each chunk widening its rows to FP32: ``flyer.cluster.costs.indexer_loss_saved_bytes_per_token`` counts it.
 
 DeepSeek-V4's CSA layers compute their own L_I over the compressed entries (``flyer.model.hybrid_indexer_loss``);
 the switches, clipping and collection here serve both.
@@ -177,6 +179,12 @@ def _kl(p: torch.Tensor, logits: torch.Tensor, visible: torch.Tensor, rows: torc
     return kl.sum() if rows is None else kl.sum(-1).masked_fill(~rows, 0.0).sum()
 
 
+def _keys(indexer: nn.Module, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The indexer's keys (B, T, index_head_dim) of x widened to FP32: recomputed in backward, so that x is kept in
+    the forward's dtype and the projection's FP32 input is not kept at all."""
+    return indexer.keys(x_BTD.float(), cos, sin)
+
+
 def _dense_chunk(attn: nn.Module, x_BCD, q_latent_BCR, keys_BtK, cos, sin, q_BCHd, latents_BtL, rows_BC,
                  start: int):
     """Summed KL of queries [start, start + C) (those of ``rows_BC``; None: all) over their causal keys (the first
@@ -217,19 +225,19 @@ def indexer_kl(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor,
     masked chunk (None: ``query_chunk``'s rule). ``valid_BT`` (B, T' >= T) bool: the mean is over the queries
     where its last T columns are True (``real_queries``); None: over all B T."""
     with torch.autocast(x_BTD.device.type, enabled=False):  # FP32 throughout: a BF16 softmax's p is no distribution
-        # x FP32 once (the keys' projection keeps it for its gradient); the rest in its own dtype, each chunk
-        # widening its rows: kept until backward, a BF16 forward's would be twice the bytes in FP32
-        return _indexer_kl(attn, x_BTD.detach().float(), q_latent_BTR.detach(),
+        # kept until backward in the forward's own dtype (a BF16 forward's would be twice the bytes in FP32): the
+        # keys and each chunk widen what they read, and are recomputed from it
+        return _indexer_kl(attn, x_BTD.detach(), q_latent_BTR.detach(),
                            torch.cat([q_nope, q_rope], dim=-1).detach(),
                            torch.cat([c_kv_BTC, k_rope_BTR], dim=-1).detach(), cos.float(), sin.float(),
                            mask_B1TT, chunks, chunk, valid_BT)
 
 
 def _indexer_kl(attn, x, q_latent, q, latents, cos, sin, mask_B1TT, chunks, chunk, valid_BT) -> torch.Tensor:
-    """``indexer_kl`` on its detached inputs (x FP32, the others in the forward's dtype, widened to FP32 a chunk at
-    a time): q = [q_nope | q_rope], latents = [c_KV | k_rope]."""
+    """``indexer_kl`` on its detached inputs in the forward's dtype (widened to FP32 a chunk at a time): q =
+    [q_nope | q_rope], latents = [c_KV | k_rope]."""
     B, T, _ = x.shape
-    keys = attn.indexer.keys(x, cos, sin)
+    keys = recomputed(_keys, attn.indexer, x, cos, sin, selective=False)
     valid = None if valid_BT is None else valid_BT[:, valid_BT.shape[1] - T:].to(x.device)
     if chunks is not None:
         spans = [(s.start, s.stop) for s in chunks.plan]
