@@ -243,3 +243,33 @@ def test_zero_points_of_one_packed_word_a_group(tmp_path, rows):
     col = torch.arange(48) // 16
     want = ((q.float() - z[:, col].float()) * s[:, col].float()).bfloat16().float()
     assert shape == (rows, 48) and torch.equal(got, want)
+
+
+def test_dequantize_refuses_scales_of_another_row_count():
+    """One scale row per weight row: a (1, G) scale would broadcast over every row, silently."""
+    q = torch.tensor([[1, 2, 3, 4], [5, 6, 7, -8]], dtype=torch.int8)
+    with pytest.raises(ValueError, match="w.down: weight_scale"):
+        dequantize(q, torch.ones(1, 2), name="w.down")
+
+
+def test_a_weight_shape_wider_than_the_packed_codes_is_refused(tmp_path):
+    """weight_shape (8, 64) beside 4-bit group codes of 32 columns (4 words a row): the packed words hold 32 codes,
+    so the shape is refused, not decoded from the 32 the words have."""
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    combo = (PACK, 4, True, "group", None)
+    parts, _ = compress(w, *combo, torch.Generator().manual_seed(1))
+    parts["weight_shape"] = torch.tensor([8, 64], dtype=parts["weight_shape"].dtype)
+    with pytest.raises(ValueError, match="weight_shape"):
+        _decode(tmp_path, parts, combo)
+
+
+def test_zero_points_of_another_packed_shape_are_refused_from_the_headers(tmp_path):
+    """Asymmetric 4-bit codes of 16 rows pack their zero points in two int32 rows a group: a third is refused from
+    the headers (CheckpointError), never decoded from the first 16 codes the words hold."""
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    combo = (PACK, 4, False, "group", None)
+    parts, _ = compress(w, *combo, torch.Generator().manual_seed(1))
+    assert parts["weight_zero_point"].shape == (2, 2)
+    parts["weight_zero_point"] = torch.cat([parts["weight_zero_point"], parts["weight_zero_point"][:1]])
+    with pytest.raises(CheckpointError, match="not a 4-bit weight"):
+        _decode(tmp_path, parts, combo)

@@ -395,3 +395,18 @@ def test_weight_dtype_fp32_computes_in_fp32(tmp_path, capsys, source):
     assert main(["generate", "--ckpt", str(path), "--prompt", "hello", "--max-new-tokens", "3", "--device", "cpu",
                  "--json", "--eos-id", "-1", "--weight-dtype", "fp32"]) == 0
     assert json.loads(capsys.readouterr().out)["weight_dtype"] == "fp32"
+
+
+@pytest.mark.parametrize("moe_inter_dim", [64, 128])  # w1|w3 apart, or packed as one
+def test_fp8_hold_returns_the_bytes_it_saves(moe_inter_dim):
+    """FP8: each held weight saves 3 of its 4 bytes less its FP32 block scales' 4; the head (BF16) 2."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", moe_inter_dim=moe_inter_dim)).eval()
+    saved = hold_weights(model, FP8)
+    want = 2 * model.head.weight.numel()
+    for m in model.modules():
+        if isinstance(m, HeldFP8Linear):
+            want += 3 * m.weight.numel() - 4 * m.weight_scale.numel()
+        elif isinstance(m, HeldFP8Experts):
+            want += sum(3 * getattr(m, w).numel() - 4 * getattr(m, f"{w}_scale").numel() for w in ("w1", "w2", "w3"))
+    assert saved == want

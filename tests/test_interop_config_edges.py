@@ -3,12 +3,18 @@ assertion fails on the mutant it names): which layers slide or are dense where t
 file's router, DeepSeek-V2's sequence-wise auxiliary loss, a layer frequency flyer cannot build, and errors that
 name the file's own field."""
 
+import json
+
 import pytest
+from tokenizers import Tokenizer
 from transformers import Glm4MoeConfig, Qwen2Config
 
-from flyer.config import ModelConfig
+from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
+from flyer.interop.export_config import hf_config, hf_model_type
 from flyer.interop.hf_config import from_hf_config
+from flyer.interop.hf_tokenizer import TextTokenizer
+from tests.hf_models import make_tokenizer
 from tests.test_interop_config import DSV2_HUB, V3_T4
 
 QWEN2 = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
@@ -65,3 +71,24 @@ def test_a_bad_size_names_the_files_field(field, value, problem):
     with pytest.raises(ConfigError) as e:
         ModelConfig.from_dict({**V3_T4, field: value})
     assert str(e.value).startswith(f"config.json: field '{field}': {problem}"), str(e.value)
+
+
+def test_a_dense_mla_model_has_no_transformers_twin():
+    """An MLA model without routed experts: refused by name, not exported as a DeepseekV3 with none."""
+    with pytest.raises(ConfigError, match="config field 'n_routed_experts'"):
+        hf_model_type(preset("tiny", n_routed_experts=0, n_dense_layers=4))
+
+
+def test_a_group_limited_deepseek_v2_router_exports_as_group_limited_greedy(tmp_path):
+    """DeepSeek-V2's group limit is on only with topk_method 'group_limited_greedy' (transformers and flyer's reader
+    ignore n_group under 'greedy'): the export says it, and reads back with the groups; without a limit, 'greedy'."""
+    cfg = preset("tiny", score_func="softmax", router_bias=False, norm_topk_prob=False)
+    assert hf_model_type(cfg) == "deepseek_v2" and (cfg.n_expert_groups, cfg.n_limited_groups) == (4, 2)
+    make_tokenizer(tmp_path)
+    tok = TextTokenizer(Tokenizer.from_file(str(tmp_path / "tokenizer.json")))
+    d = hf_config(cfg, tok, "fp32")
+    assert (d["topk_method"], d["n_group"], d["topk_group"]) == ("group_limited_greedy", 4, 2)
+    back = ModelConfig(**from_hf_config(json.loads(json.dumps(d))))
+    assert (back.n_expert_groups, back.n_limited_groups, back.score_func) == (4, 2, "softmax")
+    ungrouped = hf_config(cfg.replace(n_limited_groups=4), tok, "fp32")
+    assert (ungrouped["topk_method"], ungrouped["n_group"], ungrouped["topk_group"]) == ("greedy", None, None)
