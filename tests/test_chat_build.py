@@ -352,3 +352,19 @@ def test_a_runs_first_bad_line_is_named(hf_dir, tmp_path, lines, bad):
     chats.write_text("".join(text[k] + "\n" for k in lines))
     with pytest.raises(chat_data.DataError, match=rf"chats.jsonl:{bad}: "):
         prepare_chat(chats, tmp_path / "cache", tok, template)
+
+
+def test_no_splitter_for_an_added_token_that_strips_left_or_a_padding_tokenizer():
+    """The fast path splits on added tokens only where they match as written: an added token that strips its left
+    whitespace, or a tokenizer that pads, takes the plain path (no splitter)."""
+    def tok():
+        t = Tokenizer(models.BPE())
+        t.add_special_tokens(["</s>"])
+        return t
+    assert token_splitter(tok()) is not None
+    left = tok()
+    left.add_tokens([AddedToken("<z>", lstrip=True, normalized=False)])
+    assert token_splitter(left) is None
+    padded = tok()
+    padded.enable_padding(length=8)
+    assert token_splitter(padded) is None

@@ -14,7 +14,8 @@ import llguidance
 import pytest
 
 from flyer.data.chat_template import chat_renderer, read_chat_template
-from flyer.data.deepseek_encoding import ENCODINGS, RESPONSE_FORMAT, ChatEncoding, encode_v4, encode_v32, tools_section
+from flyer.data.deepseek_encoding import (ASSISTANT, BOS, ENCODINGS, EOS, RESPONSE_FORMAT, USER, ChatEncoding,
+                                         encode_v4, encode_v32, tools_section)
 from flyer.errors import FieldError
 from flyer.infer.cli import ByteTokenizer
 from flyer.serve.dsml import DSML_V4, DSML_V32, parse_dsml_calls
@@ -343,3 +344,15 @@ def test_v4_checkpoint_and_calls(tmp_path):
     written = encode_v4([TOOL_TURNS[0], {**TOOL_TURNS[1], "tool_calls": TOOL_TURNS[1]["tool_calls"][:1]}])
     grammar = tool_grammar([TOOLS[0]["function"]], ByteTokenizer(), fmt=DSML_V4)
     assert _accepts(grammar, written[written.index("\n\n<"):-len(E)])
+
+
+def test_v32_thinking_a_developer_turn_last_is_the_turn_answered():
+    """Thinking mode counts a developer turn as a user turn: the last one is the turn answered (kept, and the
+    assistant opens thinking after it), as the released encoder's rule."""
+    b, u, a, e = BOS, USER, ASSISTANT, EOS
+    dev = {"role": "developer", "content": "rules"}
+    assert encode_v32([dev], thinking=True) == f"{b}{u}\n\n# The user's message is: rules{a}<think>"
+    turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi.", "reasoning_content": "r"},
+             dev]
+    assert encode_v32(turns, thinking=True) == \
+        f"{b}{u}hello{a}</think>Hi.{e}{u}\n\n# The user's message is: rules{a}<think>"

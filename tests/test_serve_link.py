@@ -3,6 +3,7 @@ byte stream; the HTTP side's queue bound from the engine's reports; either side 
 other (in-flight requests answer an error, the engine's host returns, ``flyer serve`` exits and
 leaves no process behind)."""
 
+import asyncio
 import json
 import os
 import pickle
@@ -26,8 +27,9 @@ from flyer.infer.cli import ByteTokenizer
 from flyer.serve.api import Api
 from flyer.serve.app import Server
 from flyer.serve.cli import bind
+from flyer.errors import FieldError
 from flyer.serve.engine import Engine, EngineConfig, Limits, QueueFull, SamplingOptions, TokenEvent
-from flyer.serve.link import EngineClient, EngineHost, _frame, _Frames
+from flyer.serve.link import EngineClient, EngineGone, EngineHost, _frame, _Frames
 
 
 def test_frames_survive_any_split_of_the_stream():
@@ -54,12 +56,18 @@ class _Transport:
         self.sent += self.frames.feed(data)
 
 
+def _client(max_queue: int = 8) -> tuple[EngineClient, _Transport]:
+    """A client connected to a transport that records what it sends, its engine not started."""
+    client = EngineClient(None, Limits(vocab_size=10, max_seq_len=64, block_size=4, capacity=16, max_queue=max_queue))
+    t = _Transport()
+    client.connection_made(t)
+    return client, t
+
+
 def test_the_queue_bound_counts_what_the_engine_has_not_reported():
     """Waiting = the engine's last count + the submissions sent after the last one it had received:
     never fewer than wait there (the engine admits them only after it has them)."""
-    client = EngineClient(None, Limits(vocab_size=10, max_seq_len=64, block_size=4, capacity=16, max_queue=2))
-    t = _Transport()
-    client.connection_made(t)
+    client, t = _client(max_queue=2)
     heard = []
     a = client.submit([1, 2], SamplingOptions(max_tokens=3), heard.append)
     client.submit([3], SamplingOptions(max_tokens=1), heard.append)
@@ -217,3 +225,122 @@ def test_the_drain_timeout_reaches_the_http_process_and_a_bad_one_is_one_line(mo
         assert main(["serve", "--preset", "tiny", "--device", "cpu", "--drain-timeout", bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("flyer: error: --drain-timeout: "), err
+
+
+class _FakeEngine:
+    """What ``EngineHost`` reads of an engine: submit (refusing prompts holding 0), cancel, waiting, busy."""
+
+    def __init__(self):
+        self.waiting, self.cancelled, self.emits, self.busy = [], [], {}, False
+
+    def submit(self, prompt, opts, emit, bounded=True):
+        if 0 in prompt:
+            raise FieldError("prompt", "holds 0")
+        self.waiting.append(prompt)
+        self.emits[len(self.emits)] = emit
+        return len(self.emits) - 1
+
+    def cancel(self, r, reason):
+        self.cancelled.append((r, reason))
+
+
+def _host():
+    a, b = socket.socketpair()
+    host = EngineHost(_FakeEngine(), a)
+    frames = _Frames()
+
+    def sent():
+        b.setblocking(False)
+        out = []
+        try:
+            while data := b.recv(1 << 20):
+                out += frames.feed(data)
+        except BlockingIOError:
+            pass
+        return out
+    return host, sent, (a, b)
+
+
+def test_the_host_reports_the_last_submission_and_the_queue_each_once():
+    """The host sends the engine's events, queue length and the last submission it received once each: a change
+    of queue alone is reported, and nothing new sends nothing."""
+    host, sent, socks = _host()
+    try:
+        host._handle(("submit", 3, [1, 2], SamplingOptions(max_tokens=2)))
+        host._send_events()  # no event yet, but the queue changed: reported
+        assert sent() == [("events", [], 1, 3)]
+        host._send_events()  # nothing new: nothing sent
+        assert sent() == []
+        host.engine.emits[0](TokenEvent(5))
+        host._send_events()
+        host._send_events()  # the events are sent once
+        assert sent() == [("events", [(3, TokenEvent(5))], 1, 3)]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_the_host_answers_a_refused_submission_with_an_error_and_passes_a_cancels_reason(capsys):
+    """A submission the engine refuses ends at once with finish_reason "error" (and a line on stderr); a cancel
+    reaches the engine with its reason, and one for a request already ended reaches nothing."""
+    host, sent, socks = _host()
+    try:
+        host._handle(("submit", 0, [0], SamplingOptions(max_tokens=2)))
+        host._send_events()
+        assert sent() == [("events", [(0, TokenEvent(None, finish_reason="error"))], 0, 0)]
+        assert "request refused by the engine" in capsys.readouterr().err
+        host._handle(("submit", 1, [1], SamplingOptions(max_tokens=2)))
+        host._handle(("cancel", 1, "shutdown"))
+        assert host.engine.cancelled == [(0, "shutdown")]
+        host.engine.emits[0](TokenEvent(None, finish_reason="shutdown"))
+        assert host.requests == {}  # ended: forgotten, a later cancel reaches nothing
+        host._handle(("cancel", 1, "cancelled"))
+        assert host.engine.cancelled == [(0, "shutdown")]
+    finally:
+        for s in socks:
+            s.close()
+
+
+
+
+def test_the_client_forgets_a_finished_request_and_skips_events_of_unknown_ones():
+    """A request's final event removes it from the client (the engine gone later sends it no second end), and an
+    event for an id the client does not know is skipped."""
+    client, _ = _client()
+    heard = []
+    a = client.submit([1], SamplingOptions(max_tokens=1), heard.append)
+    client.data_received(_frame(("events", [(a.id, TokenEvent(3, finish_reason="length")), (99, TokenEvent(4))],
+                                 0, a.id)))
+    assert heard == [TokenEvent(3, finish_reason="length")] and a.done and client.live == {}
+    client.connection_lost(None)  # the engine gone after it finished: no second final event
+    assert heard == [TokenEvent(3, finish_reason="length")]
+
+
+def test_the_engine_gone_answers_an_error_and_the_metrics_asked_empty():
+    """The engine's connection lost: requests in flight end with "error", metrics asked before or after get an empty
+    page, and a new submission raises ``EngineGone``."""
+    client, _ = _client()
+    heard = []
+    client.submit([1], SamplingOptions(max_tokens=4), heard.append)
+
+    async def ask():
+        got = asyncio.ensure_future(client.render_metrics())
+        await asyncio.sleep(0)
+        client.connection_lost(None)
+        return await asyncio.wait_for(got, 5), await asyncio.wait_for(client.render_metrics(), 5)
+    assert asyncio.run(ask()) == (b"", b"")
+    assert heard == [TokenEvent(None, finish_reason="error")]
+    with pytest.raises(EngineGone):
+        client.submit([1], SamplingOptions(max_tokens=1), heard.append)
+
+
+def test_end_all_ends_each_request_once():
+    """``end_all`` ends each request in flight with its reason and tells the engine; a later cancel sends nothing."""
+    client, t = _client()
+    heard = []
+    r = client.submit([1], SamplingOptions(max_tokens=4), heard.append)
+    client.end_all("shutdown")
+    assert heard == [TokenEvent(None, finish_reason="shutdown")] and r.done
+    assert t.sent[-1] == ("cancel", r.id, "shutdown")
+    client.cancel(r)  # ended: nothing more sent
+    assert t.sent[-1] == ("cancel", r.id, "shutdown") and len(t.sent) == 2

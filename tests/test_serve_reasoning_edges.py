@@ -123,3 +123,23 @@ def test_a_stop_string_that_cuts_into_the_end_marker_leaves_it_reasoning():
     got, deltas, _ = _read(["ab</think>", "zz"], opened=True, stops=["k>zz"])
     assert got == ("ab</thin", None) and not any("content" in d for d in deltas)
     assert [d["reasoning_content"] for d in deltas] == ["ab", "</thin"]
+
+
+def test_the_content_head_of_a_last_token_carrying_text_past_the_end_marker():
+    """The end marker's last token carries the content's first characters ("ink>{"): the content head is that text,
+    whether the token is the last one decoded or not."""
+    think = Reasoning(DEEPSEEK, None, True)
+    text, starts = "ab</think>{", [0, 5]  # tokens "ab</th", "ink>{": the content's first token is not yet written
+    s = think.split(text, [0, 1], 2, starts, True)
+    assert (s.content, s.token) == (10, 2) and Reasoning.content_head(text, starts, 2, s) == "{"
+    s = Reasoning(DEEPSEEK, None, True).split(text + '"a"}', [0, 1, 2], 3, starts + [11], True)
+    assert Reasoning.content_head(text + '"a"}', starts + [11], 3, s) == "{"
+
+
+def test_only_a_calls_grammar_waits_for_the_calls_marker():
+    """A grammar that starts with the tool-calls marker waits for its token after reasoning; no grammar, or another
+    one, does not."""
+    think = Reasoning(KIMI_K2, None, True)
+    think.calls_id = 7
+    assert think.grammar_at(None, (5,), KIMI_K2.calls) == (7,)
+    assert think.grammar_at(None, (5,), None) == () and think.grammar_at(None, (5,), "<tool_call>") == ()
