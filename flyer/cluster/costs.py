@@ -103,7 +103,10 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
 
     Hybrid attention (DeepSeek-V4) saves the q latent, the one shared key/value head, the grouped
     output projection's latent and its compressors' projections: those of layer ``layer_id``, or of a
-    CSA layer (the heaviest kind) without one. Hyper-connections add each block's m input streams.
+    CSA layer (the heaviest kind) without one. Hyper-connections (``flyer.model.hyper``) add, around the attention
+    and the FFN each, the m input streams its mix reads and the block's output, which the streams' update keeps for
+    post's gradient, and their small maps (``hyper_connection_saved_bytes``), recomputed in backward from the
+    streams.
 
     ``mla_recompute`` (what ``flyer train --recompute mla`` runs, ``flyer.model.recompute``): only the MLA
     up-projections are recomputed, a dense MLA layer's q, k, v not saved (a DSA layer's still are).
@@ -116,6 +119,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     (``layer_id`` even, or None: the heavier) the shortcut MoE, which reads the dense FFN's normed input.
     """
     d, h = cfg.dim, cfg.n_heads
+    hyper = 2 * hyper_connection_saved_bytes(cfg, bytes_per_element)  # around the attention and the FFN
     if cfg.attn == "hybrid":
         qk = v = cfg.head_dim
         latents = cfg.q_lora_rank + cfg.head_dim + cfg.o_groups * cfg.o_lora_rank + _compressor_saved(cfg, layer_id)
@@ -128,14 +132,25 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
         qk = v = cfg.head_dim
         latents = 0
         qkv = h * qk + 2 * cfg.n_kv_heads * qk
-    streams = 2 * cfg.hc_mult * d if cfg.hc_mult > 1 else 0  # both blocks' input streams, for their hc fn and mix
     attn = d + latents + h * v + h if recompute else 2 * d + latents + qkv + h * v + h
     if not cfg.shortcut_moe:
-        return (attn + _ffn_saved(cfg, moe, recompute, fp8_cache) + streams) * bytes_per_element
+        return (attn + _ffn_saved(cfg, moe, recompute, fp8_cache)) * bytes_per_element + hyper
     ffn = _ffn_saved(cfg, False, recompute, fp8_cache)
     if layer_id is None or cfg.has_shortcut_moe(layer_id):  # its normed input is the dense FFN's, saved once
         ffn += _ffn_saved(cfg, True, recompute, fp8_cache) - (0 if recompute or fp8_cache else d)
-    return (attn + ffn + streams) * bytes_per_element
+    return (attn + ffn) * bytes_per_element + hyper
+
+
+def hyper_connection_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
+    """Bytes per token one hyper-connection (``flyer.model.hyper``: around an attention or an FFN block) keeps
+    for backward beside its block's input: the m input streams its mix reads and the block's output, which the
+    streams' update keeps for post's gradient (``bytes_per_element`` each), and the maps, whose computation is
+    recomputed in backward: pre (m, FP32, for the collapse), post and comb (m + m^2) as the update reads them, in
+    ``bytes_per_element``; 0 without hyper-connections."""
+    m, e = cfg.hc_mult, bytes_per_element
+    if m == 1:
+        return 0
+    return (m + 1) * cfg.dim * e + m * 4 + (m + m * m) * e
 
 
 def expert_weights_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:

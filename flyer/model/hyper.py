@@ -9,7 +9,12 @@ by Sinkhorn-Knopp iterations so that stacking layers cannot blow the residual up
     h' = post * block(sum_j pre_j h_j) + comb^T h
 
 ``HyperHead`` collapses the streams once more before the final norm. Both compute in FP32 (their
-parameters stay FP32: DeepSeek's checkpoints store them so).
+parameters stay FP32: DeepSeek's checkpoints store them so). With autograd, a block's maps are recomputed in
+backward from the streams, which are kept anyway (``_maps``), as the mHC paper's training does: what their
+computation saves (the normalised FP32 streams, and under BF16 an FP32 copy of them, each N D a token; the Sinkhorn
+iterations' intermediates) would cost a block more than its streams themselves. ``HyperHead``'s are not: the last
+pipeline stage's loss collapses the stage's output streams, which torch's pipelining detaches in place in its
+backward (a recomputation could not read them back), and there is one per head.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.model.lowp import as_dtype, matmul
+from flyer.model.recompute import recomputed
 
 
 def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,6 +41,12 @@ def _mix(h_BTND: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     return matmul(x, as_dtype(fn, torch.float32).t())
 
 
+def _maps(fn, h_BTND: torch.Tensor):
+    """``fn(h)``, the maps of the streams h: with autograd recomputed in backward, so that only h (kept by the
+    collapse and the mix that use it) and the small maps wait for it."""
+    return recomputed(fn, h_BTND, selective=False) if torch.is_grad_enabled() else fn(h_BTND)
+
+
 class HyperConnection(nn.Module):
     """The maps around one block: ``fn`` (N (N + 2), N D), ``base`` (N (N + 2)), ``scale`` (3), the
     names of DeepSeek's checkpoint (``hc_attn_fn`` / ``hc_ffn_fn`` ...)."""
@@ -49,6 +61,12 @@ class HyperConnection(nn.Module):
 
     def forward(self, h_BTND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(post (B, T, N) FP32, comb (B, T, N, N) FP32, the block's input (B, T, D) in h's dtype)."""
+        pre, post, comb = _maps(self._maps, h_BTND)
+        collapsed = as_dtype((pre.unsqueeze(-1) * h_BTND).sum(dim=2), h_BTND.dtype)
+        return post, comb, collapsed
+
+    def _maps(self, h_BTND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pre (B, T, N), post (B, T, N), comb (B, T, N, N)), FP32, from the streams h."""
         B, T, N, D = h_BTND.shape
         mix = _mix(h_BTND, self.fn, self.norm_eps)
         pre_w, post_w, comb_w = mix.split([N, N, N * N], dim=-1)
@@ -60,8 +78,7 @@ class HyperConnection(nn.Module):
         for _ in range(self.iters - 1):
             comb = comb / (comb.sum(-1, keepdim=True) + self.eps)
             comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
-        collapsed = as_dtype((pre.unsqueeze(-1) * h_BTND).sum(dim=2), h_BTND.dtype)
-        return post, comb, collapsed
+        return pre, post, comb
 
     @staticmethod
     def expand(h_BTND: torch.Tensor, out_BTD: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -85,9 +102,7 @@ class HyperHead(nn.Module):
         self.scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
 
     def forward(self, h_BTND: torch.Tensor) -> torch.Tensor:
-        B, T, N, D = h_BTND.shape
-        mix = _mix(h_BTND, self.fn, self.norm_eps)
-        pre = torch.sigmoid(mix * self.scale + self.base) + self.eps
+        pre = torch.sigmoid(_mix(h_BTND, self.fn, self.norm_eps) * self.scale + self.base) + self.eps
         return as_dtype((pre.unsqueeze(-1) * h_BTND).sum(dim=2), h_BTND.dtype)
 
 
