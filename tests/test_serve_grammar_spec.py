@@ -26,8 +26,9 @@ from test_serve_structured import _tokens, _valid, run_all
 from flyer.infer.cli import ByteTokenizer
 from flyer.infer.hybrid_cache import HybridCache
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
-from flyer.serve.grammar import GrammarMasks, json_grammar
+from flyer.serve.grammar import GrammarMasks, Matcher, json_grammar, marker_ends
 from flyer.serve.paged_hybrid import make_mtp_hybrid_cache
+from flyer.serve.request import Request
 from flyer.serve.speculation import MtpSpeculator
 from test_v4_speculative import PATTERN, pattern_trained
 from trained import counting_model
@@ -184,3 +185,77 @@ def test_mutations_change_the_tokens(models, monkeypatch, mutant):
     assert eng.drafted > eng.accepted  # rejections happened (what the rollback undoes)
     wrong = [ev for ev, ref in zip(bad, off) if _tokens(ev) != _tokens(ref) or ev[-1].finish_reason != "stop"]
     assert wrong, mutant
+
+
+def _byte_masks(vocab_size: int = 300) -> GrammarMasks:
+    return GrammarMasks(ByteTokenizer(), vocab_size, torch.device("cpu"))
+
+
+def test_marker_ends_counts_only_a_written_marker():
+    """An empty marker is never written; a marker counts only within the output's own tokens (not the prompt's
+    tail), and only at its end."""
+    assert not marker_ends([1, 2, 3], 3, ())
+    assert marker_ends([1, 2, 3], 2, (2, 3)) and not marker_ends([1, 2, 3], 1, (2, 3))
+    assert not marker_ends([1, 2, 3], 3, (1, 2))
+
+
+def test_a_first_draft_may_end_the_reasoning():
+    """A request that has generated nothing yet, its grammar waiting for a one-token end marker: a draft of that
+    marker would end the reasoning (``ends_reasoning``), another draft would not."""
+    masks = _byte_masks()
+    opts = SamplingOptions(max_tokens=9, grammar=json_grammar({"type": "boolean"}), grammar_after=(ord("#"),))
+    r = Request(0, [1, 2], opts, emit=lambda e: None, tokens=[1, 2])
+    r.matcher, r.deferred = masks.start(opts)
+    assert r.matcher is None and r.deferred is not None
+    assert masks.ends_reasoning(r, [ord("#")]) and not masks.ends_reasoning(r, [ord("x")])
+
+
+def test_text_after_the_end_marker_starts_the_grammar():
+    """The text a token carries past the reasoning end marker is the grammar's: leading whitespace skipped, a
+    completing answer "stop", a refused one "error", whitespace alone nothing yet."""
+    masks = _byte_masks()
+    grammar = json_grammar({"enum": ["a"]})
+    assert masks.begun(masks.matcher(grammar), '\n\n"a"') == "stop"
+    assert masks.begun(masks.matcher(grammar), '"') is None
+    assert masks.begun(masks.matcher(grammar), "x") == "error"
+    assert masks.begun(masks.matcher(grammar), "\n ") is None
+
+
+def test_a_row_whose_grammar_allows_no_model_id_allows_them_all():
+    """A grammar whose next byte lies past the model's vocabulary (200 ids; the euro sign's lead byte is 226)
+    allows none of the model's ids: ``allowed`` lets them all through rather than a row of -inf, and the token
+    chosen then ends the grammar ("error")."""
+    masks = _byte_masks(200)
+    m = masks.matcher(json_grammar({"const": "\u20ac"}))
+    assert masks.consume(m, ord('"')) is None
+    assert masks.allowed([m])[0].all()
+    assert masks.consume(m, ord("a")) == "error"
+
+
+def test_drafts_are_not_held_while_the_output_may_open_reasoning():
+    """While the output may still open reasoning itself, a draft is not consumed tentatively (``hold`` False,
+    nothing held); the token is then consumed as chosen."""
+    masks = _byte_masks()
+    base = masks.matcher(json_grammar({"type": "boolean"}))
+    m = Matcher(base.llg, tuple(b"<think>"), base.llg.deep_copy())
+    assert not GrammarMasks.hold(m, ord("t")) and m.held == []
+    assert masks.consume(m, ord("t")) is None and m.opening == ()
+
+
+def test_only_the_last_held_draft_completes_the_grammar():
+    """Drafts held tentatively up to the grammar's end: consuming the kept ones one by one, only the last is
+    "stop" (the matcher's state is already at the end while drafts are held)."""
+    masks = _byte_masks()
+    m = masks.matcher(json_grammar({"enum": ["a"]}))
+    assert all(GrammarMasks.hold(m, t) for t in b'"a"')
+    assert [masks.consume(m, t) for t in b'"a"'] == [None, None, "stop"]
+
+
+def test_matchers_of_one_grammar_are_independent():
+    """Two requests with the same grammar (n choices) get matchers of their own: one consuming leaves the other
+    at the start."""
+    masks = _byte_masks()
+    grammar = json_grammar({"enum": ["a"]})
+    first, second = masks.matcher(grammar), masks.matcher(grammar)
+    assert [masks.consume(first, t) for t in b'"a"'] == [None, None, "stop"]
+    assert masks.consume(second, ord('"')) is None and not second.llg.is_stopped()

@@ -5,6 +5,7 @@ capture itself needs a GPU (``bench/serve.py --device cuda`` reports whether its
 
 import contextlib
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from flyer.model.experts import Experts
 from flyer.model.moe import MoE, fixed_shapes
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
-from flyer.serve.graphs import StaticStep, StepGraphs, attention_flops_per_slot, row_buckets
+from flyer.serve.graphs import StaticStep, StepGraphs, attention_flops_per_slot, graphs_unsupported, row_buckets
 from flyer.serve.paged import NULL_BLOCK, make_paged_cache
 
 V = 64
@@ -507,3 +508,63 @@ def test_cuda_graphs_replay_the_eager_steps(trained, spec):
     assert eng.metrics.cuda_graphs._value.get() == len(eng.graphs.graphs) + mtp_graphs
     if not over:  # (its decode steps would draft)
         _check_a_lone_long_prompt(eng, model)
+
+
+def _models_dec(model):
+    """What ``graphs_unsupported`` reads of a ``Decoder``: its config and model."""
+    return SimpleNamespace(cfg=model.cfg, model=model)
+
+
+def test_models_without_a_fixed_shape_step_are_named():
+    """A plain MLA MoE model steps in fixed shapes; DSA's indexer, routed experts through a weight quantizer
+    (FP4 QAT's) and an MoE that dispatches its experts to other ranks do not, each named, and ``StaticStep``
+    refuses them."""
+    torch.manual_seed(0)
+    tiny = Transformer(preset("tiny")).eval()
+    assert graphs_unsupported(_models_dec(tiny)) is None
+    dsa = Transformer(preset("tiny", index_topk=8, index_n_heads=2, index_head_dim=32)).eval()
+    quant, dispatched = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    for m in quant.modules():
+        if isinstance(m, Experts):
+            m.weight_quant = lambda w: w
+    for m in dispatched.modules():
+        if isinstance(m, MoE):
+            m.fuse_local = False
+    for model, reason in ((dsa, "DSA's indexer"), (quant, "routed experts of Experts"),
+                          (dispatched, "dispatched to other ranks")):
+        assert reason in graphs_unsupported(_models_dec(model))
+        with pytest.raises(ValueError, match=f"fixed-shape steps: .*{reason}"):
+            StaticStep(_models_dec(model), None, 4, 8, 16)
+
+
+def test_budgets_count_the_padded_rows(monkeypatch):
+    """A step's budgets count the rows of its bucket, padding included: 3 decoding rows (positions up to 15, 16
+    slots) run as 4 rows, so ``GRAPH_MAX_ROW_SLOTS`` of 64 (row, slot) pairs and ``FLOPS_BUDGET`` of 4 rows'
+    dense experts let the step run in fixed shapes, one less makes it eager (None)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64)).eval()
+    cfg = model.cfg
+    cache = make_paged_cache(cfg, cfg.n_layers, 16, 4, torch.float32)
+    graphs = StepGraphs(Decoder(model, 1, cfg.max_seq_len, cache=cache), cache, 4, 8, cfg.max_seq_len, capture=False)
+    rows, tables = [(1, 15, 0, 0), (2, 3, 1, 0), (3, 7, 2, 0)], [[1, 2, 3, 4], [5], [6, 7]]
+    assert graphs.static.buckets(len(rows), 16) == (4, 4)
+    per_row = graphs.static.dense_flops_per_row
+    assert per_row > 0
+    for name, at in (("GRAPH_MAX_ROW_SLOTS", 4 * 16), ("FLOPS_BUDGET", 4 * per_row)):
+        monkeypatch.setattr(f"flyer.serve.graphs.{name}", at)
+        assert graphs.step(rows, tables).shape == (3, 1, cfg.dim)
+        monkeypatch.setattr(f"flyer.serve.graphs.{name}", at - 1)
+        assert graphs.step(rows, tables) is None
+        monkeypatch.undo()
+
+
+def test_an_mtp_pass_at_the_last_position_covers_its_slot():
+    """The MTP module's entry of position p sits in slot p + 1: a pass of a row at the model's last position
+    (``max_seq_len`` - 1) attends over ``max_seq_len`` + 1 slots, which the step's slot bucket must cover."""
+    cfg = preset("tiny", mtp_depth=1)
+    model = Transformer(cfg).eval()
+    cache, mtp_cache = (make_paged_cache(cfg, n, 64, 4, torch.float32) for n in (cfg.n_layers, 1))
+    dec = Decoder(model, 1, cfg.max_seq_len, cache=cache, mtp_cache=mtp_cache, with_mtp=True)
+    graphs = StepGraphs(dec, mtp_cache, 4, 8, cfg.max_seq_len, capture=False, mtp=True)
+    rows, blocks = graphs.static.buckets(1, cfg.max_seq_len + 1)
+    assert blocks * mtp_cache.block_size >= cfg.max_seq_len + 1
