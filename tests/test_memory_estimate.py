@@ -181,9 +181,10 @@ class _Scaled(torch.nn.Module):
 def test_hyper_connections_keep_their_streams_outputs_and_maps(precision):
     """A DeepSeek-V4 block (mHC) with stand-in attention and FFN: besides each part's collapsed input and its norm's
     inverse RMS (4 bytes), the two hyper-connections keep for backward the streams their mixes read, the parts'
-    outputs and the maps, ``hyper_connection_saved_bytes`` each a token to the byte, which the block's estimate
-    counts twice. The maps' computation is recomputed in backward: kept, the normalised FP32 streams and the
-    Sinkhorn iterations' intermediates made it 5,364 bytes a token more on tiny-v4 in FP32."""
+    outputs, the mix and the maps' intermediates, ``hyper_connection_saved_bytes`` each a token to the byte, which
+    the block's estimate counts twice. The mix is recomputed in backward from the streams: kept, its normalised FP32
+    streams (and under BF16 their FP32 copy) made a tiny-v4 block keep 4,104 bytes a token more in FP32, 6,536 in
+    BF16."""
     cfg, T = preset("tiny-v4"), 64
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     element = 4 if precision == "fp32" else 2

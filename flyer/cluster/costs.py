@@ -105,8 +105,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     output projection's latent and its compressors' projections: those of layer ``layer_id``, or of a
     CSA layer (the heaviest kind) without one. Hyper-connections (``flyer.model.hyper``) add, around the attention
     and the FFN each, the m input streams its mix reads and the block's output, which the streams' update keeps for
-    post's gradient, and their small maps (``hyper_connection_saved_bytes``), recomputed in backward from the
-    streams.
+    post's gradient, and their maps' few values a token (``hyper_connection_saved_bytes``).
 
     ``mla_recompute`` (what ``flyer train --recompute mla`` runs, ``flyer.model.recompute``): only the MLA
     up-projections are recomputed, a dense MLA layer's q, k, v not saved (a DSA layer's still are).
@@ -144,13 +143,15 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
 def hyper_connection_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
     """Bytes per token one hyper-connection (``flyer.model.hyper``: around an attention or an FFN block) keeps
     for backward beside its block's input: the m input streams its mix reads and the block's output, which the
-    streams' update keeps for post's gradient (``bytes_per_element`` each), and the maps, whose computation is
-    recomputed in backward: pre (m, FP32, for the collapse), post and comb (m + m^2) as the update reads them, in
-    ``bytes_per_element``; 0 without hyper-connections."""
-    m, e = cfg.hc_mult, bytes_per_element
+    streams' update keeps for post's gradient, and the mix's m (m + 2) values (``bytes_per_element`` each; the mix's
+    normalised streams are recomputed in backward); in FP32 the maps' intermediates: pre and post, and their
+    sigmoids, and each of the 2 I - 1 Sinkhorn divisions' denominator (m each), comb's softmax, its first
+    normalisation and the divisions' numerators (m^2 each, 2 I in all, for I ``hc_sinkhorn_iters``); and post and
+    comb as the update reads them (m + m^2, ``bytes_per_element``). 0 without hyper-connections."""
+    m, e, iters = cfg.hc_mult, bytes_per_element, cfg.hc_sinkhorn_iters
     if m == 1:
         return 0
-    return (m + 1) * cfg.dim * e + m * 4 + (m + m * m) * e
+    return (m + 1) * cfg.dim * e + m * (m + 2) * e + 4 * (m * (2 * iters + 2) + m * m * 2 * iters) + (m + m * m) * e
 
 
 def expert_weights_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:

@@ -9,12 +9,14 @@ by Sinkhorn-Knopp iterations so that stacking layers cannot blow the residual up
     h' = post * block(sum_j pre_j h_j) + comb^T h
 
 ``HyperHead`` collapses the streams once more before the final norm. Both compute in FP32 (their
-parameters stay FP32: DeepSeek's checkpoints store them so). With autograd, a block's maps are recomputed in
-backward from the streams, which are kept anyway (``_maps``), as the mHC paper's training does: what their
-computation saves (the normalised FP32 streams, and under BF16 an FP32 copy of them, each N D a token; the Sinkhorn
-iterations' intermediates) would cost a block more than its streams themselves. ``HyperHead``'s are not: the last
-pipeline stage's loss collapses the stage's output streams, which torch's pipelining detaches in place in its
-backward (a recomputation could not read them back), and there is one per head.
+parameters stay FP32: DeepSeek's checkpoints store them so). With autograd, a block's mix is recomputed in
+backward from the streams, which are kept anyway (``_recomputed_mix``), as the mHC paper's training recomputes:
+what it saves (the normalised FP32 streams, and under BF16 an FP32 copy of them, each N D a token) would cost a
+block more than its streams themselves; torch's recomputation stops before the mix's GEMM (only its inputs are
+saved), so it is elementwise. The maps' Sinkhorn iterations, a few hundred FP32 values a token whatever
+D, are kept: recomputing them too made a tiny-v4 step on two CPU cores 1.2x as long (docs/performance.md). ``HyperHead``'s mix is
+not recomputed: the last pipeline stage's loss collapses the stage's output streams, which torch's pipelining
+detaches in place in its backward (a recomputation could not read them back), and there is one per head.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ def _mix(h_BTND: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     return matmul(x, as_dtype(fn, torch.float32).t())
 
 
-def _maps(fn, h_BTND: torch.Tensor):
-    """``fn(h)``, the maps of the streams h: with autograd recomputed in backward, so that only h (kept by the
-    collapse and the mix that use it) and the small maps wait for it."""
-    return recomputed(fn, h_BTND, selective=False) if torch.is_grad_enabled() else fn(h_BTND)
+def _recomputed_mix(h_BTND: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """``_mix``, with autograd recomputed in backward from h (which the collapse and the streams' update keep
+    anyway): its normalised FP32 streams, and under a lower precision their FP32 copy, are not kept."""
+    return recomputed(_mix, h_BTND, fn, eps, selective=False) if torch.is_grad_enabled() else _mix(h_BTND, fn, eps)
 
 
 class HyperConnection(nn.Module):
@@ -61,14 +63,14 @@ class HyperConnection(nn.Module):
 
     def forward(self, h_BTND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(post (B, T, N) FP32, comb (B, T, N, N) FP32, the block's input (B, T, D) in h's dtype)."""
-        pre, post, comb = _maps(self._maps, h_BTND)
+        pre, post, comb = self._maps(h_BTND)
         collapsed = as_dtype((pre.unsqueeze(-1) * h_BTND).sum(dim=2), h_BTND.dtype)
         return post, comb, collapsed
 
     def _maps(self, h_BTND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pre (B, T, N), post (B, T, N), comb (B, T, N, N)), FP32, from the streams h."""
         B, T, N, D = h_BTND.shape
-        mix = _mix(h_BTND, self.fn, self.norm_eps)
+        mix = _recomputed_mix(h_BTND, self.fn, self.norm_eps)
         pre_w, post_w, comb_w = mix.split([N, N, N * N], dim=-1)
         pre_b, post_b, comb_b = self.base.split([N, N, N * N])
         pre = torch.sigmoid(pre_w * self.scale[0] + pre_b) + self.eps
