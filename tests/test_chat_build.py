@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jinja2 import TemplateError
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer
 
 from flyer.data import chat_data
 from flyer.data.chat_data import CHAT_VERSION, MAX_LINE_BYTES, VAL_EVERY, encode_conversation, prepare_chat
-from flyer.data.chat_encode import encode_conversation_fast, token_splitter
+from flyer.data.chat_encode import REASONING_MARK, encode_conversation_fast, reasoning_unshown, token_splitter
 from flyer.data.chat_template import chat_renderer
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer
 from tests.hf_models import make_tokenizer
@@ -368,3 +369,49 @@ def test_no_splitter_for_an_added_token_that_strips_left_or_a_padding_tokenizer(
     padded = tok()
     padded.enable_padding(length=8)
     assert token_splitter(padded) is None
+
+
+def _drop_reasoning(messages, tools, add_generation_prompt=False, extra=None):
+    """A template that renders only each message's content (never its reasoning)."""
+    return "".join(f"<{m['role']}>{m.get('content') or ''}" for m in messages) + ("<assistant>" if add_generation_prompt
+                                                                                   else "")
+
+
+def test_whitespace_only_reasoning_is_not_refused_when_the_template_drops_it():
+    """A reasoning_content of only whitespace counts as empty (templates strip it): it is not refused as unshown,
+    even by a template that never renders reasoning; a real reasoning there is refused."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "reasoning_content": " \n\t "}]
+    head = _drop_reasoning(msgs[:1], None, add_generation_prompt=True)
+    assert reasoning_unshown(msgs, 1, None, _drop_reasoning, None, head) is None
+    msgs[1]["reasoning_content"] = "think"
+    assert "does not render it" in reasoning_unshown(msgs, 1, None, _drop_reasoning, None, head)
+    assert REASONING_MARK not in _drop_reasoning(msgs, None)
+
+
+def test_reasoning_mark_counts_only_after_the_turns_head():
+    """The reasoning check looks for the mark only after the conversation's head: a mark's text earlier in the
+    conversation (here a user's message quoting it) does not make a dropped reasoning count as shown."""
+    msgs = [{"role": "user", "content": REASONING_MARK},
+            {"role": "assistant", "content": "yo", "reasoning_content": "r"}]
+    head = _drop_reasoning(msgs[:1], None, add_generation_prompt=True)
+    assert "does not render it" in reasoning_unshown(msgs, 1, None, _drop_reasoning, None, head)
+
+
+@pytest.mark.parametrize("gen_prompt, want_type, words", [
+    ("<|assistant|>", TemplateError, "no mark here"),  # the turn's prefixes pass: the render error itself
+    ("<|bot|>", ValueError, "rendered with the generation prompt"),  # the turn's prefix check fails first
+], ids=["render-error", "prefix-first"])
+def test_a_render_error_of_the_reasoning_check_comes_as_on_the_plain_path(hf_dir, gen_prompt, want_type, words):
+    """A template that fails only when rendering the reasoning check's mark: the fast path raises that render
+    error itself (its type and message, not a ValueError of its text), and only after the turn's prefix checks
+    (a head that is not a prefix is the ValueError raised), as the plain path does."""
+    tok = _tok(hf_dir)
+    old, prompt = "{% if m['role'] == 'assistant' %}<|assistant|>", "{% if add_generation_prompt %}<|assistant|>"
+    assert old in TEMPLATE and prompt in TEMPLATE
+    bad = "{% if m['reasoning_content'] == '" + REASONING_MARK + "' %}{{ raise_exception('no mark here') }}{% endif %}"
+    template = TEMPLATE.replace(old, old + bad).replace(prompt, "{% if add_generation_prompt %}" + gen_prompt)
+    render = _render(tok, template)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "reasoning_content": "think"}]
+    want = _outcome(lambda: encode_conversation(msgs, None, render, _plain(tok)))
+    assert want[0] is want_type and words in want[1]
+    assert _outcome(lambda: encode_conversation_fast(msgs, None, render, token_splitter(tok.tok), tok.tok)) == want

@@ -16,6 +16,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from flyer.config import ModelConfig
 from flyer.errors import CheckpointError, ConfigError
+from flyer.infer.weights import FP8
 from flyer.interop.compressed import (compressed_shape, dequantize, module_classes, read_compressed, scheme_of,
                                       unpack_int32)
 from flyer.interop.hf import load_hf
@@ -23,12 +24,12 @@ from flyer.interop.hf_config import from_hf_config
 from flyer.interop.hf_config_quant import CompressedConfig, CompressedScheme, compressed_scheme
 from flyer.interop.hf_names import hf_names
 from flyer.interop.tensorfile import header
-from tests.hf_models import _COMMON, FAMILIES, save_tiny
-from tests.test_hf_compressed import NAIVE, PACK, combo_config, compress
+from tests.hf_models import _COMMON, FAMILIES, plain_twin, save_tiny
+from tests.test_hf_compressed import NAIVE, PACK, build, combo_config, compress
 from tests.test_hf_compressed_groups import library_groups
 from tests.test_hf_fp8_weights import _inputs
 from tests.test_hf_mistral4 import logit_tolerance
-from tests.test_hf_nvfp4 import library_config, library_mxfp4
+from tests.test_hf_nvfp4 import library_config, library_mxfp4, library_nvfp4
 from tests.test_qwen3 import rel
 
 STEM = "model.layers.0.self_attn.o_proj"
@@ -273,3 +274,31 @@ def test_zero_points_of_another_packed_shape_are_refused_from_the_headers(tmp_pa
     parts["weight_zero_point"] = torch.cat([parts["weight_zero_point"], parts["weight_zero_point"][:1]])
     with pytest.raises(CheckpointError, match="not a 4-bit weight"):
         _decode(tmp_path, parts, combo)
+
+
+def test_packed_codes_load_into_a_model_holding_fp8(tmp_path):
+    """A pack-quantized (int4) checkpoint loaded into a model that holds its weights as FP8: the packed codes are
+    decoded, then quantized as held (no FP8 codes to keep), exactly as the library's decompression saved plain."""
+    want = build(tmp_path / "q", (PACK, 4, True, "group", None))
+    plain_twin(tmp_path / "q", want, tmp_path / "plain")
+    got = load_hf(tmp_path / "q", dtype=torch.float32, held=FP8)[0].state_dict()
+    ref = load_hf(tmp_path / "plain", dtype=torch.float32, held=FP8)[0].state_dict()
+    assert got.keys() == ref.keys() and any(t.dtype == FP8 for t in got.values())
+    for k, t in got.items():
+        assert t.dtype == ref[k].dtype and torch.equal(*(x.view(torch.uint8) if x.dtype == FP8 else x
+                                                        for x in (t, ref[k]))), k
+
+
+def test_an_nvfp4_global_scale_of_two_values_is_refused_from_the_headers(tmp_path):
+    """A compressed-tensors NVFP4 weight has one global scale: a weight_global_scale of two values is refused from
+    the headers (CheckpointError naming the tensor), while the library's own tensors pass."""
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    parts = {k: v for k, v in library_nvfp4(w)[0].items() if k in ("weight_packed", "weight_scale",
+                                                                     "weight_global_scale")}
+    config = compressed_scheme({"quantization_config": library_config("NVFP4A16", ["lm_head"])})
+    files, headers = _write(tmp_path, parts)
+    assert compressed_shape(f"{STEM}.weight_packed", files, headers, config) == (8, 32)
+    parts["weight_global_scale"] = parts["weight_global_scale"].reshape(1).repeat(2)
+    files, headers = _write(tmp_path, parts)
+    with pytest.raises(CheckpointError, match=f"{STEM}.weight_packed .* not an NVFP4 weight"):
+        compressed_shape(f"{STEM}.weight_packed", files, headers, config)

@@ -410,3 +410,12 @@ def test_fp8_hold_returns_the_bytes_it_saves(moe_inter_dim):
         elif isinstance(m, HeldFP8Experts):
             want += sum(3 * getattr(m, w).numel() - 4 * getattr(m, f"{w}_scale").numel() for w in ("w1", "w2", "w3"))
     assert saved == want
+
+
+def test_weights_are_held_only_in_bf16_or_fp8():
+    """hold_weights refuses a dtype other than float32, bfloat16 and float8_e4m3fn (float16 here), leaving the model
+    as it was, rather than holding its weights in it."""
+    model = Transformer(preset("tiny")).eval()
+    with pytest.raises(ValueError, match="float32, bfloat16 or float8_e4m3fn"):
+        hold_weights(model, torch.float16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

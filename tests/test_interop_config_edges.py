@@ -7,7 +7,7 @@ import json
 
 import pytest
 from tokenizers import Tokenizer
-from transformers import Glm4MoeConfig, Qwen2Config
+from transformers import Glm4MoeConfig, GlmMoeDsaConfig, Qwen2Config
 
 from flyer.config import ModelConfig, preset
 from flyer.errors import ConfigError
@@ -92,3 +92,32 @@ def test_a_group_limited_deepseek_v2_router_exports_as_group_limited_greedy(tmp_
     assert (back.n_expert_groups, back.n_limited_groups, back.score_func) == (4, 2, "softmax")
     ungrouped = hf_config(cfg.replace(n_limited_groups=4), tok, "fp32")
     assert (ungrouped["topk_method"], ungrouped["n_group"], ungrouped["topk_group"]) == ("greedy", None, None)
+
+
+def test_a_v4_model_without_a_swiglu_clamp_is_not_exported_as_deepseek_v4():
+    """DeepSeek-V4's export needs its SwiGLU clamp: hybrid attention with swiglu_limit 0 (no clamp) is refused
+    naming the field; the preset's own limit exports as deepseek_v4."""
+    cfg = preset("tiny-v4")
+    assert cfg.swiglu_limit > 0 and hf_model_type(cfg) == "deepseek_v4"
+    with pytest.raises(ConfigError, match="'swiglu_limit'"):
+        hf_model_type(preset("tiny-v4", swiglu_limit=0.0))
+
+
+def test_a_glm_moe_dsa_export_lists_its_dense_layers_as_transformers_does(tmp_path):
+    """GLM-5's config lists each layer's MLP: the export's ``mlp_layer_types`` is what transformers' own
+    ``GlmMoeDsaConfig`` derives from ``first_k_dense_replace``, dense layers first."""
+    cfg = preset("tiny", index_topk=8, index_n_heads=16, index_head_dim=32, n_dense_layers=1,
+                 indexer_types=("full", "shared", "full", "shared"))
+    make_tokenizer(tmp_path)
+    d = hf_config(cfg, TextTokenizer(Tokenizer.from_file(str(tmp_path / "tokenizer.json"))), "fp32")
+    want = GlmMoeDsaConfig(num_hidden_layers=cfg.n_layers, first_k_dense_replace=cfg.n_dense_layers).mlp_layer_types
+    assert d["mlp_layer_types"] == want == ["dense", "sparse", "sparse", "sparse"]
+
+
+def test_a_model_without_a_query_lora_exports_q_lora_rank_null(tmp_path):
+    """MLA without a query LoRA (DeepSeek-V2-Lite's layout): ``q_lora_rank`` is written null, which transformers reads
+    as a plain query projection (a 0 would ask for a rank-0 LoRA)."""
+    make_tokenizer(tmp_path)
+    tok = TextTokenizer(Tokenizer.from_file(str(tmp_path / "tokenizer.json")))
+    assert hf_config(preset("tiny", q_lora_rank=0), tok, "fp32")["q_lora_rank"] is None
+    assert hf_config(preset("tiny"), tok, "fp32")["q_lora_rank"] == preset("tiny").q_lora_rank

@@ -143,3 +143,20 @@ def test_only_a_calls_grammar_waits_for_the_calls_marker():
     think.calls_id = 7
     assert think.grammar_at(None, (5,), KIMI_K2.calls) == (7,)
     assert think.grammar_at(None, (5,), None) == () and think.grammar_at(None, (5,), "<tool_call>") == ()
+
+
+def test_a_begin_token_after_a_token_of_whitespace_and_text_is_content():
+    """The begin marker's token leads the output only where it starts right after the leading whitespace: after a
+    token holding whitespace and text ("\nHi"), the marker's token is content, as in the text path."""
+    pieces = ["\nHi", DEEPSEEK.begin, "ab", DEEPSEEK.end, "cd"]
+    for special in ((), (DEEPSEEK.begin, DEEPSEEK.end)):
+        got, _, n = _read(pieces, special=special)
+        assert (got, n) == ((None, "".join(pieces)), 0), special
+
+
+def test_the_engines_end_watch_reads_the_output_as_opened_reasoning():
+    """The engine's watch for a text end marker reads the output as reasoning from its first token (the grammar is
+    deferred only where the reasoning is open): an output without a leading begin marker stays reasoning until the
+    end marker is whole, then gives the text after it."""
+    w = EndWatch(_Pieces(["ab", "</th", "ink>", "{"]), DEEPSEEK.begin, DEEPSEEK.end)
+    assert [w.add(k) for k in range(4)] == [None, None, "", "{"]
