@@ -410,9 +410,9 @@ def layer_flops_per_token(cfg: ModelConfig, seq_len: int, layer_id: int, causal:
     (their inputs are detached: no input gradient); "warmup" freezes every other weight (the block runs forward
     only) and attends densely, L_I's scoring then forward and backward over every causal key. Recomputation is not
     counted: flyer's L_I runs the indexer's forward again apart from the selection, its keys' projections once more
-    in backward (which keeps their input only), and its target, the main
-    attention's probabilities, scores the attended keys again (absorbed, ``indexer_loss._target``: at 128K tokens
-    of V3.2's warm-up about as much again as this count) where the attention has them."""
+    in backward (which keeps their input only), and its target, the main attention's probabilities, scores the
+    attended keys again (absorbed, ``indexer_loss._target``: at 128K tokens of V3.2's warm-up about as much again
+    as this count) where the attention has them."""
     if indexer_train not in INDEXER_TRAIN_MODES:
         raise ValueError(f"indexer_train: must be one of {', '.join(INDEXER_TRAIN_MODES)} (got {indexer_train!r})")
     warm = indexer_train == "warmup"

@@ -13,10 +13,11 @@ parameters stay FP32: DeepSeek's checkpoints store them so). With autograd, a bl
 backward from the streams, which are kept anyway (``_recomputed_mix``), as the mHC paper's training recomputes:
 what it saves (the normalised FP32 streams, and under BF16 an FP32 copy of them, each N D a token) would cost a
 block more than its streams themselves; torch's recomputation stops before the mix's GEMM (only its inputs are
-saved), so it is elementwise. The maps' Sinkhorn iterations, a few hundred FP32 values a token whatever
-D, are kept: recomputing them too made a tiny-v4 step on two CPU cores 1.2x as long (docs/performance.md). ``HyperHead``'s mix is
-not recomputed: the last pipeline stage's loss collapses the stage's output streams, which torch's pipelining
-detaches in place in its backward (a recomputation could not read them back), and there is one per head.
+saved), so it is elementwise. The maps' Sinkhorn iterations, a few hundred FP32 values a token whatever D, are
+kept: recomputing them too made a tiny-v4 step on two CPU cores 1.2x as long (docs/performance.md).
+``HyperHead``'s mix is not recomputed: the last pipeline stage's loss collapses the stage's output streams, which
+torch's pipelining detaches in place in its backward (a recomputation could not read them back), and there is one
+per head.
 """
 
 from __future__ import annotations
