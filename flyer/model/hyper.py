@@ -11,13 +11,13 @@ by Sinkhorn-Knopp iterations so that stacking layers cannot blow the residual up
 ``HyperHead`` collapses the streams once more before the final norm. Both compute in FP32 (their
 parameters stay FP32: DeepSeek's checkpoints store them so). With autograd, a block's mix is recomputed in
 backward from the streams, which are kept anyway (``_recomputed_mix``), as the mHC paper's training recomputes:
-what it saves (the normalised FP32 streams, and under BF16 an FP32 copy of them, each N D a token) would cost a
-block more than its streams themselves; torch's recomputation stops before the mix's GEMM (only its inputs are
-saved), so it is elementwise. The maps' Sinkhorn iterations, a few hundred FP32 values a token whatever D, are
-kept: recomputing them too made a tiny-v4 step on two CPU cores 1.2x as long (docs/performance.md).
-``HyperHead``'s mix is not recomputed: the last pipeline stage's loss collapses the stage's output streams, which
-torch's pipelining detaches in place in its backward (a recomputation could not read them back), and there is one
-per head.
+what it saves (the normalised FP32 streams, or under BF16 autocast an FP32 copy of the streams and the GEMM's
+BF16 copy of the normalised ones, N D each a token) would cost a block more than its streams themselves; torch's
+recomputation stops before the mix's GEMM (only its inputs are saved), so it is elementwise. The maps' Sinkhorn
+iterations, a few hundred FP32 values a token whatever D, are kept: recomputing them too made a tiny-v4 step on
+two CPU cores 1.2x as long (docs/performance.md). ``HyperHead``'s mix is not recomputed: the last pipeline stage's
+loss collapses the stage's output streams, which torch's pipelining detaches in place in its backward (a
+recomputation could not read them back), and there is one per head.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _mix(h_BTND: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _recomputed_mix(h_BTND: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     """``_mix``, with autograd recomputed in backward from h (which the collapse and the streams' update keep
-    anyway): its normalised FP32 streams, and under a lower precision their FP32 copy, are not kept."""
+    anyway): what it saves (the normalised streams, the FP32 copy of lower-precision ones) is not kept."""
     return recomputed(_mix, h_BTND, fn, eps, selective=False) if torch.is_grad_enabled() else _mix(h_BTND, fn, eps)
 
 
