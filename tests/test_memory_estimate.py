@@ -182,9 +182,9 @@ def test_hyper_connections_keep_their_streams_outputs_and_maps(precision):
     """A DeepSeek-V4 block (mHC) with stand-in attention and FFN: besides each part's collapsed input and its norm's
     inverse RMS (4 bytes), the two hyper-connections keep for backward the streams their mixes read, the parts'
     outputs, the mix and the maps' intermediates, ``hyper_connection_saved_bytes`` each a token to the byte, which
-    the block's estimate counts twice. The mix is recomputed in backward from the streams: kept, its normalised FP32
-    streams (and under BF16 their FP32 copy) made a tiny-v4 block keep 4,104 bytes a token more in FP32, 6,536 in
-    BF16."""
+    the block's estimate counts twice. The mix is recomputed in backward from the streams: kept, what it saves (its
+    normalised FP32 streams; under BF16 the streams' FP32 copy and the GEMM's BF16 copies of the normalised streams
+    and of fn) made this block keep 4,104 bytes a token more in FP32, 6,536 in BF16."""
     cfg, T = preset("tiny-v4"), 64
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     element = 4 if precision == "fp32" else 2
