@@ -9,6 +9,7 @@ import torch
 from flyer.cluster.costs import (activation_bytes_per_token_layer, hyper_connection_saved_bytes,
                                  indexer_loss_saved_bytes_per_token)
 from flyer.config import preset
+from flyer.fp8 import FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8
 from flyer.model.hybrid_chunks import CHUNK_ROWS
 from flyer.model.indexer_loss import set_indexer_training
 from flyer.model.transformer import Transformer
@@ -64,7 +65,6 @@ def test_the_fp8_per_token_estimate_is_a_lower_bound_for_either_activation_cache
     every FFN's FP8 cache (routed, shared, dense: its input's and SwiGLU inputs' tiles) keeps about half of what the
     'input' cache does, so an estimate counting the latter under the former exceeded the measurement (1.35 x here)
     and the pre-run refusal it bounds could refuse a run that fits."""
-    from flyer.fp8 import FP8Recipe, convert_to_fp8
     cfg = preset("tiny").replace(moe_inter_dim=256)
     torch.manual_seed(0)
     model = convert_to_fp8(Transformer(cfg).train(), recipe=FP8Recipe(activation_cache=cache))
@@ -103,7 +103,6 @@ def test_the_fp8_activation_estimate_counts_the_experts_fp8_weights():
     and 2, and its constant part is the measured one less what it leaves out: the other linear layers' FP8 weight
     blocks and every layer's block scales (a BF16 count of the experts' weights, as before the FP8 experts kept
     their FP8 blocks, would exceed the measurement)."""
-    from flyer.fp8 import FP8Experts, FP8Linear, convert_to_fp8
     from flyer.fp8.quant import quantize_blocks
     cfg = preset("tiny").replace(moe_inter_dim=256)
     torch.manual_seed(0)
@@ -130,37 +129,43 @@ DSA = dict(index_topk=8, index_n_heads=4, index_head_dim=32)
 
 def _kept(cfg, mode: str, precision: str, T: int, batch: int = 1) -> int:
     """The bytes of the storages one training forward of ``batch`` rows of T tokens leaves alive (``held_bytes``: what
-    autograd and ``torch.utils.checkpoint`` keep), under ``--indexer-train mode``, BF16 autocast for 'bf16'."""
+    autograd and ``torch.utils.checkpoint`` keep), under ``--indexer-train mode``, BF16 autocast for 'bf16' and
+    'fp8' (``convert_to_fp8``, its FP8 activation cache)."""
     torch.manual_seed(0)
     model = Transformer(cfg).train()
+    if precision == "fp8":
+        model = convert_to_fp8(model)
     set_indexer_training(model, mode)
     tokens = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(1))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
         return held_bytes(lambda: model.compute_loss(tokens, tokens), skip=model)
 
 
 def _kept_per_row(cfg, mode: str, precision: str, T: int) -> int:
-    """What a second batch row adds to ``_kept``."""
+    """What a second batch row adds to ``_kept``, after a forward that makes what a process makes once and keeps
+    (the FP8 path's cached tables) outside the measurements."""
+    _kept(cfg, mode, precision, T, 1)
     return _kept(cfg, mode, precision, T, 2) - _kept(cfg, mode, precision, T, 1)
 
 
 def _indexer_row_bytes(cfg, mode: str, precision: str, T: int) -> float:
     """The estimate's L_I bytes for a row of T tokens: each layer's per-token bytes times the tokens it reads (MTP
     module k the T - k it predicts from)."""
-    element = 4 if precision == "fp32" else 2
-    return sum(indexer_loss_saved_bytes_per_token(cfg, i, mode, element, T) * (T - max(0, i - cfg.n_layers + 1))
-               for i in range(cfg.n_layers + cfg.mtp_depth))
+    element, fp8 = 4 if precision == "fp32" else 2, precision == "fp8"
+    reads = [T - max(0, i - cfg.n_layers + 1) for i in range(cfg.n_layers + cfg.mtp_depth)]
+    return sum(indexer_loss_saved_bytes_per_token(cfg, i, mode, element, t, fp8) * t for i, t in enumerate(reads))
 
 
 @pytest.mark.parametrize("name,kw", [("tiny", DSA), ("tiny-v4", {})])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
 def test_the_indexer_loss_estimate_is_what_its_chunks_keep(name, kw, precision):
     """DSA layers and an MTP block, or DeepSeek-V4's CSA layers, T past one query chunk: what a batch row adds to a
     warm-up forward's kept bytes (the frozen model keeps nothing else), and to a sparse one's over the same forward
     without L_I, is the estimate to the byte. Everything is kept in the forward's dtype, the keys' projections
     recomputed: tiny's DSA layers keep 992 bytes a token under a BF16 warm-up, where FP32 copies of the inputs and
-    the projections' saved tensors kept 1992. With one chunk (its scores kept instead, not estimated) the estimate
-    stays under what is kept."""
+    the projections' saved tensors kept 1992. Under FP8 the blocks' linear layers keep FP8 tiles of their inputs,
+    so sparse training's L_I keeps the indexer's input and the query latent itself, as the warm-up does. With one
+    chunk (its scores kept instead, not estimated) the estimate stays under what is kept."""
     cfg, T = preset(name, **kw), 2 * CHUNK_ROWS
     assert _kept_per_row(cfg, "warmup", precision, T) == _indexer_row_bytes(cfg, "warmup", precision, T)
     sparse = _kept_per_row(cfg, "sparse", precision, T) - _kept_per_row(cfg, "off", precision, T)

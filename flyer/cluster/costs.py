@@ -144,8 +144,8 @@ def hyper_connection_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> in
     """Bytes per token one hyper-connection (``flyer.model.hyper``: around an attention or an FFN block) keeps
     for backward beside its block's input: the m input streams its mix reads and the block's output, which the
     streams' update keeps for post's gradient, and the mix's m (m + 2) values (``bytes_per_element`` each; the mix's
-    normalised streams are recomputed in backward); in FP32 the maps' intermediates: pre and post, and their
-    sigmoids, and each of the 2 I - 1 Sinkhorn divisions' denominator (m each), comb's softmax, its first
+    normalised streams are recomputed in backward); in FP32 the maps' intermediates: pre, its sigmoid and post's,
+    and each of the 2 I - 1 Sinkhorn divisions' denominator (m each), comb's softmax, its first
     normalisation and the divisions' numerators (m^2 each, 2 I in all, for I ``hc_sinkhorn_iters``); and post and
     comb as the update reads them (m + m^2, ``bytes_per_element``). 0 without hyper-connections."""
     m, e, iters = cfg.hc_mult, bytes_per_element, cfg.hc_sinkhorn_iters
@@ -190,7 +190,7 @@ def _compressor_saved(cfg: ModelConfig, layer_id: int | None) -> int:
 
 
 def indexer_loss_saved_bytes_per_token(cfg: ModelConfig, layer_id: int, indexer_train: str, bytes_per_element: int,
-                                       seq_len: int) -> float:
+                                       seq_len: int, fp8_cache: bool = False) -> float:
     """Bytes per token that layer ``layer_id``'s L_I (``flyer train --indexer-train``: ``flyer.model.indexer_loss``,
     ``flyer.model.hybrid_indexer_loss``) keeps for backward besides what its block saves
     (``activation_bytes_per_token_layer``); 0 when "off" or for a layer without an indexer of its own. What the code
@@ -198,17 +198,19 @@ def indexer_loss_saved_bytes_per_token(cfg: ModelConfig, layer_id: int, indexer_
 
     - the indexer's keys in FP32 (a CSA layer's: its entries', index_head_dim / csa_ratio channels a token); the
       keys' projections are recomputed in backward from the indexer's input x, which is kept;
-    - in the warm-up, whose frozen block saves nothing itself, that input x and the query latent (a sparse run's
-      block saves both);
-    - once T exceeds one query chunk (``CHUNK_ROWS``, or a wider window: several chunks, each recomputed in
-      backward), the target's inputs each chunk reads again: a DSA layer's queries of every head and its latents
-      [c_KV | k_rope]; in a CSA warm-up the queries, the tokens' key and the entries (a sparse run's block saves
-      these too).
-    One chunk keeps its scores instead (quadratic in T, not estimated): there the estimate is a lower bound."""
+    - in the warm-up, whose frozen block saves nothing itself, that input x and the query latent; in sparse training
+      too under FP8 with its FP8 activation cache (``fp8_cache``), whose linear layers keep FP8 tiles of them
+      (otherwise the block saves both);
+    - once the layer's ``seq_len`` tokens (an MTP block's T - k) exceed one query chunk (``CHUNK_ROWS``, or a wider
+      window: several chunks, each recomputed in backward), the target's inputs each chunk reads again: a DSA
+      layer's queries of every head and its latents [c_KV | k_rope]; in a CSA warm-up the queries, the tokens' key
+      and the entries (a sparse run's block saves these too).
+    One chunk keeps its scores instead (quadratic in T, not estimated), as may a micro-batch whose scores' budget
+    cuts T <= ``CHUNK_ROWS`` into chunks: there the estimate is a lower bound."""
     if indexer_train == "off":
         return 0.0
     warm, e, di = indexer_train == "warmup", bytes_per_element, cfg.index_head_dim
-    inputs = e * (cfg.dim + cfg.q_lora_rank) if warm else 0
+    inputs = e * (cfg.dim + cfg.q_lora_rank) if warm or fp8_cache else 0
     if cfg.has_indexer(layer_id):
         chunked = seq_len > CHUNK_ROWS
         target = e * (cfg.n_heads * cfg.qk_head_dim + cfg.kv_lora_rank + cfg.qk_rope_head_dim) if chunked else 0

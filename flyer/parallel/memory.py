@@ -147,7 +147,9 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
     total = 0.0
     for s in (s for s in range(n) if placement[s] == pp_rank):
         blocks = [*split[s], *(range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if s == n - 1 else ())]
-        per_token = sum(indexer_loss_saved_bytes_per_token(cfg, i, indexer_train, element, seq_len) for i in blocks)
+        per_token = sum(indexer_loss_saved_bytes_per_token(cfg, i, indexer_train, element,  # MTP k reads T - k
+                                                           seq_len - max(0, i - cfg.n_layers + 1), fp8_cache)
+                        for i in blocks)
         weights = 0
         if not warm:
             per_token += sum(activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
