@@ -142,9 +142,10 @@ def _kept(cfg, mode: str, precision: str, T: int, batch: int = 1) -> int:
 
 
 def _kept_per_row(cfg, mode: str, precision: str, T: int) -> int:
-    """What a second batch row adds to ``_kept``, after a forward that makes what a process makes once and keeps
-    (the FP8 path's cached tables) outside the measurements."""
-    _kept(cfg, mode, precision, T, 1)
+    """What a second batch row adds to ``_kept``; under FP8 after a forward that makes the tables the FP8 path makes
+    once a process and keeps, outside the measurements."""
+    if precision == "fp8":
+        _kept(cfg, mode, precision, T, 1)
     return _kept(cfg, mode, precision, T, 2) - _kept(cfg, mode, precision, T, 1)
 
 
