@@ -15,9 +15,9 @@ what it saves (the normalised FP32 streams, or under BF16 autocast an FP32 copy 
 BF16 copy of the normalised ones, N D each a token) would cost a block more than its streams themselves; torch's
 recomputation stops before the mix's GEMM (only its inputs are saved), so it is elementwise. The maps' Sinkhorn
 iterations, a few hundred FP32 values a token whatever D, are kept: recomputing them too made a tiny-v4 step on
-two CPU cores 1.2x as long (docs/performance.md). ``HyperHead``'s mix is not recomputed: the last pipeline stage's
-loss collapses the stage's output streams, which torch's pipelining detaches in place in its backward (a
-recomputation could not read them back), and there is one per head.
+two CPU cores 1.17x as long (``bench/mhc_recompute.py``). ``HyperHead``'s mix is not recomputed: the last
+pipeline stage's loss collapses the stage's output streams, which torch's pipelining detaches in place in its
+backward (a recomputation could not read them back), and there is one per head.
 """
 
 from __future__ import annotations

@@ -1,0 +1,96 @@
+"""DeepSeek-V4's hyper-connections (mHC) with their mix recomputed in backward: memory and step time.
+
+One tiny-v4-shaped model, its training step run in lockstep under three choices (one step each in turn, so
+machine-load drift hits them alike), BF16 autocast:
+
+* ``kept``: nothing recomputed (the peer);
+* ``mix``: flyer's, the mix's normalised streams recomputed (``flyer.model.hyper._recomputed_mix``);
+* ``maps``: the whole maps recomputed, the Sinkhorn iterations too (the alternative flyer did not take).
+
+Prints one JSON object: ``step_time_ratio_<choice>`` (median of the paired steps' ratios to ``kept``),
+``held_mib_<choice>`` (what one training forward keeps alive for backward, ``flyer.parallel.memory.held_bytes``)
+and ``same_gradients`` (every gradient equal bit for bit across the three).
+
+    python bench/mhc_recompute.py                 # tiny-v4, 4 x 256 tokens, 30 paired steps, ~1 minute on 2 cores
+    python bench/mhc_recompute.py --dim 512 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import flyer.model.hyper as hyper
+from flyer.config import preset
+from flyer.model.recompute import recomputed
+from flyer.model.transformer import Transformer
+from flyer.parallel.memory import held_bytes
+
+MIB = 2**20
+
+
+def _maps_recomputed(self, h):
+    """``HyperConnection.forward`` with the whole maps under one recomputed region."""
+    pre, post, comb = recomputed(self._maps, h, selective=False)
+    return post, comb, hyper.as_dtype((pre.unsqueeze(-1) * h).sum(dim=2), h.dtype)
+
+
+CHOICES = {"kept": (hyper.HyperConnection.forward, hyper._mix),
+           "mix": (hyper.HyperConnection.forward, hyper._recomputed_mix),
+           "maps": (_maps_recomputed, hyper._mix)}
+
+
+def _use(choice: str) -> None:
+    hyper.HyperConnection.forward, hyper._recomputed_mix = CHOICES[choice]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dim", type=int, default=None, help="replaces tiny-v4's width")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = preset("tiny-v4", **({} if args.dim is None else {"dim": args.dim}))
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+
+    def step() -> tuple[float, dict]:
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model.compute_loss(tokens, tokens).loss
+        loss.backward()
+        return time.perf_counter() - t0, {n: p.grad for n, p in model.named_parameters()}
+
+    times: dict[str, list[float]] = {c: [] for c in CHOICES}
+    grads = {}
+    out: dict = {"dim": cfg.dim, "tokens": args.batch * args.seq, "steps": args.steps}
+    try:
+        for _ in range(args.steps):
+            for c in CHOICES:
+                _use(c)
+                t, grads[c] = step()
+                times[c].append(t)
+        for c in CHOICES:
+            _use(c)
+            with torch.autocast("cpu", torch.bfloat16):
+                out[f"held_mib_{c}"] = round(held_bytes(lambda: model.compute_loss(tokens, tokens), model) / MIB, 2)
+    finally:
+        _use("mix")
+    out["same_gradients"] = all(torch.equal(grads["kept"][n], grads[c][n]) for c in ("mix", "maps")
+                                for n in grads["kept"] if grads["kept"][n] is not None)
+    for c in ("mix", "maps"):
+        out[f"step_time_ratio_{c}"] = round(statistics.median(a / b for a, b in zip(times[c], times["kept"])), 3)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
