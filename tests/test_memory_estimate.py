@@ -12,6 +12,7 @@ from flyer.config import preset
 from flyer.fp8 import FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8
 from flyer.model.hybrid_chunks import CHUNK_ROWS
 from flyer.model.indexer_loss import set_indexer_training
+from flyer.model.lowp import emulation
 from flyer.model.transformer import Transformer
 from flyer.parallel.memory import STEP_BYTES, activation_bytes, held_bytes, plan_state_bytes, saved_bytes
 from flyer.train.build import training_memory_bytes
@@ -130,14 +131,15 @@ DSA = dict(index_topk=8, index_n_heads=4, index_head_dim=32)
 def _kept(cfg, mode: str, precision: str, T: int, batch: int = 1) -> int:
     """The bytes of the storages one training forward of ``batch`` rows of T tokens leaves alive (``held_bytes``: what
     autograd and ``torch.utils.checkpoint`` keep), under ``--indexer-train mode``, BF16 autocast for 'bf16' and
-    'fp8' (``convert_to_fp8``, its FP8 activation cache)."""
+    'fp8' (``convert_to_fp8``, its FP8 activation cache). BF16 GEMMs run as a GPU's do, on whatever CPU: emulated
+    through FP32 (a CPU without BF16 hardware) they keep FP32 copies the estimate does not count."""
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     if precision == "fp8":
         model = convert_to_fp8(model)
     set_indexer_training(model, mode)
     tokens = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(1))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"), emulation(False):
         return held_bytes(lambda: model.compute_loss(tokens, tokens), skip=model)
 
 
@@ -190,7 +192,8 @@ def test_hyper_connections_keep_their_streams_outputs_and_maps(precision):
     outputs, the mix and the maps' intermediates, ``hyper_connection_saved_bytes`` each a token to the byte, which
     the block's estimate counts twice. The mix is recomputed in backward from the streams: kept, what it saves (its
     normalised FP32 streams; under BF16 the streams' FP32 copy and the GEMM's BF16 copies of the normalised streams
-    and of fn) made this block keep 4,104 bytes a token more in FP32, 6,536 in BF16."""
+    and of fn) made this block keep 4,104 bytes a token more in FP32, 6,536 in BF16. BF16 GEMMs run as
+    a GPU's do, on whatever CPU (``_kept``)."""
     cfg, T = preset("tiny-v4"), 64
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     element = 4 if precision == "fp32" else 2
@@ -198,7 +201,7 @@ def test_hyper_connections_keep_their_streams_outputs_and_maps(precision):
     block = Transformer(cfg).train().layers[1]
     block.attn, block.ffn = _Scaled(), _Scaled()
     h = torch.randn(2, T, cfg.hc_mult, cfg.dim).to(dtype).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
         kept = held_bytes(lambda: block.residual(h, block.attn), skip=block)
     per_token = kept / (2 * T) - 2 * (cfg.dim * element + 4)
     assert per_token == 2 * hyper_connection_saved_bytes(cfg, element)
