@@ -6,14 +6,14 @@ wrote: the parameters of a model built on the meta device, and the tensors autog
 import pytest
 import torch
 
-from flyer.cluster.costs import (activation_bytes_per_token_layer, hyper_connection_saved_bytes,
-                                 indexer_loss_saved_bytes_per_token)
+from flyer.cluster.costs import (activation_bytes_per_token_layer, hybrid_attention_saved_bytes,
+                                 hyper_connection_saved_bytes, indexer_loss_saved_bytes_per_token)
 from flyer.config import preset
 from flyer.fp8 import FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8
-from flyer.model.hybrid_chunks import CHUNK_ROWS
+from flyer.model.hybrid_chunks import CHUNK_ROWS, spans
 from flyer.model.indexer_loss import set_indexer_training
 from flyer.model.lowp import emulation
-from flyer.model.transformer import Transformer
+from flyer.model.transformer import Transformer, layer_rope_tables
 from flyer.parallel.memory import STEP_BYTES, activation_bytes, held_bytes, plan_state_bytes, saved_bytes
 from flyer.train.build import training_memory_bytes
 from flyer.train.config import TrainConfig
@@ -207,3 +207,34 @@ def test_hyper_connections_keep_their_streams_outputs_and_maps(precision):
     assert per_token == 2 * hyper_connection_saved_bytes(cfg, element)
     plain = [activation_bytes_per_token_layer(c, True, False, element, 1) for c in (cfg, cfg.replace(hc_mult=1))]
     assert plain[0] - plain[1] == per_token
+
+
+def _csa_masks(cfg, T: int) -> int:
+    """Bytes a row's CSA chunks keep of their visibility: each chunk whose queries may see more entries than the
+    indexer keeps masks its band and entries, a bool a query and key (T past one chunk, none gathering here)."""
+    return sum((s.stop - s.start) * (s.n_keys + s.n_entries)
+               for s in spans(T, CHUNK_ROWS, cfg.window_size, cfg.csa_ratio) if s.n_entries > cfg.index_topk)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_hybrid_attention_keeps_what_its_estimate_counts(precision):
+    """DeepSeek-V4's attention with its norm, each kind of layer (window-only, CSA, HCA, the MTP block's), T past one
+    query chunk: what a batch row adds to the bytes one forward keeps is ``hybrid_attention_saved_bytes`` a token to
+    the byte, but for the CSA chunks' visibility masks (counted here) and the input and the output (made outside,
+    and the result held). Each head's query scale is recomputed in backward: under BF16 the FP32 copy of q its
+    square saved made every layer keep 4 H d bytes a token more; the plan counted the indexer's projections, which
+    select without autograd, and neither q nor the latents' norms and the compressor's softmax."""
+    cfg, T = preset("tiny-v4"), 2 * CHUNK_ROWS
+    dtype, element = (torch.float32, 4) if precision == "fp32" else (torch.bfloat16, 2)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    for block in [*model.layers, *(m.block for m in model.mtp)]:
+        cos, sin = layer_rope_tables(cfg, [block.layer_id], T, "cpu")[0]
+        kept = []
+        for batch in (1, 2):
+            x = torch.randn(batch, T, cfg.dim).to(dtype).requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
+                kept.append(held_bytes(lambda: block.attn(block.attn_norm(x), cos, sin), skip=block))
+        masks = _csa_masks(cfg, T) if cfg.is_csa(block.layer_id) else 0
+        # the input x, made outside, is counted; the output, held, not (the same bytes)
+        assert kept[1] - kept[0] - masks == T * hybrid_attention_saved_bytes(cfg, block.layer_id, element), block

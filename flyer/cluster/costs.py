@@ -101,9 +101,10 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     its saved inputs, and both the expert inputs and the SwiGLU inputs are cached in FP8 with the
     fine-grained tiles (half a BF16 element each).
 
-    Hybrid attention (DeepSeek-V4) saves the q latent, the one shared key/value head, the grouped
-    output projection's latent and its compressors' projections: those of layer ``layer_id``, or of a
-    CSA layer (the heaviest kind) without one. Hyper-connections (``flyer.model.hyper``) add, around the attention
+    Hybrid attention (DeepSeek-V4) without recomputation: what flyer's keeps (``hybrid_attention_saved_bytes``);
+    with it, the q latent, the one shared key/value head, the grouped output projection's latent and its
+    compressors' projections: those of layer ``layer_id``, or of a CSA layer (the heaviest kind) without one.
+    Hyper-connections (``flyer.model.hyper``) add, around the attention
     and the FFN each, the m input streams its mix reads and the block's output, which the streams' update keeps for
     post's gradient, and their maps' few values a token (``hyper_connection_saved_bytes``).
 
@@ -117,8 +118,24 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     LongCat-Flash (``shortcut_moe``; ``moe`` is then ignored): every block's dense FFN, and on a pair's first block
     (``layer_id`` even, or None: the heavier) the shortcut MoE, which reads the dense FFN's normed input.
     """
+    e, d = bytes_per_element, cfg.dim
+    hyper = 2 * hyper_connection_saved_bytes(cfg, e)  # around the attention and the FFN
+    if cfg.attn == "hybrid" and not recompute:
+        attn = hybrid_attention_saved_bytes(cfg, layer_id, e)
+    else:
+        attn = _attention_saved(cfg, recompute, layer_id, mla_recompute) * e
+    if not cfg.shortcut_moe:
+        return attn + _ffn_saved(cfg, moe, recompute, fp8_cache) * e + hyper
+    ffn = _ffn_saved(cfg, False, recompute, fp8_cache)
+    if layer_id is None or cfg.has_shortcut_moe(layer_id):  # its normed input is the dense FFN's, saved once
+        ffn += _ffn_saved(cfg, True, recompute, fp8_cache) - (0 if recompute or fp8_cache else d)
+    return attn + ffn * e + hyper
+
+
+def _attention_saved(cfg: ModelConfig, recompute: bool, layer_id: int | None, mla_recompute: bool) -> int:
+    """Elements per token an attention layer saves (``activation_bytes_per_token_layer``): MLA, GQA, and hybrid
+    attention under DeepSeek-V3's recomputation."""
     d, h = cfg.dim, cfg.n_heads
-    hyper = 2 * hyper_connection_saved_bytes(cfg, bytes_per_element)  # around the attention and the FFN
     if cfg.attn == "hybrid":
         qk = v = cfg.head_dim
         latents = cfg.q_lora_rank + cfg.head_dim + cfg.o_groups * cfg.o_lora_rank + _compressor_saved(cfg, layer_id)
@@ -131,13 +148,32 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
         qk = v = cfg.head_dim
         latents = 0
         qkv = h * qk + 2 * cfg.n_kv_heads * qk
-    attn = d + latents + h * v + h if recompute else 2 * d + latents + qkv + h * v + h
-    if not cfg.shortcut_moe:
-        return (attn + _ffn_saved(cfg, moe, recompute, fp8_cache)) * bytes_per_element + hyper
-    ffn = _ffn_saved(cfg, False, recompute, fp8_cache)
-    if layer_id is None or cfg.has_shortcut_moe(layer_id):  # its normed input is the dense FFN's, saved once
-        ffn += _ffn_saved(cfg, True, recompute, fp8_cache) - (0 if recompute or fp8_cache else d)
-    return (attn + ffn) * bytes_per_element + hyper
+    return d + latents + h * v + h if recompute else 2 * d + latents + qkv + h * v + h
+
+
+def hybrid_attention_saved_bytes(cfg: ModelConfig, layer_id: int | None, bytes_per_element: int) -> float:
+    """Bytes per token that DeepSeek-V4's hybrid attention of layer ``layer_id`` (``flyer.model.hybrid``; None: a
+    CSA layer, the heaviest) and its norm keep for backward, each in ``bytes_per_element`` but the FP32 ones:
+
+    - its input and normed input (D each), the query latent and its normed copy (R each), q, its RoPE'd copy and
+      each head's scale (2 H d + H; the scale is recomputed in backward from q), the key/value head and its RoPE'd
+      copy (2 d), the heads' outputs rotated back (H d) and the grouped output latent (o_groups o_lora_rank);
+    - the three norms' inverse RMS (FP32);
+    - with a compressor of ratio r (c = 2 series for CSA, else 1): the window slots' kv (c d), the gate's softmax
+      (c d in FP32, and its copy in the forward's dtype below FP32), and per r tokens the pooled entry, its norm's
+      inverse RMS (FP32) and its RoPE'd copy.
+
+    Not counted: what each query chunk's visibility takes (``flyer.model.hybrid_chunks``: a CSA chunk's bool mask
+    over its band and entries, n_keys + n_entries bytes a query, or its picks, 4 index_topk), and with one chunk its
+    scores, which the chunks otherwise recompute in backward. The indexer keeps nothing but under its L_I
+    (``indexer_loss_saved_bytes_per_token``): it selects without autograd."""
+    e, H, d = bytes_per_element, cfg.n_heads, cfg.head_dim
+    r = cfg.csa_ratio if layer_id is None else compress_ratio(cfg, layer_id)
+    kept = e * (2 * cfg.dim + 2 * cfg.q_lora_rank + 3 * H * d + H + 2 * d + cfg.o_groups * cfg.o_lora_rank) + 3 * 4
+    if r:
+        c = 2 if r == cfg.csa_ratio else 1
+        kept += c * d * (e + 4 + (e if e < 4 else 0)) + (2 * d * e + 4) / r
+    return kept
 
 
 def hyper_connection_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:

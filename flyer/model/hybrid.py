@@ -45,6 +45,7 @@ from flyer.model.indexer_loss import per_document_loss
 from flyer.model.lowp import Linear, as_dtype, matmul
 from flyer.model.transient import Transients
 from flyer.model.norm import RMSNorm
+from flyer.model.recompute import recomputed
 from flyer.model.rope import apply_rope
 
 
@@ -55,6 +56,12 @@ def hybrid_rope_config(cfg: ModelConfig, layer_id: int) -> ModelConfig:
     if compress_ratio(cfg, layer_id) == 0:
         return cfg.replace(rope_factor=1.0, rope_attn_factor=1.0)
     return cfg.replace(rope_theta=cfg.compress_rope_theta, rope_attn_factor=1.0)
+
+
+def _head_scale(q_BTHd: torch.Tensor, eps: float) -> torch.Tensor:
+    """(B, T, H, 1) in q's dtype: each head's 1 / rms, computed in FP32 (transformers' q_b_norm, no weight)."""
+    q32 = as_dtype(q_BTHd, torch.float32)
+    return as_dtype(torch.rsqrt(q32.square().mean(-1, keepdim=True) + eps), q_BTHd.dtype)
 
 
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -264,13 +271,14 @@ class HybridAttention(Transients, nn.Module):
 
     def queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the normalised query latent (B, T, R), which the indexer projects too; the queries (B, T, H, d): each
-        head RMS-normalised without a weight, the scale in FP32 (transformers' q_b_norm), then RoPE)."""
+        head RMS-normalised without a weight, the scale in FP32 (transformers' q_b_norm), then RoPE). Under
+        autograd the scale is recomputed in backward from q, which the product keeps anyway: the FP32 copy of a BF16
+        q that its square saved (4 H d bytes a token) is not kept."""
         B, T, _ = x_BTD.shape
         q_latent = self.q_norm(self.wq_a(x_BTD))
         q = self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim)
-        q32 = as_dtype(q, torch.float32)
-        q = q * as_dtype(torch.rsqrt(q32.square().mean(-1, keepdim=True) + self.eps), q.dtype)
-        return q_latent, rope_tail(q, cos, sin)
+        scale = recomputed(_head_scale, q, self.eps, selective=False) if q.requires_grad else _head_scale(q, self.eps)
+        return q_latent, rope_tail(q * scale, cos, sin)
 
     def shared_kv(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The one key/value head (B, T, 1, d) of tokens x: k = v, normalised, RoPE on its last channels."""
