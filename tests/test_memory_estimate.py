@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from flyer.cluster.costs import (activation_bytes_per_token_layer, hybrid_attention_saved_bytes,
-                                 hyper_connection_saved_bytes, indexer_loss_saved_bytes_per_token)
+                                 hyper_connection_saved_bytes, indexer_loss_saved_bytes_per_token,
+                                 mla_attention_saved_bytes)
 from flyer.config import preset
 from flyer.fp8 import FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8
 from flyer.model.hybrid_chunks import CHUNK_ROWS, spans
 from flyer.model.indexer_loss import set_indexer_training
 from flyer.model.lowp import emulation
+from flyer.model.recompute import set_recompute
 from flyer.model.transformer import Transformer, layer_rope_tables
 from flyer.parallel.memory import STEP_BYTES, activation_bytes, held_bytes, plan_state_bytes, saved_bytes
 from flyer.train.build import training_memory_bytes
@@ -216,6 +218,20 @@ def _csa_masks(cfg, T: int) -> int:
                for s in spans(T, CHUNK_ROWS, cfg.window_size, cfg.csa_ratio) if s.n_entries > cfg.index_topk)
 
 
+def _attention_kept_per_row(cfg, block, T: int, precision: str) -> int:
+    """What a second batch row adds to the bytes ``block``'s attention and its norm keep in one forward of T tokens
+    (FP32, or BF16 autocast with BF16 GEMMs as a GPU's): its input x, made outside, is not counted, and its output,
+    held, is: the same bytes."""
+    cos, sin = layer_rope_tables(cfg, [block.layer_id], T, "cpu")[0]
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    kept = []
+    for batch in (1, 2):
+        x = torch.randn(batch, T, cfg.dim).to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
+            kept.append(held_bytes(lambda: block.attn(block.attn_norm(x), cos, sin), skip=block))
+    return kept[1] - kept[0]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_hybrid_attention_keeps_what_its_estimate_counts(precision):
     """DeepSeek-V4's attention with its norm, each kind of layer (window-only, CSA, HCA, the MTP block's), T past one
@@ -225,16 +241,83 @@ def test_hybrid_attention_keeps_what_its_estimate_counts(precision):
     square saved made every layer keep 4 H d bytes a token more; the plan counted the indexer's projections, which
     select without autograd, and neither q nor the latents' norms and the compressor's softmax."""
     cfg, T = preset("tiny-v4"), 2 * CHUNK_ROWS
-    dtype, element = (torch.float32, 4) if precision == "fp32" else (torch.bfloat16, 2)
+    element = 4 if precision == "fp32" else 2
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     for block in [*model.layers, *(m.block for m in model.mtp)]:
-        cos, sin = layer_rope_tables(cfg, [block.layer_id], T, "cpu")[0]
-        kept = []
-        for batch in (1, 2):
-            x = torch.randn(batch, T, cfg.dim).to(dtype).requires_grad_()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
-                kept.append(held_bytes(lambda: block.attn(block.attn_norm(x), cos, sin), skip=block))
         masks = _csa_masks(cfg, T) if cfg.is_csa(block.layer_id) else 0
-        # the input x, made outside, is counted; the output, held, not (the same bytes)
-        assert kept[1] - kept[0] - masks == T * hybrid_attention_saved_bytes(cfg, block.layer_id, element), block
+        kept = _attention_kept_per_row(cfg, block, T, precision) - masks
+        assert kept == T * hybrid_attention_saved_bytes(cfg, block.layer_id, element), block.layer_id
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("over", [{}, {"q_lora_rank": 0}, {"v_head_dim": 64}])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_mla_keeps_what_its_estimate_counts(precision, over, recompute):
+    """A dense MLA layer with its norm (tiny; without a query LoRA; values wider than the query/key heads), with and
+    without ``--recompute mla``: what a batch row adds to one forward's kept bytes is ``mla_attention_saved_bytes``
+    a token to the byte, which the block's estimate counts. The narrower of v and q/k is zero-padded for SDPA's fused
+    kernels, so q, k, v and the attention's output are kept at the wider width, besides the copy ``wo`` reads and
+    the normed latents, which the plan left out: on V3 under BF16 it counted 196,992 of the 266,892 bytes a token
+    the attention keeps."""
+    cfg, T = preset("tiny", **over), 64
+    element = 4 if precision == "fp32" else 2
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    set_recompute(model, "mla" if recompute else "none")
+    block = model.layers[1]
+    kept = _attention_kept_per_row(cfg, block, T, precision)
+    assert kept == T * mla_attention_saved_bytes(cfg, element, recompute)
+    layer = [activation_bytes_per_token_layer(cfg, True, False, element, 1, r) for r in (False, True)]
+    attention = [mla_attention_saved_bytes(cfg, element, r) for r in (False, True)]
+    assert layer[0] - attention[0] == layer[1] - attention[1]  # the block counts it so, recomputing or not
+
+
+def _ffn_kept_per_row(block, T: int, precision: str) -> int:
+    """What a second batch row adds to the bytes ``block``'s FFN and its norm keep in one forward of T tokens (its
+    input x, made outside, is not counted, and its output, held, is: the same bytes)."""
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    kept = []
+    for batch in (1, 2):
+        x = torch.randn(batch, T, block.ffn_norm.weight.shape[0]).to(dtype).requires_grad_()
+        tokens = torch.randint(0, 2048, (batch, T), generator=torch.Generator().manual_seed(batch))
+        kw = {"tokens_BT": tokens} if block.hash_routed else {}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
+            kept.append(held_bytes(lambda: block.ffn(block.ffn_norm(x), **kw), skip=block))
+    return kept[1] - kept[0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ffns_keep_what_their_estimate_counts(precision):
+    """A dense FFN with its norm keeps what the block's estimate counts beside its attention, to the byte: its norm's
+    input, output and inverse RMS, both projections, SiLU's output and the product (the plan counted the normed input
+    twice and neither SiLU's output nor the norm's input). DeepSeek-V4's shared expert clamps both projections and
+    keeps 6 of its width a token; the estimate counts them. A MoE's estimate stays under what it keeps (the router's
+    scores and FP32 input counted, its picks and the experts' row bookkeeping not), in FP32 through the fused expert
+    kernel and in BF16 through ``torch._grouped_mm``, a GPU's path: the CPU's BF16 kernel pads each expert's rows,
+    which a batch row may add fewer of than it adds tokens."""
+    element, T = (4 if precision == "fp32" else 2), 2 * CHUNK_ROWS
+    impl = "fused" if precision == "fp32" else "grouped_mm"
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg, experts_impl=impl).train()
+    dense = activation_bytes_per_token_layer(cfg, False, False, element, 0) - mla_attention_saved_bytes(cfg, element)
+    assert _ffn_kept_per_row(model.layers[0], T, precision) == T * dense
+    moe = activation_bytes_per_token_layer(cfg, True, False, element, 1) - mla_attention_saved_bytes(cfg, element)
+    assert T * moe <= _ffn_kept_per_row(model.layers[1], T, precision)
+    v4 = preset("tiny-v4")
+    torch.manual_seed(0)
+    block = Transformer(v4, experts_impl=impl).train().layers[1]
+    shared = block.ffn.shared
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    kept = []
+    for batch in (1, 2):
+        x = torch.randn(batch, T, v4.dim).to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
+            kept.append(held_bytes(lambda: shared(x), skip=shared))
+    width = v4.n_shared_experts * v4.moe_inter_dim
+    assert kept[1] - kept[0] == T * (6 * width + v4.dim) * element  # and its output, held
+    layer = [activation_bytes_per_token_layer(c, True, False, element, 1) for c in (v4, v4.replace(n_shared_experts=0))]
+    assert layer[0] - layer[1] == 6 * width * element
+    moe = layer[0] - hybrid_attention_saved_bytes(v4, 1, element) - 2 * hyper_connection_saved_bytes(v4, element)
+    assert T * moe <= _ffn_kept_per_row(block, T, precision)

@@ -219,19 +219,19 @@ def test_estimates_count_one_shortcut_moe_a_pair():
     for recompute in (False, True):
         saved = [activation_bytes_per_token_layer(cfg, True, recompute, el, i) for i in (0, 1, None)]
         dense_block, moe_block = (activation_bytes_per_token_layer(plain, moe, recompute, el) for moe in (False, True))
-        # a dense FFN's saved elements: its normed input and the SwiGLU's input, gate/up outputs and product (with
-        # recomputation the FP8 caches alone, no normed input)
-        normed = 0 if recompute else cfg.dim
-        dense = 0.5 * (cfg.dim + 2 * cfg.inter_dim) if recompute else 2 * cfg.dim + 3 * cfg.inter_dim
+        # a dense FFN's saved elements: its norm's input and output, both projections, SiLU's output and the product
+        # (with recomputation the FP8 caches alone, no norm's)
+        normed = 0 if recompute else 2 * cfg.dim
+        dense = 0.5 * (cfg.dim + 2 * cfg.inter_dim) if recompute else 2 * cfg.dim + 4 * cfg.inter_dim
         assert saved[1] == dense_block  # attention and the dense FFN
-        assert saved[0] - saved[1] == moe_block - dense_block + (dense - normed) * el  # the MoE's, its input once
+        assert saved[0] - saved[1] == moe_block - dense_block + (dense - normed) * el  # the MoE's, the norm's once
         assert saved[2] == saved[0]  # no layer named: the heavier block
-    # the trainer's pre-flight lower bound: per token, each block's own (not the heavier one's ten times), the MTP
-    # modules' (a dense FFN) and the heads' hidden-state gradients
+    # the trainer's pre-flight lower bound: per row, each block's own (not the heavier one's ten times), the MTP
+    # module's (a dense FFN, over the T - 1 tokens it reads) and the heads' hidden-state gradients
     tc, cfg = TrainConfig(seq_len=T), cfg.replace(mtp_depth=1)
-    per_token = training_memory_bytes(cfg, replace(tc, batch_size=2 * tc.batch_size), "fp32")
-    per_token = (per_token - training_memory_bytes(cfg, tc, "fp32")) / (tc.batch_size * T)
+    per_row = training_memory_bytes(cfg, replace(tc, batch_size=2 * tc.batch_size), "fp32")
+    per_row = (per_row - training_memory_bytes(cfg, tc, "fp32")) / tc.batch_size
     pair = sum(activation_bytes_per_token_layer(cfg, True, False, el, i) for i in (0, 1))
     mtp = activation_bytes_per_token_layer(cfg, True, False, el, cfg.n_layers)
     assert mtp == activation_bytes_per_token_layer(plain, False, False, el)  # a dense block
-    assert per_token == cfg.n_layers // 2 * pair + mtp + 2 * cfg.dim * 4  # each head's FP32 hidden-state gradient
+    assert per_row == T * (cfg.n_layers // 2 * pair + 2 * cfg.dim * 4) + (T - 1) * mtp  # 2 heads' FP32 gradients

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from test_run_safety import steps_logged, train_argv
 
 from flyer import kernels
+from flyer.cluster.costs import mla_attention_saved_bytes
 from flyer.cli import main
 from flyer.config import preset
 from flyer.fp8 import convert_to_fp8
@@ -130,7 +131,8 @@ def test_a_recomputed_model_backward_outside_its_switches_equals_one_inside(emul
 
 def test_the_estimate_saves_no_more_than_recompute_does():
     """The estimate with ``recompute="mla"`` stays under what one FP32 forward keeps, and what it takes off per
-    token (the MLA layers' q, k, v) is at most what the measurement loses per token (batch 2 less batch 1)."""
+    token (the MLA layers' q, k, v, their normed latents and the norms' inverse RMS) is what the measurement loses
+    per token (batch 2 less batch 1), to the byte."""
     cfg = preset("tiny")
     tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
     measured, estimated = {}, {}
@@ -143,8 +145,10 @@ def test_the_estimate_saves_no_more_than_recompute_does():
         assert all(e <= m for e, m in zip(estimated[mode], measured[mode]))
     slope = {k: {m: v[m][1] - v[m][0] for m in v} for k, v in (("measured", measured), ("estimated", estimated))}
     dropped = slope["estimated"]["none"] - slope["estimated"]["mla"]
-    assert dropped == T * cfg.n_heads * (2 * cfg.qk_head_dim + cfg.v_head_dim) * 4 * (cfg.n_layers + cfg.mtp_depth)
-    assert slope["measured"]["none"] - slope["measured"]["mla"] >= dropped
+    per_layer = cfg.n_heads * 3 * cfg.qk_head_dim * 4 + (cfg.q_lora_rank + cfg.kv_lora_rank) * 4 + 2 * 4  # v padded
+    assert per_layer == mla_attention_saved_bytes(cfg, 4) - mla_attention_saved_bytes(cfg, 4, recompute_up=True)
+    assert dropped == per_layer * (T * cfg.n_layers + sum(T - k for k in range(1, cfg.mtp_depth + 1)))  # MTP: T - k
+    assert slope["measured"]["none"] - slope["measured"]["mla"] == dropped
 
 
 def test_a_run_resumed_with_recompute_trains_the_same_steps(tmp_path, data_cache, capsys):

@@ -91,10 +91,12 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
                                      mla_recompute: bool = False, fp8_cache: bool = False) -> float:
     """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).
 
-    Without recomputation, attention saves its input and normed input, the q latent, the kv
-    latent + rope key, q, k, v, the attention output and the softmax log-sum-exp (one per head);
-    the FFN saves its normed input and, per activated expert (routed + shared), the expert input,
-    the gate/up outputs and the SwiGLU product, plus the router scores.
+    Without recomputation, a dense MLA layer saves what flyer's keeps (``mla_attention_saved_bytes``); other
+    attention its input and normed input, the q latent, the kv latent + rope key, q, k, v, the attention output and
+    the softmax log-sum-exp (one per head). The FFN saves its norm's input, output and FP32 inverse RMS, its dense
+    or shared experts' projections, SiLU output and product, per routed pick the expert input, gate/up outputs,
+    product and output, plus the router scores (not counted: the router's picks and the experts' row bookkeeping,
+    integers a few a pick, nor an expert kernel's row padding).
 
     ``recompute=True`` is DeepSeek-V3's recipe (report, sections 3.3.2-3.3.3): RMSNorm outputs and
     the MLA up-projections (q, k, v) are recomputed from the saved latents, the SwiGLU output from
@@ -104,12 +106,13 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     Hybrid attention (DeepSeek-V4) without recomputation: what flyer's keeps (``hybrid_attention_saved_bytes``);
     with it, the q latent, the one shared key/value head, the grouped output projection's latent and its
     compressors' projections: those of layer ``layer_id``, or of a CSA layer (the heaviest kind) without one.
-    Hyper-connections (``flyer.model.hyper``) add, around the attention
-    and the FFN each, the m input streams its mix reads and the block's output, which the streams' update keeps for
-    post's gradient, and their maps' few values a token (``hyper_connection_saved_bytes``).
+    Hyper-connections (``flyer.model.hyper``) add, around the attention and the FFN each, the m input streams its
+    mix reads and the block's output, which the streams' update keeps for post's gradient, and their maps' few
+    values a token (``hyper_connection_saved_bytes``).
 
     ``mla_recompute`` (what ``flyer train --recompute mla`` runs, ``flyer.model.recompute``): only the MLA
-    up-projections are recomputed, a dense MLA layer's q, k, v not saved (a DSA layer's still are).
+    up-projections are recomputed, a dense MLA layer's q, k, v and normed latents not saved (a DSA layer's still
+    are).
 
     ``fp8_cache`` (flyer's FP8 training with its FP8 activation cache, ``flyer.fp8.linear``): without recomputation,
     every FFN (routed, shared, dense) keeps its input's and its SwiGLU inputs' FP8 tiles, a byte an element, as the
@@ -122,14 +125,17 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     hyper = 2 * hyper_connection_saved_bytes(cfg, e)  # around the attention and the FFN
     if cfg.attn == "hybrid" and not recompute:
         attn = hybrid_attention_saved_bytes(cfg, layer_id, e)
+    elif cfg.attn == "mla" and not cfg.index_topk and not recompute:
+        attn = mla_attention_saved_bytes(cfg, e, mla_recompute)
     else:
         attn = _attention_saved(cfg, recompute, layer_id, mla_recompute) * e
+    inverse_rms = 0 if recompute or fp8_cache else 4  # the FFN norm's, FP32
     if not cfg.shortcut_moe:
-        return attn + _ffn_saved(cfg, moe, recompute, fp8_cache) * e + hyper
-    ffn = _ffn_saved(cfg, False, recompute, fp8_cache)
-    if layer_id is None or cfg.has_shortcut_moe(layer_id):  # its normed input is the dense FFN's, saved once
-        ffn += _ffn_saved(cfg, True, recompute, fp8_cache) - (0 if recompute or fp8_cache else d)
-    return attn + ffn * e + hyper
+        return attn + _ffn_saved(cfg, moe, recompute, fp8_cache, e) * e + inverse_rms + hyper
+    ffn = _ffn_saved(cfg, False, recompute, fp8_cache, e)
+    if layer_id is None or cfg.has_shortcut_moe(layer_id):  # the norm's input and output are the dense FFN's, once
+        ffn += _ffn_saved(cfg, True, recompute, fp8_cache, e) - (0 if recompute or fp8_cache else 2 * d)
+    return attn + ffn * e + inverse_rms + hyper
 
 
 def _attention_saved(cfg: ModelConfig, recompute: bool, layer_id: int | None, mla_recompute: bool) -> int:
@@ -149,6 +155,27 @@ def _attention_saved(cfg: ModelConfig, recompute: bool, layer_id: int | None, ml
         latents = 0
         qkv = h * qk + 2 * cfg.n_kv_heads * qk
     return d + latents + h * v + h if recompute else 2 * d + latents + qkv + h * v + h
+
+
+def mla_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int, recompute_up: bool = False) -> int:
+    """Bytes per token that a dense MLA layer (``flyer.model.attention.MLA`` without DSA's indexer) and its norm keep
+    for backward, each in ``bytes_per_element`` but the FP32 ones: its input and normed input (D each); the query
+    latent and its normed copy (R each; none without a query LoRA); ``wkv_a``'s output [c_KV | k_rope] and the normed
+    c_KV; each head's q and k as wide as the wider of the query/key and value heads (SDPA's fused kernels take one
+    width: ``causal_attention`` zero-pads the narrower), and v so padded, or where it is the wider ``wkv_b``'s
+    whole output, of which it is a view; the fused attention's output at that width and its FP32 log-sum-exp (one
+    a head), and where v is the narrower the copy of its first v channels that ``wo`` reads; the norms' FP32
+    inverse RMS.
+    ``recompute_up`` (``flyer train --recompute mla``, ``flyer.model.recompute``): the latents' norms, q, k and v
+    are recomputed in backward, so neither they nor the norms' inverse RMS are kept."""
+    e, H, R, v = bytes_per_element, cfg.n_heads, cfg.q_lora_rank, cfg.v_head_dim
+    wide = max(cfg.qk_head_dim, v)
+    attended = H * wide + (H * v if v < wide else 0)  # wo reads a copy of the first v channels, or the output
+    kept = e * (2 * cfg.dim + R + cfg.kv_lora_rank + cfg.qk_rope_head_dim + attended) + 4 * H + 4
+    if not recompute_up:
+        values = H * wide if v < wide else H * (cfg.qk_nope_head_dim + v)  # padded, or a view of wkv_b's output
+        kept += e * (R + cfg.kv_lora_rank + 2 * H * wide + values) + 4 * (2 if R else 1)
+    return kept
 
 
 def hybrid_attention_saved_bytes(cfg: ModelConfig, layer_id: int | None, bytes_per_element: int) -> float:
@@ -198,10 +225,12 @@ def expert_weights_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
     return 2 * F_ * D * 4 if bytes_per_element == 4 else 3 * F_ * D * bytes_per_element
 
 
-def _ffn_saved(cfg: ModelConfig, moe: bool, recompute: bool, fp8_cache: bool = False) -> float:
+def _ffn_saved(cfg: ModelConfig, moe: bool, recompute: bool, fp8_cache: bool = False, e: int = 2) -> float:
     """Elements per token an FFN saves (``activation_bytes_per_token_layer``): with recomputation the FP8-cached
-    expert and SwiGLU inputs, without its normed input and per expert its input, gate/up outputs and product (with
-    ``fp8_cache`` the cached inputs, and the normed input a MoE's router keeps), and per routed pick its output."""
+    expert and SwiGLU inputs; without, its norm's input and output, the dense FFN's or shared experts' projections,
+    SiLU output and product, and per routed pick its input, gate/up outputs, product and output (with ``fp8_cache``
+    the cached inputs, the normed input a MoE's router keeps and the picks' outputs); a MoE's router scores (without
+    recomputation or the FP8 cache ``_router_saved_bytes``, for elements of ``e`` bytes)."""
     experts = cfg.n_activated_experts + cfg.n_shared_experts if moe else 1
     inter = cfg.moe_inter_dim if moe else cfg.inter_dim
     router = cfg.n_route_columns if moe else 0  # the router's scores (LongCat-Flash's zero experts' too)
@@ -210,7 +239,20 @@ def _ffn_saved(cfg: ModelConfig, moe: bool, recompute: bool, fp8_cache: bool = F
     outputs = cfg.n_activated_experts * cfg.dim if moe else 0  # each pick's output: its gate weight's gradient
     if fp8_cache:
         return cfg.dim * moe + experts * 0.5 * (cfg.dim + 2 * inter) + router + outputs
-    return cfg.dim + experts * (cfg.dim + 3 * inter) + router + outputs
+    # a dense FFN or the shared experts (``flyer.model.experts.MLP``): its two projections, SiLU's output and the
+    # product; with DeepSeek-V4's clamp both clamped projections too
+    mlp = cfg.n_shared_experts * cfg.moe_inter_dim if moe else cfg.inter_dim
+    swiglu = (6 if moe and cfg.swiglu_limit > 0 else 4) * mlp
+    routed = cfg.n_activated_experts * (cfg.dim + 3 * inter) if moe else 0  # the fused kernels keep no SiLU output
+    return 2 * cfg.dim + swiglu + routed + outputs + (_router_saved_bytes(cfg, e) / e if moe else 0)
+
+
+def _router_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
+    """Bytes per token a MoE's router (``flyer.model.moe.Gate``, in FP32) keeps: its scores (and the logits under
+    DeepSeek-V4's sqrt(softplus)), and below FP32 its input's FP32 copy (its picks, the gather's index, are not
+    counted)."""
+    scores = (2 if cfg.score_func == "sqrtsoftplus" else 1) * cfg.n_route_columns
+    return 4 * scores + (4 * cfg.dim if bytes_per_element < 4 else 0)
 
 
 def _compressor_saved(cfg: ModelConfig, layer_id: int | None) -> int:

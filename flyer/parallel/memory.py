@@ -128,14 +128,15 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
                      precision: str, ep: int = 1, recompute: str = "none", activation_cache: str = "fp8",
                      indexer_train: str = "off") -> int:
     """An estimate of what pipeline rank ``pp_rank`` saves for backward at its peak: every block's
-    saved activations (``activation_bytes_per_token_layer``: ``recompute`` "mla" leaves out the MLA layers' per-head
-    q, k and v, ``flyer.model.recompute``, else nothing is recomputed; under FP8 the FFNs' FP8 activation cache,
-    unless ``activation_cache`` is 'input'; the MTP modules' blocks on the last stage) and its routed experts' GEMM
-    weights (``expert_weights_saved_bytes``: this rank's ``1/ep`` of them, in FP8 a byte an element: the FP8 experts
-    keep their weights' FP8 blocks) for the micro-batches in flight on each of its stages (stage s of n holds up to
-    n - s of them in a 1F1B-style schedule; one without pipelining), plus what the main and MTP heads' losses keep
-    on the last stage (``head_saved_bytes``). ``indexer_train`` adds what each indexer's L_I keeps
-    (``indexer_loss_saved_bytes_per_token``); its warm-up freezes all the rest, which then keeps nothing."""
+    saved activations (``activation_bytes_per_token_layer``: ``recompute`` "mla" leaves out the dense MLA layers'
+    per-head q, k and v and normed latents, ``flyer.model.recompute``, else nothing is recomputed; under FP8 the
+    FFNs' FP8 activation cache, unless ``activation_cache`` is 'input'; the MTP modules' blocks on the last stage,
+    module k's over the T - k tokens it reads) and its routed experts' GEMM weights (``expert_weights_saved_bytes``:
+    this rank's ``1/ep`` of them, in FP8 a byte an element: the FP8 experts keep their weights' FP8 blocks) for the
+    micro-batches in flight on each of its stages (stage s of n holds up to n - s of them in a 1F1B-style schedule;
+    one without pipelining), plus what the main and MTP heads' losses keep on the last stage (``head_saved_bytes``).
+    ``indexer_train`` adds what each indexer's L_I keeps (``indexer_loss_saved_bytes_per_token``); its warm-up
+    freezes all the rest, which then keeps nothing."""
     warm = indexer_train == "warmup"
     element = 4 if precision == "fp32" else 2
     n = pp * chunks_per_rank(schedule, pp)
@@ -147,17 +148,17 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
     total = 0.0
     for s in (s for s in range(n) if placement[s] == pp_rank):
         blocks = [*split[s], *(range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth) if s == n - 1 else ())]
-        per_token = sum(indexer_loss_saved_bytes_per_token(cfg, i, indexer_train, element,  # MTP k reads T - k
-                                                           seq_len - max(0, i - cfg.n_layers + 1), fp8_cache)
-                        for i in blocks)
-        weights = 0
-        if not warm:
-            per_token += sum(activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
+        kept = 0.0
+        for i in blocks:
+            reads = seq_len - max(0, i - cfg.n_layers + 1)  # MTP module k reads T - k tokens
+            per_token = indexer_loss_saved_bytes_per_token(cfg, i, indexer_train, element, reads, fp8_cache)
+            if not warm:
+                per_token += activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
                                                               bytes_per_element=element, layer_id=i,
                                                               mla_recompute=recompute == "mla", fp8_cache=fp8_cache)
-                             for i in blocks)
-            weights = expert * sum(has_routed_experts(cfg, i) for i in blocks)
-        total += (n - s) * (tokens * per_token + weights)
+            kept += micro_batch * reads * per_token
+        weights = 0 if warm else expert * sum(has_routed_experts(cfg, i) for i in blocks)
+        total += (n - s) * (kept + weights)
         if s == n - 1 and not warm:
             total += head_saved_bytes(cfg, tokens)
     return int(total)
