@@ -3,6 +3,8 @@
 wrote: the parameters of a model built on the meta device, and the tensors autograd itself keeps for backward
 (``torch.autograd.graph.saved_tensors_hooks``) in a real forward."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,9 +13,10 @@ from flyer.cluster.costs import (activation_bytes_per_token_layer, hybrid_attent
                                  mla_attention_saved_bytes)
 from flyer.config import preset
 from flyer.fp8 import FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8
+from flyer.model.experts import expert_ffn_grouped_mm
 from flyer.model.hybrid_chunks import CHUNK_ROWS, spans
 from flyer.model.indexer_loss import set_indexer_training
-from flyer.model.lowp import emulation
+from flyer.model.lowp import as_dtype, emulation, gemm_dtype
 from flyer.model.recompute import set_recompute
 from flyer.model.transformer import Transformer, layer_rope_tables
 from flyer.parallel.memory import STEP_BYTES, activation_bytes, held_bytes, plan_state_bytes, saved_bytes
@@ -181,31 +184,28 @@ def test_the_indexer_loss_estimate_is_what_its_chunks_keep(name, kw, precision):
 
 
 class _Scaled(torch.nn.Module):
-    """A stand-in block: its output a product of its input (made, not saved)."""
+    """A stand-in block: its output a product of its input (made, not saved), in the dtype a GEMM's output has."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return x * 1.0
+        return as_dtype(x, gemm_dtype(x)) * 1.0
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_hyper_connections_keep_their_streams_outputs_and_maps(precision):
-    """A DeepSeek-V4 block (mHC) with stand-in attention and FFN: besides each part's collapsed input and its norm's
-    inverse RMS (4 bytes), the two hyper-connections keep for backward the streams their mixes read, the parts'
+    """A DeepSeek-V4 block (mHC) with stand-in attention and FFN, on FP32 streams (a training forward's, whatever
+    the precision): besides each part's collapsed input (FP32) and its norm's inverse RMS, the two hyper-connections
+    keep for backward the streams their mixes read (under BF16 also the copy the update multiplies), the parts'
     outputs, the mix and the maps' intermediates, ``hyper_connection_saved_bytes`` each a token to the byte, which
-    the block's estimate counts twice. The mix is recomputed in backward from the streams: kept, what it saves (its
-    normalised FP32 streams; under BF16 the streams' FP32 copy and the GEMM's BF16 copies of the normalised streams
-    and of fn) made this block keep 4,104 bytes a token more in FP32, 6,536 in BF16. BF16 GEMMs run as
-    a GPU's do, on whatever CPU (``_kept``)."""
+    the block's estimate counts twice (it counted the streams in the forward's dtype, 4,112 bytes a token less here
+    under BF16). The mix is recomputed in backward from the streams: kept, what it saves (its normalised FP32
+    streams) made this block keep 4,104 bytes a token more in FP32."""
     cfg, T = preset("tiny-v4"), 64
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     element = 4 if precision == "fp32" else 2
     torch.manual_seed(0)
     block = Transformer(cfg).train().layers[1]
     block.attn, block.ffn = _Scaled(), _Scaled()
-    h = torch.randn(2, T, cfg.hc_mult, cfg.dim).to(dtype).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
-        kept = held_bytes(lambda: block.residual(h, block.attn), skip=block)
-    per_token = kept / (2 * T) - 2 * (cfg.dim * element + 4)
+    kept = _part_kept_per_row(lambda h, _: block.residual(h, block.attn), (T, cfg.hc_mult, cfg.dim), precision)
+    per_token = kept / T - 2 * (cfg.dim * 4 + 4)
     assert per_token == 2 * hyper_connection_saved_bytes(cfg, element)
     plain = [activation_bytes_per_token_layer(c, True, False, element, 1) for c in (cfg, cfg.replace(hc_mult=1))]
     assert plain[0] - plain[1] == per_token
@@ -218,18 +218,22 @@ def _csa_masks(cfg, T: int) -> int:
                for s in spans(T, CHUNK_ROWS, cfg.window_size, cfg.csa_ratio) if s.n_entries > cfg.index_topk)
 
 
-def _attention_kept_per_row(cfg, block, T: int, precision: str) -> int:
-    """What a second batch row adds to the bytes ``block``'s attention and its norm keep in one forward of T tokens
-    (FP32, or BF16 autocast with BF16 GEMMs as a GPU's): its input x, made outside, is not counted, and its output,
-    held, is: the same bytes."""
-    cos, sin = layer_rope_tables(cfg, [block.layer_id], T, "cpu")[0]
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+def _part_kept_per_row(part, shape: tuple[int, ...], precision: str) -> int:
+    """What a second batch row adds to the bytes ``part(x, batch)`` keeps in one forward, FP32 or under BF16 autocast
+    (BF16 GEMMs as a GPU's), its input x (batch, *shape) as a training forward's residual stream: FP32. The input,
+    made outside, is counted, and the output, held, not."""
     kept = []
     for batch in (1, 2):
-        x = torch.randn(batch, T, cfg.dim).to(dtype).requires_grad_()
+        x, out = torch.randn(batch, *shape).requires_grad_(), []
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
-            kept.append(held_bytes(lambda: block.attn(block.attn_norm(x), cos, sin), skip=block))
-    return kept[1] - kept[0]
+            kept.append(held_bytes(lambda: out.append(part(x, batch)) or out[0]) - out[0].untyped_storage().nbytes())
+    return kept[1] - kept[0] + math.prod(shape) * 4
+
+
+def _attention_kept_per_row(cfg, block, T: int, precision: str) -> int:
+    """``_part_kept_per_row`` of ``block``'s attention with its norm."""
+    cos, sin = layer_rope_tables(cfg, [block.layer_id], T, "cpu")[0]
+    return _part_kept_per_row(lambda x, _: block.attn(block.attn_norm(x), cos, sin), (T, cfg.dim), precision)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -258,8 +262,8 @@ def test_mla_keeps_what_its_estimate_counts(precision, over, recompute):
     without ``--recompute mla``: what a batch row adds to one forward's kept bytes is ``mla_attention_saved_bytes``
     a token to the byte, which the block's estimate counts. The narrower of v and q/k is zero-padded for SDPA's fused
     kernels, so q, k, v and the attention's output are kept at the wider width, besides the copy ``wo`` reads and
-    the normed latents, which the plan left out: on V3 under BF16 it counted 196,992 of the 266,892 bytes a token
-    the attention keeps."""
+    the normed latents, which the plan left out: on V3 under BF16 it counted 196,992 of the 281,228 bytes a token
+    the attention keeps (its input, the residual stream, in FP32)."""
     cfg, T = preset("tiny", **over), 64
     element = 4 if precision == "fp32" else 2
     torch.manual_seed(0)
@@ -274,28 +278,28 @@ def test_mla_keeps_what_its_estimate_counts(precision, over, recompute):
 
 
 def _ffn_kept_per_row(block, T: int, precision: str) -> int:
-    """What a second batch row adds to the bytes ``block``'s FFN and its norm keep in one forward of T tokens (its
-    input x, made outside, is not counted, and its output, held, is: the same bytes)."""
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    kept = []
-    for batch in (1, 2):
-        x = torch.randn(batch, T, block.ffn_norm.weight.shape[0]).to(dtype).requires_grad_()
+    """``_part_kept_per_row`` of ``block``'s FFN with its norm."""
+    def ffn(x, batch):
         tokens = torch.randint(0, 2048, (batch, T), generator=torch.Generator().manual_seed(batch))
-        kw = {"tokens_BT": tokens} if block.hash_routed else {}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
-            kept.append(held_bytes(lambda: block.ffn(block.ffn_norm(x), **kw), skip=block))
-    return kept[1] - kept[0]
+        return block.ffn(block.ffn_norm(x), **({"tokens_BT": tokens} if block.hash_routed else {}))
+    return _part_kept_per_row(ffn, (T, block.ffn_norm.weight.shape[0]), precision)
+
+
+# What a MoE keeps a pick that its estimate leaves out, at most: the router's id and weight and the experts' row
+# bookkeeping, eight 8-byte values (the fused kernel keeps 5 int64 and an FP32 a pick, torch._grouped_mm's path 2 and 1)
+_PICKS = 64
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_ffns_keep_what_their_estimate_counts(precision):
     """A dense FFN with its norm keeps what the block's estimate counts beside its attention, to the byte: its norm's
-    input, output and inverse RMS, both projections, SiLU's output and the product (the plan counted the normed input
-    twice and neither SiLU's output nor the norm's input). DeepSeek-V4's shared expert clamps both projections and
-    keeps 6 of its width a token; the estimate counts them. A MoE's estimate stays under what it keeps (the router's
-    scores and FP32 input counted, its picks and the experts' row bookkeeping not), in FP32 through the fused expert
-    kernel and in BF16 through ``torch._grouped_mm``, a GPU's path: the CPU's BF16 kernel pads each expert's rows,
-    which a batch row may add fewer of than it adds tokens."""
+    input, output and inverse RMS, both projections and the product (the plan counted the normed input twice and not
+    the norm's input). SiLU's output is recomputed in backward, and DeepSeek-V4's shared expert, which clamps both
+    projections, keeps 3 of its width a token as well (it kept 6: the clamped projections and SiLU's output too); the
+    estimate counts them. A MoE's estimate stays under what it keeps, by at most its router's picks and the experts'
+    row bookkeeping (``_PICKS`` bytes a pick and 16 a token), in FP32 through the fused expert kernel and in BF16
+    through ``torch._grouped_mm``, a GPU's path: the CPU's BF16 kernel pads each expert's rows, which a batch row may
+    add fewer of than it adds tokens."""
     element, T = (4 if precision == "fp32" else 2), 2 * CHUNK_ROWS
     impl = "fused" if precision == "fp32" else "grouped_mm"
     cfg = preset("tiny")
@@ -304,7 +308,8 @@ def test_ffns_keep_what_their_estimate_counts(precision):
     dense = activation_bytes_per_token_layer(cfg, False, False, element, 0) - mla_attention_saved_bytes(cfg, element)
     assert _ffn_kept_per_row(model.layers[0], T, precision) == T * dense
     moe = activation_bytes_per_token_layer(cfg, True, False, element, 1) - mla_attention_saved_bytes(cfg, element)
-    assert T * moe <= _ffn_kept_per_row(model.layers[1], T, precision)
+    picks = _PICKS * cfg.n_activated_experts + 16
+    assert T * moe <= _ffn_kept_per_row(model.layers[1], T, precision) <= T * (moe + picks)
     v4 = preset("tiny-v4")
     torch.manual_seed(0)
     block = Transformer(v4, experts_impl=impl).train().layers[1]
@@ -316,8 +321,110 @@ def test_ffns_keep_what_their_estimate_counts(precision):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
             kept.append(held_bytes(lambda: shared(x), skip=shared))
     width = v4.n_shared_experts * v4.moe_inter_dim
-    assert kept[1] - kept[0] == T * (6 * width + v4.dim) * element  # and its output, held
+    assert kept[1] - kept[0] == T * (3 * width + v4.dim) * element  # and its output, held
     layer = [activation_bytes_per_token_layer(c, True, False, element, 1) for c in (v4, v4.replace(n_shared_experts=0))]
-    assert layer[0] - layer[1] == 6 * width * element
+    assert layer[0] - layer[1] == 3 * width * element
     moe = layer[0] - hybrid_attention_saved_bytes(v4, 1, element) - 2 * hyper_connection_saved_bytes(v4, element)
-    assert T * moe <= _ffn_kept_per_row(block, T, precision)
+    assert T * moe <= _ffn_kept_per_row(block, T, precision) <= T * (moe + _PICKS * v4.n_activated_experts + 16)
+
+
+@pytest.mark.parametrize("fp32", [False, True])
+def test_grouped_mm_experts_keep_projections_and_product(fp32):
+    """The routed experts through ``torch._grouped_mm`` (CUDA's path; BF16, or FP32 weights) keep per row what the
+    fused kernel keeps and the estimate counts: h1, h3 and the product (and the output, held), SiLU's output and
+    DeepSeek-V4's clamped projections recomputed in backward; they kept 6 of the width a row, not 3."""
+    E, D, F_, rows = 4, 64, 32, 128
+    torch.manual_seed(0)
+    w1, w3, w2 = (torch.randn(*shape, requires_grad=True) for shape in ((E, F_, D), (E, F_, D), (E, D, F_)))
+    element = 4 if fp32 else 2
+    kept = []
+    for n in (rows, 2 * rows):
+        x = torch.randn(n, D, requires_grad=True)
+        counts = torch.full((E,), n // E)
+        kept.append(held_bytes(lambda: expert_ffn_grouped_mm(x, counts, w1, w2, w3, 10.0, fp32=fp32)))
+    x_copy = 0 if fp32 else D * element  # the BF16 copy of x both GEMMs read
+    assert kept[1] - kept[0] == rows * ((3 * F_ + D) * element + x_copy)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("split", [False, True])
+def test_recomputation_gives_the_kept_tensors_gradients_bit_for_bit(monkeypatch, precision, split):
+    """Each kind of DeepSeek-V4 block (window-only, CSA, HCA, the MTP block's; its shared expert too) with each head's
+    query scale and the SwiGLUs' SiLU recomputed in backward, against the same blocks keeping them (``recomputed``
+    made a plain call): the outputs and every gradient bit for bit, under plain backward and torch's split input and
+    weight backward (what the zero-bubble and DualPipeV schedules run, ``torch.distributed.pipelining``)."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    import flyer.model.experts as experts
+    import flyer.model.hybrid as hybrid
+    cfg, T = preset("tiny-v4"), 2 * CHUNK_ROWS
+    torch.manual_seed(0)
+    model = Transformer(cfg, experts_impl="grouped_mm").train()  # its routed SwiGLU too
+
+    def run(block, h, tokens):
+        cos, sin = layer_rope_tables(cfg, [block.layer_id], T, "cpu")[0]
+        block.zero_grad(set_to_none=True)
+        h = h.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
+            out = block(h, cos, sin, tokens)
+        params = [p for p in block.parameters() if p.requires_grad]
+        g = 0.01 + 0.1 * out.detach()
+        if split:
+            (gh,), groups = stage_backward_input([out], [g], [h], iter(params))
+            stage_backward_weight(iter(params), groups)
+        else:
+            out.backward(g)
+            gh = h.grad
+        return [out.detach(), gh, *(p.grad for p in params)]
+
+    kept = lambda fn, *args, selective=True: fn(*args)  # noqa: E731
+    for block in [*model.layers, *(m.block for m in model.mtp)]:
+        h = torch.randn(2, T, cfg.hc_mult, cfg.dim)
+        tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(2))
+        with monkeypatch.context() as m:
+            m.setattr(hybrid, "recomputed", kept)
+            m.setattr(experts, "recomputed", kept)
+            want = run(block, h, tokens)
+        got = run(block, h, tokens)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(want, got)), block.layer_id
+
+
+def test_the_fp8_per_row_estimate_stays_a_lower_bound_with_many_mla_heads():
+    """A dense MLA model under FP8 with its FP8 activation cache: the attention's FP8 linear layers keep FP8 tiles of
+    their inputs, not the copies ``mla_attention_saved_bytes`` counts, so the estimate counts them as before (which
+    stays under); counted so at 64 heads the per-row estimate exceeded what a forward keeps."""
+    cfg, T = preset("tiny", n_heads=64, n_routed_experts=0, n_shared_experts=0, mtp_depth=0), 64
+    torch.manual_seed(0)
+    model = convert_to_fp8(Transformer(cfg).train())
+    measured = []
+    for b in (1, 1, 2):  # the first makes the tables the FP8 path makes once a process
+        tokens = torch.randint(0, cfg.vocab_size, (b, T), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16), emulation(False):
+            measured.append(saved_bytes(lambda: model.compute_loss(tokens, tokens), skip=model))
+    estimated = [activation_bytes(cfg, 1, 0, "1f1b", T, b, "fp8") for b in (1, 2)]
+    assert estimated[1] - estimated[0] <= measured[2] - measured[1]
+
+
+@pytest.mark.parametrize("name,over,layer", [("tiny", {}, 1), ("tiny", {"score_func": "softmax"}, 1),
+                                             ("tiny-v4", {}, 1), ("tiny-v4", {}, 0)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_router_keeps_its_scores_and_its_picks(name, over, layer, precision):
+    """A MoE's router (FP32 whatever the precision; DeepSeek-V4's hash-routed layer too) on the FFN's FP32 normed
+    input: what a batch row adds to what it keeps is the scores the estimate counts (with the logits under
+    sqrt(softplus)) and its picks (int64 ids, FP32 weights and the few values they derive: at most 24 bytes a pick
+    and 16 a token), which it does not."""
+    cfg, T = preset(name, **over), 64
+    torch.manual_seed(0)
+    gate = Transformer(cfg).train().layers[layer].ffn.gate
+    kept = []
+    for b in (1, 2):
+        x = torch.randn(b * T, cfg.dim, requires_grad=True)
+        tokens = torch.randint(0, cfg.vocab_size, (b * T,), generator=torch.Generator().manual_seed(b))
+        kw = {"tokens_T": tokens} if gate.hash_routed else {}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), emulation(False):
+            kept.append(held_bytes(lambda: gate(x, **kw), skip=gate))
+    scores = 4 * cfg.n_route_columns * (2 if cfg.score_func == "sqrtsoftplus" else 1)
+    assert scores <= (kept[1] - kept[0]) / T <= scores + 24 * cfg.n_activated_experts + 16
+    block = [activation_bytes_per_token_layer(cfg.replace(score_func=f), True, False, 4, layer)
+             for f in ("sigmoid", "sqrtsoftplus")]
+    assert block[1] - block[0] == 4 * cfg.n_route_columns  # the logits, which sqrt(softplus) keeps too

@@ -91,12 +91,13 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
                                      mla_recompute: bool = False, fp8_cache: bool = False) -> float:
     """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).
 
-    Without recomputation, a dense MLA layer saves what flyer's keeps (``mla_attention_saved_bytes``); other
+    Without recomputation, a dense MLA layer saves what flyer's keeps (``mla_attention_saved_bytes``; under
+    ``fp8_cache``, whose linear layers keep FP8 tiles of their inputs, the count below, which stays under it); other
     attention its input and normed input, the q latent, the kv latent + rope key, q, k, v, the attention output and
     the softmax log-sum-exp (one per head). The FFN saves its norm's input, output and FP32 inverse RMS, its dense
-    or shared experts' projections, SiLU output and product, per routed pick the expert input, gate/up outputs,
-    product and output, plus the router scores (not counted: the router's picks and the experts' row bookkeeping,
-    integers a few a pick, nor an expert kernel's row padding).
+    or shared experts' projections and product, per routed pick the expert input, gate/up outputs, product and
+    output, plus the router scores (not counted: the router's picks and the experts' row bookkeeping, integers a few
+    a pick, nor an expert kernel's row padding).
 
     ``recompute=True`` is DeepSeek-V3's recipe (report, sections 3.3.2-3.3.3): RMSNorm outputs and
     the MLA up-projections (q, k, v) are recomputed from the saved latents, the SwiGLU output from
@@ -104,8 +105,9 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     fine-grained tiles (half a BF16 element each).
 
     Hybrid attention (DeepSeek-V4) without recomputation: what flyer's keeps (``hybrid_attention_saved_bytes``);
-    with it, the q latent, the one shared key/value head, the grouped output projection's latent and its
-    compressors' projections: those of layer ``layer_id``, or of a CSA layer (the heaviest kind) without one.
+    with recomputation or under ``fp8_cache``, the q latent, the one shared key/value head, the grouped output
+    projection's latent and its compressors' projections: those of layer ``layer_id``, or of a CSA layer (the
+    heaviest kind) without one.
     Hyper-connections (``flyer.model.hyper``) add, around the attention and the FFN each, the m input streams its
     mix reads and the block's output, which the streams' update keeps for post's gradient, and their maps' few
     values a token (``hyper_connection_saved_bytes``).
@@ -122,20 +124,23 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     (``layer_id`` even, or None: the heavier) the shortcut MoE, which reads the dense FFN's normed input.
     """
     e, d = bytes_per_element, cfg.dim
-    hyper = 2 * hyper_connection_saved_bytes(cfg, e)  # around the attention and the FFN
-    if cfg.attn == "hybrid" and not recompute:
+    hyper = 2 * hyper_connection_saved_bytes(cfg, e, e if recompute else 4)  # around the attention and the FFN
+    exact = not recompute and not fp8_cache  # FP8 linear layers keep FP8 tiles: the generic count, lower
+    if cfg.attn == "hybrid" and exact:
         attn = hybrid_attention_saved_bytes(cfg, layer_id, e)
-    elif cfg.attn == "mla" and not cfg.index_topk and not recompute:
+    elif cfg.attn == "mla" and not cfg.index_topk and exact:
         attn = mla_attention_saved_bytes(cfg, e, mla_recompute)
     else:
         attn = _attention_saved(cfg, recompute, layer_id, mla_recompute) * e
     inverse_rms = 0 if recompute or fp8_cache else 4  # the FFN norm's, FP32
     if not cfg.shortcut_moe:
-        return attn + _ffn_saved(cfg, moe, recompute, fp8_cache, e) * e + inverse_rms + hyper
+        return attn + _ffn_saved(cfg, moe, recompute, fp8_cache, e) + inverse_rms + hyper
     ffn = _ffn_saved(cfg, False, recompute, fp8_cache, e)
-    if layer_id is None or cfg.has_shortcut_moe(layer_id):  # the norm's input and output are the dense FFN's, once
-        ffn += _ffn_saved(cfg, True, recompute, fp8_cache, e) - (0 if recompute or fp8_cache else 2 * d)
-    return attn + ffn * e + inverse_rms + hyper
+    if layer_id is None or cfg.has_shortcut_moe(layer_id):
+        # the norm's input is the dense FFN's, and in FP32 its output too (below, each casts a copy of its own)
+        shared = 0 if recompute or fp8_cache else 4 * d * (2 if e == 4 else 1)
+        ffn += _ffn_saved(cfg, True, recompute, fp8_cache, e) - shared
+    return attn + ffn + inverse_rms + hyper
 
 
 def _attention_saved(cfg: ModelConfig, recompute: bool, layer_id: int | None, mla_recompute: bool) -> int:
@@ -159,7 +164,8 @@ def _attention_saved(cfg: ModelConfig, recompute: bool, layer_id: int | None, ml
 
 def mla_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int, recompute_up: bool = False) -> int:
     """Bytes per token that a dense MLA layer (``flyer.model.attention.MLA`` without DSA's indexer) and its norm keep
-    for backward, each in ``bytes_per_element`` but the FP32 ones: its input and normed input (D each); the query
+    for backward, each in ``bytes_per_element`` but the FP32 ones: its input (the residual stream, FP32 in every
+    precision) and normed input (D each); the query
     latent and its normed copy (R each; none without a query LoRA); ``wkv_a``'s output [c_KV | k_rope] and the normed
     c_KV; each head's q and k as wide as the wider of the query/key and value heads (SDPA's fused kernels take one
     width: ``causal_attention`` zero-pads the narrower), and v so padded, or where it is the wider ``wkv_b``'s
@@ -171,7 +177,7 @@ def mla_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int, recomput
     e, H, R, v = bytes_per_element, cfg.n_heads, cfg.q_lora_rank, cfg.v_head_dim
     wide = max(cfg.qk_head_dim, v)
     attended = H * wide + (H * v if v < wide else 0)  # wo reads a copy of the first v channels, or the output
-    kept = e * (2 * cfg.dim + R + cfg.kv_lora_rank + cfg.qk_rope_head_dim + attended) + 4 * H + 4
+    kept = 4 * cfg.dim + e * (cfg.dim + R + cfg.kv_lora_rank + cfg.qk_rope_head_dim + attended) + 4 * H + 4
     if not recompute_up:
         values = H * wide if v < wide else H * (cfg.qk_nope_head_dim + v)  # padded, or a view of wkv_b's output
         kept += e * (R + cfg.kv_lora_rank + 2 * H * wide + values) + 4 * (2 if R else 1)
@@ -182,7 +188,8 @@ def hybrid_attention_saved_bytes(cfg: ModelConfig, layer_id: int | None, bytes_p
     """Bytes per token that DeepSeek-V4's hybrid attention of layer ``layer_id`` (``flyer.model.hybrid``; None: a
     CSA layer, the heaviest) and its norm keep for backward, each in ``bytes_per_element`` but the FP32 ones:
 
-    - its input and normed input (D each), the query latent and its normed copy (R each), q, its RoPE'd copy and
+    - its input (collapsed from the FP32 streams: FP32 in every precision) and normed input (D each), the query
+      latent and its normed copy (R each), q, its RoPE'd copy and
       each head's scale (2 H d + H; the scale is recomputed in backward from q), the key/value head and its RoPE'd
       copy (2 d), the heads' outputs rotated back (H d) and the grouped output latent (o_groups o_lora_rank);
     - the three norms' inverse RMS (FP32);
@@ -196,25 +203,31 @@ def hybrid_attention_saved_bytes(cfg: ModelConfig, layer_id: int | None, bytes_p
     (``indexer_loss_saved_bytes_per_token``): it selects without autograd."""
     e, H, d = bytes_per_element, cfg.n_heads, cfg.head_dim
     r = cfg.csa_ratio if layer_id is None else compress_ratio(cfg, layer_id)
-    kept = e * (2 * cfg.dim + 2 * cfg.q_lora_rank + 3 * H * d + H + 2 * d + cfg.o_groups * cfg.o_lora_rank) + 3 * 4
+    kept = 4 * cfg.dim + e * (cfg.dim + 2 * cfg.q_lora_rank + 3 * H * d + H + 2 * d + cfg.o_groups * cfg.o_lora_rank)
+    kept += 3 * 4
     if r:
         c = 2 if r == cfg.csa_ratio else 1
         kept += c * d * (e + 4 + (e if e < 4 else 0)) + (2 * d * e + 4) / r
     return kept
 
 
-def hyper_connection_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
+def hyper_connection_saved_bytes(cfg: ModelConfig, bytes_per_element: int, stream_bytes: int = 4) -> int:
     """Bytes per token one hyper-connection (``flyer.model.hyper``: around an attention or an FFN block) keeps
-    for backward beside its block's input: the m input streams its mix reads and the block's output, which the
-    streams' update keeps for post's gradient, and the mix's m (m + 2) values (``bytes_per_element`` each; the mix's
-    normalised streams are recomputed in backward); in FP32 the maps' intermediates: pre, its sigmoid and post's,
-    and each of the 2 I - 1 Sinkhorn divisions' denominator (m each), comb's softmax, its first
-    normalisation and the divisions' numerators (m^2 each, 2 I in all, for I ``hc_sinkhorn_iters``); and post and
-    comb as the update reads them (m + m^2, ``bytes_per_element``). 0 without hyper-connections."""
-    m, e, iters = cfg.hc_mult, bytes_per_element, cfg.hc_sinkhorn_iters
+    for backward beside its block's input: the m input streams its mix reads (FP32 in every precision, as the
+    residual stream; below FP32 also the copy the streams' update multiplies), the block's output, which the update
+    keeps for post's gradient, and the mix's m (m + 2) values (``bytes_per_element`` each; the mix's normalised
+    streams are recomputed in backward); in FP32 the maps' intermediates: pre, its sigmoid and post's, and each of
+    the 2 I - 1 Sinkhorn divisions' denominator (m each), comb's softmax, its first normalisation and the divisions'
+    numerators (m^2 each, 2 I in all, for I ``hc_sinkhorn_iters``); and post and comb as the update reads them (m
+    in the streams' dtype, m^2 ``bytes_per_element``). ``stream_bytes``: the streams' element size, FP32 in flyer's
+    training; DeepSeek-V3's recipe (``activation_bytes_per_token_layer``'s ``recompute``) keeps them in the
+    forward's dtype. 0 without hyper-connections."""
+    m, e, s, iters = cfg.hc_mult, bytes_per_element, stream_bytes, cfg.hc_sinkhorn_iters
     if m == 1:
         return 0
-    return (m + 1) * cfg.dim * e + m * (m + 2) * e + 4 * (m * (2 * iters + 2) + m * m * 2 * iters) + (m + m * m) * e
+    streams = m * cfg.dim * s + (m * cfg.dim * e if s != e else 0)  # and the update's copy in the forward's dtype
+    maps = 4 * (m * (2 * iters + 2) + m * m * 2 * iters)
+    return streams + cfg.dim * e + m * (m + 2) * e + maps + m * s + m * m * e
 
 
 def expert_weights_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
@@ -225,34 +238,29 @@ def expert_weights_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
     return 2 * F_ * D * 4 if bytes_per_element == 4 else 3 * F_ * D * bytes_per_element
 
 
-def _ffn_saved(cfg: ModelConfig, moe: bool, recompute: bool, fp8_cache: bool = False, e: int = 2) -> float:
-    """Elements per token an FFN saves (``activation_bytes_per_token_layer``): with recomputation the FP8-cached
-    expert and SwiGLU inputs; without, its norm's input and output, the dense FFN's or shared experts' projections,
-    SiLU output and product, and per routed pick its input, gate/up outputs, product and output (with ``fp8_cache``
-    the cached inputs, the normed input a MoE's router keeps and the picks' outputs); a MoE's router scores (without
-    recomputation or the FP8 cache ``_router_saved_bytes``, for elements of ``e`` bytes)."""
+def _ffn_saved(cfg: ModelConfig, moe: bool, recompute: bool, fp8_cache: bool, e: int) -> float:
+    """Bytes per token an FFN saves (``activation_bytes_per_token_layer``), for elements of ``e`` bytes: with
+    recomputation the FP8-cached expert and SwiGLU inputs and the router's scores; with ``fp8_cache`` also the
+    normed input a MoE's router keeps and the picks' outputs. Without either what flyer's keeps: its norm's input (the
+    FP32 residual stream) and output as its GEMMs read it (below FP32 a copy; a MoE's router reads the FP32 output
+    too, which it keeps); the dense FFN's or shared experts'
+    projections and product (``flyer.model.experts.kept_swiglu``); per routed pick its input, gate/up outputs,
+    product and output (the fused kernels and ``torch._grouped_mm`` alike); and the router's FP32 scores (and the
+    logits under DeepSeek-V4's sqrt(softplus)). Not counted: the router's picks and the experts' row bookkeeping,
+    integers a few a pick, nor an expert kernel's row padding."""
     experts = cfg.n_activated_experts + cfg.n_shared_experts if moe else 1
     inter = cfg.moe_inter_dim if moe else cfg.inter_dim
     router = cfg.n_route_columns if moe else 0  # the router's scores (LongCat-Flash's zero experts' too)
     if recompute:
-        return experts * 0.5 * (cfg.dim + 2 * inter) + router
+        return (experts * 0.5 * (cfg.dim + 2 * inter) + router) * e
     outputs = cfg.n_activated_experts * cfg.dim if moe else 0  # each pick's output: its gate weight's gradient
     if fp8_cache:
-        return cfg.dim * moe + experts * 0.5 * (cfg.dim + 2 * inter) + router + outputs
-    # a dense FFN or the shared experts (``flyer.model.experts.MLP``): its two projections, SiLU's output and the
-    # product; with DeepSeek-V4's clamp both clamped projections too
-    mlp = cfg.n_shared_experts * cfg.moe_inter_dim if moe else cfg.inter_dim
-    swiglu = (6 if moe and cfg.swiglu_limit > 0 else 4) * mlp
-    routed = cfg.n_activated_experts * (cfg.dim + 3 * inter) if moe else 0  # the fused kernels keep no SiLU output
-    return 2 * cfg.dim + swiglu + routed + outputs + (_router_saved_bytes(cfg, e) / e if moe else 0)
-
-
-def _router_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
-    """Bytes per token a MoE's router (``flyer.model.moe.Gate``, in FP32) keeps: its scores (and the logits under
-    DeepSeek-V4's sqrt(softplus)), and below FP32 its input's FP32 copy (its picks, the gather's index, are not
-    counted)."""
-    scores = (2 if cfg.score_func == "sqrtsoftplus" else 1) * cfg.n_route_columns
-    return 4 * scores + (4 * cfg.dim if bytes_per_element < 4 else 0)
+        return (cfg.dim * moe + experts * 0.5 * (cfg.dim + 2 * inter) + router + outputs) * e
+    mlp = 3 * (cfg.n_shared_experts * cfg.moe_inter_dim if moe else cfg.inter_dim)
+    routed = cfg.n_activated_experts * (cfg.dim + 3 * inter) if moe else 0
+    scores = (2 if cfg.score_func == "sqrtsoftplus" else 1) * router
+    router_input = 4 * cfg.dim if moe and e < 4 else 0  # the FP32 normed input the router reads, beside the copy
+    return 4 * cfg.dim + router_input + e * (cfg.dim + mlp + routed + outputs) + 4 * scores
 
 
 def _compressor_saved(cfg: ModelConfig, layer_id: int | None) -> int:

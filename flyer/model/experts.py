@@ -36,6 +36,7 @@ from flyer.config import ConfigError
 from flyer.model import lowp
 from flyer.model.init import init_deferred
 from flyer.model.lowp import gemm_dtype, mm
+from flyer.model.recompute import recomputed
 
 EXPERT_IMPLS = ("auto", "fused", "grouped_mm")
 
@@ -60,6 +61,15 @@ def swiglu(h1_NF: torch.Tensor, h3_NF: torch.Tensor, limit: float = 0.0) -> torc
     return F.silu(h1_NF) * h3_NF
 
 
+def kept_swiglu(h1_NF: torch.Tensor, h3_NF: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
+    """``swiglu`` whose backward recomputes SiLU's output (and the clamped projections) from h1 and h3 rather than
+    keeping them: a gradient keeps h1, h3 and the product, as the fused expert kernels do (``kernels.swiglu``),
+    not 4 (clamped: 6) tensors of the width. Bit for bit the same gradients."""
+    if torch.is_grad_enabled() and (h1_NF.requires_grad or h3_NF.requires_grad):
+        return recomputed(swiglu, h1_NF, h3_NF, limit, selective=False)
+    return swiglu(h1_NF, h3_NF, limit)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense FFN layers and shared experts. ``limit`` > 0
     (DeepSeek-V4's ``swiglu_limit``): w1 x clamped above and w3 x to +-limit first."""
@@ -73,9 +83,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = lowp.as_dtype(x, gemm_dtype(x))  # once, not once per up-projection (autocast casts per call)
-        if self.limit > 0:
-            return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(kept_swiglu(self.w1(x), self.w3(x), self.limit))
 
     def extra_repr(self) -> str:
         return f"limit={self.limit}" if self.limit > 0 else ""
@@ -109,11 +117,12 @@ def expert_ffn_grouped_mm(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: to
             h1, h3 = h13[:, :F_], h13[:, F_:]
         else:
             h1, h3 = (torch._grouped_mm(x, w.transpose(-2, -1), offs=offs) for w in (w1_EFD, w3_EFD))
-        return torch._grouped_mm(swiglu(h1, h3, swiglu_limit), w2_EDF.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(kept_swiglu(h1, h3, swiglu_limit), w2_EDF.transpose(-2, -1), offs=offs)
     x = x_ND.to(torch.bfloat16)
     h1 = torch._grouped_mm(x, w1_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
     h3 = torch._grouped_mm(x, w3_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
-    return torch._grouped_mm(swiglu(h1, h3, swiglu_limit), w2_EDF.to(torch.bfloat16).transpose(-2, -1), offs=offs)
+    return torch._grouped_mm(kept_swiglu(h1, h3, swiglu_limit), w2_EDF.to(torch.bfloat16).transpose(-2, -1),
+                             offs=offs)
 
 
 @functools.cache

@@ -1,0 +1,81 @@
+"""SwiGLU's SiLU output (and DeepSeek-V4's clamped projections) recomputed in backward: memory and step time.
+
+The dense FFNs, the shared experts and, through ``torch._grouped_mm`` (CUDA's path), the routed experts run
+``flyer.model.experts.kept_swiglu``, which keeps h1, h3 and the product for backward, as the fused expert kernel
+does; the peer keeps what autograd keeps of ``swiglu`` (4 tensors of the width, 6 with V4's clamp). One model, its
+training step run in lockstep under both (one step each in turn, so machine-load drift hits them alike), BF16
+autocast.
+
+Prints one JSON object: ``held_mib_kept`` / ``held_mib_recomputed`` (what one training forward keeps alive for
+backward, ``flyer.parallel.memory.held_bytes``), ``step_time_ratio`` (median of the paired steps' ratios,
+recomputed over kept) and ``same_gradients`` (every gradient equal bit for bit).
+
+    python bench/swiglu_recompute.py                      # tiny-v4, 4 x 256 tokens, 20 paired steps
+    python bench/swiglu_recompute.py --preset small --experts-impl fused
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import flyer.model.experts as experts
+from flyer.config import preset
+from flyer.model.transformer import Transformer
+from flyer.parallel.memory import held_bytes
+
+MIB = 2**20
+CHOICES = {"kept": experts.swiglu, "recomputed": experts.kept_swiglu}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny-v4")
+    ap.add_argument("--experts-impl", default="grouped_mm", choices=experts.EXPERT_IMPLS)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = preset(args.preset)
+    torch.manual_seed(0)
+    model = Transformer(cfg, experts_impl=args.experts_impl).train()
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+
+    def step() -> tuple[float, dict]:
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model.compute_loss(tokens, tokens).loss
+        loss.backward()
+        return time.perf_counter() - t0, {n: p.grad for n, p in model.named_parameters()}
+
+    times: dict[str, list[float]] = {c: [] for c in CHOICES}
+    grads = {}
+    out: dict = {"preset": args.preset, "experts_impl": args.experts_impl, "tokens": args.batch * args.seq,
+                 "steps": args.steps}
+    try:
+        for _ in range(args.steps):
+            for c, fn in CHOICES.items():
+                experts.kept_swiglu = fn
+                t, grads[c] = step()
+                times[c].append(t)
+        for c, fn in CHOICES.items():
+            experts.kept_swiglu = fn
+            with torch.autocast("cpu", torch.bfloat16):
+                out[f"held_mib_{c}"] = round(held_bytes(lambda: model.compute_loss(tokens, tokens), model) / MIB, 2)
+    finally:
+        experts.kept_swiglu = CHOICES["recomputed"]
+    out["same_gradients"] = all(torch.equal(grads["kept"][n], grads["recomputed"][n])
+                                for n in grads["kept"] if grads["kept"][n] is not None)
+    out["step_time_ratio"] = round(statistics.median(a / b for a, b in zip(times["recomputed"], times["kept"])), 3)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
