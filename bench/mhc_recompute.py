@@ -18,19 +18,16 @@ and ``same_gradients`` (every gradient equal bit for bit across the three).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
-import time
 
 import torch
+from _lockstep import compare
 
 import flyer.model.hyper as hyper
 from flyer.config import preset
 from flyer.model.recompute import recomputed
 from flyer.model.transformer import Transformer
-from flyer.parallel.memory import held_bytes
-
-MIB = 2**20
 
 
 def _maps_recomputed(self, h):
@@ -61,34 +58,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-
-    def step() -> tuple[float, dict]:
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = model.compute_loss(tokens, tokens).loss
-        loss.backward()
-        return time.perf_counter() - t0, {n: p.grad for n, p in model.named_parameters()}
-
-    times: dict[str, list[float]] = {c: [] for c in CHOICES}
-    grads = {}
     out: dict = {"dim": cfg.dim, "tokens": args.batch * args.seq, "steps": args.steps}
     try:
-        for _ in range(args.steps):
-            for c in CHOICES:
-                _use(c)
-                t, grads[c] = step()
-                times[c].append(t)
-        for c in CHOICES:
-            _use(c)
-            with torch.autocast("cpu", torch.bfloat16):
-                out[f"held_mib_{c}"] = round(held_bytes(lambda: model.compute_loss(tokens, tokens), model) / MIB, 2)
+        out |= compare(model, tokens, {c: functools.partial(_use, c) for c in CHOICES}, args.steps, peer="kept")
     finally:
         _use("mix")
-    out["same_gradients"] = all(torch.equal(grads["kept"][n], grads[c][n]) for c in ("mix", "maps")
-                                for n in grads["kept"] if grads["kept"][n] is not None)
-    for c in ("mix", "maps"):
-        out[f"step_time_ratio_{c}"] = round(statistics.median(a / b for a, b in zip(times[c], times["kept"])), 3)
     print(json.dumps(out))
 
 

@@ -7,8 +7,8 @@ training step run in lockstep under both (one step each in turn, so machine-load
 autocast.
 
 Prints one JSON object: ``held_mib_kept`` / ``held_mib_recomputed`` (what one training forward keeps alive for
-backward, ``flyer.parallel.memory.held_bytes``), ``step_time_ratio`` (median of the paired steps' ratios,
-recomputed over kept) and ``same_gradients`` (every gradient equal bit for bit).
+backward, ``flyer.parallel.memory.held_bytes``), ``step_time_ratio_recomputed`` (median of the paired steps'
+ratios, recomputed over kept) and ``same_gradients`` (every gradient equal bit for bit).
 
     python bench/swiglu_recompute.py                      # tiny-v4, 4 x 256 tokens, 20 paired steps
     python bench/swiglu_recompute.py --preset small --experts-impl fused
@@ -17,18 +17,16 @@ recomputed over kept) and ``same_gradients`` (every gradient equal bit for bit).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
-import time
 
 import torch
+from _lockstep import compare
 
 import flyer.model.experts as experts
 from flyer.config import preset
 from flyer.model.transformer import Transformer
-from flyer.parallel.memory import held_bytes
 
-MIB = 2**20
 CHOICES = {"kept": experts.swiglu, "recomputed": experts.kept_swiglu}
 
 
@@ -46,34 +44,13 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(cfg, experts_impl=args.experts_impl).train()
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-
-    def step() -> tuple[float, dict]:
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = model.compute_loss(tokens, tokens).loss
-        loss.backward()
-        return time.perf_counter() - t0, {n: p.grad for n, p in model.named_parameters()}
-
-    times: dict[str, list[float]] = {c: [] for c in CHOICES}
-    grads = {}
     out: dict = {"preset": args.preset, "experts_impl": args.experts_impl, "tokens": args.batch * args.seq,
                  "steps": args.steps}
     try:
-        for _ in range(args.steps):
-            for c, fn in CHOICES.items():
-                experts.kept_swiglu = fn
-                t, grads[c] = step()
-                times[c].append(t)
-        for c, fn in CHOICES.items():
-            experts.kept_swiglu = fn
-            with torch.autocast("cpu", torch.bfloat16):
-                out[f"held_mib_{c}"] = round(held_bytes(lambda: model.compute_loss(tokens, tokens), model) / MIB, 2)
+        out |= compare(model, tokens, {c: functools.partial(setattr, experts, "kept_swiglu", fn)
+                                       for c, fn in CHOICES.items()}, args.steps, peer="kept")
     finally:
         experts.kept_swiglu = CHOICES["recomputed"]
-    out["same_gradients"] = all(torch.equal(grads["kept"][n], grads["recomputed"][n])
-                                for n in grads["kept"] if grads["kept"][n] is not None)
-    out["step_time_ratio"] = round(statistics.median(a / b for a, b in zip(times["recomputed"], times["kept"])), 3)
     print(json.dumps(out))
 
 
