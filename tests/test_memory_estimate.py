@@ -240,10 +240,10 @@ def _attention_kept_per_row(cfg, block, T: int, precision: str) -> int:
 def test_hybrid_attention_keeps_what_its_estimate_counts(precision):
     """DeepSeek-V4's attention with its norm, each kind of layer (window-only, CSA, HCA, the MTP block's), T past one
     query chunk: what a batch row adds to the bytes one forward keeps is ``hybrid_attention_saved_bytes`` a token to
-    the byte, but for the CSA chunks' visibility masks (counted here) and the input and the output (made outside,
-    and the result held). Each head's query scale is recomputed in backward: under BF16 the FP32 copy of q its
-    square saved made every layer keep 4 H d bytes a token more; the plan counted the indexer's projections, which
-    select without autograd, and neither q nor the latents' norms and the compressor's softmax."""
+    the byte, but for the CSA chunks' visibility masks (counted here). Each head's query scale is recomputed in
+    backward: under BF16 the FP32 copy of q its square saved made every layer keep 4 H d bytes a token more; the plan
+    counted the indexer's projections, which select without autograd, and neither q nor the latents' norms and the
+    compressor's softmax."""
     cfg, T = preset("tiny-v4"), 2 * CHUNK_ROWS
     element = 4 if precision == "fp32" else 2
     torch.manual_seed(0)

@@ -104,13 +104,12 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     its saved inputs, and both the expert inputs and the SwiGLU inputs are cached in FP8 with the
     fine-grained tiles (half a BF16 element each).
 
-    Hybrid attention (DeepSeek-V4) without recomputation: what flyer's keeps (``hybrid_attention_saved_bytes``);
-    with recomputation or under ``fp8_cache``, the q latent, the one shared key/value head, the grouped output
-    projection's latent and its compressors' projections: those of layer ``layer_id``, or of a CSA layer (the
-    heaviest kind) without one.
-    Hyper-connections (``flyer.model.hyper``) add, around the attention and the FFN each, the m input streams its
-    mix reads and the block's output, which the streams' update keeps for post's gradient, and their maps' few
-    values a token (``hyper_connection_saved_bytes``).
+    Hybrid attention (DeepSeek-V4) without recomputation: what flyer's keeps (``hybrid_attention_saved_bytes``); with
+    recomputation or under ``fp8_cache``, the q latent, the one shared key/value head, the grouped output projection's
+    latent and its compressors' projections: those of layer ``layer_id``, or of a CSA layer (the heaviest kind) without
+    one. Hyper-connections (``flyer.model.hyper``) add, around the attention and the FFN each, the m input streams its
+    mix reads and the block's output, which the streams' update keeps for post's gradient, and their maps' few values a
+    token (``hyper_connection_saved_bytes``).
 
     ``mla_recompute`` (what ``flyer train --recompute mla`` runs, ``flyer.model.recompute``): only the MLA
     up-projections are recomputed, a dense MLA layer's q, k, v and normed latents not saved (a DSA layer's still
@@ -165,13 +164,12 @@ def _attention_saved(cfg: ModelConfig, recompute: bool, layer_id: int | None, ml
 def mla_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int, recompute_up: bool = False) -> int:
     """Bytes per token that a dense MLA layer (``flyer.model.attention.MLA`` without DSA's indexer) and its norm keep
     for backward, each in ``bytes_per_element`` but the FP32 ones: its input (the residual stream, FP32 in every
-    precision) and normed input (D each); the query
-    latent and its normed copy (R each; none without a query LoRA); ``wkv_a``'s output [c_KV | k_rope] and the normed
-    c_KV; each head's q and k as wide as the wider of the query/key and value heads (SDPA's fused kernels take one
-    width: ``causal_attention`` zero-pads the narrower), and v so padded, or where it is the wider ``wkv_b``'s
-    whole output, of which it is a view; the fused attention's output at that width and its FP32 log-sum-exp (one
-    a head), and where v is the narrower the copy of its first v channels that ``wo`` reads; the norms' FP32
-    inverse RMS.
+    precision) and normed input (D each); the query latent and its normed copy (R each; none without a query LoRA);
+    ``wkv_a``'s output [c_KV | k_rope] and the normed c_KV; each head's q and k as wide as the wider of the query/key
+    and value heads (SDPA's fused kernels take one width: ``causal_attention`` zero-pads the narrower), and v so padded,
+    or where it is the wider ``wkv_b``'s whole output, of which it is a view; the fused attention's output at that width
+    and its FP32 log-sum-exp (one a head), and where v is the narrower the copy of its first v channels that ``wo``
+    reads; the norms' FP32 inverse RMS.
     ``recompute_up`` (``flyer train --recompute mla``, ``flyer.model.recompute``): the latents' norms, q, k and v
     are recomputed in backward, so neither they nor the norms' inverse RMS are kept."""
     e, H, R, v = bytes_per_element, cfg.n_heads, cfg.q_lora_rank, cfg.v_head_dim
@@ -188,10 +186,10 @@ def hybrid_attention_saved_bytes(cfg: ModelConfig, layer_id: int | None, bytes_p
     """Bytes per token that DeepSeek-V4's hybrid attention of layer ``layer_id`` (``flyer.model.hybrid``; None: a
     CSA layer, the heaviest) and its norm keep for backward, each in ``bytes_per_element`` but the FP32 ones:
 
-    - its input (collapsed from the FP32 streams: FP32 in every precision) and normed input (D each), the query
-      latent and its normed copy (R each), q, its RoPE'd copy and
-      each head's scale (2 H d + H; the scale is recomputed in backward from q), the key/value head and its RoPE'd
-      copy (2 d), the heads' outputs rotated back (H d) and the grouped output latent (o_groups o_lora_rank);
+    - its input (collapsed from the streams: FP32 in every precision) and normed input (D each), the query latent
+      and its normed copy (R each), q, its RoPE'd copy and each head's scale (2 H d + H; the scale is recomputed in
+      backward from q), the key/value head and its RoPE'd copy (2 d), the heads' outputs rotated back (H d) and
+      the grouped output latent (o_groups o_lora_rank);
     - the three norms' inverse RMS (FP32);
     - with a compressor of ratio r (c = 2 series for CSA, else 1): the window slots' kv (c d), the gate's softmax
       (c d in FP32, and its copy in the forward's dtype below FP32), and per r tokens the pooled entry, its norm's
@@ -204,7 +202,7 @@ def hybrid_attention_saved_bytes(cfg: ModelConfig, layer_id: int | None, bytes_p
     e, H, d = bytes_per_element, cfg.n_heads, cfg.head_dim
     r = cfg.csa_ratio if layer_id is None else compress_ratio(cfg, layer_id)
     kept = 4 * cfg.dim + e * (cfg.dim + 2 * cfg.q_lora_rank + 3 * H * d + H + 2 * d + cfg.o_groups * cfg.o_lora_rank)
-    kept += 3 * 4
+    kept += 3 * 4  # the norms' inverse RMS
     if r:
         c = 2 if r == cfg.csa_ratio else 1
         kept += c * d * (e + 4 + (e if e < 4 else 0)) + (2 * d * e + 4) / r
@@ -240,14 +238,13 @@ def expert_weights_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
 
 def _ffn_saved(cfg: ModelConfig, moe: bool, recompute: bool, fp8_cache: bool, e: int) -> float:
     """Bytes per token an FFN saves (``activation_bytes_per_token_layer``), for elements of ``e`` bytes: with
-    recomputation the FP8-cached expert and SwiGLU inputs and the router's scores; with ``fp8_cache`` also the
-    normed input a MoE's router keeps and the picks' outputs. Without either what flyer's keeps: its norm's input (the
-    FP32 residual stream) and output as its GEMMs read it (below FP32 a copy; a MoE's router reads the FP32 output
-    too, which it keeps); the dense FFN's or shared experts'
-    projections and product (``flyer.model.experts.kept_swiglu``); per routed pick its input, gate/up outputs,
-    product and output (the fused kernels and ``torch._grouped_mm`` alike); and the router's FP32 scores (and the
-    logits under DeepSeek-V4's sqrt(softplus)). Not counted: the router's picks and the experts' row bookkeeping,
-    integers a few a pick, nor an expert kernel's row padding."""
+    recomputation the FP8-cached expert and SwiGLU inputs and the router's scores; with ``fp8_cache`` also the normed
+    input a MoE's router keeps and the picks' outputs. Without either what flyer's keeps: its norm's input (the FP32
+    residual stream) and output as its GEMMs read it (below FP32 a copy; a MoE's router reads the FP32 output too, which
+    it keeps); the dense FFN's or shared experts' projections and product (``flyer.model.experts.kept_swiglu``); per
+    routed pick its input, gate/up outputs, product and output (the fused kernels and ``torch._grouped_mm`` alike); and
+    the router's FP32 scores (and the logits under DeepSeek-V4's sqrt(softplus)). Not counted: the router's picks and
+    the experts' row bookkeeping, integers a few a pick, nor an expert kernel's row padding."""
     experts = cfg.n_activated_experts + cfg.n_shared_experts if moe else 1
     inter = cfg.moe_inter_dim if moe else cfg.inter_dim
     router = cfg.n_route_columns if moe else 0  # the router's scores (LongCat-Flash's zero experts' too)
