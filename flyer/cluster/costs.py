@@ -91,13 +91,13 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
                                      mla_recompute: bool = False, fp8_cache: bool = False) -> float:
     """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).
 
-    Without recomputation, a dense MLA layer saves what flyer's keeps (``mla_attention_saved_bytes``; under
-    ``fp8_cache``, whose linear layers keep FP8 tiles of their inputs, the count below, which stays under it); other
-    attention its input and normed input, the q latent, the kv latent + rope key, q, k, v, the attention output and
-    the softmax log-sum-exp (one per head). The FFN saves its norm's input, output and FP32 inverse RMS, its dense
-    or shared experts' projections and product, per routed pick the expert input, gate/up outputs, product and
-    output, plus the router scores (not counted: the router's picks and the experts' row bookkeeping, integers a few
-    a pick, nor an expert kernel's row padding).
+    Without recomputation, a dense MLA or a GQA layer saves what flyer's keeps (``mla_attention_saved_bytes``,
+    ``gqa_attention_saved_bytes``; under ``fp8_cache``, whose linear layers keep FP8 tiles of their inputs, the count
+    below, which stays under it); a DSA layer its input and normed input, the q latent, the kv latent + rope key, q, k,
+    v, the attention output and the softmax log-sum-exp (one per head). The FFN saves its norm's input, output and FP32
+    inverse RMS, its dense or shared experts' projections and product, per routed pick the expert input, gate/up
+    outputs, product and output, plus the router scores (not counted: the router's picks and the experts' row
+    bookkeeping, integers a few a pick, nor an expert kernel's row padding).
 
     ``recompute=True`` is DeepSeek-V3's recipe (report, sections 3.3.2-3.3.3): RMSNorm outputs and
     the MLA up-projections (q, k, v) are recomputed from the saved latents, the SwiGLU output from
@@ -129,6 +129,8 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
         attn = hybrid_attention_saved_bytes(cfg, layer_id, e)
     elif cfg.attn == "mla" and not cfg.index_topk and exact:
         attn = mla_attention_saved_bytes(cfg, e, mla_recompute)
+    elif cfg.attn == "gqa" and exact:
+        attn = gqa_attention_saved_bytes(cfg, e)
     else:
         attn = _attention_saved(cfg, recompute, layer_id, mla_recompute) * e
     inverse_rms = 0 if recompute or fp8_cache else 4  # the FFN norm's, FP32
@@ -179,6 +181,20 @@ def mla_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int, recomput
     if not recompute_up:
         values = H * wide if v < wide else H * (cfg.qk_nope_head_dim + v)  # padded, or a view of wkv_b's output
         kept += e * (R + cfg.kv_lora_rank + 2 * H * wide + values) + 4 * (2 if R else 1)
+    return kept
+
+
+def gqa_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
+    """Bytes per token that a grouped-query attention layer (``flyer.model.attention.GQA``) and its norm keep for
+    backward, each in ``bytes_per_element`` but the FP32 ones: its input (the residual stream, FP32) and normed input
+    (D each); the rotated queries and the keys and values repeated to every query head (H head_dim each: SDPA's
+    fused kernels take as many key heads as query heads), the attention's output, which ``wo`` reads, and its FP32
+    log-sum-exp; with ``qk_norm`` the queries' and keys' projections and their heads' FP32 inverse RMS; the norm's
+    FP32 inverse RMS."""
+    e, H, KV, hd = bytes_per_element, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    kept = 4 * cfg.dim + e * (cfg.dim + 4 * H * hd) + 4 * H + 4
+    if cfg.qk_norm:
+        kept += (e * hd + 4) * (H + KV)
     return kept
 
 
