@@ -36,7 +36,7 @@ from flyer.config import ConfigError
 from flyer.model import lowp
 from flyer.model.init import init_deferred
 from flyer.model.lowp import gemm_dtype, mm
-from flyer.model.recompute import recomputed
+from flyer.model.recompute import recomputed_if_recorded
 
 EXPERT_IMPLS = ("auto", "fused", "grouped_mm")
 
@@ -65,9 +65,7 @@ def kept_swiglu(h1_NF: torch.Tensor, h3_NF: torch.Tensor, limit: float = 0.0) ->
     """``swiglu`` whose backward recomputes SiLU's output (and the clamped projections) from h1 and h3 rather than
     keeping them: a gradient keeps h1, h3 and the product, as the fused expert kernels do (``kernels.swiglu``),
     not 4 (clamped: 6) tensors of the width. Bit for bit the same gradients."""
-    if torch.is_grad_enabled() and (h1_NF.requires_grad or h3_NF.requires_grad):
-        return recomputed(swiglu, h1_NF, h3_NF, limit, selective=False)
-    return swiglu(h1_NF, h3_NF, limit)
+    return recomputed_if_recorded(swiglu, h1_NF, h3_NF, limit)
 
 
 class MLP(nn.Module):

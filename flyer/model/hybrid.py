@@ -45,7 +45,7 @@ from flyer.model.indexer_loss import per_document_loss
 from flyer.model.lowp import Linear, as_dtype, matmul
 from flyer.model.transient import Transients
 from flyer.model.norm import RMSNorm
-from flyer.model.recompute import recomputed
+from flyer.model.recompute import recomputed_if_recorded
 from flyer.model.rope import apply_rope
 
 
@@ -277,8 +277,7 @@ class HybridAttention(Transients, nn.Module):
         B, T, _ = x_BTD.shape
         q_latent = self.q_norm(self.wq_a(x_BTD))
         q = self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim)
-        scale = recomputed(_head_scale, q, self.eps, selective=False) if q.requires_grad else _head_scale(q, self.eps)
-        return q_latent, rope_tail(q * scale, cos, sin)
+        return q_latent, rope_tail(q * recomputed_if_recorded(_head_scale, q, self.eps), cos, sin)
 
     def shared_kv(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The one key/value head (B, T, 1, d) of tokens x: k = v, normalised, RoPE on its last channels."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from flyer.config import ModelConfig
 from flyer.model.lowp import as_dtype, matmul
-from flyer.model.recompute import recomputed
+from flyer.model.recompute import recomputed_if_recorded
 
 
 def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,7 +47,7 @@ def _mix(h_BTND: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
 def _recomputed_mix(h_BTND: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     """``_mix``, with autograd recomputed in backward from h (which the collapse and the streams' update keep
     anyway): what it saves (the normalised streams, the FP32 copy of lower-precision ones) is not kept."""
-    return recomputed(_mix, h_BTND, fn, eps, selective=False) if torch.is_grad_enabled() else _mix(h_BTND, fn, eps)
+    return recomputed_if_recorded(_mix, h_BTND, fn, eps)
 
 
 class HyperConnection(nn.Module):

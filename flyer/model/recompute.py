@@ -47,6 +47,15 @@ def recomputed(fn, *args, selective: bool = True):
     return checkpoint(carried(fn), *args, use_reentrant=False, **kept)
 
 
+def recomputed_if_recorded(fn, *args):
+    """``fn(*args)``, its intermediates recomputed in backward (``recomputed``, not selective: an elementwise region
+    whose inputs are kept anyway) when autograd records it; a plain call otherwise (no gradient, or no input that
+    needs one: decoding, a frozen block), where a checkpoint would only cost time."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return recomputed(fn, *args, selective=False)
+    return fn(*args)
+
+
 def set_recompute(model: nn.Module, mode: str) -> int:
     """Turn recomputation ``mode`` (one of ``MODES``) on in ``model``'s MLA layers; returns how many take it."""
     if mode not in MODES:
