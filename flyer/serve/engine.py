@@ -67,6 +67,7 @@ from flyer.infer.decoder import Decoder, Group
 from flyer.infer.prefix_cache import chain_keys
 from flyer.infer.sampling import SamplingParams, sample
 from flyer.model.transformer import Transformer
+from flyer.serve import step_logits
 from flyer.serve.grammar import GrammarMasks
 from flyer.serve.graphs import StepGraphs, graphs_unsupported
 from flyer.serve.metrics import ServeMetrics
@@ -74,7 +75,7 @@ from flyer.serve.paged import NULL_BLOCK
 from flyer.serve.pool import build_pool
 # the request-side types, importable from here as well (tests, benchmarks, ``flyer.serve.cli``)
 from flyer.serve.request import EngineConfig, Limits, QueueFull, Request, SamplingOptions, TokenEvent
-from flyer.serve.speculation import Drafted, MtpSpeculator
+from flyer.serve.speculation import MtpSpeculator
 
 
 def _padded(xs: list[int], n: int, pad: int) -> list[int]:
@@ -409,9 +410,9 @@ class Engine:
                 need.append(h_pre[ending, [lens[i] - 1 for i in ending]])
             logits = self.dec.logits(torch.cat(need) if len(need) > 1 else need[0]) if need else None
         if logits is not None and any(r.opts.adjusts for r in self.running):
-            self._adjust(logits, plain, drafted, [prefilling[i] for i in ending])
+            step_logits.adjust(logits, plain, drafted, [prefilling[i] for i in ending])
         if logits is not None and self.grammars is not None:  # grammar rows (plain, verifying drafts, ending a prompt)
-            self._mask(logits, plain, drafted, [prefilling[i] for i in ending])
+            step_logits.mask(self.grammars, logits, plain, drafted, [prefilling[i] for i in ending])
         # one argmax for the step, not one per row
         greedy = kernels.argmax(logits).tolist() if logits is not None else []
         for i, r in enumerate(plain):
@@ -430,32 +431,6 @@ class Engine:
         if prefilling:
             self._after_prefill(prefilling, lens, h_pre, dict(zip(ending, range(done, done + len(ending)))),
                                 logits, greedy)
-
-    @staticmethod
-    def _adjust(logits: torch.Tensor, plain: list[Request], drafted: list[Drafted], ending: list[Request]) -> None:
-        """Each row's logit bias and penalties on its rows of the step's logits (``_forward``'s order: one
-        per plain row, k + 1 per row verifying k drafts, one per prompt ending). The row verifying
-        after drafts d[:j] counts them as generated: its logits choose a token only when they are."""
-        owners = [(r, ()) for r in plain]
-        for rows, _, drafts, *_ in drafted:
-            owners += [(r, tuple(d[:j])) for r, d in zip(rows, drafts) for j in range(len(d) + 1)]
-        owners += [(r, ()) for r in ending]
-        for row, (r, extra) in enumerate(owners):
-            if r.opts.adjusts:
-                prompt = r.prompt_seen(logits.shape[-1], logits.device) if r.opts.repetition_penalty != 1 else ()
-                r.opts.adjust(logits[row], [*r.tokens[len(r.prompt):], *extra], prompt)
-
-    def _mask(self, logits: torch.Tensor, plain: list[Request], drafted: list[Drafted], ending: list[Request]) -> None:
-        """The tokens each grammar row's grammar forbids set to -inf on its rows of the step's logits (after the
-        adjustments: ``_forward``'s order; a row verifying drafts with the bitmasks its drafting filled), so both
-        its argmax and its sample are allowed; the logprobs reported are this masked distribution's, the one
-        the token was chosen from (as OpenAI reports them)."""
-        rows, given, at = [(i, r.matcher) for i, r in enumerate(plain) if r.matcher is not None], [], len(plain)
-        for _, _, drafts, _, allowed in drafted:
-            for d, a in zip(drafts, allowed):
-                given += [] if a is None else [(at, a)]
-                at += len(d) + 1
-        self.grammars.mask(logits, rows + [(at + i, r.matcher) for i, r in enumerate(ending) if r.matcher], given)
 
     def _verify(self, rows: list[Request], hv: torch.Tensor, logits: torch.Tensor, q: list, drafts: list[list[int]],
                 params: list[SamplingParams]) -> None:
