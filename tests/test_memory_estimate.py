@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 
-from flyer.cluster.costs import (activation_bytes_per_token_layer, gqa_attention_saved_bytes,
+from flyer.cluster.costs import (activation_bytes_per_token_layer, dsa_attention_saved_bytes, gqa_attention_saved_bytes,
                                  hybrid_attention_saved_bytes, hyper_connection_saved_bytes,
                                  indexer_loss_saved_bytes_per_token, mla_attention_saved_bytes)
 from flyer.config import preset
 from flyer.fp8 import FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8
+from flyer.model.attention import Selection
+from flyer.model.dsa_chunks import dsa_gathers
 from flyer.model.experts import expert_ffn_grouped_mm
 from flyer.model.hybrid_chunks import CHUNK_ROWS, spans
 from flyer.model.indexer_loss import set_indexer_training
@@ -293,6 +295,39 @@ def test_gqa_keeps_what_its_estimate_counts(precision, over):
     layer = activation_bytes_per_token_layer(cfg, True, False, element, 1)
     assert layer - gqa_attention_saved_bytes(cfg, element) == activation_bytes_per_token_layer(
         preset("tiny"), True, False, element, 1) - mla_attention_saved_bytes(preset("tiny"), element)  # the FFN's
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("T", [8, 32, 2 * CHUNK_ROWS])
+def test_dsa_keeps_what_its_estimate_counts(precision, T):
+    """A DSA layer with its norm, at T = index_topk (no query selects: dense MLA), masked (T = 32) and gathered in
+    query chunks (T = 256: past ``dsa_gathers``' training length, two chunks, which backward recomputes), and a GLM-5
+    pair of a full layer and a layer sharing its selection: what a batch row adds to one forward's kept bytes is
+    ``dsa_attention_saved_bytes`` a token to the byte, which the block's estimate counts given the tokens. The plan
+    counted DSA layers generically: on V3.2 at 4,096 tokens under BF16 196,992 of the 289,420 bytes a token the
+    attention keeps (the visibility mask, which SDPA keeps as an additive bias, 8,192 of them)."""
+    element = 4 if precision == "fp32" else 2
+    assert dsa_gathers(preset("tiny", **DSA), T, training=True) == (T > 32)
+    cfg = preset("tiny", **DSA)
+    torch.manual_seed(0)
+    block = Transformer(cfg).train().layers[1]
+    assert _attention_kept_per_row(cfg, block, T, precision) == T * dsa_attention_saved_bytes(cfg, 1, T, element)
+    layer = activation_bytes_per_token_layer(cfg, True, False, element, 1, seq_len=T)
+    dense = preset("tiny")  # the same FFN
+    assert layer - dsa_attention_saved_bytes(cfg, 1, T, element) == activation_bytes_per_token_layer(
+        dense, True, False, element, 1) - mla_attention_saved_bytes(dense, element)
+
+    glm = preset("tiny", **DSA, indexer_types=("full", "shared", "full", "shared"))
+    torch.manual_seed(0)
+    full, shared = Transformer(glm).train().layers[2:]
+    cos, sin = layer_rope_tables(glm, [2], T, "cpu")[0]
+
+    def pair(x, _):  # both read x: the input is counted once
+        selection = Selection()
+        return sum(b.attn(b.attn_norm(x), cos, sin, selection) for b in (full, shared))
+
+    kept = _part_kept_per_row(pair, (T, glm.dim), precision) + 4 * T * glm.dim
+    assert kept == T * sum(dsa_attention_saved_bytes(glm, i, T, element) for i in (2, 3))
 
 
 def _ffn_kept_per_row(block, T: int, precision: str) -> int:

@@ -26,6 +26,7 @@ from flyer.cluster.hardware import GIB, GPUSpec
 from flyer.cluster.pipeline import schedule_cost
 from flyer.config import ModelConfig, check_indexer_train
 from flyer.errors import FieldError
+from flyer.model.dsa_chunks import dsa_gathers
 from flyer.model.counts import (block_params, compress_ratio, hyper_head_params, kv_cache_bytes_per_token,
                                 kv_window_bytes, mtp_params_stored, mtp_training_flops_per_token, param_counts,
                                 training_flops_per_token)
@@ -88,14 +89,16 @@ def auto_layout(cfg: ModelConfig, gpus: int) -> tuple[int, int, str]:
 
 def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: bool = True,
                                      bytes_per_element: int = 2, layer_id: int | None = None,
-                                     mla_recompute: bool = False, fp8_cache: bool = False) -> float:
+                                     mla_recompute: bool = False, fp8_cache: bool = False,
+                                     seq_len: int | None = None) -> float:
     """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).
 
-    Without recomputation, a dense MLA or a GQA layer saves what flyer's keeps (``mla_attention_saved_bytes``,
-    ``gqa_attention_saved_bytes``; under ``fp8_cache``, whose linear layers keep FP8 tiles of their inputs, the count
-    below, which stays under it); a DSA layer its input and normed input, the q latent, the kv latent + rope key, q, k,
-    v, the attention output and the softmax log-sum-exp (one per head). The FFN saves its norm's input, output and FP32
-    inverse RMS, its dense or shared experts' projections and product, per routed pick the expert input, gate/up
+    Without recomputation, a dense MLA, a DSA (given the ``seq_len`` tokens it reads) or a GQA layer saves what
+    flyer's keeps (``mla_attention_saved_bytes``, ``dsa_attention_saved_bytes``, ``gqa_attention_saved_bytes``; under
+    ``fp8_cache``, whose linear layers keep FP8 tiles of their inputs, the count below, which stays under it for
+    dense MLA); the count below is otherwise its input and normed input, the q latent, the kv latent + rope key, q,
+    k, v, the attention output and the softmax log-sum-exp (one per head). The FFN saves its norm's input, output and
+    FP32 inverse RMS, its dense or shared experts' projections and product, per routed pick the expert input, gate/up
     outputs, product and output, plus the router scores (not counted: the router's picks and the experts' row
     bookkeeping, integers a few a pick, nor an expert kernel's row padding).
 
@@ -129,6 +132,8 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
         attn = hybrid_attention_saved_bytes(cfg, layer_id, e)
     elif cfg.attn == "mla" and not cfg.index_topk and exact:
         attn = mla_attention_saved_bytes(cfg, e, mla_recompute)
+    elif cfg.attn == "mla" and exact and seq_len is not None:
+        attn = dsa_attention_saved_bytes(cfg, cfg.n_layers if layer_id is None else layer_id, seq_len, e)
     elif cfg.attn == "gqa" and exact:
         attn = gqa_attention_saved_bytes(cfg, e)
     else:
@@ -182,6 +187,32 @@ def mla_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int, recomput
         values = H * wide if v < wide else H * (cfg.qk_nope_head_dim + v)  # padded, or a view of wkv_b's output
         kept += e * (R + cfg.kv_lora_rank + 2 * H * wide + values) + 4 * (2 if R else 1)
     return kept
+
+
+def dsa_attention_saved_bytes(cfg: ModelConfig, layer_id: int, seq_len: int, bytes_per_element: int) -> int:
+    """Bytes per token that a DSA layer (``flyer.model.attention.MLA`` with the lightning indexer, or a GLM-5 layer
+    sharing a full layer's selection) and its norm keep for backward over T = ``seq_len`` tokens, each in
+    ``bytes_per_element`` but the FP32 ones. It is never recomputed (``--recompute mla`` is dense MLA's). Its indexer
+    selects without autograd and keeps nothing (but under L_I: ``indexer_loss_saved_bytes_per_token``).
+
+    - T <= index_topk: no query selects, and the layer keeps what dense MLA keeps (``mla_attention_saved_bytes``).
+    - The masked form (``flyer.model.dsa_chunks.dsa_gathers`` false under autograd): that, plus the (T, T) visibility
+      mask, which SDPA keeps as an additive bias in the compute dtype: T elements a query.
+    - The gathered form recomputes each query chunk in backward and keeps what the chunks start from: its input (the
+      residual stream, FP32) and normed input (D each), the query latent and its normed copy (R each), ``wkv_a``'s
+      output and the gathered [c_KV | k_rope] (kv_lora_rank + rope each), the queries [q_nope | q_rope] (H
+      qk_head_dim), the output ``wo`` reads (H v), the norms' FP32 inverse RMS and, in a layer with an indexer of its
+      own, its int32 picks (index_topk a query; a shared layer holds its full layer's). One chunk (T <=
+      ``flyer.model.hybrid_chunks.CHUNK_ROWS``, where only toy models gather) keeps its whole graph: more."""
+    e, H, R = bytes_per_element, cfg.n_heads, cfg.q_lora_rank
+    if seq_len <= cfg.index_topk:
+        return mla_attention_saved_bytes(cfg, e)
+    if not dsa_gathers(cfg, seq_len, training=True):
+        return mla_attention_saved_bytes(cfg, e) + e * seq_len
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    picks = 4 * cfg.index_topk if cfg.has_indexer(layer_id) else 0
+    return (4 * cfg.dim + e * (cfg.dim + 2 * R + 2 * latent + H * (cfg.qk_head_dim + cfg.v_head_dim))
+            + 4 * (3 if R else 2) + picks)
 
 
 def gqa_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
@@ -338,12 +369,13 @@ def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) 
     heavy_layer = max(range(cfg.n_dense_layers if moe else 0, cfg.n_layers), key=lambda i: block_params(cfg, i))
     layer_total = block_params(cfg, heavy_layer)
     routed = cfg.n_routed_experts * 3 * cfg.dim * cfg.moe_inter_dim if moe else 0
-    per_token = activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes, heavy_layer)
+    per_token = activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes, heavy_layer,
+                                                 seq_len=seq_len)
     if cfg.shortcut_moe:  # whole pairs a stage, one shortcut MoE each: per block half a pair
         layers = 2 * math.ceil(cfg.n_layers / 2 / lay.pp)
         layer_total, routed = (block_params(cfg, 0) + block_params(cfg, 1)) / 2, routed / 2
-        per_token = sum(activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes, i)
-                        for i in (0, 1)) / 2
+        per_token = sum(activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes, i,
+                                                         seq_len=seq_len) for i in (0, 1)) / 2
     pc = param_counts(cfg)
     ends = pc.embedding + pc.head if lay.pp == 1 else max(pc.embedding, pc.head)
     dense_params = layers * (layer_total - routed) + ends + cfg.dim + hyper_head_params(cfg)

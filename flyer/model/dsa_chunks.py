@@ -36,12 +36,12 @@ from flyer.model.lowp import einsum, matmul
 GATHER_OVER_TRAINING = 10
 
 
-def dsa_gathers(attn: nn.Module, T: int, training: bool = False) -> bool:
-    """Whether the DSA layer ``attn`` (an ``MLA``) gathers its T queries' picks rather than masking: a query's
-    masked attention costs T (nope + rope + v) multiply-adds per head, its gathered one k (2 kv_lora_rank + rope)
-    (absorbed: scores over [c | k_rope], then p @ c); gather once the first passes ``GATHER_OVER`` times the
-    second, ``GATHER_OVER_TRAINING`` times with ``training`` (autograd recording): bench/dsa_attention.py
-    measured the crossovers near there (docs/performance.md)."""
+def dsa_gathers(attn, T: int, training: bool = False) -> bool:
+    """Whether the DSA layer ``attn`` (an ``MLA``, or its ``ModelConfig``: the fields read are the same) gathers its
+    T queries' picks rather than masking: a query's masked attention costs T (nope + rope + v) multiply-adds per
+    head, its gathered one k (2 kv_lora_rank + rope) (absorbed: scores over [c | k_rope], then p @ c); gather once
+    the first passes ``GATHER_OVER`` times the second, ``GATHER_OVER_TRAINING`` times with ``training`` (autograd
+    recording): bench/dsa_attention.py measured the crossovers near there (docs/performance.md)."""
     C, R = attn.kv_lora_rank, attn.qk_rope_head_dim
     masked = T * (attn.qk_nope_head_dim + R + attn.v_head_dim)
     over = GATHER_OVER_TRAINING if training else GATHER_OVER

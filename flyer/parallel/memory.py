@@ -155,7 +155,8 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
             if not warm:
                 per_token += activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
                                                               bytes_per_element=element, layer_id=i,
-                                                              mla_recompute=recompute == "mla", fp8_cache=fp8_cache)
+                                                              mla_recompute=recompute == "mla", fp8_cache=fp8_cache,
+                                                              seq_len=reads)
             kept += micro_batch * reads * per_token
         weights = 0 if warm else expert * sum(has_routed_experts(cfg, i) for i in blocks)
         total += (n - s) * (kept + weights)
