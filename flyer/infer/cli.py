@@ -380,7 +380,8 @@ def register(sub) -> None:
                    help="lower a token's logit by this (-2 to 2) once it was generated (OpenAI's definition)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--eos-id", type=int, default=None,
-                   help="stop token (default: the tokenizer's end-of-text; -1: none, generate every token)")
+                   help="the one stop token (default: the checkpoint's EOS ids, else the tokenizer's end-of-text; -1: "
+                        "none, generate every token)")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the MTP module and verify with the main model in one pass")
     p.add_argument("--draft-tokens", type=int, default=1, help="MTP drafts per step (default 1)")

@@ -48,7 +48,7 @@ _FLAGS = [  # (flag, field, type, help)
                             "file of {\"messages\": [{\"role\", \"content\"}, ...], \"tools\"} lines: fine-tunes on "
                             "the assistant turns only, rendered with --init's chat template (else flyer's default); "
                             "needs --init or --tokenizer"),
-    ("--data-cache", "data_cache", str, "tokenizer and shard cache directory"),
+    ("--data-cache", "data_cache", str, "tokenizer and shard cache directory (default ~/.cache/flyer/data)"),
     ("--tokenizer", "tokenizer", str, "a tokenizer.json to use instead of training one"),
     ("--init", "init", str, "fine-tune from PATH: a flyer run or checkpoint, or a Hugging Face model directory "
                             "(its model config and tokenizer replace --preset and --tokenizer)"),
@@ -94,7 +94,7 @@ def register(sub) -> None:
     p.add_argument("--fp4-experts", dest="fp4_experts", action="store_true", default=None,
                    help="DeepSeek-V4's FP4 QAT: routed experts' GEMMs multiply by their FP4 values (E2M1, a power-of-"
                         "two scale per 32 inputs, from the FP32 master weights each step; gradients straight through), "
-                        "what `flyer export --dtype fp8` stores")
+                        "the model `flyer generate`, `serve` and `export` (every --dtype) use")
     p.add_argument("--no-pp-overlap", dest="pp_overlap", action="store_false", default=None,
                    help="run DualPipeV's paired forward and backward chunks one after the other (default with "
                         "--ep > 1: concurrently, hiding the EP all-to-all)")
@@ -111,7 +111,7 @@ def register(sub) -> None:
                    help="Direct Preference Optimization (sigmoid loss) on --data, a .jsonl of TRL's preference pairs "
                         "({\"prompt\", \"chosen\", \"rejected\"}: message lists or strings) against a frozen "
                         "reference, --init's weights; --batch-size counts pairs; MTP modules are not trained; not "
-                        "with --pp, --ep or --pack; a pair longer than --seq-len is refused")
+                        "with --pp, --ep, --pack or --indexer-train; a pair longer than --seq-len is refused")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.config_defaults = _config_defaults
