@@ -298,16 +298,17 @@ def test_gqa_keeps_what_its_estimate_counts(precision, over):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("T", [8, 32, 2 * CHUNK_ROWS])
+@pytest.mark.parametrize("T", [8, 64, 2 * CHUNK_ROWS])
 def test_dsa_keeps_what_its_estimate_counts(precision, T):
-    """A DSA layer with its norm, at T = index_topk (no query selects: dense MLA), masked (T = 32) and gathered in
-    query chunks (T = 256: past ``dsa_gathers``' training length, two chunks, which backward recomputes), and a GLM-5
-    pair of a full layer and a layer sharing its selection: what a batch row adds to one forward's kept bytes is
-    ``dsa_attention_saved_bytes`` a token to the byte, which the block's estimate counts given the tokens. The plan
-    counted DSA layers generically: on V3.2 at 4,096 tokens under BF16 196,992 of the 289,420 bytes a token the
-    attention keeps (the visibility mask, which SDPA keeps as an additive bias, 8,192 of them)."""
+    """A DSA layer with its norm, at T = index_topk (no query selects: dense MLA), masked (T = 64, which a forward
+    without autograd gathers) and gathered in query chunks (T = 256: past ``dsa_gathers``' training length, two
+    chunks, which backward recomputes), and a GLM-5 pair of a full layer and a layer sharing its selection: what a
+    batch row adds to one forward's kept bytes is ``dsa_attention_saved_bytes`` a token to the byte, which the block's
+    estimate and the plan's per-rank one count given the tokens (an MTP block its T - 1). The plan counted DSA layers
+    generically: on V3.2 at 4,096 tokens under BF16 196,992 of the 289,420 bytes a token the attention keeps (the
+    visibility mask, which SDPA keeps as an additive bias, 8,192 of them)."""
     element = 4 if precision == "fp32" else 2
-    assert dsa_gathers(preset("tiny", **DSA), T, training=True) == (T > 32)
+    assert dsa_gathers(preset("tiny", **DSA), T, training=True) == (T == 2 * CHUNK_ROWS)
     cfg = preset("tiny", **DSA)
     torch.manual_seed(0)
     block = Transformer(cfg).train().layers[1]
@@ -316,6 +317,11 @@ def test_dsa_keeps_what_its_estimate_counts(precision, T):
     dense = preset("tiny")  # the same FFN
     assert layer - dsa_attention_saved_bytes(cfg, 1, T, element) == activation_bytes_per_token_layer(
         dense, True, False, element, 1) - mla_attention_saved_bytes(dense, element)
+    reads = [T - max(0, i - cfg.n_layers + 1) for i in range(cfg.n_layers + cfg.mtp_depth)]  # MTP module k: T - k
+    extra = sum(t * (dsa_attention_saved_bytes(cfg, i, t, element) - mla_attention_saved_bytes(cfg, element))
+                for i, t in enumerate(reads))
+    assert activation_bytes(cfg, 1, 0, "1f1b", T, 1, precision) - activation_bytes(
+        dense, 1, 0, "1f1b", T, 1, precision) == int(extra)  # the plan's per-rank estimate, each block its tokens
 
     glm = preset("tiny", **DSA, indexer_types=("full", "shared", "full", "shared"))
     torch.manual_seed(0)
