@@ -13,6 +13,7 @@ from flyer.cluster.costs import (activation_bytes_per_token_layer, dsa_attention
                                  indexer_loss_saved_bytes_per_token, mla_attention_saved_bytes)
 from flyer.config import preset
 from flyer.fp8 import FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8
+from flyer.model import documents
 from flyer.model.attention import Selection
 from flyer.model.dsa_chunks import dsa_gathers
 from flyer.model.experts import expert_ffn_grouped_mm
@@ -334,6 +335,36 @@ def test_dsa_keeps_what_its_estimate_counts(precision, T):
 
     kept = _part_kept_per_row(pair, (T, glm.dim), precision) + 4 * T * glm.dim
     assert kept == T * sum(dsa_attention_saved_bytes(glm, i, T, element) for i in (2, 3))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("lengths", [[32, 32], [8, 8, 48]])
+def test_a_packed_rows_dsa_estimate_stays_a_lower_bound(precision, lengths):
+    """Packed documents (``--pack``) run DSA a document at a time, each in the form its own length picks: a masked
+    document keeps a mask of its own length, not the row's. The estimate for packed rows (the least form their
+    documents may take) stays under what a packed row keeps, where the row's T counted more (a visibility mask of
+    T keys a query) and exceeded it: the trainer's lower bound refused runs that fit."""
+    cfg, T = preset("tiny", **DSA), sum(lengths)
+    element = 4 if precision == "fp32" else 2
+    torch.manual_seed(0)
+    block = Transformer(cfg).train().layers[1]
+    ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).view(1, T)
+    positions = documents.document_positions(ids)[0]
+    cos, sin = (t[positions] for t in layer_rope_tables(cfg, [1], T, "cpu")[0])
+
+    def packed(x, batch):
+        rows = [t.expand(batch, -1, -1, -1) for t in (cos, sin)]
+        return block.attn(block.attn_norm(x), *rows, docs=documents.Documents(ids.expand(batch, -1)))
+
+    kept = _part_kept_per_row(packed, (T, cfg.dim), precision)
+    each = sum(n * dsa_attention_saved_bytes(cfg, 1, n, element) for n in lengths)  # the documents alone
+    assert T * dsa_attention_saved_bytes(cfg, 1, T, element, packed=True) <= each <= kept
+    assert T * dsa_attention_saved_bytes(cfg, 1, T, element) > kept
+    assert training_memory_bytes(cfg, TrainConfig(batch_size=1, seq_len=T, pack=True), precision) < \
+        training_memory_bytes(cfg, TrainConfig(batch_size=1, seq_len=T), precision)
+    v32, long = preset("dsv32"), 131072  # gathered: less than a shorter document's dense MLA, the least
+    assert dsa_attention_saved_bytes(v32, 5, long, 2, packed=True) == dsa_attention_saved_bytes(v32, 5, long, 2) < \
+        mla_attention_saved_bytes(v32, 2)
 
 
 def _ffn_kept_per_row(block, T: int, precision: str) -> int:

@@ -90,10 +90,11 @@ def auto_layout(cfg: ModelConfig, gpus: int) -> tuple[int, int, str]:
 def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: bool = True,
                                      bytes_per_element: int = 2, layer_id: int | None = None,
                                      mla_recompute: bool = False, fp8_cache: bool = False,
-                                     seq_len: int | None = None) -> float:
+                                     seq_len: int | None = None, packed: bool = False) -> float:
     """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).
 
-    Without recomputation, a dense MLA, a DSA (given the ``seq_len`` tokens it reads) or a GQA layer saves what
+    Without recomputation, a dense MLA, a DSA (given the ``seq_len`` tokens it reads, and whether they are ``packed``
+    documents) or a GQA layer saves what
     flyer's keeps (``mla_attention_saved_bytes``, ``dsa_attention_saved_bytes``, ``gqa_attention_saved_bytes``; under
     ``fp8_cache``, whose linear layers keep FP8 tiles of their inputs, the count below, which stays under it for
     dense MLA); the count below is otherwise its input and normed input, the q latent, the kv latent + rope key, q,
@@ -133,7 +134,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     elif cfg.attn == "mla" and not cfg.index_topk and exact:
         attn = mla_attention_saved_bytes(cfg, e, mla_recompute)
     elif cfg.attn == "mla" and exact and seq_len is not None:
-        attn = dsa_attention_saved_bytes(cfg, cfg.n_layers if layer_id is None else layer_id, seq_len, e)
+        attn = dsa_attention_saved_bytes(cfg, cfg.n_layers if layer_id is None else layer_id, seq_len, e, packed)
     elif cfg.attn == "gqa" and exact:
         attn = gqa_attention_saved_bytes(cfg, e)
     else:
@@ -189,7 +190,8 @@ def mla_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int, recomput
     return kept
 
 
-def dsa_attention_saved_bytes(cfg: ModelConfig, layer_id: int, seq_len: int, bytes_per_element: int) -> int:
+def dsa_attention_saved_bytes(cfg: ModelConfig, layer_id: int, seq_len: int, bytes_per_element: int,
+                              packed: bool = False) -> int:
     """Bytes per token that a DSA layer (``flyer.model.attention.MLA`` with the lightning indexer, or a GLM-5 layer
     sharing a full layer's selection) and its norm keep for backward over T = ``seq_len`` tokens, each in
     ``bytes_per_element`` but the FP32 ones. It is never recomputed (``--recompute mla`` is dense MLA's). Its indexer
@@ -203,16 +205,22 @@ def dsa_attention_saved_bytes(cfg: ModelConfig, layer_id: int, seq_len: int, byt
       output and the gathered [c_KV | k_rope] (kv_lora_rank + rope each), the queries [q_nope | q_rope] (H
       qk_head_dim), the output ``wo`` reads (H v), the norms' FP32 inverse RMS and, in a layer with an indexer of its
       own, its int32 picks (index_topk a query; a shared layer holds its full layer's). One chunk (T <=
-      ``flyer.model.hybrid_chunks.CHUNK_ROWS``, where only toy models gather) keeps its whole graph: more."""
+      ``flyer.model.hybrid_chunks.CHUNK_ROWS``, where only toy models gather) keeps its whole graph: more.
+
+    ``packed`` (``flyer train --pack``): each document runs as a row of its own, so its length, up to T, picks the
+    form; the least of the forms its documents may take, a lower bound (a packed row also keeps its documents'
+    index bookkeeping)."""
     e, H, R = bytes_per_element, cfg.n_heads, cfg.q_lora_rank
+    dense = mla_attention_saved_bytes(cfg, e)
     if seq_len <= cfg.index_topk:
-        return mla_attention_saved_bytes(cfg, e)
+        return dense
     if not dsa_gathers(cfg, seq_len, training=True):
-        return mla_attention_saved_bytes(cfg, e) + e * seq_len
+        return dense if packed else dense + e * seq_len
     latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     picks = 4 * cfg.index_topk if cfg.has_indexer(layer_id) else 0
-    return (4 * cfg.dim + e * (cfg.dim + 2 * R + 2 * latent + H * (cfg.qk_head_dim + cfg.v_head_dim))
-            + 4 * (3 if R else 2) + picks)
+    gathered = (4 * cfg.dim + e * (cfg.dim + 2 * R + 2 * latent + H * (cfg.qk_head_dim + cfg.v_head_dim))
+                + 4 * (3 if R else 2) + picks)
+    return min(dense, gathered) if packed else gathered
 
 
 def gqa_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:

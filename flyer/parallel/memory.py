@@ -126,7 +126,7 @@ def saved_bytes(fn, skip: nn.Module | None = None) -> int:
 
 def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq_len: int, micro_batch: int,
                      precision: str, ep: int = 1, recompute: str = "none", activation_cache: str = "fp8",
-                     indexer_train: str = "off") -> int:
+                     indexer_train: str = "off", packed: bool = False) -> int:
     """An estimate of what pipeline rank ``pp_rank`` saves for backward at its peak: every block's
     saved activations (``activation_bytes_per_token_layer``: ``recompute`` "mla" leaves out the dense MLA layers'
     per-head q, k and v and normed latents, ``flyer.model.recompute``, else nothing is recomputed; under FP8 the
@@ -136,7 +136,8 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
     micro-batches in flight on each of its stages (stage s of n holds up to n - s of them in a 1F1B-style schedule;
     one without pipelining), plus what the main and MTP heads' losses keep on the last stage (``head_saved_bytes``).
     ``indexer_train`` adds what each indexer's L_I keeps (``indexer_loss_saved_bytes_per_token``); its warm-up
-    freezes all the rest, which then keeps nothing."""
+    freezes all the rest, which then keeps nothing. ``packed``: the rows are packed documents (``flyer train
+    --pack``), whose DSA layers run each document as a row of its own."""
     warm = indexer_train == "warmup"
     element = 4 if precision == "fp32" else 2
     n = pp * chunks_per_rank(schedule, pp)
@@ -156,7 +157,7 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
                 per_token += activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
                                                               bytes_per_element=element, layer_id=i,
                                                               mla_recompute=recompute == "mla", fp8_cache=fp8_cache,
-                                                              seq_len=reads)
+                                                              seq_len=reads, packed=packed)
             kept += micro_batch * reads * per_token
         weights = 0 if warm else expert * sum(has_routed_experts(cfg, i) for i in blocks)
         total += (n - s) * (kept + weights)

@@ -53,7 +53,7 @@ def training_memory_bytes(cfg: ModelConfig, tc: TrainConfig, precision: str, ep:
     params, live, indexers = held(cfg), held(run), indexer_param_total(run) / pp
     trained = {"off": live - indexers, "sparse": live, "warmup": indexers}[tc.indexer_train]
     saved = activation_bytes(run, 1, 0, "1f1b", tc.seq_len, tc.batch_size, precision, ep, tc.recompute,
-                             tc.fp8_activation_cache, tc.indexer_train)
+                             tc.fp8_activation_cache, tc.indexer_train, tc.pack)
     per_param = 16 if tc.optimizer == "adamw" else 12  # 4 of them the weight's
     reference = reference_bytes(cfg, precision, tc.fp4_experts) if tc.dpo else 0
     return 4 * params + (per_param - 4) * trained + reference + saved
