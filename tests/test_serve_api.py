@@ -369,8 +369,9 @@ def test_past_the_context_names_the_prompt_or_the_max_tokens_sent(served):
 
 
 @pytest.mark.parametrize("body,param", [
-    (dict(prompt=None), "prompt"), (dict(prompt=[[1, "a"]]), "prompt.0.1"), (dict(prompt=[1], stop=["a", 3]), "stop.1"),
-    (dict(prompt=[1], stop=5), "stop"), (dict(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
+    (dict(prompt=None), "prompt"), (dict(prompt=[[1, "a"]]), "prompt[0][1]"),
+    (dict(prompt=[1], stop=["a", 3]), "stop[1]"), (dict(prompt=[1], stop=5), "stop"),
+    (dict(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
     (dict(messages=[{"role": "user", "content": "x"}], tool_choice={"type": "function"}), "tool_choice.function")])
 def test_a_union_fields_error_names_the_field_not_the_union_member(served, body, param):
     """pydantic names a union's members in an error's location (``prompt.str``, ``stop.list[str]``): the param is the
@@ -378,6 +379,36 @@ def test_a_union_fields_error_names_the_field_not_the_union_member(served, body,
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     err = _error(httpx.post(served.url + path, json={"model": "tiny-test", **body}), 400, param)
     assert err["message"].startswith(param + ": ")
+
+
+def test_an_explicit_null_is_the_fields_default(served):
+    """OpenAI types its optional fields "X or null", and clients send unset options as null (LangChain, LiteLLM): a
+    null is the field's default, the same answer as without it (they answered 400 "Input should be a valid
+    number"); completions' max_tokens, whose null is the rest of the context, keeps it."""
+    base = {"model": "tiny-test", "prompt": [1, 2, 3], "max_tokens": 4, "seed": 5}  # sampled (temperature 1)
+    nulls = ("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", "stop", "logit_bias",
+             "top_k", "min_p", "repetition_penalty", "echo", "logprobs", "suffix", "best_of")
+    want = httpx.post(served.url + "/v1/completions", json=base)
+    nulled = httpx.post(served.url + "/v1/completions", json={**base, **{f: None for f in nulls}})
+    assert want.status_code == nulled.status_code == 200, nulled.text
+    assert nulled.json()["choices"] == want.json()["choices"]
+    room = httpx.post(served.url + "/v1/completions", json={**base, "max_tokens": None, "temperature": 0}).json()
+    assert room["usage"]["completion_tokens"] > 16 or room["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", dict(prompt=[1], max_tokens="2"), "max_tokens"),
+    ("/v1/completions", dict(prompt=[1], logprobs=True), "logprobs"),
+    ("/v1/completions", dict(prompt=[1], n=2.0), "n"), ("/v1/completions", dict(prompt=[1], echo=1), "echo"),
+    ("/v1/completions", dict(prompt=[1], temperature="0"), "temperature"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a"}], logprobs="true"), "logprobs"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a"}], stream=0), "stream"),
+    ("/v1/responses", dict(input="a", max_output_tokens="4"), "max_output_tokens")])
+def test_a_value_of_the_wrong_type_is_refused_not_converted(served, path, body, param):
+    """As OpenAI's API answers "Invalid type for 'max_tokens': expected an integer, but got a string": a string, a
+    boolean or a decimal where an integer goes (and the reverse) answers 400 naming the field; they were converted
+    ("2" generated two tokens, true was 1 logprob). An integer is still a number (temperature 0)."""
+    _error(httpx.post(served.url + path, json={"model": "tiny-test", **body}), 400, param)
 
 
 def test_a_stop_string_finish_counts_as_stop_not_cancelled(served, model, monkeypatch):

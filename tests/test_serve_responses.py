@@ -71,6 +71,7 @@ def _same_as_chat(c, r, messages, n: int):
         (usage.prompt_tokens - 1) // bs * bs
     assert r.status == ("incomplete" if choice.finish_reason == "length" else "completed")
     assert (r.incomplete_details is not None) == (choice.finish_reason == "length")
+    assert (r.completed_at is None) == (r.status == "incomplete")  # "present only when status is completed"
 
 
 def test_greedy_text_is_chat_token_for_token(served):
@@ -102,6 +103,30 @@ def _stream(c, **kw):
     assert events[0].response.status == "in_progress" and events[0].response.output == []
     assert events[-1].type in ("response.completed", "response.incomplete")
     return events, events[-1].response
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_an_explicit_null_is_the_fields_default(served, path):
+    """OpenAI types its optional fields "X or null", and clients send unset options as null (LangChain, LiteLLM): a
+    null is the field's default, the same answer as without it (chat's logprobs, n, stream, ... and the Responses
+    body's stream answered 400 "Input should be a valid boolean")."""
+    if path == "/v1/responses":
+        base = {"model": "tiny-test", "input": "hello world", "max_output_tokens": 6, "temperature": 0}
+        nulls = ("stream", "top_p", "parallel_tool_calls", "store", "include", "top_logprobs", "tools", "text")
+    else:
+        base = {"model": "tiny-test", "messages": ASK, "max_tokens": 6, "temperature": 0}
+        nulls = ("top_p", "n", "stream", "frequency_penalty", "presence_penalty", "seed", "stop", "logprobs",
+                 "top_logprobs", "parallel_tool_calls", "max_completion_tokens", "tools", "tool_choice",
+                 "response_format", "logit_bias")
+    want = httpx.post(served.url + path, json=base)
+    nulled = httpx.post(served.url + path, json={**base, **{f: None for f in nulls}})
+    assert want.status_code == nulled.status_code == 200, nulled.text
+    key = "output" if path == "/v1/responses" else "choices"
+
+    def strip(items: list[dict]) -> list[dict]:  # a Response's items have ids of their own
+        return [{k: v for k, v in o.items() if k != "id"} for o in items]
+
+    assert strip(nulled.json()[key]) == strip(want.json()[key])
 
 
 def test_stream_events_and_deltas(served):
@@ -296,7 +321,7 @@ def test_bad_requests_answer_400(served):
                         (dict(text={"format": {"type": "json_schema", "schema": {"type": "object"}}}), "text.format"),
                         (dict(text={"verbosity": "low"}), "text.verbosity"),
                         (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
-                         "input[0].content.0.type"),
+                         "input[0].content[0].type"),
                         (dict(input=[{"type": "item_reference", "id": "x"}]), "input[0].type"),
                         (dict(input=[{"type": "function_call_output", "output": "x"}]), "input[0].call_id"),
                         # an output answering no call (OpenAI: "No tool call found for function call output")
@@ -391,7 +416,7 @@ def test_reasoning_and_calls_become_items(tok):
 
 def test_errors_of_the_chat_machinery_name_the_responses_item(tok):
     """An error the chat machinery raises names the Responses body's field: a tool's name (chat's
-    ``tools.0.function.name``), and a call's arguments by its input item, whatever the instructions and the merging
+    ``tools[0].function.name``), and a call's arguments by its input item, whatever the instructions and the merging
     of calls into one chat message shift (DeepSeek-V3.2's encoding checks them: ``input[k].arguments``)."""
     limits = Limits(vocab_size=1 << 20, max_seq_len=4096, block_size=16, capacity=256, max_queue=8)
     api = Api(_Scripted(limits, _ids(tok, "ok")), tok, "tiny-test", chat_template=ENCODINGS["deepseek_v32"])

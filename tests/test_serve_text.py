@@ -40,11 +40,11 @@ def served():
 def test_a_text_part_without_string_text_answers_400_naming_it(served, text):
     body = {"model": "tiny-test", "messages": [
         {"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": text}]}]}
-    err = _error(httpx.post(served.url + "/v1/chat/completions", json=body), 400, "messages.1.content.0.text")
-    assert err["message"].startswith("messages.1.content.0.text: ")
+    err = _error(httpx.post(served.url + "/v1/chat/completions", json=body), 400, "messages[1].content[0].text")
+    assert err["message"].startswith("messages[1].content[0].text: ")
     _error(httpx.post(served.url + "/v1/chat/completions", json={
         "model": "tiny-test", "messages": [{"role": "user", "content": [{"type": "text"}]}]}), 400,
-        "messages.0.content.0.text")
+        "messages[0].content[0].text")
     with pytest.raises(openai.BadRequestError):
         served.client().chat.completions.create(model="tiny-test", messages=body["messages"], max_tokens=1)
 
@@ -61,7 +61,7 @@ def test_an_image_part_answers_400_instead_of_being_dropped(served):
     """A text model answered as if the image were not there (its part was dropped)."""
     parts = [{"type": "text", "text": "1 + 2 = ?"}, {"type": "image_url", "image_url": {"url": "x"}}]
     body = {"model": "tiny-test", "messages": [{"role": "user", "content": parts}]}
-    err = _error(httpx.post(served.url + "/v1/chat/completions", json=body), 400, "messages.0.content.1.type")
+    err = _error(httpx.post(served.url + "/v1/chat/completions", json=body), 400, "messages[0].content[1].type")
     assert "'image_url' parts are not supported" in err["message"]
     with pytest.raises(openai.BadRequestError):
         served.client().chat.completions.create(model="tiny-test", messages=body["messages"], max_tokens=1)

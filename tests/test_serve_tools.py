@@ -388,9 +388,9 @@ def test_bad_tools_and_choices_answer_400_naming_the_field(served):
     ok = dict(model="tiny-test", messages=ASK, tools=TOOLS, max_tokens=2)
     fn = TOOLS[0]["function"]
     for over, param in (
-            (dict(tools=[{"type": "code", "function": fn}]), "tools.0.type"),
-            (dict(tools=[{"type": "function", "function": {**fn, "name": "no spaces"}}]), "tools.0.function.name"),
-            (dict(tools=[{"type": "function", "function": {**fn, "parameters": [1]}}]), "tools.0.function.parameters"),
+            (dict(tools=[{"type": "code", "function": fn}]), "tools[0].type"),
+            (dict(tools=[{"type": "function", "function": {**fn, "name": "no spaces"}}]), "tools[0].function.name"),
+            (dict(tools=[{"type": "function", "function": {**fn, "parameters": [1]}}]), "tools[0].function.parameters"),
             (dict(tools=[TOOLS[0], TOOLS[0]]), "tools"),
             (dict(tools=[{"type": "function", "function": {**fn, "parameters": {"type": "nope"}}}],
                   tool_choice="required"), "tools"),
@@ -398,9 +398,9 @@ def test_bad_tools_and_choices_answer_400_naming_the_field(served):
             (dict(tool_choice="sometimes"), "tool_choice"),
             (dict(tools=None, tool_choice="required"), "tool_choice"),
             (dict(tool_choice="required", response_format={"type": "json_object"}), "response_format"),
-            (dict(messages=[*ASK, {"role": "tool", "content": "x"}]), "messages.1.tool_call_id"),
+            (dict(messages=[*ASK, {"role": "tool", "content": "x"}]), "messages[1].tool_call_id"),
             (dict(messages=[*ASK, {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}]),
-             "messages.1.tool_calls.0.function.arguments")):
+             "messages[1].tool_calls[0].function.arguments")):
         err = _error(httpx.post(url, json={**ok, **over}, timeout=60), 400)
         assert err["param"] == param or (err["param"] or "").startswith(param), (over, err)
     assert httpx.post(url, json=ok, timeout=60).status_code == 200

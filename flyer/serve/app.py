@@ -21,7 +21,7 @@ from flyer.errors import FieldError
 from flyer.serve.api_error import ApiError
 from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
 from flyer.serve.responses import Responses
-from flyer.serve.schema import ChatBody, CompletionBody, error_field
+from flyer.serve.schema import ChatBody, CompletionBody, error_field, field_name
 
 if TYPE_CHECKING:
     from flyer.serve.api import Api
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 def _validation_message(err: RequestValidationError, content_type: str | None = None) -> tuple[str, str | None]:
     """(message, param) of a body FastAPI refused: its first error's field as the body spells it (``error_field``);
-    of a union's errors on it, the deepest (``stop: ["a", 3]``: ``stop.1``, not ``stop``'s "not a string"). A body
+    of a union's errors on it, the deepest (``stop: ["a", 3]``: ``stop[1]``, not ``stop``'s "not a string"). A body
     that is no JSON object at all (none, or sent as another ``content_type``, which FastAPI does not parse) says so."""
     errors = [e for e in err.errors() if e.get("loc", ())[:1] == ("body",)] or err.errors()
     if not errors:
@@ -45,7 +45,7 @@ def _validation_message(err: RequestValidationError, content_type: str | None = 
     paths = [error_field(tuple(e.get("loc", ()))[1:], err.body) if e.get("loc", ())[:1] == ("body",) else
              list(e.get("loc", ())) for e in errors]
     first = max((k for k in range(len(errors)) if paths[k][:1] == paths[0][:1]), key=lambda k: (len(paths[k]), -k))
-    param = ".".join(map(str, paths[first])) or None
+    param = field_name(paths[first]) or None
     msg = errors[first].get("msg", "invalid request")
     return (f"{param}: {msg}" if param else msg), param
 

@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from flyer.errors import FieldError
 from flyer.serve.api_error import ApiError, sse_event
 from flyer.serve.responses_schema import NamedFunction, ResponsesBody, input_items, input_messages
-from flyer.serve.schema import ChatBody, error_field
+from flyer.serve.schema import ChatBody, error_field, field_name
 
 if TYPE_CHECKING:  # the type only: ``flyer.serve.app`` registers these routes
     from flyer.serve.api import Api
@@ -60,7 +60,7 @@ _FIELDS = {"messages": "input", "prompt": "input", "max_tokens": "max_output_tok
 
 
 def _responses_field(err: FieldError, origins: list | None = None) -> FieldError:
-    """``err`` naming the Responses body's field where it names chat's: a tool's ``tools.0.function.name`` is
+    """``err`` naming the Responses body's field where it names chat's: a tool's ``tools[0].function.name`` is
     ``tools[0].name``, and with ``origins`` (per chat message: ``instructions``, ``previous_response_id`` or its
     input item and its calls' items, ``input_messages``) a message's field names its item's (``messages[3].role``:
     ``input[2].role``; ``messages[3].tool_calls[1].function.arguments``: ``input[4].arguments``)."""
@@ -300,7 +300,7 @@ class Responses:
             return ChatBody.model_validate({k: v for k, v in chat.items() if v is not None})
         except ValidationError as e:  # what the Responses body's own types let through
             first = e.errors()[0]
-            loc = ".".join(map(str, error_field(first["loc"], chat)))
+            loc = field_name(error_field(first["loc"], chat))
             raise _responses_field(FieldError(loc or "input", first["msg"]), origins) from None
 
     def _head(self, rid: str, body: ResponsesBody) -> dict:
@@ -326,7 +326,9 @@ class Responses:
         """The finished Response object (stored when asked, with its ``inputs`` items): incomplete where the chat
         choice's ``finish`` was "length", whatever its items (a calls block cut after whole calls)."""
         incomplete = finish == "length" or any(i.get("status") == "incomplete" for i in output)
-        response = {**head, "status": "incomplete" if incomplete else "completed", "completed_at": int(time.time()),
+        # completed_at: "present only when status is completed" (OpenAI's Response object)
+        response = {**head, "status": "incomplete" if incomplete else "completed",
+                    "completed_at": None if incomplete else int(time.time()),
                     "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "output": output,
                     "usage": _usage(usage)}
         if store:

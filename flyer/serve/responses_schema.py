@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from flyer.errors import FieldError
 from flyer.parse import check_unicode
-from flyer.serve.schema import MAX_LOGPROBS, refuse_unimplemented
+from flyer.serve.schema import MAX_LOGPROBS, OpenAIBody, error_field, field_name, refuse_unimplemented
 
 # fields that change what is generated (or what a response holds) and that flyer serve does not implement, with the
 # values that change nothing: any other value is refused, never silently ignored
@@ -151,8 +151,7 @@ class ReasoningConfig(BaseModel):
     generate_summary: str | None = None
 
 
-class ResponsesBody(BaseModel):
-    model_config = ConfigDict(extra="allow")  # fields clients send that change nothing (service_tier, ...)
+class ResponsesBody(OpenAIBody):  # extra fields: those clients send that change nothing (service_tier, ...)
 
     model: str | None = None
     input: str | list[dict[str, Any]]  # items checked by ``input_messages``, which names the one at fault
@@ -268,8 +267,7 @@ def input_messages(items: str | list[dict[str, Any]], origins: list | None = Non
             item = model.model_validate(raw)
         except ValidationError as e:
             first = e.errors()[0]
-            loc = ".".join(str(x) for x in first["loc"])
-            raise FieldError(f"input[{i}].{loc}" if loc else f"input[{i}]", first["msg"]) from None
+            raise FieldError(field_name(["input", i, *error_field(first["loc"], raw)]), first["msg"]) from None
         if isinstance(item, MessageItem):
             out.append({"role": item.role, "content": item.text()})
             origins.append((i, []))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 
@@ -68,10 +68,10 @@ def refuse_unimplemented(extra: dict[str, Any], not_implemented: dict[str, tuple
 
 def error_field(loc: tuple, body: Any) -> list:
     """The path a pydantic error's ``loc`` (into the request ``body``, the JSON it validated) names, as the body
-    spells it: its keys and indices, without the names pydantic gives a union's members (``prompt.str``: the prompt
-    is not a string, ``messages.0.content.list[ContentPart]``: nor a list of parts), which name no field. A part
-    is a key (or index) where the body holds it there, else a member's name where it reads as a type, else a field
-    the body lacks (missing, or its default checked)."""
+    spells it (``field_name`` writes it): its keys and indices, without the names pydantic gives a union's members
+    (``prompt.str``: the prompt is not a string, ``messages.0.content.list[ContentPart]``: nor a list of parts),
+    which name no field. A part is a key (or index) where the body holds it there, else a member's
+    name where it reads as a type, else a field the body lacks (missing, or its default checked)."""
     out = []
     for x in loc:
         if isinstance(body, dict) and x in body or isinstance(body, list) and isinstance(x, int):
@@ -81,6 +81,28 @@ def error_field(loc: tuple, body: Any) -> list:
             out.append(x)
             body = None
     return out
+
+
+def field_name(path: list) -> str:
+    """A field's path (keys and indices) as OpenAI's errors name it: ``messages[0].content[1].type``."""
+    return "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in path).lstrip(".")
+
+
+class OpenAIBody(BaseModel):
+    """A request body read as OpenAI's API reads one: a value of the wrong type is refused, not converted (strict:
+    "2" is no max_tokens, true no logprobs count; an integer is a number), and an explicit null in an optional field
+    whose type has no null of its own means its default, as OpenAI types them ("number or null": clients send unset
+    options as null). A field that takes null keeps it (completions' max_tokens: the rest of the context)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # extra: refused in check_fields but what changes nothing
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields[info.field_name]
+        if value is None and not field.is_required() and type(None) not in get_args(field.annotation):
+            return field.get_default(call_default_factory=True)
+        return value
 
 
 class JsonSchema(BaseModel):
@@ -158,10 +180,8 @@ class MessageToolCall(BaseModel):
     function: CalledFunction
 
 
-class Body(BaseModel):
+class Body(OpenAIBody):
     """The fields both routes share; a subclass adds its prompt's."""
-
-    model_config = ConfigDict(extra="allow")  # refused in check_fields but for those that change nothing (ACCEPTED)
 
     def check_fields(self) -> None:
         """``FieldError`` for a string that is no Unicode text (``check_unicode``), a ``NOT_IMPLEMENTED`` field at a
