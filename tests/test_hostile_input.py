@@ -228,6 +228,10 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     (["net", "latency", "--sizes", "1e300"], "--sizes: must be comma-separated whole byte counts"),
     (["serve", "--preset", "tiny", "--host", " ", "--port", "0"], "--host: must name an address"),
     (["serve", "--ckpt", "{t}/nothing", "--host", "", "--port", "0"], "--host: must name an address"),  # before loading
+    (["serve", "--ckpt", "{t}/nothing", "--api-key", ""], "--api-key: must be a key without surrounding spaces"),
+    (["serve", "--ckpt", "{t}/nothing", "--api-key", " k"], "--api-key: must be a key without surrounding spaces"),
+    (["serve", "--ckpt", "{t}/nothing", "--model-name", ""], "--model-name: must name the model"),
+    (["serve", "--ckpt", "{t}/nothing", "--kv-cache-memory", "0"], "--kv-cache-memory: must be >= 1 (got 0)"),
     ([*GEN[:-6], "--prompt", "a\udcffb", *GEN[-4:]], "--prompt: is not UTF-8 text"),
     ([*GEN, "--suffix", "\udcff"], "--suffix: is not UTF-8 text"),
     (["generate", "--ckpt", "{t}/run_list", "--prompt", "hi"], "bad config.json (a JSON list, not an object)"),

@@ -8,6 +8,7 @@ import json
 import re
 import threading
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ from flyer.serve.api import Api, ChatBody
 from flyer.serve.choice import Choice
 from flyer.serve.body_limit import MAX_BODY_BYTES
 from flyer.data.chat_template import read_chat_template
-from flyer.serve.cli import http_url
+from flyer.serve.cli import bind, http_url
 from flyer.serve.engine import Engine, EngineConfig, TokenEvent
 from flyer.train.checkpoint import save_checkpoint
 
@@ -403,12 +404,26 @@ def test_an_explicit_null_is_the_fields_default(served):
     ("/v1/completions", dict(prompt=[1], temperature="0"), "temperature"),
     ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a"}], logprobs="true"), "logprobs"),
     ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a"}], stream=0), "stream"),
-    ("/v1/responses", dict(input="a", max_output_tokens="4"), "max_output_tokens")])
+    ("/v1/responses", dict(input="a", max_output_tokens="4"), "max_output_tokens"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user"}]), "messages[0].content"),
+    ("/v1/chat/completions", dict(messages=[{"role": "system", "content": None}, {"role": "user", "content": "a"}]),
+     "messages[0].content")])
 def test_a_value_of_the_wrong_type_is_refused_not_converted(served, path, body, param):
     """As OpenAI's API answers "Invalid type for 'max_tokens': expected an integer, but got a string": a string, a
     boolean or a decimal where an integer goes (and the reverse) answers 400 naming the field; they were converted
-    ("2" generated two tokens, true was 1 logprob). An integer is still a number (temperature 0)."""
+    ("2" generated two tokens, true was 1 logprob). An integer is still a number (temperature 0). A message but an
+    assistant's needs content, as OpenAI's API requires."""
     _error(httpx.post(served.url + path, json={"model": "tiny-test", **body}), 400, param)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_number_that_is_not_finite_is_named_so(served, value):
+    """Python's JSON reads NaN and the infinities: a temperature of NaN answered "should be less than or equal to
+    2", true of no number and misleading; it is "a finite number"."""
+    body = '{"model": "tiny-test", "prompt": [1], "temperature": %s}' % value
+    err = _error(httpx.post(served.url + "/v1/completions", content=body,
+                            headers={"content-type": "application/json"}), 400, "temperature")
+    assert "finite number" in err["message"], err
 
 
 def test_a_stop_string_finish_counts_as_stop_not_cancelled(served, model, monkeypatch):
@@ -758,6 +773,26 @@ def test_a_client_gone_cancels_a_non_streaming_request(model, monkeypatch):
 
 def test_an_ipv6_address_is_bracketed_in_urls():
     assert http_url("::1", 8000) == "http://[::1]:8000" and http_url("127.0.0.1", 80) == "http://127.0.0.1:80"
+
+
+def test_a_listening_error_names_the_host_or_the_port_at_fault(monkeypatch):
+    """An address not of this machine, or a name that resolves to nothing, is the host's fault; an address in use the
+    port's (every failure named --port)."""
+    with pytest.raises(FieldError, match="cannot listen on 192.0.2.1:0") as e:  # TEST-NET-1: no local address
+        bind("192.0.2.1", 0)
+    assert e.value.field == "host", e.value
+    with monkeypatch.context() as m:  # no lookup here (no network): the resolver's answer for a name it lacks
+        m.setattr(socket.socket, "bind", lambda *_: (_ for _ in ()).throw(socket.gaierror(-2, "Name not known")))
+        with pytest.raises(FieldError) as e:
+            bind("no-such-host", 0)
+        assert e.value.field == "host", e.value
+    taken = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(FieldError) as e:
+            bind("127.0.0.1", taken.getsockname()[1])
+        assert e.value.field == "port"
+    finally:
+        taken.close()
 
 
 # ---- streamed text: incremental detokenisation --------------------------------------------------

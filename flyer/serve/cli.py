@@ -14,6 +14,7 @@ each other's GIL. The child is started after the model loads and ends with the l
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
 import multiprocessing
 import os
@@ -67,9 +68,16 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise FieldError("port", f"cannot listen on {http_url(host, port)[7:]} ({e.strerror or e})") from None
+        # no such name or no such local address: the host's; in use or refused: the port's
+        field = "host" if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL else "port"
+        raise FieldError(field, f"cannot listen on {http_url(host, port)[7:]} ({e.strerror or e})") from None
     sock.listen(2048)
     return sock
+
+
+def _as_flags(e: FieldError) -> FieldError:
+    """``e`` naming the flag that sets its engine field (the pool's size is ``--kv-cache-memory``'s)."""
+    return FieldError("kv_cache_memory", e.problem) if e.field == "kv_cache_bytes" else e
 
 
 def _run(args) -> int:
@@ -82,11 +90,20 @@ def _run(args) -> int:
                        speculative=args.speculative, draft_tokens=args.draft_tokens,
                        speculative_max_batch=args.speculative_max_batch,
                        cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
-    cfg.validate()
+    try:
+        cfg.validate()
+    except FieldError as e:
+        raise _as_flags(e) from None
     if not 0 <= args.port < 65536:
         raise FieldError("port", f"must be in [0, 65535] (got {args.port})")
     if not args.host.strip():  # the socket would take "" as every interface; refused before the model loads
         raise FieldError("host", "must name an address (an empty one listens on every interface: say 0.0.0.0)")
+    # an empty key would admit "Authorization: Bearer " alone; the server compares keys stripped of spaces
+    if args.api_key is not None and (not args.api_key.strip() or args.api_key != args.api_key.strip()):
+        raise FieldError("api_key", "must be a key without surrounding spaces, not empty (leave the flag out for "
+                                    "no key)")
+    if args.model_name is not None and (not args.model_name.strip() or args.model_name != args.model_name.strip()):
+        raise FieldError("model_name", f"must name the model, without surrounding spaces (got {args.model_name!r})")
     if not 0 < args.drain_timeout < math.inf:
         raise FieldError("drain_timeout", f"must be a positive number of seconds (got {args.drain_timeout})")
     check_threads(args.threads, "threads")
@@ -105,14 +122,15 @@ def _run(args) -> int:
         cfg.block_size = default_block_size(model.cfg)
     cfg.cache_dtype = DTYPES[auto_cache_dtype(args.ckpt, model) if args.cache_dtype == "auto" else args.cache_dtype]
     check_fp8_cache_flags(model.cfg, cfg.cache_dtype, "absorbed")
-    name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else args.preset)
+    name = args.model_name if args.model_name is not None else Path(args.ckpt).resolve().name if args.ckpt \
+        else args.preset
     if args.prefix_cache:
         cfg.prefix_cache = open_disk_prefix_cache(model, args.prefix_cache, cfg.cache_dtype, cfg.block_size,
                                                   parse_size(args.prefix_cache_size, "prefix_cache_size"))
     try:
         engine = Engine(model, cfg, tokenizer=tok)  # tok: structured outputs' grammars (flyer.serve.grammar)
-    except FieldError as e:  # the pool's size is the flag's
-        raise FieldError("kv_cache_memory" if e.field == "kv_cache_bytes" else e.field, e.problem) from None
+    except FieldError as e:
+        raise _as_flags(e) from None
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     link, their_end = socket.socketpair()

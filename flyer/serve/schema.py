@@ -94,7 +94,8 @@ class OpenAIBody(BaseModel):
     whose type has no null of its own means its default, as OpenAI types them ("number or null": clients send unset
     options as null). A field that takes null keeps it (completions' max_tokens: the rest of the context)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)  # extra: refused in check_fields but what changes nothing
+    # extra: refused in check_fields but what changes nothing; NaN and infinities are no numbers here either
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -303,7 +304,7 @@ JINJA_ROLES = ("system", "user", "assistant", "tool", "developer")
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer", "latest_reminder"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = Field(default=None, validate_default=True)  # null: an assistant's only
     tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
     tool_call_id: str | None = Field(default=None, validate_default=True)  # a tool message's: the call it answers
 
@@ -316,7 +317,9 @@ class ChatMessage(BaseModel):
 
     @field_validator("content", mode="wrap")
     @classmethod
-    def _parts_as_a_list(cls, content, handler):
+    def _parts_as_a_list(cls, content, handler, info: ValidationInfo):
+        if content is None and info.data.get("role", "assistant") != "assistant":  # as OpenAI's API refuses it
+            raise ValueError(f"a {info.data['role']} message needs content")
         # a list is checked as parts only: the union would first report it as "not a string", hiding the part's error
         if isinstance(content, list):
             return _CONTENT_PARTS.validate_python(content)
