@@ -214,6 +214,7 @@ PATH_CASES = [  # (argv with {t} for the files' folder, the words the one line m
     (["train", "--init", ""], "--init: must be a path, not empty"),
     (["generate", "--ckpt", "", "--prompt", "hi"], "--ckpt: must be a path, not empty"),
     ([*GEN, "--prefix-cache", ""], "--prefix-cache: must be a path, not empty"),
+    ([*GEN, "--prefix-block", "3"], "--prefix-block sizes the prefix cache's blocks: give --prefix-cache DIR"),
     (["export", "{t}/adir", "--out", ""], "--out: must be a path, not empty"),
     (["info", "--config", ""], "--config: must be a path, not empty"),
     (["net", "topology", "--plot", ""], "--plot: must be a path, not empty"),

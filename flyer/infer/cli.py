@@ -38,6 +38,7 @@ PATHS = {"ckpt", "prefix_cache"}  # paths that may not be empty (flyer.cli)
 SIGNED = {"eos_id", "frequency_penalty", "presence_penalty"}  # eos_id -1: no stop token; penalties in [-2, 2]
 FP4_NOTE = ("note: {ckpt} was trained with FP4 QAT (--fp4-experts): its routed experts run as their FP4 values, the "
             "model training optimised and validated (flyer export --masters writes the FP32 masters)")
+DEFAULT_PREFIX_BLOCK = 64  # tokens a prefix cache block holds (--prefix-block)
 
 
 class ByteTokenizer:
@@ -271,6 +272,9 @@ def _run(args) -> int:
         raise UserError("--suffix fills in the middle of a plain prompt: not with --chat")
     if args.system is not None and not args.chat:
         raise UserError("--system is a chat's system message: give --chat with it")
+    if args.prefix_block is not None and args.prefix_cache is None:  # it would change nothing
+        raise UserError("--prefix-block sizes the prefix cache's blocks: give --prefix-cache DIR with it")
+    args.prefix_block = DEFAULT_PREFIX_BLOCK if args.prefix_block is None else args.prefix_block
     if args.prefix_block < 1:
         raise FieldError("prefix_block", f"must be >= 1 (got {args.prefix_block})")
     check_threads(args.threads, "threads")
@@ -387,7 +391,8 @@ def register(sub) -> None:
     p.add_argument("--draft-tokens", type=int, default=1, help="MTP drafts per step (default 1)")
     p.add_argument("--prefix-cache", metavar="DIR", help="on-disk prefix cache directory (shared between runs)")
     p.add_argument("--prefix-cache-size", default="1G", help="size bound of the prefix cache (LRU), e.g. 512M")
-    p.add_argument("--prefix-block", type=int, default=64, help="prefix cache block size in tokens")
+    p.add_argument("--prefix-block", type=int, default=None,
+                   help=f"prefix cache block size in tokens (with --prefix-cache; default {DEFAULT_PREFIX_BLOCK})")
     p.add_argument("--attention", choices=ATTENTION_MODES, default="absorbed",
                    help="absorbed = latent cache (default); naive = per-head K/V cache, for comparison")
     p.add_argument("--precision", choices=["auto", "fp8"], default="auto",
