@@ -300,33 +300,39 @@ def test_gqa_keeps_what_its_estimate_counts(precision, over):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("T", [8, 64, 2 * CHUNK_ROWS])
-def test_dsa_keeps_what_its_estimate_counts(precision, T):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_dsa_keeps_what_its_estimate_counts(precision, T, recompute):
     """A DSA layer with its norm, at T = index_topk (no query selects: dense MLA), masked (T = 64, which a forward
     without autograd gathers) and gathered in query chunks (T = 256: past ``dsa_gathers``' training length, two
-    chunks, which backward recomputes), and a GLM-5 pair of a full layer and a layer sharing its selection: what a
-    batch row adds to one forward's kept bytes is ``dsa_attention_saved_bytes`` a token to the byte, which the block's
-    estimate and the plan's per-rank one count given the tokens (an MTP block its T - 1). The plan counted DSA layers
-    generically: on V3.2 at 4,096 tokens under BF16 196,992 of the 289,420 bytes a token the attention keeps (the
-    visibility mask, which SDPA keeps as an additive bias, 8,192 of them)."""
-    element = 4 if precision == "fp32" else 2
+    chunks, which backward recomputes), and a GLM-5 pair of a full layer and a layer sharing its selection, with and
+    without ``--recompute mla`` (the masked form's region keeps the bool mask): what a batch row adds to one forward's
+    kept bytes is ``dsa_attention_saved_bytes`` a token to the byte, which the block's estimate and the plan's
+    per-rank one count given the tokens (an MTP block its T - 1). The plan counted DSA layers generically: on V3.2
+    at 4,096 tokens under BF16 196,992 of the 289,420 bytes a token the attention keeps (the visibility mask, which
+    SDPA keeps as an additive bias, 8,192 of them), and `--recompute mla` none of them (it drops 155,656)."""
+    element, mode = 4 if precision == "fp32" else 2, "mla" if recompute else "none"
     assert dsa_gathers(preset("tiny", **DSA), T, training=True) == (T == 2 * CHUNK_ROWS)
     cfg = preset("tiny", **DSA)
     torch.manual_seed(0)
-    block = Transformer(cfg).train().layers[1]
-    assert _attention_kept_per_row(cfg, block, T, precision) == T * dsa_attention_saved_bytes(cfg, 1, T, element)
-    layer = activation_bytes_per_token_layer(cfg, True, False, element, 1, seq_len=T)
+    model = Transformer(cfg).train()
+    set_recompute(model, mode)
+    each = [dsa_attention_saved_bytes(cfg, i, T, element, recompute_up=recompute) for i in range(cfg.n_layers)]
+    assert _attention_kept_per_row(cfg, model.layers[1], T, precision) == T * each[1]
+    layer = activation_bytes_per_token_layer(cfg, True, False, element, 1, recompute, seq_len=T)
     dense = preset("tiny")  # the same FFN
-    assert layer - dsa_attention_saved_bytes(cfg, 1, T, element) == activation_bytes_per_token_layer(
+    assert layer - each[1] == activation_bytes_per_token_layer(
         dense, True, False, element, 1) - mla_attention_saved_bytes(dense, element)
     reads = [T - max(0, i - cfg.n_layers + 1) for i in range(cfg.n_layers + cfg.mtp_depth)]  # MTP module k: T - k
-    extra = sum(t * (dsa_attention_saved_bytes(cfg, i, t, element) - mla_attention_saved_bytes(cfg, element))
-                for i, t in enumerate(reads))
-    assert activation_bytes(cfg, 1, 0, "1f1b", T, 1, precision) - activation_bytes(
-        dense, 1, 0, "1f1b", T, 1, precision) == int(extra)  # the plan's per-rank estimate, each block its tokens
+    extra = sum(t * (dsa_attention_saved_bytes(cfg, i, t, element, recompute_up=recompute)
+                     - mla_attention_saved_bytes(cfg, element, recompute)) for i, t in enumerate(reads))
+    assert activation_bytes(cfg, 1, 0, "1f1b", T, 1, precision, recompute=mode) - activation_bytes(
+        dense, 1, 0, "1f1b", T, 1, precision, recompute=mode) == int(extra)  # the plan's, each block its tokens
 
     glm = preset("tiny", **DSA, indexer_types=("full", "shared", "full", "shared"))
     torch.manual_seed(0)
-    full, shared = Transformer(glm).train().layers[2:]
+    glm_model = Transformer(glm).train()
+    set_recompute(glm_model, mode)
+    full, shared = glm_model.layers[2:]
     cos, sin = layer_rope_tables(glm, [2], T, "cpu")[0]
 
     def pair(x, _):  # both read x: the input is counted once
@@ -334,7 +340,10 @@ def test_dsa_keeps_what_its_estimate_counts(precision, T):
         return sum(b.attn(b.attn_norm(x), cos, sin, selection) for b in (full, shared))
 
     kept = _part_kept_per_row(pair, (T, glm.dim), precision) + 4 * T * glm.dim
-    assert kept == T * sum(dsa_attention_saved_bytes(glm, i, T, element) for i in (2, 3))
+    assert kept == T * sum(dsa_attention_saved_bytes(glm, i, T, element, recompute_up=recompute) for i in (2, 3))
+    if recompute and T == 64:  # the indexer training: L_I reads the attention's queries and keys, none recomputed
+        assert activation_bytes(cfg, 1, 0, "1f1b", T, 1, precision, recompute="mla", indexer_train="sparse") == \
+            activation_bytes(cfg, 1, 0, "1f1b", T, 1, precision, indexer_train="sparse")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

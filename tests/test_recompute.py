@@ -36,11 +36,19 @@ def _step(model, precision, tokens, docs):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, kept
 
 
+DSA = dict(index_topk=8, index_n_heads=4, index_head_dim=32)  # T = 64: masked under autograd (dsa_gathers)
+GLM5 = dict(DSA, indexer_types=("full", "shared", "full", "shared"))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
-@pytest.mark.parametrize("over", [{}, {"q_lora_rank": 0}, "packed"])
+@pytest.mark.parametrize("over", [{}, {"q_lora_rank": 0}, "packed", DSA, GLM5, "packed DSA"],
+                         ids=["mla", "no-q-lora", "packed", "dsa", "glm5", "packed-dsa"])
 def test_recompute_keeps_every_gradient_and_drops_the_per_head_qkv(precision, over):
-    packed = over == "packed"
-    cfg = preset("tiny").replace(**({} if packed else over))
+    """Dense MLA layers, and DSA layers (V3.2's and GLM-5's shared ones) in their masked form, whose selection's mask
+    the region keeps: the same loss and gradients, and at least the per-head q, k and v fewer bytes kept. A DSA
+    layer on packed rows recomputes nothing (its documents run a group at a time): the same bytes."""
+    packed = isinstance(over, str) and over.startswith("packed")
+    cfg = preset("tiny").replace(**(DSA if over == "packed DSA" else {} if packed else over))
     torch.manual_seed(0)
     model = Transformer(cfg)
     if precision == "fp8":
@@ -49,19 +57,22 @@ def test_recompute_keeps_every_gradient_and_drops_the_per_head_qkv(precision, ov
     tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
     docs = torch.arange(T).div(24, rounding_mode="floor").expand(B, T).contiguous() if packed else None
     assert set_recompute(model, "none") == cfg.n_layers + cfg.mtp_depth
+    if precision == "fp8":  # the tables FP8 makes once a process, before either measurement
+        _step(model, precision, tokens, docs)
     loss, grads, kept = _step(model, precision, tokens, docs)
     set_recompute(model, "mla")
     loss2, grads2, kept2 = _step(model, precision, tokens, docs)
     with torch.autocast("cpu", torch.bfloat16, enabled=precision != "fp32"):
         hooked = saved_bytes(lambda: model.compute_loss(tokens, tokens, documents_BT=docs), model)
-    assert hooked < kept2  # the checkpoint keeps its inputs and the attention's outputs out of the hooks' sight
+    # the checkpoint keeps its inputs and the attention's outputs out of the hooks' sight
+    assert hooked < kept2 or over == "packed DSA"
     assert torch.equal(loss, loss2) and grads.keys() == grads2.keys()
     assert all(torch.equal(grads[n], grads2[n]) for n in grads), [n for n in grads if not torch.equal(grads[n],
                                                                                                        grads2[n])]
     # SDPA keeps q, k and v (v padded to q's width, 48 > 32) in the compute dtype: none of them is kept now
     element = 4 if precision == "fp32" else 2
     qkv = B * T * cfg.n_heads * 3 * cfg.qk_head_dim * element * (cfg.n_layers + cfg.mtp_depth)
-    assert kept - kept2 >= qkv, (kept, kept2, qkv)
+    assert kept - kept2 >= qkv if over != "packed DSA" else kept == kept2, (kept, kept2, qkv)
 
 
 def _switches() -> tuple:

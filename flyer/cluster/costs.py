@@ -116,8 +116,8 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     token (``hyper_connection_saved_bytes``).
 
     ``mla_recompute`` (what ``flyer train --recompute mla`` runs, ``flyer.model.recompute``): only the MLA
-    up-projections are recomputed, a dense MLA layer's q, k, v and normed latents not saved (a DSA layer's still
-    are).
+    up-projections are recomputed, an MLA layer's q, k, v and normed latents not saved (a DSA layer's masked form's,
+    ``dsa_attention_saved_bytes``).
 
     ``fp8_cache`` (flyer's FP8 training with its FP8 activation cache, ``flyer.fp8.linear``): without recomputation,
     every FFN (routed, shared, dense) keeps its input's and its SwiGLU inputs' FP8 tiles, a byte an element, as the
@@ -134,7 +134,8 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     elif cfg.attn == "mla" and not cfg.index_topk and exact:
         attn = mla_attention_saved_bytes(cfg, e, mla_recompute)
     elif cfg.attn == "mla" and exact and seq_len is not None:
-        attn = dsa_attention_saved_bytes(cfg, cfg.n_layers if layer_id is None else layer_id, seq_len, e, packed)
+        attn = dsa_attention_saved_bytes(cfg, cfg.n_layers if layer_id is None else layer_id, seq_len, e, packed,
+                                         mla_recompute)
     elif cfg.attn == "gqa" and exact:
         attn = gqa_attention_saved_bytes(cfg, e)
     else:
@@ -191,15 +192,17 @@ def mla_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int, recomput
 
 
 def dsa_attention_saved_bytes(cfg: ModelConfig, layer_id: int, seq_len: int, bytes_per_element: int,
-                              packed: bool = False) -> int:
+                              packed: bool = False, recompute_up: bool = False) -> int:
     """Bytes per token that a DSA layer (``flyer.model.attention.MLA`` with the lightning indexer, or a GLM-5 layer
     sharing a full layer's selection) and its norm keep for backward over T = ``seq_len`` tokens, each in
-    ``bytes_per_element`` but the FP32 ones. It is never recomputed (``--recompute mla`` is dense MLA's). Its indexer
-    selects without autograd and keeps nothing (but under L_I: ``indexer_loss_saved_bytes_per_token``).
+    ``bytes_per_element`` but the FP32 ones. Its indexer selects without autograd and keeps nothing (but under L_I:
+    ``indexer_loss_saved_bytes_per_token``).
 
     - T <= index_topk: no query selects, and the layer keeps what dense MLA keeps (``mla_attention_saved_bytes``).
     - The masked form (``flyer.model.dsa_chunks.dsa_gathers`` false under autograd): that, plus the (T, T) visibility
-      mask, which SDPA keeps as an additive bias in the compute dtype: T elements a query.
+      mask, which SDPA keeps as an additive bias in the compute dtype: T elements a query. With ``recompute_up``
+      (``--recompute mla``, its indexer not training) what dense MLA keeps so, and the bool mask the region keeps, T
+      bytes a query (a shared layer's region holds its full layer's).
     - The gathered form recomputes each query chunk in backward and keeps what the chunks start from: its input (the
       residual stream, FP32) and normed input (D each), the query latent and its normed copy (R each), ``wkv_a``'s
       output and the gathered [c_KV | k_rope] (kv_lora_rank + rope each), the queries [q_nope | q_rope] (H
@@ -209,13 +212,15 @@ def dsa_attention_saved_bytes(cfg: ModelConfig, layer_id: int, seq_len: int, byt
 
     ``packed`` (``flyer train --pack``): each document runs as a row of its own, so its length, up to T, picks the
     form; the least of the forms its documents may take, a lower bound (a packed row also keeps its documents'
-    index bookkeeping)."""
+    index bookkeeping). Its documents run without the recomputation."""
     e, H, R = bytes_per_element, cfg.n_heads, cfg.q_lora_rank
-    dense = mla_attention_saved_bytes(cfg, e)
+    recompute_up = recompute_up and not packed
+    dense = mla_attention_saved_bytes(cfg, e, recompute_up)
     if seq_len <= cfg.index_topk:
         return dense
     if not dsa_gathers(cfg, seq_len, training=True):
-        return dense if packed else dense + e * seq_len
+        mask = (1 if cfg.has_indexer(layer_id) else 0) if recompute_up else e  # bytes a key and query
+        return dense if packed else dense + mask * seq_len
     latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     picks = 4 * cfg.index_topk if cfg.has_indexer(layer_id) else 0
     gathered = (4 * cfg.dim + e * (cfg.dim + 2 * R + 2 * latent + H * (cfg.qk_head_dim + cfg.v_head_dim))

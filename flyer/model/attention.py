@@ -232,7 +232,7 @@ class MLA(Transients, nn.Module):
         return self.kv_norm(c_kv), k_rope
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, selection: Selection | None = None,
-                gather: bool = True, chunk: int | None = None, docs=None) -> torch.Tensor:
+                gather: bool = True, chunk: int | None = None, docs=None, recompute: bool = True) -> torch.Tensor:
         """Training / prefill path (causal): per-head keys and values up-projected from the latent; with
         the DSA indexer each query sees its selected keys only, which ``selection`` takes on; a shared layer
         attends to the keys ``selection`` holds (required), in the form its full layer chose. ``gather``: past
@@ -240,32 +240,34 @@ class MLA(Transients, nn.Module):
         ``chunk`` queries (None: ``query_chunk``'s rule), each to its picks gathered (``flyer.model.dsa_chunks``);
         False: the masked form (``sparse_mask``, every causal key scored), the oracle. ``docs``: packed rows'
         ``flyer.model.documents.Documents``, each attending to itself (cos / sin at the packed positions, (B, T, 1, d));
-        with DSA each group of documents runs this forward unpacked (``per_document``)."""
+        with DSA each group of documents runs this forward unpacked (``per_document``), without the recomputation
+        (``recompute`` False): its regions, one per group, would cast a weight each under autocast where the forward
+        without them casts it once, which sums its gradient in another order."""
         if docs is not None and self.index_topk > 0:
             return self.per_document(x_BTD, cos, sin, selection, gather, chunk, docs)
         B, T, _ = x_BTD.shape
-        if self.recompute and torch.is_grad_enabled():  # dense MLA only (set_recompute)
-            q_in = self.wq_a(x_BTD) if self.q_lora_rank else x_BTD
-            o = recomputed(self._attend_latents, q_in, self.wkv_a(x_BTD), cos, sin, docs)
+        # DeepSeek-V3's recomputation (set_recompute); a DSA layer's not while its indexer trains, whose L_I reads
+        # the attention's queries and keys
+        if self.recompute and recompute and torch.is_grad_enabled() and self.index_train == "off":
+            q_in, kv = self.wq_a(x_BTD) if self.q_lora_rank else x_BTD, self.wkv_a(x_BTD)
+            mask = chunks = None
+            if self.index_topk:
+                with torch.no_grad():  # the indexer's query latent (it gets no gradient); the region's is its own
+                    q_latent = self.q_norm(q_in)
+                mask, chunks = self._selection(x_BTD, q_latent, cos, sin, selection, gather, chunk)
+            if chunks is None:  # dense, or masked: the mask, made without autograd, kept as the region's input
+                o = recomputed(self._attend_latents, q_in, kv, cos, sin, docs, mask)
+            else:  # gathered: the chunks recompute in backward already
+                q_nope, q_rope = self.queries(x_BTD, cos, sin, self.q_norm(q_in))
+                o = sparse_attention(self, q_nope, q_rope, *self._latent_parts(kv, cos, sin), chunks)
             return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
         q_latent = self.query_latent(x_BTD) if self.q_lora_rank else None
         q_nope, q_rope = self.queries(x_BTD, cos, sin, q_latent)
         c_kv, k_rope = self.latents(x_BTD, cos, sin)
-        if self.shares_selection:
-            if selection is None:
-                raise ValueError("a shared DSA layer attends to the keys a full layer before it selected: pass the "
-                                 "forward's Selection")
-            mask, chunks = selection.mask, selection.chunks
-        else:  # a query with at most index_topk causal keys keeps them all: up to that length DSA is dense MLA
-            mask = chunks = None
-            selects = T > self.index_topk > 0 and self.index_train != "warmup"  # the indexer's dense warm-up: none
-            if selects and gather and dsa_gathers(self, T, torch.is_grad_enabled()):
-                chunks = select_chunks(self, x_BTD, q_latent, cos, sin, chunk)
-            elif selects:
-                mask = self.sparse_mask(x_BTD, q_latent, cos, sin)
-            if selection is not None:
-                selection.mask, selection.chunks = mask, chunks
-            if self.index_train != "off":  # evaluation (no autograd) computes none
+        mask = chunks = None
+        if self.index_topk:
+            mask, chunks = self._selection(x_BTD, q_latent, cos, sin, selection, gather, chunk)
+            if not self.shares_selection and self.index_train != "off":  # evaluation (no autograd) computes none
                 self.index_loss = indexer_kl(self, x_BTD, q_latent, q_nope, q_rope, c_kv, k_rope, cos, sin, mask,
                                              chunks, chunk, self.index_valid_BT) if torch.is_grad_enabled() else None
         if chunks is not None:
@@ -273,6 +275,27 @@ class MLA(Transients, nn.Module):
         else:
             o = self._attend(q_nope, q_rope, c_kv, k_rope, mask, docs)
         return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
+
+    def _selection(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   selection: Selection | None, gather: bool, chunk: int | None):
+        """A DSA layer's (mask, chunks) for ``forward`` (either or both None): a shared layer's from ``selection``,
+        a full layer's made here (and handed on in ``selection``)."""
+        T = x_BTD.shape[1]
+        if self.shares_selection:
+            if selection is None:
+                raise ValueError("a shared DSA layer attends to the keys a full layer before it selected: pass the "
+                                 "forward's Selection")
+            return selection.mask, selection.chunks
+        # a query with at most index_topk causal keys keeps them all: up to that length DSA is dense MLA
+        mask = chunks = None
+        selects = T > self.index_topk > 0 and self.index_train != "warmup"  # the indexer's dense warm-up: none
+        if selects and gather and dsa_gathers(self, T, torch.is_grad_enabled()):
+            chunks = select_chunks(self, x_BTD, q_latent_BTR, cos, sin, chunk)
+        elif selects:
+            mask = self.sparse_mask(x_BTD, q_latent_BTR, cos, sin)
+        if selection is not None:
+            selection.mask, selection.chunks = mask, chunks
+        return mask, chunks
 
     def _attend(self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
                 mask: torch.Tensor | None, docs) -> torch.Tensor:
@@ -286,11 +309,11 @@ class MLA(Transients, nn.Module):
                 docs.attend(lambda *qkv: causal_attention(*qkv, self.softmax_scale), q, k, v))
 
     def _attend_latents(self, q_in: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        docs) -> torch.Tensor:
+                        docs, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``_attend`` from ``wq_a``'s output (the input itself without a query LoRA) and ``wkv_a``'s: the region
         ``recomputed`` runs again in backward."""
         q_nope, q_rope = self.queries(q_in, cos, sin, self.q_norm(q_in) if self.q_lora_rank else None)
-        return self._attend(q_nope, q_rope, *self._latent_parts(kv, cos, sin), None, docs)
+        return self._attend(q_nope, q_rope, *self._latent_parts(kv, cos, sin), mask, docs)
 
     def per_document(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, selection: Selection | None,
                      gather: bool, chunk: int | None, docs) -> torch.Tensor:
@@ -299,7 +322,8 @@ class MLA(Transients, nn.Module):
         layer takes its group's selection (``Selection.group``). L_I: the mean over the real queries of every group
         (the slots of ``Documents.each``'s real, within ``index_valid_BT``'s), as the documents alone give."""
         return per_document_loss(self, lambda i, x, c, s: self.forward(
-            x, c, s, None if selection is None else selection.group(i), gather, chunk), x_BTD, cos, sin, docs)
+            x, c, s, None if selection is None else selection.group(i), gather, chunk, recompute=False), x_BTD, cos,
+            sin, docs)
 
     @torch.no_grad()  # as transformers: the indexer gets no gradient (see ``Indexer``)
     def sparse_mask(self, x_BTD: torch.Tensor, q_latent_BTR: torch.Tensor, cos: torch.Tensor,

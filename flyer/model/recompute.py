@@ -7,8 +7,11 @@ up-projection GEMMs in backward. The gradients are the same bit for bit: the rec
 
 ``torch.utils.checkpoint`` with a selective policy (``create_selective_checkpoint_contexts``) does it: the fused
 attention ops' outputs are saved, everything else in the region recomputed. A masked attention that takes SDPA's
-math path (no fused kernel) is recomputed whole. DSA layers (``index_topk``) keep theirs: their long sequences
-already recompute chunk by chunk (``flyer.model.dsa_chunks``).
+math path (no fused kernel) is recomputed whole. A DSA layer (``index_topk``) recomputes the same region around its
+masked attention, its selection's mask (made without autograd) kept as the region's input; past
+``flyer.model.dsa_chunks.dsa_gathers``' length its gathered chunks recompute in backward already; it recomputes
+nothing while its indexer trains (``--indexer-train``: L_I reads the attention's queries and keys) nor on packed
+rows, whose documents run the layer a group at a time (a region each would cast the weights once per group).
 
 A pipeline schedule that splits backward into its input and weight gradients (zero-bubble, DualPipeV) runs a
 region's backward more than once (its weight pass once per parameter group), which a selective checkpoint refuses
@@ -42,7 +45,9 @@ def _policy(_ctx, op, *_args, **_kwargs) -> CheckpointPolicy:
 
 def recomputed(fn, *args, selective: bool = True):
     """``fn(*args)``, its intermediates recomputed in backward under the switches of this forward (``selective``:
-    but the fused attention's outputs, which are kept)."""
+    but the fused attention's outputs, which are kept). A weight one region uses must not be cast by autocast
+    before it in the same forward: the forward would find the cast cached and the recomputation would make it,
+    which a selective checkpoint refuses as ops that differ."""
     kept = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _policy)} if selective else {}
     return checkpoint(carried(fn), *args, use_reentrant=False, **kept)
 
@@ -60,8 +65,8 @@ def set_recompute(model: nn.Module, mode: str) -> int:
     """Turn recomputation ``mode`` (one of ``MODES``) on in ``model``'s MLA layers; returns how many take it."""
     if mode not in MODES:
         raise ValueError(f"recompute must be one of {', '.join(MODES)} (got {mode!r})")
-    # the modules that can (``flyer.model.attention.MLA``, which imports this module) but DSA's
-    layers = [m for m in model.modules() if hasattr(m, "recompute") and getattr(m, "index_topk", None) == 0]
+    # the modules that can: ``flyer.model.attention.MLA``, which imports this module
+    layers = [m for m in model.modules() if hasattr(m, "recompute") and hasattr(m, "index_topk")]
     for m in layers:
         m.recompute = mode == "mla"
     return len(layers)
@@ -69,7 +74,9 @@ def set_recompute(model: nn.Module, mode: str) -> int:
 
 def recompute_line(model: nn.Module) -> str:
     """What ``set_recompute`` turned on in ``model`` (this pipeline rank's layers), for the run's log."""
-    n = sum(getattr(m, "recompute", False) is True for m in model.modules())
-    if not n:
-        return "recompute: this model has no dense MLA layer (DSA layers recompute their own): nothing is"
-    return f"recompute: {n} MLA layers' latent norms and up-projections in backward"
+    on = [m for m in model.modules() if getattr(m, "recompute", False) is True]
+    if not on:
+        return "recompute: this model has no MLA layer: nothing is"
+    training = sum(m.index_train != "off" for m in on)  # L_I reads the queries and keys: kept
+    return (f"recompute: {len(on) - training} MLA layers' latent norms and up-projections in backward"
+            + (f" ({training} DSA layers training their indexers keep theirs)" if training else ""))
