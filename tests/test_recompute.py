@@ -15,7 +15,8 @@ from flyer.cli import main
 from flyer.config import preset
 from flyer.fp8 import convert_to_fp8
 from flyer.model import lowp
-from flyer.model.recompute import recomputed, set_recompute
+from flyer.model.indexer_loss import set_indexer_training
+from flyer.model.recompute import recompute_line, recomputed, set_recompute
 from flyer.model.transformer import Transformer
 from flyer.parallel.memory import activation_bytes, held_bytes, saved_bytes
 from flyer.runtime import CPU_KINDS, assume_cpu, cpu_kind
@@ -73,6 +74,21 @@ def test_recompute_keeps_every_gradient_and_drops_the_per_head_qkv(precision, ov
     element = 4 if precision == "fp32" else 2
     qkv = B * T * cfg.n_heads * 3 * cfg.qk_head_dim * element * (cfg.n_layers + cfg.mtp_depth)
     assert kept - kept2 >= qkv if over != "packed DSA" else kept == kept2, (kept, kept2, qkv)
+
+
+def test_the_log_line_says_which_layers_recompute():
+    """DSA layers recompute as dense MLA's do, but not while their indexers train; a model without MLA has none."""
+    cfg = preset("tiny").replace(**DSA)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert set_recompute(model, "mla") == cfg.n_layers + cfg.mtp_depth == 5
+    assert recompute_line(model) == "recompute: 5 MLA layers' latent norms and up-projections in backward"
+    set_indexer_training(model, "sparse")
+    assert recompute_line(model) == ("recompute: none: 5 DSA layers training their indexers keep theirs (L_I reads "
+                                     "the queries and keys)")
+    with torch.device("meta"):
+        v4 = Transformer(preset("tiny-v4"))
+    assert set_recompute(v4, "mla") == 0 and recompute_line(v4) == "recompute: this model has no MLA layer: nothing is"
 
 
 def _switches() -> tuple:

@@ -78,5 +78,8 @@ def recompute_line(model: nn.Module) -> str:
     if not on:
         return "recompute: this model has no MLA layer: nothing is"
     training = sum(m.index_train != "off" for m in on)  # L_I reads the queries and keys: kept
+    keep = f"{training} DSA layers training their indexers keep theirs (L_I reads the queries and keys)"
+    if training == len(on):
+        return f"recompute: none: {keep}"
     return (f"recompute: {len(on) - training} MLA layers' latent norms and up-projections in backward"
-            + (f" ({training} DSA layers training their indexers keep theirs)" if training else ""))
+            + (f"; {keep}" if training else ""))
