@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from flyer.cluster.costs import (activation_bytes_per_token_layer, dsa_attention_saved_bytes, gqa_attention_saved_bytes,
-                                 hybrid_attention_saved_bytes, hyper_connection_saved_bytes,
+from flyer.cluster.costs import (activation_bytes_per_token_layer, attention_saved_bytes, dsa_attention_saved_bytes,
+                                 gqa_attention_saved_bytes, hybrid_attention_saved_bytes, hyper_connection_saved_bytes,
                                  indexer_loss_saved_bytes_per_token, mla_attention_saved_bytes)
 from flyer.config import preset
 from flyer.fp8 import FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8
@@ -502,6 +502,22 @@ def test_the_fp8_per_row_estimate_stays_a_lower_bound_with_many_mla_heads():
             measured.append(saved_bytes(lambda: model.compute_loss(tokens, tokens), skip=model))
     estimated = [activation_bytes(cfg, 1, 0, "1f1b", T, b, "fp8") for b in (1, 2)]
     assert estimated[1] - estimated[0] <= measured[2] - measured[1]
+
+
+@pytest.mark.parametrize("T", [64, 2 * CHUNK_ROWS])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_fp8_dsa_attention_estimate_stays_a_lower_bound(T, recompute):
+    """A DSA layer under FP8 with its FP8 activation cache, masked and gathered, with and without ``--recompute
+    mla``: the estimate stays under what a batch row keeps. The gathered form keeps less than the generic count's
+    per-head q, k and v, which exceeded it (518,144 bytes a row at T = 256, of 457,728 kept)."""
+    cfg = preset("tiny", **DSA)
+    torch.manual_seed(0)
+    model = convert_to_fp8(Transformer(cfg).train())
+    set_recompute(model, "mla" if recompute else "none")
+    block = model.layers[1]
+    _attention_kept_per_row(cfg, block, T, "bf16")  # the tables the FP8 path makes once a process
+    kept = _attention_kept_per_row(cfg, block, T, "bf16")
+    assert T * attention_saved_bytes(cfg, 1, 2, mla_recompute=recompute, fp8_cache=True, seq_len=T) <= kept
 
 
 @pytest.mark.parametrize("name,over,layer", [("tiny", {}, 1), ("tiny", {"score_func": "softmax"}, 1),

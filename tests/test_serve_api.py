@@ -407,7 +407,11 @@ def test_an_explicit_null_is_the_fields_default(served):
     ("/v1/responses", dict(input="a", max_output_tokens="4"), "max_output_tokens"),
     ("/v1/chat/completions", dict(messages=[{"role": "user"}]), "messages[0].content"),
     ("/v1/chat/completions", dict(messages=[{"role": "system", "content": None}, {"role": "user", "content": "a"}]),
-     "messages[0].content")])
+     "messages[0].content"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a"}],  # inside an object too
+                                  tools=[{"type": "function", "function": {"name": "f", "strict": "yes"}}]),
+     "tools[0].function.strict"),
+    ("/v1/responses", dict(input="a", tools=[{"type": "function", "name": "f", "strict": "1"}]), "tools[0].strict")])
 def test_a_value_of_the_wrong_type_is_refused_not_converted(served, path, body, param):
     """As OpenAI's API answers "Invalid type for 'max_tokens': expected an integer, but got a string": a string, a
     boolean or a decimal where an integer goes (and the reverse) answers 400 naming the field; they were converted

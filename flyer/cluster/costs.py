@@ -128,18 +128,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     """
     e, d = bytes_per_element, cfg.dim
     hyper = 2 * hyper_connection_saved_bytes(cfg, e, e if recompute else 4)  # around the attention and the FFN
-    exact = not recompute and not fp8_cache  # FP8 linear layers keep FP8 tiles: the generic count, lower
-    if cfg.attn == "hybrid" and exact:
-        attn = hybrid_attention_saved_bytes(cfg, layer_id, e)
-    elif cfg.attn == "mla" and not cfg.index_topk and exact:
-        attn = mla_attention_saved_bytes(cfg, e, mla_recompute)
-    elif cfg.attn == "mla" and exact and seq_len is not None:
-        attn = dsa_attention_saved_bytes(cfg, cfg.n_layers if layer_id is None else layer_id, seq_len, e, packed,
-                                         mla_recompute)
-    elif cfg.attn == "gqa" and exact:
-        attn = gqa_attention_saved_bytes(cfg, e)
-    else:
-        attn = _attention_saved(cfg, recompute, layer_id, mla_recompute) * e
+    attn = attention_saved_bytes(cfg, layer_id, e, recompute, mla_recompute, fp8_cache, seq_len, packed)
     inverse_rms = 0 if recompute or fp8_cache else 4  # the FFN norm's, FP32
     if not cfg.shortcut_moe:
         return attn + _ffn_saved(cfg, moe, recompute, fp8_cache, e) + inverse_rms + hyper
@@ -149,6 +138,29 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
         shared = 0 if recompute or fp8_cache else 4 * d * (2 if e == 4 else 1)
         ffn += _ffn_saved(cfg, True, recompute, fp8_cache, e) - shared
     return attn + ffn + inverse_rms + hyper
+
+
+def attention_saved_bytes(cfg: ModelConfig, layer_id: int | None, e: int, recompute: bool = False,
+                          mla_recompute: bool = False, fp8_cache: bool = False, seq_len: int | None = None,
+                          packed: bool = False) -> float:
+    """Bytes per token an attention layer and its norm keep for backward (``activation_bytes_per_token_layer``'s
+    attention, its arguments). Under ``fp8_cache`` the generic count: a DSA layer's gathered form keeps less than
+    its per-head q, k and v, what its own count gives with every element a byte (FP8 tiles) where that is lower."""
+    exact = not recompute and not fp8_cache  # FP8 linear layers keep FP8 tiles: the generic count, lower
+    dsa = cfg.attn == "mla" and cfg.index_topk and seq_len is not None
+    layer = cfg.n_layers if layer_id is None else layer_id
+    if cfg.attn == "hybrid" and exact:
+        return hybrid_attention_saved_bytes(cfg, layer_id, e)
+    if cfg.attn == "mla" and not cfg.index_topk and exact:
+        return mla_attention_saved_bytes(cfg, e, mla_recompute)
+    if dsa and exact:
+        return dsa_attention_saved_bytes(cfg, layer, seq_len, e, packed, mla_recompute)
+    if cfg.attn == "gqa" and exact:
+        return gqa_attention_saved_bytes(cfg, e)
+    generic = _attention_saved(cfg, recompute, layer_id, mla_recompute) * e
+    if dsa and not recompute and dsa_gathers(cfg, seq_len, training=True):
+        return min(generic, dsa_attention_saved_bytes(cfg, layer, seq_len, 1, packed, mla_recompute))
+    return generic
 
 
 def _attention_saved(cfg: ModelConfig, recompute: bool, layer_id: int | None, mla_recompute: bool) -> int:
@@ -162,7 +174,7 @@ def _attention_saved(cfg: ModelConfig, recompute: bool, layer_id: int | None, ml
     elif cfg.attn == "mla":
         qk, v = cfg.qk_head_dim, cfg.v_head_dim
         latents = cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        qkv = 0 if mla_recompute and not cfg.index_topk else h * (2 * qk + v)
+        qkv = 0 if mla_recompute else h * (2 * qk + v)  # a DSA layer's gathered form keeps q: under its count
     else:
         qk = v = cfg.head_dim
         latents = 0
@@ -202,7 +214,9 @@ def dsa_attention_saved_bytes(cfg: ModelConfig, layer_id: int, seq_len: int, byt
     - The masked form (``flyer.model.dsa_chunks.dsa_gathers`` false under autograd): that, plus the (T, T) visibility
       mask, which SDPA keeps as an additive bias in the compute dtype: T elements a query. With ``recompute_up``
       (``--recompute mla``, its indexer not training) what dense MLA keeps so, and the bool mask the region keeps, T
-      bytes a query (a shared layer's region holds its full layer's).
+      bytes a query (a shared layer's region holds its full layer's). Where SDPA runs the masked form on its math
+      path instead of a fused kernel (a CPU does for some head widths: values wider than q's) it keeps the scores
+      too: more.
     - The gathered form recomputes each query chunk in backward and keeps what the chunks start from: its input (the
       residual stream, FP32) and normed input (D each), the query latent and its normed copy (R each), ``wkv_a``'s
       output and the gathered [c_KV | k_rope] (kv_lora_rank + rope each), the queries [q_nope | q_rope] (H

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from flyer.errors import FieldError
 from flyer.parse import check_unicode
-from flyer.serve.schema import MAX_LOGPROBS, OpenAIBody, error_field, field_name, refuse_unimplemented
+from flyer.serve.schema import MAX_LOGPROBS, OpenAIBody, RequestModel, error_field, field_name, refuse_unimplemented
 
 # fields that change what is generated (or what a response holds) and that flyer serve does not implement, with the
 # values that change nothing: any other value is refused, never silently ignored
@@ -33,7 +33,7 @@ MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # as Open
 LOGPROBS = "message.output_text.logprobs"  # the one ``include`` value implemented: the output text's token logprobs
 
 
-class TextPart(BaseModel):
+class TextPart(RequestModel):
     """A message's content part: ``input_text`` (a prompt's) or ``output_text`` (an earlier answer's); other kinds
     (images, files, audio) are refused: a text model would answer as if they were not there."""
 
@@ -50,7 +50,7 @@ def _parts_as_a_list(content, handler):
     return _TEXT_PARTS.validate_python(content) if isinstance(content, list) else handler(content)
 
 
-class MessageItem(BaseModel):
+class MessageItem(RequestModel):
     model_config = ConfigDict(extra="allow")  # id, status of an output message sent back
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
@@ -72,7 +72,7 @@ class MessageItem(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionCallItem(BaseModel):
+class FunctionCallItem(RequestModel):
     """An earlier answer's call (``ResponseFunctionToolCall``), sent back before its output."""
 
     model_config = ConfigDict(extra="allow")
@@ -82,7 +82,7 @@ class FunctionCallItem(BaseModel):
     arguments: str  # JSON text, as the model wrote it
 
 
-class FunctionCallOutputItem(BaseModel):
+class FunctionCallOutputItem(RequestModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["function_call_output"]
     call_id: str
@@ -93,7 +93,7 @@ class FunctionCallOutputItem(BaseModel):
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
-class ReasoningItem(BaseModel):
+class ReasoningItem(RequestModel):
     """An earlier answer's reasoning sent back: chat templates drop the reasoning of earlier turns, so does this."""
 
     model_config = ConfigDict(extra="allow")
@@ -105,7 +105,7 @@ ITEMS = {"message": MessageItem, "function_call": FunctionCallItem, "function_ca
          "reasoning": ReasoningItem}
 
 
-class FunctionTool(BaseModel):
+class FunctionTool(RequestModel):
     """A function tool in Responses' flat shape; built-in tools (web_search, file_search, ...) are refused."""
 
     model_config = ConfigDict(extra="allow")
@@ -116,12 +116,12 @@ class FunctionTool(BaseModel):
     strict: bool | None = None
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(RequestModel):
     type: str
     name: str | None = None
 
 
-class TextFormat(BaseModel):
+class TextFormat(RequestModel):
     """``text.format``: text, json_object, or json_schema with ``name`` and ``schema`` (flat, as Responses sends it)."""
 
     model_config = ConfigDict(populate_by_name=True)
@@ -138,13 +138,13 @@ class TextFormat(BaseModel):
         return all(v is None for v in (self.name, self.schema_, self.description, self.strict))
 
 
-class TextConfig(BaseModel):
+class TextConfig(RequestModel):
     model_config = ConfigDict(extra="allow")
     format: TextFormat | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
-class ReasoningConfig(BaseModel):
+class ReasoningConfig(RequestModel):
     model_config = ConfigDict(extra="allow")
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     summary: str | None = None

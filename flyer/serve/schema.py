@@ -88,14 +88,20 @@ def field_name(path: list) -> str:
     return "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in path).lstrip(".")
 
 
-class OpenAIBody(BaseModel):
-    """A request body read as OpenAI's API reads one: a value of the wrong type is refused, not converted (strict:
-    "2" is no max_tokens, true no logprobs count; an integer is a number), and an explicit null in an optional field
-    whose type has no null of its own means its default, as OpenAI types them ("number or null": clients send unset
-    options as null). A field that takes null keeps it (completions' max_tokens: the rest of the context)."""
+class RequestModel(BaseModel):
+    """A request body, or a part of one, read as OpenAI's API reads it: a value of the wrong type is refused, not
+    converted (strict: "2" is no max_tokens, true no logprobs count, "yes" no tool's strict; an integer is a
+    number), and NaN and the infinities are no numbers."""
 
-    # extra: refused in check_fields but what changes nothing; NaN and infinities are no numbers here either
-    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class OpenAIBody(RequestModel):
+    """A request body (``RequestModel``) whose explicit null in an optional field whose type has no null of its own
+    means its default, as OpenAI types them ("number or null": clients send unset options as null). A field that
+    takes null keeps it (completions' max_tokens: the rest of the context)."""
+
+    model_config = ConfigDict(extra="allow")  # refused in check_fields but what changes nothing
 
     @field_validator("*", mode="before")
     @classmethod
@@ -106,7 +112,7 @@ class OpenAIBody(BaseModel):
         return value
 
 
-class JsonSchema(BaseModel):
+class JsonSchema(RequestModel):
     """``response_format.json_schema`` as OpenAI defines it: the output matches ``schema`` (``strict`` or not:
     flyer always constrains the tokens to it; none: any JSON value, ``schema_or_object``)."""
 
@@ -117,7 +123,7 @@ class JsonSchema(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(RequestModel):
     """``response_format``: "text" (any output), "json_object" (a JSON object), "json_schema" (JSON matching
     ``json_schema.schema``)."""
 
@@ -139,7 +145,7 @@ class ResponseFormat(BaseModel):
         return {} if self.json_schema.schema_ is None else self.json_schema.schema_
 
 
-class FunctionDefinition(BaseModel):
+class FunctionDefinition(RequestModel):
     """A tool's function: ``parameters`` a JSON schema of its arguments (an object; absent: none). Other fields
     reach the chat template as sent."""
 
@@ -151,29 +157,29 @@ class FunctionDefinition(BaseModel):
     strict: bool | None = None
 
 
-class Tool(BaseModel):
+class Tool(RequestModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(BaseModel):
+class FunctionName(RequestModel):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(RequestModel):
     """``tool_choice`` naming the function the model must call."""
 
     type: Literal["function"]
     function: FunctionName
 
 
-class CalledFunction(BaseModel):
+class CalledFunction(RequestModel):
     name: str
     arguments: str  # JSON text, as the model wrote it
 
 
-class MessageToolCall(BaseModel):
+class MessageToolCall(RequestModel):
     """One call of an assistant message's ``tool_calls`` (a conversation going on after the call)."""
 
     id: str
@@ -270,7 +276,7 @@ class CompletionBody(Body):
                                        "fill-in-the-middle prompt's ids, markers included, as the prompt)")
 
 
-class ContentPart(BaseModel):
+class ContentPart(RequestModel):
     """One part of a message's content in OpenAI's list form: a text part, whose ``text`` is the
     prompt's. Other kinds (images, audio) are refused: a text model would answer as if they were not
     there."""
@@ -301,7 +307,7 @@ _CONTENT_PARTS = TypeAdapter(list[ContentPart])
 JINJA_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer", "latest_reminder"]
     content: str | list[ContentPart] | None = Field(default=None, validate_default=True)  # null: an assistant's only
