@@ -202,6 +202,14 @@ def test_info_cli_json(capsys):
     assert round(out["activated_params_without_embedding"] / 1e9) == 37 != round(out["activated_params"] / 1e9)
 
 
+def test_info_names_a_dense_models_ffns(capsys):
+    """A model without routed experts is said to have dense FFNs (it read "0 routed experts (top-0)")."""
+    assert main(["info", "llama3.1-405b"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "llama3.1-405b: GQA, 126 layers, dense FFNs"
+    assert main(["info", "tiny"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "tiny: MLA, 4 layers, 16 routed experts (top-4)"
+
+
 def test_info_takes_preset_as_a_flag_too(capsys):
     """``flyer info --preset NAME`` as train, generate and plan take it (it was refused: only ``info NAME``)."""
     outs = []

@@ -84,8 +84,9 @@ def _run(args) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{out['preset'] or args.config}: {out['attention'].upper()}, {out['layers']} layers, "
-          f"{out['routed_experts']} routed experts (top-{out['activated_experts']})")
+    ffn = (f"{out['routed_experts']} routed experts (top-{out['activated_experts']})" if out["routed_experts"] else
+           "dense FFNs")
+    print(f"{out['preset'] or args.config}: {out['attention'].upper()}, {out['layers']} layers, {ffn}")
     print(f"  total params       {_human(out['total_params'])} ({out['total_params']:,})")
     print(f"  activated / token  {_human(out['activated_params'])} ({out['activated_params']:,}); "
           f"{_human(out['activated_params_without_embedding'])} without the embedding (a lookup), as DeepSeek counts")
