@@ -68,6 +68,7 @@ from flyer.serve.link import EngineClient
 from flyer.serve.metrics import ApiMetrics
 from flyer.serve.reasoning import PARSERS, Reasoning, Split
 from flyer.serve.request import NO_GRAMMARS, SamplingOptions, TokenEvent
+from flyer.serve.sampling_defaults import OPENAI_DEFAULTS
 from flyer.serve.schema import JINJA_ROLES, Body, ChatBody, CompletionBody
 from flyer.serve.tools import (ToolCall, chosen_format, content_end, marked_text, marker_ids, parse_tool_calls,
                                tool_grammar)
@@ -79,10 +80,12 @@ class Api:
 
     def __init__(self, engine: EngineClient, tokenizer, model_name: str, api_key: str | None = None,
                  chat_template: ChatTemplate = None, reasoning_parser: str | None = None,
-                 tool_call_parser: str = "auto"):
+                 tool_call_parser: str = "auto", sampling_defaults: dict[str, float] | None = None):
         """``reasoning_parser``: a ``flyer.serve.reasoning.PARSERS`` name, or None: all output is content.
-        ``tool_call_parser``: a ``flyer.serve.tools.TOOL_PARSERS`` name, or "auto": the chat template's format."""
+        ``tool_call_parser``: a ``flyer.serve.tools.TOOL_PARSERS`` name, or "auto": the chat template's format.
+        ``sampling_defaults``: what a request's unset sampling fields take (``flyer.serve.sampling_defaults``)."""
         self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.sampling_defaults = dict(sampling_defaults or {})
         if reasoning_parser is not None and reasoning_parser not in PARSERS:
             raise FieldError("reasoning_parser", f"must be one of {sorted(PARSERS)} (got {reasoning_parser!r})")
         self.reasoning = None if reasoning_parser is None else PARSERS[reasoning_parser]
@@ -135,12 +138,19 @@ class Api:
                                                    f"{prompt_name} exceed {held}: at most {lim.room - prompt_len}")
         fmt = body.response_format  # compiled here, so that a schema llguidance refuses answers 400
         grammar = None if fmt is None or fmt.type == "text" else json_grammar(fmt.schema_or_object())
-        return SamplingOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                               top_k=max(body.top_k, 0), min_p=body.min_p, seed=body.seed,
+        sampling = self.sampling(body)
+        return SamplingOptions(max_tokens=max_tokens, temperature=sampling["temperature"], top_p=sampling["top_p"],
+                               top_k=max(sampling["top_k"], 0), min_p=sampling["min_p"], seed=body.seed,
                                stop_ids=(*self.tok.eos_ids(), *(body.stop_token_ids or ())), logprobs=logprobs,
                                prompt_logprobs=echo and logprobs is not None, logit_bias=body.token_bias(),
                                frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                               repetition_penalty=body.repetition_penalty, grammar=grammar)
+                               repetition_penalty=sampling["repetition_penalty"], grammar=grammar)
+
+    def sampling(self, body) -> dict[str, float]:
+        """``body``'s sampling fields (``OPENAI_DEFAULTS``' names), each unset one the server's default: its
+        checkpoint's (``sampling_defaults``), else OpenAI's."""
+        return {k: v if (v := getattr(body, k, None)) is not None else self.sampling_defaults.get(k, default)
+                for k, default in OPENAI_DEFAULTS.items()}
 
     def _prompts(self, prompt, suffix: str | None = None,
                  starts: bool = False) -> tuple[list[list[int]], list[list[int] | None] | None]:

@@ -39,6 +39,7 @@ from flyer.serve.disk_tier import open_disk_prefix_cache
 from flyer.serve.engine import Engine, EngineConfig, Limits
 from flyer.serve.link import EngineClient, EngineHost
 from flyer.serve.reasoning import PARSERS
+from flyer.serve.sampling_defaults import generation_defaults
 from flyer.serve.tools import TOOL_PARSERS
 
 PATHS = {"ckpt", "prefix_cache"}  # paths that may not be empty (flyer.cli)
@@ -124,6 +125,11 @@ def _run(args) -> int:
     check_fp8_cache_flags(model.cfg, cfg.cache_dtype, "absorbed")
     name = args.model_name if args.model_name is not None else Path(args.ckpt).resolve().name if args.ckpt \
         else args.preset
+    defaults = generation_defaults(args.ckpt) if args.generation_config == "auto" else {}
+    if defaults:  # said once: a request without them samples otherwise than OpenAI's defaults would
+        print(f"flyer serve: sampling defaults from generation_config.json: "
+              f"{', '.join(f'{k} {v}' for k, v in defaults.items())} (--generation-config none: OpenAI's)",
+              file=sys.stderr, flush=True)
     if args.prefix_cache:
         cfg.prefix_cache = open_disk_prefix_cache(model, args.prefix_cache, cfg.cache_dtype, cfg.block_size,
                                                   parse_size(args.prefix_cache_size, "prefix_cache_size"))
@@ -137,7 +143,7 @@ def _run(args) -> int:
     http = multiprocessing.get_context("spawn").Process(
         target=serve_http, name="flyer-http", daemon=True,
         args=(their_end, sock, engine.limits, tok, name, args.api_key, chat_template,
-              http_url(host, port), args.reasoning_parser, args.tool_call_parser, args.drain_timeout))
+              http_url(host, port), args.reasoning_parser, args.tool_call_parser, defaults, args.drain_timeout))
     http.start()
     their_end.close()
     sock.close()
@@ -164,7 +170,8 @@ def _run(args) -> int:
 
 def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, name: str, api_key: str | None,
                chat_template: ChatTemplate, url: str, reasoning_parser: str | None = None,
-               tool_call_parser: str = "auto", drain_timeout: float = 60.0) -> None:
+               tool_call_parser: str = "auto", sampling_defaults: dict[str, float] | None = None,
+               drain_timeout: float = 60.0) -> None:
     """The HTTP process: the API over the engine's link on ``sock``, with the ready line once it accepts."""
     from flyer.serve.api import Api  # FastAPI and uvicorn: 0.4 s of every flyer command's start otherwise
     from flyer.serve.app import Server  # (uvicorn: as above)
@@ -173,7 +180,7 @@ def serve_http(link: socket.socket, sock: socket.socket, limits: Limits, tok, na
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     server = Server(Api(EngineClient(link, limits), tok, name, api_key, chat_template, reasoning_parser,
-                        tool_call_parser), graceful_s=drain_timeout)
+                        tool_call_parser, sampling_defaults), graceful_s=drain_timeout)
 
     async def main():
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -235,6 +242,10 @@ def register(sub) -> None:
                    help="serving steps in fixed shapes, replayed from CUDA graphs: auto (default) on a GPU for "
                         "MLA and GQA models (not DSA's or DeepSeek-V4's, which select slots by value); on: also on "
                         "the CPU, run eagerly (as tests check them), and an error for a model without them; off")
+    p.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+                   help="auto (default): a request's unset temperature, top_p, top_k, min_p and repetition_penalty "
+                        "take the checkpoint's generation_config.json values, as vLLM's --generation-config auto; "
+                        "none: OpenAI's defaults (temperature 1, top_p 1)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                    help="on SIGTERM/SIGINT, seconds the requests in flight may take to finish; those still running "

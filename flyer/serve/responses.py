@@ -309,15 +309,16 @@ class Responses:
         choice = body.tool_choice.model_dump(exclude_none=True) if isinstance(body.tool_choice, NamedFunction) \
             else body.tool_choice or "auto"
         fmt = body.text.format if body.text is not None else None
+        sampling = self.api.sampling(body)  # what it samples with: the server's defaults where it sets none
         return {"id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
                 "error": None, "incomplete_details": None, "instructions": body.instructions,
                 "max_output_tokens": body.max_output_tokens, "model": self.api.model_name, "output": [],
                 "parallel_tool_calls": body.parallel_tool_calls is not False,
                 "previous_response_id": body.previous_response_id,
                 "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
-                "store": body.store is not False, "temperature": 1.0 if body.temperature is None else body.temperature,
+                "store": body.store is not False, "temperature": sampling["temperature"],
                 "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
-                "tool_choice": choice, "tools": tools, "top_p": 1.0 if body.top_p is None else body.top_p,
+                "tool_choice": choice, "tools": tools, "top_p": sampling["top_p"],
                 "truncation": "disabled", "usage": None, "user": body.user, "metadata": body.metadata or {},
                 "top_logprobs": body.top_logprobs or 0}
 

@@ -200,8 +200,9 @@ class Body(OpenAIBody):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's range
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # the sampling fields unset (None): the server's defaults (``flyer.serve.sampling_defaults``), else OpenAI's
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # OpenAI's range
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None  # its range checked once, by the engine (``Engine.check``)
     stream: bool = False
@@ -213,9 +214,9 @@ class Body(OpenAIBody):
     logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> added to its logit
     # vLLM's sampling fields (``flyer.infer.sampling``): top_k -1 or 0 for all tokens; the stop_token_ids end the
     # output as an EOS does, their text kept unless a special token's (vLLM's rule)
-    top_k: int = Field(default=0, ge=-1)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = 1.0
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_IDS)
     response_format: ResponseFormat | None = None  # structured outputs (``flyer.serve.grammar``)
 
