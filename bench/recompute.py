@@ -10,10 +10,12 @@ drift hits both alike), in each precision. Prints one JSON object:
 * ``step_time_ratio_<precision>``: median step time (forward and backward) with recomputation / without;
 * ``same_gradients``: every gradient equal bit for bit in every precision;
 * ``layer_ratio_<preset>``: the estimate of one MoE layer's saved bytes per token with / without, for the real
-  geometries (``flyer.cluster.costs.activation_bytes_per_token_layer``), where the heads are many.
+  geometries (``flyer.cluster.costs.activation_bytes_per_token_layer``; DeepSeek-V3.2's DSA layers at 4,096 tokens,
+  their masked form), where the heads are many.
 
     python bench/recompute.py                    # small preset, 2 x 256 tokens, ~1 minute on 2 cores
     python bench/recompute.py --heads 32         # the small preset with 32 heads
+    python bench/recompute.py --dsa 64           # every layer DSA's (V3.2's), its indexer keeping 64 keys: masked
     python bench/recompute.py --preset tiny --reps 3
 """
 
@@ -44,11 +46,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heads", type=int, default=None, help="replaces the preset's n_heads (the saving grows with it)")
+    ap.add_argument("--dsa", type=int, default=0, metavar="TOPK",
+                    help="every layer a DSA layer (V3.2's lightning indexer, 4 heads of 64) keeping TOPK keys a query")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = preset(args.preset, **({} if args.heads is None else {"n_heads": args.heads}))
+    over = ({} if args.heads is None else {"n_heads": args.heads}) | (
+        {"index_topk": args.dsa, "index_n_heads": 4, "index_head_dim": 64} if args.dsa else {})
+    cfg = preset(args.preset, **over)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    out: dict = {"preset": args.preset, "n_heads": cfg.n_heads, "tokens": args.batch * args.seq, "same_gradients": True}
+    out: dict = {"preset": args.preset, "n_heads": cfg.n_heads, "index_topk": cfg.index_topk,
+                 "tokens": args.batch * args.seq, "same_gradients": True}
     for precision in ("fp32", "bf16", "fp8"):
         torch.manual_seed(0)
         model = Transformer(cfg)
@@ -81,9 +88,10 @@ def main() -> None:
         out[f"held_ratio_{precision}"] = round(out[f"held_mib_{precision}_mla"] / out[f"held_mib_{precision}_none"], 3)
         out[f"step_time_ratio_{precision}"] = round(statistics.median(times["mla"]) / statistics.median(times["none"]),
                                                     3)
-    for name in ("dsv2-lite", "dsv3"):
+    for name in ("dsv2-lite", "dsv3", "dsv32"):
         c = preset(name)
-        per = [activation_bytes_per_token_layer(c, True, recompute=False, mla_recompute=m) for m in (True, False)]
+        per = [activation_bytes_per_token_layer(c, True, recompute=False, mla_recompute=m, seq_len=4096)
+               for m in (True, False)]
         out[f"layer_ratio_{name}"] = round(per[0] / per[1], 3)
     print(json.dumps(out))
 
