@@ -346,6 +346,25 @@ def test_dsa_keeps_what_its_estimate_counts(precision, T, recompute):
             activation_bytes(cfg, 1, 0, "1f1b", T, 1, precision, indexer_train="sparse")
 
 
+def test_glm5s_shared_layers_recompute_while_the_full_ones_train_their_indexers():
+    """Under ``--indexer-train sparse`` a DSA layer with an indexer keeps its queries and keys (L_I reads them), but
+    GLM-5's shared layers, which have none, recompute: the plan counts their saving (it counted none), all of what
+    a model keeps less but the bool masks their regions keep alive (their full layers', which do not recompute)."""
+    cfg, T = preset("tiny", **DSA, indexer_types=("full", "shared", "full", "shared")), 64
+    tokens = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(1))
+    kept = {}
+    for mode in ("none", "mla"):
+        torch.manual_seed(0)
+        model = Transformer(cfg).train()
+        set_indexer_training(model, "sparse")
+        set_recompute(model, mode)
+        kept[mode] = held_bytes(lambda: model.compute_loss(tokens, tokens), skip=model)
+    estimated = {mode: activation_bytes(cfg, 1, 0, "1f1b", T, 1, "fp32", recompute=mode, indexer_train="sparse")
+                 for mode in ("none", "mla")}
+    masks = 2 * T * T  # the two shared layers' regions hold their full layers' (1, 1, T, T) bool masks
+    assert estimated["none"] - estimated["mla"] == kept["none"] - kept["mla"] + masks > masks
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("lengths", [[32, 32], [8, 8, 48]])
 def test_a_packed_rows_dsa_estimate_stays_a_lower_bound(precision, lengths):

@@ -193,6 +193,19 @@ def test_a_run_resumed_with_recompute_trains_the_same_steps(tmp_path, data_cache
     assert losses[0] == losses[1] and steps_logged(tmp_path / "mixed") == [1, 2, 3, 4]
 
 
+def test_a_runs_log_line_says_its_dsa_layers_training_indexers_keep_theirs(tmp_path, data_cache, capsys):
+    """``--indexer-train sparse --recompute mla`` on DSA layers: the run's line says none recompute (it was logged
+    before the indexers' training was set, and said all five did)."""
+    config = tmp_path / "dsa.toml"
+    config.write_text("[model]\n" + "".join(f"{k} = {v}\n" for k, v in DSA.items()))
+    argv = train_argv(tmp_path / "run", data_cache, "--config", str(config), "--indexer-train", "sparse",
+                      "--recompute", "mla")
+    at = argv.index("--steps") + 1
+    assert main([*argv[:at], "1", *argv[at + 1:]]) == 0
+    assert ("recompute: none: 5 DSA layers training their indexers keep theirs (L_I reads the queries and keys)"
+            in capsys.readouterr().err)
+
+
 def test_an_unknown_recompute_is_one_line(tmp_path, data_cache, capsys):
     assert main(train_argv(tmp_path, data_cache, "--recompute", "full")) == 2
     assert capsys.readouterr().err.strip() == "flyer: error: --recompute: must be one of none, mla (got 'full')"

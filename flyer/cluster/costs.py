@@ -94,11 +94,11 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, moe: bool, recompute: boo
     """Bytes a layer saves for backward per token (FlashAttention-style: no S x S scores).
 
     Without recomputation, a dense MLA, a DSA (given the ``seq_len`` tokens it reads, and whether they are ``packed``
-    documents) or a GQA layer saves what
-    flyer's keeps (``mla_attention_saved_bytes``, ``dsa_attention_saved_bytes``, ``gqa_attention_saved_bytes``; under
-    ``fp8_cache``, whose linear layers keep FP8 tiles of their inputs, the count below, which stays under it for
-    dense MLA); the count below is otherwise its input and normed input, the q latent, the kv latent + rope key, q,
-    k, v, the attention output and the softmax log-sum-exp (one per head). The FFN saves its norm's input, output and
+    documents) or a GQA layer saves what flyer's keeps (``attention_saved_bytes``: ``mla_attention_saved_bytes``,
+    ``dsa_attention_saved_bytes``, ``gqa_attention_saved_bytes``; under ``fp8_cache``, whose linear layers keep FP8
+    tiles of their inputs, the count below, which stays under it); the count below is otherwise its input and normed
+    input, the q latent, the kv latent + rope key, q, k, v, the attention output and the softmax log-sum-exp (one per
+    head). The FFN saves its norm's input, output and
     FP32 inverse RMS, its dense or shared experts' projections and product, per routed pick the expert input, gate/up
     outputs, product and output, plus the router scores (not counted: the router's picks and the experts' row
     bookkeeping, integers a few a pick, nor an expert kernel's row padding).
@@ -214,9 +214,10 @@ def dsa_attention_saved_bytes(cfg: ModelConfig, layer_id: int, seq_len: int, byt
     - The masked form (``flyer.model.dsa_chunks.dsa_gathers`` false under autograd): that, plus the (T, T) visibility
       mask, which SDPA keeps as an additive bias in the compute dtype: T elements a query. With ``recompute_up``
       (``--recompute mla``, its indexer not training) what dense MLA keeps so, and the bool mask the region keeps, T
-      bytes a query (a shared layer's region holds its full layer's). Where SDPA runs the masked form on its math
-      path instead of a fused kernel (a CPU does for some head widths: values wider than q's) it keeps the scores
-      too: more.
+      bytes a query (a shared layer's region holds its full layer's; not counted where that full layer trains its
+      indexer, recomputing nothing, and the shared layers' regions keep its bool mask alive). Where SDPA runs the
+      masked form on its math path instead of a fused kernel (a CPU does for some head widths: values wider than
+      q's) it keeps the scores too: more.
     - The gathered form recomputes each query chunk in backward and keeps what the chunks start from: its input (the
       residual stream, FP32) and normed input (D each), the query latent and its normed copy (R each), ``wkv_a``'s
       output and the gathered [c_KV | k_rope] (kv_lora_rank + rope each), the queries [q_nope | q_rope] (H

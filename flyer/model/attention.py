@@ -250,15 +250,16 @@ class MLA(Transients, nn.Module):
         # the attention's queries and keys
         if self.recompute and recompute and torch.is_grad_enabled() and self.index_train == "off":
             q_in, kv = self.wq_a(x_BTD) if self.q_lora_rank else x_BTD, self.wkv_a(x_BTD)
-            mask = chunks = None
-            if self.index_topk:
-                with torch.no_grad():  # the indexer's query latent (it gets no gradient); the region's is its own
-                    q_latent = self.q_norm(q_in)
-                mask, chunks = self._selection(x_BTD, q_latent, cos, sin, selection, gather, chunk)
+            mask = chunks = q_latent = None
+            if self.index_topk:  # a full layer's indexer reads the query latent as the path below makes it (made
+                # without autograd, a GPU's FP32 norm takes another kernel, whose roundings could move a pick)
+                q_latent = None if self.shares_selection else self.q_norm(q_in)
+                mask, chunks = self._selection(x_BTD, None if q_latent is None else q_latent.detach(), cos, sin,
+                                               selection, gather, chunk)
             if chunks is None:  # dense, or masked: the mask, made without autograd, kept as the region's input
                 o = recomputed(self._attend_latents, q_in, kv, cos, sin, docs, mask)
             else:  # gathered: the chunks recompute in backward already
-                q_nope, q_rope = self.queries(x_BTD, cos, sin, self.q_norm(q_in))
+                q_nope, q_rope = self.queries(x_BTD, cos, sin, self.q_norm(q_in) if q_latent is None else q_latent)
                 o = sparse_attention(self, q_nope, q_rope, *self._latent_parts(kv, cos, sin), chunks)
             return self.wo(o.reshape(B, T, self.n_heads * self.v_head_dim))
         q_latent = self.query_latent(x_BTD) if self.q_lora_rank else None

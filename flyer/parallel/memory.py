@@ -139,7 +139,6 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
     freezes all the rest, which then keeps nothing. ``packed``: the rows are packed documents (``flyer train
     --pack``), whose DSA layers run each document as a row of its own."""
     warm = indexer_train == "warmup"
-    mla_recompute = recompute == "mla" and indexer_train == "off"  # DSA layers training their indexers keep theirs
     element = 4 if precision == "fp32" else 2
     n = pp * chunks_per_rank(schedule, pp)
     split, placement = split_layers(cfg, n, seq_len, indexer_train), stage_ranks(schedule, pp)
@@ -157,7 +156,10 @@ def activation_bytes(cfg: ModelConfig, pp: int, pp_rank: int, schedule: str, seq
             if not warm:
                 per_token += activation_bytes_per_token_layer(cfg, has_routed_experts(cfg, i), recompute=False,
                                                               bytes_per_element=element, layer_id=i,
-                                                              mla_recompute=mla_recompute, fp8_cache=fp8_cache,
+                                                              # a DSA layer training its indexer keeps its own
+                                                              mla_recompute=recompute == "mla" and (
+                                                                  indexer_train == "off" or not cfg.has_indexer(i)),
+                                                              fp8_cache=fp8_cache,
                                                               seq_len=reads, packed=packed)
             kept += micro_batch * reads * per_token
         weights = 0 if warm else expert * sum(has_routed_experts(cfg, i) for i in blocks)

@@ -175,8 +175,6 @@ class Trainer:
         self.model = build_model(self.cfg, self.mesh, self.precision, tc.seed, tc.dispatcher, tc.fp8_dispatch,
                                  stages=stages, fp4=tc.fp4_experts, fp8_activation_cache=tc.fp8_activation_cache,
                                  recompute=tc.recompute)
-        if tc.recompute != "none":
-            self.log(recompute_line(self.model))
         self.pipeline: PipelineModel | None = None
         if self.mesh.pp > 1:  # this rank keeps its stages; the rest of the model is freed
             overlap = None if tc.pp_overlap else False  # None: where it applies (dualpipev, ep > 1)
@@ -186,6 +184,8 @@ class Trainer:
         if tc.init and start is None:  # a resumed run has its own weights
             load_init_weights(self.model, tc.init)
         set_indexer_training(self.model, tc.indexer_train)  # before the optimizer: warm-up freezes the rest
+        if tc.recompute != "none":  # (after the indexers' training is set: a DSA layer training one keeps its own)
+            self.log(recompute_line(self.model))
         self.dpo: DpoObjective | None = None
         if tc.dpo:  # the frozen reference, init's weights again (a resumed run's too); MTP untrained (flyer.train.dpo)
             freeze_mtp(self.model)
