@@ -91,6 +91,29 @@ def test_the_log_line_says_which_layers_recompute():
     assert set_recompute(v4, "mla") == 0 and recompute_line(v4) == "recompute: this model has no MLA layer: nothing is"
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("over", [{}, DSA, GLM5], ids=["mla", "dsa", "glm5"])
+def test_recompute_keeps_the_loss_on_cuda(precision, over):
+    """On a GPU (its fused attention kernels; its FP32 norms without autograd take torch's fused kernel, which the
+    indexer's query latent must not), dense MLA and DSA layers give the same loss with recomputation, so the same
+    selections, bit for bit. Dense FFNs and no MTP: the routed experts' atomic adds would vary any two runs, as the
+    fused attention's backward does their gradients."""
+    cfg = preset("tiny").replace(n_dense_layers=preset("tiny").n_layers, mtp_depth=0, **over)
+    torch.manual_seed(0)
+    model = Transformer(cfg).cuda()
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).cuda()
+    losses = []
+    for mode in ("none", "mla"):
+        set_recompute(model, mode)
+        with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+            loss = model.compute_loss(tokens, tokens).loss
+        loss.backward()  # the recomputation runs
+        losses.append(loss.detach())
+    assert torch.equal(*losses)
+
+
 def _switches() -> tuple:
     return lowp._forced.get(), kernels.cpu_ops() is None, cpu_kind()
 
