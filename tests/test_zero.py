@@ -4,6 +4,7 @@ unsharded one, holds only its shard of the state, and ``partition`` is PyTorch's
 import torch
 
 from flyer.config import preset
+from flyer.model.indexer_loss import set_indexer_training
 from flyer.parallel.memory import measure_state_bytes, plan_state_bytes
 from flyer.parallel.mesh import init_distributed
 from flyer.train.config import TrainConfig
@@ -55,6 +56,35 @@ def test_zero1_equals_adamw_and_the_plan_on_dp4_ep2():
         assert [r["adamw"][k] for r in res] == plain[f"{k}_per_rank"], k
     # the shards cover the state once: summed over the 4 ranks, dense state once and expert state per EP rank
     assert sum(plan["optimizer_bytes_per_rank"]) < sum(plain["optimizer_bytes_per_rank"]) / 2
+
+
+def _zero_warmup(rank: int):
+    cfg = _cfg().replace(index_topk=4, index_n_heads=2, index_head_dim=32)
+    mesh = init_distributed(cfg, timeout_s=60)
+    tc = TrainConfig(lr=1e-2, zero=1, indexer_train="warmup")
+    model = build_model(cfg, mesh, "fp32", seed=0)
+    set_indexer_training(model, "warmup")
+    opt = build_optimizer(model, tc, mesh)
+    held = {id(p) for part in opt.parts for g in part.param_groups for p in g["params"]}
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    d = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(100 + rank))
+    model.compute_loss(d[:, :-1], d[:, 1:]).loss.backward()
+    mesh.sync_gradients(model)
+    opt.step()
+    return {"held_only_trained": held == trained, "frozen": len(list(model.parameters())) - len(trained),
+            "state": measure_state_bytes(model, opt)}
+
+
+def test_zero1_shards_only_the_parameters_that_train():
+    """The indexers' warm-up (every other parameter frozen) on DP 2 with ZeRO-1: the sharded optimizer holds the
+    indexers only, as the plain one does (it held every parameter, and a ZeroRedundancyOptimizer broadcasts all it
+    holds at every step: the whole frozen model each step), and the plan's per-rank state is what the ranks hold."""
+    res = run_ranks(_zero_warmup, 2)
+    assert all(r["held_only_trained"] and r["frozen"] > 0 for r in res)
+    cfg = _cfg().replace(index_topk=4, index_n_heads=2, index_head_dim=32)
+    plan = plan_state_bytes(cfg, pp=1, dp=2, ep=1, zero=1, seq_len=T, indexer_train="warmup")
+    for k in ("param_bytes", "grad_bytes", "optimizer_bytes"):
+        assert [r["state"][k] for r in res] == plan[f"{k}_per_rank"], k
 
 
 def test_partition_is_zero_redundancy_optimizers():

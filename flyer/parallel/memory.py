@@ -31,7 +31,7 @@ from flyer.model.indexer_loss import set_indexer_training
 from flyer.model.transformer import Transformer
 from flyer.parallel.grads import expert_param_names
 from flyer.parallel.stages import chunks_per_rank, held_modules, split_layers, stage_ranks
-from flyer.parallel.zero import partition, shard_kinds, shard_rank
+from flyer.parallel.zero import partition, shard_kinds, shard_rank, trained_kinds
 from flyer.optim.muon import OPTIMIZERS, muon_param_ids, optimizer_groups, state_bytes
 
 STEP_BYTES = 4  # AdamW's per-parameter ``step``: an FP32 scalar tensor (fused and foreach alike)
@@ -201,8 +201,7 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
             return sum(state_bytes(optimizer, id(p) in muon, numel[id(p)], elsize[id(p)], STEP_BYTES)
                        for p in ps if p.requires_grad)
 
-        kinds = {"all": [p for _, p in named], "dense": [p for n, p in named if n not in experts],
-                 "expert": [p for n, p in named if n in experts]}
+        kinds = trained_kinds(named, experts)  # as ShardedOptimizer partitions them
         shards = {}  # kind -> optimizer bytes of each of its group's ranks
         for kind, replicas in (shard_kinds(dp, ep) if zero else [("all", 1)]):
             groups = [g["params"] for g in optimizer_groups(optimizer, kinds[kind], muon, 0.0)]

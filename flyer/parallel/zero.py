@@ -71,6 +71,15 @@ def shard_rank(kind: str, dp_rank: int, ep: int) -> int:
     return dp_rank // ep if kind == "expert" else dp_rank
 
 
+def trained_kinds(named: list[tuple[str, nn.Parameter]], experts: set[str]) -> dict[str, list[nn.Parameter]]:
+    """The parameters of ``named`` that train (``requires_grad``), all, dense and experts' (``experts``' names): what
+    the sharded optimizer steps. A frozen one (the indexers without ``--indexer-train``, all but them in its warm-up)
+    never changes, and a ``ZeroRedundancyOptimizer`` broadcasts every parameter it holds at every step."""
+    trained = [(n, p) for n, p in named if p.requires_grad]
+    return {"all": [p for _, p in trained], "dense": [p for n, p in trained if n not in experts],
+            "expert": [p for n, p in trained if n in experts]}
+
+
 class ShardedOptimizer:
     """The optimizer ``kind`` ('adamw' or 'muon', ``flyer.optim.muon.optimizer_groups``) for
     ``model`` on ``mesh`` with ZeRO-1 state sharding; the optimizer interface the trainer uses:
@@ -81,8 +90,7 @@ class ShardedOptimizer:
                  eps: float = 1e-8, kind: str = "adamw"):
         experts = expert_param_names(model)
         named = list(model.named_parameters())  # deduplicates tied weights
-        params = {"all": [p for _, p in named], "dense": [p for n, p in named if n not in experts],
-                  "expert": [p for n, p in named if n in experts]}
+        params = trained_kinds(named, experts)
         muon = muon_param_ids(model) if kind == "muon" else {}
         fused = named[0][1].device.type in ("cpu", "cuda")
         hyper = dict(lr=lr, betas=betas, eps=eps, fused=fused)
