@@ -3,6 +3,7 @@ turn, so machine-load drift hits them alike), BF16 autocast: what each keeps and
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -12,6 +13,22 @@ import torch
 from flyer.parallel.memory import held_bytes
 
 MIB = 2**20
+
+
+def add_step_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """What every lockstep bench takes: a batch of ``--batch`` x ``--seq`` tokens, ``--steps`` paired steps, torch's
+    ``--threads``."""
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--threads", type=int, default=2)
+
+
+def batch_tokens(args: argparse.Namespace, vocab_size: int) -> torch.Tensor:
+    """``add_step_args``' batch of random tokens, with torch on its threads and the model's seed (0) set."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return torch.randint(0, vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 
 
 def compare(model: torch.nn.Module, tokens: torch.Tensor, choices: dict[str, Callable[[], None]], steps: int,

@@ -21,8 +21,7 @@ import argparse
 import functools
 import json
 
-import torch
-from _lockstep import compare
+from _lockstep import add_step_args, batch_tokens, compare
 
 import flyer.model.hyper as hyper
 from flyer.config import preset
@@ -48,16 +47,11 @@ def _use(choice: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dim", type=int, default=None, help="replaces tiny-v4's width")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2)
+    add_step_args(ap, steps=30)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     cfg = preset("tiny-v4", **({} if args.dim is None else {"dim": args.dim}))
-    torch.manual_seed(0)
+    tokens = batch_tokens(args, cfg.vocab_size)
     model = Transformer(cfg).train()
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     out: dict = {"dim": cfg.dim, "tokens": args.batch * args.seq, "steps": args.steps}
     try:
         out |= compare(model, tokens, {c: functools.partial(_use, c) for c in CHOICES}, args.steps, peer="kept")

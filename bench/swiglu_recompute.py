@@ -20,8 +20,7 @@ import argparse
 import functools
 import json
 
-import torch
-from _lockstep import compare
+from _lockstep import add_step_args, batch_tokens, compare
 
 import flyer.model.experts as experts
 from flyer.config import preset
@@ -34,16 +33,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny-v4")
     ap.add_argument("--experts-impl", default="grouped_mm", choices=experts.EXPERT_IMPLS)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    add_step_args(ap, steps=20)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     cfg = preset(args.preset)
-    torch.manual_seed(0)
+    tokens = batch_tokens(args, cfg.vocab_size)
     model = Transformer(cfg, experts_impl=args.experts_impl).train()
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     out: dict = {"preset": args.preset, "experts_impl": args.experts_impl, "tokens": args.batch * args.seq,
                  "steps": args.steps}
     try:
