@@ -6,18 +6,18 @@ temperature is its recommendation whether or not transformers' ``generate`` woul
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from flyer.errors import CheckpointError
+from pydantic import ValidationError
+
+from flyer.errors import CheckpointError, FieldError
 from flyer.interop.hf_tokenizer import read_json
 from flyer.interop.load import settings_dir
+from flyer.serve.request import SamplingOptions
+from flyer.serve.schema import CompletionBody
 
 # the fields read, and OpenAI's (vLLM's) value for each where neither the request nor the file sets it
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-# each field's range, as a request's is checked (``flyer.serve.schema.Body``, ``flyer.infer.sampling``)
-_VALID = {"temperature": lambda v: 0 <= v <= 2, "top_p": lambda v: 0 < v <= 1, "top_k": lambda v: v >= -1,
-          "min_p": lambda v: 0 <= v <= 1, "repetition_penalty": lambda v: 0 < v < math.inf}
 
 
 def generation_defaults(ckpt: str | Path | None) -> dict[str, float]:
@@ -29,14 +29,15 @@ def generation_defaults(ckpt: str | Path | None) -> dict[str, float]:
     if path is None or not path.is_file():
         return {}
     found = read_json(path)
-    out = {}
-    for name, valid in _VALID.items():
-        value = found.get(name)
-        if value is None:
-            continue
-        integer = name == "top_k"
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not valid(value):
-            raise CheckpointError(f"{path}: {name} {value!r} is no {'top_k' if integer else name} a request could "
-                                  f"send: fix it, or serve with --generation-config none")
-        out[name] = value
+    out = {name: found[name] for name in OPENAI_DEFAULTS if found.get(name) is not None}
+    for name, value in out.items():  # each checked as a request's would be: its type and range, then the engine's
+        try:
+            CompletionBody.model_validate({"model": "", "prompt": [0], name: value})
+            opts = SamplingOptions(**{name: max(value, 0) if name == "top_k" else value})
+            _ = opts.params
+            opts.check_adjustments()
+        except (ValidationError, FieldError) as e:
+            problem = e.errors()[0]["msg"] if isinstance(e, ValidationError) else e.problem
+            raise CheckpointError(f"{path}: {name} {value!r} is no value a request could send ({problem}): fix it, "
+                                  f"or serve with --generation-config none") from None
     return out
