@@ -197,11 +197,12 @@ def plan_state_bytes(cfg: ModelConfig, pp: int, dp: int, ep: int, zero: int, sch
         params = sum(numel[id(p)] * elsize[id(p)] for _, p in named)
         grads = sum(numel[id(p)] * elsize[id(p)] for _, p in named if p.requires_grad)  # zeros where unused
 
-        def state(ps: list[nn.Parameter]) -> int:  # created at a parameter's first gradient: frozen ones have none
-            return sum(state_bytes(optimizer, id(p) in muon, numel[id(p)], elsize[id(p)], STEP_BYTES)
-                       for p in ps if p.requires_grad)
+        def state(ps: list[nn.Parameter]) -> int:
+            return sum(state_bytes(optimizer, id(p) in muon, numel[id(p)], elsize[id(p)], STEP_BYTES) for p in ps)
 
-        kinds = trained_kinds(named, experts)  # as ShardedOptimizer partitions them
+        # what trains, as ShardedOptimizer partitions it: the state is made at a parameter's first gradient, and a
+        # frozen one (never any) holds none
+        kinds = trained_kinds(named, experts)
         shards = {}  # kind -> optimizer bytes of each of its group's ranks
         for kind, replicas in (shard_kinds(dp, ep) if zero else [("all", 1)]):
             groups = [g["params"] for g in optimizer_groups(optimizer, kinds[kind], muon, 0.0)]
