@@ -133,7 +133,9 @@ def test_auto_with_a_response_format_is_its_json_or_a_calls_block_in_every_forma
 
 def test_auto_with_a_strict_function_is_text_or_text_then_a_valid_calls_block_in_every_format():
     """``strict`` functions under "auto": any text without the begin marker, then at most one block whose calls
-    match the schemas (the marker written as text: the text lexeme ends at its first occurrence)."""
+    match the schemas (the marker written as text: the text lexeme ends at its first occurrence). No marker in the
+    text before the block: the parser reads from the first, so a bare one there (DSML's without its line break)
+    served the block's valid calls as content."""
     from flyer.serve.dsml import DSML_V32
     from flyer.serve.tools import DEEPSEEK_V3
     from flyer.serve.tools_kimi import KIMI_K2
@@ -144,7 +146,8 @@ def test_auto_with_a_strict_function_is_text_or_text_then_a_valid_calls_block_in
         unknown = block.replace('"f"', '"g"') if dsml else fmt.render([("g", '{"q":"a"}')])
         for out, ok in (("plain <text>\n", True), ("", True), (block, True), ("I will call. " + block, True),
                         ("x" + bad, False), (unknown, False), (block + "more", False), (block + block, False),
-                        ("x" + fmt.calls_begin + "oops", False)):
+                        ("x" + fmt.calls_begin + "oops", False), ("x" + fmt.calls_begin + "y" + block, False),
+                        ("x" + fmt.calls_begin + bad[len(fmt.calls_begin):].lstrip("\n") + block, False)):
             assert grammar_accepts(fmt, out, NESTED if dsml else None, text_first=True) == ok, (fmt.name, out)
 
 

@@ -321,7 +321,10 @@ def _compiled(lark: str, content: dict[str, Any] | None = None,
             lark = "\n".join(["start: TEXT? calls_block?", free,
                               re.sub(r"^start:", "calls_block:", lark, count=1, flags=re.M)])
         else:  # the text up to the marker's first occurrence as one lexeme (a greedy text lexeme apart would eat it)
-            head = f"TEXT_THEN_BLOCK: /(?s:.*){_regex_text(first)}/ & ~/(?s:.*){_regex_text(first)}(?s:.+)/"
+            # no marker before the block's: DSML's first item is the marker and a line break, and the parser reads
+            # from the marker's first occurrence, so an earlier bare marker would serve the calls as content
+            after = "." * (len(first) - len(marker))
+            head = f"TEXT_THEN_BLOCK: /(?s:.*){_regex_text(first)}/ & ~/(?s:.*){_regex_text(marker)}(?s:{after}.+)/"
             rest, n = re.subn(rf"^start: {re.escape(_lark_string(first))}( |$)", "calls_rest: ", lark, count=1,
                               flags=re.M)
             assert n == 1, "a calls block's start rule opens with its begin marker"
