@@ -97,3 +97,24 @@ def test_a_json_parameter_is_written_with_the_encoders_separators():
     block = _encoded_block(tool, [{"xs": [1, 2, 3], "o": {"a": 1, "b": 2}}])
     assert "[1, 2, 3]" in block and '{"a": 1, "b": 2}' in block  # Python's json.dumps, as the release's encoder
     assert _accepts(grammar, block)
+
+
+def _block(*invokes: dict[str, int]) -> str:
+    """A DSML block of one invoke of ``f`` per dict, its parameters written as JSON values."""
+    def invoke(params):
+        lines = "".join(f'<{DSML}parameter name="{k}" string="false">{v}</{DSML}parameter>\n'
+                        for k, v in params.items())
+        return f'<{DSML}invoke name="f">\n{lines}</{DSML}invoke>\n'
+    return DSML_V32.calls_begin + "\n" + "".join(map(invoke, invokes)) + DSML_V32.calls_end
+
+
+def test_required_parameters_are_written_optional_ones_may_be_left_out_and_a_block_calls_once_at_least():
+    """Under "required" the grammar writes every required parameter, may leave the optional ones out, and holds at
+    least one invoke: an empty block is no call (``parse_dsml_calls`` reads none)."""
+    tools = [{"name": "f", "parameters": {"type": "object", "required": ["a"], "properties": {
+        "a": {"type": "integer"}, "b": {"type": "integer"}}}}]
+    grammar = tool_grammar(tools, ByteTokenizer(), None, True, DSML_V32)
+    assert _accepts(grammar, _block({"a": 1})) and _accepts(grammar, _block({"a": 1, "b": 2}))
+    assert _accepts(grammar, _block({"a": 1}, {"a": 2}))
+    assert not _accepts(grammar, _block({"b": 2}))
+    assert not _accepts(grammar, _block())

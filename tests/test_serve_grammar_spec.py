@@ -259,3 +259,17 @@ def test_matchers_of_one_grammar_are_independent():
     first, second = masks.matcher(grammar), masks.matcher(grammar)
     assert [masks.consume(first, t) for t in b'"a"'] == [None, None, "stop"]
     assert masks.consume(second, ord('"')) is None and not second.llg.is_stopped()
+
+
+def test_the_grammar_after_an_opened_reasoning_starts_fresh():
+    """While the output may still open reasoning, the running matcher follows the begin marker's tokens (a grammar
+    may take its text: here ``<think>x``, or ``y``); once the whole marker is written, the grammar after the
+    reasoning starts at its start, not where the marker's tokens left the running one."""
+    import llguidance
+    masks = _byte_masks()
+    opts = SamplingOptions(max_tokens=9, grammar=llguidance.LLMatcher.grammar_from_lark('start: "<think>x" | "y"'),
+                           grammar_after=tuple(b"</think>"), grammar_open=tuple(b"<think>"))
+    m, deferred = masks.start(opts)
+    assert deferred is None and m.opening == tuple(b"<think>")
+    assert [masks.consume(m, t) for t in b"<think>"] == [None] * 7 and m.opened
+    assert m.fresh.try_consume_tokens(list(b"y")) == 1 and m.fresh.is_accepting()

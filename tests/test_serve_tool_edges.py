@@ -140,3 +140,15 @@ def test_an_oversize_schema_names_tools():
 def test_held_back_keeps_only_a_tail_that_can_start_the_marker():
     assert held_back("a < b and c < d", K.calls_begin) == 0
     assert held_back("a < b and c <|tool", K.calls_begin) == len("<|tool")
+
+
+def test_a_functions_own_x_guidance_overrides_the_compact_default():
+    """A function whose parameters ask for flexible whitespace (their "x-guidance", as a response_format's) gets
+    it; the others stay compact."""
+    params = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    flexible = [{"name": "f", "parameters": {**params, "x-guidance": {"whitespace_flexible": True}}}]
+    compact = [{"name": "f", "parameters": params}]
+    spaced, tight = F3.render([("f", '{"a": 1}')]), F3.render([("f", '{"a":1}')])
+    assert _accepts(tool_grammar(flexible, ByteTokenizer(), "f", fmt=F3), spaced)
+    assert not _accepts(tool_grammar(compact, ByteTokenizer(), "f", fmt=F3), spaced)
+    assert _accepts(tool_grammar(compact, ByteTokenizer(), "f", fmt=F3), tight)
