@@ -518,6 +518,19 @@ def test_a_build_killed_midway_does_not_hang_later_loads(ops):
     assert out.returncode == 0 and out.stdout.split() == ["True"], out.stderr[-2000:]
 
 
+def test_each_environment_and_checkout_builds_in_a_directory_of_its_own(ops, tmp_path):
+    """Two environments (torch installs) sharing a checkout built in one directory, and each load rebuilt what the
+    other had built (about 100 s on 2 cores): torch's include paths are in the compile command ninja compares. The
+    build of this process is in the directory its own name gives."""
+    assert ops.__name__ == extension.extension_name(torch.backends.cpu.get_cpu_capability())
+    here = extension.extension_name("AVX2")
+    assert extension.extension_name("AVX2") == here != extension.extension_name("AVX512")
+    assert extension.extension_name("AVX2", torch_dir="/other/env/site-packages/torch") != here
+    copy = tmp_path / "cpu_ops.cpp"  # another checkout of the same source
+    copy.write_bytes(extension._SOURCE.read_bytes())
+    assert extension.extension_name("AVX2", copy) != here
+
+
 @pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                                (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
 @pytest.mark.parametrize("D", [7, 384])

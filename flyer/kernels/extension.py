@@ -52,14 +52,22 @@ def build(capability: str | None = None):
         import ninja
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    # the source's path and contents and the ISA in the name: builds of different flyer versions,
-    # checkouts or ISAs (ATEN_CPU_CAPABILITY=avx2 forced) live side by side instead of rebuilding each other
-    digest = hashlib.sha256(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]
-    name = f"flyer_cpu_ops_{digest}_{(capability or torch.backends.cpu.get_cpu_capability()).lower()}"
+    name = extension_name(capability or torch.backends.cpu.get_cpu_capability())
     with _build_lock(Path(build_directory(name))):
         return load(name=name, sources=[str(_SOURCE)],
                     extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *capability_flags(capability)],
                     extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def extension_name(capability: str, source: Path = _SOURCE, torch_dir: str | None = None) -> str:
+    """The extension's name, and so its build directory's: the digest of the source's path and contents and of
+    the torch it compiles against (``torch_dir``, default this one's install directory, and its version), then
+    the ISA. Builds of different flyer versions, checkouts, environments or ISAs (ATEN_CPU_CAPABILITY=avx2 forced)
+    live side by side: one directory for two environments rebuilt it at every switch (torch's include paths are
+    in the compile command, which ninja compares)."""
+    torch_dir = torch_dir or str(Path(torch.__file__).parent)
+    key = "\0".join([str(source.resolve()), torch_dir, torch.__version__]).encode() + source.read_bytes()
+    return f"flyer_cpu_ops_{hashlib.sha256(key).hexdigest()[:12]}_{capability.lower()}"
 
 
 def build_directory(name: str) -> str:
@@ -114,4 +122,5 @@ def disabled():
         _off.reset(token)
 
 
-__all__ = ["KERNEL_DTYPES", "build", "build_directory", "capability_flags", "cpu_ops", "disabled", "usable"]
+__all__ = ["KERNEL_DTYPES", "build", "build_directory", "capability_flags", "cpu_ops", "disabled", "extension_name",
+           "usable"]
