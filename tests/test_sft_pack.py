@@ -139,8 +139,11 @@ def test_another_number_of_replicas_picks_up_the_shared_stream(hf, tmp_path):
     with pytest.raises(DataError, match="resume with as many data-parallel replicas"):
         four.load_resized([{k: v for k, v in d.items() if k not in ("replica", "replicas")} for d in saved], 1)
     packed = PackedChatSampler(split, 3, T, seed=7, replica=0, replicas=1)
-    with pytest.raises(DataError, match="packed rows: .*resume with 2 data-parallel replicas"):
+    with pytest.raises(DataError, match="packed rows: the place in the stream of 2 data-parallel replicas does not "
+                                        "carry over to 1; resume with 2 replicas$"):
         packed.load_resized([{**d, "pack": True, "offset": 0} for d in saved], 0)
+    with pytest.raises(DataError, match="of 1 data-parallel replica does not carry over to 4; resume with 1 replica$"):
+        PackedChatSampler(split, 3, T, seed=7, replica=0, replicas=4).load_resized([{**saved[0], "pack": True}], 0)
 
 
 def test_sampler_packs_the_unpacked_stream_and_resumes_exactly(hf, tmp_path):

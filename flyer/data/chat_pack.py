@@ -112,8 +112,9 @@ class PackedChatSampler:
     def load_resized(self, states: list[dict], replica: int) -> None:
         """Packed replicas do not go through the stream together (each packs as many conversations as fit), so
         another number of them cannot pick up where they stopped: ``DataError``."""
-        raise DataError(f"packed rows: the {len(states)} replicas' places in the stream do not carry over to "
-                        f"{self.stream.replicas}; resume with {len(states)} data-parallel replicas")
+        n = len(states)
+        raise DataError(f"packed rows: the place in the stream of {n} data-parallel replica{'s' * (n != 1)} does not "
+                        f"carry over to {self.stream.replicas}; resume with {n} replica{'s' * (n != 1)}")
 
     def load_state_dict(self, d: dict) -> None:
         """Resume from ``state_dict()``; an unpacked sampler's state, another batch shape's or data's: ``DataError``."""
