@@ -1,6 +1,7 @@
 """Config validation, DeepSeek/HF JSON loading, presets and their counts."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -242,3 +243,14 @@ def test_toml_top_level_model_fields_beside_a_train_table(tmp_path):
     model, train = read_config_sections(p)
     assert model == {"dim": 96, "n_heads": 3} and train == {"steps": 7}
     assert resolve_config("tiny", p).dim == 96  # the [train] table is not taken for a model field
+
+
+@pytest.mark.parametrize("topk", [8, 64])
+def test_the_docs_dsa_examples_are_tiny_with_an_indexer(topk):
+    """docs/performance.md's DSA runs cite ``examples/tiny_dsa_topk{8,64}.toml``: tiny with an indexer selecting
+    that many keys, every layer sparse."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = resolve_config("tiny", root / "examples" / f"tiny_dsa_topk{topk}.toml")
+    assert (cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim) == (topk, 4, 32)
+    assert cfg == preset("tiny", index_topk=topk, index_n_heads=4, index_head_dim=32)
+    assert all(cfg.has_indexer(i) for i in range(cfg.n_layers))
