@@ -271,8 +271,7 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
 
     chosen = [f for f in tools if name is None or f["name"] == name]
     params = [f.get("parameters") or {"type": "object"} for f in chosen]  # OpenAI: absent, no parameters
-    # compact JSON unless the schema's own "x-guidance" says otherwise, as ``json_grammar``'s
-    schemas = [schema_json({**p, "x-guidance": {**JSON_DEFAULTS, **p.get("x-guidance", {})}}) for p in params]
+    schemas = [_guided_json(p) for p in params]
     if sum(map(len, schemas)) > MAX_SCHEMA_CHARS:
         raise FieldError("tools", f"the parameters schemas hold {sum(map(len, schemas))} characters; at most "
                                   f"{MAX_SCHEMA_CHARS} are served")
@@ -300,6 +299,12 @@ def tool_grammar(tools: list[dict[str, Any]], tok, name: str | None = None, para
     return _compiled("\n".join(rules), content, text)
 
 
+def _guided_json(schema: dict[str, Any]) -> str:
+    """``schema``'s JSON text for a lark ``%json``: compact JSON unless its own "x-guidance" says otherwise, as
+    ``json_grammar``'s."""
+    return schema_json({**schema, "x-guidance": {**JSON_DEFAULTS, **schema.get("x-guidance", {})}})
+
+
 def _regex_text(s: str) -> str:
     """``s`` matched literally inside a lark ``/.../`` regex (llguidance's syntax: ``\\n`` for a line break)."""
     return re.escape(s).replace("\\\n", "\\n").replace("/", "\\/")
@@ -311,7 +316,7 @@ def _compiled(lark: str, content: dict[str, Any] | None = None,
     schema (``json_grammar``'s whitespace) or the block. With ``text`` (the start rule's first item: its text, its
     token id or None, and the block's begin marker): text that never holds the marker, or text then the block."""
     if content is not None:
-        schema = schema_json({**content, "x-guidance": {**JSON_DEFAULTS, **content.get("x-guidance", {})}})
+        schema = _guided_json(content)
         lark = "\n".join(["start: json_content | calls_block", f"json_content: %json {schema}",
                           re.sub(r"^start:", "calls_block:", lark, count=1, flags=re.M)])
     elif text is not None:
