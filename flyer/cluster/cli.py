@@ -512,7 +512,7 @@ def register(sub) -> None:
     q.add_argument("--forwarding", choices=("pxn", "direct"), help="default: pxn on mpft/mrft, direct on ft3")
     q.add_argument("--message-bytes", type=float, default=1e6, help="bytes each GPU sends each other GPU")
     q.add_argument("--nic-gb-s", type=float, default=50.0, help="NIC bandwidth (GB/s)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the static and ECMP path choices")
+    q.add_argument("--seed", type=int, default=0, help="seed of ECMP's path choices")
     q.add_argument("--plot", metavar="PNG", help="write a chart of the completion times")
     q.add_argument("--json", action="store_true", help="print a JSON array, an object per topology and routing")
     q.set_defaults(func=_checked(_simulate))

@@ -10,17 +10,22 @@ Topologies (``nodes`` x ``gpus_per_node`` GPUs, GPU i of a node owns NIC i):
 
 - ``mpft``: one two-tier plane per local GPU index; NIC i of every node sits on plane i.
 - ``mrft``: one two-tier tree whose leaves are split into rails; NIC i on the rail-i leaves.
-- ``ft3``: a three-tier fat tree; a node's NICs on consecutive ports of one edge switch.
+- ``ft3``: a three-tier fat tree; a node's NICs on consecutive edge ports (one edge switch's where its GPUs
+  divide the switch's down-ports).
 
 Forwarding: ``pxn`` first moves data over NVLink to the source node's GPU with the destination's
 local index, so traffic stays in one plane/rail (required for ``mpft``); ``direct`` sends from
-the source NIC. Routing picks one path per flow among the equal-cost ones:
+the source NIC. Routing spreads each flow over the equal-cost paths:
 
-- ``ecmp``: a hash of the flow (seeded random choice): collisions leave links unevenly loaded.
-- ``static``: destination-based (D-mod-k): the up-port at each tier is a digit of the
+- ``ecmp``: one path, a hash of the flow (seeded random choice): collisions leave links unevenly
+  loaded.
+- ``static``: one path, destination-based (D-mod-k): the up-port at each tier is a digit of the
   destination's index, which is conflict-free for an all-to-all on a full fat tree.
-- ``adaptive``: each flow in turn takes the least-loaded path (what per-packet adaptive routing
-  approaches).
+- ``adaptive``: per-packet adaptive routing in its fluid limit: every flow spread evenly over all
+  its equal-cost paths. On a fat tree that split loads each up-link with its switch's traffic over
+  the up-ports, so the fabric carries any traffic its NICs can (line rate where D-mod-k leaves a
+  partly filled tree short); a switch's queue-driven choices approach it, routing around hot spots
+  a fluid split never has. (A greedy least-loaded path per flow fell short of static on full trees.)
 """
 
 from __future__ import annotations
@@ -125,7 +130,8 @@ def build_fabric(name: str, nodes: int, gpus_per_node: int, radix: int | None = 
 
 
 def _flows(fab: SimFabric, routing: str, forwarding: str, rng: np.random.Generator):
-    """Per flow: the list of directed links it crosses, and link capacities (GB/s)."""
+    """The flows' (flow, link, share) incidences, grouped by flow (the share of the flow's bytes the directed link
+    carries: 1 on a single path), and the link capacities (GB/s)."""
     if forwarding not in ("pxn", "direct"):
         raise FieldError("forwarding", f"must be 'pxn' or 'direct' (got {forwarding!r})")
     if fab.name == "mpft" and forwarding == "direct":
@@ -162,20 +168,19 @@ def _flows(fab: SimFabric, routing: str, forwarding: str, rng: np.random.Generat
                         hops = [sa, *sw, sb]
                         cands.append(prefix + [link(hops[h], hops[h + 1], fab.nic_gb_s) for h in range(len(hops) - 1)])
                     choices.append((cands, dst))
-    caps_arr = np.asarray(caps)
     if routing == "ecmp":
-        paths = [c[int(rng.integers(len(c)))] for c, _ in choices]
+        paths = [[c[int(rng.integers(len(c)))]] for c, _ in choices]
     elif routing == "static":
-        paths = [c[fab.static_index(d, len(c))] for c, d in choices]
+        paths = [[c[fab.static_index(d, len(c))]] for c, d in choices]
     else:
-        load = np.zeros(len(caps))
-        paths = [None] * len(choices)
-        for f in rng.permutation(len(choices)):
-            cands = choices[f][0]
-            best = min(cands, key=lambda p: (max(load[p] / caps_arr[p]), sum(load[p])))
-            load[best] += 1
-            paths[f] = best
-    return paths, caps_arr
+        paths = [c for c, _ in choices]
+    f_idx = np.repeat(np.arange(len(paths)), [sum(map(len, p)) for p in paths])
+    l_idx = np.fromiter((k for p in paths for path in p for k in path), dtype=np.int64, count=f_idx.size)
+    share = np.repeat(np.repeat([1 / len(p) for p in paths], [len(p) for p in paths]),
+                      [len(path) for p in paths for path in p])
+    # a link several of a flow's paths cross (its NVLink hops, its first and last hop) carries their shares summed
+    key, where = np.unique(f_idx * len(caps) + l_idx, return_inverse=True)
+    return key // len(caps), key % len(caps), np.bincount(where, weights=share), np.asarray(caps)
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -188,19 +193,22 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets, lengths) + np.arange(total)
 
 
-def max_min_rates(f_idx: np.ndarray, l_idx: np.ndarray, caps: np.ndarray, n_flows: int) -> np.ndarray:
+def max_min_rates(f_idx: np.ndarray, l_idx: np.ndarray, caps: np.ndarray, n_flows: int,
+                  weight: np.ndarray | None = None) -> np.ndarray:
     """Max-min fair rate of every flow by progressive filling.
 
     ``f_idx[e], l_idx[e]`` list the (flow, link) incidences of the flows to share ``caps``
-    (link capacities); flows are numbered ``0 .. n_flows-1``. Each round raises every unfrozen
+    (link capacities); flows are numbered ``0 .. n_flows-1``; ``weight[e]`` is the share of the flow's
+    rate that link carries (default 1: each flow on one path). Each round raises every unfrozen
     flow by the smallest fair share left on any link, then freezes the flows crossing the links
     that round saturated. A round touches the links and the incidences of the flows it freezes only
-    (the per-link flow counts are kept, not recounted): an all-to-all's rates take hundreds of rounds.
+    (the per-link loads are kept, not recounted): an all-to-all's rates take hundreds of rounds.
     """
     n_links = caps.shape[0]
+    weight = np.ones(f_idx.size) if weight is None else weight
     rates = np.zeros(n_flows)
     rem = caps.astype(float).copy()
-    count = np.bincount(l_idx, minlength=n_links)
+    count = np.bincount(l_idx, weights=weight, minlength=n_links)  # a unit raise of every unfrozen flow, per link
     # incidences grouped by flow (``simulate``'s are already) and by link (a radix sort where ids fit 16 bits)
     by_flow = np.arange(f_idx.size) if np.all(f_idx[1:] >= f_idx[:-1]) else np.argsort(f_idx, kind="stable")
     flow_start = np.searchsorted(f_idx[by_flow], np.arange(n_flows + 1))
@@ -209,7 +217,7 @@ def max_min_rates(f_idx: np.ndarray, l_idx: np.ndarray, caps: np.ndarray, n_flow
     frozen = np.diff(flow_start) == 0  # a flow crossing no link is never raised
     level = 0.0
     while not frozen.all():
-        used = count > 0
+        used = count > 1e-9  # summed shares that went back to zero keep a rounding's remainder; a share is >= 2^-20
         share = np.full(n_links, np.inf)
         share[used] = rem[used] / count[used]
         inc = share.min()
@@ -220,7 +228,8 @@ def max_min_rates(f_idx: np.ndarray, l_idx: np.ndarray, caps: np.ndarray, n_flow
         newly = np.unique(crossing[~frozen[crossing]])
         frozen[newly] = True
         rates[newly] = level
-        count -= np.bincount(l_idx[by_flow[_ranges(flow_start[newly], flow_start[newly + 1])]], minlength=n_links)
+        gone = by_flow[_ranges(flow_start[newly], flow_start[newly + 1])]
+        count -= np.bincount(l_idx[gone], weights=weight[gone], minlength=n_links)
     return rates
 
 
@@ -237,16 +246,15 @@ def simulate(name: str, routing: str, nodes: int = 16, gpus_per_node: int = 4, r
                                     f"(got {rate:g})")
     fab = build_fabric(name, nodes, gpus_per_node, radix, nic_gb_s, nvlink_gb_s)
     forwarding = forwarding or ("direct" if name == "ft3" else "pxn")
-    paths, caps = _flows(fab, routing, forwarding, np.random.default_rng(seed))
-    f_idx = np.repeat(np.arange(len(paths)), [len(p) for p in paths])
-    l_idx = np.concatenate([np.asarray(p) for p in paths])
-    remaining = np.full(len(paths), float(message_bytes))
+    f_idx, l_idx, share, caps = _flows(fab, routing, forwarding, np.random.default_rng(seed))
+    n_flows = nodes * (nodes - 1) * gpus_per_node**2
+    remaining = np.full(n_flows, float(message_bytes))
     t = 0.0  # seconds
     first_rates = None
     events = 0
-    alive = np.arange(len(paths))  # flows still sending; incidences compacted to them
+    alive = np.arange(n_flows)  # flows still sending; incidences compacted to them
     while alive.size:
-        rates = max_min_rates(f_idx, l_idx, caps, alive.size) * 1e9  # bytes/s, indexed like alive
+        rates = max_min_rates(f_idx, l_idx, caps, alive.size, share) * 1e9  # bytes/s, indexed like alive
         if first_rates is None:
             first_rates = rates / 1e9
         dt = np.min(remaining[alive] / rates)
@@ -255,7 +263,7 @@ def simulate(name: str, routing: str, nodes: int = 16, gpus_per_node: int = 4, r
         done = remaining[alive] <= message_bytes * 1e-9
         renumber = np.cumsum(~done) - 1
         keep = ~done[f_idx]
-        f_idx, l_idx = renumber[f_idx[keep]], l_idx[keep]
+        f_idx, l_idx, share = renumber[f_idx[keep]], l_idx[keep], share[keep]
         alive = alive[~done]
         events += 1
     per_gpu_bytes = (nodes - 1) * gpus_per_node * message_bytes
@@ -264,7 +272,7 @@ def simulate(name: str, routing: str, nodes: int = 16, gpus_per_node: int = 4, r
     start_bw = first_rates.reshape(gpus, -1).sum(axis=1)  # flows are generated source-major
     return {
         "topology": name, "routing": routing, "forwarding": forwarding, "radix": fab.radix,
-        "nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": gpus, "flows": len(paths),
+        "nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": gpus, "flows": n_flows,
         "message_bytes": message_bytes, "completion_us": float(t * 1e6), "events": events,
         "bandwidth_per_gpu_gb_s": float(bw), "fraction_of_nic": float(bw / nic_gb_s),
         "initial_min_gpu_gb_s": float(start_bw.min()), "initial_mean_gpu_gb_s": float(start_bw.mean()),
