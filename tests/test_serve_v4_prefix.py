@@ -226,3 +226,49 @@ def test_preemption_and_cancellation_under_a_small_pool(v4, alone):
     eng.step()
     assert events[-1].finish_reason == "cancelled" and not eng.busy
     _all_back(eng)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_a_dropped_snapshots_blocks_serve_as_fresh_ones(dtype):
+    """A snapshot lies in pool blocks as raw bytes (a slot's FP32 rings, ``HybridCache.save_slot``): dropped, its
+    blocks went to requests with those bytes, which in a BF16 or FP8 pool read as entries holding NaNs and
+    infinities. A request batched beside a longer one reads its blocks' entries as far as the other's, those it has
+    not completed at probability 0, and 0 x NaN is NaN: its logits turned NaN and greedy wrote token 0 on (found by
+    a fuzz). The blocks are zeroed when the snapshot goes: every entry in the pool decodes finite, and such pairs of
+    requests, in the pool's blocks in turn, write what they write in a fresh engine."""
+    from flyer.config import preset
+    from flyer.infer import hybrid_fp8
+    from flyer.model.transformer import Transformer
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-v4", vocab_size=320, init_std=0.06, window_size=8, index_topk=4)).eval()
+    probe = HybridCache.paged(model.cfg, 1, 1, 16, dtype, "meta")
+
+    def engine(blocks: int) -> Engine:
+        return Engine(model, EngineConfig(kv_cache_bytes=2 * probe.window_bytes() + blocks * probe.block_bytes(),
+                                          block_size=16, max_batch_size=2, cache_dtype=dtype, prefill_chunk=64))
+    size = engine(64).snapshots.size
+    eng, greedy = engine(size + 6), SamplingOptions(max_tokens=4)
+    eng.submit(_prompt(33, 7), greedy, lambda e: None)  # leaves a snapshot at 32
+    eng.run_until_idle()
+    held = next(iter(eng.snapshots.blocks_of.values()))
+    taken = [eng.alloc.allocate() for _ in range(eng.alloc.available)]
+    assert not eng.snapshots.blocks_of and set(held) <= set(taken)  # evicted, its blocks handed out
+    cfg = model.cfg
+    for state in eng.cache.layers:
+        if "entries" in state:
+            stored = state["entries"]
+            values = hybrid_fp8.unpack_rows(stored, cfg.head_dim, cfg.rope_dim, torch.float32) if dtype != \
+                torch.bfloat16 else stored
+            assert torch.isfinite(values).all()
+    eng.alloc.release(taken)
+
+    def tokens(e: Engine) -> list[list[int]]:
+        """A long and a short request in one batch: the short one reads its block's entries as far as the long
+        one's, masked past its own."""
+        outs = [[], []]
+        for out, n in zip(outs, (45, 3)):
+            e.submit(_prompt(n, n), greedy, lambda ev, out=out: out.append(ev.token) if ev.token is not None else None)
+        e.run_until_idle()
+        return outs
+    fresh = tokens(engine(size + 6))
+    assert [tokens(eng) for _ in taken[::4]] == [fresh] * len(taken[::4])  # the blocks taken in turn

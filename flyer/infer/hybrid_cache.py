@@ -307,6 +307,13 @@ class HybridCache:
             s[blocks_K] = state[at:at + K * s.shape[1]].view(K, -1)
             at += K * s.shape[1]
 
+    def clear_blocks(self, blocks_K: torch.Tensor) -> None:
+        """Zero the entry storage of blocks ``blocks_K`` (int64): a snapshot's bytes, once it is dropped. A request
+        taking such a block reads the entries it has not completed at probability 0, and 0 times a NaN or an
+        infinity is NaN: a slot's FP32 bytes read as BF16 or FP8 entries hold both."""
+        for s in self._block_bytes_views():
+            s[blocks_K] = 0
+
     def load_slot(self, slot: int, blocks_K: torch.Tensor) -> torch.Tensor:
         """Slot ``slot``'s fixed state := the one ``save_slot`` kept in ``blocks_K``; returns the bytes after it
         (uint8, a copy: ``save_slot``'s ``extra`` then zero padding)."""

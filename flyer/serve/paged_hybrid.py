@@ -216,8 +216,12 @@ class BoundarySnapshots:
 
     def _evicted(self, block: int, key: str) -> None:
         """A cached block left the index to be reused: one of a snapshot's (the others are freed) or the prefix
-        block a snapshot follows (which no match reaches now)."""
-        for b in self.blocks_of.pop(self.key_of.get(block, key), ()):
+        block a snapshot follows (which no match reaches now). The snapshot's blocks are zeroed for the requests
+        that take them (``HybridCache.clear_blocks``)."""
+        held = self.blocks_of.pop(self.key_of.get(block, key), [])
+        if held:
+            self.cache.clear_blocks(torch.tensor(held, device=self.device))
+        for b in held:
             del self.key_of[b]
             if b != block:
                 self.alloc.forget(b)
