@@ -127,3 +127,32 @@ def test_a_key_two_blocks_computed_is_one_blocks():
     alloc.release([a])
     alloc.release([b])
     assert sorted(alloc.allocate() for _ in range(3)) == [1, 2, 3] and alloc.available == 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v4"])
+def test_a_seeded_request_under_mtp_writes_the_same_text_whatever_its_prefill_chunks(name):
+    """Under MTP speculation a prompt whose prefill chunks left one token decoded it with drafts, so its first token
+    was drawn by acceptance after the drafts' draws, where a prefill to the prompt's end samples it: a seeded
+    request's text hung on its chunks, and so on the requests beside it (a burst's prefill budget) and, for V4, on
+    prefix sharing (its prefill ends at a snapshot's boundary). No drafts before a request's first token (found by
+    a fuzz)."""
+    from flyer.serve.engine import Engine, EngineConfig
+    torch.manual_seed(0)
+    model = Transformer(preset(name, vocab_size=320, init_std=0.06,
+                               **(dict(window_size=8, index_topk=4) if name == "tiny-v4" else {}))).eval()
+    prompt = torch.randint(3, 250, (33,), generator=torch.Generator().manual_seed(33)).tolist()
+
+    def text(chunk: int, sharing: bool = False, beside: tuple[int, ...] = ()) -> list[int]:
+        eng = Engine(model, EngineConfig(kv_cache_bytes=64 << 20, block_size=16, max_batch_size=4, prefill_chunk=chunk,
+                                         cache_dtype=torch.float32, speculative="mtp", draft_tokens=2,
+                                         prefix_sharing=sharing))
+        out = []
+        for n in beside:
+            eng.submit(torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist(),
+                       SamplingOptions(max_tokens=8), lambda e: None)
+        eng.submit(prompt, SamplingOptions(max_tokens=8, temperature=0.9, top_p=0.95, seed=1000),
+                   lambda e: out.append(e.token) if e.token is not None else None)
+        eng.run_until_idle()
+        return out
+    whole = text(64)
+    assert text(16) == text(32) == text(32, beside=(30, 7)) == text(64, sharing=True) == whole

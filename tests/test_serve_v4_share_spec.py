@@ -228,8 +228,9 @@ RESUMING_NEAR = [1, 2, 4]  # requests resuming at 32 that draft within the MTP w
 def test_a_snapshot_without_its_mtp_part_changes_the_drafts(models, alone, unshared, monkeypatch, mutation, model):
     """The mutations: greedy tokens stay plain greedy's (speculation keeps them whatever the drafts), but the
     draft logits of the requests resuming near the boundary land far outside the tolerance of sharing off's
-    (measured: 1e-2 to 1, the tolerance 6e-4), and the random model drafts other tokens (measured: 1 to 6 of
-    its verifications)."""
+    (measured: 8e-3 to 8e-2, the tolerance 6e-4), and without the MTP slot the random model drafts other tokens
+    (measured: 5 of its verifications). Without the hidden streams of P - 1 its drafts' tokens stay (a request
+    drafts from its second token on, past that entry's first use); the seeded text below shows that mutation."""
     eng = _engine(models[model], True)
     MUTATIONS[mutation](eng, monkeypatch)
     log, first = _record(eng)
@@ -242,7 +243,7 @@ def test_a_snapshot_without_its_mtp_part_changes_the_drafts(models, alone, unsha
     assert outs == want[0]
     assert errs[0] <= tol and log[0] == want[1][0]  # the first resumes from nothing
     assert min(errs[i] for i in RESUMING_NEAR) > 10 * tol
-    if model == "random":
+    if model == "random" and mutation == "no MTP slot":
         assert differ > 0
 
 

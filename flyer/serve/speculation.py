@@ -151,10 +151,12 @@ class MtpSpeculator:
             self.metrics.spec_off_steps.inc()
 
     def n_drafts(self, r: Row) -> int:
-        """Drafts r verifies this step: none in a step over ``max_batch`` (``begin_step``), none before its
-        first hidden state (a one-token prompt) and none past the tokens it has left (its last step verifies
-        its pending token alone)."""
-        if r.n_cached == 0 or not self.drafting:
+        """Drafts r verifies this step: none in a step over ``max_batch`` (``begin_step``), none before its first
+        token (a prompt whose prefill chunks left one token decodes it; drafts there would draw its first token
+        by acceptance, after the drafts' draws, where a prefill ending at the prompt's end samples it: a seeded
+        request's text would hang on its chunks, so on the other requests and the cached prefixes) and none past
+        the tokens it has left (its last step verifies its pending token alone)."""
+        if r.generated == 0 or not self.drafting:
             return 0
         return min(self.draft_tokens, r.opts.max_tokens - r.generated - 1)
 
