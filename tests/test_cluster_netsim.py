@@ -65,7 +65,8 @@ def reference_weighted_max_min(flows: list[dict[int, float]], caps: list[float])
 
 
 def test_weighted_max_min_equals_the_definition_on_random_sharing():
-    """A flow spread over several paths (adaptive routing) loads each link with its share of the flow's rate."""
+    """A flow spread over several paths (adaptive routing) loads each link with its share of the flow's rate: the
+    rates equal the definition's progressive filling and are max-min fair."""
     assert max_min_rates(np.array([0, 0, 1]), np.array([0, 1, 0]), np.array([1.0, 1.0]), 2,
                          np.array([0.5, 0.5, 1.0])) == pytest.approx([2 / 3, 2 / 3])
     rng = np.random.default_rng(1)
@@ -81,6 +82,14 @@ def test_weighted_max_min_equals_the_definition_on_random_sharing():
         weight = np.array([w for ls in flows for w in ls.values()])
         got = max_min_rates(f, links, np.array(caps), len(flows), weight)
         assert got == pytest.approx(reference_weighted_max_min(flows, caps), rel=1e-12)
+        # max-min fairness itself: no link over its capacity, and every flow crosses a full link on which no
+        # flow gets more (the relative slack: the sums' rounding, a few ulps of a handful of terms)
+        load = np.bincount(links, weights=weight * got[f], minlength=n_links)
+        assert np.all(load <= np.array(caps) * (1 + 1e-9))
+        for i, ls in enumerate(flows):
+            assert not ls or any(load[k] >= caps[k] * (1 - 1e-9) and got[i] >= max(got[j] for j in range(len(flows))
+                                                                                 if k in flows[j]) * (1 - 1e-9)
+                                 for k in ls)
 
 
 def test_static_and_adaptive_routing_reach_line_rate_on_full_trees():

@@ -15,7 +15,7 @@ Topologies (``nodes`` x ``gpus_per_node`` GPUs, GPU i of a node owns NIC i):
 
 Forwarding: ``pxn`` first moves data over NVLink to the source node's GPU with the destination's
 local index, so traffic stays in one plane/rail (required for ``mpft``); ``direct`` sends from
-the source NIC. Routing spreads each flow over the equal-cost paths:
+the source NIC. Routing places each flow on the equal-cost paths:
 
 - ``ecmp``: one path, a hash of the flow (seeded random choice): collisions leave links unevenly
   loaded.
@@ -43,8 +43,8 @@ ROUTINGS = ("ecmp", "static", "adaptive")
 # max-min pass over the live flows per completion (up to one per flow): O(flows x paths + flows^2).
 # The caps keep the worst case (ft3, ecmp) within seconds on one core: 45 nodes x 4 GPUs, at the
 # flow cap, takes 13 s (534 completions, 142,845 filling rounds); the default 16 x 4 under one. Adaptive routing
-# puts every path's links in the filling, which a fat tree's balanced loads settle in one completion: at the
-# path cap (ft3, 170 x 1 at radix 12) 4.4 s and 0.5 GB.
+# puts every path's links in the filling, which a fat tree's balanced loads settle in one or two completions: at
+# the path cap 4-5 s and up to 0.65 GB (ft3 at radix 12: 170 x 1, direct; 43 x 4, PXN's NVLink hops on each path).
 MAX_FLOWS = 2**15
 MAX_CANDIDATE_PATHS = 2**20  # flows x equal-cost paths per flow
 # a message is whole bytes and fits the largest HBM in the spec table; a NIC (or NVLink) cannot outrun the HBM
