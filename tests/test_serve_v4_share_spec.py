@@ -289,3 +289,31 @@ def test_preemption_and_eviction_under_speculation(trained_v4):
     assert outs == want
     assert eng.metrics.preemptions._value.get() > 0 and evicted[0] > 0 and eng.prefix_found > 0
     _all_back(eng)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_prompt_ending_at_a_wanted_boundary_on_a_plainly_decoded_token(k):
+    """A prompt whose chunks leave its last token decodes it plainly (no drafts before a request's first token),
+    and under MTP its last block is keyed only once its MTP entries are written: where that token ends the prompt
+    at a boundary its plan holds (a sibling sharing the whole prompt wants it), the snapshot indexed the keys past
+    their end (IndexError in the engine's step; found by a fuzz). The boundary passes without a snapshot; the
+    tokens are sharing off's and every block comes back."""
+    from flyer.config import preset
+    from flyer.model.transformer import Transformer
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-v4", vocab_size=320, init_std=0.06, window_size=8, index_topk=4)).eval()
+    a = torch.randint(3, 250, (48,), generator=torch.Generator().manual_seed(48)).tolist()  # 3 blocks of 16
+    prompts = (a, a + [7])  # the second shares a's 3 blocks: a's plan gets boundary 3, its prompt's end
+
+    def run(sharing: bool) -> list[list[int]]:
+        eng = Engine(model, EngineConfig(kv_cache_bytes=64 << 20, block_size=16, max_batch_size=2, prefill_chunk=3,
+                                         cache_dtype=torch.float32, speculative="mtp", draft_tokens=k,
+                                         prefix_sharing=sharing))
+        outs = [[], []]
+        for out, p in zip(outs, prompts):  # chunks of 3 end at 16, 32 (boundaries), then 35 ... 47: one token left
+            eng.submit(p, SamplingOptions(max_tokens=4), lambda e, out=out: out.append(e.token)
+                       if e.token is not None else None)
+        eng.run_until_idle()
+        assert eng.alloc.used == 0
+        return outs
+    assert run(True) == run(False)

@@ -183,9 +183,11 @@ class BoundarySnapshots:
         """After a forward (``keys``: the request's full blocks' chain keys; ``hidden``: with MTP, the main hidden
         streams of position n_cached - 1): at one of its boundaries, the slot's state is saved under the key of
         the block before it. Returns that boundary (blocks; the slot holds its whole state: with MTP, ``hidden``
-        given), which the on-disk tier stores too, else None."""
+        given), which the on-disk tier stores too, else None. Not where the keys stop short of the boundary: with
+        MTP a block is keyed once its MTP entries are written, which a plainly decoded row (its prompt's last
+        token, left by its chunks) has not done yet."""
         plan, j = self.plans.get(slot), n_cached // self.alloc.block_size
-        if plan and j in plan and n_cached % self.alloc.block_size == 0:
+        if plan and j in plan and n_cached % self.alloc.block_size == 0 and len(keys) >= j:
             plan.discard(j)
             self.save(keys[j - 1], slot, hidden)
             return j if self.mtp is None or hidden is not None else None
