@@ -95,7 +95,7 @@ def _spec(draft_tokens=3, max_batch=None):
     return MtpSpeculator(None, None, draft_tokens, None, ServeMetrics(), torch.device("cpu"), max_batch=max_batch)
 
 
-def _row(n_cached=5, generated=0, max_tokens=10):
+def _row(n_cached=5, generated=1, max_tokens=10):
     return SimpleNamespace(n_cached=n_cached, generated=generated, opts=SimpleNamespace(max_tokens=max_tokens),
                            matcher=None, deferred=None, generator=None, h_prev=None)
 
@@ -111,12 +111,13 @@ def test_batch_cutoff_drafts_at_max_batch_and_not_above():
 
 def test_drafts_stop_before_the_tokens_left():
     """A row drafts at most max_tokens - generated - 1 (its last step verifies its pending token alone), none before its
-    first hidden state."""
+    first token (its prompt's last token, left by its chunks, decodes plainly: its first token is sampled as a
+    prefill's)."""
     s = _spec(draft_tokens=3)
-    assert s.n_drafts(_row(generated=0, max_tokens=10)) == 3
+    assert s.n_drafts(_row(generated=1, max_tokens=10)) == 3
     assert s.n_drafts(_row(generated=7, max_tokens=10)) == 2
     assert s.n_drafts(_row(generated=9, max_tokens=10)) == 0
-    assert s.n_drafts(_row(n_cached=0)) == 0
+    assert s.n_drafts(_row(generated=0)) == s.n_drafts(_row(n_cached=0, generated=0)) == 0
 
 
 def test_accept_counts_only_kept_drafts():
