@@ -97,6 +97,11 @@ class SimFabric:
         return dst % npaths
 
 
+def flow_count(nodes: int, gpus_per_node: int) -> int:
+    """The all-to-all's flows: every GPU to every GPU of the other nodes."""
+    return nodes * (nodes - 1) * gpus_per_node**2
+
+
 def build_fabric(name: str, nodes: int, gpus_per_node: int, radix: int | None = None,
                  nic_gb_s: float = 50.0, nvlink_gb_s: float = 200.0) -> SimFabric:
     """The smallest fat tree of kind ``name`` that holds the cluster (or one of ``radix``)."""
@@ -106,7 +111,7 @@ def build_fabric(name: str, nodes: int, gpus_per_node: int, radix: int | None = 
         raise FieldError("nodes", f"must be >= 2 (got {nodes})")
     if gpus_per_node < 1:
         raise FieldError("gpus_per_node", f"must be >= 1 (got {gpus_per_node})")
-    flows = nodes * (nodes - 1) * gpus_per_node**2  # every GPU to every GPU of the other nodes
+    flows = flow_count(nodes, gpus_per_node)
     if flows > MAX_FLOWS:
         raise FieldError("nodes", f"{nodes} nodes x {gpus_per_node} GPUs make {flows:,} flows; the flow simulator "
                                   f"(O(flows^2) worst case) takes at most {MAX_FLOWS:,}")
@@ -178,8 +183,7 @@ def _flows(fab: SimFabric, routing: str, forwarding: str, rng: np.random.Generat
         paths = [c for c, _ in choices]
     f_idx = np.repeat(np.arange(len(paths)), [sum(map(len, p)) for p in paths])
     l_idx = np.fromiter((k for p in paths for path in p for k in path), dtype=np.int64, count=f_idx.size)
-    share = np.repeat(np.repeat([1 / len(p) for p in paths], [len(p) for p in paths]),
-                      [len(path) for p in paths for path in p])
+    share = (1 / np.array([len(p) for p in paths]))[f_idx]  # a flow's bytes split evenly over its paths
     # a link several of a flow's paths cross (its NVLink hops, its first and last hop) carries their shares summed
     key, where = np.unique(f_idx * len(caps) + l_idx, return_inverse=True)
     return key // len(caps), key % len(caps), np.bincount(where, weights=share), np.asarray(caps)
@@ -249,12 +253,12 @@ def simulate(name: str, routing: str, nodes: int = 16, gpus_per_node: int = 4, r
     fab = build_fabric(name, nodes, gpus_per_node, radix, nic_gb_s, nvlink_gb_s)
     forwarding = forwarding or ("direct" if name == "ft3" else "pxn")
     f_idx, l_idx, share, caps = _flows(fab, routing, forwarding, np.random.default_rng(seed))
-    n_flows = nodes * (nodes - 1) * gpus_per_node**2
-    remaining = np.full(n_flows, float(message_bytes))
+    flows = flow_count(nodes, gpus_per_node)
+    remaining = np.full(flows, float(message_bytes))
     t = 0.0  # seconds
     first_rates = None
     events = 0
-    alive = np.arange(n_flows)  # flows still sending; incidences compacted to them
+    alive = np.arange(flows)  # flows still sending; incidences compacted to them
     while alive.size:
         rates = max_min_rates(f_idx, l_idx, caps, alive.size, share) * 1e9  # bytes/s, indexed like alive
         if first_rates is None:
@@ -274,7 +278,7 @@ def simulate(name: str, routing: str, nodes: int = 16, gpus_per_node: int = 4, r
     start_bw = first_rates.reshape(gpus, -1).sum(axis=1)  # flows are generated source-major
     return {
         "topology": name, "routing": routing, "forwarding": forwarding, "radix": fab.radix,
-        "nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": gpus, "flows": n_flows,
+        "nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": gpus, "flows": flows,
         "message_bytes": message_bytes, "completion_us": float(t * 1e6), "events": events,
         "bandwidth_per_gpu_gb_s": float(bw), "fraction_of_nic": float(bw / nic_gb_s),
         "initial_min_gpu_gb_s": float(start_bw.min()), "initial_mean_gpu_gb_s": float(start_bw.mean()),
