@@ -26,7 +26,7 @@ from flyer.infer.cli import ByteTokenizer
 from flyer.interop.hf import load_hf
 from flyer.model.transformer import Transformer
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
-from flyer.serve.grammar import MAX_SCHEMA_CHARS, json_grammar
+from flyer.serve.grammar import MAX_SCHEMA_CHARS, GrammarMasks, json_grammar
 from flyer.serve.schema import ResponseFormat
 
 COLOR = {"enum": ["red", "green", "blue"]}
@@ -205,6 +205,53 @@ def test_bad_schemas_and_types_answer_400_naming_response_format(served):
     bare = Engine(served.engine.model, EngineConfig(kv_cache_bytes=1 << 20, block_size=4))
     with pytest.raises(FieldError, match="response_format"):
         bare.submit([1, 2], SamplingOptions(grammar=json_grammar(None)), lambda e: None)
+
+
+# required all the way down: it compiles, and its first token's forced text never ends (past LIMITS' items)
+ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+
+
+def test_a_grammar_that_fails_while_generating_answers_400_naming_its_field(served):
+    """A schema that compiles but whose grammar fails on its first token (``ENDLESS``: past ``LIMITS``; a bare
+    ``$ref`` to itself: llguidance's own error at the first mask) is the client's input: 400 naming the field it
+    came from, a stream's error chunk or failed response saying the same; never the engine's 500, nor the empty
+    "stop" the bare ``$ref`` answered."""
+    c = served.client()
+    msg = [{"role": "user", "content": "hi"}]
+    for schema in (ENDLESS, {"$ref": "#"}):
+        for kw in ({}, {"stream": True}):
+            with pytest.raises(openai.BadRequestError if not kw else openai.APIError) as e:
+                list(c.chat.completions.create(model="tiny-test", messages=msg, max_tokens=8, response_format=_fmt(
+                    schema), **kw) if kw else [c.chat.completions.create(
+                        model="tiny-test", messages=msg, max_tokens=8, response_format=_fmt(schema))])
+            assert e.value.type == "invalid_request_error" and "grammar limits" in e.value.message, schema
+            if not kw:
+                assert e.value.param == "response_format"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny-test", prompt="x", max_tokens=8, extra_body={"response_format": _fmt(ENDLESS)})
+    assert e.value.param == "response_format"
+    tool = {"type": "function", "function": {"name": "f", "parameters": ENDLESS}}
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny-test", messages=msg, max_tokens=8, tools=[tool], tool_choice="required")
+    assert e.value.param == "tools"
+    events = list(c.responses.create(model="tiny-test", input="hi", max_output_tokens=8, stream=True,
+                                     text={"format": {"type": "json_schema", "name": "x", "schema": ENDLESS}}))
+    assert events[-1].type == "response.failed" and events[-1].response.error.code == "invalid_prompt"
+    ok = c.chat.completions.create(model="tiny-test", messages=msg, max_tokens=2, response_format=_fmt(COLOR))
+    assert ok.choices[0].finish_reason in ("length", "stop")  # the server goes on
+
+
+def test_a_token_the_grammar_refuses_is_the_engines_failure():
+    """``failed`` tells a refused token (llguidance's error names it: ``REFUSED``) or text (``begun``: no error
+    set), which a mask should have prevented, from a grammar that failed by itself."""
+    from flyer.serve.grammar import failed
+    masks = GrammarMasks(ByteTokenizer(), 300, torch.device("cpu"))
+    m = masks.matcher(json_grammar({"type": "object"}))
+    assert not m.llg.consume_token(ord("x")) and failed(m, "x") == "error"
+    assert masks.begun(masks.matcher(json_grammar({"type": "object"})), "x") == "error"  # text after </think>
+    m = masks.matcher(json_grammar(ENDLESS))
+    assert masks.allowed([m])[0, ord("{")]  # the mask first, as the engine computes it
+    assert not m.llg.consume_token(ord("{")) and failed(m, "{") == "grammar"
 
 
 # ---- engine level: batches with and without grammars, speculation, DeepSeek-V4 -------------------------------

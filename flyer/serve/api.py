@@ -346,6 +346,8 @@ class Api:
                                   or strict else None)  # a grammar that may open with a calls block
             opts = dataclasses.replace(opts, grammar_after=after, grammar_open=opening, grammar_at=at)
         gen = Generation(self.engine, self.tok, request, [prompt], opts, body.stop_strings(), body.n)
+        if mode in ("required", "named") or strict:
+            gen.grammar_field = "tools"
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
 

@@ -33,11 +33,16 @@ class ContextLengthError(FieldError):
     code = "context_length_exceeded"
 
 
-def engine_failed(reason: str = "error") -> ApiError:
-    """The error a request the engine ended with ``reason`` answers: "error" (it failed), or "shutdown" (a drain ran
-    out of time: ``flyer.serve.app.Server``)."""
+def engine_failed(reason: str = "error", grammar_field: str = "response_format") -> ApiError:
+    """The error a request the engine ended with ``reason`` answers: "error" (it failed), "shutdown" (a drain ran
+    out of time: ``flyer.serve.app.Server``) or "grammar" (its grammar, from ``grammar_field``, failed by itself:
+    ``flyer.serve.grammar.failed``)."""
     if reason == "shutdown":
         return ApiError(503, "the server shut down before this request finished", "server_error", code="unavailable")
+    if reason == "grammar":
+        return ApiError(400, "the output's grammar went past the server's grammar limits while generating (a "
+                             "required part that never ends, or a schema too complex to follow; see the server's "
+                             "log)", param=grammar_field, code="invalid_value")
     return ApiError(500, "the engine failed on this request (see the server's log)", "server_error")
 
 

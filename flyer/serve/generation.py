@@ -16,6 +16,9 @@ from flyer.serve.choice import Choice
 from flyer.serve.link import EngineClient, EngineGone
 from flyer.serve.request import QueueFull, SamplingOptions, TokenEvent
 
+# finish reasons that fail the whole request: the engine failed ("error"), its grammar did ("grammar"), a drain
+# ran out of time ("shutdown"); ``engine_failed`` answers each
+FAILED = ("error", "grammar", "shutdown")
 DISCONNECT_POLL_S = 1.0  # how often a request's handler asks whether its client is still there
 
 
@@ -58,7 +61,8 @@ class Generation:
                                                                     f"exceed the server's queue of {queue} requests")
         self.queue: asyncio.Queue = asyncio.Queue()
         self.reasoning_tokens = None  # chat with a reasoning parser: choice -> its reasoning tokens (``usage``)
-        self.failed: str | None = None  # "error": the engine failed on one of its choices; "shutdown": a drain ended it
+        self.failed: str | None = None  # a choice's finish reason that fails the request (``FAILED``)
+        self.grammar_field = "response_format"  # the field its grammar comes from (``engine_failed``)
         self.choices = [Choice(tok, stops) for _ in range(len(prompts) * n)]
         self.reqs = []
         try:
@@ -108,7 +112,7 @@ class Generation:
                 if c.finish_reason is not None:
                     continue  # a token after a stop string, before the cancel landed
                 c.add(e)
-                if c.finish_reason in ("error", "shutdown"):  # the request fails as a whole, no choice's chunk
+                if c.finish_reason in FAILED:  # the request fails as a whole, no choice's chunk
                     self.failed = c.finish_reason
                     return
                 if c.finish_reason is not None:
@@ -120,17 +124,17 @@ class Generation:
             self.cancel()
 
     async def wait(self) -> None:
-        """Every choice to its end (non-streaming); an engine failure answers 500, a drain's end 503."""
+        """Every choice to its end (non-streaming); a failure answers ``engine_failed``'s error."""
         async for _ in self.events():
             pass
         if self.failed:
-            raise engine_failed(self.failed)
+            raise engine_failed(self.failed, self.grammar_field)
 
     def stream_tail(self, head: dict, usage: bool) -> Iterator[dict]:
         """A stream's last chunks: OpenAI's error body when the engine failed (the official client raises
         it), else the usage chunk when asked for."""
         if self.failed:
-            yield engine_failed(self.failed).body()
+            yield engine_failed(self.failed, self.grammar_field).body()
         elif usage:
             yield {**head, "choices": [], "usage": self.usage()}
 

@@ -112,6 +112,22 @@ def compilable(grammar: str, field: str, what: str) -> str:
     return grammar
 
 
+# llguidance's error for a token its grammar does not allow; any other error is the grammar's own (``failed``)
+REFUSED = "doesn't satisfy the grammar"
+
+
+def failed(m: Matcher, what: str) -> str:
+    """The finish reason of a request whose matcher ``m`` failed at ``what`` (printed to the server's log):
+    "error" when its grammar refused the text (a row whose grammar allows none of the model's ids: its mask kept
+    them all, ``GrammarMasks.allowed``; the text after a reasoning marker, ``begun``), "grammar" when the grammar
+    failed by itself: past ``LIMITS`` (a schema whose required part never ends expands without bound) or an
+    llguidance error, the client's grammar, answered 400 (``flyer.serve.api_error.engine_failed``) as one that does
+    not compile is."""
+    error = m.llg.get_error().splitlines()[0] if m.llg.is_error() else REFUSED  # try_consume_tokens: no error set
+    print(f"flyer serve: a grammar failed at {what}: {error:.300}", file=sys.stderr)
+    return "error" if REFUSED in error else "grammar"
+
+
 def marker_ends(tail: Sequence[int], generated: int, marker: Sequence[int]) -> bool:
     """Whether an output of ``generated`` tokens, whose last ones are ``tail`` (at least ``len(marker)`` of them
     when there are as many), ends with ``marker`` (the reasoning end marker's ids: ``SamplingOptions
@@ -255,15 +271,14 @@ class GrammarMasks:
         """``m`` at the start of its grammar past ``text``, the content a token ending the reasoning marker carries
         after it (``"}`` of ``ink>"}``): the grammar's as if chosen under it, so the content is the grammar's from its
         first character. Leading whitespace is not (DeepSeek's models write ``</think>\n\n``; JSON and the calls'
-        parser skip it). The finish reason: "error" when the grammar refuses the text, "stop" when it completes it."""
+        parser skip it). The finish reason: ``failed``'s when the grammar refuses the text, "stop" when it completes
+        it."""
         text = text.lstrip()
         if not text:
             return None
         ids = self.tok.encode_ids(text, add_special_tokens=False)
         if m.llg.try_consume_tokens(ids) != len(ids):
-            print(f"flyer serve: a grammar refused the text after the reasoning end marker: {text[:100]!r}",
-                  file=sys.stderr)
-            return "error"
+            return failed(m, f"the text after the reasoning end marker {text[:100]!r}")
         return "stop" if m.llg.is_stopped() else None
 
     def allowed(self, matchers: list[Matcher]) -> torch.Tensor:
@@ -322,8 +337,8 @@ class GrammarMasks:
     @staticmethod
     def consume(m: Matcher, token: int) -> str | None:
         """``m`` advanced past ``token``, the one chosen (the first it holds: taken as it is, consumed already):
-        the request's finish reason, "stop" when its grammar is complete (nothing but EOS may follow), "error" when
-        the grammar refuses the token (``mask`` kept a row that allows none of the model's ids), else None. Only a
+        the request's finish reason, "stop" when its grammar is complete (nothing but EOS may follow), "grammar" or
+        "error" when it fails (``failed``), else None. Only a
         matcher's last held draft can complete it (``flyer.serve.speculation`` ends a row's drafts there)."""
         if m.opening and token == m.opening[0]:  # the begin marker goes on: the grammar follows it while it can
             m.opening = m.opening[1:]
@@ -333,10 +348,10 @@ class GrammarMasks:
             m.opening, m.fresh, m.watch = (), None, None
             if m.refused:
                 return "error"
+        if m.llg.is_error():  # a mask or draft it could not compute within ``LIMITS``
+            return failed(m, f"token {token}")
         if m.held and m.held[0] == token:  # a kept draft (``settle`` rolled back the rejected ones)
             m.held.pop(0)
         elif not m.llg.consume_token(token):
-            print(f"flyer serve: a grammar refused token {token}: {m.llg.get_error().splitlines()[0]:.300}",
-                  file=sys.stderr)
-            return "error"
+            return failed(m, f"token {token}")
         return "stop" if not m.held and m.llg.is_stopped() else None

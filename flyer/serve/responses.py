@@ -431,10 +431,11 @@ class Responses:
         yield event("response.in_progress", response=head)
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
-                if "error" in chunk:  # the engine failed: the stream ends with the failed response
-                    err = chunk["error"]
+                if "error" in chunk:  # the request failed: the stream ends with the failed response
+                    err = chunk["error"]  # its grammar's failure is the request's (Responses' codes have no other)
+                    code = "invalid_prompt" if err["type"] == "invalid_request_error" else "server_error"
                     failed = {**head, "status": "failed", "output": output,
-                              "error": {"code": "server_error", "message": err["message"]}}
+                              "error": {"code": code, "message": err["message"]}}
                     yield event("response.failed", response=failed)
                     return
                 if not chunk["choices"]:  # the usage chunk, last
