@@ -168,3 +168,21 @@ def test_limits_refuse_what_the_cache_can_never_hold_and_a_negative_max_tokens()
     with pytest.raises(FieldError) as e:
         lim.check([1, 2], SamplingOptions(max_tokens=-1))
     assert e.value.field == "max_tokens"
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 1}),
+])
+def test_a_model_name_with_a_lone_surrogate_is_an_unknown_model(served, path, body):  # noqa: F811 (the fixture)
+    """The 404 quotes the name, and a lone surrogate (valid JSON's escape, no UTF-8) made its body unencodable: a
+    500 and a closed connection. Its escape is quoted now, and the connection serves the next request."""
+    import json
+
+    import httpx
+    with httpx.Client(base_url=served.url, timeout=60) as c:
+        r = c.post(path, content=json.dumps({"model": "\ud800x", **body}), headers={"content-type": "application/json"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+        assert "`\\ud800x`" in r.json()["error"]["message"]
+        assert c.get("/health").status_code == 200

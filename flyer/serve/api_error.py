@@ -15,6 +15,8 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
+        # a lone surrogate a client sent (a model name, a key in a field's path) as its escape: UTF-8 holds none
+        message, param = (t if t is None else t.encode("utf-8", "backslashreplace").decode() for t in (message, param))
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers  # a 429's Retry-After
