@@ -89,6 +89,32 @@ def test_input_items_read_as_the_clients_types():
     assert page.data[4].id == "rs_sent" and page.data[4].summary[0].text == "s"
 
 
+@pytest.mark.parametrize("item,field", [
+    ({"type": ["message"], "role": "user", "content": "q"}, "input[0].type"),  # no key of the kinds (unhashable)
+    ({"type": {"a": 1}}, "input[0].type"),
+    ({"role": "user", "content": "q", "id": [1]}, "input[0].id"),
+    ({"role": "user", "content": "q", "id": 5}, "input[0].id"),  # listed back, no client reads it, no after names it
+    ({"type": "reasoning", "id": {}}, "input[0].id"),
+    ({"type": "function_call_output", "call_id": "c", "output": "1", "id": ""}, "input[0].id"),
+    ({"role": "user", "content": "q", "status": "done"}, "input[0].status"),
+])
+def test_an_items_type_id_and_status_are_openais(item, field):
+    """A kind or id that is no string answered 500 (a list looked up as a key); an int id was stored and listed
+    back as one."""
+    with pytest.raises(FieldError) as e:
+        input_messages([item])
+    assert e.value.field == field
+
+
+def test_items_sent_without_an_id_get_their_own():
+    ids = iter(range(100))
+    items = [{"role": "user", "content": "q", "id": None}, {"type": "reasoning", "id": None},
+             {"role": "user", "content": "r", "status": None}]
+    input_messages(items)
+    listed = input_items(items, lambda prefix: f"{prefix}_{next(ids)}")
+    assert [i["id"] for i in listed] == ["msg_0", "rs_1", "msg_2"] and "status" in listed[2]
+
+
 def test_response_format_leaves_out_the_unset_keys():
     body = _body(text={"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}})
     assert body.response_format() == {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}}

@@ -50,8 +50,20 @@ def _parts_as_a_list(content, handler):
     return _TEXT_PARTS.validate_python(content) if isinstance(content, list) else handler(content)
 
 
-class MessageItem(RequestModel):
-    model_config = ConfigDict(extra="allow")  # id, status of an output message sent back
+class InputItem(RequestModel):
+    """What every input item may carry back from an earlier response: its ``id`` (a string, as OpenAI's ids and the
+    client's types are: input_items lists it and its ``after`` names it) and ``status``."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str | None = Field(default=None, min_length=1)
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    def sent(self) -> dict[str, str]:
+        """The id and status it was sent with."""
+        return self.model_dump(include={"id", "status"}, exclude_none=True)
+
+
+class MessageItem(InputItem):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[TextPart]
@@ -72,18 +84,16 @@ class MessageItem(RequestModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionCallItem(RequestModel):
+class FunctionCallItem(InputItem):
     """An earlier answer's call (``ResponseFunctionToolCall``), sent back before its output."""
 
-    model_config = ConfigDict(extra="allow")
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str  # JSON text, as the model wrote it
 
 
-class FunctionCallOutputItem(RequestModel):
-    model_config = ConfigDict(extra="allow")
+class FunctionCallOutputItem(InputItem):
     type: Literal["function_call_output"]
     call_id: str
     output: str | list[TextPart]
@@ -93,10 +103,9 @@ class FunctionCallOutputItem(RequestModel):
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
-class ReasoningItem(RequestModel):
+class ReasoningItem(InputItem):
     """An earlier answer's reasoning sent back: chat templates drop the reasoning of earlier turns, so does this."""
 
-    model_config = ConfigDict(extra="allow")
     type: Literal["reasoning"]
     summary: list[dict[str, Any]] = []  # as the client's ResponseReasoningItem: listed back, it must read
 
@@ -260,7 +269,7 @@ def input_messages(items: str | list[dict[str, Any]], origins: list | None = Non
     origins = [] if origins is None else origins
     for i, raw in enumerate(items):
         kind = raw.get("type", "message") if isinstance(raw, dict) else None
-        model = ITEMS.get(kind)
+        model = ITEMS.get(kind) if isinstance(kind, str) else None  # (a list or object is no key)
         if model is None:
             raise FieldError(f"input[{i}].type", f"must be one of {sorted(ITEMS)} (got {kind!r})")
         try:
@@ -295,7 +304,7 @@ def input_items(items: str | list[dict[str, Any]], new_id: Callable[[str], str])
     out = []
     for raw in items:
         item = ITEMS[raw.get("type", "message")].model_validate(raw)
-        sent = {k: v for k, v in (item.model_extra or {}).items() if k in ("id", "status")}
+        sent = item.sent()
         if isinstance(item, MessageItem):
             kind = "output_text" if item.role == "assistant" else "input_text"
             parts = [TextPart(type=kind, text=item.content)] if isinstance(item.content, str) else item.content
@@ -311,5 +320,5 @@ def input_items(items: str | list[dict[str, Any]], new_id: Callable[[str], str])
                         "output": item.output if isinstance(item.output, str) else
                         [p.model_dump() for p in item.output], "status": "completed", **sent})
         else:  # reasoning: as sent, with an id and a summary (the client's required fields)
-            out.append({"id": new_id("rs"), "summary": [], **raw})
+            out.append({"summary": [], **raw, "id": item.id or new_id("rs")})
     return out
