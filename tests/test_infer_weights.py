@@ -279,7 +279,7 @@ def test_loading_into_held_weights_is_holding_the_loaded_model(tmp_path, held, s
     # what an FP8 checkpoint stores unquantized (the MTP layer's eh_proj, as DeepSeek's) is held as stored
     files = weight_files(path) if source != "run" else None
     as_stored = {} if files is None or held != FP8 else unquantized_weights(
-        want.cfg, path, rope_half_layout(read_hf_config(path, list(files))[1]), files)
+        want.cfg, path, rope_half_layout(read_hf_config(path, files)[1]), files)
     hold_weights(want, held, as_stored)
     got = load_pretrained(path, dtype=torch.float32, held=held)[0]
     a, b = _state(got), _state(want)

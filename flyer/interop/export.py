@@ -357,7 +357,7 @@ def _source_codes(path: Path, cfg: ModelConfig, headers: dict[Path, TensorFile])
     moved from its layout to the export's where every row keeps its 128-row block, and so its scale):
     requantizing their values would not give them back wherever a scale is not amax / 448."""
     files = weight_files(path)
-    src_half = rope_half_layout(read_hf_config(path, list(files))[1])
+    src_half = rope_half_layout(read_hf_config(path, files)[1])
     out_half = hf_model_type(exported(cfg)) in HALF_ROPE_MODEL_TYPES
     half_rows = hf_names(cfg, True)
     codes: Codes = {}

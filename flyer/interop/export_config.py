@@ -132,8 +132,11 @@ def _check_gqa_moe(cfg: ModelConfig, mixtral: bool) -> None:
 
 def _rope_parameters(cfg: ModelConfig) -> dict:
     """transformers' ``rope_parameters`` computing ``cfg``'s frequencies (``flyer.model.rope``)."""
-    if cfg.rope_factor <= 1.0:  # rope_type 'default' has 1
+    if cfg.rope_factor <= 1.0 and cfg.rope_attn_factor == 1.0:  # rope_type 'default' has 1
         return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_factor <= 1.0:  # frequencies as they are, cos and sin scaled: YaRN at factor 1 (its ramp is a no-op)
+        return {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": 1.0,
+                "original_max_position_embeddings": cfg.original_seq_len, "attention_factor": cfg.rope_attn_factor}
     if cfg.rope_type == "linear":
         return {"rope_type": "linear", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor}
     if cfg.rope_type == "llama3":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -62,13 +63,19 @@ def dequantize_fp8_blocks(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.
     return kernels.dequantize_held(data, scale_inv.float())
 
 
-def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[ModelConfig, dict]:
+def read_hf_config(path: str | Path, files: dict[str, Path] | None = None) -> tuple[ModelConfig, dict]:
     """(flyer config, raw config.json) of an HF directory (a wrapper's: its text model's, ``text_config``).
-    ``names``: the checkpoint's tensor names; MTP modules the file lacks (transformers' ``save_pretrained``
-    drops them) are not built."""
+    ``files``: the checkpoint's tensors (``weight_files``); MTP modules they lack (transformers'
+    ``save_pretrained`` drops them) are not built, and tied embeddings beside a head of other values are read
+    untied (``distinct_head``)."""
     path = Path(path)
     raw = text_config(_read_json(path / "config.json"), str(path / "config.json"))
     fields = from_hf_config(raw, str(path / "config.json"))
+    names = None if files is None else list(files)
+    if fields.get("tie_embeddings") and files is not None and distinct_head(files):
+        fields["tie_embeddings"] = False
+        warnings.warn(f"{path / 'config.json'} ties the embeddings, but the checkpoint's lm_head.weight differs "
+                      f"from its embedding: read untied, as transformers reads it")
     # the MTP layers the files hold: V4's mtp.k.*, V3's (a negative depth is refused by the validation below)
     if names is not None and fields.get("mtp_depth", 0) > 0:
         v4, longcat = fields.get("attn") == "hybrid", fields.get("shortcut_moe", False)  # LongCat: model.mtp.*
@@ -82,6 +89,24 @@ def read_hf_config(path: str | Path, names: list[str] | None = None) -> tuple[Mo
         return ModelConfig.from_dict(fields), raw
     except ConfigError as e:
         raise ConfigError(f"{path / 'config.json'}: {e}") from None
+
+
+def distinct_head(files: dict[str, Path]) -> bool:
+    """Whether the checkpoint holds an ``lm_head.weight`` beside its embedding that differs from it (bit for bit,
+    read a block of rows at a time): transformers then leaves a config's tied embeddings untied, "both are present
+    in the checkpoints with different values" (``PreTrainedModel.tie_weights``)."""
+    own = {text_name(n): n for n in files} if is_wrapped(files) else {n: n for n in files}
+    head, embed = own.get("lm_head.weight"), own.get("model.embed_tokens.weight")
+    if head is None or embed is None:
+        return False
+    th, te = TensorFile(files[head]), TensorFile(files[embed])
+    if th.shape(head) != te.shape(embed) or th.dtype(head) != te.dtype(embed):
+        return True
+    rows = th.shape(head)[0] if th.shape(head) else 0
+    step = max(1, (64 << 20) // max(1, math.prod(th.shape(head)[1:]) * th.dtype(head).itemsize))  # 64 MiB reads
+    return any(not torch.equal(th.read(head, (lo, min(rows, lo + step))).view(torch.uint8),
+                               te.read(embed, (lo, min(rows, lo + step))).view(torch.uint8))
+               for lo in range(0, rows, step))
 
 
 # a vision-language wrapper's text model (Kimi K2.5): its tensors under "language_model.", the decoder layers as
@@ -438,7 +463,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     (``flyer.infer.weights.empty_held``)."""
     path = Path(path)
     files = weight_files(path)
-    cfg, raw = read_hf_config(path, list(files))
+    cfg, raw = read_hf_config(path, files)
     tok = load_tokenizer(path, raw)
     dtype = dtype or checkpoint_dtype(files)
     if held not in (None, torch.float32) and dtype != torch.float32:

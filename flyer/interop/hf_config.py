@@ -65,7 +65,7 @@ from flyer.interop.hf_config_mistral4 import MISTRAL4_DEFAULTS, MISTRAL4_ROPE, m
 from flyer.interop.hf_config_quant import compressed_scheme
 from flyer.interop.hf_config_v4 import from_v4_config
 from flyer.interop.hf_defaults import with_class_defaults
-from flyer.interop.hf_rope import ROPE_TYPES, rope_fields, yarn_attention_factor, yarn_mscale
+from flyer.interop.hf_rope import ROPE_TYPES, rope_dict, rope_fields, yarn_attention_factor, yarn_mscale
 from flyer.limits import MAX_LAYERS
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
@@ -297,7 +297,7 @@ def _glm4_moe_fields(d: dict[str, Any], where: str, n_layers: int, head_dim: int
     int(head_dim * partial_rotary_factor) channels (rotate-half pairs within them) and passes the rest;
     its router is DeepseekV3's. Missing fields take Glm4MoeConfig's defaults (0.5 rotary, 128 experts
     top-8, 1408 wide, one shared expert, one dense layer, norm_topk_prob true, scaling 1, no head norms)."""
-    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rp = rope_dict(d)[1]
     factor = rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
     if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
         raise _bad(where, "partial_rotary_factor", f"expected a number in (0, 1] (got {factor!r:.40})")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from flyer.errors import ConfigError
-from flyer.interop.hf_rope import partial_rotary_factor
+from flyer.interop.hf_rope import partial_rotary_factor, rope_dict
 
 
 def _bad(where: str, field: str, problem: str) -> ConfigError:
@@ -39,8 +39,7 @@ def mistral4_fields(d: dict[str, Any], where: str) -> dict[str, Any]:
     YaRN over int((qk_nope + qk_rope) * partial_rotary_factor) channels, which must be the rope head's.
     transformers' Mistral4 routes in the weights' dtype, flyer (as DeepSeek's) in FP32: the same on FP32 weights;
     on BF16 ones a near tie between experts may go the other way."""
-    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
-    rp = d.get(key) or {}
+    key, rp = rope_dict(d)
     rope_type = rp.get("rope_type", rp.get("type", "default")) or "default"
     if rope_type != "yarn":  # Mistral4's own default RoPE rotates the whole qk head: a shape error in transformers
         raise _bad(where, f"{key}.rope_type", f"only 'yarn' is supported for mistral4 (got {rope_type!r}): "

@@ -31,6 +31,14 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+def rope_dict(d: dict[str, Any]) -> tuple[str, Any]:
+    """(its key, the RoPE dict) of a config: ``rope_scaling`` when set, over ``rope_parameters``, as transformers 5
+    reads a file that holds both (``convert_rope_params_to_dict``: a transformers-5 file a user added the classic
+    block to, as long-context instructions tell), else ``rope_parameters``; ({} when neither)."""
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    return key, d.get(key) or {}
+
+
 def _rope_number(rp: dict[str, Any], where: str, key: str, name: str, rope_type: str,
                  required: bool = True) -> float | None:
     """``rp[name]``, a number transformers requires for ``rope_type`` (it raises a KeyError without one); one it
@@ -51,8 +59,7 @@ def rope_fields(d: dict[str, Any], where: str = "config.json", mla: bool = False
     ``rope_scaling`` (transformers 4, DeepSeek's files). ``mla``: a DeepSeek config, whose
     transformers attention scales the softmax by ``mscale_all_dim`` for any scaled type. ``partial``:
     the architecture rotates part of each head (GLM-4.5; ``partial_rotary_factor``, read by the caller)."""
-    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    key, rp = rope_dict(d)
     if not isinstance(rp, dict):
         raise _bad(where, key, f"expected an object (got {rp!r})")
     if set(rp) & {"full_attention", "sliding_attention"}:
@@ -102,4 +109,4 @@ def partial_rotary_factor(rotated: int, head: int) -> float:
     return factor if int(head * factor) == rotated else math.nextafter(factor, 1.0)
 
 
-__all__ = ["ROPE_TYPES", "partial_rotary_factor", "rope_fields", "yarn_attention_factor", "yarn_mscale"]
+__all__ = ["ROPE_TYPES", "partial_rotary_factor", "rope_dict", "rope_fields", "yarn_attention_factor", "yarn_mscale"]

@@ -196,7 +196,7 @@ def loaded_bytes(path: str | Path, dtype: torch.dtype | None = None, held: torch
     as_stored = {}
     if is_hf_model_dir(path):
         files = weight_files(Path(path))
-        (cfg, raw), dtype = read_hf_config(path, list(files)), dtype or checkpoint_dtype(files)
+        (cfg, raw), dtype = read_hf_config(path, files), dtype or checkpoint_dtype(files)
         if held == FP8:  # what an FP8 checkpoint stores unquantized is held as stored (load_hf)
             as_stored = unquantized_weights(cfg, path, rope_half_layout(raw), files)
     else:
@@ -249,7 +249,7 @@ def _quantized_weights(path: Path, files: dict[str, Path],
     """(every quantized GEMM weight of the checkpoint ``path`` is held FP8 as its own codes, every one's decoded
     value is exact in BF16), from its headers (``stored_weight_dtype``); a quantized weight the model does not hold
     (an embedding: FP32 in a model holding its weights) counts for neither, and with none held nothing is FP8."""
-    cfg, raw = read_hf_config(path, list(files))
+    cfg, raw = read_hf_config(path, files)
     model = build_empty(cfg, "meta", torch.float32)
     hold_weights(model, torch.bfloat16)
     held = {k for k, v in model.state_dict().items() if v.dtype == torch.bfloat16}
@@ -295,7 +295,7 @@ def init_source(path: str | Path) -> tuple[ModelConfig, Path]:
     tokenizer.json, or the tiktoken.model of an HF directory or checkpoint that has only that (``tokenizer_file``:
     Kimi's, or a run fine-tuned from it)."""
     if is_hf_model_dir(path):
-        return read_hf_config(path, list(weight_files(Path(path))))[0], tokenizer_file(path)
+        return read_hf_config(path, weight_files(Path(path)))[0], tokenizer_file(path)
     ckpt = resolve_checkpoint_path(path)
     try:
         cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
@@ -324,7 +324,7 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
         lo, hi = local[slot.key]
         return Slot(slot.key, slot.expert - lo, slot.rope_rows) if lo <= slot.expert < hi else None
     files = weight_files(Path(path))
-    load_hf_weights(model, path, rope_half_layout(read_hf_config(path, list(files))[1]), files, place)
+    load_hf_weights(model, path, rope_half_layout(read_hf_config(path, files)[1]), files, place)
 
 
 

@@ -31,7 +31,7 @@ class StreamedCheckpoint:
         self.qat, self.fp4_keys, self.scheme = False, set(), None
         if is_hf_model_dir(path):
             self.files = weight_files(path)
-            self.cfg, raw = read_hf_config(path, list(self.files))
+            self.cfg, raw = read_hf_config(path, self.files)
             self.tok = load_tokenizer(path, raw)
             self.fp8 = stored_weight_dtype(path) == "fp8"
             self.scheme = quant_scheme(path)  # compressed-tensors' integer weights, decoded as read
