@@ -186,3 +186,10 @@ def test_a_model_name_with_a_lone_surrogate_is_an_unknown_model(served, path, bo
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
         assert "`\\ud800x`" in r.json()["error"]["message"]
         assert c.get("/health").status_code == 200
+
+
+def test_echo_offsets_of_a_three_byte_character_are_its_start(served_bytes):  # noqa: F811 (the fixture)
+    """Echo's ``text_offset`` went backwards inside a 3-byte character ([0, 1, 2, 1, 2] for "a字b")."""
+    r = served_bytes.client().completions.create(model="tiny-test", prompt="a字b", max_tokens=0, echo=True,
+                                                 logprobs=0)
+    assert r.choices[0].logprobs.text_offset == [0, 1, 1, 1, 2]

@@ -345,6 +345,40 @@ def test_a_final_token_inside_a_utf8_sequence_keeps_its_text(text, cut):
     assert c.finish_reason == "length"
 
 
+def _bytes_fed(data: bytes, stops: list[str]) -> tuple[Choice, list[int]]:
+    """A choice fed ``data`` a byte token at a time (the last "length"), streamed as the API streams it: the
+    indices of the tokens whose logprobs its chunks report."""
+    c, streamed = Choice(ByteTokenizer(), stops), []
+    for k, t in enumerate(data):
+        c.add(TokenEvent(t, finish_reason="length" if k == len(data) - 1 else None))
+        c.delta()
+        streamed += c.delta_tokens()
+        if c.finish_reason is not None:
+            break
+    return c, streamed
+
+
+@pytest.mark.parametrize("text", ["a字b", "€\u200d字?f한", "x😀y", "é😀字z"])
+def test_the_bytes_of_a_character_start_where_it_does(text):
+    """A 3- or 4-byte character's middle bytes started past it (their first bytes' U+FFFD counted as a character
+    of the text) and its last byte at it: starts went backwards, so a stream reported tokens' logprobs twice and a
+    stop string dropped the character's last bytes' (``kept`` and ``delta_tokens`` bisect the starts)."""
+    c, streamed = _bytes_fed(text.encode(), [])
+    want = [i for i, ch in enumerate(text) for _ in ch.encode()]
+    assert c.starts == want and streamed == list(range(len(c.ids)))
+    c, _ = _bytes_fed(text.encode(), [text[-1]])
+    assert c.text == text[:-1] and c.kept() == len(text[:-1].encode())
+
+
+def test_a_replacement_character_is_held_back_for_a_sequence_at_most():
+    """A decode ending in U+FFFD waits for bytes that may complete it, no longer than a UTF-8 sequence can take
+    (``UTF8_HELD`` ids): bytes that never complete one reach the text, and a stop string on them, without waiting
+    for a character after them."""
+    from flyer.serve.choice import UTF8_HELD
+    c, _ = _bytes_fed(b"a" + b"\x80" * 9 + b"b", ["\ufffd"])
+    assert (c.text, c.finish_reason) == ("a", "stop") and len(c.ids) == 1 + UTF8_HELD
+
+
 # R1 / Qwen's shape: a branch per role it knows, none for developer
 NO_DEVELOPER = ("{% for m in messages %}{% if m['role'] == 'system' %}[S]{{ m['content'] }}"
                 "{% elif m['role'] == 'user' %}[U]{{ m['content'] }}{% endif %}{% endfor %}[A]")
