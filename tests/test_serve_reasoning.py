@@ -211,6 +211,25 @@ def test_a_stop_string_inside_the_end_marker(ckpt):
                 _agree(client, *want[kind, stop], "stop", stop=[stop], extra_body={"chat_template_kwargs": THINK})
 
 
+@pytest.mark.parametrize("reasoning,stop", [("", ">\n"), ("", "> "), ("é", ">\n")])
+def test_a_stop_string_from_a_markers_last_character_cuts_it_alike_streamed(reasoning, stop):
+    """Byte tokens (markers in text): a stop string starting at a marker's last character cuts a marker the stream
+    had found whole and skipped. The stream sent nothing of it where nothing came before it: with no reasoning
+    streamed yet, its reasoning (the end marker's text, now the whole answer's reasoning) was lost; and an output
+    that opened reasoning itself lost its content (the begin marker's text, cut: no reasoning after all)."""
+    tok = ByteTokenizer()
+    answer = ANSWER if stop != "> " else " zz" + ANSWER
+    with _serving(tok, _ids(tok, reasoning, DEEPSEEK.end, answer)) as (api, url, client):
+        kw = dict(stop=[stop], extra_body={"chat_template_kwargs": THINK})
+        whole, streamed = _whole(client, **kw), _streamed(client, **kw)
+        assert whole[:3] == (reasoning + DEEPSEEK.end[:-1], None, "stop")  # no whole marker: all reasoning
+        assert streamed[:3] == (whole[0], "", "stop")
+    with _serving(tok, _ids(tok, DEEPSEEK.begin, "ab", DEEPSEEK.end, "cd")) as (api, url, client):
+        kw = dict(stop=["k>a"])  # thinking off: the output opens reasoning itself, then the stop cuts its marker
+        whole, streamed = _whole(client, **kw), _streamed(client, **kw)
+        assert whole[:3] == (None, DEEPSEEK.begin[:-2], "stop") and streamed[:3] == whole[:3]
+
+
 def test_mutations_fail_the_checks(ckpt, monkeypatch):
     """The marker leaking into the content or the reasoning, or the split one token early or late, fails the
     checks (``_agree`` and the reasoning token count)."""

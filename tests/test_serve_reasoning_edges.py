@@ -40,9 +40,8 @@ def _read(pieces, opened=False, special=(), stops=(), finish="stop"):
     for k in range(len(pieces)):
         c.add(TokenEvent(k, finish_reason=finish if k == len(pieces) - 1 else None))
         s = think.split(c.text, c.ids, c.kept(), c.starts, c.finish_reason is not None, 1)
-        sent = c.sent
         c.delta(s.safe if s.content is None else None)
-        if d := think.delta(c.text, sent, c.sent, s):
+        if d := think.delta(c.text, c.sent, s):
             deltas.append(d)
         if c.finish_reason is not None:
             break

@@ -431,7 +431,7 @@ class Api:
                     content, streamed = calls[0] or "", c.text[s.content:max(sent, s.content)]
                     rest = content[len(streamed):] if content.startswith(streamed) else ""
                     c.delta()
-                    delta, tokens = think.delta(c.text, sent, c.sent, s, rest, id(c)), c.delta_tokens()
+                    delta, tokens = think.delta(c.text, c.sent, s, rest, id(c)), c.delta_tokens()
                     lp = content_logprobs([c.events[j] for j in tokens])
                     deltas = [{"index": k, **call.openai()} for k, call in enumerate(calls[1])]
                     if delta or lp:
@@ -450,7 +450,7 @@ class Api:
                         and calls_content(c.text[s.content:upto]) is None:
                     upto = min(upto, s.content)  # blank so far: null should calls follow, so none of it streams yet
                 c.delta(upto)
-                delta, tokens = think.delta(c.text, sent, c.sent, s, key=id(c)), c.delta_tokens()
+                delta, tokens = think.delta(c.text, c.sent, s, key=id(c)), c.delta_tokens()
                 if e.token is not None or c.finish_reason is not None:  # a chunk per token: clients time them
                     lp = content_logprobs([c.events[j] for j in tokens]) if tokens else None
                     # before the end no calls are parsed: what streamed is the content's up to the calls marker

@@ -96,7 +96,7 @@ class Reasoning:
         self.parser, self.opened = parser, opened
         # choice -> (where its reasoning ends or None: a token index, or (text index, marker); how far searched)
         self._scanned: dict[int, tuple] = {}
-        self._told: dict[int, int] = {}  # choice -> where its streamed reasoning ends (``delta``)
+        self._told: dict[int, tuple] = {}  # choice -> where its streamed reasoning, and content (None: none), end
         self.begin_id = _marker_id(tok, parser.begin) if parser else None
         self.end_id = _marker_id(tok, parser.end) if parser else None
         self.calls_id = _marker_id(tok, parser.calls) if parser and parser.calls else None
@@ -215,19 +215,23 @@ class Reasoning:
             out["tool_calls"] = calls
         return out
 
-    def delta(self, text: str, before: int, after: int, s: Split, content: str | None = None, key: int = 0) -> dict:
-        """A stream chunk's ``delta`` for ``text[before:after]`` (newly streamed): its reasoning part, then its
-        content part (``content`` given: that instead); the markers between them in neither. ``key``: which choice
-        (as ``split``'s): its reasoning goes on from where its last part ended, so that an end marker skipped, then
-        cut by a stop string (no marker after all: the whole answer's reasoning keeps its start), is sent as such."""
+    def delta(self, text: str, after: int, s: Split, content: str | None = None, key: int = 0) -> dict:
+        """A stream chunk's ``delta`` for ``text`` streamed up to ``after``: its reasoning part, then its content part
+        (``content`` given: that instead); the markers between them in neither. ``key``: which choice (as
+        ``split``'s): its reasoning and its content each go on from where their last part ended, not from what the
+        stream passed, so that a marker skipped, then cut by a stop string (no marker after all: the whole answer's
+        reasoning or content keeps its text), is sent as such."""
         out = {}
-        start, end = max(s.r0, min(before, self._told.get(key, before))), min(after, s.r1)
+        told, said = self._told.get(key, (s.r0, None))
+        start, end = max(s.r0, told), min(after, s.r1)
         if s.reasoning and end > start:
-            out["reasoning_content"], self._told[key] = text[start:end], end
-        if content is None and s.content is not None and after > max(before, s.content):
-            content = text[max(before, s.content):after]
+            out["reasoning_content"], told = text[start:end], end
+        lo = s.content if s.content is None or said is None else max(said, s.content)
+        if content is None and lo is not None and after > lo:
+            content, said = text[lo:after], after
         if content:
             out["content"] = content
+        self._told[key] = (told, said)
         return out
 
     @staticmethod
