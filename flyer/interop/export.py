@@ -67,8 +67,8 @@ from flyer.errors import CheckpointError, FieldError
 from flyer.fp8.quant import TILE, quantize_blocks
 from flyer.infer.weights import FP8, held_scale
 from flyer.interop.export_config import eos_token_id, exported, hf_config, hf_model_type
-from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, is_hf_model_dir, is_wrapped, read_hf_config,
-                              rope_half_layout, weight_files)
+from flyer.interop.hf import (INDEX, SCALE_SUFFIX, SINGLE, check_finite, fp8_scales, is_hf_model_dir, is_wrapped,
+                              read_fp8_scales, read_hf_config, rope_half_layout, weight_files)
 from flyer.interop.hf_names import LONGCAT_MTP_EMBED, Slot, hf_names, permute_rope, v4_name
 from flyer.interop.hf_config import HALF_ROPE_MODEL_TYPES
 from flyer.interop.hf_config_quant import KIMI_GROUP_SIZE
@@ -366,7 +366,6 @@ def _source_codes(path: Path, cfg: ModelConfig, headers: dict[Path, TensorFile])
         if scale not in files or name not in half_rows:
             continue
         tf = header(headers, f)
-        sf = header(headers, files[scale])
         if tf.dtype(name) != torch.float8_e4m3fn:
             continue
         rows = half_rows[name].rope_rows if src_half != out_half else None
@@ -374,9 +373,12 @@ def _source_codes(path: Path, cfg: ModelConfig, headers: dict[Path, TensorFile])
         moved = order if rows is None else permute_rope(order, rows, inverse=out_half)
         if not torch.equal(moved // TILE, order // TILE):
             continue  # quantized again from the exact values
-        codes[name] = (lambda tf=tf, name=name, moved=moved:
-                       tf.read(name).view(torch.uint8)[moved].view(torch.float8_e4m3fn),
-                       lambda sf=sf, scale=scale: sf.read(scale).float())
+        sf, scale = fp8_scales(tf, name, files, headers)  # checked as loading checks them, before any is written
+
+        def data(tf=tf, name=name, moved=moved) -> torch.Tensor:
+            check_finite(t := tf.read(name), tf.path, name)
+            return t.view(torch.uint8)[moved].view(torch.float8_e4m3fn)
+        codes[name] = (data, lambda sf=sf, scale=scale: read_fp8_scales(sf, scale))
     return codes
 
 
