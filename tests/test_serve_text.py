@@ -2,7 +2,9 @@
 and rendered as transformers' ``apply_chat_template`` does (one BOS, its ``tojson``), stop strings cut at
 the earliest match, and the logprobs of stopped and echoed completions equal between streaming and not."""
 
+import codecs
 import json
+import random
 from types import SimpleNamespace
 
 import httpx
@@ -370,13 +372,34 @@ def test_the_bytes_of_a_character_start_where_it_does(text):
     assert c.text == text[:-1] and c.kept() == len(text[:-1].encode())
 
 
-def test_a_replacement_character_is_held_back_for_a_sequence_at_most():
-    """A decode ending in U+FFFD waits for bytes that may complete it, no longer than a UTF-8 sequence can take
-    (``UTF8_HELD`` ids): bytes that never complete one reach the text, and a stop string on them, without waiting
-    for a character after them."""
-    from flyer.serve.choice import UTF8_HELD
-    c, _ = _bytes_fed(b"a" + b"\x80" * 9 + b"b", ["\ufffd"])
-    assert (c.text, c.finish_reason) == ("a", "stop") and len(c.ids) == 1 + UTF8_HELD
+def _byte_owners(data: bytes) -> list[int]:
+    """Where each byte's text starts in ``data``'s decode, by Python's incremental UTF-8 decoder (the oracle): a
+    byte it holds pending starts the character to come; one it consumed is in the last character it gave."""
+    dec, out, own = codecs.getincrementaldecoder("utf-8")("replace"), 0, []
+    for b in data:
+        n = len(dec.decode(bytes([b])))
+        pending = dec.getstate()[0]
+        own.append(out + n if pending and pending[-1] == b else out + n - 1)
+        out += n
+    return own
+
+
+def test_token_starts_and_kept_tokens_follow_the_utf8_decoder():
+    """Random byte strings of whole characters, a literal U+FFFD, bytes no character takes and unfinished
+    sequences, cut or not by a stop string: every byte token starts where the decoder puts its text, the stream
+    reports each kept token's logprobs once, and the kept tokens are those starting before the cut."""
+    rng = random.Random(0)
+    pool = [b"a", b" ", "é".encode(), "字".encode(), "😀".encode(), "\ufffd".encode(), b"\x80", b"\xe5", b"\xe5\xad",
+            b"\xf0\x9f", b"\xff", b"\xc3"]
+    for _ in range(300):
+        data = b"".join(rng.choice(pool) for _ in range(rng.randint(1, 8)))
+        full, own = data.decode("utf-8", "replace"), _byte_owners(data)
+        at = rng.randrange(len(full))
+        stops = [full[at:at + rng.randint(1, 2)]] if rng.random() < 0.6 else []
+        c, streamed = _bytes_fed(data, stops)
+        cut = full.find(stops[0]) if stops else len(full)
+        assert c.text == full[:cut] and c.starts == own[:len(c.ids)], (data, stops)
+        assert c.kept() == sum(o < cut for o in own[:len(c.ids)]) and streamed == list(range(c.kept())), (data, stops)
 
 
 # R1 / Qwen's shape: a branch per role it knows, none for developer

@@ -60,9 +60,6 @@ def json_at(text: str, pos: int) -> tuple[Any, int] | None:
         return None
 
 
-UTF8_HELD = 4  # ids a decode ending in U+FFFD is held back for: an unfinished UTF-8 sequence is 3 bytes at most
-
-
 @dataclass
 class Choice:
     """One prompt's generation as text: decoded incrementally, cut at a stop string."""
@@ -85,13 +82,11 @@ class Choice:
         """Text of ids[read:], decoded after ids[prefix:read] (a decoder may render a token
         differently at the start of a sequence, e.g. SentencePiece's leading space): each token
         costs a decode of a few ids, where decoding every id per token is quadratic in the
-        generation. Held back (until ``final``) while it ends inside a UTF-8 sequence: a decode ending in U+FFFD,
-        for at most ``UTF8_HELD`` ids (a sequence's 4 bytes complete by then; past them the U+FFFD is text: a
-        byte no later one completes, or the character itself)."""
+        generation. Held back (until ``final``) while it ends inside a UTF-8 sequence (in U+FFFD, as vLLM holds it:
+        text alone cannot tell an unfinished sequence from a byte none finishes, or the character itself)."""
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         after = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(after) <= len(before) or (after.endswith("\ufffd") and not final
-                                         and len(self.ids) - self.read < UTF8_HELD):
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return after[len(before):]
@@ -117,15 +112,18 @@ class Choice:
 
     def _held_starts(self, prefix: int, read: int, start: int) -> None:
         """Starts of ids[read + 1:self.read], decoded together with ids[read] from ``start`` on: id k starts where
-        the decode through k - 1 parts from the text decoded, so a byte that never completes a character (its
-        U+FFFD stays) puts the next id after it, and the bytes of a character the text completes start where it
-        does (not after the U+FFFD its first bytes decoded to alone: starts stay sorted, as ``kept`` and
+        the decodes through k - 1 and through k part, so a byte that never completes a character (its U+FFFD
+        stays) puts the next id after it, and one completed by id k puts k at the character's start; an id that
+        adds no character to a decode ending in U+FFFD goes on with the sequence that U+FFFD stands for, and starts
+        where it does (a 3- or 4-byte character's middle bytes; not past it: starts stay sorted, as ``kept`` and
         ``delta_tokens`` read them)."""
         base = len(self.tokenizer.decode(self.ids[prefix:read]))
-        whole = self.tokenizer.decode(self.ids[prefix:self.read])
         for k in range(read + 1, self.read):
-            at = start + len(os.path.commonprefix([self.tokenizer.decode(self.ids[prefix:k]), whole])) - base
-            self.starts[k] = max(at, self.starts[k - 1])  # sorted even where a decoder rewrites earlier text
+            a, b = (self.tokenizer.decode(self.ids[prefix:j]) for j in (k, k + 1))
+            at = len(os.path.commonprefix([a, b]))
+            if at == len(a) == len(b) and a.endswith("\ufffd"):
+                at -= 1
+            self.starts[k] = max(start + at - base, self.starts[k - 1])  # (sorted even where a decoder rewrites)
 
     def kept(self) -> int:
         """How many of ``ids`` the text holds: after a stop string's cut, those whose text starts
