@@ -53,6 +53,35 @@ def _decode(tmp_path, parts, combo, group=16):
 
 # --- compressed.py ------------------------------------------------------------------------------------------------
 
+def test_int8_stored_codes_of_fewer_bits_stay_in_their_range(tmp_path):
+    """A 4-bit naive-quantized weight whose int8 code holds 100, or a zero point 9: refused, not decoded to a weight
+    12x the format's largest (the library checks neither)."""
+    q = torch.randint(-8, 8, (16, 32), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    parts = {"weight": q, "weight_scale": torch.ones(16, 2, dtype=torch.bfloat16)}
+    _decode(tmp_path, parts, ("naive-quantized", 4, True, "group", None))
+    wide = q.clone()
+    wide[3, 5] = 100
+    for bad in ({"weight": wide}, {"weight_zero_point": torch.full((16, 2), 9, dtype=torch.int8)}):
+        with pytest.raises(ValueError, match=r"4-bit (codes|zero points) lie outside \[-8, 7\]"):
+            _decode(tmp_path, {**parts, **bad}, ("naive-quantized", 4, "weight_zero_point" not in bad, "group", None))
+
+
+def test_packed_errors_name_the_tensor_at_fault(tmp_path):
+    """Float zero points beside int32 codes named the codes' dtype; a weight_shape whose width the packed words
+    allow but g_idx does not blamed g_idx."""
+    q = torch.randint(-8, 8, (16, 32), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = {"weight_packed": pack_to_int32(q, 4), "weight_shape": torch.tensor([16, 32], dtype=torch.int32),
+              "weight_scale": torch.ones(16, 2, dtype=torch.bfloat16)}
+    zero = {"weight_zero_point": pack_to_int32(torch.zeros(16, 2, dtype=torch.int8), 4, packed_dim=0).float()}
+    with pytest.raises(ValueError, match=r"packed zero points must be int32 \(got torch.float32\)"):
+        _decode(tmp_path, {**packed, **zero}, ("pack-quantized", 4, False, "group", None))
+    g_idx = {"weight_g_idx": (torch.arange(32) // 16).to(torch.int32),
+             "weight_shape": torch.tensor([16, 29], dtype=torch.int32)}
+    with pytest.raises(ValueError, match=r"weight_shape \[16, 29\] does not match weight_g_idx's 32 columns"):
+        _decode(tmp_path, {**packed, **g_idx}, ("pack-quantized", 4, True, "group", "group"))
+
+
+
 def test_negative_g_idx_is_refused():  # kills C10
     """A g_idx entry < 0 names no group: refused, never read as a group counted from the end."""
     q = torch.tensor([[3, -2, 7, 0]], dtype=torch.int8)

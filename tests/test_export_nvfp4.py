@@ -27,13 +27,16 @@ pytest.importorskip("compressed_tensors")  # the oracle: pyproject's test extra
 
 def _cases() -> list[torch.Tensor]:
     """Weights whose rows span 5 decades (small rows' block scales go subnormal in E4M3, or to its eps), an all-zero
-    block, one outlier, values near FP32's smallest, an all-zero weight (its global scale not finite: 1)."""
+    block, one outlier, values near FP32's smallest, an all-zero weight (its global scale not finite: 1), exact
+    -0.0 entries."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(8, 64, generator=g) * torch.logspace(-4, 1, 8).unsqueeze(1)
     zero_block, outlier = base.clone(), base.clone()
     zero_block[2, :16] = 0
     outlier[3, 5] = 1e4
-    return [base, zero_block, outlier, base * 1e-30, torch.zeros(4, 32)]
+    negative_zeros = base.clone()  # a pruned weight's (w * mask): the library's +0 code, not -0
+    negative_zeros[base.abs() < base.abs().median()] = -0.0
+    return [base, zero_block, outlier, base * 1e-30, torch.zeros(4, 32), negative_zeros]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

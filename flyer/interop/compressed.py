@@ -276,18 +276,27 @@ def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: 
         return decode_fp8(codes, read[SCALE], fp8_block(scheme, *(codes.shape if codes.dim() == 2 else (1, 1))),
                           name).to(out_dtype)
     if scheme.format == PACK_QUANTIZED:
-        if codes.dtype != torch.int32 or (zero is not None and zero.dtype != torch.int32):
-            raise ValueError(f"{name}: packed codes and zero points must be int32 (got {codes.dtype})")
+        for t, what in ((codes, "codes"), (zero, "zero points")):
+            if t is not None and t.dtype != torch.int32:
+                raise ValueError(f"{name}: packed {what} must be int32 (got {t.dtype})")
         size = read[SHAPE].reshape(-1).tolist()
         if read[SHAPE].dtype.is_floating_point or len(size) != 2 or size[0] != codes.shape[0] \
                 or packed_words(size[1], scheme.num_bits) != codes.shape[1]:
             raise ValueError(f"{name}: weight_shape {size} does not match the packed codes {tuple(codes.shape)} "
                              f"({scheme.num_bits}-bit)")
+        if G_IDX in read and read[G_IDX].numel() != size[1]:  # the words agree on a few widths: g_idx says which
+            raise ValueError(f"{name}: weight_shape {size} does not match weight_g_idx's {read[G_IDX].numel()} "
+                             f"columns")
         codes = unpack_int32(codes, scheme.num_bits, int(size[1]))
         if zero is not None:  # packed down the rows: its transpose's rows are the stream
             zero = unpack_int32(zero.T, scheme.num_bits, codes.shape[0]).T
     elif codes.dtype != torch.int8:
         raise ValueError(f"{name}: {scheme.format} codes must be int8 (got {codes.dtype})")
+    else:  # int8-stored codes of fewer bits: in the bits' range, as the packed ones are by construction
+        lo, hi = -(1 << scheme.num_bits - 1), (1 << scheme.num_bits - 1) - 1
+        for t, what in ((codes, "codes"), (zero, "zero points")):
+            if scheme.num_bits < 8 and t is not None and t.numel() and not lo <= int(t.min()) <= int(t.max()) <= hi:
+                raise ValueError(f"{name}: {scheme.num_bits}-bit {what} lie outside [{lo}, {hi}]")
     return dequantize(codes, read[SCALE], zero, read.get(G_IDX), out_dtype, name)
 
 

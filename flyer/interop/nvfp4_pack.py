@@ -38,7 +38,9 @@ def quantize_nvfp4(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor,
     scale = torch.where(scale.float() == 0, torch.tensor(FP8_EPS, dtype=scale.dtype), scale)
     # the library divides the weight as stored (a BF16 weight promotes to FP32) by the FP32 effective scale
     ratio = w / (scale.float() / g).repeat_interleave(NVFP4_GROUP, dim=1)
-    codes = e2m1_codes(ratio.float().clamp(-E2M1_MAX, E2M1_MAX).view(R, -1, NVFP4_GROUP),
+    # + 0.0: an exact -0.0 encodes as +0 (code 0), as the library's sign test (x < 0) has it; e2m1_codes reads
+    # the sign bit, as the hardware cast of V4's FP4 does
+    codes = e2m1_codes((ratio.float().clamp(-E2M1_MAX, E2M1_MAX) + 0.0).view(R, -1, NVFP4_GROUP),
                        torch.zeros(R, C // NVFP4_GROUP, dtype=torch.int32))
     return pack_e2m1(codes.view(R, C)), scale, g
 
