@@ -11,6 +11,7 @@ import httpx
 import jinja2
 import openai
 import pytest
+from tokenizers import Tokenizer, decoders, models
 from hf_models import build, make_tokenizer
 from test_serve_api import _Running, _error
 from trained import counting_model
@@ -20,6 +21,7 @@ from flyer.cli import main
 from flyer.interop.hf import load_tokenizer
 from flyer.data.chat_template import chat_renderer
 from flyer.infer.cli import ByteTokenizer
+from flyer.interop.hf_tokenizer import TextTokenizer
 from flyer.serve.api import Api, ChatBody
 from flyer.serve.choice import Choice
 from flyer.serve.engine import TokenEvent
@@ -400,6 +402,38 @@ def test_token_starts_and_kept_tokens_follow_the_utf8_decoder():
         cut = full.find(stops[0]) if stops else len(full)
         assert c.text == full[:cut] and c.starts == own[:len(c.ids)], (data, stops)
         assert c.kept() == sum(o < cut for o in own[:len(c.ids)]) and streamed == list(range(c.kept())), (data, stops)
+
+
+def _byte_fallback() -> TextTokenizer:
+    """A SentencePiece-style tokenizer (Llama 2's, Mistral's): byte tokens <0xNN> at ids 3 + byte, tokenizers'
+    ByteFallback decoder (one U+FFFD a byte of an unfinished sequence, where Python's decoder writes one)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.decoder = decoders.ByteFallback()
+    return TextTokenizer(tok, eos=2)
+
+
+def test_byte_fallback_tokens_start_where_the_utf8_decoder_puts_them():
+    """Valid text spelled in <0xNN> tokens: each starts where Python's decoder puts its byte (a character's later
+    bytes started one U+FFFD a byte past it, out of order), and a stop keeps every byte of the text before it. (A
+    literal U+FFFD so spelled is left out: its bytes' U+FFFDs are its own character's, which text cannot tell; its
+    later bytes start after it, still in order.)"""
+    rng, tok = random.Random(1), _byte_fallback()
+    for _ in range(200):
+        text = "".join(rng.choice(["a", " ", "é", "字", "😀"]) for _ in range(rng.randint(1, 8)))
+        data, own = text.encode(), _byte_owners(text.encode())
+        at = rng.randrange(len(text))
+        stops = [text[at:at + rng.randint(1, 2)]] if rng.random() < 0.6 else []
+        c, streamed = Choice(tok, stops), []
+        for k, b in enumerate(data):
+            c.add(TokenEvent(3 + b, finish_reason="length" if k == len(data) - 1 else None))
+            c.delta()
+            streamed += c.delta_tokens()
+            if c.finish_reason is not None:
+                break
+        cut = text.find(stops[0]) if stops else len(text)
+        assert c.text == text[:cut] and c.starts == own[:len(c.ids)], (text, stops)
+        assert c.kept() == sum(o < cut for o in own[:len(c.ids)]) and streamed == list(range(c.kept())), (text, stops)
 
 
 # R1 / Qwen's shape: a branch per role it knows, none for developer

@@ -115,14 +115,18 @@ class Choice:
         the decodes through k - 1 and through k part, so a byte that never completes a character (its U+FFFD
         stays) puts the next id after it, and one completed by id k puts k at the character's start; an id that
         adds no character to a decode ending in U+FFFD goes on with the sequence that U+FFFD stands for, and starts
-        where it does (a 3- or 4-byte character's middle bytes; not past it: starts stay sorted, as ``kept`` and
-        ``delta_tokens`` read them)."""
+        where it does (a 3- or 4-byte character's middle bytes: Python's and byte-level BPE's decoders write one
+        U+FFFD for an unfinished sequence). SentencePiece's byte fallback writes one a byte, so the start is also
+        no later than where the decode through k - 1 parts from the text decoded (the character those bytes
+        finish). Starts stay sorted, as ``kept`` and ``delta_tokens`` read them."""
         base = len(self.tokenizer.decode(self.ids[prefix:read]))
+        whole = self.tokenizer.decode(self.ids[prefix:self.read])
         for k in range(read + 1, self.read):
             a, b = (self.tokenizer.decode(self.ids[prefix:j]) for j in (k, k + 1))
             at = len(os.path.commonprefix([a, b]))
             if at == len(a) == len(b) and a.endswith("\ufffd"):
                 at -= 1
+            at = min(at, len(os.path.commonprefix([a, whole])))
             self.starts[k] = max(start + at - base, self.starts[k - 1])  # (sorted even where a decoder rewrites)
 
     def kept(self) -> int:
