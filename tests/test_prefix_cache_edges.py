@@ -97,6 +97,75 @@ def test_an_entry_whose_header_disagrees_is_a_miss(tmp_path):
     assert pc.stats.corrupt == corrupt + 1
 
 
+@pytest.mark.parametrize("a_offset", [4, 8])
+def test_a_table_that_does_not_lay_the_payload_out_end_to_end_is_corrupt(tmp_path, a_offset):
+    """A flipped digit of an offset in the header, which the checksum does not cover, read one tensor off another's
+    bytes inside the payload, a hit of wrong KV (a generation's tokens changed); tensors lie end to end in table
+    order, as written."""
+    pc = _cache(tmp_path)
+    payload = torch.arange(4.0).numpy().tobytes()
+    table = [{"name": "a", "dtype": "torch.float32", "shape": [2], "offset": a_offset, "nbytes": 8},
+             {"name": "b", "dtype": "torch.float32", "shape": [2], "offset": 8, "nbytes": 8}]
+    k = pc.block_keys([7, 7, 7, 7])[0]
+    _write_entry(pc, k, [7, 7, 7, 7], table, payload)
+    assert pc.load(k, [7, 7, 7, 7], {"a": ((2,), torch.float32), "b": ((2,), torch.float32)}) is None
+    assert pc.stats.corrupt == 1
+    table[0].update(offset=0)  # as written: a hit
+    _write_entry(pc, k, [7, 7, 7, 7], table, payload)
+    got = pc.load(k, [7, 7, 7, 7], {"a": ((2,), torch.float32), "b": ((2,), torch.float32)})
+    assert got is not None and got["b"].tolist() == [2.0, 3.0]
+
+
+def test_a_users_files_under_the_caches_names_are_no_cache(tmp_path):
+    """Without the marker, names alone made a cache (a version before the marker left only its own): a user's
+    stats.json was then written over with the counters, a two-hex-digit directory of the user's files marked."""
+    user = b'{"experiment": "run 7", "accuracy": 0.93}'
+    (tmp_path / "a" / "20").mkdir(parents=True)
+    (tmp_path / "a" / "20" / "notes.txt").write_text("a user's")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "stats.json").write_bytes(user)
+    for d in (tmp_path / "a", tmp_path / "b"):
+        with pytest.raises(FieldError, match="is not empty and is not a prefix cache"):
+            _cache(d)
+        assert not (d / prefix_cache.MARKER).exists()
+    assert (tmp_path / "b" / "stats.json").read_bytes() == user
+    old = tmp_path / "old"  # what a cache before the marker left: its counters, an empty lock, blocks
+    pc = _cache(old)
+    k = pc.block_keys([1, 2, 3, 4])[0]
+    assert pc.store(k, [1, 2, 3, 4], {"x": torch.ones(2)})
+    pc.record_stats()
+    (old / ".lock").touch()
+    (old / prefix_cache.MARKER).unlink()
+    _cache(old)
+    assert (old / prefix_cache.MARKER).is_file()
+
+
+def test_what_is_not_the_caches_is_neither_written_through_nor_over(tmp_path):
+    """A directory at a block's path failed the write as a full disk would: storing stopped for the run. A
+    subdirectory that is a symlink out of the cache took blocks outside it, never counted nor evicted."""
+    root, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    pc = _cache(root, max_bytes=1000)
+    keys, i = [], 0
+    while len(keys) < 3:  # blocks that land in subdirectory "ab"
+        if (k := pc.block_keys([i] * 4)[0]).startswith("ab"):
+            keys.append((k, i))
+        i += 1
+    os.symlink(outside, root / "ab")
+    assert not any(pc.store(k, [t] * 4, {"x": torch.ones(100)}) for k, t in keys)
+    assert os.listdir(outside) == []
+    os.unlink(root / "ab")
+    pc.path(keys[0][0]).mkdir(parents=True)
+    assert not pc.store(keys[0][0], [keys[0][1]] * 4, {"x": torch.ones(4)})
+    assert pc.store(keys[1][0], [keys[1][1]] * 4, {"x": torch.ones(4)}) and pc.storing
+    target = outside / "elsewhere"
+    target.write_text("x")
+    os.utime(target, ns=(0, 0))
+    os.symlink(target, pc.path(keys[2][0]))
+    pc.touch([keys[2][0]])
+    assert target.stat().st_mtime_ns == 0
+
+
 def test_a_held_fp8_models_scales_are_in_its_fingerprint():
     """FP8-held weights keep their block scales in non-persistent buffers: two models of the same codes and other
     scales compute otherwise, so they must not share cached KV."""

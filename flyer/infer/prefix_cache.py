@@ -66,7 +66,6 @@ _BLOCK = re.compile(r"[0-9a-f]{64}\.blk")
 _TMP_PREFIX = ".flyerpc-"
 # mkstemp's 8 random characters; without "flyerpc-": the temporary names of caches written before it
 _TMP = re.compile(r"\.(flyerpc-)?[a-z0-9_]{8}\.tmp")
-_TOP = {MARKER, ".lock", "stats.json", "stats.tmp"}  # the cache's own names at its root, beside _SUBDIR's
 _STATS_MAX_BYTES = 1 << 16  # stats.json is a few hundred bytes: a larger one is not ours to parse
 
 
@@ -150,16 +149,15 @@ class PrefixCache:
         self._claim()
 
     def _claim(self) -> None:
-        """Refuse a directory that is neither empty nor a cache: eviction deletes files, so it may
-        only run where every name it deletes is the cache's. Marks an empty one (or one a version
-        before the marker wrote: the cache's names alone) as a cache."""
+        """Refuse a directory that is neither empty nor a cache: eviction deletes files and the statistics are
+        written over, so they may only run where every name is the cache's. Marks an empty one (or one a version
+        before the marker wrote: the cache's files alone, ``_unmarked_own``) as a cache."""
         marker = self.root / MARKER
         if marker.is_file():
             return
         try:
             with os.scandir(self.root) as it:  # stops at the first foreign name
-                foreign = next((e.name for e in it if e.name not in _TOP
-                                and not (_SUBDIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False))), None)
+                foreign = next((e.name for e in it if not _unmarked_own(e)), None)
         except OSError as e:
             raise FieldError("prefix_cache", f"cannot read directory {self.root}: {e.strerror or e}") from None
         if foreign is not None:
@@ -259,6 +257,8 @@ class PrefixCache:
         p = self.path(key)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
+            if p.parent.is_symlink() or p.is_dir():  # not the cache's: never written through, nor over
+                return False
             fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=_TMP_PREFIX, suffix=".tmp")
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # read-only after all: lookups only
@@ -315,8 +315,8 @@ class PrefixCache:
         """``path``'s mtime set to now, later than every stamp this process set before: a file's own time ticks
         in jiffies (milliseconds), so blocks touched in one go would tie, and ties evict in name order."""
         self._last_ns = max(time.time_ns(), self._last_ns + 1)
-        with contextlib.suppress(OSError):
-            os.utime(path, ns=(self._last_ns, self._last_ns))
+        with contextlib.suppress(OSError):  # (a symlink's own time: never a file's outside the cache)
+            os.utime(path, ns=(self._last_ns, self._last_ns), follow_symlinks=False)
 
     def evict(self) -> int:
         """Delete least-recently-used blocks until the directory holds at most ``max_bytes``. It is listed (every
@@ -405,6 +405,27 @@ def _rate(counts: dict) -> float:
     return round(counts["hits"] / counts["lookups"], 4) if counts["lookups"] else 0.0
 
 
+def _unmarked_own(e: os.DirEntry) -> bool:
+    """Whether ``e``, at the root of a directory without the marker, is what a cache of a version before the
+    marker left there: an empty ``.lock``, a statistics file of its counters alone, a subdirectory of block and
+    temporary files. A name alone is no proof: a user's own ``stats.json`` would be written over."""
+    if e.name == ".lock":
+        return e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_size == 0
+    if e.name in ("stats.json", "stats.tmp"):
+        try:
+            with open(e.path, "rb") as f:
+                raw = json.loads(f.read(_STATS_MAX_BYTES + 1))
+        except (OSError, ValueError, RecursionError):
+            return False
+        counters = {*asdict(PrefixCacheStats()), "hit_rate"}
+        return e.is_file(follow_symlinks=False) and isinstance(raw, dict) and bool(raw) and set(raw) <= counters
+    if _SUBDIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
+        with os.scandir(e.path) as it:
+            return all((_BLOCK.fullmatch(x.name) or _TMP.fullmatch(x.name)) and x.is_file(follow_symlinks=False)
+                       for x in it)
+    return False
+
+
 def _read_counters(path: Path) -> dict[str, int]:
     """The counters of a shared ``stats.json``; anything but a non-negative integer (a hand edit,
     a crashed writer, a corrupt file) counts as absent, as an unreadable file does."""
@@ -436,17 +457,20 @@ def _split(data: bytes) -> tuple[dict, bytes]:
 
 
 def _decode(table: list[dict], payload: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a block file's table over its payload, laid end to end in table order as ``store`` writes
+    them: the checksum covers the payload only, so a table whose offsets or sizes say otherwise (a flipped digit
+    shifting a tensor onto its neighbour's bytes) is refused (ValueError), not read as another tensor."""
     out, end = {}, 0
     for e in table:
         dtype = _DTYPES[e["dtype"]]
         off, n = int(e["offset"]), int(e["nbytes"])
-        if off < 0 or off + n > len(payload):
-            raise ValueError("tensor outside payload")
+        if off != end or off + n > len(payload):  # (a size that does not hold the shape: reshape refuses it)
+            raise ValueError("tensor table does not lay the payload out")
         raw = torch.empty(0, dtype=torch.uint8)
         if n:
             raw = torch.frombuffer(bytearray(payload[off:off + n]), dtype=torch.uint8)
         out[e["name"]] = raw.view(dtype).reshape(e["shape"])
-        end = max(end, off + n)
+        end = off + n
     if end != len(payload):
         raise ValueError("payload length mismatch")
     return out
