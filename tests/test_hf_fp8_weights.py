@@ -90,6 +90,7 @@ def test_decode_equals_the_librarys_decompression(preset, block, scale_dtype, sh
     (lambda c, s: (c, s.to(torch.float64)), "one float scale"),
     (lambda c, s: (c, torch.where(torch.arange(8).unsqueeze(1) == 3, torch.nan, s)), "non-finite"),
     (lambda c, s: (c, s * torch.inf), "non-finite"),
+    (lambda c, s: (c, -s), "negative"),  # as DeepSeek's block scales are refused (flyer.interop.hf.read_fp8_scales)
 ])
 def test_decode_refuses_inconsistent_tensors(bad, problem):
     parts, _ = library_fp8(torch.randn(8, 64, dtype=torch.bfloat16), weight_args("FP8_DYNAMIC"), torch.float32)

@@ -39,7 +39,7 @@ def _ids():
 
 def _logits_match(path, cls) -> None:
     ref = cls.from_pretrained(path).eval()
-    model, _, _ = load_hf(path)
+    model, _, _ = load_hf(path, dtype=torch.float32)  # as transformers runs the FP32 config
     with torch.no_grad():
         assert _rel(model(_ids()), ref(_ids()).logits) < TOL
 
@@ -52,16 +52,20 @@ def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers(tmp_path):
     _logits_match(tmp_path, LlamaForCausalLM)
 
 
-@pytest.mark.parametrize("same", [False, True])
+@pytest.mark.parametrize("same", [False, True, "other_dtype"])
 def test_tied_embeddings_beside_a_head_of_other_values_are_read_untied(tmp_path, same):
-    """transformers ties them only where the checkpoint's head equals the embedding; flyer dropped the head."""
+    """transformers ties them only where the checkpoint's head equals the embedding (its values: an FP32 copy of a
+    BF16 embedding too); flyer dropped the head."""
     torch.manual_seed(0)
     _save(LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)).eval(), tmp_path,
           tie_word_embeddings=True)
     if same:  # both in the file, equal: tied, as the config says
         w = load_file(tmp_path / "model.safetensors")
-        save_file({**w, "lm_head.weight": w["model.embed_tokens.weight"].clone()}, tmp_path / "model.safetensors",
+        embed = w["model.embed_tokens.weight"].bfloat16() if same == "other_dtype" else w["model.embed_tokens.weight"]
+        head = embed.float() if same == "other_dtype" else embed.clone()
+        save_file({**w, "model.embed_tokens.weight": embed, "lm_head.weight": head}, tmp_path / "model.safetensors",
                   metadata={"format": "pt"})
+        same = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, cfg, _ = load_hf(tmp_path)

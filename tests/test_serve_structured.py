@@ -234,9 +234,12 @@ def test_a_grammar_that_fails_while_generating_answers_400_naming_its_field(serv
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="tiny-test", messages=msg, max_tokens=8, tools=[tool], tool_choice="required")
     assert e.value.param == "tools"
-    events = list(c.responses.create(model="tiny-test", input="hi", max_output_tokens=8, stream=True,
-                                     text={"format": {"type": "json_schema", "name": "x", "schema": ENDLESS}}))
+    fmt = {"format": {"type": "json_schema", "name": "x", "schema": ENDLESS}}
+    events = list(c.responses.create(model="tiny-test", input="hi", max_output_tokens=8, stream=True, text=fmt))
     assert events[-1].type == "response.failed" and events[-1].response.error.code == "invalid_prompt"
+    with pytest.raises(openai.BadRequestError) as e:  # the Responses body's own name of the field
+        c.responses.create(model="tiny-test", input="hi", max_output_tokens=8, text=fmt)
+    assert e.value.param == "text.format"
     ok = c.chat.completions.create(model="tiny-test", messages=msg, max_tokens=2, response_format=_fmt(COLOR))
     assert ok.choices[0].finish_reason in ("length", "stop")  # the server goes on
 

@@ -404,6 +404,20 @@ def test_token_starts_and_kept_tokens_follow_the_utf8_decoder():
         assert c.kept() == sum(o < cut for o in own[:len(c.ids)]) and streamed == list(range(c.kept())), (data, stops)
 
 
+def test_a_token_of_no_text_after_a_literal_replacement_character_starts_after_it():
+    """A U+FFFD decoded from its own three bytes is a character: a token of no text after it (an id past the bytes,
+    a skipped special token) starts after it, as after any other, not inside it (a stop right after the U+FFFD kept
+    that token, its text at the cut)."""
+    c, _ = _bytes_fed(bytes([0xEF, 0xBF, 0xBD]), [])
+    for t in (300, ord("a")):
+        c.add(TokenEvent(t, finish_reason="length" if t == ord("a") else None))
+    assert c.starts == [0, 0, 0, 1, 1] and c.text == "\ufffda"
+    cut = Choice(ByteTokenizer(), ["a"])
+    for t in (0xEF, 0xBF, 0xBD, 300, ord("a")):
+        cut.add(TokenEvent(t))
+    assert cut.text == "\ufffd" and cut.kept() == 3
+
+
 def _byte_fallback() -> TextTokenizer:
     """A SentencePiece-style tokenizer (Llama 2's, Mistral's): byte tokens <0xNN> at ids 3 + byte, tokenizers'
     ByteFallback decoder (one U+FFFD a byte of an unfinished sequence, where Python's decoder writes one)."""

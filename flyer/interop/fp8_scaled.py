@@ -87,6 +87,8 @@ def _checked(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], n
                          f"{block[0]}x{block[1]} block of a ({R}, {C}) weight {grid}")
     if not bool(torch.isfinite(scale).all()):
         raise ValueError(f"{name}: weight_scale holds non-finite values (NaN or inf)")
+    if scale.numel() and scale.min() < 0:  # a block's sign flipped: no quantizer writes one
+        raise ValueError(f"{name}: weight_scale holds negative values")
     return scale.reshape(grid)
 
 

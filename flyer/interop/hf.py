@@ -16,6 +16,7 @@ schemes) are read as ``<stem>.weight`` from its codes, scales and zero points, d
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -92,21 +93,26 @@ def read_hf_config(path: str | Path, files: dict[str, Path] | None = None) -> tu
 
 
 def distinct_head(files: dict[str, Path]) -> bool:
-    """Whether the checkpoint holds an ``lm_head.weight`` beside its embedding that differs from it (bit for bit,
-    read a block of rows at a time): transformers then leaves a config's tied embeddings untied, "both are present
-    in the checkpoints with different values" (``PreTrainedModel.tie_weights``)."""
+    """Whether the checkpoint holds an ``lm_head.weight`` beside its embedding of other values (read a block of rows
+    at a time): transformers then leaves a config's tied embeddings untied, "both are present in the checkpoints
+    with different values" (``PreTrainedModel.tie_weights``)."""
     own = {text_name(n): n for n in files} if is_wrapped(files) else {n: n for n in files}
     head, embed = own.get("lm_head.weight"), own.get("model.embed_tokens.weight")
     if head is None or embed is None:
         return False
-    th, te = TensorFile(files[head]), TensorFile(files[embed])
-    if th.shape(head) != te.shape(embed) or th.dtype(head) != te.dtype(embed):
-        return True
-    rows = th.shape(head)[0] if th.shape(head) else 0
-    step = max(1, (64 << 20) // max(1, math.prod(th.shape(head)[1:]) * th.dtype(head).itemsize))  # 64 MiB reads
-    return any(not torch.equal(th.read(head, (lo, min(rows, lo + step))).view(torch.uint8),
-                               te.read(embed, (lo, min(rows, lo + step))).view(torch.uint8))
-               for lo in range(0, rows, step))
+    seen = tuple((str(files[n]), os.stat(files[n]).st_mtime_ns, os.stat(files[n]).st_size) for n in (head, embed))
+    if seen not in _DISTINCT:  # a load reads the config more than once: the tensors are compared once
+        th, te = TensorFile(files[head]), TensorFile(files[embed])
+        rows = th.shape(head)[0] if th.shape(head) else 0
+        step = max(1, (64 << 20) // max(1, math.prod(th.shape(head)[1:]) * 4))  # 64 MiB of FP32 a read
+        # values, as transformers compares them in the model's dtype: a BF16 and an FP32 copy of one matrix tie
+        _DISTINCT[seen] = th.shape(head) != te.shape(embed) or any(
+            not torch.equal(th.read(head, (lo, min(rows, lo + step))).float(),
+                            te.read(embed, (lo, min(rows, lo + step))).float()) for lo in range(0, rows, step))
+    return _DISTINCT[seen]
+
+
+_DISTINCT: dict[tuple, bool] = {}  # ``distinct_head``'s answers, by the two files' paths, times and sizes
 
 
 # a vision-language wrapper's text model (Kimi K2.5): its tensors under "language_model.", the decoder layers as

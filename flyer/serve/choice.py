@@ -124,8 +124,8 @@ class Choice:
         for k in range(read + 1, self.read):
             a, b = (self.tokenizer.decode(self.ids[prefix:j]) for j in (k, k + 1))
             at = len(os.path.commonprefix([a, b]))
-            if at == len(a) == len(b) and a.endswith("\ufffd"):
-                at -= 1
+            if at == len(a) == len(b) and a.endswith("\ufffd") and self.tokenizer.decode(self.ids[k:k + 1]):
+                at -= 1  # (a token of no text of its own, a skipped special one, adds nothing: after it)
             at = min(at, len(os.path.commonprefix([a, whole])))
             self.starts[k] = max(start + at - base, self.starts[k - 1])  # (sorted even where a decoder rewrites)
 

@@ -347,7 +347,7 @@ class GrammarMasks:
         if m.opening:  # not the marker: the grammar's token from here on, unless it refused the marker's so far
             m.opening, m.fresh, m.watch = (), None, None
             if m.refused:
-                return "error"
+                return failed(m, "the reasoning begin marker")
         if m.llg.is_error():  # a mask or draft it could not compute within ``LIMITS``
             return failed(m, f"token {token}")
         if m.held and m.held[0] == token:  # a kept draft (``settle`` rolled back the rejected ones)

@@ -164,7 +164,8 @@ class TokenEvent:
     token: int | None
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None
-    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    # "stop", "length", "cancelled"; failed: "error", "grammar" (its grammar, past its limits), "shutdown"
+    finish_reason: str | None = None
     # with the first token, when asked: per prompt token (logprob, top alternatives); None first
     prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] | None = None
     # with the first token: the prompt tokens taken from the prefix cache at admission (``Request.cached_prompt``)

@@ -354,6 +354,9 @@ class Responses:
             result = await self.api.chat_result(request, chat, spans=True)
         except FieldError as e:
             raise _responses_field(e, origins) from None
+        except ApiError as e:  # a grammar's failure while generating names chat's field: the body's here
+            e.param = _FIELDS.get(e.param, e.param)
+            raise
         head = self._head(_item_id("resp"), body)
         if isinstance(result, dict):
             choice = result["choices"][0]
