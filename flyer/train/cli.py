@@ -43,7 +43,7 @@ _FLAGS = [  # (flag, field, type, help)
     ("--eval-every", "eval_every", int, "validate every N steps"),
     ("--eval-batches", "eval_batches", int, "validation batches"),
     ("--ckpt-every", "ckpt_every", int, "checkpoint every N steps"),
-    ("--keep", "keep", int, "checkpoints to keep"),
+    ("--keep", "keep", int, "checkpoints to keep (a resumed run: also the one it resumed from)"),
     ("--data", "data", str, "text file or directory (default: the installed Shakespeare corpus), or a .jsonl chat "
                             "file of {\"messages\": [{\"role\", \"content\"}, ...], \"tools\"} lines: fine-tunes on "
                             "the assistant turns only, rendered with --init's chat template (else flyer's default); "
