@@ -52,6 +52,7 @@ def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers(tmp_path):
     _logits_match(tmp_path, LlamaForCausalLM)
 
 
+@pytest.mark.filterwarnings("ignore:.*ties the embeddings")  # asserted on the first load, repeated by the second
 @pytest.mark.parametrize("same", [False, True, "other_dtype"])
 def test_tied_embeddings_beside_a_head_of_other_values_are_read_untied(tmp_path, same):
     """transformers ties them only where the checkpoint's head equals the embedding (its values: an FP32 copy of a
