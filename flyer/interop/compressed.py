@@ -295,7 +295,8 @@ def read_compressed(tf: TensorFile, name: str, files: dict[str, Path], headers: 
     else:  # int8-stored codes of fewer bits: in the bits' range, as the packed ones are by construction
         lo, hi = -(1 << scheme.num_bits - 1), (1 << scheme.num_bits - 1) - 1
         for t, what in ((codes, "codes"), (zero, "zero points")):
-            if scheme.num_bits < 8 and t is not None and t.numel() and not lo <= int(t.min()) <= int(t.max()) <= hi:
+            m = torch.aminmax(t) if scheme.num_bits < 8 and t is not None and t.numel() else None
+            if m is not None and not lo <= m.min <= m.max <= hi:
                 raise ValueError(f"{name}: {scheme.num_bits}-bit {what} lie outside [{lo}, {hi}]")
     return dequantize(codes, read[SCALE], zero, read.get(G_IDX), out_dtype, name)
 

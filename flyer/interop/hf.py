@@ -100,7 +100,7 @@ def distinct_head(files: dict[str, Path]) -> bool:
     head, embed = own.get("lm_head.weight"), own.get("model.embed_tokens.weight")
     if head is None or embed is None:
         return False
-    seen = tuple((str(files[n]), os.stat(files[n]).st_mtime_ns, os.stat(files[n]).st_size) for n in (head, embed))
+    seen = tuple((str(files[n]), (st := os.stat(files[n])).st_mtime_ns, st.st_size) for n in (head, embed))
     if seen not in _DISTINCT:  # a load reads the config more than once: the tensors are compared once
         th, te = TensorFile(files[head]), TensorFile(files[embed])
         rows = th.shape(head)[0] if th.shape(head) else 0
@@ -201,9 +201,10 @@ def hf_weight_map(cfg: ModelConfig, path: str | Path, rope_half: bool, files: di
         shape = tf.shape(name) if stem is None else codec.compressed_shape(name, files, headers, scheme)
         if scheme is not None and stem is None and len(shape) == 2:  # a weight its config_groups quantize: refused
             codec.check_unquantized(name, tf.path, scheme)
-        if stored_format(name, files, tf.dtype(name)) == "fp4":  # DeepSeek-V4's experts: two values a byte
+        kind = stored_format(name, files, tf.dtype(name))
+        if kind == "fp4":  # DeepSeek-V4's experts: two values a byte
             shape = (*shape[:-1], 2 * shape[-1])
-        if stem is None and stored_format(name, files, tf.dtype(name)) == "plain" and dest.is_floating_point() \
+        if stem is None and kind == "plain" and dest.is_floating_point() \
                 and not tf.dtype(name).is_floating_point:  # read as plain, its integers would be the values
             beside = f" (beside {name + SCALE_SUFFIX}: DeepSeek's FP8 codes are float8_e4m3fn)" \
                 if name + SCALE_SUFFIX in files else ""

@@ -120,9 +120,9 @@ class Choice:
         no later than where the decode through k - 1 parts from the text decoded (the character those bytes
         finish). Starts stay sorted, as ``kept`` and ``delta_tokens`` read them."""
         base = len(self.tokenizer.decode(self.ids[prefix:read]))
-        whole = self.tokenizer.decode(self.ids[prefix:self.read])
-        for k in range(read + 1, self.read):
-            a, b = (self.tokenizer.decode(self.ids[prefix:j]) for j in (k, k + 1))
+        through = [self.tokenizer.decode(self.ids[prefix:j]) for j in range(read + 1, self.read + 1)]  # k - 1, k ..
+        whole = through[-1]
+        for k, a, b in zip(range(read + 1, self.read), through, through[1:]):
             at = len(os.path.commonprefix([a, b]))
             if at == len(a) == len(b) and a.endswith("\ufffd") and self.tokenizer.decode(self.ids[k:k + 1]):
                 at -= 1  # (a token of no text of its own, a skipped special one, adds nothing: after it)
