@@ -41,7 +41,7 @@ from flyer.serve.api import Api, ChatBody
 from flyer.serve.choice import Choice
 from flyer.serve.body_limit import MAX_BODY_BYTES
 from flyer.data.chat_template import read_chat_template
-from flyer.serve.cli import bind, http_url
+from flyer.serve.cli import bind, http_url, open_warning
 from flyer.serve.engine import Engine, EngineConfig, TokenEvent
 from flyer.train.checkpoint import save_checkpoint
 
@@ -798,6 +798,19 @@ def test_a_listening_error_names_the_host_or_the_port_at_fault(monkeypatch):
     finally:
         taken.close()
 
+
+
+@pytest.mark.parametrize("host,key,warned", [
+    ("127.0.0.1", None, False), ("127.0.0.2", None, False), ("::1", None, False), ("::ffff:127.0.0.1", None, False),
+    ("0.0.0.0", None, True), ("::", None, True), ("10.1.2.3", None, True), ("fe80::1%eth0", None, True),
+    ("0.0.0.0", "k", False)])
+def test_listening_beyond_loopback_without_a_key_is_said(host, key, warned):
+    """``--host`` alone opens the model to whoever reaches the port: said in one line (the bound address, as
+    ``getsockname`` gives it), not refused (a trusted network, or a proxy in front that checks keys)."""
+    line = open_warning(host, key)
+    assert (line is not None) == warned, line
+    assert line is None or (line.startswith(f"flyer serve: warning: listening on {host},") and "--api-key" in line
+                            and "\n" not in line)
 
 # ---- streamed text: incremental detokenisation --------------------------------------------------
 

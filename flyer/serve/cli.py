@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import math
 import multiprocessing
 import os
@@ -58,6 +59,16 @@ def default_block_size(cfg) -> int:
 def http_url(host: str, port: int) -> str:
     """``http://host:port``, an IPv6 host in brackets (RFC 3986: ``http://[::1]:8000``)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def open_warning(host: str, api_key: str | None) -> str | None:
+    """The line said when the server listens beyond loopback without a key (``host``: the bound address): anyone
+    who reaches the port may use the model, which ``--host`` alone does not make plain."""
+    ip = ipaddress.ip_address(host.split("%")[0])  # (an IPv6 link-local address's zone)
+    if api_key is not None or (getattr(ip, "ipv4_mapped", None) or ip).is_loopback:
+        return None
+    return (f"flyer serve: warning: listening on {host}, beyond loopback, without --api-key: whoever reaches the "
+            "port may use the model")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -139,6 +150,8 @@ def _run(args) -> int:
         raise _as_flags(e) from None
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
+    if (line := open_warning(host, args.api_key)) is not None:
+        print(line, file=sys.stderr, flush=True)
     link, their_end = socket.socketpair()
     http = multiprocessing.get_context("spawn").Process(
         target=serve_http, name="flyer-http", daemon=True,
