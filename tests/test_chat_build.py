@@ -8,9 +8,11 @@ together; the plain path wherever the tokenizer model does not hold, and for the
 path cannot check; the property of tokenizers the fast path rests on; the build's memory flat in the number of
 conversations."""
 
+import errno
 import gc
 import hashlib
 import json
+import os
 import random
 import re
 import tracemalloc
@@ -26,6 +28,7 @@ from flyer.data import chat_data
 from flyer.data.chat_data import CHAT_VERSION, MAX_LINE_BYTES, VAL_EVERY, encode_conversation, prepare_chat
 from flyer.data.chat_encode import REASONING_MARK, encode_conversation_fast, reasoning_unshown, token_splitter
 from flyer.data.chat_template import chat_renderer
+from flyer.errors import FieldError
 from flyer.interop.hf_tokenizer import TextTokenizer, load_tokenizer
 from tests.hf_models import make_tokenizer
 from tests.test_sft import CHATS, TEMPLATE, TOOLS, WORDS
@@ -415,3 +418,39 @@ def test_a_render_error_of_the_reasoning_check_comes_as_on_the_plain_path(hf_dir
     want = _outcome(lambda: encode_conversation(msgs, None, render, _plain(tok)))
     assert want[0] is want_type and words in want[1]
     assert _outcome(lambda: encode_conversation_fast(msgs, None, render, token_splitter(tok.tok), tok.tok)) == want
+
+
+def test_a_full_disk_while_building_is_one_line_naming_the_cache_and_leaves_nothing(hf_dir, tmp_path, monkeypatch):
+    """The second run of lines' write fails for space, and so does the close that flushes it (as a full disk fails
+    both): a ``FieldError`` naming --data-cache and the cause (it was the bare OSError: a traceback and exit 1), no
+    column file left behind (discarding one whose close failed kept it), no meta.json; the build then runs whole."""
+    monkeypatch.setattr(chat_data, "BATCH_BYTES", 1)  # a run a line: the second append is the second line's
+    tok = _tok(hf_dir)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(c) + "\n" for c in MANY[:6]))
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    append, calls = chat_data._Column.append, []
+
+    def fill(self, values):
+        calls.append(self.path.name)
+        if len(calls) <= 2:
+            return append(self, values)
+        real = self.f
+
+        class Full:  # the file whose buffered bytes cannot be flushed
+            def close(self):
+                real.close()
+                raise full
+        self.f = Full()
+        raise full
+
+    with monkeypatch.context() as m:
+        m.setattr(chat_data._Column, "append", fill)
+        with pytest.raises(FieldError) as e:
+            prepare_chat(chats, tmp_path / "cache", tok, TEMPLATE)
+    out = next((tmp_path / "cache").iterdir())
+    assert e.value.field == "data_cache" and str(e.value.problem) == (f"cannot write the data cache {out} "
+                                                                      f"({os.strerror(errno.ENOSPC)})"), e.value
+    assert sorted(f.name for f in out.iterdir()) == [".lock"]
+    data = prepare_chat(chats, tmp_path / "cache", tok, TEMPLATE)
+    assert data.cache_dir == out and len(data.train.offsets) + len(data.val.offsets) == 6 + 2

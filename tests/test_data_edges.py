@@ -7,9 +7,13 @@ blake2b, numpy's generator."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +237,35 @@ def test_a_cache_whose_shards_are_of_another_vocabulary_is_rebuilt(tmp_path, cap
     again = prepare_data(tmp_path / "c", tmp_path / "cache", vocab_size=300, val_fraction=0.2)
     assert "rebuilding data cache" in capsys.readouterr().err
     assert again.val.vocab_size == again.train.vocab_size == again.vocab_size == first.vocab_size
+
+
+# ---- a full disk while the cache is built ------------------------------------------------------------------------
+def test_a_full_disk_while_building_the_cache_is_one_line_and_exit_2(tmp_path):
+    """A real write failure, not a patched one: the file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the
+    write fails with EFBIG in every library, as a full disk fails it) lets the tokenizer through and stops the first
+    shard. The traceback and exit 1 it gave are now one line naming --data-cache and the cause, exit 2; no part of
+    the build is taken as a cache (no meta.json, no temporary), and a run without the limit builds it."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):  # about 200 KB of text: shards of over 64 KiB, a 300-token tokenizer.json well under it
+        (corpus / f"f{i}.txt").write_text("".join(f"line {j} of file {i}: {j * i * 7919} words\n" for j in range(700)))
+    limit = 64 << 10
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cache = tmp_path / "cache"
+    argv = ["train", "--preset", "tiny", "--data", str(corpus), "--vocab-size", "300", "--data-cache", str(cache),
+            "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
+            "--threads", "1", "--no-plots", "--no-progress"]
+    p = subprocess.run([sys.executable, "-m", "flyer", *argv], capture_output=True, text=True, preexec_fn=cap,
+                       timeout=300, cwd=Path(__file__).resolve().parents[1])  # output to pipes: not capped
+    build = next(cache.iterdir())
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (f"flyer: error: --data-cache: cannot write the data cache {build} "
+                                                 f"({os.strerror(errno.EFBIG)})"), p.stderr
+    assert (build / "tokenizer.json").stat().st_size < limit  # what came before the failure was written
+    assert not (build / "meta.json").exists() and not [f for f in build.iterdir() if f.name.endswith(".tmp")]
+    assert not (tmp_path / "run").exists()
+    data = prepare_data(corpus, cache, vocab_size=300)
+    assert data.cache_dir == build and len(data.train) > limit // 2  # built whole: tokens of 2 bytes past the cap

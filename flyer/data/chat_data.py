@@ -65,7 +65,7 @@ from flyer.data.chat_template import (DEFAULT_CHAT_TEMPLATE, REASONING_FIELDS, c
                                       sorts_tools_of)
 from flyer.data.deepseek_encoding import ChatEncoding, ChatTemplate
 from flyer.data.presplit import tokenizer_key
-from flyer.data.prepare import _build_lock, unigram_from_counts
+from flyer.data.prepare import _build_lock, cache_writes, unigram_from_counts
 from flyer.data.shards import atomic_write
 from flyer.data.tokenizer import ensure_eos, load_tokenizer as load_tokenizer_file
 from flyer.errors import DataError, FieldError
@@ -328,7 +328,8 @@ def prepare_chat(path: str | Path, cache_dir: str | Path, tok: TextTokenizer, te
         raise FieldError("data_cache", f"cannot create directory {out}: {e.strerror or e}") from None
     with _build_lock(out):
         if not (out / "meta.json").exists():
-            _build(out, path, tok, template, special, kwargs or {})
+            with cache_writes(out):
+                _build(out, path, tok, template, special, kwargs or {})
         meta = json.loads((out / "meta.json").read_text())
         train_split, val_split = read_splits(out)
     vocab = tok.tok.get_vocab_size()
@@ -479,7 +480,10 @@ class _Column:
         self.f.close()
 
     def discard(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()  # flushes: fails again where the disk is full
+        except OSError:
+            pass
         self.path.unlink(missing_ok=True)
 
 

@@ -117,7 +117,8 @@ def prepare_data(data: str | Path | list | None, cache_dir: str | Path, vocab_si
                 return _load(out)
             except DataError as e:
                 print(f"flyer: rebuilding data cache {out}: {e}", file=sys.stderr)
-        return _build(out, docs, vocab_size, tokenizer, val_fraction, key_src, float(fim_rate), int(seed))
+        with cache_writes(out):
+            return _build(out, docs, vocab_size, tokenizer, val_fraction, key_src, float(fim_rate), int(seed))
 
 
 def fim_markers(tok: tokenizers.Tokenizer, where: str | Path) -> FimTokens:
@@ -147,6 +148,16 @@ def _build_lock(out: Path):
         yield
     finally:
         f.close()  # releases the lock
+
+
+@contextmanager
+def cache_writes(out: Path):
+    """A build's failed write (a full disk, a file-size limit) as a one-line error naming --data-cache: its reads
+    raise ``DataError`` themselves, and no part of an unfinished build is used (``meta.json`` is written last)."""
+    try:
+        yield
+    except OSError as e:
+        raise FieldError("data_cache", f"cannot write the data cache {out} ({e.strerror or e})") from None
 
 
 def _load(out: Path) -> PreparedData:
