@@ -518,6 +518,30 @@ def test_a_build_killed_midway_does_not_hang_later_loads(ops):
     assert out.returncode == 0 and out.stdout.split() == ["True"], out.stderr[-2000:]
 
 
+
+@pytest.mark.parametrize("output,said", [
+    # torch's message for a failed build: ninja's log, whose last line says only that it stopped
+    ("Error building extension 'flyer_cpu_ops': [1/2] c++ -MMD -MF cpu_ops.o.d -O3 -c /src/cpu_ops.cpp -o cpu_ops.o\n"
+     "FAILED: cpu_ops.o\nc++ -MMD -MF cpu_ops.o.d -O3 -c /src/cpu_ops.cpp -o cpu_ops.o\n"
+     "cc1plus: fatal error: error writing to /tmp/ccq1.s: File too large\ncompilation terminated.\n"
+     "ninja: build stopped: subcommand failed.\n",
+     "cc1plus: fatal error: error writing to /tmp/ccq1.s: File too large"),
+    ("Error building extension 'x': FAILED: a.o\n/src/a.cpp:3:10: Error: 'omp.h' file not found\n"
+     "/src/a.cpp:9:1: error: second\nninja: build stopped: subcommand failed.",
+     "/src/a.cpp:3:10: Error: 'omp.h' file not found"),
+    ("Command '['which', 'c++']' returned non-zero exit status 1.", "Command '['which', 'c++']' returned non-zero "
+                                                                   "exit status 1."),
+    ("Error building extension 'x' (-Werror=format in the flags)\nninja: build stopped.", "ninja: build stopped.")])
+def test_a_failed_build_is_said_by_its_first_error(monkeypatch, output, said):
+    """The warning quoted ninja's last line ("ninja: build stopped: subcommand failed.") and never the compiler's
+    reason (a full disk, a missing header); it quotes the first error line now, else the last line."""
+    monkeypatch.setattr(extension, "_state", {"module": None, "tried": False, "env_off": False})
+    monkeypatch.setattr(extension, "build", lambda: (_ for _ in ()).throw(RuntimeError(output)))
+    with pytest.warns(UserWarning) as got:
+        assert extension.cpu_ops() is None
+    assert [str(w.message) for w in got] == [f"fused CPU kernels unavailable, using eager PyTorch (RuntimeError: "
+                                             f"{said})"]
+
 def test_each_environment_and_checkout_builds_in_a_directory_of_its_own(ops, tmp_path):
     """Two environments (torch installs) sharing a checkout built in one directory, and each load rebuilt what the
     other had built (about 100 s on 2 cores): torch's include paths are in the compile command ninja compares. The

@@ -17,6 +17,7 @@ import contextvars
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -91,6 +92,13 @@ def _build_lock(build_dir: Path):
         yield
 
 
+def build_failure(message: str) -> str:
+    """One line of a failed build's output that says why: the compiler's first error (a full disk, a missing
+    header), where ninja's last line says only that it stopped; else the last line."""
+    lines = message.strip().splitlines()
+    return next((ln.strip() for ln in lines if re.search(r"\berror:", ln, re.I)), lines[-1] if lines else message)
+
+
 def cpu_ops():
     """The compiled extension module, or None when it is turned off or could not be built."""
     if _state["env_off"] or _off.get():
@@ -101,7 +109,7 @@ def cpu_ops():
             _state["module"] = build()
         except Exception as e:  # no compiler, no ninja, ...: the eager code is correct, only slower
             warnings.warn(f"fused CPU kernels unavailable, using eager PyTorch ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else e})", stacklevel=2)
+                          f"{build_failure(str(e))})", stacklevel=2)
     return _state["module"]
 
 
