@@ -359,21 +359,25 @@ def test_a_metrics_log_that_is_a_directory_is_one_line(tmp_path, data_cache, cap
     assert "metrics.jsonl: not a file (the run's metrics log)" in last_line(capsys)
 
 
-def disk_full_at(monkeypatch, step: int) -> None:
-    """metrics.jsonl's write of ``step``'s record fails as on a full disk."""
-    write = MetricsLog.write
+def disk_full_at(monkeypatch, step: int) -> list[dict]:
+    """metrics.jsonl's write of ``step``'s record fails as on a full disk, a line cut short left behind; returns the
+    list the refused records go to."""
+    write, refused = MetricsLog.write, []
 
     def full(self, record):
         if record["step"] == step:
+            refused.append(json.loads(json.dumps(record)))
+            self._f.write('{"step": 3, "lo')  # what fitted
             raise OSError(28, "No space left on device")
         write(self, record)
     monkeypatch.setattr(MetricsLog, "write", full)
+    return refused
 
 
 def test_a_log_that_cannot_be_written_saves_the_step_reached(tmp_path, data_cache, capsys, monkeypatch):
     """A full disk under metrics.jsonl mid-run: the step reached is checkpointed, then one line and exit 2; the run
     resumes from it once there is room."""
-    disk_full_at(monkeypatch, 3)
+    refused = disk_full_at(monkeypatch, 3)
     assert main(train_argv(tmp_path, data_cache, "--ckpt-every", "4")) == 2
     line = last_line(capsys)
     assert "cannot write the run's logs after step 3 (No space left on device)" in line
@@ -381,7 +385,9 @@ def test_a_log_that_cannot_be_written_saves_the_step_reached(tmp_path, data_cach
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003"]
     monkeypatch.undo()
     assert main(train_argv(tmp_path, data_cache, "--ckpt-every", "4", "--resume")) == 0
-    assert steps_logged(tmp_path) == [1, 2, 4]  # step 3's record is the one the disk refused
+    # step 3's record, which the disk refused, is the checkpoint's: the resume writes it (it was lost)
+    assert steps_logged(tmp_path) == [1, 2, 3, 4]
+    assert read_metrics(tmp_path / "metrics.jsonl")[2] == refused[0] and refused[0]["loss"] > 0
 
 
 def test_a_full_disk_on_resume_leaves_the_log_as_it_was(tmp_path, data_cache, capsys, monkeypatch):

@@ -18,6 +18,11 @@ from flyer.model.counts import mtp_training_flops_per_token, training_flops_per_
 from flyer.runtime import bf16_gemm_kind, native_gemm
 
 
+def strict_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as strict JSON takes it: a non-finite value (a skipped step's loss) is null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``path`` (flushed each write)."""
 
@@ -29,8 +34,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self._f is None:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._f.write(json.dumps(clean) + "\n")
+        self._f.write(json.dumps(strict_record(record)) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -123,11 +127,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
+def truncate_metrics(path: Path, last_step: int, unlogged: dict | None = None) -> None:
     """Drop records after ``last_step`` (written by a run that died after its last checkpoint), and the lines that
-    are no record (``read_metrics``). Rewritten whole or not at all: a ``DataError`` where it cannot be (a full
-    disk), the log as it was."""
+    are no record (``read_metrics``); ``unlogged``: the record of ``last_step`` its run could not write (a full disk;
+    its checkpoint holds it), added where the log lacks it. Rewritten whole or not at all: a ``DataError`` where it
+    cannot be (a full disk), the log as it was."""
     records = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    if unlogged is not None and unlogged.get("step") == last_step and all(r["step"] != last_step for r in records):
+        records.append(unlogged)
     tmp = path.with_suffix(".tmp")
     try:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

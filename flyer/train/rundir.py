@@ -160,20 +160,21 @@ def choose_start(out: Path, resume: bool, log=print) -> Path | None:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # preemption, Ctrl-C, a closed terminal
 
 
-def start_metrics(out: Path, step: int | None, log=print) -> None:
+def start_metrics(out: Path, step: int | None, log=print, unlogged: dict | None = None) -> None:
     """Ready ``out``'s metrics log for a run starting at ``step`` (None: a fresh run from step 0). A resumed
-    run's log loses the records past its checkpoint's step; a fresh run in a directory with a log (a resume
+    run's log loses the records past its checkpoint's step, and gains the checkpoint's ``unlogged`` record of that
+    step where a full disk kept it out (``truncate_metrics``); a fresh run in a directory with a log (a resume
     that found no checkpoint: moved away?) keeps that log under the next free ``metrics.jsonl.N``, since its
     records describe steps no checkpoint holds (kept, not truncated to none)."""
     metrics = out / METRICS_NAME
-    if not metrics.exists():
+    if not metrics.exists() and unlogged is None:
         return
     if step is None:
         kept = next(p for n in itertools.count(1) if not (p := metrics.with_name(f"{METRICS_NAME}.{n}")).exists())
         metrics.rename(kept)
         log(f"the earlier {METRICS_NAME} is now {kept.name}")
     else:
-        truncate_metrics(metrics, step)
+        truncate_metrics(metrics, step, unlogged)
 
 
 class StopSignals:

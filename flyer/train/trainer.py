@@ -53,7 +53,7 @@ from flyer.train.batches import counts, draw, positions_run, prepare_run_data, r
 from flyer.train.rundir import (LOCK_NAME, METRICS_NAME, RunLock, StopSignals, choose_start, new_paths, remove_new,
                                 start_metrics, usable_dir)
 from flyer.train.metrics import (MetricsLog, StepSums, TensorBoardLog, fastest_gemm, model_flops_per_token,
-                                 progress_postfix, read_metrics, require_tensorboard)
+                                 progress_postfix, read_metrics, require_tensorboard, strict_record)
 
 # ``Trainer.run``'s stop code for a log rank 0 could not write: past every signal's number
 LOG_FAILED = 1 << 10
@@ -115,6 +115,7 @@ class Trainer:
         self.rank0 = self.mesh.rank == 0
         self.log = log if self.rank0 else _silent
         self.resumed_from: Path | None = None
+        self.unlogged: dict | None = None  # (``_resume``)
         self.stopped_by: int | None = None  # the signal that stopped run()
         self.settings: dict[str, bytes] = {}  # carried_settings (rank 0 writes the checkpoints)
         self.state_extra: dict[str, Any] = {}  # more of rank 0's state file (DPO: the reference's fingerprint)
@@ -208,7 +209,7 @@ class Trainer:
             self.log(f"no checkpoint in {self.ckpt_root}: starting from step 0")
         if self.rank0:
             ckpt.clean_temporaries(self.ckpt_root)  # left by a process that died mid-write; we own the directory
-            start_metrics(self.out, None if start is None else self.step, self.log)
+            start_metrics(self.out, None if start is None else self.step, self.log, self.unlogged)
 
     def close(self) -> None:
         """Release the run directory (``run()`` does at its end)."""
@@ -225,6 +226,7 @@ class Trainer:
         self.bad_steps = int(state.get("bad_steps", 0))
         self.consecutive_bad = int(state.get("consecutive_bad", 0))  # a stop saved during a run of skipped steps
         self.resumed_from = path
+        self.unlogged = state.get("unlogged")  # the step's record a full disk kept out of the log: written now
         changes = "".join(f"; {k} {a:g} -> {b:g}" for k, (a, b) in state["stage_changes"].items())
         was = state.get("layout") or self.layout  # another pipeline, expert or ZeRO layout loads the state whole
         changes += "".join(f"; {k} {was.get(k)} -> {v}" for k, v in self.layout.items() if was.get(k) != v)
@@ -240,8 +242,9 @@ class Trainer:
             changes += f"; steps {steps} -> {self.tc.steps} (the learning rate of step {n}: {old:.3g} -> {new:.3g})"
         self.log(f"resumed from {path} at step {self.step}{changes}")
 
-    def save(self) -> Path | None:
-        """Checkpoint this step (every rank calls it); the directory on rank 0, None elsewhere."""
+    def save(self, unlogged: dict | None = None) -> Path | None:
+        """Checkpoint this step (every rank calls it); the directory on rank 0, None elsewhere. ``unlogged``: the
+        step's metrics record the log could not take, kept in the state for the resume to write."""
         for p in self.model.parameters():  # a bad state is never checkpointed
             if not torch.isfinite(p).all():
                 raise TrainingError(f"refusing to checkpoint step {self.step}: non-finite parameters")
@@ -250,7 +253,8 @@ class Trainer:
                                   bad_steps=self.bad_steps, train_config=asdict(self.tc), layout=self.layout,
                                   keep=self.tc.keep, settings=self.settings,
                                   extra={**self.state_extra, "consecutive_bad": self.consecutive_bad,
-                                         "fingerprints": self.fingerprints, "precision": self.precision},
+                                         "fingerprints": self.fingerprints, "precision": self.precision,
+                                         **({"unlogged": strict_record(unlogged)} if unlogged is not None else {})},
                                   protect=(self.resumed_from,) if self.resumed_from else ())
 
     # ---- one optimizer step ---------------------------------------------------------------
@@ -520,7 +524,7 @@ class Trainer:
                     # after a skipped step the weights and optimizer are the last good step's: a stop saves them (the
                     # count of skipped steps with them), so no good step is lost; on schedule, the next good step does
                     saving = due and (self.consecutive_bad == 0 or stop_code)  # alike on every rank: save is collective
-                    saved, owed = self.save() if saving else None, due and not saving
+                    saved, owed = self.save(rec if unwritten else None) if saving else None, due and not saving
                     if stop_code >= LOG_FAILED:
                         why = f" ({unwritten.strerror or unwritten})" if unwritten is not None else ""
                         raise TrainingError(f"cannot write the run's logs after step {self.step}{why}; " + (
