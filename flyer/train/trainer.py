@@ -226,7 +226,8 @@ class Trainer:
         self.bad_steps = int(state.get("bad_steps", 0))
         self.consecutive_bad = int(state.get("consecutive_bad", 0))  # a stop saved during a run of skipped steps
         self.resumed_from = path
-        self.unlogged = state.get("unlogged")  # the step's record a full disk kept out of the log: written now
+        # the step's record a full disk kept out of the log: written now
+        self.unlogged = state["unlogged"] if isinstance(state.get("unlogged"), dict) else None
         changes = "".join(f"; {k} {a:g} -> {b:g}" for k, (a, b) in state["stage_changes"].items())
         was = state.get("layout") or self.layout  # another pipeline, expert or ZeRO layout loads the state whole
         changes += "".join(f"; {k} {was.get(k)} -> {v}" for k, v in self.layout.items() if was.get(k) != v)
