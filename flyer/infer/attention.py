@@ -72,8 +72,9 @@ class Rows:
     ``pos`` (B, T), the rope tables at their positions (B, T, 1, R), the slots attended (``n_slots``
     = max slot + 1) and the causal mask (B, 1, T, n_slots). A slot is the token's position, or the
     position + ``first`` in a cache whose first ``first`` slots hold nothing (the server's MTP
-    cache: ``flyer.serve.engine``). ``selected``: DSA's selection (``dsa_selection``) of the last layer
-    with an indexer in this forward, which GLM-5's shared layers after it attend to."""
+    cache: ``flyer.serve.speculation``, ``flyer.serve.graphs``). ``selected``: DSA's selection
+    (``dsa_selection``) of the last layer with an indexer in this forward, which GLM-5's shared layers after it
+    attend to."""
 
     pos: torch.Tensor
     cos: torch.Tensor
@@ -415,8 +416,9 @@ def gqa_cached(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache,
 
 
 def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, rows: Rows, scale: float,
-                        group: int, wo: nn.Module | None = None, mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
-    """``mask_B1TS``: the attended slots' mask when not the causal one (DSA's selection)."""
+                        group: int, wo: nn.Module, mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
+    """``wo``: the output projection; ``mask_B1TS``: the attended slots' mask when not the causal one (DSA's
+    selection)."""
     B, T, H, _ = q_BTHK.shape
     S = rows.n_slots
     k, mask = rows.attended(cache.read(layer, "key", S, q_BTHK.dtype, heads_first=True), dim=2)  # (B, Hkv, S', dk)
@@ -431,4 +433,4 @@ def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, rows: 
     p = _softmax(scores * scale, mask, q_BTHK.dtype)
     o = torch.matmul(p.view(B, Hkv, group * T, S), v)  # (B, Hkv, group*T, dv)
     o = o.view(B, Hkv, group, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
-    return o if wo is None else wo(o)
+    return wo(o)

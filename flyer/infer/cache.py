@@ -92,7 +92,8 @@ class _SlotCache:
 
     def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype, heads_first: bool = False) -> torch.Tensor:
         """Slots [0, n_slots) of every row in the compute dtype: (B, n_slots, ...), or for a
-        per-head cache with ``heads_first`` (B, H, n_slots, d). One contiguous copy either way."""
+        per-head cache with ``heads_first`` (B, H, n_slots, d). One contiguous copy, but for a read of the cache's
+        dtype without ``heads_first``: the strided view itself."""
         t = self.tensors[name][layer, :, :n_slots]
         if heads_first:
             t = t.transpose(1, 2)

@@ -288,7 +288,7 @@ def kv_compressor_state_bytes(cfg: ModelConfig) -> int:
 
 
 def kv_window_bytes_fp8(cfg: ModelConfig) -> int:
-    """``kv_window_bytes`` with ``--cache-dtype fp8``: each window key a ``v4_fp8_row_bytes`` row; 0 for MLA."""
+    """``kv_window_bytes`` with ``--cache-dtype fp8``: each window key a ``v4_fp8_row_bytes`` row; 0 for MLA and GQA."""
     return cfg.n_layers * cfg.window_size * v4_fp8_row_bytes(cfg.head_dim, cfg.rope_dim) if cfg.attn == "hybrid" else 0
 
 

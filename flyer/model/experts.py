@@ -11,7 +11,8 @@ module when it is built or moved (``EXPERT_IMPLS``, ``resolve_experts_impl``):
 - ``expert_ffn_fused`` ('fused'): the hand-written grouped SwiGLU; the CPU fast path and the
   default off CUDA;
 - ``expert_ffn_grouped_mm`` ('grouped_mm'): ``torch._grouped_mm`` in BF16; the CUDA default where the
-  GEMMs run in BF16 (an FP32 model's experts stay FP32: 'fused').
+  GEMMs run in BF16 (an FP32 model's experts stay FP32: 'fused' when training, grouped_mm in FP32 without
+  gradients).
 
 ``Experts.routed_local`` runs dispatch, the fused experts and combine as one function where one
 process holds every expert (``_LocalRoutedExperts``; ``MoE.path`` says when).
@@ -505,8 +506,8 @@ class Experts(nn.Module):
         """Dispatch, the 'fused' experts and combine in one pass when this process holds every
         expert (see ``_LocalRoutedExperts``): the values ``LocalDispatcher`` around ``forward`` gives.
         x_TD (T, D), weights_TK (T, K), topk_ids_TK (T, K) (ids >= E: identity picks, no row), counts_E (E,)
-        -> (T, D) FP32. With nothing to differentiate and no pad rows, its forward runs without the Function
-        (``local_routed_no_grad``)."""
+        -> (T, D) in the combine's dtype (FP32; FP64 for FP64). With nothing to differentiate and no pad rows, its
+        forward runs without the Function (``local_routed_no_grad``)."""
         dtype = gemm_dtype(x_TD)
         counts, row_multiple = counts_E.tolist(), self.row_multiple(x_TD, dtype)
         w1, w2, w3 = self.gemm_weights()

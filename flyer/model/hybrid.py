@@ -215,13 +215,13 @@ class HybridAttention(Transients, nn.Module):
                 gather: bool = True, docs=None) -> torch.Tensor:
         """x (B, T, D) at positions 0..T-1 -> (B, T, D); cos/sin: ``rope_cos_sin`` tables (T, 1, qk_rope_head_dim)
         of ``hybrid_rope_config(cfg, layer_id)``. ``chunk``: queries per chunk (``flyer.model.hybrid_chunks``);
-        None: ``query_chunk``'s rule from the shapes (128 rows, fewer where a memory budget binds); T or more: one
-        chunk, the eager whole-sequence computation (masked). ``gather``: with several chunks, CSA chunks past
-        ``GATHER_OVER`` x index_topk entries attend to their queries' picks gathered (``Gathered``); False: they
-        score every entry they may see and mask the unselected ones (the same maths, the oracle). ``docs``: packed
-        rows' ``flyer.model.documents.Documents`` (cos / sin then at the packed positions, (B, T, 1, d)): each group of
-        documents runs this forward as rows of their own, so windows, compression blocks and selection start at
-        each document's first token (``Documents.each``)."""
+        None: ``query_chunk``'s rule from the shapes (128 rows or the window if wider, fewer where a memory budget
+        binds); T or more: one chunk, the eager whole-sequence computation (masked). ``gather``: with several
+        chunks, CSA chunks past ``GATHER_OVER`` x index_topk entries attend to their queries' picks gathered
+        (``Gathered``); False: they score every entry they may see and mask the unselected ones (the same maths,
+        the oracle). ``docs``: packed rows' ``flyer.model.documents.Documents`` (cos / sin then at the packed
+        positions, (B, T, 1, d)): each group of documents runs this forward as rows of their own, so windows,
+        compression blocks and selection start at each document's first token (``Documents.each``)."""
         if docs is not None and self.indexer is not None and self.index_train != "off":
             return self.per_document(x_BTD, cos, sin, chunk, gather, docs)
         if docs is not None:

@@ -18,8 +18,8 @@ Wire formats and their roundings: ``flyer.model.dispatch``.
 
 Counters (``comm_stats``): rows and bytes this rank sends per layer, split by whether the
 destination is another rank on the same node (intra) or on another node (inter); rows a rank
-keeps are not counted, nor are the split-size exchanges. Routing metadata sent with hierarchical
-stage 1 (node-local expert ids in dispatch, gate weights in combine) is counted apart as
+keeps are not counted, nor are the split-size exchanges. Routing metadata (hierarchical stages 1 and 2: expert
+ids in dispatch, gate weights in combine; flat's FP8 backward: its gate weights) is counted apart as
 ``*_meta_bytes``.
 """
 

@@ -76,8 +76,8 @@ def _coalesced(tensors: list[torch.Tensor], op) -> None:
 
 @torch.no_grad()
 def broadcast_parameters(model: nn.Module, mesh) -> None:
-    """Make replicas identical: dense parameters and buffers from rank 0, expert stacks from the
-    first rank of each expert-DP group (the rank with the same EP rank in EP group 0).
+    """Make replicas identical: dense parameters and buffers from the stage's first rank (rank 0 without a
+    pipeline), expert stacks from the rank with the same EP rank in the stage's first EP group.
 
     Note: a model built with the same seed on every rank holds *the same values* in every EP
     rank's expert shard; ``init_like_single_process`` gives each shard its own slice of the
@@ -276,8 +276,9 @@ def init_like_single_process(model: nn.Module, mesh, seed: int) -> None:
     one module at a time, and keeps its slice of each: one module's weights beside its own model,
     not a second whole model (the constructors' draws first: ``nn.Linear`` and ``nn.Embedding``
     initialise themselves when built, then ``Transformer.init_weights`` draws every weight again).
-    Parameters on the meta device (other pipeline stages) are skipped. Buffers are set too, as the
-    build leaves them: zero, or what the init draws (a hash-routed gate's ``tid2eid``, DeepSeek-V4)."""
+    Parameters on the meta device (other pipeline stages) are skipped. Buffers of modules that own
+    parameters are set too, as the build leaves them: zero, or what the init draws (a hash-routed gate's
+    ``tid2eid``, DeepSeek-V4)."""
     # a pipeline rank's model holds the other stages on the meta device (build_model): nothing to set
     own = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not p.is_meta}
     own_buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False) if not b.is_meta}

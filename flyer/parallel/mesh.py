@@ -234,7 +234,7 @@ class LocalMesh:
     ep_rank: int = 0
     ep_group: Any = None
     expert_dp_group: Any = None
-    world_group: Any = None  # None: router loads and traffic are this process's own
+    world_group: Any = None  # None: this process is the whole job
     dp_group: Any = None
     pp: int = 1
     pp_rank: int = 0
@@ -329,8 +329,9 @@ def collective_errors(mesh: Mesh | LocalMesh, timeout_s: float, step: Callable[[
 
 
 def validate_layout(cfg: ModelConfig, world: int, ep: int, ranks_per_node: int, pp: int = 1) -> None:
-    """Raise ``FieldError`` (one line, naming ``pp``, ``ep`` or ``ranks_per_node``) when the world
-    cannot be laid out as ``pp`` stages of ``world / pp`` replicas with experts sharded ``ep`` ways."""
+    """Raise ``FieldError`` (one line, naming ``pp``, ``ep`` or ``ranks_per_node``; ``ConfigError`` for a world
+    under 1) when the world cannot be laid out as ``pp`` stages of ``world / pp`` replicas with experts sharded
+    ``ep`` ways."""
     if world < 1:
         raise ConfigError(f"world size must be >= 1, got {world}")
     if ranks_per_node < 1 or world % ranks_per_node:
@@ -424,10 +425,10 @@ def init_distributed(cfg: ModelConfig, ep: int = 1, ranks_per_node: int | None =
                      timeout_s: float = 300, device: str = "auto", pp: int = 1) -> Mesh | None:
     """Join the torchrun job (env: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT).
 
-    Returns None when not launched by torchrun (WORLD_SIZE unset) and ep <= 1: a plain
-    single-process run. ``device``: ``cuda`` is NCCL with one GPU per local rank (an error when
-    the machine has fewer GPUs than local ranks), ``cpu`` is gloo on CPU, and ``auto`` is ``cuda``
-    when there is a GPU for every local rank, else ``cpu``. ``timeout_s`` bounds every
+    Returns None when not launched by torchrun (WORLD_SIZE unset) and ep, pp <= 1: a plain
+    single-process run (ep or pp > 1 without torchrun: ``FieldError``). ``device``: ``cuda`` is NCCL with one
+    GPU per local rank (an error when the machine has fewer GPUs than local ranks), ``cpu`` is gloo on CPU, and
+    ``auto`` is ``cuda`` when there is a GPU for every local rank, else ``cpu``. ``timeout_s`` bounds every
     collective, so a mismatch fails, not hangs.
     """
     ep = ep or 1

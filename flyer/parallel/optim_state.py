@@ -50,7 +50,7 @@ def _named(model: nn.Module) -> dict[int, str]:
 
 def _holds_copy(name: str, experts: set[str], mesh, sharded: bool) -> bool:
     """Whether this rank sends its state of ``name``: one copy of each (replicas hold equal state, a ZeRO-1 shard's
-    owner the only one), none of a pipeline mirror (the first stage's embedding is the original)."""
+    owner the only one); the caller skips pipeline mirrors (the first stage's embedding is the original)."""
     if sharded:
         return True
     return mesh.dp_rank < mesh.ep if name in experts else mesh.dp_rank == 0

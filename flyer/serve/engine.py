@@ -522,7 +522,7 @@ class Engine:
         if self.disk:
             self.disk.store(r.tokens, len(r.prompt), r.blocks, r.slot, first, len(r.keys), at, hidden)
 
-    def _advance(self, r: Request, logits_V: torch.Tensor, argmax: int | None = None) -> None:
+    def _advance(self, r: Request, logits_V: torch.Tensor, argmax: int) -> None:
         """The cache holds all of r's tokens: choose the next one from ``logits_V`` (``argmax``:
         its argmax, computed with the batch's) and emit it; with ``max_tokens`` 0, end r without one."""
         self._register_full_blocks(r)
@@ -532,7 +532,7 @@ class Engine:
             r.emit(TokenEvent(None, finish_reason="length", prompt_logprobs=r.prompt_lp, cached_tokens=r.cached_prompt,
                               written_tokens=r.written_prompt))
             return
-        if o.temperature == 0 and argmax is not None:
+        if o.temperature == 0:
             tok = argmax
         else:
             tok = int(sample(logits_V.unsqueeze(0), o.params, r.generator)[0])

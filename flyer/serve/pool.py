@@ -26,7 +26,7 @@ from flyer.serve.request import EngineConfig
 
 @dataclass
 class CachePool:
-    """``cache``: the main model's paged cache (``PagedLatentCache`` and kin; V4's ``PagedHybridCache``);
+    """``cache``: the main model's paged cache (``PagedCache``; V4's ``HybridCache.paged``);
     ``alloc``: its blocks; ``slots``: V4's per-request slots (None otherwise); ``mtp_cache``: the MTP
     module's (speculative; None otherwise); ``sharing``: whether full blocks are shared between requests;
     ``snapshots``: V4's slot states at block boundaries (sharing); ``disk``: the on-disk prefix tier."""

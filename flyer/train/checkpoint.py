@@ -130,7 +130,7 @@ def _is_step_name(name: str) -> bool:
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete-looking checkpoint directories (with a manifest), newest first."""
+    """Directories named as checkpoints (``step_N``), newest first; not verified (a manifest may be missing)."""
     if not ckpt_root.is_dir():
         return []
     dirs = [p for p in ckpt_root.iterdir() if p.is_dir() and _is_step_name(p.name)]
@@ -448,7 +448,8 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 def inference_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, Tokenizer]:
     """(step directory, model config, tokenizer) of a run directory or a step directory, verified;
-    its weights are ``model.safetensors`` there (``flyer.interop.load.load_pretrained`` loads them)."""
+    its weights are ``model.safetensors`` there, or its ranks' parts with an index
+    (``flyer.interop.load.load_pretrained`` loads either)."""
     ckpt = resolve_checkpoint_path(path)
     try:
         d = json_loads((ckpt / "config.json").read_text())

@@ -279,7 +279,8 @@ def load_training(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
                   cfg: ModelConfig, layout: dict | None = None, check: Callable[[], None] | None = None) -> dict:
     """Restore checkpoint ``path`` (verified by the caller) into model (this rank's slice),
     optimizer, sampler and the RNG; every rank calls it. ``cfg`` must equal the saved config but for
-    ``STAGE_FIELDS``, and ``layout`` the saved process layout (``save_training``). Returns this rank's state (step,
+    ``STAGE_FIELDS``; ``layout``: this run's process layout, which must equal the saved one only where the
+    optimizer state was saved per rank (``check_layout``). Returns this rank's state (step,
     bad_steps, sampler, train_config) and ``stage_changes``: {field: [saved, now]} of the ``STAGE_FIELDS`` that
     differ. Raises ``CheckpointError`` for one that does not fit, or a file that does not parse as what it holds (the
     manifest vouches that a file is the one written, not that it was written well). Each rank reads its own part
