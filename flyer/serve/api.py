@@ -130,7 +130,8 @@ class Api:
         if prompt_len > lim.room or prompt_len == lim.room and max_tokens != 0:  # echo scoring a full window fits
             raise ContextLengthError(prompt_field, f"a {prompt_len}-token {prompt_name} leaves no room for a new "
                                                    f"token in {held}")
-        if max_tokens is None:  # chat without a limit: the rest of the context, as far as the cache holds it
+        # no limit (chat's unset, completions' null): the rest of the context, as far as the cache holds it
+        if max_tokens is None:
             max_tokens = lim.room - prompt_len
         elif prompt_len + max_tokens > lim.room:
             unset = "" if tokens_field in body.model_fields_set else " (unset: its default)"

@@ -15,7 +15,7 @@ encoder writes it after an assistant's content (and its parser reads it): the co
 
     DsmlFormat, DSML_V32, DSML_V4       the formats (``flyer.serve.tools.TOOL_PARSERS["deepseek_v32"]``, ...)
     parse_dsml_calls(text, fmt, ...)    generated text -> (content, calls), or None: serve it as content
-    dsml_grammar(tools, name, ...)      "required" / named: the llguidance grammar of a calls block
+    dsml_grammar(tools, name, ...)      "required" / named / strict: the llguidance grammar of a calls block
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ PARAM_END = f"</{DSML}parameter>"
 def parse_dsml_calls(text: str, fmt: DsmlFormat = DSML_V32, parallel: bool = True,
                      cut: bool = False) -> tuple[str | None, list[tuple[str, str]]] | None:
     """``text`` (the content generated, after any reasoning) -> (the content before the block, None when
-    blank; its calls as ``flyer.serve.tools.ToolCall``), or None when it holds no well-formed block: no
+    blank; its calls, which ``flyer.serve.tools`` makes ``ToolCall``s), or None when it holds no well-formed block: no
     ``calls_begin``, a block left open, an invoke or parameter not in the shape above, a string="false" value
     that is not JSON, a parameter named twice, no invoke, text after the block. Whitespace between the tags is
     allowed. Not ``parallel``: the first call only (as ``flyer.serve.tools.parse_tool_calls``). ``cut``: the

@@ -2,7 +2,7 @@
 
 A request's JSON schema becomes an llguidance grammar (JSON text) on the HTTP side, checked there so that one
 llguidance cannot compile answers 400 naming ``response_format``; the grammar crosses the link in the request's
-``SamplingOptions`` and the engine gives the request a matcher (``GrammarMasks.matcher``). Each step, before a
+``SamplingOptions`` and the engine gives the request a matcher (``GrammarMasks.start``). Each step, before a
 grammar row's token is chosen, the logits of the tokens its grammar forbids are set to -inf (one mask fill per
 row into one bitmask, applied to the step's logits rows at once); the chosen token
 is then consumed, and the request ends ("stop") when its grammar is complete. EOS is a token the grammar allows

@@ -22,9 +22,9 @@ over the slots up to it:
 
 ``StepGraphs`` captures a graph per (row bucket, slot bucket) the first time a step needs it, all in one memory
 pool, and replays it. The engine runs its steps there (``EngineConfig.cuda_graphs``), except those past the budgets
-below, which run eagerly in the packed forward (as do the MTP module's drafting passes). Without ``capture`` (the CPU;
-the tests) the same static step runs eagerly: the tests hold its values to the eager step's, and run it on the meta
-device, where reading a value back fails.
+below, which run eagerly in the packed forward; the MTP module's passes have graphs of their own (``mtp``).
+Without ``capture`` (the CPU; the tests) the same static step runs eagerly: the tests hold its values to the eager
+step's, and run it on the meta device, where reading a value back fails.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ class ServeMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("flyer_requests", "Requests finished, by finish reason (stop, length, cancelled; "
-                                "failed: error, grammar)", ["finish_reason"], registry=r)
+                                "failed: error, grammar; shutdown)", ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("flyer_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("flyer_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("flyer_time_to_first_token_seconds", "Submission to first token",

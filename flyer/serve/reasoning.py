@@ -34,7 +34,7 @@ grammar holds from the first token alone. A calls grammar whose block starts wit
 that marker too (``grammar_at``): a section the model opens inside the reasoning is the grammar's from its marker on.
 
     ReasoningParser, PARSERS    the markers of a model family; ``PARSERS`` by ``--reasoning-parser`` name
-    Reasoning                   a request's split (per its prompt), or ``NO_REASONING`` (off: all content)
+    Reasoning                   a request's split (per its prompt); ``Reasoning(None)``: off, all content
     Split                       where one choice's text splits (``Reasoning.split``)
     EndWatch                    the engine's reading of where an output's reasoning ends (a marker in text tokens)
 """

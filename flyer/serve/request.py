@@ -61,10 +61,10 @@ class Limits:
     def check(self, prompt: Sequence[int], opts: "SamplingOptions") -> None:
         """``FieldError`` when the request can never run: empty prompt, token ids outside the
         vocabulary, prompt + max_tokens past the context or past the whole cache, a grammar without ``grammars``
-        (naming ``response_format``: the API refuses a tool grammar itself, naming ``tool_choice``), ``grammar_open``
-        ids outside the vocabulary (the mask allows them: only a library caller can pass them, the API leaves out a
-        begin marker the model cannot write, ``Reasoning.grammar_markers``), negative ``grammar_after`` / ``grammar_at``
-        ids."""
+        (naming ``response_format``: the API refuses a tool grammar itself, naming ``tool_choice`` or ``tools``),
+        ``grammar_open`` ids outside the vocabulary (the mask allows them: only a library caller can pass them, the
+        API leaves out a begin marker the model cannot write, ``Reasoning.grammar_markers``), negative
+        ``grammar_after`` / ``grammar_at`` ids."""
         V, ctx = self.vocab_size, self.max_seq_len
         if len(prompt) == 0:
             raise FieldError("prompt", "must hold at least one token")

@@ -166,7 +166,8 @@ class ResponsesBody(OpenAIBody):  # extra fields: those clients send that change
     input: str | list[dict[str, Any]]  # items checked by ``input_messages``, which names the one at fault
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # None: OpenAI's default, 1
+    # None: the server's default (the checkpoint's generation_config, else OpenAI's 1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: bool = False
     tools: list[FunctionTool] | None = None

@@ -82,7 +82,7 @@ def mtp_slots(i: int, n: int) -> slice:
 
 
 class Row(Protocol):
-    """What speculation reads and writes of an engine request (``flyer.serve.engine.Request``)."""
+    """What speculation reads and writes of an engine request (``flyer.serve.request.Request``)."""
 
     tokens: list[int]  # prompt + generated
     n_cached: int  # leading tokens whose main cache entries are written
