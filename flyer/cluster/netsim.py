@@ -75,7 +75,7 @@ class SimFabric:
 
     def switch_paths(self, tree: int, src: int, dst: int) -> list[tuple]:
         """Switch sequences from endpoint ``src`` to ``dst``, in D-mod-k order: the static
-        choice for destination ``dst`` is ``static_index(dst)``."""
+        choice for destination ``dst`` is ``static_index(dst, npaths)``."""
         half = self.radix // 2
         if self.name in ("mpft", "mrft"):
             la, lb = src // half, dst // half

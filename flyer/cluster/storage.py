@@ -1,6 +1,6 @@
 """A 3FS-style storage cluster: aggregate read/write bounds and recovery traffic after a loss.
 
-Storage nodes each carry ``nics`` NICs and ``ssds`` NVMe drives; files are striped in chunks over
+Storage nodes each carry ``nics_per_node`` NICs and ``ssds_per_node`` NVMe drives; files are striped in chunks over
 replication chains of ``replicas`` targets on distinct nodes (CRAQ chain replication):
 
 - read: any replica serves, so every node's NICs and SSDs work for readers;

@@ -207,11 +207,9 @@ def _add_endpoints(G: nx.Graph, switch, first: int, n: int, prefix=()) -> None:
         G.add_edge(("ep", *prefix, i), switch)
 
 
-def fat_tree2_graph(k: int, prefix: tuple = (), rails: int = 1) -> nx.Graph:
-    """k leaves x k/2 endpoints, k/2 spines, every leaf wired to every spine.
-
-    With ``rails`` > 1 the endpoint ids are laid out rail-major: endpoint ``r * (E/rails) + n``
-    is NIC r of node n, so rail r owns leaves ``r*k/rails .. (r+1)*k/rails - 1``.
+def fat_tree2_graph(k: int, prefix: tuple = ()) -> nx.Graph:
+    """k leaves x k/2 endpoints, k/2 spines, every leaf wired to every spine. Endpoint ids run leaf by leaf: read
+    rail-major (endpoint ``r * (E/rails) + n`` NIC r of node n), rail r owns leaves ``r*k/rails .. (r+1)*k/rails - 1``.
     """
     _even_radix(k)
     G = nx.Graph()
@@ -220,7 +218,6 @@ def fat_tree2_graph(k: int, prefix: tuple = (), rails: int = 1) -> nx.Graph:
         _add_endpoints(G, ("leaf", *prefix, leaf), leaf * half, half, prefix)
         for s in range(half):
             G.add_edge(("leaf", *prefix, leaf), ("spine", *prefix, s))
-    G.graph["rails"] = rails
     return G
 
 

@@ -9,8 +9,8 @@ elsewhere, its last token's too (there the next conversation's first token: no t
 
 The packer is first-fit over a stream of conversations: each goes into the first row with room; the first one
 that fits in none closes the batch and opens the next. The stream is ``ChatSampler``'s: block n is the batch_size
-conversations it draws for batch n (PCG64 seeded with (seed, n)), so packed and unpacked runs train on the same
-conversations in the same order; the state is the stream's cursor (block, index in it).
+conversations it draws for batch n (a slice of an epoch's permutation), so packed and unpacked runs train on the
+same conversations in the same order; the state is the stream's cursor (block, index in it).
 """
 
 from __future__ import annotations

@@ -19,15 +19,16 @@ it), so ``flyer serve`` and ``flyer train``'s chat data take it as they take a t
 
 Thinking mode is ``extra={"thinking": True}`` (a request's ``chat_template_kwargs``, vLLM's spelling); chat mode
 otherwise. The tools (OpenAI's definitions) and the request's ``response_format`` (json_object / json_schema as
-OpenAI's API takes it, its fields in that order; "text" writes nothing) go on the first system message, one is
-added first when there is none (vLLM adds one always; the release's examples carry them on the conversation's
-system message); a system or developer message's own ``response_format`` (the release's message field) is written
-too. The releases' encoders read it off a message only (vLLM's server passes a request's tools there, not its
-response_format); flyer puts the request's there as it puts the tools, so the prompt states the format the grammar
-holds the output to.
+OpenAI's API takes it, its fields in that order; "text" writes nothing) go on the first message when it is a
+system message, on one added before it when it is not (vLLM adds one always; the release's examples carry them
+on the conversation's system message); a system or developer message's own ``response_format`` (the release's
+message field) is written too. The releases' encoders read it off a message only (vLLM's server passes a request's
+tools there, not its response_format); flyer puts the request's there as it puts the tools, so the prompt states
+the format the grammar holds the output to.
 A user or tool turn always ends with the assistant's header, so ``add_generation_prompt`` changes nothing: a
 conversation's prefix ending at a user turn renders as its prompt, except that in thinking mode the last user
-turn opens ``<think>`` and earlier ones close it (the chat data build renders in chat mode: ``extra`` is None).
+turn opens ``<think>`` and earlier ones close it (the chat data build renders with the build's and the line's
+chat_template_kwargs: chat mode unless they set thinking).
 
 DeepSeek-V4 (``model_type`` "deepseek_v4", ``encoding/encoding_dsv4.py``) differs (``encode_v4``): its tools section
 is another text; calls are a ``tool_calls`` block; tool results are merged into a user turn (consecutive user
@@ -207,8 +208,9 @@ def _arguments(m: dict, i: int) -> list[tuple[str, dict]]:
 
 def _with_request(messages: list[dict], tools: list[dict] | None,
                   response_format: dict | None) -> list[tuple[int, dict]]:
-    """(index in ``messages``, message) pairs, the request's tools and response_format on the first system message
-    (one put first when there is none: index -1; the request's response_format replaces the message's own)."""
+    """(index in ``messages``, message) pairs, the request's tools and response_format on the first message when it
+    is a system one, else on a system message put first (index -1; the request's response_format replaces the
+    message's own)."""
     msgs = list(enumerate(messages))  # errors name the caller's index
     if tools or response_format:
         if not messages or messages[0].get("role") != "system":

@@ -193,7 +193,8 @@ class TokenShards:
         return f"TokenShards({len(self.paths)} file(s), {self._len} tokens)"
 
     def checksums(self) -> list[bytes]:
-        """Each shard's checksum (its header's: the tokens' blake2b), in order: the content, at 64 bytes a file."""
+        """Each shard's checksum (its header's: blake2b of header[0:32] and the tokens), in order: the content, at
+        64 bytes a file."""
         out = []
         for p in self.paths:
             with open(p, "rb") as f:

@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizer: trained locally with Hugging Face ``tokenizers``, or loaded from
-any ``tokenizer.json``. Either way the vocabulary holds ``<|endoftext|>``, the end-of-document
-token placed after every document in the token shards."""
+any ``tokenizer.json``. Either way the vocabulary holds an end-of-document token (its own, else
+``<|endoftext|>`` is added), placed after every document in the token shards."""
 
 from __future__ import annotations
 

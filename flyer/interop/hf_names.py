@@ -133,7 +133,8 @@ def meta_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
-# the DSA indexer's tensors whose rows (or channels) are its keys' and queries': rotate-half in every checkpoint
+# the DSA indexer's tensors whose rows (or channels) are its keys' and queries': rotate-half in V3.2's checkpoints
+# (GLM-5's rotate interleaved pairs: nothing to permute)
 _INDEXER_ROPE = ("attn.indexer.wq_b.weight", "attn.indexer.wk.weight", "attn.indexer.k_norm.weight",
                  "attn.indexer.k_norm.bias")
 

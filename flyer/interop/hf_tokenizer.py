@@ -114,7 +114,7 @@ def _special_ids(path: Path, gen: dict, config: dict, named: dict[str, str], tok
                  kind: str) -> tuple[int, ...]:
     """generation_config.json's ``{kind}_token_id`` (``gen``: an id or a list of ids), else config.json's,
     else the tokenizer's named ``{kind}_token`` (``named``: ``_named_special_tokens``); () when none
-    names one. A list keeps its order, less repeats. An id no tokenizer has (negative, past 32 bits) is a
+    names one. A list keeps its order, less repeats. An id no tokenizer has (negative, past 31 bits) is a
     ``CheckpointError`` naming the file."""
     for name, d in (("generation_config.json", gen), ("config.json", config)):
         e = d.get(f"{kind}_token_id")
