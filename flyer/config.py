@@ -62,7 +62,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
-    # DeepSeek Sparse Attention (V3.2): a lightning indexer picks each query's index_topk keys (mla only)
+    # a lightning indexer picks each query's index_topk keys (mla: DSA, V3.2; hybrid: CSA layers' entries, V4)
     index_topk: int = 0  # 0 = no indexer: dense MLA
     index_n_heads: int = 64
     index_head_dim: int = 128  # its first qk_rope_head_dim channels rotate

@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         router_bias=False, seq_aux_alpha=0.003, max_seq_len=163840, rope_factor=40.0, original_seq_len=4096,
         beta_fast=32, beta_slow=1, mscale=0.707, mtp_depth=0, init_std=0.006,
     ),
-    # official DeepSeek-V3 (671B total, 37B activated; MTP module adds ~14B)
+    # official DeepSeek-V3 (671B total, 37B activated; its MTP module's own weights 11.6B, 14B as DeepSeek counts)
     "dsv3": dict(),
     # official DeepSeek-V3.2-Exp: V3 with DeepSeek Sparse Attention (a lightning indexer keeping 2048 keys per query)
     "dsv32": dict(index_topk=2048, index_n_heads=64, index_head_dim=128),

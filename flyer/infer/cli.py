@@ -1,5 +1,6 @@
 """``flyer generate``: text generation from a trained checkpoint (or a Hugging Face model directory)
-with the absorbed-MLA latent cache, optional MTP speculative decoding and an on-disk prefix cache."""
+with a latent (MLA), per-head or DeepSeek-V4 hybrid cache, optional MTP speculative decoding and an on-disk
+prefix cache."""
 
 from __future__ import annotations
 

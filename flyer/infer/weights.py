@@ -1,4 +1,4 @@
-"""Weights held in BF16 for inference, computed in FP32.
+"""Weights held in BF16 or FP8 (128x128 block scales) for inference, computed in FP32.
 
 A decode step is bound by the bytes of weights it reads (the routed experts, the dense layers and
 the head: ``bench/serve.py``'s ``weight_mb_per_token``), and published checkpoints are BF16 (or

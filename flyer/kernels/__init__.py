@@ -23,9 +23,9 @@ every other device and dtype, and the oracle the tests compare the kernels again
   operands of the CPU FP8 GEMM emulation), bit for bit the eager table lookup and multiply.
 
 Where torch runs one thread, ``set_expert_threads`` splits the larger calls of ``grouped_mm``, ``linear_held``,
-``mla_decode`` and ``attention`` over threads of the extension's own. The compiled extension (``cpu_ops.cpp``), how
-it is built and loaded, and the switches that turn it off: ``flyer.kernels.extension`` (``cpu_ops``, ``usable``,
-``disabled``).
+``mla_decode``, ``attention``, ``index_scores`` and ``index_scores_fp4`` over threads of the extension's own. The
+compiled extension (``cpu_ops.cpp``), how it is built and loaded, and the switches that turn it off:
+``flyer.kernels.extension`` (``cpu_ops``, ``usable``, ``disabled``).
 """
 
 from __future__ import annotations
@@ -219,9 +219,9 @@ def splits() -> bool:
 
 def set_expert_threads(n: int) -> None:
     """Split the kernels' larger calls (``grouped_mm``, ``linear_held``, ``mla_decode``,
-    ``attention``) over ``n`` threads of the extension's own (the caller's one included) where torch
-    runs one thread: ``flyer serve`` runs torch on one thread on a small CPU (a decode step's
-    hundreds of small ops gain nothing from more), and one core cannot pull the experts' weights at
+    ``attention``, ``index_scores``, ``index_scores_fp4``) over ``n`` threads of the extension's own (the
+    caller's one included) where torch runs one thread: ``flyer serve`` runs torch on one thread on a small CPU (a
+    decode step's hundreds of small ops gain nothing from more), and one core cannot pull the experts' weights at
     the memory's bandwidth nor run a prefill chunk's GEMMs at two cores' rate. Each call's work is
     split into items (blocks of weight rows, rows of the batch, heads) claimed by whichever thread
     is free, so the results are the same on any number of threads."""

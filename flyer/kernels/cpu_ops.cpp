@@ -3,8 +3,8 @@
 // Each kernel reads its inputs once and writes its outputs once, working row by row in FP32
 // scratch that stays in cache; the eager PyTorch code they replace makes one memory pass per
 // operation. Inputs are float32, bfloat16 or float16 (the "T" below), computed in FP32 and
-// rounded once to T on output. Rows are split across ATen's intra-op thread pool, or across flyer's
-// own worker threads where torch runs one (Workers, below).
+// rounded once to T on output. Rows are split across ATen's intra-op thread pool; the GEMM, cache-attention
+// and index-score kernels use flyer's own worker threads where torch runs one (Workers, below).
 //
 // Built with -ffp-contract=off: a * b + c stays two roundings, as in the eager ops, so that the
 // combine kernels reproduce index_add_'s sums bit for bit.
@@ -692,9 +692,10 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor&
 // its weights. Here each weight row is streamed once for all of its group's rows, in blocks of
 // kRows rows by kWeightBlock weight rows whose dot products stay in registers (one load of each
 // operand vector serves several FMAs), and (group, block of weight rows) tasks are split across
-// threads. Groups with more than max_rows rows are skipped (their output rows are left for the
-// caller's GEMM). x is FP32; w FP32, or BF16 (weights held at half the bytes for serving: each
-// widens exactly to FP32 in a register, so the sums are those of the FP32 kernel on w.float()).
+// threads. Groups of more than max_rows rows run as BLAS GEMMs on blocks of weight rows widened to
+// FP32 (gemm_block). x is FP32; w FP32, BF16 (weights held at half the bytes for serving: each
+// widens exactly to FP32 in a register, so the sums are those of the FP32 kernel on w.float()), or
+// FP8 E4M3 with its 128x128 block scales.
 // Each output is summed in the same order whatever the blocking.
 // rows of one group sharing each weight row load, by weight rows per register block: 4 x 4
 // accumulators fit AVX-512's 32 registers, 6 x 2 AVX2's 16 (against 4 x 2: a weight read 3 times
@@ -1425,7 +1426,7 @@ void mla_decode_rows(const float* qp, const Rows& rows, const int64_t* tables, c
 }
 
 // ``few_rows``: query rows (heads x new tokens) up to which a tile's two products run on the kernel's
-// own register blocks rather than the BLAS (flyer.kernels.MLA_FEW_QUERY_ROWS)
+// own register blocks rather than the BLAS (flyer.kernels.MLA_FEW_QUERY_ROWS; any count where the BLAS is narrower)
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& pool, const at::Tensor& tables, const at::Tensor& pos,
                       int64_t C, double scale, int64_t first, int64_t few_rows) {
   check_cpu(q, "mla_decode q");
@@ -1821,6 +1822,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_heads", &attention_heads, "scaled_dot_product_attention, one call per (batch row, head)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("set_blas", &set_blas, "mla_decode on torch's BLAS (true, where found) or on a plain loop");
+  m.def("set_blas", &set_blas,
+        "the kernels' GEMMs (grouped_mm's large groups, mla_decode): torch's BLAS (true, where found) or a plain loop");
   m.def("has_blas", &has_blas, "whether torch's BLAS (sgemm_) was found");
 }

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 
 from flyer.config import PRESETS, ConfigError, FieldError, preset_fields, read_config_sections
@@ -167,6 +166,7 @@ def build_train_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from flyer.train.metrics import strict_record  # as in build_train_config
     from flyer.train.trainer import Trainer, TrainingError  # as in build_train_config
 
     try:
@@ -185,10 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("signal"):
         return 128 + summary["signal"]  # the shell's convention for a process ended by that signal
     if summary.get("val_loss") is not None and trainer.rank0:  # one summary per job, not one per rank
-        print(json.dumps(finite_or_null(summary), allow_nan=False))
+        print(json.dumps(strict_record(summary), allow_nan=False))  # JSON has no NaN: read as JSON
     return 0
 
 
-def finite_or_null(summary: dict) -> dict:
-    """``summary`` with each non-finite number None: JSON has no NaN or Infinity, and the line is read as JSON."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}

@@ -107,7 +107,7 @@ class TrainConfig:
     data_cache: str | None = None  # tokenizer/shard cache (default ~/.cache/flyer/data)
     tokenizer: str | None = None
     init: str | None = None  # fine-tune from a flyer run / checkpoint or an HF model directory (its config, tokenizer)
-    vocab_size: int | None = None  # default: the preset's vocab, capped at 8192 for the built-in corpus
+    vocab_size: int | None = None  # default: the preset's vocab, capped at 8192 where flyer trains its BPE
     max_bad_steps: int = 10
     threads: int | None = None
     device: str = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N; under torchrun: auto, cpu or cuda

@@ -28,7 +28,6 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        self.enabled = enabled
         self._f = open(path, "a") if enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
