@@ -150,11 +150,11 @@ def test_auto_parses_a_dsml_answer_and_streams_content_first(ckpt, name, fmt):
             calls = whole["message"]["tool_calls"]
             assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == want[:2 if parallel else 1]
             chunks = [ch["choices"][0] for ch in _sse_chunks(url, ask)]
-            *deltas, last = chunks[1:]
+            *deltas, called, last = chunks[1:]  # the calls, then the finish in a chunk of its own (as OpenAI's)
             assert "".join(d["delta"].get("content", "") for d in deltas) == content
             assert sum("content" in d["delta"] for d in deltas) > 3  # streamed as it came
-            assert last["finish_reason"] == "tool_calls"
-            assert [c["function"] for c in last["delta"]["tool_calls"]] == [c["function"] for c in calls]
+            assert last["finish_reason"] == "tool_calls" and last["delta"] == {} and called["finish_reason"] is None
+            assert [c["function"] for c in called["delta"]["tool_calls"]] == [c["function"] for c in calls]
         # cut by max_tokens: the content and the calls the cut left whole, the cut one dropped, finish "length"
         in_second = calls_text.index('name="level"')  # the second call's last parameter
         for n, kept in ((len(script) - 4, want), (len(tok.encode_ids(content + calls_text[:in_second],
@@ -163,11 +163,11 @@ def test_auto_parses_a_dsml_answer_and_streams_content_first(ckpt, name, fmt):
             r = r["choices"][0]
             assert r["finish_reason"] == "length" and r["message"]["content"] == content
             assert [(c["function"]["name"], c["function"]["arguments"]) for c in r["message"]["tool_calls"]] == kept
-            *deltas, last = [ch["choices"][0] for ch in _sse_chunks(url, {**body, "max_tokens": n})][1:]
+            *deltas, called, last = [ch["choices"][0] for ch in _sse_chunks(url, {**body, "max_tokens": n})][1:]
             assert "".join(d["delta"].get("content", "") for d in deltas) == content
-            assert last["finish_reason"] == "length"
-            assert [c["function"] for c in last["delta"]["tool_calls"]] == [c["function"] for c in
-                                                                           r["message"]["tool_calls"]]
+            assert last["finish_reason"] == "length" and last["delta"] == {}
+            assert [c["function"] for c in called["delta"]["tool_calls"]] == [c["function"] for c in
+                                                                             r["message"]["tool_calls"]]
         none = httpx.post(url + "/v1/chat/completions", json={**body, "tool_choice": "none"}, timeout=60).json()
         assert none["choices"][0]["message"]["content"] == content + calls_text
 

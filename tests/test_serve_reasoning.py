@@ -183,10 +183,11 @@ def test_tool_calls_after_the_reasoning(ckpt):
         with _serving(tok, script) as (api, url, client):
             _agree(client, REASONING, "Sure.", "tool_calls", CALLS, tools=TOOLS,
                    extra_body={"chat_template_kwargs": THINK})
-            # the same over raw SSE: the chunk with the calls comes last
+            # the same over raw SSE: the chunk with the calls, then the finish in a chunk of its own
             chunks = [c["choices"][0] for c in _sse_chunks(url, dict(model="tiny-test", messages=ASK, tools=TOOLS,
                                                                      chat_template_kwargs=THINK))]
-            assert chunks[-1]["finish_reason"] == "tool_calls" and len(chunks[-1]["delta"]["tool_calls"]) == 2
+            assert chunks[-1]["finish_reason"] == "tool_calls" and chunks[-1]["delta"] == {}
+            assert chunks[-2]["finish_reason"] is None and len(chunks[-2]["delta"]["tool_calls"]) == 2
         inside = _ids(tok, F31.render(CALLS), DEEPSEEK.end, ANSWER) + ([eos] if eos else [])
         with _serving(tok, inside) as (api, url, client):
             whole = _whole(client, tools=TOOLS, extra_body={"chat_template_kwargs": THINK})

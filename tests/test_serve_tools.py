@@ -311,10 +311,13 @@ def test_required_and_named_calls_parse_and_validate(served):
                              allowed)
         assert _stream_calls(c, tool_choice=choice, temperature=1.0, seed=7, **kw) == (whole, "tool_calls", "")
         # the SDK's stream helper rebuilds the whole answer: content null (a forced call's first chunk says so, as
-        # OpenAI's; its "" had made it '')
+        # OpenAI's; its "" had made it ''), and closes each call's arguments with a done event (it never did while
+        # the calls and the finish came in one chunk: the helper reads a chunk's finish before its calls)
         with c.chat.completions.stream(tool_choice=choice, temperature=1.0, seed=7, **kw) as stream:
+            done = [(e.name, e.arguments) for e in stream if e.type == "tool_calls.function.arguments.done"]
             final = stream.get_final_completion().choices[0]
         assert final.message.content is None and _check_calls(final, allowed) == whole
+        assert done == [(t.function.name, t.function.arguments) for t in final.message.tool_calls]
     one = c.chat.completions.create(tool_choice="required", temperature=1.0, seed=1, n=4, parallel_tool_calls=False,
                                     **kw)
     for ch in one.choices:

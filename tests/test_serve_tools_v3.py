@@ -279,15 +279,17 @@ def test_auto_streams_content_then_the_calls_as_the_whole_answer(ckpt, template)
                 calls = whole["message"]["tool_calls"]
                 assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == want
                 assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
-                # the stream: the role, content deltas (one a token), then one chunk with every call, its end
+                # the stream: the role, content deltas (one a token), one chunk with every call, then the end in a
+                # chunk of its own (as OpenAI's: the SDK's stream helper closes the calls' arguments on it)
                 chunks = [ch["choices"][0] for ch in _sse_chunks(url, ask)]
                 assert chunks[0]["delta"] == {"role": "assistant", "content": ""}
-                *deltas, last = chunks[1:]
+                *deltas, called, last = chunks[1:]
                 assert "".join(d["delta"].get("content", "") for d in deltas) == content
                 assert sum("content" in d["delta"] for d in deltas) > 3  # streamed as it came, not at the end
                 assert all(d["finish_reason"] is None and "tool_calls" not in d["delta"] for d in deltas)
-                assert last["finish_reason"] == "tool_calls" and "content" not in last["delta"]
-                streamed = last["delta"]["tool_calls"]
+                assert last["finish_reason"] == "tool_calls" and last["delta"] == {}
+                assert called["finish_reason"] is None and "content" not in called["delta"]
+                streamed = called["delta"]["tool_calls"]
                 assert [c["index"] for c in streamed] == list(range(len(want)))
                 assert ([{k: c[k] for k in ("type", "function")} for c in streamed]
                         == [{k: c[k] for k in ("type", "function")} for c in calls])

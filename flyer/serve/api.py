@@ -438,9 +438,12 @@ class Api:
                     if delta or lp:
                         yield {**head, "choices": [{"index": i, "delta": delta, "finish_reason": None,
                                                     "logprobs": lp, **span(tokens, c, s, calls)}]}
-                    yield {**head, "choices": [{"index": i, "delta": {"tool_calls": deltas} if deltas else {},
-                                                "finish_reason": finish(c, calls), "logprobs": None,
-                                                **span(range(0))}]}
+                    if deltas:  # the calls, then the finish in a chunk of its own, as OpenAI streams them (the
+                        # SDK's stream helper closes a call's arguments on a later chunk's finish_reason)
+                        yield {**head, "choices": [{"index": i, "delta": {"tool_calls": deltas}, "finish_reason": None,
+                                                    "logprobs": None, **span(range(0))}]}
+                    yield {**head, "choices": [{"index": i, "delta": {}, "finish_reason": finish(c, calls),
+                                                "logprobs": None, **span(range(0))}]}
                     continue
                 if parse and s.content is not None and begin is not None and e.token == begin and i not in call_at \
                         and c.starts[-1] >= s.content:  # decoding may skip the marker's token

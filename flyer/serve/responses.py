@@ -374,6 +374,7 @@ class Responses:
         open_kind = None  # "reasoning" or "message": the item the deltas go to
         finish = None  # the choice's finish reason, once it came
         pending: list[dict] = []  # the content's logprobs entries no text delta has carried yet
+        held: list[dict] = []  # chat's tool calls, whose finish (the next chunk's) says whether the text before was cut
 
         def event(kind: str, **fields) -> bytes:
             nonlocal seq
@@ -460,7 +461,11 @@ class Responses:
                     if delta.get(key):
                         for b in add_text(kind, delta[key]):
                             yield b
-                calls = delta.get("tool_calls") or []
+                calls = held + (delta.get("tool_calls") or [])
+                if calls and choice["finish_reason"] is None:
+                    held = calls
+                    continue
+                held = []
                 if (calls or choice["finish_reason"] is not None) and open_kind is not None:
                     # cut by max_output_tokens: the open message (calls after it or not: as unstreamed), or a
                     # reasoning no text or call followed

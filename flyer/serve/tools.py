@@ -32,7 +32,8 @@ dropped), with finish_reason "length".
 Streaming (``flyer.serve.api``) is the simplest correct one: content deltas up to the block (none while the text so
 far is blank, which a whole answer serves as null: ``flyer.serve.choice.calls_content``, one rule for both), then,
 once the whole output is parsed at the end, one chunk with every call's ``tool_calls`` delta (index, id, type, name,
-the whole arguments) and finish_reason "tool_calls" ("length" for a block the limit cut).
+the whole arguments), then a chunk of finish_reason "tool_calls" ("length" for a block the limit cut) alone, as
+OpenAI streams them.
 
     ToolFormat, DEEPSEEK_V31, DEEPSEEK_V3   the formats; ``TOOL_FORMAT`` the default (``KIMI_K2``: tools_kimi)
     tool_format(chat_template)      the format a checkpoint's template writes calls in
