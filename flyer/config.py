@@ -76,7 +76,11 @@ class ModelConfig:
     attn_bias: bool = False  # gqa only: bias on q/k/v projections (Qwen2)
     qk_norm: bool = False  # gqa only: RMSNorm over each head's query and key before RoPE (Qwen3)
     rotary_dim: int = 0  # gqa only: RoPE rotates each head's first rotary_dim channels (GLM-4.5: half); 0 = all
-    # DeepSeek-V4's hybrid attention (attn "hybrid"): every layer attends to the last window_size tokens; a layer
+    # gqa only: the main layers that attend to their last window_size tokens alone, as transformers' sliding
+    # windows (Mistral 7B v0.1: every layer; Qwen2/Qwen3: layers max_window_layers and up); MTP blocks attend fully
+    sliding_layers: tuple[int, ...] = ()
+    # DeepSeek-V4's hybrid attention (attn "hybrid"): every layer attends to the last window_size tokens (gqa: the
+    # sliding_layers do; 0 = none slides); a layer
     # with compress_ratios[i] = r > 0 also to one compressed entry per r tokens: CSA (r = csa_ratio: overlapping
     # windows, the indexer keeps index_topk entries per query) or HCA (any other r: every entry)
     window_size: int = 0
@@ -162,6 +166,11 @@ class ModelConfig:
         ``rotary_dim`` (0: the whole head)."""
         return self.qk_rope_head_dim if self.attn in ("mla", "hybrid") else self.rotary_dim or self.head_dim
 
+    def window(self, layer: int) -> int:
+        """The sliding window of GQA layer ``layer`` (an MTP block's: ``n_layers`` and up): 0 = it attends to
+        every causal key."""
+        return self.window_size if layer in self.sliding_layers else 0
+
     def has_indexer(self, layer: int) -> bool:
         """Whether MLA layer ``layer`` runs its own DSA indexer (``n_layers`` onward: an MTP block, which does);
         False without DSA, and for a layer ``indexer_types`` marks "shared"."""
@@ -228,6 +237,14 @@ class ModelConfig:
             need(self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim", "must be a positive even number for gqa")
             need(0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
                  f"must be an even number in [0, head_dim={self.head_dim}] (0 = the whole head)")
+            need(self.window_size >= 0, "window_size", "must be >= 0 (0 = no sliding window)")
+            need(bool(self.window_size) == bool(self.sliding_layers), "sliding_layers",
+                 "must name the sliding layers exactly when window_size > 0")
+            need(list(self.sliding_layers) == sorted(set(self.sliding_layers)) and
+                 all(0 <= i < self.n_layers for i in self.sliding_layers), "sliding_layers",
+                 f"must be ascending distinct layer indices in [0, n_layers={self.n_layers})")
+        if self.attn != "gqa":
+            need(not self.sliding_layers, "sliding_layers", "applies to gqa attention only")
         need(self.index_topk >= 0, "index_topk", "must be >= 0 (0 = no DSA indexer: dense attention)")
         if self.index_topk > 0:
             need(self.attn in ("mla", "hybrid"), "index_topk", "the indexer applies to mla and hybrid attention only "

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, 
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
                           DeepseekV32Config, DeepseekV32ForCausalLM, DeepseekV4Config, DeepseekV4ForCausalLM,
                           Glm4MoeConfig, Glm4MoeForCausalLM, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM,
-                          LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM)
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
@@ -44,6 +45,17 @@ FAMILIES = {
         "rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True,
                                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # sliding windows (flyer's window_size / sliding_layers) shorter than the tests' prompts and outputs: Mistral
+    # slides every layer; Qwen2 layers max_window_layers and up; Qwen3 the ones its layer_types lists
+    "mistral": (MistralForCausalLM, MistralConfig, dict(num_key_value_heads=2, sliding_window=5, rms_norm_eps=1e-5,
+                                                        rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    "qwen2-sliding": (Qwen2ForCausalLM, Qwen2Config, dict(
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=6, max_window_layers=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen3-sliding": (Qwen3ForCausalLM, Qwen3Config, dict(
+        num_key_value_heads=1, head_dim=24, use_sliding_window=True, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     # head_dim 24, not hidden_size / heads = 16 (as Qwen3-0.6B: 128, not 64); q_norm / k_norm random (``build``)
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
                                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6})),

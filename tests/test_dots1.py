@@ -2,13 +2,16 @@
 limit, shared experts and dense first layers, on Qwen3's attention: per-head q/k RMSNorm, whole heads rotating, no
 bias, no MTP layer): flyer's logits and routing, ``flyer generate``'s and the serving engine's greedy tokens equal
 transformers' Dots1ForCausalLM; the export (as glm4_moe) computes the same bit for bit; ``flyer info --config``
-counts what transformers builds; sliding layers and missing expert counts are one-line errors. Tiny random
-models, FP32, CPU."""
+counts what transformers builds; sliding layers are read as Dots1Config slides them, missing expert counts are
+one-line errors. Tiny random models, FP32, CPU."""
+
+import json
 
 import pytest
 import torch
 from transformers import Dots1Config, Dots1ForCausalLM, Glm4MoeForCausalLM
 
+from flyer.config import ModelConfig
 from flyer.interop.hf import load_hf
 from flyer.interop.hf_config import from_hf_config
 from tests.hf_models import VOCAB, save_tiny
@@ -93,11 +96,12 @@ def test_export_is_glm4_moe_that_transformers_computes_bit_for_bit(src, tmp_path
 
 
 def test_what_flyer_cannot_read_is_one_line(tmp_path, capsys):
-    """A sliding layer (by Dots1Config's rule, or listed), a missing expert count (Dots1Config has no default),
-    an attention bias (Qwen3's covers o_proj): one line naming the field, exit 2."""
-    for change, field in (({"sliding_window": 4096, "max_window_layers": 60}, "sliding_window"),
-                          ({"max_window_layers": "all"}, "max_window_layers"),
-                          ({"layer_types": ["full_attention"] * 61 + ["sliding_attention"]}, "layer_types"),
+    """A malformed max_window_layers, sliding layers listed beside a null window (transformers cannot build their
+    mask), a missing expert count (Dots1Config has no default), an attention bias (Qwen3's covers o_proj): one line
+    naming the field, exit 2. Sliding layers by Dots1Config's rule, or listed, are read as its class slides them."""
+    for change, field in (({"max_window_layers": "all"}, "max_window_layers"),
+                          ({"layer_types": ["full_attention"] * 61 + ["sliding_attention"], "sliding_window": None},
+                           "layer_types"),
                           ({"n_routed_experts": None}, "n_routed_experts"), ({"n_shared_experts": None},
                                                                                "n_shared_experts"),
                           ({"num_experts_per_tok": None}, "num_experts_per_tok"), ({"attention_bias": True},
@@ -106,6 +110,13 @@ def test_what_flyer_cannot_read_is_one_line(tmp_path, capsys):
     # a window no layer uses reads: layers 62 and up would slide, and there are 62
     windowed = info_json(tmp_path, capsys, {**HUB, "sliding_window": 4096})
     assert windowed["total_params"] == info_json(tmp_path, capsys, HUB)["total_params"]
+    assert windowed["sliding_layers"] == 0
+    for change, layers in (({"sliding_window": 1024, "max_window_layers": 60}, 2),
+                           ({"sliding_window": 1024, "layer_types": ["full_attention"] * 61 + ["sliding_attention"]},
+                            1)):
+        (tmp_path / "config.json").write_text(json.dumps({**HUB, **change}))
+        want = [i for i, t in enumerate(Dots1Config.from_dict({**HUB, **change}).layer_types) if t != "full_attention"]
+        assert ModelConfig.from_json(tmp_path / "config.json").sliding_layers == tuple(want) and len(want) == layers
 
 
 def test_train_init_from_dots1_then_export(src, tmp_path, capsys):

@@ -22,19 +22,17 @@ QWEN2 = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermedia
 
 
 @pytest.mark.parametrize("layers, window_layers", [(26, None), (4, 3), (4, 4), (4, 0)])
-def test_qwen2_reads_where_transformers_slides_no_layer(layers, window_layers):
+def test_qwen2_slides_the_layers_transformers_slides(layers, window_layers):
     """``use_sliding_window`` slides layers ``max_window_layers`` (default 28) and up, as transformers' layer_types
-    list them: read where none slides (26 layers without the field), refused naming the sliding ones else."""
+    list them (none of 26 layers without the field)."""
     d = {**QWEN2, "num_hidden_layers": layers, "use_sliding_window": True, "sliding_window": 16}
     if window_layers is not None:
         d["max_window_layers"] = window_layers
     types = Qwen2Config(**{k: v for k, v in d.items() if k != "model_type"}).layer_types
-    sliding = [i for i, t in enumerate(types) if t != "full_attention"]
-    if not sliding:
-        assert from_hf_config(d)["n_layers"] == layers
-    else:
-        with pytest.raises(ConfigError, match=f"layers {sliding[0]} to {sliding[-1]} slide"):
-            from_hf_config(d)
+    sliding = tuple(i for i, t in enumerate(types) if t != "full_attention")
+    read = from_hf_config(d)
+    assert read["n_layers"] == layers and read.get("sliding_layers", ()) == sliding
+    assert read.get("window_size", 0) == (16 if sliding else 0)
 
 
 def test_glm4_moe_dense_layers_past_the_model_are_all_of_it():

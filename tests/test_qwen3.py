@@ -1,8 +1,8 @@
 """Qwen3 dense checkpoints (GQA with an RMSNorm over each head's query and key before RoPE, a
 head_dim of its own, tied embeddings): flyer's logits, ``flyer generate``'s and the serving engine's
 greedy tokens equal transformers' Qwen3ForCausalLM; import -> export -> transformers gives the same
-tensors and logits; ``train --init`` from a Qwen3 directory; what flyer cannot run (a sliding layer,
-head norms on MLA) is one line naming the field. Tiny random models, FP32, CPU."""
+tensors and logits; ``train --init`` from a Qwen3 directory; sliding layers read as transformers slides them;
+what flyer cannot run (head norms on MLA) is one line naming the field. Tiny random models, FP32, CPU."""
 
 import json
 import math
@@ -201,44 +201,43 @@ def _config_error(tmp_path, capsys, d: dict, field: str) -> None:
     assert err.startswith("flyer: error: ") and f"'{field}'" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("change, field", [
-    (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1), "use_sliding_window"),
-    (dict(use_sliding_window=True, sliding_window=16), None),  # max_window_layers 28 > 3 layers: none slides
-    (dict(use_sliding_window=True, sliding_window=16, max_window_layers=3), None),
-    (dict(use_sliding_window=True, sliding_window=None, max_window_layers=0), None),
-    (dict(use_sliding_window=False, sliding_window=16, max_window_layers=0), None),
+@pytest.mark.parametrize("change, sliding", [
+    (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1), (1, 2)),
+    (dict(use_sliding_window=True, sliding_window=16), ()),  # max_window_layers 28 > 3 layers: none slides
+    (dict(use_sliding_window=True, sliding_window=16, max_window_layers=3), ()),
+    (dict(use_sliding_window=True, sliding_window=None, max_window_layers=0), ()),
+    (dict(use_sliding_window=False, sliding_window=16, max_window_layers=0), ()),
     (dict(layer_types=["full_attention", "sliding_attention", "full_attention"], use_sliding_window=True,
-          sliding_window=16), "layer_types"),
-    (dict(layer_types=["full_attention"] * 3), None),
+          sliding_window=16), (1,)),
+    (dict(layer_types=["full_attention"] * 3), ()),
 ], ids=["top-layers-slide", "window-layers-above", "max-window-layers-all", "no-window", "window-off",
         "layer-types-slide", "layer-types-full"])
-def test_sliding_layers_are_refused_as_transformers_slides_them(src, tmp_path, capsys, change, field):
-    """A Qwen3 config is read exactly where transformers slides none of its layers (its
-    ``layer_types``, from the file's or from use_sliding_window / sliding_window / max_window_layers);
-    else one line naming the field that makes a layer slide."""
+def test_sliding_layers_are_read_as_transformers_slides_them(src, change, sliding):
+    """A Qwen3 config slides exactly the layers transformers does (its ``layer_types``, from the file's or from
+    use_sliding_window / sliding_window / max_window_layers), by its window; the rest of it is read as ever."""
     path, _ = src
     d = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "layer_types"}
     d.update(change)
-    slides = "sliding_attention" in Qwen3Config.from_dict(d).layer_types
-    assert slides == (field is not None)
-    if field is None:
-        assert ModelConfig.from_dict(d) == load_hf(path)[1]
-    else:
-        _config_error(tmp_path, capsys, d, field)
+    types = Qwen3Config.from_dict(d).layer_types
+    assert tuple(i for i, t in enumerate(types) if t == "sliding_attention") == sliding
+    want = load_hf(path)[1].replace(window_size=16 if sliding else 0, sliding_layers=sliding)
+    assert ModelConfig.from_dict(d) == want
 
 
 def test_what_flyer_cannot_run_is_one_line(src, tmp_path, capsys):
-    """One line naming the field: layer types of the wrong length; full-attention layer types beside
-    a window that transformers without layer_types applies from max_window_layers on; a
-    bias (Qwen3's would go on o_proj too); head norms on MLA; head norms with Qwen2's q/k/v bias."""
+    """One line naming the field: layer types of the wrong length, or sliding ones without a window (transformers
+    cannot build their mask); a bias (Qwen3's would go on o_proj too); head norms on MLA; head norms with Qwen2's
+    q/k/v bias. Full-attention layer types beside a window transformers would apply from max_window_layers on
+    without them: the types rule, no layer slides."""
     path, _ = src
     d = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "layer_types"}
     full = ["full_attention"] * 3
     for change, field in ((dict(layer_types=full[:2]), "layer_types"),
-                          (dict(layer_types=full, use_sliding_window=True, sliding_window=16, max_window_layers=1),
-                           "use_sliding_window"),
+                          (dict(layer_types=full[:2] + ["sliding_attention"]), "layer_types"),
                           (dict(attention_bias=True), "attention_bias")):
         _config_error(tmp_path, capsys, {**d, **change}, field)
+    listed = dict(layer_types=full, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    assert ModelConfig.from_dict({**d, **listed}) == load_hf(path)[1]
     with pytest.raises(ConfigError) as e:
         preset("tiny", qk_norm=True)
     assert str(e.value).startswith("config field 'qk_norm': applies to gqa attention only") and "\n" not in str(e.value)

@@ -231,22 +231,24 @@ def test_dense_layer_patterns_read_as_transformers_builds_them(src, tmp_path, ca
 
 
 def test_what_flyer_cannot_run_or_export_is_one_line(src, tmp_path, capsys):
-    """Reading: a sliding window (every Qwen3-MoE layer slides), an attention bias (o_proj's too), a
-    sparse step below 1, a malformed layer list. Exporting a GQA model with experts: only with Qwen3-MoE's
-    router and head norms."""
+    """Reading: an attention bias (o_proj's too), a sparse step below 1, a malformed layer list; a sliding window
+    slides every Qwen3-MoE layer (4096 where the file has none, transformers' default). Exporting a GQA model with
+    experts: only with Qwen3-MoE's router and head norms."""
     path, _ = src
     d = json.loads((path / "config.json").read_text())
+    cfg = load_hf(path)[1]
+    every = tuple(range(cfg.n_layers))
     no_window = {k: v for k, v in d.items() if k != "sliding_window"}  # transformers' default: 4096
-    _config_error(tmp_path, capsys, {**no_window, "use_sliding_window": True, "max_position_embeddings": 8192},
-                  "sliding_window")
-    for change, field in ((dict(use_sliding_window=True, sliding_window=64), "sliding_window"),
-                          (dict(attention_bias=True), "attention_bias"),
+    assert ModelConfig.from_dict({**no_window, "use_sliding_window": True, "max_position_embeddings": 8192}) == \
+        cfg.replace(window_size=4096, sliding_layers=every, max_seq_len=8192, original_seq_len=8192)
+    assert ModelConfig.from_dict({**d, "use_sliding_window": True, "sliding_window": 64}) == \
+        cfg.replace(window_size=64, sliding_layers=every)
+    for change, field in ((dict(attention_bias=True), "attention_bias"),
                           (dict(decoder_sparse_step=-1), "decoder_sparse_step"),
                           (dict(mlp_only_layers="0"), "mlp_only_layers")):
         _config_error(tmp_path, capsys, {**d, **change}, field)
     for window in (1 << 20, None):  # past every position, or none: full attention, as transformers reads it
-        assert ModelConfig.from_dict({**d, "use_sliding_window": True, "sliding_window": window}) == load_hf(path)[1]
-    cfg = load_hf(path)[1]
+        assert ModelConfig.from_dict({**d, "use_sliding_window": True, "sliding_window": window}) == cfg
     for change, field in ((dict(n_shared_experts=1), "n_shared_experts"), (dict(score_func="sigmoid"), "score_func"),
                           (dict(router_bias=True), "router_bias"), (dict(qk_norm=False), "qk_norm"),
                           (dict(route_scale=2.5), "route_scale"),

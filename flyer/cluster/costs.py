@@ -26,6 +26,7 @@ from flyer.cluster.hardware import GIB, GPUSpec
 from flyer.cluster.pipeline import schedule_cost
 from flyer.config import ModelConfig, check_indexer_train
 from flyer.errors import FieldError
+from flyer.model.attention import window_chunks
 from flyer.model.dsa_chunks import dsa_gathers
 from flyer.model.counts import (block_params, compress_ratio, hyper_head_params, kv_cache_bytes_per_token,
                                 kv_window_bytes, mtp_params_stored, mtp_training_flops_per_token, param_counts,
@@ -156,7 +157,7 @@ def attention_saved_bytes(cfg: ModelConfig, layer_id: int | None, e: int, recomp
     if dsa and exact:
         return dsa_attention_saved_bytes(cfg, layer, seq_len, e, packed, mla_recompute)
     if cfg.attn == "gqa" and exact:
-        return gqa_attention_saved_bytes(cfg, e)
+        return gqa_attention_saved_bytes(cfg, e, layer_id, seq_len)
     generic = _attention_saved(cfg, recompute, layer_id, mla_recompute) * e
     if dsa and not recompute and dsa_gathers(cfg, seq_len, training=True):
         return min(generic, dsa_attention_saved_bytes(cfg, layer, seq_len, 1, packed, mla_recompute))
@@ -243,17 +244,22 @@ def dsa_attention_saved_bytes(cfg: ModelConfig, layer_id: int, seq_len: int, byt
     return min(dense, gathered) if packed else gathered
 
 
-def gqa_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:
+def gqa_attention_saved_bytes(cfg: ModelConfig, bytes_per_element: int, layer_id: int | None = None,
+                              seq_len: int | None = None) -> int:
     """Bytes per token that a grouped-query attention layer (``flyer.model.attention.GQA``) and its norm keep for
     backward, each in ``bytes_per_element`` but the FP32 ones: its input (the residual stream, FP32) and normed input
     (D each); the rotated queries and the keys and values repeated to every query head (H head_dim each: SDPA's
     fused kernels take as many key heads as query heads), the attention's output, which ``wo`` reads, and its FP32
     log-sum-exp; with ``qk_norm`` the queries' and keys' projections and their heads' FP32 inverse RMS; the norm's
-    FP32 inverse RMS."""
+    FP32 inverse RMS. A sliding layer (``layer_id``) over ``seq_len`` tokens that its windowed attention splits
+    into chunks (``window_chunks``) keeps their outputs besides the copy ``wo`` reads (and one visibility band, shared
+    by the layers, not counted a token)."""
     e, H, KV, hd = bytes_per_element, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     kept = 4 * cfg.dim + e * (cfg.dim + 4 * H * hd) + 4 * H + 4
     if cfg.qk_norm:
         kept += (e * hd + 4) * (H + KV)
+    if layer_id is not None and seq_len is not None and window_chunks(cfg.window(layer_id), seq_len):
+        kept += e * H * hd
     return kept
 
 

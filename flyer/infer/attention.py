@@ -84,6 +84,7 @@ class Rows:
     first: int = 0
     selected: torch.Tensor | None = None
     _picks: tuple = field(default=(), init=False, repr=False, compare=False)  # (selected, slots, valid)
+    _windows: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # window -> its mask
 
     def selected_slots(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``selected`` as each query's slots (B, T, k) int64, ascending, and which of them hold a selected
@@ -105,6 +106,14 @@ class Rows:
         not per layer."""
         T = self.pos.shape[1]
         return self.first == 0 and self.n_slots == T and not bool(self.pos[:, 0].any())
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """``mask`` less the slots ``window`` or more before each query's (a sliding-window layer's: slot s visible
+        iff p - window < s <= p); made once per forward, the layers of one window sharing it."""
+        if window not in self._windows:
+            slots = torch.arange(self.n_slots, device=self.pos.device)
+            self._windows[window] = self.mask & (slots.view(1, 1, -1) > self.pos.unsqueeze(-1) - window).unsqueeze(1)
+        return self._windows[window]
 
     def attended(self, kv: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv`` (slots on ``dim``) and the mask from slot ``first`` on. The slots before hold
@@ -407,12 +416,14 @@ def _naive_keys_values(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows) -> tupl
 
 def gqa_cached(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, layer: int) -> torch.Tensor:
     """Grouped-query attention against a per-KV-head cache (queries and keys as the training path
-    makes them: ``GQA.queries`` / ``GQA.keys_values``, head norms included)."""
+    makes them: ``GQA.queries`` / ``GQA.keys_values``, head norms included; a sliding layer's ``window``)."""
     q = attn.queries(x_BTD, rows.cos, rows.sin)
     key, val = attn.keys_values(x_BTD, rows.cos, rows.sin)
     cache.write(layer, rows.pos, key=key, value=val)
+    # a sliding layer keeps every slot cached and masks those out of its window
+    mask = rows.window_mask(attn.window)[..., rows.first:] if attn.window else None
     return _per_head_attention(q, cache, layer, rows, attn.softmax_scale, attn.n_heads // attn.n_kv_heads,
-                               wo=attn.wo)
+                               wo=attn.wo, mask_B1TS=mask)
 
 
 def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, rows: Rows, scale: float,

@@ -36,6 +36,7 @@ def hf_model_type(cfg: ModelConfig) -> str:
         # GLM-4.5 (glm4_moe): the one with partial rotary, and the one routing GQA experts as DeepseekV3 does
         if cfg.rope_dim < cfg.head_dim or (cfg.is_moe and cfg.score_func == "sigmoid" and cfg.router_bias):
             _check_glm4_moe(cfg)
+            _check_sliding(cfg, "GLM-4.5 (glm4_moe)", every=False)
             return "glm4_moe"
         if cfg.qk_norm and cfg.attn_bias:  # Qwen3's attention_bias would put one on o_proj too
             raise ConfigError("config fields 'qk_norm'/'attn_bias': no transformers architecture has head norms "
@@ -43,8 +44,12 @@ def hf_model_type(cfg: ModelConfig) -> str:
         if cfg.is_moe:  # no head norms and no dense layer: Mixtral; else Qwen3-MoE, the one that has either
             mixtral = is_mixtral(cfg)
             _check_gqa_moe(cfg, mixtral)
+            _check_sliding(cfg, "Mixtral" if mixtral else "Qwen3-MoE", every=True)
             return "mixtral" if mixtral else "qwen3_moe"
-        return "qwen3" if cfg.qk_norm else "qwen2" if cfg.attn_bias else "llama"
+        if cfg.qk_norm or cfg.attn_bias:
+            return "qwen3" if cfg.qk_norm else "qwen2"
+        _check_sliding(cfg, "Llama or Mistral (Qwen2, with attn_bias, and Qwen3, with qk_norm, slide some)", every=True)
+        return "mistral" if cfg.sliding_layers else "llama"
     if cfg.n_routed_experts == 0:
         raise ConfigError("config field 'n_routed_experts': an MLA model without experts has no transformers twin")
     if cfg.llama4_attn_beta:  # Llama 4's query temperature: only Mistral 4 has it (and no DSA indexer)
@@ -74,6 +79,30 @@ def _check_glm4_moe(cfg: ModelConfig) -> None:
         if not ok:
             raise ConfigError(f"config field '{field}': a GQA model with partial rotary or sigmoid-routed experts "
                               f"exports as GLM-4.5 (glm4_moe), which needs {need} (got {getattr(cfg, field)!r})")
+
+
+def _check_sliding(cfg: ModelConfig, name: str, every: bool) -> None:
+    """``cfg``'s sliding layers as architecture ``name`` slides them: every layer or none (``every``), or none."""
+    slides = len(cfg.sliding_layers)
+    if slides and (not every or slides < cfg.n_layers):
+        raise ConfigError(f"config field 'sliding_layers': a GQA model of this kind exports as {name}, which slides "
+                          f"{'every layer or none' if every else 'no layer'} (got {slides} of {cfg.n_layers})")
+
+
+def _sliding_keys(cfg: ModelConfig, mt: str) -> dict:
+    """The config keys with which transformers' ``mt`` slides ``cfg.sliding_layers`` (none: they say so)."""
+    window = cfg.window_size or None
+    if mt in ("llama", "glm4_moe"):
+        return {}
+    if mt in ("mistral", "mixtral"):
+        return {"sliding_window": window}
+    keys = {"use_sliding_window": bool(window), "sliding_window": window}
+    if mt in ("qwen2", "qwen3"):  # layer_types rules in transformers 5; max_window_layers where it says the same
+        keys["layer_types"] = ["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.n_layers)]
+        first = cfg.sliding_layers[0] if window else cfg.n_layers
+        if list(cfg.sliding_layers) == list(range(first, cfg.n_layers)):
+            keys["max_window_layers"] = first
+    return keys
 
 
 def _check_v4(cfg: ModelConfig) -> None:
@@ -162,7 +191,7 @@ def _aux_coef(cfg: ModelConfig) -> float:
 def exported(cfg: ModelConfig) -> ModelConfig:
     """What of ``cfg`` its transformers architecture holds: the GQA ones (Llama ... Mixtral) and Mistral 4 have no
     MTP module."""
-    return replace(cfg, mtp_depth=0) if hf_model_type(cfg) in GQA_MODEL_TYPES + ("mistral4",) else cfg
+    return replace(cfg, mtp_depth=0) if hf_model_type(cfg) in GQA_MODEL_TYPES + ("mistral", "mistral4") else cfg
 
 
 def eos_token_id(tok: TextTokenizer) -> int | list[int] | None:
@@ -175,7 +204,8 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
     """transformers' ``config.json`` (transformers-5 spelling) for ``cfg``."""
     mt = hf_model_type(cfg)
     arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-            "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
             "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
             "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
             "glm_moe_dsa": "GlmMoeDsaForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM",
@@ -212,8 +242,8 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
         d.update(to_longcat_config(cfg))
         return d
     if cfg.attn == "gqa":
-        d.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
-        if mt == "qwen2":
+        d.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, **_sliding_keys(cfg, mt))
+        if mt in ("qwen2", "mistral"):  # no attention_bias: Qwen2's q/k/v always have one, Mistral's never
             del d["attention_bias"], d["mlp_bias"]
         if mt in ("qwen3", "qwen3_moe"):
             del d["mlp_bias"]  # Qwen3's attention_bias (False) stays: it would bias q/k/v and o
@@ -221,13 +251,12 @@ def hf_config(cfg: ModelConfig, tok: TextTokenizer, dtype: str) -> dict:
             d.update(num_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.n_activated_experts,
                      moe_intermediate_size=cfg.moe_inter_dim, norm_topk_prob=cfg.norm_topk_prob,
                      decoder_sparse_step=1, mlp_only_layers=list(range(cfg.n_dense_layers)),
-                     router_aux_loss_coef=_aux_coef(cfg), output_router_logits=False,
-                     use_sliding_window=False, sliding_window=None)
+                     router_aux_loss_coef=_aux_coef(cfg), output_router_logits=False)
         if mt == "mixtral":  # a sparse block in every layer, its experts intermediate_size wide; no bias fields
             del d["attention_bias"], d["mlp_bias"]
             d.update(intermediate_size=cfg.moe_inter_dim, num_local_experts=cfg.n_routed_experts,
                      num_experts_per_tok=cfg.n_activated_experts, router_aux_loss_coef=_aux_coef(cfg),
-                     router_jitter_noise=0.0, output_router_logits=False, sliding_window=None)
+                     router_jitter_noise=0.0, output_router_logits=False)
         if mt == "glm4_moe":  # attention_bias: q/k/v only; DeepseekV3's router; MTP layers as DeepSeek's
             del d["mlp_bias"]
             d["rope_parameters"]["partial_rotary_factor"] = partial_rotary_factor(cfg.rope_dim, cfg.head_dim)

@@ -13,15 +13,15 @@ RoPE scaling: ``default``, ``yarn`` (DeepSeek), ``llama3`` (Llama 3.1 / 3.2 / 3.
 The architecture (``model_type``) decides semantics as transformers implements them: DeepseekV3
 always routes with sigmoid scores, the ``e_score_correction_bias`` and expert groups; DeepseekV2
 with softmax, ``greedy`` or ``group_limited_greedy`` (max score per group). Mistral is Llama with
-an optional sliding window: read as Llama when the window never slides. Qwen2 has a bias on q, k
-and v; Qwen3 none, but an RMSNorm over each head's query and key (``qk_norm``) and a ``head_dim``
-of its own (transformers' default 128, not hidden_size / heads); both read only when no layer
-slides (``use_sliding_window``, ``max_window_layers``, ``layer_types``). Qwen3-MoE is Qwen3's
-attention (its ``head_dim`` defaulting to hidden_size / heads) with a sparse MoE block in each layer
-that ``mlp_only_layers`` does not list and ``decoder_sparse_step`` does not skip: softmax over every
-expert in FP32, top-k, renormalised when ``norm_topk_prob``; no shared expert, no scaling. flyer
-runs its dense layers first, so only configs whose dense layers are layers 0..k-1 are read. Mixtral
-is Mistral's attention (read only when its ``sliding_window`` never slides) with the sparse block in
+an optional sliding window on every layer (``window_size`` / ``sliding_layers``; none where it never slides).
+Qwen2 has a bias on q, k and v; Qwen3 none, but an RMSNorm over each head's query and key (``qk_norm``) and a
+``head_dim`` of its own (transformers' default 128, not hidden_size / heads); both slide the layers
+``layer_types`` lists, or else with ``use_sliding_window`` those ``max_window_layers`` and up. Qwen3-MoE is Qwen3's
+attention (its ``head_dim`` defaulting to hidden_size / heads; every layer slides with ``use_sliding_window``) with
+a sparse MoE block in each layer that ``mlp_only_layers`` does not list and ``decoder_sparse_step`` does not
+skip: softmax over every expert in FP32, top-k, renormalised when ``norm_topk_prob``; no shared expert, no
+scaling. flyer runs its dense layers first, so only configs whose dense layers are layers 0..k-1 are read. Mixtral
+is Mistral's attention (its window too) with the sparse block in
 every layer, its experts ``intermediate_size`` wide: softmax over every expert in FP32, top-k, always
 renormalised; no shared expert, no dense layer, no head norms. GLM-4.5 / 4.6 (``glm4_moe``) is GQA
 with q/k/v biases (``attention_bias``: o_proj has none), optional head norms (``use_qk_norm``) and
@@ -79,8 +79,8 @@ MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "mistral4", "longcat_flash")
 # RoPE and without an MTP module (as read, after _SAME_AS)
 GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 # GQA laid out for rotate-half RoPE too, but with DeepSeek's MTP layers (GLM-4.5)
-HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("glm4_moe",)
-# model types that compute as another flyer reads: Mistral without its sliding window is Llama; GLM-4.7-Flash
+HALF_ROPE_MODEL_TYPES = GQA_MODEL_TYPES + ("mistral", "glm4_moe")  # mistral: what a sliding Llama exports as
+# model types that compute as another flyer reads: Mistral is Llama (with its sliding window); GLM-4.7-Flash
 # (glm4_moe_lite) is DeepseekV3's MLA, router and MTP layer, its dense layers named by mlp_layer_types;
 # DeepSeek-V3.2 is DeepseekV3 with the DSA indexer (read from its own keys), GLM-5 V3.2 with shared selections;
 # Kimi K2 (Moonshot's hub config: model_type kimi_k2, architectures DeepseekV3ForCausalLM) is DeepseekV3
@@ -186,53 +186,58 @@ def _check_types(d: dict[str, Any], where: str, mla: bool) -> None:
             raise _bad(where, k, f"must be >= {least} (got {v})")
 
 
-def _check_window(d: dict[str, Any], where: str) -> None:
-    """Mistral's ``sliding_window``: null, or one no position within ``max_position_embeddings``
-    reaches past (transformers masks keys ``window`` or more positions back), is full causal attention."""
-    window, max_pos = d.get("sliding_window"), d.get("max_position_embeddings", 4096)
-    if window is None:
-        return
-    if not isinstance(window, int) or isinstance(window, bool):
-        raise _bad(where, "sliding_window", f"expected an integer or null (got {window!r:.40})")
-    if window < max_pos:
-        raise _bad(where, "sliding_window", f"sliding-window attention is not supported (window {window} < "
-                                            f"max_position_embeddings {max_pos}; null = full attention)")
+def _window(d: dict[str, Any], where: str, window: Any) -> int:
+    """A file's ``sliding_window`` as flyer's ``window_size``: 0 where no position within ``max_position_embeddings``
+    reaches past it (transformers masks key s from query t iff s <= t - window: full causal attention then)."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise _bad(where, "sliding_window", f"expected a positive integer or null (got {window!r:.40})")
+    return window if window < d.get("max_position_embeddings", 4096) else 0
 
 
-def _check_sliding_layers(d: dict[str, Any], where: str) -> None:
-    """Qwen2 / Qwen3: refused unless every layer attends fully. transformers slides layers
-    ``max_window_layers`` and up when ``use_sliding_window`` is set with a ``sliding_window``; versions
-    with ``layer_types`` read those instead where the file lists them: refused if either reading slides."""
-    n_layers, types = d["num_hidden_layers"], d.get("layer_types")
-    if types is not None:
-        if not isinstance(types, list) or len(types) != n_layers:
-            raise _bad(where, "layer_types", f"expected a list of {n_layers} layer types (got {types!r:.60})")
-        sliding = [i for i, t in enumerate(types) if t != "full_attention"]
-        if sliding:
-            i = sliding[0]
-            raise _bad(where, "layer_types", f"layer {i} is {types[i]!r:.40}: only 'full_attention' is supported "
-                                             f"(sliding-window attention is not)")
-    if d.get("use_sliding_window") and d.get("sliding_window") is not None:
-        first = d.get("max_window_layers", 28)  # transformers' default
-        if not isinstance(first, int) or isinstance(first, bool):
-            raise _bad(where, "max_window_layers", f"expected an integer (got {first!r:.40})")
-        if first < n_layers:
-            raise _bad(where, "use_sliding_window", f"sliding-window attention is not supported (layers {first} to "
-                                                    f"{n_layers - 1} slide: max_window_layers {first})")
+def _layer_types(d: dict[str, Any], where: str, n_layers: int) -> list[int] | None:
+    """The layers a file's ``layer_types`` slides, where it lists them (None: it does not)."""
+    types = d.get("layer_types")
+    if types is None:
+        return None
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise _bad(where, "layer_types", f"expected a list of {n_layers} layer types (got {types!r:.60})")
+    for i, t in enumerate(types):
+        if t not in ("full_attention", "sliding_attention"):
+            raise _bad(where, "layer_types", f"layer {i} is {t!r:.40}: expected 'full_attention' or "
+                                             f"'sliding_attention'")
+    return [i for i, t in enumerate(types) if t == "sliding_attention"]
 
 
-def _check_dots1_sliding(d: dict[str, Any], where: str) -> None:
-    """dots1: refused unless every layer attends fully. Its ``layer_types`` where the file lists them, else
-    Dots1Config's rule: layers ``max_window_layers`` and up slide when ``sliding_window`` is set (no switch)."""
-    if d.get("layer_types") is not None:
-        _check_sliding_layers({**d, "use_sliding_window": False}, where)
-        return
-    first, n_layers = d.get("max_window_layers"), d["num_hidden_layers"]
-    if not isinstance(first, int) or isinstance(first, bool):
-        raise _bad(where, "max_window_layers", f"expected an integer (got {first!r:.40})")
-    if d.get("sliding_window") is not None and first < n_layers:
-        raise _bad(where, "sliding_window", f"sliding-window attention is not supported (layers {first} to "
-                                            f"{n_layers - 1} slide: max_window_layers {first}; null = none slides)")
+def _sliding_fields(d: dict[str, Any], where: str, mt: str, n_layers: int) -> dict[str, Any]:
+    """flyer's ``window_size`` / ``sliding_layers`` for a GQA family's sliding window, as transformers 5 slides:
+    Mistral, Mixtral and Qwen3-MoE every layer when ``sliding_window`` is set (Qwen3-MoE: and
+    ``use_sliding_window``); Qwen2 and Qwen3 the layers ``layer_types`` lists, or else those ``max_window_layers``
+    and up, with ``use_sliding_window`` on (its window otherwise null); dots1 as Qwen2 with no switch."""
+    first = d.get("max_window_layers", 28)  # Qwen2Config's default (dots1's is in its class defaults)
+    if mt in ("mistral", "mixtral", "qwen3_moe"):
+        window = d.get("sliding_window", 4096 if mt == "qwen3_moe" else None)
+        if mt == "qwen3_moe" and not d.get("use_sliding_window"):
+            window = None
+        listed = list(range(n_layers)) if window is not None else []
+    elif mt in ("qwen2", "qwen3", "dots1"):
+        window = d.get("sliding_window", 4096)
+        if mt != "dots1" and not d.get("use_sliding_window"):
+            window = None
+        listed = _layer_types(d, where, n_layers)
+        if listed is None:
+            if not isinstance(first, int) or isinstance(first, bool):
+                raise _bad(where, "max_window_layers", f"expected an integer (got {first!r:.40})")
+            listed = list(range(max(first, 0), n_layers)) if window is not None else []
+        elif listed and window is None:  # transformers cannot build its mask
+            raise _bad(where, "layer_types", f"layer {listed[0]} slides but the window is null "
+                                             f"({'sliding_window' if mt == 'dots1' else 'use_sliding_window'})")
+    else:
+        if d.get("use_sliding_window"):
+            raise _bad(where, "use_sliding_window", "sliding-window attention is supported for Mistral, Mixtral, "
+                                                    "Qwen2, Qwen3(-MoE) and dots1 only")
+        return {}
+    size = _window(d, where, window) if listed else 0
+    return dict(window_size=size, sliding_layers=tuple(listed)) if size else {}
 
 
 def balance_scale(n_activated: int, n_moe_layers: int) -> float:
@@ -414,17 +419,8 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
     _check_types(d, where, mla)
     _require(d, where, "hidden_act", ("silu",), "silu")
     _require(d, where, "mlp_bias", (False,), False)
-    if mt in ("qwen2", "qwen3"):
-        _check_sliding_layers(d, where)
-    elif d.get("model_type") == "dots1":
-        _check_dots1_sliding(d, where)
-    elif mt == "qwen3_moe" and d.get("use_sliding_window"):  # every layer slides (window default 4096)
-        _check_window({**d, "sliding_window": d.get("sliding_window", 4096)}, where)
-    elif d.get("use_sliding_window"):
-        raise _bad(where, "use_sliding_window", "sliding-window attention is not supported")
-    if d.get("model_type") in ("mistral", "mixtral"):
-        _check_window(d, where)
     n_layers = d["num_hidden_layers"]
+    sliding = _sliding_fields(d, where, d.get("model_type"), n_layers)
     out: dict[str, Any] = {
         "vocab_size": d["vocab_size"], "dim": d["hidden_size"], "n_layers": n_layers,
         "n_heads": d["num_attention_heads"], "inter_dim": d.get("intermediate_size", 0),
@@ -490,7 +486,7 @@ def from_hf_config(d: dict[str, Any], where: str = "config.json") -> dict[str, A
         head_dim = d.get("head_dim") or (128 if mt == "qwen3" else d["hidden_size"] // d["num_attention_heads"])
         out.update(
             attn="gqa", n_kv_heads=n_kv, head_dim=head_dim, attn_bias=mt == "qwen2",
-            qk_norm=mt in ("qwen3", "qwen3_moe"), mtp_depth=0, q_lora_rank=0,
+            qk_norm=mt in ("qwen3", "qwen3_moe"), mtp_depth=0, q_lora_rank=0, **sliding,
             **(_qwen3_moe_fields(d, where, n_layers) if mt == "qwen3_moe" else _mixtral_fields(d, where, n_layers)
                if mt == "mixtral" else dict(n_routed_experts=0, n_shared_experts=0, n_dense_layers=n_layers)),
         )

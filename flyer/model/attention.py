@@ -19,6 +19,7 @@ Shapes: B batch, T query tokens, S key tokens, H heads, D model dim.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import torch
@@ -336,6 +337,46 @@ class MLA(Transients, nn.Module):
         return self.indexer.select(self.indexer.scores(x_BTD, q_latent_BTR, k, cos, sin), causal).unsqueeze(1)
 
 
+WINDOW_CHUNK = 256  # queries per call of a sliding window: each reads its chunk and the window before
+
+
+@functools.lru_cache(maxsize=16)
+def _band(rows: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, rows, rows + window - 1): query j of a chunk sees key columns j .. j + window - 1 (the window ending at
+    its own). Bool, or additive (0 / -inf) in ``dtype``: SDPA saves a float copy of a bool mask for backward on each
+    call, where one shared tensor (chunks and layers alike) is kept once. The device's cached tensors are tiny."""
+    j, m = torch.arange(rows, device=device).view(-1, 1), torch.arange(rows + window - 1, device=device)
+    seen = ((m >= j) & (m < j + window)).view(1, 1, rows, -1)
+    return seen if dtype == torch.bool else torch.where(seen, 0.0, float("-inf")).to(dtype)
+
+
+def windowed_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, scale: float,
+                       window: int) -> torch.Tensor:
+    """``causal_attention`` where query t sees keys t - window + 1 .. t (transformers' sliding window: key s
+    visible iff s > t - window). Queries run in chunks of ``WINDOW_CHUNK``, each against its keys and the
+    ``window - 1`` before them, so the cost grows as T x (window + chunk), not T^2; a query's keys all sit in its
+    chunk's call, so its softmax is the whole one."""
+    T = q_BTHK.shape[1]
+    if T <= window:  # nothing slides out
+        return causal_attention(q_BTHK, k_BTHK, v_BTHV, scale)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BTHK, k_BTHK, v_BTHV))
+    rows = min(WINDOW_CHUNK, T)
+    band = _band(rows, window, q_BTHK.dtype if grad else torch.bool, q_BTHK.device)
+    outs = []
+    for s in range(0, T, rows):
+        e, first = min(s + rows, T), max(0, s - window + 1)
+        lead = s - first  # keys before the chunk: window - 1, fewer at the start
+        mask = band[..., :e - s, window - 1 - lead:window - 1 + e - s]
+        outs.append(causal_attention(q_BTHK[:, s:e], k_BTHK[:, first:e], v_BTHV[:, first:e], scale, mask))
+    # one chunk's output is what wo reads; several are copied into one, which backward keeps beside them
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def window_chunks(window: int, T: int) -> bool:
+    """Whether ``windowed_attention`` runs T queries in more than one chunk (its output then a copy of theirs)."""
+    return 0 < window < T and T > WINDOW_CHUNK
+
+
 def _apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """``apply_rope`` on the first ``rotary_dim`` channels of each head of x (B, T, H, d), the rest as they are;
     cos/sin: ``rope_cos_sin``'s tables of ``rotary_dim`` channels."""
@@ -350,12 +391,14 @@ class GQA(nn.Module):
 
     ``qk_norm`` (Qwen3): each head's query and key are RMS-normalised over its head_dim channels
     (``q_head_norm`` / ``k_head_norm``, one weight per channel shared by the heads) before RoPE.
-    Without it the two are identities, and the state dict has no such weights."""
+    Without it the two are identities, and the state dict has no such weights. A layer of ``cfg.sliding_layers``
+    attends to its last ``window_size`` keys only (``windowed_attention``)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.cfg = cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.window(layer_id)  # 0: every causal key
         self.softmax_scale = cfg.softmax_scale
         self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
@@ -390,10 +433,11 @@ class GQA(nn.Module):
         k, v = self.keys_values(x_BTD, cos, sin)
         rep = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
-        o = (causal_attention(q, k, v, self.softmax_scale) if docs is None else  # packed: per document
-             docs.attend(lambda *qkv: causal_attention(*qkv, self.softmax_scale), q, k, v))
+        attend = (partial(windowed_attention, scale=self.softmax_scale, window=self.window) if self.window else
+                  partial(causal_attention, scale=self.softmax_scale))
+        o = attend(q, k, v) if docs is None else docs.attend(attend, q, k, v)  # packed: per document
         return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
 
 
 def build_attention(cfg: ModelConfig, layer_id: int = 0) -> nn.Module:
-    return MLA(cfg, layer_id) if cfg.attn == "mla" else GQA(cfg)
+    return MLA(cfg, layer_id) if cfg.attn == "mla" else GQA(cfg, layer_id)

@@ -307,11 +307,11 @@ class _Attention(NamedTuple):
 
 
 def _attention(cfg: ModelConfig, seq_len: int, causal: bool, layer_id: int | None, dense: bool) -> _Attention:
-    """Causal: a query sees seq_len / 2 keys on average. DeepSeek Sparse Attention: a query attends to its
-    index_topk selected keys at most (causal: k - k^2 / (2 seq_len) on average past seq_len = k), and its indexer
-    scores the keys of the queries that see more than k ((seq_len^2 - k^2) / (2 seq_len) on average); a query
-    seeing k or fewer keeps them all and needs no score. ``dense``: the indexer's dense warm-up, where every layer
-    attends to every causal key and nothing is selected."""
+    """Causal: a query sees seq_len / 2 keys on average (a sliding GQA layer: ``_window_keys`` / seq_len). DeepSeek
+    Sparse Attention: a query attends to its index_topk selected keys at most (causal: k - k^2 / (2 seq_len) on
+    average past seq_len = k), and its indexer scores the keys of the queries that see more than k ((seq_len^2 -
+    k^2) / (2 seq_len) on average); a query seeing k or fewer keeps them all and needs no score. ``dense``: the
+    indexer's dense warm-up, where every layer attends to every causal key and nothing is selected."""
     if cfg.attn == "hybrid":
         if layer_id is None:
             raise ValueError("attention_flops_per_token: hybrid attention differs per layer; pass layer_id")
@@ -320,6 +320,9 @@ def _attention(cfg: ModelConfig, seq_len: int, causal: bool, layer_id: int | Non
     qk, v = (cfg.qk_head_dim, cfg.v_head_dim) if cfg.attn == "mla" else (cfg.head_dim, cfg.head_dim)
     sparse = 0 < k < S and not dense
     attended = (k - k * k / (2 * S) if causal else k) if sparse else (S / 2 if causal else S)
+    window = cfg.window(layer_id) if cfg.attn == "gqa" and layer_id is not None else 0
+    if window:  # a sliding GQA layer
+        attended = _window_keys(S, window, causal) / S
     core = 2 * cfg.n_heads * (qk + v) * attended
     if not (k and cfg.has_indexer(cfg.n_layers if layer_id is None else layer_id)):
         return _Attention(core, 0.0, 0.0, 0.0, sparse)
@@ -335,9 +338,19 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = Tru
     attention's and, with DeepSeek Sparse Attention, its indexer's scoring to select (``_attention``), in a layer
     with its own indexer (``layer_id``: None or an MTP block's, one that has; GLM-5's shared layers have none).
 
-    Hybrid attention differs per layer: ``layer_id`` is required (see ``_hybrid_attention``)."""
+    Hybrid attention differs per layer: ``layer_id`` is required (see ``_hybrid_attention``); a GQA layer of
+    ``sliding_layers`` attends over its window (None: as a layer that does not slide)."""
     a = _attention(cfg, seq_len, causal, layer_id, dense=False)
     return a.core + a.selection
+
+
+def _window_keys(S: int, W: int, causal: bool) -> int:
+    """Keys a window of W attends over a sequence of S: query t (0-based) sees min(W, t + 1) causally, so the sum
+    of u = 1 .. S less what the last S - W queries' windows leave behind; non-causal min(W, S) each."""
+    if not causal:
+        return min(W, S) * S
+    past = max(0, S - W)
+    return S * (S + 1) // 2 - past * (past + 1) // 2
 
 
 def _floor_sum(n: int, r: int) -> int:
@@ -356,16 +369,14 @@ def _hybrid_attention(cfg: ModelConfig, seq_len: int, causal: bool, layer_id: in
     S, W, r, k = seq_len, cfg.window_size, compress_ratio(cfg, layer_id), cfg.index_topk
     csa = r > 0 and r == cfg.csa_ratio
     sparse = csa and not dense
+    window = _window_keys(S, W, causal)
     if causal:  # sums over u = t + 1 = 1 .. S, divided by S below
-        past = max(0, S - W)
-        window = S * (S + 1) // 2 - past * (past + 1) // 2
         entries = _floor_sum(S, r) if r else 0
         # sum of min(k, n_u) = sum of n_u - sum of max(0, n_u - k), and n_u - k = floor((u - k r) / r)
         attended = entries - _floor_sum(S - k * r, r) if sparse else entries
         # the n_u of the queries with n_u > k, those u >= (k + 1) r
         scored = entries - _floor_sum(min(S, (k + 1) * r - 1), r) if sparse else 0
     else:
-        window = min(W, S) * S
         entries = (S // r) * S if r else 0
         attended = min(k, S // r) * S if sparse else entries
         scored = entries if sparse and S // r > k else 0

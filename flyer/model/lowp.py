@@ -206,6 +206,9 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dtype = gemm_dtype(q)
     if not emulated(q.device.type, dtype):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.is_floating_point():  # an additive mask (0 / -inf, a sliding window's) in q's dtype
+        kwargs["attn_mask"] = mask.float()
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = (t.to(dtype).float() for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v, **kwargs).to(dtype)

@@ -1,0 +1,278 @@
+"""Sliding-window GQA layers (``window_size`` / ``sliding_layers``: Mistral 7B v0.1, Qwen2's and Qwen3's upper
+layers): the chunked training attention against the band it computes, packed documents, the decode cache and the
+serving engine against ``generate``, FLOP and memory counts, and the Hugging Face config both ways as transformers
+reads and writes it (its logits and greedy tokens: ``tests/test_interop_hf.py``'s mistral / *-sliding families)."""
+
+import json
+import random
+
+import pytest
+import torch
+from bounds import FP32_U, decode_logit_bound
+from test_memory_estimate import _attention_kept_per_row
+from transformers import (AutoModelForCausalLM, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config,
+                          Qwen3MoeConfig)
+
+from flyer.cluster.costs import gqa_attention_saved_bytes
+from flyer.config import preset
+from flyer.errors import ConfigError
+from flyer.infer import GenerationConfig, generate
+from flyer.infer.decoder import Decoder
+from flyer.interop.export import export_model
+from flyer.interop.export_config import hf_model_type
+from flyer.interop.hf import load_hf
+from flyer.interop.hf_config import from_hf_config
+from flyer.interop.hf_tokenizer import load_tokenizer
+from flyer.model import attention
+from flyer.model.attention import WINDOW_CHUNK, windowed_attention
+from flyer.model.counts import attention_flops_per_token
+from flyer.model.lowp import emulation
+from flyer.model.transformer import Transformer
+from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
+from tests.hf_models import make_tokenizer
+
+V = 64
+
+
+def _gqa(window: int, layers: tuple[int, ...], **over):
+    return preset("tiny", vocab_size=V, attn="gqa", n_kv_heads=2, head_dim=32, window_size=window,
+                  sliding_layers=layers, **over)
+
+
+def _band_reference(q, k, v, scale: float, window: int):
+    """(exact softmax attention over each query's window (B, T, H, d) in FP64, the bound on any FP32 evaluation's
+    error): a score is d products and a scaling, off by at most (d + 1) u of its absolute terms, which moves each
+    probability by at most 2 max|score error| of itself; the output sums S of them times values (S roundings, and a
+    few for exp and the normalisation)."""
+    T, d = q.shape[1], q.shape[-1]
+    t = torch.arange(T)
+    visible = (t.view(1, -1) <= t.view(-1, 1)) & (t.view(1, -1) > t.view(-1, 1) - window)
+    qd, kd, vd = (x.double().transpose(1, 2) for x in (q, k, v))
+    p = (qd @ kd.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf")).softmax(-1)
+    exact = (p @ vd).transpose(1, 2)
+    a = scale * (qd.abs() @ kd.abs().transpose(-1, -2))
+    d_max = ((d + 1) * FP32_U * a).masked_fill(~visible, 0).amax(-1, keepdim=True)
+    bound = ((2 * d_max + (T + 8) * FP32_U) * (p @ vd.abs())).transpose(1, 2)
+    return exact, bound
+
+
+@pytest.mark.parametrize("T, window", [(7, 7), (9, 4), (9, 1), (WINDOW_CHUNK, 40), (WINDOW_CHUNK + 1, 40),
+                                       (2 * WINDOW_CHUNK + 37, 3), (600, 300), (600, 599)])
+def test_windowed_attention_is_the_band_within_the_fp32_bound(T, window):
+    """Each query attends to its last ``window`` keys (itself included), however the chunks fall: one chunk, a
+    chunk's end at T, the window reaching past the previous chunk's start. In FP64 its gradients are the band's
+    (the same sums, at 2^-53: 1e-9 leaves room for T terms)."""
+    g = torch.Generator().manual_seed(T * 1000 + window)
+    q, k, v = (torch.randn(2, T, 3, 16, generator=g) for _ in range(3))
+    exact, bound = _band_reference(q, k, v, 0.25, window)
+    got = windowed_attention(q, k, v, 0.25, window)
+    assert got.shape == exact.shape and ((got.double() - exact).abs() <= bound).all()
+
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    windowed_attention(q64, k64, v64, 0.25, window).pow(2).sum().backward()
+    ref = [x.detach().clone().requires_grad_() for x in (q64, k64, v64)]
+    t = torch.arange(T)
+    visible = (t.view(1, -1) <= t.view(-1, 1)) & (t.view(1, -1) > t.view(-1, 1) - window)
+    rq, rk, rv = (x.transpose(1, 2) for x in ref)
+    p = (rq @ rk.transpose(-1, -2) * 0.25).masked_fill(~visible, float("-inf")).softmax(-1)
+    (p @ rv).transpose(1, 2).pow(2).sum().backward()
+    for a, b in zip((q64, k64, v64), ref):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_bf16_windows_train_on_every_cpu_kind(emulated):
+    """BF16 with its GEMMs emulated (a CPU without BF16 hardware: FP32 on the rounded inputs, rounded back) or
+    native: a sliding window's additive band, in q's dtype, trains either way, and emulated it is the FP32 windowed
+    attention of the same values rounded once, bit for bit (the band widened to FP32: it failed on such CPUs)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 300, 2, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with emulation(emulated):
+        out = windowed_attention(q, k, v, 0.25, 9)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and all(x.grad is not None and x.grad.isfinite().all() for x in (q, k, v))
+    if emulated:
+        wide = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        assert torch.equal(out, windowed_attention(*wide, 0.25, 9).bfloat16())
+
+
+def test_a_packed_document_slides_from_its_own_start():
+    """Packed rows (``documents_BT``): each document's window counts from its own first token, as if it ran
+    alone; the sliding layers and the full one each read as the unpacked model does."""
+    torch.manual_seed(0)
+    model = Transformer(_gqa(5, (0,))).eval()
+    a, b = torch.randint(0, V, (1, 300)), torch.randint(0, V, (1, 40))
+    with torch.no_grad():
+        packed = model(torch.cat([a, b], 1), torch.tensor([[0] * 300 + [1] * 40]))
+        alone = torch.cat([model(a), model(b)], 1)
+    assert (packed - alone).abs().max() <= decode_logit_bound(model, 300)
+
+
+def test_the_decode_cache_and_the_engine_slide_as_the_training_forward():
+    """The decode cache (a prompt prefilled in chunks, then decoded past the window) gives the training forward's
+    logits; the serving engine (continuous batching, prefix sharing, preemption, MTP drafts in a cache shifted a
+    slot) gives each prompt's greedy tokens alone."""
+    torch.manual_seed(3)
+    model = Transformer(_gqa(3, (0,))).eval()
+    prompts = [[(5 + 3 * i) % V for i in range(n)] for n in (2, 11, 23)] + [[(5 + 3 * i) % V for i in range(14)]]
+    alone = [generate(model, [p], GenerationConfig(max_new_tokens=8, cache_dtype=torch.float32)) for p in prompts]
+    ref = [r.tokens[0] for r in alone]
+    row = torch.tensor([prompts[2] + ref[2]])  # 31 tokens: chunks of 4, then one at a time
+    dec = Decoder(model, 1, row.shape[1], cache_dtype=torch.float32)
+    steps = [(s, min(s + 4, 23)) for s in range(0, 23, 4)] + [(t, t + 1) for t in range(23, row.shape[1])]
+    got = torch.cat([dec.forward(row[:, s:e], torch.tensor([s])) for s, e in steps], 1)
+    with torch.no_grad():
+        head = lambda h: model.head(model.norm(h))  # noqa: E731
+        assert (head(got) - head(model.hidden(row))).abs().max() <= decode_logit_bound(model, row.shape[1])
+    per_token = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4
+    for blocks, speculative in ((40, None), (9, None), (40, "mtp")):
+        eng = Engine(model, EngineConfig(kv_cache_bytes=blocks * 4 * per_token, block_size=4, prefill_chunk=8,
+                                         cache_dtype=torch.float32, speculative=speculative))
+        outs = [[] for _ in prompts]
+        for i, p in enumerate(prompts):
+            eng.submit(p, SamplingOptions(max_tokens=8), lambda e, i=i: outs[i].append(e.token))
+        eng.run_until_idle()
+        assert outs == ref, (blocks, speculative)
+        assert eng.alloc.used == 0
+    assert eng.alloc.hits > 0  # the last prompt shares the third's first blocks
+
+
+def test_sliding_flops_count_each_querys_window():
+    """A sliding layer's attention FLOPs per token: 2 H (qk + v) times the mean of min(window, t + 1) over the
+    positions (non-causal: min(window, S)); the full layer and the MTP block as before."""
+    cfg = _gqa(7, (0,))
+    per_key = 2 * cfg.n_heads * 2 * cfg.head_dim
+    for S in (1, 6, 7, 8, 100):
+        assert attention_flops_per_token(cfg, S, layer_id=0) == per_key * sum(min(7, t + 1) for t in range(S)) / S
+        assert attention_flops_per_token(cfg, S, causal=False, layer_id=0) == per_key * min(7, S)
+        full = per_key * S / 2
+        assert attention_flops_per_token(cfg, S, layer_id=1) == attention_flops_per_token(cfg, S) == full
+        assert attention_flops_per_token(cfg, S, layer_id=cfg.n_layers) == full
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("window, T", [(8, 64), (8, 600), (100, 600), (600, 600)])
+def test_a_sliding_layer_keeps_what_its_estimate_counts(monkeypatch, precision, window, T):
+    """What a batch row adds to a sliding layer's kept bytes is ``gqa_attention_saved_bytes`` a token to the byte:
+    one chunk as the full layer, several their outputs besides the copy ``wo`` reads. The visibility band, one
+    tensor shared by chunks and layers whatever the batch, is made afresh on each call here, so that the runs of
+    one and two rows keep as many and it cancels."""
+    monkeypatch.setattr(attention, "_band", attention._band.__wrapped__)
+    cfg = _gqa(window, (0, 1))
+    torch.manual_seed(0)
+    block = Transformer(cfg).train().layers[1]
+    element = 4 if precision == "fp32" else 2
+    kept = _attention_kept_per_row(cfg, block, T, precision)
+    assert kept == T * gqa_attention_saved_bytes(cfg, element, 1, T)
+    assert (kept > T * gqa_attention_saved_bytes(cfg, element)) == (T > max(window, WINDOW_CHUNK))
+
+
+def test_bad_sliding_fields_are_one_line():
+    for over, field in ((dict(window_size=4), "sliding_layers"), (dict(sliding_layers=(0,)), "sliding_layers"),
+                        (dict(window_size=4, sliding_layers=(1, 0)), "sliding_layers"),
+                        (dict(window_size=4, sliding_layers=(0, 0)), "sliding_layers"),
+                        (dict(window_size=4, sliding_layers=(4,)), "sliding_layers"),
+                        (dict(window_size=-1, sliding_layers=()), "window_size")):
+        with pytest.raises(ConfigError, match=f"config field '{field}'"):
+            _gqa(over.get("window_size", 0), over.get("sliding_layers", ()))
+    with pytest.raises(ConfigError, match="'sliding_layers': applies to gqa attention only"):
+        preset("tiny", sliding_layers=(0,))
+
+
+_CLASSES = {"mistral": MistralConfig, "mixtral": MixtralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+            "qwen3_moe": Qwen3MoeConfig}
+
+
+def _random_config(rng: random.Random, mt: str) -> dict:
+    n = rng.randint(1, 6)
+    d = {"model_type": mt, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": n,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": rng.choice([64, 128])}
+    if mt in ("mixtral", "qwen3_moe"):
+        d.update(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    if rng.random() < 0.8:
+        d["sliding_window"] = rng.choice([None, 1, 2, 5, 63, 64, 127, 128, 4096])
+    if mt in ("qwen2", "qwen3", "qwen3_moe") and rng.random() < 0.8:
+        d["use_sliding_window"] = rng.random() < 0.7
+    if mt in ("qwen2", "qwen3") and rng.random() < 0.7:
+        d["max_window_layers"] = rng.randint(0, n + 1)
+    if mt in ("qwen2", "qwen3") and rng.random() < 0.4:
+        d["layer_types"] = [rng.choice(["full_attention", "sliding_attention"]) for _ in range(n)]
+    return d
+
+
+def test_sliding_layers_are_read_as_transformers_config_classes_slide_them():
+    """Random config files of the five families with sliding fields: flyer slides exactly the layers transformers
+    5's classes do (``layer_types`` where the class has it, else every layer when ``sliding_window`` is set), by
+    its window (none where it reaches past every position); a file listing sliding layers with a null window,
+    which transformers cannot build a mask for, is one line naming ``layer_types``."""
+    rng = random.Random(0)
+    read = refused = sliding = 0
+    for case in range(400):
+        mt = rng.choice(list(_CLASSES))
+        d = _random_config(rng, mt)
+        ref = _CLASSES[mt](**{k: v for k, v in d.items() if k != "model_type"})
+        types = getattr(ref, "layer_types", None) or ["sliding_attention"] * d["num_hidden_layers"]
+        want = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        if want and ref.sliding_window is None and getattr(ref, "layer_types", None) and "layer_types" in d:
+            with pytest.raises(ConfigError, match="field 'layer_types'"):
+                from_hf_config(d)
+            refused += 1
+            continue
+        if ref.sliding_window is None or ref.sliding_window >= d["max_position_embeddings"]:
+            want = []
+        got = from_hf_config(d)
+        assert list(got.get("sliding_layers", ())) == want, (case, d)
+        assert got.get("window_size", 0) == (ref.sliding_window if want else 0), (case, d)
+        read, sliding = read + 1, sliding + bool(want)
+    assert read > 300 and sliding > 100 and refused > 5
+
+
+_DENSE = dict(n_routed_experts=0, n_dense_layers=4)  # tiny's 4 layers
+_SOFTMAX_MOE = dict(n_routed_experts=4, n_activated_experts=2, n_shared_experts=0, n_expert_groups=1,
+                    n_limited_groups=1, score_func="softmax", router_bias=False, route_scale=1.0, moe_inter_dim=16)
+_ALL = (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("over, model_type", [
+    (dict(window_size=5, sliding_layers=_ALL, **_DENSE), "mistral"),
+    (dict(window_size=5, sliding_layers=(1, 2), attn_bias=True, **_DENSE), "qwen2"),
+    (dict(window_size=4, sliding_layers=(0, 3), qk_norm=True, **_DENSE), "qwen3"),
+    (dict(window_size=6, sliding_layers=_ALL, n_dense_layers=0, **_SOFTMAX_MOE), "mixtral"),
+    (dict(window_size=6, sliding_layers=_ALL, n_dense_layers=1, qk_norm=True, norm_topk_prob=False, **_SOFTMAX_MOE),
+     "qwen3_moe"),
+])
+def test_export_writes_the_window_transformers_slides(tmp_path, over, model_type):
+    """A sliding flyer model exports as the architecture that slides the same layers (a Llama sliding every layer:
+    Mistral; Qwen2 and Qwen3 with layer_types): transformers' logits over a row past the window are flyer's, and
+    flyer reads the export back as the same config."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=320, attn="gqa", n_kv_heads=2, head_dim=16, rope_type="default", rope_factor=1.0,
+                 mscale=0.0, mtp_depth=0, init_std=0.1, **over)
+    model = Transformer(cfg).eval()
+    make_tokenizer(tmp_path / "tok")
+    export_model(model, load_tokenizer(tmp_path / "tok", {}), tmp_path / "out", "fp32")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == model_type == hf_model_type(cfg)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(x) - back(x).logits).abs().max() <= decode_logit_bound(model, 30)
+    read = load_hf(tmp_path / "out")[1]
+    assert (read.window_size, read.sliding_layers) == (cfg.window_size, cfg.sliding_layers)
+
+
+@pytest.mark.parametrize("over, name", [
+    (dict(window_size=5, sliding_layers=(1,), **_DENSE), "Llama or Mistral"),
+    (dict(window_size=5, sliding_layers=(0, 1, 2), n_dense_layers=0, **_SOFTMAX_MOE), "Mixtral"),
+    (dict(window_size=5, sliding_layers=_ALL), "GLM-4.5"),  # tiny's sigmoid router with its bias
+])
+def test_what_no_architecture_slides_is_one_line(tmp_path, over, name):
+    """Sliding layers no transformers architecture of that kind slides: a ``ConfigError`` naming the field (the CLI's
+    one line), before anything is written."""
+    cfg = preset("tiny", attn="gqa", n_kv_heads=2, head_dim=32, mtp_depth=0, **over)
+    with pytest.raises(ConfigError, match=f"'sliding_layers': a GQA model of this kind exports as {name}"):
+        hf_model_type(cfg)
+    make_tokenizer(tmp_path / "tok")
+    with pytest.raises(ConfigError, match="'sliding_layers'"):
+        export_model(Transformer(cfg), load_tokenizer(tmp_path / "tok", {}), tmp_path / "out", "fp32")
+    assert not (tmp_path / "out").exists()
