@@ -117,6 +117,8 @@ def test_what_flyer_cannot_read_is_one_line(tmp_path, capsys):
         (tmp_path / "config.json").write_text(json.dumps({**HUB, **change}))
         want = [i for i, t in enumerate(Dots1Config.from_dict({**HUB, **change}).layer_types) if t != "full_attention"]
         assert ModelConfig.from_json(tmp_path / "config.json").sliding_layers == tuple(want) and len(want) == layers
+        shown = info_json(tmp_path, capsys, {**HUB, **change})
+        assert (shown["sliding_window"], shown["sliding_layers"]) == (1024, layers)
 
 
 def test_train_init_from_dots1_then_export(src, tmp_path, capsys):
