@@ -121,9 +121,9 @@ def test_train_init_from_mixtral_then_export(src, tmp_path, capsys):
 
 
 def test_what_flyer_cannot_run_is_one_line(src, tmp_path, capsys):
-    """Router jitter (training noise flyer does not apply), no experts, a window below 1; a sliding window shorter
-    than the positions slides every layer (as Mistral's), one past every position, or none, is full attention, and
-    an attention_bias Mixtral's attention does not read changes nothing."""
+    """Router jitter (training noise flyer does not apply), no experts, a window below 1; a sliding window slides
+    every layer (as Mistral's), even one past every position (a longer row would slide), none is full attention,
+    and an attention_bias Mixtral's attention does not read changes nothing."""
     path, _ = src
     d = json.loads((path / "config.json").read_text())
     for change, field in ((dict(sliding_window=0), "sliding_window"),
@@ -131,9 +131,10 @@ def test_what_flyer_cannot_run_is_one_line(src, tmp_path, capsys):
                           (dict(num_local_experts=0), "num_local_experts")):
         _config_error(tmp_path, capsys, {**d, **change}, field)
     cfg = load_hf(path)[1]
-    assert ModelConfig.from_dict({**d, "sliding_window": 64}) == cfg.replace(
-        window_size=64, sliding_layers=tuple(range(cfg.n_layers)))
-    for change in (dict(sliding_window=1 << 20), dict(sliding_window=None), dict(attention_bias=True)):
+    for window in (64, 1 << 20):
+        assert ModelConfig.from_dict({**d, "sliding_window": window}) == cfg.replace(
+            window_size=window, sliding_layers=tuple(range(cfg.n_layers)))
+    for change in (dict(sliding_window=None), dict(attention_bias=True)):
         assert ModelConfig.from_dict({**d, **change}) == cfg, change
     with torch.device("meta"):
         attn = MixtralForCausalLM(MixtralConfig.from_dict({**d, "attention_bias": True})).model.layers[0].self_attn

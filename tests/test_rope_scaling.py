@@ -207,7 +207,10 @@ def test_hub_configs_read_and_round_trip():
     m = ModelConfig.from_dict(MISTRAL_7B_V03)
     assert (m.attn, m.rope_type, m.rope_factor, m.n_kv_heads, m.head_dim, m.attn_bias) == \
         ("gqa", "default", 1.0, 8, 128, False)
-    assert ModelConfig.from_dict({**MISTRAL_7B_V03, "sliding_window": 32768}) == m  # a window that never slides
+    every = tuple(range(m.n_layers))
+    for window in (4096, 32768):  # Mistral 7B v0.1's; one as long as the context, which a longer row would slide
+        assert ModelConfig.from_dict({**MISTRAL_7B_V03, "sliding_window": window}) == m.replace(
+            window_size=window, sliding_layers=every)
 
 
 def test_configs_without_rope_type_stay_yarn():
@@ -232,7 +235,7 @@ def _llama3_file(**rope) -> dict:
 
 @pytest.mark.parametrize("d, field", [
     ({**LLAMA31_8B, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
-    ({**MISTRAL_7B_V03, "sliding_window": 4096}, "sliding_window"),
+    ({**MISTRAL_7B_V03, "sliding_window": 0}, "sliding_window"),
     ({**LLAMA31_8B, "rope_scaling": {k: v for k, v in LLAMA31_8B["rope_scaling"].items() if k != "low_freq_factor"}},
      "rope_scaling.low_freq_factor"),
     (_llama3_file(factor=None), "rope_scaling.factor"),

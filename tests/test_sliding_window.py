@@ -10,8 +10,8 @@ import pytest
 import torch
 from bounds import FP32_U, decode_logit_bound
 from test_memory_estimate import _attention_kept_per_row
-from transformers import (AutoModelForCausalLM, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config,
-                          Qwen3MoeConfig)
+from transformers import (AutoModelForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, Qwen2Config,
+                          Qwen3Config, Qwen3MoeConfig)
 
 from flyer.cluster.costs import gqa_attention_saved_bytes
 from flyer.config import preset
@@ -204,7 +204,8 @@ def test_sliding_layers_are_read_as_transformers_config_classes_slide_them():
     """Random config files of the five families with sliding fields: flyer slides exactly the layers transformers
     5's classes do (``layer_types`` where the class has it, else every layer when ``sliding_window`` is set), by
     its window (none where it reaches past every position); a file listing sliding layers with a null window,
-    which transformers cannot build a mask for, is one line naming ``layer_types``."""
+    which transformers cannot build a mask for, is one line naming ``layer_types``. A window past every position is
+    kept: a longer row (``train --init --seq-len``) slides, as in transformers (below)."""
     rng = random.Random(0)
     read = refused = sliding = 0
     for case in range(400):
@@ -218,7 +219,7 @@ def test_sliding_layers_are_read_as_transformers_config_classes_slide_them():
                 from_hf_config(d)
             refused += 1
             continue
-        if ref.sliding_window is None or ref.sliding_window >= d["max_position_embeddings"]:
+        if ref.sliding_window is None:
             want = []
         got = from_hf_config(d)
         assert list(got.get("sliding_layers", ())) == want, (case, d)
@@ -231,6 +232,40 @@ _DENSE = dict(n_routed_experts=0, n_dense_layers=4)  # tiny's 4 layers
 _SOFTMAX_MOE = dict(n_routed_experts=4, n_activated_experts=2, n_shared_experts=0, n_expert_groups=1,
                     n_limited_groups=1, score_func="softmax", router_bias=False, route_scale=1.0, moe_inter_dim=16)
 _ALL = (0, 1, 2, 3)
+
+
+def test_a_window_as_long_as_the_context_slides_a_longer_row(tmp_path):
+    """Mistral with a window equal to max_position_embeddings: rows past it (a run's longer ``--seq-len``) slide as
+    transformers' do (read as full attention, positions 16 on saw key 0 and the logits were 5 off)."""
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          max_position_embeddings=16, sliding_window=16, initializer_range=0.2)).eval()
+    hf.save_pretrained(tmp_path)
+    make_tokenizer(tmp_path)
+    model, cfg, _ = load_hf(tmp_path)
+    assert (cfg.window_size, cfg.sliding_layers) == (16, (0, 1))
+    x = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max() <= decode_logit_bound(model, 40)
+
+
+def test_a_window_of_one_decodes_as_transformers_forward_without_a_cache(tmp_path):
+    """Window 1, each query seeing itself alone: ``generate``'s greedy tokens are those of transformers' forward over
+    the whole row at each step (its own ``generate`` with a sliding cache disagrees with that forward here, 5.25)."""
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          max_position_embeddings=256, sliding_window=1, initializer_range=0.2)).eval()
+    hf.save_pretrained(tmp_path)
+    make_tokenizer(tmp_path)
+    prompt = [5, 17, 33, 90]
+    row = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            row.append(int(hf(torch.tensor([row]), use_cache=False).logits[0, -1].argmax()))
+    got = generate(load_hf(tmp_path)[0], [prompt], GenerationConfig(max_new_tokens=8, cache_dtype=torch.float32))
+    assert got.tokens[0] == row[len(prompt):]
 
 
 @pytest.mark.parametrize("over, model_type", [

@@ -13,7 +13,7 @@ RoPE scaling: ``default``, ``yarn`` (DeepSeek), ``llama3`` (Llama 3.1 / 3.2 / 3.
 The architecture (``model_type``) decides semantics as transformers implements them: DeepseekV3
 always routes with sigmoid scores, the ``e_score_correction_bias`` and expert groups; DeepseekV2
 with softmax, ``greedy`` or ``group_limited_greedy`` (max score per group). Mistral is Llama with
-an optional sliding window on every layer (``window_size`` / ``sliding_layers``; none where it never slides).
+an optional sliding window on every layer (``window_size`` / ``sliding_layers``).
 Qwen2 has a bias on q, k and v; Qwen3 none, but an RMSNorm over each head's query and key (``qk_norm``) and a
 ``head_dim`` of its own (transformers' default 128, not hidden_size / heads); both slide the layers
 ``layer_types`` lists, or else with ``use_sliding_window`` those ``max_window_layers`` and up. Qwen3-MoE is Qwen3's
@@ -66,7 +66,7 @@ from flyer.interop.hf_config_quant import compressed_scheme
 from flyer.interop.hf_config_v4 import from_v4_config
 from flyer.interop.hf_defaults import with_class_defaults
 from flyer.interop.hf_rope import ROPE_TYPES, rope_dict, rope_fields, yarn_attention_factor, yarn_mscale
-from flyer.limits import MAX_LAYERS
+from flyer.limits import MAX_LAYERS, SIZE_LIMITS
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
                          "glm4_moe", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v4", "mistral4",
@@ -186,12 +186,13 @@ def _check_types(d: dict[str, Any], where: str, mla: bool) -> None:
             raise _bad(where, k, f"must be >= {least} (got {v})")
 
 
-def _window(d: dict[str, Any], where: str, window: Any) -> int:
-    """A file's ``sliding_window`` as flyer's ``window_size``: 0 where no position within ``max_position_embeddings``
-    reaches past it (transformers masks key s from query t iff s <= t - window: full causal attention then)."""
+def _window(where: str, window: Any) -> int:
+    """A file's ``sliding_window`` as flyer's ``window_size`` (transformers masks key s from query t iff
+    s <= t - window), kept where it reaches past ``max_position_embeddings`` too: a run may train longer rows (``train
+    --init --seq-len``), which transformers would slide; 0 past any row flyer runs (``SIZE_LIMITS``)."""
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise _bad(where, "sliding_window", f"expected a positive integer or null (got {window!r:.40})")
-    return window if window < d.get("max_position_embeddings", 4096) else 0
+    return window if window <= SIZE_LIMITS["window_size"] else 0
 
 
 def _layer_types(d: dict[str, Any], where: str, n_layers: int) -> list[int] | None:
@@ -236,7 +237,7 @@ def _sliding_fields(d: dict[str, Any], where: str, mt: str, n_layers: int) -> di
             raise _bad(where, "use_sliding_window", "sliding-window attention is supported for Mistral, Mixtral, "
                                                     "Qwen2, Qwen3(-MoE) and dots1 only")
         return {}
-    size = _window(d, where, window) if listed else 0
+    size = _window(where, window) if listed else 0
     return dict(window_size=size, sliding_layers=tuple(listed)) if size else {}
 
 
