@@ -234,15 +234,21 @@ _SOFTMAX_MOE = dict(n_routed_experts=4, n_activated_experts=2, n_shared_experts=
 _ALL = (0, 1, 2, 3)
 
 
-def test_a_window_as_long_as_the_context_slides_a_longer_row(tmp_path):
-    """Mistral with a window equal to max_position_embeddings: rows past it (a run's longer ``--seq-len``) slide as
-    transformers' do (read as full attention, positions 16 on saw key 0 and the logits were 5 off)."""
+def _mistral(path, **config) -> MistralForCausalLM:
+    """A random 2-layer Mistral (``config``: its window and context) saved with a tokenizer under ``path``."""
     torch.manual_seed(0)
     hf = MistralForCausalLM(MistralConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                          max_position_embeddings=16, sliding_window=16, initializer_range=0.2)).eval()
-    hf.save_pretrained(tmp_path)
-    make_tokenizer(tmp_path)
+                                          initializer_range=0.2, **config)).eval()
+    hf.save_pretrained(path)
+    make_tokenizer(path)
+    return hf
+
+
+def test_a_window_as_long_as_the_context_slides_a_longer_row(tmp_path):
+    """Mistral with a window equal to max_position_embeddings: rows past it (a run's longer ``--seq-len``) slide as
+    transformers' do (read as full attention, positions 16 on saw key 0 and the logits were 5 off)."""
+    hf = _mistral(tmp_path, max_position_embeddings=16, sliding_window=16)
     model, cfg, _ = load_hf(tmp_path)
     assert (cfg.window_size, cfg.sliding_layers) == (16, (0, 1))
     x = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(0))
@@ -253,12 +259,7 @@ def test_a_window_as_long_as_the_context_slides_a_longer_row(tmp_path):
 def test_a_window_of_one_decodes_as_transformers_forward_without_a_cache(tmp_path):
     """Window 1, each query seeing itself alone: ``generate``'s greedy tokens are those of transformers' forward over
     the whole row at each step (its own ``generate`` with a sliding cache disagrees with that forward here, 5.25)."""
-    torch.manual_seed(0)
-    hf = MistralForCausalLM(MistralConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                          max_position_embeddings=256, sliding_window=1, initializer_range=0.2)).eval()
-    hf.save_pretrained(tmp_path)
-    make_tokenizer(tmp_path)
+    hf = _mistral(tmp_path, max_position_embeddings=256, sliding_window=1)
     prompt = [5, 17, 33, 90]
     row = list(prompt)
     with torch.no_grad():
