@@ -403,8 +403,10 @@ def memory_per_gpu(cfg: ModelConfig, lay: Layout, seq_len: int, hbm_gib: float) 
     heavy_layer = max(range(cfg.n_dense_layers if moe else 0, cfg.n_layers), key=lambda i: block_params(cfg, i))
     layer_total = block_params(cfg, heavy_layer)
     routed = cfg.n_routed_experts * 3 * cfg.dim * cfg.moe_inter_dim if moe else 0
-    per_token = activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes, heavy_layer,
-                                                 seq_len=seq_len)
+    # a sliding GQA layer of that kind keeps more past one query chunk (``gqa_attention_saved_bytes``)
+    sliding = [i for i in cfg.sliding_layers if block_params(cfg, i) == layer_total][:1]
+    per_token = max(activation_bytes_per_token_layer(cfg, moe, lay.recompute, lay.activation_bytes, i,
+                                                     seq_len=seq_len) for i in [heavy_layer, *sliding])
     if cfg.shortcut_moe:  # whole pairs a stage, one shortcut MoE each: per block half a pair
         layers = 2 * math.ceil(cfg.n_layers / 2 / lay.pp)
         layer_total, routed = (block_params(cfg, 0) + block_params(cfg, 1)) / 2, routed / 2

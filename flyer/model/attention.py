@@ -340,14 +340,19 @@ class MLA(Transients, nn.Module):
 WINDOW_CHUNK = 256  # queries per call of a sliding window: each reads its chunk and the window before
 
 
-@functools.lru_cache(maxsize=16)
-def _band(rows: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(1, 1, rows, rows + window - 1): query j of a chunk sees key columns j .. j + window - 1 (the window ending at
-    its own). Bool, or additive (0 / -inf) in ``dtype``: SDPA saves a float copy of a bool mask for backward on each
-    call, where one shared tensor (chunks and layers alike) is kept once. The device's cached tensors are tiny."""
-    j, m = torch.arange(rows, device=device).view(-1, 1), torch.arange(rows + window - 1, device=device)
-    seen = ((m >= j) & (m < j + window)).view(1, 1, rows, -1)
-    return seen if dtype == torch.bool else torch.where(seen, 0.0, float("-inf")).to(dtype)
+@functools.lru_cache(maxsize=8)
+def _band(window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, WINDOW_CHUNK, WINDOW_CHUNK + window - 1) (its rows padded to a multiple of 16 columns): query j of a
+    chunk sees key columns j .. j + window - 1 (the window ending at its own); shorter chunks take a corner. Bool, or
+    additive (0 / -inf) in ``dtype``: SDPA saves a float copy of a bool mask for backward on each call, where one
+    shared tensor (chunks and layers alike) is kept once; CUDA's memory-efficient kernel likewise pads a mask whose
+    row stride is not a multiple of 16. Made only for rows longer than the window: no more values than one head's
+    scores over such a row."""
+    rows, width = WINDOW_CHUNK, -(-(WINDOW_CHUNK + window - 1) // 16) * 16
+    with torch.inference_mode(False):  # kept for backward by later calls: no inference tensor
+        j, m = torch.arange(rows, device=device).view(-1, 1), torch.arange(width, device=device)
+        seen = ((m >= j) & (m < j + window)).view(1, 1, rows, width)
+        return seen if dtype == torch.bool else torch.where(seen, 0.0, float("-inf")).to(dtype)
 
 
 def windowed_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, scale: float,
@@ -360,11 +365,10 @@ def windowed_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch
     if T <= window:  # nothing slides out
         return causal_attention(q_BTHK, k_BTHK, v_BTHV, scale)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BTHK, k_BTHK, v_BTHV))
-    rows = min(WINDOW_CHUNK, T)
-    band = _band(rows, window, q_BTHK.dtype if grad else torch.bool, q_BTHK.device)
+    band = _band(window, q_BTHK.dtype if grad else torch.bool, q_BTHK.device)
     outs = []
-    for s in range(0, T, rows):
-        e, first = min(s + rows, T), max(0, s - window + 1)
+    for s in range(0, T, WINDOW_CHUNK):
+        e, first = min(s + WINDOW_CHUNK, T), max(0, s - window + 1)
         lead = s - first  # keys before the chunk: window - 1, fewer at the start
         mask = band[..., :e - s, window - 1 - lead:window - 1 + e - s]
         outs.append(causal_attention(q_BTHK[:, s:e], k_BTHK[:, first:e], v_BTHV[:, first:e], scale, mask))
