@@ -101,6 +101,27 @@ def test_health_and_models(served):
     assert e.value.code == "model_not_found"
 
 
+def test_every_answer_names_its_request(served):
+    """``x-request-id`` on every answer, as OpenAI's API sends it (the official client's ``_request_id``): a new
+    ``req_`` id per request, or the client's own ``X-Request-Id`` echoed; on a stream, an error and ``/health`` too;
+    an unusable one sent (too long, a space) is replaced, never echoed."""
+    c = served.client()
+    a, b = (c.completions.create(model="tiny-test", prompt=[1, 2, 3], max_tokens=2) for _ in range(2))
+    assert re.fullmatch(r"req_[0-9a-f]{32}", a._request_id) and a._request_id != b._request_id
+    mine = c.completions.create(model="tiny-test", prompt=[1, 2, 3], max_tokens=2,
+                                extra_headers={"X-Request-Id": "trace-42/a"})
+    assert mine._request_id == "trace-42/a"
+    with c.completions.with_streaming_response.create(model="tiny-test", prompt=[1, 2], max_tokens=2,
+                                                      stream=True) as r:
+        assert r.headers["x-request-id"].startswith("req_") and list(r.iter_lines())
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="nope", prompt=[1], max_tokens=1, extra_headers={"X-Request-Id": "t1"})
+    assert e.value.request_id == "t1"
+    for sent in ("x" * 129, "a b", ""):
+        got = httpx.get(served.url + "/health", headers={"X-Request-Id": sent}).headers["x-request-id"]
+        assert re.fullmatch(r"req_[0-9a-f]{32}", got), sent
+
+
 @pytest.fixture(scope="module")
 def served_text(tmp_path_factory):
     """Random weights with a Hugging Face byte-level BPE on the API's side (``hf_models.make_tokenizer``: a BOS added,
@@ -881,8 +902,10 @@ def test_a_body_past_the_bound_answers_413_before_it_is_parsed(model):
         url, headers = s.url + "/v1/completions", {"content-type": "application/json"}
         assert httpx.post(url, content=ok, headers=headers).status_code == 200
         big = ok[:-1] + b" " * 64 + b"}"  # the same request, padded past the bound
-        err = _error(httpx.post(url, content=big, headers=headers), 413)
+        refused = httpx.post(url, content=big, headers={**headers, "x-request-id": "big-1"})
+        err = _error(refused, 413)
         assert err["code"] == "request_too_large" and f"more than {len(ok):,} bytes" in err["message"]
+        assert refused.headers["x-request-id"] == "big-1"  # named before its body is read
 
         def chunks():  # sent chunked: no Content-Length to refuse it by
             yield big[:len(ok) // 2]

@@ -1,7 +1,8 @@
 """The HTTP application over ``flyer.serve.api.Api``'s routes (FastAPI) and the server that runs it (uvicorn).
 
 ``build_app`` wires the routes (listed in ``flyer.serve.api``'s docstring) and answers every error in OpenAI's shape,
-counted by status in ``/metrics``; ``Server`` runs it and drains on a signal.
+counted by status in ``/metrics``; ``Server`` runs it, each answer naming its request (``RequestId``), and drains on a
+signal.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flyer.errors import FieldError
 from flyer.serve.api_error import ApiError
 from flyer.serve.body_limit import MAX_BODY_BYTES, BodyLimit
+from flyer.serve.request_id import RequestId
 from flyer.serve.responses import Responses
 from flyer.serve.schema import ChatBody, CompletionBody, error_field, field_name
 
@@ -142,7 +144,8 @@ class Server(uvicorn.Server):
     END_MARGIN_S = 2.0  # for the ended requests' last bytes to go out before uvicorn cancels their handlers
 
     def __init__(self, api: Api, graceful_s: float = 60.0, max_body_bytes: int = MAX_BODY_BYTES):
-        super().__init__(uvicorn.Config(build_app(api, max_body_bytes), log_level="warning",
+        # RequestId outside the app: its answers to errors no handler takes (a 500) are named too
+        super().__init__(uvicorn.Config(RequestId(build_app(api, max_body_bytes)), log_level="warning",
                                         timeout_graceful_shutdown=graceful_s,
                                         lifespan="off"))
         self.api, self.graceful_s = api, graceful_s
