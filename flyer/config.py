@@ -80,9 +80,9 @@ class ModelConfig:
     # windows (Mistral 7B v0.1: every layer; Qwen2/Qwen3: layers max_window_layers and up); MTP blocks attend fully
     sliding_layers: tuple[int, ...] = ()
     # DeepSeek-V4's hybrid attention (attn "hybrid"): every layer attends to the last window_size tokens (gqa: the
-    # sliding_layers do; 0 = none slides); a layer
-    # with compress_ratios[i] = r > 0 also to one compressed entry per r tokens: CSA (r = csa_ratio: overlapping
-    # windows, the indexer keeps index_topk entries per query) or HCA (any other r: every entry)
+    # sliding_layers do; 0 = none slides); a layer with compress_ratios[i] = r > 0 also to one compressed entry per
+    # r tokens: CSA (r = csa_ratio: overlapping windows, the indexer keeps index_topk entries per query) or HCA (any
+    # other r: every entry)
     window_size: int = 0
     compress_ratios: tuple[int, ...] = ()  # one per main layer; 0 = the sliding window only (MTP blocks: always 0)
     csa_ratio: int = 4

@@ -346,8 +346,8 @@ def _band(window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     chunk sees key columns j .. j + window - 1 (the window ending at its own); shorter chunks take a corner. Bool, or
     additive (0 / -inf) in ``dtype``: SDPA saves a float copy of a bool mask for backward on each call, where one
     shared tensor (chunks and layers alike) is kept once; CUDA's memory-efficient kernel likewise pads a mask whose
-    row stride is not a multiple of 16. Made only for rows longer than the window: no more values than one head's
-    scores over such a row."""
+    row stride is not a multiple of 16. Made only for rows longer than the window, as large as one chunk's scores
+    for a head."""
     rows, width = WINDOW_CHUNK, -(-(WINDOW_CHUNK + window - 1) // 16) * 16
     with torch.inference_mode(False):  # kept for backward by later calls: no inference tensor
         j, m = torch.arange(rows, device=device).view(-1, 1), torch.arange(width, device=device)
