@@ -5,8 +5,9 @@
 # against transformers. Results go to $OUT (default runs/cuda-checks). Name checks to run only
 # those, in the order given (a short device lease):
 #
-#     bash bench/cuda_checks.sh [cuda-tests] [graphs] [serve] [suite] [fp8] [train] [model-step] [throughput]
+#     bash bench/cuda_checks.sh [cuda-tests] [graphs] [serve] [suite] [fp8] [train] [model-step] [throughput] [window]
 #
+# window: sliding-window attention's CUDA test (its band kept once, not padded per chunk), then its bench in BF16.
 # graphs: the CUDA-graph tests, then the engine's decode steps (small, 1 and 16 requests at 128 tokens of context)
 # and steps of 16 decoding requests and a 256-token prompt replayed from graphs against eager, side by side (JSON).
 #
@@ -23,7 +24,7 @@ step device
 nvidia-smi -L
 $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 
-for check in "${@:-cuda-tests graphs serve suite fp8 train model-step throughput}"; do for c in $check; do
+for check in "${@:-cuda-tests graphs serve suite fp8 train model-step throughput window}"; do for c in $check; do
   step "$c"
   case $c in
     cuda-tests) timeout 150 $py -m pytest -q -ra -p no:cacheprovider -m cuda 2>&1 | tee "$out/pytest-cuda.log" | tail -15 ;;
@@ -46,7 +47,12 @@ m = Transformer(preset('small')).cuda().eval(); print({**decode_steps(m, (1, 16)
     model-step) timeout 90 $py bench/model_step.py --device cuda --batch-size 32 --seq-len 512 | tee "$out/model_step.json" ;;
     throughput) timeout 150 $py bench/train_throughput.py --device cuda --batch-size 32 --seq-len 512 \
       | tee "$out/train_throughput.json" ;;
-    *) echo "unknown check '$c' (cuda-tests, graphs, serve, suite, fp8, train, model-step, throughput)"; exit 2 ;;
+    window)
+      timeout 60 $py -m pytest -q -ra -p no:cacheprovider -m cuda tests/test_sliding_window.py 2>&1 | tail -3
+      timeout 120 $py bench/window_attention.py --device cuda --dtype bf16 --seq-lens 8192 32768 --window 4096 \
+        | tee "$out/window_attention.json" ;;
+    *) echo "unknown check '$c' (cuda-tests, graphs, serve, suite, fp8, train, model-step, throughput, window)"
+       exit 2 ;;
   esac
 done; done
 step done

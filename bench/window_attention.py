@@ -9,6 +9,7 @@ backward medians (interleaved rounds) and their ratios (peer / flyer, causal / f
 for backward (distinct storages). One JSON line each.
 
     python bench/window_attention.py [--seq-lens 2048 4096 8192] [--window 512] [--steps 5] [--threads N]
+    python bench/window_attention.py --device cuda --dtype bf16 --seq-lens 8192 32768 --window 4096
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from flyer.model.attention import WINDOW_CHUNK, causal_attention, windowed_atten
 from flyer.runtime import tune_malloc
 
 
-def band(T: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+def band(T: int, window: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """(1, 1, T, T) additive: key s visible to query t iff t - window < s <= t."""
-    t = torch.arange(T)
+    t = torch.arange(T, device=device)
     seen = (t.view(1, -1) <= t.view(-1, 1)) & (t.view(1, -1) > t.view(-1, 1) - window)
     return torch.where(seen, 0.0, float("-inf")).to(dtype).view(1, 1, T, T)
 
@@ -41,17 +42,19 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     scale = args.head_dim ** -0.5
     for T in args.seq_lens:
         g = torch.Generator().manual_seed(T)
-        q, k, v = (torch.randn(1, T, args.heads, args.head_dim, generator=g).to(dtype).requires_grad_()
+        q, k, v = (torch.randn(1, T, args.heads, args.head_dim, generator=g).to(args.device, dtype).requires_grad_()
                    for _ in range(3))
-        mask = band(T, args.window, dtype)
+        mask = band(T, args.window, dtype, args.device)
         calls = {"flyer": lambda: windowed_attention(q, k, v, scale, args.window),
                  "peer": lambda: causal_attention(q, k, v, scale, mask),
                  "causal": lambda: causal_attention(q, k, v, scale)}
@@ -60,14 +63,16 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(args.steps + 1):  # the first round warms up
             for name, call in calls.items():
+                sync()
                 t0 = time.perf_counter()
                 call().float().square().sum().backward()
+                sync()
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts[1:]) for name, ts in times.items()}
         saved = {name: saved_bytes(lambda _: call(), None) for name, call in calls.items()}
         print(json.dumps({
             "seq_len": T, "window": args.window, "chunk": WINDOW_CHUNK, "heads": args.heads,
-            "head_dim": args.head_dim, "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "head_dim": args.head_dim, "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
             "max_abs_diff_vs_peer": diff,
             **{f"{name}_fwd_bwd_ms": round(1e3 * t, 2) for name, t in med.items()},
             "peer_over_flyer": round(med["peer"] / med["flyer"], 2),

@@ -28,6 +28,7 @@ from flyer.model.attention import WINDOW_CHUNK, windowed_attention
 from flyer.model.counts import attention_flops_per_token
 from flyer.model.lowp import emulation
 from flyer.model.transformer import Transformer
+from flyer.parallel.memory import saved_bytes
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from tests.hf_models import make_tokenizer
 
@@ -39,12 +40,12 @@ def _gqa(window: int, layers: tuple[int, ...], **over):
                   sliding_layers=layers, **over)
 
 
-def _band_reference(q, k, v, scale: float, window: int):
-    """(exact softmax attention over each query's window (B, T, H, d) in FP64, the bound on any FP32 evaluation's
-    error): a score is d products and a scaling, off by at most (d + 1) u of its absolute terms, which moves each
-    probability by at most 2 max|score error| of itself; the output sums the S keys of the query's chunk call
-    (window + chunk - 1 at most; masked ones add exact zeros) times values (S roundings, and a few for exp and the
-    normalisation)."""
+def _band_reference(q, k, v, scale: float, window: int, u: float = FP32_U):
+    """(exact softmax attention over each query's window (B, T, H, d) in FP64, the bound on any evaluation's error
+    in arithmetic of unit roundoff ``u``, FP32's by default): a score is d products and a scaling, off by at most
+    (d + 1) u of its absolute terms, which moves each probability by at most 2 max|score error| of itself; the
+    output sums the S keys of the query's chunk call (window + chunk - 1 at most; masked ones add exact zeros) times
+    values (S roundings, and a few for exp and the normalisation)."""
     T, d = q.shape[1], q.shape[-1]
     t = torch.arange(T)
     visible = (t.view(1, -1) <= t.view(-1, 1)) & (t.view(1, -1) > t.view(-1, 1) - window)
@@ -52,9 +53,9 @@ def _band_reference(q, k, v, scale: float, window: int):
     p = (qd @ kd.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf")).softmax(-1)
     exact = (p @ vd).transpose(1, 2)
     a = scale * (qd.abs() @ kd.abs().transpose(-1, -2))
-    d_max = ((d + 1) * FP32_U * a).masked_fill(~visible, 0).amax(-1, keepdim=True)
+    d_max = ((d + 1) * u * a).masked_fill(~visible, 0).amax(-1, keepdim=True)
     S = min(T, window + WINDOW_CHUNK - 1)
-    bound = ((2 * d_max + (S + 8) * FP32_U) * (p @ vd.abs())).transpose(1, 2)
+    bound = ((2 * d_max + (S + 8) * u) * (p @ vd.abs())).transpose(1, 2)
     return exact, bound
 
 
@@ -113,6 +114,26 @@ def test_a_band_made_in_inference_mode_trains_later():
     # one band a window and dtype, its rows a multiple of 16 apart: CUDA's memory-efficient kernel keeps it as it is
     assert all(attention._band(w, torch.float32, torch.device("cpu")).stride()[:3] == (256 * n, 256 * n, n)
                for w, n in ((1, 256), (5, 272), (17, 272), (18, 288)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_band_is_kept_once_on_cuda():
+    """On CUDA, BF16 with gradients (SDPA's memory-efficient kernel, which pads a mask whose rows are not 16-aligned
+    and keeps the padded copy): backward keeps one band beside what causal attention keeps (and each call's few
+    bytes of bookkeeping, the kernels' own), not a band for each of the 4 chunks; the output within the band
+    reference's bound for BF16 arithmetic (unit roundoff 2^-9)."""
+    T, window = 1024, 300
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, 4, 64, generator=g).cuda().bfloat16().requires_grad_() for _ in range(3))
+    attention._band.cache_clear()
+    kept = saved_bytes(lambda: windowed_attention(q, k, v, 0.125, window))
+    band = attention._band(window, torch.bfloat16, q.device)
+    causal = saved_bytes(lambda: attention.causal_attention(q, k, v, 0.125))
+    assert 0 < kept - causal < 2 * band.untyped_storage().nbytes()
+    exact, bound = _band_reference(q.float().cpu(), k.float().cpu(), v.float().cpu(), 0.125, window, 2.0**-9)
+    got = windowed_attention(q, k, v, 0.125, window).float().cpu().double()
+    assert ((got - exact).abs() <= bound).all()
 
 
 def test_a_packed_document_slides_from_its_own_start():
