@@ -29,6 +29,7 @@ from flyer.model.counts import attention_flops_per_token
 from flyer.model.lowp import emulation
 from flyer.model.transformer import Transformer
 from flyer.parallel.memory import saved_bytes
+from flyer.serve.disk_tier import open_disk_prefix_cache
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
 from tests.hf_models import make_tokenizer
 
@@ -176,6 +177,60 @@ def test_the_decode_cache_and_the_engine_slide_as_the_training_forward():
         assert outs == ref, (blocks, speculative, fixed)
         assert eng.alloc.used == 0
     assert eng.alloc.hits > 0  # the last prompt shares the third's first blocks
+
+
+def test_a_model_sliding_every_layer_gives_back_the_blocks_behind_its_window(tmp_path):
+    """Every layer sliding (Mistral 7B v0.1's kind): the engine gives back each request's blocks wholly behind its
+    next token's window, so requests whose whole rows need 37 blocks run at once in 22 without preemption (kept,
+    they preempt), with each prompt's greedy tokens alone; a prefix a finished request left cached (its given-back
+    blocks among them) is shared by a later one, and the disk tier serves it to a new engine. A wider window in a
+    tight pool still preempts, and a request preempted holding given-back entries frees every block it holds. With
+    MTP drafts (whose block attends fully) nothing is given back, and the tokens are the same."""
+    prompts = [[(7 + 5 * i + j) % V for i in range(n)] for j, n in enumerate((9, 14, 6, 11))]
+
+    def build(window):
+        torch.manual_seed(5)
+        model = Transformer(_gqa(window, (0, 1, 2, 3))).eval()
+        return model, [generate(model, [p], GenerationConfig(max_new_tokens=26, cache_dtype=torch.float32)).tokens[0]
+                       for p in prompts]
+
+    model, ref = build(3)
+    per_token = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4
+
+    def run(blocks, keep=False, **over):
+        eng = Engine(model, EngineConfig(kv_cache_bytes=blocks * 4 * per_token, block_size=4, prefill_chunk=8,
+                                         cache_dtype=torch.float32, **over))
+        eng.window = 0 if keep else eng.window
+        outs = [[] for _ in prompts]
+        for i, p in enumerate(prompts):
+            eng.submit(p, SamplingOptions(max_tokens=26), lambda e, i=i: outs[i].append(e.token))
+        eng.run_until_idle()
+        assert outs == ref and eng.alloc.used == 0 and eng.alloc.refs[0] == 0, over  # the null block never taken
+        return eng
+
+    assert sum(-(-(len(p) + 26) // 4) for p in prompts) == 37
+    assert run(23, keep=True).metrics.preemptions._value.get() > 0
+    eng = run(23)  # 22 blocks and the null one
+    assert eng.window and eng.metrics.preemptions._value.get() == 0
+    eng, again = run(60), []  # room to keep the given-back blocks cached
+    eng.submit(prompts[1], SamplingOptions(max_tokens=26), lambda e: again.append(e.token))
+    eng.run_until_idle()
+    assert again == ref[1] and eng.alloc.hits > 0
+    assert run(23, prefix_cache=open_disk_prefix_cache(model, tmp_path, torch.float32, 4)).window  # fills the tier
+    disk = open_disk_prefix_cache(model, tmp_path, torch.float32, 4)  # a new server, the same directory
+    assert run(23, prefix_cache=disk).window and disk.stats.hits == sum((len(p) - 1) // 4 for p in prompts)
+    spec = run(60, speculative="mtp")
+    assert not spec.window
+    model, ref = build(13)
+    assert run(12).metrics.preemptions._value.get() > 0
+    eng, out = Engine(model, EngineConfig(kv_cache_bytes=40 * 4 * per_token, block_size=4, prefill_chunk=8,
+                                          cache_dtype=torch.float32)), []
+    eng.submit(prompts[1], SamplingOptions(max_tokens=26), lambda e: out.append(e.token))
+    while not eng.running or eng.running[0].released < 2:
+        eng.step()
+    eng._preempt(eng.running[0])  # preempted holding given-back entries: recomputed, and every block freed after
+    eng.run_until_idle()
+    assert out == ref[1] and eng.alloc.used == 0
 
 
 def test_sliding_flops_count_each_querys_window():

@@ -63,7 +63,7 @@ def info(preset: str | None, config: str | None = None) -> dict:
         "shortcut_moe": cfg.shortcut_moe,
         "index_topk": cfg.index_topk,  # DeepSeek Sparse Attention: keys each query keeps (0: dense)
         "indexer_layers": indexed_layers(cfg),  # layers with their own indexer (GLM-5's shared ones reuse a selection)
-        # GQA's sliding windows: the layers attending to their last sliding_window keys alone (the cache keeps all)
+        # GQA's sliding windows: the layers attending to their last sliding_window keys alone
         "sliding_window": cfg.window_size if cfg.attn == "gqa" else 0,
         "sliding_layers": len(cfg.sliding_layers),
     }
@@ -116,7 +116,7 @@ def _run(args) -> int:
     print(f"  KV cache / token   {out['kv_cache_bytes_per_token']:,} bytes (BF16){dsa}")
     if out["sliding_layers"]:
         print(f"  sliding window     {out['sliding_window']:,} keys in {out['sliding_layers']} of {out['layers']} "
-              f"layers (the cache keeps every token)")
+              f"layers")
     if out["kv_cache_bytes_per_token_fp8"] is not None:
         print(f"  KV cache / token   {out['kv_cache_bytes_per_token_fp8']:,} bytes (--cache-dtype fp8: E4M3 latent, a "
               f"scale per 128 values, BF16 rope key{'; E4M3 index keys, a scale each' if out['index_topk'] else ''})")

@@ -12,7 +12,9 @@ during the step. Each scheduler step:
    running request is still prefilling waits for them and shares them (n choices of one prompt, a
    burst with a common header: computed once); the prompt tokens its first admission took from cached blocks
    come with its first token (``TokenEvent.cached_tokens``: ``usage``'s ``cached_tokens``);
-3. gives every decoding request a slot for its next token; when no block is left, the most
+3. gives back the blocks a model whose every layer slides (Mistral 7B v0.1) will not read again, wholly behind
+   the window of a request's next token (none with MTP drafts, whose block attends fully); gives every decoding
+   request a slot for its next token; when no block is left, the most
    recently admitted request is preempted: its blocks freed, it goes back to the front of the
    queue and is recomputed (prompt and tokens so far) when readmitted, so nothing is lost or
    repeated;
@@ -104,6 +106,9 @@ class Engine:
         self.hybrid, self.sharing, self.snapshots, self.disk = pool.hybrid, pool.sharing, pool.snapshots, pool.disk
         self.dec = Decoder(model, 1, mcfg.max_seq_len, cache=self.cache, mtp_cache=self.mtp_cache, with_mtp=self.spec)
         self.device = device
+        # every layer sliding and no drafts (the MTP block attends fully): blocks behind the window go back
+        every = mcfg.attn == "gqa" and len(mcfg.sliding_layers) == mcfg.n_layers
+        self.window = mcfg.window_size if every and not self.spec else 0
         self.graphs = self._step_graphs(cfg.cuda_graphs, device)
         self.speculator = MtpSpeculator(self.dec, self.mtp_cache, cfg.draft_tokens, self._tables, self.metrics,
                                         device, self.cache if self.hybrid else None, cfg.speculative_max_batch,
@@ -218,6 +223,9 @@ class Engine:
         self.admit()
         if self.spec:  # drafting or not, decided once: the drafts' slots reserved below and the forward agree
             self.speculator.begin_step(sum(len(r.tokens) - r.n_cached == 1 for r in self.running))
+        if self.window:
+            for r in self.running:
+                self._release_behind(r)
         decoding = self._reserve_decode_slots()
         self._forward(decoding, *self._plan_prefill())
         self._update_gauges()
@@ -337,15 +345,31 @@ class Engine:
                 rows.append(r)
         return [r for r in rows if r in self.running]
 
+    def _release_behind(self, r: Request) -> None:
+        """Give back r's blocks wholly before its next token's window (it, position ``n_cached``, and every later one
+        sees slots from n_cached - window + 1 on); their table entries become ``NULL_BLOCK``, so the table keeps its
+        positions. Each was registered when it filled (``_register_full_blocks``, after every forward): with sharing
+        it stays cached for a later prompt with the same prefix, and the disk tier stored it then."""
+        end = max(0, r.n_cached - self.window + 1) // self.cfg.block_size
+        for i in range(r.released, end):
+            self.alloc.release([r.blocks[i]])
+            r.blocks[i] = NULL_BLOCK
+        r.released = max(r.released, end)
+
+    def _held(self, r: Request) -> list[int]:
+        """r's blocks it holds a reference to (not those given back behind a window)."""
+        return r.blocks[r.released:]
+
     def _n_drafts(self, r: Request) -> int:
         """Drafts r verifies this step (``MtpSpeculator.n_drafts``)."""
         return self.speculator.n_drafts(r) if self.spec else 0
 
     def _preempt(self, r: Request) -> None:
         self.running.remove(r)
-        self.alloc.release(r.blocks)
+        self.alloc.release(self._held(r))
         self._free_slot(r)
         r.blocks, r.keys, r.n_cached, r.n_shared, r.mtp_len, r.h_prev = [], [], 0, 0, 0, None
+        r.released = 0
         self.waiting.appendleft(r)
         self.metrics.preemptions.inc()
 
@@ -566,7 +590,7 @@ class Engine:
     def _finish(self, r: Request, reason: str, emit: bool) -> None:
         if r in self.running:
             self.running.remove(r)
-        self.alloc.release(r.blocks)
+        self.alloc.release(self._held(r))
         self._free_slot(r)
         r.blocks, r.done = [], True
         self.metrics.requests.labels(reason).inc()

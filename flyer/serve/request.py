@@ -183,6 +183,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     n_cached: int = 0  # leading tokens whose cache entries are in ``blocks``
     blocks: list[int] = field(default_factory=list)
+    released: int = 0  # leading blocks given back behind a sliding window (``NULL_BLOCK`` in ``blocks``)
     keys: list[str] = field(default_factory=list)  # chain keys of the leading full blocks (registered)
     generator: torch.Generator | None = None
     prompt_lp: list[tuple[float, dict[int, float] | None] | None] | None = None
