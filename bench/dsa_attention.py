@@ -23,7 +23,7 @@ import argparse
 import json
 
 import torch
-from v4_attention import peak_rss, rss_high_water, saved_bytes  # bench/v4_attention.py, beside this script
+from v4_attention import peak_rss, rss_high_water  # bench/v4_attention.py, beside this script
 from v4_step import timed
 
 import flyer.model.attention as attention
@@ -32,6 +32,7 @@ from flyer.model.attention import MLA
 from flyer.model.dsa_chunks import absorbed_attend
 from flyer.model.hybrid_chunks import CHUNK_ROWS, gather_entries
 from flyer.model.transformer import layer_rope_tables
+from flyer.parallel.memory import saved_bytes
 from flyer.runtime import tune_malloc
 
 
@@ -142,7 +143,7 @@ def main() -> None:
             t_g, t_m = timed(lambda: run(gathered), args.steps), timed(lambda: run(masked), args.steps)
             out |= {f"{name}_ms": round(t_g * 1e3, 1), f"masked_{name}_ms": round(t_m * 1e3, 1),
                     f"{name}_ratio_masked_over_gathered": round(t_m / t_g, 2)}
-        s_g, s_m = saved_bytes(gathered, xg), saved_bytes(masked, xg)
+        s_g, s_m = saved_bytes(lambda: gathered(xg)), saved_bytes(lambda: masked(xg))
         out |= {"saved_mb": round(s_g / 2**20, 1), "masked_saved_mb": round(s_m / 2**20, 1)}
         if not args.no_rss:
             child = (args.heads, args.index_topk, args.index_heads, T, args.threads)

@@ -39,6 +39,7 @@ from flyer.model.hybrid import HybridAttention, hybrid_rope_config
 from flyer.model.attention import select_topk
 from flyer.model.hybrid_chunks import CHUNK_ROWS, Gathered, chunk_attention, entry_picks, gathers, query_chunk
 from flyer.model.rope import rope_cos_sin
+from flyer.parallel.memory import saved_bytes
 from flyer.runtime import tune_malloc
 
 LAYER = {"window": 0, "csa": 1, "hca": 2}  # tiny-v4's compress_ratios (0, 4, 16, 4)
@@ -95,19 +96,6 @@ def tied_queries(cfg, mine, layer: int, x) -> torch.Tensor:
     complete = torch.arange(N).view(1, -1) < ((torch.arange(T) + 1) // mine.ratio).view(-1, 1)
     ranked = scores.masked_fill(~complete, float("-inf")).topk(k + 1, dim=-1).values
     return (ranked[..., k - 1] == ranked[..., k]) & (complete.sum(-1) > k)
-
-
-def saved_bytes(call, x) -> int:
-    """Bytes of the distinct storages autograd saves for backward in ``call(x)``."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        call(x)
-    return sum(seen.values())
 
 
 def _status_bytes(field: str) -> int:
@@ -239,7 +227,7 @@ def main() -> None:
                 t_mine, t_ref = timed(make(mine_call), args.steps), timed(make(ref_call), args.steps)
                 out[f"{name}_s"], out[f"peer_{name}_s"] = round(t_mine, 4), round(t_ref, 4)
                 out[f"{name}_ratio_vs_peer"] = round(t_ref / t_mine, 3)
-            s_mine, s_ref = saved_bytes(mine_call, xg), saved_bytes(ref_call, xg)
+            s_mine, s_ref = saved_bytes(lambda: mine_call(xg)), saved_bytes(lambda: ref_call(xg))
             out |= {"saved_mb": round(s_mine / 2**20, 1), "peer_saved_mb": round(s_ref / 2**20, 1),
                     "saved_ratio_peer_over_flyer": round(s_ref / s_mine, 2)}
             if not args.no_rss:

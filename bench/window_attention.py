@@ -20,9 +20,9 @@ import statistics
 import time
 
 import torch
-from v4_attention import saved_bytes  # bench/v4_attention.py, beside this script
 
 from flyer.model.attention import WINDOW_CHUNK, causal_attention, windowed_attention
+from flyer.parallel.memory import saved_bytes
 from flyer.runtime import tune_malloc
 
 
@@ -69,7 +69,7 @@ def main() -> None:
                 sync()
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts[1:]) for name, ts in times.items()}
-        saved = {name: saved_bytes(lambda _: call(), None) for name, call in calls.items()}
+        saved = {name: saved_bytes(call) for name, call in calls.items()}
         print(json.dumps({
             "seq_len": T, "window": args.window, "chunk": WINDOW_CHUNK, "heads": args.heads,
             "head_dim": args.head_dim, "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),

@@ -214,7 +214,6 @@ def _sliding_fields(d: dict[str, Any], where: str, mt: str, n_layers: int) -> di
     Mistral, Mixtral and Qwen3-MoE every layer when ``sliding_window`` is set (Qwen3-MoE: and
     ``use_sliding_window``); Qwen2 and Qwen3 the layers ``layer_types`` lists, or else those ``max_window_layers``
     and up, with ``use_sliding_window`` on (its window otherwise null); dots1 as Qwen2 with no switch."""
-    first = d.get("max_window_layers", 28)  # Qwen2Config's default (dots1's is in its class defaults)
     if mt in ("mistral", "mixtral", "qwen3_moe"):
         window = d.get("sliding_window", 4096 if mt == "qwen3_moe" else None)
         if mt == "qwen3_moe" and not d.get("use_sliding_window"):
@@ -226,6 +225,7 @@ def _sliding_fields(d: dict[str, Any], where: str, mt: str, n_layers: int) -> di
             window = None
         listed = _layer_types(d, where, n_layers)
         if listed is None:
+            first = d.get("max_window_layers", 28)  # Qwen2Config's default (dots1's is in its class defaults)
             if not isinstance(first, int) or isinstance(first, bool):
                 raise _bad(where, "max_window_layers", f"expected an integer (got {first!r:.40})")
             listed = list(range(max(first, 0), n_layers)) if window is not None else []

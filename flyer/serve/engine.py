@@ -351,10 +351,10 @@ class Engine:
         positions. Each was registered when it filled (``_register_full_blocks``, after every forward): with sharing
         it stays cached for a later prompt with the same prefix, and the disk tier stored it then."""
         end = max(0, r.n_cached - self.window + 1) // self.cfg.block_size
-        for i in range(r.released, end):
-            self.alloc.release([r.blocks[i]])
-            r.blocks[i] = NULL_BLOCK
-        r.released = max(r.released, end)
+        if end > r.released:
+            self.alloc.release(r.blocks[r.released:end])
+            r.blocks[r.released:end] = [NULL_BLOCK] * (end - r.released)
+            r.released = end
 
     def _held(self, r: Request) -> list[int]:
         """r's blocks it holds a reference to (not those given back behind a window)."""
