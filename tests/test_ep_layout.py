@@ -16,7 +16,7 @@ from flyer.model.transformer import Transformer
 from flyer.model.wire import fp8_decode_rows, fp8_encode_rows, fp8_row_bytes
 from flyer.parallel.dispatch import dispatcher_factory
 from flyer.parallel.memory import saved_bytes
-from flyer.parallel.launch import free_port
+from flyer.parallel.launch import job_store
 from flyer.parallel.mesh import LocalMesh, init_distributed, validate_layout
 from flyer.train.build import build_model
 from tests.child_env import child_env
@@ -99,8 +99,9 @@ def test_destroy_joins_the_groups_worker_threads():
     existed. A thread ending a collective's cleanup once the interpreter had begun to exit aborted the rank
     ("terminate called without an active exception"); torchrun then killed the others, at times before rank 0 had
     printed the run's error. The threads are joined by ``destroy`` now."""
+    store = job_store()
     env = child_env(OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
     done = subprocess.run([sys.executable, "-W", "error", "-c", _DESTROY], capture_output=True, text=True, env=env,
                           timeout=120)  # and no warning: torch's deprecated aliases warn when looked at
     assert done.returncode == 0, done.stderr[-2000:]

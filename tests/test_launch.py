@@ -1,10 +1,37 @@
-"""``flyer.parallel.launch.free_port``: the job store's port is drawn below the kernel's ephemeral range, where no
-outgoing connection (another job's gloo ranks) can take it between the check and the store's bind; a taken port is
-passed over; without a known range, the kernel's bind(0) choice."""
+"""``flyer.parallel.launch``: ``run_ranks`` hosts its job's store, bound before any rank starts; ``free_port`` (for
+jobs a test starts itself) draws below the kernel's ephemeral range, where no outgoing connection (another job's gloo
+ranks) can take it between the check and the store's bind; a taken port is passed over; without a known range, the
+kernel's bind(0) choice."""
 
+import os
 import socket
 
+import torch
+import torch.distributed as dist
+
 from flyer.parallel import launch
+
+
+def _rank(rank: int) -> tuple[bool, float]:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
+            free = True
+        except OSError:
+            free = False
+    dist.init_process_group("gloo")
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t)
+    dist.destroy_process_group()
+    return free, t.item()
+
+
+def test_run_ranks_holds_the_store_port_before_any_rank_starts():
+    """The CI failure this fixes: the port was checked free, then bound by rank 0 seconds later, once the ranks had
+    started; another job's process took it in between (EADDRINUSE). Now no rank can bind it: it is held already."""
+    from tests.ranks import run_ranks  # the tests' forkserver start
+
+    assert run_ranks(_rank, 2) == [(False, 3.0), (False, 3.0)]
 
 
 def test_the_port_is_drawn_below_the_ephemeral_range_and_free(tmp_path, monkeypatch):

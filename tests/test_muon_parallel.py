@@ -43,7 +43,7 @@ from flyer.cli import main
 from flyer.config import preset
 from flyer.optim import muon
 from flyer.parallel.grads import MIRROR, expert_param_names, full_state_dict
-from flyer.parallel.launch import free_port
+from flyer.parallel.launch import job_store
 from flyer.parallel.memory import KEYS
 from flyer.parallel.mesh import LocalMesh, init_distributed
 from flyer.parallel.pipeline import PipelineModel
@@ -176,12 +176,12 @@ def _train(rank: int, out: str, data: str, ep: int = 1, pp: int = 1, zero: int =
     return Trainer(tc, log=lambda m: None).run()
 
 
-def _worker(rank: int, world: int, root: str, data: str, port: int) -> dict:
+def _worker(rank: int, world: int, root: str, data: str, ports: list[int]) -> dict:
     out = {name: _case(rank, name) for name, c in CASES.items() if c[0] == world}
     if world == 2:
-        for run, (layout, _) in RUNS.items():
-            if not dist.is_initialized():  # the run before ended the job (destroyed its groups): a new one
-                os.environ["MASTER_PORT"] = str(port)
+        for (run, (layout, _)), port in zip(RUNS.items(), ports):
+            if not dist.is_initialized():  # the run before ended the job (destroyed its groups): a new one, whose
+                os.environ["MASTER_PORT"] = str(port)  # store is fresh (a group's keys restart from 0)
             _train(rank, f"{root}/{run}", data, **layout)
     return out
 
@@ -197,7 +197,8 @@ def _corpus(path) -> str:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("muon-parallel")
-    res = run_ranks(_worker, 2, 2, str(root), _corpus(root / "corpus.txt"), free_port())
+    stores = [job_store() for _ in RUNS]  # each later job's, held here as run_ranks holds the first one's
+    res = run_ranks(_worker, 2, 2, str(root), _corpus(root / "corpus.txt"), [s.port for s in stores])
     return res, root
 
 
