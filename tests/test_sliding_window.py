@@ -15,7 +15,7 @@ from transformers import (AutoModelForCausalLM, MistralConfig, MistralForCausalL
 
 from flyer.cluster.costs import Layout, gqa_attention_saved_bytes, memory_per_gpu
 from flyer.config import preset
-from flyer.errors import ConfigError
+from flyer.errors import ConfigError, FieldError
 from flyer.infer import GenerationConfig, generate
 from flyer.infer.decoder import Decoder
 from flyer.interop.export import export_model
@@ -184,8 +184,9 @@ def test_a_model_sliding_every_layer_gives_back_the_blocks_behind_its_window(tmp
     next token's window, so requests whose whole rows need 37 blocks run at once in 22 without preemption (kept,
     they preempt), with each prompt's greedy tokens alone; a prefix a finished request left cached (its given-back
     blocks among them) is shared by a later one, and the disk tier serves it to a new engine. A wider window in a
-    tight pool still preempts, and a request preempted holding given-back entries frees every block it holds. With
-    MTP drafts (whose block attends fully) nothing is given back, and the tokens are the same."""
+    tight pool admits as many as the most each holds lets fit (none preempted), and a request preempted holding
+    given-back entries frees every block it holds. With MTP drafts (whose block attends fully) nothing is given back,
+    and the tokens are the same."""
     prompts = [[(7 + 5 * i + j) % V for i in range(n)] for j, n in enumerate((9, 14, 6, 11))]
 
     def build(window):
@@ -222,7 +223,7 @@ def test_a_model_sliding_every_layer_gives_back_the_blocks_behind_its_window(tmp
     spec = run(60, speculative="mtp")
     assert not spec.window
     model, ref = build(13)
-    assert run(12).metrics.preemptions._value.get() > 0
+    assert run(12).metrics.preemptions._value.get() == 0  # each holds up to 6 of the 11 blocks: one at a time
     eng, out = Engine(model, EngineConfig(kv_cache_bytes=40 * 4 * per_token, block_size=4, prefill_chunk=8,
                                           cache_dtype=torch.float32)), []
     eng.submit(prompts[1], SamplingOptions(max_tokens=26), lambda e: out.append(e.token))
@@ -231,6 +232,82 @@ def test_a_model_sliding_every_layer_gives_back_the_blocks_behind_its_window(tmp
     eng._preempt(eng.running[0])  # preempted holding given-back entries: recomputed, and every block freed after
     eng.run_until_idle()
     assert out == ref[1] and eng.alloc.used == 0
+
+
+def test_rows_longer_than_the_pool_run_in_their_windows_blocks():
+    """Every layer sliding, a request holds at most ``window_blocks`` at once (a prefill chunk's positions and the
+    window - 1 before them), so a row the whole pool could not hold is served: admitted where that many fit beside
+    what the running requests may still take, its blocks taken as its prefill reaches them, each prompt's greedy
+    tokens those it gets alone, and never more than that many held. A long cached prefix is held in its window's
+    blocks only, from admission. Where every prefilling row waits on a block another holds, the most recently
+    admitted is preempted and all finish. A window the pool cannot hold is refused, naming max_tokens."""
+    torch.manual_seed(7)
+    model = Transformer(_gqa(3, (0, 1, 2, 3))).eval()
+    prompts = [[(3 + 7 * i + j) % V for i in range(n)] for j, n in enumerate((41, 37, 29))]
+    ref = [generate(model, [p], GenerationConfig(max_new_tokens=30, cache_dtype=torch.float32)).tokens[0]
+           for p in prompts]
+    per_token = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4
+
+    def engine(blocks):  # blocks of 4, the null one among them
+        return Engine(model, EngineConfig(kv_cache_bytes=blocks * 4 * per_token, block_size=4, prefill_chunk=8,
+                                          cache_dtype=torch.float32))
+
+    def run(eng, subset=range(len(prompts))):
+        outs, most, together = {i: [] for i in subset}, 0, 0
+        for i in subset:
+            eng.submit(prompts[i], SamplingOptions(max_tokens=30), lambda e, i=i: outs[i].append(e.token))
+        for _ in range(2000):
+            if not eng.busy:
+                break
+            eng.step()
+            most = max([most] + [len(eng._held(r)) for r in eng.running])
+            together = max(together, len(eng.running))
+        assert [outs[i] for i in subset] == [ref[i] for i in subset] and eng.alloc.used == 0
+        assert most <= eng.window_blocks and eng.metrics.preemptions._value.get() == 0
+        return together
+
+    eng = engine(5)
+    # the window 3 and chunks of 8 reach 10 positions: 4 blocks, however they fall
+    assert eng.window_blocks == 4 == eng.alloc.capacity and -(-(41 + 30) // 4) == 18
+    assert run(eng) == 1  # one at a time, the next admitted as the one before ends
+    assert run(engine(9)) == 2
+    eng = engine(30)
+    run(eng, [0])  # cached: its full blocks stay in the pool
+    eng.submit(prompts[0] + ref[0][:5], SamplingOptions(max_tokens=1), lambda e: None)
+    eng.admit()
+    r = eng.running[0]
+    # 11 blocks cached before its last token, 10 of them wholly behind position 44's window
+    assert (r.n_cached, r.released, len(eng._held(r)), eng.alloc.used) == (44, 10, 1, 1)
+    eng.run_until_idle()
+
+    eng = engine(9)  # both prefilling, and every free block taken elsewhere (as blocks another request shares)
+    outs = {i: [] for i in (0, 1)}
+    for i in (0, 1):
+        eng.submit(prompts[i], SamplingOptions(max_tokens=30), lambda e, i=i: outs[i].append(e.token))
+    eng.step()
+    taken, reserve = [], eng._reserve_decode_slots
+
+    def reserve_then_take():  # once the step has given back what is behind the windows
+        rows = reserve()
+        taken.extend(eng.alloc.allocate() for _ in range(eng.alloc.available))
+        return rows
+
+    eng._reserve_decode_slots = reserve_then_take
+    eng.step()  # neither can go on: the later one goes back to the queue, and the first goes on with its blocks
+    eng._reserve_decode_slots = reserve
+    assert eng.metrics.preemptions._value.get() == 1 and [r.id for r in eng.running] == [0]
+    assert eng.running[0].n_cached > 8
+    eng.alloc.release(taken)
+    eng.run_until_idle()
+    assert outs == {0: ref[0], 1: ref[1]} and eng.alloc.used == 0
+
+    wide = Engine(Transformer(_gqa(13, (0, 1, 2, 3))).eval(), EngineConfig(
+        kv_cache_bytes=5 * 4 * per_token, block_size=4, prefill_chunk=8, cache_dtype=torch.float32))
+    assert wide.window_blocks == 6 and wide.limits.room == 16
+    wide.check([1] * 12, SamplingOptions(max_tokens=4))
+    with pytest.raises(FieldError, match="max_tokens.*need 5 cache blocks; the server's cache holds 4"):
+        wide.check([1] * 12, SamplingOptions(max_tokens=5))
+    assert engine(5).limits.room == model.cfg.max_seq_len  # its 4 blocks hold a window, so any row
 
 
 def test_sliding_flops_count_each_querys_window():

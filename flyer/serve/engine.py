@@ -7,7 +7,8 @@ during the step. Each scheduler step:
 
 1. drops cancelled requests (their blocks freed);
 2. admits waiting requests, oldest first, while the batch has room and the pool has blocks for
-   the whole prompt (after taking its cached prefix blocks): a request joins the running batch
+   the whole prompt (after taking its cached prefix blocks; a model whose every layer slides: for the most its
+   window holds, its blocks taken as its prefill chunks reach them): a request joins the running batch
    at the next step, without waiting for the batch to finish; one whose prompt starts with blocks a
    running request is still prefilling waits for them and shares them (n choices of one prompt, a
    burst with a common header: computed once); the prompt tokens its first admission took from cached blocks
@@ -19,7 +20,9 @@ during the step. Each scheduler step:
    queue and is recomputed (prompt and tokens so far) when readmitted, so nothing is lost or
    repeated;
 4. runs one forward over one token per decoding request and at most ``prefill_chunk`` prompt
-   tokens (chunks of one or more prompts), so a long prompt advances a chunk per step while the
+   tokens (chunks of one or more prompts; a chunk a prompt's sliding window cannot get blocks for waits, and where
+   no row of a step could go on, the most recently admitted request is preempted), so a long prompt advances a
+   chunk per step while the
    others keep decoding (more during a burst: ``prefill_budget``). Both kinds of rows go through
    the model together (``Decoder.forward_groups``): the routed experts' weights, most of the bytes
    a step reads, are read once for both. On a GPU a step runs in fixed shapes, a token row per decoding
@@ -127,7 +130,18 @@ class Engine:
     @property
     def limits(self) -> Limits:
         return Limits(self.model.cfg.vocab_size, self.model.cfg.max_seq_len, self.cfg.block_size,
-                      self.alloc.capacity, self.cfg.max_queue, grammars=self.tokenizer is not None)
+                      self.alloc.capacity, self.cfg.max_queue, grammars=self.tokenizer is not None,
+                      window_blocks=self.window_blocks)
+
+    @property
+    def window_blocks(self) -> int:
+        """The most blocks a request holds at once where blocks go back behind the window (0: none go back): a
+        prefill chunk's positions (``prefill_chunk`` at most, ``_plan_prefill``) and the window - 1 before them,
+        however they fall on blocks."""
+        if not self.window:
+            return 0
+        bs = self.cfg.block_size
+        return (self.window + self.cfg.prefill_chunk - 1 + bs - 2) // bs + 1
 
     def check(self, prompt: Sequence[int], opts: SamplingOptions) -> None:
         """``FieldError`` when the request can never run (``Limits.check``)."""
@@ -227,7 +241,13 @@ class Engine:
             for r in self.running:
                 self._release_behind(r)
         decoding = self._reserve_decode_slots()
-        self._forward(decoding, *self._plan_prefill())
+        prefilling, lens = self._plan_prefill()
+        while self.window and not (decoding or prefilling) and len(self.running) > 1:
+            # every prefilling row waits for a block another holds (their windows' blocks are taken as they go):
+            # the most recently admitted goes back to the queue, as a decoding row short of a block preempts
+            self._preempt(self.running[-1])
+            prefilling, lens = self._plan_prefill()
+        self._forward(decoding, prefilling, lens)
         self._update_gauges()
         self.metrics.step_seconds.observe(time.perf_counter() - t0)  # (sampling read the tokens back: synced)
 
@@ -263,8 +283,16 @@ class Engine:
                     blocks, keys, plan = self.snapshots.usable(blocks, keys, limit, files)
             snap = on_disk.get(len(keys))  # V4: the snapshot file the prefix resumes from (None: in memory)
             need = math.ceil(len(r.tokens) / bs) - len(blocks)
+            behind = self._behind(len(blocks) * bs)
+            if behind:  # a long cached prefix: only its window's blocks stay held
+                self.alloc.release(blocks[:behind])
+                blocks[:behind] = [NULL_BLOCK] * behind
+            if self.window:  # taken as its prefill reaches them (``_plan_prefill``): admitted where the most it
+                # holds fits beside what the running requests may still take
+                need = self._most(r) - (len(blocks) - behind) + sum(self._most(q) - len(self._held(q))
+                                                                    for q in self.running)
             if self.alloc.available < need:
-                self.alloc.release(blocks)
+                self.alloc.release(blocks[behind:])
                 if not self.running:  # nothing will free blocks: cannot happen (check bounds the need)
                     raise RuntimeError(f"request {r.id} needs {need} blocks, {self.alloc.available} available")
                 return
@@ -282,8 +310,8 @@ class Engine:
                         hidden = self.snapshots.begin(r.slot, keys, plan)
                     if snap is not None:  # begin set the plan only
                         hidden = self.disk.resume(r.slot, snap, (len(keys) - min(in_memory, len(keys))) * bs)
-                r.blocks = list(blocks)  # taken: a failure from here releases them with r (``safe_step``)
-                for _ in range(need):
+                r.blocks, r.released = list(blocks), behind  # taken: a failure from here releases them with r
+                for _ in range(0 if self.window else need):
                     r.blocks.append(self.alloc.allocate())
                 if snap is not None:  # kept in memory for the next requests too, once r's blocks are taken
                     self.snapshots.save(keys[-1], r.slot, hidden)
@@ -299,7 +327,7 @@ class Engine:
                     r.admitted, r.cached_prompt = True, len(blocks) * bs
                     self.metrics.prompt_tokens.inc(len(r.prompt))
             except BaseException:  # back at the queue's front, holding what it took: safe_step ends it
-                r.blocks = r.blocks or blocks
+                r.blocks, r.released = (r.blocks, r.released) if r.blocks else (blocks, behind)
                 self.waiting.appendleft(r)
                 raise
             self.running.append(r)
@@ -350,11 +378,19 @@ class Engine:
         sees slots from n_cached - window + 1 on); their table entries become ``NULL_BLOCK``, so the table keeps its
         positions. Each was registered when it filled (``_register_full_blocks``, after every forward): with sharing
         it stays cached for a later prompt with the same prefix, and the disk tier stored it then."""
-        end = max(0, r.n_cached - self.window + 1) // self.cfg.block_size
+        end = self._behind(r.n_cached)
         if end > r.released:
             self.alloc.release(r.blocks[r.released:end])
             r.blocks[r.released:end] = [NULL_BLOCK] * (end - r.released)
             r.released = end
+
+    def _most(self, r: Request) -> int:
+        """The most blocks r holds at once (``Limits.blocks``)."""
+        return self.limits.blocks(len(r.prompt) + r.opts.max_tokens)
+
+    def _behind(self, n_cached: int) -> int:
+        """Leading blocks wholly before the window of position ``n_cached`` (0 where none are given back)."""
+        return max(0, n_cached - self.window + 1) // self.cfg.block_size if self.window else 0
 
     def _held(self, r: Request) -> list[int]:
         """r's blocks it holds a reference to (not those given back behind a window)."""
@@ -492,10 +528,24 @@ class Engine:
                 # a request recomputed after preemption stops before its last token, which the next step feeds as
                 # a decoding row's (drafting, under MTP, as it would have): its seeded draws do not depend on it
                 n = min(pending - 1 if r.generated else pending, budget)
+                if self.window:  # the blocks it reaches, taken now: a chunk the pool is short for is cut or waits
+                    n = self._take_blocks(r, min(n, self.cfg.prefill_chunk))  # (at most ``window_blocks`` held)
+                    if n == 0:
+                        continue
                 rows.append(r)
                 lens.append(self.snapshots.clip(r.slot, r.n_cached, n) if self.snapshots else n)  # to its boundary
                 budget -= lens[-1]
         return rows, lens
+
+    def _take_blocks(self, r: Request, n: int) -> int:
+        """Blocks for r's next ``n`` positions, as many as the pool has free; how many of them r's blocks cover."""
+        bs = self.cfg.block_size
+        while len(r.blocks) * bs < r.n_cached + n:
+            b = self.alloc.allocate()
+            if b is None:
+                break
+            r.blocks.append(b)
+        return min(n, len(r.blocks) * bs - r.n_cached)
 
     def _after_prefill(self, rows: list[Request], lens: list[int], h: torch.Tensor, logit_row: dict[int, int],
                        logits: torch.Tensor | None, greedy: list[int]) -> None:

@@ -52,10 +52,19 @@ class Limits:
     capacity: int
     max_queue: int
     grammars: bool = True
+    window_blocks: int = 0  # the most blocks a request of a model whose every layer slides holds (0: its row's)
+
+    def blocks(self, n_tokens: int) -> int:
+        """The most blocks a request of ``n_tokens`` (prompt and new) holds at once."""
+        need = math.ceil(n_tokens / self.block_size)
+        return min(need, self.window_blocks) if self.window_blocks else need
 
     @property
     def room(self) -> int:
-        """The most tokens one request can hold: the context, as far as the whole cache holds it."""
+        """The most tokens one request can hold: the context, as far as the whole cache holds it (all of it where
+        the cache holds a window's blocks: every layer sliding)."""
+        if 0 < self.window_blocks <= self.capacity:
+            return self.max_seq_len
         return min(self.max_seq_len, self.capacity * self.block_size)
 
     def check(self, prompt: Sequence[int], opts: "SamplingOptions") -> None:
@@ -88,7 +97,7 @@ class Limits:
         if len(prompt) + opts.max_tokens > ctx:
             raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens exceed "
                                            f"the model's context of {ctx} tokens")
-        need = math.ceil((len(prompt) + opts.max_tokens) / self.block_size)
+        need = self.blocks(len(prompt) + opts.max_tokens)
         if need > self.capacity:
             raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens need "
                                            f"{need} cache blocks; the server's cache holds {self.capacity}")
