@@ -59,6 +59,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """Thread counts a test's code sets for the process (a ``Trainer`` with ``threads``, ``flyer serve`` or
+    ``generate`` run in-process) put back after it: else every later file on this worker runs with them (results
+    depending on which files shared the worker, and two workers oversubscribing the cores)."""
+    from flyer import kernels
+
+    torch_threads, expert_threads = torch.get_num_threads(), kernels._split["threads"]
+    yield
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    if kernels._split["threads"] != expert_threads:
+        kernels.set_expert_threads(expert_threads)
+
+
 @pytest.fixture(params=["kernels", "eager"])
 def cpu_kernels(request):
     """Run a test with flyer's fused CPU kernels (skipped where they could not be built) and with

@@ -4,8 +4,10 @@
 engine on a thread of this process. ``handed_to_http`` is what ``flyer serve`` would hand its HTTP process."""
 
 import contextlib
+import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import openai
@@ -30,6 +32,21 @@ def serving(api: Api, **server_kw) -> Iterator[str]:
         server.stop()
         thread.join(timeout=30)
         sock.close()
+
+
+def gone_mid_request(server: "EngineServer", body: dict, within_s: float = 60) -> None:
+    """POST ``body`` to /v1/completions (not streamed: nothing is written before its end) and close the connection
+    once the engine holds the request, as a client that gave up does: no client-side clock, which a loaded machine
+    can run out before the request reaches the engine."""
+    data = json.dumps(body).encode()
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(data), data))
+        deadline = time.monotonic() + within_s
+        while not server.engine.busy:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.005)
 
 
 def client(url: str, api_key: str = "none", **kw) -> openai.OpenAI:

@@ -41,7 +41,7 @@ from child_env import child_env
 from ranks import needs_split_backward, run_ranks
 
 from flyer.interop.load import load_pretrained
-from flyer.parallel.launch import free_port
+from flyer.parallel.launch import job_store
 from flyer.train import checkpoint as ckpt
 from flyer.train.metrics import read_metrics
 
@@ -225,12 +225,12 @@ def test_two_torchrun_agents_as_two_nodes(pp_run, data_cache, tmp_path):
     (LOCAL_WORLD_SIZE = 2 ranks per node), EP inside the node; losses equal the one-node run's."""
     _, pp = pp_run
     out = tmp_path / "two-nodes"
-    port = free_port()
+    store = job_store()  # the rendezvous's, held here while the agents run: neither binds a port only checked free
     jobs = []
     try:
         for node in (0, 1):
             launch = ("--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                      f"127.0.0.1:{port}", "--rdzv-id", "flyer-test")
+                      f"127.0.0.1:{store.port}", "--rdzv-id", "flyer-test", "--rdzv-conf", "is_host=0")
             cmd = _torchrun(2, *launch) + _train_args(out, data_cache, *PP_ARGS, "--steps", "2")
             jobs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                                          start_new_session=True))

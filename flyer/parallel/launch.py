@@ -10,8 +10,6 @@ process hosts the job's store (``job_store``), as torchrun's agent does.
 from __future__ import annotations
 
 import os
-import random
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -21,37 +19,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")  # Linux: the ports bind(0) and connect() hand out
-_draw = random.Random()  # seeded from the OS: a test seeding ``random`` must not make two processes draw alike
-
-
-def free_port() -> int:
-    """A free loopback TCP port for a store this process cannot host (torchrun agents' rendezvous), drawn at random
-    below the kernel's ephemeral range. A port from that range (bind(0)'s) can be handed to another process's outgoing
-    connection (gloo's ranks make many) between this check and the store binding it: EADDRINUSE; one drawn outside it
-    is taken only by another such draw."""
-    try:
-        low = int(EPHEMERAL.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 0
-    for _ in range(64 if low > 10_000 else 0):
-        port = _draw.randrange(10_000, low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # no range known (or no free port drawn): the kernel's choice
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def job_store() -> dist.TCPStore:
     """A job's rendezvous store, hosted by this process on a loopback port the kernel chose (``.port``) and held
     until dropped, as torchrun's agent hosts one: its ranks join with MASTER_PORT set to that port and
-    TORCHELASTIC_USE_AGENT_STORE=True. A port only checked free, for rank 0 to bind seconds later once the ranks
-    have started, can be taken in between (EADDRINUSE: seen in CI, with the tests' jobs running side by side)."""
+    TORCHELASTIC_USE_AGENT_STORE=True (torchrun's agents: ``--rdzv-endpoint`` at that port, ``--rdzv-conf is_host=0``).
+    A port only checked free, for rank 0 to bind seconds later once the ranks have started, can be taken in between
+    (EADDRINUSE: seen in CI, with the tests' jobs running side by side)."""
     return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
@@ -80,4 +53,4 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,
         del store  # closed now, not once a raised error's traceback (which holds this frame) is dropped
 
 
-__all__ = ["run_ranks", "job_store", "free_port"]
+__all__ = ["run_ranks", "job_store"]
