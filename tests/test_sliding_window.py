@@ -310,6 +310,31 @@ def test_rows_longer_than_the_pool_run_in_their_windows_blocks():
     assert engine(5).limits.room == model.cfg.max_seq_len  # its 4 blocks hold a window, so any row
 
 
+def test_the_disk_tier_continues_a_prompt_longer_than_the_pool(tmp_path):
+    """Every layer sliding, a new server continues a stored 61-token prompt from disk in a pool that holds its
+    window's blocks only: the blocks behind the window are given back as they are read, and the room asked for is
+    what the request may still take (it asked for the whole rest of the prompt: a pool under 16 blocks read none)."""
+    torch.manual_seed(0)
+    model = Transformer(_gqa(3, (0, 1, 2, 3))).eval()
+    per_token = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4
+    prompt = [(5 + 7 * i) % V for i in range(61)]  # 15 full blocks of 4 before its last token
+
+    def run(blocks):
+        disk = open_disk_prefix_cache(model, tmp_path, torch.float32, 4)
+        eng = Engine(model, EngineConfig(kv_cache_bytes=(blocks + 1) * 4 * per_token, block_size=4, prefill_chunk=8,
+                                         cache_dtype=torch.float32, prefix_cache=disk))
+        out = []
+        eng.submit(prompt, SamplingOptions(max_tokens=4), out.append)
+        eng.run_until_idle()
+        assert eng.alloc.used == 0 and eng.alloc.refs[0] == 0  # the null entries never released
+        return [e.token for e in out], out[0].cached_tokens, disk.stats.hits
+
+    tokens, cached, _ = run(40)  # stores it
+    assert cached == 0
+    for blocks in (15, 8, 4):
+        assert run(blocks) == (tokens, 60, 15), blocks
+
+
 def test_sliding_flops_count_each_querys_window():
     """A sliding layer's attention FLOPs per token: 2 H (qk + v) times the mean of min(window, t + 1) over the
     positions (non-causal: min(window, S)); the full layer and the MTP block as before."""

@@ -32,7 +32,7 @@ from flyer.infer.prefix_cache import PrefixCache, chain_keys
 from flyer.infer.prefix_cache_hybrid import (block_entries, check_block_ratios, load_snapshot, put_block, read_block,
                                              set_snapshot, snapshot_expect, store_snapshot)
 from flyer.model.transformer import Transformer
-from flyer.serve.paged import BlockAllocator, PagedCache
+from flyer.serve.paged import NULL_BLOCK, BlockAllocator, PagedCache
 from flyer.serve.speculation import mtp_slots
 
 
@@ -62,18 +62,24 @@ class DiskTier:
         # what a V4 snapshot file holds (the same names and shapes as ``flyer generate``'s)
         self.snapshot = snapshot_expect(cache, mtp_cache, hidden) if self.hybrid else None
 
-    def extend(self, tokens: Sequence[int], blocks: list[int], keys: list[str]) -> None:
+    def extend(self, tokens: Sequence[int], blocks: list[int], keys: list[str],
+               behind: Callable[[int], int] | None = None, most: int = 0) -> None:
         """Extend the shared blocks ``blocks`` (with their in-memory ``keys``) of a prompt ``tokens`` with the blocks
         on disk, while the pool has room for the rest of the prompt too; each is keyed for sharing as a computed
-        one is. At most the full blocks before the last token (its logits pick the next token)."""
+        one is. At most the full blocks before the last token (its logits pick the next token). A model whose every
+        layer slides: ``behind(n)`` leading blocks, wholly behind position n's window, are given back as it goes
+        (``NULL_BLOCK`` in ``blocks``; still cached), and the room it needs is what the request may still take of
+        ``most``, the most blocks it holds at once."""
         bs = self.bs
         limit = (len(tokens) - 1) // bs
         if len(blocks) >= limit:
             return
         disk_keys = self.pc.block_keys(tokens[:limit * bs])
         mem_keys = chain_keys(tokens, bs, n_blocks=limit)
+        gone = 0  # leading entries given back
         for i in range(len(blocks), limit):
-            if self.alloc.available < math.ceil(len(tokens) / bs) - len(blocks):
+            rest = math.ceil(len(tokens) / bs) - len(blocks)
+            if self.alloc.available < (min(rest, most - (len(blocks) - gone)) if behind else rest):
                 return
             blk = self._read(disk_keys[i], tokens[i * bs:(i + 1) * bs], i)
             if blk is None:
@@ -83,6 +89,11 @@ class DiskTier:
             self.alloc.register(b, mem_keys[i])
             blocks.append(b)
             keys.append(mem_keys[i])
+            end = behind(len(blocks) * bs) if behind else 0
+            if end > gone:
+                self.alloc.release([x for x in blocks[gone:end] if x != NULL_BLOCK])
+                blocks[gone:end] = [NULL_BLOCK] * (end - gone)
+                gone = end
 
     def snapshot_files(self, tokens: Sequence[int], found: dict) -> Callable[[int], bool]:
         """DeepSeek-V4: ``BoundarySnapshots.usable``'s ``on_disk`` for a prompt ``tokens``, which reads the snapshot

@@ -276,19 +276,20 @@ class Engine:
                 limit = (len(r.tokens) - 1) // bs
                 blocks, keys = self.alloc.match(r.tokens, limit)
                 in_memory = len(blocks)
-                if self.disk:
-                    self.disk.extend(r.tokens, blocks, keys)
+                if self.disk:  # (every layer sliding: holding its window's blocks only as it loads)
+                    self.disk.extend(r.tokens, blocks, keys, *((self._behind, self._most(r)) if self.window else ()))
                 if self.snapshots:  # usable up to the deepest snapshot (in memory, else on disk: ``on_disk``)
                     files = self.disk.snapshot_files(r.tokens, on_disk) if self.disk else None
                     blocks, keys, plan = self.snapshots.usable(blocks, keys, limit, files)
             snap = on_disk.get(len(keys))  # V4: the snapshot file the prefix resumes from (None: in memory)
             need = math.ceil(len(r.tokens) / bs) - len(blocks)
             behind = self._behind(len(blocks) * bs)
-            if behind:  # a long cached prefix: only its window's blocks stay held
-                self.alloc.release(blocks[:behind])
+            if behind:  # a long cached prefix: only its window's blocks stay held (``extend`` gave back some)
+                self.alloc.release([b for b in blocks[:behind] if b != NULL_BLOCK])
                 blocks[:behind] = [NULL_BLOCK] * behind
             if self.window:  # taken as its prefill reaches them (``_plan_prefill``): admitted where the most it
-                # holds fits beside what the running requests may still take
+                # holds fits beside what the running requests may still take (a block two of them share counted for
+                # each: the pool can run short once they part, and then preempts as for a decoding row)
                 need = self._most(r) - (len(blocks) - behind) + sum(self._most(q) - len(self._held(q))
                                                                     for q in self.running)
             if self.alloc.available < need:
