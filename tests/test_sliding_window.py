@@ -335,6 +335,26 @@ def test_the_disk_tier_continues_a_prompt_longer_than_the_pool(tmp_path):
         assert run(blocks) == (tokens, 60, 15), blocks
 
 
+def test_a_chain_given_back_behind_the_window_leaves_the_cache_tail_first():
+    """A request gives its blocks back a step at a time from the head: at its end the chain is put in the order a
+    cached chain leaves, its tail first, so a later prompt's blocks take the tail and a prompt with the same prefix
+    still finds its head (before, the head went first and the 15 blocks left were cached and unreachable)."""
+    torch.manual_seed(0)
+    model = Transformer(_gqa(3, (0, 1, 2, 3))).eval()
+    per_token = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4
+    eng = Engine(model, EngineConfig(kv_cache_bytes=21 * 4 * per_token, block_size=4, prefill_chunk=8,
+                                     cache_dtype=torch.float32))
+    long, other = [(5 + 7 * i) % V for i in range(61)], [(11 + 3 * i) % V for i in range(20)]
+    answers = []
+    for prompt in (long, other, long):
+        events = []
+        eng.submit(prompt, SamplingOptions(max_tokens=4), events.append)
+        eng.run_until_idle()
+        answers.append((events[0].cached_tokens, [e.token for e in events]))
+    # the long row's 16 full blocks cached, 4 blocks free: the other prompt's 6 blocks take the 4 and its tail's 2
+    assert [c for c, _ in answers] == [0, 0, 56] and answers[2][1] == answers[0][1]
+
+
 def test_sliding_flops_count_each_querys_window():
     """A sliding layer's attention FLOPs per token: 2 H (qk + v) times the mean of min(window, t + 1) over the
     positions (non-causal: min(window, S)); the full layer and the MTP block as before."""

@@ -393,6 +393,13 @@ class Engine:
         """Leading blocks wholly before the window of position ``n_cached`` (0 where none are given back)."""
         return max(0, n_cached - self.window + 1) // self.cfg.block_size if self.window else 0
 
+    def _release_all(self, r: Request) -> None:
+        """Give back every block r holds, its chain's blocks given back behind its window (still cached) then put
+        in the order a chain leaves the cache, its tail first (``BlockAllocator.reorder``)."""
+        self.alloc.release(self._held(r))
+        if r.released:
+            self.alloc.reorder(r.keys[:r.released])
+
     def _held(self, r: Request) -> list[int]:
         """r's blocks it holds a reference to (not those given back behind a window)."""
         return r.blocks[r.released:]
@@ -403,7 +410,7 @@ class Engine:
 
     def _preempt(self, r: Request) -> None:
         self.running.remove(r)
-        self.alloc.release(self._held(r))
+        self._release_all(r)
         self._free_slot(r)
         r.blocks, r.keys, r.n_cached, r.n_shared, r.mtp_len, r.h_prev = [], [], 0, 0, 0, None
         r.released = 0
@@ -641,7 +648,7 @@ class Engine:
     def _finish(self, r: Request, reason: str, emit: bool) -> None:
         if r in self.running:
             self.running.remove(r)
-        self.alloc.release(self._held(r))
+        self._release_all(r)
         self._free_slot(r)
         r.blocks, r.done = [], True
         self.metrics.requests.labels(reason).inc()

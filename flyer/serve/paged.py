@@ -211,6 +211,15 @@ class BlockAllocator:
                 else:
                     self.free.append(b)
 
+    def reorder(self, keys: Sequence[str]) -> None:
+        """The cached, unreferenced blocks of a chain's ``keys`` (leading blocks) made the newest, its head last:
+        given back a block at a time from the head (behind a sliding window), its head would go first and leave the
+        rest cached and unreachable (``release``'s order, for a chain given back over many steps)."""
+        for key in reversed(keys):
+            b = self.block_of.get(key)
+            if b is not None and b in self.lru:
+                self.lru.move_to_end(b)
+
     def match(self, tokens: Sequence[int], max_blocks: int) -> tuple[list[int], list[str]]:
         """Cached blocks holding the leading full blocks of ``tokens`` (at most ``max_blocks``),
         each with one more reference, and their chain keys."""
