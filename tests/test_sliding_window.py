@@ -351,8 +351,61 @@ def test_a_chain_given_back_behind_the_window_leaves_the_cache_tail_first():
         eng.submit(prompt, SamplingOptions(max_tokens=4), events.append)
         eng.run_until_idle()
         answers.append((events[0].cached_tokens, [e.token for e in events]))
-    # the long row's 16 full blocks cached, 4 blocks free: the other prompt's 6 blocks take the 4 and its tail's 2
-    assert [c for c, _ in answers] == [0, 0, 56] and answers[2][1] == answers[0][1]
+    # the long row's 16 full blocks cached, 4 blocks free: the other prompt's 6 blocks take the 4, then the blocks it
+    # gives back behind its own window (evicted first), not the long chain's: the long prompt finds all 15 it can use
+    assert [c for c, _ in answers] == [0, 0, 60] and answers[2][1] == answers[0][1]
+
+
+def test_identical_rows_longer_than_the_pool_share_the_head_of_the_chain():
+    """Identical prompts longer than the pool, submitted together: the later ones wait for the first's prefill and
+    share the head of its chain, which stays cached while the blocks given back behind the window are evicted
+    first (before, the head went first: they waited for nothing and shared no block)."""
+    torch.manual_seed(0)
+    model = Transformer(_gqa(3, (0, 1, 2, 3))).eval()
+    per_token = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4
+    prompt = [(5 + 7 * i) % V for i in range(71)]
+    ref = generate(model, [prompt], GenerationConfig(max_new_tokens=10, cache_dtype=torch.float32)).tokens[0]
+    eng = Engine(model, EngineConfig(kv_cache_bytes=16 * 4 * per_token, block_size=4, prefill_chunk=8,
+                                     cache_dtype=torch.float32))
+    events = [[] for _ in range(3)]
+    for ev in events:
+        eng.submit(prompt, SamplingOptions(max_tokens=10), ev.append)
+    eng.run_until_idle()
+    assert all([e.token for e in ev] == ref for ev in events) and eng.alloc.used == 0
+    assert events[0][0].cached_tokens == 0 and min(ev[0].cached_tokens for ev in events[1:]) > 0
+
+
+def test_blocks_given_back_behind_a_window_are_evicted_first_deepest_first():
+    """``release(evict_first=True)`` (``_release_behind``): a chain's blocks given back behind a window leave the
+    cache before other cached blocks, the deepest first, one call's as several calls'; a prompt waiting for a
+    running one's chain stops waiting once its head is evicted (it would share none of it)."""
+    from flyer.serve.paged import BlockAllocator  # the allocator alone
+
+    alloc = BlockAllocator(7, 4)
+    blocks = [alloc.allocate() for _ in range(6)]
+    for i, b in enumerate(blocks):
+        alloc.register(b, f"k{i}")
+    alloc.release(blocks[5:])  # another prompt's, cached before
+    alloc.release(blocks[:2], evict_first=True)
+    alloc.release(blocks[2:4], evict_first=True)
+    assert [alloc.allocate() for _ in range(5)] == [blocks[i] for i in (3, 2, 1, 0, 5)]
+
+    torch.manual_seed(0)
+    model = Transformer(_gqa(3, (0, 1, 2, 3))).eval()
+    per_token = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4
+    eng = Engine(model, EngineConfig(kv_cache_bytes=16 * 4 * per_token, block_size=4, prefill_chunk=8,
+                                     cache_dtype=torch.float32))
+    prompt = [(5 + 7 * i) % V for i in range(71)]
+    eng.submit(prompt, SamplingOptions(max_tokens=4), lambda e: None)
+    while not eng.running or eng.running[0].released < 2:
+        eng.step()
+    eng.submit(prompt, SamplingOptions(max_tokens=4), lambda e: None)
+    assert eng.admit() == 1  # the second waits for the first's blocks
+    taken = [eng.alloc.allocate() for _ in range(eng.alloc.available)]  # every cached block evicted, the head too
+    eng.alloc.release(taken)
+    assert eng.admit() == 2
+    eng.run_until_idle()
+    assert eng.alloc.used == 0
 
 
 def test_sliding_flops_count_each_querys_window():

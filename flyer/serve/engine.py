@@ -342,6 +342,8 @@ class Engine:
         for q in self.running:
             if len(q.tokens) - q.n_cached <= 1 or len(q.keys) >= limit:
                 continue  # decoding, or its blocks r could share are registered already
+            if q.released and not self.disk and self.alloc.block_of.get(q.keys[0]) is None:
+                continue  # its head, given back behind its window, is evicted: r could share none of its chain
             common = 0  # leading full blocks of equal tokens
             span = slice(0, bs)
             while common < limit and r.tokens[span] == q.tokens[span]:
@@ -381,7 +383,8 @@ class Engine:
         it stays cached for a later prompt with the same prefix, and the disk tier stored it then."""
         end = self._behind(r.n_cached)
         if end > r.released:
-            self.alloc.release(r.blocks[r.released:end])
+            # evicted before other cached blocks, the deepest first: the chain's head stays cached the longest
+            self.alloc.release(r.blocks[r.released:end], evict_first=True)
             r.blocks[r.released:end] = [NULL_BLOCK] * (end - r.released)
             r.released = end
 

@@ -199,15 +199,20 @@ class BlockAllocator:
                 del self.lru[block]
                 self.free.append(block)
 
-    def release(self, blocks: Sequence[int]) -> None:
+    def release(self, blocks: Sequence[int], evict_first: bool = False) -> None:
         """Drop one reference to each block of a table; unreferenced blocks stay cached when keyed, else free. Last
         block first: a chain is found from its head, so its tail is the first to go when memory is needed (its head
-        first would leave the rest cached and unreachable)."""
-        for b in reversed(blocks):
+        first would leave the rest cached and unreachable). ``evict_first``: a chain's leading blocks given back
+        behind a sliding window, a few at a time, go first of the cached ones, these before those given back
+        earlier (deeper in the chain), so the chain's head stays cached the longest and other prompts' cached
+        blocks are not flushed by a row longer than the pool."""
+        for b in (blocks if evict_first else reversed(blocks)):
             self.refs[b] -= 1
             if self.refs[b] == 0:
                 if b in self.key_of:
                     self.lru[b] = None
+                    if evict_first:
+                        self.lru.move_to_end(b, last=False)
                 else:
                     self.free.append(b)
 
