@@ -91,7 +91,7 @@ class DiskTier:
             keys.append(mem_keys[i])
             end = behind(len(blocks) * bs) if behind else 0
             if end > gone:
-                self.alloc.release([x for x in blocks[gone:end] if x != NULL_BLOCK])
+                self.alloc.release([x for x in blocks[gone:end] if x != NULL_BLOCK], evict_first=True)
                 blocks[gone:end] = [NULL_BLOCK] * (end - gone)
                 gone = end
 

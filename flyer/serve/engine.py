@@ -285,7 +285,7 @@ class Engine:
             need = math.ceil(len(r.tokens) / bs) - len(blocks)
             behind = self._behind(len(blocks) * bs)
             if behind:  # a long cached prefix: only its window's blocks stay held (``extend`` gave back some)
-                self.alloc.release([b for b in blocks[:behind] if b != NULL_BLOCK])
+                self.alloc.release([b for b in blocks[:behind] if b != NULL_BLOCK], evict_first=True)
                 blocks[:behind] = [NULL_BLOCK] * behind
             if self.window:  # taken as its prefill reaches them (``_plan_prefill``): admitted where the most it
                 # holds fits beside what the running requests may still take (a block two of them share counted for

@@ -202,10 +202,10 @@ class BlockAllocator:
     def release(self, blocks: Sequence[int], evict_first: bool = False) -> None:
         """Drop one reference to each block of a table; unreferenced blocks stay cached when keyed, else free. Last
         block first: a chain is found from its head, so its tail is the first to go when memory is needed (its head
-        first would leave the rest cached and unreachable). ``evict_first``: a chain's leading blocks given back
-        behind a sliding window, a few at a time, go first of the cached ones, these before those given back
-        earlier (deeper in the chain), so the chain's head stays cached the longest and other prompts' cached
-        blocks are not flushed by a row longer than the pool."""
+        first would leave the rest cached and unreachable). ``evict_first``: blocks given back behind a sliding window
+        (a chain's leading ones, a few at a time) are evicted before any other cached block, the deepest first (a
+        call's before those of the calls before it), so the chain's head stays cached the longest and a row longer
+        than the pool does not flush other prompts' cached blocks."""
         for b in (blocks if evict_first else reversed(blocks)):
             self.refs[b] -= 1
             if self.refs[b] == 0:
@@ -217,9 +217,9 @@ class BlockAllocator:
                     self.free.append(b)
 
     def reorder(self, keys: Sequence[str]) -> None:
-        """The cached, unreferenced blocks of a chain's ``keys`` (leading blocks) made the newest, its head last:
-        given back a block at a time from the head (behind a sliding window), its head would go first and leave the
-        rest cached and unreachable (``release``'s order, for a chain given back over many steps)."""
+        """The cached, unreferenced blocks of a chain's ``keys`` (leading blocks) made the newest, its head last: at
+        a request's end, the blocks it gave back behind its window (``evict_first``) join its tail's order, and the
+        chain leaves the cache tail first, as one released at once."""
         for key in reversed(keys):
             b = self.block_of.get(key)
             if b is not None and b in self.lru:
