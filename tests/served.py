@@ -97,8 +97,9 @@ def handed_to_http(monkeypatch, *flags: str) -> tuple:
     return tuple(a for i, a in enumerate(args[:-1]) if i != 5)
 
 
-def handed_to_serve_http(monkeypatch, *flags: str) -> tuple:
-    """``handed_to_http``'s arguments of ``flyer.serve.cli.serve_http`` after its sockets, all of them."""
+def handed_to_serve_http(monkeypatch, *flags: str, source: tuple[str, ...] = ("--preset", "tiny")) -> tuple:
+    """``handed_to_http``'s arguments of ``flyer.serve.cli.serve_http`` after its sockets, all of them (``source``:
+    the model's flags)."""
     handed = []
 
     class Context:
@@ -107,7 +108,7 @@ def handed_to_serve_http(monkeypatch, *flags: str) -> tuple:
             raise _Started
     monkeypatch.setattr(serve_cli.multiprocessing, "get_context", lambda method: Context())
     with pytest.raises(_Started):
-        main(["serve", "--preset", "tiny", "--device", "cpu", "--port", "0", "--kv-cache-memory", "1M",
+        main(["serve", *source, "--device", "cpu", "--port", "0", "--kv-cache-memory", "1M",
               "--threads", "1", "--expert-threads", "1", *flags])
     link, sock, *args = handed.pop()
     link.close()

@@ -408,6 +408,30 @@ def test_blocks_given_back_behind_a_window_are_evicted_first_deepest_first():
     assert eng.alloc.used == 0
 
 
+def test_flyer_serve_hands_the_window_to_the_http_side_and_says_when_the_cache_holds_less(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """``flyer serve --ckpt`` of a Mistral checkpoint (window 5): the HTTP side's ``Limits`` know the most a request
+    holds, so any row up to the context is taken where the cache holds that; where it holds less, the one running
+    the server is told once what is refused and which flags help (clients see only the refusals)."""
+    from served import handed_to_serve_http  # the serve CLI, stopped where it would start its HTTP process
+
+    from tests.hf_models import build  # a tiny random transformers Mistral
+
+    build("mistral", tmp_path / "m")
+    flags = ("--block-size", "4", "--prefill-chunk", "8")
+    for memory, capacity in (("12K", 3), ("16K", 4)):
+        limits = handed_to_serve_http(monkeypatch, "--kv-cache-memory", memory, *flags,
+                                      source=("--ckpt", str(tmp_path / "m")))[0]
+        # the window 5 and chunks of 8 reach 12 positions: 4 blocks of 4, however they fall
+        assert (limits.capacity, limits.window_blocks) == (capacity, 4)
+        assert limits.room == (capacity * 4 if capacity < 4 else limits.max_seq_len)
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flyer serve: every layer")]
+        assert said == ([] if capacity == 4 else [
+            "flyer serve: every layer slides: a request holds up to 4 blocks (its window and a --prefill-chunk of 8), "
+            "more than the cache's 3, so rows past 3 blocks are refused: raise --kv-cache-memory or lower "
+            "--prefill-chunk"])
+
+
 def test_sliding_flops_count_each_querys_window():
     """A sliding layer's attention FLOPs per token: 2 H (qk + v) times the mean of min(window, t + 1) over the
     positions (non-causal: min(window, S)); the full layer and the MTP block as before."""

@@ -148,6 +148,11 @@ def _run(args) -> int:
         engine = Engine(model, cfg, tokenizer=tok)  # tok: structured outputs' grammars (flyer.serve.grammar)
     except FieldError as e:
         raise _as_flags(e) from None
+    if engine.window_blocks > engine.alloc.capacity:  # said once to whoever runs it: clients see only refusals
+        print(f"flyer serve: every layer slides: a request holds up to {engine.window_blocks} blocks (its window and "
+              f"a --prefill-chunk of {cfg.prefill_chunk}), more than the cache's {engine.alloc.capacity}, so rows "
+              f"past {engine.alloc.capacity} blocks are refused: raise --kv-cache-memory or lower --prefill-chunk",
+              file=sys.stderr, flush=True)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     if (line := open_warning(host, args.api_key)) is not None:
