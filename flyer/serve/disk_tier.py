@@ -62,14 +62,14 @@ class DiskTier:
         # what a V4 snapshot file holds (the same names and shapes as ``flyer generate``'s)
         self.snapshot = snapshot_expect(cache, mtp_cache, hidden) if self.hybrid else None
 
-    def extend(self, tokens: Sequence[int], blocks: list[int], keys: list[str],
-               behind: Callable[[int], int] | None = None, most: int = 0) -> None:
+    def extend(self, tokens: Sequence[int], blocks: list[int], keys: list[str], behind: Callable[[int], int],
+               most: int) -> None:
         """Extend the shared blocks ``blocks`` (with their in-memory ``keys``) of a prompt ``tokens`` with the blocks
-        on disk, while the pool has room for the rest of the prompt too; each is keyed for sharing as a computed
-        one is. At most the full blocks before the last token (its logits pick the next token). A model whose every
-        layer slides: ``behind(n)`` leading blocks, wholly behind position n's window, are given back as it goes
-        (``NULL_BLOCK`` in ``blocks``; still cached), and the room it needs is what the request may still take of
-        ``most``, the most blocks it holds at once."""
+        on disk, while the pool has room for what the request may still take (the rest of the prompt, and no more
+        than ``most``, the most blocks it holds at once); each is keyed for sharing as a computed one is. At most the
+        full blocks before the last token (its logits pick the next token). ``behind(n)`` leading blocks, wholly
+        behind position n's window (0 but where every layer slides), are given back as it goes (``NULL_BLOCK`` in
+        ``blocks``; still cached)."""
         bs = self.bs
         limit = (len(tokens) - 1) // bs
         if len(blocks) >= limit:
@@ -79,7 +79,7 @@ class DiskTier:
         gone = 0  # leading entries given back
         for i in range(len(blocks), limit):
             rest = math.ceil(len(tokens) / bs) - len(blocks)
-            if self.alloc.available < (min(rest, most - (len(blocks) - gone)) if behind else rest):
+            if self.alloc.available < min(rest, most - (len(blocks) - gone)):
                 return
             blk = self._read(disk_keys[i], tokens[i * bs:(i + 1) * bs], i)
             if blk is None:
@@ -89,7 +89,7 @@ class DiskTier:
             self.alloc.register(b, mem_keys[i])
             blocks.append(b)
             keys.append(mem_keys[i])
-            end = behind(len(blocks) * bs) if behind else 0
+            end = behind(len(blocks) * bs)
             if end > gone:
                 self.alloc.release([x for x in blocks[gone:end] if x != NULL_BLOCK], evict_first=True)
                 blocks[gone:end] = [NULL_BLOCK] * (end - gone)

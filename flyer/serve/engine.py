@@ -79,7 +79,8 @@ from flyer.serve.metrics import ServeMetrics
 from flyer.serve.paged import NULL_BLOCK
 from flyer.serve.pool import build_pool
 # the request-side types, importable from here as well (tests, benchmarks, ``flyer.serve.cli``)
-from flyer.serve.request import EngineConfig, Limits, QueueFull, Request, SamplingOptions, TokenEvent
+from flyer.serve.request import (EngineConfig, Limits, QueueFull, Request, SamplingOptions, TokenEvent,
+                                 most_blocks)
 from flyer.serve.speculation import MtpSpeculator
 
 
@@ -277,7 +278,7 @@ class Engine:
                 blocks, keys = self.alloc.match(r.tokens, limit)
                 in_memory = len(blocks)
                 if self.disk:  # (every layer sliding: holding its window's blocks only as it loads)
-                    self.disk.extend(r.tokens, blocks, keys, *((self._behind, self._most(r)) if self.window else ()))
+                    self.disk.extend(r.tokens, blocks, keys, self._behind, self._most(r))
                 if self.snapshots:  # usable up to the deepest snapshot (in memory, else on disk: ``on_disk``)
                     files = self.disk.snapshot_files(r.tokens, on_disk) if self.disk else None
                     blocks, keys, plan = self.snapshots.usable(blocks, keys, limit, files)
@@ -390,7 +391,7 @@ class Engine:
 
     def _most(self, r: Request) -> int:
         """The most blocks r holds at once (``Limits.blocks``)."""
-        return self.limits.blocks(len(r.prompt) + r.opts.max_tokens)
+        return most_blocks(len(r.prompt) + r.opts.max_tokens, self.cfg.block_size, self.window_blocks)
 
     def _behind(self, n_cached: int) -> int:
         """Leading blocks wholly before the window of position ``n_cached`` (0 where none are given back)."""

@@ -55,9 +55,8 @@ class Limits:
     window_blocks: int = 0  # the most blocks a request of a model whose every layer slides holds (0: its row's)
 
     def blocks(self, n_tokens: int) -> int:
-        """The most blocks a request of ``n_tokens`` (prompt and new) holds at once."""
-        need = math.ceil(n_tokens / self.block_size)
-        return min(need, self.window_blocks) if self.window_blocks else need
+        """The most blocks a request of ``n_tokens`` (prompt and new) holds at once (``most_blocks``)."""
+        return most_blocks(n_tokens, self.block_size, self.window_blocks)
 
     @property
     def room(self) -> int:
@@ -101,6 +100,13 @@ class Limits:
         if need > self.capacity:
             raise FieldError("max_tokens", f"a {len(prompt)}-token prompt and {opts.max_tokens} new tokens need "
                                            f"{need} cache blocks; the server's cache holds {self.capacity}")
+
+
+def most_blocks(n_tokens: int, block_size: int, window_blocks: int) -> int:
+    """The most blocks a request of ``n_tokens`` (prompt and new) holds at once: its row's, at most ``window_blocks``
+    where a model's every layer slides (0: no bound)."""
+    need = math.ceil(n_tokens / block_size)
+    return min(need, window_blocks) if window_blocks else need
 
 
 @dataclass
