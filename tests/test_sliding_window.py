@@ -17,6 +17,8 @@ from flyer.cluster.costs import Layout, gqa_attention_saved_bytes, memory_per_gp
 from flyer.config import preset
 from flyer.errors import ConfigError, FieldError
 from flyer.infer import GenerationConfig, generate
+from flyer.infer.attention import Rows, _grouped_attention, causal_slot_mask
+from flyer.infer.cache import KVCache
 from flyer.infer.decoder import Decoder
 from flyer.interop.export import export_model
 from flyer.interop.export_config import hf_model_type
@@ -31,6 +33,7 @@ from flyer.model.transformer import Transformer
 from flyer.parallel.memory import saved_bytes
 from flyer.serve.disk_tier import open_disk_prefix_cache
 from flyer.serve.engine import Engine, EngineConfig, SamplingOptions
+from flyer.serve.paged import NULL_BLOCK, PagedCache
 from tests.hf_models import make_tokenizer
 
 V = 64
@@ -177,6 +180,53 @@ def test_the_decode_cache_and_the_engine_slide_as_the_training_forward():
         assert outs == ref, (blocks, speculative, fixed)
         assert eng.alloc.used == 0
     assert eng.alloc.hits > 0  # the last prompt shares the third's first blocks
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_a_sliding_layer_reads_each_rows_windows_alone(paged):
+    """A sliding layer past its window reads each row's last window + T - 1 slots (``Rows.window_read``), through a
+    contiguous cache or a paged one's tables, and attends as each query's exact window does, within the FP32 bound
+    of that sum (``_band_reference``'s). Rows: a chunk deep in the context, a short row (its span from slot 0), and
+    a row whose padding is clamped at the last slot (its span runs past ``n_slots``, masked, not read twice).
+    What lies behind each span is NaN (a paged row's blocks there given back to the null block): never read."""
+    torch.manual_seed(0)
+    W, T, Hkv, group, d, bs, S = 6, 4, 2, 2, 8, 4, 40
+    pos = torch.tensor([[30, 31, 32, 33], [2, 3, 4, 5], [37, 38, 39, 39]])
+    lo = (pos[:, 0] - W + 1).clamp(min=0)
+    keys, values = torch.randn(3, S, Hkv, d), torch.randn(3, S, Hkv, d)
+    q = torch.randn(3, T, Hkv * group, d)
+    for b in range(3):
+        keys[b, :lo[b]], values[b, :lo[b]] = float("nan"), float("nan")
+    if paged:
+        tables = torch.stack([torch.randperm(S // bs * 3)[:S // bs] + 1 for _ in range(3)])
+        for b in range(3):
+            tables[b, :lo[b] // bs] = NULL_BLOCK  # given back behind the window
+        cache = PagedCache(KVCache(1, 3 * S // bs + 1, bs, Hkv, d, d, torch.float32)).view(tables)
+        cache.pool.tensors["key"].fill_(float("nan"))  # the null block and every block no row holds
+        cache.pool.tensors["value"].fill_(float("nan"))
+        live = torch.arange(S).expand(3, S)[:, lo.min():]
+        live = torch.where(live >= lo.view(-1, 1), live, pos[:, :1])  # rewrite a real slot, never the null block
+        rows_b = torch.arange(3).view(-1, 1)
+        cache.write(0, live, key=keys[rows_b, live], value=values[rows_b, live])
+    else:
+        cache = KVCache(1, 3, S, Hkv, d, d, torch.float32)
+        cache.tensors["key"][0], cache.tensors["value"][0] = keys, values
+    rows = Rows(pos, torch.zeros(1), torch.zeros(1), S, causal_slot_mask(pos, S))
+    slots, mask = rows.window_read(W)
+    assert slots.shape == (3, W + T - 1) and slots[1, 0] == 0 and slots[2, -1] == S
+    k, v = (cache.read_slots(0, name, slots, torch.float32, heads_first=True) for name in ("key", "value"))
+    got = _grouped_attention(q, k, v, mask, d ** -0.5, group, torch.nn.Identity()).view(3, T, Hkv * group, d)
+    for b in range(3):
+        for t in range(T):
+            p = int(pos[b, t])
+            seen = slice(max(0, p - W + 1), p + 1)
+            kk, vv = (x[b, seen].repeat_interleave(group, dim=1).transpose(0, 1).double() for x in (keys, values))
+            qq = q[b, t].double().unsqueeze(1)  # (H, 1, d)
+            prob = (qq @ kk.transpose(-1, -2) * d ** -0.5).softmax(-1)
+            exact = (prob @ vv).squeeze(1)
+            d_max = ((d + 1) * FP32_U * d ** -0.5 * (qq.abs() @ kk.abs().transpose(-1, -2))).amax(-1)
+            bound = (2 * d_max + (W + T - 1 + 8) * FP32_U) * (prob @ vv.abs()).squeeze(1)
+            assert ((got[b, t].double() - exact).abs() <= bound).all(), (b, t)
 
 
 def test_a_model_sliding_every_layer_gives_back_the_blocks_behind_its_window(tmp_path):

@@ -36,6 +36,9 @@ in the form ``dense_prefill_pays`` picks).
 The indexer of a decode-shaped call on the CPU scores the cached index keys where they lie, BF16, FP32 or FP8
 (``dsa_index_scores``), rather than a new FP32 copy of them.
 
+A sliding GQA layer past its window reads each row's last window + T - 1 slots alone (``Rows.window_read``), so
+its decode step costs the window, not the context (``bench/window_decode.py``).
+
 Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope dim.
 """
 
@@ -114,6 +117,26 @@ class Rows:
             slots = torch.arange(self.n_slots, device=self.pos.device)
             self._windows[window] = self.mask & (slots.view(1, 1, -1) > self.pos.unsqueeze(-1) - window).unsqueeze(1)
         return self._windows[window]
+
+    def window_read(self, window: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A sliding layer's read, where narrower than every slot from ``first``: (slots (B, S_w) int64, mask
+        (B, 1, T, S_w)), row b reading the S_w = window + T - 1 slots from its first query's window on (from
+        ``first`` where that is later), so a decode step costs the window, not the context. Each query's whole
+        window lies in its row's span; a span slot past ``n_slots`` (a row whose padding runs to the end) is
+        masked. None where the span is no narrower (``window_mask`` over every slot). Made once per forward."""
+        if ("read", window) not in self._windows:
+            T, first = self.pos.shape[1], self.first
+            width = window + T - 1
+            span = None
+            if width < self.n_slots - first:
+                lo_B = (self.pos.amin(dim=1) - window + 1).clamp(min=first)
+                slots = lo_B.view(-1, 1) + torch.arange(width, device=self.pos.device)
+                inside = slots < self.n_slots
+                seen = self.window_mask(window).gather(-1, slots.clamp(max=self.n_slots - 1).view(-1, 1, 1, width)
+                                                       .expand(-1, 1, T, -1))
+                span = slots, seen & inside.view(-1, 1, 1, width)
+            self._windows["read", window] = span
+        return self._windows["read", window]
 
     def attended(self, kv: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv`` (slots on ``dim``) and the mask from slot ``first`` on. The slots before hold
@@ -420,23 +443,33 @@ def gqa_cached(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache,
     q = attn.queries(x_BTD, rows.cos, rows.sin)
     key, val = attn.keys_values(x_BTD, rows.cos, rows.sin)
     cache.write(layer, rows.pos, key=key, value=val)
+    group = attn.n_heads // attn.n_kv_heads
+    span = rows.window_read(attn.window) if attn.window else None
+    if span is not None:  # a sliding layer past its window reads the slots its queries' windows cover
+        slots, mask = span
+        k, v = (cache.read_slots(layer, name, slots, q.dtype, heads_first=True) for name in ("key", "value"))
+        return _grouped_attention(q, k, v, mask, attn.softmax_scale, group, attn.wo)
     # a sliding layer keeps every slot cached and masks those out of its window
     mask = rows.window_mask(attn.window)[..., rows.first:] if attn.window else None
-    return _per_head_attention(q, cache, layer, rows, attn.softmax_scale, attn.n_heads // attn.n_kv_heads,
-                               wo=attn.wo, mask_B1TS=mask)
+    return _per_head_attention(q, cache, layer, rows, attn.softmax_scale, group, wo=attn.wo, mask_B1TS=mask)
 
 
 def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, rows: Rows, scale: float,
                         group: int, wo: nn.Module, mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
     """``wo``: the output projection; ``mask_B1TS``: the attended slots' mask when not the causal one (DSA's
     selection)."""
-    B, T, H, _ = q_BTHK.shape
     S = rows.n_slots
     k, mask = rows.attended(cache.read(layer, "key", S, q_BTHK.dtype, heads_first=True), dim=2)  # (B, Hkv, S', dk)
-    if mask_B1TS is not None:
-        mask = mask_B1TS
     v, _ = rows.attended(cache.read(layer, "value", S, q_BTHK.dtype, heads_first=True), dim=2)  # (B, Hkv, S', dv)
-    S -= rows.first
+    return _grouped_attention(q_BTHK, k, v, mask if mask_B1TS is None else mask_B1TS, scale, group, wo)
+
+
+def _grouped_attention(q_BTHK: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                       group: int, wo: nn.Module) -> torch.Tensor:
+    """Queries (B, T, H, dk) against keys (B, Hkv, S, dk) and values (B, Hkv, S, dv) under ``mask`` (B, 1, T, S),
+    then ``wo``."""
+    B, T, H, _ = q_BTHK.shape
+    S = k.shape[2]
     # queries of one KV group share its keys: (B, Hkv, group*T, dk) against (B, Hkv, S, dk)
     Hkv = H // group
     q = q_BTHK.view(B, T, Hkv, group, -1).permute(0, 2, 3, 1, 4).reshape(B, Hkv, group * T, -1)

@@ -45,6 +45,7 @@ class _SlotCache:
         self.n_layers, self.batch, self.max_len = first.shape[:3]
         self.lengths = torch.zeros(self.batch, dtype=torch.long, device=first.device)
         self._flat: dict[tuple[str, int], torch.Tensor] = {}  # ``flat_storage``'s views of the current tensors
+        self._span: tuple = ()  # (slots, their flat indices) of the last ``read_slots``: every layer reads the same
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,6 +101,16 @@ class _SlotCache:
         elif t.dtype == dtype:
             return t  # a strided view is fine for batched matmul
         return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+    def read_slots(self, layer: int, name: str, slots_BS: torch.Tensor, dtype: torch.dtype,
+                   heads_first: bool = False) -> torch.Tensor:
+        """``read`` of row b's slots ``slots_BS[b]`` (int64; a sliding layer's span, ``Rows.window_read``), not
+        [0, n_slots): (B, S, ...) or (B, H, S, d). A slot past the cache reads its last (the caller masks it)."""
+        if not (self._span and self._span[0] is slots_BS):
+            rows = torch.arange(self.batch, device=slots_BS.device).view(-1, 1) * self.max_len
+            self._span = (slots_BS, rows + slots_BS.clamp(max=self.max_len - 1))
+        t = self.flat_storage(name, layer)[self._span[1]]
+        return (t.transpose(1, 2) if heads_first else t).to(dtype)
 
 
 def _index_keys(n_layers: int, batch: int, max_len: int, index_dim: int, dtype: torch.dtype,

@@ -50,6 +50,7 @@ class PagedCache:
         self._slot_cache: torch.Tensor | None = None
         self._read_key: tuple = ()  # (n_slots, tables) the cached read index was computed for
         self._read_index: torch.Tensor | None = None
+        self._span: tuple = ()  # (slots, tables, flat indices) of the last ``read_slots``
 
     def view(self, tables: torch.Tensor, write_from: torch.Tensor | None = None) -> PagedCache:
         """The same pool addressed through ``tables`` (one batch of a packed forward). ``write_from``
@@ -126,6 +127,18 @@ class PagedCache:
 
     def read(self, layer: int, name: str, n_slots: int, dtype: torch.dtype, heads_first: bool = False) -> torch.Tensor:
         t = self._gather(name, layer, n_slots)
+        return (t.transpose(1, 2) if heads_first else t).to(dtype)
+
+    def read_slots(self, layer: int, name: str, slots_BS: torch.Tensor, dtype: torch.dtype,
+                   heads_first: bool = False) -> torch.Tensor:
+        """``read`` of row b's slots ``slots_BS[b]`` (a sliding layer's span, ``flyer.infer.attention.Rows``), through
+        the tables: the blocks given back behind a window are never read. A slot past the tables reads their last
+        block (the caller masks it). The flat indices are made once per forward, every layer reading the same."""
+        if not (self._span and self._span[0] is slots_BS and self._span[1] is self.tables):
+            bs = self.block_size
+            blk = self.tables.gather(1, (slots_BS // bs).clamp(max=self.tables.shape[1] - 1))
+            self._span = (slots_BS, self.tables, blk * bs + slots_BS % bs)
+        t = self.pool.flat_storage(name, layer)[self._span[2]]
         return (t.transpose(1, 2) if heads_first else t).to(dtype)
 
 
