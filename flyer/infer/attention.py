@@ -36,8 +36,11 @@ in the form ``dense_prefill_pays`` picks).
 The indexer of a decode-shaped call on the CPU scores the cached index keys where they lie, BF16, FP32 or FP8
 (``dsa_index_scores``), rather than a new FP32 copy of them.
 
-A sliding GQA layer past its window reads each row's last window + T - 1 slots alone (``Rows.window_read``), so
-its decode step costs the window, not the context (``bench/window_decode.py``).
+GQA (``gqa_cached``) scores a decode step (one new token) eagerly; more new tokens (prefill chunks, MTP drafts) run one
+fused attention reading the KV heads grouped (``_fused_grouped``), never (H x T x S) FP32 scores: a whole prompt in
+one forward costs memory in T, not T^2 (``bench/gqa_prefill.py``). A sliding GQA layer past its window reads each
+row's last window + T - 1 slots alone (``Rows.window_read``), so its decode step costs the window, not the context
+(``bench/window_decode.py``).
 
 Shapes: B rows, T new tokens, S attended slots, H heads, C kv_lora_rank, R rope dim.
 """
@@ -48,13 +51,14 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flyer import kernels
 from flyer.infer import indexer_fp8
 from flyer.infer.cache import KVCache, LatentCache
 from flyer.infer.cache_fp8 import FP8
-from flyer.model.attention import causal_attention
+from flyer.model.attention import causal_attention, windowed_attention
 from flyer.model.dsa_chunks import absorbed_attend, absorbed_weight
 from flyer.model.hybrid_chunks import entry_picks
 from flyer.model.lowp import as_dtype
@@ -73,7 +77,9 @@ def causal_slot_mask(pos_BT: torch.Tensor, n_slots: int, first: int = 0) -> torc
 class Rows:
     """Where a batch's new tokens sit, shared by every layer of one forward: their cache slots
     ``pos`` (B, T), the rope tables at their positions (B, T, 1, R), the slots attended (``n_slots``
-    = max slot + 1) and the causal mask (B, 1, T, n_slots). A slot is the token's position, or the
+    = max slot + 1) and the causal mask (B, 1, T, n_slots; made on first use where not given: a whole prompt's
+    first chunk needs none, its fused attention applies it, and T x n_slots bools grow as the square of a long
+    prompt). A slot is the token's position, or the
     position + ``first`` in a cache whose first ``first`` slots hold nothing (the server's MTP
     cache: ``flyer.serve.speculation``, ``flyer.serve.graphs``). ``selected``: DSA's selection
     (``dsa_selection``) of the last layer with an indexer in this forward, which GLM-5's shared layers after it
@@ -83,11 +89,18 @@ class Rows:
     cos: torch.Tensor
     sin: torch.Tensor
     n_slots: int
-    mask: torch.Tensor
+    given_mask: torch.Tensor | None = None
     first: int = 0
     selected: torch.Tensor | None = None
     _picks: tuple = field(default=(), init=False, repr=False, compare=False)  # (selected, slots, valid)
     _windows: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # window -> its mask
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, n_slots) bool: the one given, else slot s visible to the query in slot p iff first <= s <= p."""
+        if self.given_mask is None:
+            self.given_mask = causal_slot_mask(self.pos, self.n_slots, self.first)
+        return self.given_mask
 
     def selected_slots(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``selected`` as each query's slots (B, T, k) int64, ascending, and which of them hold a selected
@@ -142,7 +155,16 @@ class Rows:
         """``kv`` (slots on ``dim``) and the mask from slot ``first`` on. The slots before hold
         nothing; leaving them out of the sums, not just masking them, keeps the sums' shapes, so
         their bits: a masked extra key changes how an SIMD softmax groups the others (AVX2)."""
-        return kv.narrow(dim, self.first, kv.shape[dim] - self.first), self.mask[..., self.first:]
+        return self.own(kv, dim), self.attended_mask
+
+    @property
+    def attended_mask(self) -> torch.Tensor:
+        """``attended``'s mask alone: from slot ``first`` on."""
+        return self.mask[..., self.first:]
+
+    def own(self, kv: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """``attended``'s ``kv`` alone (no mask made)."""
+        return kv.narrow(dim, self.first, kv.shape[dim] - self.first)
 
 
 def _softmax(scores_BHTS: torch.Tensor, mask_B1TS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -220,8 +242,8 @@ def _latent_attention(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tenso
     """Causal attention (B, T, H, v) of the queries over the latents ``rows`` see in ``cache``, in
     the form ``dense_prefill_pays`` picks."""
     if dense_prefill_pays(attn, q_nope.shape[1]):
-        kv_BSK, mask = rows.attended(cache.read_packed(layer, rows.n_slots, q_nope.dtype))  # [c | k_rope]
-        return mla_dense_core(attn, q_nope, q_rope, kv_BSK, None if rows.from_slot_zero else mask)
+        kv_BSK = rows.own(cache.read_packed(layer, rows.n_slots, q_nope.dtype))  # [c | k_rope]
+        return mla_dense_core(attn, q_nope, q_rope, kv_BSK, None if rows.from_slot_zero else rows.attended_mask)
     return mla_absorbed_cached(attn, q_nope, q_rope, cache, layer, rows)
 
 
@@ -266,7 +288,7 @@ def dsa_masked(attn: nn.Module, q_nope: torch.Tensor, q_rope: torch.Tensor, rows
                layer: int) -> torch.Tensor:
     """Attention (B, T, H, v) over every attended slot with the unselected masked (``rows.selected``), in the
     form ``dense_prefill_pays`` picks (the fused kernel ``mla_absorbed_cached`` takes no mask)."""
-    kv_BSK = rows.attended(cache.read_packed(layer, rows.n_slots, q_nope.dtype))[0]
+    kv_BSK = rows.own(cache.read_packed(layer, rows.n_slots, q_nope.dtype))
     core = mla_dense_core if dense_prefill_pays(attn, q_nope.shape[1]) else mla_absorbed_core
     return core(attn, q_nope, q_rope, kv_BSK, rows.selected)
 
@@ -318,12 +340,12 @@ def dsa_index_scores(attn: nn.Module, x_BTD: torch.Tensor, q_latent_BTR: torch.T
     pool, tables = _index_key_blocks(cache, attn.index_row)
     if dense_prefill_pays(attn, x_BTD.shape[1]) or not kernels.index_scores_usable(pool):
         if fp8:
-            keys_BSK = rows.attended(cache.read(attn.index_row, "index_key", rows.n_slots, FP8))[0]
-            scales_BS = rows.attended(cache.read(attn.index_row, "index_key_scale", rows.n_slots, torch.float32))[0]
+            keys_BSK = rows.own(cache.read(attn.index_row, "index_key", rows.n_slots, FP8))
+            scales_BS = rows.own(cache.read(attn.index_row, "index_key_scale", rows.n_slots, torch.float32))
             q, w = indexer_fp8.index_queries(attn.indexer, x_BTD, q_latent_BTR, rows.cos, rows.sin,
                                              cache.index_rotation)
             return indexer_fp8.index_scores(q, w, keys_BSK, scales_BS.squeeze(-1))
-        keys_BSK = rows.attended(cache.read(attn.index_row, "index_key", rows.n_slots, torch.float32))[0]
+        keys_BSK = rows.own(cache.read(attn.index_row, "index_key", rows.n_slots, torch.float32))
         return attn.indexer.scores(x_BTD, q_latent_BTR, keys_BSK, rows.cos, rows.sin)
     if fp8:  # index_queries' weights carry d^-0.5: the kernel's scale is 1
         q, w = indexer_fp8.index_queries(attn.indexer, x_BTD, q_latent_BTR, rows.cos, rows.sin, cache.index_rotation)
@@ -439,19 +461,48 @@ def _naive_keys_values(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows) -> tupl
 
 def gqa_cached(attn: nn.Module, x_BTD: torch.Tensor, rows: Rows, cache: KVCache, layer: int) -> torch.Tensor:
     """Grouped-query attention against a per-KV-head cache (queries and keys as the training path
-    makes them: ``GQA.queries`` / ``GQA.keys_values``, head norms included; a sliding layer's ``window``)."""
+    makes them: ``GQA.queries`` / ``GQA.keys_values``, head norms included; a sliding layer's ``window``).
+    A decode step (T = 1) runs the eager core; more tokens (prefill chunks, MTP drafts) one fused attention
+    (``_fused_grouped``), never (H x T x S) FP32 scores: a whole prompt's first chunk causal as ATen applies it, or
+    a sliding layer's in windowed chunks as training runs it (``windowed_attention``)."""
     q = attn.queries(x_BTD, rows.cos, rows.sin)
     key, val = attn.keys_values(x_BTD, rows.cos, rows.sin)
     cache.write(layer, rows.pos, key=key, value=val)
-    group = attn.n_heads // attn.n_kv_heads
-    span = rows.window_read(attn.window) if attn.window else None
+    group, T, W = attn.n_heads // attn.n_kv_heads, x_BTD.shape[1], attn.window
+    span = rows.window_read(W) if W else None
     if span is not None:  # a sliding layer past its window reads the slots its queries' windows cover
         slots, mask = span
         k, v = (cache.read_slots(layer, name, slots, q.dtype, heads_first=True) for name in ("key", "value"))
+    else:
+        k, v = (rows.own(cache.read(layer, name, rows.n_slots, q.dtype, heads_first=True), dim=2)
+                for name in ("key", "value"))
+        if T > 1 and rows.from_slot_zero:  # the cached slots are the T new tokens' own: no mask made
+            if W and W < T:
+                k, v = (t.transpose(1, 2).repeat_interleave(group, dim=2) for t in (k, v))  # (B, T, H, d)
+                return attn.wo(windowed_attention(q, k, v, attn.softmax_scale, W).flatten(2))
+            return attn.wo(_fused_grouped(q, k, v, None, attn.softmax_scale, group))
+        # a sliding layer keeps every slot cached and masks those out of its window
+        mask = rows.window_mask(W)[..., rows.first:] if W else rows.attended_mask
+    if T == 1:
         return _grouped_attention(q, k, v, mask, attn.softmax_scale, group, attn.wo)
-    # a sliding layer keeps every slot cached and masks those out of its window
-    mask = rows.window_mask(attn.window)[..., rows.first:] if attn.window else None
-    return _per_head_attention(q, cache, layer, rows, attn.softmax_scale, group, wo=attn.wo, mask_B1TS=mask)
+    return attn.wo(_fused_grouped(q, k, v, mask, attn.softmax_scale, group))
+
+
+def _fused_grouped(q_BTHK: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_B1TS: torch.Tensor | None,
+                   scale: float, group: int) -> torch.Tensor:
+    """(B, T, H * dv): queries (B, T, H, dk) against keys (B, Hkv, S, dk) and values (B, Hkv, S, dv), each KV head
+    serving ``group`` query heads, in one fused attention (``mask_B1TS`` None: causal, T == S). Where the expert
+    threads split heads (``kernels.attention_splits``) each head gets its KV head's copy; else SDPA reads them
+    grouped."""
+    q = q_BTHK.transpose(1, 2)
+    if group > 1 and kernels.attention_splits(q, k, v):
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if k.shape[1] == q.shape[1]:
+        o = kernels.attention(q, k, v, scale, mask_B1TS)
+    else:
+        how = dict(is_causal=True) if mask_B1TS is None else dict(attn_mask=mask_B1TS)
+        o = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **how)
+    return o.transpose(1, 2).flatten(2)
 
 
 def _per_head_attention(q_BTHK: torch.Tensor, cache: KVCache, layer: int, rows: Rows, scale: float,

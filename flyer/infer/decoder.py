@@ -29,8 +29,7 @@ from typing import Collection
 
 import torch
 
-from flyer.infer.attention import (Rows, causal_slot_mask, dsa_absorbed, dsa_naive, gqa_cached, mla_absorbed,
-                                   mla_naive)
+from flyer.infer.attention import Rows, dsa_absorbed, dsa_naive, gqa_cached, mla_absorbed, mla_naive
 from flyer.infer.cache import make_cache
 from flyer.infer.hybrid_cache import HybridCache, hybrid_attention, hybrid_rows, hybrid_tables
 from flyer.model.experts import Experts
@@ -174,7 +173,7 @@ class Decoder:
 
     def _rows_at(self, pos_BT: torch.Tensor, n_slots: int, shift: int) -> Rows:
         slots = pos_BT + shift if shift else pos_BT
-        return Rows(slots, self.cos[pos_BT], self.sin[pos_BT], n_slots, causal_slot_mask(slots, n_slots, shift), shift)
+        return Rows(slots, self.cos[pos_BT], self.sin[pos_BT], n_slots, first=shift)  # its mask made where needed
 
     def _block(self, block: Block, x: torch.Tensor, cache, layer: int, rows: Rows) -> torch.Tensor:
         x = x + self._attend(block.attn, block.attn_norm(x), rows, cache, layer)

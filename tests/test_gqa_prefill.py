@@ -1,0 +1,90 @@
+"""GQA attention against a decode cache for more than one new token (prefill chunks, MTP drafts): one fused
+attention (``flyer.infer.attention._fused_grouped``: SDPA reading the KV heads grouped, or each head its KV head's copy
+where the expert threads split heads) within the FP32 bound of the exact sums, never the eager (H x T x S) scores;
+a prompt's first chunk causal, a sliding layer's in windowed chunks (``windowed_attention``)."""
+
+import pytest
+import torch
+from bounds import FP32_U, decode_logit_bound
+
+from flyer import kernels
+from flyer.config import preset
+from flyer.infer import attention
+from flyer.infer.attention import _fused_grouped, causal_slot_mask
+from flyer.infer.decoder import Decoder
+from flyer.model.transformer import Transformer
+
+
+def _exact(q, k, v, visible, scale):
+    """(exact attention (B, T, H, d) in FP64, the bound on an FP32 evaluation's error): a score is d products and a
+    scaling, off by (d + 1) u of its absolute terms, which moves each probability by at most 2 max|score error| of
+    itself; the output sums S keys, and an online softmax rescales its running sums at most once per key."""
+    group = q.shape[2] // k.shape[1]
+    qd = q.double().transpose(1, 2)
+    kd, vd = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    s = qd @ kd.transpose(-1, -2) * scale
+    p = s.masked_fill(~visible, float("-inf")).softmax(-1)
+    a = scale * (qd.abs() @ kd.abs().transpose(-1, -2))
+    d_max = ((q.shape[-1] + 1) * FP32_U * a).masked_fill(~visible, 0).amax(-1, keepdim=True)
+    S = k.shape[2]
+    bound = (2 * d_max + (2 * S + 16) * FP32_U) * (p @ vd.abs())
+    return (p @ vd).transpose(1, 2), bound.transpose(1, 2)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("group", [1, 4])
+def test_the_fused_grouped_attention_is_each_querys_within_the_fp32_bound(monkeypatch, split, group):
+    """Causal from slot 0 (no mask: ATen's causal kernel) and rows at other positions (their mask), each KV head
+    serving ``group`` query heads, on torch's thread or split over the expert threads (forced either way)."""
+    monkeypatch.setattr(kernels, "splits", lambda: split)
+    torch.manual_seed(0)
+    B, T, Hkv, d, S = 2, 24, 2, 16, 40
+    q = torch.randn(B, T, Hkv * group, d) * 3
+    k, v = torch.randn(B, Hkv, S, d), torch.randn(B, Hkv, S, d)
+    pos = torch.arange(S - T, S).expand(B, T).clone()
+    pos[1] -= 5
+    for mask, kk, vv in ((None, k[:, :, :T], v[:, :, :T]), (causal_slot_mask(pos, S), k, v)):
+        visible = causal_slot_mask(torch.arange(T).expand(B, T), T) if mask is None else mask
+        with torch.no_grad():
+            assert kernels.attention_splits(q.transpose(1, 2), q, q) == (split and kernels.cpu_ops() is not None)
+            got = _fused_grouped(q, kk, vv, mask, d ** -0.5, group).view(B, T, Hkv * group, d)
+        exact, bound = _exact(q, kk, vv, visible, d ** -0.5)
+        assert ((got.double() - exact).abs() <= bound).all()
+
+
+def _gqa(window: int = 0) -> Transformer:
+    sliding = dict(window_size=window, sliding_layers=(0, 1)) if window else {}
+    torch.manual_seed(1)
+    return Transformer(preset("tiny", vocab_size=64, attn="gqa", n_kv_heads=2, head_dim=32, **sliding)).eval()
+
+
+@pytest.mark.parametrize("window", [0, 5, 100])
+def test_prefill_chunks_attend_fused_and_decode_steps_eagerly(monkeypatch, window):
+    """A whole prompt (causal; a sliding layer's band in windowed chunks where the window is shorter), a later
+    chunk and decode steps give the training forward's logits within the bound, and only the decode steps (one
+    token) score eagerly."""
+    model = _gqa(window)
+    calls = {"eager": [], "windowed": 0}
+    eager, windowed = attention._grouped_attention, attention.windowed_attention
+
+    def counted_eager(q, *args):
+        calls["eager"].append(q.shape[1])
+        return eager(q, *args)
+
+    def counted_windowed(*args):
+        calls["windowed"] += 1
+        return windowed(*args)
+
+    monkeypatch.setattr(attention, "_grouped_attention", counted_eager)
+    monkeypatch.setattr(attention, "windowed_attention", counted_windowed)
+    row = torch.randint(0, 64, (1, 48))
+    with torch.no_grad():
+        want = model.head(model.norm(model.hidden(row)))
+    # a later chunk within the window's reach of slot 0 reads every slot, its window masked
+    for steps in ([(0, 30), (30, 46), (46, 47), (47, 48)], [(0, 3), (3, 48)]):
+        dec = Decoder(model, 1, 48, cache_dtype=torch.float32)
+        got = torch.cat([dec.forward(row[:, s:e], torch.tensor([s])) for s, e in steps], 1)
+        with torch.no_grad():
+            assert (model.head(model.norm(got)) - want).abs().max() <= decode_logit_bound(model, 48), steps
+    assert calls["eager"] == [1] * (2 * model.cfg.n_layers)
+    assert calls["windowed"] == (len(model.cfg.sliding_layers) if window == 5 else 0)  # 30 tokens > 5 only
