@@ -10,7 +10,7 @@ from bounds import FP32_U, decode_logit_bound
 from flyer import kernels
 from flyer.config import preset
 from flyer.infer import attention
-from flyer.infer.attention import _fused_grouped, causal_slot_mask
+from flyer.infer.attention import Rows, _fused_grouped, causal_slot_mask
 from flyer.infer.decoder import Decoder
 from flyer.model.transformer import Transformer
 
@@ -88,3 +88,30 @@ def test_prefill_chunks_attend_fused_and_decode_steps_eagerly(monkeypatch, windo
             assert (model.head(model.norm(got)) - want).abs().max() <= decode_logit_bound(model, 48), steps
     assert calls["eager"] == [1] * (2 * model.cfg.n_layers)
     assert calls["windowed"] == (len(model.cfg.sliding_layers) if window == 5 else 0)  # 30 tokens > 5 only
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_a_prompts_first_chunk_makes_no_mask(monkeypatch, attn):
+    """The causal mask (T x n_slots bools, the square of a whole prompt) is made only where an attention reads it,
+    once per forward: not for a prompt's first chunk (its fused attention is causal); for a later GQA chunk (an MLA
+    one the CPU kernel reads by position, where it runs, makes none)."""
+    torch.manual_seed(0)
+    # MLA with a latent wide enough that 60 queries take the compute-bound form (``dense_prefill_pays``)
+    model = _gqa() if attn == "gqa" else Transformer(preset("tiny", vocab_size=64, kv_lora_rank=128)).eval()
+    made, init = [], Rows.__init__
+
+    def kept(self, *args, **kw):
+        init(self, *args, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(Rows, "__init__", kept)
+    dec = Decoder(model, 1, 64, cache_dtype=torch.float32)
+    row = torch.randint(0, 64, (1, 64))
+    dec.forward(row[:, :60], torch.tensor([0]))
+    assert len(made) == 1 and made[0].given_mask is None
+    if attn == "gqa":
+        made.clear()
+        monkeypatch.setattr(attention, "causal_slot_mask", lambda *a: made_masks.append(a) or causal_slot_mask(*a))
+        made_masks = []
+        dec.forward(row[:, 60:63], torch.tensor([60]))
+        assert made[0].given_mask.shape == (1, 1, 3, 63) and len(made_masks) == 1
