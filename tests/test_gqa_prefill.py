@@ -115,3 +115,23 @@ def test_a_prompts_first_chunk_makes_no_mask(monkeypatch, attn):
         made_masks = []
         dec.forward(row[:, 60:63], torch.tensor([60]))
         assert made[0].given_mask.shape == (1, 1, 3, 63) and len(made_masks) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_fused_grouped_attention_on_cuda_is_each_querys_within_the_fp32_bound(masked):
+    """On CUDA (each head its KV head's copy where a mask is given, for the memory-efficient kernel; SDPA grouped
+    for causal), FP32, against the exact sums."""
+    torch.manual_seed(0)
+    B, T, Hkv, group, d, S = 2, 24, 2, 4, 16, 40
+    q = torch.randn(B, T, Hkv * group, d, device="cuda") * 3
+    k, v = torch.randn(B, Hkv, S, d, device="cuda"), torch.randn(B, Hkv, S, d, device="cuda")
+    pos = torch.arange(S - T, S, device="cuda").expand(B, T).clone()
+    pos[1] -= 5
+    mask, kk, vv = (causal_slot_mask(pos, S), k, v) if masked else (None, k[:, :, :T], v[:, :, :T])
+    visible = mask if masked else causal_slot_mask(torch.arange(T, device="cuda").expand(B, T), T)
+    with torch.no_grad():  # FP32 (TF32 is off unless a user turns it on)
+        got = _fused_grouped(q, kk, vv, mask, d ** -0.5, group).view(B, T, Hkv * group, d)
+    exact, bound = _exact(q.cpu(), kk.cpu(), vv.cpu(), visible.cpu(), d ** -0.5)
+    assert ((got.cpu().double() - exact).abs() <= bound).all()

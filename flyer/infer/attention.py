@@ -492,10 +492,11 @@ def _fused_grouped(q_BTHK: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_
                    scale: float, group: int) -> torch.Tensor:
     """(B, T, H * dv): queries (B, T, H, dk) against keys (B, Hkv, S, dk) and values (B, Hkv, S, dv), each KV head
     serving ``group`` query heads, in one fused attention (``mask_B1TS`` None: causal, T == S). Where the expert
-    threads split heads (``kernels.attention_splits``) each head gets its KV head's copy; else SDPA reads them
-    grouped."""
+    threads split heads (``kernels.attention_splits``), or on CUDA with a mask (the memory-efficient kernel, which
+    takes masks, reads no grouped heads; SDPA would fall back to its math path's scores), each head gets its KV
+    head's copy; else SDPA reads them grouped."""
     q = q_BTHK.transpose(1, 2)
-    if group > 1 and kernels.attention_splits(q, k, v):
+    if group > 1 and (mask_B1TS is not None and q.is_cuda or kernels.attention_splits(q, k, v)):
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if k.shape[1] == q.shape[1]:
         o = kernels.attention(q, k, v, scale, mask_B1TS)
