@@ -9,7 +9,8 @@ from bounds import FP32_U, decode_logit_bound
 
 from flyer import kernels
 from flyer.config import preset
-from flyer.infer import attention
+from flyer.errors import FieldError
+from flyer.infer import GenerationConfig, attention, generate
 from flyer.infer.attention import Rows, _fused_grouped, causal_slot_mask
 from flyer.infer.decoder import Decoder
 from flyer.model.transformer import Transformer
@@ -135,3 +136,49 @@ def test_the_fused_grouped_attention_on_cuda_is_each_querys_within_the_fp32_boun
         got = _fused_grouped(q, kk, vv, mask, d ** -0.5, group).view(B, T, Hkv * group, d)
     exact, bound = _exact(q.cpu(), kk.cpu(), vv.cpu(), visible.cpu(), d ** -0.5)
     assert ((got.cpu().double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("name, speculative", [("tiny", "mtp"), ("gqa", None), ("tiny-v4", "mtp"), ("dsa", None)])
+def test_generate_prefills_in_chunks_as_it_does_whole(monkeypatch, name, speculative):
+    """``GenerationConfig.prefill_chunk``: prompts of different lengths (a short one has no tokens in the later
+    chunks) fed 7 positions a forward, the MTP module's cache too, give the first logits of the whole prompts in one
+    forward within the bound, and the same greedy tokens; no forward takes more than 7 positions."""
+    over = {"gqa": dict(attn="gqa", n_kv_heads=2, head_dim=32), "dsa": dict(index_topk=8)}.get(name, {})
+    torch.manual_seed(2)
+    model = Transformer(preset("tiny-v4" if name == "tiny-v4" else "tiny", vocab_size=64, **over)).eval()
+    prompts = [[(3 + 5 * i) % 64 for i in range(n)] for n in (30, 4, 17)]
+    widths, mtp_widths = [], []
+    forward, mtp_forward = Decoder.forward, Decoder.mtp_forward
+
+    def counted(self, tokens, start, lengths=None):
+        widths.append((tokens.shape[1], lengths))
+        return forward(self, tokens, start, lengths)
+
+    def mtp_counted(self, h, tokens, *args, **kw):
+        mtp_widths.append(tokens.shape[1])
+        return mtp_forward(self, h, tokens, *args, **kw)
+
+    runs = {}
+    for chunk in (7, 256):
+        gen = GenerationConfig(max_new_tokens=6, cache_dtype=torch.float32, speculative=speculative,
+                               prefill_chunk=chunk)
+        widths.clear()
+        mtp_widths.clear()
+        monkeypatch.setattr(Decoder, "forward", counted)
+        monkeypatch.setattr(Decoder, "mtp_forward", mtp_counted)
+        runs[chunk] = generate(model, prompts, gen)
+        monkeypatch.setattr(Decoder, "forward", forward)
+        monkeypatch.setattr(Decoder, "mtp_forward", mtp_forward)
+        if chunk == 7:
+            # each row's real tokens per chunk (none once its own end), then the decode steps
+            assert widths[:5] == [(7, [7, 4, 7]), (7, [7, 0, 7]), (7, [7, 0, 3]), (7, [7, 0, 0]), (2, [2, 0, 0])]
+            # its MTP entries (positions 0 .. 28: each needs the next token) in chunks too
+            assert mtp_widths[:5] == ([7, 7, 7, 7, 1] if speculative else [])
+    whole, chunked = runs[256], runs[7]
+    assert (whole.first_logits - chunked.first_logits).abs().max() <= decode_logit_bound(model, 30)
+    assert whole.tokens == chunked.tokens
+
+
+def test_a_prefill_chunk_under_one_is_refused_naming_it():
+    with pytest.raises(FieldError, match="prefill_chunk"):
+        GenerationConfig(prefill_chunk=0).validate()

@@ -79,6 +79,7 @@ def test_generate_expert_threads_split_the_stream_and_change_no_token(capsys):
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--max-new-tokens", "5000"], "--max-new-tokens: 5000 new tokens after a 2-token prompt exceed"),
     (["--draft-tokens", "0"], "--draft-tokens: must be >= 1 (got 0)"),
+    (["--prefill-chunk", "0"], "--prefill-chunk: must be >= 1 (got 0)"),
     (["--draft-tokens", "2"], "--draft-tokens: 2 drafts need speculative decoding"),
     (["--prefix-cache", "/tmp/x", "--prefix-cache-size", "lots"], "--prefix-cache-size"),
     (["--device", "tpu"], "--device: unknown device 'tpu'"),

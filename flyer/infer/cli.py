@@ -284,8 +284,8 @@ def _run(args) -> int:
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, attention=args.attention, cache_dtype=dtype,
                            speculative=args.speculative, draft_tokens=args.draft_tokens,
-                           logit_bias=parse_logit_bias(args.logit_bias), frequency_penalty=args.frequency_penalty,
-                           presence_penalty=args.presence_penalty)
+                           prefill_chunk=args.prefill_chunk, logit_bias=parse_logit_bias(args.logit_bias),
+                           frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
     gen.validate()  # before the model loads
     torch.set_num_threads(args.threads)
     kernels.set_expert_threads(args.expert_threads)
@@ -390,6 +390,8 @@ def register(sub) -> None:
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the MTP module and verify with the main model in one pass")
     p.add_argument("--draft-tokens", type=int, default=1, help="MTP drafts per step (default 1)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt positions per prefill forward (attention's work is chunk x context, not the square)")
     p.add_argument("--prefix-cache", metavar="DIR", help="on-disk prefix cache directory (shared between runs)")
     p.add_argument("--prefix-cache-size", default="1G", help="size bound of the prefix cache (LRU), e.g. 512M")
     p.add_argument("--prefix-block", type=int, default=None,

@@ -45,6 +45,9 @@ class GenerationConfig(LogitAdjustments):
     speculative: str | None = None  # None or "mtp"
     draft_tokens: int = 1  # MTP drafts per step (module 1, reapplied for more than one), <= max_new_tokens
     prefix_cache: PrefixCache | None = None  # from ``open_prefix_cache``
+    # prompt positions per prefill forward (``flyer serve``'s default): attention's per-layer work is chunk x context,
+    # not the prompt's square (DSA's indexer, DeepSeek-V4's windows, MLA's absorbed and naive forms score it)
+    prefill_chunk: int = 256
     # OpenAI's logit adjustments before sampling (``LogitAdjustments``), as flyer serve applies them
     logit_bias: tuple[tuple[int, float], ...] = ()
     frequency_penalty: float = 0.0
@@ -66,6 +69,8 @@ class GenerationConfig(LogitAdjustments):
                                        f"{{stop_ids}} (got {self.eos_id!r})", ("stop_ids",))
         if any(isinstance(i, bool) or not isinstance(i, int) for i in self.stop_ids):
             raise FieldError("stop_ids", f"must be token ids, ints (got {self.stop_ids!r})")
+        if self.prefill_chunk < 1:
+            raise FieldError("prefill_chunk", f"must be >= 1 (got {self.prefill_chunk})")
         if self.attention not in ATTENTION_MODES:
             raise FieldError("attention", f"must be one of {', '.join(ATTENTION_MODES)} (got {self.attention!r})")
         SamplingParams(self.temperature, self.top_p)
@@ -190,8 +195,17 @@ def _store_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int], 
 
 
 @torch.inference_mode()
+def _chunked(forward, T: int, start_B: torch.Tensor, lengths: list[int], chunk: int) -> torch.Tensor:
+    """``forward(off, width, start, lengths)``'s outputs over T positions from ``start_B`` fed ``chunk`` at a time,
+    joined on dim 1: positions [off, off + width) of each row, its real tokens there (none once its own end)."""
+    if T <= chunk:
+        return forward(0, T, start_B, lengths)
+    return torch.cat([forward(off, min(chunk, T - off), start_B + off, [min(max(n - off, 0), chunk) for n in lengths])
+                      for off in range(0, T, chunk)], dim=1)
+
+
 def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: PrefixCache | None = None,
-            need_mtp: bool | None = None) -> PrefillState:
+            need_mtp: bool | None = None, chunk: int = 256) -> PrefillState:
     """Fill the caches with every prompt (loading what the prefix cache has) and return the
     logits at each prompt's last token. With an MTP cache, its entries for positions
     [0, len - 1) are filled too (entry j needs token t_{j+1}).
@@ -200,7 +214,8 @@ def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: Prefix
     is one), so the prefix cache's entries without MTP rows miss. False: an MTP cache is filled only
     to store its rows: loaded where an entry has them (DeepSeek-V4's snapshots) or left out (MLA,
     GQA: an MTP cache entry is its own position's projection, so the rows the prefill computes past
-    the loaded blocks are stored whole either way)."""
+    the loaded blocks are stored whole either way). The prompts run ``chunk`` positions a forward (not DeepSeek-V4's
+    with a prefix cache, which cuts its forwards at its snapshot boundaries)."""
     need_mtp = dec.mtp_cache is not None and need_mtp is not False
     if prefix_cache is not None and dec.cfg.attn == "hybrid":
         return _prefill_hybrid(dec, prompts, prefix_cache, need_mtp)
@@ -210,12 +225,15 @@ def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: Prefix
     start = torch.tensor([max(h - 1, 0) for h in hits], dtype=torch.long, device=device)
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
     rows = [p[int(s):] for p, s in zip(prompts, start)]
-    h = dec.forward(_pad(rows, device), start, [len(r) for r in rows])
+    tok_BT = _pad(rows, device)
+    h = _chunked(lambda off, w, at, n: dec.forward(tok_BT[:, off:off + w], at, n), tok_BT.shape[1], start,
+                 [len(r) for r in rows], chunk)
     if dec.mtp_cache is not None:
         nxt = [p[int(s) + 1:] for p, s in zip(prompts, start)]  # t_{j+1} for j in [start, len-1)
         if max(len(r) for r in nxt) > 0:
             nxt_BT = _pad(nxt, device)
-            dec.mtp_forward(h[:, :nxt_BT.shape[1]], nxt_BT, start, lengths=[len(r) for r in nxt])
+            _chunked(lambda off, w, at, n: dec.mtp_forward(h[:, off:off + w], nxt_BT[:, off:off + w], at, lengths=n),
+                     nxt_BT.shape[1], start, [len(r) for r in nxt], chunk)
         dec.mtp_cache.lengths.copy_(lens - 1)
     dec.cache.lengths.copy_(lens)
     logits = dec.logits(gather_rows(h, lens - 1 - start))
@@ -379,7 +397,7 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], gen: Generat
     stats_before = dict(gen.prefix_cache.stats.as_dict()) if gen.prefix_cache else None
 
     t0 = time.perf_counter()
-    state = prefill(dec, prompts, gen.prefix_cache, need_mtp=spec)
+    state = prefill(dec, prompts, gen.prefix_cache, need_mtp=spec, chunk=gen.prefill_chunk)
     adjust = gen.adjust if gen.adjusts else None
     logits = state.logits  # kept as they are for the result's first_logits
     if adjust is not None:
