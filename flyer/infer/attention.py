@@ -134,9 +134,10 @@ class Rows:
     def window_read(self, window: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A sliding layer's read, where narrower than every slot from ``first``: (slots (B, S_w) int64, mask
         (B, 1, T, S_w)), row b reading the S_w = window + T - 1 slots from its first query's window on (from
-        ``first`` where that is later), so a decode step costs the window, not the context. Each query's whole
-        window lies in its row's span; a span slot past ``n_slots`` (a row whose padding runs to the end) is
-        masked. None where the span is no narrower (``window_mask`` over every slot). Made once per forward."""
+        ``first`` where that is later), so a decode step costs the window, not the context. A row's positions run
+        on from its first, as ``Decoder`` makes them (its padding clamped at the end), so each query's whole window
+        lies in its row's span; a span slot past ``n_slots`` (a row whose padding runs to the end) is masked. None
+        where the span is no narrower (``window_mask`` over every slot). Made once per forward."""
         if ("read", window) not in self._windows:
             T, first = self.pos.shape[1], self.first
             width = window + T - 1
