@@ -194,7 +194,6 @@ def _store_prefix(dec: Decoder, pc: PrefixCache, b: int, prompt: Sequence[int], 
     pc.touch(keys)  # the loaded blocks too, the head most recent
 
 
-@torch.inference_mode()
 def _chunked(forward, T: int, start_B: torch.Tensor, lengths: list[int], chunk: int) -> torch.Tensor:
     """``forward(off, width, start, lengths)``'s outputs over T positions from ``start_B`` fed ``chunk`` at a time,
     joined on dim 1: positions [off, off + width) of each row, its real tokens there (none once its own end)."""
@@ -204,6 +203,7 @@ def _chunked(forward, T: int, start_B: torch.Tensor, lengths: list[int], chunk: 
                       for off in range(0, T, chunk)], dim=1)
 
 
+@torch.inference_mode()
 def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: PrefixCache | None = None,
             need_mtp: bool | None = None, chunk: int = 256) -> PrefillState:
     """Fill the caches with every prompt (loading what the prefix cache has) and return the
