@@ -136,8 +136,8 @@ class Rows:
         (B, 1, T, S_w)), row b reading the S_w = window + T - 1 slots from its first query's window on (from
         ``first`` where that is later), so a decode step costs the window, not the context. A row's positions run
         on from its first, as ``Decoder`` makes them (its padding clamped at the end), so each query's whole window
-        lies in its row's span; a span slot past ``n_slots`` (a row whose padding runs to the end) is masked. None
-        where the span is no narrower (``window_mask`` over every slot). Made once per forward."""
+        lies in its row's span; a span slot past ``n_slots`` (a row whose padding runs to the end) is read clamped and
+        masked. None where the span is no narrower (``window_mask`` over every slot). Made once per forward."""
         if ("read", window) not in self._windows:
             T, first = self.pos.shape[1], self.first
             width = window + T - 1
@@ -145,10 +145,10 @@ class Rows:
             if width < self.n_slots - first:
                 lo_B = (self.pos.amin(dim=1) - window + 1).clamp(min=first)
                 slots = lo_B.view(-1, 1) + torch.arange(width, device=self.pos.device)
-                inside = slots < self.n_slots
-                seen = self.window_mask(window).gather(-1, slots.clamp(max=self.n_slots - 1).view(-1, 1, 1, width)
-                                                       .expand(-1, 1, T, -1))
-                span = slots, seen & inside.view(-1, 1, 1, width)
+                s, p = slots.view(-1, 1, 1, width), self.pos.view(-1, 1, T, 1)
+                # the causal mask's and the window's rule from the positions, no mask over every slot made (lo_B >=
+                # first; a slot past n_slots is past every query's own)
+                span = slots, (s <= p) & (s > p - window)
             self._windows["read", window] = span
         return self._windows["read", window]
 

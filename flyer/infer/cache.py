@@ -107,10 +107,15 @@ class _SlotCache:
         """``read`` of row b's slots ``slots_BS[b]`` (int64; a sliding layer's span, ``Rows.window_read``), not
         [0, n_slots): (B, S, ...) or (B, H, S, d). A slot past the cache reads its last (the caller masks it)."""
         if not (self._span and self._span[0] is slots_BS):
-            rows = torch.arange(self.batch, device=slots_BS.device).view(-1, 1) * self.max_len
-            self._span = (slots_BS, rows + slots_BS.clamp(max=self.max_len - 1))
+            self._span = (slots_BS, self.flat_slots(slots_BS))
         t = self.flat_storage(name, layer)[self._span[1]]
         return (t.transpose(1, 2) if heads_first else t).to(dtype)
+
+    def flat_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Row b's slots ``slots[b, ...]`` (int64) as ``flat_storage`` indices (b * max_len + slot); a slot past the
+        cache names its last."""
+        rows = torch.arange(slots.shape[0], device=slots.device) * self.max_len
+        return slots.clamp(max=self.max_len - 1) + rows.view(-1, *[1] * (slots.dim() - 1))
 
 
 def _index_keys(n_layers: int, batch: int, max_len: int, index_dim: int, dtype: torch.dtype,
@@ -173,9 +178,8 @@ class LatentCache(_SlotCache):
     def gather_packed(self, layer: int, slots_BTk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, T, k, kv_lora_rank + rope) in ``dtype``: [latent | rope key] of row b's slot ``slots[b, t, j]``
         (int64; DSA's selected slots per query, ``Rows.selected_slots``). One gather, k per query."""
-        B, L = self.packed.shape[1:3]
-        flat = slots_BTk + (torch.arange(B, device=slots_BTk.device) * L).view(-1, 1, 1)  # row b's slots at b L
-        t = self.packed[layer].flatten(0, 1).index_select(0, flat.view(-1)).view(*slots_BTk.shape, -1)
+        flat = self.flat_slots(slots_BTk).view(-1)
+        t = self.flat_storage("packed", layer).index_select(0, flat).view(*slots_BTk.shape, -1)
         return self.decode_packed(t, dtype)
 
 

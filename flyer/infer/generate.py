@@ -205,7 +205,7 @@ def _chunked(forward, T: int, start_B: torch.Tensor, lengths: list[int], chunk: 
 
 @torch.inference_mode()
 def prefill(dec: Decoder, prompts: Sequence[Sequence[int]], prefix_cache: PrefixCache | None = None,
-            need_mtp: bool | None = None, chunk: int = 256) -> PrefillState:
+            need_mtp: bool | None = None, chunk: int = GenerationConfig.prefill_chunk) -> PrefillState:
     """Fill the caches with every prompt (loading what the prefix cache has) and return the
     logits at each prompt's last token. With an MTP cache, its entries for positions
     [0, len - 1) are filled too (entry j needs token t_{j+1}).

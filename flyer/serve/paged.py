@@ -119,9 +119,7 @@ class PagedCache:
     def gather_packed(self, layer: int, slots_BTk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, T, k, kv_lora_rank + rope) of an MLA pool in ``dtype``: row b's slot ``slots[b, t, j]`` (int64;
         DSA's selected slots per query) read through its block table, k per query, not every slot."""
-        bs = self.block_size
-        blk = self.tables.gather(1, (slots_BTk // bs).flatten(1)).view_as(slots_BTk)
-        flat = (blk * bs + slots_BTk % bs).view(-1)
+        flat = self.flat_slots(slots_BTk).view(-1)
         return self.pool.decode_packed(self.pool.flat_storage("packed", layer).index_select(0, flat)
                                        .view(*slots_BTk.shape, -1), dtype)
 
@@ -135,11 +133,16 @@ class PagedCache:
         the tables: the blocks given back behind a window are never read. A slot past the tables reads their last
         block (the caller masks it). The flat indices are made once per forward, every layer reading the same."""
         if not (self._span and self._span[0] is slots_BS and self._span[1] is self.tables):
-            bs = self.block_size
-            blk = self.tables.gather(1, (slots_BS // bs).clamp(max=self.tables.shape[1] - 1))
-            self._span = (slots_BS, self.tables, blk * bs + slots_BS % bs)
+            self._span = (slots_BS, self.tables, self.flat_slots(slots_BS))
         t = self.pool.flat_storage(name, layer)[self._span[2]]
         return (t.transpose(1, 2) if heads_first else t).to(dtype)
+
+    def flat_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Row b's slots ``slots[b, ...]`` (int64) as the pool's ``flat_storage`` indices through its block table
+        (block * block_size + slot % block_size); a slot past the table names a slot of its last block."""
+        bs = self.block_size
+        blk = self.tables.gather(1, (slots // bs).flatten(1).clamp(max=self.tables.shape[1] - 1)).view_as(slots)
+        return blk * bs + slots % bs
 
 
 def make_paged_cache(cfg: ModelConfig, n_layers: int, n_blocks: int, block_size: int, dtype: torch.dtype,
